@@ -1,1 +1,7 @@
-"""attnxfer.models"""
+"""Attention modules and ViT builders (timm models with transfer-aware attention)."""
+from .attention import (AttentionIO, PartialQKV, TransferAttention, attention_io, attention_maps,
+                        explicit_attention_map, make_transfer_aware, transfer_attentions)
+from .vit import create_vit
+
+__all__ = ["AttentionIO", "PartialQKV", "TransferAttention", "attention_io", "attention_maps",
+           "explicit_attention_map", "make_transfer_aware", "transfer_attentions", "create_vit"]

@@ -1,0 +1,188 @@
+"""`DualViT`: a frozen teacher and a trainable student run block by block in lock-step.
+
+The teacher is a guest: frozen, ``eval()``, under ``torch.no_grad()`` (not
+``inference_mode``: copied q/k are saved for the student's backward), bf16 on
+GPU, and not a registered submodule, so it never reaches the optimizer, EMA,
+``state_dict`` or checkpoints. It runs only as deep as the plan needs.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.attention import AttentionIO, attention_io, make_transfer_aware, transfer_attentions
+from .losses import attention_distillation_loss
+from .plan import TransferPlan, build_plan
+
+__all__ = ["DualViT", "TransferOutput"]
+
+
+@dataclass
+class TransferOutput:
+    """Student logits plus the transfer loss.
+
+    ``loss`` is the weighted sum the optimiser sees (None when nothing is
+    distilled); ``terms`` holds each layer's unweighted differentiable term
+    (e.g. ``"attn_ce/3"``) and ``logs`` detached extras such as per-layer KL.
+    """
+
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
+    logs: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _FixedDropPath(nn.Module):
+    """Applies a given per-sample keep mask: shares one drop-path draw between two blocks."""
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.to(x.dtype)
+
+
+@contextlib.contextmanager
+def _shared_drop_path(student_blk: nn.Module, teacher_blk: nn.Module, batch: int, device) -> Iterator[None]:
+    """Draw the student's per-sample drop-path masks once and use them in both blocks."""
+    saved = []
+    for name in ("drop_path1", "drop_path2"):
+        rate = float(getattr(getattr(student_blk, name, None), "drop_prob", 0.0))
+        if rate <= 0.0:
+            continue
+        keep = 1.0 - rate
+        mask = torch.empty(batch, 1, 1, device=device).bernoulli_(keep).div_(keep)
+        for blk in (student_blk, teacher_blk):
+            saved.append((blk, name, getattr(blk, name)))
+            setattr(blk, name, _FixedDropPath(mask))
+    try:
+        yield
+    finally:
+        for blk, name, mod in reversed(saved):
+            setattr(blk, name, mod)
+
+
+def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm VisionTransformer.forward_features up to the blocks."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+class DualViT(nn.Module):
+    """Teacher and student in lock-step; returns student logits and the transfer loss.
+
+    Args:
+        teacher: a timm ViT (any timm ``Attention``-based one; made transfer-aware in place).
+            May be None only for ``mode=none``.
+        student: the timm ViT to train (made transfer-aware in place).
+        plan: a `TransferPlan`, or None to build a default one for ``mode``.
+        teacher_dtype: dtype the teacher runs in; default bf16 on CUDA, fp32 elsewhere.
+    """
+
+    def __init__(self, teacher: Optional[nn.Module], student: nn.Module, plan: Optional[TransferPlan] = None,
+                 *, mode: str = "distill", teacher_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        self.student = make_transfer_aware(student)
+        if teacher is not None:
+            make_transfer_aware(teacher)
+            teacher.requires_grad_(False)
+            teacher.eval()
+        # Not a submodule: keeps the teacher out of parameters(), state_dict(), EMA and DDP.
+        self.__dict__["teacher"] = teacher
+        self.plan = plan if plan is not None else build_plan(teacher, student, mode)
+        self.teacher_dtype = teacher_dtype
+        self._student_attn = transfer_attentions(self.student)
+        self._teacher_attn = transfer_attentions(teacher) if teacher is not None else []
+        for s_layer, _ in self.plan.pairs:
+            self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
+
+    # -- the guest -------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "DualViT":
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def _teacher_ready(self, device: torch.device) -> torch.dtype:
+        """Move the teacher next to the input on first use (bf16 on CUDA unless told otherwise)."""
+        dtype = self.teacher_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        p = next(self.teacher.parameters())
+        if p.device != device or p.dtype != dtype:
+            self.teacher.to(device=device, dtype=dtype)
+        return dtype
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> TransferOutput:
+        mode = self.plan.mode
+        if not self.plan.pairs or (not self.training and not mode.teacher_at_eval):
+            return TransferOutput(self.student(x))
+        return self._lockstep(x)
+
+    def _lockstep(self, x: torch.Tensor) -> TransferOutput:
+        mode, plan = self.plan.mode, self.plan
+        teacher, student = self.teacher, self.student
+        tdtype = self._teacher_ready(x.device)
+        wanted = mode.borrow or ("qk" if mode.distill == "maps" else mode.distill)
+        teacher_for = plan.teacher_for
+        share = plan.share_drop_path and self.training
+
+        with torch.no_grad():
+            xt = _embed(teacher, x.to(tdtype))
+        xs = _embed(student, x)
+        out = TransferOutput(logits=x.new_empty(0))
+        losses: List[torch.Tensor] = []
+        signals: Dict[int, Dict[str, torch.Tensor]] = {}  # teacher layer -> its captured q/k/v
+        next_t = 0
+        for i, blk in enumerate(student.blocks):
+            # With shared drop path the teacher walks block by block beside the student
+            # (equal depths); otherwise it only advances as far as the next needed layer.
+            target = i if share else teacher_for.get(i)
+            if target is not None and target > plan.last_teacher_layer:
+                target = None
+            drop = (_shared_drop_path(blk, teacher.blocks[i], x.shape[0], x.device)
+                    if share and target is not None else contextlib.nullcontext())
+            with drop:
+                while target is not None and next_t <= target:
+                    t_io = AttentionIO(capture=wanted) if next_t in plan.teacher_layers else None
+                    with torch.no_grad(), attention_io(self._teacher_attn[next_t], t_io):
+                        xt = teacher.blocks[next_t](xt)
+                    if t_io is not None:
+                        signals[next_t] = t_io.captured
+                    next_t += 1
+                s_io = None
+                if i in teacher_for:
+                    borrowed = signals[teacher_for[i]]
+                    s_io = (AttentionIO(**{c: borrowed[c] for c in mode.borrow}) if mode.is_copy
+                            else AttentionIO(capture=wanted))
+                with attention_io(self._student_attn[i], s_io):
+                    xs = blk(xs)
+            if s_io is not None and mode.is_distill:
+                losses.append(self._layer_loss(i, signals[teacher_for[i]], s_io.captured, out))
+        xs = student.norm(xs)
+        out.logits = student.forward_head(xs)
+        if losses:
+            out.loss = plan.weight * torch.stack(losses).sum()
+        return out
+
+    def _layer_loss(self, layer: int, teacher_sig: Dict[str, torch.Tensor], student_sig: Dict[str, torch.Tensor],
+                    out: TransferOutput) -> torch.Tensor:
+        mode = self.plan.mode
+        if mode.distill == "maps":
+            res = attention_distillation_loss(teacher_sig["q"], teacher_sig["k"], student_sig["q"], student_sig["k"],
+                                              with_kl=True)
+            out.terms[f"attn_ce/{layer}"] = res.ce
+            out.logs[f"attn_kl/{layer}"] = res.kl
+            return res.ce
+        c = mode.distill
+        with torch.autocast(device_type=student_sig[c].device.type, enabled=False):
+            loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
+        out.terms[f"{c}_mse/{layer}"] = loss
+        return loss

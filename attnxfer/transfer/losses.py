@@ -1,0 +1,222 @@
+"""Attention-transfer losses, computed without N×N maps.
+
+For one layer with teacher map P_t = softmax(s_t q_t k_tᵀ) and student map
+P_s = softmax(s_s q_s k_sᵀ), the paper's loss is the row cross-entropy
+``CE = mean_{b,h,i} −Σ_j P_t[i,j] log P_s[i,j]``. Because rows of P_t sum to 1,
+
+    CE_i = lse_s,i − s_s · ⟨q_s,i, (P_t K_s)_i⟩,
+
+where ``P_t K_s = SDPA(q_t, k_t, v=k_s)`` (flash/SDPA, O(N) memory, gradient to
+k_s through SDPA's value path) and ``lse_s`` is the student's row log-sum-exp,
+computed in chunks by `row_logsumexp`, whose backward recomputes each chunk's
+logits instead of keeping them. ``KL = CE − H(P_t)`` is reported beside it.
+Everything runs in fp32 whatever the surrounding autocast.
+
+`attention_ce_reference` materialises both maps: it is the oracle for tests
+and the "materialised" line of the benchmarks, never the training path.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "AttentionLoss",
+    "row_logsumexp",
+    "attention_distillation_loss",
+    "attention_ce_reference",
+    "teacher_entropy",
+    "group_heads_ok",
+]
+
+# Elements of one chunk of logits (B·H·rows·N): 16M fp32 = 64 MiB.
+_CHUNK_BUDGET = 1 << 24
+
+
+def _auto_chunk(q: torch.Tensor, n_keys: int, chunk: Optional[int]) -> int:
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        return chunk
+    per_row = max(1, q.shape[0] * q.shape[1] * n_keys)
+    return max(1, min(q.shape[-2], _CHUNK_BUDGET // per_row))
+
+
+def _fp32(device_type: str):
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class _RowLogSumExp(torch.autograd.Function):
+    """lse_i = log Σ_j exp(scale · q_i·k_j), chunked over queries, recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
+        out = q.new_empty(q.shape[:-1])
+        kt = k.transpose(-2, -1)
+        for start in range(0, q.shape[-2], chunk):
+            rows = slice(start, start + chunk)
+            out[..., rows] = torch.logsumexp((q[..., rows, :] @ kt) * scale, dim=-1)
+        ctx.save_for_backward(q, k, out)
+        ctx.scale, ctx.chunk = scale, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        # backward may run inside the caller's autocast region: keep the recomputation fp32.
+        with _fp32(grad.device.type):
+            return _RowLogSumExp._backward(ctx, grad.float())
+
+    @staticmethod
+    def _backward(ctx, grad: torch.Tensor):
+        q, k, lse = ctx.saved_tensors
+        scale, chunk = ctx.scale, ctx.chunk
+        dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros_like(k) if ctx.needs_input_grad[1] else None
+        kt = k.transpose(-2, -1)
+        for start in range(0, q.shape[-2], chunk):
+            rows = slice(start, start + chunk)
+            q_c = q[..., rows, :]
+            # d lse_i / d logits_ij = p_ij; weight by the incoming gradient of each row.
+            w = torch.exp((q_c @ kt) * scale - lse[..., rows, None]) * grad[..., rows, None]
+            if dq is not None:
+                dq[..., rows, :] = (w @ k) * scale
+            if dk is not None:
+                dk += (w.transpose(-2, -1) @ q_c) * scale
+        return dq, dk, None, None
+
+
+def row_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None,
+                  chunk: Optional[int] = None) -> torch.Tensor:
+    """Row log-sum-exp of ``scale · q kᵀ`` (B, H, N) in fp32 with O(chunk·N) memory, also in backward."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with _fp32(q.device.type):
+        q, k = q.float(), k.float()
+        return _RowLogSumExp.apply(q, k, scale, _auto_chunk(q, k.shape[-2], chunk))
+
+
+class AttentionLoss(NamedTuple):
+    """One layer's attention-distillation loss (CE, differentiable) and KL (detached, for logging)."""
+
+    ce: torch.Tensor
+    kl: Optional[torch.Tensor]
+
+
+def group_heads_ok(teacher_heads: int, student_heads: int) -> bool:
+    """Distillation needs equal heads or a teacher with a whole multiple of the student's."""
+    return teacher_heads >= student_heads and teacher_heads % student_heads == 0
+
+
+def _check_shapes(q_t, k_t, q_s, k_s):
+    if q_t.dim() != 4 or q_s.dim() != 4:
+        raise ValueError("attention tensors must be (batch, heads, tokens, head_dim)")
+    if q_t.shape[0] != q_s.shape[0]:
+        raise ValueError(f"batch sizes differ: teacher {q_t.shape[0]}, student {q_s.shape[0]}")
+    if q_t.shape[-2] != q_s.shape[-2] or k_t.shape[-2] != k_s.shape[-2]:
+        raise ValueError(
+            f"token counts differ: teacher {q_t.shape[-2]}, student {q_s.shape[-2]}; "
+            "teacher and student need the same image size, patch size and prefix tokens")
+    if not group_heads_ok(q_t.shape[1], q_s.shape[1]):
+        raise ValueError(
+            f"teacher has {q_t.shape[1]} heads, student {q_s.shape[1]}: the teacher's head count must equal "
+            "or be a whole multiple of the student's (its maps are then averaged in groups)")
+
+
+def _teacher_times(q_t, k_t, values, scale_t):
+    """(P̄_t V): the teacher's map (head groups averaged) applied to ``values``, via SDPA."""
+    groups = q_t.shape[1] // values.shape[1]
+    if groups > 1:
+        values = values.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(q_t, k_t, values, scale=scale_t)
+    if groups > 1:
+        B, _, N, d = out.shape
+        out = out.reshape(B, -1, groups, N, d).mean(dim=2)
+    return out
+
+
+@torch.no_grad()
+def teacher_entropy(q_t: torch.Tensor, k_t: torch.Tensor, student_heads: Optional[int] = None,
+                    scale_t: Optional[float] = None, chunk: Optional[int] = None) -> torch.Tensor:
+    """Row entropies H(P̄_t) (B, H_s, N) in fp32, head groups averaged first."""
+    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
+    with _fp32(q_t.device.type):
+        q_t, k_t = q_t.float(), k_t.float()
+        heads = q_t.shape[1]
+        student_heads = heads if student_heads is None else student_heads
+        if student_heads == heads:
+            # H_i = lse_i − s⟨q_i, (P K)_i⟩: no map needed.
+            lse = row_logsumexp(q_t, k_t, scale_t, chunk)
+            pk = F.scaled_dot_product_attention(q_t, k_t, k_t, scale=scale_t)
+            return lse - scale_t * (q_t * pk).sum(-1)
+        groups = heads // student_heads
+        step = _auto_chunk(q_t, k_t.shape[-2], chunk)
+        B, _, N, _ = q_t.shape
+        out = q_t.new_empty(B, student_heads, N)
+        for start in range(0, N, step):
+            rows = slice(start, start + step)
+            p = torch.softmax((q_t[..., rows, :] @ k_t.transpose(-2, -1)) * scale_t, dim=-1)
+            p = p.reshape(B, student_heads, groups, p.shape[-2], p.shape[-1]).mean(2)
+            out[..., rows] = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
+        return out
+
+
+def attention_distillation_loss(
+        q_t: torch.Tensor,
+        k_t: torch.Tensor,
+        q_s: torch.Tensor,
+        k_s: torch.Tensor,
+        *,
+        scale_t: Optional[float] = None,
+        scale_s: Optional[float] = None,
+        chunk: Optional[int] = None,
+        with_kl: bool = True,
+) -> AttentionLoss:
+    """Mean row cross-entropy −Σ_j P_t log P_s over (batch, head, query), O(N) memory.
+
+    Args:
+        q_t, k_t: teacher queries/keys (B, H_t, N, d_t); no gradient flows into them.
+        q_s, k_s: student queries/keys (B, H_s, N, d_s); H_t must be a multiple of H_s
+            (teacher heads ``h·g … h·g+g−1`` are averaged into student head ``h``).
+        scale_t, scale_s: logit scales, default ``d^-0.5`` (timm's).
+        chunk: query rows per log-sum-exp chunk (default: sized to ~64 MiB).
+        with_kl: also return the detached KL = CE − H(P̄_t).
+    """
+    _check_shapes(q_t, k_t, q_s, k_s)
+    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
+    scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
+    with _fp32(q_s.device.type):
+        q_t, k_t = q_t.detach().float(), k_t.detach().float()
+        q_s, k_s = q_s.float(), k_s.float()
+        lse_s = row_logsumexp(q_s, k_s, scale_s, chunk)
+        pt_ks = _teacher_times(q_t, k_t, k_s, scale_t)
+        ce_rows = lse_s - scale_s * (q_s * pt_ks).sum(-1)
+        ce = ce_rows.mean()
+        kl = None
+        if with_kl:
+            kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean()
+    return AttentionLoss(ce, kl)
+
+
+def attention_ce_reference(
+        q_t: torch.Tensor,
+        k_t: torch.Tensor,
+        q_s: torch.Tensor,
+        k_s: torch.Tensor,
+        *,
+        scale_t: Optional[float] = None,
+        scale_s: Optional[float] = None,
+) -> AttentionLoss:
+    """The same loss with both N×N maps materialised: the oracle (and the slow path)."""
+    _check_shapes(q_t, k_t, q_s, k_s)
+    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
+    scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
+    with _fp32(q_s.device.type):
+        p_t = torch.softmax((q_t.detach().float() @ k_t.detach().float().transpose(-2, -1)) * scale_t, dim=-1)
+        B, H_t, N, M = p_t.shape
+        H_s = q_s.shape[1]
+        p_t = p_t.reshape(B, H_s, H_t // H_s, N, M).mean(2)
+        log_p_s = torch.log_softmax((q_s.float() @ k_s.float().transpose(-2, -1)) * scale_s, dim=-1)
+        ce = -(p_t * log_p_s).sum(-1).mean()
+        entropy = -(p_t * torch.log(p_t.clamp_min(torch.finfo(p_t.dtype).tiny))).sum(-1).mean()
+    return AttentionLoss(ce, ce.detach() - entropy)

@@ -1,0 +1,225 @@
+"""The transfer plan: which student layer takes what from which teacher layer, as data.
+
+A plan is built once from the config and the two models, validated there (so a
+bad combination fails before any training step), and printed at start-up.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from ..models.attention import transfer_attentions
+from .losses import group_heads_ok
+
+__all__ = ["TransferMode", "MODES", "register_mode", "TransferPlan", "build_plan", "select_layers", "map_layers",
+           "PlanError"]
+
+
+class PlanError(ValueError):
+    """A teacher/student/config combination that cannot be transferred; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class TransferMode:
+    """What a mode moves from teacher to student.
+
+    ``borrow``: chunks of (q, k, v) the student takes from the teacher at run time
+    (copy family; the student's own projections for them are frozen and unused).
+    ``distill``: what the student learns to match: ``"maps"`` (CE on attention rows)
+    or one of ``"q"``, ``"k"``, ``"v"`` (MSE).
+    """
+
+    name: str
+    borrow: str = ""
+    distill: str = ""
+    description: str = ""
+
+    @property
+    def is_copy(self) -> bool:
+        return bool(self.borrow)
+
+    @property
+    def is_distill(self) -> bool:
+        return bool(self.distill)
+
+    @property
+    def teacher_at_eval(self) -> bool:
+        """Copied layers need the teacher at inference too; distilled students stand alone."""
+        return self.is_copy
+
+
+MODES: Dict[str, TransferMode] = {}
+
+
+def register_mode(mode: TransferMode) -> TransferMode:
+    MODES[mode.name] = mode
+    return mode
+
+
+register_mode(TransferMode("none", description="plain student training (from-scratch baseline)"))
+register_mode(TransferMode("copy", borrow="qk", description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)"))
+register_mode(TransferMode("copy_q", borrow="q", description="teacher queries with student keys"))
+register_mode(TransferMode("copy_k", borrow="k", description="student queries with teacher keys"))
+register_mode(TransferMode("copy_v", borrow="v", description="student maps applied to the teacher's values"))
+register_mode(TransferMode("distill", distill="maps", description="CE between teacher and student attention rows"))
+register_mode(TransferMode("distill_q", distill="q", description="MSE between queries"))
+register_mode(TransferMode("distill_k", distill="k", description="MSE between keys"))
+register_mode(TransferMode("distill_v", distill="v", description="MSE between values"))
+
+
+def get_mode(name: str) -> TransferMode:
+    if name not in MODES:
+        raise PlanError(f"unknown transfer mode {name!r}; choose one of: {', '.join(MODES)}")
+    return MODES[name]
+
+
+def select_layers(depth: int, end_layer: int = 0, layers: Optional[Iterable[int]] = None) -> Tuple[int, ...]:
+    """Student layers that take part.
+
+    ``layers`` (explicit indices, negatives count from the end) wins over ``end_layer``.
+    ``end_layer`` keeps the paper's meaning: 0 = all layers; negative = layers
+    ``[0, depth + end_layer)``; positive = layers ``[0, end_layer)``.
+    """
+    if layers is not None:
+        chosen = []
+        for i in layers:
+            j = i + depth if i < 0 else i
+            if not 0 <= j < depth:
+                raise PlanError(f"layer {i} is outside the student's {depth} blocks (valid: 0..{depth - 1} or -{depth}..-1)")
+            chosen.append(j)
+        return tuple(sorted(set(chosen)))
+    end = depth if end_layer == 0 else (depth + end_layer if end_layer < 0 else end_layer)
+    if not 0 < end <= depth:
+        raise PlanError(f"end_layer={end_layer} selects no layers of a {depth}-block student; "
+                        f"use 0 (all), -1..-{depth - 1} (drop the last ones) or 1..{depth}")
+    return tuple(range(end))
+
+
+def map_layers(student_layers: Sequence[int], student_depth: int, teacher_depth: int) -> Tuple[Tuple[int, int], ...]:
+    """(student, teacher) pairs; different depths map uniformly, first to first and last to last."""
+    if student_depth == teacher_depth:
+        return tuple((i, i) for i in student_layers)
+    if student_depth == 1:
+        return tuple((i, teacher_depth - 1) for i in student_layers)
+    ratio = (teacher_depth - 1) / (student_depth - 1)
+    return tuple((i, int(round(i * ratio))) for i in student_layers)
+
+
+def _token_layout(model: nn.Module) -> Tuple[Tuple[int, ...], int]:
+    grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
+    return grid, int(getattr(model, "num_prefix_tokens", 0))
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """Validated, explicit description of one attention-transfer setup."""
+
+    mode: TransferMode
+    pairs: Tuple[Tuple[int, int], ...]  # (student layer, teacher layer)
+    weight: float = 1.0  # the paper's atd_weight (distillation modes)
+    student_depth: int = 0
+    teacher_depth: int = 0
+    teacher_heads: int = 0
+    student_heads: int = 0
+    share_drop_path: bool = False
+    tokens: int = 0
+
+    @property
+    def student_layers(self) -> Tuple[int, ...]:
+        return tuple(s for s, _ in self.pairs)
+
+    @property
+    def teacher_for(self) -> Dict[int, int]:
+        return dict(self.pairs)
+
+    @property
+    def teacher_layers(self) -> frozenset:
+        return frozenset(t for _, t in self.pairs)
+
+    @property
+    def head_groups(self) -> int:
+        return max(1, self.teacher_heads // max(1, self.student_heads))
+
+    @property
+    def last_teacher_layer(self) -> int:
+        return max((t for _, t in self.pairs), default=-1)
+
+    def describe(self) -> str:
+        """A short human-readable table, printed at start-up."""
+        m = self.mode
+        lines = [f"transfer plan: mode={m.name} ({m.description})"]
+        if m.name == "none":
+            return lines[0]
+        kind = f"borrow {m.borrow} from teacher" if m.is_copy else (
+            f"distill {m.distill}" + (f", weight {self.weight:g}" if m.is_distill else ""))
+        lines.append(f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
+                     f"{self.student_heads}" + (f" (teacher maps averaged in groups of {self.head_groups})"
+                                                 if self.head_groups > 1 else ""))
+        lines.append(f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
+                     f"teacher runs at eval: {m.teacher_at_eval}")
+        identity = all(s == t for s, t in self.pairs)
+        sl = self.student_layers
+        span = f"{sl[0]}-{sl[-1]}" if sl == tuple(range(sl[0], sl[-1] + 1)) else ",".join(map(str, sl))
+        if identity:
+            lines.append(f"  layers {span} of {self.student_depth} (same teacher layers)")
+        else:
+            lines.append(f"  student layers {span} of {self.student_depth} <- teacher layers "
+                         + ", ".join(f"{s}<-{t}" for s, t in self.pairs))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.describe()
+
+
+def build_plan(
+        teacher: Optional[nn.Module],
+        student: nn.Module,
+        mode: str = "distill",
+        *,
+        end_layer: int = 0,
+        layers: Optional[Iterable[int]] = None,
+        weight: float = 1.0,
+        share_drop_path: bool = False,
+) -> TransferPlan:
+    """Build and validate a plan for these two models; every incompatibility is a `PlanError`."""
+    spec = get_mode(mode)
+    s_attn = transfer_attentions(student)
+    if spec.name == "none":
+        return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0)
+    if teacher is None:
+        raise PlanError(f"mode {mode!r} needs a teacher; set teacher=... or use mode=none")
+    t_attn = transfer_attentions(teacher)
+    (t_grid, t_prefix), (s_grid, s_prefix) = _token_layout(teacher), _token_layout(student)
+    if (t_grid, t_prefix) != (s_grid, s_prefix):
+        raise PlanError(
+            f"token grids differ: teacher has {'x'.join(map(str, t_grid))} patches + {t_prefix} prefix token(s), "
+            f"student {'x'.join(map(str, s_grid))} + {s_prefix}. Give the student the teacher's img_size, "
+            "patch_size and class/register tokens (attention maps are token-by-token).")
+    tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
+    chosen = select_layers(len(s_attn), end_layer, layers)
+    pairs = map_layers(chosen, len(s_attn), len(t_attn))
+    if share_drop_path and len(s_attn) != len(t_attn):
+        raise PlanError(f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "
+                        "set share_drop_path=false")
+    for s, t in pairs:
+        ta, sa = t_attn[t], s_attn[s]
+        where = f"student block {s} <- teacher block {t}"
+        if spec.is_copy or spec.distill in ("q", "k", "v"):
+            if ta.num_heads != sa.num_heads:
+                raise PlanError(f"{where}: mode {mode!r} needs equal head counts (teacher {ta.num_heads}, "
+                                f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
+                                + (" or use mode=distill, which averages teacher heads in groups"
+                                   if group_heads_ok(ta.num_heads, sa.num_heads) else ""))
+            needs_dim = spec.borrow in ("q", "k", "v") or spec.distill in ("q", "k", "v")
+            if needs_dim and ta.head_dim != sa.head_dim:
+                raise PlanError(f"{where}: mode {mode!r} mixes teacher and student q/k/v, so head dims must match "
+                                f"(teacher {ta.head_dim}, student {sa.head_dim}); set the student's embed_dim to "
+                                f"{ta.num_heads * ta.head_dim}")
+        elif not group_heads_ok(ta.num_heads, sa.num_heads):
+            raise PlanError(f"{where}: teacher has {ta.num_heads} heads, student {sa.num_heads}; distillation needs "
+                            "the teacher's head count to equal or be a whole multiple of the student's "
+                            f"(e.g. student num_heads={ta.num_heads})")
+    return TransferPlan(spec, pairs, float(weight), len(s_attn), len(t_attn), t_attn[0].num_heads,
+                        s_attn[0].num_heads, bool(share_drop_path), tokens)

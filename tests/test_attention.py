@@ -1,0 +1,84 @@
+"""TransferAttention against timm's own attention and timm's own map extraction."""
+import copy
+
+import pytest
+import torch
+from timm.layers import set_fused_attn
+from timm.utils import AttentionExtract
+
+from attnxfer.models import (AttentionIO, PartialQKV, TransferAttention, attention_io, attention_maps,
+                             make_transfer_aware)
+from helpers import tiny_vit
+
+
+def test_plain_forward_matches_timm():
+    timm_model = tiny_vit(plain_timm=True).eval()
+    ours = make_transfer_aware(copy.deepcopy(timm_model)).eval()
+    assert all(isinstance(b.attn, TransferAttention) for b in ours.blocks)
+    assert list(timm_model.state_dict()) == list(ours.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(ours(x), timm_model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_maps_equal_timm_attention_extract():
+    set_fused_attn(False)  # AttentionExtract reads the explicit softmax, which only the unfused path has
+    try:
+        timm_model = tiny_vit(plain_timm=True, qkv_bias=True).eval()
+        x = torch.randn(2, 3, 32, 32)
+        extracted = AttentionExtract(timm_model)(x)  # torch.fx graph: the softmax node of each block
+    finally:
+        set_fused_attn(True)
+    ours = make_transfer_aware(copy.deepcopy(timm_model)).eval()
+    maps = attention_maps(ours, x)
+    assert len(maps) == len(extracted) == len(ours.blocks)
+    for i in range(len(ours.blocks)):
+        ref = extracted[f"blocks.{i}.attn.softmax"]
+        assert maps[i].shape == (2, 3, 17, 17)
+        torch.testing.assert_close(maps[i], ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps[i].sum(-1), torch.ones(2, 3, 17))
+
+
+def test_capture_and_override_round_trip():
+    model = tiny_vit().eval()
+    attn = model.blocks[0].attn
+    x = torch.randn(2, 17, 48)
+    io = AttentionIO(capture="qkv")
+    with attention_io(attn, io):
+        y = attn(x)
+    assert set(io.captured) == {"q", "k", "v"} and io.captured["q"].shape == (2, 3, 17, 16)
+    assert attn.io is None  # detached after the block
+    # Feeding a layer its own q/k/v back gives the same output.
+    with attention_io(attn, AttentionIO(q=io.captured["q"], k=io.captured["k"], v=io.captured["v"])):
+        torch.testing.assert_close(attn(x), y)
+
+
+@pytest.mark.parametrize("frozen", ["qk", "q", "v"])
+def test_partial_qkv_keeps_timm_state_dict(frozen):
+    model = tiny_vit(qkv_bias=True)
+    attn = model.blocks[1].attn
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 17, 48)
+    y = attn(x)
+    attn.freeze_projections(frozen)
+    assert isinstance(attn.qkv, PartialQKV)
+    after = model.state_dict()
+    assert list(before) == list(after)
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0)
+    torch.testing.assert_close(attn(x), y)
+    trainable = {n for n, p in attn.named_parameters() if p.requires_grad}
+    for c in "qkv":
+        assert (f"qkv.{c}_weight" in trainable) == (c not in frozen)
+    # loading a timm state dict into the split module restores exactly
+    fresh = tiny_vit(qkv_bias=True, seed=5)
+    fresh.blocks[1].attn.freeze_projections(frozen)
+    fresh.load_state_dict(before)
+    for k, v in fresh.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0)
+
+
+def test_non_standard_attention_is_refused():
+    model = tiny_vit(plain_timm=True)
+    model.blocks[0].attn = torch.nn.Identity()
+    with pytest.raises(TypeError, match="timm.layers.Attention"):
+        make_transfer_aware(model)

@@ -1,0 +1,179 @@
+"""DualViT: copy identity, layer plans, the teacher as a guest, optimiser groups, clear errors."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from attnxfer.models import PartialQKV
+from attnxfer.transfer import DualViT, PlanError, build_plan, map_layers, select_layers, student_param_groups
+from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
+
+
+@pytest.mark.parametrize("layers", [None, [0], [1, 3], [-1]])
+@pytest.mark.parametrize("end_layer", [0, -2])
+def test_copy_identity(layers, end_layer):
+    """A student equal to the teacher except random q/k in the copied layers reproduces the teacher."""
+    teacher = tiny_vit(depth=4, qkv_bias=True).eval()
+    plan_layers = select_layers(4, end_layer, layers)
+    student = randomize_qkv_rows(teacher, plan_layers, "qk")
+    x = torch.randn(3, 3, 32, 32)
+    expected = teacher(x)
+    assert not torch.allclose(student(x), expected, atol=1e-3)  # the random q/k matter on their own
+    dual = DualViT(teacher, student, build_plan(teacher, student, "copy", end_layer=end_layer, layers=layers)).eval()
+    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
+    dual.train()  # also in training mode (no dropout configured), with a gradient
+    out = dual(x)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    assert out.loss is None
+
+
+@pytest.mark.parametrize("mode,chunk", [("copy_q", "q"), ("copy_k", "k"), ("copy_v", "v")])
+def test_copy_variants_identity(mode, chunk):
+    teacher = tiny_vit(depth=3).eval()
+    student = randomize_qkv_rows(teacher, range(3), chunk)
+    x = torch.randn(2, 3, 32, 32)
+    dual = DualViT(teacher, student, mode=mode).eval()
+    torch.testing.assert_close(dual(x).logits, teacher(x), rtol=1e-5, atol=1e-5)
+
+
+def test_copy_v_uses_student_maps_on_teacher_values():
+    """First principles: one layer, explicit maps: out = proj_s(softmax(q_s k_sᵀ s) v_t)."""
+    teacher, student = tiny_vit(depth=1, seed=1).eval(), tiny_vit(depth=1, seed=2).eval()
+    dual = DualViT(teacher, student, mode="copy_v").eval()
+    x = torch.randn(2, 3, 32, 32)
+    from attnxfer.transfer.dual import _embed
+    t_in, s_in = teacher.blocks[0].norm1(_embed(teacher, x)), student.blocks[0].norm1(_embed(student, x))
+    ta, sa = teacher.blocks[0].attn, student.blocks[0].attn
+    q_s, k_s = sa.project(s_in, "qk").values()
+    v_t = ta.project(t_in, "v")["v"]
+    attn = torch.softmax(q_s @ k_s.transpose(-2, -1) * sa.scale, -1) @ v_t
+    h = _embed(student, x) + sa.proj(attn.transpose(1, 2).reshape(2, 17, 48))
+    h = h + student.blocks[0].mlp(student.blocks[0].norm2(h))
+    torch.testing.assert_close(dual(x).logits, student.forward_head(student.norm(h)), rtol=1e-5, atol=1e-5)
+
+
+def test_end_layer_minus3_on_12_blocks_and_frozen_qk_have_no_grad_or_optimizer_slot():
+    teacher, student = tiny_vit(depth=12, seed=1), tiny_vit(depth=12, seed=2)
+    plan = build_plan(teacher, student, "copy", end_layer=-3)
+    assert plan.student_layers == tuple(range(9))
+    dual = DualViT(teacher, student, plan)
+    out = dual(torch.randn(2, 3, 32, 32))
+    torch.nn.functional.cross_entropy(out.logits, torch.tensor([1, 2])).backward()
+    in_groups = {id(p) for g in student_param_groups(dual, layer_decay=0.75) for p in g["params"]}
+    for i, blk in enumerate(student.blocks):
+        qkv = blk.attn.qkv
+        if i < 9:
+            assert isinstance(qkv, PartialQKV)
+            for c in "qk":
+                w = getattr(qkv, f"{c}_weight")
+                assert not isinstance(w, torch.nn.Parameter) and w.grad is None
+                assert id(w) not in in_groups
+            assert qkv.v_weight.grad is not None and qkv.v_weight.grad.abs().sum() > 0
+            assert id(qkv.v_weight) in in_groups
+        else:
+            assert isinstance(qkv, torch.nn.Linear)
+            assert qkv.weight.grad.abs().sum() > 0 and id(qkv.weight) in in_groups
+    # the teacher is nowhere: not in parameters, state_dict, or groups, and has no grads
+    assert not any(k.startswith("teacher") for k in dual.state_dict())
+    assert {id(p) for p in dual.parameters()} == {id(p) for p in student.parameters()}
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert not teacher.training
+
+
+def test_param_groups_no_decay_and_layer_decay():
+    student = tiny_vit(depth=4)
+    groups = student_param_groups(student, weight_decay=0.05, layer_decay=0.5)
+    names = {id(p): n for n, p in student.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            no_decay = p.ndim <= 1 or n in ("pos_embed", "cls_token")
+            assert (g["weight_decay"] == 0.0) == no_decay, n
+    scales = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scales["head.weight"] == 1.0 and scales["blocks.3.attn.proj.weight"] == 0.5
+    assert scales["blocks.0.mlp.fc1.weight"] == 0.5 ** 4 and scales["patch_embed.proj.weight"] == 0.5 ** 5
+
+
+def test_distill_eval_runs_student_alone_copy_eval_runs_teacher():
+    teacher, student = tiny_vit(seed=1), tiny_vit(seed=2)
+    x = torch.randn(2, 3, 32, 32)
+    calls = []
+    teacher.patch_embed.register_forward_hook(lambda *a: calls.append(1))
+    dual = DualViT(teacher, student, mode="distill").eval()
+    torch.testing.assert_close(dual(x).logits, student(x))
+    assert not calls
+    dual.train()
+    out = dual(x)
+    assert calls and out.loss is not None and set(out.terms) == {f"attn_ce/{i}" for i in range(4)}
+    copy_dual = DualViT(tiny_vit(seed=1), tiny_vit(seed=2), mode="copy").eval()
+    copy_dual.teacher.patch_embed.register_forward_hook(lambda *a: calls.append(2))
+    copy_dual(x)
+    assert 2 in calls
+
+
+def test_distill_loss_matches_per_layer_oracle_and_learns():
+    teacher, student = peaked_teacher(depth=2), tiny_vit(seed=2, depth=2)
+    dual = DualViT(teacher, student, build_plan(teacher, student, "distill", weight=2.0)).train()
+    x = torch.randn(4, 3, 32, 32)
+    out = dual(x)
+    from attnxfer.models import attention_maps
+    t_maps, s_maps = attention_maps(teacher, x), attention_maps(student, x)
+    for i in range(2):
+        ce = -(t_maps[i] * s_maps[i].log()).sum(-1).mean()
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].detach(), ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss.detach(), 2.0 * sum(out.terms.values()).detach())
+    opt = torch.optim.AdamW(student_param_groups(dual), lr=3e-3)
+    first_kl = sum(out.logs.values()).item()
+    assert first_kl > 0.1
+    for _ in range(20):
+        opt.zero_grad()
+        out = dual(x)
+        out.loss.backward()
+        opt.step()
+    assert sum(out.logs.values()).item() < 0.5 * first_kl
+
+
+def test_shared_drop_path_masks():
+    """Student = teacher weights with drop path: shared masks keep maps identical (KL 0), private ones don't."""
+    teacher = peaked_teacher(depth=4, seed=3)
+    torch.manual_seed(0)
+    kl = {}
+    for share in (True, False):
+        student = copy.deepcopy(teacher)
+        for i, blk in enumerate(student.blocks):  # timm's linear drop-path rule, as drop_path_rate=0.5 gives
+            blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5 * i / 3)
+        dual = DualViT(copy.deepcopy(teacher), student, build_plan(teacher, student, "distill",
+                                                                   share_drop_path=share)).train()
+        out = dual(torch.randn(16, 3, 32, 32))
+        kl[share] = max(v.abs().item() for v in out.logs.values())
+    assert kl[True] < 1e-5 < 1e-3 < kl[False]
+
+
+def test_uniform_layer_mapping_for_different_depths():
+    assert map_layers(range(6), 6, 12) == ((0, 0), (1, 2), (2, 4), (3, 7), (4, 9), (5, 11))
+    assert map_layers(range(4), 4, 4) == tuple((i, i) for i in range(4))
+    teacher, student = tiny_vit(depth=6, seed=1), tiny_vit(depth=3, seed=2)
+    plan = build_plan(teacher, student, "distill")
+    assert plan.pairs == ((0, 0), (1, 2), (2, 5))
+    out = DualViT(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+    assert set(out.terms) == {"attn_ce/0", "attn_ce/1", "attn_ce/2"}
+
+
+def test_clear_errors_at_construction():
+    t = tiny_vit(seed=1)
+    with pytest.raises(PlanError, match="token grids differ.*img_size"):
+        build_plan(t, tiny_vit(img_size=48), "copy")
+    with pytest.raises(PlanError, match="equal head counts.*num_heads=3"):
+        build_plan(t, tiny_vit(num_heads=4, embed_dim=48), "copy")
+    with pytest.raises(PlanError, match="whole multiple"):
+        build_plan(tiny_vit(num_heads=4, embed_dim=48), tiny_vit(num_heads=3), "distill")
+    with pytest.raises(PlanError, match="unknown transfer mode 'copyy'.*copy, copy_q"):
+        build_plan(t, tiny_vit(), "copyy")
+    with pytest.raises(PlanError, match="end_layer=-4 selects no layers"):
+        build_plan(t, tiny_vit(), "copy", end_layer=-4)
+    with pytest.raises(PlanError, match="layer 7 is outside"):
+        build_plan(t, tiny_vit(), "copy", layers=[7])
+    # a multiple of heads is fine for distillation, and averaged in groups
+    plan = build_plan(tiny_vit(num_heads=6, embed_dim=48), tiny_vit(num_heads=3), "distill")
+    assert plan.head_groups == 2 and "groups of 2" in plan.describe()

@@ -1,0 +1,91 @@
+"""The O(N) attention-distillation loss against the materialised oracle."""
+import pytest
+import torch
+
+from attnxfer.transfer.losses import (attention_ce_reference, attention_distillation_loss, row_logsumexp,
+                                      teacher_entropy)
+
+
+def _qk(B, H, N, d, seed, grad=False, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, H, N, d, generator=g) * scale).requires_grad_(grad)
+    k = (torch.randn(B, H, N, d, generator=g) * scale).requires_grad_(grad)
+    return q, k
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("N,chunk", [(64, 16), (50, 16), (50, 7), (17, 64)])
+@pytest.mark.parametrize("heads_t,heads_s", [(4, 4), (8, 4)])
+def test_fast_loss_equals_oracle_fp32(N, chunk, heads_t, heads_s):
+    q_t, k_t = _qk(2, heads_t, N, 8, seed=1, scale=1.5)
+    q_s, k_s = _qk(2, heads_s, N, 8, seed=2, grad=True)
+    fast = attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=chunk)
+    g_fast = torch.autograd.grad(fast.ce, [q_s, k_s])
+    ref = attention_ce_reference(q_t, k_t, q_s, k_s)
+    g_ref = torch.autograd.grad(ref.ce, [q_s, k_s])
+    assert fast.ce.dtype == torch.float32
+    assert _rel(fast.ce, ref.ce) <= 1e-5
+    assert abs(fast.kl - ref.kl) <= 1e-5 * ref.ce.abs()
+    for a, b in zip(g_fast, g_ref):
+        assert _rel(a, b) <= 1e-5
+
+
+def test_fast_loss_under_bf16_autocast_is_fp32():
+    q_t, k_t = _qk(2, 3, 50, 16, seed=3)
+    q_s, k_s = _qk(2, 3, 50, 16, seed=4)
+    q_t, k_t = q_t.bfloat16(), k_t.bfloat16()
+    q_s, k_s = q_s.bfloat16().requires_grad_(), k_s.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=16)
+        g_fast = torch.autograd.grad(fast.ce, [q_s, k_s])
+    assert fast.ce.dtype == torch.float32
+    ref = attention_ce_reference(q_t.float(), k_t.float(), q_s.float(), k_s.float())
+    g_ref = torch.autograd.grad(ref.ce, [q_s, k_s])
+    assert _rel(fast.ce, ref.ce) <= 1e-5
+    for a, b in zip(g_fast, g_ref):
+        # Gradients come back in the inputs' dtype, rounded to bf16 only at the very end:
+        # at most one bf16 ulp (2^-7 relative) from the fp32 oracle's, also rounded.
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-8)
+
+
+def test_kl_zero_and_ce_is_entropy_when_student_is_teacher():
+    q, k = _qk(2, 4, 33, 8, seed=5, scale=2.0)
+    res = attention_distillation_loss(q, k, q.clone().requires_grad_(), k.clone().requires_grad_(), chunk=8)
+    p = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, -1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert abs(res.kl.item()) < 1e-5
+    torch.testing.assert_close(res.ce.detach(), entropy, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_teacher_entropy_matches_explicit():
+    q, k = _qk(1, 6, 20, 4, seed=6)
+    h = teacher_entropy(q, k, student_heads=3, chunk=7)
+    p = torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1).reshape(1, 3, 2, 20, 20).mean(2)
+    torch.testing.assert_close(h, -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_row_logsumexp_matches_autograd_of_explicit():
+    q, k = _qk(2, 2, 37, 8, seed=7, grad=True)
+    w = torch.randn(2, 2, 37)
+    fast = row_logsumexp(q, k, chunk=5)
+    g_fast = torch.autograd.grad((fast * w).sum(), [q, k])
+    ref = torch.logsumexp(q @ k.transpose(-2, -1) * 8 ** -0.5, -1)
+    g_ref = torch.autograd.grad((ref * w).sum(), [q, k])
+    torch.testing.assert_close(fast, ref)
+    for a, b in zip(g_fast, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_gets_no_gradient_and_shapes_are_checked():
+    q_t, k_t = _qk(1, 2, 10, 4, seed=8, grad=True)
+    q_s, k_s = _qk(1, 2, 10, 4, seed=9, grad=True)
+    attention_distillation_loss(q_t, k_t, q_s, k_s).ce.backward()
+    assert q_t.grad is None and k_t.grad is None
+    with pytest.raises(ValueError, match="token counts differ"):
+        attention_distillation_loss(q_t, k_t, q_s[..., :9, :], k_s[..., :9, :])
+    with pytest.raises(ValueError, match="whole multiple"):
+        attention_distillation_loss(*_qk(1, 3, 10, 4, 1), *_qk(1, 2, 10, 4, 2))
