@@ -1,0 +1,331 @@
+"""Typed run configuration: dataclasses, loaded from YAML, with dotted ``key=value`` overrides.
+
+Unknown keys and wrong types are `ConfigError`s that name the nearest valid key,
+so a typo never silently trains the default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError", "ModelConfig", "TeacherConfig", "TransferConfig", "DataConfig", "AugConfig", "OptimConfig",
+    "ScheduleConfig", "EMAConfig", "LogConfig", "CheckpointConfig", "TrainConfig", "load_config", "to_dict",
+    "apply_overrides", "parse_overrides", "dump_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message says which key and what to write instead."""
+
+
+@dataclass
+class ModelConfig:
+    """The student. ``name`` is a timm architecture; ``kwargs`` go to timm.create_model."""
+
+    name: str = "vit_micro_patch4_28"
+    num_classes: Optional[int] = None  # default: the dataset's
+    drop_path_rate: float = 0.1
+    mirror_teacher: bool = True  # copy the teacher's architectural choices (tokens, norms, ...)
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    """The pretrained teacher: timm name, ``hf-hub:ORG/NAME``, ``local-dir:PATH``, a file or an attnxfer run dir."""
+
+    spec: Optional[str] = None
+    arch: Optional[str] = None  # architecture for a bare weights file
+    revision: Optional[str] = None
+    cache_dir: Optional[str] = None
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16 / fp16
+
+
+@dataclass
+class TransferConfig:
+    """How attention moves from teacher to student (see attnxfer.transfer.plan)."""
+
+    mode: str = "distill"
+    end_layer: int = 0  # the paper's meaning: 0 = all, -k = all but the last k
+    layers: Optional[List[int]] = None  # explicit student layers (wins over end_layer)
+    atd_weight: float = 1.0
+    share_drop_path: bool = False  # False: teacher deterministic (default); True: the paper's shared masks
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "animal_mnist"  # animal_mnist | folder | synthetic
+    root: Optional[str] = None  # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...
+    img_size: Optional[int] = None  # default: the student's
+    in_chans: Optional[int] = None
+    mean: Optional[List[float]] = None  # default: the teacher's (pretrained cfg), else the dataset's
+    std: Optional[List[float]] = None
+    batch_size: int = 128  # per process
+    eval_batch_size: Optional[int] = None
+    num_workers: int = 0
+    pin_memory: bool = False
+    synthetic_length: int = 512
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugConfig:
+    label_smoothing: float = 0.1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    reprob: float = 0.0  # random erasing (folder datasets)
+    auto_augment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1 (folder datasets)
+
+
+@dataclass
+class OptimConfig:
+    lr: Optional[float] = None  # absolute; default blr * global_batch / 256
+    blr: float = 1e-3
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    layer_decay: Optional[float] = None  # e.g. 0.75; None or 1 = off
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: Optional[float] = None
+    accum_steps: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 10
+    warmup_epochs: float = 1.0
+    max_steps: Optional[int] = None  # stop early after this many optimiser steps (tests, smoke runs)
+
+
+@dataclass
+class EMAConfig:
+    decay: Optional[float] = None  # e.g. 0.9999; None = no EMA
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 20
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None
+    every_minutes: Optional[float] = None
+    every_epoch: bool = True
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | PATH of a checkpoint
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; fp32 | bf16 | fp16
+    deterministic: bool = False
+    eval_only: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "TrainConfig":
+        """A copy with dotted keys set (values already typed or YAML strings)."""
+        return apply_overrides(self, overrides)
+
+
+# -- (de)serialisation ---------------------------------------------------------------------
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+_FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _type_name(tp: Any) -> str:
+    """How a user would say the type: 'a number or null', 'a list of integers'."""
+    if typing.get_origin(tp) is Union:
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if typing.get_origin(tp) in (list, List):
+        return "a list"
+    if typing.get_origin(tp) in (dict, Dict):
+        return "a mapping"
+    return _FRIENDLY.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (list, List, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}=[1,2])")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _field_types(cls) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
+    full = [prefix + v for v in valid]
+    close = difflib.get_close_matches(prefix + key, full, n=1, cutoff=0.5) or difflib.get_close_matches(
+        key, list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0] if close[0].startswith(prefix) else prefix + close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {prefix + key!r}{hint} (valid under "
+                       f"{prefix.rstrip('.') or 'the top level'}: {', '.join(valid)})")
+
+
+def _merge(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types = _field_types(type(obj))
+    changes = {}
+    for key, value in data.items():
+        if key not in types:
+            raise _unknown_key(str(key), list(types), prefix)
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            changes[key] = _merge(getattr(obj, key), value, f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(value, tp, prefix + key)
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_overrides(items: Sequence[str]) -> Dict[str, str]:
+    """``["optim.lr=1e-3", "transfer.layers=[0,1]"]`` -> ``{"optim.lr": "1e-3", ...}`` (raw strings)."""
+    out: Dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy)")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = raw
+    return out
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={raw!r}: value is not valid YAML ({e.problem})") from None
+
+
+def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
+    nested: Dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``)."""
+    types_cache: Dict[Any, Dict[str, Any]] = {}
+    parsed = {key: (_parse_value(key, value) if isinstance(value, str)
+                    and not _is_str_field(type(cfg), key, types_cache) else value)
+              for key, value in overrides.items()}
+    return _merge(cfg, _nest(parsed))
+
+
+def _is_str_field(cls, dotted: str, cache) -> bool:
+    node = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            return False
+        types = cache.setdefault(node, _field_types(node))
+        if part not in types:
+            return False
+        node = types[part]
+    return node is str
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
+                base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Defaults, then the YAML file, then ``key=value`` overrides."""
+    cfg = base or TrainConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (see cfgs/ for recipes)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        cfg = _merge(cfg, data)
+    if overrides:
+        cfg = apply_overrides(cfg, parse_overrides(overrides))
+    return cfg

@@ -1,0 +1,97 @@
+"""Turn a `TrainConfig` into the objects a run needs: teacher, student, data."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..launch.config import TrainConfig
+
+__all__ = ["RunParts", "build_run_parts", "build_student"]
+
+
+@dataclass
+class RunParts:
+    """Everything a run trains with. Build it yourself to train models a config can't name."""
+
+    student: nn.Module
+    teacher: Optional[nn.Module]
+    train_loader: Any
+    val_loader: Any
+    train_sampler: Any
+    num_classes: int
+    class_names: Optional[List[str]] = None
+    mean: Sequence[float] = ()
+    std: Sequence[float] = ()
+    teacher_record: Optional[Dict[str, Any]] = None
+    student_spec: Dict[str, Any] = field(default_factory=dict)
+
+
+def build_student(cfg: TrainConfig, teacher: Optional[nn.Module], num_classes: int, in_chans: int,
+                  img_size: Optional[int]) -> nn.Module:
+    """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised."""
+    from ..models.student import student_like
+    from ..models.vit import create_vit
+    m = cfg.model
+    kwargs = dict(m.kwargs)
+    if teacher is not None and m.mirror_teacher:
+        return student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+    kwargs.setdefault("in_chans", in_chans)
+    if img_size is not None:
+        kwargs.setdefault("img_size", img_size)
+    return create_vit(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+
+
+def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> RunParts:
+    from ..data import ResumableSampler, build_dataset, build_loader, dataset_info
+
+    d = cfg.data
+    info = dataset_info(d.dataset, root=d.root)
+    teacher, record = None, None
+    if cfg.teacher.spec:
+        from ..checkpoints.teacher import load_teacher
+        teacher, rec = load_teacher(cfg.teacher.spec, arch=cfg.teacher.arch, revision=cfg.teacher.revision,
+                                    cache_dir=cfg.teacher.cache_dir, img_size=d.img_size)
+        record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
+    elif cfg.transfer.mode != "none":
+        raise ValueError(f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
+                         "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
+                         "or use transfer.mode=none")
+    num_classes = cfg.model.num_classes or info.num_classes
+    if not num_classes:
+        raise ValueError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
+    in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
+    img_size = d.img_size or (teacher.patch_embed.img_size[0] if teacher is not None else None)
+    student = build_student(cfg, teacher, num_classes, in_chans, img_size)
+    img_size = img_size or student.patch_embed.img_size[0]
+    in_chans = student.patch_embed.proj.in_channels
+    # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
+    mean = d.mean or (record or {}).get("mean") or info.mean
+    std = d.std or (record or {}).get("std") or info.std
+    common = dict(root=d.root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=cfg.seed, **d.kwargs)
+    if d.dataset == "synthetic":
+        common.setdefault("num_classes", num_classes)
+        common.setdefault("length", d.synthetic_length)
+    aug = cfg.aug
+    train_extra = {}
+    if d.dataset == "folder":
+        train_extra = dict(re_prob=aug.reprob, auto_augment=aug.auto_augment)
+    train_set = build_dataset(d.dataset, "train", **common, **train_extra)
+    val_set = build_dataset(d.dataset, "val", **common)
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size,
+                               drop_last=True)
+    val_sampler = ResumableSampler(len(val_set), shuffle=False, seed=cfg.seed, rank=rank, world_size=world_size,
+                                   drop_last=False)
+    pin = d.pin_memory and torch.cuda.is_available()
+    train_loader = build_loader(train_set, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers,
+                                pin_memory=pin, drop_last=True)
+    val_loader = build_loader(val_set, batch_size=d.eval_batch_size or d.batch_size, sampler=val_sampler,
+                              num_workers=d.num_workers, pin_memory=pin, drop_last=False)
+    from ..models.student import student_spec
+    return RunParts(student=student, teacher=teacher, train_loader=train_loader, val_loader=val_loader,
+                    train_sampler=sampler, num_classes=num_classes,
+                    class_names=list(info.class_names) if info.class_names else None,
+                    mean=list(mean), std=list(std), teacher_record=record, student_spec=student_spec(student))
