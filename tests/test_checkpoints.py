@@ -126,6 +126,7 @@ def test_tensors_sharing_storage_are_saved_as_values(tmp_path):
 @pytest.mark.parametrize('kwargs, error, match', [
     (dict(state={'t': torch.ones(1)}), TypeError, 'JSON-serialisable'),
     (dict(state={'loss': float('nan')}), TypeError, 'JSON-serialisable'),
+    (dict(state={'per_rank': {0: 5}}), TypeError, r"non-str dict key at \['per_rank'\]\[0\]"),
     (dict(metric=float('nan')), ValueError, 'metric must be finite'),
     (dict(tensors={'../model': {'w': torch.ones(1)}}), ValueError, 'group name'),
     (dict(tensors={'model': {'w': [1.0]}}), TypeError, "entry 'w' is list"),
@@ -355,14 +356,14 @@ def expected_tensors(step: int, numel: int) -> dict:
 
 @pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
-    numel = 1 << 21  # 8 MiB per group, 24 MiB per checkpoint
+    numel = 1 << 20  # 4 MiB per group, 12 MiB per checkpoint
     mgr = CheckpointManager(tmp_path / 'run', keep_last=2)
     script = tmp_path / 'saver.py'
     script.write_text(KILL_SCRIPT)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     rng = random.Random(1234)
     leftovers_seen = 0
-    for round_ in range(5):
+    for round_ in range(4):
         latest = mgr.latest()
         start = 0 if latest is None else latest.step + 1
         proc = subprocess.Popen([sys.executable, str(script), str(mgr.run_dir), str(start), str(numel)],
@@ -383,10 +384,10 @@ def test_sigkill_during_saves_never_leaves_a_wrong_checkpoint(tmp_path):
         if mgr.dir.exists():
             assert [i.step for i in mgr.list()] == sorted(int(n.split('-')[1]) for n in step_dirs(mgr))
 
-    assert mgr.latest() is not None, 'no save finished in 5 rounds; the machine is very slow'
+    assert mgr.latest() is not None, 'no save finished in 4 rounds; the machine is very slow'
     mgr.save(10 ** 6, expected_tensors(0, 4), {'step': 'final'})
     assert hidden_dirs(mgr) == []
-    print(f'temp/trash dirs left by kills over 5 rounds: {leftovers_seen}')
+    print(f'temp/trash dirs left by kills over 4 rounds: {leftovers_seen}')
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,10 +18,17 @@ Why it is safe:
 * Readers verify before trusting: MANIFEST present and well formed, every listed file present
   with the recorded size, every ``.safetensors`` header parses and covers the file exactly, every
   ``.json`` parses, and (``verify_hash=True``, the default) every file's sha256 matches. Hashing
-  reads every byte once (about 1-2 GB/s per core); turn it off for very large checkpoints, the
+  reads every byte once (about 1 GB/s on one core here); turn it off for very large checkpoints, the
   cheap checks still catch truncation, missing files and damaged headers, but not flipped bytes
   inside tensor data.
 * Nothing is ever unpickled.
+
+Policies: an intact checkpoint is never overwritten (``CheckpointExistsError``, or keep it with
+``exist_ok=True``); a broken dir at the same step is renamed to ``step-X.corrupt-<time>`` and
+replaced. Pruning keeps the newest ``keep_last`` intact checkpoints, the best by metric and the
+one just written; broken dirs are never deleted automatically (they are reported instead).
+Temp dirs of a live writer on this host are left alone. Tensor groups come back as dicts with
+the same names and values but safetensors' key order, not the insertion order.
 
 One writer per run dir (rank 0); any number of readers.
 """
@@ -160,7 +167,28 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = 'utf-8
     return atomic_write_bytes(path, text.encode(encoding))
 
 
+def _find_non_str_key(obj: Any, path: str = '') -> str | None:
+    """json.dumps turns int keys into strings silently; a resumed run would then miss them."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                return f'{path}[{k!r}]'
+            found = _find_non_str_key(v, f'{path}[{k!r}]')
+            if found:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found = _find_non_str_key(v, f'{path}[{i}]')
+            if found:
+                return found
+    return None
+
+
 def _dump_json(obj: Any, what: str) -> str:
+    bad_key = _find_non_str_key(obj)
+    if bad_key:
+        raise TypeError(f'{what} has a non-str dict key at {bad_key}; JSON would turn it into a str. '
+                        f'Use str keys (or state_dict_to_tensors for nested state dicts)')
     try:
         return json.dumps(obj, indent=2, allow_nan=False) + '\n'
     except (TypeError, ValueError) as e:
