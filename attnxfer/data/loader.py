@@ -1,0 +1,44 @@
+"""DataLoader construction with the settings a resumable, multi-worker run needs."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = ['build_loader']
+
+
+def build_loader(
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        sampler: Sampler,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool,
+        seed: int = 0,
+        prefetch_factor: Optional[int] = None,
+        collate_fn: Optional[Callable] = None,
+) -> DataLoader:
+    """A DataLoader over ``sampler`` (persistent workers when ``num_workers > 0``).
+
+    The loader gets its own generator seeded with ``seed``: starting an epoch draws worker base
+    seeds from it instead of the global torch RNG, so the number of workers never shifts the main
+    process's RNG stream (dropout, drop-path).
+    """
+    if batch_size < 1 or num_workers < 0:
+        raise ValueError(f'need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}')
+    extra = {} if num_workers == 0 or prefetch_factor is None else dict(prefetch_factor=prefetch_factor)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+        collate_fn=collate_fn,
+        **extra,
+    )

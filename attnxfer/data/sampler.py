@@ -1,0 +1,122 @@
+"""A distributed sampler that can resume in the middle of an epoch.
+
+Every rank draws the same permutation (seeded by seed + epoch, as torch's DistributedSampler) and
+takes its strided share, padded or truncated so all ranks get equally many samples. The resume
+point is a *global* count: ``position`` = samples of this epoch consumed by all ranks together
+(steps done x per-rank batch x world size). Resuming yields exactly the rest of the epoch's order;
+with the same world size that is each rank's unfinished tail, with another world size the rest is
+re-strided over the new ranks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+from .seeding import SampleKey
+
+__all__ = ['ResumableSampler']
+
+_CONFIG_KEYS = ('length', 'shuffle', 'seed', 'drop_last')
+
+
+class ResumableSampler(Sampler[int]):
+    """Yields :class:`SampleKey` indices (ints carrying the epoch) for one rank.
+
+    At ``position == 0`` the indices equal ``torch.utils.data.DistributedSampler``'s with the same
+    seed, epoch, rank, world size and drop_last. ``drop_last`` here is DistributedSampler's (drop the
+    tail that does not divide evenly over ranks), not the DataLoader's partial-batch drop.
+
+    The sampler cannot see what the training loop consumed (DataLoader workers prefetch ahead), so
+    the caller reports it: :meth:`advance` after each step, or :meth:`set_position` on resume.
+    """
+
+    def __init__(self, length: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True):
+        if length < 0:
+            raise ValueError(f'length must be >= 0, got {length}')
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f'need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}')
+        self.length = int(length)
+        self.shuffle = bool(shuffle)
+        self.seed = int(seed)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        self.position = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation; moving to another epoch restarts at position 0."""
+        if epoch != self.epoch:
+            self.position = 0
+        self.epoch = int(epoch)
+
+    def set_position(self, position: int) -> None:
+        """Samples of the current epoch already consumed by all ranks together; the next iterator
+        starts right after them."""
+        self._check_position(position, self.world_size)
+        self.position = int(position)
+
+    def advance(self, num_samples: int) -> None:
+        """Record ``num_samples`` more consumed (global count, e.g. per-rank batch x world size)."""
+        self.set_position(self.position + num_samples)
+
+    def _check_position(self, position: int, world_size: int) -> None:
+        # A padded epoch has up to world_size - 1 repeated samples beyond `length`.
+        if not 0 <= position <= self.length + world_size - 1:
+            raise ValueError(
+                f'position {position} is outside epoch {self.epoch} ({self.length} samples over {world_size} ranks); '
+                f'it counts samples consumed in the current epoch by all ranks together')
+
+    def _per_rank(self, remaining: int) -> int:
+        if self.drop_last:
+            return remaining // self.world_size
+        return math.ceil(remaining / self.world_size)
+
+    def __len__(self) -> int:
+        return self._per_rank(max(0, self.length - self.position))
+
+    def epoch_order(self) -> list[int]:
+        """The epoch's full global order (before padding/truncation), the same on every rank."""
+        if not self.shuffle:
+            return list(range(self.length))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.length, generator=g).tolist()
+
+    def indices(self) -> list[int]:
+        """This rank's remaining indices for the current epoch and position."""
+        order = self.epoch_order()
+        rest = order[self.position:]
+        total = self._per_rank(len(rest)) * self.world_size
+        if total > len(rest):  # pad by repeating the epoch's order from its start
+            pad = total - len(rest)
+            rest += (order * math.ceil(pad / len(order)))[:pad]
+        return rest[self.rank:total:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        return iter([SampleKey(i, epoch) for i in self.indices()])
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable progress (epoch, position) plus the settings that define the order."""
+        return dict(epoch=self.epoch, position=self.position, length=self.length, shuffle=self.shuffle,
+                    seed=self.seed, drop_last=self.drop_last, world_size=self.world_size)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore epoch and position. The order's settings must match (another length, seed, shuffle
+        or drop_last means another order, so the position would be meaningless); the world size may
+        differ: the rest of the epoch is then re-strided over the new ranks."""
+        missing = [k for k in ('epoch', 'position', *_CONFIG_KEYS) if k not in state]
+        if missing:
+            raise ValueError(f'sampler state is missing {missing}; expected the dict from ResumableSampler.state_dict()')
+        changed = {k: (state[k], getattr(self, k)) for k in _CONFIG_KEYS if state[k] != getattr(self, k)}
+        if changed:
+            detail = ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in changed.items())
+            raise ValueError(f'cannot resume the sampler: {detail}. Resume with the same dataset and data seed, '
+                             f'or start a fresh epoch.')
+        self.epoch = int(state['epoch'])
+        self._check_position(state['position'], max(self.world_size, int(state.get('world_size', 1))))
+        self.position = int(state['position'])
