@@ -17,7 +17,7 @@ import yaml
 __all__ = [
     "ConfigError", "ModelConfig", "TeacherConfig", "TransferConfig", "DataConfig", "AugConfig", "OptimConfig",
     "ScheduleConfig", "EMAConfig", "LogConfig", "CheckpointConfig", "TrainConfig", "load_config", "to_dict",
-    "apply_overrides", "parse_overrides", "dump_config",
+    "apply_overrides", "parse_overrides", "dump_config", "list_recipes", "resolve_recipe",
 ]
 
 
@@ -313,14 +313,33 @@ def _is_str_field(cls, dotted: str, cache) -> bool:
     return node is str
 
 
+RECIPES = Path(__file__).resolve().parent.parent / "cfgs"
+
+
+def list_recipes() -> List[str]:
+    """Built-in recipe names (``demo/copy``, ``paper/vit_large_distill``, ...)."""
+    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+
+
+def resolve_recipe(path: Union[str, Path]) -> Path:
+    """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for candidate in (RECIPES / p, RECIPES / p.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    close = difflib.get_close_matches(str(path), list_recipes(), n=1)
+    hint = f"; did you mean the built-in recipe {close[0]!r}?" if close else ""
+    raise ConfigError(f"config file {str(p)!r} does not exist{hint} (built-in recipes: {', '.join(list_recipes())})")
+
+
 def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
                 base: Optional[TrainConfig] = None) -> TrainConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides."""
     cfg = base or TrainConfig()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (see cfgs/ for recipes)")
+        p = resolve_recipe(path)
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

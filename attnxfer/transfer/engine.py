@@ -309,21 +309,23 @@ class _Trainer:
         self.model.train()
         sampler = p.train_sampler
         final: Dict[str, float] = {}
-        batch = cfg.data.batch_size
         progress = None
+        global_batch = cfg.data.batch_size * self.world
+        epoch_len = sampler.length
         while self.step < self.total_steps:
             sampler.set_epoch(self.epoch)
             sampler.set_position(self.position)
             if self.is_main and cfg.log.progress:
                 from tqdm.auto import tqdm
-                progress = tqdm(total=len(p.train_loader), initial=self.position // batch,
-                                desc=f"epoch {self.epoch}", leave=False, dynamic_ncols=True)
+                progress = tqdm(total=self.position // global_batch + len(p.train_loader),
+                                initial=self.position // global_batch, desc=f"epoch {self.epoch}",
+                                leave=False, dynamic_ncols=True)
             window: Dict[str, List[float]] = {}
             for x, y in p.train_loader:
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
                 logs, stepped = self._train_step(x, y)
-                self.position += batch
+                self.position += global_batch  # global count: what every rank consumed together
                 if progress is not None:
                     progress.update(1)
                 for k, v in logs.items():
@@ -336,7 +338,7 @@ class _Trainer:
                 if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
                     rec = {k: sum(v) / len(v) for k, v in window.items()}
                     rec["lr"] = lr
-                    self.metrics.log("train", self.step, rec, epoch=self.epoch + self.position / max(1, len(sampler)))
+                    self.metrics.log("train", self.step, rec, epoch=self.epoch + self.position / epoch_len)
                     if progress is not None:
                         progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
                     window = {}
@@ -344,24 +346,27 @@ class _Trainer:
                     break
                 if self._should_checkpoint_now():
                     self.save()
-            if progress is not None:
-                progress.close()
-            epoch_done = self.position >= len(sampler) or self.step < self.total_steps
-            if epoch_done:
+            else:  # the loader ran dry: the epoch is complete
                 self.epoch += 1
                 self.position = 0
+            if progress is not None:
+                progress.close()
+                progress = None
             final = self._evaluate_all()
             top1 = final["val_top1"]
             if self.best_top1 is None or top1 > self.best_top1:
                 self.best_top1 = top1
             final["best_top1"] = self.best_top1
-            self.metrics.log("val", self.step, final, epoch=self.epoch)
-            self.history.append({"step": self.step, "epoch": self.epoch, **final})
+            self.metrics.log("val", self.step, final, epoch=self.epoch + self.position / epoch_len)
+            self.history.append({"step": self.step, "epoch": self.epoch + self.position / epoch_len, **final})
             if self.is_main:
                 print(f"epoch {self.epoch}: step {self.step}/{self.total_steps} val top1 {top1:.2f} "
                       f"(best {self.best_top1:.2f})", flush=True)
             if cfg.checkpoint.every_epoch or self.step >= self.total_steps:
                 self.save(metric=top1)
+        if not final:  # resumed a finished run: report where it stands
+            final = self._evaluate_all()
+            final["best_top1"] = self.best_top1 if self.best_top1 is not None else final["val_top1"]
         self.metrics.close()
         return TrainResult(str(self.run_dir), self.step, self.epoch, self.best_top1, final, self.history,
                            time.monotonic() - start)

@@ -1,0 +1,4 @@
+import sys
+from .launch.cli import main
+
+sys.exit(main())

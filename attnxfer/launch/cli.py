@@ -1,0 +1,144 @@
+"""The ``attnxfer`` command: thin subcommands over library functions.
+
+Every subcommand takes ``-c CONFIG.yaml`` plus dotted ``key=value`` overrides and
+prints the resolved plan before it starts work. User errors (bad keys, missing
+files, incompatible models) print one clear message and exit non-zero; set
+``ATTNXFER_DEBUG=1`` for the full traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+__all__ = ["main", "build_parser", "register_command"]
+
+EXAMPLES = """\
+examples:
+  attnxfer demo                                   # the 10-minute animal-mnist demo
+  attnxfer train -c cfgs/demo/copy.yaml schedule.epochs=5
+  attnxfer train -c cfgs/paper/vit_large_copy.yaml data.root=/data/imagenet
+  attnxfer eval  -c runs/my-run/config.yaml
+"""
+
+_COMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+
+
+def register_command(name: str):
+    """Subcommands register a function that adds their parser (registry, not an if-chain)."""
+    def deco(fn):
+        _COMMANDS[name] = fn
+        return fn
+    return deco
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("-c", "--config", required=required, help="YAML config (see cfgs/); defaults apply otherwise")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. transfer.mode=copy optim.lr=1e-3 transfer.layers=[0,1]")
+
+
+def _load(args):
+    from .config import load_config
+    return load_config(args.config, args.overrides)
+
+
+@register_command("train")
+def _train_parser(sub):
+    p = sub.add_parser("train", help="train a student by attention copy/distillation (or from scratch)",
+                       description="Train (or resume: checkpoint.resume=auto) the run described by the config.")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from ..transfer.engine import train
+    cfg = _load(args)
+    result = train(cfg)
+    print(f"done: {result.steps} steps, best val top1 {result.best_top1:.2f} -> {result.run_dir}")
+    return 0
+
+
+@register_command("eval")
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="evaluate a run's newest checkpoint on its validation set")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from ..transfer.engine import train
+    from .config import apply_overrides
+    cfg = apply_overrides(_load(args), {"eval_only": True})
+    result = train(cfg)
+    for k, v in result.final.items():
+        print(f"{k}: {v:.4f}")
+    return 0
+
+
+@register_command("demo")
+def _demo_parser(sub):
+    p = sub.add_parser("demo", help="teacher, scratch, copy and distill on animal-mnist in ~10 minutes (CPU)")
+    p.add_argument("--out", default="runs/demo", help="where runs, table and plot go (default runs/demo)")
+    p.add_argument("--budget-steps", type=int, default=None, help="optimiser steps per student (equal budget)")
+    p.add_argument("--teacher-steps", type=int, default=None, help="optimiser steps for the teacher")
+    p.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny budgets)")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(args.out, budget_steps=args.budget_steps, teacher_steps=args.teacher_steps, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnxfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        description="Attention transfer for Vision Transformers: attention copy, attention distillation and "
+                    "conversion to efficient attention, on timm models.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"attnxfer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def _user_errors() -> tuple:
+    """Exceptions that mean 'change your input', reported without a traceback."""
+    from ..checkpoints.store import CheckpointError
+    from ..transfer.engine import NonFiniteLossError
+    from ..transfer.plan import PlanError
+    from .config import ConfigError
+    errors = [ConfigError, PlanError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError]
+    try:
+        from ..checkpoints.teacher import TeacherNotAvailable
+        errors.append(TeacherNotAvailable)
+    except ImportError:
+        pass
+    return tuple(errors) + (ValueError,)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("attnxfer: interrupted; the newest checkpoint is intact (resume with checkpoint.resume=auto)",
+              file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - reported below, re-raised in debug mode
+        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, _user_errors()):
+            raise
+        print(f"attnxfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+"""Run by the distributed test under torchrun: train, then write this rank's student weights."""
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from attnxfer.launch.config import load_config
+from attnxfer.transfer.engine import _Trainer
+
+cfg = load_config(None, sys.argv[1:])
+trainer = _Trainer(cfg)
+trainer.run()
+rank = trainer.accelerator.process_index
+state = {k: v.contiguous() for k, v in trainer.dual.student.state_dict().items()}
+save_file(state, str(Path(cfg.run_dir) / f"rank{rank}.safetensors"))
+# Prove the ranks share one process group: the all-reduced rank sum is 0 + 1 + ... + (world-1).
+t = torch.tensor([float(rank)])
+t = trainer.accelerator.reduce(t, reduction="sum")
+(Path(cfg.run_dir) / f"rank{rank}.allreduce").write_text(str(t.item()))
