@@ -1,0 +1,278 @@
+"""Students shaped like their teacher.
+
+Attention transfer is reported to fail when the student lacks the teacher's native
+components (register tokens, qk-norm, LayerScale, its pooling...). `student_like`
+rebuilds the teacher's timm architecture (its registered name plus the construction
+arguments timm recorded) with fresh weights, passes every choice it can read off the
+teacher's modules explicitly, and then checks the built student against the teacher,
+trait by trait: a choice that did not carry over is an error, not a quiet difference.
+
+`student_spec` turns a student into the JSON that rebuilds it (run records, export
+config.json); `student_from_spec` is its inverse.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, Iterable, Optional, Type
+
+import timm
+import torch.nn as nn
+from timm.layers import Attention, LayerScale
+
+from .attention import TransferAttention
+
+__all__ = ["vit_traits", "student_like", "student_spec", "student_from_spec", "attention_kind", "SOFTMAX"]
+
+SOFTMAX = "softmax"
+
+# Construction arguments that are training or runtime settings, not architecture.
+_NOT_ARCHITECTURE = ("attn_layer", "pretrained_model_args", "pretrained_strict", "device", "dtype", "drop_rate",
+                     "drop_path_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
+                     "drop_block_rate", "features_only", "out_indices", "scriptable", "exportable", "no_jit")
+# pretrained_cfg entries a student inherits: how its inputs are prepared, and the licence terms.
+_DATA_CFG_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "first_conv", "classifier", "license")
+# Which traits an override of a construction argument is allowed to change.
+_OVERRIDE_TRAITS = {
+    "mlp_ratio": ("mlp_hidden_ratio",),
+    "init_values": ("layer_scale", "layer_scale_init"),
+    "pos_embed": ("pos_embed",),
+    "norm_layer": ("norm_layer", "norm_eps"),
+    "act_layer": ("act_layer",),
+    "mlp_layer": ("mlp_layer", "mlp_hidden_ratio"),
+    "block_fn": ("block",),
+    "global_pool": ("global_pool", "fc_norm", "final_norm"),
+    "fc_norm": ("fc_norm", "final_norm"),
+    "final_norm": ("final_norm", "fc_norm"),
+    "embed_dim": ("embed_dim", "head_dim"),
+    "num_heads": ("num_heads", "head_dim"),
+    "attn_layer": ("attention",),
+}
+
+
+def _is_identity(m: Optional[nn.Module]) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def attention_kind(model: nn.Module) -> str:
+    """``"softmax"`` when every block runs timm's softmax attention (TransferAttention included),
+    else the efficient attention's name (its ``attention_name`` attribute, or its class name)."""
+    kinds = set()
+    for blk in model.blocks:
+        attn = blk.attn
+        if isinstance(attn, Attention):
+            kinds.add(SOFTMAX)
+        else:
+            kinds.add(getattr(type(attn), "attention_name", None) or type(attn).__name__)
+    if len(kinds) != 1:
+        raise ValueError(f"mixed attention kinds across blocks: {sorted(kinds)}")
+    return kinds.pop()
+
+
+def vit_traits(model: nn.Module) -> Dict[str, Any]:
+    """The architectural choices of a timm VisionTransformer, read from its modules (not its config)."""
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer")
+    blk = model.blocks[0]
+    attn, mlp = blk.attn, blk.mlp
+    dim = model.embed_dim
+    qkv = getattr(attn, "qkv", None)
+    hidden = mlp.fc2.in_features if hasattr(mlp, "fc2") else None
+    traits = dict(
+        img_size=tuple(model.patch_embed.img_size) if model.patch_embed.img_size is not None else None,
+        patch_size=tuple(model.patch_embed.patch_size),
+        in_chans=model.patch_embed.proj.in_channels,
+        embed_dim=dim,
+        depth=len(model.blocks),
+        num_heads=getattr(attn, "num_heads", None),
+        head_dim=getattr(attn, "head_dim", None),
+        mlp_hidden_ratio=round(hidden / dim, 4) if hidden else None,
+        mlp_layer=type(mlp).__name__,
+        block=type(blk).__name__,
+        qkv_bias=(getattr(qkv, "bias", None) is not None) if qkv is not None else None,
+        qk_norm=(not _is_identity(attn.q_norm)) if hasattr(attn, "q_norm") else None,
+        scale_attn_norm=(not _is_identity(attn.norm)) if hasattr(attn, "norm") else None,
+        scale_mlp_norm=not _is_identity(getattr(mlp, "norm", None)),
+        proj_bias=(attn.proj.bias is not None) if hasattr(attn, "proj") else None,
+        class_token=model.cls_token is not None,
+        reg_tokens=int(getattr(model, "num_reg_tokens", 0)),
+        no_embed_class=bool(getattr(model, "no_embed_class", False)),
+        pos_embed=getattr(model, "pos_embed", None) is not None,
+        layer_scale=isinstance(blk.ls1, LayerScale),
+        layer_scale_init=getattr(blk.ls1, "init_values", None),
+        pre_norm=not _is_identity(getattr(model, "norm_pre", None)),
+        final_norm=not (_is_identity(model.norm) and _is_identity(getattr(model, "fc_norm", None))),
+        fc_norm=not _is_identity(getattr(model, "fc_norm", None)),
+        global_pool=model.global_pool,
+        norm_layer=type(blk.norm1).__name__,
+        norm_eps=getattr(blk.norm1, "eps", None),
+        act_layer=type(mlp.act).__name__ if hasattr(mlp, "act") else None,
+        dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
+        dynamic_img_pad=bool(getattr(model.patch_embed, "dynamic_img_pad", False)),
+        num_classes=model.num_classes,
+        attention=attention_kind(model),
+    )
+    return traits
+
+
+def _explicit_args(t: Dict[str, Any]) -> Dict[str, Any]:
+    """VisionTransformer arguments that reproduce the traits that map one-to-one onto an argument."""
+    args = dict(
+        img_size=list(t["img_size"]) if t["img_size"] else None,
+        patch_size=list(t["patch_size"]),
+        in_chans=t["in_chans"],
+        embed_dim=t["embed_dim"],
+        depth=t["depth"],
+        num_heads=t["num_heads"],
+        class_token=t["class_token"],
+        reg_tokens=t["reg_tokens"],
+        no_embed_class=t["no_embed_class"],
+        pos_embed="learn" if t["pos_embed"] else "none",
+        pre_norm=t["pre_norm"],
+        final_norm=t["final_norm"],
+        fc_norm=t["fc_norm"],
+        global_pool=t["global_pool"],
+        scale_mlp_norm=t["scale_mlp_norm"],
+        dynamic_img_size=t["dynamic_img_size"],
+        dynamic_img_pad=t["dynamic_img_pad"],
+    )
+    for key in ("qkv_bias", "qk_norm", "scale_attn_norm", "proj_bias"):
+        if t[key] is not None:
+            args[key] = t[key]
+    if t["layer_scale"]:
+        args["init_values"] = t["layer_scale_init"]
+    if t["mlp_layer"] == "Mlp" and t["mlp_hidden_ratio"]:
+        args["mlp_ratio"] = t["mlp_hidden_ratio"]
+    return {k: v for k, v in args.items() if v is not None}
+
+
+def _recorded_args(model: nn.Module) -> Dict[str, Any]:
+    """The construction arguments timm recorded for ``model`` (create_model kwargs), architecture only."""
+    return {k: v for k, v in getattr(model, "_model_args", {}).items()
+            if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")}
+
+
+def _student_cfg(teacher_cfg: Dict[str, Any], arch: str, in_chans: int, img_size, num_classes: int) -> Dict[str, Any]:
+    """The student's pretrained_cfg: the teacher's preprocessing and licence, no weight source."""
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in teacher_cfg.items()
+           if k in _DATA_CFG_KEYS and v is not None}
+    cfg.update(architecture=arch, num_classes=num_classes,
+               fixed_input_size=bool(teacher_cfg.get("fixed_input_size", True)))
+    if img_size:
+        cfg["input_size"] = (in_chans, *img_size)
+    return cfg
+
+
+def _check_traits(student: nn.Module, teacher_traits: Dict[str, Any], changed: Iterable[str]) -> None:
+    changed = set(changed)
+    allowed = set(changed)
+    for arg in changed:
+        allowed.update(_OVERRIDE_TRAITS.get(arg, ()))
+    got = vit_traits(student)
+    diffs = {k: (teacher_traits[k], got[k]) for k in teacher_traits
+             if k not in allowed and teacher_traits[k] != got[k]
+             and teacher_traits[k] is not None and got[k] is not None}
+    if diffs:
+        lines = ", ".join(f"{k}: teacher {t!r} vs student {s!r}" for k, (t, s) in diffs.items())
+        raise ValueError(f"student_like: the student does not reproduce the teacher's {lines}. Pass the "
+                         "matching timm argument as an override (e.g. init_values=..., norm_layer=...) "
+                         "or report this as a bug")
+
+
+def student_like(
+        teacher: nn.Module,
+        *,
+        depth: Optional[int] = None,
+        embed_dim: Optional[int] = None,
+        num_heads: Optional[int] = None,
+        mlp_ratio: Optional[float] = None,
+        num_classes: Optional[int] = None,
+        drop_path_rate: float = 0.1,
+        attn_layer: Type[nn.Module] = TransferAttention,
+        **overrides: Any,
+) -> nn.Module:
+    """A randomly initialised student with the teacher's architectural choices.
+
+    Copied from the teacher: class token, register tokens, no_embed_class, LayerScale (and its init
+    value), qk-norm, qkv/proj bias, pre-norm, final norm / fc_norm, pooling, patch and image size,
+    input channels, width, heads, MLP ratio and type, norm/act layers, dynamic image size, and the
+    teacher's preprocessing (mean/std) and licence in its pretrained_cfg. ``depth``, ``embed_dim``,
+    ``num_heads``, ``mlp_ratio``, ``num_classes`` (default: the teacher's) and any timm argument in
+    ``overrides`` replace the teacher's. ``attn_layer`` chooses the student's attention.
+    """
+    t = vit_traits(teacher)
+    arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture") or "vit_base_patch16_224"
+    requested = dict(depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                     num_classes=num_classes)
+    requested = {k: v for k, v in requested.items() if v is not None}
+    args = {**_recorded_args(teacher), **_explicit_args(t), "num_classes": t["num_classes"], **requested, **overrides}
+    width, heads = args["embed_dim"], args["num_heads"]
+    if width % heads:
+        raise ValueError(f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
+                         f"pick heads from {[h for h in range(1, min(width, 64) + 1) if width % h == 0]}")
+    cfg = _student_cfg(getattr(teacher, "pretrained_cfg", {}) or {}, arch, args.get("in_chans", t["in_chans"]),
+                       args.get("img_size"), args["num_classes"])
+    student = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg, attn_layer=attn_layer,
+                                drop_path_rate=drop_path_rate, **args)
+    changed = set(requested) | set(overrides) | ({"attn_layer"} if attn_layer is not TransferAttention else set())
+    _check_traits(student, t, changed)
+    return student
+
+
+def _json_value(key: str, v: Any) -> Any:
+    if isinstance(v, tuple):
+        v = list(v)
+    try:
+        json.dumps(v)
+    except TypeError:
+        raise ValueError(f"student_spec: construction argument {key}={v!r} is not JSON; build the student with a "
+                         "timm string name for it (e.g. norm_layer='layernorm', act_layer='gelu')") from None
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"student_spec: {key}={v} is not finite")
+    return v
+
+
+def student_spec(student: nn.Module) -> Dict[str, Any]:
+    """JSON-ready description that rebuilds ``student`` (`student_from_spec`): timm architecture name,
+    timm construction arguments (no attnxfer classes), attention kind, and inherited preprocessing."""
+    from timm.models import get_model_args
+
+    cfg = getattr(student, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture")
+    if not arch:
+        raise ValueError("student_spec: the model has no pretrained_cfg['architecture']; build it with "
+                         "timm.create_model / student_like")
+    args = {k: v for k, v in get_model_args(student).items() if k not in _NOT_ARCHITECTURE}
+    data_cfg = {k: _json_value(k, cfg[k]) for k in (*_DATA_CFG_KEYS, "input_size", "fixed_input_size")
+                if cfg.get(k) is not None}
+    return {
+        "architecture": arch,
+        "model_args": {k: _json_value(k, v) for k, v in sorted(args.items())},
+        "attention": attention_kind(student),
+        "num_classes": int(student.num_classes),
+        "pretrained_cfg": data_cfg,
+    }
+
+
+def student_from_spec(spec: Dict[str, Any], *, attn_layer: Optional[Type[nn.Module]] = None,
+                      **overrides: Any) -> nn.Module:
+    """Rebuild a student (random weights) from `student_spec` output.
+
+    Softmax students get ``TransferAttention`` unless ``attn_layer`` says otherwise; an efficient
+    student needs its attention class passed as ``attn_layer``.
+    """
+    kind = spec.get("attention", SOFTMAX)
+    if attn_layer is None:
+        if kind != SOFTMAX:
+            raise ValueError(f"student_from_spec: the student uses {kind!r} attention; pass its class as attn_layer=")
+        attn_layer = TransferAttention
+    cfg = dict(spec.get("pretrained_cfg", {}), architecture=spec["architecture"],
+               num_classes=spec.get("num_classes", spec["model_args"].get("num_classes", 0)))
+    if "input_size" in cfg:
+        cfg["input_size"] = tuple(cfg["input_size"])
+    for k in ("mean", "std"):
+        if k in cfg:
+            cfg[k] = tuple(cfg[k])
+    args = {**spec["model_args"], **overrides}
+    return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, attn_layer=attn_layer,
+                             **args)
