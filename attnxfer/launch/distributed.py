@@ -3,13 +3,15 @@
 The same ``main(cfg)`` runs everywhere, so rank information only ever comes from the
 environment: torchrun (and accelerate) export ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``...;
 inside a submitit task (SLURM or submitit's local executor) those are derived from the
-job's variables by ``submitit.helpers.TorchDistributedEnvironment``. Rendezvous is always
-``env://`` (a TCP store on the first node): no shared-folder init file.
+job's variables by ``submitit.helpers.TorchDistributedEnvironment``; in a plain ``srun``
+step of several tasks (a hand-written sbatch script) from ``SLURM_PROCID`` and friends.
+Rendezvous is always ``env://`` (a TCP store on the first node): no shared-folder init file.
 """
 from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -50,6 +52,8 @@ class DistributedInfo:
         """
         if export_submitit and in_submitit_task():
             export_submitit_environment()
+        elif in_srun_step():
+            export_srun_environment()
         env = os.environ
         if "RANK" not in env or "WORLD_SIZE" not in env:
             return cls()
@@ -84,6 +88,30 @@ def export_submitit_environment() -> None:
     from submitit.helpers import TorchDistributedEnvironment
 
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def in_srun_step() -> bool:
+    """True in a task of a multi-task ``srun`` step that no launcher has described yet (no RANK)."""
+    env = os.environ
+    return "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
+
+
+def export_srun_environment() -> None:
+    """torchrun's variables from an ``srun`` step: one task per rank, the step's first node as master.
+
+    The port is ``MASTER_PORT`` if set, else derived from the job and step ids, so that every
+    task of the step picks the same one without talking to the others.
+    """
+    from submitit.slurm.slurm import _parse_node_list
+
+    env = os.environ
+    ntasks, nnodes = int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_STEP_NUM_NODES", "1") or 1)
+    nodes = _parse_node_list(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    job = f"{env.get('SLURM_JOB_ID', '0')}.{env.get('SLURM_STEP_ID', '0')}"
+    port = env.get("MASTER_PORT") or str(20000 + zlib.crc32(job.encode()) % 40000)
+    env.update(MASTER_ADDR=nodes[0] if nodes else "127.0.0.1", MASTER_PORT=port, RANK=env["SLURM_PROCID"],
+               WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+               LOCAL_WORLD_SIZE=str(max(1, ntasks // nnodes)))
 
 
 def default_backend() -> str:

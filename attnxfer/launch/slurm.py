@@ -279,7 +279,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
     def restart_count(self) -> int:
         return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0))
 
-    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission | None:
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         count = self.restart_count() + 1
         if count > self.max_requeues:
             self._record_requeue(count - 1, event="refused")

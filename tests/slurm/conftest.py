@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -27,7 +28,7 @@ SKIP_ENV = "ATTNXFER_SKIP_SLURM"
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster():
+def slurm_cluster(request):
     """Start munged, slurmctld and two slurmd (node1, node2) on 127.0.0.1; SLURM_CONF points at it."""
     if os.environ.get(SKIP_ENV) == "1":
         pytest.skip(f"{SKIP_ENV}=1: SLURM tests skipped on request")
@@ -50,7 +51,10 @@ def slurm_cluster():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        subprocess.run(["rm", "-rf", str(root)], check=False)
+        if request.session.testsfailed:  # keep slurmctld/slurmd logs for whoever debugs the failure
+            print(f"\nloopback SLURM cluster logs kept in {root / 'log'}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -158,3 +159,24 @@ def test_job_that_dies_without_a_result_is_noticed(slurm, tmp_path):
     with pytest.raises(JobFailedError, match=r"ended \(FAILED\) without a result") as err:
         wait(job, timeout=WAIT_S, grace_s=2)
     assert "exit code 3" in str(err.value)  # srun's report of the dead task, from the log tail
+
+
+def test_plain_srun_step_forms_a_process_group(slurm, tmp_path):
+    """A hand-written sbatch script (no submitit): `srun python ...` ranks still find each other."""
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "job.sh"
+    script.write_text(f"""#!/bin/bash
+#SBATCH --nodes=2 --ntasks-per-node=1 --time=5 --output={tmp_path}/job.out
+export PYTHONPATH={root}
+srun --kill-on-bad-exit=1 {sys.executable} {root}/tests/slurm/toy_training.py {tmp_path}
+""")
+    job_id = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    deadline = time.monotonic() + WAIT_S
+    while slurm_job_info(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline, f"job {job_id} still running after {WAIT_S} s"
+        time.sleep(0.5)
+    assert slurm_job_info(job_id)["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [(r["rank"], r["world_size"], r["master_addr"]) for r in records] == [(0, 2, "node1"), (1, 2, "node1")]
+    assert all(r["sum"] == 3.0 for r in records)

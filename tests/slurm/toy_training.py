@@ -142,7 +142,7 @@ def final_weights(run_dir: str | Path, rank: int) -> dict[str, torch.Tensor]:
 
 
 def allreduce_check(out_dir: str) -> None:
-    """Run under torchrun: every rank all-reduces ``rank + 1`` and records what it saw."""
+    """Run under torchrun or srun: every rank all-reduces ``rank + 1`` and records what it saw."""
     info = init_distributed(backend="gloo")
     value = torch.tensor([float(info.rank + 1)])
     dist.all_reduce(value)
