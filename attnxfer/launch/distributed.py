@@ -1,0 +1,148 @@
+"""Process-group start-up from the environment: one process, torchrun, or a submitit/SLURM task.
+
+The same ``main(cfg)`` runs everywhere, so rank information only ever comes from the
+environment: torchrun (and accelerate) export ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``...;
+inside a submitit task (SLURM or submitit's local executor) those are derived from the
+job's variables by ``submitit.helpers.TorchDistributedEnvironment``; in a plain ``srun``
+step of several tasks (a hand-written sbatch script) from ``SLURM_PROCID`` and friends.
+Rendezvous is always ``env://`` (a TCP store on the first node): no shared-folder init file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_logger = logging.getLogger(__name__)
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistributedInfo:
+    """Where this process sits in the job. ``world_size == 1`` means a plain single process."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, export_submitit: bool = True) -> "DistributedInfo":
+        """Read the rank layout from torchrun variables, or derive them inside a submitit task.
+
+        Inside a submitit task (``SUBMITIT_EXECUTOR`` set) the job's own variables win over any
+        ``RANK``/``WORLD_SIZE`` inherited from the submitting shell (sbatch exports the
+        submitter's environment), so they are exported with ``overwrite=True`` first.
+        """
+        if export_submitit and in_submitit_task():
+            export_submitit_environment()
+        elif in_srun_step():
+            export_srun_environment()
+        env = os.environ
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        try:
+            rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+            info = cls(
+                rank=rank,
+                local_rank=int(env.get("LOCAL_RANK", rank)),
+                world_size=world_size,
+                local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+            )
+        except ValueError as e:
+            raise ValueError(f"distributed environment variables must be integers: {e}") from e
+        if not 0 <= info.rank < info.world_size:
+            raise ValueError(f"RANK={info.rank} is outside [0, WORLD_SIZE={info.world_size})")
+        return info
+
+
+def in_submitit_task() -> bool:
+    """True inside a job started by submitit (SLURM, local or debug executor)."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+
+def export_submitit_environment() -> None:
+    """Export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from the submitit job.
+
+    ``CUDA_VISIBLE_DEVICES`` is left alone: each task selects ``cuda:LOCAL_RANK`` itself, which
+    also works when SLURM already restricted the visible devices per task.
+    """
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def in_srun_step() -> bool:
+    """True in a task of a multi-task ``srun`` step that no launcher has described yet (no RANK)."""
+    env = os.environ
+    return "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
+
+
+def export_srun_environment() -> None:
+    """torchrun's variables from an ``srun`` step: one task per rank, the step's first node as master.
+
+    The port is ``MASTER_PORT`` if set, else derived from the job and step ids, so that every
+    task of the step picks the same one without talking to the others.
+    """
+    from submitit.slurm.slurm import _parse_node_list
+
+    env = os.environ
+    ntasks, nnodes = int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_STEP_NUM_NODES", "1") or 1)
+    nodes = _parse_node_list(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    job = f"{env.get('SLURM_JOB_ID', '0')}.{env.get('SLURM_STEP_ID', '0')}"
+    port = env.get("MASTER_PORT") or str(20000 + zlib.crc32(job.encode()) % 40000)
+    env.update(MASTER_ADDR=nodes[0] if nodes else "127.0.0.1", MASTER_PORT=port, RANK=env["SLURM_PROCID"],
+               WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+               LOCAL_WORLD_SIZE=str(max(1, ntasks // nnodes)))
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout: timedelta | None = None) -> DistributedInfo:
+    """Join the process group described by the environment (``env://`` rendezvous).
+
+    A no-op for a single process and when a group already exists (so a submitted task may
+    initialise it before calling a ``main`` that initialises it again). ``backend`` defaults to
+    nccl when CUDA is available, gloo otherwise; on GPU the process binds ``cuda:LOCAL_RANK``.
+    """
+    info = DistributedInfo.from_environment()
+    if not info.is_distributed or dist.is_initialized():
+        return info
+    backend = backend or default_backend()
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise RuntimeError("backend 'nccl' needs CUDA; use backend='gloo' on CPU")
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank,
+                            world_size=info.world_size, **kwargs)
+    _logger.info("joined process group: rank %d/%d (local %d/%d) via %s:%d, backend %s", info.rank,
+                 info.world_size, info.local_rank, info.local_world_size, info.master_addr,
+                 info.master_port, backend)
+    return info
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group if one exists (safe to call always)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
