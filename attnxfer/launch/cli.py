@@ -20,6 +20,7 @@ examples:
   attnxfer train -c cfgs/demo/copy.yaml schedule.epochs=5
   attnxfer train -c cfgs/paper/vit_large_copy.yaml data.root=/data/imagenet
   attnxfer eval  -c runs/my-run/config.yaml
+  attnxfer submit -c paper/vit_large_distill data.root=/data/imagenet --nodes 8 --gpus-per-node 8
 """
 
 _COMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -93,6 +94,24 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+@register_command("submit")
+def _submit_parser(sub):
+    from .slurm import add_slurm_arguments
+    p = sub.add_parser("submit", help="run `train` as a (multi-node) SLURM job through submitit",
+                       description="Submit the same training as `attnxfer train` to SLURM. The job checkpoints "
+                                   "periodically, requeues itself on preemption/time limit and resumes.")
+    _add_config_args(p)
+    add_slurm_arguments(p)
+    p.set_defaults(func=_cmd_submit)
+
+
+def _cmd_submit(args) -> int:
+    from ..transfer.engine import train
+    from .slurm import submit_from_args
+    submit_from_args(train, _load(args), args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnxfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -123,7 +142,13 @@ def _user_errors() -> tuple:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

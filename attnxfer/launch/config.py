@@ -146,6 +146,9 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __str__(self) -> str:
+        return dump_config(self)
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> "TrainConfig":
         """A copy with dotted keys set (values already typed or YAML strings)."""
         return apply_overrides(self, overrides)

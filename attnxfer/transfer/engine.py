@@ -130,6 +130,16 @@ def evaluate(model: nn.Module, loader, accelerator, max_batches: Optional[int] =
     return {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n, "loss": totals[2].item() / n}
 
 
+def _weights_checksum(model: nn.Module) -> str:
+    """A bit-exact fingerprint of the weights (ranks compare them before every save)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class _Trainer:
     """State of one run; `train` below is the public entry point."""
 
@@ -195,13 +205,18 @@ class _Trainer:
     def save(self, metric: Optional[float] = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes."""
         rng = capture_rng_state()
+        checksum = _weights_checksum(self.dual.student)
         if self.world > 1:
             import torch.distributed as dist
             gathered: List[Any] = [None] * self.world
-            dist.all_gather_object(gathered, rng)
-            rng_all = gathered
+            dist.all_gather_object(gathered, (rng, checksum))
+            rng_all = [g[0] for g in gathered]
+            checksums = [g[1] for g in gathered]
+            if len(set(checksums)) != 1:
+                raise RuntimeError(f"ranks hold different student weights at step {self.step} "
+                                   f"(checksums {checksums}); the run is not data-parallel consistent")
         else:
-            rng_all = [rng]
+            rng_all, checksums = [rng], [checksum]
         if self.is_main:
             opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
             tensors = {"model": self.dual.student.state_dict(), "optimizer": opt_tensors}
@@ -209,7 +224,8 @@ class _Trainer:
                 tensors["ema"] = self.ema.state_dict()
             state = {"step": self.step, "epoch": self.epoch, "position": self.position,
                      "best_top1": self.best_top1, "rng": rng_all, "optimizer_meta": opt_meta,
-                     "world_size": self.world, "teacher": self.parts.teacher_record,
+                     "world_size": self.world, "rank_checksums": checksums,
+                     "teacher": self.parts.teacher_record,
                      "config": to_dict(self.cfg)}
             info = self.ckpt.save(self.step, tensors, state, metric=metric)
             self.last_ckpt = str(info)

@@ -1,0 +1,79 @@
+"""`attnxfer submit` with the real training engine on the loopback SLURM cluster (see conftest.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnxfer.launch.slurm import slurm_job_info
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["transfer.mode=none", "model.kwargs={depth: 2, embed_dim: 48}", "model.drop_path_rate=0.0",
+        "log.progress=false", "log.tensorboard=false", "log.every_steps=1", "checkpoint.every_epoch=false",
+        "deterministic=true"]
+
+
+def _attnxfer(*args, timeout=240):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "attnxfer", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=env)
+
+
+def _final(run_dir: Path):
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return ckpt.name, load_file(str(ckpt / "model.safetensors")), json.loads((ckpt / "state.json").read_text())
+
+
+@pytest.mark.parametrize("nodes,tasks", [(1, 2), (2, 1)])
+def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, nodes, tasks):
+    common = [*TINY, "schedule.max_steps=4", "checkpoint.every_steps=2"]
+    job = _attnxfer("submit", f"run_dir={tmp_path / 'job'}", *common, "data.batch_size=16", "--nodes", str(nodes),
+                    "--tasks-per-node", str(tasks), "--cpus-per-task", "1", "--time", "5", "--wait")
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    assert "scancel" in job.stdout and "tail -f" in job.stdout  # how to follow and cancel
+    one = _attnxfer("train", f"run_dir={tmp_path / 'one'}", *common, "data.batch_size=32")
+    assert one.returncode == 0, one.stderr[-2000:]
+    name_j, w_job, state = _final(tmp_path / "job")
+    name_1, w_one, _ = _final(tmp_path / "one")
+    assert name_j == name_1 == "step-00000004"
+    assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1  # both ranks identical
+    for k in w_one:
+        torch.testing.assert_close(w_job[k], w_one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
+    run = tmp_path / "job"
+    steps = 40
+    sub = _attnxfer("submit", f"run_dir={run}", *TINY, f"schedule.max_steps={steps}", "checkpoint.every_steps=5",
+                    "checkpoint.keep_last=20", "data.batch_size=16", "--tasks-per-node", "1", "--time", "5")
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "step-00000010").exists():
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    deadline = time.monotonic() + 200
+    while True:
+        info = slurm_job_info(job_id)
+        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
+        time.sleep(0.5)
+    assert info["JobState"] == "COMPLETED", info
+    assert int(info.get("Restarts", 0)) >= 1
+    name, _, state = _final(run)
+    assert name == f"step-{steps:08d}" and state["step"] == steps
+    saved = {p.name for p in (run / "checkpoints").glob("step-*")}
+    assert {"step-00000005", "step-00000010"} <= saved  # nothing written before the requeue was lost
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.out"))
+    assert "resumed from checkpoint step" in logs
