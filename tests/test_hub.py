@@ -22,7 +22,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, resample_abs_pos_embed
 from timm.models import save_for_hf
@@ -394,3 +394,10 @@ def test_student_spec_round_trips_through_json():
     rebuilt = student_from_spec(spec)
     assert vit_traits(rebuilt) == vit_traits(student)
     assert all(isinstance(b.attn, TransferAttention) for b in rebuilt.blocks)
+
+
+def test_random_init_teacher_needs_no_weights():
+    teacher, rec = load_teacher("vit_base_patch16_224.mae", pretrained=False, **TINY)
+    assert rec.source == "random-init" and rec.sha256 is None and rec.files == []
+    assert rec.license == "cc-by-nc-4.0" and rec.mean == tuple(IMAGENET_DEFAULT_MEAN)  # the tag's cfg still applies
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -26,6 +26,7 @@ import logging
 import os
 import pickle
 import re
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -316,7 +317,10 @@ def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
             answer.append(True)
         except urllib.error.HTTPError:
             answer.append(True)  # it answered
-        except Exception:  # noqa: BLE001 - DNS failure, refused, timeout, TLS: all "not reachable"
+        except urllib.error.URLError as e:
+            # A TLS complaint means something answered: let huggingface_hub (its own CA settings) decide.
+            answer.append(isinstance(e.reason, ssl.SSLError))
+        except Exception:  # noqa: BLE001 - DNS failure, refused, timeout: "not reachable"
             answer.append(False)
 
     t = threading.Thread(target=probe, name="attnxfer-hub-probe", daemon=True)
@@ -467,7 +471,6 @@ def _resolve_timm(spec: TeacherSpec, *, arch: Optional[str], cache_dir: Optional
     cfg = _registry_cfg(spec.name)
     res = _Resolved("timm-pretrained", arch_name, cfg, license=cfg.get("license"))
     if not pretrained:
-        res.source = "random-init"
         return res
     # The Hub copy is a native state dict even where the original URL is a foreign format (custom_load).
     repo = cfg.get("hf_hub_id")
@@ -625,67 +628,99 @@ def load_teacher(
             other value that differs from the checkpoint's is an error (it would be a random head).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``global_pool='avg'``).
     """
-    from ..models.attention import make_transfer_aware
-    from ..models.vit import create_vit
-
     if "attn_layer" in timm_kwargs:
         raise ValueError("load_teacher builds teachers with attnxfer's TransferAttention; don't pass attn_layer")
     parsed = parse_teacher_spec(spec, revision)
-    if parsed.source != "hf-hub" and parsed.source != "timm" and revision:
+    if parsed.source not in ("hf-hub", "timm") and revision:
         raise ValueError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
     res = _RESOLVERS[parsed.source](parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
-    # An exported softmax model may name timm's standard attention; the teacher gets TransferAttention instead.
-    if res.model_args.get("attn_layer", None) in ("", "attn"):
+    if not pretrained:
+        res.weights, res.source = None, "random-init"
+    _check_saved_attention(spec, res)
+
+    state_dict, checkpoint_key, dropped = _read_weights(spec, res) if res.weights else ({}, None, [])
+    num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
+    source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
+    model = _build(spec, res, state_dict, num_classes, img_size, timm_kwargs)
+    del state_dict
+
+    record = _record(spec, res, model, checkpoint_key, dropped + dropped_head, source_pos)
+    _logger.info("teacher %s: %s from %s%s, %d classes, input %s, mean %s std %s", spec, res.architecture, res.source,
+                 f" ({res.hf_repo}@{res.hf_commit})" if res.hf_repo else "", record.num_classes, record.input_size,
+                 record.mean, record.std)
+    return model, record
+
+
+def _check_saved_attention(spec: str, res: _Resolved) -> None:
+    """A saved config may name an attention: timm's softmax one is replaced by TransferAttention,
+    an attnxfer efficient one cannot be a teacher."""
+    saved = res.model_args.get("attn_layer", None)
+    if isinstance(saved, str) and saved.startswith("attnxfer:"):
+        raise TeacherLoadError(f"teacher {spec!r} is an efficient-attention student ({saved[9:]}); teachers "
+                               "need softmax attention (their q/k define the maps that are transferred)")
+    if saved in ("", "attn"):
         res.model_args = {k: v for k, v in res.model_args.items() if k != "attn_layer"}
 
-    state_dict: Dict[str, torch.Tensor] = {}
-    checkpoint_key = None
-    dropped: List[str] = []
-    if res.weights:
-        state_dict, checkpoint_key = read_state_dict(res.weights)
-        state_dict, dropped, rules = _apply_drop_rules(state_dict)
-        if dropped:
-            _logger.warning("teacher %s: dropped %d checkpoint entries the encoder does not use (%s): %s",
-                            spec, len(dropped), ", ".join(r.name for r in rules), _summarise_keys(dropped))
-        tagged = [r.tag for r in rules if r.tag]
-        if not res.tag_known and tagged:
-            import timm
-            guess = f"{res.architecture}.{tagged[0]}"
-            if guess in timm.list_pretrained(guess):
-                _logger.info("teacher %s: %s checkpoint, preprocessing and licence from timm's %s", spec,
-                             rules[0].name, guess)
-                res.pretrained_cfg = _registry_cfg(guess)
-                res.license, res.tag_known = res.pretrained_cfg.get("license"), True
-        if not res.tag_known:
-            _logger.warning("teacher %s: mean/std are timm's defaults for %s (tag %r); name the tag the weights were "
-                            "trained with in arch= (e.g. %s.mae) if that is wrong", spec, res.architecture,
-                            res.pretrained_cfg.get("tag"), res.architecture)
 
+def _read_weights(spec: str, res: _Resolved) -> Tuple[Dict[str, torch.Tensor], Optional[str], List[str]]:
+    """The checkpoint's tensors minus entries an encoder doesn't use: (state dict, container key, dropped keys)."""
+    state_dict, checkpoint_key = read_state_dict(res.weights)
+    state_dict, dropped, rules = _apply_drop_rules(state_dict)
+    if dropped:
+        _logger.warning("teacher %s: dropped %d checkpoint entries the encoder does not use (%s): %s",
+                        spec, len(dropped), ", ".join(r.name for r in rules), _summarise_keys(dropped))
+    tagged = [r.tag for r in rules if r.tag]
+    if not res.tag_known and tagged:
+        import timm
+        guess = f"{res.architecture}.{tagged[0]}"
+        if guess in timm.list_pretrained(guess):
+            _logger.info("teacher %s: %s checkpoint: preprocessing and licence of timm's %s", spec, rules[0].name,
+                         guess)
+            res.pretrained_cfg = _registry_cfg(guess)
+            res.license, res.tag_known = res.pretrained_cfg.get("license"), True
+    if not res.tag_known:
+        _logger.warning("teacher %s: mean/std are timm's defaults for %s (tag %r); name the tag the weights were "
+                        "trained with in arch= (e.g. %s.mae) if that is wrong", spec, res.architecture,
+                        res.pretrained_cfg.get("tag"), res.architecture)
+    return state_dict, checkpoint_key, dropped
+
+
+def _choose_head(spec: str, res: _Resolved, state_dict: Dict[str, torch.Tensor],
+                 num_classes: Optional[int]) -> Tuple[int, List[str]]:
+    """The teacher's class count: the checkpoint's, or 0 (head dropped, reported). Never a random head."""
     ckpt_classes = _checkpoint_classes(res, state_dict) if res.weights else res.pretrained_cfg.get("num_classes", 0)
     if num_classes is None or num_classes == ckpt_classes:
-        num_classes = ckpt_classes
-    elif num_classes == 0:
-        heads = [k for k in state_dict if k.split(".")[0] in {c.split(".")[0] for c in _classifier_names(res.pretrained_cfg)}]
-        for k in heads:
+        return ckpt_classes, []
+    if num_classes == 0:
+        heads = {c.split(".")[0] for c in _classifier_names(res.pretrained_cfg)}
+        dropped = sorted(k for k in state_dict if k.split(".")[0] in heads)
+        for k in dropped:
             state_dict.pop(k)
-        dropped += sorted(heads)
-    elif res.weights:
+        return 0, dropped
+    if res.weights:
         raise TeacherLoadError(f"teacher {spec!r} has a {ckpt_classes}-class head; num_classes={num_classes} would "
                                f"give it a random one. Pass num_classes={ckpt_classes} (keep it) or 0 (drop it).")
+    return num_classes, []
+
+
+def _build(spec: str, res: _Resolved, state_dict: Dict[str, torch.Tensor], num_classes: int,
+           img_size: Optional[int | Tuple[int, int]], timm_kwargs: Dict[str, Any]) -> nn.Module:
+    """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter
+    (position-embedding resampling, layout conversion) with a strict load; frozen, eval, TransferAttention."""
+    from ..models.attention import make_transfer_aware
+    from ..models.vit import create_vit
 
     cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in _SOURCE_KEYS}
-    cfg["num_classes"] = num_classes
+    cfg["num_classes"] = num_classes  # equal to the model's: timm keeps the load strict
     if res.weights:
-        cfg["state_dict"] = state_dict  # timm's loader: checkpoint filter (pos-embed resampling), strict load
-    kwargs = {**res.model_args, **timm_kwargs}
+        cfg["state_dict"] = state_dict
+    kwargs = {**res.model_args, **timm_kwargs, "num_classes": num_classes}
     if img_size is not None:
         kwargs["img_size"] = img_size
     if res.model_args:
-        kwargs["pretrained_model_args"] = dict(res.model_args)
-    source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
+        kwargs["pretrained_model_args"] = dict(res.model_args)  # the source grid, for resampling
     try:
-        model = create_vit(res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg,
-                           **{**kwargs, "num_classes": num_classes})
+        model = create_vit(res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg, **kwargs)
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
@@ -696,20 +731,14 @@ def load_teacher(
                                    "standard attention; attnxfer teachers are ViT/DeiT/MAE-style models") from e
         raise
     finally:
-        state_dict = {}
         cfg.pop("state_dict", None)
-    # timm keeps the pretrained cfg it loaded from; don't let it pin the checkpoint tensors in memory.
+    # timm keeps the pretrained cfg it loaded from: don't let it pin the checkpoint's tensors in memory.
     for attr in ("pretrained_cfg", "default_cfg"):
         getattr(model, attr, {}).pop("state_dict", None)
-
     make_transfer_aware(model)
     model.eval()
     model.requires_grad_(False)
-    record = _record(spec, res, model, checkpoint_key, dropped, source_pos)
-    _logger.info("teacher %s: %s from %s%s, %d classes, input %s, mean %s std %s", spec, res.architecture, res.source,
-                 f" ({res.hf_repo}@{res.hf_commit})" if res.hf_repo else "", record.num_classes, record.input_size,
-                 record.mean, record.std)
-    return model, record
+    return model
 
 
 def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:

@@ -1,0 +1,464 @@
+"""Students back to the Hub: timm's format, a model card, the teacher's licence.
+
+`export_student` writes what ``timm.models.save_for_hf`` writes (config.json with the
+architecture and its construction arguments, model.safetensors) plus a README model card.
+A softmax student is first rebuilt as a *plain* timm model (timm's own `Attention`, no
+attnxfer class anywhere) and checked to give bit-identical logits, so what is exported is
+exactly what ``timm.create_model("local-dir:OUT", pretrained=True)`` will rebuild.
+
+`export_run` does the same from a run directory (config.yaml, run.json, metrics.jsonl,
+checkpoints/step-*/{model,ema}.safetensors).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..models.student import SOFTMAX, student_from_spec, student_spec
+from .teacher import TeacherRecord, hub_reachable
+
+__all__ = ["ModelCardInfo", "export_student", "export_run", "push_export", "select_checkpoint", "render_model_card",
+           "card_license", "EXPORT_FILES"]
+
+_logger = logging.getLogger(__name__)
+
+# What an export folder holds (and what overwrite=True replaces).
+EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "pytorch_model.bin")
+
+
+@dataclass
+class ModelCardInfo:
+    """What the model card says beyond the model itself.
+
+    ``teacher`` is the run's `TeacherRecord` (or its dict); ``plan`` the printed transfer plan;
+    ``recipe`` the resolved config YAML; ``license`` defaults to the teacher's, and a
+    non-commercial teacher licence cannot be replaced (the student inherits it).
+    """
+
+    model_name: str
+    teacher: Optional[Dict[str, Any]] = None
+    transfer_mode: Optional[str] = None
+    plan: Optional[str] = None
+    recipe: Optional[str] = None
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    training_data: Optional[str] = None
+    description: Optional[str] = None
+    license: Optional[str] = None
+    checkpoint: Optional[str] = None
+    repo_id: Optional[str] = None
+    tags: Tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.teacher, TeacherRecord):
+            self.teacher = self.teacher.to_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Licence
+
+
+def _non_commercial(license_id: str) -> bool:
+    return bool(re.search(r"(^|[-_ ])nc([-_ ]|$)", license_id.lower()))
+
+
+def _teacher_name(teacher: Optional[Dict[str, Any]]) -> str:
+    if not teacher:
+        return "(no teacher recorded)"
+    if teacher.get("hf_repo"):
+        commit = teacher.get("hf_commit")
+        return f"{teacher['hf_repo']}" + (f"@{commit}" if commit else "")
+    return str(teacher.get("spec") or teacher.get("architecture"))
+
+
+def card_license(card: ModelCardInfo) -> Tuple[str, str]:
+    """(licence id for the card's metadata, the sentence that explains it).
+
+    A student trained from a teacher's weights is a derivative of them: it inherits the
+    teacher's licence by default, and a non-commercial one (MAE's CC-BY-NC-4.0) cannot be dropped.
+    """
+    teacher = card.teacher or {}
+    tl = teacher.get("license")
+    name = _teacher_name(teacher)
+    if tl and _non_commercial(tl):
+        if card.license and card.license.lower() != tl.lower():
+            raise ValueError(f"the teacher {name} is licensed {tl} (non-commercial); a student trained from it "
+                             f"inherits that licence and cannot be released as {card.license!r}. Drop license= "
+                             "or train from a teacher whose licence allows it")
+        return tl.lower(), (f"The teacher's weights ({name}) are licensed **{tl.upper()}**. This student was trained "
+                            f"from them by attention transfer and **inherits that licence: {tl.upper()}** "
+                            "(non-commercial use only).")
+    if card.license:
+        note = f" The teacher ({name}) is licensed {tl}." if tl else \
+            f" The teacher's licence ({name}) was not recorded: check its terms."
+        return card.license.lower(), f"Released under {card.license}.{note}"
+    if tl:
+        return tl.lower(), f"The teacher's weights ({name}) are licensed {tl}; this student inherits that licence ({tl})."
+    return "other", (f"The teacher's licence ({name}) is unknown: check the teacher's terms before using or "
+                     "redistributing this model, which was trained from it.")
+
+
+# --------------------------------------------------------------------------------------------
+# Model card
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _yaml_front_matter(meta: Dict[str, Any]) -> str:
+    import yaml
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, default_flow_style=False) + "---\n"
+
+
+def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_plain_timm: bool,
+                      load_ref: str, native_arch: bool = True) -> str:
+    """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load."""
+    license_id, license_text = card_license(card)
+    teacher = card.teacher or {}
+    tags = ["image-classification", "timm", "attnxfer", "attention-transfer", *card.tags]
+    if card.transfer_mode and "distill" in card.transfer_mode:
+        tags.append("knowledge-distillation")
+    meta: Dict[str, Any] = {"license": license_id, "library_name": "timm", "pipeline_tag": "image-classification",
+                            "tags": list(dict.fromkeys(tags))}
+    if teacher.get("hf_repo"):
+        meta["base_model"] = teacher["hf_repo"]
+    kind = spec.get("attention", SOFTMAX)
+    data_cfg = spec.get("pretrained_cfg", {})
+    out: List[str] = [_yaml_front_matter(meta), f"# {card.model_name}\n\n"]
+    out.append(card.description or (
+        f"A {spec['architecture']} student trained by attention transfer "
+        f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(teacher)}, with attnxfer."))
+    out.append("\n## License\n\n" + license_text + "\n")
+
+    out.append("\n## Teacher\n\n| field | value |\n|---|---|\n")
+    rows = [("id", teacher.get("spec")), ("architecture", teacher.get("architecture")),
+            ("source", teacher.get("source")), ("Hub repo", teacher.get("hf_repo")),
+            ("revision", teacher.get("hf_revision")), ("commit", teacher.get("hf_commit")),
+            ("weights sha256", teacher.get("sha256")), ("license", teacher.get("license") or "unknown"),
+            ("mean / std", f"{teacher.get('mean')} / {teacher.get('std')}" if teacher.get("mean") else None),
+            ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
+            ("resampled position embeddings", teacher.get("resampled_pos_embed") or None)]
+    out.append("".join(f"| {k} | `{_fmt(v)}` |\n" for k, v in rows if v not in (None, "", [])))
+
+    out.append(f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n")
+    if card.plan:
+        out.append(f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n")
+
+    out.append(f"\n## Student\n\n- architecture: `{spec['architecture']}`\n- attention: `{kind}`\n"
+               f"- classes: {spec.get('num_classes')}\n")
+    if card.checkpoint:
+        out.append(f"- weights: {card.checkpoint}\n")
+    out.append(f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n")
+
+    out.append("\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n")
+
+    out.append("\n## Metrics\n\n")
+    if card.metrics:
+        out.append("| metric | value |\n|---|---|\n" + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items()))
+    else:
+        out.append("No metrics recorded.\n")
+
+    if card.recipe:
+        out.append(f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n")
+
+    out.append("\n## How to load\n\n")
+    if loads_in_plain_timm:
+        pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
+        out.append(
+            ("" if native_arch else f"`{spec['architecture']}` is registered by attnxfer: import it before timm "
+                                    "builds the model.\n\n")
+            + "```python\nimport timm\n" + pre
+            + f"model = timm.create_model(\"{load_ref}\", pretrained=True).eval()\n"
+            "cfg = timm.data.resolve_model_data_config(model)\n"
+            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
+            f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
+            "(the teacher's).\n")
+    else:
+        out.append(
+            f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
+            f"cannot build it (config.json names `attn_layer: \"attnxfer:{kind}\"`, so timm stops with an error "
+            "instead of loading these weights into softmax attention). Load it with attnxfer, which rebuilds "
+            "the student from `config.json[\"attnxfer\"][\"student\"]` with its attention class.\n")
+    return "".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+
+
+def _is_timm_native(arch: str) -> bool:
+    from timm.models import model_entrypoint
+    return model_entrypoint(arch).__module__.startswith("timm.")
+
+
+def _plain_timm_twin(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
+    """The student rebuilt with timm's own classes only, holding the student's weights."""
+    import timm
+    cfg = dict(spec.get("pretrained_cfg", {}), architecture=spec["architecture"], num_classes=spec["num_classes"])
+    for k in ("input_size", "mean", "std"):
+        if k in cfg:
+            cfg[k] = tuple(cfg[k])
+    twin = timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, **spec["model_args"])
+    result = twin.load_state_dict(student.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"the student's weights do not fit its plain-timm rebuild {spec['architecture']}: "
+                           f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+    return twin.eval()
+
+
+@torch.no_grad()
+def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
+    """Both models, one seeded input, bit-identical outputs (else the export would not be the student)."""
+    from timm.models import get_model_input_config
+    was_training = student.training
+    student.eval()
+    try:
+        size = get_model_input_config(student)["input_size"]
+        x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        device = next(student.parameters()).device
+        twin.to(device)  # same device, same kernels
+        a, b = student(x.to(device)).cpu(), twin(x.to(device)).cpu()
+    finally:
+        student.train(was_training)
+        twin.cpu()
+    if not torch.equal(a, b):
+        raise RuntimeError(f"export check failed: plain timm gives different logits (max |diff| "
+                           f"{(a - b).abs().max().item():.3g}); the student has state outside timm's parameters")
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
+                              "choose a new folder or pass overwrite=True (CLI: --overwrite)")
+
+
+def _install(staging: Path, out_dir: Path) -> None:
+    """Move a finished export into ``out_dir``, replacing a previous export's files (nothing else)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in EXPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+    for f in staging.iterdir():
+        os.replace(f, out_dir / f.name)
+
+
+def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: ModelCardInfo,
+                   push_to_hub: Optional[str] = None, overwrite: bool = False, verify: bool = True) -> Path:
+    """Write ``student`` in timm's Hub format (config.json, model.safetensors) plus a README model card.
+
+    Softmax students are saved from a plain-timm twin (``verify`` checks its logits are bit-identical),
+    so ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` rebuilds them without attnxfer.
+    Efficient-attention students cannot be built by timm: config.json says so (``attnxfer`` block, and an
+    ``attn_layer`` timm refuses) and so does the card. ``out_dir`` must be new or empty unless ``overwrite``.
+    ``push_to_hub="ORG/NAME"`` uploads the folder afterwards (`push_export`).
+    """
+    from timm.models import save_for_hf
+
+    out_dir = Path(out_dir)
+    if card.repo_id is None and push_to_hub:
+        card.repo_id = push_to_hub
+    license_id, _ = card_license(card)  # a licence conflict fails before anything is written
+    spec = student_spec(student)
+    kind = spec["attention"]
+    native = _is_timm_native(spec["architecture"])
+    plain = kind == SOFTMAX
+    teacher = card.teacher or {}
+    meta = {
+        "pretrained_cfg": {"license": license_id},  # the card's licence, in timm's config too
+        "attnxfer": {
+            "version": _version(),
+            "attention": kind,
+            "loads_in_plain_timm": plain and native,
+            "architecture_registered_by": "timm" if native else "attnxfer",
+            "transfer_mode": card.transfer_mode,
+            "teacher": {k: teacher.get(k) for k in ("spec", "architecture", "hf_repo", "hf_commit", "sha256", "license")},
+            "student": dict(spec, pretrained_cfg=dict(spec["pretrained_cfg"], license=license_id)),
+        }
+    }
+    _check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # same filesystem: atomic moves
+    try:
+        if plain:
+            twin = _plain_timm_twin(student, spec)
+            if verify:
+                _check_same_logits(student, twin)
+            save_for_hf(twin, tmp, model_config=meta, model_args=spec["model_args"], safe_serialization=True)
+        else:
+            save_for_hf(student, tmp, model_config=meta, safe_serialization=True,
+                        model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"})
+        load_ref = f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}"
+        readme = render_model_card(card, spec, loads_in_plain_timm=plain, load_ref=load_ref, native_arch=native)
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+        _install(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _logger.info("exported %s student (%s attention) to %s", spec["architecture"], kind, out_dir)
+    if push_to_hub:
+        push_export(out_dir, push_to_hub)
+    return out_dir
+
+
+def _version() -> str:
+    try:
+        from .. import __version__
+        return __version__
+    except ImportError:  # pragma: no cover - partial installs
+        return "unknown"
+
+
+def push_export(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+                commit_message: str = "Add attnxfer student") -> str:
+    """Upload an export folder to the Hub repo ``repo_id`` (created if needed); returns the commit URL.
+
+    Offline (HF_HUB_OFFLINE=1 or no route to the Hub) it stops at once, saying how to push later.
+    """
+    from huggingface_hub import HfApi, constants
+
+    out_dir = Path(out_dir)
+    later = (f"The export in {out_dir} is complete; push it from a machine with internet: "
+             f"`hf upload {repo_id} {out_dir} .` (older huggingface_hub: `huggingface-cli upload {repo_id} {out_dir} .`)")
+    if constants.is_offline_mode():
+        raise RuntimeError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set. {later}")
+    if not hub_reachable():
+        raise RuntimeError(f"cannot push to {repo_id}: {constants.ENDPOINT} cannot be reached. {later}")
+    api = HfApi(token=token, library_name="attnxfer")
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), commit_message=commit_message)
+    _logger.info("pushed %s to %s", out_dir, repo_id)
+    return str(getattr(info, "commit_url", info))
+
+
+# --------------------------------------------------------------------------------------------
+# From a run directory
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _step_of(ckpt: Path) -> int:
+    m = re.fullmatch(r"step-(\d+)", ckpt.name)
+    return int(m.group(1)) if m else -1
+
+
+def select_checkpoint(run_dir: str | os.PathLike, which: str = "best", metric: Optional[str] = None) -> Tuple[Path, str]:
+    """(checkpoint folder, why it was chosen) among ``run_dir/checkpoints/step-*`` with a MANIFEST.json.
+
+    ``latest``: the highest step. ``best``: the best ``metric`` in each state.json's ``metrics`` (default:
+    state.json's ``best_metric``, else ``val/top1``; lower is better for names containing "loss"), falling
+    back to the latest when no checkpoint recorded it. Kept minimal on purpose: the checkpoint manager's
+    own ``latest()``/``best()`` replace it.
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"checkpoint={which!r}: choose 'best' or 'latest'")
+    root = Path(run_dir) / "checkpoints"
+    ckpts = sorted((p for p in root.glob("step-*") if (p / "MANIFEST.json").is_file()), key=_step_of)
+    if not ckpts:
+        raise FileNotFoundError(f"no complete checkpoint (step-*/MANIFEST.json) under {root}")
+    latest = ckpts[-1]
+    if which == "latest":
+        return latest, f"{latest.name} (latest)"
+    scored = []
+    for c in ckpts:
+        state = _read_json(c / "state.json") if (c / "state.json").is_file() else {}
+        name = metric or state.get("best_metric") or "val/top1"
+        value = (state.get("metrics") or {}).get(name)
+        if isinstance(value, (int, float)):
+            lower = state.get("best_mode") == "min" or (state.get("best_mode") is None and "loss" in name)
+            scored.append((-value if lower else value, _step_of(c), c, name))
+    if not scored:
+        _logger.warning("no checkpoint in %s records %s: exporting the latest", root, metric or "val/top1")
+        return latest, f"{latest.name} (latest: no checkpoint records {metric or 'val/top1'})"
+    _, _, best, name = max(scored, key=lambda s: (s[0], s[1]))
+    return best, f"{best.name} (best {name})"
+
+
+def _card_metrics(run_dir: Path, ckpt: Path) -> Dict[str, Any]:
+    state = _read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
+    step = state.get("step", _step_of(ckpt))
+    if state.get("metrics"):
+        return {"step": step, **state["metrics"]}
+    rows = []
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    at_step = [r for r in rows if r.get("step") == step]
+    return dict((at_step or rows or [{}])[-1])
+
+
+def _training_data(recipe: Optional[str]) -> Optional[str]:
+    if not recipe:
+        return None
+    import yaml
+    cfg = yaml.safe_load(recipe) or {}
+    data = cfg.get("data") if isinstance(cfg, dict) else None
+    if not data:
+        return None
+    return "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, weights: str = "ema",
+               checkpoint: str = "best", push_to_hub: Optional[str] = None, overwrite: bool = False,
+               metric: Optional[str] = None, attn_layer: Optional[type] = None) -> Path:
+    """Export a run's student (``weights``: ``ema`` or ``raw``; ``checkpoint``: ``best`` or ``latest``).
+
+    Reads run_dir/run.json (teacher record, student spec, plan text, mode), config.yaml (the recipe),
+    metrics.jsonl and the chosen checkpoint's safetensors. Copy-mode students are refused: they
+    compute attention from the teacher's q/k at inference and do not stand alone.
+    """
+    from safetensors.torch import load_file
+
+    from ..transfer.plan import MODES
+
+    run_dir = Path(run_dir)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"weights={weights!r}: choose 'ema' or 'raw'")
+    run = _read_json(run_dir / "run.json")
+    if "student" not in run:
+        raise ValueError(f"{run_dir / 'run.json'} has no 'student' spec (attnxfer.models.student_spec output)")
+    mode = run.get("mode")
+    if mode in MODES and MODES[mode].teacher_at_eval:
+        raise ValueError(f"run {run_dir} trained in mode {mode!r}: its student attends with the teacher's "
+                         f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
+                         "projections. Export a distillation run, or fine-tune this student without the teacher first")
+    ckpt, why = select_checkpoint(run_dir, checkpoint, metric)
+    fname = "ema.safetensors" if weights == "ema" else "model.safetensors"
+    wfile = ckpt / fname
+    if not wfile.is_file():
+        other = "raw" if weights == "ema" else "ema"
+        raise FileNotFoundError(f"{wfile} does not exist (the run kept no {weights} weights); try weights={other!r}")
+    student = student_from_spec(run["student"], attn_layer=attn_layer)
+    state = load_file(str(wfile), device="cpu")
+    result = student.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"{wfile} does not fit the run's student: missing {result.missing_keys}, "
+                           f"unexpected {result.unexpected_keys}")
+    recipe = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
+    out_dir = Path(out_dir)
+    card = ModelCardInfo(
+        model_name=(push_to_hub or out_dir.name).split("/")[-1],
+        teacher=run.get("teacher"),
+        transfer_mode=mode,
+        plan=run.get("plan"),
+        recipe=recipe,
+        metrics=_card_metrics(run_dir, ckpt),
+        training_data=_training_data(recipe),
+        checkpoint=f"{why}, {weights} weights",
+        repo_id=push_to_hub,
+    )
+    return export_student(student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite)

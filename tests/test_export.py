@@ -1,0 +1,266 @@
+"""Export of students in timm's Hub format, model cards, and export from a run directory (CPU, no network)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from timm.layers import Attention
+
+from attnxfer.checkpoints.export import ModelCardInfo, export_run, export_student, select_checkpoint
+from attnxfer.checkpoints.teacher import TeacherRecord
+from attnxfer.models.attention import TransferAttention
+from attnxfer.models.student import student_like, student_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+MAE_TEACHER = TeacherRecord(
+    spec="vit_large_patch16_224.mae", architecture="vit_large_patch16_224.mae", source="timm-pretrained",
+    hf_repo="timm/vit_large_patch16_224.mae", hf_commit="0123456789abcdef0123456789abcdef01234567",
+    sha256="ab" * 32, license="cc-by-nc-4.0", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    input_size=(3, 32, 32), num_classes=0)
+PLAN = "TransferPlan(mode=distill)\n  student 0 <- teacher 0 (maps, CE, weight 1.0)\n  student 1 <- teacher 1"
+RECIPE = "model:\n  student_depth: 2\ndata:\n  name: animal-mnist\n  img_size: 32\ntransfer:\n  mode: distill\n"
+
+
+def teacher_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, reg_tokens=2, qk_norm=True,
+                          init_values=1e-5, **TINY)
+    t.pretrained_cfg.update(mean=MAE_TEACHER.mean, std=MAE_TEACHER.std, license="cc-by-nc-4.0")
+    return t
+
+
+def trained_student(seed: int = 1, steps: int = 3, **kwargs) -> nn.Module:
+    """A student that has moved away from its initialisation (and has a copy-style frozen q/k layer)."""
+    teacher = teacher_model()
+    torch.manual_seed(seed)
+    student = student_like(teacher, num_classes=10, **kwargs)
+    if isinstance(student.blocks[0].attn, TransferAttention):
+        student.blocks[0].attn.freeze_projections("qk")
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        loss = F.cross_entropy(student(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return student.eval()
+
+
+def card(**kwargs) -> ModelCardInfo:
+    base = dict(model_name="vit-tiny-attnxfer-demo", teacher=MAE_TEACHER, transfer_mode="distill", plan=PLAN,
+                recipe=RECIPE, metrics={"val/top1": 0.8125, "val/loss": 0.61}, training_data="animal-mnist, 10 classes")
+    return ModelCardInfo(**{**base, **kwargs})
+
+
+def test_export_loads_in_plain_timm_with_bit_identical_logits(tmp_path):
+    student = trained_student()
+    out = export_student(student, tmp_path / "out", card=card())
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert all(type(b.attn) is Attention for b in plain.blocks)  # timm's own attention
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(plain(x), student(x))
+    assert plain.reg_token.shape == (1, 2, 48) and plain.blocks[0].attn.q_norm.weight.shape == (16,)
+
+    saved = load_file(str(out / "model.safetensors"))
+    sd = student.state_dict()
+    assert sorted(saved) == sorted(sd) and all(torch.equal(saved[k], sd[k]) for k in sd)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["model_args"]["reg_tokens"] == 2
+    assert "attn_layer" not in config["model_args"]
+    assert "TransferAttention" not in json.dumps(config) and "attnxfer.models" not in json.dumps(config)
+    assert config["pretrained_cfg"]["mean"] == list(MAE_TEACHER.mean)
+    assert config["pretrained_cfg"]["license"] == "cc-by-nc-4.0"
+    assert config["attnxfer"]["loads_in_plain_timm"] is True
+
+
+def test_export_loads_in_a_process_without_attnxfer(tmp_path):
+    student = trained_student(seed=2)
+    out = export_student(student, tmp_path / "out", card=card())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        save_file({"x": x, "logits": student(x)}, str(tmp_path / "io.safetensors"))
+    code = textwrap.dedent(f"""
+        import json, sys, timm, torch
+        from safetensors.torch import load_file
+        io = load_file({str(tmp_path / 'io.safetensors')!r})
+        m = timm.create_model("local-dir:{out}", pretrained=True).eval()
+        with torch.no_grad():
+            same = torch.equal(m(io["x"]), io["logits"])
+        print(json.dumps(dict(same=same, attnxfer=any(n.startswith("attnxfer") for n in sys.modules))))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"same": True, "attnxfer": False}
+
+
+def test_model_card_holds_teacher_licence_mode_plan_recipe_metrics(tmp_path):
+    out = export_student(trained_student(), tmp_path / "card", card=card())
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["license"] == "cc-by-nc-4.0" and front["library_name"] == "timm"
+    assert front["base_model"] == "timm/vit_large_patch16_224.mae"
+    body = text.split("---", 2)[2]
+    assert "inherits that licence: CC-BY-NC-4.0" in body and "non-commercial" in body
+    assert "timm/vit_large_patch16_224.mae" in body and MAE_TEACHER.hf_commit in body and MAE_TEACHER.sha256 in body
+    assert "Mode: **distill**" in body and PLAN in body
+    assert RECIPE.strip() in body
+    assert "| val/top1 | 0.8125 |" in body and "| val/loss | 0.61 |" in body
+    assert "animal-mnist, 10 classes" in body
+    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in body
+
+
+def test_non_commercial_teacher_licence_cannot_be_replaced(tmp_path):
+    with pytest.raises(ValueError, match="inherits"):
+        export_student(trained_student(), tmp_path / "out", card=card(license="apache-2.0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    student = trained_student()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_student(student, out, card=card())
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    export_student(student, out, card=card(), overwrite=True)
+    assert {"config.json", "model.safetensors", "README.md", "notes.txt"} == {p.name for p in out.iterdir()}
+
+
+class ReluLinearAttention(nn.Module):
+    """A non-softmax attention (ReLU feature-map linear attention), standing in for the efficient zoo."""
+
+    attention_name = "relu_linear"
+
+    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, scale_norm=False, proj_bias=True,
+                 attn_drop=0., proj_drop=0., norm_layer=None, **kwargs):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = F.relu(q), F.relu(k)
+        out = (q @ (k.transpose(-2, -1) @ v)) / (q @ k.sum(-2, keepdim=True).transpose(-2, -1) + 1e-6)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+def test_efficient_student_export_says_it_needs_attnxfer(tmp_path):
+    student = trained_student(attn_layer=ReluLinearAttention)
+    out = export_student(student, tmp_path / "eff", card=card())
+    config = json.loads((out / "config.json").read_text())
+    assert config["attnxfer"]["attention"] == "relu_linear" and config["attnxfer"]["loads_in_plain_timm"] is False
+    assert config["model_args"]["attn_layer"] == "attnxfer:relu_linear"
+    assert "timm does not provide" in (out / "README.md").read_text()
+    with pytest.raises(Exception):  # plain timm refuses instead of loading the weights into softmax attention
+        timm.create_model(f"local-dir:{out}", pretrained=True)
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# From a run directory
+
+
+def fake_run(run_dir: Path, mode: str = "distill") -> dict:
+    """A run directory in the layout the training engine writes; returns the weights per checkpoint."""
+    base = trained_student(steps=0).state_dict()
+    spec = student_spec(trained_student(steps=0))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(RECIPE)
+    (run_dir / "run.json").write_text(json.dumps(
+        {"teacher": MAE_TEACHER.to_dict(), "student": spec, "plan": PLAN, "mode": mode}))
+    rows, weights = [], {}
+    for step, top1, complete in ((100, 0.7, True), (200, 0.6, True), (300, 0.9, False)):
+        ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
+        ckpt.mkdir(parents=True)
+        for kind, seed in (("model", step), ("ema", step + 1)):
+            g = torch.Generator().manual_seed(seed)  # distinct weights per checkpoint and kind
+            sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+            save_file(sd, str(ckpt / f"{kind}.safetensors"))
+            weights[(step, kind)] = sd
+        (ckpt / "state.json").write_text(json.dumps({"step": step, "metrics": {"val/top1": top1, "val/loss": 1 - top1}}))
+        if complete:  # the manager writes MANIFEST.json last: step 300 was interrupted
+            (ckpt / "MANIFEST.json").write_text(json.dumps({"files": ["model.safetensors", "ema.safetensors"]}))
+        rows.append({"step": step, "train/loss": 2.0 - step / 1000})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return weights
+
+
+def assert_exported(out: Path, expected: dict) -> None:
+    saved = load_file(str(out / "model.safetensors"))
+    assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_export_run_picks_checkpoint_and_weights(tmp_path):
+    run = tmp_path / "run"
+    weights = fake_run(run)
+    assert select_checkpoint(run, "best")[0].name == "step-00000100"  # best complete one
+    assert select_checkpoint(run, "latest")[0].name == "step-00000200"  # step 300 has no MANIFEST
+    assert select_checkpoint(run, "best", metric="val/loss")[0].name == "step-00000100"
+
+    out = export_run(run, tmp_path / "best-ema")
+    assert_exported(out, weights[(100, "ema")])
+    text = (out / "README.md").read_text()
+    assert "step-00000100 (best val/top1), ema weights" in text and "| val/top1 | 0.7 |" in text
+    assert "name: animal-mnist" in text and PLAN in text and "inherits that licence" in text
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert_exported(out, plain.state_dict())
+
+    out = export_run(run, tmp_path / "latest-raw", weights="raw", checkpoint="latest")
+    assert_exported(out, weights[(200, "model")])
+
+
+def test_export_run_refuses_copy_mode_students(tmp_path):
+    fake_run(tmp_path / "run", mode="copy")
+    with pytest.raises(ValueError, match="teacher"):
+        export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
+    student = trained_student()
+    torch.save({"state": student.state_dict()}, tmp_path / "student.pt")  # read back with weights_only=True
+    code = textwrap.dedent(f"""
+        import json, torch
+        from attnxfer.checkpoints.export import ModelCardInfo, export_student
+        from attnxfer.models.student import student_like
+        import tests.test_export as t
+        student = student_like(t.teacher_model(), num_classes=10)
+        student.load_state_dict(torch.load({str(tmp_path / 'student.pt')!r}, weights_only=True)["state"])
+        try:
+            export_student(student, {str(tmp_path / 'out')!r}, card=t.card(), push_to_hub="acme/student")
+            print(json.dumps(dict(raised=None)))
+        except RuntimeError as e:
+            print(json.dumps(dict(raised=type(e).__name__, message=str(e))))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raised"] == "RuntimeError"
+    assert "HF_HUB_OFFLINE=1" in result["message"] and "hf upload acme/student" in result["message"]
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert "hf-hub:acme/student" in (tmp_path / "out" / "README.md").read_text()
