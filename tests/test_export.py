@@ -17,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
+from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.checkpoints.export import ModelCardInfo, export_run, export_student, select_checkpoint
 from attnxfer.checkpoints.teacher import TeacherRecord
 from attnxfer.models.attention import TransferAttention
@@ -192,18 +193,18 @@ def fake_run(run_dir: Path, mode: str = "distill") -> dict:
     (run_dir / "run.json").write_text(json.dumps(
         {"teacher": MAE_TEACHER.to_dict(), "student": spec, "plan": PLAN, "mode": mode}))
     rows, weights = [], {}
-    for step, top1, complete in ((100, 0.7, True), (200, 0.6, True), (300, 0.9, False)):
-        ckpt = run_dir / "checkpoints" / f"step-{step:08d}"
-        ckpt.mkdir(parents=True)
+    manager = CheckpointManager(run_dir, keep_last=5)
+    for step, top1, complete in ((100, 70.0, True), (200, 60.0, True), (300, 90.0, False)):
+        groups = {}
         for kind, seed in (("model", step), ("ema", step + 1)):
             g = torch.Generator().manual_seed(seed)  # distinct weights per checkpoint and kind
-            sd = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
-            save_file(sd, str(ckpt / f"{kind}.safetensors"))
-            weights[(step, kind)] = sd
-        (ckpt / "state.json").write_text(json.dumps({"step": step, "metrics": {"val/top1": top1, "val/loss": 1 - top1}}))
-        if complete:  # the manager writes MANIFEST.json last: step 300 was interrupted
-            (ckpt / "MANIFEST.json").write_text(json.dumps({"files": ["model.safetensors", "ema.safetensors"]}))
-        rows.append({"step": step, "train/loss": 2.0 - step / 1000})
+            groups[kind] = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+            weights[(step, kind)] = groups[kind]
+        ckpt = manager.save(step, groups, {"step": step}, metric=top1)
+        if not complete:  # a save that never finished: its manifest is missing, so it is not intact
+            (Path(ckpt) / "MANIFEST.json").unlink()
+        rows.append({"split": "train", "step": step, "loss": 2.0 - step / 1000})
+        rows.append({"split": "val", "step": step, "val_top1": top1})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return weights
 
@@ -216,14 +217,15 @@ def assert_exported(out: Path, expected: dict) -> None:
 def test_export_run_picks_checkpoint_and_weights(tmp_path):
     run = tmp_path / "run"
     weights = fake_run(run)
-    assert select_checkpoint(run, "best")[0].name == "step-00000100"  # best complete one
-    assert select_checkpoint(run, "latest")[0].name == "step-00000200"  # step 300 has no MANIFEST
-    assert select_checkpoint(run, "best", metric="val/loss")[0].name == "step-00000100"
+    with pytest.warns(UserWarning, match="step-00000300"):  # the broken newest one is reported and skipped
+        assert select_checkpoint(run, "best")[0].name == "step-00000100"  # best intact one
+    with pytest.warns(UserWarning, match="step-00000300"):
+        assert select_checkpoint(run, "latest")[0].name == "step-00000200"
 
     out = export_run(run, tmp_path / "best-ema")
     assert_exported(out, weights[(100, "ema")])
     text = (out / "README.md").read_text()
-    assert "step-00000100 (best val/top1), ema weights" in text and "| val/top1 | 0.7 |" in text
+    assert "step-00000100 (best val top-1 70.00), ema weights" in text and "| val_top1 | 70 |" in text
     assert "name: animal-mnist" in text and PLAN in text and "inherits that licence" in text
     plain = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert_exported(out, plain.state_dict())

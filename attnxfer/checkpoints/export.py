@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 from ..models.student import SOFTMAX, student_from_spec, student_spec
 from .teacher import TeacherRecord, hub_reachable
@@ -198,6 +199,9 @@ def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_pla
 # Export
 
 
+_TIMM_VIT_STAND_IN = "vit_base_patch16_224"  # any timm entrypoint that builds a VisionTransformer from model_args
+
+
 def _is_timm_native(arch: str) -> bool:
     from timm.models import model_entrypoint
     return model_entrypoint(arch).__module__.startswith("timm.")
@@ -274,6 +278,11 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
     spec = student_spec(student)
     kind = spec["attention"]
     native = _is_timm_native(spec["architecture"])
+    if not native and type(student) is VisionTransformer:
+        # An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer,
+        # and model_args pin every choice: name a timm entrypoint of that class so plain timm rebuilds it.
+        spec = dict(spec, architecture=_TIMM_VIT_STAND_IN, registered_as=spec["architecture"])
+        native = True
     plain = kind == SOFTMAX
     teacher = card.teacher or {}
     meta = {
@@ -356,36 +365,26 @@ def _step_of(ckpt: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def select_checkpoint(run_dir: str | os.PathLike, which: str = "best", metric: Optional[str] = None) -> Tuple[Path, str]:
-    """(checkpoint folder, why it was chosen) among ``run_dir/checkpoints/step-*`` with a MANIFEST.json.
+def select_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Tuple[Path, str]:
+    """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
 
-    ``latest``: the highest step. ``best``: the best ``metric`` in each state.json's ``metrics`` (default:
-    state.json's ``best_metric``, else ``val/top1``; lower is better for names containing "loss"), falling
-    back to the latest when no checkpoint recorded it. Kept minimal on purpose: the checkpoint manager's
-    own ``latest()``/``best()`` replace it.
+    ``best`` is the best validation metric the run recorded (val top-1); a run that recorded none
+    exports its latest checkpoint and says so.
     """
+    from .store import CheckpointManager
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint={which!r}: choose 'best' or 'latest'")
-    root = Path(run_dir) / "checkpoints"
-    ckpts = sorted((p for p in root.glob("step-*") if (p / "MANIFEST.json").is_file()), key=_step_of)
-    if not ckpts:
-        raise FileNotFoundError(f"no complete checkpoint (step-*/MANIFEST.json) under {root}")
-    latest = ckpts[-1]
-    if which == "latest":
-        return latest, f"{latest.name} (latest)"
-    scored = []
-    for c in ckpts:
-        state = _read_json(c / "state.json") if (c / "state.json").is_file() else {}
-        name = metric or state.get("best_metric") or "val/top1"
-        value = (state.get("metrics") or {}).get(name)
-        if isinstance(value, (int, float)):
-            lower = state.get("best_mode") == "min" or (state.get("best_mode") is None and "loss" in name)
-            scored.append((-value if lower else value, _step_of(c), c, name))
-    if not scored:
-        _logger.warning("no checkpoint in %s records %s: exporting the latest", root, metric or "val/top1")
-        return latest, f"{latest.name} (latest: no checkpoint records {metric or 'val/top1'})"
-    _, _, best, name = max(scored, key=lambda s: (s[0], s[1]))
-    return best, f"{best.name} (best {name})"
+    manager = CheckpointManager(run_dir)
+    latest = manager.latest()
+    if latest is None:
+        raise FileNotFoundError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
+    if which == "best":
+        best = manager.best()
+        if best is not None and best.metric is not None:
+            return best.path, f"{best.path.name} (best val top-1 {best.metric:.2f})"
+        _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
+        return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
+    return latest.path, f"{latest.path.name} (latest)"
 
 
 def _card_metrics(run_dir: Path, ckpt: Path) -> Dict[str, Any]:
@@ -414,7 +413,7 @@ def _training_data(recipe: Optional[str]) -> Optional[str]:
 
 def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, weights: str = "ema",
                checkpoint: str = "best", push_to_hub: Optional[str] = None, overwrite: bool = False,
-               metric: Optional[str] = None, attn_layer: Optional[type] = None) -> Path:
+               attn_layer: Optional[type] = None) -> Path:
     """Export a run's student (``weights``: ``ema`` or ``raw``; ``checkpoint``: ``best`` or ``latest``).
 
     Reads run_dir/run.json (teacher record, student spec, plan text, mode), config.yaml (the recipe),
@@ -436,7 +435,7 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, weight
         raise ValueError(f"run {run_dir} trained in mode {mode!r}: its student attends with the teacher's "
                          f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
                          "projections. Export a distillation run, or fine-tune this student without the teacher first")
-    ckpt, why = select_checkpoint(run_dir, checkpoint, metric)
+    ckpt, why = select_checkpoint(run_dir, checkpoint)
     fname = "ema.safetensors" if weights == "ema" else "model.safetensors"
     wfile = ckpt / fname
     if not wfile.is_file():

@@ -112,6 +112,52 @@ def _cmd_submit(args) -> int:
     return 0
 
 
+@register_command("export")
+def _export_parser(sub):
+    p = sub.add_parser("export", help="write a run's student in timm's Hub format with a model card",
+                       description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
+                                   "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
+                                   "pretrained=True).")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to the Hub as REPO")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from ..checkpoints.export import export_run
+    from ..checkpoints.store import CheckpointManager
+    weights = args.weights
+    if weights == "ema":  # a run without EMA has raw weights only: say so and use them
+        info = CheckpointManager(args.run_dir).latest()
+        if info is not None and "ema" not in info.groups:
+            print("attnxfer export: the run kept no EMA weights; exporting the raw weights", file=sys.stderr)
+            weights = "raw"
+    out = export_run(args.run_dir, args.out_dir, weights=weights, checkpoint=args.checkpoint,
+                     push_to_hub=args.push_to_hub, overwrite=args.overwrite)
+    print(f"exported to {out}\nload with: timm.create_model('local-dir:{out}', pretrained=True)")
+    return 0
+
+
+@register_command("fetch")
+def _fetch_parser(sub):
+    p = sub.add_parser("fetch", help="download a teacher into the Hugging Face cache (on a machine with internet)")
+    p.add_argument("spec", help="timm name (vit_large_patch16_224.mae) or hf-hub:ORG/NAME[@rev]")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: HF_HUB_CACHE / HF_HOME)")
+    p.set_defaults(func=_cmd_fetch)
+
+
+def _cmd_fetch(args) -> int:
+    from ..checkpoints.teacher import fetch_teacher
+    path = fetch_teacher(args.spec, cache_dir=args.cache_dir, revision=args.revision)
+    print(f"{args.spec} -> {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnxfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
