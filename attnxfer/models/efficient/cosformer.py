@@ -9,11 +9,12 @@ attended globally like every token, with the same locality weighting.
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import KernelAttention, scaled_for_kernel
+from .kernels import KernelAttention, add_scalar
 from .registry import register_attention
 
 __all__ = ['CosFormerAttention']
@@ -23,11 +24,12 @@ __all__ = ['CosFormerAttention']
 class CosFormerAttention(KernelAttention):
     eps: float = 1e-6
 
-    def positional_features(self, x: torch.Tensor) -> torch.Tensor:
+    def positional_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin blocks of the features (ReLU is homogeneous: no d^-1/4 scaling needed)."""
         N = x.shape[-2]
         theta = (math.pi / 2) * torch.arange(N, device=x.device, dtype=x.dtype) / N
-        relu = F.relu(scaled_for_kernel(x, self.head_dim)) + self.eps
-        return torch.cat([relu * theta.cos()[:, None], relu * theta.sin()[:, None]], dim=-1)
+        relu = add_scalar(F.relu(x), self.eps)
+        return relu * theta.cos()[:, None], relu * theta.sin()[:, None]
 
-    def features(self, q, k):
+    def feature_blocks(self, q, k):
         return self.positional_features(q), self.positional_features(k)

@@ -29,6 +29,6 @@ class HedgehogAttention(KernelAttention):
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
 
-    def features(self, q, k):
+    def feature_blocks(self, q, k):
         # eps: softmax features can underflow to exact zeros at large logits; keep rows defined.
-        return self.feature_map_q(q) + self.eps, self.feature_map_k(k) + self.eps
+        return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)

@@ -9,7 +9,7 @@ denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the c
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +17,35 @@ from torch import nn
 
 from .base import EfficientAttention
 
+#: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
+FeatureBlocks = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
 __all__ = [
     'linear_attend', 'linear_map_rows', 'KernelAttention', 'ReLUFeatures', 'ELUFeatures',
-    'HedgehogFeatures', 'build_feature_map', 'scaled_for_kernel',
+    'HedgehogFeatures', 'build_feature_map', 'scaled_for_kernel', 'add_scalar', 'FeatureBlocks',
 ]
 
 
-def linear_attend(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """(B,H,N,m), (B,H,N,m), (B,H,N,d) -> (B,H,N,d) in O(N m d)."""
-    kv = phi_k.transpose(-2, -1) @ v                      # (B, H, m, d)
-    normaliser = phi_k.sum(dim=-2).unsqueeze(-1)          # (B, H, m, 1)
-    return (phi_q @ kv) / (phi_q @ normaliser)
+def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -> torch.Tensor:
+    """(B,H,N,m), (B,H,N,m), (B,H,N,d) -> (B,H,N,d) in O(N m d).
+
+    phi_q / phi_k may also be tuples of blocks whose concatenation is the feature vector
+    (e.g. Hedgehog's two signs): the block sums are added, and no concatenated copy is made.
+    """
+    phi_q = (phi_q,) if isinstance(phi_q, torch.Tensor) else phi_q
+    phi_k = (phi_k,) if isinstance(phi_k, torch.Tensor) else phi_k
+    numerator = denominator = 0
+    for block_q, block_k in zip(phi_q, phi_k, strict=True):
+        kv = block_k.transpose(-2, -1) @ v                        # (B, H, m, d)
+        normaliser = block_k.sum(dim=-2).unsqueeze(-1)            # (B, H, m, 1)
+        numerator = numerator + block_q @ kv
+        denominator = denominator + block_q @ normaliser
+    return numerator.div_(denominator) if not numerator.requires_grad else numerator / denominator
+
+
+def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
+    """x + value, in place when autograd does not need x (saves one (B, H, N, m) buffer)."""
+    return x.add_(value) if not x.requires_grad else x + value
 
 
 def linear_map_rows(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
@@ -37,15 +55,25 @@ def linear_map_rows(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
 
 
 class KernelAttention(EfficientAttention):
-    """Base for attentions of the form phi(q) phi(k)^T, row-normalised. Subclasses give ``features``."""
+    """Base for attentions of the form phi(q) phi(k)^T, row-normalised.
+
+    Subclasses give ``feature_blocks`` (the forward path: blocks are never concatenated) or
+    ``features`` (one tensor each); the map path concatenates blocks.
+    """
     map_kind = 'row_stochastic'
 
+    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[FeatureBlocks, FeatureBlocks]:
+        """phi(q), phi(k), non-negative, in the compute dtype; each a tensor or tuple of blocks."""
+        return self.features(q, k)
+
     def features(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """phi(q), phi(k) (B, H, N, m), non-negative, in the compute dtype."""
-        raise NotImplementedError
+        """phi(q), phi(k) (B, H, N, m) as single tensors."""
+        phi_q, phi_k = self.feature_blocks(q, k)
+        join = lambda f: f if isinstance(f, torch.Tensor) else torch.cat(f, dim=-1)  # noqa: E731
+        return join(phi_q), join(phi_k)
 
     def _attend(self, q, k, v):
-        return linear_attend(*self.features(q, k), v)
+        return linear_attend(*self.feature_blocks(q, k), v)
 
     def _map_context(self, q, k):
         return self.features(q, k)
@@ -56,14 +84,14 @@ class KernelAttention(EfficientAttention):
 
 
 class ReLUFeatures(nn.Module):
-    """phi(x) = relu(x) + eps."""
+    """phi(x) = relu(x) + eps. ReLU is positively homogeneous, so no d^-1/4 scaling is needed."""
 
     def __init__(self, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x) + self.eps
+        return add_scalar(F.relu(x), self.eps)
 
 
 class ELUFeatures(nn.Module):
@@ -74,7 +102,7 @@ class ELUFeatures(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x) + (1. + self.eps)
+        return add_scalar(F.elu(x), 1. + self.eps)
 
 
 class HedgehogFeatures(nn.Module):
@@ -104,9 +132,12 @@ class HedgehogFeatures(nn.Module):
             self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        u = torch.einsum('bhnd,hdm->bhnm', x, weight) + bias[:, None, :]
-        return torch.cat([u.softmax(dim=-1), (-u).softmax(dim=-1)], dim=-1)
+        return torch.cat(self.blocks(x), dim=-1)
+
+    def blocks(self, x: torch.Tensor, eps: float = 0.) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two signs as separate blocks (+ eps), for ``linear_attend`` without a concatenation."""
+        u = x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)[:, None, :]     # (B, H, N, m)
+        return add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
 
 
 def build_feature_map(kind: str, num_heads: int, head_dim: int, feature_dim: Optional[int] = None,

@@ -1,7 +1,7 @@
 """Linear attention with fixed feature maps: ReLU (relu(x) + eps) and ELU+1 (Katharopoulos et al. 2020).
 
-q and k are scaled by d^-1/4 first, so phi is applied to the same quantities whose dot product
-is the teacher's logit (irrelevant for ReLU, which is homogeneous, but it matters for ELU+1).
+For ELU+1, q and k are scaled by d^-1/4 first, so phi sees the quantities whose dot product is
+the teacher's logit; ReLU is positively homogeneous, so the scale would only cancel.
 No new parameters: these students start exactly from the teacher's q/k projections.
 """
 from __future__ import annotations
@@ -21,8 +21,7 @@ class ReLULinearAttention(KernelAttention):
         self.feature_map = ReLUFeatures()
 
     def features(self, q, k):
-        return (self.feature_map(scaled_for_kernel(q, self.head_dim)),
-                self.feature_map(scaled_for_kernel(k, self.head_dim)))
+        return self.feature_map(q), self.feature_map(k)
 
 
 @register_attention('elu_linear')

@@ -115,40 +115,45 @@ class WindowLinearAttention(WindowAttention):
                 if hasattr(fm, 'reset_parameters'):
                     fm.reset_parameters()
 
-    def features(self, q, k):
+    def feature_blocks(self, q, k):
+        """Kernel features (tuples of blocks for hedgehog); any leading batch shape, last dim d."""
         if self.kernel == 'hedgehog':
-            return self.feature_map_q(q) + self.eps, self.feature_map_k(k) + self.eps
-        return (self.feature_map_q(scaled_for_kernel(q, self.head_dim)),
-                self.feature_map_k(scaled_for_kernel(k, self.head_dim)))
+            return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)
+        return ((self.feature_map_q(scaled_for_kernel(q, self.head_dim)),),
+                (self.feature_map_k(scaled_for_kernel(k, self.head_dim)),))
+
+    def features(self, q, k):
+        phi_q, phi_k = self.feature_blocks(q, k)
+        return torch.cat(phi_q, dim=-1), torch.cat(phi_k, dim=-1)
 
     def _linear_weight(self, dtype):
         return self.linear_log_weight.to(dtype).exp()
 
     def _attend(self, q, k, v):
-        p, grid, qw, kw, vw, valid = self._windows(q, k, v)
-        window = self.window_size
+        p, grid, qw, kw, vw, valid = self._windows(q, k, v)                  # (B, nW, H, L | p + L, d)
         # softmax-style scores inside the window (+ prefix keys)
-        logits = (qw * self.scale) @ kw.transpose(-2, -1)                     # (B, nW, H, L, p + L)
+        logits = (qw * self.scale) @ kw.transpose(-2, -1)
         if valid is not None:
             logits = logits.masked_fill(~valid, float('-inf'))
         weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
         numerator = weights @ vw
         denominator = weights.sum(dim=-1, keepdim=True)
-        # kernel scores for every key outside the window and the prefix
-        phi_q, phi_k = self.features(q, k)
-        kv_total = phi_k.transpose(-2, -1) @ v                                 # (B, H, m, d)
-        z_total = phi_k.sum(dim=-2)                                            # (B, H, m)
-        kv_prefix = phi_k[:, :, :p].transpose(-2, -1) @ v[:, :, :p]
-        z_prefix = phi_k[:, :, :p].sum(dim=-2)
-        phi_kw = window_partition(phi_k[:, :, p:], grid, window)               # zero at padding
-        v_grid = window_partition(v[:, :, p:], grid, window)
-        kv_outside = (kv_total - kv_prefix)[:, None] - phi_kw.transpose(-2, -1) @ v_grid
-        z_outside = ((z_total - z_prefix)[:, None] - phi_kw.sum(dim=-2)).clamp_min(0)   # >= 0 up to rounding
-        phi_qw = window_partition(phi_q[:, :, p:], grid, window)
+        # kernel scores for the grid keys outside the window (prefix keys are always local),
+        # computed in window layout: total over all windows minus the query's own window.
+        k_grid, v_grid = kw[..., p:, :], vw[..., p:, :]
+        phi_q, phi_k = self.feature_blocks(qw, k_grid)
+        if valid is not None:
+            keep = valid[..., p:].transpose(-2, -1).to(q.dtype)                 # (1, nW, 1, L, 1)
+            phi_k = tuple(block * keep for block in phi_k)
         gamma = self._linear_weight(q.dtype)[None, None, :, None, None]
-        numerator = numerator + gamma * (phi_qw @ kv_outside)
-        denominator = denominator + gamma * (phi_qw @ z_outside.unsqueeze(-1))
-        out = window_merge(numerator / denominator, grid, window)
+        for block_q, block_k in zip(phi_q, phi_k):
+            kv_window = block_k.transpose(-2, -1) @ v_grid                      # (B, nW, H, m, d)
+            z_window = block_k.sum(dim=-2, keepdim=True)                         # (B, nW, H, 1, m)
+            kv_outside = kv_window.sum(dim=1, keepdim=True) - kv_window
+            z_outside = (z_window.sum(dim=1, keepdim=True) - z_window).clamp_min(0)   # >= 0 up to rounding
+            numerator = numerator + gamma * (block_q @ kv_outside)
+            denominator = denominator + gamma * (block_q @ z_outside.transpose(-2, -1))
+        out = window_merge(numerator / denominator, grid, self.window_size)
         if p:
             out = torch.cat([self._prefix_rows(q, k, v, p), out], dim=-2)
         return out
