@@ -1,0 +1,83 @@
+"""Agent attention (Han et al. 2024): n agent tokens pooled from the queries relay attention.
+
+    A = avgpool_grid(q)              (n agents, adaptive 2-D pooling of the grid queries)
+    V_A = softmax(A k^T s + b_ak) v  (agents aggregate from all keys)
+    out = softmax(q A^T s + b_qa) V_A
+so the implicit map softmax(q A^T s + b_qa) softmax(A k^T s + b_ak) is a product of two
+row-stochastic matrices: row-stochastic, O(N n). Agents are pooled from grid tokens only;
+prefix tokens still attend through the agents and are attended by them (their position biases
+are zero). The learnable position biases b (per head and agent, on a small base grid
+bilinearly resized to the token grid) are the new parameters; they start at zero.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import EfficientAttention, _as_grid
+from .registry import register_attention
+from .tokens import grid_to_image
+
+__all__ = ['AgentAttention']
+
+
+@register_attention('agent')
+class AgentAttention(EfficientAttention):
+    """Options: ``agent_grid`` (agents per side, default 7 -> 49 agents), ``bias_grid`` (base grid of
+    the position biases, default 7)."""
+    map_kind = 'row_stochastic'
+    needs_token_layout = True
+
+    def __init__(self, dim: int, num_heads: int = 8, *, agent_grid: int | Sequence[int] = 7,
+                 bias_grid: int | Sequence[int] = 7, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        self.agent_grid = _as_grid(agent_grid)
+        num_agents = self.agent_grid[0] * self.agent_grid[1]
+        bh, bw = _as_grid(bias_grid)
+        self.agent_key_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))
+        self.query_agent_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        with torch.no_grad():
+            self.agent_key_bias.zero_()
+            self.query_agent_bias.zero_()
+
+    def agents(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, H, n, d) agent tokens: adaptive average pooling of the grid queries."""
+        B, H, N, d = q.shape
+        p, grid = self.token_layout(N)
+        pooled = F.adaptive_avg_pool2d(grid_to_image(q[:, :, p:], grid), self.agent_grid)
+        return pooled.reshape(B, H, d, -1).transpose(-2, -1)
+
+    def _position_bias(self, bias: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """(H, n, bh, bw) -> (H, n, N): resized to the grid, zero for prefix tokens."""
+        p, grid = self.token_layout(num_tokens)
+        H, n = bias.shape[:2]
+        resized = F.interpolate(bias, size=grid, mode='bilinear', align_corners=False).reshape(H, n, -1)
+        return F.pad(resized, (p, 0))
+
+    def _relay(self, q, k):
+        """softmax(q A^T s + b_qa) (B,H,N,n) and softmax(A k^T s + b_ak) (B,H,n,N)."""
+        N = q.shape[-2]
+        agents = self.agents(q)
+        key_bias = self._position_bias(self.agent_key_bias.to(q.dtype), N)
+        query_bias = self._position_bias(self.query_agent_bias.to(q.dtype), N).transpose(-2, -1)
+        agent_to_keys = (agents * self.scale @ k.transpose(-2, -1) + key_bias).softmax(dim=-1)
+        queries_to_agents = (q * self.scale @ agents.transpose(-2, -1) + query_bias).softmax(dim=-1)
+        return queries_to_agents, agent_to_keys
+
+    def _attend(self, q, k, v):
+        queries_to_agents, agent_to_keys = self._relay(q, k)
+        return queries_to_agents @ (agent_to_keys @ v)
+
+    def _map_context(self, q, k):
+        return self._relay(q, k)
+
+    def _map_rows(self, context, rows):
+        queries_to_agents, agent_to_keys = context
+        return queries_to_agents[:, :, rows] @ agent_to_keys

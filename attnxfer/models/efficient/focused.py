@@ -1,0 +1,71 @@
+"""Focused linear attention (FLatten; Han et al. 2023).
+
+Kernel attention with the focusing function
+    f_p(x) = ||x'|| * x'^p / ||x'^p||,  x' = (relu(x) + eps) / softplus(s),
+which sharpens the map towards the directions where q and k agree, plus a depthwise
+convolution on v over the token grid ("rank restoration"). The convolution is an additive term
+*outside* the map: ``attention_map`` covers the focused kernel part only, and
+``attend = attend_mapped + local_term(v)``. Prefix tokens take part in the kernel part like
+every token; the convolution sees the grid only, so prefix tokens get no local term.
+The convolution starts at zero so a fresh student begins as the pure focused kernel.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import KernelAttention, linear_attend
+from .registry import register_attention
+from .tokens import grid_to_image, image_to_grid
+
+__all__ = ['FocusedLinearAttention']
+
+
+@register_attention('focused_linear')
+class FocusedLinearAttention(KernelAttention):
+    """Options: ``focusing_factor`` (p, default 3), ``kernel_size`` of the depthwise conv (default 5)."""
+    needs_token_layout = True
+    eps: float = 1e-6
+
+    def __init__(self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3.,
+                 kernel_size: int = 5, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        if kernel_size % 2 != 1:
+            raise ValueError(f'kernel_size must be odd (same-size depthwise conv), got {kernel_size}')
+        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        d = self.head_dim
+        self.focusing_factor = float(focusing_factor)
+        self.focus_scale = nn.Parameter(torch.empty(num_heads, 1, d, **dd))
+        self.dwc = nn.Conv2d(d, d, kernel_size, padding=kernel_size // 2, groups=d, **dd)
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        with torch.no_grad():
+            self.focus_scale.zero_()
+            self.dwc.weight.zero_()
+            self.dwc.bias.zero_()
+
+    def focus(self, x: torch.Tensor) -> torch.Tensor:
+        x = (F.relu(x) + self.eps) / F.softplus(self.focus_scale.to(x.dtype))
+        norm = x.norm(dim=-1, keepdim=True)
+        # x / max(x) first: the power is then bounded by 1 and cannot overflow.
+        powered = (x / x.amax(dim=-1, keepdim=True)).pow(self.focusing_factor)
+        return powered / powered.norm(dim=-1, keepdim=True) * norm
+
+    def features(self, q, k):
+        return self.focus(q), self.focus(k)
+
+    def local_term(self, v: torch.Tensor) -> torch.Tensor:
+        """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
+        B, H, N, d = v.shape
+        p, grid = self.token_layout(N)
+        conv = F.conv2d(grid_to_image(v[:, :, p:], grid), self.dwc.weight.to(v.dtype), self.dwc.bias.to(v.dtype),
+                        padding=self.dwc.padding, groups=d)
+        return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
+
+    def _attend_mapped(self, q, k, v):
+        return linear_attend(*self.features(q, k), v)
+
+    def _attend(self, q, k, v):
+        return self._attend_mapped(q, k, v) + self.local_term(v)

@@ -1,0 +1,34 @@
+"""Hedgehog (Zhang et al. 2024): kernel attention with learnable per-head feature maps.
+
+phi_q, phi_k = [softmax(xW + b), softmax(-(xW + b))], separate maps for q and k, W starting as
+the identity. The maps are the new parameters that conversion stage 1 fits to the teacher's
+softmax maps (the LoLCATs recipe).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .kernels import HedgehogFeatures, KernelAttention
+from .registry import register_attention
+
+__all__ = ['HedgehogAttention']
+
+
+@register_attention('hedgehog')
+class HedgehogAttention(KernelAttention):
+    """Learnable-feature linear attention. Option: ``feature_dim`` (m per sign, default head_dim)."""
+    eps: float = 1e-6
+
+    def __init__(self, dim: int, num_heads: int = 8, *, feature_dim: Optional[int] = None, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        self.feature_map_q = HedgehogFeatures(num_heads, self.head_dim, feature_dim, **dd)
+        self.feature_map_k = HedgehogFeatures(num_heads, self.head_dim, feature_dim, **dd)
+
+    def reset_new_parameters(self) -> None:
+        self.feature_map_q.reset_parameters()
+        self.feature_map_k.reset_parameters()
+
+    def feature_blocks(self, q, k):
+        # eps: softmax features can underflow to exact zeros at large logits; keep rows defined.
+        return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)

@@ -1,0 +1,161 @@
+"""Kernel (linear) attention: the shared O(N) core, its implicit map, and feature maps.
+
+With a non-negative feature map phi, kernel attention is
+    out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / phi(q_i)^T (sum_j phi(k_j)),
+the product of the row-stochastic map A_ij = phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j')
+with v, computed without forming A. Feature maps add a small ``eps`` *inside* phi (not to the
+denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the core exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import EfficientAttention
+
+#: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
+FeatureBlocks = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+
+__all__ = [
+    'linear_attend', 'linear_map_rows', 'KernelAttention', 'ReLUFeatures', 'ELUFeatures',
+    'HedgehogFeatures', 'build_feature_map', 'scaled_for_kernel', 'add_scalar', 'FeatureBlocks',
+]
+
+
+def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -> torch.Tensor:
+    """(B,H,N,m), (B,H,N,m), (B,H,N,d) -> (B,H,N,d) in O(N m d).
+
+    phi_q / phi_k may also be tuples of blocks whose concatenation is the feature vector
+    (e.g. Hedgehog's two signs): the block sums are added, and no concatenated copy is made.
+    """
+    phi_q = (phi_q,) if isinstance(phi_q, torch.Tensor) else phi_q
+    phi_k = (phi_k,) if isinstance(phi_k, torch.Tensor) else phi_k
+    numerator = denominator = 0
+    for block_q, block_k in zip(phi_q, phi_k, strict=True):
+        kv = block_k.transpose(-2, -1) @ v                        # (B, H, m, d)
+        normaliser = block_k.sum(dim=-2).unsqueeze(-1)            # (B, H, m, 1)
+        numerator = numerator + block_q @ kv
+        denominator = denominator + block_q @ normaliser
+    return numerator.div_(denominator) if not numerator.requires_grad else numerator / denominator
+
+
+def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
+    """x + value, in place when autograd does not need x (saves one (B, H, N, m) buffer)."""
+    return x.add_(value) if not x.requires_grad else x + value
+
+
+def linear_map_rows(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
+    """The rows of the kernel map for the given query features: (B,H,n,m),(B,H,N,m) -> (B,H,n,N)."""
+    scores = phi_q @ phi_k.transpose(-2, -1)
+    return scores / scores.sum(dim=-1, keepdim=True)
+
+
+class KernelAttention(EfficientAttention):
+    """Base for attentions of the form phi(q) phi(k)^T, row-normalised.
+
+    Subclasses give ``feature_blocks`` (the forward path: blocks are never concatenated) or
+    ``features`` (one tensor each); the map path concatenates blocks.
+    """
+    map_kind = 'row_stochastic'
+
+    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[FeatureBlocks, FeatureBlocks]:
+        """phi(q), phi(k), non-negative, in the compute dtype; each a tensor or tuple of blocks."""
+        return self.features(q, k)
+
+    def features(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """phi(q), phi(k) (B, H, N, m) as single tensors."""
+        phi_q, phi_k = self.feature_blocks(q, k)
+        join = lambda f: f if isinstance(f, torch.Tensor) else torch.cat(f, dim=-1)  # noqa: E731
+        return join(phi_q), join(phi_k)
+
+    def _attend(self, q, k, v):
+        return linear_attend(*self.feature_blocks(q, k), v)
+
+    def _map_context(self, q, k):
+        return self.features(q, k)
+
+    def _map_rows(self, context, rows):
+        phi_q, phi_k = context
+        return linear_map_rows(phi_q[:, :, rows], phi_k)
+
+
+class ReLUFeatures(nn.Module):
+    """phi(x) = relu(x) + eps. ReLU is positively homogeneous, so no d^-1/4 scaling is needed."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return add_scalar(F.relu(x), self.eps)
+
+
+class ELUFeatures(nn.Module):
+    """phi(x) = elu(x) + 1 (+ eps, so it cannot underflow to zero for very negative x)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return add_scalar(F.elu(x), 1. + self.eps)
+
+
+class HedgehogFeatures(nn.Module):
+    """Learnable per-head feature map with both signs: [softmax(xW + b), softmax(-(xW + b))].
+
+    W (H, d, m) starts as the identity (m = d) so the map starts from the raw q/k directions;
+    the two softmaxes keep features positive while letting negative similarities count
+    (Zhang et al. 2024, "The Hedgehog & the Porcupine"). Output dimension 2m.
+    Plain parameters, not nn.Linear, so timm's ViT init does not overwrite the identity.
+    """
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        feature_dim = feature_dim or head_dim
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_heads, feature_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @property
+    def out_dim(self) -> int:
+        return 2 * self.weight.shape[-1]
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            H, d, m = self.weight.shape
+            self.weight.copy_(torch.eye(d, m, dtype=self.weight.dtype).expand(H, d, m))
+            self.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.blocks(x), dim=-1)
+
+    def blocks(self, x: torch.Tensor, eps: float = 0.) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two signs as separate blocks (+ eps), for ``linear_attend`` without a concatenation."""
+        u = x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)[:, None, :]     # (B, H, N, m)
+        return add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
+
+
+def build_feature_map(kind: str, num_heads: int, head_dim: int, feature_dim: Optional[int] = None,
+                      device=None, dtype=None) -> Tuple[nn.Module, nn.Module]:
+    """A (q, k) pair of feature maps by name: 'relu', 'elu' (shared, parameter-free) or 'hedgehog'
+    (separate learnable maps for q and k)."""
+    if kind == 'relu':
+        f = ReLUFeatures()
+        return f, f
+    if kind == 'elu':
+        f = ELUFeatures()
+        return f, f
+    if kind == 'hedgehog':
+        return (HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype),
+                HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype))
+    raise ValueError(f"unknown feature map {kind!r}; choose one of 'relu', 'elu', 'hedgehog'")
+
+
+def scaled_for_kernel(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """x * d^-1/4: q' . k' then equals the softmax logit q . k / sqrt(d)."""
+    return x * head_dim ** -0.25

@@ -1,0 +1,37 @@
+"""Linear attention with fixed feature maps: ReLU (relu(x) + eps) and ELU+1 (Katharopoulos et al. 2020).
+
+For ELU+1, q and k are scaled by d^-1/4 first, so phi sees the quantities whose dot product is
+the teacher's logit; ReLU is positively homogeneous, so the scale would only cancel.
+No new parameters: these students start exactly from the teacher's q/k projections.
+"""
+from __future__ import annotations
+
+from .kernels import ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
+from .registry import register_attention
+
+__all__ = ['ReLULinearAttention', 'ELULinearAttention']
+
+
+@register_attention('relu_linear')
+class ReLULinearAttention(KernelAttention):
+    """Kernel attention with phi(x) = relu(x) + eps."""
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.feature_map = ReLUFeatures()
+
+    def features(self, q, k):
+        return self.feature_map(q), self.feature_map(k)
+
+
+@register_attention('elu_linear')
+class ELULinearAttention(KernelAttention):
+    """Kernel attention with phi(x) = elu(x) + 1."""
+
+    def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.feature_map = ELUFeatures()
+
+    def features(self, q, k):
+        return (self.feature_map(scaled_for_kernel(q, self.head_dim)),
+                self.feature_map(scaled_for_kernel(k, self.head_dim)))

@@ -1,0 +1,84 @@
+"""Linformer (Wang et al. 2020): keys and values projected along the sequence, N -> k.
+
+    out = softmax(q (E k)^T s) (F v),   map = softmax(q (E k)^T s) F   (signed: F is learned)
+E, F (k, N) are shared by the heads, so the module needs a fixed ``seq_len``
+(= prefix tokens + grid tokens). They start as segment means (row r averages the r-th of k
+contiguous segments), which makes a fresh student a pooled-key approximation of the teacher
+instead of noise. Prefix tokens are queries like any other and fall in the first segment as keys.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import EfficientAttention
+from .registry import register_attention
+
+__all__ = ['LinformerAttention', 'segment_mean_matrix']
+
+
+def segment_mean_matrix(num_segments: int, length: int) -> torch.Tensor:
+    """(num_segments, length): row r averages positions [floor(r L / k), ceil((r + 1) L / k))."""
+    out = torch.zeros(num_segments, length)
+    for r in range(num_segments):
+        start = (r * length) // num_segments
+        stop = -((-(r + 1) * length) // num_segments)
+        out[r, start:stop] = 1. / (stop - start)
+    return out
+
+
+@register_attention('linformer')
+class LinformerAttention(EfficientAttention):
+    """Options: ``seq_len`` (required: N the module is built for), ``proj_len`` (k, default 64)."""
+    map_kind = 'signed'
+
+    def __init__(self, dim: int, num_heads: int = 8, *, seq_len: Optional[int] = None, proj_len: int = 64,
+                 **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        if seq_len is None or seq_len < 1:
+            raise ValueError(
+                'linformer needs seq_len, the fixed token count its E/F projections are built for '
+                '(num_prefix_tokens + grid_h * grid_w, e.g. 197 for a 224px/16 ViT with a class token); '
+                'efficient_student_from_teacher() fills it in from the teacher')
+        if proj_len < 1:
+            raise ValueError(f'proj_len must be >= 1, got {proj_len}')
+        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        self.seq_len = int(seq_len)
+        self.proj_len = int(proj_len)
+        self.seq_proj_k = nn.Parameter(torch.empty(self.proj_len, self.seq_len, **dd))
+        self.seq_proj_v = nn.Parameter(torch.empty(self.proj_len, self.seq_len, **dd))
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        with torch.no_grad():
+            init = segment_mean_matrix(self.proj_len, self.seq_len)
+            self.seq_proj_k.copy_(init)
+            self.seq_proj_v.copy_(init)
+
+    def _check_length(self, num_tokens: int) -> None:
+        if num_tokens != self.seq_len:
+            raise ValueError(
+                f'linformer was built for seq_len={self.seq_len} tokens but got {num_tokens}; its E/F '
+                f'projections have a fixed length: rebuild it with seq_len={num_tokens}')
+
+    def _scores(self, q, k):
+        self._check_length(q.shape[-2])
+        k_short = torch.einsum('kn,bhnd->bhkd', self.seq_proj_k.to(k.dtype), k)
+        return ((q * self.scale) @ k_short.transpose(-2, -1)).softmax(dim=-1)       # (B, H, N, k)
+
+    def _attend(self, q, k, v):
+        self._check_length(v.shape[-2])
+        v_short = torch.einsum('kn,bhnd->bhkd', self.seq_proj_v.to(v.dtype), v)
+        return self._scores(q, k) @ v_short
+
+    def _map_context(self, q, k):
+        return self._scores(q, k), self.seq_proj_v.to(q.dtype)
+
+    def _map_rows(self, context, rows):
+        scores, value_proj = context
+        return scores[:, :, rows] @ value_proj
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, seq_len={self.seq_len}, proj_len={self.proj_len}'

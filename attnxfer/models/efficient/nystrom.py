@@ -1,0 +1,70 @@
+"""Nystrom attention (Xiong et al. 2021): softmax approximated through m landmarks.
+
+    F = softmax(q K~^T s)   (N, m)      A = softmax(Q~ K~^T s)   (m, m)      B = softmax(Q~ k^T s)   (m, N)
+    out = F pinv(A) (B v),  map = F pinv(A) B   (signed: pinv(A) has negative entries)
+Landmarks Q~, K~ are means of m contiguous segments of the sequence (adaptive 1-D pooling:
+the first segment includes the prefix tokens; every token, prefix or grid, attends and is
+attended through F and B). pinv(A) by the Newton-Schulz-type iteration of the paper.
+No new parameters: a training-free approximation of the teacher.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import EfficientAttention
+from .registry import register_attention
+
+__all__ = ['NystromAttention', 'iterative_pinv']
+
+
+def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
+    """Approximate Moore-Penrose inverse of a batch of square matrices (Razavi et al. 2014)."""
+    eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+    col = a.abs().sum(dim=-2).amax(dim=-1)
+    row = a.abs().sum(dim=-1).amax(dim=-1)
+    z = a.transpose(-2, -1) / (col * row)[..., None, None]
+    for _ in range(iterations):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+@register_attention('nystrom')
+class NystromAttention(EfficientAttention):
+    """Options: ``num_landmarks`` (m, default 32; capped at N), ``pinv_iterations`` (default 6)."""
+    map_kind = 'signed'
+
+    def __init__(self, dim: int, num_heads: int = 8, *, num_landmarks: int = 32, pinv_iterations: int = 6,
+                 **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        if num_landmarks < 1:
+            raise ValueError(f'num_landmarks must be >= 1, got {num_landmarks}')
+        self.num_landmarks = num_landmarks
+        self.pinv_iterations = pinv_iterations
+
+    def landmarks(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, N, d = x.shape
+        m = min(self.num_landmarks, N)
+        pooled = F.adaptive_avg_pool1d(x.reshape(B * H, N, d).transpose(1, 2), m)
+        return pooled.transpose(1, 2).reshape(B, H, m, d)
+
+    def _factors(self, q, k):
+        q = q * self.scale
+        q_land, k_land = self.landmarks(q), self.landmarks(k)
+        queries_to_landmarks = (q @ k_land.transpose(-2, -1)).softmax(dim=-1)
+        landmark_kernel = (q_land @ k_land.transpose(-2, -1)).softmax(dim=-1)
+        landmarks_to_keys = (q_land @ k.transpose(-2, -1)).softmax(dim=-1)
+        return queries_to_landmarks, iterative_pinv(landmark_kernel, self.pinv_iterations), landmarks_to_keys
+
+    def _attend(self, q, k, v):
+        left, pinv, right = self._factors(q, k)
+        return left @ (pinv @ (right @ v))
+
+    def _map_context(self, q, k):
+        left, pinv, right = self._factors(q, k)
+        return left, pinv @ right
+
+    def _map_rows(self, context, rows):
+        left, right = context
+        return left[:, :, rows] @ right

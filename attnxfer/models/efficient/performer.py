@@ -1,0 +1,111 @@
+"""Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features.
+
+exp(q.k / sqrt(d)) = E_w[phi(q) . phi(k)] with phi(x) = exp(w.x' - |x'|^2 / 2), x' = x d^-1/4,
+w ~ N(0, I). Rows of w are drawn in orthogonal blocks (QR of Gaussian blocks) and rescaled to
+chi-distributed norms, which lowers the variance. Stabilisers (the max exponent per query row,
+and per (batch, head) over all keys and features) are constants within a map row, so they
+cancel in the normalisation (up to the 1e-6 added to every feature). The projection is a buffer: fixed in eval, redrawn by ``redraw()``
+or every ``redraw_interval`` training forwards. Its error falls as 1/sqrt(num_features).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .kernels import KernelAttention, add_scalar
+from .registry import register_attention
+
+__all__ = ['PerformerAttention', 'gaussian_orthogonal_features']
+
+
+def gaussian_orthogonal_features(
+        num_features: int, dim: int, orthogonal: bool = True, generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """(num_features, dim) random projection: orthogonal blocks with Gaussian row norms, or i.i.d. Gaussian."""
+    if not orthogonal:
+        return torch.randn(num_features, dim, generator=generator)
+    blocks = []
+    for _ in range(math.ceil(num_features / dim)):
+        gaussian = torch.randn(dim, dim, generator=generator)
+        q, _ = torch.linalg.qr(gaussian)
+        blocks.append(q.T)
+    directions = torch.cat(blocks)[:num_features]
+    norms = torch.randn(num_features, dim, generator=generator).norm(dim=1, keepdim=True)
+    return directions * norms
+
+
+def _stabilised_exp(x: torch.Tensor, dims) -> torch.Tensor:
+    """exp(x - max over dims). The max is not detached: with eps in the features it does not cancel
+    exactly, and autograd then gives the exact gradient of the function computed."""
+    shift = x.amax(dim=dims, keepdim=True)
+    x = x.sub_(shift) if not x.requires_grad else x - shift      # amax keeps x for its backward
+    return x.exp_()
+
+
+@register_attention('performer')
+class PerformerAttention(KernelAttention):
+    """FAVOR+ kernel attention.
+
+    Options: ``num_features`` (m, default round(d ln d)), ``orthogonal`` (default True),
+    ``redraw_interval`` (redraw every that many training forwards; None = never),
+    ``feature_seed`` (seed of the first draw, for reproducible students).
+    """
+    eps: float = 1e-6
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            *,
+            num_features: Optional[int] = None,
+            orthogonal: bool = True,
+            redraw_interval: Optional[int] = None,
+            feature_seed: Optional[int] = None,
+            **kwargs,
+    ) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        d = self.head_dim
+        self.num_features = int(num_features or max(d, round(d * math.log(d))))
+        if self.num_features < 1:
+            raise ValueError(f'num_features must be >= 1, got {num_features}')
+        if redraw_interval is not None and redraw_interval < 1:
+            raise ValueError(f'redraw_interval must be >= 1 or None, got {redraw_interval}')
+        self.orthogonal = orthogonal
+        self.redraw_interval = redraw_interval
+        self.feature_seed = feature_seed
+        self._forwards_since_redraw = 0
+        self.register_buffer(
+            'feature_projection', torch.empty(self.num_features, d, device=kwargs.get('device')), persistent=True)
+        generator = torch.Generator().manual_seed(feature_seed) if feature_seed is not None else None
+        self.redraw(generator)
+
+    @torch.no_grad()
+    def redraw(self, generator: Optional[torch.Generator] = None) -> None:
+        """Draw a fresh random projection (on CPU with ``generator``, then moved to the buffer's device)."""
+        w = gaussian_orthogonal_features(self.num_features, self.head_dim, self.orthogonal, generator)
+        self.feature_projection.copy_(w)
+        self._forwards_since_redraw = 0
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if self.training and self.redraw_interval:
+            if self._forwards_since_redraw >= self.redraw_interval:
+                self.redraw()
+            self._forwards_since_redraw += 1
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def features(self, q, k):
+        # The d^-1/4 scaling is folded into the (small) projection. For queries, -|q'|^2/2 is
+        # constant along the row and is removed by the row-max stabiliser anyway, so it is skipped;
+        # for keys it is needed (it differs between the keys of one row).
+        scale = self.head_dim ** -0.25
+        w = self.feature_projection.to(q.dtype).T * scale
+        exponent_k = (k @ w).sub_(k.pow(2).sum(-1, keepdim=True).mul_(0.5 * scale ** 2))
+        phi_q = _stabilised_exp(q @ w, dims=(-1,))
+        phi_k = _stabilised_exp(exponent_k, dims=(-2, -1))
+        return add_scalar(phi_q, self.eps), add_scalar(phi_k, self.eps)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}'

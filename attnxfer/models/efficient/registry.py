@@ -1,0 +1,50 @@
+"""Name -> class registry for the attention zoo.
+
+Per-layer attention lists, configs and the ``convert`` command refer to attentions by
+name; the registry is the one place that turns those names into classes.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Type, TypeVar
+
+from torch import nn
+
+__all__ = ['register_attention', 'create_attention', 'list_attentions', 'get_attention_class']
+
+_ATTENTIONS: Dict[str, Type[nn.Module]] = {}
+
+T = TypeVar('T', bound=Type[nn.Module])
+
+
+def register_attention(name: str) -> Callable[[T], T]:
+    """Class decorator: register an attention class under ``name`` (lower case, unique)."""
+    if not name or name != name.lower():
+        raise ValueError(f'attention names are non-empty lower-case strings, got {name!r}')
+
+    def decorator(cls: T) -> T:
+        if name in _ATTENTIONS and _ATTENTIONS[name] is not cls:
+            raise ValueError(f'attention {name!r} is already registered to {_ATTENTIONS[name].__name__}')
+        _ATTENTIONS[name] = cls
+        cls.attention_name = name
+        return cls
+
+    return decorator
+
+
+def list_attentions(map_kind: str | None = None) -> List[str]:
+    """Registered names, sorted; optionally only those of one map kind."""
+    return sorted(n for n, c in _ATTENTIONS.items() if map_kind is None or c.map_kind == map_kind)
+
+
+def get_attention_class(name: str) -> Type[nn.Module]:
+    """The class registered under ``name``; an unknown name lists the known ones."""
+    try:
+        return _ATTENTIONS[name]
+    except KeyError:
+        raise KeyError(
+            f'unknown attention {name!r}; known attentions: {", ".join(list_attentions())}') from None
+
+
+def create_attention(name: str, **kwargs) -> nn.Module:
+    """Build the attention registered under ``name`` (kwargs as timm's ``Attention`` plus its own)."""
+    return get_attention_class(name)(**kwargs)

@@ -1,0 +1,116 @@
+"""Efficient-attention students built from a softmax teacher.
+
+The student is a deep copy of the teacher in which each block's ``attn`` is replaced: the
+teacher's ``qkv``, ``q_norm``, ``k_norm``, ``norm`` and ``proj`` modules move into the new
+attention unchanged (they are the copy's own tensors), everything outside attention is copied by
+the deep copy, and only the new attention parameters start fresh.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .base import COUNTERPART_MODULES, EfficientAttention
+from .registry import get_attention_class
+
+__all__ = ['efficient_student_from_teacher', 'new_parameters', 'configure_token_layout', 'teacher_token_layout']
+
+
+def teacher_token_layout(model: nn.Module) -> Tuple[int, Optional[Tuple[int, int]]]:
+    """(num_prefix_tokens, grid_size) of a timm ViT; grid None when the model resizes its grid."""
+    if not hasattr(model, 'patch_embed') or not hasattr(model, 'num_prefix_tokens'):
+        raise TypeError(f'expected a timm VisionTransformer (patch_embed, num_prefix_tokens), got {type(model).__name__}')
+    dynamic = getattr(model, 'dynamic_img_size', False) or getattr(model.patch_embed, 'dynamic_img_size', False)
+    grid = None if dynamic else tuple(model.patch_embed.grid_size)
+    return int(model.num_prefix_tokens), grid
+
+
+def configure_token_layout(model: nn.Module) -> nn.Module:
+    """Tell every zoo attention in a timm ViT its prefix-token count and patch grid."""
+    prefix, grid = teacher_token_layout(model)
+    for module in model.modules():
+        if isinstance(module, EfficientAttention):
+            module.set_token_layout(prefix, grid)
+    return model
+
+
+def _attention_config(attn: nn.Module) -> Dict:
+    """Constructor arguments that reproduce a timm ``Attention``'s shapes."""
+    missing = [name for name in ('qkv', 'proj', 'num_heads') if not hasattr(attn, name)]
+    if missing or not isinstance(attn.qkv, nn.Linear):
+        raise TypeError(
+            f'cannot convert {type(attn).__name__}: expected a timm Attention with a fused qkv Linear, '
+            f'proj and num_heads (missing: {missing or ["fused qkv"]})')
+    if getattr(attn, 'gate', None) is not None:
+        raise TypeError('gated timm attention (gated=True) has no efficient counterpart here; use a non-gated teacher')
+    head_dim = getattr(attn, 'head_dim', attn.qkv.out_features // (3 * attn.num_heads))
+    if attn.proj.out_features != attn.qkv.in_features:
+        raise TypeError('attention with dim_out != dim is not supported')
+    return dict(
+        dim=attn.qkv.in_features,
+        num_heads=attn.num_heads,
+        attn_head_dim=head_dim,
+        qkv_bias=attn.qkv.bias is not None,
+        proj_bias=attn.proj.bias is not None,
+        attn_drop=getattr(getattr(attn, 'attn_drop', None), 'p', 0.),
+        proj_drop=getattr(getattr(attn, 'proj_drop', None), 'p', 0.),
+    )
+
+
+def efficient_student_from_teacher(
+        teacher: nn.Module,
+        attn: str | Sequence[str],
+        **attn_kwargs,
+) -> nn.Module:
+    """A copy of ``teacher`` (a timm VisionTransformer) with each block's attention replaced.
+
+    Args:
+        teacher: the softmax teacher; left untouched.
+        attn: one registered attention name for every block, or a list with one name per block
+            (e.g. ``['window_linear'] * 8 + ['softmax'] * 4``).
+        **attn_kwargs: attention options. In a mixed list each option goes to the attentions
+            that accept it; an option no chosen attention accepts is an error. ``seq_len``
+            (Linformer) defaults to the teacher's token count.
+    """
+    blocks = getattr(teacher, 'blocks', None)
+    if blocks is None:
+        raise TypeError(f'expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}')
+    depth = len(blocks)
+    names: List[str] = [attn] * depth if isinstance(attn, str) else list(attn)
+    if len(names) != depth:
+        raise ValueError(f'attn lists one attention per block: the teacher has {depth} blocks, got {len(names)} names')
+    classes = [get_attention_class(name) for name in names]
+    unused = [k for k in attn_kwargs if not any(c.accepts_option(k) for c in classes)]
+    if unused:
+        options = {n: c.own_options() for n, c in zip(names, classes)}
+        raise TypeError(f'no chosen attention accepts option(s) {unused}; their options: {options}')
+
+    prefix, grid = teacher_token_layout(teacher)
+    student = copy.deepcopy(teacher)
+    for index, (block, cls) in enumerate(zip(student.blocks, classes)):
+        old = block.attn
+        config = _attention_config(old)
+        config.update(num_prefix_tokens=prefix, grid_size=grid, depth=index)
+        if cls.accepts_option('seq_len') and grid is not None:
+            config['seq_len'] = prefix + grid[0] * grid[1]
+        config.update({k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)})
+        weight = old.qkv.weight
+        new = cls(**config).to(device=weight.device, dtype=weight.dtype)
+        for name in COUNTERPART_MODULES:
+            counterpart = getattr(old, name, None)
+            if counterpart is not None:
+                setattr(new, name, counterpart)       # the deep copy's own modules: exact, not shared
+        new.train(old.training)
+        block.attn = new
+    return student
+
+
+def new_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """(qualified name, parameter) of every attention parameter without a softmax counterpart."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, EfficientAttention):
+            for name in module.new_parameter_names():
+                yield (f'{module_name}.{name}' if module_name else name), module.get_parameter(name)

@@ -1,0 +1,65 @@
+"""Token-grid helpers: split a ViT sequence into prefix tokens and the patch grid, and cut the
+grid into non-overlapping windows (zero-padded at the bottom/right edges)."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['grid_to_image', 'image_to_grid', 'window_partition', 'window_merge', 'window_valid', 'window_ids']
+
+
+def grid_to_image(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, G, c) grid tokens -> (B*H, c, gh, gw) for 2-D ops."""
+    B, H, G, c = x.shape
+    return x.reshape(B * H, grid[0], grid[1], c).permute(0, 3, 1, 2)
+
+
+def image_to_grid(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
+    """(B*H, c, h, w) -> (B, H, h*w, c)."""
+    BH, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(batch, heads, h * w, c)
+
+
+def _padding(grid: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, int]:
+    return (-grid[0]) % window[0], (-grid[1]) % window[1]
+
+
+def window_partition(x: torch.Tensor, grid: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, gh*gw, c) -> (B, nW, H, wh*ww, c); padded positions are zeros."""
+    B, H, _, c = x.shape
+    (gh, gw), (wh, ww) = grid, window
+    ph, pw = _padding(grid, window)
+    x = F.pad(x.reshape(B, H, gh, gw, c), (0, 0, 0, pw, 0, ph))
+    nh, nw = (gh + ph) // wh, (gw + pw) // ww
+    x = x.reshape(B, H, nh, wh, nw, ww, c).permute(0, 2, 4, 1, 3, 5, 6)
+    return x.reshape(B, nh * nw, H, wh * ww, c)
+
+
+def window_merge(x: torch.Tensor, grid: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of ``window_partition``: (B, nW, H, wh*ww, c) -> (B, H, gh*gw, c), padding cropped."""
+    B, _, H, _, c = x.shape
+    (gh, gw), (wh, ww) = grid, window
+    ph, pw = _padding(grid, window)
+    nh, nw = (gh + ph) // wh, (gw + pw) // ww
+    x = x.reshape(B, nh, nw, H, wh, ww, c).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, H, nh * wh, nw * ww, c)
+    return x[:, :, :gh, :gw].reshape(B, H, gh * gw, c)
+
+
+def window_valid(grid: Tuple[int, int], window: Tuple[int, int], device=None) -> torch.Tensor | None:
+    """(nW, wh*ww) bool, True at real (unpadded) tokens; None when the grid needs no padding."""
+    if _padding(grid, window) == (0, 0):
+        return None
+    ones = torch.ones(1, 1, grid[0] * grid[1], 1, device=device)
+    return window_partition(ones, grid, window)[0, :, 0, :, 0] > 0
+
+
+def window_ids(num_prefix_tokens: int, grid: Tuple[int, int], window: Tuple[int, int], device=None) -> torch.Tensor:
+    """(N,) window index of every token in the sequence, -1 for prefix tokens."""
+    (gh, gw), (wh, ww) = grid, window
+    nw = -(-gw // ww)
+    rows = torch.arange(gh, device=device)[:, None] // wh
+    cols = torch.arange(gw, device=device)[None, :] // ww
+    ids = (rows * nw + cols).reshape(-1)
+    return torch.cat([torch.full((num_prefix_tokens,), -1, device=device, dtype=ids.dtype), ids])

@@ -1,0 +1,177 @@
+"""2-D window attention and the window + linear hybrid with a shared normaliser.
+
+Window: each grid query attends, with softmax, to the keys of its own non-overlapping window
+of the token grid *and* to every prefix token; prefix queries attend to all tokens (exact
+softmax rows, O(p N)). So prefix tokens attend globally and are attended by every token.
+Grids that the window does not divide are zero-padded at the bottom/right and the padding
+masked out. Cost O(N (w + p)); the largest tensor is windows x w x (w + p).
+
+Hybrid (LoLCATs-style): one row, one denominator, two kinds of score:
+    w_ij = exp(s q_i.k_j - c_i)         for j in the window of i or a prefix token
+    w_ij = gamma_h phi(q_i).phi(k_j)     for every other key
+    A_ij = w_ij / sum_j' w_ij'
+with c_i the row's largest local logit and gamma_h = exp(linear_log_weight_h) a learnable
+per-head balance. Rows sum to 1 exactly and have no negatives. The linear part over the keys
+outside the window is the total kernel sum minus the window's and the prefix's (O(N m d)).
+Prefix queries use exact softmax rows, as in window attention.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import EfficientAttention, _as_grid
+from .kernels import build_feature_map, scaled_for_kernel
+from .registry import register_attention
+from .tokens import window_ids, window_merge, window_partition, window_valid
+
+__all__ = ['WindowAttention', 'WindowLinearAttention']
+
+
+@register_attention('window')
+class WindowAttention(EfficientAttention):
+    """Option: ``window_size`` (int or (h, w) in tokens, default 7)."""
+    map_kind = 'row_stochastic'
+    needs_token_layout = True
+
+    def __init__(self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs) -> None:
+        super().__init__(dim, num_heads, **kwargs)
+        self.window_size: Tuple[int, int] = _as_grid(window_size)
+
+    # -- shared pieces
+    def _windows(self, q, k, v):
+        """Grid queries per window, with keys/values = prefix tokens + the window, and the key mask."""
+        B, H, N, d = q.shape
+        p, grid = self.token_layout(N)
+        window = self.window_size
+        qw, kw, vw = (window_partition(t[:, :, p:], grid, window) for t in (q, k, v))   # (B, nW, H, L, d)
+        nW, L = qw.shape[1], qw.shape[3]
+        if p:
+            kw = torch.cat([k[:, None, :, :p].expand(B, nW, H, p, d), kw], dim=-2)
+            vw = torch.cat([v[:, None, :, :p].expand(B, nW, H, p, d), vw], dim=-2)
+        valid = window_valid(grid, window, device=q.device)
+        if valid is not None:
+            valid = F.pad(valid, (p, 0), value=True)[None, :, None, None, :]    # (1, nW, 1, 1, p + L)
+        return p, grid, qw, kw, vw, valid
+
+    def _prefix_rows(self, q, k, v, p, dropout_p=0.):
+        return F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p)
+
+    def _attend(self, q, k, v):
+        dropout_p = self.attn_drop.p if self.training else 0.
+        p, grid, qw, kw, vw, valid = self._windows(q, k, v)
+        B, nW, H, L, d = qw.shape
+        mask = None if valid is None else valid.expand(B, nW, 1, 1, kw.shape[-2]).reshape(B * nW, 1, 1, -1)
+        out = F.scaled_dot_product_attention(
+            qw.reshape(B * nW, H, L, d), kw.reshape(B * nW, H, -1, d), vw.reshape(B * nW, H, -1, d),
+            attn_mask=mask, dropout_p=dropout_p)
+        out = window_merge(out.reshape(B, nW, H, L, d), grid, self.window_size)
+        if p:
+            out = torch.cat([self._prefix_rows(q, k, v, p, dropout_p), out], dim=-2)
+        return out
+
+    # -- maps
+    def _local_mask(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
+        """(len(rows), N) True where key j is in query i's window, a prefix token, or i is a prefix token."""
+        query_ids = ids[rows][:, None]
+        return (query_ids == ids[None, :]) | (ids[None, :] < 0) | (query_ids < 0)
+
+    def _map_context(self, q, k):
+        p, grid = self.token_layout(q.shape[-2])
+        return q * self.scale, k, window_ids(p, grid, self.window_size, device=q.device)
+
+    def _map_rows(self, context, rows):
+        q, k, ids = context
+        logits = q[:, :, rows] @ k.transpose(-2, -1)
+        return logits.masked_fill(~self._local_mask(ids, rows), float('-inf')).softmax(dim=-1)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, window_size={self.window_size}'
+
+
+@register_attention('window_linear')
+class WindowLinearAttention(WindowAttention):
+    """Options: ``window_size`` (default 7), ``kernel`` for the scores outside the window
+    ('hedgehog' (default, learnable), 'elu', 'relu'), ``feature_dim`` (hedgehog features per sign)."""
+    eps: float = 1e-6
+
+    def __init__(self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7,
+                 kernel: str = 'hedgehog', feature_dim: Optional[int] = None, **kwargs) -> None:
+        super().__init__(dim, num_heads, window_size=window_size, **kwargs)
+        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        self.kernel = kernel
+        self.feature_map_q, self.feature_map_k = build_feature_map(
+            kernel, num_heads, self.head_dim, feature_dim, **dd)
+        self.linear_log_weight = nn.Parameter(torch.empty(num_heads, **dd))
+        self.reset_new_parameters()
+
+    def reset_new_parameters(self) -> None:
+        with torch.no_grad():
+            self.linear_log_weight.zero_()
+            for fm in (self.feature_map_q, self.feature_map_k):
+                if hasattr(fm, 'reset_parameters'):
+                    fm.reset_parameters()
+
+    def feature_blocks(self, q, k):
+        """Kernel features (tuples of blocks for hedgehog); any leading batch shape, last dim d."""
+        if self.kernel == 'hedgehog':
+            return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)
+        return ((self.feature_map_q(scaled_for_kernel(q, self.head_dim)),),
+                (self.feature_map_k(scaled_for_kernel(k, self.head_dim)),))
+
+    def features(self, q, k):
+        phi_q, phi_k = self.feature_blocks(q, k)
+        return torch.cat(phi_q, dim=-1), torch.cat(phi_k, dim=-1)
+
+    def _linear_weight(self, dtype):
+        return self.linear_log_weight.to(dtype).exp()
+
+    def _attend(self, q, k, v):
+        p, grid, qw, kw, vw, valid = self._windows(q, k, v)                  # (B, nW, H, L | p + L, d)
+        # softmax-style scores inside the window (+ prefix keys)
+        logits = (qw * self.scale) @ kw.transpose(-2, -1)
+        if valid is not None:
+            logits = logits.masked_fill(~valid, float('-inf'))
+        weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        numerator = weights @ vw
+        denominator = weights.sum(dim=-1, keepdim=True)
+        # kernel scores for the grid keys outside the window (prefix keys are always local),
+        # computed in window layout: total over all windows minus the query's own window.
+        k_grid, v_grid = kw[..., p:, :], vw[..., p:, :]
+        phi_q, phi_k = self.feature_blocks(qw, k_grid)
+        if valid is not None:
+            keep = valid[..., p:].transpose(-2, -1).to(q.dtype)                 # (1, nW, 1, L, 1)
+            phi_k = tuple(block * keep for block in phi_k)
+        gamma = self._linear_weight(q.dtype)[None, None, :, None, None]
+        for block_q, block_k in zip(phi_q, phi_k):
+            kv_window = block_k.transpose(-2, -1) @ v_grid                      # (B, nW, H, m, d)
+            z_window = block_k.sum(dim=-2, keepdim=True)                         # (B, nW, H, 1, m)
+            kv_outside = kv_window.sum(dim=1, keepdim=True) - kv_window
+            z_outside = (z_window.sum(dim=1, keepdim=True) - z_window).clamp_min(0)   # >= 0 up to rounding
+            numerator = numerator + gamma * (block_q @ kv_outside)
+            denominator = denominator + gamma * (block_q @ z_outside.transpose(-2, -1))
+        out = window_merge(numerator / denominator, grid, self.window_size)
+        if p:
+            out = torch.cat([self._prefix_rows(q, k, v, p), out], dim=-2)
+        return out
+
+    def _map_context(self, q, k):
+        scaled_q, k_, ids = super()._map_context(q, k)
+        phi_q, phi_k = self.features(q, k)
+        return scaled_q, k_, ids, phi_q, phi_k
+
+    def _map_rows(self, context, rows):
+        q, k, ids, phi_q, phi_k = context
+        local = self._local_mask(ids, rows)
+        logits = (q[:, :, rows] @ k.transpose(-2, -1)).masked_fill(~local, float('-inf'))
+        local_weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
+        gamma = self._linear_weight(q.dtype)[None, :, None, None]
+        kernel_weights = gamma * (phi_q[:, :, rows] @ phi_k.transpose(-2, -1))
+        weights = torch.where(local, local_weights, kernel_weights)
+        return weights / weights.sum(dim=-1, keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, kernel={self.kernel!r}'

@@ -1,0 +1,261 @@
+"""Forward time, peak memory and FLOPs of every zoo attention relative to softmax SDPA.
+
+ViT-S shaped layers (dim 384, 6 heads) at N = 1 + 14^2, 1 + 28^2, 1 + 56^2 tokens. For each N,
+all attentions are built once and timed in ONE process with interleaved repeats (round r runs
+every attention once), so the ratios to softmax share the machine's state; the median is
+reported, both as wall-clock time and as this process's CPU time (``time.process_time``, all
+threads): on a shared machine other tenants inflate wall time, CPU time measures the work.
+Two calls per attention:
+
+* module: the whole attention layer (qkv projection, core, output projection): what a ViT pays;
+* core:   ``attend(q, k, v)`` alone, the part that differs between families.
+
+Peak memory (CPU): the largest total of live torch CPU-allocator bytes during one call, above
+what was live before it, read from the profiler's raw allocation/free events
+(``profile_memory=True``). It counts every tensor the call allocates, kernel workspaces
+included, and nothing else (no Python objects, no allocator caching). On CUDA it is
+``torch.cuda.max_memory_allocated`` above the memory allocated before the call.
+
+FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, SDPA, convolutions; element-wise
+work such as exp is not counted).
+
+'softmax' is the registered attention (SDPA: flash/fused kernel, O(N) memory);
+'softmax_unfused' is the explicit softmax(q k^T) v path (timm with fused_attn off), shown for
+reference: it is what an O(N^2)-memory softmax costs.
+
+    python benchmarks/attention_zoo.py --json runs/attention_zoo.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from attnxfer.models.efficient import create_attention, list_attentions  # noqa: E402
+from attnxfer.models.efficient.softmax import SoftmaxAttention  # noqa: E402
+
+LINEAR_FAMILY = ('relu_linear', 'elu_linear', 'performer', 'hedgehog', 'cosformer', 'focused_linear')
+REFERENCE = 'softmax'
+
+
+class UnfusedSoftmaxAttention(SoftmaxAttention):
+    """softmax(q k^T s) v with the map materialised (reference only, not registered)."""
+
+    def attend(self, q, k, v):
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        out = self.attend(q, k, v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj(self.norm(out))
+
+
+@dataclass
+class Row:
+    attention: str
+    tokens: int
+    batch: int
+    measures: Dict[str, Dict[str, float]]       # call -> {wall_ms, cpu_ms, peak_mib, gflops}
+    ratios: Dict[str, Dict[str, float]] = None  # call -> same keys, relative to softmax
+
+
+def build(name: str, dim: int, heads: int, grid: int, device: torch.device) -> nn.Module:
+    layout = dict(num_prefix_tokens=1, grid_size=(grid, grid))
+    if name == 'softmax_unfused':
+        module = UnfusedSoftmaxAttention(dim, num_heads=heads, qkv_bias=True, **layout)
+    else:
+        extra = {'seq_len': 1 + grid * grid} if name == 'linformer' else {}
+        module = create_attention(name, dim=dim, num_heads=heads, qkv_bias=True, **layout, **extra)
+    return module.to(device).eval()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call."""
+    synchronize(device)
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak live allocator bytes during fn() above those live before it (see module docstring)."""
+    if device.type == 'cuda':
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = []
+
+    def walk(nodes):
+        for node in nodes:
+            if type(node.extra_fields).__name__ == '_ExtraFields_Allocation' and node.extra_fields.device.type == 'cpu':
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    live = peak = 0
+    for _, size in sorted(events, key=lambda e: e[0]):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def flops(fn: Callable[[], object]) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).float().square().mean().backward()
+    return step
+
+
+def measure(names: List[str], tokens: int, batch: int, args, device: torch.device) -> List[Row]:
+    grid = math.isqrt(tokens - 1)
+    assert 1 + grid * grid == tokens, f'{tokens} is not 1 + a square grid'
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    modules = {n: build(n, args.dim, args.heads, grid, device).to(dtype) for n in names}
+    x = torch.randn(batch, tokens, args.dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        q, k, v = modules[REFERENCE].project_qkv(x)
+    calls: Dict[str, Dict[str, Callable[[], object]]] = {}
+    for n, m in modules.items():
+        calls[n] = {'module': lambda m=m: m(x), 'core': lambda m=m: m.attend(q, k, v)}
+        if args.train:
+            calls[n]['train'] = train_step(m, x)
+    times = {n: {kind: [] for kind in c} for n, c in calls.items()}
+    for repeat in range(args.warmup + args.repeats):
+        for n, kinds in calls.items():                  # interleaved: one of each per round
+            for kind, fn in kinds.items():
+                with torch.set_grad_enabled(kind == 'train'):
+                    elapsed = seconds(fn, device)
+                if repeat >= args.warmup:
+                    times[n][kind].append(elapsed)
+    rows = []
+    for n in modules:
+        measures = {}
+        for kind, fn in calls[n].items():
+            with torch.set_grad_enabled(kind == 'train'):
+                measures[kind] = dict(
+                    wall_ms=1e3 * statistics.median(t[0] for t in times[n][kind]),
+                    cpu_ms=1e3 * statistics.median(t[1] for t in times[n][kind]),
+                    peak_mib=peak_bytes(fn, device) / 2 ** 20,
+                    gflops=flops(fn) / 1e9,
+                )
+        rows.append(Row(attention=n, tokens=tokens, batch=batch, measures=measures))
+    ref = next(r for r in rows if r.attention == REFERENCE)
+    for r in rows:
+        r.ratios = {kind: {key: value / ref.measures[kind][key] if ref.measures[kind][key] else math.nan
+                           for key, value in m.items()} for kind, m in r.measures.items()}
+    return rows
+
+
+def table(rows: List[Row]) -> str:
+    """Markdown: each cell 'value (ratio to softmax SDPA)'."""
+    kinds = list(rows[0].measures)
+    columns = [('wall_ms', 'wall ms'), ('cpu_ms', 'CPU ms'), ('peak_mib', 'peak MiB')]
+    head = ['N', 'batch', 'attention'] + [f'{kind} {label}' for kind in kinds for _, label in columns]
+    head += [f'{kind} GFLOP' for kind in kinds if kind != 'train']
+    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for r in rows:
+        cells = [str(r.tokens), str(r.batch), r.attention]
+        for kind in kinds:
+            for key, _ in columns:
+                value, ratio = r.measures[kind][key], r.ratios[kind][key]
+                cells.append(f'{value:.1f} ({ratio:.2f}×)')
+        cells += [f'{r.measures[kind]["gflops"]:.2f}' for kind in kinds if kind != 'train']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def linear_family_verdict(rows: List[Row], tokens: int) -> str:
+    """Issue-5 target at the largest N: module forward >= 3x faster and <= 1/4 of softmax SDPA's peak memory."""
+    lines = []
+    for r in rows:
+        if r.tokens != tokens or r.attention not in LINEAR_FAMILY:
+            continue
+        module, core = r.ratios['module'], r.ratios['core']
+        fast = 1 / module['wall_ms'] >= 3 and 1 / module['cpu_ms'] >= 3
+        ok = fast and module['peak_mib'] <= 0.25
+        lines.append(
+            f'{r.attention}: module {1 / module["wall_ms"]:.2f}x faster (wall), {1 / module["cpu_ms"]:.2f}x (CPU), '
+            f'{module["peak_mib"]:.2f}x peak memory; core {1 / core["wall_ms"]:.2f}x faster (wall), '
+            f'{core["peak_mib"]:.2f}x peak memory -> target {"met" if ok else "NOT met"}')
+    return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--tokens', type=int, nargs='+', default=[197, 785, 3137], help='1 + grid^2 each')
+    parser.add_argument('--batch', type=int, nargs='+', default=None,
+                        help='batch per --tokens entry (default 16, 4, 1: about equal qkv work per N)')
+    parser.add_argument('--dim', type=int, default=384)
+    parser.add_argument('--heads', type=int, default=6)
+    parser.add_argument('--attentions', nargs='+', default=None, help='default: every registered attention')
+    parser.add_argument('--no-unfused', action='store_true', help='leave out the unfused softmax reference')
+    parser.add_argument('--repeats', type=int, default=7)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--train', action='store_true', help='also time forward+backward (conversion stage 1)')
+    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    parser.add_argument('--json', type=Path, default=None, help='write rows and settings here')
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [REFERENCE] + ([] if args.no_unfused else ['softmax_unfused'])
+    names += [n for n in (args.attentions or list_attentions()) if n not in names]
+    batches = args.batch or [{197: 16, 785: 4}.get(n, 1) for n in args.tokens]
+    if len(batches) != len(args.tokens):
+        parser.error('--batch needs one entry per --tokens entry')
+
+    rows: List[Row] = []
+    for tokens, batch in zip(args.tokens, batches):
+        started = time.perf_counter()
+        rows += measure(names, tokens, batch, args, device)
+        print(f'# N={tokens} measured in {time.perf_counter() - started:.0f}s', file=sys.stderr)
+    print(table(rows))
+    print()
+    print(linear_family_verdict(rows, max(args.tokens)))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        meta = dict(settings=settings, torch=torch.__version__, threads=torch.get_num_threads(),
+                    machine=platform.machine(), processor=platform.processor(), device=str(device))
+        args.json.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
