@@ -2,7 +2,6 @@
 two ranks under torchrun, non-finite losses."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -124,7 +123,6 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     assert [(tmp_path / "two" / f"rank{r}.allreduce").read_text() for r in (0, 1)] == ["1.0", "1.0"]
     r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
     single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
-    init = None
     for k in r0:
         assert torch.equal(r0[k], r1[k]), k  # DDP keeps ranks bit-identical
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
