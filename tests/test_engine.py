@@ -128,3 +128,16 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
         torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["world_size"] == 2
+
+
+def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path):
+    from attnxfer.checkpoints.export import ModelCardInfo, export_student
+    from attnxfer.models import create_vit
+    teacher = create_vit("vit_micro_patch4_28", num_classes=10, depth=2, embed_dim=48)
+    export_student(teacher, tmp_path / "teacher", card=ModelCardInfo(model_name="t", license="apache-2.0"))
+    res = _cli("train", f"run_dir={tmp_path / 'r'}", *TINY, "transfer.mode=copy",
+               f"teacher.spec=local-dir:{tmp_path / 'teacher'}", "model.mirror_teacher=false",
+               "model.kwargs={depth: 2, embed_dim: 48, img_size: 32}")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "token grids differ: teacher has 7x7 patches + 1 prefix token(s), student 8x8 + 1" in res.stderr
+    assert "img_size" in res.stderr

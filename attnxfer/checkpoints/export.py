@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.student import SOFTMAX, student_from_spec, student_spec
+from ..models.student import SOFTMAX, timm_args_from_traits, student_from_spec, student_spec, vit_traits
 from .teacher import TeacherRecord, hub_reachable
 
 __all__ = ["ModelCardInfo", "export_student", "export_run", "push_export", "select_checkpoint", "render_model_card",
@@ -279,10 +279,15 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
     kind = spec["attention"]
     native = _is_timm_native(spec["architecture"])
     if not native and type(student) is VisionTransformer:
-        # An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer,
-        # and model_args pin every choice: name a timm entrypoint of that class so plain timm rebuilds it.
-        spec = dict(spec, architecture=_TIMM_VIT_STAND_IN, registered_as=spec["architecture"])
-        native = True
+        # An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer:
+        # name a timm entrypoint of that class, with arguments read off the modules that pin every choice
+        # the entrypoint would otherwise set (the twin's logits are checked bit-identical below).
+        traits = vit_traits(student)
+        if (traits["block"], traits["mlp_layer"], traits["norm_layer"], traits["act_layer"]) == (
+                "Block", "Mlp", "LayerNorm", "GELU"):
+            args = {**spec["model_args"], **timm_args_from_traits(traits)}
+            spec = dict(spec, architecture=_TIMM_VIT_STAND_IN, registered_as=spec["architecture"], model_args=args)
+            native = True
     plain = kind == SOFTMAX
     teacher = card.teacher or {}
     meta = {

@@ -115,7 +115,7 @@ def vit_traits(model: nn.Module) -> Dict[str, Any]:
     return traits
 
 
-def _explicit_args(t: Dict[str, Any]) -> Dict[str, Any]:
+def timm_args_from_traits(t: Dict[str, Any]) -> Dict[str, Any]:
     """VisionTransformer arguments that reproduce the traits that map one-to-one onto an argument."""
     args = dict(
         img_size=list(t["img_size"]) if t["img_size"] else None,
@@ -205,7 +205,7 @@ def student_like(
     requested = dict(depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
                      num_classes=num_classes)
     requested = {k: v for k, v in requested.items() if v is not None}
-    args = {**_recorded_args(teacher), **_explicit_args(t), "num_classes": t["num_classes"], **requested, **overrides}
+    args = {**_recorded_args(teacher), **timm_args_from_traits(t), "num_classes": t["num_classes"], **requested, **overrides}
     width, heads = args["embed_dim"], args["num_heads"]
     if width % heads:
         raise ValueError(f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
