@@ -200,7 +200,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        f"{k}: teacher {t.describe()} / student {s.describe()}" for k, (t, s) in PAIRS.items()))
     p.add_argument("--depth", type=int, default=None, help="override both depths (default 12; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 1)")
-    p.add_argument("--repeats", type=int, default=None, help="timed rounds at least (default 5; quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5; quick 2)")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None,
                    help="CPU: also measure each configuration's RSS growth in a fresh process (default on; quick off)")
     p.add_argument("--rss-fixed-mmap", action=argparse.BooleanOptionalAction, default=True,
