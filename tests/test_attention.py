@@ -82,3 +82,17 @@ def test_non_standard_attention_is_refused():
     model.blocks[0].attn = torch.nn.Identity()
     with pytest.raises(TypeError, match="timm.layers.Attention"):
         make_transfer_aware(model)
+
+
+@pytest.mark.parametrize("dq,dv", [(16, 8), (8, 16), (16, 16)])
+def test_sdpa_with_mixed_head_dims_equals_explicit_attention(dq, dv):
+    from attnxfer.models.attention import sdpa
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 21, dq, generator=g), torch.randn(2, 3, 21, dq, generator=g)
+    v = torch.randn(2, 3, 21, dv, generator=g, requires_grad=True)
+    out = sdpa(q, k, v)
+    ref = torch.softmax(q @ k.transpose(-2, -1) * dq ** -0.5, -1) @ v
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    (g_out,) = torch.autograd.grad(out.sum(), [v])
+    (g_ref,) = torch.autograd.grad(ref.sum(), [v])
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-6)

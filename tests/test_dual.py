@@ -177,3 +177,21 @@ def test_clear_errors_at_construction():
     # a multiple of heads is fine for distillation, and averaged in groups
     plan = build_plan(tiny_vit(num_heads=6, embed_dim=48), tiny_vit(num_heads=3), "distill")
     assert plan.head_groups == 2 and "groups of 2" in plan.describe()
+
+
+def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
+    """Teacher head dim 32, student 16: the student's blocks apply the teacher's explicit maps to their own v."""
+    from attnxfer.models import attention_maps
+    teacher = peaked_teacher(depth=2, embed_dim=96)
+    student = tiny_vit(depth=2, seed=7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    maps = attention_maps(teacher, x)
+    dual = DualViT(teacher, student, mode="copy").eval()
+    from attnxfer.transfer.dual import _embed
+    h = _embed(student, x)
+    for i, blk in enumerate(student.blocks):
+        v = blk.attn.project(blk.norm1(h), "v")["v"]
+        a = (maps[i] @ v).transpose(1, 2).reshape(2, 17, 48)
+        h = h + blk.attn.proj(a)
+        h = h + blk.mlp(blk.norm2(h))
+    torch.testing.assert_close(dual(x).logits, student.forward_head(student.norm(h)), rtol=1e-4, atol=1e-5)

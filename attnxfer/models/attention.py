@@ -30,6 +30,7 @@ __all__ = [
     "transfer_attentions",
     "attention_io",
     "attention_maps",
+    "sdpa",
 ]
 
 _CHUNKS = ("q", "k", "v")
@@ -210,17 +211,32 @@ class TransferAttention(Attention):
         B, N, _ = x.shape
         q, k, v = qkv["q"], qkv["k"], qkv["v"]
         gate = self.gate(x).sigmoid() if self.gate is not None else None
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-            is_causal=is_causal,
-            scale=scale,
-        )
+        out = sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
+                   is_causal=is_causal, scale=scale)
         out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
         if gate is not None:
             out = out * gate
         return self.proj_drop(self.proj(out))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: Optional[torch.Tensor] = None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` that stays on the fused kernels when v's head dim differs from q's.
+
+    Fused kernels need one head dim for q, k and v; with a teacher's q/k (d_t) and a student's v (d_s)
+    torch falls back to the math path, which builds and keeps the N×N map. Zero-padding the narrower
+    side to the common dim is exact (zeros add nothing to q·k, and padded value columns are cut off),
+    with the logit scale pinned to q's original dim.
+    """
+    dq, dv = q.shape[-1], v.shape[-1]
+    scale = dq ** -0.5 if scale is None else scale
+    if dq != dv:
+        d = max(dq, dv)
+        q, k = F.pad(q, (0, d - dq)), F.pad(k, (0, d - dq))
+        v = F.pad(v, (0, d - dv))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=scale)
+    return out[..., :dv] if dq != dv else out
 
 
 def explicit_attention_map(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,

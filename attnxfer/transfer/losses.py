@@ -22,6 +22,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from ..models.attention import sdpa
+
 __all__ = [
     "AttentionLoss",
     "row_logsumexp",
@@ -128,7 +130,7 @@ def _teacher_times(q_t, k_t, values, scale_t):
     groups = q_t.shape[1] // values.shape[1]
     if groups > 1:
         values = values.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q_t, k_t, values, scale=scale_t)
+    out = sdpa(q_t, k_t, values, scale=scale_t)
     if groups > 1:
         B, _, N, d = out.shape
         out = out.reshape(B, -1, groups, N, d).mean(dim=2)
