@@ -34,13 +34,19 @@ def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -
     """
     phi_q = (phi_q,) if isinstance(phi_q, torch.Tensor) else phi_q
     phi_k = (phi_k,) if isinstance(phi_k, torch.Tensor) else phi_k
-    numerator = denominator = 0
+    numerator = denominator = None
     for block_q, block_k in zip(phi_q, phi_k, strict=True):
         kv = block_k.transpose(-2, -1) @ v                        # (B, H, m, d)
         normaliser = block_k.sum(dim=-2).unsqueeze(-1)            # (B, H, m, 1)
-        numerator = numerator + block_q @ kv
-        denominator = denominator + block_q @ normaliser
+        numerator = _accumulate(numerator, block_q @ kv)
+        denominator = _accumulate(denominator, block_q @ normaliser)
     return numerator.div_(denominator) if not numerator.requires_grad else numerator / denominator
+
+
+def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    if total is None:
+        return term
+    return total.add_(term) if not (total.requires_grad or term.requires_grad) else total + term
 
 
 def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
