@@ -34,7 +34,7 @@ them (its kernel part treats them like any token); cosFormer gives them the firs
 Nystrom/Linformer put them in the first landmark segment. The global kernels (linear, performer,
 hedgehog, hydra) do not distinguish them at all.
 """
-from .registry import create_attention, get_attention_class, list_attentions, register_attention
+from .registry import attention_layer, create_attention, get_attention_class, list_attentions, register_attention
 from .base import COUNTERPART_MODULES, MAP_KINDS, EfficientAttention
 from .softmax import SoftmaxAttention
 from .linear import ELULinearAttention, ReLULinearAttention
@@ -50,7 +50,7 @@ from .hydra import HydraAttention
 from .student import configure_token_layout, efficient_student_from_teacher, new_parameters
 
 __all__ = [
-    'register_attention', 'create_attention', 'get_attention_class', 'list_attentions',
+    'register_attention', 'create_attention', 'get_attention_class', 'list_attentions', 'attention_layer',
     'EfficientAttention', 'COUNTERPART_MODULES', 'MAP_KINDS',
     'SoftmaxAttention', 'ReLULinearAttention', 'ELULinearAttention', 'PerformerAttention', 'HedgehogAttention',
     'CosFormerAttention', 'FocusedLinearAttention', 'AgentAttention', 'WindowAttention', 'WindowLinearAttention',
