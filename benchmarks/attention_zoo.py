@@ -17,7 +17,7 @@ included, and nothing else (no Python objects, no allocator caching). On CUDA it
 ``torch.cuda.max_memory_allocated`` above the memory allocated before the call.
 
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, SDPA, convolutions; element-wise
-work such as exp is not counted).
+work such as exp, softmax and normalisation is not counted), forward calls only.
 
 'softmax' is the registered attention (SDPA: flash/fused kernel, O(N) memory);
 'softmax_unfused' is the explicit softmax(q k^T) v path (timm with fused_attn off), shown for
@@ -40,6 +40,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -122,6 +123,21 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
         live += size
         peak = max(peak, live)
     return peak
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel (torch 2.14):
+    count it with the same formula (2 matmuls of N x N x d per head)."""
+    op = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+    if op is None or op in flop_counter.flop_registry:
+        return
+
+    @flop_counter.register_flop_formula(op)
+    def _cpu_flash_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_register_cpu_sdpa_flops()
 
 
 def flops(fn: Callable[[], object]) -> int:

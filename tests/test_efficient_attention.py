@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from attnxfer.models.efficient import (
-    COUNTERPART_MODULES, EfficientAttention, configure_token_layout, create_attention,
+    COUNTERPART_MODULES, EfficientAttention, attention_layer, configure_token_layout, create_attention,
     efficient_student_from_teacher, get_attention_class, list_attentions, new_parameters, register_attention,
 )
 
@@ -67,6 +67,16 @@ def qkv64(module: EfficientAttention, n: int = N_SMALL, batch: int = 2, seed: in
     torch.manual_seed(seed)
     x = torch.randn(batch, n, module.dim, dtype=torch.float64)
     return module.project_qkv(x)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_intra_op_thread():
+    """These tests run hundreds of tiny ops; on a busy 2-core machine a second intra-op thread
+    makes each op wait for a core (see docs/benchmarks_zoo.md). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=ALL)
@@ -530,3 +540,26 @@ def test_timm_create_model_with_attn_layer(name):
     assert all(isinstance(b.attn, cls) for b in model.blocks)
     out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 3) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('weight_init', ['', 'jax'])
+def test_timm_init_leaves_new_parameters_at_their_fresh_values(weight_init):
+    """timm's ViT init re-initialises Linear/Conv layers; new parameters must keep their own init
+    (hedgehog: identity, focused conv: zero, linformer: segment means)."""
+    for name, options in (('hedgehog', {}), ('focused_linear', {}), ('linformer', {'seq_len': 17})):
+        cls = get_attention_class(name)
+        model = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=64, depth=1,
+                                  weight_init=weight_init, attn_layer=attention_layer(name, **options))
+        attn = model.blocks[0].attn
+        fresh = cls(dim=192, num_heads=3, **options)
+        for n in attn.new_parameter_names():
+            assert torch.equal(attn.get_parameter(n), fresh.get_parameter(n)), (name, n)
+
+
+def test_attention_layer_binds_options_for_timm():
+    layer = attention_layer('window', window_size=3)
+    model = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=96, depth=2, attn_layer=layer)
+    assert all(b.attn.window_size == (3, 3) and b.attn.attention_name == 'window' for b in model.blocks)
+    assert torch.isfinite(model(torch.randn(1, 3, 96, 96))).all()
+    with pytest.raises(TypeError, match='has no option'):
+        attention_layer('window', seq_len=5)

@@ -21,8 +21,20 @@ nystrom            signed          Nystrom landmarks, iterative pseudo-inverse
 linformer          signed          learned sequence projections E, F (fixed N)
 hydra              none            Hydra: per-channel cosine kernel
 =================  ==============  =============================================================
+
+Token layout: timm ViTs put ``num_prefix_tokens`` class/register tokens before the H x W grid.
+Attentions that need the grid (window, window_linear, agent, focused_linear's conv) read it
+from ``num_prefix_tokens`` / ``grid_size`` kwargs or ``set_token_layout``
+(``configure_token_layout(vit)`` sets every layer; ``efficient_student_from_teacher`` does it
+for you), else infer a square grid with the fewest prefix tokens. Prefix tokens always attend
+to every token and are attended to by every token: window attentions give them exact softmax
+rows and put them in every window's key set; agent attention pools agents from grid tokens only
+but lets prefix tokens attend through and be attended by the agents; focused linear's conv skips
+them (its kernel part treats them like any token); cosFormer gives them the first positions;
+Nystrom/Linformer put them in the first landmark segment. The global kernels (linear, performer,
+hedgehog, hydra) do not distinguish them at all.
 """
-from .registry import create_attention, get_attention_class, list_attentions, register_attention
+from .registry import attention_layer, create_attention, get_attention_class, list_attentions, register_attention
 from .base import COUNTERPART_MODULES, MAP_KINDS, EfficientAttention
 from .softmax import SoftmaxAttention
 from .linear import ELULinearAttention, ReLULinearAttention
@@ -38,7 +50,7 @@ from .hydra import HydraAttention
 from .student import configure_token_layout, efficient_student_from_teacher, new_parameters
 
 __all__ = [
-    'register_attention', 'create_attention', 'get_attention_class', 'list_attentions',
+    'register_attention', 'create_attention', 'get_attention_class', 'list_attentions', 'attention_layer',
     'EfficientAttention', 'COUNTERPART_MODULES', 'MAP_KINDS',
     'SoftmaxAttention', 'ReLULinearAttention', 'ELULinearAttention', 'PerformerAttention', 'HedgehogAttention',
     'CosFormerAttention', 'FocusedLinearAttention', 'AgentAttention', 'WindowAttention', 'WindowLinearAttention',

@@ -11,7 +11,7 @@ bilinearly resized to the token grid) are the new parameters; they start at zero
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

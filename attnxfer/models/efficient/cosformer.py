@@ -31,5 +31,8 @@ class CosFormerAttention(KernelAttention):
         relu = add_scalar(F.relu(x), self.eps)
         return relu * theta.cos()[:, None], relu * theta.sin()[:, None]
 
-    def feature_blocks(self, q, k):
-        return self.positional_features(q), self.positional_features(k)
+    def query_features(self, q):
+        return self.positional_features(q)
+
+    def key_features(self, k):
+        return self.positional_features(k)

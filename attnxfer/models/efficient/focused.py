@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import KernelAttention, linear_attend
+from .kernels import KernelAttention
 from .registry import register_attention
 from .tokens import grid_to_image, image_to_grid
 
@@ -53,8 +53,11 @@ class FocusedLinearAttention(KernelAttention):
         powered = (x / x.amax(dim=-1, keepdim=True)).pow(self.focusing_factor)
         return powered / powered.norm(dim=-1, keepdim=True) * norm
 
-    def features(self, q, k):
-        return self.focus(q), self.focus(k)
+    def query_features(self, q):
+        return self.focus(q)
+
+    def key_features(self, k):
+        return self.focus(k)
 
     def local_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
@@ -65,7 +68,7 @@ class FocusedLinearAttention(KernelAttention):
         return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
 
     def _attend_mapped(self, q, k, v):
-        return linear_attend(*self.features(q, k), v)
+        return super()._attend(q, k, v)
 
     def _attend(self, q, k, v):
         return self._attend_mapped(q, k, v) + self.local_term(v)

@@ -29,6 +29,9 @@ class HedgehogAttention(KernelAttention):
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
 
-    def feature_blocks(self, q, k):
-        # eps: softmax features can underflow to exact zeros at large logits; keep rows defined.
-        return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)
+    # eps: softmax features can underflow to exact zeros at large logits; keep rows defined.
+    def query_features(self, q):
+        return self.feature_map_q.blocks(q, self.eps)
+
+    def key_features(self, k):
+        return self.feature_map_k.blocks(k, self.eps)

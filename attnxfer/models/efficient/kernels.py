@@ -8,7 +8,6 @@ denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the c
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -21,9 +20,28 @@ from .base import EfficientAttention
 FeatureBlocks = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
 __all__ = [
-    'linear_attend', 'linear_map_rows', 'KernelAttention', 'ReLUFeatures', 'ELUFeatures',
+    'linear_attend', 'linear_state', 'linear_readout', 'linear_map_rows', 'KernelAttention',
+    'ReLUFeatures', 'ELUFeatures',
     'HedgehogFeatures', 'build_feature_map', 'scaled_for_kernel', 'add_scalar', 'FeatureBlocks',
 ]
+
+
+def _as_blocks(features: FeatureBlocks) -> Tuple[torch.Tensor, ...]:
+    return (features,) if isinstance(features, torch.Tensor) else tuple(features)
+
+
+def linear_state(phi_k: FeatureBlocks, v: torch.Tensor) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+    """Per feature block: sum_j phi(k_j) v_j^T (B, H, m, d) and sum_j phi(k_j) (B, H, m, 1)."""
+    return tuple((block.transpose(-2, -1) @ v, block.sum(dim=-2).unsqueeze(-1)) for block in _as_blocks(phi_k))
+
+
+def linear_readout(phi_q: FeatureBlocks, state) -> torch.Tensor:
+    """phi(q_i)^T KV / phi(q_i)^T z, summed over feature blocks."""
+    numerator = denominator = None
+    for block_q, (kv, normaliser) in zip(_as_blocks(phi_q), state, strict=True):
+        numerator = _accumulate(numerator, block_q @ kv)
+        denominator = _accumulate(denominator, block_q @ normaliser)
+    return numerator.div_(denominator) if not numerator.requires_grad else numerator / denominator
 
 
 def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -> torch.Tensor:
@@ -32,15 +50,13 @@ def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -
     phi_q / phi_k may also be tuples of blocks whose concatenation is the feature vector
     (e.g. Hedgehog's two signs): the block sums are added, and no concatenated copy is made.
     """
-    phi_q = (phi_q,) if isinstance(phi_q, torch.Tensor) else phi_q
-    phi_k = (phi_k,) if isinstance(phi_k, torch.Tensor) else phi_k
-    numerator = denominator = 0
-    for block_q, block_k in zip(phi_q, phi_k, strict=True):
-        kv = block_k.transpose(-2, -1) @ v                        # (B, H, m, d)
-        normaliser = block_k.sum(dim=-2).unsqueeze(-1)            # (B, H, m, 1)
-        numerator = numerator + block_q @ kv
-        denominator = denominator + block_q @ normaliser
-    return numerator.div_(denominator) if not numerator.requires_grad else numerator / denominator
+    return linear_readout(phi_q, linear_state(phi_k, v))
+
+
+def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
+    if total is None:
+        return term
+    return total.add_(term) if not (total.requires_grad or term.requires_grad) else total + term
 
 
 def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -57,23 +73,31 @@ def linear_map_rows(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
 class KernelAttention(EfficientAttention):
     """Base for attentions of the form phi(q) phi(k)^T, row-normalised.
 
-    Subclasses give ``feature_blocks`` (the forward path: blocks are never concatenated) or
-    ``features`` (one tensor each); the map path concatenates blocks.
+    Subclasses give ``query_features`` and ``key_features`` (tensors, or tuples of blocks that
+    the forward path never concatenates; the map path does).
     """
     map_kind = 'row_stochastic'
 
+    def query_features(self, q: torch.Tensor) -> FeatureBlocks:
+        """phi(q), non-negative, in the compute dtype."""
+        raise NotImplementedError
+
+    def key_features(self, k: torch.Tensor) -> FeatureBlocks:
+        """phi(k), non-negative, in the compute dtype."""
+        raise NotImplementedError
+
     def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[FeatureBlocks, FeatureBlocks]:
-        """phi(q), phi(k), non-negative, in the compute dtype; each a tensor or tuple of blocks."""
-        return self.features(q, k)
+        return self.query_features(q), self.key_features(k)
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """phi(q), phi(k) (B, H, N, m) as single tensors."""
-        phi_q, phi_k = self.feature_blocks(q, k)
-        join = lambda f: f if isinstance(f, torch.Tensor) else torch.cat(f, dim=-1)  # noqa: E731
-        return join(phi_q), join(phi_k)
+        return tuple(torch.cat(_as_blocks(f), dim=-1) for f in self.feature_blocks(q, k))
 
     def _attend(self, q, k, v):
-        return linear_attend(*self.feature_blocks(q, k), v)
+        # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
+        # before the query features exist, so only one (B, H, N, m) feature tensor is live.
+        state = linear_state(self.key_features(k), v)
+        return linear_readout(self.query_features(q), state)
 
     def _map_context(self, q, k):
         return self.features(q, k)

@@ -20,8 +20,10 @@ class ReLULinearAttention(KernelAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.feature_map = ReLUFeatures()
 
-    def features(self, q, k):
-        return self.feature_map(q), self.feature_map(k)
+    def query_features(self, q):
+        return self.feature_map(q)
+
+    key_features = query_features
 
 
 @register_attention('elu_linear')
@@ -32,6 +34,7 @@ class ELULinearAttention(KernelAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.feature_map = ELUFeatures()
 
-    def features(self, q, k):
-        return (self.feature_map(scaled_for_kernel(q, self.head_dim)),
-                self.feature_map(scaled_for_kernel(k, self.head_dim)))
+    def query_features(self, q):
+        return self.feature_map(scaled_for_kernel(q, self.head_dim))
+
+    key_features = query_features

@@ -4,8 +4,9 @@ exp(q.k / sqrt(d)) = E_w[phi(q) . phi(k)] with phi(x) = exp(w.x' - |x'|^2 / 2), 
 w ~ N(0, I). Rows of w are drawn in orthogonal blocks (QR of Gaussian blocks) and rescaled to
 chi-distributed norms, which lowers the variance. Stabilisers (the max exponent per query row,
 and per (batch, head) over all keys and features) are constants within a map row, so they
-cancel in the normalisation (up to the 1e-6 added to every feature). The projection is a buffer: fixed in eval, redrawn by ``redraw()``
-or every ``redraw_interval`` training forwards. Its error falls as 1/sqrt(num_features).
+cancel in the normalisation (up to the 1e-6 added to every feature). The projection is a
+buffer: fixed in eval, redrawn by ``redraw()`` or every ``redraw_interval`` training forwards.
+Its error falls as 1/sqrt(num_features).
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import math
 from typing import Optional
 
 import torch
-from torch import nn
 
 from .kernels import KernelAttention, add_scalar
 from .registry import register_attention
@@ -96,16 +96,18 @@ class PerformerAttention(KernelAttention):
             self._forwards_since_redraw += 1
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
 
-    def features(self, q, k):
-        # The d^-1/4 scaling is folded into the (small) projection. For queries, -|q'|^2/2 is
-        # constant along the row and is removed by the row-max stabiliser anyway, so it is skipped;
-        # for keys it is needed (it differs between the keys of one row).
-        scale = self.head_dim ** -0.25
-        w = self.feature_projection.to(q.dtype).T * scale
-        exponent_k = (k @ w).sub_(k.pow(2).sum(-1, keepdim=True).mul_(0.5 * scale ** 2))
-        phi_q = _stabilised_exp(q @ w, dims=(-1,))
-        phi_k = _stabilised_exp(exponent_k, dims=(-2, -1))
-        return add_scalar(phi_q, self.eps), add_scalar(phi_k, self.eps)
+    # The d^-1/4 scaling is folded into the (small) projection. For queries, -|q'|^2/2 is constant
+    # along the row and is removed by the row-max stabiliser anyway, so it is skipped; for keys it
+    # is needed (it differs between the keys of one row).
+    def _projection(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.feature_projection.to(dtype).T * self.head_dim ** -0.25
+
+    def query_features(self, q):
+        return add_scalar(_stabilised_exp(q @ self._projection(q.dtype), dims=(-1,)), self.eps)
+
+    def key_features(self, k):
+        exponent = (k @ self._projection(k.dtype)).sub_(k.pow(2).sum(-1, keepdim=True).mul_(0.5 / self.head_dim ** 0.5))
+        return add_scalar(_stabilised_exp(exponent, dims=(-2, -1)), self.eps)
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}'

@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Type, TypeVar
 
 from torch import nn
 
-__all__ = ['register_attention', 'create_attention', 'list_attentions', 'get_attention_class']
+__all__ = ['register_attention', 'create_attention', 'list_attentions', 'get_attention_class', 'attention_layer']
 
 _ATTENTIONS: Dict[str, Type[nn.Module]] = {}
 
@@ -48,3 +48,21 @@ def get_attention_class(name: str) -> Type[nn.Module]:
 def create_attention(name: str, **kwargs) -> nn.Module:
     """Build the attention registered under ``name`` (kwargs as timm's ``Attention`` plus its own)."""
     return get_attention_class(name)(**kwargs)
+
+
+def attention_layer(name: str, **options) -> Type[nn.Module]:
+    """A subclass of the attention ``name`` with ``options`` as defaults, for timm's ``attn_layer``
+    (which needs a class, not a partial): ``timm.create_model(..., attn_layer=attention_layer(
+    'linformer', seq_len=197))``."""
+    cls = get_attention_class(name)
+    unknown = [k for k in options if not cls.accepts_option(k)]
+    if unknown:
+        raise TypeError(f'{name} has no option(s) {unknown}; its options are: {", ".join(cls.own_options())}')
+
+    def __init__(self, *args, **kwargs):
+        cls.__init__(self, *args, **{**options, **kwargs})
+
+    label = ', '.join(f'{k}={v!r}' for k, v in options.items())
+    return type(cls.__name__, (cls,), {
+        '__init__': __init__, '__module__': cls.__module__, '__qualname__': f'{cls.__qualname__}[{label}]',
+        'layer_options': dict(options)})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-import torch
 from torch import nn
 
 from .base import COUNTERPART_MODULES, EfficientAttention
@@ -22,7 +21,8 @@ __all__ = ['efficient_student_from_teacher', 'new_parameters', 'configure_token_
 def teacher_token_layout(model: nn.Module) -> Tuple[int, Optional[Tuple[int, int]]]:
     """(num_prefix_tokens, grid_size) of a timm ViT; grid None when the model resizes its grid."""
     if not hasattr(model, 'patch_embed') or not hasattr(model, 'num_prefix_tokens'):
-        raise TypeError(f'expected a timm VisionTransformer (patch_embed, num_prefix_tokens), got {type(model).__name__}')
+        raise TypeError(
+            f'expected a timm VisionTransformer (patch_embed, num_prefix_tokens), got {type(model).__name__}')
     dynamic = getattr(model, 'dynamic_img_size', False) or getattr(model.patch_embed, 'dynamic_img_size', False)
     grid = None if dynamic else tuple(model.patch_embed.grid_size)
     return int(model.num_prefix_tokens), grid

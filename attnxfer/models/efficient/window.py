@@ -48,7 +48,7 @@ class WindowAttention(EfficientAttention):
         p, grid = self.token_layout(N)
         window = self.window_size
         qw, kw, vw = (window_partition(t[:, :, p:], grid, window) for t in (q, k, v))   # (B, nW, H, L, d)
-        nW, L = qw.shape[1], qw.shape[3]
+        nW = qw.shape[1]
         if p:
             kw = torch.cat([k[:, None, :, :p].expand(B, nW, H, p, d), kw], dim=-2)
             vw = torch.cat([v[:, None, :, :p].expand(B, nW, H, p, d), vw], dim=-2)
