@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from timm.models import save_for_hf
 
 from attnxfer.launch.config import load_config, list_recipes
@@ -305,6 +304,12 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     md = (run / "report.md").read_text()
     assert "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |" in md
     assert "Recovered:" in md and "x** the teacher's speed" in md
+    # run again into the same run dir: stage 1 is picked up, not redone; stage 2 resumes its finished run
+    from attnxfer.launch.cli import main
+    assert main(["convert", *_convert_args(run, tiny_teacher_dir)]) == 0
+    again = json.loads((run / "report.json").read_text())
+    assert again["stage1"]["resumed"] and again["stage1"]["history"] == report["stage1"]["history"]
+    assert again["top1"] == report["top1"]
 
 
 def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teacher_dir, capsys):

@@ -16,8 +16,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "ModelConfig", "TeacherConfig", "TransferConfig", "DataConfig", "AugConfig", "OptimConfig",
-    "ScheduleConfig", "EMAConfig", "LogConfig", "CheckpointConfig", "ConvertConfig", "TrainConfig", "load_config", "to_dict",
-    "apply_overrides", "parse_overrides", "dump_config", "list_recipes", "resolve_recipe",
+    "ScheduleConfig", "EMAConfig", "LogConfig", "CheckpointConfig", "ConvertConfig", "TrainConfig", "load_config",
+    "to_dict", "apply_overrides", "parse_overrides", "dump_config", "list_recipes", "resolve_recipe",
 ]
 
 

@@ -34,13 +34,13 @@ from timm.layers import Attention
 
 from ..launch.config import ConvertConfig, TrainConfig, apply_overrides, dump_config
 from ..models.efficient import efficient_student_from_teacher, get_attention_class
-from ..models.efficient.base import COUNTERPART_MODULES, EfficientAttention
+from ..models.efficient.base import EfficientAttention
 from .implicit_maps import (METRIC_NAMES, capture_attention, check_map_loss, implicit_map_loss, map_kind_of,
                             output_mse)
 
 __all__ = ["STAGE1_TRAIN", "LayerConversion", "ConversionPlan", "Stage1Result", "ConvertResult",
-           "check_softmax_teacher", "build_efficient_student", "set_drop_path", "build_conversion_plan", "stage1_transfer",
-           "map_agreement", "relative_speed", "evaluate_top1", "convert", "render_report"]
+           "check_softmax_teacher", "build_efficient_student", "set_drop_path", "build_conversion_plan",
+           "stage1_transfer", "map_agreement", "relative_speed", "evaluate_top1", "convert", "render_report"]
 
 #: what stage 1 may train in each efficient layer
 STAGE1_TRAIN = {
@@ -49,6 +49,8 @@ STAGE1_TRAIN = {
     "new+qk": "both",
 }
 _REPORT_VERSION = 1
+_NO_TEACHER = ("attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
+               "weights file)")
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -584,8 +586,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
 
     def make_student(teacher: Optional[nn.Module], num_classes: int) -> nn.Module:
         if teacher is None:
-            raise ValueError("attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, "
-                             "local-dir:PATH or a weights file)")
+            raise ValueError(_NO_TEACHER)
         student = build_efficient_student(teacher, c.attention, num_classes=num_classes, **c.attention_kwargs)
         return set_drop_path(student, cfg.model.drop_path_rate)
 
@@ -593,7 +594,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
         parts = build_run_parts(cfg, student_fn=make_student)
     teacher, student = parts.teacher, parts.student
     if teacher is None:
-        make_student(None, 0)
+        raise ValueError(_NO_TEACHER)
     plan = build_conversion_plan(teacher, student, c, batch_size=cfg.data.batch_size)
     stage2_plan = build_plan(teacher, student, cfg.transfer.mode, end_layer=cfg.transfer.end_layer,
                              layers=cfg.transfer.layers, weight=cfg.transfer.atd_weight,
@@ -741,7 +742,7 @@ def render_report(report: Dict[str, Any]) -> str:
              f"- teacher: `{report['teacher']['spec']}`",
              f"- data: {report['data']['dataset']} (val {report['data']['val_size']} images; map agreement on "
              f"{report['data']['agreement_images']})",
-             f"- stage 1: " + ("skipped" if report["stage1"]["skipped"] else
+             "- stage 1: " + ("skipped" if report["stage1"]["skipped"] else
                                f"{report['stage1']['steps']} steps, lr {report['stage1']['lr']:g}, batch "
                                f"{report['stage1']['batch_size']}, trains {report['stage1']['train']} "
                                f"({report['stage1']['seconds']:.0f} s)"),
