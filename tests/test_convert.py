@@ -253,13 +253,15 @@ def test_recipes_load_and_validate():
     assert {"convert/demo_performer", "convert/demo_hedgehog", "convert/demo_relu_linear",
             "convert/demo_window_linear"} <= set(names)
     micro = create_vit("vit_micro_patch4_28").eval()
+    mae_like = create_vit("vit_base_patch16_224", num_classes=0, depth=2).eval()  # headless, 2 blocks: quick
     for name in names:
         cfg = load_config(name)
-        if cfg.teacher.spec.startswith("local-dir:runs/demo/teacher"):
-            student = build_efficient_student(micro, cfg.convert.attention, **cfg.convert.attention_kwargs)
-            build_conversion_plan(micro, student, cfg.convert)
-            build_plan(micro, student, cfg.transfer.mode, logit_weight=cfg.transfer.logit_distill,
-                       logit_temperature=cfg.transfer.logit_temperature)
+        teacher = micro if cfg.teacher.spec.startswith("local-dir:runs/demo/teacher") else mae_like
+        student = build_efficient_student(teacher, cfg.convert.attention, num_classes=10,
+                                          **cfg.convert.attention_kwargs)
+        build_conversion_plan(teacher, student, cfg.convert)
+        build_plan(teacher, student, cfg.transfer.mode, weight=cfg.transfer.atd_weight,
+                   logit_weight=cfg.transfer.logit_distill, logit_temperature=cfg.transfer.logit_temperature)
 
 
 # ------------------------------------------------------------------------------------- the command
