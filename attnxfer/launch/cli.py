@@ -20,6 +20,7 @@ examples:
   attnxfer train -c cfgs/demo/copy.yaml schedule.epochs=5
   attnxfer train -c cfgs/paper/vit_large_copy.yaml data.root=/data/imagenet
   attnxfer eval  -c runs/my-run/config.yaml
+  attnxfer convert -c convert/demo_hedgehog                # softmax teacher -> Hedgehog student + report
   attnxfer submit -c paper/vit_large_distill data.root=/data/imagenet --nodes 8 --gpus-per-node 8
 """
 
@@ -91,6 +92,32 @@ def _demo_parser(sub):
 def _cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(args.out, budget_steps=args.budget_steps, teacher_steps=args.teacher_steps, quick=args.quick)
+    return 0
+
+
+@register_command("convert")
+def _convert_parser(sub):
+    p = sub.add_parser(
+        "convert", help="turn a softmax teacher into an efficient-attention student (stage 1 + stage 2 + report)",
+        description="Copy the teacher into a student with efficient attention (convert.attention), fit each "
+                    "attention layer to the teacher's on the teacher's hidden inputs (stage 1), fine-tune end to end "
+                    "with logit distillation (stage 2: the schedule/optim/transfer sections), and write "
+                    "RUN_DIR/report.json and report.md.")
+    _add_config_args(p)
+    p.add_argument("--skip-stage1", action="store_true", help="no layer-parallel transfer (the ablation); "
+                                                               "same as convert.stage1_steps=0")
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args) -> int:
+    from ..transfer.convert import convert
+    result = convert(_load(args), skip_stage1=args.skip_stage1)
+    r = result.report
+    top1 = r["top1"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    print(f"done: teacher top-1 {fmt(top1['teacher'])}, student top-1 {fmt(r['student_top1'])} "
+          f"({fmt(r['recovered_pct'])}% of the teacher's), speed {r['speed']['speedup']:.2f}x -> "
+          f"{result.run_dir}/report.md")
     return 0
 
 

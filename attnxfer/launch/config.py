@@ -16,8 +16,8 @@ import yaml
 
 __all__ = [
     "ConfigError", "ModelConfig", "TeacherConfig", "TransferConfig", "DataConfig", "AugConfig", "OptimConfig",
-    "ScheduleConfig", "EMAConfig", "LogConfig", "CheckpointConfig", "TrainConfig", "load_config", "to_dict",
-    "apply_overrides", "parse_overrides", "dump_config", "list_recipes", "resolve_recipe",
+    "ScheduleConfig", "EMAConfig", "LogConfig", "CheckpointConfig", "ConvertConfig", "TrainConfig", "load_config",
+    "to_dict", "apply_overrides", "parse_overrides", "dump_config", "list_recipes", "resolve_recipe",
 ]
 
 
@@ -56,6 +56,8 @@ class TransferConfig:
     layers: Optional[List[int]] = None  # explicit student layers (wins over end_layer)
     atd_weight: float = 1.0
     share_drop_path: bool = False  # False: teacher deterministic (default); True: the paper's shared masks
+    logit_distill: float = 0.0  # weight of KL(teacher logits || student logits) beside the task loss
+    logit_temperature: float = 1.0  # softening temperature T of that KL (scaled by T^2)
 
 
 @dataclass
@@ -128,6 +130,32 @@ class CheckpointConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """`attnxfer convert`: the efficient-attention student and stage 1 (layer-parallel attention transfer).
+
+    Stage 2 (end-to-end fine-tuning) is an ordinary training run of the converted student, so its recipe
+    is the usual sections: schedule (epochs / max_steps), optim (lr, ...), aug, ema, and transfer
+    (``logit_distill`` / ``logit_temperature`` for logit distillation; ``mode: distill`` with
+    ``atd_weight`` for attention distillation; ``mode: none`` without it).
+    """
+
+    attention: Union[str, List[str]] = "hedgehog"  # a registered zoo attention, or one name per block
+    attention_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {num_features: 128, window_size: 4}
+    stage1_steps: int = 200  # 0 = skip stage 1 (the ablation)
+    stage1_lr: float = 1e-2
+    stage1_batch_size: Optional[int] = None  # default: data.batch_size
+    stage1_warmup_steps: int = 10
+    stage1_weight_decay: float = 0.0
+    stage1_clip_grad: Optional[float] = 1.0
+    stage1_train: str = "new"  # new (only parameters without a softmax counterpart) | qk | new+qk
+    map_loss: str = "auto"  # auto (by map kind: ce / mse / output) | ce | mse | output
+    output_mse: float = 0.0  # weight of the attention-output MSE added to stage 1's map loss
+    agreement_batches: int = 4  # validation batches for the per-layer map agreement
+    speed_batch_size: int = 64
+    speed_repeats: int = 20
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -145,6 +173,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
 
     def __str__(self) -> str:
         return dump_config(self)

@@ -15,7 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.attention import AttentionIO, attention_io, make_transfer_aware, transfer_attentions
+from ..models.attention import (AttentionIO, TransferAttention, attention_io, make_transfer_aware,
+                                 transfer_attentions)
+from ..models.efficient.base import EfficientAttention
+from .implicit_maps import capture_layer, implicit_map_loss
 from .losses import attention_distillation_loss
 from .plan import TransferPlan, build_plan
 
@@ -76,13 +79,36 @@ def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
+def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            temperature: float = 1.0) -> torch.Tensor:
+    """T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch, in fp32 (Hinton et al.'s scaling keeps
+    the gradient's size independent of T)."""
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+        s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+@contextlib.contextmanager
+def _student_capture(attn: nn.Module, wanted: str) -> Iterator[Dict[str, torch.Tensor]]:
+    """The student layer's own q/k/v: through `AttentionIO` for softmax layers, hooks for zoo attentions."""
+    if not isinstance(attn, TransferAttention):
+        with capture_layer(attn, fields=tuple(wanted)) as store:
+            yield store
+        return
+    io = AttentionIO(capture=wanted)
+    with attention_io(attn, io):
+        yield io.captured
+
+
 class DualViT(nn.Module):
     """Teacher and student in lock-step; returns student logits and the transfer loss.
 
     Args:
         teacher: a timm ViT (any timm ``Attention``-based one; made transfer-aware in place).
-            May be None only for ``mode=none``.
-        student: the timm ViT to train (made transfer-aware in place).
+            May be None only for ``mode=none`` without logit distillation.
+        student: the timm ViT to train (made transfer-aware in place), or one whose attentions are
+            zoo attentions (`attnxfer.models.efficient`: modes ``none`` and ``distill``).
         plan: a `TransferPlan`, or None to build a default one for ``mode``.
         teacher_dtype: dtype the teacher runs in; default bf16 on CUDA, fp32 elsewhere.
     """
@@ -90,7 +116,8 @@ class DualViT(nn.Module):
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module, plan: Optional[TransferPlan] = None,
                  *, mode: str = "distill", teacher_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.student = make_transfer_aware(student)
+        efficient = any(isinstance(blk.attn, EfficientAttention) for blk in student.blocks)
+        self.student = student if efficient else make_transfer_aware(student)
         if teacher is not None:
             make_transfer_aware(teacher)
             teacher.requires_grad_(False)
@@ -99,10 +126,11 @@ class DualViT(nn.Module):
         self.__dict__["teacher"] = teacher
         self.plan = plan if plan is not None else build_plan(teacher, student, mode)
         self.teacher_dtype = teacher_dtype
-        self._student_attn = transfer_attentions(self.student)
+        self._student_attn = [blk.attn for blk in student.blocks] if efficient else transfer_attentions(student)
         self._teacher_attn = transfer_attentions(teacher) if teacher is not None else []
-        for s_layer, _ in self.plan.pairs:
-            self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
+        if self.plan.mode.borrow:
+            for s_layer, _ in self.plan.pairs:
+                self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
 
     # -- the guest -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "DualViT":
@@ -122,9 +150,22 @@ class DualViT(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> TransferOutput:
         mode = self.plan.mode
-        if not self.plan.pairs or (not self.training and not mode.teacher_at_eval):
+        if not self.training and not mode.teacher_at_eval:
             return TransferOutput(self.student(x))
+        if not self.plan.pairs:
+            out = TransferOutput(self.student(x))
+            if self.training and self.plan.logit_weight > 0:
+                with torch.no_grad():
+                    teacher_logits = self.teacher(x.to(self._teacher_ready(x.device)))
+                self._add_logit_loss(out, teacher_logits)
+            return out
         return self._lockstep(x)
+
+    def _add_logit_loss(self, out: TransferOutput, teacher_logits: torch.Tensor) -> None:
+        kd = logit_distillation_loss(out.logits, teacher_logits, self.plan.logit_temperature)
+        out.terms["logit_kd"] = kd
+        weighted = self.plan.logit_weight * kd
+        out.loss = weighted if out.loss is None else out.loss + weighted
 
     def _lockstep(self, x: torch.Tensor) -> TransferOutput:
         mode, plan = self.plan.mode, self.plan
@@ -157,24 +198,40 @@ class DualViT(nn.Module):
                     if t_io is not None:
                         signals[next_t] = t_io.captured
                     next_t += 1
-                s_io = None
-                if i in teacher_for:
-                    borrowed = signals[teacher_for[i]]
-                    s_io = (AttentionIO(**{c: borrowed[c] for c in mode.borrow}) if mode.is_copy
-                            else AttentionIO(capture=wanted))
-                with attention_io(self._student_attn[i], s_io):
+                own: Optional[Dict[str, torch.Tensor]] = None
+                if i not in teacher_for:
                     xs = blk(xs)
-            if s_io is not None and mode.is_distill:
-                losses.append(self._layer_loss(i, signals[teacher_for[i]], s_io.captured, out))
+                elif mode.is_copy:
+                    borrowed = signals[teacher_for[i]]
+                    with attention_io(self._student_attn[i], AttentionIO(**{c: borrowed[c] for c in mode.borrow})):
+                        xs = blk(xs)
+                else:
+                    with _student_capture(self._student_attn[i], wanted) as own:
+                        xs = blk(xs)
+            if own is not None and mode.is_distill:
+                losses.append(self._layer_loss(i, signals[teacher_for[i]], own, out))
         xs = student.norm(xs)
         out.logits = student.forward_head(xs)
         if losses:
             out.loss = plan.weight * torch.stack(losses).sum()
+        if self.training and plan.logit_weight > 0:
+            with torch.no_grad():
+                for j in range(next_t, len(teacher.blocks)):
+                    xt = teacher.blocks[j](xt)
+                teacher_logits = teacher.forward_head(teacher.norm(xt))
+            self._add_logit_loss(out, teacher_logits)
         return out
 
     def _layer_loss(self, layer: int, teacher_sig: Dict[str, torch.Tensor], student_sig: Dict[str, torch.Tensor],
                     out: TransferOutput) -> torch.Tensor:
         mode = self.plan.mode
+        attn = self._student_attn[layer]
+        if mode.distill == "maps" and not isinstance(attn, TransferAttention):
+            res = implicit_map_loss(attn, student_sig["q"], student_sig["k"], teacher_sig["q"], teacher_sig["k"])
+            out.terms[f"attn_{'ce' if res.metric_name == 'kl' else 'mse'}/{layer}"] = res.loss
+            if res.metric_name == "kl":
+                out.logs[f"attn_kl/{layer}"] = res.metric
+            return res.loss
         if mode.distill == "maps":
             res = attention_distillation_loss(teacher_sig["q"], teacher_sig["k"], student_sig["q"], student_sig["k"],
                                               with_kl=True)

@@ -160,7 +160,9 @@ class _Trainer:
         p = self.parts
         self.plan = build_plan(p.teacher, p.student, cfg.transfer.mode, end_layer=cfg.transfer.end_layer,
                                layers=cfg.transfer.layers, weight=cfg.transfer.atd_weight,
-                               share_drop_path=cfg.transfer.share_drop_path)
+                               share_drop_path=cfg.transfer.share_drop_path,
+                               logit_weight=cfg.transfer.logit_distill,
+                               logit_temperature=cfg.transfer.logit_temperature)
         teacher_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
                          "fp16": torch.float16}[cfg.teacher.dtype]
         self.dual = DualViT(p.teacher, p.student, self.plan, teacher_dtype=teacher_dtype)

@@ -10,7 +10,8 @@ from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from ..models.attention import transfer_attentions
+from ..models.attention import TransferAttention, transfer_attentions
+from ..models.efficient.base import EfficientAttention
 from .losses import group_heads_ok
 
 __all__ = ["TransferMode", "MODES", "register_mode", "TransferPlan", "build_plan", "select_layers", "map_layers",
@@ -107,6 +108,37 @@ def map_layers(student_layers: Sequence[int], student_depth: int, teacher_depth:
     return tuple((i, int(round(i * ratio))) for i in student_layers)
 
 
+def _block_attentions(model: nn.Module) -> Sequence[nn.Module]:
+    """Each block's attention module: timm softmax (made transfer-aware) or a zoo attention."""
+    if getattr(model, "blocks", None) is None:
+        raise TypeError(f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style "
+                        "models")
+    attns = [blk.attn for blk in model.blocks]
+    if any(isinstance(a, EfficientAttention) for a in attns):
+        return attns
+    return transfer_attentions(model)
+
+
+def _attention_name(attn: nn.Module) -> str:
+    return getattr(attn, "attention_name", "") or type(attn).__name__
+
+
+def _check_efficient_pair(spec: "TransferMode", mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
+    """A zoo-attention student layer can only learn the teacher's maps (it has no softmax q/k to share)."""
+    name = _attention_name(sa)
+    if spec.is_copy or spec.distill in ("q", "k", "v"):
+        raise PlanError(f"{where}: mode {mode!r} needs softmax attention in the student, but this layer is "
+                        f"{name!r}; use mode=distill (map distillation) or mode=none for efficient-attention "
+                        "students")
+    if sa.map_kind == "none":
+        raise PlanError(f"{where}: {name!r} attention has no attention map to distil (map kind 'none'); set "
+                        "transfer.mode=none (logit distillation still applies) or pick a row-stochastic/signed "
+                        "attention")
+    if ta.num_heads != sa.num_heads:
+        raise PlanError(f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
+                        f"{ta.num_heads}, student {sa.num_heads})")
+
+
 def _token_layout(model: nn.Module) -> Tuple[Tuple[int, ...], int]:
     grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
     return grid, int(getattr(model, "num_prefix_tokens", 0))
@@ -125,6 +157,8 @@ class TransferPlan:
     student_heads: int = 0
     share_drop_path: bool = False
     tokens: int = 0
+    logit_weight: float = 0.0  # KL between teacher and student logits (knowledge distillation)
+    logit_temperature: float = 1.0
 
     @property
     def student_layers(self) -> Tuple[int, ...]:
@@ -146,12 +180,21 @@ class TransferPlan:
     def last_teacher_layer(self) -> int:
         return max((t for _, t in self.pairs), default=-1)
 
+    @property
+    def uses_teacher(self) -> bool:
+        """The teacher runs during training: attention pairs or logit distillation."""
+        return bool(self.pairs) or self.logit_weight > 0
+
+    def _logit_line(self) -> str:
+        return (f"  logit distillation: weight {self.logit_weight:g}, temperature {self.logit_temperature:g} "
+                "(KL between teacher and student class distributions)")
+
     def describe(self) -> str:
         """A short human-readable table, printed at start-up."""
         m = self.mode
         lines = [f"transfer plan: mode={m.name} ({m.description})"]
         if m.name == "none":
-            return lines[0]
+            return "\n".join(lines + ([self._logit_line()] if self.logit_weight > 0 else []))
         kind = f"borrow {m.borrow} from teacher" if m.is_copy else (
             f"distill {m.distill}" + (f", weight {self.weight:g}" if m.is_distill else ""))
         lines.append(f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
@@ -167,6 +210,8 @@ class TransferPlan:
         else:
             lines.append(f"  student layers {span} of {self.student_depth} <- teacher layers "
                          + ", ".join(f"{s}<-{t}" for s, t in self.pairs))
+        if self.logit_weight > 0:
+            lines.append(self._logit_line())
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -182,12 +227,20 @@ def build_plan(
         layers: Optional[Iterable[int]] = None,
         weight: float = 1.0,
         share_drop_path: bool = False,
+        logit_weight: float = 0.0,
+        logit_temperature: float = 1.0,
 ) -> TransferPlan:
-    """Build and validate a plan for these two models; every incompatibility is a `PlanError`."""
+    """Build and validate a plan for these two models; every incompatibility is a `PlanError`.
+
+    ``logit_weight`` > 0 adds logit distillation (KL at ``logit_temperature``) to any mode, ``none``
+    included. Students with zoo attention (`attnxfer.models.efficient`) take modes ``none`` and
+    ``distill`` (their implicit maps learn the teacher's, by map kind).
+    """
     spec = get_mode(mode)
-    s_attn = transfer_attentions(student)
+    s_attn = _block_attentions(student)
+    logits = _logit_settings(teacher, student, logit_weight, logit_temperature)
     if spec.name == "none":
-        return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0)
+        return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0, **logits)
     if teacher is None:
         raise PlanError(f"mode {mode!r} needs a teacher; set teacher=... or use mode=none")
     t_attn = transfer_attentions(teacher)
@@ -206,7 +259,9 @@ def build_plan(
     for s, t in pairs:
         ta, sa = t_attn[t], s_attn[s]
         where = f"student block {s} <- teacher block {t}"
-        if spec.is_copy or spec.distill in ("q", "k", "v"):
+        if not isinstance(sa, TransferAttention):
+            _check_efficient_pair(spec, mode, where, ta, sa)
+        elif spec.is_copy or spec.distill in ("q", "k", "v"):
             if ta.num_heads != sa.num_heads:
                 raise PlanError(f"{where}: mode {mode!r} needs equal head counts (teacher {ta.num_heads}, "
                                 f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
@@ -222,4 +277,22 @@ def build_plan(
                             "the teacher's head count to equal or be a whole multiple of the student's "
                             f"(e.g. student num_heads={ta.num_heads})")
     return TransferPlan(spec, pairs, float(weight), len(s_attn), len(t_attn), t_attn[0].num_heads,
-                        s_attn[0].num_heads, bool(share_drop_path), tokens)
+                        s_attn[0].num_heads, bool(share_drop_path), tokens, **logits)
+
+
+def _logit_settings(teacher: Optional[nn.Module], student: nn.Module, weight: float, temperature: float) -> Dict:
+    if weight < 0 or temperature <= 0:
+        raise PlanError(f"logit distillation needs weight >= 0 and temperature > 0, got weight {weight}, "
+                        f"temperature {temperature}")
+    if weight > 0:
+        if teacher is None:
+            raise PlanError("logit distillation (transfer.logit_distill > 0) needs a teacher; set teacher.spec or "
+                            "transfer.logit_distill=0")
+        t_classes, s_classes = getattr(teacher, "num_classes", 0), getattr(student, "num_classes", 0)
+        if not t_classes:
+            raise PlanError("the teacher has no classifier head (num_classes=0, e.g. an MAE encoder), so there are "
+                            "no teacher logits to distil; set transfer.logit_distill=0")
+        if t_classes != s_classes:
+            raise PlanError(f"logit distillation needs the teacher's classes: teacher has {t_classes}, student "
+                            f"{s_classes}; set transfer.logit_distill=0 or use a teacher trained on this label set")
+    return dict(logit_weight=float(weight), logit_temperature=float(temperature))

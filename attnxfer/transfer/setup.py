@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..launch.config import TrainConfig
 
-__all__ = ["RunParts", "build_run_parts", "build_student"]
+__all__ = ["RunParts", "build_run_parts", "build_student", "describe_student"]
 
 
 @dataclass
@@ -45,7 +45,28 @@ def build_student(cfg: TrainConfig, teacher: Optional[nn.Module], num_classes: i
     return create_vit(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
 
 
-def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> RunParts:
+def describe_student(student: nn.Module) -> Dict[str, Any]:
+    """`student_spec`, or for a student whose blocks mix attentions, its architecture and per-layer names."""
+    from ..models.student import student_spec
+    try:
+        return student_spec(student)
+    except ValueError:
+        if not hasattr(student, "blocks"):
+            raise
+        names = [getattr(blk.attn, "attention_name", "") or type(blk.attn).__name__ for blk in student.blocks]
+        if len(set(names)) == 1:
+            raise
+        arch = (getattr(student, "pretrained_cfg", None) or {}).get("architecture")
+        return {"architecture": arch, "attention": names, "num_classes": int(student.num_classes)}
+
+
+StudentFn = Callable[[Optional[nn.Module], int], nn.Module]
+
+
+def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
+                    student_fn: Optional[StudentFn] = None) -> RunParts:
+    """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
+    student (e.g. `attnxfer convert` builds it from the teacher's weights)."""
     from ..data import ResumableSampler, build_dataset, build_loader, dataset_info
 
     d = cfg.data
@@ -65,7 +86,8 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Run
         raise ValueError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
     in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
     img_size = d.img_size or (teacher.patch_embed.img_size[0] if teacher is not None else None)
-    student = build_student(cfg, teacher, num_classes, in_chans, img_size)
+    student = (student_fn(teacher, num_classes) if student_fn is not None
+               else build_student(cfg, teacher, num_classes, in_chans, img_size))
     img_size = img_size or student.patch_embed.img_size[0]
     in_chans = student.patch_embed.proj.in_channels
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
@@ -90,8 +112,7 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1) -> Run
                                 pin_memory=pin, drop_last=True)
     val_loader = build_loader(val_set, batch_size=d.eval_batch_size or d.batch_size, sampler=val_sampler,
                               num_workers=d.num_workers, pin_memory=pin, drop_last=False)
-    from ..models.student import student_spec
     return RunParts(student=student, teacher=teacher, train_loader=train_loader, val_loader=val_loader,
                     train_sampler=sampler, num_classes=num_classes,
                     class_names=list(info.class_names) if info.class_names else None,
-                    mean=list(mean), std=list(std), teacher_record=record, student_spec=student_spec(student))
+                    mean=list(mean), std=list(std), teacher_record=record, student_spec=describe_student(student))
