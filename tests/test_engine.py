@@ -141,3 +141,18 @@ def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "token grids differ: teacher has 7x7 patches + 1 prefix token(s), student 8x8 + 1" in res.stderr
     assert "img_size" in res.stderr
+
+
+def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path):
+    """An exported student used as a teacher must hand its training mean/std to the next run."""
+    from attnxfer.data import dataset_info
+    run = tmp_path / "r"
+    assert _cli("train", f"run_dir={run}", *TINY, "transfer.mode=none", "schedule.max_steps=2").returncode == 0
+    res = _cli("export", str(run), str(tmp_path / "export"), "--weights", "raw")
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
+    info = dataset_info("animal_mnist")
+    assert cfg["mean"] == list(info.mean) and cfg["std"] == list(info.std)
+    from attnxfer.checkpoints import load_teacher
+    _, record = load_teacher(f"local-dir:{tmp_path / 'export'}")
+    assert list(record.mean) == list(info.mean) and list(record.std) == list(info.std)

@@ -93,6 +93,10 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
     std = d.std or (record or {}).get("std") or info.std
+    # The student is trained on inputs normalised this way: its pretrained config (what export writes,
+    # and what a later run reads when this student becomes a teacher) must say so.
+    student.pretrained_cfg = {**getattr(student, "pretrained_cfg", {}), "mean": tuple(mean), "std": tuple(std),
+                              "input_size": (in_chans, img_size, img_size)}
     common = dict(root=d.root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=cfg.seed, **d.kwargs)
     if d.dataset == "synthetic":
         common.setdefault("num_classes", num_classes)
