@@ -125,6 +125,7 @@ class TrainStep:
         wrapper = MaterialisedDistillViT if mode == "distill_ref" else DualViT
         self.model = wrapper(teacher, student, mode={"distill_ref": "distill"}.get(mode, mode)).to(device)
         self.model.train()
+        self.model.log_kl = False  # as on training steps that are not logged (the engine logs every 20th)
         self.teacher = teacher
         self.optimizer = torch.optim.AdamW(student_param_groups(self.model, weight_decay=0.05), lr=1e-4)
         img, _ = image_geometry(tokens)

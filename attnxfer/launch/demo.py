@@ -103,10 +103,15 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -
     teacher, _ = load_teacher(f"local-dir:{teacher_dir}")
     val = build_dataset("animal_mnist", "val")
     x = torch.stack([val[i][0] for i in (0, 150, 420, 777)])
+    from ..transfer.plan import MODES
     models = {"teacher": teacher}
     for label, run_dir in student_runs.items():
         info = CheckpointManager(run_dir).latest()
         if info is None:
+            continue
+        mode = json.loads((Path(run_dir) / "run.json").read_text()).get("mode")
+        if mode in MODES and MODES[mode].teacher_at_eval:
+            models[f"{label}\n(= teacher's maps)"] = teacher  # a copy student attends with the teacher's q, k
             continue
         cfg = load_config(str(Path(run_dir) / "config.yaml"))
         student = build_student(cfg, teacher, 10, 1, 28)

@@ -126,6 +126,9 @@ class DualViT(nn.Module):
         self.__dict__["teacher"] = teacher
         self.plan = plan if plan is not None else build_plan(teacher, student, mode)
         self.teacher_dtype = teacher_dtype
+        # KL = CE − H(P_t) costs one more teacher pass per layer and is only logged: the engine
+        # switches it on for the steps it logs.
+        self.log_kl = True
         self._student_attn = [blk.attn for blk in student.blocks] if efficient else transfer_attentions(student)
         self._teacher_attn = transfer_attentions(teacher) if teacher is not None else []
         if self.plan.mode.borrow:
@@ -234,9 +237,10 @@ class DualViT(nn.Module):
             return res.loss
         if mode.distill == "maps":
             res = attention_distillation_loss(teacher_sig["q"], teacher_sig["k"], student_sig["q"], student_sig["k"],
-                                              with_kl=True)
+                                              with_kl=self.log_kl)
             out.terms[f"attn_ce/{layer}"] = res.ce
-            out.logs[f"attn_kl/{layer}"] = res.kl
+            if res.kl is not None:
+                out.logs[f"attn_kl/{layer}"] = res.kl
             return res.ce
         c = mode.distill
         with torch.autocast(device_type=student_sig[c].device.type, enabled=False):

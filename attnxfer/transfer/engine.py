@@ -342,6 +342,8 @@ class _Trainer:
             for x, y in p.train_loader:
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
+                upcoming = self.step + 1
+                self.dual.log_kl = upcoming % cfg.log.every_steps == 0 or upcoming == self.total_steps
                 logs, stepped = self._train_step(x, y)
                 self.position += global_batch  # global count: what every rank consumed together
                 if progress is not None:
