@@ -44,6 +44,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _measure import step_peak_growth  # noqa: E402  (benchmarks/ is the script's folder)
 from attnxfer.models.efficient import create_attention, list_attentions  # noqa: E402
 from attnxfer.models.efficient.softmax import SoftmaxAttention  # noqa: E402
 
@@ -99,30 +100,7 @@ def seconds(fn: Callable[[], object], device: torch.device) -> tuple[float, floa
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     """Peak live allocator bytes during fn() above those live before it (see module docstring)."""
-    if device.type == 'cuda':
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = []
-
-    def walk(nodes):
-        for node in nodes:
-            if type(node.extra_fields).__name__ == '_ExtraFields_Allocation' and node.extra_fields.device.type == 'cpu':
-                events.append((node.start_time_ns, node.extra_fields.alloc_size))
-            walk(node.children)
-
-    walk(prof.profiler.kineto_results.experimental_event_tree())
-    live = peak = 0
-    for _, size in sorted(events, key=lambda e: e[0]):
-        live += size
-        peak = max(peak, live)
-    return peak
+    return step_peak_growth(fn, device)
 
 
 def _register_cpu_sdpa_flops() -> None:
