@@ -39,7 +39,7 @@ def _split_dir(root: Optional[str], split: str) -> Path:
 
 def folder_classes(root: str) -> tuple[str, ...]:
     """Class names: the sub-folders of the train folder, in timm's natural sort order."""
-    from timm.utils.misc import natural_key  # noqa: local import keeps `import attnxfer.data` light
+    from timm.utils.misc import natural_key  # local import keeps `import attnxfer.data` light
     train = _split_dir(root, 'train')
     classes = sorted((d.name for d in train.iterdir() if d.is_dir()), key=natural_key)
     if not classes:
@@ -101,7 +101,7 @@ def build_folder(
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob``. Eval: resize to img_size / crop_pct, centre crop."""
-    from timm.data import create_dataset, create_transform, get_img_extensions  # noqa: keeps `import attnxfer.data` light
+    from timm.data import create_dataset, create_transform, get_img_extensions  # local import keeps `import attnxfer.data` light
 
     classes = folder_classes(root)
     split_dir = _split_dir(root, split)

@@ -6,11 +6,8 @@ safetensors + JSON) and the teacher (a frozen guest inside `DualViT`).
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
