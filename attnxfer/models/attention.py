@@ -176,6 +176,8 @@ class TransferAttention(Attention):
             return
         linear = self.qkv
         if isinstance(linear, PartialQKV):
+            if chunks <= set(linear.frozen):
+                return  # already frozen: keep the module (and its parameters) as they are
             chunks |= set(linear.frozen)
             linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
             linear.load_state_dict(self.qkv.state_dict())

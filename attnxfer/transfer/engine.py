@@ -71,12 +71,12 @@ def _accelerator(cfg: TrainConfig):
                        gradient_accumulation_steps=cfg.optim.accum_steps), precision
 
 
-def _set_seed(seed: int, rank: int) -> None:
+def _set_seed(seed: int) -> None:
     import random
     import numpy as np
-    random.seed(seed + rank)
-    np.random.seed((seed + rank) % 2 ** 32)
-    torch.manual_seed(seed + rank)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
 
 def _task_loss(cfg: TrainConfig, num_classes: int):
@@ -148,7 +148,7 @@ class _Trainer:
         self.is_main = acc.is_main_process
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        _set_seed(cfg.seed, 0)  # same init on every rank
+        _set_seed(cfg.seed)  # same init on every rank
         self.run_dir = Path(cfg.run_dir)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +165,11 @@ class _Trainer:
         self.dual = DualViT(p.teacher, p.student, self.plan, teacher_dtype=teacher_dtype)
         self.dual.to(acc.device)
         self.ema = StudentEMA(self.dual.student, cfg.ema.decay) if cfg.ema.decay else None
+        # What evaluates the EMA weights: with the teacher when the mode attends with its q/k at eval.
+        self.ema_eval = None
+        if self.ema is not None:
+            self.ema_eval = (DualViT(self.dual.teacher, self.ema.module, self.plan)
+                             if self.plan.mode.teacher_at_eval else self.ema.module)
         global_batch = cfg.data.batch_size * self.world * cfg.optim.accum_steps
         self.base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
         groups = student_param_groups(self.dual, weight_decay=cfg.optim.weight_decay,
@@ -304,10 +309,9 @@ class _Trainer:
     def _evaluate_all(self) -> Dict[str, float]:
         p = self.parts
         res = {f"val_{k}": v for k, v in evaluate(self.model, p.val_loader, self.accelerator).items()}
-        if self.ema is not None:
-            ema_model = (DualViT(self.dual.teacher, self.ema.module, self.plan)
-                         if self.plan.mode.teacher_at_eval else self.ema.module)
-            res.update({f"ema_val_{k}": v for k, v in evaluate(ema_model, p.val_loader, self.accelerator).items()})
+        if self.ema_eval is not None:
+            res.update({f"ema_val_{k}": v
+                        for k, v in evaluate(self.ema_eval, p.val_loader, self.accelerator).items()})
         return res
 
     def run(self) -> TrainResult:
