@@ -22,6 +22,7 @@ examples:
   attnxfer eval  -c runs/my-run/config.yaml
   attnxfer convert -c convert/demo_hedgehog                # softmax teacher -> Hedgehog student + report
   attnxfer submit -c paper/vit_large_distill data.root=/data/imagenet --nodes 8 --gpus-per-node 8
+  attnxfer submit --command convert -c convert/vit_base_mae_performer data.root=/data/imagenet --gpus-per-node 8
 """
 
 _COMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {}
@@ -111,7 +112,10 @@ def _convert_parser(sub):
 
 def _cmd_convert(args) -> int:
     from ..transfer.convert import convert
+    from .distributed import DistributedInfo
     result = convert(_load(args), skip_stage1=args.skip_stage1)
+    if not DistributedInfo.from_environment().is_main_process:
+        return 0
     r = result.report
     top1 = r["top1"]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
@@ -124,18 +128,27 @@ def _cmd_convert(args) -> int:
 @register_command("submit")
 def _submit_parser(sub):
     from .slurm import add_slurm_arguments
-    p = sub.add_parser("submit", help="run `train` as a (multi-node) SLURM job through submitit",
-                       description="Submit the same training as `attnxfer train` to SLURM. The job checkpoints "
+    p = sub.add_parser("submit", help="run `train` (or `convert`) as a (multi-node) SLURM job through submitit",
+                       description="Submit the same training as `attnxfer train` (or, with --command convert, the "
+                                   "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
                                    "periodically, requeues itself on preemption/time limit and resumes.")
     _add_config_args(p)
+    p.add_argument("--command", choices=sorted(SUBMITTABLE), default="train",
+                   help="what the job runs (default train); convert resumes a finished stage 1 and stage 2's "
+                        "checkpoints after a requeue")
     add_slurm_arguments(p)
     p.set_defaults(func=_cmd_submit)
 
 
+#: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
+SUBMITTABLE = {"train": "attnxfer.transfer.engine:train", "convert": "attnxfer.transfer.convert:convert_main"}
+
+
 def _cmd_submit(args) -> int:
-    from ..transfer.engine import train
+    import importlib
     from .slurm import submit_from_args
-    submit_from_args(train, _load(args), args)
+    module, name = SUBMITTABLE[args.command].split(":")
+    submit_from_args(getattr(importlib.import_module(module), name), _load(args), args)
     return 0
 
 

@@ -40,7 +40,8 @@ from .implicit_maps import (METRIC_NAMES, capture_attention, check_map_loss, imp
 
 __all__ = ["STAGE1_TRAIN", "LayerConversion", "ConversionPlan", "Stage1Result", "ConvertResult",
            "check_softmax_teacher", "build_efficient_student", "set_drop_path", "build_conversion_plan",
-           "stage1_transfer", "map_agreement", "relative_speed", "evaluate_top1", "convert", "render_report"]
+           "stage1_transfer", "map_agreement", "relative_speed", "evaluate_top1", "convert", "convert_main",
+           "render_report"]
 
 #: what stage 1 may train in each efficient layer
 STAGE1_TRAIN = {
@@ -295,6 +296,38 @@ def _layer_fit_loss(attn: nn.Module, layer: LayerConversion, signals: Dict[str, 
     return loss, res.metric
 
 
+def _world() -> Tuple[int, int]:
+    """(rank, world size) of the joined process group; (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _average_gradients_over_ranks(optimizer: torch.optim.Optimizer) -> None:
+    """Data-parallel stage 1: every rank steps with the mean gradient, so the weights stay identical."""
+    _, world = _world()
+    if world == 1:
+        return
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
+    if _world()[1] == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
 def stage1_transfer(
         teacher: nn.Module,
         student: nn.Module,
@@ -357,12 +390,17 @@ def stage1_transfer(
                 metrics[layer.layer] = float(metric)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            _average_gradients_over_ranks(optimizer)
             if clip_grad:
                 torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
             optimizer.step()
             window.append(float(total.detach()))
             if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
-                rec = {"step": step + 1, "loss": sum(window) / len(window), "lr": lr,
+                # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
+                _, world = _world()
+                logged = _sum_over_ranks([sum(window) / len(window), *metrics.values()], x.device)
+                loss_mean, metrics = logged[0] / world, dict(zip(metrics, (v / world for v in logged[1:])))
+                rec = {"step": step + 1, "loss": loss_mean, "lr": lr,
                        **{f"metric/{i}": v for i, v in metrics.items()}}
                 result.history.append(rec)
                 per_layer = " ".join(f"{v:.3g}" for v in metrics.values())
@@ -383,7 +421,8 @@ def stage1_transfer(
 @torch.no_grad()
 def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *,
                   inputs: str = "teacher") -> List[Dict[str, Any]]:
-    """Per-layer agreement of the student's attention with the teacher's, averaged over ``batches``.
+    """Per-layer agreement of the student's attention with the teacher's, averaged over ``batches``
+    (over every rank's batches in a process group).
 
     ``inputs="teacher"``: each student layer sees the teacher's hidden input for that layer (what stage
     1 optimises). ``inputs="own"``: both models run end to end on the image and each layer sees its own
@@ -422,6 +461,10 @@ def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torc
             sums[i][1] += out_mse * x.shape[0]
         count += x.shape[0]
     teacher.train(was[0]), student.train(was[1])
+    device = next(student.parameters()).device
+    flat = _sum_over_ranks([v for i in range(depth) for v in sums[i]] + [count], device)
+    sums = {i: flat[2 * i:2 * i + 2] for i in range(depth)}
+    count = flat[-1]
     rows = []
     for i in range(depth):
         attn = student.blocks[i].attn
@@ -434,7 +477,7 @@ def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torc
 
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> Optional[float]:
-    """Top-1 (%) over ``loader``; None for a model without a classifier head."""
+    """Top-1 (%) over ``loader`` (summed over ranks in a process group); None without a classifier head."""
     if not getattr(model, "num_classes", 0):
         return None
     was = model.training
@@ -445,6 +488,7 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> O
         correct += (model(x).argmax(-1) == y).sum().item()
         total += y.numel()
     model.train(was)
+    correct, total = _sum_over_ranks([correct, total], device)
     return 100.0 * correct / max(1, total)
 
 
@@ -515,9 +559,12 @@ def _cycle(loader, sampler) -> Iterator[torch.Tensor]:
 def _stage1_batches(cfg: TrainConfig, parts, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     from ..data import ResumableSampler, build_loader
     dataset = parts.train_loader.dataset
-    if len(dataset) < batch_size:
-        raise ValueError(f"convert.stage1_batch_size={batch_size} is larger than the training set ({len(dataset)})")
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed + 1, drop_last=True)
+    if len(dataset) < batch_size * _world()[1]:
+        raise ValueError(f"convert.stage1_batch_size={batch_size} per rank x {_world()[1]} rank(s) is larger than "
+                         f"the training set ({len(dataset)})")
+    rank, world = _world()
+    sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed + 1, rank=rank, world_size=world,
+                               drop_last=True)
     loader = build_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
                           drop_last=True, seed=cfg.seed + 1)
     return (x.to(device, non_blocking=True) for x in _cycle(loader, sampler))
@@ -572,8 +619,13 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     ``parts`` (a `RunParts` whose student came from `build_efficient_student`) lets a notebook pass
     models and data it built. Writes ``report.json`` / ``report.md`` (and ``stage1/``, ``stage2/``)
     under ``cfg.run_dir``.
+
+    Under torchrun or a submitted multi-task job every rank runs this: stage 1 is data parallel
+    (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
+    measurements sum over ranks, and rank 0 alone writes files and logs.
     """
     from ..checkpoints.store import atomic_write_json, atomic_write_text
+    from ..launch.distributed import init_distributed
     from .engine import train
     from .plan import build_plan
     from .setup import build_run_parts
@@ -581,6 +633,10 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
     c = cfg.convert
+    info = init_distributed()
+    main = info.is_main_process
+    if not main:
+        log = _silent
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
 
@@ -591,7 +647,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
         return set_drop_path(student, cfg.model.drop_path_rate)
 
     if parts is None:
-        parts = build_run_parts(cfg, student_fn=make_student)
+        parts = build_run_parts(cfg, rank=info.rank, world_size=info.world_size, student_fn=make_student)
     teacher, student = parts.teacher, parts.student
     if teacher is None:
         raise ValueError(_NO_TEACHER)
@@ -609,8 +665,9 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
         log("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
 
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     device = _device(cfg)
     teacher.to(device).eval()
     student.to(device)
@@ -648,7 +705,8 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
             stage1 = stage1_transfer(teacher, student, plan, batches, warmup_steps=c.stage1_warmup_steps,
                                      weight_decay=c.stage1_weight_decay, clip_grad=c.stage1_clip_grad,
                                      log_every=cfg.log.every_steps, log=log)
-            _save_stage1(student, folder, stage1, plan)
+            if main:
+                _save_stage1(student, folder, stage1, plan)
         seconds["stage1"] = stage1.seconds
         measured["after_stage1"] = checkpoint_stage("after stage 1")
     else:
@@ -699,10 +757,20 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
         "speed": speed,
         "seconds": seconds,
     }
-    atomic_write_json(run_dir / "report.json", report)
-    atomic_write_text(run_dir / "report.md", render_report(report))
-    log(f"report: {run_dir / 'report.md'}")
+    if main:
+        atomic_write_json(run_dir / "report.json", report)
+        atomic_write_text(run_dir / "report.md", render_report(report))
+        log(f"report: {run_dir / 'report.md'}")
     return ConvertResult(str(run_dir), report)
+
+
+def convert_main(cfg: TrainConfig) -> Dict[str, Any]:
+    """`convert` as a job's main (``attnxfer submit --command convert``): the report is the job's result."""
+    return convert(cfg).report
+
+
+def _silent(_: str) -> None:
+    """The log of ranks other than 0."""
 
 
 def _take(loader, n: int):

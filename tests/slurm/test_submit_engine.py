@@ -77,3 +77,50 @@ def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
     assert {"step-00000005", "step-00000010"} <= saved  # nothing written before the requeue was lost
     logs = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.out"))
     assert "resumed from checkpoint step" in logs
+
+
+def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path):
+    """`submit --command convert`: data-parallel stage 1 (averaged gradients), DDP stage 2, rank 0 writes."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import peaked_teacher
+    from timm.models import save_for_hf
+
+    teacher = tmp_path / "teacher"
+    save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), teacher, safe_serialization=True)
+
+    def args(run, batch):
+        return [f"run_dir={run}", f"teacher.spec=local-dir:{teacher}", "data.dataset=synthetic",
+                "data.synthetic_length=64", f"data.batch_size={batch}", f"convert.stage1_batch_size={batch}",
+                "convert.attention=hedgehog", "convert.stage1_steps=4", "schedule.epochs=1", "schedule.max_steps=2",
+                "transfer.mode=none", "transfer.logit_distill=1.0", "log.progress=false", "log.tensorboard=false",
+                "log.every_steps=1", "convert.agreement_batches=1", "convert.speed_repeats=2",
+                "convert.speed_batch_size=4", "deterministic=true"]
+
+    job = _attnxfer("submit", "--command", "convert", *args(tmp_path / "job", 8), "--tasks-per-node", "2",
+                    "--cpus-per-task", "1", "--time", "5", "--wait")
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    one = _attnxfer("convert", *args(tmp_path / "one", 16))
+    assert one.returncode == 0, one.stderr[-3000:]
+    r_job = json.loads((tmp_path / "job" / "report.json").read_text())
+    r_one = json.loads((tmp_path / "one" / "report.json").read_text())
+    # 2 ranks x 8 images per step == 1 process x 16: the same stage-1 losses, accuracies and agreement
+    for a, b in zip(r_job["stage1"]["history"], r_one["stage1"]["history"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert r_job["top1"] == pytest.approx(r_one["top1"], abs=1e-6)  # val set split over ranks, counts summed
+    for a, b in zip(r_job["agreement"]["end_to_end"], r_one["agreement"]["end_to_end"], strict=True):
+        assert a["after_stage1"] == pytest.approx(b["after_stage1"], rel=1e-3)
+    # weights: equal up to summation order, which AdamW's normalised steps (lr 1e-2 here, up to 4e-2 of
+    # movement per weight) amplify for the few weights whose gradients are nearly zero
+    w_job = load_file(str(tmp_path / "job" / "stage1" / "student.safetensors"))
+    w_one = load_file(str(tmp_path / "one" / "stage1" / "student.safetensors"))
+    for k in w_one:
+        torch.testing.assert_close(w_job[k], w_one[k], rtol=1e-3, atol=3e-4)
+    name_j, w_job2, state = _final(tmp_path / "job" / "stage2")
+    name_1, w_one2, _ = _final(tmp_path / "one" / "stage2")
+    assert name_j == name_1 and state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
+    for k in w_one2:
+        torch.testing.assert_close(w_job2[k], w_one2[k], rtol=1e-3, atol=3e-4)
+    logs = {p.name: p.read_text() for p in (tmp_path / "job" / "submitit").glob("*_log.out")}
+    rank0 = next(text for name, text in logs.items() if name.endswith("_0_log.out"))
+    rank1 = next(text for name, text in logs.items() if name.endswith("_1_log.out"))
+    assert "stage 1 step 4/4" in rank0 and "stage 1 step" not in rank1  # one rank logs
