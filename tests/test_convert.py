@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 from attnxfer.launch.config import load_config, list_recipes
@@ -312,6 +313,18 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     again = json.loads((run / "report.json").read_text())
     assert again["stage1"]["resumed"] and again["stage1"]["history"] == report["stage1"]["history"]
     assert again["top1"] == report["top1"]
+    # the converted student exports from its stage-2 run and loads back with its attention and options
+    out = tmp_path / "export"
+    assert main(["export", str(run / "stage2"), str(out), "--checkpoint", "latest", "--weights", "raw"]) == 0
+    from attnxfer import load_student, load_teacher
+    loaded = load_student(f"local-dir:{out}")
+    teacher, _ = load_teacher(f"local-dir:{tiny_teacher_dir}")
+    rebuilt = build_efficient_student(teacher, "hedgehog", num_classes=teacher.num_classes).eval()
+    final = sorted((run / "stage2" / "checkpoints").glob("step-*"))[-1]
+    rebuilt.load_state_dict(load_file(str(final / "model.safetensors")))
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), rebuilt(x))
 
 
 def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teacher_dir, capsys):
@@ -322,6 +335,7 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
     assert report["stage1"]["skipped"] and report["top1"]["after_stage1"] is None
     assert all(r["after_stage1"] is None for r in report["agreement"]["end_to_end"])
     assert not (run / "stage1").exists()
+    capsys.readouterr()
     capsys.readouterr()
     assert main(["convert", *_convert_args(tmp_path / "bad", tiny_teacher_dir, "convert.attention=performr")]) == 2
     err = capsys.readouterr().err

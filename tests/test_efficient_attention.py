@@ -9,6 +9,7 @@ limits where a family must reduce to softmax / window attention exactly.
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -594,3 +595,21 @@ def test_attention_layer_binds_options_for_timm():
     assert torch.isfinite(model(torch.randn(1, 3, 96, 96))).all()
     with pytest.raises(TypeError, match='has no option'):
         attention_layer('window', seq_len=5)
+
+
+@pytest.mark.parametrize('name', ALL)
+def test_options_rebuild_the_same_attention(name):
+    """``options()`` reports every own option with the value in use: rebuilt from them (and the
+    weights), the attention computes the same output. Exported students rely on this."""
+    module = build(name)
+    randomise_new_parameters(module)
+    options = module.options()
+    assert sorted(options) == sorted(type(module).own_options())
+    json.dumps(options)                                                  # JSON-ready
+    twin = create_attention(name, dim=32, num_heads=2, qkv_bias=True, num_prefix_tokens=PREFIX, grid_size=GRID,
+                            **options)
+    twin.load_state_dict(module.state_dict())
+    assert twin.options() == options
+    x = torch.randn(2, N_SMALL, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), module.eval()(x), rtol=0, atol=0)

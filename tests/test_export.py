@@ -19,8 +19,10 @@ from timm.layers import Attention
 
 from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.checkpoints.export import ModelCardInfo, export_run, export_student, select_checkpoint
+from attnxfer.checkpoints.exported import load_student
 from attnxfer.checkpoints.teacher import TeacherRecord
 from attnxfer.models.attention import TransferAttention
+from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.student import student_like, student_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,37 +149,78 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     assert {"config.json", "model.safetensors", "README.md", "notes.txt"} == {p.name for p in out.iterdir()}
 
 
-class ReluLinearAttention(nn.Module):
-    """A non-softmax attention (ReLU feature-map linear attention), standing in for the efficient zoo."""
-
-    attention_name = "relu_linear"
-
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, scale_norm=False, proj_bias=True,
-                 attn_drop=0., proj_drop=0., norm_layer=None, **kwargs):
-        super().__init__()
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = F.relu(q), F.relu(k)
-        out = (q @ (k.transpose(-2, -1) @ v)) / (q @ k.sum(-2, keepdim=True).transpose(-2, -1) + 1e-6)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+def efficient_student(names, **attn_kwargs) -> nn.Module:
+    """A zoo-attention student made from a softmax student, every weight moved off its initialisation."""
+    base = student_like(teacher_model(), num_classes=10)
+    student = efficient_student_from_teacher(base, names, **attn_kwargs)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student.eval()
 
 
-def test_efficient_student_export_says_it_needs_attnxfer(tmp_path):
-    student = trained_student(attn_layer=ReluLinearAttention)
+def _logits(model, seed=7):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tmp_path):
+    student = efficient_student("relu_linear")
     out = export_student(student, tmp_path / "eff", card=card())
     config = json.loads((out / "config.json").read_text())
     assert config["attnxfer"]["attention"] == "relu_linear" and config["attnxfer"]["loads_in_plain_timm"] is False
     assert config["model_args"]["attn_layer"] == "attnxfer:relu_linear"
-    assert "timm does not provide" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "timm does not provide" in readme and f'load_student("local-dir:{out}")' in readme
     with pytest.raises(Exception):  # plain timm refuses instead of loading the weights into softmax attention
         timm.create_model(f"local-dir:{out}", pretrained=True)
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
+    loaded = load_student(f"local-dir:{out}")
+    assert all(type(b.attn).__name__ == "ReLULinearAttention" for b in loaded.blocks)
+    assert torch.equal(_logits(loaded), _logits(student))
+    assert torch.equal(_logits(load_student(str(out))), _logits(student))  # a bare folder path works too
+
+
+def test_mixed_attention_student_with_options_round_trips(tmp_path):
+    student = efficient_student(["window_linear", "performer"], window_size=2, num_features=24, feature_seed=5,
+                                feature_dim=8)
+    out = export_student(student, tmp_path / "mixed", card=card())
+    config = json.loads((out / "config.json").read_text())
+    spec = config["attnxfer"]["student"]
+    assert config["attnxfer"]["attention"] == ["window_linear", "performer"]
+    assert config["model_args"]["attn_layer"] == "attnxfer:mixed"
+    assert spec["attention_options"][0] == {"window_size": [2, 2], "kernel": "hedgehog", "feature_dim": 8}
+    assert spec["attention_options"][1] == {"num_features": 24, "orthogonal": True, "redraw_interval": None,
+                                            "feature_seed": 5}
+    assert "| 1 | performer |" in (out / "README.md").read_text()
+    loaded = load_student(f"local-dir:{out}")
+    assert [type(b.attn).__name__ for b in loaded.blocks] == ["WindowLinearAttention", "PerformerAttention"]
+    assert [b.attn.options() for b in loaded.blocks] == spec["attention_options"]
+    assert loaded.blocks[0].attn.num_prefix_tokens == 3 and loaded.blocks[0].attn.grid_size == (4, 4)
+    assert torch.equal(_logits(loaded), _logits(student))
+
+
+def test_export_refuses_a_student_its_spec_cannot_rebuild(tmp_path):
+    student = efficient_student("performer", num_features=16)
+    student.blocks[1].attn.eps = 1e-2  # state outside parameters, buffers and options: a rebuild would differ
+    with pytest.raises(RuntimeError, match="rebuilt from the export gives different logits"):
+        export_student(student, tmp_path / "bad", card=card())
+    assert not (tmp_path / "bad").exists()
+
+
+def test_load_student_says_what_it_reads(tmp_path):
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    from timm.models import save_for_hf
+    save_for_hf(plain, tmp_path / "plain", safe_serialization=True)
+    with pytest.raises(ValueError, match="no attnxfer.student block"):
+        load_student(str(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="reads `attnxfer export` folders"):
+        load_student("vit_tiny_patch16_224")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_student(f"local-dir:{tmp_path / 'missing'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,3 +309,42 @@ def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
     assert "HF_HUB_OFFLINE=1" in result["message"] and "hf upload acme/student" in result["message"]
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
     assert "hf-hub:acme/student" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_load_student_from_the_hub_cache_offline(tmp_path):
+    """The real huggingface_hub cache layout, offline: the exported folder as a Hub repo snapshot."""
+    import hashlib
+    student = efficient_student(["hedgehog", "softmax"])
+    out = export_student(student, tmp_path / "export", card=card())
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--hedgehog-student"
+    snap = repo / "snapshots" / rev
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for f in out.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / digest).write_bytes(f.read_bytes())
+        os.symlink(f"../../blobs/{digest}", snap / f.name)
+    torch.save(_logits(student), tmp_path / "expected.pt")
+    code = textwrap.dedent(f"""
+        import torch
+        from attnxfer import load_student
+        from attnxfer.checkpoints.teacher import TeacherNotAvailable
+        m = load_student("hf-hub:acme/hedgehog-student")
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            assert torch.equal(m(x), torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True))
+        print([type(b.attn).__name__ for b in m.blocks])
+        try:
+            load_student("hf-hub:acme/not-cached")
+        except TeacherNotAvailable as e:
+            print("NOT CACHED:", str(e).splitlines()[0])
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "['HedgehogAttention', 'SoftmaxAttention']" in proc.stdout
+    assert "NOT CACHED:" in proc.stdout and "acme/not-cached" in proc.stdout

@@ -135,7 +135,7 @@ def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_pla
                             "tags": list(dict.fromkeys(tags))}
     if teacher.get("hf_repo"):
         meta["base_model"] = teacher["hf_repo"]
-    kind = spec.get("attention", SOFTMAX)
+    kind = attention_label(spec.get("attention", SOFTMAX))
     data_cfg = spec.get("pretrained_cfg", {})
     out: List[str] = [_yaml_front_matter(meta), f"# {card.model_name}\n\n"]
     out.append(card.description or (
@@ -162,6 +162,12 @@ def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_pla
     if card.checkpoint:
         out.append(f"- weights: {card.checkpoint}\n")
     out.append(f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n")
+    if spec.get("attention_options"):
+        layout = spec["attention"] if isinstance(spec["attention"], list) else [spec["attention"]] * len(
+            spec["attention_options"])
+        out.append("\nAttention per block (name and options):\n\n| block | attention | options |\n|---|---|---|\n"
+                   + "".join(f"| {i} | {name} | `{json.dumps(opts)}` |\n"
+                             for i, (name, opts) in enumerate(zip(layout, spec["attention_options"]))))
 
     out.append("\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n")
 
@@ -191,7 +197,11 @@ def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_pla
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
             f"cannot build it (config.json names `attn_layer: \"attnxfer:{kind}\"`, so timm stops with an error "
             "instead of loading these weights into softmax attention). Load it with attnxfer, which rebuilds "
-            "the student from `config.json[\"attnxfer\"][\"student\"]` with its attention class.\n")
+            "the student from `config.json[\"attnxfer\"][\"student\"]` with its attention classes and options:\n\n"
+            "```python\nimport timm\nfrom attnxfer import load_student\n\n"
+            f"model = load_student(\"{load_ref}\").eval()\n"
+            "cfg = timm.data.resolve_model_data_config(model)\n"
+            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n")
     return "".join(out)
 
 
@@ -223,6 +233,12 @@ def _plain_timm_twin(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
 
 
 @torch.no_grad()
+def _rebuilt_from_spec(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
+    twin = student_from_spec(spec)
+    twin.load_state_dict({k: v.detach().cpu() for k, v in student.state_dict().items()})
+    return twin
+
+
 def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
     """Both models, one seeded input, bit-identical outputs (else the export would not be the student)."""
     from timm.models import get_model_input_config
@@ -232,14 +248,14 @@ def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
         size = get_model_input_config(student)["input_size"]
         x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
         device = next(student.parameters()).device
-        twin.to(device)  # same device, same kernels
+        twin.to(device).eval()  # same device, same kernels
         a, b = student(x.to(device)).cpu(), twin(x.to(device)).cpu()
     finally:
         student.train(was_training)
         twin.cpu()
     if not torch.equal(a, b):
-        raise RuntimeError(f"export check failed: plain timm gives different logits (max |diff| "
-                           f"{(a - b).abs().max().item():.3g}); the student has state outside timm's parameters")
+        raise RuntimeError(f"export check failed: the model rebuilt from the export gives different logits (max "
+                           f"|diff| {(a - b).abs().max().item():.3g}); the student has state its spec does not capture")
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -276,7 +292,7 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
         card.repo_id = push_to_hub
     license_id, _ = card_license(card)  # a licence conflict fails before anything is written
     spec = student_spec(student)
-    kind = spec["attention"]
+    kind = attention_label(spec["attention"])
     native = _is_timm_native(spec["architecture"])
     if not native and type(student) is VisionTransformer:
         # An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer:
@@ -294,7 +310,7 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
         "pretrained_cfg": {"license": license_id},  # the card's licence, in timm's config too
         "attnxfer": {
             "version": _version(),
-            "attention": kind,
+            "attention": spec["attention"],
             "loads_in_plain_timm": plain and native,
             "architecture_registered_by": "timm" if native else "attnxfer",
             "transfer_mode": card.transfer_mode,
@@ -312,6 +328,8 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
                 _check_same_logits(student, twin)
             save_for_hf(twin, tmp, model_config=meta, model_args=spec["model_args"], safe_serialization=True)
         else:
+            if verify:  # what `load_student` will build, holding these weights
+                _check_same_logits(student, _rebuilt_from_spec(student, spec))
             save_for_hf(student, tmp, model_config=meta, safe_serialization=True,
                         model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"})
         load_ref = f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}"
@@ -324,6 +342,13 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
     if push_to_hub:
         push_export(out_dir, push_to_hub)
     return out_dir
+
+
+def attention_label(attention: str | List[str]) -> str:
+    """A spec's attention as one word: the name every block uses, or ``mixed``."""
+    if isinstance(attention, str):
+        return attention
+    return attention[0] if len(set(attention)) == 1 else "mixed"
 
 
 def _version() -> str:

@@ -8,6 +8,7 @@ files, incompatible models) print one clear message and exit non-zero; set
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Callable, Dict, Optional, Sequence
@@ -157,7 +158,8 @@ def _export_parser(sub):
     p = sub.add_parser("export", help="write a run's student in timm's Hub format with a model card",
                        description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
                                    "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
-                                   "pretrained=True).")
+                                   "pretrained=True); any student, efficient attention included (e.g. the stage2/ "
+                                   "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR').")
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
@@ -178,7 +180,10 @@ def _cmd_export(args) -> int:
             weights = "raw"
     out = export_run(args.run_dir, args.out_dir, weights=weights, checkpoint=args.checkpoint,
                      push_to_hub=args.push_to_hub, overwrite=args.overwrite)
-    print(f"exported to {out}\nload with: timm.create_model('local-dir:{out}', pretrained=True)")
+    plain = json.loads((out / "config.json").read_text())["attnxfer"]["loads_in_plain_timm"]
+    how = (f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)" if plain
+           else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)")
+    print(f"exported to {out}\nload with: {how}")
     return 0
 
 

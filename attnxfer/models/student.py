@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Iterable, Optional, Type
+from typing import Any, Dict, Iterable, List, Optional, Type
 
 import timm
 import torch.nn as nn
@@ -22,7 +22,8 @@ from timm.layers import Attention, LayerScale
 
 from .attention import TransferAttention
 
-__all__ = ["vit_traits", "student_like", "student_spec", "student_from_spec", "attention_kind", "SOFTMAX"]
+__all__ = ["vit_traits", "student_like", "student_spec", "student_from_spec", "attention_kind", "attention_layout",
+           "SOFTMAX"]
 
 SOFTMAX = "softmax"
 
@@ -54,19 +55,25 @@ def _is_identity(m: Optional[nn.Module]) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
+def attention_layout(model: nn.Module) -> List[str]:
+    """Per-block attention names: ``"softmax"`` for timm's softmax attention (TransferAttention
+    included), else the zoo attention's name (its ``attention_name``, or its class name)."""
+    return [SOFTMAX if isinstance(blk.attn, Attention)
+            else getattr(type(blk.attn), "attention_name", None) or type(blk.attn).__name__ for blk in model.blocks]
+
+
 def attention_kind(model: nn.Module) -> str:
-    """``"softmax"`` when every block runs timm's softmax attention (TransferAttention included),
-    else the efficient attention's name (its ``attention_name`` attribute, or its class name)."""
-    kinds = set()
-    for blk in model.blocks:
-        attn = blk.attn
-        if isinstance(attn, Attention):
-            kinds.add(SOFTMAX)
-        else:
-            kinds.add(getattr(type(attn), "attention_name", None) or type(attn).__name__)
+    """The one attention every block runs (see `attention_layout`); an error if blocks differ."""
+    kinds = sorted(set(attention_layout(model)))
     if len(kinds) != 1:
-        raise ValueError(f"mixed attention kinds across blocks: {sorted(kinds)}")
-    return kinds.pop()
+        raise ValueError(f"mixed attention kinds across blocks: {kinds}")
+    return kinds[0]
+
+
+def _attention_summary(model: nn.Module) -> str | List[str]:
+    """One name when every block agrees, else the per-block list."""
+    names = attention_layout(model)
+    return names[0] if len(set(names)) == 1 else names
 
 
 def vit_traits(model: nn.Module) -> Dict[str, Any]:
@@ -110,7 +117,7 @@ def vit_traits(model: nn.Module) -> Dict[str, Any]:
         dynamic_img_size=bool(getattr(model, "dynamic_img_size", False)),
         dynamic_img_pad=bool(getattr(model.patch_embed, "dynamic_img_pad", False)),
         num_classes=model.num_classes,
-        attention=attention_kind(model),
+        attention=_attention_summary(model),
     )
     return traits
 
@@ -245,26 +252,36 @@ def student_spec(student: nn.Module) -> Dict[str, Any]:
     args = {k: v for k, v in get_model_args(student).items() if k not in _NOT_ARCHITECTURE}
     data_cfg = {k: _json_value(k, cfg[k]) for k in (*_DATA_CFG_KEYS, "input_size", "fixed_input_size")
                 if cfg.get(k) is not None}
-    return {
+    spec = {
         "architecture": arch,
         "model_args": {k: _json_value(k, v) for k, v in sorted(args.items())},
-        "attention": attention_kind(student),
+        "attention": _attention_summary(student),
         "num_classes": int(student.num_classes),
         "pretrained_cfg": data_cfg,
     }
+    if any(name != SOFTMAX for name in attention_layout(student)):
+        # what rebuilds each zoo attention (window sizes, feature counts, ...), block by block
+        spec["attention_options"] = [blk.attn.options() if hasattr(blk.attn, "options") else {}
+                                     for blk in student.blocks]
+    return spec
 
 
 def student_from_spec(spec: Dict[str, Any], *, attn_layer: Optional[Type[nn.Module]] = None,
                       **overrides: Any) -> nn.Module:
     """Rebuild a student (random weights) from `student_spec` output.
 
-    Softmax students get ``TransferAttention`` unless ``attn_layer`` says otherwise; an efficient
-    student needs its attention class passed as ``attn_layer``.
+    Softmax students get ``TransferAttention`` unless ``attn_layer`` says otherwise. Students with
+    zoo attentions (one for every block, or one per block) are built with timm's attention and then
+    swapped block by block with the recorded ``attention_options`` (`swap_attentions`).
     """
     kind = spec.get("attention", SOFTMAX)
+    if attn_layer is None and kind != SOFTMAX:
+        from .efficient.student import swap_attentions
+        model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
+        depth = len(model.blocks)
+        names = [kind] * depth if isinstance(kind, str) else list(kind)
+        return swap_attentions(model, names, spec.get("attention_options"))
     if attn_layer is None:
-        if kind != SOFTMAX:
-            raise ValueError(f"student_from_spec: the student uses {kind!r} attention; pass its class as attn_layer=")
         attn_layer = TransferAttention
     cfg = dict(spec.get("pretrained_cfg", {}), architecture=spec["architecture"],
                num_classes=spec.get("num_classes", spec["model_args"].get("num_classes", 0)))

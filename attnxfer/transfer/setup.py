@@ -46,18 +46,9 @@ def build_student(cfg: TrainConfig, teacher: Optional[nn.Module], num_classes: i
 
 
 def describe_student(student: nn.Module) -> Dict[str, Any]:
-    """`student_spec`, or for a student whose blocks mix attentions, its architecture and per-layer names."""
+    """`student_spec` (the run record's description; it also rebuilds students whose blocks mix attentions)."""
     from ..models.student import student_spec
-    try:
-        return student_spec(student)
-    except ValueError:
-        if not hasattr(student, "blocks"):
-            raise
-        names = [getattr(blk.attn, "attention_name", "") or type(blk.attn).__name__ for blk in student.blocks]
-        if len(set(names)) == 1:
-            raise
-        arch = (getattr(student, "pretrained_cfg", None) or {}).get("architecture")
-        return {"architecture": arch, "attention": names, "num_classes": int(student.num_classes)}
+    return student_spec(student)
 
 
 StudentFn = Callable[[Optional[nn.Module], int], nn.Module]

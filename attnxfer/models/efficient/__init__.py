@@ -47,7 +47,7 @@ from .window import WindowAttention, WindowLinearAttention
 from .nystrom import NystromAttention
 from .linformer import LinformerAttention
 from .hydra import HydraAttention
-from .student import configure_token_layout, efficient_student_from_teacher, new_parameters
+from .student import configure_token_layout, efficient_student_from_teacher, new_parameters, swap_attentions
 
 __all__ = [
     'register_attention', 'create_attention', 'get_attention_class', 'list_attentions', 'attention_layer',
@@ -55,5 +55,5 @@ __all__ = [
     'SoftmaxAttention', 'ReLULinearAttention', 'ELULinearAttention', 'PerformerAttention', 'HedgehogAttention',
     'CosFormerAttention', 'FocusedLinearAttention', 'AgentAttention', 'WindowAttention', 'WindowLinearAttention',
     'NystromAttention', 'LinformerAttention', 'HydraAttention',
-    'efficient_student_from_teacher', 'new_parameters', 'configure_token_layout',
+    'efficient_student_from_teacher', 'swap_attentions', 'new_parameters', 'configure_token_layout',
 ]

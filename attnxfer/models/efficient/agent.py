@@ -37,7 +37,8 @@ class AgentAttention(EfficientAttention):
         dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
         self.agent_grid = _as_grid(agent_grid)
         num_agents = self.agent_grid[0] * self.agent_grid[1]
-        bh, bw = _as_grid(bias_grid)
+        self.bias_grid = _as_grid(bias_grid)
+        bh, bw = self.bias_grid
         self.agent_key_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))
         self.query_agent_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))
         self.reset_new_parameters()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, ClassVar, List, Optional, Sequence, Tuple, Type
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -49,6 +49,14 @@ def upcast(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
 def full_precision(device_type: str):
     """Autocast off: feature maps must not silently drop back to fp16/bf16 inside."""
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _json_option(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_json_option(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f'attention option value {value!r} is not JSON (int, float, str, bool, None or lists of them)')
 
 
 def _as_grid(grid_size: Optional[int | Sequence[int]]) -> Optional[Tuple[int, int]]:
@@ -148,6 +156,15 @@ class EfficientAttention(nn.Module):
     @classmethod
     def accepts_option(cls, name: str) -> bool:
         return name in _BASE_OPTIONS or name in cls.own_options()
+
+    def options(self) -> Dict[str, Any]:
+        """This attention's own constructor options (``own_options``) as JSON values: with the base
+        arguments they rebuild it (exported students record them per block)."""
+        missing = [name for name in self.own_options() if not hasattr(self, name)]
+        if missing:
+            raise TypeError(f'{type(self).__name__} keeps no attribute for option(s) {missing}; store them in '
+                            '__init__ so the attention can be rebuilt')
+        return {name: _json_option(getattr(self, name)) for name in self.own_options()}
 
     def new_parameter_names(self) -> List[str]:
         """Parameters with no softmax counterpart: the ones conversion stage 1 trains."""

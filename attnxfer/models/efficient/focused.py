@@ -36,6 +36,7 @@ class FocusedLinearAttention(KernelAttention):
         dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
         d = self.head_dim
         self.focusing_factor = float(focusing_factor)
+        self.kernel_size = int(kernel_size)
         self.focus_scale = nn.Parameter(torch.empty(num_heads, 1, d, **dd))
         self.dwc = nn.Conv2d(d, d, kernel_size, padding=kernel_size // 2, groups=d, **dd)
         self.reset_new_parameters()

@@ -22,6 +22,7 @@ class HedgehogAttention(KernelAttention):
     def __init__(self, dim: int, num_heads: int = 8, *, feature_dim: Optional[int] = None, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
         dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        self.feature_dim = int(feature_dim or self.head_dim)
         self.feature_map_q = HedgehogFeatures(num_heads, self.head_dim, feature_dim, **dd)
         self.feature_map_k = HedgehogFeatures(num_heads, self.head_dim, feature_dim, **dd)
 

@@ -8,14 +8,14 @@ the deep copy, and only the new attention parameters start fresh.
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from .base import COUNTERPART_MODULES, EfficientAttention
 from .registry import get_attention_class
 
-__all__ = ['efficient_student_from_teacher', 'new_parameters', 'configure_token_layout', 'teacher_token_layout']
+__all__ = ['efficient_student_from_teacher', 'swap_attentions', 'new_parameters', 'configure_token_layout', 'teacher_token_layout']
 
 
 def teacher_token_layout(model: nn.Module) -> Tuple[int, Optional[Tuple[int, int]]]:
@@ -88,24 +88,48 @@ def efficient_student_from_teacher(
         options = {n: c.own_options() for n, c in zip(names, classes)}
         raise TypeError(f'no chosen attention accepts option(s) {unused}; their options: {options}')
 
-    prefix, grid = teacher_token_layout(teacher)
-    student = copy.deepcopy(teacher)
-    for index, (block, cls) in enumerate(zip(student.blocks, classes)):
+    options = [{k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)} for cls in classes]
+    return swap_attentions(copy.deepcopy(teacher), names, options)
+
+
+def swap_attentions(
+        model: nn.Module,
+        names: Sequence[str],
+        options: Optional[Sequence[Dict[str, Any]]] = None,
+) -> nn.Module:
+    """Replace each block's attention of ``model`` (a timm VisionTransformer) in place.
+
+    Block i gets ``names[i]`` built with the old attention's shapes, the model's token layout and
+    ``options[i]`` (its own options, as ``EfficientAttention.options()`` reports them); the old
+    ``qkv``, ``q_norm``, ``k_norm``, ``norm`` and ``proj`` modules move into it unchanged. This is how
+    a student is made from a teacher copy, and how an exported student is rebuilt from its spec.
+    """
+    blocks = getattr(model, 'blocks', None)
+    if blocks is None:
+        raise TypeError(f'expected a timm VisionTransformer with .blocks, got {type(model).__name__}')
+    depth = len(blocks)
+    options = [{} for _ in range(depth)] if options is None else list(options)
+    if len(names) != depth or len(options) != depth:
+        raise ValueError(f'one attention name and one options dict per block: the model has {depth} blocks, got '
+                         f'{len(names)} names and {len(options)} option dicts')
+    classes = [get_attention_class(name) for name in names]
+    prefix, grid = teacher_token_layout(model)
+    for index, (block, cls, opts) in enumerate(zip(model.blocks, classes, options)):
         old = block.attn
         config = _attention_config(old)
         config.update(num_prefix_tokens=prefix, grid_size=grid, depth=index)
         if cls.accepts_option('seq_len') and grid is not None:
             config['seq_len'] = prefix + grid[0] * grid[1]
-        config.update({k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)})
+        config.update(opts)
         weight = old.qkv.weight
         new = cls(**config).to(device=weight.device, dtype=weight.dtype)
         for name in COUNTERPART_MODULES:
             counterpart = getattr(old, name, None)
             if counterpart is not None:
-                setattr(new, name, counterpart)       # the deep copy's own modules: exact, not shared
+                setattr(new, name, counterpart)       # the old model's own modules: exact, not shared
         new.train(old.training)
         block.attn = new
-    return student
+    return model
 
 
 def new_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:

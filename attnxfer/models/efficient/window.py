@@ -103,6 +103,7 @@ class WindowLinearAttention(WindowAttention):
         super().__init__(dim, num_heads, window_size=window_size, **kwargs)
         dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
         self.kernel = kernel
+        self.feature_dim = feature_dim if kernel != 'hedgehog' else int(feature_dim or self.head_dim)
         self.feature_map_q, self.feature_map_k = build_feature_map(
             kernel, num_heads, self.head_dim, feature_dim, **dd)
         self.linear_log_weight = nn.Parameter(torch.empty(num_heads, **dd))

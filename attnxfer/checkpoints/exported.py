@@ -1,0 +1,50 @@
+"""Load a student that `attnxfer export` wrote: a local folder or a Hub repo, zoo attentions included.
+
+Softmax students also load in plain timm; students with efficient attention (one kind, or one per
+block) do not, because timm has no such attention. Their config.json carries the attnxfer spec
+(architecture, timm arguments, per-block attention names and options), which `student_from_spec`
+turns back into the same model before the safetensors weights go in.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch.nn as nn
+
+from ..models.student import student_from_spec
+from .teacher import _RESOLVERS, parse_teacher_spec, read_state_dict
+
+__all__ = ["load_student"]
+
+
+def load_student(spec: str, *, revision: Optional[str] = None,
+                 cache_dir: Optional[str | os.PathLike] = None) -> nn.Module:
+    """The exported student at ``spec`` (``local-dir:PATH``, a folder path, or ``hf-hub:ORG/NAME[@REV]``), in eval mode.
+
+    Hub repos resolve through the Hugging Face cache exactly as teachers do (offline: the cache only,
+    with a message saying how to fetch what is missing). Weights are read from safetensors.
+    """
+    spec = str(spec)
+    if ":" not in spec and Path(spec).expanduser().is_dir():
+        spec = f"local-dir:{spec}"
+    parsed = parse_teacher_spec(spec, revision)
+    if parsed.source not in ("local-dir", "hf-hub"):
+        raise ValueError(f"load_student reads `attnxfer export` folders: 'local-dir:PATH' (or a folder path) or "
+                         f"'hf-hub:ORG/NAME[@REV]', got {spec!r}")
+    res = _RESOLVERS[parsed.source](parsed, arch=None, cache_dir=None if cache_dir is None else str(cache_dir),
+                                    pretrained=True)
+    config = json.loads(Path(res.files[0]).read_text(encoding="utf-8"))
+    student = (config.get("attnxfer") or {}).get("student")
+    if not student:
+        raise ValueError(f"{spec}: config.json has no attnxfer.student block, so `attnxfer export` did not write it; "
+                         "load a plain timm model with timm.create_model or attnxfer.load_teacher")
+    model = student_from_spec(student)
+    state, _ = read_state_dict(res.weights)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{spec}: the weights do not fit the student its config.json describes (missing "
+                         f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}); was the folder edited?")
+    return model.eval()
