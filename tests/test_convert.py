@@ -336,6 +336,15 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
     assert all(r["after_stage1"] is None for r in report["agreement"]["end_to_end"])
     assert not (run / "stage1").exists()
     capsys.readouterr()
+    # stage 2 runs the teacher in teacher.dtype (bf16 here, as on GPU by default); the measurements after it still
+    # run it in fp32, on the same fp32 inputs (this once failed on GPU: fp32 input into a bf16 teacher)
+    low = tmp_path / "bf16"
+    assert main(["convert", *_convert_args(low, tiny_teacher_dir, "transfer.mode=none", "teacher.dtype=bf16"),
+                 "--skip-stage1"]) == 0
+    low_report = json.loads((low / "report.json").read_text())
+    assert isinstance(low_report["top1"]["after_stage2"], float)
+    assert low_report["agreement"]["end_to_end"][0]["before_stage1"] == \
+        report["agreement"]["end_to_end"][0]["before_stage1"]
     capsys.readouterr()
     assert main(["convert", *_convert_args(tmp_path / "bad", tiny_teacher_dir, "convert.attention=performr")]) == 2
     err = capsys.readouterr().err

@@ -625,7 +625,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     measurements sum over ranks, and rank 0 alone writes files and logs.
     """
     from ..checkpoints.store import atomic_write_json, atomic_write_text
-    from ..launch.distributed import init_distributed
+    from ..launch.distributed import backend_for, init_distributed
     from .engine import train
     from .plan import build_plan
     from .setup import build_run_parts
@@ -633,7 +633,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
     c = cfg.convert
-    info = init_distributed()
+    info = init_distributed(backend_for(cfg.device))
     main = info.is_main_process
     if not main:
         log = _silent
@@ -669,7 +669,9 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     device = _device(cfg)
-    teacher.to(device).eval()
+    # Stage 1 and every measurement run the teacher in fp32: its maps are regression targets and the report
+    # compares stages in one precision. Stage 2 runs it in teacher.dtype (bf16 on GPU by default).
+    teacher.to(device=device, dtype=torch.float32).eval()
     student.to(device)
     probe = [x.to(device) for x, _ in _take(parts.val_loader, c.agreement_batches)]
     if not probe:
@@ -717,6 +719,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     if stage2_steps > 0:
         cfg2 = apply_overrides(cfg, {"run_dir": str(run_dir / "stage2")})
         result = train(cfg2, parts)
+        teacher.to(device=device, dtype=torch.float32)  # stage 2 may have cast it to teacher.dtype
         student.to(device)
         stage2.update(run_dir=result.run_dir, seconds=result.seconds, final=result.final, history=result.history,
                       best_top1=result.best_top1)
