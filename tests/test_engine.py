@@ -109,8 +109,9 @@ def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(tmp_path):
+    # device=cpu: CPU ranks in a gloo group, also on a GPU machine (where auto would want one GPU per rank)
     common = [*TINY, "transfer.mode=none", "schedule.max_steps=4", "model.drop_path_rate=0.0",
-              "checkpoint.every_steps=4"]
+              "checkpoint.every_steps=4", "device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           str(ROOT / "tests" / "dist_train.py"), f"run_dir={tmp_path / 'two'}", *common,

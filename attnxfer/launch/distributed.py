@@ -114,8 +114,29 @@ def export_srun_environment() -> None:
                LOCAL_WORLD_SIZE=str(max(1, ntasks // nnodes)))
 
 
+def backend_for(device: str = "auto") -> str:
+    """The process-group backend for a run on ``device`` (the config's auto | cpu | cuda): nccl when the
+    run uses CUDA, gloo otherwise -- also on a GPU node whose run was told ``device=cpu``."""
+    uses_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "nccl" if uses_cuda and dist.is_nccl_available() else "gloo"
+
+
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    return backend_for("auto")
+
+
+def _check_one_gpu_per_rank(info: DistributedInfo) -> None:
+    """NCCL needs a GPU of its own for every rank on a node; say so before CUDA fails deep inside a barrier.
+
+    Fewer visible GPUs than ranks is fine when the scheduler binds GPUs per task (each task's own
+    ``CUDA_VISIBLE_DEVICES``); with no binding at all, every rank sees the same GPUs and some must share.
+    """
+    visible = torch.cuda.device_count()
+    if info.local_world_size > visible and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        raise RuntimeError(
+            f"{info.local_world_size} ranks on this node but {visible} GPU(s) visible: NCCL needs one GPU per rank. "
+            "Start at most one task per GPU (torchrun --nproc_per_node, attnxfer submit --gpus-per-node), "
+            "or run the ranks on CPU with device=cpu (gloo)")
 
 
 def init_distributed(backend: str | None = None, timeout: timedelta | None = None) -> DistributedInfo:
@@ -132,6 +153,7 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise RuntimeError("backend 'nccl' needs CUDA; use backend='gloo' on CPU")
+        _check_one_gpu_per_rank(info)
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     kwargs = {"timeout": timeout} if timeout is not None else {}
     dist.init_process_group(backend=backend, init_method="env://", rank=info.rank,
@@ -140,6 +162,21 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
                  info.world_size, info.local_rank, info.local_world_size, info.master_addr,
                  info.master_port, backend)
     return info
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for one process).
+
+    Not accelerate's ``wait_for_everyone``: it passes this rank's device index to the barrier even for a
+    gloo group of CPU ranks, and on a machine with GPUs gloo then looks for that CUDA device (rank 1 of
+    two CPU ranks on a one-GPU machine fails with "invalid device ordinal").
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 def cleanup_distributed() -> None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError, pickle_load
 
-from .distributed import cleanup_distributed, init_distributed
+from .distributed import backend_for, cleanup_distributed, init_distributed
 
 _logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
                     f"job restarted {restarts} times, more than max_requeues={self.max_requeues}; "
                     "raise --max-requeues or look at why it keeps being preempted")
         _watch_stop_signals()
-        info = init_distributed()
+        info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")))
         try:
             result = self.main_fn(self.cfg)
         except Exception as e:

@@ -21,6 +21,7 @@ from ..checkpoints.store import (CheckpointManager, atomic_write_json, atomic_wr
                                  optimizer_state_from_tensors, optimizer_state_to_tensors)
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..launch.config import TrainConfig, dump_config, to_dict
+from ..launch.distributed import backend_for, barrier, init_distributed
 from ..metrics import MetricsLogger
 from .dual import DualViT, TransferOutput
 from .ema import StudentEMA
@@ -67,6 +68,9 @@ def _accelerator(cfg: TrainConfig):
     if precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    # Join the group ourselves before accelerate would: gloo for device=cpu even on a GPU node, and a clear
+    # error where ranks would have to share a GPU. (A no-op for one process or an existing group.)
+    init_distributed(backend_for(cfg.device))
     return Accelerator(cpu=not want_cuda, mixed_precision=mixed,
                        gradient_accumulation_steps=cfg.optim.accum_steps), precision
 
@@ -152,7 +156,7 @@ class _Trainer:
         self.run_dir = Path(cfg.run_dir)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        acc.wait_for_everyone()
+        barrier()
         self.parts = parts or build_run_parts(cfg, rank=self.rank, world_size=self.world)
         p = self.parts
         self.plan = build_plan(p.teacher, p.student, cfg.transfer.mode, end_layer=cfg.transfer.end_layer,
@@ -233,7 +237,7 @@ class _Trainer:
                      "config": to_dict(self.cfg)}
             info = self.ckpt.save(self.step, tensors, state, metric=metric)
             self.last_ckpt = str(info)
-        self.accelerator.wait_for_everyone()
+        barrier()
         self._last_save_time = time.monotonic()
 
     def resume(self) -> None:
