@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+import yaml
 from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,13 +75,26 @@ class Row:
     ratios: Dict[str, Dict[str, float]] = None  # call -> same keys, relative to softmax
 
 
-def build(name: str, dim: int, heads: int, grid: int, device: torch.device) -> nn.Module:
+def parse_entry(entry: str) -> tuple[str, Dict[str, object]]:
+    """'performer' or a variant 'performer:num_features=128,feature_seed=0' -> (name, options)."""
+    name, _, spec = entry.partition(':')
+    options = {}
+    for item in filter(None, spec.split(',')):
+        key, sep, value = item.partition('=')
+        if not sep:
+            raise SystemExit(f'bad attention variant {entry!r}: expected NAME:KEY=VALUE[,KEY=VALUE]')
+        options[key] = yaml.safe_load(value)
+    return name, options
+
+
+def build(entry: str, dim: int, heads: int, grid: int, device: torch.device) -> nn.Module:
     layout = dict(num_prefix_tokens=1, grid_size=(grid, grid))
+    name, options = parse_entry(entry)
     if name == 'softmax_unfused':
         module = UnfusedSoftmaxAttention(dim, num_heads=heads, qkv_bias=True, **layout)
     else:
         extra = {'seq_len': 1 + grid * grid} if name == 'linformer' else {}
-        module = create_attention(name, dim=dim, num_heads=heads, qkv_bias=True, **layout, **extra)
+        module = create_attention(name, dim=dim, num_heads=heads, qkv_bias=True, **layout, **extra, **options)
     return module.to(device).eval()
 
 
@@ -195,7 +209,7 @@ def linear_family_verdict(rows: List[Row], tokens: int) -> str:
     """Issue-5 target at the largest N: module forward >= 3x faster and <= 1/4 of softmax SDPA's peak memory."""
     lines = []
     for r in rows:
-        if r.tokens != tokens or r.attention not in LINEAR_FAMILY:
+        if r.tokens != tokens or parse_entry(r.attention)[0] not in LINEAR_FAMILY:
             continue
         module, core = r.ratios['module'], r.ratios['core']
         fast = 1 / module['wall_ms'] >= 3 and 1 / module['cpu_ms'] >= 3
@@ -214,7 +228,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help='batch per --tokens entry (default 16, 4, 1: about equal qkv work per N)')
     parser.add_argument('--dim', type=int, default=384)
     parser.add_argument('--heads', type=int, default=6)
-    parser.add_argument('--attentions', nargs='+', default=None, help='default: every registered attention')
+    parser.add_argument('--attentions', nargs='+', default=None,
+                        help='default: every registered attention; NAME:KEY=VALUE[,...] adds a variant with options, '
+                             'e.g. performer:num_features=128')
     parser.add_argument('--no-unfused', action='store_true', help='leave out the unfused softmax reference')
     parser.add_argument('--repeats', type=int, default=7)
     parser.add_argument('--warmup', type=int, default=2)
