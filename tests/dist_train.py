@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from attnxfer.launch.config import load_config
+from attnxfer.launch.distributed import barrier, cleanup_distributed
 from attnxfer.transfer.engine import _Trainer
 
 cfg = load_config(None, sys.argv[1:])
@@ -18,3 +19,5 @@ save_file(state, str(Path(cfg.run_dir) / f"rank{rank}.safetensors"))
 t = torch.tensor([float(rank)])
 t = trainer.accelerator.reduce(t, reduction="sum")
 (Path(cfg.run_dir) / f"rank{rank}.allreduce").write_text(str(t.item()))
+barrier()
+cleanup_distributed()  # this script created the group (through _Trainer): close it before exiting

@@ -9,11 +9,13 @@ Rendezvous is always ``env://`` (a TCP store on the first node): no shared-folde
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -162,6 +164,23 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
                  info.world_size, info.local_rank, info.local_world_size, info.master_addr,
                  info.master_port, backend)
     return info
+
+
+@contextlib.contextmanager
+def joined_process_group(backend: str | None = None) -> Iterator[DistributedInfo]:
+    """`init_distributed` for the span of one run; the call that created the group closes it again.
+
+    A process that exits with its gloo group still open can abort in the group's destructors
+    ("terminate called without an active exception"), after all its work is done. The group is
+    closed only when the run ends normally: after an error it stays open, since closing it would
+    make the other ranks fail before this rank's error is on record (the process exits anyway).
+    """
+    owner = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(backend)
+    yield info
+    if owner and info.is_distributed:
+        barrier()  # no rank closes its connections while a peer still finishes its last collective
+        cleanup_distributed()
 
 
 def barrier() -> None:

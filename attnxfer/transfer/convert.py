@@ -624,8 +624,13 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
     measurements sum over ranks, and rank 0 alone writes files and logs.
     """
+    from ..launch.distributed import backend_for, joined_process_group
+    with joined_process_group(backend_for(cfg.device)) as info:
+        return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts, log=log)
+
+
+def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]) -> ConvertResult:
     from ..checkpoints.store import atomic_write_json, atomic_write_text
-    from ..launch.distributed import backend_for, init_distributed
     from .engine import train
     from .plan import build_plan
     from .setup import build_run_parts
@@ -633,7 +638,6 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
     c = cfg.convert
-    info = init_distributed(backend_for(cfg.device))
     main = info.is_main_process
     if not main:
         log = _silent

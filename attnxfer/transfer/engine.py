@@ -21,7 +21,7 @@ from ..checkpoints.store import (CheckpointManager, atomic_write_json, atomic_wr
                                  optimizer_state_from_tensors, optimizer_state_to_tensors)
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..launch.config import TrainConfig, dump_config, to_dict
-from ..launch.distributed import backend_for, barrier, init_distributed
+from ..launch.distributed import backend_for, barrier, init_distributed, joined_process_group
 from ..metrics import MetricsLogger
 from .dual import DualViT, TransferOutput
 from .ema import StudentEMA
@@ -398,5 +398,9 @@ class _Trainer:
 
 
 def train(cfg: TrainConfig, parts: Optional[RunParts] = None) -> TrainResult:
-    """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built."""
-    return _Trainer(cfg, parts).run()
+    """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
+
+    Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
+    was the one to create it)."""
+    with joined_process_group(backend_for(cfg.device)):
+        return _Trainer(cfg, parts).run()
