@@ -25,7 +25,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..models.student import SOFTMAX, timm_args_from_traits, student_from_spec, student_spec, vit_traits
+from ..models.student import (SOFTMAX, per_block_attention, student_from_spec, student_spec, timm_args_from_traits,
+                              vit_traits)
 from .teacher import TeacherRecord, hub_reachable
 
 __all__ = ["ModelCardInfo", "export_student", "export_run", "push_export", "select_checkpoint", "render_model_card",
@@ -163,8 +164,7 @@ def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_pla
         out.append(f"- weights: {card.checkpoint}\n")
     out.append(f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n")
     if spec.get("attention_options"):
-        layout = spec["attention"] if isinstance(spec["attention"], list) else [spec["attention"]] * len(
-            spec["attention_options"])
+        layout = per_block_attention(spec["attention"], len(spec["attention_options"]))
         out.append("\nAttention per block (name and options):\n\n| block | attention | options |\n|---|---|---|\n"
                    + "".join(f"| {i} | {name} | `{json.dumps(opts)}` |\n"
                              for i, (name, opts) in enumerate(zip(layout, spec["attention_options"]))))
@@ -232,13 +232,13 @@ def _plain_timm_twin(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
     return twin.eval()
 
 
-@torch.no_grad()
 def _rebuilt_from_spec(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
     twin = student_from_spec(spec)
     twin.load_state_dict({k: v.detach().cpu() for k, v in student.state_dict().items()})
     return twin
 
 
+@torch.no_grad()
 def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
     """Both models, one seeded input, bit-identical outputs (else the export would not be the student)."""
     from timm.models import get_model_input_config

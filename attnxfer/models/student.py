@@ -23,7 +23,7 @@ from timm.layers import Attention, LayerScale
 from .attention import TransferAttention
 
 __all__ = ["vit_traits", "student_like", "student_spec", "student_from_spec", "attention_kind", "attention_layout",
-           "SOFTMAX"]
+           "per_block_attention", "SOFTMAX"]
 
 SOFTMAX = "softmax"
 
@@ -74,6 +74,11 @@ def _attention_summary(model: nn.Module) -> str | List[str]:
     """One name when every block agrees, else the per-block list."""
     names = attention_layout(model)
     return names[0] if len(set(names)) == 1 else names
+
+
+def per_block_attention(attention: str | List[str], depth: int) -> List[str]:
+    """A spec's ``attention`` (one name, or one per block) as one name per block."""
+    return [attention] * depth if isinstance(attention, str) else list(attention)
 
 
 def vit_traits(model: nn.Module) -> Dict[str, Any]:
@@ -278,9 +283,7 @@ def student_from_spec(spec: Dict[str, Any], *, attn_layer: Optional[Type[nn.Modu
     if attn_layer is None and kind != SOFTMAX:
         from .efficient.student import swap_attentions
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
-        depth = len(model.blocks)
-        names = [kind] * depth if isinstance(kind, str) else list(kind)
-        return swap_attentions(model, names, spec.get("attention_options"))
+        return swap_attentions(model, per_block_attention(kind, len(model.blocks)), spec.get("attention_options"))
     if attn_layer is None:
         attn_layer = TransferAttention
     cfg = dict(spec.get("pretrained_cfg", {}), architecture=spec["architecture"],

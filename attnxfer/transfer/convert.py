@@ -559,10 +559,10 @@ def _cycle(loader, sampler) -> Iterator[torch.Tensor]:
 def _stage1_batches(cfg: TrainConfig, parts, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     from ..data import ResumableSampler, build_loader
     dataset = parts.train_loader.dataset
-    if len(dataset) < batch_size * _world()[1]:
-        raise ValueError(f"convert.stage1_batch_size={batch_size} per rank x {_world()[1]} rank(s) is larger than "
-                         f"the training set ({len(dataset)})")
     rank, world = _world()
+    if len(dataset) < batch_size * world:
+        raise ValueError(f"convert.stage1_batch_size={batch_size} per rank x {world} rank(s) is larger than "
+                         f"the training set ({len(dataset)})")
     sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed + 1, rank=rank, world_size=world,
                                drop_last=True)
     loader = build_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,

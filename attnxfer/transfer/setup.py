@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 
 from ..launch.config import TrainConfig
+from ..models.student import student_spec
 
-__all__ = ["RunParts", "build_run_parts", "build_student", "describe_student"]
+__all__ = ["RunParts", "build_run_parts", "build_student"]
 
 
 @dataclass
@@ -43,12 +44,6 @@ def build_student(cfg: TrainConfig, teacher: Optional[nn.Module], num_classes: i
     if img_size is not None:
         kwargs.setdefault("img_size", img_size)
     return create_vit(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
-
-
-def describe_student(student: nn.Module) -> Dict[str, Any]:
-    """`student_spec` (the run record's description; it also rebuilds students whose blocks mix attentions)."""
-    from ..models.student import student_spec
-    return student_spec(student)
 
 
 StudentFn = Callable[[Optional[nn.Module], int], nn.Module]
@@ -110,4 +105,4 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
     return RunParts(student=student, teacher=teacher, train_loader=train_loader, val_loader=val_loader,
                     train_sampler=sampler, num_classes=num_classes,
                     class_names=list(info.class_names) if info.class_names else None,
-                    mean=list(mean), std=list(std), teacher_record=record, student_spec=describe_student(student))
+                    mean=list(mean), std=list(std), teacher_record=record, student_spec=student_spec(student))
