@@ -217,8 +217,9 @@ def test_load_student_says_what_it_reads(tmp_path):
     save_for_hf(plain, tmp_path / "plain", safe_serialization=True)
     with pytest.raises(ValueError, match="no attnxfer.student block"):
         load_student(str(tmp_path / "plain"))
-    with pytest.raises(ValueError, match="reads `attnxfer export` folders"):
-        load_student("vit_tiny_patch16_224")
+    for not_a_folder in ("vit_tiny_patch16_224", "vit_tiny_patch16_224.augreg_in21k"):
+        with pytest.raises(ValueError, match="reads `attnxfer export` folders"):
+            load_student(not_a_folder)
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_student(f"local-dir:{tmp_path / 'missing'}")
 

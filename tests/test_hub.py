@@ -336,6 +336,11 @@ def test_local_dir_teacher(tmp_path):
     assert all(torch.equal(teacher.state_dict()[k], ref[k]) for k in ref)
     assert rec.source == "local-dir" and rec.mean == (0.1, 0.2, 0.3) and rec.license == "cc-by-nc-4.0"
     assert rec.sha256 == sha256(tmp_path / "exported" / "model.safetensors")
+    # an interrupted copy: the weights file is cut short -> one message naming the file, no raw reader error
+    weights = tmp_path / "exported" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(TeacherLoadError, match=r"model\.safetensors is not a readable safetensors file.*truncated"):
+        load_teacher(f"local-dir:{tmp_path / 'exported'}")
 
 
 def test_bad_specs_say_what_to_change(tmp_path):

@@ -30,10 +30,10 @@ def load_student(spec: str, *, revision: Optional[str] = None,
     spec = str(spec)
     if ":" not in spec and Path(spec).expanduser().is_dir():
         spec = f"local-dir:{spec}"
-    parsed = parse_teacher_spec(spec, revision)
-    if parsed.source not in ("local-dir", "hf-hub"):
+    if not spec.startswith(("local-dir:", "hf-hub:")):
         raise ValueError(f"load_student reads `attnxfer export` folders: 'local-dir:PATH' (or a folder path) or "
                          f"'hf-hub:ORG/NAME[@REV]', got {spec!r}")
+    parsed = parse_teacher_spec(spec, revision)
     res = _RESOLVERS[parsed.source](parsed, arch=None, cache_dir=None if cache_dir is None else str(cache_dir),
                                     pretrained=True)
     config = json.loads(Path(res.files[0]).read_text(encoding="utf-8"))

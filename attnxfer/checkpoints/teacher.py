@@ -212,8 +212,13 @@ def read_state_dict(path: str | os.PathLike) -> Tuple[Dict[str, torch.Tensor], O
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     name = path.name.lower()
     if name.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
-        return load_file(str(path), device="cpu"), None
+        try:
+            return load_file(str(path), device="cpu"), None
+        except SafetensorError as e:
+            raise TeacherLoadError(f"{path} is not a readable safetensors file ({e}): truncated or corrupted? "
+                                   "Copy or download it again") from None
     if not name.endswith(WEIGHT_SUFFIXES):
         raise ValueError(f"{path}: unsupported checkpoint type; use one of {', '.join(WEIGHT_SUFFIXES)} "
                          "(JAX .npz weights: load them through their timm name instead)")
