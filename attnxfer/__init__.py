@@ -4,7 +4,8 @@ Attention copy (a student uses a teacher's attention maps), attention
 distillation (a student learns them), and conversion of softmax teachers into
 efficient-attention students; timm models throughout.
 """
-from .checkpoints import export_run, export_student, fetch_teacher, load_student, load_teacher
+from .checkpoints import export_run, export_student
+from .sources import fetch_teacher, load_student, load_teacher
 from .models import TransferAttention, attention_maps, create_vit, make_transfer_aware, student_like
 from .transfer import DualViT, PlanError, TransferPlan, attention_distillation_loss, build_plan
 

@@ -44,7 +44,8 @@ import torch.nn.functional as F  # noqa: E402
 from _measure import (FIXED_MMAP_THRESHOLD, format_table, interleaved_timings, isolated_rss_growth, machine_info, mib,  # noqa: E402
                       static_bytes, step_peak_growth, write_json)
 from attnxfer.models import create_vit  # noqa: E402
-from attnxfer.transfer import DualViT, TransferOutput, student_param_groups  # noqa: E402
+from attnxfer.train import student_param_groups  # noqa: E402
+from attnxfer.transfer import DualViT, TransferOutput  # noqa: E402
 from attnxfer.transfer.losses import attention_ce_reference  # noqa: E402
 
 MODES = ("none", "copy", "distill", "distill_ref")

@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from attnxfer.launch.config import load_config
-from attnxfer.launch.distributed import barrier, cleanup_distributed
-from attnxfer.transfer.engine import _Trainer
+from attnxfer.config import load_config
+from attnxfer.train.distributed import barrier, cleanup_distributed
+from attnxfer.train.engine import _Trainer
 
 cfg = load_config(None, sys.argv[1:])
 trainer = _Trainer(cfg)

@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
-from attnxfer.launch.config import load_config, list_recipes
+from attnxfer.config import load_config, list_recipes
 from attnxfer.models import attention_maps
 from attnxfer.models.efficient import new_parameters
 from attnxfer.transfer import DualViT, PlanError, build_plan
 from attnxfer.transfer.convert import (ConversionPlan, build_conversion_plan, build_efficient_student,
                                        check_softmax_teacher, map_agreement, relative_speed, stage1_transfer)
 from attnxfer.transfer.implicit_maps import capture_attention, implicit_map_loss
-from attnxfer.launch.config import ConvertConfig
+from attnxfer.config import ConvertConfig
 from helpers import peaked_teacher, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent

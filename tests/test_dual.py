@@ -6,7 +6,8 @@ import timm
 import torch
 
 from attnxfer.models import PartialQKV
-from attnxfer.transfer import DualViT, PlanError, build_plan, map_layers, select_layers, student_param_groups
+from attnxfer.train import student_param_groups
+from attnxfer.transfer import DualViT, PlanError, build_plan, map_layers, select_layers
 from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attnxfer.launch.config import ConfigError, load_config
+from attnxfer.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -154,6 +154,6 @@ def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path)
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
     info = dataset_info("animal_mnist")
     assert cfg["mean"] == list(info.mean) and cfg["std"] == list(info.std)
-    from attnxfer.checkpoints import load_teacher
+    from attnxfer.sources import load_teacher
     _, record = load_teacher(f"local-dir:{tmp_path / 'export'}")
     assert list(record.mean) == list(info.mean) and list(record.std) == list(info.std)

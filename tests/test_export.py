@@ -19,8 +19,8 @@ from timm.layers import Attention
 
 from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.checkpoints.export import ModelCardInfo, export_run, export_student, select_checkpoint
-from attnxfer.checkpoints.exported import load_student
-from attnxfer.checkpoints.teacher import TeacherRecord
+from attnxfer.sources.student import load_student
+from attnxfer.sources.teacher import TeacherRecord
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.student import student_like, student_spec
@@ -332,7 +332,7 @@ def test_load_student_from_the_hub_cache_offline(tmp_path):
     code = textwrap.dedent(f"""
         import torch
         from attnxfer import load_student
-        from attnxfer.checkpoints.teacher import TeacherNotAvailable
+        from attnxfer.sources.teacher import TeacherNotAvailable
         m = load_student("hf-hub:acme/hedgehog-student")
         x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
         with torch.no_grad():

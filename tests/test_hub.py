@@ -27,7 +27,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, resample_abs_pos_embed
 from timm.models import save_for_hf
 
-from attnxfer.checkpoints.teacher import (TeacherLoadError, TeacherRecord, UnsafeCheckpointError, load_teacher,
+from attnxfer.sources.teacher import (TeacherLoadError, TeacherRecord, UnsafeCheckpointError, load_teacher,
                                           read_state_dict)
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.student import student_from_spec, student_like, student_spec, vit_traits
@@ -96,7 +96,7 @@ def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
         import json, torch
         from dataclasses import asdict
         from safetensors.torch import load_file
-        from attnxfer.checkpoints.teacher import load_teacher, fetch_teacher
+        from attnxfer.sources.teacher import load_teacher, fetch_teacher
         from attnxfer.models.attention import TransferAttention
 
         def same(model, path):
@@ -141,7 +141,7 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
     empty.mkdir()
     out = run_python("""
         import json, time
-        from attnxfer.checkpoints.teacher import load_teacher, fetch_teacher, TeacherNotAvailable
+        from attnxfer.sources.teacher import load_teacher, fetch_teacher, TeacherNotAvailable
         res = {}
         for name, call in (("load", lambda: load_teacher("vit_large_patch16_224.mae")),
                            ("fetch", lambda: fetch_teacher("vit_large_patch16_224.mae"))):
@@ -176,7 +176,7 @@ def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path
     try:
         out = run_python("""
             import json, time
-            from attnxfer.checkpoints.teacher import load_teacher, TeacherNotAvailable
+            from attnxfer.sources.teacher import load_teacher, TeacherNotAvailable
             res = {}
             t = time.perf_counter()
             m, rec = load_teacher("hf-hub:acme/tiny-vit")
@@ -230,7 +230,7 @@ def test_mae_checkpoint_loads_and_reports_dropped_keys(tmp_path, caplog):
     torch.save(ckpt, path)
     decoder_keys = sorted(k for k in ckpt["model"] if k.startswith("decoder_") or k == "mask_token")
 
-    with caplog.at_level("WARNING", logger="attnxfer.checkpoints.teacher"):
+    with caplog.at_level("WARNING", logger="attnxfer.sources.teacher"):
         # ViT-B's registry entry (it has a .mae tag) with tiny dimensions
         model, rec = load_teacher(str(path), arch="vit_base_patch16_224", **TINY)
     sd = model.state_dict()

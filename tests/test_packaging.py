@@ -23,7 +23,7 @@ def test_environment_yml_matches_pyproject():
 
 
 def test_builtin_recipes_parse_and_ship_with_the_package():
-    from attnxfer.launch.config import RECIPES, list_recipes, load_config
+    from attnxfer.config import RECIPES, list_recipes, load_config
     assert RECIPES.is_relative_to(ROOT / "attnxfer")
     names = list_recipes()
     assert {"demo/teacher", "demo/copy", "demo/distill", "demo/scratch", "paper/vit_large_copy",

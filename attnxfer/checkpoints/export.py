@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from ..models.student import (SOFTMAX, per_block_attention, student_from_spec, student_spec, timm_args_from_traits,
                               vit_traits)
-from .teacher import TeacherRecord, hub_reachable
+from ..sources.teacher import TeacherRecord, hub_reachable
 
 __all__ = ["ModelCardInfo", "export_student", "export_run", "push_export", "select_checkpoint", "render_model_card",
            "card_license", "EXPORT_FILES"]

@@ -44,7 +44,7 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
 
 
 def _load(args):
-    from .config import load_config
+    from ..config import load_config
     return load_config(args.config, args.overrides)
 
 
@@ -57,7 +57,7 @@ def _train_parser(sub):
 
 
 def _cmd_train(args) -> int:
-    from ..transfer.engine import train
+    from ..train.engine import train
     cfg = _load(args)
     result = train(cfg)
     print(f"done: {result.steps} steps, best val top1 {result.best_top1:.2f} -> {result.run_dir}")
@@ -72,8 +72,8 @@ def _eval_parser(sub):
 
 
 def _cmd_eval(args) -> int:
-    from ..transfer.engine import train
-    from .config import apply_overrides
+    from ..train.engine import train
+    from ..config import apply_overrides
     cfg = apply_overrides(_load(args), {"eval_only": True})
     result = train(cfg)
     for k, v in result.final.items():
@@ -92,7 +92,7 @@ def _demo_parser(sub):
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from ..apps.demo import run_demo
     run_demo(args.out, budget_steps=args.budget_steps, teacher_steps=args.teacher_steps, quick=args.quick)
     return 0
 
@@ -113,7 +113,7 @@ def _convert_parser(sub):
 
 def _cmd_convert(args) -> int:
     from ..transfer.convert import convert
-    from .distributed import DistributedInfo
+    from ..train.distributed import DistributedInfo
     result = convert(_load(args), skip_stage1=args.skip_stage1)
     if not DistributedInfo.from_environment().is_main_process:
         return 0
@@ -142,7 +142,7 @@ def _submit_parser(sub):
 
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
-SUBMITTABLE = {"train": "attnxfer.transfer.engine:train", "convert": "attnxfer.transfer.convert:convert_main"}
+SUBMITTABLE = {"train": "attnxfer.train.engine:train", "convert": "attnxfer.transfer.convert:convert_main"}
 
 
 def _cmd_submit(args) -> int:
@@ -197,7 +197,7 @@ def _fetch_parser(sub):
 
 
 def _cmd_fetch(args) -> int:
-    from ..checkpoints.teacher import fetch_teacher
+    from ..sources.teacher import fetch_teacher
     path = fetch_teacher(args.spec, cache_dir=args.cache_dir, revision=args.revision)
     print(f"{args.spec} -> {path}")
     return 0
@@ -219,12 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple:
     """Exceptions that mean 'change your input', reported without a traceback."""
     from ..checkpoints.store import CheckpointError
-    from ..transfer.engine import NonFiniteLossError
+    from ..train.engine import NonFiniteLossError
     from ..transfer.plan import PlanError
-    from .config import ConfigError
+    from ..config import ConfigError
     errors = [ConfigError, PlanError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError]
     try:
-        from ..checkpoints.teacher import TeacherNotAvailable
+        from ..sources.teacher import TeacherNotAvailable
         errors.append(TeacherNotAvailable)
     except ImportError:
         pass

@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError, pickle_load
 
-from .distributed import backend_for, cleanup_distributed, init_distributed
+from ..train.distributed import backend_for, cleanup_distributed, init_distributed
 
 _logger = logging.getLogger(__name__)
 

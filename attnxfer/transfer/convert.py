@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from timm.layers import Attention
 
-from ..launch.config import ConvertConfig, TrainConfig, apply_overrides, dump_config
+from ..config import ConvertConfig, TrainConfig, apply_overrides, dump_config
 from ..models.efficient import efficient_student_from_teacher, get_attention_class
 from ..models.efficient.base import EfficientAttention
 from .implicit_maps import (METRIC_NAMES, capture_attention, check_map_loss, implicit_map_loss, map_kind_of,
@@ -346,7 +346,7 @@ def stage1_transfer(
     weight decay, so the v rows stay bit-identical); the student runs in eval mode (fixed random
     features, no dropout). ``batches`` yields input images (already on the models' device).
     """
-    from .engine import NonFiniteLossError, lr_at
+    from ..train.engine import NonFiniteLossError, lr_at
 
     result = Stage1Result()
     steps = plan.stage1_steps
@@ -624,16 +624,16 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
     (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
     measurements sum over ranks, and rank 0 alone writes files and logs.
     """
-    from ..launch.distributed import backend_for, joined_process_group
+    from ..train.distributed import backend_for, joined_process_group
     with joined_process_group(backend_for(cfg.device)) as info:
         return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts, log=log)
 
 
 def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]) -> ConvertResult:
     from ..checkpoints.store import atomic_write_json, atomic_write_text
-    from .engine import train
+    from ..train.engine import train
     from .plan import build_plan
-    from .setup import build_run_parts
+    from ..apps.run_parts import build_run_parts
 
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})

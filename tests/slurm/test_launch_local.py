@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnxfer.launch.distributed import DistributedInfo, cleanup_distributed, init_distributed
+from attnxfer.train.distributed import DistributedInfo, cleanup_distributed, init_distributed
 from attnxfer.launch.slurm import (
     SlurmOptions,
     add_slurm_arguments,

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from attnxfer.launch.distributed import init_distributed
+from attnxfer.train.distributed import init_distributed
 
 CHECKPOINT = "checkpoint.safetensors"
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..launch.config import TrainConfig
+from ..config import TrainConfig
 from ..models.student import student_spec
 
 __all__ = ["RunParts", "build_run_parts", "build_student"]
@@ -59,7 +59,7 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
     info = dataset_info(d.dataset, root=d.root)
     teacher, record = None, None
     if cfg.teacher.spec:
-        from ..checkpoints.teacher import load_teacher
+        from ..sources.teacher import load_teacher
         teacher, rec = load_teacher(cfg.teacher.spec, arch=cfg.teacher.arch, revision=cfg.teacher.revision,
                                     cache_dir=cfg.teacher.cache_dir, img_size=d.img_size)
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)

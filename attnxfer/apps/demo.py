@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .config import TrainConfig, dump_config, load_config
+from ..config import TrainConfig, dump_config, load_config
 
 __all__ = ["run_demo", "STUDENTS"]
 
@@ -34,7 +34,7 @@ def _digest(cfg: TrainConfig) -> str:
 def _run(cfg: TrainConfig, label: str) -> Dict[str, float]:
     """Train (or resume/reuse) one run; the result is cached beside it as result.json."""
     from ..checkpoints.store import atomic_write_json
-    from ..transfer.engine import train
+    from ..train.engine import train
     result_path = Path(cfg.run_dir) / "result.json"
     digest = _digest(cfg)
     if result_path.exists():
@@ -61,7 +61,7 @@ def _table(rows: List[Dict[str, float]], teacher: Dict[str, float]) -> str:
 
 
 def _plot_curves(out: Path, runs: Dict[str, str], teacher_top1: float) -> Optional[Path]:
-    from ..metrics import read_metrics
+    from ..train.metrics import read_metrics
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -90,10 +90,10 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -
     """Class-token attention of the last block: teacher vs each student, on a few val images."""
     import torch
     from ..data import build_dataset
-    from ..checkpoints.teacher import load_teacher
+    from ..sources.teacher import load_teacher
     from ..checkpoints.store import CheckpointManager
     from ..models import attention_maps, make_transfer_aware
-    from ..transfer.setup import build_student
+    from .run_parts import build_student
     try:
         import matplotlib
         matplotlib.use("Agg")

@@ -20,14 +20,14 @@ import torch.nn.functional as F
 from ..checkpoints.store import (CheckpointManager, atomic_write_json, atomic_write_text,
                                  optimizer_state_from_tensors, optimizer_state_to_tensors)
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
-from ..launch.config import TrainConfig, dump_config, to_dict
-from ..launch.distributed import backend_for, barrier, init_distributed, joined_process_group
-from ..metrics import MetricsLogger
-from .dual import DualViT, TransferOutput
+from ..config import TrainConfig, dump_config, to_dict
+from .distributed import backend_for, barrier, init_distributed, joined_process_group
+from .metrics import MetricsLogger
+from ..transfer.dual import DualViT, TransferOutput
 from .ema import StudentEMA
 from .optim import student_param_groups
-from .plan import build_plan
-from .setup import RunParts, build_run_parts
+from ..transfer.plan import build_plan
+from ..apps.run_parts import RunParts, build_run_parts
 
 __all__ = ["train", "evaluate", "TrainResult", "NonFiniteLossError", "lr_at"]
 
