@@ -7,10 +7,10 @@ from safetensors.torch import save_file
 
 from attnxfer.config import load_config
 from attnxfer.train.distributed import barrier, cleanup_distributed
-from attnxfer.train.engine import _Trainer
+from attnxfer.apps.training import build_engine
 
 cfg = load_config(None, sys.argv[1:])
-trainer = _Trainer(cfg)
+trainer = build_engine(cfg)
 trainer.run()
 rank = trainer.accelerator.process_index
 state = {k: v.contiguous() for k, v in trainer.dual.student.state_dict().items()}
@@ -20,4 +20,4 @@ t = torch.tensor([float(rank)])
 t = trainer.accelerator.reduce(t, reduction="sum")
 (Path(cfg.run_dir) / f"rank{rank}.allreduce").write_text(str(t.item()))
 barrier()
-cleanup_distributed()  # this script created the group (through _Trainer): close it before exiting
+cleanup_distributed()  # this script created the group (through build_engine): close it before exiting

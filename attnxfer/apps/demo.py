@@ -34,7 +34,7 @@ def _digest(cfg: TrainConfig) -> str:
 def _run(cfg: TrainConfig, label: str) -> Dict[str, float]:
     """Train (or resume/reuse) one run; the result is cached beside it as result.json."""
     from ..checkpoints.store import atomic_write_json
-    from ..train.engine import train
+    from .training import train
     result_path = Path(cfg.run_dir) / "result.json"
     digest = _digest(cfg)
     if result_path.exists():

@@ -57,7 +57,7 @@ def _train_parser(sub):
 
 
 def _cmd_train(args) -> int:
-    from ..train.engine import train
+    from ..apps.training import train
     cfg = _load(args)
     result = train(cfg)
     print(f"done: {result.steps} steps, best val top1 {result.best_top1:.2f} -> {result.run_dir}")
@@ -72,7 +72,7 @@ def _eval_parser(sub):
 
 
 def _cmd_eval(args) -> int:
-    from ..train.engine import train
+    from ..apps.training import train
     from ..config import apply_overrides
     cfg = apply_overrides(_load(args), {"eval_only": True})
     result = train(cfg)
@@ -142,7 +142,7 @@ def _submit_parser(sub):
 
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
-SUBMITTABLE = {"train": "attnxfer.train.engine:train", "convert": "attnxfer.transfer.convert:convert_main"}
+SUBMITTABLE = {"train": "attnxfer.apps.training:train", "convert": "attnxfer.transfer.convert:convert_main"}
 
 
 def _cmd_submit(args) -> int:

@@ -1,35 +1,35 @@
-"""The training loop: one `train(cfg)` for a laptop, torchrun, accelerate or a SLURM task.
+"""The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task.
 
-accelerate owns devices, DDP and autocast; we own the data order (a resumable
-sampler), the schedule (per-iteration warmup + cosine), checkpoints (atomic
-safetensors + JSON) and the teacher (a frozen guest inside `DualViT`).
+It takes objects (a `DualViT`, an optimiser, loaders, `LoopSettings`), never a config:
+`attnxfer.apps.training` builds those from one. accelerate owns devices, DDP and autocast;
+the engine owns the data order (a resumable sampler), the schedule (per-iteration warmup +
+cosine), checkpoints (atomic safetensors + JSON) and the teacher (a frozen guest inside `DualViT`).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from ..checkpoints.store import (CheckpointManager, atomic_write_json, atomic_write_text,
-                                 optimizer_state_from_tensors, optimizer_state_to_tensors)
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
-from ..config import TrainConfig, dump_config, to_dict
-from .distributed import backend_for, barrier, init_distributed, joined_process_group
-from .metrics import MetricsLogger
+from ..checkpoints.store import (CheckpointManager, optimizer_state_from_tensors, optimizer_state_to_tensors,
+                                 verify_checkpoint)
 from ..transfer.dual import DualViT, TransferOutput
+from .distributed import barrier
 from .ema import StudentEMA
-from .optim import student_param_groups
-from ..transfer.plan import build_plan
-from ..apps.run_parts import RunParts, build_run_parts
+from .metrics import MetricsLogger
+from .runtime import Runtime
 
-__all__ = ["train", "evaluate", "TrainResult", "NonFiniteLossError", "lr_at"]
+__all__ = ["Engine", "LoopSettings", "CheckpointPolicy", "evaluate", "TrainResult", "NonFiniteLossError", "lr_at"]
 
 _log = logging.getLogger("attnxfer")
 
@@ -55,46 +55,6 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if want_cuda else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
-    # Join the group ourselves before accelerate would: gloo for device=cpu even on a GPU node, and a clear
-    # error where ranks would have to share a GPU. (A no-op for one process or an existing group.)
-    init_distributed(backend_for(cfg.device))
-    return Accelerator(cpu=not want_cuda, mixed_precision=mixed,
-                       gradient_accumulation_steps=cfg.optim.accum_steps), precision
-
-
-def _set_seed(seed: int) -> None:
-    import random
-    import numpy as np
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-def _task_loss(cfg: TrainConfig, num_classes: int):
-    """Returns (mixup_fn or None, loss_fn(logits, targets))."""
-    aug = cfg.aug
-    if aug.mixup > 0 or aug.cutmix > 0:
-        from timm.data import Mixup
-        from timm.loss import SoftTargetCrossEntropy
-        mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                      switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
-                      num_classes=num_classes)
-        return mixup, SoftTargetCrossEntropy()
-    smoothing = aug.label_smoothing
-    return None, lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing)
 
 
 def _check_finite(terms: Dict[str, torch.Tensor], step: int, epoch: int, last_ckpt: Optional[str]) -> None:
@@ -133,7 +93,7 @@ def evaluate(model: nn.Module, loader, accelerator, max_batches: Optional[int] =
 
 def _weights_checksum(model: nn.Module) -> str:
     """A bit-exact fingerprint of the weights (ranks compare them before every save)."""
-    import hashlib
+
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -141,74 +101,81 @@ def _weights_checksum(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class _Trainer:
-    """State of one run; `train` below is the public entry point."""
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When the engine saves, how many it keeps, and what it resumes from."""
 
-    def __init__(self, cfg: TrainConfig, parts: Optional[RunParts] = None):
-        self.cfg = cfg
-        self.accelerator, self.precision = _accelerator(cfg)
-        acc = self.accelerator
-        self.rank, self.world = acc.process_index, acc.num_processes
-        self.is_main = acc.is_main_process
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        _set_seed(cfg.seed)  # same init on every rank
-        self.run_dir = Path(cfg.run_dir)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
-        self.parts = parts or build_run_parts(cfg, rank=self.rank, world_size=self.world)
-        p = self.parts
-        self.plan = build_plan(p.teacher, p.student, cfg.transfer.mode, end_layer=cfg.transfer.end_layer,
-                               layers=cfg.transfer.layers, weight=cfg.transfer.atd_weight,
-                               share_drop_path=cfg.transfer.share_drop_path,
-                               logit_weight=cfg.transfer.logit_distill,
-                               logit_temperature=cfg.transfer.logit_temperature)
-        teacher_dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16,
-                         "fp16": torch.float16}[cfg.teacher.dtype]
-        self.dual = DualViT(p.teacher, p.student, self.plan, teacher_dtype=teacher_dtype)
-        self.dual.to(acc.device)
-        self.ema = StudentEMA(self.dual.student, cfg.ema.decay) if cfg.ema.decay else None
+    every_steps: Optional[int] = None
+    every_minutes: Optional[float] = None
+    every_epoch: bool = True
+    keep_last: int = 3
+    resume: str = "auto"  # auto | none | a checkpoint directory
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """Everything the loop decides by: the schedule, logging and checkpointing (no model, no data)."""
+
+    run_dir: Path
+    epochs: int
+    max_steps: Optional[int] = None
+    warmup_epochs: float = 0.0
+    base_lr: float = 1e-3
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+    accum_steps: int = 1
+    log_every: int = 20
+    tensorboard: bool = True
+    progress: bool = True
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    eval_only: bool = False
+
+
+@dataclass
+class TaskLoss:
+    """The task's loss and its batch transform (timm's Mixup/CutMix, or None)."""
+
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    mixup: Optional[Callable] = None
+
+
+class Engine:
+    """One run's state and loop. ``record`` is what checkpoints carry besides tensors (the run's
+    config as a dict, the teacher's record): plain JSON, opaque to the engine."""
+
+    def __init__(self, runtime: Runtime, dual: DualViT, optimizer: torch.optim.Optimizer, *, train_loader: Any,
+                 val_loader: Any, train_sampler: Any, task: TaskLoss, settings: LoopSettings,
+                 ema: Optional[StudentEMA] = None, record: Optional[Dict[str, Any]] = None):
+        self.runtime = runtime
+        self.accelerator = acc = runtime.accelerator
+        self.rank, self.world, self.is_main = runtime.rank, runtime.world, runtime.is_main
+        self.settings = s = settings
+        self.record = dict(record or {})
+        self.run_dir = Path(s.run_dir)
+        self.dual, self.ema, self.plan = dual, ema, dual.plan
+        self.train_loader, self.val_loader, self.train_sampler = train_loader, val_loader, train_sampler
+        self.mixup, self.loss_fn = task.mixup, task.loss_fn
         # What evaluates the EMA weights: with the teacher when the mode attends with its q/k at eval.
         self.ema_eval = None
-        if self.ema is not None:
-            self.ema_eval = (DualViT(self.dual.teacher, self.ema.module, self.plan)
-                             if self.plan.mode.teacher_at_eval else self.ema.module)
-        global_batch = cfg.data.batch_size * self.world * cfg.optim.accum_steps
-        self.base_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
-        groups = student_param_groups(self.dual, weight_decay=cfg.optim.weight_decay,
-                                      layer_decay=cfg.optim.layer_decay)
-        fused = {"fused": True} if acc.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(groups, lr=self.base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                           eps=cfg.optim.eps, **fused)
-        self.model, self.optimizer = acc.prepare(self.dual, self.optimizer)
-        self.steps_per_epoch = len(p.train_loader) // cfg.optim.accum_steps
+        if ema is not None:
+            self.ema_eval = DualViT(dual.teacher, ema.module, self.plan) if self.plan.mode.teacher_at_eval \
+                else ema.module
+        self.base_lr = s.base_lr
+        self.model, self.optimizer = acc.prepare(dual, optimizer)
+        self.steps_per_epoch = len(train_loader) // s.accum_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the training set gives {len(p.train_loader)} batches per epoch, fewer than "
-                             f"optim.accum_steps={cfg.optim.accum_steps}; lower data.batch_size")
-        self.total_steps = self.steps_per_epoch * cfg.schedule.epochs
-        if cfg.schedule.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.schedule.max_steps)
-        self.warmup_steps = int(round(cfg.schedule.warmup_epochs * self.steps_per_epoch))
-        self.mixup, self.loss_fn = _task_loss(cfg, p.num_classes)
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=cfg.checkpoint.keep_last)
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=cfg.log.tensorboard, enabled=self.is_main)
+            raise ValueError(f"the training set gives {len(train_loader)} batches per epoch, fewer than "
+                             f"optim.accum_steps={s.accum_steps}; lower data.batch_size")
+        self.total_steps = self.steps_per_epoch * s.epochs
+        if s.max_steps is not None:
+            self.total_steps = min(self.total_steps, s.max_steps)
+        self.warmup_steps = int(round(s.warmup_epochs * self.steps_per_epoch))
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=s.checkpoint.keep_last)
+        self.metrics = MetricsLogger(self.run_dir, tensorboard=s.tensorboard, enabled=self.is_main)
         self.step, self.epoch, self.position = 0, 0, 0
         self.best_top1: Optional[float] = None
         self.last_ckpt: Optional[str] = None
         self.history: List[Dict[str, float]] = []
-
-    # -- persistence ------------------------------------------------------------------------
-    def write_run_files(self) -> None:
-        if not self.is_main:
-            return
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
-        info = {"teacher": self.parts.teacher_record, "student": self.parts.student_spec,
-                "plan": self.plan.describe(), "mode": self.plan.mode.name, "num_classes": self.parts.num_classes,
-                "class_names": self.parts.class_names, "mean": self.parts.mean, "std": self.parts.std,
-                "world_size": self.world, "precision": self.precision, "base_lr": self.base_lr,
-                "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-        atomic_write_json(self.run_dir / "run.json", info)
 
     def save(self, metric: Optional[float] = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes."""
@@ -233,15 +200,14 @@ class _Trainer:
             state = {"step": self.step, "epoch": self.epoch, "position": self.position,
                      "best_top1": self.best_top1, "rng": rng_all, "optimizer_meta": opt_meta,
                      "world_size": self.world, "rank_checksums": checksums,
-                     "teacher": self.parts.teacher_record,
-                     "config": to_dict(self.cfg)}
+                     **self.record}
             info = self.ckpt.save(self.step, tensors, state, metric=metric)
             self.last_ckpt = str(info)
         barrier()
         self._last_save_time = time.monotonic()
 
     def resume(self) -> None:
-        mode = self.cfg.checkpoint.resume
+        mode = self.settings.checkpoint.resume
         if mode == "none":
             return
         if mode == "auto":
@@ -249,7 +215,6 @@ class _Trainer:
             if info is None:
                 return
         else:
-            from ..checkpoints.store import verify_checkpoint
             if not Path(mode).exists():
                 raise FileNotFoundError(f"checkpoint.resume={mode!r} does not exist; use auto, none, or a "
                                         "checkpoint directory such as RUN_DIR/checkpoints/step-00000100")
@@ -274,13 +239,13 @@ class _Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def _set_lr(self) -> float:
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.optim.min_lr)
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.base_lr, self.settings.min_lr)
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], bool]:
-        acc, cfg = self.accelerator, self.cfg
+        acc, clip = self.accelerator, self.settings.clip_grad
         if self.mixup is not None:
             x, y = self.mixup(x, y)
         with acc.accumulate(self.model):
@@ -294,8 +259,8 @@ class _Trainer:
             terms["total"] = total
             _check_finite(terms, self.step, self.epoch, self.last_ckpt)
             acc.backward(total)
-            if acc.sync_gradients and cfg.optim.clip_grad:
-                terms["grad_norm"] = acc.clip_grad_norm_(self.dual.student.parameters(), cfg.optim.clip_grad)
+            if acc.sync_gradients and clip:
+                terms["grad_norm"] = acc.clip_grad_norm_(self.dual.student.parameters(), clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         logs = {k: v.detach() for k, v in terms.items()}
@@ -303,7 +268,7 @@ class _Trainer:
         return logs, acc.sync_gradients
 
     def _should_checkpoint_now(self) -> bool:
-        c = self.cfg.checkpoint
+        c = self.settings.checkpoint
         if c.every_steps and self.step % c.every_steps == 0:
             return True
         if c.every_minutes and time.monotonic() - self._last_save_time >= 60 * c.every_minutes:
@@ -311,44 +276,39 @@ class _Trainer:
         return False
 
     def _evaluate_all(self) -> Dict[str, float]:
-        p = self.parts
-        res = {f"val_{k}": v for k, v in evaluate(self.model, p.val_loader, self.accelerator).items()}
+        res = {f"val_{k}": v for k, v in evaluate(self.model, self.val_loader, self.accelerator).items()}
         if self.ema_eval is not None:
             res.update({f"ema_val_{k}": v
-                        for k, v in evaluate(self.ema_eval, p.val_loader, self.accelerator).items()})
+                        for k, v in evaluate(self.ema_eval, self.val_loader, self.accelerator).items()})
         return res
 
     def run(self) -> TrainResult:
-        cfg, p, acc = self.cfg, self.parts, self.accelerator
+        s, acc = self.settings, self.accelerator
         start = time.monotonic()
         self._last_save_time = start
-        self.write_run_files()
-        if self.is_main:
-            print(self.plan.describe(), flush=True)
         self.resume()
-        if cfg.eval_only:
+        if s.eval_only:
             final = self._evaluate_all()
             return TrainResult(str(self.run_dir), self.step, self.epoch, self.best_top1, final)
         self.model.train()
-        sampler = p.train_sampler
+        sampler, loader = self.train_sampler, self.train_loader
         final: Dict[str, float] = {}
         progress = None
-        global_batch = cfg.data.batch_size * self.world
+        global_batch = loader.batch_size * self.world
         epoch_len = sampler.length
         while self.step < self.total_steps:
             sampler.set_epoch(self.epoch)
             sampler.set_position(self.position)
-            if self.is_main and cfg.log.progress:
-                from tqdm.auto import tqdm
-                progress = tqdm(total=self.position // global_batch + len(p.train_loader),
+            if self.is_main and s.progress:
+                progress = tqdm(total=self.position // global_batch + len(loader),
                                 initial=self.position // global_batch, desc=f"epoch {self.epoch}",
                                 leave=False, dynamic_ncols=True)
             window: Dict[str, List[float]] = {}
-            for x, y in p.train_loader:
+            for x, y in loader:
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
                 upcoming = self.step + 1
-                self.dual.log_kl = upcoming % cfg.log.every_steps == 0 or upcoming == self.total_steps
+                self.dual.log_kl = upcoming % s.log_every == 0 or upcoming == self.total_steps
                 logs, stepped = self._train_step(x, y)
                 self.position += global_batch  # global count: what every rank consumed together
                 if progress is not None:
@@ -360,7 +320,7 @@ class _Trainer:
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.dual.student)
-                if self.step % cfg.log.every_steps == 0 or self.step == self.total_steps:
+                if self.step % s.log_every == 0 or self.step == self.total_steps:
                     rec = {k: sum(v) / len(v) for k, v in window.items()}
                     rec["lr"] = lr
                     self.metrics.log("train", self.step, rec, epoch=self.epoch + self.position / epoch_len)
@@ -387,7 +347,7 @@ class _Trainer:
             if self.is_main:
                 print(f"epoch {self.epoch}: step {self.step}/{self.total_steps} val top1 {top1:.2f} "
                       f"(best {self.best_top1:.2f})", flush=True)
-            if cfg.checkpoint.every_epoch or self.step >= self.total_steps:
+            if s.checkpoint.every_epoch or self.step >= self.total_steps:
                 self.save(metric=top1)
         if not final:  # resumed a finished run: report where it stands
             final = self._evaluate_all()
@@ -395,12 +355,3 @@ class _Trainer:
         self.metrics.close()
         return TrainResult(str(self.run_dir), self.step, self.epoch, self.best_top1, final, self.history,
                            time.monotonic() - start)
-
-
-def train(cfg: TrainConfig, parts: Optional[RunParts] = None) -> TrainResult:
-    """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
-
-    Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
-    was the one to create it)."""
-    with joined_process_group(backend_for(cfg.device)):
-        return _Trainer(cfg, parts).run()

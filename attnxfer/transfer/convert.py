@@ -631,7 +631,7 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
 
 def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]) -> ConvertResult:
     from ..checkpoints.store import atomic_write_json, atomic_write_text
-    from ..train.engine import train
+    from ..apps.training import train
     from .plan import build_plan
     from ..apps.run_parts import build_run_parts
 

@@ -1,0 +1,115 @@
+"""`attnxfer train` / `eval`: a `TrainConfig` becomes a runtime, models, data, a plan and an `Engine`.
+
+This is the one place where the training config turns into objects (as MAE's main_finetune.py
+does for its engine): the engine below takes only what is built here.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoints.store import atomic_write_json, atomic_write_text
+from ..config import TrainConfig, dump_config, to_dict
+from ..train.distributed import backend_for, barrier, joined_process_group
+from ..train.ema import StudentEMA
+from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TaskLoss, TrainResult
+from ..train.optim import student_param_groups
+from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
+from ..transfer.dual import DualViT
+from ..transfer.plan import TransferPlan, build_plan
+from .run_parts import RunParts, build_run_parts
+
+__all__ = ["train", "build_engine", "plan_from_config", "task_loss_from_config", "loop_settings"]
+
+
+def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
+    """The transfer plan the ``transfer`` section asks for, validated against the two models."""
+    t = cfg.transfer
+    return build_plan(parts.teacher, parts.student, t.mode, end_layer=t.end_layer, layers=t.layers,
+                      weight=t.atd_weight, share_drop_path=t.share_drop_path, logit_weight=t.logit_distill,
+                      logit_temperature=t.logit_temperature)
+
+
+def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
+    """Cross-entropy with label smoothing, or timm's Mixup/CutMix with soft-target cross-entropy."""
+    aug = cfg.aug
+    if aug.mixup > 0 or aug.cutmix > 0:
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
+                      switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
+                      num_classes=num_classes)
+        return TaskLoss(SoftTargetCrossEntropy(), mixup)
+    smoothing = aug.label_smoothing
+    return TaskLoss(lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
+
+
+def base_lr(cfg: TrainConfig, world: int) -> float:
+    """``optim.lr``, or MAE's rule lr = blr · global batch / 256."""
+    global_batch = cfg.data.batch_size * world * cfg.optim.accum_steps
+    return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
+
+
+def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
+    c = cfg.checkpoint
+    return LoopSettings(
+        run_dir=Path(cfg.run_dir), epochs=cfg.schedule.epochs, max_steps=cfg.schedule.max_steps,
+        warmup_epochs=cfg.schedule.warmup_epochs, base_lr=base_lr(cfg, world), min_lr=cfg.optim.min_lr,
+        clip_grad=cfg.optim.clip_grad, accum_steps=cfg.optim.accum_steps, log_every=cfg.log.every_steps,
+        tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
+        checkpoint=CheckpointPolicy(every_steps=c.every_steps, every_minutes=c.every_minutes,
+                                    every_epoch=c.every_epoch, keep_last=c.keep_last, resume=c.resume),
+        eval_only=cfg.eval_only)
+
+
+def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
+    """config.yaml (re-run with -c RUN_DIR/config.yaml) and run.json (what was trained, from what)."""
+    if not engine.is_main:
+        return
+    run_dir = Path(cfg.run_dir)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    info = {"teacher": parts.teacher_record, "student": parts.student_spec, "plan": engine.plan.describe(),
+            "mode": engine.plan.mode.name, "num_classes": parts.num_classes, "class_names": parts.class_names,
+            "mean": parts.mean, "std": parts.std, "world_size": engine.world, "precision": engine.runtime.precision,
+            "base_lr": engine.base_lr, "steps_per_epoch": engine.steps_per_epoch, "total_steps": engine.total_steps}
+    atomic_write_json(run_dir / "run.json", info)
+
+
+def build_engine(cfg: TrainConfig, parts: Optional[RunParts] = None, runtime: Optional[Runtime] = None) -> Engine:
+    """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built."""
+    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    set_seed(cfg.seed)  # same init on every rank
+    run_dir = Path(cfg.run_dir)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
+    plan = plan_from_config(cfg, parts)
+    dual = DualViT(parts.teacher, parts.student, plan, teacher_dtype=teacher_dtype(cfg.teacher.dtype))
+    dual.to(runtime.device)
+    ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
+    settings = loop_settings(cfg, runtime.world)
+    groups = student_param_groups(dual, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay)
+    fused = {"fused": True} if runtime.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(groups, lr=settings.base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                                  eps=cfg.optim.eps, **fused)
+    engine = Engine(runtime, dual, optimizer, train_loader=parts.train_loader, val_loader=parts.val_loader,
+                    train_sampler=parts.train_sampler, task=task_loss_from_config(cfg, parts.num_classes),
+                    settings=settings, ema=ema, record={"teacher": parts.teacher_record, "config": to_dict(cfg)})
+    _write_run_files(cfg, engine, parts)
+    if engine.is_main:
+        print(plan.describe(), flush=True)
+    return engine
+
+
+def train(cfg: TrainConfig, parts: Optional[RunParts] = None) -> TrainResult:
+    """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
+
+    Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
+    was the one to create it)."""
+    with joined_process_group(backend_for(cfg.device)):
+        return build_engine(cfg, parts).run()
