@@ -9,6 +9,6 @@ from .sources import fetch_teacher, load_student, load_teacher
 from .models import TransferAttention, attention_maps, create_vit, make_transfer_aware, student_like
 from .transfer import DualViT, PlanError, TransferPlan, attention_distillation_loss, build_plan
 
-__version__ = "0.1.0"
+from .version import __version__
 __all__ = ["export_run", "export_student", "fetch_teacher", "load_student", "load_teacher", "student_like", "TransferAttention", "attention_maps", "create_vit", "make_transfer_aware", "DualViT", "PlanError",
            "TransferPlan", "attention_distillation_loss", "build_plan", "__version__"]

@@ -9,7 +9,10 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
-from ..models.student import student_spec
+from ..data import ResumableSampler, build_dataset, build_loader, dataset_info
+from ..models.student import student_like, student_spec
+from ..models.vit import create_vit
+from ..sources.teacher import load_teacher
 
 __all__ = ["RunParts", "build_run_parts", "build_student"]
 
@@ -34,8 +37,6 @@ class RunParts:
 def build_student(cfg: TrainConfig, teacher: Optional[nn.Module], num_classes: int, in_chans: int,
                   img_size: Optional[int]) -> nn.Module:
     """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised."""
-    from ..models.student import student_like
-    from ..models.vit import create_vit
     m = cfg.model
     kwargs = dict(m.kwargs)
     if teacher is not None and m.mirror_teacher:
@@ -53,13 +54,10 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
                     student_fn: Optional[StudentFn] = None) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
     student (e.g. `attnxfer convert` builds it from the teacher's weights)."""
-    from ..data import ResumableSampler, build_dataset, build_loader, dataset_info
-
     d = cfg.data
     info = dataset_info(d.dataset, root=d.root)
     teacher, record = None, None
     if cfg.teacher.spec:
-        from ..sources.teacher import load_teacher
         teacher, rec = load_teacher(cfg.teacher.spec, arch=cfg.teacher.arch, revision=cfg.teacher.revision,
                                     cache_dir=cfg.teacher.cache_dir, img_size=d.img_size)
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)

@@ -25,9 +25,14 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from safetensors.torch import load_file
+
 from ..models.student import (SOFTMAX, per_block_attention, student_from_spec, student_spec, timm_args_from_traits,
                               vit_traits)
 from ..sources.teacher import TeacherRecord, hub_reachable
+from ..transfer.plan import MODES
+from ..version import __version__
+from .store import CheckpointManager
 
 __all__ = ["ModelCardInfo", "export_student", "export_run", "push_export", "select_checkpoint", "render_model_card",
            "card_license", "EXPORT_FILES"]
@@ -352,11 +357,7 @@ def attention_label(attention: str | List[str]) -> str:
 
 
 def _version() -> str:
-    try:
-        from .. import __version__
-        return __version__
-    except ImportError:  # pragma: no cover - partial installs
-        return "unknown"
+    return __version__
 
 
 def push_export(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
@@ -401,7 +402,6 @@ def select_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Tuple[
     ``best`` is the best validation metric the run recorded (val top-1); a run that recorded none
     exports its latest checkpoint and says so.
     """
-    from .store import CheckpointManager
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint={which!r}: choose 'best' or 'latest'")
     manager = CheckpointManager(run_dir)
@@ -450,10 +450,6 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, weight
     metrics.jsonl and the chosen checkpoint's safetensors. Copy-mode students are refused: they
     compute attention from the teacher's q/k at inference and do not stand alone.
     """
-    from safetensors.torch import load_file
-
-    from ..transfer.plan import MODES
-
     run_dir = Path(run_dir)
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights={weights!r}: choose 'ema' or 'raw'")

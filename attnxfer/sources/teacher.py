@@ -37,6 +37,9 @@ from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tup
 import torch
 import torch.nn as nn
 
+from ..models.attention import make_transfer_aware
+from ..models.vit import create_vit
+
 __all__ = [
     "TeacherRecord",
     "TeacherNotAvailable",
@@ -712,9 +715,6 @@ def _build(spec: str, res: _Resolved, state_dict: Dict[str, torch.Tensor], num_c
            img_size: Optional[int | Tuple[int, int]], timm_kwargs: Dict[str, Any]) -> nn.Module:
     """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter
     (position-embedding resampling, layout conversion) with a strict load; frozen, eval, TransferAttention."""
-    from ..models.attention import make_transfer_aware
-    from ..models.vit import create_vit
-
     cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in _SOURCE_KEYS}
     cfg["num_classes"] = num_classes  # equal to the model's: timm keeps the load strict
     if res.weights:
