@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.attention import AttentionIO, attention_io, make_transfer_aware, transfer_attentions
+from ..models.attention.numerics import fp32_section
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
@@ -80,7 +81,7 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
                             temperature: float = 1.0) -> torch.Tensor:
     """T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch, in fp32 (Hinton et al.'s scaling keeps
     the gradient's size independent of T)."""
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+    with fp32_section(student_logits.device.type):
         t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
         s = F.log_softmax(student_logits.float() / temperature, dim=-1)
         return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
@@ -223,7 +224,7 @@ class DualViT(nn.Module):
                 out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric
             return res.loss
         c = mode.distill.chunks
-        with torch.autocast(device_type=student_sig[c].device.type, enabled=False):
+        with fp32_section(student_sig[c].device.type):
             loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
         out.terms[f"{c}_mse/{layer}"] = loss
         return loss
