@@ -46,24 +46,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _measure import step_peak_growth  # noqa: E402  (benchmarks/ is the script's folder)
+from attnxfer.models.attention import TransferAttention  # noqa: E402
 from attnxfer.models.efficient import create_attention, list_attentions  # noqa: E402
-from attnxfer.models.efficient.softmax import SoftmaxAttention  # noqa: E402
 
 LINEAR_FAMILY = ('relu_linear', 'elu_linear', 'performer', 'hedgehog', 'cosformer', 'focused_linear')
 REFERENCE = 'softmax'
 
 
-class UnfusedSoftmaxAttention(SoftmaxAttention):
+class UnfusedSoftmaxAttention(TransferAttention):
     """softmax(q k^T s) v with the map materialised (reference only, not registered)."""
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, *, attn_mask=None, is_causal=False):
         return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-
-    def forward(self, x, attn_mask=None, is_causal=False):
-        B, N, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        out = self.attend(q, k, v).transpose(1, 2).reshape(B, N, self.attn_dim)
-        return self.proj(self.norm(out))
 
 
 @dataclass
@@ -154,7 +148,7 @@ def measure(names: List[str], tokens: int, batch: int, args, device: torch.devic
     modules = {n: build(n, args.dim, args.heads, grid, device).to(dtype) for n in names}
     x = torch.randn(batch, tokens, args.dim, device=device, dtype=dtype)
     with torch.no_grad():
-        q, k, v = modules[REFERENCE].project_qkv(x)
+        q, k, v = (modules[REFERENCE].project(x)[c] for c in 'qkv')
     calls: Dict[str, Dict[str, Callable[[], object]]] = {}
     for n, m in modules.items():
         calls[n] = {'module': lambda m=m: m(x), 'core': lambda m=m: m.attend(q, k, v)}

@@ -13,12 +13,12 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 from attnxfer.config import load_config, list_recipes
-from attnxfer.models import attention_maps
+from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import new_parameters
 from attnxfer.transfer import DualViT, PlanError, build_plan
 from attnxfer.transfer.convert import (ConversionPlan, build_conversion_plan, build_efficient_student,
                                        check_softmax_teacher, map_agreement, relative_speed, stage1_transfer)
-from attnxfer.transfer.implicit_maps import capture_attention, implicit_map_loss
+from attnxfer.transfer.map_losses import implicit_map_loss
 from attnxfer.config import ConvertConfig
 from helpers import peaked_teacher, tiny_vit
 
@@ -62,7 +62,7 @@ def test_implicit_map_loss_matches_the_materialised_oracle(name, loss):
         p.data.add_(0.05 * torch.randn_like(p))
     x = torch.randn(3, 3, 32, 32)
     sig = _teacher_qk_input(teacher, x, 0)
-    q, k, _ = attn.project_qkv(sig["input"])
+    q, k = attn.project(sig["input"], "qk").values()
     res = implicit_map_loss(attn, q, k, sig["q"], sig["k"], loss, chunk=5)  # 17 rows: chunks of 5, 5, 5, 2
     grads = torch.autograd.grad(res.loss, [q, k, *attn.parameters()], allow_unused=True, retain_graph=True)
 
@@ -92,7 +92,7 @@ def test_map_agreement_teacher_inputs_is_kl_of_explicit_maps():
         for x in xs:
             sig = _teacher_qk_input(teacher, x, layer)
             attn = student.blocks[layer].attn
-            q, k, _ = attn.project_qkv(sig["input"])
+            q, k = attn.project(sig["input"], "qk").values()
             p_t, a_s = attention_maps(teacher, x)[layer], attn.attention_map(q, k)
             kls.append((p_t * (p_t.log() - a_s.log())).sum(-1).mean())
         assert rows[layer]["metric"] == "kl"

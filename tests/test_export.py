@@ -347,5 +347,5 @@ def test_load_student_from_the_hub_cache_offline(tmp_path):
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "['HedgehogAttention', 'SoftmaxAttention']" in proc.stdout
+    assert "['HedgehogAttention', 'TransferAttention']" in proc.stdout
     assert "NOT CACHED:" in proc.stdout and "acme/not-cached" in proc.stdout

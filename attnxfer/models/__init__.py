@@ -1,9 +1,21 @@
-"""Attention modules and ViT builders (timm models with transfer-aware attention)."""
-from .attention import (AttentionIO, PartialQKV, TransferAttention, attention_io, attention_maps,
-                        explicit_attention_map, make_transfer_aware, transfer_attentions)
+"""ViTs on timm and the one attention interface that softmax and every zoo attention meet.
+
+``attention/``  the interface (`TransferableAttention`, `MapKind`, `AttentionIO`), softmax
+                (`TransferAttention`), the attention registry, whole-model capture, numerics
+``efficient/``  the zoo of efficient attentions (one file per family) and zoo students
+``vit``         `create_vit` and the demo's micro ViTs
+``student``     students shaped like their teacher; specs that rebuild them
+"""
+from .attention import (AttentionIO, MapKind, PartialQKV, TransferableAttention, TransferAttention, attention_io,
+                        attention_maps, attention_name_of, capture_attention, create_attention,
+                        explicit_attention_map, get_attention_class, list_attentions, make_transfer_aware,
+                        register_attention, transfer_attentions)
+from . import efficient  # registers the zoo's attentions beside softmax
 from .student import attention_kind, attention_layout, student_from_spec, student_like, student_spec, vit_traits
 from .vit import create_vit
 
-__all__ = ["AttentionIO", "PartialQKV", "TransferAttention", "attention_io", "attention_maps",
-           "explicit_attention_map", "make_transfer_aware", "transfer_attentions", "create_vit",
-           "attention_kind", "attention_layout", "student_from_spec", "student_like", "student_spec", "vit_traits"]
+__all__ = ["AttentionIO", "MapKind", "PartialQKV", "TransferableAttention", "TransferAttention", "attention_io",
+           "attention_maps", "attention_name_of", "capture_attention", "create_attention", "explicit_attention_map",
+           "get_attention_class", "list_attentions", "make_transfer_aware", "register_attention",
+           "transfer_attentions", "efficient", "create_vit", "attention_kind", "attention_layout",
+           "student_from_spec", "student_like", "student_spec", "vit_traits"]

@@ -19,13 +19,13 @@ from typing import Any, Dict, Iterable, List, Optional, Type
 import timm
 import torch.nn as nn
 from timm.layers import Attention, LayerScale
+from timm.models import get_model_args
 
-from .attention import TransferAttention
+from .attention import SOFTMAX, TransferAttention, attention_name_of
+from .efficient.student import swap_attentions
 
 __all__ = ["vit_traits", "student_like", "student_spec", "student_from_spec", "attention_kind", "attention_layout",
            "per_block_attention", "SOFTMAX"]
-
-SOFTMAX = "softmax"
 
 # Construction arguments that are training or runtime settings, not architecture.
 _NOT_ARCHITECTURE = ("attn_layer", "pretrained_model_args", "pretrained_strict", "device", "dtype", "drop_rate",
@@ -56,10 +56,9 @@ def _is_identity(m: Optional[nn.Module]) -> bool:
 
 
 def attention_layout(model: nn.Module) -> List[str]:
-    """Per-block attention names: ``"softmax"`` for timm's softmax attention (TransferAttention
-    included), else the zoo attention's name (its ``attention_name``, or its class name)."""
-    return [SOFTMAX if isinstance(blk.attn, Attention)
-            else getattr(type(blk.attn), "attention_name", None) or type(blk.attn).__name__ for blk in model.blocks]
+    """Per-block registered attention names (``"softmax"`` for timm's attention, transfer-aware or not;
+    see `attention_name_of`)."""
+    return [attention_name_of(blk.attn) for blk in model.blocks]
 
 
 def attention_kind(model: nn.Module) -> str:
@@ -247,8 +246,6 @@ def _json_value(key: str, v: Any) -> Any:
 def student_spec(student: nn.Module) -> Dict[str, Any]:
     """JSON-ready description that rebuilds ``student`` (`student_from_spec`): timm architecture name,
     timm construction arguments (no attnxfer classes), attention kind, and inherited preprocessing."""
-    from timm.models import get_model_args
-
     cfg = getattr(student, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
@@ -281,7 +278,6 @@ def student_from_spec(spec: Dict[str, Any], *, attn_layer: Optional[Type[nn.Modu
     """
     kind = spec.get("attention", SOFTMAX)
     if attn_layer is None and kind != SOFTMAX:
-        from .efficient.student import swap_attentions
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
         return swap_attentions(model, per_block_attention(kind, len(model.blocks)), spec.get("attention_options"))
     if attn_layer is None:

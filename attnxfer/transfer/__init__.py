@@ -1,12 +1,13 @@
 """The algorithm: transfer plans, the dual teacher–student wrapper and the losses (no config, no I/O)."""
 from .convert import build_efficient_student, convert
 from .dual import DualViT, TransferOutput, logit_distillation_loss
-from .implicit_maps import implicit_map_loss
+from .map_losses import MapLoss, implicit_map_loss, map_distillation_loss
 from .losses import (AttentionLoss, attention_ce_reference, attention_distillation_loss, row_logsumexp,
                      teacher_entropy)
-from .plan import MODES, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
+from .plan import MODES, Distill, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
 
-__all__ = ["build_efficient_student", "convert", "logit_distillation_loss", "implicit_map_loss", "DualViT",
+__all__ = ["build_efficient_student", "convert", "logit_distillation_loss", "implicit_map_loss", "MapLoss",
+           "map_distillation_loss", "Distill", "DualViT",
            "TransferOutput", "AttentionLoss", "attention_ce_reference", "attention_distillation_loss",
            "row_logsumexp", "teacher_entropy", "MODES", "PlanError", "TransferMode",
            "TransferPlan", "build_plan", "map_layers", "select_layers"]

@@ -8,7 +8,7 @@
   reproduce the teacher's attention there. The layers train at once and independently; nothing
   else moves. The loss follows the layer's map kind: row-stochastic -> CE between teacher rows and
   the student's implicit map rows; signed -> MSE on maps; none -> MSE on attention outputs; plus an
-  optional attention-output MSE (`attnxfer.transfer.implicit_maps`).
+  optional attention-output MSE (`attnxfer.transfer.map_losses`).
 * **Stage 2, end-to-end fine-tuning** through the training engine: task loss, logit distillation
   from the teacher (``transfer.logit_distill``), optional attention distillation
   (``transfer.mode=distill``).
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from enum import Enum
 import math
 import statistics
 import time
@@ -30,15 +31,14 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 import torch.nn as nn
-from timm.layers import Attention
 
 from ..config import ConvertConfig, TrainConfig, apply_overrides, dump_config
-from ..models.efficient import efficient_student_from_teacher, get_attention_class
-from ..models.efficient.base import EfficientAttention
-from .implicit_maps import (METRIC_NAMES, capture_attention, check_map_loss, implicit_map_loss, map_kind_of,
-                            output_mse)
+from ..models.attention import (MapKind, TransferableAttention, attention_name_of, capture_attention,
+                                get_attention_class, make_transfer_aware, transfer_attentions)
+from ..models.efficient import efficient_student_from_teacher
+from .map_losses import MapLoss, check_map_loss, default_map_loss, map_distillation_loss, output_mse
 
-__all__ = ["STAGE1_TRAIN", "LayerConversion", "ConversionPlan", "Stage1Result", "ConvertResult",
+__all__ = ["STAGE1_TRAIN", "Stage1Train", "LayerConversion", "ConversionPlan", "Stage1Result", "ConvertResult",
            "check_softmax_teacher", "build_efficient_student", "set_drop_path", "build_conversion_plan",
            "stage1_transfer", "map_agreement", "relative_speed", "evaluate_top1", "convert", "convert_main",
            "render_report"]
@@ -49,6 +49,29 @@ STAGE1_TRAIN = {
     "qk": "the attention's q and k projections (qkv rows of q and k, q/k norms)",
     "new+qk": "both",
 }
+
+
+class Stage1Train(str, Enum):
+    """What stage 1 trains in each efficient layer (`STAGE1_TRAIN` describes each)."""
+
+    NEW = "new"
+    QK = "qk"
+    NEW_QK = "new+qk"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def new(self) -> bool:
+        return self in (Stage1Train.NEW, Stage1Train.NEW_QK)
+
+    @property
+    def qk(self) -> bool:
+        return self in (Stage1Train.QK, Stage1Train.NEW_QK)
+
 _REPORT_VERSION = 1
 _NO_TEACHER = ("attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
                "weights file)")
@@ -56,15 +79,16 @@ _NO_TEACHER = ("attnxfer convert needs a teacher: set teacher.spec (timm name, h
 
 # ----------------------------------------------------------------------------------------------- building
 def check_softmax_teacher(teacher: nn.Module) -> None:
-    """A teacher for conversion runs softmax attention in every block (its maps are the target)."""
-    blocks = getattr(teacher, "blocks", None)
-    if blocks is None:
+    """A teacher for conversion runs softmax attention in every block (its maps are the target).
+
+    Makes the teacher transfer-aware in place (timm's ``Attention`` -> ``TransferAttention``, a class swap
+    as `DualViT` does), then reads each layer's declared map kind.
+    """
+    if getattr(teacher, "blocks", None) is None:
         raise ValueError(f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`)")
-    for i, blk in enumerate(blocks):
-        attn = blk.attn
-        softmax = isinstance(attn, Attention) or getattr(attn, "attention_name", "") == "softmax"
-        if not softmax:
-            name = getattr(attn, "attention_name", "") or type(attn).__name__
+    for i, attn in enumerate(transfer_attentions(make_transfer_aware(teacher))):
+        if attn.map_kind is not MapKind.SOFTMAX:
+            name = attention_name_of(attn)
             raise ValueError(f"the teacher's blocks.{i}.attn is {name!r}, not softmax attention: conversion needs a "
                              "softmax teacher (its attention maps are what the student learns). Use the original "
                              "pretrained model as teacher, not an already converted student")
@@ -128,8 +152,8 @@ class LayerConversion:
 
     layer: int
     attention: str
-    map_kind: str
-    loss: str  # ce | mse | output ('' for softmax layers, which are the teacher's already)
+    map_kind: MapKind
+    loss: Optional[MapLoss]  # None for softmax layers, which are the teacher's already
     trainable: List[str] = field(default_factory=list)
     num_trainable: int = 0
 
@@ -142,7 +166,7 @@ class ConversionPlan:
     stage1_steps: int
     stage1_lr: float
     stage1_batch_size: int
-    stage1_train: str
+    stage1_train: Stage1Train
     output_mse: float
     attention_kwargs: Dict[str, Any] = field(default_factory=dict)
 
@@ -169,7 +193,7 @@ class ConversionPlan:
                          f"{self.stage1_lr:g}, batch {self.stage1_batch_size}, trains {self.stage1_train} "
                          f"({self.num_trainable:,} values){extra}")
         for layer in self.layers:
-            if not layer.loss:
+            if layer.loss is None:
                 lines.append(f"    block {layer.layer}: softmax (the teacher's own attention; nothing to fit)")
                 continue
             lines.append(f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) loss {layer.loss}, trains "
@@ -185,12 +209,13 @@ def _short(name: str) -> str:
     return name.split(".attn.", 1)[-1]
 
 
-def _stage1_tensors(attn: nn.Module, what: str, prefix: str) -> List[Tuple[str, nn.Parameter, Optional[torch.Tensor]]]:
+def _stage1_tensors(attn: TransferableAttention, what: Stage1Train,
+                    prefix: str) -> List[Tuple[str, nn.Parameter, Optional[torch.Tensor]]]:
     """(name, parameter, row mask or None) that stage 1 trains in one attention layer."""
     out: List[Tuple[str, nn.Parameter, Optional[torch.Tensor]]] = []
-    if what in ("new", "new+qk"):
+    if what.new:
         out += [(f"{prefix}.{n}", attn.get_parameter(n), None) for n in attn.new_parameter_names()]
-    if what in ("qk", "new+qk"):
+    if what.qk:
         rows = 2 * attn.attn_dim  # fused qkv: the q and k row blocks come first
         for pname in ("weight", "bias"):
             p = getattr(attn.qkv, pname, None)
@@ -214,6 +239,7 @@ def build_conversion_plan(teacher: nn.Module, student: nn.Module, cfg: ConvertCo
     check_softmax_teacher(teacher)
     if cfg.stage1_train not in STAGE1_TRAIN:
         raise ValueError(f"convert.stage1_train={cfg.stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
+    train = Stage1Train(cfg.stage1_train)
     if cfg.stage1_steps < 0 or cfg.stage1_lr <= 0 or cfg.output_mse < 0:
         raise ValueError("convert.stage1_steps must be >= 0, convert.stage1_lr > 0 and convert.output_mse >= 0")
     if len(student.blocks) != len(teacher.blocks):
@@ -222,21 +248,21 @@ def build_conversion_plan(teacher: nn.Module, student: nn.Module, cfg: ConvertCo
     layers = []
     for i, blk in enumerate(student.blocks):
         attn = blk.attn
-        if not isinstance(attn, EfficientAttention):
+        if not isinstance(attn, TransferableAttention):
             raise ValueError(f"student blocks.{i}.attn is {type(attn).__name__}; convert students use registered "
-                             "zoo attentions (attnxfer.models.efficient)")
-        name, kind = attn.attention_name, map_kind_of(attn)
-        if name == "softmax":
-            layers.append(LayerConversion(i, name, kind, ""))
+                             "attentions (attnxfer.models.efficient)")
+        name, kind = attention_name_of(attn), attn.map_kind
+        if kind is MapKind.SOFTMAX:
+            layers.append(LayerConversion(i, name, kind, None))
             continue
         loss = check_map_loss(cfg.map_loss, kind, where=f"convert.map_loss for block {i} ({name}): ")
-        tensors = _stage1_tensors(attn, cfg.stage1_train, f"blocks.{i}.attn")
+        tensors = _stage1_tensors(attn, train, f"blocks.{i}.attn")
         count = sum(int(p.numel() if m is None else m.sum().item() * p[0].numel()) for _, p, m in tensors)
         layers.append(LayerConversion(i, name, kind, loss, [n for n, _, _ in tensors], count))
     plan = ConversionPlan(layers, cfg.stage1_steps, cfg.stage1_lr, cfg.stage1_batch_size or batch_size,
-                          cfg.stage1_train, cfg.output_mse, dict(cfg.attention_kwargs))
+                          train, cfg.output_mse, dict(cfg.attention_kwargs))
     if cfg.stage1_steps > 0 and plan.num_trainable == 0:
-        kinds = sorted({layer.attention for layer in layers if layer.loss})
+        kinds = sorted({layer.attention for layer in layers if layer.loss is not None})
         raise ValueError(f"stage 1 has nothing to train: {', '.join(kinds) or 'softmax'} attention has no new "
                          f"parameters with convert.stage1_train={cfg.stage1_train!r}. Set convert.stage1_train=qk to "
                          "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1")
@@ -273,23 +299,15 @@ def _teacher_signals(teacher: nn.Module, x: torch.Tensor, layers: Sequence[int],
     return store
 
 
-def _project_qk(attn: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(attn, "project_qkv"):
-        q, k, _ = attn.project_qkv(x)
-        return q, k
-    qk = attn.project(x, "qk")
-    return qk["q"], qk["k"]
-
-
 def _layer_fit_loss(attn: nn.Module, layer: LayerConversion, signals: Dict[str, torch.Tensor],
                     output_weight: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Stage 1's loss for one layer on the teacher's input, and its agreement metric (KL, map MSE or output MSE)."""
     x = signals["input"]
-    if layer.loss == "output":
+    if layer.loss is MapLoss.OUTPUT:
         loss = output_mse(attn(x), signals["output"])
         return loss, loss.detach()
-    q, k = _project_qk(attn, x)
-    res = implicit_map_loss(attn, q, k, signals["q"], signals["k"], layer.loss)
+    own = attn.project(x, "qk")
+    res = map_distillation_loss(attn, own["q"], own["k"], signals["q"], signals["k"], layer.loss)
     loss = res.loss
     if output_weight:
         loss = loss + output_weight * output_mse(attn(x), signals["output"])
@@ -367,7 +385,7 @@ def stage1_transfer(
     groups = [{"params": plain, "weight_decay": weight_decay}, {"params": masked, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=plan.stage1_lr)
     fields = ("input", "q", "k") + (("output",) if plan.output_mse or
-                                    any(layer.loss == "output" for layer in plan.active) else ())
+                                    any(layer.loss is MapLoss.OUTPUT for layer in plan.active) else ())
     layers = plan.active
     start = time.monotonic()
     window: List[float] = []
@@ -405,7 +423,7 @@ def stage1_transfer(
                 result.history.append(rec)
                 per_layer = " ".join(f"{v:.3g}" for v in metrics.values())
                 log(f"stage 1 step {step + 1}/{steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
-                    f"{'/'.join(sorted({METRIC_NAMES[lay.loss] for lay in layers}))}: {per_layer}")
+                    f"{'/'.join(sorted({lay.loss.metric for lay in layers}))}: {per_layer}")
                 window = []
     finally:
         for h in hooks:
@@ -418,6 +436,10 @@ def stage1_transfer(
 
 
 # ----------------------------------------------------------------------------------------------- measuring
+#: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
+_INPUTS = {"teacher": False, "own": True}
+
+
 @torch.no_grad()
 def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *,
                   inputs: str = "teacher") -> List[Dict[str, Any]]:
@@ -430,8 +452,10 @@ def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torc
     KL(P_t ‖ A_s) for row-stochastic maps, mean squared map difference for signed ones, attention-output
     MSE where there is no map; ``output_mse`` (attention outputs) is reported for every layer.
     """
-    if inputs not in ("teacher", "own"):
+    if inputs not in _INPUTS:
         raise ValueError(f"inputs must be 'teacher' or 'own', got {inputs!r}")
+    own_inputs = _INPUTS[inputs]
+    check_softmax_teacher(teacher)
     was = teacher.training, student.training
     teacher.eval(), student.eval()
     depth = len(student.blocks)
@@ -440,23 +464,22 @@ def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torc
     for x in batches:
         with capture_attention(teacher, fields=("input", "q", "k", "output")) as t:
             teacher.forward_features(x)
-        if inputs == "own":
+        if own_inputs:
             with capture_attention(student, fields=("q", "k", "output")) as s:
                 student.forward_features(x)
         for i in range(depth):
             attn = student.blocks[i].attn
-            if inputs == "own":
+            if own_inputs:
                 q, k, out = s[i]["q"], s[i]["k"], s[i]["output"]
             else:
-                q, k = _project_qk(attn, t[i]["input"])
+                own = attn.project(t[i]["input"], "qk")
+                q, k = own["q"], own["k"]
                 out = attn(t[i]["input"])
             out_mse = float(output_mse(out, t[i]["output"]))
-            kind = map_kind_of(attn)
-            if kind == "none":
-                value = out_mse
+            if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
+                value = float(map_distillation_loss(attn, q, k, t[i]["q"], t[i]["k"]).metric)
             else:
-                value = float(implicit_map_loss(attn, q, k, t[i]["q"], t[i]["k"],
-                                                "ce" if kind == "row_stochastic" else "mse").metric)
+                value = out_mse
             sums[i][0] += value * x.shape[0]
             sums[i][1] += out_mse * x.shape[0]
         count += x.shape[0]
@@ -468,9 +491,9 @@ def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torc
     rows = []
     for i in range(depth):
         attn = student.blocks[i].attn
-        kind = map_kind_of(attn)
-        rows.append({"layer": i, "attention": getattr(attn, "attention_name", type(attn).__name__), "map_kind": kind,
-                     "metric": {"row_stochastic": "kl", "signed": "map_mse", "none": "output_mse"}[kind],
+        kind = attn.map_kind
+        rows.append({"layer": i, "attention": attention_name_of(attn), "map_kind": kind,
+                     "metric": default_map_loss(kind).metric,
                      "value": sums[i][0] / max(1, count), "output_mse": sums[i][1] / max(1, count)})
     return rows
 

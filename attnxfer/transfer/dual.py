@@ -15,11 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..models.attention import (AttentionIO, TransferAttention, attention_io, make_transfer_aware,
-                                 transfer_attentions)
-from ..models.efficient.base import EfficientAttention
-from .implicit_maps import capture_layer, implicit_map_loss
-from .losses import attention_distillation_loss
+from ..models.attention import AttentionIO, attention_io, make_transfer_aware, transfer_attentions
+from ..models.attention.numerics import fp32_section
+from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
 __all__ = ["DualViT", "TransferOutput"]
@@ -83,22 +81,10 @@ def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.
                             temperature: float = 1.0) -> torch.Tensor:
     """T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch, in fp32 (Hinton et al.'s scaling keeps
     the gradient's size independent of T)."""
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+    with fp32_section(student_logits.device.type):
         t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
         s = F.log_softmax(student_logits.float() / temperature, dim=-1)
         return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
-
-
-@contextlib.contextmanager
-def _student_capture(attn: nn.Module, wanted: str) -> Iterator[Dict[str, torch.Tensor]]:
-    """The student layer's own q/k/v: through `AttentionIO` for softmax layers, hooks for zoo attentions."""
-    if not isinstance(attn, TransferAttention):
-        with capture_layer(attn, fields=tuple(wanted)) as store:
-            yield store
-        return
-    io = AttentionIO(capture=wanted)
-    with attention_io(attn, io):
-        yield io.captured
 
 
 class DualViT(nn.Module):
@@ -107,8 +93,8 @@ class DualViT(nn.Module):
     Args:
         teacher: a timm ViT (any timm ``Attention``-based one; made transfer-aware in place).
             May be None only for ``mode=none`` without logit distillation.
-        student: the timm ViT to train (made transfer-aware in place), or one whose attentions are
-            zoo attentions (`attnxfer.models.efficient`: modes ``none`` and ``distill``).
+        student: the timm ViT to train (made transfer-aware in place); its attentions may be zoo
+            attentions (`attnxfer.models.efficient`), for the modes their map kind supports.
         plan: a `TransferPlan`, or None to build a default one for ``mode``.
         teacher_dtype: dtype the teacher runs in; default bf16 on CUDA, fp32 elsewhere.
     """
@@ -116,8 +102,7 @@ class DualViT(nn.Module):
     def __init__(self, teacher: Optional[nn.Module], student: nn.Module, plan: Optional[TransferPlan] = None,
                  *, mode: str = "distill", teacher_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        efficient = any(isinstance(blk.attn, EfficientAttention) for blk in student.blocks)
-        self.student = student if efficient else make_transfer_aware(student)
+        self.student = make_transfer_aware(student)
         if teacher is not None:
             make_transfer_aware(teacher)
             teacher.requires_grad_(False)
@@ -129,7 +114,7 @@ class DualViT(nn.Module):
         # KL = CE − H(P_t) costs one more teacher pass per layer and is only logged: the engine
         # switches it on for the steps it logs.
         self.log_kl = True
-        self._student_attn = [blk.attn for blk in student.blocks] if efficient else transfer_attentions(student)
+        self._student_attn = transfer_attentions(student)
         self._teacher_attn = transfer_attentions(teacher) if teacher is not None else []
         if self.plan.mode.borrow:
             for s_layer, _ in self.plan.pairs:
@@ -174,7 +159,7 @@ class DualViT(nn.Module):
         mode, plan = self.plan.mode, self.plan
         teacher, student = self.teacher, self.student
         tdtype = self._teacher_ready(x.device)
-        wanted = mode.borrow or ("qk" if mode.distill == "maps" else mode.distill)
+        wanted = mode.signals
         teacher_for = plan.teacher_for
         share = plan.share_drop_path and self.training
 
@@ -209,8 +194,10 @@ class DualViT(nn.Module):
                     with attention_io(self._student_attn[i], AttentionIO(**{c: borrowed[c] for c in mode.borrow})):
                         xs = blk(xs)
                 else:
-                    with _student_capture(self._student_attn[i], wanted) as own:
+                    s_io = AttentionIO(capture=wanted)
+                    with attention_io(self._student_attn[i], s_io):
                         xs = blk(xs)
+                    own = s_io.captured
             if own is not None and mode.is_distill:
                 losses.append(self._layer_loss(i, signals[teacher_for[i]], own, out))
         xs = student.norm(xs)
@@ -228,22 +215,16 @@ class DualViT(nn.Module):
     def _layer_loss(self, layer: int, teacher_sig: Dict[str, torch.Tensor], student_sig: Dict[str, torch.Tensor],
                     out: TransferOutput) -> torch.Tensor:
         mode = self.plan.mode
-        attn = self._student_attn[layer]
-        if mode.distill == "maps" and not isinstance(attn, TransferAttention):
-            res = implicit_map_loss(attn, student_sig["q"], student_sig["k"], teacher_sig["q"], teacher_sig["k"])
-            out.terms[f"attn_{'ce' if res.metric_name == 'kl' else 'mse'}/{layer}"] = res.loss
-            if res.metric_name == "kl":
-                out.logs[f"attn_kl/{layer}"] = res.metric
+        if mode.distills_maps:
+            # the student layer's map kind picks the loss (softmax: the exact O(N) CE; see map_losses)
+            res = map_distillation_loss(self._student_attn[layer], student_sig["q"], student_sig["k"],
+                                        teacher_sig["q"], teacher_sig["k"], with_metric=self.log_kl)
+            out.terms[f"{res.kind.term}/{layer}"] = res.loss
+            if res.metric is not None and res.kind.logged_metric:
+                out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric
             return res.loss
-        if mode.distill == "maps":
-            res = attention_distillation_loss(teacher_sig["q"], teacher_sig["k"], student_sig["q"], student_sig["k"],
-                                              with_kl=self.log_kl)
-            out.terms[f"attn_ce/{layer}"] = res.ce
-            if res.kl is not None:
-                out.logs[f"attn_kl/{layer}"] = res.kl
-            return res.ce
-        c = mode.distill
-        with torch.autocast(device_type=student_sig[c].device.type, enabled=False):
+        c = mode.distill.chunks
+        with fp32_section(student_sig[c].device.type):
             loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
         out.terms[f"{c}_mse/{layer}"] = loss
         return loss

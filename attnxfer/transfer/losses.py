@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models.attention import sdpa
+# fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
+from ..models.attention.numerics import fp32_section as _fp32
+from ..models.attention.numerics import row_chunk as _auto_chunk
 
 __all__ = [
     "AttentionLoss",
@@ -32,22 +35,6 @@ __all__ = [
     "teacher_entropy",
     "group_heads_ok",
 ]
-
-# Elements of one chunk of logits (B·H·rows·N): 16M fp32 = 64 MiB.
-_CHUNK_BUDGET = 1 << 24
-
-
-def _auto_chunk(q: torch.Tensor, n_keys: int, chunk: Optional[int]) -> int:
-    if chunk is not None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        return chunk
-    per_row = max(1, q.shape[0] * q.shape[1] * n_keys)
-    return max(1, min(q.shape[-2], _CHUNK_BUDGET // per_row))
-
-
-def _fp32(device_type: str):
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 class _RowLogSumExp(torch.autograd.Function):

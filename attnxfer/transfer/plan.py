@@ -6,20 +6,44 @@ bad combination fails before any training step), and printed at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
-from ..models.attention import TransferAttention, transfer_attentions
-from ..models.efficient.base import EfficientAttention
+from ..models.attention import MapKind, attention_name_of, transfer_attentions
 from .losses import group_heads_ok
+from .map_losses import map_loss_rule
 
-__all__ = ["TransferMode", "MODES", "register_mode", "TransferPlan", "build_plan", "select_layers", "map_layers",
-           "PlanError"]
+__all__ = ["TransferMode", "Distill", "MODES", "register_mode", "TransferPlan", "build_plan", "select_layers",
+           "map_layers", "PlanError"]
 
 
 class PlanError(ValueError):
     """A teacher/student/config combination that cannot be transferred; the message says what to change."""
+
+
+class Distill(str, Enum):
+    """What a distillation mode makes the student match (falsy: nothing)."""
+
+    NOTHING = ""
+    MAPS = "maps"  # attention rows, with the map loss of the student layer's map kind
+    Q = "q"  # MSE on queries, keys or values
+    K = "k"
+    V = "v"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def chunks(self) -> str:
+        """The q/k/v chunks the signal is made of, on both sides."""
+        return "qk" if self is Distill.MAPS else self.value
+
+    @property
+    def is_chunk(self) -> bool:
+        """One of q, k, v itself (compared element-wise, so shapes must match)."""
+        return self in (Distill.Q, Distill.K, Distill.V)
 
 
 @dataclass(frozen=True)
@@ -28,14 +52,19 @@ class TransferMode:
 
     ``borrow``: chunks of (q, k, v) the student takes from the teacher at run time
     (copy family; the student's own projections for them are frozen and unused).
-    ``distill``: what the student learns to match: ``"maps"`` (CE on attention rows)
-    or one of ``"q"``, ``"k"``, ``"v"`` (MSE).
+    ``distill``: what the student learns to match (`Distill`): the maps (the map loss of the
+    student layer's map kind) or one of q, k, v (MSE). Strings are accepted and converted.
     """
 
     name: str
     borrow: str = ""
-    distill: str = ""
+    distill: Distill = Distill.NOTHING
     description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "distill", Distill(self.distill))
+        if set(self.borrow) - set("qkv"):
+            raise ValueError(f"TransferMode {self.name!r}: borrow is a subset of 'qkv', got {self.borrow!r}")
 
     @property
     def is_copy(self) -> bool:
@@ -44,6 +73,31 @@ class TransferMode:
     @property
     def is_distill(self) -> bool:
         return bool(self.distill)
+
+    @property
+    def moves_nothing(self) -> bool:
+        """Plain student training: no attention signal crosses over."""
+        return not self.is_copy and not self.is_distill
+
+    @property
+    def signals(self) -> str:
+        """The q/k/v chunks each transferred teacher layer hands over (and a distilled student layer shows)."""
+        return self.borrow or self.distill.chunks
+
+    @property
+    def distills_maps(self) -> bool:
+        return self.distill is Distill.MAPS
+
+    @property
+    def mixes_chunks(self) -> bool:
+        """Teacher and student q/k/v meet inside one layer (copy of one chunk, or MSE on one): head dims must match.
+        (Borrowing q and k together needs no equal head dim: the teacher's map is applied to the student's v.)"""
+        return (self.is_copy and set(self.borrow) != {"q", "k"}) or self.distill.is_chunk
+
+    @property
+    def needs_equal_heads(self) -> bool:
+        """Head by head pairing (copy, q/k/v distillation); map losses may group heads, per map kind."""
+        return self.is_copy or self.distill.is_chunk
 
     @property
     def teacher_at_eval(self) -> bool:
@@ -109,34 +163,42 @@ def map_layers(student_layers: Sequence[int], student_depth: int, teacher_depth:
 
 
 def _block_attentions(model: nn.Module) -> Sequence[nn.Module]:
-    """Each block's attention module: timm softmax (made transfer-aware) or a zoo attention."""
-    if getattr(model, "blocks", None) is None:
-        raise TypeError(f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style "
-                        "models")
-    attns = [blk.attn for blk in model.blocks]
-    if any(isinstance(a, EfficientAttention) for a in attns):
-        return attns
+    """Each block's attention module (softmax made transfer-aware, or a zoo attention): the interface."""
     return transfer_attentions(model)
 
 
-def _attention_name(attn: nn.Module) -> str:
-    return getattr(attn, "attention_name", "") or type(attn).__name__
-
-
-def _check_efficient_pair(spec: "TransferMode", mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
-    """A zoo-attention student layer can only learn the teacher's maps (it has no softmax q/k to share)."""
-    name = _attention_name(sa)
-    if spec.is_copy or spec.distill in ("q", "k", "v"):
+def _check_pair(spec: "TransferMode", mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
+    """What the mode needs of one (teacher layer, student layer) pair, read from their declared data:
+    map kinds, head counts and head dims."""
+    name = attention_name_of(sa)
+    if ta.map_kind is not MapKind.SOFTMAX:
+        raise PlanError(f"{where}: the teacher layer is {attention_name_of(ta)!r}; teachers need softmax attention "
+                        "(their q/k define the maps that are transferred)")
+    if spec.is_copy and not sa.map_kind.takes_borrowed_qk:
         raise PlanError(f"{where}: mode {mode!r} needs softmax attention in the student, but this layer is "
                         f"{name!r}; use mode=distill (map distillation) or mode=none for efficient-attention "
                         "students")
-    if sa.map_kind == "none":
+    if spec.distills_maps and not sa.map_kind.has_map:
         raise PlanError(f"{where}: {name!r} attention has no attention map to distil (map kind 'none'); set "
                         "transfer.mode=none (logit distillation still applies) or pick a row-stochastic/signed "
                         "attention")
-    if ta.num_heads != sa.num_heads:
+    groups_heads = spec.distills_maps and map_loss_rule(sa.map_kind).groups_heads
+    if spec.needs_equal_heads and ta.num_heads != sa.num_heads:
+        raise PlanError(f"{where}: mode {mode!r} needs equal head counts (teacher {ta.num_heads}, "
+                        f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
+                        + (" or use mode=distill, which averages teacher heads in groups"
+                           if group_heads_ok(ta.num_heads, sa.num_heads) else ""))
+    if spec.mixes_chunks and ta.head_dim != sa.head_dim:
+        raise PlanError(f"{where}: mode {mode!r} mixes teacher and student q/k/v, so head dims must match "
+                        f"(teacher {ta.head_dim}, student {sa.head_dim}); set the student's embed_dim to "
+                        f"{ta.num_heads * ta.head_dim}")
+    if spec.distills_maps and not groups_heads and ta.num_heads != sa.num_heads:
         raise PlanError(f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
                         f"{ta.num_heads}, student {sa.num_heads})")
+    if groups_heads and not group_heads_ok(ta.num_heads, sa.num_heads):
+        raise PlanError(f"{where}: teacher has {ta.num_heads} heads, student {sa.num_heads}; distillation needs "
+                        "the teacher's head count to equal or be a whole multiple of the student's "
+                        f"(e.g. student num_heads={ta.num_heads})")
 
 
 def _token_layout(model: nn.Module) -> Tuple[Tuple[int, ...], int]:
@@ -193,7 +255,7 @@ class TransferPlan:
         """A short human-readable table, printed at start-up."""
         m = self.mode
         lines = [f"transfer plan: mode={m.name} ({m.description})"]
-        if m.name == "none":
+        if m.moves_nothing:
             return "\n".join(lines + ([self._logit_line()] if self.logit_weight > 0 else []))
         kind = f"borrow {m.borrow} from teacher" if m.is_copy else (
             f"distill {m.distill}" + (f", weight {self.weight:g}" if m.is_distill else ""))
@@ -239,7 +301,7 @@ def build_plan(
     spec = get_mode(mode)
     s_attn = _block_attentions(student)
     logits = _logit_settings(teacher, student, logit_weight, logit_temperature)
-    if spec.name == "none":
+    if spec.moves_nothing:
         return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0, **logits)
     if teacher is None:
         raise PlanError(f"mode {mode!r} needs a teacher; set teacher=... or use mode=none")
@@ -257,25 +319,7 @@ def build_plan(
         raise PlanError(f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "
                         "set share_drop_path=false")
     for s, t in pairs:
-        ta, sa = t_attn[t], s_attn[s]
-        where = f"student block {s} <- teacher block {t}"
-        if not isinstance(sa, TransferAttention):
-            _check_efficient_pair(spec, mode, where, ta, sa)
-        elif spec.is_copy or spec.distill in ("q", "k", "v"):
-            if ta.num_heads != sa.num_heads:
-                raise PlanError(f"{where}: mode {mode!r} needs equal head counts (teacher {ta.num_heads}, "
-                                f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
-                                + (" or use mode=distill, which averages teacher heads in groups"
-                                   if group_heads_ok(ta.num_heads, sa.num_heads) else ""))
-            needs_dim = spec.borrow in ("q", "k", "v") or spec.distill in ("q", "k", "v")
-            if needs_dim and ta.head_dim != sa.head_dim:
-                raise PlanError(f"{where}: mode {mode!r} mixes teacher and student q/k/v, so head dims must match "
-                                f"(teacher {ta.head_dim}, student {sa.head_dim}); set the student's embed_dim to "
-                                f"{ta.num_heads * ta.head_dim}")
-        elif not group_heads_ok(ta.num_heads, sa.num_heads):
-            raise PlanError(f"{where}: teacher has {ta.num_heads} heads, student {sa.num_heads}; distillation needs "
-                            "the teacher's head count to equal or be a whole multiple of the student's "
-                            f"(e.g. student num_heads={ta.num_heads})")
+        _check_pair(spec, mode, f"student block {s} <- teacher block {t}", t_attn[t], s_attn[s])
     return TransferPlan(spec, pairs, float(weight), len(s_attn), len(t_attn), t_attn[0].num_heads,
                         s_attn[0].num_heads, bool(share_drop_path), tokens, **logits)
 

@@ -1,13 +1,17 @@
 """The efficient-attention zoo: drop-in replacements for timm's ``Attention`` with a declared map kind.
 
-Every class keeps timm's parameter names (qkv, q_norm, k_norm, norm, proj), exposes
-``attend(q, k, v)``, ``attention_map(q, k, rows)`` and ``new_parameter_names()``, and is
-registered by name:
+Every class meets the one attention interface (`attnxfer.models.attention.TransferableAttention`:
+timm's parameter names qkv, q_norm, k_norm, norm, proj; ``project``, ``attend``,
+``attention_map(q, k, rows)``, ``map_kind``, the per-call ``AttentionIO``), adds
+``new_parameter_names()``, and is registered by name in the one attention registry
+(`attnxfer.models.attention.registry`), beside softmax. A new attention is one file here:
+subclass `EfficientAttention` (or `KernelAttention`), implement ``_attend`` and the map rows,
+decorate with ``@register_attention('name')`` and import it below.
 
 =================  ==============  =============================================================
 name               map kind        family
 =================  ==============  =============================================================
-softmax            row_stochastic  SDPA softmax (the teacher's attention)
+softmax            softmax         SDPA softmax, the teacher's attention (``TransferAttention``)
 relu_linear        row_stochastic  linear attention, relu(x) + eps features
 elu_linear         row_stochastic  linear attention, elu(x) + 1 features
 performer          row_stochastic  FAVOR+, positive orthogonal random features
@@ -34,9 +38,10 @@ them (its kernel part treats them like any token); cosFormer gives them the firs
 Nystrom/Linformer put them in the first landmark segment. The global kernels (linear, performer,
 hedgehog, hydra) do not distinguish them at all.
 """
-from .registry import attention_layer, create_attention, get_attention_class, list_attentions, register_attention
-from .base import COUNTERPART_MODULES, MAP_KINDS, EfficientAttention
-from .softmax import SoftmaxAttention
+from ..attention.interface import COUNTERPART_MODULES, MapKind
+from ..attention.registry import (attention_layer, create_attention, get_attention_class, list_attentions,
+                                  register_attention)
+from .base import EfficientAttention
 from .linear import ELULinearAttention, ReLULinearAttention
 from .performer import PerformerAttention
 from .hedgehog import HedgehogAttention
@@ -51,8 +56,8 @@ from .student import configure_token_layout, efficient_student_from_teacher, new
 
 __all__ = [
     'register_attention', 'create_attention', 'get_attention_class', 'list_attentions', 'attention_layer',
-    'EfficientAttention', 'COUNTERPART_MODULES', 'MAP_KINDS',
-    'SoftmaxAttention', 'ReLULinearAttention', 'ELULinearAttention', 'PerformerAttention', 'HedgehogAttention',
+    'EfficientAttention', 'COUNTERPART_MODULES', 'MapKind',
+    'ReLULinearAttention', 'ELULinearAttention', 'PerformerAttention', 'HedgehogAttention',
     'CosFormerAttention', 'FocusedLinearAttention', 'AgentAttention', 'WindowAttention', 'WindowLinearAttention',
     'NystromAttention', 'LinformerAttention', 'HydraAttention',
     'efficient_student_from_teacher', 'swap_attentions', 'new_parameters', 'configure_token_layout',

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import EfficientAttention, _as_grid
-from .registry import register_attention
+from ..attention.interface import MapKind, as_grid
+from .base import EfficientAttention
+from ..attention.registry import register_attention
 from .tokens import grid_to_image
 
 __all__ = ['AgentAttention']
@@ -28,16 +29,16 @@ __all__ = ['AgentAttention']
 class AgentAttention(EfficientAttention):
     """Options: ``agent_grid`` (agents per side, default 7 -> 49 agents), ``bias_grid`` (base grid of
     the position biases, default 7)."""
-    map_kind = 'row_stochastic'
+    map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
 
     def __init__(self, dim: int, num_heads: int = 8, *, agent_grid: int | Sequence[int] = 7,
                  bias_grid: int | Sequence[int] = 7, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
         dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
-        self.agent_grid = _as_grid(agent_grid)
+        self.agent_grid = as_grid(agent_grid)
         num_agents = self.agent_grid[0] * self.agent_grid[1]
-        self.bias_grid = _as_grid(bias_grid)
+        self.bias_grid = as_grid(bias_grid)
         bh, bw = self.bias_grid
         self.agent_key_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))
         self.query_agent_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))

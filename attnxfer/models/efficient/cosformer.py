@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels import KernelAttention, add_scalar
-from .registry import register_attention
+from ..attention.registry import register_attention
 
 __all__ = ['CosFormerAttention']
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .kernels import KernelAttention
-from .registry import register_attention
+from ..attention.registry import register_attention
 from .tokens import grid_to_image, image_to_grid
 
 __all__ = ['FocusedLinearAttention']

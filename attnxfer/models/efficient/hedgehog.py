@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .kernels import HedgehogFeatures, KernelAttention
-from .registry import register_attention
+from ..attention.registry import register_attention
 
 __all__ = ['HedgehogAttention']
 

@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.interface import MapKind
 from .base import EfficientAttention
-from .registry import register_attention
+from ..attention.registry import register_attention
 
 __all__ = ['HydraAttention']
 
 
 @register_attention('hydra')
 class HydraAttention(EfficientAttention):
-    map_kind = 'none'
+    map_kind = MapKind.NONE
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)

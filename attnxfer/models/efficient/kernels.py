@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.interface import MapKind
 from .base import EfficientAttention
 
 #: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
@@ -81,7 +82,7 @@ class KernelAttention(EfficientAttention):
     Subclasses give ``query_features`` and ``key_features`` (tensors, or tuples of blocks that
     the forward path never concatenates; the map path does).
     """
-    map_kind = 'row_stochastic'
+    map_kind = MapKind.ROW_STOCHASTIC
 
     def query_features(self, q: torch.Tensor) -> FeatureBlocks:
         """phi(q), non-negative, in the compute dtype."""

@@ -7,7 +7,7 @@ No new parameters: these students start exactly from the teacher's q/k projectio
 from __future__ import annotations
 
 from .kernels import ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
-from .registry import register_attention
+from ..attention.registry import register_attention
 
 __all__ = ['ReLULinearAttention', 'ELULinearAttention']
 

@@ -13,8 +13,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..attention.interface import MapKind
 from .base import EfficientAttention
-from .registry import register_attention
+from ..attention.registry import register_attention
 
 __all__ = ['LinformerAttention', 'segment_mean_matrix']
 
@@ -32,7 +33,7 @@ def segment_mean_matrix(num_segments: int, length: int) -> torch.Tensor:
 @register_attention('linformer')
 class LinformerAttention(EfficientAttention):
     """Options: ``seq_len`` (required: N the module is built for), ``proj_len`` (k, default 64)."""
-    map_kind = 'signed'
+    map_kind = MapKind.SIGNED
 
     def __init__(self, dim: int, num_heads: int = 8, *, seq_len: Optional[int] = None, proj_len: int = 64,
                  **kwargs) -> None:

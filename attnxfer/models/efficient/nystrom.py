@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..attention.interface import MapKind
 from .base import EfficientAttention
-from .registry import register_attention
+from ..attention.registry import register_attention
 
 __all__ = ['NystromAttention', 'iterative_pinv']
 
@@ -33,7 +34,7 @@ def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
 @register_attention('nystrom')
 class NystromAttention(EfficientAttention):
     """Options: ``num_landmarks`` (m, default 32; capped at N), ``pinv_iterations`` (default 6)."""
-    map_kind = 'signed'
+    map_kind = MapKind.SIGNED
 
     def __init__(self, dim: int, num_heads: int = 8, *, num_landmarks: int = 32, pinv_iterations: int = 6,
                  **kwargs) -> None:

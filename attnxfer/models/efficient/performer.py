@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .kernels import KernelAttention, add_scalar
-from .registry import register_attention
+from ..attention.registry import register_attention
 
 __all__ = ['PerformerAttention', 'gaussian_orthogonal_features', 'default_num_features']
 

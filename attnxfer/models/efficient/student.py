@@ -12,8 +12,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-from .base import COUNTERPART_MODULES, EfficientAttention
-from .registry import get_attention_class
+from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
+from ..attention.registry import get_attention_class
 
 __all__ = ['efficient_student_from_teacher', 'swap_attentions', 'new_parameters', 'configure_token_layout', 'teacher_token_layout']
 
@@ -29,10 +29,10 @@ def teacher_token_layout(model: nn.Module) -> Tuple[int, Optional[Tuple[int, int
 
 
 def configure_token_layout(model: nn.Module) -> nn.Module:
-    """Tell every zoo attention in a timm ViT its prefix-token count and patch grid."""
+    """Tell every attention in a timm ViT that meets the interface its prefix-token count and patch grid."""
     prefix, grid = teacher_token_layout(model)
     for module in model.modules():
-        if isinstance(module, EfficientAttention):
+        if isinstance(module, TransferableAttention):
             module.set_token_layout(prefix, grid)
     return model
 
@@ -100,7 +100,7 @@ def swap_attentions(
     """Replace each block's attention of ``model`` (a timm VisionTransformer) in place.
 
     Block i gets ``names[i]`` built with the old attention's shapes, the model's token layout and
-    ``options[i]`` (its own options, as ``EfficientAttention.options()`` reports them); the old
+    ``options[i]`` (its own options, as ``TransferableAttention.options()`` reports them); the old
     ``qkv``, ``q_norm``, ``k_norm``, ``norm`` and ``proj`` modules move into it unchanged. This is how
     a student is made from a teacher copy, and how an exported student is rebuilt from its spec.
     """
@@ -135,6 +135,6 @@ def swap_attentions(
 def new_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
     """(qualified name, parameter) of every attention parameter without a softmax counterpart."""
     for module_name, module in model.named_modules():
-        if isinstance(module, EfficientAttention):
+        if isinstance(module, TransferableAttention):
             for name in module.new_parameter_names():
                 yield (f'{module_name}.{name}' if module_name else name), module.get_parameter(name)

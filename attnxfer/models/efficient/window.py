@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import EfficientAttention, _as_grid
+from ..attention.interface import MapKind, as_grid
+from .base import EfficientAttention
 from .kernels import build_feature_map, scaled_for_kernel
-from .registry import register_attention
+from ..attention.registry import register_attention
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
 __all__ = ['WindowAttention', 'WindowLinearAttention']
@@ -34,12 +35,12 @@ __all__ = ['WindowAttention', 'WindowLinearAttention']
 @register_attention('window')
 class WindowAttention(EfficientAttention):
     """Option: ``window_size`` (int or (h, w) in tokens, default 7)."""
-    map_kind = 'row_stochastic'
+    map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
 
     def __init__(self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.window_size: Tuple[int, int] = _as_grid(window_size)
+        self.window_size: Tuple[int, int] = as_grid(window_size)
 
     # -- shared pieces
     def _windows(self, q, k, v):

@@ -1,15 +1,20 @@
-"""Name -> class registry for the attention zoo.
+"""Name -> class registry of every attention: softmax (``"softmax"``: `TransferAttention`) and the zoo.
 
-Per-layer attention lists, configs and the ``convert`` command refer to attentions by
-name; the registry is the one place that turns those names into classes.
+Per-layer attention lists, configs, exported students and the ``convert`` command refer to
+attentions by name; the registry is the one place that turns names into classes, and
+`attention_name_of` the one way to read a layer's name back.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Type, TypeVar
+from typing import Callable, Dict, List, Optional, Type, TypeVar
 
+from timm.layers import Attention
 from torch import nn
 
-__all__ = ['register_attention', 'create_attention', 'list_attentions', 'get_attention_class', 'attention_layer']
+from .interface import MapKind
+
+__all__ = ['register_attention', 'create_attention', 'list_attentions', 'get_attention_class', 'attention_layer',
+           'attention_name_of']
 
 _ATTENTIONS: Dict[str, Type[nn.Module]] = {}
 
@@ -31,9 +36,10 @@ def register_attention(name: str) -> Callable[[T], T]:
     return decorator
 
 
-def list_attentions(map_kind: str | None = None) -> List[str]:
-    """Registered names, sorted; optionally only those of one map kind."""
-    return sorted(n for n, c in _ATTENTIONS.items() if map_kind is None or c.map_kind == map_kind)
+def list_attentions(map_kind: Optional[MapKind | str] = None) -> List[str]:
+    """Registered names, sorted; optionally only those whose map kind is (or refines) ``map_kind``:
+    ``list_attentions('row_stochastic')`` includes softmax."""
+    return sorted(n for n, c in _ATTENTIONS.items() if map_kind is None or c.map_kind.refines(map_kind))
 
 
 def get_attention_class(name: str) -> Type[nn.Module]:
@@ -66,3 +72,14 @@ def attention_layer(name: str, **options) -> Type[nn.Module]:
     return type(cls.__name__, (cls,), {
         '__init__': __init__, '__module__': cls.__module__, '__qualname__': f'{cls.__qualname__}[{label}]',
         'layer_options': dict(options)})
+
+
+def attention_name_of(attn: nn.Module) -> str:
+    """The registered name of a layer's attention: its ``attention_name``; ``"softmax"`` for timm's plain
+    ``Attention`` (what `TransferAttention` makes transfer-aware); else its class name."""
+    name = getattr(type(attn), 'attention_name', '')
+    if name:
+        return name
+    if type(attn) is Attention:
+        return get_attention_class('softmax').attention_name
+    return type(attn).__name__

@@ -1,0 +1,31 @@
+"""One attention interface for softmax and every zoo attention.
+
+==================  =================================================================================
+module              what
+==================  =================================================================================
+``interface``       `TransferableAttention` (the abstract base: project / attend / attention_map /
+                    forward with `AttentionIO`), `MapKind`, `AttentionIO`, `PartialQKV`
+``softmax``         `TransferAttention` (timm's ``Attention``, registered as ``"softmax"``),
+                    `make_transfer_aware`, `sdpa`, `explicit_attention_map`
+``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
+                    `attention_name_of`, ...)
+``capture``         whole-model access through the interface: `transfer_attentions`, `attention_maps`,
+                    `capture_attention`
+``numerics``        fp32 sections and row chunks (one chunk budget) for attentions and their losses
+==================  =================================================================================
+
+The zoo's attentions live in `attnxfer.models.efficient` (one file per family) on the base
+`EfficientAttention`.
+"""
+from .interface import (COUNTERPART_MODULES, QKV, AttentionIO, MapKind, PartialQKV, TransferableAttention,
+                        attention_io)
+from .registry import (attention_layer, attention_name_of, create_attention, get_attention_class, list_attentions,
+                       register_attention)
+from .softmax import SOFTMAX, TransferAttention, explicit_attention_map, make_transfer_aware, sdpa
+from .capture import CAPTURE_FIELDS, attention_maps, capture_attention, transfer_attentions
+
+__all__ = ["COUNTERPART_MODULES", "QKV", "AttentionIO", "MapKind", "PartialQKV", "TransferableAttention",
+           "attention_io", "attention_layer", "attention_name_of", "create_attention", "get_attention_class",
+           "list_attentions", "register_attention", "SOFTMAX", "TransferAttention", "explicit_attention_map",
+           "make_transfer_aware", "sdpa", "CAPTURE_FIELDS", "attention_maps", "capture_attention",
+           "transfer_attentions"]

@@ -1,0 +1,81 @@
+"""Reading a whole ViT's attentions through the interface: per-block modules, maps, and captured signals.
+
+Everything here goes through each block's `TransferableAttention` and its `AttentionIO`, so it works
+the same for softmax and every zoo attention.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .interface import QKV, AttentionIO, TransferableAttention, attention_io
+
+__all__ = ["transfer_attentions", "attention_maps", "capture_attention", "CAPTURE_FIELDS"]
+
+#: What `capture_attention` can record per layer.
+CAPTURE_FIELDS = ("input", "q", "k", "v", "output")
+
+
+def transfer_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
+    """The model's per-block attention modules, in depth order; each must meet the interface."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style "
+                        "models")
+    attns = [blk.attn for blk in blocks]
+    for i, a in enumerate(attns):
+        if not isinstance(a, TransferableAttention):
+            raise TypeError(f"blocks.{i}.attn is {type(a).__name__}; call attnxfer.models.make_transfer_aware(model) "
+                            "first")
+    return attns
+
+
+@torch.no_grad()
+def attention_maps(model: nn.Module, x: torch.Tensor, layers: Optional[Iterable[int]] = None) -> Dict[int, torch.Tensor]:
+    """Explicit (B, H, N, N) maps of the chosen blocks for input images ``x`` (fp32; softmax maps for
+    softmax layers, implicit maps for zoo layers, None for attentions without a map).
+
+    For visualisation and tests: every map is materialised.
+    """
+    attns = transfer_attentions(model)
+    layers = range(len(attns)) if layers is None else list(layers)
+    ios = {i: AttentionIO(return_map=True) for i in layers}
+    with contextlib.ExitStack() as stack:
+        for i, io in ios.items():
+            stack.enter_context(attention_io(attns[i], io))
+        model.forward_features(x)
+    return {i: io.map for i, io in ios.items()}
+
+
+@contextlib.contextmanager
+def capture_attention(model: nn.Module, layers: Optional[Iterable[int]] = None,
+                      fields: Sequence[str] = ("input", "q", "k", "output")) -> Iterator[Dict[int, Dict[str, torch.Tensor]]]:
+    """While active, each forward pass of ``model`` fills ``store[layer][field]`` for the chosen blocks:
+    ``input`` (the attention's input, after norm1), ``q``/``k``/``v`` (B, H, N, d; q and k after the q/k
+    norms) through the layer's `AttentionIO`, ``output`` (after the projection). Tensors keep their graph
+    (detach what you keep)."""
+    unknown = set(fields) - set(CAPTURE_FIELDS)
+    if unknown:
+        raise ValueError(f"capture_attention: unknown fields {sorted(unknown)}; choose from {CAPTURE_FIELDS}")
+    attns = transfer_attentions(model)
+    layers = range(len(attns)) if layers is None else list(layers)
+    store: Dict[int, Dict[str, torch.Tensor]] = {i: {} for i in layers}
+    wanted = "".join(c for c in QKV if c in fields)
+    handles: List = []
+    with contextlib.ExitStack() as stack:
+        for i in layers:
+            attn, sink = attns[i], store[i]
+            if wanted:
+                stack.enter_context(attention_io(attn, AttentionIO(capture=wanted, captured=sink)))
+            if "input" in fields:
+                handles.append(attn.register_forward_pre_hook(lambda m, args, sink=sink: sink.__setitem__("input", args[0])))
+            if "output" in fields:
+                handles.append(attn.register_forward_hook(lambda m, args, out, sink=sink: sink.__setitem__("output", out)))
+        try:
+            yield store
+        finally:
+            for h in handles:
+                h.remove()

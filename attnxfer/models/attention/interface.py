@@ -1,0 +1,449 @@
+"""The one attention interface that softmax and every zoo attention meet.
+
+`TransferableAttention` is the abstract base. It keeps timm's ``Attention`` parameter names
+(``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``) and splits a layer into steps that callers
+(the dual teacher–student wrapper, transfer plans, conversion, tests) use without asking which
+class they hold:
+
+* ``project(x, which="qkv")`` -> ``{"q", "k", "v"}`` heads (B, H, N, d), after the q/k norms, only
+  the ones asked for (a `PartialQKV` with frozen rows is honoured);
+* ``attend(q, k, v)`` -> (B, H, N, d): the attention core, before the output projection;
+* ``attention_map(q, k, rows=None)`` -> rows of the layer's N×N map, built on request in row chunks
+  (exact softmax rows for softmax; the implicit map for the zoo; ``None`` without a map);
+* ``map_kind``: a `MapKind` saying what the map is and so what it can be distilled with;
+* ``attention_name`` (set by the registry), ``freeze_projections(chunks)``, ``options()``;
+* ``forward(x)`` == ``proj(norm(attend(project(x))))``, with one per-call `AttentionIO` handled
+  here, once, for every attention: capture q/k/v, replace q/k/v (attention copy), return the map.
+
+Subclasses implement ``attend`` and, when they have a map, ``_map_context`` / ``_map_rows``.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .numerics import fp32_section, row_chunk, row_slices, upcast
+
+__all__ = ["MapKind", "AttentionIO", "PartialQKV", "TransferableAttention", "attention_io", "COUNTERPART_MODULES",
+           "BASE_OPTIONS", "QKV", "as_grid"]
+
+#: The three projections of a fused qkv, in timm's row order.
+QKV = ("q", "k", "v")
+#: Child modules that have a counterpart in timm's ``Attention`` (copied from a teacher).
+COUNTERPART_MODULES: Tuple[str, ...] = ("qkv", "q_norm", "k_norm", "norm", "proj")
+#: Constructor keywords every attention takes: timm's ``Attention`` ones plus the token layout.
+BASE_OPTIONS: Tuple[str, ...] = (
+    "dim", "num_heads", "qkv_bias", "qk_norm", "scale_norm", "proj_bias", "attn_drop", "proj_drop",
+    "norm_layer", "attn_head_dim", "num_prefix_tokens", "grid_size", "depth", "device", "dtype",
+)
+
+
+class MapKind(str, Enum):
+    """What an attention's N×N map is, and so how it is distilled.
+
+    ``softmax`` is the row-stochastic kind with exact rows: a borrowed (q, k) reproduces the teacher's
+    map exactly (attention copy), and the map loss is the exact O(N) cross-entropy. ``row_stochastic``
+    maps (rows are distributions) take a chunked implicit CE, ``signed`` ones (rows may go negative) a
+    map MSE, and ``none`` (no single map) only output losses.
+    """
+
+    SOFTMAX = "softmax"
+    ROW_STOCHASTIC = "row_stochastic"
+    SIGNED = "signed"
+    NONE = "none"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def has_map(self) -> bool:
+        return self is not MapKind.NONE
+
+    @property
+    def row_stochastic(self) -> bool:
+        """Rows are probability distributions (softmax included)."""
+        return self in (MapKind.SOFTMAX, MapKind.ROW_STOCHASTIC)
+
+    @property
+    def takes_borrowed_qk(self) -> bool:
+        """A teacher's (q, k) in place of the layer's own gives the teacher's map exactly (attention copy)."""
+        return self is MapKind.SOFTMAX
+
+    def refines(self, other: "MapKind | str") -> bool:
+        """This kind is ``other`` or a special case of it (softmax refines row_stochastic)."""
+        other = MapKind(other)
+        return self is other or (other is MapKind.ROW_STOCHASTIC and self.row_stochastic)
+
+
+@dataclass
+class AttentionIO:
+    """Instructions for one call of a `TransferableAttention`, and what it hands back.
+
+    Overrides are (B, H, N, d) tensors in the layer's head layout. After the call, ``captured``
+    holds the layer's own q/k/v (only those requested in ``capture``) and ``map`` the layer's
+    attention map if ``return_map`` was set.
+    """
+
+    q: Optional[torch.Tensor] = None
+    k: Optional[torch.Tensor] = None
+    v: Optional[torch.Tensor] = None
+    capture: str = ""  # subset of "qkv"
+    return_map: bool = False
+    captured: Dict[str, torch.Tensor] = field(default_factory=dict)
+    map: Optional[torch.Tensor] = None
+
+    def override(self, name: str) -> Optional[torch.Tensor]:
+        return getattr(self, name)
+
+
+class PartialQKV(nn.Module):
+    """A fused qkv projection whose q/k/v row blocks are trainable or frozen independently.
+
+    A copied layer never uses its own q/k projections; keeping them as buffers
+    (not parameters) means they get no gradient, no weight decay, and no optimizer
+    state, while ``state_dict`` still reads and writes timm's ``qkv.weight`` /
+    ``qkv.bias`` so checkpoints stay interchangeable with plain timm models.
+    """
+
+    def __init__(self, linear: nn.Linear, frozen: Iterable[str]):
+        super().__init__()
+        frozen = set(frozen)
+        unknown = frozen - set(QKV)
+        if unknown:
+            raise ValueError(f"PartialQKV: unknown chunks {sorted(unknown)}; use a subset of 'q', 'k', 'v'")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.frozen = tuple(c for c in QKV if c in frozen)
+        self.has_bias = linear.bias is not None
+        rows = linear.out_features // 3
+        for i, name in enumerate(QKV):
+            w = linear.weight.detach()[i * rows:(i + 1) * rows].clone()
+            b = linear.bias.detach()[i * rows:(i + 1) * rows].clone() if self.has_bias else None
+            if name in frozen:
+                self.register_buffer(f"{name}_weight", w)
+                self.register_buffer(f"{name}_bias", b)
+            else:
+                self.register_parameter(f"{name}_weight", nn.Parameter(w))
+                self.register_parameter(f"{name}_bias", nn.Parameter(b) if b is not None else None)
+
+    def chunk(self, name: str):
+        return getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.chunk(c)[0] for c in QKV], 0)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return torch.cat([self.chunk(c)[1] for c in QKV], 0) if self.has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    # timm-compatible serialisation: one `weight` (and `bias`) like nn.Linear.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w, b = self.weight, self.bias
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+        if b is not None:
+            destination[prefix + "bias"] = b if keep_vars else b.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        rows = self.out_features // 3
+        for suffix in (("weight", "bias") if self.has_bias else ("weight",)):
+            key = prefix + suffix
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            full = state_dict[key]
+            if full.shape[0] != self.out_features:
+                error_msgs.append(f"size mismatch for {key}: {tuple(full.shape)} vs {self.out_features} rows")
+                continue
+            with torch.no_grad():
+                for i, name in enumerate(QKV):
+                    getattr(self, f"{name}_{suffix}").copy_(full[i * rows:(i + 1) * rows])
+        for key in state_dict:
+            if key.startswith(prefix) and key[len(prefix):] not in ("weight", "bias"):
+                rest = key[len(prefix):]
+                if "." not in rest:
+                    unexpected_keys.append(key)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
+
+
+def _json_option(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_json_option(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"attention option value {value!r} is not JSON (int, float, str, bool, None or lists of them)")
+
+
+def as_grid(grid_size: Optional[int | Sequence[int]]) -> Optional[Tuple[int, int]]:
+    """``grid_size`` (an int or (height, width)) as a (height, width) tuple; None stays None."""
+    if grid_size is None:
+        return None
+    if isinstance(grid_size, int):
+        return grid_size, grid_size
+    grid = tuple(int(g) for g in grid_size)
+    if len(grid) != 2 or min(grid) < 1:
+        raise ValueError(f"grid_size must be an int or (height, width) of positive ints, got {grid_size!r}")
+    return grid
+
+
+class TransferableAttention(nn.Module):
+    """Abstract base of every attention attnxfer can transfer to or from (see the module docstring).
+
+    Subclasses provide timm's attributes (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``,
+    ``attn_drop``, ``proj_drop``, ``num_heads``, ``head_dim``, ``attn_dim``), declare ``map_kind``
+    and implement ``attend`` (plus ``_map_context`` / ``_map_rows`` when they have a map). The class
+    attributes below are defaults, so a timm ``Attention`` whose class is swapped in place
+    (`make_transfer_aware`) is complete without running any constructor of ours.
+    """
+
+    map_kind: ClassVar[MapKind] = MapKind.ROW_STOCHASTIC
+    #: The registered name (set by ``register_attention``); '' for unregistered classes.
+    attention_name: ClassVar[str] = ""
+    #: True when ``attend`` needs the token grid (windows, agent pooling, depthwise convs).
+    needs_token_layout: ClassVar[bool] = False
+    #: Rows per chunk when ``attention_map`` builds many rows; None sizes chunks by the shared budget.
+    map_chunk_size: Optional[int] = None
+    #: The per-call instructions (set for one call by `attention_io`).
+    io: Optional[AttentionIO] = None
+    #: timm's optional sigmoid gate on the attention output (``Attention(gated=True)``).
+    gate: Optional[nn.Module] = None
+    num_prefix_tokens: Optional[int] = None
+    grid_size: Optional[Tuple[int, int]] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        try:
+            cls.map_kind = MapKind(cls.map_kind)
+        except ValueError:
+            raise TypeError(f"{cls.__name__}.map_kind must be one of {[k.value for k in MapKind]}, "
+                            f"got {cls.map_kind!r}") from None
+
+    # ----------------------------------------------------------------- options / parameters
+    @classmethod
+    def own_options(cls) -> List[str]:
+        """Constructor options beyond timm's ``Attention`` keywords and the token layout."""
+        names = []
+        for klass in cls.__mro__:
+            if not issubclass(klass, TransferableAttention) or "__init__" not in vars(klass):
+                continue
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"):
+                    if p.name not in BASE_OPTIONS and p.name not in names:
+                        names.append(p.name)
+        return names
+
+    @classmethod
+    def accepts_option(cls, name: str) -> bool:
+        return name in BASE_OPTIONS or name in cls.own_options()
+
+    def options(self) -> Dict[str, Any]:
+        """This attention's own constructor options (``own_options``) as JSON values: with the base
+        arguments they rebuild it (exported students record them per block)."""
+        missing = [name for name in self.own_options() if not hasattr(self, name)]
+        if missing:
+            raise TypeError(f"{type(self).__name__} keeps no attribute for option(s) {missing}; store them in "
+                            "__init__ so the attention can be rebuilt")
+        return {name: _json_option(getattr(self, name)) for name in self.own_options()}
+
+    def new_parameter_names(self) -> List[str]:
+        """Parameters with no softmax counterpart: the ones conversion stage 1 trains."""
+        return [n for n, _ in self.named_parameters() if n.split(".")[0] not in COUNTERPART_MODULES]
+
+    def reset_new_parameters(self) -> None:
+        """(Re-)initialise the new parameters; counterparts are left alone."""
+
+    # ----------------------------------------------------------------- token layout
+    def set_token_layout(self, num_prefix_tokens: int, grid_size: Optional[int | Sequence[int]] = None) -> None:
+        """Declare ``num_prefix_tokens`` (class/register tokens first) and the patch grid (H, W).
+
+        With ``grid_size=None`` the grid is taken as square from the token count at each call.
+        """
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
+        self.num_prefix_tokens = int(num_prefix_tokens)
+        self.grid_size = as_grid(grid_size)
+
+    def token_layout(self, num_tokens: int) -> Tuple[int, Tuple[int, int]]:
+        """(num_prefix_tokens, (grid_h, grid_w)) for a sequence of ``num_tokens``.
+
+        Without a declared layout, falls back to the fewest prefix tokens (0..16) that leave a
+        square grid (197 -> 1 + 14x14); declare it with ``set_token_layout`` (or
+        ``attnxfer.models.efficient.configure_token_layout(model)``) for anything else.
+        """
+        p = self.num_prefix_tokens
+        if p is not None and self.grid_size is not None:
+            gh, gw = self.grid_size
+            if p + gh * gw != num_tokens:
+                raise ValueError(
+                    f"{type(self).__name__}: token layout says {p} prefix + {gh}x{gw} grid = {p + gh * gw} "
+                    f"tokens, but the input has {num_tokens}; call set_token_layout() with the new grid")
+            return p, (gh, gw)
+        candidates = [p] if p is not None else range(0, 17)
+        for prefix in candidates:
+            side = math.isqrt(max(num_tokens - prefix, 0))
+            if side > 0 and side * side == num_tokens - prefix:
+                return prefix, (side, side)
+        raise ValueError(
+            f"{type(self).__name__} needs the token grid but cannot infer it from {num_tokens} tokens "
+            f"(num_prefix_tokens={p}); call set_token_layout(num_prefix_tokens, (grid_h, grid_w))")
+
+    # ----------------------------------------------------------------- projections
+    def _qkv_rows(self, name: str):
+        """(weight, bias) rows of the fused qkv for chunk ``name``."""
+        if isinstance(self.qkv, PartialQKV):
+            return self.qkv.chunk(name)
+        i = QKV.index(name)
+        rows = slice(i * self.attn_dim, (i + 1) * self.attn_dim)
+        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
+        return self.qkv.weight[rows], bias
+
+    def project(self, x: torch.Tensor, which: str = "qkv") -> Dict[str, torch.Tensor]:
+        """The requested heads (B, H, N, d) of q/k/v, q/k norms applied, exactly as timm computes
+        them; projections not asked for are skipped."""
+        B, N, _ = x.shape
+        which = "".join(c for c in QKV if c in which)
+        out: Dict[str, torch.Tensor] = {}
+        if which == "qkv" and isinstance(self.qkv, nn.Linear):
+            qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = dict(zip(QKV, qkv.unbind(0)))
+        else:
+            for name in which:
+                w, b = self._qkv_rows(name)
+                out[name] = F.linear(x, w, b).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        if "q" in out:
+            out["q"] = self.q_norm(out["q"])
+        if "k" in out:
+            out["k"] = self.k_norm(out["k"])
+        return out
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        """Turn the given q/k/v projections into frozen buffers (copied layers don't use them)."""
+        chunks = set(chunks)
+        if not chunks:
+            return
+        linear = self.qkv
+        if isinstance(linear, PartialQKV):
+            if chunks <= set(linear.frozen):
+                return  # already frozen: keep the module (and its parameters) as they are
+            chunks |= set(linear.frozen)
+            linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
+            linear.load_state_dict(self.qkv.state_dict())
+        self.qkv = PartialQKV(linear, chunks)
+        for name in ("q", "k"):
+            if name in chunks:
+                for p in getattr(self, f"{name}_norm").parameters():
+                    p.requires_grad_(False)
+
+    # ----------------------------------------------------------------- forward
+    def forward(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        io = self.io
+        if io is None:
+            qkv = self.project(x)
+        else:
+            given = {c: io.override(c) for c in QKV if io.override(c) is not None}
+            own = self.project(x, "".join(c for c in QKV if c not in given or c in io.capture))
+            for c in io.capture:
+                io.captured[c] = own[c]
+            # Borrowed tensors (a bf16 teacher's, say) join the layer's own working dtype.
+            dtype = next(iter(own.values())).dtype if own else x.dtype
+            qkv = {**own, **{c: t.to(dtype) for c, t in given.items()}}
+            if io.return_map:
+                io.map = self._io_map(qkv["q"], qkv["k"], attn_mask)
+        # A replaced q or k comes with its own scale (its head dim): every core scales by q's head dim.
+        out = self.attend(qkv["q"], qkv["k"], qkv["v"], attn_mask=attn_mask, is_causal=is_causal)
+        return self._output(x, out)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, d) core output -> (B, N, C): merge heads, ``norm``, timm's gate, ``proj``."""
+        B, N, _ = x.shape
+        out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
+        if self.gate is not None:
+            out = out * self.gate(x).sigmoid()
+        return self.proj_drop(self.proj(out))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """Attention core (B, H, N, d) -> (B, H, N, d_v), before the output projection."""
+        raise NotImplementedError
+
+    def attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The part of ``attend`` that equals ``attention_map(q, k) @ v``.
+
+        The whole of it for every attention but those with an additive term outside the map
+        (focused linear attention's depthwise conv on v).
+        """
+        if not self.map_kind.has_map:
+            raise TypeError(f"{type(self).__name__} has no attention map (map_kind \"none\")")
+        return self.attend(q, k, v)
+
+    # ----------------------------------------------------------------- maps
+    def attention_map(
+            self,
+            q: torch.Tensor,
+            k: torch.Tensor,
+            rows: Optional[slice] = None,
+    ) -> Optional[torch.Tensor]:
+        """Rows of the N x N map, (B, H, len(rows), N), in the compute dtype (fp32; float64 stays).
+
+        Built a chunk of rows at a time (``map_chunk_size``, else sized by the shared row budget)
+        from a per-call context (features, agents, pseudo-inverses), so peak extra memory is one
+        chunk plus the result. ``None`` for attentions without a map (map kind ``none``).
+        """
+        if not self.map_kind.has_map:
+            return None
+        N = q.shape[-2]
+        start, stop, step = (rows or slice(None)).indices(N)
+        if step != 1:
+            raise ValueError(f"rows must be a contiguous slice, got step {step}")
+        with fp32_section(q.device.type):
+            q, k = upcast(q, k)
+            context = self._map_context(q, k)
+            chunk = row_chunk(q, k.shape[-2], self.map_chunk_size, live_tensors=4)
+            parts = [self._map_rows(context, part) for part in row_slices(start, stop, chunk)]
+        if not parts:
+            return q.new_zeros(q.shape[0], q.shape[1], 0, N)
+        return torch.cat(parts, dim=-2)
+
+    def _io_map(self, q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The map an `AttentionIO` with ``return_map`` hands back (the whole map)."""
+        return self.attention_map(q, k)
+
+    def _map_context(self, q: torch.Tensor, k: torch.Tensor) -> Any:
+        """Whatever rows of the map share (computed once per ``attention_map`` call)."""
+        raise NotImplementedError
+
+    def _map_rows(self, context: Any, rows: slice) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@contextlib.contextmanager
+def attention_io(attn: TransferableAttention, io: Optional[AttentionIO]) -> Iterator[Optional[AttentionIO]]:
+    """Attach ``io`` to ``attn`` for the duration of the block; always detaches."""
+    attn.io = io
+    try:
+        yield io
+    finally:
+        attn.io = None
+

@@ -1,0 +1,124 @@
+"""Softmax attention for timm ViTs: `TransferAttention`, registered as ``"softmax"``.
+
+`TransferAttention` is timm's `Attention` (same constructor, parameters and names) meeting the
+`TransferableAttention` interface: through its per-call `AttentionIO` a caller can capture the
+layer's ``(q, k, v)`` (after qk-norm), replace any of them (attention copy), or ask for the explicit
+N×N map (visualisation and tests only). With a replaced ``q`` and ``k`` the layer is
+``SDPA(q_t, k_t, v_s)``: the teacher's attention map applied to the student's values without ever
+building the map. Only the projections the layer actually needs are computed.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention
+
+from .interface import MapKind, TransferableAttention
+from .registry import register_attention
+
+__all__ = ["SOFTMAX", "TransferAttention", "make_transfer_aware", "sdpa", "explicit_attention_map"]
+
+#: The registry name of softmax attention (`TransferAttention`; plain timm ``Attention`` is softmax too).
+SOFTMAX = "softmax"
+
+_TIMM_OPTIONS = frozenset(p for p in inspect.signature(Attention.__init__).parameters if p != "self")
+
+
+@register_attention(SOFTMAX)
+class TransferAttention(TransferableAttention, Attention):
+    """timm `Attention` that can hand out, take in, and show its q/k/v.
+
+    Adds no parameters: a timm model built with it (``attn_layer=TransferAttention``)
+    or converted with `make_transfer_aware` keeps timm's parameter names. Takes timm's
+    ``Attention`` arguments, plus the zoo's token-layout keywords (ignored by softmax) so that
+    per-layer attention lists can build it like any registered attention.
+    """
+
+    map_kind = MapKind.SOFTMAX
+
+    def __init__(self, dim: int, num_heads: int = 8, *, num_prefix_tokens: Optional[int] = None,
+                 grid_size: Optional[int | Sequence[int]] = None, depth: int = 0, **kwargs) -> None:
+        super().__init__(dim, num_heads=num_heads, **kwargs)
+        if num_prefix_tokens is not None or grid_size is not None:
+            self.set_token_layout(num_prefix_tokens or 0, grid_size)
+
+    @classmethod
+    def accepts_option(cls, name: str) -> bool:
+        return name in _TIMM_OPTIONS or super().accepts_option(name)
+
+    def new_parameter_names(self):
+        return []  # every parameter is timm's own
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+        """softmax(q kᵀ / sqrt(d_q)) v by SDPA in the input dtype (flash/memory-efficient kernels: no
+        N x N tensor), with timm's attention dropout in training; masks as timm's."""
+        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
+                    is_causal=is_causal)
+
+    def _map_context(self, q, k):
+        return q * q.shape[-1] ** -0.5, k
+
+    def _map_rows(self, context, rows):
+        q, k = context
+        return (q[:, :, rows] @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def _io_map(self, q, k, attn_mask):
+        return explicit_attention_map(q, k, attn_mask=attn_mask)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: Optional[torch.Tensor] = None,
+         dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` that stays on the fused kernels when v's head dim differs from q's.
+
+    Fused kernels need one head dim for q, k and v; with a teacher's q/k (d_t) and a student's v (d_s)
+    torch falls back to the math path, which builds and keeps the N×N map. Zero-padding the narrower
+    side to the common dim is exact (zeros add nothing to q·k, and padded value columns are cut off),
+    with the logit scale pinned to q's original dim.
+    """
+    dq, dv = q.shape[-1], v.shape[-1]
+    scale = dq ** -0.5 if scale is None else scale
+    if dq != dv:
+        d = max(dq, dv)
+        q, k = F.pad(q, (0, d - dq)), F.pad(k, (0, d - dq))
+        v = F.pad(v, (0, d - dv))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                         scale=scale)
+    return out[..., :dv] if dq != dv else out
+
+
+def explicit_attention_map(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                           scale: Optional[float] = None) -> torch.Tensor:
+    """softmax(scale · q kᵀ) in fp32: the oracle, never the data path."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if attn_mask is not None:
+        logits = logits + attn_mask if attn_mask.dtype != torch.bool else logits.masked_fill(~attn_mask, float("-inf"))
+    return logits.softmax(dim=-1)
+
+
+def make_transfer_aware(model: nn.Module) -> nn.Module:
+    """Let every block's attention in ``model`` take part in transfer, in place.
+
+    timm's plain `Attention` becomes `TransferAttention` by a class swap (it adds no state, so every
+    tensor, name and hook is kept); attentions that already meet the interface (`TransferableAttention`:
+    softmax or a zoo attention) are left as they are. Other attention types are an error: their q/k
+    layout is not timm's standard one.
+    """
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style models")
+    for i, blk in enumerate(blocks):
+        attn = getattr(blk, "attn", None)
+        if isinstance(attn, TransferableAttention):
+            continue
+        if type(attn) is not Attention:
+            raise TypeError(
+                f"blocks.{i}.attn is {type(attn).__name__}; attnxfer's softmax transfer needs timm.layers.Attention "
+                "(standard ViT/DeiT/MAE blocks). Build the model with attn_layer=TransferAttention or pick a standard ViT.")
+        attn.__class__ = TransferAttention
+    return model

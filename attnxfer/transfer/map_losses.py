@@ -1,0 +1,249 @@
+"""Map-distillation losses: how close a student layer's attention map is to a softmax teacher's,
+dispatched on the student layer's declared map kind.
+
+The teacher's map is P_t = softmax(s·q_t k_tᵀ). The student layer's `MapKind` chooses the loss by
+default, and a table (`MAP_LOSS_RULES`) says how each (kind, loss) pair is computed:
+
+====================  ===========  ==========================================================================
+student map kind      default      computed by
+====================  ===========  ==========================================================================
+``softmax``           ``ce``       the exact O(N) row cross-entropy (`losses.attention_distillation_loss`):
+                                   no N×N map, teacher heads averaged in groups, unequal head dims allowed
+``row_stochastic``    ``ce``       −Σ_j P_t log A_s from the layer's implicit rows, in checkpointed row chunks
+``signed``            ``mse``      mean over (batch, head, query, key) of (A_s − P_t)², in row chunks
+                                   (Nyström, Linformer: rows may go negative, so no log)
+``none``              ``output``   not a map loss: the caller compares attention outputs (`output_mse`)
+====================  ===========  ==========================================================================
+
+``mse`` also applies to softmax and row-stochastic maps. Every loss comes with an agreement metric:
+KL = CE − H(P_t) beside CE, the loss itself for MSE. Everything runs in fp32 with autocast off. Under
+autograd each implicit chunk is checkpointed, so the backward pass recomputes a chunk's rows instead
+of keeping every chunk's (B, H, rows, N) tensors. Zeros in a row-stochastic student map (window
+attention outside its window) are floored at fp32's smallest normal number (log ≈ −87.3): the CE
+stays finite and large where the student cannot put weight that the teacher does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..models.attention import MapKind, TransferableAttention
+from ..models.attention.numerics import fp32_section, row_chunk
+from .losses import attention_distillation_loss
+
+__all__ = ["MapLoss", "MapAgreement", "MapLossRule", "MAP_LOSS_RULES", "DEFAULT_MAP_LOSS", "MAP_LOSSES",
+           "default_map_loss", "check_map_loss", "map_loss_rule", "map_distillation_loss", "implicit_map_loss",
+           "output_mse"]
+
+
+class MapLoss(str, Enum):
+    """A way to compare a student layer with its teacher; its value is the config's name for it."""
+
+    CE = "ce"
+    MSE = "mse"
+    OUTPUT = "output"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def metric(self) -> str:
+        """Name of the agreement metric reported beside the loss."""
+        return _METRICS[self]
+
+    @property
+    def term(self) -> str:
+        """Key prefix of the loss among a training step's terms (``attn_ce/3``)."""
+        return _TERMS[self]
+
+    @property
+    def logged_metric(self) -> Optional[str]:
+        """Key prefix under which the metric is logged beside the loss (KL beside CE), or None."""
+        return "attn_kl" if self is MapLoss.CE else None
+
+
+_METRICS = {MapLoss.CE: "kl", MapLoss.MSE: "map_mse", MapLoss.OUTPUT: "output_mse"}
+_TERMS = {MapLoss.CE: "attn_ce", MapLoss.MSE: "attn_mse", MapLoss.OUTPUT: "attn_output_mse"}
+
+
+class MapAgreement(NamedTuple):
+    """One layer's loss (differentiable w.r.t. the student) and its detached agreement metric (None when
+    not asked for and not free)."""
+
+    loss: torch.Tensor
+    metric: Optional[torch.Tensor]
+    metric_name: str
+    kind: MapLoss = MapLoss.CE
+
+
+# --------------------------------------------------------------------------------------- the computations
+def _teacher_rows(q_t: torch.Tensor, k_t: torch.Tensor, rows: slice) -> torch.Tensor:
+    return ((q_t[..., rows, :] * q_t.shape[-1] ** -0.5) @ k_t.transpose(-2, -1)).softmax(dim=-1)
+
+
+def _ce_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int):
+    """Sums over the chunk of −Σ_j P_t log A_s and of the teacher's entropy (no gradient)."""
+    rows = slice(start, stop)
+    a_s = attn.attention_map(q_s, k_s, rows)
+    p_t = _teacher_rows(q_t, k_t, rows)
+    ce = -(p_t * torch.log(a_s.clamp_min(torch.finfo(a_s.dtype).tiny))).sum()
+    entropy = -torch.special.xlogy(p_t, p_t).sum()
+    return ce, entropy
+
+
+def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int):
+    rows = slice(start, stop)
+    diff = attn.attention_map(q_s, k_s, rows) - _teacher_rows(q_t, k_t, rows)
+    return diff.pow(2).sum(), diff.new_zeros(())
+
+
+def _check_equal_shapes(q_s, k_s, q_t, k_t) -> None:
+    if q_s.shape[:3] != q_t.shape[:3] or k_s.shape[-2] != k_t.shape[-2]:
+        raise ValueError(f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
+                         "the student needs the teacher's heads and tokens")
+
+
+def _implicit_loss(loss: MapLoss, attn: TransferableAttention, q_s, k_s, q_t, k_t, *, with_metric: bool = True,
+                   chunk: Optional[int] = None) -> MapAgreement:
+    """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free."""
+    _check_equal_shapes(q_s, k_s, q_t, k_t)
+    fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
+    B, H, N, _ = q_s.shape
+    M = k_s.shape[-2]
+    # a chunk keeps a few (B, H, rows, M) tensors alive: student rows, teacher rows, their product
+    step = row_chunk(q_s, M, chunk, live_tensors=4)
+    with fp32_section(q_s.device.type):
+        q_t, k_t = q_t.detach().float(), k_t.detach().float()
+        q_s, k_s = q_s.float(), k_s.float()
+        grad = torch.is_grad_enabled() and (q_s.requires_grad or k_s.requires_grad
+                                            or any(p.requires_grad for p in attn.parameters()))
+        total = entropy = q_s.new_zeros(())
+        for start in range(0, N, step):
+            stop = min(start + step, N)
+            if grad:
+                part, ent = checkpoint(fn, attn, q_s, k_s, q_t, k_t, start, stop, use_reentrant=False)
+            else:
+                part, ent = fn(attn, q_s, k_s, q_t, k_t, start, stop)
+            total = total + part
+            entropy = entropy + ent.detach()
+        if loss is MapLoss.CE:
+            value = total / (B * H * N)
+            metric = value.detach() - entropy / (B * H * N)
+        else:
+            value = total / (B * H * N * M)
+            metric = value.detach()
+    return MapAgreement(value, metric, loss.metric, loss)
+
+
+def _exact_softmax_ce(attn: TransferableAttention, q_s, k_s, q_t, k_t, *, with_metric: bool = True,
+                      chunk: Optional[int] = None) -> MapAgreement:
+    """The exact O(N) CE of a softmax student layer (no map built; head groups; unequal head dims)."""
+    res = attention_distillation_loss(q_t, k_t, q_s, k_s, with_kl=with_metric)
+    return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
+
+
+@dataclass(frozen=True)
+class MapLossRule:
+    """How one (student map kind, loss) pair is computed, and what it allows."""
+
+    compute: Callable[..., MapAgreement]
+    #: the teacher may have a whole multiple of the student's heads (its maps averaged in groups)
+    groups_heads: bool = False
+
+
+MAP_LOSS_RULES: Dict[Tuple[MapKind, MapLoss], MapLossRule] = {
+    (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(_exact_softmax_ce, groups_heads=True),
+    (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(partial(_implicit_loss, MapLoss.CE)),
+    (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
+    (MapKind.ROW_STOCHASTIC, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
+    (MapKind.SIGNED, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
+}
+#: the loss each map kind gets unless told otherwise
+DEFAULT_MAP_LOSS: Dict[MapKind, MapLoss] = {
+    MapKind.SOFTMAX: MapLoss.CE, MapKind.ROW_STOCHASTIC: MapLoss.CE, MapKind.SIGNED: MapLoss.MSE,
+    MapKind.NONE: MapLoss.OUTPUT,
+}
+#: loss -> the map kinds it applies to (``output`` compares attention outputs, so it applies to every kind)
+MAP_LOSSES: Dict[MapLoss, Tuple[MapKind, ...]] = {
+    loss: tuple(kind for kind in MapKind if (kind, loss) in MAP_LOSS_RULES or loss is MapLoss.OUTPUT)
+    for loss in MapLoss
+}
+
+
+def default_map_loss(kind: MapKind | str) -> MapLoss:
+    return DEFAULT_MAP_LOSS[MapKind(kind)]
+
+
+def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") -> MapLoss:
+    """``loss`` ('auto' resolves by kind) as a `MapLoss` if it applies to ``kind``, else a ValueError saying
+    what does. This is where a config's loss name becomes data."""
+    kind = MapKind(kind)
+    if loss == "auto":
+        return default_map_loss(kind)
+    try:
+        loss = MapLoss(loss)
+    except ValueError:
+        raise ValueError(f"unknown map loss {loss!r}; choose one of auto, "
+                         f"{', '.join(m.value for m in MapLoss)}") from None
+    if kind not in MAP_LOSSES[loss]:
+        fits = [name.value for name, kinds in MAP_LOSSES.items() if kind in kinds]
+        why = {MapKind.SIGNED: "its map has negative entries, so log A is undefined",
+               MapKind.NONE: "it has no attention map"}.get(kind, "")
+        raise ValueError(f"{where}map loss {loss.value!r} does not apply to a {kind.value!r} attention ({why}); use "
+                         f"{' or '.join(repr(f) for f in fits)} (or 'auto')")
+    return loss
+
+
+def map_loss_rule(kind: MapKind | str, loss: MapLoss | str = "auto") -> MapLossRule:
+    """The table entry for a student layer of ``kind`` under ``loss``; a ValueError where it is not a map loss."""
+    loss = check_map_loss(loss, kind)
+    if loss is MapLoss.OUTPUT:
+        raise ValueError("the 'output' loss compares attention outputs, not maps: use output_mse()")
+    return MAP_LOSS_RULES[(MapKind(kind), loss)]
+
+
+def map_distillation_loss(
+        attn: TransferableAttention,
+        q_s: torch.Tensor,
+        k_s: torch.Tensor,
+        q_t: torch.Tensor,
+        k_t: torch.Tensor,
+        loss: MapLoss | str = "auto",
+        *,
+        with_metric: bool = True,
+        chunk: Optional[int] = None,
+) -> MapAgreement:
+    """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
+    softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
+
+    q/k are (B, H, N, d); ``q_t``/``k_t`` get no gradient. Returns the loss (mean over rows for CE, over
+    entries for MSE) and the detached metric: KL for CE (for softmax layers only ``with_metric``, as it
+    costs a teacher pass), the loss itself for MSE.
+    """
+    rule = map_loss_rule(attn.map_kind, loss)
+    return rule.compute(attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk)
+
+
+def implicit_map_loss(attn: TransferableAttention, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
+                      k_t: torch.Tensor, loss: MapLoss | str = "auto", chunk: Optional[int] = None) -> MapAgreement:
+    """The ``loss`` ('ce' or 'mse'; 'auto' by map kind) computed from ``attn``'s rows (`attention_map`),
+    whatever its kind: the chunked path (for softmax layers too), equal heads and tokens."""
+    loss = check_map_loss(loss, attn.map_kind)
+    if loss is MapLoss.OUTPUT:
+        raise ValueError("the 'output' loss compares attention outputs, not maps: use output_mse()")
+    return _implicit_loss(loss, attn, q_s, k_s, q_t, k_t, chunk=chunk)
+
+
+def output_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """MSE between two attention-module outputs (B, N, C) in fp32; the teacher's gets no gradient."""
+    with fp32_section(student_out.device.type):
+        return F.mse_loss(student_out.float(), teacher_out.detach().float())
