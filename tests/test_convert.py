@@ -16,10 +16,12 @@ from attnxfer.config import load_config, list_recipes
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import new_parameters
 from attnxfer.transfer import DualViT, PlanError, build_plan
-from attnxfer.transfer.convert import (ConversionPlan, build_conversion_plan, build_efficient_student,
-                                       check_softmax_teacher, map_agreement, relative_speed, stage1_transfer)
+from attnxfer.apps.convert import conversion_plan_from_config
+from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher
+from attnxfer.train.measure import map_agreement, relative_speed
+from attnxfer.train.stage1 import stage1_transfer
+from attnxfer.transfer.conversion import ConversionPlan, build_conversion_plan
 from attnxfer.transfer.map_losses import implicit_map_loss
-from attnxfer.config import ConvertConfig
 from helpers import peaked_teacher, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +33,7 @@ def _teacher(depth=2, **kw):
 
 
 def _plan(teacher, student, **kw) -> ConversionPlan:
-    return build_conversion_plan(teacher, student, ConvertConfig(**kw), batch_size=8)
+    return build_conversion_plan(teacher, student, **{"stage1_batch_size": 8, **kw})
 
 
 def _inputs(n=4, batch=8, seed=0):
@@ -141,7 +143,7 @@ def test_stage1_qk_moves_only_q_and_k_rows():
     assert not list(new_parameters(student))
     with pytest.raises(ValueError, match="nothing to train.*stage1_train=qk"):
         _plan(teacher, student)
-    plan = _plan(teacher, student, stage1_train="qk", stage1_steps=5, stage1_lr=1e-3, stage1_weight_decay=0.1)
+    plan = _plan(teacher, student, stage1_train="qk", stage1_steps=5, stage1_lr=1e-3)
     before = _snapshot(student)
     xs = _inputs(2)
     kl_before = sum(r["value"] for r in map_agreement(teacher, student, xs))
@@ -260,7 +262,7 @@ def test_recipes_load_and_validate():
         teacher = micro if cfg.teacher.spec.startswith("local-dir:runs/demo/teacher") else mae_like
         student = build_efficient_student(teacher, cfg.convert.attention, num_classes=10,
                                           **cfg.convert.attention_kwargs)
-        build_conversion_plan(teacher, student, cfg.convert)
+        conversion_plan_from_config(cfg, teacher, student)
         build_plan(teacher, student, cfg.transfer.mode, weight=cfg.transfer.atd_weight,
                    logit_weight=cfg.transfer.logit_distill, logit_temperature=cfg.transfer.logit_temperature)
 

@@ -112,7 +112,7 @@ def _convert_parser(sub):
 
 
 def _cmd_convert(args) -> int:
-    from ..transfer.convert import convert
+    from ..apps.convert import convert
     from ..train.distributed import DistributedInfo
     result = convert(_load(args), skip_stage1=args.skip_stage1)
     if not DistributedInfo.from_environment().is_main_process:
@@ -142,7 +142,7 @@ def _submit_parser(sub):
 
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
-SUBMITTABLE = {"train": "attnxfer.apps.training:train", "convert": "attnxfer.transfer.convert:convert_main"}
+SUBMITTABLE = {"train": "attnxfer.apps.training:train", "convert": "attnxfer.apps.convert:convert_main"}
 
 
 def _cmd_submit(args) -> int:

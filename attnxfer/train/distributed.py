@@ -15,7 +15,7 @@ import os
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator
+from typing import Iterator, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -202,3 +202,35 @@ def cleanup_distributed() -> None:
     """Leave the process group if one exists (safe to call always)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank_and_world() -> Tuple[int, int]:
+    """(rank, world size) of the joined process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Data-parallel stage 1: every rank steps with the mean gradient, so the weights stay identical."""
+    _, world = rank_and_world()
+    if world == 1:
+        return
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
+    if rank_and_world()[1] == 1:
+        return list(values)
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

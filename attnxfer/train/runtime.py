@@ -89,10 +89,3 @@ def create_runtime(device: str = "auto", precision: str = "auto", accum_steps: i
 def teacher_dtype(name: str) -> Optional[torch.dtype]:
     """The teacher's dtype for a config name; None = decided by the device (bf16 on GPU)."""
     return None if name == "auto" else TORCH_DTYPES[name]
-
-
-def world() -> Tuple[int, int]:
-    """(rank, world size) of the joined process group; (0, 1) without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

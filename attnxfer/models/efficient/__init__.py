@@ -52,7 +52,8 @@ from .window import WindowAttention, WindowLinearAttention
 from .nystrom import NystromAttention
 from .linformer import LinformerAttention
 from .hydra import HydraAttention
-from .student import configure_token_layout, efficient_student_from_teacher, new_parameters, swap_attentions
+from .student import (build_efficient_student, check_softmax_teacher, configure_token_layout,
+                      efficient_student_from_teacher, new_parameters, set_drop_path, swap_attentions)
 
 __all__ = [
     'register_attention', 'create_attention', 'get_attention_class', 'list_attentions', 'attention_layer',
@@ -61,4 +62,5 @@ __all__ = [
     'CosFormerAttention', 'FocusedLinearAttention', 'AgentAttention', 'WindowAttention', 'WindowLinearAttention',
     'NystromAttention', 'LinformerAttention', 'HydraAttention',
     'efficient_student_from_teacher', 'swap_attentions', 'new_parameters', 'configure_token_layout',
+    'build_efficient_student', 'check_softmax_teacher', 'set_drop_path',
 ]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from timm.layers import DropPath
 from torch import nn
 
+from ..attention import MapKind, attention_name_of, make_transfer_aware, transfer_attentions
 from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
 from ..attention.registry import get_attention_class
 
-__all__ = ['efficient_student_from_teacher', 'swap_attentions', 'new_parameters', 'configure_token_layout', 'teacher_token_layout']
+__all__ = ['efficient_student_from_teacher', 'build_efficient_student', 'check_softmax_teacher', 'set_drop_path',
+           'swap_attentions', 'new_parameters', 'configure_token_layout', 'teacher_token_layout']
 
 
 def teacher_token_layout(model: nn.Module) -> Tuple[int, Optional[Tuple[int, int]]]:
@@ -138,3 +141,69 @@ def new_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
         if isinstance(module, TransferableAttention):
             for name in module.new_parameter_names():
                 yield (f'{module_name}.{name}' if module_name else name), module.get_parameter(name)
+
+
+def check_softmax_teacher(teacher: nn.Module) -> None:
+    """A teacher for conversion runs softmax attention in every block (its maps are the target).
+
+    Makes the teacher transfer-aware in place (timm's ``Attention`` -> ``TransferAttention``, a class swap
+    as `DualViT` does), then reads each layer's declared map kind.
+    """
+    if getattr(teacher, "blocks", None) is None:
+        raise ValueError(f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`)")
+    for i, attn in enumerate(transfer_attentions(make_transfer_aware(teacher))):
+        if attn.map_kind is not MapKind.SOFTMAX:
+            name = attention_name_of(attn)
+            raise ValueError(f"the teacher's blocks.{i}.attn is {name!r}, not softmax attention: conversion needs a "
+                             "softmax teacher (its attention maps are what the student learns). Use the original "
+                             "pretrained model as teacher, not an already converted student")
+
+
+def _attention_names(attention: str | Sequence[str], depth: int) -> List[str]:
+    names = [attention] * depth if isinstance(attention, str) else list(attention)
+    if len(names) != depth:
+        raise ValueError(f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
+                         "one name for all blocks or exactly one per block")
+    for name in names:
+        try:
+            get_attention_class(name)
+        except KeyError as e:
+            raise ValueError(f"convert.attention: {e.args[0]}") from None
+    return names
+
+
+def build_efficient_student(teacher: nn.Module, attention: str | Sequence[str], *,
+                            num_classes: Optional[int] = None, **attention_kwargs: Any) -> nn.Module:
+    """The converted student: a trainable copy of ``teacher`` with zoo attention in every block.
+
+    ``num_classes`` gives a headless teacher (``num_classes=0``, e.g. an MAE encoder) a fresh head;
+    a teacher whose head has another number of classes is an error (its head would not fit).
+    """
+    check_softmax_teacher(teacher)
+    names = _attention_names(attention, len(teacher.blocks))
+    try:
+        student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
+    except TypeError as e:
+        raise ValueError(f"convert.attention_kwargs: {e}") from None
+    student.requires_grad_(True)  # a loaded teacher is frozen, and so is its deep copy
+    if num_classes is not None and num_classes != student.num_classes:
+        if student.num_classes:
+            raise ValueError(f"the teacher classifies {student.num_classes} classes but the data has {num_classes}; "
+                             "convert on the teacher's label set, or use a headless teacher (num_classes=0) "
+                             "whose student gets a new head")
+        student.reset_classifier(num_classes)
+    return student
+
+
+def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
+    """Stochastic depth for fine-tuning a converted student, timm's rule: block i drops with
+    ``rate * i / (depth - 1)``. (A loaded teacher, and so its copy, has none.)"""
+    if rate < 0 or rate >= 1:
+        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+    depth = len(model.blocks)
+    for i, blk in enumerate(model.blocks):
+        p = rate * i / max(1, depth - 1)
+        for name in ("drop_path1", "drop_path2"):
+            if hasattr(blk, name):
+                setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())
+    return model

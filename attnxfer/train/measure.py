@@ -1,0 +1,137 @@
+"""Measuring a student against its teacher: per-layer map agreement, top-1, relative speed.
+
+All three sum over the ranks of a joined process group, so every rank may call them on its share.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..models.attention import attention_name_of, capture_attention
+from ..models.efficient import check_softmax_teacher
+from ..transfer.map_losses import default_map_loss, map_distillation_loss, output_mse
+from .distributed import sum_over_ranks
+
+__all__ = ["map_agreement", "evaluate_top1", "relative_speed"]
+
+#: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
+_INPUTS = {"teacher": False, "own": True}
+
+
+@torch.no_grad()
+def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *,
+                  inputs: str = "teacher") -> List[Dict[str, Any]]:
+    """Per-layer agreement of the student's attention with the teacher's, averaged over ``batches``
+    (over every rank's batches in a process group).
+
+    ``inputs="teacher"``: each student layer sees the teacher's hidden input for that layer (what stage
+    1 optimises). ``inputs="own"``: both models run end to end on the image and each layer sees its own
+    model's hidden input (what the deployed student does). Metric by the student layer's map kind:
+    KL(P_t ‖ A_s) for row-stochastic maps, mean squared map difference for signed ones, attention-output
+    MSE where there is no map; ``output_mse`` (attention outputs) is reported for every layer.
+    """
+    if inputs not in _INPUTS:
+        raise ValueError(f"inputs must be 'teacher' or 'own', got {inputs!r}")
+    own_inputs = _INPUTS[inputs]
+    check_softmax_teacher(teacher)
+    was = teacher.training, student.training
+    teacher.eval(), student.eval()
+    depth = len(student.blocks)
+    sums: Dict[int, List[float]] = {i: [0.0, 0.0] for i in range(depth)}
+    count = 0
+    for x in batches:
+        with capture_attention(teacher, fields=("input", "q", "k", "output")) as t:
+            teacher.forward_features(x)
+        if own_inputs:
+            with capture_attention(student, fields=("q", "k", "output")) as s:
+                student.forward_features(x)
+        for i in range(depth):
+            attn = student.blocks[i].attn
+            if own_inputs:
+                q, k, out = s[i]["q"], s[i]["k"], s[i]["output"]
+            else:
+                own = attn.project(t[i]["input"], "qk")
+                q, k = own["q"], own["k"]
+                out = attn(t[i]["input"])
+            out_mse = float(output_mse(out, t[i]["output"]))
+            if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
+                value = float(map_distillation_loss(attn, q, k, t[i]["q"], t[i]["k"]).metric)
+            else:
+                value = out_mse
+            sums[i][0] += value * x.shape[0]
+            sums[i][1] += out_mse * x.shape[0]
+        count += x.shape[0]
+    teacher.train(was[0]), student.train(was[1])
+    device = next(student.parameters()).device
+    flat = sum_over_ranks([v for i in range(depth) for v in sums[i]] + [count], device)
+    sums = {i: flat[2 * i:2 * i + 2] for i in range(depth)}
+    count = flat[-1]
+    rows = []
+    for i in range(depth):
+        attn = student.blocks[i].attn
+        kind = attn.map_kind
+        rows.append({"layer": i, "attention": attention_name_of(attn), "map_kind": kind,
+                     "metric": default_map_loss(kind).metric,
+                     "value": sums[i][0] / max(1, count), "output_mse": sums[i][1] / max(1, count)})
+    return rows
+
+
+@torch.no_grad()
+def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> Optional[float]:
+    """Top-1 (%) over ``loader`` (summed over ranks in a process group); None without a classifier head."""
+    if not getattr(model, "num_classes", 0):
+        return None
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(-1) == y).sum().item()
+        total += y.numel()
+    model.train(was)
+    correct, total = sum_over_ranks([correct, total], device)
+    return 100.0 * correct / max(1, total)
+
+
+@torch.no_grad()
+def relative_speed(teacher: nn.Module, student: nn.Module, x: torch.Tensor, repeats: int = 20,
+                   warmup: int = 3) -> Dict[str, Any]:
+    """Forward time of student and teacher on the same input, measured interleaved in one process.
+
+    Returns both medians (ms) and ``speedup`` = teacher / student (> 1: the student is faster).
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    was = teacher.training, student.training
+    teacher.eval(), student.eval()
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+    def timed(model: nn.Module) -> float:
+        sync()
+        start = time.perf_counter()
+        model(x)
+        sync()
+        return 1000.0 * (time.perf_counter() - start)
+
+    for _ in range(warmup):
+        timed(teacher), timed(student)
+    times: Dict[str, List[float]] = {"teacher": [], "student": []}
+    for r in range(repeats):
+        order = ("teacher", "student") if r % 2 == 0 else ("student", "teacher")
+        for who in order:
+            times[who].append(timed(teacher if who == "teacher" else student))
+    teacher.train(was[0]), student.train(was[1])
+    t_ms, s_ms = statistics.median(times["teacher"]), statistics.median(times["student"])
+    return {"batch": int(x.shape[0]), "input": list(x.shape[1:]), "tokens": _tokens(teacher),
+            "repeats": repeats, "teacher_ms": t_ms, "student_ms": s_ms, "speedup": t_ms / s_ms,
+            "device": x.device.type, "threads": torch.get_num_threads()}
+
+
+def _tokens(model: nn.Module) -> Optional[int]:
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    return int(math.prod(grid)) + int(getattr(model, "num_prefix_tokens", 0)) if grid else None
