@@ -19,6 +19,15 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..config import TrainConfig, dump_config, load_config
+from ..checkpoints.export import export_run
+from ..checkpoints.store import CheckpointManager, atomic_write_json
+from ..data import build_dataset
+from ..models import attention_maps, make_transfer_aware
+from ..sources.teacher import load_teacher
+from ..train.metrics import read_metrics
+from ..transfer.plan import MODES
+from .run_parts import build_student
+from .training import train
 
 __all__ = ["run_demo", "STUDENTS"]
 
@@ -33,8 +42,6 @@ def _digest(cfg: TrainConfig) -> str:
 
 def _run(cfg: TrainConfig, label: str) -> Dict[str, float]:
     """Train (or resume/reuse) one run; the result is cached beside it as result.json."""
-    from ..checkpoints.store import atomic_write_json
-    from .training import train
     result_path = Path(cfg.run_dir) / "result.json"
     digest = _digest(cfg)
     if result_path.exists():
@@ -61,7 +68,6 @@ def _table(rows: List[Dict[str, float]], teacher: Dict[str, float]) -> str:
 
 
 def _plot_curves(out: Path, runs: Dict[str, str], teacher_top1: float) -> Optional[Path]:
-    from ..train.metrics import read_metrics
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -89,11 +95,6 @@ def _plot_curves(out: Path, runs: Dict[str, str], teacher_top1: float) -> Option
 def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -> Optional[Path]:
     """Class-token attention of the last block: teacher vs each student, on a few val images."""
     import torch
-    from ..data import build_dataset
-    from ..sources.teacher import load_teacher
-    from ..checkpoints.store import CheckpointManager
-    from ..models import attention_maps, make_transfer_aware
-    from .run_parts import build_student
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -103,7 +104,6 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -
     teacher, _ = load_teacher(f"local-dir:{teacher_dir}")
     val = build_dataset("animal_mnist", "val")
     x = torch.stack([val[i][0] for i in (0, 150, 420, 777)])
-    from ..transfer.plan import MODES
     models = {"teacher": teacher}
     for label, run_dir in student_runs.items():
         info = CheckpointManager(run_dir).latest()
@@ -143,7 +143,6 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -
 def run_demo(out: str = "runs/demo", budget_steps: Optional[int] = None, teacher_steps: Optional[int] = None,
              quick: bool = False) -> Dict[str, Dict[str, float]]:
     """Run the whole demo; returns the table rows. Reuses finished runs with the same recipe."""
-    from ..checkpoints.export import export_run
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)
@@ -159,7 +158,6 @@ def run_demo(out: str = "runs/demo", budget_steps: Optional[int] = None, teacher
     stamp = export_dir / "attnxfer_source.json"
     if not (stamp.exists() and json.loads(stamp.read_text()).get("config_digest") == teacher["config_digest"]):
         export_run(tcfg.run_dir, export_dir, weights="raw", checkpoint="best", overwrite=True)
-        from ..checkpoints.store import atomic_write_json
         atomic_write_json(stamp, {"config_digest": teacher["config_digest"]})
 
     rows = []
