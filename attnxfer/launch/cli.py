@@ -4,6 +4,9 @@ Every subcommand takes ``-c CONFIG.yaml`` plus dotted ``key=value`` overrides an
 prints the resolved plan before it starts work. User errors (bad keys, missing
 files, incompatible models) print one clear message and exit non-zero; set
 ``ATTNXFER_DEBUG=1`` for the full traceback.
+
+Each command imports its app inside its handler: `attnxfer --help` and argument errors answer without
+loading torch. This is the only place in the package that imports attnxfer code lazily.
 """
 from __future__ import annotations
 
