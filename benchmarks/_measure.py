@@ -22,6 +22,7 @@ Memory, as measured here:
   glibc's mmap threshold is fixed with `FIXED_MMAP_THRESHOLD`, freed heap pages
   that malloc keeps), so it runs above the tensor figure.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,28 +35,29 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
 __all__ = [
+    "FIXED_MMAP_THRESHOLD",
     "Timing",
+    "format_table",
     "interleaved_timings",
+    "isolated_rss_growth",
+    "machine_info",
+    "mib",
+    "rss_kib",
     "static_bytes",
     "step_peak_growth",
-    "isolated_rss_growth",
-    "FIXED_MMAP_THRESHOLD",
-    "rss_kib",
-    "machine_info",
-    "format_table",
     "write_json",
-    "mib",
 ]
 
 
-def mib(n_bytes: Optional[float]) -> Optional[float]:
-    return None if n_bytes is None else n_bytes / 2 ** 20
+def mib(n_bytes: float | None) -> float | None:
+    return None if n_bytes is None else n_bytes / 2**20
 
 
 def _sync(device: torch.device) -> None:
@@ -65,6 +67,7 @@ def _sync(device: torch.device) -> None:
 
 # -- time ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Timing:
     """Seconds per call of one configuration, from interleaved rounds after warm-up.
@@ -73,8 +76,8 @@ class Timing:
     used in the same calls (all its threads), which a loaded machine distorts less.
     """
 
-    times: List[float] = field(default_factory=list)
-    cpu_times: List[float] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
 
     @property
     def cpu_median(self) -> float:
@@ -93,9 +96,15 @@ class Timing:
         return (q3 - q1) / (2 * self.median)
 
 
-def interleaved_timings(fns: Mapping[str, Callable[[], Any]], *, device: torch.device, warmup: int = 1,
-                        repeats: int = 5, min_seconds: float = 0.0, max_repeats: Optional[int] = None
-                        ) -> Dict[str, Timing]:
+def interleaved_timings(
+    fns: Mapping[str, Callable[[], Any]],
+    *,
+    device: torch.device,
+    warmup: int = 1,
+    repeats: int = 5,
+    min_seconds: float = 0.0,
+    max_repeats: int | None = None,
+) -> dict[str, Timing]:
     """Time every function in rounds (one call of each per round, order rotated each round).
 
     Interleaving puts every configuration under the same background load, so
@@ -127,9 +136,10 @@ def interleaved_timings(fns: Mapping[str, Callable[[], Any]], *, device: torch.d
 
 # -- memory ----------------------------------------------------------------------------------
 
+
 def static_bytes(*objects: Any) -> int:
     """Bytes of the distinct storages held by modules, optimisers and tensors (shared storages once)."""
-    seen: Dict[int, int] = {}
+    seen: dict[int, int] = {}
 
     def add(t: Any) -> None:
         if isinstance(t, torch.Tensor):
@@ -171,8 +181,10 @@ def _cpu_step_peak_growth(fn: Callable[[], Any]) -> int:
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
-                 key=lambda e: e["ts"])
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0),
+        key=lambda e: e["ts"],
+    )
     if not mem:
         raise RuntimeError("torch.profiler recorded no CPU memory events; cannot measure CPU peak memory")
     # The allocator's running total persists across profiler sessions: measure from this one's start.
@@ -192,7 +204,9 @@ def step_peak_growth(fn: Callable[[], Any], device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device) - start
     if device.type == "cpu":
         return _cpu_step_peak_growth(fn)
-    raise ValueError(f"step_peak_growth: no memory accounting for device type {device.type!r}; use cpu or cuda")
+    raise ValueError(
+        f"step_peak_growth: no memory accounting for device type {device.type!r}; use cpu or cuda"
+    )
 
 
 def rss_kib(field_name: str = "VmRSS") -> int:
@@ -224,8 +238,13 @@ def _isolated_worker(conn, fn, args, kwargs):
         conn.close()
 
 
-def isolated_rss_growth(fn: Callable[..., Any], *args: Any, timeout: float = 600.0,
-                        env: Optional[Mapping[str, str]] = None, **kwargs: Any):
+def isolated_rss_growth(
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float = 600.0,
+    env: Mapping[str, str] | None = None,
+    **kwargs: Any,
+):
     """Run ``fn(*args, **kwargs)`` in a fresh (spawned) process; return (peak RSS growth in bytes, its result).
 
     Growth = the process's VmHWM at the end minus its VmRSS just before ``fn``
@@ -262,8 +281,9 @@ def isolated_rss_growth(fn: Callable[..., Any], *args: Any, timeout: float = 600
 
 # -- reporting -------------------------------------------------------------------------------
 
-def machine_info(device: torch.device) -> Dict[str, Any]:
-    info: Dict[str, Any] = {
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
@@ -274,6 +294,7 @@ def machine_info(device: torch.device) -> Dict[str, Any]:
     }
     try:
         import timm
+
         info["timm"] = timm.__version__
     except ImportError:
         pass
@@ -299,7 +320,7 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple], ma
         lines += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(lines)
     widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    fmt_row = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))  # noqa: E731
+    fmt_row = lambda r: "  ".join(c.rjust(w) for c, w in zip(r, widths))
     return "\n".join([fmt_row(header), fmt_row(["-" * w for w in widths])] + [fmt_row(r) for r in body])
 
 

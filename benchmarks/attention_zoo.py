@@ -25,6 +25,7 @@ reference: it is what an O(N^2)-memory softmax costs.
 
     python benchmarks/attention_zoo.py --json runs/attention_zoo.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
 
 import torch
 import yaml
@@ -45,12 +46,13 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _measure import step_peak_growth  # noqa: E402  (benchmarks/ is the script's folder)
-from attnxfer.models.attention import TransferAttention  # noqa: E402
-from attnxfer.models.efficient import create_attention, list_attentions  # noqa: E402
+from _measure import step_peak_growth
 
-LINEAR_FAMILY = ('relu_linear', 'elu_linear', 'performer', 'hedgehog', 'cosformer', 'focused_linear')
-REFERENCE = 'softmax'
+from attnxfer.models.attention import TransferAttention
+from attnxfer.models.efficient import create_attention, list_attentions
+
+LINEAR_FAMILY = ("relu_linear", "elu_linear", "performer", "hedgehog", "cosformer", "focused_linear")
+REFERENCE = "softmax"
 
 
 class UnfusedSoftmaxAttention(TransferAttention):
@@ -65,18 +67,18 @@ class Row:
     attention: str
     tokens: int
     batch: int
-    measures: Dict[str, Dict[str, float]]       # call -> {wall_ms, cpu_ms, peak_mib, gflops}
-    ratios: Dict[str, Dict[str, float]] = None  # call -> same keys, relative to softmax
+    measures: dict[str, dict[str, float]]  # call -> {wall_ms, cpu_ms, peak_mib, gflops}
+    ratios: dict[str, dict[str, float]] = None  # call -> same keys, relative to softmax
 
 
-def parse_entry(entry: str) -> tuple[str, Dict[str, object]]:
+def parse_entry(entry: str) -> tuple[str, dict[str, object]]:
     """'performer' or a variant 'performer:num_features=128,feature_seed=0' -> (name, options)."""
-    name, _, spec = entry.partition(':')
+    name, _, spec = entry.partition(":")
     options = {}
-    for item in filter(None, spec.split(',')):
-        key, sep, value = item.partition('=')
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f'bad attention variant {entry!r}: expected NAME:KEY=VALUE[,KEY=VALUE]')
+            raise SystemExit(f"bad attention variant {entry!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
         options[key] = yaml.safe_load(value)
     return name, options
 
@@ -84,16 +86,16 @@ def parse_entry(entry: str) -> tuple[str, Dict[str, object]]:
 def build(entry: str, dim: int, heads: int, grid: int, device: torch.device) -> nn.Module:
     layout = dict(num_prefix_tokens=1, grid_size=(grid, grid))
     name, options = parse_entry(entry)
-    if name == 'softmax_unfused':
+    if name == "softmax_unfused":
         module = UnfusedSoftmaxAttention(dim, num_heads=heads, qkv_bias=True, **layout)
     else:
-        extra = {'seq_len': 1 + grid * grid} if name == 'linformer' else {}
+        extra = {"seq_len": 1 + grid * grid} if name == "linformer" else {}
         module = create_attention(name, dim=dim, num_heads=heads, qkv_bias=True, **layout, **extra, **options)
     return module.to(device).eval()
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == 'cuda':
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
@@ -114,7 +116,7 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
 def _register_cpu_sdpa_flops() -> None:
     """FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel (torch 2.14):
     count it with the same formula (2 matmuls of N x N x d per head)."""
-    op = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if op is None or op in flop_counter.flop_registry:
         return
 
@@ -137,28 +139,29 @@ def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def step():
         module.zero_grad(set_to_none=True)
         module(x).float().square().mean().backward()
+
     return step
 
 
-def measure(names: List[str], tokens: int, batch: int, args, device: torch.device) -> List[Row]:
+def measure(names: list[str], tokens: int, batch: int, args, device: torch.device) -> list[Row]:
     grid = math.isqrt(tokens - 1)
-    assert 1 + grid * grid == tokens, f'{tokens} is not 1 + a square grid'
+    assert 1 + grid * grid == tokens, f"{tokens} is not 1 + a square grid"
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     modules = {n: build(n, args.dim, args.heads, grid, device).to(dtype) for n in names}
     x = torch.randn(batch, tokens, args.dim, device=device, dtype=dtype)
     with torch.no_grad():
-        q, k, v = (modules[REFERENCE].project(x)[c] for c in 'qkv')
-    calls: Dict[str, Dict[str, Callable[[], object]]] = {}
+        q, k, v = (modules[REFERENCE].project(x)[c] for c in "qkv")
+    calls: dict[str, dict[str, Callable[[], object]]] = {}
     for n, m in modules.items():
-        calls[n] = {'module': lambda m=m: m(x), 'core': lambda m=m: m.attend(q, k, v)}
+        calls[n] = {"module": lambda m=m: m(x), "core": lambda m=m: m.attend(q, k, v)}
         if args.train:
-            calls[n]['train'] = train_step(m, x)
+            calls[n]["train"] = train_step(m, x)
     times = {n: {kind: [] for kind in c} for n, c in calls.items()}
     for repeat in range(args.warmup + args.repeats):
-        for n, kinds in calls.items():                  # interleaved: one of each per round
+        for n, kinds in calls.items():  # interleaved: one of each per round
             for kind, fn in kinds.items():
-                with torch.set_grad_enabled(kind == 'train'):
+                with torch.set_grad_enabled(kind == "train"):
                     elapsed = seconds(fn, device)
                 if repeat >= args.warmup:
                     times[n][kind].append(elapsed)
@@ -166,100 +169,123 @@ def measure(names: List[str], tokens: int, batch: int, args, device: torch.devic
     for n in modules:
         measures = {}
         for kind, fn in calls[n].items():
-            with torch.set_grad_enabled(kind == 'train'):
+            with torch.set_grad_enabled(kind == "train"):
                 measures[kind] = dict(
                     wall_ms=1e3 * statistics.median(t[0] for t in times[n][kind]),
                     cpu_ms=1e3 * statistics.median(t[1] for t in times[n][kind]),
-                    peak_mib=peak_bytes(fn, device) / 2 ** 20,
+                    peak_mib=peak_bytes(fn, device) / 2**20,
                     gflops=flops(fn) / 1e9,
                 )
         rows.append(Row(attention=n, tokens=tokens, batch=batch, measures=measures))
     ref = next(r for r in rows if r.attention == REFERENCE)
     for r in rows:
-        r.ratios = {kind: {key: value / ref.measures[kind][key] if ref.measures[kind][key] else math.nan
-                           for key, value in m.items()} for kind, m in r.measures.items()}
+        r.ratios = {
+            kind: {
+                key: value / ref.measures[kind][key] if ref.measures[kind][key] else math.nan
+                for key, value in m.items()
+            }
+            for kind, m in r.measures.items()
+        }
     return rows
 
 
-def table(rows: List[Row]) -> str:
+def table(rows: list[Row]) -> str:
     """Markdown: each cell 'value (ratio to softmax SDPA)'."""
     kinds = list(rows[0].measures)
-    columns = [('wall_ms', 'wall ms'), ('cpu_ms', 'CPU ms'), ('peak_mib', 'peak MiB')]
-    head = ['N', 'batch', 'attention'] + [f'{kind} {label}' for kind in kinds for _, label in columns]
-    head += [f'{kind} GFLOP' for kind in kinds if kind != 'train']
-    lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    columns = [("wall_ms", "wall ms"), ("cpu_ms", "CPU ms"), ("peak_mib", "peak MiB")]
+    head = ["N", "batch", "attention"] + [f"{kind} {label}" for kind in kinds for _, label in columns]
+    head += [f"{kind} GFLOP" for kind in kinds if kind != "train"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.tokens), str(r.batch), r.attention]
         for kind in kinds:
             for key, _ in columns:
                 value, ratio = r.measures[kind][key], r.ratios[kind][key]
-                cells.append(f'{value:.1f} ({ratio:.2f}×)')
-        cells += [f'{r.measures[kind]["gflops"]:.2f}' for kind in kinds if kind != 'train']
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+                cells.append(f"{value:.1f} ({ratio:.2f}×)")
+        cells += [f"{r.measures[kind]['gflops']:.2f}" for kind in kinds if kind != "train"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def linear_family_verdict(rows: List[Row], tokens: int) -> str:
+def linear_family_verdict(rows: list[Row], tokens: int) -> str:
     """Issue-5 target at the largest N: module forward >= 3x faster and <= 1/4 of softmax SDPA's peak memory."""
     lines = []
     for r in rows:
         if r.tokens != tokens or parse_entry(r.attention)[0] not in LINEAR_FAMILY:
             continue
-        module, core = r.ratios['module'], r.ratios['core']
-        fast = 1 / module['wall_ms'] >= 3 and 1 / module['cpu_ms'] >= 3
-        ok = fast and module['peak_mib'] <= 0.25
+        module, core = r.ratios["module"], r.ratios["core"]
+        fast = 1 / module["wall_ms"] >= 3 and 1 / module["cpu_ms"] >= 3
+        ok = fast and module["peak_mib"] <= 0.25
         lines.append(
-            f'{r.attention}: module {1 / module["wall_ms"]:.2f}x faster (wall), {1 / module["cpu_ms"]:.2f}x (CPU), '
-            f'{module["peak_mib"]:.2f}x peak memory; core {1 / core["wall_ms"]:.2f}x faster (wall), '
-            f'{core["peak_mib"]:.2f}x peak memory -> target {"met" if ok else "NOT met"}')
-    return '\n'.join(lines)
+            f"{r.attention}: module {1 / module['wall_ms']:.2f}x faster (wall), {1 / module['cpu_ms']:.2f}x (CPU), "
+            f"{module['peak_mib']:.2f}x peak memory; core {1 / core['wall_ms']:.2f}x faster (wall), "
+            f"{core['peak_mib']:.2f}x peak memory -> target {'met' if ok else 'NOT met'}"
+        )
+    return "\n".join(lines)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--tokens', type=int, nargs='+', default=[197, 785, 3137], help='1 + grid^2 each')
-    parser.add_argument('--batch', type=int, nargs='+', default=None,
-                        help='batch per --tokens entry (default 16, 4, 1: about equal qkv work per N)')
-    parser.add_argument('--dim', type=int, default=384)
-    parser.add_argument('--heads', type=int, default=6)
-    parser.add_argument('--attentions', nargs='+', default=None,
-                        help='default: every registered attention; NAME:KEY=VALUE[,...] adds a variant with options, '
-                             'e.g. performer:num_features=128')
-    parser.add_argument('--no-unfused', action='store_true', help='leave out the unfused softmax reference')
-    parser.add_argument('--repeats', type=int, default=7)
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--train', action='store_true', help='also time forward+backward (conversion stage 1)')
-    parser.add_argument('--device', default='cpu')
-    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'])
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
-    parser.add_argument('--json', type=Path, default=None, help='write rows and settings here')
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[197, 785, 3137], help="1 + grid^2 each")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch per --tokens entry (default 16, 4, 1: about equal qkv work per N)",
+    )
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument(
+        "--attentions",
+        nargs="+",
+        default=None,
+        help="default: every registered attention; NAME:KEY=VALUE[,...] adds a variant with options, "
+        "e.g. performer:num_features=128",
+    )
+    parser.add_argument("--no-unfused", action="store_true", help="leave out the unfused softmax reference")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--train", action="store_true", help="also time forward+backward (conversion stage 1)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--json", type=Path, default=None, help="write rows and settings here")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    names = [REFERENCE] + ([] if args.no_unfused else ['softmax_unfused'])
+    names = [REFERENCE] + ([] if args.no_unfused else ["softmax_unfused"])
     names += [n for n in (args.attentions or list_attentions()) if n not in names]
     batches = args.batch or [{197: 16, 785: 4}.get(n, 1) for n in args.tokens]
     if len(batches) != len(args.tokens):
-        parser.error('--batch needs one entry per --tokens entry')
+        parser.error("--batch needs one entry per --tokens entry")
 
-    rows: List[Row] = []
+    rows: list[Row] = []
     for tokens, batch in zip(args.tokens, batches):
         started = time.perf_counter()
         rows += measure(names, tokens, batch, args, device)
-        print(f'# N={tokens} measured in {time.perf_counter() - started:.0f}s', file=sys.stderr)
+        print(f"# N={tokens} measured in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     print(table(rows))
     print()
     print(linear_family_verdict(rows, max(args.tokens)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        meta = dict(settings=settings, torch=torch.__version__, threads=torch.get_num_threads(),
-                    machine=platform.machine(), processor=platform.processor(), device=str(device))
+        meta = dict(
+            settings=settings,
+            torch=torch.__version__,
+            threads=torch.get_num_threads(),
+            machine=platform.machine(),
+            processor=platform.processor(),
+            device=str(device),
+        )
         args.json.write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
     return 0
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,13 +1,14 @@
 """Run by the distributed test under torchrun: train, then write this rank's student weights."""
+
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from attnxfer.apps.training import build_engine
 from attnxfer.config import load_config
 from attnxfer.train.distributed import barrier, cleanup_distributed
-from attnxfer.apps.training import build_engine
 
 cfg = load_config(None, sys.argv[1:])
 trainer = build_engine(cfg)

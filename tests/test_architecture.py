@@ -1,9 +1,9 @@
 """The layering is kept by a tool, not by reviews: import-linter's contracts, plus the import rules they cannot see."""
+
 import ast
 import subprocess
 import sys
 from pathlib import Path
-
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "attnxfer"
@@ -26,7 +26,9 @@ def _local_attnxfer_imports(path: Path):
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         for node in ast.walk(fn):
-            if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("attnxfer")):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level > 0 or (node.module or "").startswith("attnxfer")
+            ):
                 yield node.lineno, "." * node.level + (node.module or "")
 
 
@@ -37,14 +39,29 @@ def test_no_function_local_imports_below_launch():
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.relative_to(PACKAGE).parts[0] == "launch":
             continue
-        offenders += [f"{path.relative_to(ROOT)}:{line} imports {mod}" for line, mod in _local_attnxfer_imports(path)]
+        offenders += [
+            f"{path.relative_to(ROOT)}:{line} imports {mod}" for line, mod in _local_attnxfer_imports(path)
+        ]
     assert not offenders, "function-local imports of attnxfer modules:\n" + "\n".join(offenders)
 
 
 def test_bare_import_loads_no_config_apps_or_launch():
     """`import attnxfer` gives the library (models, algorithm, sources, export), not the config schema,
     the apps or the CLI."""
-    code = ("import sys, attnxfer; print(sorted({m.split('.')[1] for m in sys.modules "
-            "if m.startswith('attnxfer.')} & {'config', 'apps', 'launch', 'train'}))")
+    code = (
+        "import sys, attnxfer; print(sorted({m.split('.')[1] for m in sys.modules "
+        "if m.startswith('attnxfer.')} & {'config', 'apps', 'launch', 'train'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_style_is_ruffs():
+    """One voice, kept by ruff (configured in pyproject.toml): lint clean and formatted."""
+    ruff = [sys.executable, "-m", "ruff"]
+    lint = subprocess.run([*ruff, "check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout[-4000:] + lint.stderr[-2000:]
+    fmt = subprocess.run(
+        [*ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, "run `ruff format .`:\n" + fmt.stdout[-4000:] + fmt.stderr[-2000:]

@@ -1,14 +1,21 @@
 """TransferAttention against timm's own attention and timm's own map extraction."""
+
 import copy
 
 import pytest
 import torch
+from helpers import tiny_vit
 from timm.layers import set_fused_attn
 from timm.utils import AttentionExtract
 
-from attnxfer.models import (AttentionIO, PartialQKV, TransferAttention, attention_io, attention_maps,
-                             make_transfer_aware)
-from helpers import tiny_vit
+from attnxfer.models import (
+    AttentionIO,
+    PartialQKV,
+    TransferAttention,
+    attention_io,
+    attention_maps,
+    make_transfer_aware,
+)
 
 
 def test_plain_forward_matches_timm():
@@ -87,11 +94,12 @@ def test_non_standard_attention_is_refused():
 @pytest.mark.parametrize("dq,dv", [(16, 8), (8, 16), (16, 16)])
 def test_sdpa_with_mixed_head_dims_equals_explicit_attention(dq, dv):
     from attnxfer.models.attention import sdpa
+
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 3, 21, dq, generator=g), torch.randn(2, 3, 21, dq, generator=g)
     v = torch.randn(2, 3, 21, dv, generator=g, requires_grad=True)
     out = sdpa(q, k, v)
-    ref = torch.softmax(q @ k.transpose(-2, -1) * dq ** -0.5, -1) @ v
+    ref = torch.softmax(q @ k.transpose(-2, -1) * dq**-0.5, -1) @ v
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     (g_out,) = torch.autograd.grad(out.sum(), [v])
     (g_ref,) = torch.autograd.grad(ref.sum(), [v])

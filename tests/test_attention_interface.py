@@ -6,6 +6,7 @@ explicit formula); row-stochastic maps have rows summing to 1; softmax's ``atten
 own `AttentionExtract` maps; frozen projections keep the layer's function; and the map-loss table
 dispatches each kind to its loss (softmax's exact O(N) CE equals the chunked CE of its explicit rows).
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,31 +14,58 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from helpers import tiny_vit
 from timm.layers import set_fused_attn
 from timm.utils import AttentionExtract
 
-from attnxfer.models import (AttentionIO, MapKind, TransferableAttention, TransferAttention, attention_io,
-                             attention_name_of, capture_attention, create_attention, get_attention_class,
-                             list_attentions, make_transfer_aware)
+from attnxfer.models import (
+    AttentionIO,
+    MapKind,
+    TransferableAttention,
+    TransferAttention,
+    attention_io,
+    attention_name_of,
+    capture_attention,
+    create_attention,
+    get_attention_class,
+    list_attentions,
+    make_transfer_aware,
+)
 from attnxfer.transfer import MapLoss, attention_distillation_loss, implicit_map_loss, map_distillation_loss
-from helpers import tiny_vit
 
 ALL = list_attentions()
 PREFIX, GRID = 1, (4, 5)
 N = PREFIX + GRID[0] * GRID[1]
 OPTIONS = {
-    "window": dict(window_size=2), "window_linear": dict(window_size=2), "agent": dict(agent_grid=(2, 3), bias_grid=3),
-    "nystrom": dict(num_landmarks=5), "linformer": dict(seq_len=N, proj_len=6),
-    "performer": dict(num_features=24, feature_seed=0), "focused_linear": dict(kernel_size=3),
+    "window": dict(window_size=2),
+    "window_linear": dict(window_size=2),
+    "agent": dict(agent_grid=(2, 3), bias_grid=3),
+    "nystrom": dict(num_landmarks=5),
+    "linformer": dict(seq_len=N, proj_len=6),
+    "performer": dict(num_features=24, feature_seed=0),
+    "focused_linear": dict(kernel_size=3),
 }
 
 
 def build(name: str) -> TransferableAttention:
     """A float64 layer with q/k norms and an output norm, new parameters moved off their init."""
     torch.manual_seed(0)
-    attn = create_attention(name, dim=32, num_heads=2, qkv_bias=True, qk_norm=True, scale_norm=True,
-                            norm_layer=nn.LayerNorm, num_prefix_tokens=PREFIX, grid_size=GRID,
-                            **OPTIONS.get(name, {})).double().eval()
+    attn = (
+        create_attention(
+            name,
+            dim=32,
+            num_heads=2,
+            qkv_bias=True,
+            qk_norm=True,
+            scale_norm=True,
+            norm_layer=nn.LayerNorm,
+            num_prefix_tokens=PREFIX,
+            grid_size=GRID,
+            **OPTIONS.get(name, {}),
+        )
+        .double()
+        .eval()
+    )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in attn.parameters():  # LayerNorm weights 1 / biases 0 would make the norms trivial
@@ -76,7 +104,11 @@ def test_forward_is_proj_norm_attend_project(name):
         expected = merge(attn, attn.attend(qkv["q"], qkv["k"], qkv["v"]))
         torch.testing.assert_close(attn(x), expected, rtol=1e-12, atol=1e-12)
     # q and k come out of the q/k norms; v does not go through one
-    raw = torch.nn.functional.linear(x, attn.qkv.weight, attn.qkv.bias).reshape(2, N, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    raw = (
+        torch.nn.functional.linear(x, attn.qkv.weight, attn.qkv.bias)
+        .reshape(2, N, 3, 2, 16)
+        .permute(2, 0, 3, 1, 4)
+    )
     torch.testing.assert_close(qkv["q"], attn.q_norm(raw[0]), rtol=0, atol=0)
     torch.testing.assert_close(qkv["k"], attn.k_norm(raw[1]), rtol=0, atol=0)
     torch.testing.assert_close(qkv["v"], raw[2], rtol=0, atol=0)
@@ -98,11 +130,14 @@ def test_attention_io_captures_what_the_layer_used_and_overrides_it(name):
     q_t, k_t = attn.project(teacher, "qk").values()
     with torch.no_grad(), attention_io(attn, AttentionIO(q=q_t, k=k_t, capture="v")) as borrowed:
         out = attn(x)
-        torch.testing.assert_close(out, merge(attn, attn.attend(q_t, k_t, borrowed.captured["v"])), rtol=1e-12,
-                                   atol=1e-12)
-    if attn.map_kind is MapKind.SOFTMAX:  # attention copy: SDPA(q_t, k_t, v_s) == explicit softmax(q_t k_tᵀ/√d) v_s
+        torch.testing.assert_close(
+            out, merge(attn, attn.attend(q_t, k_t, borrowed.captured["v"])), rtol=1e-12, atol=1e-12
+        )
+    if (
+        attn.map_kind is MapKind.SOFTMAX
+    ):  # attention copy: SDPA(q_t, k_t, v_s) == explicit softmax(q_t k_tᵀ/√d) v_s
         v = attn.project(x, "v")["v"]
-        explicit = torch.softmax(q_t @ k_t.transpose(-2, -1) / 16 ** 0.5, dim=-1) @ v
+        explicit = torch.softmax(q_t @ k_t.transpose(-2, -1) / 16**0.5, dim=-1) @ v
         torch.testing.assert_close(out, merge(attn, explicit), rtol=1e-10, atol=1e-12)
 
 
@@ -117,7 +152,9 @@ def test_attention_map_rows(name):
                 attn.attend_mapped(q, k, v)
             return
         assert full.shape == (2, 2, N, N) and full.dtype == torch.float64
-        torch.testing.assert_close(attn.attention_map(q, k, rows=slice(3, 11)), full[:, :, 3:11], rtol=0, atol=1e-13)
+        torch.testing.assert_close(
+            attn.attention_map(q, k, rows=slice(3, 11)), full[:, :, 3:11], rtol=0, atol=1e-13
+        )
         torch.testing.assert_close(full @ v, attn.attend_mapped(q, k, v), rtol=1e-9, atol=1e-10)
         with attention_io(attn, AttentionIO(return_map=True)) as io:
             attn(x)
@@ -175,4 +212,8 @@ def test_map_losses_dispatch_on_the_student_layers_kind():
             torch.testing.assert_close(res.metric, chunked.metric, rtol=1e-4, atol=1e-5)
         else:
             torch.testing.assert_close(res.loss, implicit_map_loss(attn, q, k, q_t, k_t).loss, rtol=0, atol=0)
-    assert kinds == {MapKind.SOFTMAX: MapLoss.CE, MapKind.ROW_STOCHASTIC: MapLoss.CE, MapKind.SIGNED: MapLoss.MSE}
+    assert kinds == {
+        MapKind.SOFTMAX: MapLoss.CE,
+        MapKind.ROW_STOCHASTIC: MapLoss.CE,
+        MapKind.SIGNED: MapLoss.MSE,
+    }

@@ -1,6 +1,7 @@
 """attnxfer convert: implicit-map losses against materialised oracles, stage 1 (lowers the map loss, moves
 only what it should), the engine's new pieces (logit distillation, efficient students), the CLI end to end,
 and clear errors."""
+
 import json
 import os
 import subprocess
@@ -9,20 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import peaked_teacher, tiny_vit
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
-from attnxfer.config import load_config, list_recipes
-from attnxfer.models import attention_maps, capture_attention
-from attnxfer.models.efficient import new_parameters
-from attnxfer.transfer import DualViT, PlanError, build_plan
 from attnxfer.apps.convert import conversion_plan_from_config
-from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher
+from attnxfer.config import list_recipes, load_config
+from attnxfer.models import attention_maps, capture_attention
+from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
 from attnxfer.train.measure import map_agreement, relative_speed
 from attnxfer.train.stage1 import stage1_transfer
+from attnxfer.transfer import DualViT, PlanError, build_plan
 from attnxfer.transfer.conversion import ConversionPlan, build_conversion_plan
 from attnxfer.transfer.map_losses import implicit_map_loss
-from helpers import peaked_teacher, tiny_vit
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -53,12 +53,22 @@ def _teacher_qk_input(teacher, x, layer):
 
 
 # ------------------------------------------------------------------------------------- implicit-map losses
-@pytest.mark.parametrize("name,loss", [("hedgehog", "ce"), ("window_linear", "ce"), ("performer", "ce"),
-                                       ("nystrom", "mse"), ("hedgehog", "mse")])
+@pytest.mark.parametrize(
+    "name,loss",
+    [
+        ("hedgehog", "ce"),
+        ("window_linear", "ce"),
+        ("performer", "ce"),
+        ("nystrom", "mse"),
+        ("hedgehog", "mse"),
+    ],
+)
 def test_implicit_map_loss_matches_the_materialised_oracle(name, loss):
     """Chunked, checkpointed loss == the loss on explicit N x N maps, in value, KL and gradients."""
     teacher = _teacher(depth=1)
-    student = build_efficient_student(teacher, name, **({"window_size": 2} if name == "window_linear" else {}))
+    student = build_efficient_student(
+        teacher, name, **({"window_size": 2} if name == "window_linear" else {})
+    )
     attn = student.blocks[0].attn
     for p in attn.parameters():  # move off the init so the gradients are not special
         p.data.add_(0.05 * torch.randn_like(p))
@@ -68,8 +78,8 @@ def test_implicit_map_loss_matches_the_materialised_oracle(name, loss):
     res = implicit_map_loss(attn, q, k, sig["q"], sig["k"], loss, chunk=5)  # 17 rows: chunks of 5, 5, 5, 2
     grads = torch.autograd.grad(res.loss, [q, k, *attn.parameters()], allow_unused=True, retain_graph=True)
 
-    p_t = attention_maps(teacher, x)[0]          # the teacher's oracle: explicit softmax maps
-    a_s = attn.attention_map(q, k)                # the whole implicit map at once
+    p_t = attention_maps(teacher, x)[0]  # the teacher's oracle: explicit softmax maps
+    a_s = attn.attention_map(q, k)  # the whole implicit map at once
     if loss == "ce":
         ref = -(p_t * a_s.log()).sum(-1).mean()
         ref_metric = (p_t * (p_t.log() - a_s.log())).sum(-1).mean()
@@ -127,8 +137,9 @@ def test_stage1_moves_only_the_new_parameters():
     new = {name for name, _ in new_parameters(student)}
     assert new and all(".feature_map_" in n or "linear_log_weight" in n for n in new)
     before = _snapshot(student)
-    stage1_transfer(teacher, student, _plan(teacher, student, stage1_steps=5), _forever(_inputs(2)),
-                    log=lambda s: None)
+    stage1_transfer(
+        teacher, student, _plan(teacher, student, stage1_steps=5), _forever(_inputs(2)), log=lambda s: None
+    )
     after = _snapshot(student)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == new
@@ -152,8 +163,8 @@ def test_stage1_qk_moves_only_q_and_k_rows():
     d = 48
     for k in before:
         if k.endswith("attn.qkv.weight") or k.endswith("attn.qkv.bias"):
-            assert not torch.equal(before[k][:2 * d], after[k][:2 * d]), k
-            assert torch.equal(before[k][2 * d:], after[k][2 * d:]), k   # v rows: bit-identical
+            assert not torch.equal(before[k][: 2 * d], after[k][: 2 * d]), k
+            assert torch.equal(before[k][2 * d :], after[k][2 * d :]), k  # v rows: bit-identical
         else:
             assert torch.equal(before[k], after[k]), k
     assert sum(r["value"] for r in map_agreement(teacher, student, xs)) < kl_before
@@ -196,10 +207,12 @@ def test_logit_distillation_and_efficient_attention_distillation_in_dual():
         student.forward_features(x)
     for i in range(2):
         a_s = student.blocks[i].attn.attention_map(s[i]["q"], s[i]["k"])
-        torch.testing.assert_close(out.terms[f"attn_ce/{i}"], -(t_maps[i] * a_s.log()).sum(-1).mean(),
-                                   rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.loss, 0.5 * (out.terms["attn_ce/0"] + out.terms["attn_ce/1"]) + 2.0 * kd,
-                               rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            out.terms[f"attn_ce/{i}"], -(t_maps[i] * a_s.log()).sum(-1).mean(), rtol=1e-5, atol=1e-6
+        )
+    torch.testing.assert_close(
+        out.loss, 0.5 * (out.terms["attn_ce/0"] + out.terms["attn_ce/1"]) + 2.0 * kd, rtol=1e-5, atol=1e-6
+    )
     out.loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     # mode none + logit distillation: the teacher runs only for its logits; eval runs the student alone
@@ -232,14 +245,16 @@ def test_clear_errors_for_bad_conversions():
     with pytest.raises(ValueError, match="attention_kwargs.*num_featurs"):
         build_efficient_student(teacher, "performer", num_featurs=8)
     nystrom = build_efficient_student(teacher, "nystrom")
-    with pytest.raises(ValueError, match="map loss 'ce' does not apply to a 'signed' attention.*'mse' or 'output'"):
+    with pytest.raises(
+        ValueError, match="map loss 'ce' does not apply to a 'signed' attention.*'mse' or 'output'"
+    ):
         _plan(teacher, nystrom, map_loss="ce", stage1_train="qk")
     with pytest.raises(ValueError, match="blocks.0.attn is 'hedgehog', not softmax attention"):
         check_softmax_teacher(build_efficient_student(teacher, "hedgehog"))
     with pytest.raises(ValueError, match="classifies 10 classes but the data has 7"):
         build_efficient_student(teacher, "hedgehog", num_classes=7)
     headless = build_efficient_student(tiny_vit(depth=2, num_classes=0), "hedgehog", num_classes=7)
-    assert headless.num_classes == 7   # a headless (MAE-style) teacher's student gets a new head
+    assert headless.num_classes == 7  # a headless (MAE-style) teacher's student gets a new head
 
 
 def test_relative_speed_reports_medians_and_ratio():
@@ -252,19 +267,31 @@ def test_relative_speed_reports_medians_and_ratio():
 
 def test_recipes_load_and_validate():
     from attnxfer.models import create_vit
+
     names = [r for r in list_recipes() if r.startswith("convert/")]
-    assert {"convert/demo_performer", "convert/demo_hedgehog", "convert/demo_relu_linear",
-            "convert/demo_window_linear"} <= set(names)
+    assert {
+        "convert/demo_performer",
+        "convert/demo_hedgehog",
+        "convert/demo_relu_linear",
+        "convert/demo_window_linear",
+    } <= set(names)
     micro = create_vit("vit_micro_patch4_28").eval()
     mae_like = create_vit("vit_base_patch16_224", num_classes=0, depth=2).eval()  # headless, 2 blocks: quick
     for name in names:
         cfg = load_config(name)
         teacher = micro if cfg.teacher.spec.startswith("local-dir:runs/demo/teacher") else mae_like
-        student = build_efficient_student(teacher, cfg.convert.attention, num_classes=10,
-                                          **cfg.convert.attention_kwargs)
+        student = build_efficient_student(
+            teacher, cfg.convert.attention, num_classes=10, **cfg.convert.attention_kwargs
+        )
         conversion_plan_from_config(cfg, teacher, student)
-        build_plan(teacher, student, cfg.transfer.mode, weight=cfg.transfer.atd_weight,
-                   logit_weight=cfg.transfer.logit_distill, logit_temperature=cfg.transfer.logit_temperature)
+        build_plan(
+            teacher,
+            student,
+            cfg.transfer.mode,
+            weight=cfg.transfer.atd_weight,
+            logit_weight=cfg.transfer.logit_distill,
+            logit_temperature=cfg.transfer.logit_temperature,
+        )
 
 
 # ------------------------------------------------------------------------------------- the command
@@ -276,17 +303,38 @@ def tiny_teacher_dir(tmp_path_factory):
 
 
 def _convert_args(run_dir, teacher_dir, *extra):
-    return [f"run_dir={run_dir}", f"teacher.spec=local-dir:{teacher_dir}", "data.dataset=synthetic",
-            "data.synthetic_length=64", "data.batch_size=16", "convert.attention=hedgehog", "convert.stage1_steps=6",
-            "schedule.epochs=1", "schedule.max_steps=2", "transfer.mode=distill", "transfer.logit_distill=1.0",
-            "transfer.logit_temperature=2.0", "log.progress=false", "log.tensorboard=false",
-            "convert.agreement_batches=1", "convert.speed_repeats=2", "convert.speed_batch_size=4", *extra]
+    return [
+        f"run_dir={run_dir}",
+        f"teacher.spec=local-dir:{teacher_dir}",
+        "data.dataset=synthetic",
+        "data.synthetic_length=64",
+        "data.batch_size=16",
+        "convert.attention=hedgehog",
+        "convert.stage1_steps=6",
+        "schedule.epochs=1",
+        "schedule.max_steps=2",
+        "transfer.mode=distill",
+        "transfer.logit_distill=1.0",
+        "transfer.logit_temperature=2.0",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "convert.agreement_batches=1",
+        "convert.speed_repeats=2",
+        "convert.speed_batch_size=4",
+        *extra,
+    ]
 
 
 def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir):
     run = tmp_path / "run"
-    res = subprocess.run([PY, "-m", "attnxfer", "convert", *_convert_args(run, tiny_teacher_dir)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [PY, "-m", "attnxfer", "convert", *_convert_args(run, tiny_teacher_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "conversion plan: softmax teacher -> hedgehog student (2 blocks)" in res.stdout
     assert "logit distillation: weight 1, temperature 2" in res.stdout
@@ -300,8 +348,9 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
         assert [r["layer"] for r in rows] == [0, 1] and all(r["metric"] == "kl" for r in rows)
         for r in rows:
             assert all(isinstance(r[s], float) for s in ("before_stage1", "after_stage1", "after_stage2"))
-    assert sum(r["after_stage1"] for r in report["agreement"]["teacher_input"]) < \
-        sum(r["before_stage1"] for r in report["agreement"]["teacher_input"])
+    assert sum(r["after_stage1"] for r in report["agreement"]["teacher_input"]) < sum(
+        r["before_stage1"] for r in report["agreement"]["teacher_input"]
+    )
     speed = report["speed"]
     assert speed["speedup"] == pytest.approx(speed["teacher_ms"] / speed["student_ms"])
     assert report["stage1"]["steps"] == 6 and report["stage2"]["steps"] == 2
@@ -311,6 +360,7 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert "Recovered:" in md and "x** the teacher's speed" in md
     # run again into the same run dir: stage 1 is picked up, not redone; stage 2 resumes its finished run
     from attnxfer.launch.cli import main
+
     assert main(["convert", *_convert_args(run, tiny_teacher_dir)]) == 0
     again = json.loads((run / "report.json").read_text())
     assert again["stage1"]["resumed"] and again["stage1"]["history"] == report["stage1"]["history"]
@@ -319,6 +369,7 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     out = tmp_path / "export"
     assert main(["export", str(run / "stage2"), str(out), "--checkpoint", "latest", "--weights", "raw"]) == 0
     from attnxfer import load_student, load_teacher
+
     loaded = load_student(f"local-dir:{out}")
     teacher, _ = load_teacher(f"local-dir:{tiny_teacher_dir}")
     rebuilt = build_efficient_student(teacher, "hedgehog", num_classes=teacher.num_classes).eval()
@@ -331,8 +382,11 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
 
 def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teacher_dir, capsys):
     from attnxfer.launch.cli import main
+
     run = tmp_path / "skip"
-    assert main(["convert", *_convert_args(run, tiny_teacher_dir, "transfer.mode=none"), "--skip-stage1"]) == 0
+    assert (
+        main(["convert", *_convert_args(run, tiny_teacher_dir, "transfer.mode=none"), "--skip-stage1"]) == 0
+    )
     report = json.loads((run / "report.json").read_text())
     assert report["stage1"]["skipped"] and report["top1"]["after_stage1"] is None
     assert all(r["after_stage1"] is None for r in report["agreement"]["end_to_end"])
@@ -341,16 +395,42 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
     # stage 2 runs the teacher in teacher.dtype (bf16 here, as on GPU by default); the measurements after it still
     # run it in fp32, on the same fp32 inputs (this once failed on GPU: fp32 input into a bf16 teacher)
     low = tmp_path / "bf16"
-    assert main(["convert", *_convert_args(low, tiny_teacher_dir, "transfer.mode=none", "teacher.dtype=bf16"),
-                 "--skip-stage1"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                *_convert_args(low, tiny_teacher_dir, "transfer.mode=none", "teacher.dtype=bf16"),
+                "--skip-stage1",
+            ]
+        )
+        == 0
+    )
     low_report = json.loads((low / "report.json").read_text())
     assert isinstance(low_report["top1"]["after_stage2"], float)
-    assert low_report["agreement"]["end_to_end"][0]["before_stage1"] == \
-        report["agreement"]["end_to_end"][0]["before_stage1"]
+    assert (
+        low_report["agreement"]["end_to_end"][0]["before_stage1"]
+        == report["agreement"]["end_to_end"][0]["before_stage1"]
+    )
     capsys.readouterr()
-    assert main(["convert", *_convert_args(tmp_path / "bad", tiny_teacher_dir, "convert.attention=performr")]) == 2
+    assert (
+        main(["convert", *_convert_args(tmp_path / "bad", tiny_teacher_dir, "convert.attention=performr")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown attention 'performr'" in err and "performer" in err and "Traceback" not in err
-    assert main(["convert", *_convert_args(tmp_path / "bad2", tiny_teacher_dir, "convert.attention=nystrom",
-                                           "convert.map_loss=ce", "convert.stage1_train=qk")]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                *_convert_args(
+                    tmp_path / "bad2",
+                    tiny_teacher_dir,
+                    "convert.attention=nystrom",
+                    "convert.map_loss=ce",
+                    "convert.stage1_train=qk",
+                ),
+            ]
+        )
+        == 2
+    )
     assert "does not apply to a 'signed' attention" in capsys.readouterr().err

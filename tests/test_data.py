@@ -1,4 +1,5 @@
 """attnxfer.data: datasets (animal_mnist, synthetic, folder), safe unpickling, the resumable sampler."""
+
 import gzip
 import hashlib
 import json
@@ -14,48 +15,59 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from attnxfer.data import (
-    DatasetInfo, ResumableSampler, SampleKey, UnsafePickleError, build_dataset, build_loader, dataset_info,
-    list_datasets, load_numpy_pickle, register_dataset,
+    DatasetInfo,
+    ResumableSampler,
+    SampleKey,
+    UnsafePickleError,
+    build_dataset,
+    build_loader,
+    dataset_info,
+    list_datasets,
+    load_numpy_pickle,
+    register_dataset,
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 
 # sha256 of the val indices (int64 little-endian): the split must never change.
-ANIMAL_MNIST_VAL_SHA256 = '4c7b5dfefd4fb4ece57758c74a08b01658fe95557f340ba5545db4e8d7f464b7'
+ANIMAL_MNIST_VAL_SHA256 = "4c7b5dfefd4fb4ece57758c74a08b01658fe95557f340ba5545db4e8d7f464b7"
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def animal_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
-        cache = tmp_path_factory.mktemp('cache')
-        mp.setenv('ATTNXFER_CACHE', str(cache))
+        cache = tmp_path_factory.mktemp("cache")
+        mp.setenv("ATTNXFER_CACHE", str(cache))
         yield cache
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def animal_train(animal_cache):
-    return build_dataset('animal_mnist', 'train', seed=7)
+    return build_dataset("animal_mnist", "train", seed=7)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def animal_val(animal_cache):
-    return build_dataset('animal_mnist', 'val')
+    return build_dataset("animal_mnist", "val")
 
 
 # ----------------------------------------------------------------------------------------- animal_mnist
+
 
 def test_animal_mnist_counts_and_split(animal_train, animal_val):
     assert len(animal_train) == 9000 and len(animal_val) == 1000
     assert np.bincount(animal_train.labels.numpy(), minlength=10).tolist() == [900] * 10
     assert np.bincount(animal_val.labels.numpy(), minlength=10).tolist() == [100] * 10
     info = dataset_info(animal_train)
-    assert info.num_classes == 10 and info.class_names == CLASS_NAMES == dataset_info('animal_mnist').class_names
+    assert (
+        info.num_classes == 10 and info.class_names == CLASS_NAMES == dataset_info("animal_mnist").class_names
+    )
     assert (info.in_chans, info.img_size) == (1, 28)
 
     arrays = load_animal_mnist_arrays()
     assert arrays.images.shape == (10000, 28, 28) and arrays.images.dtype == np.uint8
     assert len(np.intersect1d(arrays.train_idx, arrays.val_idx)) == 0
     assert np.array_equal(np.union1d(arrays.train_idx, arrays.val_idx), np.arange(10000))
-    assert hashlib.sha256(arrays.val_idx.astype('<i8').tobytes()).hexdigest() == ANIMAL_MNIST_VAL_SHA256
+    assert hashlib.sha256(arrays.val_idx.astype("<i8").tobytes()).hexdigest() == ANIMAL_MNIST_VAL_SHA256
     # The package holds exact duplicates; no val image may also be a training image.
     train_bytes = {arrays.images[i].tobytes() for i in arrays.train_idx}
     assert not any(arrays.images[i].tobytes() in train_bytes for i in arrays.val_idx)
@@ -77,57 +89,60 @@ def test_animal_mnist_is_real_and_normalised(animal_train, animal_val):
     dists = torch.cdist(means.flatten(1), means.flatten(1))
     assert dists[~torch.eye(10, dtype=torch.bool)].min() > 1.0
     # Class order: giraffes are by far the tallest shapes, zebras the only striped (mid-grey) ones.
-    ys, xs = torch.meshgrid(torch.arange(28.), torch.arange(28.), indexing='ij')
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     w = means / means.sum((1, 2), keepdim=True)
+
     def spread(coord):
         mu = (w * coord).sum((1, 2), keepdim=True)
         return (w * (coord - mu) ** 2).sum((1, 2))
-    assert CLASS_NAMES[int((spread(ys) / spread(xs)).argmax())] == 'giraffe'
+
+    assert CLASS_NAMES[int((spread(ys) / spread(xs)).argmax())] == "giraffe"
     grey = ((animal_train.images > 51) & (animal_train.images < 204)).flatten(1).double().mean(1)
     mid_grey = torch.stack([grey[labels == c].mean() for c in range(10)])
-    assert CLASS_NAMES[int(mid_grey.argmax())] == 'zebra'
+    assert CLASS_NAMES[int(mid_grey.argmax())] == "zebra"
 
 
 def test_animal_mnist_cache_is_reused(tmp_path, monkeypatch):
-    monkeypatch.setenv('ATTNXFER_CACHE', str(tmp_path))
-    first = build_dataset('animal_mnist', 'val')
-    files = list(tmp_path.rglob('*'))
-    npz = [f for f in files if f.suffix == '.npz']
-    assert len(npz) == 1 and not [f for f in files if f.suffix == '.tmp']
+    monkeypatch.setenv("ATTNXFER_CACHE", str(tmp_path))
+    first = build_dataset("animal_mnist", "val")
+    files = list(tmp_path.rglob("*"))
+    npz = [f for f in files if f.suffix == ".npz"]
+    assert len(npz) == 1 and not [f for f in files if f.suffix == ".tmp"]
     # Rewrite the cache with inverted images: a second build must show them (it read the cache).
     with np.load(npz[0], allow_pickle=False) as z:
         arrays = dict(z)
-    arrays['images'] = 255 - arrays['images']
+    arrays["images"] = 255 - arrays["images"]
     np.savez(npz[0], **arrays)
-    second = build_dataset('animal_mnist', 'val')
+    second = build_dataset("animal_mnist", "val")
     assert torch.equal(second.images, 255 - first.images)
 
 
 def test_animal_mnist_missing_package_says_how_to_install(tmp_path, monkeypatch):
-    monkeypatch.setenv('ATTNXFER_CACHE', str(tmp_path))
-    monkeypatch.setitem(sys.modules, 'animal_mnist', None)  # how Python marks a module as unavailable
-    with pytest.raises(ModuleNotFoundError, match=r'pip install --no-deps animal-mnist==0\.4'):
-        build_dataset('animal_mnist', 'train')
+    monkeypatch.setenv("ATTNXFER_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "animal_mnist", None)  # how Python marks a module as unavailable
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps animal-mnist==0\.4"):
+        build_dataset("animal_mnist", "train")
 
 
 def test_animal_mnist_resize_and_channels(animal_cache):
-    ds = build_dataset('animal_mnist', 'val', img_size=32, in_chans=3, mean=(0.5, 0.5, 0.5), std=(0.25,))
+    ds = build_dataset("animal_mnist", "val", img_size=32, in_chans=3, mean=(0.5, 0.5, 0.5), std=(0.25,))
     x, _ = ds[0]
     assert x.shape == (3, 32, 32)
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
     assert dataset_info(ds).std == (0.25, 0.25, 0.25)
-    with pytest.raises(ValueError, match='in_chans=3'):
-        build_dataset('animal_mnist', 'val', in_chans=3, mean=(0.1, 0.2))
+    with pytest.raises(ValueError, match="in_chans=3"):
+        build_dataset("animal_mnist", "val", in_chans=3, mean=(0.1, 0.2))
 
 
 # ------------------------------------------------------------------------------------------ augmentation
+
 
 def _shifts_and_flips(img: torch.Tensor, pad: int):
     padded = torch.nn.functional.pad(img, (pad, pad, pad, pad))
     h, w = img.shape[-2:]
     for top in range(2 * pad + 1):
         for left in range(2 * pad + 1):
-            crop = padded[..., top:top + h, left:left + w]
+            crop = padded[..., top : top + h, left : left + w]
             yield crop
             yield crop.flip(-1)
 
@@ -136,12 +151,18 @@ def test_augmentation_is_a_function_of_seed_epoch_index(animal_train, animal_cac
     a, _ = animal_train[SampleKey(11, epoch=3)]
     b, _ = animal_train[SampleKey(11, epoch=3)]
     assert torch.equal(a, b)
-    changed_epoch = sum(not torch.equal(animal_train[SampleKey(i, 3)][0], animal_train[SampleKey(i, 4)][0])
-                        for i in range(20))
+    changed_epoch = sum(
+        not torch.equal(animal_train[SampleKey(i, 3)][0], animal_train[SampleKey(i, 4)][0]) for i in range(20)
+    )
     assert changed_epoch >= 15  # 50 shift/flip outcomes: an unchanged draw has chance 1/50
-    other_seed = build_dataset('animal_mnist', 'train', seed=8)
-    assert sum(not torch.equal(animal_train[SampleKey(i, 3)][0], other_seed[SampleKey(i, 3)][0])
-               for i in range(20)) >= 15
+    other_seed = build_dataset("animal_mnist", "train", seed=8)
+    assert (
+        sum(
+            not torch.equal(animal_train[SampleKey(i, 3)][0], other_seed[SampleKey(i, 3)][0])
+            for i in range(20)
+        )
+        >= 15
+    )
     # A plain int index uses the dataset's epoch.
     animal_train.set_epoch(3)
     assert torch.equal(animal_train[11][0], a)
@@ -151,7 +172,7 @@ def test_augmentation_is_a_function_of_seed_epoch_index(animal_train, animal_cac
     pixels = a[0] * 0.4056 + 0.2727
     assert any(torch.allclose(pixels, cand, atol=1e-5) for cand in _shifts_and_flips(clean, 2))
     # Val is not augmented.
-    val = build_dataset('animal_mnist', 'val')
+    val = build_dataset("animal_mnist", "val")
     assert torch.equal(val[SampleKey(3, 0)][0], val[SampleKey(3, 9)][0])
 
 
@@ -163,7 +184,7 @@ def _epoch_batches(loader, sampler, epoch, position=0):
 
 def test_batches_identical_across_worker_counts_and_resume(animal_cache):
     # Not a torch Subset: Subset indexes its own index list with the key and so drops the epoch.
-    ds = build_dataset('animal_mnist', 'val', augment=True, seed=3)
+    ds = build_dataset("animal_mnist", "val", augment=True, seed=3)
     runs = {}
     for workers in (0, 2):
         sampler = ResumableSampler(len(ds), shuffle=True, seed=5)
@@ -186,16 +207,27 @@ def test_batches_identical_across_worker_counts_and_resume(animal_cache):
 
 # --------------------------------------------------------------------------------------------- sampler
 
-@pytest.mark.parametrize('length,world_size,drop_last,shuffle', [
-    (10, 1, True, True), (10, 3, True, True), (10, 3, False, True), (10, 4, False, False), (2, 5, False, True),
-    (97, 8, True, True),
-])
+
+@pytest.mark.parametrize(
+    "length,world_size,drop_last,shuffle",
+    [
+        (10, 1, True, True),
+        (10, 3, True, True),
+        (10, 3, False, True),
+        (10, 4, False, False),
+        (2, 5, False, True),
+        (97, 8, True, True),
+    ],
+)
 def test_sampler_matches_distributed_sampler_and_covers_epoch(length, world_size, drop_last, shuffle):
     shares = []
     for rank in range(world_size):
-        ours = ResumableSampler(length, shuffle=shuffle, seed=3, rank=rank, world_size=world_size, drop_last=drop_last)
-        ref = DistributedSampler(range(length), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=3,
-                                 drop_last=drop_last)
+        ours = ResumableSampler(
+            length, shuffle=shuffle, seed=3, rank=rank, world_size=world_size, drop_last=drop_last
+        )
+        ref = DistributedSampler(
+            range(length), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=3, drop_last=drop_last
+        )
         ours.set_epoch(4)
         ref.set_epoch(4)
         got = list(ours)
@@ -210,16 +242,18 @@ def test_sampler_matches_distributed_sampler_and_covers_epoch(length, world_size
         assert set(union) == set(range(length)) and len(union) == math.ceil(length / world_size) * world_size
 
 
-@pytest.mark.parametrize('drop_last', [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
 def test_sampler_position_resumes_exactly(drop_last):
     length, world, batch = 103, 3, 4
-    full = [list(ResumableSampler(length, shuffle=True, seed=1, rank=r, world_size=world, drop_last=drop_last))
-            for r in range(world)]
+    full = [
+        list(ResumableSampler(length, shuffle=True, seed=1, rank=r, world_size=world, drop_last=drop_last))
+        for r in range(world)
+    ]
     for steps in (0, 1, 5, len(full[0]) // batch):
         for r in range(world):
             s = ResumableSampler(length, shuffle=True, seed=1, rank=r, world_size=world, drop_last=drop_last)
             s.set_position(steps * batch * world)
-            assert list(s) == full[r][steps * batch:] and len(s) == len(full[r]) - steps * batch
+            assert list(s) == full[r][steps * batch :] and len(s) == len(full[r]) - steps * batch
     # Epoch fully consumed (padded end included): nothing left.
     s = ResumableSampler(length, shuffle=True, seed=1, world_size=world, drop_last=drop_last)
     s.set_position(len(full[0]) * world)
@@ -227,7 +261,9 @@ def test_sampler_position_resumes_exactly(drop_last):
 
 
 def test_sampler_resume_on_another_world_size_yields_the_rest():
-    before = [ResumableSampler(50, shuffle=True, seed=2, rank=r, world_size=2, drop_last=False) for r in range(2)]
+    before = [
+        ResumableSampler(50, shuffle=True, seed=2, rank=r, world_size=2, drop_last=False) for r in range(2)
+    ]
     for s in before:
         s.set_epoch(1)
         s.advance(3 * 2 * 2)  # three steps of per-rank batch 2 on 2 ranks
@@ -244,7 +280,7 @@ def test_sampler_resume_on_another_world_size_yields_the_rest():
         after.append(list(s))
     order = before[0].epoch_order()
     rest = [i for share in after for i in share]
-    assert state['epoch'] == 1 and state['position'] == 12
+    assert state["epoch"] == 1 and state["position"] == 12
     # The rest of the order, padded to 39 = 3 x 13 by repeating the epoch's order from its start.
     assert sorted(rest) == sorted(order[12:] + order[:1])
     assert consumed == set(order[:12]) and not consumed & set(order[12:])
@@ -260,7 +296,7 @@ def test_sampler_state_is_checked():
     other = ResumableSampler(20, shuffle=True, seed=1)
     with pytest.raises(ValueError, match="seed: saved 0, now 1"):
         other.load_state_dict(state)
-    with pytest.raises(ValueError, match='consumed in the current epoch'):
+    with pytest.raises(ValueError, match="consumed in the current epoch"):
         s.set_position(500)
     s.set_epoch(3)  # a new epoch restarts at 0; setting the same epoch keeps the position
     assert s.position == 0
@@ -278,32 +314,36 @@ def test_sample_key_is_an_int_that_survives_pickling():
 
 # ----------------------------------------------------------------------------------------- safe pickle
 
+
 class _Exploit:
     def __init__(self, marker):
         self.marker = marker
 
     def __reduce__(self):
-        return os.system, (f'touch {self.marker}',)
+        return os.system, (f"touch {self.marker}",)
 
 
 def test_unpickler_refuses_code_execution(tmp_path):
-    marker = tmp_path / 'pwned'
-    evil = tmp_path / 'evil.gz'
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.gz"
     evil.write_bytes(gzip.compress(pickle.dumps(_Exploit(marker))))
     with pytest.raises(UnsafePickleError, match=r"references the global '(posix|os|nt)\.system'.*numpy"):
         load_numpy_pickle(evil)
     assert not marker.exists()
     # An object array holds arbitrary objects: refused as well.
-    obj = tmp_path / 'obj.pkl'
-    obj.write_bytes(pickle.dumps(np.array([1, 'a'], dtype=object)))
-    with pytest.raises(UnsafePickleError, match='object array'):
+    obj = tmp_path / "obj.pkl"
+    obj.write_bytes(pickle.dumps(np.array([1, "a"], dtype=object)))
+    with pytest.raises(UnsafePickleError, match="object array"):
         load_numpy_pickle(obj)
 
 
 def test_unpickler_reads_plain_numpy_arrays(tmp_path):
-    for arr in (np.arange(12, dtype=np.int64).reshape(3, 4), np.linspace(0, 1, 5, dtype=np.float32),
-                np.array(['cat', 'dog'])):
-        f = tmp_path / 'a.gz'
+    for arr in (
+        np.arange(12, dtype=np.int64).reshape(3, 4),
+        np.linspace(0, 1, 5, dtype=np.float32),
+        np.array(["cat", "dog"]),
+    ):
+        f = tmp_path / "a.gz"
         f.write_bytes(gzip.compress(pickle.dumps(arr, protocol=4)))
         out = load_numpy_pickle(f)
         assert out.dtype == arr.dtype and np.array_equal(out, arr)
@@ -311,14 +351,15 @@ def test_unpickler_reads_plain_numpy_arrays(tmp_path):
 
 # ------------------------------------------------------------------------------------------- synthetic
 
+
 def test_synthetic_is_deterministic_and_learnable():
     kw = dict(img_size=16, in_chans=3, num_classes=4, length=200, seed=3)
-    a = build_dataset('synthetic', 'train', **kw)
-    b = build_dataset('synthetic', 'train', **kw)
+    a = build_dataset("synthetic", "train", **kw)
+    b = build_dataset("synthetic", "train", **kw)
     assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in range(0, 200, 17))
-    c = build_dataset('synthetic', 'train', **{**kw, 'seed': 4})
+    c = build_dataset("synthetic", "train", **{**kw, "seed": 4})
     assert not torch.equal(a[0][0], c[0][0])
-    val = build_dataset('synthetic', 'val', **{**kw, 'length': 100})
+    val = build_dataset("synthetic", "val", **{**kw, "length": 100})
     assert not torch.equal(a[0][0], val[0][0])
     # Learnable: class means of the train split classify the val split.
     xs = torch.stack([a[i][0] for i in range(len(a))]).flatten(1)
@@ -330,10 +371,13 @@ def test_synthetic_is_deterministic_and_learnable():
     assert np.bincount(ys.numpy()).tolist() == [50] * 4
 
 
-@pytest.mark.parametrize('in_chans,img_size,num_classes,length', [(1, 8, 3, 7), (3, 28, 10, 20), (4, 5, 2, 1)])
+@pytest.mark.parametrize(
+    "in_chans,img_size,num_classes,length", [(1, 8, 3, 7), (3, 28, 10, 20), (4, 5, 2, 1)]
+)
 def test_synthetic_shapes(in_chans, img_size, num_classes, length):
-    ds = build_dataset('synthetic', 'train', in_chans=in_chans, img_size=img_size, num_classes=num_classes,
-                       length=length)
+    ds = build_dataset(
+        "synthetic", "train", in_chans=in_chans, img_size=img_size, num_classes=num_classes, length=length
+    )
     x, y = ds[length - 1]
     assert len(ds) == length and x.shape == (in_chans, img_size, img_size) and 0 <= y < num_classes
     assert dataset_info(ds).num_classes == num_classes
@@ -341,30 +385,36 @@ def test_synthetic_shapes(in_chans, img_size, num_classes, length):
 
 # --------------------------------------------------------------------------------------------- folder
 
+
 def _make_folder(root: Path):
     from PIL import Image
+
     rng = np.random.default_rng(0)
-    for cls, n in (('cat', 3), ('dog', 3)):
-        (root / 'train' / cls).mkdir(parents=True)
+    for cls, n in (("cat", 3), ("dog", 3)):
+        (root / "train" / cls).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / 'train' / cls / f'{i}.png')
-    (root / 'val' / 'dog').mkdir(parents=True)  # val lacks 'cat': 'dog' must keep train's index 1
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+                root / "train" / cls / f"{i}.png"
+            )
+    (root / "val" / "dog").mkdir(parents=True)  # val lacks 'cat': 'dog' must keep train's index 1
     for i, color in enumerate([(200, 100, 50), (10, 20, 30)]):
-        Image.new('RGB', (40, 48), color).save(root / 'val' / 'dog' / f'{i}.png')
+        Image.new("RGB", (40, 48), color).save(root / "val" / "dog" / f"{i}.png")
 
 
 def test_folder_dataset(tmp_path):
     _make_folder(tmp_path)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    val = build_dataset('folder', 'val', root=tmp_path, img_size=32, mean=mean, std=std)
-    assert dataset_info('folder', root=tmp_path).class_names == ('cat', 'dog') == dataset_info(val).class_names
+    val = build_dataset("folder", "val", root=tmp_path, img_size=32, mean=mean, std=std)
+    assert (
+        dataset_info("folder", root=tmp_path).class_names == ("cat", "dog") == dataset_info(val).class_names
+    )
     assert len(val) == 2 and [val[i][1] for i in range(2)] == [1, 1]
     x, _ = val[0]
     expected = (torch.tensor([200, 100, 50]) / 255 - torch.tensor(mean)) / torch.tensor(std)
     assert x.shape == (3, 32, 32)
     torch.testing.assert_close(x, expected.view(3, 1, 1).expand(3, 32, 32), atol=1e-5, rtol=0)
 
-    train = build_dataset('folder', 'train', root=tmp_path, img_size=24, seed=1)
+    train = build_dataset("folder", "train", root=tmp_path, img_size=24, seed=1)
     assert len(train) == 6 and sorted(train[i][1] for i in range(6)) == [0, 0, 0, 1, 1, 1]
     torch.manual_seed(123)
     before = torch.rand(3)
@@ -377,38 +427,45 @@ def test_folder_dataset(tmp_path):
 
 
 def test_folder_missing_paths_are_explained(tmp_path):
-    missing = tmp_path / 'nowhere'
+    missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=rf"'{missing}' does not exist.*root/train/<class>/"):
-        build_dataset('folder', 'train', root=missing)
-    (tmp_path / 'ds' / 'train' / 'a').mkdir(parents=True)
+        build_dataset("folder", "train", root=missing)
+    (tmp_path / "ds" / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"no val or validation/ sub-folder.*root/val/<class>/"):
-        build_dataset('folder', 'val', root=tmp_path / 'ds')
-    with pytest.raises(FileNotFoundError, match='no images'):
-        build_dataset('folder', 'train', root=tmp_path / 'ds')
-    with pytest.raises(ValueError, match='needs root=PATH'):
-        build_dataset('folder', 'train')
+        build_dataset("folder", "val", root=tmp_path / "ds")
+    with pytest.raises(FileNotFoundError, match="no images"):
+        build_dataset("folder", "train", root=tmp_path / "ds")
+    with pytest.raises(ValueError, match="needs root=PATH"):
+        build_dataset("folder", "train")
 
 
 # -------------------------------------------------------------------------------------------- registry
 
+
 def test_registry_errors_name_the_choices():
-    with pytest.raises(ValueError, match=r"unknown dataset 'animal_mnst'.*animal_mnist, folder, synthetic.*Did you mean 'animal_mnist'"):
-        build_dataset('animal_mnst', 'train')
-    with pytest.raises(TypeError, match=r'no option\(s\) lenght.*length'):
-        build_dataset('synthetic', 'train', lenght=5)
+    with pytest.raises(
+        ValueError,
+        match=r"unknown dataset 'animal_mnst'.*animal_mnist, folder, synthetic.*Did you mean 'animal_mnist'",
+    ):
+        build_dataset("animal_mnst", "train")
+    with pytest.raises(TypeError, match=r"no option\(s\) lenght.*length"):
+        build_dataset("synthetic", "train", lenght=5)
     with pytest.raises(ValueError, match="split must be one of"):
-        build_dataset('synthetic', 'test')
+        build_dataset("synthetic", "test")
 
 
 def test_register_custom_dataset():
-    info = DatasetInfo(name='ones', num_classes=2, class_names=('a', 'b'), mean=(0.0,), std=(1.0,), in_chans=1,
-                       img_size=4)
+    info = DatasetInfo(
+        name="ones", num_classes=2, class_names=("a", "b"), mean=(0.0,), std=(1.0,), in_chans=1, img_size=4
+    )
 
-    @register_dataset('test_ones', info=info)
+    @register_dataset("test_ones", info=info)
     def build_ones(split, *, root, img_size, in_chans, mean, std, seed, length=3):
-        return torch.utils.data.TensorDataset(torch.ones(length, 1, 4, 4), torch.zeros(length, dtype=torch.long))
+        return torch.utils.data.TensorDataset(
+            torch.ones(length, 1, 4, 4), torch.zeros(length, dtype=torch.long)
+        )
 
-    assert 'test_ones' in list_datasets() and dataset_info('test_ones') is info
-    assert len(build_dataset('test_ones', 'val', length=5)) == 5
-    with pytest.raises(ValueError, match='already registered'):
-        register_dataset('test_ones', info=info)(build_ones)
+    assert "test_ones" in list_datasets() and dataset_info("test_ones") is info
+    assert len(build_dataset("test_ones", "val", length=5)) == 5
+    with pytest.raises(ValueError, match="already registered"):
+        register_dataset("test_ones", info=info)(build_ones)

@@ -1,14 +1,15 @@
 """DualViT: copy identity, layer plans, the teacher as a guest, optimiser groups, clear errors."""
+
 import copy
 
 import pytest
 import timm
 import torch
+from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
 
 from attnxfer.models import PartialQKV
 from attnxfer.train import student_param_groups
 from attnxfer.transfer import DualViT, PlanError, build_plan, map_layers, select_layers
-from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
 
 
 @pytest.mark.parametrize("layers", [None, [0], [1, 3], [-1]])
@@ -21,7 +22,9 @@ def test_copy_identity(layers, end_layer):
     x = torch.randn(3, 3, 32, 32)
     expected = teacher(x)
     assert not torch.allclose(student(x), expected, atol=1e-3)  # the random q/k matter on their own
-    dual = DualViT(teacher, student, build_plan(teacher, student, "copy", end_layer=end_layer, layers=layers)).eval()
+    dual = DualViT(
+        teacher, student, build_plan(teacher, student, "copy", end_layer=end_layer, layers=layers)
+    ).eval()
     torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
     dual.train()  # also in training mode (no dropout configured), with a gradient
     out = dual(x)
@@ -44,6 +47,7 @@ def test_copy_v_uses_student_maps_on_teacher_values():
     dual = DualViT(teacher, student, mode="copy_v").eval()
     x = torch.randn(2, 3, 32, 32)
     from attnxfer.transfer.dual import _embed
+
     t_in, s_in = teacher.blocks[0].norm1(_embed(teacher, x)), student.blocks[0].norm1(_embed(student, x))
     ta, sa = teacher.blocks[0].attn, student.blocks[0].attn
     q_s, k_s = sa.project(s_in, "qk").values()
@@ -93,7 +97,7 @@ def test_param_groups_no_decay_and_layer_decay():
             assert (g["weight_decay"] == 0.0) == no_decay, n
     scales = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
     assert scales["head.weight"] == 1.0 and scales["blocks.3.attn.proj.weight"] == 0.5
-    assert scales["blocks.0.mlp.fc1.weight"] == 0.5 ** 4 and scales["patch_embed.proj.weight"] == 0.5 ** 5
+    assert scales["blocks.0.mlp.fc1.weight"] == 0.5**4 and scales["patch_embed.proj.weight"] == 0.5**5
 
 
 def test_distill_eval_runs_student_alone_copy_eval_runs_teacher():
@@ -119,6 +123,7 @@ def test_distill_loss_matches_per_layer_oracle_and_learns():
     x = torch.randn(4, 3, 32, 32)
     out = dual(x)
     from attnxfer.models import attention_maps
+
     t_maps, s_maps = attention_maps(teacher, x), attention_maps(student, x)
     for i in range(2):
         ce = -(t_maps[i] * s_maps[i].log()).sum(-1).mean()
@@ -144,8 +149,9 @@ def test_shared_drop_path_masks():
         student = copy.deepcopy(teacher)
         for i, blk in enumerate(student.blocks):  # timm's linear drop-path rule, as drop_path_rate=0.5 gives
             blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5 * i / 3)
-        dual = DualViT(copy.deepcopy(teacher), student, build_plan(teacher, student, "distill",
-                                                                   share_drop_path=share)).train()
+        dual = DualViT(
+            copy.deepcopy(teacher), student, build_plan(teacher, student, "distill", share_drop_path=share)
+        ).train()
         out = dual(torch.randn(16, 3, 32, 32))
         kl[share] = max(v.abs().item() for v in out.logs.values())
     assert kl[True] < 1e-5 < 1e-3 < kl[False]
@@ -183,12 +189,14 @@ def test_clear_errors_at_construction():
 def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
     """Teacher head dim 32, student 16: the student's blocks apply the teacher's explicit maps to their own v."""
     from attnxfer.models import attention_maps
+
     teacher = peaked_teacher(depth=2, embed_dim=96)
     student = tiny_vit(depth=2, seed=7).eval()
     x = torch.randn(2, 3, 32, 32)
     maps = attention_maps(teacher, x)
     dual = DualViT(teacher, student, mode="copy").eval()
     from attnxfer.transfer.dual import _embed
+
     h = _embed(student, x)
     for i, blk in enumerate(student.blocks):
         v = blk.attn.project(blk.norm1(h), "v")["v"]

@@ -1,5 +1,6 @@
 """The training engine: config errors through the CLI, exact resume after SIGKILL, corrupt checkpoints,
 two ranks under torchrun, non-finite losses."""
+
 import json
 import os
 import signal
@@ -17,14 +18,28 @@ from attnxfer.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 # A 2-block micro-ViT on real animal-mnist: a few seconds a run.
-TINY = ["model.name=vit_micro_patch4_28", "model.kwargs={depth: 2, embed_dim: 48}", "data.batch_size=32",
-        "log.progress=false", "log.tensorboard=false", "log.every_steps=2", "model.drop_path_rate=0.1",
-        "checkpoint.every_epoch=false", "deterministic=true"]
+TINY = [
+    "model.name=vit_micro_patch4_28",
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "data.batch_size=32",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=2",
+    "model.drop_path_rate=0.1",
+    "checkpoint.every_epoch=false",
+    "deterministic=true",
+]
 
 
 def _cli(*args, timeout=300, env=None):
-    return subprocess.run([PY, "-m", "attnxfer", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [PY, "-m", "attnxfer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
 def _weights(run_dir):
@@ -32,13 +47,19 @@ def _weights(run_dir):
     return load_file(str(ckpts[-1] / "model.safetensors")), ckpts[-1].name
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["optim.lrr=1"], "did you mean 'optim.lr'"),
-    (["schedule.epochs=1.5"], "schedule.epochs: expected an integer"),
-    (["data.dataset=folder", "data.root=/nonexistent/imagenet", "transfer.mode=none"], "/nonexistent/imagenet"),
-    (["-c", "paper/vit_large_copyy"], "did you mean the built-in recipe 'paper/vit_large_copy'"),
-    (["transfer.mode=copy"], "needs a teacher"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["optim.lrr=1"], "did you mean 'optim.lr'"),
+        (["schedule.epochs=1.5"], "schedule.epochs: expected an integer"),
+        (
+            ["data.dataset=folder", "data.root=/nonexistent/imagenet", "transfer.mode=none"],
+            "/nonexistent/imagenet",
+        ),
+        (["-c", "paper/vit_large_copyy"], "did you mean the built-in recipe 'paper/vit_large_copy'"),
+        (["transfer.mode=copy"], "needs a teacher"),
+    ],
+)
 def test_bad_input_is_one_clear_message(args, needle, tmp_path):
     res = _cli("train", f"run_dir={tmp_path / 'r'}", *args)
     assert res.returncode != 0
@@ -55,22 +76,33 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
-    common = [*TINY, "transfer.mode=none", "schedule.max_steps=16", "checkpoint.every_steps=4",
-              "checkpoint.keep_last=10"]
+    common = [
+        *TINY,
+        "transfer.mode=none",
+        "schedule.max_steps=16",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=10",
+    ]
     ref = _cli("train", f"run_dir={tmp_path / 'ref'}", *common)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     run = tmp_path / "killed"
-    proc = subprocess.Popen([PY, "-m", "attnxfer", "train", f"run_dir={run}", *common], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [PY, "-m", "attnxfer", "train", f"run_dir={run}", *common],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 240
     while not list((run / "checkpoints").glob("step-00000008")) and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert "step-00000008" in saved and "step-00000016" not in saved, saved  # killed mid-run (epoch = 281 steps)
+    assert "step-00000008" in saved and "step-00000016" not in saved, (
+        saved
+    )  # killed mid-run (epoch = 281 steps)
     res = _cli("train", f"run_dir={run}", *common)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed from checkpoint step" in res.stdout
@@ -100,8 +132,16 @@ def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path):
 
 
 def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path):
-    res = _cli("train", f"run_dir={tmp_path / 'r'}", *TINY, "transfer.mode=none", "optim.lr=1e30",
-               "schedule.warmup_epochs=0", "schedule.max_steps=6", "checkpoint.every_steps=100")
+    res = _cli(
+        "train",
+        f"run_dir={tmp_path / 'r'}",
+        *TINY,
+        "transfer.mode=none",
+        "optim.lr=1e30",
+        "schedule.warmup_epochs=0",
+        "schedule.max_steps=6",
+        "checkpoint.every_steps=100",
+    )
     assert res.returncode != 0
     assert "non-finite loss term 'task'" in res.stderr and "Traceback" not in res.stderr
     assert not list((tmp_path / "r" / "checkpoints").glob("step-*"))
@@ -110,15 +150,48 @@ def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(tmp_path):
     # device=cpu: CPU ranks in a gloo group, also on a GPU machine (where auto would want one GPU per rank)
-    common = [*TINY, "transfer.mode=none", "schedule.max_steps=4", "model.drop_path_rate=0.0",
-              "checkpoint.every_steps=4", "device=cpu"]
+    common = [
+        *TINY,
+        "transfer.mode=none",
+        "schedule.max_steps=4",
+        "model.drop_path_rate=0.0",
+        "checkpoint.every_steps=4",
+        "device=cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "tests" / "dist_train.py"), f"run_dir={tmp_path / 'two'}", *common,
-                          "data.batch_size=16"], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    two = subprocess.run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "dist_train.py"),
+            f"run_dir={tmp_path / 'two'}",
+            *common,
+            "data.batch_size=16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        cwd=ROOT,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([PY, str(ROOT / "tests" / "dist_train.py"), f"run_dir={tmp_path / 'one'}", *common,
-                          "data.batch_size=32"], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    one = subprocess.run(
+        [
+            PY,
+            str(ROOT / "tests" / "dist_train.py"),
+            f"run_dir={tmp_path / 'one'}",
+            *common,
+            "data.batch_size=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        cwd=ROOT,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     # the two ranks really formed one group
     assert [(tmp_path / "two" / f"rank{r}.allreduce").read_text() for r in (0, 1)] == ["1.0", "1.0"]
@@ -134,11 +207,18 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
 def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path):
     from attnxfer.checkpoints.export import ModelCardInfo, export_student
     from attnxfer.models import create_vit
+
     teacher = create_vit("vit_micro_patch4_28", num_classes=10, depth=2, embed_dim=48)
     export_student(teacher, tmp_path / "teacher", card=ModelCardInfo(model_name="t", license="apache-2.0"))
-    res = _cli("train", f"run_dir={tmp_path / 'r'}", *TINY, "transfer.mode=copy",
-               f"teacher.spec=local-dir:{tmp_path / 'teacher'}", "model.mirror_teacher=false",
-               "model.kwargs={depth: 2, embed_dim: 48, img_size: 32}")
+    res = _cli(
+        "train",
+        f"run_dir={tmp_path / 'r'}",
+        *TINY,
+        "transfer.mode=copy",
+        f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
+        "model.mirror_teacher=false",
+        "model.kwargs={depth: 2, embed_dim: 48, img_size: 32}",
+    )
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert "token grids differ: teacher has 7x7 patches + 1 prefix token(s), student 8x8 + 1" in res.stderr
     assert "img_size" in res.stderr
@@ -147,13 +227,17 @@ def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_
 def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path):
     """An exported student used as a teacher must hand its training mean/std to the next run."""
     from attnxfer.data import dataset_info
+
     run = tmp_path / "r"
-    assert _cli("train", f"run_dir={run}", *TINY, "transfer.mode=none", "schedule.max_steps=2").returncode == 0
+    assert (
+        _cli("train", f"run_dir={run}", *TINY, "transfer.mode=none", "schedule.max_steps=2").returncode == 0
+    )
     res = _cli("export", str(run), str(tmp_path / "export"), "--weights", "raw")
     assert res.returncode == 0, res.stderr[-2000:]
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
     info = dataset_info("animal_mnist")
     assert cfg["mean"] == list(info.mean) and cfg["std"] == list(info.std)
     from attnxfer.sources import load_teacher
+
     _, record = load_teacher(f"local-dir:{tmp_path / 'export'}")
     assert list(record.mean) == list(info.mean) and list(record.std) == list(info.std)

@@ -1,4 +1,5 @@
 """Export of students in timm's Hub format, model cards, and export from a run directory (CPU, no network)."""
+
 from __future__ import annotations
 
 import json
@@ -17,29 +18,46 @@ import yaml
 from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
-from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.checkpoints.export import ModelCardInfo, export_run, export_student, select_checkpoint
-from attnxfer.sources.student import load_student
-from attnxfer.sources.teacher import TeacherRecord
+from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.student import student_like, student_spec
+from attnxfer.sources.student import load_student
+from attnxfer.sources.teacher import TeacherRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
 MAE_TEACHER = TeacherRecord(
-    spec="vit_large_patch16_224.mae", architecture="vit_large_patch16_224.mae", source="timm-pretrained",
-    hf_repo="timm/vit_large_patch16_224.mae", hf_commit="0123456789abcdef0123456789abcdef01234567",
-    sha256="ab" * 32, license="cc-by-nc-4.0", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-    input_size=(3, 32, 32), num_classes=0)
+    spec="vit_large_patch16_224.mae",
+    architecture="vit_large_patch16_224.mae",
+    source="timm-pretrained",
+    hf_repo="timm/vit_large_patch16_224.mae",
+    hf_commit="0123456789abcdef0123456789abcdef01234567",
+    sha256="ab" * 32,
+    license="cc-by-nc-4.0",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    input_size=(3, 32, 32),
+    num_classes=0,
+)
 PLAN = "TransferPlan(mode=distill)\n  student 0 <- teacher 0 (maps, CE, weight 1.0)\n  student 1 <- teacher 1"
-RECIPE = "model:\n  student_depth: 2\ndata:\n  name: animal-mnist\n  img_size: 32\ntransfer:\n  mode: distill\n"
+RECIPE = (
+    "model:\n  student_depth: 2\ndata:\n  name: animal-mnist\n  img_size: 32\ntransfer:\n  mode: distill\n"
+)
 
 
 def teacher_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    t = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, reg_tokens=2, qk_norm=True,
-                          init_values=1e-5, **TINY)
+    t = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        reg_tokens=2,
+        qk_norm=True,
+        init_values=1e-5,
+        **TINY,
+    )
     t.pretrained_cfg.update(mean=MAE_TEACHER.mean, std=MAE_TEACHER.std, license="cc-by-nc-4.0")
     return t
 
@@ -63,8 +81,15 @@ def trained_student(seed: int = 1, steps: int = 3, **kwargs) -> nn.Module:
 
 
 def card(**kwargs) -> ModelCardInfo:
-    base = dict(model_name="vit-tiny-attnxfer-demo", teacher=MAE_TEACHER, transfer_mode="distill", plan=PLAN,
-                recipe=RECIPE, metrics={"val/top1": 0.8125, "val/loss": 0.61}, training_data="animal-mnist, 10 classes")
+    base = dict(
+        model_name="vit-tiny-attnxfer-demo",
+        teacher=MAE_TEACHER,
+        transfer_mode="distill",
+        plan=PLAN,
+        recipe=RECIPE,
+        metrics={"val/top1": 0.8125, "val/loss": 0.61},
+        training_data="animal-mnist, 10 classes",
+    )
     return ModelCardInfo(**{**base, **kwargs})
 
 
@@ -101,15 +126,16 @@ def test_export_loads_in_a_process_without_attnxfer(tmp_path):
     code = textwrap.dedent(f"""
         import json, sys, timm, torch
         from safetensors.torch import load_file
-        io = load_file({str(tmp_path / 'io.safetensors')!r})
+        io = load_file({str(tmp_path / "io.safetensors")!r})
         m = timm.create_model("local-dir:{out}", pretrained=True).eval()
         with torch.no_grad():
             same = torch.equal(m(io["x"]), io["logits"])
         print(json.dumps(dict(same=same, attnxfer=any(n.startswith("attnxfer") for n in sys.modules))))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result == {"same": True, "attnxfer": False}
@@ -123,7 +149,11 @@ def test_model_card_holds_teacher_licence_mode_plan_recipe_metrics(tmp_path):
     assert front["base_model"] == "timm/vit_large_patch16_224.mae"
     body = text.split("---", 2)[2]
     assert "inherits that licence: CC-BY-NC-4.0" in body and "non-commercial" in body
-    assert "timm/vit_large_patch16_224.mae" in body and MAE_TEACHER.hf_commit in body and MAE_TEACHER.sha256 in body
+    assert (
+        "timm/vit_large_patch16_224.mae" in body
+        and MAE_TEACHER.hf_commit in body
+        and MAE_TEACHER.sha256 in body
+    )
     assert "Mode: **distill**" in body and PLAN in body
     assert RECIPE.strip() in body
     assert "| val/top1 | 0.8125 |" in body and "| val/loss | 0.61 |" in body
@@ -170,11 +200,16 @@ def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tm
     student = efficient_student("relu_linear")
     out = export_student(student, tmp_path / "eff", card=card())
     config = json.loads((out / "config.json").read_text())
-    assert config["attnxfer"]["attention"] == "relu_linear" and config["attnxfer"]["loads_in_plain_timm"] is False
+    assert (
+        config["attnxfer"]["attention"] == "relu_linear"
+        and config["attnxfer"]["loads_in_plain_timm"] is False
+    )
     assert config["model_args"]["attn_layer"] == "attnxfer:relu_linear"
     readme = (out / "README.md").read_text()
     assert "timm does not provide" in readme and f'load_student("local-dir:{out}")' in readme
-    with pytest.raises(Exception):  # plain timm refuses instead of loading the weights into softmax attention
+    with pytest.raises(
+        AssertionError, match="attn_layer"
+    ):  # plain timm refuses instead of loading into softmax
         timm.create_model(f"local-dir:{out}", pretrained=True)
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
@@ -185,16 +220,21 @@ def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tm
 
 
 def test_mixed_attention_student_with_options_round_trips(tmp_path):
-    student = efficient_student(["window_linear", "performer"], window_size=2, num_features=24, feature_seed=5,
-                                feature_dim=8)
+    student = efficient_student(
+        ["window_linear", "performer"], window_size=2, num_features=24, feature_seed=5, feature_dim=8
+    )
     out = export_student(student, tmp_path / "mixed", card=card())
     config = json.loads((out / "config.json").read_text())
     spec = config["attnxfer"]["student"]
     assert config["attnxfer"]["attention"] == ["window_linear", "performer"]
     assert config["model_args"]["attn_layer"] == "attnxfer:mixed"
     assert spec["attention_options"][0] == {"window_size": [2, 2], "kernel": "hedgehog", "feature_dim": 8}
-    assert spec["attention_options"][1] == {"num_features": 24, "orthogonal": True, "redraw_interval": None,
-                                            "feature_seed": 5}
+    assert spec["attention_options"][1] == {
+        "num_features": 24,
+        "orthogonal": True,
+        "redraw_interval": None,
+        "feature_seed": 5,
+    }
     assert "| 1 | performer |" in (out / "README.md").read_text()
     loaded = load_student(f"local-dir:{out}")
     assert [type(b.attn).__name__ for b in loaded.blocks] == ["WindowLinearAttention", "PerformerAttention"]
@@ -214,6 +254,7 @@ def test_export_refuses_a_student_its_spec_cannot_rebuild(tmp_path):
 def test_load_student_says_what_it_reads(tmp_path):
     plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
     from timm.models import save_for_hf
+
     save_for_hf(plain, tmp_path / "plain", safe_serialization=True)
     with pytest.raises(ValueError, match="no attnxfer.student block"):
         load_student(str(tmp_path / "plain"))
@@ -234,8 +275,9 @@ def fake_run(run_dir: Path, mode: str = "distill") -> dict:
     spec = student_spec(trained_student(steps=0))
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(RECIPE)
-    (run_dir / "run.json").write_text(json.dumps(
-        {"teacher": MAE_TEACHER.to_dict(), "student": spec, "plan": PLAN, "mode": mode}))
+    (run_dir / "run.json").write_text(
+        json.dumps({"teacher": MAE_TEACHER.to_dict(), "student": spec, "plan": PLAN, "mode": mode})
+    )
     rows, weights = [], {}
     manager = CheckpointManager(run_dir, keep_last=5)
     for step, top1, complete in ((100, 70.0, True), (200, 60.0, True), (300, 90.0, False)):
@@ -294,16 +336,18 @@ def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
         from attnxfer.models.student import student_like
         import tests.test_export as t
         student = student_like(t.teacher_model(), num_classes=10)
-        student.load_state_dict(torch.load({str(tmp_path / 'student.pt')!r}, weights_only=True)["state"])
+        student.load_state_dict(torch.load({str(tmp_path / "student.pt")!r}, weights_only=True)["state"])
         try:
-            export_student(student, {str(tmp_path / 'out')!r}, card=t.card(), push_to_hub="acme/student")
+            export_student(student, {str(tmp_path / "out")!r}, card=t.card(), push_to_hub="acme/student")
             print(json.dumps(dict(raised=None)))
         except RuntimeError as e:
             print(json.dumps(dict(raised=type(e).__name__, message=str(e))))
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["HF_HUB_OFFLINE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["raised"] == "RuntimeError"
@@ -315,6 +359,7 @@ def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
 def test_load_student_from_the_hub_cache_offline(tmp_path):
     """The real huggingface_hub cache layout, offline: the exported folder as a Hub repo snapshot."""
     import hashlib
+
     student = efficient_student(["hedgehog", "softmax"])
     out = export_student(student, tmp_path / "export", card=card())
     rev = "0123456789abcdef0123456789abcdef01234567"
@@ -336,7 +381,7 @@ def test_load_student_from_the_hub_cache_offline(tmp_path):
         m = load_student("hf-hub:acme/hedgehog-student")
         x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
-            assert torch.equal(m(x), torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True))
+            assert torch.equal(m(x), torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True))
         print([type(b.attn).__name__ for b in m.blocks])
         try:
             load_student("hf-hub:acme/not-cached")
@@ -345,7 +390,9 @@ def test_load_student_from_the_hub_cache_offline(tmp_path):
     """)
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "['HedgehogAttention', 'TransferAttention']" in proc.stdout
     assert "NOT CACHED:" in proc.stdout and "acme/not-cached" in proc.stdout

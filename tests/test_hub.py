@@ -4,6 +4,7 @@ Hub tests run `load_teacher` in a subprocess: huggingface_hub reads HF_HUB_OFFLI
 and HF_ENDPOINT at import time, so the environment must be set before it is imported. The
 cache is built here in huggingface_hub's real layout from files written by timm's `save_for_hf`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,10 +28,15 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, resample_abs_pos_embed
 from timm.models import save_for_hf
 
-from attnxfer.sources.teacher import (TeacherLoadError, TeacherRecord, UnsafeCheckpointError, load_teacher,
-                                          read_state_dict)
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.student import student_from_spec, student_like, student_spec, vit_traits
+from attnxfer.sources.teacher import (
+    TeacherLoadError,
+    TeacherRecord,
+    UnsafeCheckpointError,
+    load_teacher,
+    read_state_dict,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny ViT: 32x32 input, 8-px patches (4x4 grid), width 48, 3 heads, 2 blocks.
@@ -66,8 +72,14 @@ def run_python(code: str, env: dict, timeout: float = 120) -> dict:
     """Run ``code`` in a fresh interpreter (worktree on sys.path); it prints one JSON line last."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     full_env.update(env)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -92,7 +104,8 @@ def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
     full_ref = tmp_path / "full.safetensors"
     save_file(full.state_dict(), str(full_ref))
 
-    out = run_python(f"""
+    out = run_python(
+        f"""
         import json, torch
         from dataclasses import asdict
         from safetensors.torch import load_file
@@ -114,7 +127,9 @@ def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
         res["timm"] = dict(record=asdict(rec), same=same(m, {str(full_ref)!r}))
         res["fetch"] = fetch_teacher("hf-hub:acme/tiny-vit")
         print(json.dumps(res))
-    """, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)})
+    """,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)},
+    )
 
     for spec in ("hf-hub:acme/tiny-vit", f"hf-hub:acme/tiny-vit@{REV}"):
         r = out[spec]
@@ -132,14 +147,17 @@ def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
     assert t["same"]
     assert t["record"]["source"] == "timm-pretrained"
     assert t["record"]["hf_repo"] == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-    assert t["record"]["mean"] == [0.5, 0.5, 0.5] and t["record"]["license"] == "apache-2.0"  # timm's registry cfg
+    assert (
+        t["record"]["mean"] == [0.5, 0.5, 0.5] and t["record"]["license"] == "apache-2.0"
+    )  # timm's registry cfg
     assert Path(out["fetch"]) == snap
 
 
 def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
     empty = tmp_path / "empty-cache"
     empty.mkdir()
-    out = run_python("""
+    out = run_python(
+        """
         import json, time
         from attnxfer.sources.teacher import load_teacher, fetch_teacher, TeacherNotAvailable
         res = {}
@@ -153,7 +171,9 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
                 res[name] = dict(raised=type(e).__name__, runtime=isinstance(e, RuntimeError), message=str(e))
             res[name]["elapsed"] = time.perf_counter() - t
         print(json.dumps(res))
-    """, env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(empty)})
+    """,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(empty)},
+    )
     for name in ("load", "fetch"):
         r = out[name]
         assert r["raised"] == "TeacherNotAvailable" and r["runtime"]
@@ -174,7 +194,8 @@ def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)
     try:
-        out = run_python("""
+        out = run_python(
+            """
             import json, time
             from attnxfer.sources.teacher import load_teacher, TeacherNotAvailable
             res = {}
@@ -189,7 +210,9 @@ def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path
                 res["uncached"] = dict(raised=type(e).__name__, message=str(e))
             res["uncached"]["elapsed"] = time.perf_counter() - t
             print(json.dumps(res))
-        """, env={"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"})
+        """,
+            env={"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"},
+        )
     finally:
         silent.close()
     assert out["cached"]["commit"] == REV and out["cached"]["elapsed"] < 15
@@ -278,7 +301,9 @@ def test_other_image_size_resamples_position_embeddings(tmp_path):
     expected = F.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True, align_corners=False)
     expected = expected.permute(0, 2, 3, 1).reshape(1, 36, 48)
     torch.testing.assert_close(model.pos_embed[:, 1:], expected)
-    torch.testing.assert_close(model.pos_embed, resample_abs_pos_embed(src, (6, 6), (4, 4), num_prefix_tokens=1))
+    torch.testing.assert_close(
+        model.pos_embed, resample_abs_pos_embed(src, (6, 6), (4, 4), num_prefix_tokens=1)
+    )
     with torch.no_grad():
         out = model.forward_features(torch.randn(2, 3, 48, 48))
     assert out.shape == (2, 37, 48) and torch.isfinite(out).all()
@@ -339,7 +364,9 @@ def test_local_dir_teacher(tmp_path):
     # an interrupted copy: the weights file is cut short -> one message naming the file, no raw reader error
     weights = tmp_path / "exported" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(TeacherLoadError, match=r"model\.safetensors is not a readable safetensors file.*truncated"):
+    with pytest.raises(
+        TeacherLoadError, match=r"model\.safetensors is not a readable safetensors file.*truncated"
+    ):
         load_teacher(f"local-dir:{tmp_path / 'exported'}")
 
 
@@ -366,13 +393,18 @@ def test_student_has_teachers_registers_qk_norm_and_layer_scale(tmp_path):
     assert student.num_prefix_tokens == 5 and student.no_embed_class
     for blk in student.blocks:
         assert isinstance(blk.attn, TransferAttention)
-        assert isinstance(blk.attn.q_norm, torch.nn.LayerNorm) and isinstance(blk.attn.k_norm, torch.nn.LayerNorm)
+        assert isinstance(blk.attn.q_norm, torch.nn.LayerNorm) and isinstance(
+            blk.attn.k_norm, torch.nn.LayerNorm
+        )
         assert isinstance(blk.ls1, LayerScale) and torch.allclose(blk.ls1.gamma, torch.full((48,), 1e-5))
     assert len(student.blocks) == 1 and student.num_classes == 10
     # fresh weights, trainable; the teacher's preprocessing and licence
     assert not torch.equal(student.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
     assert all(p.requires_grad for p in student.parameters())
-    assert student.pretrained_cfg["mean"] == (0.1, 0.2, 0.3) and student.pretrained_cfg["license"] == "cc-by-nc-4.0"
+    assert (
+        student.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+        and student.pretrained_cfg["license"] == "cc-by-nc-4.0"
+    )
     t, s = vit_traits(teacher), vit_traits(student)
     assert {k for k in t if t[k] != s[k]} == {"depth", "num_classes"}
     with torch.no_grad():
@@ -404,5 +436,7 @@ def test_student_spec_round_trips_through_json():
 def test_random_init_teacher_needs_no_weights():
     teacher, rec = load_teacher("vit_base_patch16_224.mae", pretrained=False, **TINY)
     assert rec.source == "random-init" and rec.sha256 is None and rec.files == []
-    assert rec.license == "cc-by-nc-4.0" and rec.mean == tuple(IMAGENET_DEFAULT_MEAN)  # the tag's cfg still applies
+    assert rec.license == "cc-by-nc-4.0" and rec.mean == tuple(
+        IMAGENET_DEFAULT_MEAN
+    )  # the tag's cfg still applies
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -1,9 +1,14 @@
 """The O(N) attention-distillation loss against the materialised oracle."""
+
 import pytest
 import torch
 
-from attnxfer.transfer.losses import (attention_ce_reference, attention_distillation_loss, row_logsumexp,
-                                      teacher_entropy)
+from attnxfer.transfer.losses import (
+    attention_ce_reference,
+    attention_distillation_loss,
+    row_logsumexp,
+    teacher_entropy,
+)
 
 
 def _qk(B, H, N, d, seed, grad=False, scale=1.0):
@@ -49,13 +54,13 @@ def test_fast_loss_under_bf16_autocast_is_fp32():
         # Gradients come back in the inputs' dtype, rounded to bf16 only at the very end:
         # at most one bf16 ulp (2^-7 relative) from the fp32 oracle's, also rounded.
         assert a.dtype == torch.bfloat16
-        torch.testing.assert_close(a.float(), b.float(), rtol=2 ** -7, atol=1e-8)
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-8)
 
 
 def test_kl_zero_and_ce_is_entropy_when_student_is_teacher():
     q, k = _qk(2, 4, 33, 8, seed=5, scale=2.0)
     res = attention_distillation_loss(q, k, q.clone().requires_grad_(), k.clone().requires_grad_(), chunk=8)
-    p = torch.softmax(q @ k.transpose(-2, -1) * 8 ** -0.5, -1)
+    p = torch.softmax(q @ k.transpose(-2, -1) * 8**-0.5, -1)
     entropy = -(p * p.log()).sum(-1).mean()
     assert abs(res.kl.item()) < 1e-5
     torch.testing.assert_close(res.ce.detach(), entropy, rtol=1e-5, atol=1e-6)
@@ -73,7 +78,7 @@ def test_row_logsumexp_matches_autograd_of_explicit():
     w = torch.randn(2, 2, 37)
     fast = row_logsumexp(q, k, chunk=5)
     g_fast = torch.autograd.grad((fast * w).sum(), [q, k])
-    ref = torch.logsumexp(q @ k.transpose(-2, -1) * 8 ** -0.5, -1)
+    ref = torch.logsumexp(q @ k.transpose(-2, -1) * 8**-0.5, -1)
     g_ref = torch.autograd.grad((ref * w).sum(), [q, k])
     torch.testing.assert_close(fast, ref)
     for a, b in zip(g_fast, g_ref):

@@ -1,8 +1,9 @@
 """The conda environment and pyproject name the same dependencies (conda can't be solved here: parse both)."""
+
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,7 +16,9 @@ def _name(requirement: str) -> str:
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = {_name(r) for r in project["dependencies"]} | {_name(r) for r in project["optional-dependencies"]["test"]}
+    wanted = {_name(r) for r in project["dependencies"]} | {
+        _name(r) for r in project["optional-dependencies"]["test"]
+    }
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = {_name(d) for d in env["dependencies"] if isinstance(d, str)} - {"python", "pip"}
     conda = {CONDA_NAMES.get(n, n) for n in conda}
@@ -24,12 +27,24 @@ def test_environment_yml_matches_pyproject():
 
 def test_builtin_recipes_parse_and_ship_with_the_package():
     from attnxfer.config import RECIPES, list_recipes, load_config
+
     assert RECIPES.is_relative_to(ROOT / "attnxfer")
     names = list_recipes()
-    assert {"demo/teacher", "demo/copy", "demo/distill", "demo/scratch", "paper/vit_large_copy",
-            "paper/vit_large_distill"} <= set(names)
+    assert {
+        "demo/teacher",
+        "demo/copy",
+        "demo/distill",
+        "demo/scratch",
+        "paper/vit_large_copy",
+        "paper/vit_large_distill",
+    } <= set(names)
     large = load_config("paper/vit_large_distill")
     assert (large.transfer.mode, large.transfer.end_layer, large.transfer.atd_weight) == ("distill", -6, 3.0)
-    assert (large.optim.blr, large.optim.beta2, large.optim.weight_decay, large.schedule.epochs) == (1e-4, 0.95, 0.3, 200)
+    assert (large.optim.blr, large.optim.beta2, large.optim.weight_decay, large.schedule.epochs) == (
+        1e-4,
+        0.95,
+        0.3,
+        200,
+    )
     copy = load_config("paper/vit_large_copy")
     assert (copy.transfer.mode, copy.optim.layer_decay, copy.schedule.epochs) == ("copy", 0.75, 100)

@@ -5,13 +5,15 @@ The config becomes objects here: the student (`build_efficient_student`), the co
 through `attnxfer.apps.training`), the measurements (`attnxfer.train.measure`) before and after each
 stage, and the report (`report.json` + `report.md`, rendered by `attnxfer.apps.reports`).
 """
+
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,19 +32,21 @@ from .reports import render_conversion_report
 from .run_parts import build_run_parts
 from .training import plan_from_config, train
 
-__all__ = ["ConvertResult", "convert", "convert_main", "conversion_plan_from_config"]
+__all__ = ["ConvertResult", "conversion_plan_from_config", "convert", "convert_main"]
 
 _REPORT_VERSION = 1
 
 
-_NO_TEACHER = ("attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
-               "weights file)")
+_NO_TEACHER = (
+    "attnxfer convert needs a teacher: set teacher.spec (timm name, hf-hub:ORG/NAME, local-dir:PATH or a "
+    "weights file)"
+)
 
 
 @dataclass
 class ConvertResult:
     run_dir: str
-    report: Dict[str, Any]
+    report: dict[str, Any]
 
 
 def _cycle(loader, sampler) -> Iterator[torch.Tensor]:
@@ -60,22 +64,38 @@ def _stage1_batches(cfg: TrainConfig, parts, batch_size: int, device: torch.devi
     dataset = parts.train_loader.dataset
     rank, world = rank_and_world()
     if len(dataset) < batch_size * world:
-        raise ValueError(f"convert.stage1_batch_size={batch_size} per rank x {world} rank(s) is larger than "
-                         f"the training set ({len(dataset)})")
-    sampler = ResumableSampler(len(dataset), shuffle=True, seed=cfg.seed + 1, rank=rank, world_size=world,
-                               drop_last=True)
-    loader = build_loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=cfg.data.num_workers,
-                          drop_last=True, seed=cfg.seed + 1)
+        raise ValueError(
+            f"convert.stage1_batch_size={batch_size} per rank x {world} rank(s) is larger than "
+            f"the training set ({len(dataset)})"
+        )
+    sampler = ResumableSampler(
+        len(dataset), shuffle=True, seed=cfg.seed + 1, rank=rank, world_size=world, drop_last=True
+    )
+    loader = build_loader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.num_workers,
+        drop_last=True,
+        seed=cfg.seed + 1,
+    )
     return (x.to(device, non_blocking=True) for x in _cycle(loader, sampler))
 
 
 def conversion_plan_from_config(cfg: TrainConfig, teacher: nn.Module, student: nn.Module) -> ConversionPlan:
     """The ``convert`` section as a validated `ConversionPlan` (stage-1 batch defaults to data.batch_size)."""
     c = cfg.convert
-    return build_conversion_plan(teacher, student, stage1_steps=c.stage1_steps, stage1_lr=c.stage1_lr,
-                                 stage1_batch_size=c.stage1_batch_size or cfg.data.batch_size,
-                                 stage1_train=c.stage1_train, map_loss=c.map_loss, output_mse=c.output_mse,
-                                 attention_kwargs=c.attention_kwargs)
+    return build_conversion_plan(
+        teacher,
+        student,
+        stage1_steps=c.stage1_steps,
+        stage1_lr=c.stage1_lr,
+        stage1_batch_size=c.stage1_batch_size or cfg.data.batch_size,
+        stage1_train=c.stage1_train,
+        map_loss=c.map_loss,
+        output_mse=c.output_mse,
+        attention_kwargs=c.attention_kwargs,
+    )
 
 
 def _stage2_steps(cfg: TrainConfig, parts) -> int:
@@ -88,23 +108,27 @@ def _save_stage1(student: nn.Module, folder: Path, result: Stage1Result, plan: C
     tmp = folder / "student.safetensors.tmp"
     save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp))
     tmp.replace(folder / "student.safetensors")
-    atomic_write_json(folder / "stage1.json", {"steps": result.steps, "seconds": result.seconds,
-                                               "history": result.history, "plan": plan.to_dict()})
+    atomic_write_json(
+        folder / "stage1.json",
+        {"steps": result.steps, "seconds": result.seconds, "history": result.history, "plan": plan.to_dict()},
+    )
 
 
-def _load_stage1(student: nn.Module, folder: Path, plan: ConversionPlan) -> Optional[Stage1Result]:
+def _load_stage1(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stage1Result | None:
     weights, info = folder / "student.safetensors", folder / "stage1.json"
     if not (weights.is_file() and info.is_file()):
         return None
     meta = json.loads(info.read_text())
     if meta.get("plan") != json.loads(json.dumps(plan.to_dict())):
-        raise ValueError(f"{folder} holds a stage-1 result of a different conversion plan; use a new run_dir or "
-                         "checkpoint.resume=none to redo stage 1")
+        raise ValueError(
+            f"{folder} holds a stage-1 result of a different conversion plan; use a new run_dir or "
+            "checkpoint.resume=none to redo stage 1"
+        )
     student.load_state_dict(load_file(str(weights), device=str(next(student.parameters()).device)))
     return Stage1Result(meta["steps"], meta["seconds"], meta["history"], resumed=True)
 
 
-def _merge_agreement(stages: Dict[str, Optional[List[Dict[str, Any]]]]) -> List[Dict[str, Any]]:
+def _merge_agreement(stages: dict[str, list[dict[str, Any]] | None]) -> list[dict[str, Any]]:
     """Per layer: metric value at each stage (None where a stage did not run)."""
     first = next(rows for rows in stages.values() if rows is not None)
     merged = []
@@ -117,8 +141,9 @@ def _merge_agreement(stages: Dict[str, Optional[List[Dict[str, Any]]]]) -> List[
     return merged
 
 
-def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
-            log: Callable[[str], None] = print) -> ConvertResult:
+def convert(
+    cfg: TrainConfig, *, skip_stage1: bool = False, parts=None, log: Callable[[str], None] = print
+) -> ConvertResult:
     """Run the whole conversion described by ``cfg`` (the library function behind `attnxfer convert`).
 
     ``parts`` (a `RunParts` whose student came from `build_efficient_student`) lets a notebook pass
@@ -133,7 +158,9 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None,
         return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts, log=log)
 
 
-def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]) -> ConvertResult:
+def _convert(
+    cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]
+) -> ConvertResult:
 
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
@@ -144,7 +171,7 @@ def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
 
-    def make_student(teacher: Optional[nn.Module], num_classes: int) -> nn.Module:
+    def make_student(teacher: nn.Module | None, num_classes: int) -> nn.Module:
         if teacher is None:
             raise ValueError(_NO_TEACHER)
         student = build_efficient_student(teacher, c.attention, num_classes=num_classes, **c.attention_kwargs)
@@ -160,8 +187,10 @@ def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[
     stage2_steps = _stage2_steps(cfg, parts)
     log(plan.describe())
     if stage2_steps:
-        log(f"stage 2: end-to-end fine-tuning, {stage2_steps} steps (schedule/optim sections); "
-            + stage2_plan.describe().replace("\n", "\n  "))
+        log(
+            f"stage 2: end-to-end fine-tuning, {stage2_steps} steps (schedule/optim sections); "
+            + stage2_plan.describe().replace("\n", "\n  ")
+        )
     else:
         log("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
 
@@ -177,23 +206,27 @@ def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[
     probe = [x.to(device) for x, _ in _take(parts.val_loader, c.agreement_batches)]
     if not probe:
         raise ValueError("the validation set is empty: convert measures map agreement on it")
-    seconds: Dict[str, float] = {}
+    seconds: dict[str, float] = {}
 
-    def checkpoint_stage(name: str) -> Dict[str, Any]:
+    def checkpoint_stage(name: str) -> dict[str, Any]:
         start = time.monotonic()
-        res = {"teacher_input": map_agreement(teacher, student, probe, inputs="teacher"),
-               "end_to_end": map_agreement(teacher, student, probe, inputs="own"),
-               "val_top1": evaluate_top1(student, parts.val_loader, device)}
+        res = {
+            "teacher_input": map_agreement(teacher, student, probe, inputs="teacher"),
+            "end_to_end": map_agreement(teacher, student, probe, inputs="own"),
+            "val_top1": evaluate_top1(student, parts.val_loader, device),
+        }
         seconds[f"measure_{name}"] = time.monotonic() - start
         top1 = res["val_top1"]
         kl = [row["value"] for row in res["end_to_end"]]
-        log(f"{name}: student val top-1 {top1 if top1 is None else round(top1, 2)}, end-to-end per-layer "
-            f"agreement {', '.join(f'{v:.3g}' for v in kl)}")
+        log(
+            f"{name}: student val top-1 {top1 if top1 is None else round(top1, 2)}, end-to-end per-layer "
+            f"agreement {', '.join(f'{v:.3g}' for v in kl)}"
+        )
         return res
 
     teacher_top1 = evaluate_top1(teacher, parts.val_loader, device)
     log(f"teacher val top-1 {teacher_top1 if teacher_top1 is None else round(teacher_top1, 2)}")
-    measured: Dict[str, Optional[Dict[str, Any]]] = {"before_stage1": checkpoint_stage("before stage 1")}
+    measured: dict[str, dict[str, Any] | None] = {"before_stage1": checkpoint_stage("before stage 1")}
 
     # -- stage 1
     stage1 = Stage1Result()
@@ -205,9 +238,17 @@ def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[
             log(f"stage 1: resumed from {folder} ({stage1.steps} steps done earlier)")
         else:
             batches = _stage1_batches(cfg, parts, plan.stage1_batch_size, device)
-            stage1 = stage1_transfer(teacher, student, plan, batches, warmup_steps=c.stage1_warmup_steps,
-                                     weight_decay=c.stage1_weight_decay, clip_grad=c.stage1_clip_grad,
-                                     log_every=cfg.log.every_steps, log=log)
+            stage1 = stage1_transfer(
+                teacher,
+                student,
+                plan,
+                batches,
+                warmup_steps=c.stage1_warmup_steps,
+                weight_decay=c.stage1_weight_decay,
+                clip_grad=c.stage1_clip_grad,
+                log_every=cfg.log.every_steps,
+                log=log,
+            )
             if main:
                 _save_stage1(student, folder, stage1, plan)
         seconds["stage1"] = stage1.seconds
@@ -216,48 +257,75 @@ def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[
         measured["after_stage1"] = None
 
     # -- stage 2
-    stage2: Dict[str, Any] = {"steps": stage2_steps, "plan": stage2_plan.describe()}
+    stage2: dict[str, Any] = {"steps": stage2_steps, "plan": stage2_plan.describe()}
     if stage2_steps > 0:
         cfg2 = apply_overrides(cfg, {"run_dir": str(run_dir / "stage2")})
         result = train(cfg2, parts)
         teacher.to(device=device, dtype=torch.float32)  # stage 2 may have cast it to teacher.dtype
         student.to(device)
-        stage2.update(run_dir=result.run_dir, seconds=result.seconds, final=result.final, history=result.history,
-                      best_top1=result.best_top1)
+        stage2.update(
+            run_dir=result.run_dir,
+            seconds=result.seconds,
+            final=result.final,
+            history=result.history,
+            best_top1=result.best_top1,
+        )
         seconds["stage2"] = result.seconds
         measured["after_stage2"] = checkpoint_stage("after stage 2")
     else:
         measured["after_stage2"] = None
 
     # -- speed and report
-    x = torch.randn(c.speed_batch_size, *probe[0].shape[1:], generator=torch.Generator().manual_seed(0)).to(device)
+    x = torch.randn(c.speed_batch_size, *probe[0].shape[1:], generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
     speed = relative_speed(teacher, student, x, repeats=c.speed_repeats)
-    log(f"speed: student {speed['student_ms']:.2f} ms vs teacher {speed['teacher_ms']:.2f} ms per batch of "
-        f"{speed['batch']} -> {speed['speedup']:.2f}x")
+    log(
+        f"speed: student {speed['student_ms']:.2f} ms vs teacher {speed['teacher_ms']:.2f} ms per batch of "
+        f"{speed['batch']} -> {speed['speedup']:.2f}x"
+    )
     seconds["total"] = time.monotonic() - t0
-    final_stage = next(s for s in ("after_stage2", "after_stage1", "before_stage1") if measured[s] is not None)
+    final_stage = next(
+        s for s in ("after_stage2", "after_stage1", "before_stage1") if measured[s] is not None
+    )
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
     report = {
         "version": _REPORT_VERSION,
         "run_dir": str(run_dir),
         "teacher": {"spec": cfg.teacher.spec, "record": parts.teacher_record, "val_top1": teacher_top1},
-        "student": {"attention": [layer.attention for layer in plan.layers], "attention_kwargs": plan.attention_kwargs,
-                    "spec": parts.student_spec, "new_parameters": _count_new(student)},
-        "data": {"dataset": cfg.data.dataset, "val_size": _dataset_size(parts.val_loader),
-                 "agreement_images": sum(x.shape[0] for x in probe)},
+        "student": {
+            "attention": [layer.attention for layer in plan.layers],
+            "attention_kwargs": plan.attention_kwargs,
+            "spec": parts.student_spec,
+            "new_parameters": _count_new(student),
+        },
+        "data": {
+            "dataset": cfg.data.dataset,
+            "val_size": _dataset_size(parts.val_loader),
+            "agreement_images": sum(x.shape[0] for x in probe),
+        },
         "plan": plan.to_dict(),
-        "stage1": {"steps": stage1.steps, "skipped": plan.stage1_steps <= 0, "resumed": stage1.resumed,
-                   "seconds": stage1.seconds, "history": stage1.history,
-                   "batch_size": plan.stage1_batch_size, "lr": plan.stage1_lr, "train": plan.stage1_train},
+        "stage1": {
+            "steps": stage1.steps,
+            "skipped": plan.stage1_steps <= 0,
+            "resumed": stage1.resumed,
+            "seconds": stage1.seconds,
+            "history": stage1.history,
+            "batch_size": plan.stage1_batch_size,
+            "lr": plan.stage1_lr,
+            "train": plan.stage1_train,
+        },
         "stage2": stage2,
         "top1": top1,
         "student_top1": student_top1,
-        "recovered_pct": (100.0 * student_top1 / teacher_top1
-                          if teacher_top1 and student_top1 is not None else None),
+        "recovered_pct": (
+            100.0 * student_top1 / teacher_top1 if teacher_top1 and student_top1 is not None else None
+        ),
         "agreement": {
             which: _merge_agreement({s: (m[which] if m else None) for s, m in measured.items()})
-            for which in ("teacher_input", "end_to_end")},
+            for which in ("teacher_input", "end_to_end")
+        },
         "speed": speed,
         "seconds": seconds,
     }
@@ -268,7 +336,7 @@ def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[
     return ConvertResult(str(run_dir), report)
 
 
-def convert_main(cfg: TrainConfig) -> Dict[str, Any]:
+def convert_main(cfg: TrainConfig) -> dict[str, Any]:
     """`convert` as a job's main (``attnxfer submit --command convert``): the report is the job's result."""
     return convert(cfg).report
 
@@ -284,7 +352,7 @@ def _take(loader, n: int):
         yield batch
 
 
-def _dataset_size(loader) -> Optional[int]:
+def _dataset_size(loader) -> int | None:
     try:
         return len(loader.dataset)
     except TypeError:

@@ -10,17 +10,17 @@
 Every run is an ordinary attnxfer run directory (resumable, exportable); the recipes
 are the built-in ``demo/*`` configs.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
 
-from ..config import TrainConfig, dump_config, load_config
 from ..checkpoints.export import export_run
 from ..checkpoints.store import CheckpointManager, atomic_write_json
+from ..config import TrainConfig, dump_config, load_config
 from ..data import build_dataset
 from ..models import attention_maps, make_transfer_aware
 from ..sources.teacher import load_teacher
@@ -29,7 +29,7 @@ from ..transfer.plan import MODES
 from .run_parts import build_student
 from .training import train
 
-__all__ = ["run_demo", "STUDENTS"]
+__all__ = ["STUDENTS", "run_demo"]
 
 STUDENTS = ("scratch", "copy", "distill")
 _QUICK_TEACHER_STEPS = 60
@@ -40,7 +40,7 @@ def _digest(cfg: TrainConfig) -> str:
     return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
 
 
-def _run(cfg: TrainConfig, label: str) -> Dict[str, float]:
+def _run(cfg: TrainConfig, label: str) -> dict[str, float]:
     """Train (or resume/reuse) one run; the result is cached beside it as result.json."""
     result_path = Path(cfg.run_dir) / "result.json"
     digest = _digest(cfg)
@@ -53,23 +53,33 @@ def _run(cfg: TrainConfig, label: str) -> Dict[str, float]:
     start = time.monotonic()
     res = train(cfg)
     seconds = time.monotonic() - start
-    out = {"label": label, "val_top1": res.final.get("val_top1", float("nan")), "best_top1": res.best_top1,
-           "steps": res.steps, "seconds": round(seconds, 1), "config_digest": digest, "run_dir": cfg.run_dir}
+    out = {
+        "label": label,
+        "val_top1": res.final.get("val_top1", float("nan")),
+        "best_top1": res.best_top1,
+        "steps": res.steps,
+        "seconds": round(seconds, 1),
+        "config_digest": digest,
+        "run_dir": cfg.run_dir,
+    }
     atomic_write_json(result_path, out)
     return out
 
 
-def _table(rows: List[Dict[str, float]], teacher: Dict[str, float]) -> str:
+def _table(rows: list[dict[str, float]], teacher: dict[str, float]) -> str:
     lines = ["| run | val top-1 (%) | best val top-1 (%) | steps | time (s) |", "|---|---:|---:|---:|---:|"]
     for r in [teacher, *rows]:
-        lines.append(f"| {r['label']} | {r['val_top1']:.2f} | {r['best_top1']:.2f} | {r['steps']} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(
+            f"| {r['label']} | {r['val_top1']:.2f} | {r['best_top1']:.2f} | {r['steps']} | "
+            f"{r['seconds']:.0f} |"
+        )
     return "\n".join(lines)
 
 
-def _plot_curves(out: Path, runs: Dict[str, str], teacher_top1: float) -> Optional[Path]:
+def _plot_curves(out: Path, runs: dict[str, str], teacher_top1: float) -> Path | None:
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -92,11 +102,13 @@ def _plot_curves(out: Path, runs: Dict[str, str], teacher_top1: float) -> Option
     return path
 
 
-def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -> Optional[Path]:
+def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -> Path | None:
     """Class-token attention of the last block: teacher vs each student, on a few val images."""
     import torch
+
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -126,7 +138,7 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -
         axes[r, 0].imshow(x[r, 0].numpy(), cmap="gray")
         axes[r, 0].set_title("image" if r == 0 else "", fontsize=8)
         for c, (name, m) in enumerate(maps.items(), start=1):
-            cls_row = m[r].mean(0)[0, teacher.num_prefix_tokens:].reshape(grid).numpy()
+            cls_row = m[r].mean(0)[0, teacher.num_prefix_tokens :].reshape(grid).numpy()
             axes[r, c].imshow(cls_row, cmap="viridis")
             if r == 0:
                 axes[r, c].set_title(name, fontsize=8)
@@ -140,8 +152,12 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: Dict[str, str]) -
     return path
 
 
-def run_demo(out: str = "runs/demo", budget_steps: Optional[int] = None, teacher_steps: Optional[int] = None,
-             quick: bool = False) -> Dict[str, Dict[str, float]]:
+def run_demo(
+    out: str = "runs/demo",
+    budget_steps: int | None = None,
+    teacher_steps: int | None = None,
+    quick: bool = False,
+) -> dict[str, dict[str, float]]:
     """Run the whole demo; returns the table rows. Reuses finished runs with the same recipe."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +172,9 @@ def run_demo(out: str = "runs/demo", budget_steps: Optional[int] = None, teacher
     teacher = _run(tcfg, "teacher")
     export_dir = out_dir / "teacher" / "export"
     stamp = export_dir / "attnxfer_source.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()).get("config_digest") == teacher["config_digest"]):
+    if not (
+        stamp.exists() and json.loads(stamp.read_text()).get("config_digest") == teacher["config_digest"]
+    ):
         export_run(tcfg.run_dir, export_dir, weights="raw", checkpoint="best", overwrite=True)
         atomic_write_json(stamp, {"config_digest": teacher["config_digest"]})
 
@@ -169,14 +187,19 @@ def run_demo(out: str = "runs/demo", budget_steps: Optional[int] = None, teacher
         if budget_steps:
             over.append(f"schedule.max_steps={budget_steps}")
         cfg = load_config(f"demo/{name}", over)
-        rows.append(_run(cfg, {"scratch": "scratch", "copy": "attention copy",
-                               "distill": "attention distillation"}[name]))
+        rows.append(
+            _run(
+                cfg,
+                {"scratch": "scratch", "copy": "attention copy", "distill": "attention distillation"}[name],
+            )
+        )
         runs[rows[-1]["label"]] = cfg.run_dir
 
     table = _table(rows, teacher)
     print("\n" + table + "\n", flush=True)
     (out_dir / "results.md").write_text(
-        "# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n\n" + table + "\n")
+        "# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n\n" + table + "\n"
+    )
     (out_dir / "results.json").write_text(json.dumps({"teacher": teacher, "students": rows}, indent=2))
     curves = _plot_curves(out_dir, runs, teacher["val_top1"])
     pictures = [p for p in (curves, _plot_attention(out_dir, str(export_dir), runs)) if p]

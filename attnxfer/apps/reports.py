@@ -1,9 +1,11 @@
 """Markdown views of what the apps measured (conversion reports)."""
+
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any
 
 __all__ = ["render_conversion_report"]
+
 
 def _fmt(v: Any, digits: int = 4) -> str:
     if v is None:
@@ -13,44 +15,70 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def render_conversion_report(report: Dict[str, Any]) -> str:
+def render_conversion_report(report: dict[str, Any]) -> str:
     """The markdown view of a conversion's ``report.json``."""
     top1, speed = report["top1"], report["speed"]
     names = report["student"]["attention"]
     what = names[0] if len(set(names)) == 1 else "per-layer " + ", ".join(names)
-    lines = [f"# Conversion report: softmax teacher -> {what}", "",
-             f"- teacher: `{report['teacher']['spec']}`",
-             f"- data: {report['data']['dataset']} (val {report['data']['val_size']} images; map agreement on "
-             f"{report['data']['agreement_images']})",
-             "- stage 1: " + ("skipped" if report["stage1"]["skipped"] else
-                               f"{report['stage1']['steps']} steps, lr {report['stage1']['lr']:g}, batch "
-                               f"{report['stage1']['batch_size']}, trains {report['stage1']['train']} "
-                               f"({report['stage1']['seconds']:.0f} s)"),
-             f"- stage 2: {report['stage2']['steps']} steps"
-             + (f" ({report['stage2'].get('seconds', 0):.0f} s)" if report["stage2"]["steps"] else " (skipped)"),
-             "", "## Top-1 (validation)", "",
-             "| model | top-1 (%) | of teacher's |", "|---|---|---|"]
+    lines = [
+        f"# Conversion report: softmax teacher -> {what}",
+        "",
+        f"- teacher: `{report['teacher']['spec']}`",
+        f"- data: {report['data']['dataset']} (val {report['data']['val_size']} images; map agreement on "
+        f"{report['data']['agreement_images']})",
+        "- stage 1: "
+        + (
+            "skipped"
+            if report["stage1"]["skipped"]
+            else f"{report['stage1']['steps']} steps, lr {report['stage1']['lr']:g}, batch "
+            f"{report['stage1']['batch_size']}, trains {report['stage1']['train']} "
+            f"({report['stage1']['seconds']:.0f} s)"
+        ),
+        f"- stage 2: {report['stage2']['steps']} steps"
+        + (f" ({report['stage2'].get('seconds', 0):.0f} s)" if report["stage2"]["steps"] else " (skipped)"),
+        "",
+        "## Top-1 (validation)",
+        "",
+        "| model | top-1 (%) | of teacher's |",
+        "|---|---|---|",
+    ]
     teacher = top1["teacher"]
-    for key, label in (("teacher", "teacher (softmax)"), ("before_stage1", "student, weights swapped in"),
-                       ("after_stage1", "student after stage 1"), ("after_stage2", "student after stage 2")):
+    for key, label in (
+        ("teacher", "teacher (softmax)"),
+        ("before_stage1", "student, weights swapped in"),
+        ("after_stage1", "student after stage 1"),
+        ("after_stage2", "student after stage 2"),
+    ):
         v = top1.get(key)
         share = f"{100 * v / teacher:.1f}%" if v is not None and teacher else "—"
         lines.append(f"| {label} | {_fmt(v, 4)} | {share} |")
     lines += ["", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
-    for which, title in (("teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
-                         ("end_to_end", "end to end (each model on its own hidden states)")):
-        lines += [f"## Per-layer map agreement, {title}", "",
-                  "KL(P_teacher ‖ A_student) for row-stochastic maps (nats per row), mean squared map difference "
-                  "for signed maps, attention-output MSE for attentions without a map.", "",
-                  "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |",
-                  "|---|---|---|---|---|---|"]
+    for which, title in (
+        ("teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
+        ("end_to_end", "end to end (each model on its own hidden states)"),
+    ):
+        lines += [
+            f"## Per-layer map agreement, {title}",
+            "",
+            "KL(P_teacher ‖ A_student) for row-stochastic maps (nats per row), mean squared map difference "
+            "for signed maps, attention-output MSE for attentions without a map.",
+            "",
+            "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |",
+            "|---|---|---|---|---|---|",
+        ]
         for row in report["agreement"][which]:
-            lines.append(f"| {row['layer']} | {row['attention']} | {row['metric']} | {_fmt(row['before_stage1'])} | "
-                         f"{_fmt(row['after_stage1'])} | {_fmt(row['after_stage2'])} |")
+            lines.append(
+                f"| {row['layer']} | {row['attention']} | {row['metric']} | {_fmt(row['before_stage1'])} | "
+                f"{_fmt(row['after_stage1'])} | {_fmt(row['after_stage2'])} |"
+            )
         lines.append("")
-    lines += ["## Speed", "",
-              f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']}"
-              f" ({speed['threads']} threads), median of {speed['repeats']} interleaved repeats: student "
-              f"{speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: the student runs at "
-              f"**{speed['speedup']:.2f}x** the teacher's speed.", ""]
+    lines += [
+        "## Speed",
+        "",
+        f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']}"
+        f" ({speed['threads']} threads), median of {speed['repeats']} interleaved repeats: student "
+        f"{speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: the student runs at "
+        f"**{speed['speedup']:.2f}x** the teacher's speed.",
+        "",
+    ]
     return "\n".join(lines)

@@ -1,9 +1,11 @@
 """Turn a `TrainConfig` into the objects a run needs: teacher, student, data."""
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -22,20 +24,21 @@ class RunParts:
     """Everything a run trains with. Build it yourself to train models a config can't name."""
 
     student: nn.Module
-    teacher: Optional[nn.Module]
+    teacher: nn.Module | None
     train_loader: Any
     val_loader: Any
     train_sampler: Any
     num_classes: int
-    class_names: Optional[List[str]] = None
+    class_names: list[str] | None = None
     mean: Sequence[float] = ()
     std: Sequence[float] = ()
-    teacher_record: Optional[Dict[str, Any]] = None
-    student_spec: Dict[str, Any] = field(default_factory=dict)
+    teacher_record: dict[str, Any] | None = None
+    student_spec: dict[str, Any] = field(default_factory=dict)
 
 
-def build_student(cfg: TrainConfig, teacher: Optional[nn.Module], num_classes: int, in_chans: int,
-                  img_size: Optional[int]) -> nn.Module:
+def build_student(
+    cfg: TrainConfig, teacher: nn.Module | None, num_classes: int, in_chans: int, img_size: int | None
+) -> nn.Module:
     """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised."""
     m = cfg.model
     kwargs = dict(m.kwargs)
@@ -47,31 +50,42 @@ def build_student(cfg: TrainConfig, teacher: Optional[nn.Module], num_classes: i
     return create_vit(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
 
 
-StudentFn = Callable[[Optional[nn.Module], int], nn.Module]
+StudentFn = Callable[[nn.Module | None, int], nn.Module]
 
 
-def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
-                    student_fn: Optional[StudentFn] = None) -> RunParts:
+def build_run_parts(
+    cfg: TrainConfig, rank: int = 0, world_size: int = 1, student_fn: StudentFn | None = None
+) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
     student (e.g. `attnxfer convert` builds it from the teacher's weights)."""
     d = cfg.data
     info = dataset_info(d.dataset, root=d.root)
     teacher, record = None, None
     if cfg.teacher.spec:
-        teacher, rec = load_teacher(cfg.teacher.spec, arch=cfg.teacher.arch, revision=cfg.teacher.revision,
-                                    cache_dir=cfg.teacher.cache_dir, img_size=d.img_size)
+        teacher, rec = load_teacher(
+            cfg.teacher.spec,
+            arch=cfg.teacher.arch,
+            revision=cfg.teacher.revision,
+            cache_dir=cfg.teacher.cache_dir,
+            img_size=d.img_size,
+        )
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
     elif cfg.transfer.mode != "none":
-        raise ValueError(f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
-                         "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
-                         "or use transfer.mode=none")
+        raise ValueError(
+            f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
+            "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
+            "or use transfer.mode=none"
+        )
     num_classes = cfg.model.num_classes or info.num_classes
     if not num_classes:
         raise ValueError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
     in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
     img_size = d.img_size or (teacher.patch_embed.img_size[0] if teacher is not None else None)
-    student = (student_fn(teacher, num_classes) if student_fn is not None
-               else build_student(cfg, teacher, num_classes, in_chans, img_size))
+    student = (
+        student_fn(teacher, num_classes)
+        if student_fn is not None
+        else build_student(cfg, teacher, num_classes, in_chans, img_size)
+    )
     img_size = img_size or student.patch_embed.img_size[0]
     in_chans = student.patch_embed.proj.in_channels
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
@@ -79,9 +93,15 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
     std = d.std or (record or {}).get("std") or info.std
     # The student is trained on inputs normalised this way: its pretrained config (what export writes,
     # and what a later run reads when this student becomes a teacher) must say so.
-    student.pretrained_cfg = {**getattr(student, "pretrained_cfg", {}), "mean": tuple(mean), "std": tuple(std),
-                              "input_size": (in_chans, img_size, img_size)}
-    common = dict(root=d.root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=cfg.seed, **d.kwargs)
+    student.pretrained_cfg = {
+        **getattr(student, "pretrained_cfg", {}),
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "input_size": (in_chans, img_size, img_size),
+    }
+    common = dict(
+        root=d.root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=cfg.seed, **d.kwargs
+    )
     if d.dataset == "synthetic":
         common.setdefault("num_classes", num_classes)
         common.setdefault("length", d.synthetic_length)
@@ -91,16 +111,39 @@ def build_run_parts(cfg: TrainConfig, rank: int = 0, world_size: int = 1,
         train_extra = dict(re_prob=aug.reprob, auto_augment=aug.auto_augment)
     train_set = build_dataset(d.dataset, "train", **common, **train_extra)
     val_set = build_dataset(d.dataset, "val", **common)
-    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size,
-                               drop_last=True)
-    val_sampler = ResumableSampler(len(val_set), shuffle=False, seed=cfg.seed, rank=rank, world_size=world_size,
-                                   drop_last=False)
+    sampler = ResumableSampler(
+        len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=True
+    )
+    val_sampler = ResumableSampler(
+        len(val_set), shuffle=False, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=False
+    )
     pin = d.pin_memory and torch.cuda.is_available()
-    train_loader = build_loader(train_set, batch_size=d.batch_size, sampler=sampler, num_workers=d.num_workers,
-                                pin_memory=pin, drop_last=True)
-    val_loader = build_loader(val_set, batch_size=d.eval_batch_size or d.batch_size, sampler=val_sampler,
-                              num_workers=d.num_workers, pin_memory=pin, drop_last=False)
-    return RunParts(student=student, teacher=teacher, train_loader=train_loader, val_loader=val_loader,
-                    train_sampler=sampler, num_classes=num_classes,
-                    class_names=list(info.class_names) if info.class_names else None,
-                    mean=list(mean), std=list(std), teacher_record=record, student_spec=student_spec(student))
+    train_loader = build_loader(
+        train_set,
+        batch_size=d.batch_size,
+        sampler=sampler,
+        num_workers=d.num_workers,
+        pin_memory=pin,
+        drop_last=True,
+    )
+    val_loader = build_loader(
+        val_set,
+        batch_size=d.eval_batch_size or d.batch_size,
+        sampler=val_sampler,
+        num_workers=d.num_workers,
+        pin_memory=pin,
+        drop_last=False,
+    )
+    return RunParts(
+        student=student,
+        teacher=teacher,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        train_sampler=sampler,
+        num_classes=num_classes,
+        class_names=list(info.class_names) if info.class_names else None,
+        mean=list(mean),
+        std=list(std),
+        teacher_record=record,
+        student_spec=student_spec(student),
+    )

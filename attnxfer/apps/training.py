@@ -3,10 +3,10 @@
 This is the one place where the training config turns into objects (as MAE's main_finetune.py
 does for its engine): the engine below takes only what is built here.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +22,23 @@ from ..transfer.dual import DualViT
 from ..transfer.plan import TransferPlan, build_plan
 from .run_parts import RunParts, build_run_parts
 
-__all__ = ["train", "build_engine", "plan_from_config", "task_loss_from_config", "loop_settings"]
+__all__ = ["build_engine", "loop_settings", "plan_from_config", "task_loss_from_config", "train"]
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     """The transfer plan the ``transfer`` section asks for, validated against the two models."""
     t = cfg.transfer
-    return build_plan(parts.teacher, parts.student, t.mode, end_layer=t.end_layer, layers=t.layers,
-                      weight=t.atd_weight, share_drop_path=t.share_drop_path, logit_weight=t.logit_distill,
-                      logit_temperature=t.logit_temperature)
+    return build_plan(
+        parts.teacher,
+        parts.student,
+        t.mode,
+        end_layer=t.end_layer,
+        layers=t.layers,
+        weight=t.atd_weight,
+        share_drop_path=t.share_drop_path,
+        logit_weight=t.logit_distill,
+        logit_temperature=t.logit_temperature,
+    )
 
 
 def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
@@ -40,9 +48,14 @@ def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
         from timm.data import Mixup
         from timm.loss import SoftTargetCrossEntropy
 
-        mixup = Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob,
-                      switch_prob=aug.mixup_switch_prob, label_smoothing=aug.label_smoothing,
-                      num_classes=num_classes)
+        mixup = Mixup(
+            mixup_alpha=aug.mixup,
+            cutmix_alpha=aug.cutmix,
+            prob=aug.mixup_prob,
+            switch_prob=aug.mixup_switch_prob,
+            label_smoothing=aug.label_smoothing,
+            num_classes=num_classes,
+        )
         return TaskLoss(SoftTargetCrossEntropy(), mixup)
     smoothing = aug.label_smoothing
     return TaskLoss(lambda logits, y: F.cross_entropy(logits.float(), y, label_smoothing=smoothing))
@@ -57,13 +70,26 @@ def base_lr(cfg: TrainConfig, world: int) -> float:
 def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
     c = cfg.checkpoint
     return LoopSettings(
-        run_dir=Path(cfg.run_dir), epochs=cfg.schedule.epochs, max_steps=cfg.schedule.max_steps,
-        warmup_epochs=cfg.schedule.warmup_epochs, base_lr=base_lr(cfg, world), min_lr=cfg.optim.min_lr,
-        clip_grad=cfg.optim.clip_grad, accum_steps=cfg.optim.accum_steps, log_every=cfg.log.every_steps,
-        tensorboard=cfg.log.tensorboard, progress=cfg.log.progress,
-        checkpoint=CheckpointPolicy(every_steps=c.every_steps, every_minutes=c.every_minutes,
-                                    every_epoch=c.every_epoch, keep_last=c.keep_last, resume=c.resume),
-        eval_only=cfg.eval_only)
+        run_dir=Path(cfg.run_dir),
+        epochs=cfg.schedule.epochs,
+        max_steps=cfg.schedule.max_steps,
+        warmup_epochs=cfg.schedule.warmup_epochs,
+        base_lr=base_lr(cfg, world),
+        min_lr=cfg.optim.min_lr,
+        clip_grad=cfg.optim.clip_grad,
+        accum_steps=cfg.optim.accum_steps,
+        log_every=cfg.log.every_steps,
+        tensorboard=cfg.log.tensorboard,
+        progress=cfg.log.progress,
+        checkpoint=CheckpointPolicy(
+            every_steps=c.every_steps,
+            every_minutes=c.every_minutes,
+            every_epoch=c.every_epoch,
+            keep_last=c.keep_last,
+            resume=c.resume,
+        ),
+        eval_only=cfg.eval_only,
+    )
 
 
 def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
@@ -72,14 +98,25 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
         return
     run_dir = Path(cfg.run_dir)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    info = {"teacher": parts.teacher_record, "student": parts.student_spec, "plan": engine.plan.describe(),
-            "mode": engine.plan.mode.name, "num_classes": parts.num_classes, "class_names": parts.class_names,
-            "mean": parts.mean, "std": parts.std, "world_size": engine.world, "precision": engine.runtime.precision,
-            "base_lr": engine.base_lr, "steps_per_epoch": engine.steps_per_epoch, "total_steps": engine.total_steps}
+    info = {
+        "teacher": parts.teacher_record,
+        "student": parts.student_spec,
+        "plan": engine.plan.describe(),
+        "mode": engine.plan.mode.name,
+        "num_classes": parts.num_classes,
+        "class_names": parts.class_names,
+        "mean": parts.mean,
+        "std": parts.std,
+        "world_size": engine.world,
+        "precision": engine.runtime.precision,
+        "base_lr": engine.base_lr,
+        "steps_per_epoch": engine.steps_per_epoch,
+        "total_steps": engine.total_steps,
+    }
     atomic_write_json(run_dir / "run.json", info)
 
 
-def build_engine(cfg: TrainConfig, parts: Optional[RunParts] = None, runtime: Optional[Runtime] = None) -> Engine:
+def build_engine(cfg: TrainConfig, parts: RunParts | None = None, runtime: Runtime | None = None) -> Engine:
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built."""
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     set_seed(cfg.seed)  # same init on every rank
@@ -93,20 +130,32 @@ def build_engine(cfg: TrainConfig, parts: Optional[RunParts] = None, runtime: Op
     dual.to(runtime.device)
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
     settings = loop_settings(cfg, runtime.world)
-    groups = student_param_groups(dual, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay)
+    groups = student_param_groups(
+        dual, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay
+    )
     fused = {"fused": True} if runtime.device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(groups, lr=settings.base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                  eps=cfg.optim.eps, **fused)
-    engine = Engine(runtime, dual, optimizer, train_loader=parts.train_loader, val_loader=parts.val_loader,
-                    train_sampler=parts.train_sampler, task=task_loss_from_config(cfg, parts.num_classes),
-                    settings=settings, ema=ema, record={"teacher": parts.teacher_record, "config": to_dict(cfg)})
+    optimizer = torch.optim.AdamW(
+        groups, lr=settings.base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **fused
+    )
+    engine = Engine(
+        runtime,
+        dual,
+        optimizer,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        train_sampler=parts.train_sampler,
+        task=task_loss_from_config(cfg, parts.num_classes),
+        settings=settings,
+        ema=ema,
+        record={"teacher": parts.teacher_record, "config": to_dict(cfg)},
+    )
     _write_run_files(cfg, engine, parts)
     if engine.is_main:
         print(plan.describe(), flush=True)
     return engine
 
 
-def train(cfg: TrainConfig, parts: Optional[RunParts] = None) -> TrainResult:
+def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
 
     Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it

@@ -9,6 +9,7 @@ exactly what ``timm.create_model("local-dir:OUT", pretrained=True)`` will rebuil
 `export_run` does the same from a run directory (config.yaml, run.json, metrics.jsonl,
 checkpoints/step-*/{model,ema}.safetensors).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,23 +20,36 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from safetensors.torch import load_file
-
-from ..models.student import (SOFTMAX, per_block_attention, student_from_spec, student_spec, timm_args_from_traits,
-                              vit_traits)
+from ..models.student import (
+    SOFTMAX,
+    per_block_attention,
+    student_from_spec,
+    student_spec,
+    timm_args_from_traits,
+    vit_traits,
+)
 from ..sources.teacher import TeacherRecord, hub_reachable
 from ..transfer.plan import MODES
 from ..version import __version__
 from .store import CheckpointManager
 
-__all__ = ["ModelCardInfo", "export_student", "export_run", "push_export", "select_checkpoint", "render_model_card",
-           "card_license", "EXPORT_FILES"]
+__all__ = [
+    "EXPORT_FILES",
+    "ModelCardInfo",
+    "card_license",
+    "export_run",
+    "export_student",
+    "push_export",
+    "render_model_card",
+    "select_checkpoint",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -53,17 +67,17 @@ class ModelCardInfo:
     """
 
     model_name: str
-    teacher: Optional[Dict[str, Any]] = None
-    transfer_mode: Optional[str] = None
-    plan: Optional[str] = None
-    recipe: Optional[str] = None
-    metrics: Dict[str, Any] = field(default_factory=dict)
-    training_data: Optional[str] = None
-    description: Optional[str] = None
-    license: Optional[str] = None
-    checkpoint: Optional[str] = None
-    repo_id: Optional[str] = None
-    tags: Tuple[str, ...] = ()
+    teacher: dict[str, Any] | None = None
+    transfer_mode: str | None = None
+    plan: str | None = None
+    recipe: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training_data: str | None = None
+    description: str | None = None
+    license: str | None = None
+    checkpoint: str | None = None
+    repo_id: str | None = None
+    tags: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.teacher, TeacherRecord):
@@ -78,7 +92,7 @@ def _non_commercial(license_id: str) -> bool:
     return bool(re.search(r"(^|[-_ ])nc([-_ ]|$)", license_id.lower()))
 
 
-def _teacher_name(teacher: Optional[Dict[str, Any]]) -> str:
+def _teacher_name(teacher: dict[str, Any] | None) -> str:
     if not teacher:
         return "(no teacher recorded)"
     if teacher.get("hf_repo"):
@@ -87,7 +101,7 @@ def _teacher_name(teacher: Optional[Dict[str, Any]]) -> str:
     return str(teacher.get("spec") or teacher.get("architecture"))
 
 
-def card_license(card: ModelCardInfo) -> Tuple[str, str]:
+def card_license(card: ModelCardInfo) -> tuple[str, str]:
     """(licence id for the card's metadata, the sentence that explains it).
 
     A student trained from a teacher's weights is a derivative of them: it inherits the
@@ -98,20 +112,32 @@ def card_license(card: ModelCardInfo) -> Tuple[str, str]:
     name = _teacher_name(teacher)
     if tl and _non_commercial(tl):
         if card.license and card.license.lower() != tl.lower():
-            raise ValueError(f"the teacher {name} is licensed {tl} (non-commercial); a student trained from it "
-                             f"inherits that licence and cannot be released as {card.license!r}. Drop license= "
-                             "or train from a teacher whose licence allows it")
-        return tl.lower(), (f"The teacher's weights ({name}) are licensed **{tl.upper()}**. This student was trained "
-                            f"from them by attention transfer and **inherits that licence: {tl.upper()}** "
-                            "(non-commercial use only).")
+            raise ValueError(
+                f"the teacher {name} is licensed {tl} (non-commercial); a student trained from it "
+                f"inherits that licence and cannot be released as {card.license!r}. Drop license= "
+                "or train from a teacher whose licence allows it"
+            )
+        return tl.lower(), (
+            f"The teacher's weights ({name}) are licensed **{tl.upper()}**. This student was trained "
+            f"from them by attention transfer and **inherits that licence: {tl.upper()}** "
+            "(non-commercial use only)."
+        )
     if card.license:
-        note = f" The teacher ({name}) is licensed {tl}." if tl else \
-            f" The teacher's licence ({name}) was not recorded: check its terms."
+        note = (
+            f" The teacher ({name}) is licensed {tl}."
+            if tl
+            else f" The teacher's licence ({name}) was not recorded: check its terms."
+        )
         return card.license.lower(), f"Released under {card.license}.{note}"
     if tl:
-        return tl.lower(), f"The teacher's weights ({name}) are licensed {tl}; this student inherits that licence ({tl})."
-    return "other", (f"The teacher's licence ({name}) is unknown: check the teacher's terms before using or "
-                     "redistributing this model, which was trained from it.")
+        return (
+            tl.lower(),
+            f"The teacher's weights ({name}) are licensed {tl}; this student inherits that licence ({tl}).",
+        )
+    return "other", (
+        f"The teacher's licence ({name}) is unknown: check the teacher's terms before using or "
+        "redistributing this model, which was trained from it."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,89 +150,130 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _yaml_front_matter(meta: Dict[str, Any]) -> str:
+def _yaml_front_matter(meta: dict[str, Any]) -> str:
     import yaml
+
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, default_flow_style=False) + "---\n"
 
 
-def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_plain_timm: bool,
-                      load_ref: str, native_arch: bool = True) -> str:
+def render_model_card(
+    card: ModelCardInfo,
+    spec: dict[str, Any],
+    *,
+    loads_in_plain_timm: bool,
+    load_ref: str,
+    native_arch: bool = True,
+) -> str:
     """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load."""
     license_id, license_text = card_license(card)
     teacher = card.teacher or {}
     tags = ["image-classification", "timm", "attnxfer", "attention-transfer", *card.tags]
     if card.transfer_mode and "distill" in card.transfer_mode:
         tags.append("knowledge-distillation")
-    meta: Dict[str, Any] = {"license": license_id, "library_name": "timm", "pipeline_tag": "image-classification",
-                            "tags": list(dict.fromkeys(tags))}
+    meta: dict[str, Any] = {
+        "license": license_id,
+        "library_name": "timm",
+        "pipeline_tag": "image-classification",
+        "tags": list(dict.fromkeys(tags)),
+    }
     if teacher.get("hf_repo"):
         meta["base_model"] = teacher["hf_repo"]
     kind = attention_label(spec.get("attention", SOFTMAX))
     data_cfg = spec.get("pretrained_cfg", {})
-    out: List[str] = [_yaml_front_matter(meta), f"# {card.model_name}\n\n"]
-    out.append(card.description or (
-        f"A {spec['architecture']} student trained by attention transfer "
-        f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(teacher)}, with attnxfer."))
+    out: list[str] = [_yaml_front_matter(meta), f"# {card.model_name}\n\n"]
+    out.append(
+        card.description
+        or (
+            f"A {spec['architecture']} student trained by attention transfer "
+            f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(teacher)}, with attnxfer."
+        )
+    )
     out.append("\n## License\n\n" + license_text + "\n")
 
     out.append("\n## Teacher\n\n| field | value |\n|---|---|\n")
-    rows = [("id", teacher.get("spec")), ("architecture", teacher.get("architecture")),
-            ("source", teacher.get("source")), ("Hub repo", teacher.get("hf_repo")),
-            ("revision", teacher.get("hf_revision")), ("commit", teacher.get("hf_commit")),
-            ("weights sha256", teacher.get("sha256")), ("license", teacher.get("license") or "unknown"),
-            ("mean / std", f"{teacher.get('mean')} / {teacher.get('std')}" if teacher.get("mean") else None),
-            ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
-            ("resampled position embeddings", teacher.get("resampled_pos_embed") or None)]
+    rows = [
+        ("id", teacher.get("spec")),
+        ("architecture", teacher.get("architecture")),
+        ("source", teacher.get("source")),
+        ("Hub repo", teacher.get("hf_repo")),
+        ("revision", teacher.get("hf_revision")),
+        ("commit", teacher.get("hf_commit")),
+        ("weights sha256", teacher.get("sha256")),
+        ("license", teacher.get("license") or "unknown"),
+        ("mean / std", f"{teacher.get('mean')} / {teacher.get('std')}" if teacher.get("mean") else None),
+        ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
+        ("resampled position embeddings", teacher.get("resampled_pos_embed") or None),
+    ]
     out.append("".join(f"| {k} | `{_fmt(v)}` |\n" for k, v in rows if v not in (None, "", [])))
 
     out.append(f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n")
     if card.plan:
         out.append(f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n")
 
-    out.append(f"\n## Student\n\n- architecture: `{spec['architecture']}`\n- attention: `{kind}`\n"
-               f"- classes: {spec.get('num_classes')}\n")
+    out.append(
+        f"\n## Student\n\n- architecture: `{spec['architecture']}`\n- attention: `{kind}`\n"
+        f"- classes: {spec.get('num_classes')}\n"
+    )
     if card.checkpoint:
         out.append(f"- weights: {card.checkpoint}\n")
-    out.append(f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n")
+    out.append(
+        f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n"
+    )
     if spec.get("attention_options"):
         layout = per_block_attention(spec["attention"], len(spec["attention_options"]))
-        out.append("\nAttention per block (name and options):\n\n| block | attention | options |\n|---|---|---|\n"
-                   + "".join(f"| {i} | {name} | `{json.dumps(opts)}` |\n"
-                             for i, (name, opts) in enumerate(zip(layout, spec["attention_options"]))))
+        out.append(
+            "\nAttention per block (name and options):\n\n| block | attention | options |\n|---|---|---|\n"
+            + "".join(
+                f"| {i} | {name} | `{json.dumps(opts)}` |\n"
+                for i, (name, opts) in enumerate(zip(layout, spec["attention_options"]))
+            )
+        )
 
     out.append("\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n")
 
     out.append("\n## Metrics\n\n")
     if card.metrics:
-        out.append("| metric | value |\n|---|---|\n" + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items()))
+        out.append(
+            "| metric | value |\n|---|---|\n"
+            + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items())
+        )
     else:
         out.append("No metrics recorded.\n")
 
     if card.recipe:
-        out.append(f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n")
+        out.append(
+            f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
+        )
 
     out.append("\n## How to load\n\n")
     if loads_in_plain_timm:
         pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
         out.append(
-            ("" if native_arch else f"`{spec['architecture']}` is registered by attnxfer: import it before timm "
-                                    "builds the model.\n\n")
-            + "```python\nimport timm\n" + pre
-            + f"model = timm.create_model(\"{load_ref}\", pretrained=True).eval()\n"
+            (
+                ""
+                if native_arch
+                else f"`{spec['architecture']}` is registered by attnxfer: import it before timm "
+                "builds the model.\n\n"
+            )
+            + "```python\nimport timm\n"
+            + pre
+            + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
             "cfg = timm.data.resolve_model_data_config(model)\n"
             "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
             f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
-            "(the teacher's).\n")
+            "(the teacher's).\n"
+        )
     else:
         out.append(
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
-            f"cannot build it (config.json names `attn_layer: \"attnxfer:{kind}\"`, so timm stops with an error "
+            f'cannot build it (config.json names `attn_layer: "attnxfer:{kind}"`, so timm stops with an error '
             "instead of loading these weights into softmax attention). Load it with attnxfer, which rebuilds "
-            "the student from `config.json[\"attnxfer\"][\"student\"]` with its attention classes and options:\n\n"
+            'the student from `config.json["attnxfer"]["student"]` with its attention classes and options:\n\n'
             "```python\nimport timm\nfrom attnxfer import load_student\n\n"
-            f"model = load_student(\"{load_ref}\").eval()\n"
+            f'model = load_student("{load_ref}").eval()\n'
             "cfg = timm.data.resolve_model_data_config(model)\n"
-            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n")
+            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
+        )
     return "".join(out)
 
 
@@ -214,30 +281,38 @@ def render_model_card(card: ModelCardInfo, spec: Dict[str, Any], *, loads_in_pla
 # Export
 
 
-_TIMM_VIT_STAND_IN = "vit_base_patch16_224"  # any timm entrypoint that builds a VisionTransformer from model_args
+_TIMM_VIT_STAND_IN = (
+    "vit_base_patch16_224"  # any timm entrypoint that builds a VisionTransformer from model_args
+)
 
 
 def _is_timm_native(arch: str) -> bool:
     from timm.models import model_entrypoint
+
     return model_entrypoint(arch).__module__.startswith("timm.")
 
 
-def _plain_timm_twin(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
+def _plain_timm_twin(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """The student rebuilt with timm's own classes only, holding the student's weights."""
     import timm
-    cfg = dict(spec.get("pretrained_cfg", {}), architecture=spec["architecture"], num_classes=spec["num_classes"])
+
+    cfg = dict(
+        spec.get("pretrained_cfg", {}), architecture=spec["architecture"], num_classes=spec["num_classes"]
+    )
     for k in ("input_size", "mean", "std"):
         if k in cfg:
             cfg[k] = tuple(cfg[k])
     twin = timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, **spec["model_args"])
     result = twin.load_state_dict(student.state_dict(), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"the student's weights do not fit its plain-timm rebuild {spec['architecture']}: "
-                           f"missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        raise RuntimeError(
+            f"the student's weights do not fit its plain-timm rebuild {spec['architecture']}: "
+            f"missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
     return twin.eval()
 
 
-def _rebuilt_from_spec(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
+def _rebuilt_from_spec(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
     twin = student_from_spec(spec)
     twin.load_state_dict({k: v.detach().cpu() for k, v in student.state_dict().items()})
     return twin
@@ -247,6 +322,7 @@ def _rebuilt_from_spec(student: nn.Module, spec: Dict[str, Any]) -> nn.Module:
 def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
     """Both models, one seeded input, bit-identical outputs (else the export would not be the student)."""
     from timm.models import get_model_input_config
+
     was_training = student.training
     student.eval()
     try:
@@ -259,16 +335,20 @@ def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
         student.train(was_training)
         twin.cpu()
     if not torch.equal(a, b):
-        raise RuntimeError(f"export check failed: the model rebuilt from the export gives different logits (max "
-                           f"|diff| {(a - b).abs().max().item():.3g}); the student has state its spec does not capture")
+        raise RuntimeError(
+            f"export check failed: the model rebuilt from the export gives different logits (max "
+            f"|diff| {(a - b).abs().max().item():.3g}); the student has state its spec does not capture"
+        )
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
-                              "choose a new folder or pass overwrite=True (CLI: --overwrite)")
+        raise FileExistsError(
+            f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
+            "choose a new folder or pass overwrite=True (CLI: --overwrite)"
+        )
 
 
 def _install(staging: Path, out_dir: Path) -> None:
@@ -280,8 +360,15 @@ def _install(staging: Path, out_dir: Path) -> None:
         os.replace(f, out_dir / f.name)
 
 
-def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: ModelCardInfo,
-                   push_to_hub: Optional[str] = None, overwrite: bool = False, verify: bool = True) -> Path:
+def export_student(
+    student: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    card: ModelCardInfo,
+    push_to_hub: str | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+) -> Path:
     """Write ``student`` in timm's Hub format (config.json, model.safetensors) plus a README model card.
 
     Softmax students are saved from a plain-timm twin (``verify`` checks its logits are bit-identical),
@@ -305,9 +392,15 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
         # the entrypoint would otherwise set (the twin's logits are checked bit-identical below).
         traits = vit_traits(student)
         if (traits["block"], traits["mlp_layer"], traits["norm_layer"], traits["act_layer"]) == (
-                "Block", "Mlp", "LayerNorm", "GELU"):
+            "Block",
+            "Mlp",
+            "LayerNorm",
+            "GELU",
+        ):
             args = {**spec["model_args"], **timm_args_from_traits(traits)}
-            spec = dict(spec, architecture=_TIMM_VIT_STAND_IN, registered_as=spec["architecture"], model_args=args)
+            spec = dict(
+                spec, architecture=_TIMM_VIT_STAND_IN, registered_as=spec["architecture"], model_args=args
+            )
             native = True
     plain = kind == SOFTMAX
     teacher = card.teacher or {}
@@ -319,13 +412,18 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
             "loads_in_plain_timm": plain and native,
             "architecture_registered_by": "timm" if native else "attnxfer",
             "transfer_mode": card.transfer_mode,
-            "teacher": {k: teacher.get(k) for k in ("spec", "architecture", "hf_repo", "hf_commit", "sha256", "license")},
+            "teacher": {
+                k: teacher.get(k)
+                for k in ("spec", "architecture", "hf_repo", "hf_commit", "sha256", "license")
+            },
             "student": dict(spec, pretrained_cfg=dict(spec["pretrained_cfg"], license=license_id)),
-        }
+        },
     }
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))  # same filesystem: atomic moves
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)
+    )  # same filesystem: atomic moves
     try:
         if plain:
             twin = _plain_timm_twin(student, spec)
@@ -335,10 +433,17 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
         else:
             if verify:  # what `load_student` will build, holding these weights
                 _check_same_logits(student, _rebuilt_from_spec(student, spec))
-            save_for_hf(student, tmp, model_config=meta, safe_serialization=True,
-                        model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"})
+            save_for_hf(
+                student,
+                tmp,
+                model_config=meta,
+                safe_serialization=True,
+                model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
+            )
         load_ref = f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}"
-        readme = render_model_card(card, spec, loads_in_plain_timm=plain, load_ref=load_ref, native_arch=native)
+        readme = render_model_card(
+            card, spec, loads_in_plain_timm=plain, load_ref=load_ref, native_arch=native
+        )
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         _install(tmp, out_dir)
     finally:
@@ -349,7 +454,7 @@ def export_student(student: nn.Module, out_dir: str | os.PathLike, *, card: Mode
     return out_dir
 
 
-def attention_label(attention: str | List[str]) -> str:
+def attention_label(attention: str | list[str]) -> str:
     """A spec's attention as one word: the name every block uses, or ``mixed``."""
     if isinstance(attention, str):
         return attention
@@ -360,8 +465,14 @@ def _version() -> str:
     return __version__
 
 
-def push_export(out_dir: str | os.PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
-                commit_message: str = "Add attnxfer student") -> str:
+def push_export(
+    out_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Add attnxfer student",
+) -> str:
     """Upload an export folder to the Hub repo ``repo_id`` (created if needed); returns the commit URL.
 
     Offline (HF_HUB_OFFLINE=1 or no route to the Hub) it stops at once, saying how to push later.
@@ -369,8 +480,10 @@ def push_export(out_dir: str | os.PathLike, repo_id: str, *, private: bool = Fal
     from huggingface_hub import HfApi, constants
 
     out_dir = Path(out_dir)
-    later = (f"The export in {out_dir} is complete; push it from a machine with internet: "
-             f"`hf upload {repo_id} {out_dir} .` (older huggingface_hub: `huggingface-cli upload {repo_id} {out_dir} .`)")
+    later = (
+        f"The export in {out_dir} is complete; push it from a machine with internet: "
+        f"`hf upload {repo_id} {out_dir} .` (older huggingface_hub: `huggingface-cli upload {repo_id} {out_dir} .`)"
+    )
     if constants.is_offline_mode():
         raise RuntimeError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set. {later}")
     if not hub_reachable():
@@ -386,7 +499,7 @@ def push_export(out_dir: str | os.PathLike, repo_id: str, *, private: bool = Fal
 # From a run directory
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
+def _read_json(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -396,7 +509,7 @@ def _step_of(ckpt: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def select_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Tuple[Path, str]:
+def select_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> tuple[Path, str]:
     """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
 
     ``best`` is the best validation metric the run recorded (val top-1); a run that recorded none
@@ -417,7 +530,7 @@ def select_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> Tuple[
     return latest.path, f"{latest.path.name} (latest)"
 
 
-def _card_metrics(run_dir: Path, ckpt: Path) -> Dict[str, Any]:
+def _card_metrics(run_dir: Path, ckpt: Path) -> dict[str, Any]:
     state = _read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
     step = state.get("step", _step_of(ckpt))
     if state.get("metrics"):
@@ -430,10 +543,11 @@ def _card_metrics(run_dir: Path, ckpt: Path) -> Dict[str, Any]:
     return dict((at_step or rows or [{}])[-1])
 
 
-def _training_data(recipe: Optional[str]) -> Optional[str]:
+def _training_data(recipe: str | None) -> str | None:
     if not recipe:
         return None
     import yaml
+
     cfg = yaml.safe_load(recipe) or {}
     data = cfg.get("data") if isinstance(cfg, dict) else None
     if not data:
@@ -441,9 +555,16 @@ def _training_data(recipe: Optional[str]) -> Optional[str]:
     return "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
 
 
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, weights: str = "ema",
-               checkpoint: str = "best", push_to_hub: Optional[str] = None, overwrite: bool = False,
-               attn_layer: Optional[type] = None) -> Path:
+def export_run(
+    run_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    weights: str = "ema",
+    checkpoint: str = "best",
+    push_to_hub: str | None = None,
+    overwrite: bool = False,
+    attn_layer: type | None = None,
+) -> Path:
     """Export a run's student (``weights``: ``ema`` or ``raw``; ``checkpoint``: ``best`` or ``latest``).
 
     Reads run_dir/run.json (teacher record, student spec, plan text, mode), config.yaml (the recipe),
@@ -455,25 +576,35 @@ def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, *, weight
         raise ValueError(f"weights={weights!r}: choose 'ema' or 'raw'")
     run = _read_json(run_dir / "run.json")
     if "student" not in run:
-        raise ValueError(f"{run_dir / 'run.json'} has no 'student' spec (attnxfer.models.student_spec output)")
+        raise ValueError(
+            f"{run_dir / 'run.json'} has no 'student' spec (attnxfer.models.student_spec output)"
+        )
     mode = run.get("mode")
     if mode in MODES and MODES[mode].teacher_at_eval:
-        raise ValueError(f"run {run_dir} trained in mode {mode!r}: its student attends with the teacher's "
-                         f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
-                         "projections. Export a distillation run, or fine-tune this student without the teacher first")
+        raise ValueError(
+            f"run {run_dir} trained in mode {mode!r}: its student attends with the teacher's "
+            f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
+            "projections. Export a distillation run, or fine-tune this student without the teacher first"
+        )
     ckpt, why = select_checkpoint(run_dir, checkpoint)
     fname = "ema.safetensors" if weights == "ema" else "model.safetensors"
     wfile = ckpt / fname
     if not wfile.is_file():
         other = "raw" if weights == "ema" else "ema"
-        raise FileNotFoundError(f"{wfile} does not exist (the run kept no {weights} weights); try weights={other!r}")
+        raise FileNotFoundError(
+            f"{wfile} does not exist (the run kept no {weights} weights); try weights={other!r}"
+        )
     student = student_from_spec(run["student"], attn_layer=attn_layer)
     state = load_file(str(wfile), device="cpu")
     result = student.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"{wfile} does not fit the run's student: missing {result.missing_keys}, "
-                           f"unexpected {result.unexpected_keys}")
-    recipe = (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
+        raise RuntimeError(
+            f"{wfile} does not fit the run's student: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
+    recipe = (
+        (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
+    )
     out_dir = Path(out_dir)
     card = ModelCardInfo(
         model_name=(push_to_hub or out_dir.name).split("/")[-1],

@@ -6,6 +6,7 @@ Not covered: ``np.random.default_rng()`` / ``torch.Generator`` objects you creat
 (save their states with the object that owns them) and DataLoader worker seeds (derived from
 the torch CPU generator at iterator creation, so they follow it).
 """
+
 from __future__ import annotations
 
 import base64
@@ -16,17 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ['capture_rng_state', 'restore_rng_state']
+__all__ = ["capture_rng_state", "restore_rng_state"]
 
-RNG_FORMAT = 'attnxfer.rng/1'
+RNG_FORMAT = "attnxfer.rng/1"
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode('ascii')
+    return base64.b64encode(data).decode("ascii")
 
 
 def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode('ascii'), validate=True)
+    return base64.b64decode(text.encode("ascii"), validate=True)
 
 
 def _byte_tensor(text: str) -> torch.Tensor:
@@ -36,44 +37,45 @@ def _byte_tensor(text: str) -> torch.Tensor:
 def _capture_python() -> dict:
     version, internal, gauss_next = random.getstate()
     return {
-        'version': version,
-        'internal': _b64(np.asarray(internal, dtype='<u4').tobytes()),
-        'gauss_next': gauss_next,
+        "version": version,
+        "internal": _b64(np.asarray(internal, dtype="<u4").tobytes()),
+        "gauss_next": gauss_next,
     }
 
 
 def _restore_python(state: dict) -> None:
-    internal = tuple(int(x) for x in np.frombuffer(_unb64(state['internal']), dtype='<u4'))
-    random.setstate((state['version'], internal, state['gauss_next']))
+    internal = tuple(int(x) for x in np.frombuffer(_unb64(state["internal"]), dtype="<u4"))
+    random.setstate((state["version"], internal, state["gauss_next"]))
 
 
 def _capture_numpy() -> dict:
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
-        'bit_generator': name,
-        'keys': _b64(np.asarray(keys, dtype='<u4').tobytes()),
-        'pos': int(pos),
-        'has_gauss': int(has_gauss),
-        'cached_gaussian': float(cached_gaussian),
+        "bit_generator": name,
+        "keys": _b64(np.asarray(keys, dtype="<u4").tobytes()),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
     }
 
 
 def _restore_numpy(state: dict) -> None:
-    keys = np.frombuffer(_unb64(state['keys']), dtype='<u4').astype(np.uint32)
-    np.random.set_state((state['bit_generator'], keys, state['pos'], state['has_gauss'],
-                         state['cached_gaussian']))
+    keys = np.frombuffer(_unb64(state["keys"]), dtype="<u4").astype(np.uint32)
+    np.random.set_state(
+        (state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
+    )
 
 
 def capture_rng_state() -> dict[str, Any]:
     """Snapshot of every global generator, JSON-serialisable."""
     state: dict[str, Any] = {
-        'format': RNG_FORMAT,
-        'python': _capture_python(),
-        'numpy': _capture_numpy(),
-        'torch_cpu': _b64(torch.get_rng_state().numpy().tobytes()),
+        "format": RNG_FORMAT,
+        "python": _capture_python(),
+        "numpy": _capture_numpy(),
+        "torch_cpu": _b64(torch.get_rng_state().numpy().tobytes()),
     }
     if torch.cuda.is_available():
-        state['torch_cuda'] = [_b64(s.cpu().numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
+        state["torch_cuda"] = [_b64(s.cpu().numpy().tobytes()) for s in torch.cuda.get_rng_state_all()]
     return state
 
 
@@ -82,19 +84,22 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
     CUDA states are restored for the devices present (warning when some saved ones cannot be).
     """
-    if not isinstance(state, dict) or state.get('format') != RNG_FORMAT:
-        raise ValueError(f"RNG state must come from capture_rng_state (format '{RNG_FORMAT}'), "
-                         f'got {str(state)[:80]!r}')
-    _restore_python(state['python'])
-    _restore_numpy(state['numpy'])
-    torch.set_rng_state(_byte_tensor(state['torch_cpu']))
-    cuda_states = state.get('torch_cuda') or []
+    if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
+        raise ValueError(
+            f"RNG state must come from capture_rng_state (format '{RNG_FORMAT}'), got {str(state)[:80]!r}"
+        )
+    _restore_python(state["python"])
+    _restore_numpy(state["numpy"])
+    torch.set_rng_state(_byte_tensor(state["torch_cpu"]))
+    cuda_states = state.get("torch_cuda") or []
     if cuda_states:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available < len(cuda_states):
             warnings.warn(
-                f'checkpoint has RNG states for {len(cuda_states)} CUDA devices, this process sees '
-                f'{available}; restoring {min(available, len(cuda_states))}: GPU random draws '
-                f'will differ from the original run')
+                f"checkpoint has RNG states for {len(cuda_states)} CUDA devices, this process sees "
+                f"{available}; restoring {min(available, len(cuda_states))}: GPU random draws "
+                f"will differ from the original run",
+                stacklevel=2,
+            )
         for index, text in enumerate(cuda_states[:available]):
             torch.cuda.set_rng_state(_byte_tensor(text), index)

@@ -32,6 +32,7 @@ the same names and values but safetensors' key order, not the insertion order.
 
 One writer per run dir (rank 0); any number of readers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,31 +47,42 @@ import secrets
 import shutil
 import socket
 import warnings
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    'CheckpointManager', 'CheckpointInfo', 'CheckpointError', 'CorruptCheckpointError',
-    'CheckpointExistsError', 'CorruptCheckpointWarning', 'verify_checkpoint', 'load_checkpoint',
-    'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-    'state_dict_to_tensors', 'state_dict_from_tensors',
-    'optimizer_state_to_tensors', 'optimizer_state_from_tensors',
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CorruptCheckpointError",
+    "CorruptCheckpointWarning",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "load_checkpoint",
+    "optimizer_state_from_tensors",
+    "optimizer_state_to_tensors",
+    "state_dict_from_tensors",
+    "state_dict_to_tensors",
+    "verify_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = 'attnxfer.checkpoint/1'
-STATE_DICT_FORMAT = 'attnxfer.state_dict/1'
-MANIFEST_NAME = 'MANIFEST.json'
-STATE_NAME = 'state.json'
-CHECKPOINTS_SUBDIR = 'checkpoints'
+CHECKPOINT_FORMAT = "attnxfer.checkpoint/1"
+STATE_DICT_FORMAT = "attnxfer.state_dict/1"
+MANIFEST_NAME = "MANIFEST.json"
+STATE_NAME = "state.json"
+CHECKPOINTS_SUBDIR = "checkpoints"
 
-_STEP_DIR_RE = re.compile(r'^step-(\d+)$')
-_GROUP_NAME_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')
-_TEMP_PREFIX = '.tmp-'
-_TRASH_PREFIX = '.trash-'
+_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
+_GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_TEMP_PREFIX = ".tmp-"
+_TRASH_PREFIX = ".trash-"
 _HASH_CHUNK = 1 << 20
 
 
@@ -84,7 +96,7 @@ class CorruptCheckpointError(CheckpointError):
     def __init__(self, path: Path, problem: str):
         self.path = Path(path)
         self.problem = problem
-        super().__init__(f'checkpoint {self.path} is not usable: {problem}')
+        super().__init__(f"checkpoint {self.path} is not usable: {problem}")
 
 
 class CheckpointExistsError(CheckpointError, FileExistsError):
@@ -98,6 +110,7 @@ class CorruptCheckpointWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 # fsync + atomic single-file writes
 # --------------------------------------------------------------------------------------------
+
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -128,7 +141,7 @@ def _write_file_synced(path: Path, data: bytes) -> None:
     try:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -141,10 +154,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f'atomic_write: {path} is a directory; give a file path')
+        raise IsADirectoryError(f"atomic_write: {path} is a directory; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        tmp = path.parent / f'.{path.name}.{secrets.token_hex(4)}.tmp'
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
             _write_file_synced(tmp, bytes(data))
             break
@@ -162,23 +175,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = 'utf-8') -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """``atomic_write_bytes`` for text."""
     return atomic_write_bytes(path, text.encode(encoding))
 
 
-def _find_non_str_key(obj: Any, path: str = '') -> str | None:
+def _find_non_str_key(obj: Any, path: str = "") -> str | None:
     """json.dumps turns int keys into strings silently; a resumed run would then miss them."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             if not isinstance(k, str):
-                return f'{path}[{k!r}]'
-            found = _find_non_str_key(v, f'{path}[{k!r}]')
+                return f"{path}[{k!r}]"
+            found = _find_non_str_key(v, f"{path}[{k!r}]")
             if found:
                 return found
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            found = _find_non_str_key(v, f'{path}[{i}]')
+            found = _find_non_str_key(v, f"{path}[{i}]")
             if found:
                 return found
     return None
@@ -187,24 +200,27 @@ def _find_non_str_key(obj: Any, path: str = '') -> str | None:
 def _dump_json(obj: Any, what: str) -> str:
     bad_key = _find_non_str_key(obj)
     if bad_key:
-        raise TypeError(f'{what} has a non-str dict key at {bad_key}; JSON would turn it into a str. '
-                        f'Use str keys (or state_dict_to_tensors for nested state dicts)')
+        raise TypeError(
+            f"{what} has a non-str dict key at {bad_key}; JSON would turn it into a str. "
+            f"Use str keys (or state_dict_to_tensors for nested state dicts)"
+        )
     try:
-        return json.dumps(obj, indent=2, allow_nan=False) + '\n'
+        return json.dumps(obj, indent=2, allow_nan=False) + "\n"
     except (TypeError, ValueError) as e:
         raise TypeError(
-            f'{what} must be JSON-serialisable (dicts with str keys, lists, str, int, finite float, '
-            f'bool, None); convert tensors/paths/dataclasses/NaN first: {e}') from e
+            f"{what} must be JSON-serialisable (dicts with str keys, lists, str, int, finite float, "
+            f"bool, None); convert tensors/paths/dataclasses/NaN first: {e}"
+        ) from e
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Strict JSON (no NaN/inf), indented, written atomically."""
-    return atomic_write_text(path, _dump_json(obj, f'content for {path}'))
+    return atomic_write_text(path, _dump_json(obj, f"content for {path}"))
 
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -214,9 +230,11 @@ def _sha256(path: Path) -> str:
 # verification and loading of one checkpoint dir
 # --------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
     """A checkpoint dir that passed verification."""
+
     step: int
     path: Path
     metric: float | None
@@ -227,65 +245,72 @@ class CheckpointInfo:
     @property
     def groups(self) -> list[str]:
         """Tensor group names ('model', 'optimizer', ...)."""
-        return [n[:-len('.safetensors')] for n in self.files if n.endswith('.safetensors')]
+        return [n[: -len(".safetensors")] for n in self.files if n.endswith(".safetensors")]
 
     def __str__(self) -> str:
-        metric = '' if self.metric is None else f', metric={self.metric:g}'
-        return f'checkpoint step {self.step}{metric} at {self.path}'
+        metric = "" if self.metric is None else f", metric={self.metric:g}"
+        return f"checkpoint step {self.step}{metric} at {self.path}"
 
 
 def _step_dir_name(step: int) -> str:
-    return f'step-{step:08d}'
+    return f"step-{step:08d}"
 
 
 def _read_manifest(path: Path) -> dict:
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():
-        raise CorruptCheckpointError(path, 'not a directory')
+        raise CorruptCheckpointError(path, "not a directory")
     if not manifest_path.is_file():
-        raise CorruptCheckpointError(path, f'{MANIFEST_NAME} is missing (save never finished?)')
+        raise CorruptCheckpointError(path, f"{MANIFEST_NAME} is missing (save never finished?)")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding='utf-8'))
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(path, f'{MANIFEST_NAME} is unreadable: {e}') from e
-    if not isinstance(manifest, dict) or manifest.get('format') != CHECKPOINT_FORMAT:
+        raise CorruptCheckpointError(path, f"{MANIFEST_NAME} is unreadable: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
         raise CorruptCheckpointError(
-            path, f"{MANIFEST_NAME} has no 'format': '{CHECKPOINT_FORMAT}' (not an attnxfer checkpoint?)")
-    files = manifest.get('files')
-    step = manifest.get('step')
+            path, f"{MANIFEST_NAME} has no 'format': '{CHECKPOINT_FORMAT}' (not an attnxfer checkpoint?)"
+        )
+    files = manifest.get("files")
+    step = manifest.get("step")
     if not isinstance(files, dict) or STATE_NAME not in files or not isinstance(step, int):
-        raise CorruptCheckpointError(path, f'{MANIFEST_NAME} lacks step/files/{STATE_NAME} entries')
+        raise CorruptCheckpointError(path, f"{MANIFEST_NAME} lacks step/files/{STATE_NAME} entries")
     for name, entry in files.items():
-        if (not isinstance(name, str) or '/' in name or name.startswith('.')
-                or not isinstance(entry, dict) or not isinstance(entry.get('size'), int)
-                or not isinstance(entry.get('sha256'), str)):
-            raise CorruptCheckpointError(path, f'{MANIFEST_NAME} has a malformed entry for {name!r}')
+        if (
+            not isinstance(name, str)
+            or "/" in name
+            or name.startswith(".")
+            or not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise CorruptCheckpointError(path, f"{MANIFEST_NAME} has a malformed entry for {name!r}")
     return manifest
 
 
 def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bool) -> None:
     file_path = path / name
     if not file_path.is_file():
-        raise CorruptCheckpointError(path, f'{name} is missing')
+        raise CorruptCheckpointError(path, f"{name} is missing")
     size = file_path.stat().st_size
-    if size != entry['size']:
-        raise CorruptCheckpointError(path, f'{name} has {size} bytes, manifest says {entry["size"]}')
-    if name.endswith('.safetensors'):
+    if size != entry["size"]:
+        raise CorruptCheckpointError(path, f"{name} has {size} bytes, manifest says {entry['size']}")
+    if name.endswith(".safetensors"):
         try:
-            with safe_open(file_path, framework='pt') as f:
+            with safe_open(file_path, framework="pt") as f:
                 f.keys()
         except Exception as e:  # safetensors raises its own error type for bad headers
-            raise CorruptCheckpointError(path, f'{name} is not valid safetensors: {e}') from e
-    elif name.endswith('.json'):
+            raise CorruptCheckpointError(path, f"{name} is not valid safetensors: {e}") from e
+    elif name.endswith(".json"):
         try:
-            json.loads(file_path.read_text(encoding='utf-8'))
+            json.loads(file_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptCheckpointError(path, f'{name} is not valid JSON: {e}') from e
+            raise CorruptCheckpointError(path, f"{name} is not valid JSON: {e}") from e
     if verify_hash:
         digest = _sha256(file_path)
-        if digest != entry['sha256']:
+        if digest != entry["sha256"]:
             raise CorruptCheckpointError(
-                path, f'{name} sha256 is {digest[:12]}..., manifest says {entry["sha256"][:12]}...')
+                path, f"{name} sha256 is {digest[:12]}..., manifest says {entry['sha256'][:12]}..."
+            )
 
 
 def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> CheckpointInfo:
@@ -293,23 +318,27 @@ def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> Chec
     path = Path(path)
     manifest = _read_manifest(path)
     match = _STEP_DIR_RE.match(path.name)
-    if match and int(match.group(1)) != manifest['step']:
+    if match and int(match.group(1)) != manifest["step"]:
         raise CorruptCheckpointError(
-            path, f'dir name says step {int(match.group(1))}, manifest says {manifest["step"]}')
-    for name, entry in manifest['files'].items():
+            path, f"dir name says step {int(match.group(1))}, manifest says {manifest['step']}"
+        )
+    for name, entry in manifest["files"].items():
         _check_file(path, name, entry, verify_hash)
-    metric = manifest.get('metric')
+    metric = manifest.get("metric")
     return CheckpointInfo(
-        step=manifest['step'], path=path,
+        step=manifest["step"],
+        path=path,
         metric=None if metric is None else float(metric),
-        created=str(manifest.get('created', '')), files=manifest['files'],
-        hash_verified=verify_hash)
+        created=str(manifest.get("created", "")),
+        files=manifest["files"],
+        hash_verified=verify_hash,
+    )
 
 
 def load_checkpoint(
-        info_or_path: CheckpointInfo | str | os.PathLike,
-        map_location: str | torch.device = 'cpu',
-        verify_hash: bool = True,
+    info_or_path: CheckpointInfo | str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    verify_hash: bool = True,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """Verify, then load ``(tensors by group, state)`` from a checkpoint dir.
 
@@ -318,8 +347,8 @@ def load_checkpoint(
     path = info_or_path.path if isinstance(info_or_path, CheckpointInfo) else Path(info_or_path)
     info = verify_checkpoint(path, verify_hash=verify_hash)
     device = str(torch.device(map_location))
-    tensors = {group: load_file(path / f'{group}.safetensors', device=device) for group in info.groups}
-    state = json.loads((path / STATE_NAME).read_text(encoding='utf-8'))
+    tensors = {group: load_file(path / f"{group}.safetensors", device=device) for group in info.groups}
+    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
     return tensors, state
 
 
@@ -327,21 +356,26 @@ def load_checkpoint(
 # the manager
 # --------------------------------------------------------------------------------------------
 
+
 def _check_tensor_groups(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     if not isinstance(tensors, Mapping):
-        raise TypeError(f'tensors must map group name -> {{name: Tensor}}, got {type(tensors).__name__}')
+        raise TypeError(f"tensors must map group name -> {{name: Tensor}}, got {type(tensors).__name__}")
     for group, tdict in tensors.items():
         if not isinstance(group, str) or not _GROUP_NAME_RE.match(group):
             raise ValueError(
-                f'tensor group name {group!r} must be a plain file stem (letters, digits, _ . -), '
-                f"like 'model', 'ema' or 'optimizer'")
+                f"tensor group name {group!r} must be a plain file stem (letters, digits, _ . -), "
+                f"like 'model', 'ema' or 'optimizer'"
+            )
         if not isinstance(tdict, Mapping):
-            raise TypeError(f'tensors[{group!r}] must be a flat dict str -> Tensor, got {type(tdict).__name__}')
+            raise TypeError(
+                f"tensors[{group!r}] must be a flat dict str -> Tensor, got {type(tdict).__name__}"
+            )
         for name, t in tdict.items():
             if not isinstance(name, str) or not isinstance(t, torch.Tensor):
                 raise TypeError(
-                    f'tensors[{group!r}] must be a flat dict str -> Tensor; entry {name!r} is '
-                    f'{type(t).__name__} (nested state? use state_dict_to_tensors)')
+                    f"tensors[{group!r}] must be a flat dict str -> Tensor; entry {name!r} is "
+                    f"{type(t).__name__} (nested state? use state_dict_to_tensors)"
+                )
 
 
 def _prepare_for_safetensors(tdict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -366,20 +400,20 @@ def _check_metric(metric: float | None) -> float | None:
         metric = metric.item()
     metric = float(metric)
     if not math.isfinite(metric):
-        raise ValueError(f'metric must be finite to rank checkpoints, got {metric}; pass metric=None instead')
+        raise ValueError(f"metric must be finite to rank checkpoints, got {metric}; pass metric=None instead")
     return metric
 
 
 def _owner_tag() -> str:
-    host = re.sub(r'[^A-Za-z0-9-]', '_', socket.gethostname()) or 'host'
-    return f'{os.getpid()}@{host}'
+    host = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
+    return f"{os.getpid()}@{host}"
 
 
 def _owner_is_alive(dir_name: str) -> bool:
     """True when a temp/trash dir belongs to another live process on this host."""
-    pid_host = dir_name.rsplit('.', 1)[-1]
-    pid_str, _, host = pid_host.partition('@')
-    if not pid_str.isdigit() or host != _owner_tag().partition('@')[2]:
+    pid_host = dir_name.rsplit(".", 1)[-1]
+    pid_str, _, host = pid_host.partition("@")
+    if not pid_str.isdigit() or host != _owner_tag().partition("@")[2]:
         return False  # unknown or another host: a writer there would break the one-writer rule
     pid = int(pid_str)
     if pid == os.getpid():
@@ -406,16 +440,16 @@ class CheckpointManager:
     """
 
     def __init__(
-            self,
-            run_dir: str | os.PathLike,
-            keep_last: int = 3,
-            keep_best: bool = True,
-            best_mode: Literal['max', 'min'] = 'max',
-            verify_hash: bool = True,
+        self,
+        run_dir: str | os.PathLike,
+        keep_last: int = 3,
+        keep_best: bool = True,
+        best_mode: Literal["max", "min"] = "max",
+        verify_hash: bool = True,
     ):
         if not isinstance(keep_last, int) or keep_last < 1:
-            raise ValueError(f'keep_last must be an int >= 1, got {keep_last!r}')
-        if best_mode not in ('max', 'min'):
+            raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
+        if best_mode not in ("max", "min"):
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS_SUBDIR
@@ -446,7 +480,7 @@ class CheckpointManager:
                 yield verify_checkpoint(path, verify_hash=verify_hash)
             except CorruptCheckpointError as e:
                 if report:
-                    warnings.warn(f'skipping {e}', CorruptCheckpointWarning, stacklevel=3)
+                    warnings.warn(f"skipping {e}", CorruptCheckpointWarning, stacklevel=3)
 
     def _hash_flag(self, verify_hash: bool | None) -> bool:
         return self.verify_hash if verify_hash is None else verify_hash
@@ -463,32 +497,35 @@ class CheckpointManager:
 
     def best(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
         """Intact checkpoint with the best metric (ties: newer), or None if none has a metric."""
-        candidates = [i for i in self._verified(
-            [p for _, p in self._step_dirs()], verify_hash=False) if i.metric is not None]
+        candidates = [
+            i
+            for i in self._verified([p for _, p in self._step_dirs()], verify_hash=False)
+            if i.metric is not None
+        ]
         candidates.sort(key=self._rank_key, reverse=True)
         return next(iter(self._verified([i.path for i in candidates], self._hash_flag(verify_hash))), None)
 
     def _rank_key(self, info: CheckpointInfo) -> tuple[float, int]:
-        metric = info.metric if self.best_mode == 'max' else -info.metric
+        metric = info.metric if self.best_mode == "max" else -info.metric
         return metric, info.step
 
     def load(
-            self,
-            info_or_path: CheckpointInfo | str | os.PathLike,
-            map_location: str | torch.device = 'cpu',
-            verify_hash: bool | None = None,
+        self,
+        info_or_path: CheckpointInfo | str | os.PathLike,
+        map_location: str | torch.device = "cpu",
+        verify_hash: bool | None = None,
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         """``(tensors by group, state)`` of a checkpoint; verifies it first."""
         return load_checkpoint(info_or_path, map_location, verify_hash=self._hash_flag(verify_hash))
 
     # ---- writing -----------------------------------------------------------------------
     def save(
-            self,
-            step: int,
-            tensors: Mapping[str, Mapping[str, torch.Tensor]],
-            state: Mapping[str, Any],
-            metric: float | None = None,
-            exist_ok: bool = False,
+        self,
+        step: int,
+        tensors: Mapping[str, Mapping[str, torch.Tensor]],
+        state: Mapping[str, Any],
+        metric: float | None = None,
+        exist_ok: bool = False,
     ) -> Path:
         """Write checkpoint ``step`` atomically, then prune and clean up crashed saves.
 
@@ -498,12 +535,12 @@ class CheckpointManager:
         ``step-XXXXXXXX.corrupt-<time>`` (kept for inspection, never loaded) and replaced.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f'step must be an int >= 0, got {step!r}')
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
         metric = _check_metric(metric)
         _check_tensor_groups(tensors)
         if not isinstance(state, Mapping):
-            raise TypeError(f'state must be a JSON-serialisable dict, got {type(state).__name__}')
-        state_text = _dump_json(dict(state), 'checkpoint state')
+            raise TypeError(f"state must be a JSON-serialisable dict, got {type(state).__name__}")
+        state_text = _dump_json(dict(state), "checkpoint state")
 
         final = self.path_for(step)
         if final.exists() or final.is_symlink():
@@ -512,26 +549,26 @@ class CheckpointManager:
                 return kept
 
         self._ensure_dir()
-        tmp = self.dir / f'{_TEMP_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}'
+        tmp = self.dir / f"{_TEMP_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}"
         os.mkdir(tmp)
         try:
             files = {}
             for group, tdict in tensors.items():
-                name = f'{group}.safetensors'
-                save_file(_prepare_for_safetensors(tdict), tmp / name, metadata={'format': 'pt'})
+                name = f"{group}.safetensors"
+                save_file(_prepare_for_safetensors(tdict), tmp / name, metadata={"format": "pt"})
                 _fsync_file(tmp / name)
-                files[name] = {'size': (tmp / name).stat().st_size, 'sha256': _sha256(tmp / name)}
-            state_bytes = state_text.encode('utf-8')
+                files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            state_bytes = state_text.encode("utf-8")
             _write_file_synced(tmp / STATE_NAME, state_bytes)
-            files[STATE_NAME] = {'size': len(state_bytes), 'sha256': hashlib.sha256(state_bytes).hexdigest()}
+            files[STATE_NAME] = {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()}
             manifest = {
-                'format': CHECKPOINT_FORMAT,
-                'step': step,
-                'metric': metric,
-                'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-                'files': files,
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "metric": metric,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "files": files,
             }
-            _write_file_synced(tmp / MANIFEST_NAME, _dump_json(manifest, 'manifest').encode('utf-8'))
+            _write_file_synced(tmp / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))
             _fsync_dir(tmp)
             os.rename(tmp, final)
         except BaseException:
@@ -551,18 +588,20 @@ class CheckpointManager:
         try:
             verify_checkpoint(final, verify_hash=self.verify_hash)
         except CorruptCheckpointError as e:
-            stamp = datetime.datetime.now().strftime('%Y%m%dT%H%M%S%f')
-            aside = final.with_name(f'{final.name}.corrupt-{stamp}')
+            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+            aside = final.with_name(f"{final.name}.corrupt-{stamp}")
             os.rename(final, aside)
             _fsync_dir(self.dir)
-            warnings.warn(f'{e}; moved it to {aside} and writing a new one', CorruptCheckpointWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"{e}; moved it to {aside} and writing a new one", CorruptCheckpointWarning, stacklevel=3
+            )
             return None
         if exist_ok:
             return final
         raise CheckpointExistsError(
-            f'checkpoint {final} already exists and is intact; checkpoints are never overwritten. '
-            f'Pass exist_ok=True to keep it, use another run_dir, or delete it by hand.')
+            f"checkpoint {final} already exists and is intact; checkpoints are never overwritten. "
+            f"Pass exist_ok=True to keep it, use another run_dir, or delete it by hand."
+        )
 
     def prune(self, protect: Iterable[Path] = ()) -> list[Path]:
         """Delete intact checkpoints beyond the newest ``keep_last`` and the best.
@@ -572,7 +611,7 @@ class CheckpointManager:
         """
         intact = list(self._verified([p for _, p in self._step_dirs()], verify_hash=False, report=False))
         keep = {Path(p) for p in protect}
-        keep.update(i.path for i in sorted(intact, key=lambda i: i.step, reverse=True)[:self.keep_last])
+        keep.update(i.path for i in sorted(intact, key=lambda i: i.step, reverse=True)[: self.keep_last])
         with_metric = [i for i in intact if i.metric is not None]
         if self.keep_best and with_metric:
             keep.add(max(with_metric, key=self._rank_key).path)
@@ -585,7 +624,7 @@ class CheckpointManager:
 
     def _delete(self, path: Path) -> None:
         """Rename out of the ``step-*`` namespace first, so a crash never leaves half a checkpoint."""
-        trash = self.dir / f'{_TRASH_PREFIX}{path.name}.{secrets.token_hex(4)}.{_owner_tag()}'
+        trash = self.dir / f"{_TRASH_PREFIX}{path.name}.{secrets.token_hex(4)}.{_owner_tag()}"
         os.rename(path, trash)
         _fsync_dir(self.dir)
         shutil.rmtree(trash, ignore_errors=True)
@@ -606,35 +645,36 @@ class CheckpointManager:
 # nested state dicts (optimizer, scheduler, scaler) as flat tensors + JSON, no pickle
 # --------------------------------------------------------------------------------------------
 
-_TAGS = ('__tensor__', '__tuple__', '__float__', '__dict__')
+_TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
 
 
 def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
-        name, n = path or 'tensor', 1
+        name, n = path or "tensor", 1
         while name in tensors:
-            name, n = f'{path}#{n}', n + 1
+            name, n = f"{path}#{n}", n + 1
         tensors[name] = obj.detach()
-        return {'__tensor__': name}
+        return {"__tensor__": name}
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {'__float__': repr(obj)}
+        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
     if isinstance(obj, tuple):
-        return {'__tuple__': [_encode(v, f'{path}.{i}', tensors) for i, v in enumerate(obj)]}
+        return {"__tuple__": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
-        return [_encode(v, f'{path}.{i}', tensors) for i, v in enumerate(obj)]
+        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
     if isinstance(obj, dict):
-        child = lambda k: f'{path}.{k}' if path else str(k)
+        child = lambda k: f"{path}.{k}" if path else str(k)
         if all(isinstance(k, str) and k not in _TAGS for k in obj):
             return {k: _encode(v, child(k), tensors) for k, v in obj.items()}
         for k in obj:
             if isinstance(k, bool) or not isinstance(k, (int, str)):
-                raise TypeError(f'state dict key {k!r} at {path or "<root>"!r} must be int or str')
-        return {'__dict__': [[k, _encode(v, child(k), tensors)] for k, v in obj.items()]}
+                raise TypeError(f"state dict key {k!r} at {path or '<root>'!r} must be int or str")
+        return {"__dict__": [[k, _encode(v, child(k), tensors)] for k, v in obj.items()]}
     raise TypeError(
-        f'state dict entry {path or "<root>"!r} is a {type(obj).__name__}; only tensors, numbers, '
-        f'str, bool, None, lists, tuples and dicts can be stored without pickle')
+        f"state dict entry {path or '<root>'!r} is a {type(obj).__name__}; only tensors, numbers, "
+        f"str, bool, None, lists, tuples and dicts can be stored without pickle"
+    )
 
 
 def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], used: set[str]) -> Any:
@@ -643,17 +683,17 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], used: set[str]) -> An
     if not isinstance(obj, dict):
         return obj
     if len(obj) == 1:
-        (tag, value), = obj.items()
-        if tag == '__tensor__':
+        ((tag, value),) = obj.items()
+        if tag == "__tensor__":
             if value not in tensors:
-                raise ValueError(f'state dict metadata refers to tensor {value!r}, which is missing')
+                raise ValueError(f"state dict metadata refers to tensor {value!r}, which is missing")
             used.add(value)
             return tensors[value]
-        if tag == '__tuple__':
+        if tag == "__tuple__":
             return tuple(_decode(v, tensors, used) for v in value)
-        if tag == '__float__':
+        if tag == "__float__":
             return float(value)
-        if tag == '__dict__':
+        if tag == "__dict__":
             return {k: _decode(v, tensors, used) for k, v in value}
     return {k: _decode(v, tensors, used) for k, v in obj.items()}
 
@@ -666,26 +706,28 @@ def state_dict_to_tensors(state_dict: Mapping[str, Any]) -> tuple[dict[str, torc
     ('state.0.exp_avg'). Store the tensors as a checkpoint group and the metadata in ``state``.
     """
     tensors: dict[str, torch.Tensor] = {}
-    meta = {'format': STATE_DICT_FORMAT, 'tree': _encode(dict(state_dict), '', tensors)}
+    meta = {"format": STATE_DICT_FORMAT, "tree": _encode(dict(state_dict), "", tensors)}
     return tensors, meta
 
 
 def state_dict_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
     """Inverse of ``state_dict_to_tensors``; every tensor must be used exactly as referenced."""
-    if not isinstance(meta, Mapping) or meta.get('format') != STATE_DICT_FORMAT:
-        raise ValueError(f"state dict metadata must come from state_dict_to_tensors (format "
-                         f"'{STATE_DICT_FORMAT}'), got {str(meta)[:80]!r}")
+    if not isinstance(meta, Mapping) or meta.get("format") != STATE_DICT_FORMAT:
+        raise ValueError(
+            f"state dict metadata must come from state_dict_to_tensors (format "
+            f"'{STATE_DICT_FORMAT}'), got {str(meta)[:80]!r}"
+        )
     used: set[str] = set()
-    state_dict = _decode(meta['tree'], tensors, used)
+    state_dict = _decode(meta["tree"], tensors, used)
     unused = sorted(set(tensors) - used)
     if unused:
-        raise ValueError(f'tensors {unused[:5]} are not referenced by the metadata: wrong group or metadata?')
+        raise ValueError(f"tensors {unused[:5]} are not referenced by the metadata: wrong group or metadata?")
     return state_dict
 
 
 def optimizer_state_to_tensors(opt_state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
     """``optimizer.state_dict()`` -> (flat tensors, JSON metadata); see ``state_dict_to_tensors``."""
-    if 'state' not in opt_state_dict or 'param_groups' not in opt_state_dict:
+    if "state" not in opt_state_dict or "param_groups" not in opt_state_dict:
         raise ValueError("expected an optimizer state dict with 'state' and 'param_groups'")
     return state_dict_to_tensors(opt_state_dict)
 

@@ -3,21 +3,40 @@
 Unknown keys and wrong types are `ConfigError`s that name the nearest valid key,
 so a typo never silently trains the default.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Union
 
 import yaml
 
 __all__ = [
-    "ConfigError", "ModelConfig", "TeacherConfig", "TransferConfig", "DataConfig", "AugConfig", "OptimConfig",
-    "ScheduleConfig", "EMAConfig", "LogConfig", "CheckpointConfig", "ConvertConfig", "TrainConfig", "load_config",
-    "to_dict", "apply_overrides", "parse_overrides", "dump_config", "list_recipes", "resolve_recipe",
+    "AugConfig",
+    "CheckpointConfig",
+    "ConfigError",
+    "ConvertConfig",
+    "DataConfig",
+    "EMAConfig",
+    "LogConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TeacherConfig",
+    "TrainConfig",
+    "TransferConfig",
+    "apply_overrides",
+    "dump_config",
+    "list_recipes",
+    "load_config",
+    "parse_overrides",
+    "resolve_recipe",
+    "to_dict",
 ]
 
 
@@ -30,20 +49,20 @@ class ModelConfig:
     """The student. ``name`` is a timm architecture; ``kwargs`` go to timm.create_model."""
 
     name: str = "vit_micro_patch4_28"
-    num_classes: Optional[int] = None  # default: the dataset's
+    num_classes: int | None = None  # default: the dataset's
     drop_path_rate: float = 0.1
     mirror_teacher: bool = True  # copy the teacher's architectural choices (tokens, norms, ...)
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class TeacherConfig:
     """The pretrained teacher: timm name, ``hf-hub:ORG/NAME``, ``local-dir:PATH``, a file or an attnxfer run dir."""
 
-    spec: Optional[str] = None
-    arch: Optional[str] = None  # architecture for a bare weights file
-    revision: Optional[str] = None
-    cache_dir: Optional[str] = None
+    spec: str | None = None
+    arch: str | None = None  # architecture for a bare weights file
+    revision: str | None = None
+    cache_dir: str | None = None
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16 / fp16
 
 
@@ -53,7 +72,7 @@ class TransferConfig:
 
     mode: str = "distill"
     end_layer: int = 0  # the paper's meaning: 0 = all, -k = all but the last k
-    layers: Optional[List[int]] = None  # explicit student layers (wins over end_layer)
+    layers: list[int] | None = None  # explicit student layers (wins over end_layer)
     atd_weight: float = 1.0
     share_drop_path: bool = False  # False: teacher deterministic (default); True: the paper's shared masks
     logit_distill: float = 0.0  # weight of KL(teacher logits || student logits) beside the task loss
@@ -63,17 +82,17 @@ class TransferConfig:
 @dataclass
 class DataConfig:
     dataset: str = "animal_mnist"  # animal_mnist | folder | synthetic
-    root: Optional[str] = None  # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...
-    img_size: Optional[int] = None  # default: the student's
-    in_chans: Optional[int] = None
-    mean: Optional[List[float]] = None  # default: the teacher's (pretrained cfg), else the dataset's
-    std: Optional[List[float]] = None
+    root: str | None = None  # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...
+    img_size: int | None = None  # default: the student's
+    in_chans: int | None = None
+    mean: list[float] | None = None  # default: the teacher's (pretrained cfg), else the dataset's
+    std: list[float] | None = None
     batch_size: int = 128  # per process
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: int | None = None
     num_workers: int = 0
     pin_memory: bool = False
     synthetic_length: int = 512
-    kwargs: Dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,20 +103,20 @@ class AugConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     reprob: float = 0.0  # random erasing (folder datasets)
-    auto_augment: Optional[str] = None  # e.g. rand-m9-mstd0.5-inc1 (folder datasets)
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (folder datasets)
 
 
 @dataclass
 class OptimConfig:
-    lr: Optional[float] = None  # absolute; default blr * global_batch / 256
+    lr: float | None = None  # absolute; default blr * global_batch / 256
     blr: float = 1e-3
     min_lr: float = 1e-6
     weight_decay: float = 0.05
-    layer_decay: Optional[float] = None  # e.g. 0.75; None or 1 = off
+    layer_decay: float | None = None  # e.g. 0.75; None or 1 = off
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     accum_steps: int = 1
 
 
@@ -105,12 +124,12 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = 10
     warmup_epochs: float = 1.0
-    max_steps: Optional[int] = None  # stop early after this many optimiser steps (tests, smoke runs)
+    max_steps: int | None = None  # stop early after this many optimiser steps (tests, smoke runs)
 
 
 @dataclass
 class EMAConfig:
-    decay: Optional[float] = None  # e.g. 0.9999; None = no EMA
+    decay: float | None = None  # e.g. 0.9999; None = no EMA
 
 
 @dataclass
@@ -122,8 +141,8 @@ class LogConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: Optional[int] = None
-    every_minutes: Optional[float] = None
+    every_steps: int | None = None
+    every_minutes: float | None = None
     every_epoch: bool = True
     keep_last: int = 3
     resume: str = "auto"  # auto | none | PATH of a checkpoint
@@ -139,14 +158,14 @@ class ConvertConfig:
     ``atd_weight`` for attention distillation; ``mode: none`` without it).
     """
 
-    attention: Union[str, List[str]] = "hedgehog"  # a registered zoo attention, or one name per block
-    attention_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {num_features: 128, window_size: 4}
+    attention: str | list[str] = "hedgehog"  # a registered zoo attention, or one name per block
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {num_features: 128, window_size: 4}
     stage1_steps: int = 200  # 0 = skip stage 1 (the ablation)
     stage1_lr: float = 1e-2
-    stage1_batch_size: Optional[int] = None  # default: data.batch_size
+    stage1_batch_size: int | None = None  # default: data.batch_size
     stage1_warmup_steps: int = 10
     stage1_weight_decay: float = 0.0
-    stage1_clip_grad: Optional[float] = 1.0
+    stage1_clip_grad: float | None = 1.0
     stage1_train: str = "new"  # new (only parameters without a softmax counterpart) | qk | new+qk
     map_loss: str = "auto"  # auto (by map kind: ce / mse / output) | ce | mse | output
     output_mse: float = 0.0  # weight of the attention-output MSE added to stage 1's map loss
@@ -178,14 +197,15 @@ class TrainConfig:
     def __str__(self) -> str:
         return dump_config(self)
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "TrainConfig":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> TrainConfig:
         """A copy with dotted keys set (values already typed or YAML strings)."""
         return apply_overrides(self, overrides)
 
 
 # -- (de)serialisation ---------------------------------------------------------------------
 
-def to_dict(cfg: Any) -> Dict[str, Any]:
+
+def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
@@ -202,9 +222,9 @@ def _type_name(tp: Any) -> str:
         args = typing.get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
-    if typing.get_origin(tp) in (list, List):
+    if typing.get_origin(tp) in (list, list):
         return "a list"
-    if typing.get_origin(tp) in (dict, Dict):
+    if typing.get_origin(tp) in (dict, dict):
         return "a mapping"
     return _FRIENDLY.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -226,12 +246,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
-    if origin in (list, List, Sequence):
+    if origin in (list, list, Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}=[1,2])")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, Dict, Mapping):
+    if origin in (dict, dict, Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
@@ -261,7 +281,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _field_types(cls) -> Dict[str, Any]:
+def _field_types(cls) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -269,10 +289,15 @@ def _field_types(cls) -> Dict[str, Any]:
 def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
     full = [prefix + v for v in valid]
     close = difflib.get_close_matches(prefix + key, full, n=1, cutoff=0.5) or difflib.get_close_matches(
-        key, list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0] if close[0].startswith(prefix) else prefix + close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {prefix + key!r}{hint} (valid under "
-                       f"{prefix.rstrip('.') or 'the top level'}: {', '.join(valid)})")
+        key, list(valid), n=1, cutoff=0.5
+    )
+    hint = (
+        f"; did you mean {close[0] if close[0].startswith(prefix) else prefix + close[0]!r}?" if close else ""
+    )
+    return ConfigError(
+        f"unknown config key {prefix + key!r}{hint} (valid under "
+        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(valid)})"
+    )
 
 
 def _merge(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -291,9 +316,9 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-def parse_overrides(items: Sequence[str]) -> Dict[str, str]:
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     """``["optim.lr=1e-3", "transfer.layers=[0,1]"]`` -> ``{"optim.lr": "1e-3", ...}`` (raw strings)."""
-    out: Dict[str, str] = {}
+    out: dict[str, str] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy)")
@@ -311,8 +336,8 @@ def _parse_value(key: str, raw: str) -> Any:
         raise ConfigError(f"override {key}={raw!r}: value is not valid YAML ({e.problem})") from None
 
 
-def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
-    nested: Dict[str, Any] = {}
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
     for key, value in flat.items():
         parts = key.split(".")
         node = nested
@@ -326,10 +351,15 @@ def _nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
 
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``)."""
-    types_cache: Dict[Any, Dict[str, Any]] = {}
-    parsed = {key: (_parse_value(key, value) if isinstance(value, str)
-                    and not _is_str_field(type(cfg), key, types_cache) else value)
-              for key, value in overrides.items()}
+    types_cache: dict[Any, dict[str, Any]] = {}
+    parsed = {
+        key: (
+            _parse_value(key, value)
+            if isinstance(value, str) and not _is_str_field(type(cfg), key, types_cache)
+            else value
+        )
+        for key, value in overrides.items()
+    }
     return _merge(cfg, _nest(parsed))
 
 
@@ -348,12 +378,12 @@ def _is_str_field(cls, dotted: str, cache) -> bool:
 RECIPES = Path(__file__).resolve().parent.parent / "cfgs"
 
 
-def list_recipes() -> List[str]:
+def list_recipes() -> list[str]:
     """Built-in recipe names (``demo/copy``, ``paper/vit_large_distill``, ...)."""
     return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
 
 
-def resolve_recipe(path: Union[str, Path]) -> Path:
+def resolve_recipe(path: str | Path) -> Path:
     """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``)."""
     p = Path(path)
     if p.is_file():
@@ -363,11 +393,14 @@ def resolve_recipe(path: Union[str, Path]) -> Path:
             return candidate
     close = difflib.get_close_matches(str(path), list_recipes(), n=1)
     hint = f"; did you mean the built-in recipe {close[0]!r}?" if close else ""
-    raise ConfigError(f"config file {str(p)!r} does not exist{hint} (built-in recipes: {', '.join(list_recipes())})")
+    raise ConfigError(
+        f"config file {str(p)!r} does not exist{hint} (built-in recipes: {', '.join(list_recipes())})"
+    )
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Sequence[str] = (),
-                base: Optional[TrainConfig] = None) -> TrainConfig:
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
+) -> TrainConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides."""
     cfg = base or TrainConfig()
     if path is not None:

@@ -5,25 +5,26 @@ uses RandomResizedCrop + flip (+ optional auto-augment / colour jitter / random 
 resizes and centre-crops. mean/std normally come from the teacher's pretrained config.
 Training randomness is seeded per (seed, epoch, index), like the in-memory datasets.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from torch.utils.data import Dataset
 
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
-__all__ = ['FolderDataset', 'folder_info', 'folder_classes']
+__all__ = ["FolderDataset", "folder_classes", "folder_info"]
 
-_SPLIT_DIRS = {'train': ('train', 'training'), 'val': ('val', 'validation')}
-_LAYOUT = 'root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png'
+_SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
+_LAYOUT = "root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN / _STD
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _split_dir(root: Optional[str], split: str) -> Path:
+def _split_dir(root: str | None, split: str) -> Path:
     if root is None:
         raise ValueError(f"dataset 'folder' needs root=PATH with the layout {_LAYOUT}")
     base = Path(root).expanduser()
@@ -34,23 +35,32 @@ def _split_dir(root: Optional[str], split: str) -> Path:
             return base / name
     raise FileNotFoundError(
         f"dataset folder '{base}' has no {' or '.join(_SPLIT_DIRS[split])}/ sub-folder for split '{split}'; "
-        f"expected the layout {_LAYOUT}")
+        f"expected the layout {_LAYOUT}"
+    )
 
 
 def folder_classes(root: str) -> tuple[str, ...]:
     """Class names: the sub-folders of the train folder, in timm's natural sort order."""
     from timm.utils.misc import natural_key  # local import keeps `import attnxfer.data` light
-    train = _split_dir(root, 'train')
+
+    train = _split_dir(root, "train")
     classes = sorted((d.name for d in train.iterdir() if d.is_dir()), key=natural_key)
     if not classes:
         raise FileNotFoundError(f"'{train}' has no class sub-folders; expected the layout {_LAYOUT}")
     return tuple(classes)
 
 
-def folder_info(root: Optional[str]) -> DatasetInfo:
+def folder_info(root: str | None) -> DatasetInfo:
     classes = folder_classes(root) if root is not None else None
-    return DatasetInfo(name='folder', num_classes=None if classes is None else len(classes), class_names=classes,
-                       mean=_IMAGENET_MEAN, std=_IMAGENET_STD, in_chans=3, img_size=224)
+    return DatasetInfo(
+        name="folder",
+        num_classes=None if classes is None else len(classes),
+        class_names=classes,
+        mean=_IMAGENET_MEAN,
+        std=_IMAGENET_STD,
+        in_chans=3,
+        img_size=224,
+    )
 
 
 class FolderDataset(Dataset):
@@ -78,52 +88,74 @@ class FolderDataset(Dataset):
             return self.image_dataset[idx]
 
 
-@register_dataset('folder', info=folder_info)
+@register_dataset("folder", info=folder_info)
 def build_folder(
-        split: str,
-        *,
-        root: Optional[str] = None,
-        img_size: Optional[int] = None,
-        in_chans: Optional[int] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        seed: int = 0,
-        augment: Optional[bool] = None,
-        scale: tuple[float, float] = (0.08, 1.0),
-        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        hflip: float = 0.5,
-        color_jitter: float = 0.0,
-        auto_augment: Optional[str] = None,
-        re_prob: float = 0.0,
-        interpolation: str = 'bicubic',
-        crop_pct: float = 0.875,
+    split: str,
+    *,
+    root: str | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+    augment: bool | None = None,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    color_jitter: float = 0.0,
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    interpolation: str = "bicubic",
+    crop_pct: float = 0.875,
 ) -> FolderDataset:
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob``. Eval: resize to img_size / crop_pct, centre crop."""
-    from timm.data import create_dataset, create_transform, get_img_extensions  # local import keeps `import attnxfer.data` light
+    from timm.data import (  # local import keeps `import attnxfer.data` light
+        create_dataset,
+        create_transform,
+        get_img_extensions,
+    )
 
     classes = folder_classes(root)
     split_dir = _split_dir(root, split)
     default = folder_info(root)
-    img_size, in_chans = check_image_args('folder', img_size, in_chans, default)
+    img_size, in_chans = check_image_args("folder", img_size, in_chans, default)
     if in_chans not in (1, 3):
-        raise ValueError(f'folder: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}')
+        raise ValueError(f"folder: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
     mean, std = resolve_norm(mean, std, in_chans, default)
-    augment = split == 'train' if augment is None else augment
+    augment = split == "train" if augment is None else augment
     transform = create_transform(
-        (in_chans, img_size, img_size), is_training=augment, scale=scale, ratio=ratio, hflip=hflip,
-        color_jitter=color_jitter, auto_augment=auto_augment, re_prob=re_prob, interpolation=interpolation,
-        crop_pct=crop_pct, mean=mean, std=std)
+        (in_chans, img_size, img_size),
+        is_training=augment,
+        scale=scale,
+        ratio=ratio,
+        hflip=hflip,
+        color_jitter=color_jitter,
+        auto_augment=auto_augment,
+        re_prob=re_prob,
+        interpolation=interpolation,
+        crop_pct=crop_pct,
+        mean=mean,
+        std=std,
+    )
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
     stray = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in class_map)
     if stray:
         raise ValueError(f"'{split_dir}' has classes {stray} that '{_split_dir(root, 'train')}' lacks")
     extensions = get_img_extensions(as_set=True)
-    if not any(f.suffix.lower() in extensions for f in split_dir.rglob('*')):  # stops at the first image
+    if not any(f.suffix.lower() in extensions for f in split_dir.rglob("*")):  # stops at the first image
         raise FileNotFoundError(
-            f"no images ({', '.join(sorted(extensions))}) under '{split_dir}'; expected the layout {_LAYOUT}")
-    images = create_dataset('', root=str(split_dir), split=split, search_split=False, class_map=class_map,
-                            input_img_mode='RGB' if in_chans == 3 else 'L', transform=transform)
+            f"no images ({', '.join(sorted(extensions))}) under '{split_dir}'; expected the layout {_LAYOUT}"
+        )
+    images = create_dataset(
+        "",
+        root=str(split_dir),
+        split=split,
+        search_split=False,
+        class_map=class_map,
+        input_img_mode="RGB" if in_chans == 3 else "L",
+        transform=transform,
+    )
     info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     return FolderDataset(images, info, seed=seed, deterministic=augment)

@@ -1,4 +1,5 @@
 """A whole dataset held as one uint8 tensor, with cheap per-sample augmentation (shift + flip)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,7 +9,7 @@ from torch.utils.data import Dataset
 from .registry import DatasetInfo
 from .seeding import key_epoch, sample_generator
 
-__all__ = ['InMemoryImageDataset']
+__all__ = ["InMemoryImageDataset"]
 
 
 class InMemoryImageDataset(Dataset):
@@ -21,27 +22,29 @@ class InMemoryImageDataset(Dataset):
     """
 
     def __init__(
-            self,
-            images: torch.Tensor,
-            labels: torch.Tensor,
-            info: DatasetInfo,
-            *,
-            augment: bool = False,
-            seed: int = 0,
-            crop_padding: int = 2,
-            hflip: float = 0.5,
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        info: DatasetInfo,
+        *,
+        augment: bool = False,
+        seed: int = 0,
+        crop_padding: int = 2,
+        hflip: float = 0.5,
     ):
         if images.dtype != torch.uint8 or images.ndim not in (3, 4):
-            raise ValueError(f'images must be uint8 (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}')
+            raise ValueError(
+                f"images must be uint8 (N, H, W) or (N, C, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
         if images.ndim == 3:
             images = images.unsqueeze(1)
         if len(images) != len(labels):
-            raise ValueError(f'{len(images)} images but {len(labels)} labels')
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
         src_chans = images.shape[1]
         if src_chans not in (1, info.in_chans):
-            raise ValueError(f'cannot make {info.in_chans} channels from {src_chans}-channel images')
+            raise ValueError(f"cannot make {info.in_chans} channels from {src_chans}-channel images")
         if crop_padding < 0 or not 0.0 <= hflip <= 1.0:
-            raise ValueError(f'need crop_padding >= 0 and 0 <= hflip <= 1, got {crop_padding}, {hflip}')
+            raise ValueError(f"need crop_padding >= 0 and 0 <= hflip <= 1, got {crop_padding}, {hflip}")
         self.images = images.contiguous()
         self.labels = labels.long()
         self.info = info
@@ -65,7 +68,7 @@ class InMemoryImageDataset(Dataset):
         if p:
             h, w = img.shape[-2:]
             top, left = torch.randint(0, 2 * p + 1, (2,), generator=generator).tolist()
-            img = F.pad(img, (p, p, p, p))[..., top:top + h, left:left + w]
+            img = F.pad(img, (p, p, p, p))[..., top : top + h, left : left + w]
         if torch.rand((), generator=generator).item() < self.hflip:
             img = img.flip(-1)
         return img
@@ -78,8 +81,9 @@ class InMemoryImageDataset(Dataset):
         x = img.float().div_(255.0)
         size = self.info.img_size
         if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x[None], size=(size, size), mode='bilinear', align_corners=False,
-                              antialias=size < x.shape[-1])[0]
+            x = F.interpolate(
+                x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]
+            )[0]
         if x.shape[0] != self.info.in_chans:
             x = x.expand(self.info.in_chans, -1, -1)
         return (x - self._mean) / self._std, int(self.labels[idx])

@@ -1,25 +1,26 @@
 """DataLoader construction with the settings a resumable, multi-worker run needs."""
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ['build_loader']
+__all__ = ["build_loader"]
 
 
 def build_loader(
-        dataset: Dataset,
-        *,
-        batch_size: int,
-        sampler: Sampler,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool,
-        seed: int = 0,
-        prefetch_factor: Optional[int] = None,
-        collate_fn: Optional[Callable] = None,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    sampler: Sampler,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    drop_last: bool,
+    seed: int = 0,
+    prefetch_factor: int | None = None,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A DataLoader over ``sampler`` (persistent workers when ``num_workers > 0``).
 
@@ -28,7 +29,7 @@ def build_loader(
     process's RNG stream (dropout, drop-path).
     """
     if batch_size < 1 or num_workers < 0:
-        raise ValueError(f'need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}')
+        raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     extra = {} if num_workers == 0 or prefetch_factor is None else dict(prefetch_factor=prefetch_factor)
     return DataLoader(
         dataset,

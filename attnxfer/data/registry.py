@@ -1,36 +1,43 @@
 """Dataset registry: name -> builder, plus the facts a model needs (classes, mean/std, input shape)."""
+
 from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
 
 from torch.utils.data import Dataset
 
 __all__ = [
-    'DatasetInfo', 'register_dataset', 'build_dataset', 'dataset_info', 'list_datasets', 'resolve_norm',
-    'SPLITS',
+    "SPLITS",
+    "DatasetInfo",
+    "build_dataset",
+    "dataset_info",
+    "list_datasets",
+    "register_dataset",
+    "resolve_norm",
 ]
 
-SPLITS = ('train', 'val')
-_BUILDER_ARGS = ('split', 'root', 'img_size', 'in_chans', 'mean', 'std', 'seed')
+SPLITS = ("train", "val")
+_BUILDER_ARGS = ("split", "root", "img_size", "in_chans", "mean", "std", "seed")
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model and a report need to know about a dataset."""
+
     name: str
-    num_classes: Optional[int]
-    class_names: Optional[tuple[str, ...]]
+    num_classes: int | None
+    class_names: tuple[str, ...] | None
     mean: tuple[float, ...]
     std: tuple[float, ...]
     in_chans: int
     img_size: int
 
 
-InfoSource = Union[DatasetInfo, Callable[[Optional[str]], DatasetInfo]]
+InfoSource = DatasetInfo | Callable[[str | None], DatasetInfo]
 
 
 @dataclass(frozen=True)
@@ -48,15 +55,21 @@ def register_dataset(name: str, *, info: InfoSource) -> Callable:
     ``info`` is the dataset's default :class:`DatasetInfo`, or a callable ``info(root)`` for datasets
     whose classes are only known from their files. The builder fills in ``None`` arguments from it.
     """
+
     def decorator(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
         if name in _DATASETS:
-            raise ValueError(f"dataset '{name}' is already registered (by {_DATASETS[name].builder.__qualname__})")
+            raise ValueError(
+                f"dataset '{name}' is already registered (by {_DATASETS[name].builder.__qualname__})"
+            )
         params = inspect.signature(builder).parameters
         missing = [a for a in _BUILDER_ARGS if a not in params]
         if missing:
-            raise TypeError(f"dataset builder '{name}' must accept {', '.join(_BUILDER_ARGS)}; missing {missing}")
+            raise TypeError(
+                f"dataset builder '{name}' must accept {', '.join(_BUILDER_ARGS)}; missing {missing}"
+            )
         _DATASETS[name] = _Entry(builder, info)
         return builder
+
     return decorator
 
 
@@ -69,8 +82,10 @@ def _entry(name: str) -> _Entry:
         return _DATASETS[name]
     except KeyError:
         close = difflib.get_close_matches(name, _DATASETS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ''
-        raise ValueError(f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint}") from None
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint}"
+        ) from None
 
 
 def _options(builder: Callable) -> list[str]:
@@ -78,16 +93,16 @@ def _options(builder: Callable) -> list[str]:
 
 
 def build_dataset(
-        name: str,
-        split: str,
-        *,
-        root: Optional[Union[str, Path]] = None,
-        img_size: Optional[int] = None,
-        in_chans: Optional[int] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        seed: int = 0,
-        **kwargs,
+    name: str,
+    split: str,
+    *,
+    root: str | Path | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+    **kwargs,
 ) -> Dataset:
     """Build split ``'train'`` or ``'val'`` of a registered dataset.
 
@@ -103,43 +118,50 @@ def build_dataset(
     if unknown:
         raise TypeError(
             f"dataset '{name}' has no option(s) {', '.join(unknown)}; "
-            f"its options are: {', '.join(options) or '(none)'}")
+            f"its options are: {', '.join(options) or '(none)'}"
+        )
     return entry.builder(
-        split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **kwargs)
+        split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **kwargs
+    )
 
 
-def dataset_info(name_or_dataset: Union[str, Dataset], *, root: Optional[Union[str, Path]] = None) -> DatasetInfo:
+def dataset_info(name_or_dataset: str | Dataset, *, root: str | Path | None = None) -> DatasetInfo:
     """Defaults of a registered dataset (``root`` needed for class names of folder datasets),
     or the actual settings of a built dataset."""
     if not isinstance(name_or_dataset, str):
-        info = getattr(name_or_dataset, 'info', None)
+        info = getattr(name_or_dataset, "info", None)
         if not isinstance(info, DatasetInfo):
             raise TypeError(
-                f'{type(name_or_dataset).__name__} has no DatasetInfo; pass a registered name or a '
-                f'dataset made by build_dataset')
+                f"{type(name_or_dataset).__name__} has no DatasetInfo; pass a registered name or a "
+                f"dataset made by build_dataset"
+            )
         return info
     source = _entry(name_or_dataset).info
     return source if isinstance(source, DatasetInfo) else source(None if root is None else str(root))
 
 
 def resolve_norm(
-        mean: Optional[Sequence[float]],
-        std: Optional[Sequence[float]],
-        in_chans: int,
-        default: DatasetInfo,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    in_chans: int,
+    default: DatasetInfo,
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean/std: given or the dataset's default, broadcast from one value to ``in_chans``."""
+
     def one(values, fallback, what):
         values = tuple(float(v) for v in (fallback if values is None else values))
         if len(values) == 1:
             values = values * in_chans
         if len(values) != in_chans:
-            raise ValueError(f'{what} has {len(values)} values but in_chans={in_chans}; give 1 or {in_chans} values')
+            raise ValueError(
+                f"{what} has {len(values)} values but in_chans={in_chans}; give 1 or {in_chans} values"
+            )
         return values
-    mean_t = one(mean, default.mean, 'mean')
-    std_t = one(std, default.std, 'std')
+
+    mean_t = one(mean, default.mean, "mean")
+    std_t = one(std, default.std, "std")
     if any(s <= 0 for s in std_t):
-        raise ValueError(f'std must be positive, got {std_t}')
+        raise ValueError(f"std must be positive, got {std_t}")
     return mean_t, std_t
 
 
@@ -148,7 +170,9 @@ def with_settings(info: DatasetInfo, **changes) -> DatasetInfo:
     return replace(info, **changes)
 
 
-def check_image_args(name: str, img_size: Optional[int], in_chans: Optional[int], default: DatasetInfo) -> tuple[int, int]:
+def check_image_args(
+    name: str, img_size: int | None, in_chans: int | None, default: DatasetInfo
+) -> tuple[int, int]:
     img_size = default.img_size if img_size is None else img_size
     in_chans = default.in_chans if in_chans is None else in_chans
     if not isinstance(img_size, int) or img_size <= 0:

@@ -4,19 +4,20 @@
 animal-mnist package's gzipped pickles) are read through an unpickler that resolves only numpy's
 own array/scalar reconstruction functions and refuses every other global.
 """
+
 from __future__ import annotations
 
 import gzip
 import io
 import pickle
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
-__all__ = ['UnsafePickleError', 'NumpyOnlyUnpickler', 'load_numpy_pickle']
+__all__ = ["NumpyOnlyUnpickler", "UnsafePickleError", "load_numpy_pickle"]
 
-_GZIP_MAGIC = b'\x1f\x8b'
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -28,10 +29,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     # (``numpy.core`` before 2.0, ``numpy._core`` after) map to the object this numpy really uses.
     reconstruct = np.ndarray.__reduce__(np.empty(0))[0]
     scalar = np.float64(0).__reduce__()[0]
-    allowed = {('numpy', 'ndarray'): np.ndarray, ('numpy', 'dtype'): np.dtype}
-    for module in ('numpy.core.multiarray', 'numpy._core.multiarray'):
-        allowed[(module, '_reconstruct')] = reconstruct
-        allowed[(module, 'scalar')] = scalar
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = reconstruct
+        allowed[(module, "scalar")] = scalar
     return allowed
 
 
@@ -40,7 +41,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
     _ALLOWED = _allowed_globals()
 
-    def __init__(self, file, *, source: str = '<stream>'):
+    def __init__(self, file, *, source: str = "<stream>"):
         super().__init__(file)
         self._source = source
 
@@ -48,7 +49,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         try:
             return self._ALLOWED[(module, name)]
         except KeyError:
-            allowed = ', '.join(sorted(f'{m}.{n}' for m, n in self._ALLOWED))
+            allowed = ", ".join(sorted(f"{m}.{n}" for m, n in self._ALLOWED))
             raise UnsafePickleError(
                 f"refusing to unpickle {_source_label(self._source)}: it references the global "
                 f"'{module}.{name}', but only numpy array reconstruction is allowed ({allowed}). "
@@ -56,14 +57,14 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f'refusing to unpickle {_source_label(self._source)}: it uses persistent ids')
+        raise UnsafePickleError(f"refusing to unpickle {_source_label(self._source)}: it uses persistent ids")
 
 
 def _source_label(source: str) -> str:
-    return source if source.startswith('<') else f"'{source}'"
+    return source if source.startswith("<") else f"'{source}'"
 
 
-def load_numpy_pickle(path: Union[str, Path]) -> np.ndarray:
+def load_numpy_pickle(path: str | Path) -> np.ndarray:
     """Read one numpy array from a (possibly gzipped) pickle file, refusing anything else.
 
     Object arrays are refused too: their elements are arbitrary python objects, not data.
@@ -76,5 +77,7 @@ def load_numpy_pickle(path: Union[str, Path]) -> np.ndarray:
     if not isinstance(obj, np.ndarray):
         raise UnsafePickleError(f"expected a numpy array in '{path}', found {type(obj).__name__}")
     if obj.dtype.hasobject:
-        raise UnsafePickleError(f"refusing the object array in '{path}': only plain numeric/string dtypes are allowed")
+        raise UnsafePickleError(
+            f"refusing the object array in '{path}': only plain numeric/string dtypes are allowed"
+        )
     return obj

@@ -7,19 +7,21 @@ point is a *global* count: ``position`` = samples of this epoch consumed by all 
 with the same world size that is each rank's unfinished tail, with another world size the rest is
 re-strided over the new ranks.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import Sampler
 
 from .seeding import SampleKey
 
-__all__ = ['ResumableSampler']
+__all__ = ["ResumableSampler"]
 
-_CONFIG_KEYS = ('length', 'shuffle', 'seed', 'drop_last')
+_CONFIG_KEYS = ("length", "shuffle", "seed", "drop_last")
 
 
 class ResumableSampler(Sampler[int]):
@@ -33,12 +35,22 @@ class ResumableSampler(Sampler[int]):
     the caller reports it: :meth:`advance` after each step, or :meth:`set_position` on resume.
     """
 
-    def __init__(self, length: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = True):
+    def __init__(
+        self,
+        length: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ):
         if length < 0:
-            raise ValueError(f'length must be >= 0, got {length}')
+            raise ValueError(f"length must be >= 0, got {length}")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f'need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}')
+            raise ValueError(
+                f"need world_size >= 1 and 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
         self.length = int(length)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -68,8 +80,9 @@ class ResumableSampler(Sampler[int]):
         # A padded epoch has up to world_size - 1 repeated samples beyond `length`.
         if not 0 <= position <= self.length + world_size - 1:
             raise ValueError(
-                f'position {position} is outside epoch {self.epoch} ({self.length} samples over {world_size} ranks); '
-                f'it counts samples consumed in the current epoch by all ranks together')
+                f"position {position} is outside epoch {self.epoch} ({self.length} samples over {world_size} ranks); "
+                f"it counts samples consumed in the current epoch by all ranks together"
+            )
 
     def _per_rank(self, remaining: int) -> int:
         if self.drop_last:
@@ -89,12 +102,12 @@ class ResumableSampler(Sampler[int]):
     def indices(self) -> list[int]:
         """This rank's remaining indices for the current epoch and position."""
         order = self.epoch_order()
-        rest = order[self.position:]
+        rest = order[self.position :]
         total = self._per_rank(len(rest)) * self.world_size
         if total > len(rest):  # pad by repeating the epoch's order from its start
             pad = total - len(rest)
             rest += (order * math.ceil(pad / len(order)))[:pad]
-        return rest[self.rank:total:self.world_size]
+        return rest[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.epoch
@@ -102,21 +115,32 @@ class ResumableSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable progress (epoch, position) plus the settings that define the order."""
-        return dict(epoch=self.epoch, position=self.position, length=self.length, shuffle=self.shuffle,
-                    seed=self.seed, drop_last=self.drop_last, world_size=self.world_size)
+        return dict(
+            epoch=self.epoch,
+            position=self.position,
+            length=self.length,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            drop_last=self.drop_last,
+            world_size=self.world_size,
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore epoch and position. The order's settings must match (another length, seed, shuffle
         or drop_last means another order, so the position would be meaningless); the world size may
         differ: the rest of the epoch is then re-strided over the new ranks."""
-        missing = [k for k in ('epoch', 'position', *_CONFIG_KEYS) if k not in state]
+        missing = [k for k in ("epoch", "position", *_CONFIG_KEYS) if k not in state]
         if missing:
-            raise ValueError(f'sampler state is missing {missing}; expected the dict from ResumableSampler.state_dict()')
+            raise ValueError(
+                f"sampler state is missing {missing}; expected the dict from ResumableSampler.state_dict()"
+            )
         changed = {k: (state[k], getattr(self, k)) for k in _CONFIG_KEYS if state[k] != getattr(self, k)}
         if changed:
-            detail = ', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in changed.items())
-            raise ValueError(f'cannot resume the sampler: {detail}. Resume with the same dataset and data seed, '
-                             f'or start a fresh epoch.')
-        self.epoch = int(state['epoch'])
-        self._check_position(state['position'], max(self.world_size, int(state.get('world_size', 1))))
-        self.position = int(state['position'])
+            detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(
+                f"cannot resume the sampler: {detail}. Resume with the same dataset and data seed, "
+                f"or start a fresh epoch."
+            )
+        self.epoch = int(state["epoch"])
+        self._check_position(state["position"], max(self.world_size, int(state.get("world_size", 1))))
+        self.position = int(state["position"])

@@ -4,18 +4,19 @@ Augmentation draws its randomness from a generator seeded by (seed, epoch, index
 sample's pixels never depend on which worker loaded it, how many workers there are, or what was
 loaded before it: a resumed epoch reproduces the interrupted one bit for bit.
 """
+
 from __future__ import annotations
 
 import hashlib
 import random
 import struct
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
 
-__all__ = ['SampleKey', 'sample_seed', 'sample_generator', 'seeded_global_rngs', 'key_epoch']
+__all__ = ["SampleKey", "key_epoch", "sample_generator", "sample_seed", "seeded_global_rngs"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -28,7 +29,7 @@ class SampleKey(int):
     keeps persistent DataLoader workers (which hold their own copy of the dataset) in step.
     """
 
-    def __new__(cls, index: int, epoch: int = 0) -> 'SampleKey':
+    def __new__(cls, index: int, epoch: int = 0) -> SampleKey:
         key = super().__new__(cls, index)
         key.epoch = int(epoch)
         return key
@@ -37,12 +38,12 @@ class SampleKey(int):
         return SampleKey, (int(self), self.epoch)
 
     def __repr__(self) -> str:
-        return f'SampleKey({int(self)}, epoch={self.epoch})'
+        return f"SampleKey({int(self)}, epoch={self.epoch})"
 
 
 def key_epoch(key: int, default: int) -> int:
     """The epoch a key was drawn in, or ``default`` for a plain int index."""
-    return getattr(key, 'epoch', default)
+    return getattr(key, "epoch", default)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -51,9 +52,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     A cryptographic hash rather than arithmetic mixing: no two triples collide in practice, and the
     value is the same on every platform and library version.
     """
-    packed = struct.pack('<QQQ', seed & _MASK64, epoch & _MASK64, index & _MASK64)
-    digest = hashlib.blake2b(packed, digest_size=8, person=b'attnxfer').digest()
-    return int.from_bytes(digest, 'little') >> 1
+    packed = struct.pack("<QQQ", seed & _MASK64, epoch & _MASK64, index & _MASK64)
+    digest = hashlib.blake2b(packed, digest_size=8, person=b"attnxfer").digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:

@@ -4,9 +4,10 @@ Each class has a smooth random prototype pattern; a sample is its class's protot
 noise, so a nearest-prototype rule (and any small model) can learn the labels. Everything is a
 function of the seed: prototypes of ``seed``, sample i of (seed, split, i), generated on access.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,14 +16,15 @@ from torch.utils.data import Dataset
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .seeding import sample_generator
 
-__all__ = ['SyntheticImages', 'SYNTHETIC_INFO']
+__all__ = ["SYNTHETIC_INFO", "SyntheticImages"]
 
 SYNTHETIC_INFO = DatasetInfo(
-    name='synthetic', num_classes=10, class_names=None, mean=(0.5,), std=(0.25,), in_chans=3, img_size=32)
+    name="synthetic", num_classes=10, class_names=None, mean=(0.5,), std=(0.25,), in_chans=3, img_size=32
+)
 
-_PROTOTYPE_GRID = 4     # prototypes are a 4x4 random grid, upsampled: smooth, class-specific blobs
-_PROTOTYPE_AMP = 0.2    # pixel = 0.5 + amp * prototype + noise, clamped to [0, 1]
-_SPLIT_IDS = {'train': 0, 'val': 1}
+_PROTOTYPE_GRID = 4  # prototypes are a 4x4 random grid, upsampled: smooth, class-specific blobs
+_PROTOTYPE_AMP = 0.2  # pixel = 0.5 + amp * prototype + noise, clamped to [0, 1]
+_SPLIT_IDS = {"train": 0, "val": 1}
 
 
 class SyntheticImages(Dataset):
@@ -30,8 +32,10 @@ class SyntheticImages(Dataset):
 
     def __init__(self, info: DatasetInfo, *, split: str, length: int, seed: int, noise: float):
         if info.num_classes is None or info.num_classes < 1 or length < 0 or noise < 0:
-            raise ValueError(f'synthetic: need num_classes >= 1, length >= 0, noise >= 0; got '
-                             f'{info.num_classes}, {length}, {noise}')
+            raise ValueError(
+                f"synthetic: need num_classes >= 1, length >= 0, noise >= 0; got "
+                f"{info.num_classes}, {length}, {noise}"
+            )
         self.info = info
         self.length = length
         self.seed = seed
@@ -39,7 +43,9 @@ class SyntheticImages(Dataset):
         self._split_id = _SPLIT_IDS[split]
         g = sample_generator(seed, -1, -1)  # prototypes: shared by both splits
         grid = torch.randn(info.num_classes, info.in_chans, _PROTOTYPE_GRID, _PROTOTYPE_GRID, generator=g)
-        protos = F.interpolate(grid, size=(info.img_size, info.img_size), mode='bilinear', align_corners=False)
+        protos = F.interpolate(
+            grid, size=(info.img_size, info.img_size), mode="bilinear", align_corners=False
+        )
         self.prototypes = protos / protos.flatten(1).std(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
         self._mean = torch.tensor(info.mean).view(-1, 1, 1)
         self._std = torch.tensor(info.std).view(-1, 1, 1)
@@ -53,7 +59,7 @@ class SyntheticImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         idx = int(index)
         if not 0 <= idx < self.length:
-            raise IndexError(f'index {idx} out of range for {self.length} samples')
+            raise IndexError(f"index {idx} out of range for {self.length} samples")
         y = self.label(idx)
         g = sample_generator(self.seed, self._split_id, idx)
         noise = torch.randn(self.prototypes.shape[1:], generator=g) * self.noise
@@ -61,23 +67,24 @@ class SyntheticImages(Dataset):
         return (pixels - self._mean) / self._std, y
 
 
-@register_dataset('synthetic', info=SYNTHETIC_INFO)
+@register_dataset("synthetic", info=SYNTHETIC_INFO)
 def build_synthetic(
-        split: str,
-        *,
-        root: Optional[str] = None,
-        img_size: Optional[int] = None,
-        in_chans: Optional[int] = None,
-        mean: Optional[Sequence[float]] = None,
-        std: Optional[Sequence[float]] = None,
-        seed: int = 0,
-        num_classes: int = 10,
-        length: int = 256,
-        noise: float = 0.1,
+    split: str,
+    *,
+    root: str | None = None,
+    img_size: int | None = None,
+    in_chans: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+    num_classes: int = 10,
+    length: int = 256,
+    noise: float = 0.1,
 ) -> SyntheticImages:
     """Synthetic split (``root`` is ignored): ``length`` samples of ``num_classes`` balanced classes."""
-    img_size, in_chans = check_image_args('synthetic', img_size, in_chans, SYNTHETIC_INFO)
+    img_size, in_chans = check_image_args("synthetic", img_size, in_chans, SYNTHETIC_INFO)
     mean, std = resolve_norm(mean, std, in_chans, SYNTHETIC_INFO)
-    info = with_settings(SYNTHETIC_INFO, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                         mean=mean, std=std)
+    info = with_settings(
+        SYNTHETIC_INFO, num_classes=num_classes, img_size=img_size, in_chans=in_chans, mean=mean, std=std
+    )
     return SyntheticImages(info, split=split, length=length, seed=seed, noise=noise)

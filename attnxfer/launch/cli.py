@@ -8,15 +8,16 @@ files, incompatible models) print one clear message and exit non-zero; set
 Each command imports its app inside its handler: `attnxfer --help` and argument errors answer without
 loading torch. This is the only place in the package that imports attnxfer code lazily.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import Callable, Dict, Optional, Sequence
+from collections.abc import Callable, Sequence
 
-__all__ = ["main", "build_parser", "register_command"]
+__all__ = ["build_parser", "main", "register_command"]
 
 EXAMPLES = """\
 examples:
@@ -29,38 +30,51 @@ examples:
   attnxfer submit --command convert -c convert/vit_base_mae_performer data.root=/data/imagenet --gpus-per-node 8
 """
 
-_COMMANDS: Dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+_COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
 
 
 def register_command(name: str):
     """Subcommands register a function that adds their parser (registry, not an if-chain)."""
+
     def deco(fn):
         _COMMANDS[name] = fn
         return fn
+
     return deco
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("-c", "--config", required=required, help="YAML config (see cfgs/); defaults apply otherwise")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides, e.g. transfer.mode=copy optim.lr=1e-3 transfer.layers=[0,1]")
+    p.add_argument(
+        "-c", "--config", required=required, help="YAML config (see cfgs/); defaults apply otherwise"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. transfer.mode=copy optim.lr=1e-3 transfer.layers=[0,1]",
+    )
 
 
 def _load(args):
     from ..config import load_config
+
     return load_config(args.config, args.overrides)
 
 
 @register_command("train")
 def _train_parser(sub):
-    p = sub.add_parser("train", help="train a student by attention copy/distillation (or from scratch)",
-                       description="Train (or resume: checkpoint.resume=auto) the run described by the config.")
+    p = sub.add_parser(
+        "train",
+        help="train a student by attention copy/distillation (or from scratch)",
+        description="Train (or resume: checkpoint.resume=auto) the run described by the config.",
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
     from ..apps.training import train
+
     cfg = _load(args)
     result = train(cfg)
     print(f"done: {result.steps} steps, best val top1 {result.best_top1:.2f} -> {result.run_dir}")
@@ -77,6 +91,7 @@ def _eval_parser(sub):
 def _cmd_eval(args) -> int:
     from ..apps.training import train
     from ..config import apply_overrides
+
     cfg = apply_overrides(_load(args), {"eval_only": True})
     result = train(cfg)
     for k, v in result.final.items():
@@ -88,7 +103,9 @@ def _cmd_eval(args) -> int:
 def _demo_parser(sub):
     p = sub.add_parser("demo", help="teacher, scratch, copy and distill on animal-mnist in ~10 minutes (CPU)")
     p.add_argument("--out", default="runs/demo", help="where runs, table and plot go (default runs/demo)")
-    p.add_argument("--budget-steps", type=int, default=None, help="optimiser steps per student (equal budget)")
+    p.add_argument(
+        "--budget-steps", type=int, default=None, help="optimiser steps per student (equal budget)"
+    )
     p.add_argument("--teacher-steps", type=int, default=None, help="optimiser steps for the teacher")
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny budgets)")
     p.set_defaults(func=_cmd_demo)
@@ -96,6 +113,7 @@ def _demo_parser(sub):
 
 def _cmd_demo(args) -> int:
     from ..apps.demo import run_demo
+
     run_demo(args.out, budget_steps=args.budget_steps, teacher_steps=args.teacher_steps, quick=args.quick)
     return 0
 
@@ -103,43 +121,59 @@ def _cmd_demo(args) -> int:
 @register_command("convert")
 def _convert_parser(sub):
     p = sub.add_parser(
-        "convert", help="turn a softmax teacher into an efficient-attention student (stage 1 + stage 2 + report)",
+        "convert",
+        help="turn a softmax teacher into an efficient-attention student (stage 1 + stage 2 + report)",
         description="Copy the teacher into a student with efficient attention (convert.attention), fit each "
-                    "attention layer to the teacher's on the teacher's hidden inputs (stage 1), fine-tune end to end "
-                    "with logit distillation (stage 2: the schedule/optim/transfer sections), and write "
-                    "RUN_DIR/report.json and report.md.")
+        "attention layer to the teacher's on the teacher's hidden inputs (stage 1), fine-tune end to end "
+        "with logit distillation (stage 2: the schedule/optim/transfer sections), and write "
+        "RUN_DIR/report.json and report.md.",
+    )
     _add_config_args(p)
-    p.add_argument("--skip-stage1", action="store_true", help="no layer-parallel transfer (the ablation); "
-                                                               "same as convert.stage1_steps=0")
+    p.add_argument(
+        "--skip-stage1",
+        action="store_true",
+        help="no layer-parallel transfer (the ablation); same as convert.stage1_steps=0",
+    )
     p.set_defaults(func=_cmd_convert)
 
 
 def _cmd_convert(args) -> int:
     from ..apps.convert import convert
     from ..train.distributed import DistributedInfo
+
     result = convert(_load(args), skip_stage1=args.skip_stage1)
     if not DistributedInfo.from_environment().is_main_process:
         return 0
     r = result.report
     top1 = r["top1"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    print(f"done: teacher top-1 {fmt(top1['teacher'])}, student top-1 {fmt(r['student_top1'])} "
-          f"({fmt(r['recovered_pct'])}% of the teacher's), speed {r['speed']['speedup']:.2f}x -> "
-          f"{result.run_dir}/report.md")
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+    print(
+        f"done: teacher top-1 {fmt(top1['teacher'])}, student top-1 {fmt(r['student_top1'])} "
+        f"({fmt(r['recovered_pct'])}% of the teacher's), speed {r['speed']['speedup']:.2f}x -> "
+        f"{result.run_dir}/report.md"
+    )
     return 0
 
 
 @register_command("submit")
 def _submit_parser(sub):
     from .slurm import add_slurm_arguments
-    p = sub.add_parser("submit", help="run `train` (or `convert`) as a (multi-node) SLURM job through submitit",
-                       description="Submit the same training as `attnxfer train` (or, with --command convert, the "
-                                   "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
-                                   "periodically, requeues itself on preemption/time limit and resumes.")
+
+    p = sub.add_parser(
+        "submit",
+        help="run `train` (or `convert`) as a (multi-node) SLURM job through submitit",
+        description="Submit the same training as `attnxfer train` (or, with --command convert, the "
+        "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
+        "periodically, requeues itself on preemption/time limit and resumes.",
+    )
     _add_config_args(p)
-    p.add_argument("--command", choices=sorted(SUBMITTABLE), default="train",
-                   help="what the job runs (default train); convert resumes a finished stage 1 and stage 2's "
-                        "checkpoints after a requeue")
+    p.add_argument(
+        "--command",
+        choices=sorted(SUBMITTABLE),
+        default="train",
+        help="what the job runs (default train); convert resumes a finished stage 1 and stage 2's "
+        "checkpoints after a requeue",
+    )
     add_slurm_arguments(p)
     p.set_defaults(func=_cmd_submit)
 
@@ -150,7 +184,9 @@ SUBMITTABLE = {"train": "attnxfer.apps.training:train", "convert": "attnxfer.app
 
 def _cmd_submit(args) -> int:
     import importlib
+
     from .slurm import submit_from_args
+
     module, name = SUBMITTABLE[args.command].split(":")
     submit_from_args(getattr(importlib.import_module(module), name), _load(args), args)
     return 0
@@ -158,11 +194,14 @@ def _cmd_submit(args) -> int:
 
 @register_command("export")
 def _export_parser(sub):
-    p = sub.add_parser("export", help="write a run's student in timm's Hub format with a model card",
-                       description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
-                                   "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
-                                   "pretrained=True); any student, efficient attention included (e.g. the stage2/ "
-                                   "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR').")
+    p = sub.add_parser(
+        "export",
+        help="write a run's student in timm's Hub format with a model card",
+        description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
+        "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
+        "pretrained=True); any student, efficient attention included (e.g. the stage2/ "
+        "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR').",
+    )
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
@@ -175,24 +214,36 @@ def _export_parser(sub):
 def _cmd_export(args) -> int:
     from ..checkpoints.export import export_run
     from ..checkpoints.store import CheckpointManager
+
     weights = args.weights
     if weights == "ema":  # a run without EMA has raw weights only: say so and use them
         info = CheckpointManager(args.run_dir).latest()
         if info is not None and "ema" not in info.groups:
             print("attnxfer export: the run kept no EMA weights; exporting the raw weights", file=sys.stderr)
             weights = "raw"
-    out = export_run(args.run_dir, args.out_dir, weights=weights, checkpoint=args.checkpoint,
-                     push_to_hub=args.push_to_hub, overwrite=args.overwrite)
+    out = export_run(
+        args.run_dir,
+        args.out_dir,
+        weights=weights,
+        checkpoint=args.checkpoint,
+        push_to_hub=args.push_to_hub,
+        overwrite=args.overwrite,
+    )
     plain = json.loads((out / "config.json").read_text())["attnxfer"]["loads_in_plain_timm"]
-    how = (f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)" if plain
-           else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)")
+    how = (
+        f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)"
+        if plain
+        else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)"
+    )
     print(f"exported to {out}\nload with: {how}")
     return 0
 
 
 @register_command("fetch")
 def _fetch_parser(sub):
-    p = sub.add_parser("fetch", help="download a teacher into the Hugging Face cache (on a machine with internet)")
+    p = sub.add_parser(
+        "fetch", help="download a teacher into the Hugging Face cache (on a machine with internet)"
+    )
     p.add_argument("spec", help="timm name (vit_large_patch16_224.mae) or hf-hub:ORG/NAME[@rev]")
     p.add_argument("--revision", default=None)
     p.add_argument("--cache-dir", default=None, help="cache folder (default: HF_HUB_CACHE / HF_HOME)")
@@ -201,6 +252,7 @@ def _fetch_parser(sub):
 
 def _cmd_fetch(args) -> int:
     from ..sources.teacher import fetch_teacher
+
     path = fetch_teacher(args.spec, cache_dir=args.cache_dir, revision=args.revision)
     print(f"{args.spec} -> {path}")
     return 0
@@ -208,10 +260,14 @@ def _cmd_fetch(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="attnxfer", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
+        prog="attnxfer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXAMPLES,
         description="Attention transfer for Vision Transformers: attention copy, attention distillation and "
-                    "conversion to efficient attention, on timm models.")
+        "conversion to efficient attention, on timm models.",
+    )
     from .. import __version__
+
     parser.add_argument("--version", action="version", version=f"attnxfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in _COMMANDS.values():
@@ -222,19 +278,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple:
     """Exceptions that mean 'change your input', reported without a traceback."""
     from ..checkpoints.store import CheckpointError
+    from ..config import ConfigError
     from ..train.engine import NonFiniteLossError
     from ..transfer.plan import PlanError
-    from ..config import ConfigError
+
     errors = [ConfigError, PlanError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError]
     try:
         from ..sources.teacher import TeacherNotAvailable
+
         errors.append(TeacherNotAvailable)
     except ImportError:
         pass
     return tuple(errors) + (ValueError,)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
     args, extra = parser.parse_known_args(argv)
@@ -249,10 +307,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("attnxfer: interrupted; the newest checkpoint is intact (resume with checkpoint.resume=auto)",
-              file=sys.stderr)
+        print(
+            "attnxfer: interrupted; the newest checkpoint is intact (resume with checkpoint.resume=auto)",
+            file=sys.stderr,
+        )
         return 130
-    except Exception as e:  # noqa: BLE001 - reported below, re-raised in debug mode
+    except Exception as e:
         if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, _user_errors()):
             raise
         print(f"attnxfer {args.command}: error: {e}", file=sys.stderr)

@@ -10,9 +10,11 @@ checkpoint in its run directory. Requeues are bounded (``max_requeues``) and rec
 ``cfg`` is opaque here except for :class:`RunConfig`: a run directory and dotted overrides,
 which is all sweeps need (one run directory per point).
 """
+
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -24,9 +26,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError, pickle_load
@@ -50,7 +53,7 @@ class RunConfig(Protocol):
 
     run_dir: str
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "RunConfig":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
         """A copy with dotted keys (``"optim.lr"``, and ``"run_dir"``) set to the given values."""
         ...
 
@@ -111,7 +114,9 @@ def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
     for key, values in parse_key_values(items, what="--sweep").items():
         vals = [v.strip() for v in values.split(",")]
         if not vals or any(v == "" for v in vals):
-            raise ValueError(f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}")
+            raise ValueError(
+                f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}"
+            )
         sweep[key] = vals
     return sweep
 
@@ -153,7 +158,8 @@ class SlurmOptions:
             if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
                 raise ValueError(
                     f"one task per GPU: tasks_per_node={self.tasks_per_node} differs from "
-                    f"gpus_per_node={self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)")
+                    f"gpus_per_node={self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)"
+                )
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
             raise ValueError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if self.max_requeues < 0:
@@ -168,7 +174,9 @@ class SlurmOptions:
         self.extra = {str(k).replace("_", "-"): v for k, v in dict(self.extra).items()}
         clash = sorted(set(self.extra) & RESERVED_SBATCH_KEYS)
         if clash:
-            raise ValueError(f"--slurm cannot set {clash}: submitit manages them (use --name for the job name)")
+            raise ValueError(
+                f"--slurm cannot set {clash}: submitit manages them (use --name for the job name)"
+            )
 
     @property
     def ntasks_per_node(self) -> int:
@@ -194,9 +202,16 @@ def sbatch_parameters(opts: SlurmOptions) -> dict[str, Any]:
         "array_parallelism": opts.array_parallelism,
         "srun_args": list(DEFAULT_SRUN_ARGS),
     }
-    optional = {"gpus_per_node": opts.gpus_per_node or None, "cpus_per_task": opts.cpus_per_task,
-                "mem": opts.mem, "partition": opts.partition, "account": opts.account, "qos": opts.qos,
-                "constraint": opts.constraint, "exclude": opts.exclude}
+    optional = {
+        "gpus_per_node": opts.gpus_per_node or None,
+        "cpus_per_task": opts.cpus_per_task,
+        "mem": opts.mem,
+        "partition": opts.partition,
+        "account": opts.account,
+        "qos": opts.qos,
+        "constraint": opts.constraint,
+        "exclude": opts.exclude,
+    }
     params.update({k: v for k, v in optional.items() if v is not None})
     if opts.extra:
         params["additional_parameters"] = dict(opts.extra)
@@ -206,16 +221,26 @@ def sbatch_parameters(opts: SlurmOptions) -> dict[str, Any]:
 def build_executor(opts: SlurmOptions, job_dir: str | Path) -> submitit.AutoExecutor:
     """A submitit executor for ``opts.cluster`` (explicit: AutoExecutor alone picks SLURM whenever srun exists)."""
     if opts.cluster == "slurm" and not _has_srun():
-        raise RuntimeError("cluster='slurm' but `srun` is not on PATH: submit from a SLURM login node, "
-                           "or use --cluster local to run on this machine")
-    executor = submitit.AutoExecutor(folder=str(job_dir), cluster=opts.cluster,
-                                     slurm_max_num_timeout=opts.max_requeues,
-                                     local_max_num_timeout=opts.max_requeues)
+        raise RuntimeError(
+            "cluster='slurm' but `srun` is not on PATH: submit from a SLURM login node, "
+            "or use --cluster local to run on this machine"
+        )
+    executor = submitit.AutoExecutor(
+        folder=str(job_dir),
+        cluster=opts.cluster,
+        slurm_max_num_timeout=opts.max_requeues,
+        local_max_num_timeout=opts.max_requeues,
+    )
     if opts.cluster == "slurm":
         executor.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(opts).items()})
     else:
-        executor.update_parameters(name=opts.name, timeout_min=opts.timeout_min, nodes=1,
-                                   tasks_per_node=opts.ntasks_per_node, gpus_per_node=opts.gpus_per_node)
+        executor.update_parameters(
+            name=opts.name,
+            timeout_min=opts.timeout_min,
+            nodes=1,
+            tasks_per_node=opts.ntasks_per_node,
+            gpus_per_node=opts.gpus_per_node,
+        )
     return executor
 
 
@@ -252,13 +277,17 @@ class TrainingTask(submitit.helpers.Checkpointable):
         _ensure_job_logging()
         restarts = self.restart_count()
         if restarts:
-            _logger.warning("restart %d of this job (max %d): main resumes from its run directory",
-                            restarts, self.max_requeues)
+            _logger.warning(
+                "restart %d of this job (max %d): main resumes from its run directory",
+                restarts,
+                self.max_requeues,
+            )
             self._record_requeue(restarts, event="restarted")
             if restarts > self.max_requeues:  # e.g. the scheduler requeued it without asking us
                 raise RequeueLimitReached(
                     f"job restarted {restarts} times, more than max_requeues={self.max_requeues}; "
-                    "raise --max-requeues or look at why it keeps being preempted")
+                    "raise --max-requeues or look at why it keeps being preempted"
+                )
         _watch_stop_signals()
         info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")))
         try:
@@ -270,8 +299,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 raise
             # a peer left for the requeue (or SLURM is killing the job): this error is a consequence,
             # and must not reach the submitter as a failure of the job, which will run again
-            _logger.warning("rank %d: %r after a preemption/time-limit signal; exiting without a result",
-                            info.rank, e)
+            _logger.warning(
+                "rank %d: %r after a preemption/time-limit signal; exiting without a result", info.rank, e
+            )
             raise SystemExit(1) from e
         cleanup_distributed()
         return result
@@ -286,11 +316,15 @@ class TrainingTask(submitit.helpers.Checkpointable):
             # raised inside the signal handler: the job ends with this error instead of requeuing
             raise RequeueLimitReached(
                 f"preempted or timed out again after {count - 1} requeue(s); max_requeues={self.max_requeues} "
-                "reached, not requeuing (the run dir keeps the last checkpoint: resubmit to continue)")
+                "reached, not requeuing (the run dir keeps the last checkpoint: resubmit to continue)"
+            )
         self.requeues = count
         self._record_requeue(count, event="requeued")
-        _logger.warning("requeuing (requeue %d of at most %d); main will resume from its newest checkpoint",
-                        count, self.max_requeues)
+        _logger.warning(
+            "requeuing (requeue %d of at most %d); main will resume from its newest checkpoint",
+            count,
+            self.max_requeues,
+        )
         return super().checkpoint(*args, **kwargs)
 
     def _record_requeue(self, count: int, event: str) -> None:
@@ -302,7 +336,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
             path = requeue_record_path(env.paths.folder, env.job_id)
             record = json.loads(path.read_text()) if path.exists() else {"job_id": env.job_id, "events": []}
             record.update(requeues=count, max_requeues=self.max_requeues)
-            record["events"].append({"event": event, "count": count, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            record["events"].append(
+                {"event": event, "count": count, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            )
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1))
             os.replace(tmp, path)
@@ -375,8 +411,9 @@ def _point_name(index: int, overrides: Mapping[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{index:03d}_{label}")
 
 
-def sweep_points(cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None,
-                 run_dir_key: str = RUN_DIR_KEY) -> list[SweepPoint]:
+def sweep_points(
+    cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None, run_dir_key: str = RUN_DIR_KEY
+) -> list[SweepPoint]:
     """The cartesian product of ``sweep`` as configs, each with its own run dir under ``cfg.run_dir``."""
     _check_config(cfg)
     if not sweep:
@@ -395,7 +432,9 @@ def sweep_points(cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None,
 
 def _check_config(cfg: Any) -> None:
     if not isinstance(cfg, RunConfig):
-        raise TypeError(f"cfg must have a `run_dir` and a `with_overrides(dict)` method, got {type(cfg).__name__}")
+        raise TypeError(
+            f"cfg must have a `run_dir` and a `with_overrides(dict)` method, got {type(cfg).__name__}"
+        )
     if not str(cfg.run_dir):
         raise ValueError("cfg.run_dir is empty: set run_dir=PATH (on a filesystem every node sees)")
 
@@ -416,14 +455,20 @@ def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | Non
     return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-def render_dry_run(cfg: RunConfig, opts: SlurmOptions, sweep: Mapping[str, Sequence[Any]] | None = None,
-                   run_dir_key: str = RUN_DIR_KEY) -> str:
+def render_dry_run(
+    cfg: RunConfig,
+    opts: SlurmOptions,
+    sweep: Mapping[str, Sequence[Any]] | None = None,
+    run_dir_key: str = RUN_DIR_KEY,
+) -> str:
     """What ``submit(..., dry_run=True)`` prints: the sbatch script and every resolved config."""
     points = sweep_points(cfg, sweep, run_dir_key)
     job_dir = default_job_dir(cfg, opts)
-    lines = [f"# dry run: nothing submitted ({len(points)} job{'s' if len(points) > 1 else ''}, "
-             f"{opts.nodes} node(s) x {opts.ntasks_per_node} task(s), cluster={opts.cluster})",
-             f"# job dir: {job_dir}"]
+    lines = [
+        f"# dry run: nothing submitted ({len(points)} job{'s' if len(points) > 1 else ''}, "
+        f"{opts.nodes} node(s) x {opts.ntasks_per_node} task(s), cluster={opts.cluster})",
+        f"# job dir: {job_dir}",
+    ]
     if opts.cluster == "slurm":
         kind = f"job array of {len(points)}" if len(points) > 1 else "job"
         lines += [f"# sbatch script for the {kind}:", sbatch_script(opts, job_dir, len(points)).rstrip()]
@@ -435,9 +480,15 @@ def render_dry_run(cfg: RunConfig, opts: SlurmOptions, sweep: Mapping[str, Seque
     return "\n".join(lines) + "\n"
 
 
-def submit(main_fn: Callable[[Any], Any], cfg: RunConfig, opts: SlurmOptions,
-           sweep: Mapping[str, Sequence[Any]] | None = None, dry_run: bool = False,
-           run_dir_key: str = RUN_DIR_KEY, echo: Callable[[str], None] = print) -> list[submitit.Job]:
+def submit(
+    main_fn: Callable[[Any], Any],
+    cfg: RunConfig,
+    opts: SlurmOptions,
+    sweep: Mapping[str, Sequence[Any]] | None = None,
+    dry_run: bool = False,
+    run_dir_key: str = RUN_DIR_KEY,
+    echo: Callable[[str], None] = print,
+) -> list[submitit.Job]:
     """Submit ``main_fn(cfg)`` (one job, or a job array over the sweep's cartesian product).
 
     Prints the job id(s), the log paths and how to follow and cancel them, and returns the
@@ -466,8 +517,9 @@ def describe_jobs(jobs: Sequence[submitit.Job], points: Sequence[SweepPoint], op
     if array_id:
         lines.append(f"submitted job array {array_id} ({len(jobs)} points, {opts.num_tasks} task(s) each)")
     for job, point in zip(jobs, points):
-        lines.append(f"job {job.job_id}: run dir {point.run_dir}"
-                     + (f"  {point.overrides}" if point.overrides else ""))
+        lines.append(
+            f"job {job.job_id}: run dir {point.run_dir}" + (f"  {point.overrides}" if point.overrides else "")
+        )
         lines.append(f"  stdout: {job.paths.stdout}   (rank 0; other ranks: *_<rank>_log.out)")
         lines.append(f"  stderr: {job.paths.stderr}")
     first = jobs[0]
@@ -495,19 +547,42 @@ class JobTimeoutError(TimeoutError):
     """``wait`` gave up before the job finished (the job keeps running)."""
 
 
-SLURM_ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
-                       "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "PREEMPTED",
-                       "RESV_DEL_HOLD", "STOPPED", "UNKNOWN"}
+SLURM_ACTIVE_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+    "PREEMPTED",
+    "RESV_DEL_HOLD",
+    "STOPPED",
+    "UNKNOWN",
+}
 # no result on disk can be trusted in these: the job is (re)queued, or its processes are being
 # killed and it may be on its way back to the queue
-SLURM_NOT_READY_STATES = {"PENDING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
-                          "RESV_DEL_HOLD"}
+SLURM_NOT_READY_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESV_DEL_HOLD",
+}
 
 
 def slurm_job_info(job_id: str) -> dict[str, str] | None:
     """``scontrol show job`` as a dict (``None`` once the controller forgot the job); needs no accounting."""
     try:
-        out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {"JobState": "UNKNOWN"}
     if out.returncode != 0:
@@ -561,8 +636,13 @@ def _tasks(job: submitit.Job) -> list[submitit.Job]:
     return [job.task(i) for i in range(job.num_tasks)]
 
 
-def wait(jobs: submitit.Job | Sequence[submitit.Job], timeout: float | None = None, poll_s: float = 1.0,
-         log_lines: int = 40, grace_s: float = 15.0) -> list[list[Any]]:
+def wait(
+    jobs: submitit.Job | Sequence[submitit.Job],
+    timeout: float | None = None,
+    poll_s: float = 1.0,
+    log_lines: int = 40,
+    grace_s: float = 15.0,
+) -> list[list[Any]]:
     """Wait for every job; return each job's per-rank results.
 
     Raises :class:`JobFailedError` as soon as any rank of any job raised (with that rank's
@@ -604,14 +684,18 @@ def wait(jobs: submitit.Job | Sequence[submitit.Job], timeout: float | None = No
                 if time.monotonic() - first > grace_s:  # ended and still no result: it died
                     state = state or job.state
                     logs = "\n".join(_rank_logs(t, log_lines) for t in _tasks(job))
-                    raise JobFailedError(f"job {job.job_id} ended ({state}) without a result from every rank:\n"
-                                         f"{logs}", job.job_id)
+                    raise JobFailedError(
+                        f"job {job.job_id} ended ({state}) without a result from every rank:\n{logs}",
+                        job.job_id,
+                    )
         if len(results) == len(job_list):
             return [results[j] for j in range(len(job_list))]
         if deadline is not None and time.monotonic() > deadline:
             pending = [job.job_id for j, job in enumerate(job_list) if j not in results]
-            raise JobTimeoutError(f"jobs {pending} not finished after {timeout:.0f} s; they keep running "
-                                  f"(follow their logs, or scancel {' '.join(pending)})")
+            raise JobTimeoutError(
+                f"jobs {pending} not finished after {timeout:.0f} s; they keep running "
+                f"(follow their logs, or scancel {' '.join(pending)})"
+            )
         time.sleep(poll_s)
 
 
@@ -620,7 +704,9 @@ def _is_slurm(job: submitit.Job) -> bool:
 
 
 # errors a rank gets because another rank died: reported after the error that caused them
-_PEER_GONE = re.compile(r"(closed|reset) by peer|remote worker|remote process|DistBackendError", re.IGNORECASE)
+_PEER_GONE = re.compile(
+    r"(closed|reset) by peer|remote worker|remote process|DistBackendError", re.IGNORECASE
+)
 
 
 def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list[Any] | None:
@@ -633,23 +719,32 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
     outcomes = [_task_outcome(task, not_before) for task in tasks]
     failed = [rank for rank, o in enumerate(outcomes) if o is not None and o[0] == "error"]
     if failed:
+
         def cause_first(r: int) -> tuple[bool, float]:
             secondary = bool(_PEER_GONE.search(str(outcomes[r][1])))
             return secondary, tasks[r].paths.result_pickle.stat().st_mtime
 
         rank = min(failed, key=cause_first)
-        try:
+        with contextlib.suppress(Exception):
             job.cancel(check=False)  # the other ranks would wait for this one forever
-        except Exception:
-            pass
         others = [r for r in failed if r != rank]
         also = f" (then ranks {others}, most likely as a consequence)" if others else ""
-        batch_log = "" if rank == 0 else (  # srun reports the exit codes of dead ranks there
-            f"\n--- last 10 lines of {tasks[0].paths.stderr} (rank 0 and srun) ---\n"
-            f"{_tail(tasks[0].paths.stderr, 10)}")
+        batch_log = (
+            ""
+            if rank == 0
+            # srun reports the exit codes of dead ranks there
+            else (
+                f"\n--- last 10 lines of {tasks[0].paths.stderr} (rank 0 and srun) ---\n"
+                f"{_tail(tasks[0].paths.stderr, 10)}"
+            )
+        )
         raise JobFailedError(
             f"job {job.job_id} failed on rank {rank} of {job.num_tasks}{also}:\n{outcomes[rank][1]}\n"
-            f"{_rank_logs(tasks[rank], log_lines)}{batch_log}", job.job_id, rank, tasks[rank].paths.stderr)
+            f"{_rank_logs(tasks[rank], log_lines)}{batch_log}",
+            job.job_id,
+            rank,
+            tasks[rank].paths.stderr,
+        )
     if all(o is not None for o in outcomes):
         return [o[1] for o in outcomes]
     return None
@@ -672,18 +767,38 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--qos", default=None)
     g.add_argument("--constraint", default=None)
     g.add_argument("--exclude", default=None, help="nodes to avoid")
-    g.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch option, e.g. --slurm mail-type=END (repeatable)")
-    g.add_argument("--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)")
+    g.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. --slurm mail-type=END (repeatable)",
+    )
+    g.add_argument(
+        "--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)"
+    )
     g.add_argument("--name", default="attnxfer", help="job name")
-    g.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                   help="submit a job array over the cartesian product of these values (repeatable)")
+    g.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="submit a job array over the cartesian product of these values (repeatable)",
+    )
     g.add_argument("--array-parallelism", type=int, default=64, help="sweep points running at once")
     g.add_argument("--max-requeues", type=int, default=3, help="preemptions/time limits survived")
-    g.add_argument("--cluster", choices=CLUSTERS, default="slurm",
-                   help="slurm, or local (processes on this machine), or debug (in this process)")
-    g.add_argument("--dry-run", action="store_true", help="print the sbatch script and configs, submit nothing")
-    g.add_argument("--wait", action="store_true", help="block until the job ends; fail with a failing rank's log")
+    g.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="slurm",
+        help="slurm, or local (processes on this machine), or debug (in this process)",
+    )
+    g.add_argument(
+        "--dry-run", action="store_true", help="print the sbatch script and configs, submit nothing"
+    )
+    g.add_argument(
+        "--wait", action="store_true", help="block until the job ends; fail with a failing rank's log"
+    )
     return parser
 
 
@@ -693,11 +808,18 @@ def options_from_args(ns: argparse.Namespace) -> SlurmOptions:
     return SlurmOptions(extra=parse_key_values(getattr(ns, "slurm", None)), **kwargs)
 
 
-def submit_from_args(main_fn: Callable[[Any], Any], cfg: RunConfig, ns: argparse.Namespace,
-                     echo: Callable[[str], None] = print) -> list[submitit.Job]:
+def submit_from_args(
+    main_fn: Callable[[Any], Any], cfg: RunConfig, ns: argparse.Namespace, echo: Callable[[str], None] = print
+) -> list[submitit.Job]:
     """``attnxfer submit`` in one call: options, sweep, dry run and ``--wait`` from parsed flags."""
-    jobs = submit(main_fn, cfg, options_from_args(ns), sweep=parse_sweep(getattr(ns, "sweep", None)),
-                  dry_run=getattr(ns, "dry_run", False), echo=echo)
+    jobs = submit(
+        main_fn,
+        cfg,
+        options_from_args(ns),
+        sweep=parse_sweep(getattr(ns, "sweep", None)),
+        dry_run=getattr(ns, "dry_run", False),
+        echo=echo,
+    )
     if jobs and getattr(ns, "wait", False):
         wait(jobs)
     return jobs

@@ -6,16 +6,59 @@
 ``vit``         `create_vit` and the demo's micro ViTs
 ``student``     students shaped like their teacher; specs that rebuild them
 """
-from .attention import (AttentionIO, MapKind, PartialQKV, TransferableAttention, TransferAttention, attention_io,
-                        attention_maps, attention_name_of, capture_attention, create_attention,
-                        explicit_attention_map, get_attention_class, list_attentions, make_transfer_aware,
-                        register_attention, transfer_attentions)
+
 from . import efficient  # registers the zoo's attentions beside softmax
-from .student import attention_kind, attention_layout, student_from_spec, student_like, student_spec, vit_traits
+from .attention import (
+    AttentionIO,
+    MapKind,
+    PartialQKV,
+    TransferableAttention,
+    TransferAttention,
+    attention_io,
+    attention_maps,
+    attention_name_of,
+    capture_attention,
+    create_attention,
+    explicit_attention_map,
+    get_attention_class,
+    list_attentions,
+    make_transfer_aware,
+    register_attention,
+    transfer_attentions,
+)
+from .student import (
+    attention_kind,
+    attention_layout,
+    student_from_spec,
+    student_like,
+    student_spec,
+    vit_traits,
+)
 from .vit import create_vit
 
-__all__ = ["AttentionIO", "MapKind", "PartialQKV", "TransferableAttention", "TransferAttention", "attention_io",
-           "attention_maps", "attention_name_of", "capture_attention", "create_attention", "explicit_attention_map",
-           "get_attention_class", "list_attentions", "make_transfer_aware", "register_attention",
-           "transfer_attentions", "efficient", "create_vit", "attention_kind", "attention_layout",
-           "student_from_spec", "student_like", "student_spec", "vit_traits"]
+__all__ = [
+    "AttentionIO",
+    "MapKind",
+    "PartialQKV",
+    "TransferAttention",
+    "TransferableAttention",
+    "attention_io",
+    "attention_kind",
+    "attention_layout",
+    "attention_maps",
+    "attention_name_of",
+    "capture_attention",
+    "create_attention",
+    "create_vit",
+    "efficient",
+    "explicit_attention_map",
+    "get_attention_class",
+    "list_attentions",
+    "make_transfer_aware",
+    "register_attention",
+    "student_from_spec",
+    "student_like",
+    "student_spec",
+    "transfer_attentions",
+    "vit_traits",
+]

@@ -10,11 +10,13 @@ trait by trait: a choice that did not carry over is an error, not a quiet differ
 `student_spec` turns a student into the JSON that rebuilds it (run records, export
 config.json); `student_from_spec` is its inverse.
 """
+
 from __future__ import annotations
 
 import json
 import math
-from typing import Any, Dict, Iterable, List, Optional, Type
+from collections.abc import Iterable
+from typing import Any
 
 import timm
 import torch.nn as nn
@@ -24,15 +26,48 @@ from timm.models import get_model_args
 from .attention import SOFTMAX, TransferAttention, attention_name_of
 from .efficient.student import swap_attentions
 
-__all__ = ["vit_traits", "student_like", "student_spec", "student_from_spec", "attention_kind", "attention_layout",
-           "per_block_attention", "SOFTMAX"]
+__all__ = [
+    "SOFTMAX",
+    "attention_kind",
+    "attention_layout",
+    "per_block_attention",
+    "student_from_spec",
+    "student_like",
+    "student_spec",
+    "vit_traits",
+]
 
 # Construction arguments that are training or runtime settings, not architecture.
-_NOT_ARCHITECTURE = ("attn_layer", "pretrained_model_args", "pretrained_strict", "device", "dtype", "drop_rate",
-                     "drop_path_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
-                     "drop_block_rate", "features_only", "out_indices", "scriptable", "exportable", "no_jit")
+_NOT_ARCHITECTURE = (
+    "attn_layer",
+    "pretrained_model_args",
+    "pretrained_strict",
+    "device",
+    "dtype",
+    "drop_rate",
+    "drop_path_rate",
+    "pos_drop_rate",
+    "patch_drop_rate",
+    "proj_drop_rate",
+    "attn_drop_rate",
+    "drop_block_rate",
+    "features_only",
+    "out_indices",
+    "scriptable",
+    "exportable",
+    "no_jit",
+)
 # pretrained_cfg entries a student inherits: how its inputs are prepared, and the licence terms.
-_DATA_CFG_KEYS = ("interpolation", "crop_pct", "crop_mode", "mean", "std", "first_conv", "classifier", "license")
+_DATA_CFG_KEYS = (
+    "interpolation",
+    "crop_pct",
+    "crop_mode",
+    "mean",
+    "std",
+    "first_conv",
+    "classifier",
+    "license",
+)
 # Which traits an override of a construction argument is allowed to change.
 _OVERRIDE_TRAITS = {
     "mlp_ratio": ("mlp_hidden_ratio",),
@@ -51,11 +86,11 @@ _OVERRIDE_TRAITS = {
 }
 
 
-def _is_identity(m: Optional[nn.Module]) -> bool:
+def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
-def attention_layout(model: nn.Module) -> List[str]:
+def attention_layout(model: nn.Module) -> list[str]:
     """Per-block registered attention names (``"softmax"`` for timm's attention, transfer-aware or not;
     see `attention_name_of`)."""
     return [attention_name_of(blk.attn) for blk in model.blocks]
@@ -69,18 +104,18 @@ def attention_kind(model: nn.Module) -> str:
     return kinds[0]
 
 
-def _attention_summary(model: nn.Module) -> str | List[str]:
+def _attention_summary(model: nn.Module) -> str | list[str]:
     """One name when every block agrees, else the per-block list."""
     names = attention_layout(model)
     return names[0] if len(set(names)) == 1 else names
 
 
-def per_block_attention(attention: str | List[str], depth: int) -> List[str]:
+def per_block_attention(attention: str | list[str], depth: int) -> list[str]:
     """A spec's ``attention`` (one name, or one per block) as one name per block."""
     return [attention] * depth if isinstance(attention, str) else list(attention)
 
 
-def vit_traits(model: nn.Module) -> Dict[str, Any]:
+def vit_traits(model: nn.Module) -> dict[str, Any]:
     """The architectural choices of a timm VisionTransformer, read from its modules (not its config)."""
     if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
         raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer")
@@ -126,7 +161,7 @@ def vit_traits(model: nn.Module) -> Dict[str, Any]:
     return traits
 
 
-def timm_args_from_traits(t: Dict[str, Any]) -> Dict[str, Any]:
+def timm_args_from_traits(t: dict[str, Any]) -> dict[str, Any]:
     """VisionTransformer arguments that reproduce the traits that map one-to-one onto an argument."""
     args = dict(
         img_size=list(t["img_size"]) if t["img_size"] else None,
@@ -157,50 +192,68 @@ def timm_args_from_traits(t: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in args.items() if v is not None}
 
 
-def _recorded_args(model: nn.Module) -> Dict[str, Any]:
+def _recorded_args(model: nn.Module) -> dict[str, Any]:
     """The construction arguments timm recorded for ``model`` (create_model kwargs), architecture only."""
-    return {k: v for k, v in getattr(model, "_model_args", {}).items()
-            if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")}
+    return {
+        k: v
+        for k, v in getattr(model, "_model_args", {}).items()
+        if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")
+    }
 
 
-def _student_cfg(teacher_cfg: Dict[str, Any], arch: str, in_chans: int, img_size, num_classes: int) -> Dict[str, Any]:
+def _student_cfg(
+    teacher_cfg: dict[str, Any], arch: str, in_chans: int, img_size, num_classes: int
+) -> dict[str, Any]:
     """The student's pretrained_cfg: the teacher's preprocessing and licence, no weight source."""
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in teacher_cfg.items()
-           if k in _DATA_CFG_KEYS and v is not None}
-    cfg.update(architecture=arch, num_classes=num_classes,
-               fixed_input_size=bool(teacher_cfg.get("fixed_input_size", True)))
+    cfg = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in teacher_cfg.items()
+        if k in _DATA_CFG_KEYS and v is not None
+    }
+    cfg.update(
+        architecture=arch,
+        num_classes=num_classes,
+        fixed_input_size=bool(teacher_cfg.get("fixed_input_size", True)),
+    )
     if img_size:
         cfg["input_size"] = (in_chans, *img_size)
     return cfg
 
 
-def _check_traits(student: nn.Module, teacher_traits: Dict[str, Any], changed: Iterable[str]) -> None:
+def _check_traits(student: nn.Module, teacher_traits: dict[str, Any], changed: Iterable[str]) -> None:
     changed = set(changed)
     allowed = set(changed)
     for arg in changed:
         allowed.update(_OVERRIDE_TRAITS.get(arg, ()))
     got = vit_traits(student)
-    diffs = {k: (teacher_traits[k], got[k]) for k in teacher_traits
-             if k not in allowed and teacher_traits[k] != got[k]
-             and teacher_traits[k] is not None and got[k] is not None}
+    diffs = {
+        k: (teacher_traits[k], got[k])
+        for k in teacher_traits
+        if k not in allowed
+        and teacher_traits[k] != got[k]
+        and teacher_traits[k] is not None
+        and got[k] is not None
+    }
     if diffs:
         lines = ", ".join(f"{k}: teacher {t!r} vs student {s!r}" for k, (t, s) in diffs.items())
-        raise ValueError(f"student_like: the student does not reproduce the teacher's {lines}. Pass the "
-                         "matching timm argument as an override (e.g. init_values=..., norm_layer=...) "
-                         "or report this as a bug")
+        raise ValueError(
+            f"student_like: the student does not reproduce the teacher's {lines}. Pass the "
+            "matching timm argument as an override (e.g. init_values=..., norm_layer=...) "
+            "or report this as a bug"
+        )
 
 
 def student_like(
-        teacher: nn.Module,
-        *,
-        depth: Optional[int] = None,
-        embed_dim: Optional[int] = None,
-        num_heads: Optional[int] = None,
-        mlp_ratio: Optional[float] = None,
-        num_classes: Optional[int] = None,
-        drop_path_rate: float = 0.1,
-        attn_layer: Type[nn.Module] = TransferAttention,
-        **overrides: Any,
+    teacher: nn.Module,
+    *,
+    depth: int | None = None,
+    embed_dim: int | None = None,
+    num_heads: int | None = None,
+    mlp_ratio: float | None = None,
+    num_classes: int | None = None,
+    drop_path_rate: float = 0.1,
+    attn_layer: type[nn.Module] = TransferAttention,
+    **overrides: Any,
 ) -> nn.Module:
     """A randomly initialised student with the teacher's architectural choices.
 
@@ -213,19 +266,41 @@ def student_like(
     """
     t = vit_traits(teacher)
     arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture") or "vit_base_patch16_224"
-    requested = dict(depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                     num_classes=num_classes)
+    requested = dict(
+        depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes
+    )
     requested = {k: v for k, v in requested.items() if v is not None}
-    args = {**_recorded_args(teacher), **timm_args_from_traits(t), "num_classes": t["num_classes"], **requested, **overrides}
+    args = {
+        **_recorded_args(teacher),
+        **timm_args_from_traits(t),
+        "num_classes": t["num_classes"],
+        **requested,
+        **overrides,
+    }
     width, heads = args["embed_dim"], args["num_heads"]
     if width % heads:
-        raise ValueError(f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
-                         f"pick heads from {[h for h in range(1, min(width, 64) + 1) if width % h == 0]}")
-    cfg = _student_cfg(getattr(teacher, "pretrained_cfg", {}) or {}, arch, args.get("in_chans", t["in_chans"]),
-                       args.get("img_size"), args["num_classes"])
-    student = timm.create_model(arch, pretrained=False, pretrained_cfg=cfg, attn_layer=attn_layer,
-                                drop_path_rate=drop_path_rate, **args)
-    changed = set(requested) | set(overrides) | ({"attn_layer"} if attn_layer is not TransferAttention else set())
+        raise ValueError(
+            f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
+            f"pick heads from {[h for h in range(1, min(width, 64) + 1) if width % h == 0]}"
+        )
+    cfg = _student_cfg(
+        getattr(teacher, "pretrained_cfg", {}) or {},
+        arch,
+        args.get("in_chans", t["in_chans"]),
+        args.get("img_size"),
+        args["num_classes"],
+    )
+    student = timm.create_model(
+        arch,
+        pretrained=False,
+        pretrained_cfg=cfg,
+        attn_layer=attn_layer,
+        drop_path_rate=drop_path_rate,
+        **args,
+    )
+    changed = (
+        set(requested) | set(overrides) | ({"attn_layer"} if attn_layer is not TransferAttention else set())
+    )
     _check_traits(student, t, changed)
     return student
 
@@ -236,24 +311,31 @@ def _json_value(key: str, v: Any) -> Any:
     try:
         json.dumps(v)
     except TypeError:
-        raise ValueError(f"student_spec: construction argument {key}={v!r} is not JSON; build the student with a "
-                         "timm string name for it (e.g. norm_layer='layernorm', act_layer='gelu')") from None
+        raise ValueError(
+            f"student_spec: construction argument {key}={v!r} is not JSON; build the student with a "
+            "timm string name for it (e.g. norm_layer='layernorm', act_layer='gelu')"
+        ) from None
     if isinstance(v, float) and not math.isfinite(v):
         raise ValueError(f"student_spec: {key}={v} is not finite")
     return v
 
 
-def student_spec(student: nn.Module) -> Dict[str, Any]:
+def student_spec(student: nn.Module) -> dict[str, Any]:
     """JSON-ready description that rebuilds ``student`` (`student_from_spec`): timm architecture name,
     timm construction arguments (no attnxfer classes), attention kind, and inherited preprocessing."""
     cfg = getattr(student, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
-        raise ValueError("student_spec: the model has no pretrained_cfg['architecture']; build it with "
-                         "timm.create_model / student_like")
+        raise ValueError(
+            "student_spec: the model has no pretrained_cfg['architecture']; build it with "
+            "timm.create_model / student_like"
+        )
     args = {k: v for k, v in get_model_args(student).items() if k not in _NOT_ARCHITECTURE}
-    data_cfg = {k: _json_value(k, cfg[k]) for k in (*_DATA_CFG_KEYS, "input_size", "fixed_input_size")
-                if cfg.get(k) is not None}
+    data_cfg = {
+        k: _json_value(k, cfg[k])
+        for k in (*_DATA_CFG_KEYS, "input_size", "fixed_input_size")
+        if cfg.get(k) is not None
+    }
     spec = {
         "architecture": arch,
         "model_args": {k: _json_value(k, v) for k, v in sorted(args.items())},
@@ -263,13 +345,15 @@ def student_spec(student: nn.Module) -> Dict[str, Any]:
     }
     if any(name != SOFTMAX for name in attention_layout(student)):
         # what rebuilds each zoo attention (window sizes, feature counts, ...), block by block
-        spec["attention_options"] = [blk.attn.options() if hasattr(blk.attn, "options") else {}
-                                     for blk in student.blocks]
+        spec["attention_options"] = [
+            blk.attn.options() if hasattr(blk.attn, "options") else {} for blk in student.blocks
+        ]
     return spec
 
 
-def student_from_spec(spec: Dict[str, Any], *, attn_layer: Optional[Type[nn.Module]] = None,
-                      **overrides: Any) -> nn.Module:
+def student_from_spec(
+    spec: dict[str, Any], *, attn_layer: type[nn.Module] | None = None, **overrides: Any
+) -> nn.Module:
     """Rebuild a student (random weights) from `student_spec` output.
 
     Softmax students get ``TransferAttention`` unless ``attn_layer`` says otherwise. Students with
@@ -279,16 +363,22 @@ def student_from_spec(spec: Dict[str, Any], *, attn_layer: Optional[Type[nn.Modu
     kind = spec.get("attention", SOFTMAX)
     if attn_layer is None and kind != SOFTMAX:
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
-        return swap_attentions(model, per_block_attention(kind, len(model.blocks)), spec.get("attention_options"))
+        return swap_attentions(
+            model, per_block_attention(kind, len(model.blocks)), spec.get("attention_options")
+        )
     if attn_layer is None:
         attn_layer = TransferAttention
-    cfg = dict(spec.get("pretrained_cfg", {}), architecture=spec["architecture"],
-               num_classes=spec.get("num_classes", spec["model_args"].get("num_classes", 0)))
+    cfg = dict(
+        spec.get("pretrained_cfg", {}),
+        architecture=spec["architecture"],
+        num_classes=spec.get("num_classes", spec["model_args"].get("num_classes", 0)),
+    )
     if "input_size" in cfg:
         cfg["input_size"] = tuple(cfg["input_size"])
     for k in ("mean", "std"):
         if k in cfg:
             cfg[k] = tuple(cfg[k])
     args = {**spec["model_args"], **overrides}
-    return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, attn_layer=attn_layer,
-                             **args)
+    return timm.create_model(
+        spec["architecture"], pretrained=False, pretrained_cfg=cfg, attn_layer=attn_layer, **args
+    )

@@ -4,6 +4,7 @@ Every model is a plain timm `VisionTransformer` whose attention is
 `TransferAttention` (same parameter names), so timm/MAE checkpoints load
 unchanged and a softmax student exports to plain timm.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,16 +30,29 @@ def create_vit(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
 
 
 def _micro_cfg(**kwargs: Any) -> dict:
-    return dict(url="", num_classes=10, input_size=(1, 28, 28), pool_size=None, crop_pct=1.0,
-                interpolation="bilinear", mean=(0.5,), std=(0.5,), first_conv="patch_embed.proj",
-                classifier="head", license="apache-2.0", **kwargs)
+    return dict(
+        url="",
+        num_classes=10,
+        input_size=(1, 28, 28),
+        pool_size=None,
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=(0.5,),
+        std=(0.5,),
+        first_conv="patch_embed.proj",
+        classifier="head",
+        license="apache-2.0",
+        **kwargs,
+    )
 
 
 # timm's register_model reads `default_cfgs` from the defining module.
-default_cfgs = generate_default_cfgs({
-    "vit_micro_patch4_28": _micro_cfg(),
-    "vit_nano_patch4_28": _micro_cfg(),
-})
+default_cfgs = generate_default_cfgs(
+    {
+        "vit_micro_patch4_28": _micro_cfg(),
+        "vit_nano_patch4_28": _micro_cfg(),
+    }
+)
 
 
 @register_model

@@ -5,12 +5,12 @@ block) do not, because timm has no such attention. Their config.json carries the
 (architecture, timm arguments, per-block attention names and options), which `student_from_spec`
 turns back into the same model before the safetensors weights go in.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch.nn as nn
 
@@ -20,8 +20,9 @@ from .teacher import _RESOLVERS, parse_teacher_spec, read_state_dict
 __all__ = ["load_student"]
 
 
-def load_student(spec: str, *, revision: Optional[str] = None,
-                 cache_dir: Optional[str | os.PathLike] = None) -> nn.Module:
+def load_student(
+    spec: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> nn.Module:
     """The exported student at ``spec`` (``local-dir:PATH``, a folder path, or ``hf-hub:ORG/NAME[@REV]``), in eval mode.
 
     Hub repos resolve through the Hugging Face cache exactly as teachers do (offline: the cache only,
@@ -31,20 +32,27 @@ def load_student(spec: str, *, revision: Optional[str] = None,
     if ":" not in spec and Path(spec).expanduser().is_dir():
         spec = f"local-dir:{spec}"
     if not spec.startswith(("local-dir:", "hf-hub:")):
-        raise ValueError(f"load_student reads `attnxfer export` folders: 'local-dir:PATH' (or a folder path) or "
-                         f"'hf-hub:ORG/NAME[@REV]', got {spec!r}")
+        raise ValueError(
+            f"load_student reads `attnxfer export` folders: 'local-dir:PATH' (or a folder path) or "
+            f"'hf-hub:ORG/NAME[@REV]', got {spec!r}"
+        )
     parsed = parse_teacher_spec(spec, revision)
-    res = _RESOLVERS[parsed.source](parsed, arch=None, cache_dir=None if cache_dir is None else str(cache_dir),
-                                    pretrained=True)
+    res = _RESOLVERS[parsed.source](
+        parsed, arch=None, cache_dir=None if cache_dir is None else str(cache_dir), pretrained=True
+    )
     config = json.loads(Path(res.files[0]).read_text(encoding="utf-8"))
     student = (config.get("attnxfer") or {}).get("student")
     if not student:
-        raise ValueError(f"{spec}: config.json has no attnxfer.student block, so `attnxfer export` did not write it; "
-                         "load a plain timm model with timm.create_model or attnxfer.load_teacher")
+        raise ValueError(
+            f"{spec}: config.json has no attnxfer.student block, so `attnxfer export` did not write it; "
+            "load a plain timm model with timm.create_model or attnxfer.load_teacher"
+        )
     model = student_from_spec(student)
     state, _ = read_state_dict(res.weights)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{spec}: the weights do not fit the student its config.json describes (missing "
-                         f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}); was the folder edited?")
+        raise ValueError(
+            f"{spec}: the weights do not fit the student its config.json describes (missing "
+            f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}); was the folder edited?"
+        )
     return model.eval()

@@ -7,15 +7,16 @@ job's variables by ``submitit.helpers.TorchDistributedEnvironment``; in a plain 
 step of several tasks (a hand-written sbatch script) from ``SLURM_PROCID`` and friends.
 Rendezvous is always ``env://`` (a TCP store on the first node): no shared-folder init file.
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,7 @@ class DistributedInfo:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, export_submitit: bool = True) -> "DistributedInfo":
+    def from_environment(cls, export_submitit: bool = True) -> DistributedInfo:
         """Read the rank layout from torchrun variables, or derive them inside a submitit task.
 
         Inside a submitit task (``SUBMITIT_EXECUTOR`` set) the job's own variables win over any
@@ -111,9 +112,14 @@ def export_srun_environment() -> None:
     nodes = _parse_node_list(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
     job = f"{env.get('SLURM_JOB_ID', '0')}.{env.get('SLURM_STEP_ID', '0')}"
     port = env.get("MASTER_PORT") or str(20000 + zlib.crc32(job.encode()) % 40000)
-    env.update(MASTER_ADDR=nodes[0] if nodes else "127.0.0.1", MASTER_PORT=port, RANK=env["SLURM_PROCID"],
-               WORLD_SIZE=str(ntasks), LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
-               LOCAL_WORLD_SIZE=str(max(1, ntasks // nnodes)))
+    env.update(
+        MASTER_ADDR=nodes[0] if nodes else "127.0.0.1",
+        MASTER_PORT=port,
+        RANK=env["SLURM_PROCID"],
+        WORLD_SIZE=str(ntasks),
+        LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+        LOCAL_WORLD_SIZE=str(max(1, ntasks // nnodes)),
+    )
 
 
 def backend_for(device: str = "auto") -> str:
@@ -138,7 +144,8 @@ def _check_one_gpu_per_rank(info: DistributedInfo) -> None:
         raise RuntimeError(
             f"{info.local_world_size} ranks on this node but {visible} GPU(s) visible: NCCL needs one GPU per rank. "
             "Start at most one task per GPU (torchrun --nproc_per_node, attnxfer submit --gpus-per-node), "
-            "or run the ranks on CPU with device=cpu (gloo)")
+            "or run the ranks on CPU with device=cpu (gloo)"
+        )
 
 
 def init_distributed(backend: str | None = None, timeout: timedelta | None = None) -> DistributedInfo:
@@ -158,11 +165,19 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
         _check_one_gpu_per_rank(info)
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     kwargs = {"timeout": timeout} if timeout is not None else {}
-    dist.init_process_group(backend=backend, init_method="env://", rank=info.rank,
-                            world_size=info.world_size, **kwargs)
-    _logger.info("joined process group: rank %d/%d (local %d/%d) via %s:%d, backend %s", info.rank,
-                 info.world_size, info.local_rank, info.local_world_size, info.master_addr,
-                 info.master_port, backend)
+    dist.init_process_group(
+        backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size, **kwargs
+    )
+    _logger.info(
+        "joined process group: rank %d/%d (local %d/%d) via %s:%d, backend %s",
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        info.local_world_size,
+        info.master_addr,
+        info.master_port,
+        backend,
+    )
     return info
 
 
@@ -204,7 +219,7 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def rank_and_world() -> Tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the joined process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -224,11 +239,11 @@ def average_gradients(optimizer: torch.optim.Optimizer) -> None:
     flat /= world
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
-def sum_over_ranks(values: Sequence[float], device: torch.device) -> List[float]:
+def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:
     if rank_and_world()[1] == 1:
         return list(values)
     t = torch.tensor(list(values), dtype=torch.float64, device=device)

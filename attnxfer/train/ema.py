@@ -4,10 +4,10 @@ Parameters are averaged by identity, not through ``state_dict()``: a copied
 layer's fused qkv is a `PartialQKV` whose ``state_dict`` entry is a fresh
 concatenation, so averaging state-dict tensors would update a temporary.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -32,8 +32,8 @@ class StudentEMA:
         for (_, e), (_, b) in zip(sorted(self.module.named_buffers()), sorted(student.named_buffers())):
             e.copy_(b)
 
-    def state_dict(self) -> Dict[str, torch.Tensor]:
+    def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
 
-    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)

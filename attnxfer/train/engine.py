@@ -5,15 +5,17 @@ It takes objects (a `DualViT`, an optimiser, loaders, `LoopSettings`), never a c
 the engine owns the data order (a resumable sampler), the schedule (per-iteration warmup +
 cosine), checkpoints (atomic safetensors + JSON) and the teacher (a frozen guest inside `DualViT`).
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,15 +23,27 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
-from ..checkpoints.store import (CheckpointManager, optimizer_state_from_tensors, optimizer_state_to_tensors,
-                                 verify_checkpoint)
+from ..checkpoints.store import (
+    CheckpointManager,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    verify_checkpoint,
+)
 from ..transfer.dual import DualViT, TransferOutput
 from .distributed import barrier
 from .ema import StudentEMA
 from .metrics import MetricsLogger
 from .runtime import Runtime
 
-__all__ = ["Engine", "LoopSettings", "CheckpointPolicy", "evaluate", "TrainResult", "NonFiniteLossError", "lr_at"]
+__all__ = [
+    "CheckpointPolicy",
+    "Engine",
+    "LoopSettings",
+    "NonFiniteLossError",
+    "TrainResult",
+    "evaluate",
+    "lr_at",
+]
 
 _log = logging.getLogger("attnxfer")
 
@@ -43,9 +57,9 @@ class TrainResult:
     run_dir: str
     steps: int
     epochs_done: float
-    best_top1: Optional[float]
-    final: Dict[str, float] = field(default_factory=dict)
-    history: List[Dict[str, float]] = field(default_factory=list)
+    best_top1: float | None
+    final: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -57,17 +71,18 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _check_finite(terms: Dict[str, torch.Tensor], step: int, epoch: int, last_ckpt: Optional[str]) -> None:
+def _check_finite(terms: dict[str, torch.Tensor], step: int, epoch: int, last_ckpt: str | None) -> None:
     for name, value in terms.items():
         if not torch.isfinite(value).all():
             where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise NonFiniteLossError(
                 f"non-finite loss term {name!r} = {value.item()} at step {step} (epoch {epoch}); stopping without "
-                f"saving ({where}). Try a lower optim.lr, optim.clip_grad=1.0, or a lower transfer.atd_weight.")
+                f"saving ({where}). Try a lower optim.lr, optim.clip_grad=1.0, or a lower transfer.atd_weight."
+            )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator, max_batches: Optional[int] = None) -> Dict[str, float]:
+def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
     """Top-1/top-5 and loss of ``model`` (a DualViT or a bare student) over ``loader``, summed over ranks."""
     was_training = model.training
     model.eval()
@@ -88,7 +103,11 @@ def evaluate(model: nn.Module, loader, accelerator, max_batches: Optional[int] =
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
     n = max(1.0, totals[3].item())
-    return {"top1": 100.0 * totals[0].item() / n, "top5": 100.0 * totals[1].item() / n, "loss": totals[2].item() / n}
+    return {
+        "top1": 100.0 * totals[0].item() / n,
+        "top5": 100.0 * totals[1].item() / n,
+        "loss": totals[2].item() / n,
+    }
 
 
 def _weights_checksum(model: nn.Module) -> str:
@@ -105,8 +124,8 @@ def _weights_checksum(model: nn.Module) -> str:
 class CheckpointPolicy:
     """When the engine saves, how many it keeps, and what it resumes from."""
 
-    every_steps: Optional[int] = None
-    every_minutes: Optional[float] = None
+    every_steps: int | None = None
+    every_minutes: float | None = None
     every_epoch: bool = True
     keep_last: int = 3
     resume: str = "auto"  # auto | none | a checkpoint directory
@@ -118,11 +137,11 @@ class LoopSettings:
 
     run_dir: Path
     epochs: int
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     warmup_epochs: float = 0.0
     base_lr: float = 1e-3
     min_lr: float = 0.0
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     accum_steps: int = 1
     log_every: int = 20
     tensorboard: bool = True
@@ -136,16 +155,27 @@ class TaskLoss:
     """The task's loss and its batch transform (timm's Mixup/CutMix, or None)."""
 
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    mixup: Optional[Callable] = None
+    mixup: Callable | None = None
 
 
 class Engine:
     """One run's state and loop. ``record`` is what checkpoints carry besides tensors (the run's
     config as a dict, the teacher's record): plain JSON, opaque to the engine."""
 
-    def __init__(self, runtime: Runtime, dual: DualViT, optimizer: torch.optim.Optimizer, *, train_loader: Any,
-                 val_loader: Any, train_sampler: Any, task: TaskLoss, settings: LoopSettings,
-                 ema: Optional[StudentEMA] = None, record: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        dual: DualViT,
+        optimizer: torch.optim.Optimizer,
+        *,
+        train_loader: Any,
+        val_loader: Any,
+        train_sampler: Any,
+        task: TaskLoss,
+        settings: LoopSettings,
+        ema: StudentEMA | None = None,
+        record: dict[str, Any] | None = None,
+    ):
         self.runtime = runtime
         self.accelerator = acc = runtime.accelerator
         self.rank, self.world, self.is_main = runtime.rank, runtime.world, runtime.is_main
@@ -158,38 +188,44 @@ class Engine:
         # What evaluates the EMA weights: with the teacher when the mode attends with its q/k at eval.
         self.ema_eval = None
         if ema is not None:
-            self.ema_eval = DualViT(dual.teacher, ema.module, self.plan) if self.plan.mode.teacher_at_eval \
-                else ema.module
+            self.ema_eval = (
+                DualViT(dual.teacher, ema.module, self.plan) if self.plan.mode.teacher_at_eval else ema.module
+            )
         self.base_lr = s.base_lr
         self.model, self.optimizer = acc.prepare(dual, optimizer)
         self.steps_per_epoch = len(train_loader) // s.accum_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(f"the training set gives {len(train_loader)} batches per epoch, fewer than "
-                             f"optim.accum_steps={s.accum_steps}; lower data.batch_size")
+            raise ValueError(
+                f"the training set gives {len(train_loader)} batches per epoch, fewer than "
+                f"optim.accum_steps={s.accum_steps}; lower data.batch_size"
+            )
         self.total_steps = self.steps_per_epoch * s.epochs
         if s.max_steps is not None:
             self.total_steps = min(self.total_steps, s.max_steps)
-        self.warmup_steps = int(round(s.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = round(s.warmup_epochs * self.steps_per_epoch)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=s.checkpoint.keep_last)
         self.metrics = MetricsLogger(self.run_dir, tensorboard=s.tensorboard, enabled=self.is_main)
         self.step, self.epoch, self.position = 0, 0, 0
-        self.best_top1: Optional[float] = None
-        self.last_ckpt: Optional[str] = None
-        self.history: List[Dict[str, float]] = []
+        self.best_top1: float | None = None
+        self.last_ckpt: str | None = None
+        self.history: list[dict[str, float]] = []
 
-    def save(self, metric: Optional[float] = None) -> None:
+    def save(self, metric: float | None = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes."""
         rng = capture_rng_state()
         checksum = _weights_checksum(self.dual.student)
         if self.world > 1:
             import torch.distributed as dist
-            gathered: List[Any] = [None] * self.world
+
+            gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, (rng, checksum))
             rng_all = [g[0] for g in gathered]
             checksums = [g[1] for g in gathered]
             if len(set(checksums)) != 1:
-                raise RuntimeError(f"ranks hold different student weights at step {self.step} "
-                                   f"(checksums {checksums}); the run is not data-parallel consistent")
+                raise RuntimeError(
+                    f"ranks hold different student weights at step {self.step} "
+                    f"(checksums {checksums}); the run is not data-parallel consistent"
+                )
         else:
             rng_all, checksums = [rng], [checksum]
         if self.is_main:
@@ -197,10 +233,17 @@ class Engine:
             tensors = {"model": self.dual.student.state_dict(), "optimizer": opt_tensors}
             if self.ema is not None:
                 tensors["ema"] = self.ema.state_dict()
-            state = {"step": self.step, "epoch": self.epoch, "position": self.position,
-                     "best_top1": self.best_top1, "rng": rng_all, "optimizer_meta": opt_meta,
-                     "world_size": self.world, "rank_checksums": checksums,
-                     **self.record}
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "position": self.position,
+                "best_top1": self.best_top1,
+                "rng": rng_all,
+                "optimizer_meta": opt_meta,
+                "world_size": self.world,
+                "rank_checksums": checksums,
+                **self.record,
+            }
             info = self.ckpt.save(self.step, tensors, state, metric=metric)
             self.last_ckpt = str(info)
         barrier()
@@ -216,26 +259,35 @@ class Engine:
                 return
         else:
             if not Path(mode).exists():
-                raise FileNotFoundError(f"checkpoint.resume={mode!r} does not exist; use auto, none, or a "
-                                        "checkpoint directory such as RUN_DIR/checkpoints/step-00000100")
+                raise FileNotFoundError(
+                    f"checkpoint.resume={mode!r} does not exist; use auto, none, or a "
+                    "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
+                )
             info = verify_checkpoint(mode)
         tensors, state = self.ckpt.load(info)
         self.dual.student.load_state_dict(tensors["model"])
         if self.ema is not None and "ema" in tensors:
             self.ema.load_state_dict(tensors["ema"])
-        self.optimizer.load_state_dict(optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"]))
+        self.optimizer.load_state_dict(
+            optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"])
+        )
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best_top1 = state.get("best_top1")
         rng = state["rng"]
         if len(rng) == self.world:
             restore_rng_state(rng[self.rank])
         elif self.is_main:
-            _log.warning("checkpoint was written by %d processes, this run has %d: RNG streams restart",
-                         len(rng), self.world)
+            _log.warning(
+                "checkpoint was written by %d processes, this run has %d: RNG streams restart",
+                len(rng),
+                self.world,
+            )
         self.last_ckpt = str(info)
         if self.is_main:
-            print(f"resumed from {info} (step {self.step}, epoch {self.epoch}, position {self.position})",
-                  flush=True)
+            print(
+                f"resumed from {info} (step {self.step}, epoch {self.epoch}, position {self.position})",
+                flush=True,
+            )
 
     # -- the loop ---------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -244,7 +296,7 @@ class Engine:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[Dict[str, torch.Tensor], bool]:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         acc, clip = self.accelerator, self.settings.clip_grad
         if self.mixup is not None:
             x, y = self.mixup(x, y)
@@ -271,15 +323,17 @@ class Engine:
         c = self.settings.checkpoint
         if c.every_steps and self.step % c.every_steps == 0:
             return True
-        if c.every_minutes and time.monotonic() - self._last_save_time >= 60 * c.every_minutes:
-            return True
-        return False
+        return bool(c.every_minutes and time.monotonic() - self._last_save_time >= 60 * c.every_minutes)
 
-    def _evaluate_all(self) -> Dict[str, float]:
+    def _evaluate_all(self) -> dict[str, float]:
         res = {f"val_{k}": v for k, v in evaluate(self.model, self.val_loader, self.accelerator).items()}
         if self.ema_eval is not None:
-            res.update({f"ema_val_{k}": v
-                        for k, v in evaluate(self.ema_eval, self.val_loader, self.accelerator).items()})
+            res.update(
+                {
+                    f"ema_val_{k}": v
+                    for k, v in evaluate(self.ema_eval, self.val_loader, self.accelerator).items()
+                }
+            )
         return res
 
     def run(self) -> TrainResult:
@@ -292,7 +346,7 @@ class Engine:
             return TrainResult(str(self.run_dir), self.step, self.epoch, self.best_top1, final)
         self.model.train()
         sampler, loader = self.train_sampler, self.train_loader
-        final: Dict[str, float] = {}
+        final: dict[str, float] = {}
         progress = None
         global_batch = loader.batch_size * self.world
         epoch_len = sampler.length
@@ -300,10 +354,14 @@ class Engine:
             sampler.set_epoch(self.epoch)
             sampler.set_position(self.position)
             if self.is_main and s.progress:
-                progress = tqdm(total=self.position // global_batch + len(loader),
-                                initial=self.position // global_batch, desc=f"epoch {self.epoch}",
-                                leave=False, dynamic_ncols=True)
-            window: Dict[str, List[float]] = {}
+                progress = tqdm(
+                    total=self.position // global_batch + len(loader),
+                    initial=self.position // global_batch,
+                    desc=f"epoch {self.epoch}",
+                    leave=False,
+                    dynamic_ncols=True,
+                )
+            window: dict[str, list[float]] = {}
             for x, y in loader:
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
@@ -345,13 +403,23 @@ class Engine:
             self.metrics.log("val", self.step, final, epoch=self.epoch + self.position / epoch_len)
             self.history.append({"step": self.step, "epoch": self.epoch + self.position / epoch_len, **final})
             if self.is_main:
-                print(f"epoch {self.epoch}: step {self.step}/{self.total_steps} val top1 {top1:.2f} "
-                      f"(best {self.best_top1:.2f})", flush=True)
+                print(
+                    f"epoch {self.epoch}: step {self.step}/{self.total_steps} val top1 {top1:.2f} "
+                    f"(best {self.best_top1:.2f})",
+                    flush=True,
+                )
             if s.checkpoint.every_epoch or self.step >= self.total_steps:
                 self.save(metric=top1)
         if not final:  # resumed a finished run: report where it stands
             final = self._evaluate_all()
             final["best_top1"] = self.best_top1 if self.best_top1 is not None else final["val_top1"]
         self.metrics.close()
-        return TrainResult(str(self.run_dir), self.step, self.epoch, self.best_top1, final, self.history,
-                           time.monotonic() - start)
+        return TrainResult(
+            str(self.run_dir),
+            self.step,
+            self.epoch,
+            self.best_top1,
+            final,
+            self.history,
+            time.monotonic() - start,
+        )

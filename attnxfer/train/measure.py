@@ -2,12 +2,14 @@
 
 All three sum over the ranks of a joined process group, so every rank may call them on its share.
 """
+
 from __future__ import annotations
 
 import math
 import statistics
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -17,15 +19,16 @@ from ..models.efficient import check_softmax_teacher
 from ..transfer.map_losses import default_map_loss, map_distillation_loss, output_mse
 from .distributed import sum_over_ranks
 
-__all__ = ["map_agreement", "evaluate_top1", "relative_speed"]
+__all__ = ["evaluate_top1", "map_agreement", "relative_speed"]
 
 #: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
 _INPUTS = {"teacher": False, "own": True}
 
 
 @torch.no_grad()
-def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *,
-                  inputs: str = "teacher") -> List[Dict[str, Any]]:
+def map_agreement(
+    teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *, inputs: str = "teacher"
+) -> list[dict[str, Any]]:
     """Per-layer agreement of the student's attention with the teacher's, averaged over ``batches``
     (over every rank's batches in a process group).
 
@@ -42,7 +45,7 @@ def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torc
     was = teacher.training, student.training
     teacher.eval(), student.eval()
     depth = len(student.blocks)
-    sums: Dict[int, List[float]] = {i: [0.0, 0.0] for i in range(depth)}
+    sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(depth)}
     count = 0
     for x in batches:
         with capture_attention(teacher, fields=("input", "q", "k", "output")) as t:
@@ -69,20 +72,27 @@ def map_agreement(teacher: nn.Module, student: nn.Module, batches: Iterable[torc
     teacher.train(was[0]), student.train(was[1])
     device = next(student.parameters()).device
     flat = sum_over_ranks([v for i in range(depth) for v in sums[i]] + [count], device)
-    sums = {i: flat[2 * i:2 * i + 2] for i in range(depth)}
+    sums = {i: flat[2 * i : 2 * i + 2] for i in range(depth)}
     count = flat[-1]
     rows = []
     for i in range(depth):
         attn = student.blocks[i].attn
         kind = attn.map_kind
-        rows.append({"layer": i, "attention": attention_name_of(attn), "map_kind": kind,
-                     "metric": default_map_loss(kind).metric,
-                     "value": sums[i][0] / max(1, count), "output_mse": sums[i][1] / max(1, count)})
+        rows.append(
+            {
+                "layer": i,
+                "attention": attention_name_of(attn),
+                "map_kind": kind,
+                "metric": default_map_loss(kind).metric,
+                "value": sums[i][0] / max(1, count),
+                "output_mse": sums[i][1] / max(1, count),
+            }
+        )
     return rows
 
 
 @torch.no_grad()
-def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> Optional[float]:
+def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> float | None:
     """Top-1 (%) over ``loader`` (summed over ranks in a process group); None without a classifier head."""
     if not getattr(model, "num_classes", 0):
         return None
@@ -99,8 +109,9 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> O
 
 
 @torch.no_grad()
-def relative_speed(teacher: nn.Module, student: nn.Module, x: torch.Tensor, repeats: int = 20,
-                   warmup: int = 3) -> Dict[str, Any]:
+def relative_speed(
+    teacher: nn.Module, student: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3
+) -> dict[str, Any]:
     """Forward time of student and teacher on the same input, measured interleaved in one process.
 
     Returns both medians (ms) and ``speedup`` = teacher / student (> 1: the student is faster).
@@ -120,18 +131,26 @@ def relative_speed(teacher: nn.Module, student: nn.Module, x: torch.Tensor, repe
 
     for _ in range(warmup):
         timed(teacher), timed(student)
-    times: Dict[str, List[float]] = {"teacher": [], "student": []}
+    times: dict[str, list[float]] = {"teacher": [], "student": []}
     for r in range(repeats):
         order = ("teacher", "student") if r % 2 == 0 else ("student", "teacher")
         for who in order:
             times[who].append(timed(teacher if who == "teacher" else student))
     teacher.train(was[0]), student.train(was[1])
     t_ms, s_ms = statistics.median(times["teacher"]), statistics.median(times["student"])
-    return {"batch": int(x.shape[0]), "input": list(x.shape[1:]), "tokens": _tokens(teacher),
-            "repeats": repeats, "teacher_ms": t_ms, "student_ms": s_ms, "speedup": t_ms / s_ms,
-            "device": x.device.type, "threads": torch.get_num_threads()}
+    return {
+        "batch": int(x.shape[0]),
+        "input": list(x.shape[1:]),
+        "tokens": _tokens(teacher),
+        "repeats": repeats,
+        "teacher_ms": t_ms,
+        "student_ms": s_ms,
+        "speedup": t_ms / s_ms,
+        "device": x.device.type,
+        "threads": torch.get_num_threads(),
+    }
 
 
-def _tokens(model: nn.Module) -> Optional[int]:
+def _tokens(model: nn.Module) -> int | None:
     grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
     return int(math.prod(grid)) + int(getattr(model, "num_prefix_tokens", 0)) if grid else None

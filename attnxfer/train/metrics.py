@@ -1,11 +1,13 @@
 """Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars."""
+
 from __future__ import annotations
 
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any
 
 __all__ = ["MetricsLogger", "read_metrics"]
 
@@ -20,14 +22,15 @@ class MetricsLogger:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is optional at run time
                 self._tb = None
 
-    def log(self, split: str, step: int, metrics: Mapping[str, float], epoch: Optional[float] = None) -> None:
+    def log(self, split: str, step: int, metrics: Mapping[str, float], epoch: float | None = None) -> None:
         if not self.enabled:
             return
-        record: Dict[str, Any] = {"split": split, "step": int(step), "time": round(time.time(), 3)}
+        record: dict[str, Any] = {"split": split, "step": int(step), "time": round(time.time(), 3)}
         if epoch is not None:
             record["epoch"] = round(float(epoch), 4)
         for k, v in metrics.items():
@@ -43,7 +46,7 @@ class MetricsLogger:
             self._tb.close()
 
 
-def read_metrics(run_dir: str | Path, split: Optional[str] = None) -> List[Dict[str, Any]]:
+def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """The records of a run (optionally one split), skipping a torn last line from a killed run."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

@@ -3,18 +3,19 @@
 The engine, conversion's stage 1 and the apps ask this module, never torch.cuda directly, so a
 CPU-only machine and a GPU node take the same code path with one decision in between.
 """
+
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from .distributed import backend_for, init_distributed
 
-__all__ = ["Runtime", "create_runtime", "resolve_device", "resolve_precision", "set_seed", "TORCH_DTYPES"]
+__all__ = ["TORCH_DTYPES", "Runtime", "create_runtime", "resolve_device", "resolve_precision", "set_seed"]
 
 #: names a user writes for dtypes (config: teacher.dtype); "auto" is decided by the device
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,8 +71,9 @@ class Runtime:
         return self.accelerator.is_main_process
 
 
-def create_runtime(device: str = "auto", precision: str = "auto", accum_steps: int = 1,
-                   deterministic: bool = False) -> Runtime:
+def create_runtime(
+    device: str = "auto", precision: str = "auto", accum_steps: int = 1, deterministic: bool = False
+) -> Runtime:
     """Join the process group (gloo for device=cpu even on a GPU node; a clear error where ranks
     would share a GPU), then let accelerate own devices, DDP and autocast."""
     from accelerate import Accelerator  # heavy: imported only when a run starts
@@ -81,11 +83,12 @@ def create_runtime(device: str = "auto", precision: str = "auto", accum_steps: i
     init_distributed(backend_for(device))
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    accelerator = Accelerator(cpu=target.type != "cuda", mixed_precision=_MIXED[precision],
-                              gradient_accumulation_steps=accum_steps)
+    accelerator = Accelerator(
+        cpu=target.type != "cuda", mixed_precision=_MIXED[precision], gradient_accumulation_steps=accum_steps
+    )
     return Runtime(accelerator, precision)
 
 
-def teacher_dtype(name: str) -> Optional[torch.dtype]:
+def teacher_dtype(name: str) -> torch.dtype | None:
     """The teacher's dtype for a config name; None = decided by the device (bf16 on GPU)."""
     return None if name == "auto" else TORCH_DTYPES[name]

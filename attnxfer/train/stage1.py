@@ -5,11 +5,13 @@ teacher's attention there (`attnxfer.transfer.conversion` says with which loss a
 layers train at once and independently. It shares the engine's schedule (`lr_at`), its non-finite
 guard and the process-group helpers (data parallel: each rank its batches, gradients averaged).
 """
+
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,7 @@ from .engine import NonFiniteLossError, lr_at
 
 __all__ = ["Stage1Result", "stage1_transfer", "teacher_signals"]
 
+
 class _StopForward(Exception):
     """Raised by a hook once the teacher has run every layer stage 1 needs."""
 
@@ -30,38 +33,40 @@ class _StopForward(Exception):
 class Stage1Result:
     steps: int = 0
     seconds: float = 0.0
-    history: List[Dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
     resumed: bool = False
 
 
 def teacher_signals(teacher: nn.Module, x: torch.Tensor, layers: Sequence[int], fields: Sequence[str]):
     """Per-layer attention input/q/k/output of the teacher on ``x``; stops after the last needed block."""
+
     def stop_here(*_):
         raise _StopForward
 
     stop = teacher.blocks[max(layers)].register_forward_hook(stop_here)
     try:
-        with torch.no_grad(), capture_attention(teacher, layers, fields) as store:
-            try:
-                teacher.forward_features(x)
-            except _StopForward:
-                pass
+        with (
+            torch.no_grad(),
+            capture_attention(teacher, layers, fields) as store,
+            contextlib.suppress(_StopForward),
+        ):
+            teacher.forward_features(x)
     finally:
         stop.remove()
     return store
 
 
 def stage1_transfer(
-        teacher: nn.Module,
-        student: nn.Module,
-        plan: ConversionPlan,
-        batches: Iterator[torch.Tensor],
-        *,
-        warmup_steps: int = 0,
-        weight_decay: float = 0.0,
-        clip_grad: Optional[float] = None,
-        log_every: int = 20,
-        log: Callable[[str], None] = print,
+    teacher: nn.Module,
+    student: nn.Module,
+    plan: ConversionPlan,
+    batches: Iterator[torch.Tensor],
+    *,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    clip_grad: float | None = None,
+    log_every: int = 20,
+    log: Callable[[str], None] = print,
 ) -> Stage1Result:
     """Fit each efficient layer to the teacher's attention on the teacher's hidden inputs.
 
@@ -69,7 +74,6 @@ def stage1_transfer(
     weight decay, so the v rows stay bit-identical); the student runs in eval mode (fixed random
     features, no dropout). ``batches`` yields input images (already on the models' device).
     """
-
 
     result = Stage1Result()
     steps = plan.stage1_steps
@@ -89,11 +93,12 @@ def stage1_transfer(
                 hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
     groups = [{"params": plain, "weight_decay": weight_decay}, {"params": masked, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=plan.stage1_lr)
-    fields = ("input", "q", "k") + (("output",) if plan.output_mse or
-                                    any(layer.loss is MapLoss.OUTPUT for layer in plan.active) else ())
+    fields = ("input", "q", "k") + (
+        ("output",) if plan.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in plan.active) else ()
+    )
     layers = plan.active
     start = time.monotonic()
-    window: List[float] = []
+    window: list[float] = []
     try:
         for step in range(steps):
             lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
@@ -103,19 +108,24 @@ def stage1_transfer(
             signals = teacher_signals(teacher, x, [layer.layer for layer in layers], fields)
             total, metrics = 0.0, {}
             for layer in layers:
-                loss, metric = layer_fit_loss(student.blocks[layer.layer].attn, layer, signals[layer.layer],
-                                               plan.output_mse)
+                loss, metric = layer_fit_loss(
+                    student.blocks[layer.layer].attn, layer, signals[layer.layer], plan.output_mse
+                )
                 if not torch.isfinite(loss):
-                    raise NonFiniteLossError(f"stage 1: non-finite {layer.loss} loss in block {layer.layer} "
-                                             f"({layer.attention}) at step {step}; lower convert.stage1_lr or set "
-                                             "convert.stage1_clip_grad")
+                    raise NonFiniteLossError(
+                        f"stage 1: non-finite {layer.loss} loss in block {layer.layer} "
+                        f"({layer.attention}) at step {step}; lower convert.stage1_lr or set "
+                        "convert.stage1_clip_grad"
+                    )
                 total = total + loss
                 metrics[layer.layer] = float(metric)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             average_gradients(optimizer)
             if clip_grad:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], clip_grad
+                )
             optimizer.step()
             window.append(float(total.detach()))
             if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
@@ -123,12 +133,18 @@ def stage1_transfer(
                 _, world = rank_and_world()
                 logged = sum_over_ranks([sum(window) / len(window), *metrics.values()], x.device)
                 loss_mean, metrics = logged[0] / world, dict(zip(metrics, (v / world for v in logged[1:])))
-                rec = {"step": step + 1, "loss": loss_mean, "lr": lr,
-                       **{f"metric/{i}": v for i, v in metrics.items()}}
+                rec = {
+                    "step": step + 1,
+                    "loss": loss_mean,
+                    "lr": lr,
+                    **{f"metric/{i}": v for i, v in metrics.items()},
+                }
                 result.history.append(rec)
                 per_layer = " ".join(f"{v:.3g}" for v in metrics.values())
-                log(f"stage 1 step {step + 1}/{steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
-                    f"{'/'.join(sorted({lay.loss.metric for lay in layers}))}: {per_layer}")
+                log(
+                    f"stage 1 step {step + 1}/{steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
+                    f"{'/'.join(sorted({lay.loss.metric for lay in layers}))}: {per_layer}"
+                )
                 window = []
     finally:
         for h in hooks:

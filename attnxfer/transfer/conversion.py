@@ -7,12 +7,13 @@ A softmax teacher becomes an efficient-attention student by (1) swapping attenti
 the teacher's map there, with the loss its map kind allows (`map_losses`), (3) stage 2, end-to-end
 fine-tuning through the training engine. This module is the plan and the per-layer fitting loss.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,15 @@ from ..models.attention import MapKind, TransferableAttention, attention_name_of
 from ..models.efficient import check_softmax_teacher
 from .map_losses import MapLoss, check_map_loss, map_distillation_loss, output_mse
 
-__all__ = ["STAGE1_TRAIN", "Stage1Train", "LayerConversion", "ConversionPlan", "build_conversion_plan", "layer_tensors", "layer_fit_loss"]
+__all__ = [
+    "STAGE1_TRAIN",
+    "ConversionPlan",
+    "LayerConversion",
+    "Stage1Train",
+    "build_conversion_plan",
+    "layer_fit_loss",
+    "layer_tensors",
+]
 
 #: what stage 1 may train in each efficient layer
 STAGE1_TRAIN = {
@@ -60,8 +69,8 @@ class LayerConversion:
     layer: int
     attention: str
     map_kind: MapKind
-    loss: Optional[MapLoss]  # None for softmax layers, which are the teacher's already
-    trainable: List[str] = field(default_factory=list)
+    loss: MapLoss | None  # None for softmax layers, which are the teacher's already
+    trainable: list[str] = field(default_factory=list)
     num_trainable: int = 0
 
 
@@ -69,16 +78,16 @@ class LayerConversion:
 class ConversionPlan:
     """What `convert` will do, validated before any work; printed at start-up and kept in the report."""
 
-    layers: List[LayerConversion]
+    layers: list[LayerConversion]
     stage1_steps: int
     stage1_lr: float
     stage1_batch_size: int
     stage1_train: Stage1Train
     output_mse: float
-    attention_kwargs: Dict[str, Any] = field(default_factory=dict)
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def active(self) -> List[LayerConversion]:
+    def active(self) -> list[LayerConversion]:
         """Layers stage 1 trains."""
         return [layer for layer in self.layers if layer.num_trainable > 0]
 
@@ -96,19 +105,25 @@ class ConversionPlan:
             lines.append("  stage 1: skipped (stage1_steps=0)")
         else:
             extra = f" + {self.output_mse:g} x attention-output MSE" if self.output_mse else ""
-            lines.append(f"  stage 1: layer-parallel attention transfer, {self.stage1_steps} steps, lr "
-                         f"{self.stage1_lr:g}, batch {self.stage1_batch_size}, trains {self.stage1_train} "
-                         f"({self.num_trainable:,} values){extra}")
+            lines.append(
+                f"  stage 1: layer-parallel attention transfer, {self.stage1_steps} steps, lr "
+                f"{self.stage1_lr:g}, batch {self.stage1_batch_size}, trains {self.stage1_train} "
+                f"({self.num_trainable:,} values){extra}"
+            )
         for layer in self.layers:
             if layer.loss is None:
-                lines.append(f"    block {layer.layer}: softmax (the teacher's own attention; nothing to fit)")
+                lines.append(
+                    f"    block {layer.layer}: softmax (the teacher's own attention; nothing to fit)"
+                )
                 continue
-            lines.append(f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) loss {layer.loss}, trains "
-                         f"{layer.num_trainable:,} values"
-                         + (f" in {', '.join(_short(n) for n in layer.trainable)}" if layer.trainable else ""))
+            lines.append(
+                f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) loss {layer.loss}, trains "
+                f"{layer.num_trainable:,} values"
+                + (f" in {', '.join(_short(n) for n in layer.trainable)}" if layer.trainable else "")
+            )
         return "\n".join(lines)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -116,10 +131,11 @@ def _short(name: str) -> str:
     return name.split(".attn.", 1)[-1]
 
 
-def _stage1_tensors(attn: TransferableAttention, what: Stage1Train,
-                    prefix: str) -> List[Tuple[str, nn.Parameter, Optional[torch.Tensor]]]:
+def _stage1_tensors(
+    attn: TransferableAttention, what: Stage1Train, prefix: str
+) -> list[tuple[str, nn.Parameter, torch.Tensor | None]]:
     """(name, parameter, row mask or None) that stage 1 trains in one attention layer."""
-    out: List[Tuple[str, nn.Parameter, Optional[torch.Tensor]]] = []
+    out: list[tuple[str, nn.Parameter, torch.Tensor | None]] = []
     if what.new:
         out += [(f"{prefix}.{n}", attn.get_parameter(n), None) for n in attn.new_parameter_names()]
     if what.qk:
@@ -137,13 +153,26 @@ def _stage1_tensors(attn: TransferableAttention, what: Stage1Train,
 
 def layer_tensors(student: nn.Module, plan: ConversionPlan):
     for layer in plan.active:
-        yield layer, _stage1_tensors(student.blocks[layer.layer].attn, plan.stage1_train, f"blocks.{layer.layer}.attn")
+        yield (
+            layer,
+            _stage1_tensors(
+                student.blocks[layer.layer].attn, plan.stage1_train, f"blocks.{layer.layer}.attn"
+            ),
+        )
 
 
-def build_conversion_plan(teacher: nn.Module, student: nn.Module, *, stage1_steps: int = 200,
-                          stage1_lr: float = 1e-2, stage1_batch_size: int = 128, stage1_train: str = "new",
-                          map_loss: str = "auto", output_mse: float = 0.0,
-                          attention_kwargs: Optional[Dict[str, Any]] = None) -> ConversionPlan:
+def build_conversion_plan(
+    teacher: nn.Module,
+    student: nn.Module,
+    *,
+    stage1_steps: int = 200,
+    stage1_lr: float = 1e-2,
+    stage1_batch_size: int = 128,
+    stage1_train: str = "new",
+    map_loss: str = "auto",
+    output_mse: float = 0.0,
+    attention_kwargs: dict[str, Any] | None = None,
+) -> ConversionPlan:
     """Validate a conversion of ``teacher`` into ``student`` (the ``convert`` config section's values);
     every problem is a ValueError that says what to change."""
     check_softmax_teacher(teacher)
@@ -151,16 +180,22 @@ def build_conversion_plan(teacher: nn.Module, student: nn.Module, *, stage1_step
         raise ValueError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
     train = Stage1Train(stage1_train)
     if stage1_steps < 0 or stage1_lr <= 0 or output_mse < 0:
-        raise ValueError("convert.stage1_steps must be >= 0, convert.stage1_lr > 0 and convert.output_mse >= 0")
+        raise ValueError(
+            "convert.stage1_steps must be >= 0, convert.stage1_lr > 0 and convert.output_mse >= 0"
+        )
     if len(student.blocks) != len(teacher.blocks):
-        raise ValueError(f"student has {len(student.blocks)} blocks, teacher {len(teacher.blocks)}: conversion keeps "
-                         "the teacher's depth (build the student with build_efficient_student)")
+        raise ValueError(
+            f"student has {len(student.blocks)} blocks, teacher {len(teacher.blocks)}: conversion keeps "
+            "the teacher's depth (build the student with build_efficient_student)"
+        )
     layers = []
     for i, blk in enumerate(student.blocks):
         attn = blk.attn
         if not isinstance(attn, TransferableAttention):
-            raise ValueError(f"student blocks.{i}.attn is {type(attn).__name__}; convert students use registered "
-                             "attentions (attnxfer.models.efficient)")
+            raise ValueError(
+                f"student blocks.{i}.attn is {type(attn).__name__}; convert students use registered "
+                "attentions (attnxfer.models.efficient)"
+            )
         name, kind = attention_name_of(attn), attn.map_kind
         if kind is MapKind.SOFTMAX:
             layers.append(LayerConversion(i, name, kind, None))
@@ -169,18 +204,22 @@ def build_conversion_plan(teacher: nn.Module, student: nn.Module, *, stage1_step
         tensors = _stage1_tensors(attn, train, f"blocks.{i}.attn")
         count = sum(int(p.numel() if m is None else m.sum().item() * p[0].numel()) for _, p, m in tensors)
         layers.append(LayerConversion(i, name, kind, loss, [n for n, _, _ in tensors], count))
-    plan = ConversionPlan(layers, stage1_steps, stage1_lr, stage1_batch_size,
-                          train, output_mse, dict(attention_kwargs or {}))
+    plan = ConversionPlan(
+        layers, stage1_steps, stage1_lr, stage1_batch_size, train, output_mse, dict(attention_kwargs or {})
+    )
     if stage1_steps > 0 and plan.num_trainable == 0:
         kinds = sorted({layer.attention for layer in layers if layer.loss is not None})
-        raise ValueError(f"stage 1 has nothing to train: {', '.join(kinds) or 'softmax'} attention has no new "
-                         f"parameters with convert.stage1_train={stage1_train!r}. Set convert.stage1_train=qk to "
-                         "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1")
+        raise ValueError(
+            f"stage 1 has nothing to train: {', '.join(kinds) or 'softmax'} attention has no new "
+            f"parameters with convert.stage1_train={stage1_train!r}. Set convert.stage1_train=qk to "
+            "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1"
+        )
     return plan
 
 
-def layer_fit_loss(attn: nn.Module, layer: LayerConversion, signals: Dict[str, torch.Tensor],
-                    output_weight: float) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def layer_fit_loss(
+    attn: nn.Module, layer: LayerConversion, signals: dict[str, torch.Tensor], output_weight: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stage 1's loss for one layer on the teacher's input, and its agreement metric (KL, map MSE or output MSE)."""
     x = signals["input"]
     if layer.loss is MapLoss.OUTPUT:

@@ -5,11 +5,12 @@ The teacher is a guest: frozen, ``eval()``, under ``torch.no_grad()`` (not
 GPU, and not a registered submodule, so it never reaches the optimizer, EMA,
 ``state_dict`` or checkpoints. It runs only as deep as the plan needs.
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
@@ -33,9 +34,9 @@ class TransferOutput:
     """
 
     logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
-    terms: Dict[str, torch.Tensor] = field(default_factory=dict)
-    logs: Dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class _FixedDropPath(nn.Module):
@@ -77,14 +78,15 @@ def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.norm_pre(x)
 
 
-def logit_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-                            temperature: float = 1.0) -> torch.Tensor:
+def logit_distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch, in fp32 (Hinton et al.'s scaling keeps
     the gradient's size independent of T)."""
     with fp32_section(student_logits.device.type):
         t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
         s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+        return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
 class DualViT(nn.Module):
@@ -99,8 +101,15 @@ class DualViT(nn.Module):
         teacher_dtype: dtype the teacher runs in; default bf16 on CUDA, fp32 elsewhere.
     """
 
-    def __init__(self, teacher: Optional[nn.Module], student: nn.Module, plan: Optional[TransferPlan] = None,
-                 *, mode: str = "distill", teacher_dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        teacher: nn.Module | None,
+        student: nn.Module,
+        plan: TransferPlan | None = None,
+        *,
+        mode: str = "distill",
+        teacher_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.student = make_transfer_aware(student)
         if teacher is not None:
@@ -121,7 +130,7 @@ class DualViT(nn.Module):
                 self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
 
     # -- the guest -------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "DualViT":
+    def train(self, mode: bool = True) -> DualViT:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
@@ -167,8 +176,8 @@ class DualViT(nn.Module):
             xt = _embed(teacher, x.to(tdtype))
         xs = _embed(student, x)
         out = TransferOutput(logits=x.new_empty(0))
-        losses: List[torch.Tensor] = []
-        signals: Dict[int, Dict[str, torch.Tensor]] = {}  # teacher layer -> its captured q/k/v
+        losses: list[torch.Tensor] = []
+        signals: dict[int, dict[str, torch.Tensor]] = {}  # teacher layer -> its captured q/k/v
         next_t = 0
         for i, blk in enumerate(student.blocks):
             # With shared drop path the teacher walks block by block beside the student
@@ -176,8 +185,11 @@ class DualViT(nn.Module):
             target = i if share else teacher_for.get(i)
             if target is not None and target > plan.last_teacher_layer:
                 target = None
-            drop = (_shared_drop_path(blk, teacher.blocks[i], x.shape[0], x.device)
-                    if share and target is not None else contextlib.nullcontext())
+            drop = (
+                _shared_drop_path(blk, teacher.blocks[i], x.shape[0], x.device)
+                if share and target is not None
+                else contextlib.nullcontext()
+            )
             with drop:
                 while target is not None and next_t <= target:
                     t_io = AttentionIO(capture=wanted) if next_t in plan.teacher_layers else None
@@ -186,12 +198,14 @@ class DualViT(nn.Module):
                     if t_io is not None:
                         signals[next_t] = t_io.captured
                     next_t += 1
-                own: Optional[Dict[str, torch.Tensor]] = None
+                own: dict[str, torch.Tensor] | None = None
                 if i not in teacher_for:
                     xs = blk(xs)
                 elif mode.is_copy:
                     borrowed = signals[teacher_for[i]]
-                    with attention_io(self._student_attn[i], AttentionIO(**{c: borrowed[c] for c in mode.borrow})):
+                    with attention_io(
+                        self._student_attn[i], AttentionIO(**{c: borrowed[c] for c in mode.borrow})
+                    ):
                         xs = blk(xs)
                 else:
                     s_io = AttentionIO(capture=wanted)
@@ -212,13 +226,24 @@ class DualViT(nn.Module):
             self._add_logit_loss(out, teacher_logits)
         return out
 
-    def _layer_loss(self, layer: int, teacher_sig: Dict[str, torch.Tensor], student_sig: Dict[str, torch.Tensor],
-                    out: TransferOutput) -> torch.Tensor:
+    def _layer_loss(
+        self,
+        layer: int,
+        teacher_sig: dict[str, torch.Tensor],
+        student_sig: dict[str, torch.Tensor],
+        out: TransferOutput,
+    ) -> torch.Tensor:
         mode = self.plan.mode
         if mode.distills_maps:
             # the student layer's map kind picks the loss (softmax: the exact O(N) CE; see map_losses)
-            res = map_distillation_loss(self._student_attn[layer], student_sig["q"], student_sig["k"],
-                                        teacher_sig["q"], teacher_sig["k"], with_metric=self.log_kl)
+            res = map_distillation_loss(
+                self._student_attn[layer],
+                student_sig["q"],
+                student_sig["k"],
+                teacher_sig["q"],
+                teacher_sig["k"],
+                with_metric=self.log_kl,
+            )
             out.terms[f"{res.kind.term}/{layer}"] = res.loss
             if res.metric is not None and res.kind.logged_metric:
                 out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric

@@ -15,25 +15,27 @@ Everything runs in fp32 whatever the surrounding autocast.
 `attention_ce_reference` materialises both maps: it is the oracle for tests
 and the "materialised" line of the benchmarks, never the training path.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from ..models.attention import sdpa
+
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
 from ..models.attention.numerics import fp32_section as _fp32
 from ..models.attention.numerics import row_chunk as _auto_chunk
 
 __all__ = [
     "AttentionLoss",
-    "row_logsumexp",
-    "attention_distillation_loss",
     "attention_ce_reference",
-    "teacher_entropy",
+    "attention_distillation_loss",
     "group_heads_ok",
+    "row_logsumexp",
+    "teacher_entropy",
 ]
 
 
@@ -76,8 +78,9 @@ class _RowLogSumExp(torch.autograd.Function):
         return dq, dk, None, None
 
 
-def row_logsumexp(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None,
-                  chunk: Optional[int] = None) -> torch.Tensor:
+def row_logsumexp(
+    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, chunk: int | None = None
+) -> torch.Tensor:
     """Row log-sum-exp of ``scale · q kᵀ`` (B, H, N) in fp32 with O(chunk·N) memory, also in backward."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with _fp32(q.device.type):
@@ -89,7 +92,7 @@ class AttentionLoss(NamedTuple):
     """One layer's attention-distillation loss (CE, differentiable) and KL (detached, for logging)."""
 
     ce: torch.Tensor
-    kl: Optional[torch.Tensor]
+    kl: torch.Tensor | None
 
 
 def group_heads_ok(teacher_heads: int, student_heads: int) -> bool:
@@ -105,11 +108,13 @@ def _check_shapes(q_t, k_t, q_s, k_s):
     if q_t.shape[-2] != q_s.shape[-2] or k_t.shape[-2] != k_s.shape[-2]:
         raise ValueError(
             f"token counts differ: teacher {q_t.shape[-2]}, student {q_s.shape[-2]}; "
-            "teacher and student need the same image size, patch size and prefix tokens")
+            "teacher and student need the same image size, patch size and prefix tokens"
+        )
     if not group_heads_ok(q_t.shape[1], q_s.shape[1]):
         raise ValueError(
             f"teacher has {q_t.shape[1]} heads, student {q_s.shape[1]}: the teacher's head count must equal "
-            "or be a whole multiple of the student's (its maps are then averaged in groups)")
+            "or be a whole multiple of the student's (its maps are then averaged in groups)"
+        )
 
 
 def _teacher_times(q_t, k_t, values, scale_t):
@@ -125,8 +130,13 @@ def _teacher_times(q_t, k_t, values, scale_t):
 
 
 @torch.no_grad()
-def teacher_entropy(q_t: torch.Tensor, k_t: torch.Tensor, student_heads: Optional[int] = None,
-                    scale_t: Optional[float] = None, chunk: Optional[int] = None) -> torch.Tensor:
+def teacher_entropy(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    student_heads: int | None = None,
+    scale_t: float | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Row entropies H(P̄_t) (B, H_s, N) in fp32, head groups averaged first."""
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     with _fp32(q_t.device.type):
@@ -151,15 +161,15 @@ def teacher_entropy(q_t: torch.Tensor, k_t: torch.Tensor, student_heads: Optiona
 
 
 def attention_distillation_loss(
-        q_t: torch.Tensor,
-        k_t: torch.Tensor,
-        q_s: torch.Tensor,
-        k_s: torch.Tensor,
-        *,
-        scale_t: Optional[float] = None,
-        scale_s: Optional[float] = None,
-        chunk: Optional[int] = None,
-        with_kl: bool = True,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    *,
+    scale_t: float | None = None,
+    scale_s: float | None = None,
+    chunk: int | None = None,
+    with_kl: bool = True,
 ) -> AttentionLoss:
     """Mean row cross-entropy −Σ_j P_t log P_s over (batch, head, query), O(N) memory.
 
@@ -188,13 +198,13 @@ def attention_distillation_loss(
 
 
 def attention_ce_reference(
-        q_t: torch.Tensor,
-        k_t: torch.Tensor,
-        q_s: torch.Tensor,
-        k_s: torch.Tensor,
-        *,
-        scale_t: Optional[float] = None,
-        scale_s: Optional[float] = None,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    *,
+    scale_t: float | None = None,
+    scale_s: float | None = None,
 ) -> AttentionLoss:
     """The same loss with both N×N maps materialised: the oracle (and the slow path)."""
     _check_shapes(q_t, k_t, q_s, k_s)

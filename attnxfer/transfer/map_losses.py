@@ -22,12 +22,14 @@ of keeping every chunk's (B, H, rows, N) tensors. Zeros in a row-stochastic stud
 attention outside its window) are floored at fp32's smallest normal number (log ≈ −87.3): the CE
 stays finite and large where the student cannot put weight that the teacher does.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +39,20 @@ from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.numerics import fp32_section, row_chunk
 from .losses import attention_distillation_loss
 
-__all__ = ["MapLoss", "MapAgreement", "MapLossRule", "MAP_LOSS_RULES", "DEFAULT_MAP_LOSS", "MAP_LOSSES",
-           "default_map_loss", "check_map_loss", "map_loss_rule", "map_distillation_loss", "implicit_map_loss",
-           "output_mse"]
+__all__ = [
+    "DEFAULT_MAP_LOSS",
+    "MAP_LOSSES",
+    "MAP_LOSS_RULES",
+    "MapAgreement",
+    "MapLoss",
+    "MapLossRule",
+    "check_map_loss",
+    "default_map_loss",
+    "implicit_map_loss",
+    "map_distillation_loss",
+    "map_loss_rule",
+    "output_mse",
+]
 
 
 class MapLoss(str, Enum):
@@ -66,7 +79,7 @@ class MapLoss(str, Enum):
         return _TERMS[self]
 
     @property
-    def logged_metric(self) -> Optional[str]:
+    def logged_metric(self) -> str | None:
         """Key prefix under which the metric is logged beside the loss (KL beside CE), or None."""
         return "attn_kl" if self is MapLoss.CE else None
 
@@ -80,7 +93,7 @@ class MapAgreement(NamedTuple):
     not asked for and not free)."""
 
     loss: torch.Tensor
-    metric: Optional[torch.Tensor]
+    metric: torch.Tensor | None
     metric_name: str
     kind: MapLoss = MapLoss.CE
 
@@ -108,12 +121,23 @@ def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int):
 
 def _check_equal_shapes(q_s, k_s, q_t, k_t) -> None:
     if q_s.shape[:3] != q_t.shape[:3] or k_s.shape[-2] != k_t.shape[-2]:
-        raise ValueError(f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
-                         "the student needs the teacher's heads and tokens")
+        raise ValueError(
+            f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
+            "the student needs the teacher's heads and tokens"
+        )
 
 
-def _implicit_loss(loss: MapLoss, attn: TransferableAttention, q_s, k_s, q_t, k_t, *, with_metric: bool = True,
-                   chunk: Optional[int] = None) -> MapAgreement:
+def _implicit_loss(
+    loss: MapLoss,
+    attn: TransferableAttention,
+    q_s,
+    k_s,
+    q_t,
+    k_t,
+    *,
+    with_metric: bool = True,
+    chunk: int | None = None,
+) -> MapAgreement:
     """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free."""
     _check_equal_shapes(q_s, k_s, q_t, k_t)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
@@ -124,8 +148,9 @@ def _implicit_loss(loss: MapLoss, attn: TransferableAttention, q_s, k_s, q_t, k_
     with fp32_section(q_s.device.type):
         q_t, k_t = q_t.detach().float(), k_t.detach().float()
         q_s, k_s = q_s.float(), k_s.float()
-        grad = torch.is_grad_enabled() and (q_s.requires_grad or k_s.requires_grad
-                                            or any(p.requires_grad for p in attn.parameters()))
+        grad = torch.is_grad_enabled() and (
+            q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
+        )
         total = entropy = q_s.new_zeros(())
         for start in range(0, N, step):
             stop = min(start + step, N)
@@ -144,8 +169,9 @@ def _implicit_loss(loss: MapLoss, attn: TransferableAttention, q_s, k_s, q_t, k_
     return MapAgreement(value, metric, loss.metric, loss)
 
 
-def _exact_softmax_ce(attn: TransferableAttention, q_s, k_s, q_t, k_t, *, with_metric: bool = True,
-                      chunk: Optional[int] = None) -> MapAgreement:
+def _exact_softmax_ce(
+    attn: TransferableAttention, q_s, k_s, q_t, k_t, *, with_metric: bool = True, chunk: int | None = None
+) -> MapAgreement:
     """The exact O(N) CE of a softmax student layer (no map built; head groups; unequal head dims)."""
     res = attention_distillation_loss(q_t, k_t, q_s, k_s, with_kl=with_metric)
     return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
@@ -160,7 +186,7 @@ class MapLossRule:
     groups_heads: bool = False
 
 
-MAP_LOSS_RULES: Dict[Tuple[MapKind, MapLoss], MapLossRule] = {
+MAP_LOSS_RULES: dict[tuple[MapKind, MapLoss], MapLossRule] = {
     (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(_exact_softmax_ce, groups_heads=True),
     (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(partial(_implicit_loss, MapLoss.CE)),
     (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
@@ -168,12 +194,14 @@ MAP_LOSS_RULES: Dict[Tuple[MapKind, MapLoss], MapLossRule] = {
     (MapKind.SIGNED, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
 }
 #: the loss each map kind gets unless told otherwise
-DEFAULT_MAP_LOSS: Dict[MapKind, MapLoss] = {
-    MapKind.SOFTMAX: MapLoss.CE, MapKind.ROW_STOCHASTIC: MapLoss.CE, MapKind.SIGNED: MapLoss.MSE,
+DEFAULT_MAP_LOSS: dict[MapKind, MapLoss] = {
+    MapKind.SOFTMAX: MapLoss.CE,
+    MapKind.ROW_STOCHASTIC: MapLoss.CE,
+    MapKind.SIGNED: MapLoss.MSE,
     MapKind.NONE: MapLoss.OUTPUT,
 }
 #: loss -> the map kinds it applies to (``output`` compares attention outputs, so it applies to every kind)
-MAP_LOSSES: Dict[MapLoss, Tuple[MapKind, ...]] = {
+MAP_LOSSES: dict[MapLoss, tuple[MapKind, ...]] = {
     loss: tuple(kind for kind in MapKind if (kind, loss) in MAP_LOSS_RULES or loss is MapLoss.OUTPUT)
     for loss in MapLoss
 }
@@ -192,14 +220,19 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
     try:
         loss = MapLoss(loss)
     except ValueError:
-        raise ValueError(f"unknown map loss {loss!r}; choose one of auto, "
-                         f"{', '.join(m.value for m in MapLoss)}") from None
+        raise ValueError(
+            f"unknown map loss {loss!r}; choose one of auto, {', '.join(m.value for m in MapLoss)}"
+        ) from None
     if kind not in MAP_LOSSES[loss]:
         fits = [name.value for name, kinds in MAP_LOSSES.items() if kind in kinds]
-        why = {MapKind.SIGNED: "its map has negative entries, so log A is undefined",
-               MapKind.NONE: "it has no attention map"}.get(kind, "")
-        raise ValueError(f"{where}map loss {loss.value!r} does not apply to a {kind.value!r} attention ({why}); use "
-                         f"{' or '.join(repr(f) for f in fits)} (or 'auto')")
+        why = {
+            MapKind.SIGNED: "its map has negative entries, so log A is undefined",
+            MapKind.NONE: "it has no attention map",
+        }.get(kind, "")
+        raise ValueError(
+            f"{where}map loss {loss.value!r} does not apply to a {kind.value!r} attention ({why}); use "
+            f"{' or '.join(repr(f) for f in fits)} (or 'auto')"
+        )
     return loss
 
 
@@ -212,15 +245,15 @@ def map_loss_rule(kind: MapKind | str, loss: MapLoss | str = "auto") -> MapLossR
 
 
 def map_distillation_loss(
-        attn: TransferableAttention,
-        q_s: torch.Tensor,
-        k_s: torch.Tensor,
-        q_t: torch.Tensor,
-        k_t: torch.Tensor,
-        loss: MapLoss | str = "auto",
-        *,
-        with_metric: bool = True,
-        chunk: Optional[int] = None,
+    attn: TransferableAttention,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    loss: MapLoss | str = "auto",
+    *,
+    with_metric: bool = True,
+    chunk: int | None = None,
 ) -> MapAgreement:
     """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
     softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
@@ -233,8 +266,15 @@ def map_distillation_loss(
     return rule.compute(attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk)
 
 
-def implicit_map_loss(attn: TransferableAttention, q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor,
-                      k_t: torch.Tensor, loss: MapLoss | str = "auto", chunk: Optional[int] = None) -> MapAgreement:
+def implicit_map_loss(
+    attn: TransferableAttention,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    loss: MapLoss | str = "auto",
+    chunk: int | None = None,
+) -> MapAgreement:
     """The ``loss`` ('ce' or 'mse'; 'auto' by map kind) computed from ``attn``'s rows (`attention_map`),
     whatever its kind: the chunked path (for softmax layers too), equal heads and tokens."""
     loss = check_map_loss(loss, attn.map_kind)

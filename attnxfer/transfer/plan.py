@@ -3,11 +3,12 @@
 A plan is built once from the config and the two models, validated there (so a
 bad combination fails before any training step), and printed at start-up.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -15,8 +16,17 @@ from ..models.attention import MapKind, attention_name_of, transfer_attentions
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
 
-__all__ = ["TransferMode", "Distill", "MODES", "register_mode", "TransferPlan", "build_plan", "select_layers",
-           "map_layers", "PlanError"]
+__all__ = [
+    "MODES",
+    "Distill",
+    "PlanError",
+    "TransferMode",
+    "TransferPlan",
+    "build_plan",
+    "map_layers",
+    "register_mode",
+    "select_layers",
+]
 
 
 class PlanError(ValueError):
@@ -105,7 +115,7 @@ class TransferMode:
         return self.is_copy
 
 
-MODES: Dict[str, TransferMode] = {}
+MODES: dict[str, TransferMode] = {}
 
 
 def register_mode(mode: TransferMode) -> TransferMode:
@@ -114,11 +124,15 @@ def register_mode(mode: TransferMode) -> TransferMode:
 
 
 register_mode(TransferMode("none", description="plain student training (from-scratch baseline)"))
-register_mode(TransferMode("copy", borrow="qk", description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)"))
+register_mode(
+    TransferMode("copy", borrow="qk", description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)")
+)
 register_mode(TransferMode("copy_q", borrow="q", description="teacher queries with student keys"))
 register_mode(TransferMode("copy_k", borrow="k", description="student queries with teacher keys"))
 register_mode(TransferMode("copy_v", borrow="v", description="student maps applied to the teacher's values"))
-register_mode(TransferMode("distill", distill="maps", description="CE between teacher and student attention rows"))
+register_mode(
+    TransferMode("distill", distill="maps", description="CE between teacher and student attention rows")
+)
 register_mode(TransferMode("distill_q", distill="q", description="MSE between queries"))
 register_mode(TransferMode("distill_k", distill="k", description="MSE between keys"))
 register_mode(TransferMode("distill_v", distill="v", description="MSE between values"))
@@ -130,7 +144,7 @@ def get_mode(name: str) -> TransferMode:
     return MODES[name]
 
 
-def select_layers(depth: int, end_layer: int = 0, layers: Optional[Iterable[int]] = None) -> Tuple[int, ...]:
+def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None = None) -> tuple[int, ...]:
     """Student layers that take part.
 
     ``layers`` (explicit indices, negatives count from the end) wins over ``end_layer``.
@@ -142,24 +156,30 @@ def select_layers(depth: int, end_layer: int = 0, layers: Optional[Iterable[int]
         for i in layers:
             j = i + depth if i < 0 else i
             if not 0 <= j < depth:
-                raise PlanError(f"layer {i} is outside the student's {depth} blocks (valid: 0..{depth - 1} or -{depth}..-1)")
+                raise PlanError(
+                    f"layer {i} is outside the student's {depth} blocks (valid: 0..{depth - 1} or -{depth}..-1)"
+                )
             chosen.append(j)
         return tuple(sorted(set(chosen)))
     end = depth if end_layer == 0 else (depth + end_layer if end_layer < 0 else end_layer)
     if not 0 < end <= depth:
-        raise PlanError(f"end_layer={end_layer} selects no layers of a {depth}-block student; "
-                        f"use 0 (all), -1..-{depth - 1} (drop the last ones) or 1..{depth}")
+        raise PlanError(
+            f"end_layer={end_layer} selects no layers of a {depth}-block student; "
+            f"use 0 (all), -1..-{depth - 1} (drop the last ones) or 1..{depth}"
+        )
     return tuple(range(end))
 
 
-def map_layers(student_layers: Sequence[int], student_depth: int, teacher_depth: int) -> Tuple[Tuple[int, int], ...]:
+def map_layers(
+    student_layers: Sequence[int], student_depth: int, teacher_depth: int
+) -> tuple[tuple[int, int], ...]:
     """(student, teacher) pairs; different depths map uniformly, first to first and last to last."""
     if student_depth == teacher_depth:
         return tuple((i, i) for i in student_layers)
     if student_depth == 1:
         return tuple((i, teacher_depth - 1) for i in student_layers)
     ratio = (teacher_depth - 1) / (student_depth - 1)
-    return tuple((i, int(round(i * ratio))) for i in student_layers)
+    return tuple((i, round(i * ratio)) for i in student_layers)
 
 
 def _block_attentions(model: nn.Module) -> Sequence[nn.Module]:
@@ -167,41 +187,58 @@ def _block_attentions(model: nn.Module) -> Sequence[nn.Module]:
     return transfer_attentions(model)
 
 
-def _check_pair(spec: "TransferMode", mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
+def _check_pair(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
     """What the mode needs of one (teacher layer, student layer) pair, read from their declared data:
     map kinds, head counts and head dims."""
     name = attention_name_of(sa)
     if ta.map_kind is not MapKind.SOFTMAX:
-        raise PlanError(f"{where}: the teacher layer is {attention_name_of(ta)!r}; teachers need softmax attention "
-                        "(their q/k define the maps that are transferred)")
+        raise PlanError(
+            f"{where}: the teacher layer is {attention_name_of(ta)!r}; teachers need softmax attention "
+            "(their q/k define the maps that are transferred)"
+        )
     if spec.is_copy and not sa.map_kind.takes_borrowed_qk:
-        raise PlanError(f"{where}: mode {mode!r} needs softmax attention in the student, but this layer is "
-                        f"{name!r}; use mode=distill (map distillation) or mode=none for efficient-attention "
-                        "students")
+        raise PlanError(
+            f"{where}: mode {mode!r} needs softmax attention in the student, but this layer is "
+            f"{name!r}; use mode=distill (map distillation) or mode=none for efficient-attention "
+            "students"
+        )
     if spec.distills_maps and not sa.map_kind.has_map:
-        raise PlanError(f"{where}: {name!r} attention has no attention map to distil (map kind 'none'); set "
-                        "transfer.mode=none (logit distillation still applies) or pick a row-stochastic/signed "
-                        "attention")
+        raise PlanError(
+            f"{where}: {name!r} attention has no attention map to distil (map kind 'none'); set "
+            "transfer.mode=none (logit distillation still applies) or pick a row-stochastic/signed "
+            "attention"
+        )
     groups_heads = spec.distills_maps and map_loss_rule(sa.map_kind).groups_heads
     if spec.needs_equal_heads and ta.num_heads != sa.num_heads:
-        raise PlanError(f"{where}: mode {mode!r} needs equal head counts (teacher {ta.num_heads}, "
-                        f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
-                        + (" or use mode=distill, which averages teacher heads in groups"
-                           if group_heads_ok(ta.num_heads, sa.num_heads) else ""))
+        raise PlanError(
+            f"{where}: mode {mode!r} needs equal head counts (teacher {ta.num_heads}, "
+            f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
+            + (
+                " or use mode=distill, which averages teacher heads in groups"
+                if group_heads_ok(ta.num_heads, sa.num_heads)
+                else ""
+            )
+        )
     if spec.mixes_chunks and ta.head_dim != sa.head_dim:
-        raise PlanError(f"{where}: mode {mode!r} mixes teacher and student q/k/v, so head dims must match "
-                        f"(teacher {ta.head_dim}, student {sa.head_dim}); set the student's embed_dim to "
-                        f"{ta.num_heads * ta.head_dim}")
+        raise PlanError(
+            f"{where}: mode {mode!r} mixes teacher and student q/k/v, so head dims must match "
+            f"(teacher {ta.head_dim}, student {sa.head_dim}); set the student's embed_dim to "
+            f"{ta.num_heads * ta.head_dim}"
+        )
     if spec.distills_maps and not groups_heads and ta.num_heads != sa.num_heads:
-        raise PlanError(f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
-                        f"{ta.num_heads}, student {sa.num_heads})")
+        raise PlanError(
+            f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
+            f"{ta.num_heads}, student {sa.num_heads})"
+        )
     if groups_heads and not group_heads_ok(ta.num_heads, sa.num_heads):
-        raise PlanError(f"{where}: teacher has {ta.num_heads} heads, student {sa.num_heads}; distillation needs "
-                        "the teacher's head count to equal or be a whole multiple of the student's "
-                        f"(e.g. student num_heads={ta.num_heads})")
+        raise PlanError(
+            f"{where}: teacher has {ta.num_heads} heads, student {sa.num_heads}; distillation needs "
+            "the teacher's head count to equal or be a whole multiple of the student's "
+            f"(e.g. student num_heads={ta.num_heads})"
+        )
 
 
-def _token_layout(model: nn.Module) -> Tuple[Tuple[int, ...], int]:
+def _token_layout(model: nn.Module) -> tuple[tuple[int, ...], int]:
     grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
     return grid, int(getattr(model, "num_prefix_tokens", 0))
 
@@ -211,7 +248,7 @@ class TransferPlan:
     """Validated, explicit description of one attention-transfer setup."""
 
     mode: TransferMode
-    pairs: Tuple[Tuple[int, int], ...]  # (student layer, teacher layer)
+    pairs: tuple[tuple[int, int], ...]  # (student layer, teacher layer)
     weight: float = 1.0  # the paper's atd_weight (distillation modes)
     student_depth: int = 0
     teacher_depth: int = 0
@@ -223,11 +260,11 @@ class TransferPlan:
     logit_temperature: float = 1.0
 
     @property
-    def student_layers(self) -> Tuple[int, ...]:
+    def student_layers(self) -> tuple[int, ...]:
         return tuple(s for s, _ in self.pairs)
 
     @property
-    def teacher_for(self) -> Dict[int, int]:
+    def teacher_for(self) -> dict[int, int]:
         return dict(self.pairs)
 
     @property
@@ -248,8 +285,10 @@ class TransferPlan:
         return bool(self.pairs) or self.logit_weight > 0
 
     def _logit_line(self) -> str:
-        return (f"  logit distillation: weight {self.logit_weight:g}, temperature {self.logit_temperature:g} "
-                "(KL between teacher and student class distributions)")
+        return (
+            f"  logit distillation: weight {self.logit_weight:g}, temperature {self.logit_temperature:g} "
+            "(KL between teacher and student class distributions)"
+        )
 
     def describe(self) -> str:
         """A short human-readable table, printed at start-up."""
@@ -257,21 +296,30 @@ class TransferPlan:
         lines = [f"transfer plan: mode={m.name} ({m.description})"]
         if m.moves_nothing:
             return "\n".join(lines + ([self._logit_line()] if self.logit_weight > 0 else []))
-        kind = f"borrow {m.borrow} from teacher" if m.is_copy else (
-            f"distill {m.distill}" + (f", weight {self.weight:g}" if m.is_distill else ""))
-        lines.append(f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
-                     f"{self.student_heads}" + (f" (teacher maps averaged in groups of {self.head_groups})"
-                                                 if self.head_groups > 1 else ""))
-        lines.append(f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
-                     f"teacher runs at eval: {m.teacher_at_eval}")
+        kind = (
+            f"borrow {m.borrow} from teacher"
+            if m.is_copy
+            else (f"distill {m.distill}" + (f", weight {self.weight:g}" if m.is_distill else ""))
+        )
+        lines.append(
+            f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
+            f"{self.student_heads}"
+            + (f" (teacher maps averaged in groups of {self.head_groups})" if self.head_groups > 1 else "")
+        )
+        lines.append(
+            f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
+            f"teacher runs at eval: {m.teacher_at_eval}"
+        )
         identity = all(s == t for s, t in self.pairs)
         sl = self.student_layers
         span = f"{sl[0]}-{sl[-1]}" if sl == tuple(range(sl[0], sl[-1] + 1)) else ",".join(map(str, sl))
         if identity:
             lines.append(f"  layers {span} of {self.student_depth} (same teacher layers)")
         else:
-            lines.append(f"  student layers {span} of {self.student_depth} <- teacher layers "
-                         + ", ".join(f"{s}<-{t}" for s, t in self.pairs))
+            lines.append(
+                f"  student layers {span} of {self.student_depth} <- teacher layers "
+                + ", ".join(f"{s}<-{t}" for s, t in self.pairs)
+            )
         if self.logit_weight > 0:
             lines.append(self._logit_line())
         return "\n".join(lines)
@@ -281,16 +329,16 @@ class TransferPlan:
 
 
 def build_plan(
-        teacher: Optional[nn.Module],
-        student: nn.Module,
-        mode: str = "distill",
-        *,
-        end_layer: int = 0,
-        layers: Optional[Iterable[int]] = None,
-        weight: float = 1.0,
-        share_drop_path: bool = False,
-        logit_weight: float = 0.0,
-        logit_temperature: float = 1.0,
+    teacher: nn.Module | None,
+    student: nn.Module,
+    mode: str = "distill",
+    *,
+    end_layer: int = 0,
+    layers: Iterable[int] | None = None,
+    weight: float = 1.0,
+    share_drop_path: bool = False,
+    logit_weight: float = 0.0,
+    logit_temperature: float = 1.0,
 ) -> TransferPlan:
     """Build and validate a plan for these two models; every incompatibility is a `PlanError`.
 
@@ -311,32 +359,53 @@ def build_plan(
         raise PlanError(
             f"token grids differ: teacher has {'x'.join(map(str, t_grid))} patches + {t_prefix} prefix token(s), "
             f"student {'x'.join(map(str, s_grid))} + {s_prefix}. Give the student the teacher's img_size, "
-            "patch_size and class/register tokens (attention maps are token-by-token).")
+            "patch_size and class/register tokens (attention maps are token-by-token)."
+        )
     tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
     chosen = select_layers(len(s_attn), end_layer, layers)
     pairs = map_layers(chosen, len(s_attn), len(t_attn))
     if share_drop_path and len(s_attn) != len(t_attn):
-        raise PlanError(f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "
-                        "set share_drop_path=false")
+        raise PlanError(
+            f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "
+            "set share_drop_path=false"
+        )
     for s, t in pairs:
         _check_pair(spec, mode, f"student block {s} <- teacher block {t}", t_attn[t], s_attn[s])
-    return TransferPlan(spec, pairs, float(weight), len(s_attn), len(t_attn), t_attn[0].num_heads,
-                        s_attn[0].num_heads, bool(share_drop_path), tokens, **logits)
+    return TransferPlan(
+        spec,
+        pairs,
+        float(weight),
+        len(s_attn),
+        len(t_attn),
+        t_attn[0].num_heads,
+        s_attn[0].num_heads,
+        bool(share_drop_path),
+        tokens,
+        **logits,
+    )
 
 
-def _logit_settings(teacher: Optional[nn.Module], student: nn.Module, weight: float, temperature: float) -> Dict:
+def _logit_settings(teacher: nn.Module | None, student: nn.Module, weight: float, temperature: float) -> dict:
     if weight < 0 or temperature <= 0:
-        raise PlanError(f"logit distillation needs weight >= 0 and temperature > 0, got weight {weight}, "
-                        f"temperature {temperature}")
+        raise PlanError(
+            f"logit distillation needs weight >= 0 and temperature > 0, got weight {weight}, "
+            f"temperature {temperature}"
+        )
     if weight > 0:
         if teacher is None:
-            raise PlanError("logit distillation (transfer.logit_distill > 0) needs a teacher; set teacher.spec or "
-                            "transfer.logit_distill=0")
+            raise PlanError(
+                "logit distillation (transfer.logit_distill > 0) needs a teacher; set teacher.spec or "
+                "transfer.logit_distill=0"
+            )
         t_classes, s_classes = getattr(teacher, "num_classes", 0), getattr(student, "num_classes", 0)
         if not t_classes:
-            raise PlanError("the teacher has no classifier head (num_classes=0, e.g. an MAE encoder), so there are "
-                            "no teacher logits to distil; set transfer.logit_distill=0")
+            raise PlanError(
+                "the teacher has no classifier head (num_classes=0, e.g. an MAE encoder), so there are "
+                "no teacher logits to distil; set transfer.logit_distill=0"
+            )
         if t_classes != s_classes:
-            raise PlanError(f"logit distillation needs the teacher's classes: teacher has {t_classes}, student "
-                            f"{s_classes}; set transfer.logit_distill=0 or use a teacher trained on this label set")
+            raise PlanError(
+                f"logit distillation needs the teacher's classes: teacher has {t_classes}, student "
+                f"{s_classes}; set transfer.logit_distill=0 or use a teacher trained on this label set"
+            )
     return dict(logit_weight=float(weight), logit_temperature=float(temperature))

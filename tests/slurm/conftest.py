@@ -6,6 +6,7 @@ it makes those tests fail with the reason; set ``ATTNXFER_SKIP_SLURM=1`` to skip
 on purpose. There is no accounting daemon: every wait on a job has a timeout instead (see
 ``attnxfer.launch.slurm.wait``).
 """
+
 from __future__ import annotations
 
 import getpass
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
-
 import toy_training
 from loopback_cluster import ClusterUnavailable, LoopbackCluster
 
@@ -38,8 +38,11 @@ def slurm_cluster(request):
         cluster.start()
     except (ClusterUnavailable, OSError, subprocess.SubprocessError) as e:
         cluster.stop()
-        pytest.fail(f"cannot start the loopback SLURM cluster: {e}\n(set {SKIP_ENV}=1 to skip the SLURM tests "
-                    "on a machine that cannot run them)", pytrace=False)
+        pytest.fail(
+            f"cannot start the loopback SLURM cluster: {e}\n(set {SKIP_ENV}=1 to skip the SLURM tests "
+            "on a machine that cannot run them)",
+            pytrace=False,
+        )
     saved = {k: os.environ.get(k) for k in cluster.client_env()}
     os.environ.update(cluster.client_env())
     try:

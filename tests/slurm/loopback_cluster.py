@@ -15,6 +15,7 @@ Run it by hand to try ``attnxfer submit`` on this machine::
     python tests/slurm/loopback_cluster.py start /tmp/slurmtest 2   # prints export SLURM_CONF=...
     python tests/slurm/loopback_cluster.py stop /tmp/slurmtest
 """
+
 from __future__ import annotations
 
 import os
@@ -38,7 +39,9 @@ class ClusterUnavailable(RuntimeError):
 
 
 def _which(name: str) -> str | None:
-    return shutil.which(name) or next((f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None)
+    return shutil.which(name) or next(
+        (f"{d}/{name}" for d in SBIN if os.access(f"{d}/{name}", os.X_OK)), None
+    )
 
 
 def _run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
@@ -52,11 +55,13 @@ def ensure_installed() -> None:
     if os.geteuid() != 0:
         raise ClusterUnavailable(
             f"SLURM is not installed and installing it needs root (install {' '.join(APT_PACKAGES)} "
-            "with apt-get, run the tests as root, or set ATTNXFER_SKIP_SLURM=1 to skip the SLURM tests)")
+            "with apt-get, run the tests as root, or set ATTNXFER_SKIP_SLURM=1 to skip the SLURM tests)"
+        )
     if not shutil.which("apt-get"):
         raise ClusterUnavailable(
             f"SLURM is not installed and apt-get is not available: install {' '.join(APT_PACKAGES)} "
-            "(slurm 22.05+) or set ATTNXFER_SKIP_SLURM=1 to skip the SLURM tests")
+            "(slurm 22.05+) or set ATTNXFER_SKIP_SLURM=1 to skip the SLURM tests"
+        )
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES]
     result = _run(install, timeout=600, env=env)
@@ -64,7 +69,9 @@ def ensure_installed() -> None:
         _run(["apt-get", "update", "-q"], timeout=600, env=env)
         result = _run(install, timeout=600, env=env)
     if result.returncode != 0 or not all(_which(d) for d in DAEMONS):
-        raise ClusterUnavailable(f"`{' '.join(install)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise ClusterUnavailable(
+            f"`{' '.join(install)}` failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        )
 
 
 def ensure_hosts(names: list[str], hosts_file: Path = Path("/etc/hosts")) -> None:
@@ -162,11 +169,12 @@ class LoopbackCluster:
         return "\n".join(out)
 
     # ---- life cycle ----------------------------------------------------------------------
-    def start(self, timeout_s: float = 60.0) -> "LoopbackCluster":
+    def start(self, timeout_s: float = 60.0) -> LoopbackCluster:
         if os.geteuid() != 0:
             raise ClusterUnavailable(
                 "the loopback SLURM cluster runs its daemons as root: run the tests as root "
-                "or set ATTNXFER_SKIP_SLURM=1 to skip the SLURM tests")
+                "or set ATTNXFER_SKIP_SLURM=1 to skip the SLURM tests"
+            )
         ensure_installed()
         ensure_hosts(self.node_names)
         self.stop()
@@ -190,7 +198,11 @@ class LoopbackCluster:
             return
         env = dict(os.environ, **self.client_env())
         if _alive(run / "slurmctld.pid") and _which("scancel"):
-            _run([_which("scancel"), "--full", "--user", pwd.getpwuid(os.geteuid()).pw_name], timeout=30, env=env)
+            _run(
+                [_which("scancel"), "--full", "--user", pwd.getpwuid(os.geteuid()).pw_name],
+                timeout=30,
+                env=env,
+            )
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline:
                 q = _run([_which("squeue"), "-h", "-o", "%i"], timeout=30, env=env)
@@ -202,7 +214,7 @@ class LoopbackCluster:
         _stop_pid(run / "slurmctld.pid")
         _stop_pid(run / "munged.pid")
 
-    def __enter__(self) -> "LoopbackCluster":
+    def __enter__(self) -> LoopbackCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -220,9 +232,19 @@ class LoopbackCluster:
             os.chown(p, munge.pw_uid, munge.pw_gid)
         self.munge_dir.chmod(0o755)  # clients (root and job users) must reach the socket
         pid_file = self.munge_dir / "munged.pid"
-        cmd = ["runuser", "-u", "munge", "--", _which("munged"), "--force",
-               f"--key-file={key}", f"--socket={self.munge_socket}", f"--pid-file={pid_file}",
-               f"--log-file={self.munge_dir / 'munged.log'}", f"--seed-file={self.munge_dir / 'munged.seed'}"]
+        cmd = [
+            "runuser",
+            "-u",
+            "munge",
+            "--",
+            _which("munged"),
+            "--force",
+            f"--key-file={key}",
+            f"--socket={self.munge_socket}",
+            f"--pid-file={pid_file}",
+            f"--log-file={self.munge_dir / 'munged.log'}",
+            f"--seed-file={self.munge_dir / 'munged.seed'}",
+        ]
         result = _run(cmd, timeout=30)
         if result.returncode != 0:
             raise ClusterUnavailable(f"munged did not start: {result.stderr.strip()}")
@@ -276,7 +298,8 @@ PartitionName={self.partition} Nodes={nodes} Default=YES MaxTime=INFINITE State=
         result = _run(cmd, timeout=60, env=env)
         if result.returncode != 0:
             raise ClusterUnavailable(
-                f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.strip()}\n{self.log_tail()}")
+                f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.strip()}\n{self.log_tail()}"
+            )
 
     def _wait_idle(self, timeout_s: float, env: dict[str, str]) -> None:
         deadline = time.monotonic() + timeout_s

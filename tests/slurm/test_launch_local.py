@@ -1,4 +1,5 @@
 """attnxfer.launch without a SLURM cluster: options, CLI, dry runs, and real local process groups."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_training import ToyConfig, final_weights, reference_weights, toy_main
 
-from attnxfer.train.distributed import DistributedInfo, cleanup_distributed, init_distributed
 from attnxfer.launch.slurm import (
     SlurmOptions,
     add_slurm_arguments,
@@ -25,7 +26,7 @@ from attnxfer.launch.slurm import (
     sweep_points,
     wait,
 )
-from toy_training import ToyConfig, final_weights, reference_weights, toy_main
+from attnxfer.train.distributed import DistributedInfo, cleanup_distributed, init_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -35,8 +36,15 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 def test_init_distributed_under_torchrun_joins_ranks_that_talk(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("SUBMITIT")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests/slurm/toy_training.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests/slurm/toy_training.py"),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -75,7 +83,9 @@ def test_local_cluster_runs_the_same_task_with_two_ranks(tmp_path):
     assert [r["rank"] for r in results] == [0, 1] and all(r["world_size"] == 2 for r in results)
     ref = reference_weights(cfg)
     for rank in range(2):
-        torch.testing.assert_close(final_weights(cfg.run_dir, rank)["weight"], ref["weight"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            final_weights(cfg.run_dir, rank)["weight"], ref["weight"], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_debug_cluster_runs_in_this_process(tmp_path):
@@ -86,8 +96,18 @@ def test_debug_cluster_runs_in_this_process(tmp_path):
 
 
 # ---- options and command line ----------------------------------------------------------------
-@pytest.mark.parametrize("value, minutes", [(90, 90), ("90", 90), ("1:30", 2), ("01:30:00", 90),
-                                            ("2-12", 3600), ("1-00:00:01", 1441), ("1-02:03", 1563)])
+@pytest.mark.parametrize(
+    "value, minutes",
+    [
+        (90, 90),
+        ("90", 90),
+        ("1:30", 2),
+        ("01:30:00", 90),
+        ("2-12", 3600),
+        ("1-00:00:01", 1441),
+        ("1-02:03", 1563),
+    ],
+)
 def test_time_limits_in_sbatch_formats(value, minutes):
     assert parse_time_minutes(value) == minutes
 
@@ -98,15 +118,18 @@ def test_bad_time_limits_say_what_is_expected(value):
         parse_time_minutes(value)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(gpus_per_node=4, tasks_per_node=2), "one task per GPU"),
-    (dict(cluster="kubernetes"), "cluster must be one of"),
-    (dict(cluster="local", nodes=2), "nodes=1"),
-    (dict(mem="lots"), "mem must look like"),
-    (dict(extra={"output": "x.log"}), "submitit manages them"),
-    (dict(nodes=0), "nodes must be >= 1"),
-    (dict(max_requeues=-1), "max_requeues"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gpus_per_node=4, tasks_per_node=2), "one task per GPU"),
+        (dict(cluster="kubernetes"), "cluster must be one of"),
+        (dict(cluster="local", nodes=2), "nodes=1"),
+        (dict(mem="lots"), "mem must look like"),
+        (dict(extra={"output": "x.log"}), "submitit manages them"),
+        (dict(nodes=0), "nodes must be >= 1"),
+        (dict(max_requeues=-1), "max_requeues"),
+    ],
+)
 def test_bad_options_are_rejected_with_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SlurmOptions(**kwargs)
@@ -120,17 +143,63 @@ def test_one_task_per_gpu():
 
 def test_cli_flags_become_options():
     parser = add_slurm_arguments(argparse.ArgumentParser())
-    ns = parser.parse_args(["--nodes", "2", "--gpus-per-node", "8", "--cpus-per-task", "10", "--mem", "0",
-                            "--time", "1-00:00:00", "--partition", "gpu", "--account", "lab", "--qos", "high",
-                            "--constraint", "a100", "--exclude", "n[1-3]", "--slurm", "mail-type=END",
-                            "--slurm", "mail_user=me@x", "--job-dir", "/jobs", "--name", "vitb",
-                            "--array-parallelism", "4", "--max-requeues", "5", "--sweep", "optim.lr=1e-3,1e-4",
-                            "--dry-run"])
+    ns = parser.parse_args(
+        [
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--cpus-per-task",
+            "10",
+            "--mem",
+            "0",
+            "--time",
+            "1-00:00:00",
+            "--partition",
+            "gpu",
+            "--account",
+            "lab",
+            "--qos",
+            "high",
+            "--constraint",
+            "a100",
+            "--exclude",
+            "n[1-3]",
+            "--slurm",
+            "mail-type=END",
+            "--slurm",
+            "mail_user=me@x",
+            "--job-dir",
+            "/jobs",
+            "--name",
+            "vitb",
+            "--array-parallelism",
+            "4",
+            "--max-requeues",
+            "5",
+            "--sweep",
+            "optim.lr=1e-3,1e-4",
+            "--dry-run",
+        ]
+    )
     opts = options_from_args(ns)
-    assert opts == SlurmOptions(nodes=2, gpus_per_node=8, cpus_per_task=10, mem="0", time="1-00:00:00",
-                                partition="gpu", account="lab", qos="high", constraint="a100",
-                                exclude="n[1-3]", extra={"mail-type": "END", "mail-user": "me@x"},
-                                job_dir="/jobs", name="vitb", array_parallelism=4, max_requeues=5)
+    assert opts == SlurmOptions(
+        nodes=2,
+        gpus_per_node=8,
+        cpus_per_task=10,
+        mem="0",
+        time="1-00:00:00",
+        partition="gpu",
+        account="lab",
+        qos="high",
+        constraint="a100",
+        exclude="n[1-3]",
+        extra={"mail-type": "END", "mail-user": "me@x"},
+        job_dir="/jobs",
+        name="vitb",
+        array_parallelism=4,
+        max_requeues=5,
+    )
     assert opts.timeout_min == 1440
     assert parse_sweep(ns.sweep) == {"optim.lr": ["1e-3", "1e-4"]} and ns.dry_run
 
@@ -150,8 +219,12 @@ def test_sweep_points_are_the_cartesian_product_with_own_run_dirs(tmp_path):
     cfg = ToyConfig(run_dir=str(tmp_path))
     points = sweep_points(cfg, {"lr": ["0.1", "0.2"], "seed": [0, 1]})
     assert [(p.cfg.lr, p.cfg.seed) for p in points] == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]
-    assert [Path(p.run_dir).name for p in points] == ["000_lr=0.1_seed=0", "001_lr=0.1_seed=1",
-                                                      "002_lr=0.2_seed=0", "003_lr=0.2_seed=1"]
+    assert [Path(p.run_dir).name for p in points] == [
+        "000_lr=0.1_seed=0",
+        "001_lr=0.1_seed=1",
+        "002_lr=0.2_seed=0",
+        "003_lr=0.2_seed=1",
+    ]
     assert all(Path(p.run_dir).parent == tmp_path for p in points)
     assert sweep_points(cfg, None)[0].cfg is cfg
     with pytest.raises(TypeError, match="with_overrides"):
@@ -160,17 +233,43 @@ def test_sweep_points_are_the_cartesian_product_with_own_run_dirs(tmp_path):
 
 def test_dry_run_prints_the_sbatch_script_and_configs_without_submitting(tmp_path):
     cfg = ToyConfig(run_dir=str(tmp_path / "run"))
-    opts = SlurmOptions(nodes=2, gpus_per_node=4, cpus_per_task=8, mem="64G", time="01:30:00", partition="gpu",
-                        account="lab", qos="high", constraint="a100", exclude="n7", extra={"mail-type": "END"},
-                        name="vitb-copy", max_requeues=2)
+    opts = SlurmOptions(
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=8,
+        mem="64G",
+        time="01:30:00",
+        partition="gpu",
+        account="lab",
+        qos="high",
+        constraint="a100",
+        exclude="n7",
+        extra={"mail-type": "END"},
+        name="vitb-copy",
+        max_requeues=2,
+    )
     printed = []
     assert submit(toy_main, cfg, opts, sweep={"lr": ["0.1", "0.2"]}, dry_run=True, echo=printed.append) == []
     [text] = printed
-    for line in ["#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
-                 "#SBATCH --cpus-per-task=8", "#SBATCH --mem=64G", "#SBATCH --time=90", "#SBATCH --partition=gpu",
-                 "#SBATCH --account=lab", "#SBATCH --qos=high", "#SBATCH --constraint=a100", "#SBATCH --exclude=n7",
-                 "#SBATCH --mail-type=END", "#SBATCH --job-name=vitb-copy", "#SBATCH --signal=USR2@120",
-                 "#SBATCH --array=0-1%2", "--kill-on-bad-exit=1", "-m submitit.core._submit"]:
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64G",
+        "#SBATCH --time=90",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --exclude=n7",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --job-name=vitb-copy",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --array=0-1%2",
+        "--kill-on-bad-exit=1",
+        "-m submitit.core._submit",
+    ]:
         assert line in text, line
     assert text.count("ToyConfig(") == 2 and "lr=0.2" in text  # both resolved configs
     assert not (tmp_path / "run").exists()  # nothing written, nothing submitted

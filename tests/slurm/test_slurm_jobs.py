@@ -3,6 +3,7 @@
 Every job is waited for with a hard timeout (``WAIT_S``): the cluster has no accounting,
 so nothing else would notice a job that hangs.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import submitit
 import torch
+from toy_training import ToyConfig, final_weights, read_checkpoint_step, reference_weights, toy_main
 
 from attnxfer.launch.slurm import (
     JobFailedError,
@@ -24,7 +26,6 @@ from attnxfer.launch.slurm import (
     submit,
     wait,
 )
-from toy_training import ToyConfig, final_weights, read_checkpoint_step, reference_weights, toy_main
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -58,7 +59,8 @@ def _wait_for_checkpoint(job: submitit.Job, run_dir: str, at_least: int, timeout
             return step
         info = slurm_job_info(job.job_id)
         assert info is not None and info["JobState"] in ("PENDING", "CONFIGURING", "RUNNING"), (
-            f"job ended before its first checkpoint: {info}\n{job.stderr()}")
+            f"job ended before its first checkpoint: {info}\n{job.stderr()}"
+        )
         time.sleep(0.1)
     raise AssertionError(f"no checkpoint at step >= {at_least} after {timeout_s} s:\n{job.stderr()}")
 
@@ -170,13 +172,17 @@ def test_plain_srun_step_forms_a_process_group(slurm, tmp_path):
 export PYTHONPATH={root}
 srun --kill-on-bad-exit=1 {sys.executable} {root}/tests/slurm/toy_training.py {tmp_path}
 """)
-    job_id = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True,
-                            text=True).stdout.strip()
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True
+    ).stdout.strip()
     deadline = time.monotonic() + WAIT_S
     while slurm_job_info(job_id)["JobState"] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
         assert time.monotonic() < deadline, f"job {job_id} still running after {WAIT_S} s"
         time.sleep(0.5)
     assert slurm_job_info(job_id)["JobState"] == "COMPLETED", (tmp_path / "job.out").read_text()
     records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [(r["rank"], r["world_size"], r["master_addr"]) for r in records] == [(0, 2, "node1"), (1, 2, "node1")]
+    assert [(r["rank"], r["world_size"], r["master_addr"]) for r in records] == [
+        (0, 2, "node1"),
+        (1, 2, "node1"),
+    ]
     assert all(r["sum"] == 3.0 for r in records)

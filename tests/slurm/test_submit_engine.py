@@ -1,4 +1,5 @@
 """`attnxfer submit` with the real training engine on the loopback SLURM cluster (see conftest.py)."""
+
 from __future__ import annotations
 
 import json
@@ -17,27 +18,57 @@ from attnxfer.launch.slurm import slurm_job_info
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = ["transfer.mode=none", "model.kwargs={depth: 2, embed_dim: 48}", "model.drop_path_rate=0.0",
-        "log.progress=false", "log.tensorboard=false", "log.every_steps=1", "checkpoint.every_epoch=false",
-        "deterministic=true"]
+TINY = [
+    "transfer.mode=none",
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "model.drop_path_rate=0.0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "checkpoint.every_epoch=false",
+    "deterministic=true",
+]
 
 
 def _attnxfer(*args, timeout=240):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "attnxfer", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "attnxfer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def _final(run_dir: Path):
     ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    return ckpt.name, load_file(str(ckpt / "model.safetensors")), json.loads((ckpt / "state.json").read_text())
+    return (
+        ckpt.name,
+        load_file(str(ckpt / "model.safetensors")),
+        json.loads((ckpt / "state.json").read_text()),
+    )
 
 
 @pytest.mark.parametrize("nodes,tasks", [(1, 2), (2, 1)])
 def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, nodes, tasks):
     common = [*TINY, "schedule.max_steps=4", "checkpoint.every_steps=2"]
-    job = _attnxfer("submit", f"run_dir={tmp_path / 'job'}", *common, "data.batch_size=16", "--nodes", str(nodes),
-                    "--tasks-per-node", str(tasks), "--cpus-per-task", "1", "--time", "5", "--wait")
+    job = _attnxfer(
+        "submit",
+        f"run_dir={tmp_path / 'job'}",
+        *common,
+        "data.batch_size=16",
+        "--nodes",
+        str(nodes),
+        "--tasks-per-node",
+        str(tasks),
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+    )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
     assert "scancel" in job.stdout and "tail -f" in job.stdout  # how to follow and cancel
     one = _attnxfer("train", f"run_dir={tmp_path / 'one'}", *common, "data.batch_size=32")
@@ -53,8 +84,19 @@ def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, nodes, tas
 def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
     run = tmp_path / "job"
     steps = 40
-    sub = _attnxfer("submit", f"run_dir={run}", *TINY, f"schedule.max_steps={steps}", "checkpoint.every_steps=5",
-                    "checkpoint.keep_last=20", "data.batch_size=16", "--tasks-per-node", "1", "--time", "5")
+    sub = _attnxfer(
+        "submit",
+        f"run_dir={run}",
+        *TINY,
+        f"schedule.max_steps={steps}",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=20",
+        "data.batch_size=16",
+        "--tasks-per-node",
+        "1",
+        "--time",
+        "5",
+    )
     assert sub.returncode == 0, sub.stderr[-2000:]
     job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
     deadline = time.monotonic() + 120
@@ -89,15 +131,41 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path):
     save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), teacher, safe_serialization=True)
 
     def args(run, batch):
-        return [f"run_dir={run}", f"teacher.spec=local-dir:{teacher}", "data.dataset=synthetic",
-                "data.synthetic_length=64", f"data.batch_size={batch}", f"convert.stage1_batch_size={batch}",
-                "convert.attention=hedgehog", "convert.stage1_steps=4", "schedule.epochs=1", "schedule.max_steps=2",
-                "transfer.mode=none", "transfer.logit_distill=1.0", "log.progress=false", "log.tensorboard=false",
-                "log.every_steps=1", "convert.agreement_batches=1", "convert.speed_repeats=2",
-                "convert.speed_batch_size=4", "deterministic=true"]
+        return [
+            f"run_dir={run}",
+            f"teacher.spec=local-dir:{teacher}",
+            "data.dataset=synthetic",
+            "data.synthetic_length=64",
+            f"data.batch_size={batch}",
+            f"convert.stage1_batch_size={batch}",
+            "convert.attention=hedgehog",
+            "convert.stage1_steps=4",
+            "schedule.epochs=1",
+            "schedule.max_steps=2",
+            "transfer.mode=none",
+            "transfer.logit_distill=1.0",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "log.every_steps=1",
+            "convert.agreement_batches=1",
+            "convert.speed_repeats=2",
+            "convert.speed_batch_size=4",
+            "deterministic=true",
+        ]
 
-    job = _attnxfer("submit", "--command", "convert", *args(tmp_path / "job", 8), "--tasks-per-node", "2",
-                    "--cpus-per-task", "1", "--time", "5", "--wait")
+    job = _attnxfer(
+        "submit",
+        "--command",
+        "convert",
+        *args(tmp_path / "job", 8),
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+    )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
     one = _attnxfer("convert", *args(tmp_path / "one", 16))
     assert one.returncode == 0, one.stderr[-3000:]

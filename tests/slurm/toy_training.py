@@ -7,6 +7,7 @@ the weights and step atomically every ``ckpt_every`` steps into ``run_dir``; a r
 resumes from that file (``resume: auto``). Every rank writes its final weights, so tests can
 compare ranks with each other and with the single-process reference.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,9 +15,10 @@ import json
 import os
 import time
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,7 +46,7 @@ class ToyConfig:
     fail_at_step: int = -1
     fail_mode: str = "raise"  # ... or dies without a word ("exit")
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "ToyConfig":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ToyConfig:
         hints = typing.get_type_hints(ToyConfig)
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
@@ -119,8 +121,13 @@ def toy_main(cfg: ToyConfig) -> dict[str, Any]:
         time.sleep(cfg.step_sleep_s)
     final = {"weight": model.weight, "bias": model.bias, "step": torch.tensor(cfg.steps)}
     _save_atomic(final, run_dir / f"final_rank{info.rank}.safetensors")
-    summary = {"rank": info.rank, "world_size": info.world_size, "resumed_from": start,
-               "steps_run": cfg.steps - start, "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)}
+    summary = {
+        "rank": info.rank,
+        "world_size": info.world_size,
+        "resumed_from": start,
+        "steps_run": cfg.steps - start,
+        "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+    }
     with open(run_dir / f"summary_rank{info.rank}.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
     return summary

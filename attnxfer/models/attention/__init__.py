@@ -17,15 +17,48 @@ module              what
 The zoo's attentions live in `attnxfer.models.efficient` (one file per family) on the base
 `EfficientAttention`.
 """
-from .interface import (COUNTERPART_MODULES, QKV, AttentionIO, MapKind, PartialQKV, TransferableAttention,
-                        attention_io)
-from .registry import (attention_layer, attention_name_of, create_attention, get_attention_class, list_attentions,
-                       register_attention)
-from .softmax import SOFTMAX, TransferAttention, explicit_attention_map, make_transfer_aware, sdpa
-from .capture import CAPTURE_FIELDS, attention_maps, capture_attention, transfer_attentions
 
-__all__ = ["COUNTERPART_MODULES", "QKV", "AttentionIO", "MapKind", "PartialQKV", "TransferableAttention",
-           "attention_io", "attention_layer", "attention_name_of", "create_attention", "get_attention_class",
-           "list_attentions", "register_attention", "SOFTMAX", "TransferAttention", "explicit_attention_map",
-           "make_transfer_aware", "sdpa", "CAPTURE_FIELDS", "attention_maps", "capture_attention",
-           "transfer_attentions"]
+from .capture import CAPTURE_FIELDS, attention_maps, capture_attention, transfer_attentions
+from .interface import (
+    COUNTERPART_MODULES,
+    QKV,
+    AttentionIO,
+    MapKind,
+    PartialQKV,
+    TransferableAttention,
+    attention_io,
+)
+from .registry import (
+    attention_layer,
+    attention_name_of,
+    create_attention,
+    get_attention_class,
+    list_attentions,
+    register_attention,
+)
+from .softmax import SOFTMAX, TransferAttention, explicit_attention_map, make_transfer_aware, sdpa
+
+__all__ = [
+    "CAPTURE_FIELDS",
+    "COUNTERPART_MODULES",
+    "QKV",
+    "SOFTMAX",
+    "AttentionIO",
+    "MapKind",
+    "PartialQKV",
+    "TransferAttention",
+    "TransferableAttention",
+    "attention_io",
+    "attention_layer",
+    "attention_maps",
+    "attention_name_of",
+    "capture_attention",
+    "create_attention",
+    "explicit_attention_map",
+    "get_attention_class",
+    "list_attentions",
+    "make_transfer_aware",
+    "register_attention",
+    "sdpa",
+    "transfer_attentions",
+]

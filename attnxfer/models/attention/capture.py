@@ -3,17 +3,18 @@
 Everything here goes through each block's `TransferableAttention` and its `AttentionIO`, so it works
 the same for softmax and every zoo attention.
 """
+
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 
 from .interface import QKV, AttentionIO, TransferableAttention, attention_io
 
-__all__ = ["transfer_attentions", "attention_maps", "capture_attention", "CAPTURE_FIELDS"]
+__all__ = ["CAPTURE_FIELDS", "attention_maps", "capture_attention", "transfer_attentions"]
 
 #: What `capture_attention` can record per layer.
 CAPTURE_FIELDS = ("input", "q", "k", "v", "output")
@@ -23,18 +24,23 @@ def transfer_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
     """The model's per-block attention modules, in depth order; each must meet the interface."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style "
-                        "models")
+        raise TypeError(
+            f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style models"
+        )
     attns = [blk.attn for blk in blocks]
     for i, a in enumerate(attns):
         if not isinstance(a, TransferableAttention):
-            raise TypeError(f"blocks.{i}.attn is {type(a).__name__}; call attnxfer.models.make_transfer_aware(model) "
-                            "first")
+            raise TypeError(
+                f"blocks.{i}.attn is {type(a).__name__}; call attnxfer.models.make_transfer_aware(model) "
+                "first"
+            )
     return attns
 
 
 @torch.no_grad()
-def attention_maps(model: nn.Module, x: torch.Tensor, layers: Optional[Iterable[int]] = None) -> Dict[int, torch.Tensor]:
+def attention_maps(
+    model: nn.Module, x: torch.Tensor, layers: Iterable[int] | None = None
+) -> dict[int, torch.Tensor]:
     """Explicit (B, H, N, N) maps of the chosen blocks for input images ``x`` (fp32; softmax maps for
     softmax layers, implicit maps for zoo layers, None for attentions without a map).
 
@@ -51,8 +57,11 @@ def attention_maps(model: nn.Module, x: torch.Tensor, layers: Optional[Iterable[
 
 
 @contextlib.contextmanager
-def capture_attention(model: nn.Module, layers: Optional[Iterable[int]] = None,
-                      fields: Sequence[str] = ("input", "q", "k", "output")) -> Iterator[Dict[int, Dict[str, torch.Tensor]]]:
+def capture_attention(
+    model: nn.Module,
+    layers: Iterable[int] | None = None,
+    fields: Sequence[str] = ("input", "q", "k", "output"),
+) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
     """While active, each forward pass of ``model`` fills ``store[layer][field]`` for the chosen blocks:
     ``input`` (the attention's input, after norm1), ``q``/``k``/``v`` (B, H, N, d; q and k after the q/k
     norms) through the layer's `AttentionIO`, ``output`` (after the projection). Tensors keep their graph
@@ -62,18 +71,26 @@ def capture_attention(model: nn.Module, layers: Optional[Iterable[int]] = None,
         raise ValueError(f"capture_attention: unknown fields {sorted(unknown)}; choose from {CAPTURE_FIELDS}")
     attns = transfer_attentions(model)
     layers = range(len(attns)) if layers is None else list(layers)
-    store: Dict[int, Dict[str, torch.Tensor]] = {i: {} for i in layers}
+    store: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
     wanted = "".join(c for c in QKV if c in fields)
-    handles: List = []
+    handles: list = []
     with contextlib.ExitStack() as stack:
         for i in layers:
             attn, sink = attns[i], store[i]
             if wanted:
                 stack.enter_context(attention_io(attn, AttentionIO(capture=wanted, captured=sink)))
             if "input" in fields:
-                handles.append(attn.register_forward_pre_hook(lambda m, args, sink=sink: sink.__setitem__("input", args[0])))
+                handles.append(
+                    attn.register_forward_pre_hook(
+                        lambda m, args, sink=sink: sink.__setitem__("input", args[0])
+                    )
+                )
             if "output" in fields:
-                handles.append(attn.register_forward_hook(lambda m, args, out, sink=sink: sink.__setitem__("output", out)))
+                handles.append(
+                    attn.register_forward_hook(
+                        lambda m, args, out, sink=sink: sink.__setitem__("output", out)
+                    )
+                )
         try:
             yield store
         finally:

@@ -17,14 +17,16 @@ class they hold:
 
 Subclasses implement ``attend`` and, when they have a map, ``_map_context`` / ``_map_rows``.
 """
+
 from __future__ import annotations
 
 import contextlib
 import inspect
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -32,17 +34,39 @@ import torch.nn.functional as F
 
 from .numerics import fp32_section, row_chunk, row_slices, upcast
 
-__all__ = ["MapKind", "AttentionIO", "PartialQKV", "TransferableAttention", "attention_io", "COUNTERPART_MODULES",
-           "BASE_OPTIONS", "QKV", "as_grid"]
+__all__ = [
+    "BASE_OPTIONS",
+    "COUNTERPART_MODULES",
+    "QKV",
+    "AttentionIO",
+    "MapKind",
+    "PartialQKV",
+    "TransferableAttention",
+    "as_grid",
+    "attention_io",
+]
 
 #: The three projections of a fused qkv, in timm's row order.
 QKV = ("q", "k", "v")
 #: Child modules that have a counterpart in timm's ``Attention`` (copied from a teacher).
-COUNTERPART_MODULES: Tuple[str, ...] = ("qkv", "q_norm", "k_norm", "norm", "proj")
+COUNTERPART_MODULES: tuple[str, ...] = ("qkv", "q_norm", "k_norm", "norm", "proj")
 #: Constructor keywords every attention takes: timm's ``Attention`` ones plus the token layout.
-BASE_OPTIONS: Tuple[str, ...] = (
-    "dim", "num_heads", "qkv_bias", "qk_norm", "scale_norm", "proj_bias", "attn_drop", "proj_drop",
-    "norm_layer", "attn_head_dim", "num_prefix_tokens", "grid_size", "depth", "device", "dtype",
+BASE_OPTIONS: tuple[str, ...] = (
+    "dim",
+    "num_heads",
+    "qkv_bias",
+    "qk_norm",
+    "scale_norm",
+    "proj_bias",
+    "attn_drop",
+    "proj_drop",
+    "norm_layer",
+    "attn_head_dim",
+    "num_prefix_tokens",
+    "grid_size",
+    "depth",
+    "device",
+    "dtype",
 )
 
 
@@ -80,7 +104,7 @@ class MapKind(str, Enum):
         """A teacher's (q, k) in place of the layer's own gives the teacher's map exactly (attention copy)."""
         return self is MapKind.SOFTMAX
 
-    def refines(self, other: "MapKind | str") -> bool:
+    def refines(self, other: MapKind | str) -> bool:
         """This kind is ``other`` or a special case of it (softmax refines row_stochastic)."""
         other = MapKind(other)
         return self is other or (other is MapKind.ROW_STOCHASTIC and self.row_stochastic)
@@ -95,15 +119,15 @@ class AttentionIO:
     attention map if ``return_map`` was set.
     """
 
-    q: Optional[torch.Tensor] = None
-    k: Optional[torch.Tensor] = None
-    v: Optional[torch.Tensor] = None
+    q: torch.Tensor | None = None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
     capture: str = ""  # subset of "qkv"
     return_map: bool = False
-    captured: Dict[str, torch.Tensor] = field(default_factory=dict)
-    map: Optional[torch.Tensor] = None
+    captured: dict[str, torch.Tensor] = field(default_factory=dict)
+    map: torch.Tensor | None = None
 
-    def override(self, name: str) -> Optional[torch.Tensor]:
+    def override(self, name: str) -> torch.Tensor | None:
         return getattr(self, name)
 
 
@@ -128,8 +152,8 @@ class PartialQKV(nn.Module):
         self.has_bias = linear.bias is not None
         rows = linear.out_features // 3
         for i, name in enumerate(QKV):
-            w = linear.weight.detach()[i * rows:(i + 1) * rows].clone()
-            b = linear.bias.detach()[i * rows:(i + 1) * rows].clone() if self.has_bias else None
+            w = linear.weight.detach()[i * rows : (i + 1) * rows].clone()
+            b = linear.bias.detach()[i * rows : (i + 1) * rows].clone() if self.has_bias else None
             if name in frozen:
                 self.register_buffer(f"{name}_weight", w)
                 self.register_buffer(f"{name}_bias", b)
@@ -145,7 +169,7 @@ class PartialQKV(nn.Module):
         return torch.cat([self.chunk(c)[0] for c in QKV], 0)
 
     @property
-    def bias(self) -> Optional[torch.Tensor]:
+    def bias(self) -> torch.Tensor | None:
         return torch.cat([self.chunk(c)[1] for c in QKV], 0) if self.has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,10 +182,11 @@ class PartialQKV(nn.Module):
         if b is not None:
             destination[prefix + "bias"] = b if keep_vars else b.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         rows = self.out_features // 3
-        for suffix in (("weight", "bias") if self.has_bias else ("weight",)):
+        for suffix in ("weight", "bias") if self.has_bias else ("weight",):
             key = prefix + suffix
             if key not in state_dict:
                 missing_keys.append(key)
@@ -172,10 +197,10 @@ class PartialQKV(nn.Module):
                 continue
             with torch.no_grad():
                 for i, name in enumerate(QKV):
-                    getattr(self, f"{name}_{suffix}").copy_(full[i * rows:(i + 1) * rows])
+                    getattr(self, f"{name}_{suffix}").copy_(full[i * rows : (i + 1) * rows])
         for key in state_dict:
-            if key.startswith(prefix) and key[len(prefix):] not in ("weight", "bias"):
-                rest = key[len(prefix):]
+            if key.startswith(prefix) and key[len(prefix) :] not in ("weight", "bias"):
+                rest = key[len(prefix) :]
                 if "." not in rest:
                     unexpected_keys.append(key)
 
@@ -188,10 +213,12 @@ def _json_option(value: Any) -> Any:
         return [_json_option(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"attention option value {value!r} is not JSON (int, float, str, bool, None or lists of them)")
+    raise TypeError(
+        f"attention option value {value!r} is not JSON (int, float, str, bool, None or lists of them)"
+    )
 
 
-def as_grid(grid_size: Optional[int | Sequence[int]]) -> Optional[Tuple[int, int]]:
+def as_grid(grid_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     """``grid_size`` (an int or (height, width)) as a (height, width) tuple; None stays None."""
     if grid_size is None:
         return None
@@ -219,50 +246,53 @@ class TransferableAttention(nn.Module):
     #: True when ``attend`` needs the token grid (windows, agent pooling, depthwise convs).
     needs_token_layout: ClassVar[bool] = False
     #: Rows per chunk when ``attention_map`` builds many rows; None sizes chunks by the shared budget.
-    map_chunk_size: Optional[int] = None
+    map_chunk_size: int | None = None
     #: The per-call instructions (set for one call by `attention_io`).
-    io: Optional[AttentionIO] = None
+    io: AttentionIO | None = None
     #: timm's optional sigmoid gate on the attention output (``Attention(gated=True)``).
-    gate: Optional[nn.Module] = None
-    num_prefix_tokens: Optional[int] = None
-    grid_size: Optional[Tuple[int, int]] = None
+    gate: nn.Module | None = None
+    num_prefix_tokens: int | None = None
+    grid_size: tuple[int, int] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         try:
             cls.map_kind = MapKind(cls.map_kind)
         except ValueError:
-            raise TypeError(f"{cls.__name__}.map_kind must be one of {[k.value for k in MapKind]}, "
-                            f"got {cls.map_kind!r}") from None
+            raise TypeError(
+                f"{cls.__name__}.map_kind must be one of {[k.value for k in MapKind]}, got {cls.map_kind!r}"
+            ) from None
 
     # ----------------------------------------------------------------- options / parameters
     @classmethod
-    def own_options(cls) -> List[str]:
+    def own_options(cls) -> list[str]:
         """Constructor options beyond timm's ``Attention`` keywords and the token layout."""
         names = []
         for klass in cls.__mro__:
             if not issubclass(klass, TransferableAttention) or "__init__" not in vars(klass):
                 continue
             for p in inspect.signature(klass.__init__).parameters.values():
-                if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self"):
-                    if p.name not in BASE_OPTIONS and p.name not in names:
-                        names.append(p.name)
+                named = p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")
+                if named and p.name not in BASE_OPTIONS and p.name not in names:
+                    names.append(p.name)
         return names
 
     @classmethod
     def accepts_option(cls, name: str) -> bool:
         return name in BASE_OPTIONS or name in cls.own_options()
 
-    def options(self) -> Dict[str, Any]:
+    def options(self) -> dict[str, Any]:
         """This attention's own constructor options (``own_options``) as JSON values: with the base
         arguments they rebuild it (exported students record them per block)."""
         missing = [name for name in self.own_options() if not hasattr(self, name)]
         if missing:
-            raise TypeError(f"{type(self).__name__} keeps no attribute for option(s) {missing}; store them in "
-                            "__init__ so the attention can be rebuilt")
+            raise TypeError(
+                f"{type(self).__name__} keeps no attribute for option(s) {missing}; store them in "
+                "__init__ so the attention can be rebuilt"
+            )
         return {name: _json_option(getattr(self, name)) for name in self.own_options()}
 
-    def new_parameter_names(self) -> List[str]:
+    def new_parameter_names(self) -> list[str]:
         """Parameters with no softmax counterpart: the ones conversion stage 1 trains."""
         return [n for n, _ in self.named_parameters() if n.split(".")[0] not in COUNTERPART_MODULES]
 
@@ -270,7 +300,7 @@ class TransferableAttention(nn.Module):
         """(Re-)initialise the new parameters; counterparts are left alone."""
 
     # ----------------------------------------------------------------- token layout
-    def set_token_layout(self, num_prefix_tokens: int, grid_size: Optional[int | Sequence[int]] = None) -> None:
+    def set_token_layout(self, num_prefix_tokens: int, grid_size: int | Sequence[int] | None = None) -> None:
         """Declare ``num_prefix_tokens`` (class/register tokens first) and the patch grid (H, W).
 
         With ``grid_size=None`` the grid is taken as square from the token count at each call.
@@ -280,7 +310,7 @@ class TransferableAttention(nn.Module):
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.grid_size = as_grid(grid_size)
 
-    def token_layout(self, num_tokens: int) -> Tuple[int, Tuple[int, int]]:
+    def token_layout(self, num_tokens: int) -> tuple[int, tuple[int, int]]:
         """(num_prefix_tokens, (grid_h, grid_w)) for a sequence of ``num_tokens``.
 
         Without a declared layout, falls back to the fewest prefix tokens (0..16) that leave a
@@ -293,7 +323,8 @@ class TransferableAttention(nn.Module):
             if p + gh * gw != num_tokens:
                 raise ValueError(
                     f"{type(self).__name__}: token layout says {p} prefix + {gh}x{gw} grid = {p + gh * gw} "
-                    f"tokens, but the input has {num_tokens}; call set_token_layout() with the new grid")
+                    f"tokens, but the input has {num_tokens}; call set_token_layout() with the new grid"
+                )
             return p, (gh, gw)
         candidates = [p] if p is not None else range(0, 17)
         for prefix in candidates:
@@ -302,7 +333,8 @@ class TransferableAttention(nn.Module):
                 return prefix, (side, side)
         raise ValueError(
             f"{type(self).__name__} needs the token grid but cannot infer it from {num_tokens} tokens "
-            f"(num_prefix_tokens={p}); call set_token_layout(num_prefix_tokens, (grid_h, grid_w))")
+            f"(num_prefix_tokens={p}); call set_token_layout(num_prefix_tokens, (grid_h, grid_w))"
+        )
 
     # ----------------------------------------------------------------- projections
     def _qkv_rows(self, name: str):
@@ -314,12 +346,12 @@ class TransferableAttention(nn.Module):
         bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
         return self.qkv.weight[rows], bias
 
-    def project(self, x: torch.Tensor, which: str = "qkv") -> Dict[str, torch.Tensor]:
+    def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
         """The requested heads (B, H, N, d) of q/k/v, q/k norms applied, exactly as timm computes
         them; projections not asked for are skipped."""
         B, N, _ = x.shape
         which = "".join(c for c in QKV if c in which)
-        out: Dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor] = {}
         if which == "qkv" and isinstance(self.qkv, nn.Linear):
             qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
             out = dict(zip(QKV, qkv.unbind(0)))
@@ -353,10 +385,10 @@ class TransferableAttention(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(
-            self,
-            x: torch.Tensor,
-            attn_mask: Optional[torch.Tensor] = None,
-            is_causal: bool = False,
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
     ) -> torch.Tensor:
         io = self.io
         if io is None:
@@ -383,8 +415,15 @@ class TransferableAttention(nn.Module):
             out = out * self.gate(x).sigmoid()
         return self.proj_drop(self.proj(out))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """Attention core (B, H, N, d) -> (B, H, N, d_v), before the output projection."""
         raise NotImplementedError
 
@@ -395,16 +434,16 @@ class TransferableAttention(nn.Module):
         (focused linear attention's depthwise conv on v).
         """
         if not self.map_kind.has_map:
-            raise TypeError(f"{type(self).__name__} has no attention map (map_kind \"none\")")
+            raise TypeError(f'{type(self).__name__} has no attention map (map_kind "none")')
         return self.attend(q, k, v)
 
     # ----------------------------------------------------------------- maps
     def attention_map(
-            self,
-            q: torch.Tensor,
-            k: torch.Tensor,
-            rows: Optional[slice] = None,
-    ) -> Optional[torch.Tensor]:
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        rows: slice | None = None,
+    ) -> torch.Tensor | None:
         """Rows of the N x N map, (B, H, len(rows), N), in the compute dtype (fp32; float64 stays).
 
         Built a chunk of rows at a time (``map_chunk_size``, else sized by the shared row budget)
@@ -426,7 +465,9 @@ class TransferableAttention(nn.Module):
             return q.new_zeros(q.shape[0], q.shape[1], 0, N)
         return torch.cat(parts, dim=-2)
 
-    def _io_map(self, q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _io_map(
+        self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
         """The map an `AttentionIO` with ``return_map`` hands back (the whole map)."""
         return self.attention_map(q, k)
 
@@ -439,11 +480,10 @@ class TransferableAttention(nn.Module):
 
 
 @contextlib.contextmanager
-def attention_io(attn: TransferableAttention, io: Optional[AttentionIO]) -> Iterator[Optional[AttentionIO]]:
+def attention_io(attn: TransferableAttention, io: AttentionIO | None) -> Iterator[AttentionIO | None]:
     """Attach ``io`` to ``attn`` for the duration of the block; always detaches."""
     attn.io = io
     try:
         yield io
     finally:
         attn.io = None
-

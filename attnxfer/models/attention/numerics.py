@@ -10,13 +10,14 @@
   keeps several such tensors alive per chunk says how many (``live_tensors``), so its peak stays
   near the budget whatever it computes.
 """
+
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["ROW_CHUNK_ELEMENTS", "fp32_section", "compute_dtype", "upcast", "row_chunk", "row_slices"]
+__all__ = ["ROW_CHUNK_ELEMENTS", "compute_dtype", "fp32_section", "row_chunk", "row_slices", "upcast"]
 
 #: Elements of one (B, H, rows, N) tensor in a row chunk: 16M fp32 = 64 MiB.
 ROW_CHUNK_ELEMENTS = 1 << 24
@@ -32,14 +33,14 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def upcast(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The tensors in their compute dtype. q/k/v stay strided views of the qkv output: a contiguous copy
     was measured ~1.3x faster for the kernel cores on one CPU thread but costs 3 N C floats of peak
     memory, more than the whole kernel core needs."""
     return tuple(t.to(compute_dtype(t)) for t in tensors)
 
 
-def row_chunk(q: torch.Tensor, n_keys: int, chunk: Optional[int] = None, *, live_tensors: int = 1) -> int:
+def row_chunk(q: torch.Tensor, n_keys: int, chunk: int | None = None, *, live_tensors: int = 1) -> int:
     """Query rows per chunk for rows of ``q``'s (B, H, N, ·) against ``n_keys`` keys.
 
     ``chunk`` (an explicit choice, >= 1) wins; otherwise as many rows as keep each of ``live_tensors``

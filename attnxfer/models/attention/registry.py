@@ -4,31 +4,39 @@ Per-layer attention lists, configs, exported students and the ``convert`` comman
 attentions by name; the registry is the one place that turns names into classes, and
 `attention_name_of` the one way to read a layer's name back.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Type, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from timm.layers import Attention
 from torch import nn
 
 from .interface import MapKind
 
-__all__ = ['register_attention', 'create_attention', 'list_attentions', 'get_attention_class', 'attention_layer',
-           'attention_name_of']
+__all__ = [
+    "attention_layer",
+    "attention_name_of",
+    "create_attention",
+    "get_attention_class",
+    "list_attentions",
+    "register_attention",
+]
 
-_ATTENTIONS: Dict[str, Type[nn.Module]] = {}
+_ATTENTIONS: dict[str, type[nn.Module]] = {}
 
-T = TypeVar('T', bound=Type[nn.Module])
+T = TypeVar("T", bound=type[nn.Module])
 
 
 def register_attention(name: str) -> Callable[[T], T]:
     """Class decorator: register an attention class under ``name`` (lower case, unique)."""
     if not name or name != name.lower():
-        raise ValueError(f'attention names are non-empty lower-case strings, got {name!r}')
+        raise ValueError(f"attention names are non-empty lower-case strings, got {name!r}")
 
     def decorator(cls: T) -> T:
         if name in _ATTENTIONS and _ATTENTIONS[name] is not cls:
-            raise ValueError(f'attention {name!r} is already registered to {_ATTENTIONS[name].__name__}')
+            raise ValueError(f"attention {name!r} is already registered to {_ATTENTIONS[name].__name__}")
         _ATTENTIONS[name] = cls
         cls.attention_name = name
         return cls
@@ -36,19 +44,20 @@ def register_attention(name: str) -> Callable[[T], T]:
     return decorator
 
 
-def list_attentions(map_kind: Optional[MapKind | str] = None) -> List[str]:
+def list_attentions(map_kind: MapKind | str | None = None) -> list[str]:
     """Registered names, sorted; optionally only those whose map kind is (or refines) ``map_kind``:
     ``list_attentions('row_stochastic')`` includes softmax."""
     return sorted(n for n, c in _ATTENTIONS.items() if map_kind is None or c.map_kind.refines(map_kind))
 
 
-def get_attention_class(name: str) -> Type[nn.Module]:
+def get_attention_class(name: str) -> type[nn.Module]:
     """The class registered under ``name``; an unknown name lists the known ones."""
     try:
         return _ATTENTIONS[name]
     except KeyError:
         raise KeyError(
-            f'unknown attention {name!r}; known attentions: {", ".join(list_attentions())}') from None
+            f"unknown attention {name!r}; known attentions: {', '.join(list_attentions())}"
+        ) from None
 
 
 def create_attention(name: str, **kwargs) -> nn.Module:
@@ -56,30 +65,37 @@ def create_attention(name: str, **kwargs) -> nn.Module:
     return get_attention_class(name)(**kwargs)
 
 
-def attention_layer(name: str, **options) -> Type[nn.Module]:
+def attention_layer(name: str, **options) -> type[nn.Module]:
     """A subclass of the attention ``name`` with ``options`` as defaults, for timm's ``attn_layer``
     (which needs a class, not a partial): ``timm.create_model(..., attn_layer=attention_layer(
     'linformer', seq_len=197))``."""
     cls = get_attention_class(name)
     unknown = [k for k in options if not cls.accepts_option(k)]
     if unknown:
-        raise TypeError(f'{name} has no option(s) {unknown}; its options are: {", ".join(cls.own_options())}')
+        raise TypeError(f"{name} has no option(s) {unknown}; its options are: {', '.join(cls.own_options())}")
 
     def __init__(self, *args, **kwargs):
         cls.__init__(self, *args, **{**options, **kwargs})
 
-    label = ', '.join(f'{k}={v!r}' for k, v in options.items())
-    return type(cls.__name__, (cls,), {
-        '__init__': __init__, '__module__': cls.__module__, '__qualname__': f'{cls.__qualname__}[{label}]',
-        'layer_options': dict(options)})
+    label = ", ".join(f"{k}={v!r}" for k, v in options.items())
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "__init__": __init__,
+            "__module__": cls.__module__,
+            "__qualname__": f"{cls.__qualname__}[{label}]",
+            "layer_options": dict(options),
+        },
+    )
 
 
 def attention_name_of(attn: nn.Module) -> str:
     """The registered name of a layer's attention: its ``attention_name``; ``"softmax"`` for timm's plain
     ``Attention`` (what `TransferAttention` makes transfer-aware); else its class name."""
-    name = getattr(type(attn), 'attention_name', '')
+    name = getattr(type(attn), "attention_name", "")
     if name:
         return name
     if type(attn) is Attention:
-        return get_attention_class('softmax').attention_name
+        return get_attention_class("softmax").attention_name
     return type(attn).__name__

@@ -7,10 +7,11 @@ N×N map (visualisation and tests only). With a replaced ``q`` and ``k`` the lay
 ``SDPA(q_t, k_t, v_s)``: the teacher's attention map applied to the student's values without ever
 building the map. Only the projections the layer actually needs are computed.
 """
+
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ from timm.layers import Attention
 from .interface import MapKind, TransferableAttention
 from .registry import register_attention
 
-__all__ = ["SOFTMAX", "TransferAttention", "make_transfer_aware", "sdpa", "explicit_attention_map"]
+__all__ = ["SOFTMAX", "TransferAttention", "explicit_attention_map", "make_transfer_aware", "sdpa"]
 
 #: The registry name of softmax attention (`TransferAttention`; plain timm ``Attention`` is softmax too).
 SOFTMAX = "softmax"
@@ -40,8 +41,16 @@ class TransferAttention(TransferableAttention, Attention):
 
     map_kind = MapKind.SOFTMAX
 
-    def __init__(self, dim: int, num_heads: int = 8, *, num_prefix_tokens: Optional[int] = None,
-                 grid_size: Optional[int | Sequence[int]] = None, depth: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        num_prefix_tokens: int | None = None,
+        grid_size: int | Sequence[int] | None = None,
+        depth: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__(dim, num_heads=num_heads, **kwargs)
         if num_prefix_tokens is not None or grid_size is not None:
             self.set_token_layout(num_prefix_tokens or 0, grid_size)
@@ -53,12 +62,25 @@ class TransferAttention(TransferableAttention, Attention):
     def new_parameter_names(self):
         return []  # every parameter is timm's own
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """softmax(q kᵀ / sqrt(d_q)) v by SDPA in the input dtype (flash/memory-efficient kernels: no
         N x N tensor), with timm's attention dropout in training; masks as timm's."""
-        return sdpa(q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0,
-                    is_causal=is_causal)
+        return sdpa(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal,
+        )
 
     def _map_context(self, q, k):
         return q * q.shape[-1] ** -0.5, k
@@ -71,8 +93,16 @@ class TransferAttention(TransferableAttention, Attention):
         return explicit_attention_map(q, k, attn_mask=attn_mask)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: Optional[torch.Tensor] = None,
-         dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` that stays on the fused kernels when v's head dim differs from q's.
 
     Fused kernels need one head dim for q, k and v; with a teacher's q/k (d_t) and a student's v (d_s)
@@ -81,23 +111,29 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: Option
     with the logit scale pinned to q's original dim.
     """
     dq, dv = q.shape[-1], v.shape[-1]
-    scale = dq ** -0.5 if scale is None else scale
+    scale = dq**-0.5 if scale is None else scale
     if dq != dv:
         d = max(dq, dv)
         q, k = F.pad(q, (0, d - dq)), F.pad(k, (0, d - dq))
         v = F.pad(v, (0, d - dv))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                         scale=scale)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
     return out[..., :dv] if dq != dv else out
 
 
-def explicit_attention_map(q: torch.Tensor, k: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
-                           scale: Optional[float] = None) -> torch.Tensor:
+def explicit_attention_map(
+    q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """softmax(scale · q kᵀ) in fp32: the oracle, never the data path."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q.float() * scale) @ k.float().transpose(-2, -1)
     if attn_mask is not None:
-        logits = logits + attn_mask if attn_mask.dtype != torch.bool else logits.masked_fill(~attn_mask, float("-inf"))
+        logits = (
+            logits + attn_mask
+            if attn_mask.dtype != torch.bool
+            else logits.masked_fill(~attn_mask, float("-inf"))
+        )
     return logits.softmax(dim=-1)
 
 
@@ -111,7 +147,9 @@ def make_transfer_aware(model: nn.Module) -> nn.Module:
     """
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise TypeError(f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style models")
+        raise TypeError(
+            f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style models"
+        )
     for i, blk in enumerate(blocks):
         attn = getattr(blk, "attn", None)
         if isinstance(attn, TransferableAttention):
@@ -119,6 +157,7 @@ def make_transfer_aware(model: nn.Module) -> nn.Module:
         if type(attn) is not Attention:
             raise TypeError(
                 f"blocks.{i}.attn is {type(attn).__name__}; attnxfer's softmax transfer needs timm.layers.Attention "
-                "(standard ViT/DeiT/MAE blocks). Build the model with attn_layer=TransferAttention or pick a standard ViT.")
+                "(standard ViT/DeiT/MAE blocks). Build the model with attn_layer=TransferAttention or pick a standard ViT."
+            )
         attn.__class__ = TransferAttention
     return model

@@ -38,29 +38,62 @@ them (its kernel part treats them like any token); cosFormer gives them the firs
 Nystrom/Linformer put them in the first landmark segment. The global kernels (linear, performer,
 hedgehog, hydra) do not distinguish them at all.
 """
+
 from ..attention.interface import COUNTERPART_MODULES, MapKind
-from ..attention.registry import (attention_layer, create_attention, get_attention_class, list_attentions,
-                                  register_attention)
+from ..attention.registry import (
+    attention_layer,
+    create_attention,
+    get_attention_class,
+    list_attentions,
+    register_attention,
+)
+from .agent import AgentAttention
 from .base import EfficientAttention
-from .linear import ELULinearAttention, ReLULinearAttention
-from .performer import PerformerAttention
-from .hedgehog import HedgehogAttention
 from .cosformer import CosFormerAttention
 from .focused import FocusedLinearAttention
-from .agent import AgentAttention
-from .window import WindowAttention, WindowLinearAttention
-from .nystrom import NystromAttention
-from .linformer import LinformerAttention
+from .hedgehog import HedgehogAttention
 from .hydra import HydraAttention
-from .student import (build_efficient_student, check_softmax_teacher, configure_token_layout,
-                      efficient_student_from_teacher, new_parameters, set_drop_path, swap_attentions)
+from .linear import ELULinearAttention, ReLULinearAttention
+from .linformer import LinformerAttention
+from .nystrom import NystromAttention
+from .performer import PerformerAttention
+from .student import (
+    build_efficient_student,
+    check_softmax_teacher,
+    configure_token_layout,
+    efficient_student_from_teacher,
+    new_parameters,
+    set_drop_path,
+    swap_attentions,
+)
+from .window import WindowAttention, WindowLinearAttention
 
 __all__ = [
-    'register_attention', 'create_attention', 'get_attention_class', 'list_attentions', 'attention_layer',
-    'EfficientAttention', 'COUNTERPART_MODULES', 'MapKind',
-    'ReLULinearAttention', 'ELULinearAttention', 'PerformerAttention', 'HedgehogAttention',
-    'CosFormerAttention', 'FocusedLinearAttention', 'AgentAttention', 'WindowAttention', 'WindowLinearAttention',
-    'NystromAttention', 'LinformerAttention', 'HydraAttention',
-    'efficient_student_from_teacher', 'swap_attentions', 'new_parameters', 'configure_token_layout',
-    'build_efficient_student', 'check_softmax_teacher', 'set_drop_path',
+    "COUNTERPART_MODULES",
+    "AgentAttention",
+    "CosFormerAttention",
+    "ELULinearAttention",
+    "EfficientAttention",
+    "FocusedLinearAttention",
+    "HedgehogAttention",
+    "HydraAttention",
+    "LinformerAttention",
+    "MapKind",
+    "NystromAttention",
+    "PerformerAttention",
+    "ReLULinearAttention",
+    "WindowAttention",
+    "WindowLinearAttention",
+    "attention_layer",
+    "build_efficient_student",
+    "check_softmax_teacher",
+    "configure_token_layout",
+    "create_attention",
+    "efficient_student_from_teacher",
+    "get_attention_class",
+    "list_attentions",
+    "new_parameters",
+    "register_attention",
+    "set_drop_path",
+    "swap_attentions",
 ]

@@ -9,33 +9,42 @@ prefix tokens still attend through the agents and are attended by them (their po
 are zero). The learnable position biases b (per head and agent, on a small base grid
 bilinearly resized to the token grid) are the new parameters; they start at zero.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind, as_grid
-from .base import EfficientAttention
 from ..attention.registry import register_attention
+from .base import EfficientAttention
 from .tokens import grid_to_image
 
-__all__ = ['AgentAttention']
+__all__ = ["AgentAttention"]
 
 
-@register_attention('agent')
+@register_attention("agent")
 class AgentAttention(EfficientAttention):
     """Options: ``agent_grid`` (agents per side, default 7 -> 49 agents), ``bias_grid`` (base grid of
     the position biases, default 7)."""
+
     map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
 
-    def __init__(self, dim: int, num_heads: int = 8, *, agent_grid: int | Sequence[int] = 7,
-                 bias_grid: int | Sequence[int] = 7, **kwargs) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        agent_grid: int | Sequence[int] = 7,
+        bias_grid: int | Sequence[int] = 7,
+        **kwargs,
+    ) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.agent_grid = as_grid(agent_grid)
         num_agents = self.agent_grid[0] * self.agent_grid[1]
         self.bias_grid = as_grid(bias_grid)
@@ -60,7 +69,7 @@ class AgentAttention(EfficientAttention):
         """(H, n, bh, bw) -> (H, n, N): resized to the grid, zero for prefix tokens."""
         p, grid = self.token_layout(num_tokens)
         H, n = bias.shape[:2]
-        resized = F.interpolate(bias, size=grid, mode='bilinear', align_corners=False).reshape(H, n, -1)
+        resized = F.interpolate(bias, size=grid, mode="bilinear", align_corners=False).reshape(H, n, -1)
         return F.pad(resized, (p, 0))
 
     def _relay(self, q, k):

@@ -11,17 +11,18 @@ compute dtype: fp32 with autocast off (float64 stays float64, for tests), becaus
 and exponentials overflow in fp16/bf16. Implicit N x N maps are built only on request, in row
 chunks; forward passes never build them.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence, Type
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from ..attention.interface import COUNTERPART_MODULES, MapKind, TransferableAttention, as_grid
+from ..attention.interface import COUNTERPART_MODULES, MapKind, TransferableAttention
 from ..attention.numerics import fp32_section, upcast
 
-__all__ = ['EfficientAttention', 'COUNTERPART_MODULES']
+__all__ = ["COUNTERPART_MODULES", "EfficientAttention"]
 
 
 class EfficientAttention(TransferableAttention):
@@ -33,44 +34,46 @@ class EfficientAttention(TransferableAttention):
     ``attn_drop`` is honoured only where the map is explicit (window); the module exists
     everywhere so state dicts and ``attn_drop`` hooks look like timm's.
     """
+
     map_kind = MapKind.ROW_STOCHASTIC
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            qkv_bias: bool = False,
-            qk_norm: bool = False,
-            scale_norm: bool = False,
-            proj_bias: bool = True,
-            attn_drop: float = 0.,
-            proj_drop: float = 0.,
-            norm_layer: Optional[Type[nn.Module]] = None,
-            attn_head_dim: Optional[int] = None,
-            num_prefix_tokens: Optional[int] = None,
-            grid_size: Optional[int | Sequence[int]] = None,
-            depth: int = 0,
-            device=None,
-            dtype=None,
-            **kwargs,
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: type[nn.Module] | None = None,
+        attn_head_dim: int | None = None,
+        num_prefix_tokens: int | None = None,
+        grid_size: int | Sequence[int] | None = None,
+        depth: int = 0,
+        device=None,
+        dtype=None,
+        **kwargs,
     ) -> None:
         super().__init__()
         if kwargs:
             raise TypeError(
-                f'{type(self).__name__} got unknown option(s) {sorted(kwargs)}; '
-                f'its own options are: {", ".join(self.own_options()) or "(none)"}')
+                f"{type(self).__name__} got unknown option(s) {sorted(kwargs)}; "
+                f"its own options are: {', '.join(self.own_options()) or '(none)'}"
+            )
         if attn_head_dim is None:
             if dim % num_heads:
-                raise ValueError(f'dim={dim} is not divisible by num_heads={num_heads}; pass attn_head_dim')
+                raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}; pass attn_head_dim")
             attn_head_dim = dim // num_heads
         if (qk_norm or scale_norm) and norm_layer is None:
-            raise ValueError('qk_norm/scale_norm need a norm_layer (e.g. nn.LayerNorm)')
-        dd = {'device': device, 'dtype': dtype}
+            raise ValueError("qk_norm/scale_norm need a norm_layer (e.g. nn.LayerNorm)")
+        dd = {"device": device, "dtype": dtype}
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = attn_head_dim
         self.attn_dim = num_heads * attn_head_dim
-        self.scale = attn_head_dim ** -0.5
+        self.scale = attn_head_dim**-0.5
         self.depth = depth
 
         self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=qkv_bias, **dd)
@@ -93,13 +96,21 @@ class EfficientAttention(TransferableAttention):
         self.reset_new_parameters()
 
     # ----------------------------------------------------------------- the core
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         """Attention core (B, H, N, d) -> (B, H, N, d), computed in fp32, returned in v's dtype."""
         if attn_mask is not None or is_causal:
             raise ValueError(
-                f'{type(self).__name__} does not support attn_mask/is_causal (ViT self-attention has '
-                f'neither); use the "softmax" attention for masked layers')
+                f"{type(self).__name__} does not support attn_mask/is_causal (ViT self-attention has "
+                f'neither); use the "softmax" attention for masked layers'
+            )
         with fp32_section(v.device.type):
             out = self._attend(*upcast(q, k, v))
         return out.to(v.dtype)
@@ -119,7 +130,7 @@ class EfficientAttention(TransferableAttention):
         return self._attend(q, k, v)
 
     def extra_repr(self) -> str:
-        layout = ''
+        layout = ""
         if self.num_prefix_tokens is not None:
-            layout = f', num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}'
-        return f'name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}'
+            layout = f", num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
+        return f"name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}"

@@ -6,25 +6,25 @@ still linear, still non-negative (|theta_i - theta_j| < pi/2). Position i is the
 sequence: prefix tokens come first, then the grid in raster order; they attend and are
 attended globally like every token, with the same locality weighting.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .kernels import KernelAttention, add_scalar
 from ..attention.registry import register_attention
+from .kernels import KernelAttention, add_scalar
 
-__all__ = ['CosFormerAttention']
+__all__ = ["CosFormerAttention"]
 
 
-@register_attention('cosformer')
+@register_attention("cosformer")
 class CosFormerAttention(KernelAttention):
     eps: float = 1e-6
 
-    def positional_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def positional_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The cos and sin blocks of the features (ReLU is homogeneous: no d^-1/4 scaling needed)."""
         N = x.shape[-2]
         theta = (math.pi / 2) * torch.arange(N, device=x.device, dtype=x.dtype) / N

@@ -9,31 +9,34 @@ convolution on v over the token grid ("rank restoration"). The convolution is an
 every token; the convolution sees the grid only, so prefix tokens get no local term.
 The convolution starts at zero so a fresh student begins as the pure focused kernel.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import KernelAttention
 from ..attention.registry import register_attention
+from .kernels import KernelAttention
 from .tokens import grid_to_image, image_to_grid
 
-__all__ = ['FocusedLinearAttention']
+__all__ = ["FocusedLinearAttention"]
 
 
-@register_attention('focused_linear')
+@register_attention("focused_linear")
 class FocusedLinearAttention(KernelAttention):
     """Options: ``focusing_factor`` (p, default 3), ``kernel_size`` of the depthwise conv (default 5)."""
+
     needs_token_layout = True
     eps: float = 1e-6
 
-    def __init__(self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3.,
-                 kernel_size: int = 5, **kwargs) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3.0, kernel_size: int = 5, **kwargs
+    ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         if kernel_size % 2 != 1:
-            raise ValueError(f'kernel_size must be odd (same-size depthwise conv), got {kernel_size}')
-        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+            raise ValueError(f"kernel_size must be odd (same-size depthwise conv), got {kernel_size}")
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         d = self.head_dim
         self.focusing_factor = float(focusing_factor)
         self.kernel_size = int(kernel_size)
@@ -64,8 +67,13 @@ class FocusedLinearAttention(KernelAttention):
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
         B, H, N, d = v.shape
         p, grid = self.token_layout(N)
-        conv = F.conv2d(grid_to_image(v[:, :, p:], grid), self.dwc.weight.to(v.dtype), self.dwc.bias.to(v.dtype),
-                        padding=self.dwc.padding, groups=d)
+        conv = F.conv2d(
+            grid_to_image(v[:, :, p:], grid),
+            self.dwc.weight.to(v.dtype),
+            self.dwc.bias.to(v.dtype),
+            padding=self.dwc.padding,
+            groups=d,
+        )
         return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
 
     def _attend_mapped(self, q, k, v):

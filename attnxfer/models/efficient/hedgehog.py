@@ -4,24 +4,24 @@ phi_q, phi_k = [softmax(xW + b), softmax(-(xW + b))], separate maps for q and k,
 the identity. The maps are the new parameters that conversion stage 1 fits to the teacher's
 softmax maps (the LoLCATs recipe).
 """
+
 from __future__ import annotations
 
-from typing import Optional
-
-from .kernels import HedgehogFeatures, KernelAttention
 from ..attention.registry import register_attention
+from .kernels import HedgehogFeatures, KernelAttention
 
-__all__ = ['HedgehogAttention']
+__all__ = ["HedgehogAttention"]
 
 
-@register_attention('hedgehog')
+@register_attention("hedgehog")
 class HedgehogAttention(KernelAttention):
     """Learnable-feature linear attention. Option: ``feature_dim`` (m per sign, default head_dim)."""
+
     eps: float = 1e-6
 
-    def __init__(self, dim: int, num_heads: int = 8, *, feature_dim: Optional[int] = None, **kwargs) -> None:
+    def __init__(self, dim: int, num_heads: int = 8, *, feature_dim: int | None = None, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.feature_dim = int(feature_dim or self.head_dim)
         self.feature_map_q = HedgehogFeatures(num_heads, self.head_dim, feature_dim, **dd)
         self.feature_map_k = HedgehogFeatures(num_heads, self.head_dim, feature_dim, **dd)

@@ -5,6 +5,7 @@ Each channel has its own rank-1 "map", so there is no single N x N map (map_kind
 distil on outputs). O(N C). The (C / N) factor makes the sum a mean that keeps activations at
 the teacher's scale; ``channel_gain`` (per channel, starts at 1) is the new parameter.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,31 +13,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
-from .base import EfficientAttention
 from ..attention.registry import register_attention
+from .base import EfficientAttention
 
-__all__ = ['HydraAttention']
+__all__ = ["HydraAttention"]
 
 
-@register_attention('hydra')
+@register_attention("hydra")
 class HydraAttention(EfficientAttention):
     map_kind = MapKind.NONE
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.channel_gain = nn.Parameter(torch.empty(self.attn_dim, device=kwargs.get('device'),
-                                                     dtype=kwargs.get('dtype')))
+        self.channel_gain = nn.Parameter(
+            torch.empty(self.attn_dim, device=kwargs.get("device"), dtype=kwargs.get("dtype"))
+        )
         self.reset_new_parameters()
 
     def reset_new_parameters(self) -> None:
         with torch.no_grad():
-            self.channel_gain.fill_(1.)
+            self.channel_gain.fill_(1.0)
 
     def _attend(self, q, k, v):
         B, H, N, d = q.shape
         C = H * d
         q, k, v = (t.transpose(1, 2).reshape(B, N, C) for t in (q, k, v))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        global_context = (k * v).sum(dim=1, keepdim=True)                  # (B, 1, C)
+        global_context = (k * v).sum(dim=1, keepdim=True)  # (B, 1, C)
         out = self.channel_gain.to(q.dtype) * (C / N) * q * global_context
         return out.reshape(B, N, H, d).transpose(1, 2)

@@ -6,9 +6,8 @@ the product of the row-stochastic map A_ij = phi(q_i).phi(k_j) / sum_j' phi(q_i)
 with v, computed without forming A. Feature maps add a small ``eps`` *inside* phi (not to the
 denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the core exactly.
 """
-from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -18,22 +17,33 @@ from ..attention.interface import MapKind
 from .base import EfficientAttention
 
 #: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
-FeatureBlocks = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
+FeatureBlocks = torch.Tensor | tuple[torch.Tensor, ...]
 
 __all__ = [
-    'linear_attend', 'linear_state', 'linear_readout', 'linear_map_rows', 'KernelAttention',
-    'ReLUFeatures', 'ELUFeatures',
-    'HedgehogFeatures', 'build_feature_map', 'scaled_for_kernel', 'add_scalar', 'FeatureBlocks',
+    "ELUFeatures",
+    "FeatureBlocks",
+    "HedgehogFeatures",
+    "KernelAttention",
+    "ReLUFeatures",
+    "add_scalar",
+    "build_feature_map",
+    "linear_attend",
+    "linear_map_rows",
+    "linear_readout",
+    "linear_state",
+    "scaled_for_kernel",
 ]
 
 
-def _as_blocks(features: FeatureBlocks) -> Tuple[torch.Tensor, ...]:
+def _as_blocks(features: FeatureBlocks) -> tuple[torch.Tensor, ...]:
     return (features,) if isinstance(features, torch.Tensor) else tuple(features)
 
 
-def linear_state(phi_k: FeatureBlocks, v: torch.Tensor) -> Tuple[Tuple[torch.Tensor, torch.Tensor], ...]:
+def linear_state(phi_k: FeatureBlocks, v: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Per feature block: sum_j phi(k_j) v_j^T (B, H, m, d) and sum_j phi(k_j) (B, H, m, 1)."""
-    return tuple((block.transpose(-2, -1) @ v, block.sum(dim=-2).unsqueeze(-1)) for block in _as_blocks(phi_k))
+    return tuple(
+        (block.transpose(-2, -1) @ v, block.sum(dim=-2).unsqueeze(-1)) for block in _as_blocks(phi_k)
+    )
 
 
 def linear_readout(phi_q: FeatureBlocks, state) -> torch.Tensor:
@@ -82,6 +92,7 @@ class KernelAttention(EfficientAttention):
     Subclasses give ``query_features`` and ``key_features`` (tensors, or tuples of blocks that
     the forward path never concatenates; the map path does).
     """
+
     map_kind = MapKind.ROW_STOCHASTIC
 
     def query_features(self, q: torch.Tensor) -> FeatureBlocks:
@@ -92,10 +103,10 @@ class KernelAttention(EfficientAttention):
         """phi(k), non-negative, in the compute dtype."""
         raise NotImplementedError
 
-    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[FeatureBlocks, FeatureBlocks]:
+    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[FeatureBlocks, FeatureBlocks]:
         return self.query_features(q), self.key_features(k)
 
-    def features(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(q), phi(k) (B, H, N, m) as single tensors."""
         return tuple(torch.cat(_as_blocks(f), dim=-1) for f in self.feature_blocks(q, k))
 
@@ -132,7 +143,7 @@ class ELUFeatures(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return add_scalar(F.elu(x), 1. + self.eps)
+        return add_scalar(F.elu(x), 1.0 + self.eps)
 
 
 class HedgehogFeatures(nn.Module):
@@ -144,7 +155,9 @@ class HedgehogFeatures(nn.Module):
     Plain parameters, not nn.Linear, so timm's ViT init does not overwrite the identity.
     """
 
-    def __init__(self, num_heads: int, head_dim: int, feature_dim: Optional[int] = None, device=None, dtype=None):
+    def __init__(
+        self, num_heads: int, head_dim: int, feature_dim: int | None = None, device=None, dtype=None
+    ):
         super().__init__()
         feature_dim = feature_dim or head_dim
         self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim, device=device, dtype=dtype))
@@ -164,28 +177,31 @@ class HedgehogFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.blocks(x), dim=-1)
 
-    def blocks(self, x: torch.Tensor, eps: float = 0.) -> Tuple[torch.Tensor, torch.Tensor]:
+    def blocks(self, x: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The two signs as separate blocks (+ eps), for ``linear_attend`` without a concatenation."""
-        u = x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)[:, None, :]     # (B, H, N, m)
+        u = x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)[:, None, :]  # (B, H, N, m)
         return add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
 
 
-def build_feature_map(kind: str, num_heads: int, head_dim: int, feature_dim: Optional[int] = None,
-                      device=None, dtype=None) -> Tuple[nn.Module, nn.Module]:
+def build_feature_map(
+    kind: str, num_heads: int, head_dim: int, feature_dim: int | None = None, device=None, dtype=None
+) -> tuple[nn.Module, nn.Module]:
     """A (q, k) pair of feature maps by name: 'relu', 'elu' (shared, parameter-free) or 'hedgehog'
     (separate learnable maps for q and k)."""
-    if kind == 'relu':
+    if kind == "relu":
         f = ReLUFeatures()
         return f, f
-    if kind == 'elu':
+    if kind == "elu":
         f = ELUFeatures()
         return f, f
-    if kind == 'hedgehog':
-        return (HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype),
-                HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype))
+    if kind == "hedgehog":
+        return (
+            HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype),
+            HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype),
+        )
     raise ValueError(f"unknown feature map {kind!r}; choose one of 'relu', 'elu', 'hedgehog'")
 
 
 def scaled_for_kernel(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """x * d^-1/4: q' . k' then equals the softmax logit q . k / sqrt(d)."""
-    return x * head_dim ** -0.25
+    return x * head_dim**-0.25

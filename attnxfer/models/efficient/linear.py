@@ -4,15 +4,16 @@ For ELU+1, q and k are scaled by d^-1/4 first, so phi sees the quantities whose 
 the teacher's logit; ReLU is positively homogeneous, so the scale would only cancel.
 No new parameters: these students start exactly from the teacher's q/k projections.
 """
+
 from __future__ import annotations
 
-from .kernels import ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
 from ..attention.registry import register_attention
+from .kernels import ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
 
-__all__ = ['ReLULinearAttention', 'ELULinearAttention']
+__all__ = ["ELULinearAttention", "ReLULinearAttention"]
 
 
-@register_attention('relu_linear')
+@register_attention("relu_linear")
 class ReLULinearAttention(KernelAttention):
     """Kernel attention with phi(x) = relu(x) + eps."""
 
@@ -26,7 +27,7 @@ class ReLULinearAttention(KernelAttention):
     key_features = query_features
 
 
-@register_attention('elu_linear')
+@register_attention("elu_linear")
 class ELULinearAttention(KernelAttention):
     """Kernel attention with phi(x) = elu(x) + 1."""
 

@@ -6,18 +6,17 @@ E, F (k, N) are shared by the heads, so the module needs a fixed ``seq_len``
 contiguous segments), which makes a fresh student a pooled-key approximation of the teacher
 instead of noise. Prefix tokens are queries like any other and fall in the first segment as keys.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 from torch import nn
 
 from ..attention.interface import MapKind
-from .base import EfficientAttention
 from ..attention.registry import register_attention
+from .base import EfficientAttention
 
-__all__ = ['LinformerAttention', 'segment_mean_matrix']
+__all__ = ["LinformerAttention", "segment_mean_matrix"]
 
 
 def segment_mean_matrix(num_segments: int, length: int) -> torch.Tensor:
@@ -26,26 +25,29 @@ def segment_mean_matrix(num_segments: int, length: int) -> torch.Tensor:
     for r in range(num_segments):
         start = (r * length) // num_segments
         stop = -((-(r + 1) * length) // num_segments)
-        out[r, start:stop] = 1. / (stop - start)
+        out[r, start:stop] = 1.0 / (stop - start)
     return out
 
 
-@register_attention('linformer')
+@register_attention("linformer")
 class LinformerAttention(EfficientAttention):
     """Options: ``seq_len`` (required: N the module is built for), ``proj_len`` (k, default 64)."""
+
     map_kind = MapKind.SIGNED
 
-    def __init__(self, dim: int, num_heads: int = 8, *, seq_len: Optional[int] = None, proj_len: int = 64,
-                 **kwargs) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 8, *, seq_len: int | None = None, proj_len: int = 64, **kwargs
+    ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         if seq_len is None or seq_len < 1:
             raise ValueError(
-                'linformer needs seq_len, the fixed token count its E/F projections are built for '
-                '(num_prefix_tokens + grid_h * grid_w, e.g. 197 for a 224px/16 ViT with a class token); '
-                'efficient_student_from_teacher() fills it in from the teacher')
+                "linformer needs seq_len, the fixed token count its E/F projections are built for "
+                "(num_prefix_tokens + grid_h * grid_w, e.g. 197 for a 224px/16 ViT with a class token); "
+                "efficient_student_from_teacher() fills it in from the teacher"
+            )
         if proj_len < 1:
-            raise ValueError(f'proj_len must be >= 1, got {proj_len}')
-        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+            raise ValueError(f"proj_len must be >= 1, got {proj_len}")
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.seq_len = int(seq_len)
         self.proj_len = int(proj_len)
         self.seq_proj_k = nn.Parameter(torch.empty(self.proj_len, self.seq_len, **dd))
@@ -61,17 +63,18 @@ class LinformerAttention(EfficientAttention):
     def _check_length(self, num_tokens: int) -> None:
         if num_tokens != self.seq_len:
             raise ValueError(
-                f'linformer was built for seq_len={self.seq_len} tokens but got {num_tokens}; its E/F '
-                f'projections have a fixed length: rebuild it with seq_len={num_tokens}')
+                f"linformer was built for seq_len={self.seq_len} tokens but got {num_tokens}; its E/F "
+                f"projections have a fixed length: rebuild it with seq_len={num_tokens}"
+            )
 
     def _scores(self, q, k):
         self._check_length(q.shape[-2])
-        k_short = torch.einsum('kn,bhnd->bhkd', self.seq_proj_k.to(k.dtype), k)
-        return ((q * self.scale) @ k_short.transpose(-2, -1)).softmax(dim=-1)       # (B, H, N, k)
+        k_short = torch.einsum("kn,bhnd->bhkd", self.seq_proj_k.to(k.dtype), k)
+        return ((q * self.scale) @ k_short.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, k)
 
     def _attend(self, q, k, v):
         self._check_length(v.shape[-2])
-        v_short = torch.einsum('kn,bhnd->bhkd', self.seq_proj_v.to(v.dtype), v)
+        v_short = torch.einsum("kn,bhnd->bhkd", self.seq_proj_v.to(v.dtype), v)
         return self._scores(q, k) @ v_short
 
     def _map_context(self, q, k):
@@ -82,4 +85,4 @@ class LinformerAttention(EfficientAttention):
         return scores[:, :, rows] @ value_proj
 
     def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, seq_len={self.seq_len}, proj_len={self.proj_len}'
+        return f"{super().extra_repr()}, seq_len={self.seq_len}, proj_len={self.proj_len}"

@@ -7,16 +7,17 @@ the first segment includes the prefix tokens; every token, prefix or grid, atten
 attended through F and B). pinv(A) by the Newton-Schulz-type iteration of the paper.
 No new parameters: a training-free approximation of the teacher.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from ..attention.interface import MapKind
-from .base import EfficientAttention
 from ..attention.registry import register_attention
+from .base import EfficientAttention
 
-__all__ = ['NystromAttention', 'iterative_pinv']
+__all__ = ["NystromAttention", "iterative_pinv"]
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -31,16 +32,18 @@ def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
     return z
 
 
-@register_attention('nystrom')
+@register_attention("nystrom")
 class NystromAttention(EfficientAttention):
     """Options: ``num_landmarks`` (m, default 32; capped at N), ``pinv_iterations`` (default 6)."""
+
     map_kind = MapKind.SIGNED
 
-    def __init__(self, dim: int, num_heads: int = 8, *, num_landmarks: int = 32, pinv_iterations: int = 6,
-                 **kwargs) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 8, *, num_landmarks: int = 32, pinv_iterations: int = 6, **kwargs
+    ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         if num_landmarks < 1:
-            raise ValueError(f'num_landmarks must be >= 1, got {num_landmarks}')
+            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
 

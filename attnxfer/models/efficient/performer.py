@@ -13,21 +13,24 @@ multiple of d nearest the usual d ln d: whole orthogonal blocks, and a feature w
 GEMMs handle well (m = 266 ran ~1.6x slower per FLOP than 256 in our measurements).
 Exponentials are taken base 2 with log2(e) folded into the projection (exp2 is cheaper on CPU).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
-from .kernels import KernelAttention, add_scalar
 from ..attention.registry import register_attention
+from .kernels import KernelAttention, add_scalar
 
-__all__ = ['PerformerAttention', 'gaussian_orthogonal_features', 'default_num_features']
+__all__ = ["PerformerAttention", "default_num_features", "gaussian_orthogonal_features"]
 
 
 def gaussian_orthogonal_features(
-        num_features: int, dim: int, orthogonal: bool = True, generator: Optional[torch.Generator] = None,
+    num_features: int,
+    dim: int,
+    orthogonal: bool = True,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """(num_features, dim) random projection: orthogonal blocks with Gaussian row norms, or i.i.d. Gaussian."""
     if not orthogonal:
@@ -54,11 +57,11 @@ def _stabilised_exp2(x: torch.Tensor, dims) -> torch.Tensor:
     """2^(x - max over dims). The max is not detached: with eps in the features it does not cancel
     exactly, and autograd then gives the exact gradient of the function computed."""
     shift = x.amax(dim=dims, keepdim=True)
-    x = x.sub_(shift) if not x.requires_grad else x - shift      # amax keeps x for its backward
+    x = x.sub_(shift) if not x.requires_grad else x - shift  # amax keeps x for its backward
     return x.exp2_()
 
 
-@register_attention('performer')
+@register_attention("performer")
 class PerformerAttention(KernelAttention):
     """FAVOR+ kernel attention.
 
@@ -66,37 +69,41 @@ class PerformerAttention(KernelAttention):
     ``redraw_interval`` (redraw every that many training forwards; None = never),
     ``feature_seed`` (seed of the first draw, for reproducible students).
     """
+
     eps: float = 1e-6
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            *,
-            num_features: Optional[int] = None,
-            orthogonal: bool = True,
-            redraw_interval: Optional[int] = None,
-            feature_seed: Optional[int] = None,
-            **kwargs,
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        num_features: int | None = None,
+        orthogonal: bool = True,
+        redraw_interval: int | None = None,
+        feature_seed: int | None = None,
+        **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         d = self.head_dim
         self.num_features = int(num_features or default_num_features(d))
         if self.num_features < 1:
-            raise ValueError(f'num_features must be >= 1, got {num_features}')
+            raise ValueError(f"num_features must be >= 1, got {num_features}")
         if redraw_interval is not None and redraw_interval < 1:
-            raise ValueError(f'redraw_interval must be >= 1 or None, got {redraw_interval}')
+            raise ValueError(f"redraw_interval must be >= 1 or None, got {redraw_interval}")
         self.orthogonal = orthogonal
         self.redraw_interval = redraw_interval
         self.feature_seed = feature_seed
         self._forwards_since_redraw = 0
         self.register_buffer(
-            'feature_projection', torch.empty(self.num_features, d, device=kwargs.get('device')), persistent=True)
+            "feature_projection",
+            torch.empty(self.num_features, d, device=kwargs.get("device")),
+            persistent=True,
+        )
         generator = torch.Generator().manual_seed(feature_seed) if feature_seed is not None else None
         self.redraw(generator)
 
     @torch.no_grad()
-    def redraw(self, generator: Optional[torch.Generator] = None) -> None:
+    def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw a fresh random projection (on CPU with ``generator``, then moved to the buffer's device)."""
         w = gaussian_orthogonal_features(self.num_features, self.head_dim, self.orthogonal, generator)
         self.feature_projection.copy_(w)
@@ -115,16 +122,16 @@ class PerformerAttention(KernelAttention):
     # (it differs between the keys of one row). q and k arrive as strided views of the qkv output;
     # projecting a contiguous copy was ~4x faster than projecting the view.
     def _projection(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.feature_projection.to(dtype) * (self.head_dim ** -0.25 * _LOG2E)).T.contiguous()
+        return (self.feature_projection.to(dtype) * (self.head_dim**-0.25 * _LOG2E)).T.contiguous()
 
     def query_features(self, q):
         return add_scalar(_stabilised_exp2(q.contiguous() @ self._projection(q.dtype), dims=(-1,)), self.eps)
 
     def key_features(self, k):
         k = k.contiguous()
-        half_sq_norm = k.pow(2).sum(-1, keepdim=True).mul_(0.5 / self.head_dim ** 0.5 * _LOG2E)
+        half_sq_norm = k.pow(2).sum(-1, keepdim=True).mul_(0.5 / self.head_dim**0.5 * _LOG2E)
         exponent = (k @ self._projection(k.dtype)).sub_(half_sq_norm)
         return add_scalar(_stabilised_exp2(exponent, dims=(-2, -1)), self.eps)
 
     def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}'
+        return f"{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}"

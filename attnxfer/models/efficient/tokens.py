@@ -1,32 +1,31 @@
 """Token-grid helpers: split a ViT sequence into prefix tokens and the patch grid, and cut the
 grid into non-overlapping windows (zero-padded at the bottom/right edges)."""
-from __future__ import annotations
 
-from typing import Tuple
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['grid_to_image', 'image_to_grid', 'window_partition', 'window_merge', 'window_valid', 'window_ids']
+__all__ = ["grid_to_image", "image_to_grid", "window_ids", "window_merge", "window_partition", "window_valid"]
 
 
-def grid_to_image(x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+def grid_to_image(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """(B, H, G, c) grid tokens -> (B*H, c, gh, gw) for 2-D ops."""
-    B, H, G, c = x.shape
+    B, H, _G, c = x.shape
     return x.reshape(B * H, grid[0], grid[1], c).permute(0, 3, 1, 2)
 
 
 def image_to_grid(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """(B*H, c, h, w) -> (B, H, h*w, c)."""
-    BH, c, h, w = x.shape
+    _BH, c, h, w = x.shape
     return x.permute(0, 2, 3, 1).reshape(batch, heads, h * w, c)
 
 
-def _padding(grid: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, int]:
+def _padding(grid: tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
     return (-grid[0]) % window[0], (-grid[1]) % window[1]
 
 
-def window_partition(x: torch.Tensor, grid: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+def window_partition(x: torch.Tensor, grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
     """(B, H, gh*gw, c) -> (B, nW, H, wh*ww, c); padded positions are zeros."""
     B, H, _, c = x.shape
     (gh, gw), (wh, ww) = grid, window
@@ -37,7 +36,7 @@ def window_partition(x: torch.Tensor, grid: Tuple[int, int], window: Tuple[int, 
     return x.reshape(B, nh * nw, H, wh * ww, c)
 
 
-def window_merge(x: torch.Tensor, grid: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+def window_merge(x: torch.Tensor, grid: tuple[int, int], window: tuple[int, int]) -> torch.Tensor:
     """Inverse of ``window_partition``: (B, nW, H, wh*ww, c) -> (B, H, gh*gw, c), padding cropped."""
     B, _, H, _, c = x.shape
     (gh, gw), (wh, ww) = grid, window
@@ -47,7 +46,7 @@ def window_merge(x: torch.Tensor, grid: Tuple[int, int], window: Tuple[int, int]
     return x[:, :, :gh, :gw].reshape(B, H, gh * gw, c)
 
 
-def window_valid(grid: Tuple[int, int], window: Tuple[int, int], device=None) -> torch.Tensor | None:
+def window_valid(grid: tuple[int, int], window: tuple[int, int], device=None) -> torch.Tensor | None:
     """(nW, wh*ww) bool, True at real (unpadded) tokens; None when the grid needs no padding."""
     if _padding(grid, window) == (0, 0):
         return None
@@ -55,7 +54,9 @@ def window_valid(grid: Tuple[int, int], window: Tuple[int, int], device=None) ->
     return window_partition(ones, grid, window)[0, :, 0, :, 0] > 0
 
 
-def window_ids(num_prefix_tokens: int, grid: Tuple[int, int], window: Tuple[int, int], device=None) -> torch.Tensor:
+def window_ids(
+    num_prefix_tokens: int, grid: tuple[int, int], window: tuple[int, int], device=None
+) -> torch.Tensor:
     """(N,) window index of every token in the sequence, -1 for prefix tokens."""
     (gh, gw), (wh, ww) = grid, window
     nw = -(-gw // ww)

@@ -15,32 +15,36 @@ per-head balance. Rows sum to 1 exactly and have no negatives. The linear part o
 outside the window is the total kernel sum minus the window's and the prefix's (O(N m d)).
 Prefix queries use exact softmax rows, as in window attention.
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind, as_grid
+from ..attention.registry import register_attention
 from .base import EfficientAttention
 from .kernels import build_feature_map, scaled_for_kernel
-from ..attention.registry import register_attention
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
-__all__ = ['WindowAttention', 'WindowLinearAttention']
+__all__ = ["WindowAttention", "WindowLinearAttention"]
 
 
-@register_attention('window')
+@register_attention("window")
 class WindowAttention(EfficientAttention):
     """Option: ``window_size`` (int or (h, w) in tokens, default 7)."""
+
     map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
 
-    def __init__(self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs) -> None:
+    def __init__(
+        self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs
+    ) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.window_size: Tuple[int, int] = as_grid(window_size)
+        self.window_size: tuple[int, int] = as_grid(window_size)
 
     # -- shared pieces
     def _windows(self, q, k, v):
@@ -48,27 +52,31 @@ class WindowAttention(EfficientAttention):
         B, H, N, d = q.shape
         p, grid = self.token_layout(N)
         window = self.window_size
-        qw, kw, vw = (window_partition(t[:, :, p:], grid, window) for t in (q, k, v))   # (B, nW, H, L, d)
+        qw, kw, vw = (window_partition(t[:, :, p:], grid, window) for t in (q, k, v))  # (B, nW, H, L, d)
         nW = qw.shape[1]
         if p:
             kw = torch.cat([k[:, None, :, :p].expand(B, nW, H, p, d), kw], dim=-2)
             vw = torch.cat([v[:, None, :, :p].expand(B, nW, H, p, d), vw], dim=-2)
         valid = window_valid(grid, window, device=q.device)
         if valid is not None:
-            valid = F.pad(valid, (p, 0), value=True)[None, :, None, None, :]    # (1, nW, 1, 1, p + L)
+            valid = F.pad(valid, (p, 0), value=True)[None, :, None, None, :]  # (1, nW, 1, 1, p + L)
         return p, grid, qw, kw, vw, valid
 
-    def _prefix_rows(self, q, k, v, p, dropout_p=0.):
+    def _prefix_rows(self, q, k, v, p, dropout_p=0.0):
         return F.scaled_dot_product_attention(q[:, :, :p], k, v, dropout_p=dropout_p)
 
     def _attend(self, q, k, v):
-        dropout_p = self.attn_drop.p if self.training else 0.
+        dropout_p = self.attn_drop.p if self.training else 0.0
         p, grid, qw, kw, vw, valid = self._windows(q, k, v)
         B, nW, H, L, d = qw.shape
         mask = None if valid is None else valid.expand(B, nW, 1, 1, kw.shape[-2]).reshape(B * nW, 1, 1, -1)
         out = F.scaled_dot_product_attention(
-            qw.reshape(B * nW, H, L, d), kw.reshape(B * nW, H, -1, d), vw.reshape(B * nW, H, -1, d),
-            attn_mask=mask, dropout_p=dropout_p)
+            qw.reshape(B * nW, H, L, d),
+            kw.reshape(B * nW, H, -1, d),
+            vw.reshape(B * nW, H, -1, d),
+            attn_mask=mask,
+            dropout_p=dropout_p,
+        )
         out = window_merge(out.reshape(B, nW, H, L, d), grid, self.window_size)
         if p:
             out = torch.cat([self._prefix_rows(q, k, v, p, dropout_p), out], dim=-2)
@@ -87,26 +95,36 @@ class WindowAttention(EfficientAttention):
     def _map_rows(self, context, rows):
         q, k, ids = context
         logits = q[:, :, rows] @ k.transpose(-2, -1)
-        return logits.masked_fill(~self._local_mask(ids, rows), float('-inf')).softmax(dim=-1)
+        return logits.masked_fill(~self._local_mask(ids, rows), float("-inf")).softmax(dim=-1)
 
     def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, window_size={self.window_size}'
+        return f"{super().extra_repr()}, window_size={self.window_size}"
 
 
-@register_attention('window_linear')
+@register_attention("window_linear")
 class WindowLinearAttention(WindowAttention):
     """Options: ``window_size`` (default 7), ``kernel`` for the scores outside the window
     ('hedgehog' (default, learnable), 'elu', 'relu'), ``feature_dim`` (hedgehog features per sign)."""
+
     eps: float = 1e-6
 
-    def __init__(self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7,
-                 kernel: str = 'hedgehog', feature_dim: Optional[int] = None, **kwargs) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        window_size: int | Sequence[int] = 7,
+        kernel: str = "hedgehog",
+        feature_dim: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(dim, num_heads, window_size=window_size, **kwargs)
-        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.kernel = kernel
-        self.feature_dim = feature_dim if kernel != 'hedgehog' else int(feature_dim or self.head_dim)
+        self.feature_dim = feature_dim if kernel != "hedgehog" else int(feature_dim or self.head_dim)
         self.feature_map_q, self.feature_map_k = build_feature_map(
-            kernel, num_heads, self.head_dim, feature_dim, **dd)
+            kernel, num_heads, self.head_dim, feature_dim, **dd
+        )
         self.linear_log_weight = nn.Parameter(torch.empty(num_heads, **dd))
         self.reset_new_parameters()
 
@@ -114,15 +132,17 @@ class WindowLinearAttention(WindowAttention):
         with torch.no_grad():
             self.linear_log_weight.zero_()
             for fm in (self.feature_map_q, self.feature_map_k):
-                if hasattr(fm, 'reset_parameters'):
+                if hasattr(fm, "reset_parameters"):
                     fm.reset_parameters()
 
     def feature_blocks(self, q, k):
         """Kernel features (tuples of blocks for hedgehog); any leading batch shape, last dim d."""
-        if self.kernel == 'hedgehog':
+        if self.kernel == "hedgehog":
             return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)
-        return ((self.feature_map_q(scaled_for_kernel(q, self.head_dim)),),
-                (self.feature_map_k(scaled_for_kernel(k, self.head_dim)),))
+        return (
+            (self.feature_map_q(scaled_for_kernel(q, self.head_dim)),),
+            (self.feature_map_k(scaled_for_kernel(k, self.head_dim)),),
+        )
 
     def features(self, q, k):
         phi_q, phi_k = self.feature_blocks(q, k)
@@ -132,11 +152,11 @@ class WindowLinearAttention(WindowAttention):
         return self.linear_log_weight.to(dtype).exp()
 
     def _attend(self, q, k, v):
-        p, grid, qw, kw, vw, valid = self._windows(q, k, v)                  # (B, nW, H, L | p + L, d)
+        p, grid, qw, kw, vw, valid = self._windows(q, k, v)  # (B, nW, H, L | p + L, d)
         # softmax-style scores inside the window (+ prefix keys)
         logits = (qw * self.scale) @ kw.transpose(-2, -1)
         if valid is not None:
-            logits = logits.masked_fill(~valid, float('-inf'))
+            logits = logits.masked_fill(~valid, float("-inf"))
         weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
         numerator = weights @ vw
         denominator = weights.sum(dim=-1, keepdim=True)
@@ -145,14 +165,14 @@ class WindowLinearAttention(WindowAttention):
         k_grid, v_grid = kw[..., p:, :], vw[..., p:, :]
         phi_q, phi_k = self.feature_blocks(qw, k_grid)
         if valid is not None:
-            keep = valid[..., p:].transpose(-2, -1).to(q.dtype)                 # (1, nW, 1, L, 1)
+            keep = valid[..., p:].transpose(-2, -1).to(q.dtype)  # (1, nW, 1, L, 1)
             phi_k = tuple(block * keep for block in phi_k)
         gamma = self._linear_weight(q.dtype)[None, None, :, None, None]
         for block_q, block_k in zip(phi_q, phi_k):
-            kv_window = block_k.transpose(-2, -1) @ v_grid                      # (B, nW, H, m, d)
-            z_window = block_k.sum(dim=-2, keepdim=True)                         # (B, nW, H, 1, m)
+            kv_window = block_k.transpose(-2, -1) @ v_grid  # (B, nW, H, m, d)
+            z_window = block_k.sum(dim=-2, keepdim=True)  # (B, nW, H, 1, m)
             kv_outside = kv_window.sum(dim=1, keepdim=True) - kv_window
-            z_outside = (z_window.sum(dim=1, keepdim=True) - z_window).clamp_min(0)   # >= 0 up to rounding
+            z_outside = (z_window.sum(dim=1, keepdim=True) - z_window).clamp_min(0)  # >= 0 up to rounding
             numerator = numerator + gamma * (block_q @ kv_outside)
             denominator = denominator + gamma * (block_q @ z_outside.transpose(-2, -1))
         out = window_merge(numerator / denominator, grid, self.window_size)
@@ -168,7 +188,7 @@ class WindowLinearAttention(WindowAttention):
     def _map_rows(self, context, rows):
         q, k, ids, phi_q, phi_k = context
         local = self._local_mask(ids, rows)
-        logits = (q[:, :, rows] @ k.transpose(-2, -1)).masked_fill(~local, float('-inf'))
+        logits = (q[:, :, rows] @ k.transpose(-2, -1)).masked_fill(~local, float("-inf"))
         local_weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()
         gamma = self._linear_weight(q.dtype)[None, :, None, None]
         kernel_weights = gamma * (phi_q[:, :, rows] @ phi_k.transpose(-2, -1))
@@ -176,4 +196,4 @@ class WindowLinearAttention(WindowAttention):
         return weights / weights.sum(dim=-1, keepdim=True)
 
     def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, kernel={self.kernel!r}'
+        return f"{super().extra_repr()}, kernel={self.kernel!r}"
