@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -213,18 +214,21 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+#: Both spellings of a union: ``Optional[int]``/``Union[...]`` and PEP 604's ``int | None``.
+_UNIONS = (Union, types.UnionType)
+
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _type_name(tp: Any) -> str:
     """How a user would say the type: 'a number or null', 'a list of integers'."""
-    if typing.get_origin(tp) is Union:
+    if typing.get_origin(tp) in _UNIONS:
         args = typing.get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
-    if typing.get_origin(tp) in (list, list):
+    if typing.get_origin(tp) is list:
         return "a list"
-    if typing.get_origin(tp) in (dict, dict):
+    if typing.get_origin(tp) is dict:
         return "a mapping"
     return _FRIENDLY.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -232,7 +236,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
