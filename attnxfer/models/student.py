@@ -24,7 +24,7 @@ from timm.layers import Attention, LayerScale
 from timm.models import get_model_args
 
 from .attention import SOFTMAX, TransferAttention, attention_name_of
-from .efficient.student import swap_attentions
+from .efficient.swap import swap_attentions
 
 __all__ = [
     "SOFTMAX",

@@ -57,7 +57,7 @@ from .linear import ELULinearAttention, ReLULinearAttention
 from .linformer import LinformerAttention
 from .nystrom import NystromAttention
 from .performer import PerformerAttention
-from .student import (
+from .swap import (
     build_efficient_student,
     check_softmax_teacher,
     configure_token_layout,

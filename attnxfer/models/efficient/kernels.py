@@ -9,6 +9,9 @@ denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,13 +23,16 @@ from .base import EfficientAttention
 FeatureBlocks = torch.Tensor | tuple[torch.Tensor, ...]
 
 __all__ = [
+    "FEATURE_MAPS",
     "ELUFeatures",
     "FeatureBlocks",
+    "FeatureMapKind",
     "HedgehogFeatures",
     "KernelAttention",
     "ReLUFeatures",
     "add_scalar",
     "build_feature_map",
+    "feature_map_kind",
     "linear_attend",
     "linear_map_rows",
     "linear_readout",
@@ -183,23 +189,50 @@ class HedgehogFeatures(nn.Module):
         return add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
 
 
+@dataclass(frozen=True)
+class FeatureMapKind:
+    """A named feature map: how to build its (q, k) pair, and whether it is learned.
+
+    ``learned`` maps (Hedgehog) are separate modules for q and k that read raw q/k and yield blocks;
+    the others are one parameter-free module shared by q and k, applied to d^-1/4-scaled inputs.
+    """
+
+    build: Callable[..., tuple[nn.Module, nn.Module]]
+    learned: bool
+
+
+def _shared(module: type[nn.Module]) -> Callable[..., tuple[nn.Module, nn.Module]]:
+    def build(num_heads, head_dim, feature_dim=None, device=None, dtype=None):
+        f = module()
+        return f, f
+
+    return build
+
+
+def _hedgehog_pair(num_heads, head_dim, feature_dim=None, device=None, dtype=None):
+    return tuple(HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype) for _ in "qk")
+
+
+#: The feature maps an attention can name (e.g. the window+linear hybrid's ``kernel`` option).
+FEATURE_MAPS: dict[str, FeatureMapKind] = {
+    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False),
+    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False),
+    "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True),
+}
+
+
+def feature_map_kind(name: str) -> FeatureMapKind:
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}")
+    return FEATURE_MAPS[name]
+
+
 def build_feature_map(
     kind: str, num_heads: int, head_dim: int, feature_dim: int | None = None, device=None, dtype=None
 ) -> tuple[nn.Module, nn.Module]:
-    """A (q, k) pair of feature maps by name: 'relu', 'elu' (shared, parameter-free) or 'hedgehog'
-    (separate learnable maps for q and k)."""
-    if kind == "relu":
-        f = ReLUFeatures()
-        return f, f
-    if kind == "elu":
-        f = ELUFeatures()
-        return f, f
-    if kind == "hedgehog":
-        return (
-            HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype),
-            HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype),
-        )
-    raise ValueError(f"unknown feature map {kind!r}; choose one of 'relu', 'elu', 'hedgehog'")
+    """A (q, k) pair of feature maps by name (see `FEATURE_MAPS`): 'relu', 'elu' (shared,
+    parameter-free) or 'hedgehog' (separate learnable maps for q and k)."""
+    return feature_map_kind(kind).build(num_heads, head_dim, feature_dim, device=device, dtype=dtype)
 
 
 def scaled_for_kernel(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import nn
 from ..attention.interface import MapKind, as_grid
 from ..attention.registry import register_attention
 from .base import EfficientAttention
-from .kernels import build_feature_map, scaled_for_kernel
+from .kernels import build_feature_map, feature_map_kind, scaled_for_kernel
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
 __all__ = ["WindowAttention", "WindowLinearAttention"]
@@ -120,8 +120,8 @@ class WindowLinearAttention(WindowAttention):
     ) -> None:
         super().__init__(dim, num_heads, window_size=window_size, **kwargs)
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.kernel = kernel
-        self.feature_dim = feature_dim if kernel != "hedgehog" else int(feature_dim or self.head_dim)
+        self.kernel, self.feature_kind = kernel, feature_map_kind(kernel)
+        self.feature_dim = int(feature_dim or self.head_dim) if self.feature_kind.learned else feature_dim
         self.feature_map_q, self.feature_map_k = build_feature_map(
             kernel, num_heads, self.head_dim, feature_dim, **dd
         )
@@ -137,7 +137,7 @@ class WindowLinearAttention(WindowAttention):
 
     def feature_blocks(self, q, k):
         """Kernel features (tuples of blocks for hedgehog); any leading batch shape, last dim d."""
-        if self.kernel == "hedgehog":
+        if self.feature_kind.learned:
             return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)
         return (
             (self.feature_map_q(scaled_for_kernel(q, self.head_dim)),),
