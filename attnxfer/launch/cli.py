@@ -83,19 +83,23 @@ def _cmd_train(args) -> int:
 
 @register_command("eval")
 def _eval_parser(sub):
-    p = sub.add_parser("eval", help="evaluate a run's newest checkpoint on its validation set")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's newest checkpoint on its validation set",
+        description="Score the run's newest checkpoint (or checkpoint.resume=PATH). Writes nothing into the "
+        "run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
-    from ..apps.training import train
-    from ..config import apply_overrides
+    from ..apps.training import evaluate_run
 
-    cfg = apply_overrides(_load(args), {"eval_only": True})
-    result = train(cfg)
-    for k, v in result.final.items():
+    result = evaluate_run(_load(args))
+    for k, v in result.metrics.items():
         print(f"{k}: {v:.4f}")
+    print(f"step {result.step} ({result.checkpoint}) -> {result.path}")
     return 0
 
 
