@@ -139,6 +139,8 @@ def build_engine(
     rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise FileExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     check_resume(cfg, log=print if runtime.is_main else lambda *_: None)
     set_seed(cfg.seed)  # same init on every rank
