@@ -4,6 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -171,3 +176,31 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
     )
     assert code == 0, err
     assert json.loads((run / "run.json").read_text())["teacher"]["architecture"] == "vit_micro_patch4_28"
+
+
+def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
+    run = tmp_path / "r"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "attnxfer",
+            "train",
+            *S,
+            "schedule.epochs=1000",
+            "checkpoint.every_epoch=false",
+            f"run_dir={run}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists():  # training has started
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "no checkpoint was saved yet" in err and "Traceback" not in err, err
