@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from attnxfer.launch import cli
 from attnxfer.launch.slurm import SlurmOptions, parse_sweep
@@ -204,3 +205,27 @@ def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert "no checkpoint was saved yet" in err and "Traceback" not in err, err
+
+
+def test_saves_over_existing_steps_replace_same_weights_and_keep_other_weights(tmp_path, capsys):
+    run = tmp_path / "r"
+    args = ["train", *S, "schedule.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=5"]
+    assert _run(capsys, *args, f"run_dir={run}")[0] == 0
+    first = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
+    step1 = str(run / "checkpoints/step-00000001")
+    # the same history again from step 1: same weights, each save replaces its twin
+    code, _, err = _run(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}")
+    assert code == 0, err
+    assert _steps(run) == ["step-00000001", "step-00000002", "step-00000003"]
+    again = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    # another history from step 1 (a changed lr): the old checkpoints are set aside, not lost
+    code, _, err = _run(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}", "optim.lr=0.01")
+    assert code == 0, err
+    aside = sorted(p.name.split(".")[0] for p in (run / "checkpoints").glob("step-*.replaced-*"))
+    assert aside == ["step-00000002", "step-00000003"]
+    [old3] = (run / "checkpoints").glob("step-00000003.replaced-*")
+    kept = load_file(str(old3 / "model.safetensors"))
+    assert all(torch.equal(first[k], kept[k]) for k in first)
+    new = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
+    assert not all(torch.equal(first[k], new[k]) for k in first)

@@ -9,6 +9,7 @@ cosine), checkpoints (atomic safetensors + JSON) and the teacher (a frozen guest
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
+    STATE_NAME,
     CheckpointError,
     CheckpointManager,
     optimizer_state_from_tensors,
@@ -261,8 +263,9 @@ class Engine:
         if not existing.is_dir():
             return False
         try:
-            _, old_state = self.ckpt.load(existing)
-        except CheckpointError:
+            verify_checkpoint(existing)
+            old_state = json.loads((existing / STATE_NAME).read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError):
             return False  # broken: the store moves it aside and writes a fresh one
         if old_state.get("rank_checksums", [None])[0] == checksum:
             return True
