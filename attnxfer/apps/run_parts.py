@@ -78,6 +78,8 @@ def build_run_parts(
         )
     num_classes = cfg.model.num_classes or info.num_classes
     if not num_classes:
+        if d.root is None:
+            raise ValueError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
         raise ValueError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
     in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
     img_size = d.img_size or (teacher.patch_embed.img_size[0] if teacher is not None else None)

@@ -6,13 +6,14 @@ does for its engine): the engine below takes only what is built here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoints.store import atomic_write_json, atomic_write_text
-from ..config import TrainConfig, dump_config, to_dict
+from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json, atomic_write_text
+from ..config import TrainConfig, dump_config, to_dict, validate_config
 from ..train.distributed import backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
 from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TaskLoss, TrainResult
@@ -20,9 +21,18 @@ from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
 from ..transfer.plan import TransferPlan, build_plan
+from .resume import check_resume
 from .run_parts import RunParts, build_run_parts
 
-__all__ = ["build_engine", "loop_settings", "plan_from_config", "task_loss_from_config", "train"]
+__all__ = [
+    "EvalResult",
+    "build_engine",
+    "evaluate_run",
+    "loop_settings",
+    "plan_from_config",
+    "task_loss_from_config",
+    "train",
+]
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
@@ -97,6 +107,7 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
     if not engine.is_main:
         return
     run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     info = {
         "teacher": parts.teacher_record,
@@ -116,14 +127,23 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
     atomic_write_json(run_dir / "run.json", info)
 
 
-def build_engine(cfg: TrainConfig, parts: RunParts | None = None, runtime: Runtime | None = None) -> Engine:
-    """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built."""
+def build_engine(
+    cfg: TrainConfig,
+    parts: RunParts | None = None,
+    runtime: Runtime | None = None,
+    write_run_files: bool = True,
+) -> Engine:
+    """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
+
+    Nothing is written into the run dir before every check has passed (config ranges, the resume
+    rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
+    """
+    validate_config(cfg)  # a config built in Python skips load_config's checks
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise FileExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    check_resume(cfg, log=print if runtime.is_main else lambda *_: None)
     set_seed(cfg.seed)  # same init on every rank
-    run_dir = Path(cfg.run_dir)
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
     plan = plan_from_config(cfg, parts)
     dual = DualViT(parts.teacher, parts.student, plan, teacher_dtype=teacher_dtype(cfg.teacher.dtype))
@@ -149,7 +169,9 @@ def build_engine(cfg: TrainConfig, parts: RunParts | None = None, runtime: Runti
         ema=ema,
         record={"teacher": parts.teacher_record, "config": to_dict(cfg)},
     )
-    _write_run_files(cfg, engine, parts)
+    if write_run_files:
+        _write_run_files(cfg, engine, parts)
+    barrier()
     if engine.is_main:
         print(plan.describe(), flush=True)
     return engine
@@ -159,6 +181,47 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
 
     Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
-    was the one to create it)."""
+    was the one to create it). A config with ``eval_only: true`` only evaluates (see `evaluate_run`)."""
+    if cfg.eval_only:
+        result = evaluate_run(cfg, parts)
+        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
     with joined_process_group(backend_for(cfg.device)):
         return build_engine(cfg, parts).run()
+
+
+@dataclass
+class EvalResult:
+    step: int
+    checkpoint: str
+    metrics: dict[str, float]
+    path: Path  # the result file: RUN_DIR/eval-<step>.json
+
+
+def evaluate_run(cfg: TrainConfig, parts: RunParts | None = None) -> EvalResult:
+    """`attnxfer eval`: score the run's newest checkpoint (or ``checkpoint.resume=PATH``) on its val set.
+
+    Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
+    a checkpoint is refused (there is nothing trained to score).
+    """
+    if cfg.checkpoint.resume == "auto" and CheckpointManager(cfg.run_dir).latest(verify_hash=False) is None:
+        raise CheckpointError(
+            f"{cfg.run_dir} has no checkpoint to evaluate (no intact {cfg.run_dir}/checkpoints/step-*); "
+            "train it first, or point -c at the config.yaml of a run that has checkpoints"
+        )
+    if cfg.checkpoint.resume == "none":
+        raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
+    with joined_process_group(backend_for(cfg.device)):
+        engine = build_engine(cfg, parts, write_run_files=False)
+        metrics = engine.evaluate_checkpoint()
+        path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"
+        if engine.is_main:
+            atomic_write_json(
+                path,
+                {
+                    "step": engine.step,
+                    "checkpoint": engine.last_ckpt,
+                    "metrics": metrics,
+                    "config": to_dict(cfg),
+                },
+            )
+        return EvalResult(engine.step, str(engine.last_ckpt), metrics, path)

@@ -572,6 +572,14 @@ def export_run(
     compute attention from the teacher's q/k at inference and do not stand alone.
     """
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run dir {str(run_dir)!r} does not exist; give the run_dir of a training run"
+        )
+    if not (run_dir / "run.json").is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no run.json: not a training run's dir (or its run never got past the start)"
+        )
     if weights not in ("ema", "raw"):
         raise ValueError(f"weights={weights!r}: choose 'ema' or 'raw'")
     run = _read_json(run_dir / "run.json")

@@ -24,7 +24,8 @@ Why it is safe:
 * Nothing is ever unpickled.
 
 Policies: an intact checkpoint is never overwritten (``CheckpointExistsError``, or keep it with
-``exist_ok=True``); a broken dir at the same step is renamed to ``step-X.corrupt-<time>`` and
+``exist_ok=True``), except on request (``replace=True``: the new dir is written in full, then swapped in
+with one atomic exchange of the two names where the filesystem offers it); a broken dir at the same step is renamed to ``step-X.corrupt-<time>`` and
 replaced. Pruning keeps the newest ``keep_last`` intact checkpoints, the best by metric and the
 one just written; broken dirs are never deleted automatically (they are reported instead).
 Temp dirs of a live writer on this host are left alone. Tensor groups come back as dicts with
@@ -35,6 +36,8 @@ One writer per run dir (rank 0); any number of readers.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import errno
@@ -133,6 +136,26 @@ def _fsync_dir(path: Path) -> None:
             raise
     finally:
         os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the libc or the filesystem cannot (older kernels, some network filesystems).
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
 
 
 def _write_file_synced(path: Path, data: bytes) -> None:
@@ -526,13 +549,17 @@ class CheckpointManager:
         state: Mapping[str, Any],
         metric: float | None = None,
         exist_ok: bool = False,
+        replace: bool = False,
     ) -> Path:
         """Write checkpoint ``step`` atomically, then prune and clean up crashed saves.
 
         An intact checkpoint for ``step`` is never overwritten: ``CheckpointExistsError``, or with
         ``exist_ok=True`` the existing one is kept and its path returned (e.g. a preemption
-        handler saving a step that was just saved). A *broken* dir for ``step`` is renamed to
-        ``step-XXXXXXXX.corrupt-<time>`` (kept for inspection, never loaded) and replaced.
+        handler saving a step that was just saved), or with ``replace=True`` the new one is written
+        in full and then takes the old one's place (readers see the old dir or the new one; a crash
+        between the two renames of the fallback leaves the older checkpoints to resume from).
+        A *broken* dir for ``step`` is renamed to ``step-XXXXXXXX.corrupt-<time>`` (kept for
+        inspection, never loaded) and replaced.
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
@@ -543,10 +570,12 @@ class CheckpointManager:
         state_text = _dump_json(dict(state), "checkpoint state")
 
         final = self.path_for(step)
+        swap = False
         if final.exists() or final.is_symlink():
-            kept = self._resolve_existing(final, exist_ok)
-            if kept is not None:
+            kept = self._resolve_existing(final, exist_ok or replace)
+            if kept is not None and not replace:
                 return kept
+            swap = kept is not None
 
         self._ensure_dir()
         tmp = self.dir / f"{_TEMP_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}"
@@ -570,7 +599,10 @@ class CheckpointManager:
             }
             _write_file_synced(tmp / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))
             _fsync_dir(tmp)
-            os.rename(tmp, final)
+            if swap:
+                self._swap_in(tmp, final)
+            else:
+                os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -578,6 +610,25 @@ class CheckpointManager:
         self.prune(protect=(final,))
         self.clean_temp()
         return final
+
+    def _swap_in(self, new: Path, final: Path) -> None:
+        """Put the complete dir ``new`` at ``final`` (an intact checkpoint), then delete the old one."""
+        if _exchange(new, final):
+            old = new  # the exchange left the old checkpoint under the temp name
+        else:
+            old = self.dir / f"{_TRASH_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}"
+            os.rename(final, old)
+            os.rename(new, final)
+        _fsync_dir(self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def set_aside(self, path: Path, why: str) -> Path:
+        """Move a checkpoint out of the ``step-*`` namespace (kept for a human, never loaded or pruned)."""
+        stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
+        aside = path.with_name(f"{path.name}.{why}-{stamp}")
+        os.rename(path, aside)
+        _fsync_dir(self.dir)
+        return aside
 
     def _ensure_dir(self) -> None:
         if not self.dir.is_dir():

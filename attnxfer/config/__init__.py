@@ -1,6 +1,7 @@
 """The run configuration: a typed schema, YAML recipes and dotted overrides. Imports nothing of attnxfer."""
 
 from .schema import (
+    RANGES,
     RECIPES,
     AugConfig,
     CheckpointConfig,
@@ -11,20 +12,24 @@ from .schema import (
     LogConfig,
     ModelConfig,
     OptimConfig,
+    Range,
     ScheduleConfig,
     TeacherConfig,
     TrainConfig,
     TransferConfig,
     apply_overrides,
+    config_keys,
     dump_config,
     list_recipes,
     load_config,
     parse_overrides,
     resolve_recipe,
     to_dict,
+    validate_config,
 )
 
 __all__ = [
+    "RANGES",
     "RECIPES",
     "AugConfig",
     "CheckpointConfig",
@@ -35,15 +40,18 @@ __all__ = [
     "LogConfig",
     "ModelConfig",
     "OptimConfig",
+    "Range",
     "ScheduleConfig",
     "TeacherConfig",
     "TrainConfig",
     "TransferConfig",
     "apply_overrides",
+    "config_keys",
     "dump_config",
     "list_recipes",
     "load_config",
     "parse_overrides",
     "resolve_recipe",
     "to_dict",
+    "validate_config",
 ]

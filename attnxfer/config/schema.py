@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,7 @@ from typing import Any, Union
 import yaml
 
 __all__ = [
+    "RANGES",
     "AugConfig",
     "CheckpointConfig",
     "ConfigError",
@@ -27,17 +29,20 @@ __all__ = [
     "LogConfig",
     "ModelConfig",
     "OptimConfig",
+    "Range",
     "ScheduleConfig",
     "TeacherConfig",
     "TrainConfig",
     "TransferConfig",
     "apply_overrides",
+    "config_keys",
     "dump_config",
     "list_recipes",
     "load_config",
     "parse_overrides",
     "resolve_recipe",
     "to_dict",
+    "validate_config",
 ]
 
 
@@ -203,6 +208,164 @@ class TrainConfig:
         return apply_overrides(self, overrides)
 
 
+# -- value ranges: part of the schema, checked whenever a config is built -------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values one config key accepts beyond its type: bounds (for numbers and list items) or choices.
+
+    ``Range()`` says "any value of the field's type": every key is listed in `RANGES` on purpose, so a new
+    field needs a decision about its range (tests/test_config_validation.py checks that one is made).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded (> instead of >=)
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts) or "anything"
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, list):
+            return all(self.admits(v) for v in value)
+        if self.choices is not None:
+            return not isinstance(value, str) or value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+
+_ANY = Range()
+_POSITIVE = Range(0, low_open=True)
+_AT_LEAST_1 = Range(1)
+_NON_NEGATIVE = Range(0)
+_FRACTION = Range(0, 1)  # probabilities
+_OPEN_FRACTION = Range(0, 1, high_open=True)
+
+#: every config key and what it accepts; numbers out of range fail with the key named
+RANGES: dict[str, Range] = {
+    "run_dir": _ANY,
+    "seed": Range(0, 2**32 - 1),
+    "device": Range(choices=("auto", "cpu", "cuda")),
+    "precision": Range(choices=("auto", "fp32", "bf16", "fp16")),
+    "deterministic": _ANY,
+    "eval_only": _ANY,
+    "model.name": _ANY,
+    "model.num_classes": _AT_LEAST_1,
+    "model.drop_path_rate": _OPEN_FRACTION,
+    "model.mirror_teacher": _ANY,
+    "model.kwargs": _ANY,
+    "teacher.spec": _ANY,
+    "teacher.arch": _ANY,
+    "teacher.revision": _ANY,
+    "teacher.cache_dir": _ANY,
+    "teacher.dtype": Range(choices=("auto", "fp32", "bf16", "fp16")),
+    "transfer.mode": _ANY,  # a registry of attnxfer.transfer: checked by the plan, which knows the modes
+    "transfer.end_layer": _ANY,  # the paper's meaning: 0 = all, -k = all but the last k
+    "transfer.layers": _NON_NEGATIVE,
+    "transfer.atd_weight": _NON_NEGATIVE,
+    "transfer.share_drop_path": _ANY,
+    "transfer.logit_distill": _NON_NEGATIVE,
+    "transfer.logit_temperature": _POSITIVE,
+    "data.dataset": _ANY,  # a registry of attnxfer.data
+    "data.root": _ANY,
+    "data.img_size": _AT_LEAST_1,
+    "data.in_chans": _AT_LEAST_1,
+    "data.mean": _ANY,
+    "data.std": _POSITIVE,
+    "data.batch_size": _AT_LEAST_1,
+    "data.eval_batch_size": _AT_LEAST_1,
+    "data.num_workers": _NON_NEGATIVE,
+    "data.pin_memory": _ANY,
+    "data.synthetic_length": _AT_LEAST_1,
+    "data.kwargs": _ANY,
+    "aug.label_smoothing": _OPEN_FRACTION,
+    "aug.mixup": _NON_NEGATIVE,
+    "aug.cutmix": _NON_NEGATIVE,
+    "aug.mixup_prob": _FRACTION,
+    "aug.mixup_switch_prob": _FRACTION,
+    "aug.reprob": _FRACTION,
+    "aug.auto_augment": _ANY,
+    "optim.lr": _POSITIVE,
+    "optim.blr": _POSITIVE,
+    "optim.min_lr": _NON_NEGATIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.layer_decay": Range(0, 1, low_open=True),
+    "optim.beta1": _OPEN_FRACTION,
+    "optim.beta2": _OPEN_FRACTION,
+    "optim.eps": _POSITIVE,
+    "optim.clip_grad": _POSITIVE,
+    "optim.accum_steps": _AT_LEAST_1,
+    "schedule.epochs": _AT_LEAST_1,
+    "schedule.warmup_epochs": _NON_NEGATIVE,
+    "schedule.max_steps": _AT_LEAST_1,
+    "ema.decay": Range(0, 1, low_open=True, high_open=True),
+    "log.every_steps": _AT_LEAST_1,
+    "log.tensorboard": _ANY,
+    "log.progress": _ANY,
+    "checkpoint.every_steps": _AT_LEAST_1,
+    "checkpoint.every_minutes": _POSITIVE,
+    "checkpoint.every_epoch": _ANY,
+    "checkpoint.keep_last": _AT_LEAST_1,
+    "checkpoint.resume": _ANY,  # auto | none | a checkpoint dir (checked when the run resumes)
+    "convert.attention": _ANY,  # a registry of attnxfer.models.efficient
+    "convert.attention_kwargs": _ANY,
+    "convert.stage1_steps": _NON_NEGATIVE,  # 0 = skip stage 1
+    "convert.stage1_lr": _POSITIVE,
+    "convert.stage1_batch_size": _AT_LEAST_1,
+    "convert.stage1_warmup_steps": _NON_NEGATIVE,
+    "convert.stage1_weight_decay": _NON_NEGATIVE,
+    "convert.stage1_clip_grad": _POSITIVE,
+    "convert.stage1_train": Range(choices=("new", "qk", "new+qk")),
+    "convert.map_loss": Range(choices=("auto", "ce", "mse", "output")),
+    "convert.output_mse": _NON_NEGATIVE,
+    "convert.agreement_batches": _AT_LEAST_1,
+    "convert.speed_batch_size": _AT_LEAST_1,
+    "convert.speed_repeats": _AT_LEAST_1,
+}
+
+
+def config_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema, dotted (``optim.lr``, ...), in declaration order."""
+    cls = cls or TrainConfig
+    keys = []
+    for name, tp in _field_types(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys.extend(config_keys(tp, f"{prefix}{name}."))
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def validate_config(cfg: Any, prefix: str = "") -> Any:
+    """Check every value against `RANGES`; the first one out of range is a `ConfigError` naming its key."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            validate_config(value, key + ".")
+            continue
+        rule = RANGES.get(key, _ANY)
+        if not rule.admits(value):
+            raise ConfigError(f"{key}: must be {rule.describe()}; got {value!r}")
+    return cfg
+
+
 # -- (de)serialisation ---------------------------------------------------------------------
 
 
@@ -214,21 +377,23 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-#: Both spellings of a union: ``Optional[int]``/``Union[...]`` and PEP 604's ``int | None``.
-_UNIONS = (Union, types.UnionType)
-
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_union(tp: Any) -> bool:
+    """``Optional[int]`` and ``int | None`` alike (the latter is a ``types.UnionType``)."""
+    return typing.get_origin(tp) in (Union, types.UnionType)
 
 
 def _type_name(tp: Any) -> str:
     """How a user would say the type: 'a number or null', 'a list of integers'."""
-    if typing.get_origin(tp) in _UNIONS:
+    if _is_union(tp):
         args = typing.get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
-    if typing.get_origin(tp) is list:
+    if typing.get_origin(tp) in (list, list):
         return "a list"
-    if typing.get_origin(tp) is dict:
+    if typing.get_origin(tp) in (dict, dict):
         return "a mapping"
     return _FRIENDLY.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -236,7 +401,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
     origin = typing.get_origin(tp)
-    if origin in _UNIONS:
+    if _is_union(tp):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -364,7 +529,7 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
         )
         for key, value in overrides.items()
     }
-    return _merge(cfg, _nest(parsed))
+    return validate_config(_merge(cfg, _nest(parsed)))
 
 
 def _is_str_field(cls, dotted: str, cache) -> bool:
@@ -389,9 +554,17 @@ def list_recipes() -> list[str]:
 
 def resolve_recipe(path: str | Path) -> Path:
     """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``)."""
+    if not str(path).strip():
+        raise ConfigError(
+            "-c was given an empty name; pass a YAML file or a built-in recipe (e.g. -c demo/copy)"
+        )
     p = Path(path)
     if p.is_file():
         return p
+    if p.is_dir():
+        inside = p / "config.yaml"
+        hint = f"; a run's config is {inside}" if inside.is_file() else ""
+        raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
     for candidate in (RECIPES / p, RECIPES / p.with_suffix(".yaml")):
         if candidate.is_file():
             return candidate
@@ -402,18 +575,28 @@ def resolve_recipe(path: str | Path) -> Path:
     )
 
 
+def _read_yaml(p: Path) -> Any:
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not a text YAML file (binary content?)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+
+
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
 ) -> TrainConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides."""
+    """Defaults, then the YAML file, then ``key=value`` overrides; every value is range-checked."""
     cfg = base or TrainConfig()
     if path is not None:
         p = resolve_recipe(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        data = _read_yaml(p)
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
+            )
         cfg = _merge(cfg, data)
     if overrides:
         cfg = apply_overrides(cfg, parse_overrides(overrides))
-    return cfg
+    return validate_config(cfg)

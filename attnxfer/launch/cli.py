@@ -83,20 +83,35 @@ def _cmd_train(args) -> int:
 
 @register_command("eval")
 def _eval_parser(sub):
-    p = sub.add_parser("eval", help="evaluate a run's newest checkpoint on its validation set")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run's newest checkpoint on its validation set",
+        description="Score the run's newest checkpoint (or checkpoint.resume=PATH). Writes nothing into the "
+        "run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_eval)
 
 
 def _cmd_eval(args) -> int:
-    from ..apps.training import train
-    from ..config import apply_overrides
+    from ..apps.training import evaluate_run
 
-    cfg = apply_overrides(_load(args), {"eval_only": True})
-    result = train(cfg)
-    for k, v in result.final.items():
+    result = evaluate_run(_load(args))
+    for k, v in result.metrics.items():
         print(f"{k}: {v:.4f}")
+    print(f"step {result.step} ({result.checkpoint}) -> {result.path}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for step counts: 0 or less would silently mean 'the default'."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 @register_command("demo")
@@ -104,9 +119,11 @@ def _demo_parser(sub):
     p = sub.add_parser("demo", help="teacher, scratch, copy and distill on animal-mnist in ~10 minutes (CPU)")
     p.add_argument("--out", default="runs/demo", help="where runs, table and plot go (default runs/demo)")
     p.add_argument(
-        "--budget-steps", type=int, default=None, help="optimiser steps per student (equal budget)"
+        "--budget-steps", type=_positive_int, default=None, help="optimiser steps per student (equal budget)"
     )
-    p.add_argument("--teacher-steps", type=int, default=None, help="optimiser steps for the teacher")
+    p.add_argument(
+        "--teacher-steps", type=_positive_int, default=None, help="optimiser steps for the teacher"
+    )
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny budgets)")
     p.set_defaults(func=_cmd_demo)
 
@@ -169,6 +186,7 @@ def _submit_parser(sub):
     _add_config_args(p)
     p.add_argument(
         "--command",
+        dest="job_command",  # not `command`: that names the subcommand in error messages
         choices=sorted(SUBMITTABLE),
         default="train",
         help="what the job runs (default train); convert resumes a finished stage 1 and stage 2's "
@@ -185,10 +203,14 @@ SUBMITTABLE = {"train": "attnxfer.apps.training:train", "convert": "attnxfer.app
 def _cmd_submit(args) -> int:
     import importlib
 
-    from .slurm import submit_from_args
+    from .slurm import JobFailedError, submit_from_args
 
-    module, name = SUBMITTABLE[args.command].split(":")
-    submit_from_args(getattr(importlib.import_module(module), name), _load(args), args)
+    module, name = SUBMITTABLE[args.job_command].split(":")
+    try:
+        submit_from_args(getattr(importlib.import_module(module), name), _load(args), args)
+    except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
+        print(f"attnxfer submit: error: {e.summary()}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -292,6 +314,20 @@ def _user_errors() -> tuple:
     return tuple(errors) + (ValueError,)
 
 
+def _where_to_resume(args) -> str:
+    """What a re-run of an interrupted command continues from (checkpoints are only ever whole)."""
+    try:
+        from ..checkpoints.store import CheckpointManager
+
+        run_dir = _load(args).run_dir
+        info = CheckpointManager(run_dir).latest(verify_hash=False)
+    except Exception:
+        return "run the same command again to continue from the newest checkpoint, if one was saved"
+    if info is None:
+        return f"no checkpoint was saved yet in {run_dir}: running the same command again starts over"
+    return f"running the same command again continues from step {info.step} ({info.path})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
@@ -307,10 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(
-            "attnxfer: interrupted; the newest checkpoint is intact (resume with checkpoint.resume=auto)",
-            file=sys.stderr,
-        )
+        print(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", file=sys.stderr)
         return 130
     except Exception as e:
         if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, _user_errors()):

@@ -62,6 +62,7 @@ class RunConfig(Protocol):
 # options
 # ---------------------------------------------------------------------------------------------
 _TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
+_SBATCH_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
 _MEM_RE = re.compile(r"^\d+(?:[KMGT]B?)?$", re.IGNORECASE)
 
 
@@ -103,16 +104,32 @@ def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict
     return out
 
 
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets and braces: ``[0,1],[2,3]`` -> ``["[0,1]", "[2,3]"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
 def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
     """``["optim.lr=1e-3,1e-4", "seed=0,1"]`` to ``{"optim.lr": ["1e-3", "1e-4"], "seed": ["0", "1"]}``.
 
-    Values stay strings, exactly like plain ``key=value`` overrides: the config parses them.
+    Values stay strings, exactly like plain ``key=value`` overrides: the config parses them. Commas
+    inside brackets belong to the value, so list values sweep too: ``transfer.layers=[0,1],[2,3]``.
     """
     if not items:
         return None
     sweep: dict[str, list[str]] = {}
     for key, values in parse_key_values(items, what="--sweep").items():
-        vals = [v.strip() for v in values.split(",")]
+        vals = [v.strip() for v in _split_top_level(values)]
         if not vals or any(v == "" for v in vals):
             raise ValueError(
                 f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}"
@@ -172,6 +189,14 @@ class SlurmOptions:
         if self.cluster == "debug" and self.ntasks_per_node * self.nodes > 1:
             raise ValueError("cluster='debug' runs one task in this process: use nodes=1 and one task")
         self.extra = {str(k).replace("_", "-"): v for k, v in dict(self.extra).items()}
+        for key, value in self.extra.items():
+            if not _SBATCH_KEY_RE.match(key):
+                raise ValueError(
+                    f"--slurm {key!r}: not an sbatch option name (letters, digits and dashes, "
+                    "e.g. --slurm mail-type=END)"
+                )
+            if any(c in str(value) for c in "\n\r\0"):
+                raise ValueError(f"--slurm {key}: the value may not contain line breaks")
         clash = sorted(set(self.extra) & RESERVED_SBATCH_KEYS)
         if clash:
             raise ValueError(
@@ -541,6 +566,13 @@ class JobFailedError(RuntimeError):
     def __init__(self, message: str, job_id: str, rank: int | None = None, log_path: Path | None = None):
         super().__init__(message)
         self.job_id, self.rank, self.log_path = job_id, rank, log_path
+        self.reason = message.splitlines()[0]  # one line for a command line to print
+
+    def summary(self) -> str:
+        """One line: the job, the rank, its error message and where its log is."""
+        where = f" on rank {self.rank}" if self.rank is not None else ""
+        log = f" (log: {self.log_path})" if self.log_path else ""
+        return f"job {self.job_id} failed{where}: {self.reason}{log}"
 
 
 class JobTimeoutError(TimeoutError):
@@ -699,6 +731,30 @@ def wait(
         time.sleep(poll_s)
 
 
+def _last_error_line(traceback_text: str) -> str:
+    """``ValueError: what went wrong`` from a formatted traceback (its last non-blank line)."""
+    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float = 0.5) -> None:
+    """Cancel a job whose rank failed only if it does not end by itself.
+
+    srun's ``--kill-on-bad-exit`` takes a failed job's step down, and SLURM then records it as FAILED;
+    cancelling it first would record CANCELLED and hide the failure from ``sacct``. A job still running
+    after ``grace_s`` (ranks stuck in a collective) is cancelled, so no rank waits until its time limit.
+    """
+    if _is_slurm(job):
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            state = slurm_job_state(job.job_id)
+            if state is None or state.split("+")[0] not in SLURM_ACTIVE_STATES - {"COMPLETING"}:
+                return
+            time.sleep(poll_s)
+    with contextlib.suppress(Exception):
+        job.cancel(check=False)  # the other ranks would wait for this one forever
+
+
 def _is_slurm(job: submitit.Job) -> bool:
     return isinstance(job, submitit.SlurmJob)
 
@@ -725,8 +781,7 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
             return secondary, tasks[r].paths.result_pickle.stat().st_mtime
 
         rank = min(failed, key=cause_first)
-        with contextlib.suppress(Exception):
-            job.cancel(check=False)  # the other ranks would wait for this one forever
+        _stop_unless_ending(job)
         others = [r for r in failed if r != rank]
         also = f" (then ranks {others}, most likely as a consequence)" if others else ""
         batch_log = (
@@ -738,13 +793,15 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
                 f"{_tail(tasks[0].paths.stderr, 10)}"
             )
         )
-        raise JobFailedError(
+        error = JobFailedError(
             f"job {job.job_id} failed on rank {rank} of {job.num_tasks}{also}:\n{outcomes[rank][1]}\n"
             f"{_rank_logs(tasks[rank], log_lines)}{batch_log}",
             job.job_id,
             rank,
             tasks[rank].paths.stderr,
         )
+        error.reason = _last_error_line(str(outcomes[rank][1]))
+        raise error
     if all(o is not None for o in outcomes):
         return [o[1] for o in outcomes]
     return None

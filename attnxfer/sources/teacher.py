@@ -23,6 +23,7 @@ the commands that fetch it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -387,7 +388,8 @@ def _fetch_instructions(
         f"    attnxfer fetch {spec}{rev}\n"
         "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
         f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
-        "(or set HF_HOME=DIR when it is DIR/hub), or pass cache_dir=... (CLI: --cache-dir)."
+        "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "
+        "train/convert/submit, cache_dir=... in Python."
     )
 
 
@@ -495,6 +497,7 @@ class _Resolved:
     hf_revision: str | None = None
     hf_commit: str | None = None
     license: str | None = None
+    named: str | None = None  # the name the user trained it as, when config.json names a timm stand-in
     tag_known: bool = (
         True  # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
     )
@@ -543,6 +546,20 @@ def _resolve_timm(
     return res
 
 
+def _registered_as(config_json: str | Path) -> str | None:
+    """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in.
+
+    `attnxfer export` writes an architecture only attnxfer registers (``vit_micro_patch4_28``) as timm's
+    ``vit_base_patch16_224`` with explicit arguments, so plain timm loads it; the record keeps the real name.
+    """
+    try:
+        meta = json.loads(Path(config_json).read_text(encoding="utf-8")).get("attnxfer") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    named = (meta.get("student") or {}).get("registered_as") if isinstance(meta, dict) else None
+    return named if isinstance(named, str) and named else None
+
+
 def _parse_timm_config(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """timm's own reading of a Hub-layout config.json: (pretrained_cfg, architecture, model_args)."""
     from timm.models._hub import load_model_config_from_path
@@ -567,6 +584,7 @@ def _resolve_hub(
         hf_commit=_snapshot_commit(cfg_path),
         files=[cfg_path],
         license=cfg.get("license") or _readme_license(readme),
+        named=_registered_as(cfg_path),
     )
     if pretrained:
         res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
@@ -591,6 +609,7 @@ def _resolve_local_dir(
         model_args=model_args,
         files=[str(folder / "config.json")],
         license=cfg.get("license") or _readme_license(str(folder / "README.md")),
+        named=_registered_as(folder / "config.json"),
     )
     if pretrained:
         found = [folder / n for n in _HUB_WEIGHT_FILES if (folder / n).is_file()]
@@ -757,7 +776,7 @@ def load_teacher(
     _logger.info(
         "teacher %s: %s from %s%s, %d classes, input %s, mean %s std %s",
         spec,
-        res.architecture,
+        record.architecture,
         res.source,
         f" ({res.hf_repo}@{res.hf_commit})" if res.hf_repo else "",
         record.num_classes,
@@ -918,7 +937,8 @@ def _record(
     model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_model_args"}
     return TeacherRecord(
         spec=spec,
-        architecture=res.architecture + (f".{cfg['tag']}" if cfg.get("tag") and res.tag_known else ""),
+        architecture=res.named
+        or res.architecture + (f".{cfg['tag']}" if cfg.get("tag") and res.tag_known else ""),
         source=res.source,
         hf_repo=res.hf_repo,
         hf_revision=res.hf_revision,

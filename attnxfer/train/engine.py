@@ -9,6 +9,7 @@ cosine), checkpoints (atomic safetensors + JSON) and the teacher (a frozen guest
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
+    STATE_NAME,
+    CheckpointError,
     CheckpointManager,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
@@ -244,18 +247,47 @@ class Engine:
                 "rank_checksums": checksums,
                 **self.record,
             }
-            info = self.ckpt.save(self.step, tensors, state, metric=metric)
+            info = self.ckpt.save(self.step, tensors, state, metric=metric, replace=self._make_room(checksum))
             self.last_ckpt = str(info)
         barrier()
         self._last_save_time = time.monotonic()
 
+    def _make_room(self, checksum: str) -> bool:
+        """Whether this step's save replaces an intact checkpoint of the same step (never a crash).
+
+        Same weights (a periodic save that an epoch save follows, a finished run extended): the new one,
+        with the newer metric and best, takes its place atomically. Other weights (a run resumed from an
+        older checkpoint with a changed lr): the old one is set aside, not deleted, and reported.
+        """
+        existing = self.ckpt.path_for(self.step)
+        if not existing.is_dir():
+            return False
+        try:
+            verify_checkpoint(existing)
+            old_state = json.loads((existing / STATE_NAME).read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError):
+            return False  # broken: the store moves it aside and writes a fresh one
+        if old_state.get("rank_checksums", [None])[0] == checksum:
+            return True
+        aside = self.ckpt.set_aside(existing, "replaced")
+        _log.warning("a different checkpoint for step %d existed; kept it as %s", self.step, aside)
+        return False
+
+    def no_checkpoint_message(self) -> str:
+        return (
+            f"{self.run_dir} has no intact checkpoint in {self.ckpt.dir}; nothing to evaluate "
+            "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
+        )
+
     def resume(self) -> None:
         mode = self.settings.checkpoint.resume
         if mode == "none":
+            self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
             return
         if mode == "auto":
             info = self.ckpt.latest()
             if info is None:
+                self.metrics.truncate_after(0)
                 return
         else:
             if not Path(mode).exists():
@@ -265,7 +297,14 @@ class Engine:
                 )
             info = verify_checkpoint(mode)
         tensors, state = self.ckpt.load(info)
-        self.dual.student.load_state_dict(tensors["model"])
+        try:
+            self.dual.student.load_state_dict(tensors["model"])
+        except RuntimeError as e:
+            detail = str(e).strip().splitlines()
+            raise CheckpointError(
+                f"{info} does not fit this run's student ({detail[-1].strip() if detail else e}); "
+                "resume it with the config it was trained with, or start a new run elsewhere (run_dir=...)"
+            ) from None
         if self.ema is not None and "ema" in tensors:
             self.ema.load_state_dict(tensors["ema"])
         self.optimizer.load_state_dict(
@@ -284,6 +323,7 @@ class Engine:
             )
         self.last_ckpt = str(info)
         if self.is_main:
+            self.metrics.truncate_after(self.step)
             print(
                 f"resumed from {info} (step {self.step}, epoch {self.epoch}, position {self.position})",
                 flush=True,
@@ -336,14 +376,23 @@ class Engine:
             )
         return res
 
+    def evaluate_checkpoint(self) -> dict[str, float]:
+        """Load the checkpoint to evaluate (newest, or ``checkpoint.resume=PATH``) and score it; writes nothing."""
+        mode = self.settings.checkpoint.resume
+        if mode == "none" or (mode == "auto" and self.ckpt.latest() is None):
+            raise CheckpointError(self.no_checkpoint_message())
+        self.metrics.enabled = False  # resume must not touch the run's metrics
+        self.resume()
+        return self._evaluate_all()
+
     def run(self) -> TrainResult:
         s, acc = self.settings, self.accelerator
         start = time.monotonic()
         self._last_save_time = start
-        self.resume()
         if s.eval_only:
-            final = self._evaluate_all()
+            final = self.evaluate_checkpoint()
             return TrainResult(str(self.run_dir), self.step, self.epoch, self.best_top1, final)
+        self.resume()
         self.model.train()
         sampler, loader = self.train_sampler, self.train_loader
         final: dict[str, float] = {}
@@ -362,7 +411,9 @@ class Engine:
                     dynamic_ncols=True,
                 )
             window: dict[str, list[float]] = {}
+            batches_left = len(loader)
             for x, y in loader:
+                batches_left -= 1
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
                 upcoming = self.step + 1
@@ -386,8 +437,11 @@ class Engine:
                         progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
                     window = {}
                 if self.step >= self.total_steps:
+                    if batches_left == 0:  # the last step is also the epoch's last: a resume starts the next
+                        self.epoch, self.position = self.epoch + 1, 0
                     break
-                if self._should_checkpoint_now():
+                # the epoch's last step is saved by the epoch save below (one save per step)
+                if self._should_checkpoint_now() and not (batches_left == 0 and s.checkpoint.every_epoch):
                     self.save()
             else:  # the loader ran dry: the epoch is complete
                 self.epoch += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,19 +14,51 @@ __all__ = ["MetricsLogger", "read_metrics"]
 
 
 class MetricsLogger:
-    """Appends ``{"split", "step", "epoch", "time", ...metrics}`` records; rank 0 only."""
+    """Appends ``{"split", "step", "epoch", "time", ...metrics}`` records; rank 0 only.
+
+    Nothing is created until the first record (an evaluation or a failed start leaves no files). After a
+    resume, `truncate_after` drops the records of steps that will be redone, so every step appears once.
+    """
 
     def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.tensorboard = tensorboard
         self._tb = None
-        if enabled and tensorboard:
+        self._purge_step: int | None = None
+
+    def _writer(self):
+        if self._tb is None and self.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
             except ImportError:  # tensorboard is optional at run time
-                self._tb = None
+                self.tensorboard = False
+                return None
+            # purge_step: TensorBoard drops the events of redone steps too
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=self._purge_step)
+        return self._tb
+
+    def truncate_after(self, step: int) -> None:
+        """Forget records of steps after ``step`` (they are about to be trained again)."""
+        if not self.enabled:
+            return
+        self._purge_step = step + 1
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn last line from a killed run
+            if int(rec.get("step", 0)) <= step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, self.path)
 
     def log(self, split: str, step: int, metrics: Mapping[str, float], epoch: float | None = None) -> None:
         if not self.enabled:
@@ -33,11 +66,13 @@ class MetricsLogger:
         record: dict[str, Any] = {"split": split, "step": int(step), "time": round(time.time(), 3)}
         if epoch is not None:
             record["epoch"] = round(float(epoch), 4)
+        tb = self._writer()
         for k, v in metrics.items():
             v = float(v)
             record[k] = v if math.isfinite(v) else str(v)
-            if self._tb is not None and math.isfinite(v):
-                self._tb.add_scalar(f"{split}/{k}", v, step)
+            if tb is not None and math.isfinite(v):
+                tb.add_scalar(f"{split}/{k}", v, step)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -25,7 +25,7 @@ _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 def resolve_device(device: str) -> torch.device:
     """``auto`` is CUDA when one is visible, else CPU; ``cuda`` without a GPU is a clear error."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
+        raise ValueError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

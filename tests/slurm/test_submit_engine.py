@@ -192,3 +192,39 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path):
     rank0 = next(text for name, text in logs.items() if name.endswith("_0_log.out"))
     rank1 = next(text for name, text in logs.items() if name.endswith("_1_log.out"))
     assert "stage 1 step 4/4" in rank0 and "stage 1 step" not in rank1  # one rank logs
+
+
+def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(slurm, tmp_path):
+    """Issue 12 item 7: no 94-line traceback, and sacct/scontrol say FAILED, not CANCELLED."""
+    run = tmp_path / "job"
+    missing = tmp_path / "no-such-dataset"
+    res = _attnxfer(
+        "submit",
+        f"run_dir={run}",
+        *TINY,
+        "data.dataset=folder",
+        f"data.root={missing}",
+        "model.num_classes=10",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+        timeout=200,
+    )
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("attnxfer submit: error: job ") and " failed on rank " in line, line
+    assert str(missing) in line  # the rank's own message
+    log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
+    assert log.is_file() and str(missing) in log.read_text()
+    job_id = line.split("job ", 1)[1].split()[0]
+    deadline = time.monotonic() + 60
+    while (state := (slurm_job_info(job_id) or {}).get("JobState")) in ("RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert state == "FAILED", state

@@ -1,0 +1,119 @@
+"""What a resumed run may change: the new config is compared with the one its checkpoint recorded.
+
+A run continues only as the run it is. How it is optimised, how long, how it logs and saves, and where
+it runs may change between attempts (the changes are printed); what the checkpoint's weights, optimiser
+state and data position mean (model, teacher, transfer plan, data, batch) may not: that stops before
+anything is written, naming the keys, and says how to start a new run instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager, verify_checkpoint
+from ..config import ConfigError, TrainConfig, config_keys, to_dict
+
+__all__ = ["RESUMABLE_KEYS", "check_resume", "config_changes", "resume_source"]
+
+#: dotted keys (or ``section.`` prefixes) that may differ from the recorded config when a run resumes
+RESUMABLE_KEYS: tuple[str, ...] = (
+    "run_dir",  # a checkpoint of another run given as checkpoint.resume=PATH
+    "device",
+    "deterministic",
+    "eval_only",
+    "teacher.cache_dir",
+    "data.root",  # the same dataset at another path (a node-local copy)
+    "data.num_workers",
+    "data.pin_memory",
+    "data.eval_batch_size",
+    "optim.lr",
+    "optim.blr",
+    "optim.min_lr",
+    "optim.weight_decay",
+    "optim.beta1",
+    "optim.beta2",
+    "optim.eps",
+    "optim.clip_grad",
+    "schedule.",
+    "log.",
+    "checkpoint.",
+    "convert.agreement_batches",
+    "convert.speed_batch_size",
+    "convert.speed_repeats",
+)
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+
+
+def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def config_changes(recorded: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """``(allowed, refused)`` differences between a recorded config dict and ``cfg``, as readable lines."""
+    new = to_dict(cfg)
+    allowed, refused = [], []
+    for key in config_keys():
+        known, old_value = _leaf(recorded, key)
+        if not known:
+            continue  # recorded by an older attnxfer without this key
+        _, new_value = _leaf(new, key)
+        if old_value == new_value:
+            continue
+        line = f"{key} ({old_value!r} -> {new_value!r})"
+        (allowed if _may_change(key) else refused).append(line)
+    return allowed, refused
+
+
+def resume_source(cfg: TrainConfig) -> Path | None:
+    """The checkpoint dir ``cfg`` would resume from (cheap checks, no hashing), or None."""
+    mode = cfg.checkpoint.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        info = CheckpointManager(cfg.run_dir).latest(verify_hash=False)
+        return None if info is None else info.path
+    if not Path(mode).exists():
+        raise FileNotFoundError(
+            f"checkpoint.resume={mode!r} does not exist; use auto, none, or a "
+            "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
+        )
+    return verify_checkpoint(mode, verify_hash=False).path
+
+
+def check_resume(cfg: TrainConfig, log=print) -> Path | None:
+    """Refuse a resume whose config changes what the checkpoint means; log the changes it may make.
+
+    Returns the checkpoint it checked against (None: the run starts fresh). Writes nothing.
+    """
+    source = resume_source(cfg)
+    if source is None:
+        return None
+    try:
+        state = json.loads((source / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the recorded state of {source}: {e}") from e
+    recorded = state.get("config")
+    if not isinstance(recorded, dict):
+        return source  # a checkpoint written without its config: nothing to compare with
+    allowed, refused = config_changes(recorded, cfg)
+    if refused:
+        run = Path(cfg.run_dir)
+        raise ConfigError(
+            f"{run} already holds a run (checkpoint {source.name}) trained with different values for: "
+            f"{'; '.join(refused)}. These cannot change when a run resumes; nothing was written. To train "
+            "with the new values, start a new run elsewhere (run_dir=...); to continue this run, drop them "
+            f"(its config: {run / 'config.yaml'})"
+        )
+    if allowed:
+        log(f"resume: changed since {source.name}: {', '.join(allowed)}")
+    return source

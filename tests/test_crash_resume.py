@@ -1,0 +1,104 @@
+"""SIGKILL at random points of a save-heavy run: the next run always continues and ends bit-identical.
+
+Every step is checkpointed (and every epoch evaluated and checkpointed), so most random instants fall
+inside a save: while tensors are written, before or after MANIFEST.json, around the rename, while
+pruning. Each trial forks a child that runs ``attnxfer train`` in-process (the CLI's own `main`, no
+interpreter start-up), kills it with SIGKILL at a random instant, then runs the same command to the end
+and compares its final checkpoint with an uninterrupted run's, tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnxfer.launch import cli
+
+TRIALS = 8
+
+ARGS = [
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.synthetic_length=32",  # 4 steps an epoch
+    "transfer.mode=none",
+    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "deterministic=true",
+    "schedule.max_steps=6",
+    "checkpoint.every_steps=1",
+    "checkpoint.keep_last=2",
+]
+
+
+def _child(run_dir: str, log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
+    torch.set_num_threads(1)
+    code = 1
+    try:
+        code = cli.main(["train", f"run_dir={run_dir}", *ARGS])
+    finally:
+        os._exit(code)
+
+
+def _start(run_dir: Path, log: Path) -> multiprocessing.Process:
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(str(run_dir), str(log)))
+    proc.start()
+    return proc
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / "step-00000006" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_points_across_saves_then_resume_is_bit_identical(tmp_path):
+    ref_dir = tmp_path / "ref"
+    t0 = time.monotonic()
+    ref = _start(ref_dir, tmp_path / "ref.log")
+    ref.join(120)
+    run_seconds = time.monotonic() - t0
+    assert ref.exitcode == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    expected = _final(ref_dir)
+
+    rng = random.Random(12)
+    resumed_from_a_checkpoint = 0
+    for trial in range(TRIALS):
+        run_dir, log = tmp_path / f"t{trial}", tmp_path / f"t{trial}.log"
+        delay = rng.uniform(0.1, run_seconds)
+        victim = _start(run_dir, log)
+        victim.join(delay)
+        if victim.is_alive():
+            os.kill(victim.pid, signal.SIGKILL)
+        victim.join()
+        survivor = _start(run_dir, log)
+        survivor.join(120)
+        where = f"trial {trial} (killed after {delay:.2f}s of {run_seconds:.2f}s)"
+        assert survivor.exitcode == 0, f"{where}: {log.read_text()[-3000:]}"
+        resumed_from_a_checkpoint += "resumed from checkpoint step" in log.read_text()
+        got = _final(run_dir)
+        assert got.keys() == expected.keys()
+        for k in expected:
+            assert torch.equal(got[k], expected[k]), f"{where}: {k} differs"
+        # every step is recorded once, whatever was redone
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        counts = Counter((r["split"], r["step"]) for r in records)
+        assert max(counts.values()) == 1, f"{where}: duplicated records {counts}"
+        assert sorted(s for split, s in counts if split == "train") == list(range(1, 7)), where
+    # the random instants really interrupted runs that had saved something
+    assert resumed_from_a_checkpoint >= TRIALS // 3

@@ -1,0 +1,231 @@
+"""Issue 12, reproduced through the CLI: runs that never get stuck on their own checkpoints, a read-only
+`eval`, a resume that checks what it resumes, and messages that name the real problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnxfer.launch import cli
+from attnxfer.launch.slurm import SlurmOptions, parse_sweep
+
+# 4 steps an epoch on synthetic data, a 1-block model: about a second a run
+S = [
+    "data.dataset=synthetic",
+    "data.batch_size=16",
+    "data.synthetic_length=64",
+    "transfer.mode=none",
+    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "deterministic=true",
+]
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _steps(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+
+
+def _one_record_per_step(run: Path) -> None:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    counts = Counter((r["split"], r["step"]) for r in records)
+    assert max(counts.values()) == 1, counts
+
+
+def test_periodic_save_on_an_epoch_end_and_extending_a_finished_run(tmp_path, capsys):
+    run = tmp_path / "every2"
+    args = ["train", *S, "checkpoint.every_steps=2", f"run_dir={run}"]
+    code, _, err = _run(capsys, *args, "schedule.max_steps=6")
+    assert code == 0, err  # step 4 is both a periodic save and the epoch's save
+    code, _, err = _run(capsys, *args, "schedule.max_steps=6")  # re-running a finished run
+    assert code == 0, err
+    code, out, err = _run(capsys, *args, "schedule.max_steps=10")  # extending it
+    assert code == 0, err
+    assert "resumed from checkpoint step 6" in out and "schedule.max_steps (6 -> 10)" in out
+    assert _steps(run)[-1] == "step-00000010"
+    _one_record_per_step(run)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("rel") / "run"
+    assert cli.main(["train", *S, "schedule.max_steps=4", f"run_dir={run}"]) == 0
+    return run
+
+
+def test_eval_writes_only_its_result_file(trained, capsys):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    code, _, err = _run(capsys, "eval", "-c", str(trained / "config.yaml"), "log.every_steps=3")
+    assert code == 0, err
+    result = json.loads((trained / "eval-00000004.json").read_text())
+    assert result["step"] == 4 and "val_top1" in result["metrics"]
+    after = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    assert after.pop("eval-00000004.json")
+    assert after == before  # config.yaml, run.json, metrics.jsonl untouched
+    assert (
+        "eval_only" not in (trained / "config.yaml").read_text()
+        or "eval_only: false" in (trained / "config.yaml").read_text()
+    )
+
+
+def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
+    code, _, err = _run(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
+    assert code == 2 and "no checkpoint to evaluate" in err and "Traceback" not in err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "change,keys",
+    [
+        (["transfer.mode=copy", "teacher.spec=vit_micro_patch4_28"], ["transfer.mode", "teacher.spec"]),
+        (["model.kwargs={depth: 2, embed_dim: 24, num_heads: 2}"], ["model.kwargs"]),
+        (["data.batch_size=8"], ["data.batch_size"]),
+    ],
+)
+def test_resume_refuses_a_config_that_changes_what_the_checkpoint_means(trained, capsys, change, keys):
+    before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
+    code, _, err = _run(capsys, "train", *S, "schedule.max_steps=6", f"run_dir={trained}", *change)
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()
+    assert len(line) == 1 and all(k in line[0] for k in keys) and "run_dir=" in line[0]
+    assert {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()} == before
+    assert _steps(trained) == ["step-00000004"]
+
+
+def test_a_run_trained_after_eval_trains(trained, capsys):
+    code, _, err = _run(capsys, "train", "-c", str(trained / "config.yaml"), "schedule.max_steps=5")
+    assert code == 0, err
+    assert "step-00000005" in _steps(trained)
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["train", "-c", ""], "-c was given an empty name"),
+        (["train", "-c", "{tmp}"], "is a directory"),
+        (["train", "-c", "{tmp}/binary"], "not a text YAML file"),
+        (["train", *S, "run_dir={tmp}/afile"], "is a file, not a directory"),
+        (["export", "{tmp}/missing", "{tmp}/out"], "does not exist"),
+        (["train", *S, "data.dataset=folder", "run_dir={tmp}/r"], "set data.root"),
+        (["train", *S, "device=cuda", "run_dir={tmp}/r"], "no CUDA device"),
+        (["submit", *S, "--slurm", "foo bar=x; rm -rf /", "--cluster", "local"], "not an sbatch option"),
+        (["submit", *S, "schedule.epochs=0"], "attnxfer submit: error: schedule.epochs"),
+    ],
+)
+def test_bad_input_names_the_real_problem(tmp_path, capsys, monkeypatch, argv, needle):
+    if torch.cuda.is_available() and "device=cuda" in argv:
+        pytest.skip("a GPU is visible")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "binary").write_bytes(bytes(range(256)))
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "binary"]  # nothing left behind
+
+
+def test_demo_budget_of_zero_steps_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--budget-steps", "0"])
+    assert e.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+def test_sweeps_over_list_values_and_safe_slurm_keys():
+    assert parse_sweep(["transfer.layers=[0,1],[2,3]", "optim.lr=1e-3,1e-4"]) == {
+        "transfer.layers": ["[0,1]", "[2,3]"],
+        "optim.lr": ["1e-3", "1e-4"],
+    }
+    with pytest.raises(ValueError, match="line breaks"):
+        SlurmOptions(extra={"comment": "a\n#SBATCH --x"})
+    assert SlurmOptions(extra={"mail_type": "END"}).extra == {"mail-type": "END"}
+
+
+def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tmp_path, capsys):
+    code, _, err = _run(capsys, "export", str(trained), str(tmp_path / "exported"))
+    assert code == 0, err
+    assert (
+        json.loads((tmp_path / "exported/config.json").read_text())["architecture"] != "vit_micro_patch4_28"
+    )
+    run = tmp_path / "copy"
+    code, _, err = _run(
+        capsys,
+        "train",
+        *S[:3],
+        *S[5:],
+        "transfer.mode=copy",
+        f"teacher.spec=local-dir:{tmp_path / 'exported'}",
+        "schedule.max_steps=1",
+        f"run_dir={run}",
+    )
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["teacher"]["architecture"] == "vit_micro_patch4_28"
+
+
+def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
+    run = tmp_path / "r"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "attnxfer",
+            "train",
+            *S,
+            "schedule.epochs=1000",
+            "checkpoint.every_epoch=false",
+            f"run_dir={run}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists():  # training has started
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "no checkpoint was saved yet" in err and "Traceback" not in err, err
+
+
+def test_saves_over_existing_steps_replace_same_weights_and_keep_other_weights(tmp_path, capsys):
+    run = tmp_path / "r"
+    args = ["train", *S, "schedule.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=5"]
+    assert _run(capsys, *args, f"run_dir={run}")[0] == 0
+    first = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
+    step1 = str(run / "checkpoints/step-00000001")
+    # the same history again from step 1: same weights, each save replaces its twin
+    code, _, err = _run(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}")
+    assert code == 0, err
+    assert _steps(run) == ["step-00000001", "step-00000002", "step-00000003"]
+    again = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    # another history from step 1 (a changed lr): the old checkpoints are set aside, not lost
+    code, _, err = _run(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}", "optim.lr=0.01")
+    assert code == 0, err
+    aside = sorted(p.name.split(".")[0] for p in (run / "checkpoints").glob("step-*.replaced-*"))
+    assert aside == ["step-00000002", "step-00000003"]
+    [old3] = (run / "checkpoints").glob("step-00000003.replaced-*")
+    kept = load_file(str(old3 / "model.safetensors"))
+    assert all(torch.equal(first[k], kept[k]) for k in first)
+    new = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
+    assert not all(torch.equal(first[k], new[k]) for k in first)
