@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from attnxfer.transfer.losses import (
+    CE_PATHS,
     attention_ce_reference,
     attention_distillation_loss,
+    ce_path_for,
     row_logsumexp,
     teacher_entropy,
 )
@@ -22,12 +24,16 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+PATHS = pytest.mark.parametrize("path", CE_PATHS)
+
+
+@PATHS
 @pytest.mark.parametrize("N,chunk", [(64, 16), (50, 16), (50, 7), (17, 64)])
-@pytest.mark.parametrize("heads_t,heads_s", [(4, 4), (8, 4)])
-def test_fast_loss_equals_oracle_fp32(N, chunk, heads_t, heads_s):
-    q_t, k_t = _qk(2, heads_t, N, 8, seed=1, scale=1.5)
+@pytest.mark.parametrize("heads_t,heads_s,d_t", [(4, 4, 8), (8, 4, 8), (8, 4, 12)])
+def test_fast_loss_equals_oracle_fp32(N, chunk, heads_t, heads_s, d_t, path):
+    q_t, k_t = _qk(2, heads_t, N, d_t, seed=1, scale=1.5)
     q_s, k_s = _qk(2, heads_s, N, 8, seed=2, grad=True)
-    fast = attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=chunk)
+    fast = attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=chunk, path=path)
     g_fast = torch.autograd.grad(fast.ce, [q_s, k_s])
     ref = attention_ce_reference(q_t, k_t, q_s, k_s)
     g_ref = torch.autograd.grad(ref.ce, [q_s, k_s])
@@ -38,13 +44,14 @@ def test_fast_loss_equals_oracle_fp32(N, chunk, heads_t, heads_s):
         assert _rel(a, b) <= 1e-5
 
 
-def test_fast_loss_under_bf16_autocast_is_fp32():
+@PATHS
+def test_fast_loss_under_bf16_autocast_is_fp32(path):
     q_t, k_t = _qk(2, 3, 50, 16, seed=3)
     q_s, k_s = _qk(2, 3, 50, 16, seed=4)
     q_t, k_t = q_t.bfloat16(), k_t.bfloat16()
     q_s, k_s = q_s.bfloat16().requires_grad_(), k_s.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=16)
+        fast = attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=16, path=path)
         g_fast = torch.autograd.grad(fast.ce, [q_s, k_s])
     assert fast.ce.dtype == torch.float32
     ref = attention_ce_reference(q_t.float(), k_t.float(), q_s.float(), k_s.float())
@@ -57,9 +64,12 @@ def test_fast_loss_under_bf16_autocast_is_fp32():
         torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-8)
 
 
-def test_kl_zero_and_ce_is_entropy_when_student_is_teacher():
+@PATHS
+def test_kl_zero_and_ce_is_entropy_when_student_is_teacher(path):
     q, k = _qk(2, 4, 33, 8, seed=5, scale=2.0)
-    res = attention_distillation_loss(q, k, q.clone().requires_grad_(), k.clone().requires_grad_(), chunk=8)
+    res = attention_distillation_loss(
+        q, k, q.clone().requires_grad_(), k.clone().requires_grad_(), chunk=8, path=path
+    )
     p = torch.softmax(q @ k.transpose(-2, -1) * 8**-0.5, -1)
     entropy = -(p * p.log()).sum(-1).mean()
     assert abs(res.kl.item()) < 1e-5
@@ -85,10 +95,40 @@ def test_row_logsumexp_matches_autograd_of_explicit():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_teacher_gets_no_gradient_and_shapes_are_checked():
+def test_rows_path_equals_the_oracle_in_float64():
+    """The fused row path in float64 end to end (the compute dtype keeps it): values and gradients to
+    1e-10 with grouped heads, the teacher's head dim unlike the student's and a ragged last chunk; plus
+    autograd's gradcheck of its hand-written backward. (The ``sdpa`` path is exact only to fp32: torch's
+    CPU SDPA kernel loses ~1e-6 relative in float64.)"""
+    path = "rows"
+    q_t, k_t = _qk(2, 6, 23, 5, seed=11, scale=2.0)
+    q_s, k_s = _qk(2, 3, 23, 4, seed=12)
+    q_t, k_t = q_t.double(), k_t.double()
+    q_s, k_s = q_s.double().requires_grad_(), k_s.double().requires_grad_()
+    fast = attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=6, path=path)
+    ref = attention_ce_reference(q_t, k_t, q_s, k_s)
+    assert fast.ce.dtype == torch.float64
+    torch.testing.assert_close(fast.ce, ref.ce, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fast.ce, [q_s, k_s]), torch.autograd.grad(ref.ce, [q_s, k_s])):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the hand-written backward against finite differences, on a small problem
+    qt, kt = q_t[:1, :2, :9], k_t[:1, :2, :9]
+    qs, ks = q_s[:1, :1, :9].detach().requires_grad_(), k_s[:1, :1, :9].detach().requires_grad_()
+    fn = lambda a, b: attention_distillation_loss(qt, kt, a, b, chunk=4, path=path, with_kl=False).ce
+    assert torch.autograd.gradcheck(fn, (qs, ks))
+
+
+def test_cpu_uses_the_rows_path_and_unknown_paths_are_refused():
+    assert ce_path_for("cpu") == "rows" and ce_path_for("cuda") == "sdpa"
+    with pytest.raises(ValueError, match="unknown CE path"):
+        attention_distillation_loss(*_qk(1, 2, 10, 4, 1), *_qk(1, 2, 10, 4, 2), path="flash")
+
+
+@PATHS
+def test_teacher_gets_no_gradient_and_shapes_are_checked(path):
     q_t, k_t = _qk(1, 2, 10, 4, seed=8, grad=True)
     q_s, k_s = _qk(1, 2, 10, 4, seed=9, grad=True)
-    attention_distillation_loss(q_t, k_t, q_s, k_s).ce.backward()
+    attention_distillation_loss(q_t, k_t, q_s, k_s, path=path).ce.backward()
     assert q_t.grad is None and k_t.grad is None
     with pytest.raises(ValueError, match="token counts differ"):
         attention_distillation_loss(q_t, k_t, q_s[..., :9, :], k_s[..., :9, :])

@@ -40,18 +40,26 @@ def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(compute_dtype(t)) for t in tensors)
 
 
-def row_chunk(q: torch.Tensor, n_keys: int, chunk: int | None = None, *, live_tensors: int = 1) -> int:
+def row_chunk(
+    q: torch.Tensor,
+    n_keys: int,
+    chunk: int | None = None,
+    *,
+    live_tensors: int = 1,
+    budget: int = ROW_CHUNK_ELEMENTS,
+) -> int:
     """Query rows per chunk for rows of ``q``'s (B, H, N, ·) against ``n_keys`` keys.
 
     ``chunk`` (an explicit choice, >= 1) wins; otherwise as many rows as keep each of ``live_tensors``
-    (B, H, rows, n_keys) tensors within `ROW_CHUNK_ELEMENTS`, at least one row, at most all of them.
+    (B, H, rows, n_keys) tensors within ``budget`` elements (default `ROW_CHUNK_ELEMENTS`), at least one
+    row, at most all of them.
     """
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         return int(chunk)
     per_row = max(1, q.shape[0] * q.shape[1] * n_keys * max(1, live_tensors))
-    return max(1, min(q.shape[-2], ROW_CHUNK_ELEMENTS // per_row))
+    return max(1, min(q.shape[-2], budget // per_row))
 
 
 def row_slices(start: int, stop: int, step: int) -> Iterator[slice]:
