@@ -23,7 +23,7 @@ from attnxfer.checkpoints.store import CheckpointManager
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.student import student_like, student_spec
-from attnxfer.sources.student import load_student
+from attnxfer.sources.exported_student import load_student
 from attnxfer.sources.teacher import TeacherRecord
 
 ROOT = Path(__file__).resolve().parents[1]

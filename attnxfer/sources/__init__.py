@@ -1,7 +1,7 @@
 """Where weights come from: timm names, ``hf-hub:`` ids, ``local-dir:`` folders and weight files,
 for teachers (`load_teacher`) and exported students (`load_student`) alike."""
 
-from .student import load_student
+from .exported_student import load_student
 from .teacher import (
     TeacherLoadError,
     TeacherNotAvailable,

@@ -15,23 +15,15 @@ resampling, layout conversions) and the load is strict: a missing encoder weight
 never a random one. The returned `TeacherRecord` makes a run traceable (where the weights came
 from, their hash, their licence, the preprocessing they expect).
 
-Nothing here waits on a network that is not there: with ``HF_HUB_OFFLINE=1`` or an unreachable
-Hub, only the local cache is consulted, and a missing teacher raises `TeacherNotAvailable` with
-the commands that fetch it.
+Where the weights live is `resolve.py`'s job (shared with `load_student`): nothing there waits on a
+network that is not there, and a missing teacher raises `TeacherNotAvailable` with the commands that
+fetch it. This module builds the model and the record.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import pickle
 import re
-import ssl
-import threading
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -42,6 +34,24 @@ import torch.nn as nn
 
 from ..models.attention import make_transfer_aware
 from ..models.vit import create_vit
+from .resolve import (
+    Resolved,
+    TeacherLoadError,
+    TeacherNotAvailable,
+    TeacherSpec,
+    UnsafeCheckpointError,
+    fetch_instructions,
+    hub_cache_dir,
+    hub_reachable,
+    offline_reason,
+    parse_teacher_spec,
+    read_state_dict,
+    registry_cfg,
+    resolve,
+    sha256_file,
+)
+
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "DROP_RULES",
@@ -59,32 +69,9 @@ __all__ = [
     "read_state_dict",
 ]
 
-_logger = logging.getLogger(__name__)
 
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
-# Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
-_HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-# Containers a training script wraps its state dict in; EMA first, as timm prefers it.
-_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
 # pretrained_cfg entries that say where weights live; a teacher's weights arrive as a state dict.
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
-
-
-class TeacherNotAvailable(RuntimeError):
-    """The teacher's weights are neither on this machine nor reachable; the message says how to get them."""
-
-
-class TeacherLoadError(ValueError):
-    """The weights do not fit the architecture (missing/unexpected/mis-shaped keys, wrong head)."""
-
-    def __init__(self, message: str, missing_keys: Sequence[str] = (), unexpected_keys: Sequence[str] = ()):
-        super().__init__(message)
-        self.missing_keys = list(missing_keys)
-        self.unexpected_keys = list(unexpected_keys)
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that can only be read by unpickling arbitrary Python objects."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,131 +120,7 @@ class TeacherRecord:
 
 
 # --------------------------------------------------------------------------------------------
-# Specs
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """A parsed teacher spec: ``source`` is one of ``timm``, ``hf-hub``, ``local-dir``, ``file``."""
-
-    source: str
-    name: str  # timm name (with tag), Hub repo id, or a path
-    revision: str | None = None
-
-
-def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
-    """Split a teacher spec into its source and name; unknown forms are an error that lists the valid ones."""
-    import timm
-    from timm.models import split_model_name_tag
-
-    spec = str(spec).strip()
-    prefix, sep, rest = spec.partition(":")
-    if sep and prefix.lower() in ("hf-hub", "hf_hub"):
-        repo, _, rev = rest.partition("@")
-        if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-            raise ValueError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
-        rev = rev or None
-        if rev and revision and rev != revision:
-            raise ValueError(
-                f"teacher spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
-            )
-        return TeacherSpec("hf-hub", repo, rev or revision)
-    if sep and prefix.lower() == "local-dir":
-        return TeacherSpec("local-dir", str(Path(rest).expanduser()))
-    if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
-        return TeacherSpec("file", str(Path(spec).expanduser()))
-    arch, _ = split_model_name_tag(spec)
-    if timm.is_model(arch):
-        return TeacherSpec("timm", spec, revision)
-    hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
-    raise ValueError(
-        f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
-        f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "
-        f"'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
-        f"({', '.join(WEIGHT_SUFFIXES)}) together with arch="
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Reading checkpoints safely
-
-
-def _unsafe_message(path: Path, why: str) -> str:
-    return (
-        f"{path} cannot be read safely: {why}.\n"
-        "attnxfer reads .pth/.bin files with torch.load(weights_only=True), which admits tensors and plain "
-        "containers only; this file also holds pickled Python objects (an argparse.Namespace of training args, "
-        "a custom class, ...). Unpickling those would run whatever code the file names, so it is refused.\n"
-        "If you trust the file, convert it once on a trusted machine and load the result instead:\n"
-        '    python -c "import torch; from safetensors.torch import save_file; '
-        f"ck = torch.load('{path.name}', map_location='cpu', weights_only=False); "
-        "sd = ck.get('model', ck) if isinstance(ck, dict) else ck.state_dict(); "
-        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"\n"
-        f"then: load_teacher('{path.stem}.safetensors', arch=...)"
-    )
-
-
-def _is_tensor_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Remove DDP / torch.compile prefixes (``module.``, ``_orig_mod.``)."""
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The tensors of a checkpoint file and the container key they were under (None if flat).
-
-    ``.safetensors`` is read directly; ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``.
-    A file that needs arbitrary unpickling raises `UnsafeCheckpointError` explaining how to convert it.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    name = path.name.lower()
-    if name.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu"), None
-        except SafetensorError as e:
-            raise TeacherLoadError(
-                f"{path} is not a readable safetensors file ({e}): truncated or corrupted? "
-                "Copy or download it again"
-            ) from None
-    if not name.endswith(WEIGHT_SUFFIXES):
-        raise ValueError(
-            f"{path}: unsupported checkpoint type; use one of {', '.join(WEIGHT_SUFFIXES)} "
-            "(JAX .npz weights: load them through their timm name instead)"
-        )
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
-        why = (
-            f"it pickles {culprit.group(1)}"
-            if culprit
-            else "it needs objects torch's weights-only reader refuses"
-        )
-        raise UnsafeCheckpointError(_unsafe_message(path, why)) from None
-    if _is_tensor_dict(obj):
-        return _strip_wrappers(obj), None
-    if isinstance(obj, dict):
-        for key in _CHECKPOINT_KEYS:
-            if _is_tensor_dict(obj.get(key)):
-                return _strip_wrappers(obj[key]), key
-        raise TeacherLoadError(
-            f"{path}: no state dict found; top-level keys are {sorted(map(str, obj))[:20]}. "
-            f"Expected a flat dict of tensors or one under {list(_CHECKPOINT_KEYS)}"
-        )
-    raise TeacherLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+# Keys a teacher checkpoint may carry that the encoder does not use
 
 
 @dataclass(frozen=True)
@@ -299,374 +162,6 @@ def _apply_drop_rules(
     return kept, dropped, matched
 
 
-def _sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------------------------
-# The Hub, without hanging
-
-
-def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
-    """The Hub cache in use: ``cache_dir`` or huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub)."""
-    from huggingface_hub import constants
-
-    return str(cache_dir) if cache_dir else constants.HF_HUB_CACHE
-
-
-_REACHABLE: dict[str, tuple[float, bool]] = {}
-
-
-def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
-    """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts).
-
-    huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back to the
-    cache; one bounded probe (DNS included, run in a daemon thread) decides up front instead.
-    Proxies from the environment are honoured. The answer is remembered for ``ttl`` seconds.
-    """
-    import time
-
-    from huggingface_hub import constants
-
-    endpoint = constants.ENDPOINT
-    now = time.monotonic()
-    cached = _REACHABLE.get(endpoint)
-    if cached and now - cached[0] < ttl:
-        return cached[1]
-    answer: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-            answer.append(True)
-        except urllib.error.HTTPError:
-            answer.append(True)  # it answered
-        except urllib.error.URLError as e:
-            # A TLS complaint means something answered: let huggingface_hub (its own CA settings) decide.
-            answer.append(isinstance(e.reason, ssl.SSLError))
-        except Exception:
-            answer.append(False)
-
-    t = threading.Thread(target=probe, name="attnxfer-hub-probe", daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    ok = bool(answer and answer[0])
-    _REACHABLE[endpoint] = (now, ok)
-    if not ok:
-        _logger.info("Hugging Face Hub at %s is not reachable: using the local cache only", endpoint)
-    return ok
-
-
-def _offline_reason() -> str | None:
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return "HF_HUB_OFFLINE=1 is set"
-    if not hub_reachable():
-        return f"{constants.ENDPOINT} cannot be reached"
-    return None
-
-
-def _fetch_instructions(
-    spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
-) -> str:
-    cache = hub_cache_dir(cache_dir)
-    rev = f" --revision {revision}" if revision else ""
-    folder = "models--" + repo.replace("/", "--")
-    return (
-        f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
-        f"cache ({cache}) and cannot be downloaded: {reason}.\n"
-        "On a machine with internet, fetch it with one of:\n"
-        f"    huggingface-cli download {repo}{rev}      (huggingface_hub >= 1.0 spells it: hf download {repo}{rev})\n"
-        f"    attnxfer fetch {spec}{rev}\n"
-        "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
-        f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
-        "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "
-        "train/convert/submit, cache_dir=... in Python."
-    )
-
-
-def _hub_file(
-    spec: str, repo: str, filename: str, revision: str | None, cache_dir: str | None, *, required: bool = True
-) -> str | None:
-    """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached.
-
-    Missing and not downloadable: `TeacherNotAvailable` if ``required``, else None.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    reason = _offline_reason()
-    if reason is not None:
-        # Offline: a purely local lookup (refs/<revision> -> snapshots/<commit>/<file>), no HTTP client at all.
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
-        if isinstance(path, str):
-            return path
-        if not required:
-            return None
-        raise TeacherNotAvailable(_fetch_instructions(spec, repo, revision, cache_dir, reason, filename))
-    try:
-        return hf_hub_download(
-            repo, filename, revision=revision, cache_dir=cache_dir, library_name="attnxfer"
-        )
-    except LocalEntryNotFoundError:
-        if not required:
-            return None
-        raise TeacherNotAvailable(
-            _fetch_instructions(spec, repo, revision, cache_dir, reason or "the download failed", filename)
-        ) from None
-    except EntryNotFoundError:
-        if not required:
-            return None
-        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no file {filename}") from None
-    except RevisionNotFoundError:
-        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}") from None
-    except RepositoryNotFoundError:
-        raise TeacherLoadError(
-            f"teacher {spec!r}: Hub repo {repo} does not exist or is private "
-            "(log in with `hf auth login` for private repos)"
-        ) from None
-
-
-def _hub_weights(
-    spec: str, repo: str, revision: str | None, cache_dir: str | None, filename: str | None = None
-) -> str:
-    names = (filename,) if filename else _HUB_WEIGHT_FILES[:2]
-    for name in names:
-        path = _hub_file(spec, repo, name, revision, cache_dir, required=False)
-        if path:
-            return path
-    reason = _offline_reason()
-    if reason:
-        raise TeacherNotAvailable(
-            _fetch_instructions(spec, repo, revision, cache_dir, reason, "the weights file")
-        )
-    raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has none of {list(names)}")
-
-
-def _snapshot_commit(path: str) -> str | None:
-    """The commit hash of a file inside ``.../snapshots/<commit>/...`` of the Hub cache."""
-    p = Path(path)
-    for parent in p.parents:
-        if parent.parent.name == "snapshots":
-            return parent.name
-    return None
-
-
-def _readme_license(path: str | None) -> str | None:
-    """``license:`` from a model card's YAML front matter."""
-    if not path or not os.path.isfile(path):
-        return None
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
-        return None
-    front = text.split("---", 2)[1]
-    m = re.search(r"^license:\s*['\"]?([^'\"\n]+)", front, flags=re.M)
-    return m.group(1).strip() if m else None
-
-
-# --------------------------------------------------------------------------------------------
-# Resolving a spec to (architecture, pretrained cfg, weights file)
-
-
-@dataclass
-class _Resolved:
-    """What a spec resolved to before any weights are read."""
-
-    source: str
-    architecture: str  # timm name without tag
-    pretrained_cfg: dict[str, Any]
-    model_args: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None
-    files: list[str] = field(default_factory=list)
-    hf_repo: str | None = None
-    hf_revision: str | None = None
-    hf_commit: str | None = None
-    license: str | None = None
-    named: str | None = None  # the name the user trained it as, when config.json names a timm stand-in
-    tag_known: bool = (
-        True  # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
-    )
-
-
-def _registry_cfg(name: str) -> dict[str, Any]:
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
-    arch, _ = split_model_name_tag(name)
-    try:
-        cfg = get_pretrained_cfg(name)
-    except RuntimeError:  # an unknown tag
-        cfg = None
-    if cfg is None:
-        import timm
-
-        raise ValueError(
-            f"timm has no pretrained config {name!r}; tags for {arch}: "
-            f"{timm.list_pretrained(arch + '.*')[:10]}"
-        )
-    return cfg.to_dict()
-
-
-def _resolve_timm(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
-) -> _Resolved:
-    from timm.models import split_model_name_tag
-
-    arch_name, _ = split_model_name_tag(spec.name)
-    cfg = _registry_cfg(spec.name)
-    res = _Resolved("timm-pretrained", arch_name, cfg, license=cfg.get("license"))
-    if not pretrained:
-        return res
-    # The Hub copy is a native state dict even where the original URL is a foreign format (custom_load).
-    repo = cfg.get("hf_hub_id")
-    if not repo:
-        url = cfg.get("url") or "(no URL)"
-        raise TeacherNotAvailable(
-            f"teacher {spec.name!r}: timm has no Hub copy of these weights, only {url}. Download that file on a "
-            f"machine with internet and load it here with load_teacher(PATH, arch={spec.name!r})."
-        )
-    res.hf_repo, res.hf_revision = repo, spec.revision
-    res.weights = _hub_weights(spec.name, repo, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
-    res.hf_commit = _snapshot_commit(res.weights)
-    res.files = [res.weights]
-    return res
-
-
-def _registered_as(config_json: str | Path) -> str | None:
-    """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in.
-
-    `attnxfer export` writes an architecture only attnxfer registers (``vit_micro_patch4_28``) as timm's
-    ``vit_base_patch16_224`` with explicit arguments, so plain timm loads it; the record keeps the real name.
-    """
-    try:
-        meta = json.loads(Path(config_json).read_text(encoding="utf-8")).get("attnxfer") or {}
-    except (OSError, ValueError, AttributeError):
-        return None
-    named = (meta.get("student") or {}).get("registered_as") if isinstance(meta, dict) else None
-    return named if isinstance(named, str) and named else None
-
-
-def _parse_timm_config(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """timm's own reading of a Hub-layout config.json: (pretrained_cfg, architecture, model_args)."""
-    from timm.models._hub import load_model_config_from_path
-
-    return load_model_config_from_path(folder)
-
-
-def _resolve_hub(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
-) -> _Resolved:
-    label = f"hf-hub:{spec.name}"
-    cfg_path = _hub_file(label, spec.name, "config.json", spec.revision, cache_dir)
-    cfg, architecture, model_args = _parse_timm_config(Path(cfg_path).parent)
-    readme = _hub_file(label, spec.name, "README.md", spec.revision, cache_dir, required=False)
-    res = _Resolved(
-        "hub",
-        architecture,
-        cfg,
-        model_args=model_args,
-        hf_repo=spec.name,
-        hf_revision=spec.revision,
-        hf_commit=_snapshot_commit(cfg_path),
-        files=[cfg_path],
-        license=cfg.get("license") or _readme_license(readme),
-        named=_registered_as(cfg_path),
-    )
-    if pretrained:
-        res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
-        res.files.append(res.weights)
-    return res
-
-
-def _resolve_local_dir(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
-) -> _Resolved:
-    folder = Path(spec.name)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"local-dir:{folder}: no config.json there (timm's Hub layout is config.json + "
-            "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`)"
-        )
-    cfg, architecture, model_args = _parse_timm_config(folder)
-    res = _Resolved(
-        "local-dir",
-        architecture,
-        cfg,
-        model_args=model_args,
-        files=[str(folder / "config.json")],
-        license=cfg.get("license") or _readme_license(str(folder / "README.md")),
-        named=_registered_as(folder / "config.json"),
-    )
-    if pretrained:
-        found = [folder / n for n in _HUB_WEIGHT_FILES if (folder / n).is_file()]
-        if not found:
-            raise FileNotFoundError(
-                f"local-dir:{folder}: none of {list(_HUB_WEIGHT_FILES)} there; "
-                f"it holds {sorted(p.name for p in folder.iterdir())}"
-            )
-        res.weights = str(found[0])
-        res.files.append(res.weights)
-    return res
-
-
-def _resolve_file(
-    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
-) -> _Resolved:
-    from timm.models import split_model_name_tag
-
-    path = Path(spec.name)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
-    if not arch:
-        hint = (
-            f" (this folder looks like timm's Hub layout: try 'local-dir:{path.parent}')"
-            if (path.parent / "config.json").is_file()
-            else ""
-        )
-        raise ValueError(
-            f"teacher file {path}: pass arch=, the timm architecture it was trained as, e.g. "
-            f"arch='vit_large_patch16_224.mae' (the tag selects the preprocessing){hint}"
-        )
-    arch_name, tag = split_model_name_tag(arch)
-    import timm
-
-    if not timm.is_model(arch_name):
-        raise ValueError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
-    cfg = _registry_cfg(arch)
-    # An untagged arch gets timm's default tag's preprocessing, which says nothing about this file's licence.
-    return _Resolved(
-        "file",
-        arch_name,
-        cfg,
-        weights=str(path),
-        files=[str(path)],
-        license=cfg.get("license") if tag else None,
-        tag_known=bool(tag),
-    )
-
-
-_RESOLVERS: dict[str, Callable[..., _Resolved]] = {
-    "timm": _resolve_timm,
-    "hf-hub": _resolve_hub,
-    "local-dir": _resolve_local_dir,
-    "file": _resolve_file,
-}
-
-
 # --------------------------------------------------------------------------------------------
 # Building
 
@@ -676,7 +171,7 @@ def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
     return (c,) if isinstance(c, str) else tuple(c)
 
 
-def _checkpoint_classes(res: _Resolved, sd: dict[str, torch.Tensor]) -> int:
+def _checkpoint_classes(res: Resolved, sd: dict[str, torch.Tensor]) -> int:
     """Classes of the checkpoint's head: trusted metadata for timm-format sources, the tensors for files."""
     if res.source != "file" and res.pretrained_cfg.get("num_classes") is not None:
         return int(res.pretrained_cfg["num_classes"])
@@ -761,7 +256,7 @@ def load_teacher(
     parsed = parse_teacher_spec(spec, revision)
     if parsed.source not in ("hf-hub", "timm") and revision:
         raise ValueError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
-    res = _RESOLVERS[parsed.source](parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
+    res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
     if not pretrained:
         res.weights, res.source = None, "random-init"
     _check_saved_attention(spec, res)
@@ -787,7 +282,7 @@ def load_teacher(
     return model, record
 
 
-def _check_saved_attention(spec: str, res: _Resolved) -> None:
+def _check_saved_attention(spec: str, res: Resolved) -> None:
     """A saved config may name an attention: timm's softmax one is replaced by TransferAttention,
     an attnxfer efficient one cannot be a teacher."""
     saved = res.model_args.get("attn_layer", None)
@@ -800,7 +295,7 @@ def _check_saved_attention(spec: str, res: _Resolved) -> None:
         res.model_args = {k: v for k, v in res.model_args.items() if k != "attn_layer"}
 
 
-def _read_weights(spec: str, res: _Resolved) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
+def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
     """The checkpoint's tensors minus entries an encoder doesn't use: (state dict, container key, dropped keys)."""
     state_dict, checkpoint_key = read_state_dict(res.weights)
     state_dict, dropped, rules = _apply_drop_rules(state_dict)
@@ -824,7 +319,7 @@ def _read_weights(spec: str, res: _Resolved) -> tuple[dict[str, torch.Tensor], s
                 rules[0].name,
                 guess,
             )
-            res.pretrained_cfg = _registry_cfg(guess)
+            res.pretrained_cfg = registry_cfg(guess)
             res.license, res.tag_known = res.pretrained_cfg.get("license"), True
     if not res.tag_known:
         _logger.warning(
@@ -839,7 +334,7 @@ def _read_weights(spec: str, res: _Resolved) -> tuple[dict[str, torch.Tensor], s
 
 
 def _choose_head(
-    spec: str, res: _Resolved, state_dict: dict[str, torch.Tensor], num_classes: int | None
+    spec: str, res: Resolved, state_dict: dict[str, torch.Tensor], num_classes: int | None
 ) -> tuple[int, list[str]]:
     """The teacher's class count: the checkpoint's, or 0 (head dropped, reported). Never a random head."""
     ckpt_classes = (
@@ -863,7 +358,7 @@ def _choose_head(
 
 def _build(
     spec: str,
-    res: _Resolved,
+    res: Resolved,
     state_dict: dict[str, torch.Tensor],
     num_classes: int,
     img_size: int | tuple[int, int] | None,
@@ -915,7 +410,7 @@ def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
 
 def _record(
     spec: str,
-    res: _Resolved,
+    res: Resolved,
     model: nn.Module,
     checkpoint_key: str | None,
     dropped: list[str],
@@ -944,7 +439,7 @@ def _record(
         hf_revision=res.hf_revision,
         hf_commit=res.hf_commit,
         files=list(res.files),
-        sha256=_sha256(Path(res.weights)) if res.weights else None,
+        sha256=sha256_file(Path(res.weights)) if res.weights else None,
         checkpoint_key=checkpoint_key,
         license=res.license,
         mean=tuple(float(m) for m in cfg.get("mean", ())),
@@ -977,7 +472,7 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
         _logger.info("teacher %s is local: nothing to fetch", spec)
         return parsed.name
     if parsed.source == "timm":
-        cfg = _registry_cfg(parsed.name)
+        cfg = registry_cfg(parsed.name)
         repo = cfg.get("hf_hub_id")
         if not repo:
             raise TeacherNotAvailable(
@@ -987,7 +482,7 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
         extra = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else []
     else:
         repo, extra = parsed.name, []
-    reason = _offline_reason()
+    reason = offline_reason()
     patterns = ["config.json", "*.safetensors", "README.md", "LICENSE*"] + extra
     try:
         path = snapshot_download(
@@ -1009,7 +504,7 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
             )
     except LocalEntryNotFoundError:
         raise TeacherNotAvailable(
-            _fetch_instructions(
+            fetch_instructions(
                 spec, repo, parsed.revision, cache_dir, reason or "the download failed", "the snapshot"
             )
         ) from None

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from ..models.student import student_from_spec
-from .teacher import _RESOLVERS, parse_teacher_spec, read_state_dict
+from .resolve import parse_teacher_spec, read_state_dict, resolve
 
 __all__ = ["load_student"]
 
@@ -37,9 +37,7 @@ def load_student(
             f"'hf-hub:ORG/NAME[@REV]', got {spec!r}"
         )
     parsed = parse_teacher_spec(spec, revision)
-    res = _RESOLVERS[parsed.source](
-        parsed, arch=None, cache_dir=None if cache_dir is None else str(cache_dir), pretrained=True
-    )
+    res = resolve(parsed, arch=None, cache_dir=None if cache_dir is None else str(cache_dir), pretrained=True)
     config = json.loads(Path(res.files[0]).read_text(encoding="utf-8"))
     student = (config.get("attnxfer") or {}).get("student")
     if not student:

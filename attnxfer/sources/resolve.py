@@ -1,0 +1,565 @@
+"""Where weights come from: a spec (timm name, ``hf-hub:``, ``local-dir:``, a file) resolved to files.
+
+`parse_teacher_spec` reads a spec; `resolve` turns it into a `Resolved` (architecture, timm's
+pretrained cfg, the weights file, Hub repo/commit and licence) before any weights are read;
+`read_state_dict` reads weights without unpickling code (safetensors, or
+``torch.load(weights_only=True)``). Teachers (`teacher.load_teacher`) and exported students
+(`student.load_student`) both start here.
+
+Nothing here waits on a network that is not there: with ``HF_HUB_OFFLINE=1`` or an unreachable
+Hub, only the local cache is consulted, and a missing file raises `TeacherNotAvailable` with the
+commands that fetch it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import re
+import ssl
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "RESOLVERS",
+    "WEIGHT_SUFFIXES",
+    "Resolved",
+    "TeacherLoadError",
+    "TeacherNotAvailable",
+    "TeacherSpec",
+    "UnsafeCheckpointError",
+    "fetch_instructions",
+    "hub_cache_dir",
+    "hub_reachable",
+    "offline_reason",
+    "parse_teacher_spec",
+    "read_state_dict",
+    "registry_cfg",
+    "resolve",
+    "sha256_file",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
+
+
+# Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
+_HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+# Containers a training script wraps its state dict in; EMA first, as timm prefers it.
+_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
+
+
+class TeacherNotAvailable(RuntimeError):
+    """The teacher's weights are neither on this machine nor reachable; the message says how to get them."""
+
+
+class TeacherLoadError(ValueError):
+    """The weights do not fit the architecture (missing/unexpected/mis-shaped keys, wrong head)."""
+
+    def __init__(self, message: str, missing_keys: Sequence[str] = (), unexpected_keys: Sequence[str] = ()):
+        super().__init__(message)
+        self.missing_keys = list(missing_keys)
+        self.unexpected_keys = list(unexpected_keys)
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that can only be read by unpickling arbitrary Python objects."""
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A parsed teacher spec: ``source`` is one of ``timm``, ``hf-hub``, ``local-dir``, ``file``."""
+
+    source: str
+    name: str  # timm name (with tag), Hub repo id, or a path
+    revision: str | None = None
+
+
+def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
+    """Split a teacher spec into its source and name; unknown forms are an error that lists the valid ones."""
+    import timm
+    from timm.models import split_model_name_tag
+
+    spec = str(spec).strip()
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix.lower() in ("hf-hub", "hf_hub"):
+        repo, _, rev = rest.partition("@")
+        if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
+            raise ValueError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
+        rev = rev or None
+        if rev and revision and rev != revision:
+            raise ValueError(
+                f"teacher spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
+            )
+        return TeacherSpec("hf-hub", repo, rev or revision)
+    if sep and prefix.lower() == "local-dir":
+        return TeacherSpec("local-dir", str(Path(rest).expanduser()))
+    if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
+        return TeacherSpec("file", str(Path(spec).expanduser()))
+    arch, _ = split_model_name_tag(spec)
+    if timm.is_model(arch):
+        return TeacherSpec("timm", spec, revision)
+    hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
+    raise ValueError(
+        f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
+        f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "
+        f"'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
+        f"({', '.join(WEIGHT_SUFFIXES)}) together with arch="
+    )
+
+
+def _unsafe_message(path: Path, why: str) -> str:
+    return (
+        f"{path} cannot be read safely: {why}.\n"
+        "attnxfer reads .pth/.bin files with torch.load(weights_only=True), which admits tensors and plain "
+        "containers only; this file also holds pickled Python objects (an argparse.Namespace of training args, "
+        "a custom class, ...). Unpickling those would run whatever code the file names, so it is refused.\n"
+        "If you trust the file, convert it once on a trusted machine and load the result instead:\n"
+        '    python -c "import torch; from safetensors.torch import save_file; '
+        f"ck = torch.load('{path.name}', map_location='cpu', weights_only=False); "
+        "sd = ck.get('model', ck) if isinstance(ck, dict) else ck.state_dict(); "
+        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"\n"
+        f"then: load_teacher('{path.stem}.safetensors', arch=...)"
+    )
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove DDP / torch.compile prefixes (``module.``, ``_orig_mod.``)."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("module.", "_orig_mod.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The tensors of a checkpoint file and the container key they were under (None if flat).
+
+    ``.safetensors`` is read directly; ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``.
+    A file that needs arbitrary unpickling raises `UnsafeCheckpointError` explaining how to convert it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    name = path.name.lower()
+    if name.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu"), None
+        except SafetensorError as e:
+            raise TeacherLoadError(
+                f"{path} is not a readable safetensors file ({e}): truncated or corrupted? "
+                "Copy or download it again"
+            ) from None
+    if not name.endswith(WEIGHT_SUFFIXES):
+        raise ValueError(
+            f"{path}: unsupported checkpoint type; use one of {', '.join(WEIGHT_SUFFIXES)} "
+            "(JAX .npz weights: load them through their timm name instead)"
+        )
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = (
+            f"it pickles {culprit.group(1)}"
+            if culprit
+            else "it needs objects torch's weights-only reader refuses"
+        )
+        raise UnsafeCheckpointError(_unsafe_message(path, why)) from None
+    if _is_tensor_dict(obj):
+        return _strip_wrappers(obj), None
+    if isinstance(obj, dict):
+        for key in _CHECKPOINT_KEYS:
+            if _is_tensor_dict(obj.get(key)):
+                return _strip_wrappers(obj[key]), key
+        raise TeacherLoadError(
+            f"{path}: no state dict found; top-level keys are {sorted(map(str, obj))[:20]}. "
+            f"Expected a flat dict of tensors or one under {list(_CHECKPOINT_KEYS)}"
+        )
+    raise TeacherLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
+    """The Hub cache in use: ``cache_dir`` or huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    return str(cache_dir) if cache_dir else constants.HF_HUB_CACHE
+
+
+_REACHABLE: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
+    """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts).
+
+    huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back to the
+    cache; one bounded probe (DNS included, run in a daemon thread) decides up front instead.
+    Proxies from the environment are honoured. The answer is remembered for ``ttl`` seconds.
+    """
+    import time
+
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    now = time.monotonic()
+    cached = _REACHABLE.get(endpoint)
+    if cached and now - cached[0] < ttl:
+        return cached[1]
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answer.append(True)
+        except urllib.error.HTTPError:
+            answer.append(True)  # it answered
+        except urllib.error.URLError as e:
+            # A TLS complaint means something answered: let huggingface_hub (its own CA settings) decide.
+            answer.append(isinstance(e.reason, ssl.SSLError))
+        except Exception:
+            answer.append(False)
+
+    t = threading.Thread(target=probe, name="attnxfer-hub-probe", daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    ok = bool(answer and answer[0])
+    _REACHABLE[endpoint] = (now, ok)
+    if not ok:
+        _logger.info("Hugging Face Hub at %s is not reachable: using the local cache only", endpoint)
+    return ok
+
+
+def offline_reason() -> str | None:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE=1 is set"
+    if not hub_reachable():
+        return f"{constants.ENDPOINT} cannot be reached"
+    return None
+
+
+def fetch_instructions(
+    spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
+) -> str:
+    cache = hub_cache_dir(cache_dir)
+    rev = f" --revision {revision}" if revision else ""
+    folder = "models--" + repo.replace("/", "--")
+    return (
+        f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
+        f"cache ({cache}) and cannot be downloaded: {reason}.\n"
+        "On a machine with internet, fetch it with one of:\n"
+        f"    huggingface-cli download {repo}{rev}      (huggingface_hub >= 1.0 spells it: hf download {repo}{rev})\n"
+        f"    attnxfer fetch {spec}{rev}\n"
+        "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
+        f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
+        "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "
+        "train/convert/submit, cache_dir=... in Python."
+    )
+
+
+def _hub_file(
+    spec: str, repo: str, filename: str, revision: str | None, cache_dir: str | None, *, required: bool = True
+) -> str | None:
+    """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached.
+
+    Missing and not downloadable: `TeacherNotAvailable` if ``required``, else None.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    reason = offline_reason()
+    if reason is not None:
+        # Offline: a purely local lookup (refs/<revision> -> snapshots/<commit>/<file>), no HTTP client at all.
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(path, str):
+            return path
+        if not required:
+            return None
+        raise TeacherNotAvailable(fetch_instructions(spec, repo, revision, cache_dir, reason, filename))
+    try:
+        return hf_hub_download(
+            repo, filename, revision=revision, cache_dir=cache_dir, library_name="attnxfer"
+        )
+    except LocalEntryNotFoundError:
+        if not required:
+            return None
+        raise TeacherNotAvailable(
+            fetch_instructions(spec, repo, revision, cache_dir, reason or "the download failed", filename)
+        ) from None
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no file {filename}") from None
+    except RevisionNotFoundError:
+        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise TeacherLoadError(
+            f"teacher {spec!r}: Hub repo {repo} does not exist or is private "
+            "(log in with `hf auth login` for private repos)"
+        ) from None
+
+
+def _hub_weights(
+    spec: str, repo: str, revision: str | None, cache_dir: str | None, filename: str | None = None
+) -> str:
+    names = (filename,) if filename else _HUB_WEIGHT_FILES[:2]
+    for name in names:
+        path = _hub_file(spec, repo, name, revision, cache_dir, required=False)
+        if path:
+            return path
+    reason = offline_reason()
+    if reason:
+        raise TeacherNotAvailable(
+            fetch_instructions(spec, repo, revision, cache_dir, reason, "the weights file")
+        )
+    raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has none of {list(names)}")
+
+
+def _snapshot_commit(path: str) -> str | None:
+    """The commit hash of a file inside ``.../snapshots/<commit>/...`` of the Hub cache."""
+    p = Path(path)
+    for parent in p.parents:
+        if parent.parent.name == "snapshots":
+            return parent.name
+    return None
+
+
+def _readme_license(path: str | None) -> str | None:
+    """``license:`` from a model card's YAML front matter."""
+    if not path or not os.path.isfile(path):
+        return None
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return None
+    front = text.split("---", 2)[1]
+    m = re.search(r"^license:\s*['\"]?([^'\"\n]+)", front, flags=re.M)
+    return m.group(1).strip() if m else None
+
+
+@dataclass
+class Resolved:
+    """What a spec resolved to before any weights are read."""
+
+    source: str
+    architecture: str  # timm name without tag
+    pretrained_cfg: dict[str, Any]
+    model_args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    files: list[str] = field(default_factory=list)
+    hf_repo: str | None = None
+    hf_revision: str | None = None
+    hf_commit: str | None = None
+    license: str | None = None
+    named: str | None = None  # the name the user trained it as, when config.json names a timm stand-in
+    tag_known: bool = (
+        True  # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
+    )
+
+
+def registry_cfg(name: str) -> dict[str, Any]:
+    from timm.models import get_pretrained_cfg, split_model_name_tag
+
+    arch, _ = split_model_name_tag(name)
+    try:
+        cfg = get_pretrained_cfg(name)
+    except RuntimeError:  # an unknown tag
+        cfg = None
+    if cfg is None:
+        import timm
+
+        raise ValueError(
+            f"timm has no pretrained config {name!r}; tags for {arch}: "
+            f"{timm.list_pretrained(arch + '.*')[:10]}"
+        )
+    return cfg.to_dict()
+
+
+def _resolve_timm(
+    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
+) -> Resolved:
+    from timm.models import split_model_name_tag
+
+    arch_name, _ = split_model_name_tag(spec.name)
+    cfg = registry_cfg(spec.name)
+    res = Resolved("timm-pretrained", arch_name, cfg, license=cfg.get("license"))
+    if not pretrained:
+        return res
+    # The Hub copy is a native state dict even where the original URL is a foreign format (custom_load).
+    repo = cfg.get("hf_hub_id")
+    if not repo:
+        url = cfg.get("url") or "(no URL)"
+        raise TeacherNotAvailable(
+            f"teacher {spec.name!r}: timm has no Hub copy of these weights, only {url}. Download that file on a "
+            f"machine with internet and load it here with load_teacher(PATH, arch={spec.name!r})."
+        )
+    res.hf_repo, res.hf_revision = repo, spec.revision
+    res.weights = _hub_weights(spec.name, repo, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
+    res.hf_commit = _snapshot_commit(res.weights)
+    res.files = [res.weights]
+    return res
+
+
+def _registered_as(config_json: str | Path) -> str | None:
+    """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in.
+
+    `attnxfer export` writes an architecture only attnxfer registers (``vit_micro_patch4_28``) as timm's
+    ``vit_base_patch16_224`` with explicit arguments, so plain timm loads it; the record keeps the real name.
+    """
+    try:
+        meta = json.loads(Path(config_json).read_text(encoding="utf-8")).get("attnxfer") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    named = (meta.get("student") or {}).get("registered_as") if isinstance(meta, dict) else None
+    return named if isinstance(named, str) and named else None
+
+
+def _parse_timm_config(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """timm's own reading of a Hub-layout config.json: (pretrained_cfg, architecture, model_args)."""
+    from timm.models._hub import load_model_config_from_path
+
+    return load_model_config_from_path(folder)
+
+
+def _resolve_hub(spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool) -> Resolved:
+    label = f"hf-hub:{spec.name}"
+    cfg_path = _hub_file(label, spec.name, "config.json", spec.revision, cache_dir)
+    cfg, architecture, model_args = _parse_timm_config(Path(cfg_path).parent)
+    readme = _hub_file(label, spec.name, "README.md", spec.revision, cache_dir, required=False)
+    res = Resolved(
+        "hub",
+        architecture,
+        cfg,
+        model_args=model_args,
+        hf_repo=spec.name,
+        hf_revision=spec.revision,
+        hf_commit=_snapshot_commit(cfg_path),
+        files=[cfg_path],
+        license=cfg.get("license") or _readme_license(readme),
+        named=_registered_as(cfg_path),
+    )
+    if pretrained:
+        res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
+        res.files.append(res.weights)
+    return res
+
+
+def _resolve_local_dir(
+    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
+) -> Resolved:
+    folder = Path(spec.name)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"local-dir:{folder}: no config.json there (timm's Hub layout is config.json + "
+            "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`)"
+        )
+    cfg, architecture, model_args = _parse_timm_config(folder)
+    res = Resolved(
+        "local-dir",
+        architecture,
+        cfg,
+        model_args=model_args,
+        files=[str(folder / "config.json")],
+        license=cfg.get("license") or _readme_license(str(folder / "README.md")),
+        named=_registered_as(folder / "config.json"),
+    )
+    if pretrained:
+        found = [folder / n for n in _HUB_WEIGHT_FILES if (folder / n).is_file()]
+        if not found:
+            raise FileNotFoundError(
+                f"local-dir:{folder}: none of {list(_HUB_WEIGHT_FILES)} there; "
+                f"it holds {sorted(p.name for p in folder.iterdir())}"
+            )
+        res.weights = str(found[0])
+        res.files.append(res.weights)
+    return res
+
+
+def _resolve_file(
+    spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
+) -> Resolved:
+    from timm.models import split_model_name_tag
+
+    path = Path(spec.name)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+    if not arch:
+        hint = (
+            f" (this folder looks like timm's Hub layout: try 'local-dir:{path.parent}')"
+            if (path.parent / "config.json").is_file()
+            else ""
+        )
+        raise ValueError(
+            f"teacher file {path}: pass arch=, the timm architecture it was trained as, e.g. "
+            f"arch='vit_large_patch16_224.mae' (the tag selects the preprocessing){hint}"
+        )
+    arch_name, tag = split_model_name_tag(arch)
+    import timm
+
+    if not timm.is_model(arch_name):
+        raise ValueError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
+    cfg = registry_cfg(arch)
+    # An untagged arch gets timm's default tag's preprocessing, which says nothing about this file's licence.
+    return Resolved(
+        "file",
+        arch_name,
+        cfg,
+        weights=str(path),
+        files=[str(path)],
+        license=cfg.get("license") if tag else None,
+        tag_known=bool(tag),
+    )
+
+
+RESOLVERS: dict[str, Callable[..., Resolved]] = {
+    "timm": _resolve_timm,
+    "hf-hub": _resolve_hub,
+    "local-dir": _resolve_local_dir,
+    "file": _resolve_file,
+}
+
+
+def resolve(
+    parsed: TeacherSpec, *, arch: str | None = None, cache_dir: str | None = None, pretrained: bool = True
+) -> Resolved:
+    """``parsed`` resolved to files by its source's resolver (timm registry, Hub cache, folder, file)."""
+    return RESOLVERS[parsed.source](parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
