@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +53,13 @@ class ModelConfig:
     num_classes: int | None = None  # default: the dataset's
     drop_path_rate: float = 0.1
     mirror_teacher: bool = True  # copy the teacher's architectural choices (tokens, norms, ...)
+    # Pooling, applied after mirroring (so mirror_teacher never undoes it): null = the teacher's (or the
+    # timm model's); "avg" = MAE's fine-tuning head, mean over patch tokens then fc_norm (timm's
+    # global_pool="avg", fc_norm=True); "token" = class token after the final norm.
+    global_pool: str | None = None
+    fc_norm: bool | None = (
+        None  # null = timm's rule: a norm after pooling exactly when global_pool is avg/max
+    )
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,7 +71,7 @@ class TeacherConfig:
     arch: str | None = None  # architecture for a bare weights file
     revision: str | None = None
     cache_dir: str | None = None
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16 / fp16
+    dtype: str = "auto"  # auto = the run's precision (bf16 on GPU, fp32 on CPU); or fp32 / bf16 / fp16
 
 
 @dataclass
@@ -102,7 +110,9 @@ class AugConfig:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    reprob: float = 0.0  # random erasing (folder datasets)
+    reprob: float = 0.0  # random erasing probability (folder datasets)
+    remode: str = "const"  # random erasing fill: const (timm's default) | rand | pixel (MAE / the paper)
+    recount: int = 1  # random erasing: how many boxes per image
     auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (folder datasets)
 
 
@@ -113,6 +123,12 @@ class OptimConfig:
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     layer_decay: float | None = None  # e.g. 0.75; None or 1 = off
+    # Which block gets which power of layer_decay (depth D, block i):
+    #   timm               timm's / MAE's param_groups_lrd on a plain ViT: block i decay^(D-i), stem decay^(D+1)
+    #   attention_transfer the paper's reference code (its lr_decay on the dual model): block i
+    #                      decay^(D-1-i) (the last block 1.0), stem decay^D
+    # Head, fc_norm and final norm get 1.0 under both.
+    layer_decay_rule: str = "timm"
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -179,7 +195,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; fp32 | bf16 | fp16
+    # auto = bf16 autocast on GPU, fp32 on CPU; fp32 | bf16 | fp16. The teacher follows it unless
+    # teacher.dtype says otherwise, so precision=fp32 is the one switch to the reference's fp32 training.
+    precision: str = "auto"
     deterministic: bool = False
     eval_only: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -213,12 +231,15 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# `X | None` (types.UnionType) and `Optional[X]` (typing.Union) are both unions
+_UNION = (Union, types.UnionType)
+
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _type_name(tp: Any) -> str:
     """How a user would say the type: 'a number or null', 'a list of integers'."""
-    if typing.get_origin(tp) is Union:
+    if typing.get_origin(tp) in _UNION:
         args = typing.get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
@@ -232,7 +253,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNION:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
@@ -300,6 +321,24 @@ def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
     )
 
 
+#: string keys with a closed set of values (checked when a config is loaded, so a typo never trains)
+CHOICES: dict[str, tuple[str | None, ...]] = {
+    "model.global_pool": (None, "token", "avg", "max", "avgmax", "map", ""),
+    "aug.remode": ("const", "rand", "pixel"),
+    "optim.layer_decay_rule": ("timm", "attention_transfer"),
+}
+
+
+def _check_choice(key: str, value: Any) -> None:
+    allowed = CHOICES.get(key)
+    if allowed is None or value in allowed:
+        return
+    names = [a for a in allowed if a]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}{hint}")
+
+
 def _merge(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
@@ -313,6 +352,7 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
             changes[key] = _merge(getattr(obj, key), value, f"{prefix}{key}.")
         else:
             changes[key] = _coerce(value, tp, prefix + key)
+            _check_choice(prefix + key, changes[key])
     return dataclasses.replace(obj, **changes)
 
 
