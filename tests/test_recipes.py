@@ -156,7 +156,7 @@ def test_recipe_matches_the_reference(recipe):
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
     names = {id(p): n for n, p in student.named_parameters()}
-    scales = {names[id(p)]: g["lr_scale"] if "lr_scale" in g else 1.0 for g in groups for p in g["params"]}
+    scales = {names[id(p)]: g.get("lr_scale", 1.0) for g in groups for p in g["params"]}
     decays = {names[id(p)]: g["weight_decay"] for g in groups for p in g["params"]}
     assert set(scales) == set(names.values())
     for name, p in student.named_parameters():
