@@ -32,6 +32,8 @@ __all__ = [
     "TrainConfig",
     "TransferConfig",
     "apply_overrides",
+    "config_changes",
+    "describe_changes",
     "dump_config",
     "list_recipes",
     "load_config",
@@ -233,6 +235,44 @@ def dump_config(cfg: Any) -> str:
 
 # `X | None` (types.UnionType) and `Optional[X]` (typing.Union) are both unions
 _UNION = (Union, types.UnionType)
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if (
+            isinstance(value, Mapping)
+            and value
+            and dataclasses.is_dataclass(value) is False
+            and key != "kwargs"
+        ):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(base: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value in ``cfg`` differs from ``base`` (the recipe it started from):
+    ``{key: (recipe value, value)}``."""
+    old, new = _flatten(to_dict(base)), _flatten(to_dict(cfg))
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:
+    """What a run changes from its recipe, one ``key: recipe value -> value`` line each."""
+    where = f"recipe {recipe}" if recipe else "the defaults"
+    changes = config_changes(base, cfg)
+    if not changes:
+        return f"config: {where}, unchanged"
+    lines = [f"config: {where}, {len(changes)} value(s) changed:"]
+    lines += [f"  {k}: {yaml_value(a)} -> {yaml_value(b)}" for k, (a, b) in changes.items()]
+    return "\n".join(lines)
+
+
+def yaml_value(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
 
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
