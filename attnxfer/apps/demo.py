@@ -27,11 +27,19 @@ from ..sources.teacher import load_teacher
 from ..train.metrics import read_metrics
 from ..transfer.plan import MODES
 from .run_parts import build_student
+from .seed_stats import paired_table, per_image_correct, results_table
 from .training import train
 
 __all__ = ["STUDENTS", "run_demo"]
 
 STUDENTS = ("scratch", "copy", "distill")
+_LABELS = {"scratch": "scratch", "copy": "attention copy", "distill": "attention distillation"}
+#: paired comparisons the demo reports (McNemar on the same validation images)
+PAIRS = (
+    ("attention copy", "attention distillation"),
+    ("attention copy", "scratch"),
+    ("attention distillation", "scratch"),
+)
 _QUICK_TEACHER_STEPS = 60
 _QUICK_STUDENT_STEPS = 30
 
@@ -64,16 +72,6 @@ def _run(cfg: TrainConfig, label: str) -> dict[str, float]:
     }
     atomic_write_json(result_path, out)
     return out
-
-
-def _table(rows: list[dict[str, float]], teacher: dict[str, float]) -> str:
-    lines = ["| run | val top-1 (%) | best val top-1 (%) | steps | time (s) |", "|---|---:|---:|---:|---:|"]
-    for r in [teacher, *rows]:
-        lines.append(
-            f"| {r['label']} | {r['val_top1']:.2f} | {r['best_top1']:.2f} | {r['steps']} | "
-            f"{r['seconds']:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 def _plot_curves(out: Path, runs: dict[str, str], teacher_top1: float) -> Path | None:
@@ -157,8 +155,14 @@ def run_demo(
     budget_steps: int | None = None,
     teacher_steps: int | None = None,
     quick: bool = False,
+    seeds: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Run the whole demo; returns the table rows. Reuses finished runs with the same recipe."""
+    """Run the whole demo; returns the table rows (first seed). Reuses finished runs with the same recipe.
+
+    ``seeds`` > 1 trains every student once per seed (the teacher once) and reports mean ± std and
+    paired McNemar tests per seed."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)
@@ -178,30 +182,54 @@ def run_demo(
         export_run(tcfg.run_dir, export_dir, weights="raw", checkpoint="best", overwrite=True)
         atomic_write_json(stamp, {"config_digest": teacher["config_digest"]})
 
-    rows = []
+    # Students: one per seed (the recipe's seed, +1, ...); the teacher is trained once. The first seed
+    # keeps the single-seed layout (OUT/NAME), so a later --seeds N reuses those runs.
+    rows: dict[str, list[dict]] = {}
+    correct: dict[str, list] = {"teacher": [per_image_correct(tcfg, teacher["config_digest"])]}
     runs = {}
-    for name in STUDENTS:
-        over = [f"run_dir={out_dir / name}", *progress]
-        if name != "scratch":
-            over.append(f"teacher.spec=local-dir:{export_dir}")
-        if budget_steps:
-            over.append(f"schedule.max_steps={budget_steps}")
-        cfg = load_config(f"demo/{name}", over)
-        rows.append(
-            _run(
-                cfg,
-                {"scratch": "scratch", "copy": "attention copy", "distill": "attention distillation"}[name],
-            )
-        )
-        runs[rows[-1]["label"]] = cfg.run_dir
+    for k in range(seeds):
+        for name in STUDENTS:
+            base = load_config(f"demo/{name}")
+            seed = base.seed + k
+            over = [
+                f"run_dir={out_dir / (name if k == 0 else f'{name}_seed{seed}')}",
+                f"seed={seed}",
+                *progress,
+            ]
+            if name != "scratch":
+                over.append(f"teacher.spec=local-dir:{export_dir}")
+            if budget_steps:
+                over.append(f"schedule.max_steps={budget_steps}")
+            cfg = load_config(f"demo/{name}", over)
+            label = _LABELS[name]
+            res = _run(cfg, label if seeds == 1 else f"{label} (seed {seed})")
+            rows.setdefault(label, []).append(res)
+            correct.setdefault(label, []).append(per_image_correct(cfg, res["config_digest"]))
+            if k == 0:
+                runs[label] = cfg.run_dir
 
-    table = _table(rows, teacher)
-    print("\n" + table + "\n", flush=True)
-    (out_dir / "results.md").write_text(
-        "# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n\n" + table + "\n"
+    teacher_label = "teacher (trained from scratch, supervised)"
+    table = results_table({teacher_label: [teacher], **rows}, {teacher_label: correct["teacher"], **correct})
+    paired = paired_table(correct, PAIRS, [load_config("demo/copy").seed + k for k in range(seeds)])
+    n_val = len(correct["teacher"][0])
+    note = (
+        f"95 % intervals: Wilson, on the {n_val} validation images. Paired: McNemar's exact test on the "
+        "images exactly one of the two runs gets right (same seed, same images)."
     )
-    (out_dir / "results.json").write_text(json.dumps({"teacher": teacher, "students": rows}, indent=2))
+    print("\n" + table + "\n\n" + paired + "\n\n" + note + "\n", flush=True)
+    (out_dir / "results.md").write_text(
+        "# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n\n"
+        + table
+        + "\n\n## Paired comparisons\n\n"
+        + paired
+        + "\n\n"
+        + note
+        + "\n"
+    )
+    (out_dir / "results.json").write_text(
+        json.dumps({"teacher": teacher, "students": rows, "seeds": seeds}, indent=2)
+    )
     curves = _plot_curves(out_dir, runs, teacher["val_top1"])
     pictures = [p for p in (curves, _plot_attention(out_dir, str(export_dir), runs)) if p]
     print(f"[demo] table: {out_dir / 'results.md'}; pictures: {', '.join(map(str, pictures))}", flush=True)
-    return {"teacher": teacher, **{r["label"]: r for r in rows}}
+    return {"teacher": teacher, **{label: results[0] for label, results in rows.items()}}

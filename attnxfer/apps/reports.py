@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .uncertainty import correct_count, top1_interval
+
 __all__ = ["render_conversion_report"]
 
 
@@ -13,6 +15,13 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}g}"
     return str(v)
+
+
+def _interval(top1: float | None, n: int | None) -> str:
+    if top1 is None or not n:
+        return "—"
+    lo, hi = top1_interval(correct_count(top1, n), n)
+    return f"[{lo:.1f}, {hi:.1f}]"
 
 
 def render_conversion_report(report: dict[str, Any]) -> str:
@@ -39,10 +48,13 @@ def render_conversion_report(report: dict[str, Any]) -> str:
         "",
         "## Top-1 (validation)",
         "",
-        "| model | top-1 (%) | of teacher's |",
-        "|---|---|---|",
+        f"95 % intervals: Wilson, on {report['data'].get('val_size') or '?'} validation images.",
+        "",
+        "| model | top-1 (%) | 95 % interval | of teacher's |",
+        "|---|---|---|---|",
     ]
     teacher = top1["teacher"]
+    n_val = report["data"].get("val_size")
     for key, label in (
         ("teacher", "teacher (softmax)"),
         ("before_stage1", "student, weights swapped in"),
@@ -51,7 +63,7 @@ def render_conversion_report(report: dict[str, Any]) -> str:
     ):
         v = top1.get(key)
         share = f"{100 * v / teacher:.1f}%" if v is not None and teacher else "—"
-        lines.append(f"| {label} | {_fmt(v, 4)} | {share} |")
+        lines.append(f"| {label} | {_fmt(v, 4)} | {_interval(v, n_val)} | {share} |")
     lines += ["", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
     for which, title in (
         ("teacher_input", "teacher's hidden inputs (what stage 1 fits)"),

@@ -16,7 +16,7 @@ from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
 
-__all__ = ["RunParts", "build_run_parts", "build_student"]
+__all__ = ["RunParts", "build_run_parts", "build_student", "pooling_args"]
 
 
 @dataclass
@@ -36,12 +36,29 @@ class RunParts:
     student_spec: dict[str, Any] = field(default_factory=dict)
 
 
+def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any]:
+    """timm arguments for ``model.global_pool`` / ``model.fc_norm``.
+
+    Pooling is always passed with its norm: a teacher mirrored with class-token pooling has a final norm
+    and no fc_norm, and setting only ``global_pool="avg"`` on top of that would give "norm, then
+    average", which is not MAE's head (average, then fc_norm). ``fc_norm: null`` takes timm's rule (a
+    norm after pooling exactly for avg/max pooling)."""
+    args: dict[str, Any] = {}
+    if global_pool is not None:
+        args["global_pool"] = global_pool
+        args["fc_norm"] = global_pool in ("avg", "avgmax", "max") if fc_norm is None else fc_norm
+    elif fc_norm is not None:
+        args["fc_norm"] = fc_norm
+    return args
+
+
 def build_student(
     cfg: TrainConfig, teacher: nn.Module | None, num_classes: int, in_chans: int, img_size: int | None
 ) -> nn.Module:
-    """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised."""
+    """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised,
+    with the pooling ``model.global_pool`` / ``model.fc_norm`` ask for (applied after mirroring)."""
     m = cfg.model
-    kwargs = dict(m.kwargs)
+    kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if teacher is not None and m.mirror_teacher:
         return student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     kwargs.setdefault("in_chans", in_chans)
@@ -110,7 +127,9 @@ def build_run_parts(
     aug = cfg.aug
     train_extra = {}
     if d.dataset == "folder":
-        train_extra = dict(re_prob=aug.reprob, auto_augment=aug.auto_augment)
+        train_extra = dict(
+            re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, auto_augment=aug.auto_augment
+        )
     train_set = build_dataset(d.dataset, "train", **common, **train_extra)
     val_set = build_dataset(d.dataset, "val", **common)
     sampler = ResumableSampler(

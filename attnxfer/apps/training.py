@@ -146,12 +146,17 @@ def build_engine(
     set_seed(cfg.seed)  # same init on every rank
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
     plan = plan_from_config(cfg, parts)
-    dual = DualViT(parts.teacher, parts.student, plan, teacher_dtype=teacher_dtype(cfg.teacher.dtype))
+    dual = DualViT(
+        parts.teacher, parts.student, plan, teacher_dtype=teacher_dtype(cfg.teacher.dtype, runtime.precision)
+    )
     dual.to(runtime.device)
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
     settings = loop_settings(cfg, runtime.world)
     groups = student_param_groups(
-        dual, weight_decay=cfg.optim.weight_decay, layer_decay=cfg.optim.layer_decay
+        dual,
+        weight_decay=cfg.optim.weight_decay,
+        layer_decay=cfg.optim.layer_decay,
+        layer_decay_rule=cfg.optim.layer_decay_rule,
     )
     fused = {"fused": True} if runtime.device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(

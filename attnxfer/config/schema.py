@@ -35,7 +35,9 @@ __all__ = [
     "TrainConfig",
     "TransferConfig",
     "apply_overrides",
+    "config_changes",
     "config_keys",
+    "describe_changes",
     "dump_config",
     "list_recipes",
     "load_config",
@@ -58,6 +60,13 @@ class ModelConfig:
     num_classes: int | None = None  # default: the dataset's
     drop_path_rate: float = 0.1
     mirror_teacher: bool = True  # copy the teacher's architectural choices (tokens, norms, ...)
+    # Pooling, applied after mirroring (so mirror_teacher never undoes it): null = the teacher's (or the
+    # timm model's); "avg" = MAE's fine-tuning head, mean over patch tokens then fc_norm (timm's
+    # global_pool="avg", fc_norm=True); "token" = class token after the final norm.
+    global_pool: str | None = None
+    fc_norm: bool | None = (
+        None  # null = timm's rule: a norm after pooling exactly when global_pool is avg/max
+    )
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,7 +78,7 @@ class TeacherConfig:
     arch: str | None = None  # architecture for a bare weights file
     revision: str | None = None
     cache_dir: str | None = None
-    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16 / fp16
+    dtype: str = "auto"  # auto = the run's precision (bf16 on GPU, fp32 on CPU); or fp32 / bf16 / fp16
 
 
 @dataclass
@@ -108,7 +117,9 @@ class AugConfig:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
-    reprob: float = 0.0  # random erasing (folder datasets)
+    reprob: float = 0.0  # random erasing probability (folder datasets)
+    remode: str = "const"  # random erasing fill: const (timm's default) | rand | pixel (MAE / the paper)
+    recount: int = 1  # random erasing: how many boxes per image
     auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (folder datasets)
 
 
@@ -119,6 +130,12 @@ class OptimConfig:
     min_lr: float = 1e-6
     weight_decay: float = 0.05
     layer_decay: float | None = None  # e.g. 0.75; None or 1 = off
+    # Which block gets which power of layer_decay (depth D, block i):
+    #   timm               timm's / MAE's param_groups_lrd on a plain ViT: block i decay^(D-i), stem decay^(D+1)
+    #   attention_transfer the paper's reference code (its lr_decay on the dual model): block i
+    #                      decay^(D-1-i) (the last block 1.0), stem decay^D
+    # Head, fc_norm and final norm get 1.0 under both.
+    layer_decay_rule: str = "timm"
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -185,7 +202,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; fp32 | bf16 | fp16
+    # auto = bf16 autocast on GPU, fp32 on CPU; fp32 | bf16 | fp16. The teacher follows it unless
+    # teacher.dtype says otherwise, so precision=fp32 is the one switch to the reference's fp32 training.
+    precision: str = "auto"
     deterministic: bool = False
     eval_only: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -271,6 +290,8 @@ RANGES: dict[str, Range] = {
     "model.drop_path_rate": _OPEN_FRACTION,
     "model.mirror_teacher": _ANY,
     "model.kwargs": _ANY,
+    "model.global_pool": _ANY,  # one of CHOICES
+    "model.fc_norm": _ANY,
     "teacher.spec": _ANY,
     "teacher.arch": _ANY,
     "teacher.revision": _ANY,
@@ -301,12 +322,15 @@ RANGES: dict[str, Range] = {
     "aug.mixup_prob": _FRACTION,
     "aug.mixup_switch_prob": _FRACTION,
     "aug.reprob": _FRACTION,
+    "aug.remode": _ANY,  # one of CHOICES
+    "aug.recount": _AT_LEAST_1,
     "aug.auto_augment": _ANY,
     "optim.lr": _POSITIVE,
     "optim.blr": _POSITIVE,
     "optim.min_lr": _NON_NEGATIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.layer_decay": Range(0, 1, low_open=True),
+    "optim.layer_decay_rule": _ANY,  # one of CHOICES
     "optim.beta1": _OPEN_FRACTION,
     "optim.beta2": _OPEN_FRACTION,
     "optim.eps": _POSITIVE,
@@ -375,6 +399,46 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# `X | None` (types.UnionType) and `Optional[X]` (typing.Union) are both unions
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if (
+            isinstance(value, Mapping)
+            and value
+            and dataclasses.is_dataclass(value) is False
+            and key != "kwargs"
+        ):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(base: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value in ``cfg`` differs from ``base`` (the recipe it started from):
+    ``{key: (recipe value, value)}``."""
+    old, new = _flatten(to_dict(base)), _flatten(to_dict(cfg))
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:
+    """What a run changes from its recipe, one ``key: recipe value -> value`` line each."""
+    where = f"recipe {recipe}" if recipe else "the defaults"
+    changes = config_changes(base, cfg)
+    if not changes:
+        return f"config: {where}, unchanged"
+    lines = [f"config: {where}, {len(changes)} value(s) changed:"]
+    lines += [f"  {k}: {yaml_value(a)} -> {yaml_value(b)}" for k, (a, b) in changes.items()]
+    return "\n".join(lines)
+
+
+def yaml_value(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
@@ -469,6 +533,24 @@ def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
     )
 
 
+#: string keys with a closed set of values (checked when a config is loaded, so a typo never trains)
+CHOICES: dict[str, tuple[str | None, ...]] = {
+    "model.global_pool": (None, "token", "avg", "max", "avgmax", "map", ""),
+    "aug.remode": ("const", "rand", "pixel"),
+    "optim.layer_decay_rule": ("timm", "attention_transfer"),
+}
+
+
+def _check_choice(key: str, value: Any) -> None:
+    allowed = CHOICES.get(key)
+    if allowed is None or value in allowed:
+        return
+    names = [a for a in allowed if a]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}{hint}")
+
+
 def _merge(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
@@ -482,6 +564,7 @@ def _merge(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
             changes[key] = _merge(getattr(obj, key), value, f"{prefix}{key}.")
         else:
             changes[key] = _coerce(value, tp, prefix + key)
+            _check_choice(prefix + key, changes[key])
     return dataclasses.replace(obj, **changes)
 
 

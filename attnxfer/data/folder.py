@@ -105,12 +105,14 @@ def build_folder(
     color_jitter: float = 0.0,
     auto_augment: str | None = None,
     re_prob: float = 0.0,
+    re_mode: str = "const",
+    re_count: int = 1,
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
 ) -> FolderDataset:
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
-    random erasing ``re_prob``. Eval: resize to img_size / crop_pct, centre crop."""
+    random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop."""
     from timm.data import (  # local import keeps `import attnxfer.data` light
         create_dataset,
         create_transform,
@@ -134,6 +136,8 @@ def build_folder(
         color_jitter=color_jitter,
         auto_augment=auto_augment,
         re_prob=re_prob,
+        re_mode=re_mode,
+        re_count=re_count,
         interpolation=interpolation,
         crop_pct=crop_pct,
         mean=mean,

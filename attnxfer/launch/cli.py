@@ -53,12 +53,36 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None
         metavar="key=value",
         help="dotted overrides, e.g. transfer.mode=copy optim.lr=1e-3 transfer.layers=[0,1]",
     )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and every value that differs from the recipe, then exit",
+    )
+
+
+def _changes(args, cfg) -> str:
+    from ..config import describe_changes, load_config
+
+    return describe_changes(load_config(args.config), cfg, args.config)
 
 
 def _load(args):
+    """The config, and (on the main process) what it changes from its recipe, printed at start-up."""
     from ..config import load_config
 
-    return load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
+    if os.environ.get("RANK", "0") == "0" and not getattr(args, "print_config", False):
+        print(_changes(args, cfg), flush=True)
+    return cfg
+
+
+def _print_config(args) -> int:
+    from ..config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg).rstrip())
+    print("# " + _changes(args, cfg).replace("\n", "\n# "))
+    return 0
 
 
 @register_command("train")
@@ -95,10 +119,16 @@ def _eval_parser(sub):
 
 def _cmd_eval(args) -> int:
     from ..apps.training import evaluate_run
+    from ..apps.uncertainty import correct_count, format_top1
 
     result = evaluate_run(_load(args))
     for k, v in result.metrics.items():
         print(f"{k}: {v:.4f}")
+    for prefix in ("val", "ema_val"):
+        top1, n = result.metrics.get(f"{prefix}_top1"), int(result.metrics.get(f"{prefix}_count", 0))
+        if top1 is not None and n:
+            interval = format_top1(correct_count(top1, n), n)
+            print(f"{prefix}_top1 (%) [95% Wilson interval, {n} images]: {interval}")
     print(f"step {result.step} ({result.checkpoint}) -> {result.path}")
     return 0
 
@@ -125,13 +155,25 @@ def _demo_parser(sub):
         "--teacher-steps", type=_positive_int, default=None, help="optimiser steps for the teacher"
     )
     p.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny budgets)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="students per run kind, one per seed (teacher once): mean ± std and paired McNemar tests",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
     from ..apps.demo import run_demo
 
-    run_demo(args.out, budget_steps=args.budget_steps, teacher_steps=args.teacher_steps, quick=args.quick)
+    run_demo(
+        args.out,
+        budget_steps=args.budget_steps,
+        teacher_steps=args.teacher_steps,
+        quick=args.quick,
+        seeds=args.seeds,
+    )
     return 0
 
 
@@ -341,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "print_config", False):
+            return _print_config(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", file=sys.stderr)

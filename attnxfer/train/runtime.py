@@ -89,6 +89,9 @@ def create_runtime(
     return Runtime(accelerator, precision)
 
 
-def teacher_dtype(name: str) -> torch.dtype | None:
-    """The teacher's dtype for a config name; None = decided by the device (bf16 on GPU)."""
-    return None if name == "auto" else TORCH_DTYPES[name]
+def teacher_dtype(name: str, precision: str | None = None) -> torch.dtype | None:
+    """The teacher's dtype for a config name. ``auto`` follows the run's resolved ``precision`` (so
+    ``precision=fp32`` runs the teacher in fp32 too); without one, None = decided by the device."""
+    if name != "auto":
+        return TORCH_DTYPES[name]
+    return TORCH_DTYPES.get(precision) if precision else None

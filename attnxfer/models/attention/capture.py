@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .interface import QKV, AttentionIO, TransferableAttention, attention_io
+from .softmax import make_transfer_aware
 
 __all__ = ["CAPTURE_FIELDS", "attention_maps", "capture_attention", "transfer_attentions"]
 
@@ -21,20 +22,13 @@ CAPTURE_FIELDS = ("input", "q", "k", "v", "output")
 
 
 def transfer_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
-    """The model's per-block attention modules, in depth order; each must meet the interface."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise TypeError(
-            f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style models"
-        )
-    attns = [blk.attn for blk in blocks]
-    for i, a in enumerate(attns):
-        if not isinstance(a, TransferableAttention):
-            raise TypeError(
-                f"blocks.{i}.attn is {type(a).__name__}; call attnxfer.models.make_transfer_aware(model) "
-                "first"
-            )
-    return attns
+    """The model's per-block attention modules, in depth order.
+
+    A plain timm ViT is accepted as it is: its `timm.layers.Attention` blocks are made transfer-aware in
+    place (`make_transfer_aware`, a class swap that keeps every tensor and name), so every entry point
+    that takes models works on ``timm.create_model(...)`` output."""
+    make_transfer_aware(model)
+    return [blk.attn for blk in model.blocks]
 
 
 @torch.no_grad()

@@ -1,0 +1,79 @@
+"""How sure an accuracy is: a 95 % interval for every top-1 the project reports, and paired tests.
+
+A top-1 on n validation images is a binomial proportion: on the demo's 1,000 images a 95 % interval is
+about ±2 points, so two runs 1 point apart are not different runs. Every report (demo table, ``attnxfer
+eval``, the conversion report) goes through `top1_interval` / `format_top1`; two models evaluated on the
+same images are compared with McNemar's exact test on the images only one of them gets right
+(`mcnemar`), and several seeds with mean ± sample std (`mean_std`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binomtest
+
+__all__ = ["Paired", "format_top1", "mcnemar", "mean_std", "top1_interval"]
+
+
+def top1_interval(
+    correct: int, total: int, confidence: float = 0.95, method: str = "wilson"
+) -> tuple[float, float]:
+    """The ``confidence`` interval of a top-1 of ``correct``/``total``, in percent.
+
+    ``method``: ``wilson`` (Wilson score, the default) or ``exact`` (Clopper–Pearson), as
+    scipy.stats.binomtest(...).proportion_ci computes them."""
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"top1_interval: need 0 <= correct <= total and total > 0, got {correct}/{total}")
+    ci = binomtest(int(correct), int(total)).proportion_ci(confidence_level=confidence, method=method)
+    return 100.0 * ci.low, 100.0 * ci.high
+
+
+def correct_count(top1_percent: float, total: int) -> int:
+    """The number of right answers behind a top-1 (percent) on ``total`` images."""
+    return round(top1_percent * total / 100.0)
+
+
+def format_top1(correct: int, total: int, digits: int = 2) -> str:
+    """``85.60 [83.30, 87.60]``: top-1 (%) and its 95 % Wilson interval."""
+    lo, hi = top1_interval(correct, total)
+    return f"{100.0 * correct / total:.{digits}f} [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]"
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("mean_std: no values")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Two models on the same images: how many only A / only B got right, and McNemar's exact p-value."""
+
+    only_a: int
+    only_b: int
+    p_value: float
+
+    @property
+    def discordant(self) -> int:
+        return self.only_a + self.only_b
+
+
+def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paired:
+    """McNemar's exact test: under "A and B are equally accurate" each image that exactly one of them gets
+    right is a fair coin flip, so only_a ~ Binomial(discordant, 1/2) (two-sided binomtest)."""
+    a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
+    if a.shape != b.shape:
+        raise ValueError(f"mcnemar: the two models were scored on different images ({a.shape} vs {b.shape})")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return Paired(only_a, only_b, float(min(1.0, p)))
+
+
+def format_p(p: float) -> str:
+    return "<0.001" if p < 1e-3 else f"{p:.3f}" if not math.isnan(p) else "—"
