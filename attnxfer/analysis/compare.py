@@ -421,7 +421,7 @@ def _walk_layer(
                     continue
                 sums = s_sums[name][i]
                 p_bar = _grouped(p, a.shape[1])
-                pp, ap = _compare_rows(sums, p_bar, a, rows, lay, topk)
+                _, ap = _compare_rows(sums, p_bar, a, rows, lay, topk)
                 _side(sums, a, rows, lay)
                 # head costs: every teacher head against every student head, on the probe rows
                 tp = p[:, :, lay.probe_in(rows)]
