@@ -16,9 +16,11 @@ from .compare import (
     LayerComparison,
     Subject,
     TeacherLayer,
+    class_token_maps,
     compare_attention,
     layer_agreement,
     layer_qk,
+    rollout_class_maps,
     token_layout,
 )
 from .metrics import (
@@ -44,6 +46,7 @@ __all__ = [
     "TeacherLayer",
     "attention_distance",
     "attention_rollout",
+    "class_token_maps",
     "compare_attention",
     "head_assignment",
     "layer_agreement",
@@ -51,6 +54,7 @@ __all__ = [
     "patch_distances",
     "pearson",
     "renormalise",
+    "rollout_class_maps",
     "row_entropy",
     "row_js",
     "row_kl",

@@ -27,6 +27,7 @@ from ..models.attention.numerics import row_chunk, row_slices
 from ..transfer.plan import map_layers
 from .metrics import (
     attention_distance,
+    attention_rollout,
     head_assignment,
     patch_distances,
     pearson,
@@ -45,9 +46,11 @@ __all__ = [
     "LayerComparison",
     "Subject",
     "TeacherLayer",
+    "class_token_maps",
     "compare_attention",
     "layer_agreement",
     "layer_qk",
+    "rollout_class_maps",
     "token_layout",
 ]
 
@@ -226,28 +229,39 @@ class _Layout:
 
 
 def _compare_rows(
-    sums: _Sums, p: torch.Tensor, q: torch.Tensor, rows: slice, lay: _Layout, topk: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Add the pair metrics of teacher rows ``p`` and other rows ``q`` (B, H, R, N) to ``sums``; returns
-    the probe rows of both (for rank correlation and head costs)."""
-    sums.add("kl", row_kl(p, q))
-    sums.add("js", row_js(p, q))
-    sums.add("topk", topk_overlap(p, q, topk))
+    sums: _Sums,
+    p: torch.Tensor,
+    q: torch.Tensor,
+    h_p: torch.Tensor,
+    h_q: torch.Tensor,
+    rows: slice,
+    lay: _Layout,
+    topk: int,
+) -> torch.Tensor:
+    """Add the pair metrics of teacher rows ``p`` and other rows ``q`` (B, H, R, N), whose row entropies
+    are ``h_p``/``h_q``, to ``sums``; returns the probe rows of ``q`` (for head costs). Top-k overlap and
+    rank correlation (sorts, the costly part) use the probe rows."""
+    sums.add("kl", row_kl(p, q, h_p))
+    sums.add("js", row_js(p, q, h_p, h_q))
     probe = lay.probe_in(rows)
     pp, qp = p[:, :, probe], q[:, :, probe]
+    sums.add("topk", topk_overlap(pp, qp, topk))
     sums.add("spearman", spearman_rows(pp, qp))
     if rows.start == 0 and lay.prefix > 0:
         cp, cq = renormalise(p[:, :, 0, lay.prefix :]), renormalise(q[:, :, 0, lay.prefix :])
         sums.add("cls_js", row_js(cp, cq)[..., None])
         sums.add("cls_pearson", pearson(cp, cq)[..., None])
-    return pp, qp
+    return qp
 
 
-def _side(sums: _Sums, p: torch.Tensor, rows: slice, lay: _Layout) -> None:
-    sums.add("entropy", row_entropy(p))
+def _side(sums: _Sums, p: torch.Tensor, rows: slice, lay: _Layout) -> torch.Tensor:
+    """Add one model's row entropy and attention distance to ``sums``; returns the row entropies."""
+    h = row_entropy(p)
+    sums.add("entropy", h)
     local, dist_rows = lay.patch_part(rows)
     if local.stop > local.start:
         sums.add("distance", attention_distance(p[:, :, local, lay.prefix :], lay.distances[dist_rows]))
+    return h
 
 
 def _signed_note(kind: MapKind) -> str:
@@ -268,7 +282,7 @@ def compare_attention(
     topk: int = 5,
     noise: float = 0.1,
     floor_images: int | None = 16,
-    probe_rows: int = 50,
+    probe_rows: int = 16,
     chunk: int | None = None,
     progress: bool = False,
 ) -> Inspection:
@@ -408,10 +422,12 @@ def _walk_layer(
     step = row_chunk(q_t, n, chunk, live_tensors=live)
     for rows in row_slices(0, n, step):
         p = t_attn.attention_map(q_t, k_t, rows)
-        _side(t_sums, p, rows, lay)
+        h_p = _side(t_sums, p, rows, lay)
         if f_qk is not None:
             pf = t_attn.attention_map(f_qk["q"], f_qk["k"], rows)
-            _compare_rows(f_sums, p[: pf.shape[0]], pf, rows, lay, topk)
+            b = pf.shape[0]
+            _compare_rows(f_sums, p[:b], pf, h_p[:b], row_entropy(pf), rows, lay, topk)
+        tp = p[:, :, lay.probe_in(rows)]
         for name, layers in mine.items():
             subject = subjects[name]
             for i in layers:
@@ -420,12 +436,21 @@ def _walk_layer(
                 if a is None:
                     continue
                 sums = s_sums[name][i]
-                p_bar = _grouped(p, a.shape[1])
-                _, ap = _compare_rows(sums, p_bar, a, rows, lay, topk)
-                _side(sums, a, rows, lay)
+                h_a = _side(sums, a, rows, lay)
+                if a.shape[1] == p.shape[1]:
+                    p_bar, h_bar = p, h_p
+                else:
+                    p_bar = _grouped(p, a.shape[1])
+                    h_bar = row_entropy(p_bar)
+                ap = _compare_rows(sums, p_bar, a, h_bar, h_a, rows, lay, topk)
                 # head costs: every teacher head against every student head, on the probe rows
-                tp = p[:, :, lay.probe_in(rows)]
-                cost = torch.stack([row_js(tp[:, h : h + 1], ap).sum((0, 2)) for h in range(tp.shape[1])])
+                h_ap = row_entropy(ap)
+                cost = torch.stack(
+                    [
+                        row_js(tp[:, h : h + 1], ap, row_entropy(tp[:, h : h + 1]), h_ap).sum((0, 2))
+                        for h in range(tp.shape[1])
+                    ]
+                )
                 costs[name][i] = cost.double().cpu() + (0 if costs[name][i] is None else costs[name][i])
                 cost_rows[name][i] += tp.shape[0] * tp.shape[2]
 
@@ -454,3 +479,53 @@ def layer_agreement(
         total += float(v.double().sum())
         count += v.numel()
     return total / max(1, count)
+
+
+@torch.no_grad()
+def class_token_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    qk: list[dict[str, torch.Tensor]] | None = None,
+) -> list[torch.Tensor | None]:
+    """Per layer the class token's attention over the patches, (B, H, grid_h, grid_w), rows renormalised
+    over patch keys (signed maps clipped at 0 first); None for layers without a map or models without a
+    class token. Borrowed q/k (attention copy) are what the layer attends with; ``qk``: `layer_qk`'s output
+    for ``x`` if already computed."""
+    lay = token_layout(model)
+    if lay["prefix"] == 0:
+        return [None] * len(model.blocks)
+    out = []
+    qk = qk if qk is not None else layer_qk(model, x, borrow)
+    for attn, layer in zip(transfer_attentions(model), qk):
+        borrowed = bool(borrow) and len(out) in borrow
+        if not (borrowed or attn.map_kind.has_map):
+            out.append(None)
+            continue
+        row = attn.attention_map(layer["q"], layer["k"], slice(0, 1))[:, :, 0, lay["prefix"] :].clamp_min(0)
+        out.append(renormalise(row).reshape(*row.shape[:2], *lay["grid"]).float().cpu())
+    return out
+
+
+@torch.no_grad()
+def rollout_class_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    qk: list[dict[str, torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """The class token's row of the attention rollout over the patches, (B, grid_h, grid_w), renormalised.
+    Builds each layer's whole head-averaged map: meant for the few images of a picture."""
+    lay = token_layout(model)
+    if lay["prefix"] == 0:
+        raise ValueError("attention rollout of the class token needs a model with a class token")
+    maps = []
+    qk = qk if qk is not None else layer_qk(model, x, borrow)
+    for i, (attn, layer) in enumerate(zip(transfer_attentions(model), qk)):
+        borrowed = bool(borrow) and i in borrow
+        if not (borrowed or attn.map_kind.has_map):
+            maps.append(None)
+            continue
+        maps.append(attn.attention_map(layer["q"], layer["k"]).clamp_min(0).mean(1))
+    rolled = attention_rollout(maps)[:, 0, lay["prefix"] :]
+    return renormalise(rolled).reshape(rolled.shape[0], *lay["grid"]).float().cpu()

@@ -46,17 +46,26 @@ def row_entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(-1)
 
 
-def row_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """KL(p ‖ q) = Σ_j p_j (log p_j − log q_j) per row (q floored where p has mass and q has none)."""
-    return (torch.special.xlogy(p, p) - p * torch.log(_floor(q))).sum(-1)
+def row_kl(p: torch.Tensor, q: torch.Tensor, entropy_p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_j p_j (log p_j − log q_j) per row (q floored where p has mass and q has none).
+
+    ``entropy_p``: H(p) per row if the caller has it already (it saves a pass)."""
+    h_p = row_entropy(p) if entropy_p is None else entropy_p
+    return -h_p - (p * torch.log(_floor(q))).sum(-1)
 
 
-def row_js(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def row_js(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    entropy_p: torch.Tensor | None = None,
+    entropy_q: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q) / 2, per row: symmetric, finite,
-    in [0, log 2] (so rows where one side has zeros are compared without a floor)."""
-    m = 0.5 * (p + q)
-    log_m = torch.log(_floor(m))
-    return 0.5 * ((torch.special.xlogy(p, p) - p * log_m) + (torch.special.xlogy(q, q) - q * log_m)).sum(-1)
+    in [0, log 2] (rows where one side has zeros are compared without a floor). Computed as
+    H(m) − ½ (H(p) + H(q)); pass the row entropies if you have them."""
+    h_p = row_entropy(p) if entropy_p is None else entropy_p
+    h_q = row_entropy(q) if entropy_q is None else entropy_q
+    return (row_entropy(0.5 * (p + q)) - 0.5 * (h_p + h_q)).clamp_min(0)
 
 
 def topk_overlap(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
@@ -77,12 +86,24 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(denom > 0, (a * b).sum(-1) / denom.clamp_min(1e-30), torch.nan)
 
 
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last axis, ties averaged (as scipy.stats.rankdata): torch's ordinal ranks, and
+    scipy's for the rows that have ties (a window attention's zeros, say)."""
+    order = x.argsort(-1)
+    ranks = torch.empty_like(x).scatter_(
+        -1, order, torch.arange(1, x.shape[-1] + 1, dtype=x.dtype).expand_as(x)
+    )
+    tied = (x.gather(-1, order).diff(dim=-1) == 0).any(-1)
+    if tied.any():
+        rows = x[tied].detach().cpu().double().numpy()
+        ranks[tied] = torch.from_numpy(rankdata(rows, axis=-1)).to(ranks)
+    return ranks
+
+
 def spearman_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row (scipy's ranks, ties averaged, then Pearson on the ranks);
-    NaN for constant rows."""
-    rp = torch.from_numpy(rankdata(p.detach().cpu().numpy(), axis=-1)).to(p.dtype)
-    rq = torch.from_numpy(rankdata(q.detach().cpu().numpy(), axis=-1)).to(p.dtype)
-    return pearson(rp, rq).to(p.device)
+    """Spearman rank correlation per row (ties averaged, then Pearson on the ranks, as
+    scipy.stats.spearmanr does); NaN for constant rows."""
+    return pearson(_ranks(p), _ranks(q))
 
 
 def renormalise(rows: torch.Tensor) -> torch.Tensor:
