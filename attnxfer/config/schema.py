@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,9 @@ class EMAConfig:
 class LogConfig:
     every_steps: int = 20
     tensorboard: bool = True
+    attention_images: int = (
+        2  # validation images whose class-token maps go to TensorBoard at each eval (0: none)
+    )
     progress: bool = True
 
 
@@ -213,12 +217,14 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+#: ``Optional[X]`` and ``X | None`` (what ruff's pyupgrade writes) are different origins at run time.
+_UNIONS = (Union, types.UnionType)
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _type_name(tp: Any) -> str:
     """How a user would say the type: 'a number or null', 'a list of integers'."""
-    if typing.get_origin(tp) is Union:
+    if typing.get_origin(tp) in _UNIONS:
         args = typing.get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
@@ -232,7 +238,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
