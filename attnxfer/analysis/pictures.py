@@ -48,9 +48,16 @@ def figure_pixels(width: float, height: float) -> tuple[int, int]:
     return round(width * DPI), round(height * DPI)
 
 
-def display_image(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """A normalised (C, H, W) input as an (H, W[, 3]) array in [0, 1] for display."""
-    img = x.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+def display_image(
+    x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
+    """A normalised (C, H, W) input as an (H, W[, 3]) array in [0, 1] for display: un-normalised with
+    ``mean``/``std``, or (without them) stretched from its min to its max."""
+    img = x.detach().float().cpu()
+    if mean is not None and std is not None:
+        img = img * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    else:
+        img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)
     img = img.clamp(0, 1).numpy()
     return img[0] if img.shape[0] == 1 else img[:3].transpose(1, 2, 0)
 
