@@ -147,6 +147,7 @@ class LoopSettings:
     accum_steps: int = 1
     log_every: int = 20
     tensorboard: bool = True
+    progress: bool = True
     attention_images: int = 0  # validation images whose class-token maps go to TensorBoard at each eval
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     eval_only: bool = False
