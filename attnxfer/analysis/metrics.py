@@ -49,9 +49,10 @@ def row_entropy(p: torch.Tensor) -> torch.Tensor:
 def row_kl(p: torch.Tensor, q: torch.Tensor, entropy_p: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p ‖ q) = Σ_j p_j (log p_j − log q_j) per row (q floored where p has mass and q has none).
 
-    ``entropy_p``: H(p) per row if the caller has it already (it saves a pass)."""
+    ``entropy_p``: H(p) per row if the caller has it already (it saves a pass). Rounding below zero is
+    clipped (KL ≥ 0)."""
     h_p = row_entropy(p) if entropy_p is None else entropy_p
-    return -h_p - (p * torch.log(_floor(q))).sum(-1)
+    return (-h_p - (p * torch.log(_floor(q))).sum(-1)).clamp_min(0)
 
 
 def row_js(
