@@ -323,7 +323,7 @@ def write_report(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = {n: s.spec for n, s in students.items()}
-    payload = {"teacher": teacher.spec, "students": names, **dataclasses.asdict(insp)}
+    payload = {"specs": {"teacher": teacher.spec, "students": names}, **dataclasses.asdict(insp)}
     atomic_write_json(out / "metrics.json", _json(payload))
     atomic_write_text(out / "report.md", render_report(insp, teacher.spec, names))
     written = [out / "metrics.json", out / "report.md"]
