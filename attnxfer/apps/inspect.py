@@ -464,13 +464,16 @@ def agreement_sentence(insp: Inspection) -> str:
         best, worst = min(js), max(js)
         dist = _mean_of([r.mean.get("distance", math.nan) for r in rows])
         copied = sum(1 for r in rows if r.borrowed)
+        if copied == len(rows):
+            parts.append(
+                f"{name}: every layer attends with the teacher's own maps (JS 0); distance {dist:.1f} px."
+            )
+            continue
         lead = f"{name}: {copied} layers attend with the teacher's maps (JS 0); " if copied else f"{name}: "
+        ratio = f" ({mean_js / floor:.0f}x the floor)" if floor > 0 else ""
         parts.append(
-            f"{lead}mean JS {mean_js:.3f} ({mean_js / floor:.0f}x the floor), closest in layer {best[1]} "
-            f"({best[0]:.3f}), furthest in layer {worst[1]} ({worst[0]:.3f}); attention distance {dist:.1f} px."
-            if floor > 0
-            else f"{lead}mean JS {mean_js:.3f}, closest in layer {best[1]}, furthest in layer {worst[1]}; "
-            f"attention distance {dist:.1f} px."
+            f"{lead}mean JS {mean_js:.3f}{ratio}, closest in layer {best[1]} ({best[0]:.3f}), furthest in "
+            f"layer {worst[1]} ({worst[0]:.3f}); attention distance {dist:.1f} px."
         )
     return " ".join(parts)
 
