@@ -331,12 +331,14 @@ def write_report(
     x = images[: max(1, picture_images)]
     t_qk = layer_qk(teacher.model, x)
     t_cls = class_token_maps(teacher.model, x, qk=t_qk)
-    rollouts = {"teacher": rollout_class_maps(teacher.model, x, qk=t_qk)}
+    has_cls = insp.tokens["prefix"] > 0  # rollout and class-token maps need a class token
+    rollouts = {"teacher": rollout_class_maps(teacher.model, x, qk=t_qk)} if has_cls else {}
     for name, s in students.items():
         borrow = {i: {c: t_qk[t][c] for c in chunks if c in "qk"} for i, (t, chunks) in s.borrow.items()}
         s_qk = layer_qk(s.model, x, borrow)
         s_cls = class_token_maps(s.model, x, borrow, qk=s_qk)
-        rollouts[name] = rollout_class_maps(s.model, x, borrow, qk=s_qk)
+        if has_cls:
+            rollouts[name] = rollout_class_maps(s.model, x, borrow, qk=s_qk)
         for b in range(x.shape[0]):
             fig = class_token_figure(
                 display_image(x[b], mean, std),
@@ -348,7 +350,7 @@ def write_report(
             path = out / f"cls_maps_{_slug(name)}_img{b}.png"
             save_figure(fig, path)
             written.append(path)
-    for b in range(x.shape[0]):
+    for b in range(x.shape[0] if has_cls else 0):
         path = out / f"rollout_img{b}.png"
         save_figure(
             rollout_figure(display_image(x[b], mean, std), {k: v[b] for k, v in rollouts.items()}), path
