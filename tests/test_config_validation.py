@@ -81,6 +81,7 @@ TABLE: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "log.every_steps": (NUM, False, False, None),
     "log.tensorboard": (BOOL, False, False, None),
     "log.progress": (BOOL, False, False, None),
+    "log.attention_images": (NUM, True, False, None),
     "checkpoint.every_steps": (NUM, False, False, None),
     "checkpoint.every_minutes": (NUM, False, False, None),
     "checkpoint.every_epoch": (BOOL, False, False, None),

@@ -26,6 +26,7 @@ from ..models import attention_maps, make_transfer_aware
 from ..sources.teacher import load_teacher
 from ..train.metrics import read_metrics
 from ..transfer.plan import MODES
+from .inspect import demo_agreement
 from .run_parts import build_student
 from .seed_stats import paired_table, per_image_correct, results_table
 from .training import train
@@ -231,5 +232,6 @@ def run_demo(
     )
     curves = _plot_curves(out_dir, runs, teacher["val_top1"])
     pictures = [p for p in (curves, _plot_attention(out_dir, str(export_dir), runs)) if p]
+    pictures.append(demo_agreement(out_dir, export_dir, runs))  # per-layer agreement + distance vs teacher
     print(f"[demo] table: {out_dir / 'results.md'}; pictures: {', '.join(map(str, pictures))}", flush=True)
     return {"teacher": teacher, **{label: results[0] for label, results in rows.items()}}

@@ -90,6 +90,7 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
         accum_steps=cfg.optim.accum_steps,
         log_every=cfg.log.every_steps,
         tensorboard=cfg.log.tensorboard,
+        attention_images=cfg.log.attention_images,
         progress=cfg.log.progress,
         checkpoint=CheckpointPolicy(
             every_steps=c.every_steps,

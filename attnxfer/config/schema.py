@@ -159,6 +159,9 @@ class EMAConfig:
 class LogConfig:
     every_steps: int = 20
     tensorboard: bool = True
+    attention_images: int = (
+        2  # validation images whose class-token maps go to TensorBoard at each eval (0: none)
+    )
     progress: bool = True
 
 
@@ -343,6 +346,7 @@ RANGES: dict[str, Range] = {
     "log.every_steps": _AT_LEAST_1,
     "log.tensorboard": _ANY,
     "log.progress": _ANY,
+    "log.attention_images": _NON_NEGATIVE,
     "checkpoint.every_steps": _AT_LEAST_1,
     "checkpoint.every_minutes": _POSITIVE,
     "checkpoint.every_epoch": _ANY,

@@ -26,6 +26,7 @@ examples:
   attnxfer train -c cfgs/paper/vit_large_copy.yaml data.root=/data/imagenet
   attnxfer eval  -c runs/my-run/config.yaml
   attnxfer convert -c convert/demo_hedgehog                # softmax teacher -> Hedgehog student + report
+  attnxfer inspect local-dir:runs/demo/teacher/export runs/demo/distill --data animal_mnist
   attnxfer submit -c paper/vit_large_distill data.root=/data/imagenet --nodes 8 --gpus-per-node 8
   attnxfer submit --command convert -c convert/vit_base_mae_performer data.root=/data/imagenet --gpus-per-node 8
 """
@@ -300,6 +301,84 @@ def _cmd_export(args) -> int:
         else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)"
     )
     print(f"exported to {out}\nload with: {how}")
+    return 0
+
+
+@register_command("inspect")
+def _inspect_parser(sub):
+    p = sub.add_parser(
+        "inspect",
+        help="does a student attend like its teacher? per-layer/head agreement, head matching, pictures",
+        description="Compare STUDENT's attention maps (one or more; softmax or efficient attention, through "
+        "their implicit maps) with TEACHER's on images: KL, Jensen-Shannon, top-k overlap, rank correlation, "
+        "entropy, attention distance and class-token agreement per layer and head, beside a floor (the "
+        "teacher against itself on noisy inputs); the optimal teacher-student head assignment per layer; "
+        "class-token maps, rollout and per-layer curves. Writes OUT/metrics.json, report.md and PNGs. "
+        "Specs: timm names, hf-hub:ORG/NAME, local-dir:PATH, weight files (with --teacher-arch/--student-arch), "
+        "`attnxfer export` folders and RUN_DIRs (a copy-mode run needs its own teacher as TEACHER).",
+    )
+    p.add_argument("teacher", metavar="TEACHER")
+    p.add_argument("students", metavar="STUDENT", nargs="+")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--images", nargs="+", metavar="FILE", default=(), help="image files to inspect on")
+    what.add_argument(
+        "--data", metavar="DATASET", help="a registered dataset (animal_mnist, folder, synthetic)"
+    )
+    p.add_argument("--data-root", default=None, help="dataset root (folder datasets)")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--num-images", type=int, default=64, help="images taken from --data (default 64)")
+    p.add_argument("--out", default="runs/inspect", help="report folder (default runs/inspect)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="timm names with random weights (no download; smoke tests)",
+    )
+    p.add_argument("--teacher-arch", default=None, help="timm architecture of a TEACHER weight file")
+    p.add_argument("--student-arch", default=None, help="timm architecture of STUDENT weight files")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--topk", type=int, default=5, help="k of the top-k overlap of rows (default 5)")
+    p.add_argument("--noise", type=float, default=0.1, help="input noise std of the floor (normalised units)")
+    p.add_argument(
+        "--floor-images", type=int, default=16, help="images the floor is measured on (default 16)"
+    )
+    p.add_argument("--pictures", type=int, default=1, help="images drawn as class-token grids (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _cmd_inspect(args) -> int:
+    from ..apps.inspect import inspect_attention
+
+    for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    result = inspect_attention(
+        args.teacher,
+        args.students,
+        images=args.images,
+        data=args.data,
+        data_root=args.data_root,
+        split=args.split,
+        num_images=args.num_images,
+        out=args.out,
+        overwrite=args.overwrite,
+        pretrained=not args.random_weights,
+        teacher_arch=args.teacher_arch,
+        student_arch=args.student_arch,
+        batch_size=args.batch_size,
+        picture_images=args.pictures,
+        seed=args.seed,
+        topk=args.topk,
+        noise=args.noise,
+        floor_images=args.floor_images,
+        progress=True,
+    )
+    for name, layers in result["students"].items():
+        js = [r["mean"].get("js") for r in layers if r["mean"].get("js") is not None]
+        mean_js = sum(js) / len(js) if js else float("nan")
+        print(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(layers)} layers")
+    print(f"report: {args.out}/report.md (metrics.json, PNGs beside it)")
     return 0
 
 

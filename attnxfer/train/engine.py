@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..analysis import class_token_maps, layer_qk
+from ..analysis.pictures import class_token_figure, display_image, figure_array
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
     STATE_NAME,
@@ -151,6 +153,7 @@ class LoopSettings:
     log_every: int = 20
     tensorboard: bool = True
     progress: bool = True
+    attention_images: int = 0  # validation images whose class-token maps go to TensorBoard at each eval
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     eval_only: bool = False
 
@@ -214,6 +217,7 @@ class Engine:
         self.best_top1: float | None = None
         self.last_ckpt: str | None = None
         self.history: list[dict[str, float]] = []
+        self._picture_x: torch.Tensor | None = None
 
     def save(self, metric: float | None = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes."""
@@ -387,6 +391,41 @@ class Engine:
         self.resume()
         return self._evaluate_all()
 
+    @torch.no_grad()
+    def _log_attention_pictures(self) -> None:
+        """Class-token maps (layer × head) of a few fixed validation images, the teacher's beside the
+        student's, to TensorBoard: rank 0, at evaluations only."""
+        n = max(0, self.settings.attention_images)
+        if not (n and self.is_main and self.metrics.has_tensorboard):
+            return
+        if self._picture_x is None:
+            self._picture_x = next(iter(self.val_loader))[0][:n]
+        x = self._picture_x.to(self.accelerator.device)
+        teacher, student = self.dual.teacher, self.dual.student
+        was = student.training
+        student.eval()
+        try:
+            borrow, t_cls = {}, None
+            if teacher is not None:
+                t_qk = layer_qk(teacher, x)
+                t_cls = class_token_maps(teacher, x, qk=t_qk)
+                chunks = self.plan.mode.borrow
+                borrow = {
+                    s: {c: t_qk[t][c] for c in chunks if c in "qk"} for s, t in self.plan.pairs if chunks
+                }
+            s_cls = class_token_maps(student, x, borrow)
+        finally:
+            student.train(was)
+        for b in range(x.shape[0]):
+            pick = lambda maps, b=b: [m[b] if m is not None else None for m in maps]
+            image = display_image(x[b])
+            fig = (
+                class_token_figure(image, pick(t_cls), pick(s_cls))
+                if t_cls is not None
+                else class_token_figure(image, pick(s_cls), names=("student", ""))
+            )
+            self.metrics.log_image(f"attention/cls_maps_{b}", self.step, figure_array(fig))
+
     def run(self) -> TrainResult:
         s, acc = self.settings, self.accelerator
         start = time.monotonic()
@@ -457,6 +496,7 @@ class Engine:
                 self.best_top1 = top1
             final["best_top1"] = self.best_top1
             self.metrics.log("val", self.step, final, epoch=self.epoch + self.position / epoch_len)
+            self._log_attention_pictures()
             self.history.append({"step": self.step, "epoch": self.epoch + self.position / epoch_len, **final})
             if self.is_main:
                 print(

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..analysis import layer_agreement
 from ..models.attention import attention_name_of, capture_attention
 from ..models.efficient import check_softmax_teacher
-from ..transfer.map_losses import default_map_loss, map_distillation_loss, output_mse
+from ..transfer.map_losses import default_map_loss, output_mse
 from .distributed import sum_over_ranks
 
 __all__ = ["evaluate_top1", "map_agreement", "relative_speed"]
@@ -63,7 +64,8 @@ def map_agreement(
                 out = attn(t[i]["input"])
             out_mse = float(output_mse(out, t[i]["output"]))
             if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
-                value = float(map_distillation_loss(attn, q, k, t[i]["q"], t[i]["k"]).metric)
+                metric = default_map_loss(attn.map_kind).metric
+                value = layer_agreement(teacher.blocks[i].attn, t[i], attn, {"q": q, "k": k}, metric)
             else:
                 value = out_mse
             sums[i][0] += value * x.shape[0]

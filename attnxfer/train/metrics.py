@@ -76,6 +76,15 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    @property
+    def has_tensorboard(self) -> bool:
+        return self._tb is not None
+
+    def log_image(self, tag: str, step: int, image) -> None:
+        """An (H, W, 3) uint8 picture to TensorBoard (nothing without TensorBoard)."""
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step, dataformats="HWC")
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

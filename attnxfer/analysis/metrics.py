@@ -1,0 +1,190 @@
+"""Agreement metrics between attention maps: pure functions on rows of maps (torch, scipy).
+
+Every function takes rows of row-stochastic maps, ``(..., N)`` tensors whose last axis sums to 1 (a
+teacher's ``p``, a student's ``q``), and returns one value per row, so callers can build rows a chunk
+at a time and never hold a whole N×N map. Natural logarithms throughout (nats). Zeros are allowed:
+``0 log 0 = 0``, and a zero in ``q`` where ``p`` has mass is floored at the dtype's smallest normal
+number, as the map losses do, so KL stays finite (and large).
+
+Layer-level pieces (attention distance, rollout, head assignment) are here too: they are the
+analyses of the ViT paper (mean attention distance), Abnar & Zuidema (rollout) and a Hungarian
+assignment of heads by cost (`scipy.optimize.linear_sum_assignment`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import rankdata
+
+__all__ = [
+    "attention_distance",
+    "attention_rollout",
+    "head_assignment",
+    "patch_distances",
+    "pearson",
+    "renormalise",
+    "row_entropy",
+    "row_js",
+    "row_kl",
+    "row_squared_error",
+    "spearman_rows",
+    "topk_overlap",
+]
+
+
+def _floor(q: torch.Tensor) -> torch.Tensor:
+    return q.clamp_min(torch.finfo(q.dtype).tiny)
+
+
+def row_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) = −Σ_j p_j log p_j per row."""
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def row_kl(p: torch.Tensor, q: torch.Tensor, entropy_p: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(p ‖ q) = Σ_j p_j (log p_j − log q_j) per row (q floored where p has mass and q has none).
+
+    ``entropy_p``: H(p) per row if the caller has it already (it saves a pass). Rounding below zero is
+    clipped (KL ≥ 0)."""
+    h_p = row_entropy(p) if entropy_p is None else entropy_p
+    return (-h_p - (p * torch.log(_floor(q))).sum(-1)).clamp_min(0)
+
+
+def row_js(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    entropy_p: torch.Tensor | None = None,
+    entropy_q: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q) / 2, per row: symmetric, finite,
+    in [0, log 2] (rows where one side has zeros are compared without a floor). Computed as
+    H(m) − ½ (H(p) + H(q)); pass the row entropies if you have them."""
+    h_p = row_entropy(p) if entropy_p is None else entropy_p
+    h_q = row_entropy(q) if entropy_q is None else entropy_q
+    return (row_entropy(0.5 * (p + q)) - 0.5 * (h_p + h_q)).clamp_min(0)
+
+
+def topk_overlap(p: torch.Tensor, q: torch.Tensor, k: int) -> torch.Tensor:
+    """|top-k(p) ∩ top-k(q)| / k per row: do both rows put their largest weights on the same keys?"""
+    k = min(int(k), p.shape[-1])
+    if k < 1:
+        raise ValueError(f"top-k overlap needs k >= 1, got {k}")
+    in_p = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, p.topk(k, dim=-1).indices, True)
+    in_q = torch.zeros_like(q, dtype=torch.bool).scatter_(-1, q.topk(k, dim=-1).indices, True)
+    return (in_p & in_q).sum(-1).to(p.dtype) / k
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation per row; NaN where a row is constant (no ranking to compare)."""
+    a = a - a.mean(-1, keepdim=True)
+    b = b - b.mean(-1, keepdim=True)
+    denom = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(denom > 0, (a * b).sum(-1) / denom.clamp_min(1e-30), torch.nan)
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last axis, ties averaged (as scipy.stats.rankdata): torch's ordinal ranks, and
+    scipy's for the rows that have ties (a window attention's zeros, say)."""
+    order = x.argsort(-1)
+    ranks = torch.empty_like(x).scatter_(
+        -1, order, torch.arange(1, x.shape[-1] + 1, dtype=x.dtype).expand_as(x)
+    )
+    tied = (x.gather(-1, order).diff(dim=-1) == 0).any(-1)
+    if tied.any():
+        rows = x[tied].detach().cpu().double().numpy()
+        ranks[tied] = torch.from_numpy(rankdata(rows, axis=-1)).to(ranks)
+    return ranks
+
+
+def spearman_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation per row (ties averaged, then Pearson on the ranks, as
+    scipy.stats.spearmanr does); NaN for constant rows."""
+    return pearson(_ranks(p), _ranks(q))
+
+
+def renormalise(rows: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their sum (a row over patch keys only, say); all-zero rows stay zero."""
+    total = rows.sum(-1, keepdim=True)
+    return torch.where(total > 0, rows / total.clamp_min(1e-30), torch.zeros_like(rows))
+
+
+def patch_distances(
+    grid: Sequence[int], patch_size: Sequence[int], device=None, dtype=torch.float32
+) -> torch.Tensor:
+    """(P, P) distances in pixels between patch centres of a (grid_h, grid_w) grid of (ph, pw) patches."""
+    gh, gw = (int(g) for g in grid)
+    ph, pw = (float(s) for s in patch_size)
+    r, c = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    pos = torch.stack([r.flatten() * ph, c.flatten() * pw], -1).to(device=device, dtype=torch.float64)
+    return torch.cdist(pos, pos).to(dtype)
+
+
+def attention_distance(patch_rows: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    """Mean attention distance of each patch query (the ViT paper's Fig. 7): Σ_j a_ij d_ij, with the
+    row's weights over patch keys renormalised to sum to 1 (the class token has no position).
+
+    ``patch_rows``: (..., P) rows of patch queries over patch keys, whose query indices match the rows
+    of ``distances`` (P', P).
+    """
+    return (renormalise(patch_rows) * distances).sum(-1)
+
+
+def attention_rollout(maps: Sequence[torch.Tensor | None], residual: float = 0.5) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): Π_l (r I + (1 − r) Ā_l), Ā_l the head-averaged map of
+    layer l with rows renormalised; a layer without a map (None) passes tokens through (identity).
+
+    ``maps``: per layer (B, H, N, N) or (B, N, N). Returns (B, N, N), rows summing to 1.
+    """
+    out = None
+    for m in maps:
+        if m is None:
+            continue
+        a = m.mean(1) if m.dim() == 4 else m
+        a = renormalise(a.clamp_min(0))
+        eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+        a = renormalise(residual * eye + (1 - residual) * a)
+        out = a if out is None else a @ out
+    if out is None:
+        raise ValueError("attention rollout needs at least one layer with an attention map")
+    return out
+
+
+def head_assignment(cost: np.ndarray | torch.Tensor) -> dict:
+    """The optimal teacher↔student head assignment for a (teacher heads, student heads) cost matrix.
+
+    Returns ``pairs`` [(teacher head, student head)] minimising the summed cost (each head used at most
+    once; with fewer student heads every student head gets one teacher head), ``matched_cost`` (their
+    mean), ``identity_cost`` (mean of cost[h, h] over the shared heads, or with head groups — the teacher
+    has g× the student's heads — of cost[h, h // g] over all teacher heads) and ``tracks``: for each
+    student head, the teacher heads whose closest student head it is.
+    """
+    cost = np.asarray(cost.cpu() if isinstance(cost, torch.Tensor) else cost, dtype=np.float64)
+    if cost.ndim != 2 or 0 in cost.shape:
+        raise ValueError(f"head assignment needs a (teacher heads, student heads) matrix, got {cost.shape}")
+    ht, hs = cost.shape
+    rows, cols = linear_sum_assignment(cost)
+    if ht == hs:
+        identity = float(np.mean(np.diag(cost)))
+    elif ht % hs == 0:
+        g = ht // hs
+        identity = float(np.mean([cost[a, a // g] for a in range(ht)]))
+    else:
+        identity = math.nan
+    nearest = cost.argmin(1)
+    return {
+        "pairs": [[int(r), int(c)] for r, c in zip(rows, cols)],
+        "matched_cost": float(cost[rows, cols].mean()),
+        "identity_cost": identity,
+        "is_identity": bool(ht == hs and np.array_equal(rows, cols)),
+        "tracks": {int(b): [int(a) for a in np.flatnonzero(nearest == b)] for b in range(hs)},
+    }
+
+
+def row_squared_error(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Σ_j (p_j − q_j)² per row: the comparison for signed maps (rows may go negative, so no log)."""
+    return (p - q).pow(2).sum(-1)

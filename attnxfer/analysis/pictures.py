@@ -1,0 +1,219 @@
+"""Pictures of attention (matplotlib's Agg canvas, no pyplot state): class-token maps over the image, rollout, per-layer curves.
+
+Each function returns a matplotlib ``Figure`` whose size in pixels is fixed by its arguments
+(``figure_pixels``), so callers save it as they like (`save_figure`) or turn it into an image array
+for TensorBoard (`figure_array`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .compare import Inspection
+
+__all__ = [
+    "DPI",
+    "agreement_figure",
+    "class_token_figure",
+    "class_token_figure_size",
+    "curves_figure",
+    "display_image",
+    "figure_array",
+    "figure_pixels",
+    "rollout_figure",
+    "save_figure",
+]
+
+#: Dots per inch of every figure: sizes in pixels are inches × DPI.
+DPI = 100
+
+
+def _figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` × ``height`` inches at `DPI` on its own Agg canvas (nothing global)."""
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def figure_pixels(width: float, height: float) -> tuple[int, int]:
+    """(width, height) in pixels of a figure of that many inches."""
+    return round(width * DPI), round(height * DPI)
+
+
+def display_image(
+    x: torch.Tensor, mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> np.ndarray:
+    """A normalised (C, H, W) input as an (H, W[, 3]) array in [0, 1] for display: un-normalised with
+    ``mean``/``std``, or (without them) stretched from its min to its max."""
+    img = x.detach().float().cpu()
+    if mean is not None and std is not None:
+        img = img * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    else:
+        img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-12)
+    img = img.clamp(0, 1).numpy()
+    return img[0] if img.shape[0] == 1 else img[:3].transpose(1, 2, 0)
+
+
+def _overlay(ax, image: np.ndarray, attention: np.ndarray | None) -> None:
+    h, w = image.shape[:2]
+    ax.imshow(image, cmap="gray" if image.ndim == 2 else None, extent=(0, w, h, 0))
+    if attention is not None:
+        ax.imshow(attention, cmap="inferno", alpha=0.6, extent=(0, w, h, 0), interpolation="bilinear")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _cell(image: np.ndarray, attention: torch.Tensor | None, size: int) -> np.ndarray:
+    """One (size, size, 3) panel: the image in grey, the attention (scaled to its max) blended over it."""
+    img = torch.from_numpy(np.ascontiguousarray(image)).float()
+    img = img.mean(-1) if img.dim() == 3 else img
+    grey = F.interpolate(img[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    base = grey.clamp(0, 1).numpy()[..., None].repeat(3, -1)
+    if attention is None:
+        return 0.3 * base
+    a = F.interpolate(attention.float()[None, None], size=(size, size), mode="bilinear", align_corners=False)[
+        0, 0
+    ]
+    a = (a / a.max().clamp_min(1e-12)).clamp(0, 1).numpy()
+    return 0.35 * base + 0.65 * colormaps["inferno"](a)[..., :3]
+
+
+def class_token_figure(
+    image: np.ndarray,
+    teacher: Sequence[torch.Tensor | None],
+    student: Sequence[torch.Tensor | None] | None = None,
+    *,
+    names: tuple[str, str] = ("teacher", "student"),
+    title: str = "",
+    cell: int = 48,
+) -> Figure:
+    """A layer × head grid of class-token maps over ``image``: the teacher's heads, a gap, the student's.
+
+    ``teacher``/``student``: per layer (H, grid_h, grid_w) maps of one image (None: no map). One mosaic
+    of ``cell``-pixel panels drawn at one pixel per panel pixel, plus margins for the labels: the size is
+    `class_token_figure_size`.
+    """
+    ht = max((m.shape[0] for m in teacher if m is not None), default=1)
+    hs = max((m.shape[0] for m in (student or []) if m is not None), default=0) if student else 0
+    layers = max(len(teacher), len(student or []))
+    cols = ht + (hs + 1 if student else 0)
+    mosaic = np.ones((layers * cell, cols * cell, 3))
+    for maps, offset in ((teacher, 0), (student or [], ht + 1)):
+        for layer, m in enumerate(maps):
+            heads = m.shape[0] if m is not None else (ht if offset == 0 else hs)
+            for h in range(heads):
+                panel = _cell(image, m[h] if m is not None else None, cell)
+                mosaic[layer * cell : (layer + 1) * cell, (offset + h) * cell : (offset + h + 1) * cell] = (
+                    panel
+                )
+    width, height = class_token_figure_size(layers, cols, cell)
+    fig = _figure(width / DPI, height / DPI)
+    ax = fig.add_axes((_MARGIN[0] / width, _MARGIN[1] / height, cols * cell / width, layers * cell / height))
+    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+    labels = [f"{names[0][0]}{h}" for h in range(ht)] + (
+        [""] + [f"{names[1][0]}{h}" for h in range(hs)] if student else []
+    )
+    ax.set_xticks([(c + 0.5) * cell for c in range(cols)], labels, fontsize=6)
+    ax.set_yticks([(r + 0.5) * cell for r in range(layers)], [f"L{r}" for r in range(layers)], fontsize=6)
+    ax.tick_params(length=0)
+    fig.suptitle(
+        (title or f"class-token attention: {names[0]} | {names[1]} heads") + " (each map scaled to its max)",
+        fontsize=8,
+    )
+    return fig
+
+
+#: Pixels left of and below the class-token mosaic (labels), and above it (title).
+_MARGIN = (30, 20, 24)
+
+
+def class_token_figure_size(layers: int, columns: int, cell: int = 48) -> tuple[int, int]:
+    """(width, height) in pixels of `class_token_figure` for ``layers`` rows and ``columns`` panels."""
+    return columns * cell + _MARGIN[0] + 6, layers * cell + _MARGIN[1] + _MARGIN[2]
+
+
+def rollout_figure(image: np.ndarray, rollouts: Mapping[str, torch.Tensor]) -> Figure:
+    """The image and each model's class-token attention rollout over it, side by side (one image)."""
+    n = len(rollouts) + 1
+    fig = _figure(2.0 * n, 2.3)
+    axes = fig.subplots(1, n, squeeze=False)
+    _overlay(axes[0, 0], image, None)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax, (name, roll) in zip(axes[0, 1:], rollouts.items()):
+        _overlay(ax, image, roll.numpy())
+        ax.set_title(f"{name}: rollout", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _series(insp: Inspection, name: str, key: str) -> tuple[list[int], list[float]]:
+    rows = [r for r in insp.students[name] if key in r.mean]
+    return [r.layer for r in rows], [r.mean[key] for r in rows]
+
+
+def curves_figure(insp: Inspection) -> Figure:
+    """Per-layer KL, JS, entropy and attention distance: teacher (and its noise floor) and every student."""
+    fig = _figure(16, 3.6)
+    axes = fig.subplots(1, 4)
+    t_layers = [t.layer for t in insp.teacher]
+    for ax, key, label in (
+        (axes[0], "kl", "KL(P_t ‖ P_s) (nats)"),
+        (axes[1], "js", "Jensen–Shannon (nats)"),
+        (axes[2], "entropy", "row entropy (nats)"),
+        (axes[3], "distance", "mean attention distance (px)"),
+    ):
+        if key in ("kl", "js"):
+            floor = [t.mean.get(f"floor_{key}", math.nan) for t in insp.teacher]
+            ax.plot(t_layers, floor, "k:", label="teacher vs noisy teacher (floor)")
+        else:
+            ax.plot(t_layers, [t.mean.get(key, math.nan) for t in insp.teacher], "k-o", label="teacher")
+        for name in insp.students:
+            ax.plot(*_series(insp, name, key), marker=".", label=name)
+        ax.set_xlabel("layer")
+        ax.set_title(label, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def agreement_figure(insp: Inspection, title: str = "") -> Figure:
+    """Two panels: per-layer JS of each student against the teacher (with the noise floor), and the mean
+    attention distance of teacher and students."""
+    fig = _figure(10, 3.8)
+    left, right = fig.subplots(1, 2)
+    t_layers = [t.layer for t in insp.teacher]
+    left.plot(t_layers, [t.mean.get("floor_js", math.nan) for t in insp.teacher], "k:", label="noise floor")
+    right.plot(t_layers, [t.mean.get("distance", math.nan) for t in insp.teacher], "k-o", label="teacher")
+    for name in insp.students:
+        left.plot(*_series(insp, name, "js"), marker="o", label=name)
+        right.plot(*_series(insp, name, "distance"), marker="o", label=name)
+    left.set(xlabel="layer", ylabel="JS to the teacher (nats)", title="map agreement (lower: closer)")
+    right.set(xlabel="layer", ylabel="pixels", title="mean attention distance")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def figure_array(fig: Figure) -> np.ndarray:
+    """The rendered figure as an (H, W, 3) uint8 array (for TensorBoard's add_image)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def save_figure(fig: Figure, path) -> None:
+    """Save at `DPI` with the figure's own size (so its pixels are predictable)."""
+    fig.savefig(path, dpi=DPI)
