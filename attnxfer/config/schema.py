@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ __all__ = [
     "DataConfig",
     "EMAConfig",
     "LogConfig",
+    "MAEConfig",
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -52,6 +54,7 @@ class ModelConfig:
     num_classes: int | None = None  # default: the dataset's
     drop_path_rate: float = 0.1
     mirror_teacher: bool = True  # copy the teacher's architectural choices (tokens, norms, ...)
+    init: str | None = None  # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,6 +178,23 @@ class ConvertConfig:
 
 
 @dataclass
+class MAEConfig:
+    """`attnxfer pretrain`: masked-autoencoder pre-training of the ``model`` section's ViT; labels unused.
+
+    The encoder is the model (its head is not built); the decoder is light and is dropped at export.
+    """
+
+    mask_ratio: float = 0.75  # share of patches hidden from the encoder, in [0, 1)
+    decoder_dim: int = 64  # decoder width (divisible by 4 and by decoder_heads)
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_mlp_ratio: float = 4.0
+    norm_pix: bool = True  # targets normalised per patch (mean 0, variance 1), as MAE
+    pictures: int = 8  # validation images in the reconstruction picture at each evaluation (0 = none)
+    export: bool = True  # write the encoder to RUN_DIR/export (timm layout: a local-dir: teacher) at the end
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -193,6 +213,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
     def __str__(self) -> str:
         return dump_config(self)
@@ -213,12 +234,14 @@ def dump_config(cfg: Any) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+# ``X | None`` (types.UnionType, what the annotations say since ruff's pyupgrade) and ``Optional[X]``
+_UNION = (Union, types.UnionType)
 _FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
 
 
 def _type_name(tp: Any) -> str:
     """How a user would say the type: 'a number or null', 'a list of integers'."""
-    if typing.get_origin(tp) is Union:
+    if typing.get_origin(tp) in _UNION:
         args = typing.get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
@@ -232,7 +255,7 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNION:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
