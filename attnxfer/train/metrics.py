@@ -1,4 +1,5 @@
-"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars."""
+"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars; pictures as PNG
+files under ``pictures/`` and TensorBoard images."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
+from torchvision.utils import save_image
 
 __all__ = ["MetricsLogger", "read_metrics"]
 
@@ -40,6 +44,18 @@ class MetricsLogger:
                 self._tb.add_scalar(f"{split}/{k}", v, step)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def log_image(self, tag: str, step: int, image: torch.Tensor) -> Path | None:
+        """A (C, H, W) picture in [0, 1]: ``pictures/<tag>-step<N>.png`` and a TensorBoard image."""
+        if not self.enabled:
+            return None
+        image = image.detach().float().clamp(0, 1).cpu()
+        path = self.path.parent / "pictures" / f"{tag.replace('/', '-')}-step{int(step):08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(image, str(path))
+        if self._tb is not None:
+            self._tb.add_image(tag, image, step)
+        return path
 
     def close(self) -> None:
         if self._tb is not None:
