@@ -462,9 +462,10 @@ class Engine:
             self._draw_pictures()
             if self.is_main:
                 name = s.metric.removeprefix("val_")
+                fmt = ".2f" if s.metric == "val_top1" else ".4g"
                 print(
-                    f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:.4g} "
-                    f"(best {self.best:.4g})",
+                    f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:{fmt}} "
+                    f"(best {self.best:{fmt}})",
                     flush=True,
                 )
             if s.checkpoint.every_epoch or self.step >= self.total_steps:
