@@ -262,3 +262,25 @@ def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path):
     )
     assert res.returncode == 2, res.stderr[-2000:]
     assert needle in res.stderr and "Traceback" not in res.stderr
+
+
+# -- the demo's MAE rows ---------------------------------------------------------------------------
+def test_demo_has_the_papers_rows_with_one_student_budget(tmp_path):
+    from attnxfer.apps.demo import ROWS, TEACHERS, _keyed
+
+    mae_rows = [r for r in ROWS if r.table in (None, "mae")]
+    assert [r.key for r in mae_rows] == ["scratch", "mae_finetune", "copy", "distill"]
+    assert TEACHERS["mae"].recipe == "demo/mae_pretrain"
+    cfgs = [_keyed(tmp_path, r.key, r.recipe, []) for r in mae_rows]
+    # the same student architecture, data and step budget in every row
+    budget = {
+        (c.model.name, c.data.batch_size, c.schedule.epochs, c.schedule.max_steps, c.seed) for c in cfgs
+    }
+    assert len(budget) == 1
+    assert [c.transfer.mode for c in cfgs] == ["none", "none", "copy", "distill"]
+    assert cfgs[1].model.init and not cfgs[0].model.init
+    # run folders are keyed by the config: same config, same folder; any change, another folder
+    again = _keyed(tmp_path, "copy", "demo/copy", [])
+    other = _keyed(tmp_path, "copy", "demo/copy", ["teacher.spec=local-dir:/elsewhere"])
+    assert again.run_dir == cfgs[2].run_dir != other.run_dir
+    assert _keyed(tmp_path, "copy", "demo/copy", ["log.progress=false"]).run_dir == again.run_dir

@@ -61,7 +61,7 @@ class RowSpec:
     key: str
     label: str
     recipe: str
-    table: str
+    table: str | None  # which table (a key of TABLES); None: every table (the baseline)
     teacher: str | None = None  # its q/k are copied / distilled (teacher.spec)
     init: str | None = None  # its weights start the student (model.init: fine-tuning)
 
@@ -77,7 +77,7 @@ TABLES = {
     "supervised": "teacher trained with labels on animal-mnist",
 }
 ROWS = (
-    RowSpec("scratch", "student from scratch", "demo/scratch", table="mae"),
+    RowSpec("scratch", "student from scratch", "demo/scratch", table=None),
     RowSpec("mae_finetune", "MAE teacher, fine-tuned", "demo/mae_finetune", table="mae", init="mae"),
     RowSpec("copy", "attention copy (from MAE)", "demo/copy", table="mae", teacher="mae"),
     RowSpec("distill", "attention distillation (from MAE)", "demo/distill", table="mae", teacher="mae"),
@@ -204,7 +204,7 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -
     teacher, _ = load_teacher(f"local-dir:{teacher_dir}")
     val = build_dataset("animal_mnist", "val")
     x = torch.stack([val[i][0] for i in (0, 150, 420, 777)])
-    models = {"teacher": teacher}
+    models = {"MAE teacher": teacher}
     for label, run_dir in student_runs.items():
         info = CheckpointManager(run_dir).latest()
         if info is None:
@@ -280,7 +280,7 @@ def run_demo(
     by_table: dict[str, list[dict[str, float]]] = {t: [] for t in tables}
     runs_by_table: dict[str, dict[str, str]] = {t: {} for t in tables}
     for row in ROWS:
-        wanted = [t for t in tables if row.table == t or (row.key == "scratch" and t in tables)]
+        wanted = [t for t in tables if row.table in (None, t)]
         if not wanted:
             continue
         over = [*progress]
@@ -291,9 +291,8 @@ def run_demo(
         if budget_steps:
             over.append(f"schedule.max_steps={budget_steps}")
         cfg = _keyed(out_dir, row.key, row.recipe, over)
-        res = results.get(row.key) or _run(cfg, row.label)
-        results[row.key] = res
-        for t in wanted:  # the scratch baseline belongs to every table
+        res = results[row.key] = _run(cfg, row.label)
+        for t in wanted:
             by_table[t].append(res)
             runs_by_table[t][row.label] = cfg.run_dir
 
@@ -310,8 +309,7 @@ def run_demo(
     for t in tables:
         name = "curves" if t == "mae" else f"curves_{t}"
         pictures.append(_plot_curves(out_dir, runs_by_table[t], teachers[t].get("val_top1"), name))
-    students = {k: v for k, v in runs_by_table["mae"].items()}
-    pictures.append(_plot_attention(out_dir, str(exports["mae"]), students))
+    pictures.append(_plot_attention(out_dir, str(exports["mae"]), runs_by_table["mae"]))
     shown = ", ".join(str(p) for p in pictures if p)
     print(f"[demo] table: {out_dir / 'results.md'}; pictures: {shown}", flush=True)
     print(
