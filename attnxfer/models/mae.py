@@ -251,6 +251,7 @@ class MaskedAutoencoder(nn.Module):
             pred = pred * std + mean
         m = out.mask[..., None]
         recon = pred * m + target * (1 - m)
-        shown = target * (1 - m) + target.amin() * m  # hidden patches drawn as the darkest value
+        gray = (target.amin() + target.amax()) / 2
+        shown = target * (1 - m) + gray * m  # hidden patches drawn mid-gray, apart from black and white
         to_img = lambda p: unpatchify(p, self.patch, self.grid, self.in_chans)
         return torch.stack([to_img(shown), to_img(recon), images.float()], dim=1)
