@@ -526,8 +526,8 @@ def select_checkpoint(
     if which == "best":
         best = manager.best()
         if best is not None and best.metric is not None:
-            what = "val top-1" if best_mode == "max" else "val loss"
-            return best.path, f"{best.path.name} (best {what} {best.metric:.4g})"
+            what = f"val top-1 {best.metric:.2f}" if best_mode == "max" else f"val loss {best.metric:.4g}"
+            return best.path, f"{best.path.name} (best {what})"
         _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
         return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
     return latest.path, f"{latest.path.name} (latest)"
