@@ -198,7 +198,7 @@ def _submit_parser(sub):
 
     p = sub.add_parser(
         "submit",
-        help="run `train` (or `convert`) as a (multi-node) SLURM job through submitit",
+        help="run `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit",
         description="Submit the same training as `attnxfer train` (or, with --command convert, the "
         "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
         "periodically, requeues itself on preemption/time limit and resumes.",
@@ -209,7 +209,7 @@ def _submit_parser(sub):
         choices=sorted(SUBMITTABLE),
         default="train",
         help="what the job runs (default train); convert resumes a finished stage 1 and stage 2's "
-        "checkpoints after a requeue",
+        "checkpoints after a requeue; pretrain is MAE pre-training (`attnxfer pretrain`)",
     )
     add_slurm_arguments(p)
     p.set_defaults(func=_cmd_submit)
