@@ -1,21 +1,29 @@
-"""``attnxfer demo``: the paper's effect on a real dataset, on a laptop CPU, in about ten minutes.
+"""``attnxfer demo``: the paper's effect on a real dataset, on a laptop CPU, in about a quarter of an hour.
 
-1. Train a small ViT teacher on animal-mnist (reused when already trained), export it
-   in timm's Hub format.
-2. With one equal step budget each, train the same student architecture from scratch,
-   by attention copy, and by attention distillation from that teacher.
-3. Print and save a table (val top-1 and time per run), the validation curves and a
-   picture of attention maps.
+1. Pre-train a micro-ViT on animal-mnist as a masked autoencoder, WITHOUT labels (`attnxfer pretrain`,
+   recipe ``demo/mae_pretrain``). It is built once: its run folder is keyed by its config's hash
+   (``OUT/mae-<hash>``) and later demos reuse it.
+2. With one equal step budget each, train the same student architecture from scratch, fine-tune the
+   MAE encoder with labels, and train fresh students by attention copy and by attention distillation
+   from the MAE encoder: the paper's rows.
+3. Optionally (``supervised=True``) the same copy/distillation from a teacher trained with labels.
+4. Print and save the tables (val top-1 with 95 % intervals, time per run; with ``seeds`` > 1 mean ±
+   std and paired McNemar tests on the same validation images), the validation curves, a picture of
+   attention maps and a per-layer agreement figure (`attnxfer inspect`'s metrics) of the students
+   against the MAE teacher.
 
-Every run is an ordinary attnxfer run directory (resumable, exportable); the recipes
-are the built-in ``demo/*`` configs.
+The runs are data (`ROWS`): each row names its recipe, its teacher and its table. Every run is an ordinary
+attnxfer run directory (resumable, exportable), ``OUT/<row>-<hash>``, reused when its config is unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoints.export import export_run
@@ -24,47 +32,111 @@ from ..config import TrainConfig, dump_config, load_config
 from ..data import build_dataset
 from ..models import attention_maps, make_transfer_aware
 from ..sources.teacher import load_teacher
+from ..train.engine import TrainResult
 from ..train.metrics import read_metrics
 from ..transfer.plan import MODES
 from .inspect import demo_agreement
+from .pretrain import pretrain
 from .run_parts import build_student
 from .seed_stats import paired_table, per_image_correct, results_table
 from .training import train
 
-__all__ = ["STUDENTS", "run_demo"]
+__all__ = ["ROWS", "TABLES", "TEACHERS", "RowSpec", "TeacherSpec", "run_demo"]
 
-STUDENTS = ("scratch", "copy", "distill")
-_LABELS = {"scratch": "scratch", "copy": "attention copy", "distill": "attention distillation"}
-#: paired comparisons the demo reports (McNemar on the same validation images)
-PAIRS = (
-    ("attention copy", "attention distillation"),
-    ("attention copy", "scratch"),
-    ("attention distillation", "scratch"),
-)
+#: paired comparisons the demo reports per table (McNemar on the same validation images), by row key
+PAIRS = (("copy", "distill"), ("copy", "scratch"), ("distill", "scratch"), ("copy", "mae_finetune"))
 _QUICK_TEACHER_STEPS = 60
 _QUICK_STUDENT_STEPS = 30
 
 
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A teacher the demo builds: its recipe, the command that trains it, and its table label."""
+
+    key: str
+    label: str
+    recipe: str
+    trainer: Callable[[TrainConfig], TrainResult]
+    metric: str  # what its row shows: val top-1, or (MAE) the val reconstruction loss
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One student run of the demo: recipe, teacher (by key) used as attention source or as init, table."""
+
+    key: str
+    label: str
+    recipe: str
+    table: str | None  # which table (a key of TABLES); None: every table (the baseline)
+    teacher: str | None = None  # its q/k are copied / distilled (teacher.spec)
+    init: str | None = None  # its weights start the student (model.init: fine-tuning)
+
+
+TEACHERS = {
+    "mae": TeacherSpec("mae", "MAE pre-training (no labels)", "demo/mae_pretrain", pretrain, "val_loss"),
+    "supervised": TeacherSpec(
+        "supervised", "teacher (trained with labels)", "demo/teacher", train, "val_top1"
+    ),
+}
+TABLES = {
+    "mae": "MAE teacher pre-trained on animal-mnist without labels (the paper's setting)",
+    "supervised": "teacher trained with labels on animal-mnist",
+}
+ROWS = (
+    RowSpec("scratch", "student from scratch", "demo/scratch", table=None),
+    RowSpec("mae_finetune", "MAE teacher, fine-tuned", "demo/mae_finetune", table="mae", init="mae"),
+    RowSpec("copy", "attention copy (from MAE)", "demo/copy", table="mae", teacher="mae"),
+    RowSpec("distill", "attention distillation (from MAE)", "demo/distill", table="mae", teacher="mae"),
+    RowSpec(
+        "sup_copy",
+        "attention copy (supervised teacher)",
+        "demo/copy",
+        table="supervised",
+        teacher="supervised",
+    ),
+    RowSpec(
+        "sup_distill",
+        "attention distillation (supervised teacher)",
+        "demo/distill",
+        table="supervised",
+        teacher="supervised",
+    ),
+)
+
+
 def _digest(cfg: TrainConfig) -> str:
-    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()[:16]
+    """The config's hash, leaving out where it runs and how it shows progress."""
+    same = dataclasses.replace(cfg, run_dir="", log=dataclasses.replace(cfg.log, progress=True))
+    return hashlib.sha256(dump_config(same).encode()).hexdigest()[:16]
 
 
-def _run(cfg: TrainConfig, label: str) -> dict[str, float]:
+def _keyed(out_dir: Path, key: str, recipe: str, overrides: list[str]) -> TrainConfig:
+    """The recipe with overrides, its run folder keyed by the config's hash: OUT/<key>-<hash8>."""
+    cfg = load_config(recipe, overrides)
+    return dataclasses.replace(cfg, run_dir=str(out_dir / f"{key}-{_digest(cfg)[:8]}"))
+
+
+def _run(cfg: TrainConfig, label: str, trainer=train, metric: str = "val_top1") -> dict[str, float]:
     """Train (or resume/reuse) one run; the result is cached beside it as result.json."""
     result_path = Path(cfg.run_dir) / "result.json"
     digest = _digest(cfg)
     if result_path.exists():
         cached = json.loads(result_path.read_text())
         if cached.get("config_digest") == digest:
-            print(f"[demo] {label}: reusing {cfg.run_dir} (val top1 {cached['val_top1']:.2f})", flush=True)
-            return cached
+            print(
+                f"[demo] {label}: reusing {cfg.run_dir} (same config hash; delete it to rebuild)", flush=True
+            )
+            return {**cached, "label": label}
     print(f"[demo] {label}: training -> {cfg.run_dir}", flush=True)
     start = time.monotonic()
-    res = train(cfg)
+    res = trainer(cfg)
     seconds = time.monotonic() - start
     out = {
         "label": label,
-        "val_top1": res.final.get("val_top1", float("nan")),
+        "metric": metric,
+        "val": res.final.get(metric),
+        "best": res.best,
+        "val_top1": res.final.get("val_top1"),
         "best_top1": res.best_top1,
         "steps": res.steps,
         "seconds": round(seconds, 1),
@@ -75,7 +147,24 @@ def _run(cfg: TrainConfig, label: str) -> dict[str, float]:
     return out
 
 
-def _plot_curves(out: Path, runs: dict[str, str], teacher_top1: float) -> Path | None:
+def _fmt(v) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _table(rows: dict[str, list[dict]], correct: dict[str, list], teacher: dict[str, float]) -> str:
+    """The students' table (intervals from per-image scores; mean ± std over seeds) and the teacher's line."""
+    table = results_table(rows, correct)
+    if teacher.get("metric", "val_top1") != "val_top1":
+        return table + (
+            f"\n\nTeacher: {teacher['label']}, val masked-patch loss {teacher['val']:.3f}, "
+            f"{teacher['steps']} steps, {teacher['seconds']:.0f} s."
+        )
+    return results_table({teacher["label"]: [teacher], **rows}, {teacher["label"]: [], **correct})
+
+
+def _plot_curves(
+    out: Path, runs: dict[str, str], teacher_top1: float | None, name: str = "curves"
+) -> Path | None:
     try:
         import matplotlib
 
@@ -88,13 +177,14 @@ def _plot_curves(out: Path, runs: dict[str, str], teacher_top1: float) -> Path |
         recs = read_metrics(run_dir, "val")
         if recs:
             ax.plot([r["step"] for r in recs], [r["val_top1"] for r in recs], marker="o", label=label)
-    ax.axhline(teacher_top1, color="gray", linestyle="--", label=f"teacher ({teacher_top1:.1f}%)")
+    if teacher_top1 is not None:
+        ax.axhline(teacher_top1, color="gray", linestyle="--", label=f"teacher ({teacher_top1:.1f}%)")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("animal-mnist: students with an equal step budget")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = out / "curves.png"
+    path = out / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -115,7 +205,7 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -
     teacher, _ = load_teacher(f"local-dir:{teacher_dir}")
     val = build_dataset("animal_mnist", "val")
     x = torch.stack([val[i][0] for i in (0, 150, 420, 777)])
-    models = {"teacher": teacher}
+    models = {"MAE teacher": teacher}
     for label, run_dir in student_runs.items():
         info = CheckpointManager(run_dir).latest()
         if info is None:
@@ -151,17 +241,34 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -
     return path
 
 
+def _build_teacher(out_dir: Path, key: str, steps: int | None, progress: list[str]) -> tuple[dict, Path]:
+    """Train (or reuse) a demo teacher and export it in timm's layout: (its row, the export folder)."""
+    spec = TEACHERS[key]
+    over = [*progress] + ([f"schedule.max_steps={steps}"] if steps else [])
+    cfg = _keyed(out_dir, key, spec.recipe, over)
+    row = _run(cfg, spec.label, trainer=spec.trainer, metric=spec.metric)
+    export_dir = Path(cfg.run_dir) / "export"
+    stamp = export_dir / "attnxfer_source.json"
+    if not (stamp.exists() and json.loads(stamp.read_text()).get("config_digest") == row["config_digest"]):
+        best = "latest" if spec.metric != "val_top1" else "best"
+        export_run(cfg.run_dir, export_dir, weights="raw", checkpoint=best, overwrite=True)
+        atomic_write_json(stamp, {"config_digest": row["config_digest"]})
+    return row, export_dir
+
+
 def run_demo(
     out: str = "runs/demo",
     budget_steps: int | None = None,
     teacher_steps: int | None = None,
     quick: bool = False,
+    supervised: bool = False,
     seeds: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Run the whole demo; returns the table rows (first seed). Reuses finished runs with the same recipe.
+    """Run the whole demo; returns the table rows by label (first seed). Reuses finished runs with the
+    same config.
 
-    ``seeds`` > 1 trains every student once per seed (the teacher once) and reports mean ± std and
-    paired McNemar tests per seed."""
+    ``supervised`` adds the second table (copy/distillation from a teacher trained with labels);
+    ``seeds`` > 1 trains every student row once per seed (teachers once)."""
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out)
@@ -169,69 +276,74 @@ def run_demo(
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)
     budget_steps = budget_steps or (_QUICK_STUDENT_STEPS if quick else None)
     progress = ["log.progress=false"] if quick else []
+    tables = ["mae", "supervised"] if supervised else ["mae"]
 
-    t_over = [f"run_dir={out_dir / 'teacher'}", *progress]
-    if teacher_steps:
-        t_over.append(f"schedule.max_steps={teacher_steps}")
-    tcfg = load_config("demo/teacher", t_over)
-    teacher = _run(tcfg, "teacher")
-    export_dir = out_dir / "teacher" / "export"
-    stamp = export_dir / "attnxfer_source.json"
-    if not (
-        stamp.exists() and json.loads(stamp.read_text()).get("config_digest") == teacher["config_digest"]
-    ):
-        export_run(tcfg.run_dir, export_dir, weights="raw", checkpoint="best", overwrite=True)
-        atomic_write_json(stamp, {"config_digest": teacher["config_digest"]})
+    teachers, exports = {}, {}
+    for key in tables:
+        teachers[key], exports[key] = _build_teacher(out_dir, key, teacher_steps, progress)
 
-    # Students: one per seed (the recipe's seed, +1, ...); the teacher is trained once. The first seed
-    # keeps the single-seed layout (OUT/NAME), so a later --seeds N reuses those runs.
-    rows: dict[str, list[dict]] = {}
-    correct: dict[str, list] = {"teacher": [per_image_correct(tcfg, teacher["config_digest"])]}
-    runs = {}
-    for k in range(seeds):
-        for name in STUDENTS:
-            base = load_config(f"demo/{name}")
-            seed = base.seed + k
-            over = [
-                f"run_dir={out_dir / (name if k == 0 else f'{name}_seed{seed}')}",
-                f"seed={seed}",
-                *progress,
-            ]
-            if name != "scratch":
-                over.append(f"teacher.spec=local-dir:{export_dir}")
+    results: dict[str, list[dict[str, float]]] = {}
+    correct: dict[str, list] = {}
+    runs_by_table: dict[str, dict[str, str]] = {t: {} for t in tables}
+    for row in ROWS:
+        wanted = [t for t in tables if row.table in (None, t)]
+        if not wanted:
+            continue
+        for k in range(seeds):
+            over = [*progress, f"seed={load_config(row.recipe).seed + k}"]
+            if row.teacher:
+                over.append(f"teacher.spec=local-dir:{exports[row.teacher]}")
+            if row.init:
+                over.append(f"model.init=local-dir:{exports[row.init]}")
             if budget_steps:
                 over.append(f"schedule.max_steps={budget_steps}")
-            cfg = load_config(f"demo/{name}", over)
-            label = _LABELS[name]
-            res = _run(cfg, label if seeds == 1 else f"{label} (seed {seed})")
-            rows.setdefault(label, []).append(res)
-            correct.setdefault(label, []).append(per_image_correct(cfg, res["config_digest"]))
+            cfg = _keyed(out_dir, row.key, row.recipe, over)
+            res = _run(cfg, row.label if seeds == 1 else f"{row.label} (seed {k + 1})")
+            results.setdefault(row.key, []).append({**res, "label": row.label})
+            correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
             if k == 0:
-                runs[label] = cfg.run_dir
+                for t in wanted:
+                    runs_by_table[t][row.label] = cfg.run_dir
 
-    teacher_label = "teacher (trained from scratch, supervised)"
-    table = results_table({teacher_label: [teacher], **rows}, {teacher_label: correct["teacher"], **correct})
-    paired = paired_table(correct, PAIRS, [load_config("demo/copy").seed + k for k in range(seeds)])
-    n_val = len(correct["teacher"][0])
+    labels = {row.key: row.label for row in ROWS}
+    text = ["# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n"]
+    n_val = len(next(iter(correct.values()))[0])
     note = (
         f"95 % intervals: Wilson, on the {n_val} validation images. Paired: McNemar's exact test on the "
         "images exactly one of the two runs gets right (same seed, same images)."
     )
-    print("\n" + table + "\n\n" + paired + "\n\n" + note + "\n", flush=True)
-    (out_dir / "results.md").write_text(
-        "# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n\n"
-        + table
-        + "\n\n## Paired comparisons\n\n"
-        + paired
-        + "\n\n"
-        + note
-        + "\n"
-    )
+    for t in tables:
+        keys = [r.key for r in ROWS if r.key in results and r.table in (None, t)]
+        rows = {labels[k]: results[k] for k in keys}
+        scores = {labels[k]: correct[k] for k in keys}
+        table = _table(rows, scores, teachers[t])
+        pairs = [(labels[a], labels[b]) for a, b in PAIRS if a in keys and b in keys]
+        paired = paired_table(scores, pairs, list(range(1, seeds + 1)))
+        print(f"\n{TABLES[t]}:\n{table}\n\n{paired}\n", flush=True)
+        text.append(f"## {TABLES[t]}\n\n{table}\n\nPaired comparisons:\n\n{paired}\n")
+    print(note, flush=True)
+    text.append(note + "\n")
+    (out_dir / "results.md").write_text("\n".join(text))
     (out_dir / "results.json").write_text(
-        json.dumps({"teacher": teacher, "students": rows, "seeds": seeds}, indent=2)
+        json.dumps(
+            {"teachers": teachers, "rows": {labels[k]: v for k, v in results.items()}, "seeds": seeds},
+            indent=2,
+        )
     )
-    curves = _plot_curves(out_dir, runs, teacher["val_top1"])
-    pictures = [p for p in (curves, _plot_attention(out_dir, str(export_dir), runs)) if p]
-    pictures.append(demo_agreement(out_dir, export_dir, runs))  # per-layer agreement + distance vs teacher
-    print(f"[demo] table: {out_dir / 'results.md'}; pictures: {', '.join(map(str, pictures))}", flush=True)
-    return {"teacher": teacher, **{label: results[0] for label, results in rows.items()}}
+    pictures = []
+    for t in tables:
+        name = "curves" if t == "mae" else f"curves_{t}"
+        pictures.append(_plot_curves(out_dir, runs_by_table[t], teachers[t].get("val_top1"), name))
+    pictures.append(_plot_attention(out_dir, str(exports["mae"]), runs_by_table["mae"]))
+    students = {
+        labels[k]: runs_by_table["mae"][labels[k]] for k in ("scratch", "copy", "distill") if k in results
+    }
+    pictures.append(demo_agreement(out_dir, exports["mae"], students))  # per-layer agreement vs the teacher
+    shown = ", ".join(str(p) for p in pictures if p)
+    print(f"[demo] table: {out_dir / 'results.md'}; pictures: {shown}", flush=True)
+    print(
+        f"[demo] the MAE teacher is cached in {teachers['mae']['run_dir']} (keyed by its config hash): "
+        "later demos reuse it; delete that folder to pre-train again",
+        flush=True,
+    )
+    return {**{v["label"]: v for v in teachers.values()}, **{labels[k]: v[0] for k, v in results.items()}}

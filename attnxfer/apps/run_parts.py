@@ -16,7 +16,7 @@ from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
 
-__all__ = ["RunParts", "build_run_parts", "build_student", "pooling_args"]
+__all__ = ["RunParts", "build_run_parts", "build_student", "init_from_pretrained", "pooling_args"]
 
 
 @dataclass
@@ -52,12 +52,35 @@ def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any
     return args
 
 
+def init_from_pretrained(
+    spec: str, num_classes: int, drop_path_rate: float, img_size: int | None
+) -> nn.Module:
+    """A trainable copy of the pretrained encoder ``spec`` (fine-tuning) with a fresh ``num_classes`` head.
+
+    Every weight but the head's comes from ``spec``; anything else missing is an error, never a random
+    weight (e.g. an MAE-pretrained export: ``local-dir:RUN_DIR/export``)."""
+    pretrained, _ = load_teacher(spec, img_size=img_size, num_classes=0)
+    student = student_like(pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    result = student.load_state_dict(pretrained.state_dict(), strict=False)
+    head = {n for n, _ in student.named_parameters() if n.split(".")[0] == "head"}
+    missing = set(result.missing_keys) - head
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"model.init={spec!r} does not fit the student built from it: missing {sorted(missing)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
+    return student
+
+
 def build_student(
     cfg: TrainConfig, teacher: nn.Module | None, num_classes: int, in_chans: int, img_size: int | None
 ) -> nn.Module:
     """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised,
-    with the pooling ``model.global_pool`` / ``model.fc_norm`` ask for (applied after mirroring)."""
+    with the pooling ``model.global_pool`` / ``model.fc_norm`` ask for (applied after mirroring); with
+    ``model.init``, the architecture and weights of that pretrained model (fine-tuning)."""
     m = cfg.model
+    if m.init:
+        return init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size)
     kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if teacher is not None and m.mirror_teacher:
         return student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)

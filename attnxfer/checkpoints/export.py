@@ -35,7 +35,7 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
-from ..sources.teacher import TeacherRecord, hub_reachable
+from ..sources.teacher import TeacherRecord, drop_unused_entries, hub_reachable
 from ..transfer.plan import MODES
 from ..version import __version__
 from .store import CheckpointManager
@@ -509,22 +509,25 @@ def _step_of(ckpt: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def select_checkpoint(run_dir: str | os.PathLike, which: str = "best") -> tuple[Path, str]:
+def select_checkpoint(
+    run_dir: str | os.PathLike, which: str = "best", best_mode: str = "max"
+) -> tuple[Path, str]:
     """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
 
-    ``best`` is the best validation metric the run recorded (val top-1); a run that recorded none
-    exports its latest checkpoint and says so.
+    ``best`` is the best validation metric the run recorded (val top-1; with ``best_mode="min"`` a loss,
+    as MAE pre-training records); a run that recorded none exports its latest checkpoint and says so.
     """
     if which not in ("best", "latest"):
         raise ValueError(f"checkpoint={which!r}: choose 'best' or 'latest'")
-    manager = CheckpointManager(run_dir)
+    manager = CheckpointManager(run_dir, best_mode=best_mode)
     latest = manager.latest()
     if latest is None:
         raise FileNotFoundError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
     if which == "best":
         best = manager.best()
         if best is not None and best.metric is not None:
-            return best.path, f"{best.path.name} (best val top-1 {best.metric:.2f})"
+            what = f"val top-1 {best.metric:.2f}" if best_mode == "max" else f"val loss {best.metric:.4g}"
+            return best.path, f"{best.path.name} (best {what})"
         _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
         return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
     return latest.path, f"{latest.path.name} (latest)"
@@ -594,7 +597,7 @@ def export_run(
             f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
             "projections. Export a distillation run, or fine-tune this student without the teacher first"
         )
-    ckpt, why = select_checkpoint(run_dir, checkpoint)
+    ckpt, why = select_checkpoint(run_dir, checkpoint, run.get("best_mode", "max"))
     fname = "ema.safetensors" if weights == "ema" else "model.safetensors"
     wfile = ckpt / fname
     if not wfile.is_file():
@@ -604,6 +607,10 @@ def export_run(
         )
     student = student_from_spec(run["student"], attn_layer=attn_layer)
     state = load_file(str(wfile), device="cpu")
+    # An MAE pre-training run checkpoints encoder + decoder in MAE's layout: the export is the encoder.
+    state, dropped = drop_unused_entries(state)
+    if dropped:
+        _logger.info("export of %s: dropped %d entries the encoder does not use", run_dir, len(dropped))
     result = student.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(
@@ -623,6 +630,7 @@ def export_run(
         metrics=_card_metrics(run_dir, ckpt),
         training_data=_training_data(recipe),
         checkpoint=f"{why}, {weights} weights",
+        description=run.get("description"),
         repo_id=push_to_hub,
     )
     return export_student(student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite)

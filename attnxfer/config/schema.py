@@ -27,6 +27,7 @@ __all__ = [
     "DataConfig",
     "EMAConfig",
     "LogConfig",
+    "MAEConfig",
     "ModelConfig",
     "OptimConfig",
     "Range",
@@ -67,6 +68,7 @@ class ModelConfig:
     fc_norm: bool | None = (
         None  # null = timm's rule: a norm after pooling exactly when global_pool is avg/max
     )
+    init: str | None = None  # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -201,6 +203,23 @@ class ConvertConfig:
 
 
 @dataclass
+class MAEConfig:
+    """`attnxfer pretrain`: masked-autoencoder pre-training of the ``model`` section's ViT; labels unused.
+
+    The encoder is the model (its head is not built); the decoder is light and is dropped at export.
+    """
+
+    mask_ratio: float = 0.75  # share of patches hidden from the encoder, in [0, 1)
+    decoder_dim: int = 64  # decoder width (divisible by 4 and by decoder_heads)
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+    decoder_mlp_ratio: float = 4.0
+    norm_pix: bool = True  # targets normalised per patch (mean 0, variance 1), as MAE
+    pictures: int = 8  # validation images in the reconstruction picture at each evaluation (0 = none)
+    export: bool = True  # write the encoder to RUN_DIR/export (timm layout: a local-dir: teacher) at the end
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -221,6 +240,7 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
 
     def __str__(self) -> str:
         return dump_config(self)
@@ -295,6 +315,7 @@ RANGES: dict[str, Range] = {
     "model.kwargs": _ANY,
     "model.global_pool": _ANY,  # one of CHOICES
     "model.fc_norm": _ANY,
+    "model.init": _ANY,
     "teacher.spec": _ANY,
     "teacher.arch": _ANY,
     "teacher.revision": _ANY,
@@ -347,6 +368,14 @@ RANGES: dict[str, Range] = {
     "log.tensorboard": _ANY,
     "log.progress": _ANY,
     "log.attention_images": _NON_NEGATIVE,
+    "mae.mask_ratio": _OPEN_FRACTION,
+    "mae.decoder_dim": _AT_LEAST_1,
+    "mae.decoder_depth": _AT_LEAST_1,
+    "mae.decoder_heads": _AT_LEAST_1,
+    "mae.decoder_mlp_ratio": _POSITIVE,
+    "mae.norm_pix": _ANY,
+    "mae.pictures": _NON_NEGATIVE,
+    "mae.export": _ANY,
     "checkpoint.every_steps": _AT_LEAST_1,
     "checkpoint.every_minutes": _POSITIVE,
     "checkpoint.every_epoch": _ANY,

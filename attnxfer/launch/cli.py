@@ -25,6 +25,7 @@ examples:
   attnxfer train -c cfgs/demo/copy.yaml schedule.epochs=5
   attnxfer train -c cfgs/paper/vit_large_copy.yaml data.root=/data/imagenet
   attnxfer eval  -c runs/my-run/config.yaml
+  attnxfer pretrain -c demo/mae_pretrain                  # MAE pre-training, no labels -> RUN_DIR/export
   attnxfer convert -c convert/demo_hedgehog                # softmax teacher -> Hedgehog student + report
   attnxfer inspect local-dir:runs/demo/teacher/export runs/demo/distill --data animal_mnist
   attnxfer submit -c paper/vit_large_distill data.root=/data/imagenet --nodes 8 --gpus-per-node 8
@@ -106,6 +107,28 @@ def _cmd_train(args) -> int:
     return 0
 
 
+@register_command("pretrain")
+def _pretrain_parser(sub):
+    p = sub.add_parser(
+        "pretrain",
+        help="MAE pre-training of a ViT encoder on a dataset, without labels (a teacher for train/demo)",
+        description="Masked-autoencoder pre-training of the model section's ViT (the mae section: mask ratio, "
+        "decoder, normalised pixel loss). Checkpoints and resume as `train`; reconstructions of validation "
+        "images in RUN_DIR/pictures and TensorBoard at each evaluation; the encoder is exported in timm's "
+        "layout to RUN_DIR/export (use it as teacher.spec=local-dir:RUN_DIR/export).",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    from ..apps.pretrain import pretrain
+
+    result = pretrain(_load(args))
+    print(f"done: {result.steps} steps, best val loss {result.best:.4f} -> {result.run_dir}")
+    return 0
+
+
 @register_command("eval")
 def _eval_parser(sub):
     p = sub.add_parser(
@@ -147,7 +170,10 @@ def _positive_int(text: str) -> int:
 
 @register_command("demo")
 def _demo_parser(sub):
-    p = sub.add_parser("demo", help="teacher, scratch, copy and distill on animal-mnist in ~10 minutes (CPU)")
+    p = sub.add_parser(
+        "demo",
+        help="MAE teacher (no labels), then scratch, fine-tuned MAE, copy and distill on animal-mnist (CPU)",
+    )
     p.add_argument("--out", default="runs/demo", help="where runs, table and plot go (default runs/demo)")
     p.add_argument(
         "--budget-steps", type=_positive_int, default=None, help="optimiser steps per student (equal budget)"
@@ -162,6 +188,11 @@ def _demo_parser(sub):
         default=1,
         help="students per run kind, one per seed (teacher once): mean ± std and paired McNemar tests",
     )
+    p.add_argument(
+        "--supervised",
+        action="store_true",
+        help="add a second table: copy/distillation from a teacher trained with labels (about +8 min)",
+    )
     p.set_defaults(func=_cmd_demo)
 
 
@@ -174,6 +205,7 @@ def _cmd_demo(args) -> int:
         teacher_steps=args.teacher_steps,
         quick=args.quick,
         seeds=args.seeds,
+        supervised=args.supervised,
     )
     return 0
 
@@ -221,7 +253,7 @@ def _submit_parser(sub):
 
     p = sub.add_parser(
         "submit",
-        help="run `train` (or `convert`) as a (multi-node) SLURM job through submitit",
+        help="run `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit",
         description="Submit the same training as `attnxfer train` (or, with --command convert, the "
         "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
         "periodically, requeues itself on preemption/time limit and resumes.",
@@ -233,14 +265,18 @@ def _submit_parser(sub):
         choices=sorted(SUBMITTABLE),
         default="train",
         help="what the job runs (default train); convert resumes a finished stage 1 and stage 2's "
-        "checkpoints after a requeue",
+        "checkpoints after a requeue; pretrain is MAE pre-training (`attnxfer pretrain`)",
     )
     add_slurm_arguments(p)
     p.set_defaults(func=_cmd_submit)
 
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
-SUBMITTABLE = {"train": "attnxfer.apps.training:train", "convert": "attnxfer.apps.convert:convert_main"}
+SUBMITTABLE = {
+    "train": "attnxfer.apps.training:train",
+    "convert": "attnxfer.apps.convert:convert_main",
+    "pretrain": "attnxfer.apps.pretrain:pretrain",
+}
 
 
 def _cmd_submit(args) -> int:

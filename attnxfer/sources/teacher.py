@@ -61,6 +61,7 @@ __all__ = [
     "TeacherRecord",
     "TeacherSpec",
     "UnsafeCheckpointError",
+    "drop_unused_entries",
     "fetch_teacher",
     "hub_cache_dir",
     "hub_reachable",
@@ -222,6 +223,12 @@ def _json_safe(args: dict[str, Any]) -> dict[str, Any]:
         if v is None or isinstance(v, (bool, int, float, str, list, dict)):
             out[k] = v
     return out
+
+
+def drop_unused_entries(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``(encoder entries, dropped keys)``: what `DROP_RULES` recognise (e.g. an MAE decoder) taken out."""
+    kept, dropped, _ = _apply_drop_rules(state_dict)
+    return kept, dropped
 
 
 def load_teacher(

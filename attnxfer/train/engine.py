@@ -1,7 +1,10 @@
 """The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task.
 
-It takes objects (a `DualViT`, an optimiser, loaders, `LoopSettings`), never a config:
-`attnxfer.apps.training` builds those from one. accelerate owns devices, DDP and autocast;
+It takes objects (an objective module, an optimiser, loaders, `LoopSettings`), never a config:
+`attnxfer.apps.training` and `attnxfer.apps.pretrain` build those from one. The objective is a
+`DualViT` (attention transfer: student logits + transfer loss, scored by val top-1) or any module whose
+forward returns its own ``loss``/``terms``/``logs`` (MAE pre-training, `attnxfer.models.mae`: no task
+loss, scored by its evaluator, e.g. val reconstruction loss). accelerate owns devices, DDP and autocast;
 the engine owns the data order (a resumable sampler), the schedule (per-iteration warmup +
 cosine), checkpoints (atomic safetensors + JSON) and the teacher (a frozen guest inside `DualViT`).
 """
@@ -47,6 +50,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainResult",
     "evaluate",
+    "evaluate_loss",
     "lr_at",
 ]
 
@@ -62,10 +66,16 @@ class TrainResult:
     run_dir: str
     steps: int
     epochs_done: float
-    best_top1: float | None
+    best: float | None  # best value of the run's selection metric (LoopSettings.metric)
     final: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    metric: str = "val_top1"
+
+    @property
+    def best_top1(self) -> float | None:
+        """The best val top-1 (classification runs; None for runs scored otherwise)."""
+        return self.best if self.metric == "val_top1" else None
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
@@ -117,6 +127,28 @@ def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = No
     }
 
 
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[str, float]:
+    """Mean of a self-supervised objective's ``loss`` over ``loader`` (batch-weighted, summed over ranks).
+
+    The objective's randomness (MAE's masks) comes from a generator seeded with ``seed`` at every call, so
+    each evaluation scores the same masks and the training RNG streams are left untouched."""
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum, count
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with accelerator.autocast():
+            out = model(x, generator=generator)
+        totals[0] += out.loss.double() * x.shape[0]
+        totals[1] += x.shape[0]
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    return {"loss": totals[0].item() / max(1.0, totals[1].item())}
+
+
 def _weights_checksum(model: nn.Module) -> str:
     """A bit-exact fingerprint of the weights (ranks compare them before every save)."""
 
@@ -156,6 +188,13 @@ class LoopSettings:
     attention_images: int = 0  # validation images whose class-token maps go to TensorBoard at each eval
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     eval_only: bool = False
+    metric: str = "val_top1"  # what "best" means: a key of the evaluation's results...
+    metric_mode: str = "max"  # ...and whether higher (max) or lower (min) is better
+
+
+Evaluator = Callable[[nn.Module, Any, Any], dict[str, float]]
+#: pictures drawn after an evaluation: model -> {tag: (C, H, W) image in [0, 1]}
+Pictures = Callable[[nn.Module], dict[str, torch.Tensor]]
 
 
 @dataclass
@@ -179,10 +218,12 @@ class Engine:
         train_loader: Any,
         val_loader: Any,
         train_sampler: Any,
-        task: TaskLoss,
+        task: TaskLoss | None,
         settings: LoopSettings,
         ema: StudentEMA | None = None,
         record: dict[str, Any] | None = None,
+        evaluator: Evaluator = evaluate,
+        pictures: Pictures | None = None,
     ):
         self.runtime = runtime
         self.accelerator = acc = runtime.accelerator
@@ -190,15 +231,17 @@ class Engine:
         self.settings = s = settings
         self.record = dict(record or {})
         self.run_dir = Path(s.run_dir)
-        self.dual, self.ema, self.plan = dual, ema, dual.plan
+        # A DualViT trains (and checkpoints) its student; any other objective module trains itself.
+        self.dual, self.ema, self.plan = dual, ema, getattr(dual, "plan", None)
+        self.student: nn.Module = getattr(dual, "student", dual)
         self.train_loader, self.val_loader, self.train_sampler = train_loader, val_loader, train_sampler
-        self.mixup, self.loss_fn = task.mixup, task.loss_fn
+        self.mixup, self.loss_fn = (task.mixup, task.loss_fn) if task is not None else (None, None)
+        self.evaluator, self.pictures = evaluator, pictures
         # What evaluates the EMA weights: with the teacher when the mode attends with its q/k at eval.
         self.ema_eval = None
         if ema is not None:
-            self.ema_eval = (
-                DualViT(dual.teacher, ema.module, self.plan) if self.plan.mode.teacher_at_eval else ema.module
-            )
+            with_teacher = self.plan is not None and self.plan.mode.teacher_at_eval
+            self.ema_eval = DualViT(dual.teacher, ema.module, self.plan) if with_teacher else ema.module
         self.base_lr = s.base_lr
         self.model, self.optimizer = acc.prepare(dual, optimizer)
         self.steps_per_epoch = len(train_loader) // s.accum_steps
@@ -211,10 +254,10 @@ class Engine:
         if s.max_steps is not None:
             self.total_steps = min(self.total_steps, s.max_steps)
         self.warmup_steps = round(s.warmup_epochs * self.steps_per_epoch)
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=s.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(self.run_dir, keep_last=s.checkpoint.keep_last, best_mode=s.metric_mode)
         self.metrics = MetricsLogger(self.run_dir, tensorboard=s.tensorboard, enabled=self.is_main)
         self.step, self.epoch, self.position = 0, 0, 0
-        self.best_top1: float | None = None
+        self.best: float | None = None  # best value of settings.metric so far
         self.last_ckpt: str | None = None
         self.history: list[dict[str, float]] = []
         self._picture_x: torch.Tensor | None = None
@@ -222,7 +265,7 @@ class Engine:
     def save(self, metric: float | None = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes."""
         rng = capture_rng_state()
-        checksum = _weights_checksum(self.dual.student)
+        checksum = _weights_checksum(self.student)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -239,14 +282,15 @@ class Engine:
             rng_all, checksums = [rng], [checksum]
         if self.is_main:
             opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
-            tensors = {"model": self.dual.student.state_dict(), "optimizer": opt_tensors}
+            tensors = {"model": self.student.state_dict(), "optimizer": opt_tensors}
             if self.ema is not None:
                 tensors["ema"] = self.ema.state_dict()
             state = {
                 "step": self.step,
                 "epoch": self.epoch,
                 "position": self.position,
-                "best_top1": self.best_top1,
+                "best": self.best,
+                "best_metric": self.settings.metric,
                 "rng": rng_all,
                 "optimizer_meta": opt_meta,
                 "world_size": self.world,
@@ -304,7 +348,7 @@ class Engine:
             info = verify_checkpoint(mode)
         tensors, state = self.ckpt.load(info)
         try:
-            self.dual.student.load_state_dict(tensors["model"])
+            self.student.load_state_dict(tensors["model"])
         except RuntimeError as e:
             detail = str(e).strip().splitlines()
             raise CheckpointError(
@@ -317,7 +361,7 @@ class Engine:
             optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"])
         )
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-        self.best_top1 = state.get("best_top1")
+        self.best = state.get("best", state.get("best_top1"))
         rng = state["rng"]
         if len(rng) == self.world:
             restore_rng_state(rng[self.rank])
@@ -348,17 +392,20 @@ class Engine:
             x, y = self.mixup(x, y)
         with acc.accumulate(self.model):
             with acc.autocast():
-                out: TransferOutput = self.model(x)
-            task = self.loss_fn(out.logits.float(), y)
-            terms = {"task": task, **out.terms}
-            if out.loss is not None:
-                terms["attn"] = out.loss
-            total = task + out.loss if out.loss is not None else task
-            terms["total"] = total
+                out = self.model(x)
+            if self.loss_fn is None:  # a self-supervised objective: its own loss is the whole loss
+                terms = {**out.terms, "total": out.loss}
+            else:
+                task = self.loss_fn(out.logits.float(), y)
+                terms = {"task": task, **out.terms}
+                if out.loss is not None:
+                    terms["attn"] = out.loss
+                terms["total"] = task + out.loss if out.loss is not None else task
+            total = terms["total"]
             _check_finite(terms, self.step, self.epoch, self.last_ckpt)
             acc.backward(total)
             if acc.sync_gradients and clip:
-                terms["grad_norm"] = acc.clip_grad_norm_(self.dual.student.parameters(), clip)
+                terms["grad_norm"] = acc.clip_grad_norm_(self.student.parameters(), clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         logs = {k: v.detach() for k, v in terms.items()}
@@ -372,13 +419,11 @@ class Engine:
         return bool(c.every_minutes and time.monotonic() - self._last_save_time >= 60 * c.every_minutes)
 
     def _evaluate_all(self) -> dict[str, float]:
-        res = {f"val_{k}": v for k, v in evaluate(self.model, self.val_loader, self.accelerator).items()}
+        run = self.evaluator
+        res = {f"val_{k}": v for k, v in run(self.model, self.val_loader, self.accelerator).items()}
         if self.ema_eval is not None:
             res.update(
-                {
-                    f"ema_val_{k}": v
-                    for k, v in evaluate(self.ema_eval, self.val_loader, self.accelerator).items()
-                }
+                {f"ema_val_{k}": v for k, v in run(self.ema_eval, self.val_loader, self.accelerator).items()}
             )
         return res
 
@@ -396,12 +441,12 @@ class Engine:
         """Class-token maps (layer × head) of a few fixed validation images, the teacher's beside the
         student's, to TensorBoard: rank 0, at evaluations only."""
         n = max(0, self.settings.attention_images)
-        if not (n and self.is_main and self.metrics.has_tensorboard):
+        if not (n and self.is_main and self.metrics.has_tensorboard and self.plan is not None):
             return
         if self._picture_x is None:
             self._picture_x = next(iter(self.val_loader))[0][:n]
         x = self._picture_x.to(self.accelerator.device)
-        teacher, student = self.dual.teacher, self.dual.student
+        teacher, student = getattr(self.dual, "teacher", None), self.student
         was = student.training
         student.eval()
         try:
@@ -426,13 +471,24 @@ class Engine:
             )
             self.metrics.log_image(f"attention/cls_maps_{b}", self.step, figure_array(fig))
 
+    def _draw_pictures(self) -> None:
+        if self.pictures is None or not self.is_main:
+            return
+        for tag, image in self.pictures(self.student).items():
+            self.metrics.log_image(f"val/{tag}", self.step, image)
+
+    def _is_better(self, value: float) -> bool:
+        if self.best is None:
+            return True
+        return value > self.best if self.settings.metric_mode == "max" else value < self.best
+
     def run(self) -> TrainResult:
         s, acc = self.settings, self.accelerator
         start = time.monotonic()
         self._last_save_time = start
         if s.eval_only:
             final = self.evaluate_checkpoint()
-            return TrainResult(str(self.run_dir), self.step, self.epoch, self.best_top1, final)
+            return TrainResult(str(self.run_dir), self.step, self.epoch, self.best, final, metric=s.metric)
         self.resume()
         self.model.train()
         sampler, loader = self.train_sampler, self.train_loader
@@ -458,7 +514,8 @@ class Engine:
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
                 upcoming = self.step + 1
-                self.dual.log_kl = upcoming % s.log_every == 0 or upcoming == self.total_steps
+                if hasattr(self.dual, "log_kl"):
+                    self.dual.log_kl = upcoming % s.log_every == 0 or upcoming == self.total_steps
                 logs, stepped = self._train_step(x, y)
                 self.position += global_batch  # global count: what every rank consumed together
                 if progress is not None:
@@ -469,7 +526,7 @@ class Engine:
                     continue
                 self.step += 1
                 if self.ema is not None:
-                    self.ema.update(self.dual.student)
+                    self.ema.update(self.student)
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
                     rec = {k: sum(v) / len(v) for k, v in window.items()}
                     rec["lr"] = lr
@@ -491,31 +548,40 @@ class Engine:
                 progress.close()
                 progress = None
             final = self._evaluate_all()
-            top1 = final["val_top1"]
-            if self.best_top1 is None or top1 > self.best_top1:
-                self.best_top1 = top1
-            final["best_top1"] = self.best_top1
+            value = final[s.metric]
+            if self._is_better(value):
+                self.best = value
+            final[self._best_key] = self.best
             self.metrics.log("val", self.step, final, epoch=self.epoch + self.position / epoch_len)
             self._log_attention_pictures()
             self.history.append({"step": self.step, "epoch": self.epoch + self.position / epoch_len, **final})
+            self._draw_pictures()
             if self.is_main:
+                name = s.metric.removeprefix("val_")
+                fmt = ".2f" if s.metric == "val_top1" else ".4g"
                 print(
-                    f"epoch {self.epoch}: step {self.step}/{self.total_steps} val top1 {top1:.2f} "
-                    f"(best {self.best_top1:.2f})",
+                    f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:{fmt}} "
+                    f"(best {self.best:{fmt}})",
                     flush=True,
                 )
             if s.checkpoint.every_epoch or self.step >= self.total_steps:
-                self.save(metric=top1)
+                self.save(metric=value)
         if not final:  # resumed a finished run: report where it stands
             final = self._evaluate_all()
-            final["best_top1"] = self.best_top1 if self.best_top1 is not None else final["val_top1"]
+            final[self._best_key] = self.best if self.best is not None else final[s.metric]
         self.metrics.close()
         return TrainResult(
             str(self.run_dir),
             self.step,
             self.epoch,
-            self.best_top1,
+            self.best,
             final,
             self.history,
             time.monotonic() - start,
+            metric=s.metric,
         )
+
+    @property
+    def _best_key(self) -> str:
+        """``best_top1`` for val_top1, ``best_loss`` for val_loss."""
+        return "best_" + self.settings.metric.removeprefix("val_")

@@ -1,4 +1,5 @@
-"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars."""
+"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars; pictures as PNG
+files under ``pictures/`` and TensorBoard images."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import torch
+from torchvision.utils import save_image
 
 __all__ = ["MetricsLogger", "read_metrics"]
 
@@ -80,10 +84,21 @@ class MetricsLogger:
     def has_tensorboard(self) -> bool:
         return self._tb is not None
 
-    def log_image(self, tag: str, step: int, image) -> None:
-        """An (H, W, 3) uint8 picture to TensorBoard (nothing without TensorBoard)."""
+    def log_image(self, tag: str, step: int, image) -> Path | None:
+        """A picture as ``pictures/<tag>-step<N>.png`` and a TensorBoard image: (C, H, W) floats in
+        [0, 1], or (H, W, 3) uint8 as matplotlib renders it."""
+        if not self.enabled:
+            return None
+        image = torch.as_tensor(image).detach().cpu()
+        if image.dtype == torch.uint8:
+            image = image.permute(2, 0, 1).float() / 255
+        image = image.float().clamp(0, 1)
+        path = self.path.parent / "pictures" / f"{tag.replace('/', '-')}-step{int(step):08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(image, str(path))
         if self._tb is not None:
-            self._tb.add_image(tag, image, step, dataformats="HWC")
+            self._tb.add_image(tag, image, step)
+        return path
 
     def close(self) -> None:
         if self._tb is not None:

@@ -1,0 +1,185 @@
+"""`attnxfer pretrain`: MAE pre-training of a timm ViT on any dataset attnxfer reads, without its labels.
+
+A `TrainConfig` becomes a `MaskedAutoencoder` (the ``model`` section's ViT as encoder, the ``mae``
+section's decoder and masking), data loaders and the same `Engine` that trains students: checkpoints,
+``resume: auto``, SLURM through ``attnxfer submit --command pretrain``, metrics and TensorBoard. Each
+evaluation scores the masked-patch loss on the validation set (the same masks every time) and draws
+reconstructions of a few validation images (``pictures/`` and TensorBoard). At the end the encoder is
+exported in timm's layout to ``RUN_DIR/export`` (decoder dropped): ``teacher.spec=local-dir:RUN_DIR/export``
+makes it a teacher, ``model.init=local-dir:RUN_DIR/export`` fine-tunes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.utils import make_grid
+
+from ..checkpoints.export import export_run
+from ..checkpoints.store import atomic_write_json, atomic_write_text
+from ..config import TrainConfig, TransferConfig, dump_config, to_dict
+from ..data import dataset_info
+from ..models.mae import MaskedAutoencoder
+from ..models.student import student_spec
+from ..models.vit import create_vit
+from ..train.distributed import backend_for, barrier, joined_process_group
+from ..train.engine import Engine, TrainResult, evaluate_loss
+from ..train.optim import student_param_groups
+from ..train.runtime import Runtime, create_runtime, set_seed
+from .run_parts import RunParts, build_run_parts
+from .training import loop_settings
+
+__all__ = ["MODE", "build_mae", "build_pretrain_engine", "pretrain", "reconstruction_pictures"]
+
+#: what run.json says this run trained (export and the demo read it)
+MODE = "mae-pretrain"
+
+
+def build_mae(cfg: TrainConfig, in_chans: int, img_size: int | None) -> MaskedAutoencoder:
+    """The ``model`` section's ViT (no head) inside the ``mae`` section's masked autoencoder."""
+    m, a = cfg.model, cfg.mae
+    kwargs = dict(m.kwargs, in_chans=in_chans)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    encoder = create_vit(m.name, num_classes=0, drop_path_rate=m.drop_path_rate, **kwargs)
+    return MaskedAutoencoder(
+        encoder,
+        decoder_dim=a.decoder_dim,
+        decoder_depth=a.decoder_depth,
+        decoder_heads=a.decoder_heads,
+        mlp_ratio=a.decoder_mlp_ratio,
+        mask_ratio=a.mask_ratio,
+        norm_pix=a.norm_pix,
+    )
+
+
+def reconstruction_pictures(
+    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], scale: int = 4, seed: int = 0
+) -> Callable[[nn.Module], dict[str, torch.Tensor]]:
+    """What the engine draws after each evaluation: one row per image (masked input, reconstruction,
+    original), in pixels, enlarged ``scale`` times (nearest) so 28-px images stay legible."""
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 1, -1, 1, 1)
+
+    def draw(mae: nn.Module) -> dict[str, torch.Tensor]:
+        was_training = mae.training
+        mae.eval()
+        device = next(mae.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        triplets = mae.reconstruct(images.to(device), generator=generator).cpu()
+        mae.train(was_training)
+        pixels = (triplets * std_t + mean_t).clamp(0, 1)
+        grid = make_grid(pixels.flatten(0, 1), nrow=3, padding=1, pad_value=1.0)
+        return {"reconstruction": F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]}
+
+    return draw
+
+
+def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: MaskedAutoencoder) -> None:
+    if not engine.is_main:
+        return
+    run_dir = Path(cfg.run_dir)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    a = cfg.mae
+    info = {
+        "objective": "mae",
+        "mode": MODE,
+        "teacher": None,
+        "student": student_spec(mae.encoder),
+        "description": (
+            f"A {cfg.model.name} encoder pre-trained as a masked autoencoder (mask ratio {a.mask_ratio}, "
+            f"{'normalised' if a.norm_pix else 'raw'} pixel targets, decoder {a.decoder_depth}x{a.decoder_dim} "
+            f"dropped at export) on {cfg.data.dataset} without labels, with attnxfer."
+        ),
+        "best_mode": "min",
+        "num_classes": 0,
+        "mean": parts.mean,
+        "std": parts.std,
+        "world_size": engine.world,
+        "precision": engine.runtime.precision,
+        "base_lr": engine.base_lr,
+        "steps_per_epoch": engine.steps_per_epoch,
+        "total_steps": engine.total_steps,
+    }
+    atomic_write_json(run_dir / "run.json", info)
+
+
+def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> Engine:
+    """The MAE, data, optimiser and engine that ``cfg`` describes."""
+    if cfg.teacher.spec:
+        raise ValueError(
+            f"pretrain learns from pixels alone; teacher.spec={cfg.teacher.spec!r} would be unused. "
+            "Remove it (attention transfer from a teacher is `attnxfer train`)"
+        )
+    if cfg.model.init:
+        raise ValueError(
+            "pretrain starts from random weights; remove model.init (fine-tuning is `attnxfer train`)"
+        )
+    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    set_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    d = cfg.data
+    info = dataset_info(d.dataset, root=d.root)
+    in_chans = d.in_chans or info.in_chans
+    mae = build_mae(cfg, in_chans, d.img_size)
+    # The loaders are the training ones (labels come along and are ignored); no teacher, no transfer.
+    data_cfg = dataclasses.replace(cfg, transfer=TransferConfig(mode="none"))
+    parts = build_run_parts(
+        data_cfg, rank=runtime.rank, world_size=runtime.world, student_fn=lambda _t, _n: mae.encoder
+    )
+    mae.to(runtime.device)
+    settings = dataclasses.replace(loop_settings(cfg, runtime.world), metric="val_loss", metric_mode="min")
+    groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
+    fused = {"fused": True} if runtime.device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(
+        groups, lr=settings.base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **fused
+    )
+    pictures = None
+    if cfg.mae.pictures > 0:
+        val = parts.val_loader.dataset
+        picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
+        pictures = reconstruction_pictures(torch.stack([val[i][0] for i in picks]), parts.mean, parts.std)
+    engine = Engine(
+        runtime,
+        mae,
+        optimizer,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        train_sampler=parts.train_sampler,
+        task=None,
+        settings=settings,
+        record={"teacher": None, "config": to_dict(cfg)},
+        evaluator=evaluate_loss,
+        pictures=pictures,
+    )
+    _write_run_files(cfg, engine, parts, mae)
+    if engine.is_main:
+        n = mae._num_patches
+        kept = max(1, round(n * (1 - cfg.mae.mask_ratio)))
+        print(
+            f"MAE pre-training of {cfg.model.name} on {d.dataset} (labels unused): the encoder sees {kept} of "
+            f"{n} patches per image; decoder {cfg.mae.decoder_depth} blocks x {cfg.mae.decoder_dim}; "
+            f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches",
+            flush=True,
+        )
+    return engine
+
+
+def pretrain(cfg: TrainConfig) -> TrainResult:
+    """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
+    with joined_process_group(backend_for(cfg.device)):
+        engine = build_pretrain_engine(cfg)
+        result = engine.run()
+        if cfg.mae.export and engine.is_main and not cfg.eval_only:
+            out = export_run(cfg.run_dir, Path(cfg.run_dir) / "export", weights="raw", overwrite=True)
+            print(f"encoder exported to {out}: teacher.spec=local-dir:{out}", flush=True)
+        barrier()
+        return result

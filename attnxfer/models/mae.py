@@ -1,0 +1,257 @@
+"""Masked autoencoder (He et al., 2022) around a timm ViT encoder: masking, a light decoder, the pixel loss.
+
+The pieces follow the paper's description:
+
+* every image keeps a random subset of exactly ``round(N·(1 − mask_ratio))`` patches (per-image noise,
+  ``argsort``); the encoder sees only those (plus its prefix tokens);
+* a light decoder (timm ``Block``s, narrower than the encoder, its own fixed 2-D sin-cos position
+  embedding and a learned mask token) fills the masked positions back in and predicts their pixels;
+* the loss is the mean squared error on the *masked* patches only, against pixels normalised per patch
+  (``norm_pix``: each patch to zero mean and unit variance, which the paper found gives better features).
+
+Parameter names are those of MAE's own pretraining checkpoints: the encoder's are timm's
+(``blocks.0.attn.qkv.weight``, ``pos_embed``, ...) and the decoder's start with ``decoder_`` beside
+``mask_token``. So a pretraining checkpoint loads as a teacher wherever MAE's does (the decoder is
+dropped and reported), and ``encoder`` is a plain timm ``VisionTransformer`` that exports as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+
+__all__ = [
+    "MAEOutput",
+    "MaskedAutoencoder",
+    "masked_patch_loss",
+    "patchify",
+    "random_masking",
+    "sincos_pos_embed_2d",
+    "unpatchify",
+]
+
+
+def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): half the channels encode the row,
+    half the column, each as sin/cos at geometrically spaced frequencies (Vaswani et al.'s 1-D form)."""
+    if dim % 4:
+        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for pos in (rows.reshape(-1), cols.reshape(-1)):
+        angles = pos[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, H, W) → (B, N, patch·patch·C), patches in raster order, pixels (row, col, channel)."""
+    b, c, h, w = images.shape
+    gh, gw = h // patch, w // patch
+    x = images.reshape(b, c, gh, patch, gw, patch)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, patch * patch * c)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channels: int) -> torch.Tensor:
+    """The inverse of `patchify`."""
+    b = patches.shape[0]
+    x = patches.reshape(b, grid[0], grid[1], patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, grid[0] * patch, grid[1] * patch)
+
+
+def random_masking(
+    batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image random masks: ``(keep_idx (B, K), mask (B, N))`` with ``mask`` 1 on hidden patches.
+
+    Every image keeps exactly ``K = round(N·(1 − mask_ratio))`` patches (at least one): the K with the
+    smallest uniform noise, so each subset of size K is equally likely.
+    """
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    keep = max(1, round(num_patches * (1.0 - mask_ratio)))
+    noise = torch.rand(batch, num_patches, device=device, generator=generator)
+    keep_idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # raster order inside the kept set
+    mask = torch.ones(batch, num_patches, device=device)
+    mask.scatter_(1, keep_idx, 0.0)
+    return keep_idx, mask
+
+
+def masked_patch_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Mean over masked patches of the per-patch mean squared error, in fp32.
+
+    With ``norm_pix`` each target patch is first normalised by its own mean and (unbiased) variance:
+    ``(t − mean) / sqrt(var + eps)``, so a flat patch has target 0.
+    """
+    pred, target, mask = pred.float(), target.float(), mask.float()
+    if norm_pix:
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + eps).sqrt()
+    per_patch = (pred - target).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@dataclass
+class MAEOutput:
+    """What one MAE forward pass gives: the loss the optimiser sees, the prediction and the mask.
+
+    ``terms``/``logs`` follow the engine's convention (named differentiable terms / detached extras)."""
+
+    loss: torch.Tensor
+    pred: torch.Tensor  # (B, N, patch²·C), in normalised-pixel units when norm_pix
+    mask: torch.Tensor  # (B, N), 1 = hidden from the encoder
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MaskedAutoencoder(nn.Module):
+    """An MAE around ``encoder``, a timm ``VisionTransformer`` (class token optional, fixed image size).
+
+    The encoder's modules and parameters are registered on this module under their own names (composition,
+    not a copy: they are the same objects), so ``state_dict()`` has MAE's checkpoint layout and
+    ``self.encoder`` stays a complete timm model holding the trained weights.
+
+    Args:
+        encoder: the ViT to pre-train (its head is not used; build it with ``num_classes=0``).
+        decoder_dim, decoder_depth, decoder_heads: the light decoder (the paper: 512 wide, 8 blocks for
+            ViT-L, i.e. a fraction of the encoder's compute).
+        mask_ratio: share of patches hidden from the encoder (the paper: 0.75).
+        norm_pix: per-patch normalised pixel targets (the paper's default for its best features).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        *,
+        decoder_dim: int = 64,
+        decoder_depth: int = 2,
+        decoder_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.75,
+        norm_pix: bool = True,
+    ):
+        super().__init__()
+        if getattr(encoder, "dynamic_img_size", False):
+            raise ValueError(
+                "MaskedAutoencoder needs a fixed image size (build the encoder without dynamic_img_size)"
+            )
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        self.__dict__["encoder"] = encoder  # not a submodule: its parts are registered below by name
+        for name, child in encoder.named_children():
+            self.add_module(name, child)
+        for name, param in encoder.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self.mask_ratio = mask_ratio
+        self.norm_pix = norm_pix
+        self.patch = encoder.patch_embed.patch_size[0]
+        self.grid = tuple(encoder.patch_embed.grid_size)
+        self.in_chans = encoder.patch_embed.proj.in_channels
+        width = encoder.embed_dim
+        n = self.grid[0] * self.grid[1]
+
+        self.decoder_embed = nn.Linear(width, decoder_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
+        # fixed, as in the paper: a Parameter without gradient, so checkpoints carry it like MAE's
+        pos = torch.cat([torch.zeros(1, decoder_dim), sincos_pos_embed_2d(decoder_dim, self.grid)])
+        self.decoder_pos_embed = nn.Parameter(pos[None], requires_grad=False)
+        self.decoder_blocks = nn.Sequential(
+            *[
+                Block(decoder_dim, decoder_heads, mlp_ratio=mlp_ratio, qkv_bias=True)
+                for _ in range(decoder_depth)
+            ]
+        )
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch * self.patch * self.in_chans)
+        self._num_patches = n
+        self._init_decoder()
+
+    def _init_decoder(self) -> None:
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed"}
+
+    # -- the three stages ----------------------------------------------------------------------
+    def forward_encoder(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """The encoder on the kept patches only: (B, prefix + K, width), after its final norm."""
+        enc = self.encoder
+        x = enc.patch_embed(images)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        prefix = []
+        if enc.cls_token is not None:
+            prefix.append(enc.cls_token.expand(x.shape[0], -1, -1))
+        if enc.reg_token is not None:
+            prefix.append(enc.reg_token.expand(x.shape[0], -1, -1))
+        if enc.pos_embed is not None:
+            if enc.no_embed_class:
+                x = x + enc.pos_embed
+            else:
+                n_pre = enc.num_prefix_tokens
+                x = x + enc.pos_embed[:, n_pre:]
+                prefix = [p + enc.pos_embed[:, i : i + 1] for i, p in enumerate(prefix)]
+        x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
+        x = torch.cat([*prefix, x], dim=1)
+        x = enc.norm_pre(enc.pos_drop(x))
+        x = enc.blocks(x)
+        return enc.norm(x)
+
+    def forward_decoder(self, latent: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """Mask tokens in the hidden places, position embedding, decoder blocks: (B, N, patch²·C)."""
+        n_pre = self.encoder.num_prefix_tokens
+        x = self.decoder_embed(latent)
+        b, n = x.shape[0], self._num_patches
+        full = self.mask_token.to(x.dtype).expand(b, n, -1).clone()
+        full.scatter_(1, keep_idx[..., None].expand(-1, -1, x.shape[-1]), x[:, n_pre:])
+        # one decoder token stands for the encoder's prefix (class token), as in MAE
+        head = x[:, :1] if n_pre else self.mask_token.to(x.dtype).expand(b, 1, -1)
+        x = torch.cat([head, full], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        x = self.decoder_norm(self.decoder_blocks(x))
+        return self.decoder_pred(x[:, 1:])
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        return patchify(images, self.patch)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> MAEOutput:
+        """Mask, encode, decode, and score the reconstruction of the hidden patches."""
+        keep_idx, mask = random_masking(
+            images.shape[0], self._num_patches, self.mask_ratio, device=images.device, generator=generator
+        )
+        pred = self.forward_decoder(self.forward_encoder(images, keep_idx), keep_idx)
+        loss = masked_patch_loss(pred, self.target(images), mask, norm_pix=self.norm_pix)
+        return MAEOutput(loss=loss, pred=pred, mask=mask, terms={"mae": loss})
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, C, H, W): the masked input, the reconstruction (kept patches pasted back), the original.
+
+        With ``norm_pix`` the prediction is mapped back to pixels with each patch's true mean and
+        variance (only for display: the model predicts normalised patches)."""
+        out = self(images, generator=generator)
+        target = self.target(images).float()
+        pred = out.pred.float()
+        if self.norm_pix:
+            mean = target.mean(-1, keepdim=True)
+            std = (target.var(-1, keepdim=True) + 1e-6).sqrt()
+            pred = pred * std + mean
+        m = out.mask[..., None]
+        recon = pred * m + target * (1 - m)
+        gray = (target.amin() + target.amax()) / 2
+        shown = target * (1 - m) + gray * m  # hidden patches drawn mid-gray, apart from black and white
+        to_img = lambda p: unpatchify(p, self.patch, self.grid, self.in_chans)
+        return torch.stack([to_img(shown), to_img(recon), images.float()], dim=1)
