@@ -237,7 +237,7 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["mae.mask_ratio=1.0"], "mask_ratio must be in [0, 1)"),
+        (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be >= 0 and < 1"),
         (["teacher.spec=vit_base_patch16_224.mae"], "pretrain learns from pixels alone"),
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
     ],

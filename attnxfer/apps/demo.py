@@ -1,4 +1,4 @@
-"""``attnxfer demo``: the paper's effect on a real dataset, on a laptop CPU, in about a quarter of an hour.
+"""``attnxfer demo``: the paper's effect on a real dataset, on a laptop CPU.
 
 1. Pre-train a micro-ViT on animal-mnist as a masked autoencoder, WITHOUT labels (`attnxfer pretrain`,
    recipe ``demo/mae_pretrain``). It is built once: its run folder is keyed by its config's hash
