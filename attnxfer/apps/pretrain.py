@@ -32,7 +32,7 @@ from ..train.engine import Engine, TrainResult, evaluate_loss
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
 from .run_parts import RunParts, build_run_parts
-from .training import loop_settings
+from .training import engine_facts, loop_settings
 
 __all__ = ["MODE", "build_mae", "build_pretrain_engine", "pretrain", "reconstruction_pictures"]
 
@@ -100,11 +100,7 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: Mas
         "num_classes": 0,
         "mean": parts.mean,
         "std": parts.std,
-        "world_size": engine.world,
-        "precision": engine.runtime.precision,
-        "base_lr": engine.base_lr,
-        "steps_per_epoch": engine.steps_per_epoch,
-        "total_steps": engine.total_steps,
+        **engine_facts(engine),
     }
     atomic_write_json(run_dir / "run.json", info)
 

@@ -103,6 +103,17 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
     )
 
 
+def engine_facts(engine: Engine) -> dict:
+    """What run.json records of how a run executes (ranks, precision, lr and step counts), for every app."""
+    return {
+        "world_size": engine.world,
+        "precision": engine.runtime.precision,
+        "base_lr": engine.base_lr,
+        "steps_per_epoch": engine.steps_per_epoch,
+        "total_steps": engine.total_steps,
+    }
+
+
 def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
     """config.yaml (re-run with -c RUN_DIR/config.yaml) and run.json (what was trained, from what)."""
     if not engine.is_main:
@@ -119,11 +130,7 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
         "class_names": parts.class_names,
         "mean": parts.mean,
         "std": parts.std,
-        "world_size": engine.world,
-        "precision": engine.runtime.precision,
-        "base_lr": engine.base_lr,
-        "steps_per_epoch": engine.steps_per_epoch,
-        "total_steps": engine.total_steps,
+        **engine_facts(engine),
     }
     atomic_write_json(run_dir / "run.json", info)
 
