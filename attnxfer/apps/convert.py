@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, apply_overrides, dump_config
 from ..data import ResumableSampler, build_loader
@@ -232,7 +233,11 @@ def _convert(
     stage1 = Stage1Result()
     if plan.stage1_steps > 0:
         folder = run_dir / "stage1"
-        resumed = _load_stage1(student, folder, plan) if cfg.checkpoint.resume != "none" else None
+        resumed = (
+            _load_stage1(student, folder, plan)
+            if ResumeFrom.parse(cfg.checkpoint.resume).policy is not ResumePolicy.FRESH
+            else None
+        )
         if resumed is not None:
             stage1 = resumed
             log(f"stage 1: resumed from {folder} ({stage1.steps} steps done earlier)")
