@@ -70,6 +70,7 @@ class HashingAttention(KernelAttention):
         temperature: float = 0.1,
         hash_seed: int = 0,
         pair_fraction: float = 0.1,
+        dissimilar_target: float = -1.0,
         **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
@@ -83,6 +84,9 @@ class HashingAttention(KernelAttention):
         self.temperature = float(temperature)
         self.hash_seed = int(hash_seed)
         self.pair_fraction = float(pair_fraction)
+        if not -1.0 <= dissimilar_target < 1.0:
+            raise ValueError(f"dissimilar_target must be in [-1, 1), got {dissimilar_target}")
+        self.dissimilar_target = float(dissimilar_target)
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         # Plain parameters, not nn.Linear, so timm's ViT init leaves the SimHash draw alone.
         self.hash_q = nn.Parameter(torch.empty(num_heads, self.head_dim, self.bits, **dd))
@@ -124,7 +128,7 @@ class HashingAttention(KernelAttention):
             c_q, c_k = self.codes(q, "q", relaxed=True), self.codes(k, "k", relaxed=True)
             B, H, N, _ = q.shape
             pairs = self.pair_count(k.shape[-2])
-            target = torch.cat((q.new_ones(pairs), -q.new_ones(pairs)))
+            target = torch.cat((q.new_ones(pairs), q.new_full((pairs,), self.dissimilar_target)))
             total = q.new_zeros(())
             for rows in row_slices(0, N, row_chunk(q, k.shape[-2], live_tensors=2)):
                 logits = (q_t[:, :, rows] * q_t.shape[-1] ** -0.5) @ k_t.transpose(-2, -1)

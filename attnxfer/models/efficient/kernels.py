@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.opcount import OpCounts, matmul_ops
 from .base import EfficientAttention
 
 #: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
@@ -115,6 +116,21 @@ class KernelAttention(EfficientAttention):
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(q), phi(k) (B, H, N, m) as single tensors."""
         return tuple(torch.cat(_as_blocks(f), dim=-1) for f in self.feature_blocks(q, k))
+
+    def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int] | None:
+        """Operations of one (batch, head)'s q and k features, and the feature width m; None: not counted."""
+        return None
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts | None:
+        """Per (batch, head): the features (``feature_counts``), the key state phi(k)^T [v, 1] (m x (d + 1)),
+        the read-out phi(q) [KV | z] and N d divisions."""
+        counted = self.feature_counts(num_tokens)
+        if counted is None:
+            return None
+        features, m = counted
+        n, d = num_tokens, self.head_dim
+        core = matmul_ops(m, n, d + 1) + matmul_ops(n, m, d + 1) + OpCounts(mul=n * d)
+        return (features + core) * (batch * self.num_heads)
 
     def _attend(self, q, k, v):
         # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
