@@ -11,7 +11,7 @@ from helpers import peaked_teacher
 
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.models import capture_attention
-from attnxfer.models.efficient import build_efficient_student, create_attention
+from attnxfer.models.efficient import build_efficient_student, create_attention, list_attentions
 from attnxfer.sources.exported_student import load_student
 from attnxfer.train.measure import map_agreement, operation_counts
 from attnxfer.train.stage1 import stage1_transfer
@@ -223,3 +223,19 @@ def test_conversion_measures_count_every_layer():
         ops["total"]["teacher"]["mul"]
         == 2 * create_attention("softmax", dim=heads * d, num_heads=heads).operation_counts(17).mul
     )
+
+
+@pytest.mark.parametrize("name", list_attentions())
+def test_every_registered_attention_counts_its_operations(name):
+    options = {"linformer": dict(seq_len=17), "agent": dict(agent_grid=2, bias_grid=2)}.get(name, {})
+    attn = create_attention(name, dim=48, num_heads=3, num_prefix_tokens=1, grid_size=4, **options)
+    one, two = attn.operation_counts(17, batch=1), attn.operation_counts(17, batch=2)
+    assert one is not None and one.mul > 0 and one.add > 0, f"{name} does not count its operations"
+    assert two.mul == 2 * one.mul and two.add == 2 * one.add  # per image: linear in the batch
+
+
+def test_a_window_covering_the_grid_costs_what_softmax_costs():
+    """One window over the whole grid plus exact prefix rows is softmax attention, operation for operation."""
+    window = create_attention("window", dim=48, num_heads=3, num_prefix_tokens=1, grid_size=4, window_size=4)
+    softmax = create_attention("softmax", dim=48, num_heads=3)
+    assert window.operation_counts(17, batch=2) == softmax.operation_counts(17, batch=2)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ADD_PJ", "MUL_PJ", "OpCounts", "matmul_ops", "sign_matmul_ops"]
+__all__ = ["ADD_PJ", "MUL_PJ", "OpCounts", "matmul_ops", "sign_matmul_ops", "softmax_ops"]
 
 #: 45 nm fp32 energy per operation (Horowitz 2014), in picojoules.
 MUL_PJ, ADD_PJ = 3.7, 0.9
@@ -59,3 +59,11 @@ def matmul_ops(n: int, k: int, m: int) -> OpCounts:
 def sign_matmul_ops(n: int, k: int, m: int) -> OpCounts:
     """(n x k) @ (k x m) where one factor is a ±1 code matrix: additions (and sign flips) only."""
     return OpCounts(add=n * max(k - 1, 0) * m)
+
+
+def softmax_ops(rows: int, cols: int) -> OpCounts:
+    """Row softmax of a (rows x cols) matrix: max (cols - 1 comparisons) and exp as other, the shift and the
+    row sum as additions, the normalisation as rows x cols divisions."""
+    return OpCounts(
+        mul=rows * cols, add=rows * cols + rows * (cols - 1), other=rows * (cols - 1) + rows * cols
+    )

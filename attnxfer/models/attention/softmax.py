@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from .interface import MapKind, TransferableAttention
-from .opcount import OpCounts, matmul_ops
+from .opcount import OpCounts, matmul_ops, softmax_ops
 from .registry import register_attention
 
 __all__ = ["SOFTMAX", "TransferAttention", "explicit_attention_map", "make_transfer_aware", "sdpa"]
@@ -87,8 +87,7 @@ class TransferAttention(TransferableAttention, Attention):
         """Per (batch, head): q / sqrt(d) (N d), q k^T, the row softmax (max and exp as ``other``, the
         shift, the row sums, N^2 divisions), and P v."""
         n, d = num_tokens, self.head_dim
-        softmax = OpCounts(mul=n * n, add=n * n + n * (n - 1), other=n * (n - 1) + n * n)
-        per_head = OpCounts(mul=n * d) + matmul_ops(n, d, n) + softmax + matmul_ops(n, n, d)
+        per_head = OpCounts(mul=n * d) + matmul_ops(n, d, n) + softmax_ops(n, n) + matmul_ops(n, n, d)
         return per_head * (batch * self.num_heads)
 
     def _map_context(self, q, k):

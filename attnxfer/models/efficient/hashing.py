@@ -39,7 +39,13 @@ from ..attention.opcount import OpCounts, matmul_ops, sign_matmul_ops
 from ..attention.registry import register_attention
 from .kernels import KernelAttention
 
-__all__ = ["HashingAttention", "hash_codes"]
+__all__ = ["SIMILARITY_TARGETS", "HashingAttention", "hash_codes"]
+
+#: What the stage-1 objective asks of the normalised code inner product h_q . h_k / b.
+SIMILARITY_TARGETS = {
+    "pairs": "EcoFormer's: +1 on each row's most attended keys, dissimilar_target on its least attended",
+    "graded": "2 P_ij / max_j P_ij - 1 on every pair (codes that meet it make the map equal P)",
+}
 
 
 def hash_codes(x: torch.Tensor, weight: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
@@ -71,6 +77,7 @@ class HashingAttention(KernelAttention):
         hash_seed: int = 0,
         pair_fraction: float = 0.1,
         dissimilar_target: float = -1.0,
+        similarity: str = "pairs",
         **kwargs,
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
@@ -87,6 +94,9 @@ class HashingAttention(KernelAttention):
         if not -1.0 <= dissimilar_target < 1.0:
             raise ValueError(f"dissimilar_target must be in [-1, 1), got {dissimilar_target}")
         self.dissimilar_target = float(dissimilar_target)
+        if similarity not in SIMILARITY_TARGETS:
+            raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_TARGETS)}, got {similarity!r}")
+        self.similarity = similarity
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         # Plain parameters, not nn.Linear, so timm's ViT init leaves the SimHash draw alone.
         self.hash_q = nn.Parameter(torch.empty(num_heads, self.head_dim, self.bits, **dd))
@@ -132,16 +142,19 @@ class HashingAttention(KernelAttention):
             total = q.new_zeros(())
             for rows in row_slices(0, N, row_chunk(q, k.shape[-2], live_tensors=2)):
                 logits = (q_t[:, :, rows] * q_t.shape[-1] ** -0.5) @ k_t.transpose(-2, -1)
+                if self.similarity == "graded":
+                    # P_ij / max_j P_ij = exp(logit_ij - max_j logit_ij); codes with h.h / b = 2 of that - 1
+                    # agree on b P_ij / max P bits, which makes the map equal P exactly
+                    target_rows = 2 * (logits - logits.amax(-1, keepdim=True)).exp() - 1
+                    inner = (c_q[:, :, rows] @ c_k.transpose(-2, -1)) / self.bits
+                    total = total + (inner - target_rows).pow(2).sum() * (2 * pairs / k.shape[-2])
+                    continue
                 # softmax is monotone in the logit: the most / least attended keys are the extreme logits
                 top = logits.topk(pairs, dim=-1).indices
                 bottom = logits.topk(pairs, dim=-1, largest=False).indices
                 index = torch.cat((top, bottom), dim=-1)  # (B, H, r, 2 pairs)
-                picked = torch.gather(
-                    c_k.unsqueeze(2).expand(B, H, index.shape[2], *c_k.shape[-2:]),
-                    3,
-                    index.unsqueeze(-1).expand(*index.shape, c_k.shape[-1]),
-                )  # (B, H, r, 2 pairs, b)
-                inner = (picked * c_q[:, :, rows].unsqueeze(-2)).sum(-1) / self.bits
+                inner_all = (c_q[:, :, rows] @ c_k.transpose(-2, -1)) / self.bits  # (B, H, r, N)
+                inner = torch.gather(inner_all, -1, index)
                 total = total + (inner - target).pow(2).sum()
             return total / (B * H * N * 2 * pairs)
 

@@ -7,9 +7,8 @@ softmax maps (the LoLCATs recipe).
 
 from __future__ import annotations
 
-from ..attention.opcount import OpCounts, matmul_ops
 from ..attention.registry import register_attention
-from .kernels import HedgehogFeatures, KernelAttention
+from .kernels import FEATURE_MAPS, HedgehogFeatures, KernelAttention
 
 __all__ = ["HedgehogAttention"]
 
@@ -39,9 +38,4 @@ class HedgehogAttention(KernelAttention):
         return self.feature_map_k.blocks(k, self.eps)
 
     def feature_counts(self, num_tokens):
-        """Per q and k: x W + b (N d m multiply-adds), two softmaxes over m (exp and max as other, shift,
-        sums, divisions) and + eps; m' = 2m."""
-        n, m = num_tokens, self.feature_dim
-        softmax = OpCounts(mul=n * m, add=n * m + n * (m - 1) + n * m, other=n * m + n * (m - 1))
-        one = matmul_ops(n, self.head_dim, m) + OpCounts(add=n * m) + 2 * softmax
-        return 2 * one, 2 * m
+        return FEATURE_MAPS["hedgehog"].counts(num_tokens, self.head_dim, self.feature_dim)

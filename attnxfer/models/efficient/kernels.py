@@ -215,6 +215,8 @@ class FeatureMapKind:
 
     build: Callable[..., tuple[nn.Module, nn.Module]]
     learned: bool
+    #: (tokens, head dim, feature dim or None) -> (operations of the q and k features, their width)
+    counts: Callable[[int, int, int | None], tuple[OpCounts, int]] | None = None
 
 
 def _shared(module: type[nn.Module]) -> Callable[..., tuple[nn.Module, nn.Module]]:
@@ -229,11 +231,29 @@ def _hedgehog_pair(num_heads, head_dim, feature_dim=None, device=None, dtype=Non
     return tuple(HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype) for _ in "qk")
 
 
+def _relu_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
+    """relu (other) and + eps (add) on the N d entries of q and of k; width d."""
+    return OpCounts(add=2 * n * d, other=2 * n * d), d
+
+
+def _elu_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
+    """d^-1/4 scaling (mul), elu (other) and + 1 + eps (add) on the N d entries of q and of k; width d."""
+    return OpCounts(mul=2 * n * d, add=2 * n * d, other=2 * n * d), d
+
+
+def _hedgehog_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
+    """Per q and k: x W + b (N d m multiply-adds), softmax of both signs over m, + eps; width 2m."""
+    m = m or d
+    softmax = OpCounts(mul=n * m, add=n * m + n * (m - 1) + n * m, other=n * m + n * (m - 1))
+    one = matmul_ops(n, d, m) + OpCounts(add=n * m) + 2 * softmax
+    return 2 * one, 2 * m
+
+
 #: The feature maps an attention can name (e.g. the window+linear hybrid's ``kernel`` option).
 FEATURE_MAPS: dict[str, FeatureMapKind] = {
-    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False),
-    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False),
-    "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True),
+    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False, counts=_relu_counts),
+    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False, counts=_elu_counts),
+    "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True, counts=_hedgehog_counts),
 }
 
 

@@ -7,9 +7,8 @@ No new parameters: these students start exactly from the teacher's q/k projectio
 
 from __future__ import annotations
 
-from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
-from .kernels import ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
+from .kernels import FEATURE_MAPS, ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
 
 __all__ = ["ELULinearAttention", "ReLULinearAttention"]
 
@@ -28,9 +27,7 @@ class ReLULinearAttention(KernelAttention):
     key_features = query_features
 
     def feature_counts(self, num_tokens):
-        """relu (other) and + eps (add) on N d entries of q and of k; m = d."""
-        nd = num_tokens * self.head_dim
-        return OpCounts(add=2 * nd, other=2 * nd), self.head_dim
+        return FEATURE_MAPS["relu"].counts(num_tokens, self.head_dim)
 
 
 @register_attention("elu_linear")
@@ -47,6 +44,4 @@ class ELULinearAttention(KernelAttention):
     key_features = query_features
 
     def feature_counts(self, num_tokens):
-        """d^-1/4 scaling (mul), elu (other) and + 1 + eps (add) on N d entries of q and of k; m = d."""
-        nd = num_tokens * self.head_dim
-        return OpCounts(mul=2 * nd, add=2 * nd, other=2 * nd), self.head_dim
+        return FEATURE_MAPS["elu"].counts(num_tokens, self.head_dim)
