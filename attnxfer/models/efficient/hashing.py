@@ -26,7 +26,9 @@ Evaluation uses exact ±1 codes.
 Stage 1 (``fit_objective = "kernelized_hashing"``): the map of binary codes gives no gradient, so the
 attention brings its own objective, EcoFormer's: on the pairs the teacher attends to most (target +1)
 and least (target -1) in each row, the normalised code inner product h_q . h_k / b should equal the
-target (`fit_loss`).
+target (`fit_loss`). On the demo teacher this lowers the objective and top-1 after stage 1 rises, but
+the map KL rises in most blocks (docs/conversion.md, "Hashing (EcoFormer)"); ``similarity="graded"``
+regresses every pair onto 2 P_ij / max_j P_ij - 1 instead, the target whose codes reproduce P exactly.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ def hash_codes(x: torch.Tensor, weight: torch.Tensor, temperature: float | None 
 @register_attention("hashing")
 class HashingAttention(KernelAttention):
     """Binary-code kernel attention. Options: ``bits`` (b, default head_dim), ``temperature`` (of the
-    tanh relaxation, default 0.1), ``hash_seed`` (the Gaussian init, default 0), ``pair_fraction``
-    (share of each row's keys taken as most / least attended pairs in the stage-1 objective, 0.1)."""
+    tanh relaxation, default 0.1), ``hash_seed`` (the Gaussian init, default 0); for the stage-1 objective
+    ``similarity`` ('pairs', EcoFormer's, or 'graded': `SIMILARITY_TARGETS`), ``pair_fraction`` (share of
+    each row's keys taken as most / least attended pairs, 0.1) and ``dissimilar_target`` (the target of
+    the least attended pairs, -1)."""
 
     eps: float = 1e-6
     fit_objective = "kernelized_hashing"
