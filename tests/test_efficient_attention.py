@@ -50,6 +50,7 @@ EXPECTED = {
     "nystrom": "signed",
     "linformer": "signed",
     "hydra": "none",
+    "hashing": "row_stochastic",
 }
 # A small layout with a prefix token and a grid the windows/agents do not divide evenly.
 PREFIX, GRID = 1, (4, 5)
@@ -224,6 +225,7 @@ NEW_PARAMETERS = {
     },
     "linformer": {"seq_proj_k", "seq_proj_v"},
     "hydra": {"channel_gain"},
+    "hashing": {"hash_q", "hash_k"},
 }
 
 

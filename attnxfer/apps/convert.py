@@ -25,7 +25,7 @@ from ..config import TrainConfig, apply_overrides, dump_config
 from ..data import ResumableSampler, build_loader
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ..train.distributed import backend_for, joined_process_group, rank_and_world
-from ..train.measure import evaluate_top1, map_agreement, relative_speed
+from ..train.measure import evaluate_top1, map_agreement, operation_counts, relative_speed
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result, stage1_transfer
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
@@ -289,6 +289,7 @@ def _convert(
         f"speed: student {speed['student_ms']:.2f} ms vs teacher {speed['teacher_ms']:.2f} ms per batch of "
         f"{speed['batch']} -> {speed['speedup']:.2f}x"
     )
+    operations = operation_counts(teacher, student, batch=1)
     seconds["total"] = time.monotonic() - t0
     final_stage = next(
         s for s in ("after_stage2", "after_stage1", "before_stage1") if measured[s] is not None
@@ -332,6 +333,7 @@ def _convert(
             for which in ("teacher_input", "end_to_end")
         },
         "speed": speed,
+        "operations": operations,
         "seconds": seconds,
     }
     if main:

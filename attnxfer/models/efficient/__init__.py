@@ -24,6 +24,7 @@ window_linear      row_stochastic  window softmax + kernel scores outside, one n
 nystrom            signed          Nystrom landmarks, iterative pseudo-inverse
 linformer          signed          learned sequence projections E, F (fixed N)
 hydra              none            Hydra: per-channel cosine kernel
+hashing            row_stochastic  EcoFormer: b-bit binary codes of q, k; Hamming-affinity kernel
 =================  ==============  =============================================================
 
 Token layout: timm ViTs put ``num_prefix_tokens`` class/register tokens before the H x W grid.
@@ -51,6 +52,7 @@ from .agent import AgentAttention
 from .base import EfficientAttention
 from .cosformer import CosFormerAttention
 from .focused import FocusedLinearAttention
+from .hashing import HashingAttention
 from .hedgehog import HedgehogAttention
 from .hydra import HydraAttention
 from .linear import ELULinearAttention, ReLULinearAttention
@@ -75,6 +77,7 @@ __all__ = [
     "ELULinearAttention",
     "EfficientAttention",
     "FocusedLinearAttention",
+    "HashingAttention",
     "HedgehogAttention",
     "HydraAttention",
     "LinformerAttention",

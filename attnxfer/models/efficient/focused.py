@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .kernels import KernelAttention
 from .tokens import grid_to_image, image_to_grid
@@ -81,3 +82,19 @@ class FocusedLinearAttention(KernelAttention):
 
     def _attend(self, q, k, v):
         return self._attend_mapped(q, k, v) + self.local_term(v)
+
+    def feature_counts(self, num_tokens):
+        """Per q and k: relu (other) + eps, / softplus(scale) (N d div), |x| (N d mul, N (d - 1) add, N sqrt),
+        / max (N (d - 1) comparisons, N d div), ^p (other), renormalised (|.| again, N d div, N d mul); m = d."""
+        n, d = num_tokens, self.head_dim
+        norm = OpCounts(mul=n * d, add=n * (d - 1), other=n)
+        one = OpCounts(mul=4 * n * d, add=n * d, other=2 * n * d + n * (d - 1)) + 2 * norm
+        return 2 * one, d
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """The kernel core plus the depthwise k x k conv of v over the grid tokens and its addition."""
+        core = super().operation_counts(num_tokens, batch)
+        _, (gh, gw) = self.token_layout(num_tokens)
+        taps, grid, d = self.kernel_size**2, gh * gw, self.head_dim
+        conv = OpCounts(mul=grid * d * taps, add=grid * d * (taps - 1) + grid * d + num_tokens * d)
+        return core + conv * (batch * self.num_heads)
