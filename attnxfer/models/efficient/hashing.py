@@ -33,6 +33,8 @@ regresses every pair onto 2 P_ij / max_j P_ij - 1 instead, the target whose code
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -43,10 +45,30 @@ from .kernels import KernelAttention
 
 __all__ = ["SIMILARITY_TARGETS", "HashingAttention", "hash_codes"]
 
-#: What the stage-1 objective asks of the normalised code inner product h_q . h_k / b.
-SIMILARITY_TARGETS = {
-    "pairs": "EcoFormer's: +1 on each row's most attended keys, dissimilar_target on its least attended",
-    "graded": "2 P_ij / max_j P_ij - 1 on every pair (codes that meet it make the map equal P)",
+
+def _pairs_error(logits: torch.Tensor, inner: torch.Tensor, pairs: int, dissimilar: float) -> torch.Tensor:
+    """EcoFormer's: +1 on each row's ``pairs`` most attended keys, ``dissimilar`` on its least attended.
+    Softmax is monotone in the logit, so the most / least attended keys are the extreme logits."""
+    top = logits.topk(pairs, dim=-1).indices
+    bottom = logits.topk(pairs, dim=-1, largest=False).indices
+    chosen = torch.gather(inner, -1, torch.cat((top, bottom), dim=-1))  # (B, H, rows, 2 pairs)
+    target = torch.cat((logits.new_ones(pairs), logits.new_full((pairs,), dissimilar)))
+    return (chosen - target).pow(2).sum()
+
+
+def _graded_error(logits: torch.Tensor, inner: torch.Tensor, pairs: int, dissimilar: float) -> torch.Tensor:
+    """2 P_ij / max_j P_ij - 1 on every pair: P_ij / max_j P_ij = exp(logit_ij - max_j logit_ij), and codes
+    whose h.h / b meet it agree on b P_ij / max P bits, which makes the map equal P exactly. Weighted to
+    count as 2 ``pairs`` keys per row, like the pairs target."""
+    target = 2 * (logits - logits.amax(-1, keepdim=True)).exp() - 1
+    return (inner - target).pow(2).sum() * (2 * pairs / logits.shape[-1])
+
+
+#: What the stage-1 objective asks of the normalised code inner product h_q . h_k / b, by name: a function
+#: (teacher logits, inner products, pairs per row, dissimilar target) -> summed squared error of the rows.
+SIMILARITY_TARGETS: dict[str, Callable[[torch.Tensor, torch.Tensor, int, float], torch.Tensor]] = {
+    "pairs": _pairs_error,
+    "graded": _graded_error,
 }
 
 
@@ -135,31 +157,20 @@ class HashingAttention(KernelAttention):
         return max(1, min(num_keys // 2, round(self.pair_fraction * num_keys)))
 
     def fit_loss(self, q, k, q_t, k_t):
-        """Mean over (batch, head, query, selected key) of (c_q . c_k / b - S)^2 with relaxed codes c and
-        S = +1 on each row's ``pair_count`` most attended keys of the teacher, -1 on its least attended."""
+        """Mean over (batch, head, query, selected key) of (c_q . c_k / b - S)^2 with relaxed codes c and the
+        target S of ``similarity`` (`SIMILARITY_TARGETS`; EcoFormer's: +1 on each row's ``pair_count`` most
+        attended keys of the teacher, ``dissimilar_target`` on its least attended)."""
         with fp32_section(q.device.type):
             q, k, q_t, k_t = upcast(q, k, q_t.detach(), k_t.detach())
             c_q, c_k = self.codes(q, "q", relaxed=True), self.codes(k, "k", relaxed=True)
             B, H, N, _ = q.shape
             pairs = self.pair_count(k.shape[-2])
-            target = torch.cat((q.new_ones(pairs), q.new_full((pairs,), self.dissimilar_target)))
+            error = SIMILARITY_TARGETS[self.similarity]
             total = q.new_zeros(())
             for rows in row_slices(0, N, row_chunk(q, k.shape[-2], live_tensors=2)):
                 logits = (q_t[:, :, rows] * q_t.shape[-1] ** -0.5) @ k_t.transpose(-2, -1)
-                if self.similarity == "graded":
-                    # P_ij / max_j P_ij = exp(logit_ij - max_j logit_ij); codes with h.h / b = 2 of that - 1
-                    # agree on b P_ij / max P bits, which makes the map equal P exactly
-                    target_rows = 2 * (logits - logits.amax(-1, keepdim=True)).exp() - 1
-                    inner = (c_q[:, :, rows] @ c_k.transpose(-2, -1)) / self.bits
-                    total = total + (inner - target_rows).pow(2).sum() * (2 * pairs / k.shape[-2])
-                    continue
-                # softmax is monotone in the logit: the most / least attended keys are the extreme logits
-                top = logits.topk(pairs, dim=-1).indices
-                bottom = logits.topk(pairs, dim=-1, largest=False).indices
-                index = torch.cat((top, bottom), dim=-1)  # (B, H, r, 2 pairs)
-                inner_all = (c_q[:, :, rows] @ c_k.transpose(-2, -1)) / self.bits  # (B, H, r, N)
-                inner = torch.gather(inner_all, -1, index)
-                total = total + (inner - target).pow(2).sum()
+                inner = (c_q[:, :, rows] @ c_k.transpose(-2, -1)) / self.bits  # (B, H, rows, N)
+                total = total + error(logits, inner, pairs, self.dissimilar_target)
             return total / (B * H * N * 2 * pairs)
 
     # ------------------------------------------------------------------ cost
