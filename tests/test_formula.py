@@ -21,7 +21,9 @@ from attnxfer.models.efficient import (
     swap_attentions,
 )
 from attnxfer.models.efficient.formula import (
+    FIXED_OPS,
     HAND_DESIGNED,
+    LEARNED_OPS,
     Formula,
     FormulaAttention,
     FormulaSyntaxError,
@@ -32,7 +34,7 @@ from attnxfer.models.efficient.formula import (
     parse_formula,
     random_formula,
 )
-from attnxfer.models.efficient.formula_grammar import Cat, Op
+from attnxfer.models.efficient.formula_grammar import OPS, Cat, Op
 from attnxfer.models.student import attention_layout
 from attnxfer.sources.exported_student import load_student
 
@@ -404,3 +406,9 @@ def test_formula_students_swap_save_export_and_load_bit_identically(tmp_path):
     assert [b.attn.map_kind.value for b in loaded.blocks] == ["row_stochastic", "signed", "row_stochastic"]
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), student(x))
+
+
+def test_every_grammar_op_has_one_implementation():
+    assert set(FIXED_OPS).isdisjoint(LEARNED_OPS)
+    assert set(FIXED_OPS) | set(LEARNED_OPS) == set(OPS)
+    assert {n for n, spec in OPS.items() if spec.learned} == set(LEARNED_OPS)
