@@ -456,3 +456,10 @@ def test_convert_with_a_formula_attention_and_an_unparsable_one(tmp_path, tiny_t
     assert "error: convert.attention: formula syntax error at position 17 of 'formula:sum(relu.)'" in err
     assert "expected an op (relu," in err and "Traceback" not in err
     assert not (bad / "stage1").exists()
+    # a program that parses but cannot be a row-stochastic attention is stopped before any training
+    assert (
+        main(["convert", *_convert_args(bad, tiny_teacher_dir, "convert.attention=formula:sum(proj)")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "error:" in err and "sum normalisation of signed features" in err and "Traceback" not in err
+    assert not (bad / "stage1").exists()
