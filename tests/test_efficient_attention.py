@@ -51,6 +51,7 @@ EXPECTED = {
     "linformer": "signed",
     "hydra": "none",
     "hashing": "row_stochastic",
+    "formula": "row_stochastic",  # the plain name: Hedgehog's program (formula:len(...) programs are signed)
 }
 # A small layout with a prefix token and a grid the windows/agents do not divide evenly.
 PREFIX, GRID = 1, (4, 5)
@@ -226,6 +227,12 @@ NEW_PARAMETERS = {
     "linformer": {"seq_proj_k", "seq_proj_v"},
     "hydra": {"channel_gain"},
     "hashing": {"hash_q", "hash_k"},
+    "formula": {  # Hedgehog's program: proj before cat, separate q and k maps
+        "features_q.steps.0.weight",
+        "features_q.steps.0.bias",
+        "features_k.steps.0.weight",
+        "features_k.steps.0.bias",
+    },
 }
 
 

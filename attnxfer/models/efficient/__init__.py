@@ -25,6 +25,7 @@ nystrom            signed          Nystrom landmarks, iterative pseudo-inverse
 linformer          signed          learned sequence projections E, F (fixed N)
 hydra              none            Hydra: per-channel cosine kernel
 hashing            row_stochastic  EcoFormer: b-bit binary codes of q, k; Hamming-affinity kernel
+formula:<prog>     row_stochastic  a kernel attention from a program (formula.py); ``len`` programs: signed
 =================  ==============  =============================================================
 
 Token layout: timm ViTs put ``num_prefix_tokens`` class/register tokens before the H x W grid.
@@ -53,6 +54,7 @@ from .base import EfficientAttention
 from .cosformer import CosFormerAttention
 from .focused import FocusedLinearAttention
 from .hashing import HashingAttention
+from .formula import FormulaAttention
 from .hedgehog import HedgehogAttention
 from .hydra import HydraAttention
 from .linear import ELULinearAttention, ReLULinearAttention
@@ -78,6 +80,7 @@ __all__ = [
     "EfficientAttention",
     "FocusedLinearAttention",
     "HashingAttention",
+    "FormulaAttention",
     "HedgehogAttention",
     "HydraAttention",
     "LinformerAttention",

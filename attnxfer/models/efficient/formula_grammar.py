@@ -1,0 +1,646 @@
+"""The formula grammar: parse, print, check, and mutate kernel-attention programs (no torch here).
+
+A formula names a kernel attention ``A_ij = phi(q_i).phi(k_j) / norm_i`` (plus optional local terms)
+as a short program; ``formula:<program>`` is usable wherever an attention name is. Syntax::
+
+    program := norm '(' chain { '+' local } ')'
+    norm    := 'sum'                  rows divided by their sum: a row-stochastic map
+             | 'len'                  divided by the token count N: a signed map (MSE-distilled)
+    chain   := 'x' | step { '.' step }     ops applied left to right to q (and, separately, to k)
+    step    := op [ '(' NUMBER ')' ] | 'cat' '(' chain ',' chain ')'
+    local   := 'win' '(' INT ')'      k x k window softmax sharing the row normaliser (window_linear)
+             | 'conv' '(' INT ')'     depthwise k x k conv of v over the grid, outside the map (focused)
+
+Ops (``OPS``; eps = 1e-6 keeps positive features strictly positive):
+
+=============  =====================================================  ==============================
+op             phi                                                    sign of the output
+=============  =====================================================  ==============================
+relu           relu(x) + eps                                          positive
+elu1           elu(x) + 1 + eps                                       positive
+exp            exp(min(x, 30)) + eps                                  positive
+softplus       softplus(x) + eps                                      positive
+square         x^2 + eps                                              positive
+softmax        softmax over the feature dim + eps                     positive
+neg            -x                                                     signed
+scale          x * d^-1/4 (q'.k' = the softmax logit)                 kept
+l2             x / |x|                                                kept
+pow(p)         sign(x) |x|^p, 1 <= p <= 8                             kept
+focus(p)       FLatten's focusing |x| (x/max)^p / |(x/max)^p|         kept (needs non-negative input)
+lscale         x / softplus(s), s learned per head and channel (0)    kept
+proj, proj(m)  x W + b, learned per head, W = identity (d -> m)       signed
+cos            [x cos t_i, x sin t_i], t_i = pi/2 i/N (cosFormer)     non-negative if the input is
+cat(a, b)      [a(x), b(x)]: two branches, one input                  the weaker of the two
+=============  =====================================================  ==============================
+
+Learned ops (proj, lscale) hold separate parameters for q and for k. ``sum`` needs features whose
+pairwise dot products are positive (every chain ending in a positive op, or ``cos``/``focus``/... of
+one); ``win`` needs ``sum`` and no ``cos``. ``str(formula)`` is the one canonical form: no spaces,
+numbers in shortest form, locals in the order win, conv; ``parse_formula(str(f)) == f``.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+__all__ = [
+    "CONV_SIZES",
+    "HAND_DESIGNED",
+    "MAX_FEATURE_FACTOR",
+    "NORMS",
+    "OPS",
+    "PREFIX",
+    "WINDOW_SIZES",
+    "Cat",
+    "Formula",
+    "FormulaSyntaxError",
+    "InvalidFormula",
+    "Op",
+    "OpSpec",
+    "Sign",
+    "Step",
+    "check_formula",
+    "crossover",
+    "feature_shape",
+    "mutate",
+    "parse_formula",
+    "random_formula",
+    "step_width",
+]
+
+#: How a formula is named where an attention name is expected.
+PREFIX = "formula:"
+#: Normalisations: ``sum`` is row-stochastic, ``len`` (divide by N) is signed.
+NORMS = ("sum", "len")
+#: The widest feature vector a formula may have, in units of the head dim (linear attention must stay cheap).
+MAX_FEATURE_FACTOR = 8
+#: Local-term sizes random formulas and mutations draw from (any positive size parses).
+WINDOW_SIZES = (2, 3, 4, 5, 7)
+CONV_SIZES = (3, 5)
+POWERS = (1.5, 2.0, 3.0, 4.0)
+
+
+class FormulaSyntaxError(ValueError):
+    """A program that does not parse: says where (0-based position) and what was expected."""
+
+    def __init__(self, text: str, position: int, expected: str, found: str) -> None:
+        self.text, self.position, self.expected, self.found = text, position, expected, found
+        super().__init__(
+            f"formula syntax error at position {position} of {text!r}: expected {expected}, found {found} "
+            "(see the grammar in docs/conversion.md, 'Formula attention')"
+        )
+
+
+class InvalidFormula(ValueError):
+    """A program that parses but cannot be a valid attention (shape, positivity, normalisation)."""
+
+
+class Sign(enum.IntEnum):
+    """What is known about the features' signs, weakest first.
+
+    OVERLAP: non-negative, and any two feature vectors have a positive dot product (cos reweighting
+    of positive features); POSITIVE: every entry > 0. Row-sum normalisation needs OVERLAP or better.
+    """
+
+    SIGNED = 0
+    OVERLAP = 1
+    POSITIVE = 2
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One unary op of the grammar: its argument, and how it changes the features' sign and width."""
+
+    doc: str
+    sign: Callable[[Sign], Sign]
+    arg: str | None = None  # None, "int" (a width) or "float" (a power)
+    arg_range: tuple[float, float] | None = None
+    width: Callable[[int, int, float | None], int] = lambda m, d, a: m  # (width in, head dim, arg) -> out
+    needs_nonneg: bool = False
+    learned: bool = False
+    optional_arg: bool = False
+
+
+def _positive(s: Sign) -> Sign:
+    return Sign.POSITIVE
+
+
+def _kept(s: Sign) -> Sign:
+    return s
+
+
+def _signed(s: Sign) -> Sign:
+    return Sign.SIGNED
+
+
+def _cos_sign(s: Sign) -> Sign:
+    return Sign.SIGNED if s is Sign.SIGNED else Sign.OVERLAP
+
+
+#: The op registry: the grammar's unary ops (their torch code is in ``formula.py``).
+OPS: dict[str, OpSpec] = {
+    "relu": OpSpec("relu(x) + eps", _positive),
+    "elu1": OpSpec("elu(x) + 1 + eps", _positive),
+    "exp": OpSpec("exp(min(x, 30)) + eps", _positive),
+    "softplus": OpSpec("softplus(x) + eps", _positive),
+    "square": OpSpec("x^2 + eps", _positive),
+    "softmax": OpSpec("softmax over the feature dim + eps", _positive),
+    "neg": OpSpec("-x", _signed),
+    "scale": OpSpec("x * d^-1/4", _kept),
+    "l2": OpSpec("x / |x|", _kept),
+    "pow": OpSpec("sign(x) |x|^p", _kept, arg="float", arg_range=(1.0, 8.0)),
+    "focus": OpSpec(
+        "|x| (x/max)^p / |(x/max)^p|", _kept, arg="float", arg_range=(1.0, 8.0), needs_nonneg=True
+    ),
+    "lscale": OpSpec("x / softplus(s), s learned", _kept, learned=True),
+    "proj": OpSpec(
+        "x W + b, W identity-initialised",
+        _signed,
+        arg="int",
+        arg_range=(0, 4096),
+        width=lambda m, d, a: m if a is None else int(a),
+        learned=True,
+        optional_arg=True,
+    ),
+    "cos": OpSpec("[x cos t_i, x sin t_i], t_i = pi/2 i/N", _cos_sign, width=lambda m, d, a: 2 * m),
+}
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+@dataclass(frozen=True)
+class Op:
+    """A unary op by name (see `OPS`), with its number argument when it has one."""
+
+    name: str
+    arg: float | int | None = None
+
+    def __post_init__(self) -> None:
+        spec = OPS.get(self.name)
+        if spec is not None and spec.arg == "float" and self.arg is not None:
+            object.__setattr__(self, "arg", float(self.arg))
+        if spec is not None and spec.arg == "int" and self.arg is not None:
+            object.__setattr__(self, "arg", int(self.arg))
+
+    def __str__(self) -> str:
+        return self.name if self.arg is None else f"{self.name}({_number_text(self.arg)})"
+
+
+@dataclass(frozen=True)
+class Cat:
+    """Two branches applied to the same input, concatenated along the feature dim."""
+
+    left: tuple[Step, ...]
+    right: tuple[Step, ...]
+
+    def __str__(self) -> str:
+        return f"cat({_chain_text(self.left)},{_chain_text(self.right)})"
+
+
+Step = Op | Cat
+
+
+def _chain_text(chain: tuple[Step, ...]) -> str:
+    return ".".join(map(str, chain)) if chain else "x"
+
+
+@dataclass(frozen=True)
+class Formula:
+    """A kernel-attention program: the feature chain, the normalisation and the local terms.
+
+    ``str(f)`` is the canonical program, ``f.name`` the attention name (``formula:<program>``).
+    """
+
+    features: tuple[Step, ...]
+    norm: str = "sum"
+    window: int | None = None
+    conv: int | None = None
+
+    def __str__(self) -> str:
+        locals_ = (f"+win({self.window})" if self.window is not None else "") + (
+            f"+conv({self.conv})" if self.conv is not None else ""
+        )
+        return f"{self.norm}({_chain_text(self.features)}{locals_})"
+
+    @property
+    def name(self) -> str:
+        return PREFIX + str(self)
+
+    @property
+    def row_stochastic(self) -> bool:
+        return self.norm == "sum"
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+_TOKEN = re.compile(r"\s*(?:(?P<name>[a-z][a-z0-9_]*)|(?P<number>\d+(?:\.\d+)?)|(?P<punct>[().,+]))")
+
+
+@dataclass
+class _Parser:
+    text: str
+    offset: int = 0  # of the program inside ``text`` (after a "formula:" prefix)
+    pos: int = 0
+    tokens: list[tuple[str, str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        program = self.text[self.offset :]
+        i = 0
+        while i < len(program):
+            if program[i:].strip() == "":
+                break
+            m = _TOKEN.match(program, i)
+            if m is None or m.end() == i:
+                start = i + len(program[i:]) - len(program[i:].lstrip())
+                raise self._error(start, "a name, a number or one of ( ) . , +", repr(program[start]))
+            kind = m.lastgroup
+            self.tokens.append((kind, m.group(kind), m.start(kind)))
+            i = m.end()
+        self.end = len(program)
+
+    def _error(self, position: int, expected: str, found: str) -> FormulaSyntaxError:
+        return FormulaSyntaxError(self.text, self.offset + position, expected, found)
+
+    def peek(self) -> tuple[str, str, int] | None:
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def fail(self, expected: str) -> FormulaSyntaxError:
+        token = self.peek()
+        if token is None:
+            return self._error(self.end, expected, "the end of the program")
+        return self._error(token[2], expected, repr(token[1]))
+
+    def take(self, value: str | None = None, kind: str | None = None, expected: str | None = None) -> str:
+        token = self.peek()
+        if (
+            token is None
+            or (value is not None and token[1] != value)
+            or (kind is not None and token[0] != kind)
+        ):
+            raise self.fail(expected or repr(value))
+        self.pos += 1
+        return token[1]
+
+    def at(self, value: str) -> bool:
+        token = self.peek()
+        return token is not None and token[1] == value
+
+    # -- grammar
+    def formula(self) -> Formula:
+        norm = self.take(kind="name", expected=" or ".join(map(repr, NORMS)))
+        if norm not in NORMS:
+            self.pos -= 1
+            raise self.fail(" or ".join(map(repr, NORMS)))
+        self.take("(")
+        chain = self.chain()
+        terms: dict[str, int] = {}
+        while self.at("+"):
+            self.take("+")
+            choices = [t for t in ("win", "conv") if t not in terms]
+            expected = " or ".join(f"'{t}'" for t in choices) or "')' (win and conv are given once each)"
+            token = self.peek()
+            if token is None or token[1] not in choices:
+                raise self.fail(expected)
+            self.pos += 1
+            self.take("(")
+            terms[token[1]] = self.integer()
+            self.take(")")
+        if not self.at(")"):
+            allowed = "'.', '+'" if chain else "'+'"
+            raise self.fail(f"{allowed} or ')'")
+        self.take(")")
+        if self.peek() is not None:
+            raise self.fail("the end of the program")
+        return Formula(chain, norm, terms.get("win"), terms.get("conv"))
+
+    def chain(self) -> tuple[Step, ...]:
+        if self.at("x"):
+            self.take("x")
+            return ()
+        steps = [self.step()]
+        while self.at("."):
+            self.take(".")
+            steps.append(self.step())
+        return tuple(steps)
+
+    def step(self) -> Step:
+        token = self.peek()
+        known = "an op (" + ", ".join([*OPS, "cat"]) + ") or 'x'"
+        if token is None or token[0] != "name" or (token[1] not in OPS and token[1] != "cat"):
+            raise self.fail(known)
+        self.pos += 1
+        name = token[1]
+        if name == "cat":
+            self.take("(")
+            left = self.chain()
+            self.take(",", expected="',' or '.'")
+            right = self.chain()
+            self.take(")", expected="')' or '.'")
+            return Cat(left, right)
+        spec = OPS[name]
+        if spec.arg is None:
+            return Op(name)
+        if not self.at("("):
+            if spec.optional_arg:
+                return Op(name)
+            raise self.fail(f"'(' and a number after {name!r}")
+        self.take("(")
+        value = self.integer() if spec.arg == "int" else self.number()
+        self.take(")")
+        return Op(name, value)
+
+    def integer(self) -> int:
+        token = self.peek()
+        if token is None or token[0] != "number" or "." in token[1]:
+            raise self.fail("an integer")
+        self.pos += 1
+        return int(token[1])
+
+    def number(self) -> float:
+        return float(self.take(kind="number", expected="a number"))
+
+
+def parse_formula(text: str) -> Formula:
+    """Parse a program (with or without the ``formula:`` prefix) into a `Formula`.
+
+    Raises `FormulaSyntaxError` naming the 0-based position in ``text`` and the expected token.
+    Parsing checks syntax only; `check_formula` checks that the program makes a valid attention.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"a formula is a string, got {type(text).__name__}")
+    offset = len(PREFIX) if text.startswith(PREFIX) else 0
+    return _Parser(text, offset).formula()
+
+
+# ----------------------------------------------------------------------------------------------- checking
+def step_width(step: Step, width: int, head_dim: int) -> int:
+    """The feature width after ``step`` applied to ``width`` features (q/k heads of ``head_dim``)."""
+    if isinstance(step, Cat):
+        left = right = width
+        for s in step.left:
+            left = step_width(s, left, head_dim)
+        for s in step.right:
+            right = step_width(s, right, head_dim)
+        return left + right
+    return OPS[step.name].width(width, head_dim, step.arg)
+
+
+def _walk(chain: tuple[Step, ...], width: int, sign: Sign, head_dim: int, where: str) -> tuple[int, Sign]:
+    for i, step in enumerate(chain):
+        at = f"{where}step {i + 1} ({step})"
+        if isinstance(step, Cat):
+            lw, ls = _walk(step.left, width, sign, head_dim, f"{at}, left branch: ")
+            rw, rs = _walk(step.right, width, sign, head_dim, f"{at}, right branch: ")
+            width, sign = lw + rw, min(ls, rs)
+            continue
+        spec = OPS[step.name]
+        if step.arg is not None and spec.arg_range is not None:
+            lo, hi = spec.arg_range
+            if not lo <= step.arg <= hi:
+                raise InvalidFormula(
+                    f"{at}: the argument must lie in [{_number_text(lo)}, {_number_text(hi)}]"
+                )
+        if spec.needs_nonneg and sign is Sign.SIGNED:
+            raise InvalidFormula(
+                f"{at}: {step.name} needs non-negative input but its input is signed; put a positive op "
+                "(relu, elu1, softplus, softmax, exp, square) before it"
+            )
+        width, sign = spec.width(width, head_dim, step.arg), spec.sign(sign)
+        if width < 1:
+            raise InvalidFormula(f"{at}: makes a zero-size feature dim")
+    return width, sign
+
+
+def feature_shape(formula: Formula, head_dim: int) -> tuple[int, Sign]:
+    """(feature width m, what is known of the features' signs) for q/k heads of ``head_dim``."""
+    return _walk(formula.features, head_dim, Sign.SIGNED, head_dim, "")
+
+
+def check_formula(formula: Formula, head_dim: int, grid_size: tuple[int, int] | None = None) -> None:
+    """Raise `InvalidFormula` (with the reason and the fix) unless ``formula`` is a valid attention.
+
+    Checked before any training: op arguments in range; non-negative input where an op needs it
+    (focus); feature width between 1 and ``MAX_FEATURE_FACTOR * head_dim``; ``sum`` normalisation
+    only of features with positive dot products (signed features could make a row sum zero or
+    negative); ``win`` only with ``sum`` and without ``cos``; local sizes positive (conv odd), and
+    no larger than ``grid_size`` (height, width) when given.
+    """
+    if not isinstance(formula, Formula):
+        raise TypeError(f"check_formula takes a Formula (parse_formula(text)), got {type(formula).__name__}")
+    if head_dim < 1:
+        raise InvalidFormula(f"head_dim must be >= 1, got {head_dim}")
+    if formula.norm not in NORMS:
+        raise InvalidFormula(f"unknown normalisation {formula.norm!r}; choose one of {NORMS}")
+    width, sign = feature_shape(formula, head_dim)
+    if width > MAX_FEATURE_FACTOR * head_dim:
+        raise InvalidFormula(
+            f"{formula}: {width} features per head is more than {MAX_FEATURE_FACTOR} x head_dim "
+            f"({head_dim}); fewer cat/cos or a narrower proj(m)"
+        )
+    if formula.norm == "sum" and sign is Sign.SIGNED:
+        raise InvalidFormula(
+            f"{formula}: sum normalisation of signed features (rows could sum to zero or go negative); end "
+            "the chain with a positive op (relu, elu1, softplus, softmax, exp, square) or use len(...)"
+        )
+    if formula.window is not None:
+        if formula.norm != "sum":
+            raise InvalidFormula(f"{formula}: win shares the row-sum normaliser; use sum(...)")
+        if formula.window < 1:
+            raise InvalidFormula(f"{formula}: the window size must be >= 1")
+        if any(isinstance(step, Op) and step.name == "cos" for step in _all_steps(formula.features)):
+            raise InvalidFormula(f"{formula}: cos reweighting by position cannot be combined with win")
+    if formula.conv is not None and (formula.conv < 1 or formula.conv % 2 == 0):
+        raise InvalidFormula(f"{formula}: the conv size must be odd and >= 1 (a same-size depthwise conv)")
+    if grid_size is not None:
+        gh, gw = grid_size
+        for term, size in (("win", formula.window), ("conv", formula.conv)):
+            if size is not None and size > min(gh, gw):
+                raise InvalidFormula(f"{formula}: {term}({size}) is larger than the {gh}x{gw} token grid")
+
+
+def _all_steps(chain: tuple[Step, ...]) -> Iterator[Step]:
+    for step in chain:
+        yield step
+        if isinstance(step, Cat):
+            yield from _all_steps(step.left)
+            yield from _all_steps(step.right)
+
+
+def _is_valid(formula: Formula) -> bool:
+    # Validity of generated formulas does not depend on the head dim (no explicit proj widths).
+    try:
+        check_formula(formula, head_dim=64)
+    except InvalidFormula:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- search moves
+#: Ops random formulas and mutations draw (proj without a width, so validity is head-dim free).
+_SIMPLE_OPS = tuple(name for name, spec in OPS.items() if spec.arg is None or spec.optional_arg)
+_POWER_OPS = tuple(name for name, spec in OPS.items() if spec.arg == "float")
+
+
+def _random_op(rng: random.Random) -> Op:
+    name = rng.choice(_SIMPLE_OPS + _POWER_OPS)
+    return Op(name, rng.choice(POWERS)) if name in _POWER_OPS else Op(name)
+
+
+def _random_chain(rng: random.Random, length: int, allow_cat: bool) -> tuple[Step, ...]:
+    steps: list[Step] = []
+    for _ in range(length):
+        if allow_cat and rng.random() < 0.12:
+            steps.append(
+                Cat(
+                    _random_chain(rng, rng.randint(1, 2), False), _random_chain(rng, rng.randint(1, 2), False)
+                )
+            )
+        else:
+            steps.append(_random_op(rng))
+    return tuple(steps)
+
+
+def random_formula(rng: random.Random) -> Formula:
+    """A random valid formula (1-4 steps, maybe a cat, a window or a conv); drawn until it passes
+    `check_formula` for any head dim (sizes are not checked against a grid: no grid is known here)."""
+    while True:
+        formula = Formula(
+            _random_chain(rng, rng.randint(1, 4), True),
+            "sum" if rng.random() < 0.85 else "len",
+            rng.choice(WINDOW_SIZES) if rng.random() < 0.2 else None,
+            rng.choice(CONV_SIZES) if rng.random() < 0.15 else None,
+        )
+        if _is_valid(formula):
+            return formula
+
+
+# A chain inside a formula is addressed by a path: () is the top chain, (i, 0) / (i, 1) the left /
+# right branch of the cat at step i, and so on down.
+Path = tuple[int, ...]
+
+
+def _chain_paths(chain: tuple[Step, ...], path: Path = ()) -> Iterator[Path]:
+    yield path
+    for i, step in enumerate(chain):
+        if isinstance(step, Cat):
+            yield from _chain_paths(step.left, (*path, i, 0))
+            yield from _chain_paths(step.right, (*path, i, 1))
+
+
+def _get_chain(chain: tuple[Step, ...], path: Path) -> tuple[Step, ...]:
+    if not path:
+        return chain
+    step = chain[path[0]]
+    return _get_chain(step.left if path[1] == 0 else step.right, path[2:])
+
+
+def _set_chain(chain: tuple[Step, ...], path: Path, new: tuple[Step, ...]) -> tuple[Step, ...]:
+    if not path:
+        return new
+    i, side = path[0], path[1]
+    step = chain[i]
+    if side == 0:
+        step = Cat(_set_chain(step.left, path[2:], new), step.right)
+    else:
+        step = Cat(step.left, _set_chain(step.right, path[2:], new))
+    return (*chain[:i], step, *chain[i + 1 :])
+
+
+def _mutations(formula: Formula, rng: random.Random) -> Formula:
+    """One local change, maybe invalid (the caller checks)."""
+    path = rng.choice(list(_chain_paths(formula.features)))
+    chain = _get_chain(formula.features, path)
+    ops = [i for i, s in enumerate(chain) if isinstance(s, Op)]
+    moves = ["insert", "norm", "window", "conv", "proj"]
+    if ops:
+        moves += ["swap", "swap", "remove"]
+    if any(chain[i].arg is not None and chain[i].name in _POWER_OPS for i in ops):
+        moves.append("power")
+    if formula.window is not None:
+        moves.append("window")
+    move = rng.choice(moves)
+    if move == "swap":
+        i = rng.choice(ops)
+        chain = (*chain[:i], _random_op(rng), *chain[i + 1 :])
+    elif move == "insert":
+        i = rng.randint(0, len(chain))
+        chain = (*chain[:i], _random_op(rng), *chain[i:])
+    elif move == "remove":
+        i = rng.choice(ops)
+        chain = chain[:i] + chain[i + 1 :]
+    elif move == "power":
+        i = rng.choice([i for i in ops if chain[i].name in _POWER_OPS])
+        chain = (
+            *chain[:i],
+            Op(chain[i].name, rng.choice([p for p in POWERS if p != chain[i].arg])),
+            *chain[i + 1 :],
+        )
+    elif move == "proj":
+        chain = chain[1:] if chain and chain[0] == Op("proj") else (Op("proj"), *chain)
+    elif move == "norm":
+        return replace(formula, norm="len" if formula.norm == "sum" else "sum")
+    elif move == "window":
+        sizes = [None, *WINDOW_SIZES]
+        return replace(formula, window=rng.choice([s for s in sizes if s != formula.window]))
+    elif move == "conv":
+        sizes = [None, *CONV_SIZES]
+        return replace(formula, conv=rng.choice([s for s in sizes if s != formula.conv]))
+    return replace(formula, features=_set_chain(formula.features, path, chain))
+
+
+def mutate(formula: Formula, rng: random.Random, *, tries: int = 200) -> Formula:
+    """One local change: swap, insert or remove an op, toggle a leading proj, change a power, a
+    window or conv size, or the normalisation.
+
+    Always returns a formula different from ``formula`` that passes `check_formula` for every head
+    dim (invalid changes are drawn again; grid sizes are the caller's to check); raises
+    `InvalidFormula` if ``formula`` itself is invalid.
+    """
+    check_formula(formula, head_dim=64)
+    for _ in range(tries):
+        child = _mutations(formula, rng)
+        if child != formula and _is_valid(child):
+            return child
+    return random_formula(rng)  # practically unreachable: every formula has valid neighbours
+
+
+def crossover(a: Formula, b: Formula, rng: random.Random, *, tries: int = 200) -> Formula:
+    """A child of two formulas: a chain of ``a`` (the whole chain, a branch, or a tail) replaced by
+    one of ``b``, and each of norm / window / conv from either parent.
+
+    Always returns a formula that passes `check_formula` for every head dim (invalid children are
+    drawn again; when none is found, a copy of a parent); the parents must be valid.
+    """
+    for _ in range(tries):
+        path = rng.choice(list(_chain_paths(a.features)))
+        host, donor = (
+            _get_chain(a.features, path),
+            _get_chain(b.features, rng.choice(list(_chain_paths(b.features)))),
+        )
+        cut, graft = rng.randint(0, len(host)), rng.randint(0, len(donor))
+        features = _set_chain(a.features, path, host[:cut] + donor[graft:])
+        child = Formula(
+            features,
+            rng.choice((a.norm, b.norm)),
+            rng.choice((a.window, b.window)),
+            rng.choice((a.conv, b.conv)),
+        )
+        if _is_valid(child):
+            return child
+    return rng.choice((a, b))
+
+
+#: The hand-designed zoo members as formulas (numerically the same attention, given the same weights).
+HAND_DESIGNED: dict[str, str] = {
+    "relu_linear": "formula:sum(relu)",
+    "elu_linear": "formula:sum(scale.elu1)",
+    "hedgehog": "formula:sum(proj.cat(softmax,neg.softmax))",
+    "cosformer": "formula:sum(relu.cos)",
+    "focused_linear": "formula:sum(relu.lscale.focus(3)+conv(5))",
+    "window_linear": "formula:sum(proj.cat(softmax,neg.softmax)+win(7))",
+}
