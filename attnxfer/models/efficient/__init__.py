@@ -53,8 +53,8 @@ from .agent import AgentAttention
 from .base import EfficientAttention
 from .cosformer import CosFormerAttention
 from .focused import FocusedLinearAttention
-from .hashing import HashingAttention
 from .formula import FormulaAttention
+from .hashing import HashingAttention
 from .hedgehog import HedgehogAttention
 from .hydra import HydraAttention
 from .linear import ELULinearAttention, ReLULinearAttention
@@ -79,8 +79,8 @@ __all__ = [
     "ELULinearAttention",
     "EfficientAttention",
     "FocusedLinearAttention",
-    "HashingAttention",
     "FormulaAttention",
+    "HashingAttention",
     "HedgehogAttention",
     "HydraAttention",
     "LinformerAttention",

@@ -12,6 +12,8 @@ The convolution starts at zero so a fresh student begins as the pure focused ker
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,13 @@ def depthwise_grid_conv(
         groups=d,
     )
     return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
+
+
+def grid_conv_counts(num_tokens: int, grid: Sequence[int], d: int, kernel_size: int) -> OpCounts:
+    """One (batch, head) of `depthwise_grid_conv`: k x k taps over the grid tokens, its bias, and the
+    addition of the result to the N x d output."""
+    taps, cells = kernel_size**2, grid[0] * grid[1]
+    return OpCounts(mul=cells * d * taps, add=cells * d * (taps - 1) + cells * d + num_tokens * d)
 
 
 @register_attention("focused_linear")
@@ -102,7 +111,6 @@ class FocusedLinearAttention(KernelAttention):
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """The kernel core plus the depthwise k x k conv of v over the grid tokens and its addition."""
         core = super().operation_counts(num_tokens, batch)
-        _, (gh, gw) = self.token_layout(num_tokens)
-        taps, grid, d = self.kernel_size**2, gh * gw, self.head_dim
-        conv = OpCounts(mul=grid * d * taps, add=grid * d * (taps - 1) + grid * d + num_tokens * d)
+        _, grid = self.token_layout(num_tokens)
+        conv = grid_conv_counts(num_tokens, grid, self.head_dim, self.kernel_size)
         return core + conv * (batch * self.num_heads)

@@ -93,6 +93,12 @@ def linear_map_rows(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum(dim=-1, keepdim=True)
 
 
+def kernel_core_counts(n: int, d: int, m: int) -> OpCounts:
+    """One (batch, head) of the linear core on m features: the key state phi(k)^T [v, 1] (m x (d + 1)), the
+    read-out phi(q) [KV | z] and N d divisions."""
+    return matmul_ops(m, n, d + 1) + matmul_ops(n, m, d + 1) + OpCounts(mul=n * d)
+
+
 class KernelAttention(EfficientAttention):
     """Base for attentions of the form phi(q) phi(k)^T, row-normalised.
 
@@ -128,9 +134,7 @@ class KernelAttention(EfficientAttention):
         if counted is None:
             return None
         features, m = counted
-        n, d = num_tokens, self.head_dim
-        core = matmul_ops(m, n, d + 1) + matmul_ops(n, m, d + 1) + OpCounts(mul=n * d)
-        return (features + core) * (batch * self.num_heads)
+        return (features + kernel_core_counts(num_tokens, self.head_dim, m)) * (batch * self.num_heads)
 
     def _attend(self, q, k, v):
         # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
