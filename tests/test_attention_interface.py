@@ -91,7 +91,10 @@ def test_registry_knows_every_attention_by_one_name(name):
     attn = build(name)
     cls = get_attention_class(name)
     assert isinstance(attn, cls) and isinstance(attn, TransferableAttention)
-    assert attn.attention_name == attention_name_of(attn) == name
+    # a family's plain name (formula) refines to the canonical "<name>:<spec>" of the built layer
+    full = name if ":" not in attention_name_of(attn) else f"{name}:{attn.program}"
+    assert attn.attention_name == attention_name_of(attn) == full
+    assert get_attention_class(full).attention_name == full
     assert isinstance(cls.map_kind, MapKind)
     assert get_attention_class("softmax") is TransferAttention
 

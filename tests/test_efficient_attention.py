@@ -50,6 +50,7 @@ EXPECTED = {
     "nystrom": "signed",
     "linformer": "signed",
     "hydra": "none",
+    "formula": "row_stochastic",  # the plain name: Hedgehog's program (formula:len(...) programs are signed)
 }
 # A small layout with a prefix token and a grid the windows/agents do not divide evenly.
 PREFIX, GRID = 1, (4, 5)
@@ -224,6 +225,12 @@ NEW_PARAMETERS = {
     },
     "linformer": {"seq_proj_k", "seq_proj_v"},
     "hydra": {"channel_gain"},
+    "formula": {  # Hedgehog's program: proj before cat, separate q and k maps
+        "features_q.steps.0.weight",
+        "features_q.steps.0.bias",
+        "features_k.steps.0.weight",
+        "features_k.steps.0.bias",
+    },
 }
 
 

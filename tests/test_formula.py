@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import random
+import re
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+from attnxfer.models.attention import attention_name_of
+from attnxfer.models.efficient import create_attention, get_attention_class
 from attnxfer.models.efficient.formula import (
     HAND_DESIGNED,
     Formula,
+    FormulaAttention,
     FormulaSyntaxError,
     InvalidFormula,
     check_formula,
@@ -161,3 +168,187 @@ def test_crossover_mixes_both_parents():
 def test_mutate_rejects_an_invalid_parent():
     with pytest.raises(InvalidFormula):
         mutate(parse_formula("sum(proj)"), random.Random(0))
+
+
+# ----------------------------------------------------------------------------------------------- the attention
+DIM, HEADS, D = 32, 2, 16
+EPS = 1e-6
+
+
+def _layout(grid: int = 8, prefix: int = 1) -> dict:
+    return dict(num_prefix_tokens=prefix, grid_size=(grid, grid))
+
+
+def _pair(zoo_name: str, zoo_options: dict | None = None, grid: int = 8):
+    """The zoo member with perturbed new parameters, and its HAND_DESIGNED formula given the same weights."""
+    torch.manual_seed(0)
+    base = dict(dim=DIM, num_heads=HEADS, **_layout(grid))
+    zoo = create_attention(zoo_name, **base, **(zoo_options or {})).double()
+    formula = get_attention_class(HAND_DESIGNED[zoo_name])(**base).double()
+    formula.load_state_dict(zoo.state_dict(), strict=False)  # qkv, proj (the shared counterparts)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in zoo.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        copy = {
+            "hedgehog": {
+                "features_q.steps.0.weight": "feature_map_q.weight",
+                "features_q.steps.0.bias": "feature_map_q.bias",
+                "features_k.steps.0.weight": "feature_map_k.weight",
+                "features_k.steps.0.bias": "feature_map_k.bias",
+            },
+            "focused_linear": {
+                "features_q.steps.1.scale": "focus_scale",
+                "features_k.steps.1.scale": "focus_scale",
+                "dwc.weight": "dwc.weight",
+                "dwc.bias": "dwc.bias",
+            },
+        }
+        copy["window_linear"] = {**copy["hedgehog"], "linear_log_weight": "linear_log_weight"}
+        theirs = dict(zoo.named_parameters())
+        for mine, their in copy.get(zoo_name, {}).items():
+            formula.get_parameter(mine).copy_(theirs[their])
+        for name in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+            if name in theirs:
+                formula.get_parameter(name).copy_(theirs[name])
+    return zoo, formula
+
+
+def _qkv(n: int, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, HEADS, n, D, generator=g, dtype=torch.float64) for _ in "qkv"]
+
+
+def _explicit_kernel_map(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
+    scores = torch.einsum("bhim,bhjm->bhij", phi_q, phi_k)
+    return scores / scores.sum(-1, keepdim=True)
+
+
+def _theta(n):
+    return (math.pi / 2) * torch.arange(n, dtype=torch.float64) / n
+
+
+def _hedgehog_phi(x, weight, bias):
+    u = torch.einsum("bhnd,hdm->bhnm", x, weight) + bias[:, None, :]
+    return torch.cat([u.softmax(-1) + EPS, (-u).softmax(-1) + EPS], -1)
+
+
+def _focus_phi(x, s, p=3.0):
+    y = (F.relu(x) + EPS) / F.softplus(s)
+    return y.norm(dim=-1, keepdim=True) * y**p / (y**p).norm(dim=-1, keepdim=True)
+
+
+# Explicit feature maps from the papers' definitions (not from attnxfer code), per zoo member.
+DEFINITIONS = {
+    "relu_linear": lambda a, x: F.relu(x) + EPS,
+    "elu_linear": lambda a, x: F.elu(x * D**-0.25) + 1 + EPS,
+    "cosformer": lambda a, x: torch.cat(
+        [
+            (F.relu(x) + EPS) * _theta(x.shape[-2]).cos()[:, None],
+            (F.relu(x) + EPS) * _theta(x.shape[-2]).sin()[:, None],
+        ],
+        -1,
+    ),
+    "hedgehog": None,  # separate maps for q and k: see _definition_map
+    "focused_linear": lambda a, x: _focus_phi(x, a.features_q.steps[1].scale),
+}
+
+
+def _definition_map(name, formula, q, k):
+    if name == "hedgehog":
+        fq, fk = formula.features_q.steps[0], formula.features_k.steps[0]
+        return _explicit_kernel_map(
+            _hedgehog_phi(q, fq.weight, fq.bias), _hedgehog_phi(k, fk.weight, fk.bias)
+        )
+    phi = DEFINITIONS[name]
+    return _explicit_kernel_map(phi(formula, q), phi(formula, k))
+
+
+@pytest.mark.parametrize("name", ["relu_linear", "elu_linear", "hedgehog", "cosformer", "focused_linear"])
+def test_hand_designed_kernel_formulas_equal_their_zoo_member_and_the_definition(name):
+    zoo, formula = _pair(name)
+    assert formula.map_kind == zoo.map_kind and attention_name_of(formula) == HAND_DESIGNED[name]
+    q, k, v = _qkv(65)
+    with torch.no_grad():
+        reference = _definition_map(name, formula, q, k)
+        for model in (zoo, formula):
+            torch.testing.assert_close(model.attention_map(q, k), reference, rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(model.attend_mapped(q, k, v), reference @ v, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(formula.attend(q, k, v), zoo.attend(q, k, v), rtol=1e-12, atol=1e-13)
+        x = torch.randn(2, 65, DIM, dtype=torch.float64)
+        torch.testing.assert_close(formula(x), zoo(x), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(reference.sum(-1), torch.ones_like(reference[..., 0]))
+    assert reference.min() > 0
+
+
+def test_focused_formula_adds_the_depthwise_conv_outside_the_map():
+    _, formula = _pair("focused_linear")
+    q, k, v = _qkv(65)
+    with torch.no_grad():
+        conv_term = formula.attend(q, k, v) - formula.attend_mapped(q, k, v)
+        # the conv, written out on the 8x8 grid (prefix token: no conv term)
+        grid = v[:, :, 1:].reshape(2 * HEADS, 8, 8, D).permute(0, 3, 1, 2)
+        conv = F.conv2d(grid, formula.dwc.weight, formula.dwc.bias, padding=2, groups=D)
+        expected = conv.permute(0, 2, 3, 1).reshape(2, HEADS, 64, D)
+    assert conv_term.abs().max() > 1e-3  # the perturbed conv does something
+    torch.testing.assert_close(conv_term[:, :, 0], torch.zeros_like(conv_term[:, :, 0]), atol=1e-12, rtol=0)
+    torch.testing.assert_close(conv_term[:, :, 1:], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_window_linear_formula_equals_the_zoo_hybrid():
+    zoo, formula = _pair("window_linear", {"window_size": 7})
+    q, k, v = _qkv(65)
+    with torch.no_grad():
+        zoo_map, mine = zoo.attention_map(q, k), formula.attention_map(q, k)
+        torch.testing.assert_close(mine, zoo_map, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(formula.attend(q, k, v), zoo.attend(q, k, v), rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(formula.attend(q, k, v), mine @ v, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(mine.sum(-1), torch.ones_like(mine[..., 0]))
+    # the window term is there: a grid query's weight on a key in its own window is a softmax logit's share
+    assert not torch.allclose(mine, _definition_map("hedgehog", formula, q, k))
+
+
+@pytest.mark.parametrize(
+    "program",
+    ["sum(exp.l2.pow(2))", "sum(proj.softplus.cat(x,square).lscale)", "sum(neg.softmax.cos.focus(1.5))"],
+)
+def test_other_sum_formulas_are_row_stochastic_and_their_core_is_the_map(program):
+    a = FormulaAttention(DIM, HEADS, program=program, **_layout()).double()
+    q, k, v = _qkv(65)
+    with torch.no_grad():
+        m = a.attention_map(q, k)
+        torch.testing.assert_close(m.sum(-1), torch.ones_like(m[..., 0]))
+        assert m.min() >= 0
+        torch.testing.assert_close(a.attend(q, k, v), m @ v, rtol=1e-9, atol=1e-12)
+
+
+def test_len_formula_is_signed_and_divides_by_the_token_count():
+    a = FormulaAttention(DIM, HEADS, program="len(proj(8))", **_layout()).double()
+    assert (
+        a.map_kind.value == "signed" and get_attention_class("formula:len(proj)").map_kind.value == "signed"
+    )
+    q, k, v = _qkv(65)
+    with torch.no_grad():
+        w = a.features_q.steps[0].weight
+        w.add_(0.1)
+        explicit = (q @ w) @ (k @ a.features_k.steps[0].weight).transpose(-2, -1) / 65  # biases start at 0
+        torch.testing.assert_close(a.attention_map(q, k), explicit)
+        torch.testing.assert_close(a.attend(q, k, v), explicit @ v)
+    assert explicit.min() < 0
+
+
+def test_formula_names_resolve_to_one_class_per_canonical_program():
+    a, b = get_attention_class("formula:sum( relu )"), get_attention_class("formula:sum(relu)")
+    assert a is b and a.attention_name == "formula:sum(relu)"
+    layer = a(dim=DIM, num_heads=HEADS)
+    assert layer.options() == {"program": "sum(relu)"} and attention_name_of(layer) == "formula:sum(relu)"
+    plain = create_attention("formula", dim=DIM, num_heads=HEADS, program="sum( relu )")
+    assert attention_name_of(plain) == "formula:sum(relu)"
+    with pytest.raises(ValueError, match="one program per attention name"):
+        a(dim=DIM, num_heads=HEADS, program="sum(elu1)")
+    with pytest.raises(FormulaSyntaxError, match=re.escape("at position 16 of 'formula:sum(relu'")):
+        get_attention_class("formula:sum(relu")
+    with pytest.raises(InvalidFormula, match=r"win\(7\) is larger than the 4x4 token grid"):
+        get_attention_class("formula:sum(relu+win(7))")(dim=DIM, num_heads=HEADS, **_layout(grid=4))
+    with pytest.raises(InvalidFormula, match="sum normalisation of signed features"):
+        get_attention_class("formula:sum(proj)")(dim=DIM, num_heads=HEADS)

@@ -22,9 +22,12 @@ __all__ = [
     "get_attention_class",
     "list_attentions",
     "register_attention",
+    "register_attention_family",
 ]
 
 _ATTENTIONS: dict[str, type[nn.Module]] = {}
+#: Parametric names "<prefix>:<spec>" (e.g. "formula:sum(relu)"): prefix -> resolver(full name) -> class.
+_FAMILIES: dict[str, Callable[[str], type[nn.Module]]] = {}
 
 T = TypeVar("T", bound=type[nn.Module])
 
@@ -44,6 +47,15 @@ def register_attention(name: str) -> Callable[[T], T]:
     return decorator
 
 
+def register_attention_family(prefix: str, resolve: Callable[[str], type[nn.Module]]) -> None:
+    """Make every name ``"<prefix>:<spec>"`` an attention: ``resolve(name)`` returns its class (raising
+    a ValueError that says what is wrong with the spec). The class's ``attention_name`` is the name in
+    its canonical spelling; ``list_attentions`` lists the family by its plain registered name."""
+    if prefix in _FAMILIES and _FAMILIES[prefix] is not resolve:
+        raise ValueError(f"attention family {prefix!r} is already registered")
+    _FAMILIES[prefix] = resolve
+
+
 def list_attentions(map_kind: MapKind | str | None = None) -> list[str]:
     """Registered names, sorted; optionally only those whose map kind is (or refines) ``map_kind``:
     ``list_attentions('row_stochastic')`` includes softmax."""
@@ -52,12 +64,13 @@ def list_attentions(map_kind: MapKind | str | None = None) -> list[str]:
 
 def get_attention_class(name: str) -> type[nn.Module]:
     """The class registered under ``name``; an unknown name lists the known ones."""
-    try:
+    if name in _ATTENTIONS:
         return _ATTENTIONS[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown attention {name!r}; known attentions: {', '.join(list_attentions())}"
-        ) from None
+    prefix, colon, _ = name.partition(":")
+    if colon and prefix in _FAMILIES:
+        return _FAMILIES[prefix](name)
+    families = "".join(f", {p}:<...>" for p in sorted(_FAMILIES))
+    raise KeyError(f"unknown attention {name!r}; known attentions: {', '.join(list_attentions())}{families}")
 
 
 def create_attention(name: str, **kwargs) -> nn.Module:
@@ -93,7 +106,7 @@ def attention_layer(name: str, **options) -> type[nn.Module]:
 def attention_name_of(attn: nn.Module) -> str:
     """The registered name of a layer's attention: its ``attention_name``; ``"softmax"`` for timm's plain
     ``Attention`` (what `TransferAttention` makes transfer-aware); else its class name."""
-    name = getattr(type(attn), "attention_name", "")
+    name = getattr(attn, "attention_name", "")  # an instance may refine its class's (a formula's program)
     if name:
         return name
     if type(attn) is Attention:

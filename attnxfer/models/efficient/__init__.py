@@ -24,6 +24,7 @@ window_linear      row_stochastic  window softmax + kernel scores outside, one n
 nystrom            signed          Nystrom landmarks, iterative pseudo-inverse
 linformer          signed          learned sequence projections E, F (fixed N)
 hydra              none            Hydra: per-channel cosine kernel
+formula:<prog>     row_stochastic  a kernel attention from a program (formula.py); ``len`` programs: signed
 =================  ==============  =============================================================
 
 Token layout: timm ViTs put ``num_prefix_tokens`` class/register tokens before the H x W grid.
@@ -51,6 +52,7 @@ from .agent import AgentAttention
 from .base import EfficientAttention
 from .cosformer import CosFormerAttention
 from .focused import FocusedLinearAttention
+from .formula import FormulaAttention
 from .hedgehog import HedgehogAttention
 from .hydra import HydraAttention
 from .linear import ELULinearAttention, ReLULinearAttention
@@ -75,6 +77,7 @@ __all__ = [
     "ELULinearAttention",
     "EfficientAttention",
     "FocusedLinearAttention",
+    "FormulaAttention",
     "HedgehogAttention",
     "HydraAttention",
     "LinformerAttention",

@@ -20,7 +20,24 @@ from ..attention.registry import register_attention
 from .kernels import KernelAttention
 from .tokens import grid_to_image, image_to_grid
 
-__all__ = ["FocusedLinearAttention"]
+__all__ = ["FocusedLinearAttention", "depthwise_grid_conv"]
+
+
+def depthwise_grid_conv(
+    v: torch.Tensor, dwc: nn.Conv2d, num_prefix: int, grid: tuple[int, int]
+) -> torch.Tensor:
+    """``dwc`` (a depthwise conv over the head dim) applied to v's grid tokens, zeros at prefix tokens:
+    (B, H, N, d) -> (B, H, N, d)."""
+    B, H, _, d = v.shape
+    p = num_prefix
+    conv = F.conv2d(
+        grid_to_image(v[:, :, p:], grid),
+        dwc.weight.to(v.dtype),
+        dwc.bias.to(v.dtype),
+        padding=dwc.padding,
+        groups=d,
+    )
+    return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
 
 
 @register_attention("focused_linear")
@@ -65,16 +82,7 @@ class FocusedLinearAttention(KernelAttention):
 
     def local_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
-        B, H, N, d = v.shape
-        p, grid = self.token_layout(N)
-        conv = F.conv2d(
-            grid_to_image(v[:, :, p:], grid),
-            self.dwc.weight.to(v.dtype),
-            self.dwc.bias.to(v.dtype),
-            padding=self.dwc.padding,
-            groups=d,
-        )
-        return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
+        return depthwise_grid_conv(v, self.dwc, *self.token_layout(v.shape[-2]))
 
     def _attend_mapped(self, q, k, v):
         return super()._attend(q, k, v)

@@ -1,31 +1,360 @@
 """Formula attention: a kernel attention described by a program of the formula grammar.
 
-The grammar (parsing, printing, checks, random programs, mutation and crossover) lives in
-`formula_grammar`; this module is its public face.
+``formula:<program>`` is an attention name like any other (``convert.attention``, per-block lists,
+``swap_attentions``, export, ``load_student``): the registry resolves it to a `FormulaAttention`
+subclass for the canonical program, whose one option, ``program``, is what exports record. The plain
+name ``formula`` takes the program as an option (``attention_kwargs: {program: ...}``; default:
+Hedgehog's). The grammar, its checks and the search moves are in `formula_grammar`; this module
+turns a checked `Formula` into modules, reusing the zoo's pieces: the O(N) kernel core
+(``linear_state`` / ``linear_readout``), the window + linear hybrid with one normaliser
+(`WindowLinearAttention`) and focused linear's depthwise conv (``depthwise_grid_conv``).
+
+Every op acts on a tuple of feature blocks whose concatenation is the feature vector (``cat`` and
+``cos`` make blocks without copying, as Hedgehog and cosFormer do): elementwise ops map over the
+blocks, ops that read the whole vector (softmax, l2, focus, proj, lscale) concatenate first.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention.interface import MapKind
+from ..attention.registry import register_attention, register_attention_family
+from .focused import depthwise_grid_conv
 from .formula_grammar import (
     HAND_DESIGNED,
+    OPS,
+    PREFIX,
+    Cat,
     Formula,
     FormulaSyntaxError,
     InvalidFormula,
+    Op,
+    Step,
     check_formula,
     crossover,
     mutate,
     parse_formula,
     random_formula,
 )
+from .kernels import add_scalar, linear_readout, linear_state, scaled_for_kernel
+from .window import WindowAttention, WindowLinearAttention
 
 __all__ = [
     "HAND_DESIGNED",
+    "FeatureChain",
     "Formula",
+    "FormulaAttention",
     "FormulaSyntaxError",
     "InvalidFormula",
     "check_formula",
     "crossover",
+    "formula_attention_class",
     "mutate",
     "parse_formula",
     "random_formula",
 ]
+
+Blocks = tuple[torch.Tensor, ...]
+EPS = 1e-6
+#: exp's input is capped here so that fp32 features cannot overflow.
+EXP_CAP = 30.0
+#: The program of the plain name ``formula`` (no program given): Hedgehog's.
+DEFAULT_PROGRAM = HAND_DESIGNED["hedgehog"][len(PREFIX) :]
+
+
+def _elementwise(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Blocks, int], Blocks]:
+    return lambda blocks, head_dim: tuple(fn(b) for b in blocks)
+
+
+def _whole(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Blocks, int], Blocks]:
+    return lambda blocks, head_dim: (fn(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)),)
+
+
+def _power(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: x.sign() * x.abs().pow(p)
+
+
+def _focus(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    # focused linear attention's focusing function (FocusedLinearAttention.focus after its scale)
+    def focus(x: torch.Tensor) -> torch.Tensor:
+        norm = x.norm(dim=-1, keepdim=True)
+        powered = (x / x.amax(dim=-1, keepdim=True)).pow(p)  # x / max first: bounded by 1, no overflow
+        return powered / powered.norm(dim=-1, keepdim=True) * norm
+
+    return focus
+
+
+def _cos(blocks: Blocks, head_dim: int) -> Blocks:
+    # cosFormer's reweighting: [phi cos t_i, phi sin t_i], t_i = pi/2 i / N (CosFormerAttention)
+    N = blocks[0].shape[-2]
+    theta = (math.pi / 2) * torch.arange(N, device=blocks[0].device, dtype=blocks[0].dtype) / N
+    cos, sin = theta.cos()[:, None], theta.sin()[:, None]
+    return tuple(b * cos for b in blocks) + tuple(b * sin for b in blocks)
+
+
+#: Parameter-free ops by name: (blocks, head dim) -> blocks; ``pow``/``focus`` take their power first.
+FIXED_OPS: dict[str, Callable[..., Callable[[Blocks, int], Blocks]]] = {
+    "relu": lambda: _elementwise(lambda x: add_scalar(F.relu(x), EPS)),
+    "elu1": lambda: _elementwise(lambda x: add_scalar(F.elu(x), 1.0 + EPS)),
+    "exp": lambda: _elementwise(lambda x: add_scalar(x.clamp(max=EXP_CAP).exp(), EPS)),
+    "softplus": lambda: _elementwise(lambda x: add_scalar(F.softplus(x), EPS)),
+    "square": lambda: _elementwise(lambda x: add_scalar(x.square(), EPS)),
+    "softmax": lambda: _whole(lambda x: add_scalar(x.softmax(dim=-1), EPS)),
+    "neg": lambda: _elementwise(torch.neg),
+    "scale": lambda: lambda blocks, d: tuple(scaled_for_kernel(b, d) for b in blocks),
+    "l2": lambda: _whole(lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)),
+    "pow": lambda p: _elementwise(_power(p)),
+    "focus": lambda p: _whole(_focus(p)),
+    "cos": lambda: _cos,
+}
+
+
+class Projection(nn.Module):
+    """``proj``: x W + b per head, W (H, d_in, m) starting as the identity (Hedgehog's map without the
+    softmax); plain parameters, not nn.Linear, so timm's ViT init leaves the identity alone."""
+
+    def __init__(self, num_heads: int, in_dim: int, out_dim: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_heads, in_dim, out_dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(num_heads, out_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            H, d, m = self.weight.shape
+            self.weight.copy_(torch.eye(d, m, dtype=self.weight.dtype).expand(H, d, m))
+            self.bias.zero_()
+
+    def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
+        x = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+        return (x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)[:, None, :],)
+
+
+class LearnedScale(nn.Module):
+    """``lscale``: x / softplus(s), s (H, 1, m) starting at 0 (focused linear's per-channel scale)."""
+
+    def __init__(self, num_heads: int, width: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(num_heads, 1, width, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.scale.zero_()
+
+    def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
+        x = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+        return (x / F.softplus(self.scale.to(x.dtype)),)
+
+
+class _Fixed(nn.Module):
+    def __init__(self, op: Op) -> None:
+        super().__init__()
+        self.op = op
+        self.fn = FIXED_OPS[op.name]() if op.arg is None else FIXED_OPS[op.name](op.arg)
+
+    def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
+        return self.fn(blocks, head_dim)
+
+    def extra_repr(self) -> str:
+        return str(self.op)
+
+
+class _Branches(nn.Module):
+    def __init__(self, left: FeatureChain, right: FeatureChain) -> None:
+        super().__init__()
+        self.left, self.right = left, right
+
+    def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
+        return self.left(blocks) + self.right(blocks)
+
+
+class FeatureChain(nn.Module):
+    """A chain of the grammar as modules: (B, H, N, d) -> feature blocks, for q or for k.
+
+    Works on any leading shape whose third-from-last dim is the head (the window hybrid passes
+    (B, windows, H, L, d)), except ``cos``, which needs the whole sequence.
+    """
+
+    def __init__(
+        self,
+        chain: tuple[Step, ...],
+        num_heads: int,
+        head_dim: int,
+        width: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        width = head_dim if width is None else width
+        steps: list[nn.Module] = []
+        for step in chain:
+            steps.append(self._module(step, num_heads, width, device, dtype))
+            width = _width(step, width, head_dim)
+        self.steps = nn.ModuleList(steps)
+        self.out_dim = width
+
+    def _module(self, step: Step, num_heads: int, width: int, device, dtype) -> nn.Module:
+        if isinstance(step, Cat):
+            return _Branches(
+                FeatureChain(step.left, num_heads, self.head_dim, width, device, dtype),
+                FeatureChain(step.right, num_heads, self.head_dim, width, device, dtype),
+            )
+        if step.name == "proj":
+            out = width if step.arg is None else int(step.arg)
+            return Projection(num_heads, width, out, device=device, dtype=dtype)
+        if step.name == "lscale":
+            return LearnedScale(num_heads, width, device=device, dtype=dtype)
+        return _Fixed(step)
+
+    def forward(self, x: torch.Tensor | Blocks) -> Blocks:
+        blocks = (x,) if isinstance(x, torch.Tensor) else x
+        for step in self.steps:
+            blocks = step(blocks, self.head_dim)
+        return blocks
+
+
+def _width(step: Step, width: int, head_dim: int) -> int:
+    if isinstance(step, Cat):
+        left = right = width
+        for s in step.left:
+            left = _width(s, left, head_dim)
+        for s in step.right:
+            right = _width(s, right, head_dim)
+        return left + right
+    return OPS[step.name].width(width, head_dim, step.arg)
+
+
+@register_attention("formula")
+class FormulaAttention(WindowLinearAttention):
+    """Kernel attention from a formula program. Option: ``program`` (the grammar of
+    `formula_grammar`, with or without the ``formula:`` prefix; default Hedgehog's).
+
+    ``sum`` programs are row-stochastic (A = phi(q) phi(k)^T row-normalised, plus the window term
+    under the same normaliser); ``len`` programs are signed (A = phi(q) phi(k)^T / N). A ``conv``
+    term is added to the output outside the map, as in focused linear attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, *, program: str = DEFAULT_PROGRAM, **kwargs) -> None:
+        formula = parse_formula(program)
+        self.formula = formula  # set first: set_token_layout (in the base __init__) checks sizes with it
+        WindowAttention.__init__(self, dim, num_heads, window_size=formula.window or 1, **kwargs)
+        check_formula(formula, self.head_dim, self.grid_size)
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
+        self.program = str(formula)
+        self.attention_name = formula.name
+        self.map_kind = MapKind.ROW_STOCHASTIC if formula.row_stochastic else MapKind.SIGNED
+        self.needs_token_layout = formula.window is not None or formula.conv is not None
+        self.features_q = FeatureChain(formula.features, num_heads, self.head_dim, **dd)
+        self.features_k = FeatureChain(formula.features, num_heads, self.head_dim, **dd)
+        self.linear_log_weight = nn.Parameter(torch.empty(num_heads, **dd)) if formula.window else None
+        self.dwc = None
+        if formula.conv is not None:
+            d = self.head_dim
+            self.dwc = nn.Conv2d(d, d, formula.conv, padding=formula.conv // 2, groups=d, **dd)
+        self.reset_new_parameters()
+
+    @classmethod
+    def own_options(cls) -> list[str]:
+        return ["program"]  # the window hybrid's options are the program's business here
+
+    def set_token_layout(self, num_prefix_tokens: int, grid_size: int | Sequence[int] | None = None) -> None:
+        super().set_token_layout(num_prefix_tokens, grid_size)
+        if self.grid_size is not None and hasattr(self, "head_dim"):
+            check_formula(self.formula, self.head_dim, self.grid_size)
+
+    def reset_new_parameters(self) -> None:
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (Projection, LearnedScale)):
+                    module.reset_parameters()
+            if self.linear_log_weight is not None:
+                self.linear_log_weight.zero_()
+            if self.dwc is not None:
+                self.dwc.weight.zero_()
+                self.dwc.bias.zero_()
+
+    # -- features (the window hybrid calls these with window-layout tensors)
+    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[Blocks, Blocks]:
+        return self.features_q(q), self.features_k(k)
+
+    # -- the core
+    def _attend_mapped(self, q, k, v):
+        if self.formula.window is not None:
+            return WindowLinearAttention._attend(self, q, k, v)
+        # keys first: their features reduce to (m x d) sums before the query features exist
+        state = linear_state(self.features_k(k), v)
+        if self.formula.row_stochastic:
+            return linear_readout(self.features_q(q), state)
+        out = None
+        for block_q, (kv, _) in zip(self.features_q(q), state, strict=True):
+            out = block_q @ kv if out is None else out + block_q @ kv
+        return out / q.shape[-2]
+
+    def _attend(self, q, k, v):
+        out = self._attend_mapped(q, k, v)
+        if self.dwc is not None:
+            out = out + depthwise_grid_conv(v, self.dwc, *self.token_layout(v.shape[-2]))
+        return out
+
+    # -- the implicit map
+    def _map_context(self, q, k):
+        if self.formula.window is not None:
+            return WindowLinearAttention._map_context(self, q, k)
+        return self.features(q, k)
+
+    def _map_rows(self, context, rows):
+        if self.formula.window is not None:
+            return WindowLinearAttention._map_rows(self, context, rows)
+        phi_q, phi_k = context
+        scores = phi_q[:, :, rows] @ phi_k.transpose(-2, -1)
+        if self.formula.row_stochastic:
+            return scores / scores.sum(dim=-1, keepdim=True)
+        return scores / phi_k.shape[-2]
+
+    def extra_repr(self) -> str:
+        layout = ""
+        if self.num_prefix_tokens is not None:
+            layout = f", num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
+        return (
+            f"program={self.program!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}"
+        )
+
+
+@functools.cache
+def _formula_class(program: str) -> type[FormulaAttention]:
+    formula = parse_formula(program)
+    map_kind = MapKind.ROW_STOCHASTIC if formula.row_stochastic else MapKind.SIGNED
+
+    def __init__(self, dim: int, num_heads: int = 8, *, program: str = program, **kwargs) -> None:
+        if str(parse_formula(program)) != str(formula):
+            raise ValueError(f"{formula.name} was given program={program!r}: one program per attention name")
+        FormulaAttention.__init__(self, dim, num_heads, program=program, **kwargs)
+
+    return type(
+        "FormulaAttention",
+        (FormulaAttention,),
+        {
+            "__init__": __init__,
+            "__module__": __name__,
+            "__qualname__": f"FormulaAttention[{formula}]",
+            "attention_name": formula.name,
+            "map_kind": map_kind,
+        },
+    )
+
+
+def formula_attention_class(name: str) -> type[FormulaAttention]:
+    """The attention class of ``formula:<program>`` (one class per canonical program)."""
+    return _formula_class(str(parse_formula(name)))
+
+
+register_attention_family(PREFIX.rstrip(":"), formula_attention_class)

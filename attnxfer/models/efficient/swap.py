@@ -193,7 +193,7 @@ def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
     for name in names:
         try:
             get_attention_class(name)
-        except KeyError as e:
+        except (KeyError, ValueError) as e:  # ValueError: a family name whose spec is wrong (formula:...)
             raise ValueError(f"convert.attention: {e.args[0]}") from None
     return names
 
