@@ -191,7 +191,9 @@ def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> 
 
 
 def _save(cfg: TrainConfig, run_dir: Path, state: SearchState) -> None:
-    atomic_write_json(run_dir / STATE, {"version": _VERSION, "config": to_dict(cfg), "state": state.to_dict()})
+    atomic_write_json(
+        run_dir / STATE, {"version": _VERSION, "config": to_dict(cfg), "state": state.to_dict()}
+    )
     lines = [json.dumps(c, sort_keys=True) for c in state.candidates.values()]
     atomic_write_text(run_dir / "candidates.jsonl", "\n".join(lines) + "\n")
 
@@ -263,13 +265,25 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
         "|---|---:|---:|---|",
     ]
     lines += [f"| `{c['formula']}` | {c['kl']:.4f} | {c['speed']:.2f} | {c['origin']} |" for c in front]
-    lines += ["", f"## Top {top} formulas by fit", "", "| formula | KL | speed | origin |", "|---|---:|---:|---|"]
+    lines += [
+        "",
+        f"## Top {top} formulas by fit",
+        "",
+        "| formula | KL | speed | origin |",
+        "|---|---:|---:|---|",
+    ]
     lines += [
         f"| `{c['formula']}` | {c['kl']:.4f} | {c['speed']:.2f} | {c['origin']} |"
         for c in sorted(ok, key=lambda c: c["kl"])[:top]
     ]
     zoo = [c for c in cands if _zoo_label(c)]
-    lines += ["", "## The hand-designed zoo as formulas", "", "| member | formula | KL | speed |", "|---|---|---:|---:|"]
+    lines += [
+        "",
+        "## The hand-designed zoo as formulas",
+        "",
+        "| member | formula | KL | speed |",
+        "|---|---|---:|---:|",
+    ]
     for c in zoo:
         kl, sp = (f"{c['kl']:.4f}", f"{c['speed']:.2f}") if c["status"] == "ok" else ("rejected", c["reason"])
         lines.append(f"| {_zoo_label(c)} | `{c['formula']}` | {kl} | {sp} |")
@@ -294,11 +308,15 @@ def draw_pareto(state: SearchState, front: list[dict[str, Any]], speed_mode: str
     ax = fig.add_subplot()
     ok = state.evaluated
     ax.scatter([c["speed"] for c in ok], [c["kl"] for c in ok], s=14, c="0.7", label="candidates")
-    ax.plot([c["speed"] for c in front], [c["kl"] for c in front], "o-", c="tab:red", ms=5, label="Pareto front")
+    ax.plot(
+        [c["speed"] for c in front], [c["kl"] for c in front], "o-", c="tab:red", ms=5, label="Pareto front"
+    )
     for c in ok:
         if _zoo_label(c):
             ax.scatter([c["speed"]], [c["kl"]], marker="*", s=120, c="tab:blue", zorder=3)
-            ax.annotate(_zoo_label(c), (c["speed"], c["kl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.annotate(
+                _zoo_label(c), (c["speed"], c["kl"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
     ax.scatter([], [], marker="*", s=120, c="tab:blue", label="hand-designed zoo")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -379,7 +397,11 @@ def search(
         if budget is None:
             return None
         spent = before + time.monotonic() - started
-        last = ends[-1] - (ends[-2] if len(ends) > 1 else 0.0) if ends else (per_candidate or 0.0) * settings.offspring
+        last = (
+            ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
+            if ends
+            else (per_candidate or 0.0) * settings.offspring
+        )
         if spent + last > budget * 60:
             return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
         return None

@@ -115,7 +115,12 @@ def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[st
 
 
 def _record(name: str, generation: int, origin: str, parents: Sequence[str], reason: str | None) -> dict:
-    rec: dict[str, Any] = {"formula": name, "generation": generation, "origin": origin, "parents": list(parents)}
+    rec: dict[str, Any] = {
+        "formula": name,
+        "generation": generation,
+        "origin": origin,
+        "parents": list(parents),
+    }
     if reason is not None:
         rec.update(status="rejected", reason=reason)
     return rec
@@ -146,7 +151,9 @@ def _tournament(population: list[str], keys: list[tuple[int, float]], rng: rando
     return a if (keys[a], a) <= (keys[b], b) else b
 
 
-def _offspring(state: SearchState, settings: SearchSettings, generation: int, rng: random.Random) -> list[dict]:
+def _offspring(
+    state: SearchState, settings: SearchSettings, generation: int, rng: random.Random
+) -> list[dict]:
     population = state.population
     keys = tournament_key([objectives(state.candidates[n]) for n in population])
     parsed = [parse_formula(n[len(PREFIX) :]) for n in population]
@@ -201,7 +208,9 @@ def run_search(
             p.update(result)
         for p in proposals:
             state.candidates[p["formula"]] = p
-        pool = list(dict.fromkeys(state.population + [p["formula"] for p in proposals if p["status"] == "ok"]))
+        pool = list(
+            dict.fromkeys(state.population + [p["formula"] for p in proposals if p["status"] == "ok"])
+        )
         if not pool:
             raise RuntimeError(
                 f"generation {generation}: every candidate was rejected ({len(proposals)}); see the reasons in "

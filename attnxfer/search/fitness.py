@@ -67,7 +67,10 @@ class TeacherCache:
 
 @torch.no_grad()
 def cache_teacher(
-    teacher: nn.Module, fit_images: Sequence[torch.Tensor], held_out: Sequence[torch.Tensor], layers: Sequence[int]
+    teacher: nn.Module,
+    fit_images: Sequence[torch.Tensor],
+    held_out: Sequence[torch.Tensor],
+    layers: Sequence[int],
 ) -> TeacherCache:
     """Run the teacher once over every batch and keep what stage 1 and the KL need (detached)."""
     teacher.eval()
@@ -96,7 +99,9 @@ def _silent(_: str) -> None:
     """stage 1's log, unused: a search prints one line per generation."""
 
 
-def fit_candidate(teacher: nn.Module, attention: str, cache: TeacherCache, fit: FitSettings) -> dict[str, Any]:
+def fit_candidate(
+    teacher: nn.Module, attention: str, cache: TeacherCache, fit: FitSettings
+) -> dict[str, Any]:
     """Fit ``attention`` in the cached layers of a copy of ``teacher``; ``{"kl", "kl_per_layer", "fit_seconds"}``.
 
     Raises ValueError for an attention that cannot be built or has no row-stochastic map (KL needs one)
@@ -192,7 +197,9 @@ def layer_speed(
         raise ValueError(f"speed mode must be one of {SPEED_MODES}, got {speed.mode!r}")
     candidate = _layer(name, teacher, speed.tokens)
     softmax = _layer("softmax", teacher, speed.tokens)
-    x = torch.randn(speed.batch, speed.tokens, candidate.qkv.in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(
+        speed.batch, speed.tokens, candidate.qkv.in_features, generator=torch.Generator().manual_seed(0)
+    )
     if speed.mode == "flops":
         base = softmax_flops if softmax_flops is not None else _flops(softmax, x)
         own = _flops(candidate, x)
@@ -222,16 +229,23 @@ class CandidateEvaluator:
     ``status: "rejected"`` and the reason (never dropped).
     """
 
-    def __init__(self, teacher: nn.Module, cache: TeacherCache, fit: FitSettings, speed: SpeedSettings) -> None:
+    def __init__(
+        self, teacher: nn.Module, cache: TeacherCache, fit: FitSettings, speed: SpeedSettings
+    ) -> None:
         self.teacher, self.cache, self.fit, self.speed = teacher, cache, fit, speed
         self._softmax_flops: dict[int, float] = {}  # tokens -> FLOPs of one softmax layer
 
     def __call__(self, attention: str) -> dict[str, Any]:
         try:
-            record: dict[str, Any] = {"status": "ok", **fit_candidate(self.teacher, attention, self.cache, self.fit)}
+            record: dict[str, Any] = {
+                "status": "ok",
+                **fit_candidate(self.teacher, attention, self.cache, self.fit),
+            }
         except (ValueError, NonFiniteLossError) as e:
             return {"status": "rejected", "reason": f"at fit time: {e}"}
-        measured = layer_speed(attention, self.teacher, self.speed, self._softmax_flops.get(self.speed.tokens))
+        measured = layer_speed(
+            attention, self.teacher, self.speed, self._softmax_flops.get(self.speed.tokens)
+        )
         if self.speed.mode == "flops":
             self._softmax_flops[self.speed.tokens] = measured["softmax_flops"]
         record.update(measured, speed_mode=self.speed.mode, tokens=self.speed.tokens)
