@@ -106,6 +106,8 @@ def test_rejection_protocol_records_every_rejection_with_its_reason(tiny):
     assert "signed features" in precheck("formula:sum(neg)", 16, (4, 4))[1]
     assert "signed map" in precheck("formula:len(relu)", 16, (4, 4))[1]
     assert "larger than the 4x4 token grid" in precheck("formula:sum(relu+win(7))", 16, (4, 4))[1]
+    assert "covers the whole 4x4 token grid" in precheck("formula:sum(relu+win(4))", 16, (4, 4))[1]
+    assert precheck("formula:sum(relu+win(3))", 16, (4, 4)) == ("formula:sum(relu+win(3))", None)
     assert precheck("formula:sum( relu )", 16, (4, 4)) == ("formula:sum(relu)", None)
     # at fit time: stage 1 diverges (NaN/inf) -> recorded, not raised, not dropped
     diverging = _evaluator(tiny, lr=1e6, clip_grad=None)("formula:sum(square.square)")

@@ -7,7 +7,9 @@ and NSGA-II keeps the best ``population`` of parents and children (`pareto`: min
 maximise speed).
 
 The rejection protocol: a child is first checked as a program (parse, `check_formula` for the teacher's
-head dim and token grid, row-stochastic normalisation) and rejected with the reason before any training;
+head dim and token grid, row-stochastic normalisation, a window smaller than the teacher's grid: a window
+covering it is exact softmax there and its fit would say nothing about the target resolution) and
+rejected with the reason before any training;
 a child whose canonical string was seen before is a duplicate and is not evaluated again; the
 evaluation itself may reject (stage 1 diverged, non-finite KL). Every rejection is recorded with its
 reason, none is dropped. The state is plain JSON (`SearchState`), so a search resumes from any
@@ -106,6 +108,12 @@ def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[st
         check_formula(formula, head_dim, grid)
     except InvalidFormula as e:
         return name, f"before training: {e}"
+    if grid is not None and formula.window is not None and formula.window >= min(grid):
+        return name, (
+            f"before training: win({formula.window}) covers the whole {grid[0]}x{grid[1]} token grid of the "
+            "teacher, where it is exact softmax attention: its fit says nothing about the local window it is "
+            "at the target resolution; use a window smaller than the grid"
+        )
     if formula.norm != "sum":
         return name, (
             f"before training: {formula.norm}(...) normalisation gives a signed map, and the search scores "
