@@ -9,7 +9,7 @@ the final top-1, whatever it is. A strongly negative rho means the proxy ranks c
 conversion does.
 
     OMP_NUM_THREADS=1 python benchmarks/search_proxy.py runs/search/demo --count 10 --jobs 2 \
-        --out runs/search/demo_proxy [key=value ...]   # overrides for every conversion, e.g. teacher.spec=...
+        --zoo all --out runs/search/demo_proxy [key=value ...]   # overrides for every conversion
 
 Writes OUT/proxy.json and OUT/proxy.md (one row per conversion: formula, proxy KL, speed, top-1 with its
 95 % Wilson interval, recovered share of the teacher's top-1, seconds). Each conversion's own report is in
@@ -35,8 +35,9 @@ from attnxfer.apps.uncertainty import correct_count, format_top1
 from attnxfer.search import SearchState, objectives, pareto_ranks
 
 
-def pick(state: SearchState, count: int, min_speed: float) -> list[dict]:
-    """``count`` candidates spanning the front (then the next ranks), plus the winner and the best zoo member."""
+def pick(state: SearchState, count: int, min_speed: float, zoo: str = "best") -> list[dict]:
+    """``count`` candidates spanning the front (then the next ranks), plus the winner and the zoo member with
+    the best proxy score (``zoo="all"``: every fitted zoo member)."""
     done = state.evaluated
     ranks = pareto_ranks([objectives(c) for c in done])
     chosen: list[dict] = []
@@ -51,9 +52,9 @@ def pick(state: SearchState, count: int, min_speed: float) -> list[dict]:
             chosen += [members[round(i * (len(members) - 1) / max(1, room - 1))] for i in range(room)]
     front = [c for c, r in zip(done, ranks) if r == 0]
     extra = [winner_of(front, min_speed)]
-    zoo = [c for c in done if c["origin"].startswith("zoo:")]
-    if zoo:
-        extra.append(min(zoo, key=lambda c: c["kl"]))
+    members = [c for c in done if c["origin"].startswith("zoo:")]
+    if members:
+        extra += members if zoo == "all" else [min(members, key=lambda c: c["kl"])]
     for c in extra:
         if c is not None and all(c["formula"] != d["formula"] for d in chosen):
             chosen.append(c)
@@ -102,6 +103,9 @@ def main() -> int:
     p.add_argument("--count", type=int, default=10, help="candidates along the front (default 10)")
     p.add_argument("--jobs", type=int, default=1, help="conversions at once (each OMP_NUM_THREADS threads)")
     p.add_argument("--out", default=None, help="default RUN_DIR/proxy")
+    p.add_argument(
+        "--zoo", choices=("best", "all"), default="best", help="convert the best zoo member by proxy, or all"
+    )
     args, extra = p.parse_known_args()
     bad = [e for e in extra if "=" not in e or e.startswith("-")]
     if bad:
@@ -115,7 +119,7 @@ def main() -> int:
     overrides = [o for o in args.overrides if not o.startswith("teacher.spec=")]
     out = Path(args.out or Path(args.run_dir) / "proxy")
     out.mkdir(parents=True, exist_ok=True)
-    chosen = pick(state, args.count, cfg["search"]["min_speed"])
+    chosen = pick(state, args.count, cfg["search"]["min_speed"], args.zoo)
     start = time.monotonic()
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda ic: convert_one(ic[0], ic[1], cfg, out, overrides), enumerate(chosen)))
