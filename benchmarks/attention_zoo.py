@@ -72,7 +72,10 @@ class Row:
 
 
 def parse_entry(entry: str) -> tuple[str, dict[str, object]]:
-    """'performer' or a variant 'performer:num_features=128,feature_seed=0' -> (name, options)."""
+    """'performer' or a variant 'performer:num_features=128,feature_seed=0' -> (name, options).
+    A formula ('formula:sum(relu.cos)') is a whole attention name."""
+    if entry.startswith("formula:"):
+        return entry, {}
     name, _, spec = entry.partition(":")
     options = {}
     for item in filter(None, spec.split(",")):

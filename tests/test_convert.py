@@ -434,3 +434,32 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
         == 2
     )
     assert "does not apply to a 'signed' attention" in capsys.readouterr().err
+
+
+def test_convert_with_a_formula_attention_and_an_unparsable_one(tmp_path, tiny_teacher_dir, capsys):
+    from attnxfer.launch.cli import main
+
+    program = "formula:sum(proj.relu.cat(x,square)+win(2))"
+    run = tmp_path / "formula"
+    args = _convert_args(run, tiny_teacher_dir, f"convert.attention={program}", "schedule.max_steps=1")
+    assert main(["convert", *args]) == 0
+    assert f"conversion plan: softmax teacher -> {program} student (2 blocks)" in capsys.readouterr().out
+    report = json.loads((run / "report.json").read_text())
+    rows = report["agreement"]["teacher_input"]
+    assert sum(r["after_stage1"] for r in rows) < sum(r["before_stage1"] for r in rows)
+    assert (run / "stage1" / "student.safetensors").is_file()
+    bad = tmp_path / "bad"
+    assert (
+        main(["convert", *_convert_args(bad, tiny_teacher_dir, "convert.attention=formula:sum(relu.)")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "error: convert.attention: formula syntax error at position 17 of 'formula:sum(relu.)'" in err
+    assert "expected an op (relu," in err and "Traceback" not in err
+    assert not (bad / "stage1").exists()
+    # a program that parses but cannot be a row-stochastic attention is stopped before any training
+    assert (
+        main(["convert", *_convert_args(bad, tiny_teacher_dir, "convert.attention=formula:sum(proj)")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "error:" in err and "sum normalisation of signed features" in err and "Traceback" not in err
+    assert not (bad / "stage1").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
@@ -9,11 +10,20 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_vit
 
+from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.models.attention import attention_name_of
-from attnxfer.models.efficient import create_attention, get_attention_class
+from attnxfer.models.efficient import (
+    create_attention,
+    efficient_student_from_teacher,
+    get_attention_class,
+    swap_attentions,
+)
 from attnxfer.models.efficient.formula import (
+    FIXED_OPS,
     HAND_DESIGNED,
+    LEARNED_OPS,
     Formula,
     FormulaAttention,
     FormulaSyntaxError,
@@ -24,7 +34,9 @@ from attnxfer.models.efficient.formula import (
     parse_formula,
     random_formula,
 )
-from attnxfer.models.efficient.formula_grammar import Cat, Op
+from attnxfer.models.efficient.formula_grammar import OPS, Cat, Op
+from attnxfer.models.student import attention_layout
+from attnxfer.sources.exported_student import load_student
 
 # ----------------------------------------------------------------------------------------------- grammar
 
@@ -352,3 +364,51 @@ def test_formula_names_resolve_to_one_class_per_canonical_program():
         get_attention_class("formula:sum(relu+win(7))")(dim=DIM, num_heads=HEADS, **_layout(grid=4))
     with pytest.raises(InvalidFormula, match="sum normalisation of signed features"):
         get_attention_class("formula:sum(proj)")(dim=DIM, num_heads=HEADS)
+
+
+# ----------------------------------------------------------------------------------------------- zoo integration
+MIXED = [
+    "formula:sum(relu.cos)",
+    "formula:len(proj(8))",
+    "formula:sum(proj.cat(softmax,neg.softmax)+win(2)+conv(3))",
+]
+
+
+def test_formula_students_swap_save_export_and_load_bit_identically(tmp_path):
+    teacher = tiny_vit(depth=3, num_classes=10)
+    student = efficient_student_from_teacher(teacher, ["formula:sum( relu . cos )", *MIXED[1:]])
+    assert attention_layout(student) == MIXED  # canonical names, whatever the spelling given
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    student.eval()
+    # swap_attentions (how exports are rebuilt) with the options a layer reports
+    again = swap_attentions(
+        tiny_vit(depth=3, num_classes=10),
+        attention_layout(student),
+        [b.attn.options() for b in student.blocks],
+    )
+    again.load_state_dict(student.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), student(x))
+
+    out = export_student(student, tmp_path / "export", card=ModelCardInfo(model_name="formula-student"))
+    spec = json.loads((out / "config.json").read_text())["attnxfer"]["student"]
+    assert spec["attention"] == MIXED
+    assert [o["program"] for o in spec["attention_options"]] == [n.removeprefix("formula:") for n in MIXED]
+    assert (
+        "| 2 | formula:sum(proj.cat(softmax,neg.softmax)+win(2)+conv(3)) |" in (out / "README.md").read_text()
+    )
+    loaded = load_student(f"local-dir:{out}")
+    assert attention_layout(loaded) == MIXED
+    assert [b.attn.map_kind.value for b in loaded.blocks] == ["row_stochastic", "signed", "row_stochastic"]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), student(x))
+
+
+def test_every_grammar_op_has_one_implementation():
+    assert set(FIXED_OPS).isdisjoint(LEARNED_OPS)
+    assert set(FIXED_OPS) | set(LEARNED_OPS) == set(OPS)
+    assert {n for n, spec in OPS.items() if spec.learned} == set(LEARNED_OPS)

@@ -29,7 +29,6 @@ from ..attention.registry import register_attention, register_attention_family
 from .focused import depthwise_grid_conv
 from .formula_grammar import (
     HAND_DESIGNED,
-    OPS,
     PREFIX,
     Cat,
     Formula,
@@ -42,12 +41,15 @@ from .formula_grammar import (
     mutate,
     parse_formula,
     random_formula,
+    step_width,
 )
 from .kernels import add_scalar, linear_readout, linear_state, scaled_for_kernel
 from .window import WindowAttention, WindowLinearAttention
 
 __all__ = [
+    "FIXED_OPS",
     "HAND_DESIGNED",
+    "LEARNED_OPS",
     "FeatureChain",
     "Formula",
     "FormulaAttention",
@@ -154,6 +156,15 @@ class LearnedScale(nn.Module):
         return (x / F.softplus(self.scale.to(x.dtype)),)
 
 
+#: Learned ops by name: (op, heads, input width, device/dtype) -> module (separate ones for q and k).
+LEARNED_OPS: dict[str, Callable[..., nn.Module]] = {
+    "proj": lambda op, heads, width, **dd: Projection(
+        heads, width, width if op.arg is None else int(op.arg), **dd
+    ),
+    "lscale": lambda op, heads, width, **dd: LearnedScale(heads, width, **dd),
+}
+
+
 class _Fixed(nn.Module):
     def __init__(self, op: Op) -> None:
         super().__init__()
@@ -198,7 +209,7 @@ class FeatureChain(nn.Module):
         steps: list[nn.Module] = []
         for step in chain:
             steps.append(self._module(step, num_heads, width, device, dtype))
-            width = _width(step, width, head_dim)
+            width = step_width(step, width, head_dim)
         self.steps = nn.ModuleList(steps)
         self.out_dim = width
 
@@ -208,11 +219,8 @@ class FeatureChain(nn.Module):
                 FeatureChain(step.left, num_heads, self.head_dim, width, device, dtype),
                 FeatureChain(step.right, num_heads, self.head_dim, width, device, dtype),
             )
-        if step.name == "proj":
-            out = width if step.arg is None else int(step.arg)
-            return Projection(num_heads, width, out, device=device, dtype=dtype)
-        if step.name == "lscale":
-            return LearnedScale(num_heads, width, device=device, dtype=dtype)
+        if step.name in LEARNED_OPS:
+            return LEARNED_OPS[step.name](step, num_heads, width, device=device, dtype=dtype)
         return _Fixed(step)
 
     def forward(self, x: torch.Tensor | Blocks) -> Blocks:
@@ -220,17 +228,6 @@ class FeatureChain(nn.Module):
         for step in self.steps:
             blocks = step(blocks, self.head_dim)
         return blocks
-
-
-def _width(step: Step, width: int, head_dim: int) -> int:
-    if isinstance(step, Cat):
-        left = right = width
-        for s in step.left:
-            left = _width(s, left, head_dim)
-        for s in step.right:
-            right = _width(s, right, head_dim)
-        return left + right
-    return OPS[step.name].width(width, head_dim, step.arg)
 
 
 @register_attention("formula")

@@ -69,6 +69,7 @@ __all__ = [
     "mutate",
     "parse_formula",
     "random_formula",
+    "step_width",
 ]
 
 #: How a formula is named where an attention name is expected.
@@ -377,6 +378,18 @@ def parse_formula(text: str) -> Formula:
 
 
 # ----------------------------------------------------------------------------------------------- checking
+def step_width(step: Step, width: int, head_dim: int) -> int:
+    """The feature width after ``step`` applied to ``width`` features (q/k heads of ``head_dim``)."""
+    if isinstance(step, Cat):
+        left = right = width
+        for s in step.left:
+            left = step_width(s, left, head_dim)
+        for s in step.right:
+            right = step_width(s, right, head_dim)
+        return left + right
+    return OPS[step.name].width(width, head_dim, step.arg)
+
+
 def _walk(chain: tuple[Step, ...], width: int, sign: Sign, head_dim: int, where: str) -> tuple[int, Sign]:
     for i, step in enumerate(chain):
         at = f"{where}step {i + 1} ({step})"
