@@ -126,16 +126,19 @@ def fit_candidate(
         stage1_batch_size=next(iter(cache.fit[0].values()))["input"].shape[0],
         stage1_train=fit.train,
     )
-    stage1_transfer(
-        teacher,
-        student,
-        plan,
-        itertools.cycle(cache.fit),
-        warmup_steps=fit.warmup_steps,
-        clip_grad=fit.clip_grad,
-        log_every=fit.steps,
-        log=_silent,
-    )
+    try:
+        stage1_transfer(
+            teacher,
+            student,
+            plan,
+            itertools.cycle(cache.fit),
+            warmup_steps=fit.warmup_steps,
+            clip_grad=fit.clip_grad,
+            log_every=fit.steps,
+            log=_silent,
+        )
+    except NonFiniteLossError as e:  # keep what happened, drop conversion's advice on its own settings
+        raise NonFiniteLossError(f"{str(e).split(';')[0]} (stage 1 diverged at lr {fit.lr:g})") from None
     student.eval()
     per_layer = []
     with torch.no_grad():
