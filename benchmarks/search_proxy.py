@@ -126,6 +126,7 @@ def main() -> int:
     wall = time.monotonic() - start
     good = [r for r in rows if "error" not in r]
     rho, pvalue = spearmanr([r["kl"] for r in good], [r["top1"] for r in good])
+    rho1, pvalue1 = spearmanr([r["kl"] for r in good], [r["after_stage1"] for r in good])
     winner = winner_of(
         [
             c
@@ -140,6 +141,8 @@ def main() -> int:
         "failed": [r for r in rows if "error" in r],
         "spearman_rho": float(rho),
         "spearman_p": float(pvalue),
+        "spearman_rho_after_stage1": float(rho1),
+        "spearman_p_after_stage1": float(pvalue1),
         "wall_seconds": wall,
         "load_average": os.getloadavg(),
         "winner": winner["formula"] if winner else None,
@@ -148,7 +151,8 @@ def main() -> int:
     (out / "proxy.json").write_text(json.dumps(summary, indent=2))
     lines = [
         f"Spearman rho(proxy KL, final top-1) = {rho:.3f} (p = {pvalue:.3g}) over {len(good)} conversions "
-        f"({len(rows) - len(good)} failed); {wall / 60:.1f} min wall, load average {os.getloadavg()[0]:.1f}.",
+        f"({len(rows) - len(good)} failed); {wall / 60:.1f} min wall, load average {os.getloadavg()[0]:.1f}. "
+        f"Against top-1 after stage 1 alone: rho = {rho1:.3f} (p = {pvalue1:.3g}).",
         "",
         "| formula | origin | proxy KL | speed | top-1 after stage 1 | final top-1 [95 % Wilson] | recovered | s |",
         "|---|---|---:|---:|---:|---|---:|---:|",
