@@ -16,6 +16,10 @@ what was live before it, read from the profiler's raw allocation/free events
 included, and nothing else (no Python objects, no allocator caching). On CUDA it is
 ``torch.cuda.max_memory_allocated`` above the memory allocated before the call.
 
+Operations: #mul / #add of the core per forward (``operation_counts``, counted from each attention's
+algorithm, as EcoFormer reports energy; a product with ±1 codes is additions only), in millions, beside
+its time; "—" for an attention that does not count them.
+
 FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, SDPA, convolutions; element-wise
 work such as exp, softmax and normalisation is not counted), forward calls only.
 
@@ -69,6 +73,7 @@ class Row:
     batch: int
     measures: dict[str, dict[str, float]]  # call -> {wall_ms, cpu_ms, peak_mib, gflops}
     ratios: dict[str, dict[str, float]] = None  # call -> same keys, relative to softmax
+    operations: dict[str, float] | None = None  # the core's operation_counts (mul, add, other, energy_pj)
 
 
 def parse_entry(entry: str) -> tuple[str, dict[str, object]]:
@@ -179,7 +184,16 @@ def measure(names: list[str], tokens: int, batch: int, args, device: torch.devic
                     peak_mib=peak_bytes(fn, device) / 2**20,
                     gflops=flops(fn) / 1e9,
                 )
-        rows.append(Row(attention=n, tokens=tokens, batch=batch, measures=measures))
+        counts = modules[n].operation_counts(tokens, batch)
+        rows.append(
+            Row(
+                attention=n,
+                tokens=tokens,
+                batch=batch,
+                measures=measures,
+                operations=counts.to_dict() if counts is not None else None,
+            )
+        )
     ref = next(r for r in rows if r.attention == REFERENCE)
     for r in rows:
         r.ratios = {
@@ -198,6 +212,7 @@ def table(rows: list[Row]) -> str:
     columns = [("wall_ms", "wall ms"), ("cpu_ms", "CPU ms"), ("peak_mib", "peak MiB")]
     head = ["N", "batch", "attention"] + [f"{kind} {label}" for kind in kinds for _, label in columns]
     head += [f"{kind} GFLOP" for kind in kinds if kind != "train"]
+    head += ["core M mul", "core M add"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.tokens), str(r.batch), r.attention]
@@ -206,6 +221,8 @@ def table(rows: list[Row]) -> str:
                 value, ratio = r.measures[kind][key], r.ratios[kind][key]
                 cells.append(f"{value:.1f} ({ratio:.2f}×)")
         cells += [f"{r.measures[kind]['gflops']:.2f}" for kind in kinds if kind != "train"]
+        ops = r.operations
+        cells += [f"{ops[key] / 1e6:.1f}" if ops else "—" for key in ("mul", "add")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -50,6 +50,7 @@ EXPECTED = {
     "nystrom": "signed",
     "linformer": "signed",
     "hydra": "none",
+    "hashing": "row_stochastic",
     "formula": "row_stochastic",  # the plain name: Hedgehog's program (formula:len(...) programs are signed)
 }
 # A small layout with a prefix token and a grid the windows/agents do not divide evenly.
@@ -225,6 +226,7 @@ NEW_PARAMETERS = {
     },
     "linformer": {"seq_proj_k", "seq_proj_v"},
     "hydra": {"channel_gain"},
+    "hashing": {"hash_q", "hash_k"},
     "formula": {  # Hedgehog's program: proj before cat, separate q and k maps
         "features_q.steps.0.weight",
         "features_q.steps.0.bias",

@@ -31,7 +31,7 @@ from attnxfer.analysis import (
     topk_overlap,
 )
 from attnxfer.analysis.pictures import class_token_figure_size
-from attnxfer.apps.inspect import LoadedModel, inspect_models, load_model, write_report
+from attnxfer.apps.inspect import LoadedModel, agreement_sentence, inspect_models, load_model, write_report
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models import attention_maps, create_vit
@@ -219,6 +219,21 @@ def test_grouped_teacher_heads_and_fewer_student_heads():
         assert len(r.metrics["kl"]) == 3 and len(r.js_cost) == 6 and len(r.js_cost[0]) == 3
         tracked = sorted(a for heads in r.assignment["tracks"].values() for a in heads)
         assert tracked == list(range(6))  # every teacher head is tracked by exactly one student head
+
+
+def test_agreement_sentence_reads_ratios_below_the_floor():
+    """A student closer than the noise floor reads e.g. "0.31x the floor", never "0x"."""
+    teacher = peaked_teacher(depth=2)
+    near = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for block in near.blocks:
+            block.attn.qkv.weight.add_(1e-3 * torch.randn_like(block.attn.qkv.weight))
+    insp = inspect_models(teacher, {"near": near}, torch.randn(4, 3, 32, 32), noise=0.5)
+    floor = sum(t.mean["floor_js"] for t in insp.teacher) / len(insp.teacher)
+    js = sum(r.mean["js"] for r in insp.students["near"]) / len(insp.students["near"])
+    assert 0 < js < floor / 10
+    sentence = agreement_sentence(insp)
+    assert f"({js / floor:.2g}x the floor)" in sentence and "(0x the floor)" not in sentence
 
 
 # ------------------------------------------------------------------------------------------- pictures and reports

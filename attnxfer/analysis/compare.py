@@ -12,9 +12,8 @@ the JSON that `attnxfer inspect` writes.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ __all__ = [
     "TeacherLayer",
     "class_token_maps",
     "compare_attention",
+    "iter_layer_qk",
     "layer_agreement",
     "layer_qk",
     "rollout_class_maps",
@@ -128,30 +128,77 @@ def token_layout(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def iter_layer_qk(
+    model: nn.Module,
+    x: torch.Tensor,
+    borrow: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Block by block, the (q, k) each attention attends with on ``x``: its own, or the tensors
+    ``borrow(layer)`` hands it (attention copy), which the layer uses in place of its own.
+
+    A generator, so that a caller can walk several models in lockstep and hold one layer of each at a time
+    (the stem and blocks of timm's ``forward_features``, without the final norm nobody reads here)."""
+    attns = transfer_attentions(model)
+    dtype = next(model.parameters()).dtype
+    h = model.patch_embed(x.to(dtype))
+    h = model.norm_pre(model.patch_drop(model._pos_embed(h)))
+    for i, (block, attn) in enumerate(zip(model.blocks, attns)):
+        io = AttentionIO(capture="qk", **dict(borrow(i) if borrow else {}))
+        with attention_io(attn, io):
+            h = block(h)
+        yield {c: (io.override(c) if io.override(c) is not None else io.captured[c]) for c in "qk"}
+
+
 def layer_qk(
     model: nn.Module, x: torch.Tensor, borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None
 ) -> list[dict[str, torch.Tensor]]:
     """Per layer the (q, k) each attention attends with on ``x``: its own, or the borrowed tensors in
-    ``borrow[layer]`` (attention copy), which the layer uses in place of its own."""
-    attns = transfer_attentions(model)
+    ``borrow[layer]`` (attention copy), which the layer uses in place of its own. Holds every layer's q/k:
+    walks that need one layer at a time use `iter_layer_qk`."""
     borrow = borrow or {}
-    ios = [AttentionIO(capture="qk", **dict(borrow.get(i, {}))) for i in range(len(attns))]
-    dtype = next(model.parameters()).dtype
-    with contextlib.ExitStack() as stack:
-        for attn, io in zip(attns, ios):
-            stack.enter_context(attention_io(attn, io))
-        model.forward_features(x.to(dtype))
-    return [
-        {c: (io.override(c) if io.override(c) is not None else io.captured[c]) for c in "qk"} for io in ios
-    ]
+    return list(iter_layer_qk(model, x, lambda i: borrow.get(i, {})))
 
 
-def _borrowed(
-    subject: Subject, teacher_qk: list[dict[str, torch.Tensor]]
-) -> dict[int, dict[str, torch.Tensor]]:
-    return {
-        s: {c: teacher_qk[t][c] for c in chunks if c in "qk"} for s, (t, chunks) in subject.borrow.items()
-    }
+class _TeacherLayers:
+    """The teacher's per-layer q/k on one batch, produced on demand: a layer is kept only while it is being
+    compared, or for the whole batch if a copy-mode student borrows it."""
+
+    def __init__(self, layers: Iterator[dict[str, torch.Tensor]], borrowed: set[int]) -> None:
+        self._layers, self._borrowed = layers, borrowed
+        self._made: dict[int, dict[str, torch.Tensor]] = {}
+        self._next = 0
+
+    def get(self, j: int) -> dict[str, torch.Tensor]:
+        while self._next <= j:
+            self._made[self._next] = next(self._layers)
+            self._next += 1
+        return self._made[j]
+
+    def done_with(self, j: int) -> None:
+        if j not in self._borrowed:
+            self._made.pop(j, None)
+
+    def borrow_for(self, subject: Subject) -> Callable[[int], dict[str, torch.Tensor]]:
+        """What ``subject``'s layer i attends with in place of its own q/k (its borrowed teacher chunks)."""
+
+        def borrowed(i: int) -> dict[str, torch.Tensor]:
+            if i not in subject.borrow:
+                return {}
+            t, chunks = subject.borrow[i]
+            qk = self.get(t)
+            return {c: qk[c] for c in chunks if c in "qk"}
+
+        return borrowed
+
+
+def _layer(layers: Iterator[tuple[int, dict[str, torch.Tensor]]], i: int) -> dict[str, torch.Tensor]:
+    """The next layer of a model walked in depth order, which must be layer ``i``."""
+    k, qk = next(layers)
+    if k != i:
+        raise RuntimeError(
+            f"student layers must pair with teacher layers in depth order (got {k}, expected {i})"
+        )
+    return qk
 
 
 def _check_pair(name: str, teacher: nn.Module, student: nn.Module, t_layout: dict) -> None:
@@ -322,6 +369,7 @@ def compare_attention(
     for s in subjects.values():
         s.model.eval()
     gen = torch.Generator(device="cpu").manual_seed(0)
+    borrowed = {t for s in subjects.values() for t, _ in s.borrow.values()}
     images = floor_seen = 0
     bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
     try:
@@ -329,24 +377,26 @@ def compare_attention(
             x = x.to(device)
             if x.shape[0] == 0:
                 continue
-            t_qk = layer_qk(teacher, x)
+            t_layers = _TeacherLayers(iter_layer_qk(teacher, x), borrowed)
             n_floor = (
                 x.shape[0] if floor_images is None else max(0, min(x.shape[0], floor_images - floor_seen))
             )
-            f_qk = None
+            f_layers = None
             if n_floor:
                 xn = x[:n_floor] + noise * torch.randn(x[:n_floor].shape, generator=gen).to(x)
-                f_qk = layer_qk(teacher, xn)
-            s_qk = {n: layer_qk(s.model, x, _borrowed(s, t_qk)) for n, s in subjects.items()}
+                f_layers = iter_layer_qk(teacher, xn)
+            s_layers = {
+                n: enumerate(iter_layer_qk(s.model, x, t_layers.borrow_for(s))) for n, s in subjects.items()
+            }
             for j, t_attn in enumerate(t_attns):
-                mine = {
-                    n: [i for i, tj in pairs[n] if tj == j] for n in subjects
-                }  # student layers paired with teacher layer j
+                # student layers paired with teacher layer j (consecutive, as plans pair them): one step each
+                mine = {n: [i for i, tj in pairs[n] if tj == j] for n in subjects}
+                s_qk = {n: {i: _layer(s_layers[n], i) for i in layers} for n, layers in mine.items()}
                 _walk_layer(
                     j,
                     t_attn,
-                    t_qk[j],
-                    f_qk[j] if f_qk else None,
+                    t_layers.get(j),
+                    next(f_layers) if f_layers is not None else None,
                     subjects,
                     s_qk,
                     mine,
@@ -359,6 +409,7 @@ def compare_attention(
                     costs,
                     cost_rows,
                 )
+                t_layers.done_with(j)
             images += x.shape[0]
             floor_seen += n_floor
             bar.update(x.shape[0])
@@ -455,14 +506,24 @@ def _walk_layer(
                 cost_rows[name][i] += tp.shape[0] * tp.shape[2]
 
 
+#: per-row agreement of teacher rows ``p`` with student rows ``a`` over ``n`` keys, by name
+AGREEMENT_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
+    "kl": lambda p, a, n: row_kl(p, a),
+    "map_mse": lambda p, a, n: row_squared_error(p, a) / n,
+}
+
+
 def layer_agreement(
     t_attn, t_qk: Mapping[str, torch.Tensor], s_attn, s_qk: Mapping[str, torch.Tensor], metric: str = "kl"
 ) -> float:
     """One number for a student layer against its teacher layer, averaged over (batch, student head, query):
     ``kl`` (KL(P̄_t ‖ A_s), nats per row; teacher head groups averaged) or ``map_mse`` (mean squared map
     difference over entries). Built from rows a chunk at a time; what conversion reports measure."""
-    if metric not in ("kl", "map_mse"):
-        raise ValueError(f"layer_agreement: metric must be 'kl' or 'map_mse', got {metric!r}")
+    if metric not in AGREEMENT_METRICS:
+        raise ValueError(
+            f"layer_agreement: metric must be one of {', '.join(AGREEMENT_METRICS)}, got {metric!r}"
+        )
+    per_row = AGREEMENT_METRICS[metric]
     q_t, k_t, q_s, k_s = t_qk["q"], t_qk["k"], s_qk["q"], s_qk["k"]
     n = q_t.shape[-2]
     if k_s.shape[-2] != n or q_s.shape[-2] != n or q_t.shape[1] % q_s.shape[1]:
@@ -475,7 +536,7 @@ def layer_agreement(
     for rows in row_slices(0, n, step):
         p = _grouped(t_attn.attention_map(q_t, k_t, rows), q_s.shape[1])
         a = s_attn.attention_map(q_s, k_s, rows)
-        v = row_kl(p, a) if metric == "kl" else row_squared_error(p, a) / n
+        v = per_row(p, a, n)
         total += float(v.double().sum())
         count += v.numel()
     return total / max(1, count)

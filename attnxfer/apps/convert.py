@@ -19,12 +19,13 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, apply_overrides, dump_config
 from ..data import ResumableSampler, build_loader
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ..train.distributed import backend_for, joined_process_group, rank_and_world
-from ..train.measure import evaluate_top1, map_agreement, relative_speed
+from ..train.measure import evaluate_top1, map_agreement, operation_counts, relative_speed
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result, stage1_transfer
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
@@ -232,7 +233,11 @@ def _convert(
     stage1 = Stage1Result()
     if plan.stage1_steps > 0:
         folder = run_dir / "stage1"
-        resumed = _load_stage1(student, folder, plan) if cfg.checkpoint.resume != "none" else None
+        resumed = (
+            _load_stage1(student, folder, plan)
+            if ResumeFrom.parse(cfg.checkpoint.resume).policy is not ResumePolicy.FRESH
+            else None
+        )
         if resumed is not None:
             stage1 = resumed
             log(f"stage 1: resumed from {folder} ({stage1.steps} steps done earlier)")
@@ -284,6 +289,7 @@ def _convert(
         f"speed: student {speed['student_ms']:.2f} ms vs teacher {speed['teacher_ms']:.2f} ms per batch of "
         f"{speed['batch']} -> {speed['speedup']:.2f}x"
     )
+    operations = operation_counts(teacher, student, batch=1)
     seconds["total"] = time.monotonic() - t0
     final_stage = next(
         s for s in ("after_stage2", "after_stage1", "before_stage1") if measured[s] is not None
@@ -327,6 +333,7 @@ def _convert(
             for which in ("teacher_input", "end_to_end")
         },
         "speed": speed,
+        "operations": operations,
         "seconds": seconds,
     }
     if main:

@@ -472,12 +472,17 @@ def agreement_sentence(insp: Inspection) -> str:
             )
             continue
         lead = f"{name}: {copied} layers attend with the teacher's maps (JS 0); " if copied else f"{name}: "
-        ratio = f" ({mean_js / floor:.0f}x the floor)" if floor > 0 else ""
+        ratio = f" ({_times(mean_js / floor)} the floor)" if floor > 0 else ""
         parts.append(
             f"{lead}mean JS {mean_js:.3f}{ratio}, closest in layer {best[1]} ({best[0]:.3f}), furthest in "
             f"layer {worst[1]} ({worst[0]:.3f}); attention distance {dist:.1f} px."
         )
     return " ".join(parts)
+
+
+def _times(ratio: float) -> str:
+    """``12x``, ``3.4x``, ``0.52x``: two significant digits below 10, so a ratio under 1 never reads 0x."""
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
 
 
 def _mean_of(values: Sequence[float]) -> float:

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager, verify_checkpoint
+from ..checkpoints.resume_from import ResumeFrom
+from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
 from ..config import ConfigError, TrainConfig, config_keys, to_dict
 
 __all__ = ["RESUMABLE_KEYS", "check_resume", "config_changes", "resume_source"]
@@ -76,18 +77,10 @@ def config_changes(recorded: dict[str, Any], cfg: TrainConfig) -> tuple[list[str
 
 def resume_source(cfg: TrainConfig) -> Path | None:
     """The checkpoint dir ``cfg`` would resume from (cheap checks, no hashing), or None."""
-    mode = cfg.checkpoint.resume
-    if mode == "none":
-        return None
-    if mode == "auto":
-        info = CheckpointManager(cfg.run_dir).latest(verify_hash=False)
-        return None if info is None else info.path
-    if not Path(mode).exists():
-        raise FileNotFoundError(
-            f"checkpoint.resume={mode!r} does not exist; use auto, none, or a "
-            "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
-        )
-    return verify_checkpoint(mode, verify_hash=False).path
+    info = ResumeFrom.parse(cfg.checkpoint.resume).checkpoint(
+        CheckpointManager(cfg.run_dir), verify_hash=False
+    )
+    return None if info is None else info.path
 
 
 def check_resume(cfg: TrainConfig, log=print) -> Path | None:

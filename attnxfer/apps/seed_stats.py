@@ -54,7 +54,7 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
     ).to(device)
     model.eval()
     flags = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=precision.dtype, enabled=precision.autocasts)
     for x, y in parts.val_loader:
         with autocast:
             out = model(x.to(device))

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json, atomic_write_text
 from ..config import TrainConfig, dump_config, to_dict, validate_config
 from ..train.distributed import backend_for, barrier, joined_process_group
@@ -97,7 +98,7 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
             every_minutes=c.every_minutes,
             every_epoch=c.every_epoch,
             keep_last=c.keep_last,
-            resume=c.resume,
+            resume=ResumeFrom.parse(c.resume),
         ),
         eval_only=cfg.eval_only,
     )
@@ -216,12 +217,16 @@ def evaluate_run(cfg: TrainConfig, parts: RunParts | None = None) -> EvalResult:
     Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
     a checkpoint is refused (there is nothing trained to score).
     """
-    if cfg.checkpoint.resume == "auto" and CheckpointManager(cfg.run_dir).latest(verify_hash=False) is None:
+    resume = ResumeFrom.parse(cfg.checkpoint.resume)
+    if (
+        resume.policy is ResumePolicy.LATEST
+        and CheckpointManager(cfg.run_dir).latest(verify_hash=False) is None
+    ):
         raise CheckpointError(
             f"{cfg.run_dir} has no checkpoint to evaluate (no intact {cfg.run_dir}/checkpoints/step-*); "
             "train it first, or point -c at the config.yaml of a run that has checkpoints"
         )
-    if cfg.checkpoint.resume == "none":
+    if resume.policy is ResumePolicy.FRESH:
         raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
     with joined_process_group(backend_for(cfg.device)):
         engine = build_engine(cfg, parts, write_run_files=False)

@@ -19,6 +19,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,12 @@ from ..models.student import (
 from ..sources.teacher import TeacherRecord, drop_unused_entries, hub_reachable
 from ..transfer.plan import MODES
 from ..version import __version__
-from .store import CheckpointManager
+from .store import CheckpointManager, MetricMode
 
 __all__ = [
     "EXPORT_FILES",
+    "CheckpointChoice",
+    "ExportWeights",
     "ModelCardInfo",
     "card_license",
     "export_run",
@@ -509,24 +512,55 @@ def _step_of(ckpt: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
+class CheckpointChoice(StrEnum):
+    """Which checkpoint of a run to export."""
+
+    BEST = "best"  # the best validation metric the run recorded
+    LATEST = "latest"
+
+
+class ExportWeights(StrEnum):
+    """Which weights of a checkpoint to export."""
+
+    EMA = "ema"
+    RAW = "raw"
+
+    @property
+    def filename(self) -> str:
+        return "ema.safetensors" if self is ExportWeights.EMA else "model.safetensors"
+
+    @property
+    def other(self) -> ExportWeights:
+        return ExportWeights.RAW if self is ExportWeights.EMA else ExportWeights.EMA
+
+
+def _choice(enum: type[StrEnum], value: str, key: str) -> StrEnum:
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r}: choose {' or '.join(repr(m.value) for m in enum)}") from None
+
+
 def select_checkpoint(
-    run_dir: str | os.PathLike, which: str = "best", best_mode: str = "max"
+    run_dir: str | os.PathLike, which: CheckpointChoice | str = "best", best_mode: MetricMode | str = "max"
 ) -> tuple[Path, str]:
     """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
 
     ``best`` is the best validation metric the run recorded (val top-1; with ``best_mode="min"`` a loss,
     as MAE pre-training records); a run that recorded none exports its latest checkpoint and says so.
     """
-    if which not in ("best", "latest"):
-        raise ValueError(f"checkpoint={which!r}: choose 'best' or 'latest'")
+    which = _choice(CheckpointChoice, which, "checkpoint")
     manager = CheckpointManager(run_dir, best_mode=best_mode)
     latest = manager.latest()
     if latest is None:
         raise FileNotFoundError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
-    if which == "best":
+    if which is CheckpointChoice.BEST:
         best = manager.best()
         if best is not None and best.metric is not None:
-            what = f"val top-1 {best.metric:.2f}" if best_mode == "max" else f"val loss {best.metric:.4g}"
+            if manager.best_mode is MetricMode.MAX:
+                what = f"val top-1 {best.metric:.2f}"
+            else:
+                what = f"val loss {best.metric:.4g}"
             return best.path, f"{best.path.name} (best {what})"
         _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
         return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
@@ -562,8 +596,8 @@ def export_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    weights: str = "ema",
-    checkpoint: str = "best",
+    weights: ExportWeights | str = "ema",
+    checkpoint: CheckpointChoice | str = "best",
     push_to_hub: str | None = None,
     overwrite: bool = False,
     attn_layer: type | None = None,
@@ -583,8 +617,7 @@ def export_run(
         raise FileNotFoundError(
             f"{run_dir} has no run.json: not a training run's dir (or its run never got past the start)"
         )
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"weights={weights!r}: choose 'ema' or 'raw'")
+    weights = _choice(ExportWeights, weights, "weights")
     run = _read_json(run_dir / "run.json")
     if "student" not in run:
         raise ValueError(
@@ -598,12 +631,10 @@ def export_run(
             "projections. Export a distillation run, or fine-tune this student without the teacher first"
         )
     ckpt, why = select_checkpoint(run_dir, checkpoint, run.get("best_mode", "max"))
-    fname = "ema.safetensors" if weights == "ema" else "model.safetensors"
-    wfile = ckpt / fname
+    wfile = ckpt / weights.filename
     if not wfile.is_file():
-        other = "raw" if weights == "ema" else "ema"
         raise FileNotFoundError(
-            f"{wfile} does not exist (the run kept no {weights} weights); try weights={other!r}"
+            f"{wfile} does not exist (the run kept no {weights} weights); try weights={weights.other.value!r}"
         )
     student = student_from_spec(run["student"], attn_layer=attn_layer)
     state = load_file(str(wfile), device="cpu")

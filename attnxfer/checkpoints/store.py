@@ -51,8 +51,9 @@ import shutil
 import socket
 import warnings
 from collections.abc import Iterable, Mapping
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -65,6 +66,7 @@ __all__ = [
     "CheckpointManager",
     "CorruptCheckpointError",
     "CorruptCheckpointWarning",
+    "MetricMode",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -87,6 +89,21 @@ _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
 _HASH_CHUNK = 1 << 20
+
+
+class MetricMode(StrEnum):
+    """Whether a higher (``max``: accuracy) or lower (``min``: loss) selection metric is better."""
+
+    MAX = "max"
+    MIN = "min"
+
+    @property
+    def sign(self) -> int:
+        """+1 or -1: ``sign * metric`` is larger for better checkpoints."""
+        return 1 if self is MetricMode.MAX else -1
+
+    def better(self, value: float, than: float) -> bool:
+        return self.sign * value > self.sign * than
 
 
 class CheckpointError(RuntimeError):
@@ -467,13 +484,15 @@ class CheckpointManager:
         run_dir: str | os.PathLike,
         keep_last: int = 3,
         keep_best: bool = True,
-        best_mode: Literal["max", "min"] = "max",
+        best_mode: MetricMode | str = "max",
         verify_hash: bool = True,
     ):
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
-        if best_mode not in ("max", "min"):
-            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+        try:
+            best_mode = MetricMode(best_mode)
+        except ValueError:
+            raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}") from None
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS_SUBDIR
         self.keep_last = keep_last
@@ -529,8 +548,7 @@ class CheckpointManager:
         return next(iter(self._verified([i.path for i in candidates], self._hash_flag(verify_hash))), None)
 
     def _rank_key(self, info: CheckpointInfo) -> tuple[float, int]:
-        metric = info.metric if self.best_mode == "max" else -info.metric
-        return metric, info.step
+        return self.best_mode.sign * info.metric, info.step
 
     def load(
         self,

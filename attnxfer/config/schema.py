@@ -299,7 +299,7 @@ class Range:
 
     def describe(self) -> str:
         if self.choices is not None:
-            return "one of " + ", ".join(self.choices)
+            return "one of " + ", ".join(c for c in self.choices if c)
         parts = []
         if self.low is not None:
             parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
@@ -343,7 +343,7 @@ RANGES: dict[str, Range] = {
     "model.drop_path_rate": _OPEN_FRACTION,
     "model.mirror_teacher": _ANY,
     "model.kwargs": _ANY,
-    "model.global_pool": _ANY,  # one of CHOICES
+    "model.global_pool": Range(choices=("token", "avg", "max", "avgmax", "map", "")),  # timm's; "" = none
     "model.fc_norm": _ANY,
     "model.init": _ANY,
     "teacher.spec": _ANY,
@@ -376,7 +376,7 @@ RANGES: dict[str, Range] = {
     "aug.mixup_prob": _FRACTION,
     "aug.mixup_switch_prob": _FRACTION,
     "aug.reprob": _FRACTION,
-    "aug.remode": _ANY,  # one of CHOICES
+    "aug.remode": Range(choices=("const", "rand", "pixel")),
     "aug.recount": _AT_LEAST_1,
     "aug.auto_augment": _ANY,
     "optim.lr": _POSITIVE,
@@ -384,7 +384,7 @@ RANGES: dict[str, Range] = {
     "optim.min_lr": _NON_NEGATIVE,
     "optim.weight_decay": _NON_NEGATIVE,
     "optim.layer_decay": Range(0, 1, low_open=True),
-    "optim.layer_decay_rule": _ANY,  # one of CHOICES
+    "optim.layer_decay_rule": Range(choices=("timm", "attention_transfer")),
     "optim.beta1": _OPEN_FRACTION,
     "optim.beta2": _OPEN_FRACTION,
     "optim.eps": _POSITIVE,
@@ -613,19 +613,12 @@ def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
     )
 
 
-#: string keys with a closed set of values (checked when a config is loaded, so a typo never trains)
-CHOICES: dict[str, tuple[str | None, ...]] = {
-    "model.global_pool": (None, "token", "avg", "max", "avgmax", "map", ""),
-    "aug.remode": ("const", "rand", "pixel"),
-    "optim.layer_decay_rule": ("timm", "attention_transfer"),
-}
-
-
 def _check_choice(key: str, value: Any) -> None:
-    allowed = CHOICES.get(key)
-    if allowed is None or value in allowed:
+    """A key with a closed set of values (`RANGES`) is checked as the config loads, so a typo never trains."""
+    rule = RANGES.get(key, _ANY)
+    if rule.choices is None or rule.admits(value):
         return
-    names = [a for a in allowed if a]
+    names = [a for a in rule.choices if a]
     close = difflib.get_close_matches(str(value), names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}{hint}")

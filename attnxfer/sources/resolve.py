@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,9 @@ import torch
 __all__ = [
     "RESOLVERS",
     "WEIGHT_SUFFIXES",
+    "Origin",
     "Resolved",
+    "Source",
     "TeacherLoadError",
     "TeacherNotAvailable",
     "TeacherSpec",
@@ -80,11 +83,45 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint that can only be read by unpickling arbitrary Python objects."""
 
 
+class Source(StrEnum):
+    """The form of a spec: which resolver turns it into files."""
+
+    TIMM = "timm"
+    HF_HUB = "hf-hub"
+    LOCAL_DIR = "local-dir"
+    FILE = "file"
+
+    @property
+    def on_hub(self) -> bool:
+        """Fetched from the Hugging Face Hub (so a revision applies)."""
+        return self in (Source.TIMM, Source.HF_HUB)
+
+    @property
+    def is_local(self) -> bool:
+        """A folder or file on this machine: nothing to fetch."""
+        return self in (Source.LOCAL_DIR, Source.FILE)
+
+
+class Origin(StrEnum):
+    """Where a resolved model's weights came from (recorded in run.json and model cards)."""
+
+    TIMM_PRETRAINED = "timm-pretrained"
+    HUB = "hub"
+    LOCAL_DIR = "local-dir"
+    FILE = "file"
+    RANDOM_INIT = "random-init"  # built without weights (pretrained=False)
+
+    @property
+    def has_timm_metadata(self) -> bool:
+        """Comes with a timm pretrained config (input size, classes) that can be trusted; a bare file does not."""
+        return self is not Origin.FILE
+
+
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A parsed teacher spec: ``source`` is one of ``timm``, ``hf-hub``, ``local-dir``, ``file``."""
+    """A parsed teacher spec: where its weights come from, and the name or path there."""
 
-    source: str
+    source: Source
     name: str  # timm name (with tag), Hub repo id, or a path
     revision: str | None = None
 
@@ -105,14 +142,14 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
             raise ValueError(
                 f"teacher spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
             )
-        return TeacherSpec("hf-hub", repo, rev or revision)
+        return TeacherSpec(Source.HF_HUB, repo, rev or revision)
     if sep and prefix.lower() == "local-dir":
-        return TeacherSpec("local-dir", str(Path(rest).expanduser()))
+        return TeacherSpec(Source.LOCAL_DIR, str(Path(rest).expanduser()))
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
-        return TeacherSpec("file", str(Path(spec).expanduser()))
+        return TeacherSpec(Source.FILE, str(Path(spec).expanduser()))
     arch, _ = split_model_name_tag(spec)
     if timm.is_model(arch):
-        return TeacherSpec("timm", spec, revision)
+        return TeacherSpec(Source.TIMM, spec, revision)
     hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
     raise ValueError(
         f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
@@ -380,7 +417,7 @@ def _readme_license(path: str | None) -> str | None:
 class Resolved:
     """What a spec resolved to before any weights are read."""
 
-    source: str
+    source: Origin
     architecture: str  # timm name without tag
     pretrained_cfg: dict[str, Any]
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -421,7 +458,7 @@ def _resolve_timm(
 
     arch_name, _ = split_model_name_tag(spec.name)
     cfg = registry_cfg(spec.name)
-    res = Resolved("timm-pretrained", arch_name, cfg, license=cfg.get("license"))
+    res = Resolved(Origin.TIMM_PRETRAINED, arch_name, cfg, license=cfg.get("license"))
     if not pretrained:
         return res
     # The Hub copy is a native state dict even where the original URL is a foreign format (custom_load).
@@ -466,7 +503,7 @@ def _resolve_hub(spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, 
     cfg, architecture, model_args = _parse_timm_config(Path(cfg_path).parent)
     readme = _hub_file(label, spec.name, "README.md", spec.revision, cache_dir, required=False)
     res = Resolved(
-        "hub",
+        Origin.HUB,
         architecture,
         cfg,
         model_args=model_args,
@@ -494,7 +531,7 @@ def _resolve_local_dir(
         )
     cfg, architecture, model_args = _parse_timm_config(folder)
     res = Resolved(
-        "local-dir",
+        Origin.LOCAL_DIR,
         architecture,
         cfg,
         model_args=model_args,
@@ -540,7 +577,7 @@ def _resolve_file(
     cfg = registry_cfg(arch)
     # An untagged arch gets timm's default tag's preprocessing, which says nothing about this file's licence.
     return Resolved(
-        "file",
+        Origin.FILE,
         arch_name,
         cfg,
         weights=str(path),
@@ -550,11 +587,11 @@ def _resolve_file(
     )
 
 
-RESOLVERS: dict[str, Callable[..., Resolved]] = {
-    "timm": _resolve_timm,
-    "hf-hub": _resolve_hub,
-    "local-dir": _resolve_local_dir,
-    "file": _resolve_file,
+RESOLVERS: dict[Source, Callable[..., Resolved]] = {
+    Source.TIMM: _resolve_timm,
+    Source.HF_HUB: _resolve_hub,
+    Source.LOCAL_DIR: _resolve_local_dir,
+    Source.FILE: _resolve_file,
 }
 
 

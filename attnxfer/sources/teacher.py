@@ -35,7 +35,9 @@ import torch.nn as nn
 from ..models.attention import make_transfer_aware
 from ..models.vit import create_vit
 from .resolve import (
+    Origin,
     Resolved,
+    Source,
     TeacherLoadError,
     TeacherNotAvailable,
     TeacherSpec,
@@ -89,7 +91,7 @@ class TeacherRecord:
 
     spec: str
     architecture: str
-    source: str  # "timm-pretrained" | "hub" | "local-dir" | "file" | "random-init"
+    source: str  # an `Origin`: "timm-pretrained" | "hub" | "local-dir" | "file" | "random-init"
     hf_repo: str | None = None
     hf_revision: str | None = None
     hf_commit: str | None = None
@@ -174,7 +176,7 @@ def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
 
 def _checkpoint_classes(res: Resolved, sd: dict[str, torch.Tensor]) -> int:
     """Classes of the checkpoint's head: trusted metadata for timm-format sources, the tensors for files."""
-    if res.source != "file" and res.pretrained_cfg.get("num_classes") is not None:
+    if res.source.has_timm_metadata and res.pretrained_cfg.get("num_classes") is not None:
         return int(res.pretrained_cfg["num_classes"])
     w = sd.get(_classifier_names(res.pretrained_cfg)[0] + ".weight")
     return int(w.shape[0]) if w is not None else 0
@@ -261,11 +263,11 @@ def load_teacher(
             "load_teacher builds teachers with attnxfer's TransferAttention; don't pass attn_layer"
         )
     parsed = parse_teacher_spec(spec, revision)
-    if parsed.source not in ("hf-hub", "timm") and revision:
+    if not parsed.source.on_hub and revision:
         raise ValueError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
     res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
     if not pretrained:
-        res.weights, res.source = None, "random-init"
+        res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)
 
     state_dict, checkpoint_key, dropped = _read_weights(spec, res) if res.weights else ({}, None, [])
@@ -431,7 +433,7 @@ def _record(
         resampled = tuple(model.pos_embed.shape) != source_pos
         # Same token count, other grid (e.g. 8x2 vs 4x4): only timm-format metadata knows the source grid.
         src = res.model_args.get("img_size") or (
-            cfg.get("input_size", (0, 0, 0))[-2:] if res.source != "file" else None
+            cfg.get("input_size", (0, 0, 0))[-2:] if res.source.has_timm_metadata else None
         )
         if src is not None:
             src = (src, src) if isinstance(src, int) else tuple(src)
@@ -475,10 +477,10 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     parsed = parse_teacher_spec(spec, revision)
-    if parsed.source in ("local-dir", "file"):
+    if parsed.source.is_local:
         _logger.info("teacher %s is local: nothing to fetch", spec)
         return parsed.name
-    if parsed.source == "timm":
+    if parsed.source is Source.TIMM:
         cfg = registry_cfg(parsed.name)
         repo = cfg.get("hf_hub_id")
         if not repo:

@@ -21,6 +21,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .devices import Device
+
 _logger = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -122,15 +124,14 @@ def export_srun_environment() -> None:
     )
 
 
-def backend_for(device: str = "auto") -> str:
+def backend_for(device: Device | str = Device.AUTO) -> str:
     """The process-group backend for a run on ``device`` (the config's auto | cpu | cuda): nccl when the
     run uses CUDA, gloo otherwise -- also on a GPU node whose run was told ``device=cpu``."""
-    uses_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    return "nccl" if uses_cuda and dist.is_nccl_available() else "gloo"
+    return "nccl" if Device(device).uses_cuda and dist.is_nccl_available() else "gloo"
 
 
 def default_backend() -> str:
-    return backend_for("auto")
+    return backend_for(Device.AUTO)
 
 
 def _check_one_gpu_per_rank(info: DistributedInfo) -> None:

@@ -28,11 +28,13 @@ from tqdm.auto import tqdm
 
 from ..analysis import class_token_maps, layer_qk
 from ..analysis.pictures import class_token_figure, display_image, figure_array
+from ..checkpoints.resume_from import ResumeFrom
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
     STATE_NAME,
     CheckpointError,
     CheckpointManager,
+    MetricMode,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
     verify_checkpoint,
@@ -167,7 +169,12 @@ class CheckpointPolicy:
     every_minutes: float | None = None
     every_epoch: bool = True
     keep_last: int = 3
-    resume: str = "auto"  # auto | none | a checkpoint directory
+    resume: ResumeFrom | str = (
+        "auto"  # parsed into a ResumeFrom: the config's auto | none | a checkpoint directory
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ class LoopSettings:
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     eval_only: bool = False
     metric: str = "val_top1"  # what "best" means: a key of the evaluation's results...
-    metric_mode: str = "max"  # ...and whether higher (max) or lower (min) is better
+    metric_mode: MetricMode | str = MetricMode.MAX  # ...and whether higher (max) or lower (min) is better
 
 
 Evaluator = Callable[[nn.Module, Any, Any], dict[str, float]]
@@ -330,22 +337,10 @@ class Engine:
         )
 
     def resume(self) -> None:
-        mode = self.settings.checkpoint.resume
-        if mode == "none":
+        info = self.settings.checkpoint.resume.checkpoint(self.ckpt)
+        if info is None:
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
             return
-        if mode == "auto":
-            info = self.ckpt.latest()
-            if info is None:
-                self.metrics.truncate_after(0)
-                return
-        else:
-            if not Path(mode).exists():
-                raise FileNotFoundError(
-                    f"checkpoint.resume={mode!r} does not exist; use auto, none, or a "
-                    "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
-                )
-            info = verify_checkpoint(mode)
         tensors, state = self.ckpt.load(info)
         try:
             self.student.load_state_dict(tensors["model"])
@@ -429,8 +424,7 @@ class Engine:
 
     def evaluate_checkpoint(self) -> dict[str, float]:
         """Load the checkpoint to evaluate (newest, or ``checkpoint.resume=PATH``) and score it; writes nothing."""
-        mode = self.settings.checkpoint.resume
-        if mode == "none" or (mode == "auto" and self.ckpt.latest() is None):
+        if self.settings.checkpoint.resume.checkpoint(self.ckpt, verify_hash=False) is None:
             raise CheckpointError(self.no_checkpoint_message())
         self.metrics.enabled = False  # resume must not touch the run's metrics
         self.resume()
@@ -480,7 +474,7 @@ class Engine:
     def _is_better(self, value: float) -> bool:
         if self.best is None:
             return True
-        return value > self.best if self.settings.metric_mode == "max" else value < self.best
+        return MetricMode(self.settings.metric_mode).better(value, self.best)
 
     def run(self) -> TrainResult:
         s, acc = self.settings, self.accelerator

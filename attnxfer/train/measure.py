@@ -1,4 +1,4 @@
-"""Measuring a student against its teacher: per-layer map agreement, top-1, relative speed.
+"""Measuring a student against its teacher: per-layer map agreement, top-1, relative speed, operation counts.
 
 All three sum over the ranks of a joined process group, so every rank may call them on its share.
 """
@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 
 from ..analysis import layer_agreement
-from ..models.attention import attention_name_of, capture_attention
+from ..models.attention import TransferAttention, attention_name_of, capture_attention
 from ..models.efficient import check_softmax_teacher
 from ..transfer.map_losses import default_map_loss, output_mse
 from .distributed import sum_over_ranks
 
-__all__ = ["evaluate_top1", "map_agreement", "relative_speed"]
+__all__ = ["evaluate_top1", "map_agreement", "operation_counts", "relative_speed"]
 
 #: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
 _INPUTS = {"teacher": False, "own": True}
@@ -151,6 +151,33 @@ def relative_speed(
         "device": x.device.type,
         "threads": torch.get_num_threads(),
     }
+
+
+def _layer_counts(attn: nn.Module, tokens: int, batch: int):
+    counter = getattr(attn, "operation_counts", None)
+    if counter is None:  # timm's plain Attention is softmax attention
+        return TransferAttention.operation_counts(attn, tokens, batch)
+    return counter(tokens, batch)
+
+
+def operation_counts(teacher: nn.Module, student: nn.Module, batch: int = 1) -> dict[str, Any]:
+    """Per block, multiplications / additions of the student's and the teacher's attention cores at the
+    teacher's token count (`attnxfer.models.attention.opcount`), and the totals; a layer whose attention
+    does not count its operations gets None (and the totals None)."""
+    tokens = _tokens(teacher)
+    rows, totals = [], {"teacher": {}, "student": {}}
+    for i, (t_blk, s_blk) in enumerate(zip(teacher.blocks, student.blocks, strict=True)):
+        row = {"layer": i, "attention": attention_name_of(s_blk.attn)}
+        for who, blk in (("teacher", t_blk), ("student", s_blk)):
+            counts = _layer_counts(blk.attn, tokens, batch) if tokens else None
+            row[who] = counts.to_dict() if counts is not None else None
+            for key, value in (row[who] or {}).items():
+                if totals[who] is not None:
+                    totals[who][key] = totals[who].get(key, 0) + value
+            if counts is None:
+                totals[who] = None
+        rows.append(row)
+    return {"tokens": tokens, "batch": batch, "layers": rows, "total": totals}
 
 
 def _tokens(model: nn.Module) -> int | None:

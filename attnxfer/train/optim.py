@@ -21,14 +21,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any
 
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-__all__ = ["LAYER_DECAY_RULES", "student_param_groups"]
+__all__ = ["LAYER_DECAY_RULES", "LayerDecayRule", "student_param_groups"]
 
-LAYER_DECAY_RULES = ("timm", "attention_transfer")
+
+class LayerDecayRule(StrEnum):
+    """Who gets which power of the layer decay (see the module docstring)."""
+
+    TIMM = "timm"
+    ATTENTION_TRANSFER = "attention_transfer"
+
+    @property
+    def shifts_one_layer_up(self) -> bool:
+        """Every group one power of the decay higher (the last block at the full lr)."""
+        return self is LayerDecayRule.ATTENTION_TRANSFER
+
+
+LAYER_DECAY_RULES = tuple(LayerDecayRule)
 
 
 def student_param_groups(
@@ -36,14 +50,16 @@ def student_param_groups(
     weight_decay: float = 0.05,
     layer_decay: float | None = None,
     no_weight_decay: Iterable[str] = (),
-    layer_decay_rule: str = "timm",
+    layer_decay_rule: LayerDecayRule | str = LayerDecayRule.TIMM,
 ) -> list[dict[str, Any]]:
     """Param groups for AdamW; ``model`` is a student ViT (plain timm or ours) or a `DualViT` (its
     student is used). ``layer_decay_rule`` picks the convention above (``timm`` or ``attention_transfer``)."""
-    if layer_decay_rule not in LAYER_DECAY_RULES:
+    try:
+        rule = LayerDecayRule(layer_decay_rule)
+    except ValueError:
         raise ValueError(
             f"layer_decay_rule must be one of {', '.join(LAYER_DECAY_RULES)}, got {layer_decay_rule!r}"
-        )
+        ) from None
     student = getattr(model, "student", model)
     skip = set(no_weight_decay)
     if hasattr(student, "no_weight_decay"):
@@ -52,7 +68,7 @@ def student_param_groups(
         groups = param_groups_layer_decay(
             student, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay
         )
-        if layer_decay_rule == "attention_transfer":
+        if rule.shifts_one_layer_up:
             groups = [dict(g, lr_scale=_one_layer_up(g["lr_scale"], layer_decay)) for g in groups]
     else:
         groups = param_groups_weight_decay(student, weight_decay=weight_decay, no_weight_decay_list=skip)

@@ -13,31 +13,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from .devices import TORCH_DTYPES, Device, Precision, resolve_device, resolve_precision, teacher_dtype
 from .distributed import backend_for, init_distributed
 
-__all__ = ["TORCH_DTYPES", "Runtime", "create_runtime", "resolve_device", "resolve_precision", "set_seed"]
-
-#: names a user writes for dtypes (config: teacher.dtype); "auto" is decided by the device
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA when one is visible, else CPU; ``cuda`` without a GPU is a clear error."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` trains bf16 on GPU and fp32 on CPU."""
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    if precision not in _MIXED:
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    return precision
+__all__ = [
+    "TORCH_DTYPES",
+    "Device",
+    "Precision",
+    "Runtime",
+    "create_runtime",
+    "resolve_device",
+    "resolve_precision",
+    "set_seed",
+    "teacher_dtype",
+]
 
 
 def set_seed(seed: int) -> None:
@@ -52,7 +41,7 @@ class Runtime:
     """The accelerator (devices, DDP, autocast) and this process's place in the job."""
 
     accelerator: Any
-    precision: str
+    precision: Precision
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +61,10 @@ class Runtime:
 
 
 def create_runtime(
-    device: str = "auto", precision: str = "auto", accum_steps: int = 1, deterministic: bool = False
+    device: Device | str = Device.AUTO,
+    precision: Precision | str = Precision.AUTO,
+    accum_steps: int = 1,
+    deterministic: bool = False,
 ) -> Runtime:
     """Join the process group (gloo for device=cpu even on a GPU node; a clear error where ranks
     would share a GPU), then let accelerate own devices, DDP and autocast."""
@@ -84,14 +76,8 @@ def create_runtime(
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator(
-        cpu=target.type != "cuda", mixed_precision=_MIXED[precision], gradient_accumulation_steps=accum_steps
+        cpu=target.type != "cuda",
+        mixed_precision=precision.accelerate_name,
+        gradient_accumulation_steps=accum_steps,
     )
     return Runtime(accelerator, precision)
-
-
-def teacher_dtype(name: str, precision: str | None = None) -> torch.dtype | None:
-    """The teacher's dtype for a config name. ``auto`` follows the run's resolved ``precision`` (so
-    ``precision=fp32`` runs the teacher in fp32 too); without one, None = decided by the device."""
-    if name != "auto":
-        return TORCH_DTYPES[name]
-    return TORCH_DTYPES.get(precision) if precision else None

@@ -120,7 +120,7 @@ def stage1_transfer(
                 )
                 if not torch.isfinite(loss):
                     raise NonFiniteLossError(
-                        f"stage 1: non-finite {layer.loss} loss in block {layer.layer} "
+                        f"stage 1: non-finite {layer.objective or layer.loss} loss in block {layer.layer} "
                         f"({layer.attention}) at step {step}; lower convert.stage1_lr or set "
                         "convert.stage1_clip_grad"
                     )

@@ -72,6 +72,9 @@ class LayerConversion:
     loss: MapLoss | None  # None for softmax layers, which are the teacher's already
     trainable: list[str] = field(default_factory=list)
     num_trainable: int = 0
+    #: the attention's own stage-1 objective (``fit_objective``), which replaces the map loss as what
+    #: stage 1 minimises; ``loss`` then only names the agreement metric logged beside it
+    objective: str | None = None
 
 
 @dataclass
@@ -116,8 +119,13 @@ class ConversionPlan:
                     f"    block {layer.layer}: softmax (the teacher's own attention; nothing to fit)"
                 )
                 continue
+            fits = (
+                f"objective {layer.objective} (metric {layer.loss.metric})"
+                if layer.objective
+                else f"loss {layer.loss}"
+            )
             lines.append(
-                f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) loss {layer.loss}, trains "
+                f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) {fits}, trains "
                 f"{layer.num_trainable:,} values"
                 + (f" in {', '.join(_short(n) for n in layer.trainable)}" if layer.trainable else "")
             )
@@ -203,7 +211,9 @@ def build_conversion_plan(
         loss = check_map_loss(map_loss, kind, where=f"convert.map_loss for block {i} ({name}): ")
         tensors = _stage1_tensors(attn, train, f"blocks.{i}.attn")
         count = sum(int(p.numel() if m is None else m.sum().item() * p[0].numel()) for _, p, m in tensors)
-        layers.append(LayerConversion(i, name, kind, loss, [n for n, _, _ in tensors], count))
+        layers.append(
+            LayerConversion(i, name, kind, loss, [n for n, _, _ in tensors], count, attn.fit_objective)
+        )
     plan = ConversionPlan(
         layers, stage1_steps, stage1_lr, stage1_batch_size, train, output_mse, dict(attention_kwargs or {})
     )
@@ -220,14 +230,35 @@ def build_conversion_plan(
 def layer_fit_loss(
     attn: nn.Module, layer: LayerConversion, signals: dict[str, torch.Tensor], output_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stage 1's loss for one layer on the teacher's input, and its agreement metric (KL, map MSE or output MSE)."""
+    """Stage 1's loss for one layer on the teacher's input, and its agreement metric (KL, map MSE or output MSE).
+
+    The loss is the layer's map loss (by map kind), unless its attention declares an objective of its own
+    (``fit_objective``, e.g. hashing's kernelised hashing loss): then that, with the map metric beside it.
+    """
     x = signals["input"]
-    if layer.loss is MapLoss.OUTPUT:
+    if layer.loss is MapLoss.OUTPUT and not layer.objective:
         loss = output_mse(attn(x), signals["output"])
         return loss, loss.detach()
     own = attn.project(x, "qk")
+    if layer.objective:
+        loss = attn.fit_loss(own["q"], own["k"], signals["q"], signals["k"])
+        with torch.no_grad():
+            metric = _objective_metric(attn, layer, own, signals)
+        if output_weight:
+            loss = loss + output_weight * output_mse(attn(x), signals["output"])
+        return loss, metric
     res = map_distillation_loss(attn, own["q"], own["k"], signals["q"], signals["k"], layer.loss)
     loss = res.loss
     if output_weight:
         loss = loss + output_weight * output_mse(attn(x), signals["output"])
     return loss, res.metric
+
+
+def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> torch.Tensor:
+    """The map agreement logged beside an attention's own objective (no gradient)."""
+    if layer.loss is MapLoss.OUTPUT:
+        return output_mse(attn(signals["input"]), signals["output"]).detach()
+    res = map_distillation_loss(
+        attn, own["q"].detach(), own["k"].detach(), signals["q"], signals["k"], layer.loss
+    )
+    return res.metric

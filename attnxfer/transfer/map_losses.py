@@ -58,6 +58,7 @@ __all__ = [
 class MapLoss(str, Enum):
     """A way to compare a student layer with its teacher; its value is the config's name for it."""
 
+    AUTO = "auto"  # the default for the student layer's map kind (`DEFAULT_MAP_LOSS`)
     CE = "ce"
     MSE = "mse"
     OUTPUT = "output"
@@ -204,6 +205,7 @@ DEFAULT_MAP_LOSS: dict[MapKind, MapLoss] = {
 MAP_LOSSES: dict[MapLoss, tuple[MapKind, ...]] = {
     loss: tuple(kind for kind in MapKind if (kind, loss) in MAP_LOSS_RULES or loss is MapLoss.OUTPUT)
     for loss in MapLoss
+    if loss is not MapLoss.AUTO
 }
 
 
@@ -215,14 +217,14 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
     """``loss`` ('auto' resolves by kind) as a `MapLoss` if it applies to ``kind``, else a ValueError saying
     what does. This is where a config's loss name becomes data."""
     kind = MapKind(kind)
-    if loss == "auto":
-        return default_map_loss(kind)
     try:
         loss = MapLoss(loss)
     except ValueError:
         raise ValueError(
-            f"unknown map loss {loss!r}; choose one of auto, {', '.join(m.value for m in MapLoss)}"
+            f"unknown map loss {loss!r}; choose one of {', '.join(m.value for m in MapLoss)}"
         ) from None
+    if loss is MapLoss.AUTO:
+        return default_map_loss(kind)
     if kind not in MAP_LOSSES[loss]:
         fits = [name.value for name, kinds in MAP_LOSSES.items() if kind in kinds]
         why = {

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .numerics import fp32_section, row_chunk, row_slices, upcast
+from .opcount import OpCounts
 
 __all__ = [
     "BASE_OPTIONS",
@@ -253,6 +254,9 @@ class TransferableAttention(nn.Module):
     gate: nn.Module | None = None
     num_prefix_tokens: int | None = None
     grid_size: tuple[int, int] | None = None
+    #: Name of this attention's own stage-1 objective (``fit_loss``), or None: stage 1 then fits the map
+    #: with the loss its map kind takes (`attnxfer.transfer.map_losses`), the default for every family.
+    fit_objective: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -436,6 +440,21 @@ class TransferableAttention(nn.Module):
         if not self.map_kind.has_map:
             raise TypeError(f'{type(self).__name__} has no attention map (map_kind "none")')
         return self.attend(q, k, v)
+
+    # ----------------------------------------------------------------- own objective, cost
+    def fit_loss(
+        self, q: torch.Tensor, k: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor
+    ) -> torch.Tensor:
+        """This attention's own stage-1 objective (declared by ``fit_objective``) on its (q, k) and a
+        softmax teacher's (q_t, k_t), all (B, H, N, d): a differentiable scalar. Attentions whose new
+        parameters a map loss cannot train (binary codes have no gradient) declare one."""
+        raise NotImplementedError(f"{type(self).__name__} declares no stage-1 objective of its own")
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts | None:
+        """Multiplications / additions of one ``attend`` call on ``batch`` x ``num_tokens`` tokens, counted
+        from the attention's own algorithm (conventions in `attnxfer.models.attention.opcount`); None
+        where the attention does not count them."""
+        return None
 
     # ----------------------------------------------------------------- maps
     def attention_map(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from .interface import MapKind, TransferableAttention
+from .opcount import OpCounts, matmul_ops, softmax_ops
 from .registry import register_attention
 
 __all__ = ["SOFTMAX", "TransferAttention", "explicit_attention_map", "make_transfer_aware", "sdpa"]
@@ -81,6 +82,13 @@ class TransferAttention(TransferableAttention, Attention):
             dropout_p=self.attn_drop.p if self.training else 0.0,
             is_causal=is_causal,
         )
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per (batch, head): q / sqrt(d) (N d), q k^T, the row softmax (max and exp as ``other``, the
+        shift, the row sums, N^2 divisions), and P v."""
+        n, d = num_tokens, self.head_dim
+        per_head = OpCounts(mul=n * d) + matmul_ops(n, d, n) + softmax_ops(n, n) + matmul_ops(n, n, d)
+        return per_head * (batch * self.num_heads)
 
     def _map_context(self, q, k):
         return q * q.shape[-1] ** -0.5, k

@@ -24,6 +24,7 @@ window_linear      row_stochastic  window softmax + kernel scores outside, one n
 nystrom            signed          Nystrom landmarks, iterative pseudo-inverse
 linformer          signed          learned sequence projections E, F (fixed N)
 hydra              none            Hydra: per-channel cosine kernel
+hashing            row_stochastic  EcoFormer: b-bit binary codes of q, k; Hamming-affinity kernel
 formula:<prog>     row_stochastic  a kernel attention from a program (formula.py); ``len`` programs: signed
 =================  ==============  =============================================================
 
@@ -53,6 +54,7 @@ from .base import EfficientAttention
 from .cosformer import CosFormerAttention
 from .focused import FocusedLinearAttention
 from .formula import FormulaAttention
+from .hashing import HashingAttention
 from .hedgehog import HedgehogAttention
 from .hydra import HydraAttention
 from .linear import ELULinearAttention, ReLULinearAttention
@@ -78,6 +80,7 @@ __all__ = [
     "EfficientAttention",
     "FocusedLinearAttention",
     "FormulaAttention",
+    "HashingAttention",
     "HedgehogAttention",
     "HydraAttention",
     "LinformerAttention",

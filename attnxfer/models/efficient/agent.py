@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind, as_grid
+from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 from .tokens import grid_to_image
@@ -92,3 +93,16 @@ class AgentAttention(EfficientAttention):
     def _map_rows(self, context, rows):
         queries_to_agents, agent_to_keys = context
         return queries_to_agents[:, :, rows] @ agent_to_keys
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per (batch, head), n agents: pooled from the grid queries (segment sums and means); scaled agents
+        and queries; agents -> keys and queries -> agents logits plus their position biases, two softmaxes;
+        the two products with v. (Resizing the biases to the grid does not depend on the batch: left out.)"""
+        n_tok, d = num_tokens, self.head_dim
+        _, (gh, gw) = self.token_layout(num_tokens)
+        n = self.agent_grid[0] * self.agent_grid[1]
+        pooling = OpCounts(add=(gh * gw - n) * d, mul=n * d)
+        to_keys = OpCounts(mul=n * d, add=n * n_tok) + matmul_ops(n, d, n_tok) + softmax_ops(n, n_tok)
+        to_agents = OpCounts(mul=n_tok * d, add=n_tok * n) + matmul_ops(n_tok, d, n) + softmax_ops(n_tok, n)
+        products = matmul_ops(n, n_tok, d) + matmul_ops(n_tok, n, d)
+        return (pooling + to_keys + to_agents + products) * (batch * self.num_heads)

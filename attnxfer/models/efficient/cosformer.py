@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .kernels import KernelAttention, add_scalar
 
@@ -36,3 +37,10 @@ class CosFormerAttention(KernelAttention):
 
     def key_features(self, k):
         return self.positional_features(k)
+
+    def feature_counts(self, num_tokens):
+        """Per q and k: relu (other), + eps (add), times cos and sin of the position (2 N d mul; the N
+        angles' cos / sin as other); m = 2d."""
+        n, d = num_tokens, self.head_dim
+        one = OpCounts(mul=2 * n * d, add=n * d, other=n * d + 2 * n)
+        return 2 * one, 2 * d

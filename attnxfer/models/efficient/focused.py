@@ -12,10 +12,13 @@ The convolution starts at zero so a fresh student begins as the pure focused ker
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .kernels import KernelAttention
 from .tokens import grid_to_image, image_to_grid
@@ -38,6 +41,13 @@ def depthwise_grid_conv(
         groups=d,
     )
     return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
+
+
+def grid_conv_counts(num_tokens: int, grid: Sequence[int], d: int, kernel_size: int) -> OpCounts:
+    """One (batch, head) of `depthwise_grid_conv`: k x k taps over the grid tokens, its bias, and the
+    addition of the result to the N x d output."""
+    taps, cells = kernel_size**2, grid[0] * grid[1]
+    return OpCounts(mul=cells * d * taps, add=cells * d * (taps - 1) + cells * d + num_tokens * d)
 
 
 @register_attention("focused_linear")
@@ -89,3 +99,18 @@ class FocusedLinearAttention(KernelAttention):
 
     def _attend(self, q, k, v):
         return self._attend_mapped(q, k, v) + self.local_term(v)
+
+    def feature_counts(self, num_tokens):
+        """Per q and k: relu (other) + eps, / softplus(scale) (N d div), |x| (N d mul, N (d - 1) add, N sqrt),
+        / max (N (d - 1) comparisons, N d div), ^p (other), renormalised (|.| again, N d div, N d mul); m = d."""
+        n, d = num_tokens, self.head_dim
+        norm = OpCounts(mul=n * d, add=n * (d - 1), other=n)
+        one = OpCounts(mul=4 * n * d, add=n * d, other=2 * n * d + n * (d - 1)) + 2 * norm
+        return 2 * one, d
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """The kernel core plus the depthwise k x k conv of v over the grid tokens and its addition."""
+        core = super().operation_counts(num_tokens, batch)
+        _, grid = self.token_layout(num_tokens)
+        conv = grid_conv_counts(num_tokens, grid, self.head_dim, self.kernel_size)
+        return core + conv * (batch * self.num_heads)

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention, register_attention_family
-from .focused import depthwise_grid_conv
+from .focused import depthwise_grid_conv, grid_conv_counts
 from .formula_grammar import (
     HAND_DESIGNED,
     PREFIX,
@@ -43,18 +44,20 @@ from .formula_grammar import (
     random_formula,
     step_width,
 )
-from .kernels import add_scalar, linear_readout, linear_state, scaled_for_kernel
+from .kernels import add_scalar, kernel_core_counts, linear_readout, linear_state, scaled_for_kernel
 from .window import WindowAttention, WindowLinearAttention
 
 __all__ = [
     "FIXED_OPS",
     "HAND_DESIGNED",
     "LEARNED_OPS",
+    "STEP_COUNTS",
     "FeatureChain",
     "Formula",
     "FormulaAttention",
     "FormulaSyntaxError",
     "InvalidFormula",
+    "chain_counts",
     "check_formula",
     "crossover",
     "formula_attention_class",
@@ -163,6 +166,49 @@ LEARNED_OPS: dict[str, Callable[..., nn.Module]] = {
     ),
     "lscale": lambda op, heads, width, **dd: LearnedScale(heads, width, **dd),
 }
+
+
+def _focus_counts(n: int, w: int) -> OpCounts:
+    """As focused linear's map without its relu and scale: |x| (N w mul, N (w - 1) add, N sqrt), / max
+    (N (w - 1) comparisons, N w div), ^p (other), renormalised (|.| again, N w div, N w mul)."""
+    norm = OpCounts(mul=n * w, add=n * (w - 1), other=n)
+    return OpCounts(mul=3 * n * w, other=n * w + n * (w - 1)) + 2 * norm
+
+
+#: Operations of each op on the N x w features of one (batch, head), by name: (N, w, arg) -> counts, with the
+#: conventions of `attnxfer.models.attention.opcount` (the + eps of positive ops is an addition).
+STEP_COUNTS: dict[str, Callable[[int, int, float | None], OpCounts]] = {
+    "relu": lambda n, w, a: OpCounts(add=n * w, other=n * w),
+    "elu1": lambda n, w, a: OpCounts(add=n * w, other=n * w),
+    "exp": lambda n, w, a: OpCounts(add=n * w, other=2 * n * w),  # clamp, exp
+    "softplus": lambda n, w, a: OpCounts(add=n * w, other=n * w),
+    "square": lambda n, w, a: OpCounts(mul=n * w, add=n * w),
+    "softmax": lambda n, w, a: softmax_ops(n, w) + OpCounts(add=n * w),
+    "neg": lambda n, w, a: OpCounts(),  # a sign flip, folded into the next op (as Hedgehog's count has it)
+    "scale": lambda n, w, a: OpCounts(mul=n * w),
+    "l2": lambda n, w, a: OpCounts(mul=2 * n * w, add=n * (w - 1), other=n),  # squares, sum, sqrt, divide
+    "pow": lambda n, w, a: OpCounts(other=2 * n * w),  # |x|^p, sign
+    "focus": lambda n, w, a: _focus_counts(n, w),
+    "cos": lambda n, w, a: OpCounts(mul=2 * n * w, other=2 * n),  # x cos t, x sin t; the angles' cos, sin
+    "proj": lambda n, w, a: (
+        matmul_ops(n, w, w if a is None else int(a)) + OpCounts(add=n * (w if a is None else int(a)))
+    ),
+    "lscale": lambda n, w, a: OpCounts(mul=n * w),  # / softplus(s), s per channel (not per token)
+}
+
+
+def chain_counts(chain: tuple[Step, ...], num_tokens: int, width: int, head_dim: int) -> tuple[OpCounts, int]:
+    """Operations of a feature chain on one (batch, head)'s N x ``width`` input, and its output width."""
+    total = OpCounts()
+    for step in chain:
+        if isinstance(step, Cat):
+            left, lw = chain_counts(step.left, num_tokens, width, head_dim)
+            right, rw = chain_counts(step.right, num_tokens, width, head_dim)
+            total, width = total + left + right, lw + rw
+            continue
+        total = total + STEP_COUNTS[step.name](num_tokens, width, step.arg)
+        width = step_width(step, width, head_dim)
+    return total, width
 
 
 class _Fixed(nn.Module):
@@ -316,6 +362,30 @@ class FormulaAttention(WindowLinearAttention):
         if self.formula.row_stochastic:
             return scores / scores.sum(dim=-1, keepdim=True)
         return scores / phi_k.shape[-2]
+
+    # -- cost
+    def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int]:
+        """Operations of one (batch, head)'s q and k features (`STEP_COUNTS`), and the feature width."""
+        one, m = chain_counts(self.formula.features, num_tokens, self.head_dim, self.head_dim)
+        return 2 * one, m
+
+    def windowed_feature_counts(self, tokens: int) -> tuple[OpCounts, int]:
+        return self.feature_counts(tokens)
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """The features and the linear core (a ``len`` program divides by N where ``sum`` divides by the row
+        normaliser: the same count), or the window hybrid's (as `WindowLinearAttention`), plus the ``conv``
+        term's depthwise conv over the grid (as focused linear)."""
+        if self.formula.window is not None:
+            total = WindowLinearAttention.operation_counts(self, num_tokens, batch)
+        else:
+            features, m = self.feature_counts(num_tokens)
+            total = (features + kernel_core_counts(num_tokens, self.head_dim, m)) * (batch * self.num_heads)
+        if self.formula.conv is not None:
+            _, grid = self.token_layout(num_tokens)
+            conv = grid_conv_counts(num_tokens, grid, self.head_dim, self.formula.conv)
+            total = total + conv * (batch * self.num_heads)
+        return total
 
     def extra_repr(self) -> str:
         layout = ""

@@ -8,7 +8,7 @@ softmax maps (the LoLCATs recipe).
 from __future__ import annotations
 
 from ..attention.registry import register_attention
-from .kernels import HedgehogFeatures, KernelAttention
+from .kernels import FEATURE_MAPS, HedgehogFeatures, KernelAttention
 
 __all__ = ["HedgehogAttention"]
 
@@ -36,3 +36,6 @@ class HedgehogAttention(KernelAttention):
 
     def key_features(self, k):
         return self.feature_map_k.blocks(k, self.eps)
+
+    def feature_counts(self, num_tokens):
+        return FEATURE_MAPS["hedgehog"].counts(num_tokens, self.head_dim, self.feature_dim)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
@@ -42,3 +43,12 @@ class HydraAttention(EfficientAttention):
         global_context = (k * v).sum(dim=1, keepdim=True)  # (B, 1, C)
         out = self.channel_gain.to(q.dtype) * (C / N) * q * global_context
         return out.reshape(B, N, H, d).transpose(1, 2)
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per image, over C = H d channels: L2-normalising q and k (squares, sums, sqrt, divisions), the
+        global context sum_n k * v, the gain times C / N, and its product with every q."""
+        n, c = num_tokens, self.attn_dim
+        normalise = 2 * OpCounts(mul=2 * n * c, add=n * (c - 1), other=n)
+        context = OpCounts(mul=n * c, add=(n - 1) * c)
+        output = OpCounts(mul=2 * c + 2 * n * c)
+        return (normalise + context + output) * batch

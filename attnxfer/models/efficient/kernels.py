@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.opcount import OpCounts, matmul_ops
 from .base import EfficientAttention
 
 #: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
@@ -92,6 +93,12 @@ def linear_map_rows(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum(dim=-1, keepdim=True)
 
 
+def kernel_core_counts(n: int, d: int, m: int) -> OpCounts:
+    """One (batch, head) of the linear core on m features: the key state phi(k)^T [v, 1] (m x (d + 1)), the
+    read-out phi(q) [KV | z] and N d divisions."""
+    return matmul_ops(m, n, d + 1) + matmul_ops(n, m, d + 1) + OpCounts(mul=n * d)
+
+
 class KernelAttention(EfficientAttention):
     """Base for attentions of the form phi(q) phi(k)^T, row-normalised.
 
@@ -115,6 +122,19 @@ class KernelAttention(EfficientAttention):
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """phi(q), phi(k) (B, H, N, m) as single tensors."""
         return tuple(torch.cat(_as_blocks(f), dim=-1) for f in self.feature_blocks(q, k))
+
+    def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int] | None:
+        """Operations of one (batch, head)'s q and k features, and the feature width m; None: not counted."""
+        return None
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts | None:
+        """Per (batch, head): the features (``feature_counts``), the key state phi(k)^T [v, 1] (m x (d + 1)),
+        the read-out phi(q) [KV | z] and N d divisions."""
+        counted = self.feature_counts(num_tokens)
+        if counted is None:
+            return None
+        features, m = counted
+        return (features + kernel_core_counts(num_tokens, self.head_dim, m)) * (batch * self.num_heads)
 
     def _attend(self, q, k, v):
         # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
@@ -199,6 +219,8 @@ class FeatureMapKind:
 
     build: Callable[..., tuple[nn.Module, nn.Module]]
     learned: bool
+    #: (tokens, head dim, feature dim or None) -> (operations of the q and k features, their width)
+    counts: Callable[[int, int, int | None], tuple[OpCounts, int]] | None = None
 
 
 def _shared(module: type[nn.Module]) -> Callable[..., tuple[nn.Module, nn.Module]]:
@@ -213,11 +235,29 @@ def _hedgehog_pair(num_heads, head_dim, feature_dim=None, device=None, dtype=Non
     return tuple(HedgehogFeatures(num_heads, head_dim, feature_dim, device=device, dtype=dtype) for _ in "qk")
 
 
+def _relu_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
+    """relu (other) and + eps (add) on the N d entries of q and of k; width d."""
+    return OpCounts(add=2 * n * d, other=2 * n * d), d
+
+
+def _elu_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
+    """d^-1/4 scaling (mul), elu (other) and + 1 + eps (add) on the N d entries of q and of k; width d."""
+    return OpCounts(mul=2 * n * d, add=2 * n * d, other=2 * n * d), d
+
+
+def _hedgehog_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
+    """Per q and k: x W + b (N d m multiply-adds), softmax of both signs over m, + eps; width 2m."""
+    m = m or d
+    softmax = OpCounts(mul=n * m, add=n * m + n * (m - 1) + n * m, other=n * m + n * (m - 1))
+    one = matmul_ops(n, d, m) + OpCounts(add=n * m) + 2 * softmax
+    return 2 * one, 2 * m
+
+
 #: The feature maps an attention can name (e.g. the window+linear hybrid's ``kernel`` option).
 FEATURE_MAPS: dict[str, FeatureMapKind] = {
-    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False),
-    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False),
-    "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True),
+    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False, counts=_relu_counts),
+    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False, counts=_elu_counts),
+    "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True, counts=_hedgehog_counts),
 }
 
 

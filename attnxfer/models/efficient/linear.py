@@ -8,7 +8,7 @@ No new parameters: these students start exactly from the teacher's q/k projectio
 from __future__ import annotations
 
 from ..attention.registry import register_attention
-from .kernels import ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
+from .kernels import FEATURE_MAPS, ELUFeatures, KernelAttention, ReLUFeatures, scaled_for_kernel
 
 __all__ = ["ELULinearAttention", "ReLULinearAttention"]
 
@@ -26,6 +26,9 @@ class ReLULinearAttention(KernelAttention):
 
     key_features = query_features
 
+    def feature_counts(self, num_tokens):
+        return FEATURE_MAPS["relu"].counts(num_tokens, self.head_dim)
+
 
 @register_attention("elu_linear")
 class ELULinearAttention(KernelAttention):
@@ -39,3 +42,6 @@ class ELULinearAttention(KernelAttention):
         return self.feature_map(scaled_for_kernel(q, self.head_dim))
 
     key_features = query_features
+
+    def feature_counts(self, num_tokens):
+        return FEATURE_MAPS["elu"].counts(num_tokens, self.head_dim)

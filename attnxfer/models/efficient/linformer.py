@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
@@ -83,6 +84,14 @@ class LinformerAttention(EfficientAttention):
     def _map_rows(self, context, rows):
         scores, value_proj = context
         return scores[:, :, rows] @ value_proj
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per (batch, head): E k and F v (2 k N d multiply-adds), q / sqrt(d), q (E k)^T, an N x k softmax,
+        and its product with F v."""
+        n, d, kl = num_tokens, self.head_dim, self.proj_len
+        per_head = 2 * matmul_ops(kl, n, d) + OpCounts(mul=n * d) + matmul_ops(n, d, kl)
+        per_head = per_head + softmax_ops(n, kl) + matmul_ops(n, kl, d)
+        return per_head * (batch * self.num_heads)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, seq_len={self.seq_len}, proj_len={self.proj_len}"

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.interface import MapKind
+from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
@@ -72,3 +73,19 @@ class NystromAttention(EfficientAttention):
     def _map_rows(self, context, rows):
         left, right = context
         return left[:, :, rows] @ right
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per (batch, head), m landmarks: q / sqrt(d); segment means of q and k; the three softmax factors
+        (N x m, m x m, m x N); the pseudo-inverse (norms, then per iteration four m x m x m products, three
+        dense subtractions from multiples of I and a scaling); F (pinv (B v))."""
+        n, d = num_tokens, self.head_dim
+        m = min(self.num_landmarks, n)
+        pooling = 2 * OpCounts(add=(n - m) * d, mul=m * d)
+        factors = matmul_ops(n, d, m) + softmax_ops(n, m) + matmul_ops(m, d, m) + softmax_ops(m, m)
+        factors = factors + matmul_ops(m, d, n) + softmax_ops(m, n)
+        norms = OpCounts(add=2 * m * (m - 1), mul=m * m + 1, other=2 * m * m + 2 * (m - 1))
+        iteration = 4 * matmul_ops(m, m, m) + OpCounts(add=3 * m * m, mul=m * m + 3 * m)
+        pinv = norms + self.pinv_iterations * iteration
+        product = matmul_ops(m, n, d) + matmul_ops(m, m, d) + matmul_ops(n, m, d)
+        per_head = OpCounts(mul=n * d) + pooling + factors + pinv + product
+        return per_head * (batch * self.num_heads)

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from ..attention.opcount import OpCounts, matmul_ops
 from ..attention.registry import register_attention
 from .kernels import KernelAttention, add_scalar
 
@@ -132,6 +133,16 @@ class PerformerAttention(KernelAttention):
         half_sq_norm = k.pow(2).sum(-1, keepdim=True).mul_(0.5 / self.head_dim**0.5 * _LOG2E)
         exponent = (k @ self._projection(k.dtype)).sub_(half_sq_norm)
         return add_scalar(_stabilised_exp2(exponent, dims=(-2, -1)), self.eps)
+
+    def feature_counts(self, num_tokens):
+        """q and k through the (pre-scaled) projection (2 N d m multiply-adds); keys' |k|^2 / 2 (N d mul,
+        N (d - 1) add, N mul) subtracted (N m add); per q and k the stabiliser (max: other, shift: add),
+        exp2 (other) and + eps (add)."""
+        n, d, m = num_tokens, self.head_dim, self.num_features
+        projections = 2 * matmul_ops(n, d, m)
+        key_norm = OpCounts(mul=n * d + n, add=n * (d - 1) + n * m)
+        stabilised = OpCounts(add=2 * n * m, other=n * (m - 1) + 2 * n * m) + OpCounts(other=n * m - 1)
+        return projections + key_norm + stabilised + OpCounts(add=2 * n * m), m
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}"

@@ -18,6 +18,7 @@ Prefix queries use exact softmax rows, as in window attention.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind, as_grid
+from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 from .kernels import build_feature_map, feature_map_kind, scaled_for_kernel
@@ -81,6 +83,31 @@ class WindowAttention(EfficientAttention):
         if p:
             out = torch.cat([self._prefix_rows(q, k, v, p, dropout_p), out], dim=-2)
         return out
+
+    # -- cost
+    def _window_shape(self, num_tokens: int) -> tuple[int, int, int]:
+        """(prefix tokens, windows, tokens per window) as the forward partitions the (padded) grid."""
+        p, (gh, gw) = self.token_layout(num_tokens)
+        wh, ww = self.window_size
+        return p, math.ceil(gh / wh) * math.ceil(gw / ww), wh * ww
+
+    def _prefix_counts(self, num_tokens: int, p: int) -> OpCounts:
+        """Exact softmax rows of the prefix tokens over all N keys."""
+        d = self.head_dim
+        return (
+            OpCounts(mul=p * d)
+            + matmul_ops(p, d, num_tokens)
+            + softmax_ops(p, num_tokens)
+            + matmul_ops(p, num_tokens, d)
+        )
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per (batch, head): in each (padded) window, L queries against the p prefix + L window keys
+        (scaling, logits, softmax, product with v); the prefix rows over all keys."""
+        p, windows, L = self._window_shape(num_tokens)
+        d, keys = self.head_dim, p + L
+        window = OpCounts(mul=L * d) + matmul_ops(L, d, keys) + softmax_ops(L, keys) + matmul_ops(L, keys, d)
+        return (windows * window + self._prefix_counts(num_tokens, p)) * (batch * self.num_heads)
 
     # -- maps
     def _local_mask(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -194,6 +221,26 @@ class WindowLinearAttention(WindowAttention):
         kernel_weights = gamma * (phi_q[:, :, rows] @ phi_k.transpose(-2, -1))
         weights = torch.where(local, local_weights, kernel_weights)
         return weights / weights.sum(dim=-1, keepdim=True)
+
+    def windowed_feature_counts(self, tokens: int) -> tuple[OpCounts, int]:
+        """Operations of the kernel features of ``tokens`` windowed q and k rows, and the feature width."""
+        return self.feature_kind.counts(tokens, self.head_dim, self.feature_dim)
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per (batch, head): the window softmax's numerator and denominator (as `WindowAttention`, the
+        division deferred); kernel features of the windowed q and k (masked keys); per window the feature
+        state [KV | z], its total over windows minus the window's own, the read-out times gamma added to
+        the window's numerator / denominator; one division per output entry; the prefix rows."""
+        p, windows, L = self._window_shape(num_tokens)
+        d, keys = self.head_dim, p + L
+        local = OpCounts(mul=L * d) + matmul_ops(L, d, keys) + matmul_ops(L, keys, d)
+        local = local + OpCounts(add=L * keys + L * (keys - 1), other=L * (keys - 1) + L * keys)
+        features, m = self.windowed_feature_counts(windows * L)
+        per_window = matmul_ops(m, L, d + 1) + OpCounts(mul=L * m, add=m * (d + 1))  # state, key mask
+        per_window = per_window + matmul_ops(L, m, d + 1) + OpCounts(mul=L * (d + 1) + L * d, add=L * (d + 1))
+        totals = OpCounts(add=(windows - 1) * m * (d + 1))
+        per_head = windows * (local + per_window) + features + totals + self._prefix_counts(num_tokens, p)
+        return per_head * (batch * self.num_heads)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kernel={self.kernel!r}"

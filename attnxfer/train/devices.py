@@ -1,0 +1,89 @@
+"""Where a run executes and in which precision: the config's words as data, decided in one place.
+
+``Device`` and ``Precision`` are `StrEnum`s, so the config's strings convert once (``Device("auto")``) and
+every later decision reads a member or a property, never a string.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import torch
+
+__all__ = ["TORCH_DTYPES", "Device", "Precision", "resolve_device", "resolve_precision", "teacher_dtype"]
+
+
+class Device(StrEnum):
+    """The config's ``device``: ``auto`` is CUDA when one is visible, else CPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+    @property
+    def uses_cuda(self) -> bool:
+        return self is Device.CUDA or (self is Device.AUTO and torch.cuda.is_available())
+
+
+class Precision(StrEnum):
+    """The config's ``precision``; ``auto`` is bf16 on GPU and fp32 on CPU (see `resolve_precision`)."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self]
+
+    @property
+    def accelerate_name(self) -> str:
+        """accelerate's ``mixed_precision`` for this precision."""
+        return "no" if self is Precision.FP32 else self.value
+
+    @property
+    def autocasts(self) -> bool:
+        """Whether forwards run under a lower-precision autocast."""
+        return self in (Precision.BF16, Precision.FP16)
+
+
+#: names a user writes for dtypes (config: teacher.dtype, precision); "auto" is decided by the device
+TORCH_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+def _member(enum: type[StrEnum], value: str, what: str) -> StrEnum:
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{what} must be one of {', '.join(m.value for m in enum)}, got {value!r}") from None
+
+
+def resolve_device(device: Device | str) -> torch.device:
+    """``auto`` is CUDA when one is visible, else CPU; ``cuda`` without a GPU is a clear error."""
+    device = _member(Device, device, "device")
+    if device is Device.CUDA and not torch.cuda.is_available():
+        raise ValueError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
+    if device.uses_cuda:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: Precision | str, device: torch.device) -> Precision:
+    """``auto`` trains bf16 on GPU and fp32 on CPU."""
+    precision = _member(Precision, precision, "precision")
+    if precision is Precision.AUTO:
+        return Precision.BF16 if device.type == "cuda" else Precision.FP32
+    return precision
+
+
+def teacher_dtype(name: Precision | str, precision: Precision | str | None = None) -> torch.dtype | None:
+    """The teacher's dtype for a config name. ``auto`` follows the run's resolved ``precision`` (so
+    ``precision=fp32`` runs the teacher in fp32 too); without one, None = decided by the device."""
+    name = _member(Precision, name, "teacher.dtype")
+    if name is not Precision.AUTO:
+        return name.dtype
+    if not precision:
+        return None
+    precision = _member(Precision, precision, "precision")
+    return None if precision is Precision.AUTO else precision.dtype
