@@ -110,6 +110,23 @@ TABLE: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "convert.agreement_batches": (NUM, False, False, None),
     "convert.speed_batch_size": (NUM, False, False, None),
     "convert.speed_repeats": (NUM, False, False, None),
+    "search.seeds": ("{a: 1}", None, None, None),
+    "search.population": (NUM, False, False, "1"),
+    "search.offspring": (NUM, False, False, None),
+    "search.generations": (NUM, True, False, None),
+    "search.crossover_prob": (NUM, True, False, "1.5"),
+    "search.layers": ("3", False, False, "[0, -1]"),
+    "search.fit_steps": (NUM, False, False, None),
+    "search.fit_lr": (NUM, False, False, None),
+    "search.fit_train": (STR, False, False, "all"),
+    "search.fit_batches": (NUM, False, False, None),
+    "search.held_out_images": (NUM, False, False, None),
+    "search.target_tokens": (NUM, False, False, "1"),
+    "search.speed": (STR, False, False, "fast"),
+    "search.speed_repeats": (NUM, False, False, None),
+    "search.min_speed": (NUM, True, False, None),
+    "search.time_budget_min": (NUM, False, False, None),
+    "search.convert_recipe": (STR, None, None, None),
 }
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "OptimConfig",
     "Range",
     "ScheduleConfig",
+    "SearchConfig",
     "TeacherConfig",
     "TrainConfig",
     "TransferConfig",
@@ -220,6 +221,34 @@ class MAEConfig:
 
 
 @dataclass
+class SearchConfig:
+    """`attnxfer search`: evolutionary search over formula attentions for the teacher (teacher/data sections).
+
+    A candidate's fitness is its held-out map KL after ``fit_steps`` of stage 1 on the teacher's cached
+    hidden inputs (data.batch_size images a batch, ``fit_batches`` distinct batches) and its speed as
+    one attention layer at ``target_tokens`` tokens relative to softmax.
+    """
+
+    seeds: list[str] | None = None  # formulas of generation 0; null = the hand-designed zoo as formulas
+    population: int = 16  # kept per generation (NSGA-II)
+    offspring: int = 16  # new children per generation
+    generations: int = 12  # after generation 0
+    crossover_prob: float = 0.5  # else mutation
+    layers: list[int] | None = None  # layers the candidate replaces and is scored on; null = all
+    fit_steps: int = 40  # stage-1 steps per candidate
+    fit_lr: float = 1e-2
+    fit_train: str = "new+qk"  # what stage 1 trains (as convert.stage1_train)
+    fit_batches: int = 4  # distinct training batches cached (cycled through fit_steps)
+    held_out_images: int = 128  # validation images the KL is measured on
+    target_tokens: int = 3137  # speed of one layer at this many tokens (class token + 56x56 grid)
+    speed: str = "time"  # time (measured wall clock) | flops (counted; deterministic)
+    speed_repeats: int = 5  # timed runs of candidate and softmax, interleaved (median)
+    min_speed: float = 1.0  # the winner is the best fit among front members at least this fast
+    time_budget_min: float | None = None  # stop starting generations after this many minutes
+    convert_recipe: str = "convert/demo_hedgehog"  # the recipe the winner's convert command starts from
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
     seed: int = 0
@@ -241,6 +270,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     mae: MAEConfig = field(default_factory=MAEConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def __str__(self) -> str:
         return dump_config(self)
@@ -395,6 +425,23 @@ RANGES: dict[str, Range] = {
     "convert.agreement_batches": _AT_LEAST_1,
     "convert.speed_batch_size": _AT_LEAST_1,
     "convert.speed_repeats": _AT_LEAST_1,
+    "search.seeds": _ANY,  # formula programs, parsed when the search starts (errors name the position)
+    "search.population": Range(2),
+    "search.offspring": _AT_LEAST_1,
+    "search.generations": _NON_NEGATIVE,
+    "search.crossover_prob": _FRACTION,
+    "search.layers": _NON_NEGATIVE,
+    "search.fit_steps": _AT_LEAST_1,
+    "search.fit_lr": _POSITIVE,
+    "search.fit_train": Range(choices=("new", "qk", "new+qk")),
+    "search.fit_batches": _AT_LEAST_1,
+    "search.held_out_images": _AT_LEAST_1,
+    "search.target_tokens": Range(2),
+    "search.speed": Range(choices=("time", "flops")),
+    "search.speed_repeats": _AT_LEAST_1,
+    "search.min_speed": _NON_NEGATIVE,
+    "search.time_budget_min": _POSITIVE,
+    "search.convert_recipe": _ANY,
 }
 
 

@@ -27,6 +27,7 @@ examples:
   attnxfer eval  -c runs/my-run/config.yaml
   attnxfer pretrain -c demo/mae_pretrain                  # MAE pre-training, no labels -> RUN_DIR/export
   attnxfer convert -c convert/demo_hedgehog                # softmax teacher -> Hedgehog student + report
+  attnxfer search -c search/demo                          # discover a formula attention for the teacher
   attnxfer inspect local-dir:runs/demo/teacher/export runs/demo/distill --data animal_mnist
   attnxfer submit -c paper/vit_large_distill data.root=/data/imagenet --nodes 8 --gpus-per-node 8
   attnxfer submit --command convert -c convert/vit_base_mae_performer data.root=/data/imagenet --gpus-per-node 8
@@ -244,6 +245,39 @@ def _cmd_convert(args) -> int:
         f"({fmt(r['recovered_pct'])}% of the teacher's), speed {r['speed']['speedup']:.2f}x -> "
         f"{result.run_dir}/report.md"
     )
+    return 0
+
+
+@register_command("search")
+def _search_parser(sub):
+    from .search_array import add_array_arguments
+
+    p = sub.add_parser(
+        "search",
+        help="discover an efficient formula attention for a teacher (evolutionary, fit vs speed Pareto front)",
+        description="Evolutionary search over formula attentions (the search section), seeded with the "
+        "hand-designed zoo: each candidate is fitted to the teacher's maps by a short stage 1 and scored by its "
+        "held-out map KL and its speed at search.target_tokens. Writes RUN_DIR/candidates.jsonl, pareto.md, "
+        "pareto.png and the convert command of the winner; running the same command again continues. "
+        "With --array-tasks K each generation is evaluated as a SLURM job array of K tasks.",
+    )
+    _add_config_args(p)
+    add_array_arguments(p)
+    p.set_defaults(func=_cmd_search)
+
+
+def _cmd_search(args) -> int:
+    from ..apps.search import search
+
+    cfg = _load(args)
+    evaluate = None
+    if args.array_tasks:
+        from .search_array import array_evaluator
+
+        evaluate = array_evaluator(cfg, args)
+    result = search(cfg, evaluate=evaluate)
+    n = len(result.state.candidates)
+    print(f"done: {n} candidates, {len(result.front)} on the Pareto front -> {result.run_dir}/pareto.md")
     return 0
 
 

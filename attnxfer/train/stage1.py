@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -60,7 +60,7 @@ def stage1_transfer(
     teacher: nn.Module,
     student: nn.Module,
     plan: ConversionPlan,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[torch.Tensor] | Iterator[Mapping[int, Mapping[str, torch.Tensor]]],
     *,
     warmup_steps: int = 0,
     weight_decay: float = 0.0,
@@ -72,7 +72,9 @@ def stage1_transfer(
 
     Only the tensors the plan names get gradients (q/k rows of a fused qkv through a row mask, with no
     weight decay, so the v rows stay bit-identical); the student runs in eval mode (fixed random
-    features, no dropout). ``batches`` yields input images (already on the models' device).
+    features, no dropout). ``batches`` yields input images (already on the models' device), or the
+    teacher's signals per layer (``teacher_signals``'s result) that a caller computed once and reuses
+    (`attnxfer.search` fits hundreds of candidates to the same teacher inputs).
     """
 
     result = Stage1Result()
@@ -97,6 +99,7 @@ def stage1_transfer(
         ("output",) if plan.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in plan.active) else ()
     )
     layers = plan.active
+    device = next(student.parameters()).device
     start = time.monotonic()
     window: list[float] = []
     try:
@@ -104,8 +107,12 @@ def stage1_transfer(
             lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            x = next(batches)
-            signals = teacher_signals(teacher, x, [layer.layer for layer in layers], fields)
+            item = next(batches)
+            signals = (
+                item
+                if isinstance(item, Mapping)
+                else teacher_signals(teacher, item, [layer.layer for layer in layers], fields)
+            )
             total, metrics = 0.0, {}
             for layer in layers:
                 loss, metric = layer_fit_loss(
@@ -131,7 +138,7 @@ def stage1_transfer(
             if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
                 # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
                 _, world = rank_and_world()
-                logged = sum_over_ranks([sum(window) / len(window), *metrics.values()], x.device)
+                logged = sum_over_ranks([sum(window) / len(window), *metrics.values()], device)
                 loss_mean, metrics = logged[0] / world, dict(zip(metrics, (v / world for v in logged[1:])))
                 rec = {
                     "step": step + 1,

@@ -1,0 +1,422 @@
+"""`attnxfer search`: discover a formula attention for the teacher (the config becomes `attnxfer.search` objects).
+
+Reads the teacher and data sections (as `attnxfer convert`) and the ``search`` section; writes into RUN_DIR:
+
+- ``state.json``: the search's state (every candidate, the population, the config), written atomically
+  after each generation; running the same command again continues from it (a changed config is refused);
+- ``candidates.jsonl``: every candidate (formula, origin, fit KL, speed, status and the rejection reason);
+- ``pareto.md`` + ``pareto.png``: the Pareto front (fit vs speed, the zoo members marked), the top formulas,
+  and the `attnxfer convert` command for the winner.
+
+Candidates are evaluated here, or by any ``evaluate(names) -> results`` a caller passes (the SLURM job
+array of `attnxfer.launch.search_array` calls `evaluate_batch` in each task).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from ..checkpoints.store import atomic_write_json, atomic_write_text
+from ..config import ConfigError, TrainConfig, config_keys, to_dict
+from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
+from ..search import (
+    PREFIX,
+    CandidateEvaluator,
+    FitSettings,
+    SearchSettings,
+    SearchState,
+    SpeedSettings,
+    cache_teacher,
+    pareto_front,
+    run_search,
+)
+from ..train.runtime import resolve_device
+from .run_parts import build_run_parts
+
+__all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "search_settings"]
+
+STATE = "state.json"
+_VERSION = 1
+
+#: ``search.*`` (and other) keys a rerun may change: how long it goes on and how it reports
+RESUMABLE_KEYS = ("search.generations", "search.time_budget_min", "search.min_speed", "search.convert_recipe")
+_ANYWAY = ("log.", "data.num_workers", "data.pin_memory", "teacher.cache_dir", "run_dir")
+
+
+@dataclass
+class SearchResult:
+    run_dir: str
+    state: SearchState
+    front: list[dict[str, Any]]
+    winner: dict[str, Any] | None
+    command: str | None
+
+
+# ----------------------------------------------------------------------------------------------- objects
+def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
+    """label -> ``formula:...`` of generation 0; an unparsable seed stops here, naming the position."""
+    if cfg.search.seeds is None:
+        return dict(HAND_DESIGNED)
+    by_text = {v: k for k, v in HAND_DESIGNED.items()}
+    seeds: dict[str, str] = {}
+    for i, text in enumerate(cfg.search.seeds):
+        program = text[len(PREFIX) :] if text.startswith(PREFIX) else text
+        try:
+            formula = parse_formula(program)
+        except FormulaSyntaxError as e:
+            raise ConfigError(f"search.seeds[{i}]: {e}") from None
+        name = PREFIX + str(formula)
+        seeds[by_text.get(name, f"seed{i}")] = name
+    return seeds
+
+
+def _layers(cfg: TrainConfig, depth: int) -> list[int]:
+    layers = list(range(depth)) if cfg.search.layers is None else sorted(set(cfg.search.layers))
+    bad = [i for i in layers if i >= depth]
+    if bad or not layers:
+        raise ConfigError(f"search.layers={cfg.search.layers}: the teacher has blocks 0..{depth - 1}")
+    return layers
+
+
+def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSettings:
+    s = cfg.search
+    attn = teacher.blocks[0].attn
+    grid = tuple(teacher.patch_embed.grid_size)
+    return SearchSettings(
+        population=s.population,
+        offspring=s.offspring,
+        generations=s.generations,
+        crossover_prob=s.crossover_prob,
+        seed=cfg.seed,
+        head_dim=attn.qkv.out_features // (3 * attn.num_heads),
+        grid=(int(grid[0]), int(grid[1])),
+        seeds=_seed_formulas(cfg),
+    )
+
+
+def _images(loader, count: int | None, batches: int | None) -> list[torch.Tensor]:
+    out, taken = [], 0
+    for i, (x, _) in enumerate(loader):
+        if batches is not None and i >= batches:
+            break
+        if count is not None:
+            x = x[: count - taken]
+        out.append(x)
+        taken += x.shape[0]
+        if count is not None and taken >= count:
+            break
+    return out
+
+
+def build_evaluator(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[CandidateEvaluator, Any]:
+    """The teacher, its cached signals and the fitness settings of ``cfg`` as one evaluator (and the parts)."""
+    if not cfg.teacher.spec:
+        raise ValueError("attnxfer search needs a teacher: set teacher.spec (timm name, hf-hub:, local-dir:)")
+    # The data comes with the teacher's normalisation; the "student" of the run parts is the teacher itself
+    # (each candidate is a copy of it with the formula swapped in).
+    parts = build_run_parts(cfg, student_fn=lambda teacher, num_classes: teacher)
+    teacher = parts.teacher
+    device = resolve_device(cfg.device)
+    teacher.to(device=device, dtype=torch.float32).eval()
+    layers = _layers(cfg, len(teacher.blocks))
+    s = cfg.search
+    fit_images = [x.to(device) for x in _images(parts.train_loader, None, s.fit_batches)]
+    held_out = [x.to(device) for x in _images(parts.val_loader, s.held_out_images, None)]
+    if len(fit_images) < s.fit_batches:
+        raise ValueError(
+            f"search.fit_batches={s.fit_batches} batches of data.batch_size={cfg.data.batch_size} is more "
+            f"than the training set holds ({len(fit_images)} batches); lower either"
+        )
+    cache = cache_teacher(teacher, fit_images, held_out, layers)
+    fit = FitSettings(steps=s.fit_steps, lr=s.fit_lr, train=s.fit_train, seed=cfg.seed)
+    speed = SpeedSettings(tokens=s.target_tokens, mode=s.speed, repeats=s.speed_repeats)
+    return CandidateEvaluator(teacher, cache, fit, speed), parts
+
+
+def evaluate_batch(cfg: TrainConfig, names: list[str]) -> list[dict[str, Any]]:
+    """Evaluate ``names`` from scratch in this process: what one task of a SLURM job array runs."""
+    evaluator, _ = build_evaluator(cfg, log=lambda _: None)
+    return [evaluator(name) for name in names]
+
+
+# ----------------------------------------------------------------------------------------------- resume
+def _may_change(key: str) -> bool:
+    return key in RESUMABLE_KEYS or any(key == k or (k.endswith(".") and key.startswith(k)) for k in _ANYWAY)
+
+
+def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> SearchState | None:
+    path = run_dir / STATE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}; move it away to start a new search") from None
+    recorded, new = data.get("config", {}), to_dict(cfg)
+    refused = []
+    for key in config_keys():
+        known, old = _leaf(recorded, key)
+        if known and old != _leaf(new, key)[1] and not _may_change(key):
+            refused.append(f"{key} ({old!r} -> {_leaf(new, key)[1]!r})")
+    if refused:
+        raise ConfigError(
+            f"{run_dir} already holds a search (generation {data['state']['generation']}) run with different "
+            f"values for: {'; '.join(refused)}. These cannot change when a search resumes; nothing was "
+            "written. To search with the new values, use a new run_dir=...; to continue this search, drop them "
+            f"(its config is in {path})"
+        )
+    state = SearchState.from_dict(data["state"])
+    log(f"search: resuming {path} after generation {state.generation} ({len(state.candidates)} candidates)")
+    return state
+
+
+def _save(cfg: TrainConfig, run_dir: Path, state: SearchState) -> None:
+    atomic_write_json(
+        run_dir / STATE, {"version": _VERSION, "config": to_dict(cfg), "state": state.to_dict()}
+    )
+    lines = [json.dumps(c, sort_keys=True) for c in state.candidates.values()]
+    atomic_write_text(run_dir / "candidates.jsonl", "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- budget
+def _check_time_budget(cfg: TrainConfig, evaluator: CandidateEvaluator, settings: SearchSettings) -> float:
+    """Seconds one candidate takes here (fit + speed of the first seed); refuses a budget it cannot fit."""
+    first = next(iter(settings.seeds.values()))
+    start = time.monotonic()
+    evaluator(first)
+    seconds = time.monotonic() - start
+    budget = cfg.search.time_budget_min
+    if budget is not None and budget * 60.0 < seconds:
+        raise ConfigError(
+            f"search.time_budget_min={budget:g} ({budget * 60:.1f} s) cannot fit one candidate: fitting and "
+            f"timing one ({first}) took {seconds:.1f} s here (search.fit_steps={cfg.search.fit_steps}, "
+            f"search.speed_repeats={cfg.search.speed_repeats}). Raise search.time_budget_min to at least "
+            f"{seconds / 60 * 2:.2g}, or lower search.fit_steps; nothing was written"
+        )
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------- reports
+def winner_of(front: list[dict[str, Any]], min_speed: float) -> dict[str, Any] | None:
+    """The best fit among front members at least ``min_speed`` times as fast as softmax (else the best fit)."""
+    fast = [c for c in front if c["speed"] >= min_speed] or front
+    return min(fast, key=lambda c: c["kl"]) if fast else None
+
+
+def convert_command(cfg: TrainConfig, winner: dict[str, Any]) -> str:
+    parts = [
+        "attnxfer",
+        "convert",
+        "-c",
+        cfg.search.convert_recipe,
+        f"teacher.spec={cfg.teacher.spec}",
+        f"convert.attention={winner['formula']}",
+        f"convert.stage1_train={cfg.search.fit_train}",
+        f"run_dir={Path(cfg.run_dir) / 'winner'}",
+    ]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _zoo_label(c: dict[str, Any]) -> str:
+    return c["origin"][4:] if c["origin"].startswith("zoo:") else ""
+
+
+def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, command, top: int = 10) -> str:
+    s = cfg.search
+    unit = "x softmax (FLOPs)" if s.speed == "flops" else "x softmax (time)"
+    cands = list(state.candidates.values())
+    ok = state.evaluated
+    before = [c for c in cands if c["status"] == "rejected" and c["reason"].startswith("before training")]
+    at_fit = [c for c in cands if c["status"] == "rejected" and not c["reason"].startswith("before training")]
+    lines = [
+        f"# Formula search: {cfg.teacher.spec}",
+        "",
+        f"{len(cands)} candidates after generation {state.generation}: {len(ok)} fitted, {len(before)} rejected "
+        f"before training, {len(at_fit)} rejected at fit time; {state.duplicates} duplicates not re-evaluated; "
+        f"{state.seconds / 60:.1f} min.",
+        f"Fit: held-out map KL(teacher ‖ candidate) (nats per row, mean over layers "
+        f"{s.layers if s.layers is not None else 'all'}) after {s.fit_steps} stage-1 steps (trains "
+        f"{s.fit_train}, lr {s.fit_lr:g}) on {s.held_out_images} held-out images. Speed: one attention layer at "
+        f"{s.target_tokens} tokens, {unit}, > 1 is faster.",
+        "",
+        "## Pareto front (fit vs speed)",
+        "",
+        "| formula | KL | speed | origin |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| `{c['formula']}` | {c['kl']:.4f} | {c['speed']:.2f} | {c['origin']} |" for c in front]
+    lines += [
+        "",
+        f"## Top {top} formulas by fit",
+        "",
+        "| formula | KL | speed | origin |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [
+        f"| `{c['formula']}` | {c['kl']:.4f} | {c['speed']:.2f} | {c['origin']} |"
+        for c in sorted(ok, key=lambda c: c["kl"])[:top]
+    ]
+    zoo = [c for c in cands if _zoo_label(c)]
+    lines += [
+        "",
+        "## The hand-designed zoo as formulas",
+        "",
+        "| member | formula | KL | speed |",
+        "|---|---|---:|---:|",
+    ]
+    for c in zoo:
+        kl, sp = (f"{c['kl']:.4f}", f"{c['speed']:.2f}") if c["status"] == "ok" else ("rejected", c["reason"])
+        lines.append(f"| {_zoo_label(c)} | `{c['formula']}` | {kl} | {sp} |")
+    if winner is not None:
+        lines += [
+            "",
+            "## Winner",
+            "",
+            f"`{winner['formula']}`: KL {winner['kl']:.4f}, speed {winner['speed']:.2f} (the best fit on the front "
+            f"among members at least {s.min_speed:g}x as fast as softmax). Convert the teacher with it:",
+            "",
+            "```bash",
+            command,
+            "```",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def draw_pareto(state: SearchState, front: list[dict[str, Any]], speed_mode: str) -> Figure:
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ok = state.evaluated
+    ax.scatter([c["speed"] for c in ok], [c["kl"] for c in ok], s=14, c="0.7", label="candidates")
+    ax.plot(
+        [c["speed"] for c in front], [c["kl"] for c in front], "o-", c="tab:red", ms=5, label="Pareto front"
+    )
+    for c in ok:
+        if _zoo_label(c):
+            ax.scatter([c["speed"]], [c["kl"]], marker="*", s=120, c="tab:blue", zorder=3)
+            ax.annotate(
+                _zoo_label(c), (c["speed"], c["kl"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
+    ax.scatter([], [], marker="*", s=120, c="tab:blue", label="hand-designed zoo")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"speed vs softmax, one layer ({speed_mode}; right is faster)")
+    ax.set_ylabel("held-out map KL after stage 1 (lower fits better)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_reports(cfg: TrainConfig, run_dir: Path, state: SearchState) -> tuple[list, Any, str | None]:
+    front = pareto_front(state)
+    winner = winner_of(front, cfg.search.min_speed)
+    command = convert_command(cfg, winner) if winner is not None else None
+    atomic_write_text(run_dir / "pareto.md", render_pareto_md(cfg, state, front, winner, command))
+    if front:
+        draw_pareto(state, front, cfg.search.speed).savefig(run_dir / "pareto.png")
+    return front, winner, command
+
+
+# ----------------------------------------------------------------------------------------------- the app
+def search(
+    cfg: TrainConfig,
+    *,
+    evaluate: Callable[[list[str]], list[dict[str, Any]]] | None = None,
+    log: Callable[[str], None] = print,
+) -> SearchResult:
+    """Run (or continue) the search ``cfg`` describes; ``evaluate`` replaces evaluation in this process."""
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.run_dir)
+    state = _load_state(cfg, run_dir, log) or SearchState()
+    evaluator, parts = build_evaluator(cfg, log)
+    settings = search_settings(cfg, parts.teacher)
+    log(
+        f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
+        f"{settings.generations} generations after the {len(settings.seeds)} seeds; candidates fitted "
+        f"{cfg.search.fit_steps} stage-1 steps on layers {evaluator.cache.layers}, scored on "
+        f"{evaluator.cache.held_out_images} held-out images; speed at {cfg.search.target_tokens} tokens "
+        f"({cfg.search.speed})"
+    )
+    per_candidate = (
+        _check_time_budget(cfg, evaluator, settings)
+        if state.generation < 0 and cfg.search.time_budget_min is not None
+        else None
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    expected = len(settings.seeds) + max(0, settings.population - len(settings.seeds))
+    expected += settings.offspring * settings.generations
+    bar = tqdm(
+        total=expected,
+        initial=len(state.candidates),
+        desc="search",
+        unit="cand",
+        disable=not cfg.log.progress,
+        dynamic_ncols=True,
+    )
+    started, before = time.monotonic(), state.seconds
+
+    def local(names: list[str]) -> list[dict[str, Any]]:
+        out = []
+        for name in names:
+            out.append(evaluator(name))
+            bar.update(1)
+        return out
+
+    ends: list[float] = []  # seconds spent when each generation of this process ended
+
+    def saved(s: SearchState) -> None:
+        ends.append(time.monotonic() - started)
+        s.seconds = before + ends[-1]
+        _save(cfg, run_dir, s)
+        write_reports(cfg, run_dir, s)
+        bar.update(max(0, len(s.candidates) - bar.n))
+
+    def should_stop(s: SearchState) -> str | None:
+        """Stop before a generation that would end after the time budget (the last one's length as guess)."""
+        budget = cfg.search.time_budget_min
+        if budget is None:
+            return None
+        spent = before + time.monotonic() - started
+        last = (
+            ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
+            if ends
+            else (per_candidate or 0.0) * settings.offspring
+        )
+        if spent + last > budget * 60:
+            return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
+        return None
+
+    try:
+        state = run_search(
+            state, settings, evaluate or local, on_generation=saved, should_stop=should_stop, log=bar.write
+        )
+    finally:
+        bar.close()
+    if state.generation < 0:
+        raise ValueError("the search stopped before generation 0: nothing to report")
+    front, winner, command = write_reports(cfg, run_dir, state)
+    _save(cfg, run_dir, state)
+    if winner is not None:
+        log(f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}")
+    log(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
+    return SearchResult(str(run_dir), state, front, winner, command)

@@ -1,0 +1,93 @@
+"""`attnxfer search --array-tasks K`: each generation's candidates evaluated as a SLURM job array.
+
+The search itself (selection, breeding, state, reports) runs where the command runs; each generation's
+new candidates are split into K contiguous batches, one task of a job array each, through the same
+submitit executor and `wait` as `attnxfer submit`. A task rebuilds the teacher and its cached signals
+and calls `attnxfer.apps.search.evaluate_batch`, so a candidate's result does not depend on the task it
+lands in (stage 1 starts from the same seed everywhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..apps.search import evaluate_batch
+from .slurm import CLUSTERS, SlurmOptions, build_executor, parse_key_values, wait
+
+__all__ = ["add_array_arguments", "array_evaluator", "split_batches"]
+
+
+def split_batches(names: list[str], tasks: int) -> list[list[str]]:
+    """``names`` in at most ``tasks`` contiguous batches of near-equal size (none empty)."""
+    tasks = max(1, min(tasks, len(names)))
+    size, extra = divmod(len(names), tasks)
+    out, start = [], 0
+    for i in range(tasks):
+        end = start + size + (1 if i < extra else 0)
+        out.append(names[start:end])
+        start = end
+    return out
+
+
+def add_array_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("SLURM: evaluate each generation as a job array (through submitit)")
+    g.add_argument(
+        "--array-tasks",
+        type=int,
+        default=0,
+        metavar="K",
+        help="evaluate each generation's candidates as a job array of K tasks (default 0: in this process)",
+    )
+    g.add_argument(
+        "--cluster", choices=CLUSTERS, default="slurm", help="slurm, or local / debug (this machine)"
+    )
+    g.add_argument("--partition", default=None)
+    g.add_argument("--time", default="60", help="time limit of one task: minutes or [D-]HH:MM:SS")
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (8G)")
+    g.add_argument(
+        "--slurm", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option"
+    )
+    g.add_argument("--job-dir", default=None, help="submitit folder (default RUN_DIR/submitit)")
+    g.add_argument(
+        "--wait-timeout", type=float, default=None, help="give up on a generation after this many s"
+    )
+
+
+def array_evaluator(
+    cfg: Any, ns: argparse.Namespace, echo: Callable[[str], None] = print
+) -> Callable[[list[str]], list[dict[str, Any]]]:
+    """``evaluate(names)`` that runs one job array per call (one generation) and returns results in order."""
+    if ns.array_tasks < 1:
+        raise ValueError(f"--array-tasks must be >= 1, got {ns.array_tasks}")
+    opts = SlurmOptions(
+        cluster=ns.cluster,
+        partition=ns.partition,
+        time=ns.time,
+        cpus_per_task=ns.cpus_per_task,
+        mem=ns.mem,
+        extra=parse_key_values(ns.slurm),
+        name="attnxfer-search",
+        max_requeues=0,
+    )
+    executor = build_executor(opts, Path(ns.job_dir or Path(cfg.run_dir) / "submitit"))
+
+    def evaluate(names: list[str]) -> list[dict[str, Any]]:
+        if not names:
+            return []
+        batches = split_batches(names, ns.array_tasks)
+        with executor.batch():
+            jobs = [executor.submit(evaluate_batch, cfg, batch) for batch in batches]
+        echo(
+            f"search: {len(names)} candidates as a job array of {len(jobs)} task(s): "
+            f"{', '.join(str(j.job_id) for j in jobs)}"
+        )
+        out: list[dict[str, Any]] = []
+        for per_rank in wait(jobs, timeout=ns.wait_timeout):
+            out.extend(per_rank[0])
+        return out
+
+    return evaluate

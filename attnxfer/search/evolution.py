@@ -1,0 +1,245 @@
+"""The evolutionary search over formula attentions: population, offspring, rejection, selection.
+
+Generation 0 is the hand-designed zoo written as formulas (`HAND_DESIGNED`) plus random formulas up to
+the population size. Each later generation breeds ``offspring`` children from the population (binary
+tournaments on Pareto rank and crowding; crossover with probability ``crossover_prob``, else mutation),
+and NSGA-II keeps the best ``population`` of parents and children (`pareto`: minimise the fit KL,
+maximise speed).
+
+The rejection protocol: a child is first checked as a program (parse, `check_formula` for the teacher's
+head dim and token grid, row-stochastic normalisation, a window smaller than the teacher's grid: a window
+covering it is exact softmax there and its fit would say nothing about the target resolution) and
+rejected with the reason before any training;
+a child whose canonical string was seen before is a duplicate and is not evaluated again; the
+evaluation itself may reject (stage 1 diverged, non-finite KL). Every rejection is recorded with its
+reason, none is dropped. The state is plain JSON (`SearchState`), so a search resumes from any
+generation, and the generation's random draws come from ``(seed, generation)`` alone.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..models.efficient.formula import (
+    HAND_DESIGNED,
+    Formula,
+    FormulaSyntaxError,
+    InvalidFormula,
+    check_formula,
+    crossover,
+    mutate,
+    parse_formula,
+    random_formula,
+)
+from .pareto import pareto_ranks, select_survivors, tournament_key
+
+__all__ = ["PREFIX", "SearchSettings", "SearchState", "objectives", "pareto_front", "precheck", "run_search"]
+
+PREFIX = "formula:"
+
+#: evaluate(attention names) -> one result record per name (status ok with kl/speed, or rejected + reason)
+Evaluate = Callable[[list[str]], list[dict[str, Any]]]
+
+
+@dataclass
+class SearchSettings:
+    population: int = 16
+    offspring: int = 16
+    generations: int = 12  # after generation 0
+    crossover_prob: float = 0.5
+    seed: int = 0
+    head_dim: int = 64
+    grid: tuple[int, int] | None = None
+    seeds: Mapping[str, str] = field(default_factory=lambda: dict(HAND_DESIGNED))  # label -> formula:...
+    max_tries: int = 50  # draws per wanted child before a generation gives up finding new ones
+
+
+@dataclass
+class SearchState:
+    """Everything a search needs to continue: every candidate so far (by canonical formula), the population."""
+
+    generation: int = -1  # the last finished generation (-1: none)
+    candidates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    population: list[str] = field(default_factory=list)
+    duplicates: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "population": list(self.population),
+            "duplicates": self.duplicates,
+            "seconds": self.seconds,
+            "candidates": list(self.candidates.values()),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SearchState:
+        return cls(
+            generation=int(data["generation"]),
+            candidates={c["formula"]: dict(c) for c in data["candidates"]},
+            population=list(data["population"]),
+            duplicates=int(data.get("duplicates", 0)),
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
+    @property
+    def evaluated(self) -> list[dict[str, Any]]:
+        return [c for c in self.candidates.values() if c["status"] == "ok"]
+
+
+def objectives(record: Mapping[str, Any]) -> tuple[float, float]:
+    """What the search minimises: (fit KL, -speed)."""
+    return (float(record["kl"]), -float(record["speed"]))
+
+
+def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[str, str | None]:
+    """(canonical ``formula:...`` name, rejection reason or None): the checks that need no training."""
+    program = text[len(PREFIX) :] if text.startswith(PREFIX) else text
+    try:
+        formula = parse_formula(program)
+    except FormulaSyntaxError as e:
+        return text, f"before training: {e}"
+    name = PREFIX + str(formula)
+    try:
+        check_formula(formula, head_dim, grid)
+    except InvalidFormula as e:
+        return name, f"before training: {e}"
+    if grid is not None and formula.window is not None and formula.window >= min(grid):
+        return name, (
+            f"before training: win({formula.window}) covers the whole {grid[0]}x{grid[1]} token grid of the "
+            "teacher, where it is exact softmax attention: its fit says nothing about the local window it is "
+            "at the target resolution; use a window smaller than the grid"
+        )
+    if formula.norm != "sum":
+        return name, (
+            f"before training: {formula.norm}(...) normalisation gives a signed map, and the search scores "
+            "the KL to the teacher's row-stochastic maps; use sum(...)"
+        )
+    return name, None
+
+
+def _record(name: str, generation: int, origin: str, parents: Sequence[str], reason: str | None) -> dict:
+    rec: dict[str, Any] = {
+        "formula": name,
+        "generation": generation,
+        "origin": origin,
+        "parents": list(parents),
+    }
+    if reason is not None:
+        rec.update(status="rejected", reason=reason)
+    return rec
+
+
+def _generation_zero(state: SearchState, settings: SearchSettings, rng: random.Random) -> list[dict]:
+    proposals: list[dict] = []
+    seen: set[str] = set()
+    for label, text in settings.seeds.items():
+        name, reason = precheck(text, settings.head_dim, settings.grid)
+        if name not in seen:
+            seen.add(name)
+            proposals.append(_record(name, 0, f"zoo:{label}", (), reason))
+    tries = 0
+    while len(proposals) < settings.population and tries < settings.population * settings.max_tries:
+        tries += 1
+        name, reason = precheck(PREFIX + str(random_formula(rng)), settings.head_dim, settings.grid)
+        if name in seen:
+            state.duplicates += 1
+            continue
+        seen.add(name)
+        proposals.append(_record(name, 0, "random", (), reason))
+    return proposals
+
+
+def _tournament(population: list[str], keys: list[tuple[int, float]], rng: random.Random) -> int:
+    a, b = rng.randrange(len(population)), rng.randrange(len(population))
+    return a if (keys[a], a) <= (keys[b], b) else b
+
+
+def _offspring(
+    state: SearchState, settings: SearchSettings, generation: int, rng: random.Random
+) -> list[dict]:
+    population = state.population
+    keys = tournament_key([objectives(state.candidates[n]) for n in population])
+    parsed = [parse_formula(n[len(PREFIX) :]) for n in population]
+    proposals: list[dict] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(proposals) < settings.offspring and tries < settings.offspring * settings.max_tries:
+        tries += 1
+        i = _tournament(population, keys, rng)
+        parents: list[str] = [population[i]]
+        if len(population) > 1 and rng.random() < settings.crossover_prob:
+            j = _tournament(population, keys, rng)
+            parents.append(population[j])
+            child: Formula = crossover(parsed[i], parsed[j], rng)
+            origin = "crossover"
+        else:
+            child = mutate(parsed[i], rng)
+            origin = "mutation"
+        name, reason = precheck(PREFIX + str(child), settings.head_dim, settings.grid)
+        if name in state.candidates or name in seen:
+            state.duplicates += 1  # seen before: not evaluated again
+            continue
+        seen.add(name)
+        proposals.append(_record(name, generation, origin, parents, reason))
+    return proposals
+
+
+def run_search(
+    state: SearchState,
+    settings: SearchSettings,
+    evaluate: Evaluate,
+    *,
+    on_generation: Callable[[SearchState], None] = lambda s: None,
+    should_stop: Callable[[SearchState], str | None] = lambda s: None,
+    log: Callable[[str], None] = print,
+) -> SearchState:
+    """Run generations ``state.generation + 1 .. settings.generations``; ``on_generation`` (e.g. save) is
+    called after each, ``should_stop`` before each (a reason to stop, e.g. a spent time budget)."""
+    while state.generation < settings.generations:
+        generation = state.generation + 1
+        reason = should_stop(state)
+        if reason:
+            log(f"search: stopping before generation {generation}: {reason}")
+            break
+        rng = random.Random(f"{settings.seed}/{generation}")
+        if generation == 0:
+            proposals = _generation_zero(state, settings, rng)
+        else:
+            proposals = _offspring(state, settings, generation, rng)
+        todo = [p for p in proposals if "status" not in p]
+        for p, result in zip(todo, evaluate([p["formula"] for p in todo])):
+            p.update(result)
+        for p in proposals:
+            state.candidates[p["formula"]] = p
+        pool = list(
+            dict.fromkeys(state.population + [p["formula"] for p in proposals if p["status"] == "ok"])
+        )
+        if not pool:
+            raise RuntimeError(
+                f"generation {generation}: every candidate was rejected ({len(proposals)}); see the reasons in "
+                "the candidates (a larger search.fit_steps budget, or a lower search.fit_lr if stage 1 diverges)"
+            )
+        keep = select_survivors([objectives(state.candidates[n]) for n in pool], settings.population)
+        state.population = [pool[i] for i in keep]
+        state.generation = generation
+        ok = [p for p in proposals if p["status"] == "ok"]
+        best = min(state.population, key=lambda n: state.candidates[n]["kl"])
+        log(
+            f"generation {generation}: {len(proposals)} new ({len(ok)} fitted, {len(proposals) - len(ok)} "
+            f"rejected), {state.duplicates} duplicates so far; best fit {state.candidates[best]['kl']:.4f} "
+            f"{best}"
+        )
+        on_generation(state)
+    return state
+
+
+def pareto_front(state: SearchState) -> list[dict[str, Any]]:
+    """The evaluated candidates nobody dominates, fastest first."""
+    done = state.evaluated
+    ranks = pareto_ranks([objectives(c) for c in done])
+    return sorted((c for c, r in zip(done, ranks) if r == 0), key=lambda c: -c["speed"])

@@ -1,0 +1,255 @@
+"""A candidate attention's fitness: how well it fits the teacher's maps after a short stage 1, and its speed.
+
+Fit: the candidate replaces softmax in the searched layers of a copy of the teacher; stage 1
+(`attnxfer.train.stage1`) fits those layers for a fixed number of steps on the teacher's hidden inputs;
+the score is KL(P_teacher ‖ A_candidate) per row, averaged over the searched layers, on held-out images
+(`attnxfer.analysis.layer_agreement`, the metric conversion reports use). The teacher's hidden inputs and
+q/k on the fit and held-out images are computed once (`TeacherCache`) and shared by every candidate: that
+is what makes hundreds of candidates affordable.
+
+Speed: one attention layer of the teacher's width at ``tokens`` tokens against softmax attention (timm's
+fused SDPA) of the same width, either measured wall time (medians of interleaved runs, in one process) or
+counted FLOPs (``torch.utils.flop_counter``: deterministic, for reproducible searches and tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..analysis import layer_agreement
+from ..models.attention import MapKind
+from ..models.attention.registry import get_attention_class
+from ..models.efficient import build_efficient_student
+from ..models.efficient.swap import teacher_token_layout
+from ..train.engine import NonFiniteLossError
+from ..train.stage1 import stage1_transfer, teacher_signals
+from ..transfer.conversion import build_conversion_plan
+
+__all__ = [
+    "SPEED_MODES",
+    "CandidateEvaluator",
+    "FitSettings",
+    "SpeedSettings",
+    "TeacherCache",
+    "cache_teacher",
+    "fit_candidate",
+    "layer_speed",
+]
+
+#: how speed is measured: wall time (what users feel) or FLOPs (deterministic)
+SPEED_MODES = ("time", "flops")
+
+Signals = dict[int, dict[str, torch.Tensor]]
+
+
+@dataclass
+class TeacherCache:
+    """The teacher's per-layer attention input and (q, k) on the fit batches and on held-out batches."""
+
+    layers: list[int]
+    fit: list[Signals]
+    held_out: list[Signals]
+
+    @property
+    def held_out_images(self) -> int:
+        return sum(next(iter(s.values()))["input"].shape[0] for s in self.held_out)
+
+
+@torch.no_grad()
+def cache_teacher(
+    teacher: nn.Module,
+    fit_images: Sequence[torch.Tensor],
+    held_out: Sequence[torch.Tensor],
+    layers: Sequence[int],
+) -> TeacherCache:
+    """Run the teacher once over every batch and keep what stage 1 and the KL need (detached)."""
+    teacher.eval()
+    layers = sorted(set(layers))
+
+    def signals(x: torch.Tensor) -> Signals:
+        store = teacher_signals(teacher, x, layers, ("input", "q", "k"))
+        return {i: {k: v.detach() for k, v in store[i].items()} for i in layers}
+
+    return TeacherCache(layers, [signals(x) for x in fit_images], [signals(x) for x in held_out])
+
+
+@dataclass
+class FitSettings:
+    """Stage 1 of one candidate: the same for every candidate of a search (a fair comparison)."""
+
+    steps: int
+    lr: float = 1e-2
+    train: str = "new+qk"  # what stage 1 trains (STAGE1_TRAIN): new+qk gives every formula something to fit
+    warmup_steps: int = 0
+    clip_grad: float | None = 1.0
+    seed: int = 0  # the candidate's new parameters start from this seed, whichever process fits it
+
+
+def _silent(_: str) -> None:
+    """stage 1's log, unused: a search prints one line per generation."""
+
+
+def fit_candidate(
+    teacher: nn.Module, attention: str, cache: TeacherCache, fit: FitSettings
+) -> dict[str, Any]:
+    """Fit ``attention`` in the cached layers of a copy of ``teacher``; ``{"kl", "kl_per_layer", "fit_seconds"}``.
+
+    Raises ValueError for an attention that cannot be built or has no row-stochastic map (KL needs one)
+    and `NonFiniteLossError` when stage 1 diverges; the caller records either as a rejection.
+    """
+    start = time.monotonic()
+    torch.manual_seed(fit.seed)
+    depth = len(teacher.blocks)
+    names = [attention if i in cache.layers else "softmax" for i in range(depth)]
+    student = build_efficient_student(teacher, names)
+    kind = student.blocks[cache.layers[0]].attn.map_kind
+    if kind is not MapKind.ROW_STOCHASTIC:
+        raise ValueError(
+            f"its map is {kind}, not row-stochastic: KL to the teacher's maps is undefined (a formula "
+            "normalised by len(...) is signed)"
+        )
+    plan = build_conversion_plan(
+        teacher,
+        student,
+        stage1_steps=fit.steps,
+        stage1_lr=fit.lr,
+        stage1_batch_size=next(iter(cache.fit[0].values()))["input"].shape[0],
+        stage1_train=fit.train,
+    )
+    try:
+        stage1_transfer(
+            teacher,
+            student,
+            plan,
+            itertools.cycle(cache.fit),
+            warmup_steps=fit.warmup_steps,
+            clip_grad=fit.clip_grad,
+            log_every=fit.steps,
+            log=_silent,
+        )
+    except NonFiniteLossError as e:  # keep what happened, drop conversion's advice on its own settings
+        raise NonFiniteLossError(f"{str(e).split(';')[0]} (stage 1 diverged at lr {fit.lr:g})") from None
+    student.eval()
+    per_layer = []
+    with torch.no_grad():
+        for i in cache.layers:
+            t_attn, s_attn = teacher.blocks[i].attn, student.blocks[i].attn
+            total = count = 0.0
+            for batch in cache.held_out:
+                own = s_attn.project(batch[i]["input"], "qk")
+                n = batch[i]["input"].shape[0]
+                total += n * layer_agreement(t_attn, batch[i], s_attn, own, "kl")
+                count += n
+            per_layer.append(total / count)
+    kl = sum(per_layer) / len(per_layer)
+    if not math.isfinite(kl):
+        raise NonFiniteLossError(f"non-finite held-out KL after stage 1 (per layer {per_layer})")
+    return {"kl": kl, "kl_per_layer": per_layer, "fit_seconds": time.monotonic() - start}
+
+
+@dataclass
+class SpeedSettings:
+    """One attention layer at ``tokens`` tokens (class token + a square grid, like ViT-B/4 at 224 px)."""
+
+    tokens: int = 3137
+    mode: str = "time"
+    repeats: int = 5
+    batch: int = 1
+
+
+def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
+    """One attention ``name`` of the teacher's width, heads and token layout at ``tokens`` tokens."""
+    attn = teacher.blocks[0].attn
+    prefix, _ = teacher_token_layout(teacher)
+    side = math.isqrt(tokens - prefix)
+    if side * side != tokens - prefix:
+        raise ValueError(
+            f"{tokens} tokens is not {prefix} prefix token(s) + a square grid; choose e.g. "
+            f"{prefix + 56 * 56} (56x56 patches)"
+        )
+    cls = get_attention_class(name)
+    config: dict[str, Any] = dict(
+        dim=attn.qkv.in_features,
+        num_heads=attn.num_heads,
+        attn_head_dim=attn.qkv.out_features // (3 * attn.num_heads),
+        qkv_bias=attn.qkv.bias is not None,
+        num_prefix_tokens=prefix,
+        grid_size=(side, side),
+    )
+    if cls.accepts_option("seq_len"):
+        config["seq_len"] = tokens
+    return cls(**config).eval()
+
+
+@torch.no_grad()
+def layer_speed(
+    name: str, teacher: nn.Module, speed: SpeedSettings, softmax_flops: float | None = None
+) -> dict[str, Any]:
+    """Speed of one ``name`` layer relative to one softmax layer (> 1: faster), by ``speed.mode``."""
+    if speed.mode not in SPEED_MODES:
+        raise ValueError(f"speed mode must be one of {SPEED_MODES}, got {speed.mode!r}")
+    candidate = _layer(name, teacher, speed.tokens)
+    softmax = _layer("softmax", teacher, speed.tokens)
+    x = torch.randn(
+        speed.batch, speed.tokens, candidate.qkv.in_features, generator=torch.Generator().manual_seed(0)
+    )
+    if speed.mode == "flops":
+        base = softmax_flops if softmax_flops is not None else _flops(softmax, x)
+        own = _flops(candidate, x)
+        return {"speed": base / max(own, 1.0), "flops": own, "softmax_flops": base}
+    candidate(x), softmax(x)  # warm-up
+    times: dict[str, list[float]] = {"candidate": [], "softmax": []}
+    for r in range(speed.repeats):
+        order = ("candidate", "softmax") if r % 2 == 0 else ("softmax", "candidate")
+        for who in order:
+            start = time.perf_counter()
+            (candidate if who == "candidate" else softmax)(x)
+            times[who].append(1000.0 * (time.perf_counter() - start))
+    own_ms, base_ms = statistics.median(times["candidate"]), statistics.median(times["softmax"])
+    return {"speed": base_ms / own_ms, "ms": own_ms, "softmax_ms": base_ms}
+
+
+def _flops(layer: nn.Module, x: torch.Tensor) -> float:
+    with FlopCounterMode(display=False) as counter:
+        layer(x)
+    return float(counter.get_total_flops())
+
+
+class CandidateEvaluator:
+    """Score attentions by name against one teacher: ``evaluator("formula:...")`` -> a result record.
+
+    A candidate that cannot be built, diverges in stage 1 or gives a non-finite KL is returned with
+    ``status: "rejected"`` and the reason (never dropped).
+    """
+
+    def __init__(
+        self, teacher: nn.Module, cache: TeacherCache, fit: FitSettings, speed: SpeedSettings
+    ) -> None:
+        self.teacher, self.cache, self.fit, self.speed = teacher, cache, fit, speed
+        self._softmax_flops: dict[int, float] = {}  # tokens -> FLOPs of one softmax layer
+
+    def __call__(self, attention: str) -> dict[str, Any]:
+        try:
+            record: dict[str, Any] = {
+                "status": "ok",
+                **fit_candidate(self.teacher, attention, self.cache, self.fit),
+            }
+        except (ValueError, NonFiniteLossError) as e:
+            return {"status": "rejected", "reason": f"at fit time: {e}"}
+        measured = layer_speed(
+            attention, self.teacher, self.speed, self._softmax_flops.get(self.speed.tokens)
+        )
+        if self.speed.mode == "flops":
+            self._softmax_flops[self.speed.tokens] = measured["softmax_flops"]
+        record.update(measured, speed_mode=self.speed.mode, tokens=self.speed.tokens)
+        return record

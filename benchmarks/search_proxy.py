@@ -1,0 +1,178 @@
+"""Is the search's proxy honest? Full conversions of candidates spanning a finished search's Pareto front.
+
+For ``--count`` candidates picked along the front (evenly by speed; the next Pareto ranks fill up a short
+front), plus the search's winner and the hand-designed zoo member with the best proxy score, this runs
+the whole conversion (`attnxfer convert` with the search's ``convert_recipe``: stage 1 + stage 2, the same
+budget for every candidate) and reports Spearman's rank correlation (``scipy.stats.spearmanr``, rho and
+p-value) between the proxy score (held-out map KL after the search's short stage 1; lower is better) and
+the final top-1, whatever it is. A strongly negative rho means the proxy ranks candidates as the full
+conversion does.
+
+    OMP_NUM_THREADS=1 python benchmarks/search_proxy.py runs/search/demo --count 10 --jobs 2 \
+        --zoo all --out runs/search/demo_proxy [key=value ...]   # overrides for every conversion
+
+Writes OUT/proxy.json and OUT/proxy.md (one row per conversion: formula, proxy KL, speed, top-1 with its
+95 % Wilson interval, recovered share of the teacher's top-1, seconds). Each conversion's own report is in
+OUT/NN/report.md; a rerun skips conversions whose report.json exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from attnxfer.apps.search import winner_of
+from attnxfer.apps.uncertainty import correct_count, format_top1
+from attnxfer.search import SearchState, objectives, pareto_ranks
+
+
+def pick(state: SearchState, count: int, min_speed: float, zoo: str = "best") -> list[dict]:
+    """``count`` candidates spanning the front (then the next ranks), plus the winner and the zoo member with
+    the best proxy score (``zoo="all"``: every fitted zoo member)."""
+    done = state.evaluated
+    ranks = pareto_ranks([objectives(c) for c in done])
+    chosen: list[dict] = []
+    for rank in range(max(ranks) + 1):
+        members = sorted((c for c, r in zip(done, ranks) if r == rank), key=lambda c: -c["speed"])
+        room = count - len(chosen)
+        if room <= 0:
+            break
+        if len(members) <= room:
+            chosen += members
+        else:  # evenly along this front, both ends included
+            chosen += [members[round(i * (len(members) - 1) / max(1, room - 1))] for i in range(room)]
+    front = [c for c, r in zip(done, ranks) if r == 0]
+    extra = [winner_of(front, min_speed)]
+    members = [c for c in done if c["origin"].startswith("zoo:")]
+    if members:
+        extra += members if zoo == "all" else [min(members, key=lambda c: c["kl"])]
+    for c in extra:
+        if c is not None and all(c["formula"] != d["formula"] for d in chosen):
+            chosen.append(c)
+    return chosen
+
+
+def convert_one(index: int, cand: dict, cfg: dict, out: Path, overrides: list[str]) -> dict:
+    run = out / f"{index:02d}"
+    report = run / "report.json"
+    if not report.is_file():
+        cmd = [
+            sys.executable,
+            "-m",
+            "attnxfer",
+            "convert",
+            "-c",
+            cfg["search"]["convert_recipe"],
+            f"teacher.spec={cfg['teacher']['spec']}",
+            f"convert.attention={cand['formula']}",
+            f"convert.stage1_train={cfg['search']['fit_train']}",
+            f"run_dir={run}",
+            "log.progress=false",
+            *overrides,
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        (out / f"{index:02d}.log").write_text(shlex.join(cmd) + "\n" + res.stdout + res.stderr)
+        if res.returncode != 0:
+            return {**cand, "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+    r = json.loads(report.read_text())
+    return {
+        **cand,
+        "run_dir": str(run),
+        "top1": r["student_top1"],
+        "after_stage1": r["top1"]["after_stage1"],
+        "teacher_top1": r["top1"]["teacher"],
+        "recovered_pct": r["recovered_pct"],
+        "val_size": r["data"]["val_size"],
+        "seconds": r["seconds"]["total"],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", help="a finished `attnxfer search` RUN_DIR")
+    p.add_argument("--count", type=int, default=10, help="candidates along the front (default 10)")
+    p.add_argument("--jobs", type=int, default=1, help="conversions at once (each OMP_NUM_THREADS threads)")
+    p.add_argument("--out", default=None, help="default RUN_DIR/proxy")
+    p.add_argument(
+        "--zoo", choices=("best", "all"), default="best", help="convert the best zoo member by proxy, or all"
+    )
+    args, extra = p.parse_known_args()
+    bad = [e for e in extra if "=" not in e or e.startswith("-")]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)} (overrides for every conversion are key=value)")
+    args.overrides = extra
+    data = json.loads((Path(args.run_dir) / "state.json").read_text())
+    cfg, state = data["config"], SearchState.from_dict(data["state"])
+    for o in args.overrides:
+        if o.startswith("teacher.spec="):
+            cfg["teacher"]["spec"] = o.split("=", 1)[1]
+    overrides = [o for o in args.overrides if not o.startswith("teacher.spec=")]
+    out = Path(args.out or Path(args.run_dir) / "proxy")
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = pick(state, args.count, cfg["search"]["min_speed"], args.zoo)
+    start = time.monotonic()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(lambda ic: convert_one(ic[0], ic[1], cfg, out, overrides), enumerate(chosen)))
+    wall = time.monotonic() - start
+    good = [r for r in rows if "error" not in r]
+    rho, pvalue = spearmanr([r["kl"] for r in good], [r["top1"] for r in good])
+    rho1, pvalue1 = spearmanr([r["kl"] for r in good], [r["after_stage1"] for r in good])
+    winner = winner_of(
+        [
+            c
+            for c, r in zip(state.evaluated, pareto_ranks([objectives(c) for c in state.evaluated]))
+            if r == 0
+        ],
+        cfg["search"]["min_speed"],
+    )
+    summary = {
+        "search": args.run_dir,
+        "conversions": len(rows),
+        "failed": [r for r in rows if "error" in r],
+        "spearman_rho": float(rho),
+        "spearman_p": float(pvalue),
+        "spearman_rho_after_stage1": float(rho1),
+        "spearman_p_after_stage1": float(pvalue1),
+        "wall_seconds": wall,
+        "load_average": os.getloadavg(),
+        "winner": winner["formula"] if winner else None,
+        "rows": rows,
+    }
+    (out / "proxy.json").write_text(json.dumps(summary, indent=2))
+    lines = [
+        f"Spearman rho(proxy KL, final top-1) = {rho:.3f} (p = {pvalue:.3g}) over {len(good)} conversions "
+        f"({len(rows) - len(good)} failed); {wall / 60:.1f} min wall, load average {os.getloadavg()[0]:.1f}. "
+        f"Against top-1 after stage 1 alone: rho = {rho1:.3f} (p = {pvalue1:.3g}).",
+        "",
+        "| formula | origin | proxy KL | speed | top-1 after stage 1 | final top-1 [95 % Wilson] | recovered | s |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in sorted(good, key=lambda r: r["kl"]):
+        n = r["val_size"]
+        top1 = format_top1(correct_count(r["top1"], n), n)
+        lines.append(
+            f"| `{r['formula']}` | {r['origin']} | {r['kl']:.4f} | {r['speed']:.2f} | {r['after_stage1']:.1f} | "
+            f"{top1} | {r['recovered_pct']:.1f}% | {r['seconds']:.0f} |"
+        )
+    for r in rows:
+        if "error" in r:
+            lines.append(
+                f"| `{r['formula']}` | {r['origin']} | {r['kl']:.4f} | {r['speed']:.2f} | failed: {r['error']} | | | |"
+            )
+    (out / "proxy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
