@@ -9,6 +9,7 @@ anything is written, naming the keys, and says how to start a new run instead.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,8 @@ RESUMABLE_KEYS: tuple[str, ...] = (
 )
 
 
-def _may_change(key: str) -> bool:
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE_KEYS)
+def _may_change(key: str, resumable: Sequence[str]) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
 
 
 def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
@@ -59,8 +60,11 @@ def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
     return True, node
 
 
-def config_changes(recorded: dict[str, Any], cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """``(allowed, refused)`` differences between a recorded config dict and ``cfg``, as readable lines."""
+def config_changes(
+    recorded: dict[str, Any], cfg: TrainConfig, resumable: Sequence[str] = RESUMABLE_KEYS
+) -> tuple[list[str], list[str]]:
+    """``(allowed, refused)`` differences between a recorded config dict and ``cfg``, as readable lines;
+    ``resumable`` lists the keys (and ``section.`` prefixes) a resumed run may change."""
     new = to_dict(cfg)
     allowed, refused = [], []
     for key in config_keys():
@@ -71,7 +75,7 @@ def config_changes(recorded: dict[str, Any], cfg: TrainConfig) -> tuple[list[str
         if old_value == new_value:
             continue
         line = f"{key} ({old_value!r} -> {new_value!r})"
-        (allowed if _may_change(key) else refused).append(line)
+        (allowed if _may_change(key, resumable) else refused).append(line)
     return allowed, refused
 
 

@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from ..checkpoints.store import atomic_write_json, atomic_write_text
-from ..config import ConfigError, TrainConfig, config_keys, to_dict
+from ..config import ConfigError, TrainConfig, to_dict
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
 from ..search import (
     PREFIX,
@@ -42,6 +42,7 @@ from ..search import (
     run_search,
 )
 from ..train.runtime import resolve_device
+from .resume import config_changes
 from .run_parts import build_run_parts
 
 __all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "search_settings"]
@@ -49,7 +50,8 @@ __all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "searc
 STATE = "state.json"
 _VERSION = 1
 
-#: ``search.*`` (and other) keys a rerun may change: how long it goes on and how it reports
+#: ``search.*`` (and other) keys (and ``section.`` prefixes) a rerun may change: how long it goes on and how
+#: it reports
 RESUMABLE_KEYS = ("search.generations", "search.time_budget_min", "search.min_speed", "search.convert_recipe")
 _ANYWAY = ("log.", "data.num_workers", "data.pin_memory", "teacher.cache_dir", "run_dir")
 
@@ -151,19 +153,6 @@ def evaluate_batch(cfg: TrainConfig, names: list[str]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def _may_change(key: str) -> bool:
-    return key in RESUMABLE_KEYS or any(key == k or (k.endswith(".") and key.startswith(k)) for k in _ANYWAY)
-
-
-def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> SearchState | None:
     path = run_dir / STATE
     if not path.is_file():
@@ -172,12 +161,7 @@ def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> 
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}; move it away to start a new search") from None
-    recorded, new = data.get("config", {}), to_dict(cfg)
-    refused = []
-    for key in config_keys():
-        known, old = _leaf(recorded, key)
-        if known and old != _leaf(new, key)[1] and not _may_change(key):
-            refused.append(f"{key} ({old!r} -> {_leaf(new, key)[1]!r})")
+    _, refused = config_changes(data.get("config", {}), cfg, resumable=RESUMABLE_KEYS + _ANYWAY)
     if refused:
         raise ConfigError(
             f"{run_dir} already holds a search (generation {data['state']['generation']}) run with different "
