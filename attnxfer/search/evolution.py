@@ -114,7 +114,7 @@ def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[st
             "teacher, where it is exact softmax attention: its fit says nothing about the local window it is "
             "at the target resolution; use a window smaller than the grid"
         )
-    if formula.norm != "sum":
+    if not formula.row_stochastic:
         return name, (
             f"before training: {formula.norm}(...) normalisation gives a signed map, and the search scores "
             "the KL to the teacher's row-stochastic maps; use sum(...)"

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -32,6 +32,7 @@ from ..models.attention.registry import get_attention_class
 from ..models.efficient import build_efficient_student
 from ..models.efficient.swap import teacher_token_layout
 from ..train.engine import NonFiniteLossError
+from ..train.measure import interleaved_median_ms
 from ..train.stage1 import stage1_transfer, teacher_signals
 from ..transfer.conversion import build_conversion_plan
 
@@ -39,6 +40,7 @@ __all__ = [
     "SPEED_MODES",
     "CandidateEvaluator",
     "FitSettings",
+    "SpeedMode",
     "SpeedSettings",
     "TeacherCache",
     "cache_teacher",
@@ -46,8 +48,15 @@ __all__ = [
     "layer_speed",
 ]
 
-#: how speed is measured: wall time (what users feel) or FLOPs (deterministic)
-SPEED_MODES = ("time", "flops")
+
+class SpeedMode(StrEnum):
+    """How a candidate's speed is scored against softmax."""
+
+    TIME = "time"  # interleaved wall-clock medians: what users feel, noisy on a shared machine
+    FLOPS = "flops"  # counted FLOPs: deterministic
+
+
+SPEED_MODES = tuple(SpeedMode)
 
 Signals = dict[int, dict[str, torch.Tensor]]
 
@@ -162,9 +171,17 @@ class SpeedSettings:
     """One attention layer at ``tokens`` tokens (class token + a square grid, like ViT-B/4 at 224 px)."""
 
     tokens: int = 3137
-    mode: str = "time"
+    mode: SpeedMode | str = SpeedMode.TIME
     repeats: int = 5
     batch: int = 1
+
+    def __post_init__(self) -> None:
+        try:
+            self.mode = SpeedMode(self.mode)
+        except ValueError:
+            raise ValueError(
+                f"speed mode must be one of {', '.join(SPEED_MODES)}, got {self.mode!r}"
+            ) from None
 
 
 def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
@@ -196,26 +213,16 @@ def layer_speed(
     name: str, teacher: nn.Module, speed: SpeedSettings, softmax_flops: float | None = None
 ) -> dict[str, Any]:
     """Speed of one ``name`` layer relative to one softmax layer (> 1: faster), by ``speed.mode``."""
-    if speed.mode not in SPEED_MODES:
-        raise ValueError(f"speed mode must be one of {SPEED_MODES}, got {speed.mode!r}")
     candidate = _layer(name, teacher, speed.tokens)
     softmax = _layer("softmax", teacher, speed.tokens)
     x = torch.randn(
         speed.batch, speed.tokens, candidate.qkv.in_features, generator=torch.Generator().manual_seed(0)
     )
-    if speed.mode == "flops":
+    if speed.mode is SpeedMode.FLOPS:
         base = softmax_flops if softmax_flops is not None else _flops(softmax, x)
         own = _flops(candidate, x)
         return {"speed": base / max(own, 1.0), "flops": own, "softmax_flops": base}
-    candidate(x), softmax(x)  # warm-up
-    times: dict[str, list[float]] = {"candidate": [], "softmax": []}
-    for r in range(speed.repeats):
-        order = ("candidate", "softmax") if r % 2 == 0 else ("softmax", "candidate")
-        for who in order:
-            start = time.perf_counter()
-            (candidate if who == "candidate" else softmax)(x)
-            times[who].append(1000.0 * (time.perf_counter() - start))
-    own_ms, base_ms = statistics.median(times["candidate"]), statistics.median(times["softmax"])
+    own_ms, base_ms = interleaved_median_ms(candidate, softmax, x, speed.repeats, warmup=1)
     return {"speed": base_ms / own_ms, "ms": own_ms, "softmax_ms": base_ms}
 
 
@@ -249,7 +256,7 @@ class CandidateEvaluator:
         measured = layer_speed(
             attention, self.teacher, self.speed, self._softmax_flops.get(self.speed.tokens)
         )
-        if self.speed.mode == "flops":
+        if self.speed.mode is SpeedMode.FLOPS:
             self._softmax_flops[self.speed.tokens] = measured["softmax_flops"]
         record.update(measured, speed_mode=self.speed.mode, tokens=self.speed.tokens)
         return record

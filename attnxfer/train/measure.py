@@ -20,7 +20,7 @@ from ..models.efficient import check_softmax_teacher
 from ..transfer.map_losses import default_map_loss, output_mse
 from .distributed import sum_over_ranks
 
-__all__ = ["evaluate_top1", "map_agreement", "operation_counts", "relative_speed"]
+__all__ = ["evaluate_top1", "interleaved_median_ms", "map_agreement", "operation_counts", "relative_speed"]
 
 #: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
 _INPUTS = {"teacher": False, "own": True}
@@ -111,6 +111,30 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> f
 
 
 @torch.no_grad()
+def interleaved_median_ms(
+    a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int, warmup: int
+) -> tuple[float, float]:
+    """Median forward times (ms) of ``a`` and ``b`` on ``x``, run alternately (a b, b a, ...) after
+    ``warmup`` rounds, so that a machine whose load drifts slows both alike."""
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+
+    def timed(model: nn.Module) -> float:
+        sync()
+        start = time.perf_counter()
+        model(x)
+        sync()
+        return 1000.0 * (time.perf_counter() - start)
+
+    for _ in range(warmup):
+        timed(a), timed(b)
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(repeats):
+        for who in (0, 1) if r % 2 == 0 else (1, 0):
+            times[who].append(timed((a, b)[who]))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+@torch.no_grad()
 def relative_speed(
     teacher: nn.Module, student: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3
 ) -> dict[str, Any]:
@@ -122,24 +146,8 @@ def relative_speed(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     was = teacher.training, student.training
     teacher.eval(), student.eval()
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-
-    def timed(model: nn.Module) -> float:
-        sync()
-        start = time.perf_counter()
-        model(x)
-        sync()
-        return 1000.0 * (time.perf_counter() - start)
-
-    for _ in range(warmup):
-        timed(teacher), timed(student)
-    times: dict[str, list[float]] = {"teacher": [], "student": []}
-    for r in range(repeats):
-        order = ("teacher", "student") if r % 2 == 0 else ("student", "teacher")
-        for who in order:
-            times[who].append(timed(teacher if who == "teacher" else student))
+    t_ms, s_ms = interleaved_median_ms(teacher, student, x, repeats, warmup)
     teacher.train(was[0]), student.train(was[1])
-    t_ms, s_ms = statistics.median(times["teacher"]), statistics.median(times["student"])
     return {
         "batch": int(x.shape[0]),
         "input": list(x.shape[1:]),
