@@ -204,3 +204,36 @@ def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
         h = h + blk.attn.proj(a)
         h = h + blk.mlp(blk.norm2(h))
     torch.testing.assert_close(dual(x).logits, student.forward_head(student.norm(h)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["copy", "distill"])
+def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, monkeypatch):
+    """The plan's last teacher layer only hands over q/k: its attention core, projection and MLP are not
+    run, and logits, loss and gradients are exactly those of running the whole block. Logit distillation
+    needs the teacher's head, so there the whole teacher runs."""
+    import attnxfer.transfer.dual as dual_module
+
+    teacher, x = peaked_teacher(depth=3), torch.randn(2, 3, 32, 32)
+    results, mlp_calls = {}, []
+    for block in teacher.blocks:
+        block.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
+    for stops in (True, False):
+        if not stops:
+            monkeypatch.setattr(dual_module, "PRE_NORM_BLOCKS", ())
+        mlp_calls.clear()
+        student = tiny_vit(seed=2, depth=3)
+        dual = DualViT(teacher, student, build_plan(teacher, student, mode, end_layer=-1)).train()
+        out = dual(x)
+        loss = out.logits.square().mean() + (out.loss if out.loss is not None else 0)
+        grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
+        results[stops] = (out.logits.detach(), loss.detach(), grads, len(mlp_calls))
+    assert results[True][3] == 1 and results[False][3] == 2  # layers 0-1 transferred: block 1's MLP skipped
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
+    for a, b in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    mlp_calls.clear()
+    monkeypatch.undo()
+    student = tiny_vit(seed=2, depth=3)
+    DualViT(teacher, student, build_plan(teacher, student, mode, end_layer=-1, logit_weight=1.0)).train()(x)
+    assert len(mlp_calls) == 3

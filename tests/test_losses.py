@@ -134,3 +134,58 @@ def test_teacher_gets_no_gradient_and_shapes_are_checked(path):
         attention_distillation_loss(q_t, k_t, q_s[..., :9, :], k_s[..., :9, :])
     with pytest.raises(ValueError, match="whole multiple"):
         attention_distillation_loss(*_qk(1, 3, 10, 4, 1), *_qk(1, 2, 10, 4, 2))
+
+
+def _matmul_flops(fn) -> tuple[int, int]:
+    """(forward, backward) matmul FLOPs of ``fn()`` (a loss) and its backward, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fwd:
+        loss = fn()
+    if not loss.requires_grad:
+        return fwd.get_total_flops(), 0
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def test_rows_path_does_the_four_matmuls_of_the_materialised_graph_and_none_in_backward():
+    """The rows path computes the CE's gradient in its one forward pass over row chunks: two logit
+    products and two gradient products (4·2·B·H·N²·d FLOPs, as autograd of the materialised maps
+    does), nothing recomputed in backward; without gradients (evaluation) only the two logit products."""
+    B, H, N, d = 2, 3, 40, 8
+    q_t, k_t = _qk(B, H, N, d, seed=1)
+    q_s, k_s = _qk(B, H, N, d, seed=2, grad=True)
+    one = 2 * B * H * N * N * d
+    rows = lambda: attention_distillation_loss(q_t, k_t, q_s, k_s, chunk=7, path="rows", with_kl=False).ce
+    assert _matmul_flops(rows) == (4 * one, 0)
+    ref_fwd, ref_bwd = _matmul_flops(lambda: attention_ce_reference(q_t, k_t, q_s, k_s).ce)
+    assert ref_fwd + ref_bwd == 4 * one
+    with torch.no_grad():
+        assert _matmul_flops(rows) == (2 * one, 0)
+    q_s.requires_grad_(False)  # only k_s wants a gradient: one gradient product
+    assert _matmul_flops(rows) == (3 * one, 0)
+
+
+@PATHS
+def test_strided_views_of_a_fused_qkv_and_one_sided_gradients(path):
+    """q/k arrive as strided views of a fused (B, N, 3, H, d) qkv output; a layer may want the gradient
+    of k alone (q frozen): both as the oracle says."""
+    B, N, H, d = 2, 19, 3, 8
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(B, N, 3, H, d, generator=g).permute(2, 0, 3, 1, 4)
+    student = (torch.randn(B, N, 3, H, d, generator=g) * 1.5).requires_grad_()
+    q_s, k_s, _ = student.permute(2, 0, 3, 1, 4).unbind(0)
+    fast = attention_distillation_loss(teacher[0], teacher[1], q_s, k_s, chunk=5, path=path)
+    ref = attention_ce_reference(teacher[0], teacher[1], q_s, k_s)
+    assert _rel(fast.ce, ref.ce) <= 1e-5
+    (g_fast,) = torch.autograd.grad(fast.ce, [student])
+    (g_ref,) = torch.autograd.grad(ref.ce, [student])
+    assert _rel(g_fast, g_ref) <= 1e-5
+    q_only_k = q_s.detach()
+    fast = attention_distillation_loss(teacher[0], teacher[1], q_only_k, k_s, path=path, with_kl=False)
+    (g_k,) = torch.autograd.grad(fast.ce, [student])
+    (g_k_ref,) = torch.autograd.grad(
+        attention_ce_reference(teacher[0], teacher[1], q_only_k, k_s).ce, [student]
+    )
+    assert g_k[:, :, 0].abs().max() == 0 and _rel(g_k, g_k_ref) <= 1e-5

@@ -15,13 +15,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 
 from ..models.attention import AttentionIO, attention_io, make_transfer_aware, transfer_attentions
 from ..models.attention.numerics import fp32_section
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
-__all__ = ["DualViT", "TransferOutput"]
+__all__ = ["PRE_NORM_BLOCKS", "DualViT", "TransferOutput"]
+
+#: Block types whose attention reads ``norm1(x)`` (and nothing else of the block): for these the teacher
+#: can stop at the q/k/v projection of its last transferred layer.
+PRE_NORM_BLOCKS: tuple[type[nn.Module], ...] = (Block,)
 
 
 @dataclass
@@ -158,6 +163,19 @@ class DualViT(nn.Module):
             return out
         return self._lockstep(x)
 
+    def _teacher_stop_layer(self, wants_logits: bool) -> int | None:
+        """The teacher layer at which the teacher's forward can stop after the q/k/v projection, or None.
+
+        The plan's last teacher layer hands over only its q/k(/v): its attention core, output projection
+        and MLP would be computed for nothing (1/depth of the teacher's forward with every layer
+        transferred). Only for blocks that feed ``attn(norm1(x))`` (timm's pre-norm `Block`), and not
+        when the teacher's logits are wanted (logit distillation).
+        """
+        last = self.plan.last_teacher_layer
+        if wants_logits or last < 0 or type(self.teacher.blocks[last]) not in PRE_NORM_BLOCKS:
+            return None
+        return last
+
     def _add_logit_loss(self, out: TransferOutput, teacher_logits: torch.Tensor) -> None:
         kd = logit_distillation_loss(out.logits, teacher_logits, self.plan.logit_temperature)
         out.terms["logit_kd"] = kd
@@ -171,6 +189,8 @@ class DualViT(nn.Module):
         wanted = mode.signals
         teacher_for = plan.teacher_for
         share = plan.share_drop_path and self.training
+        wants_logits = self.training and plan.logit_weight > 0
+        stop_at = self._teacher_stop_layer(wants_logits)
 
         with torch.no_grad():
             xt = _embed(teacher, x.to(tdtype))
@@ -192,6 +212,13 @@ class DualViT(nn.Module):
             )
             with drop:
                 while target is not None and next_t <= target:
+                    if next_t == stop_at:
+                        # the last layer the plan reads: its q/k(/v) are all the teacher has to give
+                        with torch.no_grad():
+                            normed = teacher.blocks[next_t].norm1(xt)
+                            signals[next_t] = self._teacher_attn[next_t].project(normed, wanted)
+                        next_t += 1
+                        continue
                     t_io = AttentionIO(capture=wanted) if next_t in plan.teacher_layers else None
                     with torch.no_grad(), attention_io(self._teacher_attn[next_t], t_io):
                         xt = teacher.blocks[next_t](xt)

@@ -31,11 +31,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from ..models.attention import sdpa
 
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
-from ..models.attention.numerics import compute_dtype, row_slices
+from ..models.attention.numerics import compute_dtype, logits_matmul, row_slices
 from ..models.attention.numerics import fp32_section as _fp32
 from ..models.attention.numerics import row_chunk as _auto_chunk
 
@@ -109,65 +110,75 @@ def _grouped_mean(p: torch.Tensor, groups: int) -> torch.Tensor:
     return p.reshape(B, H // groups, groups, r, N).mean(2)
 
 
-class _RowCrossEntropy(torch.autograd.Function):
-    """Rows of CE = −Σ_j P̄_t log P_s and of H(P̄_t), one pass over query-row chunks; O(chunk·N) memory.
+class _FusedRowCE(torch.autograd.Function):
+    """Mean CE = −Σ_j P̄_t log P_s (and the logged mean H(P̄_t)) with its gradient, in ONE pass over row chunks.
 
-    Forward keeps only q/k and the two rows' log-sum-exps; backward recomputes each chunk's logits
-    and maps: dz_s = (P_s − P̄_t)·g, dq = s·dz k, dk = s·dzᵀ q. The teacher gets no gradient.
+    A scalar loss's gradient is linear in the incoming gradient g, so forward also computes, chunk by chunk,
+    dz = P_s − P̄_t and from it dq = (s/n)·dz k_s and dk = (s/n)·dzᵀ q_s (n = B·H_s·N rows); backward only
+    scales them by g. Per layer that is four N²d matmuls (two logits, two gradient products), the count of
+    the materialised autograd graph, without its two N×N maps: memory is one chunk of logits plus dq, dk
+    (the size of q_s, k_s; the teacher's q/k are not kept). The earlier row path recomputed every chunk in
+    backward: six matmuls. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
+    ``torch.no_grad()``, and evaluation must not pay for gradients.
     """
 
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, scale_s: float, scale_t: float, chunk: int, entropy: bool):
-        groups = q_t.shape[1] // q_s.shape[1]
-        N = q_s.shape[-2]
-        ce = q_s.new_empty(q_s.shape[:-1])
-        ent = q_s.new_empty(q_s.shape[:-1] if entropy else (0,))
-        lse_s = q_s.new_empty(q_s.shape[:-1])
-        lse_t = q_t.new_empty(q_t.shape[:-1])
-        ks_t, kt_t = k_s.transpose(-2, -1), k_t.transpose(-2, -1)
+    def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, chunk, entropy, want_q, want_k):
+        B, H, N, _ = q_s.shape
+        groups = q_t.shape[1] // H
+        # Contiguous once (q/k arrive as strided views of a fused qkv output; a matmul would copy them
+        # per chunk), with the logit scales folded into q: N·d multiplies instead of N² per chunk.
+        qs, ks = (q_s * scale_s).contiguous(), k_s.contiguous()
+        qt, kt = (q_t * scale_t).contiguous(), k_t.contiguous()
+        ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
+        ce, ent = qs.new_zeros(()), qs.new_zeros(())
+        dq = torch.empty_like(qs) if want_q else None
+        dk = torch.zeros_like(ks) if want_k else None
         for rows in row_slices(0, N, chunk):
-            z_s = (q_s[..., rows, :] @ ks_t).mul_(scale_s)
-            z_t = (q_t[..., rows, :] @ kt_t).mul_(scale_t)
-            lse_s[..., rows] = torch.logsumexp(z_s, dim=-1)
-            lse_t[..., rows] = lt = torch.logsumexp(z_t, dim=-1)
-            p_t = _grouped_mean(z_t.sub_(lt[..., None]).exp_(), groups)
-            ce[..., rows] = lse_s[..., rows] - (p_t * z_s).sum(-1)
+            p_t = _grouped_mean(torch.softmax(logits_matmul(qt[..., rows, :], kt_T), dim=-1), groups)
+            log_p_s = torch.log_softmax(logits_matmul(qs[..., rows, :], ks_T), dim=-1)
+            ce -= torch.dot(p_t.reshape(-1), log_p_s.reshape(-1))
             if entropy:
-                ent[..., rows] = -(p_t * torch.log(p_t.clamp_min(torch.finfo(p_t.dtype).tiny))).sum(-1)
-        ctx.save_for_backward(q_s, k_s, q_t, k_t, lse_s, lse_t)
-        ctx.scales, ctx.chunk, ctx.groups = (scale_s, scale_t), chunk, groups
-        ctx.mark_non_differentiable(ent)
-        return ce, ent
-
-    @staticmethod
-    def backward(ctx, grad_ce, _grad_ent):
-        with _fp32(grad_ce.device.type):
-            return _RowCrossEntropy._backward(ctx, grad_ce.to(ctx.saved_tensors[0].dtype))
-
-    @staticmethod
-    def _backward(ctx, grad):
-        q_s, k_s, q_t, k_t, lse_s, lse_t = ctx.saved_tensors
-        (scale_s, scale_t), chunk, groups = ctx.scales, ctx.chunk, ctx.groups
-        want_q, want_k = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dq = torch.empty_like(q_s) if want_q else None
-        dk = torch.zeros_like(k_s) if want_k else None
-        ks_t, kt_t = k_s.transpose(-2, -1), k_t.transpose(-2, -1)
-        for rows in row_slices(0, q_s.shape[-2], chunk):
-            q_c = q_s[..., rows, :]
-            p_s = (q_c @ ks_t).mul_(scale_s).sub_(lse_s[..., rows, None]).exp_()
-            p_t = (q_t[..., rows, :] @ kt_t).mul_(scale_t).sub_(lse_t[..., rows, None]).exp_()
-            dz = p_s.sub_(_grouped_mean(p_t, groups)).mul_(grad[..., rows, None] * scale_s)
+                ent -= torch.special.xlogy(p_t, p_t).sum()
+            if dq is None and dk is None:
+                continue
+            dz = log_p_s.exp_().sub_(p_t)  # P_s − P̄_t: d CE_i / d logits_i
             if dq is not None:
-                dq[..., rows, :] = dz @ k_s
+                dq[..., rows, :] = dz @ ks
             if dk is not None:
-                dk.add_(dz.transpose(-2, -1) @ q_c)
-        return dq, dk, None, None, None, None, None, None
+                dk.add_(dz.transpose(-2, -1) @ qs[..., rows, :])  # s is already in qs
+        n = B * H * N
+        if dq is not None:
+            dq.mul_(scale_s / n)
+        if dk is not None:
+            dk.div_(n)
+        ctx.save_for_backward(*(t for t in (dq, dk) if t is not None))
+        ctx.has = (dq is not None, dk is not None)
+        ctx.mark_non_differentiable(ent)
+        return ce / n, ent / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ce, _grad_ent):
+        saved = iter(ctx.saved_tensors)
+        dq = next(saved) * grad_ce if ctx.has[0] else None
+        dk = next(saved) * grad_ce if ctx.has[1] else None
+        return dq, dk, None, None, None, None, None, None, None, None
 
 
-#: Elements of one (B, H_t, rows, N) block of the ``rows`` path: 512K fp32 = 2 MiB, about a core's L2.
-#: Measured on this project's 2-core CPU at N = 785 (B·H = 6, loss forward + backward, one thread):
+#: Elements of one (B, H_t, rows, N) logits block of the ``rows`` path on CPU: 512K fp32 = 2 MiB, about a
+#: core's L2 (each block is touched several times). Measured on this project's 2-core CPU at N = 785
+#: (B·H = 6, loss forward + backward, one thread, the earlier recompute-in-backward form):
 #: 785-row chunks 214 ms, 128 rows 192 ms, 64 rows 179 ms, 32 rows 207 ms.
 ROWS_PATH_ELEMENTS = 1 << 19
+
+
+def rows_path_chunk(q: torch.Tensor, n_keys: int, chunk: int | None = None) -> int:
+    """Query rows per chunk of the ``rows`` path: cache-sized blocks on CPU; on accelerators the shared
+    64 MiB budget for the three (B, H, rows, N) fp32 blocks alive at once (fewer, larger kernels)."""
+    if q.device.type == "cpu":
+        return _auto_chunk(q, n_keys, chunk, budget=ROWS_PATH_ELEMENTS)
+    return _auto_chunk(q, n_keys, chunk, live_tensors=3)
 
 
 class CEPath(StrEnum):
@@ -293,10 +304,21 @@ def attention_distillation_loss(
         q_s, k_s = q_s.to(dtype), k_s.to(dtype)
         if path is CEPath.ROWS:
             # a cache-sized chunk: each pass touches its blocks of logits several times
-            step = _auto_chunk(q_t, k_s.shape[-2], chunk, budget=ROWS_PATH_ELEMENTS)
-            ce_rows, ent_rows = _RowCrossEntropy.apply(q_s, k_s, q_t, k_t, scale_s, scale_t, step, with_kl)
-            ce = ce_rows.mean()
-            return AttentionLoss(ce, ce.detach() - ent_rows.mean() if with_kl else None)
+            step = rows_path_chunk(q_t, k_s.shape[-2], chunk)
+            grad = torch.is_grad_enabled()
+            ce, ent = _FusedRowCE.apply(
+                q_s,
+                k_s,
+                q_t,
+                k_t,
+                scale_s,
+                scale_t,
+                step,
+                with_kl,
+                grad and q_s.requires_grad,
+                grad and k_s.requires_grad,
+            )
+            return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
         lse_s = row_logsumexp(q_s, k_s, scale_s, chunk)
         pt_ks = _teacher_times(q_t, k_t, k_s, scale_t)
         ce_rows = lse_s - scale_s * (q_s * pt_ks).sum(-1)

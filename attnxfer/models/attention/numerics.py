@@ -13,11 +13,20 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 
 import torch
 
-__all__ = ["ROW_CHUNK_ELEMENTS", "compute_dtype", "fp32_section", "row_chunk", "row_slices", "upcast"]
+__all__ = [
+    "ROW_CHUNK_ELEMENTS",
+    "compute_dtype",
+    "fp32_section",
+    "logits_matmul",
+    "row_chunk",
+    "row_slices",
+    "upcast",
+]
 
 #: Elements of one (B, H, rows, N) tensor in a row chunk: 16M fp32 = 64 MiB.
 ROW_CHUNK_ELEMENTS = 1 << 24
@@ -38,6 +47,37 @@ def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     was measured ~1.3x faster for the kernel cores on one CPU thread but costs 3 N C floats of peak
     memory, more than the whole kernel core needs."""
     return tuple(t.to(compute_dtype(t)) for t in tensors)
+
+
+def logits_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` (same leading dims) in the compute dtype (fp32; float64 stays float64), products exact.
+
+    bf16/fp16 operands on CUDA use the tensor cores with an fp32 output (``bmm(..., out_dtype=)``): a product
+    of two bf16 numbers is exact in fp32 and the sums accumulate in fp32, so this is the fp32 matmul of the
+    same values at tensor-core speed. Elsewhere (CPU has no such kernel) the operands are upcast: the same
+    math, which is what the CPU tests check.
+    """
+    dtype = torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32
+    if (
+        a.is_cuda
+        and a.dtype == b.dtype
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and _bmm_has_out_dtype()
+    ):
+        lead = a.shape[:-2]
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=dtype)
+        return out.reshape(*lead, a.shape[-2], b.shape[-1])
+    return torch.matmul(a.to(dtype), b.to(dtype))
+
+
+@functools.cache
+def _bmm_has_out_dtype() -> bool:
+    """Whether this torch has ``bmm(..., out_dtype=)`` (2.8+), probed once on the meta device."""
+    x = torch.empty(1, 1, 1, dtype=torch.bfloat16, device="meta")
+    try:
+        return torch.bmm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
 
 
 def row_chunk(
