@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
-from ..models.attention import AttentionIO, attention_io, make_transfer_aware, transfer_attentions
+from ..models.attention import AttentionIO, MapKind, attention_io, make_transfer_aware, transfer_attentions
 from ..models.attention.numerics import fp32_section
+from .losses import CEPath, ce_path_for
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
@@ -104,6 +105,8 @@ class DualViT(nn.Module):
             attentions (`attnxfer.models.efficient`), for the modes their map kind supports.
         plan: a `TransferPlan`, or None to build a default one for ``mode``.
         teacher_dtype: dtype the teacher runs in; default bf16 on CUDA, fp32 elsewhere.
+        ce_path: how softmax student layers' exact CE is evaluated (`CEPath`); None picks by device
+            (`ce_path_for`). ``attention_lse`` has each distilled softmax layer hand out its log-sum-exp.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class DualViT(nn.Module):
         *,
         mode: str = "distill",
         teacher_dtype: torch.dtype | None = None,
+        ce_path: CEPath | str | None = None,
     ):
         super().__init__()
         self.student = make_transfer_aware(student)
@@ -125,6 +129,7 @@ class DualViT(nn.Module):
         self.__dict__["teacher"] = teacher
         self.plan = plan if plan is not None else build_plan(teacher, student, mode)
         self.teacher_dtype = teacher_dtype
+        self.ce_path = CEPath(ce_path) if ce_path is not None else None
         # KL = CE − H(P_t) costs one more teacher pass per layer and is only logged: the engine
         # switches it on for the steps it logs.
         self.log_kl = True
@@ -191,6 +196,7 @@ class DualViT(nn.Module):
         share = plan.share_drop_path and self.training
         wants_logits = self.training and plan.logit_weight > 0
         stop_at = self._teacher_stop_layer(wants_logits)
+        ce_path = self.ce_path or ce_path_for(x.device)
 
         with torch.no_grad():
             xt = _embed(teacher, x.to(tdtype))
@@ -226,6 +232,7 @@ class DualViT(nn.Module):
                         signals[next_t] = t_io.captured
                     next_t += 1
                 own: dict[str, torch.Tensor] | None = None
+                own_lse: torch.Tensor | None = None
                 if i not in teacher_for:
                     xs = blk(xs)
                 elif mode.is_copy:
@@ -235,12 +242,12 @@ class DualViT(nn.Module):
                     ):
                         xs = blk(xs)
                 else:
-                    s_io = AttentionIO(capture=wanted)
+                    s_io = AttentionIO(capture=wanted, return_lse=self._wants_lse(i, ce_path))
                     with attention_io(self._student_attn[i], s_io):
                         xs = blk(xs)
-                    own = s_io.captured
+                    own, own_lse = s_io.captured, s_io.lse
             if own is not None and mode.is_distill:
-                losses.append(self._layer_loss(i, signals[teacher_for[i]], own, out))
+                losses.append(self._layer_loss(i, signals[teacher_for[i]], own, out, ce_path, own_lse))
         xs = student.norm(xs)
         out.logits = student.forward_head(xs)
         if losses:
@@ -253,12 +260,23 @@ class DualViT(nn.Module):
             self._add_logit_loss(out, teacher_logits)
         return out
 
+    def _wants_lse(self, layer: int, ce_path: CEPath) -> bool:
+        """Whether student ``layer`` hands out its log-sum-exp: distilled maps, a softmax layer, a path
+        that takes the log-sum-exp from the attention kernel."""
+        return (
+            ce_path.needs_student_lse
+            and self.plan.mode.distills_maps
+            and self._student_attn[layer].map_kind is MapKind.SOFTMAX
+        )
+
     def _layer_loss(
         self,
         layer: int,
         teacher_sig: dict[str, torch.Tensor],
         student_sig: dict[str, torch.Tensor],
         out: TransferOutput,
+        ce_path: CEPath | None = None,
+        lse_s: torch.Tensor | None = None,
     ) -> torch.Tensor:
         mode = self.plan.mode
         if mode.distills_maps:
@@ -270,6 +288,8 @@ class DualViT(nn.Module):
                 teacher_sig["q"],
                 teacher_sig["k"],
                 with_metric=self.log_kl,
+                ce_path=ce_path,
+                lse_s=lse_s,
             )
             out.terms[f"{res.kind.term}/{layer}"] = res.loss
             if res.metric is not None and res.kind.logged_metric:

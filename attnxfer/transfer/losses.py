@@ -12,13 +12,18 @@ computed in chunks by `row_logsumexp`, whose backward recomputes each chunk's
 logits instead of keeping them. ``KL = CE − H(P_t)`` is reported beside it.
 Everything runs in fp32 whatever the surrounding autocast.
 
-Two exact evaluations of the same loss, chosen in one place (`ce_path_for`):
+Three exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_path_for`):
 
-* ``sdpa`` (accelerators): P_t K_s through SDPA's fused kernel, lse_s by `row_logsumexp`.
-* ``rows`` (CPU): one autograd Function that walks query-row chunks once, computing both rows'
-  logits, CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij and (for the logged KL) H(P̄_t)_i from the same chunk;
-  its backward recomputes each chunk and applies dz = (P_s − P̄_t)·g. Six N²d matmuls per layer
-  instead of the SDPA path's ten or so on CPU, where SDPA's backward is not a fused kernel.
+* ``rows`` (CPU): one autograd Function that walks query-row chunks once, computing both rows' logits,
+  the CE's sum and (for the logged KL) H(P̄_t) from the same chunk, and, because a scalar's gradient is
+  linear in the incoming one, the gradient itself: dz = P_s − P̄_t, dq ∝ dz K_s, dk ∝ dzᵀ Q_s. Four
+  N²d matmuls per layer, as autograd of the materialised maps does, without the maps; backward only
+  scales dq, dk.
+* ``sdpa`` (accelerators): P̄_t K_s through SDPA's fused kernel, lse_s by `row_logsumexp` (chunked,
+  logits on the tensor cores for bf16 inputs, recomputed in backward).
+* ``attention_lse``: as ``sdpa``, but lse_s comes with its gradient from the student's own attention
+  kernel (FlexAttention on CUDA, `attnxfer.models.attention.lse`): the loss then costs one more
+  attention, P̄_t K_s.
 
 `attention_ce_reference` materialises both maps: it is the oracle for tests
 and the "materialised" line of the benchmarks, never the training path.
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..models.attention import sdpa
+from ..models.attention.lse import row_logsumexp
 
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
 from ..models.attention.numerics import compute_dtype, logits_matmul, row_slices
@@ -51,55 +57,6 @@ __all__ = [
     "row_logsumexp",
     "teacher_entropy",
 ]
-
-
-class _RowLogSumExp(torch.autograd.Function):
-    """lse_i = log Σ_j exp(scale · q_i·k_j), chunked over queries, recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: float, chunk: int) -> torch.Tensor:
-        out = q.new_empty(q.shape[:-1])
-        kt = k.transpose(-2, -1)
-        for start in range(0, q.shape[-2], chunk):
-            rows = slice(start, start + chunk)
-            out[..., rows] = torch.logsumexp((q[..., rows, :] @ kt) * scale, dim=-1)
-        ctx.save_for_backward(q, k, out)
-        ctx.scale, ctx.chunk = scale, chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # backward may run inside the caller's autocast region: keep the recomputation fp32.
-        with _fp32(grad.device.type):
-            return _RowLogSumExp._backward(ctx, grad.float())
-
-    @staticmethod
-    def _backward(ctx, grad: torch.Tensor):
-        q, k, lse = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
-        dq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
-        dk = torch.zeros_like(k) if ctx.needs_input_grad[1] else None
-        kt = k.transpose(-2, -1)
-        for start in range(0, q.shape[-2], chunk):
-            rows = slice(start, start + chunk)
-            q_c = q[..., rows, :]
-            # d lse_i / d logits_ij = p_ij; weight by the incoming gradient of each row.
-            w = torch.exp((q_c @ kt) * scale - lse[..., rows, None]) * grad[..., rows, None]
-            if dq is not None:
-                dq[..., rows, :] = (w @ k) * scale
-            if dk is not None:
-                dk += (w.transpose(-2, -1) @ q_c) * scale
-        return dq, dk, None, None
-
-
-def row_logsumexp(
-    q: torch.Tensor, k: torch.Tensor, scale: float | None = None, chunk: int | None = None
-) -> torch.Tensor:
-    """Row log-sum-exp of ``scale · q kᵀ`` (B, H, N) in fp32 with O(chunk·N) memory, also in backward."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with _fp32(q.device.type):
-        q, k = q.to(compute_dtype(q)), k.to(compute_dtype(q))
-        return _RowLogSumExp.apply(q, k, scale, _auto_chunk(q, k.shape[-2], chunk))
 
 
 def _grouped_mean(p: torch.Tensor, groups: int) -> torch.Tensor:
@@ -184,15 +141,23 @@ def rows_path_chunk(q: torch.Tensor, n_keys: int, chunk: int | None = None) -> i
 class CEPath(StrEnum):
     """How `attention_distillation_loss` evaluates the exact CE."""
 
-    ROWS = "rows"  # one fused pass over cache-sized row chunks: fastest on CPU
-    SDPA = "sdpa"  # P_t K_s through SDPA's fused kernel: for accelerators
+    ROWS = "rows"  # one pass over row chunks computes CE and its gradient: fastest on CPU
+    SDPA = "sdpa"  # P̄_t K_s through SDPA's fused kernel, lse_s by the chunked `row_logsumexp`
+    ATTENTION_LSE = "attention_lse"  # P̄_t K_s through SDPA, lse_s from the student's own attention kernel
+
+    @property
+    def needs_student_lse(self) -> bool:
+        """The student layer must hand out its log-sum-exp (`AttentionIO.return_lse`)."""
+        return self is CEPath.ATTENTION_LSE
 
 
 CE_PATHS = tuple(CEPath)
 
 
 def ce_path_for(device: torch.device | str) -> CEPath:
-    """The one place that picks the CE evaluation for a device: ``rows`` on CPU, ``sdpa`` elsewhere."""
+    """The one place that picks the CE evaluation for a device: ``rows`` on CPU (measured fastest there,
+    docs/benchmarks.md), ``sdpa`` elsewhere (the path measured on an H100 so far; ``rows`` and
+    ``attention_lse`` await a GPU measurement: `benchmarks/transfer_step.py --ce-paths`)."""
     return CEPath.ROWS if torch.device(device).type == "cpu" else CEPath.SDPA
 
 
@@ -279,6 +244,7 @@ def attention_distillation_loss(
     chunk: int | None = None,
     with_kl: bool = True,
     path: CEPath | str | None = None,
+    lse_s: torch.Tensor | None = None,
 ) -> AttentionLoss:
     """Mean row cross-entropy −Σ_j P_t log P_s over (batch, head, query), O(N) memory.
 
@@ -287,9 +253,12 @@ def attention_distillation_loss(
         q_s, k_s: student queries/keys (B, H_s, N, d_s); H_t must be a multiple of H_s
             (teacher heads ``h·g … h·g+g−1`` are averaged into student head ``h``).
         scale_t, scale_s: logit scales, default ``d^-0.5`` (timm's).
-        chunk: query rows per log-sum-exp chunk (default: sized to ~64 MiB).
+        chunk: query rows per chunk (default: `rows_path_chunk` / the shared 64 MiB budget).
         with_kl: also return the detached KL = CE − H(P̄_t).
-        path: ``rows`` or ``sdpa`` (see `CE_PATHS`); default `ce_path_for` the inputs' device.
+        path: one of `CE_PATHS`; default `ce_path_for` the inputs' device.
+        lse_s: the student's row log-sum-exp (B, H_s, N) with its gradient, from the student's own
+            attention kernel (`AttentionIO(return_lse=True)`): required by ``attention_lse``, used by
+            ``sdpa`` when given, ignored by ``rows``.
     """
     _check_shapes(q_t, k_t, q_s, k_s)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
@@ -298,35 +267,47 @@ def attention_distillation_loss(
         path = ce_path_for(q_s.device) if path is None else CEPath(path)
     except ValueError:
         raise ValueError(f"unknown CE path {path!r}; choose one of {', '.join(CE_PATHS)}") from None
+    if path is CEPath.ATTENTION_LSE and lse_s is None:
+        raise ValueError(
+            "the attention_lse path takes the student's log-sum-exp from its attention kernel: pass lse_s "
+            "(run the student layer with AttentionIO(return_lse=True))"
+        )
     with _fp32(q_s.device.type):
-        dtype = compute_dtype(q_s)
-        q_t, k_t = q_t.detach().to(dtype), k_t.detach().to(dtype)
-        q_s, k_s = q_s.to(dtype), k_s.to(dtype)
+        q_t, k_t = q_t.detach(), k_t.detach()
         if path is CEPath.ROWS:
-            # a cache-sized chunk: each pass touches its blocks of logits several times
-            step = rows_path_chunk(q_t, k_s.shape[-2], chunk)
+            dtype = compute_dtype(q_s)
+            # a cache-sized chunk on CPU: each pass touches its blocks of logits several times
             grad = torch.is_grad_enabled()
             ce, ent = _FusedRowCE.apply(
-                q_s,
-                k_s,
-                q_t,
-                k_t,
+                *(t.to(dtype) for t in (q_s, k_s, q_t, k_t)),
                 scale_s,
                 scale_t,
-                step,
+                rows_path_chunk(q_t, k_s.shape[-2], chunk),
                 with_kl,
                 grad and q_s.requires_grad,
                 grad and k_s.requires_grad,
             )
             return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
-        lse_s = row_logsumexp(q_s, k_s, scale_s, chunk)
+        if not _half_on_accelerator(q_t, k_t, q_s, k_s):
+            dtype = compute_dtype(q_s)
+            q_t, k_t, q_s, k_s = (t.to(dtype) for t in (q_t, k_t, q_s, k_s))
+        if lse_s is None:
+            lse_s = row_logsumexp(q_s, k_s, scale_s, chunk)
+        # P̄_t K_s: one more attention, in the inputs' dtype (a bf16 flash kernel on GPU, fp32 elsewhere)
         pt_ks = _teacher_times(q_t, k_t, k_s, scale_t)
-        ce_rows = lse_s - scale_s * (q_s * pt_ks).sum(-1)
-        ce = ce_rows.mean()
+        dtype = lse_s.dtype
+        ce = (lse_s - scale_s * (q_s.to(dtype) * pt_ks.to(dtype)).sum(-1)).mean()
         kl = None
         if with_kl:
             kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean()
     return AttentionLoss(ce, kl)
+
+
+def _half_on_accelerator(*tensors: torch.Tensor) -> bool:
+    """bf16/fp16 tensors of one dtype on CUDA: SDPA then runs its flash kernel (fp32 accumulation inside,
+    a rounded output); everything else is upcast to the compute dtype."""
+    dtype = tensors[0].dtype
+    return all(t.is_cuda and t.dtype == dtype for t in tensors) and dtype in (torch.bfloat16, torch.float16)
 
 
 def attention_ce_reference(

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.numerics import fp32_section, row_chunk
-from .losses import attention_distillation_loss
+from .losses import CEPath, attention_distillation_loss
 
 __all__ = [
     "DEFAULT_MAP_LOSS",
@@ -138,8 +138,11 @@ def _implicit_loss(
     *,
     with_metric: bool = True,
     chunk: int | None = None,
+    ce_path: CEPath | str | None = None,
+    lse_s: torch.Tensor | None = None,
 ) -> MapAgreement:
-    """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free."""
+    """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free.
+    (``ce_path``/``lse_s`` concern softmax layers' exact CE only.)"""
     _check_equal_shapes(q_s, k_s, q_t, k_t)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
     B, H, N, _ = q_s.shape
@@ -171,10 +174,19 @@ def _implicit_loss(
 
 
 def _exact_softmax_ce(
-    attn: TransferableAttention, q_s, k_s, q_t, k_t, *, with_metric: bool = True, chunk: int | None = None
+    attn: TransferableAttention,
+    q_s,
+    k_s,
+    q_t,
+    k_t,
+    *,
+    with_metric: bool = True,
+    chunk: int | None = None,
+    ce_path: CEPath | str | None = None,
+    lse_s: torch.Tensor | None = None,
 ) -> MapAgreement:
     """The exact O(N) CE of a softmax student layer (no map built; head groups; unequal head dims)."""
-    res = attention_distillation_loss(q_t, k_t, q_s, k_s, with_kl=with_metric)
+    res = attention_distillation_loss(q_t, k_t, q_s, k_s, with_kl=with_metric, path=ce_path, lse_s=lse_s)
     return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
 
 
@@ -256,16 +268,21 @@ def map_distillation_loss(
     *,
     with_metric: bool = True,
     chunk: int | None = None,
+    ce_path: CEPath | str | None = None,
+    lse_s: torch.Tensor | None = None,
 ) -> MapAgreement:
     """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
     softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
 
     q/k are (B, H, N, d); ``q_t``/``k_t`` get no gradient. Returns the loss (mean over rows for CE, over
     entries for MSE) and the detached metric: KL for CE (for softmax layers only ``with_metric``, as it
-    costs a teacher pass), the loss itself for MSE.
+    costs a teacher pass), the loss itself for MSE. A softmax layer's exact CE takes ``ce_path`` (default:
+    by device) and, for ``attention_lse``, the layer's own log-sum-exp ``lse_s``.
     """
     rule = map_loss_rule(attn.map_kind, loss)
-    return rule.compute(attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk)
+    return rule.compute(
+        attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk, ce_path=ce_path, lse_s=lse_s
+    )
 
 
 def implicit_map_loss(

@@ -6,12 +6,15 @@ module              what
 ``interface``       `TransferableAttention` (the abstract base: project / attend / attention_map /
                     forward with `AttentionIO`), `MapKind`, `AttentionIO`, `PartialQKV`
 ``softmax``         `TransferAttention` (timm's ``Attention``, registered as ``"softmax"``),
-                    `make_transfer_aware`, `sdpa`, `explicit_attention_map`
+                    `make_transfer_aware`, `sdpa`, `attention_with_lse`, `explicit_attention_map`
 ``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
                     `attention_name_of`, ...)
 ``capture``         whole-model access through the interface: `transfer_attentions`, `attention_maps`,
                     `capture_attention`
-``numerics``        fp32 sections and row chunks (one chunk budget) for attentions and their losses
+``numerics``        fp32 sections and row chunks (one chunk budget) for attentions and their losses;
+                    `logits_matmul` (fp32 logits, tensor cores for bf16 on CUDA)
+``lse``             the chunked `row_logsumexp` and the backends of `attention_with_lse` (softmax
+                    attention that hands out its log-sum-exp: FlexAttention on CUDA, a twin elsewhere)
 ==================  =================================================================================
 
 The zoo's attentions live in `attnxfer.models.efficient` (one file per family) on the base
@@ -36,7 +39,14 @@ from .registry import (
     list_attentions,
     register_attention,
 )
-from .softmax import SOFTMAX, TransferAttention, explicit_attention_map, make_transfer_aware, sdpa
+from .softmax import (
+    SOFTMAX,
+    TransferAttention,
+    attention_with_lse,
+    explicit_attention_map,
+    make_transfer_aware,
+    sdpa,
+)
 
 __all__ = [
     "CAPTURE_FIELDS",
@@ -52,6 +62,7 @@ __all__ = [
     "attention_layer",
     "attention_maps",
     "attention_name_of",
+    "attention_with_lse",
     "capture_attention",
     "create_attention",
     "explicit_attention_map",

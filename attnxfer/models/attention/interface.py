@@ -116,8 +116,10 @@ class AttentionIO:
     """Instructions for one call of a `TransferableAttention`, and what it hands back.
 
     Overrides are (B, H, N, d) tensors in the layer's head layout. After the call, ``captured``
-    holds the layer's own q/k/v (only those requested in ``capture``) and ``map`` the layer's
-    attention map if ``return_map`` was set.
+    holds the layer's own q/k/v (only those requested in ``capture``), ``map`` the layer's
+    attention map if ``return_map`` was set, and ``lse`` the rows' log-sum-exp of its logits, with a
+    gradient, if ``return_lse`` was set (softmax layers: what the distillation loss takes from the
+    student's own attention kernel).
     """
 
     q: torch.Tensor | None = None
@@ -125,8 +127,10 @@ class AttentionIO:
     v: torch.Tensor | None = None
     capture: str = ""  # subset of "qkv"
     return_map: bool = False
+    return_lse: bool = False
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
     map: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
 
     def override(self, name: str) -> torch.Tensor | None:
         return getattr(self, name)
@@ -408,7 +412,12 @@ class TransferableAttention(nn.Module):
             if io.return_map:
                 io.map = self._io_map(qkv["q"], qkv["k"], attn_mask)
         # A replaced q or k comes with its own scale (its head dim): every core scales by q's head dim.
-        out = self.attend(qkv["q"], qkv["k"], qkv["v"], attn_mask=attn_mask, is_causal=is_causal)
+        if io is not None and io.return_lse:
+            if attn_mask is not None or is_causal:
+                raise ValueError("return_lse takes no attention mask (ViT attention has none)")
+            out, io.lse = self.attend_with_lse(qkv["q"], qkv["k"], qkv["v"])
+        else:
+            out = self.attend(qkv["q"], qkv["k"], qkv["v"], attn_mask=attn_mask, is_causal=is_causal)
         return self._output(x, out)
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -430,6 +439,15 @@ class TransferableAttention(nn.Module):
     ) -> torch.Tensor:
         """Attention core (B, H, N, d) -> (B, H, N, d_v), before the output projection."""
         raise NotImplementedError
+
+    def attend_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attend`` plus the rows' log-sum-exp of its softmax logits: softmax attention only."""
+        raise TypeError(
+            f"{type(self).__name__} is not a softmax attention: it has no log-sum-exp to hand out "
+            "(its distillation loss is computed from its implicit map)"
+        )
 
     def attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The part of ``attend`` that equals ``attention_map(q, k) @ v``.

@@ -19,10 +19,18 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from .interface import MapKind, TransferableAttention
+from .lse import LSEBackend, flex_attention_with_lse, lse_backend_for, row_logsumexp
 from .opcount import OpCounts, matmul_ops, softmax_ops
 from .registry import register_attention
 
-__all__ = ["SOFTMAX", "TransferAttention", "explicit_attention_map", "make_transfer_aware", "sdpa"]
+__all__ = [
+    "SOFTMAX",
+    "TransferAttention",
+    "attention_with_lse",
+    "explicit_attention_map",
+    "make_transfer_aware",
+    "sdpa",
+]
 
 #: The registry name of softmax attention (`TransferAttention`; plain timm ``Attention`` is softmax too).
 SOFTMAX = "softmax"
@@ -83,6 +91,12 @@ class TransferAttention(TransferableAttention, Attention):
             is_causal=is_causal,
         )
 
+    def attend_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attend`` plus the rows' log-sum-exp of its logits, both differentiable (`attention_with_lse`)."""
+        return attention_with_lse(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """Per (batch, head): q / sqrt(d) (N d), q k^T, the row softmax (max and exp as ``other``, the
         shift, the row sums, N^2 divisions), and P v."""
@@ -128,6 +142,29 @@ def sdpa(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
     )
     return out[..., :dv] if dq != dv else out
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    dropout_p: float = 0.0,
+    backend: LSEBackend | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(s·q kᵀ) v and the rows' log-sum-exp of s·q kᵀ (s = d_q^-0.5; fp32), both differentiable.
+
+    ``backend`` defaults to `lse_backend_for` the inputs' device: one FlexAttention kernel on CUDA, SDPA and
+    the chunked `row_logsumexp` elsewhere (see `attnxfer.models.attention.lse`).
+    """
+    scale = q.shape[-1] ** -0.5
+    backend = lse_backend_for(q.device, dropout_p) if backend is None else LSEBackend(backend)
+    if backend is LSEBackend.FLEX:
+        if dropout_p:
+            raise ValueError("FlexAttention has no attention dropout: use the 'twin' backend")
+        out, lse = flex_attention_with_lse(q, k, v, scale=scale)
+        return out, lse if lse.dtype == torch.float64 else lse.float()
+    return sdpa(q, k, v, dropout_p=dropout_p), row_logsumexp(q, k, scale)
 
 
 def explicit_attention_map(
