@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attnxfer.config.schema import RANGES
 from attnxfer.models.attention import attention_with_lse
 from attnxfer.transfer.losses import (
     CE_PATHS,
@@ -132,6 +133,7 @@ def test_rows_path_equals_the_oracle_in_float64():
 
 def test_cpu_uses_the_rows_path_and_unknown_paths_are_refused():
     assert ce_path_for("cpu") == "rows" and ce_path_for("cuda") == "sdpa"
+    assert RANGES["transfer.ce_path"].choices == ("auto", *CE_PATHS)  # the config offers every path
     with pytest.raises(ValueError, match="unknown CE path"):
         attention_distillation_loss(*_qk(1, 2, 10, 4, 1), *_qk(1, 2, 10, 4, 2), path="flash")
 

@@ -229,3 +229,29 @@ def test_saves_over_existing_steps_replace_same_weights_and_keep_other_weights(t
     assert all(torch.equal(first[k], kept[k]) for k in first)
     new = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
     assert not all(torch.equal(first[k], new[k]) for k in first)
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "teacher"
+    assert cli.main(["export", str(trained), str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("ce_path", ["auto", "attention_lse"])
+def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_path, capsys):
+    """transfer.ce_path reaches the training step (attention_lse: the student's layers hand out their
+    log-sum-exp, or the loss refuses to run) and run.json records the path used (auto: rows on CPU)."""
+    run = tmp_path / "distill"
+    code, _, err = _run(
+        capsys,
+        "train",
+        *[a for a in S if a != "transfer.mode=none"],
+        "transfer.mode=distill",
+        f"teacher.spec=local-dir:{exported}",
+        f"transfer.ce_path={ce_path}",
+        "schedule.max_steps=1",
+        f"run_dir={run}",
+    )
+    assert code == 0, err
+    assert json.loads((run / "run.json").read_text())["ce_path"] == {"auto": "rows"}.get(ce_path, ce_path)

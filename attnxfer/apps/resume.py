@@ -26,6 +26,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "deterministic",
     "eval_only",
     "teacher.cache_dir",
+    "transfer.ce_path",  # the same loss, evaluated another way
     "data.root",  # the same dataset at another path (a node-local copy)
     "data.num_workers",
     "data.pin_memory",

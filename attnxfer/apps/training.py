@@ -21,6 +21,7 @@ from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TaskLoss, Tra
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
+from ..transfer.losses import ce_path_for
 from ..transfer.plan import TransferPlan, build_plan
 from .resume import check_resume
 from .run_parts import RunParts, build_run_parts
@@ -133,6 +134,8 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
         "std": parts.std,
         **engine_facts(engine),
     }
+    if engine.plan.mode.distills_maps:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved)
+        info["ce_path"] = str(engine.dual.ce_path or ce_path_for(engine.runtime.device))
     atomic_write_json(run_dir / "run.json", info)
 
 
@@ -156,7 +159,11 @@ def build_engine(
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
     plan = plan_from_config(cfg, parts)
     dual = DualViT(
-        parts.teacher, parts.student, plan, teacher_dtype=teacher_dtype(cfg.teacher.dtype, runtime.precision)
+        parts.teacher,
+        parts.student,
+        plan,
+        teacher_dtype=teacher_dtype(cfg.teacher.dtype, runtime.precision),
+        ce_path=None if cfg.transfer.ce_path == "auto" else cfg.transfer.ce_path,
     )
     dual.to(runtime.device)
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None

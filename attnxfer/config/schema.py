@@ -95,6 +95,9 @@ class TransferConfig:
     share_drop_path: bool = False  # False: teacher deterministic (default); True: the paper's shared masks
     logit_distill: float = 0.0  # weight of KL(teacher logits || student logits) beside the task loss
     logit_temperature: float = 1.0  # softening temperature T of that KL (scaled by T^2)
+    # how a softmax student layer's exact CE is evaluated: auto (rows on CPU, sdpa on GPU) | rows | sdpa |
+    # attention_lse (the student's attention kernel hands out its log-sum-exp: FlexAttention on CUDA)
+    ce_path: str = "auto"
 
 
 @dataclass
@@ -358,6 +361,7 @@ RANGES: dict[str, Range] = {
     "transfer.share_drop_path": _ANY,
     "transfer.logit_distill": _NON_NEGATIVE,
     "transfer.logit_temperature": _POSITIVE,
+    "transfer.ce_path": Range(choices=("auto", "rows", "sdpa", "attention_lse")),  # transfer.losses.CE_PATHS
     "data.dataset": _ANY,  # a registry of attnxfer.data
     "data.root": _ANY,
     "data.img_size": _AT_LEAST_1,
