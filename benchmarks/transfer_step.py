@@ -11,6 +11,10 @@ built from the same student initialisation:
   distill_ref  the same step with each layer's loss built from materialised N×N maps
                (attnxfer.transfer.losses.attention_ce_reference on the captured q/k)
 
+With ``--ce-paths rows,sdpa,attention_lse`` each named CE evaluation (transfer.ce_path) also runs as
+``distill:PATH`` in the same interleaved rounds; ``distill`` itself is the device's default
+(attnxfer.transfer.losses.ce_path_for).
+
 Times are medians of interleaved rounds after warm-up (every round runs each
 configuration once, order rotated), so all four share the machine's background
 load. Memory: see benchmarks/_measure.py and docs/benchmarks.md for exactly what
@@ -20,6 +24,8 @@ cross-check).
     python benchmarks/transfer_step.py                      # the table in docs/benchmarks.md
     python benchmarks/transfer_step.py --quick              # smoke run, seconds
     python benchmarks/transfer_step.py --pair small-tiny --json out.json
+    python benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 --batch 64,16,4 \
+        --ce-paths rows,sdpa,attention_lse                  # issue 14's GPU table, every CE path
 """
 
 from __future__ import annotations
@@ -57,9 +63,9 @@ from _measure import (  # noqa: E402
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.train import student_param_groups  # noqa: E402
 from attnxfer.transfer import DualViT, TransferOutput  # noqa: E402
-from attnxfer.transfer.losses import attention_ce_reference  # noqa: E402
+from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference  # noqa: E402
 
-MODES = ("none", "copy", "distill", "distill_ref")
+MODES = ("none", "copy", "distill", "distill_ref")  # the base modes; --ce-paths adds distill:PATH
 PATCH = 16
 NUM_CLASSES = 100
 TOKENS_PER_STEP = 1570  # default batch: about this many tokens a step at every N
@@ -70,6 +76,19 @@ COPY_TIME_MAX = 1.5
 COPY_MEMORY_MAX = 1.3
 DISTILL_MEMORY_GAIN_MIN = 3.0
 DISTILL_TARGET_TOKENS = 785
+# Issue 14's targets for the distillation step (time over the plain step, by token count; memory).
+CPU_DISTILL_TIME_MAX = {197: 1.45}
+GPU_DISTILL_TIME_MAX = {197: 1.5, 785: 2.0, 3137: 3.0}
+GPU_DISTILL_MEMORY_MAX = 1.7
+
+
+def ce_path_of(mode: str) -> str | None:
+    """``distill:sdpa`` -> ``sdpa``; None for the base modes (``distill`` takes the device's default)."""
+    return mode.split(":", 1)[1] if mode.startswith("distill:") else None
+
+
+def is_distill(mode: str) -> bool:
+    return mode == "distill" or mode.startswith("distill:")
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,7 @@ class MaterialisedDistillViT(DualViT):
         teacher_sig: dict[str, torch.Tensor],
         student_sig: dict[str, torch.Tensor],
         out: TransferOutput,
+        *_path_and_lse,
     ) -> torch.Tensor:
         if self.plan.mode.distill != "maps":
             return super()._layer_loss(layer, teacher_sig, student_sig, out)
@@ -149,14 +169,15 @@ class TrainStep:
         batch: int,
         device: torch.device,
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown benchmark mode {mode!r}; choose from {MODES}")
+        if mode not in MODES and ce_path_of(mode) not in CE_PATHS:
+            raise ValueError(f"unknown benchmark mode {mode!r}; choose from {MODES} or distill:<{CE_PATHS}>")
         self.mode = mode
         student = build_vit(student_shape, tokens, seed=0)
         if mode == "none":
             teacher = None
         wrapper = MaterialisedDistillViT if mode == "distill_ref" else DualViT
-        self.model = wrapper(teacher, student, mode={"distill_ref": "distill"}.get(mode, mode)).to(device)
+        transfer = "distill" if is_distill(mode) or mode == "distill_ref" else mode
+        self.model = wrapper(teacher, student, mode=transfer, ce_path=ce_path_of(mode)).to(device)
         self.model.train()
         self.model.log_kl = False  # as on training steps that are not logged (the engine logs every 20th)
         self.teacher = teacher
@@ -269,6 +290,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CPU threads for torch (default 1: on a shared, oversubscribed machine a multi-threaded "
         "step's wall time is dominated by waiting for descheduled threads)",
     )
+    p.add_argument(
+        "--ce-paths",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=[],
+        help=f"also time distillation with each of these CE evaluations ({','.join(CE_PATHS)}) as "
+        "distill:PATH (default: only the device's default path, as 'distill')",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--json", metavar="PATH", default=None, help="also write the table and machine facts as JSON"
@@ -286,6 +314,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    unknown = [c for c in args.ce_paths if c not in CE_PATHS]
+    if unknown:
+        raise SystemExit(f"--ce-paths: unknown {', '.join(unknown)}; choose from {', '.join(CE_PATHS)}")
+    args.modes = (*MODES, *(f"distill:{c}" for c in args.ce_paths))
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.rss is None:
         args.rss = args.device.type == "cpu" and not q
@@ -323,14 +355,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch = batches[tokens]
         t0 = time.perf_counter()
         teacher = build_vit(t_shape, tokens, seed=1)
-        steps = {m: TrainStep(m, teacher, s_shape, tokens, batch, args.device) for m in MODES}
+        steps = {m: TrainStep(m, teacher, s_shape, tokens, batch, args.device) for m in args.modes}
         timings = interleaved_timings(steps, device=args.device, warmup=args.warmup, repeats=args.repeats)
-        memory = {m: (steps[m].static_bytes(), step_peak_growth(steps[m], args.device)) for m in MODES}
+        memory = {m: (steps[m].static_bytes(), step_peak_growth(steps[m], args.device)) for m in args.modes}
         del steps, teacher
         gc.collect()
-        rss = {m: None for m in MODES}
+        rss = {m: None for m in args.modes}
         if args.rss:
-            for m in MODES:
+            for m in args.modes:
                 rss[m], _ = isolated_rss_growth(
                     _isolated_config,
                     args.pair,
@@ -344,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
         base_time = timings["none"].median
         base_peak = sum(memory["none"])
-        for m in MODES:
+        for m in args.modes:
             static, growth = memory[m]
             peak = static + growth
             rows.append(
@@ -392,18 +424,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             threads=torch.get_num_threads(),
             rss_fixed_mmap=bool(args.rss and args.rss_fixed_mmap),
             quick=args.quick,
+            ce_paths=list(args.ce_paths),
         ),
         machine=info,
         rows=rows,
-        targets=check_targets(rows),
+        targets=check_targets(rows, args.device.type),
     )
 
 
-def check_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 2's targets, each with the measured figure and whether it holds."""
+def _target(target: str, tokens: int, value: float, holds: bool) -> dict[str, Any]:
+    return dict(target=target, tokens=tokens, value=value, holds=holds)
+
+
+def distill_targets(rows: Sequence[dict[str, Any]], device_type: str) -> list[dict[str, Any]]:
+    """Issue 14's targets for every distillation mode timed (the default path and each distill:PATH):
+    faster than the materialised step at every N and within the time (and, on GPU, memory) budget."""
+    by = {(r["tokens"], r["mode"]): r for r in rows}
+    out = []
+    budget = GPU_DISTILL_TIME_MAX if device_type == "cuda" else CPU_DISTILL_TIME_MAX
+    for mode in dict.fromkeys(r["mode"] for r in rows if is_distill(r["mode"])):
+        for n in sorted({r["tokens"] for r in rows}):
+            d, ref = by[(n, mode)], by[(n, "distill_ref")]
+            faster = "faster than" if device_type == "cuda" else "<="
+            out.append(
+                _target(
+                    f"{mode} step {faster} the materialised one",
+                    n,
+                    d["time_ratio"] / ref["time_ratio"],
+                    d["time_ratio"] < ref["time_ratio"]
+                    if device_type == "cuda"
+                    else d["time_ratio"] <= ref["time_ratio"],
+                )
+            )
+            if n in budget:
+                out.append(
+                    _target(
+                        f"{mode} step <= {budget[n]}x plain", n, d["time_ratio"], d["time_ratio"] <= budget[n]
+                    )
+                )
+            if device_type == "cuda":
+                out.append(
+                    _target(
+                        f"{mode} peak memory <= {GPU_DISTILL_MEMORY_MAX}x plain",
+                        n,
+                        d["memory_ratio"],
+                        d["memory_ratio"] <= GPU_DISTILL_MEMORY_MAX,
+                    )
+                )
+    return out
+
+
+def check_targets(rows: Sequence[dict[str, Any]], device_type: str = "cpu") -> list[dict[str, Any]]:
+    """Issue 2's and issue 14's targets, each with the measured figure and whether it holds."""
     by = {(r["tokens"], r["mode"]): r for r in rows}
     tokens = sorted({r["tokens"] for r in rows})
-    out = []
+    out = distill_targets(rows, device_type)
     for n in tokens:
         c = by[(n, "copy")]
         out.append(
