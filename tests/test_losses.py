@@ -8,6 +8,7 @@ from attnxfer.models.attention import attention_with_lse
 from attnxfer.transfer.losses import (
     CE_PATHS,
     CEPath,
+    _FusedRowCE,
     attention_ce_reference,
     attention_distillation_loss,
     ce_path_for,
@@ -203,3 +204,23 @@ def test_strided_views_of_a_fused_qkv_and_one_sided_gradients(path):
         attention_ce_reference(teacher[0], teacher[1], q_only_k, k_s).ce, [student]
     )
     assert g_k[:, :, 0].abs().max() == 0 and _rel(g_k, g_k_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("keep_half", [False, True])
+def test_rows_path_with_bf16_operands_kept_for_the_tensor_cores(keep_half):
+    """On CUDA the rows path keeps bf16 q/k as matmul operands (fp32 logits from the tensor cores) and
+    scales the logits after the product; on CPU `logits_matmul` upcasts (the same math), so the branch's
+    own logic (post-scaling, scales inside the gradient GEMMs, head groups) is checked here against the
+    oracle on the same bf16 values."""
+    q_t, k_t = (t.bfloat16() for t in _qk(2, 6, 29, 32, seed=21, scale=1.5))
+    q_s, k_s = (t.bfloat16().requires_grad_() for t in _qk(2, 3, 29, 16, seed=22))
+    s_t, s_s = 32**-0.5, 16**-0.5  # 16**-0.5 is a power of two, 32**-0.5 is not
+    ce, ent = _FusedRowCE.apply(q_s, k_s, q_t, k_t, s_s, s_t, 7, True, True, True, keep_half)
+    ref = attention_ce_reference(q_t.float(), k_t.float(), q_s.float(), k_s.float())
+    assert ce.dtype == torch.float32 and _rel(ce, ref.ce) <= 1e-5
+    assert abs((ce - ent) - ref.kl) <= 1e-5 * ref.ce
+    g = torch.autograd.grad(ce, [q_s, k_s])
+    g_ref = torch.autograd.grad(ref.ce, [q_s, k_s])
+    for a, b in zip(g, g_ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), rtol=2**-7, atol=1e-8)

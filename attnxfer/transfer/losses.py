@@ -80,37 +80,54 @@ class _FusedRowCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, chunk, entropy, want_q, want_k):
+    def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, chunk, entropy, want_q, want_k, keep_half):
         B, H, N, _ = q_s.shape
         groups = q_t.shape[1] // H
-        # Contiguous once (q/k arrive as strided views of a fused qkv output; a matmul would copy them
-        # per chunk), with the logit scales folded into q: N·d multiplies instead of N² per chunk.
-        qs, ks = (q_s * scale_s).contiguous(), k_s.contiguous()
-        qt, kt = (q_t * scale_t).contiguous(), k_t.contiguous()
+        n = B * H * N  # rows averaged over
+        dtype = compute_dtype(q_s)
+        # Contiguous once (q/k arrive as strided views of a fused qkv output; a matmul would copy them per
+        # chunk). fp32: the logit scales fold into q (N·d multiplies instead of N² per chunk). keep_half:
+        # bf16 operands stay bf16 for the tensor cores and the fp32 logits are scaled instead (s·q in bf16
+        # would round).
+        if keep_half:
+            qs, ks, qt, kt = (t.contiguous() for t in (q_s, k_s, q_t, k_t))
+            post_s, post_t, q_scale = scale_s, scale_t, scale_s
+        else:
+            qs, ks = _scaled_contiguous(q_s.to(dtype), scale_s), k_s.to(dtype).contiguous()
+            qt, kt = _scaled_contiguous(q_t.to(dtype), scale_t), k_t.to(dtype).contiguous()
+            post_s = post_t = None
+            q_scale = 1.0  # already in qs
         ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
-        ce, ent = qs.new_zeros(()), qs.new_zeros(())
-        dq = torch.empty_like(qs) if want_q else None
-        dk = torch.zeros_like(ks) if want_k else None
-        for rows in row_slices(0, N, chunk):
-            p_t = _grouped_mean(torch.softmax(logits_matmul(qt[..., rows, :], kt_T), dim=-1), groups)
-            log_p_s = torch.log_softmax(logits_matmul(qs[..., rows, :], ks_T), dim=-1)
+        ce, ent = (
+            torch.zeros((), dtype=dtype, device=qs.device),
+            torch.zeros((), dtype=dtype, device=qs.device),
+        )
+        dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
+        dk = torch.empty(ks.shape, dtype=dtype, device=ks.device) if want_k else None
+        # (B·H, N, ·) fp32 views for the gradient products: scaled and accumulated inside the GEMMs
+        qs3, ks3 = qs.to(dtype).view(B * H, N, -1), ks.to(dtype).view(B * H, N, -1)
+        for i, rows in enumerate(row_slices(0, N, chunk)):
+            z_t = logits_matmul(qt[..., rows, :], kt_T)
+            z_s = logits_matmul(qs[..., rows, :], ks_T)
+            p_t = _grouped_mean(torch.softmax(z_t if post_t is None else z_t.mul_(post_t), dim=-1), groups)
+            log_p_s = torch.log_softmax(z_s if post_s is None else z_s.mul_(post_s), dim=-1)
             ce -= torch.dot(p_t.reshape(-1), log_p_s.reshape(-1))
             if entropy:
                 ent -= torch.special.xlogy(p_t, p_t).sum()
             if dq is None and dk is None:
                 continue
-            dz = log_p_s.exp_().sub_(p_t)  # P_s − P̄_t: d CE_i / d logits_i
-            if dq is not None:
-                dq[..., rows, :] = dz @ ks
-            if dk is not None:
-                dk.add_(dz.transpose(-2, -1) @ qs[..., rows, :])  # s is already in qs
-        n = B * H * N
-        if dq is not None:
-            dq.mul_(scale_s / n)
-        if dk is not None:
-            dk.div_(n)
+            dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, N)  # P_s − P̄_t: d CE_i / d logits_i
+            if dq is not None:  # dq = (s/n)·dz K_s
+                part = dq.view(B * H, N, -1)[:, rows]
+                torch.baddbmm(part, dz, ks3, beta=0, alpha=scale_s / n, out=part)
+            if dk is not None:  # dk = (s/n)·dzᵀ Q_s, summed over chunks
+                dk3 = dk.view(B * H, N, -1)
+                torch.baddbmm(
+                    dk3, dz.transpose(1, 2), qs3[:, rows], beta=int(i > 0), alpha=q_scale / n, out=dk3
+                )
         ctx.save_for_backward(*(t for t in (dq, dk) if t is not None))
         ctx.has = (dq is not None, dk is not None)
+        ctx.dtypes = (q_s.dtype, k_s.dtype)
         ctx.mark_non_differentiable(ent)
         return ce / n, ent / n
 
@@ -118,9 +135,15 @@ class _FusedRowCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_ce, _grad_ent):
         saved = iter(ctx.saved_tensors)
-        dq = next(saved) * grad_ce if ctx.has[0] else None
-        dk = next(saved) * grad_ce if ctx.has[1] else None
-        return dq, dk, None, None, None, None, None, None, None, None
+        dq = (next(saved) * grad_ce).to(ctx.dtypes[0]) if ctx.has[0] else None
+        dk = (next(saved) * grad_ce).to(ctx.dtypes[1]) if ctx.has[1] else None
+        return dq, dk, None, None, None, None, None, None, None, None, None
+
+
+def _scaled_contiguous(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * scale`` as a new contiguous tensor in one pass (``(t * scale).contiguous()`` takes two for a
+    strided ``t``: elementwise results keep their input's layout)."""
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
 
 
 #: Elements of one (B, H_t, rows, N) logits block of the ``rows`` path on CPU: 512K fp32 = 2 MiB, about a
@@ -275,17 +298,19 @@ def attention_distillation_loss(
     with _fp32(q_s.device.type):
         q_t, k_t = q_t.detach(), k_t.detach()
         if path is CEPath.ROWS:
-            dtype = compute_dtype(q_s)
-            # a cache-sized chunk on CPU: each pass touches its blocks of logits several times
             grad = torch.is_grad_enabled()
             ce, ent = _FusedRowCE.apply(
-                *(t.to(dtype) for t in (q_s, k_s, q_t, k_t)),
+                q_s,
+                k_s,
+                q_t,
+                k_t,
                 scale_s,
                 scale_t,
-                rows_path_chunk(q_t, k_s.shape[-2], chunk),
+                rows_path_chunk(q_t, k_s.shape[-2], chunk),  # cache-sized on CPU
                 with_kl,
                 grad and q_s.requires_grad,
                 grad and k_s.requires_grad,
+                _half_on_accelerator(q_t, k_t, q_s, k_s),
             )
             return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
         if not _half_on_accelerator(q_t, k_t, q_s, k_s):
