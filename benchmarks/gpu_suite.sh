@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 14's GPU measurements, in parts that each fit one call of a lent GPU machine (< 10 minutes on one
+# H100; a session has about 30 minutes of device time in all). Run from the repository root with the
+# machine's own python3 (torch, timm, safetensors, huggingface_hub, accelerate, pyyaml, scipy, tqdm, pytest
+# and triton are in its image; attnxfer runs from the checkout, nothing is installed):
+#
+#   bash benchmarks/gpu_suite.sh check      # CUDA-only tests and every benchmark in smoke mode (~3 min)
+#   bash benchmarks/gpu_suite.sh transfer   # distillation step: every CE path, N = 197 / 785 / 3137
+#   bash benchmarks/gpu_suite.sh zoo        # efficient attentions vs flash SDPA, bf16, N = 197 / 785 / 3137
+#   bash benchmarks/gpu_suite.sh models     # whole-model images/s and `attnxfer train` images/s
+#
+# Each part writes its JSON and log to ${OUT:-gpu-results}/ (the device tool's $OUT comes back to the
+# caller). docs/benchmarks.md says what each figure is and where it goes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART=${1:-}
+case "$PART" in check | transfer | zoo | models) ;; *)
+    echo "usage: bash benchmarks/gpu_suite.sh check|transfer|zoo|models" >&2
+    exit 2
+    ;;
+esac
+OUT=${OUT:-gpu-results}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+"$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/device.txt"
+
+run() {  # run NAME CMD...: tee the output to $OUT/NAME.log, remember a failure, go on with the next
+    local name=$1
+    shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name FAILED (rc $rc)"; FAILED="$FAILED $name"; }
+}
+FAILED=""
+
+case "$PART" in
+check)
+    # the tests that exist only where CUDA does, then the CE paths' numerics, then every benchmark in smoke mode
+    run tests "$PY" -m pytest -q -x -p no:cacheprovider tests/test_attention_lse.py tests/test_losses.py
+    run transfer_quick "$PY" benchmarks/transfer_step.py --device cuda --quick --tokens 197,785 \
+        --ce-paths rows,sdpa,attention_lse
+    ;;
+transfer)
+    run transfer_step "$PY" benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 \
+        --batch 64,16,4 --repeats 10 --warmup 3 --ce-paths rows,sdpa,attention_lse \
+        --json "$OUT/transfer_step.json"
+    ;;
+zoo)
+    run attention_zoo "$PY" benchmarks/attention_zoo.py --device cuda --dtype bfloat16 --tokens 197 785 3137 \
+        --batch 256 64 16 --repeats 20 --warmup 5 --train --json "$OUT/attention_zoo.json"
+    ;;
+models)
+    echo "(whole-model and train throughput benchmarks: see docs/benchmarks.md)"
+    ;;
+esac
+if [ -n "$FAILED" ]; then
+    echo "failed parts:$FAILED"
+    exit 1
+fi
