@@ -155,10 +155,11 @@ ROWS_PATH_ELEMENTS = 1 << 19
 
 def rows_path_chunk(q: torch.Tensor, n_keys: int, chunk: int | None = None) -> int:
     """Query rows per chunk of the ``rows`` path: cache-sized blocks on CPU; on accelerators the shared
-    64 MiB budget for the three (B, H, rows, N) fp32 blocks alive at once (fewer, larger kernels)."""
+    64 MiB budget for the (B, H, rows, N) fp32 blocks alive at once (both logits, P_t, log P_s and a
+    group average: fewer, larger kernels)."""
     if q.device.type == "cpu":
         return _auto_chunk(q, n_keys, chunk, budget=ROWS_PATH_ELEMENTS)
-    return _auto_chunk(q, n_keys, chunk, live_tensors=3)
+    return _auto_chunk(q, n_keys, chunk, live_tensors=5)
 
 
 class CEPath(StrEnum):
