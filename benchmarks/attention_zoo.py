@@ -344,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.compile and args.warmup < 1:
         parser.error("--compile needs --warmup >= 1 (the first round compiles)")
+    if args.compile:
+        # Every attention's forward is one code object (TransferableAttention.forward): each class, grad mode
+        # and shape is another graph of it, and past dynamo's default limit of 8 it silently runs eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
     rows: list[Row] = []
     devices = ("cuda", "cpu") if args.cpu_bf16 else ("cuda",)
