@@ -63,8 +63,9 @@ KERNEL_BF16 = PrecisionPolicy(
         "read-out accumulation",
         "division by the normaliser",
     ),
-    why="non-negative features rounded once (2^-9 relative); every sum over tokens accumulates in fp32, so "
-    "the output's error stays within a few bf16 units of sum_j A_ij |v_j|, as flash attention's does",
+    why="non-negative features rounded once (at most 2^-8 relative, bf16's unit roundoff); every sum over "
+    "tokens accumulates in fp32, so the output's error stays within a few 2^-8 sum_j A_ij |v_j|, as flash "
+    "attention's does",
 )
 
 

@@ -38,7 +38,7 @@ __all__ = ["PERFORMER_BF16", "PerformerAttention", "default_num_features", "gaus
 PERFORMER_BF16 = PrecisionPolicy(
     bf16=("projection operands, as hi + lo bf16 halves of w", *KERNEL_BF16.bf16[1:], "features (stored)"),
     fp32=("projection accumulation", "|k|^2 / 2, stabilisers and exp2", *KERNEL_BF16.fp32),
-    why="exp of large arguments: a bf16-rounded projection moves the exponent by ~2^-9 |x'||w| (5-60 % in "
+    why="exp of large arguments: a bf16-rounded projection moves the exponent by up to 2^-8 |x'||w| (5-60 % in "
     "the feature); the two-term split keeps it to ~2^-17, and features in (0, 1] round safely",
 )
 
