@@ -27,6 +27,15 @@ work such as exp, softmax and normalisation is not counted), forward calls only.
 'softmax_unfused' is the explicit softmax(q k^T) v path (timm with fused_attn off), shown for
 reference: it is what an O(N^2)-memory softmax costs.
 
+Precision: ``--dtype bfloat16`` casts every layer to bf16. SDPA then runs flash attention in bf16; each zoo
+core runs its declared `PrecisionPolicy` (bf16 operands with fp32 sums where declared safe, fp32
+otherwise) on CUDA, and in fp32 on the CPU unless ``--cpu-bf16`` enables the bf16 path there too.
+
+Compilation: ``--compile`` adds, beside every attention, ``NAME+compiled``: the same module through
+``torch.compile`` (inductor, static shapes), timed in the same interleaved rounds (compilation happens in
+the warm-up round and is not timed; its wall time is reported per attention). FLOPs are not counted
+for compiled calls (the counter does not see into compiled graphs).
+
     python benchmarks/attention_zoo.py --json runs/attention_zoo.json
 """
 
@@ -53,10 +62,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _measure import step_peak_growth
 
 from attnxfer.models.attention import TransferAttention
+from attnxfer.models.attention.numerics import bf16_devices
 from attnxfer.models.efficient import create_attention, list_attentions
 
 LINEAR_FAMILY = ("relu_linear", "elu_linear", "performer", "hedgehog", "cosformer", "focused_linear")
 REFERENCE = "softmax"
+COMPILED = "+compiled"
 
 
 class UnfusedSoftmaxAttention(TransferAttention):
@@ -74,6 +85,7 @@ class Row:
     measures: dict[str, dict[str, float]]  # call -> {wall_ms, cpu_ms, peak_mib, gflops}
     ratios: dict[str, dict[str, float]] = None  # call -> same keys, relative to softmax
     operations: dict[str, float] | None = None  # the core's operation_counts (mul, add, other, energy_pj)
+    compile_s: float | None = None  # compiled rows: wall time of the warm-up round (compilation included)
 
 
 def parse_entry(entry: str) -> tuple[str, dict[str, object]]:
@@ -143,6 +155,16 @@ def flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
+def compiled_calls(module: nn.Module, x, q, k, v, train: bool) -> dict[str, Callable[[], object]]:
+    """The module, its core and (with ``train``) its training step through ``torch.compile`` (inductor)."""
+    layer = torch.compile(module, dynamic=False)
+    core = torch.compile(lambda q, k, v: module.attend(q, k, v), dynamic=False)
+    calls = {"module": lambda: layer(x), "core": lambda: core(q, k, v)}
+    if train:
+        calls["train"] = train_step(layer, x)
+    return calls
+
+
 def train_step(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     def step():
         module.zero_grad(set_to_none=True)
@@ -165,16 +187,22 @@ def measure(names: list[str], tokens: int, batch: int, args, device: torch.devic
         calls[n] = {"module": lambda m=m: m(x), "core": lambda m=m: m.attend(q, k, v)}
         if args.train:
             calls[n]["train"] = train_step(m, x)
+        if args.compile:
+            calls[n + COMPILED] = compiled_calls(m, x, q, k, v, args.train)
     times = {n: {kind: [] for kind in c} for n, c in calls.items()}
+    first_round = {n: 0.0 for n in calls}
     for repeat in range(args.warmup + args.repeats):
         for n, kinds in calls.items():  # interleaved: one of each per round
             for kind, fn in kinds.items():
                 with torch.set_grad_enabled(kind == "train"):
                     elapsed = seconds(fn, device)
+                if repeat == 0:
+                    first_round[n] += elapsed[0]
                 if repeat >= args.warmup:
                     times[n][kind].append(elapsed)
     rows = []
-    for n in modules:
+    for n in calls:
+        compiled = n.endswith(COMPILED)
         measures = {}
         for kind, fn in calls[n].items():
             with torch.set_grad_enabled(kind == "train"):
@@ -182,9 +210,9 @@ def measure(names: list[str], tokens: int, batch: int, args, device: torch.devic
                     wall_ms=1e3 * statistics.median(t[0] for t in times[n][kind]),
                     cpu_ms=1e3 * statistics.median(t[1] for t in times[n][kind]),
                     peak_mib=peak_bytes(fn, device) / 2**20,
-                    gflops=flops(fn) / 1e9,
+                    gflops=math.nan if compiled else flops(fn) / 1e9,
                 )
-        counts = modules[n].operation_counts(tokens, batch)
+        counts = modules[n.removesuffix(COMPILED)].operation_counts(tokens, batch)
         rows.append(
             Row(
                 attention=n,
@@ -192,6 +220,7 @@ def measure(names: list[str], tokens: int, batch: int, args, device: torch.devic
                 batch=batch,
                 measures=measures,
                 operations=counts.to_dict() if counts is not None else None,
+                compile_s=first_round[n] if compiled else None,
             )
         )
     ref = next(r for r in rows if r.attention == REFERENCE)
@@ -224,6 +253,25 @@ def table(rows: list[Row]) -> str:
         ops = r.operations
         cells += [f"{ops[key] / 1e6:.1f}" if ops else "—" for key in ("mul", "add")]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compile_table(rows: list[Row]) -> str:
+    """Markdown: compiled / eager speed-up per attention and call (> 1: compiled is faster), and the
+    compiled calls' speed-up over eager SDPA softmax."""
+    eager = {(r.tokens, r.attention): r for r in rows}
+    kinds = list(rows[0].measures)
+    head = ["N", "attention"] + [f"{kind} compiled / eager" for kind in kinds]
+    head += [f"{kind} compiled vs SDPA" for kind in kinds] + ["compile s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if not r.attention.endswith(COMPILED):
+            continue
+        base = eager[(r.tokens, r.attention.removesuffix(COMPILED))]
+        speedup = [base.measures[k]["wall_ms"] / r.measures[k]["wall_ms"] for k in kinds]
+        vs_sdpa = [1 / r.ratios[k]["wall_ms"] for k in kinds]
+        cells = [str(r.tokens), base.attention] + [f"{v:.2f}×" for v in speedup + vs_sdpa]
+        lines.append("| " + " | ".join(cells + [f"{r.compile_s:.0f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -272,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time every attention through torch.compile (NAME+compiled)",
+    )
+    parser.add_argument(
+        "--cpu-bf16",
+        action="store_true",
+        help="with --dtype bfloat16 on the CPU, run the zoo's bf16 path (as on CUDA) instead of its fp32 cores",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write rows and settings here")
     args = parser.parse_args(argv)
 
@@ -284,13 +342,25 @@ def main(argv: list[str] | None = None) -> int:
     if len(batches) != len(args.tokens):
         parser.error("--batch needs one entry per --tokens entry")
 
+    if args.compile and args.warmup < 1:
+        parser.error("--compile needs --warmup >= 1 (the first round compiles)")
+    if args.compile:
+        # Every attention's forward is one code object (TransferableAttention.forward): each class, grad mode
+        # and shape is another graph of it, and past dynamo's default limit of 8 it silently runs eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+
     rows: list[Row] = []
-    for tokens, batch in zip(args.tokens, batches):
-        started = time.perf_counter()
-        rows += measure(names, tokens, batch, args, device)
-        print(f"# N={tokens} measured in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    devices = ("cuda", "cpu") if args.cpu_bf16 else ("cuda",)
+    with bf16_devices(*devices):
+        for tokens, batch in zip(args.tokens, batches):
+            started = time.perf_counter()
+            rows += measure(names, tokens, batch, args, device)
+            print(f"# N={tokens} measured in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     print(table(rows))
     print()
+    if args.compile:
+        print(compile_table(rows))
+        print()
     print(linear_family_verdict(rows, max(args.tokens)))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

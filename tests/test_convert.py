@@ -263,6 +263,25 @@ def test_relative_speed_reports_medians_and_ratio():
     speed = relative_speed(teacher, student, torch.randn(2, 3, 32, 32), repeats=3, warmup=1)
     assert speed["tokens"] == 17 and speed["repeats"] == 3 and speed["student_ms"] > 0
     assert speed["speedup"] == pytest.approx(speed["teacher_ms"] / speed["student_ms"])
+    assert speed["student_images_per_s"] == pytest.approx(2 * 1000 / speed["student_ms"])
+    assert speed["teacher_images_per_s"] == pytest.approx(2 * 1000 / speed["teacher_ms"])
+    assert speed["precision"] == "no autocast"
+
+
+def test_relative_speed_runs_both_models_under_the_given_autocast():
+    """On GPU the report measures in the run's precision (bf16 autocast): the forwards it times really run
+    under it (the heads compute in bf16), and the models are left as they were."""
+    teacher = _teacher()
+    student = build_efficient_student(teacher, "relu_linear")
+    seen = []
+    for model in (teacher, student):
+        model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    speed = relative_speed(
+        teacher, student, torch.randn(2, 3, 32, 32), repeats=2, warmup=0, autocast=torch.bfloat16
+    )
+    assert speed["precision"] == "bfloat16 autocast"
+    assert seen and set(seen) == {torch.bfloat16}
+    assert next(student.parameters()).dtype == torch.float32
 
 
 def test_recipes_load_and_validate():
@@ -353,11 +372,14 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     )
     speed = report["speed"]
     assert speed["speedup"] == pytest.approx(speed["teacher_ms"] / speed["student_ms"])
+    assert speed["student_images_per_s"] == pytest.approx(4 * 1000 / speed["student_ms"])  # batch 4
+    assert speed["precision"] == "no autocast"  # the CPU runs fp32
     assert report["stage1"]["steps"] == 6 and report["stage2"]["steps"] == 2
     assert (run / "stage1" / "student.safetensors").is_file() and (run / "stage2" / "checkpoints").is_dir()
     md = (run / "report.md").read_text()
     assert "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |" in md
     assert "Recovered:" in md and "x** the teacher's speed" in md
+    assert f"| student | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} |" in md
     # run again into the same run dir: stage 1 is picked up, not redone; stage 2 resumes its finished run
     from attnxfer.launch.cli import main
 

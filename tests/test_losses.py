@@ -209,7 +209,7 @@ def test_strided_views_of_a_fused_qkv_and_one_sided_gradients(path):
 @pytest.mark.parametrize("keep_half", [False, True])
 def test_rows_path_with_bf16_operands_kept_for_the_tensor_cores(keep_half):
     """On CUDA the rows path keeps bf16 q/k as matmul operands (fp32 logits from the tensor cores) and
-    scales the logits after the product; on CPU `logits_matmul` upcasts (the same math), so the branch's
+    scales the logits after the product; on CPU `matmul_fp32` upcasts (the same math), so the branch's
     own logic (post-scaling, scales inside the gradient GEMMs, head groups) is checked here against the
     oracle on the same bf16 values."""
     q_t, k_t = (t.bfloat16() for t in _qk(2, 6, 29, 32, seed=21, scale=1.5))

@@ -24,6 +24,7 @@ from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, apply_overrides, dump_config
 from ..data import ResumableSampler, build_loader
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
+from ..train.devices import resolve_precision
 from ..train.distributed import backend_for, joined_process_group, rank_and_world
 from ..train.measure import evaluate_top1, map_agreement, operation_counts, relative_speed
 from ..train.runtime import resolve_device
@@ -284,10 +285,20 @@ def _convert(
     x = torch.randn(c.speed_batch_size, *probe[0].shape[1:], generator=torch.Generator().manual_seed(0)).to(
         device
     )
-    speed = relative_speed(teacher, student, x, repeats=c.speed_repeats)
+    # Images/s at the run's resolution, in the precision the run trains in (bf16 autocast on GPU by default):
+    # a few forward batches of each model, interleaved (convert.speed_repeats, convert.speed_batch_size).
+    precision = resolve_precision(cfg.precision, device)
+    speed = relative_speed(
+        teacher,
+        student,
+        x,
+        repeats=c.speed_repeats,
+        autocast=precision.dtype if precision.autocasts else None,
+    )
     log(
-        f"speed: student {speed['student_ms']:.2f} ms vs teacher {speed['teacher_ms']:.2f} ms per batch of "
-        f"{speed['batch']} -> {speed['speedup']:.2f}x"
+        f"speed: student {speed['student_images_per_s']:.1f} images/s vs teacher "
+        f"{speed['teacher_images_per_s']:.1f} images/s (batch {speed['batch']}, {speed['precision']}) -> "
+        f"{speed['speedup']:.2f}x"
     )
     operations = operation_counts(teacher, student, batch=1)
     seconds["total"] = time.monotonic() - t0

@@ -88,14 +88,26 @@ def render_conversion_report(report: dict[str, Any]) -> str:
         "## Speed",
         "",
         f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']}"
-        f" ({speed['threads']} threads), median of {speed['repeats']} interleaved repeats: student "
-        f"{speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: the student runs at "
+        f" ({speed['threads']} threads{_precision(speed)}), median of {speed['repeats']} interleaved repeats: "
+        f"student {speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: the student runs at "
         f"**{speed['speedup']:.2f}x** the teacher's speed.",
         "",
     ]
+    if "student_images_per_s" in speed:  # reports written before images/s was measured lack it
+        lines += [
+            "| model | images/s | × teacher |",
+            "|---|---|---|",
+            f"| teacher (softmax) | {speed['teacher_images_per_s']:.1f} | 1.00 |",
+            f"| student | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} |",
+            "",
+        ]
     if report.get("operations"):
         lines += _operations_section(report["operations"])
     return "\n".join(lines)
+
+
+def _precision(speed: dict[str, Any]) -> str:
+    return f", {speed['precision']}" if speed.get("precision") else ""
 
 
 def _count(v: float | None) -> str:

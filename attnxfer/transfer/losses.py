@@ -42,7 +42,7 @@ from ..models.attention import sdpa
 from ..models.attention.lse import row_logsumexp
 
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
-from ..models.attention.numerics import compute_dtype, logits_matmul, row_slices
+from ..models.attention.numerics import compute_dtype, matmul_fp32, row_slices
 from ..models.attention.numerics import fp32_section as _fp32
 from ..models.attention.numerics import row_chunk as _auto_chunk
 
@@ -107,8 +107,8 @@ class _FusedRowCE(torch.autograd.Function):
         # (B·H, N, ·) fp32 views for the gradient products: scaled and accumulated inside the GEMMs
         qs3, ks3 = qs.to(dtype).view(B * H, N, -1), ks.to(dtype).view(B * H, N, -1)
         for i, rows in enumerate(row_slices(0, N, chunk)):
-            z_t = logits_matmul(qt[..., rows, :], kt_T)
-            z_s = logits_matmul(qs[..., rows, :], ks_T)
+            z_t = matmul_fp32(qt[..., rows, :], kt_T)
+            z_s = matmul_fp32(qs[..., rows, :], ks_T)
             p_t = _grouped_mean(torch.softmax(z_t if post_t is None else z_t.mul_(post_t), dim=-1), groups)
             log_p_s = torch.log_softmax(z_s if post_s is None else z_s.mul_(post_s), dim=-1)
             ce -= torch.dot(p_t.reshape(-1), log_p_s.reshape(-1))

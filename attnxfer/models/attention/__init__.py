@@ -12,7 +12,7 @@ module              what
 ``capture``         whole-model access through the interface: `transfer_attentions`, `attention_maps`,
                     `capture_attention`
 ``numerics``        fp32 sections and row chunks (one chunk budget) for attentions and their losses;
-                    `logits_matmul` (fp32 logits, tensor cores for bf16 on CUDA)
+                    `matmul_fp32` (fp32 results, tensor cores for bf16 on CUDA), the zoo's precision policy
 ``lse``             the chunked `row_logsumexp` and the backends of `attention_with_lse` (softmax
                     attention that hands out its log-sum-exp: FlexAttention on CUDA, a twin elsewhere)
 ==================  =================================================================================

@@ -28,7 +28,7 @@ from enum import StrEnum
 
 import torch
 
-from .numerics import compute_dtype, fp32_section, logits_matmul, row_chunk, row_slices
+from .numerics import compute_dtype, fp32_section, matmul_fp32, row_chunk, row_slices
 
 __all__ = [
     "LSEBackend",
@@ -47,7 +47,7 @@ class _RowLogSumExp(torch.autograd.Function):
         out = torch.empty(q.shape[:-1], dtype=compute_dtype(q), device=q.device)
         kt = k.transpose(-2, -1)
         for rows in row_slices(0, q.shape[-2], chunk):
-            out[..., rows] = torch.logsumexp(logits_matmul(q[..., rows, :], kt).mul_(scale), dim=-1)
+            out[..., rows] = torch.logsumexp(matmul_fp32(q[..., rows, :], kt).mul_(scale), dim=-1)
         ctx.save_for_backward(q, k, out)
         ctx.scale, ctx.chunk = scale, chunk
         return out
@@ -69,7 +69,7 @@ class _RowLogSumExp(torch.autograd.Function):
         k_c, q_c = k.to(dtype), q.to(dtype)
         for rows in row_slices(0, q.shape[-2], chunk):
             # d lse_i / d logits_ij = p_ij; weight by the incoming gradient of each row.
-            z = logits_matmul(q[..., rows, :], kt).mul_(scale)
+            z = matmul_fp32(q[..., rows, :], kt).mul_(scale)
             w = z.sub_(lse[..., rows, None]).exp_().mul_(grad[..., rows, None])
             if dq is not None:
                 dq[..., rows, :] = (w @ k_c) * scale
@@ -89,7 +89,7 @@ def row_logsumexp(
     """Row log-sum-exp of ``scale · q kᵀ`` (B, H, N) in fp32 with O(chunk·N) memory, also in backward.
 
     Logits are fp32 (float64 for float64 inputs) whatever the operands: bf16 q/k on CUDA multiply on the
-    tensor cores with an fp32 result (`logits_matmul`), elsewhere they are upcast.
+    tensor cores with an fp32 result (`matmul_fp32`), elsewhere they are upcast.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with fp32_section(q.device.type):

@@ -28,6 +28,9 @@ hashing            row_stochastic  EcoFormer: b-bit binary codes of q, k; Hammin
 formula:<prog>     row_stochastic  a kernel attention from a program (formula.py); ``len`` programs: signed
 =================  ==============  =============================================================
 
+Precision: each class declares ``precision`` (a `PrecisionPolicy`, `precision_policies()` lists them):
+on GPU, bf16 operands with fp32 sums where a test shows it safe, fp32 otherwise.
+
 Token layout: timm ViTs put ``num_prefix_tokens`` class/register tokens before the H x W grid.
 Attentions that need the grid (window, window_linear, agent, focused_linear's conv) read it
 from ``num_prefix_tokens`` / ``grid_size`` kwargs or ``set_token_layout``
@@ -50,7 +53,7 @@ from ..attention.registry import (
     register_attention,
 )
 from .agent import AgentAttention
-from .base import EfficientAttention
+from .base import EfficientAttention, precision_policies
 from .cosformer import CosFormerAttention
 from .focused import FocusedLinearAttention
 from .formula import FormulaAttention
@@ -99,6 +102,7 @@ __all__ = [
     "get_attention_class",
     "list_attentions",
     "new_parameters",
+    "precision_policies",
     "register_attention",
     "set_drop_path",
     "swap_attentions",

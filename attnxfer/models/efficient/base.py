@@ -6,9 +6,12 @@ Every attention keeps timm's ``Attention`` parameter names (``qkv``, ``q_norm``,
 as timm computes them), ``attend`` (the core, before the output projection), ``attention_map`` and
 the shared forward with its `AttentionIO`.
 
-Subclasses implement ``_attend`` (and, for maps, ``_map_context`` / ``_map_rows``) in the
-compute dtype: fp32 with autocast off (float64 stays float64, for tests), because feature maps
-and exponentials overflow in fp16/bf16. Implicit N x N maps are built only on request, in row
+Subclasses implement ``_attend`` (and, for maps, ``_map_context`` / ``_map_rows``) with autocast off,
+in the operand dtype that `attnxfer.models.attention.numerics.operand_dtype` picks from the class's
+declared ``precision`` (a `PrecisionPolicy`): fp32 by default (float64 stays float64, for tests), because
+feature maps and exponentials overflow or lose their tail in fp16/bf16; bf16 on GPU for attentions whose
+policy says which parts are safe in bf16, with every sum accumulated in fp32 (``matmul_fp32`` /
+``sum_fp32``). Implicit N x N maps (the losses' input) are always fp32, built only on request, in row
 chunks; forward passes never build them.
 """
 
@@ -20,9 +23,10 @@ import torch
 from torch import nn
 
 from ..attention.interface import COUNTERPART_MODULES, MapKind, TransferableAttention
-from ..attention.numerics import fp32_section, upcast
+from ..attention.numerics import FP32_CORE, PrecisionPolicy, fp32_section, operand_dtype, upcast
+from ..attention.registry import get_attention_class, list_attentions
 
-__all__ = ["COUNTERPART_MODULES", "EfficientAttention"]
+__all__ = ["COUNTERPART_MODULES", "EfficientAttention", "precision_policies"]
 
 
 class EfficientAttention(TransferableAttention):
@@ -36,6 +40,8 @@ class EfficientAttention(TransferableAttention):
     """
 
     map_kind = MapKind.ROW_STOCHASTIC
+    #: Which parts of the core may take bf16 operands on GPU (fp32 accumulation always); see `PrecisionPolicy`.
+    precision: PrecisionPolicy = FP32_CORE
 
     def __init__(
         self,
@@ -105,14 +111,16 @@ class EfficientAttention(TransferableAttention):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """Attention core (B, H, N, d) -> (B, H, N, d), computed in fp32, returned in v's dtype."""
+        """Attention core (B, H, N, d) -> (B, H, N, d), returned in v's dtype: in fp32, or with bf16 operands
+        and fp32 sums where ``precision`` allows it on this device (`operand_dtype` decides)."""
         if attn_mask is not None or is_causal:
             raise ValueError(
                 f"{type(self).__name__} does not support attn_mask/is_causal (ViT self-attention has "
                 f'neither); use the "softmax" attention for masked layers'
             )
+        dtype = operand_dtype(v, self.precision)  # read before autocast is switched off
         with fp32_section(v.device.type):
-            out = self._attend(*upcast(q, k, v))
+            out = self._attend(q.to(dtype), k.to(dtype), v.to(dtype))
         return out.to(v.dtype)
 
     def attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -134,3 +142,13 @@ class EfficientAttention(TransferableAttention):
         if self.num_prefix_tokens is not None:
             layout = f", num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
         return f"name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}"
+
+
+def precision_policies() -> dict[str, PrecisionPolicy]:
+    """Every registered attention's declared precision policy, by name (softmax: SDPA in its input dtype)."""
+    classes = {name: get_attention_class(name) for name in list_attentions()}
+    return {
+        name: cls.precision
+        for name, cls in classes.items()
+        if isinstance(cls, type) and hasattr(cls, "precision")
+    }

@@ -5,6 +5,10 @@ the plain kernel of the 2m-dimensional features [relu(x_i) cos theta_i, relu(x_i
 still linear, still non-negative (|theta_i - theta_j| < pi/2). Position i is the index in the
 sequence: prefix tokens come first, then the grid in raster order; they attend and are
 attended globally like every token, with the same locality weighting.
+
+bf16-safe on GPU (`KERNEL_BF16`) because the angles are always computed in fp32: in bf16, positions
+above 256 are not representable (3000 and 3008 would share an angle) and the re-weighting would blur.
+The products relu(x) cos theta are formed in fp32 and rounded once.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..attention.numerics import compute_dtype
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
-from .kernels import KernelAttention, add_scalar
+from .kernels import KERNEL_BF16, KernelAttention, add_scalar
 
 __all__ = ["CosFormerAttention"]
 
@@ -24,13 +29,15 @@ __all__ = ["CosFormerAttention"]
 @register_attention("cosformer")
 class CosFormerAttention(KernelAttention):
     eps: float = 1e-6
+    precision = KERNEL_BF16
 
     def positional_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cos and sin blocks of the features (ReLU is homogeneous: no d^-1/4 scaling needed)."""
+        """The cos and sin blocks of the features (ReLU is homogeneous: no d^-1/4 scaling needed), in x's
+        dtype; angles and products in the compute dtype (fp32), whatever x's."""
         N = x.shape[-2]
-        theta = (math.pi / 2) * torch.arange(N, device=x.device, dtype=x.dtype) / N
-        relu = add_scalar(F.relu(x), self.eps)
-        return relu * theta.cos()[:, None], relu * theta.sin()[:, None]
+        theta = (math.pi / 2) * torch.arange(N, device=x.device, dtype=compute_dtype(x)) / N
+        relu = add_scalar(F.relu(x.to(theta.dtype)), self.eps)
+        return (relu * theta.cos()[:, None]).to(x.dtype), (relu * theta.sin()[:, None]).to(x.dtype)
 
     def query_features(self, q):
         return self.positional_features(q)

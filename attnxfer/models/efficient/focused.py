@@ -8,6 +8,9 @@ convolution on v over the token grid ("rank restoration"). The convolution is an
 ``attend = attend_mapped + local_term(v)``. Prefix tokens take part in the kernel part like
 every token; the convolution sees the grid only, so prefix tokens get no local term.
 The convolution starts at zero so a fresh student begins as the pure focused kernel.
+
+bf16-safe on GPU (`FOCUSED_BF16`): the focusing function (norms, x / max, the p-th power) and the
+convolution run in fp32, the features are rounded once and the kernel products are `KERNEL_BF16`'s.
 """
 
 from __future__ import annotations
@@ -18,12 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtype
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
-from .kernels import KernelAttention
+from .kernels import KERNEL_BF16, KernelAttention
 from .tokens import grid_to_image, image_to_grid
 
-__all__ = ["FocusedLinearAttention", "depthwise_grid_conv"]
+__all__ = ["FOCUSED_BF16", "FocusedLinearAttention", "depthwise_grid_conv"]
+
+FOCUSED_BF16 = PrecisionPolicy(
+    bf16=KERNEL_BF16.bf16,
+    fp32=("focusing function (norms, x / max, x^p)", *KERNEL_BF16.fp32, "depthwise conv of v"),
+    why="the focusing function divides by norms and raises to the p-th power: evaluated in fp32 and rounded "
+    "once, its non-negative features are as safe as ReLU's",
+)
 
 
 def depthwise_grid_conv(
@@ -56,6 +67,7 @@ class FocusedLinearAttention(KernelAttention):
 
     needs_token_layout = True
     eps: float = 1e-6
+    precision = FOCUSED_BF16
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, focusing_factor: float = 3.0, kernel_size: int = 5, **kwargs
@@ -85,14 +97,14 @@ class FocusedLinearAttention(KernelAttention):
         return powered / powered.norm(dim=-1, keepdim=True) * norm
 
     def query_features(self, q):
-        return self.focus(q)
+        return in_compute_dtype(self.focus, q)
 
     def key_features(self, k):
-        return self.focus(k)
+        return in_compute_dtype(self.focus, k)
 
     def local_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
-        return depthwise_grid_conv(v, self.dwc, *self.token_layout(v.shape[-2]))
+        return depthwise_grid_conv(v.to(compute_dtype(v)), self.dwc, *self.token_layout(v.shape[-2]))
 
     def _attend_mapped(self, q, k, v):
         return super()._attend(q, k, v)

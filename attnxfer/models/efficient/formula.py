@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.numerics import PrecisionPolicy
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention, register_attention_family
 from .focused import depthwise_grid_conv, grid_conv_counts
@@ -285,6 +286,12 @@ class FormulaAttention(WindowLinearAttention):
     under the same normaliser); ``len`` programs are signed (A = phi(q) phi(k)^T / N). A ``conv``
     term is added to the output outside the map, as in focused linear attention.
     """
+
+    #: Programs compose exp, powers and norms freely: no program is shown safe in bf16, so all run in fp32.
+    precision = PrecisionPolicy(
+        fp32=("the whole core",),
+        why="a program may exponentiate or raise to powers; no per-program analysis, so fp32",
+    )
 
     def __init__(self, dim: int, num_heads: int = 8, *, program: str = DEFAULT_PROGRAM, **kwargs) -> None:
         formula = parse_formula(program)

@@ -38,12 +38,18 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..attention.numerics import fp32_section, row_chunk, row_slices, upcast
+from ..attention.numerics import PrecisionPolicy, fp32_section, row_chunk, row_slices, upcast
 from ..attention.opcount import OpCounts, matmul_ops, sign_matmul_ops
 from ..attention.registry import register_attention
 from .kernels import KernelAttention
 
-__all__ = ["SIMILARITY_TARGETS", "HashingAttention", "hash_codes"]
+__all__ = ["HASHING_FP32", "SIMILARITY_TARGETS", "HashingAttention", "hash_codes"]
+
+HASHING_FP32 = PrecisionPolicy(
+    fp32=("the whole core",),
+    why="codes are signs of x W: a bf16 product flips every bit whose |x w| is within its rounding of zero, "
+    "and a flipped bit moves the map by 2 / b of a row, far more than rounding",
+)
 
 
 def _pairs_error(logits: torch.Tensor, inner: torch.Tensor, pairs: int, dissimilar: float) -> torch.Tensor:
@@ -92,6 +98,7 @@ class HashingAttention(KernelAttention):
 
     eps: float = 1e-6
     fit_objective = "kernelized_hashing"
+    precision = HASHING_FP32
 
     def __init__(
         self,

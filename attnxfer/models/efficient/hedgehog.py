@@ -2,15 +2,25 @@
 
 phi_q, phi_k = [softmax(xW + b), softmax(-(xW + b))], separate maps for q and k, W starting as
 the identity. The maps are the new parameters that conversion stage 1 fits to the teacher's
-softmax maps (the LoLCATs recipe).
+softmax maps (the LoLCATs recipe). bf16-safe on GPU (`HEDGEHOG_BF16`): the map's projection feeds
+exponentials, so it runs at fp32 accuracy as two bf16 products (W split in halves), its softmaxes run in
+fp32, and the features are rounded once for `KERNEL_BF16`'s kernel products.
 """
 
 from __future__ import annotations
 
+from ..attention.numerics import PrecisionPolicy
 from ..attention.registry import register_attention
-from .kernels import FEATURE_MAPS, HedgehogFeatures, KernelAttention
+from .kernels import FEATURE_MAPS, KERNEL_BF16, HedgehogFeatures, KernelAttention
 
-__all__ = ["HedgehogAttention"]
+__all__ = ["HEDGEHOG_BF16", "HedgehogAttention"]
+
+HEDGEHOG_BF16 = PrecisionPolicy(
+    bf16=("projection operands x and W as hi + lo halves", *KERNEL_BF16.bf16),
+    fp32=("projection accumulation", "the two softmaxes over features", *KERNEL_BF16.fp32),
+    why="softmax features are exponentials of x W: W is split into two bf16 halves so x W keeps fp32 "
+    "accuracy (a bf16-rounded W moves a logit of size L by L 2^-8); the features, in (0, 1], round safely",
+)
 
 
 @register_attention("hedgehog")
@@ -18,6 +28,7 @@ class HedgehogAttention(KernelAttention):
     """Learnable-feature linear attention. Option: ``feature_dim`` (m per sign, default head_dim)."""
 
     eps: float = 1e-6
+    precision = HEDGEHOG_BF16
 
     def __init__(self, dim: int, num_heads: int = 8, *, feature_dim: int | None = None, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)

@@ -4,6 +4,10 @@
 Each channel has its own rank-1 "map", so there is no single N x N map (map_kind 'none':
 distil on outputs). O(N C). The (C / N) factor makes the sum a mean that keeps activations at
 the teacher's scale; ``channel_gain`` (per channel, starts at 1) is the new parameter.
+
+bf16 on GPU (`HYDRA_BF16`): there is no matmul, so bf16 buys only memory traffic. The core reads bf16
+q, k, v and writes a bf16 output; the norms, the context sum over all N tokens and the products run in
+fp32 (fused into one pass by torch.compile; fp32 temporaries in eager mode).
 """
 
 from __future__ import annotations
@@ -13,16 +17,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.numerics import PrecisionPolicy, compute_dtype
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
-__all__ = ["HydraAttention"]
+__all__ = ["HYDRA_BF16", "HydraAttention"]
+
+HYDRA_BF16 = PrecisionPolicy(
+    bf16=("q, k, v in, output out",),
+    fp32=("L2 norms over the C channels", "the global context sum over N tokens", "the output product"),
+    why="element-wise work and two reductions, all in fp32; only the tensors read and written are bf16",
+)
 
 
 @register_attention("hydra")
 class HydraAttention(EfficientAttention):
     map_kind = MapKind.NONE
+    precision = HYDRA_BF16
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
@@ -38,7 +50,7 @@ class HydraAttention(EfficientAttention):
     def _attend(self, q, k, v):
         B, H, N, d = q.shape
         C = H * d
-        q, k, v = (t.transpose(1, 2).reshape(B, N, C) for t in (q, k, v))
+        q, k, v = (t.transpose(1, 2).reshape(B, N, C).to(compute_dtype(t)) for t in (q, k, v))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         global_context = (k * v).sum(dim=1, keepdim=True)  # (B, 1, C)
         out = self.channel_gain.to(q.dtype) * (C / N) * q * global_context

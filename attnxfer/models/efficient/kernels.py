@@ -5,6 +5,12 @@ With a non-negative feature map phi, kernel attention is
 the product of the row-stochastic map A_ij = phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j')
 with v, computed without forming A. Feature maps add a small ``eps`` *inside* phi (not to the
 denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the core exactly.
+
+Precision (`KERNEL_BF16`, for attentions that declare it): on GPU the features are stored in bf16 and the
+two kernel products take bf16 operands, while the key state sum_j phi(k_j) [v_j, 1] and the read-out
+accumulate in fp32 (`matmul_fp32`, `sum_fp32`) and the division runs in fp32. Each feature map says
+(`FeatureMapKind.bf16_evaluation`) whether it may also be *evaluated* in bf16 or is evaluated in fp32 and
+rounded once.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.numerics import PrecisionPolicy, in_compute_dtype, matmul_fp32, matmul_split, sum_fp32
 from ..attention.opcount import OpCounts, matmul_ops
 from .base import EfficientAttention
 
@@ -25,6 +32,7 @@ FeatureBlocks = torch.Tensor | tuple[torch.Tensor, ...]
 
 __all__ = [
     "FEATURE_MAPS",
+    "KERNEL_BF16",
     "ELUFeatures",
     "FeatureBlocks",
     "FeatureMapKind",
@@ -33,6 +41,7 @@ __all__ = [
     "ReLUFeatures",
     "add_scalar",
     "build_feature_map",
+    "evaluate_features",
     "feature_map_kind",
     "linear_attend",
     "linear_map_rows",
@@ -46,22 +55,40 @@ def _as_blocks(features: FeatureBlocks) -> tuple[torch.Tensor, ...]:
     return (features,) if isinstance(features, torch.Tensor) else tuple(features)
 
 
+#: The policy of kernel attentions whose features are safe in bf16 (see the module docstring).
+KERNEL_BF16 = PrecisionPolicy(
+    bf16=("q/k features (stored)", "key-state operands phi(k), v", "read-out operands phi(q), [KV | z]"),
+    fp32=(
+        "sum_j phi(k_j) v_j^T and the normaliser sum_j phi(k_j) (accumulated over all N keys)",
+        "read-out accumulation",
+        "division by the normaliser",
+    ),
+    why="non-negative features rounded once (at most 2^-8 relative, bf16's unit roundoff); every sum over "
+    "tokens accumulates in fp32, so the output's error stays within a few 2^-8 sum_j A_ij |v_j|, as flash "
+    "attention's does",
+)
+
+
 def linear_state(phi_k: FeatureBlocks, v: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Per feature block: sum_j phi(k_j) v_j^T (B, H, m, d) and sum_j phi(k_j) (B, H, m, 1)."""
+    """Per feature block: sum_j phi(k_j) v_j^T (B, H, m, d) and sum_j phi(k_j) (B, H, m, 1), both accumulated
+    and returned in fp32 (float64 kept) whatever the operands' dtype."""
     return tuple(
-        (block.transpose(-2, -1) @ v, block.sum(dim=-2).unsqueeze(-1)) for block in _as_blocks(phi_k)
+        (matmul_fp32(block.transpose(-2, -1), v), sum_fp32(block, dim=-2).unsqueeze(-1))
+        for block in _as_blocks(phi_k)
     )
 
 
 def linear_readout(phi_q: FeatureBlocks, state) -> torch.Tensor:
-    """phi(q_i)^T KV / phi(q_i)^T z, summed over feature blocks.
+    """phi(q_i)^T KV / phi(q_i)^T z, summed over feature blocks, in fp32 (float64 kept).
 
     KV and z are joined into one (m, d + 1) matrix so each feature block is read once: one
-    matmul instead of a matmul plus a matrix-vector product (measured ~25% faster on CPU).
+    matmul instead of a matmul plus a matrix-vector product (measured ~25% faster on CPU). With bf16
+    features the joined state is rounded to bf16 for the product (fp32 accumulation, fp32 result).
     """
     total = None
     for block_q, (kv, normaliser) in zip(_as_blocks(phi_q), state, strict=True):
-        total = _accumulate(total, block_q @ torch.cat((kv, normaliser), dim=-1))
+        joined = torch.cat((kv, normaliser), dim=-1).to(block_q.dtype)
+        total = _accumulate(total, matmul_fp32(block_q, joined))
     numerator, denominator = total[..., :-1], total[..., -1:]
     # In place without autograd: the result is a strided view of ``total``, no second (N, d) buffer.
     return numerator.div_(denominator) if not total.requires_grad else numerator / denominator
@@ -162,7 +189,10 @@ class ReLUFeatures(nn.Module):
 
 
 class ELUFeatures(nn.Module):
-    """phi(x) = elu(x) + 1 (+ eps, so it cannot underflow to zero for very negative x)."""
+    """phi(x) = elu(x) + 1 (+ eps, so it cannot underflow to zero for very negative x).
+
+    Not for bf16 evaluation: bf16 rounds elu(x) to -1 for x below about -5.5, and elu(x) + 1 then loses every
+    digit (x = -6: 0.0039 or 0 instead of 0.0025); `FEATURE_MAPS` evaluates it in fp32."""
 
     def __init__(self, eps: float = 1e-6) -> None:
         super().__init__()
@@ -205,8 +235,13 @@ class HedgehogFeatures(nn.Module):
 
     def blocks(self, x: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The two signs as separate blocks (+ eps), for ``linear_attend`` without a concatenation."""
-        u = x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)[:, None, :]  # (B, H, N, m)
-        return add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
+        # bf16 x: u feeds the softmaxes' exponentials, so it is computed at fp32 accuracy (W split into two
+        # bf16 halves, `matmul_split`; a bf16-rounded W moves u by |u| 2^-8); the softmaxes run in fp32 and
+        # the features are rounded once to x's dtype.
+        u = matmul_split(x, self.weight)
+        u = u + self.bias.to(u.dtype)[:, None, :]  # (B, H, N, m)
+        blocks = add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
+        return tuple(b.to(x.dtype) for b in blocks)
 
 
 @dataclass(frozen=True)
@@ -221,6 +256,10 @@ class FeatureMapKind:
     learned: bool
     #: (tokens, head dim, feature dim or None) -> (operations of the q and k features, their width)
     counts: Callable[[int, int, int | None], tuple[OpCounts, int]] | None = None
+    #: True: evaluated on bf16 inputs in bf16 (accurate to the last rounding); False: evaluated in fp32 and
+    #: rounded once (`evaluate_features`). Learned maps handle their own dtypes (Hedgehog: bf16 projection
+    #: operands, fp32 softmax).
+    bf16_evaluation: bool = False
 
 
 def _shared(module: type[nn.Module]) -> Callable[..., tuple[nn.Module, nn.Module]]:
@@ -255,8 +294,10 @@ def _hedgehog_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, in
 
 #: The feature maps an attention can name (e.g. the window+linear hybrid's ``kernel`` option).
 FEATURE_MAPS: dict[str, FeatureMapKind] = {
-    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False, counts=_relu_counts),
-    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False, counts=_elu_counts),
+    # relu(x) of a bf16 value is exact; + eps rounds at most 2^-9 relative.
+    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False, counts=_relu_counts, bf16_evaluation=True),
+    # elu(x) + 1 in bf16 loses the tail (`ELUFeatures`); the d^-1/4 scaling would round the exponent.
+    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False, counts=_elu_counts, bf16_evaluation=False),
     "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True, counts=_hedgehog_counts),
 }
 
@@ -265,6 +306,12 @@ def feature_map_kind(name: str) -> FeatureMapKind:
     if name not in FEATURE_MAPS:
         raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}")
     return FEATURE_MAPS[name]
+
+
+def evaluate_features(kind: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for the feature map named ``kind``, in x's dtype: evaluated directly where the map declares
+    ``bf16_evaluation``, else in fp32 and rounded once (no-op casts for fp32 inputs)."""
+    return fn(x) if feature_map_kind(kind).bf16_evaluation else in_compute_dtype(fn, x)
 
 
 def build_feature_map(

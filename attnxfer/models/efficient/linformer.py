@@ -5,6 +5,11 @@ E, F (k, N) are shared by the heads, so the module needs a fixed ``seq_len``
 (= prefix tokens + grid tokens). They start as segment means (row r averages the r-th of k
 contiguous segments), which makes a fresh student a pooled-key approximation of the teacher
 instead of noise. Prefix tokens are queries like any other and fall in the first segment as keys.
+
+bf16-safe on GPU (`LINFORMER_BF16`): E k, F v (sums over all N tokens) and the product with F v take
+bf16 operands and accumulate in fp32; the logits q (E k)^T, which feed the softmax's exponential, use E k
+at fp32 accuracy (two bf16 halves, `matmul_split`: a bf16-rounded E k moves logits of size L by L 2^-8);
+the N x k softmax runs in fp32.
 """
 
 from __future__ import annotations
@@ -13,11 +18,33 @@ import torch
 from torch import nn
 
 from ..attention.interface import MapKind
+from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_fp32, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
-__all__ = ["LinformerAttention", "segment_mean_matrix"]
+__all__ = ["LINFORMER_BF16", "LinformerAttention", "project_sequence", "segment_mean_matrix"]
+
+LINFORMER_BF16 = PrecisionPolicy(
+    bf16=(
+        "E, k and F, v (sequence projections)",
+        "q, E k as hi + lo halves (logits)",
+        "scores, F v (read-out)",
+    ),
+    fp32=("E k and F v accumulated over N tokens", "logit and read-out accumulation", "the N x k softmax"),
+    why="every product accumulates in fp32 and the softmax runs in fp32: bf16 only rounds operands, as in "
+    "flash attention",
+)
+
+
+def project_sequence(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """E x along the sequence: (k, N), (..., N, d) -> (..., k, d), accumulated in fp32 (float64 kept).
+    bf16 operands go through `matmul_fp32` as one (k, N) x (N, batch * d) product."""
+    dtype = torch.promote_types(compute_dtype(e), compute_dtype(x))
+    if x.dtype == dtype and e.dtype == dtype:
+        return torch.einsum("kn,...nd->...kd", e, x)
+    flat = x.movedim(-2, 0).reshape(x.shape[-2], -1)
+    return matmul_fp32(e, flat).view(e.shape[0], *x.shape[:-2], x.shape[-1]).movedim(0, -2)
 
 
 def segment_mean_matrix(num_segments: int, length: int) -> torch.Tensor:
@@ -35,6 +62,7 @@ class LinformerAttention(EfficientAttention):
     """Options: ``seq_len`` (required: N the module is built for), ``proj_len`` (k, default 64)."""
 
     map_kind = MapKind.SIGNED
+    precision = LINFORMER_BF16
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, seq_len: int | None = None, proj_len: int = 64, **kwargs
@@ -70,13 +98,14 @@ class LinformerAttention(EfficientAttention):
 
     def _scores(self, q, k):
         self._check_length(q.shape[-2])
-        k_short = torch.einsum("kn,bhnd->bhkd", self.seq_proj_k.to(k.dtype), k)
-        return ((q * self.scale) @ k_short.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, k)
+        k_short = project_sequence(self.seq_proj_k.to(k.dtype), k)
+        logits = matmul_split(q, k_short.transpose(-2, -1)) * self.scale
+        return logits.softmax(dim=-1)  # (B, H, N, k), fp32
 
     def _attend(self, q, k, v):
         self._check_length(v.shape[-2])
-        v_short = torch.einsum("kn,bhnd->bhkd", self.seq_proj_v.to(v.dtype), v)
-        return self._scores(q, k) @ v_short
+        v_short = project_sequence(self.seq_proj_v.to(v.dtype), v)
+        return matmul_fp32(self._scores(q, k).to(v.dtype), v_short.to(v.dtype))
 
     def _map_context(self, q, k):
         return self._scores(q, k), self.seq_proj_v.to(q.dtype)

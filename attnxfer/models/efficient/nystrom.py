@@ -6,6 +6,10 @@ Landmarks Q~, K~ are means of m contiguous segments of the sequence (adaptive 1-
 the first segment includes the prefix tokens; every token, prefix or grid, attends and is
 attended through F and B). pinv(A) by the Newton-Schulz-type iteration of the paper.
 No new parameters: a training-free approximation of the teacher.
+
+Always fp32 (`NYSTROM_FP32`): the pseudo-inverse iteration multiplies by 7I - AZ, 15I - ..., 13I - ...
+and its result has large signed entries that cancel in F pinv(A) (B v); bf16 rounding of A or of the
+iterates is amplified by A's condition number (a test shows the error).
 """
 
 from __future__ import annotations
@@ -14,11 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from ..attention.interface import MapKind
+from ..attention.numerics import PrecisionPolicy
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
-__all__ = ["NystromAttention", "iterative_pinv"]
+__all__ = ["NYSTROM_FP32", "NystromAttention", "iterative_pinv"]
+
+NYSTROM_FP32 = PrecisionPolicy(
+    fp32=("the whole core",),
+    why="Newton-Schulz pseudo-inverse of the landmark kernel: bf16 rounding is amplified by its condition "
+    "number, and F pinv(A) (B v) cancels large signed terms",
+)
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
@@ -38,6 +49,7 @@ class NystromAttention(EfficientAttention):
     """Options: ``num_landmarks`` (m, default 32; capped at N), ``pinv_iterations`` (default 6)."""
 
     map_kind = MapKind.SIGNED
+    precision = NYSTROM_FP32
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, num_landmarks: int = 32, pinv_iterations: int = 6, **kwargs

@@ -12,6 +12,13 @@ The default m = d * round(ln d) (256 for d = 64, the count the Performer paper u
 multiple of d nearest the usual d ln d: whole orthogonal blocks, and a feature width that CPU
 GEMMs handle well (m = 266 ran ~1.6x slower per FLOP than 256 in our measurements).
 Exponentials are taken base 2 with log2(e) folded into the projection (exp2 is cheaper on CPU).
+
+Precision on GPU (`PERFORMER_BF16`): the exponent w.x' must not be rounded to bf16. Rounding the projection
+to bf16 moves an exponent of size |x'||w| (tens, for peaked maps) by about 2^-9 of that, i.e. 0.05-0.5, and
+the feature by 5-60 %. So the projection is split into two bf16 matrices hi + lo (`split_bf16`, 16
+significant bits): x @ hi + x @ lo with fp32 accumulation is exact to about 2^-17 for bf16 x, at bf16
+matmul speed. |k|^2 / 2, the stabilisers and exp2 run in fp32; the features, in (0, 1 + eps] after
+stabilisation, are rounded once to bf16 for the two kernel products (fp32 accumulation).
 """
 
 from __future__ import annotations
@@ -20,11 +27,20 @@ import math
 
 import torch
 
+from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops
 from ..attention.registry import register_attention
-from .kernels import KernelAttention, add_scalar
+from .kernels import KERNEL_BF16, KernelAttention, add_scalar
 
-__all__ = ["PerformerAttention", "default_num_features", "gaussian_orthogonal_features"]
+__all__ = ["PERFORMER_BF16", "PerformerAttention", "default_num_features", "gaussian_orthogonal_features"]
+
+#: Kernel products in bf16 as `KERNEL_BF16`; the random projection at fp32 accuracy (two bf16 halves).
+PERFORMER_BF16 = PrecisionPolicy(
+    bf16=("projection operands, as hi + lo bf16 halves of w", *KERNEL_BF16.bf16[1:], "features (stored)"),
+    fp32=("projection accumulation", "|k|^2 / 2, stabilisers and exp2", *KERNEL_BF16.fp32),
+    why="exp of large arguments: a bf16-rounded projection moves the exponent by up to 2^-8 |x'||w| (5-60 % in "
+    "the feature); the two-term split keeps it to ~2^-17, and features in (0, 1] round safely",
+)
 
 
 def gaussian_orthogonal_features(
@@ -72,6 +88,7 @@ class PerformerAttention(KernelAttention):
     """
 
     eps: float = 1e-6
+    precision = PERFORMER_BF16
 
     def __init__(
         self,
@@ -125,14 +142,19 @@ class PerformerAttention(KernelAttention):
     def _projection(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.feature_projection.to(dtype) * (self.head_dim**-0.25 * _LOG2E)).T.contiguous()
 
+    def _exponent(self, x: torch.Tensor) -> torch.Tensor:
+        """x' . w (log2 e folded in), in the compute dtype at its accuracy: for bf16 x, as x @ hi + x @ lo."""
+        return matmul_split(x.contiguous(), self._projection(compute_dtype(x)))
+
     def query_features(self, q):
-        return add_scalar(_stabilised_exp2(q.contiguous() @ self._projection(q.dtype), dims=(-1,)), self.eps)
+        features = add_scalar(_stabilised_exp2(self._exponent(q), dims=(-1,)), self.eps)
+        return features.to(q.dtype)
 
     def key_features(self, k):
-        k = k.contiguous()
-        half_sq_norm = k.pow(2).sum(-1, keepdim=True).mul_(0.5 / self.head_dim**0.5 * _LOG2E)
-        exponent = (k @ self._projection(k.dtype)).sub_(half_sq_norm)
-        return add_scalar(_stabilised_exp2(exponent, dims=(-2, -1)), self.eps)
+        k_fp = k.to(compute_dtype(k))
+        half_sq_norm = k_fp.pow(2).sum(-1, keepdim=True).mul_(0.5 / self.head_dim**0.5 * _LOG2E)
+        exponent = self._exponent(k).sub_(half_sq_norm)
+        return add_scalar(_stabilised_exp2(exponent, dims=(-2, -1)), self.eps).to(k.dtype)
 
     def feature_counts(self, num_tokens):
         """q and k through the (pre-scaled) projection (2 N d m multiply-adds); keys' |k|^2 / 2 (N d mul,

@@ -14,6 +14,10 @@ with c_i the row's largest local logit and gamma_h = exp(linear_log_weight_h) a 
 per-head balance. Rows sum to 1 exactly and have no negatives. The linear part over the keys
 outside the window is the total kernel sum minus the window's and the prefix's (O(N m d)).
 Prefix queries use exact softmax rows, as in window attention.
+
+Precision on GPU: window attention is SDPA on windows, so it runs in bf16 like the softmax teacher
+(`WINDOW_BF16`); the hybrid stays fp32 (`WINDOW_LINEAR_FP32`) until a test shows its shared normaliser
+safe in bf16.
 """
 
 from __future__ import annotations
@@ -26,13 +30,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind, as_grid
+from ..attention.numerics import PrecisionPolicy
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 from .kernels import build_feature_map, feature_map_kind, scaled_for_kernel
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
-__all__ = ["WindowAttention", "WindowLinearAttention"]
+__all__ = ["WINDOW_BF16", "WINDOW_LINEAR_FP32", "WindowAttention", "WindowLinearAttention"]
+
+WINDOW_BF16 = PrecisionPolicy(
+    bf16=("q, k, v of every window and of the prefix rows (SDPA)",),
+    fp32=("SDPA's running max, row sums and accumulator (its own, as for the softmax teacher)",),
+    why="the core is softmax attention through SDPA: the same numerics as the bf16 softmax teacher",
+)
+WINDOW_LINEAR_FP32 = PrecisionPolicy(
+    fp32=("the whole core",),
+    why="not shown safe yet: exp(logit - max) window scores and kernel scores share one normaliser, and the "
+    "outside-window kernel sums are a total minus the window's own; fp32 until a test covers both",
+)
 
 
 @register_attention("window")
@@ -41,6 +57,7 @@ class WindowAttention(EfficientAttention):
 
     map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
+    precision = WINDOW_BF16
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs
@@ -134,6 +151,7 @@ class WindowLinearAttention(WindowAttention):
     ('hedgehog' (default, learnable), 'elu', 'relu'), ``feature_dim`` (hedgehog features per sign)."""
 
     eps: float = 1e-6
+    precision = WINDOW_LINEAR_FP32
 
     def __init__(
         self,

@@ -1,0 +1,245 @@
+"""Images/s of a softmax ViT teacher vs its converted students, forward and training step, per resolution.
+
+Every zoo member is built from the teacher the way ``attnxfer convert`` builds it
+(`attnxfer.models.efficient.build_efficient_student`: the teacher's weights, the zoo attention in every
+block). Per resolution, all models are built once and timed in ONE process with interleaved rounds
+(`_measure.interleaved_timings`: each round runs every model and mode once, in a rotated order), so the
+ratios to the teacher share the machine's state. Two modes per model:
+
+* ``forward``: inference, ``eval()``, ``torch.no_grad()``;
+* ``train``: one training step, forward + cross-entropy on random labels + backward + AdamW
+  (``fused=True`` on CUDA).
+
+On CUDA both run under bf16 autocast (parameters fp32, as in training); SDPA then runs flash attention
+and every zoo core its declared precision policy (`attnxfer.models.attention.numerics`). On the CPU
+they run in fp32 with one thread by default (the shared machine's rule: docs/benchmarks.md).
+
+Presets (``--preset``; any option overrides the preset's value):
+
+* ``gpu``: ViT-B/16 (``vit_base_patch16_224``, 1000 classes) at 224 / 448 / 896 px (197 / 785 / 3137
+  tokens), batch 64 / 16 / 4 (about 12.6k tokens a step at every resolution), 3 warm-up and 10 timed
+  rounds; the issue-14 table, a few minutes on an H100.
+* ``cpu``: ViT-Ti/16 (``vit_tiny_patch16_224``: 192 wide, 3 heads, 12 blocks, 100 classes) at 224 / 448
+  px, batch 4 / 1, 1 warm-up and 7 timed rounds, 1 thread: about 4 minutes here.
+
+    python benchmarks/model_throughput.py --preset cpu --json runs/model_throughput_cpu.json
+    python benchmarks/model_throughput.py --preset gpu --json runs/model_throughput_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _measure import format_table, interleaved_timings, machine_info, step_peak_growth, write_json
+
+from attnxfer.models.efficient import build_efficient_student, list_attentions
+
+TEACHER = "softmax"
+MODES = ("forward", "train")
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: str
+    num_classes: int
+    resolutions: tuple[int, ...]
+    batches: tuple[int, ...]
+    device: str
+    warmup: int
+    repeats: int
+    threads: int | None
+
+
+PRESETS = {
+    "gpu": Preset("vit_base_patch16_224", 1000, (224, 448, 896), (64, 16, 4), "cuda", 3, 10, None),
+    "cpu": Preset("vit_tiny_patch16_224", 100, (224, 448), (4, 1), "cpu", 1, 7, 1),
+}
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (parameters stay fp32); the CPU runs fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_models(
+    preset: Preset, resolution: int, names: list[str], device: torch.device
+) -> dict[str, nn.Module]:
+    """The teacher at ``resolution`` (random weights: speed does not depend on them) and one student per name."""
+    torch.manual_seed(0)
+    teacher = timm.create_model(preset.model, img_size=resolution, num_classes=preset.num_classes)
+    models = {TEACHER: teacher}
+    for name in names:
+        models[name] = build_efficient_student(teacher, name)
+    return {name: model.to(device) for name, model in models.items()}
+
+
+def forward_fn(model: nn.Module, x: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    def run():
+        model.eval()
+        with torch.no_grad(), autocast(device):
+            model(x)
+
+    return run
+
+
+def train_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+    def run():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return run
+
+
+def measure_resolution(
+    preset: Preset, resolution: int, batch: int, names: list[str], args, device
+) -> list[dict]:
+    models = build_models(preset, resolution, names, device)
+    if args.compile:
+        # All models share the block and attention forward code objects: each model, mode and resolution is
+        # another graph of them, and past dynamo's default limit of 8 the rest would silently run eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        for model in models.values():
+            model.compile(dynamic=False)
+    x = torch.randn(batch, 3, resolution, resolution, device=device)
+    y = torch.randint(0, preset.num_classes, (batch,), device=device)
+    fns = {}
+    for name, model in models.items():
+        fns[(name, "forward")] = forward_fn(model, x, device)
+        fns[(name, "train")] = train_fn(model, x, y, device)
+    started = time.perf_counter()
+    timings = interleaved_timings(fns, device=device, warmup=preset.warmup, repeats=preset.repeats)
+    seconds = time.perf_counter() - started
+    peaks = {key: step_peak_growth(fn, device) for key, fn in fns.items()} if device.type == "cuda" else {}
+    tokens = models[TEACHER].patch_embed.num_patches + models[TEACHER].num_prefix_tokens
+    rows = []
+    for name in models:
+        row = {"resolution": resolution, "tokens": tokens, "batch": batch, "model": name}
+        for mode in MODES:
+            t = timings[(name, mode)]
+            teacher = timings[(TEACHER, mode)]
+            row[f"{mode}_ms"] = 1e3 * t.median
+            row[f"{mode}_spread"] = t.spread
+            row[f"{mode}_images_per_s"] = batch / t.median
+            row[f"{mode}_vs_teacher"] = teacher.median / t.median
+            row[f"{mode}_cpu_vs_teacher"] = teacher.cpu_median / t.cpu_median
+            row[f"{mode}_peak_mib"] = peaks[(name, mode)] / 2**20 if peaks else None
+            row[f"{mode}_times_s"] = t.times
+        rows.append(row)
+    print(f"# {resolution} px ({tokens} tokens), batch {batch}: {seconds:.0f} s", file=sys.stderr)
+    del models, fns
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+COLUMNS = [
+    ("resolution", "px", ""),
+    ("tokens", "N", ""),
+    ("batch", "batch", ""),
+    ("model", "attention", ""),
+    ("forward_images_per_s", "fwd img/s", ".1f"),
+    ("forward_vs_teacher", "fwd × teacher", ".2f"),
+    ("train_images_per_s", "train img/s", ".1f"),
+    ("train_vs_teacher", "train × teacher", ".2f"),
+    ("forward_cpu_vs_teacher", "fwd × (CPU time)", ".2f"),
+    ("train_cpu_vs_teacher", "train × (CPU time)", ".2f"),
+    ("forward_spread", "fwd ±", ".0%"),
+    ("train_spread", "train ±", ".0%"),
+]
+PEAK_COLUMNS = [("forward_peak_mib", "fwd peak MiB", ".0f"), ("train_peak_mib", "train peak MiB", ".0f")]
+
+
+def resolve(args) -> Preset:
+    preset = PRESETS[args.preset]
+    overrides = {
+        "model": args.model,
+        "device": args.device,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "resolutions": tuple(args.resolutions) if args.resolutions else None,
+        "batches": tuple(args.batch) if args.batch else None,
+    }
+    preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
+    if len(preset.batches) != len(preset.resolutions):
+        raise SystemExit(
+            f"--batch needs one value per resolution: {len(preset.resolutions)} resolutions "
+            f"{preset.resolutions}, {len(preset.batches)} batch sizes {preset.batches}"
+        )
+    return preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument(
+        "--model", default=None, help="timm model name of the teacher (default: the preset's)"
+    )
+    parser.add_argument("--resolutions", type=int, nargs="+", default=None, help="image sizes in px")
+    parser.add_argument("--batch", type=int, nargs="+", default=None, help="one batch size per resolution")
+    parser.add_argument(
+        "--attentions", nargs="+", default=None, help="students to build (default: every zoo attention)"
+    )
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (Module.compile)")
+    parser.add_argument("--json", type=Path, default=None, help="write rows, settings and machine facts here")
+    args = parser.parse_args(argv)
+
+    preset = resolve(args)
+    device = torch.device(preset.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--preset gpu needs CUDA; on this machine use --preset cpu (or --device cpu)")
+    if preset.threads:
+        torch.set_num_threads(preset.threads)
+    names = [n for n in (args.attentions or list_attentions()) if n != TEACHER]
+    info = machine_info(device)
+    rows = []
+    started = time.perf_counter()
+    for resolution, batch in zip(preset.resolutions, preset.batches):
+        rows += measure_resolution(preset, resolution, batch, names, args, device)
+    total = time.perf_counter() - started
+    columns = COLUMNS + (PEAK_COLUMNS if device.type == "cuda" else [])
+    print(format_table(rows, columns, markdown=True))
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"\n{preset.model}, {precision}, {info['torch_threads']} threads, {total:.0f} s", file=sys.stderr)
+    if args.json:
+        write_json(
+            str(args.json),
+            {
+                "preset": asdict(preset),
+                "settings": vars(args) | {"json": str(args.json)},
+                "machine": info,
+                "seconds": total,
+                "rows": rows,
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
