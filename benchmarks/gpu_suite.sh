@@ -4,18 +4,22 @@
 # machine's own python3 (torch, timm, safetensors, huggingface_hub, accelerate, pyyaml, scipy, tqdm, pytest
 # and triton are in its image; attnxfer runs from the checkout, nothing is installed):
 #
-#   bash benchmarks/gpu_suite.sh check      # CUDA-only tests and every benchmark in smoke mode (~3 min)
+#   bash benchmarks/gpu_suite.sh check      # CUDA-only tests and the CE paths in smoke mode (~3 min)
 #   bash benchmarks/gpu_suite.sh transfer   # distillation step: every CE path, N = 197 / 785 / 3137
 #   bash benchmarks/gpu_suite.sh zoo        # efficient attentions vs flash SDPA, bf16, N = 197 / 785 / 3137
-#   bash benchmarks/gpu_suite.sh models     # whole-model images/s and `attnxfer train` images/s
+#   bash benchmarks/gpu_suite.sh models     # whole-model images/s: ViT-B teacher vs converted students
+#   bash benchmarks/gpu_suite.sh train      # `attnxfer train` images/s: plain fine-tune, copy, distill
+#   bash benchmarks/gpu_suite.sh compiled   # the zoo and the models again under torch.compile (optional)
 #
+# In that order of priority: the first five answer issue 14's targets; `compiled` says whether compiling
+# the feature maps pays on the GPU.
 # Each part writes its JSON and log to ${OUT:-gpu-results}/ (the device tool's $OUT comes back to the
 # caller). docs/benchmarks.md says what each figure is and where it goes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case "$PART" in check | transfer | zoo | models) ;; *)
-    echo "usage: bash benchmarks/gpu_suite.sh check|transfer|zoo|models" >&2
+case "$PART" in check | transfer | zoo | models | train | compiled) ;; *)
+    echo "usage: bash benchmarks/gpu_suite.sh check|transfer|zoo|models|train|compiled" >&2
     exit 2
     ;;
 esac
@@ -38,8 +42,10 @@ FAILED=""
 
 case "$PART" in
 check)
-    # the tests that exist only where CUDA does, then the CE paths' numerics, then every benchmark in smoke mode
-    run tests "$PY" -m pytest -q -x -p no:cacheprovider tests/test_attention_lse.py tests/test_losses.py
+    # the tests whose CUDA cases exist only where CUDA does (flex backend, bf16 zoo on CUDA), then the CE
+    # paths in smoke mode
+    run tests "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_lse.py tests/test_losses.py \
+        tests/test_zoo_precision.py tests/test_zoo_compile.py
     run transfer_quick "$PY" benchmarks/transfer_step.py --device cuda --quick --tokens 197,785 \
         --ce-paths rows,sdpa,attention_lse
     ;;
@@ -53,7 +59,20 @@ zoo)
         --batch 256 64 16 --repeats 20 --warmup 5 --train --json "$OUT/attention_zoo.json"
     ;;
 models)
-    echo "(whole-model and train throughput benchmarks: see docs/benchmarks.md)"
+    run model_throughput "$PY" benchmarks/model_throughput.py --preset gpu --json "$OUT/model_throughput.json"
+    ;;
+train)
+    echo "(attnxfer train throughput: see docs/benchmarks.md)"
+    ;;
+compiled)
+    linear="relu_linear elu_linear linformer hydra hedgehog performer cosformer"
+    # shellcheck disable=SC2086
+    run attention_zoo_compiled "$PY" benchmarks/attention_zoo.py --device cuda --dtype bfloat16 --tokens 3137 \
+        --batch 16 --repeats 20 --warmup 5 --train --compile --no-unfused --attentions $linear \
+        --json "$OUT/attention_zoo_compiled.json"
+    # shellcheck disable=SC2086
+    run model_throughput_compiled "$PY" benchmarks/model_throughput.py --preset gpu --compile \
+        --attentions $linear --json "$OUT/model_throughput_compiled.json"
     ;;
 esac
 if [ -n "$FAILED" ]; then
