@@ -26,6 +26,9 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "deterministic",
     "eval_only",
     "teacher.cache_dir",
+    "teacher.compile",  # how the step runs, not what it computes
+    "model.compile",
+    "model.compile_mode",
     "data.root",  # the same dataset at another path (a node-local copy)
     "data.num_workers",
     "data.pin_memory",
