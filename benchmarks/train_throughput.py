@@ -165,6 +165,55 @@ def loader_images_per_second(engine, preset: Preset, batches: int) -> float:
     return batches * preset.batch / (time.perf_counter() - t0)
 
 
+def patch_embed_timings(engine, preset: Preset, device: torch.device, repeats: int) -> dict[str, Any]:
+    """The only convolution of a ViT, its patch embedding, forward + backward on a training batch: in the
+    default layout and channels-last (weights and input), interleaved, under the run's autocast. Its
+    share of the plain step says what channels-last could win at most."""
+    import copy
+
+    x = torch.stack([engine.train_loader.dataset[i][0] for i in range(preset.batch)]).to(device)
+    layouts = {}
+    for name, fmt in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        pe = copy.deepcopy(engine.student.patch_embed).to(memory_format=fmt)
+        xi = x.contiguous(memory_format=fmt)
+
+        def f(pe=pe, xi=xi) -> None:
+            with engine.accelerator.autocast():
+                y = pe(xi)
+            y.float().square().mean().backward()
+            pe.zero_grad(set_to_none=True)
+
+        layouts[name] = f
+    t = interleaved_timings(layouts, device=device, warmup=2, repeats=repeats)
+    return {
+        "contiguous_ms": 1e3 * t["contiguous"].median,
+        "channels_last_ms": 1e3 * t["channels_last"].median,
+        "channels_last_speedup": t["contiguous"].median / t["channels_last"].median,
+    }
+
+
+def cuda_syncs_on_unlogged_steps(gens: dict, k: int) -> dict[str, int]:
+    """Synchronising CUDA calls torch makes during ``k - 1`` unlogged steps of each run (its sync debug mode,
+    warnings counted): the GPU check of what tests/test_throughput.py counts on CPU. Each run must stand just
+    after a logged step (the timing rounds end there)."""
+    import warnings
+
+    found = {}
+    for name, gen in gens.items():
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(k - 1):
+                    next(gen)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        found[name] = sum("synchroniz" in str(w.message) for w in caught)
+        next(gen)  # the logged step: the next check starts after one again
+    return found
+
+
 def _dynamo_graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -191,6 +240,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (cpu preset default: 1)")
     p.add_argument(
         "--memory", action=argparse.BooleanOptionalAction, default=True, help="one extra step's peak memory"
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the patch embedding in channels-last vs the default layout, and its share of a step",
     )
     p.add_argument("--json", default=None, help="write rows, settings, machine facts and target checks here")
     p.add_argument(
@@ -230,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     machine = machine_info(device)  # load average at the start
     compile_settings = {"both": (False, True), "eager": (False,), "compiled": (True,)}[args.compile]
     k = preset.steps_per_round
-    steps = k * (preset.warmup + preset.repeats) + 1  # warm-up and timed rounds, one step for memory
+    steps = k * (preset.warmup + preset.repeats + 1) + 1  # warm-up, timed, GPU sync check, memory
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="train_throughput-") as folder:
         teacher = export_teacher(preset, folder)
@@ -258,10 +313,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         graphs_before = _dynamo_graphs()
         timings = interleaved_timings(fns, device=device, warmup=0, repeats=preset.repeats)
         graphs_during = _dynamo_graphs() - graphs_before
+        syncs = cuda_syncs_on_unlogged_steps(gens, k) if device.type == "cuda" else None
         peaks = {}
         if args.memory:
             for name in engines:
                 peaks[name] = step_peak_growth(lambda name=name: next(gens[name]), device)
+        layout = None
+        if args.channels_last:
+            layout = patch_embed_timings(first, preset, device, repeats=max(5, 3 * preset.repeats))
         for g in gens.values():
             g.close()
         facts = {name: optimizer_implementation(e.optimizer) for name, e in engines.items()}
@@ -296,6 +355,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 row["compile_speedup"] = timings[mode].median / t.median
             rows.append(row)
     fastest = max(r["images_per_s"] for r in rows)
+    if layout is not None and "none" in timings:
+        layout["share_of_plain_step"] = layout["contiguous_ms"] / (1e3 * timings["none"].median / k)
     return {
         "preset": args.preset,
         "settings": asdict(preset) | {"modes": modes, "compile": args.compile},
@@ -303,6 +364,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "loader_images_per_s": loader_ips,
         "loader_over_fastest": loader_ips / fastest,
         "graphs_compiled_while_timing": graphs_during,
+        "cuda_syncs_on_unlogged_steps": syncs,
+        "patch_embed": layout,
         "rows": rows,
         "seconds": time.perf_counter() - started,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -339,6 +402,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{'' if result['loader_over_fastest'] >= 2 else ': DATA LOADING MAY LIMIT THESE FIGURES'}); "
         f"graphs compiled while timing: {result['graphs_compiled_while_timing']}"
     )
+    if result["cuda_syncs_on_unlogged_steps"] is not None:
+        print(f"synchronising CUDA calls on unlogged steps: {result['cuda_syncs_on_unlogged_steps']}")
+    pe = result["patch_embed"]
+    if pe:
+        share = pe.get("share_of_plain_step")
+        print(
+            f"patch embedding fwd+bwd: {pe['contiguous_ms']:.2f} ms"
+            + (f" ({100 * share:.1f}% of a plain step)" if share is not None else "")
+            + f"; channels-last: {pe['channels_last_speedup']:.2f}x its speed"
+        )
     if args.json:
         write_json(args.json, result)
     return result

@@ -16,6 +16,7 @@ from helpers import peaked_teacher, tiny_vit
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnxfer.apps.pretrain import build_pretrain_engine
 from attnxfer.apps.training import build_engine, train
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.config import ConfigError, load_config
@@ -170,6 +171,20 @@ def test_unlogged_steps_never_read_a_tensor_on_the_host(tmp_path, teacher_dir, m
     assert any("Tensor.tolist" in what for what, _ in per_step[3]), per_step[3]
 
 
+def test_unlogged_mae_pretraining_steps_never_read_a_tensor_on_the_host(tmp_path):
+    """The other objective the engine runs (`attnxfer pretrain`: masking, decoder, its own loss)."""
+    cfg = load_config(
+        None,
+        [f"run_dir={tmp_path / 'mae'}", *TINY, "model.kwargs={depth: 2, embed_dim: 48}", "mae.pictures=0"]
+        + ["log.every_steps=3", "schedule.max_steps=6", "data.synthetic_length=256"],
+    )
+    steps = build_pretrain_engine(cfg).steps()
+    for expected in (1, 2):
+        with _SyncCounter() as counter:
+            assert next(steps) == expected
+        assert not counter.calls, counter.calls
+
+
 def test_term_window_means_and_guard_against_python_floats():
     window, guard = TermWindow(), NonFiniteGuard()
     steps = [
@@ -285,6 +300,7 @@ def test_compiled_run_checkpoints_ema_and_export_like_an_eager_one(tmp_path, tea
     """model.compile + teacher.compile through `attnxfer train`: same weights (tolerance), same names, an
     eager EMA, run.json says what was compiled and which AdamW stepped."""
     common = ["schedule.max_steps=3", "log.every_steps=1", "ema.decay=0.9", "model.drop_path_rate=0.0"]
+    common += ["data.eval_batch_size=8"]  # the training batch: no second graph shape at evaluation
     eager = _cfg(tmp_path / "eager", teacher_dir, "distill", *common)
     compiled = _cfg(
         tmp_path / "compiled", teacher_dir, "distill", *common, "model.compile=true", "teacher.compile=true"
