@@ -14,8 +14,12 @@ median round time.
 each eager and with ``model.compile=true teacher.compile=true``. The issue's targets: copy ≥ 0.8× and
 distill ≥ 0.65× the plain fine-tune's images/s (same compile setting). The teacher is a randomly
 initialised ViT of the preset's shape exported to a temporary ``local-dir:`` (speed does not depend on its
-weights); the students mirror it. The loader alone (same dataset, batch, workers, pinning) is timed too:
-it must outrun the fastest configuration, or the table measures data loading.
+weights); the students mirror it. Also measured in the same run: the loader alone (same dataset, batch,
+workers, pinning: it must outrun the fastest configuration, or the table measures data loading), the
+dynamo graphs compiled while timing (must be 0: no recompiles from step to step), one AdamW step in each of
+torch's implementations, the patch embedding (a ViT's only convolution) in channels-last vs the default
+layout with its share of a plain step, and on CUDA the synchronising calls torch makes on unlogged steps
+(its sync debug mode; must be 0).
 
     python benchmarks/train_throughput.py --preset cpu             # tiny ViT, 1 thread: the CPU table
     python benchmarks/train_throughput.py --preset gpu --json out.json   # ViT-B/16, 224 px, bf16, batch 64
@@ -45,7 +49,7 @@ from attnxfer.checkpoints.export import ModelCardInfo, export_student  # noqa: E
 from attnxfer.config import load_config  # noqa: E402
 from attnxfer.data.loader import build_loader  # noqa: E402
 from attnxfer.models import create_vit  # noqa: E402
-from attnxfer.train.optim import optimizer_implementation  # noqa: E402
+from attnxfer.train.optim import optimizer_implementation, student_param_groups  # noqa: E402
 
 MODES = ("none", "copy", "distill")
 RECIPES = {"none": "paper/vit_base_copy", "copy": "paper/vit_base_copy", "distill": "paper/vit_base_distill"}
@@ -192,6 +196,27 @@ def patch_embed_timings(engine, preset: Preset, device: torch.device, repeats: i
     }
 
 
+def adamw_timings(engine, device: torch.device, repeats: int) -> dict[str, float]:
+    """One AdamW step over the plain run's parameter groups (random gradients) in each of torch's
+    implementations, interleaved, in ms: what `attnxfer.train.optim.build_adamw`'s choice rests on."""
+    import copy
+
+    student = copy.deepcopy(engine.student)
+    for p in student.parameters():
+        p.grad = torch.randn_like(p)
+    groups = student_param_groups(student, weight_decay=0.05)
+    kinds = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for-loop": dict(foreach=False)}
+    fns = {}
+    for name, kwargs in kinds.items():
+        params = [dict(g, params=[p.detach().clone().requires_grad_() for p in g["params"]]) for g in groups]
+        for g, src in zip(params, groups):
+            for p, q in zip(g["params"], src["params"]):
+                p.grad = q.grad
+        fns[name] = torch.optim.AdamW(params, lr=1e-4, **kwargs).step
+    t = interleaved_timings(fns, device=device, warmup=2, repeats=repeats)
+    return {name: 1e3 * t[name].median for name in fns}
+
+
 def cuda_syncs_on_unlogged_steps(gens: dict, k: int) -> dict[str, int]:
     """Synchronising CUDA calls torch makes during ``k - 1`` unlogged steps of each run (its sync debug mode,
     warnings counted): the GPU check of what tests/test_throughput.py counts on CPU. Each run must stand just
@@ -246,6 +271,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="time the patch embedding in channels-last vs the default layout, and its share of a step",
+    )
+    p.add_argument(
+        "--optimizers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time one AdamW step in torch's fused, foreach and for-loop implementations",
     )
     p.add_argument("--json", default=None, help="write rows, settings, machine facts and target checks here")
     p.add_argument(
@@ -318,6 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.memory:
             for name in engines:
                 peaks[name] = step_peak_growth(lambda name=name: next(gens[name]), device)
+        adamw = adamw_timings(first, device, repeats=max(5, 3 * preset.repeats)) if args.optimizers else None
         layout = None
         if args.channels_last:
             layout = patch_embed_timings(first, preset, device, repeats=max(5, 3 * preset.repeats))
@@ -366,6 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "graphs_compiled_while_timing": graphs_during,
         "cuda_syncs_on_unlogged_steps": syncs,
         "patch_embed": layout,
+        "adamw_step_ms": adamw,
         "rows": rows,
         "seconds": time.perf_counter() - started,
         "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -412,6 +445,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             + (f" ({100 * share:.1f}% of a plain step)" if share is not None else "")
             + f"; channels-last: {pe['channels_last_speedup']:.2f}x its speed"
         )
+    if result["adamw_step_ms"]:
+        print("AdamW step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in result["adamw_step_ms"].items()))
     if args.json:
         write_json(args.json, result)
     return result
