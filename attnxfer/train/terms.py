@@ -31,8 +31,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def _stacked(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The scalar tensors of ``values`` as one float64 vector on their device (kernels only, no sync)."""
-    return torch.stack([v.detach().reshape(()).double() for v in values.values()])
+    """The scalar tensors of ``values`` as one float64 vector on their device: two kernels (stack, cast) for
+    the usual fp32 terms, no sync."""
+    return torch.stack([v.detach().reshape(()).float() for v in values.values()]).double()
 
 
 class TermWindow:
@@ -45,9 +46,6 @@ class TermWindow:
     def __init__(self) -> None:
         # keys of a step's terms, in order -> (their running sums, how many steps added them)
         self._sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
-
-    def __len__(self) -> int:
-        return sum(n for _, n in self._sums.values())
 
     def add(self, values: Mapping[str, torch.Tensor]) -> None:
         """Add one step's terms (scalar tensors, any float dtype) to the window; nothing leaves the device."""
