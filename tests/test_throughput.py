@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnxfer.apps.pretrain import build_pretrain_engine
 from attnxfer.apps.training import build_engine, train
-from attnxfer.checkpoints.export import ModelCardInfo, export_student
+from attnxfer.checkpoints.export import ModelCardInfo, export_run, export_student
 from attnxfer.config import ConfigError, load_config
 from attnxfer.train.compile import RateAsInputDropPath, compile_blocks, is_compiled
 from attnxfer.train.engine import NonFiniteLossError
@@ -236,6 +236,7 @@ def _loss_and_grads(dual: DualViT, x: torch.Tensor):
     return loss.detach(), grads
 
 
+@pytest.mark.slow  # torch.compile: ~20 s the first time in a process with a cold inductor cache
 @pytest.mark.parametrize("mode", ["none", "copy", "distill"])
 def test_compiled_blocks_give_eager_losses_and_gradients(mode):
     from torch._dynamo.utils import counters
@@ -269,6 +270,7 @@ def test_compiled_blocks_give_eager_losses_and_gradients(mode):
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # torch.compile: ~20 s the first time in a process with a cold inductor cache
 def test_stochastic_depth_rates_are_graph_inputs_so_one_graph_serves_every_block():
     """timm's DropPath rates differ per block (0, 0.1, 0.2 here) and dynamo specialises on floats: as
     buffers they make one training graph for all blocks; the drop itself is timm's (mask in {0, 1/keep})."""
@@ -296,6 +298,7 @@ def test_stochastic_depth_rates_are_graph_inputs_so_one_graph_serves_every_block
     assert torch.equal(drop.eval()(x), x)
 
 
+@pytest.mark.slow  # torch.compile: ~20 s the first time in a process with a cold inductor cache
 def test_compiled_run_checkpoints_ema_and_export_like_an_eager_one(tmp_path, teacher_dir):
     """model.compile + teacher.compile through `attnxfer train`: same weights (tolerance), same names, an
     eager EMA, run.json says what was compiled and which AdamW stepped."""
@@ -315,6 +318,13 @@ def test_compiled_run_checkpoints_ema_and_export_like_an_eager_one(tmp_path, tea
     ea = load_file(next(Path(eager.run_dir, "checkpoints").glob("step-*/ema.safetensors")))
     eb = load_file(next(Path(compiled.run_dir, "checkpoints").glob("step-*/ema.safetensors")))
     assert ea.keys() == eb.keys()
+    for k in ea:
+        torch.testing.assert_close(eb[k], ea[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the export (timm's layout, checked bit-identical against plain timm) holds the EMA weights as saved
+    out = export_run(compiled.run_dir, tmp_path / "export", weights="ema", checkpoint="latest")
+    exported = load_file(str(out / "model.safetensors"))
+    assert exported and exported.keys() <= eb.keys()
+    assert all(torch.equal(exported[k], eb[k]) for k in exported)
     run = json.loads(Path(compiled.run_dir, "run.json").read_text())
     assert run["compiled"] == {"student_blocks": 2, "teacher_blocks": 2}
     assert run["optimizer"] == "AdamW (fused)"
