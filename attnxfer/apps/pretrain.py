@@ -27,12 +27,13 @@ from ..data import dataset_info
 from ..models.mae import MaskedAutoencoder
 from ..models.student import student_spec
 from ..models.vit import create_vit
+from ..train.compile import compile_blocks
 from ..train.distributed import backend_for, barrier, joined_process_group
 from ..train.engine import Engine, TrainResult, evaluate_loss
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
 from .run_parts import RunParts, build_run_parts
-from .training import engine_facts, loop_settings
+from .training import adamw_from_config, engine_facts, loop_settings
 
 __all__ = ["MODE", "build_mae", "build_pretrain_engine", "pretrain", "reconstruction_pictures"]
 
@@ -116,6 +117,8 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
         raise ValueError(
             "pretrain starts from random weights; remove model.init (fine-tuning is `attnxfer train`)"
         )
+    if cfg.teacher.compile:
+        raise ValueError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
@@ -133,11 +136,10 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
     )
     mae.to(runtime.device)
     settings = dataclasses.replace(loop_settings(cfg, runtime.world), metric="val_loss", metric_mode="min")
+    if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
+        compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
-    fused = {"fused": True} if runtime.device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(
-        groups, lr=settings.base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **fused
-    )
+    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
     pictures = None
     if cfg.mae.pictures > 0:
         val = parts.val_loader.dataset

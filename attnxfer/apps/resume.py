@@ -27,6 +27,9 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "eval_only",
     "teacher.cache_dir",
     "transfer.ce_path",  # the same loss, evaluated another way
+    "teacher.compile",  # how the step runs, not what it computes
+    "model.compile",
+    "model.compile_mode",
     "data.root",  # the same dataset at another path (a node-local copy)
     "data.num_workers",
     "data.pin_memory",

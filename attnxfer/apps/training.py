@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json, atomic_write_text
 from ..config import TrainConfig, dump_config, to_dict, validate_config
+from ..train.compile import compile_blocks
 from ..train.distributed import backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
 from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TaskLoss, TrainResult
-from ..train.optim import student_param_groups
+from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
 from ..transfer.losses import ce_path_for
@@ -28,7 +29,9 @@ from .run_parts import RunParts, build_run_parts
 
 __all__ = [
     "EvalResult",
+    "adamw_from_config",
     "build_engine",
+    "compile_from_config",
     "evaluate_run",
     "loop_settings",
     "plan_from_config",
@@ -105,18 +108,44 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
     )
 
 
+def adamw_from_config(
+    cfg: TrainConfig, groups: list[dict], lr: float, device: torch.device
+) -> torch.optim.Optimizer:
+    """The ``optim`` section's AdamW, in the implementation `attnxfer.train.optim.build_adamw` picks for
+    ``device`` (fused on CUDA and CPU)."""
+    o = cfg.optim
+    return build_adamw(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, device=device)
+
+
+def compile_from_config(cfg: TrainConfig, dual: DualViT) -> dict[str, int]:
+    """torch.compile the student's blocks (``model.compile``) and the teacher's (``teacher.compile``) in
+    place; returns how many blocks of each (what run.json records)."""
+    if cfg.teacher.compile and dual.teacher is None:
+        raise ValueError(
+            "teacher.compile=true, but this run has no teacher (transfer.mode=none without teacher.spec); "
+            "remove teacher.compile"
+        )
+    mode = cfg.model.compile_mode
+    return {
+        "student_blocks": compile_blocks(dual.student.blocks, mode) if cfg.model.compile else 0,
+        "teacher_blocks": compile_blocks(dual.teacher.blocks, mode) if cfg.teacher.compile else 0,
+    }
+
+
 def engine_facts(engine: Engine) -> dict:
-    """What run.json records of how a run executes (ranks, precision, lr and step counts), for every app."""
+    """What run.json records of how a run executes (ranks, precision, optimiser, lr and step counts), for
+    every app."""
     return {
         "world_size": engine.world,
         "precision": engine.runtime.precision,
+        "optimizer": f"AdamW ({optimizer_implementation(engine.optimizer)})",
         "base_lr": engine.base_lr,
         "steps_per_epoch": engine.steps_per_epoch,
         "total_steps": engine.total_steps,
     }
 
 
-def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
+def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, compiled: dict[str, int]) -> None:
     """config.yaml (re-run with -c RUN_DIR/config.yaml) and run.json (what was trained, from what)."""
     if not engine.is_main:
         return
@@ -132,6 +161,7 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts) -> None:
         "class_names": parts.class_names,
         "mean": parts.mean,
         "std": parts.std,
+        "compiled": compiled,
         **engine_facts(engine),
     }
     if engine.plan.mode.distills_maps:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved)
@@ -167,6 +197,7 @@ def build_engine(
     )
     dual.to(runtime.device)
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
+    compiled = compile_from_config(cfg, dual)  # after the EMA's copy: EMA weights are evaluated eagerly
     settings = loop_settings(cfg, runtime.world)
     groups = student_param_groups(
         dual,
@@ -174,10 +205,7 @@ def build_engine(
         layer_decay=cfg.optim.layer_decay,
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
-    fused = {"fused": True} if runtime.device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(
-        groups, lr=settings.base_lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, **fused
-    )
+    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
     engine = Engine(
         runtime,
         dual,
@@ -191,7 +219,7 @@ def build_engine(
         record={"teacher": parts.teacher_record, "config": to_dict(cfg)},
     )
     if write_run_files:
-        _write_run_files(cfg, engine, parts)
+        _write_run_files(cfg, engine, parts, compiled)
     barrier()
     if engine.is_main:
         print(plan.describe(), flush=True)

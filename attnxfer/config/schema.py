@@ -71,6 +71,9 @@ class ModelConfig:
     )
     init: str | None = None  # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # torch.compile of the student's blocks (as timm's --torchcompile; names and checkpoints unchanged)
+    compile: bool = False
+    compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (also for teacher.compile)
 
 
 @dataclass
@@ -82,6 +85,7 @@ class TeacherConfig:
     revision: str | None = None
     cache_dir: str | None = None
     dtype: str = "auto"  # auto = the run's precision (bf16 on GPU, fp32 on CPU); or fp32 / bf16 / fp16
+    compile: bool = False  # torch.compile of the teacher's blocks (no-grad graphs), mode model.compile_mode
 
 
 @dataclass
@@ -349,11 +353,14 @@ RANGES: dict[str, Range] = {
     "model.global_pool": Range(choices=("token", "avg", "max", "avgmax", "map", "")),  # timm's; "" = none
     "model.fc_norm": _ANY,
     "model.init": _ANY,
+    "model.compile": _ANY,
+    "model.compile_mode": Range(choices=("default", "max-autotune-no-cudagraphs")),
     "teacher.spec": _ANY,
     "teacher.arch": _ANY,
     "teacher.revision": _ANY,
     "teacher.cache_dir": _ANY,
     "teacher.dtype": Range(choices=("auto", "fp32", "bf16", "fp16")),
+    "teacher.compile": _ANY,
     "transfer.mode": _ANY,  # a registry of attnxfer.transfer: checked by the plan, which knows the modes
     "transfer.end_layer": _ANY,  # the paper's meaning: 0 = all, -k = all but the last k
     "transfer.layers": _NON_NEGATIVE,

@@ -250,3 +250,11 @@ def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]
     t = torch.tensor(list(values), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def min_over_ranks(value: torch.Tensor) -> int:
+    """The smallest of every rank's 0-d integer ``value`` (on the group's device): a collective, one read."""
+    if rank_and_world()[1] > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,10 +40,11 @@ from ..checkpoints.store import (
     verify_checkpoint,
 )
 from ..transfer.dual import DualViT, TransferOutput
-from .distributed import barrier
+from .distributed import barrier, min_over_ranks
 from .ema import StudentEMA
 from .metrics import MetricsLogger
 from .runtime import Runtime
+from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
 __all__ = [
     "CheckpointPolicy",
@@ -57,10 +58,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("attnxfer")
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN/inf; nothing was saved over the last good checkpoint."""
 
 
 @dataclass
@@ -86,16 +83,6 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _check_finite(terms: dict[str, torch.Tensor], step: int, epoch: int, last_ckpt: str | None) -> None:
-    for name, value in terms.items():
-        if not torch.isfinite(value).all():
-            where = f"last good checkpoint: {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-            raise NonFiniteLossError(
-                f"non-finite loss term {name!r} = {value.item()} at step {step} (epoch {epoch}); stopping without "
-                f"saving ({where}). Try a lower optim.lr, optim.clip_grad=1.0, or a lower transfer.atd_weight."
-            )
 
 
 @torch.no_grad()
@@ -268,9 +255,38 @@ class Engine:
         self.last_ckpt: str | None = None
         self.history: list[dict[str, float]] = []
         self._picture_x: torch.Tensor | None = None
+        # Logged terms and the non-finite guard stay on the device between log steps (no host syncs).
+        self.window = TermWindow()
+        self.guard = NonFiniteGuard()
+        self._last_save_time = time.monotonic()
+        self._final: dict[str, float] = {}
+
+    def stop_if_non_finite(self) -> None:
+        """Raise `NonFiniteLossError` if a loss term of any rank was NaN/inf since the run (re)started.
+
+        The engine calls it on log steps and before every checkpoint save and evaluation: the weights
+        of the steps after a bad one are never written or scored. One read (and a collective under DDP).
+        """
+        earliest = self.guard.earliest
+        if earliest is None or min_over_ranks(earliest) == NO_STEP:
+            return
+        where = (
+            f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        )
+        bad = self.guard.first()
+        what = (
+            f"non-finite loss term {bad.term!r} = {bad.value} at step {bad.step} (epoch {bad.epoch})"
+            if bad is not None
+            else "a non-finite loss term on another rank"
+        )
+        raise NonFiniteLossError(
+            f"{what}; stopping without saving ({where}). Try a lower optim.lr, optim.clip_grad=1.0, "
+            "or a lower transfer.atd_weight."
+        )
 
     def save(self, metric: float | None = None) -> None:
-        """All ranks call this (RNG states are gathered); rank 0 writes."""
+        """All ranks call this (RNG states are gathered); rank 0 writes. Never after a non-finite loss."""
+        self.stop_if_non_finite()
         rng = capture_rng_state()
         checksum = _weights_checksum(self.student)
         if self.world > 1:
@@ -397,7 +413,7 @@ class Engine:
                     terms["attn"] = out.loss
                 terms["total"] = task + out.loss if out.loss is not None else task
             total = terms["total"]
-            _check_finite(terms, self.step, self.epoch, self.last_ckpt)
+            self.guard.watch(terms, self.step, self.epoch)  # read at log steps, saves, evaluations
             acc.backward(total)
             if acc.sync_gradients and clip:
                 terms["grad_norm"] = acc.clip_grad_norm_(self.student.parameters(), clip)
@@ -477,16 +493,44 @@ class Engine:
         return MetricMode(self.settings.metric_mode).better(value, self.best)
 
     def run(self) -> TrainResult:
-        s, acc = self.settings, self.accelerator
+        """Train to ``total_steps`` (resuming first), evaluating and saving as the settings say."""
+        s = self.settings
         start = time.monotonic()
-        self._last_save_time = start
         if s.eval_only:
             final = self.evaluate_checkpoint()
             return TrainResult(str(self.run_dir), self.step, self.epoch, self.best, final, metric=s.metric)
+        for _ in self.steps():
+            pass
+        final = self._final
+        if not final:  # resumed a finished run: report where it stands
+            final = self._evaluate_all()
+            final[self._best_key] = self.best if self.best is not None else final[s.metric]
+        self.metrics.close()
+        return TrainResult(
+            str(self.run_dir),
+            self.step,
+            self.epoch,
+            self.best,
+            final,
+            self.history,
+            time.monotonic() - start,
+            metric=s.metric,
+        )
+
+    def steps(self) -> Iterator[int]:
+        """The training loop, yielding the step count after every optimiser step (the last one after its
+        evaluation and save).
+
+        `run` drains it; a benchmark can advance several engines step by step (interleaved timing of the
+        real loop: data, step, EMA, logging, checkpoints). Resumes first; evaluates and saves at the
+        epoch ends and at the last step, as `run` does.
+        """
+        s, acc = self.settings, self.accelerator
+        self._last_save_time = time.monotonic()
         self.resume()
         self.model.train()
         sampler, loader = self.train_sampler, self.train_loader
-        final: dict[str, float] = {}
+        self._final = {}
         progress = None
         global_batch = loader.batch_size * self.world
         epoch_len = sampler.length
@@ -501,7 +545,7 @@ class Engine:
                     leave=False,
                     dynamic_ncols=True,
                 )
-            window: dict[str, list[float]] = {}
+            self.window = TermWindow()  # a record never mixes epochs (a resumed run logs the same records)
             batches_left = len(loader)
             for x, y in loader:
                 batches_left -= 1
@@ -514,20 +558,19 @@ class Engine:
                 self.position += global_batch  # global count: what every rank consumed together
                 if progress is not None:
                     progress.update(1)
-                for k, v in logs.items():
-                    window.setdefault(k, []).append(float(v))
+                self.window.add(logs)  # summed on the device: read on log steps only
                 if not stepped:
                     continue
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.student)
                 if self.step % s.log_every == 0 or self.step == self.total_steps:
-                    rec = {k: sum(v) / len(v) for k, v in window.items()}
+                    self.stop_if_non_finite()
+                    rec = self.window.means()
                     rec["lr"] = lr
                     self.metrics.log("train", self.step, rec, epoch=self.epoch + self.position / epoch_len)
                     if progress is not None:
                         progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
-                    window = {}
                 if self.step >= self.total_steps:
                     if batches_left == 0:  # the last step is also the epoch's last: a resume starts the next
                         self.epoch, self.position = self.epoch + 1, 0
@@ -535,12 +578,14 @@ class Engine:
                 # the epoch's last step is saved by the epoch save below (one save per step)
                 if self._should_checkpoint_now() and not (batches_left == 0 and s.checkpoint.every_epoch):
                     self.save()
+                yield self.step
             else:  # the loader ran dry: the epoch is complete
                 self.epoch += 1
                 self.position = 0
             if progress is not None:
                 progress.close()
                 progress = None
+            self.stop_if_non_finite()  # never score (or keep as best) weights after a non-finite loss
             final = self._evaluate_all()
             value = final[s.metric]
             if self._is_better(value):
@@ -560,20 +605,9 @@ class Engine:
                 )
             if s.checkpoint.every_epoch or self.step >= self.total_steps:
                 self.save(metric=value)
-        if not final:  # resumed a finished run: report where it stands
-            final = self._evaluate_all()
-            final[self._best_key] = self.best if self.best is not None else final[s.metric]
-        self.metrics.close()
-        return TrainResult(
-            str(self.run_dir),
-            self.step,
-            self.epoch,
-            self.best,
-            final,
-            self.history,
-            time.monotonic() - start,
-            metric=s.metric,
-        )
+            self._final = final
+            if self.step >= self.total_steps:
+                yield self.step
 
     @property
     def _best_key(self) -> str:

@@ -15,6 +15,11 @@ Two conventions for who gets which power of the decay exist in the wild (depth D
   and the stem gets decay^D.
 
 Head, fc_norm and the final norm get 1.0 under both.
+
+`build_adamw` is the one place that picks AdamW's implementation for a device (`adamw_implementation`):
+torch's fused kernel where it has one (CUDA and CPU: one kernel for all parameters, no host sync; on this
+project's 2-core CPU a ViT-Ti AdamW step took 7.4 ms fused, 20 ms with the per-tensor loop and 28 ms with
+``foreach``), ``foreach`` elsewhere. Runs record it in run.json (`optimizer_implementation`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,20 @@ from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
+import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-__all__ = ["LAYER_DECAY_RULES", "LayerDecayRule", "student_param_groups"]
+__all__ = [
+    "FUSED_ADAMW_DEVICES",
+    "LAYER_DECAY_RULES",
+    "AdamWImplementation",
+    "LayerDecayRule",
+    "adamw_implementation",
+    "build_adamw",
+    "optimizer_implementation",
+    "student_param_groups",
+]
 
 
 class LayerDecayRule(StrEnum):
@@ -81,3 +96,51 @@ def _one_layer_up(scale: float, decay: float) -> float:
         return scale
     power = round(math.log(scale) / math.log(decay))
     return decay ** max(power - 1, 0)
+
+
+class AdamWImplementation(StrEnum):
+    """Which of torch's AdamW implementations steps the parameters."""
+
+    FUSED = "fused"  # one kernel for all parameters (optimizer state and step counters on the device)
+    FOREACH = "foreach"  # multi-tensor ops, step counters on the host
+
+    @property
+    def torch_kwargs(self) -> dict[str, bool]:
+        return {"fused": True} if self is AdamWImplementation.FUSED else {"foreach": True}
+
+
+#: device types with a fused AdamW kernel in torch >= 2.4 that attnxfer uses
+FUSED_ADAMW_DEVICES = frozenset({"cuda", "cpu"})
+
+
+def adamw_implementation(device: torch.device | str) -> AdamWImplementation:
+    """Fused on CUDA and CPU (torch has the kernel; faster on both), ``foreach`` on any other device."""
+    kind = torch.device(device).type
+    return AdamWImplementation.FUSED if kind in FUSED_ADAMW_DEVICES else AdamWImplementation.FOREACH
+
+
+def build_adamw(
+    groups: list[dict[str, Any]],
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    device: torch.device | str,
+    implementation: AdamWImplementation | str | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over ``groups`` in the implementation `adamw_implementation` picks for ``device`` (or the one
+    given): the single place every trainer gets its optimiser from."""
+    impl = AdamWImplementation(implementation) if implementation else adamw_implementation(device)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **impl.torch_kwargs)
+
+
+def optimizer_implementation(optimizer: torch.optim.Optimizer) -> str:
+    """``fused``, ``foreach`` or ``for-loop``: how ``optimizer`` (or the one an accelerate wrapper holds)
+    steps, read from its defaults (what run.json records)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    defaults = getattr(inner, "defaults", {})
+    if defaults.get("fused"):
+        return AdamWImplementation.FUSED.value
+    if defaults.get("foreach"):
+        return AdamWImplementation.FOREACH.value
+    return "for-loop"

@@ -1,0 +1,139 @@
+"""A training step's numbers kept on the device: logged means and the non-finite guard, without host syncs.
+
+On a GPU, reading a tensor's value on the host (``.item()``, ``float()``, ``bool()``, ``if tensor:``) waits
+until every kernel queued before it has run, so the host cannot queue the next step while this one
+computes. The engine therefore reads nothing on the steps it does not log:
+
+- `TermWindow` adds each step's logged terms into running sums on the device and converts them to
+  Python floats (one transfer) only when a record is written;
+- `NonFiniteGuard` keeps a device-side record of the first step whose loss terms were not finite (its
+  step, epoch and the terms' values), which the engine reads at log steps and before any checkpoint
+  save or evaluation, so a NaN still stops the run before anything is written over the last good
+  checkpoint, and the message still names the term, the layer and the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NO_STEP", "NonFinite", "NonFiniteGuard", "NonFiniteLossError", "TermWindow"]
+
+#: what `NonFiniteGuard.earliest` holds while every watched term was finite (larger than any step)
+NO_STEP = 2**62
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN/inf; nothing was saved over the last good checkpoint."""
+
+
+def _stacked(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The scalar tensors of ``values`` as one float64 vector on their device: two kernels (stack, cast) for
+    the usual fp32 terms, no sync."""
+    return torch.stack([v.detach().reshape(()).float() for v in values.values()]).double()
+
+
+class TermWindow:
+    """Means of logged scalar terms over the steps since the last `means` call, summed on the device.
+
+    A term counts over the steps it was logged in (per-layer KL appears on logged steps only), exactly
+    as a mean of the Python floats would.
+    """
+
+    def __init__(self) -> None:
+        # keys of a step's terms, in order -> (their running sums, how many steps added them)
+        self._sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
+
+    def add(self, values: Mapping[str, torch.Tensor]) -> None:
+        """Add one step's terms (scalar tensors, any float dtype) to the window; nothing leaves the device."""
+        if not values:
+            return
+        key = tuple(values)
+        vec = _stacked(values)
+        if key in self._sums:
+            sums, n = self._sums[key]
+            self._sums[key] = (sums.add_(vec), n + 1)
+        else:
+            self._sums[key] = (vec, 1)
+
+    def means(self) -> dict[str, float]:
+        """Each term's mean over the window as Python floats (one device-to-host copy); empties the window."""
+        if not self._sums:
+            return {}
+        keys = list(self._sums)
+        flat = torch.cat([self._sums[k][0] for k in keys]).tolist()
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        i = 0
+        for key in keys:
+            n = self._sums[key][1]
+            for name in key:
+                totals[name] = totals.get(name, 0.0) + flat[i]
+                counts[name] = counts.get(name, 0) + n
+                i += 1
+        self._sums = {}
+        return {name: totals[name] / counts[name] for name in totals}
+
+
+@dataclass(frozen=True)
+class NonFinite:
+    """The first non-finite loss term: its name, value, and the step (steps done before it) and epoch."""
+
+    term: str
+    value: float
+    step: int
+    epoch: int
+
+
+class NonFiniteGuard:
+    """Remembers, on the device, the first step whose watched loss terms were not all finite.
+
+    `watch` costs a few tiny kernels and no sync; `earliest` is that step as a device tensor (`NO_STEP`
+    while all were finite: the engine takes its minimum over ranks), `first` reads the details (a sync).
+    """
+
+    def __init__(self) -> None:
+        # names of the watched terms -> (first bad step or NO_STEP, its epoch, the terms' values then)
+        self._records: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def watch(self, terms: Mapping[str, torch.Tensor], step: int, epoch: int) -> None:
+        """Record ``terms`` (scalar loss tensors) of ``step`` if no earlier step had a non-finite one."""
+        if not terms:
+            return
+        names = tuple(terms)
+        vec = _stacked(terms)
+        if names not in self._records:
+            full = lambda v: torch.full((), v, dtype=torch.int64, device=vec.device)
+            self._records[names] = (full(NO_STEP), full(-1), torch.zeros_like(vec))
+        first, first_epoch, values = self._records[names]
+        newly = (~torch.isfinite(vec).all()) & (first == NO_STEP)
+        first.masked_fill_(newly, step)
+        first_epoch.masked_fill_(newly, epoch)
+        values.copy_(torch.where(newly, vec, values))
+
+    @property
+    def earliest(self) -> torch.Tensor | None:
+        """The first bad step as a 0-d int64 device tensor (`NO_STEP` if none); None before any `watch`."""
+        if not self._records:
+            return None
+        firsts = [r[0] for r in self._records.values()]
+        return firsts[0].clone() if len(firsts) == 1 else torch.stack(firsts).min()
+
+    def first(self) -> NonFinite | None:
+        """The first non-finite term (one device-to-host copy), or None while every term was finite."""
+        if not self._records:
+            return None
+        keys = list(self._records)
+        head = torch.stack([t for k in keys for t in self._records[k][:2]]).tolist()
+        found = [(head[2 * i], head[2 * i + 1], k) for i, k in enumerate(keys) if head[2 * i] != NO_STEP]
+        if not found:
+            return None
+        step, epoch, names = min(found, key=lambda f: f[0])
+        values = self._records[names][2].tolist()
+        name, value = next(
+            ((n, v) for n, v in zip(names, values) if not math.isfinite(v)), (names[0], values[0])
+        )
+        return NonFinite(name, value, step, epoch)
