@@ -45,7 +45,7 @@ check)
     # the tests whose CUDA cases exist only where CUDA does (flex backend, bf16 zoo on CUDA), then the CE
     # paths in smoke mode
     run tests "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_lse.py tests/test_losses.py \
-        tests/test_zoo_precision.py tests/test_zoo_compile.py
+        tests/test_zoo_precision.py tests/test_zoo_compile.py tests/test_throughput.py
     run transfer_quick "$PY" benchmarks/transfer_step.py --device cuda --quick --tokens 197,785 \
         --ce-paths rows,sdpa,attention_lse
     ;;
@@ -62,7 +62,11 @@ models)
     run model_throughput "$PY" benchmarks/model_throughput.py --preset gpu --json "$OUT/model_throughput.json"
     ;;
 train)
-    echo "(attnxfer train throughput: see docs/benchmarks.md)"
+    # eager and compiled in separate processes: each fits a call on its own if the pair does not
+    run train_throughput_eager "$PY" benchmarks/train_throughput.py --preset gpu --compile eager \
+        --json "$OUT/train_throughput_eager.json"
+    run train_throughput_compiled "$PY" benchmarks/train_throughput.py --preset gpu --compile compiled \
+        --json "$OUT/train_throughput_compiled.json"
     ;;
 compiled)
     linear="relu_linear elu_linear linformer hydra hedgehog performer cosformer"
