@@ -67,7 +67,7 @@ def _check_fp32_against_the_oracle(B, heads_t, heads_s, d_t, d_s, N, device="cpu
     q_t, k_t = _qk(B, heads_t, N, d_t, seed=1, scale=1.5, device=device)
     q_t.requires_grad_()
     q_s, k_s = (t.requires_grad_() for t in _qk(B, heads_s, N, d_s, seed=2, device=device))
-    ce, ent = triton_row_ce(q_t, k_t, q_s, k_s)  # 16×16 tiles under the interpreter, 64×64 compiled
+    ce, ent = triton_row_ce(q_t, k_t, q_s, k_s)  # 16×16 tiles under the interpreter, 32×32 compiled (fp32)
     ce_ref, ent_ref = _rows_oracle(q_t, k_t, q_s, k_s)
     assert ce.shape == ent.shape == (B, heads_s, N) and ce.dtype == ent.dtype == torch.float32
     assert not ent.requires_grad
@@ -203,7 +203,7 @@ def test_refusals_say_what_to_change(interpreter, monkeypatch):
 
 @pytest.mark.parametrize("heads_t,d_t", [(6, 64), (12, 48)])
 def test_kernels_compile_for_an_h100_with_tensor_core_tiles(heads_t, d_t):
-    """Every kernel a call launches passes Triton's compiler for sm_90 with the GPU's 64×64 tiles (g = 1:
+    """Every kernel a call launches passes Triton's compiler for sm_90 with the GPU's bf16 tiles, 64×64 (g = 1:
     the one-pass entropy and hoisted teacher tiles; g = 2 with d_t = 48 padded to 64: the grouped-entropy
     kernel), and its bf16 tile products are Hopper tensor-core instructions (wgmma)."""
     q_t, k_t = (t.bfloat16() for t in _qk(2, heads_t, 197, d_t, seed=8))
@@ -222,7 +222,7 @@ if torch.cuda.is_available():  # a GPU machine (the lent H100); CI has none
         [(2, 2, 2, 8, 8, 50), (1, 4, 2, 12, 8, 40), (4, 6, 6, 64, 64, 197), (4, 12, 6, 64, 32, 785)],
     )
     def test_compiled_fp32_matches_the_oracle_on_cuda(B, heads_t, heads_s, d_t, d_s, N):
-        """The compiled kernels (64×64 tiles, IEEE fp32 products) against the float64 oracle, as above."""
+        """The compiled kernels (32×32 tiles, IEEE fp32 products) against the float64 oracle, as above."""
         _check_fp32_against_the_oracle(B, heads_t, heads_s, d_t, d_s, N, device="cuda")
 
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -131,11 +131,16 @@ class _Launch:
     num_stages: int
 
 
-def _launch(backend: TritonBackend, block_m: int | None, block_n: int | None) -> _Launch:
-    """GPU defaults: 64×64 tiles, 4 warps, 2 stages (flash-attention-like for head dims ≤ 64; to be tuned on
-    the H100, `benchmarks/transfer_step.py --ce-paths triton`). Interpreted: 16×16, the smallest tile
-    ``tl.dot`` takes on a GPU, so the CPU tests walk several blocks on small N."""
-    default = 16 if backend is TritonBackend.INTERPRETED else 64
+def _launch(backend: TritonBackend, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> _Launch:
+    """Tiles and warps. Compiled, 4 warps, 2 stages: bf16/fp16 64×64 (no register spills for sm_90 with
+    head dims up to 128, g ≤ 2; 128×64 spills), fp32 32×32 (IEEE fp32 products run on the FMA units, and
+    64×64 tiles spill tens of KiB per thread). Measured by `benchmarks/ce_loss.py --kernels`; speed still to
+    be tuned on the H100. Interpreted: 16×16, the smallest tile ``tl.dot`` takes on a GPU, so the CPU tests
+    walk several blocks at small N."""
+    if backend is TritonBackend.INTERPRETED:
+        default = 16
+    else:
+        default = 32 if dtype == torch.float32 else 64
     bm, bn = block_m or default, block_n or default
     for name, value in (("block_m", bm), ("block_n", bn)):
         if value < 16 or value & (value - 1):
@@ -314,7 +319,7 @@ def triton_row_ce(
     scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else float(scale_s)
     q_s, k_s = _same_dtype(q_s, k_s)
     q_t, k_t = _same_dtype(q_t.detach(), k_t.detach())
-    call = _Call(q_s, q_t, scale_s, scale_t, backend, _launch(backend, block_m, block_n))
+    call = _Call(q_s, q_t, scale_s, scale_t, backend, _launch(backend, q_s.dtype, block_m, block_n))
     with torch.cuda.device(q_s.device) if q_s.is_cuda else contextlib.nullcontext():
         return _TritonRowCE.apply(q_s, k_s, q_t, k_t, call, with_entropy)
 
@@ -363,7 +368,7 @@ def compile_for_arch(
     _check(q_t, k_t, q_s, k_s)
     _require_triton()
     scale_t, scale_s = q_t.shape[-1] ** -0.5, q_s.shape[-1] ** -0.5
-    run = _launch(TritonBackend.COMPILED, block_m, block_n)
+    run = _launch(TritonBackend.COMPILED, q_s.dtype, block_m, block_n)
     call = _Compile(q_s, q_t, scale_s, scale_t, TritonBackend.COMPILED, run, arch=arch)
     ce, _, lse_s, lse_t = call.forward(q_s, k_s, q_t, k_t, with_entropy)
     call.backward(torch.ones_like(ce), q_s, k_s, q_t, k_t, lse_s, lse_t, True, True)
