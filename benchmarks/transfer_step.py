@@ -11,7 +11,7 @@ built from the same student initialisation:
   distill_ref  the same step with each layer's loss built from materialised N×N maps
                (attnxfer.transfer.losses.attention_ce_reference on the captured q/k)
 
-With ``--ce-paths rows,sdpa,attention_lse`` each named CE evaluation (transfer.ce_path) also runs as
+With ``--ce-paths rows,sdpa,attention_lse,triton`` each named CE evaluation (transfer.ce_path) also runs as
 ``distill:PATH`` in the same interleaved rounds; ``distill`` itself is the device's default
 (attnxfer.transfer.losses.ce_path_for).
 
@@ -25,7 +25,7 @@ cross-check).
     python benchmarks/transfer_step.py --quick              # smoke run, seconds
     python benchmarks/transfer_step.py --pair small-tiny --json out.json
     python benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 --batch 64,16,4 \
-        --ce-paths rows,sdpa,attention_lse                  # issue 14's GPU table, every CE path
+        --ce-paths rows,sdpa,attention_lse,triton           # issue 14's GPU table, every CE path
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from attnxfer.models.attention.lse import (
 )
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer import DualViT, build_plan
-from attnxfer.transfer.losses import CE_PATHS
+from attnxfer.transfer.losses import CE_PATHS, CEPath
 
 
 def _qkv(B=2, H=3, N=21, d=8, seed=0, scale=1.5, device="cpu", dtype=torch.float32):
@@ -86,7 +86,8 @@ def test_only_softmax_layers_hand_out_a_log_sum_exp():
         student(torch.randn(1, 3, 32, 32))
 
 
-@pytest.mark.parametrize("path", CE_PATHS)
+# the triton path needs CUDA or TRITON_INTERPRET=1: tests/test_triton_ce.py runs DualViT with it
+@pytest.mark.parametrize("path", [p for p in CE_PATHS if p is not CEPath.TRITON])
 def test_every_ce_path_gives_the_same_distillation_step(path):
     """DualViT with each CE path: the same per-layer CE (vs explicit maps) and the same student gradients;
     with attention_lse every distilled softmax layer hands out its log-sum-exp (the loss refuses to run

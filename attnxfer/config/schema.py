@@ -368,7 +368,7 @@ RANGES: dict[str, Range] = {
     "transfer.share_drop_path": _ANY,
     "transfer.logit_distill": _NON_NEGATIVE,
     "transfer.logit_temperature": _POSITIVE,
-    "transfer.ce_path": Range(choices=("auto", "rows", "sdpa", "attention_lse")),  # transfer.losses.CE_PATHS
+    "transfer.ce_path": Range(choices=("auto", "rows", "sdpa", "attention_lse", "triton")),  # losses.CE_PATHS
     "data.dataset": _ANY,  # a registry of attnxfer.data
     "data.root": _ANY,
     "data.img_size": _AT_LEAST_1,

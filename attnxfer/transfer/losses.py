@@ -12,7 +12,7 @@ computed in chunks by `row_logsumexp`, whose backward recomputes each chunk's
 logits instead of keeping them. ``KL = CE − H(P_t)`` is reported beside it.
 Everything runs in fp32 whatever the surrounding autocast.
 
-Three exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_path_for`):
+Four exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_path_for`):
 
 * ``rows`` (CPU): one autograd Function that walks query-row chunks once, computing both rows' logits,
   the CE's sum and (for the logged KL) H(P̄_t) from the same chunk, and, because a scalar's gradient is
@@ -24,6 +24,9 @@ Three exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_pa
 * ``attention_lse``: as ``sdpa``, but lse_s comes with its gradient from the student's own attention
   kernel (FlexAttention on CUDA, `attnxfer.models.attention.lse`): the loss then costs one more
   attention, P̄_t K_s.
+* ``triton`` (CUDA, chosen explicitly until measured): fused Triton kernels with an online softmax of both
+  rows, flash-attention style (`attnxfer.transfer.triton_ce`): no N×N tensor, every tile product on the
+  tensor cores, the logged entropy from the same pass (one teacher head per student head).
 
 `attention_ce_reference` materialises both maps: it is the oracle for tests
 and the "materialised" line of the benchmarks, never the training path.
@@ -45,6 +48,7 @@ from ..models.attention.lse import row_logsumexp
 from ..models.attention.numerics import compute_dtype, matmul_fp32, row_slices
 from ..models.attention.numerics import fp32_section as _fp32
 from ..models.attention.numerics import row_chunk as _auto_chunk
+from .triton_ce import triton_row_ce
 
 __all__ = [
     "CE_PATHS",
@@ -168,6 +172,7 @@ class CEPath(StrEnum):
     ROWS = "rows"  # one pass over row chunks computes CE and its gradient: fastest on CPU
     SDPA = "sdpa"  # P̄_t K_s through SDPA's fused kernel, lse_s by the chunked `row_logsumexp`
     ATTENTION_LSE = "attention_lse"  # P̄_t K_s through SDPA, lse_s from the student's own attention kernel
+    TRITON = "triton"  # fused Triton kernels, online softmax of both rows (CUDA; TRITON_INTERPRET=1 on CPU)
 
     @property
     def needs_student_lse(self) -> bool:
@@ -180,8 +185,8 @@ CE_PATHS = tuple(CEPath)
 
 def ce_path_for(device: torch.device | str) -> CEPath:
     """The one place that picks the CE evaluation for a device: ``rows`` on CPU (measured fastest there,
-    docs/benchmarks.md), ``sdpa`` elsewhere (the path measured on an H100 so far; ``rows`` and
-    ``attention_lse`` await a GPU measurement: `benchmarks/transfer_step.py --ce-paths`)."""
+    docs/benchmarks.md), ``sdpa`` elsewhere (the path measured on an H100 so far; ``rows``,
+    ``attention_lse`` and ``triton`` await a GPU measurement: `benchmarks/transfer_step.py --ce-paths`)."""
     return CEPath.ROWS if torch.device(device).type == "cpu" else CEPath.SDPA
 
 
@@ -314,6 +319,12 @@ def attention_distillation_loss(
                 _half_on_accelerator(q_t, k_t, q_s, k_s),
             )
             return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
+        if path is CEPath.TRITON:
+            ce_rows, ent_rows = triton_row_ce(
+                q_t, k_t, q_s, k_s, scale_t=scale_t, scale_s=scale_s, with_entropy=with_kl
+            )
+            ce = ce_rows.mean()
+            return AttentionLoss(ce, ce.detach() - ent_rows.mean() if with_kl else None)
         if not _half_on_accelerator(q_t, k_t, q_s, k_s):
             dtype = compute_dtype(q_s)
             q_t, k_t, q_s, k_s = (t.to(dtype) for t in (q_t, k_t, q_s, k_s))
