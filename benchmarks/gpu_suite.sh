@@ -5,7 +5,7 @@
 # and triton are in its image; attnxfer runs from the checkout, nothing is installed):
 #
 #   bash benchmarks/gpu_suite.sh check      # CUDA-only tests and the CE paths in smoke mode (~3 min)
-#   bash benchmarks/gpu_suite.sh transfer   # distillation step: every CE path, N = 197 / 785 / 3137
+#   bash benchmarks/gpu_suite.sh transfer   # distillation step and loss: every CE path, N = 197 / 785 / 3137
 #   bash benchmarks/gpu_suite.sh zoo        # efficient attentions vs flash SDPA, bf16, N = 197 / 785 / 3137
 #   bash benchmarks/gpu_suite.sh models     # whole-model images/s: ViT-B teacher vs converted students
 #   bash benchmarks/gpu_suite.sh train      # `attnxfer train` images/s: plain fine-tune, copy, distill
@@ -45,14 +45,17 @@ check)
     # the tests whose CUDA cases exist only where CUDA does (flex backend, bf16 zoo on CUDA), then the CE
     # paths in smoke mode
     run tests "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_lse.py tests/test_losses.py \
-        tests/test_zoo_precision.py tests/test_zoo_compile.py tests/test_throughput.py
+        tests/test_zoo_precision.py tests/test_zoo_compile.py tests/test_throughput.py \
+        tests/test_triton_ce.py
     run transfer_quick "$PY" benchmarks/transfer_step.py --device cuda --quick --tokens 197,785 \
-        --ce-paths rows,sdpa,attention_lse
+        --ce-paths rows,sdpa,attention_lse,triton
     ;;
 transfer)
     run transfer_step "$PY" benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 \
-        --batch 64,16,4 --repeats 10 --warmup 3 --ce-paths rows,sdpa,attention_lse \
+        --batch 64,16,4 --repeats 10 --warmup 3 --ce-paths rows,sdpa,attention_lse,triton \
         --json "$OUT/transfer_step.json"
+    run ce_loss "$PY" benchmarks/ce_loss.py --device cuda --tokens 197,785,3137 --batch 64,16,4 \
+        --ce-paths rows,sdpa,triton --kernels --json "$OUT/ce_loss.json"
     ;;
 zoo)
     run attention_zoo "$PY" benchmarks/attention_zoo.py --device cuda --dtype bfloat16 --tokens 197 785 3137 \
