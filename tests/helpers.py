@@ -8,6 +8,7 @@ import timm
 import torch
 
 from attnxfer.models import create_vit
+from attnxfer.transfer import DualViT, build_plan
 
 
 def tiny_vit(
@@ -61,3 +62,27 @@ def randomize_qkv_rows(
 def peaked_teacher(depth: int = 4, seed: int = 1, **kwargs) -> torch.nn.Module:
     """A random teacher whose attention maps are far from uniform (something worth transferring)."""
     return randomize_qkv_rows(tiny_vit(depth=depth, seed=seed, **kwargs), range(depth), "qk", seed=seed + 100)
+
+
+def distill_step_on(ce_path: str, teacher: torch.nn.Module, x: torch.Tensor, depth: int = 2):
+    """One attention-distillation step of a fresh tiny student through `DualViT` on ``ce_path``:
+    (per-layer CE terms, gradients of the student's trainable parameters, None where unused)."""
+    student = tiny_vit(seed=2, depth=depth)
+    dual = DualViT(teacher, student, build_plan(teacher, student, "distill"), ce_path=ce_path).train()
+    out = dual(x)
+    params = [w for w in student.parameters() if w.requires_grad]
+    grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+    return {k: v.detach() for k, v in out.terms.items()}, grads
+
+
+def assert_same_distill_step(got, want, layers: int = 2) -> None:
+    """Two `distill_step_on` results agree: the same terms (to fp32 rounding) and gradients."""
+    (terms, grads), (terms_ref, grads_ref) = got, want
+    assert terms.keys() == terms_ref.keys() == {f"attn_ce/{i}" for i in range(layers)}
+    for key in terms:
+        torch.testing.assert_close(terms[key], terms_ref[key], rtol=1e-5, atol=1e-6)
+    assert sum(g is not None for g in grads) > 0
+    for a, b in zip(grads, grads_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

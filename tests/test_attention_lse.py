@@ -8,7 +8,7 @@ only there: a CPU machine does not collect it, rather than skipping it).
 
 import pytest
 import torch
-from helpers import peaked_teacher, tiny_vit
+from helpers import assert_same_distill_step, distill_step_on, peaked_teacher, tiny_vit
 
 from attnxfer.models.attention import AttentionIO, attention_io, attention_with_lse, transfer_attentions
 from attnxfer.models.attention.lse import (
@@ -19,7 +19,6 @@ from attnxfer.models.attention.lse import (
     row_logsumexp,
 )
 from attnxfer.models.efficient import build_efficient_student
-from attnxfer.transfer import DualViT, build_plan
 from attnxfer.transfer.losses import CE_PATHS, CEPath
 
 
@@ -89,27 +88,11 @@ def test_only_softmax_layers_hand_out_a_log_sum_exp():
 # the triton path needs CUDA or TRITON_INTERPRET=1: tests/test_triton_ce.py runs DualViT with it
 @pytest.mark.parametrize("path", [p for p in CE_PATHS if p is not CEPath.TRITON])
 def test_every_ce_path_gives_the_same_distillation_step(path):
-    """DualViT with each CE path: the same per-layer CE (vs explicit maps) and the same student gradients;
-    with attention_lse every distilled softmax layer hands out its log-sum-exp (the loss refuses to run
-    without it)."""
+    """DualViT with each CE path: the same per-layer CE and student gradients as the rows path (which
+    tests/test_dual.py holds against explicit maps); with attention_lse every distilled softmax layer hands
+    out its log-sum-exp (the loss refuses to run without it)."""
     teacher, x = peaked_teacher(depth=2), torch.randn(3, 3, 32, 32)
-    results = {}
-    for p in ("rows", path):
-        student = tiny_vit(seed=2, depth=2)
-        dual = DualViT(teacher, student, build_plan(teacher, student, "distill"), ce_path=p).train()
-        out = dual(x)
-        params = [w for w in student.parameters() if w.requires_grad]
-        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-        results[p] = ({k: v.detach() for k, v in out.terms.items()}, grads)
-    (terms_ref, grads_ref), (terms, grads) = results["rows"], results[path]
-    assert terms.keys() == terms_ref.keys() == {"attn_ce/0", "attn_ce/1"}
-    for key in terms:
-        torch.testing.assert_close(terms[key], terms_ref[key], rtol=1e-5, atol=1e-6)
-    assert sum(g is not None for g in grads) > 0
-    for a, b in zip(grads, grads_ref):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_distill_step(distill_step_on(path, teacher, x), distill_step_on("rows", teacher, x))
 
 
 def _flex_backend_matches_the_twin(device):

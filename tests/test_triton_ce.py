@@ -18,9 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
-from helpers import peaked_teacher, tiny_vit
+from helpers import assert_same_distill_step, distill_step_on, peaked_teacher
 
-from attnxfer.transfer import DualViT, build_plan
 from attnxfer.transfer.losses import attention_ce_reference, attention_distillation_loss
 from attnxfer.transfer.triton_ce import TritonBackend, compile_for_arch, triton_backend, triton_row_ce
 
@@ -154,23 +153,7 @@ def test_gradient_of_k_only_from_strided_views_of_a_fused_qkv(interpreter):
 
 def _check_distillation_step():
     teacher, x = peaked_teacher(depth=2), torch.randn(2, 3, 32, 32)
-    results = {}
-    for path in ("rows", "triton"):
-        student = tiny_vit(seed=2, depth=2)
-        dual = DualViT(teacher, student, build_plan(teacher, student, "distill"), ce_path=path).train()
-        out = dual(x)
-        params = [w for w in student.parameters() if w.requires_grad]
-        grads = torch.autograd.grad(out.loss, params, allow_unused=True)
-        results[path] = ({k: v.detach() for k, v in out.terms.items()}, grads)
-    (terms_ref, grads_ref), (terms, grads) = results["rows"], results["triton"]
-    assert terms.keys() == terms_ref.keys() == {"attn_ce/0", "attn_ce/1"}
-    for key in terms:
-        torch.testing.assert_close(terms[key], terms_ref[key], rtol=1e-5, atol=1e-6)
-    assert sum(g is not None for g in grads) > 0
-    for a, b in zip(grads, grads_ref):
-        assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_distill_step(distill_step_on("triton", teacher, x), distill_step_on("rows", teacher, x))
 
 
 def test_distillation_step_on_the_triton_path_equals_the_rows_path(interpreter):
