@@ -99,14 +99,7 @@ def qkv64(module: EfficientAttention, n: int = N_SMALL, batch: int = 2, seed: in
     return project_qkv(module, x)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """These tests run hundreds of tiny ops; on a busy 2-core machine a second intra-op thread
-    makes each op wait for a core (see docs/benchmarks.md, zoo section). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
 @pytest.fixture(params=ALL)

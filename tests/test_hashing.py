@@ -20,12 +20,7 @@ from attnxfer.transfer.conversion import build_conversion_plan
 DIM, HEADS, N = 32, 2, 11
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
 def hashing(bits: int = 8, **options):

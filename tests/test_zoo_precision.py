@@ -68,12 +68,7 @@ LARGE = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
 def build(name: str, grid: tuple[int, int], dim: int = 64, heads: int = 2, seed: int = 0):
