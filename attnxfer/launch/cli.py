@@ -16,8 +16,11 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-__all__ = ["build_parser", "main", "register_command"]
+from .process_exit import end_program
+
+__all__ = ["build_parser", "main", "register_command", "run"]
 
 EXAMPLES = """\
 examples:
@@ -545,5 +548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """The program's entry point (the ``attnxfer`` script, ``python -m attnxfer``, ``torchrun -m attnxfer``):
+    `main`, then `end_program` with its exit code. Call `main` to get the code back instead."""
+    end_program(main(argv))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -27,6 +27,10 @@ _logger = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
+#: Whether this process has created a process group of several ranks (process state, as torch.distributed's
+#: own): `attnxfer.launch.process_exit` then ends the program without interpreter finalization.
+_joined_a_group = False
+
 
 @dataclass(frozen=True)
 class DistributedInfo:
@@ -169,6 +173,8 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
     dist.init_process_group(
         backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size, **kwargs
     )
+    global _joined_a_group
+    _joined_a_group = True
     _logger.info(
         "joined process group: rank %d/%d (local %d/%d) via %s:%d, backend %s",
         info.rank,
@@ -197,6 +203,11 @@ def joined_process_group(backend: str | None = None) -> Iterator[DistributedInfo
     if owner and info.is_distributed:
         barrier()  # no rank closes its connections while a peer still finishes its last collective
         cleanup_distributed()
+
+
+def joined_a_process_group() -> bool:
+    """True once this process has created a process group of several ranks (even if it closed it since)."""
+    return _joined_a_group
 
 
 def barrier() -> None:

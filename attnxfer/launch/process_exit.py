@@ -1,0 +1,46 @@
+"""Ending the ``attnxfer`` program, with the exit code its command returned, once every output is written.
+
+After a run in a gloo process group, CPython's interpreter finalization can abort the process: torch's
+C++ worker threads of the (already destroyed) group are torn down concurrently with the interpreter, and
+a rank that finished and wrote everything exits with SIGABRT ("terminate called without an active
+exception") or SIGSEGV, in about one run in fifteen on a loaded machine (pytorch/pytorch#179291 discusses
+the race). torchrun then reports the job as failed, and may restart it. So after such a run the program
+does everything Python's own exit does that has observable effects — wait for the non-daemon threads,
+run the ``atexit`` handlers (logging's flush among them), flush the standard streams — and then ends with
+``os._exit``, skipping only the finalization (module teardown and C++ static destructors).
+
+Single-process runs exit the ordinary way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+from typing import NoReturn
+
+__all__ = ["end_program", "skips_finalization"]
+
+
+def skips_finalization() -> bool:
+    """Whether `end_program` will skip interpreter finalization: this process created a process group of
+    several ranks (read without importing torch when no run was started)."""
+    distributed = sys.modules.get("attnxfer.train.distributed")
+    return bool(distributed is not None and distributed.joined_a_process_group())
+
+
+def end_program(code: int) -> NoReturn:
+    """Exit with ``code``; after a multi-process run, without interpreter finalization (module docstring)."""
+    if not skips_finalization():
+        sys.exit(code)
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # what the interpreter runs first at exit: logging.shutdown, user handlers
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to write
+            stream.flush()
+    os._exit(code)
