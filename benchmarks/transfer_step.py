@@ -62,6 +62,7 @@ from _measure import (  # noqa: E402
 
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.train import student_param_groups  # noqa: E402
+from attnxfer.train.optim import build_adamw  # noqa: E402
 from attnxfer.transfer import DualViT, TransferOutput  # noqa: E402
 from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference  # noqa: E402
 
@@ -80,6 +81,9 @@ DISTILL_TARGET_TOKENS = 785
 CPU_DISTILL_TIME_MAX = {197: 1.45}
 GPU_DISTILL_TIME_MAX = {197: 1.5, 785: 2.0, 3137: 3.0}
 GPU_DISTILL_MEMORY_MAX = 1.7
+#: --teacher-dtype: ``auto`` is DualViT's own choice (bf16 on CUDA, fp32 elsewhere), as a run with
+#: ``teacher.dtype=auto`` and the device's default precision
+TEACHER_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def ce_path_of(mode: str) -> str | None:
@@ -168,6 +172,7 @@ class TrainStep:
         tokens: int,
         batch: int,
         device: torch.device,
+        teacher_dtype: torch.dtype | None = None,
     ):
         if mode not in MODES and ce_path_of(mode) not in CE_PATHS:
             raise ValueError(f"unknown benchmark mode {mode!r}; choose from {MODES} or distill:<{CE_PATHS}>")
@@ -177,11 +182,16 @@ class TrainStep:
             teacher = None
         wrapper = MaterialisedDistillViT if mode == "distill_ref" else DualViT
         transfer = "distill" if is_distill(mode) or mode == "distill_ref" else mode
-        self.model = wrapper(teacher, student, mode=transfer, ce_path=ce_path_of(mode)).to(device)
+        self.model = wrapper(
+            teacher, student, mode=transfer, ce_path=ce_path_of(mode), teacher_dtype=teacher_dtype
+        ).to(device)
         self.model.train()
         self.model.log_kl = False  # as on training steps that are not logged (the engine logs every 20th)
         self.teacher = teacher
-        self.optimizer = torch.optim.AdamW(student_param_groups(self.model, weight_decay=0.05), lr=1e-4)
+        # the engine's optimiser (fused AdamW on CPU and CUDA): the baseline is the step users run
+        self.optimizer = build_adamw(
+            student_param_groups(self.model, weight_decay=0.05), lr=1e-4, device=device
+        )
         img, _ = image_geometry(tokens)
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(batch, 3, img, img, generator=g).to(device)
@@ -210,13 +220,22 @@ class TrainStep:
 
 
 def _isolated_config(
-    pair: str, mode: str, tokens: int, batch: int, steps: int, depth: int | None, threads: int
+    pair: str,
+    mode: str,
+    tokens: int,
+    batch: int,
+    steps: int,
+    depth: int | None,
+    threads: int,
+    teacher_dtype: str = "auto",
 ) -> None:
     """Body of the fresh-process RSS cross-check: build one configuration on CPU and run ``steps`` steps."""
     torch.set_num_threads(threads)
     t_shape, s_shape = _shapes(pair, depth)
     teacher = build_vit(t_shape, tokens, seed=1) if mode != "none" else None
-    step = TrainStep(mode, teacher, s_shape, tokens, batch, torch.device("cpu"))
+    step = TrainStep(
+        mode, teacher, s_shape, tokens, batch, torch.device("cpu"), TEACHER_DTYPES[teacher_dtype]
+    )
     for _ in range(steps):
         step()
 
@@ -297,6 +316,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"also time distillation with each of these CE evaluations ({','.join(CE_PATHS)}) as "
         "distill:PATH (default: only the device's default path, as 'distill')",
     )
+    p.add_argument(
+        "--teacher-dtype",
+        choices=sorted(TEACHER_DTYPES),
+        default="auto",
+        help="the teacher's dtype (transfer.teacher.dtype): auto = bf16 on CUDA, fp32 elsewhere; bf16 on a "
+        "CPU with bf16 matrix units (AMX) shows what teacher.dtype=bf16 buys there",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--json", metavar="PATH", default=None, help="also write the table and machine facts as JSON"
@@ -355,7 +381,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         batch = batches[tokens]
         t0 = time.perf_counter()
         teacher = build_vit(t_shape, tokens, seed=1)
-        steps = {m: TrainStep(m, teacher, s_shape, tokens, batch, args.device) for m in args.modes}
+        steps = {
+            m: TrainStep(m, teacher, s_shape, tokens, batch, args.device, TEACHER_DTYPES[args.teacher_dtype])
+            for m in args.modes
+        }
         timings = interleaved_timings(steps, device=args.device, warmup=args.warmup, repeats=args.repeats)
         memory = {m: (steps[m].static_bytes(), step_peak_growth(steps[m], args.device)) for m in args.modes}
         del steps, teacher
@@ -372,6 +401,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.warmup + 1,
                     args.depth,
                     torch.get_num_threads(),
+                    args.teacher_dtype,
                     env=FIXED_MMAP_THRESHOLD if args.rss_fixed_mmap else None,
                 )
         base_time = timings["none"].median
@@ -425,6 +455,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rss_fixed_mmap=bool(args.rss and args.rss_fixed_mmap),
             quick=args.quick,
             ce_paths=list(args.ce_paths),
+            teacher_dtype=args.teacher_dtype,
+            optimizer="build_adamw (the engine's)",
         ),
         machine=info,
         rows=rows,
