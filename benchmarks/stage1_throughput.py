@@ -11,7 +11,10 @@ the ratio holds under the machine's background load. On CUDA it also counts the 
 makes in one round of each (its sync debug mode; a round has two logged steps, which read on purpose).
 
     python benchmarks/stage1_throughput.py --preset cpu --baseline main     # the CPU line, 1 thread
-    python benchmarks/stage1_throughput.py --preset gpu --baseline main --json stage1_gpu.json
+    python benchmarks/stage1_throughput.py --preset gpu --baseline stage1_before.py --json stage1_gpu.json
+
+(``--baseline`` also takes a file: a copy without git history, e.g. on a lent GPU machine, gets the old loop
+from ``git show REV:attnxfer/train/stage1.py > stage1_before.py`` made beforehand.)
 """
 
 from __future__ import annotations
@@ -78,18 +81,24 @@ PRESETS = {
 
 
 def load_stage1_at(rev: str) -> Callable[..., Any]:
-    """``stage1_transfer`` from ``attnxfer/train/stage1.py`` at git revision ``rev``, imported as a sibling
-    module of this checkout's (its relative imports resolve to this checkout's package)."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:attnxfer/train/stage1.py"], cwd=_ROOT, capture_output=True, text=True
-    )
-    if source.returncode:
-        raise SystemExit(f"--baseline {rev}: git show failed: {source.stderr.strip()}")
+    """``stage1_transfer`` from ``attnxfer/train/stage1.py`` at git revision ``rev`` (or from the file
+    ``rev``, for a checkout without git history), imported as a sibling module of this checkout's (its
+    relative imports resolve to this checkout's package)."""
+    if os.path.isfile(rev):
+        with open(rev) as f:
+            text = f.read()
+    else:
+        source = subprocess.run(
+            ["git", "show", f"{rev}:attnxfer/train/stage1.py"], cwd=_ROOT, capture_output=True, text=True
+        )
+        if source.returncode:
+            raise SystemExit(f"--baseline {rev}: not a file, and git show failed: {source.stderr.strip()}")
+        text = source.stdout
     name = "attnxfer.train._stage1_baseline"
     module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
     module.__package__ = "attnxfer.train"
     sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source.stdout, f"{rev}:attnxfer/train/stage1.py", "exec"), module.__dict__)
+    exec(compile(text, f"{rev}:attnxfer/train/stage1.py", "exec"), module.__dict__)
     return module.stage1_transfer
 
 
@@ -100,7 +109,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     p.add_argument("--attention", default="hedgehog", help="the student's attention (a zoo name)")
     p.add_argument("--train", default="new", help="convert.stage1_train: new, qk or new+qk")
-    p.add_argument("--baseline", default=None, help="git revision whose stage-1 loop to time beside this one")
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="git revision (or a copy of its stage1.py) whose stage-1 loop to time beside this one",
+    )
     p.add_argument("--steps-per-round", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)

@@ -12,7 +12,9 @@ metrics are summed on the device (`TermWindow`) and read at log steps; the per-l
 loss still raises `NonFiniteLossError` naming the block, its attention and objective and the step before
 stage 1 returns, and nothing it trained is saved or handed on. Until then the fused optimiser skips every
 step from the bad one on (the guard is its ``found_inf``, as under a grad scaler): the student keeps the
-weights it had before that step, as when the check ran in Python on every step.
+weights it had before that step, as when the check ran in Python on every step. (Under several ranks
+the skip is each rank's own: a rank whose losses stayed finite may step once with the NaN mean gradient;
+every rank still raises at the same log step, before anything is saved.)
 """
 
 from __future__ import annotations
