@@ -5,6 +5,11 @@ and step) and leaves the student at its weights before the bad step, and the fus
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +161,32 @@ def test_non_finite_loss_raises_with_block_attention_step_and_leaves_the_weights
     changed = [k for k in want if not torch.equal(got[k], want[k])]
     assert not changed, changed
     assert any(not torch.equal(want[k], v) for k, v in _student_and_plan(teacher, 8)[0].state_dict().items())
+
+
+@pytest.mark.slow  # two torchrun processes: ~10 s
+def test_two_ranks_skip_and_raise_together_when_one_rank_goes_non_finite(tmp_path):
+    """Rank 1's block-1 input is NaN at step 3. Its guard's flag rides in the gradients' all-reduce, so both
+    ranks skip from step 3 on (weights finite and equal) and both raise the same error at the log step;
+    without a NaN the ranks log the same means (averaged over ranks)."""
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + [str(root / "tests" / "dist_stage1.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=root,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["clean"]["history"] == r1["clean"]["history"] and len(r0["clean"]["history"]) == 3
+    message = (
+        "stage 1: non-finite ce loss in block 1 (hedgehog) at step 3; lower convert.stage1_lr or set "
+        "convert.stage1_clip_grad"
+    )
+    assert r0["nan"].get("error") == r1["nan"].get("error") == message
+    for case in ("clean", "nan"):
+        assert r0[case]["finite"] and r1[case]["finite"]
+        assert r0[case]["weights"] == r1[case]["weights"]
+    assert r0["nan"]["weights"] != r0["clean"]["weights"]

@@ -12,9 +12,9 @@ metrics are summed on the device (`TermWindow`) and read at log steps; the per-l
 loss still raises `NonFiniteLossError` naming the block, its attention and objective and the step before
 stage 1 returns, and nothing it trained is saved or handed on. Until then the fused optimiser skips every
 step from the bad one on (the guard is its ``found_inf``, as under a grad scaler): the student keeps the
-weights it had before that step, as when the check ran in Python on every step. (Under several ranks
-the skip is each rank's own: a rank whose losses stayed finite may step once with the NaN mean gradient;
-every rank still raises at the same log step, before anything is saved.)
+weights it had before that step, as when the check ran in Python on every step. Under several ranks the
+flag rides in the gradients' all-reduce, so every rank skips from that step on and every rank raises
+the same error (the earliest bad step of any rank) at the same log step.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..models.attention import capture_attention
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.map_losses import MapLoss
-from .distributed import average_gradients, min_over_ranks, rank_and_world, sum_over_ranks
+from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
 from .engine import lr_at
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
@@ -143,12 +143,13 @@ def stage1_transfer(
                 if metric is not None:
                     metrics[f"metric/{layer.layer}"] = metric
             guard.watch(losses, step, epoch=0)  # read at log steps: no sync here
-            if hasattr(optimizer, "found_inf"):
-                optimizer.found_inf.copy_(guard.tripped())
+            found_inf = getattr(optimizer, "found_inf", None)
+            if found_inf is not None:
+                found_inf.copy_(guard.tripped())
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            average_gradients(optimizer)
+            average_gradients(optimizer, found_inf)  # every rank skips once any rank's guard tripped
             if clip_grad:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], clip_grad
@@ -182,18 +183,17 @@ def stage1_transfer(
 def _stop_if_non_finite(guard: NonFiniteGuard, watched: Mapping[str, LayerConversion]) -> None:
     """Raise `NonFiniteLossError` if a layer's loss was NaN/inf on any rank since stage 1 started.
 
-    One read of the guard (and a collective over ranks, so every rank raises at the same step).
+    One read of the guard and a collective over ranks, so every rank raises at the same step; then (rare)
+    the ranks share their first bad step, so every rank's message names the earliest one.
     """
     earliest = guard.earliest
     if earliest is None or min_over_ranks(earliest) == NO_STEP:
         return
-    bad = guard.first()
-    if bad is None:
-        raise NonFiniteLossError(
-            "stage 1: non-finite loss on another rank; lower convert.stage1_lr or set convert.stage1_clip_grad"
-        )
-    layer = watched[bad.term]
+    mine = guard.first()
+    found = [f for f in gather_objects(mine and (mine.step, mine.term)) if f is not None]
+    step, term = min(found)
+    layer = watched[term]
     raise NonFiniteLossError(
         f"stage 1: non-finite {layer.objective or layer.loss} loss in block {layer.layer} "
-        f"({layer.attention}) at step {bad.step}; lower convert.stage1_lr or set convert.stage1_clip_grad"
+        f"({layer.attention}) at step {step}; lower convert.stage1_lr or set convert.stage1_clip_grad"
     )
