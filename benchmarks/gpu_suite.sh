@@ -9,17 +9,18 @@
 #   bash benchmarks/gpu_suite.sh zoo        # efficient attentions vs flash SDPA, bf16, N = 197 / 785 / 3137
 #   bash benchmarks/gpu_suite.sh models     # whole-model images/s: ViT-B teacher vs converted students
 #   bash benchmarks/gpu_suite.sh train      # `attnxfer train` images/s: plain fine-tune, copy, distill
+#   bash benchmarks/gpu_suite.sh stage1     # conversion's stage-1 steps/s and CUDA syncs, before/after (~2 min)
 #   bash benchmarks/gpu_suite.sh compiled   # the zoo and the models again under torch.compile (optional)
 #
-# In that order of priority: the first five answer issue 14's targets; `compiled` says whether compiling
+# In that order of priority: the first six answer issue 14's targets; `compiled` says whether compiling
 # the feature maps pays on the GPU.
 # Each part writes its JSON and log to ${OUT:-gpu-results}/ (the device tool's $OUT comes back to the
 # caller). docs/benchmarks.md says what each figure is and where it goes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case "$PART" in check | transfer | zoo | models | train | compiled) ;; *)
-    echo "usage: bash benchmarks/gpu_suite.sh check|transfer|zoo|models|train|compiled" >&2
+case "$PART" in check | transfer | zoo | models | train | stage1 | compiled) ;; *)
+    echo "usage: bash benchmarks/gpu_suite.sh check|transfer|zoo|models|train|stage1|compiled" >&2
     exit 2
     ;;
 esac
@@ -70,6 +71,14 @@ train)
         --json "$OUT/train_throughput_eager.json"
     run train_throughput_compiled "$PY" benchmarks/train_throughput.py --preset gpu --compile compiled \
         --json "$OUT/train_throughput_compiled.json"
+    ;;
+stage1)
+    # stage 1 of conversion; the old loop beside it if stage1_before.py was made before the call
+    # (git show dbb17a8:attnxfer/train/stage1.py > stage1_before.py: the machine's copy has no git history)
+    baseline=()
+    [ -f stage1_before.py ] && baseline=(--baseline stage1_before.py)
+    run stage1_throughput "$PY" benchmarks/stage1_throughput.py --preset gpu "${baseline[@]}" \
+        --json "$OUT/stage1_throughput.json"
     ;;
 compiled)
     linear="relu_linear elu_linear linformer hydra hedgehog performer cosformer"

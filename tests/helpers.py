@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import traceback
 
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnxfer.models import create_vit
 from attnxfer.transfer import DualViT, build_plan
@@ -86,3 +88,78 @@ def assert_same_distill_step(got, want, layers: int = 2) -> None:
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -- host reads (issue 14: none on unlogged training steps) ----------------------------------------------
+
+#: Python-level reads of a tensor's value on the host: on a GPU each waits for the queued kernels
+_SYNC_METHODS = (
+    "item",
+    "tolist",
+    "cpu",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__format__",
+)
+#: aten ops that read values on the host (.item() and the data-dependent output shapes)
+_SYNC_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::unique_dim",
+    "aten::is_nonzero",
+    "aten::equal",
+    "aten::repeat_interleave",
+}
+
+
+def _in_data_loading(stack: traceback.StackSummary) -> bool:
+    """Calls made while the DataLoader builds a batch: host data by design (workers, on a GPU run)."""
+    return any("torch/utils/data/" in f.filename for f in stack)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Records every call that would wait for a GPU: the Python reads above (patched on torch.Tensor for the
+    duration) and, as a dispatch mode, the aten ops that read values (what `.item()` and boolean-mask
+    indexing reach in C++). Counting only: every call still runs the real code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, str]] = []
+        self._saved: dict[str, object] = {}
+
+    def _note(self, what: str) -> None:
+        stack = traceback.extract_stack()[:-2]
+        if not _in_data_loading(stack):
+            where = next(
+                (f"{f.filename}:{f.lineno} {f.name}" for f in reversed(stack) if "/torch/" not in f.filename),
+                "?",
+            )
+            self.calls.append((what, where))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in _SYNC_OPS:
+            self._note(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in _SYNC_METHODS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counted(t, *a, _name=name, _orig=original, **k):
+                self._note(f"Tensor.{_name}")
+                return _orig(t, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)

@@ -7,14 +7,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import peaked_teacher, tiny_vit
+from helpers import SyncCounter, peaked_teacher, tiny_vit
 from safetensors.torch import load_file
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnxfer.apps.pretrain import build_pretrain_engine
 from attnxfer.apps.training import build_engine, train
@@ -62,78 +60,6 @@ def _cfg(tmp_path: Path, teacher_dir: Path, mode: str, *extra: str):
 
 # -- 1. no host syncs on unlogged steps --------------------------------------------------------------------
 
-#: Python-level reads of a tensor's value on the host: on a GPU each waits for the queued kernels
-_SYNC_METHODS = (
-    "item",
-    "tolist",
-    "cpu",
-    "numpy",
-    "__bool__",
-    "__float__",
-    "__int__",
-    "__index__",
-    "__format__",
-)
-#: aten ops that read values on the host (.item() and the data-dependent output shapes)
-_SYNC_OPS = {
-    "aten::_local_scalar_dense",
-    "aten::nonzero",
-    "aten::masked_select",
-    "aten::_unique2",
-    "aten::unique_consecutive",
-    "aten::unique_dim",
-    "aten::is_nonzero",
-    "aten::equal",
-    "aten::repeat_interleave",
-}
-
-
-def _in_data_loading(stack: traceback.StackSummary) -> bool:
-    """Calls made while the DataLoader builds a batch: host data by design (workers, on a GPU run)."""
-    return any("torch/utils/data/" in f.filename for f in stack)
-
-
-class _SyncCounter(TorchDispatchMode):
-    """Records every call that would wait for a GPU: the Python reads above (patched on torch.Tensor for the
-    duration) and, as a dispatch mode, the aten ops that read values (what `.item()` and boolean-mask
-    indexing reach in C++). Counting only: every call still runs the real code."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[tuple[str, str]] = []
-        self._saved: dict[str, object] = {}
-
-    def _note(self, what: str) -> None:
-        stack = traceback.extract_stack()[:-2]
-        if not _in_data_loading(stack):
-            where = next(
-                (f"{f.filename}:{f.lineno} {f.name}" for f in reversed(stack) if "/torch/" not in f.filename),
-                "?",
-            )
-            self.calls.append((what, where))
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in _SYNC_OPS:
-            self._note(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-    def __enter__(self):
-        for name in _SYNC_METHODS:
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
-
-            def counted(t, *a, _name=name, _orig=original, **k):
-                self._note(f"Tensor.{_name}")
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
-
 
 @pytest.mark.parametrize(
     "mode,extra",
@@ -162,7 +88,7 @@ def test_unlogged_steps_never_read_a_tensor_on_the_host(tmp_path, teacher_dir, m
     steps = engine.steps()
     per_step = {}
     for expected in range(1, 6):
-        with _SyncCounter() as counter:
+        with SyncCounter() as counter:
             assert next(steps) == expected
         per_step[expected] = counter.calls
     unlogged = {s: calls for s, calls in per_step.items() if s % 3}
@@ -180,7 +106,7 @@ def test_unlogged_mae_pretraining_steps_never_read_a_tensor_on_the_host(tmp_path
     )
     steps = build_pretrain_engine(cfg).steps()
     for expected in (1, 2):
-        with _SyncCounter() as counter:
+        with SyncCounter() as counter:
             assert next(steps) == expected
         assert not counter.calls, counter.calls
 
@@ -197,12 +123,14 @@ def test_term_window_means_and_guard_against_python_floats():
         guard.watch({k: v for k, v in terms.items() if k != "grad_norm"}, step=i, epoch=0)
     assert window.means() == {"task": 1.5, "total": 7 / 3, "grad_norm": 3.0}
     assert window.means() == {} and guard.first() is None and int(guard.earliest) > 10**15
+    assert guard.tripped().dtype == torch.float32 and guard.tripped().item() == 0.0
     # the first non-finite step is kept (step, epoch, term, value), later ones do not overwrite it
     guard.watch({"task": torch.tensor(1.0), "attn_ce/1": torch.tensor(float("inf"))}, step=7, epoch=2)
     guard.watch({"task": torch.tensor(float("nan")), "attn_ce/1": torch.tensor(1.0)}, step=8, epoch=2)
     bad = guard.first()
     assert (bad.term, bad.value, bad.step, bad.epoch) == ("attn_ce/1", math.inf, 7, 2)
-    assert int(guard.earliest) == 7
+    assert int(guard.earliest) == 7 and guard.tripped().item() == 1.0  # what a fused optimiser skips on
+    assert NonFiniteGuard().tripped() is None
 
 
 def test_non_finite_loss_stops_before_the_next_save_even_between_log_steps(tmp_path, teacher_dir):

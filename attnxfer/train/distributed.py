@@ -238,21 +238,39 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def average_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Data-parallel stage 1: every rank steps with the mean gradient, so the weights stay identical."""
+def average_gradients(optimizer: torch.optim.Optimizer, flags: torch.Tensor | None = None) -> None:
+    """Data-parallel stage 1: every rank steps with the mean gradient, so the weights stay identical.
+
+    ``flags`` (0/1 floats on the gradients' device), if given, ride in the same all-reduce and become 1
+    where any rank's was: a rank-local stop flag (stage 1's non-finite guard) that every rank then obeys,
+    at no extra collective and no host read."""
     _, world = rank_and_world()
     if world == 1:
         return
     grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    extra = [] if flags is None else [flags.reshape(-1).to(grads[0].dtype)]
+    flat = torch.cat([g.reshape(-1) for g in grads] + extra)
     dist.all_reduce(flat)
+    if flags is not None:
+        flags.copy_((flat[-flags.numel() :] > 0).reshape(flags.shape))
     flat /= world
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def gather_objects(obj: object) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group. A collective:
+    for rare paths (an error every rank reports the same way), not for steps."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list[object] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def sum_over_ranks(values: Sequence[float], device: torch.device) -> list[float]:

@@ -2,8 +2,19 @@
 
 Every efficient student layer receives the teacher's hidden input for that layer and is fitted to the
 teacher's attention there (`attnxfer.transfer.conversion` says with which loss and which tensors); the
-layers train at once and independently. It shares the engine's schedule (`lr_at`), its non-finite
-guard and the process-group helpers (data parallel: each rank its batches, gradients averaged).
+layers train at once and independently. It shares the engine's schedule (`lr_at`), its optimiser
+(`build_adamw`: fused on CUDA and CPU), its step contracts and the process-group helpers (data parallel:
+each rank its batches, gradients averaged).
+
+The step contracts (issue 14): nothing is read on the host on unlogged steps. The per-layer losses and
+metrics are summed on the device (`TermWindow`) and read at log steps; the per-layer losses go through a
+`NonFiniteGuard`, read (and combined over ranks) at log steps, the last step among them, so a non-finite
+loss still raises `NonFiniteLossError` naming the block, its attention and objective and the step before
+stage 1 returns, and nothing it trained is saved or handed on. Until then the fused optimiser skips every
+step from the bad one on (the guard is its ``found_inf``, as under a grad scaler): the student keeps the
+weights it had before that step, as when the check ran in Python on every step. Under several ranks the
+flag rides in the gradients' all-reduce, so every rank skips from that step on and every rank raises
+the same error (the earliest bad step of any rank) at the same log step.
 """
 
 from __future__ import annotations
@@ -17,10 +28,12 @@ import torch
 import torch.nn as nn
 
 from ..models.attention import capture_attention
-from ..transfer.conversion import ConversionPlan, layer_fit_loss, layer_tensors
+from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.map_losses import MapLoss
-from .distributed import average_gradients, rank_and_world, sum_over_ranks
-from .engine import NonFiniteLossError, lr_at
+from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
+from .engine import lr_at
+from .optim import AdamWImplementation, build_adamw, optimizer_implementation
+from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
 __all__ = ["Stage1Result", "stage1_transfer", "teacher_signals"]
 
@@ -31,6 +44,10 @@ class _StopForward(Exception):
 
 @dataclass
 class Stage1Result:
+    """What stage 1 did: its steps and seconds, and one record per log step (``loss``: the mean summed loss
+    over the steps since the previous record, ``metric/{block}``: each layer's mean agreement metric over
+    the same steps, ``lr``: the last step's)."""
+
     steps: int = 0
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -94,14 +111,18 @@ def stage1_transfer(
                 masked.append(p)
                 hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
     groups = [{"params": plain, "weight_decay": weight_decay}, {"params": masked, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=plan.stage1_lr)
+    device = next(student.parameters()).device
+    optimizer = build_adamw([g for g in groups if g["params"]], lr=plan.stage1_lr, device=device)
+    guard, window = NonFiniteGuard(), TermWindow()
+    if optimizer_implementation(optimizer) == AdamWImplementation.FUSED:
+        # torch's fused AdamW skips its update (moments and step counters included) while this is 1.0
+        optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
     fields = ("input", "q", "k") + (
         ("output",) if plan.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in plan.active) else ()
     )
     layers = plan.active
-    device = next(student.parameters()).device
+    watched = {str(i): layer for i, layer in enumerate(layers)}  # the guard's term names
     start = time.monotonic()
-    window: list[float] = []
     try:
         for step in range(steps):
             lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
@@ -113,46 +134,42 @@ def stage1_transfer(
                 if isinstance(item, Mapping)
                 else teacher_signals(teacher, item, [layer.layer for layer in layers], fields)
             )
-            total, metrics = 0.0, {}
-            for layer in layers:
+            losses, metrics = {}, {}
+            for name, layer in watched.items():
                 loss, metric = layer_fit_loss(
                     student.blocks[layer.layer].attn, layer, signals[layer.layer], plan.output_mse
                 )
-                if not torch.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"stage 1: non-finite {layer.objective or layer.loss} loss in block {layer.layer} "
-                        f"({layer.attention}) at step {step}; lower convert.stage1_lr or set "
-                        "convert.stage1_clip_grad"
-                    )
-                total = total + loss
-                metrics[layer.layer] = float(metric)
+                losses[name] = loss
+                if metric is not None:
+                    metrics[f"metric/{layer.layer}"] = metric
+            guard.watch(losses, step, epoch=0)  # read at log steps: no sync here
+            found_inf = getattr(optimizer, "found_inf", None)
+            if found_inf is not None:
+                found_inf.copy_(guard.tripped())
+            total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
-            average_gradients(optimizer)
+            average_gradients(optimizer, found_inf)  # every rank skips once any rank's guard tripped
             if clip_grad:
                 torch.nn.utils.clip_grad_norm_(
                     [p for g in optimizer.param_groups for p in g["params"]], clip_grad
                 )
             optimizer.step()
-            window.append(float(total.detach()))
+            window.add({"loss": total, **metrics})
+            # the last step always logs: stage 1 never returns without reading the guard
             if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
+                _stop_if_non_finite(guard, watched)
+                means = window.means()
                 # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
                 _, world = rank_and_world()
-                logged = sum_over_ranks([sum(window) / len(window), *metrics.values()], device)
-                loss_mean, metrics = logged[0] / world, dict(zip(metrics, (v / world for v in logged[1:])))
-                rec = {
-                    "step": step + 1,
-                    "loss": loss_mean,
-                    "lr": lr,
-                    **{f"metric/{i}": v for i, v in metrics.items()},
-                }
+                means = dict(zip(means, (v / world for v in sum_over_ranks(list(means.values()), device))))
+                rec = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, **means}
                 result.history.append(rec)
-                per_layer = " ".join(f"{v:.3g}" for v in metrics.values())
+                per_layer = " ".join(f"{v:.3g}" for v in means.values())
                 log(
                     f"stage 1 step {step + 1}/{steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
                     f"{'/'.join(sorted({lay.loss.metric for lay in layers}))}: {per_layer}"
                 )
-                window = []
     finally:
         for h in hooks:
             h.remove()
@@ -161,3 +178,22 @@ def stage1_transfer(
         student.train(was_training)
     result.steps, result.seconds = steps, time.monotonic() - start
     return result
+
+
+def _stop_if_non_finite(guard: NonFiniteGuard, watched: Mapping[str, LayerConversion]) -> None:
+    """Raise `NonFiniteLossError` if a layer's loss was NaN/inf on any rank since stage 1 started.
+
+    One read of the guard and a collective over ranks, so every rank raises at the same step; then (rare)
+    the ranks share their first bad step, so every rank's message names the earliest one.
+    """
+    earliest = guard.earliest
+    if earliest is None or min_over_ranks(earliest) == NO_STEP:
+        return
+    mine = guard.first()
+    found = [f for f in gather_objects(mine and (mine.step, mine.term)) if f is not None]
+    step, term = min(found)
+    layer = watched[term]
+    raise NonFiniteLossError(
+        f"stage 1: non-finite {layer.objective or layer.loss} loss in block {layer.layer} "
+        f"({layer.attention}) at step {step}; lower convert.stage1_lr or set convert.stage1_clip_grad"
+    )

@@ -114,6 +114,12 @@ class NonFiniteGuard:
         first_epoch.masked_fill_(newly, epoch)
         values.copy_(torch.where(newly, vec, values))
 
+    def tripped(self) -> torch.Tensor | None:
+        """Whether any watched step was non-finite, as a 0-d float32 device tensor (1.0 or 0.0; no sync): the
+        ``found_inf`` a fused optimiser skips its step on. None before any `watch`."""
+        earliest = self.earliest
+        return None if earliest is None else (earliest != NO_STEP).float()
+
     @property
     def earliest(self) -> torch.Tensor | None:
         """The first bad step as a 0-d int64 device tensor (`NO_STEP` if none); None before any `watch`."""
