@@ -52,4 +52,4 @@ dist.barrier()
 dist.destroy_process_group()
 sys.stdout.flush()
 sys.stderr.flush()
-os._exit(0)  # see tests/dist_train.py: gloo's threads can abort interpreter finalization
+os._exit(0)  # gloo's threads can abort interpreter finalization: attnxfer.launch.process_exit
