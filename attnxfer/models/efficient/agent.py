@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind, as_grid
-from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_fp32, matmul_split
+from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_fp32, matmul_split, matmul_split_left
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
@@ -103,15 +103,18 @@ class AgentAttention(EfficientAttention):
 
         For bf16 q, k: the agents are pooled in fp32 and scaled there (s = d^-1/2 is not a power of two, so
         a bf16 q s would be rounded); each logit is a bf16 q or k against the agents' two bf16 halves, so
-        it has fp32 accuracy. (A k^T is computed as (k A^T)^T: the bf16 operand comes first.)"""
+        it has fp32 accuracy."""
         N, dtype = q.shape[-2], compute_dtype(q)
-        scaled_agents = (self.agents(q.to(dtype)) * self.scale).transpose(-2, -1)  # (B, H, d, n)
+        scaled_agents = self.agents(q.to(dtype)) * self.scale  # (B, H, n, d)
         key_bias = self._position_bias(self.agent_key_bias.to(dtype), N)
         query_bias = self._position_bias(self.query_agent_bias.to(dtype), N).transpose(-2, -1)
-        agent_logits = matmul_split(k, scaled_agents).transpose(-2, -1)
-        agent_to_keys = (agent_logits + key_bias).softmax(dim=-1)
-        queries_to_agents = (matmul_split(q, scaled_agents) + query_bias).softmax(dim=-1)
-        return queries_to_agents, agent_to_keys
+        # biases added in place (a matmul's backward keeps its operands, not its result): one (n, N) and one
+        # (N, n) buffer per map, as many as the softmaxes need
+        agent_logits = matmul_split_left(scaled_agents, k.transpose(-2, -1))  # (B, H, n, N)
+        agent_to_keys = agent_logits.add_(key_bias).softmax(dim=-1)
+        del agent_logits
+        query_logits = matmul_split(q, scaled_agents.transpose(-2, -1))  # (B, H, N, n)
+        return query_logits.add_(query_bias).softmax(dim=-1), agent_to_keys
 
     def _attend(self, q, k, v):
         queries_to_agents, agent_to_keys = self._relay(q, k)
