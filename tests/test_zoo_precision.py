@@ -28,6 +28,8 @@ from attnxfer.models.attention.numerics import (
     bf16_devices,
     bmm_fp32_out,
     matmul_fp32,
+    matmul_split,
+    matmul_split_left,
     operand_dtype,
     split_bf16,
 )
@@ -323,6 +325,27 @@ def test_split_bf16_carries_sixteen_significant_bits():
     assert hi.dtype == lo.dtype == torch.bfloat16
     assert (hi.float() + lo.float() - w).abs().max() <= 2.0**-16 * w.abs().max()
     assert (hi.float() - w).abs().max() > 2.0**-12 * w.abs().max()  # hi alone is only bf16
+
+
+def test_split_products_keep_the_fp32_factor_to_sixteen_bits_on_either_side():
+    """x @ w (bf16 x, fp32 w: `matmul_split`) and w @ x (`matmul_split_left`) within 2^-15 of the float64
+    product of the same values (relative to sum |x||w|), where rounding w to bf16 is off by more than 2^-10;
+    fp32 operands give the plain product."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, 16).bfloat16()
+    w = torch.randn(3, 16, 24)
+    scale = (x.double().abs() @ w.double().abs()).max()
+    right, left = matmul_split(x, w), matmul_split_left(w.transpose(-2, -1), x.transpose(-2, -1))
+    exact = x.double() @ w.double()
+    assert right.dtype == left.dtype == torch.float32
+    for got in (right, left.transpose(-2, -1)):
+        assert (got.double() - exact).abs().max() <= 2.0**-15 * scale
+    assert (x.double() @ w.bfloat16().double() - exact).abs().max() > 2.0**-10 * scale
+    xf = x.float()
+    assert torch.equal(
+        matmul_split_left(w.transpose(-2, -1), xf.transpose(-2, -1)),
+        w.transpose(-2, -1) @ xf.transpose(-2, -1),
+    )
 
 
 def test_training_step_in_bf16_gives_the_fp32_gradients():
