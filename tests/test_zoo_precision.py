@@ -166,9 +166,15 @@ STRESS = [
 ]
 
 
+#: Where the bf16 cores run: the CPU (its twin of ``bmm(out_dtype=float32)``) and, where there is one, CUDA (the
+#: kernel itself: `benchmarks/gpu_suite.sh check` runs this module on the GPU).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grid, qk_scale", STRESS)
 @pytest.mark.parametrize("name", BF16_SAFE)
-def test_bf16_core_matches_the_fp64_oracle(name, grid, qk_scale):
+def test_bf16_core_matches_the_fp64_oracle(name, grid, qk_scale, device):
     """|bf16 core - float64 core| <= 4 u S, u = 2^-8 (bf16's unit roundoff), S the output's scale without
     cancellation.
 
@@ -183,11 +189,11 @@ def test_bf16_core_matches_the_fp64_oracle(name, grid, qk_scale):
     n = 1 + grid[0] * grid[1]
     q, k, v = bf16_qkv(module, n, qk_scale)
     expected = oracle(module, q, k, v)
-    with torch.no_grad(), bf16_devices("cpu"):
-        got = module.attend(q, k, v)
+    scale = output_scale(module, q, k, v)
+    with torch.no_grad(), bf16_devices("cpu", "cuda"):
+        got = module.to(device).attend(*(t.to(device) for t in (q, k, v))).cpu()
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     error = (got.double() - expected).abs().max().item()
-    scale = output_scale(module, q, k, v)
     assert error <= TOLERANCE_UNITS * U * scale, f"{name}: error {error / (U * scale):.2f} bf16 units"
 
 
