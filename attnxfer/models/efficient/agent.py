@@ -11,7 +11,7 @@ bilinearly resized to the token grid) are the new parameters; they start at zero
 
 bf16-safe on GPU (`AGENT_BF16`): both maps are softmaxes, so the core has the numerics of two small
 flash attentions. The agents are fp32 means of the queries; the logits q (A s)^T and k (A s)^T take
-q and k as bf16 operands and the scaled agents as two bf16 halves (`matmul_split`: a bf16-rounded
+q and k as bf16 operands and the scaled agents as two bf16 halves (`matmul_split`, `matmul_split_left`: a bf16-rounded
 agent would move a logit of size L by L 2^-8), the biases and both softmaxes run in fp32, and only the
 probabilities (in [0, 1]), v and the agent values V_A are rounded to bf16 for the two products, which
 accumulate in fp32 (V_A sums over all N keys).
