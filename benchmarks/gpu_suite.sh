@@ -84,7 +84,7 @@ compiled)
     linear="relu_linear elu_linear linformer hydra hedgehog performer cosformer"
     # shellcheck disable=SC2086
     run attention_zoo_compiled "$PY" benchmarks/attention_zoo.py --device cuda --dtype bfloat16 --tokens 3137 \
-        --batch 16 --repeats 20 --warmup 5 --train --compile --no-unfused --attentions $linear \
+        --batch 16 --repeats 20 --warmup 5 --train --compile --no-unfused --attentions $linear agent window_linear \
         --json "$OUT/attention_zoo_compiled.json"
     # shellcheck disable=SC2086
     run model_throughput_compiled "$PY" benchmarks/model_throughput.py --preset gpu --compile \

@@ -5,6 +5,10 @@ the eager one does, forward and backward.
 with the ``aot_eager`` backend, which runs AOT autograd (the forward and backward graphs, in-place ops
 functionalised, as inductor sees them) without inductor's C++/Triton code generation (8 s a graph here).
 What inductor then generates is measured by ``benchmarks/attention_zoo.py --compile``.
+
+A converted student under ``model.compile: true`` (`attnxfer.train.compile.compile_blocks`, inductor, the way
+`attnxfer train` and stage 2 of `attnxfer convert` compile) is checked end to end once: a training step's loss
+and gradients equal eager ones, one graph per attention kind for all blocks, no graph break, no recompile.
 """
 
 from __future__ import annotations
@@ -15,6 +19,9 @@ import torch._dynamo as dynamo
 
 from attnxfer.models.attention.numerics import bf16_devices
 from attnxfer.models.efficient import create_attention, list_attentions
+from attnxfer.models.efficient.swap import build_efficient_student, set_drop_path
+from attnxfer.train.compile import compile_blocks, is_compiled
+from attnxfer.transfer import DualViT, build_plan
 
 OPTIONS = {
     "window": dict(window_size=2),
@@ -87,3 +94,76 @@ def test_compiled_layer_matches_eager_forward_and_backward(name):
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# -- a converted student under model.compile ----------------------------------------------------------------
+
+
+def _student_step(dual: DualViT, x: torch.Tensor):
+    """One training step's loss (task stand-in + the plan's terms) and the student's gradients."""
+    out = dual(x)
+    loss = out.logits.logsumexp(-1).mean() + out.loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in dual.student.named_parameters() if p.grad is not None}
+    dual.student.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _converted_dual(teacher, drop_path_rate: float, dtype=torch.float32) -> DualViT:
+    """A 4-block student converted to relu_linear / agent alternately (a kernel core; two softmaxes through
+    pooled agents with resized position biases), distilling the teacher's maps and logits."""
+    torch.manual_seed(0)
+    student = build_efficient_student(teacher, ["relu_linear", "agent"] * 2, agent_grid=2, bias_grid=2)
+    student = set_drop_path(student, drop_path_rate)
+    with torch.no_grad():  # the agents' position biases off their zero init
+        for name, p in student.named_parameters():
+            if "bias" in name and p.ndim == 4:
+                p.add_(0.1 * torch.randn_like(p))
+    teacher, student = teacher.to(dtype), student.to(dtype)
+    return DualViT(teacher, student, build_plan(teacher, student, "distill", logit_weight=1.0)).train()
+
+
+@pytest.mark.slow  # inductor: two graphs, ~15 s on a cold cache, ~5 s warm
+def test_compiled_converted_student_trains_like_the_eager_one():
+    """`compile_blocks` (inductor, as model.compile: true) on a converted student with stochastic depth 0.1
+    (every block its own rate): the four blocks share two graphs (one per attention kind), with no graph
+    break, and later steps compile nothing new, also with other rates (they are graph inputs).
+
+    Values, with the rates set to 0 (keep = 1: compiled and eager RNG streams differ by design): the loss
+    equals eager's, and the gradients are as close to a float64 step's as eager's are. fp32 eager is itself
+    ~4e-4 (of each tensor's largest entry) from float64 here, since the map CE through four layers amplifies
+    rounding; the compiled step must be within 2e-3 (a wrong graph is off by O(1))."""
+    import copy
+
+    from helpers import peaked_teacher
+    from torch._dynamo.utils import counters
+
+    teacher = peaked_teacher(depth=4)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    loss_e, grads_e = _student_step(_converted_dual(teacher, 0.0), x)
+    loss_64, grads_64 = _student_step(_converted_dual(copy.deepcopy(teacher), 0.0, torch.float64), x.double())
+
+    dual = _converted_dual(teacher, 0.1)
+    student = dual.student
+    names = list(student.state_dict())
+    assert compile_blocks(student.blocks) == 4 and all(is_compiled(b) for b in student.blocks)
+    graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+    _student_step(dual, x)  # rates 0, 0.033, 0.067, 0.1
+    assert counters["stats"]["unique_graphs"] == graphs + 2  # one per attention kind, not one per block
+    for block in student.blocks:
+        block.drop_path1.keep_prob.fill_(1.0)
+        block.drop_path2.keep_prob.fill_(1.0)
+    loss_c, grads_c = _student_step(dual, x)
+    assert counters["stats"]["unique_graphs"] == graphs + 2  # no recompile for new rates
+    assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+    assert list(student.state_dict()) == names  # checkpoints and export see the eager names
+
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_c.double(), loss_64, rtol=1e-5, atol=1e-6)
+    assert grads_e.keys() == grads_c.keys() == grads_64.keys()
+    assert any("agent_key_bias" in n for n in grads_c)
+    for name, want in grads_64.items():
+        scale = want.abs().max()
+        for got in (grads_e[name], grads_c[name]):
+            error = (got.double() - want).abs().max()
+            assert error <= 2e-3 * scale + 1e-7, f"{name}: {error / scale:.2e} of its largest entry"

@@ -28,6 +28,8 @@ from attnxfer.models.attention.numerics import (
     bf16_devices,
     bmm_fp32_out,
     matmul_fp32,
+    matmul_split,
+    matmul_split_left,
     operand_dtype,
     split_bf16,
 )
@@ -37,6 +39,7 @@ from attnxfer.models.efficient.kernels import ELUFeatures, linear_readout, linea
 from attnxfer.models.efficient.nystrom import iterative_pinv
 
 BF16_SAFE = [
+    "agent",
     "cosformer",
     "elu_linear",
     "focused_linear",
@@ -46,8 +49,9 @@ BF16_SAFE = [
     "performer",
     "relu_linear",
     "window",
+    "window_linear",
 ]
-FP32_ONLY = ["agent", "formula", "hashing", "nystrom", "window_linear"]
+FP32_ONLY = ["formula", "hashing", "nystrom"]
 #: bf16's unit roundoff (8 significant bits): the largest relative error of one rounding.
 U = 2.0**-8
 #: Error bound of a bf16 core in units of U times the output's scale S (`test_bf16_core_matches_the_fp64_oracle`).
@@ -162,9 +166,15 @@ STRESS = [
 ]
 
 
+#: Where the bf16 cores run: the CPU (its twin of ``bmm(out_dtype=float32)``) and, where there is one, CUDA (the
+#: kernel itself: `benchmarks/gpu_suite.sh check` runs this module on the GPU).
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("grid, qk_scale", STRESS)
 @pytest.mark.parametrize("name", BF16_SAFE)
-def test_bf16_core_matches_the_fp64_oracle(name, grid, qk_scale):
+def test_bf16_core_matches_the_fp64_oracle(name, grid, qk_scale, device):
     """|bf16 core - float64 core| <= 4 u S, u = 2^-8 (bf16's unit roundoff), S the output's scale without
     cancellation.
 
@@ -179,11 +189,11 @@ def test_bf16_core_matches_the_fp64_oracle(name, grid, qk_scale):
     n = 1 + grid[0] * grid[1]
     q, k, v = bf16_qkv(module, n, qk_scale)
     expected = oracle(module, q, k, v)
-    with torch.no_grad(), bf16_devices("cpu"):
-        got = module.attend(q, k, v)
+    scale = output_scale(module, q, k, v)
+    with torch.no_grad(), bf16_devices("cpu", "cuda"):
+        got = module.to(device).attend(*(t.to(device) for t in (q, k, v))).cpu()
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     error = (got.double() - expected).abs().max().item()
-    scale = output_scale(module, q, k, v)
     assert error <= TOLERANCE_UNITS * U * scale, f"{name}: error {error / (U * scale):.2f} bf16 units"
 
 
@@ -323,9 +333,30 @@ def test_split_bf16_carries_sixteen_significant_bits():
     assert (hi.float() - w).abs().max() > 2.0**-12 * w.abs().max()  # hi alone is only bf16
 
 
+def test_split_products_keep_the_fp32_factor_to_sixteen_bits_on_either_side():
+    """x @ w (bf16 x, fp32 w: `matmul_split`) and w @ x (`matmul_split_left`) within 2^-15 of the float64
+    product of the same values (relative to sum |x||w|), where rounding w to bf16 is off by more than 2^-10;
+    fp32 operands give the plain product."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, 16).bfloat16()
+    w = torch.randn(3, 16, 24)
+    scale = (x.double().abs() @ w.double().abs()).max()
+    right, left = matmul_split(x, w), matmul_split_left(w.transpose(-2, -1), x.transpose(-2, -1))
+    exact = x.double() @ w.double()
+    assert right.dtype == left.dtype == torch.float32
+    for got in (right, left.transpose(-2, -1)):
+        assert (got.double() - exact).abs().max() <= 2.0**-15 * scale
+    assert (x.double() @ w.bfloat16().double() - exact).abs().max() > 2.0**-10 * scale
+    xf = x.float()
+    assert torch.equal(
+        matmul_split_left(w.transpose(-2, -1), xf.transpose(-2, -1)),
+        w.transpose(-2, -1) @ xf.transpose(-2, -1),
+    )
+
+
 def test_training_step_in_bf16_gives_the_fp32_gradients():
     """A layer's forward + backward under bf16 autocast with the bf16 core: gradients point where fp32's do."""
-    for name in ("relu_linear", "performer", "linformer", "hedgehog"):
+    for name in ("relu_linear", "performer", "linformer", "hedgehog", "agent", "window_linear"):
         module = build(name, (4, 5)).train()
         x = torch.randn(2, 21, 64)
         module(x).square().mean().backward()
@@ -337,6 +368,120 @@ def test_training_step_in_bf16_gives_the_fp32_gradients():
             assert torch.isfinite(p.grad).all()
             cosine = F.cosine_similarity(p.grad.flatten().double(), g32.flatten().double(), dim=0)
             assert cosine > 0.99, f"{name}: gradient cosine {cosine:.4f}"
+
+
+# ----------------------------------------------------------------------------- agent and window_linear: the fp32 parts
+
+#: aten ops that only move, select or cast values: exact in any dtype.
+LAYOUT_OPS = (
+    "aten._to_copy",
+    "aten._unsafe_view",
+    "aten.cat",
+    "aten.clone",
+    "aten.constant_pad_nd",
+    "aten.expand",
+    "aten.permute",
+    "aten.select",
+    "aten.slice",
+    "aten.transpose",
+    "aten.unsqueeze",
+    "aten.view",
+)
+
+
+class DtypeLog(TorchDispatchMode):
+    """Records (op, output dtype) of every aten call that returns a floating tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        floats = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if floats:
+            self.calls.append((str(func.overloadpacket), floats[0].dtype))
+        return out
+
+
+@pytest.mark.parametrize(
+    "name, bf16_arithmetic",
+    [
+        ("agent", set()),
+        # the prefix rows are SDPA (its own fp32 statistics, as `window`); the 0/1 key mask on bf16 features
+        ("window_linear", {"aten._scaled_dot_product_flash_attention_for_cpu", "aten.mul"}),
+    ],
+)
+def test_agent_and_window_linear_compute_their_fp32_parts_in_fp32(name, bf16_arithmetic):
+    """What the policies declare fp32 (pooling, resized biases, logits, max, exp, softmax, the window states,
+    their totals and "total minus own", the shared normaliser, gamma, the division) is computed by aten calls
+    that return fp32: the only arithmetic with a bf16 result is what the policy names bf16 (and exact masks).
+    bf16 does reach them: the core's operands are bf16."""
+    module = build(name, (4, 5))
+    q, k, v = bf16_qkv(module, 21, 2.0)
+    with torch.no_grad(), bf16_devices("cpu"), DtypeLog() as log:
+        module.attend(q, k, v)
+    arithmetic = [(op, dtype) for op, dtype in log.calls if not op.startswith(LAYOUT_OPS)]
+    in_bf16 = {op for op, dtype in arithmetic if dtype == torch.bfloat16}
+    assert in_bf16 <= bf16_arithmetic, f"{name}: {sorted(in_bf16 - bf16_arithmetic)} ran in bf16"
+    ops = {op for op, _ in arithmetic}
+    assert {"aten._softmax", "aten.bmm"} <= ops and (name == "agent") == ("aten._adaptive_avg_pool2d" in ops)
+    assert ("aten._to_copy", torch.bfloat16) in log.calls  # operands rounded: the bf16 path ran
+
+
+def test_agent_logits_keep_fp32_accuracy_so_the_agents_are_split():
+    """The agents are means of q, not bf16 numbers. Rounded to bf16 they would move the logits (up to ~80
+    here) by L 2^-9 and the maps' probabilities by ~u; as two bf16 halves (`matmul_split`) against bf16 q and
+    k, both maps match float64 maps of the same inputs to ~1e-5 (fp32's accuracy after the softmax)."""
+    module = build("agent", (4, 5))
+    q, k, _ = bf16_qkv(module, 21, 8.0, batch=1)
+    double = copy.deepcopy(module).double()
+    with torch.no_grad():
+        exact = double._relay(q.double(), k.double())
+        with bf16_devices("cpu"):
+            ours = module._relay(q, k)
+        agents = module.agents(q.float()) * module.scale
+        rounded = agents.bfloat16().float()
+        bias = module._position_bias(module.query_agent_bias, 21).transpose(-2, -1)
+        naive = (q.float() @ rounded.transpose(-2, -1) + bias).softmax(-1)
+    assert (q.double() @ agents.double().transpose(-2, -1)).abs().max() > 50  # peaked: large logits
+    for got, want in zip(ours, exact, strict=True):
+        assert got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= 1e-4
+    assert (naive.double() - exact[0]).abs().max() > U
+
+
+def test_window_linear_shared_normaliser_is_fp32_accurate():
+    """The shared normaliser of a grid row: sum_j exp(s q.k_j - c) over the window and prefix keys, plus gamma
+    phi(q).z_outside, z_outside the total of all windows' feature sums minus the row's own window.
+
+    With gamma = 0 it is the window softmax's row sum: exp of fp32 logits (bf16 q, k products summed in
+    fp32, scaled in fp32) summed in fp32 is within 1e-5 (relative) of float64 on the same inputs, where scaling q by
+    s = d^-1/2 in bf16 (peaked rows, logits up to ~100) moves it by more than 5 u. With gamma > 0 the
+    features and z_outside are each rounded once: within 3 u (relative, all terms non-negative), at 3137
+    tokens too. (A bf16 accumulation of the window states fails the oracle test above at 6.6 u S.)"""
+    for grid, qk_scale in (((4, 5), 8.0), ((56, 56), 6.0)):
+        module = build("window_linear", grid)
+        q, k, v = bf16_qkv(module, 1 + grid[0] * grid[1], qk_scale, batch=1)
+        p, _, qw, kw, vw, valid = module._windows(q, k, v)
+        for gamma in (None, 0.0):
+            if gamma is not None:
+                with torch.no_grad():
+                    module.linear_log_weight.fill_(float("-inf"))
+            double = copy.deepcopy(module).double()
+            with torch.no_grad():
+                _, want = double.shared_sums(qw.double(), kw.double(), vw.double(), valid, p)
+                with bf16_devices("cpu"):
+                    numerator, got = module.shared_sums(qw, kw, vw, valid, p)
+            assert got.dtype == numerator.dtype == torch.float32
+            relative = ((got.double() - want) / want).abs().max().item()
+            assert relative <= (1e-5 if gamma == 0.0 else 3 * U), (
+                f"{grid}, gamma {gamma}: {relative / U:.3g} u"
+            )
+        logits = ((qw.float() * module.scale).bfloat16().float() @ kw.float().transpose(-2, -1)).double()
+        logits = logits.masked_fill(~valid, float("-inf")) if valid is not None else logits
+        naive = (logits - logits.amax(-1, keepdim=True)).exp().sum(-1, keepdim=True)
+        assert ((naive - want) / want).abs().max() > 5 * U
 
 
 # ----------------------------------------------------------------------------- what is not safe, and why

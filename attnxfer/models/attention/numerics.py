@@ -34,6 +34,7 @@ __all__ = [
     "in_compute_dtype",
     "matmul_fp32",
     "matmul_split",
+    "matmul_split_left",
     "operand_dtype",
     "row_chunk",
     "row_slices",
@@ -249,4 +250,16 @@ def matmul_split(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return matmul_fp32(a, b)
     hi, lo = split_bf16(b.to(compute_dtype(b)))
     high, low = matmul_fp32(a, hi), matmul_fp32(a, lo)
+    return high.add_(low) if not high.requires_grad else high + low
+
+
+def matmul_split_left(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`matmul_split` with the roles swapped: ``a @ b`` for an fp32 ``a`` that must not be rounded and a bf16
+    ``b`` (``hi @ b + lo @ b``, fp32 accumulation), so a caller keeps the product in its natural layout
+    instead of transposing ``(bᵀ aᵀ)ᵀ`` (a strided softmax over it costs a copy). For fp32 / float64 ``b``,
+    the plain product."""
+    if b.dtype != torch.bfloat16:
+        return matmul_fp32(a, b)
+    hi, lo = split_bf16(a.to(compute_dtype(a)))
+    high, low = matmul_fp32(hi, b), matmul_fp32(lo, b)
     return high.add_(low) if not high.requires_grad else high + low

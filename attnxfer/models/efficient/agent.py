@@ -8,6 +8,13 @@ row-stochastic matrices: row-stochastic, O(N n). Agents are pooled from grid tok
 prefix tokens still attend through the agents and are attended by them (their position biases
 are zero). The learnable position biases b (per head and agent, on a small base grid
 bilinearly resized to the token grid) are the new parameters; they start at zero.
+
+bf16-safe on GPU (`AGENT_BF16`): both maps are softmaxes, so the core has the numerics of two small
+flash attentions. The agents are fp32 means of the queries; the logits q (A s)^T and k (A s)^T take
+q and k as bf16 operands and the scaled agents as two bf16 halves (`matmul_split`, `matmul_split_left`: a bf16-rounded
+agent would move a logit of size L by L 2^-8), the biases and both softmaxes run in fp32, and only the
+probabilities (in [0, 1]), v and the agent values V_A are rounded to bf16 for the two products, which
+accumulate in fp32 (V_A sums over all N keys).
 """
 
 from __future__ import annotations
@@ -19,18 +26,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.interface import MapKind, as_grid
-from ..attention.numerics import PrecisionPolicy
+from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_fp32, matmul_split, matmul_split_left
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 from .tokens import grid_to_image
 
-__all__ = ["AGENT_FP32", "AgentAttention"]
+__all__ = ["AGENT_BF16", "AgentAttention"]
 
-AGENT_FP32 = PrecisionPolicy(
-    fp32=("the whole core",),
-    why="not shown safe yet: two softmaxes through pooled agents with resized position biases; fp32 until a "
-    "test covers them",
+AGENT_BF16 = PrecisionPolicy(
+    bf16=(
+        "q, k (logits, against the scaled agents as hi + lo halves)",
+        "both softmax maps, v and V_A (the two products)",
+    ),
+    fp32=(
+        "agent pooling (means of grid queries)",
+        "logit accumulation, position biases and both softmaxes",
+        "V_A = softmax(A k^T s) v accumulated over N keys",
+        "read-out accumulation",
+    ),
+    why="two softmaxes of logits, so flash attention's numerics twice: logits at fp32 accuracy (fp32 agents "
+    "split into two bf16 halves; a bf16-rounded agent moves a logit of size L by L 2^-8), fp32 softmaxes, "
+    "and only probabilities in [0, 1], v and V_A rounded for products that accumulate in fp32",
 )
 
 
@@ -41,7 +58,7 @@ class AgentAttention(EfficientAttention):
 
     map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
-    precision = AGENT_FP32
+    precision = AGENT_BF16
 
     def __init__(
         self,
@@ -82,18 +99,28 @@ class AgentAttention(EfficientAttention):
         return F.pad(resized, (p, 0))
 
     def _relay(self, q, k):
-        """softmax(q A^T s + b_qa) (B,H,N,n) and softmax(A k^T s + b_ak) (B,H,n,N)."""
-        N = q.shape[-2]
-        agents = self.agents(q)
-        key_bias = self._position_bias(self.agent_key_bias.to(q.dtype), N)
-        query_bias = self._position_bias(self.query_agent_bias.to(q.dtype), N).transpose(-2, -1)
-        agent_to_keys = (agents * self.scale @ k.transpose(-2, -1) + key_bias).softmax(dim=-1)
-        queries_to_agents = (q * self.scale @ agents.transpose(-2, -1) + query_bias).softmax(dim=-1)
-        return queries_to_agents, agent_to_keys
+        """softmax(q A^T s + b_qa) (B,H,N,n) and softmax(A k^T s + b_ak) (B,H,n,N), fp32 (float64 kept).
+
+        For bf16 q, k: the agents are pooled in fp32 and scaled there (s = d^-1/2 is not a power of two, so
+        a bf16 q s would be rounded); each logit is a bf16 q or k against the agents' two bf16 halves, so
+        it has fp32 accuracy."""
+        N, dtype = q.shape[-2], compute_dtype(q)
+        scaled_agents = self.agents(q.to(dtype)) * self.scale  # (B, H, n, d)
+        key_bias = self._position_bias(self.agent_key_bias.to(dtype), N)
+        query_bias = self._position_bias(self.query_agent_bias.to(dtype), N).transpose(-2, -1)
+        # biases added in place (a matmul's backward keeps its operands, not its result): one (n, N) and one
+        # (N, n) buffer per map, as many as the softmaxes need
+        agent_logits = matmul_split_left(scaled_agents, k.transpose(-2, -1))  # (B, H, n, N)
+        agent_to_keys = agent_logits.add_(key_bias).softmax(dim=-1)
+        del agent_logits
+        query_logits = matmul_split(q, scaled_agents.transpose(-2, -1))  # (B, H, N, n)
+        return query_logits.add_(query_bias).softmax(dim=-1), agent_to_keys
 
     def _attend(self, q, k, v):
         queries_to_agents, agent_to_keys = self._relay(q, k)
-        return queries_to_agents @ (agent_to_keys @ v)
+        # Products of [0, 1] probabilities with v (bf16 operands on GPU), each accumulated in fp32.
+        agent_values = matmul_fp32(agent_to_keys.to(v.dtype), v)  # (B, H, n, d): sums over N keys
+        return matmul_fp32(queries_to_agents.to(v.dtype), agent_values.to(v.dtype))
 
     def _map_context(self, q, k):
         return self._relay(q, k)
