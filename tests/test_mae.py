@@ -284,3 +284,22 @@ def test_demo_has_the_papers_rows_with_one_student_budget(tmp_path):
     other = _keyed(tmp_path, "copy", "demo/copy", ["teacher.spec=local-dir:/elsewhere"])
     assert again.run_dir == cfgs[2].run_dir != other.run_dir
     assert _keyed(tmp_path, "copy", "demo/copy", ["log.progress=false"]).run_dir == again.run_dir
+
+
+def test_every_demo_table_compares_its_copy_and_distillation_rows_with_each_other_and_with_scratch():
+    """The supervised table once printed an empty comparison table: its rows have their own keys."""
+    from attnxfer.apps.demo import TABLES, table_pairs
+
+    assert table_pairs("mae") == [
+        ("copy", "distill"),
+        ("copy", "scratch"),
+        ("distill", "scratch"),
+        ("copy", "mae_finetune"),
+    ]
+    assert table_pairs("supervised") == [
+        ("sup_copy", "sup_distill"),
+        ("sup_copy", "scratch"),
+        ("sup_distill", "scratch"),
+    ]
+    assert set(TABLES) == {"mae", "supervised"}
+    assert table_pairs("supervised", keys=["scratch", "sup_copy"]) == [("sup_copy", "scratch")]

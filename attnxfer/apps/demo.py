@@ -22,7 +22,7 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +41,11 @@ from .run_parts import build_student
 from .seed_stats import paired_table, per_image_correct, results_table
 from .training import train
 
-__all__ = ["ROWS", "TABLES", "TEACHERS", "RowSpec", "TeacherSpec", "run_demo"]
+__all__ = ["PAIRS", "ROWS", "TABLES", "TEACHERS", "RowSpec", "TeacherSpec", "run_demo", "table_pairs"]
 
-#: paired comparisons the demo reports per table (McNemar on the same validation images), by row key
-PAIRS = (("copy", "distill"), ("copy", "scratch"), ("distill", "scratch"), ("copy", "mae_finetune"))
+#: paired comparisons the demo reports in each table (McNemar on the same validation images), by the rows'
+#: ``kind``: every table compares its copy and distillation rows with each other and with scratch
+PAIRS = (("copy", "distill"), ("copy", "scratch"), ("distill", "scratch"), ("copy", "finetune"))
 _QUICK_TEACHER_STEPS = 60
 _QUICK_STUDENT_STEPS = 30
 
@@ -68,6 +69,7 @@ class RowSpec:
     label: str
     recipe: str
     table: str | None  # which table (a key of TABLES); None: every table (the baseline)
+    kind: str  # what the row is within its table, the words of `PAIRS`: scratch, finetune, copy, distill
     teacher: str | None = None  # its q/k are copied / distilled (teacher.spec)
     init: str | None = None  # its weights start the student (model.init: fine-tuning)
 
@@ -83,15 +85,30 @@ TABLES = {
     "supervised": "teacher trained with labels on animal-mnist",
 }
 ROWS = (
-    RowSpec("scratch", "student from scratch", "demo/scratch", table=None),
-    RowSpec("mae_finetune", "MAE teacher, fine-tuned", "demo/mae_finetune", table="mae", init="mae"),
-    RowSpec("copy", "attention copy (from MAE)", "demo/copy", table="mae", teacher="mae"),
-    RowSpec("distill", "attention distillation (from MAE)", "demo/distill", table="mae", teacher="mae"),
+    RowSpec("scratch", "student from scratch", "demo/scratch", table=None, kind="scratch"),
+    RowSpec(
+        "mae_finetune",
+        "MAE teacher, fine-tuned",
+        "demo/mae_finetune",
+        table="mae",
+        kind="finetune",
+        init="mae",
+    ),
+    RowSpec("copy", "attention copy (from MAE)", "demo/copy", table="mae", kind="copy", teacher="mae"),
+    RowSpec(
+        "distill",
+        "attention distillation (from MAE)",
+        "demo/distill",
+        table="mae",
+        kind="distill",
+        teacher="mae",
+    ),
     RowSpec(
         "sup_copy",
         "attention copy (supervised teacher)",
         "demo/copy",
         table="supervised",
+        kind="copy",
         teacher="supervised",
     ),
     RowSpec(
@@ -99,9 +116,16 @@ ROWS = (
         "attention distillation (supervised teacher)",
         "demo/distill",
         table="supervised",
+        kind="distill",
         teacher="supervised",
     ),
 )
+
+
+def table_pairs(table: str, keys: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """The (row key, row key) pairs `PAIRS` names within ``table``, among ``keys`` (default: every row)."""
+    by_kind = {r.kind: r.key for r in ROWS if r.table in (None, table) and (keys is None or r.key in keys)}
+    return [(by_kind[a], by_kind[b]) for a, b in PAIRS if a in by_kind and b in by_kind]
 
 
 def _digest(cfg: TrainConfig) -> str:
@@ -317,7 +341,7 @@ def run_demo(
         rows = {labels[k]: results[k] for k in keys}
         scores = {labels[k]: correct[k] for k in keys}
         table = _table(rows, scores, teachers[t])
-        pairs = [(labels[a], labels[b]) for a, b in PAIRS if a in keys and b in keys]
+        pairs = [(labels[a], labels[b]) for a, b in table_pairs(t, keys)]
         paired = paired_table(scores, pairs, list(range(1, seeds + 1)))
         print(f"\n{TABLES[t]}:\n{table}\n\n{paired}\n", flush=True)
         text.append(f"## {TABLES[t]}\n\n{table}\n\nPaired comparisons:\n\n{paired}\n")

@@ -195,7 +195,7 @@ def _demo_parser(sub):
     p.add_argument(
         "--supervised",
         action="store_true",
-        help="add a second table: copy/distillation from a teacher trained with labels (about +8 min)",
+        help="add a second table: copy/distillation from a teacher trained with labels (about +6 min)",
     )
     p.set_defaults(func=_cmd_demo)
 
