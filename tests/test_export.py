@@ -308,7 +308,8 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     with pytest.warns(UserWarning, match="step-00000300"):
         assert select_checkpoint(run, "latest")[0].name == "step-00000200"
 
-    out = export_run(run, tmp_path / "best-ema")
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "best-ema")
     assert_exported(out, weights[(100, "ema")])
     text = (out / "README.md").read_text()
     assert "step-00000100 (best val top-1 70.00), ema weights" in text and "| val_top1 | 70 |" in text
@@ -316,7 +317,8 @@ def test_export_run_picks_checkpoint_and_weights(tmp_path):
     plain = timm.create_model(f"local-dir:{out}", pretrained=True)
     assert_exported(out, plain.state_dict())
 
-    out = export_run(run, tmp_path / "latest-raw", weights="raw", checkpoint="latest")
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "latest-raw", weights="raw", checkpoint="latest")
     assert_exported(out, weights[(200, "model")])
 
 
