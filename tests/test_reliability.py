@@ -271,6 +271,9 @@ class Finalized:
         print("interpreter finalization ran", flush=True)
 kept_until_finalization = Finalized()
 atexit.register(lambda: (out / "atexit.txt").write_text("ran"))
+from concurrent.futures import ThreadPoolExecutor
+idle = ThreadPoolExecutor(1)  # never shut down: its worker waits until threading's exit hook stops it
+idle.submit(print, "", end="")
 with joined_process_group("gloo") as info:
     pass
 logging.getLogger("run").info("rank %d finished", info.rank)

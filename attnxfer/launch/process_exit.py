@@ -5,8 +5,9 @@ C++ worker threads of the (already destroyed) group are torn down concurrently w
 a rank that finished and wrote everything exits with SIGABRT ("terminate called without an active
 exception") or SIGSEGV, in about one run in fifteen on a loaded machine (pytorch/pytorch#179291 discusses
 the race). torchrun then reports the job as failed, and may restart it. So after such a run the program
-does everything Python's own exit does that has observable effects — wait for the non-daemon threads,
-run the ``atexit`` handlers (logging's flush among them), flush the standard streams — and then ends with
+does everything Python's own exit does that has observable effects — threading's exit hooks and the
+wait for non-daemon threads, the ``atexit`` handlers (logging's flush among them), flushing the standard
+streams — and then ends with
 ``os._exit``, skipping only the finalization (module teardown and C++ static destructors).
 
 Single-process runs exit the ordinary way.
@@ -35,11 +36,11 @@ def end_program(code: int) -> NoReturn:
     """Exit with ``code``; after a multi-process run, without interpreter finalization (module docstring)."""
     if not skips_finalization():
         sys.exit(code)
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # what the interpreter runs first at exit: logging.shutdown, user handlers
+    # What the interpreter does first at exit, in its order: threading's own exit hooks (they stop idle
+    # ThreadPoolExecutor workers, which a plain join would wait for forever), joining the non-daemon
+    # threads, then the atexit handlers (logging.shutdown among them).
+    threading._shutdown()
+    atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken pipe: nothing more to write
             stream.flush()
