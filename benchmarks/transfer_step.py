@@ -62,6 +62,8 @@ from _measure import (  # noqa: E402
 
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.train import student_param_groups  # noqa: E402
+from attnxfer.train.devices import Precision  # noqa: E402
+from attnxfer.train.devices import teacher_dtype as resolve_teacher_dtype  # noqa: E402
 from attnxfer.train.optim import build_adamw  # noqa: E402
 from attnxfer.transfer import DualViT, TransferOutput  # noqa: E402
 from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference  # noqa: E402
@@ -81,9 +83,6 @@ DISTILL_TARGET_TOKENS = 785
 CPU_DISTILL_TIME_MAX = {197: 1.45}
 GPU_DISTILL_TIME_MAX = {197: 1.5, 785: 2.0, 3137: 3.0}
 GPU_DISTILL_MEMORY_MAX = 1.7
-#: --teacher-dtype: ``auto`` is DualViT's own choice (bf16 on CUDA, fp32 elsewhere), as a run with
-#: ``teacher.dtype=auto`` and the device's default precision
-TEACHER_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def ce_path_of(mode: str) -> str | None:
@@ -227,14 +226,14 @@ def _isolated_config(
     steps: int,
     depth: int | None,
     threads: int,
-    teacher_dtype: str = "auto",
+    teacher_dtype_name: str = "auto",
 ) -> None:
     """Body of the fresh-process RSS cross-check: build one configuration on CPU and run ``steps`` steps."""
     torch.set_num_threads(threads)
     t_shape, s_shape = _shapes(pair, depth)
     teacher = build_vit(t_shape, tokens, seed=1) if mode != "none" else None
     step = TrainStep(
-        mode, teacher, s_shape, tokens, batch, torch.device("cpu"), TEACHER_DTYPES[teacher_dtype]
+        mode, teacher, s_shape, tokens, batch, torch.device("cpu"), resolve_teacher_dtype(teacher_dtype_name)
     )
     for _ in range(steps):
         step()
@@ -318,9 +317,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--teacher-dtype",
-        choices=sorted(TEACHER_DTYPES),
+        choices=[p.value for p in Precision],
         default="auto",
-        help="the teacher's dtype (transfer.teacher.dtype): auto = bf16 on CUDA, fp32 elsewhere; bf16 on a "
+        help="the teacher's dtype (teacher.dtype): auto = bf16 on CUDA, fp32 elsewhere; bf16 on a "
         "CPU with bf16 matrix units (AMX) shows what teacher.dtype=bf16 buys there",
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -382,7 +381,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         teacher = build_vit(t_shape, tokens, seed=1)
         steps = {
-            m: TrainStep(m, teacher, s_shape, tokens, batch, args.device, TEACHER_DTYPES[args.teacher_dtype])
+            m: TrainStep(
+                m, teacher, s_shape, tokens, batch, args.device, resolve_teacher_dtype(args.teacher_dtype)
+            )
             for m in args.modes
         }
         timings = interleaved_timings(steps, device=args.device, warmup=args.warmup, repeats=args.repeats)
