@@ -186,7 +186,9 @@ def _exact_softmax_ce(
     lse_s: torch.Tensor | None = None,
 ) -> MapAgreement:
     """The exact O(N) CE of a softmax student layer (no map built; head groups; unequal head dims)."""
-    res = attention_distillation_loss(q_t, k_t, q_s, k_s, with_kl=with_metric, path=ce_path, lse_s=lse_s)
+    res = attention_distillation_loss(
+        q_t, k_t, q_s, k_s, chunk=chunk, with_kl=with_metric, path=ce_path, lse_s=lse_s
+    )
     return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
 
 
