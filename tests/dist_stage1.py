@@ -2,24 +2,23 @@
 input on rank 1 only at step 3; writes what each rank saw (history or error, weights) to OUT/rank{r}.json."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import peaked_teacher
 
+from attnxfer.launch.process_exit import end_program
 from attnxfer.models.efficient import build_efficient_student
+from attnxfer.train.distributed import barrier, cleanup_distributed, init_distributed
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.train.terms import NonFiniteLossError
 from attnxfer.transfer.conversion import build_conversion_plan
 
 out = Path(sys.argv[1])
-dist.init_process_group("gloo")
-rank = dist.get_rank()
+rank = init_distributed("gloo").rank
 teacher = peaked_teacher(depth=2, qkv_bias=True).eval().requires_grad_(False)
 g = torch.Generator().manual_seed(1 + rank)  # each rank its own batches
 signals = [
@@ -48,8 +47,6 @@ for case in ("clean", "nan"):
     seen[case]["finite"] = all(bool(torch.isfinite(v).all()) for v in state.values())
     seen[case]["weights"] = {k: v.flatten()[:64].tolist() for k, v in state.items() if v.is_floating_point()}
 (out / f"rank{rank}.json").write_text(json.dumps(seen))
-dist.barrier()
-dist.destroy_process_group()
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)  # gloo's threads can abort interpreter finalization: attnxfer.launch.process_exit
+barrier()
+cleanup_distributed()
+end_program(0)  # as the attnxfer program exits after a multi-rank run (attnxfer.launch.process_exit)
