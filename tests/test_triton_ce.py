@@ -37,6 +37,32 @@ def interpreter():
         pool.shutdown()
 
 
+def _probe_interpreter():
+    from _triton_probe import interpreter_loops_to_a_runtime_bound
+
+    return interpreter_loops_to_a_runtime_bound()
+
+
+@pytest.fixture(scope="module")
+def kernel_interpreter(interpreter):
+    """`interpreter`, for the checks that run the kernels there. Every kernel loops over key blocks to a
+    runtime bound (N), which Triton 3.6's interpreter cannot run (torch 2.11's triton: the lent GPU machine's
+    image). There, and only where CUDA runs the compiled kernels against the same oracle instead
+    (``test_compiled_*`` below), these checks are skipped; without CUDA the interpreter is the only check
+    of the kernels, so an interpreter that cannot run them fails the test."""
+    problem = interpreter(_probe_interpreter)
+    if problem is not None:
+        import triton
+
+        why = f"triton {triton.__version__}'s interpreter cannot run a kernel loop to a runtime bound ({problem})"
+        if not torch.cuda.is_available():
+            pytest.fail(
+                why + "; with no GPU here nothing else checks the kernels: use a newer triton (3.8 runs them)"
+            )
+        pytest.skip(why + "; the compiled kernels are checked against the oracle on CUDA below")
+    return interpreter
+
+
 def _qk(B, H, N, d, seed, scale=1.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(B, H, N, d, generator=g) * scale, torch.randn(B, H, N, d, generator=g) * scale)
@@ -95,11 +121,11 @@ def _check_fp32_against_the_oracle(B, heads_t, heads_s, d_t, d_s, N, device="cpu
         (1, 4, 2, 12, 8, 40),  # head groups (H_t = 2 H_s), unequal head dims (12 padded to 16)
     ],
 )
-def test_fp32_rows_kl_and_gradients_match_the_oracle(interpreter, B, heads_t, heads_s, d_t, d_s, N):
+def test_fp32_rows_kl_and_gradients_match_the_oracle(kernel_interpreter, B, heads_t, heads_s, d_t, d_s, N):
     """Values per row (CE and the entropy: one pass for g = 1, the grouped-entropy kernel for g > 1), the
     mean and KL as `attention_ce_reference` gives them, and the gradients of q_s and k_s, of the mean and
     of a weighted sum of rows (each row its own incoming gradient), all to 1e-5 relative."""
-    interpreter(_check_fp32_against_the_oracle, B, heads_t, heads_s, d_t, d_s, N)
+    kernel_interpreter(_check_fp32_against_the_oracle, B, heads_t, heads_s, d_t, d_s, N)
 
 
 def _check_half_inputs(dtype, B=2, heads_t=4, heads_s=2, d_t=16, d_s=32, N=45, device="cpu"):
@@ -119,14 +145,14 @@ def _check_half_inputs(dtype, B=2, heads_t=4, heads_s=2, d_t=16, d_s=32, N=45, d
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs_match_the_oracle_on_the_same_values(interpreter, dtype):
+def test_half_inputs_match_the_oracle_on_the_same_values(kernel_interpreter, dtype):
     """bf16/fp16 q/k (training on a GPU): the tiles multiply in the inputs' dtype with fp32 accumulation,
     so the loss is the fp32 oracle's on the same (rounded) values; gradients come back in the inputs'
     dtype. Their one extra rounding is dz = P_s − P̄_t cast to the inputs' dtype for the two gradient
     products, as flash attention casts P: a relative error of one ulp per term (the interpreter truncates
     where the GPU rounds to nearest) of sums whose terms partly cancel (Σ_j dz_ij = 0), so the bound is relative to the largest gradient element. fp16 checks the
     normalisation by max|w|: the mean's w = 1/n, times P ≪ 1, would underflow fp16."""
-    interpreter(_check_half_inputs, dtype)
+    kernel_interpreter(_check_half_inputs, dtype)
 
 
 def _check_k_only_from_a_fused_qkv():
@@ -145,10 +171,10 @@ def _check_k_only_from_a_fused_qkv():
     _close(grad, grad_ref, what="dk")
 
 
-def test_gradient_of_k_only_from_strided_views_of_a_fused_qkv(interpreter):
+def test_gradient_of_k_only_from_strided_views_of_a_fused_qkv(kernel_interpreter):
     """q/k arrive as strided views of a fused (B, N, 3, H, d) qkv output (no copies: the kernels take any
     strides); with q frozen only k gets a gradient, as the oracle's."""
-    interpreter(_check_k_only_from_a_fused_qkv)
+    kernel_interpreter(_check_k_only_from_a_fused_qkv)
 
 
 def _check_distillation_step():
@@ -156,10 +182,10 @@ def _check_distillation_step():
     assert_same_distill_step(distill_step_on("triton", teacher, x), distill_step_on("rows", teacher, x))
 
 
-def test_distillation_step_on_the_triton_path_equals_the_rows_path(interpreter):
+def test_distillation_step_on_the_triton_path_equals_the_rows_path(kernel_interpreter):
     """DualViT with transfer.ce_path=triton (tiny ViTs, 17 tokens, 3 heads of 16): the same per-layer CE
     and the same student gradients as the rows path."""
-    interpreter(_check_distillation_step)
+    kernel_interpreter(_check_distillation_step)
 
 
 def _check_interpreter_refusals():
