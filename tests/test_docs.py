@@ -156,6 +156,30 @@ def test_shell_commands_parse(where, code):
             _check_script(cmd, where)
 
 
+def _gpu_suite_commands() -> list[list[str]]:
+    """The commands `benchmarks/gpu_suite.sh` runs (``run NAME CMD...``), with ``"$PY"`` as python."""
+    code = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
+    return [
+        ["python" if c == "$PY" else c for c in cmd[2:]]
+        for cmd in _commands(code)
+        if cmd and cmd[0] == "run" and len(cmd) > 2
+    ]
+
+
+def test_gpu_suite_commands_parse():
+    """The GPU suite runs only on a lent GPU machine, with minutes of device time: a benchmark flag or a test
+    file it names that no longer exists must fail here, in CI, not there."""
+    cmds = _gpu_suite_commands()
+    scripts = [c for c in cmds if any(a.startswith("benchmarks/") and a.endswith(".py") for a in c)]
+    assert len(scripts) >= 8, (
+        cmds
+    )  # transfer_step, ce_loss, attention_zoo, model_throughput, train, stage1...
+    for cmd in scripts:
+        _check_script(cmd, "gpu_suite.sh")
+    tests = [a for c in cmds if c[1:3] == ["-m", "pytest"] for a in c if a.startswith("tests/")]
+    assert tests and all((ROOT / t).is_file() for t in tests), tests
+
+
 def test_every_attnxfer_command_in_the_docs_is_checked():
     """The shell blocks hold attnxfer commands of every kind the README shows (the test is not vacuous)."""
     seen = {
