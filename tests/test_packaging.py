@@ -1,9 +1,9 @@
 """The conda environment and pyproject name the same dependencies (conda can't be solved here: parse both)."""
 
 import re
+import tomllib
 from pathlib import Path
 
-import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -612,7 +612,7 @@ class CheckpointManager:
                 "format": CHECKPOINT_FORMAT,
                 "step": step,
                 "metric": metric,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "files": files,
             }
             _write_file_synced(tmp / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))

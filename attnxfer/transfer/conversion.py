@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ STAGE1_TRAIN = {
 }
 
 
-class Stage1Train(str, Enum):
+class Stage1Train(StrEnum):
     """What stage 1 trains in each efficient layer (`STAGE1_TRAIN` describes each)."""
 
     NEW = "new"

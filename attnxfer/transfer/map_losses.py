@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from functools import partial
 from typing import NamedTuple
 
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 
-class MapLoss(str, Enum):
+class MapLoss(StrEnum):
     """A way to compare a student layer with its teacher; its value is the config's name for it."""
 
     AUTO = "auto"  # the default for the student layer's map kind (`DEFAULT_MAP_LOSS`)

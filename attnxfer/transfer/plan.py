@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch.nn as nn
 
@@ -33,7 +33,7 @@ class PlanError(ValueError):
     """A teacher/student/config combination that cannot be transferred; the message says what to change."""
 
 
-class Distill(str, Enum):
+class Distill(StrEnum):
     """What a distillation mode makes the student match (falsy: nothing)."""
 
     NOTHING = ""

@@ -25,7 +25,7 @@ import inspect
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import torch
@@ -71,7 +71,7 @@ BASE_OPTIONS: tuple[str, ...] = (
 )
 
 
-class MapKind(str, Enum):
+class MapKind(StrEnum):
     """What an attention's N×N map is, and so how it is distilled.
 
     ``softmax`` is the row-stochastic kind with exact rows: a borrowed (q, k) reproduces the teacher's
