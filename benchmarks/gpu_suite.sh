@@ -2,7 +2,8 @@
 # Issue 14's GPU measurements, in parts that each fit one call of a lent GPU machine (< 10 minutes on one
 # H100; a session has about 30 minutes of device time in all). Run from the repository root with the
 # machine's own python3 (torch, timm, safetensors, huggingface_hub, accelerate, pyyaml, scipy, tqdm, pytest
-# and triton are in its image; attnxfer runs from the checkout, nothing is installed):
+# and triton are in its image; attnxfer runs from the checkout, nothing is installed; its timm may be older
+# than the 1.0.31 attnxfer needs: carry timm's wheel in .whl/, see docs/benchmarks.md):
 #
 #   bash benchmarks/gpu_suite.sh check      # CUDA-only tests and the CE paths in smoke mode (~3 min)
 #   bash benchmarks/gpu_suite.sh transfer   # distillation step and loss: every CE path, N = 197 / 785 / 3137
@@ -36,6 +37,12 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! "$PY" -c "import attnxfer.models, attnxfer.transfer, attnxfer.apps.training" 2>"$OUT/import.log"; then
+    tail -3 "$OUT/import.log" >&2
+    echo "attnxfer does not import with this machine's packages (timm >= 1.0.31 is needed): carry wheels," \
+        "docs/benchmarks.md 'Issue 14 on a GPU'" >&2
+    exit 3
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 "$PY" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/device.txt"
 
