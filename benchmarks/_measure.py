@@ -282,6 +282,12 @@ def isolated_rss_growth(
 # -- reporting -------------------------------------------------------------------------------
 
 
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages, rounded (None where the OS has none): printed beside timings, since
+    on a shared machine they say how much to trust them."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
@@ -298,8 +304,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         info["timm"] = timm.__version__
     except ImportError:
         pass
-    if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    if (load := load_average()) is not None:
+        info["loadavg_start"] = load
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -33,7 +33,15 @@ sys.path[:0] = [p for p in (os.path.dirname(_HERE), _HERE) if p not in sys.path]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _measure import format_table, interleaved_timings, machine_info, mib, step_peak_growth, write_json  # noqa: E402
+from _measure import (  # noqa: E402
+    format_table,
+    interleaved_timings,
+    load_average,
+    machine_info,
+    mib,
+    step_peak_growth,
+    write_json,
+)
 
 from attnxfer.transfer.losses import CE_PATHS, attention_distillation_loss  # noqa: E402
 
@@ -247,7 +255,7 @@ def main(argv=None) -> dict[str, Any]:
                 ],
             )
         )
-    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = load_average()
     info["wall_s"] = round(time.perf_counter() - started, 1)
     print(f"\n{info['wall_s']:.1f} s; load average at end {info['loadavg_end']}")
     result = dict(benchmark="ce_loss", settings={**vars(args), "device": str(args.device)}, machine=info)

@@ -37,7 +37,7 @@ _ROOT = os.path.dirname(_HERE)
 sys.path[:0] = [p for p in (_ROOT, _HERE) if p not in sys.path]
 
 import torch  # noqa: E402
-from _measure import format_table, interleaved_timings, machine_info, write_json  # noqa: E402
+from _measure import format_table, interleaved_timings, load_average, machine_info, write_json  # noqa: E402
 
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.models.efficient import build_efficient_student  # noqa: E402
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine,
         "rows": rows,
         "seconds": time.perf_counter() - started,
-        "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "loadavg_end": load_average(),
     }
 
 

@@ -42,7 +42,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (os.path.dirname(_HERE), _HERE) if p not in sys.path]
 
 import torch  # noqa: E402
-from _measure import format_table, interleaved_timings, machine_info, mib, step_peak_growth, write_json  # noqa: E402
+from _measure import (  # noqa: E402
+    format_table,
+    interleaved_timings,
+    load_average,
+    machine_info,
+    mib,
+    step_peak_growth,
+    write_json,
+)
 
 from attnxfer.apps.training import build_engine  # noqa: E402
 from attnxfer.checkpoints.export import ModelCardInfo, export_student  # noqa: E402
@@ -401,7 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "adamw_step_ms": adamw,
         "rows": rows,
         "seconds": time.perf_counter() - started,
-        "loadavg_end": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "loadavg_end": load_average(),
     }
 
 

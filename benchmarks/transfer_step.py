@@ -53,6 +53,7 @@ from _measure import (  # noqa: E402
     format_table,
     interleaved_timings,
     isolated_rss_growth,
+    load_average,
     machine_info,
     mib,
     static_bytes,
@@ -438,7 +439,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{time.perf_counter() - t0:.0f} s",
             flush=True,
         )
-    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    info["loadavg_end"] = load_average()
     info["wall_s"] = round(time.perf_counter() - started, 1)
     return dict(
         benchmark="transfer_step",
