@@ -171,9 +171,8 @@ def test_gpu_suite_commands_parse():
     file it names that no longer exists must fail here, in CI, not there."""
     cmds = _gpu_suite_commands()
     scripts = [c for c in cmds if any(a.startswith("benchmarks/") and a.endswith(".py") for a in c)]
-    assert len(scripts) >= 8, (
-        cmds
-    )  # transfer_step, ce_loss, attention_zoo, model_throughput, train, stage1...
+    # transfer_step, ce_loss, attention_zoo, model_throughput, train_throughput, stage1_throughput...
+    assert len(scripts) >= 8, cmds
     for cmd in scripts:
         _check_script(cmd, "gpu_suite.sh")
     tests = [a for c in cmds if c[1:3] == ["-m", "pytest"] for a in c if a.startswith("tests/")]
