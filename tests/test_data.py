@@ -287,6 +287,28 @@ def test_sampler_resume_on_another_world_size_yields_the_rest():
     assert after[0][:2] == [order[12], order[15]]  # strided over the new ranks
 
 
+@pytest.mark.parametrize("length,world_size", [(61, 2), (10, 3), (2, 5), (0, 2), (97, 8)])
+def test_exact_sampler_scores_every_sample_once_at_every_world_size(length, world_size):
+    """Evaluation's sampler: rank r holds exactly order[r::world] (no padded copies, no dropped tail)."""
+    shares = [
+        list(
+            ResumableSampler(
+                length, shuffle=False, rank=r, world_size=world_size, drop_last=False, exact=True
+            )
+        )
+        for r in range(world_size)
+    ]
+    for r, share in enumerate(shares):
+        assert share == list(range(length))[r::world_size]
+    union = [i for share in shares for i in share]
+    assert sorted(union) == list(range(length))  # each index exactly once
+    lens = [len(ResumableSampler(length, shuffle=False, rank=r, world_size=world_size, drop_last=False,
+                                 exact=True)) for r in range(world_size)]  # fmt: skip
+    assert lens == [len(s) for s in shares]
+    with pytest.raises(ValueError, match="cannot drop_last"):
+        ResumableSampler(4, shuffle=False, drop_last=True, exact=True)
+
+
 def test_sampler_state_is_checked():
     s = ResumableSampler(20, shuffle=True, seed=0)
     s.set_epoch(2)

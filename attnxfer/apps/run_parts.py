@@ -159,7 +159,13 @@ def build_run_parts(
         len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=True
     )
     val_sampler = ResumableSampler(
-        len(val_set), shuffle=False, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=False
+        len(val_set),
+        shuffle=False,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=False,
+        exact=True,  # every val image scored once (no padded duplicates), whatever the world size
     )
     pin = d.pin_memory and torch.cuda.is_available()
     train_loader = build_loader(

@@ -6,6 +6,9 @@ point is a *global* count: ``position`` = samples of this epoch consumed by all 
 (steps done x per-rank batch x world size). Resuming yields exactly the rest of the epoch's order;
 with the same world size that is each rank's unfinished tail, with another world size the rest is
 re-strided over the new ranks.
+
+Evaluation takes ``exact=True``: each rank its strided share of the order, neither padded nor truncated
+(ranks differ by at most one sample), so every sample is scored once at every world size.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ class ResumableSampler(Sampler[int]):
 
     The sampler cannot see what the training loop consumed (DataLoader workers prefetch ahead), so
     the caller reports it: :meth:`advance` after each step, or :meth:`set_position` on resume.
+
+    ``exact=True`` (evaluation) gives each rank ``order[rank::world_size]``: no padding, no truncation,
+    every sample exactly once over all ranks; the ranks' lengths may differ by one, so their loops must not
+    run collectives per batch.
     """
 
     def __init__(
@@ -44,6 +51,7 @@ class ResumableSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        exact: bool = False,
     ):
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
@@ -57,6 +65,11 @@ class ResumableSampler(Sampler[int]):
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.drop_last = bool(drop_last)
+        self.exact = bool(exact)
+        if self.exact and self.drop_last:
+            raise ValueError(
+                "exact=True scores every sample once: it cannot drop_last (pass drop_last=False)"
+            )
         self.epoch = 0
         self.position = 0
 
@@ -85,6 +98,8 @@ class ResumableSampler(Sampler[int]):
             )
 
     def _per_rank(self, remaining: int) -> int:
+        if self.exact:  # this rank's share of order[rank::world_size]
+            return max(0, math.ceil((remaining - self.rank) / self.world_size))
         if self.drop_last:
             return remaining // self.world_size
         return math.ceil(remaining / self.world_size)
@@ -103,6 +118,8 @@ class ResumableSampler(Sampler[int]):
         """This rank's remaining indices for the current epoch and position."""
         order = self.epoch_order()
         rest = order[self.position :]
+        if self.exact:
+            return rest[self.rank :: self.world_size]
         total = self._per_rank(len(rest)) * self.world_size
         if total > len(rest):  # pad by repeating the epoch's order from its start
             pad = total - len(rest)

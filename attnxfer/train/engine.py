@@ -12,6 +12,7 @@ cosine), checkpoints (atomic safetensors + JSON) and the teacher (a frozen guest
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -88,7 +89,12 @@ def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> fl
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
     """Top-1/top-5 and loss of ``model`` (a DualViT or a bare student) over ``loader``, summed over ranks,
-    and the number of images scored (``count``)."""
+    and the number of images scored (``count``).
+
+    Each rank scores its own shard of an exact (unpadded) val sampler, so the ranks may run different
+    numbers of batches: the forward passes go to the unwrapped module (no DDP hooks, no collectives) and
+    only the final sum is a collective; every image counts once at every world size."""
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -121,7 +127,9 @@ def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[
     """Mean of a self-supervised objective's ``loss`` over ``loader`` (batch-weighted, summed over ranks).
 
     The objective's randomness (MAE's masks) comes from a generator seeded with ``seed`` at every call, so
-    each evaluation scores the same masks and the training RNG streams are left untouched."""
+    each evaluation scores the same masks and the training RNG streams are left untouched. Ranks may hold
+    unequal shards (see `evaluate`): the unwrapped module runs the forward passes."""
+    model = accelerator.unwrap_model(model)
     was_training = model.training
     model.eval()
     device = accelerator.device
@@ -537,17 +545,22 @@ class Engine:
         while self.step < self.total_steps:
             sampler.set_epoch(self.epoch)
             sampler.set_position(self.position)
+            # Whole optimiser steps only: a tail of micro-batches shorter than accum_steps would leave its
+            # gradient (and accelerate's accumulation count) to the next epoch's first step. Per epoch this
+            # is steps_per_epoch x accum_steps batches at every world size (what keeps a resume on another
+            # number of ranks on the same schedule, apps/world_size.py).
+            usable = len(loader) // s.accum_steps * s.accum_steps
             if self.is_main and s.progress:
                 progress = tqdm(
-                    total=self.position // global_batch + len(loader),
+                    total=self.position // global_batch + usable,
                     initial=self.position // global_batch,
                     desc=f"epoch {self.epoch}",
                     leave=False,
                     dynamic_ncols=True,
                 )
             self.window = TermWindow()  # a record never mixes epochs (a resumed run logs the same records)
-            batches_left = len(loader)
-            for x, y in loader:
+            batches_left = usable
+            for x, y in itertools.islice(loader, usable):
                 batches_left -= 1
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
