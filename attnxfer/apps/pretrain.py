@@ -32,8 +32,10 @@ from ..train.distributed import backend_for, barrier, joined_process_group
 from ..train.engine import Engine, TrainResult, evaluate_loss
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
+from .resume import resume_source
 from .run_parts import RunParts, build_run_parts
 from .training import adamw_from_config, engine_facts, loop_settings
+from .world_size import fit_world_size
 
 __all__ = ["MODE", "build_mae", "build_pretrain_engine", "pretrain", "reconstruction_pictures"]
 
@@ -120,6 +122,10 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
     if cfg.teacher.compile:
         raise ValueError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    if not cfg.eval_only:  # another world size than the checkpoint's keeps its global batch (or stops)
+        log = print if runtime.is_main else lambda *_: None
+        cfg = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
+        runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     if runtime.is_main:

@@ -16,6 +16,7 @@ from typing import Any
 from ..checkpoints.resume_from import ResumeFrom
 from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
 from ..config import ConfigError, TrainConfig, config_keys, to_dict
+from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
 __all__ = ["RESUMABLE_KEYS", "check_resume", "config_changes", "resume_source"]
 
@@ -91,10 +92,12 @@ def resume_source(cfg: TrainConfig) -> Path | None:
     return None if info is None else info.path
 
 
-def check_resume(cfg: TrainConfig, log=print) -> Path | None:
+def check_resume(cfg: TrainConfig, log=print, world: int | None = None) -> Path | None:
     """Refuse a resume whose config changes what the checkpoint means; log the changes it may make.
 
-    Returns the checkpoint it checked against (None: the run starts fresh). Writes nothing.
+    With ``world`` (this run's number of processes), the per-rank batch and accumulation steps may change
+    when they keep the recorded global batch (`attnxfer.apps.world_size`). Returns the checkpoint it
+    checked against (None: the run starts fresh). Writes nothing.
     """
     source = resume_source(cfg)
     if source is None:
@@ -106,7 +109,10 @@ def check_resume(cfg: TrainConfig, log=print) -> Path | None:
     recorded = state.get("config")
     if not isinstance(recorded, dict):
         return source  # a checkpoint written without its config: nothing to compare with
-    allowed, refused = config_changes(recorded, cfg)
+    resumable = RESUMABLE_KEYS
+    if world is not None and keeps_global_batch(source, cfg, world):
+        resumable = (*RESUMABLE_KEYS, *BATCH_SPLIT_KEYS)
+    allowed, refused = config_changes(recorded, cfg, resumable)
     if refused:
         run = Path(cfg.run_dir)
         raise ConfigError(

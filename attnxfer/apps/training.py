@@ -24,8 +24,9 @@ from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
 from ..transfer.losses import ce_path_for
 from ..transfer.plan import TransferPlan, build_plan
-from .resume import check_resume
+from .resume import check_resume, resume_source
 from .run_parts import RunParts, build_run_parts
+from .world_size import fit_world_size
 
 __all__ = [
     "EvalResult",
@@ -184,7 +185,11 @@ def build_engine(
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise FileExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
-    check_resume(cfg, log=print if runtime.is_main else lambda *_: None)
+    log = print if runtime.is_main else lambda *_: None
+    if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
+        cfg = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
+        runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
+    check_resume(cfg, log=log, world=runtime.world)
     set_seed(cfg.seed)  # same init on every rank
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
     plan = plan_from_config(cfg, parts)

@@ -1,0 +1,141 @@
+"""Resuming on another number of processes: the same global batch, epoch length and lr schedule.
+
+A checkpoint records the world size that wrote it and its config the per-rank batch and accumulation steps.
+Their product, the global batch, fixes what the run means beyond its weights: the lr (MAE's
+``blr x global batch / 256``), the steps per epoch (``floor(train size / global batch)``) and so the warmup
+and cosine schedule, and which samples each step averages (the sampler's position counts samples, so the
+rest of the epoch is re-strided over the new ranks in the same order). A resume on another world size keeps
+the global batch: unchanged ``data.batch_size`` / ``optim.accum_steps`` are re-split for the new ranks (the
+fewest accumulation steps whose per-rank batch is no larger than before, so no rank needs more memory),
+values given explicitly must multiply to the recorded global batch, and a world size that does not divide
+it is refused with the world sizes that would. What does change (the split, the ranks' RNG streams) is
+printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..checkpoints.store import STATE_NAME
+from ..config import ConfigError, TrainConfig
+
+__all__ = ["BATCH_SPLIT_KEYS", "BatchSplit", "fit_world_size", "keeps_global_batch", "split_for_world"]
+
+#: the config keys a resume may change when the global batch stays the same
+BATCH_SPLIT_KEYS: tuple[str, ...] = ("data.batch_size", "optim.accum_steps")
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """How a global batch is made: ``per_rank`` samples per micro-batch x ``world`` ranks x ``accum`` steps."""
+
+    per_rank: int
+    world: int
+    accum: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_rank * self.world * self.accum
+
+    def describe(self) -> str:
+        ranks = "process" if self.world == 1 else "processes"
+        steps = "accumulation step" if self.accum == 1 else "accumulation steps"
+        return f"{self.per_rank} per rank x {self.world} {ranks} x {self.accum} {steps}"
+
+    def overrides(self) -> str:
+        return f"data.batch_size={self.per_rank} optim.accum_steps={self.accum}"
+
+
+def split_for_world(global_batch: int, world: int, max_per_rank: int) -> BatchSplit | None:
+    """The split of ``global_batch`` over ``world`` ranks with the fewest accumulation steps whose per-rank
+    batch is at most ``max_per_rank``; None when ``world`` does not divide ``global_batch``."""
+    if global_batch % world:
+        return None
+    per_world = global_batch // world
+    for accum in range(1, per_world + 1):
+        if per_world % accum == 0 and per_world // accum <= max(1, max_per_rank):
+            return BatchSplit(per_world // accum, world, accum)
+    return None  # unreachable: accum = per_world gives a per-rank batch of 1
+
+
+def _recorded_split(source: Path | None) -> BatchSplit | None:
+    """The split recorded with checkpoint ``source`` (None: no checkpoint, or one without its config)."""
+    if source is None:
+        return None
+    try:
+        state = json.loads((source / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # check_resume reports an unreadable state
+    config: Any = state.get("config")
+    try:
+        return BatchSplit(
+            int(config["data"]["batch_size"]), int(state["world_size"]), int(config["optim"]["accum_steps"])
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _current_split(cfg: TrainConfig, world: int) -> BatchSplit:
+    return BatchSplit(cfg.data.batch_size, world, cfg.optim.accum_steps)
+
+
+def keeps_global_batch(source: Path | None, cfg: TrainConfig, world: int) -> bool:
+    """Whether ``cfg`` on ``world`` ranks makes the global batch checkpoint ``source`` was trained with."""
+    recorded = _recorded_split(source)
+    return recorded is not None and recorded.global_batch == _current_split(cfg, world).global_batch
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def fit_world_size(
+    cfg: TrainConfig, world: int, source: Path | None, log: Callable[[str], Any] = print
+) -> TrainConfig:
+    """``cfg`` for resuming checkpoint ``source`` on ``world`` ranks: the recorded global batch kept (see the
+    module's docstring), the changes logged; a `ConfigError` (exit code 2, nothing written) when it cannot
+    be kept. A fresh run, or one on the recorded world size, comes back unchanged."""
+    recorded = _recorded_split(source)
+    if recorded is None or recorded.world == world:
+        return cfg  # same ranks: check_resume judges any change of the batch keys
+    asked = _current_split(cfg, world)
+    gb = recorded.global_batch
+    where = (
+        f"{Path(cfg.run_dir)} was trained by {recorded.world} process{'es' if recorded.world > 1 else ''} "
+        f"({source.name if source else 'its checkpoint'}: global batch {gb} = {recorded.describe()}) and "
+        f"this run has {world}"
+    )
+    if asked.global_batch == gb:
+        chosen = asked  # the user's explicit split keeps the global batch
+    elif (asked.per_rank, asked.accum) != (recorded.per_rank, recorded.accum):
+        fitting = split_for_world(gb, world, asked.per_rank)
+        keep = f"resume with {fitting.overrides()}, or drop both overrides" if fitting else ""
+        raise ConfigError(
+            f"{where}, with {asked.overrides()}, a global batch of {asked.global_batch}: the lr, the steps "
+            f"per epoch and the schedule would change; nothing was written. To keep the run's global batch, "
+            f"{keep or 'use a number of processes that divides ' + str(gb)}; to train with the new batch, "
+            "start a new run elsewhere (run_dir=...)"
+        )
+    else:
+        chosen = split_for_world(gb, world, recorded.per_rank)
+        if chosen is None:
+            raise ConfigError(
+                f"{where}, which cannot share a global batch of {gb} (the lr, the steps per epoch and the "
+                f"schedule depend on it); nothing was written. Resume with a number of processes that divides "
+                f"{gb} ({', '.join(map(str, _divisors(gb)))}), or start a new run elsewhere (run_dir=...)"
+            )
+    log(
+        f"resume: {where}: the global batch stays {gb} ({recorded.describe()} -> {chosen.describe()}: "
+        f"{chosen.overrides()}), so the lr, the steps per epoch and the lr schedule are unchanged and each "
+        "step averages the same samples; the ranks' RNG streams (dropout, drop-path, mixup) restart"
+    )
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, batch_size=chosen.per_rank),
+        optim=dataclasses.replace(cfg.optim, accum_steps=chosen.accum),
+    )
