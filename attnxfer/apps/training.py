@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json, atomic_write_text
-from ..config import TrainConfig, dump_config, to_dict, validate_config
+from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
 from ..train.compile import compile_blocks
 from ..train.distributed import backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
@@ -187,7 +187,15 @@ def build_engine(
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     log = print if runtime.is_main else lambda *_: None
     if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
-        cfg = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
+        fitted = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
+        if parts is not None and fitted.data.batch_size != cfg.data.batch_size:
+            raise ConfigError(  # loaders built by the caller (convert's stage 2, a notebook) keep their batch
+                f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
+                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
+                f"command with data.batch_size={fitted.data.batch_size} "
+                f"optim.accum_steps={fitted.optim.accum_steps}"
+            )
+        cfg = fitted
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
     check_resume(cfg, log=log, world=runtime.world)
     set_seed(cfg.seed)  # same init on every rank
