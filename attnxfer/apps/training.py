@@ -26,7 +26,7 @@ from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
 from ..transfer.losses import ce_path_for
 from ..transfer.plan import TransferPlan, build_plan
-from .resume import check_resume
+from .resume import check_resume, check_teacher_content
 from .run_parts import RunParts, build_run_parts
 
 __all__ = [
@@ -186,9 +186,10 @@ def build_engine(
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise FileExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
-    check_resume(cfg, log=print if runtime.is_main else lambda *_: None)
+    source = check_resume(cfg, log=print if runtime.is_main else lambda *_: None)
     set_seed(cfg.seed)  # same init on every rank
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
+    check_teacher_content(source, parts.teacher_record, cfg.teacher.spec)
     plan = plan_from_config(cfg, parts)
     dual = DualViT(
         parts.teacher,
