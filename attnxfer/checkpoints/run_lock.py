@@ -119,8 +119,8 @@ def check_writable(run_dir: str | os.PathLike, probe_bytes: int = 4096) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError as e:
-        _raise_plainly(e, run_dir)
+    except OSError as e:  # name the run dir, not the probe
+        _raise_plainly(OSError(e.errno, e.strerror, str(run_dir)) if e.filename == str(probe) else e, run_dir)
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
