@@ -313,6 +313,8 @@ def run_lock(
     newest intact checkpoint; a run dir held by a live process, a `RunDirInUseError` naming the holder.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
     if not enabled:
         try:
             yield
@@ -320,6 +322,7 @@ def run_lock(
             _raise_plainly(e, run_dir)
         return
     path = run_dir / LOCK_NAME
+    created = not run_dir.exists()  # removed again if the command ends leaving it empty (refused input)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         key = str(path.resolve())
@@ -370,3 +373,6 @@ def run_lock(
         if holder is not None and holder.content.get("token") == token:
             with contextlib.suppress(OSError):
                 path.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if empty
