@@ -223,6 +223,7 @@ def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------- 5: teachers by content
 
 
+@pytest.mark.slow
 def test_a_teacher_under_another_path_resumes_and_other_weights_are_refused(
     trained, tmp_path, capsys, monkeypatch
 ):
@@ -283,6 +284,7 @@ def test_a_read_only_run_dir_stops_train_and_eval_in_one_line(trained, tmp_path,
             assert "val_top1" not in out  # eval refused before scoring anything
 
 
+@pytest.mark.slow
 def test_a_full_disk_ends_in_one_line_naming_the_last_intact_checkpoint(trained, tmp_path, capsys):
     size = sum(f.stat().st_size for f in (trained / "checkpoints" / "step-00000002").iterdir())
     with _tmpfs(tmp_path / "mnt", f"{int(size * 2.5) // 1024}k") as mnt:
