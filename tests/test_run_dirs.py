@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -185,6 +186,26 @@ def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, 
         time.sleep(0.3)
         assert time.time() - lock.stat().st_mtime < 5  # the owner's heartbeat refreshes it
     assert "heartbeat stopped" in seen[0] and not lock.exists()
+
+
+def test_a_nested_acquire_in_one_thread_is_fine_another_thread_is_refused(tmp_path):
+    run = tmp_path / "r"
+    errors = []
+
+    def other():
+        try:
+            with run_lock(run, "train"):
+                pass
+        except RunDirInUseError as e:
+            errors.append(str(e))
+
+    with run_lock(run, "convert"), run_lock(run, "train"):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert (run / LOCK_NAME).exists()
+    assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and "`attnxfer convert`" in errors[0]
+    assert not (run / LOCK_NAME).exists()
 
 
 # ------------------------------------------------------------------------ 2: a run's own config.yaml

@@ -140,8 +140,6 @@ def _start_time(pid: int) -> str | None:
 
 def _pid_gone(pid: int, started: str | None) -> bool:
     """True when process ``pid`` of this host is provably not the one that took the lock."""
-    if pid == os.getpid():
-        return True  # this process does not hold it (see _HELD): an earlier process with our pid did
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -194,6 +192,10 @@ class _Holder:
                 else None
             )
         if self.host == socket.gethostname():
+            if self.pid == os.getpid():  # this process, or an earlier one that had our pid (a container)
+                return (
+                    None if self.content.get("token") in _OWN_TOKENS else "an earlier process with this pid"
+                )
             if self.pid is not None and _pid_gone(self.pid, self.content.get("pid_started")):
                 return f"process {self.pid} on this host is gone"
             return None
@@ -257,8 +259,10 @@ def _take_over(path: Path, stale: _Holder) -> bool:
     return True
 
 
-#: locks this process holds: resolved path -> [token, depth] (a nested acquire of the same run dir is fine)
-_HELD: dict[str, list] = {}
+#: locks this process holds: (resolved path, thread) -> [token, depth] (a nested acquire in one thread is fine)
+_HELD: dict[tuple[str, int], list] = {}
+#: tokens of the locks this process holds or is creating (another thread's lock is a live holder's)
+_OWN_TOKENS: set[str] = set()
 _HELD_GUARD = threading.Lock()
 
 
@@ -325,7 +329,10 @@ def run_lock(
     created = not run_dir.exists()  # removed again if the command ends leaving it empty (refused input)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        key = str(path.resolve())
+        key = (
+            str(path.resolve()),
+            threading.get_ident(),
+        )  # nesting is per thread: another thread is a holder
     except OSError as e:
         _raise_plainly(e, run_dir)
     with _HELD_GUARD:
@@ -349,10 +356,15 @@ def run_lock(
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "token": token,
     }
+    _OWN_TOKENS.add(token)
     try:
         _acquire(path, content, stale_after_s, log)
     except OSError as e:
+        _OWN_TOKENS.discard(token)
         _raise_plainly(e, run_dir)
+    except BaseException:
+        _OWN_TOKENS.discard(token)
+        raise
     with _HELD_GUARD:
         _HELD[key] = [token, 1]
     stop = threading.Event()
@@ -369,6 +381,7 @@ def run_lock(
         beat.join()
         with _HELD_GUARD:
             _HELD.pop(key, None)
+        _OWN_TOKENS.discard(token)
         holder = _read(path)
         if holder is not None and holder.content.get("token") == token:
             with contextlib.suppress(OSError):
