@@ -20,12 +20,13 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
+from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, apply_overrides, dump_config
 from ..data import ResumableSampler, build_loader
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ..train.devices import resolve_precision
-from ..train.distributed import backend_for, joined_process_group, rank_and_world
+from ..train.distributed import DistributedInfo, backend_for, joined_process_group, rank_and_world
 from ..train.measure import evaluate_top1, map_agreement, operation_counts, relative_speed
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result, stage1_transfer
@@ -154,9 +155,13 @@ def convert(
 
     Under torchrun or a submitted multi-task job every rank runs this: stage 1 is data parallel
     (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
-    measurements sum over ranks, and rank 0 alone writes files and logs.
+    measurements sum over ranks, and rank 0 alone writes files and logs (and holds the run dir's lock).
     """
-    with joined_process_group(backend_for(cfg.device)) as info:
+    main = DistributedInfo.from_environment().is_main_process
+    with (
+        run_lock(cfg.run_dir, "convert", enabled=main),
+        joined_process_group(backend_for(cfg.device)) as info,
+    ):
         return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts, log=log)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torchvision.utils import make_grid
 
 from ..checkpoints.export import export_run
+from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, TransferConfig, dump_config, to_dict
 from ..data import dataset_info
@@ -28,7 +29,7 @@ from ..models.mae import MaskedAutoencoder
 from ..models.student import student_spec
 from ..models.vit import create_vit
 from ..train.compile import compile_blocks
-from ..train.distributed import backend_for, barrier, joined_process_group
+from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.engine import Engine, TrainResult, evaluate_loss
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
@@ -179,7 +180,8 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
-    with joined_process_group(backend_for(cfg.device)):
+    main = DistributedInfo.from_environment().is_main_process
+    with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
         if cfg.mae.export and engine.is_main and not cfg.eval_only:

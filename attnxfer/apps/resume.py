@@ -18,7 +18,7 @@ from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
 from ..config import ConfigError, TrainConfig, config_keys, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
-__all__ = ["RESUMABLE_KEYS", "check_resume", "config_changes", "resume_source"]
+__all__ = ["RESUMABLE_KEYS", "check_resume", "check_teacher_content", "config_changes", "resume_source"]
 
 #: dotted keys (or ``section.`` prefixes) that may differ from the recorded config when a run resumes
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -113,6 +113,11 @@ def check_resume(cfg: TrainConfig, log=print, world: int | None = None) -> Path 
     if world is not None and keeps_global_batch(source, cfg, world):
         resumable = (*RESUMABLE_KEYS, *BATCH_SPLIT_KEYS)
     allowed, refused = config_changes(recorded, cfg, resumable)
+    teacher = state.get("teacher") or {}
+    respelled = [r for r in refused if r.startswith("teacher.spec ")]
+    if respelled and teacher.get("sha256"):  # judged by content once loaded: check_teacher_content
+        refused.remove(respelled[0])
+        allowed.append(f"{respelled[0]} [the weights must hash as recorded]")
     if refused:
         run = Path(cfg.run_dir)
         raise ConfigError(
@@ -124,3 +129,30 @@ def check_resume(cfg: TrainConfig, log=print, world: int | None = None) -> Path 
     if allowed:
         log(f"resume: changed since {source.name}: {', '.join(allowed)}")
     return source
+
+
+def check_teacher_content(source: Path | None, record: dict[str, Any] | None, spec: str) -> None:
+    """Refuse a resume whose teacher's weights differ from the ones the checkpoint was trained with.
+
+    Teachers are compared by content (the sha256 of the weights file the checkpoint records), not by the
+    spelling of ``teacher.spec``: ``local-dir:teacher`` and ``local-dir:/abs/teacher``, or a teacher folder
+    that moved, are the same teacher. Teachers without a hash (random weights) keep the spelling rule of
+    `check_resume`. Writes nothing.
+    """
+    if source is None:
+        return
+    try:
+        state = json.loads((source / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read the recorded state of {source}: {e}") from e
+    old = state.get("teacher") or {}
+    want, have = old.get("sha256"), (record or {}).get("sha256")
+    if not want or want == have:
+        return
+    run = source.parent.parent
+    raise ConfigError(
+        f"{run} was trained with teacher {old.get('spec')!r} (weights sha256 {want}), but teacher.spec={spec!r} "
+        f"{'has random weights' if have is None else f'has weights sha256 {have}'}: another teacher than the "
+        f"checkpoint {source.name} learned from; nothing was written. To continue this run, point teacher.spec "
+        "at the original weights; to train with this teacher, start a new run elsewhere (run_dir=...)"
+    )

@@ -27,6 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import ConfigError, TrainConfig, to_dict
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
@@ -328,7 +329,19 @@ def search(
     evaluate: Callable[[list[str]], list[dict[str, Any]]] | None = None,
     log: Callable[[str], None] = print,
 ) -> SearchResult:
-    """Run (or continue) the search ``cfg`` describes; ``evaluate`` replaces evaluation in this process."""
+    """Run (or continue) the search ``cfg`` describes; ``evaluate`` replaces evaluation in this process.
+
+    The process holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout."""
+    with run_lock(cfg.run_dir, "search", log=log):
+        return _search(cfg, evaluate=evaluate, log=log)
+
+
+def _search(
+    cfg: TrainConfig,
+    *,
+    evaluate: Callable[[list[str]], list[dict[str, Any]]] | None,
+    log: Callable[[str], None],
+) -> SearchResult:
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     state = _load_state(cfg, run_dir, log) or SearchState()

@@ -6,6 +6,7 @@ does for its engine): the engine below takes only what is built here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
+from ..checkpoints.run_lock import check_writable, disk_error, run_lock
 from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json, atomic_write_text
 from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
 from ..train.compile import compile_blocks
-from ..train.distributed import backend_for, barrier, joined_process_group
+from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
 from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TaskLoss, TrainResult
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
@@ -24,7 +26,7 @@ from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
 from ..transfer.losses import ce_path_for
 from ..transfer.plan import TransferPlan, build_plan
-from .resume import check_resume, resume_source
+from .resume import check_resume, check_teacher_content, resume_source
 from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
 
@@ -197,9 +199,10 @@ def build_engine(
             )
         cfg = fitted
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
-    check_resume(cfg, log=log, world=runtime.world)
+    source = check_resume(cfg, log=log, world=runtime.world)
     set_seed(cfg.seed)  # same init on every rank
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
+    check_teacher_content(source, parts.teacher_record, cfg.teacher.spec)
     plan = plan_from_config(cfg, parts)
     dual = DualViT(
         parts.teacher,
@@ -243,11 +246,13 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
 
     Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
-    was the one to create it). A config with ``eval_only: true`` only evaluates (see `evaluate_run`)."""
+    was the one to create it). Rank 0 holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout.
+    A config with ``eval_only: true`` only evaluates (see `evaluate_run`)."""
     if cfg.eval_only:
         result = evaluate_run(cfg, parts)
         return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
-    with joined_process_group(backend_for(cfg.device)):
+    main = DistributedInfo.from_environment().is_main_process
+    with run_lock(cfg.run_dir, "train", enabled=main), joined_process_group(backend_for(cfg.device)):
         return build_engine(cfg, parts).run()
 
 
@@ -263,7 +268,8 @@ def evaluate_run(cfg: TrainConfig, parts: RunParts | None = None) -> EvalResult:
     """`attnxfer eval`: score the run's newest checkpoint (or ``checkpoint.resume=PATH``) on its val set.
 
     Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
-    a checkpoint is refused (there is nothing trained to score).
+    a checkpoint is refused (there is nothing trained to score), and so is a run dir that cannot take that
+    file (read-only, full), before anything is computed. It takes no lock: scoring a run that trains is fine.
     """
     resume = ResumeFrom.parse(cfg.checkpoint.resume)
     if (
@@ -276,18 +282,24 @@ def evaluate_run(cfg: TrainConfig, parts: RunParts | None = None) -> EvalResult:
         )
     if resume.policy is ResumePolicy.FRESH:
         raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
+    if DistributedInfo.from_environment().is_main_process:
+        check_writable(cfg.run_dir)
     with joined_process_group(backend_for(cfg.device)):
         engine = build_engine(cfg, parts, write_run_files=False)
         metrics = engine.evaluate_checkpoint()
         path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"
         if engine.is_main:
-            atomic_write_json(
-                path,
-                {
-                    "step": engine.step,
-                    "checkpoint": engine.last_ckpt,
-                    "metrics": metrics,
-                    "config": to_dict(cfg),
-                },
-            )
+            record = {
+                "step": engine.step,
+                "checkpoint": engine.last_ckpt,
+                "metrics": metrics,
+                "config": to_dict(cfg),
+            }
+            try:
+                atomic_write_json(path, record)
+            except OSError as e:  # filled up while scoring: say so in one line, with the scores
+                plain = disk_error(e, cfg.run_dir)
+                if plain is None:
+                    raise
+                raise type(plain)(f"{plain} (the scores: {json.dumps(metrics)})") from e
         return EvalResult(engine.step, str(engine.last_ckpt), metrics, path)

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -39,7 +38,7 @@ from ..models.student import (
 from ..sources.teacher import TeacherRecord, drop_unused_entries, hub_reachable
 from ..transfer.plan import MODES
 from ..version import __version__
-from .store import CheckpointManager, MetricMode
+from .store import CheckpointManager, MetricMode, _owner_is_alive, _owner_tag
 
 __all__ = [
     "EXPORT_FILES",
@@ -354,6 +353,42 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
         )
 
 
+_STAGING_MARK = ".export-"
+_LEGACY_STAGING_RE = re.compile(r"^[a-z0-9_]{8}$")  # tempfile.mkdtemp's suffix (attnxfer before the mark)
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A hidden folder beside ``out_dir`` (same filesystem: atomic moves) named after its owner process."""
+    path = out_dir.parent / f".{out_dir.name}{_STAGING_MARK}{os.urandom(4).hex()}.{_owner_tag()}"
+    os.mkdir(path, 0o700)
+    return path
+
+
+def clean_staging(out_dir: Path) -> list[Path]:
+    """Remove what killed exports to ``out_dir`` left behind: staging folders whose process is gone (and
+    unmarked ones of older versions holding nothing but export files). Returns what was removed."""
+    removed = []
+    prefix = f".{out_dir.name}"
+    if not out_dir.parent.is_dir():
+        return removed
+    for entry in out_dir.parent.iterdir():
+        rest = entry.name[len(prefix) :] if entry.name.startswith(prefix) else None
+        if rest is None or not entry.is_dir() or entry.is_symlink():
+            continue
+        if rest.startswith(_STAGING_MARK):
+            if _owner_is_alive(entry.name):  # ends in .PID@HOST: a live export on this host
+                continue
+        elif not (
+            rest.startswith(".")
+            and _LEGACY_STAGING_RE.match(rest[1:])
+            and {f.name for f in entry.iterdir()} <= set(EXPORT_FILES)
+        ):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
 def _install(staging: Path, out_dir: Path) -> None:
     """Move a finished export into ``out_dir``, replacing a previous export's files (nothing else)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -424,9 +459,9 @@ def export_student(
     }
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent)
-    )  # same filesystem: atomic moves
+    for leftover in clean_staging(out_dir):
+        _logger.warning("removed %s, left behind by an interrupted export", leftover)
+    tmp = _staging_dir(out_dir)
     try:
         if plain:
             twin = _plain_timm_twin(student, spec)

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
@@ -444,6 +444,21 @@ def _check_metric(metric: float | None) -> float | None:
     return metric
 
 
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file``; its I/O failures (a full disk: "No space left on device (os error 28)")
+    come back as the `OSError` they are, naming ``path``, so callers can tell a full disk from a bug."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = _OS_ERROR_RE.search(str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+
+
 def _owner_tag() -> str:
     host = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
     return f"{os.getpid()}@{host}"
@@ -602,7 +617,7 @@ class CheckpointManager:
             files = {}
             for group, tdict in tensors.items():
                 name = f"{group}.safetensors"
-                save_file(_prepare_for_safetensors(tdict), tmp / name, metadata={"format": "pt"})
+                _save_safetensors(_prepare_for_safetensors(tdict), tmp / name)
                 _fsync_file(tmp / name)
                 files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
             state_bytes = state_text.encode("utf-8")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -478,6 +479,11 @@ def validate_config(cfg: Any, prefix: str = "") -> Any:
         rule = RANGES.get(key, _ANY)
         if not rule.admits(value):
             raise ConfigError(f"{key}: must be {rule.describe()}; got {value!r}")
+        if key == "run_dir" and not str(value).strip():
+            raise ConfigError(
+                f"run_dir is empty ({value!r}: an unset shell variable?); a run would write into the current "
+                "directory. Name its folder, e.g. run_dir=runs/my-run (run_dir=. if you mean this directory)"
+            )
     return cfg
 
 
@@ -751,10 +757,40 @@ def _read_yaml(p: Path) -> Any:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
 
 
+#: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
+RUN_DIR_MARKERS = ("run.json", "checkpoints", "stage1", "stage2", "state.json", "attnxfer.lock")
+
+
+def run_config_dir(path: Path) -> Path | None:
+    """The run dir whose own record ``path`` is: a ``config.yaml`` beside what attnxfer writes into a run."""
+    if path.name != "config.yaml":
+        return None
+    folder = path.parent
+    return folder if any((folder / m).exists() for m in RUN_DIR_MARKERS) else None
+
+
+def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
+    """A run's own config.yaml refers to the folder it sits in, wherever the command runs from and wherever
+    the run was moved or copied to: the ``run_dir`` it records (often relative to where the run started)
+    only says where the run was first written."""
+    folder = run_config_dir(p)
+    if folder is None or not isinstance(cfg, TrainConfig):
+        return cfg
+    recorded = Path(cfg.run_dir)
+    if recorded.is_dir() and os.path.samefile(recorded, folder):
+        return cfg
+    return dataclasses.replace(cfg, run_dir=str(folder.absolute()))
+
+
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
 ) -> TrainConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides; every value is range-checked."""
+    """Defaults, then the YAML file, then ``key=value`` overrides; every value is range-checked.
+
+    A run's own ``config.yaml`` (one beside the files attnxfer writes into a run dir) sets ``run_dir`` to the
+    folder it sits in, so ``-c /abs/RUN/config.yaml`` continues (or scores) that run from any directory; a
+    ``run_dir=`` override still wins. Any other YAML's ``run_dir`` is taken as written (relative to the
+    current directory)."""
     cfg = base or TrainConfig()
     if path is not None:
         p = resolve_recipe(path)
@@ -763,7 +799,7 @@ def load_config(
             raise ConfigError(
                 f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
             )
-        cfg = _merge(cfg, data)
+        cfg = _own_run_dir(_merge(cfg, data), p)
     if overrides:
         cfg = apply_overrides(cfg, parse_overrides(overrides))
     return validate_config(cfg)
