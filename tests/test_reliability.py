@@ -241,7 +241,8 @@ def exported(trained, tmp_path_factory):
 @pytest.mark.parametrize("ce_path", ["auto", "attention_lse"])
 def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_path, capsys):
     """transfer.ce_path reaches the training step (attention_lse: the student's layers hand out their
-    log-sum-exp, or the loss refuses to run) and run.json records the path used (auto: rows on CPU)."""
+    log-sum-exp, or the loss refuses to run) and run.json records the path used and how it was chosen
+    (auto: measured here, every path that runs on a CPU timed; a forced path: nothing timed)."""
     run = tmp_path / "distill"
     code, _, err = _run(
         capsys,
@@ -254,7 +255,19 @@ def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_pat
         f"run_dir={run}",
     )
     assert code == 0, err
-    assert json.loads((run / "run.json").read_text())["ce_path"] == {"auto": "rows"}.get(ce_path, ce_path)
+    info = json.loads((run / "run.json").read_text())
+    choice = info["ce_path_choice"]
+    if ce_path == "auto":
+        assert choice["how"] == "measured" and set(choice["timings_ms"]) == {
+            "rows",
+            "sdpa",
+            "attention_lse",
+            "materialised",
+        }
+        assert info["ce_path"] == min(choice["timings_ms"], key=choice["timings_ms"].get)
+        assert choice["unavailable"] == {"triton": "needs CUDA"}
+    else:
+        assert info["ce_path"] == ce_path and choice["timings_ms"] == {}
 
 
 _ENDS_AFTER_A_GROUP = """

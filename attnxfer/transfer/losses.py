@@ -58,6 +58,7 @@ __all__ = [
     "attention_distillation_loss",
     "ce_path_for",
     "group_heads_ok",
+    "materialised_bytes",
     "row_logsumexp",
     "teacher_entropy",
 ]
@@ -102,9 +103,11 @@ class _FusedRowCE(torch.autograd.Function):
             post_s = post_t = None
             q_scale = 1.0  # already in qs
         ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
+        # The value sums B·H·N² terms: each row's N in fp32, the rows in float64 (one fp32 dot over a whole
+        # chunk erred by 4e-6 relative at N = 785, 60x the materialised reference; now 3e-8, its order)
         ce, ent = (
-            torch.zeros((), dtype=dtype, device=qs.device),
-            torch.zeros((), dtype=dtype, device=qs.device),
+            torch.zeros((), dtype=torch.float64, device=qs.device),
+            torch.zeros((), dtype=torch.float64, device=qs.device),
         )
         dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
         dk = torch.empty(ks.shape, dtype=dtype, device=ks.device) if want_k else None
@@ -115,9 +118,9 @@ class _FusedRowCE(torch.autograd.Function):
             z_s = matmul_fp32(qs[..., rows, :], ks_T)
             p_t = _grouped_mean(torch.softmax(z_t if post_t is None else z_t.mul_(post_t), dim=-1), groups)
             log_p_s = torch.log_softmax(z_s if post_s is None else z_s.mul_(post_s), dim=-1)
-            ce -= torch.dot(p_t.reshape(-1), log_p_s.reshape(-1))
+            ce -= torch.linalg.vecdot(p_t, log_p_s).sum(dtype=torch.float64)  # fp32 within a row
             if entropy:
-                ent -= torch.special.xlogy(p_t, p_t).sum()
+                ent -= torch.special.xlogy(p_t, p_t).sum(dtype=torch.float64)
             if dq is None and dk is None:
                 continue
             dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, N)  # P_s − P̄_t: d CE_i / d logits_i
@@ -133,7 +136,7 @@ class _FusedRowCE(torch.autograd.Function):
         ctx.has = (dq is not None, dk is not None)
         ctx.dtypes = (q_s.dtype, k_s.dtype)
         ctx.mark_non_differentiable(ent)
-        return ce / n, ent / n
+        return (ce / n).to(dtype), (ent / n).to(dtype)
 
     @staticmethod
     @once_differentiable
@@ -173,6 +176,17 @@ class CEPath(StrEnum):
     SDPA = "sdpa"  # P̄_t K_s through SDPA's fused kernel, lse_s by the chunked `row_logsumexp`
     ATTENTION_LSE = "attention_lse"  # P̄_t K_s through SDPA, lse_s from the student's own attention kernel
     TRITON = "triton"  # fused Triton kernels, online softmax of both rows (CUDA; TRITON_INTERPRET=1 on CPU)
+    MATERIALISED = "materialised"  # the reference's way: both N×N maps built, autograd through them
+
+    @property
+    def needs_cuda(self) -> bool:
+        """The path runs its kernels only on CUDA (Triton's interpreter aside)."""
+        return self is CEPath.TRITON
+
+    @property
+    def builds_maps(self) -> bool:
+        """The path holds N×N maps per distilled layer until backward: `materialised_bytes` says how much."""
+        return self is CEPath.MATERIALISED
 
     @property
     def needs_student_lse(self) -> bool:
@@ -319,6 +333,8 @@ def attention_distillation_loss(
                 _half_on_accelerator(q_t, k_t, q_s, k_s),
             )
             return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
+        if path is CEPath.MATERIALISED:
+            return _materialised_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, with_kl)
         if path is CEPath.TRITON:
             ce_rows, ent_rows = triton_row_ce(
                 q_t, k_t, q_s, k_s, scale_t=scale_t, scale_s=scale_s, with_entropy=with_kl
@@ -345,6 +361,41 @@ def _half_on_accelerator(*tensors: torch.Tensor) -> bool:
     a rounded output); everything else is upcast to the compute dtype."""
     dtype = tensors[0].dtype
     return all(t.is_cuda and t.dtype == dtype for t in tensors) and dtype in (torch.bfloat16, torch.float16)
+
+
+def _materialised_ce(q_t, k_t, q_s, k_s, scale_t: float, scale_s: float, with_kl: bool) -> AttentionLoss:
+    """The ``materialised`` path: P̄_t and the student's logits as N×N tensors, the CE by torch's
+    cross-entropy with probability targets (its log-softmax and backward in one kernel each), autograd
+    through the maps. What the reference code does; fastest where the maps are small and the device's
+    GEMMs dominate, and its memory grows as N² per distilled layer (`materialised_bytes`)."""
+    if not _half_on_accelerator(q_t, k_t, q_s, k_s):  # bf16 on CUDA: tensor-core GEMMs, fp32 logits
+        dtype = compute_dtype(q_s)
+        q_t, k_t, q_s, k_s = q_t.to(dtype), k_t.to(dtype), q_s.to(dtype), k_s.to(dtype)
+    groups = q_t.shape[1] // q_s.shape[1]
+    with torch.no_grad():
+        p_t = _grouped_mean(torch.softmax(matmul_fp32(q_t, k_t.transpose(-2, -1)).mul_(scale_t), -1), groups)
+    z_s = matmul_fp32(q_s, k_s.transpose(-2, -1)) * scale_s
+    N = z_s.shape[-1]
+    ce = F.cross_entropy(z_s.reshape(-1, N), p_t.reshape(-1, N))
+    kl = None
+    if with_kl:
+        kl = ce.detach() + torch.special.xlogy(p_t, p_t).sum(-1).mean()
+    return AttentionLoss(ce, kl)
+
+
+#: N×N fp32 maps alive at the peak of the ``materialised`` path: two kept per distilled layer until
+#: backward (P̄_t, the student's log-softmax), plus the transient ones of one layer (the teacher's logits
+#: before the head-group mean, the student's logits, their gradient).
+MAPS_KEPT_PER_LAYER = 2
+MAPS_TRANSIENT = 3
+
+
+def materialised_bytes(batch: int, tokens: int, student_heads: int, teacher_heads: int, layers: int) -> int:
+    """Bytes the ``materialised`` path's maps take at a step's peak, ``layers`` distilled softmax layers:
+    what `attnxfer.transfer.ce_select` compares with the memory budget before it times the path."""
+    per_map = 4 * batch * tokens * tokens
+    kept = MAPS_KEPT_PER_LAYER * student_heads * layers
+    return per_map * (kept + MAPS_TRANSIENT * max(student_heads, teacher_heads))
 
 
 def attention_ce_reference(
