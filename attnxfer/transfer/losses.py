@@ -363,6 +363,27 @@ def _half_on_accelerator(*tensors: torch.Tensor) -> bool:
     return all(t.is_cuda and t.dtype == dtype for t in tensors) and dtype in (torch.bfloat16, torch.float16)
 
 
+class _ScaledLogits(torch.autograd.Function):
+    """s·q kᵀ in fp32 whose backward stays fp32 too: autograd's matmul backward would follow an autocast
+    region that encloses ``backward()`` and round dq, dk through bf16 products."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k)
+        ctx.scale = scale
+        return matmul_fp32(q, k.transpose(-2, -1)).mul_(scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        q, k = ctx.saved_tensors
+        with _fp32(grad.device.type):
+            g = grad.to(compute_dtype(grad)) * ctx.scale
+            dq = matmul_fp32(g, k).to(q.dtype) if ctx.needs_input_grad[0] else None
+            dk = matmul_fp32(g.transpose(-2, -1), q).to(k.dtype) if ctx.needs_input_grad[1] else None
+        return dq, dk, None
+
+
 def _materialised_ce(q_t, k_t, q_s, k_s, scale_t: float, scale_s: float, with_kl: bool) -> AttentionLoss:
     """The ``materialised`` path: P̄_t and the student's logits as N×N tensors, the CE by torch's
     cross-entropy with probability targets (its log-softmax and backward in one kernel each), autograd
@@ -374,7 +395,7 @@ def _materialised_ce(q_t, k_t, q_s, k_s, scale_t: float, scale_s: float, with_kl
     groups = q_t.shape[1] // q_s.shape[1]
     with torch.no_grad():
         p_t = _grouped_mean(torch.softmax(matmul_fp32(q_t, k_t.transpose(-2, -1)).mul_(scale_t), -1), groups)
-    z_s = matmul_fp32(q_s, k_s.transpose(-2, -1)) * scale_s
+    z_s = _ScaledLogits.apply(q_s, k_s, scale_s)
     N = z_s.shape[-1]
     ce = F.cross_entropy(z_s.reshape(-1, N), p_t.reshape(-1, N))
     kl = None
