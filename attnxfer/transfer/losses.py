@@ -12,7 +12,8 @@ computed in chunks by `row_logsumexp`, whose backward recomputes each chunk's
 logits instead of keeping them. ``KL = CE − H(P_t)`` is reported beside it.
 Everything runs in fp32 whatever the surrounding autocast.
 
-Four exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_path_for`):
+Five exact evaluations of the same loss (`CEPath`); a run measures them on its device
+(`attnxfer.transfer.ce_select`, ``transfer.ce_path: auto``), `ce_path_for` is the unmeasured default:
 
 * ``rows`` (CPU): one autograd Function that walks query-row chunks once, computing both rows' logits,
   the CE's sum and (for the logged KL) H(P̄_t) from the same chunk, and, because a scalar's gradient is
@@ -27,9 +28,11 @@ Four exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_pat
 * ``triton`` (CUDA, chosen explicitly until measured): fused Triton kernels with an online softmax of both
   rows, flash-attention style (`attnxfer.transfer.triton_ce`): no N×N tensor, every tile product on the
   tensor cores, the logged entropy from the same pass (one teacher head per student head).
+* ``materialised``: the reference code's way, both N×N maps built and autograd through them; memory
+  N² per distilled layer (`materialised_bytes`), so ``auto`` times it only within a memory budget.
 
-`attention_ce_reference` materialises both maps: it is the oracle for tests
-and the "materialised" line of the benchmarks, never the training path.
+`attention_ce_reference` materialises both maps too, written out plainly: it is the oracle for tests and
+the "distill_ref" line of the benchmarks, never the training path.
 """
 
 from __future__ import annotations
@@ -198,9 +201,9 @@ CE_PATHS = tuple(CEPath)
 
 
 def ce_path_for(device: torch.device | str) -> CEPath:
-    """The one place that picks the CE evaluation for a device: ``rows`` on CPU (measured fastest there,
-    docs/benchmarks.md), ``sdpa`` elsewhere (the path measured on an H100 so far; ``rows``,
-    ``attention_lse`` and ``triton`` await a GPU measurement: `benchmarks/transfer_step.py --ce-paths`)."""
+    """The CE evaluation for a device when nothing was measured (a `DualViT` built without ``ce_path``, an
+    evaluation): ``rows`` on CPU (measured fastest there, docs/benchmarks.md), ``sdpa`` elsewhere. Training
+    runs measure instead (``transfer.ce_path: auto``, `attnxfer.transfer.ce_select`)."""
     return CEPath.ROWS if torch.device(device).type == "cpu" else CEPath.SDPA
 
 
