@@ -267,28 +267,40 @@ def measure_ce_paths(
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
         gen = torch.Generator().manual_seed(0)
+
+        def failed(path: CEPath, err: Exception) -> None:  # any failure of a path only removes that path
+            skipped[str(path)] = _reason(err)
+            log(f"ce_path auto: skipping {path}, it failed: {skipped[str(path)]}")
+            steps.pop(path, None)
+            times.pop(path, None)
+            _free(device)
+
+        times: dict[CEPath, list[float]] = {}
         for path in paths:
             try:
                 step = _layer_step(path, shapes, device, gen)
-                step()
+                step()  # warm-up: kernels compiled, caches warm
                 _sync(device)
-            except Exception as err:  # any failure of a path only removes that path
-                skipped[str(path)] = _reason(err)
-                log(f"ce_path auto: skipping {path}, it failed: {skipped[str(path)]}")
-                _free(device)
+            except Exception as err:
+                failed(path, err)
                 continue
-            steps[path] = step
-        times: dict[CEPath, list[float]] = {p: [] for p in steps}
+            steps[path], times[path] = step, []
         order = list(steps)
         for r in range(rounds):
             shift = r % max(len(order), 1)
             for path in order[shift:] + order[:shift]:
+                if path not in steps:
+                    continue
                 _sync(device)
                 t0 = time.perf_counter()
-                steps[path]()
-                _sync(device)
+                try:
+                    steps[path]()
+                    _sync(device)
+                except Exception as err:
+                    failed(path, err)
+                    continue
                 times[path].append(time.perf_counter() - t0)
-    del steps
+    steps.clear()  # the timed tensors go before the cache is emptied
     _free(device)
     timings = {str(p): 1e3 * statistics.median(ts) for p, ts in times.items() if ts}
     if timings:
