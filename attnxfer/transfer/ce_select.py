@@ -107,7 +107,8 @@ class CEChoice:
         line += ")"
         if self.timings_ms:
             times = ", ".join(
-                f"{p} {t:.3g}" for p, t in sorted(self.timings_ms.items(), key=lambda kv: kv[1])
+                f"{p} {t:.3g}" if t < 100 else f"{p} {t:.0f}"
+                for p, t in sorted(self.timings_ms.items(), key=lambda kv: kv[1])
             )
             line += f"; one layer's attention + loss, forward + backward, median ms: {times}"
             line += f" [calibration {self.seconds:.2f} s]"
