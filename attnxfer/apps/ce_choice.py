@@ -73,6 +73,13 @@ def ce_choice_for_run(
         )
     else:
         choice = recorded_ce_choice(resumed_from)
+        if choice is not None and choice.device and torch.device(choice.device).type != runtime.device.type:
+            log(
+                f"ce_path auto: {choice.path} was measured on {choice.device}; this run is on {runtime.device}"
+            )
+            choice = (
+                None  # another kind of device: its ranking says nothing here (nor is resume bit-identical)
+            )
         if choice is None and not measure:
             choice = CEChoice(ce_path_for(runtime.device), "device default", device=str(runtime.device))
         if choice is None:
@@ -87,6 +94,6 @@ def ce_choice_for_run(
                     log=log,
                 )
             )
-        log(choice.describe())
+    log(choice.describe())
     dual.ce_path = choice.path
     return choice
