@@ -64,11 +64,11 @@ check)
         tests/test_zoo_precision.py tests/test_zoo_compile.py tests/test_throughput.py \
         tests/test_triton_ce.py
     run transfer_quick "$PY" benchmarks/transfer_step.py --device cuda --quick --tokens 197,785 \
-        --ce-paths rows,sdpa,attention_lse,triton
+        --ce-paths auto,rows,sdpa,attention_lse,triton,materialised
     ;;
 transfer)
     run transfer_step "$PY" benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 \
-        --batch 64,16,4 --repeats 10 --warmup 3 --ce-paths rows,sdpa,attention_lse,triton \
+        --batch 64,16,4 --repeats 10 --warmup 3 --ce-paths auto,rows,sdpa,attention_lse,triton,materialised \
         --json "$OUT/transfer_step.json"
     run ce_loss "$PY" benchmarks/ce_loss.py --device cuda --tokens 197,785,3137 --batch 64,16,4 \
         --ce-paths rows,sdpa,triton --kernels --json "$OUT/ce_loss.json"

@@ -11,9 +11,12 @@ built from the same student initialisation:
   distill_ref  the same step with each layer's loss built from materialised N×N maps
                (attnxfer.transfer.losses.attention_ce_reference on the captured q/k)
 
-With ``--ce-paths rows,sdpa,attention_lse,triton`` each named CE evaluation (transfer.ce_path) also runs as
-``distill:PATH`` in the same interleaved rounds; ``distill`` itself is the device's default
-(attnxfer.transfer.losses.ce_path_for).
+With ``--ce-paths auto,rows,sdpa,attention_lse,triton,materialised`` each named CE evaluation
+(transfer.ce_path) also runs as ``distill:PATH`` in the same interleaved rounds; ``distill`` itself is the
+device's default (attnxfer.transfer.losses.ce_path_for). ``distill:auto`` first calibrates as a training
+run does (attnxfer.transfer.ce_select) and then trains on the path it chose: the table's ``path`` column
+says which, and two targets check it (within 5 % of the fastest single path; calibration under 2 % of a
+1,000-step run).
 
 Times are medians of interleaved rounds after warm-up (every round runs each
 configuration once, order rotated), so all four share the machine's background
@@ -25,7 +28,7 @@ cross-check).
     python benchmarks/transfer_step.py --quick              # smoke run, seconds
     python benchmarks/transfer_step.py --pair small-tiny --json out.json
     python benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 --batch 64,16,4 \
-        --ce-paths rows,sdpa,attention_lse,triton           # issue 14's GPU table, every CE path
+        --ce-paths auto,rows,sdpa,attention_lse,triton,materialised  # issue 14's GPU table, every CE path
 """
 
 from __future__ import annotations
@@ -67,7 +70,8 @@ from attnxfer.train.devices import Precision  # noqa: E402
 from attnxfer.train.devices import teacher_dtype as resolve_teacher_dtype  # noqa: E402
 from attnxfer.train.optim import build_adamw  # noqa: E402
 from attnxfer.transfer import DualViT, TransferOutput  # noqa: E402
-from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference  # noqa: E402
+from attnxfer.transfer.ce_select import choose_ce_path  # noqa: E402
+from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference, ce_path_for  # noqa: E402
 
 MODES = ("none", "copy", "distill", "distill_ref")  # the base modes; --ce-paths adds distill:PATH
 PATCH = 16
@@ -84,6 +88,12 @@ DISTILL_TARGET_TOKENS = 785
 CPU_DISTILL_TIME_MAX = {197: 1.45}
 GPU_DISTILL_TIME_MAX = {197: 1.5, 785: 2.0, 3137: 3.0}
 GPU_DISTILL_MEMORY_MAX = 1.7
+# Issue 30's targets for transfer.ce_path=auto: its step within 5 % of the fastest single path's, and its
+# calibration under 2 % of a 1,000-step run.
+AUTO_TIME_MAX = 1.05
+AUTO_CALIBRATION_MAX = 0.02
+AUTO_RUN_STEPS = 1000
+CE_CHOICES = ("auto", *CE_PATHS)
 
 
 def ce_path_of(mode: str) -> str | None:
@@ -174,17 +184,39 @@ class TrainStep:
         device: torch.device,
         teacher_dtype: torch.dtype | None = None,
     ):
-        if mode not in MODES and ce_path_of(mode) not in CE_PATHS:
-            raise ValueError(f"unknown benchmark mode {mode!r}; choose from {MODES} or distill:<{CE_PATHS}>")
+        if mode not in MODES and ce_path_of(mode) not in CE_CHOICES:
+            raise ValueError(
+                f"unknown benchmark mode {mode!r}; choose from {MODES} or distill:<{CE_CHOICES}>"
+            )
         self.mode = mode
+        path = ce_path_of(mode)
         student = build_vit(student_shape, tokens, seed=0)
         if mode == "none":
             teacher = None
         wrapper = MaterialisedDistillViT if mode == "distill_ref" else DualViT
         transfer = "distill" if is_distill(mode) or mode == "distill_ref" else mode
         self.model = wrapper(
-            teacher, student, mode=transfer, ce_path=ce_path_of(mode), teacher_dtype=teacher_dtype
+            teacher,
+            student,
+            mode=transfer,
+            ce_path=None if path == "auto" else path,
+            teacher_dtype=teacher_dtype,
         ).to(device)
+        self.calibration_s = None
+        if path == "auto":  # as a training run with transfer.ce_path=auto: measure, then use the choice
+            choice = choose_ce_path(
+                self.model,
+                batch,
+                device,
+                student_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            )
+            print(f"  N={tokens}: {choice.describe()}", flush=True)
+            self.model.ce_path, self.calibration_s = choice.path, choice.seconds
+        self.ce_path = (
+            ("" if not is_distill(mode) else str(self.model.ce_path or ce_path_for(device)))
+            if mode != "distill_ref"
+            else "reference"
+        )
         self.model.train()
         self.model.log_kl = False  # as on training steps that are not logged (the engine logs every 20th)
         self.teacher = teacher
@@ -313,8 +345,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--ce-paths",
         type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
         default=[],
-        help=f"also time distillation with each of these CE evaluations ({','.join(CE_PATHS)}) as "
-        "distill:PATH (default: only the device's default path, as 'distill')",
+        help=f"also time distillation with each of these CE evaluations ({','.join(CE_CHOICES)}) as "
+        "distill:PATH (default: only the device's default path, as 'distill'); auto calibrates first, as "
+        "transfer.ce_path=auto does, and the table says what it chose",
     )
     p.add_argument(
         "--teacher-dtype",
@@ -340,9 +373,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         )
     if args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-    unknown = [c for c in args.ce_paths if c not in CE_PATHS]
+    unknown = [c for c in args.ce_paths if c not in CE_CHOICES]
     if unknown:
-        raise SystemExit(f"--ce-paths: unknown {', '.join(unknown)}; choose from {', '.join(CE_PATHS)}")
+        raise SystemExit(f"--ce-paths: unknown {', '.join(unknown)}; choose from {', '.join(CE_CHOICES)}")
     args.modes = (*MODES, *(f"distill:{c}" for c in args.ce_paths))
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.rss is None:
@@ -389,6 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         timings = interleaved_timings(steps, device=args.device, warmup=args.warmup, repeats=args.repeats)
         memory = {m: (steps[m].static_bytes(), step_peak_growth(steps[m], args.device)) for m in args.modes}
+        used = {m: (steps[m].ce_path, steps[m].calibration_s) for m in args.modes}
         del steps, teacher
         gc.collect()
         rss = {m: None for m in args.modes}
@@ -418,6 +452,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     patch_size=patch,
                     batch=batch,
                     mode=m,
+                    ce_path=used[m][0],
+                    calibration_s=used[m][1],
                     step_ms=1e3 * timings[m].median,
                     spread=timings[m].spread,
                     rounds=len(timings[m].times),
@@ -508,11 +544,50 @@ def distill_targets(rows: Sequence[dict[str, Any]], device_type: str) -> list[di
     return out
 
 
+def auto_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 30's targets where ``distill:auto`` ran: its step within `AUTO_TIME_MAX` of the fastest single
+    path timed beside it (the default ``distill`` and every ``distill:PATH``), and its calibration under
+    `AUTO_CALIBRATION_MAX` of `AUTO_RUN_STEPS` of its own steps."""
+    out = []
+    for a in (r for r in rows if r["mode"] == "distill:auto"):
+        singles = [
+            r
+            for r in rows
+            if r["tokens"] == a["tokens"] and is_distill(r["mode"]) and r["mode"] != "distill:auto"
+        ]
+        # wall time, and process CPU time (on a shared CPU the less noisy of the two: descheduled time is
+        # not counted); both over the plain step's of the same rounds
+        for key, what in (("time_ratio", "step"), ("cpu_time_ratio", "step CPU time")):
+            if not singles:
+                break
+            best = min(singles, key=lambda r: r[key])
+            ratio = a[key] / best[key]
+            out.append(
+                _target(
+                    f"auto ({a['ce_path']}) {what} <= {AUTO_TIME_MAX}x the fastest single path's ({best['mode']})",
+                    a["tokens"],
+                    ratio,
+                    ratio <= AUTO_TIME_MAX,
+                )
+            )
+        share = a["calibration_s"] / (AUTO_RUN_STEPS * a["step_ms"] / 1e3)
+        out.append(
+            _target(
+                f"auto calibration ({a['calibration_s']:.2f} s) <= {AUTO_CALIBRATION_MAX:.0%} of "
+                f"{AUTO_RUN_STEPS} steps",
+                a["tokens"],
+                share,
+                share <= AUTO_CALIBRATION_MAX,
+            )
+        )
+    return out
+
+
 def check_targets(rows: Sequence[dict[str, Any]], device_type: str = "cpu") -> list[dict[str, Any]]:
-    """Issue 2's and issue 14's targets, each with the measured figure and whether it holds."""
+    """Issue 2's, 14's and 30's targets, each with the measured figure and whether it holds."""
     by = {(r["tokens"], r["mode"]): r for r in rows}
     tokens = sorted({r["tokens"] for r in rows})
-    out = distill_targets(rows, device_type)
+    out = distill_targets(rows, device_type) + auto_targets(rows)
     for n in tokens:
         c = by[(n, "copy")]
         out.append(
@@ -579,6 +654,7 @@ COLUMNS = (
     ("tokens", "N", ""),
     ("batch", "batch", ""),
     ("mode", "mode", ""),
+    ("ce_path", "path", ""),
     ("step_ms", "step ms", ".0f"),
     ("spread", "±", ".0%"),
     ("time_ratio", "time x", ".2f"),
@@ -592,6 +668,7 @@ COLUMNS = (
 
 
 LEGEND = """\
+path: the CE path a distillation step used (distill:auto: the one its calibration chose);
 step ms: median wall time of a training step (forward, backward, AdamW); ±: half the interquartile range;
 time x / cpu x: wall / process-CPU time over the plain student's at the same N;
 peak MiB: static (weights incl. teacher, AdamW state, batch) + the step's peak of live tensor bytes;

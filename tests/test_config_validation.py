@@ -47,6 +47,7 @@ TABLE: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "transfer.logit_distill": (NUM, True, False, None),
     "transfer.logit_temperature": (NUM, False, False, None),
     "transfer.ce_path": (STR, False, False, "flash"),
+    "transfer.materialise_budget_gib": (NUM, True, False, None),  # 0: never materialise
     "data.dataset": (STR, None, None, None),
     "data.root": (STR, None, None, None),
     "data.img_size": (NUM, False, False, None),

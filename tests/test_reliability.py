@@ -241,7 +241,8 @@ def exported(trained, tmp_path_factory):
 @pytest.mark.parametrize("ce_path", ["auto", "attention_lse"])
 def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_path, capsys):
     """transfer.ce_path reaches the training step (attention_lse: the student's layers hand out their
-    log-sum-exp, or the loss refuses to run) and run.json records the path used (auto: rows on CPU)."""
+    log-sum-exp, or the loss refuses to run) and run.json records the path used and how it was chosen
+    (auto: measured here, every path that runs on a CPU timed; a forced path: nothing timed)."""
     run = tmp_path / "distill"
     code, _, err = _run(
         capsys,
@@ -254,7 +255,62 @@ def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_pat
         f"run_dir={run}",
     )
     assert code == 0, err
-    assert json.loads((run / "run.json").read_text())["ce_path"] == {"auto": "rows"}.get(ce_path, ce_path)
+    info = json.loads((run / "run.json").read_text())
+    choice = info["ce_path_choice"]
+    if ce_path == "auto":
+        assert choice["how"] == "measured" and set(choice["timings_ms"]) == {
+            "rows",
+            "sdpa",
+            "attention_lse",
+            "materialised",
+        }
+        assert info["ce_path"] == min(choice["timings_ms"], key=choice["timings_ms"].get)
+        assert choice["unavailable"] == {"triton": "needs CUDA"}
+    else:
+        assert info["ce_path"] == ce_path and choice["timings_ms"] == {}
+
+
+@pytest.mark.slow
+def test_a_resumed_auto_run_reuses_the_recorded_ce_path_and_stays_bit_identical(exported, tmp_path, capsys):
+    """transfer.ce_path=auto measures once, at the start: the checkpoint records the choice and a resumed
+    run takes it back without timing anything (another path would change the trajectory in the last
+    bits). Resumed after step 1, the run ends bit-identical to one told the recorded path from the start:
+    the calibration disturbed neither the RNG streams nor the weights."""
+    distill = [
+        *[a for a in S if a != "transfer.mode=none"],
+        "transfer.mode=distill",
+        f"teacher.spec=local-dir:{exported}",
+        "model.drop_path_rate=0.1",  # the RNG stream matters
+        "checkpoint.every_steps=1",
+    ]
+    run = tmp_path / "auto"
+    assert (
+        _run(capsys, "train", *distill, "transfer.ce_path=auto", "schedule.max_steps=1", f"run_dir={run}")[0]
+        == 0
+    )
+    first = json.loads((run / "run.json").read_text())["ce_path_choice"]
+    assert first["how"] == "measured"
+    state = json.loads((run / "checkpoints/step-00000001/state.json").read_text())
+    assert state["ce_path"] == first
+    code, out, err = _run(
+        capsys, "train", *distill, "transfer.ce_path=auto", "schedule.max_steps=3", f"run_dir={run}"
+    )
+    assert code == 0, err
+    again = json.loads((run / "run.json").read_text())["ce_path_choice"]
+    assert again == {**first, "how": "resumed from step-00000001"}  # the same timings: nothing re-measured
+    assert f"ce_path: {first['path']} (resumed from step-00000001" in out
+    told = tmp_path / "told"
+    code, _, err = _run(
+        capsys,
+        "train",
+        *distill,
+        f"transfer.ce_path={first['path']}",
+        "schedule.max_steps=3",
+        f"run_dir={told}",
+    )
+    assert code == 0, err
+    a, b = (load_file(str(r / "checkpoints/step-00000003/model.safetensors")) for r in (run, told))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 _ENDS_AFTER_A_GROUP = """

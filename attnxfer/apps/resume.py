@@ -28,6 +28,7 @@ RESUMABLE_KEYS: tuple[str, ...] = (
     "eval_only",
     "teacher.cache_dir",
     "transfer.ce_path",  # the same loss, evaluated another way
+    "transfer.materialise_budget_gib",  # which ways auto may consider
     "teacher.compile",  # how the step runs, not what it computes
     "model.compile",
     "model.compile_mode",

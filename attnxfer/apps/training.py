@@ -24,8 +24,8 @@ from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TaskLoss, Tra
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
-from ..transfer.losses import ce_path_for
 from ..transfer.plan import TransferPlan, build_plan
+from .ce_choice import ce_choice_for_run
 from .resume import check_resume, check_teacher_content, resume_source
 from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
@@ -148,7 +148,9 @@ def engine_facts(engine: Engine) -> dict:
     }
 
 
-def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, compiled: dict[str, int]) -> None:
+def _write_run_files(
+    cfg: TrainConfig, engine: Engine, parts: RunParts, compiled: dict[str, int], ce_choice: dict | None
+) -> None:
     """config.yaml (re-run with -c RUN_DIR/config.yaml) and run.json (what was trained, from what)."""
     if not engine.is_main:
         return
@@ -167,8 +169,9 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, compiled
         "compiled": compiled,
         **engine_facts(engine),
     }
-    if engine.plan.mode.distills_maps:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved)
-        info["ce_path"] = str(engine.dual.ce_path or ce_path_for(engine.runtime.device))
+    if ce_choice is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
+        info["ce_path"] = ce_choice["path"]
+        info["ce_path_choice"] = ce_choice
     atomic_write_json(run_dir / "run.json", info)
 
 
@@ -199,19 +202,21 @@ def build_engine(
             )
         cfg = fitted
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
-    source = check_resume(cfg, log=log, world=runtime.world)
+    resumed_from = check_resume(cfg, log=log, world=runtime.world)
     set_seed(cfg.seed)  # same init on every rank
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
-    check_teacher_content(source, parts.teacher_record, cfg.teacher.spec)
+    check_teacher_content(resumed_from, parts.teacher_record, cfg.teacher.spec)
     plan = plan_from_config(cfg, parts)
     dual = DualViT(
         parts.teacher,
         parts.student,
         plan,
         teacher_dtype=teacher_dtype(cfg.teacher.dtype, runtime.precision),
-        ce_path=None if cfg.transfer.ce_path == "auto" else cfg.transfer.ce_path,
     )
     dual.to(runtime.device)
+    # transfer.ce_path: forced, the resumed checkpoint's, or measured here (rank 0) before any step
+    choice = ce_choice_for_run(cfg, dual, runtime, resumed_from, measure=write_run_files, log=log)
+    ce_record = None if choice is None else choice.record()
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, dual)  # after the EMA's copy: EMA weights are evaluated eagerly
     settings = loop_settings(cfg, runtime.world)
@@ -232,10 +237,10 @@ def build_engine(
         task=task_loss_from_config(cfg, parts.num_classes),
         settings=settings,
         ema=ema,
-        record={"teacher": parts.teacher_record, "config": to_dict(cfg)},
+        record={"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record},
     )
     if write_run_files:
-        _write_run_files(cfg, engine, parts, compiled)
+        _write_run_files(cfg, engine, parts, compiled, ce_record)
     barrier()
     if engine.is_main:
         print(plan.describe(), flush=True)

@@ -100,9 +100,14 @@ class TransferConfig:
     share_drop_path: bool = False  # False: teacher deterministic (default); True: the paper's shared masks
     logit_distill: float = 0.0  # weight of KL(teacher logits || student logits) beside the task loss
     logit_temperature: float = 1.0  # softening temperature T of that KL (scaled by T^2)
-    # how a softmax student layer's exact CE is evaluated: auto (rows on CPU, sdpa on GPU) | rows | sdpa |
-    # attention_lse (the student's attention kernel hands out its log-sum-exp: FlexAttention on CUDA)
+    # how a softmax student layer's exact CE is evaluated: auto (measured on the run's device and shapes
+    # before the first step; a resumed run keeps its recorded choice) | rows | sdpa | attention_lse (the
+    # student's attention kernel hands out its log-sum-exp: FlexAttention on CUDA) | triton (CUDA) |
+    # materialised (the reference's N×N maps)
     ce_path: str = "auto"
+    # memory the materialised path's maps may take (GiB, all distilled layers at the step's peak) for auto
+    # to consider it; None = a quarter of the free memory (CPU: MemAvailable; CUDA: cudaMemGetInfo); 0 = never
+    materialise_budget_gib: float | None = None
 
 
 @dataclass
@@ -369,7 +374,10 @@ RANGES: dict[str, Range] = {
     "transfer.share_drop_path": _ANY,
     "transfer.logit_distill": _NON_NEGATIVE,
     "transfer.logit_temperature": _POSITIVE,
-    "transfer.ce_path": Range(choices=("auto", "rows", "sdpa", "attention_lse", "triton")),  # losses.CE_PATHS
+    "transfer.ce_path": Range(
+        choices=("auto", "rows", "sdpa", "attention_lse", "triton", "materialised")  # losses.CE_PATHS
+    ),
+    "transfer.materialise_budget_gib": _NON_NEGATIVE,
     "data.dataset": _ANY,  # a registry of attnxfer.data
     "data.root": _ANY,
     "data.img_size": _AT_LEAST_1,

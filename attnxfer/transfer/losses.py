@@ -12,7 +12,8 @@ computed in chunks by `row_logsumexp`, whose backward recomputes each chunk's
 logits instead of keeping them. ``KL = CE − H(P_t)`` is reported beside it.
 Everything runs in fp32 whatever the surrounding autocast.
 
-Four exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_path_for`):
+Five exact evaluations of the same loss (`CEPath`); a run measures them on its device
+(`attnxfer.transfer.ce_select`, ``transfer.ce_path: auto``), `ce_path_for` is the unmeasured default:
 
 * ``rows`` (CPU): one autograd Function that walks query-row chunks once, computing both rows' logits,
   the CE's sum and (for the logged KL) H(P̄_t) from the same chunk, and, because a scalar's gradient is
@@ -27,9 +28,11 @@ Four exact evaluations of the same loss (`CEPath`), chosen in one place (`ce_pat
 * ``triton`` (CUDA, chosen explicitly until measured): fused Triton kernels with an online softmax of both
   rows, flash-attention style (`attnxfer.transfer.triton_ce`): no N×N tensor, every tile product on the
   tensor cores, the logged entropy from the same pass (one teacher head per student head).
+* ``materialised``: the reference code's way, both N×N maps built and autograd through them; memory
+  N² per distilled layer (`materialised_bytes`), so ``auto`` times it only within a memory budget.
 
-`attention_ce_reference` materialises both maps: it is the oracle for tests
-and the "materialised" line of the benchmarks, never the training path.
+`attention_ce_reference` materialises both maps too, written out plainly: it is the oracle for tests and
+the "distill_ref" line of the benchmarks, never the training path.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ __all__ = [
     "attention_distillation_loss",
     "ce_path_for",
     "group_heads_ok",
+    "materialised_bytes",
     "row_logsumexp",
     "teacher_entropy",
 ]
@@ -102,9 +106,11 @@ class _FusedRowCE(torch.autograd.Function):
             post_s = post_t = None
             q_scale = 1.0  # already in qs
         ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
+        # The value sums B·H·N² terms: each row's N in fp32, the rows in float64 (one fp32 dot over a whole
+        # chunk erred by 4e-6 relative at N = 785, 60x the materialised reference; now 3e-8, its order)
         ce, ent = (
-            torch.zeros((), dtype=dtype, device=qs.device),
-            torch.zeros((), dtype=dtype, device=qs.device),
+            torch.zeros((), dtype=torch.float64, device=qs.device),
+            torch.zeros((), dtype=torch.float64, device=qs.device),
         )
         dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
         dk = torch.empty(ks.shape, dtype=dtype, device=ks.device) if want_k else None
@@ -115,9 +121,9 @@ class _FusedRowCE(torch.autograd.Function):
             z_s = matmul_fp32(qs[..., rows, :], ks_T)
             p_t = _grouped_mean(torch.softmax(z_t if post_t is None else z_t.mul_(post_t), dim=-1), groups)
             log_p_s = torch.log_softmax(z_s if post_s is None else z_s.mul_(post_s), dim=-1)
-            ce -= torch.dot(p_t.reshape(-1), log_p_s.reshape(-1))
+            ce -= torch.linalg.vecdot(p_t, log_p_s).sum(dtype=torch.float64)  # fp32 within a row
             if entropy:
-                ent -= torch.special.xlogy(p_t, p_t).sum()
+                ent -= torch.special.xlogy(p_t, p_t).sum(dtype=torch.float64)
             if dq is None and dk is None:
                 continue
             dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, N)  # P_s − P̄_t: d CE_i / d logits_i
@@ -133,7 +139,7 @@ class _FusedRowCE(torch.autograd.Function):
         ctx.has = (dq is not None, dk is not None)
         ctx.dtypes = (q_s.dtype, k_s.dtype)
         ctx.mark_non_differentiable(ent)
-        return ce / n, ent / n
+        return (ce / n).to(dtype), (ent / n).to(dtype)
 
     @staticmethod
     @once_differentiable
@@ -173,6 +179,17 @@ class CEPath(StrEnum):
     SDPA = "sdpa"  # P̄_t K_s through SDPA's fused kernel, lse_s by the chunked `row_logsumexp`
     ATTENTION_LSE = "attention_lse"  # P̄_t K_s through SDPA, lse_s from the student's own attention kernel
     TRITON = "triton"  # fused Triton kernels, online softmax of both rows (CUDA; TRITON_INTERPRET=1 on CPU)
+    MATERIALISED = "materialised"  # the reference's way: both N×N maps built, autograd through them
+
+    @property
+    def needs_cuda(self) -> bool:
+        """The path runs its kernels only on CUDA (Triton's interpreter aside)."""
+        return self is CEPath.TRITON
+
+    @property
+    def builds_maps(self) -> bool:
+        """The path holds N×N maps per distilled layer until backward: `materialised_bytes` says how much."""
+        return self is CEPath.MATERIALISED
 
     @property
     def needs_student_lse(self) -> bool:
@@ -184,9 +201,9 @@ CE_PATHS = tuple(CEPath)
 
 
 def ce_path_for(device: torch.device | str) -> CEPath:
-    """The one place that picks the CE evaluation for a device: ``rows`` on CPU (measured fastest there,
-    docs/benchmarks.md), ``sdpa`` elsewhere (the path measured on an H100 so far; ``rows``,
-    ``attention_lse`` and ``triton`` await a GPU measurement: `benchmarks/transfer_step.py --ce-paths`)."""
+    """The CE evaluation for a device when nothing was measured (a `DualViT` built without ``ce_path``, an
+    evaluation): ``rows`` on CPU (measured fastest there, docs/benchmarks.md), ``sdpa`` elsewhere. Training
+    runs measure instead (``transfer.ce_path: auto``, `attnxfer.transfer.ce_select`)."""
     return CEPath.ROWS if torch.device(device).type == "cpu" else CEPath.SDPA
 
 
@@ -319,6 +336,8 @@ def attention_distillation_loss(
                 _half_on_accelerator(q_t, k_t, q_s, k_s),
             )
             return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
+        if path is CEPath.MATERIALISED:
+            return _materialised_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, with_kl)
         if path is CEPath.TRITON:
             ce_rows, ent_rows = triton_row_ce(
                 q_t, k_t, q_s, k_s, scale_t=scale_t, scale_s=scale_s, with_entropy=with_kl
@@ -345,6 +364,62 @@ def _half_on_accelerator(*tensors: torch.Tensor) -> bool:
     a rounded output); everything else is upcast to the compute dtype."""
     dtype = tensors[0].dtype
     return all(t.is_cuda and t.dtype == dtype for t in tensors) and dtype in (torch.bfloat16, torch.float16)
+
+
+class _ScaledLogits(torch.autograd.Function):
+    """s·q kᵀ in fp32 whose backward stays fp32 too: autograd's matmul backward would follow an autocast
+    region that encloses ``backward()`` and round dq, dk through bf16 products."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k)
+        ctx.scale = scale
+        return matmul_fp32(q, k.transpose(-2, -1)).mul_(scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        q, k = ctx.saved_tensors
+        with _fp32(grad.device.type):
+            g = grad.to(compute_dtype(grad)) * ctx.scale
+            dq = matmul_fp32(g, k).to(q.dtype) if ctx.needs_input_grad[0] else None
+            dk = matmul_fp32(g.transpose(-2, -1), q).to(k.dtype) if ctx.needs_input_grad[1] else None
+        return dq, dk, None
+
+
+def _materialised_ce(q_t, k_t, q_s, k_s, scale_t: float, scale_s: float, with_kl: bool) -> AttentionLoss:
+    """The ``materialised`` path: P̄_t and the student's logits as N×N tensors, the CE by torch's
+    cross-entropy with probability targets (its log-softmax and backward in one kernel each), autograd
+    through the maps. What the reference code does; fastest where the maps are small and the device's
+    GEMMs dominate, and its memory grows as N² per distilled layer (`materialised_bytes`)."""
+    if not _half_on_accelerator(q_t, k_t, q_s, k_s):  # bf16 on CUDA: tensor-core GEMMs, fp32 logits
+        dtype = compute_dtype(q_s)
+        q_t, k_t, q_s, k_s = q_t.to(dtype), k_t.to(dtype), q_s.to(dtype), k_s.to(dtype)
+    groups = q_t.shape[1] // q_s.shape[1]
+    with torch.no_grad():
+        p_t = _grouped_mean(torch.softmax(matmul_fp32(q_t, k_t.transpose(-2, -1)).mul_(scale_t), -1), groups)
+    z_s = _ScaledLogits.apply(q_s, k_s, scale_s)
+    N = z_s.shape[-1]
+    ce = F.cross_entropy(z_s.reshape(-1, N), p_t.reshape(-1, N))
+    kl = None
+    if with_kl:
+        kl = ce.detach() + torch.special.xlogy(p_t, p_t).sum(-1).mean()
+    return AttentionLoss(ce, kl)
+
+
+#: N×N fp32 maps alive at the peak of the ``materialised`` path: two kept per distilled layer until
+#: backward (P̄_t, the student's log-softmax), plus the transient ones of one layer (the teacher's logits
+#: before the head-group mean, the student's logits, their gradient).
+MAPS_KEPT_PER_LAYER = 2
+MAPS_TRANSIENT = 3
+
+
+def materialised_bytes(batch: int, tokens: int, student_heads: int, teacher_heads: int, layers: int) -> int:
+    """Bytes the ``materialised`` path's maps take at a step's peak, ``layers`` distilled softmax layers:
+    what `attnxfer.transfer.ce_select` compares with the memory budget before it times the path."""
+    per_map = 4 * batch * tokens * tokens
+    kept = MAPS_KEPT_PER_LAYER * student_heads * layers
+    return per_map * (kept + MAPS_TRANSIENT * max(student_heads, teacher_heads))
 
 
 def attention_ce_reference(

@@ -1,0 +1,99 @@
+"""`transfer.ce_path` of a training run: forced by the config, reused from the checkpoint a run resumes,
+or measured (`attnxfer.transfer.ce_select`) by rank 0 and used by every rank.
+
+A resumed run keeps the path its checkpoint recorded (each checkpoint's state.json carries the choice):
+the paths agree only to fp32 rounding, so measuring again could change the trajectory and break
+bit-identical resume.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints.store import STATE_NAME
+from ..config import TrainConfig
+from ..train.distributed import gather_objects, rank_and_world
+from ..train.runtime import Runtime
+from ..transfer.ce_select import CEChoice, budget_from_gib, choose_ce_path, layer_shapes
+from ..transfer.dual import DualViT
+from ..transfer.losses import CEPath, ce_path_for
+
+__all__ = ["ce_choice_for_run", "decided_on_rank0", "recorded_ce_choice"]
+
+
+def recorded_ce_choice(checkpoint: Path | None) -> CEChoice | None:
+    """The CE path a checkpoint was trained with (its state.json's ``ce_path``), or None."""
+    if checkpoint is None:
+        return None
+    try:
+        record = json.loads((checkpoint / STATE_NAME).read_text(encoding="utf-8")).get("ce_path")
+        return (
+            None
+            if not isinstance(record, dict)
+            else CEChoice.from_record(record, f"resumed from {checkpoint.name}")
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # an older checkpoint without the record: measure again
+
+
+def decided_on_rank0(decide: Callable[[], CEChoice | None]) -> CEChoice | None:
+    """``decide()`` on rank 0 only; every rank returns rank 0's choice (one collective; no-op alone)."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return decide()
+    mine = decide() if rank == 0 else None
+    record = gather_objects(None if mine is None else mine.record())[0]
+    if rank == 0 or record is None:
+        return mine
+    return CEChoice.from_record(record, f"{record['how']} on rank 0")
+
+
+def ce_choice_for_run(
+    cfg: TrainConfig,
+    dual: DualViT,
+    runtime: Runtime,
+    resumed_from: Path | None,
+    *,
+    measure: bool = True,
+    log: Callable[[str], Any] = print,
+) -> CEChoice | None:
+    """How ``dual``'s softmax layers evaluate their CE in this run, set on ``dual`` (every rank) and
+    returned for run.json and the checkpoints; None when the run distils no softmax maps. ``measure=False``
+    (evaluation) keeps the recorded or device-default path without timing anything."""
+    if layer_shapes(dual, cfg.data.batch_size, runtime.device) is None:
+        return None
+    if cfg.transfer.ce_path != "auto":
+        choice = CEChoice(
+            CEPath(cfg.transfer.ce_path), "forced by transfer.ce_path", device=str(runtime.device)
+        )
+    else:
+        choice = recorded_ce_choice(resumed_from)
+        if choice is not None and choice.device and torch.device(choice.device).type != runtime.device.type:
+            log(
+                f"ce_path auto: {choice.path} was measured on {choice.device}; this run is on {runtime.device}"
+            )
+            choice = (
+                None  # another kind of device: its ranking says nothing here (nor is resume bit-identical)
+            )
+        if choice is None and not measure:
+            choice = CEChoice(ce_path_for(runtime.device), "device default", device=str(runtime.device))
+        if choice is None:
+            precision = runtime.precision
+            choice = decided_on_rank0(
+                lambda: choose_ce_path(
+                    dual,
+                    cfg.data.batch_size,
+                    runtime.device,
+                    student_dtype=precision.dtype if precision.autocasts else torch.float32,
+                    budget_bytes=budget_from_gib(cfg.transfer.materialise_budget_gib),
+                    log=log,
+                )
+            )
+    log(choice.describe())
+    dual.ce_path = choice.path
+    return choice

@@ -1,0 +1,354 @@
+"""`transfer.ce_path: auto`: the CE path is measured on the run's device and shapes, not assumed.
+
+The five `CEPath`s compute the same loss; which is fastest depends on the device, N, the head dims and
+the dtype (an H100 ran the materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows``
+fastest at large N). So before the first step `choose_ce_path` times every path whose requirements hold
+(``triton`` needs CUDA and one teacher head per student head; ``materialised`` needs its maps to fit a
+memory budget, `materialised_bytes`), a few interleaved rounds each, and keeps the fastest; a path that
+raises is skipped with one log line.
+
+What is timed is one distilled layer alone on the run's real shapes (batch per rank, tokens, heads, head
+dims, the dtypes of the run's precision): the student's attention core (SDPA, or for ``attention_lse``
+the kernel that also hands out its log-sum-exp) plus the loss, forward and backward, as in a training
+step whose terms are not logged. Not a whole training step with the state restored afterwards: the
+paths differ only in that layer's work (the rest of the step is the same for all of them), timing a
+layer costs ~1/depth of a step's share per call so the whole calibration stays far below 2 % of a
+1,000-step run, and it needs no batch from the loader and touches no parameter, optimiser state, EMA,
+sampler or RNG stream (its inputs come from a private generator; the global RNGs are forked around it
+anyway), so a calibrated run stays bit-identical to one that was told the chosen path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..models.attention import MapKind, attention_with_lse, sdpa
+from .losses import CE_PATHS, CEPath, attention_distillation_loss, ce_path_for, materialised_bytes
+
+__all__ = [
+    "CALIBRATION_ROUNDS",
+    "MEMORY_FRACTION",
+    "CEChoice",
+    "LayerShapes",
+    "candidate_paths",
+    "choose_ce_path",
+    "default_memory_budget",
+    "layer_shapes",
+    "measure_ce_paths",
+]
+
+#: timed rounds per path after one untimed warm-up call (kernels compiled, caches warm); the median counts
+CALIBRATION_ROUNDS = 5
+#: share of the device's free memory the materialised maps may take when no budget is configured
+MEMORY_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """What one distilled softmax layer hands the loss: (batch, heads, tokens, head dim) and dtypes."""
+
+    batch: int
+    tokens: int
+    student_heads: int
+    student_dim: int
+    teacher_heads: int
+    teacher_dim: int
+    layers: int  # distilled softmax layers (the materialised maps of all of them are alive at once)
+    student_dtype: str = "float32"
+    teacher_dtype: str = "float32"
+
+    def describe(self) -> str:
+        return (
+            f"batch {self.batch} x {self.tokens} tokens, student {self.student_heads} heads of "
+            f"{self.student_dim}, teacher {self.teacher_heads} of {self.teacher_dim}, {self.layers} layers, "
+            f"{self.student_dtype}/{self.teacher_dtype}"
+        )
+
+
+@dataclass
+class CEChoice:
+    """The path a run uses and how it was decided; ``record()`` goes into run.json and every checkpoint."""
+
+    path: CEPath
+    how: str  # "measured", "forced", "device default", "resumed from step-…", "measured on rank 0"
+    timings_ms: dict[str, float] = field(default_factory=dict)  # median of the rounds, per path timed
+    skipped: dict[str, str] = field(default_factory=dict)  # raised while timed: the error
+    unavailable: dict[str, str] = field(default_factory=dict)  # requirement unmet: why
+    shapes: dict[str, Any] = field(default_factory=dict)
+    device: str = ""
+    seconds: float = 0.0  # the calibration's wall time
+
+    def record(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], how: str | None = None) -> CEChoice:
+        known = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
+        choice = cls(**{**known, "path": CEPath(record["path"])})
+        if how is not None:
+            choice.how = how
+        return choice
+
+    def describe(self) -> str:
+        """One log line: the choice, how, and the timings behind it."""
+        line = f"ce_path: {self.path} ({self.how}"
+        if self.device:
+            line += f" on {self.device}"
+        if self.shapes:
+            line += f", {LayerShapes(**self.shapes).describe()}"
+        line += ")"
+        if self.timings_ms:
+            times = ", ".join(
+                f"{p} {t:.3g}" if t < 100 else f"{p} {t:.0f}"
+                for p, t in sorted(self.timings_ms.items(), key=lambda kv: kv[1])
+            )
+            line += f"; one layer's attention + loss, forward + backward, median ms: {times}"
+            line += f" [calibration {self.seconds:.2f} s]"
+        if self.unavailable:
+            line += "; not tried: " + "; ".join(f"{p} ({why})" for p, why in self.unavailable.items())
+        if self.skipped:
+            line += "; failed: " + ", ".join(self.skipped)
+        return line
+
+
+def layer_shapes(
+    dual: torch.nn.Module,
+    batch: int,
+    device: torch.device | str = "cpu",
+    student_dtype: torch.dtype = torch.float32,
+) -> LayerShapes | None:
+    """The shapes `DualViT` ``dual`` hands its first distilled softmax layer's loss at ``batch`` images per
+    rank on ``device`` (``student_dtype``: the q/k dtype under the run's autocast; the teacher's is
+    DualViT's, bf16 on CUDA unless told otherwise); None when its plan distils no softmax maps (then no
+    CE path is used at all)."""
+    plan = dual.plan
+    if not plan.mode.distills_maps or dual.teacher is None:
+        return None
+    softmax = [(s, t) for s, t in plan.pairs if dual._student_attn[s].map_kind is MapKind.SOFTMAX]
+    if not softmax:
+        return None
+    s, t = softmax[0]
+    sa, ta = dual._student_attn[s], dual._teacher_attn[t]
+    tokens = plan.tokens or _tokens(dual.student)
+    teacher_dtype = dual.teacher_dtype or (
+        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    )
+    return LayerShapes(
+        batch=batch,
+        tokens=tokens,
+        student_heads=sa.num_heads,
+        student_dim=sa.head_dim,
+        teacher_heads=ta.num_heads,
+        teacher_dim=ta.head_dim,
+        layers=len(softmax),
+        student_dtype=str(student_dtype).removeprefix("torch."),
+        teacher_dtype=str(teacher_dtype).removeprefix("torch."),
+    )
+
+
+def _tokens(model: torch.nn.Module) -> int:
+    patch_embed = model.patch_embed
+    return int(patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 0))
+
+
+def default_memory_budget(device: torch.device | str) -> int:
+    """`MEMORY_FRACTION` of the free memory in bytes: CUDA's free device memory; on CPU the kernel's
+    MemAvailable (/proc/meminfo), else free physical pages."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * MEMORY_FRACTION)
+    available = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * MEMORY_FRACTION)
+
+
+def candidate_paths(
+    device: torch.device | str,
+    shapes: LayerShapes,
+    budget_bytes: int,
+    paths: Sequence[CEPath | str] | None = None,
+) -> tuple[list[CEPath], dict[str, str]]:
+    """The paths worth timing and, for the others, why not. ``paths`` (default: all) narrows the set; a
+    path named there is tried even where its device requirement fails (it then raises and is skipped),
+    but the materialised maps are never built beyond ``budget_bytes``."""
+    device = torch.device(device)
+    named = paths is not None
+    out, unavailable = [], {}
+    for path in CE_PATHS if paths is None else [CEPath(p) for p in paths]:
+        if path.builds_maps:
+            need = materialised_bytes(
+                shapes.batch, shapes.tokens, shapes.student_heads, shapes.teacher_heads, shapes.layers
+            )
+            if need > budget_bytes:
+                unavailable[str(path)] = f"maps need {_gib(need)}, budget {_gib(budget_bytes)}"
+                continue
+        if not named and path.needs_cuda and device.type != "cuda":
+            unavailable[str(path)] = "needs CUDA"
+            continue
+        if not named and path is CEPath.TRITON and shapes.teacher_heads != shapes.student_heads:
+            unavailable[str(path)] = "needs one teacher head per student head"
+            continue
+        out.append(path)
+    return out, unavailable
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _layer_step(
+    path: CEPath, shapes: LayerShapes, device: torch.device, gen: torch.Generator
+) -> Callable[[], None]:
+    """One distilled layer's training work on ``path``: the student's attention core and the loss,
+    forward and backward. q/k/v are strided views of one (B, N, 3, H, d) tensor, as timm's fused qkv
+    projection hands them out; the teacher's q/k carry no gradient."""
+    B, N = shapes.batch, shapes.tokens
+    s_dtype, t_dtype = getattr(torch, shapes.student_dtype), getattr(torch, shapes.teacher_dtype)
+    qkv = torch.randn(B, N, 3, shapes.student_heads, shapes.student_dim, generator=gen)
+    qkv = qkv.to(device=device, dtype=s_dtype).requires_grad_()
+    t = torch.randn(B, N, 2, shapes.teacher_heads, shapes.teacher_dim, generator=gen)
+    q_t, k_t = t.to(device=device, dtype=t_dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def step() -> None:
+        q_s, k_s, v_s = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if path.needs_student_lse:
+            out, lse = attention_with_lse(q_s, k_s, v_s)
+        else:
+            out, lse = sdpa(q_s, k_s, v_s), None
+        ce = attention_distillation_loss(q_t, k_t, q_s, k_s, path=path, with_kl=False, lse_s=lse).ce
+        (ce + out.float().mean()).backward()
+        qkv.grad = None
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
+
+
+def measure_ce_paths(
+    shapes: LayerShapes,
+    device: torch.device | str,
+    paths: Sequence[CEPath],
+    *,
+    rounds: int = CALIBRATION_ROUNDS,
+    log: Callable[[str], Any] = print,
+) -> CEChoice:
+    """Time ``paths`` on ``shapes``: one warm-up call each, then ``rounds`` interleaved rounds (order rotated
+    every round, so every path sees the same background load); the fastest median wins. A path that
+    raises is dropped with one ``log`` line. If every path fails the device's default is kept."""
+    device = torch.device(device)
+    started = time.perf_counter()
+    skipped: dict[str, str] = {}
+    steps: dict[CEPath, Callable[[], None]] = {}
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.enable_grad():
+        gen = torch.Generator().manual_seed(0)
+
+        def failed(path: CEPath, err: Exception) -> None:  # any failure of a path only removes that path
+            skipped[str(path)] = _reason(err)
+            log(f"ce_path auto: skipping {path}, it failed: {skipped[str(path)]}")
+            steps.pop(path, None)
+            times.pop(path, None)
+            _free(device)
+
+        times: dict[CEPath, list[float]] = {}
+        for path in paths:
+            try:
+                step = _layer_step(path, shapes, device, gen)
+                step()  # warm-up: kernels compiled, caches warm
+                _sync(device)
+            except Exception as err:
+                failed(path, err)
+                continue
+            steps[path], times[path] = step, []
+        order = list(steps)
+        for r in range(rounds):
+            shift = r % max(len(order), 1)
+            for path in order[shift:] + order[:shift]:
+                if path not in steps:
+                    continue
+                _sync(device)
+                t0 = time.perf_counter()
+                try:
+                    steps[path]()
+                    _sync(device)
+                except Exception as err:
+                    failed(path, err)
+                    continue
+                times[path].append(time.perf_counter() - t0)
+    steps.clear()  # the timed tensors go before the cache is emptied
+    _free(device)
+    timings = {str(p): 1e3 * statistics.median(ts) for p, ts in times.items() if ts}
+    if timings:
+        best, how = CEPath(min(timings, key=timings.__getitem__)), "measured"
+    else:
+        best, how = ce_path_for(device), "device default: no path ran"
+    return CEChoice(
+        best,
+        how,
+        timings_ms=timings,
+        skipped=skipped,
+        shapes=asdict(shapes),
+        device=str(device),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def choose_ce_path(
+    dual: torch.nn.Module,
+    batch: int,
+    device: torch.device | str,
+    *,
+    student_dtype: torch.dtype = torch.float32,
+    budget_bytes: int | None = None,
+    paths: Sequence[CEPath | str] | None = None,
+    rounds: int = CALIBRATION_ROUNDS,
+    log: Callable[[str], Any] = print,
+) -> CEChoice | None:
+    """Measure the CE paths for `DualViT` ``dual`` at ``batch`` images per rank on ``device`` and return the
+    fastest (it does not set it: the caller does, on every rank). None when ``dual`` distils no softmax
+    maps. ``budget_bytes`` caps the materialised maps (default `default_memory_budget`); ``paths`` narrows
+    the candidates (default: every path whose requirements hold)."""
+    shapes = layer_shapes(dual, batch, device, student_dtype)
+    if shapes is None:
+        return None
+    budget = default_memory_budget(device) if budget_bytes is None else budget_bytes
+    todo, unavailable = candidate_paths(device, shapes, budget, paths)
+    choice = measure_ce_paths(shapes, device, todo, rounds=rounds, log=log)
+    choice.unavailable = unavailable
+    return choice
+
+
+def budget_from_gib(gib: float | None) -> int | None:
+    """``transfer.materialise_budget_gib`` in bytes (None stays None: the default budget)."""
+    return None if gib is None else math.floor(gib * 2**30)

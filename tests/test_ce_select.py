@@ -1,0 +1,115 @@
+"""`transfer.ce_path: auto` (issue 30): the CE path measured on the device, its record, failing paths,
+and rank 0's choice used by every rank. Timings are never asserted: only which paths were timed, skipped
+or refused and that the choice is the fastest of what was timed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_vit
+
+from attnxfer.transfer import DualViT, build_plan
+from attnxfer.transfer.ce_select import CEChoice, choose_ce_path, layer_shapes
+from attnxfer.transfer.losses import CEPath, materialised_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dual():
+    teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+    return DualViT(teacher, student, build_plan(teacher, student, "distill"))
+
+
+def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(dual):
+    rng = torch.get_rng_state()
+    weights = {k: v.clone() for k, v in dual.student.state_dict().items()}
+    lines: list[str] = []
+    choice = choose_ce_path(dual, 4, "cpu", rounds=2, log=lines.append)
+    assert lines == []  # nothing failed
+    assert set(choice.timings_ms) == {"rows", "sdpa", "attention_lse", "materialised"}
+    assert choice.path == min(choice.timings_ms, key=choice.timings_ms.get) and choice.how == "measured"
+    assert choice.unavailable == {"triton": "needs CUDA"}
+    # the real shapes of the plan's layers: batch per rank, 17 tokens, 3 heads of 16, both distilled layers
+    assert choice.shapes == dict(
+        batch=4,
+        tokens=17,
+        student_heads=3,
+        student_dim=16,
+        teacher_heads=3,
+        teacher_dim=16,
+        layers=2,
+        student_dtype="float32",
+        teacher_dtype="float32",
+    )
+    # calibration touches no RNG stream and no weight: a calibrated run trains as one told the path
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, weights[k]) for k, v in dual.student.state_dict().items())
+    # what run.json and the checkpoints carry comes back as the same choice
+    again = CEChoice.from_record(json.loads(json.dumps(choice.record())))
+    assert again == choice and dual.ce_path is None  # choose_ce_path only says; the caller sets it
+    assert choice.describe().startswith(f"ce_path: {choice.path} (measured on cpu, batch 4 x 17 tokens")
+
+
+def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budget(dual):
+    """triton on a CPU without Triton's interpreter raises for real; a budget of 0 bytes refuses the
+    materialised maps before they are built; rows is what is left."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter makes the triton path run on the CPU")
+    lines: list[str] = []
+    choice = choose_ce_path(
+        dual, 2, "cpu", paths=["materialised", "triton", "rows"], budget_bytes=0, rounds=1, log=lines.append
+    )
+    assert choice.path is CEPath.ROWS and set(choice.timings_ms) == {"rows"}
+    assert len(lines) == 1 and lines[0].startswith("ce_path auto: skipping triton, it failed: RuntimeError")
+    assert set(choice.skipped) == {"triton"} and "TRITON_INTERPRET" in choice.skipped["triton"]
+    need = materialised_bytes(2, 17, 3, 3, 2)
+    assert choice.unavailable == {"materialised": f"maps need {need / 2**30:.3g} GiB, budget 0 GiB"}
+    # a budget that holds the maps lets materialised be timed
+    fits = choose_ce_path(dual, 2, "cpu", paths=["materialised"], budget_bytes=need, rounds=1)
+    assert set(fits.timings_ms) == {"materialised"} and fits.path is CEPath.MATERIALISED
+
+
+def test_materialised_bytes_counts_the_maps_autograd_keeps():
+    """Two fp32 N×N maps per distilled layer kept for backward (P̄_t and log P_s), three transient."""
+    assert materialised_bytes(2, 10, 3, 6, 4) == 4 * 2 * 100 * (2 * 3 * 4 + 3 * 6)
+
+
+def test_a_plan_without_softmax_map_distillation_has_no_ce_path():
+    teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+    for mode in ("copy", "distill_q", "none"):
+        assert layer_shapes(DualViT(teacher, student, build_plan(teacher, student, mode)), 2) is None
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_use_rank_0s_choice(tmp_path):
+    """Each rank offers a different single path (rank 0 sdpa, rank 1 rows): had rank 1 decided on its own
+    it would use rows; both use sdpa, and rank 1 timed nothing itself."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "dist_ce_choice.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["path"] == r1["path"] == "sdpa"
+    assert r0["how"] == "measured" and r1["how"] == "measured on rank 0"
+    assert r1["timings_ms"] == r0["timings_ms"] and set(r0["timings_ms"]) == {"sdpa"}
+    assert r0["world"] == r1["world"] == 2
