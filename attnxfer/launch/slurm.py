@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,23 @@ CLUSTERS = ("slurm", "local", "debug")
 RUN_DIR_KEY = "run_dir"
 # sbatch options that submitit itself sets and that would break log collection if overridden
 RESERVED_SBATCH_KEYS = frozenset({"output", "error", "open-mode", "array", "signal", "job-name", "wrap"})
+# sbatch options that have their own `attnxfer submit` flag: --slurm may not set them behind its back
+OWN_FLAG_KEYS = {
+    "nodes": "--nodes",
+    "ntasks": "--nodes and --tasks-per-node",
+    "ntasks-per-node": "--tasks-per-node (or --gpus-per-node: one task per GPU)",
+    "gpus": "--gpus-per-node",
+    "gpus-per-node": "--gpus-per-node",
+    "gpus-per-task": "--gpus-per-node",
+    "cpus-per-task": "--cpus-per-task",
+    "mem": "--mem",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "exclude": "--exclude",
+}
 # srun options for every job: a rank that dies takes its step down instead of leaving
 # the other ranks blocked in a collective until the time limit
 DEFAULT_SRUN_ARGS = ("--kill-on-bad-exit=1",)
@@ -67,27 +85,68 @@ _MEM_RE = re.compile(r"^\d+(?:[KMGT]B?)?$", re.IGNORECASE)
 
 
 def parse_time_minutes(value: int | str) -> int:
-    """SLURM time limit to whole minutes: ``90``, ``"90"``, ``"MM:SS"``, ``"HH:MM:SS"``, ``"D-HH[:MM[:SS]]"``."""
+    """SLURM time limit to whole minutes, in sbatch's ``--time`` formats: ``MM``, ``MM:SS``, ``HH:MM:SS``,
+    ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
+
+    The leading field may be any size (``90`` minutes, ``36:00:00``); the fields after it are bounded as
+    on a clock (minutes and seconds below 60, hours below 24 after a day count), so ``25:99:99`` is refused
+    rather than read as 1601 minutes.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         minutes = value
     else:
-        m = _TIME_RE.match(str(value).strip())
+        text = str(value).strip()
+        m = _TIME_RE.match(text)
         if not m:
-            raise ValueError(f"time must be minutes or [D-]HH:MM:SS (sbatch --time formats), got {value!r}")
+            raise ValueError(
+                f"time must be MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time formats), "
+                f"got {value!r}"
+            )
         parts = [int(p) for p in m.group("rest").split(":")]
         days = int(m.group("d") or 0)
         if m.group("d") is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
             h, mi, s = (parts + [0, 0])[:3]
+            bounded = [("hours", h, 24), ("minutes", mi, 60), ("seconds", s, 60)][: len(parts)]
         elif len(parts) == 1:  # minutes
             h, mi, s = 0, parts[0], 0
+            bounded = []
         elif len(parts) == 2:  # MM:SS
             h, mi, s = 0, parts[0], parts[1]
+            bounded = [("seconds", s, 60)]
         else:
             h, mi, s = parts
+            bounded = [("minutes", mi, 60), ("seconds", s, 60)]
+        for what, number, limit in bounded:
+            if number >= limit:
+                raise ValueError(f"time {text!r}: {what} must be below {limit}, got {number}")
         minutes = math.ceil((((days * 24 + h) * 60 + mi) * 60 + s) / 60)
     if minutes < 1:
         raise ValueError(f"time limit must be at least one minute, got {value!r}")
     return minutes
+
+
+def check_script_value(flag: str, value: Any) -> None:
+    """Refuse a value that would not stay on its own line of the sbatch script.
+
+    sbatch reads ``#SBATCH`` lines only up to the first command: a line break (or any other control
+    character) in a value would turn the rest of it into a command and silently drop the options after it.
+    """
+    text = str(value)
+    bad = sorted({repr(c) for c in text if unicodedata.category(c) == "Cc"})
+    if bad:
+        raise ValueError(
+            f"{flag} {text!r}: control characters ({', '.join(bad)}) cannot go into an sbatch script"
+        )
+
+
+def check_name_list(flag: str, value: str, what: str) -> None:
+    """A comma-separated list of SLURM names (partitions, accounts, QOS, node lists): no blanks inside."""
+    check_script_value(flag, value)
+    items = _split_top_level(value)
+    if any(not item or any(c.isspace() for c in item) for item in items):
+        raise ValueError(
+            f"{flag} {value!r}: {what} have no spaces and no empty items (a list is comma-separated, e.g. a,b)"
+        )
 
 
 def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict[str, str]:
@@ -157,7 +216,8 @@ class SlurmOptions:
     job_dir: str | None = None  # submitit's folder (pickles, logs); default: <run_dir>/submitit
     name: str = "attnxfer"
     array_parallelism: int = 64  # sweep points running at once
-    max_requeues: int = 3  # preemptions + time limits survived before the job gives up
+    max_requeues: int = 3  # time limits survived before the job gives up (preemptions are not counted)
+    max_preemptions: int | None = None  # preemptions survived; None: as many as the cluster sends
     signal_delay_s: int = 120  # USR2 this long before the time limit: time to requeue
     cluster: str = "slurm"  # 'slurm' | 'local' (subprocesses here) | 'debug' (in this process)
 
@@ -181,6 +241,9 @@ class SlurmOptions:
             raise ValueError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if self.max_requeues < 0:
             raise ValueError(f"max_requeues must be >= 0, got {self.max_requeues}")
+        if self.max_preemptions is not None and self.max_preemptions < 0:
+            raise ValueError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
+        self._check_script_values()
         if self.mem is not None and not _MEM_RE.match(str(self.mem)):
             raise ValueError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
         parse_time_minutes(self.time)
@@ -195,13 +258,43 @@ class SlurmOptions:
                     f"--slurm {key!r}: not an sbatch option name (letters, digits and dashes, "
                     "e.g. --slurm mail-type=END)"
                 )
-            if any(c in str(value) for c in "\n\r\0"):
-                raise ValueError(f"--slurm {key}: the value may not contain line breaks")
+            check_script_value(f"--slurm {key}=", value)
         clash = sorted(set(self.extra) & RESERVED_SBATCH_KEYS)
         if clash:
             raise ValueError(
                 f"--slurm cannot set {clash}: submitit manages them (use --name for the job name)"
             )
+        for key in self.extra:
+            if len(key) == 1:
+                raise ValueError(f"--slurm {key}=: write sbatch's long option name (e.g. nodes, not N)")
+            own = [k for k in OWN_FLAG_KEYS if k == key or (len(key) >= 3 and k.startswith(key))]
+            if own:
+                raise ValueError(
+                    f"--slurm {key}= would override {OWN_FLAG_KEYS[own[0]]} behind the job's back "
+                    f"(the ranks and the summary follow the flag): use {OWN_FLAG_KEYS[own[0]]}"
+                )
+
+    def _check_script_values(self) -> None:
+        """Every value that reaches the sbatch script, checked as sbatch would read it (see `check_script_value`)."""
+        check_script_value("--name", self.name)
+        check_script_value("--time", self.time)
+        if self.job_dir is not None:
+            check_script_value("--job-dir", self.job_dir)
+        for flag, value, what in (
+            ("--partition", self.partition, "partition names"),
+            ("--account", self.account, "account names"),
+            ("--qos", self.qos, "QOS names"),
+            ("--exclude", self.exclude, "node names"),
+        ):
+            if value is not None:
+                check_name_list(flag, str(value), what)
+        if self.constraint is not None:
+            check_script_value("--constraint", self.constraint)
+            if not str(self.constraint).strip() or any(c.isspace() for c in str(self.constraint)):
+                raise ValueError(
+                    f"--constraint {self.constraint!r}: node features have no spaces "
+                    "(combine them with & or |, e.g. a100&ib)"
+                )
 
     @property
     def ntasks_per_node(self) -> int:
@@ -465,7 +558,10 @@ def _check_config(cfg: Any) -> None:
 
 
 def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:
-    return Path(opts.job_dir or Path(cfg.run_dir) / "submitit").expanduser().absolute()
+    """``--job-dir``, or ``RUN_DIR/submitit``: its path goes into the sbatch script (logs, command)."""
+    folder = Path(opts.job_dir or Path(cfg.run_dir) / "submitit").expanduser().absolute()
+    check_script_value("--job-dir" if opts.job_dir else "run_dir (the job dir is RUN_DIR/submitit)", folder)
+    return folder
 
 
 def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | None = None) -> str:
@@ -843,7 +939,19 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="submit a job array over the cartesian product of these values (repeatable)",
     )
     g.add_argument("--array-parallelism", type=int, default=64, help="sweep points running at once")
-    g.add_argument("--max-requeues", type=int, default=3, help="preemptions/time limits survived")
+    g.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        help="time limits survived by requeuing (default 3); preemptions are counted apart",
+    )
+    g.add_argument(
+        "--max-preemptions",
+        type=int,
+        default=None,
+        help="preemptions (SIGTERM, USR2 well before the time limit, requeues by the scheduler) "
+        "survived (default: no limit)",
+    )
     g.add_argument(
         "--cluster",
         choices=CLUSTERS,
