@@ -510,6 +510,8 @@ def _user_errors() -> tuple:
 
 def _where_to_resume(args) -> str:
     """What a re-run of an interrupted command continues from (checkpoints are only ever whole)."""
+    if args.command == "inspect":  # it writes into a temporary sibling of --out and moves it into place
+        return f"nothing was written to {args.out}: run the same command again"
     try:
         from ..checkpoints.store import CheckpointManager
 
