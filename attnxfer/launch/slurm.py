@@ -565,7 +565,13 @@ def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:
 
 
 def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | None = None) -> str:
-    """The sbatch script submitit writes for these options (same writer, same parameters)."""
+    """The sbatch script submitit writes for these options (same writer, same parameters).
+
+    The one private name of submitit this package uses: a dry run must print byte for byte the script
+    that submitit submits (tests/slurm/test_slurm_jobs.py compares them), so it asks submitit's own writer;
+    pyproject.toml pins submitit's major version for it. Every value reaching it was checked first
+    (`SlurmOptions`, `check_script_value`).
+    """
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(job_dir).expanduser().absolute()

@@ -26,6 +26,7 @@ from attnxfer.launch.slurm import (
     submit,
     wait,
 )
+from attnxfer.train.distributed import expand_node_list
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -186,3 +187,15 @@ srun --kill-on-bad-exit=1 {sys.executable} {root}/tests/slurm/toy_training.py {t
         (1, 2, "node1"),
     ]
     assert all(r["sum"] == 3.0 for r in records)
+
+
+@pytest.mark.parametrize(
+    "node_list",
+    ["node[1-2]", "gpu[1-3,5],cpu7", "n[08-10],n[099-101]", "n[8-10]", "r[1-2]n[1-2]", "login", "a,b[0-1]"],
+)
+def test_node_lists_expand_as_scontrol_expands_them(slurm_cluster, node_list):
+    """Our reading of SLURM's hostlist syntax (no submitit private) against SLURM's own."""
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", node_list], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert expand_node_list(node_list) == out.stdout.split()
