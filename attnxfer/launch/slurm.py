@@ -35,7 +35,8 @@ from typing import Any, Protocol, runtime_checkable
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError, pickle_load
 
-from ..train.distributed import backend_for, cleanup_distributed, init_distributed
+from ..train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
+from ..train.stop import StopRequested
 
 _logger = logging.getLogger(__name__)
 
@@ -346,8 +347,10 @@ def build_executor(opts: SlurmOptions, job_dir: str | Path) -> submitit.AutoExec
     executor = submitit.AutoExecutor(
         folder=str(job_dir),
         cluster=opts.cluster,
-        slurm_max_num_timeout=opts.max_requeues,
-        local_max_num_timeout=opts.max_requeues,
+        # submitit's own count of timeouts (its guess from the run time) must not end a job that
+        # TrainingTask, which tells timeouts from preemptions, requeues: TrainingTask bounds them
+        slurm_max_num_timeout=10**6,
+        local_max_num_timeout=10**6,
     )
     if opts.cluster == "slurm":
         executor.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(opts).items()})
@@ -372,44 +375,87 @@ def _has_srun() -> bool:
 # the submitted callable
 # ---------------------------------------------------------------------------------------------
 class RequeueLimitReached(RuntimeError):
-    """The job was preempted or timed out more often than ``max_requeues`` allows."""
+    """The job timed out more often than ``max_requeues`` (or was preempted more than ``max_preemptions``)."""
+
+
+# SLURM sends the time-limit signal `signal_delay_s` before the limit, "up to 60 seconds earlier" (sbatch
+# --signal): a signal later than limit - delay - this slack is the time limit; an earlier one, a preemption
+TIMEOUT_SLACK_S = 90
+REQUEUE_CAUSES = ("timeout", "preemption")
 
 
 class TrainingTask(submitit.helpers.Checkpointable):
     """``main_fn(cfg)`` as a checkpointable submitit task: same main as local runs, resumable.
 
-    ``checkpoint()`` runs in submitit's signal handler on global rank 0 only: it does no
-    collective and saves nothing itself. It hands back this same task, which submitit pickles
-    and SLURM requeues; the requeued ``main_fn`` resumes from the newest checkpoint in its run
-    directory (``resume: auto``). Past ``max_requeues`` it raises :class:`RequeueLimitReached`
-    instead, which ends the job with that error.
+    Two ways a job stops early, each ending in a requeue and a resume from the run directory
+    (``resume: auto``):
+
+    * USR2 (SLURM's ``--signal``, ``signal_delay_s`` before the time limit, or a preemption configured
+      to send it): ``checkpoint()`` runs in submitit's signal handler on global rank 0 only; it does no
+      collective and saves nothing itself (the run's periodic checkpoints are what resumes). It hands
+      back this same task, which submitit pickles and SLURM requeues.
+    * SIGTERM (``scancel``, preemption without USR2): the training loop saves at the next step boundary
+      and raises `StopRequested`; rank 0 then pickles this task and requeues the job
+      (``scontrol requeue``; a job cancelled by its user stays cancelled).
+
+    Timeouts and preemptions are counted apart, as submitit does: a signal close to the time limit
+    (see `TIMEOUT_SLACK_S`) is a timeout, bounded by ``max_requeues``; any other signal, and a requeue
+    by the scheduler itself (``SLURM_RESTART_COUNT`` beyond ours), is a preemption, unbounded unless
+    ``max_preemptions`` is set. Past a bound it raises :class:`RequeueLimitReached` instead, which ends
+    the job with that error.
     """
 
-    def __init__(self, main_fn: Callable[[Any], Any], cfg: Any, max_requeues: int = 3) -> None:
+    def __init__(
+        self,
+        main_fn: Callable[[Any], Any],
+        cfg: Any,
+        max_requeues: int = 3,
+        max_preemptions: int | None = None,
+        time_limit_min: int | None = None,
+        signal_delay_s: int = 120,
+    ) -> None:
         self.main_fn = main_fn
         self.cfg = cfg
         self.max_requeues = max_requeues
-        self.requeues = 0  # travels with the pickled task; SLURM_RESTART_COUNT covers external requeues
+        self.max_preemptions = max_preemptions
+        self.time_limit_min = time_limit_min  # None: every signal counts as a time limit
+        self.signal_delay_s = signal_delay_s
+        # requeues this task asked for, by cause; they travel with the pickled task
+        self.timeouts = 0
+        self.preemptions = 0
+        self._started = time.time()
+
+    @property
+    def requeues(self) -> int:
+        return self.timeouts + self.preemptions
 
     def __call__(self) -> Any:
         _ensure_job_logging()
+        self._started = time.time()
         restarts = self.restart_count()
         if restarts:
             _logger.warning(
-                "restart %d of this job (max %d): main resumes from its run directory",
+                "restart %d of this job (%d time limit(s) of at most %d, %d preemption(s) of at most %s): "
+                "main resumes from its run directory",
                 restarts,
+                self.timeouts,
                 self.max_requeues,
+                self.all_preemptions(),
+                "any" if self.max_preemptions is None else self.max_preemptions,
             )
             self._record_requeue(restarts, event="restarted")
-            if restarts > self.max_requeues:  # e.g. the scheduler requeued it without asking us
+            if self.max_preemptions is not None and self.all_preemptions() > self.max_preemptions:
+                # e.g. the scheduler requeued it without asking us
                 raise RequeueLimitReached(
-                    f"job restarted {restarts} times, more than max_requeues={self.max_requeues}; "
-                    "raise --max-requeues or look at why it keeps being preempted"
+                    f"job preempted {self.all_preemptions()} times, more than "
+                    f"max_preemptions={self.max_preemptions}; raise --max-preemptions or use another partition"
                 )
         _watch_stop_signals()
         info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")))
         try:
             result = self.main_fn(self.cfg)
+        except StopRequested as stop:  # SIGTERM: the step is saved; requeue (rank 0), then every rank leaves
+            self._requeue_after_stop(stop, info.rank)
         except Exception as e:
             # no cleanup_distributed() here: closing the group would make the other ranks fail
             # before this rank's error is on record; the process exits right after anyway
@@ -427,25 +473,82 @@ class TrainingTask(submitit.helpers.Checkpointable):
     def restart_count(self) -> int:
         return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0))
 
+    def all_preemptions(self) -> int:
+        """Ours plus the requeues SLURM did without asking this task (preemption in requeue mode, admins)."""
+        return self.preemptions + max(0, self.restart_count() - self.requeues)
+
+    def requeue_cause(self) -> str:
+        """``"timeout"`` when the signal came within `TIMEOUT_SLACK_S` of ``signal_delay_s`` before the
+        time limit (measured from this run's start), else ``"preemption"``."""
+        if self.time_limit_min is None:
+            return "timeout"
+        ran = time.time() - self._started
+        return (
+            "timeout"
+            if ran >= self.time_limit_min * 60 - self.signal_delay_s - TIMEOUT_SLACK_S
+            else "preemption"
+        )
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
-        count = self.restart_count() + 1
-        if count > self.max_requeues:
-            self._record_requeue(count - 1, event="refused")
+        cause = self.requeue_cause()
+        if cause == "timeout" and self.timeouts + 1 > self.max_requeues:
+            self._record_requeue(self.requeues, event="refused", cause=cause)
             # raised inside the signal handler: the job ends with this error instead of requeuing
             raise RequeueLimitReached(
-                f"preempted or timed out again after {count - 1} requeue(s); max_requeues={self.max_requeues} "
+                f"timed out again after {self.timeouts} requeue(s) at the time limit; "
+                f"max_requeues={self.max_requeues} reached, not requeuing (the run dir keeps the last "
+                "checkpoint: resubmit to continue, with a longer --time or a higher --max-requeues)"
+            )
+        limit = self.max_preemptions
+        if cause == "preemption" and limit is not None and self.all_preemptions() + 1 > limit:
+            self._record_requeue(self.requeues, event="refused", cause=cause)
+            raise RequeueLimitReached(
+                f"preempted again after {self.all_preemptions()} preemption(s); max_preemptions={limit} "
                 "reached, not requeuing (the run dir keeps the last checkpoint: resubmit to continue)"
             )
-        self.requeues = count
-        self._record_requeue(count, event="requeued")
+        if cause == "timeout":
+            self.timeouts += 1
+        else:
+            self.preemptions += 1
+        self._record_requeue(self.requeues, event="requeued", cause=cause)
         _logger.warning(
-            "requeuing (requeue %d of at most %d); main will resume from its newest checkpoint",
-            count,
+            "requeuing after a %s (%d time limit(s) of at most %d, %d preemption(s)); "
+            "main will resume from its newest checkpoint",
+            cause,
+            self.timeouts,
             self.max_requeues,
+            self.all_preemptions(),
         )
         return super().checkpoint(*args, **kwargs)
 
-    def _record_requeue(self, count: int, event: str) -> None:
+    def _requeue_after_stop(self, stop: StopRequested, rank: int) -> None:
+        """After SIGTERM: rank 0 pickles this task and requeues the job; no rank leaves before that (srun's
+        --kill-on-bad-exit would take rank 0 down with the first rank to exit). Always raises."""
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # local/debug executor: nothing to requeue
+            raise stop
+        env = submitit.JobEnvironment()
+        refused: RequeueLimitReached | None = None
+        if rank == 0:
+            try:
+                delayed = self.checkpoint()
+                delayed.set_timeout(self.time_limit_min or 0, 10**6)  # our own counts bound the requeues
+                delayed.dump(env.paths.submitted_pickle)
+                done = subprocess.run(
+                    ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
+                )
+                if done.returncode == 0:
+                    _logger.warning("%s; job %s requeued: it resumes from that step", stop, env.job_id)
+                else:  # e.g. cancelled by its user: scancel's SIGTERM must not bring the job back
+                    _logger.warning("%s; job %s not requeued: %s", stop, env.job_id, done.stderr.strip())
+            except RequeueLimitReached as e:
+                refused = e
+        with contextlib.suppress(Exception):
+            barrier()
+        if refused is not None:
+            raise refused
+        raise SystemExit(stop.exit_code)
+
+    def _record_requeue(self, count: int, event: str, cause: str | None = None) -> None:
         """Append to ``<job_dir>/<job_id>_requeues.json`` (rank 0 only; best effort, never raises)."""
         try:
             env = submitit.JobEnvironment()
@@ -453,10 +556,17 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 return
             path = requeue_record_path(env.paths.folder, env.job_id)
             record = json.loads(path.read_text()) if path.exists() else {"job_id": env.job_id, "events": []}
-            record.update(requeues=count, max_requeues=self.max_requeues)
-            record["events"].append(
-                {"event": event, "count": count, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            record.update(
+                requeues=count,
+                timeouts=self.timeouts,
+                preemptions=self.all_preemptions(),
+                max_requeues=self.max_requeues,
+                max_preemptions=self.max_preemptions,
             )
+            entry = {"event": event, "count": count, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if cause:
+                entry["cause"] = cause
+            record["events"].append(entry)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1))
             os.replace(tmp, path)
@@ -465,7 +575,10 @@ class TrainingTask(submitit.helpers.Checkpointable):
 
     def __repr__(self) -> str:
         name = getattr(self.main_fn, "__qualname__", repr(self.main_fn))
-        return f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, max_requeues={self.max_requeues})"
+        return (
+            f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, "
+            f"max_requeues={self.max_requeues}, max_preemptions={self.max_preemptions})"
+        )
 
 
 _STOP_SIGNALLED = False
@@ -627,7 +740,17 @@ def submit(
         return []
     job_dir = default_job_dir(cfg, opts)
     executor = build_executor(opts, job_dir)
-    tasks = [TrainingTask(main_fn, p.cfg, max_requeues=opts.max_requeues) for p in points]
+    tasks = [
+        TrainingTask(
+            main_fn,
+            p.cfg,
+            max_requeues=opts.max_requeues,
+            max_preemptions=opts.max_preemptions,
+            time_limit_min=opts.timeout_min,
+            signal_delay_s=opts.signal_delay_s,
+        )
+        for p in points
+    ]
     if len(tasks) == 1:
         jobs = [executor.submit(tasks[0])]
     else:
