@@ -331,8 +331,8 @@ class Engine:
 
     def _stop_if_signalled(self) -> None:
         """After SIGTERM on any rank (`stop_on_signals`): save this step unless it was just saved, say so,
-        and raise `StopRequested`. Every rank calls it after every optimiser step (one collective)."""
-        signum = stop_signal(self.accelerator.device)
+        and raise `StopRequested`. Every rank calls it after every optimiser step (one small CPU collective)."""
+        signum = stop_signal()
         if signum is None:
             return
         if self._saved_step != self.step:

@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from .distributed import min_over_ranks, rank_and_world
+from .distributed import rank_and_world
 
 __all__ = ["STOP_SIGNALS", "StopRequested", "stop_on_signals", "stop_signal"]
 
@@ -80,13 +81,31 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
         _received.clear()
 
 
-def stop_signal(device: torch.device | str = "cpu") -> int | None:
+def stop_signal() -> int | None:
     """The stop signal any rank caught, or None; a collective under DDP (every rank calls it each step).
 
     Ranks run within a step of each other but a signal reaches them at slightly different moments:
-    agreeing here makes them all stop (and save) at the same step.
+    agreeing here makes them all stop (and save) at the same step. The flag travels through a gloo
+    group on the CPU (the run's own group when it is gloo), so a GPU run pays no device sync for it.
     """
     mine = _received[0] if _received else 0
-    if rank_and_world()[1] > 1:  # one process alone reads its own flag: no tensor, no device sync
-        mine = -min_over_ranks(torch.tensor(-mine, device=device))
+    if rank_and_world()[1] > 1:  # one process alone reads its own flag
+        flag = torch.tensor([mine], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
+        mine = int(flag.item())
     return mine or None
+
+
+_gloo_group: tuple[Any, Any] | None = None  # (the default group it was made for, the gloo group)
+
+
+def _cpu_group() -> Any:
+    """None (the default group) when it is gloo; else one gloo group of all ranks, created by every rank
+    at its first step (``new_group`` is collective: every rank gets here in the same order)."""
+    global _gloo_group
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if _gloo_group is None or _gloo_group[0] is not world:  # a new process group since: a new side group
+        _gloo_group = (world, dist.new_group(backend="gloo"))
+    return _gloo_group[1]
