@@ -396,3 +396,63 @@ def test_an_empty_image_batch_is_a_clear_error():
         inspect_models(teacher, {"s": teacher}, torch.zeros(0, 3, 32, 32))
     with pytest.raises(ValueError, match="no images to inspect"):
         compare_attention(teacher, {"s": Subject(teacher)}, [])
+
+
+# ------------------------------------------------------------------------------------------- --out and --overwrite
+@pytest.fixture(scope="module")
+def micro_teacher(tmp_path_factory):
+    """A one-layer micro ViT in export format: the fastest model `attnxfer inspect` can load."""
+    folder = tmp_path_factory.mktemp("micro") / "teacher"
+    torch.manual_seed(0)
+    model = create_vit("vit_micro_patch4_28", num_classes=10, depth=1, embed_dim=24, num_heads=2)
+    export_student(model, folder, card=ModelCardInfo(model_name="micro", license="apache-2.0"))
+    return f"local-dir:{folder}"
+
+
+def _inspect(spec: str, out: Path, *flags: str) -> int:
+    args = ["inspect", spec, spec, "--data", "synthetic", "--num-images", "2", "--floor-images", "1"]
+    return cli_main([*args, "--batch-size", "2", "--out", str(out), *flags])
+
+
+def test_overwrite_deletes_only_what_inspect_wrote(micro_teacher, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"the user's own picture")
+    (out / "rollout_img7.png").write_bytes(b"a user's file with an inspect-like name")
+    assert _inspect(micro_teacher, out, "--pictures", "2") == 0
+    first = json.loads((out / "inspect-manifest.json").read_text())["files"]
+    assert {"rollout_img0.png", "rollout_img1.png", "metrics.json"} <= set(first)
+    assert "mine.png" not in first and "rollout_img7.png" not in first
+    assert _inspect(micro_teacher, out, "--pictures", "1", "--overwrite") == 0
+    names = {p.name for p in out.iterdir()}
+    assert not (out / "rollout_img1.png").exists()  # the first report's second picture: inspect's, gone
+    assert {"mine.png", "rollout_img7.png", "rollout_img0.png", "curves.png", "report.md"} <= names
+    assert (out / "mine.png").read_bytes() == b"the user's own picture"
+    assert (out / "rollout_img7.png").read_bytes() == b"a user's file with an inspect-like name"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.partial")]  # no staging left
+
+
+def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
+    micro_teacher, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C while the pictures are drawn (after metrics.json, before the rest): nothing reaches --out."""
+    import attnxfer.apps.inspect as inspect_app
+
+    drawn = []
+    real_save = inspect_app.save_figure
+
+    def interrupted_save(fig, path):
+        drawn.append(path)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, here at a known point
+        return real_save(fig, path)
+
+    monkeypatch.setattr(inspect_app, "save_figure", interrupted_save)
+    out = tmp_path / "report"
+    assert _inspect(micro_teacher, out) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "nothing was written" in err and "run the same command again" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no report, no staging folder
+    monkeypatch.setattr(inspect_app, "save_figure", real_save)
+    assert _inspect(micro_teacher, out) == 0  # the advice holds: no "already holds an inspection"
+    assert (out / "metrics.json").exists() and (out / "curves.png").exists()

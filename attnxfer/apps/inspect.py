@@ -9,10 +9,13 @@ dataset) the teacher's way, measures with `attnxfer.analysis.compare_attention` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,6 +364,76 @@ def write_report(
     return written
 
 
+#: what `inspect_attention` wrote into its --out folder: an --overwrite deletes those files, and no others
+MANIFEST = "inspect-manifest.json"
+# the files of a report written before manifests existed (metrics.json, report.md and these pictures)
+_OWN_PICTURES = ("curves.png", "rollout_img*.png", "cls_maps_*_img*.png")
+
+
+@contextlib.contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of ``out`` to write the report into, removed whatever happens (Ctrl-C
+    included): an interrupted inspection leaves ``out`` as it was. Siblings left by a killed run go too."""
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _previous_report(out: Path) -> list[str]:
+    """The files an earlier inspection wrote into ``out``: its manifest's list (plain names only), or for a
+    report from before manifests, its own names (metrics.json, report.md, the pictures it draws)."""
+    manifest = out / MANIFEST
+    if manifest.exists():
+        try:
+            names = json.loads(manifest.read_text()).get("files", [])
+        except (OSError, ValueError, AttributeError):
+            names = []
+        return [n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")]
+    if not (out / "metrics.json").exists():
+        return []
+    own = {"metrics.json", "report.md"}
+    for pattern in _OWN_PICTURES:
+        own.update(p.name for p in out.glob(pattern))
+    return sorted(own)
+
+
+def _publish(tmp: Path, out: Path, names: Sequence[str]) -> None:
+    """Move the report from ``tmp`` into ``out``: one rename when ``out`` does not exist; else file by file
+    (each replace atomic), deleting what the previous inspection wrote and nothing of the user's own,
+    metrics.json last (its presence is what marks a finished report)."""
+    atomic_write_json(tmp / MANIFEST, {"files": [*names, MANIFEST]})
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    new = [n for n in names if n != "metrics.json"] + [MANIFEST, "metrics.json"]
+    stale = [n for n in _previous_report(out) if n not in new]
+    for name in new[:-1]:
+        os.replace(tmp / name, out / name)
+    for name in stale:
+        (out / name).unlink(missing_ok=True)
+    os.replace(tmp / "metrics.json", out / "metrics.json")
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
@@ -418,10 +491,9 @@ def inspect_attention(
     subjects = {n: Subject(s.model, s.borrow) for n, s in loaded.items()}
     insp = inspect_models(t.model, subjects, x, batch_size=batch_size, **settings)
     if out is not None:
-        if overwrite and Path(out).exists():
-            for old in Path(out).glob("*.png"):
-                old.unlink()
-        write_report(out, insp, t, loaded, x, picture_images=picture_images)
+        with _staging(Path(out)) as tmp:
+            written = write_report(tmp, insp, t, loaded, x, picture_images=picture_images)
+            _publish(tmp, Path(out), [p.name for p in written])
     return _json(
         {"teacher": t.spec, "students": {n: s.spec for n, s in loaded.items()}, **dataclasses.asdict(insp)}
     )

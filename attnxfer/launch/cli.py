@@ -510,6 +510,8 @@ def _user_errors() -> tuple:
 
 def _where_to_resume(args) -> str:
     """What a re-run of an interrupted command continues from (checkpoints are only ever whole)."""
+    if args.command == "inspect":  # it writes into a temporary sibling of --out and moves it into place
+        return f"nothing was written to {args.out}: run the same command again"
     try:
         from ..checkpoints.store import CheckpointManager
 
@@ -520,6 +522,22 @@ def _where_to_resume(args) -> str:
     if info is None:
         return f"no checkpoint was saved yet in {run_dir}: running the same command again starts over"
     return f"running the same command again continues from step {info.step} ({info.path})"
+
+
+def _stopped_by_signal(args, error: Exception) -> int | None:
+    """The exit code of a run that SIGTERM stopped at a step boundary (its checkpoint saved), after saying
+    so on the main process; None for any other error."""
+    from ..train.stop import StopRequested  # torch is loaded already: the run was training
+
+    if not isinstance(error, StopRequested):
+        return None
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"attnxfer {args.command}: {error}; re-run the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+    return error.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -542,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", file=sys.stderr)
         return 130
     except Exception as e:
+        stopped = _stopped_by_signal(args, e)
+        if stopped is not None:
+            return stopped
         if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, _user_errors()):
             raise
         print(f"attnxfer {args.command}: error: {e}", file=sys.stderr)

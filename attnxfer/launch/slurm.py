@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,7 +35,8 @@ from typing import Any, Protocol, runtime_checkable
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError, pickle_load
 
-from ..train.distributed import backend_for, cleanup_distributed, init_distributed
+from ..train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
+from ..train.stop import StopRequested
 
 _logger = logging.getLogger(__name__)
 
@@ -42,6 +44,23 @@ CLUSTERS = ("slurm", "local", "debug")
 RUN_DIR_KEY = "run_dir"
 # sbatch options that submitit itself sets and that would break log collection if overridden
 RESERVED_SBATCH_KEYS = frozenset({"output", "error", "open-mode", "array", "signal", "job-name", "wrap"})
+# sbatch options that have their own `attnxfer submit` flag: --slurm may not set them behind its back
+OWN_FLAG_KEYS = {
+    "nodes": "--nodes",
+    "ntasks": "--nodes and --tasks-per-node",
+    "ntasks-per-node": "--tasks-per-node (or --gpus-per-node: one task per GPU)",
+    "gpus": "--gpus-per-node",
+    "gpus-per-node": "--gpus-per-node",
+    "gpus-per-task": "--gpus-per-node",
+    "cpus-per-task": "--cpus-per-task",
+    "mem": "--mem",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "exclude": "--exclude",
+}
 # srun options for every job: a rank that dies takes its step down instead of leaving
 # the other ranks blocked in a collective until the time limit
 DEFAULT_SRUN_ARGS = ("--kill-on-bad-exit=1",)
@@ -67,27 +86,68 @@ _MEM_RE = re.compile(r"^\d+(?:[KMGT]B?)?$", re.IGNORECASE)
 
 
 def parse_time_minutes(value: int | str) -> int:
-    """SLURM time limit to whole minutes: ``90``, ``"90"``, ``"MM:SS"``, ``"HH:MM:SS"``, ``"D-HH[:MM[:SS]]"``."""
+    """SLURM time limit to whole minutes, in sbatch's ``--time`` formats: ``MM``, ``MM:SS``, ``HH:MM:SS``,
+    ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
+
+    The leading field may be any size (``90`` minutes, ``36:00:00``); the fields after it are bounded as
+    on a clock (minutes and seconds below 60, hours below 24 after a day count), so ``25:99:99`` is refused
+    rather than read as 1601 minutes.
+    """
     if isinstance(value, int) and not isinstance(value, bool):
         minutes = value
     else:
-        m = _TIME_RE.match(str(value).strip())
+        text = str(value).strip()
+        m = _TIME_RE.match(text)
         if not m:
-            raise ValueError(f"time must be minutes or [D-]HH:MM:SS (sbatch --time formats), got {value!r}")
+            raise ValueError(
+                f"time must be MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time formats), "
+                f"got {value!r}"
+            )
         parts = [int(p) for p in m.group("rest").split(":")]
         days = int(m.group("d") or 0)
         if m.group("d") is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
             h, mi, s = (parts + [0, 0])[:3]
+            bounded = [("hours", h, 24), ("minutes", mi, 60), ("seconds", s, 60)][: len(parts)]
         elif len(parts) == 1:  # minutes
             h, mi, s = 0, parts[0], 0
+            bounded = []
         elif len(parts) == 2:  # MM:SS
             h, mi, s = 0, parts[0], parts[1]
+            bounded = [("seconds", s, 60)]
         else:
             h, mi, s = parts
+            bounded = [("minutes", mi, 60), ("seconds", s, 60)]
+        for what, number, limit in bounded:
+            if number >= limit:
+                raise ValueError(f"time {text!r}: {what} must be below {limit}, got {number}")
         minutes = math.ceil((((days * 24 + h) * 60 + mi) * 60 + s) / 60)
     if minutes < 1:
         raise ValueError(f"time limit must be at least one minute, got {value!r}")
     return minutes
+
+
+def check_script_value(flag: str, value: Any) -> None:
+    """Refuse a value that would not stay on its own line of the sbatch script.
+
+    sbatch reads ``#SBATCH`` lines only up to the first command: a line break (or any other control
+    character) in a value would turn the rest of it into a command and silently drop the options after it.
+    """
+    text = str(value)
+    bad = sorted({repr(c) for c in text if unicodedata.category(c) == "Cc"})
+    if bad:
+        raise ValueError(
+            f"{flag} {text!r}: control characters ({', '.join(bad)}) cannot go into an sbatch script"
+        )
+
+
+def check_name_list(flag: str, value: str, what: str) -> None:
+    """A comma-separated list of SLURM names (partitions, accounts, QOS, node lists): no blanks inside."""
+    check_script_value(flag, value)
+    items = _split_top_level(value)
+    if any(not item or any(c.isspace() for c in item) for item in items):
+        raise ValueError(
+            f"{flag} {value!r}: {what} have no spaces and no empty items (a list is comma-separated, e.g. a,b)"
+        )
 
 
 def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict[str, str]:
@@ -157,7 +217,8 @@ class SlurmOptions:
     job_dir: str | None = None  # submitit's folder (pickles, logs); default: <run_dir>/submitit
     name: str = "attnxfer"
     array_parallelism: int = 64  # sweep points running at once
-    max_requeues: int = 3  # preemptions + time limits survived before the job gives up
+    max_requeues: int = 3  # time limits survived before the job gives up (preemptions are not counted)
+    max_preemptions: int | None = None  # preemptions survived; None: as many as the cluster sends
     signal_delay_s: int = 120  # USR2 this long before the time limit: time to requeue
     cluster: str = "slurm"  # 'slurm' | 'local' (subprocesses here) | 'debug' (in this process)
 
@@ -181,6 +242,9 @@ class SlurmOptions:
             raise ValueError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if self.max_requeues < 0:
             raise ValueError(f"max_requeues must be >= 0, got {self.max_requeues}")
+        if self.max_preemptions is not None and self.max_preemptions < 0:
+            raise ValueError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
+        self._check_script_values()
         if self.mem is not None and not _MEM_RE.match(str(self.mem)):
             raise ValueError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
         parse_time_minutes(self.time)
@@ -195,13 +259,43 @@ class SlurmOptions:
                     f"--slurm {key!r}: not an sbatch option name (letters, digits and dashes, "
                     "e.g. --slurm mail-type=END)"
                 )
-            if any(c in str(value) for c in "\n\r\0"):
-                raise ValueError(f"--slurm {key}: the value may not contain line breaks")
+            check_script_value(f"--slurm {key}=", value)
         clash = sorted(set(self.extra) & RESERVED_SBATCH_KEYS)
         if clash:
             raise ValueError(
                 f"--slurm cannot set {clash}: submitit manages them (use --name for the job name)"
             )
+        for key in self.extra:
+            if len(key) == 1:
+                raise ValueError(f"--slurm {key}=: write sbatch's long option name (e.g. nodes, not N)")
+            own = [k for k in OWN_FLAG_KEYS if k == key or (len(key) >= 3 and k.startswith(key))]
+            if own:
+                raise ValueError(
+                    f"--slurm {key}= would override {OWN_FLAG_KEYS[own[0]]} behind the job's back "
+                    f"(the ranks and the summary follow the flag): use {OWN_FLAG_KEYS[own[0]]}"
+                )
+
+    def _check_script_values(self) -> None:
+        """Every value that reaches the sbatch script, checked as sbatch would read it (see `check_script_value`)."""
+        check_script_value("--name", self.name)
+        check_script_value("--time", self.time)
+        if self.job_dir is not None:
+            check_script_value("--job-dir", self.job_dir)
+        for flag, value, what in (
+            ("--partition", self.partition, "partition names"),
+            ("--account", self.account, "account names"),
+            ("--qos", self.qos, "QOS names"),
+            ("--exclude", self.exclude, "node names"),
+        ):
+            if value is not None:
+                check_name_list(flag, str(value), what)
+        if self.constraint is not None:
+            check_script_value("--constraint", self.constraint)
+            if not str(self.constraint).strip() or any(c.isspace() for c in str(self.constraint)):
+                raise ValueError(
+                    f"--constraint {self.constraint!r}: node features have no spaces "
+                    "(combine them with & or |, e.g. a100&ib)"
+                )
 
     @property
     def ntasks_per_node(self) -> int:
@@ -253,8 +347,10 @@ def build_executor(opts: SlurmOptions, job_dir: str | Path) -> submitit.AutoExec
     executor = submitit.AutoExecutor(
         folder=str(job_dir),
         cluster=opts.cluster,
-        slurm_max_num_timeout=opts.max_requeues,
-        local_max_num_timeout=opts.max_requeues,
+        # submitit's own count of timeouts (its guess from the run time) must not end a job that
+        # TrainingTask, which tells timeouts from preemptions, requeues: TrainingTask bounds them
+        slurm_max_num_timeout=10**6,
+        local_max_num_timeout=10**6,
     )
     if opts.cluster == "slurm":
         executor.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(opts).items()})
@@ -279,44 +375,87 @@ def _has_srun() -> bool:
 # the submitted callable
 # ---------------------------------------------------------------------------------------------
 class RequeueLimitReached(RuntimeError):
-    """The job was preempted or timed out more often than ``max_requeues`` allows."""
+    """The job timed out more often than ``max_requeues`` (or was preempted more than ``max_preemptions``)."""
+
+
+# SLURM sends the time-limit signal `signal_delay_s` before the limit, "up to 60 seconds earlier" (sbatch
+# --signal): a signal later than limit - delay - this slack is the time limit; an earlier one, a preemption
+TIMEOUT_SLACK_S = 90
+REQUEUE_CAUSES = ("timeout", "preemption")
 
 
 class TrainingTask(submitit.helpers.Checkpointable):
     """``main_fn(cfg)`` as a checkpointable submitit task: same main as local runs, resumable.
 
-    ``checkpoint()`` runs in submitit's signal handler on global rank 0 only: it does no
-    collective and saves nothing itself. It hands back this same task, which submitit pickles
-    and SLURM requeues; the requeued ``main_fn`` resumes from the newest checkpoint in its run
-    directory (``resume: auto``). Past ``max_requeues`` it raises :class:`RequeueLimitReached`
-    instead, which ends the job with that error.
+    Two ways a job stops early, each ending in a requeue and a resume from the run directory
+    (``resume: auto``):
+
+    * USR2 (SLURM's ``--signal``, ``signal_delay_s`` before the time limit, or a preemption configured
+      to send it): ``checkpoint()`` runs in submitit's signal handler on global rank 0 only; it does no
+      collective and saves nothing itself (the run's periodic checkpoints are what resumes). It hands
+      back this same task, which submitit pickles and SLURM requeues.
+    * SIGTERM (``scancel``, preemption without USR2): the training loop saves at the next step boundary
+      and raises `StopRequested`; rank 0 then pickles this task and requeues the job
+      (``scontrol requeue``; a job cancelled by its user stays cancelled).
+
+    Timeouts and preemptions are counted apart, as submitit does: a signal close to the time limit
+    (see `TIMEOUT_SLACK_S`) is a timeout, bounded by ``max_requeues``; any other signal, and a requeue
+    by the scheduler itself (``SLURM_RESTART_COUNT`` beyond ours), is a preemption, unbounded unless
+    ``max_preemptions`` is set. Past a bound it raises :class:`RequeueLimitReached` instead, which ends
+    the job with that error.
     """
 
-    def __init__(self, main_fn: Callable[[Any], Any], cfg: Any, max_requeues: int = 3) -> None:
+    def __init__(
+        self,
+        main_fn: Callable[[Any], Any],
+        cfg: Any,
+        max_requeues: int = 3,
+        max_preemptions: int | None = None,
+        time_limit_min: int | None = None,
+        signal_delay_s: int = 120,
+    ) -> None:
         self.main_fn = main_fn
         self.cfg = cfg
         self.max_requeues = max_requeues
-        self.requeues = 0  # travels with the pickled task; SLURM_RESTART_COUNT covers external requeues
+        self.max_preemptions = max_preemptions
+        self.time_limit_min = time_limit_min  # None: every signal counts as a time limit
+        self.signal_delay_s = signal_delay_s
+        # requeues this task asked for, by cause; they travel with the pickled task
+        self.timeouts = 0
+        self.preemptions = 0
+        self._started = time.time()
+
+    @property
+    def requeues(self) -> int:
+        return self.timeouts + self.preemptions
 
     def __call__(self) -> Any:
         _ensure_job_logging()
+        self._started = time.time()
         restarts = self.restart_count()
         if restarts:
             _logger.warning(
-                "restart %d of this job (max %d): main resumes from its run directory",
+                "restart %d of this job (%d time limit(s) of at most %d, %d preemption(s) of at most %s): "
+                "main resumes from its run directory",
                 restarts,
+                self.timeouts,
                 self.max_requeues,
+                self.all_preemptions(),
+                "any" if self.max_preemptions is None else self.max_preemptions,
             )
             self._record_requeue(restarts, event="restarted")
-            if restarts > self.max_requeues:  # e.g. the scheduler requeued it without asking us
+            if self.max_preemptions is not None and self.all_preemptions() > self.max_preemptions:
+                # e.g. the scheduler requeued it without asking us
                 raise RequeueLimitReached(
-                    f"job restarted {restarts} times, more than max_requeues={self.max_requeues}; "
-                    "raise --max-requeues or look at why it keeps being preempted"
+                    f"job preempted {self.all_preemptions()} times, more than "
+                    f"max_preemptions={self.max_preemptions}; raise --max-preemptions or use another partition"
                 )
         _watch_stop_signals()
         info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")))
         try:
             result = self.main_fn(self.cfg)
+        except StopRequested as stop:  # SIGTERM: the step is saved; requeue (rank 0), then every rank leaves
+            self._requeue_after_stop(stop, info.rank)
         except Exception as e:
             # no cleanup_distributed() here: closing the group would make the other ranks fail
             # before this rank's error is on record; the process exits right after anyway
@@ -334,25 +473,82 @@ class TrainingTask(submitit.helpers.Checkpointable):
     def restart_count(self) -> int:
         return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0))
 
+    def all_preemptions(self) -> int:
+        """Ours plus the requeues SLURM did without asking this task (preemption in requeue mode, admins)."""
+        return self.preemptions + max(0, self.restart_count() - self.requeues)
+
+    def requeue_cause(self) -> str:
+        """``"timeout"`` when the signal came within `TIMEOUT_SLACK_S` of ``signal_delay_s`` before the
+        time limit (measured from this run's start), else ``"preemption"``."""
+        if self.time_limit_min is None:
+            return "timeout"
+        ran = time.time() - self._started
+        return (
+            "timeout"
+            if ran >= self.time_limit_min * 60 - self.signal_delay_s - TIMEOUT_SLACK_S
+            else "preemption"
+        )
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
-        count = self.restart_count() + 1
-        if count > self.max_requeues:
-            self._record_requeue(count - 1, event="refused")
+        cause = self.requeue_cause()
+        if cause == "timeout" and self.timeouts + 1 > self.max_requeues:
+            self._record_requeue(self.requeues, event="refused", cause=cause)
             # raised inside the signal handler: the job ends with this error instead of requeuing
             raise RequeueLimitReached(
-                f"preempted or timed out again after {count - 1} requeue(s); max_requeues={self.max_requeues} "
+                f"timed out again after {self.timeouts} requeue(s) at the time limit; "
+                f"max_requeues={self.max_requeues} reached, not requeuing (the run dir keeps the last "
+                "checkpoint: resubmit to continue, with a longer --time or a higher --max-requeues)"
+            )
+        limit = self.max_preemptions
+        if cause == "preemption" and limit is not None and self.all_preemptions() + 1 > limit:
+            self._record_requeue(self.requeues, event="refused", cause=cause)
+            raise RequeueLimitReached(
+                f"preempted again after {self.all_preemptions()} preemption(s); max_preemptions={limit} "
                 "reached, not requeuing (the run dir keeps the last checkpoint: resubmit to continue)"
             )
-        self.requeues = count
-        self._record_requeue(count, event="requeued")
+        if cause == "timeout":
+            self.timeouts += 1
+        else:
+            self.preemptions += 1
+        self._record_requeue(self.requeues, event="requeued", cause=cause)
         _logger.warning(
-            "requeuing (requeue %d of at most %d); main will resume from its newest checkpoint",
-            count,
+            "requeuing after a %s (%d time limit(s) of at most %d, %d preemption(s)); "
+            "main will resume from its newest checkpoint",
+            cause,
+            self.timeouts,
             self.max_requeues,
+            self.all_preemptions(),
         )
         return super().checkpoint(*args, **kwargs)
 
-    def _record_requeue(self, count: int, event: str) -> None:
+    def _requeue_after_stop(self, stop: StopRequested, rank: int) -> None:
+        """After SIGTERM: rank 0 pickles this task and requeues the job; no rank leaves before that (srun's
+        --kill-on-bad-exit would take rank 0 down with the first rank to exit). Always raises."""
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # local/debug executor: nothing to requeue
+            raise stop
+        env = submitit.JobEnvironment()
+        refused: RequeueLimitReached | None = None
+        if rank == 0:
+            try:
+                delayed = self.checkpoint()
+                delayed.set_timeout(self.time_limit_min or 0, 10**6)  # our own counts bound the requeues
+                delayed.dump(env.paths.submitted_pickle)
+                done = subprocess.run(
+                    ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
+                )
+                if done.returncode == 0:
+                    _logger.warning("%s; job %s requeued: it resumes from that step", stop, env.job_id)
+                else:  # e.g. cancelled by its user: scancel's SIGTERM must not bring the job back
+                    _logger.warning("%s; job %s not requeued: %s", stop, env.job_id, done.stderr.strip())
+            except RequeueLimitReached as e:
+                refused = e
+        with contextlib.suppress(Exception):
+            barrier()
+        if refused is not None:
+            raise refused
+        raise SystemExit(stop.exit_code)
+
+    def _record_requeue(self, count: int, event: str, cause: str | None = None) -> None:
         """Append to ``<job_dir>/<job_id>_requeues.json`` (rank 0 only; best effort, never raises)."""
         try:
             env = submitit.JobEnvironment()
@@ -360,10 +556,17 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 return
             path = requeue_record_path(env.paths.folder, env.job_id)
             record = json.loads(path.read_text()) if path.exists() else {"job_id": env.job_id, "events": []}
-            record.update(requeues=count, max_requeues=self.max_requeues)
-            record["events"].append(
-                {"event": event, "count": count, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            record.update(
+                requeues=count,
+                timeouts=self.timeouts,
+                preemptions=self.all_preemptions(),
+                max_requeues=self.max_requeues,
+                max_preemptions=self.max_preemptions,
             )
+            entry = {"event": event, "count": count, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if cause:
+                entry["cause"] = cause
+            record["events"].append(entry)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(record, indent=1))
             os.replace(tmp, path)
@@ -372,7 +575,10 @@ class TrainingTask(submitit.helpers.Checkpointable):
 
     def __repr__(self) -> str:
         name = getattr(self.main_fn, "__qualname__", repr(self.main_fn))
-        return f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, max_requeues={self.max_requeues})"
+        return (
+            f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, "
+            f"max_requeues={self.max_requeues}, max_preemptions={self.max_preemptions})"
+        )
 
 
 _STOP_SIGNALLED = False
@@ -465,11 +671,20 @@ def _check_config(cfg: Any) -> None:
 
 
 def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:
-    return Path(opts.job_dir or Path(cfg.run_dir) / "submitit").expanduser().absolute()
+    """``--job-dir``, or ``RUN_DIR/submitit``: its path goes into the sbatch script (logs, command)."""
+    folder = Path(opts.job_dir or Path(cfg.run_dir) / "submitit").expanduser().absolute()
+    check_script_value("--job-dir" if opts.job_dir else "run_dir (the job dir is RUN_DIR/submitit)", folder)
+    return folder
 
 
 def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | None = None) -> str:
-    """The sbatch script submitit writes for these options (same writer, same parameters)."""
+    """The sbatch script submitit writes for these options (same writer, same parameters).
+
+    The one private name of submitit this package uses: a dry run must print byte for byte the script
+    that submitit submits (tests/slurm/test_slurm_jobs.py compares them), so it asks submitit's own writer;
+    pyproject.toml pins submitit's major version for it. Every value reaching it was checked first
+    (`SlurmOptions`, `check_script_value`).
+    """
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(job_dir).expanduser().absolute()
@@ -525,7 +740,17 @@ def submit(
         return []
     job_dir = default_job_dir(cfg, opts)
     executor = build_executor(opts, job_dir)
-    tasks = [TrainingTask(main_fn, p.cfg, max_requeues=opts.max_requeues) for p in points]
+    tasks = [
+        TrainingTask(
+            main_fn,
+            p.cfg,
+            max_requeues=opts.max_requeues,
+            max_preemptions=opts.max_preemptions,
+            time_limit_min=opts.timeout_min,
+            signal_delay_s=opts.signal_delay_s,
+        )
+        for p in points
+    ]
     if len(tasks) == 1:
         jobs = [executor.submit(tasks[0])]
     else:
@@ -843,7 +1068,19 @@ def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="submit a job array over the cartesian product of these values (repeatable)",
     )
     g.add_argument("--array-parallelism", type=int, default=64, help="sweep points running at once")
-    g.add_argument("--max-requeues", type=int, default=3, help="preemptions/time limits survived")
+    g.add_argument(
+        "--max-requeues",
+        type=int,
+        default=3,
+        help="time limits survived by requeuing (default 3); preemptions are counted apart",
+    )
+    g.add_argument(
+        "--max-preemptions",
+        type=int,
+        default=None,
+        help="preemptions (SIGTERM, USR2 well before the time limit, requeues by the scheduler) "
+        "survived (default: no limit)",
+    )
     g.add_argument(
         "--cluster",
         choices=CLUSTERS,

@@ -11,8 +11,10 @@ Rendezvous is always ``env://`` (a TCP store on the first node): no shared-folde
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -111,11 +113,9 @@ def export_srun_environment() -> None:
     The port is ``MASTER_PORT`` if set, else derived from the job and step ids, so that every
     task of the step picks the same one without talking to the others.
     """
-    from submitit.slurm.slurm import _parse_node_list
-
     env = os.environ
     ntasks, nnodes = int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_STEP_NUM_NODES", "1") or 1)
-    nodes = _parse_node_list(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
+    nodes = expand_node_list(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
     job = f"{env.get('SLURM_JOB_ID', '0')}.{env.get('SLURM_STEP_ID', '0')}"
     port = env.get("MASTER_PORT") or str(20000 + zlib.crc32(job.encode()) % 40000)
     env.update(
@@ -126,6 +126,52 @@ def export_srun_environment() -> None:
         LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
         LOCAL_WORLD_SIZE=str(max(1, ntasks // nnodes)),
     )
+
+
+def expand_node_list(text: str) -> list[str]:
+    """The host names of a SLURM node list (``SLURM_JOB_NODELIST``; what ``scontrol show hostnames`` prints).
+
+    SLURM's hostlist syntax: comma-separated names, each with bracketed lists of numbers and ranges,
+    ``gpu[1-3,5],cpu7`` -> gpu1 gpu2 gpu3 gpu5 cpu7; a range keeps the zero padding of its first number
+    (``n[08-10]`` -> n08 n09 n10); several brackets in one name combine (``r[1-2]n[1-2]`` -> r1n1 r1n2
+    r2n1 r2n2). Raises ValueError on anything else (unbalanced brackets, a range that runs backwards).
+    """
+    names: list[str] = []
+    depth, start = 0, 0
+    groups = []
+    for i, ch in enumerate(text + ","):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            groups.append(text[start:i].strip())
+            start = i + 1
+        if depth not in (0, 1):
+            raise ValueError(f"node list {text!r}: unbalanced brackets")
+    if depth:
+        raise ValueError(f"node list {text!r}: unbalanced brackets")
+    for group in filter(None, groups):
+        parts = re.split(r"(\[[^\[\]]*\])", group)
+        choices = [_expand_numbers(p[1:-1], text) if p.startswith("[") else [p] for p in parts]
+        names.extend("".join(combo) for combo in itertools.product(*choices))
+    return names
+
+
+def _expand_numbers(spec: str, text: str) -> list[str]:
+    """``1-3,5`` -> 1 2 3 5, each range zero-padded to the width of its first number."""
+    out = []
+    for item in spec.split(","):
+        lo, sep, hi = item.strip().partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"node list {text!r}: {item!r} is not a number or a range like 1-3")
+        if not sep:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"node list {text!r}: range {item!r} runs backwards")
+        out.extend(f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1))
+    return out
 
 
 def backend_for(device: Device | str = Device.AUTO) -> str:

@@ -45,6 +45,7 @@ from .distributed import barrier, min_over_ranks
 from .ema import StudentEMA
 from .metrics import MetricsLogger
 from .runtime import Runtime
+from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "Engine",
     "LoopSettings",
     "NonFiniteLossError",
+    "StopRequested",
     "TrainResult",
     "evaluate",
     "evaluate_loss",
@@ -267,6 +269,7 @@ class Engine:
         self.window = TermWindow()
         self.guard = NonFiniteGuard()
         self._last_save_time = time.monotonic()
+        self._saved_step: int | None = None  # the step of this process's last save (a stop needs no second)
         self._final: dict[str, float] = {}
 
     def stop_if_non_finite(self) -> None:
@@ -332,6 +335,21 @@ class Engine:
             self.last_ckpt = str(info)
         barrier()
         self._last_save_time = time.monotonic()
+        self._saved_step = self.step
+
+    def _stop_if_signalled(self) -> None:
+        """After SIGTERM on any rank (`stop_on_signals`): save this step unless it was just saved, say so,
+        and raise `StopRequested`. Every rank calls it after every optimiser step (one small CPU collective)."""
+        signum = stop_signal()
+        if signum is None:
+            return
+        if self._saved_step != self.step:
+            self.save()
+        stop = StopRequested(signum, self.step, self.last_ckpt)
+        if self.is_main:
+            print(f"{stop} (step {self.step} of {self.total_steps})", flush=True)
+        self.metrics.close()
+        raise stop
 
     def _make_room(self, checksum: str) -> bool:
         """Whether this step's save replaces an intact checkpoint of the same step (never a crash).
@@ -507,8 +525,9 @@ class Engine:
         if s.eval_only:
             final = self.evaluate_checkpoint()
             return TrainResult(str(self.run_dir), self.step, self.epoch, self.best, final, metric=s.metric)
-        for _ in self.steps():
-            pass
+        with stop_on_signals():  # SIGTERM: save at the next step boundary, then StopRequested
+            for _ in self.steps():
+                pass
         final = self._final
         if not final:  # resumed a finished run: report where it stands
             final = self._evaluate_all()
@@ -591,6 +610,7 @@ class Engine:
                 # the epoch's last step is saved by the epoch save below (one save per step)
                 if self._should_checkpoint_now() and not (batches_left == 0 and s.checkpoint.every_epoch):
                     self.save()
+                self._stop_if_signalled()
                 yield self.step
             else:  # the loader ran dry: the epoch is complete
                 self.epoch += 1

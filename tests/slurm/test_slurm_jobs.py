@@ -26,6 +26,7 @@ from attnxfer.launch.slurm import (
     submit,
     wait,
 )
+from attnxfer.train.distributed import expand_node_list
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -88,7 +89,8 @@ def test_two_rank_job_trains_like_one_process(slurm, tmp_path, nodes, tasks_per_
 @pytest.mark.parametrize("how", ["signal", "scontrol-requeue"])
 def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path, how):
     cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=50, ckpt_every=5, step_sleep_s=0.15)
-    opts = SlurmOptions(nodes=2, tasks_per_node=1, time=10, max_requeues=2)
+    # max_requeues=0: a preemption (a signal minutes before the time limit) is not a time limit
+    opts = SlurmOptions(nodes=2, tasks_per_node=1, time=10, max_requeues=0)
     [job] = _submit(cfg, opts)
     before = _wait_for_checkpoint(job, cfg.run_dir, at_least=5)
     assert before < cfg.steps
@@ -108,17 +110,32 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path,
     record = json.loads((Path(cfg.run_dir) / "submitit" / f"{job.job_id}_requeues.json").read_text())
     expected = ["requeued", "restarted"] if how == "signal" else ["restarted"]
     assert [e["event"] for e in record["events"]] == expected
+    assert record["timeouts"] == 0 and record["preemptions"] == 1, record
+    if how == "signal":
+        assert record["events"][0]["cause"] == "preemption"
     assert int(slurm_job_info(job.job_id)["Restarts"]) == 1
 
 
-def test_requeues_are_bounded(slurm, tmp_path):
-    cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=200, ckpt_every=2, step_sleep_s=0.1)
-    [job] = _submit(cfg, SlurmOptions(nodes=1, tasks_per_node=1, time=10, max_requeues=0))
-    _wait_for_checkpoint(job, cfg.run_dir, at_least=2)
-    subprocess.run(["scancel", f"--signal={submitit.JobEnvironment.USR_SIG}", job.job_id], check=True)
+def test_time_limit_requeues_are_bounded(slurm, tmp_path):
+    # SLURM itself sends USR2 signal_delay_s (up to 60 s more) before the 3-minute limit: a time limit
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=4000, ckpt_every=20, step_sleep_s=0.05)
+    [job] = _submit(cfg, SlurmOptions(nodes=1, tasks_per_node=1, time=3, signal_delay_s=90, max_requeues=0))
     with pytest.raises(JobFailedError, match=r"RequeueLimitReached.*max_requeues=0") as err:
         wait(job, timeout=WAIT_S)
     assert err.value.rank == 0
+    assert int(slurm_job_info(job.job_id)["Restarts"]) == 0
+    record = json.loads((Path(cfg.run_dir) / "submitit" / f"{job.job_id}_requeues.json").read_text())
+    assert [(e["event"], e["cause"]) for e in record["events"]] == [("refused", "timeout")]
+
+
+def test_preemptions_are_bounded_only_when_asked(slurm, tmp_path):
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=400, ckpt_every=2, step_sleep_s=0.1)
+    opts = SlurmOptions(nodes=1, tasks_per_node=1, time=10, max_requeues=5, max_preemptions=0)
+    [job] = _submit(cfg, opts)
+    _wait_for_checkpoint(job, cfg.run_dir, at_least=2)
+    subprocess.run(["scancel", f"--signal={submitit.JobEnvironment.USR_SIG}", job.job_id], check=True)
+    with pytest.raises(JobFailedError, match=r"RequeueLimitReached.*max_preemptions=0"):
+        wait(job, timeout=WAIT_S)
     assert int(slurm_job_info(job.job_id)["Restarts"]) == 0
 
 
@@ -186,3 +203,15 @@ srun --kill-on-bad-exit=1 {sys.executable} {root}/tests/slurm/toy_training.py {t
         (1, 2, "node1"),
     ]
     assert all(r["sum"] == 3.0 for r in records)
+
+
+@pytest.mark.parametrize(
+    "node_list",
+    ["node[1-2]", "gpu[1-3,5],cpu7", "n[08-10],n[099-101]", "n[8-10]", "r[1-2]n[1-2]", "login", "a,b[0-1]"],
+)
+def test_node_lists_expand_as_scontrol_expands_them(slurm_cluster, node_list):
+    """Our reading of SLURM's hostlist syntax (no submitit private) against SLURM's own."""
+    out = subprocess.run(
+        ["scontrol", "show", "hostnames", node_list], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert expand_node_list(node_list) == out.stdout.split()

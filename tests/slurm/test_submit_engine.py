@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -228,3 +229,60 @@ def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(
         assert time.monotonic() < deadline
         time.sleep(0.5)
     assert state == "FAILED", state
+
+
+def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
+    """scancel --signal=TERM (what preemption without USR2 sends): both ranks stop at the same step,
+    rank 0 saves it and requeues the job, the requeued job resumes from that very step and finishes."""
+    run = tmp_path / "job"
+    steps = 120
+    sub = _attnxfer(
+        "submit",
+        f"run_dir={run}",
+        *TINY,
+        f"schedule.max_steps={steps}",
+        "checkpoint.every_steps=1000",  # no periodic save: the only mid-run checkpoint is the stop's
+        "data.batch_size=16",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10",
+        "--max-requeues",
+        "0",  # a preemption is not a time limit
+    )
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    deadline = time.monotonic() + 240
+    while True:
+        info = slurm_job_info(job_id)
+        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
+    assert int(info.get("Restarts", 0)) == 1
+    m = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", logs)
+    assert m, logs[-3000:]
+    stopped = int(m.group(1))
+    assert 3 <= stopped < steps
+    assert f"job {job_id} requeued" in logs
+    assert f"resumed from checkpoint step {stopped}" in logs
+    saved = {p.name for p in (run / "checkpoints").glob("step-*")}
+    assert f"step-{stopped:08d}" in saved and f"step-{steps:08d}" in saved
+    name, _, state = _final(run)
+    assert name == f"step-{steps:08d}" and state["step"] == steps and state["world_size"] == 2
+    record = json.loads((run / "submitit" / f"{job_id}_requeues.json").read_text())
+    assert [(e["event"], e.get("cause")) for e in record["events"]] == [
+        ("requeued", "preemption"),
+        ("restarted", None),
+    ]
+    assert record["timeouts"] == 0 and record["preemptions"] == 1

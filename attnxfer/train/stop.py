@@ -1,0 +1,111 @@
+"""Stopping a run cleanly on SIGTERM: remember the signal, save at the next step boundary, say so.
+
+``scancel``, a preempting scheduler configured without USR2 and ``kill`` all send SIGTERM, and SLURM
+sends SIGKILL ``KillWait`` (30 s by default) later. Dying on the spot loses every step since the last
+periodic checkpoint; so while a training loop runs, SIGTERM only sets a flag (`stop_on_signals`), and
+the loop asks `stop_signal` after each optimiser step. All ranks agree on the step (one collective),
+save it, and the loop raises `StopRequested`: the command line says so and exits 143 (128 + SIGTERM),
+a submitted job requeues itself (``attnxfer.launch.slurm``). A second SIGTERM while the loop finishes
+its step acts as if none had been caught (checkpoints are written atomically: nothing is half-saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .distributed import rank_and_world
+
+__all__ = ["STOP_SIGNALS", "StopRequested", "stop_on_signals", "stop_signal"]
+
+#: what a cluster or a user sends to end a process politely
+STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM,)
+
+_received: list[int] = []  # signals caught since the loop started (signal handlers only append)
+
+
+class StopRequested(Exception):
+    """The loop stopped at a step boundary after a stop signal; its checkpoint of that step is saved."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(
+            f"stopped by {self.signal_name} at step {step}; checkpoint saved"
+            + (f" ({checkpoint})" if checkpoint else "")
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 128 + its number (143 for SIGTERM)."""
+        return 128 + self.signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
+    """While the block runs, ``signals`` set a flag instead of ending the process (main thread only).
+
+    A handler installed before (a submitted job's watcher) still runs. Outside the block the previous
+    handlers are back, so commands without a loop that checks the flag keep the default behaviour.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _received.clear()
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum: int, frame: Any) -> None:
+        before = previous[signum]
+        if _received and before in (signal.SIG_DFL, None):  # asked twice: stop now, as if never caught
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        _received.append(signum)
+        if callable(before):
+            before(signum, frame)
+
+    for s in signals:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, before in previous.items():
+            signal.signal(s, before if before is not None else signal.SIG_DFL)
+        _received.clear()
+
+
+def stop_signal() -> int | None:
+    """The stop signal any rank caught, or None; a collective under DDP (every rank calls it each step).
+
+    Ranks run within a step of each other but a signal reaches them at slightly different moments:
+    agreeing here makes them all stop (and save) at the same step. The flag travels through a gloo
+    group on the CPU (the run's own group when it is gloo), so a GPU run pays no device sync for it.
+    """
+    mine = _received[0] if _received else 0
+    if rank_and_world()[1] > 1:  # one process alone reads its own flag
+        flag = torch.tensor([mine], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=_cpu_group())
+        mine = int(flag.item())
+    return mine or None
+
+
+_gloo_group: tuple[Any, Any] | None = None  # (the default group it was made for, the gloo group)
+
+
+def _cpu_group() -> Any:
+    """None (the default group) when it is gloo; else one gloo group of all ranks, created by every rank
+    at its first step (``new_group`` is collective: every rank gets here in the same order)."""
+    global _gloo_group
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if _gloo_group is None or _gloo_group[0] is not world:  # a new process group since: a new side group
+        _gloo_group = (world, dist.new_group(backend="gloo"))
+    return _gloo_group[1]

@@ -1,0 +1,130 @@
+"""`attnxfer submit --dry-run` through the CLI: every value that reaches the sbatch script is checked as
+sbatch reads it (no cluster needed). The script is read back the way sbatch reads it: ``#SBATCH`` lines
+count only up to the first command."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnxfer.launch.cli import main
+
+INJECTION = "x\necho INJECTED\n#"
+
+
+def _dry_run(capsys, tmp_path, *flags: str) -> tuple[int, str, str]:
+    code = main(["submit", f"run_dir={tmp_path / 'run'}", "--dry-run", *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _sbatch_header(text: str) -> tuple[list[str], list[str]]:
+    """(#SBATCH lines sbatch reads, the command lines) of the script inside a dry run's output."""
+    lines = text.splitlines()
+    start = lines.index("#!/bin/bash")
+    options, commands = [], []
+    for line in lines[start + 1 :]:
+        if line.startswith("# resolved config"):  # the dry run's own text after the script
+            break
+        if line.startswith("#SBATCH") and not commands:
+            options.append(line)
+        elif line.strip() and not line.startswith("#"):
+            commands.append(line)
+    return options, commands
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--name", INJECTION],
+        ["--partition", INJECTION],
+        ["--account", INJECTION],
+        ["--qos", INJECTION],
+        ["--constraint", INJECTION],
+        ["--exclude", INJECTION],
+        ["--slurm", f"mail-user={INJECTION}"],
+        ["--job-dir", f"/tmp/{INJECTION}"],
+        ["--name", "tab\there"],
+    ],
+)
+def test_control_characters_in_any_script_value_are_refused(capsys, tmp_path, flags):
+    code, out, err = _dry_run(capsys, tmp_path, *flags)
+    assert code == 2
+    assert "#SBATCH" not in out and "INJECTED" not in out  # no script was printed at all
+    [line] = err.strip().splitlines()  # one clear message naming the flag
+    assert flags[0].split("=")[0] in line and "control characters" in line, line
+
+
+def test_run_dir_with_a_line_break_is_refused_before_it_reaches_the_script(capsys, tmp_path):
+    code = main(["submit", f"run_dir={tmp_path}/a\necho INJECTED", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "#SBATCH" not in out and "run_dir" in err  # (the config summary echoes it)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--partition", "gpu big"], "partition names have no spaces"),
+        (["--partition", "gpu,,big"], "no empty items"),
+        (["--account", "my lab"], "account names have no spaces"),
+        (["--exclude", "n1, n2"], "node names have no spaces"),
+        (["--constraint", "a100 ib"], "node features have no spaces"),
+        (["--time", "25:99:99"], "minutes must be below 60"),
+        (["--time", "10:75"], "seconds must be below 60"),
+        (["--time", "1-24"], "hours must be below 24"),
+        (["--time", "1:2:3:4"], "sbatch --time formats"),
+        (["--nodes", "1", "--slurm", "nodes=4"], "use --nodes"),
+        (["--slurm", "ntasks-per-node=8"], "use --tasks-per-node"),
+        (["--slurm", "time=10"], "use --time"),
+        (["--slurm", "part=gpu"], "use --partition"),  # sbatch takes unambiguous abbreviations
+        (["--slurm", "N=4"], "long option name"),
+        (["--slurm", "output=x.log"], "submitit manages them"),
+        (["--max-preemptions", "-1"], "max_preemptions must be >= 0"),
+    ],
+)
+def test_values_sbatch_would_misread_are_refused_with_the_fix(capsys, tmp_path, flags, message):
+    code, out, err = _dry_run(capsys, tmp_path, *flags)
+    assert code == 2 and "#SBATCH" not in out
+    [line] = err.strip().splitlines()
+    assert message in line, line
+
+
+def test_a_valid_dry_run_keeps_every_option_in_the_script_header(capsys, tmp_path):
+    code, out, err = _dry_run(
+        capsys,
+        tmp_path,
+        "--name",
+        "my job; echo not-a-command",  # spaces and shell syntax are fine in a job name: quoted
+        "--partition",
+        "gpu,gpu-long",
+        "--exclude",
+        "node[1-3,5],big7",
+        "--constraint",
+        "a100&ib",
+        "--time",
+        "1-02:03:04",
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "3",
+        "--slurm",
+        "mail-type=END",
+    )
+    assert code == 0, err
+    options, commands = _sbatch_header(out)
+    for expected in (
+        "#SBATCH --job-name='my job; echo not-a-command'",
+        "#SBATCH --partition=gpu,gpu-long",
+        "#SBATCH --exclude='node[1-3,5],big7'",
+        "#SBATCH --constraint='a100&ib'",
+        "#SBATCH --time=1564",  # 1 day + 2 h + 3 min + 4 s, rounded up to whole minutes
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=3",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --signal=USR2@120",
+    ):
+        assert expected in options, (expected, options)
+    assert any(o.startswith("#SBATCH --output=") for o in options)
+    # the only commands: the executor export and srun of the task
+    assert len(commands) == 2 and commands[0] == "export SUBMITIT_EXECUTOR=slurm", commands
+    assert commands[1].startswith("srun ")
+    assert "2 node(s) x 3 task(s)" in out  # the summary says what the script asks for

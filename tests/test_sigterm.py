@@ -1,0 +1,116 @@
+"""SIGTERM (``kill``, ``scancel``, preemption without USR2) stops ``attnxfer train`` at a step boundary.
+
+The run saves the step it stopped at, says so, exits 143 (128 + SIGTERM), and the same command resumes
+it to the very weights of an uninterrupted run. Each run is a forked child running the CLI's own `main`
+(as tests/test_crash_resume.py does); the signal comes from outside, by process id.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnxfer.launch import cli
+
+STEPS = 40
+ARGS = [
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.synthetic_length=512",  # 64 steps an epoch: one evaluation, at the end
+    "transfer.mode=none",
+    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "deterministic=true",
+    f"schedule.max_steps={STEPS}",
+    "checkpoint.every_steps=1000",  # no periodic save: a checkpoint mid-run can only come from the stop
+]
+
+
+def _child(run_dir: str, log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
+    torch.set_num_threads(1)
+    code = 1
+    try:
+        code = cli.main(["train", f"run_dir={run_dir}", *ARGS])
+    finally:
+        os._exit(code)
+
+
+def _run(run_dir: Path, log: Path) -> multiprocessing.Process:
+    proc = multiprocessing.get_context("fork").Process(target=_child, args=(str(run_dir), str(log)))
+    proc.start()
+    return proc
+
+
+def _train_records(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"train"' in line)
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_says_so_and_the_same_command_resumes_bit_identically(tmp_path):
+    ref = _run(tmp_path / "ref", tmp_path / "ref.log")
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _run(run_dir, log)
+    deadline = time.monotonic() + 120
+    while _train_records(run_dir) < 3:
+        assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(120)
+    text = log.read_text()
+    assert proc.exitcode == 143, text[-3000:]
+    m = re.search(
+        r"attnxfer train: stopped by SIGTERM at step (\d+); checkpoint saved \((.+?)\); "
+        r"re-run the same command to resume",
+        text,
+    )
+    assert m, text[-3000:]
+    step = int(m.group(1))
+    assert 3 <= step < STEPS
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{step:08d}"] and Path(m.group(2)).name == saved[0]
+    state = json.loads((run_dir / "checkpoints" / saved[0] / "state.json").read_text())
+    assert state["step"] == step
+    assert "Traceback" not in text
+
+    again = _run(run_dir, log)  # the same command
+    again.join(180)
+    ref.join(180)
+    assert again.exitcode == 0 and ref.exitcode == 0, log.read_text()[-3000:]
+    assert f"resumed from checkpoint step {step}" in log.read_text()
+    expected, got = _final(tmp_path / "ref"), _final(run_dir)
+    assert expected.keys() == got.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+
+
+def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
+    """Only a loop that checks the flag catches SIGTERM: before and after it, the process ends as usual."""
+    from attnxfer.train.stop import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
