@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from .arguments import add_array_arguments, add_slurm_arguments
 from .process_exit import end_program
 
 __all__ = ["build_parser", "main", "register_command", "run"]
@@ -103,9 +104,9 @@ def _train_parser(sub):
 
 
 def _cmd_train(args) -> int:
+    cfg = _load(args)  # before the app's import (torch): a config error answers at once
     from ..apps.training import train
 
-    cfg = _load(args)
     result = train(cfg)
     print(f"done: {result.steps} steps, best val top1 {result.best_top1:.2f} -> {result.run_dir}")
     return 0
@@ -126,9 +127,10 @@ def _pretrain_parser(sub):
 
 
 def _cmd_pretrain(args) -> int:
+    cfg = _load(args)
     from ..apps.pretrain import pretrain
 
-    result = pretrain(_load(args))
+    result = pretrain(cfg)
     print(f"done: {result.steps} steps, best val loss {result.best:.4f} -> {result.run_dir}")
     return 0
 
@@ -146,10 +148,11 @@ def _eval_parser(sub):
 
 
 def _cmd_eval(args) -> int:
+    cfg = _load(args)
     from ..apps.training import evaluate_run
     from ..apps.uncertainty import correct_count, format_top1
 
-    result = evaluate_run(_load(args))
+    result = evaluate_run(cfg)
     for k, v in result.metrics.items():
         print(f"{k}: {v:.4f}")
     for prefix in ("val", "ema_val"):
@@ -234,10 +237,11 @@ def _convert_parser(sub):
 
 
 def _cmd_convert(args) -> int:
+    cfg = _load(args)
     from ..apps.convert import convert
     from ..train.distributed import DistributedInfo
 
-    result = convert(_load(args), skip_stage1=args.skip_stage1)
+    result = convert(cfg, skip_stage1=args.skip_stage1)
     if not DistributedInfo.from_environment().is_main_process:
         return 0
     r = result.report
@@ -253,8 +257,6 @@ def _cmd_convert(args) -> int:
 
 @register_command("search")
 def _search_parser(sub):
-    from .search_array import add_array_arguments
-
     p = sub.add_parser(
         "search",
         help="discover an efficient formula attention for a teacher (evolutionary, fit vs speed Pareto front)",
@@ -270,9 +272,9 @@ def _search_parser(sub):
 
 
 def _cmd_search(args) -> int:
+    cfg = _load(args)
     from ..apps.search import search
 
-    cfg = _load(args)
     evaluate = None
     if args.array_tasks:
         from .search_array import array_evaluator
@@ -286,8 +288,6 @@ def _cmd_search(args) -> int:
 
 @register_command("submit")
 def _submit_parser(sub):
-    from .slurm import add_slurm_arguments
-
     p = sub.add_parser(
         "submit",
         help="run `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit",
@@ -317,13 +317,14 @@ SUBMITTABLE = {
 
 
 def _cmd_submit(args) -> int:
+    cfg = _load(args)
     import importlib
 
     from .slurm import JobFailedError, submit_from_args
 
     module, name = SUBMITTABLE[args.job_command].split(":")
     try:
-        submit_from_args(getattr(importlib.import_module(module), name), _load(args), args)
+        submit_from_args(getattr(importlib.import_module(module), name), cfg, args)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
         print(f"attnxfer submit: error: {e.summary()}", file=sys.stderr)
         return 1
@@ -491,6 +492,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_user_error(e: Exception) -> bool:
+    """Whether ``e`` means 'change your input'. Config and file errors are recognised without importing
+    the library (torch): a bad key or a missing recipe answers at once."""
+    from ..config import ConfigError
+
+    if isinstance(e, (ConfigError, FileNotFoundError, FileExistsError, ValueError)):
+        return True
+    return isinstance(e, _user_errors())
+
+
 def _user_errors() -> tuple:
     """Exceptions that mean 'change your input', reported without a traceback."""
     from ..checkpoints.store import CheckpointError
@@ -542,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", file=sys.stderr)
         return 130
     except Exception as e:
-        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, _user_errors()):
+        if os.environ.get("ATTNXFER_DEBUG") or not _is_user_error(e):
             raise
         print(f"attnxfer {args.command}: error: {e}", file=sys.stderr)
         return 2
