@@ -144,7 +144,8 @@ class OptimConfig:
     #   timm               timm's / MAE's param_groups_lrd on a plain ViT: block i decay^(D-i), stem decay^(D+1)
     #   attention_transfer the paper's reference code (its lr_decay on the dual model): block i
     #                      decay^(D-1-i) (the last block 1.0), stem decay^D
-    # Head, fc_norm and final norm get 1.0 under both.
+    # Head and fc_norm (avg pooling) get 1.0 under both; the final norm (class-token pooling) goes with the
+    # last block (timm's group_matcher): decay^1 under timm, 1.0 under attention_transfer.
     layer_decay_rule: str = "timm"
     beta1: float = 0.9
     beta2: float = 0.999
