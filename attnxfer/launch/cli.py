@@ -244,14 +244,9 @@ def _cmd_convert(args) -> int:
     result = convert(cfg, skip_stage1=args.skip_stage1)
     if not DistributedInfo.from_environment().is_main_process:
         return 0
-    r = result.report
-    top1 = r["top1"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    print(
-        f"done: teacher top-1 {fmt(top1['teacher'])}, student top-1 {fmt(r['student_top1'])} "
-        f"({fmt(r['recovered_pct'])}% of the teacher's), speed {r['speed']['speedup']:.2f}x -> "
-        f"{result.run_dir}/report.md"
-    )
+    from ..apps.reports import conversion_summary
+
+    print(conversion_summary(result.report))
     return 0
 
 
