@@ -21,7 +21,7 @@ def headless_teacher_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.slow  # a whole conversion (2 stage-1 steps, 1 stage-2 step): about 10 s on a quiet machine
+@pytest.mark.slow  # a whole conversion (2 stage-1 steps, 1 stage-2 step)
 def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_teacher_dir, capsys):
     run = tmp_path / "run"
     args = [

@@ -71,6 +71,11 @@ class ModelConfig:
     )
     init: str | None = None  # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # The student's attention: null = softmax (timm's); a registered zoo attention (performer, hedgehog, ...)
+    # for every block, or a list with one name per block. A fresh student with it is distilled like any other
+    # (transfer.mode: distill picks the map loss of each student layer's map kind).
+    attention: str | list[str] | None = None
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)  # its options, e.g. {num_features: 64}
     # torch.compile of the student's blocks (as timm's --torchcompile; names and checkpoints unchanged)
     compile: bool = False
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (also for teacher.compile)
@@ -354,6 +359,8 @@ RANGES: dict[str, Range] = {
     "model.global_pool": Range(choices=("token", "avg", "max", "avgmax", "map", "")),  # timm's; "" = none
     "model.fc_norm": _ANY,
     "model.init": _ANY,
+    "model.attention": _ANY,  # a registry of attnxfer.models: checked when the student is built
+    "model.attention_kwargs": _ANY,
     "model.compile": _ANY,
     "model.compile_mode": Range(choices=("default", "max-autotune-no-cudagraphs")),
     "teacher.spec": _ANY,
