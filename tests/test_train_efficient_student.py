@@ -40,6 +40,13 @@ def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says
         student_attention(tiny_vit(depth=2), None, {"num_features": 8})
 
 
+def test_convert_refuses_model_attention_and_names_convert_attention(capsys):
+    assert main(["convert", "model.attention=performer", "teacher.spec=vit_tiny_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert "model.attention='performer' is the attention of a fresh student" in err
+    assert "with convert.attention: set that instead" in err
+
+
 @pytest.mark.slow  # a 10-step distillation run, then an export
 def test_fresh_hedgehog_student_distils_through_the_cli_and_round_trips_through_export(tmp_path, capsys):
     teacher_dir = tmp_path / "teacher"

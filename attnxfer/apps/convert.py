@@ -164,6 +164,11 @@ def _convert(
     cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]
 ) -> ConvertResult:
 
+    if cfg.model.attention:
+        raise ValueError(
+            f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
+            "convert builds its student from the teacher's weights with convert.attention: set that instead"
+        )
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
     c = cfg.convert
