@@ -61,8 +61,28 @@ __all__ = [
 ]
 
 
+#: subpackages reachable as attributes (``attnxfer.models.create_vit`` after a bare ``import attnxfer``)
+_SUBPACKAGES = frozenset(
+    (
+        "analysis",
+        "apps",
+        "checkpoints",
+        "config",
+        "data",
+        "launch",
+        "models",
+        "search",
+        "sources",
+        "train",
+        "transfer",
+    )
+)
+
+
 def __getattr__(name: str) -> Any:
-    """Import a public name's subpackage the first time the name is read, and keep the value."""
+    """Import a public name's subpackage (or a subpackage) the first time it is read, and keep the value."""
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

@@ -95,8 +95,13 @@ def efficient_student_from_teacher(
             that accept it; an option no chosen attention accepts is an error. ``seq_len``
             (Linformer) defaults to the teacher's token count.
     """
-    if getattr(teacher, "blocks", None) is None:
+    blocks = getattr(teacher, "blocks", None)
+    if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
+    if not isinstance(attn, str) and len(attn) != len(blocks):
+        raise ValueError(
+            f"attn lists one attention per block: the teacher has {len(blocks)} blocks, got {len(attn)} names"
+        )
     return with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
 
 
