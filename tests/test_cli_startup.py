@@ -21,6 +21,8 @@ CASES = [
     (["train", "-c", "no/such_recipe"], 2, "does not exist"),
     (["convert", "optim.lr=-1"], 2, "optim.lr"),
     (["submit", "--nodes", "two"], 2, "invalid int value: 'two'"),
+    (["inspect", "t", "s", "--num-images", "0"], 2, "--num-images must be at least 1, got 0"),
+    (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
 ]
 COMMANDS = ["train", "pretrain", "eval", "demo", "convert", "search", "submit", "export", "inspect", "fetch"]
 

@@ -417,11 +417,11 @@ def _inspect_parser(sub):
 
 
 def _cmd_inspect(args) -> int:
-    from ..apps.inspect import inspect_attention
-
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    from ..apps.inspect import inspect_attention  # after the checks: a bad flag answers without torch
+
     result = inspect_attention(
         args.teacher,
         args.students,
