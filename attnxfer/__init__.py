@@ -3,13 +3,43 @@
 Attention copy (a student uses a teacher's attention maps), attention
 distillation (a student learns them), and conversion of softmax teachers into
 efficient-attention students; timm models throughout.
+
+The public names load on first use (PEP 562 module ``__getattr__``): ``import attnxfer`` alone imports
+neither torch nor timm (about 6 s and 1 GB on a 2-core machine), so ``attnxfer --help`` and every argument
+error answer at once; ``from attnxfer import build_plan`` imports what that name needs, as before.
 """
 
-from .checkpoints import export_run, export_student
-from .models import TransferAttention, attention_maps, create_vit, make_transfer_aware, student_like
-from .sources import fetch_teacher, load_student, load_teacher
-from .transfer import DualViT, PlanError, TransferPlan, attention_distillation_loss, build_plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .version import __version__
+
+#: public name -> the subpackage that defines it (imported on first access)
+_LAZY = {
+    "export_run": "checkpoints",
+    "export_student": "checkpoints",
+    "TransferAttention": "models",
+    "attention_maps": "models",
+    "create_vit": "models",
+    "make_transfer_aware": "models",
+    "student_like": "models",
+    "fetch_teacher": "sources",
+    "load_student": "sources",
+    "load_teacher": "sources",
+    "DualViT": "transfer",
+    "PlanError": "transfer",
+    "TransferPlan": "transfer",
+    "attention_distillation_loss": "transfer",
+    "build_plan": "transfer",
+}
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` below imports on demand
+    from .checkpoints import export_run, export_student
+    from .models import TransferAttention, attention_maps, create_vit, make_transfer_aware, student_like
+    from .sources import fetch_teacher, load_student, load_teacher
+    from .transfer import DualViT, PlanError, TransferPlan, attention_distillation_loss, build_plan
 
 __all__ = [
     "DualViT",
@@ -29,3 +59,36 @@ __all__ = [
     "make_transfer_aware",
     "student_like",
 ]
+
+
+#: subpackages reachable as attributes (``attnxfer.models.create_vit`` after a bare ``import attnxfer``)
+_SUBPACKAGES = frozenset(
+    (
+        "analysis",
+        "apps",
+        "checkpoints",
+        "config",
+        "data",
+        "launch",
+        "models",
+        "search",
+        "sources",
+        "train",
+        "transfer",
+    )
+)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's subpackage (or a subpackage) the first time it is read, and keep the value."""
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -31,6 +31,8 @@ TABLE: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "model.global_pool": (STR, False, False, "bogus"),
     "model.fc_norm": (BOOL, False, False, None),
     "model.init": (STR, None, None, None),
+    "model.attention": ("{a: 1}", None, None, None),  # a name or a list of names; the registry checks names
+    "model.attention_kwargs": ("[1]", False, False, None),
     "model.compile": (BOOL, False, False, None),
     "model.compile_mode": (STR, False, False, "reduce-overhead"),  # CUDA graphs: not offered
     "teacher.spec": (STR, None, None, None),

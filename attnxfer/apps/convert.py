@@ -31,7 +31,7 @@ from ..train.measure import evaluate_top1, map_agreement, operation_counts, rela
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result, stage1_transfer
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
-from .reports import render_conversion_report
+from .reports import render_conversion_report, teacher_top1_line
 from .run_parts import build_run_parts
 from .training import plan_from_config, train
 
@@ -169,6 +169,11 @@ def _convert(
     cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]
 ) -> ConvertResult:
 
+    if cfg.model.attention:
+        raise ValueError(
+            f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
+            "convert builds its student from the teacher's weights with convert.attention: set that instead"
+        )
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
     c = cfg.convert
@@ -194,8 +199,10 @@ def _convert(
     stage2_steps = _stage2_steps(cfg, parts)
     log(plan.describe())
     if stage2_steps:
+        starts = "after stage 1" if plan.stage1_steps > 0 else "with the new attention swapped in, no stage 1"
         log(
-            f"stage 2: end-to-end fine-tuning, {stage2_steps} steps (schedule/optim sections); "
+            f"stage 2: fine-tunes the converted student end to end (the teacher's weights {starts}; not a "
+            f"fresh initialisation), {stage2_steps} steps (schedule/optim sections); "
             + stage2_plan.describe().replace("\n", "\n  ")
         )
     else:
@@ -232,7 +239,7 @@ def _convert(
         return res
 
     teacher_top1 = evaluate_top1(teacher, parts.val_loader, device)
-    log(f"teacher val top-1 {teacher_top1 if teacher_top1 is None else round(teacher_top1, 2)}")
+    log(teacher_top1_line(teacher_top1))
     measured: dict[str, dict[str, Any] | None] = {"before_stage1": checkpoint_stage("before stage 1")}
 
     # -- stage 1

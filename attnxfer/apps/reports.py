@@ -6,7 +6,12 @@ from typing import Any
 
 from .uncertainty import correct_count, top1_interval
 
-__all__ = ["render_conversion_report"]
+__all__ = ["HEADLESS_TEACHER", "conversion_summary", "render_conversion_report", "teacher_top1_line"]
+
+#: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
+HEADLESS_TEACHER = (
+    "the teacher has no classifier head (e.g. an MAE encoder), so it has no top-1 to compare with"
+)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -22,6 +27,31 @@ def _interval(top1: float | None, n: int | None) -> str:
         return "—"
     lo, hi = top1_interval(correct_count(top1, n), n)
     return f"[{lo:.1f}, {hi:.1f}]"
+
+
+def teacher_top1_line(top1: float | None) -> str:
+    """The log line of the teacher's validation top-1, or why there is none."""
+    return (
+        f"teacher val top-1 {top1:.2f}"
+        if top1 is not None
+        else f"teacher val top-1: none ({HEADLESS_TEACHER})"
+    )
+
+
+def conversion_summary(report: dict[str, Any]) -> str:
+    """``attnxfer convert``'s last line: the student's top-1, against the teacher's where it has one."""
+    teacher, student = report["top1"]["teacher"], report["student_top1"]
+    student_text = "n/a" if student is None else f"{student:.2f}"
+    if teacher is None:
+        accuracy = f"student top-1 {student_text} ({HEADLESS_TEACHER})"
+    elif report.get("recovered_pct") is None:
+        accuracy = f"teacher top-1 {teacher:.2f}, student top-1 {student_text}"
+    else:
+        accuracy = (
+            f"teacher top-1 {teacher:.2f}, student top-1 {student_text} "
+            f"({report['recovered_pct']:.2f}% of the teacher's)"
+        )
+    return f"done: {accuracy}, speed {report['speed']['speedup']:.2f}x -> {report['run_dir']}/report.md"
 
 
 def render_conversion_report(report: dict[str, Any]) -> str:
@@ -63,8 +93,12 @@ def render_conversion_report(report: dict[str, Any]) -> str:
     ):
         v = top1.get(key)
         share = f"{100 * v / teacher:.1f}%" if v is not None and teacher else "—"
-        lines.append(f"| {label} | {_fmt(v, 4)} | {_interval(v, n_val)} | {share} |")
-    lines += ["", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
+        shown = "none (no classifier head)" if key == "teacher" and v is None else _fmt(v, 4)
+        lines.append(f"| {label} | {shown} | {_interval(v, n_val)} | {share} |")
+    if teacher is None:
+        lines += ["", f"Recovered: not defined: {HEADLESS_TEACHER}.", ""]
+    else:
+        lines += ["", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
     for which, title in (
         ("teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
         ("end_to_end", "end to end (each model on its own hidden states)"),

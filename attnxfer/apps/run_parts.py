@@ -12,11 +12,19 @@ import torch.nn as nn
 
 from ..config import TrainConfig
 from ..data import ResumableSampler, build_dataset, build_loader, dataset_info
+from ..models.efficient import with_attention
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
 
-__all__ = ["RunParts", "build_run_parts", "build_student", "init_from_pretrained", "pooling_args"]
+__all__ = [
+    "RunParts",
+    "build_run_parts",
+    "build_student",
+    "init_from_pretrained",
+    "pooling_args",
+    "student_attention",
+]
 
 
 @dataclass
@@ -77,17 +85,40 @@ def build_student(
 ) -> nn.Module:
     """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised,
     with the pooling ``model.global_pool`` / ``model.fc_norm`` ask for (applied after mirroring); with
-    ``model.init``, the architecture and weights of that pretrained model (fine-tuning)."""
+    ``model.init``, the architecture and weights of that pretrained model (fine-tuning); with
+    ``model.attention``, that zoo attention in its blocks (`student_attention`)."""
     m = cfg.model
     if m.init:
-        return init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size)
-    kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
-    if teacher is not None and m.mirror_teacher:
-        return student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
-    kwargs.setdefault("in_chans", in_chans)
-    if img_size is not None:
-        kwargs.setdefault("img_size", img_size)
-    return create_vit(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+        student = init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size)
+    elif teacher is not None and m.mirror_teacher:
+        kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
+        student = student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+    else:
+        kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
+        kwargs.setdefault("in_chans", in_chans)
+        if img_size is not None:
+            kwargs.setdefault("img_size", img_size)
+        student = create_vit(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+    return student_attention(student, m.attention, m.attention_kwargs)
+
+
+def student_attention(
+    student: nn.Module, attention: str | list[str] | None, options: dict[str, Any]
+) -> nn.Module:
+    """``model.attention``: the student's blocks with that zoo attention (its new parameters freshly
+    initialised, like the rest of a fresh student); null keeps softmax. A bad name or option is one
+    message naming the key (an unknown name with the nearest registered one)."""
+    if not attention:
+        if options:
+            raise ValueError("model.attention_kwargs is set but model.attention is not: name the attention")
+        return student
+    try:
+        return with_attention(student, attention, **options)
+    except (KeyError, ValueError, TypeError) as e:
+        what = (
+            "model.attention_kwargs" if isinstance(e, TypeError) and "option" in str(e) else "model.attention"
+        )
+        raise ValueError(f"{what}: {e.args[0]}") from None
 
 
 StudentFn = Callable[[nn.Module | None, int], nn.Module]

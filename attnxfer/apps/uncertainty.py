@@ -16,25 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-__all__ = ["Paired", "format_top1", "mcnemar", "mean_std", "top1_interval"]
+from ..analysis.intervals import correct_count, top1_interval
 
-
-def top1_interval(
-    correct: int, total: int, confidence: float = 0.95, method: str = "wilson"
-) -> tuple[float, float]:
-    """The ``confidence`` interval of a top-1 of ``correct``/``total``, in percent.
-
-    ``method``: ``wilson`` (Wilson score, the default) or ``exact`` (Clopper–Pearson), as
-    scipy.stats.binomtest(...).proportion_ci computes them."""
-    if total <= 0 or not 0 <= correct <= total:
-        raise ValueError(f"top1_interval: need 0 <= correct <= total and total > 0, got {correct}/{total}")
-    ci = binomtest(int(correct), int(total)).proportion_ci(confidence_level=confidence, method=method)
-    return 100.0 * ci.low, 100.0 * ci.high
-
-
-def correct_count(top1_percent: float, total: int) -> int:
-    """The number of right answers behind a top-1 (percent) on ``total`` images."""
-    return round(top1_percent * total / 100.0)
+__all__ = ["Paired", "correct_count", "format_top1", "mcnemar", "mean_std", "top1_interval"]
 
 
 def format_top1(correct: int, total: int, digits: int = 2) -> str:

@@ -24,9 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
+from ..analysis.intervals import correct_count, top1_interval
 from ..models.student import (
     SOFTMAX,
     per_block_attention,
@@ -80,6 +82,11 @@ class ModelCardInfo:
     checkpoint: str | None = None
     repo_id: str | None = None
     tags: tuple[str, ...] = ()
+    #: the training/validation data as the Hub names it (``datasets`` in the card's metadata, and the
+    #: dataset of its ``model-index`` results); None: not recorded
+    dataset: str | None = None
+    #: which metrics score the exported weights: ``val`` (raw) or ``ema_val`` (``{prefix}_top1``, ``_count``)
+    eval_prefix: str = "val"
 
     def __post_init__(self):
         if isinstance(self.teacher, TeacherRecord):
@@ -152,10 +159,59 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _yaml_front_matter(meta: dict[str, Any]) -> str:
-    import yaml
+def _eval_results(card: ModelCardInfo) -> list[EvalResult]:
+    """The card's ``model-index``: top-1 (with its 95 % Wilson interval when the image count is recorded)
+    and top-5 of the exported weights on the validation split, from the run's metrics."""
+    metrics, prefix = card.metrics, card.eval_prefix
+    top1 = metrics.get(f"{prefix}_top1")
+    if top1 is None:
+        return []
+    dataset = card.dataset or "unknown"
+    common = dict(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type=dataset,
+        dataset_name=dataset,
+        dataset_split="validation",
+    )
+    n = int(metrics.get(f"{prefix}_count") or 0)
+    name, args = "top-1 accuracy (%)", None
+    if n:
+        lo, hi = top1_interval(correct_count(top1, n), n)
+        name = f"top-1 accuracy (%), 95% Wilson interval [{lo:.2f}, {hi:.2f}] on {n} images"
+        args = {"interval_95_wilson": [round(float(lo), 4), round(float(hi), 4)], "images": n}
+    out = [
+        EvalResult(
+            metric_type="accuracy", metric_name=name, metric_value=float(top1), metric_args=args, **common
+        )
+    ]
+    if metrics.get(f"{prefix}_top5") is not None:
+        out.append(
+            EvalResult(
+                metric_type="top-5 accuracy",
+                metric_name="top-5 accuracy (%)",
+                metric_value=float(metrics[f"{prefix}_top5"]),
+                **common,
+            )
+        )
+    return out
 
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False, default_flow_style=False) + "---\n"
+
+def _card_data(card: ModelCardInfo, license_id: str, tags: list[str]) -> ModelCardData:
+    """The card's metadata through huggingface_hub (what the Hub reads: licence, library, tags, base model,
+    datasets, and the ``model-index`` of eval results)."""
+    teacher = card.teacher or {}
+    results = _eval_results(card)
+    return ModelCardData(
+        license=license_id,
+        library_name="timm",
+        pipeline_tag="image-classification",
+        tags=tags,
+        base_model=teacher.get("hf_repo") or None,
+        datasets=[card.dataset] if card.dataset else None,
+        model_name=card.model_name if results else None,
+        eval_results=results or None,
+    )
 
 
 def render_model_card(
@@ -172,17 +228,10 @@ def render_model_card(
     tags = ["image-classification", "timm", "attnxfer", "attention-transfer", *card.tags]
     if card.transfer_mode and "distill" in card.transfer_mode:
         tags.append("knowledge-distillation")
-    meta: dict[str, Any] = {
-        "license": license_id,
-        "library_name": "timm",
-        "pipeline_tag": "image-classification",
-        "tags": list(dict.fromkeys(tags)),
-    }
-    if teacher.get("hf_repo"):
-        meta["base_model"] = teacher["hf_repo"]
+    data = _card_data(card, license_id, list(dict.fromkeys(tags)))
     kind = attention_label(spec.get("attention", SOFTMAX))
     data_cfg = spec.get("pretrained_cfg", {})
-    out: list[str] = [_yaml_front_matter(meta), f"# {card.model_name}\n\n"]
+    out: list[str] = [f"# {card.model_name}\n\n"]
     out.append(
         card.description
         or (
@@ -234,6 +283,12 @@ def render_model_card(
     out.append("\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n")
 
     out.append("\n## Metrics\n\n")
+    for result in data.eval_results or ():
+        out.append(
+            f"- {result.metric_name} on the {result.dataset_name} validation split: {_fmt(result.metric_value)}\n"
+        )
+    if data.eval_results:
+        out.append("\n")
     if card.metrics:
         out.append(
             "| metric | value |\n|---|---|\n"
@@ -276,7 +331,8 @@ def render_model_card(
             "cfg = timm.data.resolve_model_data_config(model)\n"
             "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
         )
-    return "".join(out)
+    # huggingface_hub writes the metadata (model-index included) and checks that it parses back
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(out)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -627,6 +683,25 @@ def _training_data(recipe: str | None) -> str | None:
     return "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
 
 
+def _dataset_id(recipe: str | None) -> str | None:
+    """The run's dataset as a card names it: a Hub dataset's id (``hfds/ORG/NAME`` -> ``ORG/NAME``), a
+    folder dataset's folder name (``/data/imagenet`` -> ``imagenet``), else the registered name."""
+    if not recipe:
+        return None
+    import yaml
+
+    cfg = yaml.safe_load(recipe) or {}
+    data = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
+    name = data.get("dataset")
+    if not isinstance(name, str) or not name:
+        return None
+    if name.startswith(("hfds/", "hf-hub:")):
+        return name.split("/", 1)[1] if name.startswith("hfds/") else name.split(":", 1)[1]
+    if name == "folder" and data.get("root"):
+        return Path(str(data["root"])).expanduser().name or name
+    return name
+
+
 def export_run(
     run_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -698,5 +773,7 @@ def export_run(
         checkpoint=f"{why}, {weights} weights",
         description=run.get("description"),
         repo_id=push_to_hub,
+        dataset=_dataset_id(recipe),
+        eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
     )
     return export_student(student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite)

@@ -59,6 +59,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..sources.resolve import sha256_file
+
 __all__ = [
     "CheckpointError",
     "CheckpointExistsError",
@@ -88,7 +90,6 @@ _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
-_HASH_CHUNK = 1 << 20
 
 
 class MetricMode(StrEnum):
@@ -258,14 +259,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, _dump_json(obj, f"content for {path}"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------
 # verification and loading of one checkpoint dir
 # --------------------------------------------------------------------------------------------
@@ -346,7 +339,7 @@ def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bo
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpointError(path, f"{name} is not valid JSON: {e}") from e
     if verify_hash:
-        digest = _sha256(file_path)
+        digest = sha256_file(file_path)
         if digest != entry["sha256"]:
             raise CorruptCheckpointError(
                 path, f"{name} sha256 is {digest[:12]}..., manifest says {entry['sha256'][:12]}..."
@@ -619,7 +612,7 @@ class CheckpointManager:
                 name = f"{group}.safetensors"
                 _save_safetensors(_prepare_for_safetensors(tdict), tmp / name)
                 _fsync_file(tmp / name)
-                files[name] = {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+                files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
             state_bytes = state_text.encode("utf-8")
             _write_file_synced(tmp / STATE_NAME, state_bytes)
             files[STATE_NAME] = {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()}

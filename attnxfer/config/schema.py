@@ -72,6 +72,11 @@ class ModelConfig:
     )
     init: str | None = None  # fine-tune: start from these weights (timm name with tag, hf-hub:, local-dir:)
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # The student's attention: null = softmax (timm's); a registered zoo attention (performer, hedgehog, ...)
+    # for every block, or a list with one name per block. A fresh student with it is distilled like any other
+    # (transfer.mode: distill picks the map loss of each student layer's map kind).
+    attention: str | list[str] | None = None
+    attention_kwargs: dict[str, Any] = field(default_factory=dict)  # its options, e.g. {num_features: 64}
     # torch.compile of the student's blocks (as timm's --torchcompile; names and checkpoints unchanged)
     compile: bool = False
     compile_mode: str = "default"  # default | max-autotune-no-cudagraphs (also for teacher.compile)
@@ -150,7 +155,8 @@ class OptimConfig:
     #   timm               timm's / MAE's param_groups_lrd on a plain ViT: block i decay^(D-i), stem decay^(D+1)
     #   attention_transfer the paper's reference code (its lr_decay on the dual model): block i
     #                      decay^(D-1-i) (the last block 1.0), stem decay^D
-    # Head, fc_norm and final norm get 1.0 under both.
+    # Head and fc_norm (avg pooling) get 1.0 under both; the final norm (class-token pooling) goes with the
+    # last block (timm's group_matcher): decay^1 under timm, 1.0 under attention_transfer.
     layer_decay_rule: str = "timm"
     beta1: float = 0.9
     beta2: float = 0.999
@@ -359,6 +365,8 @@ RANGES: dict[str, Range] = {
     "model.global_pool": Range(choices=("token", "avg", "max", "avgmax", "map", "")),  # timm's; "" = none
     "model.fc_norm": _ANY,
     "model.init": _ANY,
+    "model.attention": _ANY,  # a registry of attnxfer.models: checked when the student is built
+    "model.attention_kwargs": _ANY,
     "model.compile": _ANY,
     "model.compile_mode": Range(choices=("default", "max-autotune-no-cudagraphs")),
     "teacher.spec": _ANY,

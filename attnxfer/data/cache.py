@@ -12,9 +12,17 @@ __all__ = ["cache_dir", "save_npz_atomic"]
 
 
 def cache_dir() -> Path:
-    """``$ATTNXFER_CACHE`` if set, else ``~/.cache/attnxfer``."""
+    """``$ATTNXFER_CACHE`` if set, else ``$XDG_CACHE_HOME/attnxfer``, else ``~/.cache/attnxfer``.
+
+    ``XDG_CACHE_HOME`` is read as huggingface_hub and torch.hub read it; a relative or empty value is
+    ignored, as the XDG base-directory spec says.
+    """
     env = os.environ.get("ATTNXFER_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "attnxfer"
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "attnxfer"
 
 
 def save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:

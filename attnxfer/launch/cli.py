@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from .arguments import add_array_arguments, add_slurm_arguments
 from .process_exit import end_program
 
 __all__ = ["build_parser", "main", "register_command", "run"]
@@ -103,9 +104,9 @@ def _train_parser(sub):
 
 
 def _cmd_train(args) -> int:
+    cfg = _load(args)  # before the app's import (torch): a config error answers at once
     from ..apps.training import train
 
-    cfg = _load(args)
     result = train(cfg)
     print(f"done: {result.steps} steps, best val top1 {result.best_top1:.2f} -> {result.run_dir}")
     return 0
@@ -126,9 +127,10 @@ def _pretrain_parser(sub):
 
 
 def _cmd_pretrain(args) -> int:
+    cfg = _load(args)
     from ..apps.pretrain import pretrain
 
-    result = pretrain(_load(args))
+    result = pretrain(cfg)
     print(f"done: {result.steps} steps, best val loss {result.best:.4f} -> {result.run_dir}")
     return 0
 
@@ -146,10 +148,11 @@ def _eval_parser(sub):
 
 
 def _cmd_eval(args) -> int:
+    cfg = _load(args)
     from ..apps.training import evaluate_run
     from ..apps.uncertainty import correct_count, format_top1
 
-    result = evaluate_run(_load(args))
+    result = evaluate_run(cfg)
     for k, v in result.metrics.items():
         print(f"{k}: {v:.4f}")
     for prefix in ("val", "ema_val"):
@@ -234,27 +237,21 @@ def _convert_parser(sub):
 
 
 def _cmd_convert(args) -> int:
+    cfg = _load(args)
     from ..apps.convert import convert
     from ..train.distributed import DistributedInfo
 
-    result = convert(_load(args), skip_stage1=args.skip_stage1)
+    result = convert(cfg, skip_stage1=args.skip_stage1)
     if not DistributedInfo.from_environment().is_main_process:
         return 0
-    r = result.report
-    top1 = r["top1"]
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    print(
-        f"done: teacher top-1 {fmt(top1['teacher'])}, student top-1 {fmt(r['student_top1'])} "
-        f"({fmt(r['recovered_pct'])}% of the teacher's), speed {r['speed']['speedup']:.2f}x -> "
-        f"{result.run_dir}/report.md"
-    )
+    from ..apps.reports import conversion_summary
+
+    print(conversion_summary(result.report))
     return 0
 
 
 @register_command("search")
 def _search_parser(sub):
-    from .search_array import add_array_arguments
-
     p = sub.add_parser(
         "search",
         help="discover an efficient formula attention for a teacher (evolutionary, fit vs speed Pareto front)",
@@ -270,9 +267,9 @@ def _search_parser(sub):
 
 
 def _cmd_search(args) -> int:
+    cfg = _load(args)
     from ..apps.search import search
 
-    cfg = _load(args)
     evaluate = None
     if args.array_tasks:
         from .search_array import array_evaluator
@@ -286,8 +283,6 @@ def _cmd_search(args) -> int:
 
 @register_command("submit")
 def _submit_parser(sub):
-    from .slurm import add_slurm_arguments
-
     p = sub.add_parser(
         "submit",
         help="run `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit",
@@ -317,13 +312,14 @@ SUBMITTABLE = {
 
 
 def _cmd_submit(args) -> int:
+    cfg = _load(args)
     import importlib
 
     from .slurm import JobFailedError, submit_from_args
 
     module, name = SUBMITTABLE[args.job_command].split(":")
     try:
-        submit_from_args(getattr(importlib.import_module(module), name), _load(args), args)
+        submit_from_args(getattr(importlib.import_module(module), name), cfg, args)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
         print(f"attnxfer submit: error: {e.summary()}", file=sys.stderr)
         return 1
@@ -421,11 +417,11 @@ def _inspect_parser(sub):
 
 
 def _cmd_inspect(args) -> int:
-    from ..apps.inspect import inspect_attention
-
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    from ..apps.inspect import inspect_attention  # after the checks: a bad flag answers without torch
+
     result = inspect_attention(
         args.teacher,
         args.students,
@@ -491,6 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _is_user_error(e: Exception) -> bool:
+    """Whether ``e`` means 'change your input'. Config and file errors are recognised without importing
+    the library (torch): a bad key or a missing recipe answers at once."""
+    from ..config import ConfigError
+
+    if isinstance(e, (ConfigError, FileNotFoundError, FileExistsError, ValueError)):
+        return True
+    return isinstance(e, _user_errors())
+
+
 def _user_errors() -> tuple:
     """Exceptions that mean 'change your input', reported without a traceback."""
     from ..checkpoints.store import CheckpointError
@@ -527,9 +533,8 @@ def _where_to_resume(args) -> str:
 def _stopped_by_signal(args, error: Exception) -> int | None:
     """The exit code of a run that SIGTERM stopped at a step boundary (its checkpoint saved), after saying
     so on the main process; None for any other error."""
-    from ..train.stop import StopRequested  # torch is loaded already: the run was training
-
-    if not isinstance(error, StopRequested):
+    stop = sys.modules.get("attnxfer.train.stop")  # not loaded: nothing trained, no SIGTERM stop (and no torch)
+    if stop is None or not isinstance(error, stop.StopRequested):
         return None
     if os.environ.get("RANK", "0") == "0":
         print(
@@ -563,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopped = _stopped_by_signal(args, e)
         if stopped is not None:
             return stopped
-        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, _user_errors()):
+        if os.environ.get("ATTNXFER_DEBUG") or not _is_user_error(e):
             raise
         print(f"attnxfer {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..apps.search import evaluate_batch
-from .slurm import CLUSTERS, SlurmOptions, build_executor, parse_key_values, wait
+from .arguments import add_array_arguments as add_array_arguments  # its home before arguments.py
+from .slurm import SlurmOptions, build_executor, parse_key_values, wait
 
 __all__ = ["add_array_arguments", "array_evaluator", "split_batches"]
 
@@ -30,31 +31,6 @@ def split_batches(names: list[str], tasks: int) -> list[list[str]]:
         out.append(names[start:end])
         start = end
     return out
-
-
-def add_array_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("SLURM: evaluate each generation as a job array (through submitit)")
-    g.add_argument(
-        "--array-tasks",
-        type=int,
-        default=0,
-        metavar="K",
-        help="evaluate each generation's candidates as a job array of K tasks (default 0: in this process)",
-    )
-    g.add_argument(
-        "--cluster", choices=CLUSTERS, default="slurm", help="slurm, or local / debug (this machine)"
-    )
-    g.add_argument("--partition", default=None)
-    g.add_argument("--time", default="60", help="time limit of one task: minutes or [D-]HH:MM:SS")
-    g.add_argument("--cpus-per-task", type=int, default=None)
-    g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (8G)")
-    g.add_argument(
-        "--slurm", action="append", default=[], metavar="KEY=VALUE", help="any other sbatch option"
-    )
-    g.add_argument("--job-dir", default=None, help="submitit folder (default RUN_DIR/submitit)")
-    g.add_argument(
-        "--wait-timeout", type=float, default=None, help="give up on a generation after this many s"
-    )
 
 
 def array_evaluator(

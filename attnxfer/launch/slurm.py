@@ -37,10 +37,11 @@ from submitit.core.utils import DelayedSubmission, UncompletedJobError, pickle_l
 
 from ..train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ..train.stop import StopRequested
+from .arguments import CLUSTERS
+from .arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
 _logger = logging.getLogger(__name__)
 
-CLUSTERS = ("slurm", "local", "debug")
 RUN_DIR_KEY = "run_dir"
 # sbatch options that submitit itself sets and that would break log collection if overridden
 RESERVED_SBATCH_KEYS = frozenset({"output", "error", "open-mode", "array", "signal", "job-name", "wrap"})
@@ -1035,67 +1036,6 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
 # ---------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------
-def add_slurm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``attnxfer submit`` flags (resources, sbatch passthrough, sweeps, dry run)."""
-    g = parser.add_argument_group("job submission (SLURM through submitit)")
-    g.add_argument("--nodes", type=int, default=1, help="number of nodes")
-    g.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node; one task per GPU")
-    g.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node on CPU-only clusters")
-    g.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (data-loading workers + 1)")
-    g.add_argument("--mem", default=None, help="memory per node, sbatch syntax (64G, 0 = all)")
-    g.add_argument("--time", default="60", help="time limit: minutes or [D-]HH:MM:SS (default 60)")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--account", default=None)
-    g.add_argument("--qos", default=None)
-    g.add_argument("--constraint", default=None)
-    g.add_argument("--exclude", default=None, help="nodes to avoid")
-    g.add_argument(
-        "--slurm",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other sbatch option, e.g. --slurm mail-type=END (repeatable)",
-    )
-    g.add_argument(
-        "--job-dir", default=None, help="submitit folder for pickles and logs (default RUN_DIR/submitit)"
-    )
-    g.add_argument("--name", default="attnxfer", help="job name")
-    g.add_argument(
-        "--sweep",
-        action="append",
-        default=[],
-        metavar="KEY=V1,V2",
-        help="submit a job array over the cartesian product of these values (repeatable)",
-    )
-    g.add_argument("--array-parallelism", type=int, default=64, help="sweep points running at once")
-    g.add_argument(
-        "--max-requeues",
-        type=int,
-        default=3,
-        help="time limits survived by requeuing (default 3); preemptions are counted apart",
-    )
-    g.add_argument(
-        "--max-preemptions",
-        type=int,
-        default=None,
-        help="preemptions (SIGTERM, USR2 well before the time limit, requeues by the scheduler) "
-        "survived (default: no limit)",
-    )
-    g.add_argument(
-        "--cluster",
-        choices=CLUSTERS,
-        default="slurm",
-        help="slurm, or local (processes on this machine), or debug (in this process)",
-    )
-    g.add_argument(
-        "--dry-run", action="store_true", help="print the sbatch script and configs, submit nothing"
-    )
-    g.add_argument(
-        "--wait", action="store_true", help="block until the job ends; fail with a failing rank's log"
-    )
-    return parser
-
-
 def options_from_args(ns: argparse.Namespace) -> SlurmOptions:
     names = {f.name for f in fields(SlurmOptions)} - {"extra"}
     kwargs = {name: getattr(ns, name) for name in names if hasattr(ns, name)}

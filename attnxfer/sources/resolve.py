@@ -237,15 +237,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     raise TeacherLoadError(f"{path}: holds a {type(obj).__name__}, not a state dict")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in blocks by `hashlib.file_digest` (the one hashing helper: teacher
+    weights here, checkpoint manifests in `checkpoints/store.py`)."""
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
@@ -402,15 +398,21 @@ def _snapshot_commit(path: str) -> str | None:
 
 
 def _readme_license(path: str | None) -> str | None:
-    """``license:`` from a model card's YAML front matter."""
+    """``license`` of a model card (a README.md already on disk: the Hub cache's copy or a local folder's),
+    read by huggingface_hub's `ModelCard.load`. Metadata it cannot parse means an unknown licence (the
+    export card then says to check the teacher's terms), with a warning naming the file."""
     if not path or not os.path.isfile(path):
         return None
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    if not text.startswith("---"):
+    from huggingface_hub import ModelCard
+
+    try:
+        license_id = ModelCard.load(path).data.license
+    except Exception as e:  # malformed YAML front matter: yaml's errors, huggingface_hub's ValueError
+        _logger.warning("%s: model card metadata does not parse (%s): teacher licence unknown", path, e)
         return None
-    front = text.split("---", 2)[1]
-    m = re.search(r"^license:\s*['\"]?([^'\"\n]+)", front, flags=re.M)
-    return m.group(1).strip() if m else None
+    if isinstance(license_id, list):  # the Hub's schema allows one id; a list is read as its first
+        license_id = license_id[0] if license_id else None
+    return str(license_id).strip() if license_id else None
 
 
 @dataclass

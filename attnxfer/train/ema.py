@@ -1,56 +1,42 @@
-"""Exponential moving average of the student (never the teacher).
+"""Exponential moving average of the student (never the teacher), through timm's `ModelEmaV3`.
 
-Parameters are averaged by identity, not through ``state_dict()``: a copied
-layer's fused qkv is a `PartialQKV` whose ``state_dict`` entry is a fresh
-concatenation, so averaging state-dict tensors would update a temporary. The
-name-matched lists are built once (not sorted again every step), and the update
-is one fused lerp: no host sync.
+timm's class is used with ``exclude_buffers=True``: parameters are averaged by identity
+(``module.parameters()``) and buffers copied. Its default path averages ``state_dict()`` values instead,
+and a copied layer's fused qkv is a `PartialQKV` whose ``state_dict`` entry is a fresh concatenation, so
+that path would update a temporary and leave the EMA's qkv at its initial value. ``stochastic_rounding``
+is off: it applies only to bf16 EMA tensors (students train in fp32 under autocast) and draws from a
+private generator that checkpoints do not hold. ``update`` passes no step, so the decay is constant (no
+warmup), as in the paper's recipes. The update is one fused ``torch._foreach_lerp_`` with weight
+``1 − decay``, the same kernel and operands as the hand-written EMA it replaces, so checkpoints and
+bit-identical resume are unchanged (`tests/test_ema.py`).
 """
 
 from __future__ import annotations
 
-import copy
-from typing import NamedTuple
-
 import torch
 import torch.nn as nn
+from timm.utils.model_ema import ModelEmaV3
 
 __all__ = ["StudentEMA"]
 
 
-class _Pairs(NamedTuple):
-    ema_params: list[torch.Tensor]
-    params: list[torch.Tensor]
-    ema_buffers: list[torch.Tensor]
-    buffers: list[torch.Tensor]
-
-
 class StudentEMA:
-    """EMA weights of a student: ``ema = decay·ema + (1 − decay)·student`` after each optimiser step."""
+    """EMA weights of a student: ``ema = decay·ema + (1 − decay)·student`` after each optimiser step.
+
+    ``module`` is the averaged copy; ``state_dict``/``load_state_dict`` are its own (timm's parameter
+    names, as the student's), which is what checkpoints and export hold.
+    """
 
     def __init__(self, student: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema.decay must be in (0, 1), got {decay}")
         self.decay = decay
-        self.module = copy.deepcopy(student).eval().requires_grad_(False)
-        self._cached: tuple[nn.Module, _Pairs] | None = None
+        self._ema = ModelEmaV3(student, decay=decay, exclude_buffers=True, stochastic_rounding=False)
+        self.module = self._ema.module.requires_grad_(False)
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        pairs = self._pairs(student)
-        torch._foreach_lerp_(pairs.ema_params, pairs.params, 1.0 - self.decay)
-        for e, b in zip(pairs.ema_buffers, pairs.buffers):
-            e.copy_(b)
-
-    def _pairs(self, student: nn.Module) -> _Pairs:
-        """The EMA's parameters and buffers beside the student's, matched by name once per student."""
-        if self._cached is None or self._cached[0] is not student:
-            ema_p = [p for _, p in sorted(self.module.named_parameters())]
-            ema_b = [b for _, b in sorted(self.module.named_buffers())]
-            new_p = [p for _, p in sorted(student.named_parameters())]  # read under no_grad
-            new_b = [b for _, b in sorted(student.named_buffers())]
-            self._cached = (student, _Pairs(ema_p, new_p, ema_b, new_b))
-        return self._cached[1]
+        self._ema.update(student)  # no step: constant decay
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()

@@ -123,7 +123,9 @@ def register_mode(mode: TransferMode) -> TransferMode:
     return mode
 
 
-register_mode(TransferMode("none", description="plain student training (from-scratch baseline)"))
+# "none" moves no attention: a from-scratch baseline, an MAE fine-tune, or convert's stage 2 (which fine-tunes
+# the converted student); the description says only what is true of all three.
+register_mode(TransferMode("none", description="no attention transfer"))
 register_mode(
     TransferMode("copy", borrow="qk", description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)")
 )

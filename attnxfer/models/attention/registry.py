@@ -7,6 +7,7 @@ attentions by name; the registry is the one place that turns names into classes,
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -70,7 +71,11 @@ def get_attention_class(name: str) -> type[nn.Module]:
     if colon and prefix in _FAMILIES:
         return _FAMILIES[prefix](name)
     families = "".join(f", {p}:<...>" for p in sorted(_FAMILIES))
-    raise KeyError(f"unknown attention {name!r}; known attentions: {', '.join(list_attentions())}{families}")
+    nearest = difflib.get_close_matches(name, list_attentions(), n=1)
+    hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
+    raise KeyError(
+        f"unknown attention {name!r}{hint} (known attentions: {', '.join(list_attentions())}{families})"
+    )
 
 
 def create_attention(name: str, **kwargs) -> nn.Module:

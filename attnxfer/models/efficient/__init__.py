@@ -72,6 +72,7 @@ from .swap import (
     new_parameters,
     set_drop_path,
     swap_attentions,
+    with_attention,
 )
 from .window import WindowAttention, WindowLinearAttention
 
@@ -106,4 +107,5 @@ __all__ = [
     "register_attention",
     "set_drop_path",
     "swap_attentions",
+    "with_attention",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "set_drop_path",
     "swap_attentions",
     "teacher_token_layout",
+    "with_attention",
 ]
 
 
@@ -97,11 +98,26 @@ def efficient_student_from_teacher(
     blocks = getattr(teacher, "blocks", None)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
+    if not isinstance(attn, str) and len(attn) != len(blocks):
+        raise ValueError(
+            f"attn lists one attention per block: the teacher has {len(blocks)} blocks, got {len(attn)} names"
+        )
+    return with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
+
+
+def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -> nn.Module:
+    """``model`` (a timm VisionTransformer) with each block's attention replaced in place: one registered
+    name for every block or one per block, options as `efficient_student_from_teacher` takes them. On a
+    freshly initialised model this is a fresh efficient-attention student (``model.attention`` of
+    `attnxfer train`); on a teacher's copy, a converted one."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
     depth = len(blocks)
     names: list[str] = [attn] * depth if isinstance(attn, str) else list(attn)
     if len(names) != depth:
         raise ValueError(
-            f"attn lists one attention per block: the teacher has {depth} blocks, got {len(names)} names"
+            f"attn lists one attention per block: the model has {depth} blocks, got {len(names)} names"
         )
     classes = [get_attention_class(name) for name in names]
     unused = [k for k in attn_kwargs if not any(c.accepts_option(k) for c in classes)]
@@ -110,7 +126,7 @@ def efficient_student_from_teacher(
         raise TypeError(f"no chosen attention accepts option(s) {unused}; their options: {options}")
 
     options = [{k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)} for cls in classes]
-    return swap_attentions(copy.deepcopy(teacher), names, options)
+    return swap_attentions(model, names, options)
 
 
 def swap_attentions(

@@ -1,0 +1,26 @@
+"""How sure a top-1 is: its 95 % interval as a binomial proportion (read by reports, `attnxfer eval` and
+the exported model card's ``model-index``; `attnxfer.apps.uncertainty` builds the reports' wording on it)."""
+
+from __future__ import annotations
+
+from scipy.stats import binomtest
+
+__all__ = ["correct_count", "top1_interval"]
+
+
+def top1_interval(
+    correct: int, total: int, confidence: float = 0.95, method: str = "wilson"
+) -> tuple[float, float]:
+    """The ``confidence`` interval of a top-1 of ``correct``/``total``, in percent.
+
+    ``method``: ``wilson`` (Wilson score, the default) or ``exact`` (Clopper–Pearson), as
+    scipy.stats.binomtest(...).proportion_ci computes them."""
+    if total <= 0 or not 0 <= correct <= total:
+        raise ValueError(f"top1_interval: need 0 <= correct <= total and total > 0, got {correct}/{total}")
+    ci = binomtest(int(correct), int(total)).proportion_ci(confidence_level=confidence, method=method)
+    return 100.0 * ci.low, 100.0 * ci.high
+
+
+def correct_count(top1_percent: float, total: int) -> int:
+    """The number of right answers behind a top-1 (percent) on ``total`` images."""
+    return round(top1_percent * total / 100.0)

@@ -1,0 +1,51 @@
+"""What the layer-decay docstrings say is what the groups hold, for both poolings (issue 29, item 8a): with
+class-token pooling timm 1.0.31 puts the final ``norm`` in the last block's group; with average pooling
+``fc_norm`` is at the head's lr."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+
+from attnxfer.train.optim import student_param_groups
+
+DEPTH, DECAY = 4, 0.5
+
+
+def _powers(global_pool: str, rule: str) -> dict[str, int]:
+    """Parameter name prefix -> the power of the decay its lr scale is (one value per prefix)."""
+    with torch.device("meta"):
+        vit = timm.create_model("vit_tiny_patch16_224", depth=DEPTH, num_classes=10, global_pool=global_pool)
+    names = {id(p): n for n, p in vit.named_parameters()}
+    out: dict[str, set[int]] = {}
+    for group in student_param_groups(vit, 0.05, DECAY, layer_decay_rule=rule):
+        for p in group["params"]:
+            name = names[id(p)]
+            prefix = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+            out.setdefault(prefix, set()).add(round(math.log(group["lr_scale"]) / math.log(DECAY)))
+    assert all(len(v) == 1 for v in out.values()), out
+    return {k: v.pop() for k, v in out.items()}
+
+
+# The written rule: block i gets decay^(D-i) (timm) or decay^(D-1-i) (attention_transfer); the stem one
+# power above block 0; the head (and fc_norm) 1.0; the final norm the last block's power.
+@pytest.mark.parametrize("rule,shift", [("timm", 0), ("attention_transfer", 1)])
+@pytest.mark.parametrize("global_pool", ["token", "avg"])
+def test_layer_decay_groups_match_the_docstring(global_pool, rule, shift):
+    powers = _powers(global_pool, rule)
+    expected = {f"blocks.{i}": DEPTH - i - shift for i in range(DEPTH)}
+    expected |= {
+        "cls_token": DEPTH + 1 - shift,
+        "pos_embed": DEPTH + 1 - shift,
+        "patch_embed": DEPTH + 1 - shift,
+    }
+    expected["head"] = 0
+    if global_pool == "token":  # final norm, grouped with the last block
+        expected["norm"] = expected[f"blocks.{DEPTH - 1}"]
+        assert expected["norm"] == 1 - shift
+    else:  # the norm is an Identity; fc_norm after the pooling trains at the head's lr
+        expected["fc_norm"] = 0
+    assert powers == expected

@@ -1,0 +1,94 @@
+"""Issue 26: a *fresh* efficient-attention student in `attnxfer train` (``model.attention``), distilled from
+a softmax teacher like any student, exported and loaded back with its attention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import peaked_teacher, tiny_vit
+from safetensors.torch import load_file
+from timm.models import save_for_hf
+
+from attnxfer.apps.run_parts import student_attention
+from attnxfer.checkpoints.export import export_run
+from attnxfer.launch.cli import main
+from attnxfer.models.attention import TransferAttention
+from attnxfer.models.efficient import HedgehogAttention, PerformerAttention
+from attnxfer.sources import load_student
+
+
+def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says_what_to_change():
+    student = student_attention(tiny_vit(depth=2), "performer", {"num_features": 8})
+    assert all(type(b.attn) is PerformerAttention for b in student.blocks)
+    assert student.blocks[0].attn.num_features == 8
+    mixed = student_attention(tiny_vit(depth=2), ["hedgehog", "softmax"], {})
+    assert type(mixed.blocks[0].attn) is HedgehogAttention and isinstance(
+        mixed.blocks[1].attn, TransferAttention
+    )
+    assert type(student_attention(tiny_vit(depth=2), None, {}).blocks[0].attn) is TransferAttention
+    with pytest.raises(
+        ValueError, match=r"model.attention: unknown attention 'perfromer'; did you mean 'performer'\?"
+    ):
+        student_attention(tiny_vit(depth=2), "perfromer", {})
+    with pytest.raises(ValueError, match="model.attention: .*the model has 2 blocks, got 3 names"):
+        student_attention(tiny_vit(depth=2), ["hedgehog"] * 3, {})
+    with pytest.raises(ValueError, match=r"model.attention_kwargs: .*\['num_featurs'\]"):
+        student_attention(tiny_vit(depth=2), "performer", {"num_featurs": 8})
+    with pytest.raises(ValueError, match="model.attention_kwargs is set but model.attention is not"):
+        student_attention(tiny_vit(depth=2), None, {"num_features": 8})
+
+
+def test_convert_refuses_model_attention_and_names_convert_attention(capsys):
+    assert main(["convert", "model.attention=performer", "teacher.spec=vit_tiny_patch16_224"]) == 2
+    err = capsys.readouterr().err
+    assert "model.attention='performer' is the attention of a fresh student" in err
+    assert "with convert.attention: set that instead" in err
+
+
+@pytest.mark.slow  # a 10-step distillation run, then an export
+def test_fresh_hedgehog_student_distils_through_the_cli_and_round_trips_through_export(tmp_path, capsys):
+    teacher_dir = tmp_path / "teacher"
+    teacher = peaked_teacher(depth=2, plain_timm=True)
+    save_for_hf(teacher, teacher_dir, safe_serialization=True)
+    run = tmp_path / "run"
+    args = [
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{teacher_dir}",
+        "transfer.mode=distill",
+        "model.attention=hedgehog",
+        "data.dataset=synthetic",
+        "data.batch_size=16",
+        "data.synthetic_length=16",  # one batch, the same images every step: the loss is a function of weights
+        "schedule.max_steps=10",
+        "schedule.warmup_epochs=0",
+        "optim.lr=1e-2",
+        "transfer.atd_weight=10",
+        "model.drop_path_rate=0",
+        "log.every_steps=1",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "checkpoint.every_epoch=false",
+        "deterministic=true",
+    ]
+    assert main(["train", *args]) == 0
+    assert "mode=distill" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    attn = [r["attn"] for r in rows if r.get("split") == "train"]
+    assert len(attn) == 10 and attn[-1] < 0.95 * attn[0], attn  # the distillation loss decreases
+    assert {k for k in rows[0] if k.startswith("attn_ce/")} == {"attn_ce/0", "attn_ce/1"}
+    spec = json.loads((run / "run.json").read_text())["student"]
+    assert spec["attention"] in ("hedgehog", ["hedgehog", "hedgehog"])
+
+    out = export_run(run, tmp_path / "export", weights="raw", checkpoint="latest")
+    loaded = load_student(f"local-dir:{out}")
+    assert all(type(b.attn) is HedgehogAttention for b in loaded.blocks)
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    saved = load_file(str(ckpt / "model.safetensors"))
+    state = loaded.state_dict()
+    assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
+    # a fresh student: its attention weights are its own, not the teacher's
+    assert not torch.equal(
+        state["blocks.0.attn.qkv.weight"], teacher.state_dict()["blocks.0.attn.qkv.weight"]
+    )
