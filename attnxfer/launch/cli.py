@@ -533,9 +533,8 @@ def _where_to_resume(args) -> str:
 def _stopped_by_signal(args, error: Exception) -> int | None:
     """The exit code of a run that SIGTERM stopped at a step boundary (its checkpoint saved), after saying
     so on the main process; None for any other error."""
-    stop = sys.modules.get(
-        "attnxfer.train.stop"
-    )  # not loaded: nothing trained, no SIGTERM stop (and no torch)
+    # not loaded: nothing trained, so no SIGTERM stop (and no torch to import for a bad argument)
+    stop = sys.modules.get("attnxfer.train.stop")
     if stop is None or not isinstance(error, stop.StopRequested):
         return None
     if os.environ.get("RANK", "0") == "0":
