@@ -44,6 +44,7 @@ __all__ = [
     "list_recipes",
     "load_config",
     "parse_overrides",
+    "recipe_chain",
     "resolve_recipe",
     "to_dict",
     "validate_config",
@@ -751,19 +752,61 @@ def _read_yaml(p: Path) -> Any:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
-) -> TrainConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides; every value is range-checked."""
-    cfg = base or TrainConfig()
-    if path is not None:
-        p = resolve_recipe(path)
+BASE_KEY = "base"
+
+
+def _resolve_base(name: Any, child: Path) -> Path:
+    """A recipe's ``base:``: a built-in recipe name, or a YAML path relative to the recipe that names it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(
+            f"config file {str(child)!r}: base must be a recipe name or a YAML path "
+            f"(e.g. base: paper/vit_large_copy), got {name!r}"
+        )
+    beside = child.parent / name
+    for candidate in (beside, beside.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    try:
+        return resolve_recipe(name)
+    except ConfigError as e:
+        raise ConfigError(f"config file {str(child)!r}: base {name!r} not found ({e})") from None
+
+
+def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A recipe and the recipes it starts from (``base: NAME``), root first, each with its own keys.
+
+    Why a chain and not a merged dict: each file is applied over the previous one exactly as overrides
+    are, so a recipe that states only what differs resolves to the same config as a full copy."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    p = resolve_recipe(path)
+    seen: list[Path] = []
+    while True:
+        if p.resolve() in seen:
+            loop = " -> ".join(str(q) for q in [*seen, p.resolve()])
+            raise ConfigError(f"recipes start from each other in a cycle: {loop}; remove one base")
+        seen.append(p.resolve())
         data = _read_yaml(p)
         if not isinstance(data, Mapping):
             raise ConfigError(
                 f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
             )
-        cfg = _merge(cfg, data)
+        data = dict(data)
+        parent = data.pop(BASE_KEY, None)
+        chain.append((p, data))
+        if parent is None:
+            return chain[::-1]
+        p = _resolve_base(parent, p)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file (after the recipes it starts from, ``base: NAME``), then ``key=value``
+    overrides; every value is range-checked."""
+    cfg = base or TrainConfig()
+    if path is not None:
+        for _, data in recipe_chain(path):
+            cfg = _merge(cfg, data)
     if overrides:
         cfg = apply_overrides(cfg, parse_overrides(overrides))
     return validate_config(cfg)
