@@ -1,8 +1,11 @@
-"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars; pictures as PNG
-files under ``pictures/`` and TensorBoard images."""
+"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars; one row per epoch
+in ``summary.csv`` (timm's train.py convention); pictures as PNG files under ``pictures/`` and TensorBoard
+images."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -14,7 +17,10 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
-__all__ = ["MetricsLogger", "read_metrics"]
+__all__ = ["SUMMARY_CSV", "MetricsLogger", "read_metrics", "read_summary"]
+
+#: the per-epoch table beside the checkpoints, as timm's train.py writes it
+SUMMARY_CSV = "summary.csv"
 
 
 class MetricsLogger:
@@ -80,6 +86,39 @@ class MetricsLogger:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
+        """Row ``epoch`` (0-based, timm's numbering) of ``summary.csv``: ``epoch, train_loss, eval_loss,
+        eval_top1, eval_top5, lr`` (whatever ``row`` holds, in its order). Rows of this epoch and later
+        are replaced, so a resumed run that redoes an epoch never leaves a duplicate."""
+        if not self.enabled:
+            return
+        rows = [r for r in read_summary(self.run_dir) if int(r["epoch"]) < epoch]
+        rows.append({"epoch": int(epoch), **{k: float(v) for k, v in row.items()}})
+        self._write_summary(rows)
+
+    def truncate_summary(self, first_epoch: int) -> None:
+        """Drop ``summary.csv`` rows of epochs ``first_epoch`` and later (a resume will train them again)."""
+        if not self.enabled or not (self.run_dir / SUMMARY_CSV).exists():
+            return
+        rows = read_summary(self.run_dir)
+        kept = [r for r in rows if int(r["epoch"]) < first_epoch]
+        if len(kept) != len(rows):
+            self._write_summary(kept)
+
+    def _write_summary(self, rows: list[dict[str, Any]]) -> None:
+        fields: dict[str, None] = {}
+        for r in rows:
+            fields.update(dict.fromkeys(r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(fields) or ["epoch"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        path = self.run_dir / SUMMARY_CSV
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a killed run leaves the old table or the new one
+
     @property
     def has_tensorboard(self) -> bool:
         return self._tb is not None
@@ -119,3 +158,15 @@ def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str
         if split is None or rec.get("split") == split:
             out.append(rec)
     return out
+
+
+def read_summary(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``summary.csv`` (``epoch`` as int, the rest as float; blank cells skipped)."""
+    path = Path(run_dir) / SUMMARY_CSV
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return [
+            {k: int(v) if k == "epoch" else float(v) for k, v in r.items() if v not in ("", None)}
+            for r in csv.DictReader(f)
+        ]
