@@ -169,7 +169,10 @@ class EMAConfig:
 @dataclass
 class LogConfig:
     every_steps: int = 20
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: no TensorBoard, whatever trackers says
+    # where metrics go besides metrics.jsonl: tensorboard | wandb | mlflow (pip install 'attnxfer[wandb]')
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "attnxfer"  # the W&B project / MLflow experiment
     attention_images: int = (
         2  # validation images whose class-token maps go to TensorBoard at each eval (0: none)
     )
@@ -408,6 +411,8 @@ RANGES: dict[str, Range] = {
     "ema.decay": Range(0, 1, low_open=True, high_open=True),
     "log.every_steps": _AT_LEAST_1,
     "log.tensorboard": _ANY,
+    "log.trackers": Range(choices=("tensorboard", "wandb", "mlflow")),
+    "log.project": _ANY,
     "log.progress": _ANY,
     "log.attention_images": _NON_NEGATIVE,
     "mae.mask_ratio": _OPEN_FRACTION,

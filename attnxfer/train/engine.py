@@ -45,6 +45,7 @@ from .ema import StudentEMA
 from .metrics import MetricsLogger
 from .runtime import Runtime
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
+from .trackers import flat_hparams
 
 __all__ = [
     "CheckpointPolicy",
@@ -178,6 +179,8 @@ class LoopSettings:
     accum_steps: int = 1
     log_every: int = 20
     tensorboard: bool = True
+    trackers: tuple[str, ...] = ("tensorboard",)  # train/trackers.py: tensorboard, wandb, mlflow
+    project: str = "attnxfer"  # the W&B project / MLflow experiment the run is logged under
     progress: bool = True
     attention_images: int = 0  # validation images whose class-token maps go to TensorBoard at each eval
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
@@ -249,7 +252,17 @@ class Engine:
             self.total_steps = min(self.total_steps, s.max_steps)
         self.warmup_steps = round(s.warmup_epochs * self.steps_per_epoch)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=s.checkpoint.keep_last, best_mode=s.metric_mode)
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=s.tensorboard, enabled=self.is_main)
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            tensorboard=s.tensorboard,
+            enabled=self.is_main,
+            trackers=s.trackers,
+            project=s.project,
+            # the run's config and plan as the trackers' hyper-parameters
+            hparams=flat_hparams(
+                self.record.get("config") or {}, self.plan.describe() if self.plan else None
+            ),
+        )
         self.step, self.epoch, self.position = 0, 0, 0
         self.best: float | None = None  # best value of settings.metric so far
         self.last_ckpt: str | None = None

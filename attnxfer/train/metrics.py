@@ -1,4 +1,5 @@
-"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars; one row per epoch
+"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus the trackers' scalars (TensorBoard, W&B,
+MLflow: `trackers.py`); one row per epoch
 in ``summary.csv`` (timm's train.py convention); pictures as PNG files under ``pictures/`` and TensorBoard
 images."""
 
@@ -10,12 +11,14 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.utils import save_image
+
+from .trackers import TrackerSet
 
 __all__ = ["SUMMARY_CSV", "MetricsLogger", "read_metrics", "read_summary"]
 
@@ -30,30 +33,30 @@ class MetricsLogger:
     resume, `truncate_after` drops the records of steps that will be redone, so every step appears once.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        *,
+        trackers: Sequence[str] = ("tensorboard",),
+        project: str = "attnxfer",
+        hparams: Mapping[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.tensorboard = tensorboard
-        self._tb = None
-        self._purge_step: int | None = None
-
-    def _writer(self):
-        if self._tb is None and self.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional at run time
-                self.tensorboard = False
-                return None
-            # purge_step: TensorBoard drops the events of redone steps too
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=self._purge_step)
-        return self._tb
+        # log.tensorboard=false keeps its meaning: no TensorBoard whatever log.trackers says
+        names = [t for t in trackers if tensorboard or t != "tensorboard"]
+        self.tensorboard = "tensorboard" in names
+        # rank 0 only: other ranks never import or start a tracker
+        self.trackers = TrackerSet(self.run_dir, names if enabled else [], project=project, hparams=hparams)
 
     def truncate_after(self, step: int) -> None:
         """Forget records of steps after ``step`` (they are about to be trained again)."""
         if not self.enabled:
             return
-        self._purge_step = step + 1
+        self.trackers.purge_step = step + 1  # TensorBoard drops the events of redone steps too
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
@@ -76,12 +79,10 @@ class MetricsLogger:
         record: dict[str, Any] = {"split": split, "step": int(step), "time": round(time.time(), 3)}
         if epoch is not None:
             record["epoch"] = round(float(epoch), 4)
-        tb = self._writer()
         for k, v in metrics.items():
             v = float(v)
             record[k] = v if math.isfinite(v) else str(v)
-            if tb is not None and math.isfinite(v):
-                tb.add_scalar(f"{split}/{k}", v, step)
+        self.trackers.log(split, step, metrics)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -121,7 +122,7 @@ class MetricsLogger:
 
     @property
     def has_tensorboard(self) -> bool:
-        return self._tb is not None
+        return self.trackers.tensorboard is not None
 
     def log_image(self, tag: str, step: int, image) -> Path | None:
         """A picture as ``pictures/<tag>-step<N>.png`` and a TensorBoard image: (C, H, W) floats in
@@ -135,13 +136,12 @@ class MetricsLogger:
         path = self.path.parent / "pictures" / f"{tag.replace('/', '-')}-step{int(step):08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(image, str(path))
-        if self._tb is not None:
-            self._tb.add_image(tag, image, step)
+        if self.trackers.tensorboard is not None:
+            self.trackers.tensorboard.add_image(tag, image, step)
         return path
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        self.trackers.finish()
 
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
