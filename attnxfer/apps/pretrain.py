@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
 from ..checkpoints.export import export_run
@@ -208,8 +210,12 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
     pictures = None
     if cfg.mae.pictures > 0:
         val = parts.val_loader.dataset
-        picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
-        pictures = reconstruction_pictures(torch.stack([val[i][0] for i in picks]), parts.mean, parts.std)
+        if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
+            shown = [x for x, _ in islice(iter(val), cfg.mae.pictures)]
+        else:
+            picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
+            shown = [val[i][0] for i in picks]
+        pictures = reconstruction_pictures(torch.stack(shown), parts.mean, parts.std)
     engine = Engine(
         runtime,
         mae,

@@ -107,7 +107,9 @@ class TransferConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "animal_mnist"  # animal_mnist | folder | synthetic
+    dataset: str = (
+        "animal_mnist"  # animal_mnist | folder | synthetic | hfds/NAME | hfids/NAME | wds/NAME | a plug-in
+    )
     root: str | None = None  # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...
     img_size: int | None = None  # default: the student's
     in_chans: int | None = None
