@@ -88,6 +88,8 @@ TABLE: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "ema.decay": (NUM, False, False, "1.0"),
     "log.every_steps": (NUM, False, False, None),
     "log.tensorboard": (BOOL, False, False, None),
+    "log.trackers": ("3", False, False, "[tensorboard, nope]"),
+    "log.project": (STR, None, None, None),
     "log.progress": (BOOL, False, False, None),
     "log.attention_images": (NUM, True, False, None),
     "mae.mask_ratio": (NUM, True, False, "1.0"),

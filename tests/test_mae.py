@@ -234,6 +234,69 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
             assert torch.equal(v, ckpt[k]), k
 
 
+def _maes_full_checkpoint(pretrained_run: Path, path: Path, **extra) -> dict[str, torch.Tensor]:
+    """The run's step-8 weights written as MAE's released ``*_full.pth`` are: ``{"model": state_dict}``
+    under MAE's names (encoder unprefixed, ``decoder_*``, ``mask_token``), saved with ``torch.save``."""
+    state = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
+    torch.save({"model": state, **extra}, path)
+    return state
+
+
+def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pretrained_run, tmp_path):
+    from attnxfer.apps.pretrain import build_pretrain_engine
+
+    full = tmp_path / "mae_pretrain_vit_micro_full.pth"
+    state = _maes_full_checkpoint(pretrained_run, full, epoch=799)
+    cfg = load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path / 'more'}", f"model.init={full}"])
+    mae = build_pretrain_engine(cfg).student
+    got = mae.state_dict()
+    assert set(got) == set(state) and any(k.startswith("decoder_blocks.") for k in state)
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
+    # a decoder of another width cannot be loaded: the encoder is, the decoder starts fresh and says so
+    other = load_config(
+        "demo/mae_pretrain",
+        [
+            *TINY,
+            f"run_dir={tmp_path / 'wider'}",
+            f"model.init={full}",
+            "mae.decoder_dim=16",
+            "mae.decoder_heads=2",
+        ],
+    )
+    from attnxfer.apps.pretrain import build_mae, init_mae
+
+    fresh = build_mae(other, in_chans=1, img_size=None)
+    note = init_mae(fresh, str(full))
+    assert "decoder fresh" in note and "decoder_embed.weight" in note
+    got = fresh.state_dict()
+    for k, v in state.items():
+        if k.startswith("decoder_") or k == "mask_token":
+            assert got[k].shape != v.shape or not torch.equal(got[k], v), k
+        else:
+            assert torch.equal(got[k], v), k
+
+
+def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused(pretrained_run, tmp_path):
+    import argparse
+
+    from attnxfer.apps.pretrain import build_mae, init_mae
+    from attnxfer.sources import UnsafeCheckpointError
+    from attnxfer.sources.resolve import TeacherLoadError
+
+    cfg = load_config("demo/mae_pretrain", TINY)
+    pickled = tmp_path / "with_args.pth"
+    _maes_full_checkpoint(pretrained_run, pickled, args=argparse.Namespace(lr=1.5e-4))
+    with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace"):
+        init_mae(build_mae(cfg, in_chans=1, img_size=None), str(pickled))
+    wide = load_config("demo/mae_pretrain", [*TINY, "model.kwargs={depth: 2, embed_dim: 96}"])
+    with pytest.raises(TeacherLoadError, match=r"does not fit the encoder.*pos_embed"):
+        init_mae(
+            build_mae(wide, in_chans=1, img_size=None),
+            str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"),
+        )
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [

@@ -285,3 +285,37 @@ def test_precision_is_one_switch_for_student_and_teacher():
     assert teacher_dtype("fp32", "bf16") is torch.float32
     assert teacher_dtype("auto") is None  # no run: DualViT decides by device
     assert load_config("paper/vit_large_distill", ["precision=fp32"]).precision == "fp32"
+
+
+def test_a_recipe_may_start_from_another_and_state_only_what_differs(tmp_path):
+    """``base:`` applies the named recipe first: the child equals the base with its own keys changed."""
+    from attnxfer.config import dump_config, recipe_chain, to_dict
+
+    child = tmp_path / "mine.yaml"
+    child.write_text("base: paper/vit_large_distill\ndata:\n  root: /data/in1k\n", encoding="utf-8")
+    cfg, ref = load_config(child), load_config("paper/vit_large_distill")
+    assert cfg.data.root == "/data/in1k"
+    assert to_dict(cfg) == to_dict(ref) | {"data": to_dict(ref)["data"] | {"root": "/data/in1k"}}
+    # the paper recipes are such chains: vit_base_distill_end3 -> vit_base_distill -> vit_large_distill -> copy
+    names = [p.stem for p, _ in recipe_chain("paper/vit_base_distill_end3")]
+    assert names == ["vit_large_copy", "vit_large_distill", "vit_base_distill", "vit_base_distill_end3"]
+    # a base given as a path beside the recipe
+    (tmp_path / "sub.yaml").write_text("base: mine.yaml\nschedule:\n  epochs: 3\n", encoding="utf-8")
+    sub = load_config(tmp_path / "sub.yaml")
+    assert sub.schedule.epochs == 3 and sub.data.root == "/data/in1k"
+    assert dump_config(sub).count("base") == dump_config(ref).count("base")  # `base` is not a config key
+
+
+def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n", encoding="utf-8")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: paper/vit_large_cpoy\n", encoding="utf-8")
+    with pytest.raises(
+        ConfigError, match=r"base 'paper/vit_large_cpoy' not found.*did you mean.*vit_large_copy"
+    ):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [x]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="base must be a recipe name"):
+        load_config(tmp_path / "d.yaml")

@@ -7,17 +7,24 @@ evaluation scores the masked-patch loss on the validation set (the same masks ev
 reconstructions of a few validation images (``pictures/`` and TensorBoard). At the end the encoder is
 exported in timm's layout to ``RUN_DIR/export`` (decoder dropped): ``teacher.spec=local-dir:RUN_DIR/export``
 makes it a teacher, ``model.init=local-dir:RUN_DIR/export`` fine-tunes it.
+
+``model.init`` continues pre-training: from MAE's released full checkpoints (``mae_pretrain_vit_*_full.pth``:
+encoder and decoder under MAE's names, in a ``model`` key; read with ``torch.load(weights_only=True)``), from
+one of this command's own checkpoints, or the encoder alone from any teacher spec. The decoder is loaded
+when the checkpoint has one of the ``mae`` section's shapes, else it starts fresh and the run says why.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from itertools import islice
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
 from ..checkpoints.export import export_run
@@ -28,6 +35,8 @@ from ..data import dataset_info
 from ..models.mae import MaskedAutoencoder
 from ..models.student import student_spec
 from ..models.vit import create_vit
+from ..sources import load_teacher
+from ..sources.resolve import TeacherLoadError, read_state_dict
 from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.engine import Engine, TrainResult, evaluate_loss
@@ -38,7 +47,7 @@ from .run_parts import RunParts, build_run_parts
 from .training import adamw_from_config, engine_facts, loop_settings
 from .world_size import fit_world_size
 
-__all__ = ["MODE", "build_mae", "build_pretrain_engine", "pretrain", "reconstruction_pictures"]
+__all__ = ["MODE", "build_mae", "build_pretrain_engine", "init_mae", "pretrain", "reconstruction_pictures"]
 
 #: what run.json says this run trained (export and the demo read it)
 MODE = "mae-pretrain"
@@ -60,6 +69,67 @@ def build_mae(cfg: TrainConfig, in_chans: int, img_size: int | None) -> MaskedAu
         mask_ratio=a.mask_ratio,
         norm_pix=a.norm_pix,
     )
+
+
+def _is_decoder_key(key: str) -> bool:
+    return key.startswith("decoder_") or key == "mask_token"
+
+
+def _shape_errors(want: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> list[str]:
+    return [
+        f"{k} {tuple(got[k].shape)} vs {tuple(v.shape)}"
+        for k, v in want.items()
+        if k in got and got[k].shape != v.shape
+    ]
+
+
+def init_mae(mae: MaskedAutoencoder, spec: str, img_size: int | None = None) -> str:
+    """Load ``model.init`` into ``mae`` in place and say what was loaded (one line).
+
+    A checkpoint file (MAE's ``*_full.pth``, a pretrain checkpoint's ``model.safetensors``) must hold every
+    encoder weight in the encoder's shapes (anything else is an error naming the keys: a random encoder
+    weight would be silent damage); its decoder is taken only if it has every decoder weight in this
+    decoder's shapes. Any other spec (timm name, ``hf-hub:``, ``local-dir:``) gives the encoder only."""
+    own = mae.state_dict()
+    path = Path(spec).expanduser()
+    if path.is_file():
+        state, _ = read_state_dict(path)  # weights_only: a pickled argparse.Namespace is refused, with a fix
+    else:
+        encoder, _ = load_teacher(spec, img_size=img_size, num_classes=0)
+        state = encoder.state_dict()
+    enc_own = {k: v for k, v in own.items() if not _is_decoder_key(k)}
+    dec_own = {k: v for k, v in own.items() if _is_decoder_key(k)}
+    missing = sorted(set(enc_own) - set(state))
+    unexpected = sorted(k for k in state if k not in own)
+    mis_shaped = _shape_errors(enc_own, state)
+    if missing or unexpected or mis_shaped:
+        raise TeacherLoadError(
+            f"model.init={spec!r} does not fit the encoder that model.name / model.kwargs build "
+            f"(missing {missing[:8]}, unexpected {unexpected[:8]}, shapes checkpoint vs encoder {mis_shaped[:4]}); "
+            "set model.name / model.kwargs to the checkpoint's architecture",
+            missing_keys=missing,
+            unexpected_keys=unexpected,
+        )
+    load = {k: state[k] for k in enc_own}
+    dec_state = {k: v for k, v in state.items() if _is_decoder_key(k)}
+    dec_missing = sorted(set(dec_own) - set(dec_state))
+    dec_shapes = _shape_errors(dec_own, dec_state)
+    if not dec_state:
+        decoder = "decoder fresh (the checkpoint has none)"
+    elif dec_missing or dec_shapes:
+        what = (
+            f"shapes checkpoint vs mae section {dec_shapes[:3]}"
+            if dec_shapes
+            else f"missing {dec_missing[:4]}"
+        )
+        decoder = f"decoder fresh: the checkpoint's does not fit the mae section ({what})"
+    else:
+        load.update(dec_state)
+        decoder = f"decoder loaded ({len(dec_state)} tensors)"
+    with torch.no_grad():
+        for k, v in load.items():
+            own[k].copy_(v)  # state_dict tensors share storage with the parameters and buffers
+    return f"model.init: encoder loaded from {spec} ({len(enc_own)} tensors), {decoder}"
 
 
 def reconstruction_pictures(
@@ -116,10 +186,6 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
             f"pretrain learns from pixels alone; teacher.spec={cfg.teacher.spec!r} would be unused. "
             "Remove it (attention transfer from a teacher is `attnxfer train`)"
         )
-    if cfg.model.init:
-        raise ValueError(
-            "pretrain starts from random weights; remove model.init (fine-tuning is `attnxfer train`)"
-        )
     if cfg.teacher.compile:
         raise ValueError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
@@ -136,6 +202,7 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
     info = dataset_info(d.dataset, root=d.root)
     in_chans = d.in_chans or info.in_chans
     mae = build_mae(cfg, in_chans, d.img_size)
+    init_note = init_mae(mae, cfg.model.init, d.img_size) if cfg.model.init else None
     # The loaders are the training ones (labels come along and are ignored); no teacher, no transfer.
     data_cfg = dataclasses.replace(cfg, transfer=TransferConfig(mode="none"))
     parts = build_run_parts(
@@ -150,8 +217,12 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
     pictures = None
     if cfg.mae.pictures > 0:
         val = parts.val_loader.dataset
-        picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
-        pictures = reconstruction_pictures(torch.stack([val[i][0] for i in picks]), parts.mean, parts.std)
+        if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
+            shown = [x for x, _ in islice(iter(val), cfg.mae.pictures)]
+        else:
+            picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
+            shown = [val[i][0] for i in picks]
+        pictures = reconstruction_pictures(torch.stack(shown), parts.mean, parts.std)
     engine = Engine(
         runtime,
         mae,
@@ -167,6 +238,8 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
     )
     _write_run_files(cfg, engine, parts, mae)
     if engine.is_main:
+        if init_note:
+            print(init_note, flush=True)
         n = mae._num_patches
         kept = max(1, round(n * (1 - cfg.mae.mask_ratio)))
         print(

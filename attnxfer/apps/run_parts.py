@@ -11,7 +11,15 @@ import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
-from ..data import ResumableSampler, build_dataset, build_loader, dataset_info
+from ..data import (
+    STREAM_PREFIXES,
+    ResumableSampler,
+    StreamDataset,
+    StreamPosition,
+    build_dataset,
+    build_loader,
+    dataset_info,
+)
 from ..models.efficient import with_attention
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
@@ -180,29 +188,36 @@ def build_run_parts(
         common.setdefault("length", d.synthetic_length)
     aug = cfg.aug
     train_extra = {}
-    if d.dataset == "folder":
+    timm_read = d.dataset == "folder" or "/" in d.dataset  # folders and timm's prefixes: timm's transforms
+    if timm_read:
         train_extra = dict(
             re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, auto_augment=aug.auto_augment
         )
+    if d.dataset.partition("/")[0].lower() in STREAM_PREFIXES:  # a stream sizes its epoch per rank
+        common.update(batch_size=d.batch_size, world_size=world_size)
     train_set = build_dataset(d.dataset, "train", **common, **train_extra)
     val_set = build_dataset(d.dataset, "val", **common)
-    sampler = ResumableSampler(
-        len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=True
-    )
-    val_sampler = ResumableSampler(
-        len(val_set),
-        shuffle=False,
-        seed=cfg.seed,
-        rank=rank,
-        world_size=world_size,
-        drop_last=False,
-        exact=True,  # every val image scored once (no padded duplicates), whatever the world size
-    )
+    if isinstance(train_set, StreamDataset):  # not indexable: the engine's position shortens the epoch
+        sampler, val_sampler = StreamPosition(train_set, world_size), None
+    else:
+        sampler = ResumableSampler(
+            len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=True
+        )
+    if not isinstance(val_set, StreamDataset):
+        val_sampler = ResumableSampler(
+            len(val_set),
+            shuffle=False,
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
+            drop_last=False,
+            exact=True,  # every val image scored once (no padded duplicates), whatever the world size
+        )
     pin = d.pin_memory and torch.cuda.is_available()
     train_loader = build_loader(
         train_set,
         batch_size=d.batch_size,
-        sampler=sampler,
+        sampler=None if isinstance(train_set, StreamDataset) else sampler,
         num_workers=d.num_workers,
         pin_memory=pin,
         drop_last=True,

@@ -98,6 +98,8 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
         accum_steps=cfg.optim.accum_steps,
         log_every=cfg.log.every_steps,
         tensorboard=cfg.log.tensorboard,
+        trackers=tuple(cfg.log.trackers),
+        project=cfg.log.project,
         attention_images=cfg.log.attention_images,
         progress=cfg.log.progress,
         checkpoint=CheckpointPolicy(

@@ -45,6 +45,7 @@ __all__ = [
     "list_recipes",
     "load_config",
     "parse_overrides",
+    "recipe_chain",
     "resolve_recipe",
     "to_dict",
     "validate_config",
@@ -117,7 +118,9 @@ class TransferConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "animal_mnist"  # animal_mnist | folder | synthetic
+    dataset: str = (
+        "animal_mnist"  # animal_mnist | folder | synthetic | hfds/NAME | hfids/NAME | wds/NAME | a plug-in
+    )
     root: str | None = None  # for folder datasets: ROOT/train/<class>/..., ROOT/val/<class>/...
     img_size: int | None = None  # default: the student's
     in_chans: int | None = None
@@ -180,7 +183,10 @@ class EMAConfig:
 @dataclass
 class LogConfig:
     every_steps: int = 20
-    tensorboard: bool = True
+    tensorboard: bool = True  # false: no TensorBoard, whatever trackers says
+    # where metrics go besides metrics.jsonl: tensorboard | wandb | mlflow (pip install 'attnxfer[wandb]')
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "attnxfer"  # the W&B project / MLflow experiment
     attention_images: int = (
         2  # validation images whose class-token maps go to TensorBoard at each eval (0: none)
     )
@@ -424,6 +430,8 @@ RANGES: dict[str, Range] = {
     "ema.decay": Range(0, 1, low_open=True, high_open=True),
     "log.every_steps": _AT_LEAST_1,
     "log.tensorboard": _ANY,
+    "log.trackers": Range(choices=("tensorboard", "wandb", "mlflow")),
+    "log.project": _ANY,
     "log.progress": _ANY,
     "log.attention_images": _NON_NEGATIVE,
     "mae.mask_ratio": _OPEN_FRACTION,
@@ -798,10 +806,57 @@ def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
     return dataclasses.replace(cfg, run_dir=str(folder.absolute()))
 
 
+BASE_KEY = "base"
+
+
+def _resolve_base(name: Any, child: Path) -> Path:
+    """A recipe's ``base:``: a built-in recipe name, or a YAML path relative to the recipe that names it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(
+            f"config file {str(child)!r}: base must be a recipe name or a YAML path "
+            f"(e.g. base: paper/vit_large_copy), got {name!r}"
+        )
+    beside = child.parent / name
+    for candidate in (beside, beside.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    try:
+        return resolve_recipe(name)
+    except ConfigError as e:
+        raise ConfigError(f"config file {str(child)!r}: base {name!r} not found ({e})") from None
+
+
+def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A recipe and the recipes it starts from (``base: NAME``), root first, each with its own keys.
+
+    Why a chain and not a merged dict: each file is applied over the previous one exactly as overrides
+    are, so a recipe that states only what differs resolves to the same config as a full copy."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    p = resolve_recipe(path)
+    seen: list[Path] = []
+    while True:
+        if p.resolve() in seen:
+            loop = " -> ".join(str(q) for q in [*seen, p.resolve()])
+            raise ConfigError(f"recipes start from each other in a cycle: {loop}; remove one base")
+        seen.append(p.resolve())
+        data = _read_yaml(p)
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
+            )
+        data = dict(data)
+        parent = data.pop(BASE_KEY, None)
+        chain.append((p, data))
+        if parent is None:
+            return chain[::-1]
+        p = _resolve_base(parent, p)
+
+
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
 ) -> TrainConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides; every value is range-checked.
+    """Defaults, then the YAML file (after the recipes it starts from, ``base: NAME``), then ``key=value``
+    overrides; every value is range-checked.
 
     A run's own ``config.yaml`` (one beside the files attnxfer writes into a run dir) sets ``run_dir`` to the
     folder it sits in, so ``-c /abs/RUN/config.yaml`` continues (or scores) that run from any directory; a
@@ -810,12 +865,9 @@ def load_config(
     cfg = base or TrainConfig()
     if path is not None:
         p = resolve_recipe(path)
-        data = _read_yaml(p)
-        if not isinstance(data, Mapping):
-            raise ConfigError(
-                f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
-            )
-        cfg = _own_run_dir(_merge(cfg, data), p)
+        for _, data in recipe_chain(p):
+            cfg = _merge(cfg, data)
+        cfg = _own_run_dir(cfg, p)
     if overrides:
         cfg = apply_overrides(cfg, parse_overrides(overrides))
     return validate_config(cfg)

@@ -1,11 +1,12 @@
 """Datasets, a resumable distributed sampler and loaders for attnxfer.
 
 Built-in datasets: ``animal_mnist`` (real 28x28 silhouettes from the animal-mnist package),
-``synthetic`` (learnable random patterns of any shape) and ``folder`` (ImageNet-style folders via
-timm). Build them with :func:`build_dataset`; add more with :func:`register_dataset`.
+``synthetic`` (learnable random patterns of any shape), ``folder`` (ImageNet-style folders via
+timm) and timm's prefixes ``hfds/NAME``, ``hfids/NAME``, ``wds/NAME`` (Hugging Face datasets, webdataset
+shards). Installed distributions add theirs through ``attnxfer.datasets`` entry points. Build them with :func:`build_dataset`; add more with :func:`register_dataset`.
 """
 
-from . import animal_mnist, folder, synthetic  # noqa: F401  registers the built-in datasets
+from . import animal_mnist, folder, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
 from .cache import cache_dir
 from .in_memory import InMemoryImageDataset
 from .loader import build_loader
@@ -13,13 +14,17 @@ from .registry import DatasetInfo, build_dataset, dataset_info, list_datasets, r
 from .safe_pickle import NumpyOnlyUnpickler, UnsafePickleError, load_numpy_pickle
 from .sampler import ResumableSampler
 from .seeding import SampleKey, sample_seed
+from .timm_sources import STREAM_PREFIXES, StreamDataset, StreamPosition
 
 __all__ = [
+    "STREAM_PREFIXES",
     "DatasetInfo",
     "InMemoryImageDataset",
     "NumpyOnlyUnpickler",
     "ResumableSampler",
     "SampleKey",
+    "StreamDataset",
+    "StreamPosition",
     "UnsafePickleError",
     "build_dataset",
     "build_loader",

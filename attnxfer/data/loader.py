@@ -14,7 +14,7 @@ def build_loader(
     dataset: Dataset,
     *,
     batch_size: int,
-    sampler: Sampler,
+    sampler: Sampler | None,
     num_workers: int = 0,
     pin_memory: bool = False,
     drop_last: bool,

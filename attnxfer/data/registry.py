@@ -1,9 +1,18 @@
-"""Dataset registry: name -> builder, plus the facts a model needs (classes, mean/std, input shape)."""
+"""Dataset registry: name -> builder, plus the facts a model needs (classes, mean/std, input shape).
+
+Three ways in: ``@register_dataset("name")`` in attnxfer's own modules; an installed distribution's entry
+point in the ``attnxfer.datasets`` group (a lab's dataset without a fork: the entry point names a module
+or function whose import registers it); and a prefix family (``hfds/NAME``, ``wds/NAME``: timm's dataset
+prefixes, `register_prefix`) where the part after the prefix is passed through.
+"""
 
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.metadata
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -11,12 +20,14 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "SPLITS",
     "DatasetInfo",
     "build_dataset",
     "dataset_info",
     "list_datasets",
     "register_dataset",
+    "register_prefix",
     "resolve_norm",
 ]
 
@@ -47,6 +58,36 @@ class _Entry:
 
 
 _DATASETS: dict[str, _Entry] = {}
+#: prefix -> builder(name, split, ...) and info(name, root): a family of datasets named ``prefix/NAME``
+_PREFIXES: dict[str, _Entry] = {}
+#: installed distributions register datasets through entry points in this group
+ENTRY_POINT_GROUP = "attnxfer.datasets"
+_log = logging.getLogger("attnxfer")
+
+
+def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInfo]) -> Callable:
+    """Register ``builder(name, split, *, root, img_size, ...)`` for every dataset called ``prefix/NAME``
+    (``info(NAME, root)`` gives its defaults)."""
+
+    def decorator(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        _PREFIXES[prefix] = _Entry(builder, info)
+        return builder
+
+    return decorator
+
+
+@functools.cache
+def _load_entry_points() -> tuple[str, ...]:
+    """Import every ``attnxfer.datasets`` entry point once (each registers its datasets on import);
+    the names of those that failed, reported once."""
+    failed = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as e:  # a broken plug-in must not hide the built-in datasets
+            failed.append(ep.name)
+            _log.warning("dataset entry point %s = %s failed to load: %s", ep.name, ep.value, e)
+    return tuple(failed)
 
 
 def register_dataset(name: str, *, info: InfoSource) -> Callable:
@@ -74,17 +115,28 @@ def register_dataset(name: str, *, info: InfoSource) -> Callable:
 
 
 def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
+    """Registered names (entry points included) and the prefix families as ``prefix/NAME``."""
+    _load_entry_points()
+    return sorted(_DATASETS) + [f"{p}/NAME" for p in sorted(_PREFIXES)]
 
 
 def _entry(name: str) -> _Entry:
+    if name in _DATASETS:
+        return _DATASETS[name]
+    prefix, sep, rest = name.partition("/")
+    if sep and prefix.lower() in _PREFIXES and rest:
+        entry = _PREFIXES[prefix.lower()]
+        return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
+    if name not in _DATASETS:
+        _load_entry_points()
     try:
         return _DATASETS[name]
     except KeyError:
         close = difflib.get_close_matches(name, _DATASETS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ValueError(
-            f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint}"
+            f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint} "
+            f"(a dataset of your own: @register_dataset in a module named by an '{ENTRY_POINT_GROUP}' entry point)"
         ) from None
 
 
@@ -114,7 +166,10 @@ def build_dataset(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     options = _options(entry.builder)
-    unknown = sorted(set(kwargs) - set(options))
+    open_ended = any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(entry.builder).parameters.values()
+    )
+    unknown = [] if open_ended else sorted(set(kwargs) - set(options))
     if unknown:
         raise TypeError(
             f"dataset '{name}' has no option(s) {', '.join(unknown)}; "

@@ -47,6 +47,7 @@ from .metrics import MetricsLogger
 from .runtime import Runtime
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
+from .trackers import flat_hparams
 
 __all__ = [
     "CheckpointPolicy",
@@ -188,6 +189,8 @@ class LoopSettings:
     accum_steps: int = 1
     log_every: int = 20
     tensorboard: bool = True
+    trackers: tuple[str, ...] = ("tensorboard",)  # train/trackers.py: tensorboard, wandb, mlflow
+    project: str = "attnxfer"  # the W&B project / MLflow experiment the run is logged under
     progress: bool = True
     attention_images: int = 0  # validation images whose class-token maps go to TensorBoard at each eval
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
@@ -259,7 +262,17 @@ class Engine:
             self.total_steps = min(self.total_steps, s.max_steps)
         self.warmup_steps = round(s.warmup_epochs * self.steps_per_epoch)
         self.ckpt = CheckpointManager(self.run_dir, keep_last=s.checkpoint.keep_last, best_mode=s.metric_mode)
-        self.metrics = MetricsLogger(self.run_dir, tensorboard=s.tensorboard, enabled=self.is_main)
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            tensorboard=s.tensorboard,
+            enabled=self.is_main,
+            trackers=s.trackers,
+            project=s.project,
+            # the run's config and plan as the trackers' hyper-parameters
+            hparams=flat_hparams(
+                self.record.get("config") or {}, self.plan.describe() if self.plan else None
+            ),
+        )
         self.step, self.epoch, self.position = 0, 0, 0
         self.best: float | None = None  # best value of settings.metric so far
         self.last_ckpt: str | None = None
@@ -271,6 +284,11 @@ class Engine:
         self._last_save_time = time.monotonic()
         self._saved_step: int | None = None  # the step of this process's last save (a stop needs no second)
         self._final: dict[str, float] = {}
+        # summary.csv's train_loss: the epoch's summed `total` and micro-batch count (saved in checkpoints,
+        # so a run resumed mid-epoch reports the whole epoch), and the lr of the last step
+        self._epoch_loss: torch.Tensor | None = None
+        self._epoch_batches = 0
+        self._last_lr = float("nan")
 
     def stop_if_non_finite(self) -> None:
         """Raise `NonFiniteLossError` if a loss term of any rank was NaN/inf since the run (re)started.
@@ -329,6 +347,7 @@ class Engine:
                 "optimizer_meta": opt_meta,
                 "world_size": self.world,
                 "rank_checksums": checksums,
+                "epoch_train_loss": self._epoch_loss_state(),
                 **self.record,
             }
             info = self.ckpt.save(self.step, tensors, state, metric=metric, replace=self._make_room(checksum))
@@ -382,6 +401,7 @@ class Engine:
         info = self.settings.checkpoint.resume.checkpoint(self.ckpt)
         if info is None:
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
+            self.metrics.truncate_summary(0)
             return
         tensors, state = self.ckpt.load(info)
         try:
@@ -409,12 +429,34 @@ class Engine:
                 self.world,
             )
         self.last_ckpt = str(info)
+        loss_sum, batches = state.get("epoch_train_loss") or (0.0, 0)
+        self._epoch_loss = torch.tensor(float(loss_sum), dtype=torch.float64, device=self.accelerator.device)
+        self._epoch_batches = int(batches)
         if self.is_main:
             self.metrics.truncate_after(self.step)
+            self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
             print(
                 f"resumed from {info} (step {self.step}, epoch {self.epoch}, position {self.position})",
                 flush=True,
             )
+
+    def _epoch_loss_state(self) -> list[float]:
+        """``[summed total loss, micro-batches]`` of the epoch so far (one host read, at saves only)."""
+        loss = 0.0 if self._epoch_loss is None else float(self._epoch_loss.item())
+        return [loss, self._epoch_batches]
+
+    def _add_epoch_loss(self, logs: dict[str, torch.Tensor]) -> None:
+        total = logs["total"].detach().double()
+        self._epoch_loss = total.clone() if self._epoch_loss is None else self._epoch_loss.add_(total)
+        self._epoch_batches += 1
+
+    def _summary_row(self, final: dict[str, float]) -> dict[str, float]:
+        """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names), lr."""
+        n = max(1, self._epoch_batches)
+        row = {"train_loss": self._epoch_loss_state()[0] / n}
+        evals = {f"eval_{k[4:]}": v for k, v in final.items() if k.startswith("val_") and k != "val_count"}
+        row |= sorted(evals.items(), key=lambda kv: kv[0] != "eval_loss")  # timm's order: loss first
+        return row | {"lr": self._last_lr}
 
     # -- the loop ---------------------------------------------------------------------------
     def _set_lr(self) -> float:
@@ -587,6 +629,8 @@ class Engine:
                 if hasattr(self.dual, "log_kl"):
                     self.dual.log_kl = upcoming % s.log_every == 0 or upcoming == self.total_steps
                 logs, stepped = self._train_step(x, y)
+                self._add_epoch_loss(logs)
+                self._last_lr = lr
                 self.position += global_batch  # global count: what every rank consumed together
                 if progress is not None:
                     progress.update(1)
@@ -625,6 +669,12 @@ class Engine:
                 self.best = value
             final[self._best_key] = self.best
             self.metrics.log("val", self.step, final, epoch=self.epoch + self.position / epoch_len)
+            # timm's 0-based epoch index: the epoch just completed (or the one cut short by max_steps)
+            self.metrics.log_epoch(
+                self.epoch - 1 if self.position == 0 else self.epoch, self._summary_row(final)
+            )
+            if self.position == 0:
+                self._epoch_loss, self._epoch_batches = None, 0
             self._log_attention_pictures()
             self.history.append({"step": self.step, "epoch": self.epoch + self.position / epoch_len, **final})
             self._draw_pictures()

@@ -1,20 +1,29 @@
-"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus TensorBoard scalars; pictures as PNG
-files under ``pictures/`` and TensorBoard images."""
+"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus the trackers' scalars (TensorBoard, W&B,
+MLflow: `trackers.py`); one row per epoch
+in ``summary.csv`` (timm's train.py convention); pictures as PNG files under ``pictures/`` and TensorBoard
+images."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision.utils import save_image
 
-__all__ = ["MetricsLogger", "read_metrics"]
+from .trackers import TrackerSet
+
+__all__ = ["SUMMARY_CSV", "MetricsLogger", "read_metrics", "read_summary"]
+
+#: the per-epoch table beside the checkpoints, as timm's train.py writes it
+SUMMARY_CSV = "summary.csv"
 
 
 class MetricsLogger:
@@ -24,30 +33,30 @@ class MetricsLogger:
     resume, `truncate_after` drops the records of steps that will be redone, so every step appears once.
     """
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        tensorboard: bool = True,
+        enabled: bool = True,
+        *,
+        trackers: Sequence[str] = ("tensorboard",),
+        project: str = "attnxfer",
+        hparams: Mapping[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.tensorboard = tensorboard
-        self._tb = None
-        self._purge_step: int | None = None
-
-    def _writer(self):
-        if self._tb is None and self.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional at run time
-                self.tensorboard = False
-                return None
-            # purge_step: TensorBoard drops the events of redone steps too
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"), purge_step=self._purge_step)
-        return self._tb
+        # log.tensorboard=false keeps its meaning: no TensorBoard whatever log.trackers says
+        names = [t for t in trackers if tensorboard or t != "tensorboard"]
+        self.tensorboard = "tensorboard" in names
+        # rank 0 only: other ranks never import or start a tracker
+        self.trackers = TrackerSet(self.run_dir, names if enabled else [], project=project, hparams=hparams)
 
     def truncate_after(self, step: int) -> None:
         """Forget records of steps after ``step`` (they are about to be trained again)."""
         if not self.enabled:
             return
-        self._purge_step = step + 1
+        self.trackers.purge_step = step + 1  # TensorBoard drops the events of redone steps too
         if not self.path.exists():
             return
         lines = self.path.read_text().splitlines()
@@ -70,19 +79,50 @@ class MetricsLogger:
         record: dict[str, Any] = {"split": split, "step": int(step), "time": round(time.time(), 3)}
         if epoch is not None:
             record["epoch"] = round(float(epoch), 4)
-        tb = self._writer()
         for k, v in metrics.items():
             v = float(v)
             record[k] = v if math.isfinite(v) else str(v)
-            if tb is not None and math.isfinite(v):
-                tb.add_scalar(f"{split}/{k}", v, step)
+        self.trackers.log(split, step, metrics)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
+        """Row ``epoch`` (0-based, timm's numbering) of ``summary.csv``: ``epoch, train_loss, eval_loss,
+        eval_top1, eval_top5, lr`` (whatever ``row`` holds, in its order). Rows of this epoch and later
+        are replaced, so a resumed run that redoes an epoch never leaves a duplicate."""
+        if not self.enabled:
+            return
+        rows = [r for r in read_summary(self.run_dir) if int(r["epoch"]) < epoch]
+        rows.append({"epoch": int(epoch), **{k: float(v) for k, v in row.items()}})
+        self._write_summary(rows)
+
+    def truncate_summary(self, first_epoch: int) -> None:
+        """Drop ``summary.csv`` rows of epochs ``first_epoch`` and later (a resume will train them again)."""
+        if not self.enabled or not (self.run_dir / SUMMARY_CSV).exists():
+            return
+        rows = read_summary(self.run_dir)
+        kept = [r for r in rows if int(r["epoch"]) < first_epoch]
+        if len(kept) != len(rows):
+            self._write_summary(kept)
+
+    def _write_summary(self, rows: list[dict[str, Any]]) -> None:
+        fields: dict[str, None] = {}
+        for r in rows:
+            fields.update(dict.fromkeys(r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(fields) or ["epoch"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        path = self.run_dir / SUMMARY_CSV
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a killed run leaves the old table or the new one
+
     @property
     def has_tensorboard(self) -> bool:
-        return self._tb is not None
+        return self.trackers.tensorboard is not None
 
     def log_image(self, tag: str, step: int, image) -> Path | None:
         """A picture as ``pictures/<tag>-step<N>.png`` and a TensorBoard image: (C, H, W) floats in
@@ -96,13 +136,12 @@ class MetricsLogger:
         path = self.path.parent / "pictures" / f"{tag.replace('/', '-')}-step{int(step):08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(image, str(path))
-        if self._tb is not None:
-            self._tb.add_image(tag, image, step)
+        if self.trackers.tensorboard is not None:
+            self.trackers.tensorboard.add_image(tag, image, step)
         return path
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        self.trackers.finish()
 
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
@@ -119,3 +158,15 @@ def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str
         if split is None or rec.get("split") == split:
             out.append(rec)
     return out
+
+
+def read_summary(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``summary.csv`` (``epoch`` as int, the rest as float; blank cells skipped)."""
+    path = Path(run_dir) / SUMMARY_CSV
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return [
+            {k: int(v) if k == "epoch" else float(v) for k, v in r.items() if v not in ("", None)}
+            for r in csv.DictReader(f)
+        ]

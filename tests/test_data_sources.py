@@ -1,0 +1,222 @@
+"""timm's dataset prefixes as data.dataset (a Hugging Face dataset saved here as parquet, webdataset tar
+shards written from animal-mnist) against timm's own transforms, training and resuming on them, and a
+dataset registered by an installed distribution's entry point."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from attnxfer.apps.run_parts import build_run_parts
+from attnxfer.apps.training import build_engine, train
+from attnxfer.config import load_config
+from attnxfer.data import ResumableSampler, StreamPosition, build_dataset, dataset_info, list_datasets
+from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
+from attnxfer.train.metrics import read_summary
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+N_TRAIN, N_VAL = 48, 16
+NORM = dict(img_size=28, in_chans=1, mean=[0.5], std=[0.25])
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def animals():
+    """The first 64 animal-mnist images as PNG bytes with their labels: 48 train, 16 val."""
+    arr = load_animal_mnist_arrays()
+    pngs = [_png(a) for a in arr.images[: N_TRAIN + N_VAL]]
+    labels = [int(v) for v in arr.labels[: N_TRAIN + N_VAL]]
+    return {"train": (pngs[:N_TRAIN], labels[:N_TRAIN]), "val": (pngs[N_TRAIN:], labels[N_TRAIN:])}
+
+
+def _timm_eval(png: bytes) -> torch.Tensor:
+    """timm's own eval transform, the reference for what a source hands the model."""
+    from timm.data import create_transform
+
+    t = create_transform((1, 28, 28), is_training=False, mean=(0.5,), std=(0.25,), crop_pct=0.875)
+    return t(Image.open(io.BytesIO(png)).convert("L"))
+
+
+# -- Hugging Face datasets (hfds/): a local folder of parquet files, read offline -------------------------
+@pytest.fixture(scope="module")
+def hf_dir(animals, tmp_path_factory) -> Path:
+    import datasets
+
+    root = tmp_path_factory.mktemp("hf") / "animals"
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASS_NAMES))}
+    )
+    for split, name in (("train", "train"), ("val", "validation")):
+        pngs, labels = animals[split]
+        ds = datasets.Dataset.from_dict(
+            {"image": [{"bytes": b, "path": None} for b in pngs], "label": labels}, features=features
+        )
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(str(root / "data" / f"{name}-00000-of-00001.parquet"))
+    return root
+
+
+def test_hfds_reads_a_local_hugging_face_dataset_with_timms_transforms(hf_dir, animals, tmp_path):
+    name = f"hfds/{hf_dir}"
+    cache = tmp_path / "cache"
+    info = dataset_info(name, root=cache)
+    assert info.num_classes == 10 and info.class_names == CLASS_NAMES
+    val = build_dataset(name, "val", root=cache, **NORM)
+    assert len(val) == N_VAL
+    for i, (png, label) in enumerate(zip(*animals["val"])):
+        x, y = val[i]
+        assert y == label
+        torch.testing.assert_close(x, _timm_eval(png), rtol=0, atol=0)
+
+
+def test_hfds_trains_through_the_resumable_sampler(hf_dir, tmp_path):
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.dataset=hfds/{hf_dir}",
+            f"data.root={tmp_path / 'cache'}",
+            "data.img_size=28",
+            "data.in_chans=1",
+            "data.mean=[0.5]",
+            "data.std=[0.25]",
+            "data.batch_size=8",
+            "model.kwargs={depth: 1, embed_dim: 48}",
+            "transfer.mode=none",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "log.attention_images=0",
+            "schedule.epochs=1",
+            "device=cpu",
+        ],
+    )
+    parts = build_run_parts(cfg)
+    assert isinstance(parts.train_sampler, ResumableSampler) and parts.train_sampler.length == N_TRAIN
+    x, y = next(iter(parts.train_loader))
+    assert x.shape == (8, 1, 28, 28) and y.dtype == torch.int64
+    result = train(cfg)
+    assert result.steps == N_TRAIN // 8
+
+
+# -- webdataset tar shards (wds/) -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shards(animals, tmp_path_factory) -> Path:
+    """webdataset's format: a tar per shard, one ``KEY.png`` + ``KEY.cls`` (the label as text) per sample."""
+    root = tmp_path_factory.mktemp("wds")
+
+    def write(path: Path, pngs, labels, start: int) -> None:
+        with tarfile.open(path, "w") as tar:
+            for i, (png, label) in enumerate(zip(pngs, labels), start):
+                for ext, data in (("png", png), ("cls", str(label).encode())):
+                    member = tarfile.TarInfo(f"{i:06d}.{ext}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+
+    pngs, labels = animals["train"]
+    half = N_TRAIN // 2
+    write(root / "train-000000.tar", pngs[:half], labels[:half], 0)
+    write(root / "train-000001.tar", pngs[half:], labels[half:], half)
+    write(root / "val-000000.tar", *animals["val"], N_TRAIN)
+    return root
+
+
+WDS = [
+    "data.dataset=wds/animals",
+    "data.img_size=28",
+    "data.in_chans=1",
+    "data.mean=[0.5]",
+    "data.std=[0.25]",
+    "data.batch_size=8",
+    f"data.kwargs={{train_split: 'train-{{000000..000001}}.tar|{N_TRAIN}', val_split: 'val-000000.tar|{N_VAL}'}}",
+    "model.num_classes=10",
+    "model.kwargs={depth: 1, embed_dim: 48}",
+    "transfer.mode=none",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "log.attention_images=0",
+    "checkpoint.every_epoch=false",
+    "checkpoint.every_steps=3",
+    "checkpoint.keep_last=20",
+    "schedule.epochs=2",
+    "device=cpu",
+]
+
+
+def test_wds_streams_tar_shards_with_timms_transforms(shards, animals):
+    options = {
+        "train_split": f"train-{{000000..000001}}.tar|{N_TRAIN}",
+        "val_split": f"val-000000.tar|{N_VAL}",
+    }
+    val = build_dataset("wds/animals", "val", root=str(shards), **NORM, **options)
+    got = list(val)
+    assert len(got) == N_VAL
+    for (x, y), png, label in zip(got, *animals["val"]):
+        assert y == label
+        torch.testing.assert_close(x, _timm_eval(png), rtol=0, atol=0)
+    train_set = build_dataset("wds/animals", "train", root=str(shards), **NORM, **options, batch_size=8)
+    labels = sorted(int(y) for _, y in train_set)  # one epoch: every training image once, shuffled
+    assert labels == sorted(animals["train"][1])
+
+
+def test_wds_resumed_mid_epoch_keeps_the_epoch_length_and_schedule(shards, tmp_path):
+    """Stopped after step 9 (mid epoch 2 of 6 steps), resumed from the step-9 checkpoint: the stream gives
+    the 3 batches left, so the run ends at step 12 with every step logged once."""
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.root={shards}", *WDS])
+    engine = build_engine(cfg)
+    assert isinstance(engine.train_sampler, StreamPosition) and engine.steps_per_epoch == N_TRAIN // 8
+    for step in engine.steps():
+        if step == 9:
+            break
+    result = train(cfg)
+    assert (result.steps, result.epochs_done) == (12, 2)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, 13))
+    lrs = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    ref = load_config(None, [f"run_dir={tmp_path / 'ref'}", f"data.root={shards}", *WDS])
+    train(ref)  # the uninterrupted run: the same learning rate at every step
+    ref_recs = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert lrs == {r["step"]: r["lr"] for r in ref_recs if r["split"] == "train"}
+    assert [r["epoch"] for r in read_summary(tmp_path / "run")] == [0, 1]
+
+
+# -- a lab's dataset through an installed distribution's entry point -------------------------------------
+def test_register_dataset_through_an_installed_entry_point(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "labdata").mkdir(parents=True)
+    (site / "labdata" / "__init__.py").write_text(
+        "from attnxfer.data import register_dataset\n"
+        "from attnxfer.data.synthetic import SYNTHETIC_INFO, build_synthetic\n\n"
+        "@register_dataset('lab_patterns', info=SYNTHETIC_INFO)\n"
+        "def build(split, *, root=None, img_size=None, in_chans=None, mean=None, std=None, seed=0):\n"
+        "    return build_synthetic(split, root=root, img_size=img_size, in_chans=in_chans, mean=mean,\n"
+        "                           std=std, seed=seed, length=5)\n",
+        encoding="utf-8",
+    )
+    dist = site / "labdata-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: labdata\nVersion: 0.1\n", encoding="utf-8")
+    (dist / "entry_points.txt").write_text("[attnxfer.datasets]\nlab_patterns = labdata\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(site))
+    from attnxfer.data import registry
+
+    registry._load_entry_points.cache_clear()
+    monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))  # forget it again afterwards
+    monkeypatch.delitem(sys.modules, "labdata", raising=False)
+    ds = build_dataset("lab_patterns", "train", img_size=16)
+    assert len(ds) == 5 and ds[0][0].shape == (3, 16, 16)
+    assert "lab_patterns" in list_datasets()
+    registry._load_entry_points.cache_clear()

@@ -1,0 +1,203 @@
+"""What a training run leaves beside its checkpoints for other tools: ``summary.csv`` (timm's train.py
+convention, one row per epoch) that survives resume, and experiment trackers (TensorBoard, W&B offline,
+MLflow's file store) whose runs a resumed run continues."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from attnxfer.apps.training import build_engine, train
+from attnxfer.config import load_config
+from attnxfer.train.metrics import read_summary
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+# 2 blocks, 48 wide, 32-px synthetic images: 4 steps an epoch, milliseconds a step.
+TINY = [
+    "data.dataset=synthetic",
+    "data.batch_size=16",
+    "data.synthetic_length=64",
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "transfer.mode=none",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "log.attention_images=0",
+    "checkpoint.every_epoch=false",
+    "checkpoint.every_steps=2",
+    "checkpoint.keep_last=20",
+    "schedule.epochs=3",
+    "device=cpu",
+    "deterministic=true",
+]
+
+
+def _records(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """Three epochs straight through: the reference for every summary check."""
+    run = tmp_path_factory.mktemp("summary") / "ref"
+    train(load_config(None, [f"run_dir={run}", *TINY]))
+    return run
+
+
+def test_summary_csv_has_one_row_per_epoch_in_timms_columns(finished_run):
+    header = (finished_run / "summary.csv").read_text().splitlines()[0]
+    assert header == "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr"
+    rows = read_summary(finished_run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    train_recs, val_recs = _records(finished_run, "train"), _records(finished_run, "val")
+    steps_per_epoch = len(train_recs) // 3
+    for e, row in enumerate(rows):
+        # every step is logged (log.every_steps=1): train_loss is the mean of the epoch's step losses
+        epoch_recs = train_recs[e * steps_per_epoch : (e + 1) * steps_per_epoch]
+        assert row["train_loss"] == pytest.approx(
+            sum(r["total"] for r in epoch_recs) / steps_per_epoch, rel=1e-6
+        )
+        assert row["lr"] == epoch_recs[-1]["lr"]  # the lr of the epoch's last step, as timm writes it
+        val = val_recs[e]
+        assert val["step"] == (e + 1) * steps_per_epoch
+        assert (row["eval_top1"], row["eval_top5"], row["eval_loss"]) == (
+            val["val_top1"],
+            val["val_top5"],
+            val["val_loss"],
+        )
+
+
+def test_summary_csv_survives_a_stop_mid_epoch_and_an_older_checkpoint(finished_run, tmp_path):
+    """Stop in epoch 2 (after epoch 1's row), lose the checkpoints after step 6 (mid epoch 1), resume: the
+    redone epoch replaces its row (no duplicate) and train_loss still covers the whole epoch."""
+    run = tmp_path / "stopped"
+    cfg = load_config(None, [f"run_dir={run}", *TINY])
+    for step in build_engine(cfg).steps():
+        if step == 10:
+            break  # the generator is dropped here, as a killed process would stop
+    assert [r["epoch"] for r in read_summary(run)] == [0, 1]
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        if int(ckpt.name.removeprefix("step-")) > 6:
+            shutil.rmtree(ckpt)
+    train(load_config(None, [f"run_dir={run}", *TINY]))
+    assert read_summary(run) == read_summary(finished_run)
+    text = (run / "summary.csv").read_text()
+    assert text == (finished_run / "summary.csv").read_text()
+
+
+# -- experiment trackers ---------------------------------------------------------------------------
+def _wandb_records(path: Path) -> list:
+    """The records of a W&B ``.wandb`` file: a 7-byte header (``:W&B``, magic, version), then LevelDB-log
+    blocks of 32 KiB holding (crc32 u32, length u16, type u8, data) chunks; types 1 (full) and 4 (last)
+    end a protobuf ``Record``."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, records, buf, pos = path.read_bytes(), [], b"", 7
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # a block's tail too short for a header is zero padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        buf += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(buf)
+            records.append(rec)
+            buf = b""
+    return records
+
+
+def _wandb_history(path: Path) -> tuple[str, dict, list[dict]]:
+    """(run id, config, history rows) of one offline W&B run file."""
+    run_id, config, rows = None, {}, []
+    for rec in _wandb_records(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            run_id = rec.run.run_id
+        elif kind == "config":
+            config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "history":
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+    return run_id, config, rows
+
+
+@pytest.mark.slow
+def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch):
+    """W&B offline and MLflow's file store write here; a finished run extended by one epoch (a resume)
+    logs into the same W&B run id and the same MLflow run."""
+    pytest.importorskip("wandb", reason="the wandb extra: pip install 'attnxfer[wandb]'")
+    pytest.importorskip("mlflow", reason="the mlflow extra: pip install 'attnxfer[mlflow]'")
+    import mlflow
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{tmp_path / 'mlruns'}")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to use a file store
+    mlflow.set_tracking_uri(f"file:{tmp_path / 'mlruns'}")
+    run = tmp_path / "tracked"
+    common = [
+        f"run_dir={run}",
+        *TINY,
+        "log.tensorboard=true",
+        "log.trackers=[tensorboard, wandb, mlflow]",
+        "log.project=attnxfer-test",
+    ]
+    train(load_config(None, [*common, "schedule.epochs=2"]))
+    ids = json.loads((run / "trackers.json").read_text())
+    train(load_config(None, [*common, "schedule.epochs=3"]))  # resumes from step 8, trains epoch 3
+    assert json.loads((run / "trackers.json").read_text()) == ids  # the same tracker runs, continued
+
+    # W&B: two offline segments of one run id; the resume continues the history where it stopped
+    files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{ids['wandb']['id']}.wandb" for f in files)
+    (id_a, config, rows_a), (id_b, _, rows_b) = map(_wandb_history, files)
+    assert id_a == id_b == ids["wandb"]["id"]
+    steps = lambda rows: [r["_step"] for r in rows if "train/total" in r]
+    assert steps(rows_a) == list(range(1, 9)) and steps(rows_b) == list(range(9, 13))
+    assert config["transfer.mode"] == "none" and config["optim.weight_decay"] == 0.05
+    assert "plain student training" in config["plan"]
+
+    # MLflow: one run in the experiment, its metric file holds steps 1..12 once each
+    exp = mlflow.get_experiment_by_name("attnxfer-test")
+    runs = mlflow.search_runs([exp.experiment_id], output_format="list")
+    assert [r.info.run_id for r in runs] == [ids["mlflow"]["run_id"]]
+    history = mlflow.tracking.MlflowClient().get_metric_history(runs[0].info.run_id, "train/total")
+    assert sorted(m.step for m in history) == list(range(1, 13))
+    jsonl = {r["step"]: r["total"] for r in _records(run, "train")}
+    assert all(m.value == pytest.approx(jsonl[m.step], rel=1e-6) for m in history)
+    params = runs[0].data.params
+    assert params["transfer.mode"] == "none" and "plain student training" in params["plan"]
+    # TensorBoard: today's files
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_a_tracker_whose_package_is_missing_names_the_pip_command():
+    from attnxfer.train.trackers import (
+        TRACKERS,
+        TrackerKind,
+        TrackerMissingError,
+        check_trackers,
+        register_tracker,
+    )
+
+    register_tracker(
+        TrackerKind("absent", "attnxfer_no_such_package", "absent", lambda c: None, lambda t: {})
+    )
+    try:
+        with pytest.raises(TrackerMissingError, match=r"pip install 'attnxfer\[absent\]'"):
+            check_trackers(["tensorboard", "absent"])
+    finally:
+        TRACKERS.pop("absent")
+    check_trackers(["tensorboard"])  # installed: no error
+    from attnxfer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'wandb'"):
+        load_config(None, ["log.trackers=[wandbb]"])
