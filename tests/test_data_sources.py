@@ -111,6 +111,18 @@ def test_hfds_trains_through_the_resumable_sampler(hf_dir, tmp_path):
     assert result.steps == N_TRAIN // 8
 
 
+def test_hfids_streams_the_same_dataset(hf_dir, animals, tmp_path):
+    name, cache = f"hfids/{hf_dir}", tmp_path / "cache"
+    val = build_dataset(name, "val", root=cache, **NORM, val_samples=N_VAL)
+    got = list(val)
+    assert [y for _, y in got] == animals["val"][1]
+    for (x, _), png in zip(got, animals["val"][0]):
+        torch.testing.assert_close(x, _timm_eval(png), rtol=0, atol=0)
+    train_set = build_dataset(name, "train", root=cache, **NORM, train_samples=N_TRAIN, batch_size=8)
+    assert len(train_set) == N_TRAIN
+    assert sorted(int(y) for _, y in train_set) == sorted(animals["train"][1])
+
+
 # -- webdataset tar shards (wds/) -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def shards(animals, tmp_path_factory) -> Path:

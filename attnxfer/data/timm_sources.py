@@ -171,7 +171,10 @@ def _build_stream(prefix: str, name: str, split: str, *, root, img_size, in_chan
     val_split = kw.pop("val_split", "validation")
     batch_size = kw.pop("batch_size", 1)
     world_size = kw.pop("world_size", 1)
-    num_samples = kw.pop("num_samples", None)
+    train_samples, val_samples = kw.pop("train_samples", None), kw.pop("val_samples", None)
+    num_samples = (
+        train_samples if split == "train" else val_samples
+    )  # a stream's length, when not in its info
     default = stream_info(f"{prefix}/{name}", root)
     img_size, in_chans, mean, std = _settings(f"{prefix}/{name}", img_size, in_chans, mean, std, default)
     augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **kw)
@@ -216,8 +219,9 @@ for _prefix in STREAM_PREFIXES:
     ) -> StreamDataset:
         """A stream read by timm (webdataset shards under ``root``; a streamed Hugging Face dataset): options
         ``train_split`` / ``val_split`` (for shards, ``"train-{000000..000099}.tar|N"``: files and sample
-        count, or the split names of ``root/_info.json``), the per-rank ``batch_size`` and ``world_size``
-        (set by the run), and folder's transform options."""
+        count, or the split names of ``root/_info.json``), ``train_samples`` / ``val_samples`` (a split's
+        length where its files do not say it: streamed Hugging Face datasets), the per-rank ``batch_size``
+        and ``world_size`` (set by the run), and folder's transform options."""
         return _build_stream(
             _prefix, name, split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed,
             **options,
