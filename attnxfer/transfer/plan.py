@@ -359,7 +359,14 @@ def build_plan(
         raise PlanError(
             f"token grids differ: teacher has {'x'.join(map(str, t_grid))} patches + {t_prefix} prefix token(s), "
             f"student {'x'.join(map(str, s_grid))} + {s_prefix}. Give the student the teacher's img_size, "
-            "patch_size and class/register tokens (attention maps are token-by-token)."
+            "patch_size and class/register tokens (attention maps are token-by-token)"
+            + (
+                f"; a timm ViT student with the teacher's {t_prefix} prefix tokens: class_token=True, "
+                f"reg_tokens={t_prefix - 1}"
+                if t_grid == s_grid and t_prefix >= 1
+                else ""
+            )
+            + "."
         )
     tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
     chosen = select_layers(len(s_attn), end_layer, layers)
