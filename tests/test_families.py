@@ -159,3 +159,16 @@ def test_walk_refuses_an_attention_without_adapter():
     model.blocks[1].attn = torch.nn.MultiheadAttention(32, 2)
     with pytest.raises(TypeError, match=r"blocks.1.attn is MultiheadAttention .*no adapter.*families/"):
         transfer_attentions(model)
+
+
+def test_plan_refuses_a_family_with_no_adapter_and_mirrors_the_teachers_family():
+    from attnxfer.models import student_like
+
+    teacher = build("beit")
+    student = student_like(teacher, depth=1)
+    assert type(student) is type(teacher) and len(student.blocks) == 1
+    assert build_plan(teacher, student, "copy").pairs == ((0, 1),)
+    odd = build("eva02")
+    odd.blocks[0].attn = torch.nn.MultiheadAttention(32, 2)
+    with pytest.raises(PlanError, match=r"^teacher: blocks.0.attn is MultiheadAttention .*no adapter"):
+        build_plan(odd, build("eva02"), "distill")

@@ -182,9 +182,13 @@ def map_layers(
     return tuple((i, round(i * ratio)) for i in student_layers)
 
 
-def _block_attentions(model: nn.Module) -> Sequence[nn.Module]:
-    """Each block's attention module (softmax made transfer-aware, or a zoo attention): the interface."""
-    return transfer_attentions(model)
+def _block_attentions(model: nn.Module, role: str = "student") -> Sequence[nn.Module]:
+    """The model's attention layers in forward order, each meeting the interface (timm classes swapped to
+    their adapters); a layer no adapter covers is a `PlanError` naming it."""
+    try:
+        return transfer_attentions(model)
+    except TypeError as e:
+        raise PlanError(f"{role}: {e}") from None
 
 
 def _check_pair(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
@@ -353,7 +357,7 @@ def build_plan(
         return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0, **logits)
     if teacher is None:
         raise PlanError(f"mode {mode!r} needs a teacher; set teacher=... or use mode=none")
-    t_attn = transfer_attentions(teacher)
+    t_attn = _block_attentions(teacher, "teacher")
     (t_grid, t_prefix), (s_grid, s_prefix) = _token_layout(teacher), _token_layout(student)
     if (t_grid, t_prefix) != (s_grid, s_prefix):
         raise PlanError(
