@@ -207,3 +207,24 @@ def test_a_family_student_exports_to_plain_timm_and_loads_back(family, tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(plain(x), student(x), rtol=0, atol=0)
         torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["eva02", "pe", "beit"])
+@pytest.mark.parametrize("chunk", ["q", "k", "v"])
+def test_copy_one_chunk_with_teacher_weights_reproduces_the_teacher(family, chunk, x):
+    """copy_q / copy_k / copy_v: the student is the teacher with that chunk's projection redrawn."""
+    teacher = peaked(build(family)).eval()
+    student = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                rows = p.shape[0] // 3
+                i = "qkv".index(chunk)
+                p[i * rows : (i + 1) * rows] = torch.randn(rows, p.shape[1], generator=g) * 0.4
+            elif name.endswith(f"attn.{chunk}_proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    want = teacher(x)
+    assert not torch.allclose(student.forward_features(x), teacher.forward_features(x), atol=1e-2)
+    dual = DualViT(teacher, student, mode=f"copy_{chunk}").eval()
+    torch.testing.assert_close(dual(x).logits, want, rtol=1e-5, atol=1e-5)
