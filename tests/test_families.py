@@ -228,3 +228,18 @@ def test_copy_one_chunk_with_teacher_weights_reproduces_the_teacher(family, chun
     assert not torch.allclose(student.forward_features(x), teacher.forward_features(x), atol=1e-2)
     dual = DualViT(teacher, student, mode=f"copy_{chunk}").eval()
     torch.testing.assert_close(dual(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_drop_path_on_eva_blocks(x):
+    """Student = teacher with drop path: shared masks keep the maps identical (KL 0), private ones do not."""
+    teacher = peaked(build("eva02"))
+    kl = {}
+    for share in (True, False):
+        student = copy.deepcopy(teacher)
+        for blk in student.blocks:
+            blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5)
+        torch.manual_seed(0)
+        plan = build_plan(teacher, student, "distill", share_drop_path=share)
+        out = DualViT(copy.deepcopy(teacher), student, plan).train()(torch.cat([x] * 4))
+        kl[share] = max(v.abs().item() for v in out.logs.values())
+    assert kl[True] < 1e-5 < 1e-3 < kl[False]
