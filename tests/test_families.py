@@ -20,6 +20,11 @@ ARCHS = {
     "eva02": ("eva02_tiny_patch14_224", {}),
     "dinov3": ("vit_small_patch16_dinov3", {}),  # 4 registers, dinov3 rope, rotate-half
     "pe": ("vit_pe_core_tiny_patch16_384", {"global_pool": "avg", "ref_feat_shape": (4, 4)}),  # AttentionRope
+    # separate q/k/v projections, one k/v head for two q heads (grouped-query attention)
+    "pe_gqa": (
+        "vit_pe_core_tiny_patch16_384",
+        {"global_pool": "avg", "ref_feat_shape": (4, 4), "qkv_fused": False, "num_kv_heads": 1},
+    ),
     "beit": ("beit_base_patch16_224", {}),  # per-layer relative-position tables
     "beitv2": ("beitv2_base_patch16_224", {}),
     "beit_shared": ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}),
