@@ -248,3 +248,15 @@ def test_shared_drop_path_on_eva_blocks(x):
         out = DualViT(copy.deepcopy(teacher), student, plan).train()(torch.cat([x] * 4))
         kl[share] = max(v.abs().item() for v in out.logs.values())
     assert kl[True] < 1e-5 < 1e-3 < kl[False]
+
+
+@pytest.mark.parametrize("family", ["eva02", "beit"])
+def test_conversion_refuses_a_rope_or_bias_teacher(family):
+    """Zoo attentions are built from timm's plain Attention: a teacher whose logits carry rope or a bias
+    is refused by name instead of silently losing them."""
+    from attnxfer.models.efficient.swap import check_softmax_teacher
+
+    with pytest.raises(
+        ValueError, match=r"blocks.0.attn is timm\.models\.(eva\.EvaAttention|beit\.Attention)"
+    ):
+        check_softmax_teacher(build(family))
