@@ -219,7 +219,7 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
         block.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
     for stops in (True, False):
         if not stops:
-            monkeypatch.setattr(dual_module, "PRE_NORM_BLOCKS", ())
+            monkeypatch.setattr(dual_module, "TEACHER_EARLY_STOP", False)
         mlp_calls.clear()
         student = tiny_vit(seed=2, depth=3)
         dual = DualViT(teacher, student, build_plan(teacher, student, mode, end_layer=-1)).train()
@@ -227,7 +227,8 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
         loss = out.logits.square().mean() + (out.loss if out.loss is not None else 0)
         grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
         results[stops] = (out.logits.detach(), loss.detach(), grads, len(mlp_calls))
-    assert results[True][3] == 1 and results[False][3] == 2  # layers 0-1 transferred: block 1's MLP skipped
+    # layers 0-1 transferred: block 1's MLP and block 2 skipped (without the stop the whole teacher runs)
+    assert results[True][3] == 1 and results[False][3] == 3
     torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=0)
     torch.testing.assert_close(results[True][1], results[False][1], rtol=0, atol=0)
     for a, b in zip(results[True][2], results[False][2]):

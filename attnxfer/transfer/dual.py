@@ -1,9 +1,17 @@
-"""`DualViT`: a frozen teacher and a trainable student run block by block in lock-step.
+"""`DualViT`: a frozen teacher and a trainable student, each running its own timm forward.
+
+The teacher runs first, its own ``forward_features`` (any family: rope passed to blocks, relative
+position biases, class-attention blocks are timm's business), with a per-layer `AttentionIO` on each
+transferred layer that captures q/k(/v) as they enter the logits (and the logit bias); the last one
+raises `StopForward` once it has captured, so the teacher runs only as deep as the plan needs. Then the
+student runs its own forward with per-layer `AttentionIO`s that consume the teacher's signals (copy)
+or capture its own (distill). Shared drop path swaps both models' drop-path modules for the student's
+per-sample masks around the two passes.
 
 The teacher is a guest: frozen, ``eval()``, under ``torch.no_grad()`` (not
 ``inference_mode``: copied q/k are saved for the student's backward), bf16 on
 GPU, and not a registered submodule, so it never reaches the optimizer, EMA,
-``state_dict`` or checkpoints. It runs only as deep as the plan needs.
+``state_dict`` or checkpoints.
 """
 
 from __future__ import annotations
@@ -15,19 +23,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 
-from ..models.attention import AttentionIO, MapKind, attention_io, make_transfer_aware, transfer_attentions
+from ..models.attention import (
+    AttentionIO,
+    MapKind,
+    StopForward,
+    attention_io,
+    attention_layers,
+    make_transfer_aware,
+)
 from ..models.attention.numerics import fp32_section
 from .losses import CEPath, ce_path_for
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
-__all__ = ["PRE_NORM_BLOCKS", "DualViT", "TransferOutput"]
+__all__ = ["TEACHER_EARLY_STOP", "DualViT", "TransferOutput"]
 
-#: Block types whose attention reads ``norm1(x)`` (and nothing else of the block): for these the teacher
-#: can stop at the q/k/v projection of its last transferred layer.
-PRE_NORM_BLOCKS: tuple[type[nn.Module], ...] = (Block,)
+#: The teacher stops inside its last transferred attention, once it has captured its q/k(/v): its attention
+#: core, output projection, MLP and every later block would be computed for nothing (unless the teacher's
+#: logits are wanted). A switch for the test that checks the stop changes nothing.
+TEACHER_EARLY_STOP = True
 
 
 @dataclass
@@ -57,23 +72,32 @@ class _FixedDropPath(nn.Module):
 
 
 @contextlib.contextmanager
-def _shared_drop_path(student_blk: nn.Module, teacher_blk: nn.Module, batch: int, device) -> Iterator[None]:
-    """Draw the student's per-sample drop-path masks once and use them in both blocks."""
+def _shared_drop_path(
+    pairs: list[tuple[nn.Module, nn.Module]], batch: int, device: torch.device
+) -> Iterator[None]:
+    """For each (student block, teacher block), in order, draw the student's per-sample drop-path masks once
+    and use them in both blocks (the draws in the order the student's own forward would make them)."""
     saved = []
-    for name in ("drop_path1", "drop_path2"):
-        rate = float(getattr(getattr(student_blk, name, None), "drop_prob", 0.0))
-        if rate <= 0.0:
-            continue
-        keep = 1.0 - rate
-        mask = torch.empty(batch, 1, 1, device=device).bernoulli_(keep).div_(keep)
-        for blk in (student_blk, teacher_blk):
-            saved.append((blk, name, getattr(blk, name)))
-            setattr(blk, name, _FixedDropPath(mask))
     try:
+        for student_blk, teacher_blk in pairs:
+            for name in ("drop_path1", "drop_path2"):
+                rate = float(getattr(getattr(student_blk, name, None), "drop_prob", 0.0))
+                if rate <= 0.0:
+                    continue
+                keep = 1.0 - rate
+                mask = torch.empty(batch, 1, 1, device=device).bernoulli_(keep).div_(keep)
+                for blk in (student_blk, teacher_blk):
+                    saved.append((blk, name, getattr(blk, name)))
+                    setattr(blk, name, _FixedDropPath(mask))
         yield
     finally:
         for blk, name, mod in reversed(saved):
             setattr(blk, name, mod)
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    """The module that holds the attention called ``name`` (its block)."""
+    return model.get_submodule(name.rpartition(".")[0])
 
 
 def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -133,8 +157,10 @@ class DualViT(nn.Module):
         # KL = CE − H(P_t) costs one more teacher pass per layer and is only logged: the engine
         # switches it on for the steps it logs.
         self.log_kl = True
-        self._student_attn = transfer_attentions(student)
-        self._teacher_attn = transfer_attentions(teacher) if teacher is not None else []
+        self._student_names, self._student_attn = _unzip(attention_layers(student))
+        self._teacher_names, self._teacher_attn = (
+            _unzip(attention_layers(teacher)) if teacher is not None else ([], [])
+        )
         if self.plan.mode.borrow:
             for s_layer, _ in self.plan.pairs:
                 self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
@@ -168,95 +194,77 @@ class DualViT(nn.Module):
             return out
         return self._lockstep(x)
 
-    def _teacher_stop_layer(self, wants_logits: bool) -> int | None:
-        """The teacher layer at which the teacher's forward can stop after the q/k/v projection, or None.
-
-        The plan's last teacher layer hands over only its q/k(/v): its attention core, output projection
-        and MLP would be computed for nothing (1/depth of the teacher's forward with every layer
-        transferred). Only for blocks that feed ``attn(norm1(x))`` (timm's pre-norm `Block`), and not
-        when the teacher's logits are wanted (logit distillation).
-        """
-        last = self.plan.last_teacher_layer
-        if wants_logits or last < 0 or type(self.teacher.blocks[last]) not in PRE_NORM_BLOCKS:
-            return None
-        return last
-
     def _add_logit_loss(self, out: TransferOutput, teacher_logits: torch.Tensor) -> None:
         kd = logit_distillation_loss(out.logits, teacher_logits, self.plan.logit_temperature)
         out.terms["logit_kd"] = kd
         weighted = self.plan.logit_weight * kd
         out.loss = weighted if out.loss is None else out.loss + weighted
 
+    def _drop_path_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(student block, teacher block) of the layers up to the last transferred one (equal depths)."""
+        last = self.plan.last_teacher_layer
+        return [
+            (_parent(self.student, s), _parent(self.teacher, t))
+            for s, t in zip(self._student_names[: last + 1], self._teacher_names[: last + 1])
+        ]
+
+    def _teacher_pass(
+        self, x: torch.Tensor, wanted: str, wants_logits: bool
+    ) -> tuple[dict[int, dict[str, torch.Tensor]], torch.Tensor | None]:
+        """The teacher's own forward with a capturing `AttentionIO` on each transferred layer: the
+        captured q/k/v (and logit bias) per teacher layer, and its logits when ``wants_logits``. Without
+        logits the last transferred layer stops the forward (`StopForward`) once it has captured."""
+        plan, teacher = self.plan, self.teacher
+        ios = {t: AttentionIO(capture=wanted) for t in sorted(plan.teacher_layers)}
+        if TEACHER_EARLY_STOP and not wants_logits:
+            ios[plan.last_teacher_layer].stop = True
+        logits = None
+        with torch.no_grad(), contextlib.ExitStack() as stack:
+            for t, io in ios.items():
+                stack.enter_context(attention_io(self._teacher_attn[t], io))
+            with contextlib.suppress(StopForward):
+                logits = teacher(x) if wants_logits else teacher.forward_features(x)
+        return {t: io.captured for t, io in ios.items()}, (logits if wants_logits else None)
+
+    def _student_io(
+        self, layer: int, signals: dict[int, dict[str, torch.Tensor]], ce_path: CEPath
+    ) -> AttentionIO:
+        """Copy: the teacher's chunks (q and k together bring the teacher's logit bias); distill: capture."""
+        mode = self.plan.mode
+        if mode.is_copy:
+            borrowed = signals[self.plan.teacher_for[layer]]
+            io = AttentionIO(**{c: borrowed[c] for c in mode.borrow})
+            if {"q", "k"} <= set(mode.borrow):
+                io.bias = borrowed.get("bias")
+            return io
+        return AttentionIO(capture=mode.signals, return_lse=self._wants_lse(layer, ce_path))
+
     def _lockstep(self, x: torch.Tensor) -> TransferOutput:
         mode, plan = self.plan.mode, self.plan
-        teacher, student = self.teacher, self.student
         tdtype = self._teacher_ready(x.device)
-        wanted = mode.signals
-        teacher_for = plan.teacher_for
         share = plan.share_drop_path and self.training
         wants_logits = self.training and plan.logit_weight > 0
-        stop_at = self._teacher_stop_layer(wants_logits)
         ce_path = self.ce_path or ce_path_for(x.device)
 
-        with torch.no_grad():
-            xt = _embed(teacher, x.to(tdtype))
-        xs = _embed(student, x)
-        out = TransferOutput(logits=x.new_empty(0))
-        losses: list[torch.Tensor] = []
-        signals: dict[int, dict[str, torch.Tensor]] = {}  # teacher layer -> its captured q/k/v
-        next_t = 0
-        for i, blk in enumerate(student.blocks):
-            # With shared drop path the teacher walks block by block beside the student
-            # (equal depths); otherwise it only advances as far as the next needed layer.
-            target = i if share else teacher_for.get(i)
-            if target is not None and target > plan.last_teacher_layer:
-                target = None
-            drop = (
-                _shared_drop_path(blk, teacher.blocks[i], x.shape[0], x.device)
-                if share and target is not None
-                else contextlib.nullcontext()
-            )
-            with drop:
-                while target is not None and next_t <= target:
-                    if next_t == stop_at:
-                        # the last layer the plan reads: its q/k(/v) are all the teacher has to give
-                        with torch.no_grad():
-                            normed = teacher.blocks[next_t].norm1(xt)
-                            signals[next_t] = self._teacher_attn[next_t].project(normed, wanted)
-                        next_t += 1
-                        continue
-                    t_io = AttentionIO(capture=wanted) if next_t in plan.teacher_layers else None
-                    with torch.no_grad(), attention_io(self._teacher_attn[next_t], t_io):
-                        xt = teacher.blocks[next_t](xt)
-                    if t_io is not None:
-                        signals[next_t] = t_io.captured
-                    next_t += 1
-                own: dict[str, torch.Tensor] | None = None
-                own_lse: torch.Tensor | None = None
-                if i not in teacher_for:
-                    xs = blk(xs)
-                elif mode.is_copy:
-                    borrowed = signals[teacher_for[i]]
-                    with attention_io(
-                        self._student_attn[i], AttentionIO(**{c: borrowed[c] for c in mode.borrow})
-                    ):
-                        xs = blk(xs)
-                else:
-                    s_io = AttentionIO(capture=wanted, return_lse=self._wants_lse(i, ce_path))
-                    with attention_io(self._student_attn[i], s_io):
-                        xs = blk(xs)
-                    own, own_lse = s_io.captured, s_io.lse
-            if own is not None and mode.is_distill:
-                losses.append(self._layer_loss(i, signals[teacher_for[i]], own, out, ce_path, own_lse))
-        xs = student.norm(xs)
-        out.logits = student.forward_head(xs)
-        if losses:
+        drop = (
+            _shared_drop_path(self._drop_path_pairs(), x.shape[0], x.device)
+            if share
+            else contextlib.nullcontext()
+        )
+        with drop:
+            signals, teacher_logits = self._teacher_pass(x.to(tdtype), mode.signals, wants_logits)
+            ios = {s: self._student_io(s, signals, ce_path) for s, _ in plan.pairs}
+            with contextlib.ExitStack() as stack:
+                for s, io in ios.items():
+                    stack.enter_context(attention_io(self._student_attn[s], io))
+                out = TransferOutput(logits=self.student(x))
+        if mode.is_distill:
+            losses = [
+                self._layer_loss(s, signals[t], ios[s].captured, out, ce_path, ios[s].lse)
+                for s, t in plan.pairs
+            ]
             out.loss = plan.weight * torch.stack(losses).sum()
-        if self.training and plan.logit_weight > 0:
-            with torch.no_grad():
-                for j in range(next_t, len(teacher.blocks)):
-                    xt = teacher.blocks[j](xt)
-                teacher_logits = teacher.forward_head(teacher.norm(xt))
+        if teacher_logits is not None:
             self._add_logit_loss(out, teacher_logits)
         return out
 
@@ -267,6 +275,8 @@ class DualViT(nn.Module):
             ce_path.needs_student_lse
             and self.plan.mode.distills_maps
             and self._student_attn[layer].map_kind is MapKind.SOFTMAX
+            and not self._student_attn[layer].has_logit_bias
+            and not self._teacher_attn[self.plan.teacher_for[layer]].has_logit_bias
         )
 
     def _layer_loss(
@@ -281,15 +291,22 @@ class DualViT(nn.Module):
         mode = self.plan.mode
         if mode.distills_maps:
             # the student layer's map kind picks the loss (softmax: the exact O(N) CE; see map_losses)
+            s_attn = self._student_attn[layer]
+            t_attn = self._teacher_attn[self.plan.teacher_for[layer]]
+            q_s, q_t = student_sig["q"], teacher_sig["q"]
             res = map_distillation_loss(
-                self._student_attn[layer],
-                student_sig["q"],
+                s_attn,
+                q_s,
                 student_sig["k"],
-                teacher_sig["q"],
+                q_t,
                 teacher_sig["k"],
                 with_metric=self.log_kl,
                 ce_path=ce_path,
                 lse_s=lse_s,
+                scale_t=_scale_if_own(t_attn, q_t),
+                bias_t=teacher_sig.get("bias"),
+                scale_s=_scale_if_own(s_attn, q_s),
+                bias_s=student_sig.get("bias"),
             )
             out.terms[f"{res.kind.term}/{layer}"] = res.loss
             if res.metric is not None and res.kind.logged_metric:
@@ -300,3 +317,13 @@ class DualViT(nn.Module):
             loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
         out.terms[f"{c}_mse/{layer}"] = loss
         return loss
+
+
+def _unzip(layers: list[tuple[str, nn.Module]]) -> tuple[list[str], list[nn.Module]]:
+    return [n for n, _ in layers], [m for _, m in layers]
+
+
+def _scale_if_own(attn: nn.Module, q: torch.Tensor) -> float | None:
+    """The layer's logit scale where it is not timm's default d^-0.5 (None: the default)."""
+    scale = attn.logit_scale(q)
+    return None if scale == q.shape[-1] ** -0.5 else scale

@@ -40,6 +40,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import sdpa
 from ..models.attention.lse import row_logsumexp
@@ -56,6 +57,7 @@ __all__ = [
     "CEPath",
     "attention_ce_reference",
     "attention_distillation_loss",
+    "biased_attention_ce",
     "ce_path_for",
     "group_heads_ok",
     "row_logsumexp",
@@ -338,6 +340,64 @@ def attention_distillation_loss(
         if with_kl:
             kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean()
     return AttentionLoss(ce, kl)
+
+
+def _biased_ce_chunk(q_s, k_s, b_s, q_t, k_t, b_t, scale_s, scale_t, groups, start, stop):
+    """Sums over query rows ``start:stop`` of −Σ_j P̄_t log P_s and of H(P̄_t) (no gradient), with
+    z = s·q kᵀ + B on both sides: one chunk of logits."""
+    rows = slice(start, stop)
+    z_s = (q_s[..., rows, :] * scale_s) @ k_s.transpose(-2, -1)
+    if b_s is not None:
+        z_s = z_s + b_s[..., rows, :]
+    z_t = (q_t[..., rows, :] * scale_t) @ k_t.transpose(-2, -1)
+    if b_t is not None:
+        z_t = z_t + b_t[..., rows, :]
+    p_t = _grouped_mean(torch.softmax(z_t, dim=-1), groups)
+    ce = -(p_t * torch.log_softmax(z_s, dim=-1)).sum()
+    return ce, -torch.special.xlogy(p_t, p_t).sum().detach()
+
+
+def biased_attention_ce(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    q_s: torch.Tensor,
+    k_s: torch.Tensor,
+    *,
+    bias_t: torch.Tensor | None = None,
+    bias_s: torch.Tensor | None = None,
+    scale_t: float | None = None,
+    scale_s: float | None = None,
+    chunk: int | None = None,
+    with_kl: bool = True,
+) -> AttentionLoss:
+    """The row CE of logits with an additive bias, z = s·q kᵀ + B (relative-position tables), exact:
+    CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij, evaluated in checkpointed query-row chunks, so no more than a
+    chunk of the N_q×N_k logits (and its softmaxes) is alive, in forward and in backward; the gradient
+    reaches q_s, k_s and ``bias_s`` (B or 1, H_s, N_q, N_k). Teacher heads are averaged in groups as in
+    `attention_distillation_loss`; the key set may differ from the queries (N_k ≠ N_q)."""
+    _check_shapes(q_t, k_t, q_s, k_s)
+    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
+    scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
+    B, H, N, _ = q_s.shape
+    groups = q_t.shape[1] // H
+    step = _auto_chunk(q_s, k_s.shape[-2], chunk, live_tensors=5)
+    with _fp32(q_s.device.type):
+        dtype = compute_dtype(q_s)
+        q_t, k_t = q_t.detach().to(dtype), k_t.detach().to(dtype)
+        b_t = bias_t.detach().to(dtype) if bias_t is not None else None
+        q_s, k_s = q_s.to(dtype), k_s.to(dtype)
+        b_s = bias_s.to(dtype) if bias_s is not None else None
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q_s, k_s, b_s))
+        total = entropy = q_s.new_zeros(())
+        for rows in row_slices(0, N, step):
+            args = (q_s, k_s, b_s, q_t, k_t, b_t, scale_s, scale_t, groups, rows.start, rows.stop)
+            if grad:
+                part, ent = checkpoint(_biased_ce_chunk, *args, use_reentrant=False)
+            else:
+                part, ent = _biased_ce_chunk(*args)
+            total, entropy = total + part, entropy + ent
+        ce = total / (B * H * N)
+    return AttentionLoss(ce, ce.detach() - entropy / (B * H * N) if with_kl else None)
 
 
 def _half_on_accelerator(*tensors: torch.Tensor) -> bool:

@@ -37,7 +37,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.numerics import fp32_section, row_chunk
-from .losses import CEPath, attention_distillation_loss
+from .losses import CEPath, attention_distillation_loss, biased_attention_ce
 
 __all__ = [
     "DEFAULT_MAP_LOSS",
@@ -100,23 +100,33 @@ class MapAgreement(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------- the computations
-def _teacher_rows(q_t: torch.Tensor, k_t: torch.Tensor, rows: slice) -> torch.Tensor:
-    return ((q_t[..., rows, :] * q_t.shape[-1] ** -0.5) @ k_t.transpose(-2, -1)).softmax(dim=-1)
+def _teacher_rows(
+    q_t: torch.Tensor,
+    k_t: torch.Tensor,
+    rows: slice,
+    scale_t: float | None = None,
+    bias_t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
+    z = (q_t[..., rows, :] * scale_t) @ k_t.transpose(-2, -1)
+    if bias_t is not None:
+        z = z + bias_t[..., rows, :].to(z.dtype)
+    return z.softmax(dim=-1)
 
 
-def _ce_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int):
+def _ce_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None):
     """Sums over the chunk of −Σ_j P_t log A_s and of the teacher's entropy (no gradient)."""
     rows = slice(start, stop)
     a_s = attn.attention_map(q_s, k_s, rows)
-    p_t = _teacher_rows(q_t, k_t, rows)
+    p_t = _teacher_rows(q_t, k_t, rows, scale_t, bias_t)
     ce = -(p_t * torch.log(a_s.clamp_min(torch.finfo(a_s.dtype).tiny))).sum()
     entropy = -torch.special.xlogy(p_t, p_t).sum()
     return ce, entropy
 
 
-def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int):
+def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None):
     rows = slice(start, stop)
-    diff = attn.attention_map(q_s, k_s, rows) - _teacher_rows(q_t, k_t, rows)
+    diff = attn.attention_map(q_s, k_s, rows) - _teacher_rows(q_t, k_t, rows, scale_t, bias_t)
     return diff.pow(2).sum(), diff.new_zeros(())
 
 
@@ -140,9 +150,18 @@ def _implicit_loss(
     chunk: int | None = None,
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
+    scale_t: float | None = None,
+    bias_t: torch.Tensor | None = None,
+    scale_s: float | None = None,
+    bias_s: torch.Tensor | None = None,
 ) -> MapAgreement:
     """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free.
-    (``ce_path``/``lse_s`` concern softmax layers' exact CE only.)"""
+    (``ce_path``/``lse_s`` concern softmax layers' exact CE only; the teacher's logits take ``scale_t`` and
+    ``bias_t``; a student with a logit bias of its own is refused here: its map is not ``attention_map``.)"""
+    if bias_s is not None:
+        raise ValueError(
+            "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
+        )
     _check_equal_shapes(q_s, k_s, q_t, k_t)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
     B, H, N, _ = q_s.shape
@@ -151,6 +170,7 @@ def _implicit_loss(
     step = row_chunk(q_s, M, chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
         q_t, k_t = q_t.detach().float(), k_t.detach().float()
+        bias_t = bias_t.detach().float() if bias_t is not None else None
         q_s, k_s = q_s.float(), k_s.float()
         grad = torch.is_grad_enabled() and (
             q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
@@ -159,9 +179,11 @@ def _implicit_loss(
         for start in range(0, N, step):
             stop = min(start + step, N)
             if grad:
-                part, ent = checkpoint(fn, attn, q_s, k_s, q_t, k_t, start, stop, use_reentrant=False)
+                part, ent = checkpoint(
+                    fn, attn, q_s, k_s, q_t, k_t, start, stop, scale_t, bias_t, use_reentrant=False
+                )
             else:
-                part, ent = fn(attn, q_s, k_s, q_t, k_t, start, stop)
+                part, ent = fn(attn, q_s, k_s, q_t, k_t, start, stop, scale_t, bias_t)
             total = total + part
             entropy = entropy + ent.detach()
         if loss is MapLoss.CE:
@@ -184,10 +206,39 @@ def _exact_softmax_ce(
     chunk: int | None = None,
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
+    scale_t: float | None = None,
+    bias_t: torch.Tensor | None = None,
+    scale_s: float | None = None,
+    bias_s: torch.Tensor | None = None,
 ) -> MapAgreement:
-    """The exact O(N) CE of a softmax student layer (no map built; head groups; unequal head dims)."""
+    """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
+    identity for plain q·kᵀ logits, the chunked biased path (`biased_attention_ce`) when either side's
+    logits carry a bias (relative-position tables)."""
+    if bias_t is not None or bias_s is not None:
+        res = biased_attention_ce(
+            q_t,
+            k_t,
+            q_s,
+            k_s,
+            bias_t=bias_t,
+            bias_s=bias_s,
+            scale_t=scale_t,
+            scale_s=scale_s,
+            chunk=chunk,
+            with_kl=with_metric,
+        )
+        return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
     res = attention_distillation_loss(
-        q_t, k_t, q_s, k_s, chunk=chunk, with_kl=with_metric, path=ce_path, lse_s=lse_s
+        q_t,
+        k_t,
+        q_s,
+        k_s,
+        scale_t=scale_t,
+        scale_s=scale_s,
+        chunk=chunk,
+        with_kl=with_metric,
+        path=ce_path,
+        lse_s=lse_s,
     )
     return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
 
@@ -272,6 +323,10 @@ def map_distillation_loss(
     chunk: int | None = None,
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
+    scale_t: float | None = None,
+    bias_t: torch.Tensor | None = None,
+    scale_s: float | None = None,
+    bias_s: torch.Tensor | None = None,
 ) -> MapAgreement:
     """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
     softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
@@ -279,11 +334,17 @@ def map_distillation_loss(
     q/k are (B, H, N, d); ``q_t``/``k_t`` get no gradient. Returns the loss (mean over rows for CE, over
     entries for MSE) and the detached metric: KL for CE (for softmax layers only ``with_metric``, as it
     costs a teacher pass), the loss itself for MSE. A softmax layer's exact CE takes ``ce_path`` (default:
-    by device) and, for ``attention_lse``, the layer's own log-sum-exp ``lse_s``.
+    by device) and, for ``attention_lse``, the layer's own log-sum-exp ``lse_s``. ``scale_*``/``bias_*``:
+    the layers' logit scales (default d^-0.5) and additive logit biases (adapters' ``logit_bias``).
     """
     rule = map_loss_rule(attn.map_kind, loss)
+    extra = {
+        k: v
+        for k, v in dict(scale_t=scale_t, bias_t=bias_t, scale_s=scale_s, bias_s=bias_s).items()
+        if v is not None
+    }
     return rule.compute(
-        attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk, ce_path=ce_path, lse_s=lse_s
+        attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk, ce_path=ce_path, lse_s=lse_s, **extra
     )
 
 

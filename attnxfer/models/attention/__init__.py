@@ -7,6 +7,9 @@ module              what
                     forward with `AttentionIO`), `MapKind`, `AttentionIO`, `PartialQKV`
 ``softmax``         `TransferAttention` (timm's ``Attention``, registered as ``"softmax"``),
                     `make_transfer_aware`, `sdpa`, `attention_with_lse`, `explicit_attention_map`
+``adapters``        timm attention class -> its adapter (`register_adapter`, `refuse_attention`), and
+                    `attention_layers`: a model's attention layers in forward order, swapped in place
+``families``        one adapter file per timm attention class (EVA, AttentionRope, BEiT, ...)
 ``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
                     `attention_name_of`, ...)
 ``capture``         whole-model access through the interface: `transfer_attentions`, `attention_maps`,
@@ -21,6 +24,7 @@ The zoo's attentions live in `attnxfer.models.efficient` (one file per family) o
 `EfficientAttention`.
 """
 
+from .adapters import adapter_for, attention_layers, list_adapters, refuse_attention, register_adapter
 from .capture import CAPTURE_FIELDS, attention_maps, capture_attention, transfer_attentions
 from .interface import (
     COUNTERPART_MODULES,
@@ -28,6 +32,7 @@ from .interface import (
     AttentionIO,
     MapKind,
     PartialQKV,
+    StopForward,
     TransferableAttention,
     attention_io,
 )
@@ -56,10 +61,13 @@ __all__ = [
     "AttentionIO",
     "MapKind",
     "PartialQKV",
+    "StopForward",
     "TransferAttention",
     "TransferableAttention",
+    "adapter_for",
     "attention_io",
     "attention_layer",
+    "attention_layers",
     "attention_maps",
     "attention_name_of",
     "attention_with_lse",
@@ -67,8 +75,11 @@ __all__ = [
     "create_attention",
     "explicit_attention_map",
     "get_attention_class",
+    "list_adapters",
     "list_attentions",
     "make_transfer_aware",
+    "refuse_attention",
+    "register_adapter",
     "register_attention",
     "sdpa",
     "transfer_attentions",

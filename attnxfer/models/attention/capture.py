@@ -12,8 +12,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from . import families  # noqa: F401  (registers every family's adapter)
+from .adapters import attention_layers
 from .interface import QKV, AttentionIO, TransferableAttention, attention_io
-from .softmax import make_transfer_aware
 
 __all__ = ["CAPTURE_FIELDS", "attention_maps", "capture_attention", "transfer_attentions"]
 
@@ -22,13 +23,13 @@ CAPTURE_FIELDS = ("input", "q", "k", "v", "output")
 
 
 def transfer_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
-    """The model's per-block attention modules, in depth order.
+    """The model's attention layers, in forward order (`attention_layers`: ``blocks.*`` of a ViT, and
+    wherever other families keep them).
 
-    A plain timm ViT is accepted as it is: its `timm.layers.Attention` blocks are made transfer-aware in
-    place (`make_transfer_aware`, a class swap that keeps every tensor and name), so every entry point
-    that takes models works on ``timm.create_model(...)`` output."""
-    make_transfer_aware(model)
-    return [blk.attn for blk in model.blocks]
+    A timm model is accepted as it is: its attention layers are made transfer-aware in place (a class
+    swap to their adapter that keeps every tensor and name), so every entry point that takes models
+    works on ``timm.create_model(...)`` output."""
+    return [attn for _, attn in attention_layers(model)]
 
 
 @torch.no_grad()

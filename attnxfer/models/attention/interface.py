@@ -42,6 +42,7 @@ __all__ = [
     "AttentionIO",
     "MapKind",
     "PartialQKV",
+    "StopForward",
     "TransferableAttention",
     "as_grid",
     "attention_io",
@@ -125,15 +126,25 @@ class AttentionIO:
     q: torch.Tensor | None = None
     k: torch.Tensor | None = None
     v: torch.Tensor | None = None
-    capture: str = ""  # subset of "qkv"
+    #: With both ``q`` and ``k`` given, the logits are borrowed whole: ``bias`` is the additive logit bias
+    #: that goes with them (a teacher's captured ``"bias"``; None: no bias), in place of the layer's own.
+    bias: torch.Tensor | None = None
+    capture: str = ""  # subset of "qkv"; capturing q and k also captures the layer's logit bias, if any
     return_map: bool = False
     return_lse: bool = False
+    #: Raise `StopForward` right after capturing: the caller wanted nothing more of this forward pass.
+    stop: bool = False
     captured: dict[str, torch.Tensor] = field(default_factory=dict)
     map: torch.Tensor | None = None
     lse: torch.Tensor | None = None
 
     def override(self, name: str) -> torch.Tensor | None:
         return getattr(self, name)
+
+
+class StopForward(Exception):
+    """Raised by an attention whose `AttentionIO` has ``stop`` set, once it has captured what it gives:
+    a caller running a model's own forward (the teacher in `DualViT`) catches it and skips the rest."""
 
 
 class PartialQKV(nn.Module):
@@ -391,6 +402,21 @@ class TransferableAttention(nn.Module):
                 for p in getattr(self, f"{name}_norm").parameters():
                     p.requires_grad_(False)
 
+    # ----------------------------------------------------------------- logits
+    def logit_scale(self, q: torch.Tensor) -> float:
+        """The factor on q·kᵀ in this layer's logits for queries ``q`` (timm's: q's head dim ** -0.5)."""
+        return q.shape[-1] ** -0.5
+
+    def logit_bias(self, q: torch.Tensor, k: torch.Tensor, **call: Any) -> torch.Tensor | None:
+        """The additive term of this layer's logits, (B or 1, H, N_q, N_k), or None (plain q·kᵀ).
+
+        ``call`` holds the forward's own extra arguments (an adapter's rope, say). Adapters with a
+        relative-position bias return it here and set ``has_logit_bias``."""
+        return None
+
+    #: ``logit_bias`` can return a tensor (the CE then takes the chunked biased path).
+    has_logit_bias: ClassVar[bool] = False
+
     # ----------------------------------------------------------------- forward
     def forward(
         self,
@@ -398,34 +424,68 @@ class TransferableAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
+        return self.transfer_forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def transfer_forward(
+        self,
+        x: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        **call: Any,
+    ) -> torch.Tensor:
+        """``proj(norm(attend(project(x))))`` with this call's `AttentionIO` (``self.io``) honoured.
+
+        ``call`` is passed on to ``project`` and ``logit_bias`` (an adapter's extra forward arguments,
+        e.g. rope). The logits are ``logit_scale · q kᵀ + logit_bias``: borrowing q and k together
+        borrows the bias with them (``io.bias``); otherwise the layer's own bias is used.
+        """
         io = self.io
         if io is None:
-            qkv = self.project(x)
+            qkv = self.project(x, **call)
+            bias = self.logit_bias(qkv["q"], qkv["k"], **call) if self.has_logit_bias else None
         else:
             given = {c: io.override(c) for c in QKV if io.override(c) is not None}
-            own = self.project(x, "".join(c for c in QKV if c not in given or c in io.capture))
+            own = self.project(x, "".join(c for c in QKV if c not in given or c in io.capture), **call)
             for c in io.capture:
                 io.captured[c] = own[c]
+            own_bias = None
+            if self.has_logit_bias and "q" in io.capture and "k" in io.capture:
+                own_bias = self.logit_bias(own["q"], own["k"], **call)
+                if own_bias is not None:
+                    io.captured["bias"] = own_bias
+            if io.stop:
+                raise StopForward
             # Borrowed tensors (a bf16 teacher's, say) join the layer's own working dtype.
             dtype = next(iter(own.values())).dtype if own else x.dtype
             qkv = {**own, **{c: t.to(dtype) for c, t in given.items()}}
+            if "q" in given and "k" in given:
+                bias = io.bias.to(dtype) if io.bias is not None else None
+            elif own_bias is not None and not given:
+                bias = own_bias
+            else:
+                bias = self.logit_bias(qkv["q"], qkv["k"], **call) if self.has_logit_bias else None
             if io.return_map:
-                io.map = self._io_map(qkv["q"], qkv["k"], attn_mask)
+                io.map = self._io_map(qkv["q"], qkv["k"], _merge_masks(bias, attn_mask, qkv["q"]))
+        mask = _merge_masks(bias, attn_mask, qkv["q"])
         # A replaced q or k comes with its own scale (its head dim): every core scales by q's head dim.
         if io is not None and io.return_lse:
-            if attn_mask is not None or is_causal:
-                raise ValueError("return_lse takes no attention mask (ViT attention has none)")
+            if mask is not None or is_causal:
+                raise ValueError(
+                    "return_lse takes no attention mask or logit bias (plain ViT attention has none)"
+                )
             out, io.lse = self.attend_with_lse(qkv["q"], qkv["k"], qkv["v"])
         else:
-            out = self.attend(qkv["q"], qkv["k"], qkv["v"], attn_mask=attn_mask, is_causal=is_causal)
+            out = self.attend(qkv["q"], qkv["k"], qkv["v"], attn_mask=mask, is_causal=is_causal)
         return self._output(x, out)
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """(B, H, N, d) core output -> (B, N, C): merge heads, ``norm``, timm's gate, ``proj``."""
         B, N, _ = x.shape
         out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
-        if self.gate is not None:
-            out = out * self.gate(x).sigmoid()
+        gate = self._modules.get("gate")  # the class default None would hide a registered module
+        if gate is not None:
+            out = out * gate(x).sigmoid()
         return self.proj_drop(self.proj(out))
 
     def attend(
@@ -514,6 +574,19 @@ class TransferableAttention(nn.Module):
 
     def _map_rows(self, context: Any, rows: slice) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _merge_masks(
+    bias: torch.Tensor | None, attn_mask: torch.Tensor | None, q: torch.Tensor
+) -> torch.Tensor | None:
+    """One additive float mask from a logit bias and timm's ``attn_mask`` (bool: True = attend)."""
+    if bias is None:
+        return attn_mask
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype).masked_fill(~attn_mask, float("-inf"))
+    return bias + attn_mask
 
 
 @contextlib.contextmanager

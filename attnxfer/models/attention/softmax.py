@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from .adapters import attention_layers, register_adapter
 from .interface import MapKind, TransferableAttention
 from .lse import LSEBackend, flex_attention_with_lse, lse_backend_for, row_logsumexp
 from .opcount import OpCounts, matmul_ops, softmax_ops
@@ -25,6 +26,7 @@ from .registry import register_attention
 
 __all__ = [
     "SOFTMAX",
+    "SoftmaxCore",
     "TransferAttention",
     "attention_with_lse",
     "explicit_attention_map",
@@ -38,8 +40,61 @@ SOFTMAX = "softmax"
 _TIMM_OPTIONS = frozenset(p for p in inspect.signature(Attention.__init__).parameters if p != "self")
 
 
+class SoftmaxCore(TransferableAttention):
+    """The softmax attention core every softmax layer shares (timm's ``Attention`` and the adapters of
+    `attnxfer.models.attention.families`): ``attend`` by SDPA (an additive logit bias arrives as
+    ``attn_mask``), its log-sum-exp, its explicit map (oracle) and its operation counts. The logits are
+    ``logit_scale(q) · q kᵀ (+ logit_bias)``."""
+
+    map_kind = MapKind.SOFTMAX
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """softmax(s · q kᵀ + mask) v by SDPA in the input dtype (flash/memory-efficient kernels: no
+        N x N tensor), with timm's attention dropout in training; masks as timm's."""
+        return sdpa(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.logit_scale(q),
+        )
+
+    def attend_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``attend`` plus the rows' log-sum-exp of its logits, both differentiable (`attention_with_lse`)."""
+        return attention_with_lse(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        """Per (batch, head): q / sqrt(d) (N d), q k^T, the row softmax (max and exp as ``other``, the
+        shift, the row sums, N^2 divisions), and P v."""
+        n, d = num_tokens, self.head_dim
+        per_head = OpCounts(mul=n * d) + matmul_ops(n, d, n) + softmax_ops(n, n) + matmul_ops(n, n, d)
+        return per_head * (batch * self.num_heads)
+
+    def _map_context(self, q, k):
+        return q * self.logit_scale(q), k
+
+    def _map_rows(self, context, rows):
+        q, k = context
+        return (q[:, :, rows] @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    def _io_map(self, q, k, attn_mask):
+        return explicit_attention_map(q, k, attn_mask=attn_mask, scale=self.logit_scale(q))
+
+
 @register_attention(SOFTMAX)
-class TransferAttention(TransferableAttention, Attention):
+class TransferAttention(SoftmaxCore, Attention):
     """timm `Attention` that can hand out, take in, and show its q/k/v.
 
     Adds no parameters: a timm model built with it (``attn_layer=TransferAttention``)
@@ -70,49 +125,6 @@ class TransferAttention(TransferableAttention, Attention):
 
     def new_parameter_names(self):
         return []  # every parameter is timm's own
-
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        """softmax(q kᵀ / sqrt(d_q)) v by SDPA in the input dtype (flash/memory-efficient kernels: no
-        N x N tensor), with timm's attention dropout in training; masks as timm's."""
-        return sdpa(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
-            is_causal=is_causal,
-        )
-
-    def attend_with_lse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attend`` plus the rows' log-sum-exp of its logits, both differentiable (`attention_with_lse`)."""
-        return attention_with_lse(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
-
-    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head): q / sqrt(d) (N d), q k^T, the row softmax (max and exp as ``other``, the
-        shift, the row sums, N^2 divisions), and P v."""
-        n, d = num_tokens, self.head_dim
-        per_head = OpCounts(mul=n * d) + matmul_ops(n, d, n) + softmax_ops(n, n) + matmul_ops(n, n, d)
-        return per_head * (batch * self.num_heads)
-
-    def _map_context(self, q, k):
-        return q * q.shape[-1] ** -0.5, k
-
-    def _map_rows(self, context, rows):
-        q, k = context
-        return (q[:, :, rows] @ k.transpose(-2, -1)).softmax(dim=-1)
-
-    def _io_map(self, q, k, attn_mask):
-        return explicit_attention_map(q, k, attn_mask=attn_mask)
 
 
 def sdpa(
@@ -183,26 +195,15 @@ def explicit_attention_map(
 
 
 def make_transfer_aware(model: nn.Module) -> nn.Module:
-    """Let every block's attention in ``model`` take part in transfer, in place.
+    """Let every attention layer in ``model`` take part in transfer, in place.
 
-    timm's plain `Attention` becomes `TransferAttention` by a class swap (it adds no state, so every
-    tensor, name and hook is kept); attentions that already meet the interface (`TransferableAttention`:
-    softmax or a zoo attention) are left as they are. Other attention types are an error: their q/k
-    layout is not timm's standard one.
+    timm's plain `Attention` becomes `TransferAttention`, and every timm attention class with an adapter
+    (`attnxfer.models.attention.families`) its adapter, by a class swap (no state added: every tensor,
+    name and hook is kept); attentions that already meet the interface are left as they are. An
+    attention layer of a class with no adapter is an error naming it (`attention_layers`).
     """
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
-        raise TypeError(
-            f"{type(model).__name__} has no `blocks`: attnxfer works with timm VisionTransformer-style models"
-        )
-    for i, blk in enumerate(blocks):
-        attn = getattr(blk, "attn", None)
-        if isinstance(attn, TransferableAttention):
-            continue
-        if type(attn) is not Attention:
-            raise TypeError(
-                f"blocks.{i}.attn is {type(attn).__name__}; attnxfer's softmax transfer needs timm.layers.Attention "
-                "(standard ViT/DeiT/MAE blocks). Build the model with attn_layer=TransferAttention or pick a standard ViT."
-            )
-        attn.__class__ = TransferAttention
+    attention_layers(model)
     return model
+
+
+register_adapter(Attention)(TransferAttention)

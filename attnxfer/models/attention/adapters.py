@@ -1,0 +1,115 @@
+"""Adapters: timm attention classes made transfer-aware, found wherever a model keeps them.
+
+An *adapter* is a subclass of one timm attention class that also meets `TransferableAttention`
+(``project`` gives q and k as they enter the logits — after q/k norms and rotary embeddings —
+``logit_bias`` the additive term, ``logit_scale`` the factor, ``attend`` the core). A timm model's
+layers become their adapters by an in-place class swap: no state is added, every parameter keeps
+timm's name, and ``timm.create_model`` loads what is saved. Without an `AttentionIO` an adapter's
+forward is timm's own.
+
+`register_adapter` keys adapters by the exact timm class (one file per class in
+`attnxfer.models.attention.families`); `refuse_attention` records classes that cannot be transferred
+and why; `attention_layers` walks a model in forward order and swaps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch.nn as nn
+
+from .interface import TransferableAttention
+
+__all__ = [
+    "adapter_for",
+    "attention_layers",
+    "list_adapters",
+    "refuse_attention",
+    "register_adapter",
+]
+
+_ADAPTERS: dict[type[nn.Module], type[TransferableAttention]] = {}
+_REFUSED: dict[type[nn.Module], str] = {}
+
+A = TypeVar("A", bound=type[TransferableAttention])
+
+
+def register_adapter(timm_class: type[nn.Module]) -> Callable[[A], A]:
+    """Class decorator: ``adapter`` (a subclass of ``timm_class`` and `TransferableAttention`) is what
+    layers of exactly ``timm_class`` become."""
+
+    def decorator(adapter: A) -> A:
+        if not (issubclass(adapter, timm_class) and issubclass(adapter, TransferableAttention)):
+            raise TypeError(
+                f"adapter {adapter.__name__} must subclass both {timm_class.__name__} and TransferableAttention"
+            )
+        if timm_class in _ADAPTERS and _ADAPTERS[timm_class] is not adapter:
+            raise ValueError(
+                f"{timm_class.__qualname__} already has the adapter {_ADAPTERS[timm_class].__name__}"
+            )
+        _ADAPTERS[timm_class] = adapter
+        return adapter
+
+    return decorator
+
+
+def refuse_attention(timm_class: type[nn.Module], reason: str) -> None:
+    """Layers of ``timm_class`` cannot be transferred: ``reason`` (one sentence, what to do instead) is
+    the error every entry point gives."""
+    _REFUSED[timm_class] = reason
+
+
+def adapter_for(timm_class: type[nn.Module]) -> type[TransferableAttention] | None:
+    """The adapter registered for exactly ``timm_class``, or None."""
+    return _ADAPTERS.get(timm_class)
+
+
+def list_adapters() -> dict[str, str]:
+    """``{"module.TimmClass": "Adapter"}`` for every registered adapter (docs, coverage tests)."""
+    return {f"{k.__module__}.{k.__qualname__}": v.__name__ for k, v in _ADAPTERS.items()}
+
+
+def _is_attention_slot(name: str, module: nn.Module) -> bool:
+    """Where timm keeps a block's attention: a child called ``attn`` (every family's blocks)."""
+    return name.rsplit(".", 1)[-1] == "attn"
+
+
+def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]]:
+    """(qualified name, layer) of every attention layer in ``model``, in forward (registration) order,
+    each swapped in place to its adapter. ``blocks.*``, ``encoder.*``, ``blocks_token_only.*``,
+    ``stages.*.blocks.*``: wherever the family keeps them.
+
+    A layer whose class is refused, or an ``attn`` child of a class with no adapter, is a TypeError
+    that names it; so is a model with no attention layer at all.
+    """
+    found: list[tuple[str, TransferableAttention]] = []
+    inside: str | None = None  # the attention whose submodules are being skipped
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside + "."):
+            continue
+        inside = None
+        cls = type(module)
+        if isinstance(module, TransferableAttention):
+            pass
+        elif cls in _ADAPTERS:
+            module.__class__ = _ADAPTERS[cls]
+        elif cls in _REFUSED:
+            raise TypeError(f"{name} is {cls.__name__}: {_REFUSED[cls]}")
+        elif _is_attention_slot(name, module):
+            known = ", ".join(sorted({k.__name__ for k in _ADAPTERS}))
+            raise TypeError(
+                f"{name} is {cls.__name__} ({cls.__module__}); attnxfer has no adapter for it (adapters: "
+                f"{known}). A new timm attention class needs one adapter file in "
+                "attnxfer/models/attention/families/ (docs/architecture.md)"
+            )
+        else:
+            continue
+        found.append((name, module))
+        inside = name
+    if not found:
+        raise TypeError(
+            f"{type(model).__name__} has no attention layer attnxfer can find (no `attn` of a timm attention "
+            "class): attnxfer works with timm vision transformers"
+        )
+    return found

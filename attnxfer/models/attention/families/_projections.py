@@ -1,0 +1,109 @@
+"""q/k/v projections shared by the adapters of timm's non-``Attention`` classes.
+
+timm keeps q/k/v in two layouts: a fused ``qkv`` linear (its bias either its own, or the separate
+``q_bias`` / zero ``k_bias`` buffer / ``v_bias`` of BEiT and EVA), or three ``q_proj`` / ``k_proj`` /
+``v_proj`` linears (k and v may have fewer heads: grouped-query attention). These helpers compute heads
+exactly as timm does and freeze chunks (copied layers) without renaming anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+
+from ..interface import QKV, PartialQKV
+
+__all__ = ["apply_rope", "freeze_chunks", "project_heads"]
+
+
+def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of chunk ``name`` of a fused ``qkv`` (bias: the separate ``<name>_bias`` if any)."""
+    if isinstance(attn.qkv, PartialQKV):
+        w, b = attn.qkv.chunk(name)
+    else:
+        rows = attn.qkv.out_features // 3
+        i = QKV.index(name)
+        w = attn.qkv.weight[i * rows : (i + 1) * rows]
+        b = attn.qkv.bias[i * rows : (i + 1) * rows] if attn.qkv.bias is not None else None
+    separate = getattr(attn, f"{name}_bias", None)
+    return w, (separate if separate is not None else b)
+
+
+def _fused_bias(attn: nn.Module) -> torch.Tensor | None:
+    if getattr(attn, "q_bias", None) is not None:
+        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    return attn.qkv.bias
+
+
+def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -> dict[str, torch.Tensor]:
+    """The requested chunks of ``which`` as (B, heads, N, head_dim), as timm's forward computes them
+    (one fused linear when all three are asked for); no norms, no rope."""
+    B, N, _ = x.shape
+    which = "".join(c for c in QKV if c in which)
+    fused = getattr(attn, "qkv", None) is not None
+    if fused and which == "qkv":
+        qkv = F.linear(x, attn.qkv.weight, _fused_bias(attn))
+        return dict(zip(QKV, qkv.reshape(B, N, 3, -1, head_dim).permute(2, 0, 3, 1, 4).unbind(0)))
+    out = {}
+    for name in which:
+        if fused:
+            w, b = _fused_rows(attn, name)
+            y = F.linear(x, w, b)
+        else:
+            y = getattr(attn, f"{name}_proj")(x)
+        out[name] = y.reshape(B, N, -1, head_dim).transpose(1, 2)
+    return out
+
+
+def apply_rope(
+    t: torch.Tensor, rope: torch.Tensor | None, num_prefix_tokens: int, half: bool
+) -> torch.Tensor:
+    """timm's rotary embedding on the patch tokens of ``t`` (B, H, N, d), prefix tokens left as they are."""
+    if rope is None:
+        return t
+    npt = num_prefix_tokens
+    rotated = apply_rot_embed_cat(t[:, :, npt:, :], rope, half=half)
+    return torch.cat([t[:, :, :npt, :], rotated], dim=2).to(t.dtype)
+
+
+def _to_buffer(module: nn.Module, name: str) -> None:
+    """Parameter ``name`` of ``module`` becomes a (persistent) buffer of the same name: no gradient, no
+    optimizer slot, same ``state_dict`` key."""
+    p = module._parameters.get(name)
+    if p is None:
+        return
+    del module._parameters[name]
+    module.register_buffer(name, p.detach().clone())
+
+
+def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
+    """Freeze the q/k/v projections ``chunks`` of either layout (copied layers do not use them): fused
+    rows become a `PartialQKV`, separate linears' and biases' parameters become buffers of the same name,
+    q/k norms stop taking gradients."""
+    chunks = set(chunks)
+    if not chunks:
+        return
+    if getattr(attn, "qkv", None) is not None:
+        linear = attn.qkv
+        if isinstance(linear, PartialQKV):
+            if chunks <= set(linear.frozen):
+                return
+            chunks |= set(linear.frozen)
+            linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
+            linear.load_state_dict(attn.qkv.state_dict())
+        attn.qkv = PartialQKV(linear, chunks)
+        for c in chunks:
+            _to_buffer(attn, f"{c}_bias")
+    else:
+        for c in chunks:
+            proj = getattr(attn, f"{c}_proj")
+            for name in ("weight", "bias"):
+                _to_buffer(proj, name)
+    for c in chunks & {"q", "k"}:
+        norm = getattr(attn, f"{c}_norm", None)
+        if norm is not None:
+            norm.requires_grad_(False)

@@ -1,0 +1,63 @@
+"""`TransferBeitAttention`: timm's BEiT ``Attention`` (BEiT, BEiT-v2) as a softmax `TransferableAttention`.
+
+Its logits are s·q kᵀ + B with B the relative-position bias: the layer's own table (gathered by its
+``relative_position_index`` into (1, H, N, N), N = 1 + grid) plus the model's shared bias when it has
+one (``shared_rel_pos_bias``, passed per call). Copy applies the teacher's q, k and B (as SDPA's
+``attn_mask``) to the student's v; distillation takes the chunked biased CE, with a gradient into the
+student's table. q/k/v come from a fused ``qkv`` with BEiT's separate ``q_bias``/zero ``k_bias``/``v_bias``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from timm.models.beit import Attention as BeitAttention
+
+from ..adapters import register_adapter
+from ..softmax import SoftmaxCore
+from ._projections import freeze_chunks, project_heads
+
+__all__ = ["TransferBeitAttention"]
+
+
+@register_adapter(BeitAttention)
+class TransferBeitAttention(SoftmaxCore, BeitAttention):
+    """BEiT's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
+
+    attention_name = "beit"
+    has_logit_bias = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // 3 // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.qkv.out_features // 3
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.io is None:
+            return BeitAttention.forward(self, x, shared_rel_pos_bias=shared_rel_pos_bias)
+        return self.transfer_forward(x, shared_rel_pos_bias=shared_rel_pos_bias)
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", shared_rel_pos_bias: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return project_heads(self, x, which, self.head_dim)
+
+    def logit_bias(
+        self, q: torch.Tensor, k: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """(1, H, N, N): the layer's table bias plus the model's shared one (either may be absent)."""
+        bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
+        if shared_rel_pos_bias is not None:
+            bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+        return bias
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)

@@ -1,0 +1,67 @@
+"""`TransferEvaAttention`: timm's ``EvaAttention`` (EVA-02, DINOv3, Perception Encoder) as a softmax
+`TransferableAttention`.
+
+Its logits are s·q kᵀ with q and k after the q/k norms and after the rotary embedding, which timm
+applies to the patch tokens only (the first ``num_prefix_tokens`` are left as they are); the rope
+arrives per call as the block's ``rope`` argument. q/k/v come from a fused ``qkv`` with a separate
+``q_bias`` / zero ``k_bias`` / ``v_bias`` (or its own bias), or from ``q_proj``/``k_proj``/``v_proj``.
+After the core: ``norm`` (scale_norm), an optional sigmoid ``gate`` on the input, ``proj``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from timm.models.eva import EvaAttention
+
+from ..adapters import register_adapter
+from ..softmax import SoftmaxCore
+from ._projections import apply_rope, freeze_chunks, project_heads
+
+__all__ = ["RopeProjection", "TransferEvaAttention"]
+
+
+class RopeProjection(SoftmaxCore):
+    """q/k/v of timm's rope attentions (``EvaAttention``, ``AttentionRope``): timm's projections, q/k
+    norms, rope on the patch tokens, k/v heads repeated for grouped-query attention."""
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", rope: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out = project_heads(self, x, which, self.head_dim)
+        half = bool(getattr(self, "rotate_half", False))
+        for c, norm in (("q", self.q_norm), ("k", self.k_norm)):
+            if c in out:
+                out[c] = apply_rope(norm(out[c]), rope, self.num_prefix_tokens, half)
+        groups = getattr(self, "num_kv_groups", 1)
+        if groups > 1:
+            for c in ("k", "v"):
+                if c in out:
+                    out[c] = out[c].repeat_interleave(groups, dim=1)
+        return out
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)
+
+
+@register_adapter(EvaAttention)
+class TransferEvaAttention(RopeProjection, EvaAttention):
+    """``EvaAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
+
+    attention_name = "eva"
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if self.io is None:
+            return EvaAttention.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        return self.transfer_forward(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
