@@ -54,22 +54,27 @@ class TinyFamily:
 
 
 _SMALL = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+# Families with LayerScale get 0.5 instead of timm's 1e-5/1e-6: the attention must matter to the logits.
 
 #: The families h26fam adapts, each as a tiny model (name -> builder); several layouts per family where the
 #: family's archs differ (shared vs per-block tables, class token, res-post blocks, padded windows).
 TINY = {
-    "relpos": TinyFamily("vit_relpos_small_patch16_224", dict(img_size=32, **_SMALL)),
-    "relpos_cls": TinyFamily("vit_relpos_medium_patch16_cls_224", dict(img_size=32, **_SMALL)),
-    "srelpos": TinyFamily("vit_srelpos_small_patch16_224", dict(img_size=32, **_SMALL)),
-    "relpos_rpn": TinyFamily("vit_relpos_medium_patch16_rpn_224", dict(img_size=32, **_SMALL)),
+    "relpos": TinyFamily("vit_relpos_small_patch16_224", dict(img_size=32, init_values=0.5, **_SMALL)),
+    "relpos_cls": TinyFamily(
+        "vit_relpos_medium_patch16_cls_224", dict(img_size=32, init_values=0.5, **_SMALL)
+    ),
+    "srelpos": TinyFamily("vit_srelpos_small_patch16_224", dict(img_size=32, init_values=0.5, **_SMALL)),
+    "relpos_rpn": TinyFamily(
+        "vit_relpos_medium_patch16_rpn_224", dict(img_size=32, init_values=0.5, **_SMALL)
+    ),
     # 6x6 patches in 4x4 windows: the windows are padded to 8x8, as SAM's 64x64 grid is in 14x14 windows
     "sam": TinyFamily(
         "samvit_base_patch16",
         dict(img_size=48, window_size=4, global_attn_indexes=(1,), neck_chans=16, **_SMALL),
         img_size=48,
     ),
-    "cait": TinyFamily("cait_xxs24_224", dict(img_size=32, depth_token_only=1, **_SMALL)),
-    "naflex": TinyFamily("naflexvit_base_patch16_gap", dict(img_size=32, **_SMALL)),
+    "cait": TinyFamily("cait_xxs24_224", dict(img_size=32, depth_token_only=1, init_values=0.5, **_SMALL)),
+    "naflex": TinyFamily("naflexvit_base_patch16_gap", dict(img_size=32, init_values=0.5, **_SMALL)),
     "qwen3": TinyFamily("qwen3_vit_88m", dict(img_size=32, **_SMALL)),
     "gemma4": TinyFamily("gemma4_vit_167m", dict(img_size=32, head_dim=16, **_SMALL)),
 }
@@ -138,8 +143,9 @@ def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
 
 def oracle_maps(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
     """Each attention layer's softmax maps for images ``x``, in forward order, from timm's own modules
-    (run on a deep copy, so ``model`` itself is untouched)."""
-    clone = copy.deepcopy(model)
+    (run on a deep copy, so ``model`` itself is untouched, except with ``grad``: then on ``model``, whose
+    parameters the maps' graph reaches)."""
+    clone = model if grad else copy.deepcopy(model)
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
     with ctx, recorded_maps(clone) as maps:
         clone(x)

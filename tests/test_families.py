@@ -1,0 +1,127 @@
+"""The flat families' adapters against first principles, on tiny randomly initialised timm models.
+
+RelPos ViT (own, shared and res-post tables, with and without a class token), SAM ViT (padded windows +
+a global block, decomposed rel-pos bias), CaiT (talking heads + class attention), NaFlexViT, Qwen3-ViT and
+Gemma4-ViT (``encoder.*``). The oracle (`family_oracles`) is timm's own unfused modules with a hook on the
+softmax output — never attnxfer's code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from family_oracles import TINY, map_ce, oracle_maps
+
+from attnxfer.models.attention import attention_layers, attention_maps
+from attnxfer.transfer import DualViT, PlanError, build_plan
+
+FAMILIES = sorted(TINY)
+
+
+def _pair(name: str):
+    fam = TINY[name]
+    return fam.build(seed=0), fam.build(seed=1), fam.images()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_swapped_layers_keep_timms_forward_and_names(name):
+    teacher, _, x = _pair(name)
+    expected = teacher(x)
+    swapped = copy.deepcopy(teacher)
+    layers = attention_layers(swapped)
+    assert all(type(a).__name__.startswith("Transfer") for _, a in layers)
+    assert list(swapped.state_dict()) == list(teacher.state_dict())
+    torch.testing.assert_close(swapped(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_maps_on_request_equal_timms_softmax(name):
+    """`attention_maps` (the adapters' explicit maps: pictures, inspect) = the softmax timm computes;
+    SAM's windows are rows of the batch, talking heads' maps are the softmax before the head mixing."""
+    teacher, _, x = _pair(name)
+    oracle = oracle_maps(teacher, x)
+    maps = attention_maps(copy.deepcopy(teacher), x)
+    assert len(maps) == len(oracle)
+    for i, ref in enumerate(oracle):
+        torch.testing.assert_close(maps[i], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "mode", ["copy", *(pytest.param(m, marks=pytest.mark.slow) for m in ("copy_q", "copy_k", "copy_v"))]
+)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_copy_with_the_teachers_own_weights_reproduces_its_logits(name, mode):
+    teacher, _, x = _pair(name)
+    expected = teacher(x)
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(teacher), mode=mode).train()
+    out = dual(x)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_copy_uses_the_teachers_logits_not_the_students(name):
+    """A student with other weights: copy = the student's values attended with the teacher's maps, so its
+    logits move away from its own and its borrowed projections get no gradient."""
+    teacher, student, x = _pair(name)
+    own = student(x)
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
+    keys = list(dual.student.state_dict())
+    out = dual(x)
+    assert not torch.allclose(out.logits, own, atol=1e-4)
+    assert keys == list(student.state_dict())  # frozen projections keep timm's names
+    out.logits.square().mean().backward()
+    trainable = sum(p.numel() for p in dual.student.parameters() if p.requires_grad)
+    assert trainable < sum(p.numel() for p in student.parameters())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
+    """Per layer, the exact CE (O(N) identity, or the chunked biased path) = -Σ P_t log P_s from timm's own
+    maps, and the student's gradients = those of that materialised loss."""
+    teacher, student, x = _pair(name)
+    ref_student = copy.deepcopy(student).train()
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()
+    out = dual(x)
+    t_maps = oracle_maps(teacher, x)
+    s_maps = oracle_maps(ref_student, x, grad=True)
+    assert set(out.terms) == {f"attn_ce/{i}" for i in range(len(t_maps))}
+    ref_terms = [map_ce(t, s) for t, s in zip(t_maps, s_maps)]
+    for i, ref in enumerate(ref_terms):
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    torch.stack(ref_terms).sum().backward()
+    grads = {n: p.grad for n, p in ref_student.named_parameters()}
+    # fp32 vs the float64 oracle; gradients that are zero in exact arithmetic (a k bias, talking heads'
+    # pre-softmax bias: row constants of the logits) are float noise on the oracle's side
+    tol = 1e-5 * max(g.abs().max().item() for g in grads.values() if g is not None)
+    compared = 0
+    for n, p in dual.student.named_parameters():
+        ref = grads[n] if grads[n] is not None else torch.zeros_like(p)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=0, atol=tol, msg=n)
+        compared += bool(ref.abs().max() > 100 * tol)
+    assert compared > 0
+
+
+def test_sam_windows_are_padded_rows_of_the_batch_and_its_bias_takes_a_gradient():
+    teacher, student, x = _pair("sam")
+    maps = attention_maps(copy.deepcopy(teacher), x)
+    assert maps[0].shape == (2 * 4, 2, 16, 16)  # 6x6 patches padded to 2x2 windows of 4x4
+    assert maps[1].shape == (2, 2, 36, 36)  # the global block
+    dual = DualViT(copy.deepcopy(teacher), student, mode="distill").train()
+    dual(x).loss.backward()
+    for blk in student.blocks:
+        assert blk.attn.rel_pos_h.grad is not None and blk.attn.rel_pos_h.grad.abs().sum() > 0
+
+
+def test_differential_attention_is_refused_with_why():
+    kw = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    teacher = timm.create_model("vit_tiny_patch16_224", attn_layer="diff", **kw)
+    student = timm.create_model("vit_tiny_patch16_224", **kw)
+    with pytest.raises(
+        (TypeError, PlanError), match="blocks.0.attn is DiffAttention: differential attention"
+    ):
+        build_plan(teacher, student, "distill")
