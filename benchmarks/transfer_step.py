@@ -26,6 +26,12 @@ cross-check).
     python benchmarks/transfer_step.py --pair small-tiny --json out.json
     python benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 --batch 64,16,4 \
         --ce-paths rows,sdpa,attention_lse,triton           # issue 14's GPU table, every CE path
+    python benchmarks/transfer_step.py --arch eva02 --tokens 197,785   # an EVA-02-shaped pair (rope)
+    python benchmarks/transfer_step.py --arch beit --tokens 197,785    # BEiT (relative-position bias)
+
+``--arch`` picks the family of both models (timm's own module classes, made transfer-aware by their
+adapters): ``vit`` (default), ``eva02`` (EVA-02: rope, SwiGLU, scale norm), ``beit`` (per-layer
+relative-position tables: distillation takes the chunked biased CE).
 """
 
 from __future__ import annotations
@@ -39,12 +45,14 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # Measure this checkout's attnxfer, installed or not.
 sys.path[:0] = [p for p in (os.path.dirname(_HERE), _HERE) if p not in sys.path]
 
+import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -130,10 +138,31 @@ class MaterialisedDistillViT(DualViT):
     ) -> torch.Tensor:
         if self.plan.mode.distill != "maps":
             return super()._layer_loss(layer, teacher_sig, student_sig, out)
-        res = attention_ce_reference(teacher_sig["q"], teacher_sig["k"], student_sig["q"], student_sig["k"])
+        res = _materialised_ce(teacher_sig, student_sig)
         out.terms[f"attn_ce/{layer}"] = res.ce
         out.logs[f"attn_kl/{layer}"] = res.kl
         return res.ce
+
+
+#: --arch -> the timm architecture both models are built from (shapes from the pair)
+ARCHS = {"vit": "vit_tiny_patch16_224", "eva02": "eva02_tiny_patch14_224", "beit": "beit_base_patch16_224"}
+
+
+def _materialised_ce(teacher_sig: dict[str, torch.Tensor], student_sig: dict[str, torch.Tensor]):
+    """The CE from both N×N maps, with the layers' logit biases when they have them (BEiT)."""
+    if "bias" not in teacher_sig and "bias" not in student_sig:
+        return attention_ce_reference(teacher_sig["q"], teacher_sig["k"], student_sig["q"], student_sig["k"])
+
+    def log_map(sig):
+        q, k = sig["q"].float(), sig["k"].float()
+        z = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        return torch.log_softmax(z + sig["bias"].float() if "bias" in sig else z, dim=-1)
+
+    with torch.autocast(student_sig["q"].device.type, enabled=False):
+        log_t = log_map({k: v.detach() for k, v in teacher_sig.items()})
+        ce = -(log_t.exp() * log_map(student_sig)).sum(-1).mean()
+        kl = ce.detach() + (log_t.exp() * log_t).sum(-1).mean()
+    return type("Res", (), {"ce": ce, "kl": kl})
 
 
 def image_geometry(tokens: int, patch: int = PATCH) -> tuple:
@@ -147,11 +176,12 @@ def image_geometry(tokens: int, patch: int = PATCH) -> tuple:
     return side * patch, patch
 
 
-def build_vit(shape: ViTShape, tokens: int, seed: int) -> nn.Module:
+def build_vit(shape: ViTShape, tokens: int, seed: int, arch: str = "vit") -> nn.Module:
     img, patch = image_geometry(tokens)
     torch.manual_seed(seed)
-    return create_vit(
-        "vit_tiny_patch16_224",
+    build = create_vit if arch == "vit" else partial(timm.create_model, pretrained=False)
+    return build(
+        ARCHS[arch],
         img_size=img,
         patch_size=patch,
         embed_dim=shape.embed_dim,
@@ -173,11 +203,12 @@ class TrainStep:
         batch: int,
         device: torch.device,
         teacher_dtype: torch.dtype | None = None,
+        arch: str = "vit",
     ):
         if mode not in MODES and ce_path_of(mode) not in CE_PATHS:
             raise ValueError(f"unknown benchmark mode {mode!r}; choose from {MODES} or distill:<{CE_PATHS}>")
         self.mode = mode
-        student = build_vit(student_shape, tokens, seed=0)
+        student = build_vit(student_shape, tokens, seed=0, arch=arch)
         if mode == "none":
             teacher = None
         wrapper = MaterialisedDistillViT if mode == "distill_ref" else DualViT
@@ -228,13 +259,21 @@ def _isolated_config(
     depth: int | None,
     threads: int,
     teacher_dtype_name: str = "auto",
+    arch: str = "vit",
 ) -> None:
     """Body of the fresh-process RSS cross-check: build one configuration on CPU and run ``steps`` steps."""
     torch.set_num_threads(threads)
     t_shape, s_shape = _shapes(pair, depth)
-    teacher = build_vit(t_shape, tokens, seed=1) if mode != "none" else None
+    teacher = build_vit(t_shape, tokens, seed=1, arch=arch) if mode != "none" else None
     step = TrainStep(
-        mode, teacher, s_shape, tokens, batch, torch.device("cpu"), resolve_teacher_dtype(teacher_dtype_name)
+        mode,
+        teacher,
+        s_shape,
+        tokens,
+        batch,
+        torch.device("cpu"),
+        resolve_teacher_dtype(teacher_dtype_name),
+        arch,
     )
     for _ in range(steps):
         step()
@@ -285,6 +324,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="tiny",
         help="teacher/student shapes: "
         + "; ".join(f"{k}: teacher {t.describe()} / student {s.describe()}" for k, (t, s) in PAIRS.items()),
+    )
+    p.add_argument(
+        "--arch",
+        choices=sorted(ARCHS),
+        default="vit",
+        help="model family of teacher and student: " + ", ".join(f"{k} ({v})" for k, v in ARCHS.items()),
     )
     p.add_argument("--depth", type=int, default=None, help="override both depths (default 12; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds before timing (default 1)")
@@ -364,7 +409,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         else "tensor bytes via torch.profiler allocator events"
     )
     print(
-        f"transfer_step: teacher {t_shape.describe()}; student {s_shape.describe()}; "
+        f"transfer_step: {args.arch}; teacher {t_shape.describe()}; student {s_shape.describe()}; "
         f"device {args.device}; torch {info['torch']}, {info['torch_threads']} threads, "
         f"{info['cpu_count']} CPUs, load {info.get('loadavg_start')}",
         flush=True,
@@ -380,10 +425,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         img, patch = image_geometry(tokens)
         batch = batches[tokens]
         t0 = time.perf_counter()
-        teacher = build_vit(t_shape, tokens, seed=1)
+        teacher = build_vit(t_shape, tokens, seed=1, arch=args.arch)
         steps = {
             m: TrainStep(
-                m, teacher, s_shape, tokens, batch, args.device, resolve_teacher_dtype(args.teacher_dtype)
+                m,
+                teacher,
+                s_shape,
+                tokens,
+                batch,
+                args.device,
+                resolve_teacher_dtype(args.teacher_dtype),
+                args.arch,
             )
             for m in args.modes
         }
@@ -404,6 +456,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     args.depth,
                     torch.get_num_threads(),
                     args.teacher_dtype,
+                    args.arch,
                     env=FIXED_MMAP_THRESHOLD if args.rss_fixed_mmap else None,
                 )
         base_time = timings["none"].median
@@ -443,6 +496,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info["wall_s"] = round(time.perf_counter() - started, 1)
     return dict(
         benchmark="transfer_step",
+        arch=args.arch,
         pair=args.pair,
         teacher=vars(t_shape),
         student=vars(s_shape),

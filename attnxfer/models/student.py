@@ -22,6 +22,7 @@ import timm
 import torch.nn as nn
 from timm.layers import Attention, LayerScale
 from timm.models import get_model_args
+from timm.models.vision_transformer import VisionTransformer
 
 from .attention import SOFTMAX, TransferAttention, attention_name_of
 from .efficient.swap import swap_attentions
@@ -264,6 +265,20 @@ def student_like(
     ``num_heads``, ``mlp_ratio``, ``num_classes`` (default: the teacher's) and any timm argument in
     ``overrides`` replace the teacher's. ``attn_layer`` chooses the student's attention.
     """
+    if not isinstance(teacher, VisionTransformer):
+        return _family_student(
+            teacher,
+            dict(
+                depth=depth,
+                embed_dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                num_classes=num_classes,
+            ),
+            drop_path_rate,
+            attn_layer,
+            overrides,
+        )
     t = vit_traits(teacher)
     arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture") or "vit_base_patch16_224"
     requested = dict(
@@ -303,6 +318,42 @@ def student_like(
     )
     _check_traits(student, t, changed)
     return student
+
+
+def _family_student(
+    teacher: nn.Module,
+    requested: dict[str, Any],
+    drop_path_rate: float,
+    attn_layer: type[nn.Module],
+    overrides: dict[str, Any],
+) -> nn.Module:
+    """A fresh student of a non-ViT teacher's own family (EVA, BEiT, ...): the teacher's timm architecture
+    and the construction arguments timm recorded, with ``requested``/``overrides`` replacing them. Its
+    attention layers are the family's (made transfer-aware by their adapters when a plan walks them)."""
+    arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch:
+        raise ValueError(
+            f"student_like: a {type(teacher).__name__} teacher without a timm architecture name "
+            "(pretrained_cfg['architecture']) cannot be mirrored; build the student with timm.create_model"
+        )
+    if attn_layer is not TransferAttention:
+        raise ValueError(
+            f"student_like: attn_layer applies to VisionTransformer students; a {type(teacher).__name__} "
+            f"teacher's student is a fresh {arch} (or a plain ViT built with timm.create_model)"
+        )
+    args = {**get_model_args(teacher), "num_classes": teacher.num_classes}
+    args = {k: v for k, v in args.items() if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")}
+    args.update({k: v for k, v in requested.items() if v is not None}, **overrides)
+    cfg = _student_cfg(
+        getattr(teacher, "pretrained_cfg", {}) or {},
+        arch,
+        args.get("in_chans", 3),
+        (args["img_size"],) * 2 if isinstance(args.get("img_size"), int) else args.get("img_size"),
+        args["num_classes"],
+    )
+    return timm.create_model(
+        arch, pretrained=False, pretrained_cfg=cfg, drop_path_rate=drop_path_rate, **args
+    )
 
 
 def _json_value(key: str, v: Any) -> Any:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
 
@@ -385,24 +386,28 @@ def _build(
     if res.model_args:
         kwargs["pretrained_model_args"] = dict(res.model_args)  # the source grid, for resampling
     try:
-        model = create_vit(res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg, **kwargs)
+        try:
+            model = create_vit(res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg, **kwargs)
+        except TypeError as e:
+            if "attn_layer" not in str(e):
+                raise
+            # another family (EVA, BEiT, ...): its own attention, made transfer-aware by its adapter below
+            model = timm.create_model(
+                res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg, **kwargs
+            )
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
         raise _load_error(spec, res.architecture, e, frozenset(state_dict)) from None
-    except TypeError as e:
-        if "attn_layer" in str(e):
-            raise TeacherLoadError(
-                f"teacher {spec!r}: {res.architecture} is not a timm VisionTransformer with "
-                "standard attention; attnxfer teachers are ViT/DeiT/MAE-style models"
-            ) from e
-        raise
     finally:
         cfg.pop("state_dict", None)
     # timm keeps the pretrained cfg it loaded from: don't let it pin the checkpoint's tensors in memory.
     for attr in ("pretrained_cfg", "default_cfg"):
         getattr(model, attr, {}).pop("state_dict", None)
-    make_transfer_aware(model)
+    try:
+        make_transfer_aware(model)
+    except TypeError as e:
+        raise TeacherLoadError(f"teacher {spec!r}: {e}") from None
     model.eval()
     model.requires_grad_(False)
     return model

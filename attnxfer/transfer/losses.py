@@ -40,7 +40,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
-from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import sdpa
 from ..models.attention.lse import row_logsumexp
@@ -342,19 +341,62 @@ def attention_distillation_loss(
     return AttentionLoss(ce, kl)
 
 
-def _biased_ce_chunk(q_s, k_s, b_s, q_t, k_t, b_t, scale_s, scale_t, groups, start, stop):
-    """Sums over query rows ``start:stop`` of −Σ_j P̄_t log P_s and of H(P̄_t) (no gradient), with
-    z = s·q kᵀ + B on both sides: one chunk of logits."""
-    rows = slice(start, stop)
-    z_s = (q_s[..., rows, :] * scale_s) @ k_s.transpose(-2, -1)
-    if b_s is not None:
-        z_s = z_s + b_s[..., rows, :]
-    z_t = (q_t[..., rows, :] * scale_t) @ k_t.transpose(-2, -1)
-    if b_t is not None:
-        z_t = z_t + b_t[..., rows, :]
-    p_t = _grouped_mean(torch.softmax(z_t, dim=-1), groups)
-    ce = -(p_t * torch.log_softmax(z_s, dim=-1)).sum()
-    return ce, -torch.special.xlogy(p_t, p_t).sum().detach()
+class _FusedBiasedRowCE(torch.autograd.Function):
+    """`_FusedRowCE` for logits with an additive bias, z = s·q kᵀ + B (fp32): one pass over query-row chunks
+    computes the mean CE, the logged H(P̄_t) and the gradients dq = (s/n)·dz K_s, dk = (1/n)·dzᵀ (s·Q_s) and
+    dB = (1/n)·dz (summed over the batch where B is shared by it), dz = P_s − P̄_t. Memory: a chunk of
+    logits plus the gradients (dB is the bias's own size); the key set may differ from the queries."""
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, b_s, q_t, k_t, b_t, scale_s, scale_t, chunk, entropy, want_q, want_k, want_b):
+        B, H, N, _ = q_s.shape
+        groups = q_t.shape[1] // H
+        n = B * H * N
+        dtype = compute_dtype(q_s)
+        qs, ks = _scaled_contiguous(q_s.to(dtype), scale_s), k_s.to(dtype).contiguous()
+        qt, kt = _scaled_contiguous(q_t.to(dtype), scale_t), k_t.to(dtype).contiguous()
+        bs = b_s.to(dtype) if b_s is not None else None
+        bt = b_t.to(dtype) if b_t is not None else None
+        ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
+        ce = torch.zeros((), dtype=dtype, device=qs.device)
+        ent = torch.zeros((), dtype=dtype, device=qs.device)
+        dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
+        dk = torch.zeros(ks.shape, dtype=dtype, device=ks.device) if want_k else None
+        db = torch.zeros(bs.shape, dtype=dtype, device=bs.device) if want_b else None
+        for rows in row_slices(0, N, chunk):
+            z_s = qs[..., rows, :] @ ks_T
+            if bs is not None:
+                z_s += bs[..., rows, :]
+            z_t = qt[..., rows, :] @ kt_T
+            if bt is not None:
+                z_t += bt[..., rows, :]
+            p_t = _grouped_mean(torch.softmax(z_t, dim=-1), groups)
+            log_p_s = torch.log_softmax(z_s, dim=-1)
+            ce -= torch.dot(p_t.reshape(-1), log_p_s.reshape(-1))
+            if entropy:
+                ent -= torch.special.xlogy(p_t, p_t).sum()
+            if dq is None and dk is None and db is None:
+                continue
+            dz = log_p_s.exp_().sub_(p_t).div_(n)  # d mean-CE / d logits of these rows
+            if dq is not None:
+                dq[..., rows, :] = (dz @ ks).mul_(scale_s)
+            if dk is not None:
+                dk += dz.transpose(-2, -1) @ qs[..., rows, :]
+            if db is not None:
+                db[..., rows, :] += dz.sum(0, keepdim=True) if db.shape[0] == 1 < B else dz
+        ctx.save_for_backward(*(t for t in (dq, dk, db) if t is not None))
+        ctx.has = (dq is not None, dk is not None, db is not None)
+        ctx.dtypes = (q_s.dtype, k_s.dtype, b_s.dtype if b_s is not None else None)
+        ctx.mark_non_differentiable(ent)
+        return ce / n, ent / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ce, _grad_ent):
+        saved = iter(ctx.saved_tensors)
+        grads = [(next(saved) * grad_ce).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)]
+        dq, dk, db = grads
+        return dq, dk, db, None, None, None, None, None, None, None, None, None, None
 
 
 def biased_attention_ce(
@@ -371,33 +413,33 @@ def biased_attention_ce(
     with_kl: bool = True,
 ) -> AttentionLoss:
     """The row CE of logits with an additive bias, z = s·q kᵀ + B (relative-position tables), exact:
-    CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij, evaluated in checkpointed query-row chunks, so no more than a
-    chunk of the N_q×N_k logits (and its softmaxes) is alive, in forward and in backward; the gradient
-    reaches q_s, k_s and ``bias_s`` (B or 1, H_s, N_q, N_k). Teacher heads are averaged in groups as in
+    CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij, in one pass over query-row chunks that also computes the gradient
+    (`_FusedBiasedRowCE`), so no more than a chunk of the N_q×N_k logits is alive; the gradient reaches
+    q_s, k_s and ``bias_s`` (B or 1, H_s, N_q, N_k). Teacher heads are averaged in groups as in
     `attention_distillation_loss`; the key set may differ from the queries (N_k ≠ N_q)."""
     _check_shapes(q_t, k_t, q_s, k_s)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
-    B, H, N, _ = q_s.shape
-    groups = q_t.shape[1] // H
-    step = _auto_chunk(q_s, k_s.shape[-2], chunk, live_tensors=5)
+    bias_t = bias_t.unsqueeze(0) if bias_t is not None and bias_t.dim() == 3 else bias_t
+    bias_s = bias_s.unsqueeze(0) if bias_s is not None and bias_s.dim() == 3 else bias_s
+    grad = torch.is_grad_enabled()
     with _fp32(q_s.device.type):
-        dtype = compute_dtype(q_s)
-        q_t, k_t = q_t.detach().to(dtype), k_t.detach().to(dtype)
-        b_t = bias_t.detach().to(dtype) if bias_t is not None else None
-        q_s, k_s = q_s.to(dtype), k_s.to(dtype)
-        b_s = bias_s.to(dtype) if bias_s is not None else None
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q_s, k_s, b_s))
-        total = entropy = q_s.new_zeros(())
-        for rows in row_slices(0, N, step):
-            args = (q_s, k_s, b_s, q_t, k_t, b_t, scale_s, scale_t, groups, rows.start, rows.stop)
-            if grad:
-                part, ent = checkpoint(_biased_ce_chunk, *args, use_reentrant=False)
-            else:
-                part, ent = _biased_ce_chunk(*args)
-            total, entropy = total + part, entropy + ent
-        ce = total / (B * H * N)
-    return AttentionLoss(ce, ce.detach() - entropy / (B * H * N) if with_kl else None)
+        ce, ent = _FusedBiasedRowCE.apply(
+            q_s,
+            k_s,
+            bias_s,
+            q_t.detach(),
+            k_t.detach(),
+            bias_t.detach() if bias_t is not None else None,
+            scale_s,
+            scale_t,
+            rows_path_chunk(q_s, k_s.shape[-2], chunk),
+            with_kl,
+            grad and q_s.requires_grad,
+            grad and k_s.requires_grad,
+            grad and bias_s is not None and bias_s.requires_grad,
+        )
+    return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
 
 
 def _half_on_accelerator(*tensors: torch.Tensor) -> bool:

@@ -182,9 +182,13 @@ def map_layers(
     return tuple((i, round(i * ratio)) for i in student_layers)
 
 
-def _block_attentions(model: nn.Module) -> Sequence[nn.Module]:
-    """Each block's attention module (softmax made transfer-aware, or a zoo attention): the interface."""
-    return transfer_attentions(model)
+def _block_attentions(model: nn.Module, role: str = "student") -> Sequence[nn.Module]:
+    """The model's attention layers in forward order, each meeting the interface (timm classes swapped to
+    their adapters); a layer no adapter covers is a `PlanError` naming it."""
+    try:
+        return transfer_attentions(model)
+    except TypeError as e:
+        raise PlanError(f"{role}: {e}") from None
 
 
 def _check_pair(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
@@ -381,13 +385,20 @@ def build_plan(
         return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0, **logits)
     if teacher is None:
         raise PlanError(f"mode {mode!r} needs a teacher; set teacher=... or use mode=none")
-    t_attn = transfer_attentions(teacher)
+    t_attn = _block_attentions(teacher, "teacher")
     (t_grid, t_prefix), (s_grid, s_prefix) = _token_layout(teacher), _token_layout(student)
     if (t_grid, t_prefix) != (s_grid, s_prefix):
         raise PlanError(
             f"token grids differ: teacher has {'x'.join(map(str, t_grid))} patches + {t_prefix} prefix token(s), "
             f"student {'x'.join(map(str, s_grid))} + {s_prefix}. Give the student the teacher's img_size, "
-            "patch_size and class/register tokens (attention maps are token-by-token)."
+            "patch_size and class/register tokens (attention maps are token-by-token)"
+            + (
+                f"; a timm ViT student with the teacher's {t_prefix} prefix tokens: class_token=True, "
+                f"reg_tokens={t_prefix - 1}"
+                if t_grid == s_grid and t_prefix >= 1
+                else ""
+            )
+            + "."
         )
     tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
     chosen = select_layers(len(s_attn), end_layer, layers)

@@ -109,7 +109,7 @@ def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]
         inside = name
     if not found:
         raise TypeError(
-            f"{type(model).__name__} has no attention layer attnxfer can find (no `attn` of a timm attention "
-            "class): attnxfer works with timm vision transformers"
+            f"{type(model).__name__} has no attention layer attnxfer can find: it is not a timm "
+            "VisionTransformer-style model (no `attn` child of a timm attention class)"
         )
     return found

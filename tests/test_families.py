@@ -1,0 +1,174 @@
+"""Adapters for timm attention families (EVA/DINOv3, Perception Encoder's AttentionRope, BEiT), checked
+against timm's own modules: the swapped forward is timm's, the distill CE and its gradients equal the CE of
+the maps timm's unfused attention produces (captured at ``attn_drop``), copy reproduces the teacher."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from attnxfer.models.attention import AttentionIO, attention_io, attention_layers, transfer_attentions
+from attnxfer.transfer import DualViT, PlanError, build_plan
+
+TINY = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
+
+#: family -> (arch, extra kwargs): tiny random models, 16 patches
+ARCHS = {
+    "eva02": ("eva02_tiny_patch14_224", {}),
+    "dinov3": ("vit_small_patch16_dinov3", {}),  # 4 registers, dinov3 rope, rotate-half
+    "pe": ("vit_pe_core_tiny_patch16_384", {"global_pool": "avg", "ref_feat_shape": (4, 4)}),  # AttentionRope
+    "beit": ("beit_base_patch16_224", {}),  # per-layer relative-position tables
+    "beitv2": ("beitv2_base_patch16_224", {}),
+    "beit_shared": ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}),
+}
+
+
+def build(family: str, seed: int = 0) -> torch.nn.Module:
+    arch, extra = ARCHS[family]
+    torch.manual_seed(seed)
+    return timm.create_model(arch, **{**TINY, **extra})
+
+
+def peaked(model: torch.nn.Module, seed: int = 1, head: bool = True) -> torch.nn.Module:
+    """Redraw q/k projections (std 0.4), relative-position tables (std 1), and unless ``head=False`` the v
+    and output projections and the head: far-from-uniform maps, a bias and an attention branch that
+    matter, as trained models have."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("attn.qkv.weight"):
+                rows = p.shape[0] // 3 * (3 if head else 2)
+                p[:rows] = torch.randn(rows, p.shape[1], generator=g) * 0.4
+            elif name.endswith(("attn.q_proj.weight", "attn.k_proj.weight")) or (
+                head and name.endswith(("attn.v_proj.weight", "attn.proj.weight"))
+            ):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+            elif leaf == "relative_position_bias_table":
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif head and leaf in ("gamma_1", "gamma_2", "gamma"):  # layer scale (BEiT 0.1, DINOv3 1e-5)
+                p.fill_(1.0)
+            elif name == "head.weight" and head:  # timm's head init is tiny: logits that show differences
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+def timm_maps(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The softmax maps timm's own (unswapped, unfused) attention modules produce, in forward order."""
+    maps: list[torch.Tensor] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith(".attn") and hasattr(module, "fused_attn"):
+            module.fused_attn = False
+            handles.append(module.attn_drop.register_forward_hook(lambda m, a, out: maps.append(out)))
+    try:
+        model.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_swapped_forward_equals_timm(family, x):
+    model = peaked(build(family)).eval()
+    reference = copy.deepcopy(model)
+    layers = attention_layers(model)
+    assert len(layers) == 2 and all(type(a).__name__.startswith("Transfer") for _, a in layers)
+    assert list(model.state_dict()) == list(reference.state_dict())  # timm's names, nothing added
+    want = reference(x)
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # no AttentionIO: timm's forward
+    with attention_io(layers[0][1], AttentionIO()), attention_io(layers[1][1], AttentionIO()):
+        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)  # attnxfer's decomposition
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_distill_ce_and_gradients_equal_timm_maps(family, x):
+    teacher, student = peaked(build(family, 0), 1), peaked(build(family, 2), 3)
+    oracle_t, oracle_s = copy.deepcopy(teacher).eval(), copy.deepcopy(student).train()
+    dual = DualViT(teacher, student, mode="distill").train()
+    out = dual(x)
+    with torch.no_grad():
+        p_t = timm_maps(oracle_t, x)
+    p_s = timm_maps(oracle_s, x)
+    ces = [-(pt * ps.log()).sum(-1).mean() for pt, ps in zip(p_t, p_s)]
+    for i, ce in enumerate(ces):
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"], ce, rtol=1e-5, atol=1e-6)
+    assert min(out.logs.values()) > 0.05  # the maps differ: a real signal
+    names = [n for n, p in student.named_parameters() if p.requires_grad]
+    got = torch.autograd.grad(
+        sum(out.terms.values()), [student.get_parameter(n) for n in names], allow_unused=True
+    )
+    want = torch.autograd.grad(sum(ces), [oracle_s.get_parameter(n) for n in names], allow_unused=True)
+    touched = 0
+    for n, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None or g.abs().max() == 0, n
+            continue
+        touched += 1
+        scale = w.abs().max().item()  # fp32 rounding of sums over many paths: relative to the largest entry
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5 * scale, msg=lambda m, n=n: f"{n}: {m}")
+    assert touched >= 4
+    if family.startswith("beit"):  # the relative-position table learns through the biased CE
+        assert any("relative_position_bias_table" in n for n, w in zip(names, want) if w is not None)
+
+
+@pytest.mark.parametrize("family", list(ARCHS))
+def test_copy_with_teacher_weights_reproduces_the_teacher(family, x):
+    """The student is the teacher with its own q/k (and tables) redrawn: copy gives the teacher's logits."""
+    teacher = peaked(build(family)).eval()
+    student = peaked(copy.deepcopy(teacher), seed=7, head=False)
+    want = teacher(x)
+    # its own q/k (and bias) would give other tokens (pooled logits of random models move less)
+    assert not torch.allclose(student.forward_features(x), teacher.forward_features(x), atol=1e-2)
+    dual = DualViT(teacher, student, mode="copy").eval()
+    torch.testing.assert_close(dual(x).logits, want, rtol=1e-5, atol=1e-5)
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
+    assert not any("q_bias" in n or "q_proj" in n for n in student.state_dict() if n in frozen)
+    assert not any(n.endswith("qkv.weight") for n, _ in student.named_parameters())  # split: q/k rows frozen
+
+
+def test_plain_vit_student_from_a_dinov3_teacher(x):
+    """A DINOv3-shaped teacher (rope, 4 registers) into a plain ViT with 4 registers: distill and copy."""
+    teacher = peaked(build("dinov3"))
+    torch.manual_seed(5)
+    student = timm.create_model("vit_small_patch16_224", **TINY, reg_tokens=4)
+    with torch.no_grad():
+        p_t = timm_maps(copy.deepcopy(teacher).eval(), x)
+        p_s = timm_maps(copy.deepcopy(student), x)
+    out = DualViT(teacher, student, mode="distill").train()(x)
+    for i in range(2):
+        ce = -(p_t[i] * p_s[i].log()).sum(-1).mean()
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].detach(), ce, rtol=1e-5, atol=1e-6)
+    dual = DualViT(teacher, student, mode="copy").eval()
+    assert dual(x).logits.shape == (2, 5)
+    with pytest.raises(PlanError, match="token grids differ.*5 prefix.*class_token=True, reg_tokens=4"):
+        build_plan(teacher, timm.create_model("vit_small_patch16_224", **TINY), "distill")
+
+
+def test_walk_refuses_an_attention_without_adapter():
+    model = build("eva02")
+    model.blocks[1].attn = torch.nn.MultiheadAttention(32, 2)
+    with pytest.raises(TypeError, match=r"blocks.1.attn is MultiheadAttention .*no adapter.*families/"):
+        transfer_attentions(model)
+
+
+def test_plan_refuses_a_family_with_no_adapter_and_mirrors_the_teachers_family():
+    from attnxfer.models import student_like
+
+    teacher = build("beit")
+    student = student_like(teacher, depth=1)
+    assert type(student) is type(teacher) and len(student.blocks) == 1
+    assert build_plan(teacher, student, "copy").pairs == ((0, 1),)
+    odd = build("eva02")
+    odd.blocks[0].attn = torch.nn.MultiheadAttention(32, 2)
+    with pytest.raises(PlanError, match=r"^teacher: blocks.0.attn is MultiheadAttention .*no adapter"):
+        build_plan(odd, build("eva02"), "distill")
