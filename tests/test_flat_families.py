@@ -13,7 +13,7 @@ import copy
 import pytest
 import timm
 import torch
-from family_oracles import TINY, map_ce, oracle_maps
+from family_oracles import TINY, logits_of, map_ce, oracle_maps
 
 from attnxfer.models.attention import attention_layers, attention_maps
 from attnxfer.transfer import DualViT, PlanError, build_plan
@@ -125,3 +125,48 @@ def test_differential_attention_is_refused_with_why():
         (TypeError, PlanError), match="blocks.0.attn is DiffAttention: differential attention"
     ):
         build_plan(teacher, student, "distill")
+
+
+def _plain_vit_like_the_tiny_families(seed: int = 2) -> torch.nn.Module:
+    """A plain timm ViT with the tiny families' token layout: 4x4 patches, no prefix token, mean pooling."""
+    torch.manual_seed(seed)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+        num_classes=5,
+    ).eval()
+
+
+@pytest.mark.parametrize("name", ["relpos", "qwen3"])
+def test_a_plain_vit_student_copies_and_distils_from_a_family_teacher(name):
+    """Across families (same token layout): copy = the plain student run by timm with its softmax maps
+    replaced by the teacher's (a hook on its ``attn_drop``; relpos: bias included), distill = the CE of
+    the two families' own maps."""
+    teacher, x = TINY[name].build(seed=0), TINY[name].images()
+    student = _plain_vit_like_the_tiny_families()
+    t_maps = oracle_maps(teacher, x)
+
+    oracle = copy.deepcopy(student)
+    for blk in oracle.blocks:
+        blk.attn.fused_attn = False
+    hooks = [
+        blk.attn.attn_drop.register_forward_hook(lambda m, a, out, p=p: p)
+        for blk, p in zip(oracle.blocks, t_maps)
+    ]
+    expected = logits_of(oracle, x)
+    for h in hooks:
+        h.remove()
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").eval()
+    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+    s_maps = oracle_maps(student, x)
+    out = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()(x)
+    for i, (t, s) in enumerate(zip(t_maps, s_maps)):
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), map_ce(t, s), rtol=1e-5, atol=1e-6)
