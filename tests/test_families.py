@@ -172,3 +172,38 @@ def test_plan_refuses_a_family_with_no_adapter_and_mirrors_the_teachers_family()
     odd.blocks[0].attn = torch.nn.MultiheadAttention(32, 2)
     with pytest.raises(PlanError, match=r"^teacher: blocks.0.attn is MultiheadAttention .*no adapter"):
         build_plan(odd, build("eva02"), "distill")
+
+
+def test_eva_teacher_stops_inside_its_last_transferred_attention(x):
+    """Transferring layer 0 of 2: the teacher's block-0 MLP and all of block 1 are never run (timm's own
+    forward, stopped by the attention once it has captured); with logit distillation the whole teacher runs."""
+    teacher, student = peaked(build("eva02")), build("eva02", seed=3)
+    calls = []
+    for i, blk in enumerate(teacher.blocks):
+        blk.mlp.register_forward_hook(lambda *a, i=i: calls.append(i))
+    DualViT(teacher, student, build_plan(teacher, student, "distill", layers=[0])).train()(x)
+    assert calls == []
+    DualViT(teacher, student, build_plan(teacher, student, "distill", layers=[0], logit_weight=1.0)).train()(
+        x
+    )
+    assert calls == [0, 1]
+
+
+@pytest.mark.parametrize("family", ["eva02", "beit"])
+def test_a_family_student_exports_to_plain_timm_and_loads_back(family, tmp_path, x):
+    """A distilled EVA/BEiT student exports through timm's own save: timm.create_model and load_student
+    both rebuild it with the same logits; the parameter names are timm's."""
+    from test_export import card
+
+    from attnxfer import load_student
+    from attnxfer.checkpoints import export_student
+
+    teacher, student = peaked(build(family)), peaked(build(family, 2), 3)
+    DualViT(teacher, student, mode="distill").train()(x)  # walked and swapped: a trained student's state
+    student.eval()
+    out = export_student(student, tmp_path / "out", card=card())
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert type(plain.blocks[0].attn).__module__.startswith("timm.")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), student(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)

@@ -430,6 +430,13 @@ def student_from_spec(
         if k in cfg:
             cfg[k] = tuple(cfg[k])
     args = {**spec["model_args"], **overrides}
-    return timm.create_model(
-        spec["architecture"], pretrained=False, pretrained_cfg=cfg, attn_layer=attn_layer, **args
-    )
+    try:
+        return timm.create_model(
+            spec["architecture"], pretrained=False, pretrained_cfg=cfg, attn_layer=attn_layer, **args
+        )
+    except TypeError as e:
+        if "attn_layer" not in str(e) or attn_layer not in (TransferAttention, Attention):
+            raise
+        # another family (EVA, BEiT, ...): timm's own attention classes, which its adapters make
+        # transfer-aware when a model walk meets them
+        return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, **args)

@@ -12,6 +12,7 @@ import torch
 from timm.layers import AttentionRope
 
 from ..adapters import register_adapter
+from ..softmax import SOFTMAX
 from .eva import RopeProjection
 
 __all__ = ["TransferAttentionRope"]
@@ -21,7 +22,7 @@ __all__ = ["TransferAttentionRope"]
 class TransferAttentionRope(RopeProjection, AttentionRope):
     """``AttentionRope`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
-    attention_name = "attention_rope"
+    attention_name = SOFTMAX
 
     def forward(
         self,

@@ -15,7 +15,7 @@ import torch
 from timm.models.beit import Attention as BeitAttention
 
 from ..adapters import register_adapter
-from ..softmax import SoftmaxCore
+from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
 __all__ = ["TransferBeitAttention"]
@@ -25,7 +25,7 @@ __all__ = ["TransferBeitAttention"]
 class TransferBeitAttention(SoftmaxCore, BeitAttention):
     """BEiT's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
-    attention_name = "beit"
+    attention_name = SOFTMAX
     has_logit_bias = True
 
     @property

@@ -16,7 +16,7 @@ import torch
 from timm.models.eva import EvaAttention
 
 from ..adapters import register_adapter
-from ..softmax import SoftmaxCore
+from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import apply_rope, freeze_chunks, project_heads
 
 __all__ = ["RopeProjection", "TransferEvaAttention"]
@@ -49,7 +49,7 @@ class RopeProjection(SoftmaxCore):
 class TransferEvaAttention(RopeProjection, EvaAttention):
     """``EvaAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
-    attention_name = "eva"
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class, loads in plain timm
 
     @property
     def attn_dim(self) -> int:
