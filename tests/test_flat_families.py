@@ -15,7 +15,10 @@ import pytest
 import timm
 import torch
 from family_oracles import TINY, logits_of, map_ce, oracle_maps, recorded_maps
+from test_export import card
 
+from attnxfer import load_student
+from attnxfer.checkpoints import export_student
 from attnxfer.models.attention import AttentionIO, attention_io, attention_layers, attention_maps
 from attnxfer.transfer import DualViT, PlanError, build_plan
 
@@ -207,3 +210,19 @@ def test_naflex_padding_masks_reach_the_maps_and_copy():
         for (_, attn), io in zip(attention_layers(student), ios):
             stack.enter_context(attention_io(attn, AttentionIO(q=io.captured["q"], k=io.captured["k"])))
         torch.testing.assert_close(student(batch), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_family_student_exports_to_plain_timm_and_loads_back(name, tmp_path):
+    """After a distillation step (layers walked and swapped), the student exports through timm's own
+    save: timm.create_model and load_student rebuild it with bit-identical logits, timm's classes."""
+    teacher, student, x = _pair(name)
+    DualViT(teacher, student, mode="distill").train()(x)
+    student.eval()
+    out = export_student(student, tmp_path / "out", card=card())
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    first = next(m for n, m in plain.named_modules() if n.endswith(".attn"))
+    assert type(first).__module__.startswith("timm.")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), student(x), rtol=0, atol=0)
+        torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)

@@ -79,14 +79,14 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
     for f in (
         FamilyCoverage("vision_transformer", 145, 141, 141, ("inspect", "convert", "export")),
         FamilyCoverage("deit", 16, 16, 16, ("inspect", "convert", "export")),
-        FamilyCoverage("eva", 65, 65, 65),
-        FamilyCoverage("beit", 7, 7, 7),
-        FamilyCoverage("vision_transformer_relpos", 9, 9, 9),
-        FamilyCoverage("vision_transformer_sam", 3, 3, 3),
-        FamilyCoverage("cait", 10, 10, 10),
-        FamilyCoverage("naflexvit", 11, 11, 11),
-        FamilyCoverage("qwen3_vit", 9, 9, 9),
-        FamilyCoverage("gemma4_vit", 4, 4, 4),
+        FamilyCoverage("eva", 65, 65, 65, ("export",)),
+        FamilyCoverage("beit", 7, 7, 7, ("export",)),
+        FamilyCoverage("vision_transformer_relpos", 9, 9, 9, ("export",)),
+        FamilyCoverage("vision_transformer_sam", 3, 3, 3, ("export",)),
+        FamilyCoverage("cait", 10, 10, 10, ("export",)),
+        FamilyCoverage("naflexvit", 11, 11, 11, ("export",)),
+        FamilyCoverage("qwen3_vit", 9, 9, 9, ("export",)),
+        FamilyCoverage("gemma4_vit", 4, 4, 4, ("export",)),
     )
 }
 

@@ -14,7 +14,7 @@ import torch
 from timm.models.cait import ClassAttn
 
 from ..adapters import register_adapter
-from ..softmax import SoftmaxCore
+from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import _to_buffer
 
 __all__ = ["TransferClassAttn"]
@@ -24,7 +24,7 @@ __all__ = ["TransferClassAttn"]
 class TransferClassAttn(SoftmaxCore, ClassAttn):
     """``ClassAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
-    attention_name = "class_attn"
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
 
     @property
     def head_dim(self) -> int:

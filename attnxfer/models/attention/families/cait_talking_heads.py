@@ -24,7 +24,7 @@ import torch
 from timm.models.cait import TalkingHeadAttn
 
 from ..adapters import register_adapter
-from ..softmax import SoftmaxCore, sdpa
+from ..softmax import SOFTMAX, SoftmaxCore, sdpa
 from ._projections import freeze_chunks, project_heads
 
 __all__ = ["TransferTalkingHeadAttn"]
@@ -34,7 +34,7 @@ __all__ = ["TransferTalkingHeadAttn"]
 class TransferTalkingHeadAttn(SoftmaxCore, TalkingHeadAttn):
     """``TalkingHeadAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
-    attention_name = "talking_heads"
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
 
     @property
     def head_dim(self) -> int:

@@ -14,7 +14,7 @@ import torch
 from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
 
 from ..adapters import register_adapter
-from ..softmax import SoftmaxCore
+from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import _to_buffer
 
 __all__ = ["TransferGemma4Attention"]
@@ -24,7 +24,7 @@ __all__ = ["TransferGemma4Attention"]
 class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     """``Gemma4Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
-    attention_name = "gemma4"
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
 
     @property
     def attn_dim(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer_relpos import RelPosAttention
 
 from ..adapters import register_adapter
-from ..softmax import SoftmaxCore
+from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
 __all__ = ["TransferRelPosAttention"]
@@ -26,7 +26,7 @@ __all__ = ["TransferRelPosAttention"]
 class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
     """``RelPosAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
-    attention_name = "relpos"
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
 
     @property

@@ -23,7 +23,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 from ..adapters import register_adapter
-from ..softmax import SoftmaxCore
+from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
 __all__ = ["TransferSamAttention"]
@@ -34,7 +34,7 @@ class TransferSamAttention(SoftmaxCore, SamAttention):
     """SAM ViT's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is
     timm's. Takes and returns timm's (B', h, w, C) grids."""
 
-    attention_name = "sam"
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
 
     @property
