@@ -9,8 +9,13 @@ import copy
 import pytest
 import timm
 import torch
+from test_export import card
 
+from attnxfer import load_student
+from attnxfer.checkpoints import export_student
+from attnxfer.models import student_like
 from attnxfer.models.attention import AttentionIO, attention_io, attention_layers, transfer_attentions
+from attnxfer.models.efficient.swap import check_softmax_teacher
 from attnxfer.transfer import DualViT, PlanError, build_plan
 
 TINY = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
@@ -20,6 +25,11 @@ ARCHS = {
     "eva02": ("eva02_tiny_patch14_224", {}),
     "dinov3": ("vit_small_patch16_dinov3", {}),  # 4 registers, dinov3 rope, rotate-half
     "pe": ("vit_pe_core_tiny_patch16_384", {"global_pool": "avg", "ref_feat_shape": (4, 4)}),  # AttentionRope
+    # separate q/k/v projections, one k/v head for two q heads (grouped-query attention)
+    "pe_gqa": (
+        "vit_pe_core_tiny_patch16_384",
+        {"global_pool": "avg", "ref_feat_shape": (4, 4), "qkv_fused": False, "num_kv_heads": 1},
+    ),
     "beit": ("beit_base_patch16_224", {}),  # per-layer relative-position tables
     "beitv2": ("beitv2_base_patch16_224", {}),
     "beit_shared": ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}),
@@ -162,8 +172,6 @@ def test_walk_refuses_an_attention_without_adapter():
 
 
 def test_plan_refuses_a_family_with_no_adapter_and_mirrors_the_teachers_family():
-    from attnxfer.models import student_like
-
     teacher = build("beit")
     student = student_like(teacher, depth=1)
     assert type(student) is type(teacher) and len(student.blocks) == 1
@@ -193,11 +201,6 @@ def test_eva_teacher_stops_inside_its_last_transferred_attention(x):
 def test_a_family_student_exports_to_plain_timm_and_loads_back(family, tmp_path, x):
     """A distilled EVA/BEiT student exports through timm's own save: timm.create_model and load_student
     both rebuild it with the same logits; the parameter names are timm's."""
-    from test_export import card
-
-    from attnxfer import load_student
-    from attnxfer.checkpoints import export_student
-
     teacher, student = peaked(build(family)), peaked(build(family, 2), 3)
     DualViT(teacher, student, mode="distill").train()(x)  # walked and swapped: a trained student's state
     student.eval()
@@ -207,3 +210,49 @@ def test_a_family_student_exports_to_plain_timm_and_loads_back(family, tmp_path,
     with torch.no_grad():
         torch.testing.assert_close(plain(x), student(x), rtol=0, atol=0)
         torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["eva02", "pe", "beit"])
+@pytest.mark.parametrize("chunk", ["q", "k", "v"])
+def test_copy_one_chunk_with_teacher_weights_reproduces_the_teacher(family, chunk, x):
+    """copy_q / copy_k / copy_v: the student is the teacher with that chunk's projection redrawn."""
+    teacher = peaked(build(family)).eval()
+    student = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if name.endswith("attn.qkv.weight"):
+                rows = p.shape[0] // 3
+                i = "qkv".index(chunk)
+                p[i * rows : (i + 1) * rows] = torch.randn(rows, p.shape[1], generator=g) * 0.4
+            elif name.endswith(f"attn.{chunk}_proj.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
+    want = teacher(x)
+    assert not torch.allclose(student.forward_features(x), teacher.forward_features(x), atol=1e-2)
+    dual = DualViT(teacher, student, mode=f"copy_{chunk}").eval()
+    torch.testing.assert_close(dual(x).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_drop_path_on_eva_blocks(x):
+    """Student = teacher with drop path: shared masks keep the maps identical (KL 0), private ones do not."""
+    teacher = peaked(build("eva02"))
+    kl = {}
+    for share in (True, False):
+        student = copy.deepcopy(teacher)
+        for blk in student.blocks:
+            blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5)
+        torch.manual_seed(0)
+        plan = build_plan(teacher, student, "distill", share_drop_path=share)
+        out = DualViT(copy.deepcopy(teacher), student, plan).train()(torch.cat([x] * 4))
+        kl[share] = max(v.abs().item() for v in out.logs.values())
+    assert kl[True] < 1e-5 < 1e-3 < kl[False]
+
+
+@pytest.mark.parametrize("family", ["eva02", "beit"])
+def test_conversion_refuses_a_rope_or_bias_teacher(family):
+    """Zoo attentions are built from timm's plain Attention: a teacher whose logits carry rope or a bias
+    is refused by name instead of silently losing them."""
+    with pytest.raises(
+        ValueError, match=r"blocks.0.attn is timm\.models\.(eva\.EvaAttention|beit\.Attention)"
+    ):
+        check_softmax_teacher(build(family))

@@ -123,10 +123,12 @@ class DualViT(nn.Module):
     """Teacher and student in lock-step; returns student logits and the transfer loss.
 
     Args:
-        teacher: a timm ViT (any timm ``Attention``-based one; made transfer-aware in place).
-            May be None only for ``mode=none`` without logit distillation.
-        student: the timm ViT to train (made transfer-aware in place); its attentions may be zoo
-            attentions (`attnxfer.models.efficient`), for the modes their map kind supports.
+        teacher: a timm vision transformer of any family with adapters (ViT/DeiT, EVA/DINOv3/PE, BEiT,
+            ...: `attnxfer.models.attention.families`; made transfer-aware in place). May be None only
+            for ``mode=none`` without logit distillation.
+        student: the timm model to train (made transfer-aware in place): the teacher's family, a plain
+            ViT with the teacher's token layout, or zoo attentions (`attnxfer.models.efficient`), for
+            the modes their map kind supports.
         plan: a `TransferPlan`, or None to build a default one for ``mode``.
         teacher_dtype: dtype the teacher runs in; default bf16 on CUDA, fp32 elsewhere.
         ce_path: how softmax student layers' exact CE is evaluated (`CEPath`); None picks by device

@@ -15,7 +15,13 @@ from typing import Any
 from timm.layers import DropPath
 from torch import nn
 
-from ..attention import MapKind, attention_name_of, make_transfer_aware, transfer_attentions
+from ..attention import (
+    MapKind,
+    TransferAttention,
+    attention_name_of,
+    make_transfer_aware,
+    transfer_attentions,
+)
 from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
 from ..attention.registry import get_attention_class
 
@@ -174,6 +180,13 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
             f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`)"
         )
     for i, attn in enumerate(transfer_attentions(make_transfer_aware(teacher))):
+        if attn.map_kind is MapKind.SOFTMAX and not isinstance(attn, TransferAttention):
+            raise ValueError(
+                f"the teacher's blocks.{i}.attn is {_timm_class(attn)} (rotary embedding "
+                "or relative-position bias): conversion builds zoo attentions from timm's plain Attention "
+                "and would drop them. Convert a ViT/DeiT teacher, or distil this teacher into a student of "
+                "its own family (attnxfer train)"
+            )
         if attn.map_kind is not MapKind.SOFTMAX:
             name = attention_name_of(attn)
             raise ValueError(
@@ -181,6 +194,12 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
                 "softmax teacher (its attention maps are what the student learns). Use the original "
                 "pretrained model as teacher, not an already converted student"
             )
+
+
+def _timm_class(module: nn.Module) -> str:
+    """The timm class an adapter was swapped from (its first base defined in timm)."""
+    timm_bases = (c for c in type(module).__mro__ if c.__module__.startswith("timm."))
+    return next((f"{c.__module__}.{c.__name__}" for c in timm_bases), "?")
 
 
 def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
