@@ -13,7 +13,7 @@ from test_export import card
 
 from attnxfer import load_student
 from attnxfer.checkpoints import export_student
-from attnxfer.models import student_like
+from attnxfer.models import attention_maps, student_like
 from attnxfer.models.attention import AttentionIO, attention_io, attention_layers, transfer_attentions
 from attnxfer.models.efficient.swap import check_softmax_teacher
 from attnxfer.transfer import DualViT, PlanError, build_plan
@@ -256,3 +256,15 @@ def test_conversion_refuses_a_rope_or_bias_teacher(family):
         ValueError, match=r"blocks.0.attn is timm\.models\.(eva\.EvaAttention|beit\.Attention)"
     ):
         check_softmax_teacher(build(family))
+
+
+@pytest.mark.parametrize("family", ["dinov3", "beit_shared"])
+def test_attention_maps_equal_timms_own(family, x):
+    """`attention_maps` (pictures, inspect) gives the maps timm's unfused modules compute: rope'd q/k,
+    biases included."""
+    model = peaked(build(family)).eval()
+    with torch.no_grad():
+        want = timm_maps(copy.deepcopy(model), x)
+    got = attention_maps(model, x)
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i], w, rtol=1e-5, atol=1e-6)
