@@ -9,8 +9,13 @@ import copy
 import pytest
 import timm
 import torch
+from test_export import card
 
+from attnxfer import load_student
+from attnxfer.checkpoints import export_student
+from attnxfer.models import attention_maps, student_like
 from attnxfer.models.attention import AttentionIO, attention_io, attention_layers, transfer_attentions
+from attnxfer.models.efficient.swap import check_softmax_teacher
 from attnxfer.transfer import DualViT, PlanError, build_plan
 
 TINY = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
@@ -167,8 +172,6 @@ def test_walk_refuses_an_attention_without_adapter():
 
 
 def test_plan_refuses_a_family_with_no_adapter_and_mirrors_the_teachers_family():
-    from attnxfer.models import student_like
-
     teacher = build("beit")
     student = student_like(teacher, depth=1)
     assert type(student) is type(teacher) and len(student.blocks) == 1
@@ -198,11 +201,6 @@ def test_eva_teacher_stops_inside_its_last_transferred_attention(x):
 def test_a_family_student_exports_to_plain_timm_and_loads_back(family, tmp_path, x):
     """A distilled EVA/BEiT student exports through timm's own save: timm.create_model and load_student
     both rebuild it with the same logits; the parameter names are timm's."""
-    from test_export import card
-
-    from attnxfer import load_student
-    from attnxfer.checkpoints import export_student
-
     teacher, student = peaked(build(family)), peaked(build(family, 2), 3)
     DualViT(teacher, student, mode="distill").train()(x)  # walked and swapped: a trained student's state
     student.eval()
@@ -254,9 +252,19 @@ def test_shared_drop_path_on_eva_blocks(x):
 def test_conversion_refuses_a_rope_or_bias_teacher(family):
     """Zoo attentions are built from timm's plain Attention: a teacher whose logits carry rope or a bias
     is refused by name instead of silently losing them."""
-    from attnxfer.models.efficient.swap import check_softmax_teacher
-
     with pytest.raises(
         ValueError, match=r"blocks.0.attn is timm\.models\.(eva\.EvaAttention|beit\.Attention)"
     ):
         check_softmax_teacher(build(family))
+
+
+@pytest.mark.parametrize("family", ["dinov3", "beit_shared"])
+def test_attention_maps_equal_timms_own(family, x):
+    """`attention_maps` (pictures, inspect) gives the maps timm's unfused modules compute: rope'd q/k,
+    biases included."""
+    model = peaked(build(family)).eval()
+    with torch.no_grad():
+        want = timm_maps(copy.deepcopy(model), x)
+    got = attention_maps(model, x)
+    for i, w in enumerate(want):
+        torch.testing.assert_close(got[i], w, rtol=1e-5, atol=1e-6)

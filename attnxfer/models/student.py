@@ -24,7 +24,7 @@ from timm.layers import Attention, LayerScale
 from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
-from .attention import SOFTMAX, TransferAttention, attention_name_of
+from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of
 from .efficient.swap import swap_attentions
 
 __all__ = [
@@ -93,8 +93,8 @@ def _is_identity(m: nn.Module | None) -> bool:
 
 def attention_layout(model: nn.Module) -> list[str]:
     """Per-block registered attention names (``"softmax"`` for timm's attention, transfer-aware or not;
-    see `attention_name_of`)."""
-    return [attention_name_of(blk.attn) for blk in model.blocks]
+    see `attention_name_of`), wherever the family keeps its blocks (``blocks``, ``encoder.blocks``)."""
+    return [attention_name_of(attn) for _, attn in attention_layers(model)]
 
 
 def attention_kind(model: nn.Module) -> str:

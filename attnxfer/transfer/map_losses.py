@@ -213,8 +213,9 @@ def _exact_softmax_ce(
 ) -> MapAgreement:
     """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
     identity for plain q·kᵀ logits, the chunked biased path (`biased_attention_ce`) when either side's
-    logits carry a bias (relative-position tables)."""
-    if bias_t is not None or bias_s is not None:
+    logits carry a bias (relative-position tables) or the key set differs from the queries (CaiT's
+    class attention: one query row; the O(N) row paths assume square maps)."""
+    if bias_t is not None or bias_s is not None or q_s.shape[-2] != k_s.shape[-2]:
         res = biased_attention_ce(
             q_t,
             k_t,

@@ -244,9 +244,37 @@ def _check_pair(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn
         )
 
 
+#: Where timm families keep the patch embedding: ViTs ``patch_embed``, NaFlexViT ``embeds``, the VLM
+#: encoders (Qwen3-ViT, Gemma4-ViT classifiers) ``encoder.patch_embed``.
+_PATCH_EMBEDDINGS = ("patch_embed", "embeds", "encoder.patch_embed")
+
+
 def _token_layout(model: nn.Module) -> tuple[tuple[int, ...], int]:
-    grid = tuple(getattr(model.patch_embed, "grid_size", ()) or ())
-    return grid, int(getattr(model, "num_prefix_tokens", 0))
+    """(patch grid, prefix tokens) of ``model`` at its configured image size."""
+    for where in _PATCH_EMBEDDINGS:
+        try:
+            embed = model.get_submodule(where)
+        except AttributeError:
+            continue
+        break
+    else:
+        return (), int(getattr(model, "num_prefix_tokens", 0) or 0)
+    grid = tuple(getattr(embed, "grid_size", ()) or ())
+    if not grid:  # variable-size embeddings (NaFlexViT, Gemma4): the grid of the default image size
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = getattr(embed, "default_img_size", None) or cfg.get("input_size")
+        patch = getattr(embed, "patch_size", None)
+        if size is not None and patch is not None:
+            size, patch = _pair(size[-2:] if isinstance(size, (tuple, list)) else size), _pair(patch)
+            grid = (size[0] // patch[0], size[1] // patch[1])
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if prefix is None:
+        prefix = getattr(getattr(model, "encoder", None), "num_prefix_tokens", 0)
+    return grid, int(prefix or 0)
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 @dataclass(frozen=True)

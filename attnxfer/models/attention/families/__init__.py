@@ -6,12 +6,38 @@ file                timm class                                              what
 ``eva``             ``timm.models.eva.EvaAttention`` (EVA-02, DINOv3, PE)   rope on q, k after the prefix
 ``attention_rope``  ``timm.layers.AttentionRope`` (eva ``attn_type=rope``)  rope; grouped k/v heads
 ``beit``            ``timm.models.beit.Attention`` (BEiT, BEiT-v2)          relative-position bias table
+``relpos``          ``timm.models.vision_transformer_relpos.RelPosAttention`` relative-position bias (own/shared)
+``sam``             ``timm.models.vision_transformer_sam.Attention`` (SAM)  decomposed rel-pos bias; windows
+``cait_talking_heads`` ``timm.models.cait.TalkingHeadAttn``                 pre-softmax head mix (in q')
+``cait_class_attn`` ``timm.models.cait.ClassAttn``                          one query row (class token)
+``gemma4``          ``timm.models.gemma4_vit.Gemma4Attention``              2-D rope, scale 1, v norm
+``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
 ==================  ======================================================  ==============================
 
 timm's plain ``Attention`` is `attnxfer.models.attention.softmax.TransferAttention`. Importing this
 package registers every adapter.
 """
 
-from . import attention_rope, beit, eva
+from . import (
+    attention_rope,
+    beit,
+    cait_class_attn,
+    cait_talking_heads,
+    diff_attention,
+    eva,
+    gemma4,
+    relpos,
+    sam,
+)
 
-__all__ = ["attention_rope", "beit", "eva"]
+__all__ = [
+    "attention_rope",
+    "beit",
+    "cait_class_attn",
+    "cait_talking_heads",
+    "diff_attention",
+    "eva",
+    "gemma4",
+    "relpos",
+    "sam",
+]

@@ -1,0 +1,102 @@
+"""`TransferTalkingHeadAttn`: CaiT's ``TalkingHeadAttn`` (``cait_*``, the self-attention blocks) as a
+softmax `TransferableAttention`.
+
+Talking heads mix heads twice: before the softmax (``proj_l``: L'_h = Σ_g W^l_hg·s·q_g k_gᵀ + b^l_h) and
+after it (``proj_w``: P''_h = Σ_g W^w_hg·P'_g + b^w_h). The softmax map of head h is P'_h = softmax(L'_h):
+a distribution, and the map this adapter transfers. The pre-softmax mix is still one dot product per
+head: with q'_h = [W^l_h1·q_1, …, W^l_hH·q_H] and k' = [k_1, …, k_H] (head dim H·d, k' shared by every
+head), L'_h = s·q'_h k'ᵀ + b^l_h, and b^l_h is constant along a row, so it drops out of the softmax.
+So ``project`` hands out q' and k' and every softmax path applies unchanged: copy is SDPA with the
+teacher's q', k'; distillation is the exact O(N) CE between the teacher's and student's P' maps.
+
+The post-softmax mix P'' is not a distribution (its weights are signed), so it is not what is distilled;
+it stays the layer's own: ``attend`` applies the *student's* ``proj_w`` to the (teacher's, in copy) P'
+without building it — P''_h v_h = Σ_g W^w_hg·(P'_g v_h) + b^w_h·Σ_j v_hj, with P'_g v for every h from one
+SDPA against all heads' values. With the teacher's own weights, copy reproduces the teacher exactly.
+Attention dropout (0 in every pretrained CaiT) falls on P', not on P'' as in timm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from timm.models.cait import TalkingHeadAttn
+
+from ..adapters import register_adapter
+from ..softmax import SOFTMAX, SoftmaxCore, sdpa
+from ._projections import freeze_chunks, project_heads
+
+__all__ = ["TransferTalkingHeadAttn"]
+
+
+@register_adapter(TalkingHeadAttn)
+class TransferTalkingHeadAttn(SoftmaxCore, TalkingHeadAttn):
+    """``TalkingHeadAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
+
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // 3 // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.qkv.out_features // 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.io is None:
+            return TalkingHeadAttn.forward(self, x)
+        return self.transfer_forward(x)
+
+    def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
+        """q' (B, H, N, H·d): each head's pre-softmax mix of every head's q; k' (B, H, N, H·d): all heads'
+        keys side by side (the same for each head); v (B, H, N, d) as timm's."""
+        out = project_heads(self, x, which, self.head_dim)
+        B, H, N, d = next(iter(out.values())).shape
+        if "q" in out:
+            mixed = torch.einsum("hg,bgnd->bhngd", self.proj_l.weight, out["q"])
+            out["q"] = mixed.reshape(B, H, N, H * d)
+        if "k" in out:
+            out["k"] = out["k"].transpose(1, 2).reshape(B, 1, N, H * d).expand(B, H, N, H * d)
+        return out
+
+    def logit_scale(self, q: torch.Tensor) -> float:
+        return self.scale  # d^-0.5 of one head, not of q' (H·d)
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Σ_g W^w_hg·P'_g v_h + b^w_h·Σ_j v_hj for P' = softmax(s·q kᵀ): the post-softmax head mix."""
+        B, H, N, d = v.shape
+        every_v = v.transpose(1, 2).reshape(B, 1, N, H * d).expand(B, H, N, H * d)
+        per_map = sdpa(
+            q,
+            k,
+            every_v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0.0,
+            is_causal=is_causal,
+            scale=self.logit_scale(q),
+        )  # (B, G, N, H·d): P'_g v_h for every (g, h)
+        mixed = torch.einsum("hg,bgnhd->bhnd", self.proj_w.weight.to(v.dtype), per_map.view(B, H, N, H, d))
+        if self.proj_w.bias is not None:
+            mixed = mixed + self.proj_w.bias.to(v.dtype).view(1, H, 1, 1) * v.sum(dim=2, keepdim=True)
+        return mixed
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        """Copied chunks' rows of ``qkv`` stop training; borrowing q (and k) also freezes ``proj_l``, which
+        only shapes the logits the teacher now gives."""
+        freeze_chunks(self, chunks)
+        if "q" in set(chunks):
+            self.proj_l.requires_grad_(False)

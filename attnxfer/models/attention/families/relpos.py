@@ -1,0 +1,63 @@
+"""`TransferRelPosAttention`: timm's ``RelPosAttention`` (``vit_relpos_*``, ``vit_srelpos_*``) as a softmax
+`TransferableAttention`.
+
+Its logits are s·q kᵀ + B, B the relative-position bias: the layer's own (``rel_pos.get_bias()``, a
+``RelPosMlp`` or ``RelPosBias`` table, zero-padded for the prefix tokens) or, in the ``srelpos`` archs,
+the model's shared bias that arrives per call as ``shared_rel_pos``. Copy applies the teacher's q, k and
+B (as SDPA's ``attn_mask``) to the student's v; distillation takes the chunked biased CE with a gradient
+into the student's bias (its MLP or table). q/k/v come from timm's fused ``qkv``, then the q/k norms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from timm.models.vision_transformer_relpos import RelPosAttention
+
+from ..adapters import register_adapter
+from ..softmax import SOFTMAX, SoftmaxCore
+from ._projections import freeze_chunks, project_heads
+
+__all__ = ["TransferRelPosAttention"]
+
+
+@register_adapter(RelPosAttention)
+class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
+    """``RelPosAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
+
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+    has_logit_bias = True
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
+        if self.io is None:
+            return RelPosAttention.forward(self, x, shared_rel_pos=shared_rel_pos)
+        return self.transfer_forward(x, shared_rel_pos=shared_rel_pos)
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", shared_rel_pos: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        out = project_heads(self, x, which, self.head_dim)
+        for c, norm in (("q", self.q_norm), ("k", self.k_norm)):
+            if c in out:
+                out[c] = norm(out[c])
+        return out
+
+    def logit_bias(
+        self, q: torch.Tensor, k: torch.Tensor, shared_rel_pos: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """(1, H, N, N): the layer's own relative-position bias, else the model's shared one (as timm)."""
+        if self.rel_pos is not None:
+            return self.rel_pos.get_bias()
+        return shared_rel_pos
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)

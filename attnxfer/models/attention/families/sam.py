@@ -1,0 +1,79 @@
+"""`TransferSamAttention`: the ``Attention`` of timm's SAM ViT (``samvit_*``,
+``timm.models.vision_transformer_sam``) as a softmax `TransferableAttention`.
+
+SAM's blocks are windowed (``window_size`` > 0: the block pads the H×W grid to whole windows and hands
+the attention a batch of windows) or global (``global_attn_indexes``). The attention sees a (B', h, w, C)
+grid — windows already rows of its batch — so the token partition needs nothing here: a windowed
+layer's q/k/v are (B·windows, H, h·w, d), padding tokens included as timm keeps them (they are keys of
+the windows' rows; their own rows are dropped after the layer, and the CE averages them like every row).
+
+Its logits are s·q kᵀ + B with the decomposed relative-position bias of MViTv2 (``use_rel_pos``):
+B_ij = q_i·R^h[h_i−h_j] + q_i·R^w[w_i−w_j], built by timm's ``get_decomposed_rel_pos_bias`` from the
+*unscaled* q (after q norm), so it depends on the input and the student's bias takes a gradient through q
+too. Archs built with rope instead (``use_rope``) rotate q and k and have no bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from timm.layers import apply_rot_embed_cat
+from timm.models.vision_transformer_sam import Attention as SamAttention
+from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+from ..adapters import register_adapter
+from ..softmax import SOFTMAX, SoftmaxCore
+from ._projections import freeze_chunks, project_heads
+
+__all__ = ["TransferSamAttention"]
+
+
+@register_adapter(SamAttention)
+class TransferSamAttention(SoftmaxCore, SamAttention):
+    """SAM ViT's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is
+    timm's. Takes and returns timm's (B', h, w, C) grids."""
+
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+    has_logit_bias = True
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.io is None:
+            return SamAttention.forward(self, x)
+        B, H, W, C = x.shape
+        out = self.transfer_forward(x.reshape(B, H * W, C), hw=(H, W))
+        return out.view(B, H, W, -1)
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", hw: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """q/k/v of the (B', N, C) tokens (``hw`` the grid they came from): q/k norms, rope if built with it."""
+        out = project_heads(self, x, which, self.head_dim)
+        rope = self.rope.get_embed() if self.rope is not None and not self.use_rel_pos else None
+        for c, norm in (("q", self.q_norm), ("k", self.k_norm)):
+            if c in out:
+                out[c] = norm(out[c])
+                if rope is not None:
+                    out[c] = apply_rot_embed_cat(out[c], rope).type_as(out[c])
+        return out
+
+    def logit_bias(
+        self, q: torch.Tensor, k: torch.Tensor, hw: tuple[int, int] | None = None
+    ) -> torch.Tensor | None:
+        """(B', H, N, N): timm's decomposed relative-position bias for queries ``q`` on the ``hw`` grid."""
+        if not self.use_rel_pos:
+            return None
+        B, H, N, d = q.shape
+        bias = get_decomposed_rel_pos_bias(q.reshape(B * H, N, d), self.rel_pos_h, self.rel_pos_w, hw, hw)
+        return bias.view(B, H, N, -1)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)

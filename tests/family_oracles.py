@@ -1,0 +1,162 @@
+"""Tiny timm models of the flat transformer families and first-principles oracles for their maps.
+
+The oracle never goes through attnxfer: it runs timm's own modules with fused attention off and records
+each attention layer's softmax output with a forward hook — on ``attn_drop`` (what
+`timm.utils.AttentionExtract` hooks), or, for CaiT's talking heads, on the input of ``proj_w`` (the
+softmax output before the post-softmax head mixing). Models are drawn with peaked attention (q/k rows
+and position tables at std 0.2-0.5, as trained ViTs have, instead of timm's near-uniform init).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn as nn
+
+#: timm attention classes (by class name) whose softmax output the oracle records.
+ORACLE_ATTENTIONS = (
+    "RelPosAttention",  # vision_transformer_relpos
+    "Attention",  # vision_transformer_sam (and timm.layers' plain Attention in NaFlexViT)
+    "TalkingHeadAttn",  # cait
+    "ClassAttn",  # cait, blocks_token_only
+    "AttentionRope",  # qwen3_vit
+    "Gemma4Attention",  # gemma4_vit
+    "EvaAttention",  # naflexvit with rope
+)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """One tiny randomly initialised model of a timm family: the arch, its kwargs and its image size."""
+
+    arch: str
+    kwargs: dict
+    img_size: int = 32
+
+    def build(self, seed: int = 0, peaked: bool = True) -> nn.Module:
+        torch.manual_seed(seed)
+        model = timm.create_model(self.arch, pretrained=False, num_classes=5, **self.kwargs)
+        if peaked:
+            sharpen(model, seed)
+        for m in model.modules():  # RelPosMlp has dropout inside its bias MLP: tiny models are deterministic
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        return model.eval()
+
+    def images(self, batch: int = 2, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(batch, 3, self.img_size, self.img_size, generator=g)
+
+
+_SMALL = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+# Families with LayerScale get 0.5 instead of timm's 1e-5/1e-6: the attention must matter to the logits.
+
+#: The families h26fam adapts, each as a tiny model (name -> builder); several layouts per family where the
+#: family's archs differ (shared vs per-block tables, class token, res-post blocks, padded windows).
+TINY = {
+    "relpos": TinyFamily("vit_relpos_small_patch16_224", dict(img_size=32, init_values=0.5, **_SMALL)),
+    "relpos_cls": TinyFamily(
+        "vit_relpos_medium_patch16_cls_224", dict(img_size=32, init_values=0.5, **_SMALL)
+    ),
+    "srelpos": TinyFamily("vit_srelpos_small_patch16_224", dict(img_size=32, init_values=0.5, **_SMALL)),
+    "relpos_rpn": TinyFamily(
+        "vit_relpos_medium_patch16_rpn_224", dict(img_size=32, init_values=0.5, **_SMALL)
+    ),
+    # 6x6 patches in 4x4 windows: the windows are padded to 8x8, as SAM's 64x64 grid is in 14x14 windows
+    "sam": TinyFamily(
+        "samvit_base_patch16",
+        dict(img_size=48, window_size=4, global_attn_indexes=(1,), neck_chans=16, **_SMALL),
+        img_size=48,
+    ),
+    "cait": TinyFamily("cait_xxs24_224", dict(img_size=32, depth_token_only=1, init_values=0.5, **_SMALL)),
+    "naflex": TinyFamily("naflexvit_base_patch16_gap", dict(img_size=32, init_values=0.5, **_SMALL)),
+    "qwen3": TinyFamily("qwen3_vit_88m", dict(img_size=32, **_SMALL)),
+    "gemma4": TinyFamily("gemma4_vit_167m", dict(img_size=32, head_dim=16, **_SMALL)),
+}
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every attention layer the oracle knows, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in ORACLE_ATTENTIONS]
+
+
+def sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-draw the attention layers' projections and position tables so that the maps are peaked."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        for _, attn in attention_modules(model):
+            for name, p in attn.named_parameters():
+                leaf = name.rsplit(".", 1)[-1]
+                if "norm" in name and leaf == "weight":
+                    continue  # q/k norm gains stay at timm's init
+                if "rel_pos" in name or "relative_position" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                elif p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def _unfused(model: nn.Module) -> None:
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+
+
+@contextlib.contextmanager
+def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """While active, every forward of ``model`` (run unfused) appends ``(layer name, softmax map)`` in call
+    order; maps keep their graph. SAM's maps come as (B·windows·H, n, n) and are reshaped to
+    (B·windows, H, n, n); talking-heads maps are the softmax before the post-softmax mixing."""
+    _unfused(model)
+    out: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name, attn in attention_modules(model):
+        heads = attn.num_heads
+        if type(attn).__name__ == "TalkingHeadAttn":
+
+            def pre(mod, args, name=name):
+                out.append((name, args[0].permute(0, 3, 1, 2)))
+
+            handles.append(attn.proj_w.register_forward_pre_hook(pre))
+        else:
+
+            def post(mod, args, result, name=name, heads=heads):
+                p = result
+                if p.dim() == 3:  # SAM: heads folded into the batch
+                    p = p.reshape(-1, heads, *p.shape[-2:])
+                out.append((name, p))
+
+            handles.append(attn.attn_drop.register_forward_hook(post))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def oracle_maps(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
+    """Each attention layer's softmax maps for images ``x``, in forward order, from timm's own modules
+    (run on a deep copy, so ``model`` itself is untouched, except with ``grad``: then on ``model``, whose
+    parameters the maps' graph reaches)."""
+    clone = model if grad else copy.deepcopy(model)
+    ctx = contextlib.nullcontext() if grad else torch.no_grad()
+    with ctx, recorded_maps(clone) as maps:
+        clone(x)
+    return [m for _, m in maps]
+
+
+def map_ce(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
+    """The paper's per-layer CE from explicit maps: mean over (batch, head, query) of -Σ_j P_t log P_s."""
+    return -(p_t.double() * p_s.double().log()).sum(-1).mean()
+
+
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
