@@ -95,6 +95,21 @@ def _shared_drop_path(
             setattr(blk, name, mod)
 
 
+@contextlib.contextmanager
+def _eager(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` uncompiled for the duration (``nn.Module.compile`` keeps its compiled call in
+    ``_compiled_call_impl``); its other calls stay compiled."""
+    compiled = module.__dict__.get("_compiled_call_impl")
+    if compiled is None:
+        yield
+        return
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
 def _parent(model: nn.Module, name: str) -> nn.Module:
     """The module that holds the attention called ``name`` (its block)."""
     return model.get_submodule(name.rpartition(".")[0])
@@ -218,10 +233,13 @@ class DualViT(nn.Module):
         logits the last transferred layer stops the forward (`StopForward`) once it has captured."""
         plan, teacher = self.plan, self.teacher
         ios = {t: AttentionIO(capture=wanted) for t in sorted(plan.teacher_layers)}
-        if TEACHER_EARLY_STOP and not wants_logits:
+        stop = TEACHER_EARLY_STOP and not wants_logits
+        if stop:
             ios[plan.last_teacher_layer].stop = True
         logits = None
         with torch.no_grad(), contextlib.ExitStack() as stack:
+            if stop:  # the stopping block runs eagerly: a raise inside a compiled graph would break it
+                stack.enter_context(_eager(_parent(teacher, self._teacher_names[plan.last_teacher_layer])))
             for t, io in ios.items():
                 stack.enter_context(attention_io(self._teacher_attn[t], io))
             with contextlib.suppress(StopForward):

@@ -12,8 +12,11 @@ class they hold:
   (exact softmax rows for softmax; the implicit map for the zoo; ``None`` without a map);
 * ``map_kind``: a `MapKind` saying what the map is and so what it can be distilled with;
 * ``attention_name`` (set by the registry), ``freeze_projections(chunks)``, ``options()``;
-* ``forward(x)`` == ``proj(norm(attend(project(x))))``, with one per-call `AttentionIO` handled
-  here, once, for every attention: capture q/k/v, replace q/k/v (attention copy), return the map.
+* ``logit_scale(q)`` / ``logit_bias(q, k, **call)``: the logits are ``scale · q kᵀ + bias`` (adapters of
+  timm classes with relative-position biases return theirs; `attnxfer.models.attention.adapters`);
+* ``forward(x)`` == ``proj(norm(attend(project(x))))`` (`transfer_forward`), with one per-call
+  `AttentionIO` handled here, once, for every attention: capture q/k/v (and the bias), replace q/k/v
+  (attention copy; q and k bring the bias), return the map, stop the model's forward (`StopForward`).
 
 Subclasses implement ``attend`` and, when they have a map, ``_map_context`` / ``_map_rows``.
 """
