@@ -153,7 +153,7 @@ def test_sweeps_over_list_values_and_safe_slurm_keys():
         "transfer.layers": ["[0,1]", "[2,3]"],
         "optim.lr": ["1e-3", "1e-4"],
     }
-    with pytest.raises(ValueError, match="line breaks"):
+    with pytest.raises(ValueError, match="control characters"):
         SlurmOptions(extra={"comment": "a\n#SBATCH --x"})
     assert SlurmOptions(extra={"mail_type": "END"}).extra == {"mail-type": "END"}
 

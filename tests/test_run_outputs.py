@@ -163,7 +163,7 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     steps = lambda rows: [r["_step"] for r in rows if "train/total" in r]
     assert steps(rows_a) == list(range(1, 9)) and steps(rows_b) == list(range(9, 13))
     assert config["transfer.mode"] == "none" and config["optim.weight_decay"] == 0.05
-    assert "plain student training" in config["plan"]
+    assert "no attention transfer" in config["plan"]
 
     # MLflow: one run in the experiment, its metric file holds steps 1..12 once each
     exp = mlflow.get_experiment_by_name("attnxfer-test")
@@ -174,7 +174,7 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     jsonl = {r["step"]: r["total"] for r in _records(run, "train")}
     assert all(m.value == pytest.approx(jsonl[m.step], rel=1e-6) for m in history)
     params = runs[0].data.params
-    assert params["transfer.mode"] == "none" and "plain student training" in params["plan"]
+    assert params["transfer.mode"] == "none" and "no attention transfer" in params["plan"]
     # TensorBoard: today's files
     assert list((run / "tb").glob("events.out.tfevents.*"))
 
