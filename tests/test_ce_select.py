@@ -113,3 +113,27 @@ def test_two_gloo_ranks_use_rank_0s_choice(tmp_path):
     assert r0["how"] == "measured" and r1["how"] == "measured on rank 0"
     assert r1["timings_ms"] == r0["timings_ms"] and set(r0["timings_ms"]) == {"sdpa"}
     assert r0["world"] == r1["world"] == 2
+
+
+def test_a_deterministic_run_takes_the_device_default_without_timing(dual):
+    """Timings may rank two close paths either way from run to run; ``deterministic: true`` asks for
+    repeated runs to be identical, so auto takes the device's fixed default instead of measuring."""
+    from attnxfer.apps.ce_choice import ce_choice_for_run
+    from attnxfer.config import load_config
+    from attnxfer.train.runtime import create_runtime
+    from attnxfer.transfer.losses import ce_path_for
+
+    lines: list[str] = []
+    runtime = create_runtime("cpu", "fp32")
+    for deterministic in (True, False):
+        cfg = load_config(
+            overrides=["transfer.mode=distill", f"deterministic={deterministic}", "data.batch_size=4"]
+        )
+        choice = ce_choice_for_run(cfg, dual, runtime, None, log=lines.append)
+        assert dual.ce_path is choice.path
+        if deterministic:
+            assert choice.path is ce_path_for(torch.device("cpu")) and not choice.timings_ms
+            assert "deterministic=true" in lines[-1]
+        else:
+            assert choice.how == "measured" and set(choice.timings_ms) >= {"rows", "sdpa"}
+    dual.ce_path = None

@@ -82,6 +82,12 @@ def ce_choice_for_run(
             )
         if choice is None and not measure:
             choice = CEChoice(ce_path_for(runtime.device), "device default", device=str(runtime.device))
+        if choice is None and cfg.deterministic:  # timings may rank close paths either way from run to run
+            choice = CEChoice(
+                ce_path_for(runtime.device),
+                "device default: deterministic=true keeps repeated runs identical (no timing)",
+                device=str(runtime.device),
+            )
         if choice is None:
             precision = runtime.precision
             choice = decided_on_rank0(
