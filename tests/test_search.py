@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import peaked_teacher
+from safetensors.torch import load_file, save_file
 from timm.models import save_for_hf
 
 from attnxfer.launch import cli
@@ -264,3 +266,35 @@ def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, 
     err = capsys.readouterr().err
     assert code == 2 and "search.seeds[1]" in err and "position 9" in err and "expected" in err
     assert "Traceback" not in err and not run.exists()
+
+
+def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refused(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    """Issue 25 item 5: the teacher is judged by the sha256 state.json records, not by the spec's spelling."""
+    monkeypatch.chdir(tiny_teacher_dir.parent)
+    run = tmp_path / "run"
+    relative = Path(tiny_teacher_dir.name)
+    assert cli.main(_args(run, relative, "search.generations=0")) == 0
+    state = json.loads((run / "state.json").read_text())
+    assert state["config"]["teacher"]["spec"] == f"local-dir:{relative}"
+    recorded = state["teacher"]["sha256"]
+    capsys.readouterr()
+    assert cli.main(_args(run, tiny_teacher_dir.resolve(), "search.generations=1")) == 0  # absolute spelling
+    out = capsys.readouterr().out
+    assert "resuming" in out and "after generation 0" in out and "teacher.spec (" in out
+    assert json.loads((run / "state.json").read_text())["state"]["generation"] == 1
+    # the same files with one weight changed: another teacher, refused before anything is written
+    other = tmp_path / "other"
+    shutil.copytree(tiny_teacher_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, str(other / "model.safetensors"))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code = cli.main(_args(run, other, "search.generations=2"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert recorded in line and "another teacher" in line and "sha256" in line.split(recorded)[1]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before

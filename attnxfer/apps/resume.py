@@ -18,7 +18,14 @@ from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
 from ..config import ConfigError, TrainConfig, config_keys, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
-__all__ = ["RESUMABLE_KEYS", "check_resume", "check_teacher_content", "config_changes", "resume_source"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "allow_respelled_teacher",
+    "check_resume",
+    "check_teacher_content",
+    "config_changes",
+    "resume_source",
+]
 
 #: dotted keys (or ``section.`` prefixes) that may differ from the recorded config when a run resumes
 RESUMABLE_KEYS: tuple[str, ...] = (
@@ -114,11 +121,7 @@ def check_resume(cfg: TrainConfig, log=print, world: int | None = None) -> Path 
     if world is not None and keeps_global_batch(source, cfg, world):
         resumable = (*RESUMABLE_KEYS, *BATCH_SPLIT_KEYS)
     allowed, refused = config_changes(recorded, cfg, resumable)
-    teacher = state.get("teacher") or {}
-    respelled = [r for r in refused if r.startswith("teacher.spec ")]
-    if respelled and teacher.get("sha256"):  # judged by content once loaded: check_teacher_content
-        refused.remove(respelled[0])
-        allowed.append(f"{respelled[0]} [the weights must hash as recorded]")
+    allow_respelled_teacher(state.get("teacher"), allowed, refused)
     if refused:
         run = Path(cfg.run_dir)
         raise ConfigError(
@@ -132,13 +135,25 @@ def check_resume(cfg: TrainConfig, log=print, world: int | None = None) -> Path 
     return source
 
 
-def check_teacher_content(source: Path | None, record: dict[str, Any] | None, spec: str) -> None:
+def allow_respelled_teacher(recorded: dict[str, Any] | None, allowed: list[str], refused: list[str]) -> None:
+    """Move a changed ``teacher.spec`` from ``refused`` to ``allowed`` when the saved state records the
+    teacher's weights hash: the teacher is then judged by content once loaded (`check_teacher_content`)."""
+    respelled = [r for r in refused if r.startswith("teacher.spec ")]
+    if respelled and (recorded or {}).get("sha256"):
+        refused.remove(respelled[0])
+        allowed.append(f"{respelled[0]} [the weights must hash as recorded]")
+
+
+def check_teacher_content(
+    source: Path | None, record: dict[str, Any] | None, spec: str, *, run: Path | None = None
+) -> None:
     """Refuse a resume whose teacher's weights differ from the ones the checkpoint was trained with.
 
     Teachers are compared by content (the sha256 of the weights file the checkpoint records), not by the
     spelling of ``teacher.spec``: ``local-dir:teacher`` and ``local-dir:/abs/teacher``, or a teacher folder
     that moved, are the same teacher. Teachers without a hash (random weights) keep the spelling rule of
-    `check_resume`. Writes nothing.
+    `check_resume`. ``source`` is a checkpoint dir of ``run`` (default: its grandparent) or, with ``run``
+    given, any dir holding a ``state.json`` with a ``teacher`` record (a search's run dir). Writes nothing.
     """
     if source is None:
         return
@@ -150,10 +165,15 @@ def check_teacher_content(source: Path | None, record: dict[str, Any] | None, sp
     want, have = old.get("sha256"), (record or {}).get("sha256")
     if not want or want == have:
         return
-    run = source.parent.parent
+    saved = (
+        f"the checkpoint {source.name} learned from"
+        if run is None
+        else f"the one its saved state ({source / STATE_NAME}) records"
+    )
+    run = source.parent.parent if run is None else run
     raise ConfigError(
         f"{run} was trained with teacher {old.get('spec')!r} (weights sha256 {want}), but teacher.spec={spec!r} "
-        f"{'has random weights' if have is None else f'has weights sha256 {have}'}: another teacher than the "
-        f"checkpoint {source.name} learned from; nothing was written. To continue this run, point teacher.spec "
+        f"{'has random weights' if have is None else f'has weights sha256 {have}'}: another teacher than "
+        f"{saved}; nothing was written. To continue this run, point teacher.spec "
         "at the original weights; to train with this teacher, start a new run elsewhere (run_dir=...)"
     )

@@ -43,7 +43,7 @@ from ..search import (
     run_search,
 )
 from ..train.runtime import resolve_device
-from .resume import config_changes
+from .resume import allow_respelled_teacher, check_teacher_content, config_changes
 from .run_parts import build_run_parts
 
 __all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "search_settings"]
@@ -162,7 +162,8 @@ def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> 
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot read {path}: {e}; move it away to start a new search") from None
-    _, refused = config_changes(data.get("config", {}), cfg, resumable=RESUMABLE_KEYS + _ANYWAY)
+    allowed, refused = config_changes(data.get("config", {}), cfg, resumable=RESUMABLE_KEYS + _ANYWAY)
+    allow_respelled_teacher(data.get("teacher"), allowed, refused)  # by content: check_teacher_content
     if refused:
         raise ConfigError(
             f"{run_dir} already holds a search (generation {data['state']['generation']}) run with different "
@@ -171,14 +172,16 @@ def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> 
             f"(its config is in {path})"
         )
     state = SearchState.from_dict(data["state"])
+    if allowed:
+        log(f"search: changed since generation {state.generation}: {', '.join(allowed)}")
     log(f"search: resuming {path} after generation {state.generation} ({len(state.candidates)} candidates)")
     return state
 
 
-def _save(cfg: TrainConfig, run_dir: Path, state: SearchState) -> None:
-    atomic_write_json(
-        run_dir / STATE, {"version": _VERSION, "config": to_dict(cfg), "state": state.to_dict()}
-    )
+def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str, Any] | None) -> None:
+    """Write state.json (with the teacher's record: a resume compares its weights by hash) and the candidates."""
+    data = {"version": _VERSION, "config": to_dict(cfg), "teacher": teacher, "state": state.to_dict()}
+    atomic_write_json(run_dir / STATE, data)
     lines = [json.dumps(c, sort_keys=True) for c in state.candidates.values()]
     atomic_write_text(run_dir / "candidates.jsonl", "\n".join(lines) + "\n")
 
@@ -344,8 +347,11 @@ def _search(
 ) -> SearchResult:
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    state = _load_state(cfg, run_dir, log) or SearchState()
+    loaded = _load_state(cfg, run_dir, log)
+    state = loaded or SearchState()
     evaluator, parts = build_evaluator(cfg, log)
+    # the same teacher under another spelling or path resumes; other weights are refused before any write
+    check_teacher_content(run_dir if loaded else None, parts.teacher_record, cfg.teacher.spec, run=run_dir)
     settings = search_settings(cfg, parts.teacher)
     log(
         f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
@@ -384,7 +390,7 @@ def _search(
     def saved(s: SearchState) -> None:
         ends.append(time.monotonic() - started)
         s.seconds = before + ends[-1]
-        _save(cfg, run_dir, s)
+        _save(cfg, run_dir, s, parts.teacher_record)
         write_reports(cfg, run_dir, s)
         bar.update(max(0, len(s.candidates) - bar.n))
 
@@ -412,7 +418,7 @@ def _search(
     if state.generation < 0:
         raise ValueError("the search stopped before generation 0: nothing to report")
     front, winner, command = write_reports(cfg, run_dir, state)
-    _save(cfg, run_dir, state)
+    _save(cfg, run_dir, state, parts.teacher_record)
     if winner is not None:
         log(f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}")
     log(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
