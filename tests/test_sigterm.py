@@ -114,3 +114,99 @@ def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
     with stop_on_signals():
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --------------------------------------------------------------------- convert's stage 1 (issue 25, item 6)
+S1_STEPS = 40
+
+
+def _convert_child(run_dir: str, teacher: str, log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
+    torch.set_num_threads(1)
+    code = 1
+    try:
+        code = cli.main(
+            [
+                "convert",
+                f"run_dir={run_dir}",
+                f"teacher.spec=local-dir:{teacher}",
+                "data.dataset=synthetic",
+                "data.synthetic_length=64",  # 8 stage-1 batches an epoch: the stop lands mid-epoch or later
+                "data.batch_size=8",
+                "convert.attention=hedgehog",
+                f"convert.stage1_steps={S1_STEPS}",
+                "schedule.max_steps=1",
+                "transfer.mode=none",
+                "log.progress=false",
+                "log.tensorboard=false",
+                "log.every_steps=1",
+                "deterministic=true",
+                "convert.agreement_batches=1",
+                "convert.speed_repeats=1",
+                "convert.speed_batch_size=2",
+            ]
+        )
+    finally:
+        os._exit(code)
+
+
+def _convert(run_dir: Path, teacher: Path, log: Path) -> multiprocessing.Process:
+    args = (str(run_dir), str(teacher), str(log))
+    proc = multiprocessing.get_context("fork").Process(target=_convert_child, args=args)
+    proc.start()
+    return proc
+
+
+@pytest.mark.slow
+def test_sigterm_in_convert_stage1_saves_its_step_and_the_same_command_continues_there(tmp_path):
+    from helpers import peaked_teacher
+    from timm.models import save_for_hf
+
+    teacher = tmp_path / "teacher"
+    save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), teacher, safe_serialization=True)
+    ref = _convert(tmp_path / "ref", teacher, tmp_path / "ref.log")
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = _convert(run_dir, teacher, log)
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "stage 1 step 3/" in log.read_text()):
+        assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(120)
+    text = log.read_text()
+    assert proc.exitcode == 143, text[-3000:]
+    m = re.search(
+        r"attnxfer convert: stopped by SIGTERM at step (\d+); checkpoint saved \((.+?)\); "
+        r"re-run the same command to resume",
+        text,
+    )
+    assert m, text[-3000:]
+    step = int(m.group(1))
+    assert 3 <= step < S1_STEPS and "Traceback" not in text
+    assert Path(m.group(2)) == run_dir / "stage1" / "partial"
+    assert json.loads((run_dir / "stage1/partial/progress.json").read_text())["step"] == step
+    assert not (run_dir / "stage1" / "student.safetensors").exists()  # stage 1 is not complete
+    assert not (run_dir / "stage2").exists()
+
+    again = _convert(run_dir, teacher, log)  # the same command
+    again.join(180)
+    ref.join(180)
+    text = log.read_text()
+    assert again.exitcode == 0 and ref.exitcode == 0, text[-3000:]
+    assert f"stage 1: resumed from {run_dir / 'stage1' / 'partial'} (step {step} of {S1_STEPS})" in text
+    assert f"stage 1 step {step + 1}/{S1_STEPS}" in text.split("resumed from")[-1]
+    assert f"stage 1 step {step}/{S1_STEPS}" not in text.split("resumed from")[-1]  # no step redone
+    assert not (run_dir / "stage1" / "partial").exists()
+    # continuing from the saved step gives the very stage-1 weights of an uninterrupted conversion
+    expected, got = (
+        load_file(str(r / "stage1" / "student.safetensors")) for r in (tmp_path / "ref", run_dir)
+    )
+    assert expected.keys() == got.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+    a, b = (json.loads((r / "stage1" / "stage1.json").read_text()) for r in (tmp_path / "ref", run_dir))
+    assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]]
+    assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]

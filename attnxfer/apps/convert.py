@@ -9,6 +9,7 @@ stage, and the report (`report.json` + `report.md`, rendered by `attnxfer.apps.r
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,12 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import atomic_write_json, atomic_write_text
+from ..checkpoints.store import (
+    atomic_write_json,
+    atomic_write_text,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+)
 from ..config import TrainConfig, apply_overrides, dump_config
 from ..data import ResumableSampler, build_loader
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
@@ -52,18 +58,22 @@ class ConvertResult:
     report: dict[str, Any]
 
 
-def _cycle(loader, sampler) -> Iterator[torch.Tensor]:
-    """Input batches forever, a new shuffle each pass."""
-    epoch = 0
+def _cycle(loader, sampler, start: int = 0) -> Iterator[torch.Tensor]:
+    """Input batches forever, a new shuffle each pass, from batch ``start`` on (a resumed stage 1)."""
+    per_epoch = len(loader)
+    epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch)
-        sampler.set_position(0)
+        sampler.set_position(skip * loader.batch_size * sampler.world_size)
+        skip = 0
         for x, _ in loader:
             yield x
         epoch += 1
 
 
-def _stage1_batches(cfg: TrainConfig, parts, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+def _stage1_batches(
+    cfg: TrainConfig, parts, batch_size: int, device: torch.device, start: int = 0
+) -> Iterator[torch.Tensor]:
     dataset = parts.train_loader.dataset
     rank, world = rank_and_world()
     if len(dataset) < batch_size * world:
@@ -82,7 +92,7 @@ def _stage1_batches(cfg: TrainConfig, parts, batch_size: int, device: torch.devi
         drop_last=True,
         seed=cfg.seed + 1,
     )
-    return (x.to(device, non_blocking=True) for x in _cycle(loader, sampler))
+    return (x.to(device, non_blocking=True) for x in _cycle(loader, sampler, start))
 
 
 def conversion_plan_from_config(cfg: TrainConfig, teacher: nn.Module, student: nn.Module) -> ConversionPlan:
@@ -115,6 +125,44 @@ def _save_stage1(student: nn.Module, folder: Path, result: Stage1Result, plan: C
         folder / "stage1.json",
         {"steps": result.steps, "seconds": result.seconds, "history": result.history, "plan": plan.to_dict()},
     )
+
+
+#: where a SIGTERM'd stage 1 keeps its step (weights, optimiser state, progress) until it completes
+_PARTIAL = "partial"
+
+
+def _save_stage1_partial(
+    student: nn.Module, folder: Path, step: int, optimizer_state: dict[str, Any], result: Stage1Result, plan
+) -> str:
+    """Stage 1 stopped at ``step`` (SIGTERM): keep everything it needs to continue there, no pickle."""
+    part = folder / _PARTIAL
+    part.mkdir(parents=True, exist_ok=True)
+    tensors, meta = optimizer_state_to_tensors(optimizer_state)
+    for name, group in (("student", student.state_dict()), ("optimizer", tensors)):
+        tmp = part / f"{name}.safetensors.tmp"
+        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp))
+        tmp.replace(part / f"{name}.safetensors")
+    progress = {"step": step, "seconds": result.seconds, "history": result.history, "optimizer": meta}
+    atomic_write_json(part / "progress.json", {**progress, "plan": plan.to_dict()})
+    return str(part)
+
+
+def _load_stage1_partial(student: nn.Module, folder: Path, plan: ConversionPlan) -> dict[str, Any] | None:
+    """The progress of a stage 1 stopped by SIGTERM (its weights loaded into ``student``), or None."""
+    part = folder / _PARTIAL
+    if not (part / "progress.json").is_file():
+        return None
+    progress = json.loads((part / "progress.json").read_text())
+    if progress.get("plan") != json.loads(json.dumps(plan.to_dict())):
+        raise ValueError(
+            f"{part} holds a stopped stage 1 of a different conversion plan; use a new run_dir or "
+            "checkpoint.resume=none to redo stage 1"
+        )
+    device = str(next(student.parameters()).device)
+    student.load_state_dict(load_file(str(part / "student.safetensors"), device=device))
+    tensors = load_file(str(part / "optimizer.safetensors"), device=device)
+    progress["optimizer"] = optimizer_state_from_tensors(tensors, progress["optimizer"])
+    return progress
 
 
 def _load_stage1(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stage1Result | None:
@@ -246,16 +294,24 @@ def _convert(
     stage1 = Stage1Result()
     if plan.stage1_steps > 0:
         folder = run_dir / "stage1"
-        resumed = (
-            _load_stage1(student, folder, plan)
-            if ResumeFrom.parse(cfg.checkpoint.resume).policy is not ResumePolicy.FRESH
-            else None
-        )
+        may_resume = ResumeFrom.parse(cfg.checkpoint.resume).policy is not ResumePolicy.FRESH
+        resumed = _load_stage1(student, folder, plan) if may_resume else None
         if resumed is not None:
             stage1 = resumed
             log(f"stage 1: resumed from {folder} ({stage1.steps} steps done earlier)")
         else:
-            batches = _stage1_batches(cfg, parts, plan.stage1_batch_size, device)
+            partial = _load_stage1_partial(student, folder, plan) if may_resume else None
+            done = partial["step"] if partial else 0
+            if partial:
+                log(f"stage 1: resumed from {folder / _PARTIAL} (step {done} of {plan.stage1_steps})")
+
+            def on_stop(step: int, optimizer_state: dict[str, Any], result: Stage1Result) -> str | None:
+                result.seconds += partial["seconds"] if partial else 0.0
+                if not main:
+                    return None
+                return _save_stage1_partial(student, folder, step, optimizer_state, result, plan)
+
+            batches = _stage1_batches(cfg, parts, plan.stage1_batch_size, device, start=done)
             stage1 = stage1_transfer(
                 teacher,
                 student,
@@ -266,9 +322,15 @@ def _convert(
                 clip_grad=c.stage1_clip_grad,
                 log_every=cfg.log.every_steps,
                 log=log,
+                start_step=done,
+                optimizer_state=partial["optimizer"] if partial else None,
+                history=partial["history"] if partial else (),
+                on_stop=on_stop,
             )
+            stage1.seconds += partial["seconds"] if partial else 0.0
             if main:
                 _save_stage1(student, folder, stage1, plan)
+                shutil.rmtree(folder / _PARTIAL, ignore_errors=True)  # the complete result replaces it
         seconds["stage1"] = stage1.seconds
         measured["after_stage1"] = checkpoint_stage("after stage 1")
     else:

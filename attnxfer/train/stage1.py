@@ -23,6 +23,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,7 @@ from ..transfer.map_losses import MapLoss
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
 from .engine import lr_at
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
+from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
 __all__ = ["Stage1Result", "stage1_transfer", "teacher_signals"]
@@ -84,6 +86,10 @@ def stage1_transfer(
     clip_grad: float | None = None,
     log_every: int = 20,
     log: Callable[[str], None] = print,
+    start_step: int = 0,
+    optimizer_state: Mapping[str, Any] | None = None,
+    history: Sequence[dict[str, Any]] = (),
+    on_stop: Callable[[int, dict[str, Any], Stage1Result], str | None] | None = None,
 ) -> Stage1Result:
     """Fit each efficient layer to the teacher's attention on the teacher's hidden inputs.
 
@@ -92,6 +98,11 @@ def stage1_transfer(
     features, no dropout). ``batches`` yields input images (already on the models' device), or the
     teacher's signals per layer (``teacher_signals``'s result) that a caller computed once and reuses
     (`attnxfer.search` fits hundreds of candidates to the same teacher inputs).
+
+    With ``on_stop``, SIGTERM (`attnxfer.train.stop`) ends the loop at the next step boundary: the guard is
+    read (no non-finite weights are saved), ``on_stop(steps_done, optimizer_state, partial_result)`` saves
+    them and returns where, and `StopRequested` is raised. ``start_step``, ``optimizer_state`` and
+    ``history`` continue such a stop (``batches`` must then start at that step's batch).
     """
 
     result = Stage1Result()
@@ -113,6 +124,9 @@ def stage1_transfer(
     groups = [{"params": plain, "weight_decay": weight_decay}, {"params": masked, "weight_decay": 0.0}]
     device = next(student.parameters()).device
     optimizer = build_adamw([g for g in groups if g["params"]], lr=plan.stage1_lr, device=device)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+    result.history = list(history)
     guard, window = NonFiniteGuard(), TermWindow()
     if optimizer_implementation(optimizer) == AdamWImplementation.FUSED:
         # torch's fused AdamW skips its update (moments and step counters included) while this is 1.0
@@ -123,8 +137,11 @@ def stage1_transfer(
     layers = plan.active
     watched = {str(i): layer for i, layer in enumerate(layers)}  # the guard's term names
     start = time.monotonic()
+    stopping = contextlib.ExitStack()  # SIGTERM only sets a flag while the loop can save on it
     try:
-        for step in range(steps):
+        if on_stop is not None:
+            stopping.enter_context(stop_on_signals())
+        for step in range(start_step, steps):
             lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -170,7 +187,16 @@ def stage1_transfer(
                     f"stage 1 step {step + 1}/{steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
                     f"{'/'.join(sorted({lay.loss.metric for lay in layers}))}: {per_layer}"
                 )
+            signum = stop_signal() if on_stop is not None else None
+            if signum:  # SIGTERM: save this step (never weights after a non-finite loss), then stop
+                _stop_if_non_finite(guard, watched)
+                result.steps, result.seconds = step + 1, time.monotonic() - start
+                where = on_stop(step + 1, optimizer.state_dict(), result)
+                stop = StopRequested(signum, step + 1, where)
+                log(f"stage 1: {stop} (step {step + 1} of {steps})")
+                raise stop
     finally:
+        stopping.close()
         for h in hooks:
             h.remove()
         for name, p in student.named_parameters():
