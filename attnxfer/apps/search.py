@@ -2,8 +2,9 @@
 
 Reads the teacher and data sections (as `attnxfer convert`) and the ``search`` section; writes into RUN_DIR:
 
-- ``state.json``: the search's state (every candidate, the population, the config), written atomically
-  after each generation; running the same command again continues from it (a changed config is refused);
+- ``state.json``: the search's state (every candidate, the population, the config, the teacher's record),
+  written atomically after each generation; running the same command again continues from it (a changed
+  config is refused; the teacher is compared by its weights' sha256, not by the spelling of its spec);
 - ``candidates.jsonl``: every candidate (formula, origin, fit KL, speed, status and the rejection reason);
 - ``pareto.md`` + ``pareto.png``: the Pareto front (fit vs speed, the zoo members marked), the top formulas,
   and the `attnxfer convert` command for the winner.
