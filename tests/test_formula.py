@@ -136,8 +136,18 @@ def test_window_larger_than_the_grid_is_rejected_only_with_a_grid():
 
 
 def test_signed_features_are_fine_without_row_sums():
-    check_formula(parse_formula("len(proj)"), head_dim=16)
-    check_formula(parse_formula("len(x)"), head_dim=16)
+    """``len`` divides by N instead of a row sum, so signed features are accepted (``sum`` refuses them) and
+    the attention is the signed map q kᵀ / N itself, negative entries kept."""
+    for text in ("len(proj)", "len(x)"):
+        assert check_formula(parse_formula(text), head_dim=16) is None
+        with pytest.raises(InvalidFormula, match="sum normalisation of signed features"):
+            check_formula(parse_formula(text.replace("len(", "sum(")), head_dim=16)
+    attn = FormulaAttention(32, 2, program="len(x)").double()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 16, generator=g, dtype=torch.float64) for _ in "qkv")
+    explicit = q @ k.transpose(-2, -1) / 5  # identity features, divided by the token count
+    assert (explicit < 0).any()  # a signed map: a row-sum normaliser could be zero or negative here
+    torch.testing.assert_close(attn._attend(q, k, v), explicit @ v, rtol=1e-12, atol=1e-12)
 
 
 def test_mutate_and_crossover_always_return_valid_programs():

@@ -1,4 +1,4 @@
-"""Intervals and paired tests against hand computations; per-image scoring against the engine's top-1."""
+"""Intervals and paired tests against scipy.stats and hand values; per-image scoring against the engine."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import binomtest
 
 from attnxfer.apps.seed_stats import paired_table, per_image_correct, results_table
 from attnxfer.apps.training import train
@@ -13,20 +14,21 @@ from attnxfer.apps.uncertainty import format_top1, mcnemar, mean_std, top1_inter
 from attnxfer.checkpoints.export import export_run
 from attnxfer.config import load_config
 
-Z = 1.959963984540054  # the 97.5 % normal quantile
 
-
-def _wilson(k: int, n: int) -> tuple[float, float]:
-    """Wilson's score interval, written out."""
-    p = k / n
-    centre = (p + Z * Z / (2 * n)) / (1 + Z * Z / n)
-    half = Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n)) / (1 + Z * Z / n)
-    return 100 * (centre - half), 100 * (centre + half)
+def _scipy_ci(k: int, n: int, method: str = "wilson") -> tuple[float, float]:
+    """The 95 % interval from scipy.stats (an independent implementation), in percent."""
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method=method)
+    return 100 * float(ci.low), 100 * float(ci.high)
 
 
 @pytest.mark.parametrize(("k", "n"), [(856, 1000), (844, 1000), (631, 1000), (7, 10), (0, 20), (20, 20)])
-def test_wilson_interval_matches_the_formula(k, n):
-    assert top1_interval(k, n) == pytest.approx(_wilson(k, n), abs=1e-9)
+def test_wilson_interval_matches_scipy(k, n):
+    assert top1_interval(k, n) == pytest.approx(_scipy_ci(k, n), abs=1e-9)
+
+
+@pytest.mark.parametrize(("k", "n"), [(856, 1000), (7, 10), (0, 20), (20, 20)])
+def test_exact_interval_matches_scipy_clopper_pearson(k, n):
+    assert top1_interval(k, n, method="exact") == pytest.approx(_scipy_ci(k, n, "exact"), abs=1e-9)
 
 
 def test_exact_interval_edges_and_the_demos_two_points():
@@ -50,6 +52,8 @@ def test_mcnemar_exact_by_hand():
     a = np.array([1] + [0] * 9 + [1] * 5, bool)
     b = np.array([0] + [1] * 9 + [1] * 5, bool)
     assert mcnemar(a, b).p_value == pytest.approx(2 * 11 / 1024)
+    # the exact McNemar test is a two-sided binomial test on the discordant pairs (scipy's binomtest)
+    assert mcnemar(a, b).p_value == pytest.approx(binomtest(1, 10, 0.5).pvalue)
     assert mcnemar(a, a).p_value == 1.0  # no discordant images: no evidence either way
     with pytest.raises(ValueError, match="different images"):
         mcnemar(a, a[:-1])
@@ -65,7 +69,7 @@ def test_tables_render_intervals_and_paired_tests():
     cb = [np.array([0] * 3 + [1] * 6 + [0], bool), np.array([1] * 8 + [0] * 2, bool)]
     res = lambda top1: {"val_top1": top1, "best_top1": top1, "steps": 5, "seconds": 1.0}
     table = results_table({"A": [res(90.0), res(80.0)], "B": [res(60.0), res(80.0)]}, {"A": ca, "B": cb})
-    lo, hi = _wilson(9, 10)
+    lo, hi = _scipy_ci(9, 10)
     assert f"| A | 85.00 ± 7.07 | [{lo:.1f}, {hi:.1f}];" in table
     paired = paired_table({"A": ca, "B": cb}, [("A", "B")], seeds=[1, 2])
     assert "| A vs B | 1 | 3 | 0 | 0.250 |" in paired and "| A vs B | 2 | 0 | 0 | 1.000 |" in paired
