@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import attnxfer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +70,7 @@ def test_help_and_argument_errors_import_neither_torch_nor_timm():
     assert not loaded, f"first case that imported a heavy module: {loaded[0]}"
 
 
+@pytest.mark.slow
 def test_bare_import_is_light_and_every_public_name_still_imports():
     code = (
         "import sys, attnxfer; light = 'torch' not in sys.modules and 'timm' not in sys.modules; "

@@ -303,6 +303,7 @@ def copy_run(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_training_writes_class_token_pictures_to_tensorboard(copy_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -314,6 +315,7 @@ def test_training_writes_class_token_pictures_to_tensorboard(copy_run):
     assert (image.width, image.height) == class_token_figure_size(2, 7) and image.step == 2
 
 
+@pytest.mark.slow
 def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, capsys):
     out = tmp_path / "report"
     res = _cli(

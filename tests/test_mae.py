@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.pretrain import pretrain
 from attnxfer.config import load_config
+from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.models.mae import (
     MaskedAutoencoder,
@@ -305,7 +306,15 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
     ],
 )
-def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path):
+def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):
+    """Through the CLI's own main, in this process (the real process: the test below)."""
+    code = cli.main(["pretrain", "-c", "demo/mae_pretrain", f"run_dir={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert needle in err and "Traceback" not in err
+
+
+def test_a_refused_pretrain_exits_2_with_one_line_in_a_real_process(tmp_path):
     res = subprocess.run(
         [
             sys.executable,
@@ -315,7 +324,7 @@ def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path):
             "-c",
             "demo/mae_pretrain",
             f"run_dir={tmp_path}",
-            *args,
+            "mae.mask_ratio=1.0",
         ],
         capture_output=True,
         text=True,
@@ -324,7 +333,7 @@ def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert res.returncode == 2, res.stderr[-2000:]
-    assert needle in res.stderr and "Traceback" not in res.stderr
+    assert "mae.mask_ratio: must be >= 0 and < 1" in res.stderr and "Traceback" not in res.stderr
 
 
 # -- the demo's MAE rows ---------------------------------------------------------------------------

@@ -340,6 +340,7 @@ end_program(3)
 """
 
 
+@pytest.mark.slow
 def test_after_a_multi_rank_run_the_program_ends_with_its_code_and_its_outputs_but_without_finalization(
     tmp_path,
 ):

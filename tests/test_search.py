@@ -17,7 +17,6 @@ import pytest
 import torch
 from helpers import peaked_teacher
 from safetensors.torch import load_file, save_file
-from timm.models import save_for_hf
 
 from attnxfer.launch import cli
 from attnxfer.launch.search_array import split_batches
@@ -144,13 +143,6 @@ def test_rejection_protocol_records_every_rejection_with_its_reason(tiny):
 
 
 # ------------------------------------------------------------------------------------- the command
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher")
-    save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), folder, safe_serialization=True)
-    return folder
-
-
 def _args(run_dir, teacher_dir, *extra):
     return [
         "search",
@@ -216,6 +208,7 @@ def test_search_command_writes_every_output(finished, capsys):
     assert (run / "candidates.jsonl").read_text() == before
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, tiny_teacher_dir):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -33,6 +33,7 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 
 
 # ---- process groups for real -----------------------------------------------------------------
+@pytest.mark.slow
 def test_init_distributed_under_torchrun_joins_ranks_that_talk(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("SUBMITIT")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -75,6 +76,7 @@ def test_distributed_info_rejects_inconsistent_environment(monkeypatch):
         DistributedInfo.from_environment()
 
 
+@pytest.mark.slow
 def test_local_cluster_runs_the_same_task_with_two_ranks(tmp_path):
     cfg = ToyConfig(run_dir=str(tmp_path / "run"))
     opts = SlurmOptions(cluster="local", tasks_per_node=2, time=5)
