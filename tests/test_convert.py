@@ -12,7 +12,6 @@ import pytest
 import torch
 from helpers import peaked_teacher, tiny_vit
 from safetensors.torch import load_file
-from timm.models import save_for_hf
 
 from attnxfer.apps.convert import conversion_plan_from_config
 from attnxfer.config import list_recipes, load_config
@@ -314,13 +313,6 @@ def test_recipes_load_and_validate():
 
 
 # ------------------------------------------------------------------------------------- the command
-@pytest.fixture(scope="module")
-def tiny_teacher_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("teacher")
-    save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), folder, safe_serialization=True)
-    return folder
-
-
 def _convert_args(run_dir, teacher_dir, *extra):
     return [
         f"run_dir={run_dir}",
@@ -344,6 +336,7 @@ def _convert_args(run_dir, teacher_dir, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir):
     run = tmp_path / "run"
     res = subprocess.run(

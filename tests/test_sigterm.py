@@ -161,12 +161,10 @@ def _convert(run_dir: Path, teacher: Path, log: Path) -> multiprocessing.Process
 
 
 @pytest.mark.slow
-def test_sigterm_in_convert_stage1_saves_its_step_and_the_same_command_continues_there(tmp_path):
-    from helpers import peaked_teacher
-    from timm.models import save_for_hf
-
-    teacher = tmp_path / "teacher"
-    save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), teacher, safe_serialization=True)
+def test_sigterm_in_convert_stage1_saves_its_step_and_the_same_command_continues_there(
+    tmp_path, tiny_teacher_dir
+):
+    teacher = tiny_teacher_dir
     ref = _convert(tmp_path / "ref", teacher, tmp_path / "ref.log")
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     proc = _convert(run_dir, teacher, log)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.pretrain import build_pretrain_engine
 from attnxfer.apps.training import build_engine, train
-from attnxfer.checkpoints.export import ModelCardInfo, export_run, export_student
+from attnxfer.checkpoints.export import export_run
 from attnxfer.config import ConfigError, load_config
 from attnxfer.train.compile import RateAsInputDropPath, compile_blocks, is_compiled
 from attnxfer.train.engine import NonFiniteLossError
@@ -44,13 +44,9 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    """A random tiny ViT exported in timm's format: the runs' teacher (``local-dir:``)."""
-    out = tmp_path_factory.mktemp("teacher") / "export"
-    teacher = peaked_teacher(depth=2)
-    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "mean": (0.5,) * 3, "std": (0.25,) * 3}
-    export_student(teacher, out, card=ModelCardInfo(model_name="tiny", license="apache-2.0"))
-    return out
+def teacher_dir(tiny_teacher_dir) -> Path:
+    """The session's tiny teacher in timm's format (tests/conftest.py): the runs' teacher (``local-dir:``)."""
+    return tiny_teacher_dir
 
 
 def _cfg(tmp_path: Path, teacher_dir: Path, mode: str, *extra: str):
