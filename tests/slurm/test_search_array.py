@@ -10,13 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from attnxfer.launch import cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _attnxfer(*args, timeout=400):
+def _attnxfer(*args, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [sys.executable, "-m", "attnxfer", *args],
@@ -32,13 +35,8 @@ def _rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
 
 
-def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import peaked_teacher
-    from timm.models import save_for_hf
-
-    teacher = tmp_path / "teacher"
-    save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), teacher, safe_serialization=True)
+def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tiny_teacher_dir):
+    teacher = tiny_teacher_dir
 
     def args(run):
         return [
@@ -68,14 +66,19 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path):
         "--time",
         "5",
         "--wait-timeout",
-        "240",
+        "300",
     )
     assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
     # one job array per generation, two tasks each, ids ARRAY_0 and ARRAY_1
     arrays = [line for line in job.stdout.splitlines() if "as a job array of 2 task(s)" in line]
     assert len(arrays) == 2 and all("_0, " in line and "_1" in line for line in arrays)
-    local = _attnxfer(*args(tmp_path / "local"))
-    assert local.returncode == 0, local.stderr[-3000:]
+    # the local reference in this process, one torch thread like each array task (--cpus-per-task 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(args(tmp_path / "local")) == 0
+    finally:
+        torch.set_num_threads(threads)
 
     a, b = _rows(tmp_path / "array"), _rows(tmp_path / "local")
     assert [r["formula"] for r in a] == [r["formula"] for r in b]

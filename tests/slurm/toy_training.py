@@ -41,7 +41,7 @@ class ToyConfig:
     features: int = 6
     outputs: int = 3
     seed: int = 0
-    step_sleep_s: float = 0.0  # slows the run down so a test can preempt it mid-way
+    step_sleep_s: float = 0.0  # slows the first run (not a requeued one) so a test can preempt it
     fail_rank: int = -1  # this rank raises at fail_at_step ...
     fail_at_step: int = -1
     fail_mode: str = "raise"  # ... or dies without a word ("exit")
@@ -100,6 +100,7 @@ def toy_main(cfg: ToyConfig) -> dict[str, Any]:
             model.weight.copy_(state["weight"])
             model.bias.copy_(state["bias"])
         start = int(state["step"].item())
+    restart = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
     per_rank = cfg.global_batch // info.world_size
     rows = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
     x, y = x[rows], y[rows]
@@ -118,7 +119,8 @@ def toy_main(cfg: ToyConfig) -> dict[str, Any]:
         _sgd_step(model, cfg.lr)
         if info.rank == 0 and (step + 1) % cfg.ckpt_every == 0:
             _save_atomic({"weight": model.weight, "bias": model.bias, "step": torch.tensor(step + 1)}, ckpt)
-        time.sleep(cfg.step_sleep_s)
+        if restart == 0:
+            time.sleep(cfg.step_sleep_s)
     final = {"weight": model.weight, "bias": model.bias, "step": torch.tensor(cfg.steps)}
     _save_atomic(final, run_dir / f"final_rank{info.rank}.safetensors")
     summary = {
@@ -126,7 +128,7 @@ def toy_main(cfg: ToyConfig) -> dict[str, Any]:
         "world_size": info.world_size,
         "resumed_from": start,
         "steps_run": cfg.steps - start,
-        "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0),
+        "restart": restart,
     }
     with open(run_dir / f"summary_rank{info.rank}.jsonl", "a") as f:
         f.write(json.dumps(summary) + "\n")
