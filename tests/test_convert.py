@@ -395,6 +395,7 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
         assert torch.equal(loaded(x), rebuilt(x))
 
 
+@pytest.mark.slow
 def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teacher_dir, capsys):
     from attnxfer.launch.cli import main
 
@@ -451,6 +452,7 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
     assert "does not apply to a 'signed' attention" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_convert_with_a_formula_attention_and_an_unparsable_one(tmp_path, tiny_teacher_dir, capsys):
     from attnxfer.launch.cli import main
 

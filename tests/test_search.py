@@ -101,6 +101,7 @@ def test_fit_kl_is_the_kl_of_explicit_maps_on_the_held_out_images(tiny):
     assert _evaluator(tiny)("formula:sum(relu)")["kl"] == fitted["kl"]
 
 
+@pytest.mark.slow
 def test_rejection_protocol_records_every_rejection_with_its_reason(tiny):
     # before training: syntax, check_formula, signed normalisation
     assert "position 8" in precheck("sum(relu", 16, (4, 4))[1]
@@ -261,6 +262,7 @@ def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, 
     assert "Traceback" not in err and not run.exists()
 
 
+@pytest.mark.slow
 def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refused(
     tmp_path, tiny_teacher_dir, capsys, monkeypatch
 ):
