@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import MapKind, TransferableAttention
+from ..models.attention.bias_rows import BiasRows, bias_block
 from ..models.attention.numerics import fp32_section, row_chunk
 from .losses import CEPath, attention_distillation_loss, biased_attention_ce
 
@@ -105,12 +106,12 @@ def _teacher_rows(
     k_t: torch.Tensor,
     rows: slice,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
 ) -> torch.Tensor:
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     z = (q_t[..., rows, :] * scale_t) @ k_t.transpose(-2, -1)
     if bias_t is not None:
-        z = z + bias_t[..., rows, :].to(z.dtype)
+        z = z + bias_block(bias_t, rows).to(z.dtype)
     return z.softmax(dim=-1)
 
 
@@ -151,9 +152,9 @@ def _implicit_loss(
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
     scale_s: float | None = None,
-    bias_s: torch.Tensor | None = None,
+    bias_s: torch.Tensor | BiasRows | None = None,
 ) -> MapAgreement:
     """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free.
     (``ce_path``/``lse_s`` concern softmax layers' exact CE only; the teacher's logits take ``scale_t`` and
@@ -170,7 +171,7 @@ def _implicit_loss(
     step = row_chunk(q_s, M, chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
         q_t, k_t = q_t.detach().float(), k_t.detach().float()
-        bias_t = bias_t.detach().float() if bias_t is not None else None
+        bias_t = bias_t.detach() if bias_t is not None else None
         q_s, k_s = q_s.float(), k_s.float()
         grad = torch.is_grad_enabled() and (
             q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
@@ -207,9 +208,9 @@ def _exact_softmax_ce(
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
     scale_s: float | None = None,
-    bias_s: torch.Tensor | None = None,
+    bias_s: torch.Tensor | BiasRows | None = None,
 ) -> MapAgreement:
     """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
     identity for plain q·kᵀ logits, the chunked biased path (`biased_attention_ce`) when either side's
@@ -325,9 +326,9 @@ def map_distillation_loss(
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
     scale_s: float | None = None,
-    bias_s: torch.Tensor | None = None,
+    bias_s: torch.Tensor | BiasRows | None = None,
 ) -> MapAgreement:
     """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
     softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
