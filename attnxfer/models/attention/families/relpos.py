@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
 from timm.layers import RelPosBias, RelPosMlp
 from timm.models.vision_transformer_relpos import RelPosAttention
 
@@ -65,14 +66,15 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
         shared_rel_pos: torch.Tensor | None = None,
     ) -> BiasRows:
         """The layer's table (``RelPosBias``) or MLP output (``RelPosMlp``) gathered a chunk of rows at a
-        time; a shared bias, or a layout without an index, as rows of the full tensor."""
+        time; a shared bias, a layout without an index, or an MLP that draws dropout (its rows would
+        not be this call's bias), as rows of the full tensor."""
         rel = self.rel_pos
         index = getattr(rel, "relative_position_index", None)
         if rel is None or index is None:
             return BiasRows.of_tensor(bias)
         if isinstance(rel, RelPosBias):
             return gathered_bias_rows(rel.relative_position_bias_table, index, bias.shape[-1])
-        if isinstance(rel, RelPosMlp):
+        if isinstance(rel, RelPosMlp) and not _draws_dropout(rel):
             gain = rel.bias_gain
             act = rel.bias_act
             post = act if gain is None else (lambda b: gain * act(b))
@@ -86,3 +88,8 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_chunks(self, chunks)
+
+
+def _draws_dropout(module: nn.Module) -> bool:
+    """``module`` draws random dropout masks now (training, p > 0): recomputing it gives another result."""
+    return module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
