@@ -84,14 +84,16 @@ class _FusedRowCE(torch.autograd.Function):
     dz = P_s − P̄_t and from it dq = (s/n)·dz k_s and dk = (s/n)·dzᵀ q_s (n = B·H_s·N rows); backward only
     scales them by g. Per layer that is four N²d matmuls (two logits, two gradient products), the count of
     the materialised autograd graph, without its two N×N maps: memory is one chunk of logits plus dq, dk
-    (the size of q_s, k_s; the teacher's q/k are not kept). The earlier row path recomputed every chunk in
-    backward: six matmuls. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
+    (the size of q_s, k_s; the teacher's q/k are not kept). Keys may be fewer than queries (N_k ≠ N_q:
+    PVTv2's spatial reduction, Twins' sub-sampled global attention): rows are N_q, columns N_k. The
+    earlier row path recomputed every chunk in backward: six matmuls. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
     ``torch.no_grad()``, and evaluation must not pay for gradients.
     """
 
     @staticmethod
     def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, chunk, entropy, want_q, want_k, keep_half):
         B, H, N, _ = q_s.shape
+        M = k_s.shape[-2]  # keys: N_k may differ from N_q (spatial-reduction / sub-sampled keys)
         groups = q_t.shape[1] // H
         n = B * H * N  # rows averaged over
         dtype = compute_dtype(q_s)
@@ -117,7 +119,7 @@ class _FusedRowCE(torch.autograd.Function):
         dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
         dk = torch.empty(ks.shape, dtype=dtype, device=ks.device) if want_k else None
         # (B·H, N, ·) fp32 views for the gradient products: scaled and accumulated inside the GEMMs
-        qs3, ks3 = qs.to(dtype).view(B * H, N, -1), ks.to(dtype).view(B * H, N, -1)
+        qs3, ks3 = qs.to(dtype).view(B * H, N, -1), ks.to(dtype).view(B * H, M, -1)
         for i, rows in enumerate(row_slices(0, N, chunk)):
             z_t = matmul_fp32(qt[..., rows, :], kt_T)
             z_s = matmul_fp32(qs[..., rows, :], ks_T)
@@ -128,12 +130,12 @@ class _FusedRowCE(torch.autograd.Function):
                 ent -= torch.special.xlogy(p_t, p_t).sum(dtype=torch.float64)
             if dq is None and dk is None:
                 continue
-            dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, N)  # P_s − P̄_t: d CE_i / d logits_i
+            dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, M)  # P_s − P̄_t: d CE_i / d logits_i
             if dq is not None:  # dq = (s/n)·dz K_s
                 part = dq.view(B * H, N, -1)[:, rows]
                 torch.baddbmm(part, dz, ks3, beta=0, alpha=scale_s / n, out=part)
             if dk is not None:  # dk = (s/n)·dzᵀ Q_s, summed over chunks
-                dk3 = dk.view(B * H, N, -1)
+                dk3 = dk.view(B * H, M, -1)
                 torch.baddbmm(
                     dk3, dz.transpose(1, 2), qs3[:, rows], beta=int(i > 0), alpha=q_scale / n, out=dk3
                 )

@@ -38,7 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.bias_rows import BiasRows, bias_block
 from ..models.attention.numerics import fp32_section, row_chunk
-from .losses import CEPath, attention_distillation_loss, biased_attention_ce
+from .losses import CEPath, attention_distillation_loss, biased_attention_ce, ce_path_for
 
 __all__ = [
     "DEFAULT_MAP_LOSS",
@@ -213,10 +213,13 @@ def _exact_softmax_ce(
     bias_s: torch.Tensor | BiasRows | None = None,
 ) -> MapAgreement:
     """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
-    identity for plain q·kᵀ logits, the chunked biased path (`biased_attention_ce`) when either side's
-    logits carry a bias (relative-position tables) or the key set differs from the queries (CaiT's
-    class attention: one query row; the O(N) row paths assume square maps)."""
-    if bias_t is not None or bias_s is not None or q_s.shape[-2] != k_s.shape[-2]:
+    identity for plain q·kᵀ logits, also where the key set differs from the queries (CaiT's class
+    attention: one query row; spatially reduced keys), and the chunked biased path
+    (`biased_attention_ce`) when either side's logits carry a bias (relative-position tables). The
+    ``triton`` kernels take square maps only: other shapes take the device's default path."""
+    if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
+        ce_path = ce_path_for(q_s.device)
+    if bias_t is not None or bias_s is not None:
         res = biased_attention_ce(
             q_t,
             k_t,
