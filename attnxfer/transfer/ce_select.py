@@ -334,10 +334,18 @@ def measure_ce_paths(
         how,
         timings_ms=timings,
         skipped=skipped,
-        shapes=asdict(shapes),
+        shapes=_record_shapes(shapes),
         device=str(device),
         seconds=time.perf_counter() - started,
     )
+
+
+def _record_shapes(shapes: LayerShapes) -> dict[str, Any]:
+    """The shapes as run.json records them (``key_tokens`` only where keys are fewer than the tokens)."""
+    record = asdict(shapes)
+    if record["key_tokens"] is None:
+        del record["key_tokens"]
+    return record
 
 
 def _free(device: torch.device) -> None:
