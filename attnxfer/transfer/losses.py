@@ -64,6 +64,7 @@ __all__ = [
     "ce_path_for",
     "group_heads_ok",
     "materialised_bytes",
+    "padding_from_mask",
     "row_logsumexp",
     "teacher_entropy",
 ]
@@ -375,12 +376,14 @@ class _FusedBiasedRowCE(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q_s, k_s, q_t, k_t, b_s, b_t, scale_s, scale_t, chunk, entropy, want_q, want_k, *b_inputs
+        ctx, q_s, k_s, q_t, k_t, b_s, b_t, pad, scale_s, scale_t, chunk, entropy, want_q, want_k, *b_inputs
     ):
         B, H, N, _ = q_s.shape
         groups = q_t.shape[1] // H
-        n = B * H * N
         dtype = compute_dtype(q_s)
+        # padding: (additive key bias (B, 1, 1, N_k), query-row weights (B, 1, N_q, 1) of 1 / 0)
+        key_bias, row_w = pad if pad is not None else (None, None)
+        n = B * H * N if row_w is None else H * row_w.sum().item()
         qs, ks = _scaled_contiguous(q_s.to(dtype), scale_s), k_s.to(dtype).contiguous()
         qt, kt = _scaled_contiguous(q_t.to(dtype), scale_t), k_t.to(dtype).contiguous()
         ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
@@ -405,14 +408,23 @@ class _FusedBiasedRowCE(torch.autograd.Function):
             z_t = qt[..., rows, :] @ kt_T
             if b_t is not None:
                 z_t += b_t.rows(rows).to(dtype)
+            w = None
+            if key_bias is not None:  # padded keys: no weight in either map; padded rows: not counted
+                z_s += key_bias
+                z_t += key_bias
+                w = row_w[:, :, rows]
             p_t = _grouped_mean(torch.softmax(z_t, dim=-1), groups)
             log_p_s = torch.log_softmax(z_s, dim=-1)
-            ce -= torch.linalg.vecdot(p_t, log_p_s).sum(dtype=torch.float64)
+            ce_rows = torch.linalg.vecdot(p_t, log_p_s)
+            ce -= (ce_rows if w is None else ce_rows * w[..., 0]).sum(dtype=torch.float64)
             if entropy:
-                ent -= torch.special.xlogy(p_t, p_t).sum(dtype=torch.float64)
+                ent_rows = torch.special.xlogy(p_t, p_t).sum(-1)
+                ent -= (ent_rows if w is None else ent_rows * w[..., 0]).sum(dtype=torch.float64)
             if dq is None and dk is None and not grad_leaves:
                 continue
             dz = log_p_s.exp_().sub_(p_t).div_(n)  # d mean-CE / d logits of these rows
+            if w is not None:
+                dz.mul_(w)
             if dq is not None:
                 dq[..., rows, :] = (dz @ ks).mul_(scale_s)
             if dk is not None:
@@ -439,7 +451,7 @@ class _FusedBiasedRowCE(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         grads = [(next(saved) * grad_ce).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)]
         dq, dk, *db = grads
-        return (dq, dk, None, None, None, None, None, None, None, None, None, None, *db)
+        return (dq, dk, None, None, None, None, None, None, None, None, None, None, None, *db)
 
 
 def biased_attention_ce(
@@ -454,6 +466,7 @@ def biased_attention_ce(
     scale_s: float | None = None,
     chunk: int | None = None,
     with_kl: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> AttentionLoss:
     """The row CE of logits with an additive bias, z = s·q kᵀ + B (relative-position tables), exact:
     CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij, in one pass over query-row chunks that also computes the gradient
@@ -461,7 +474,12 @@ def biased_attention_ce(
     (B or 1, H, N_q, N_k) or a `BiasRows` (an adapter's ``logit_bias_rows``: rows gathered from a table
     per chunk, never the whole bias or its gradient); the gradient reaches q_s, k_s and what ``bias_s`` is
     computed from. Teacher heads are averaged in groups as in `attention_distillation_loss`; the key set
-    may differ from the queries (N_k ≠ N_q)."""
+    may differ from the queries (N_k ≠ N_q).
+
+    ``valid`` (B, N) bool marks a padded batch's real tokens (NaFlexViT's ``patch_valid`` with its prefix
+    tokens, `padding_from_mask`): padded keys get no weight in either map (logits at fp32's lowest, as
+    timm masks them) and padded query rows count for nothing: the mean is over real rows only, so each
+    sample's rows are those of the sample alone, unpadded. Self-attention only (N_q = N_k = N)."""
     _check_shapes(q_t, k_t, q_s, k_s)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
@@ -478,6 +496,7 @@ def biased_attention_ce(
             k_t.detach(),
             bias_s,
             bias_t.detach() if bias_t is not None else None,
+            _padding(valid, q_s, k_s),
             scale_s,
             scale_t,
             rows_path_chunk(q_s, k_s.shape[-2], chunk),
@@ -487,6 +506,48 @@ def biased_attention_ce(
             *(bias_s.inputs if bias_s is not None else ()),
         )
     return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
+
+
+def _padding(valid: torch.Tensor | None, q_s: torch.Tensor, k_s: torch.Tensor):
+    """(key bias (B, 1, 1, N), row weights (B, 1, N, 1)) in the compute dtype for ``valid`` (B, N)."""
+    if valid is None:
+        return None
+    B, _, N, _ = q_s.shape
+    if k_s.shape[-2] != N or tuple(valid.shape) != (B, N):
+        raise ValueError(
+            f"valid must be (batch, tokens) = {(B, N)} for self-attention over N tokens, got "
+            f"{tuple(valid.shape)} with {k_s.shape[-2]} keys"
+        )
+    dtype = compute_dtype(q_s)
+    valid = valid.to(device=q_s.device, dtype=torch.bool)
+    key_bias = torch.zeros(B, 1, 1, N, dtype=dtype, device=q_s.device)
+    key_bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+    return key_bias, valid[:, None, :, None].to(dtype)
+
+
+def padding_from_mask(mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The real tokens (B, N) of a padded batch from timm's attention mask (NaFlexViT's ``attn_mask``:
+    additive (B, 1, N, N) at fp32's lowest value where query or key is padding, or key-only (B, 1, 1, N);
+    bool masks True = attend); None when nothing is padded. Any other mask (a query that sees some real
+    keys but not others) is not padding: a ValueError."""
+    if mask is None:
+        return None
+    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if seen.dim() != 4 or seen.shape[-1] != tokens or seen.shape[-2] not in (1, tokens):
+        raise ValueError(
+            f"attention mask of shape {tuple(mask.shape)} is not a padding mask over {tokens} tokens"
+        )
+    valid = seen.any(dim=-2).all(dim=1)  # a key is real if some query sees it
+    if seen.shape[-2] == tokens:  # symmetric: real rows see exactly the real keys, padded rows nothing
+        want = valid[:, None, :, None] & valid[:, None, None, :]
+    else:
+        want = valid[:, None, None, :]
+    if not torch.equal(seen, want.expand_as(seen)):
+        raise ValueError(
+            "the attention mask is not a padding mask (some query sees some real keys but not others): "
+            "attention distillation leaves out padded tokens only"
+        )
+    return None if bool(valid.all()) else valid
 
 
 def _as_rows(bias: torch.Tensor | BiasRows | None) -> BiasRows | None:

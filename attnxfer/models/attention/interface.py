@@ -134,7 +134,7 @@ class AttentionIO:
     #: that goes with them (a teacher's captured ``"bias"``; None: no bias), in place of the layer's own.
     bias: torch.Tensor | BiasRows | None = None
     #: subset of "qkv"; capturing q and k also captures the layer's logit bias, if any, as ``"bias"``: a
-    #: `BiasRows` (``logit_bias_rows``)
+    #: `BiasRows` (``logit_bias_rows``), and the call's ``attn_mask``, if any, as ``"mask"``
     capture: str = ""
     return_map: bool = False
     return_lse: bool = False
@@ -464,6 +464,8 @@ class TransferableAttention(nn.Module):
             for c in io.capture:
                 io.captured[c] = own[c]
             own_bias = None
+            if attn_mask is not None and "q" in io.capture and "k" in io.capture:
+                io.captured["mask"] = attn_mask  # padding (NaFlexViT): the loss leaves padded tokens out
             if self.has_logit_bias and "q" in io.capture and "k" in io.capture:
                 own_bias = self.logit_bias(own["q"], own["k"], **call)
                 if own_bias is not None:
