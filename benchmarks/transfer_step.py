@@ -73,6 +73,7 @@ from _measure import (  # noqa: E402
 )
 
 from attnxfer.models import create_vit  # noqa: E402
+from attnxfer.models.attention.bias_rows import full_bias  # noqa: E402
 from attnxfer.train import student_param_groups  # noqa: E402
 from attnxfer.train.devices import Precision  # noqa: E402
 from attnxfer.train.devices import teacher_dtype as resolve_teacher_dtype  # noqa: E402
@@ -166,10 +167,12 @@ def _materialised_ce(teacher_sig: dict[str, torch.Tensor], student_sig: dict[str
     def log_map(sig):
         q, k = sig["q"].float(), sig["k"].float()
         z = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        return torch.log_softmax(z + sig["bias"].float() if "bias" in sig else z, dim=-1)
+        return torch.log_softmax(z + full_bias(sig["bias"]).float() if "bias" in sig else z, dim=-1)
 
     with torch.autocast(student_sig["q"].device.type, enabled=False):
-        log_t = log_map({k: v.detach() for k, v in teacher_sig.items()})
+        log_t = log_map(
+            {k: v.detach() if k != "bias" else full_bias(v).detach() for k, v in teacher_sig.items()}
+        )
         ce = -(log_t.exp() * log_map(student_sig)).sum(-1).mean()
         kl = ce.detach() + (log_t.exp() * log_t).sum(-1).mean()
     return type("Res", (), {"ce": ce, "kl": kl})

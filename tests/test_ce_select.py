@@ -137,3 +137,30 @@ def test_a_deterministic_run_takes_the_device_default_without_timing(dual):
         else:
             assert choice.how == "measured" and set(choice.timings_ms) >= {"rows", "sdpa"}
     dual.ce_path = None
+
+
+def test_auto_measures_layers_with_fewer_keys_than_queries():
+    """A spatial-reduction layer's shapes (65 query rows, 17 keys): every CPU path is timed on them and none
+    fails; the Triton kernels (square maps only) are not tried; the materialised maps are counted N_q×N_k."""
+    from attnxfer.transfer.ce_select import LayerShapes, candidate_paths, measure_ce_paths
+
+    shapes = LayerShapes(
+        batch=2,
+        tokens=65,
+        student_heads=2,
+        student_dim=8,
+        teacher_heads=2,
+        teacher_dim=8,
+        layers=1,
+        key_tokens=17,
+    )
+    todo, unavailable = candidate_paths("cuda", shapes, budget_bytes=2**40)
+    assert CEPath.TRITON not in todo and "keys" in unavailable["triton"]
+    square = LayerShapes(**{**shapes.__dict__, "key_tokens": None})
+    _, tight = candidate_paths("cpu", shapes, budget_bytes=materialised_bytes(2, 65, 2, 2, 1) - 1)
+    _, none_fit = candidate_paths("cpu", square, budget_bytes=materialised_bytes(2, 65, 2, 2, 1) - 1)
+    assert "materialised" not in tight and "materialised" in none_fit
+    todo, _ = candidate_paths("cpu", shapes, budget_bytes=2**40)
+    choice = measure_ce_paths(shapes, "cpu", todo, rounds=1, log=lambda _: None)
+    assert not choice.skipped and set(choice.timings_ms) == {str(p) for p in todo}
+    assert choice.path in todo and "17 keys" in choice.describe()

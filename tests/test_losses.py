@@ -258,3 +258,32 @@ def test_rows_path_value_is_as_accurate_as_the_materialised_reference_at_large_n
     reference = attention_ce_reference(q_t, k_t, q_s, k_s).ce.item()
     err_rows, err_ref = abs(rows - exact) / abs(exact), abs(reference - exact) / abs(exact)
     assert err_rows <= max(3 * err_ref, 2e-7), (err_rows, err_ref)
+
+
+@PATHS
+def test_fewer_keys_than_queries_equal_explicit_maps_in_float64(path):
+    """N_k ≠ N_q (PVTv2's spatial reduction, Twins' sub-sampled keys: q of 23 rows, k of 6): every CPU path's
+    value and gradients equal −Σ_j P̄_t log P_s from both explicit 23×6 maps, with grouped heads, unlike head
+    dims and a ragged last chunk (the row path also in float64, to its precision)."""
+    g = torch.Generator().manual_seed(3)
+    q_t, k_t = torch.randn(2, 6, 23, 5, generator=g) * 2, torch.randn(2, 6, 6, 5, generator=g) * 2
+    q_s = torch.randn(2, 3, 23, 4, generator=g).requires_grad_()
+    k_s = torch.randn(2, 3, 6, 4, generator=g).requires_grad_()
+    fast = _fast(q_t, k_t, q_s, k_s, chunk=5, path=path)
+    p_t = ((q_t.double() @ k_t.double().transpose(-2, -1)) * 5**-0.5).softmax(-1)
+    p_t = p_t.reshape(2, 3, 2, 23, 6).mean(2)
+    log_p_s = ((q_s.double() @ k_s.double().transpose(-2, -1)) * 4**-0.5).log_softmax(-1)
+    ce = -(p_t * log_p_s).sum(-1).mean()
+    torch.testing.assert_close(fast.ce.double(), ce, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast.kl.double(), ce + (p_t * p_t.log()).sum(-1).mean(), rtol=1e-4, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(fast.ce, [q_s, k_s]), torch.autograd.grad(ce, [q_s, k_s])):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-7)
+    if path == "rows":  # in float64 end to end: equal to float64's precision
+        qs, ks = q_s.detach().double().requires_grad_(), k_s.detach().double().requires_grad_()
+        exact = attention_distillation_loss(q_t.double(), k_t.double(), qs, ks, chunk=5, path=path).ce
+        torch.testing.assert_close(exact, ce.detach(), rtol=1e-10, atol=1e-12)
+        log_p = ((qs @ ks.transpose(-2, -1)) * 4**-0.5).log_softmax(-1)
+        want = torch.autograd.grad(-(p_t * log_p).sum(-1).mean(), [qs, ks])
+        for a, b in zip(torch.autograd.grad(exact, [qs, ks]), want):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

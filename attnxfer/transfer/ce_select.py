@@ -64,10 +64,17 @@ class LayerShapes:
     layers: int  # distilled softmax layers (the materialised maps of all of them are alive at once)
     student_dtype: str = "float32"
     teacher_dtype: str = "float32"
+    #: keys per query row where they are fewer than the tokens (spatial-reduction attention); None: ``tokens``
+    key_tokens: int | None = None
+
+    @property
+    def keys(self) -> int:
+        return self.tokens if self.key_tokens is None else self.key_tokens
 
     def describe(self) -> str:
+        keys = f" ({self.key_tokens} keys)" if self.key_tokens not in (None, self.tokens) else ""
         return (
-            f"batch {self.batch} x {self.tokens} tokens, student {self.student_heads} heads of "
+            f"batch {self.batch} x {self.tokens} tokens{keys}, student {self.student_heads} heads of "
             f"{self.student_dim}, teacher {self.teacher_heads} of {self.teacher_dim}, {self.layers} layers, "
             f"{self.student_dtype}/{self.teacher_dtype}"
         )
@@ -197,6 +204,7 @@ def candidate_paths(
             need = materialised_bytes(
                 shapes.batch, shapes.tokens, shapes.student_heads, shapes.teacher_heads, shapes.layers
             )
+            need = need * shapes.keys // shapes.tokens  # the maps are N_q x N_k
             if need > budget_bytes:
                 unavailable[str(path)] = f"maps need {_gib(need)}, budget {_gib(budget_bytes)}"
                 continue
@@ -205,6 +213,9 @@ def candidate_paths(
             continue
         if not named and path is CEPath.TRITON and shapes.teacher_heads != shapes.student_heads:
             unavailable[str(path)] = "needs one teacher head per student head"
+            continue
+        if path is CEPath.TRITON and shapes.keys != shapes.tokens:
+            unavailable[str(path)] = "needs as many keys as queries"
             continue
         out.append(path)
     return out, unavailable
@@ -219,16 +230,26 @@ def _layer_step(
 ) -> Callable[[], None]:
     """One distilled layer's training work on ``path``: the student's attention core and the loss,
     forward and backward. q/k/v are strided views of one (B, N, 3, H, d) tensor, as timm's fused qkv
-    projection hands them out; the teacher's q/k carry no gradient."""
-    B, N = shapes.batch, shapes.tokens
+    projection hands them out (k/v from a second tensor of ``key_tokens`` rows where keys are fewer); the
+    teacher's q/k carry no gradient."""
+    B, N, M = shapes.batch, shapes.tokens, shapes.keys
     s_dtype, t_dtype = getattr(torch, shapes.student_dtype), getattr(torch, shapes.teacher_dtype)
     qkv = torch.randn(B, N, 3, shapes.student_heads, shapes.student_dim, generator=gen)
     qkv = qkv.to(device=device, dtype=s_dtype).requires_grad_()
     t = torch.randn(B, N, 2, shapes.teacher_heads, shapes.teacher_dim, generator=gen)
     q_t, k_t = t.to(device=device, dtype=t_dtype).permute(2, 0, 3, 1, 4).unbind(0)
+    kv = None
+    if M != N:  # reduced keys: k/v of M rows (the student's from a separate projection, with a gradient)
+        kv = torch.randn(B, M, 2, shapes.student_heads, shapes.student_dim, generator=gen)
+        kv = kv.to(device=device, dtype=s_dtype).requires_grad_()
+        k_t = torch.randn(B, shapes.teacher_heads, M, shapes.teacher_dim, generator=gen)
+        k_t = k_t.to(device=device, dtype=t_dtype)
 
     def step() -> None:
         q_s, k_s, v_s = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if kv is not None:
+            k_s, v_s = kv.permute(2, 0, 3, 1, 4).unbind(0)
+            kv.grad = None
         if path.needs_student_lse:
             out, lse = attention_with_lse(q_s, k_s, v_s)
         else:
@@ -313,10 +334,18 @@ def measure_ce_paths(
         how,
         timings_ms=timings,
         skipped=skipped,
-        shapes=asdict(shapes),
+        shapes=_record_shapes(shapes),
         device=str(device),
         seconds=time.perf_counter() - started,
     )
+
+
+def _record_shapes(shapes: LayerShapes) -> dict[str, Any]:
+    """The shapes as run.json records them (``key_tokens`` only where keys are fewer than the tokens)."""
+    record = asdict(shapes)
+    if record["key_tokens"] is None:
+        del record["key_tokens"]
+    return record
 
 
 def _free(device: torch.device) -> None:

@@ -33,7 +33,7 @@ from ..models.attention import (
     make_transfer_aware,
 )
 from ..models.attention.numerics import fp32_section
-from .losses import CEPath, ce_path_for
+from .losses import CEPath, ce_path_for, padding_from_mask
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
@@ -198,7 +198,9 @@ class DualViT(nn.Module):
         return dtype
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> TransferOutput:
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> TransferOutput:
+        """``x``: images, or a NaFlexViT batch (``patches``, ``patch_coord``, ``patch_valid``) whose samples
+        have different numbers of patches: padded tokens are left out of the maps' CE."""
         mode = self.plan.mode
         if not self.training and not mode.teacher_at_eval:
             return TransferOutput(self.student(x))
@@ -206,7 +208,7 @@ class DualViT(nn.Module):
             out = TransferOutput(self.student(x))
             if self.training and self.plan.logit_weight > 0:
                 with torch.no_grad():
-                    teacher_logits = self.teacher(x.to(self._teacher_ready(x.device)))
+                    teacher_logits = self.teacher(_cast(x, self._teacher_ready(_device(x))))
                 self._add_logit_loss(out, teacher_logits)
             return out
         return self._lockstep(x)
@@ -243,7 +245,7 @@ class DualViT(nn.Module):
             for t, io in ios.items():
                 stack.enter_context(attention_io(self._teacher_attn[t], io))
             with contextlib.suppress(StopForward):
-                logits = teacher(x) if wants_logits else teacher.forward_features(x)
+                logits = teacher(x) if wants_logits else _features(teacher, x)
         return {t: io.captured for t, io in ios.items()}, (logits if wants_logits else None)
 
     def _student_io(
@@ -261,18 +263,18 @@ class DualViT(nn.Module):
 
     def _lockstep(self, x: torch.Tensor) -> TransferOutput:
         mode, plan = self.plan.mode, self.plan
-        tdtype = self._teacher_ready(x.device)
+        tdtype = self._teacher_ready(_device(x))
         share = plan.share_drop_path and self.training
         wants_logits = self.training and plan.logit_weight > 0
-        ce_path = self.ce_path or ce_path_for(x.device)
+        ce_path = self.ce_path or ce_path_for(_device(x))
 
         drop = (
-            _shared_drop_path(self._drop_path_pairs(), x.shape[0], x.device)
+            _shared_drop_path(self._drop_path_pairs(), _batch(x), _device(x))
             if share
             else contextlib.nullcontext()
         )
         with drop:
-            signals, teacher_logits = self._teacher_pass(x.to(tdtype), mode.signals, wants_logits)
+            signals, teacher_logits = self._teacher_pass(_cast(x, tdtype), mode.signals, wants_logits)
             ios = {s: self._student_io(s, signals, ce_path) for s, _ in plan.pairs}
             with contextlib.ExitStack() as stack:
                 for s, io in ios.items():
@@ -327,6 +329,7 @@ class DualViT(nn.Module):
                 bias_t=teacher_sig.get("bias"),
                 scale_s=_scale_if_own(s_attn, q_s),
                 bias_s=student_sig.get("bias"),
+                valid=padding_from_mask(student_sig.get("mask"), q_s.shape[-2]),
             )
             out.terms[f"{res.kind.term}/{layer}"] = res.loss
             if res.metric is not None and res.kind.logged_metric:
@@ -337,6 +340,31 @@ class DualViT(nn.Module):
             loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
         out.terms[f"{c}_mse/{layer}"] = loss
         return loss
+
+
+def _device(x: torch.Tensor | dict) -> torch.device:
+    """The device of a batch: an image tensor, or NaFlexViT's dict (patches, coordinates, validity)."""
+    return x["patches"].device if isinstance(x, dict) else x.device
+
+
+def _batch(x: torch.Tensor | dict) -> int:
+    return x["patches"].shape[0] if isinstance(x, dict) else x.shape[0]
+
+
+def _features(model: nn.Module, x: torch.Tensor | dict) -> torch.Tensor:
+    """``model.forward_features`` of a batch (NaFlexViT takes a dict's entries as arguments)."""
+    if isinstance(x, dict):
+        keys = ("patch_coord", "patch_valid", "attn_mask")
+        return model.forward_features(x["patches"], **{k: x[k] for k in keys if k in x})
+    return model.forward_features(x)
+
+
+def _cast(x: torch.Tensor | dict, dtype: torch.dtype) -> torch.Tensor | dict:
+    """The batch in the teacher's dtype: floating tensors only (a NaFlex dict's coordinates and validity
+    stay as they are)."""
+    if isinstance(x, dict):
+        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in x.items()}
+    return x.to(dtype)
 
 
 def _unzip(layers: list[tuple[str, nn.Module]]) -> tuple[list[str], list[nn.Module]]:

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ..models.attention import sdpa
+from ..models.attention.bias_rows import BiasRows
 from ..models.attention.lse import row_logsumexp
 
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
@@ -63,6 +64,7 @@ __all__ = [
     "ce_path_for",
     "group_heads_ok",
     "materialised_bytes",
+    "padding_from_mask",
     "row_logsumexp",
     "teacher_entropy",
 ]
@@ -83,14 +85,16 @@ class _FusedRowCE(torch.autograd.Function):
     dz = P_s − P̄_t and from it dq = (s/n)·dz k_s and dk = (s/n)·dzᵀ q_s (n = B·H_s·N rows); backward only
     scales them by g. Per layer that is four N²d matmuls (two logits, two gradient products), the count of
     the materialised autograd graph, without its two N×N maps: memory is one chunk of logits plus dq, dk
-    (the size of q_s, k_s; the teacher's q/k are not kept). The earlier row path recomputed every chunk in
-    backward: six matmuls. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
+    (the size of q_s, k_s; the teacher's q/k are not kept). Keys may be fewer than queries (N_k ≠ N_q:
+    PVTv2's spatial reduction, Twins' sub-sampled global attention): rows are N_q, columns N_k. The
+    earlier row path recomputed every chunk in backward: six matmuls. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
     ``torch.no_grad()``, and evaluation must not pay for gradients.
     """
 
     @staticmethod
     def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, chunk, entropy, want_q, want_k, keep_half):
         B, H, N, _ = q_s.shape
+        M = k_s.shape[-2]  # keys: N_k may differ from N_q (spatial-reduction / sub-sampled keys)
         groups = q_t.shape[1] // H
         n = B * H * N  # rows averaged over
         dtype = compute_dtype(q_s)
@@ -116,7 +120,7 @@ class _FusedRowCE(torch.autograd.Function):
         dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
         dk = torch.empty(ks.shape, dtype=dtype, device=ks.device) if want_k else None
         # (B·H, N, ·) fp32 views for the gradient products: scaled and accumulated inside the GEMMs
-        qs3, ks3 = qs.to(dtype).view(B * H, N, -1), ks.to(dtype).view(B * H, N, -1)
+        qs3, ks3 = qs.to(dtype).view(B * H, N, -1), ks.to(dtype).view(B * H, M, -1)
         for i, rows in enumerate(row_slices(0, N, chunk)):
             z_t = matmul_fp32(qt[..., rows, :], kt_T)
             z_s = matmul_fp32(qs[..., rows, :], ks_T)
@@ -127,12 +131,12 @@ class _FusedRowCE(torch.autograd.Function):
                 ent -= torch.special.xlogy(p_t, p_t).sum(dtype=torch.float64)
             if dq is None and dk is None:
                 continue
-            dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, N)  # P_s − P̄_t: d CE_i / d logits_i
+            dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, M)  # P_s − P̄_t: d CE_i / d logits_i
             if dq is not None:  # dq = (s/n)·dz K_s
                 part = dq.view(B * H, N, -1)[:, rows]
                 torch.baddbmm(part, dz, ks3, beta=0, alpha=scale_s / n, out=part)
             if dk is not None:  # dk = (s/n)·dzᵀ Q_s, summed over chunks
-                dk3 = dk.view(B * H, N, -1)
+                dk3 = dk.view(B * H, M, -1)
                 torch.baddbmm(
                     dk3, dz.transpose(1, 2), qs3[:, rows], beta=int(i > 0), alpha=q_scale / n, out=dk3
                 )
@@ -362,60 +366,92 @@ def attention_distillation_loss(
 
 class _FusedBiasedRowCE(torch.autograd.Function):
     """`_FusedRowCE` for logits with an additive bias, z = s·q kᵀ + B (fp32): one pass over query-row chunks
-    computes the mean CE, the logged H(P̄_t) and the gradients dq = (s/n)·dz K_s, dk = (1/n)·dzᵀ (s·Q_s) and
-    dB = (1/n)·dz (summed over the batch where B is shared by it), dz = P_s − P̄_t. Memory: a chunk of
-    logits plus the gradients (dB is the bias's own size); the key set may differ from the queries."""
+    computes the mean CE, the logged H(P̄_t) and the gradients dq = (s/n)·dz K_s, dk = (1/n)·dzᵀ (s·Q_s)
+    and the bias's, dz = P_s − P̄_t. Each bias is a `BiasRows`: a chunk's rows are gathered when needed and
+    their gradient (1/n)·dz (summed over the batch where B is shared by it) goes back to the tensors the
+    bias is computed from (a relative-position table) chunk by chunk, by autograd through that chunk's
+    gather alone. Memory: a chunk of logits and bias rows, plus the gradients of q_s, k_s and of the
+    bias's inputs (a table: small; a full bias tensor: its size). The key set may differ from the queries.
+    """
 
     @staticmethod
-    def forward(ctx, q_s, k_s, b_s, q_t, k_t, b_t, scale_s, scale_t, chunk, entropy, want_q, want_k, want_b):
+    def forward(
+        ctx, q_s, k_s, q_t, k_t, b_s, b_t, pad, scale_s, scale_t, chunk, entropy, want_q, want_k, *b_inputs
+    ):
         B, H, N, _ = q_s.shape
         groups = q_t.shape[1] // H
-        n = B * H * N
         dtype = compute_dtype(q_s)
+        # padding: (additive key bias (B, 1, 1, N_k), query-row weights (B, 1, N_q, 1) of 1 / 0)
+        key_bias, row_w = pad if pad is not None else (None, None)
+        n = B * H * N if row_w is None else H * row_w.sum().item()
         qs, ks = _scaled_contiguous(q_s.to(dtype), scale_s), k_s.to(dtype).contiguous()
         qt, kt = _scaled_contiguous(q_t.to(dtype), scale_t), k_t.to(dtype).contiguous()
-        bs = b_s.to(dtype) if b_s is not None else None
-        bt = b_t.to(dtype) if b_t is not None else None
         ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
-        ce = torch.zeros((), dtype=dtype, device=qs.device)
-        ent = torch.zeros((), dtype=dtype, device=qs.device)
+        ce = torch.zeros((), dtype=torch.float64, device=qs.device)
+        ent = torch.zeros((), dtype=torch.float64, device=qs.device)
         dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
         dk = torch.zeros(ks.shape, dtype=dtype, device=ks.device) if want_k else None
-        db = torch.zeros(bs.shape, dtype=dtype, device=bs.device) if want_b else None
+        # the bias inputs that take a gradient: fresh leaves, so each chunk's gather is differentiated alone
+        want_b = [t.requires_grad for t in b_inputs]
+        leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(b_inputs, want_b))
+        db = [
+            torch.zeros(t.shape, dtype=dtype, device=t.device) if w else None for t, w in zip(leaves, want_b)
+        ]
+        grad_leaves = [t for t, w in zip(leaves, want_b) if w]
         for rows in row_slices(0, N, chunk):
             z_s = qs[..., rows, :] @ ks_T
-            if bs is not None:
-                z_s += bs[..., rows, :]
+            bs_rows = None
+            if b_s is not None:
+                with torch.enable_grad():
+                    bs_rows = b_s.rows_fn(rows, *leaves)
+                z_s += bs_rows.detach().to(dtype)
             z_t = qt[..., rows, :] @ kt_T
-            if bt is not None:
-                z_t += bt[..., rows, :]
+            if b_t is not None:
+                z_t += b_t.rows(rows).to(dtype)
+            w = None
+            if key_bias is not None:  # padded keys: no weight in either map; padded rows: not counted
+                z_s += key_bias
+                z_t += key_bias
+                w = row_w[:, :, rows]
             p_t = _grouped_mean(torch.softmax(z_t, dim=-1), groups)
             log_p_s = torch.log_softmax(z_s, dim=-1)
-            ce -= torch.dot(p_t.reshape(-1), log_p_s.reshape(-1))
+            ce_rows = torch.linalg.vecdot(p_t, log_p_s)
+            ce -= (ce_rows if w is None else ce_rows * w[..., 0]).sum(dtype=torch.float64)
             if entropy:
-                ent -= torch.special.xlogy(p_t, p_t).sum()
-            if dq is None and dk is None and db is None:
+                ent_rows = torch.special.xlogy(p_t, p_t).sum(-1)
+                ent -= (ent_rows if w is None else ent_rows * w[..., 0]).sum(dtype=torch.float64)
+            if dq is None and dk is None and not grad_leaves:
                 continue
             dz = log_p_s.exp_().sub_(p_t).div_(n)  # d mean-CE / d logits of these rows
+            if w is not None:
+                dz.mul_(w)
             if dq is not None:
                 dq[..., rows, :] = (dz @ ks).mul_(scale_s)
             if dk is not None:
                 dk += dz.transpose(-2, -1) @ qs[..., rows, :]
-            if db is not None:
-                db[..., rows, :] += dz.sum(0, keepdim=True) if db.shape[0] == 1 < B else dz
-        ctx.save_for_backward(*(t for t in (dq, dk, db) if t is not None))
-        ctx.has = (dq is not None, dk is not None, db is not None)
-        ctx.dtypes = (q_s.dtype, k_s.dtype, b_s.dtype if b_s is not None else None)
+            if grad_leaves and bs_rows is not None and bs_rows.requires_grad:
+                g = dz.sum(0, keepdim=True) if bs_rows.shape[0] == 1 < B else dz
+                parts = iter(
+                    torch.autograd.grad(bs_rows, grad_leaves, g.to(bs_rows.dtype), allow_unused=True)
+                )
+                for i, w in enumerate(want_b):
+                    if w:
+                        part = next(parts)
+                        if part is not None:
+                            db[i] += part
+        ctx.save_for_backward(*(t for t in (dq, dk, *db) if t is not None))
+        ctx.has = (dq is not None, dk is not None, *(d is not None for d in db))
+        ctx.dtypes = (q_s.dtype, k_s.dtype, *(t.dtype for t in b_inputs))
         ctx.mark_non_differentiable(ent)
-        return ce / n, ent / n
+        return (ce / n).to(dtype), (ent / n).to(dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ce, _grad_ent):
         saved = iter(ctx.saved_tensors)
         grads = [(next(saved) * grad_ce).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)]
-        dq, dk, db = grads
-        return dq, dk, db, None, None, None, None, None, None, None, None, None, None
+        dq, dk, *db = grads
+        return (dq, dk, None, None, None, None, None, None, None, None, None, None, None, *db)
 
 
 def biased_attention_ce(
@@ -424,41 +460,100 @@ def biased_attention_ce(
     q_s: torch.Tensor,
     k_s: torch.Tensor,
     *,
-    bias_t: torch.Tensor | None = None,
-    bias_s: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
+    bias_s: torch.Tensor | BiasRows | None = None,
     scale_t: float | None = None,
     scale_s: float | None = None,
     chunk: int | None = None,
     with_kl: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> AttentionLoss:
     """The row CE of logits with an additive bias, z = s·q kᵀ + B (relative-position tables), exact:
     CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij, in one pass over query-row chunks that also computes the gradient
-    (`_FusedBiasedRowCE`), so no more than a chunk of the N_q×N_k logits is alive; the gradient reaches
-    q_s, k_s and ``bias_s`` (B or 1, H_s, N_q, N_k). Teacher heads are averaged in groups as in
-    `attention_distillation_loss`; the key set may differ from the queries (N_k ≠ N_q)."""
+    (`_FusedBiasedRowCE`), so no more than a chunk of the N_q×N_k logits is alive. A bias is a tensor
+    (B or 1, H, N_q, N_k) or a `BiasRows` (an adapter's ``logit_bias_rows``: rows gathered from a table
+    per chunk, never the whole bias or its gradient); the gradient reaches q_s, k_s and what ``bias_s`` is
+    computed from. Teacher heads are averaged in groups as in `attention_distillation_loss`; the key set
+    may differ from the queries (N_k ≠ N_q).
+
+    ``valid`` (B, N) bool marks a padded batch's real tokens (NaFlexViT's ``patch_valid`` with its prefix
+    tokens, `padding_from_mask`): padded keys get no weight in either map (logits at fp32's lowest, as
+    timm masks them) and padded query rows count for nothing: the mean is over real rows only, so each
+    sample's rows are those of the sample alone, unpadded. Self-attention only (N_q = N_k = N)."""
     _check_shapes(q_t, k_t, q_s, k_s)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
-    bias_t = bias_t.unsqueeze(0) if bias_t is not None and bias_t.dim() == 3 else bias_t
-    bias_s = bias_s.unsqueeze(0) if bias_s is not None and bias_s.dim() == 3 else bias_s
+    bias_t = _as_rows(bias_t)
+    bias_s = _as_rows(bias_s)
     grad = torch.is_grad_enabled()
+    if not grad and bias_s is not None:
+        bias_s = bias_s.detach()
     with _fp32(q_s.device.type):
         ce, ent = _FusedBiasedRowCE.apply(
             q_s,
             k_s,
-            bias_s,
             q_t.detach(),
             k_t.detach(),
+            bias_s,
             bias_t.detach() if bias_t is not None else None,
+            _padding(valid, q_s, k_s),
             scale_s,
             scale_t,
             rows_path_chunk(q_s, k_s.shape[-2], chunk),
             with_kl,
             grad and q_s.requires_grad,
             grad and k_s.requires_grad,
-            grad and bias_s is not None and bias_s.requires_grad,
+            *(bias_s.inputs if bias_s is not None else ()),
         )
     return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
+
+
+def _padding(valid: torch.Tensor | None, q_s: torch.Tensor, k_s: torch.Tensor):
+    """(key bias (B, 1, 1, N), row weights (B, 1, N, 1)) in the compute dtype for ``valid`` (B, N)."""
+    if valid is None:
+        return None
+    B, _, N, _ = q_s.shape
+    if k_s.shape[-2] != N or tuple(valid.shape) != (B, N):
+        raise ValueError(
+            f"valid must be (batch, tokens) = {(B, N)} for self-attention over N tokens, got "
+            f"{tuple(valid.shape)} with {k_s.shape[-2]} keys"
+        )
+    dtype = compute_dtype(q_s)
+    valid = valid.to(device=q_s.device, dtype=torch.bool)
+    key_bias = torch.zeros(B, 1, 1, N, dtype=dtype, device=q_s.device)
+    key_bias.masked_fill_(~valid[:, None, None, :], torch.finfo(dtype).min)
+    return key_bias, valid[:, None, :, None].to(dtype)
+
+
+def padding_from_mask(mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """The real tokens (B, N) of a padded batch from timm's attention mask (NaFlexViT's ``attn_mask``:
+    additive (B, 1, N, N) at fp32's lowest value where query or key is padding, or key-only (B, 1, 1, N);
+    bool masks True = attend); None when nothing is padded. Any other mask (a query that sees some real
+    keys but not others) is not padding: a ValueError."""
+    if mask is None:
+        return None
+    seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    if seen.dim() != 4 or seen.shape[-1] != tokens or seen.shape[-2] not in (1, tokens):
+        raise ValueError(
+            f"attention mask of shape {tuple(mask.shape)} is not a padding mask over {tokens} tokens"
+        )
+    valid = seen.any(dim=-2).all(dim=1)  # a key is real if some query sees it
+    if seen.shape[-2] == tokens:  # symmetric: real rows see exactly the real keys, padded rows nothing
+        want = valid[:, None, :, None] & valid[:, None, None, :]
+    else:
+        want = valid[:, None, None, :]
+    if not torch.equal(seen, want.expand_as(seen)):
+        raise ValueError(
+            "the attention mask is not a padding mask (some query sees some real keys but not others): "
+            "attention distillation leaves out padded tokens only"
+        )
+    return None if bool(valid.all()) else valid
+
+
+def _as_rows(bias: torch.Tensor | BiasRows | None) -> BiasRows | None:
+    if bias is None or isinstance(bias, BiasRows):
+        return bias
+    return BiasRows.of_tensor(bias)
 
 
 def _half_on_accelerator(*tensors: torch.Tensor) -> bool:

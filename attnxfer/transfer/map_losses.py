@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..models.attention import MapKind, TransferableAttention
+from ..models.attention.bias_rows import BiasRows, bias_block
 from ..models.attention.numerics import fp32_section, row_chunk
-from .losses import CEPath, attention_distillation_loss, biased_attention_ce
+from .losses import CEPath, attention_distillation_loss, biased_attention_ce, ce_path_for
 
 __all__ = [
     "DEFAULT_MAP_LOSS",
@@ -105,12 +106,12 @@ def _teacher_rows(
     k_t: torch.Tensor,
     rows: slice,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
 ) -> torch.Tensor:
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     z = (q_t[..., rows, :] * scale_t) @ k_t.transpose(-2, -1)
     if bias_t is not None:
-        z = z + bias_t[..., rows, :].to(z.dtype)
+        z = z + bias_block(bias_t, rows).to(z.dtype)
     return z.softmax(dim=-1)
 
 
@@ -151,9 +152,10 @@ def _implicit_loss(
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
     scale_s: float | None = None,
-    bias_s: torch.Tensor | None = None,
+    bias_s: torch.Tensor | BiasRows | None = None,
+    valid: torch.Tensor | None = None,
 ) -> MapAgreement:
     """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free.
     (``ce_path``/``lse_s`` concern softmax layers' exact CE only; the teacher's logits take ``scale_t`` and
@@ -161,6 +163,11 @@ def _implicit_loss(
     if bias_s is not None:
         raise ValueError(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
+        )
+    if valid is not None:
+        raise ValueError(
+            "padded batches (NaFlexViT's patch_valid) are distilled into softmax students only: the "
+            "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
         )
     _check_equal_shapes(q_s, k_s, q_t, k_t)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
@@ -170,7 +177,7 @@ def _implicit_loss(
     step = row_chunk(q_s, M, chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
         q_t, k_t = q_t.detach().float(), k_t.detach().float()
-        bias_t = bias_t.detach().float() if bias_t is not None else None
+        bias_t = bias_t.detach() if bias_t is not None else None
         q_s, k_s = q_s.float(), k_s.float()
         grad = torch.is_grad_enabled() and (
             q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
@@ -207,15 +214,20 @@ def _exact_softmax_ce(
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
     scale_s: float | None = None,
-    bias_s: torch.Tensor | None = None,
+    bias_s: torch.Tensor | BiasRows | None = None,
+    valid: torch.Tensor | None = None,
 ) -> MapAgreement:
     """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
-    identity for plain q·kᵀ logits, the chunked biased path (`biased_attention_ce`) when either side's
-    logits carry a bias (relative-position tables) or the key set differs from the queries (CaiT's
-    class attention: one query row; the O(N) row paths assume square maps)."""
-    if bias_t is not None or bias_s is not None or q_s.shape[-2] != k_s.shape[-2]:
+    identity for plain q·kᵀ logits, also where the key set differs from the queries (CaiT's class
+    attention: one query row; spatially reduced keys), and the chunked biased path
+    (`biased_attention_ce`) when either side's logits carry a bias (relative-position tables) or the
+    batch is padded (``valid``). The ``triton`` kernels take square maps only: other shapes take the
+    device's default path."""
+    if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
+        ce_path = ce_path_for(q_s.device)
+    if bias_t is not None or bias_s is not None or valid is not None:
         res = biased_attention_ce(
             q_t,
             k_t,
@@ -227,6 +239,7 @@ def _exact_softmax_ce(
             scale_s=scale_s,
             chunk=chunk,
             with_kl=with_metric,
+            valid=valid,
         )
         return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
     res = attention_distillation_loss(
@@ -325,9 +338,10 @@ def map_distillation_loss(
     ce_path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
     scale_t: float | None = None,
-    bias_t: torch.Tensor | None = None,
+    bias_t: torch.Tensor | BiasRows | None = None,
     scale_s: float | None = None,
-    bias_s: torch.Tensor | None = None,
+    bias_s: torch.Tensor | BiasRows | None = None,
+    valid: torch.Tensor | None = None,
 ) -> MapAgreement:
     """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
     softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
@@ -337,11 +351,13 @@ def map_distillation_loss(
     costs a teacher pass), the loss itself for MSE. A softmax layer's exact CE takes ``ce_path`` (default:
     by device) and, for ``attention_lse``, the layer's own log-sum-exp ``lse_s``. ``scale_*``/``bias_*``:
     the layers' logit scales (default d^-0.5) and additive logit biases (adapters' ``logit_bias``).
+    ``valid`` (B, N): a padded batch's real tokens (`losses.padding_from_mask`): padded keys and rows are
+    left out (softmax students).
     """
     rule = map_loss_rule(attn.map_kind, loss)
     extra = {
         k: v
-        for k, v in dict(scale_t=scale_t, bias_t=bias_t, scale_s=scale_s, bias_s=bias_s).items()
+        for k, v in dict(scale_t=scale_t, bias_t=bias_t, scale_s=scale_s, bias_s=bias_s, valid=valid).items()
         if v is not None
     }
     return rule.compute(

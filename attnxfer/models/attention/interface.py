@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bias_rows import BiasRows, full_bias
 from .numerics import fp32_section, row_chunk, row_slices, upcast
 from .opcount import OpCounts
 
@@ -131,8 +132,10 @@ class AttentionIO:
     v: torch.Tensor | None = None
     #: With both ``q`` and ``k`` given, the logits are borrowed whole: ``bias`` is the additive logit bias
     #: that goes with them (a teacher's captured ``"bias"``; None: no bias), in place of the layer's own.
-    bias: torch.Tensor | None = None
-    capture: str = ""  # subset of "qkv"; capturing q and k also captures the layer's logit bias, if any
+    bias: torch.Tensor | BiasRows | None = None
+    #: subset of "qkv"; capturing q and k also captures the layer's logit bias, if any, as ``"bias"``: a
+    #: `BiasRows` (``logit_bias_rows``), and the call's ``attn_mask``, if any, as ``"mask"``
+    capture: str = ""
     return_map: bool = False
     return_lse: bool = False
     #: Raise `StopForward` right after capturing: the caller wanted nothing more of this forward pass.
@@ -417,6 +420,14 @@ class TransferableAttention(nn.Module):
         relative-position bias return it here and set ``has_logit_bias``."""
         return None
 
+    def logit_bias_rows(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, **call: Any) -> BiasRows:
+        """The logit bias as transfer captures it: a `BiasRows` that hands out blocks of query rows.
+
+        ``bias`` is this call's ``logit_bias`` (already computed for the attention itself). By default
+        rows of that tensor; adapters whose bias is gathered from a table return rows gathered per
+        chunk from the table, so the chunked CE never holds the whole bias or its gradient."""
+        return BiasRows.of_tensor(bias)
+
     #: ``logit_bias`` can return a tensor (the CE then takes the chunked biased path).
     has_logit_bias: ClassVar[bool] = False
 
@@ -453,17 +464,19 @@ class TransferableAttention(nn.Module):
             for c in io.capture:
                 io.captured[c] = own[c]
             own_bias = None
+            if attn_mask is not None and "q" in io.capture and "k" in io.capture:
+                io.captured["mask"] = attn_mask  # padding (NaFlexViT): the loss leaves padded tokens out
             if self.has_logit_bias and "q" in io.capture and "k" in io.capture:
                 own_bias = self.logit_bias(own["q"], own["k"], **call)
                 if own_bias is not None:
-                    io.captured["bias"] = own_bias
+                    io.captured["bias"] = self.logit_bias_rows(own["q"], own["k"], own_bias, **call)
             if io.stop:
                 raise StopForward
             # Borrowed tensors (a bf16 teacher's, say) join the layer's own working dtype.
             dtype = next(iter(own.values())).dtype if own else x.dtype
             qkv = {**own, **{c: t.to(dtype) for c, t in given.items()}}
             if "q" in given and "k" in given:
-                bias = io.bias.to(dtype) if io.bias is not None else None
+                bias = full_bias(io.bias).to(dtype) if io.bias is not None else None
             elif own_bias is not None and not given:
                 bias = own_bias
             else:

@@ -15,6 +15,7 @@ import torch
 from timm.models.beit import Attention as BeitAttention
 
 from ..adapters import register_adapter
+from ..bias_rows import BiasRows, gathered_bias_rows
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
@@ -54,6 +55,24 @@ class TransferBeitAttention(SoftmaxCore, BeitAttention):
         if shared_rel_pos_bias is not None:
             bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
         return bias
+
+    def logit_bias_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        bias: torch.Tensor,
+        shared_rel_pos_bias: torch.Tensor | None = None,
+    ) -> BiasRows:
+        """The table's bias gathered a chunk of rows at a time (its gradient goes into the table per
+        chunk), plus the shared bias's rows when there is one."""
+        if self.relative_position_bias_table is None:
+            return BiasRows.of_tensor(bias)
+        return gathered_bias_rows(
+            self.relative_position_bias_table,
+            self.relative_position_index,
+            bias.shape[-1],
+            extra=shared_rel_pos_bias,
+        )
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape

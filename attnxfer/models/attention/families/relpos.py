@@ -13,9 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
+from timm.layers import RelPosBias, RelPosMlp
 from timm.models.vision_transformer_relpos import RelPosAttention
 
 from ..adapters import register_adapter
+from ..bias_rows import BiasRows, gathered_bias_rows
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
@@ -55,9 +58,38 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
             return self.rel_pos.get_bias()
         return shared_rel_pos
 
+    def logit_bias_rows(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        bias: torch.Tensor,
+        shared_rel_pos: torch.Tensor | None = None,
+    ) -> BiasRows:
+        """The layer's table (``RelPosBias``) or MLP output (``RelPosMlp``) gathered a chunk of rows at a
+        time; a shared bias, a layout without an index, or an MLP that draws dropout (its rows would
+        not be this call's bias), as rows of the full tensor."""
+        rel = self.rel_pos
+        index = getattr(rel, "relative_position_index", None)
+        if rel is None or index is None:
+            return BiasRows.of_tensor(bias)
+        if isinstance(rel, RelPosBias):
+            return gathered_bias_rows(rel.relative_position_bias_table, index, bias.shape[-1])
+        if isinstance(rel, RelPosMlp) and not _draws_dropout(rel):
+            gain = rel.bias_gain
+            act = rel.bias_act
+            post = act if gain is None else (lambda b: gain * act(b))
+            values = rel.mlp(rel.rel_coords_log).view(-1, rel.num_heads)
+            return gathered_bias_rows(values, index, bias.shape[-1], prefix_pad=rel.prefix_tokens, post=post)
+        return BiasRows.of_tensor(bias)
+
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_chunks(self, chunks)
+
+
+def _draws_dropout(module: nn.Module) -> bool:
+    """``module`` draws random dropout masks now (training, p > 0): recomputing it gives another result."""
+    return module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
