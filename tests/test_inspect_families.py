@@ -15,9 +15,11 @@ import torch
 from family_oracles import TINY, oracle_maps
 from PIL import Image
 from test_export import card
+from timm.models import save_for_hf
+from timm.models.naflexvit import batch_patchify
 from timm.utils import AttentionExtract
 
-from attnxfer.analysis import compare_attention, layer_qk, stage_of, token_maps
+from attnxfer.analysis import NotInspectable, compare_attention, layer_qk, stage_of, token_maps
 from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
 
@@ -134,7 +136,7 @@ def test_naflex_and_stage_names():
     assert stage_of("blocks_token_only.0.attn") == "blocks_token_only" and stage_of("attn") == ""
 
 
-def test_bias_and_padding_mask_reach_the_maps():
+def test_a_copy_student_borrows_the_teachers_bias():
     """A copy-mode student of a BEiT teacher attends with the teacher's q, k *and* bias: identical maps."""
     teacher = _build("beit", 0)
     x = _images("beit", 2)
@@ -145,6 +147,38 @@ def test_bias_and_padding_mask_reach_the_maps():
     for s, t in zip(layer_qk(student, x, borrowed), t_sig):
         torch.testing.assert_close(s.map_rows(), t.map_rows())
         assert s.borrowed
+
+
+class _Padded(torch.nn.Module):
+    """NaFlexViT in NaFlex mode on images: their patches, coordinates, and the last ``pad`` marked padding
+    (what variable-size batches give), so timm builds its attention mask."""
+
+    def __init__(self, model: torch.nn.Module, pad: int) -> None:
+        super().__init__()
+        self.model, self.pad = model, pad
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        patches, (gh, gw) = batch_patchify(x, (8, 8))
+        b, n = patches.shape[:2]
+        rows, cols = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+        coord = torch.stack([rows, cols], -1).reshape(1, n, 2).expand(b, n, 2)
+        valid = torch.ones(b, n, dtype=torch.bool)
+        valid[:, n - self.pad :] = False
+        return self.model.forward_features(patches, patch_coord=coord, patch_valid=valid)
+
+    forward = forward_features
+
+
+def test_a_padding_mask_reaches_the_maps():
+    """The attention mask a model hands its attention layers (NaFlexViT's padding) is part of the logits:
+    the maps equal timm's own, and padding keys get no attention."""
+    model = _Padded(_build("naflex", 0), pad=5)
+    x = _images("naflex", 2)
+    ref = oracle_maps(model, x)
+    for sig, p in zip(layer_qk(model, x), ref):
+        assert sig.bias is not None and sig.bias.shape == (2, 1, 20, 20)
+        torch.testing.assert_close(sig.map_rows(), p.float(), atol=1e-6, rtol=1e-5)
+        assert p[:, :, :15, -5:].abs().max() == 0  # valid queries never look at padding
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +216,23 @@ def test_cli_end_to_end(family, saved_pairs, tmp_path):
         assert "4 windows" in report
     for name in pictures:
         Image.open(out / name).verify()
+
+
+def test_a_refused_attention_is_one_clear_message(tmp_path, capsys):
+    """Differential attention (signed maps) is refused by the adapter registry; its reason reaches the user
+    as one ``error:`` line and exit 2, from the CLI and from the library alike."""
+    kw = dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2, num_classes=5, attn_layer="diff")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    save_for_hf(model, tmp_path / "diff", model_args=kw)
+    spec = f"local-dir:{tmp_path / 'diff'}"
+    args = ["inspect", spec, spec, "--data", "synthetic", "--num-images", "1", "--out", str(tmp_path / "r")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert [line for line in err if "error:" in line] == err[-1:]
+    assert (
+        "blocks.0.attn is DiffAttention: differential attention" in err[-1]
+        and "not a distribution" in err[-1]
+    )
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(NotInspectable, match="DiffAttention: differential attention"):
+        compare_attention(model, {"s": model}, [torch.randn(1, 3, 32, 32)])

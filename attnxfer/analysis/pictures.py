@@ -132,11 +132,20 @@ def class_token_figure(
     for r, note in enumerate(notes or []):
         if note:
             ax.text(2, (r + 0.5) * cell, note, color="white", fontsize=6, va="center")
-    fig.suptitle(
-        (title or f"class-token attention: {names[0]} | {names[1]} heads") + " (each map scaled to its max)",
-        fontsize=8,
-    )
+    text = (
+        title or f"class-token attention: {names[0]} | {names[1]} heads"
+    ) + " (each map scaled to its max)"
+    fig.suptitle(_wrapped(text, width), fontsize=min(8, max(5, 2 * width / len(text))))
     return fig
+
+
+def _wrapped(text: str, width_px: int) -> str:
+    """``text`` on two lines where one line of 5-point type would not fit ``width_px`` (the title margin
+    holds two such lines)."""
+    if len(text) * 3.8 <= width_px:
+        return text
+    cut = text.rfind(" ", 0, len(text) // 2 + 8)
+    return text if cut < 0 else text[:cut] + "\n" + text[cut + 1 :]
 
 
 #: Pixels left of and below the class-token mosaic (labels), and above it (title).
