@@ -88,23 +88,32 @@ def test_rope_and_bias_metrics_equal_timms_own_maps(family):
         assert min(kl.tolist()) > 1e-3  # the two models do differ: the equality is not 0 == 0
 
 
-@pytest.mark.parametrize("family", ["sam", "cait"])
-def test_windows_and_class_attention_against_timms_maps(family):
+#: family -> where each layer's rows sit (`LayerGeometry.label`), and whether it has a class-token row
+PARTITIONS = {
+    "sam": [("4 windows", False), ("global", False)],
+    "cait": [("global", False), ("global", False), ("class attention", True)],
+    "relpos_cls": [("global", True), ("global", True)],
+    "qwen3": [("global", False), ("global", False)],
+    "gemma4": [("global", False), ("global", False)],
+}
+
+
+@pytest.mark.parametrize("family", list(PARTITIONS))
+def test_windows_class_attention_and_other_families_against_timms_maps(family):
     """SAM: a windowed layer is a batch of windows (padding keys included, as timm keeps them), compared
     row for row; CaiT: talking-heads maps before the head mixing, and the class-attention block's one row
-    per head, whose class-token map is compared too."""
+    per head, whose class-token map is compared too; relpos (bias), Qwen3-ViT and Gemma4-ViT (rope) too."""
     teacher, student = _build(family, 0), _build(family, 1)
     x = _images(family, 2)
     p_all, q_all = oracle_maps(teacher, x), oracle_maps(student, x)
     insp = compare_attention(teacher, {"s": student}, [x], chunk=5, probe_rows=100)
-    parts = [t.partition for t in insp.teacher]
-    assert parts == (["4 windows", "global"] if family == "sam" else ["global", "global", "class attention"])
-    for r, p, q in zip(insp.students["s"], p_all, q_all):
+    assert [t.partition for t in insp.teacher] == [part for part, _ in PARTITIONS[family]]
+    for r, p, q, (_, cls) in zip(insp.students["s"], p_all, q_all, PARTITIONS[family], strict=True):
         p, q = p.double(), q.double()
         kl = (p * (p.log() - q.log())).sum(-1).mean((0, 2))
         assert r.metrics["kl"] == pytest.approx(kl.tolist(), rel=2e-4, abs=1e-6)
         assert r.metrics["js"] == pytest.approx(_js(p, q).mean((0, 2)).tolist(), rel=2e-4, abs=1e-6)
-        assert ("cls_js" in r.metrics) == (r.name.startswith("blocks_token_only"))
+        assert ("cls_js" in r.metrics) == cls
     if family == "cait":
         cp, cq = p_all[-1][:, :, 0, 1:].double(), q_all[-1][:, :, 0, 1:].double()
         cls_js = _js(cp / cp.sum(-1, keepdim=True), cq / cq.sum(-1, keepdim=True)).mean(0)
@@ -112,7 +121,7 @@ def test_windows_and_class_attention_against_timms_maps(family):
         maps, geos = token_maps(teacher, x)
         assert maps[-1].shape == (2, 2, 4, 4) and geos[-1].has_class_row  # the class-attention row
         assert maps[0].shape == (2, 2, 4, 4) and not geos[0].has_class_row  # no class token: received
-    else:
+    elif family == "sam":
         maps, _ = token_maps(teacher, x)
         assert maps[0] is None and maps[1].shape == (2, 2, 6, 6)  # windowed: no whole-image map
 

@@ -147,9 +147,12 @@ class Inspection:
 
 # ------------------------------------------------------------------------------------------- models
 def _stem(model: nn.Module) -> nn.Module | None:
-    """The module that cuts images into patch tokens: ``patch_embed`` (most families) or ``embeds``
-    (NaFlexViT)."""
-    return getattr(model, "patch_embed", None) or getattr(model, "embeds", None)
+    """The module that cuts images into patch tokens: the first ``patch_embed`` (most families; under
+    ``encoder`` in VLM encoders) or ``embeds`` (NaFlexViT)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("patch_embed", "embeds"):
+            return module
+    return None
 
 
 def _pair(value: Any) -> tuple[int, int] | None:
