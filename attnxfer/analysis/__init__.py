@@ -2,8 +2,9 @@
 
 ``metrics``   pure functions on rows of maps (KL, JS, top-k overlap, rank correlation, entropy, attention
               distance, rollout, Hungarian head assignment)
-``compare``   the walk over images and layers (row chunks through each attention's ``attention_map``),
-              returning plain data (`Inspection`); `layer_agreement` for conversion reports
+``compare``   the walk over images and layers of any family with attention adapters (each model's own
+              forward captures q, k and the logit bias; maps are built a row chunk at a time), returning
+              plain data (`Inspection`); `layer_agreement` for conversion reports
 ``pictures``  matplotlib figures (Agg) of class-token maps, rollout and per-layer curves
 
 Sits above ``transfer`` (it pairs layers as transfer plans do) and below ``sources``: it takes models and
@@ -14,14 +15,22 @@ from .compare import (
     PAIR_METRICS,
     Inspection,
     LayerComparison,
+    LayerGeometry,
+    LayerSignals,
+    NotInspectable,
     Subject,
     TeacherLayer,
     class_token_maps,
     compare_attention,
+    has_rollout,
+    input_size,
     layer_agreement,
+    layer_geometry,
     layer_qk,
     rollout_class_maps,
+    stage_of,
     token_layout,
+    token_maps,
 )
 from .metrics import (
     attention_distance,
@@ -42,14 +51,20 @@ __all__ = [
     "PAIR_METRICS",
     "Inspection",
     "LayerComparison",
+    "LayerGeometry",
+    "LayerSignals",
+    "NotInspectable",
     "Subject",
     "TeacherLayer",
     "attention_distance",
     "attention_rollout",
     "class_token_maps",
     "compare_attention",
+    "has_rollout",
     "head_assignment",
+    "input_size",
     "layer_agreement",
+    "layer_geometry",
     "layer_qk",
     "patch_distances",
     "pearson",
@@ -60,6 +75,8 @@ __all__ = [
     "row_kl",
     "row_squared_error",
     "spearman_rows",
+    "stage_of",
     "token_layout",
+    "token_maps",
     "topk_overlap",
 ]

@@ -1,10 +1,18 @@
 """Compare a teacher's attention with students' (and with itself on noisy inputs), layer by layer, head
 by head, over batches of images.
 
-Each batch runs every model once, keeping only each layer's (q, k) (O(N·d) per layer, never a map);
-then, one teacher layer at a time, rows of the maps are built a chunk at a time through each layer's
-``attention_map(q, k, rows)`` (exact softmax rows, or a zoo attention's implicit map) and reduced to
-per-head sums at once. Peak extra memory is one layer's row chunk.
+Each batch runs every model's own timm forward once with a capturing `AttentionIO` on each attention
+layer (`attnxfer.models.attention.run_with_ios`), keeping only what the layer's logits are made of —
+``logit_scale · q kᵀ + logit_bias`` over the layer's own key set, the model's attention mask folded into
+the bias (`LayerSignals`), never a map. Then, one teacher layer at a time, rows of the maps are built a
+chunk at a time and reduced to per-head sums at once. Peak extra memory is one layer's row chunk (plus
+the captured biases: relative-position tables are N_q × N_k per layer).
+
+Whatever a family does around its attention is timm's: rope, relative-position biases, SAM's windows
+(a windowed layer's rows are rows of a batch of windows), CaiT's class-attention blocks (one query row
+over the class token and the patches), spatial reduction (fewer keys than queries), padding masks.
+Where a layer's rows sit on the image (`LayerGeometry`) is read from its shapes: the class-token map,
+attention distance and rollout use the layers that see the whole grid; the rest are compared row for row.
 
 The result is plain data (`Inspection`, dataclasses of lists and floats): ``dataclasses.asdict`` is
 the JSON that `attnxfer inspect` writes.
@@ -13,7 +21,7 @@ the JSON that `attnxfer inspect` writes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +29,15 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..models.attention import AttentionIO, MapKind, attention_io, attention_name_of, transfer_attentions
-from ..models.attention.numerics import row_chunk, row_slices
+from ..models.attention import (
+    AttentionIO,
+    MapKind,
+    TransferableAttention,
+    attention_layers,
+    attention_name_of,
+    run_with_ios,
+)
+from ..models.attention.numerics import fp32_section, row_chunk, row_slices, upcast
 from ..transfer.plan import map_layers
 from .metrics import (
     attention_distance,
@@ -43,21 +58,33 @@ __all__ = [
     "PAIR_METRICS",
     "Inspection",
     "LayerComparison",
+    "LayerGeometry",
+    "LayerSignals",
+    "NotInspectable",
     "Subject",
     "TeacherLayer",
     "class_token_maps",
     "compare_attention",
+    "has_rollout",
+    "input_size",
     "iter_layer_qk",
     "layer_agreement",
+    "layer_geometry",
     "layer_qk",
     "rollout_class_maps",
+    "stage_of",
     "token_layout",
+    "token_maps",
 ]
 
 #: Per-head metrics of a (teacher, other) pair of maps: divergences, agreement of rows and of class-token maps.
 PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
 #: Per-head properties of one model's maps.
 SIDE_METRICS = ("entropy", "distance")
+
+
+class NotInspectable(ValueError, TypeError):
+    """A model (or a teacher/student pair) that cannot be inspected: the message says why and what to do."""
 
 
 @dataclass
@@ -71,7 +98,9 @@ class Subject:
 
 @dataclass
 class TeacherLayer:
-    """One teacher layer: its own maps, and how far they move when the input gets a little noise (the floor)."""
+    """One teacher layer: its own maps, and how far they move when the input gets a little noise (the floor).
+    ``name`` is the attention's module name, ``stage`` its group (`stage_of`), ``partition`` where its rows
+    sit (`LayerGeometry.label`: ``global``, ``class attention``, ``4 windows``, ``reduced keys``)."""
 
     layer: int
     heads: int
@@ -79,6 +108,9 @@ class TeacherLayer:
     distance: list[float]
     floor: dict[str, list[float]]
     mean: dict[str, float]
+    name: str = ""
+    stage: str = ""
+    partition: str = ""
 
 
 @dataclass
@@ -97,6 +129,8 @@ class LayerComparison:
     mean: dict[str, float] = field(default_factory=dict)
     js_cost: list[list[float]] = field(default_factory=list)
     assignment: dict[str, Any] = field(default_factory=dict)
+    name: str = ""
+    stage: str = ""
 
 
 @dataclass
@@ -112,110 +146,283 @@ class Inspection:
 
 
 # ------------------------------------------------------------------------------------------- models
-def token_layout(model: nn.Module) -> dict[str, Any]:
-    """Prefix tokens, patch grid and patch size (pixels) of a timm ViT; a clear error for anything else."""
-    pe = getattr(model, "patch_embed", None)
-    if pe is None or not hasattr(model, "blocks"):
-        raise TypeError(
-            f"{type(model).__name__} is not a Vision Transformer (no patch_embed/blocks): attnxfer inspects "
-            "timm VisionTransformer-style models"
-        )
-    transfer_attentions(model)
-    grid = tuple(int(g) for g in pe.grid_size)
-    patch = tuple(int(p) for p in pe.patch_size)
-    prefix = int(getattr(model, "num_prefix_tokens", 0))
+def _stem(model: nn.Module) -> nn.Module | None:
+    """The module that cuts images into patch tokens: the first ``patch_embed`` (most families; under
+    ``encoder`` in VLM encoders) or ``embeds`` (NaFlexViT)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("patch_embed", "embeds"):
+            return module
+    return None
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return value, value
+    value = tuple(int(v) for v in value)
+    return (value[0], value[1]) if len(value) >= 2 else (value[0], value[0])
+
+
+def input_size(model: nn.Module) -> tuple[tuple[int, int], int]:
+    """((height, width), channels) of the images ``model`` takes: its stem's, else its pretrained config's."""
+    stem = _stem(model)
+    cfg = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
+    size = _pair(getattr(stem, "img_size", None) or getattr(stem, "default_img_size", None)) or _pair(cfg[1:])
+    proj = getattr(stem, "proj", None)
+    chans = getattr(stem, "in_chans", None) or getattr(proj, "in_channels", None) or cfg[0]
+    return size, int(chans)
+
+
+def token_layout(model: nn.Module, image_size: Sequence[int] | None = None) -> dict[str, Any]:
+    """Prefix tokens (timm's ``num_prefix_tokens``: class and register tokens), patch grid and patch size
+    (pixels) of a timm vision transformer for images of ``image_size`` (default: the model's). Any family
+    with attention adapters; `NotInspectable` (one message: what has no adapter, or is refused, and why)
+    for anything else. ``grid`` is empty where the stem has none to read (the layers' shapes still say
+    which rows are whole-image ones)."""
+    try:
+        attention_layers(model)
+    except TypeError as err:
+        raise NotInspectable(f"cannot inspect {type(model).__name__}: {err}") from None
+    stem = _stem(model)
+    patch = _pair(getattr(stem, "patch_size", None))
+    grid = _pair(getattr(stem, "grid_size", None))
+    if (
+        image_size is not None
+        and patch is not None
+        and (grid is None or getattr(stem, "dynamic_img_size", 0))
+    ):
+        grid = (int(image_size[0]) // patch[0], int(image_size[1]) // patch[1])
+    elif grid is None and patch is not None:
+        (h, w), _ = input_size(model)
+        grid = (h // patch[0], w // patch[1])
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    if grid is None or patch is None:
+        return {"prefix": prefix, "grid": [], "patch": [], "tokens": None}
     return {"prefix": prefix, "grid": list(grid), "patch": list(patch), "tokens": prefix + math.prod(grid)}
 
 
+def stage_of(name: str) -> str:
+    """The group an attention layer belongs to, from its module name: everything before the block index
+    (``layers.0.blocks.1.attn`` -> ``layers.0.blocks``, ``stages.2.blocks.0.attn`` -> ``stages.2.blocks``,
+    ``blocks.3.attn`` -> ``blocks``, ``blocks_token_only.0.attn`` -> ``blocks_token_only``)."""
+    parts = name.split(".")
+    numeric = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[: numeric[-1]]) if numeric else ""
+
+
+@dataclass
+class LayerSignals:
+    """What one attention layer attended with on one batch: its logits are ``scale · q kᵀ + bias`` over
+    its own key set, q (B', H, N_q, d) and k (B', H, N_k, d) as they enter them (after q/k norms and rope;
+    B' is the images, or images × windows), ``bias`` the additive term (relative-position bias, the
+    model's attention mask; None: none). ``borrowed``: q and k are a teacher's (attention copy), so the
+    map is a softmax one whatever the layer's own kind. Indexable like a dict (``signals["q"]``)."""
+
+    name: str
+    attn: TransferableAttention
+    q: torch.Tensor
+    k: torch.Tensor
+    bias: torch.Tensor | None = None
+    borrowed: bool = False
+
+    def __getitem__(self, key: str) -> torch.Tensor | None:
+        if key not in ("q", "k", "bias"):
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        value = self[key] if key in ("q", "k", "bias") else None
+        return default if value is None else value
+
+    @property
+    def kind(self) -> MapKind:
+        return MapKind.SOFTMAX if self.borrowed else self.attn.map_kind
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B', N_q, N_k): rows of a batch, queries, keys."""
+        return self.q.shape[0], self.q.shape[-2], self.k.shape[-2]
+
+    def map_rows(self, rows: slice | None = None) -> torch.Tensor | None:
+        """Rows of the layer's map, (B', H, len(rows), N_k) in fp32 (float64 stays): softmax layers (and
+        borrowed q/k) from their logits with the bias; other attentions through their ``attention_map``;
+        signed maps clipped at 0 and renormalised; None for an attention without a map."""
+        kind = self.kind
+        if not kind.has_map:
+            return None
+        if kind is MapKind.SOFTMAX:
+            a = _softmax_rows(self.q, self.k, self.bias, self.attn.logit_scale(self.q), rows)
+        else:
+            a = self.attn.attention_map(self.q, self.k, rows)
+        return renormalise(a.clamp_min(0)) if kind is MapKind.SIGNED else a
+
+
+def _softmax_rows(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, rows: slice | None
+) -> torch.Tensor:
+    """softmax(scale · q[rows] kᵀ + bias[rows]) in fp32 (float64 stays). A bias broadcasts over batch,
+    heads or queries where it has size 1 there."""
+    rows = rows or slice(0, q.shape[-2])
+    with fp32_section(q.device.type):
+        q, k = upcast(q[:, :, rows], k)
+        logits = (q * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + (bias if bias.shape[-2] == 1 else bias[..., rows, :]).to(logits.dtype)
+        return logits.softmax(-1)
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """timm's ``attn_mask`` as an additive term (bool: True = attend)."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
 @torch.no_grad()
+def layer_qk(
+    model: nn.Module, x: torch.Tensor, borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None
+) -> list[LayerSignals]:
+    """Per attention layer (forward order) what it attends with on images ``x`` (`LayerSignals`): its own
+    q/k and logit bias, or the tensors in ``borrow[layer]`` (attention copy: ``q``, ``k`` and, with both,
+    the teacher's ``bias``), which the layer uses in place of its own. One run of the model's own forward
+    (`run_with_ios`); holds every layer's q/k."""
+    layers = attention_layers(model)
+    borrow = borrow or {}
+    ios: dict[int, AttentionIO] = {}
+    for i in range(len(layers)):
+        given = {c: t for c, t in (borrow.get(i) or {}).items() if c in "qk" and t is not None}
+        io = AttentionIO(capture="" if len(given) == 2 else "qk", **given)
+        if len(given) == 2:
+            io.bias = (borrow.get(i) or {}).get("bias")
+        ios[i] = io
+    masks: dict[int, torch.Tensor] = {}
+    dtype = next(model.parameters()).dtype
+    run_with_ios(model, x.to(dtype), ios, masks=masks)
+    out = []
+    for i, (name, attn) in enumerate(layers):
+        io = ios[i]
+        if not io.captured and io.q is None:
+            raise RuntimeError(f"{name} did not run in {type(model).__name__}'s forward: nothing to inspect")
+        q = io.q if io.q is not None else io.captured["q"]
+        k = io.k if io.k is not None else io.captured["k"]
+        bias = io.bias if io.q is not None and io.k is not None else io.captured.get("bias")
+        mask = _additive(masks.get(i), q.dtype if q.is_floating_point() else torch.float32)
+        if mask is not None:
+            bias = mask if bias is None else bias + mask
+        out.append(LayerSignals(name, attn, q, k, bias, borrowed=io.q is not None or io.k is not None))
+    return out
+
+
 def iter_layer_qk(
     model: nn.Module,
     x: torch.Tensor,
     borrow: Callable[[int], Mapping[str, torch.Tensor]] | None = None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """Block by block, the (q, k) each attention attends with on ``x``: its own, or the tensors
-    ``borrow(layer)`` hands it (attention copy), which the layer uses in place of its own.
-
-    A generator, so that a caller can walk several models in lockstep and hold one layer of each at a time
-    (the stem and blocks of timm's ``forward_features``, without the final norm nobody reads here)."""
-    attns = transfer_attentions(model)
-    dtype = next(model.parameters()).dtype
-    h = model.patch_embed(x.to(dtype))
-    h = model.norm_pre(model.patch_drop(model._pos_embed(h)))
-    for i, (block, attn) in enumerate(zip(model.blocks, attns)):
-        io = AttentionIO(capture="qk", **dict(borrow(i) if borrow else {}))
-        with attention_io(attn, io):
-            h = block(h)
-        yield {c: (io.override(c) if io.override(c) is not None else io.captured[c]) for c in "qk"}
+) -> Iterator[LayerSignals]:
+    """`layer_qk` one layer at a time (``borrow(layer)``: the tensors that layer attends with in place of
+    its own). The model's forward runs once, whole: every layer's signals exist before the first is seen."""
+    n = len(attention_layers(model))
+    yield from layer_qk(model, x, {i: borrow(i) for i in range(n)} if borrow else None)
 
 
-def layer_qk(
-    model: nn.Module, x: torch.Tensor, borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None
-) -> list[dict[str, torch.Tensor]]:
-    """Per layer the (q, k) each attention attends with on ``x``: its own, or the borrowed tensors in
-    ``borrow[layer]`` (attention copy), which the layer uses in place of its own. Holds every layer's q/k:
-    walks that need one layer at a time use `iter_layer_qk`."""
-    borrow = borrow or {}
-    return list(iter_layer_qk(model, x, lambda i: borrow.get(i, {})))
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Where one layer's query rows and keys sit on the image, read from its shapes on a batch of images.
+
+    ``kind``: ``global`` (queries and keys are the prefix tokens and the whole patch grid, or a stage's
+    coarser grid), ``class`` (class attention: the queries are prefix tokens, the keys prefix + grid),
+    ``windows`` (rows of a batch of windows), ``reduced`` (fewer keys than queries: spatial reduction) or
+    ``other``. ``prefix``: prefix keys before the grid's; ``grid`` and ``patch`` (px) of the keys."""
+
+    kind: str
+    prefix: int = 0
+    grid: tuple[int, int] | None = None
+    patch: tuple[float, float] | None = None
+    windows: int = 0
+
+    @property
+    def whole(self) -> bool:
+        """Keys are the whole image (prefix + grid)."""
+        return self.kind in ("global", "class")
+
+    @property
+    def has_class_row(self) -> bool:
+        """Query row 0 is the class token and its keys cover the grid."""
+        return self.whole and self.prefix >= 1
+
+    @property
+    def query_prefix(self) -> int:
+        """Query rows before the patch queries (all of them for class attention; 0 without a grid)."""
+        return self.prefix if self.kind == "global" else 0
+
+    @property
+    def label(self) -> str:
+        return {
+            "global": "global",
+            "class": "class attention",
+            "windows": f"{self.windows} windows",
+            "reduced": "reduced keys",
+        }.get(self.kind, "partitioned")
 
 
-class _TeacherLayers:
-    """The teacher's per-layer q/k on one batch, produced on demand: a layer is kept only while it is being
-    compared, or for the whole batch if a copy-mode student borrows it."""
-
-    def __init__(self, layers: Iterator[dict[str, torch.Tensor]], borrowed: set[int]) -> None:
-        self._layers, self._borrowed = layers, borrowed
-        self._made: dict[int, dict[str, torch.Tensor]] = {}
-        self._next = 0
-
-    def get(self, j: int) -> dict[str, torch.Tensor]:
-        while self._next <= j:
-            self._made[self._next] = next(self._layers)
-            self._next += 1
-        return self._made[j]
-
-    def done_with(self, j: int) -> None:
-        if j not in self._borrowed:
-            self._made.pop(j, None)
-
-    def borrow_for(self, subject: Subject) -> Callable[[int], dict[str, torch.Tensor]]:
-        """What ``subject``'s layer i attends with in place of its own q/k (its borrowed teacher chunks)."""
-
-        def borrowed(i: int) -> dict[str, torch.Tensor]:
-            if i not in subject.borrow:
-                return {}
-            t, chunks = subject.borrow[i]
-            qk = self.get(t)
-            return {c: qk[c] for c in chunks if c in "qk"}
-
-        return borrowed
+def layer_geometry(sig: LayerSignals, images: int, layout: Mapping[str, Any]) -> LayerGeometry:
+    """`LayerGeometry` of ``sig`` for a batch of ``images`` whose model has ``layout`` (`token_layout`)."""
+    b, nq, nk = sig.shape
+    if b != images:
+        return LayerGeometry("windows" if b % images == 0 else "other", windows=b // images)
+    if nk < nq:
+        return LayerGeometry("reduced")
+    if not layout.get("grid"):
+        return LayerGeometry("other")
+    (gh, gw), (ph, pw) = layout["grid"], layout["patch"]
+    if nk >= gh * gw:
+        prefix = nk - gh * gw
+        if nq == nk:
+            return LayerGeometry("global", prefix, (gh, gw), (ph, pw))
+        if nq <= prefix:
+            return LayerGeometry("class", prefix, (gh, gw), (ph, pw))
+    elif nq == nk and (gh * gw) % nk == 0:  # a later stage's coarser grid (hierarchical models)
+        f = math.isqrt((gh * gw) // nk)
+        if f * f * nk == gh * gw and gh % f == 0 and gw % f == 0:
+            return LayerGeometry("global", 0, (gh // f, gw // f), (ph * f, pw * f))
+    return LayerGeometry("other")
 
 
-def _layer(layers: Iterator[tuple[int, dict[str, torch.Tensor]]], i: int) -> dict[str, torch.Tensor]:
-    """The next layer of a model walked in depth order, which must be layer ``i``."""
-    k, qk = next(layers)
-    if k != i:
-        raise RuntimeError(
-            f"student layers must pair with teacher layers in depth order (got {k}, expected {i})"
-        )
-    return qk
-
-
-def _check_pair(name: str, teacher: nn.Module, student: nn.Module, t_layout: dict) -> None:
-    s_layout = token_layout(student)
+def _check_pair(name: str, s_layout: dict, t_layout: dict) -> None:
     if s_layout != t_layout:
-        raise ValueError(
-            f"{name}: its tokens ({s_layout['prefix']} prefix + {'x'.join(map(str, s_layout['grid']))} grid of "
-            f"{'x'.join(map(str, s_layout['patch']))} px patches) differ from the teacher's ({t_layout['prefix']} "
-            f"prefix + {'x'.join(map(str, t_layout['grid']))} grid of {'x'.join(map(str, t_layout['patch']))} px "
-            "patches): maps can only be compared token for token; build both for the same input size and patch size"
+        show = lambda lay: (
+            f"{lay['prefix']} prefix + {'x'.join(map(str, lay['grid'])) or '?'} grid of "
+            f"{'x'.join(map(str, lay['patch'])) or '?'} px patches"
         )
-    ht, hs = teacher.blocks[0].attn.num_heads, student.blocks[0].attn.num_heads
-    if ht % hs:
-        raise ValueError(
-            f"{name}: {hs} heads against the teacher's {ht}: the teacher's heads must be the student's or a "
-            "whole multiple of them (its maps are then averaged in groups, as the distillation loss does)"
+        raise NotInspectable(
+            f"{name}: its tokens ({show(s_layout)}) differ from the teacher's ({show(t_layout)}): maps can "
+            "only be compared token for token; build both for the same input size and patch size"
         )
+
+
+def _check_layer(name: str, i: int, sig: LayerSignals, j: int, t_sig: LayerSignals) -> None:
+    """A student layer's map must have the teacher layer's rows and keys, and heads that divide its."""
+    if sig.shape != t_sig.shape:
+        raise NotInspectable(
+            f"{name}: layer {i} ({sig.name}) attends over {_shape_words(sig)}, the teacher's layer {j} "
+            f"({t_sig.name}) over {_shape_words(t_sig)}: maps can only be compared row for row; give the "
+            "student the teacher's token layout (grid, prefix tokens, windows, key reduction)"
+        )
+    if t_sig.heads % sig.heads:
+        raise NotInspectable(
+            f"{name}: {sig.heads} heads against the teacher's {t_sig.heads} (layer {i}): the teacher's heads "
+            "must be the student's or a whole multiple of them (its maps are then averaged in groups, as "
+            "the distillation loss does)"
+        )
+
+
+def _shape_words(sig: LayerSignals) -> str:
+    b, nq, nk = sig.shape
+    return f"{b} row batches x {nq} queries x {nk} keys"
 
 
 # ------------------------------------------------------------------------------------------- sums
@@ -254,14 +461,22 @@ def _grouped(p: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 class _Layout:
-    """Which rows are class-token, patch and probe rows, and the patch distances in pixels."""
+    """One layer's rows: which are class-token, patch and probe rows, and the patch distances in pixels
+    (where its geometry has a grid)."""
 
-    def __init__(self, layout: dict[str, Any], probe_rows: int, device) -> None:
-        self.prefix, n = layout["prefix"], layout["tokens"]
-        self.distances = patch_distances(layout["grid"], layout["patch"], device=device)
+    def __init__(self, geometry: LayerGeometry, queries: int, probe_rows: int, device) -> None:
+        self.geometry = geometry
+        self.prefix = geometry.query_prefix
+        self.key_prefix = geometry.prefix
+        self.distances = (
+            patch_distances(geometry.grid, geometry.patch, device=device)
+            if geometry.kind == "global"
+            else None
+        )
+        n = queries
         count = max(1, min(probe_rows, n))
         probe = {0} | {round(v) for v in torch.linspace(self.prefix, n - 1, max(1, count - 1)).tolist()}
-        self.probe = torch.tensor(sorted(probe), device=device)
+        self.probe = torch.tensor(sorted(p for p in probe if p < n), device=device)
 
     def probe_in(self, rows: slice) -> torch.Tensor:
         inside = self.probe[(self.probe >= rows.start) & (self.probe < rows.stop)]
@@ -294,8 +509,9 @@ def _compare_rows(
     pp, qp = p[:, :, probe], q[:, :, probe]
     sums.add("topk", topk_overlap(pp, qp, topk))
     sums.add("spearman", spearman_rows(pp, qp))
-    if rows.start == 0 and lay.prefix > 0:
-        cp, cq = renormalise(p[:, :, 0, lay.prefix :]), renormalise(q[:, :, 0, lay.prefix :])
+    if rows.start == 0 and lay.geometry.has_class_row:
+        k0 = lay.key_prefix
+        cp, cq = renormalise(p[:, :, 0, k0:]), renormalise(q[:, :, 0, k0:])
         sums.add("cls_js", row_js(cp, cq)[..., None])
         sums.add("cls_pearson", pearson(cp, cq)[..., None])
     return qp
@@ -305,9 +521,12 @@ def _side(sums: _Sums, p: torch.Tensor, rows: slice, lay: _Layout) -> torch.Tens
     """Add one model's row entropy and attention distance to ``sums``; returns the row entropies."""
     h = row_entropy(p)
     sums.add("entropy", h)
-    local, dist_rows = lay.patch_part(rows)
-    if local.stop > local.start:
-        sums.add("distance", attention_distance(p[:, :, local, lay.prefix :], lay.distances[dist_rows]))
+    if lay.distances is not None:
+        local, dist_rows = lay.patch_part(rows)
+        if local.stop > local.start:
+            sums.add(
+                "distance", attention_distance(p[:, :, local, lay.key_prefix :], lay.distances[dist_rows])
+            )
     return h
 
 
@@ -317,6 +536,94 @@ def _signed_note(kind: MapKind) -> str:
     if kind is MapKind.NONE:
         return "no attention map (map kind none): nothing to compare"
     return ""
+
+
+# ------------------------------------------------------------------------------------------- one layer
+@dataclass
+class _StudentLayer:
+    """What is accumulated for one student layer over the batches: its metrics and its head costs."""
+
+    sums: _Sums = field(default_factory=_Sums)
+    cost: torch.Tensor | None = None
+    cost_rows: int = 0
+
+    def add_cost(self, cost: torch.Tensor, rows: int) -> None:
+        self.cost = cost.double().cpu() + (0 if self.cost is None else self.cost)
+        self.cost_rows += rows
+
+
+@dataclass
+class _TeacherSums:
+    """What is accumulated for one teacher layer: its own metrics and the noise floor's."""
+
+    own: _Sums = field(default_factory=_Sums)
+    floor: _Sums = field(default_factory=_Sums)
+    geometry: LayerGeometry | None = None
+    probe_rows: int = 0
+
+
+@dataclass
+class _LayerWork:
+    """One teacher layer on one batch: its signals, the floor's (noisy inputs; None: no floor images left),
+    and the student layers paired with it ([(student layer signals, its accumulator)])."""
+
+    teacher: LayerSignals
+    floor: LayerSignals | None
+    lay: _Layout
+    students: list[tuple[LayerSignals, _StudentLayer]]
+
+
+def _head_costs(tp: torch.Tensor, ap: torch.Tensor) -> torch.Tensor:
+    """(teacher heads, student heads) summed JS of every teacher head's probe rows ``tp`` against every
+    student head's ``ap``."""
+    h_ap = row_entropy(ap)
+    return torch.stack(
+        [
+            row_js(tp[:, h : h + 1], ap, row_entropy(tp[:, h : h + 1]), h_ap).sum((0, 2))
+            for h in range(tp.shape[1])
+        ]
+    )
+
+
+def _student_rows(
+    sig: LayerSignals,
+    acc: _StudentLayer,
+    p: torch.Tensor,
+    h_p: torch.Tensor,
+    tp: torch.Tensor,
+    rows,
+    lay,
+    topk,
+) -> None:
+    """One chunk of a student layer's rows against the teacher's ``p`` (entropies ``h_p``, probe rows ``tp``)."""
+    a = sig.map_rows(rows)
+    if a is None:
+        return
+    h_a = _side(acc.sums, a, rows, lay)
+    p_bar, h_bar = (p, h_p) if a.shape[1] == p.shape[1] else (_grouped(p, a.shape[1]), None)
+    if h_bar is None:
+        h_bar = row_entropy(p_bar)
+    ap = _compare_rows(acc.sums, p_bar, a, h_bar, h_a, rows, lay, topk)
+    acc.add_cost(_head_costs(tp, ap), tp.shape[0] * tp.shape[2])
+
+
+def _walk_layer(work: _LayerWork, acc: _TeacherSums, topk: int, chunk: int | None) -> None:
+    """One teacher layer, a chunk of query rows at a time: the teacher's own metrics, the floor, and every
+    student layer paired with it."""
+    t, lay = work.teacher, work.lay
+    n = t.q.shape[-2]
+    live = 6 + 3 * len(work.students)
+    step = row_chunk(t.q, t.k.shape[-2], chunk, live_tensors=live)
+    for rows in row_slices(0, n, step):
+        p = t.map_rows(rows)
+        h_p = _side(acc.own, p, rows, lay)
+        if work.floor is not None:
+            pf = work.floor.map_rows(rows)
+            b = pf.shape[0]
+            _compare_rows(acc.floor, p[:b], pf, h_p[:b], row_entropy(pf), rows, lay, topk)
+        tp = p[:, :, lay.probe_in(rows)]
+        for sig, s_acc in work.students:
+            _student_rows(sig, s_acc, p, h_p, tp, rows, lay, topk)
 
 
 # ------------------------------------------------------------------------------------------- the walk
@@ -337,79 +644,69 @@ def compare_attention(
     inputs with Gaussian noise of std ``noise`` (in normalised units; on the first ``floor_images`` images,
     None: all) as a floor that says what "close" means.
 
-    Student layer i is paired with teacher layer i (different depths: uniformly, as transfer plans do);
-    a teacher with g× the student's heads is averaged in contiguous groups of g heads (as the
-    distillation loss does). Metrics: KL(P_t ‖ P_s), JS, top-``topk`` overlap, Spearman correlation
-    (on ``probe_rows`` query rows per image: the class token and evenly spaced others), row entropy,
-    mean attention distance in pixels (patch queries over patch keys), class-token map JS and Pearson
-    correlation (over patches), and a Hungarian teacher↔student head assignment by JS on the probe rows.
+    Layers are the models' attention layers in forward order (`attention_layers`: any family with
+    adapters). Student layer i is paired with teacher layer i (different depths: uniformly, as transfer
+    plans do); a teacher with g× the student's heads is averaged in contiguous groups of g heads (as the
+    distillation loss does). Paired layers must attend over the same rows and keys (windows, key
+    reduction and all). Metrics: KL(P_t ‖ P_s), JS, top-``topk`` overlap, Spearman correlation (on
+    ``probe_rows`` query rows per row batch: the first and evenly spaced others), row entropy, and where
+    the layer sees the whole grid mean attention distance in pixels (patch queries over patch keys) and
+    class-token map JS and Pearson correlation (over patches); a Hungarian teacher↔student head
+    assignment by JS on the probe rows.
     """
     subjects = {n: s if isinstance(s, Subject) else Subject(s) for n, s in students.items()}
     if not subjects:
         raise ValueError("compare_attention needs at least one student")
-    t_layout = token_layout(teacher)
-    for name, s in subjects.items():
-        _check_pair(name, teacher, s.model, t_layout)
-    t_attns = transfer_attentions(teacher)
-    depth_t = len(t_attns)
-    pairs = {
-        n: map_layers(range(len(s.model.blocks)), len(s.model.blocks), depth_t) for n, s in subjects.items()
-    }
-    device = next(teacher.parameters()).device
-    lay = _Layout(t_layout, probe_rows, device)
-    t_sums = [_Sums() for _ in range(depth_t)]
-    f_sums = [_Sums() for _ in range(depth_t)]
-    s_sums = {n: [_Sums() for _ in s.model.blocks] for n, s in subjects.items()}
-    costs: dict[str, list[torch.Tensor | None]] = {
-        n: [None] * len(s.model.blocks) for n, s in subjects.items()
-    }
-    cost_rows: dict[str, list[int]] = {n: [0] * len(s.model.blocks) for n, s in subjects.items()}
+    t_names = [name for name, _ in _layers(teacher)]
+    depth_t = len(t_names)
+    depth = {n: len(_layers(s.model)) for n, s in subjects.items()}
+    pairs = {n: map_layers(range(depth[n]), depth[n], depth_t) for n in subjects}
+    t_acc = [_TeacherSums() for _ in range(depth_t)]
+    s_acc = {n: [_StudentLayer() for _ in range(depth[n])] for n in subjects}
+    last: dict[str, list[LayerSignals]] = {}
     was = {id(m): m.training for m in [teacher, *(s.model for s in subjects.values())]}
     teacher.eval()
     for s in subjects.values():
         s.model.eval()
     gen = torch.Generator(device="cpu").manual_seed(0)
-    borrowed = {t for s in subjects.values() for t, _ in s.borrow.values()}
+    device = next(teacher.parameters()).device
     images = floor_seen = 0
+    t_layout: dict[str, Any] | None = None
     bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
     try:
         for x in batches:
             x = x.to(device)
             if x.shape[0] == 0:
                 continue
-            t_layers = _TeacherLayers(iter_layer_qk(teacher, x), borrowed)
+            if t_layout is None:
+                t_layout = token_layout(teacher, x.shape[-2:])
+                for name, s in subjects.items():
+                    _check_pair(name, token_layout(s.model, x.shape[-2:]), t_layout)
             n_floor = (
                 x.shape[0] if floor_images is None else max(0, min(x.shape[0], floor_images - floor_seen))
             )
-            f_layers = None
+            t_sig = layer_qk(teacher, x)
+            f_sig = None
             if n_floor:
                 xn = x[:n_floor] + noise * torch.randn(x[:n_floor].shape, generator=gen).to(x)
-                f_layers = iter_layer_qk(teacher, xn)
-            s_layers = {
-                n: enumerate(iter_layer_qk(s.model, x, t_layers.borrow_for(s))) for n, s in subjects.items()
-            }
-            for j, t_attn in enumerate(t_attns):
-                # student layers paired with teacher layer j (consecutive, as plans pair them): one step each
-                mine = {n: [i for i, tj in pairs[n] if tj == j] for n in subjects}
-                s_qk = {n: {i: _layer(s_layers[n], i) for i in layers} for n, layers in mine.items()}
-                _walk_layer(
-                    j,
-                    t_attn,
-                    t_layers.get(j),
-                    next(f_layers) if f_layers is not None else None,
-                    subjects,
-                    s_qk,
-                    mine,
+                f_sig = layer_qk(teacher, xn)
+            s_sig = {n: layer_qk(s.model, x, _borrowed(s, t_sig)) for n, s in subjects.items()}
+            for j, acc in enumerate(t_acc):
+                mine = [(n, i) for n in subjects for i, tj in pairs[n] if tj == j]
+                for n, i in mine:
+                    _check_layer(n, i, s_sig[n][i], j, t_sig[j])
+                if acc.geometry is None:
+                    acc.geometry = layer_geometry(t_sig[j], x.shape[0], t_layout)
+                lay = _Layout(acc.geometry, t_sig[j].q.shape[-2], probe_rows, device)
+                acc.probe_rows = int(lay.probe.numel())
+                work = _LayerWork(
+                    t_sig[j],
+                    f_sig[j] if f_sig is not None else None,
                     lay,
-                    topk,
-                    chunk,
-                    t_sums[j],
-                    f_sums[j],
-                    s_sums,
-                    costs,
-                    cost_rows,
+                    [(s_sig[n][i], s_acc[n][i]) for n, i in mine],
                 )
-                t_layers.done_with(j)
+                _walk_layer(work, acc, topk, chunk)
+            last = s_sig
             images += x.shape[0]
             floor_seen += n_floor
             bar.update(x.shape[0])
@@ -420,90 +717,82 @@ def compare_attention(
             s.model.train(was[id(s.model)])
     if images == 0:
         raise ValueError("no images to inspect: the image list (or dataset split) is empty")
-    teacher_layers = []
-    for j, t_attn in enumerate(t_attns):
-        side, floor = t_sums[j].means(), f_sums[j].means()
-        mean = {k: _mean(v) for k, v in side.items()} | {f"floor_{k}": _mean(v) for k, v in floor.items()}
-        teacher_layers.append(
-            TeacherLayer(j, t_attn.num_heads, side.get("entropy", []), side.get("distance", []), floor, mean)
-        )
-    reports = {}
-    for n, s in subjects.items():
-        rows = []
-        for i, t in pairs[n]:
-            attn = s.model.blocks[i].attn
-            kind = attn.map_kind if i not in s.borrow else MapKind.SOFTMAX
-            comp = LayerComparison(
-                i,
-                t,
-                attention_name_of(attn),
-                str(attn.map_kind),
-                attn.num_heads,
-                borrowed=s.borrow.get(i, (0, ""))[1],
-                note=_signed_note(kind),
-            )
-            if kind.has_map:
-                comp.metrics = s_sums[n][i].means()
-                comp.mean = {k: _mean(v) for k, v in comp.metrics.items()}
-                cost = costs[n][i] / max(1, cost_rows[n][i])
-                comp.js_cost = cost.tolist()
-                comp.assignment = head_assignment(cost)
-            rows.append(comp)
-        reports[n] = rows
-    settings = {"topk": topk, "noise": noise, "probe_rows": int(lay.probe.numel()), "head_cost": "js"}
+    t_attns = _layers(teacher)
+    teacher_layers = [_teacher_result(j, t_attns[j], acc) for j, acc in enumerate(t_acc)]
+    reports = {
+        n: [_student_result(i, t, s, last[n][i], s_acc[n][i]) for i, t in pairs[n]]
+        for n, s in subjects.items()
+    }
+    settings = {
+        "topk": topk,
+        "noise": noise,
+        "probe_rows": max((a.probe_rows for a in t_acc), default=0),
+        "head_cost": "js",
+    }
     return Inspection(images, floor_seen, settings, t_layout, teacher_layers, reports)
 
 
-def _student_rows(attn, qk: dict[str, torch.Tensor], rows: slice, borrowed: bool) -> torch.Tensor | None:
-    kind = MapKind.SOFTMAX if borrowed else attn.map_kind
-    if not kind.has_map:
-        return None
-    a = attn.attention_map(qk["q"], qk["k"], rows)
-    return renormalise(a.clamp_min(0)) if kind is MapKind.SIGNED else a
+def _layers(model: nn.Module) -> list[tuple[str, TransferableAttention]]:
+    """The model's attention layers (`attention_layers`), a refusal as `NotInspectable`."""
+    try:
+        return attention_layers(model)
+    except TypeError as err:
+        raise NotInspectable(f"cannot inspect {type(model).__name__}: {err}") from None
 
 
-def _walk_layer(
-    j, t_attn, t_qk, f_qk, subjects, s_qk, mine, lay, topk, chunk, t_sums, f_sums, s_sums, costs, cost_rows
-) -> None:
-    """One teacher layer, a chunk of query rows at a time: the teacher's own metrics, the floor, and every
-    student layer paired with it."""
-    q_t, k_t = t_qk["q"], t_qk["k"]
-    n = q_t.shape[-2]
-    live = 6 + 3 * sum(len(v) for v in mine.values())
-    step = row_chunk(q_t, n, chunk, live_tensors=live)
-    for rows in row_slices(0, n, step):
-        p = t_attn.attention_map(q_t, k_t, rows)
-        h_p = _side(t_sums, p, rows, lay)
-        if f_qk is not None:
-            pf = t_attn.attention_map(f_qk["q"], f_qk["k"], rows)
-            b = pf.shape[0]
-            _compare_rows(f_sums, p[:b], pf, h_p[:b], row_entropy(pf), rows, lay, topk)
-        tp = p[:, :, lay.probe_in(rows)]
-        for name, layers in mine.items():
-            subject = subjects[name]
-            for i in layers:
-                attn = subject.model.blocks[i].attn
-                a = _student_rows(attn, s_qk[name][i], rows, i in subject.borrow)
-                if a is None:
-                    continue
-                sums = s_sums[name][i]
-                h_a = _side(sums, a, rows, lay)
-                if a.shape[1] == p.shape[1]:
-                    p_bar, h_bar = p, h_p
-                else:
-                    p_bar = _grouped(p, a.shape[1])
-                    h_bar = row_entropy(p_bar)
-                ap = _compare_rows(sums, p_bar, a, h_bar, h_a, rows, lay, topk)
-                # head costs: every teacher head against every student head, on the probe rows
-                h_ap = row_entropy(ap)
-                cost = torch.stack(
-                    [
-                        row_js(tp[:, h : h + 1], ap, row_entropy(tp[:, h : h + 1]), h_ap).sum((0, 2))
-                        for h in range(tp.shape[1])
-                    ]
-                )
-                costs[name][i] = cost.double().cpu() + (0 if costs[name][i] is None else costs[name][i])
-                cost_rows[name][i] += tp.shape[0] * tp.shape[2]
+def _borrowed(subject: Subject, t_sig: list[LayerSignals]) -> dict[int, dict[str, torch.Tensor]]:
+    """What ``subject``'s layers attend with in place of their own: the borrowed chunks of the teacher's
+    layers (q and k together bring the teacher's logit bias)."""
+    out = {}
+    for i, (t, chunks) in subject.borrow.items():
+        given = {c: t_sig[t][c] for c in chunks if c in "qk"}
+        if len(given) == 2:
+            given["bias"] = t_sig[t].bias
+        out[i] = given
+    return out
+
+
+def _teacher_result(j: int, layer: tuple[str, TransferableAttention], acc: _TeacherSums) -> TeacherLayer:
+    name, attn = layer
+    side, floor = acc.own.means(), acc.floor.means()
+    mean = {k: _mean(v) for k, v in side.items()} | {f"floor_{k}": _mean(v) for k, v in floor.items()}
+    heads = len(side.get("entropy", [])) or int(getattr(attn, "num_heads", 0))
+    geometry = acc.geometry.label if acc.geometry is not None else ""
+    return TeacherLayer(
+        j,
+        heads,
+        side.get("entropy", []),
+        side.get("distance", []),
+        floor,
+        mean,
+        name,
+        stage_of(name),
+        geometry,
+    )
+
+
+def _student_result(
+    i: int, t: int, subject: Subject, sig: LayerSignals, acc: _StudentLayer
+) -> LayerComparison:
+    kind = sig.kind
+    comp = LayerComparison(
+        i,
+        t,
+        attention_name_of(sig.attn),
+        str(sig.attn.map_kind),
+        sig.heads,
+        borrowed=subject.borrow.get(i, (0, ""))[1],
+        note=_signed_note(kind),
+        name=sig.name,
+        stage=stage_of(sig.name),
+    )
+    if kind.has_map and acc.cost is not None:
+        comp.metrics = acc.sums.means()
+        comp.mean = {k: _mean(v) for k, v in comp.metrics.items()}
+        cost = acc.cost / max(1, acc.cost_rows)
+        comp.js_cost = cost.tolist()
+        comp.assignment = head_assignment(cost)
+    return comp
 
 
 #: per-row agreement of teacher rows ``p`` with student rows ``a`` over ``n`` keys, by name
@@ -518,28 +807,87 @@ def layer_agreement(
 ) -> float:
     """One number for a student layer against its teacher layer, averaged over (batch, student head, query):
     ``kl`` (KL(P̄_t ‖ A_s), nats per row; teacher head groups averaged) or ``map_mse`` (mean squared map
-    difference over entries). Built from rows a chunk at a time; what conversion reports measure."""
+    difference over entries). Built from rows a chunk at a time (a ``bias`` in either mapping is the
+    layer's logit bias); what conversion reports measure."""
     if metric not in AGREEMENT_METRICS:
         raise ValueError(
             f"layer_agreement: metric must be one of {', '.join(AGREEMENT_METRICS)}, got {metric!r}"
         )
     per_row = AGREEMENT_METRICS[metric]
     q_t, k_t, q_s, k_s = t_qk["q"], t_qk["k"], s_qk["q"], s_qk["k"]
-    n = q_t.shape[-2]
-    if k_s.shape[-2] != n or q_s.shape[-2] != n or q_t.shape[1] % q_s.shape[1]:
+    n = k_t.shape[-2]
+    if k_s.shape[-2] != n or q_s.shape[-2] != q_t.shape[-2] or q_t.shape[1] % q_s.shape[1]:
         raise ValueError(
             f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
             "the student needs the teacher's tokens, and heads that divide the teacher's"
         )
+    teacher = LayerSignals("teacher", t_attn, q_t, k_t, t_qk.get("bias"))
+    student = LayerSignals("student", s_attn, q_s, k_s, s_qk.get("bias"))
     step = row_chunk(q_t, n, live_tensors=4)
     total, count = 0.0, 0
-    for rows in row_slices(0, n, step):
-        p = _grouped(t_attn.attention_map(q_t, k_t, rows), q_s.shape[1])
-        a = s_attn.attention_map(q_s, k_s, rows)
+    for rows in row_slices(0, q_t.shape[-2], step):
+        p = _grouped(teacher.map_rows(rows), q_s.shape[1])
+        a = (
+            s_attn.attention_map(q_s, k_s, rows)
+            if s_attn.map_kind is not MapKind.SOFTMAX
+            else student.map_rows(rows)
+        )
         v = per_row(p, a, n)
         total += float(v.double().sum())
         count += v.numel()
     return total / max(1, count)
+
+
+# ------------------------------------------------------------------------------------------- pictures' maps
+def _signals(
+    model: nn.Module,
+    x: torch.Tensor,
+    borrow: Mapping[int, Mapping[str, torch.Tensor]] | None,
+    qk: Sequence[LayerSignals] | None,
+) -> list[LayerSignals]:
+    if qk is not None and all(isinstance(s, LayerSignals) for s in qk):
+        return list(qk)
+    return layer_qk(model, x, borrow)
+
+
+@torch.no_grad()
+def token_maps(
+    model: nn.Module,
+    x: torch.Tensor,
+    borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+    qk: Sequence[LayerSignals] | None = None,
+) -> tuple[list[torch.Tensor | None], list[LayerGeometry]]:
+    """Per layer one map over the patch grid per head, (B, H, grid_h, grid_w), and the layer's geometry:
+    the class token's attention over the patches where the layer has a class-token row (rows renormalised
+    over patch keys); for a whole-grid layer without one, the attention each patch receives (column mean
+    over the patch queries, renormalised); None for windowed, reduced and other partitioned layers and for
+    attentions without a map. Borrowed q/k (attention copy) are what the layer attends with; ``qk``:
+    `layer_qk`'s output for ``x`` if already computed."""
+    layout = token_layout(model, x.shape[-2:])
+    maps: list[torch.Tensor | None] = []
+    geometries = []
+    for sig in _signals(model, x, borrow, qk):
+        geo = layer_geometry(sig, x.shape[0], layout)
+        geometries.append(geo)
+        if not (geo.whole and sig.kind.has_map):
+            maps.append(None)
+            continue
+        if geo.has_class_row:
+            row = sig.map_rows(slice(0, 1))[:, :, 0, geo.prefix :].clamp_min(0)
+        else:
+            row = _received(sig, geo)
+        maps.append(renormalise(row).reshape(*row.shape[:2], *geo.grid).float().cpu())
+    return maps, geometries
+
+
+def _received(sig: LayerSignals, geo: LayerGeometry) -> torch.Tensor:
+    """(B, H, P): the mean attention each patch key receives from the patch queries (row chunks)."""
+    nq = sig.q.shape[-2]
+    total = None
+    for rows in row_slices(geo.query_prefix, nq, row_chunk(sig.q, sig.k.shape[-2], live_tensors=4)):
+        part = sig.map_rows(rows)[..., geo.prefix :].clamp_min(0).sum(-2)
+        total = part if total is None else total + part
+    return total / max(1, nq - geo.query_prefix)
 
 
 @torch.no_grad()
@@ -547,25 +895,15 @@ def class_token_maps(
     model: nn.Module,
     x: torch.Tensor,
     borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
-    qk: list[dict[str, torch.Tensor]] | None = None,
+    qk: Sequence[LayerSignals] | None = None,
 ) -> list[torch.Tensor | None]:
     """Per layer the class token's attention over the patches, (B, H, grid_h, grid_w), rows renormalised
-    over patch keys (signed maps clipped at 0 first); None for layers without a map or models without a
-    class token. Borrowed q/k (attention copy) are what the layer attends with; ``qk``: `layer_qk`'s output
-    for ``x`` if already computed."""
-    lay = token_layout(model)
-    if lay["prefix"] == 0:
-        return [None] * len(model.blocks)
-    out = []
-    qk = qk if qk is not None else layer_qk(model, x, borrow)
-    for attn, layer in zip(transfer_attentions(model), qk):
-        borrowed = bool(borrow) and len(out) in borrow
-        if not (borrowed or attn.map_kind.has_map):
-            out.append(None)
-            continue
-        row = attn.attention_map(layer["q"], layer["k"], slice(0, 1))[:, :, 0, lay["prefix"] :].clamp_min(0)
-        out.append(renormalise(row).reshape(*row.shape[:2], *lay["grid"]).float().cpu())
-    return out
+    over patch keys (signed maps clipped at 0 first); None for layers without a map or without a
+    class-token row over the whole grid (windowed layers, models without a class token). Borrowed q/k
+    (attention copy) are what the layer attends with; ``qk``: `layer_qk`'s output for ``x`` if already
+    computed."""
+    maps, geometries = token_maps(model, x, borrow, qk)
+    return [m if g.has_class_row else None for m, g in zip(maps, geometries)]
 
 
 @torch.no_grad()
@@ -573,20 +911,35 @@ def rollout_class_maps(
     model: nn.Module,
     x: torch.Tensor,
     borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
-    qk: list[dict[str, torch.Tensor]] | None = None,
+    qk: Sequence[LayerSignals] | None = None,
 ) -> torch.Tensor:
-    """The class token's row of the attention rollout over the patches, (B, grid_h, grid_w), renormalised.
-    Builds each layer's whole head-averaged map: meant for the few images of a picture."""
-    lay = token_layout(model)
-    if lay["prefix"] == 0:
-        raise ValueError("attention rollout of the class token needs a model with a class token")
-    maps = []
-    qk = qk if qk is not None else layer_qk(model, x, borrow)
-    for i, (attn, layer) in enumerate(zip(transfer_attentions(model), qk)):
-        borrowed = bool(borrow) and i in borrow
-        if not (borrowed or attn.map_kind.has_map):
+    """The class token's row of the attention rollout over the patches, (B, grid_h, grid_w), renormalised,
+    through the layers whose queries and keys are the model's whole token set (windowed, class-attention
+    and reduced layers pass tokens through). Builds each such layer's whole head-averaged map: meant for
+    the few images of a picture."""
+    layout = token_layout(model, x.shape[-2:])
+    maps, prefix = [], None
+    for sig in _signals(model, x, borrow, qk):
+        geo = layer_geometry(sig, x.shape[0], layout)
+        if geo.kind != "global" or geo.prefix < 1 or tuple(geo.grid) != tuple(layout["grid"]):
             maps.append(None)
             continue
-        maps.append(attn.attention_map(layer["q"], layer["k"]).clamp_min(0).mean(1))
-    rolled = attention_rollout(maps)[:, 0, lay["prefix"] :]
-    return renormalise(rolled).reshape(rolled.shape[0], *lay["grid"]).float().cpu()
+        prefix = geo.prefix
+        maps.append(sig.map_rows().clamp_min(0).mean(1) if sig.kind.has_map else None)
+    if prefix is None:
+        raise ValueError(
+            "attention rollout of the class token needs a model with a class token in its whole-image "
+            "self-attention layers"
+        )
+    rolled = attention_rollout(maps)[:, 0, prefix:]
+    return renormalise(rolled).reshape(rolled.shape[0], *layout["grid"]).float().cpu()
+
+
+def has_rollout(model: nn.Module, x: torch.Tensor, qk: Sequence[LayerSignals]) -> bool:
+    """Whether `rollout_class_maps` has layers to roll out for ``model`` on ``x``."""
+    layout = token_layout(model, x.shape[-2:])
+    for sig in qk:
+        geo = layer_geometry(sig, x.shape[0], layout)
+        if geo.kind == "global" and geo.prefix >= 1 and tuple(geo.grid) == tuple(layout["grid"]):
+            return True
+    return False

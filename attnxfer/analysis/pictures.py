@@ -17,7 +17,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .compare import Inspection
+from .compare import Inspection, LayerComparison
 
 __all__ = [
     "DPI",
@@ -28,6 +28,7 @@ __all__ = [
     "display_image",
     "figure_array",
     "figure_pixels",
+    "head_matching_figure",
     "rollout_figure",
     "save_figure",
 ]
@@ -94,12 +95,15 @@ def class_token_figure(
     names: tuple[str, str] = ("teacher", "student"),
     title: str = "",
     cell: int = 48,
+    layer_labels: Sequence[str] | None = None,
+    notes: Sequence[str] | None = None,
 ) -> Figure:
     """A layer × head grid of class-token maps over ``image``: the teacher's heads, a gap, the student's.
 
     ``teacher``/``student``: per layer (H, grid_h, grid_w) maps of one image (None: no map). One mosaic
     of ``cell``-pixel panels drawn at one pixel per panel pixel, plus margins for the labels: the size is
-    `class_token_figure_size`.
+    `class_token_figure_size`. ``layer_labels``: the rows' labels (default L0, L1, ...); ``notes``: per
+    layer a word written over its first panel (why a layer has no map: "4 windows", say; '' for none).
     """
     ht = max((m.shape[0] for m in teacher if m is not None), default=1)
     hs = max((m.shape[0] for m in (student or []) if m is not None), default=0) if student else 0
@@ -122,13 +126,26 @@ def class_token_figure(
         [""] + [f"{names[1][0]}{h}" for h in range(hs)] if student else []
     )
     ax.set_xticks([(c + 0.5) * cell for c in range(cols)], labels, fontsize=6)
-    ax.set_yticks([(r + 0.5) * cell for r in range(layers)], [f"L{r}" for r in range(layers)], fontsize=6)
+    labels_y = list(layer_labels) if layer_labels is not None else [f"L{r}" for r in range(layers)]
+    ax.set_yticks([(r + 0.5) * cell for r in range(layers)], labels_y, fontsize=6)
     ax.tick_params(length=0)
-    fig.suptitle(
-        (title or f"class-token attention: {names[0]} | {names[1]} heads") + " (each map scaled to its max)",
-        fontsize=8,
-    )
+    for r, note in enumerate(notes or []):
+        if note:
+            ax.text(2, (r + 0.5) * cell, note, color="white", fontsize=6, va="center")
+    text = (
+        title or f"class-token attention: {names[0]} | {names[1]} heads"
+    ) + " (each map scaled to its max)"
+    fig.suptitle(_wrapped(text, width), fontsize=min(8, max(5, 2 * width / len(text))))
     return fig
+
+
+def _wrapped(text: str, width_px: int) -> str:
+    """``text`` on two lines where one line of 5-point type would not fit ``width_px`` (the title margin
+    holds two such lines)."""
+    if len(text) * 3.8 <= width_px:
+        return text
+    cut = text.rfind(" ", 0, len(text) // 2 + 8)
+    return text if cut < 0 else text[:cut] + "\n" + text[cut + 1 :]
 
 
 #: Pixels left of and below the class-token mosaic (labels), and above it (title).
@@ -138,6 +155,35 @@ _MARGIN = (30, 20, 24)
 def class_token_figure_size(layers: int, columns: int, cell: int = 48) -> tuple[int, int]:
     """(width, height) in pixels of `class_token_figure` for ``layers`` rows and ``columns`` panels."""
     return columns * cell + _MARGIN[0] + 6, layers * cell + _MARGIN[1] + _MARGIN[2]
+
+
+def head_matching_figure(rows: Sequence[LayerComparison], title: str = "", per_row: int = 6) -> Figure:
+    """Per layer the JS cost of every teacher head (rows) against every student head (columns), the
+    optimal assignment ringed in red: one panel per layer (``per_row`` panels a line), one colour scale
+    for all (0 to the largest cost)."""
+    rows = [r for r in rows if r.js_cost]
+    n = max(1, len(rows))
+    cols = min(per_row, n)
+    lines = math.ceil(n / cols)
+    fig = _figure(max(2.1 * cols, 4.2), 2.1 * lines + 0.5)
+    axes = fig.subplots(lines, cols, squeeze=False)
+    vmax = max((max(max(c) for c in r.js_cost) for r in rows), default=math.log(2)) or math.log(2)
+    for ax, r in zip(axes.flat, rows):
+        cost = np.asarray(r.js_cost)
+        ax.imshow(cost, cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+        pairs = np.asarray(r.assignment.get("pairs", []), dtype=float).reshape(-1, 2)
+        ax.scatter(pairs[:, 1], pairs[:, 0], s=40, facecolors="none", edgecolors="red", linewidths=1.2)
+        ax.set_title(f"L{r.layer} (teacher L{r.teacher_layer})", fontsize=7)
+        ax.set_xticks(range(cost.shape[1]), [f"s{h}" for h in range(cost.shape[1])], fontsize=5)
+        ax.set_yticks(range(cost.shape[0]), [f"t{h}" for h in range(cost.shape[0])], fontsize=5)
+    for ax in list(axes.flat)[len(rows) :]:
+        ax.axis("off")
+    fig.suptitle(
+        f"{title or 'head matching'}: JS, teacher × student heads\n(0 to {vmax:.3f} nats; ringed: optimal match)",
+        fontsize=7,
+    )
+    fig.tight_layout()
+    return fig
 
 
 def rollout_figure(image: np.ndarray, rollouts: Mapping[str, torch.Tensor]) -> Figure:

@@ -28,18 +28,24 @@ from timm.data import create_transform
 
 from ..analysis import (
     Inspection,
+    LayerGeometry,
+    LayerSignals,
     Subject,
-    class_token_maps,
     compare_attention,
+    has_rollout,
+    input_size,
     layer_qk,
     rollout_class_maps,
+    stage_of,
     token_layout,
+    token_maps,
 )
 from ..analysis.pictures import (
     agreement_figure,
     class_token_figure,
     curves_figure,
     display_image,
+    head_matching_figure,
     rollout_figure,
     save_figure,
 )
@@ -163,8 +169,7 @@ def load_model(
 
 # ------------------------------------------------------------------------------------------- images
 def _input_settings(teacher: LoadedModel) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
-    pe = teacher.model.patch_embed
-    size, chans = int(pe.img_size[0]), int(pe.proj.in_channels)
+    (size, _), chans = input_size(teacher.model)
     mean = teacher.mean or (0.5,) * chans
     std = teacher.std or (0.5,) * chans
     return size, chans, tuple(mean), tuple(std)
@@ -254,18 +259,24 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
         f" patches of {'x'.join(map(str, insp.tokens['patch']))} px",
         f"- floor: the teacher against itself on inputs with Gaussian noise (std {s['noise']}, normalised units) "
         f"on {insp.floor_images} images: divergences below it are as close as the teacher is to itself",
-        f"- top-k overlap with k={s['topk']}; Spearman and head costs on {s['probe_rows']} query rows per image "
-        "(class token and evenly spaced patches)",
+        f"- top-k overlap with k={s['topk']}; Spearman and head costs on up to {s['probe_rows']} query rows per "
+        "image or window (the first and evenly spaced others)",
+        "- rows: `global` layers see the whole image (attention distance and class-token maps there), "
+        "windowed ones a batch of windows, class attention one row per prefix token; in the class-token "
+        "pictures a layer marked `received` has no class token (the attention each patch receives), one "
+        "marked with its windows has no whole-image map",
         "",
         "## Teacher",
         "",
-        "| layer | heads | entropy | attention distance (px) | floor KL | floor JS | floor top-k | floor Spearman |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | attention | rows | heads | entropy | attention distance (px) | floor KL | floor JS | "
+        "floor top-k | floor Spearman |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for t in insp.teacher:
         m = t.mean
         lines.append(
-            f"| {t.layer} | {t.heads} | {_f(m.get('entropy'))} | {_f(m.get('distance'), 1)} | "
+            f"| {t.layer} | `{t.name}` | {t.partition} | {t.heads} | {_f(m.get('entropy'))} | "
+            f"{_f(m.get('distance'), 1)} | "
             f"{_f(m.get('floor_kl'), 4)} | {_f(m.get('floor_js'), 4)} | {_f(m.get('floor_topk'), 2)} | "
             f"{_f(m.get('floor_spearman'), 2)} |"
         )
@@ -333,27 +344,43 @@ def write_report(
     _, _, mean, std = _input_settings(teacher)
     x = images[: max(1, picture_images)]
     t_qk = layer_qk(teacher.model, x)
-    t_cls = class_token_maps(teacher.model, x, qk=t_qk)
-    has_cls = insp.tokens["prefix"] > 0  # rollout and class-token maps need a class token
-    rollouts = {"teacher": rollout_class_maps(teacher.model, x, qk=t_qk)} if has_cls else {}
+    t_maps, t_geo = token_maps(teacher.model, x, qk=t_qk)
+    rollouts = (
+        {"teacher": rollout_class_maps(teacher.model, x, qk=t_qk)}
+        if has_rollout(teacher.model, x, t_qk)
+        else {}
+    )
+    groups = _stages([sig.name for sig in t_qk])
     for name, s in students.items():
-        borrow = {i: {c: t_qk[t][c] for c in chunks if c in "qk"} for i, (t, chunks) in s.borrow.items()}
-        s_qk = layer_qk(s.model, x, borrow)
-        s_cls = class_token_maps(s.model, x, borrow, qk=s_qk)
-        if has_cls:
-            rollouts[name] = rollout_class_maps(s.model, x, borrow, qk=s_qk)
-        for b in range(x.shape[0]):
-            fig = class_token_figure(
-                display_image(x[b], mean, std),
-                [m[b] if m is not None else None for m in t_cls],
-                [m[b] if m is not None else None for m in s_cls],
-                names=("teacher", name),
-                title=f"class-token attention, image {b}: teacher heads (t) | {name} heads (s)",
-            )
-            path = out / f"cls_maps_{_slug(name)}_img{b}.png"
-            save_figure(fig, path)
-            written.append(path)
-    for b in range(x.shape[0] if has_cls else 0):
+        s_qk = layer_qk(s.model, x, _borrowed_signals(s.borrow, t_qk))
+        s_maps, _ = token_maps(s.model, x, qk=s_qk)
+        if rollouts and has_rollout(s.model, x, s_qk):
+            rollouts[name] = rollout_class_maps(s.model, x, qk=s_qk)
+        for stage, layers in groups.items():
+            suffix = f"_{_slug(stage)}" if len(groups) > 1 else ""
+            for b in range(x.shape[0]):
+                pick = lambda maps, b=b, layers=layers: [
+                    maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
+                ]
+                fig = class_token_figure(
+                    display_image(x[b], mean, std),
+                    pick(t_maps),
+                    pick(s_maps),
+                    names=("teacher", name),
+                    title=_maps_title(b, name, stage),
+                    layer_labels=[f"L{j}" for j in layers],
+                    notes=[_why_no_map(t_geo[j]) for j in layers],
+                )
+                path = out / f"cls_maps_{_slug(name)}{suffix}_img{b}.png"
+                save_figure(fig, path)
+                written.append(path)
+            rows = [r for r in insp.students[name] if r.teacher_layer in layers]
+            if any(r.js_cost for r in rows):
+                path = out / f"heads_{_slug(name)}{suffix}.png"
+                title = f"head matching, {name}" + (f", {stage}" if len(groups) > 1 else "")
+                save_figure(head_matching_figure(rows, title=title), path)
+                written.append(path)
+    for b in range(x.shape[0] if rollouts else 0):
         path = out / f"rollout_img{b}.png"
         save_figure(
             rollout_figure(display_image(x[b], mean, std), {k: v[b] for k, v in rollouts.items()}), path
@@ -364,10 +391,42 @@ def write_report(
     return written
 
 
+def _stages(names: Sequence[str]) -> dict[str, list[int]]:
+    """Layer indices grouped by stage (`stage_of` their names), in forward order."""
+    groups: dict[str, list[int]] = {}
+    for j, name in enumerate(names):
+        groups.setdefault(stage_of(name), []).append(j)
+    return groups
+
+
+def _borrowed_signals(
+    borrow: Mapping[int, tuple[int, str]], t_qk: Sequence[LayerSignals]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """What a copy student's layers attend with: the teacher's q and k (with its logit bias)."""
+    out = {}
+    for i, (t, chunks) in borrow.items():
+        out[i] = {c: t_qk[t][c] for c in chunks if c in "qk"}
+        if len(out[i]) == 2:
+            out[i]["bias"] = t_qk[t].bias
+    return out
+
+
+def _why_no_map(geometry: LayerGeometry) -> str:
+    """The word on a layer's row of the class-token picture: why it shows something else, or nothing."""
+    if not geometry.whole:
+        return geometry.label  # "4 windows", "reduced keys": no whole-image map
+    return "" if geometry.has_class_row else "received"  # no class token: attention each patch receives
+
+
+def _maps_title(b: int, name: str, stage: str) -> str:
+    where = f"{stage}, " if stage and stage != "blocks" else ""
+    return f"class-token attention, {where}image {b}: teacher heads (t) | {name} heads (s)"
+
+
 #: what `inspect_attention` wrote into its --out folder: an --overwrite deletes those files, and no others
 MANIFEST = "inspect-manifest.json"
 # the files of a report written before manifests existed (metrics.json, report.md and these pictures)
-_OWN_PICTURES = ("curves.png", "rollout_img*.png", "cls_maps_*_img*.png")
+_OWN_PICTURES = ("curves.png", "rollout_img*.png", "cls_maps_*_img*.png", "heads_*.png")
 
 
 @contextlib.contextmanager
@@ -482,11 +541,12 @@ def inspect_attention(
         )
     torch.manual_seed(seed)
     t = load_model(teacher, pretrained=pretrained, arch=teacher_arch)
-    token_layout(t.model)
+    token_layout(t.model)  # a family with no adapter, or a refused one (DiffAttention): one message, here
     loaded: dict[str, LoadedModel] = {}
     for k, (name, spec) in enumerate(zip(_student_names(students), students), start=1):
         torch.manual_seed(seed + k)
         loaded[name] = load_model(spec, teacher=t, pretrained=pretrained, arch=student_arch)
+        token_layout(loaded[name].model)
     x = load_images(t, files=images, data=data, data_root=data_root, split=split, num_images=num_images)
     subjects = {n: Subject(s.model, s.borrow) for n, s in loaded.items()}
     insp = inspect_models(t.model, subjects, x, batch_size=batch_size, **settings)

@@ -533,8 +533,10 @@ class Engine:
                 t_qk = layer_qk(teacher, x)
                 t_cls = class_token_maps(teacher, x, qk=t_qk)
                 chunks = self.plan.mode.borrow
-                borrow = {
-                    s: {c: t_qk[t][c] for c in chunks if c in "qk"} for s, t in self.plan.pairs if chunks
+                borrow = {  # q and k together bring the teacher's logit bias (relative-position tables)
+                    s: {c: t_qk[t][c] for c in (*chunks, "bias") if c in "qk" or {"q", "k"} <= set(chunks)}
+                    for s, t in self.plan.pairs
+                    if chunks
                 }
             s_cls = class_token_maps(student, x, borrow)
         finally:

@@ -79,14 +79,14 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
     for f in (
         FamilyCoverage("vision_transformer", 145, 141, 141, ("inspect", "convert", "export")),
         FamilyCoverage("deit", 16, 16, 16, ("inspect", "convert", "export")),
-        FamilyCoverage("eva", 65, 65, 65, ("export",)),
-        FamilyCoverage("beit", 7, 7, 7, ("export",)),
-        FamilyCoverage("vision_transformer_relpos", 9, 9, 9, ("export",)),
-        FamilyCoverage("vision_transformer_sam", 3, 3, 3, ("export",)),
-        FamilyCoverage("cait", 10, 10, 10, ("export",)),
-        FamilyCoverage("naflexvit", 11, 11, 11, ("export",)),
-        FamilyCoverage("qwen3_vit", 9, 9, 9, ("export",)),
-        FamilyCoverage("gemma4_vit", 4, 4, 4, ("export",)),
+        FamilyCoverage("eva", 65, 65, 65, ("inspect", "export")),
+        FamilyCoverage("beit", 7, 7, 7, ("inspect", "export")),
+        FamilyCoverage("vision_transformer_relpos", 9, 9, 9, ("inspect", "export")),
+        FamilyCoverage("vision_transformer_sam", 3, 3, 3, ("inspect", "export")),
+        FamilyCoverage("cait", 10, 10, 10, ("inspect", "export")),
+        FamilyCoverage("naflexvit", 11, 11, 11, ("inspect", "export")),
+        FamilyCoverage("qwen3_vit", 9, 9, 9, ("inspect", "export")),
+        FamilyCoverage("gemma4_vit", 4, 4, 4, ("inspect", "export")),
     )
 }
 

@@ -28,6 +28,7 @@ from ..models.attention import (
     AttentionIO,
     MapKind,
     StopForward,
+    attached_ios,
     attention_io,
     attention_layers,
     make_transfer_aware,
@@ -242,8 +243,7 @@ class DualViT(nn.Module):
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if stop:  # the stopping block runs eagerly: a raise inside a compiled graph would break it
                 stack.enter_context(_eager(_parent(teacher, self._teacher_names[plan.last_teacher_layer])))
-            for t, io in ios.items():
-                stack.enter_context(attention_io(self._teacher_attn[t], io))
+            stack.enter_context(attached_ios(self._teacher_attn, ios))
             with contextlib.suppress(StopForward):
                 logits = teacher(x) if wants_logits else _features(teacher, x)
         return {t: io.captured for t, io in ios.items()}, (logits if wants_logits else None)

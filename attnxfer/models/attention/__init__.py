@@ -13,7 +13,7 @@ module              what
 ``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
                     `attention_name_of`, ...)
 ``capture``         whole-model access through the interface: `transfer_attentions`, `attention_maps`,
-                    `capture_attention`
+                    `capture_attention`, `run_with_ios` (a model's own forward with per-layer IOs)
 ``numerics``        fp32 sections and row chunks (one chunk budget) for attentions and their losses;
                     `matmul_fp32` (fp32 results, tensor cores for bf16 on CUDA), the zoo's precision policy
 ``lse``             the chunked `row_logsumexp` and the backends of `attention_with_lse` (softmax
@@ -25,7 +25,14 @@ The zoo's attentions live in `attnxfer.models.efficient` (one file per family) o
 """
 
 from .adapters import adapter_for, attention_layers, list_adapters, refuse_attention, register_adapter
-from .capture import CAPTURE_FIELDS, attention_maps, capture_attention, transfer_attentions
+from .capture import (
+    CAPTURE_FIELDS,
+    attached_ios,
+    attention_maps,
+    capture_attention,
+    run_with_ios,
+    transfer_attentions,
+)
 from .interface import (
     COUNTERPART_MODULES,
     QKV,
@@ -65,6 +72,7 @@ __all__ = [
     "TransferAttention",
     "TransferableAttention",
     "adapter_for",
+    "attached_ios",
     "attention_io",
     "attention_layer",
     "attention_layers",
@@ -81,6 +89,7 @@ __all__ = [
     "refuse_attention",
     "register_adapter",
     "register_attention",
+    "run_with_ios",
     "sdpa",
     "transfer_attentions",
 ]

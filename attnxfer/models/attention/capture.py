@@ -7,16 +7,23 @@ the same for softmax and every zoo attention.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from . import families  # noqa: F401  (registers every family's adapter)
 from .adapters import attention_layers
-from .interface import QKV, AttentionIO, TransferableAttention, attention_io
+from .interface import QKV, AttentionIO, StopForward, TransferableAttention, attention_io
 
-__all__ = ["CAPTURE_FIELDS", "attention_maps", "capture_attention", "transfer_attentions"]
+__all__ = [
+    "CAPTURE_FIELDS",
+    "attached_ios",
+    "attention_maps",
+    "capture_attention",
+    "run_with_ios",
+    "transfer_attentions",
+]
 
 #: What `capture_attention` can record per layer.
 CAPTURE_FIELDS = ("input", "q", "k", "v", "output")
@@ -91,3 +98,50 @@ def capture_attention(
         finally:
             for h in handles:
                 h.remove()
+
+
+@contextlib.contextmanager
+def attached_ios(
+    attns: Sequence[TransferableAttention],
+    ios: Mapping[int, AttentionIO],
+    masks: dict[int, torch.Tensor] | None = None,
+) -> Iterator[None]:
+    """While active, layer ``i`` of ``attns`` runs with ``ios[i]`` (capture, borrow, stop: `AttentionIO`);
+    with ``masks`` given, the ``attn_mask`` the model hands layer ``i`` (NaFlexViT's padding mask, say) is
+    recorded as ``masks[i]``. Always detaches."""
+    handles = []
+    with contextlib.ExitStack() as stack:
+        for i, io in ios.items():
+            stack.enter_context(attention_io(attns[i], io))
+            if masks is not None:
+
+                def keep(module, args, kwargs, i=i):
+                    if kwargs.get("attn_mask") is not None:
+                        masks[i] = kwargs["attn_mask"]
+
+                handles.append(attns[i].register_forward_pre_hook(keep, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def run_with_ios(
+    model: nn.Module,
+    x: torch.Tensor,
+    ios: Mapping[int, AttentionIO],
+    *,
+    logits: bool = False,
+    masks: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """The model's own timm forward on ``x`` (``forward_features``, or ``forward`` with ``logits``) with
+    ``ios[i]`` on its attention layer ``i`` (`transfer_attentions` order): whatever the family's blocks do
+    around their attention (windows, rope, biases, class-attention blocks) happens as timm does it. A layer
+    whose io says ``stop`` ends the pass (`StopForward`): then None is returned."""
+    attns = transfer_attentions(model)
+    with attached_ios(attns, ios, masks):
+        try:
+            return model(x) if logits else model.forward_features(x)
+        except StopForward:
+            return None
