@@ -24,7 +24,15 @@ The zoo's attentions live in `attnxfer.models.efficient` (one file per family) o
 `EfficientAttention`.
 """
 
-from .adapters import adapter_for, attention_layers, list_adapters, refuse_attention, register_adapter
+from .adapters import (
+    adapter_for,
+    attention_layers,
+    attention_stages,
+    list_adapters,
+    refuse_attention,
+    register_adapter,
+    stage_of,
+)
 from .capture import CAPTURE_FIELDS, attention_maps, capture_attention, transfer_attentions
 from .interface import (
     COUNTERPART_MODULES,
@@ -68,6 +76,7 @@ __all__ = [
     "attention_io",
     "attention_layer",
     "attention_layers",
+    "attention_stages",
     "attention_maps",
     "attention_name_of",
     "attention_with_lse",
@@ -82,5 +91,6 @@ __all__ = [
     "register_adapter",
     "register_attention",
     "sdpa",
+    "stage_of",
     "transfer_attentions",
 ]
