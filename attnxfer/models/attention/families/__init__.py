@@ -13,6 +13,7 @@ file                timm class                                              what
 ``gemma4``          ``timm.models.gemma4_vit.Gemma4Attention``              2-D rope, scale 1, v norm
 ``swin``            ``timm.models.swin_transformer.WindowAttention``        rel-pos table; windows, shift mask
 ``swin_v2``         ``timm.models.swin_transformer_v2.WindowAttention``     cosine · τ, continuous pos bias
+``swin_v2_cr``      ``timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention`` cosine · τ, meta-MLP bias
 ``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
 ==================  ======================================================  ==============================
 
@@ -32,6 +33,7 @@ from . import (
     sam,
     swin,
     swin_v2,
+    swin_v2_cr,
 )
 
 __all__ = [
@@ -46,4 +48,5 @@ __all__ = [
     "sam",
     "swin",
     "swin_v2",
+    "swin_v2_cr",
 ]
