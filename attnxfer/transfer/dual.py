@@ -69,7 +69,7 @@ class _FixedDropPath(nn.Module):
         self.mask = mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask.to(x.dtype)
+        return x * self.mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, N, C) or NHWC stages
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ def _shared_drop_path(
                 if rate <= 0.0:
                     continue
                 keep = 1.0 - rate
-                mask = torch.empty(batch, 1, 1, device=device).bernoulli_(keep).div_(keep)
+                mask = torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
                 for blk in (student_blk, teacher_blk):
                     saved.append((blk, name, getattr(blk, name)))
                     setattr(blk, name, _FixedDropPath(mask))
@@ -258,6 +258,9 @@ class DualViT(nn.Module):
             io = AttentionIO(**{c: borrowed[c] for c in mode.borrow})
             if {"q", "k"} <= set(mode.borrow):
                 io.bias = borrowed.get("bias")
+                io.q = _in_student_scale(
+                    io.q, self._teacher_attn[self.plan.teacher_for[layer]], self._student_attn[layer]
+                )
             return io
         return AttentionIO(capture=mode.signals, return_lse=self._wants_lse(layer, ce_path))
 
@@ -369,6 +372,13 @@ def _cast(x: torch.Tensor | dict, dtype: torch.dtype) -> torch.Tensor | dict:
 
 def _unzip(layers: list[tuple[str, nn.Module]]) -> tuple[list[str], list[nn.Module]]:
     return [n for n, _ in layers], [m for _, m in layers]
+
+
+def _in_student_scale(q_t: torch.Tensor, teacher_attn: nn.Module, student_attn: nn.Module) -> torch.Tensor:
+    """Borrowed logits keep the teacher's scale: the teacher's q rescaled by s_t / s_s, where the two layers
+    scale q·kᵀ differently (a Swin V2 or Gemma4 layer's scale 1 against d^-0.5)."""
+    ratio = teacher_attn.logit_scale(q_t) / student_attn.logit_scale(q_t)
+    return q_t if ratio == 1 else q_t * ratio
 
 
 def _scale_if_own(attn: nn.Module, q: torch.Tensor) -> float | None:

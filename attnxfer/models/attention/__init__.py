@@ -24,7 +24,15 @@ The zoo's attentions live in `attnxfer.models.efficient` (one file per family) o
 `EfficientAttention`.
 """
 
-from .adapters import adapter_for, attention_layers, list_adapters, refuse_attention, register_adapter
+from .adapters import (
+    adapter_for,
+    attention_layers,
+    attention_stages,
+    list_adapters,
+    refuse_attention,
+    register_adapter,
+    stage_of,
+)
 from .capture import (
     CAPTURE_FIELDS,
     attached_ios,
@@ -78,6 +86,7 @@ __all__ = [
     "attention_layers",
     "attention_maps",
     "attention_name_of",
+    "attention_stages",
     "attention_with_lse",
     "capture_attention",
     "create_attention",
@@ -91,5 +100,6 @@ __all__ = [
     "register_attention",
     "run_with_ios",
     "sdpa",
+    "stage_of",
     "transfer_attentions",
 ]
