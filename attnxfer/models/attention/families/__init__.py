@@ -11,6 +11,9 @@ file                timm class                                              what
 ``cait_talking_heads`` ``timm.models.cait.TalkingHeadAttn``                 pre-softmax head mix (in q')
 ``cait_class_attn`` ``timm.models.cait.ClassAttn``                          one query row (class token)
 ``gemma4``          ``timm.models.gemma4_vit.Gemma4Attention``              2-D rope, scale 1, v norm
+``pvt_v2``          ``timm.models.pvt_v2.Attention`` (PVTv2)                keys/values over reduced tokens
+``twins``           ``timm.models.twins.LocallyGroupedAttn`` / ``GlobalSubSampleAttn``  padded windows / reduced keys
+``hiera``           ``timm.models.hiera.MaskUnitAttention`` (Hiera)         mask units; pooled queries
 ``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
 ==================  ======================================================  ==============================
 
@@ -26,8 +29,11 @@ from . import (
     diff_attention,
     eva,
     gemma4,
+    hiera,
+    pvt_v2,
     relpos,
     sam,
+    twins,
 )
 
 __all__ = [
@@ -38,6 +44,9 @@ __all__ = [
     "diff_attention",
     "eva",
     "gemma4",
+    "hiera",
+    "pvt_v2",
     "relpos",
     "sam",
+    "twins",
 ]
