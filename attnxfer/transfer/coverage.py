@@ -23,8 +23,10 @@ from torch.overrides import TorchFunctionMode
 from .plan import build_plan
 
 __all__ = [
+    "FAMILIES",
     "FAMILY_COVERAGE",
     "FLAT_FAMILIES",
+    "HIERARCHICAL_FAMILIES",
     "FamilyCoverage",
     "arch_family",
     "coverage_markdown",
@@ -47,6 +49,13 @@ FLAT_FAMILIES = (
     "qwen3_vit",
     "gemma4_vit",
 )
+
+#: Hierarchical timm modules whose attention layers sit in stages (issue 27): spatial-reduction, windowed
+#: and mask-unit attentions, each over its own key set.
+HIERARCHICAL_FAMILIES = ("pvt_v2", "twins", "hiera")
+
+#: Every family of the table, in its order.
+FAMILIES = FLAT_FAMILIES + HIERARCHICAL_FAMILIES
 
 #: The columns of the table beside the counts (modes measured on the meta device: copy, distill).
 WORKFLOWS = ("copy", "distill", "inspect", "convert", "export")
@@ -87,6 +96,9 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
         FamilyCoverage("naflexvit", 11, 11, 11, ("export",)),
         FamilyCoverage("qwen3_vit", 9, 9, 9, ("export",)),
         FamilyCoverage("gemma4_vit", 4, 4, 4, ("export",)),
+        FamilyCoverage("pvt_v2", 7, 7, 7),
+        FamilyCoverage("twins", 6, 6, 6),
+        FamilyCoverage("hiera", 7, 7, 7),
     )
 }
 
@@ -126,7 +138,7 @@ def arch_family(arch: str) -> str | None:
     return _model_to_module.get(arch.split(".", 1)[0])
 
 
-def family_archs(families: Iterable[str] = FLAT_FAMILIES) -> dict[str, list[str]]:
+def family_archs(families: Iterable[str] = FAMILIES) -> dict[str, list[str]]:
     """Pretrained arch names (without tags, each once) per family, in timm's order."""
     wanted = {f: [] for f in families}
     seen = set()
@@ -161,7 +173,7 @@ def plan_error(arch: str, modes: Sequence[str] = ("copy", "distill")) -> dict[st
 
 
 def measure_coverage(
-    families: Iterable[str] = FLAT_FAMILIES, archs: dict[str, list[str]] | None = None
+    families: Iterable[str] = FAMILIES, archs: dict[str, list[str]] | None = None
 ) -> tuple[dict[str, FamilyCoverage], dict[str, dict[str, str | None]]]:
     """Measure the family table: ({family: counts}, {arch: {mode: error or None}}). The workflow columns are
     copied from `FAMILY_COVERAGE` (they are not measured on the meta device)."""
@@ -197,7 +209,7 @@ def coverage_markdown(table: dict[str, FamilyCoverage] | None = None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("families", nargs="*", default=list(FLAT_FAMILIES), help="timm modules to walk")
+    parser.add_argument("families", nargs="*", default=list(FAMILIES), help="timm modules to walk")
     parser.add_argument("--errors", action="store_true", help="also list each refused arch and why")
     args = parser.parse_args(argv)
     rows, errors = measure_coverage(args.families)
