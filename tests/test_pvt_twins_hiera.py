@@ -116,14 +116,14 @@ def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
 @pytest.mark.parametrize(
     ("name", "kwargs", "says"),
     [
+        ("pvt_v2", dict(sr_ratios=(4, 1, 2, 1)), "stage stages.1 (|sr_ratio teacher 2, student 1"),
         (
             "pvt_v2",
-            dict(sr_ratios=(4, 1, 2, 1)),
-            "(stage 1, stages.1.blocks.0.attn)|sr_ratio: teacher 2, student 1",
+            dict(linear=True),
+            "stage stages.0 (|linear teacher False, student True; sr_ratio teacher 4",
         ),
-        ("pvt_v2", dict(linear=True), "(stage 0, |sr_ratio: teacher 4, student 0, linear: teacher False"),
-        ("twins_svt", dict(wss=(3, 2)), "(stage 1, blocks.1.0.attn)|window_size: teacher 3, student 2"),
-        ("hiera", dict(q_pool=2), "(stage 3, blocks.3.attn)|q_stride: teacher 4, student 1"),
+        ("twins_svt", dict(wss=(3, 2)), "stage blocks.1 (|window_size teacher 3, student 2"),
+        ("hiera", dict(q_pool=2), "student layer 3 <- teacher layer 3|q_stride teacher 4, student 1"),
     ],
 )
 def test_a_student_with_other_key_sets_is_refused_at_plan_time_naming_the_stage(name, kwargs, says):

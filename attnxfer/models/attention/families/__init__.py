@@ -14,6 +14,8 @@ file                timm class                                              what
 ``pvt_v2``          ``timm.models.pvt_v2.Attention`` (PVTv2)                keys/values over reduced tokens
 ``twins``           ``timm.models.twins.LocallyGroupedAttn`` / ``GlobalSubSampleAttn``  padded windows / reduced keys
 ``hiera``           ``timm.models.hiera.MaskUnitAttention`` (Hiera)         mask units; pooled queries
+``swin``            ``timm.models.swin_transformer.WindowAttention``        rel-pos table; windows, shift mask
+``swin_v2``         ``timm.models.swin_transformer_v2.WindowAttention``     cosine · τ, continuous pos bias
 ``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
 ==================  ======================================================  ==============================
 
@@ -33,6 +35,8 @@ from . import (
     pvt_v2,
     relpos,
     sam,
+    swin,
+    swin_v2,
     twins,
 )
 
@@ -48,5 +52,7 @@ __all__ = [
     "pvt_v2",
     "relpos",
     "sam",
+    "swin",
+    "swin_v2",
     "twins",
 ]

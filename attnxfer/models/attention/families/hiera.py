@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn as nn
 from timm.models.hiera import MaskUnitAttention
 
 from ..adapters import register_adapter
@@ -40,7 +41,7 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
     def attn_dim(self) -> int:
         return self.dim_out
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {
             "mask_unit_attn": self.use_mask_unit_attn,
             "window_size": self.window_size if self.use_mask_unit_attn else 0,

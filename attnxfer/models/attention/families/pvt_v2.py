@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn as nn
 from timm.models.pvt_v2 import Attention as PvtV2Attention
 
 from ..adapters import register_adapter
@@ -43,7 +44,7 @@ class TransferPvtV2Attention(SoftmaxCore, PvtV2Attention):
             return 0
         return int(self.sr.kernel_size[0]) if self.sr is not None else 1
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"sr_ratio": self.sr_ratio, "linear": self.pool is not None}
 
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:

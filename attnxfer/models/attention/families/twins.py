@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 
@@ -50,7 +51,7 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
 
     attention_name = SOFTMAX
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"window_size": self.ws}
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -86,7 +87,7 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, SoftmaxCore, GlobalSubSampleAttn)
 
     attention_name = SOFTMAX
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"sr_ratio": self.sr_ratio}
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
