@@ -24,17 +24,14 @@ _PVT = dict(depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_heads=(2, 2, 2
 _TWINS = dict(img_size=32, patch_size=4, embed_dims=(16, 32), num_heads=(2, 2), mlp_ratios=(2, 2))
 
 #: name -> tiny model. PVTv2: keys over a 4×/2×/2×/1× reduced grid of 16×16 → 2×2 tokens, or the linear
-#: variant's 7×7 pooling; Twins-SVT: 3×3 windows padded on an 8×8 and a 4×4 grid, then GSA; Twins-PCPVT:
-#: GSA only; Hiera: mask units without and with query pooling (to one query per unit), then a global block
+#: variant's 7×7 pooling; Twins-SVT: 3×3 windows padded on an 8×8 and a 4×4 grid, then GSA (Twins-PCPVT's
+#: only attention); Hiera: mask units without and with query pooling (to one query per unit), then a global block
 #: with query pooling.
 TINY_HIER = {
     "pvt_v2": TinyFamily("pvt_v2_b0", dict(sr_ratios=(4, 2, 2, 1), **_PVT), img_size=64),
     "pvt_v2_linear": TinyFamily("pvt_v2_b0", dict(linear=True, **_PVT), img_size=64),
     "twins_svt": TinyFamily(
         "twins_svt_small", dict(depths=(2, 2), sr_ratios=(2, 1), wss=(3, 3), **_TWINS), img_size=32
-    ),
-    "twins_pcpvt": TinyFamily(
-        "twins_pcpvt_small", dict(depths=(1, 1), sr_ratios=(2, 1), **_TWINS), img_size=32
     ),
     "hiera": TinyFamily(
         "hiera_tiny_224",
