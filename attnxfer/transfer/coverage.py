@@ -96,9 +96,9 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
         FamilyCoverage("naflexvit", 11, 11, 11, ("export",)),
         FamilyCoverage("qwen3_vit", 9, 9, 9, ("export",)),
         FamilyCoverage("gemma4_vit", 4, 4, 4, ("export",)),
-        FamilyCoverage("pvt_v2", 7, 7, 7),
-        FamilyCoverage("twins", 6, 6, 6),
-        FamilyCoverage("hiera", 7, 7, 7),
+        FamilyCoverage("pvt_v2", 7, 7, 7, ("export",)),
+        FamilyCoverage("twins", 6, 6, 6, ("export",)),
+        FamilyCoverage("hiera", 7, 7, 7, ("export",)),
     )
 }
 
