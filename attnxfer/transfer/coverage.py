@@ -26,7 +26,7 @@ __all__ = [
     "FAMILIES",
     "FAMILY_COVERAGE",
     "FLAT_FAMILIES",
-    "HIERARCHICAL_FAMILIES",
+    "HIER_FAMILIES",
     "FamilyCoverage",
     "arch_family",
     "coverage_markdown",
@@ -50,12 +50,20 @@ FLAT_FAMILIES = (
     "gemma4_vit",
 )
 
-#: Hierarchical timm modules whose attention layers sit in stages (issue 27): spatial-reduction, windowed
-#: and mask-unit attentions, each over its own key set.
-HIERARCHICAL_FAMILIES = ("pvt_v2", "twins", "hiera")
+#: timm modules of hierarchical transformers: stages of windowed blocks (Swin), of spatial-reduction attention
+#: (PVTv2, Twins' GSA), of padded local windows (Twins' LSA) and of mask units with pooled queries (Hiera)
+#: (issue 27).
+HIER_FAMILIES = (
+    "swin_transformer",
+    "swin_transformer_v2",
+    "swin_transformer_v2_cr",
+    "pvt_v2",
+    "twins",
+    "hiera",
+)
 
-#: Every family of the table, in its order.
-FAMILIES = FLAT_FAMILIES + HIERARCHICAL_FAMILIES
+#: Every family the table holds, in its order.
+FAMILIES = FLAT_FAMILIES + HIER_FAMILIES
 
 #: The columns of the table beside the counts (modes measured on the meta device: copy, distill).
 WORKFLOWS = ("copy", "distill", "inspect", "convert", "export")
@@ -96,6 +104,9 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
         FamilyCoverage("naflexvit", 11, 11, 11, ("export",)),
         FamilyCoverage("qwen3_vit", 9, 9, 9, ("export",)),
         FamilyCoverage("gemma4_vit", 4, 4, 4, ("export",)),
+        FamilyCoverage("swin_transformer", 9, 9, 9, ("export",)),
+        FamilyCoverage("swin_transformer_v2", 12, 12, 12, ("export",)),
+        FamilyCoverage("swin_transformer_v2_cr", 3, 3, 3, ("export",)),
         FamilyCoverage("pvt_v2", 7, 7, 7, ("export",)),
         FamilyCoverage("twins", 6, 6, 6, ("export",)),
         FamilyCoverage("hiera", 7, 7, 7, ("export",)),

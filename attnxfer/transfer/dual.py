@@ -256,6 +256,9 @@ class DualViT(nn.Module):
             io = AttentionIO(**{c: borrowed[c] for c in mode.borrow})
             if {"q", "k"} <= set(mode.borrow):
                 io.bias = borrowed.get("bias")
+                io.q = _in_student_scale(
+                    io.q, self._teacher_attn[self.plan.teacher_for[layer]], self._student_attn[layer]
+                )
             return io
         return AttentionIO(capture=mode.signals, return_lse=self._wants_lse(layer, ce_path))
 
@@ -341,6 +344,13 @@ class DualViT(nn.Module):
 
 def _unzip(layers: list[tuple[str, nn.Module]]) -> tuple[list[str], list[nn.Module]]:
     return [n for n, _ in layers], [m for _, m in layers]
+
+
+def _in_student_scale(q_t: torch.Tensor, teacher_attn: nn.Module, student_attn: nn.Module) -> torch.Tensor:
+    """Borrowed logits keep the teacher's scale: the teacher's q rescaled by s_t / s_s, where the two layers
+    scale q·kᵀ differently (a Swin V2 or Gemma4 layer's scale 1 against d^-0.5)."""
+    ratio = teacher_attn.logit_scale(q_t) / student_attn.logit_scale(q_t)
+    return q_t if ratio == 1 else q_t * ratio
 
 
 def _scale_if_own(attn: nn.Module, q: torch.Tensor) -> float | None:

@@ -288,16 +288,27 @@ def _stages(names: Sequence[str]) -> list[tuple[str, list[int]]]:
     return stages
 
 
+def _partitions(model: nn.Module, names: Sequence[str], attn: Sequence[nn.Module]) -> list[dict]:
+    """Each layer's `TransferableAttention.token_partition`, read with the block that holds it."""
+    return [a.token_partition(model.get_submodule(n.rpartition(".")[0])) for n, a in zip(names, attn)]
+
+
 def _pair_within_stages(
-    chosen: Sequence[int], s_names: Sequence[str], t_names: Sequence[str]
+    chosen: Sequence[int],
+    s_names: Sequence[str],
+    t_names: Sequence[str],
+    s_parts: Sequence[dict],
+    t_parts: Sequence[dict],
 ) -> tuple[tuple[int, int], ...]:
     """(student, teacher) layer pairs. Hierarchical models (several stages on both sides) pair stage by stage,
     uniformly within each (`map_layers` on the stage's depths): token counts and widths change between
-    stages, so a layer's partner is in the same stage. With one stage on either side: over the whole depth."""
+    stages, so a layer's partner is in the same stage. With one stage on either side: over the whole depth.
+    A partner that partitions its tokens otherwise (a shifted Swin block for an unshifted one) gives way to
+    the nearest layer of its stage that partitions them like the student layer, if there is one."""
     s_stages, t_stages = _stages(s_names), _stages(t_names)
     if len(s_stages) == 1 or len(t_stages) == 1:
-        return map_layers(chosen, len(s_names), len(t_names))
-    if len(s_stages) != len(t_stages):
+        s_stages, t_stages = [("", list(range(len(s_names))))], [("", list(range(len(t_names))))]
+    elif len(s_stages) != len(t_stages):
         raise PlanError(
             f"stage layouts differ: teacher has {len(t_stages)} stages (depths "
             f"{[len(i) for _, i in t_stages]}), student {len(s_stages)} (depths {[len(i) for _, i in s_stages]}); "
@@ -308,26 +319,25 @@ def _pair_within_stages(
     for s in chosen:
         j = stage_of_layer[s]
         s_idx, t_idx = s_stages[j][1], t_stages[j][1]
-        ((_, t),) = map_layers([s_idx.index(s)], len(s_idx), len(t_idx))
-        pairs.append((s, t_idx[t]))
+        ((_, u),) = map_layers([s_idx.index(s)], len(s_idx), len(t_idx))
+        alike = [i for i in range(len(t_idx)) if t_parts[t_idx[i]] == s_parts[s]]
+        if t_parts[t_idx[u]] != s_parts[s] and alike:
+            u = min(alike, key=lambda i: (abs(i - u), i))
+        pairs.append((s, t_idx[u]))
     return tuple(pairs)
 
 
 def _check_partitions(
     pairs: Sequence[tuple[int, int]],
-    student: nn.Module,
-    teacher: nn.Module,
     s_names: Sequence[str],
-    t_names: Sequence[str],
-    s_attn: Sequence[nn.Module],
-    t_attn: Sequence[nn.Module],
+    s_parts: Sequence[dict],
+    t_parts: Sequence[dict],
 ) -> None:
     """Paired layers must see the same query and key sets (`TransferableAttention.token_partition`: the grid a
     stage works on, windows and shifts, sub-sampling ratios); the first pair that does not is ONE `PlanError`
     naming its stage and every entry that differs."""
     for s, t in pairs:
-        sp = s_attn[s].token_partition(student.get_submodule(s_names[s].rpartition(".")[0]))
-        tp = t_attn[t].token_partition(teacher.get_submodule(t_names[t].rpartition(".")[0]))
+        sp, tp = s_parts[s], t_parts[t]
         if sp == tp:
             continue
         diff = "; ".join(
@@ -481,8 +491,9 @@ def build_plan(
     tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
     chosen = select_layers(len(s_attn), end_layer, layers)
     s_names, t_names = _layer_names(student), _layer_names(teacher)
-    pairs = _pair_within_stages(chosen, s_names, t_names)
-    _check_partitions(pairs, student, teacher, s_names, t_names, s_attn, t_attn)
+    s_parts, t_parts = _partitions(student, s_names, s_attn), _partitions(teacher, t_names, t_attn)
+    pairs = _pair_within_stages(chosen, s_names, t_names, s_parts, t_parts)
+    _check_partitions(pairs, s_names, s_parts, t_parts)
     if share_drop_path and len(s_attn) != len(t_attn):
         raise PlanError(
             f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "

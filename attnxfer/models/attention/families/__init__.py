@@ -16,6 +16,7 @@ file                timm class                                              what
 ``hiera``           ``timm.models.hiera.MaskUnitAttention`` (Hiera)         mask units; pooled queries
 ``swin``            ``timm.models.swin_transformer.WindowAttention``        rel-pos table; windows, shift mask
 ``swin_v2``         ``timm.models.swin_transformer_v2.WindowAttention``     cosine · τ, continuous pos bias
+``swin_v2_cr``      ``timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention`` cosine · τ, meta-MLP bias
 ``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
 ==================  ======================================================  ==============================
 
@@ -37,6 +38,7 @@ from . import (
     sam,
     swin,
     swin_v2,
+    swin_v2_cr,
     twins,
 )
 
@@ -54,5 +56,6 @@ __all__ = [
     "sam",
     "swin",
     "swin_v2",
+    "swin_v2_cr",
     "twins",
 ]

@@ -39,9 +39,9 @@ def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int
 
 
 def swin_partition(block: nn.Module) -> dict[str, Any]:
-    """The grid a Swin(-V2) block works on, its window and its shift (what decides each window's tokens)."""
+    """The grid a Swin(-V2, -V2-CR) block works on, its window and its shift (what decides each window's tokens)."""
     return {
-        "grid": tuple(int(v) for v in block.input_resolution),
+        "grid": tuple(int(v) for v in getattr(block, "input_resolution", None) or block.feat_size),
         "window": tuple(int(v) for v in block.window_size),
         "shift": tuple(int(v) for v in block.shift_size),
     }

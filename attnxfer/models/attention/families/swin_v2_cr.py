@@ -1,0 +1,48 @@
+"""`TransferSwinV2CrAttention`: timm's Swin V2-CR ``WindowMultiHeadAttention``
+(``timm.models.swin_transformer_v2_cr``, ``swinv2_cr_*``) as a softmax `TransferableAttention`.
+
+Swin V2's cosine attention (`attnxfer.models.attention.families.swin_v2.CosineWindowCore`: τ_h folded into
+q) with its own position bias: ``meta_mlp`` of the log-spaced relative coordinates, used as it comes (no
+sigmoid), (1, H, N, N), plus the block's shifted-window mask. Blocks are post-norm and keep their grid as
+``feat_size``; windows, shifts and padding are Swin's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
+
+from ..adapters import register_adapter
+from .swin_v2 import CosineWindowCore
+
+__all__ = ["TransferSwinV2CrAttention"]
+
+
+@register_adapter(WindowMultiHeadAttention)
+class TransferSwinV2CrAttention(CosineWindowCore, WindowMultiHeadAttention):
+    """Swin V2-CR's window attention meeting `TransferableAttention`; (B·nW, N, C) windows in and out."""
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self._parameters["logit_scale"], math.log(10))
+        self._init_buffers()
+
+    def _make_pair_wise_relative_positions(self) -> None:
+        device = self._parameters["logit_scale"].device  # timm's reads self.logit_scale: the method here
+        n = self.window_size[0] * self.window_size[1]
+        coords = torch.stack(
+            torch.meshgrid(
+                torch.arange(self.window_size[0], device=device, dtype=torch.float32),
+                torch.arange(self.window_size[1], device=device, dtype=torch.float32),
+                indexing="ij",
+            )
+        ).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).reshape(n * n, 2)
+        log_rel = torch.sign(rel) * torch.log1p(rel.abs())
+        self.relative_coordinates_log.copy_(log_rel.to(self.relative_coordinates_log.dtype))
+
+    def _position_bias(self) -> torch.Tensor:
+        """(1, H, N, N): ``meta_mlp`` of the log-spaced relative coordinates."""
+        return self._relative_positional_encodings()
