@@ -389,12 +389,10 @@ def _build(
         try:
             model = create_vit(res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg, **kwargs)
         except TypeError as e:
-            if "attn_layer" not in str(e):
+            if "attn_layer" not in str(e) and "'img_size'" not in str(e):
                 raise
-            # another family (EVA, BEiT, ...): its own attention, made transfer-aware by its adapter below
-            model = timm.create_model(
-                res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg, **kwargs
-            )
+            # another family (EVA, BEiT, PVTv2, ...): its own attention, made transfer-aware by its adapter below
+            model = _create_family(res.architecture, bool(res.weights), cfg, kwargs)
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
@@ -411,6 +409,18 @@ def _build(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` for a family with its own attention classes. A family whose constructor takes
+    no ``img_size`` (PVTv2: any input its strides divide) is built without it."""
+    try:
+        return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
+    except TypeError as e:
+        if "'img_size'" not in str(e) or "img_size" not in kwargs:
+            raise
+    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
 
 
 def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:

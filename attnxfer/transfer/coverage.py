@@ -50,8 +50,17 @@ FLAT_FAMILIES = (
     "gemma4_vit",
 )
 
-#: timm modules of hierarchical transformers: stages of windowed blocks (issue 27).
-HIER_FAMILIES = ("swin_transformer", "swin_transformer_v2", "swin_transformer_v2_cr")
+#: timm modules of hierarchical transformers: stages of windowed blocks (Swin), of spatial-reduction attention
+#: (PVTv2, Twins' GSA), of padded local windows (Twins' LSA) and of mask units with pooled queries (Hiera)
+#: (issue 27).
+HIER_FAMILIES = (
+    "swin_transformer",
+    "swin_transformer_v2",
+    "swin_transformer_v2_cr",
+    "pvt_v2",
+    "twins",
+    "hiera",
+)
 
 #: Every family the table holds, in its order.
 FAMILIES = FLAT_FAMILIES + HIER_FAMILIES
@@ -98,6 +107,9 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
         FamilyCoverage("swin_transformer", 9, 9, 9, ("export",)),
         FamilyCoverage("swin_transformer_v2", 12, 12, 12, ("export",)),
         FamilyCoverage("swin_transformer_v2_cr", 3, 3, 3, ("export",)),
+        FamilyCoverage("pvt_v2", 7, 7, 7, ("export",)),
+        FamilyCoverage("twins", 6, 6, 6, ("export",)),
+        FamilyCoverage("hiera", 7, 7, 7, ("export",)),
     )
 }
 

@@ -263,7 +263,8 @@ def _token_layout(model: nn.Module) -> tuple[tuple[int, ...], int]:
     if not grid:  # variable-size embeddings (NaFlexViT, Gemma4): the grid of the default image size
         cfg = getattr(model, "pretrained_cfg", None) or {}
         size = getattr(embed, "default_img_size", None) or cfg.get("input_size")
-        patch = getattr(embed, "patch_size", None)
+        # the embedding's stride: overlapping embeddings (PVTv2's 7x7 kernel at stride 4) step by less than a patch
+        patch = getattr(getattr(embed, "proj", None), "stride", None) or getattr(embed, "patch_size", None)
         if size is not None and patch is not None:
             size, patch = _pair(size[-2:] if isinstance(size, (tuple, list)) else size), _pair(patch)
             grid = (size[0] // patch[0], size[1] // patch[1])

@@ -11,6 +11,9 @@ file                timm class                                              what
 ``cait_talking_heads`` ``timm.models.cait.TalkingHeadAttn``                 pre-softmax head mix (in q')
 ``cait_class_attn`` ``timm.models.cait.ClassAttn``                          one query row (class token)
 ``gemma4``          ``timm.models.gemma4_vit.Gemma4Attention``              2-D rope, scale 1, v norm
+``pvt_v2``          ``timm.models.pvt_v2.Attention`` (PVTv2)                keys/values over reduced tokens
+``twins``           ``timm.models.twins.LocallyGroupedAttn`` / ``GlobalSubSampleAttn``  padded windows / reduced keys
+``hiera``           ``timm.models.hiera.MaskUnitAttention`` (Hiera)         mask units; pooled queries
 ``swin``            ``timm.models.swin_transformer.WindowAttention``        rel-pos table; windows, shift mask
 ``swin_v2``         ``timm.models.swin_transformer_v2.WindowAttention``     cosine · τ, continuous pos bias
 ``swin_v2_cr``      ``timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention`` cosine · τ, meta-MLP bias
@@ -29,11 +32,14 @@ from . import (
     diff_attention,
     eva,
     gemma4,
+    hiera,
+    pvt_v2,
     relpos,
     sam,
     swin,
     swin_v2,
     swin_v2_cr,
+    twins,
 )
 
 __all__ = [
@@ -44,9 +50,12 @@ __all__ = [
     "diff_attention",
     "eva",
     "gemma4",
+    "hiera",
+    "pvt_v2",
     "relpos",
     "sam",
     "swin",
     "swin_v2",
     "swin_v2_cr",
+    "twins",
 ]
