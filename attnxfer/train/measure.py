@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..analysis import layer_agreement
-from ..models.attention import TransferAttention, attention_name_of, capture_attention
+from ..models.attention import TransferAttention, attention_name_of, capture_attention, transfer_attentions
 from ..models.efficient import check_softmax_teacher
 from ..transfer.map_losses import default_map_loss, output_mse
 from .distributed import sum_over_ranks
@@ -46,7 +46,8 @@ def map_agreement(
     check_softmax_teacher(teacher)
     was = teacher.training, student.training
     teacher.eval(), student.eval()
-    depth = len(student.blocks)
+    t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
+    depth = len(s_attns)
     sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(depth)}
     count = 0
     for x in batches:
@@ -56,7 +57,7 @@ def map_agreement(
             with capture_attention(student, fields=("q", "k", "output")) as s:
                 student.forward_features(x)
         for i in range(depth):
-            attn = student.blocks[i].attn
+            attn = s_attns[i]
             if own_inputs:
                 q, k, out = s[i]["q"], s[i]["k"], s[i]["output"]
             else:
@@ -66,7 +67,7 @@ def map_agreement(
             out_mse = float(output_mse(out, t[i]["output"]))
             if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
                 metric = default_map_loss(attn.map_kind).metric
-                value = layer_agreement(teacher.blocks[i].attn, t[i], attn, {"q": q, "k": k}, metric)
+                value = layer_agreement(t_attns[i], t[i], attn, {"q": q, "k": k}, metric)
             else:
                 value = out_mse
             sums[i][0] += value * x.shape[0]
@@ -79,7 +80,7 @@ def map_agreement(
     count = flat[-1]
     rows = []
     for i in range(depth):
-        attn = student.blocks[i].attn
+        attn = s_attns[i]
         kind = attn.map_kind
         rows.append(
             {
