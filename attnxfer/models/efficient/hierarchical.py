@@ -212,7 +212,7 @@ def swap_hierarchical(
             f"one attention name and one options dict per attention layer: the model has {len(slots)}, got "
             f"{len(names)} names and {len(options)} option dicts"
         )
-    for index, ((qualified, block, _, family), name, opts) in enumerate(zip(slots, names, options)):
+    for index, ((_, block, _, family), name, opts) in enumerate(zip(slots, names, options)):
         old = block.attn
         made = _pvt_config(old) if family == "pvt_v2" else _swin_config(old)
         cls = _slot_class(get_attention_class(name), family)
