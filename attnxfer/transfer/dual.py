@@ -68,7 +68,7 @@ class _FixedDropPath(nn.Module):
         self.mask = mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.mask.to(x.dtype)
+        return x * self.mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, N, C) or NHWC stages
 
 
 @contextlib.contextmanager
@@ -85,7 +85,7 @@ def _shared_drop_path(
                 if rate <= 0.0:
                     continue
                 keep = 1.0 - rate
-                mask = torch.empty(batch, 1, 1, device=device).bernoulli_(keep).div_(keep)
+                mask = torch.empty(batch, device=device).bernoulli_(keep).div_(keep)
                 for blk in (student_blk, teacher_blk):
                     saved.append((blk, name, getattr(blk, name)))
                     setattr(blk, name, _FixedDropPath(mask))

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 import torch.nn as nn
 
-from ..models.attention import MapKind, attention_name_of, transfer_attentions
+from ..models.attention import MapKind, attention_layers, attention_name_of, stage_of, transfer_attentions
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
 
@@ -273,6 +273,81 @@ def _token_layout(model: nn.Module) -> tuple[tuple[int, ...], int]:
     return grid, int(prefix or 0)
 
 
+def _layer_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in attention_layers(model)]
+
+
+def _stages(names: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """(stage, its layer indices) in order (`stage_of`): one stage for a flat model."""
+    stages: list[tuple[str, list[int]]] = []
+    for i, name in enumerate(names):
+        if not stages or stages[-1][0] != stage_of(name):
+            stages.append((stage_of(name), []))
+        stages[-1][1].append(i)
+    return stages
+
+
+def _pair_within_stages(
+    chosen: Sequence[int], s_names: Sequence[str], t_names: Sequence[str]
+) -> tuple[tuple[int, int], ...]:
+    """(student, teacher) layer pairs. Hierarchical models (several stages on both sides) pair stage by stage,
+    uniformly within each (`map_layers` on the stage's depths): token counts and widths change between
+    stages, so a layer's partner is in the same stage. With one stage on either side: over the whole depth."""
+    s_stages, t_stages = _stages(s_names), _stages(t_names)
+    if len(s_stages) == 1 or len(t_stages) == 1:
+        return map_layers(chosen, len(s_names), len(t_names))
+    if len(s_stages) != len(t_stages):
+        raise PlanError(
+            f"stage layouts differ: teacher has {len(t_stages)} stages (depths "
+            f"{[len(i) for _, i in t_stages]}), student {len(s_stages)} (depths {[len(i) for _, i in s_stages]}); "
+            "layers pair within stages, so give the student the teacher's number of stages (depths may differ)"
+        )
+    stage_of_layer = {i: j for j, (_, idx) in enumerate(s_stages) for i in idx}
+    pairs = []
+    for s in chosen:
+        j = stage_of_layer[s]
+        s_idx, t_idx = s_stages[j][1], t_stages[j][1]
+        ((_, t),) = map_layers([s_idx.index(s)], len(s_idx), len(t_idx))
+        pairs.append((s, t_idx[t]))
+    return tuple(pairs)
+
+
+def _check_partitions(
+    pairs: Sequence[tuple[int, int]],
+    student: nn.Module,
+    teacher: nn.Module,
+    s_names: Sequence[str],
+    t_names: Sequence[str],
+    s_attn: Sequence[nn.Module],
+    t_attn: Sequence[nn.Module],
+) -> None:
+    """Paired layers must see the same query and key sets (`TransferableAttention.token_partition`: the grid a
+    stage works on, windows and shifts, sub-sampling ratios); the first pair that does not is ONE `PlanError`
+    naming its stage and every entry that differs."""
+    for s, t in pairs:
+        sp = s_attn[s].token_partition(student.get_submodule(s_names[s].rpartition(".")[0]))
+        tp = t_attn[t].token_partition(teacher.get_submodule(t_names[t].rpartition(".")[0]))
+        if sp == tp:
+            continue
+        diff = "; ".join(
+            f"{key} teacher {_show(tp.get(key))}, student {_show(sp.get(key))}"
+            for key in sorted(set(sp) | set(tp), key=lambda k: (k not in tp, k))
+            if sp.get(key) != tp.get(key)
+        )
+        stage = stage_of(s_names[s]) or "blocks"
+        raise PlanError(
+            f"stage {stage} (student layer {s} <- teacher layer {t}) partitions its tokens differently: {diff}. "
+            "Attention maps are transferred token by token and key set by key set: give the student the "
+            "teacher's img_size, patch_size, window_size and stage strides"
+        )
+
+
+def _show(v) -> str:
+    if v is None:
+        return "none"
+    return "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
@@ -404,7 +479,9 @@ def build_plan(
         )
     tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
     chosen = select_layers(len(s_attn), end_layer, layers)
-    pairs = map_layers(chosen, len(s_attn), len(t_attn))
+    s_names, t_names = _layer_names(student), _layer_names(teacher)
+    pairs = _pair_within_stages(chosen, s_names, t_names)
+    _check_partitions(pairs, student, teacher, s_names, t_names, s_attn, t_attn)
     if share_drop_path and len(s_attn) != len(t_attn):
         raise PlanError(
             f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "

@@ -24,7 +24,15 @@ The zoo's attentions live in `attnxfer.models.efficient` (one file per family) o
 `EfficientAttention`.
 """
 
-from .adapters import adapter_for, attention_layers, list_adapters, refuse_attention, register_adapter
+from .adapters import (
+    adapter_for,
+    attention_layers,
+    attention_stages,
+    list_adapters,
+    refuse_attention,
+    register_adapter,
+    stage_of,
+)
 from .capture import CAPTURE_FIELDS, attention_maps, capture_attention, transfer_attentions
 from .interface import (
     COUNTERPART_MODULES,
@@ -70,6 +78,7 @@ __all__ = [
     "attention_layers",
     "attention_maps",
     "attention_name_of",
+    "attention_stages",
     "attention_with_lse",
     "capture_attention",
     "create_attention",
@@ -82,5 +91,6 @@ __all__ = [
     "register_adapter",
     "register_attention",
     "sdpa",
+    "stage_of",
     "transfer_attentions",
 ]

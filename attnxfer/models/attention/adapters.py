@@ -24,9 +24,11 @@ from .interface import TransferableAttention
 __all__ = [
     "adapter_for",
     "attention_layers",
+    "attention_stages",
     "list_adapters",
     "refuse_attention",
     "register_adapter",
+    "stage_of",
 ]
 
 _ADAPTERS: dict[type[nn.Module], type[TransferableAttention]] = {}
@@ -113,3 +115,30 @@ def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]
             "VisionTransformer-style model (no `attn` child of a timm attention class)"
         )
     return found
+
+
+def stage_of(name: str) -> str:
+    """The stage an attention layer called ``name`` belongs to: its qualified name without the block index
+    and the ``blocks`` container (``layers.1.blocks.0.attn`` -> ``layers.1`` in Swin, ``stages.2.blocks.3.attn``
+    -> ``stages.2`` in PVTv2/Hiera, ``blocks.2.1.attn`` -> ``blocks.2`` in Twins); ``""`` for the one stage
+    of a flat model (``blocks.3.attn``). Hierarchical models change token count and width between stages."""
+    parts = name.split(".")
+    if parts and parts[-1] == "attn":
+        parts.pop()
+    if parts and parts[-1].isdigit():
+        parts.pop()
+    if parts and parts[-1] == "blocks":
+        parts.pop()
+    return ".".join(parts)
+
+
+def attention_stages(model: nn.Module) -> list[tuple[str, list[int]]]:
+    """(stage name, indices of its layers among `attention_layers`) in forward order: one stage ``""`` for a
+    flat model, one per stage of a hierarchical one."""
+    stages: list[tuple[str, list[int]]] = []
+    for i, (name, _) in enumerate(attention_layers(model)):
+        stage = stage_of(name)
+        if not stages or stages[-1][0] != stage:
+            stages.append((stage, []))
+        stages[-1][1].append(i)
+    return stages

@@ -11,6 +11,8 @@ file                timm class                                              what
 ``cait_talking_heads`` ``timm.models.cait.TalkingHeadAttn``                 pre-softmax head mix (in q')
 ``cait_class_attn`` ``timm.models.cait.ClassAttn``                          one query row (class token)
 ``gemma4``          ``timm.models.gemma4_vit.Gemma4Attention``              2-D rope, scale 1, v norm
+``swin``            ``timm.models.swin_transformer.WindowAttention``        rel-pos table; windows, shift mask
+``swin_v2``         ``timm.models.swin_transformer_v2.WindowAttention``     cosine · τ, continuous pos bias
 ``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
 ==================  ======================================================  ==============================
 
@@ -28,6 +30,8 @@ from . import (
     gemma4,
     relpos,
     sam,
+    swin,
+    swin_v2,
 )
 
 __all__ = [
@@ -40,4 +44,6 @@ __all__ = [
     "gemma4",
     "relpos",
     "sam",
+    "swin",
+    "swin_v2",
 ]

@@ -1,0 +1,98 @@
+"""`TransferSwinV2Attention`: timm's Swin V2 ``WindowAttention`` (``timm.models.swin_transformer_v2``) as a
+softmax `TransferableAttention`.
+
+Windows, shifts, the mask and padding are Swin's (`attnxfer.models.attention.families.swin`). The logits are
+cosine attention, τ_h · normalize(q)·normalize(k)ᵀ with τ_h = exp(min(logit_scale_h, log 100)) learned per
+head, plus the continuous position bias 16·sigmoid(cpb_mlp(relative coordinates)) gathered to (1, H, N, N),
+plus the shifted-window mask. The per-head τ is folded into the queries: ``project`` hands out
+q = τ_h·normalize(q) and k = normalize(k), so the logits are q kᵀ + B at scale 1 (``logit_scale(q)`` = 1) and
+every path of the interface (copy by SDPA, the biased CE with gradients into τ and ``cpb_mlp``) applies.
+
+timm names the per-head parameter ``logit_scale``, the interface's method of the same name wins on the
+adapter's class: the adapter's forward is therefore always its own (`transfer_forward`, SDPA), numerically
+timm's forward (``tests/test_hier_families.py`` checks them equal), and reads the parameter as
+``_parameters["logit_scale"]``; the parameter keeps timm's name in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models.swin_transformer_v2 import WindowAttention
+
+from ..adapters import register_adapter
+from ..softmax import SOFTMAX, SoftmaxCore
+from ._projections import freeze_chunks, project_heads
+from .swin import swin_partition, with_window_mask
+
+__all__ = ["TransferSwinV2Attention"]
+
+#: timm's clamp of the learned log scale: τ ≤ 1 / 0.01.
+_MAX_LOG_SCALE = math.log(1.0 / 0.01)
+
+
+@register_adapter(WindowAttention)
+class TransferSwinV2Attention(SoftmaxCore, WindowAttention):
+    """Swin V2's ``WindowAttention`` meeting `TransferableAttention`. Takes and returns timm's (B·nW, N, C)
+    windows."""
+
+    attention_name = SOFTMAX
+    has_logit_bias = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // 3 // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.qkv.out_features // 3
+
+    def head_scales(self) -> torch.Tensor:
+        """τ per head, (H, 1, 1): exp of timm's ``logit_scale`` parameter clamped at log 100."""
+        return torch.clamp(self._parameters["logit_scale"], max=_MAX_LOG_SCALE).exp()
+
+    def logit_scale(self, q: torch.Tensor) -> float:
+        return 1.0  # τ is in q (`project`)
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self._parameters["logit_scale"], math.log(10))
+        if self.q_bias is not None:
+            nn.init.zeros_(self.q_bias)
+            nn.init.zeros_(self.v_bias)
+        self._init_buffers()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.transfer_forward(x, mask=mask)
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """q (times τ) and k L2-normalised per head, v as projected."""
+        out = project_heads(self, x, which, self.head_dim)
+        if "q" in out:
+            out["q"] = F.normalize(out["q"], dim=-1) * self.head_scales().to(out["q"].dtype)
+        if "k" in out:
+            out["k"] = F.normalize(out["k"], dim=-1)
+        return out
+
+    def logit_bias(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, H, N, N) continuous position bias, 16·sigmoid(cpb_mlp(coords)); (B·nW, H, N, N) with the mask."""
+        n = self.window_size[0] * self.window_size[1]
+        table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        return with_window_mask(16 * torch.sigmoid(bias).unsqueeze(0), mask, q.shape[0])
+
+    def token_partition(self, block: nn.Module) -> dict[str, Any]:
+        return swin_partition(block)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)
