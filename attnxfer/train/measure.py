@@ -21,7 +21,14 @@ from ..models.efficient import check_softmax_teacher
 from ..transfer.map_losses import default_map_loss, output_mse
 from .distributed import sum_over_ranks
 
-__all__ = ["evaluate_top1", "interleaved_median_ms", "map_agreement", "operation_counts", "relative_speed"]
+__all__ = [
+    "attention_calls",
+    "evaluate_top1",
+    "interleaved_median_ms",
+    "map_agreement",
+    "operation_counts",
+    "relative_speed",
+]
 
 #: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
 _INPUTS = {"teacher": False, "own": True}
@@ -194,10 +201,18 @@ def _layer_counts(attn: nn.Module, tokens: int, batch: int):
     return counter(tokens, batch)
 
 
-def operation_counts(teacher: nn.Module, student: nn.Module, batch: int = 1) -> dict[str, Any]:
+def operation_counts(
+    teacher: nn.Module, student: nn.Module, batch: int = 1, img_size: int | None = None
+) -> dict[str, Any]:
     """Per block, multiplications / additions of the student's and the teacher's attention cores at the
     teacher's token count (`attnxfer.models.attention.opcount`), and the totals; a layer whose attention
-    does not count its operations gets None (and the totals None)."""
+    does not count its operations gets None (and the totals None).
+
+    A hierarchical model (PVTv2, Swin: no ``blocks``) is counted layer by layer at the token count and
+    number of calls (windows) each attention layer sees on one image of ``img_size`` (default: the
+    teacher's input size); ``tokens`` is then the list of per-layer token counts."""
+    if not hasattr(teacher, "blocks"):
+        return _hierarchical_counts(teacher, student, batch, img_size)
     tokens = _tokens(teacher)
     rows, totals = [], {"teacher": {}, "student": {}}
     for i, (t_blk, s_blk) in enumerate(zip(teacher.blocks, student.blocks, strict=True)):
@@ -212,6 +227,46 @@ def operation_counts(teacher: nn.Module, student: nn.Module, batch: int = 1) -> 
                 totals[who] = None
         rows.append(row)
     return {"tokens": tokens, "batch": batch, "layers": rows, "total": totals}
+
+
+@torch.no_grad()
+def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple[int, int]]:
+    """(tokens, calls) of each attention layer on one image: the sequence length its forward sees and how
+    many sequences (Swin: windows) one image makes, read off one forward pass at ``img_size``."""
+    chans, *size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    size = (img_size, img_size) if img_size else tuple(size)
+    seen: list[tuple[int, int]] = []
+    hooks = [
+        attn.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[1], args[0].shape[0])))
+        for attn in transfer_attentions(model)
+    ]
+    was = model.training
+    try:
+        model.eval().forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return seen
+
+
+def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> dict[str, Any]:
+    rows, totals = [], {"teacher": {}, "student": {}}
+    calls = {"teacher": attention_calls(teacher, img_size), "student": attention_calls(student, img_size)}
+    attns = {"teacher": transfer_attentions(teacher), "student": transfer_attentions(student)}
+    for i, s_attn in enumerate(attns["student"]):
+        row = {"layer": i, "attention": attention_name_of(s_attn), "tokens": calls["student"][i][0]}
+        for who in ("teacher", "student"):
+            tokens, n = calls[who][i]
+            counts = _layer_counts(attns[who][i], tokens, batch * n)
+            row[who] = counts.to_dict() if counts is not None else None
+            for key, value in (row[who] or {}).items():
+                if totals[who] is not None:
+                    totals[who][key] = totals[who].get(key, 0) + value
+            if counts is None:
+                totals[who] = None
+        rows.append(row)
+    return {"tokens": [r["tokens"] for r in rows], "batch": batch, "layers": rows, "total": totals}
 
 
 def _tokens(model: nn.Module) -> int | None:

@@ -294,8 +294,9 @@ def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
     ``rate * i / (depth - 1)``. (A loaded teacher, and so its copy, has none.)"""
     if rate < 0 or rate >= 1:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
-    depth = len(model.blocks)
-    for i, blk in enumerate(model.blocks):
+    blocks = list(model.blocks) if hasattr(model, "blocks") else [b for _, b, *_ in hierarchical_slots(model)]
+    depth = len(blocks)
+    for i, blk in enumerate(blocks):
         p = rate * i / max(1, depth - 1)
         for name in ("drop_path1", "drop_path2"):
             if hasattr(blk, name):
