@@ -244,6 +244,35 @@ def _check_pair(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn
         )
 
 
+def _check_partition(model_t: nn.Module, t: int, ta: nn.Module, s: int, sa: nn.Module) -> None:
+    """Paired layers must group tokens and pick keys alike (spatial-reduction ratio, windows, q pooling:
+    `token_partition`), in every setting both declare: otherwise their maps are over different key sets."""
+    t_part, s_part = ta.token_partition(), sa.token_partition()
+    differ = [k for k in t_part if k in s_part and t_part[k] != s_part[k]]
+    if not differ:
+        return
+    name = [n for n, _ in attention_layers(model_t)][t]
+    what = ", ".join(f"{k}: teacher {t_part[k]!r}, student {s_part[k]!r}" for k in differ)
+    raise PlanError(
+        f"student block {s} <- teacher block {t} ({_stage_of(model_t, name, t)}, {name}): the layers attend "
+        f"over different key sets ({what}); build the student with the teacher's "
+        f"{', '.join(differ)} for this stage"
+    )
+
+
+def _stage_of(model: nn.Module, name: str, layer: int) -> str:
+    """'stage i' of attention layer ``name`` (index ``layer``): the first index in its name when the model
+    nests blocks in stages (``stages.1.blocks.0.attn``, ``blocks.1.0.attn``), else by timm's ``stage_ends``
+    (Hiera's flat blocks)."""
+    indices = [int(p) for p in name.split(".") if p.isdigit()]
+    if len(indices) >= 2:
+        return f"stage {indices[0]}"
+    ends = getattr(model, "stage_ends", None)
+    if ends:
+        return f"stage {sum(1 for e in ends if e < layer)}"
+    return "its stage"
+
+
 #: Where timm families keep the patch embedding: ViTs ``patch_embed``, NaFlexViT ``embeds``, the VLM
 #: encoders (Qwen3-ViT, Gemma4-ViT classifiers) ``encoder.patch_embed``.
 _PATCH_EMBEDDINGS = ("patch_embed", "embeds", "encoder.patch_embed")
@@ -489,6 +518,7 @@ def build_plan(
         )
     for s, t in pairs:
         _check_pair(spec, mode, f"student block {s} <- teacher block {t}", t_attn[t], s_attn[s])
+        _check_partition(teacher, t, t_attn[t], s, s_attn[s])
     return TransferPlan(
         spec,
         pairs,

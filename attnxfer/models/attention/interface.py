@@ -151,7 +151,8 @@ class StopForward(Exception):
 
 
 class PartialQKV(nn.Module):
-    """A fused qkv projection whose q/k/v row blocks are trainable or frozen independently.
+    """A fused qkv projection whose q/k/v row blocks are trainable or frozen independently (``chunks``
+    names the blocks: timm's ``qkv`` by default, a fused ``kv`` with ``("k", "v")``).
 
     A copied layer never uses its own q/k projections; keeping them as buffers
     (not parameters) means they get no gradient, no weight decay, and no optimizer
@@ -159,18 +160,21 @@ class PartialQKV(nn.Module):
     ``qkv.bias`` so checkpoints stay interchangeable with plain timm models.
     """
 
-    def __init__(self, linear: nn.Linear, frozen: Iterable[str]):
+    def __init__(self, linear: nn.Linear, frozen: Iterable[str], chunks: Sequence[str] = QKV):
         super().__init__()
         frozen = set(frozen)
-        unknown = frozen - set(QKV)
+        self.chunks = tuple(chunks)  # the row blocks, in order (PVTv2/Twins' fused ``kv``: ("k", "v"))
+        unknown = frozen - set(self.chunks)
         if unknown:
-            raise ValueError(f"PartialQKV: unknown chunks {sorted(unknown)}; use a subset of 'q', 'k', 'v'")
+            raise ValueError(
+                f"PartialQKV: unknown chunks {sorted(unknown)}; use a subset of {', '.join(map(repr, self.chunks))}"
+            )
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.frozen = tuple(c for c in QKV if c in frozen)
+        self.frozen = tuple(c for c in self.chunks if c in frozen)
         self.has_bias = linear.bias is not None
-        rows = linear.out_features // 3
-        for i, name in enumerate(QKV):
+        rows = linear.out_features // len(self.chunks)
+        for i, name in enumerate(self.chunks):
             w = linear.weight.detach()[i * rows : (i + 1) * rows].clone()
             b = linear.bias.detach()[i * rows : (i + 1) * rows].clone() if self.has_bias else None
             if name in frozen:
@@ -185,11 +189,11 @@ class PartialQKV(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return torch.cat([self.chunk(c)[0] for c in QKV], 0)
+        return torch.cat([self.chunk(c)[0] for c in self.chunks], 0)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return torch.cat([self.chunk(c)[1] for c in QKV], 0) if self.has_bias else None
+        return torch.cat([self.chunk(c)[1] for c in self.chunks], 0) if self.has_bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -204,7 +208,7 @@ class PartialQKV(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        rows = self.out_features // 3
+        rows = self.out_features // len(self.chunks)
         for suffix in ("weight", "bias") if self.has_bias else ("weight",):
             key = prefix + suffix
             if key not in state_dict:
@@ -215,7 +219,7 @@ class PartialQKV(nn.Module):
                 error_msgs.append(f"size mismatch for {key}: {tuple(full.shape)} vs {self.out_features} rows")
                 continue
             with torch.no_grad():
-                for i, name in enumerate(QKV):
+                for i, name in enumerate(self.chunks):
                     getattr(self, f"{name}_{suffix}").copy_(full[i * rows : (i + 1) * rows])
         for key in state_dict:
             if key.startswith(prefix) and key[len(prefix) :] not in ("weight", "bias"):
@@ -427,6 +431,13 @@ class TransferableAttention(nn.Module):
 
     #: ``logit_bias`` can return a tensor (the CE then takes the chunked biased path).
     has_logit_bias: ClassVar[bool] = False
+
+    def token_partition(self) -> dict[str, Any]:
+        """The settings that decide which keys each query row sees and how rows are grouped — a spatial
+        reduction ratio, a window size, q pooling — as ``{name: value}``; {} when every row sees every token.
+        A plan refuses a teacher/student pair whose layers differ in a setting both declare (their maps
+        would be over different key sets)."""
+        return {}
 
     # ----------------------------------------------------------------- forward
     def forward(

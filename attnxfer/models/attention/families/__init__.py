@@ -13,6 +13,9 @@ file                timm class                                              what
 ``gemma4``          ``timm.models.gemma4_vit.Gemma4Attention``              2-D rope, scale 1, v norm
 ``swin``            ``timm.models.swin_transformer.WindowAttention``        rel-pos table; windows, shift mask
 ``swin_v2``         ``timm.models.swin_transformer_v2.WindowAttention``     cosine · τ, continuous pos bias
+``pvt_v2``          ``timm.models.pvt_v2.Attention`` (PVTv2)                keys/values over reduced tokens
+``twins``           ``timm.models.twins.LocallyGroupedAttn`` / ``GlobalSubSampleAttn``  padded windows / reduced keys
+``hiera``           ``timm.models.hiera.MaskUnitAttention`` (Hiera)         mask units; pooled queries
 ``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
 ==================  ======================================================  ==============================
 
@@ -28,10 +31,13 @@ from . import (
     diff_attention,
     eva,
     gemma4,
+    hiera,
+    pvt_v2,
     relpos,
     sam,
     swin,
     swin_v2,
+    twins,
 )
 
 __all__ = [
@@ -42,8 +48,11 @@ __all__ = [
     "diff_attention",
     "eva",
     "gemma4",
+    "hiera",
+    "pvt_v2",
     "relpos",
     "sam",
     "swin",
     "swin_v2",
+    "twins",
 ]

@@ -1,0 +1,92 @@
+"""`TransferMaskUnitAttention`: timm's Hiera ``MaskUnitAttention`` (``timm.models.hiera``) as a softmax
+`TransferableAttention`.
+
+Hiera's tokens arrive unrolled: token n of a layer with ``num_windows`` mask units belongs to unit
+n mod num_windows. With ``use_mask_unit_attn`` the attention is inside each unit (the units become rows of
+the batch: q/k/v are (B·units, H, tokens per unit, d)); without it, global over all N tokens. With
+``q_stride`` > 1 the queries are max-pooled over ``q_stride`` strided groups of tokens before the logits
+(the block pools its residual the same way), so a layer has N_q = N_k / q_stride query rows: ``project``
+hands out the pooled q, and copy, maps and the CE work on N_q × N_k logits s·q kᵀ (s = d^-0.5, no bias).
+The module has no attention dropout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from timm.models.hiera import MaskUnitAttention
+
+from ..adapters import register_adapter
+from ..softmax import SOFTMAX, SoftmaxCore, attention_with_lse, sdpa
+from ._projections import freeze_chunks, project_heads
+
+__all__ = ["TransferMaskUnitAttention"]
+
+
+@register_adapter(MaskUnitAttention)
+class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
+    """Hiera's ``MaskUnitAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward
+    is timm's."""
+
+    attention_name = SOFTMAX
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.dim_out
+
+    def token_partition(self) -> dict[str, Any]:
+        return {
+            "mask_unit_attn": self.use_mask_unit_attn,
+            "window_size": self.window_size if self.use_mask_unit_attn else 0,
+            "q_stride": self.q_stride,
+        }
+
+    def _units(self, N: int) -> int:
+        return N // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.io is None:
+            return MaskUnitAttention.forward(self, x)
+        B, N, C = x.shape
+        units = self._units(N)
+        rows = x.view(B, N // units, units, C).transpose(1, 2).reshape(B * units, N // units, C)
+        out = self.transfer_forward(rows)  # (B·units, tokens per unit / q_stride, dim_out)
+        n_q = out.shape[1]
+        return out.view(B, units, n_q, -1).transpose(1, 2).reshape(B, n_q * units, -1)
+
+    def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
+        """q (pooled), k, v of the units ``x`` (B·units, n, C) as (B·units, H, n or n / q_stride, d)."""
+        out = project_heads(self, x, which, self.head_dim)
+        if "q" in out and self.q_stride > 1:
+            q = out["q"]
+            out["q"] = q.view(*q.shape[:2], self.q_stride, -1, q.shape[-1]).amax(dim=2)
+        return out
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.logit_scale(q))
+
+    def attend_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_with_lse(q, k, v)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        Bu, H, n_q, d = out.shape
+        return self.proj(out.transpose(1, 2).reshape(Bu, n_q, H * d))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)

@@ -1,0 +1,78 @@
+"""`TransferPvtV2Attention`: timm's PVTv2 ``Attention`` (``timm.models.pvt_v2``) as a softmax
+`TransferableAttention`.
+
+Spatial-reduction attention: queries come from all N = H·W tokens of the stage, keys and values from a
+reduced set — the ``sr`` conv (kernel = stride = ``sr_ratio``) + ``norm`` give N_k = N / sr² tokens, or,
+in the ``linear`` variant (``pvt_v2_b2_li``), adaptive average pooling to 7×7 + a 1×1 ``sr`` conv + ``norm``
++ GELU give N_k = 49 at any resolution. Its logits are s·q kᵀ (N_q × N_k, s = d^-0.5, no bias), so
+``project`` hands out q with N_q rows and k/v with N_k rows; copy is the student's own (reduced) v attended
+with the teacher's q and k (SDPA), distillation the exact CE over each row's N_k keys. The block passes
+the stage's ``feat_size`` (H, W) per call. ``norm`` here is the reduction's LayerNorm, not an output norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from timm.models.pvt_v2 import Attention as PvtV2Attention
+
+from ..adapters import register_adapter
+from ..softmax import SOFTMAX, SoftmaxCore
+from ._reduced_keys import freeze_q_kv, project_q_kv
+
+__all__ = ["TransferPvtV2Attention"]
+
+
+@register_adapter(PvtV2Attention)
+class TransferPvtV2Attention(SoftmaxCore, PvtV2Attention):
+    """PVTv2's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
+
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def sr_ratio(self) -> int:
+        """The stride of the key/value reduction (1: keys over every token); 0 for the linear variant,
+        whose keys are a fixed 7×7 pooling."""
+        if self.pool is not None:
+            return 0
+        return int(self.sr.kernel_size[0]) if self.sr is not None else 1
+
+    def token_partition(self) -> dict[str, Any]:
+        return {"sr_ratio": self.sr_ratio, "linear": self.pool is not None}
+
+    def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
+        if self.io is None:
+            return PvtV2Attention.forward(self, x, feat_size)
+        return self.transfer_forward(x, feat_size=feat_size)
+
+    def reduce(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
+        """The tokens keys and values are computed from: (B, N_k, C), as timm reduces them."""
+        B, _, C = x.shape
+        if self.pool is None and self.sr is None:
+            return x
+        grid = x.permute(0, 2, 1).reshape(B, C, *feat_size)
+        if self.pool is not None:
+            grid = self.pool(grid)
+        r = self.norm(self.sr(grid).reshape(B, C, -1).permute(0, 2, 1))
+        return self.act(r) if self.act is not None else r
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", feat_size: list[int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """q (B, H, N, d) of every token; k, v (B, H, N_k, d) of the reduced tokens."""
+        return project_q_kv(
+            self, x, which, lambda t: self.reduce(t, feat_size), self.num_heads, self.head_dim
+        )
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_q_kv(self, chunks)

@@ -1,0 +1,116 @@
+"""Twins' two attentions (``timm.models.twins``) as softmax `TransferableAttention`s.
+
+* `TransferLocallyGroupedAttn` (LSA, ``twins_svt_*``): attention inside ws×ws windows of the stage's H×W
+  grid, which timm zero-pads on the right and bottom to whole windows. The windows become rows of the batch
+  — q/k/v are (B·windows, H, ws², d), padding tokens included as timm keeps them (their k/v are the
+  projection's bias, keys of their window's rows; their own rows are cropped after the layer and the CE
+  averages them like every row) — and the output is put back on the grid and cropped.
+* `TransferGlobalSubSampleAttn` (GSA, ``twins_pcpvt_*`` and every other ``twins_svt_*`` block): queries over
+  every token, keys/values over the ``sr`` conv + ``norm`` reduced grid (N_k = N / sr²), as PVTv2.
+
+Logits s·q kᵀ, s = d^-0.5, no bias; the block passes the stage's ``size`` (H, W) per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
+
+from ..adapters import register_adapter
+from ..softmax import SOFTMAX, SoftmaxCore
+from ._projections import freeze_chunks, project_heads
+from ._reduced_keys import freeze_q_kv, project_q_kv
+
+__all__ = ["TransferGlobalSubSampleAttn", "TransferLocallyGroupedAttn"]
+
+
+class _TwinsHeads:
+    """Head sizes of Twins' attentions (timm keeps only ``dim`` and ``num_heads``)."""
+
+    dim: int
+    num_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.dim
+
+
+@register_adapter(LocallyGroupedAttn)
+class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
+    """Twins' ``LocallyGroupedAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward is
+    timm's."""
+
+    attention_name = SOFTMAX
+
+    def token_partition(self) -> dict[str, Any]:
+        return {"window_size": self.ws}
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.io is None:
+            return LocallyGroupedAttn.forward(self, x, size)
+        B, N, C = x.shape
+        H, W = size
+        ws = self.ws
+        grid = F.pad(x.view(B, H, W, C), (0, 0, 0, (ws - W % ws) % ws, 0, (ws - H % ws) % ws))
+        _, Hp, Wp, _ = grid.shape
+        h, w = Hp // ws, Wp // ws
+        windows = grid.reshape(B, h, ws, w, ws, C).transpose(2, 3).reshape(B * h * w, ws * ws, C)
+        out = self.transfer_forward(windows)  # (B·windows, ws², C), proj applied per token
+        out = out.reshape(B, h, w, ws, ws, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        return out[:, :H, :W, :].reshape(B, N, C)
+
+    def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
+        """q/k/v (B·windows, H, ws², d) of the padded windows ``x`` (B·windows, ws², C)."""
+        return project_heads(self, x, which, self.head_dim)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)
+
+
+@register_adapter(GlobalSubSampleAttn)
+class TransferGlobalSubSampleAttn(_TwinsHeads, SoftmaxCore, GlobalSubSampleAttn):
+    """Twins' ``GlobalSubSampleAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward
+    is timm's."""
+
+    attention_name = SOFTMAX
+
+    def token_partition(self) -> dict[str, Any]:
+        return {"sr_ratio": self.sr_ratio}
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.io is None:
+            return GlobalSubSampleAttn.forward(self, x, size)
+        return self.transfer_forward(x, size=size)
+
+    def reduce(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The tokens keys and values are computed from: (B, N_k, C), as timm reduces them."""
+        if self.sr is None:
+            return x
+        B, _, C = x.shape
+        r = self.sr(x.permute(0, 2, 1).reshape(B, C, *size)).reshape(B, C, -1).permute(0, 2, 1)
+        return self.norm(r)
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", size: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """q (B, H, N, d) of every token; k, v (B, H, N_k, d) of the reduced tokens."""
+        return project_q_kv(self, x, which, lambda t: self.reduce(t, size), self.num_heads, self.head_dim)
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_q_kv(self, chunks)

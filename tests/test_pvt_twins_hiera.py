@@ -1,0 +1,137 @@
+"""PVTv2, Twins and Hiera adapters against first principles, on tiny randomly initialised timm models.
+
+Spatial-reduction attention (PVTv2 and its linear variant, Twins' GSA: N_k < N_q keys), Twins' padded local
+windows and Hiera's mask units with pooled queries (N_q < N_k). The oracle (`pvt_twins_hiera_oracles`) is
+timm's own unfused modules with a hook on ``attn_drop``, or, for Hiera (no ``attn_drop``), the map recomputed
+from the module's own weights — never attnxfer's code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from family_oracles import logits_of, map_ce
+from pvt_twins_hiera_oracles import TINY_HIER, build, oracle_maps
+
+from attnxfer.models.attention import attention_layers, attention_maps
+from attnxfer.transfer import DualViT, PlanError, build_plan
+
+FAMILIES = sorted(TINY_HIER)
+
+
+def _pair(name: str):
+    return build(name, seed=0), build(name, seed=1), TINY_HIER[name].images()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_swapped_layers_keep_timms_forward_names_and_maps(name):
+    """The class swap changes nothing timm computes; the adapters' maps on request (`attention_maps`) equal
+    timm's softmax, each over its own key set (reduced keys, padded windows, pooled queries)."""
+    teacher, _, x = _pair(name)
+    expected = logits_of(teacher, x)
+    oracle = oracle_maps(teacher, x)
+    swapped = copy.deepcopy(teacher)
+    assert all(type(a).__name__.startswith("Transfer") for _, a in attention_layers(swapped))
+    assert list(swapped.state_dict()) == list(teacher.state_dict())
+    torch.testing.assert_close(logits_of(swapped, x), expected, rtol=0, atol=0)
+    maps = attention_maps(swapped, x)
+    assert len(maps) == len(oracle)
+    for i, ref in enumerate(oracle):
+        torch.testing.assert_close(maps[i], ref, rtol=1e-5, atol=1e-6)
+    assert any(m.shape[-1] != m.shape[-2] for m in oracle)  # the key set differs from the queries somewhere
+
+
+@pytest.mark.parametrize(
+    "mode", ["copy", *(pytest.param(m, marks=pytest.mark.slow) for m in ("copy_q", "copy_k", "copy_v"))]
+)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_copy_with_the_teachers_own_weights_reproduces_its_logits(name, mode):
+    teacher, _, x = _pair(name)
+    expected = logits_of(teacher, x)
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(teacher), mode=mode).train()
+    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_copy_attends_the_students_values_with_the_teachers_maps(name):
+    """A student with other weights: its logits equal timm's student run with each softmax map replaced by the
+    teacher's (hooks on the student's maps); its borrowed q (and k rows of a fused kv) get no gradient and keep
+    timm's names."""
+    teacher, student, x = _pair(name)
+    t_maps = oracle_maps(teacher, x)
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
+    keys = list(dual.student.state_dict())
+    out = dual(x)
+    if not name.startswith("hiera"):  # timm's own forward with the teacher's maps put in at attn_drop
+        ref = copy.deepcopy(student)
+        hooked = [m for n, m in ref.named_modules() if hasattr(m, "attn_drop") and n.endswith("attn")]
+        for m in hooked:
+            m.fused_attn = False
+        it = iter(t_maps)
+        hooks = [
+            m.attn_drop.register_forward_hook(lambda mod, a, r: next(it).reshape(r.shape)) for m in hooked
+        ]
+        expected = logits_of(ref, x)
+        for h in hooks:
+            h.remove()
+        torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert not torch.allclose(out.logits, logits_of(student, x), atol=1e-4)
+    assert keys == list(student.state_dict())
+    out.logits.square().mean().backward()
+    frozen = {n for n, p in student.named_parameters()} - {n for n, p in dual.student.named_parameters()}
+    assert frozen and all(".q." in n or ".qkv." in n or ".kv." in n for n in frozen), frozen
+    assert all(p.grad is not None for n, p in dual.student.named_parameters() if ".kv." in n)  # v rows train
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
+    """Per layer, the exact CE over each attention's own key set = -Σ P_t log P_s from timm's maps, and the
+    student's gradients = those of that materialised loss."""
+    teacher, student, x = _pair(name)
+    ref_student = copy.deepcopy(student).train()
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()
+    out = dual(x)
+    t_maps = oracle_maps(teacher, x)
+    s_maps = oracle_maps(ref_student, x, grad=True)
+    assert set(out.terms) == {f"attn_ce/{i}" for i in range(len(t_maps))}
+    ref_terms = [map_ce(t, s) for t, s in zip(t_maps, s_maps)]
+    for i, ref in enumerate(ref_terms):
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    torch.stack(ref_terms).sum().backward()
+    grads = {n: p.grad for n, p in ref_student.named_parameters()}
+    tol = 1e-5 * max(g.abs().max().item() for g in grads.values() if g is not None)
+    compared = 0
+    for n, p in dual.student.named_parameters():
+        ref = grads[n] if grads[n] is not None else torch.zeros_like(p)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=0, atol=tol, msg=n)
+        compared += bool(ref.abs().max() > 100 * tol)
+    assert compared > 0
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "says"),
+    [
+        (
+            "pvt_v2",
+            dict(sr_ratios=(4, 1, 2, 1)),
+            "(stage 1, stages.1.blocks.0.attn)|sr_ratio: teacher 2, student 1",
+        ),
+        ("pvt_v2", dict(linear=True), "(stage 0, |sr_ratio: teacher 4, student 0, linear: teacher False"),
+        ("twins_svt", dict(wss=(3, 2)), "(stage 1, blocks.1.0.attn)|window_size: teacher 3, student 2"),
+        ("hiera", dict(q_pool=2), "(stage 3, blocks.3.attn)|q_stride: teacher 4, student 1"),
+    ],
+)
+def test_a_student_with_other_key_sets_is_refused_at_plan_time_naming_the_stage(name, kwargs, says):
+    fam = TINY_HIER[name]
+    teacher = fam.build(peaked=False)
+    student = type(fam)(fam.arch, {**fam.kwargs, **kwargs}, fam.img_size).build(peaked=False)
+    for mode in ("copy", "distill"):
+        with pytest.raises(PlanError) as refused:
+            build_plan(teacher, student, mode)
+        for part in says.split("|"):
+            assert part in str(refused.value), str(refused.value)
