@@ -66,7 +66,7 @@ def map_agreement(
         for i in range(depth):
             attn = s_attns[i]
             if own_inputs:
-                q, k, out = s[i]["q"], s[i]["k"], s[i]["output"]
+                q, k, out = s[i].get("q"), s[i].get("k"), s[i]["output"]  # `none` layers project nothing
             else:
                 own = attn.project(t[i]["input"], "qk")
                 q, k = own["q"], own["k"]

@@ -203,6 +203,7 @@ def build_conversion_plan(
             f"student has {len(student_layers)} attention layers, teacher {depth}: conversion keeps the "
             "teacher's depth (build the student with build_efficient_student)"
         )
+    teacher_layers = attention_layers(teacher)
     layers = []
     for i, (qualified, attn) in enumerate(student_layers):
         if not isinstance(attn, TransferableAttention):
@@ -217,6 +218,14 @@ def build_conversion_plan(
         if getattr(attn, "attention_free", False):  # `none`: no attention branch, nothing to fit
             layers.append(LayerConversion(i, name, kind, None))
             continue
+        t_name, t_attn = teacher_layers[i]
+        if stage1_steps > 0 and getattr(t_attn, "sr", None) is not None:
+            raise ValueError(
+                f"the teacher's {t_name} attends over sub-sampled keys (PVTv2 spatial reduction) and the "
+                f"student's {name} over all tokens of the stage: stage 1 cannot compare maps over different "
+                "key sets. Use a teacher without spatial reduction (sr_ratios 1), keep softmax or none in that "
+                "stage, or skip stage 1 (convert.stage1_steps=0)"
+            )
         loss = check_map_loss(map_loss, kind, where=f"convert.map_loss for block {i} ({name}): ")
         tensors = _stage1_tensors(attn, train, qualified)
         count = sum(int(p.numel() if m is None else m.sum().item() * p[0].numel()) for _, p, m in tensors)
