@@ -190,6 +190,7 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
     from attnxfer.launch.cli import main
 
     teacher = _pvt() if family == "pvt" else _swin()
+    teacher.reset_classifier(10)  # the synthetic data's classes
     teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 32, 32)}
     save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)
     attention = "[none,none,hashing,relu_linear]" if family == "pvt" else "[relu_linear,hashing]"
