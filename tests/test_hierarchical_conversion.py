@@ -171,9 +171,15 @@ def test_sub_sampled_keys_are_refused_at_plan_time():
 
 def test_operation_counts_per_layer_at_its_own_tokens(pvt, swin):
     # PVTv2 at 32 px: strides 4, 8, 16, 32 -> 8x8, 4x4, 2x2 (two blocks), 1x1 tokens, one sequence each
-    assert attention_calls(pvt, 32) == [(64, 1), (16, 1), (4, 1), (4, 1), (1, 1)]
+    assert attention_calls(pvt, 32) == [(64, 1, 64), (16, 1, 16), (4, 1, 4), (4, 1, 4), (1, 1, 1)]
     # Swin at 32 px, window 4: 8x8 -> 4 windows of 16 tokens; then 4x4 = one window
-    assert attention_calls(swin, 32) == [(16, 4), (16, 4), (16, 1), (16, 1)]
+    assert attention_calls(swin, 32) == [(16, 4, 16), (16, 4, 16), (16, 1, 16), (16, 1, 16)]
+    # spatial reduction 2 in stage 0: 64 queries meet the 4x4 = 16 sub-sampled keys
+    reduced = _pvt(sr_ratios=(2, 1, 1, 1))
+    assert attention_calls(reduced, 32)[0] == (64, 1, 16)
+    layer = operation_counts(reduced, build_efficient_student(reduced, "none"), img_size=32)["layers"][0]
+    # q scaling (64 x d=16), q k^T and P v over 16 keys (64 x 16 x 16 each), softmax divisions (64 x 16)
+    assert layer["teacher"]["mul"] == 64 * 16 + 2 * 64 * 16 * 16 + 64 * 16
     student = build_efficient_student(pvt, ["none", "none", "hashing", "relu_linear"])
     counts = operation_counts(pvt, student, img_size=32)
     assert counts["tokens"] == [64, 16, 4, 4, 1]

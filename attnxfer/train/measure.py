@@ -16,7 +16,14 @@ import torch
 import torch.nn as nn
 
 from ..analysis import layer_agreement
-from ..models.attention import TransferAttention, attention_name_of, capture_attention, transfer_attentions
+from ..models.attention import (
+    MapKind,
+    TransferAttention,
+    attention_name_of,
+    capture_attention,
+    transfer_attentions,
+)
+from ..models.attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..models.efficient import check_softmax_teacher
 from ..transfer.map_losses import default_map_loss, output_mse
 from .distributed import sum_over_ranks
@@ -230,16 +237,25 @@ def operation_counts(
 
 
 @torch.no_grad()
-def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple[int, int]]:
-    """(tokens, calls) of each attention layer on one image: the sequence length its forward sees and how
-    many sequences (Swin: windows) one image makes, read off one forward pass at ``img_size``."""
+def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple[int, int, int]]:
+    """(tokens, calls, keys) of each attention layer on one image: the sequence length its forward sees, how
+    many sequences (Swin: windows) one image makes and how many keys each query meets (PVTv2's spatial
+    reduction: the sub-sampled grid, or the linear variant's 7x7 pool), read off one forward pass at
+    ``img_size``."""
     chans, *size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
     size = (img_size, img_size) if img_size else tuple(size)
-    seen: list[tuple[int, int]] = []
-    hooks = [
-        attn.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape[1], args[0].shape[0])))
-        for attn in transfer_attentions(model)
-    ]
+    seen: list[tuple[int, int, int]] = []
+
+    def record(module, args):
+        tokens, keys = args[0].shape[1], args[0].shape[1]
+        if getattr(module, "pool", None) is not None:
+            keys = math.prod(module.pool.output_size)
+        elif getattr(module, "sr", None) is not None:  # a stride-sr conv over the (H, W) grid
+            r = module.sr.stride[0]
+            keys = (int(args[1][0]) // r) * (int(args[1][1]) // r)
+        seen.append((tokens, args[0].shape[0], keys))
+
+    hooks = [attn.register_forward_pre_hook(record) for attn in transfer_attentions(model)]
     was = model.training
     try:
         model.eval().forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
@@ -257,8 +273,13 @@ def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> 
     for i, s_attn in enumerate(attns["student"]):
         row = {"layer": i, "attention": attention_name_of(s_attn), "tokens": calls["student"][i][0]}
         for who in ("teacher", "student"):
-            tokens, n = calls[who][i]
-            counts = _layer_counts(attns[who][i], tokens, batch * n)
+            tokens, n, keys = calls[who][i]
+            if keys != tokens and attns[who][i].map_kind is MapKind.SOFTMAX:
+                counts = _reduced_softmax_counts(attns[who][i].head_dim, tokens, keys) * (
+                    batch * n * attns[who][i].num_heads
+                )
+            else:
+                counts = _layer_counts(attns[who][i], tokens, batch * n)
             row[who] = counts.to_dict() if counts is not None else None
             for key, value in (row[who] or {}).items():
                 if totals[who] is not None:
@@ -267,6 +288,12 @@ def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> 
                 totals[who] = None
         rows.append(row)
     return {"tokens": [r["tokens"] for r in rows], "batch": batch, "layers": rows, "total": totals}
+
+
+def _reduced_softmax_counts(d: int, n: int, keys: int) -> OpCounts:
+    """Softmax attention of n queries over ``keys`` keys, per head (spatial reduction; the sub-sampling conv
+    is a projection and left out like qkv and proj): q / sqrt(d), q k^T, the softmax, P v."""
+    return OpCounts(mul=n * d) + matmul_ops(n, d, keys) + softmax_ops(n, keys) + matmul_ops(n, keys, d)
 
 
 def _tokens(model: nn.Module) -> int | None:
