@@ -21,9 +21,18 @@ Presets (``--preset``; any option overrides the preset's value):
   rounds; the issue-14 table, a few minutes on an H100.
 * ``cpu``: ViT-Ti/16 (``vit_tiny_patch16_224``: 192 wide, 3 heads, 12 blocks, 100 classes) at 224 / 448
   px, batch 4 / 1, 1 warm-up and 7 timed rounds, 1 thread: about 4 minutes here.
+* ``pvt_cpu``: the hierarchical PVTv2-B0 (``pvt_v2_b0``: 4 stages, 3136 / 784 / 196 / 49 tokens at 224 px,
+  spatial reduction 8 / 4 / 2 / 1) at 224 / 448 px, batch 2 / 1, 1 warm-up and 5 timed rounds, 1 thread.
+  ``--model swin_tiny_patch4_window7_224`` times Swin the same way (zoo attentions inside its windows).
+
+Each row also gives the attention cores' multiplications, additions and energy per image, summed over the
+layers (`attnxfer.train.measure.operation_counts`; hierarchical models: each layer at its own tokens and
+windows). ``--attentions`` takes comma-separated lists for one attention per stage or layer
+(``none,none,hashing,hashing``: LIT's attention-free early stages, EcoFormer's hashing after).
 
     python benchmarks/model_throughput.py --preset cpu --json runs/model_throughput_cpu.json
     python benchmarks/model_throughput.py --preset gpu --json runs/model_throughput_gpu.json
+    python benchmarks/model_throughput.py --preset pvt_cpu --attentions hashing relu_linear none,none,hashing,hashing
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _measure import format_table, interleaved_timings, machine_info, step_peak_growth, write_json
 
 from attnxfer.models.efficient import build_efficient_student, list_attentions
+from attnxfer.train.measure import attention_calls, operation_counts
 
 TEACHER = "softmax"
 MODES = ("forward", "train")
@@ -66,6 +76,7 @@ class Preset:
 PRESETS = {
     "gpu": Preset("vit_base_patch16_224", 1000, (224, 448, 896), (64, 16, 4), "cuda", 3, 10, None),
     "cpu": Preset("vit_tiny_patch16_224", 100, (224, 448), (4, 1), "cpu", 1, 7, 1),
+    "pvt_cpu": Preset("pvt_v2_b0", 100, (224, 448), (2, 1), "cpu", 1, 5, 1),
 }
 
 
@@ -81,10 +92,13 @@ def build_models(
 ) -> dict[str, nn.Module]:
     """The teacher at ``resolution`` (random weights: speed does not depend on them) and one student per name."""
     torch.manual_seed(0)
-    teacher = timm.create_model(preset.model, img_size=resolution, num_classes=preset.num_classes)
+    try:
+        teacher = timm.create_model(preset.model, img_size=resolution, num_classes=preset.num_classes)
+    except TypeError:  # PVTv2 takes any image size and no img_size argument
+        teacher = timm.create_model(preset.model, num_classes=preset.num_classes)
     models = {TEACHER: teacher}
     for name in names:
-        models[name] = build_efficient_student(teacher, name)
+        models[name] = build_efficient_student(teacher, name.split(",") if "," in name else name)
     return {name: model.to(device) for name, model in models.items()}
 
 
@@ -131,10 +145,17 @@ def measure_resolution(
     timings = interleaved_timings(fns, device=device, warmup=preset.warmup, repeats=preset.repeats)
     seconds = time.perf_counter() - started
     peaks = {key: step_peak_growth(fn, device) for key, fn in fns.items()} if device.type == "cuda" else {}
-    tokens = models[TEACHER].patch_embed.num_patches + models[TEACHER].num_prefix_tokens
+    teacher = models[TEACHER]
+    tokens = attention_calls(teacher, resolution)[0][0]  # the first attention layer's sequence length
+    counts = {
+        name: operation_counts(teacher, model, img_size=resolution)["total"] for name, model in models.items()
+    }
     rows = []
     for name in models:
         row = {"resolution": resolution, "tokens": tokens, "batch": batch, "model": name}
+        total = counts[name]["teacher" if name == TEACHER else "student"]
+        if total:
+            row.update(mul_m=total["mul"] / 1e6, add_m=total["add"] / 1e6, energy_uj=total["energy_pj"] / 1e6)
         for mode in MODES:
             t = timings[(name, mode)]
             teacher = timings[(TEACHER, mode)]
@@ -167,6 +188,9 @@ COLUMNS = [
     ("train_cpu_vs_teacher", "train × (CPU time)", ".2f"),
     ("forward_spread", "fwd ±", ".0%"),
     ("train_spread", "train ±", ".0%"),
+    ("mul_m", "#mul (M)", ".1f"),
+    ("add_m", "#add (M)", ".1f"),
+    ("energy_uj", "energy (µJ)", ".1f"),
 ]
 PEAK_COLUMNS = [("forward_peak_mib", "fwd peak MiB", ".0f"), ("train_peak_mib", "train peak MiB", ".0f")]
 

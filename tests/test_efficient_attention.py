@@ -51,6 +51,7 @@ EXPECTED = {
     "linformer": "signed",
     "hydra": "none",
     "hashing": "row_stochastic",
+    "none": "none",
     "formula": "row_stochastic",  # the plain name: Hedgehog's program (formula:len(...) programs are signed)
 }
 # A small layout with a prefix token and a grid the windows/agents do not divide evenly.
@@ -102,7 +103,12 @@ def qkv64(module: EfficientAttention, n: int = N_SMALL, batch: int = 2, seed: in
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 
-@pytest.fixture(params=ALL)
+ATTENDING = [
+    n for n in ALL if n != "none"
+]  # `none` has no attention branch (zeros out): tests/test_hierarchical_conversion.py covers it
+
+
+@pytest.fixture(params=ATTENDING)
 def name(request):
     return request.param
 

@@ -161,13 +161,13 @@ def build_run_parts(
             raise ValueError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
         raise ValueError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
     in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
-    img_size = d.img_size or (teacher.patch_embed.img_size[0] if teacher is not None else None)
+    img_size = d.img_size or (_input_size(teacher) if teacher is not None else None)
     student = (
         student_fn(teacher, num_classes)
         if student_fn is not None
         else build_student(cfg, teacher, num_classes, in_chans, img_size)
     )
-    img_size = img_size or student.patch_embed.img_size[0]
+    img_size = img_size or _input_size(student)
     in_chans = student.patch_embed.proj.in_channels
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
@@ -243,3 +243,10 @@ def build_run_parts(
         teacher_record=record,
         student_spec=student_spec(student),
     )
+
+
+def _input_size(model: nn.Module) -> int:
+    """The image side a model is built for: its patch embedding's (ViT, Swin), else its pretrained config's
+    input size (PVTv2 takes any size and records none in its patch embedding)."""
+    size = getattr(model.patch_embed, "img_size", None)
+    return int(size[0]) if size is not None else int(model.pretrained_cfg["input_size"][-1])

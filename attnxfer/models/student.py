@@ -25,6 +25,7 @@ from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of
+from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
 from .efficient.swap import swap_attentions
 
 __all__ = [
@@ -397,7 +398,7 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
     if any(name != SOFTMAX for name in attention_layout(student)):
         # what rebuilds each zoo attention (window sizes, feature counts, ...), block by block
         spec["attention_options"] = [
-            blk.attn.options() if hasattr(blk.attn, "options") else {} for blk in student.blocks
+            attn.options() if hasattr(attn, "options") else {} for _, attn in attention_layers(student)
         ]
     return spec
 
@@ -414,6 +415,9 @@ def student_from_spec(
     kind = spec.get("attention", SOFTMAX)
     if attn_layer is None and kind != SOFTMAX:
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
+        if is_hierarchical(model):  # PVTv2 / Swin: one attention per layer over the stages
+            names = per_block_attention(kind, len(hierarchical_slots(model)))
+            return swap_hierarchical(model, names, spec.get("attention_options"))
         return swap_attentions(
             model, per_block_attention(kind, len(model.blocks)), spec.get("attention_options")
         )

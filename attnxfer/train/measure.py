@@ -16,12 +16,26 @@ import torch
 import torch.nn as nn
 
 from ..analysis import layer_agreement
-from ..models.attention import TransferAttention, attention_name_of, capture_attention
+from ..models.attention import (
+    MapKind,
+    TransferAttention,
+    attention_name_of,
+    capture_attention,
+    transfer_attentions,
+)
+from ..models.attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..models.efficient import check_softmax_teacher
 from ..transfer.map_losses import default_map_loss, output_mse
 from .distributed import sum_over_ranks
 
-__all__ = ["evaluate_top1", "interleaved_median_ms", "map_agreement", "operation_counts", "relative_speed"]
+__all__ = [
+    "attention_calls",
+    "evaluate_top1",
+    "interleaved_median_ms",
+    "map_agreement",
+    "operation_counts",
+    "relative_speed",
+]
 
 #: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
 _INPUTS = {"teacher": False, "own": True}
@@ -46,7 +60,8 @@ def map_agreement(
     check_softmax_teacher(teacher)
     was = teacher.training, student.training
     teacher.eval(), student.eval()
-    depth = len(student.blocks)
+    t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
+    depth = len(s_attns)
     sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(depth)}
     count = 0
     for x in batches:
@@ -56,9 +71,9 @@ def map_agreement(
             with capture_attention(student, fields=("q", "k", "output")) as s:
                 student.forward_features(x)
         for i in range(depth):
-            attn = student.blocks[i].attn
+            attn = s_attns[i]
             if own_inputs:
-                q, k, out = s[i]["q"], s[i]["k"], s[i]["output"]
+                q, k, out = s[i].get("q"), s[i].get("k"), s[i]["output"]  # `none` layers project nothing
             else:
                 own = attn.project(t[i]["input"], "qk")
                 q, k = own["q"], own["k"]
@@ -66,7 +81,7 @@ def map_agreement(
             out_mse = float(output_mse(out, t[i]["output"]))
             if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
                 metric = default_map_loss(attn.map_kind).metric
-                value = layer_agreement(teacher.blocks[i].attn, t[i], attn, {"q": q, "k": k}, metric)
+                value = layer_agreement(t_attns[i], t[i], attn, {"q": q, "k": k}, metric)
             else:
                 value = out_mse
             sums[i][0] += value * x.shape[0]
@@ -79,7 +94,7 @@ def map_agreement(
     count = flat[-1]
     rows = []
     for i in range(depth):
-        attn = student.blocks[i].attn
+        attn = s_attns[i]
         kind = attn.map_kind
         rows.append(
             {
@@ -193,10 +208,18 @@ def _layer_counts(attn: nn.Module, tokens: int, batch: int):
     return counter(tokens, batch)
 
 
-def operation_counts(teacher: nn.Module, student: nn.Module, batch: int = 1) -> dict[str, Any]:
+def operation_counts(
+    teacher: nn.Module, student: nn.Module, batch: int = 1, img_size: int | None = None
+) -> dict[str, Any]:
     """Per block, multiplications / additions of the student's and the teacher's attention cores at the
     teacher's token count (`attnxfer.models.attention.opcount`), and the totals; a layer whose attention
-    does not count its operations gets None (and the totals None)."""
+    does not count its operations gets None (and the totals None).
+
+    A hierarchical model (PVTv2, Swin: no ``blocks``) is counted layer by layer at the token count and
+    number of calls (windows) each attention layer sees on one image of ``img_size`` (default: the
+    teacher's input size); ``tokens`` is then the list of per-layer token counts."""
+    if not hasattr(teacher, "blocks"):
+        return _hierarchical_counts(teacher, student, batch, img_size)
     tokens = _tokens(teacher)
     rows, totals = [], {"teacher": {}, "student": {}}
     for i, (t_blk, s_blk) in enumerate(zip(teacher.blocks, student.blocks, strict=True)):
@@ -211,6 +234,66 @@ def operation_counts(teacher: nn.Module, student: nn.Module, batch: int = 1) -> 
                 totals[who] = None
         rows.append(row)
     return {"tokens": tokens, "batch": batch, "layers": rows, "total": totals}
+
+
+@torch.no_grad()
+def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple[int, int, int]]:
+    """(tokens, calls, keys) of each attention layer on one image: the sequence length its forward sees, how
+    many sequences (Swin: windows) one image makes and how many keys each query meets (PVTv2's spatial
+    reduction: the sub-sampled grid, or the linear variant's 7x7 pool), read off one forward pass at
+    ``img_size``."""
+    chans, *size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    size = (img_size, img_size) if img_size else tuple(size)
+    seen: list[tuple[int, int, int]] = []
+
+    def record(module, args):
+        tokens, keys = args[0].shape[1], args[0].shape[1]
+        if getattr(module, "pool", None) is not None:
+            keys = math.prod(module.pool.output_size)
+        elif getattr(module, "sr", None) is not None:  # a stride-sr conv over the (H, W) grid
+            r = module.sr.stride[0]
+            keys = (int(args[1][0]) // r) * (int(args[1][1]) // r)
+        seen.append((tokens, args[0].shape[0], keys))
+
+    hooks = [attn.register_forward_pre_hook(record) for attn in transfer_attentions(model)]
+    was = model.training
+    try:
+        model.eval().forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return seen
+
+
+def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> dict[str, Any]:
+    rows, totals = [], {"teacher": {}, "student": {}}
+    calls = {"teacher": attention_calls(teacher, img_size), "student": attention_calls(student, img_size)}
+    attns = {"teacher": transfer_attentions(teacher), "student": transfer_attentions(student)}
+    for i, s_attn in enumerate(attns["student"]):
+        row = {"layer": i, "attention": attention_name_of(s_attn), "tokens": calls["student"][i][0]}
+        for who in ("teacher", "student"):
+            tokens, n, keys = calls[who][i]
+            if keys != tokens and attns[who][i].map_kind is MapKind.SOFTMAX:
+                counts = _reduced_softmax_counts(attns[who][i].head_dim, tokens, keys) * (
+                    batch * n * attns[who][i].num_heads
+                )
+            else:
+                counts = _layer_counts(attns[who][i], tokens, batch * n)
+            row[who] = counts.to_dict() if counts is not None else None
+            for key, value in (row[who] or {}).items():
+                if totals[who] is not None:
+                    totals[who][key] = totals[who].get(key, 0) + value
+            if counts is None:
+                totals[who] = None
+        rows.append(row)
+    return {"tokens": [r["tokens"] for r in rows], "batch": batch, "layers": rows, "total": totals}
+
+
+def _reduced_softmax_counts(d: int, n: int, keys: int) -> OpCounts:
+    """Softmax attention of n queries over ``keys`` keys, per head (spatial reduction; the sub-sampling conv
+    is a projection and left out like qkv and proj): q / sqrt(d), q k^T, the softmax, P v."""
+    return OpCounts(mul=n * d) + matmul_ops(n, d, keys) + softmax_ops(n, keys) + matmul_ops(n, keys, d)
 
 
 def _tokens(model: nn.Module) -> int | None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..models.attention import capture_attention
+from ..models.attention import attention_layers, capture_attention
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.map_losses import MapLoss
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
@@ -62,7 +62,8 @@ def teacher_signals(teacher: nn.Module, x: torch.Tensor, layers: Sequence[int], 
     def stop_here(*_):
         raise _StopForward
 
-    stop = teacher.blocks[max(layers)].register_forward_hook(stop_here)
+    last = attention_layers(teacher)[max(layers)][0].rsplit(".", 1)[0]  # the block holding that attention
+    stop = teacher.get_submodule(last).register_forward_hook(stop_here)
     try:
         with (
             torch.no_grad(),
@@ -135,6 +136,7 @@ def stage1_transfer(
         ("output",) if plan.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in plan.active) else ()
     )
     layers = plan.active
+    student_attns = [attn for _, attn in attention_layers(student)]
     watched = {str(i): layer for i, layer in enumerate(layers)}  # the guard's term names
     start = time.monotonic()
     stopping = contextlib.ExitStack()  # SIGTERM only sets a flag while the loop can save on it
@@ -154,7 +156,7 @@ def stage1_transfer(
             losses, metrics = {}, {}
             for name, layer in watched.items():
                 loss, metric = layer_fit_loss(
-                    student.blocks[layer.layer].attn, layer, signals[layer.layer], plan.output_mse
+                    student_attns[layer.layer], layer, signals[layer.layer], plan.output_mse
                 )
                 losses[name] = loss
                 if metric is not None:

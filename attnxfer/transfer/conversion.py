@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..models.attention import MapKind, TransferableAttention, attention_name_of
+from ..models.attention import MapKind, TransferableAttention, attention_layers, attention_name_of
 from ..models.efficient import check_softmax_teacher
 from .map_losses import MapLoss, check_map_loss, map_distillation_loss, output_mse
 
@@ -114,6 +114,11 @@ class ConversionPlan:
                 f"({self.num_trainable:,} values){extra}"
             )
         for layer in self.layers:
+            if layer.loss is None and layer.map_kind is MapKind.NONE:
+                lines.append(
+                    f"    block {layer.layer}: none (attention-free: the block keeps its MLP; nothing to fit)"
+                )
+                continue
             if layer.loss is None:
                 lines.append(
                     f"    block {layer.layer}: softmax (the teacher's own attention; nothing to fit)"
@@ -160,13 +165,10 @@ def _stage1_tensors(
 
 
 def layer_tensors(student: nn.Module, plan: ConversionPlan):
+    layers = attention_layers(student)  # blocks.* of a ViT; stages.*.blocks.* of PVTv2, layers.* of Swin
     for layer in plan.active:
-        yield (
-            layer,
-            _stage1_tensors(
-                student.blocks[layer.layer].attn, plan.stage1_train, f"blocks.{layer.layer}.attn"
-            ),
-        )
+        name, attn = layers[layer.layer]
+        yield layer, _stage1_tensors(attn, plan.stage1_train, name)
 
 
 def build_conversion_plan(
@@ -191,25 +193,41 @@ def build_conversion_plan(
         raise ValueError(
             "convert.stage1_steps must be >= 0, convert.stage1_lr > 0 and convert.output_mse >= 0"
         )
-    if len(student.blocks) != len(teacher.blocks):
+    try:
+        student_layers = attention_layers(student)
+    except TypeError as e:
+        raise ValueError(f"student: {e}; convert students use registered attentions") from None
+    depth = len(attention_layers(teacher))
+    if len(student_layers) != depth:
         raise ValueError(
-            f"student has {len(student.blocks)} blocks, teacher {len(teacher.blocks)}: conversion keeps "
-            "the teacher's depth (build the student with build_efficient_student)"
+            f"student has {len(student_layers)} attention layers, teacher {depth}: conversion keeps the "
+            "teacher's depth (build the student with build_efficient_student)"
         )
+    teacher_layers = attention_layers(teacher)
     layers = []
-    for i, blk in enumerate(student.blocks):
-        attn = blk.attn
+    for i, (qualified, attn) in enumerate(student_layers):
         if not isinstance(attn, TransferableAttention):
             raise ValueError(
-                f"student blocks.{i}.attn is {type(attn).__name__}; convert students use registered "
+                f"student {qualified} is {type(attn).__name__}; convert students use registered "
                 "attentions (attnxfer.models.efficient)"
             )
         name, kind = attention_name_of(attn), attn.map_kind
         if kind is MapKind.SOFTMAX:
             layers.append(LayerConversion(i, name, kind, None))
             continue
+        if getattr(attn, "attention_free", False):  # `none`: no attention branch, nothing to fit
+            layers.append(LayerConversion(i, name, kind, None))
+            continue
+        t_name, t_attn = teacher_layers[i]
+        if stage1_steps > 0 and getattr(t_attn, "sr", None) is not None:
+            raise ValueError(
+                f"the teacher's {t_name} attends over sub-sampled keys (PVTv2 spatial reduction) and the "
+                f"student's {name} over all tokens of the stage: stage 1 cannot compare maps over different "
+                "key sets. Use a teacher without spatial reduction (sr_ratios 1), keep softmax or none in that "
+                "stage, or skip stage 1 (convert.stage1_steps=0)"
+            )
         loss = check_map_loss(map_loss, kind, where=f"convert.map_loss for block {i} ({name}): ")
-        tensors = _stage1_tensors(attn, train, f"blocks.{i}.attn")
+        tensors = _stage1_tensors(attn, train, qualified)
         count = sum(int(p.numel() if m is None else m.sum().item() * p[0].numel()) for _, p, m in tensors)
         layers.append(
             LayerConversion(i, name, kind, loss, [n for n, _, _ in tensors], count, attn.fit_objective)
@@ -247,7 +265,10 @@ def layer_fit_loss(
         if output_weight:
             loss = loss + output_weight * output_mse(attn(x), signals["output"])
         return loss, metric
-    res = map_distillation_loss(attn, own["q"], own["k"], signals["q"], signals["k"], layer.loss)
+    # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over
+    res = map_distillation_loss(
+        attn, own["q"], own["k"], signals["q"], signals["k"], layer.loss, bias_t=signals.get("bias")
+    )
     loss = res.loss
     if output_weight:
         loss = loss + output_weight * output_mse(attn(x), signals["output"])
@@ -259,6 +280,12 @@ def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> 
     if layer.loss is MapLoss.OUTPUT:
         return output_mse(attn(signals["input"]), signals["output"]).detach()
     res = map_distillation_loss(
-        attn, own["q"].detach(), own["k"].detach(), signals["q"], signals["k"], layer.loss
+        attn,
+        own["q"].detach(),
+        own["k"].detach(),
+        signals["q"],
+        signals["k"],
+        layer.loss,
+        bias_t=signals.get("bias"),
     )
     return res.metric

@@ -25,6 +25,7 @@ nystrom            signed          Nystrom landmarks, iterative pseudo-inverse
 linformer          signed          learned sequence projections E, F (fixed N)
 hydra              none            Hydra: per-channel cosine kernel
 hashing            row_stochastic  EcoFormer: b-bit binary codes of q, k; Hamming-affinity kernel
+none               none            attention-free block (LIT): the branch adds nothing, the MLP stays
 formula:<prog>     row_stochastic  a kernel attention from a program (formula.py); ``len`` programs: signed
 =================  ==============  =============================================================
 
@@ -62,6 +63,7 @@ from .hedgehog import HedgehogAttention
 from .hydra import HydraAttention
 from .linear import ELULinearAttention, ReLULinearAttention
 from .linformer import LinformerAttention
+from .none import NoAttention
 from .nystrom import NystromAttention
 from .performer import PerformerAttention
 from .swap import (
@@ -89,6 +91,7 @@ __all__ = [
     "HydraAttention",
     "LinformerAttention",
     "MapKind",
+    "NoAttention",
     "NystromAttention",
     "PerformerAttention",
     "ReLULinearAttention",

@@ -24,6 +24,13 @@ from ..attention import (
 )
 from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
 from ..attention.registry import get_attention_class
+from .hierarchical import (
+    build_hierarchical_student,
+    expand_attention_names,
+    hierarchical_slots,
+    is_hierarchical,
+    swap_hierarchical,
+)
 
 __all__ = [
     "build_efficient_student",
@@ -115,7 +122,14 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
     """``model`` (a timm VisionTransformer) with each block's attention replaced in place: one registered
     name for every block or one per block, options as `efficient_student_from_teacher` takes them. On a
     freshly initialised model this is a fresh efficient-attention student (``model.attention`` of
-    `attnxfer train`); on a teacher's copy, a converted one."""
+    `attnxfer train`); on a teacher's copy, a converted one. A hierarchical model (PVTv2, Swin) takes one
+    name, one per stage or one per attention layer."""
+    if is_hierarchical(model):
+        stages = [stage for _, _, stage, _ in hierarchical_slots(model)]
+        names = expand_attention_names(attn, stages, "model.attention")
+        classes = [get_attention_class(name) for name in names]
+        options = [{k: v for k, v in attn_kwargs.items() if c.accepts_option(k)} for c in classes]
+        return swap_hierarchical(model, names, options)
     blocks = getattr(model, "blocks", None)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
@@ -189,8 +203,17 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
     """A teacher for conversion runs softmax attention in every block (its maps are the target).
 
     Makes the teacher transfer-aware in place (timm's ``Attention`` -> ``TransferAttention``, a class swap
-    as `DualViT` does), then reads each layer's declared map kind.
+    as `DualViT` does), then reads each layer's declared map kind. A hierarchical teacher (PVTv2, Swin) is
+    checked layer by layer over its stages.
     """
+    if is_hierarchical(teacher):
+        for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transfer_attentions(teacher)):
+            if attn.map_kind is not MapKind.SOFTMAX:
+                raise ValueError(
+                    f"the teacher's {name} is {attention_name_of(attn)!r}, not softmax attention: conversion "
+                    "needs a softmax teacher. Use the original pretrained model as teacher"
+                )
+        return
     if getattr(teacher, "blocks", None) is None:
         raise ValueError(
             f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`)"
@@ -246,11 +269,14 @@ def build_efficient_student(
     a teacher whose head has another number of classes is an error (its head would not fit).
     """
     check_softmax_teacher(teacher)
-    names = _attention_names(attention, len(teacher.blocks))
-    try:
-        student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
-    except TypeError as e:
-        raise ValueError(f"convert.attention_kwargs: {e}") from None
+    if is_hierarchical(teacher):  # PVTv2 / Swin: one name, one per stage or one per attention layer
+        student = build_hierarchical_student(teacher, attention, **attention_kwargs)
+    else:
+        names = _attention_names(attention, len(teacher.blocks))
+        try:
+            student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
+        except TypeError as e:
+            raise ValueError(f"convert.attention_kwargs: {e}") from None
     student.requires_grad_(True)  # a loaded teacher is frozen, and so is its deep copy
     if num_classes is not None and num_classes != student.num_classes:
         if student.num_classes:
@@ -268,8 +294,9 @@ def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
     ``rate * i / (depth - 1)``. (A loaded teacher, and so its copy, has none.)"""
     if rate < 0 or rate >= 1:
         raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
-    depth = len(model.blocks)
-    for i, blk in enumerate(model.blocks):
+    blocks = list(model.blocks) if hasattr(model, "blocks") else [b for _, b, *_ in hierarchical_slots(model)]
+    depth = len(blocks)
+    for i, blk in enumerate(blocks):
         p = rate * i / max(1, depth - 1)
         for name in ("drop_path1", "drop_path2"):
             if hasattr(blk, name):

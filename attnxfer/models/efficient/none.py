@@ -1,0 +1,37 @@
+"""``none``: an attention-free block (LIT's "no attention in early stages").
+
+The block keeps its MLP; its attention branch contributes nothing: ``forward`` returns zeros, so the
+residual passes the input on unchanged (not ``proj(0)``, which would add the projection's bias). The
+teacher's qkv/proj move in as for every zoo member (so state dicts keep timm's names) but are unused.
+Map kind ``none`` with no new parameters: conversion's stage 1 has nothing to fit in such a layer and
+its plan says so; the measurements skip it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.interface import MapKind
+from ..attention.opcount import OpCounts
+from ..attention.registry import register_attention
+from .base import EfficientAttention
+
+__all__ = ["NoAttention"]
+
+
+@register_attention("none")
+class NoAttention(EfficientAttention):
+    """The attention branch removed: output zeros of the input's shape, no parameters of its own."""
+
+    map_kind = MapKind.NONE
+    #: read by the conversion plan: stage 1 skips the layer (no map, no output to fit)
+    attention_free = True
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(v)
+
+    def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
+        return OpCounts()

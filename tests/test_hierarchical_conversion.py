@@ -1,0 +1,227 @@
+"""Conversion of hierarchical teachers (issue 27): the attention-free `none` choice, attention lists per
+stage, zoo attentions swapped into timm PVTv2 (over every token of the stage) and Swin (inside the windows,
+the shift mask honoured), stage 1 on both, operation counts per layer, and `attnxfer convert` end to end.
+
+References are built from timm's own modules and the definitions (relu linear attention written out), not
+from the code under test."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import save_for_hf
+
+from attnxfer.models.efficient import build_efficient_student
+from attnxfer.models.efficient.hierarchical import expand_attention_names, stage_of_layers
+from attnxfer.train.measure import attention_calls, operation_counts
+from attnxfer.train.stage1 import stage1_transfer
+from attnxfer.transfer.conversion import build_conversion_plan
+
+
+def _pvt(**kw):
+    torch.manual_seed(0)
+    args = dict(
+        embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), depths=(1, 1, 2, 1), sr_ratios=(1, 1, 1, 1)
+    )
+    return timm.create_model("pvt_v2_b0", pretrained=False, num_classes=5, **{**args, **kw}).eval()
+
+
+def _swin():
+    torch.manual_seed(0)
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        img_size=32,
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        window_size=4,
+        num_classes=5,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def pvt():
+    return _pvt().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def swin():
+    return _swin().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _relu_linear(q, k, v, keep=None):
+    """Linear attention with phi(x) = relu(x) + 1e-6, written out (B, H, N, d); ``keep`` restricts keys."""
+    a = (F.relu(q) + 1e-6) @ (F.relu(k) + 1e-6).transpose(-1, -2)
+    if keep is not None:
+        a = a * keep
+    return (a / a.sum(-1, keepdim=True)) @ v
+
+
+def test_none_block_is_its_mlp_alone_and_stage1_skips_it():
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5
+    ).eval()
+    student = build_efficient_student(vit, ["none", "relu_linear"]).eval()
+    x = torch.randn(2, 17, 32)
+    blk = vit.blocks[0]
+    assert torch.equal(student.blocks[0](x), x + blk.mlp(blk.norm2(x)))  # the attention branch adds nothing
+    assert torch.equal(student.blocks[0].attn(x), torch.zeros_like(x))  # not proj(0) = proj.bias
+    plan = build_conversion_plan(vit, student, stage1_steps=2, stage1_train="qk")
+    assert [layer.layer for layer in plan.active] == [1]
+    assert "block 0: none (attention-free: the block keeps its MLP; nothing to fit)" in plan.describe()
+
+
+def test_attention_lists_one_per_stage_or_per_layer(pvt):
+    stages = stage_of_layers(pvt)
+    assert stages == [0, 1, 2, 2, 3]
+    assert expand_attention_names(["none", "none", "hashing", "relu_linear"], stages, "x") == [
+        "none",
+        "none",
+        "hashing",
+        "hashing",
+        "relu_linear",
+    ]
+    assert expand_attention_names(["a", "b", "c", "d", "e"], stages, "x") == ["a", "b", "c", "d", "e"]
+    with pytest.raises(
+        ValueError, match=r"lists 3 attentions .* 5 attention layers in 4 stages \(1, 1, 2, 1"
+    ):
+        build_efficient_student(pvt, ["none", "hashing", "hashing"])
+    with pytest.raises(ValueError, match="convert.attention: .*nope"):
+        build_efficient_student(pvt, "nope")
+
+
+def test_pvt_swap_keeps_the_teachers_weights_over_all_tokens(pvt, images):
+    # softmax in place of (sr 1) spatial-reduction attention: the fused q/kv weights give the teacher's logits
+    assert torch.equal(build_efficient_student(pvt, "softmax").eval()(images), pvt(images))
+    student = build_efficient_student(pvt, ["none", "none", "relu_linear", "relu_linear"]).eval()
+    t_attn, s_attn = pvt.stages[2].blocks[0].attn, student.stages[2].blocks[0].attn
+    x = torch.randn(2, 4, 48)  # the 2x2 grid of stage 2
+    B, N, C, H = 2, 4, 48, 3
+
+    def heads(t):
+        return t.reshape(B, N, H, C // H).transpose(1, 2)
+
+    q = heads(t_attn.q(x))
+    k, v = (heads(t) for t in t_attn.kv(x).chunk(2, dim=-1))
+    ref = t_attn.proj(_relu_linear(q, k, v).transpose(1, 2).reshape(B, N, C))
+    torch.testing.assert_close(s_attn(x, (2, 2)), ref, rtol=1e-5, atol=1e-6)
+    assert not hasattr(s_attn, "sr") and not hasattr(s_attn, "kv")
+
+
+def test_swin_swap_inside_windows_with_the_shift_mask(swin, images):
+    unbiased = copy.deepcopy(swin)
+    for module in unbiased.modules():
+        if hasattr(module, "relative_position_bias_table"):
+            module.relative_position_bias_table.data.zero_()
+    # the teacher's qkv/proj inside the teacher's windows: its logits once its position bias is zero
+    torch.testing.assert_close(
+        build_efficient_student(unbiased, "softmax").eval()(images), unbiased(images), rtol=1e-4, atol=1e-5
+    )
+    student = build_efficient_student(swin, "relu_linear").eval()
+    blk = swin.layers[0].blocks[1]
+    assert any(blk.shift_size) and blk.attn_mask is not None
+    mask = blk.attn_mask  # (windows, N, N): 0 inside a region, -100 across
+    windows, n = mask.shape[0], mask.shape[-1]
+    x = torch.randn(2 * windows, n, 16)
+    attn = student.layers[0].blocks[1].attn
+    qkv = blk.attn.qkv(x).reshape(2 * windows, n, 3, 1, 16).permute(2, 0, 3, 1, 4)
+    keep = (mask == 0).float().repeat(2, 1, 1).unsqueeze(1)
+    ref = blk.attn.proj(_relu_linear(*qkv, keep=keep).transpose(1, 2).reshape(2 * windows, n, 16))
+    torch.testing.assert_close(attn(x, mask=mask), ref, rtol=1e-5, atol=1e-6)
+    unmasked = blk.attn.proj(_relu_linear(*qkv).transpose(1, 2).reshape(2 * windows, n, 16))
+    assert not torch.allclose(attn(x, mask=mask), unmasked, atol=1e-4)  # the mask matters here
+
+
+@pytest.mark.parametrize("family", ["pvt", "swin"])
+def test_stage1_fits_hierarchical_teachers(family, pvt, swin, images):
+    teacher = pvt if family == "pvt" else swin
+    names = ["none", "none", "relu_linear", "relu_linear"] if family == "pvt" else ["relu_linear", "none"]
+    student = build_efficient_student(teacher, names)
+    plan = build_conversion_plan(teacher, student, stage1_steps=5, stage1_lr=3e-3, stage1_train="qk")
+    assert all(layer.attention == "relu_linear" for layer in plan.active)
+
+    def batches():
+        while True:
+            yield images
+
+    result = stage1_transfer(teacher, student, plan, batches(), log_every=5, log=lambda _: None)
+    first, last = result.history[0], result.history[-1]
+    assert last["loss"] < first["loss"]  # CE over each attention's own key set fell
+
+
+def test_sub_sampled_keys_are_refused_at_plan_time():
+    teacher = _pvt(sr_ratios=(2, 1, 1, 1))
+    student = build_efficient_student(teacher, "relu_linear")
+    with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.attn attends over sub-sampled keys"):
+        build_conversion_plan(teacher, student, stage1_steps=2, stage1_train="qk")
+    build_conversion_plan(teacher, student, stage1_steps=0)  # stage 2 alone is fine
+
+
+def test_operation_counts_per_layer_at_its_own_tokens(pvt, swin):
+    # PVTv2 at 32 px: strides 4, 8, 16, 32 -> 8x8, 4x4, 2x2 (two blocks), 1x1 tokens, one sequence each
+    assert attention_calls(pvt, 32) == [(64, 1, 64), (16, 1, 16), (4, 1, 4), (4, 1, 4), (1, 1, 1)]
+    # Swin at 32 px, window 4: 8x8 -> 4 windows of 16 tokens; then 4x4 = one window
+    assert attention_calls(swin, 32) == [(16, 4, 16), (16, 4, 16), (16, 1, 16), (16, 1, 16)]
+    # spatial reduction 2 in stage 0: 64 queries meet the 4x4 = 16 sub-sampled keys
+    reduced = _pvt(sr_ratios=(2, 1, 1, 1))
+    assert attention_calls(reduced, 32)[0] == (64, 1, 16)
+    layer = operation_counts(reduced, build_efficient_student(reduced, "none"), img_size=32)["layers"][0]
+    # q scaling (64 x d=16), q k^T and P v over 16 keys (64 x 16 x 16 each), softmax divisions (64 x 16)
+    assert layer["teacher"]["mul"] == 64 * 16 + 2 * 64 * 16 * 16 + 64 * 16
+    student = build_efficient_student(pvt, ["none", "none", "hashing", "relu_linear"])
+    counts = operation_counts(pvt, student, img_size=32)
+    assert counts["tokens"] == [64, 16, 4, 4, 1]
+    first = counts["layers"][0]
+    assert first["student"] == {"mul": 0, "add": 0, "other": 0, "energy_pj": 0.0}
+    # softmax over 64 tokens, 1 head of 16: q k^T and A v are 64*64*16 multiplications each
+    assert first["teacher"]["mul"] >= 2 * 64 * 64 * 16
+    assert counts["total"]["student"]["mul"] < counts["total"]["teacher"]["mul"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["pvt", "swin"])
+def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
+    from attnxfer.launch.cli import main
+
+    teacher = _pvt() if family == "pvt" else _swin()
+    teacher.reset_classifier(10)  # the synthetic data's classes
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 32, 32)}
+    save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)
+    attention = "[none,none,hashing,relu_linear]" if family == "pvt" else "[relu_linear,hashing]"
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
+        "data.dataset=synthetic",
+        "data.synthetic_length=32",
+        "data.batch_size=8",
+        f"convert.attention={attention}",
+        "convert.stage1_steps=3",
+        "convert.stage1_batch_size=8",
+        "convert.stage1_train=qk",
+        "schedule.epochs=1",
+        "schedule.max_steps=2",
+        "transfer.mode=none",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "convert.agreement_batches=1",
+        "convert.speed_repeats=2",
+        "convert.speed_batch_size=4",
+    ]
+    assert main(["convert", *args]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    layers = 5 if family == "pvt" else 4
+    assert len(report["agreement"]["teacher_input"]) == layers
+    assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
+    assert isinstance(report["top1"]["after_stage2"], float)
