@@ -13,9 +13,10 @@ import copy
 import json
 
 import pytest
+import timm
 import torch
 from family_oracles import TINY as FLAT
-from test_families import build, peaked
+from test_families import TINY, build, peaked
 from timm.models import save_for_hf
 
 from attnxfer.models.attention import capture_attention
@@ -31,7 +32,15 @@ from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer import DualViT
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
 
-ROPE = ["eva02", "dinov3", "pe", "pe_gqa"]  # interleaved / half rope, 1 or 5 prefix tokens, fused / GQA
+#: interleaved / half rope, 1 or 5 prefix tokens, fused qkv + q_bias/v_bias, q/k/v_proj (k unbiased), GQA
+ROPE = ["eva02", "dinov3", "pe", "pe_gqa", "eva02_proj"]
+
+
+def _build(family: str, seed: int = 0) -> torch.nn.Module:
+    if family == "eva02_proj":  # EVA-02 B/L: separate q/k/v projections, q and v biased, k not
+        torch.manual_seed(seed)
+        return timm.create_model("eva02_base_patch14_224", **TINY)
+    return build(family, seed)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +57,7 @@ def eva02():
 def test_a_full_window_student_of_a_rope_teacher_reproduces_its_logits(family, x):
     """``window`` over the whole 4x4 grid is softmax over all tokens: with the teacher's weights it gives
     the teacher's logits — rope rotated exactly as timm rotates it (and rope matters in these models)."""
-    teacher = peaked(build(family)).eval()
+    teacher = peaked(_build(family)).eval()
     student = build_efficient_student(teacher, "window", window_size=4).eval()
     assert all(type(b.attn).__name__ == "WindowAttention" for b in student.blocks)
     with torch.no_grad():

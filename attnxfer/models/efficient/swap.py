@@ -122,13 +122,16 @@ def _fused_qkv(attn: nn.Module) -> nn.Linear:
 
     reps = (1, groups, groups)
     weight = torch.cat([heads(p.weight.detach(), r) for p, r in zip(projs, reps)])
-    has_bias = attn.q_proj.bias is not None
+    has_bias = any(p.bias is not None for p in projs)  # EVA-02: q and v biased, k not (a zero bias)
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
     fused = fused.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(weight)
         if has_bias:
-            fused.bias.copy_(torch.cat([heads(p.bias.detach(), r) for p, r in zip(projs, reps)]))
+            biases = [
+                p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projs
+            ]
+            fused.bias.copy_(torch.cat([heads(b, r) for b, r in zip(biases, reps)]))
     return fused
 
 
