@@ -75,9 +75,10 @@ def map_agreement(
             if own_inputs:
                 q, k, out = s[i].get("q"), s[i].get("k"), s[i]["output"]  # `none` layers project nothing
             else:
-                own = attn.project(t[i]["input"], "qk")
+                call = {"rope": t[i]["rope"]} if "rope" in t[i] else {}  # a rope teacher's rotary embedding
+                own = attn.project(t[i]["input"], "qk", **call)
                 q, k = own["q"], own["k"]
-                out = attn(t[i]["input"])
+                out = attn(t[i]["input"], **call)
             out_mse = float(output_mse(out, t[i]["output"]))
             if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
                 metric = default_map_loss(attn.map_kind).metric

@@ -254,16 +254,17 @@ def layer_fit_loss(
     (``fit_objective``, e.g. hashing's kernelised hashing loss): then that, with the map metric beside it.
     """
     x = signals["input"]
+    call = _call(signals)
     if layer.loss is MapLoss.OUTPUT and not layer.objective:
-        loss = output_mse(attn(x), signals["output"])
+        loss = output_mse(attn(x, **call), signals["output"])
         return loss, loss.detach()
-    own = attn.project(x, "qk")
+    own = attn.project(x, "qk", **call)
     if layer.objective:
         loss = attn.fit_loss(own["q"], own["k"], signals["q"], signals["k"])
         with torch.no_grad():
             metric = _objective_metric(attn, layer, own, signals)
         if output_weight:
-            loss = loss + output_weight * output_mse(attn(x), signals["output"])
+            loss = loss + output_weight * output_mse(attn(x, **call), signals["output"])
         return loss, metric
     # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over
     res = map_distillation_loss(
@@ -271,14 +272,20 @@ def layer_fit_loss(
     )
     loss = res.loss
     if output_weight:
-        loss = loss + output_weight * output_mse(attn(x), signals["output"])
+        loss = loss + output_weight * output_mse(attn(x, **call), signals["output"])
     return loss, res.metric
+
+
+def _call(signals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The teacher layer's per-call extras the student layer takes too: a rope teacher's rotary embedding
+    (the student's q and k are rotated as the teacher's were)."""
+    return {"rope": signals["rope"]} if signals.get("rope") is not None else {}
 
 
 def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> torch.Tensor:
     """The map agreement logged beside an attention's own objective (no gradient)."""
     if layer.loss is MapLoss.OUTPUT:
-        return output_mse(attn(signals["input"]), signals["output"]).detach()
+        return output_mse(attn(signals["input"], **_call(signals)), signals["output"]).detach()
     res = map_distillation_loss(
         attn,
         own["q"].detach(),

@@ -234,7 +234,7 @@ def _check_pair(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn
     if spec.distills_maps and not groups_heads and ta.num_heads != sa.num_heads:
         raise PlanError(
             f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
-            f"{ta.num_heads}, student {sa.num_heads})"
+            f"{ta.num_heads}, student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
         )
     if groups_heads and not group_heads_ok(ta.num_heads, sa.num_heads):
         raise PlanError(
@@ -359,6 +359,34 @@ def _show(v) -> str:
     return "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
+def _layout_mismatch(
+    student: nn.Module, t_grid: tuple[int, ...], t_prefix: int, s_grid: tuple[int, ...], s_prefix: int
+) -> str:
+    """The one message for a pair whose tokens differ: what differs, and the student settings that match
+    the teacher (attention maps are token-by-token)."""
+    fmt = lambda g: "x".join(map(str, g)) or "?"
+    fixes = []
+    if t_grid != s_grid:
+        patch = getattr(getattr(student, "patch_embed", None), "patch_size", None)
+        if patch is not None and len(t_grid) == 2:
+            ph, pw = _pair(patch)
+            size = (t_grid[0] * ph, t_grid[1] * pw)
+            fixes.append(f"img_size={size[0] if size[0] == size[1] else size} (patch {ph})")
+        else:
+            fixes.append("the teacher's img_size and patch_size")
+    if t_prefix != s_prefix:
+        fixes.append(
+            f"class_token=True, reg_tokens={t_prefix - 1}"
+            if t_prefix >= 1
+            else "class_token=False, global_pool='avg' (the teacher has no prefix token)"
+        )
+    return (
+        f"token grids differ: teacher has {fmt(t_grid)} patches + {t_prefix} prefix token(s), "
+        f"student {fmt(s_grid)} + {s_prefix}. Give the student the teacher's tokens (attention maps are "
+        f"token-by-token); for a timm ViT student: {', '.join(fixes)}."
+    )
+
+
 def _pair(v) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
@@ -476,18 +504,7 @@ def build_plan(
     t_attn = _block_attentions(teacher, "teacher")
     (t_grid, t_prefix), (s_grid, s_prefix) = _token_layout(teacher), _token_layout(student)
     if (t_grid, t_prefix) != (s_grid, s_prefix):
-        raise PlanError(
-            f"token grids differ: teacher has {'x'.join(map(str, t_grid))} patches + {t_prefix} prefix token(s), "
-            f"student {'x'.join(map(str, s_grid))} + {s_prefix}. Give the student the teacher's img_size, "
-            "patch_size and class/register tokens (attention maps are token-by-token)"
-            + (
-                f"; a timm ViT student with the teacher's {t_prefix} prefix tokens: class_token=True, "
-                f"reg_tokens={t_prefix - 1}"
-                if t_grid == s_grid and t_prefix >= 1
-                else ""
-            )
-            + "."
-        )
+        raise PlanError(_layout_mismatch(student, t_grid, t_prefix, s_grid, s_prefix))
     tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
     chosen = select_layers(len(s_attn), end_layer, layers)
     s_names, t_names = _layer_names(student), _layer_names(teacher)

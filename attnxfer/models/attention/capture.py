@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -58,6 +59,12 @@ def attention_maps(
     return {i: io.map for i, io in ios.items()}
 
 
+def _record_input(module: nn.Module, args: tuple, kwargs: dict, *, sink: dict) -> None:
+    sink["input"] = args[0] if args else kwargs["x"]
+    if kwargs.get("rope") is not None:
+        sink["rope"] = kwargs["rope"]
+
+
 @contextlib.contextmanager
 def capture_attention(
     model: nn.Module,
@@ -66,8 +73,9 @@ def capture_attention(
 ) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
     """While active, each forward pass of ``model`` fills ``store[layer][field]`` for the chosen blocks:
     ``input`` (the attention's input, after norm1), ``q``/``k``/``v`` (B, H, N, d; q and k after the q/k
-    norms) through the layer's `AttentionIO`, ``output`` (after the projection). Tensors keep their graph
-    (detach what you keep)."""
+    norms) through the layer's `AttentionIO`, ``output`` (after the projection). With ``input``, a rotary
+    embedding the block passes (``rope=``, EVA-style models) is kept as ``rope``: the call's other half,
+    which a zoo attention fitted on that input needs. Tensors keep their graph (detach what you keep)."""
     unknown = set(fields) - set(CAPTURE_FIELDS)
     if unknown:
         raise ValueError(f"capture_attention: unknown fields {sorted(unknown)}; choose from {CAPTURE_FIELDS}")
@@ -83,9 +91,7 @@ def capture_attention(
                 stack.enter_context(attention_io(attn, AttentionIO(capture=wanted, captured=sink)))
             if "input" in fields:
                 handles.append(
-                    attn.register_forward_pre_hook(
-                        lambda m, args, sink=sink: sink.__setitem__("input", args[0])
-                    )
+                    attn.register_forward_pre_hook(partial(_record_input, sink=sink), with_kwargs=True)
                 )
             if "output" in fields:
                 handles.append(

@@ -58,6 +58,11 @@ class AgentAttention(EfficientAttention):
 
     map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
+    rope_keeps_map_kind = True
+    rope_why = (
+        "keeps row_stochastic: softmax(q A^T) softmax(A k^T) of rotated q, k is a product of two "
+        "row-stochastic maps for any input (agents average rotated queries)"
+    )
     precision = AGENT_BF16
 
     def __init__(

@@ -18,15 +18,23 @@ chunks; forward passes never build them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
+from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from ..attention.interface import COUNTERPART_MODULES, MapKind, TransferableAttention
 from ..attention.numerics import FP32_CORE, PrecisionPolicy, fp32_section, operand_dtype, upcast
 from ..attention.registry import get_attention_class, list_attentions
 
-__all__ = ["COUNTERPART_MODULES", "EfficientAttention", "precision_policies"]
+__all__ = [
+    "COUNTERPART_MODULES",
+    "EfficientAttention",
+    "precision_policies",
+    "rope_refusal",
+    "rope_support",
+]
 
 
 class EfficientAttention(TransferableAttention):
@@ -42,6 +50,15 @@ class EfficientAttention(TransferableAttention):
     map_kind = MapKind.ROW_STOCHASTIC
     #: Which parts of the core may take bf16 operands on GPU (fp32 accumulation always); see `PrecisionPolicy`.
     precision: PrecisionPolicy = FP32_CORE
+    #: Whether a teacher's rotary embedding (rope: EVA-02, DINOv3, PE), applied to q and k before this
+    #: attention builds its map, leaves ``map_kind`` true; ``rope_why`` says why (one line, from the math).
+    #: Students of rope teachers are refused where it is False (`rope_support`). Each attention declares it.
+    rope_keeps_map_kind: ClassVar[bool] = False
+    rope_why: ClassVar[str] = (
+        "undeclared: this attention does not say what a rotary embedding does to its map"
+    )
+    #: timm's rope layout for this layer (half-rotation vs interleaved), copied from the teacher's attention.
+    rotate_half: bool = False
 
     def __init__(
         self,
@@ -101,6 +118,38 @@ class EfficientAttention(TransferableAttention):
         # would otherwise be the only thing that touches this module.
         self.reset_new_parameters()
 
+    # ----------------------------------------------------------------- rope
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        *,
+        rope: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """timm's call, plus the ``rope`` an ``EvaBlock`` passes (applied to q and k in ``project``)."""
+        call = {} if rope is None else {"rope": rope}
+        return self.transfer_forward(x, attn_mask=attn_mask, is_causal=is_causal, **call)
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", rope: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """q/k/v heads as timm computes them; with ``rope``, q and k rotated as the teacher's ``EvaAttention``
+        rotates them (timm's ``apply_rot_embed_cat`` on the patch tokens, the prefix tokens left alone), so
+        the feature map sees exactly the teacher's rotated q and k."""
+        out = super().project(x, which)
+        if rope is None:
+            return out
+        if not self.rope_keeps_map_kind:
+            raise ValueError(rope_refusal(type(self)))
+        p = self.num_prefix_tokens or 0
+        for c in ("q", "k"):
+            if c in out:
+                t = out[c]
+                rotated = apply_rot_embed_cat(t[:, :, p:], rope, half=self.rotate_half)
+                out[c] = torch.cat([t[:, :, :p], rotated.to(t.dtype)], dim=2)
+        return out
+
     # ----------------------------------------------------------------- the core
     def attend(
         self,
@@ -142,6 +191,26 @@ class EfficientAttention(TransferableAttention):
         if self.num_prefix_tokens is not None:
             layout = f", num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
         return f"name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}"
+
+
+def rope_refusal(cls: type[TransferableAttention]) -> str:
+    """The one message for an attention that cannot take a rope teacher's rotary embedding."""
+    name = getattr(cls, "attention_name", "") or cls.__name__
+    ok = sorted(n for n, c in rope_support().items() if c[0])
+    return (
+        f"attention {name!r} cannot take the teacher's rotary embedding: {getattr(cls, 'rope_why', '?')}. "
+        f"Attentions that keep their map kind under rope: {', '.join(ok)}"
+    )
+
+
+def rope_support() -> dict[str, tuple[bool, str]]:
+    """Every registered zoo attention's declaration for rope teachers: name -> (keeps its map kind, why)."""
+    out = {}
+    for name in list_attentions():
+        cls = get_attention_class(name)
+        if isinstance(cls, type) and issubclass(cls, EfficientAttention):
+            out[name] = (cls.rope_keeps_map_kind, cls.rope_why)
+    return out
 
 
 def precision_policies() -> dict[str, PrecisionPolicy]:

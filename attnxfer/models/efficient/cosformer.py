@@ -29,6 +29,10 @@ __all__ = ["CosFormerAttention"]
 @register_attention("cosformer")
 class CosFormerAttention(KernelAttention):
     eps: float = 1e-6
+    rope_why = (
+        "keeps row_stochastic: relu(x) + eps times cos/sin of the raster position is non-negative for any "
+        "rotated x (its 1-D locality weight sits on top of rope's 2-D positions)"
+    )
     precision = KERNEL_BF16
 
     def positional_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -292,6 +292,10 @@ class FormulaAttention(WindowLinearAttention):
         fp32=("the whole core",),
         why="a program may exponentiate or raise to powers; no per-program analysis, so fp32",
     )
+    rope_why = (
+        "keeps its kind: the program's features take the rotated q, k, and the kind comes from the "
+        "program's sign analysis, which holds for every input"
+    )
 
     def __init__(self, dim: int, num_heads: int = 8, *, program: str = DEFAULT_PROGRAM, **kwargs) -> None:
         formula = parse_formula(program)

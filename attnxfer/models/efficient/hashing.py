@@ -97,6 +97,7 @@ class HashingAttention(KernelAttention):
     the least attended pairs, -1)."""
 
     eps: float = 1e-6
+    rope_why = "keeps row_stochastic: the Hamming affinity of the rotated q, k's binary codes is non-negative"
     fit_objective = "kernelized_hashing"
     precision = HASHING_FP32
 

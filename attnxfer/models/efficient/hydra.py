@@ -34,6 +34,8 @@ HYDRA_BF16 = PrecisionPolicy(
 @register_attention("hydra")
 class HydraAttention(EfficientAttention):
     map_kind = MapKind.NONE
+    rope_keeps_map_kind = True
+    rope_why = "keeps none: no map (outputs only) for any q, k"
     precision = HYDRA_BF16
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:

@@ -134,6 +134,11 @@ class KernelAttention(EfficientAttention):
     """
 
     map_kind = MapKind.ROW_STOCHASTIC
+    rope_keeps_map_kind = True
+    rope_why = (
+        "keeps row_stochastic: the features phi are non-negative for every input and rope rotates q, k "
+        "before phi (rope applied after phi would lose the sign)"
+    )
 
     def query_features(self, q: torch.Tensor) -> FeatureBlocks:
         """phi(q), non-negative, in the compute dtype."""

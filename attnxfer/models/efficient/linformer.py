@@ -62,6 +62,11 @@ class LinformerAttention(EfficientAttention):
     """Options: ``seq_len`` (required: N the module is built for), ``proj_len`` (k, default 64)."""
 
     map_kind = MapKind.SIGNED
+    rope_keeps_map_kind = True
+    rope_why = (
+        "keeps signed: softmax(q (E k)^T) F is signed for any k; E mixes keys of different positions, so "
+        "rope's relative form is not kept inside E k"
+    )
     precision = LINFORMER_BF16
 
     def __init__(

@@ -49,6 +49,8 @@ class NystromAttention(EfficientAttention):
     """Options: ``num_landmarks`` (m, default 32; capped at N), ``pinv_iterations`` (default 6)."""
 
     map_kind = MapKind.SIGNED
+    rope_keeps_map_kind = True
+    rope_why = "keeps signed: landmark softmaxes of rotated q, k and a pseudo-inverse, signed for any input"
     precision = NYSTROM_FP32
 
     def __init__(

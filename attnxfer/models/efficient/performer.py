@@ -88,6 +88,10 @@ class PerformerAttention(KernelAttention):
     """
 
     eps: float = 1e-6
+    rope_why = (
+        "keeps row_stochastic and its target: positive features exp(w.x - |x|^2/2) estimate exp(q.k) for "
+        "any q, k, and rope keeps norms, so they estimate the teacher's rope softmax"
+    )
     precision = PERFORMER_BF16
 
     def __init__(
@@ -127,12 +131,12 @@ class PerformerAttention(KernelAttention):
         self.feature_projection.copy_(w)
         self._forwards_since_redraw = 0
 
-    def forward(self, x, attn_mask=None, is_causal=False):
+    def forward(self, x, attn_mask=None, is_causal=False, *, rope=None):
         if self.training and self.redraw_interval:
             if self._forwards_since_redraw >= self.redraw_interval:
                 self.redraw()
             self._forwards_since_redraw += 1
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
 
     # The d^-1/4 scaling and log2(e) are folded into the (small) projection, made contiguous: a
     # transposed view made the CPU GEMM ~2x slower. For queries, -|q'|^2/2 is constant along the

@@ -12,18 +12,21 @@ import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from timm.layers import DropPath
+import torch
+from timm.layers import AttentionRope, DropPath
+from timm.models.eva import EvaAttention
 from torch import nn
 
 from ..attention import (
     MapKind,
     TransferAttention,
+    attention_layers,
     attention_name_of,
     make_transfer_aware,
-    transfer_attentions,
 )
 from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
 from ..attention.registry import get_attention_class
+from .base import rope_refusal
 from .hierarchical import (
     build_hierarchical_student,
     expand_attention_names,
@@ -32,7 +35,11 @@ from .hierarchical import (
     swap_hierarchical,
 )
 
+#: timm attention classes whose rope a zoo attention applies itself (the block passes ``rope=`` per call).
+ROPE_TEACHER_CLASSES: tuple[type[nn.Module], ...] = (EvaAttention, AttentionRope)
+
 __all__ = [
+    "ROPE_TEACHER_CLASSES",
     "build_efficient_student",
     "check_softmax_teacher",
     "configure_token_layout",
@@ -68,29 +75,71 @@ def configure_token_layout(model: nn.Module) -> nn.Module:
 
 
 def _attention_config(attn: nn.Module) -> dict:
-    """Constructor arguments that reproduce a timm ``Attention``'s shapes."""
-    missing = [name for name in ("qkv", "proj", "num_heads") if not hasattr(attn, name)]
-    if missing or not isinstance(attn.qkv, nn.Linear):
+    """Constructor arguments that reproduce a timm ``Attention``'s (or a rope teacher's) shapes."""
+    fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
+    separate = all(isinstance(getattr(attn, f"{c}_proj", None), nn.Linear) for c in "qkv")
+    missing = [name for name in ("proj", "num_heads") if not hasattr(attn, name)]
+    if missing or not (fused or separate):
         raise TypeError(
-            f"cannot convert {type(attn).__name__}: expected a timm Attention with a fused qkv Linear, "
-            f"proj and num_heads (missing: {missing or ['fused qkv']})"
+            f"cannot convert {type(attn).__name__}: expected a timm Attention with a fused qkv Linear "
+            f"(or q_proj/k_proj/v_proj), proj and num_heads (missing: {missing or ['qkv']})"
         )
     if getattr(attn, "gate", None) is not None:
         raise TypeError(
             "gated timm attention (gated=True) has no efficient counterpart here; use a non-gated teacher"
         )
-    head_dim = getattr(attn, "head_dim", attn.qkv.out_features // (3 * attn.num_heads))
-    if attn.proj.out_features != attn.qkv.in_features:
+    dim = attn.qkv.in_features if fused else attn.q_proj.in_features
+    rows = attn.qkv.out_features // 3 if fused else attn.q_proj.out_features
+    head_dim = getattr(attn, "head_dim", rows // attn.num_heads)
+    if attn.proj.out_features != dim:
         raise TypeError("attention with dim_out != dim is not supported")
     return dict(
-        dim=attn.qkv.in_features,
+        dim=dim,
         num_heads=attn.num_heads,
         attn_head_dim=head_dim,
-        qkv_bias=attn.qkv.bias is not None,
+        qkv_bias=_fused_qkv(attn).bias is not None,
         proj_bias=attn.proj.bias is not None,
         attn_drop=getattr(getattr(attn, "attn_drop", None), "p", 0.0),
         proj_drop=getattr(getattr(attn, "proj_drop", None), "p", 0.0),
     )
+
+
+def _fused_qkv(attn: nn.Module) -> nn.Linear:
+    """The teacher's q/k/v projection as one fused ``qkv`` Linear, exactly: timm's own ``qkv`` when its bias
+    is its own; EVA's separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` folded into the fused bias (the same
+    ``F.linear`` EVA runs); ``q_proj``/``k_proj``/``v_proj`` stacked, grouped k/v heads repeated to the q
+    heads (as timm repeats them after the projection: the same numbers)."""
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        if getattr(attn, "q_bias", None) is None:
+            return qkv
+        fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True)
+        fused = fused.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(qkv.weight)
+            fused.bias.copy_(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        return fused
+    groups = int(getattr(attn, "num_kv_groups", 1))
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+
+    def heads(t: torch.Tensor | None, repeat: int) -> torch.Tensor | None:
+        if t is None or repeat == 1:
+            return t
+        return t.reshape(-1, attn.head_dim, *t.shape[1:]).repeat_interleave(repeat, 0).flatten(0, 1)
+
+    reps = (1, groups, groups)
+    weight = torch.cat([heads(p.weight.detach(), r) for p, r in zip(projs, reps)])
+    has_bias = any(p.bias is not None for p in projs)  # EVA-02: q and v biased, k not (a zero bias)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+    fused = fused.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if has_bias:
+            biases = [
+                p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projs
+            ]
+            fused.bias.copy_(torch.cat([heads(b, r) for b, r in zip(biases, reps)]))
+    return fused
 
 
 def efficient_student_from_teacher(
@@ -175,20 +224,37 @@ def swap_attentions(
     prefix, grid = teacher_token_layout(model)
     for index, (block, cls, opts) in enumerate(zip(model.blocks, classes, options)):
         old = block.attn
+        rope = _is_rope_attention(old)
+        if rope and cls.map_kind is MapKind.SOFTMAX:
+            continue  # a softmax block of a rope model keeps its own attention (and its rope)
+        if rope and not getattr(cls, "rope_keeps_map_kind", False):
+            raise ValueError(f"blocks.{index}: {rope_refusal(cls)}")
         config = _attention_config(old)
         config.update(num_prefix_tokens=prefix, grid_size=grid, depth=index)
         if cls.accepts_option("seq_len") and grid is not None:
             config["seq_len"] = prefix + grid[0] * grid[1]
         config.update(opts)
-        weight = old.qkv.weight
-        new = cls(**config).to(device=weight.device, dtype=weight.dtype)
+        qkv = _fused_qkv(old)
+        new = cls(**config).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
         for name in COUNTERPART_MODULES:
-            counterpart = getattr(old, name, None)
+            counterpart = qkv if name == "qkv" else getattr(old, name, None)
             if counterpart is not None:
                 setattr(new, name, counterpart)  # the old model's own modules: exact, not shared
+        if rope:  # the rope arrives per call from the block; how to rotate is the teacher layer's
+            new.rotate_half = bool(getattr(old, "rotate_half", False))
+            if int(getattr(old, "num_prefix_tokens", prefix)) != prefix:
+                raise ValueError(
+                    f"blocks.{index}.attn leaves {old.num_prefix_tokens} tokens unrotated but the model has "
+                    f"{prefix} prefix tokens"
+                )
         new.train(old.training)
         block.attn = new
     return model
+
+
+def _is_rope_attention(attn: nn.Module) -> bool:
+    """A timm rope attention (``EvaAttention``, ``AttentionRope``), adapted or not."""
+    return isinstance(attn, ROPE_TEACHER_CLASSES)
 
 
 def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -200,11 +266,13 @@ def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def check_softmax_teacher(teacher: nn.Module) -> None:
-    """A teacher for conversion runs softmax attention in every block (its maps are the target).
+    """A teacher for conversion runs softmax attention in every block (its maps are the target), as timm's
+    plain ``Attention`` or a rope attention (``EvaAttention``, ``AttentionRope``: EVA-02, DINOv3, PE), whose
+    rotary embedding the zoo attentions apply to q and k themselves.
 
-    Makes the teacher transfer-aware in place (timm's ``Attention`` -> ``TransferAttention``, a class swap
-    as `DualViT` does), then reads each layer's declared map kind. A hierarchical teacher (PVTv2, Swin) is
-    checked layer by layer over its stages.
+    Makes the teacher transfer-aware in place (a class swap, as `DualViT` does), then reads each layer's
+    declared map kind. A hierarchical teacher (PVTv2, Swin) is checked layer by layer over its stages.
+    Every refusal is a ValueError that names the layer, says why and what to do.
     """
     if is_hierarchical(teacher):
         for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transfer_attentions(teacher)):
@@ -216,23 +284,45 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
         return
     if getattr(teacher, "blocks", None) is None:
         raise ValueError(
-            f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`)"
+            f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`): "
+            "conversion swaps the attention of each of its `blocks`. Distil it into a student of its own "
+            "family with `attnxfer train` instead"
         )
-    for i, attn in enumerate(transfer_attentions(make_transfer_aware(teacher))):
-        if attn.map_kind is MapKind.SOFTMAX and not isinstance(attn, TransferAttention):
-            raise ValueError(
-                f"the teacher's blocks.{i}.attn is {_timm_class(attn)} (rotary embedding "
-                "or relative-position bias): conversion builds zoo attentions from timm's plain Attention "
-                "and would drop them. Convert a ViT/DeiT teacher, or distil this teacher into a student of "
-                "its own family (attnxfer train)"
-            )
+    try:
+        make_transfer_aware(teacher)
+        layers = attention_layers(teacher)
+    except TypeError as e:
+        raise ValueError(f"the teacher cannot be converted: {e}") from None
+    for name, attn in layers:
+        if attn.map_kind is MapKind.SOFTMAX and not isinstance(
+            attn, (TransferAttention, *ROPE_TEACHER_CLASSES)
+        ):
+            raise ValueError(_unconvertible(name, attn))
         if attn.map_kind is not MapKind.SOFTMAX:
-            name = attention_name_of(attn)
+            kind = attention_name_of(attn)
             raise ValueError(
-                f"the teacher's blocks.{i}.attn is {name!r}, not softmax attention: conversion needs a "
+                f"the teacher's {name} is {kind!r}, not softmax attention: conversion needs a "
                 "softmax teacher (its attention maps are what the student learns). Use the original "
                 "pretrained model as teacher, not an already converted student"
             )
+
+
+def _unconvertible(name: str, attn: TransferableAttention) -> str:
+    """Why a softmax teacher layer has no zoo counterpart, and what to do instead."""
+    instead = (
+        "Distil this teacher into a student of its own family (`attnxfer train`, the default student), or "
+        "convert a ViT/DeiT or rope (EVA-02, DINOv3, PE) teacher"
+    )
+    if attn.has_logit_bias:
+        return (
+            f"the teacher's {name} is {_timm_class(attn)}, whose logits add a relative-position bias: a "
+            "linear or low-rank attention never forms the N x N logits a bias is added to, so conversion "
+            f"would drop it. {instead}"
+        )
+    return (
+        f"the teacher's {name} is {_timm_class(attn)} (windows, head mixing or class-attention rows): "
+        f"conversion builds zoo attentions from plain or rope attention and would drop them. {instead}"
+    )
 
 
 def _timm_class(module: nn.Module) -> str:

@@ -75,6 +75,11 @@ class WindowAttention(EfficientAttention):
 
     map_kind = MapKind.ROW_STOCHASTIC
     needs_token_layout = True
+    rope_keeps_map_kind = True
+    rope_why = (
+        "keeps row_stochastic: an exact softmax of the rotated q, k over each window's keys (the teacher's "
+        "own rope logits, restricted to the window)"
+    )
     precision = WINDOW_BF16
 
     def __init__(
@@ -169,6 +174,10 @@ class WindowLinearAttention(WindowAttention):
     ('hedgehog' (default, learnable), 'elu', 'relu'), ``feature_dim`` (hedgehog features per sign)."""
 
     eps: float = 1e-6
+    rope_why = (
+        "keeps row_stochastic: window softmax weights and gamma phi(q).phi(k) weights of the rotated q, k "
+        "are non-negative, with one shared normaliser"
+    )
     precision = WINDOW_LINEAR_BF16
 
     def __init__(

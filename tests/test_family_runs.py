@@ -1,0 +1,108 @@
+"""Every mode end to end on every flat family, through the library's `train` (what `attnxfer train` runs).
+
+For each family a tiny random teacher is saved as a local safetensors folder (timm's own format) and taught
+to a student of its own family (the default: mirrored, fresh): copy and distill runs of 2 steps with EMA on,
+checkpointed at every step; the distill run is cut back to step 1 and resumed, and its step-2 weights and EMA
+equal the uninterrupted run's bit for bit; its student exports (`export_run`) and `load_student` gives the
+trained student's logits exactly. Copy-mode students are refused at export (they need the teacher's q/k).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from family_oracles import TINY as FLAT
+from safetensors.torch import load_file
+from test_families import build as build_rope_or_beit
+from test_families import peaked
+from timm.models import save_for_hf
+
+from attnxfer import load_student
+from attnxfer.apps.training import train
+from attnxfer.checkpoints.export import export_run
+from attnxfer.config import load_config
+from attnxfer.models import student_from_spec
+
+#: family -> (builder of the tiny teacher with 10 classes, its image size)
+FAMILIES = {
+    "eva02": (lambda: peaked(build_rope_or_beit("eva02")), 32),
+    "beit": (lambda: peaked(build_rope_or_beit("beit")), 32),
+    "relpos": (lambda: FLAT["relpos"].build(), 32),
+    "sam": (lambda: FLAT["sam"].build(), 48),
+    "cait": (lambda: FLAT["cait"].build(), 32),
+    "naflex": (lambda: FLAT["naflex"].build(), 32),
+    "qwen3": (lambda: FLAT["qwen3"].build(), 32),
+    "gemma4": (lambda: FLAT["gemma4"].build(), 32),
+}
+
+
+def _run_cfg(tmp: Path, teacher_dir: Path, img: int, mode: str, name: str):
+    return load_config(
+        None,
+        [
+            f"run_dir={tmp / name}",
+            f"teacher.spec=local-dir:{teacher_dir}",
+            f"transfer.mode={mode}",
+            "ema.decay=0.9",
+            "data.dataset=synthetic",
+            f"data.img_size={img}",
+            "data.batch_size=4",
+            "data.synthetic_length=8",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "checkpoint.every_epoch=false",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep_last=5",
+            "schedule.max_steps=2",
+            "device=cpu",
+            "deterministic=true",
+        ],
+    )
+
+
+def _step(cfg, n: int) -> Path:
+    return Path(cfg.run_dir) / "checkpoints" / f"step-{n:08d}"
+
+
+def _tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {g: load_file(str(folder / f"{g}.safetensors")) for g in ("model", "ema")}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_copy_and_distill_runs_resume_export_and_load(family, tmp_path):
+    make, img = FAMILIES[family]
+    teacher = make()
+    teacher.reset_classifier(10)  # the synthetic data's classes
+    save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)
+
+    copy_cfg = _run_cfg(tmp_path, tmp_path / "teacher", img, "copy", "copy")
+    train(copy_cfg)
+    copied = _tensors(_step(copy_cfg, 2))
+    assert copied["ema"] and any(not torch.equal(copied["ema"][k], copied["model"][k]) for k in copied["ema"])
+    with pytest.raises(ValueError, match="[Cc]opy"):
+        export_run(copy_cfg.run_dir, tmp_path / "copy_export", weights="raw", checkpoint="latest")
+
+    cfg = _run_cfg(tmp_path, tmp_path / "teacher", img, "distill", "distill")
+    train(cfg)
+    first = _tensors(_step(cfg, 2))
+    shutil.rmtree(_step(cfg, 2))
+    train(cfg)  # resumes from step 1
+    again = _tensors(_step(cfg, 2))
+    for group in ("model", "ema"):
+        assert first[group].keys() == again[group].keys()
+        for key, value in first[group].items():
+            assert torch.equal(again[group][key], value), (group, key)
+
+    out = export_run(cfg.run_dir, tmp_path / "export", weights="raw", checkpoint="latest")
+    loaded = load_student(f"local-dir:{out}")
+    assert type(loaded) is type(teacher)
+    import json
+
+    trained = student_from_spec(json.loads((Path(cfg.run_dir) / "run.json").read_text())["student"]).eval()
+    trained.load_state_dict(again["model"])
+    x = torch.randn(2, 3, img, img, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained(x))

@@ -1,0 +1,90 @@
+"""Teacher/student pairs across families at plan time: a pair whose tokens line up trains; a pair that cannot
+be paired fails in `build_plan` with one message that names what differs and the nearest supported choice."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from test_families import TINY, build, peaked
+
+from attnxfer.models.efficient import with_attention
+from attnxfer.transfer import DualViT, PlanError, build_plan
+
+
+def _vit(seed: int = 5, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_small_patch16_224", **{**TINY, **kw})
+
+
+def test_a_plain_vit_with_4_registers_learns_a_dinov3_teachers_maps():
+    """DINOv3-style teacher (rope, class + 4 registers) into a plain ViT with 4 registers: distillation
+    steps lower the student's per-layer CE to the teacher's maps."""
+    teacher = peaked(build("dinov3")).eval()
+    student = _vit(reg_tokens=4)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    dual = DualViT(teacher, student, mode="distill").train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    ces = []
+    for _ in range(4):
+        out = dual(x)
+        loss = out.terms["attn_ce/0"] + out.terms["attn_ce/1"]
+        ces.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ces[-1] < ces[0] - 0.05
+
+
+@pytest.mark.parametrize(
+    ("case", "student", "mode", "message"),
+    [
+        ("grid", lambda: _vit(img_size=48), "distill", r"4x4 patches.*student 6x6.*img_size=32 \(patch 8\)"),
+        (
+            "patch",
+            lambda: _vit(patch_size=16),
+            "distill",
+            r"4x4 patches.*student 2x2.*img_size=64 \(patch 16\)",
+        ),
+        ("prefix", lambda: _vit(), "distill", r"5 prefix.*student 4x4 \+ 1.*class_token=True, reg_tokens=4"),
+        (
+            "heads",
+            lambda: _vit(reg_tokens=4, num_heads=4),
+            "copy",
+            r"needs equal head counts \(teacher 2, student 4\); set the student's num_heads=2",
+        ),
+        (
+            "zoo heads",
+            lambda: with_attention(_vit(reg_tokens=4, num_heads=1), "performer"),
+            "distill",
+            r"'performer' attention needs equal head counts \(teacher 2, student 1\); set the student's num_heads=2",
+        ),
+        (
+            "no adapter",
+            lambda: _with_foreign_attention(_vit(reg_tokens=4)),
+            "distill",
+            r"^student: blocks.1.attn is MultiheadAttention .*no adapter for it \(adapters: .*EvaAttention",
+        ),
+    ],
+)
+def test_a_pair_that_cannot_be_paired_fails_at_plan_time_with_one_message(case, student, mode, message):
+    teacher = build("dinov3")
+    with pytest.raises(PlanError, match=message) as err:
+        build_plan(teacher, student(), mode)
+    assert "\n" not in str(err.value)  # one message
+
+
+def test_a_teacher_without_prefix_tokens_names_the_matching_student():
+    """A teacher with average pooling and no class token, a ViT student with one: the message says
+    class_token=False."""
+    teacher = _vit(seed=1, class_token=False, global_pool="avg")
+    with pytest.raises(
+        PlanError, match=r"\+ 0 prefix.*student 4x4 \+ 1.*class_token=False, global_pool='avg'"
+    ):
+        build_plan(teacher, _vit(), "distill")
+    build_plan(teacher, _vit(class_token=False, global_pool="avg"), "distill")
+
+
+def _with_foreign_attention(model: torch.nn.Module) -> torch.nn.Module:
+    model.blocks[1].attn = torch.nn.MultiheadAttention(32, 2)
+    return model
