@@ -23,6 +23,7 @@ from ..attention import (
     attention_layers,
     attention_name_of,
     make_transfer_aware,
+    transfer_attentions,
 )
 from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
 from ..attention.registry import get_attention_class
