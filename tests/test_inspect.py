@@ -248,10 +248,11 @@ def test_report_files_and_picture_sizes(tmp_path):
         tmp_path, insp, wrap(teacher, "t"), {n: wrap(m, n) for n, m in students.items()}, x, picture_images=2
     )
     pngs = sorted(p.name for p in files if p.suffix == ".png")
-    # class-token grids per student and picture image, one rollout per picture image, the curves
+    # class-token grids per student and picture image, head matching per student, one rollout per picture
+    # image, the curves
     assert pngs == sorted(
         ["cls_maps_a_img0.png", "cls_maps_a_img1.png", "cls_maps_b_img0.png", "cls_maps_b_img1.png"]
-        + ["rollout_img0.png", "rollout_img1.png", "curves.png"]
+        + ["heads_a.png", "heads_b.png", "rollout_img0.png", "rollout_img1.png", "curves.png"]
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*pngs, "metrics.json", "report.md"])
     assert Image.open(tmp_path / "cls_maps_a_img0.png").size == class_token_figure_size(2, 3 + 1 + 3)

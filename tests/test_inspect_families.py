@@ -19,9 +19,19 @@ from timm.models import save_for_hf
 from timm.models.naflexvit import batch_patchify
 from timm.utils import AttentionExtract
 
-from attnxfer.analysis import NotInspectable, compare_attention, layer_qk, stage_of, token_maps
+from attnxfer.analysis import (
+    LayerGeometry,
+    LayerSignals,
+    NotInspectable,
+    compare_attention,
+    layer_geometry,
+    layer_qk,
+    stage_of,
+    token_maps,
+)
 from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
+from attnxfer.models.attention import attention_layers
 
 _SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
 #: rope and bias families by arch (the flat families of family_oracles add SAM, CaiT, NaFlexViT)
@@ -245,3 +255,23 @@ def test_a_refused_attention_is_one_clear_message(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     with pytest.raises(NotInspectable, match="DiffAttention: differential attention"):
         compare_attention(model, {"s": model}, [torch.randn(1, 3, 32, 32)])
+
+
+def test_geometry_and_rows_of_reduced_keys_and_coarser_stages():
+    """Shape-generic rows: keys over fewer tokens than queries (PVTv2's spatial reduction) give
+    (B, H, rows, N_k) rows of softmax(s·q kᵀ + bias); a later stage's coarser grid (Swin, PVTv2) is read
+    from the token count, with its pixel pitch; windows from the row batch."""
+    attn = attention_layers(_build("eva02", 0))[0][1]  # any softmax layer: its logit scale is d^-0.5
+    g = torch.Generator().manual_seed(0)
+    layout = {"prefix": 0, "grid": [4, 4], "patch": [8, 8], "tokens": 16}
+    q, k = (torch.randn(2, 2, n, 16, generator=g) for n in (16, 4))
+    bias = torch.randn(2, 2, 1, 4, generator=g).expand(2, 2, 16, 4)
+    reduced = LayerSignals("stages.0.blocks.0.attn", attn, q, k, bias)
+    assert layer_geometry(reduced, 2, layout).label == "reduced keys"
+    rows = reduced.map_rows(slice(3, 9))
+    want = ((q[:, :, 3:9] @ k.transpose(-2, -1)) / 4 + reduced.bias[:, :, 3:9]).softmax(-1)
+    torch.testing.assert_close(rows, want)
+    coarse = LayerSignals("stages.1.blocks.0.attn", attn, k, k)
+    assert layer_geometry(coarse, 2, layout) == LayerGeometry("global", 0, (2, 2), (16, 16))
+    windows = LayerSignals("layers.0.blocks.0.attn", attn, q.repeat(4, 1, 1, 1), q.repeat(4, 1, 1, 1))
+    assert layer_geometry(windows, 2, layout).label == "4 windows"

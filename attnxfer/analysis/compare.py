@@ -185,7 +185,9 @@ def token_layout(model: nn.Module, image_size: Sequence[int] | None = None) -> d
     except TypeError as err:
         raise NotInspectable(f"cannot inspect {type(model).__name__}: {err}") from None
     stem = _stem(model)
-    patch = _pair(getattr(stem, "patch_size", None))
+    proj = getattr(stem, "proj", None)
+    # a conv stem's stride is the patch pitch (overlapping patch embeddings: PVTv2's 7x7 convs of stride 4)
+    patch = _pair(proj.stride if isinstance(proj, nn.Conv2d) else getattr(stem, "patch_size", None))
     grid = _pair(getattr(stem, "grid_size", None))
     if (
         image_size is not None
@@ -290,7 +292,7 @@ def layer_qk(
     """Per attention layer (forward order) what it attends with on images ``x`` (`LayerSignals`): its own
     q/k and logit bias, or the tensors in ``borrow[layer]`` (attention copy: ``q``, ``k`` and, with both,
     the teacher's ``bias``), which the layer uses in place of its own. One run of the model's own forward
-    (`run_with_ios`); holds every layer's q/k."""
+    (`run_with_ios`), stopped inside the last attention layer once it has captured; holds every layer's q/k."""
     layers = attention_layers(model)
     borrow = borrow or {}
     ios: dict[int, AttentionIO] = {}
@@ -300,6 +302,8 @@ def layer_qk(
         if len(given) == 2:
             io.bias = (borrow.get(i) or {}).get("bias")
         ios[i] = io
+    if ios:  # nothing after the last attention is read: its core, MLP, neck and head are skipped
+        ios[len(layers) - 1].stop = True
     masks: dict[int, torch.Tensor] = {}
     dtype = next(model.parameters()).dtype
     run_with_ios(model, x.to(dtype), ios, masks=masks)
@@ -379,7 +383,7 @@ def layer_geometry(sig: LayerSignals, images: int, layout: Mapping[str, Any]) ->
     if not layout.get("grid"):
         return LayerGeometry("other")
     (gh, gw), (ph, pw) = layout["grid"], layout["patch"]
-    if nk >= gh * gw:
+    if gh * gw <= nk <= gh * gw + max(1, layout.get("prefix", 0)):  # prefix keys: the model's, or one
         prefix = nk - gh * gw
         if nq == nk:
             return LayerGeometry("global", prefix, (gh, gw), (ph, pw))

@@ -358,6 +358,8 @@ def write_report(
             rollouts[name] = rollout_class_maps(s.model, x, qk=s_qk)
         for stage, layers in groups.items():
             suffix = f"_{_slug(stage)}" if len(groups) > 1 else ""
+            if len(groups) == 1:  # one group: every layer of either model (depths may differ)
+                layers = list(range(max(len(t_maps), len(s_maps))))
             for b in range(x.shape[0]):
                 pick = lambda maps, b=b, layers=layers: [
                     maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
@@ -369,7 +371,7 @@ def write_report(
                     names=("teacher", name),
                     title=_maps_title(b, name, stage),
                     layer_labels=[f"L{j}" for j in layers],
-                    notes=[_why_no_map(t_geo[j]) for j in layers],
+                    notes=[_why_no_map(t_geo[j]) if j < len(t_geo) else "" for j in layers],
                 )
                 path = out / f"cls_maps_{_slug(name)}{suffix}_img{b}.png"
                 save_figure(fig, path)
