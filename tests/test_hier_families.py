@@ -293,7 +293,7 @@ def swin_teacher_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["distill", "copy"])
+@pytest.mark.parametrize("mode", ["distill", pytest.param("copy", marks=pytest.mark.slow)])
 def test_train_checkpoint_resume_and_export_with_a_swin_teacher(mode, swin_teacher_dir, tmp_path, capsys):
     """`train` in-process with a Swin teacher and its mirrored Swin student: 4 steps, checkpoints at 2 and 4;
     with step 4 deleted the same command resumes from step 2 and ends with bit-identical weights; a distilled
@@ -339,3 +339,18 @@ def test_train_checkpoint_resume_and_export_with_a_swin_teacher(mode, swin_teach
     x = images("swin")
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     torch.testing.assert_close(logits_of(student, x), logits_of(plain, x), rtol=0, atol=0)
+
+
+def test_the_teacher_stops_after_its_last_transferred_stage():
+    """``layers=[0, 1]`` (stage 1 only): the teacher's second stage never runs, and the two terms equal those
+    of the full plan (which runs it)."""
+    teacher, student, x = _pair("swin")
+    calls = []
+    teacher.layers[1].register_forward_pre_hook(lambda m, a: calls.append(1))
+    part = DualViT(teacher, copy.deepcopy(student), build_plan(teacher, student, "distill", layers=[0, 1]))
+    terms = part.train()(x).terms
+    assert set(terms) == {"attn_ce/0", "attn_ce/1"} and not calls
+    full = DualViT(teacher, copy.deepcopy(student), mode="distill").train()(x).terms
+    assert calls
+    for k, v in terms.items():
+        torch.testing.assert_close(v, full[k], rtol=0, atol=0)
