@@ -26,7 +26,7 @@ from attnxfer.apps.training import train
 from attnxfer.checkpoints import export_student
 from attnxfer.checkpoints.export import ModelCardInfo, export_run
 from attnxfer.config import load_config
-from attnxfer.models.attention import attention_layers, attention_maps, attention_stages
+from attnxfer.models.attention import attention_blocks, attention_layers, attention_maps, attention_stages
 from attnxfer.transfer import DualViT, PlanError, build_plan
 
 _BASE = dict(
@@ -354,3 +354,12 @@ def test_the_teacher_stops_after_its_last_transferred_stage():
     assert calls
     for k, v in terms.items():
         torch.testing.assert_close(v, full[k], rtol=0, atol=0)
+
+
+def test_attention_blocks_are_the_stages_blocks_in_order():
+    """What a run compiles (``model.compile``) and shares drop path between: every block that holds an
+    attention, stage by stage (a Swin model has no top-level ``blocks``)."""
+    model = build("swin")
+    assert attention_blocks(model) == [blk for stage in model.layers for blk in stage.blocks]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    assert attention_blocks(vit) == list(vit.blocks)
