@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import shutil
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torch.nn as nn
 from family_oracles import logits_of
+from safetensors.torch import load_file
 from test_export import card
 
 from attnxfer import load_student
+from attnxfer.apps.training import train
 from attnxfer.checkpoints import export_student
-from attnxfer.models.attention import attention_layers, attention_maps, attention_stages
+from attnxfer.checkpoints.export import ModelCardInfo, export_run
+from attnxfer.config import load_config
+from attnxfer.models.attention import attention_blocks, attention_layers, attention_maps, attention_stages
 from attnxfer.transfer import DualViT, PlanError, build_plan
 
 _BASE = dict(
@@ -46,7 +52,8 @@ NAMES = sorted(TINY)
 def build(name: str, seed: int = 0, **overrides) -> nn.Module:
     """A tiny model with peaked maps (q/k rows and position tables drawn wider than timm's init; Swin V2's
     per-head log scales spread over [1, 5], above timm's clamp at log 100 included). Swin V2 initialises its
-    post-norm gains at 0 (the attention branch would not reach the logits): they are set to 1."""
+    post-norm gains at 0 (the attention branch would not reach the logits): they are set to 1; dropout is
+    off."""
     arch, kwargs, _ = TINY[name]
     torch.manual_seed(seed)
     model = timm.create_model(arch, **{**_BASE, **kwargs, **overrides})
@@ -63,6 +70,8 @@ def build(name: str, seed: int = 0, **overrides) -> nn.Module:
         for m in model.modules():
             if isinstance(m, nn.LayerNorm) and m.weight is not None and not m.weight.any():
                 m.weight.fill_(1.0)
+            if isinstance(m, nn.Dropout):  # Swin V2-CR's meta_mlp has dropout: tiny models are deterministic
+                m.p = 0.0
     return model.eval()
 
 
@@ -129,10 +138,10 @@ def test_maps_on_request_equal_timms_softmax_with_the_shift_mask(name):
     oracle = oracle_maps(teacher, x)
     maps = attention_maps(copy.deepcopy(teacher), x)
     assert len(maps) == len(oracle) == 4
-    # fp32 maps vs float64; cosine attention's logits reach ±200 (τ = 100), and fp32 rounds them at ~1e-5
-    tol = 1e-6 if name in ("swin", "swin_padded") else 2e-5
+    # fp32 maps vs float64: cosine attention's logits reach ±(τ + 16) with τ = 100, which fp32 rounds at ~1e-5
+    tol = dict(rtol=1e-5, atol=1e-6) if name in ("swin", "swin_padded") else dict(rtol=1e-3, atol=1e-4)
     for i, ref in enumerate(oracle):
-        torch.testing.assert_close(maps[i], ref.float(), rtol=1e-5, atol=tol)
+        torch.testing.assert_close(maps[i], ref.float(), **tol)
     # the shifted blocks' masks reach the maps: pairs from different regions get (almost) no weight
     assert (oracle[1] < 1e-30).any()
 
@@ -178,19 +187,21 @@ def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
     out.loss.backward()
     torch.stack(ref_terms).sum().backward()
     grads = dict(ref_student.named_parameters())
-    tol = 1e-5 * max(p.grad.abs().max().item() for p in grads.values() if p.grad is not None)
+    # fp32 vs the float64 oracle, relative to the largest gradient; τ = 100 amplifies fp32 rounding 3x more
+    rel = 1e-5 if name in ("swin", "swin_padded") else 3e-5
+    tol = rel * max(p.grad.abs().max().item() for p in grads.values() if p.grad is not None)
     compared = set()
     for n, p in dual.student.named_parameters():
         ref = grads[n].grad if grads[n].grad is not None else torch.zeros_like(p)
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         torch.testing.assert_close(got, ref.to(got.dtype), rtol=0, atol=tol, msg=n)
         if ref.abs().max() > 100 * tol:
-            compared.add(n.rsplit(".", 1)[-1] if "attn" in n else n)
-    bias_params = {
-        "swinv2": {"logit_scale", "0.weight"},  # τ and cpb_mlp
-        "swinv2_cr": {"logit_scale", "0.weight"},  # τ and meta_mlp
-    }.get(name, {"relative_position_bias_table"})
-    assert bias_params <= compared, compared
+            compared.add(n)
+    position_and_scale = {  # the logits' own parameters take gradients too
+        "swinv2": ("attn.logit_scale", "attn.cpb_mlp.0.weight"),
+        "swinv2_cr": ("attn.logit_scale", "attn.meta_mlp.fc1.weight"),
+    }.get(name, ("attn.relative_position_bias_table",))
+    assert all(any(n.endswith(p) for n in compared) for p in position_and_scale), compared
 
 
 def test_shared_drop_path_masks_fit_the_stages_nhwc_blocks():
@@ -272,3 +283,83 @@ def test_a_swin_student_exports_to_plain_timm_and_loads_back(name, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(plain(x), student(x), rtol=0, atol=0)
         torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def swin_teacher_dir(tmp_path_factory):
+    """A tiny Swin teacher exported through timm's save (loaded by ``teacher.spec=local-dir:...``)."""
+    out = tmp_path_factory.mktemp("swin_teacher") / "teacher"
+    export_student(build("swin"), out, card=ModelCardInfo(model_name="tiny-swin", license="apache-2.0"))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["distill", pytest.param("copy", marks=pytest.mark.slow)])
+def test_train_checkpoint_resume_and_export_with_a_swin_teacher(mode, swin_teacher_dir, tmp_path, capsys):
+    """`train` in-process with a Swin teacher and its mirrored Swin student: 4 steps, checkpoints at 2 and 4;
+    with step 4 deleted the same command resumes from step 2 and ends with bit-identical weights; a distilled
+    student exports (copy students need their teacher at inference and are refused) and loads back."""
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"teacher.spec=local-dir:{swin_teacher_dir}",
+            f"transfer.mode={mode}",
+            "data.dataset=synthetic",
+            "data.batch_size=4",
+            "data.synthetic_length=16",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "checkpoint.every_epoch=false",
+            "checkpoint.every_steps=2",
+            "checkpoint.keep_last=5",
+            "schedule.max_steps=4",
+            "device=cpu",
+            "deterministic=true",
+        ],
+    )
+    result = train(cfg)
+    assert result.steps == 4
+    step4 = Path(cfg.run_dir) / "checkpoints" / "step-00000004"
+    first = load_file(str(step4 / "model.safetensors"))
+    assert any(k.startswith("layers.1.blocks.1.attn.relative_position_bias_table") for k in first)
+    shutil.rmtree(step4)
+    capsys.readouterr()
+    train(cfg)
+    assert "(step 2, epoch 0" in capsys.readouterr().out
+    again = load_file(str(step4 / "model.safetensors"))
+    assert again.keys() == first.keys()
+    assert all(torch.equal(again[k], t) for k, t in first.items())
+    if mode == "copy":
+        with pytest.raises(ValueError, match="copy"):
+            export_run(cfg.run_dir, tmp_path / "export", weights="raw", checkpoint="latest")
+        return
+    out = export_run(cfg.run_dir, tmp_path / "export", weights="raw", checkpoint="latest")
+    student = load_student(str(out)).eval()
+    assert type(attention_layers(student)[0][1]).__name__ == "TransferSwinAttention"
+    x = images("swin")
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    torch.testing.assert_close(logits_of(student, x), logits_of(plain, x), rtol=0, atol=0)
+
+
+def test_the_teacher_stops_after_its_last_transferred_stage():
+    """``layers=[0, 1]`` (stage 1 only): the teacher's second stage never runs, and the two terms equal those
+    of the full plan (which runs it)."""
+    teacher, student, x = _pair("swin")
+    calls = []
+    teacher.layers[1].register_forward_pre_hook(lambda m, a: calls.append(1))
+    part = DualViT(teacher, copy.deepcopy(student), build_plan(teacher, student, "distill", layers=[0, 1]))
+    terms = part.train()(x).terms
+    assert set(terms) == {"attn_ce/0", "attn_ce/1"} and not calls
+    full = DualViT(teacher, copy.deepcopy(student), mode="distill").train()(x).terms
+    assert calls
+    for k, v in terms.items():
+        torch.testing.assert_close(v, full[k], rtol=0, atol=0)
+
+
+def test_attention_blocks_are_the_stages_blocks_in_order():
+    """What a run compiles (``model.compile``) and shares drop path between: every block that holds an
+    attention, stage by stage (a Swin model has no top-level ``blocks``)."""
+    model = build("swin")
+    assert attention_blocks(model) == [blk for stage in model.layers for blk in stage.blocks]
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2)
+    assert attention_blocks(vit) == list(vit.blocks)

@@ -17,6 +17,7 @@ from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.run_lock import check_writable, disk_error, run_lock
 from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json, atomic_write_text
 from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
+from ..models.attention import attention_blocks
 from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
@@ -132,8 +133,8 @@ def compile_from_config(cfg: TrainConfig, dual: DualViT) -> dict[str, int]:
         )
     mode = cfg.model.compile_mode
     return {
-        "student_blocks": compile_blocks(dual.student.blocks, mode) if cfg.model.compile else 0,
-        "teacher_blocks": compile_blocks(dual.teacher.blocks, mode) if cfg.teacher.compile else 0,
+        "student_blocks": compile_blocks(attention_blocks(dual.student), mode) if cfg.model.compile else 0,
+        "teacher_blocks": compile_blocks(attention_blocks(dual.teacher), mode) if cfg.teacher.compile else 0,
     }
 
 

@@ -26,6 +26,7 @@ The zoo's attentions live in `attnxfer.models.efficient` (one file per family) o
 
 from .adapters import (
     adapter_for,
+    attention_blocks,
     attention_layers,
     attention_stages,
     list_adapters,
@@ -73,6 +74,7 @@ __all__ = [
     "TransferAttention",
     "TransferableAttention",
     "adapter_for",
+    "attention_blocks",
     "attention_io",
     "attention_layer",
     "attention_layers",

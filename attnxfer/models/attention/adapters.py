@@ -23,6 +23,7 @@ from .interface import TransferableAttention
 
 __all__ = [
     "adapter_for",
+    "attention_blocks",
     "attention_layers",
     "attention_stages",
     "list_adapters",
@@ -142,3 +143,9 @@ def attention_stages(model: nn.Module) -> list[tuple[str, list[int]]]:
             stages.append((stage, []))
         stages[-1][1].append(i)
     return stages
+
+
+def attention_blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks that hold the model's attention layers, in forward order (``blocks.N`` of a ViT, Swin's
+    ``layers.S.blocks.N``, ...): the units a run compiles and shares drop-path draws between."""
+    return [model.get_submodule(name.rpartition(".")[0]) for name, _ in attention_layers(model)]
