@@ -20,34 +20,34 @@ from family_oracles import TinyFamily
 #: timm attention classes (by class name) of these families: PVTv2's is called ``Attention``.
 HIER_ATTENTIONS = ("Attention", "LocallyGroupedAttn", "GlobalSubSampleAttn", "MaskUnitAttention")
 
-_PVT = dict(depths=(1, 1, 1, 1), embed_dims=(16, 16, 32, 32), num_heads=(2, 2, 2, 2), mlp_ratios=(2, 2, 2, 2))
+_PVT = dict(depths=(1, 1, 1), embed_dims=(16, 16, 32), num_heads=(2, 2, 2), mlp_ratios=(2, 2, 2))
 _TWINS = dict(img_size=32, patch_size=4, embed_dims=(16, 32), num_heads=(2, 2), mlp_ratios=(2, 2))
 
-#: name -> tiny model. PVTv2: keys over a 4×/2×/2×/1× reduced grid of 16×16 → 2×2 tokens, or the linear
-#: variant's 7×7 pooling; Twins-SVT: 3×3 windows padded on an 8×8 and a 4×4 grid, then GSA (Twins-PCPVT's
+#: name -> tiny model (32 px). PVTv2, three stages: keys over the 2×/2×/1× reduced 8×8, 4×4, 2×2 grids, or the
+#: linear variant's 7×7 pooling; Twins-SVT: 3×3 windows padded on an 8×8 and a 4×4 grid, then GSA (Twins-PCPVT's
 #: only attention); Hiera: mask units without and with query pooling (to one query per unit), then a global block
 #: with query pooling.
 TINY_HIER = {
-    "pvt_v2": TinyFamily("pvt_v2_b0", dict(sr_ratios=(4, 2, 2, 1), **_PVT), img_size=64),
-    "pvt_v2_linear": TinyFamily("pvt_v2_b0", dict(linear=True, **_PVT), img_size=64),
+    "pvt_v2": TinyFamily("pvt_v2_b0", dict(sr_ratios=(2, 2, 1), **_PVT), img_size=32),
+    "pvt_v2_linear": TinyFamily("pvt_v2_b0", dict(linear=True, **_PVT), img_size=32),
     "twins_svt": TinyFamily(
         "twins_svt_small", dict(depths=(2, 2), sr_ratios=(2, 1), wss=(3, 3), **_TWINS), img_size=32
     ),
     "hiera": TinyFamily(
         "hiera_tiny_224",
         dict(
-            img_size=64,
+            img_size=32,
             patch_stride=(4, 4),
             mask_unit_size=(4, 4),
             stages=(1, 1, 1, 1),
             q_pool=3,
             q_stride=(2, 2),
             mask_unit_attn=(True, True, False, False),
-            embed_dim=16,
+            embed_dim=8,
             num_heads=1,
             init_values=0.5,
         ),
-        img_size=64,
+        img_size=32,
     ),
 }
 

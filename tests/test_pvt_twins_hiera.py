@@ -58,12 +58,13 @@ def test_copy_modes_with_the_teachers_own_weights_reproduce_its_logits(name):
     key set (reduced, windowed, pooled) put back exactly what the teacher computes."""
     teacher, _, x = _pair(name)
     expected = logits_of(teacher, x)
-    for mode in ("copy", "copy_q", "copy_k", "copy_v"):
+    # copy_q/k/v where the key set is not the queries' (reduced keys, pooled queries); plain copy everywhere
+    for mode in ("copy", "copy_q", "copy_k", "copy_v") if name in ("pvt_v2", "hiera") else ("copy",):
         dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(teacher), mode=mode).train()
         torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5, msg=mode)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ["hiera", "pvt_v2", "twins_svt"])  # the linear variant's copy is sr's
 def test_copy_attends_the_students_values_with_the_teachers_maps(name):
     """A student with other weights: its logits equal timm's student run with each softmax map replaced by the
     teacher's (hooks on the student's maps); its borrowed q (and k rows of a fused kv) get no gradient and keep
@@ -125,11 +126,11 @@ def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
 @pytest.mark.parametrize(
     ("name", "kwargs", "says"),
     [
-        ("pvt_v2", dict(sr_ratios=(4, 1, 2, 1)), "stage stages.1 (|sr_ratio teacher 2, student 1"),
+        ("pvt_v2", dict(sr_ratios=(2, 1, 1)), "stage stages.1 (|sr_ratio teacher 2, student 1"),
         (
             "pvt_v2",
             dict(linear=True),
-            "stage stages.0 (|linear teacher False, student True; sr_ratio teacher 4",
+            "stage stages.0 (|linear teacher False, student True; sr_ratio teacher 2",
         ),
         ("twins_svt", dict(wss=(3, 2)), "stage blocks.1 (|window_size teacher 3, student 2"),
         ("hiera", dict(q_pool=2), "student layer 3 <- teacher layer 3|q_stride teacher 4, student 1"),
@@ -164,11 +165,11 @@ def test_a_distilled_student_exports_to_plain_timm_and_loads_back(name, tmp_path
 
 
 def test_train_runs_copy_and_distill_steps_on_a_pvt_v2_teacher(tmp_path):
-    """`train` in process on an exported tiny PVTv2 teacher (64 px: 16x16 tokens in stage 0): two copy steps
+    """`train` in process on an exported tiny PVTv2 teacher (32 px: 8x8 tokens in stage 0): two copy steps
     and two distill steps. A fresh student's maps are near uniform, so each layer's logged CE is log N_k of
-    its own key set: (16/4)², (8/2)², (4/2)², 2² keys."""
+    its own key set: (8/2)², (4/2)², 2² keys."""
     teacher = build("pvt_v2", seed=0)
-    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 64, 64)}
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 32, 32)}
     spec = f"local-dir:{export_student(teacher, tmp_path / 'teacher', card=card())}"
     for mode in ("copy", "distill"):
         cfg = load_config(
@@ -178,7 +179,7 @@ def test_train_runs_copy_and_distill_steps_on_a_pvt_v2_teacher(tmp_path):
                 f"teacher.spec={spec}",
                 f"transfer.mode={mode}",
                 "data.dataset=synthetic",
-                "data.img_size=64",
+                "data.img_size=32",
                 "data.batch_size=4",
                 "data.synthetic_length=8",
                 "log.progress=false",
@@ -193,5 +194,5 @@ def test_train_runs_copy_and_distill_steps_on_a_pvt_v2_teacher(tmp_path):
         logged = json.loads((Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()[0])
         assert math.isfinite(logged["total"])
         if mode == "distill":
-            for i, keys in enumerate((16, 16, 4, 4)):
+            for i, keys in enumerate((16, 4, 4)):
                 assert abs(logged[f"attn_ce/{i}"] - math.log(keys)) < 0.01, (i, logged)
