@@ -225,3 +225,35 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
     assert len(report["agreement"]["teacher_input"]) == layers
     assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
     assert isinstance(report["top1"]["after_stage2"], float)
+
+
+@pytest.mark.slow
+def test_search_on_a_pvt_teacher(tmp_path):
+    from attnxfer.launch.cli import main
+
+    teacher = _pvt()
+    teacher.reset_classifier(10)
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 32, 32)}
+    save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)
+    args = [
+        f"run_dir={tmp_path / 'search'}",
+        f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
+        "data.dataset=synthetic",
+        "data.synthetic_length=32",
+        "data.batch_size=8",
+        "search.population=3",
+        "search.offspring=2",
+        "search.generations=1",
+        "search.fit_steps=2",
+        "search.fit_batches=1",
+        "search.held_out_images=8",
+        "search.target_tokens=64",
+        "search.speed=flops",
+        "log.progress=false",
+    ]
+    assert main(["search", *args]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "search" / "candidates.jsonl").read_text().splitlines()]
+    fitted = [r for r in rows if r["status"] == "ok"]
+    assert len(rows) >= 6 and fitted
+    assert all(len(r["kl_per_layer"]) == 5 for r in fitted)  # every attention layer of the four stages
+    assert (tmp_path / "search" / "pareto.md").is_file()
