@@ -362,12 +362,12 @@ class TransferableAttention(nn.Module):
             f"(num_prefix_tokens={p}); call set_token_layout(num_prefix_tokens, (grid_h, grid_w))"
         )
 
-    def token_partition(self, block: nn.Module) -> dict[str, Any]:
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         """What decides this layer's query and key sets beyond the model's patch grid, read from the layer and
-        the ``block`` that holds it: e.g. ``{"grid": (14, 14), "window": (7, 7), "shift": (3, 3)}`` for a
-        Swin block, the sub-sampling ratio of a spatial-reduction attention. Paired teacher and student layers
-        must agree on every entry (`attnxfer.transfer.plan.build_plan` names the stage and what differs).
-        ``{}`` for flat layers, where the model's token grid decides."""
+        (where the block decides it, Swin) the ``block`` that holds it: e.g. ``{"grid": (14, 14), "window":
+        (7, 7), "shift": (3, 3)}`` for a Swin block, the sub-sampling ratio of a spatial-reduction attention.
+        Paired teacher and student layers must agree on every entry (`attnxfer.transfer.plan.build_plan` names
+        the stage and what differs). ``{}`` for flat layers, where the model's token grid decides."""
         return {}
 
     # ----------------------------------------------------------------- projections
@@ -431,13 +431,6 @@ class TransferableAttention(nn.Module):
 
     #: ``logit_bias`` can return a tensor (the CE then takes the chunked biased path).
     has_logit_bias: ClassVar[bool] = False
-
-    def token_partition(self) -> dict[str, Any]:
-        """The settings that decide which keys each query row sees and how rows are grouped — a spatial
-        reduction ratio, a window size, q pooling — as ``{name: value}``; {} when every row sees every token.
-        A plan refuses a teacher/student pair whose layers differ in a setting both declare (their maps
-        would be over different key sets)."""
-        return {}
 
     # ----------------------------------------------------------------- forward
     def forward(

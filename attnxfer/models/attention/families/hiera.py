@@ -40,7 +40,7 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
     def attn_dim(self) -> int:
         return self.dim_out
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: Any = None) -> dict[str, Any]:  # the block: Swin's business
         return {
             "mask_unit_attn": self.use_mask_unit_attn,
             "window_size": self.window_size if self.use_mask_unit_attn else 0,

@@ -43,7 +43,7 @@ class TransferPvtV2Attention(SoftmaxCore, PvtV2Attention):
             return 0
         return int(self.sr.kernel_size[0]) if self.sr is not None else 1
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: Any = None) -> dict[str, Any]:  # the block: Swin's business
         return {"sr_ratio": self.sr_ratio, "linear": self.pool is not None}
 
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:

@@ -87,8 +87,8 @@ class TransferSwinV2Attention(SoftmaxCore, WindowAttention):
         bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return with_window_mask(16 * torch.sigmoid(bias).unsqueeze(0), mask, q.shape[0])
 
-    def token_partition(self, block: nn.Module) -> dict[str, Any]:
-        return swin_partition(block)
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
+        return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape

@@ -50,7 +50,7 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
 
     attention_name = SOFTMAX
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: Any = None) -> dict[str, Any]:  # the block: Swin's business
         return {"window_size": self.ws}
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -86,7 +86,7 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, SoftmaxCore, GlobalSubSampleAttn)
 
     attention_name = SOFTMAX
 
-    def token_partition(self) -> dict[str, Any]:
+    def token_partition(self, block: Any = None) -> dict[str, Any]:  # the block: Swin's business
         return {"sr_ratio": self.sr_ratio}
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
