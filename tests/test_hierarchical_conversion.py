@@ -225,3 +225,59 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
     assert len(report["agreement"]["teacher_input"]) == layers
     assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
     assert isinstance(report["top1"]["after_stage2"], float)
+
+
+@pytest.mark.slow
+def test_search_on_a_pvt_teacher(tmp_path):
+    from attnxfer.launch.cli import main
+
+    teacher = _pvt()
+    teacher.reset_classifier(10)
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 32, 32)}
+    save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)
+    args = [
+        f"run_dir={tmp_path / 'search'}",
+        f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
+        "data.dataset=synthetic",
+        "data.synthetic_length=32",
+        "data.batch_size=8",
+        "search.population=3",
+        "search.offspring=2",
+        "search.generations=1",
+        "search.fit_steps=2",
+        "search.fit_batches=1",
+        "search.held_out_images=8",
+        "search.target_tokens=64",
+        "search.speed=flops",
+        "log.progress=false",
+    ]
+    assert main(["search", *args]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "search" / "candidates.jsonl").read_text().splitlines()]
+    fitted = [r for r in rows if r["status"] == "ok"]
+    assert len(rows) >= 6 and fitted
+    assert all(len(r["kl_per_layer"]) == 5 for r in fitted)  # every attention layer of the four stages
+    assert (tmp_path / "search" / "pareto.md").is_file()
+
+
+def test_stage1_loss_on_shifted_windows_is_the_ce_of_the_rows_the_layer_uses(swin):
+    from attnxfer.models.attention import capture_attention
+    from attnxfer.transfer.conversion import layer_fit_loss
+
+    student = build_efficient_student(swin, "relu_linear")
+    plan = build_conversion_plan(swin, student, stage1_steps=1, stage1_train="qk")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), capture_attention(swin, [1], ("input", "q", "k")) as store:
+        swin.forward_features(x)
+    signals = {k: v.detach() for k, v in store[1].items()}
+    attn = student.layers[0].blocks[1].attn  # shifted windows
+    loss, _ = layer_fit_loss(attn, plan.layers[1], signals, 0.0)
+    # the reference, from the definitions: the teacher's softmax rows with its bias (relative positions and
+    # the -100 shift mask), the student's relu-linear rows restricted to each query's region and renormalised
+    t = (signals["q"] * signals["q"].shape[-1] ** -0.5) @ signals["k"].transpose(-1, -2) + signals["bias"]
+    p = t.softmax(-1)
+    own = attn.project(signals["input"], "qk")
+    a = (F.relu(own["q"]) + 1e-6) @ (F.relu(own["k"]) + 1e-6).transpose(-1, -2)
+    a = a * (signals["bias"] > -50)
+    a = a / a.sum(-1, keepdim=True)
+    reference = -(p * a.clamp_min(1e-30).log()).sum(-1).mean()
+    torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import ConfigError, TrainConfig, to_dict
+from ..models.attention import transfer_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
 from ..search import (
     PREFIX,
@@ -95,16 +96,17 @@ def _layers(cfg: TrainConfig, depth: int) -> list[int]:
 
 def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSettings:
     s = cfg.search
-    attn = teacher.blocks[0].attn
-    grid = tuple(teacher.patch_embed.grid_size)
+    attn = transfer_attentions(teacher)[0]
+    # a hierarchical teacher's grid changes by stage: candidates that do not fit a stage fail at fit time
+    grid = getattr(teacher.patch_embed, "grid_size", None) if hasattr(teacher, "blocks") else None
     return SearchSettings(
         population=s.population,
         offspring=s.offspring,
         generations=s.generations,
         crossover_prob=s.crossover_prob,
         seed=cfg.seed,
-        head_dim=attn.qkv.out_features // (3 * attn.num_heads),
-        grid=(int(grid[0]), int(grid[1])),
+        head_dim=attn.head_dim,
+        grid=(int(grid[0]), int(grid[1])) if grid is not None else None,
         seeds=_seed_formulas(cfg),
     )
 
@@ -133,7 +135,7 @@ def build_evaluator(cfg: TrainConfig, log: Callable[[str], None] = print) -> tup
     teacher = parts.teacher
     device = resolve_device(cfg.device)
     teacher.to(device=device, dtype=torch.float32).eval()
-    layers = _layers(cfg, len(teacher.blocks))
+    layers = _layers(cfg, len(transfer_attentions(teacher)))
     s = cfg.search
     fit_images = [x.to(device) for x in _images(parts.train_loader, None, s.fit_batches)]
     held_out = [x.to(device) for x in _images(parts.val_loader, s.held_out_images, None)]

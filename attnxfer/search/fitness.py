@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..analysis import layer_agreement
-from ..models.attention import MapKind
+from ..models.attention import MapKind, transfer_attentions
 from ..models.attention.registry import get_attention_class
 from ..models.efficient import build_efficient_student
 from ..models.efficient.swap import teacher_token_layout
@@ -118,10 +118,11 @@ def fit_candidate(
     """
     start = time.monotonic()
     torch.manual_seed(fit.seed)
-    depth = len(teacher.blocks)
+    depth = len(transfer_attentions(teacher))  # blocks.* of a ViT; every stage's layers of PVTv2 / Swin
     names = [attention if i in cache.layers else "softmax" for i in range(depth)]
     student = build_efficient_student(teacher, names)
-    kind = student.blocks[cache.layers[0]].attn.map_kind
+    t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
+    kind = s_attns[cache.layers[0]].map_kind
     if kind is not MapKind.ROW_STOCHASTIC:
         raise ValueError(
             f"its map is {kind}, not row-stochastic: KL to the teacher's maps is undefined (a formula "
@@ -152,7 +153,7 @@ def fit_candidate(
     per_layer = []
     with torch.no_grad():
         for i in cache.layers:
-            t_attn, s_attn = teacher.blocks[i].attn, student.blocks[i].attn
+            t_attn, s_attn = t_attns[i], s_attns[i]
             total = count = 0.0
             for batch in cache.held_out:
                 own = s_attn.project(batch[i]["input"], "qk")
@@ -186,8 +187,8 @@ class SpeedSettings:
 
 def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
     """One attention ``name`` of the teacher's width, heads and token layout at ``tokens`` tokens."""
-    attn = teacher.blocks[0].attn
-    prefix, _ = teacher_token_layout(teacher)
+    attn = transfer_attentions(teacher)[0]
+    prefix = teacher_token_layout(teacher)[0] if hasattr(teacher, "blocks") else 0  # PVTv2/Swin: no prefix
     side = math.isqrt(tokens - prefix)
     if side * side != tokens - prefix:
         raise ValueError(
@@ -196,10 +197,10 @@ def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
         )
     cls = get_attention_class(name)
     config: dict[str, Any] = dict(
-        dim=attn.qkv.in_features,
+        dim=attn.proj.out_features,
         num_heads=attn.num_heads,
-        attn_head_dim=attn.qkv.out_features // (3 * attn.num_heads),
-        qkv_bias=attn.qkv.bias is not None,
+        attn_head_dim=attn.head_dim,
+        qkv_bias=(attn.qkv if hasattr(attn, "qkv") else attn.q).bias is not None,  # PVTv2: q + kv
         num_prefix_tokens=prefix,
         grid_size=(side, side),
     )

@@ -270,10 +270,15 @@ def layer_fit_loss(
     res = map_distillation_loss(
         attn, own["q"], own["k"], signals["q"], signals["k"], layer.loss, bias_t=signals.get("bias")
     )
-    loss = res.loss
+    loss, metric = res.loss, res.metric
+    region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
+    if region is not None and signals.get("bias") is not None and layer.loss is MapLoss.CE:
+        correction = region(own["q"], own["k"], signals["bias"])
+        loss = loss + correction
+        metric = metric + correction.detach() if metric is not None else None
     if output_weight:
         loss = loss + output_weight * output_mse(attn(x, **call), signals["output"])
-    return loss, res.metric
+    return loss, metric
 
 
 def _call(signals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

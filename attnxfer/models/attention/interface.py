@@ -365,12 +365,12 @@ class TransferableAttention(nn.Module):
             f"(num_prefix_tokens={p}); call set_token_layout(num_prefix_tokens, (grid_h, grid_w))"
         )
 
-    def token_partition(self, block: nn.Module) -> dict[str, Any]:
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         """What decides this layer's query and key sets beyond the model's patch grid, read from the layer and
-        the ``block`` that holds it: e.g. ``{"grid": (14, 14), "window": (7, 7), "shift": (3, 3)}`` for a
-        Swin block, the sub-sampling ratio of a spatial-reduction attention. Paired teacher and student layers
-        must agree on every entry (`attnxfer.transfer.plan.build_plan` names the stage and what differs).
-        ``{}`` for flat layers, where the model's token grid decides."""
+        (where the block decides it, Swin) the ``block`` that holds it: e.g. ``{"grid": (14, 14), "window":
+        (7, 7), "shift": (3, 3)}`` for a Swin block, the sub-sampling ratio of a spatial-reduction attention.
+        Paired teacher and student layers must agree on every entry (`attnxfer.transfer.plan.build_plan` names
+        the stage and what differs). ``{}`` for flat layers, where the model's token grid decides."""
         return {}
 
     # ----------------------------------------------------------------- projections

@@ -152,6 +152,18 @@ class _SwinSlot:
         rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
         return (rows @ v.float()).to(v.dtype)
 
+    def region_log_mass(self, q: torch.Tensor, k: torch.Tensor, bias_t: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of log(the mass of this layer's window row on the query's region), the regions read
+        off a Swin teacher's logit bias (its shift mask adds -100 between regions). The student's output uses
+        its rows restricted to the region and renormalised, so CE(P, restricted) = CE(P, row) + this (P is 0
+        outside the region): stage 1 adds it to fit what the layer computes. 0 for unshifted windows."""
+        keep = bias_t > -50.0  # relative-position biases are O(1); the shift mask is -100
+        if bool(keep.all()):
+            return q.new_zeros((), dtype=torch.float32)
+        rows = self.attention_map(q, k)
+        mass = (rows * keep).sum(-1).clamp_min(torch.finfo(rows.dtype).tiny)
+        return mass.log().mean()
+
 
 def _refuse_masked(attn: nn.Module):
     raise ValueError(

@@ -77,8 +77,8 @@ class TransferSwinAttention(SoftmaxCore, WindowAttention):
         """(1, H, N, N) relative-position bias; (B·nW, H, N, N) with the shifted-window mask added."""
         return with_window_mask(self._get_rel_pos_bias(), mask, q.shape[0])
 
-    def token_partition(self, block: nn.Module) -> dict[str, Any]:
-        return swin_partition(block)
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
+        return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape

@@ -96,8 +96,8 @@ class CosineWindowCore(SoftmaxCore):
             out["k"] = F.normalize(out["k"], dim=-1)
         return out
 
-    def token_partition(self, block: nn.Module) -> dict[str, Any]:
-        return swin_partition(block)
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
+        return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
