@@ -261,6 +261,7 @@ def test_search_on_a_pvt_teacher(tmp_path):
 
 def test_stage1_loss_on_shifted_windows_is_the_ce_of_the_rows_the_layer_uses(swin):
     from attnxfer.models.attention import capture_attention
+    from attnxfer.models.attention.bias_rows import full_bias
     from attnxfer.transfer.conversion import layer_fit_loss
 
     student = build_efficient_student(swin, "relu_linear")
@@ -271,13 +272,14 @@ def test_stage1_loss_on_shifted_windows_is_the_ce_of_the_rows_the_layer_uses(swi
     signals = {k: v.detach() for k, v in store[1].items()}
     attn = student.layers[0].blocks[1].attn  # shifted windows
     loss, _ = layer_fit_loss(attn, plan.layers[1], signals, 0.0)
+    bias = full_bias(signals["bias"])  # captured as row blocks on demand (BiasRows); whole for the reference
     # the reference, from the definitions: the teacher's softmax rows with its bias (relative positions and
     # the -100 shift mask), the student's relu-linear rows restricted to each query's region and renormalised
-    t = (signals["q"] * signals["q"].shape[-1] ** -0.5) @ signals["k"].transpose(-1, -2) + signals["bias"]
+    t = (signals["q"] * signals["q"].shape[-1] ** -0.5) @ signals["k"].transpose(-1, -2) + bias
     p = t.softmax(-1)
     own = attn.project(signals["input"], "qk")
     a = (F.relu(own["q"]) + 1e-6) @ (F.relu(own["k"]) + 1e-6).transpose(-1, -2)
-    a = a * (signals["bias"] > -50)
+    a = a * (bias > -50)
     a = a / a.sum(-1, keepdim=True)
     reference = -(p * a.clamp_min(1e-30).log()).sum(-1).mean()
     torch.testing.assert_close(loss, reference, rtol=1e-4, atol=1e-5)

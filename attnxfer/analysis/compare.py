@@ -37,6 +37,7 @@ from ..models.attention import (
     attention_name_of,
     run_with_ios,
 )
+from ..models.attention.bias_rows import full_bias
 from ..models.attention.numerics import fp32_section, row_chunk, row_slices, upcast
 from ..transfer.plan import map_layers
 from .metrics import (
@@ -314,7 +315,8 @@ def layer_qk(
             raise RuntimeError(f"{name} did not run in {type(model).__name__}'s forward: nothing to inspect")
         q = io.q if io.q is not None else io.captured["q"]
         k = io.k if io.k is not None else io.captured["k"]
-        bias = io.bias if io.q is not None and io.k is not None else io.captured.get("bias")
+        # a captured bias comes as `BiasRows` (row blocks on demand, for the losses): inspect wants it whole
+        bias = full_bias(io.bias if io.q is not None and io.k is not None else io.captured.get("bias"))
         mask = _additive(masks.get(i), q.dtype if q.is_floating_point() else torch.float32)
         if mask is not None:
             bias = mask if bias is None else bias + mask

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..models.attention import MapKind, TransferableAttention, attention_layers, attention_name_of
+from ..models.attention.bias_rows import full_bias
 from ..models.efficient import check_softmax_teacher
 from .map_losses import MapLoss, check_map_loss, map_distillation_loss, output_mse
 
@@ -273,7 +274,7 @@ def layer_fit_loss(
     loss, metric = res.loss, res.metric
     region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
     if region is not None and signals.get("bias") is not None and layer.loss is MapLoss.CE:
-        correction = region(own["q"], own["k"], signals["bias"])
+        correction = region(own["q"], own["k"], full_bias(signals["bias"]))
         loss = loss + correction
         metric = metric + correction.detach() if metric is not None else None
     if output_weight:
