@@ -391,6 +391,8 @@ class _FusedBiasedRowCE(torch.autograd.Function):
         ent = torch.zeros((), dtype=torch.float64, device=qs.device)
         dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
         dk = torch.zeros(ks.shape, dtype=dtype, device=ks.device) if want_k else None
+        M = ks.shape[-2]
+        qs3, ks3 = qs.view(B * H, N, -1), ks.view(B * H, M, -1)  # contiguous: views for the gradient GEMMs
         # the bias inputs that take a gradient: fresh leaves, so each chunk's gather is differentiated alone
         want_b = [t.requires_grad for t in b_inputs]
         leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(b_inputs, want_b))
@@ -422,13 +424,16 @@ class _FusedBiasedRowCE(torch.autograd.Function):
                 ent -= (ent_rows if w is None else ent_rows * w[..., 0]).sum(dtype=torch.float64)
             if dq is None and dk is None and not grad_leaves:
                 continue
-            dz = log_p_s.exp_().sub_(p_t).div_(n)  # d mean-CE / d logits of these rows
+            dz = log_p_s.exp_().sub_(p_t)  # n · d mean-CE / d logits of these rows (1/n in the GEMMs)
             if w is not None:
                 dz.mul_(w)
-            if dq is not None:
-                dq[..., rows, :] = (dz @ ks).mul_(scale_s)
-            if dk is not None:
-                dk += dz.transpose(-2, -1) @ qs[..., rows, :]
+            dz3 = dz.view(B * H, -1, M)
+            if dq is not None:  # dq = (s/n)·dz K_s, written into its rows
+                part = dq.view(B * H, N, -1)[:, rows]
+                torch.baddbmm(part, dz3, ks3, beta=0, alpha=scale_s / n, out=part)
+            if dk is not None:  # dk = (1/n)·dzᵀ (s·Q_s), summed over chunks
+                dk3 = dk.view(B * H, M, -1)
+                torch.baddbmm(dk3, dz3.transpose(1, 2), qs3[:, rows], beta=1, alpha=1 / n, out=dk3)
             if grad_leaves and bs_rows is not None and bs_rows.requires_grad:
                 g = dz.sum(0, keepdim=True) if bs_rows.shape[0] == 1 < B else dz
                 parts = iter(
@@ -439,6 +444,9 @@ class _FusedBiasedRowCE(torch.autograd.Function):
                         part = next(parts)
                         if part is not None:
                             db[i] += part
+        for d in db:
+            if d is not None:
+                d.div_(n)
         ctx.save_for_backward(*(t for t in (dq, dk, *db) if t is not None))
         ctx.has = (dq is not None, dk is not None, *(d is not None for d in db))
         ctx.dtypes = (q_s.dtype, k_s.dtype, *(t.dtype for t in b_inputs))
