@@ -79,7 +79,7 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
     for f in (
         FamilyCoverage("vision_transformer", 145, 141, 141, ("inspect", "convert", "export")),
         FamilyCoverage("deit", 16, 16, 16, ("inspect", "convert", "export")),
-        FamilyCoverage("eva", 65, 65, 65, ("export",)),
+        FamilyCoverage("eva", 65, 65, 65, ("convert", "export")),
         FamilyCoverage("beit", 7, 7, 7, ("export",)),
         FamilyCoverage("vision_transformer_relpos", 9, 9, 9, ("export",)),
         FamilyCoverage("vision_transformer_sam", 3, 3, 3, ("export",)),
