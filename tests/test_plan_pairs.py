@@ -88,3 +88,27 @@ def test_a_teacher_without_prefix_tokens_names_the_matching_student():
 def _with_foreign_attention(model: torch.nn.Module) -> torch.nn.Module:
     model.blocks[1].attn = torch.nn.MultiheadAttention(32, 2)
     return model
+
+
+@pytest.mark.parametrize("recipe", ["families/dinov3_vits16_to_vit_s", "convert/eva02_small_performer"])
+def test_family_recipes_plan_with_their_real_teacher_architecture(recipe):
+    """The family recipes validate and plan against their teacher's real architecture (built on the meta
+    device, no weights): a plain ViT-S with 4 registers for DINOv3, a rope Performer student for EVA-02."""
+    from attnxfer.apps.run_parts import build_student
+    from attnxfer.config import load_config
+    from attnxfer.models.efficient import build_efficient_student
+    from attnxfer.transfer.coverage import on_meta
+
+    cfg = load_config(recipe)
+    with on_meta():
+        teacher = timm.create_model(cfg.teacher.spec.split(".")[0], pretrained=False)
+        if recipe.startswith("convert/"):
+            student = build_efficient_student(
+                teacher, cfg.convert.attention, num_classes=1000, **cfg.convert.attention_kwargs
+            )
+            assert student.blocks[0].attn.rope_keeps_map_kind
+        else:
+            student = build_student(cfg, teacher, 1000, 3, cfg.data.img_size)
+            assert type(student).__name__ == "VisionTransformer" and student.num_prefix_tokens == 5
+    plan = build_plan(teacher, student, cfg.transfer.mode, weight=cfg.transfer.atd_weight)
+    assert plan.tokens == teacher.num_prefix_tokens + 16 * 16

@@ -96,7 +96,7 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
     for f in (
         FamilyCoverage("vision_transformer", 145, 141, 141, ("inspect", "convert", "export")),
         FamilyCoverage("deit", 16, 16, 16, ("inspect", "convert", "export")),
-        FamilyCoverage("eva", 65, 65, 65, ("inspect", "export")),
+        FamilyCoverage("eva", 65, 65, 65, ("inspect", "convert", "export")),
         FamilyCoverage("beit", 7, 7, 7, ("inspect", "export")),
         FamilyCoverage("vision_transformer_relpos", 9, 9, 9, ("inspect", "export")),
         FamilyCoverage("vision_transformer_sam", 3, 3, 3, ("inspect", "export")),
@@ -104,10 +104,10 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
         FamilyCoverage("naflexvit", 11, 11, 11, ("inspect", "export")),
         FamilyCoverage("qwen3_vit", 9, 9, 9, ("inspect", "export")),
         FamilyCoverage("gemma4_vit", 4, 4, 4, ("inspect", "export")),
-        FamilyCoverage("swin_transformer", 9, 9, 9, ("export",)),
+        FamilyCoverage("swin_transformer", 9, 9, 9, ("convert", "export")),
         FamilyCoverage("swin_transformer_v2", 12, 12, 12, ("export",)),
         FamilyCoverage("swin_transformer_v2_cr", 3, 3, 3, ("export",)),
-        FamilyCoverage("pvt_v2", 7, 7, 7, ("export",)),
+        FamilyCoverage("pvt_v2", 7, 7, 7, ("convert", "export")),
         FamilyCoverage("twins", 6, 6, 6, ("export",)),
         FamilyCoverage("hiera", 7, 7, 7, ("export",)),
     )

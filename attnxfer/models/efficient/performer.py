@@ -89,7 +89,7 @@ class PerformerAttention(KernelAttention):
 
     eps: float = 1e-6
     rope_why = (
-        "keeps row_stochastic and its target: positive features exp(w.x - |x|^2/2) estimate exp(q.k) for "
+        "keeps row_stochastic and its target: positive features exp(w.x - x.x/2) estimate exp(q.k) for "
         "any q, k, and rope keeps norms, so they estimate the teacher's rope softmax"
     )
     precision = PERFORMER_BF16
