@@ -34,6 +34,7 @@ def pytest_configure(config):
         config.option.loadscopereorder = False
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     """Work units for ``pytest -n 2 --dist loadgroup`` (the README's test command): every test on the loopback
     SLURM cluster goes to one group, so one cluster (a session fixture) serves them all on one worker while
