@@ -25,4 +25,3 @@ def tiny_teacher_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-teacher")
     save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), folder, safe_serialization=True)
     return folder
-
