@@ -25,24 +25,3 @@ def tiny_teacher_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-teacher")
     save_for_hf(peaked_teacher(depth=2, qkv_bias=True, plain_timm=True), folder, safe_serialization=True)
     return folder
-
-
-def pytest_configure(config):
-    """Under xdist, hand out the groups in collection order (xdist's default sorts them by test count):
-    the SLURM group, collected first, is the longest and must start first."""
-    if hasattr(config.option, "loadscopereorder"):
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    """Work units for ``pytest -n 2 --dist loadgroup`` (the README's test command): every test on the loopback
-    SLURM cluster goes to one group, so one cluster (a session fixture) serves them all on one worker while
-    the other worker runs CPU tests during their waits; every other module is a group of its own, so its
-    module-scoped fixtures (trained runs, exports) are built once, not once per worker. Without xdist the
-    marks do nothing."""
-    for item in items:
-        if item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ()):
-            group = "slurm"
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
