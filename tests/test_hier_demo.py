@@ -79,7 +79,12 @@ def test_the_chain_runs_at_a_few_steps(tmp_path, monkeypatch):
     logged = json.loads(Path("runs/demo/hier_distill/metrics.jsonl").read_text().splitlines()[0])
     assert [k for k in logged if k.startswith("attn_ce/")] == [f"attn_ce/{i}" for i in range(5)]
     for name in CONVERSIONS:
-        tiny = [*_TINY, "convert.stage1_steps=2", "convert.stage1_batch_size=8", "convert.agreement_batches=1"]
+        tiny = [
+            *_TINY,
+            "convert.stage1_steps=2",
+            "convert.stage1_batch_size=8",
+            "convert.agreement_batches=1",
+        ]
         assert main(["convert", "-c", f"convert/{name}", *tiny, "convert.speed_repeats=1"]) == 0
         report = json.loads(Path(f"runs/convert/{name}/report.json").read_text())
         assert len(report["agreement"]["teacher_input"]) == 5  # every block of every stage swapped
