@@ -135,7 +135,8 @@ def measure_resolution(
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         for model in models.values():
             model.compile(dynamic=False)
-    x = torch.randn(batch, 3, resolution, resolution, device=device)
+    in_chans = models[TEACHER].pretrained_cfg.get("input_size", (3,))[0]  # the demo's PVTv2 is grey-scale
+    x = torch.randn(batch, in_chans, resolution, resolution, device=device)
     y = torch.randint(0, preset.num_classes, (batch,), device=device)
     fns = {}
     for name, model in models.items():

@@ -104,9 +104,12 @@ def build_student(
     else:
         kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
         kwargs.setdefault("in_chans", in_chans)
-        if img_size is not None:
-            kwargs.setdefault("img_size", img_size)
-        student = create_vit(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+        optional: tuple[str, ...] = ()
+        if img_size is not None and "img_size" not in kwargs:
+            kwargs["img_size"], optional = img_size, ("img_size",)  # a conv stem (PVTv2) takes any size
+        student = create_vit(
+            m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, optional=optional, **kwargs
+        )
     return student_attention(student, m.attention, m.attention_kwargs)
 
 

@@ -16,17 +16,39 @@ from timm.models.vision_transformer import _create_vision_transformer
 
 from .attention import TransferAttention
 
-__all__ = ["create_vit", "vit_micro_patch4_28", "vit_nano_patch4_28"]
+__all__ = ["create_vit", "pvt_v2_micro_56", "vit_micro_patch4_28", "vit_nano_patch4_28"]
 
 
-def create_vit(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create_vit(
+    name: str, pretrained: bool = False, optional: tuple[str, ...] = (), **kwargs: Any
+) -> nn.Module:
     """``timm.create_model`` with `TransferAttention` in every block.
 
     ``name`` is any timm ViT name (``vit_small_patch16_224``, ``vit_base_patch16_224.mae``,
-    ``hf-hub:...``); kwargs go to timm (``img_size``, ``depth``, ``num_classes``, ...).
+    ``hf-hub:...``); kwargs go to timm (``img_size``, ``depth``, ``num_classes``, ...). Architectures
+    that build their own attention (PVTv2, ...) get timm's; kwargs named in ``optional`` are left out
+    for architectures that do not take them.
     """
     kwargs.setdefault("attn_layer", TransferAttention)
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    return _create_dropping(name, pretrained, kwargs, optional=("attn_layer", *optional))
+
+
+def _create_dropping(
+    name: str, pretrained: bool, kwargs: dict[str, Any], optional: tuple[str, ...]
+) -> nn.Module:
+    """``timm.create_model``, leaving out the ``optional`` kwargs the architecture does not take.
+
+    Why: hierarchical families with a conv stem (PVTv2) take no ``img_size`` (any size works) and build
+    their own attention (no ``attn_layer``); the training app passes both by default to every model."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as e:
+        dropped = [k for k in optional if k in kwargs and f"keyword argument '{k}'" in str(e)]
+        if not dropped:
+            raise
+        return _create_dropping(
+            name, pretrained, {k: v for k, v in kwargs.items() if k != dropped[0]}, optional
+        )
 
 
 def _micro_cfg(**kwargs: Any) -> dict:
@@ -51,6 +73,7 @@ default_cfgs = generate_default_cfgs(
     {
         "vit_micro_patch4_28": _micro_cfg(),
         "vit_nano_patch4_28": _micro_cfg(),
+        "pvt_v2_micro_56": {**_micro_cfg(), "input_size": (1, 56, 56)},
     }
 )
 
@@ -67,3 +90,20 @@ def vit_nano_patch4_28(pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """A wider 28×28 ViT (width 192, 6 blocks, 3 heads): the demo's teacher."""
     args = dict(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=6, num_heads=3, mlp_ratio=2.0)
     return _create_vision_transformer("vit_nano_patch4_28", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def pvt_v2_micro_56(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """PVTv2 for 56×56 single-channel images (animal-mnist up-sampled): 4 stages of 14², 7², 4², 2² tokens,
+    widths 32-64-96-128, sr_ratio 1 everywhere (full attention: the hierarchical demo's convertible teacher)."""
+    from timm.models.pvt_v2 import _create_pvt2
+
+    args = dict(
+        in_chans=1,
+        embed_dims=(32, 64, 96, 128),
+        depths=(1, 1, 2, 1),
+        num_heads=(1, 2, 3, 4),
+        sr_ratios=(1, 1, 1, 1),
+        mlp_ratios=(4.0, 4.0, 4.0, 4.0),
+    )
+    return _create_pvt2("pvt_v2_micro_56", pretrained=pretrained, **dict(args, **kwargs))
