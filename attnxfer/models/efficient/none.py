@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..attention.interface import MapKind
+from ..attention.numerics import PrecisionPolicy
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .base import EfficientAttention
@@ -26,6 +27,11 @@ class NoAttention(EfficientAttention):
     map_kind = MapKind.NONE
     #: read by the conversion plan: stage 1 skips the layer (no map, no output to fit)
     attention_free = True
+    rope_keeps_map_kind = True
+    rope_why = "no map and no q, k to rotate: a rope teacher's block simply loses its attention branch"
+    precision = PrecisionPolicy(
+        fp32=("nothing is computed",), why="the branch outputs zeros: no arithmetic to round"
+    )
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return torch.zeros_like(x)
