@@ -14,6 +14,7 @@ from helpers import peaked_teacher, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_plan_from_config
+from attnxfer.apps.run_parts import build_student
 from attnxfer.config import list_recipes, load_config
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
@@ -295,9 +296,17 @@ def test_recipes_load_and_validate():
     } <= set(names)
     micro = create_vit("vit_micro_patch4_28").eval()
     mae_like = create_vit("vit_base_patch16_224", num_classes=0, depth=2).eval()  # headless, 2 blocks: quick
+    # the hierarchical demo's conversions start from its PVTv2 micro-teacher, built as that recipe builds it
+    pvt = build_student(
+        load_config("demo/hier_teacher"), None, num_classes=10, in_chans=1, img_size=56
+    ).eval()
     for name in names:
         cfg = load_config(name)
-        teacher = micro if cfg.teacher.spec.startswith("local-dir:runs/demo/teacher") else mae_like
+        spec = cfg.teacher.spec
+        if spec.startswith("local-dir:runs/demo/hier_teacher"):
+            teacher = pvt
+        else:
+            teacher = micro if spec.startswith("local-dir:runs/demo/teacher") else mae_like
         student = build_efficient_student(
             teacher, cfg.convert.attention, num_classes=10, **cfg.convert.attention_kwargs
         )
