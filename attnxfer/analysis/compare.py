@@ -827,8 +827,8 @@ def layer_agreement(
             f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
             "the student needs the teacher's tokens, and heads that divide the teacher's"
         )
-    teacher = LayerSignals("teacher", t_attn, q_t, k_t, t_qk.get("bias"))
-    student = LayerSignals("student", s_attn, q_s, k_s, s_qk.get("bias"))
+    teacher = LayerSignals("teacher", t_attn, q_t, k_t, full_bias(t_qk.get("bias")))
+    student = LayerSignals("student", s_attn, q_s, k_s, full_bias(s_qk.get("bias")))
     step = row_chunk(q_t, n, live_tensors=4)
     total, count = 0.0, 0
     for rows in row_slices(0, q_t.shape[-2], step):
