@@ -69,8 +69,12 @@ def test_a_full_window_student_of_a_rope_teacher_reproduces_its_logits(family, x
 
 
 def _students(teacher):
-    """(name, converted student) for every zoo attention; windowed ones in 2x2 windows (keys outside)."""
+    """(name, converted student) for every zoo attention with a map or an output to fit; windowed ones in 2x2
+    windows (keys outside). ``none`` (attention-free: nothing to rotate or fit) has its own tests in
+    tests/test_hierarchical_conversion.py."""
     for name in rope_support():
+        if name == "none":
+            continue
         windowed = get_attention_class(name).accepts_option("window_size")
         yield name, build_efficient_student(teacher, name, **({"window_size": 2} if windowed else {}))
 
