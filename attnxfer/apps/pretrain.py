@@ -28,10 +28,11 @@ from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
 from ..checkpoints.export import export_run
+from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, TransferConfig, dump_config, to_dict
 from ..data import dataset_info
+from ..errors import InputError
 from ..models.mae import MaskedAutoencoder
 from ..models.student import student_spec
 from ..models.vit import create_vit
@@ -39,12 +40,14 @@ from ..sources import load_teacher
 from ..sources.resolve import TeacherLoadError, read_state_dict
 from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.engine import Engine, TrainResult, evaluate_loss
+from ..train.engine import Engine, TrainResult
+from ..train.evaluation import evaluate_loss
+from ..train.objective import ModuleObjective
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
 from .resume import resume_source
 from .run_parts import RunParts, build_run_parts
-from .training import adamw_from_config, engine_facts, loop_settings
+from .training import adamw_from_config, engine_facts, evaluate_run, loop_settings
 from .world_size import fit_world_size
 
 __all__ = ["MODE", "build_mae", "build_pretrain_engine", "init_mae", "pretrain", "reconstruction_pictures"]
@@ -149,7 +152,7 @@ def reconstruction_pictures(
         mae.train(was_training)
         pixels = (triplets * std_t + mean_t).clamp(0, 1)
         grid = make_grid(pixels.flatten(0, 1), nrow=3, padding=1, pad_value=1.0)
-        return {"reconstruction": F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]}
+        return {"val/reconstruction": F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]}
 
     return draw
 
@@ -157,8 +160,8 @@ def reconstruction_pictures(
 def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: MaskedAutoencoder) -> None:
     if not engine.is_main:
         return
-    run_dir = Path(cfg.run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.write_config(dump_config(cfg))
     a = cfg.mae
     info = {
         "objective": "mae",
@@ -176,18 +179,21 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: Mas
         "std": parts.std,
         **engine_facts(engine),
     }
-    atomic_write_json(run_dir / "run.json", info)
+    run_dir.write_record(info)
 
 
-def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> Engine:
-    """The MAE, data, optimiser and engine that ``cfg`` describes."""
+def build_pretrain_engine(
+    cfg: TrainConfig, runtime: Runtime | None = None, write_run_files: bool = True
+) -> Engine:
+    """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
+    nothing into the run dir (an eval-only run)."""
     if cfg.teacher.spec:
-        raise ValueError(
+        raise InputError(
             f"pretrain learns from pixels alone; teacher.spec={cfg.teacher.spec!r} would be unused. "
             "Remove it (attention transfer from a teacher is `attnxfer train`)"
         )
     if cfg.teacher.compile:
-        raise ValueError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
+        raise InputError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     if not cfg.eval_only:  # another world size than the checkpoint's keeps its global batch (or stops)
         log = print if runtime.is_main else lambda *_: None
@@ -195,7 +201,7 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    if runtime.is_main:
+    if runtime.is_main and write_run_files:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     d = cfg.data
@@ -214,7 +220,7 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
     optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
-    pictures = None
+    pictures = []
     if cfg.mae.pictures > 0:
         val = parts.val_loader.dataset
         if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
@@ -222,21 +228,20 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
         else:
             picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
             shown = [val[i][0] for i in picks]
-        pictures = reconstruction_pictures(torch.stack(shown), parts.mean, parts.std)
+        pictures.append(reconstruction_pictures(torch.stack(shown), parts.mean, parts.std))
     engine = Engine(
         runtime,
-        mae,
+        ModuleObjective(mae, evaluate_loss),
         optimizer,
         train_loader=parts.train_loader,
         val_loader=parts.val_loader,
         train_sampler=parts.train_sampler,
-        task=None,
         settings=settings,
         record={"teacher": None, "config": to_dict(cfg)},
-        evaluator=evaluate_loss,
         pictures=pictures,
     )
-    _write_run_files(cfg, engine, parts, mae)
+    if write_run_files:
+        _write_run_files(cfg, engine, parts, mae)
     if engine.is_main:
         if init_note:
             print(init_note, flush=True)
@@ -252,12 +257,16 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
 
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
-    """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
+    """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``.
+    ``eval_only: true`` scores the newest checkpoint instead, through `evaluate_run` as `attnxfer eval` does."""
+    if cfg.eval_only:
+        result = evaluate_run(cfg, build=lambda c: build_pretrain_engine(c, write_run_files=False))
+        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics, metric="val_loss")
     main = DistributedInfo.from_environment().is_main_process
     with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
-        if cfg.mae.export and engine.is_main and not cfg.eval_only:
+        if cfg.mae.export and engine.is_main:
             out = export_run(cfg.run_dir, Path(cfg.run_dir) / "export", weights="raw", overwrite=True)
             print(f"encoder exported to {out}: teacher.spec=local-dir:{out}", flush=True)
         barrier()

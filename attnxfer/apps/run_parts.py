@@ -20,6 +20,7 @@ from ..data import (
     build_loader,
     dataset_info,
 )
+from ..errors import InputError
 from ..models.efficient import with_attention
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
@@ -81,7 +82,7 @@ def init_from_pretrained(
     head = {n for n, _ in student.named_parameters() if n.split(".")[0] == "head"}
     missing = set(result.missing_keys) - head
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise InputError(
             f"model.init={spec!r} does not fit the student built from it: missing {sorted(missing)}, "
             f"unexpected {sorted(result.unexpected_keys)}"
         )
@@ -118,7 +119,7 @@ def student_attention(
     message naming the key (an unknown name with the nearest registered one)."""
     if not attention:
         if options:
-            raise ValueError("model.attention_kwargs is set but model.attention is not: name the attention")
+            raise InputError("model.attention_kwargs is set but model.attention is not: name the attention")
         return student
     try:
         return with_attention(student, attention, **options)
@@ -126,7 +127,7 @@ def student_attention(
         what = (
             "model.attention_kwargs" if isinstance(e, TypeError) and "option" in str(e) else "model.attention"
         )
-        raise ValueError(f"{what}: {e.args[0]}") from None
+        raise InputError(f"{what}: {e.args[0]}") from None
 
 
 StudentFn = Callable[[nn.Module | None, int], nn.Module]
@@ -150,7 +151,7 @@ def build_run_parts(
         )
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
     elif cfg.transfer.mode != "none":
-        raise ValueError(
+        raise InputError(
             f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
             "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
             "or use transfer.mode=none"
@@ -158,8 +159,8 @@ def build_run_parts(
     num_classes = cfg.model.num_classes or info.num_classes
     if not num_classes:
         if d.root is None:
-            raise ValueError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
-        raise ValueError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
+            raise InputError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
+        raise InputError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
     in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
     img_size = d.img_size or (teacher.patch_embed.img_size[0] if teacher is not None else None)
     student = (

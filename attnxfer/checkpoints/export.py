@@ -18,17 +18,16 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
 from ..analysis.intervals import correct_count, top1_interval
+from ..errors import InputError, PathExistsError
 from ..models.student import (
     SOFTMAX,
     per_block_attention,
@@ -37,10 +36,11 @@ from ..models.student import (
     timm_args_from_traits,
     vit_traits,
 )
-from ..sources.teacher import TeacherRecord, drop_unused_entries, hub_reachable
+from ..sources.teacher import TeacherRecord, hub_reachable
 from ..transfer.plan import MODES
 from ..version import __version__
-from .store import CheckpointManager, MetricMode, _owner_is_alive, _owner_tag
+from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint
+from .store import _owner_is_alive, _owner_tag
 
 __all__ = [
     "EXPORT_FILES",
@@ -121,7 +121,7 @@ def card_license(card: ModelCardInfo) -> tuple[str, str]:
     name = _teacher_name(teacher)
     if tl and _non_commercial(tl):
         if card.license and card.license.lower() != tl.lower():
-            raise ValueError(
+            raise InputError(
                 f"the teacher {name} is licensed {tl} (non-commercial); a student trained from it "
                 f"inherits that licence and cannot be released as {card.license!r}. Drop license= "
                 "or train from a teacher whose licence allows it"
@@ -401,9 +401,9 @@ def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
+        raise PathExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise PathExistsError(
             f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
             "choose a new folder or pass overwrite=True (CLI: --overwrite)"
         )
@@ -593,80 +593,17 @@ def push_export(
 # From a run directory
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _step_of(ckpt: Path) -> int:
     m = re.fullmatch(r"step-(\d+)", ckpt.name)
     return int(m.group(1)) if m else -1
 
 
-class CheckpointChoice(StrEnum):
-    """Which checkpoint of a run to export."""
-
-    BEST = "best"  # the best validation metric the run recorded
-    LATEST = "latest"
-
-
-class ExportWeights(StrEnum):
-    """Which weights of a checkpoint to export."""
-
-    EMA = "ema"
-    RAW = "raw"
-
-    @property
-    def filename(self) -> str:
-        return "ema.safetensors" if self is ExportWeights.EMA else "model.safetensors"
-
-    @property
-    def other(self) -> ExportWeights:
-        return ExportWeights.RAW if self is ExportWeights.EMA else ExportWeights.EMA
-
-
-def _choice(enum: type[StrEnum], value: str, key: str) -> StrEnum:
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(f"{key}={value!r}: choose {' or '.join(repr(m.value) for m in enum)}") from None
-
-
-def select_checkpoint(
-    run_dir: str | os.PathLike, which: CheckpointChoice | str = "best", best_mode: MetricMode | str = "max"
-) -> tuple[Path, str]:
-    """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
-
-    ``best`` is the best validation metric the run recorded (val top-1; with ``best_mode="min"`` a loss,
-    as MAE pre-training records); a run that recorded none exports its latest checkpoint and says so.
-    """
-    which = _choice(CheckpointChoice, which, "checkpoint")
-    manager = CheckpointManager(run_dir, best_mode=best_mode)
-    latest = manager.latest()
-    if latest is None:
-        raise FileNotFoundError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
-    if which is CheckpointChoice.BEST:
-        best = manager.best()
-        if best is not None and best.metric is not None:
-            if manager.best_mode is MetricMode.MAX:
-                what = f"val top-1 {best.metric:.2f}"
-            else:
-                what = f"val loss {best.metric:.4g}"
-            return best.path, f"{best.path.name} (best {what})"
-        _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
-        return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
-    return latest.path, f"{latest.path.name} (latest)"
-
-
-def _card_metrics(run_dir: Path, ckpt: Path) -> dict[str, Any]:
-    state = _read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
+def _card_metrics(run: RunDir, ckpt: Path) -> dict[str, Any]:
+    state = run.checkpoint_state(ckpt)
     step = state.get("step", _step_of(ckpt))
     if state.get("metrics"):
         return {"step": step, **state["metrics"]}
-    rows = []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = run.metric_rows()
     at_step = [r for r in rows if r.get("step") == step]
     return dict((at_step or rows or [{}])[-1])
 
@@ -718,60 +655,30 @@ def export_run(
     metrics.jsonl and the chosen checkpoint's safetensors. Copy-mode students are refused: they
     compute attention from the teacher's q/k at inference and do not stand alone.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(
-            f"run dir {str(run_dir)!r} does not exist; give the run_dir of a training run"
-        )
-    if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir} has no run.json: not a training run's dir (or its run never got past the start)"
-        )
+    run = RunDir(run_dir)
+    record = run.record()
     weights = _choice(ExportWeights, weights, "weights")
-    run = _read_json(run_dir / "run.json")
-    if "student" not in run:
-        raise ValueError(
-            f"{run_dir / 'run.json'} has no 'student' spec (attnxfer.models.student_spec output)"
-        )
-    mode = run.get("mode")
+    mode = record.get("mode")
     if mode in MODES and MODES[mode].teacher_at_eval:
-        raise ValueError(
-            f"run {run_dir} trained in mode {mode!r}: its student attends with the teacher's "
+        raise InputError(
+            f"run {run.path} trained in mode {mode!r}: its student attends with the teacher's "
             f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
             "projections. Export a distillation run, or fine-tune this student without the teacher first"
         )
-    ckpt, why = select_checkpoint(run_dir, checkpoint, run.get("best_mode", "max"))
-    wfile = ckpt / weights.filename
-    if not wfile.is_file():
-        raise FileNotFoundError(
-            f"{wfile} does not exist (the run kept no {weights} weights); try weights={weights.other.value!r}"
-        )
-    student = student_from_spec(run["student"], attn_layer=attn_layer)
-    state = load_file(str(wfile), device="cpu")
-    # An MAE pre-training run checkpoints encoder + decoder in MAE's layout: the export is the encoder.
-    state, dropped = drop_unused_entries(state)
-    if dropped:
-        _logger.info("export of %s: dropped %d entries the encoder does not use", run_dir, len(dropped))
-    result = student.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(
-            f"{wfile} does not fit the run's student: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
-    recipe = (
-        (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
-    )
+    loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
+    student, ckpt, why = loaded.model, loaded.checkpoint, loaded.why
+    recipe = run.recipe()
     out_dir = Path(out_dir)
     card = ModelCardInfo(
         model_name=(push_to_hub or out_dir.name).split("/")[-1],
-        teacher=run.get("teacher"),
+        teacher=record.get("teacher"),
         transfer_mode=mode,
-        plan=run.get("plan"),
+        plan=record.get("plan"),
         recipe=recipe,
-        metrics=_card_metrics(run_dir, ckpt),
+        metrics=_card_metrics(run, ckpt),
         training_data=_training_data(recipe),
         checkpoint=f"{why}, {weights} weights",
-        description=run.get("description"),
+        description=record.get("description"),
         repo_id=push_to_hub,
         dataset=_dataset_id(recipe),
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",

@@ -59,6 +59,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
+from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from ..sources.resolve import sha256_file
 
 __all__ = [
@@ -83,8 +85,6 @@ __all__ = [
 CHECKPOINT_FORMAT = "attnxfer.checkpoint/1"
 STATE_DICT_FORMAT = "attnxfer.state_dict/1"
 MANIFEST_NAME = "MANIFEST.json"
-STATE_NAME = "state.json"
-CHECKPOINTS_SUBDIR = "checkpoints"
 
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -107,7 +107,7 @@ class MetricMode(StrEnum):
         return self.sign * value > self.sign * than
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """Base class for checkpoint problems."""
 
 

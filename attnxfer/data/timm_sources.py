@@ -17,6 +17,7 @@ from itertools import islice
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ..errors import InputError
 from .folder import FolderDataset
 from .registry import DatasetInfo, check_image_args, register_prefix, resolve_norm, with_settings
 
@@ -78,7 +79,7 @@ def _transform(split: str, augment: bool | None, img_size: int, in_chans: int, m
 def _settings(name: str, img_size, in_chans, mean, std, default: DatasetInfo):
     img_size, in_chans = check_image_args(name, img_size, in_chans, default)
     if in_chans not in (1, 3):
-        raise ValueError(f"{name}: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        raise InputError(f"{name}: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
     mean, std = resolve_norm(mean, std, in_chans, default)
     return img_size, in_chans, mean, std
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError, pickle_load
 
+from ..errors import InputError
 from ..train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ..train.stop import StopRequested
 from .arguments import CLUSTERS
@@ -100,7 +101,7 @@ def parse_time_minutes(value: int | str) -> int:
         text = str(value).strip()
         m = _TIME_RE.match(text)
         if not m:
-            raise ValueError(
+            raise InputError(
                 f"time must be MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time formats), "
                 f"got {value!r}"
             )
@@ -120,10 +121,10 @@ def parse_time_minutes(value: int | str) -> int:
             bounded = [("minutes", mi, 60), ("seconds", s, 60)]
         for what, number, limit in bounded:
             if number >= limit:
-                raise ValueError(f"time {text!r}: {what} must be below {limit}, got {number}")
+                raise InputError(f"time {text!r}: {what} must be below {limit}, got {number}")
         minutes = math.ceil((((days * 24 + h) * 60 + mi) * 60 + s) / 60)
     if minutes < 1:
-        raise ValueError(f"time limit must be at least one minute, got {value!r}")
+        raise InputError(f"time limit must be at least one minute, got {value!r}")
     return minutes
 
 
@@ -136,7 +137,7 @@ def check_script_value(flag: str, value: Any) -> None:
     text = str(value)
     bad = sorted({repr(c) for c in text if unicodedata.category(c) == "Cc"})
     if bad:
-        raise ValueError(
+        raise InputError(
             f"{flag} {text!r}: control characters ({', '.join(bad)}) cannot go into an sbatch script"
         )
 
@@ -146,7 +147,7 @@ def check_name_list(flag: str, value: str, what: str) -> None:
     check_script_value(flag, value)
     items = _split_top_level(value)
     if any(not item or any(c.isspace() for c in item) for item in items):
-        raise ValueError(
+        raise InputError(
             f"{flag} {value!r}: {what} have no spaces and no empty items (a list is comma-separated, e.g. a,b)"
         )
 
@@ -158,9 +159,9 @@ def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise ValueError(f"{what} expects KEY=VALUE, got {item!r}")
+            raise InputError(f"{what} expects KEY=VALUE, got {item!r}")
         if key in out:
-            raise ValueError(f"{what} sets {key!r} twice")
+            raise InputError(f"{what} sets {key!r} twice")
         out[key] = value
     return out
 
@@ -192,7 +193,7 @@ def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
     for key, values in parse_key_values(items, what="--sweep").items():
         vals = [v.strip() for v in _split_top_level(values)]
         if not vals or any(v == "" for v in vals):
-            raise ValueError(
+            raise InputError(
                 f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}"
             )
         sweep[key] = vals
@@ -225,53 +226,53 @@ class SlurmOptions:
 
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTERS:
-            raise ValueError(f"cluster must be one of {CLUSTERS}, got {self.cluster!r}")
+            raise InputError(f"cluster must be one of {CLUSTERS}, got {self.cluster!r}")
         for name in ("nodes", "array_parallelism"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.gpus_per_node < 0:
-            raise ValueError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
+            raise InputError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
         if self.tasks_per_node is not None:
             if self.tasks_per_node < 1:
-                raise ValueError(f"tasks_per_node must be >= 1, got {self.tasks_per_node}")
+                raise InputError(f"tasks_per_node must be >= 1, got {self.tasks_per_node}")
             if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
-                raise ValueError(
+                raise InputError(
                     f"one task per GPU: tasks_per_node={self.tasks_per_node} differs from "
                     f"gpus_per_node={self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)"
                 )
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise ValueError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
+            raise InputError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
         if self.max_requeues < 0:
-            raise ValueError(f"max_requeues must be >= 0, got {self.max_requeues}")
+            raise InputError(f"max_requeues must be >= 0, got {self.max_requeues}")
         if self.max_preemptions is not None and self.max_preemptions < 0:
-            raise ValueError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
+            raise InputError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
         self._check_script_values()
         if self.mem is not None and not _MEM_RE.match(str(self.mem)):
-            raise ValueError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
+            raise InputError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
         parse_time_minutes(self.time)
         if self.cluster == "local" and self.nodes > 1:
-            raise ValueError("cluster='local' runs on this machine only: use nodes=1")
+            raise InputError("cluster='local' runs on this machine only: use nodes=1")
         if self.cluster == "debug" and self.ntasks_per_node * self.nodes > 1:
-            raise ValueError("cluster='debug' runs one task in this process: use nodes=1 and one task")
+            raise InputError("cluster='debug' runs one task in this process: use nodes=1 and one task")
         self.extra = {str(k).replace("_", "-"): v for k, v in dict(self.extra).items()}
         for key, value in self.extra.items():
             if not _SBATCH_KEY_RE.match(key):
-                raise ValueError(
+                raise InputError(
                     f"--slurm {key!r}: not an sbatch option name (letters, digits and dashes, "
                     "e.g. --slurm mail-type=END)"
                 )
             check_script_value(f"--slurm {key}=", value)
         clash = sorted(set(self.extra) & RESERVED_SBATCH_KEYS)
         if clash:
-            raise ValueError(
+            raise InputError(
                 f"--slurm cannot set {clash}: submitit manages them (use --name for the job name)"
             )
         for key in self.extra:
             if len(key) == 1:
-                raise ValueError(f"--slurm {key}=: write sbatch's long option name (e.g. nodes, not N)")
+                raise InputError(f"--slurm {key}=: write sbatch's long option name (e.g. nodes, not N)")
             own = [k for k in OWN_FLAG_KEYS if k == key or (len(key) >= 3 and k.startswith(key))]
             if own:
-                raise ValueError(
+                raise InputError(
                     f"--slurm {key}= would override {OWN_FLAG_KEYS[own[0]]} behind the job's back "
                     f"(the ranks and the summary follow the flag): use {OWN_FLAG_KEYS[own[0]]}"
                 )
@@ -293,7 +294,7 @@ class SlurmOptions:
         if self.constraint is not None:
             check_script_value("--constraint", self.constraint)
             if not str(self.constraint).strip() or any(c.isspace() for c in str(self.constraint)):
-                raise ValueError(
+                raise InputError(
                     f"--constraint {self.constraint!r}: node features have no spaces "
                     "(combine them with & or |, e.g. a100&ib)"
                 )
@@ -652,7 +653,7 @@ def sweep_points(
         return [SweepPoint({}, cfg)]
     for key, values in sweep.items():
         if isinstance(values, (str, bytes)) or not values:
-            raise ValueError(f"sweep[{key!r}] must be a non-empty list of values, got {values!r}")
+            raise InputError(f"sweep[{key!r}] must be a non-empty list of values, got {values!r}")
     keys = list(sweep)
     points = []
     for i, combo in enumerate(itertools.product(*(sweep[k] for k in keys))):
@@ -668,7 +669,7 @@ def _check_config(cfg: Any) -> None:
             f"cfg must have a `run_dir` and a `with_overrides(dict)` method, got {type(cfg).__name__}"
         )
     if not str(cfg.run_dir):
-        raise ValueError("cfg.run_dir is empty: set run_dir=PATH (on a filesystem every node sees)")
+        raise InputError("cfg.run_dir is empty: set run_dir=PATH (on a filesystem every node sees)")
 
 
 def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:

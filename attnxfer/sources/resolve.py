@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError, MissingPathError, UserError
+
 __all__ = [
     "RESOLVERS",
     "WEIGHT_SUFFIXES",
@@ -66,11 +68,11 @@ _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
 
 
-class TeacherNotAvailable(RuntimeError):
+class TeacherNotAvailable(UserError, RuntimeError):
     """The teacher's weights are neither on this machine nor reachable; the message says how to get them."""
 
 
-class TeacherLoadError(ValueError):
+class TeacherLoadError(InputError):
     """The weights do not fit the architecture (missing/unexpected/mis-shaped keys, wrong head)."""
 
     def __init__(self, message: str, missing_keys: Sequence[str] = (), unexpected_keys: Sequence[str] = ()):
@@ -79,7 +81,7 @@ class TeacherLoadError(ValueError):
         self.unexpected_keys = list(unexpected_keys)
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InputError):
     """A checkpoint that can only be read by unpickling arbitrary Python objects."""
 
 
@@ -136,10 +138,10 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     if sep and prefix.lower() in ("hf-hub", "hf_hub"):
         repo, _, rev = rest.partition("@")
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-            raise ValueError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
+            raise InputError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
         rev = rev or None
         if rev and revision and rev != revision:
-            raise ValueError(
+            raise InputError(
                 f"teacher spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
             )
         return TeacherSpec(Source.HF_HUB, repo, rev or revision)
@@ -151,7 +153,7 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     if timm.is_model(arch):
         return TeacherSpec(Source.TIMM, spec, revision)
     hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
-    raise ValueError(
+    raise InputError(
         f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
         f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "
         f"'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
@@ -196,7 +198,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingPathError(f"checkpoint {path} does not exist")
     name = path.name.lower()
     if name.endswith(".safetensors"):
         from safetensors import SafetensorError
@@ -210,7 +212,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
                 "Copy or download it again"
             ) from None
     if not name.endswith(WEIGHT_SUFFIXES):
-        raise ValueError(
+        raise InputError(
             f"{path}: unsupported checkpoint type; use one of {', '.join(WEIGHT_SUFFIXES)} "
             "(JAX .npz weights: load them through their timm name instead)"
         )
@@ -446,7 +448,7 @@ def registry_cfg(name: str) -> dict[str, Any]:
     if cfg is None:
         import timm
 
-        raise ValueError(
+        raise InputError(
             f"timm has no pretrained config {name!r}; tags for {arch}: "
             f"{timm.list_pretrained(arch + '.*')[:10]}"
         )
@@ -527,7 +529,7 @@ def _resolve_local_dir(
 ) -> Resolved:
     folder = Path(spec.name)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"local-dir:{folder}: no config.json there (timm's Hub layout is config.json + "
             "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`)"
         )
@@ -544,7 +546,7 @@ def _resolve_local_dir(
     if pretrained:
         found = [folder / n for n in _HUB_WEIGHT_FILES if (folder / n).is_file()]
         if not found:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"local-dir:{folder}: none of {list(_HUB_WEIGHT_FILES)} there; "
                 f"it holds {sorted(p.name for p in folder.iterdir())}"
             )
@@ -560,14 +562,14 @@ def _resolve_file(
 
     path = Path(spec.name)
     if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+        raise MissingPathError(f"teacher checkpoint {path} does not exist")
     if not arch:
         hint = (
             f" (this folder looks like timm's Hub layout: try 'local-dir:{path.parent}')"
             if (path.parent / "config.json").is_file()
             else ""
         )
-        raise ValueError(
+        raise InputError(
             f"teacher file {path}: pass arch=, the timm architecture it was trained as, e.g. "
             f"arch='vit_large_patch16_224.mae' (the tag selects the preprocessing){hint}"
         )
@@ -575,7 +577,7 @@ def _resolve_file(
     import timm
 
     if not timm.is_model(arch_name):
-        raise ValueError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
+        raise InputError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
     cfg = registry_cfg(arch)
     # An untagged arch gets timm's default tag's preprocessing, which says nothing about this file's licence.
     return Resolved(

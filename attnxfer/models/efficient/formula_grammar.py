@@ -47,6 +47,8 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
+from ...errors import InputError
+
 __all__ = [
     "CONV_SIZES",
     "HAND_DESIGNED",
@@ -84,7 +86,7 @@ CONV_SIZES = (3, 5)
 POWERS = (1.5, 2.0, 3.0, 4.0)
 
 
-class FormulaSyntaxError(ValueError):
+class FormulaSyntaxError(InputError):
     """A program that does not parse: says where (0-based position) and what was expected."""
 
     def __init__(self, text: str, position: int, expected: str, found: str) -> None:
@@ -95,7 +97,7 @@ class FormulaSyntaxError(ValueError):
         )
 
 
-class InvalidFormula(ValueError):
+class InvalidFormula(InputError):
     """A program that parses but cannot be a valid attention (shape, positivity, normalisation)."""
 
 
