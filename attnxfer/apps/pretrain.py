@@ -30,8 +30,8 @@ from torchvision.utils import make_grid
 from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
-from ..config import TrainConfig, TransferConfig, dump_config, to_dict
-from ..data import dataset_info
+from ..config import TrainConfig, dump_config, to_dict
+from ..data import DatasetInfo, dataset_info
 from ..errors import InputError
 from ..models.mae import MaskedAutoencoder
 from ..models.student import student_spec
@@ -45,9 +45,10 @@ from ..train.evaluation import evaluate_loss
 from ..train.objective import ModuleObjective
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
+from .loaders import build_loaders
 from .resume import resume_source
-from .run_parts import RunParts, build_run_parts
-from .training import adamw_from_config, engine_facts, evaluate_run, loop_settings
+from .run_parts import RunParts, num_classes_of, stamp_input_cfg
+from .training import assemble_engine, engine_facts, evaluate_run, loop_settings
 from .world_size import fit_world_size
 
 __all__ = ["MODE", "build_mae", "build_pretrain_engine", "init_mae", "pretrain", "reconstruction_pictures"]
@@ -182,6 +183,42 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: Mas
     run_dir.write_record(info)
 
 
+def _pretrain_parts(
+    cfg: TrainConfig, info: DatasetInfo, mae: MaskedAutoencoder, runtime: Runtime
+) -> RunParts:
+    """The encoder (as the run's student) and the loaders, normalised as ``data`` or the dataset says."""
+    d, encoder = cfg.data, mae.encoder
+    num_classes = num_classes_of(cfg, info)
+    img_size = d.img_size or encoder.patch_embed.img_size[0]
+    in_chans = encoder.patch_embed.proj.in_channels
+    mean, std = d.mean or info.mean, d.std or info.std
+    stamp_input_cfg(encoder, mean, std, in_chans, img_size)
+    loaders = build_loaders(
+        d,
+        cfg.aug,
+        img_size=img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        seed=cfg.seed,
+        rank=runtime.rank,
+        world_size=runtime.world,
+    )
+    return RunParts(
+        student=encoder,
+        teacher=None,
+        train_loader=loaders.train_loader,
+        val_loader=loaders.val_loader,
+        train_sampler=loaders.train_sampler,
+        num_classes=num_classes,
+        class_names=list(info.class_names) if info.class_names else None,
+        mean=list(mean),
+        std=list(std),
+        student_spec=student_spec(encoder),
+    )
+
+
 def build_pretrain_engine(
     cfg: TrainConfig, runtime: Runtime | None = None, write_run_files: bool = True
 ) -> Engine:
@@ -209,17 +246,13 @@ def build_pretrain_engine(
     in_chans = d.in_chans or info.in_chans
     mae = build_mae(cfg, in_chans, d.img_size)
     init_note = init_mae(mae, cfg.model.init, d.img_size) if cfg.model.init else None
-    # The loaders are the training ones (labels come along and are ignored); no teacher, no transfer.
-    data_cfg = dataclasses.replace(cfg, transfer=TransferConfig(mode="none"))
-    parts = build_run_parts(
-        data_cfg, rank=runtime.rank, world_size=runtime.world, student_fn=lambda _t, _n: mae.encoder
-    )
+    # The loaders are the training ones (labels come along and are ignored); no teacher.
+    parts = _pretrain_parts(cfg, info, mae, runtime)
     mae.to(runtime.device)
     settings = dataclasses.replace(loop_settings(cfg, runtime.world), metric="val_loss", metric_mode="min")
     if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
-    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
     pictures = []
     if cfg.mae.pictures > 0:
         val = parts.val_loader.dataset
@@ -229,13 +262,12 @@ def build_pretrain_engine(
             picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
             shown = [val[i][0] for i in picks]
         pictures.append(reconstruction_pictures(torch.stack(shown), parts.mean, parts.std))
-    engine = Engine(
+    engine = assemble_engine(
+        cfg,
         runtime,
         ModuleObjective(mae, evaluate_loss),
-        optimizer,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        train_sampler=parts.train_sampler,
+        parts,
+        groups,
         settings=settings,
         record={"teacher": None, "config": to_dict(cfg)},
         pictures=pictures,

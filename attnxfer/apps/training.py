@@ -7,7 +7,7 @@ does for its engine): the engine below takes only what is built here.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
 from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
-from ..train.objective import Pictures, TaskLoss, TransferObjective
+from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
@@ -38,6 +38,7 @@ from .world_size import fit_world_size
 __all__ = [
     "EvalResult",
     "adamw_from_config",
+    "assemble_engine",
     "build_engine",
     "compile_from_config",
     "evaluate_run",
@@ -188,6 +189,36 @@ def _write_run_files(
     run_dir.write_record(info)
 
 
+def assemble_engine(
+    cfg: TrainConfig,
+    runtime: Runtime,
+    objective: Objective,
+    parts: RunParts,
+    groups: list[dict],
+    *,
+    settings: LoopSettings | None = None,
+    ema: StudentEMA | None = None,
+    record: dict | None = None,
+    pictures: Sequence[Pictures] = (),
+) -> Engine:
+    """The optimiser (AdamW over ``groups``) and the `Engine` driving ``objective`` on ``parts``' loaders:
+    the one assembly that train, pretrain and convert's stage 2 (through `train`) share."""
+    settings = settings or loop_settings(cfg, runtime.world)
+    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
+    return Engine(
+        runtime,
+        objective,
+        optimizer,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        train_sampler=parts.train_sampler,
+        settings=settings,
+        ema=ema,
+        record=record,
+        pictures=pictures,
+    )
+
+
 def build_engine(
     cfg: TrainConfig,
     parts: RunParts | None = None,
@@ -232,22 +263,18 @@ def build_engine(
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, dual)  # after the EMA's copy: EMA weights are evaluated eagerly
-    settings = loop_settings(cfg, runtime.world)
     groups = student_param_groups(
         dual,
         weight_decay=cfg.optim.weight_decay,
         layer_decay=cfg.optim.layer_decay,
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
-    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
-    engine = Engine(
+    engine = assemble_engine(
+        cfg,
         runtime,
         TransferObjective(dual, task_loss_from_config(cfg, parts.num_classes)),
-        optimizer,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        train_sampler=parts.train_sampler,
-        settings=settings,
+        parts,
+        groups,
         ema=ema,
         record={"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record},
         pictures=attention_pictures(cfg, dual, parts, runtime),

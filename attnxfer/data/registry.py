@@ -143,7 +143,18 @@ def _entry(name: str) -> _Entry:
 
 
 def _options(builder: Callable) -> list[str]:
-    return [p for p in inspect.signature(builder).parameters if p not in _BUILDER_ARGS]
+    return [
+        name
+        for name, p in inspect.signature(builder).parameters.items()
+        if name not in _BUILDER_ARGS and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+
+
+def dataset_options(name: str) -> frozenset[str]:
+    """The options dataset ``name``'s builder names in its signature (beyond the common arguments): a run
+    passes its own settings (augmentation, the class count, the per-rank batch) to the builders that name
+    them, without knowing which datasets those are."""
+    return frozenset(_options(_entry(name).builder))
 
 
 def build_dataset(

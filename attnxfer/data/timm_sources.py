@@ -98,6 +98,10 @@ def build_hfds(
     augment: bool | None = None,
     train_split: str = "train",
     val_split: str = "validation",
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = "const",
+    re_count: int = 1,
     **aug,
 ) -> Dataset:
     """A Hugging Face dataset (``datasets.load_dataset(NAME)``: a Hub id or a local folder of parquet/arrow
@@ -108,6 +112,7 @@ def build_hfds(
     hf_split = train_split if split == "train" else val_split
     default = hf_info(name, root, train_split)
     img_size, in_chans, mean, std = _settings(f"hfds/{name}", img_size, in_chans, mean, std, default)
+    aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
     augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **aug)
     images = create_dataset(
         f"hfds/{name}",
@@ -215,6 +220,12 @@ for _prefix in STREAM_PREFIXES:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int = 0,
+        batch_size: int = 1,
+        world_size: int = 1,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        re_mode: str = "const",
+        re_count: int = 1,
         _prefix: str = _prefix,
         **options,
     ) -> StreamDataset:
@@ -225,7 +236,8 @@ for _prefix in STREAM_PREFIXES:
         and ``world_size`` (set by the run), and folder's transform options."""
         return _build_stream(
             _prefix, name, split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed,
-            **options,
+            batch_size=batch_size, world_size=world_size, auto_augment=auto_augment, re_prob=re_prob,
+            re_mode=re_mode, re_count=re_count, **options,
         )  # fmt: skip
 
     register_prefix(_prefix, info=stream_info)(_builder)
