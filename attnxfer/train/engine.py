@@ -36,6 +36,7 @@ from ..checkpoints.store import (
     optimizer_state_to_tensors,
     verify_checkpoint,
 )
+from ..errors import InputError
 from .distributed import barrier, min_over_ranks
 from .ema import StudentEMA
 from .evaluation import evaluate, evaluate_loss
@@ -163,7 +164,7 @@ class Engine:
         self.model, self.optimizer = acc.prepare(objective.module, optimizer)
         self.steps_per_epoch = len(train_loader) // s.accum_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise InputError(
                 f"the training set gives {len(train_loader)} batches per epoch, fewer than "
                 f"optim.accum_steps={s.accum_steps}; lower data.batch_size"
             )

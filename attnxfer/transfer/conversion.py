@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_name_of
 from ..models.efficient import check_softmax_teacher
 from .map_losses import MapLoss, check_map_loss, map_distillation_loss, output_mse
@@ -185,14 +186,14 @@ def build_conversion_plan(
     every problem is a ValueError that says what to change."""
     check_softmax_teacher(teacher)
     if stage1_train not in STAGE1_TRAIN:
-        raise ValueError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
+        raise InputError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
     train = Stage1Train(stage1_train)
     if stage1_steps < 0 or stage1_lr <= 0 or output_mse < 0:
-        raise ValueError(
+        raise InputError(
             "convert.stage1_steps must be >= 0, convert.stage1_lr > 0 and convert.output_mse >= 0"
         )
     if len(student.blocks) != len(teacher.blocks):
-        raise ValueError(
+        raise InputError(
             f"student has {len(student.blocks)} blocks, teacher {len(teacher.blocks)}: conversion keeps "
             "the teacher's depth (build the student with build_efficient_student)"
         )
@@ -200,7 +201,7 @@ def build_conversion_plan(
     for i, blk in enumerate(student.blocks):
         attn = blk.attn
         if not isinstance(attn, TransferableAttention):
-            raise ValueError(
+            raise InputError(
                 f"student blocks.{i}.attn is {type(attn).__name__}; convert students use registered "
                 "attentions (attnxfer.models.efficient)"
             )
@@ -219,7 +220,7 @@ def build_conversion_plan(
     )
     if stage1_steps > 0 and plan.num_trainable == 0:
         kinds = sorted({layer.attention for layer in layers if layer.loss is not None})
-        raise ValueError(
+        raise InputError(
             f"stage 1 has nothing to train: {', '.join(kinds) or 'softmax'} attention has no new "
             f"parameters with convert.stage1_train={stage1_train!r}. Set convert.stage1_train=qk to "
             "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1"

@@ -15,6 +15,7 @@ from typing import Any
 from timm.layers import DropPath
 from torch import nn
 
+from ...errors import InputError
 from ..attention import (
     MapKind,
     TransferAttention,
@@ -105,7 +106,7 @@ def efficient_student_from_teacher(
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
     if not isinstance(attn, str) and len(attn) != len(blocks):
-        raise ValueError(
+        raise InputError(
             f"attn lists one attention per block: the teacher has {len(blocks)} blocks, got {len(attn)} names"
         )
     return with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
@@ -122,7 +123,7 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
     depth = len(blocks)
     names: list[str] = [attn] * depth if isinstance(attn, str) else list(attn)
     if len(names) != depth:
-        raise ValueError(
+        raise InputError(
             f"attn lists one attention per block: the model has {depth} blocks, got {len(names)} names"
         )
     classes = [get_attention_class(name) for name in names]
@@ -153,7 +154,7 @@ def swap_attentions(
     depth = len(blocks)
     options = [{} for _ in range(depth)] if options is None else list(options)
     if len(names) != depth or len(options) != depth:
-        raise ValueError(
+        raise InputError(
             f"one attention name and one options dict per block: the model has {depth} blocks, got "
             f"{len(names)} names and {len(options)} option dicts"
         )
@@ -192,12 +193,12 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
     as `DualViT` does), then reads each layer's declared map kind.
     """
     if getattr(teacher, "blocks", None) is None:
-        raise ValueError(
+        raise InputError(
             f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`)"
         )
     for i, attn in enumerate(transfer_attentions(make_transfer_aware(teacher))):
         if attn.map_kind is MapKind.SOFTMAX and not isinstance(attn, TransferAttention):
-            raise ValueError(
+            raise InputError(
                 f"the teacher's blocks.{i}.attn is {_timm_class(attn)} (rotary embedding "
                 "or relative-position bias): conversion builds zoo attentions from timm's plain Attention "
                 "and would drop them. Convert a ViT/DeiT teacher, or distil this teacher into a student of "
@@ -205,7 +206,7 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
             )
         if attn.map_kind is not MapKind.SOFTMAX:
             name = attention_name_of(attn)
-            raise ValueError(
+            raise InputError(
                 f"the teacher's blocks.{i}.attn is {name!r}, not softmax attention: conversion needs a "
                 "softmax teacher (its attention maps are what the student learns). Use the original "
                 "pretrained model as teacher, not an already converted student"
@@ -221,7 +222,7 @@ def _timm_class(module: nn.Module) -> str:
 def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
     names = [attention] * depth if isinstance(attention, str) else list(attention)
     if len(names) != depth:
-        raise ValueError(
+        raise InputError(
             f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
             "one name for all blocks or exactly one per block"
         )
@@ -229,7 +230,7 @@ def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
         try:
             get_attention_class(name)
         except (KeyError, ValueError) as e:  # ValueError: a family name whose spec is wrong (formula:...)
-            raise ValueError(f"convert.attention: {e.args[0]}") from None
+            raise InputError(f"convert.attention: {e.args[0]}") from None
     return names
 
 
@@ -250,11 +251,11 @@ def build_efficient_student(
     try:
         student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
     except TypeError as e:
-        raise ValueError(f"convert.attention_kwargs: {e}") from None
+        raise InputError(f"convert.attention_kwargs: {e}") from None
     student.requires_grad_(True)  # a loaded teacher is frozen, and so is its deep copy
     if num_classes is not None and num_classes != student.num_classes:
         if student.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"the teacher classifies {student.num_classes} classes but the data has {num_classes}; "
                 "convert on the teacher's label set, or use a headless teacher (num_classes=0) "
                 "whose student gets a new head"
@@ -267,7 +268,7 @@ def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
     """Stochastic depth for fine-tuning a converted student, timm's rule: block i drops with
     ``rate * i / (depth - 1)``. (A loaded teacher, and so its copy, has none.)"""
     if rate < 0 or rate >= 1:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        raise InputError(f"drop_path_rate must be in [0, 1), got {rate}")
     depth = len(model.blocks)
     for i, blk in enumerate(model.blocks):
         p = rate * i / max(1, depth - 1)
