@@ -21,6 +21,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
+from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import (
     atomic_write_json,
@@ -30,6 +31,7 @@ from ..checkpoints.store import (
 )
 from ..config import TrainConfig, apply_overrides, dump_config
 from ..data import ResumableSampler, build_loader
+from ..errors import InputError
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ..train.devices import resolve_precision
 from ..train.distributed import DistributedInfo, backend_for, joined_process_group, rank_and_world
@@ -77,7 +79,7 @@ def _stage1_batches(
     dataset = parts.train_loader.dataset
     rank, world = rank_and_world()
     if len(dataset) < batch_size * world:
-        raise ValueError(
+        raise InputError(
             f"convert.stage1_batch_size={batch_size} per rank x {world} rank(s) is larger than "
             f"the training set ({len(dataset)})"
         )
@@ -154,7 +156,7 @@ def _load_stage1_partial(student: nn.Module, folder: Path, plan: ConversionPlan)
         return None
     progress = json.loads((part / "progress.json").read_text())
     if progress.get("plan") != json.loads(json.dumps(plan.to_dict())):
-        raise ValueError(
+        raise InputError(
             f"{part} holds a stopped stage 1 of a different conversion plan; use a new run_dir or "
             "checkpoint.resume=none to redo stage 1"
         )
@@ -171,7 +173,7 @@ def _load_stage1(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stag
         return None
     meta = json.loads(info.read_text())
     if meta.get("plan") != json.loads(json.dumps(plan.to_dict())):
-        raise ValueError(
+        raise InputError(
             f"{folder} holds a stage-1 result of a different conversion plan; use a new run_dir or "
             "checkpoint.resume=none to redo stage 1"
         )
@@ -218,7 +220,7 @@ def _convert(
 ) -> ConvertResult:
 
     if cfg.model.attention:
-        raise ValueError(
+        raise InputError(
             f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
             "convert builds its student from the teacher's weights with convert.attention: set that instead"
         )
@@ -233,7 +235,7 @@ def _convert(
 
     def make_student(teacher: nn.Module | None, num_classes: int) -> nn.Module:
         if teacher is None:
-            raise ValueError(_NO_TEACHER)
+            raise InputError(_NO_TEACHER)
         student = build_efficient_student(teacher, c.attention, num_classes=num_classes, **c.attention_kwargs)
         return set_drop_path(student, cfg.model.drop_path_rate)
 
@@ -241,7 +243,7 @@ def _convert(
         parts = build_run_parts(cfg, rank=info.rank, world_size=info.world_size, student_fn=make_student)
     teacher, student = parts.teacher, parts.student
     if teacher is None:
-        raise ValueError(_NO_TEACHER)
+        raise InputError(_NO_TEACHER)
     plan = conversion_plan_from_config(cfg, teacher, student)
     stage2_plan = plan_from_config(cfg, parts)
     stage2_steps = _stage2_steps(cfg, parts)
@@ -258,8 +260,7 @@ def _convert(
 
     run_dir = Path(cfg.run_dir)
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        RunDir(run_dir).write_config(dump_config(cfg))
     device = resolve_device(cfg.device)
     # Stage 1 and every measurement run the teacher in fp32: its maps are regression targets and the report
     # compares stages in one precision. Stage 2 runs it in teacher.dtype (bf16 on GPU by default).
@@ -267,7 +268,7 @@ def _convert(
     student.to(device)
     probe = [x.to(device) for x, _ in _take(parts.val_loader, c.agreement_batches)]
     if not probe:
-        raise ValueError("the validation set is empty: convert measures map agreement on it")
+        raise InputError("the validation set is empty: convert measures map agreement on it")
     seconds: dict[str, float] = {}
 
     def checkpoint_stage(name: str) -> dict[str, Any]:

@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoints.export import export_run
+from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import CheckpointManager, atomic_write_json
 from ..config import TrainConfig, dump_config, load_config
 from ..data import build_dataset
+from ..errors import InputError
 from ..models import attention_maps, make_transfer_aware
 from ..sources.teacher import load_teacher
 from ..train.engine import TrainResult
@@ -231,14 +233,15 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -
     x = torch.stack([val[i][0] for i in (0, 150, 420, 777)])
     models = {"MAE teacher": teacher}
     for label, run_dir in student_runs.items():
-        info = CheckpointManager(run_dir).latest()
+        run = RunDir(run_dir)
+        info = run.latest()
         if info is None:
             continue
-        mode = json.loads((Path(run_dir) / "run.json").read_text()).get("mode")
+        mode = run.record().get("mode")
         if mode in MODES and MODES[mode].teacher_at_eval:
             models[f"{label}\n(= teacher's maps)"] = teacher  # a copy student attends with the teacher's q, k
             continue
-        cfg = load_config(str(Path(run_dir) / "config.yaml"))
+        cfg = load_config(str(run.config_file))
         student = build_student(cfg, teacher, 10, 1, 28)
         tensors, _ = CheckpointManager(run_dir).load(info)
         student.load_state_dict(tensors["model"])
@@ -294,7 +297,7 @@ def run_demo(
     ``supervised`` adds the second table (copy/distillation from a teacher trained with labels);
     ``seeds`` > 1 trains every student row once per seed (teachers once)."""
     if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+        raise InputError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from PIL import Image
-from safetensors.torch import load_file
 from timm.data import create_transform
 
 from ..analysis import (
@@ -49,11 +48,12 @@ from ..analysis.pictures import (
     rollout_figure,
     save_figure,
 )
-from ..checkpoints.export import select_checkpoint
+from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import load_config
 from ..data import build_dataset
-from ..models import make_transfer_aware, student_from_spec
+from ..errors import InputError, MissingPathError, PathExistsError, UserError
+from ..models import make_transfer_aware
 from ..sources import TeacherLoadError, load_student, load_teacher
 from ..transfer.plan import MODES, build_plan
 
@@ -85,34 +85,24 @@ class LoadedModel:
 
 # ------------------------------------------------------------------------------------------- models
 def _is_run_dir(spec: str) -> bool:
-    return Path(spec).expanduser().is_dir() and (Path(spec).expanduser() / "run.json").is_file()
+    return RunDir(spec).is_run()
 
 
 def _load_run(spec: str, teacher: LoadedModel | None) -> LoadedModel:
-    """A training run's student (its best checkpoint, EMA weights where kept); a copy-mode run gets the
-    plan's borrowed layers and must come with the teacher it was trained with."""
-    run_dir = Path(spec).expanduser()
-    run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
-    if "student" not in run:
-        raise ValueError(f"{run_dir / 'run.json'} has no 'student' spec: is {run_dir} an attnxfer run?")
-    mode = run.get("mode")
-    ckpt, why = select_checkpoint(run_dir, "best")
-    weights = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").is_file() else ckpt / "model.safetensors"
-    student = student_from_spec(run["student"])
-    result = student.load_state_dict(load_file(str(weights), device="cpu"), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
-            f"{weights} does not fit the run's student (missing {result.missing_keys[:6]}, unexpected "
-            f"{result.unexpected_keys[:6]})"
-        )
-    student = make_transfer_aware(student).eval().requires_grad_(False)
-    loaded = LoadedModel(
-        spec, student, f"run {why}, {weights.stem} weights", mode, mean=tuple(run.get("mean") or ())
+    """A training run's student (its best checkpoint, EMA weights where kept: `RunDir.load_student`); a
+    copy-mode run gets the plan's borrowed layers and must come with the teacher it was trained with."""
+    run_dir = RunDir(spec)
+    loaded = run_dir.load_student("best")
+    run, mode = loaded.record, loaded.record.get("mode")
+    student = make_transfer_aware(loaded.model).eval().requires_grad_(False)
+    weights = loaded.weights_file
+    model = LoadedModel(
+        spec, student, f"run {loaded.why}, {weights.stem} weights", mode, mean=tuple(run.get("mean") or ())
     )
-    loaded.std = tuple(run.get("std") or ())
+    model.std = tuple(run.get("std") or ())
     if mode in MODES and MODES[mode].is_copy:
-        loaded.borrow = _copy_layers(run_dir, run, student, teacher)
-    return loaded
+        model.borrow = _copy_layers(run_dir.path, run, student, teacher)
+    return model
 
 
 def _copy_layers(
@@ -121,20 +111,20 @@ def _copy_layers(
     mode = MODES[run["mode"]]
     trained_with = run.get("teacher") or {}
     if teacher is None:
-        raise ValueError(
+        raise InputError(
             f"{run_dir} is a {mode.name}-mode student: it attends with its teacher's {mode.borrow!r} "
             f"({trained_with.get('spec', 'the run’s teacher')}), so it can only be inspected with that teacher; "
             "pass it as TEACHER"
         )
     want, have = trained_with.get("sha256"), teacher.sha256
     if want and want != have:
-        raise ValueError(
+        raise InputError(
             f"{run_dir} is a {mode.name}-mode student trained with teacher {trained_with.get('spec')!r} "
             f"(weights sha256 {want[:12]}…), but TEACHER {teacher.spec!r} "
             f"{'has random weights' if have is None else f'has sha256 {have[:12]}…'}: a copy student attends "
             "with its own teacher's q/k, so pass that teacher"
         )
-    cfg = load_config(str(run_dir / "config.yaml"))
+    cfg = load_config(str(RunDir(run_dir).config_file))
     plan = build_plan(
         teacher.model, student, mode.name, end_layer=cfg.transfer.end_layer, layers=cfg.transfer.layers
     )
@@ -158,7 +148,7 @@ def load_model(
         model, record = load_teacher(spec, arch=arch, pretrained=pretrained)
     except TeacherLoadError as err:
         if "efficient-attention student" not in str(err):
-            raise ValueError(str(err)) from None
+            raise InputError(str(err)) from None
         model = load_student(spec)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         return LoadedModel(
@@ -189,26 +179,26 @@ def load_images(
     a registered dataset's ``split``."""
     size, chans, mean, std = _input_settings(teacher)
     if files and data:
-        raise ValueError("give either image files (--images) or a dataset (--data), not both")
+        raise InputError("give either image files (--images) or a dataset (--data), not both")
     if files:
         transform = create_transform(input_size=(chans, size, size), mean=mean, std=std, crop_pct=1.0)
         out = []
         for f in files:
             path = Path(f).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"image {path} does not exist")
+                raise MissingPathError(f"image {path} does not exist")
             with Image.open(path) as img:
                 out.append(transform(img.convert("L" if chans == 1 else "RGB")))
         return torch.stack(out)
     if data:
         if num_images < 1:
-            raise ValueError(f"--num-images must be at least 1, got {num_images}")
+            raise InputError(f"--num-images must be at least 1, got {num_images}")
         ds = build_dataset(data, split, root=data_root, img_size=size, in_chans=chans, mean=mean, std=std)
         n = min(num_images, len(ds))
         if n == 0:
-            raise ValueError(f"dataset {data!r} split {split!r} has no images")
+            raise InputError(f"dataset {data!r} split {split!r} has no images")
         return torch.stack([ds[i][0] for i in range(n)])
-    raise ValueError(
+    raise InputError(
         "no images to inspect: give image files (--images A.png B.jpg) or a dataset (--data NAME)"
     )
 
@@ -225,11 +215,18 @@ def inspect_models(
     """`compare_attention` on images already prepared: batches of ``batch_size``; ``settings`` are its
     keywords (topk, noise, floor_images, probe_rows, chunk, progress)."""
     if images.dim() != 4 or images.shape[0] == 0:
-        raise ValueError(
+        raise InputError(
             f"no images to inspect: expected a (B, C, H, W) batch with B >= 1, got {tuple(images.shape)}"
         )
     batches = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
-    return compare_attention(teacher, students, batches, **settings)
+    try:
+        return compare_attention(teacher, students, batches, **settings)
+    except ValueError as e:
+        if isinstance(e, UserError):
+            raise
+        # analysis/compare.py refuses models whose tokens differ and empty image sets with plain ValueErrors
+        # meant for the user (until it raises InputError itself): say them in one line, exit code 2
+        raise InputError(str(e)) from e
 
 
 def _json(value: Any) -> Any:
@@ -536,9 +533,9 @@ def inspect_attention(
     for the students). ``settings``: `compare_attention`'s keywords (topk, noise, floor_images, probe_rows).
     """
     if not students:
-        raise ValueError("name at least one student to inspect against the teacher")
+        raise InputError("name at least one student to inspect against the teacher")
     if out is not None and (Path(out) / "metrics.json").exists() and not overwrite:
-        raise FileExistsError(
+        raise PathExistsError(
             f"{out} already holds an inspection (metrics.json); choose another --out or pass --overwrite"
         )
     torch.manual_seed(seed)

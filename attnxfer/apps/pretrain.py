@@ -28,10 +28,11 @@ from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
 from ..checkpoints.export import export_run
+from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import atomic_write_json, atomic_write_text
-from ..config import TrainConfig, TransferConfig, dump_config, to_dict
-from ..data import dataset_info
+from ..config import TrainConfig, dump_config, to_dict
+from ..data import DatasetInfo, dataset_info
+from ..errors import InputError
 from ..models.mae import MaskedAutoencoder
 from ..models.student import student_spec
 from ..models.vit import create_vit
@@ -39,12 +40,15 @@ from ..sources import load_teacher
 from ..sources.resolve import TeacherLoadError, read_state_dict
 from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.engine import Engine, TrainResult, evaluate_loss
+from ..train.engine import Engine, TrainResult
+from ..train.evaluation import evaluate_loss
+from ..train.objective import ModuleObjective
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
+from .loaders import build_loaders
 from .resume import resume_source
-from .run_parts import RunParts, build_run_parts
-from .training import adamw_from_config, engine_facts, loop_settings
+from .run_parts import RunParts, num_classes_of, stamp_input_cfg
+from .training import assemble_engine, engine_facts, evaluate_run, loop_settings
 from .world_size import fit_world_size
 
 __all__ = ["MODE", "build_mae", "build_pretrain_engine", "init_mae", "pretrain", "reconstruction_pictures"]
@@ -149,7 +153,7 @@ def reconstruction_pictures(
         mae.train(was_training)
         pixels = (triplets * std_t + mean_t).clamp(0, 1)
         grid = make_grid(pixels.flatten(0, 1), nrow=3, padding=1, pad_value=1.0)
-        return {"reconstruction": F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]}
+        return {"val/reconstruction": F.interpolate(grid[None], scale_factor=scale, mode="nearest")[0]}
 
     return draw
 
@@ -157,8 +161,8 @@ def reconstruction_pictures(
 def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: MaskedAutoencoder) -> None:
     if not engine.is_main:
         return
-    run_dir = Path(cfg.run_dir)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.write_config(dump_config(cfg))
     a = cfg.mae
     info = {
         "objective": "mae",
@@ -176,18 +180,57 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: Mas
         "std": parts.std,
         **engine_facts(engine),
     }
-    atomic_write_json(run_dir / "run.json", info)
+    run_dir.write_record(info)
 
 
-def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> Engine:
-    """The MAE, data, optimiser and engine that ``cfg`` describes."""
+def _pretrain_parts(
+    cfg: TrainConfig, info: DatasetInfo, mae: MaskedAutoencoder, runtime: Runtime
+) -> RunParts:
+    """The encoder (as the run's student) and the loaders, normalised as ``data`` or the dataset says."""
+    d, encoder = cfg.data, mae.encoder
+    num_classes = num_classes_of(cfg, info)
+    img_size = d.img_size or encoder.patch_embed.img_size[0]
+    in_chans = encoder.patch_embed.proj.in_channels
+    mean, std = d.mean or info.mean, d.std or info.std
+    stamp_input_cfg(encoder, mean, std, in_chans, img_size)
+    loaders = build_loaders(
+        d,
+        cfg.aug,
+        img_size=img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        seed=cfg.seed,
+        rank=runtime.rank,
+        world_size=runtime.world,
+    )
+    return RunParts(
+        student=encoder,
+        teacher=None,
+        train_loader=loaders.train_loader,
+        val_loader=loaders.val_loader,
+        train_sampler=loaders.train_sampler,
+        num_classes=num_classes,
+        class_names=list(info.class_names) if info.class_names else None,
+        mean=list(mean),
+        std=list(std),
+        student_spec=student_spec(encoder),
+    )
+
+
+def build_pretrain_engine(
+    cfg: TrainConfig, runtime: Runtime | None = None, write_run_files: bool = True
+) -> Engine:
+    """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
+    nothing into the run dir (an eval-only run)."""
     if cfg.teacher.spec:
-        raise ValueError(
+        raise InputError(
             f"pretrain learns from pixels alone; teacher.spec={cfg.teacher.spec!r} would be unused. "
             "Remove it (attention transfer from a teacher is `attnxfer train`)"
         )
     if cfg.teacher.compile:
-        raise ValueError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
+        raise InputError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     if not cfg.eval_only:  # another world size than the checkpoint's keeps its global batch (or stops)
         log = print if runtime.is_main else lambda *_: None
@@ -195,7 +238,7 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    if runtime.is_main:
+    if runtime.is_main and write_run_files:
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     d = cfg.data
@@ -203,18 +246,14 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
     in_chans = d.in_chans or info.in_chans
     mae = build_mae(cfg, in_chans, d.img_size)
     init_note = init_mae(mae, cfg.model.init, d.img_size) if cfg.model.init else None
-    # The loaders are the training ones (labels come along and are ignored); no teacher, no transfer.
-    data_cfg = dataclasses.replace(cfg, transfer=TransferConfig(mode="none"))
-    parts = build_run_parts(
-        data_cfg, rank=runtime.rank, world_size=runtime.world, student_fn=lambda _t, _n: mae.encoder
-    )
+    # The loaders are the training ones (labels come along and are ignored); no teacher.
+    parts = _pretrain_parts(cfg, info, mae, runtime)
     mae.to(runtime.device)
     settings = dataclasses.replace(loop_settings(cfg, runtime.world), metric="val_loss", metric_mode="min")
     if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
-    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
-    pictures = None
+    pictures = []
     if cfg.mae.pictures > 0:
         val = parts.val_loader.dataset
         if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
@@ -222,21 +261,19 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
         else:
             picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
             shown = [val[i][0] for i in picks]
-        pictures = reconstruction_pictures(torch.stack(shown), parts.mean, parts.std)
-    engine = Engine(
+        pictures.append(reconstruction_pictures(torch.stack(shown), parts.mean, parts.std))
+    engine = assemble_engine(
+        cfg,
         runtime,
-        mae,
-        optimizer,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        train_sampler=parts.train_sampler,
-        task=None,
+        ModuleObjective(mae, evaluate_loss),
+        parts,
+        groups,
         settings=settings,
         record={"teacher": None, "config": to_dict(cfg)},
-        evaluator=evaluate_loss,
         pictures=pictures,
     )
-    _write_run_files(cfg, engine, parts, mae)
+    if write_run_files:
+        _write_run_files(cfg, engine, parts, mae)
     if engine.is_main:
         if init_note:
             print(init_note, flush=True)
@@ -252,12 +289,16 @@ def build_pretrain_engine(cfg: TrainConfig, runtime: Runtime | None = None) -> E
 
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
-    """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
+    """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``.
+    ``eval_only: true`` scores the newest checkpoint instead, through `evaluate_run` as `attnxfer eval` does."""
+    if cfg.eval_only:
+        result = evaluate_run(cfg, build=lambda c: build_pretrain_engine(c, write_run_files=False))
+        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics, metric="val_loss")
     main = DistributedInfo.from_environment().is_main_process
     with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
-        if cfg.mae.export and engine.is_main and not cfg.eval_only:
+        if cfg.mae.export and engine.is_main:
             out = export_run(cfg.run_dir, Path(cfg.run_dir) / "export", weights="raw", overwrite=True)
             print(f"encoder exported to {out}: teacher.spec=local-dir:{out}", flush=True)
         barrier()

@@ -7,30 +7,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
-from ..data import (
-    STREAM_PREFIXES,
-    ResumableSampler,
-    StreamDataset,
-    StreamPosition,
-    build_dataset,
-    build_loader,
-    dataset_info,
-)
+from ..data import DatasetInfo, dataset_info
+from ..errors import InputError
 from ..models.efficient import with_attention
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
+from .loaders import build_loaders
 
 __all__ = [
     "RunParts",
     "build_run_parts",
     "build_student",
     "init_from_pretrained",
+    "num_classes_of",
     "pooling_args",
+    "stamp_input_cfg",
     "student_attention",
 ]
 
@@ -81,7 +76,7 @@ def init_from_pretrained(
     head = {n for n, _ in student.named_parameters() if n.split(".")[0] == "head"}
     missing = set(result.missing_keys) - head
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise InputError(
             f"model.init={spec!r} does not fit the student built from it: missing {sorted(missing)}, "
             f"unexpected {sorted(result.unexpected_keys)}"
         )
@@ -121,7 +116,7 @@ def student_attention(
     message naming the key (an unknown name with the nearest registered one)."""
     if not attention:
         if options:
-            raise ValueError("model.attention_kwargs is set but model.attention is not: name the attention")
+            raise InputError("model.attention_kwargs is set but model.attention is not: name the attention")
         return student
     try:
         return with_attention(student, attention, **options)
@@ -129,10 +124,34 @@ def student_attention(
         what = (
             "model.attention_kwargs" if isinstance(e, TypeError) and "option" in str(e) else "model.attention"
         )
-        raise ValueError(f"{what}: {e.args[0]}") from None
+        raise InputError(f"{what}: {e.args[0]}") from None
 
 
 StudentFn = Callable[[nn.Module | None, int], nn.Module]
+
+
+def stamp_input_cfg(
+    student: nn.Module, mean: Sequence[float], std: Sequence[float], in_chans: int, img_size: int
+) -> None:
+    """The student is trained on inputs normalised this way: its pretrained config (what export writes,
+    and what a later run reads when this student becomes a teacher) must say so."""
+    student.pretrained_cfg = {
+        **getattr(student, "pretrained_cfg", {}),
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "input_size": (in_chans, img_size, img_size),
+    }
+
+
+def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
+    """``model.num_classes``, else the dataset's; a dataset that says none is refused here."""
+    d = cfg.data
+    num_classes = cfg.model.num_classes or info.num_classes
+    if not num_classes:
+        if d.root is None:
+            raise InputError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
+        raise InputError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
+    return num_classes
 
 
 def build_run_parts(
@@ -153,16 +172,12 @@ def build_run_parts(
         )
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
     elif cfg.transfer.mode != "none":
-        raise ValueError(
+        raise InputError(
             f"transfer.mode={cfg.transfer.mode} needs a teacher: set teacher.spec to a timm name "
             "(vit_base_patch16_224.mae), hf-hub:ORG/NAME, local-dir:PATH or a weights file; "
             "or use transfer.mode=none"
         )
-    num_classes = cfg.model.num_classes or info.num_classes
-    if not num_classes:
-        if d.root is None:
-            raise ValueError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
-        raise ValueError(f"dataset {d.dataset!r} does not say how many classes it has; set model.num_classes")
+    num_classes = num_classes_of(cfg, info)
     in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
     img_size = d.img_size or (_input_size(teacher) if teacher is not None else None)
     student = (
@@ -175,70 +190,25 @@ def build_run_parts(
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
     std = d.std or (record or {}).get("std") or info.std
-    # The student is trained on inputs normalised this way: its pretrained config (what export writes,
-    # and what a later run reads when this student becomes a teacher) must say so.
-    student.pretrained_cfg = {
-        **getattr(student, "pretrained_cfg", {}),
-        "mean": tuple(mean),
-        "std": tuple(std),
-        "input_size": (in_chans, img_size, img_size),
-    }
-    common = dict(
-        root=d.root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=cfg.seed, **d.kwargs
-    )
-    if d.dataset == "synthetic":
-        common.setdefault("num_classes", num_classes)
-        common.setdefault("length", d.synthetic_length)
-    aug = cfg.aug
-    train_extra = {}
-    timm_read = d.dataset == "folder" or "/" in d.dataset  # folders and timm's prefixes: timm's transforms
-    if timm_read:
-        train_extra = dict(
-            re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount, auto_augment=aug.auto_augment
-        )
-    if d.dataset.partition("/")[0].lower() in STREAM_PREFIXES:  # a stream sizes its epoch per rank
-        common.update(batch_size=d.batch_size, world_size=world_size)
-    train_set = build_dataset(d.dataset, "train", **common, **train_extra)
-    val_set = build_dataset(d.dataset, "val", **common)
-    if isinstance(train_set, StreamDataset):  # not indexable: the engine's position shortens the epoch
-        sampler, val_sampler = StreamPosition(train_set, world_size), None
-    else:
-        sampler = ResumableSampler(
-            len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, drop_last=True
-        )
-    if not isinstance(val_set, StreamDataset):
-        val_sampler = ResumableSampler(
-            len(val_set),
-            shuffle=False,
-            seed=cfg.seed,
-            rank=rank,
-            world_size=world_size,
-            drop_last=False,
-            exact=True,  # every val image scored once (no padded duplicates), whatever the world size
-        )
-    pin = d.pin_memory and torch.cuda.is_available()
-    train_loader = build_loader(
-        train_set,
-        batch_size=d.batch_size,
-        sampler=None if isinstance(train_set, StreamDataset) else sampler,
-        num_workers=d.num_workers,
-        pin_memory=pin,
-        drop_last=True,
-    )
-    val_loader = build_loader(
-        val_set,
-        batch_size=d.eval_batch_size or d.batch_size,
-        sampler=val_sampler,
-        num_workers=d.num_workers,
-        pin_memory=pin,
-        drop_last=False,
+    stamp_input_cfg(student, mean, std, in_chans, img_size)
+    loaders = build_loaders(
+        d,
+        cfg.aug,
+        img_size=img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        seed=cfg.seed,
+        rank=rank,
+        world_size=world_size,
     )
     return RunParts(
         student=student,
         teacher=teacher,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        train_sampler=sampler,
+        train_loader=loaders.train_loader,
+        val_loader=loaders.val_loader,
+        train_sampler=loaders.train_sampler,
         num_classes=num_classes,
         class_names=list(info.class_names) if info.class_names else None,
         mean=list(mean),

@@ -31,8 +31,10 @@ from tqdm import tqdm
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import ConfigError, TrainConfig, to_dict
+from ..errors import InputError
 from ..models.attention import transfer_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
+from ..run_layout import STATE_NAME
 from ..search import (
     PREFIX,
     CandidateEvaluator,
@@ -50,7 +52,7 @@ from .run_parts import build_run_parts
 
 __all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "search_settings"]
 
-STATE = "state.json"
+STATE = STATE_NAME  # the search's own state, at the run dir's top
 _VERSION = 1
 
 #: ``search.*`` (and other) keys (and ``section.`` prefixes) a rerun may change: how long it goes on and how
@@ -128,7 +130,7 @@ def _images(loader, count: int | None, batches: int | None) -> list[torch.Tensor
 def build_evaluator(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[CandidateEvaluator, Any]:
     """The teacher, its cached signals and the fitness settings of ``cfg`` as one evaluator (and the parts)."""
     if not cfg.teacher.spec:
-        raise ValueError("attnxfer search needs a teacher: set teacher.spec (timm name, hf-hub:, local-dir:)")
+        raise InputError("attnxfer search needs a teacher: set teacher.spec (timm name, hf-hub:, local-dir:)")
     # The data comes with the teacher's normalisation; the "student" of the run parts is the teacher itself
     # (each candidate is a copy of it with the formula swapped in).
     parts = build_run_parts(cfg, student_fn=lambda teacher, num_classes: teacher)
@@ -140,7 +142,7 @@ def build_evaluator(cfg: TrainConfig, log: Callable[[str], None] = print) -> tup
     fit_images = [x.to(device) for x in _images(parts.train_loader, None, s.fit_batches)]
     held_out = [x.to(device) for x in _images(parts.val_loader, s.held_out_images, None)]
     if len(fit_images) < s.fit_batches:
-        raise ValueError(
+        raise InputError(
             f"search.fit_batches={s.fit_batches} batches of data.batch_size={cfg.data.batch_size} is more "
             f"than the training set holds ({len(fit_images)} batches); lower either"
         )
@@ -164,7 +166,7 @@ def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> 
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {e}; move it away to start a new search") from None
+        raise InputError(f"cannot read {path}: {e}; move it away to start a new search") from None
     allowed, refused = config_changes(data.get("config", {}), cfg, resumable=RESUMABLE_KEYS + _ANYWAY)
     allow_respelled_teacher(data.get("teacher"), allowed, refused)  # by content: check_teacher_content
     if refused:
@@ -419,7 +421,7 @@ def _search(
     finally:
         bar.close()
     if state.generation < 0:
-        raise ValueError("the search stopped before generation 0: nothing to report")
+        raise InputError("the search stopped before generation 0: nothing to report")
     front, winner, command = write_reports(cfg, run_dir, state)
     _save(cfg, run_dir, state, parts.teacher_record)
     if winner is not None:

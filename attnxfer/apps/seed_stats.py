@@ -16,6 +16,7 @@ import torch
 
 from ..checkpoints.store import CheckpointManager, atomic_write_json
 from ..config import TrainConfig
+from ..errors import MissingPathError
 from ..train.runtime import resolve_device, resolve_precision, teacher_dtype
 from ..transfer.dual import DualViT, TransferOutput
 from .run_parts import build_run_parts
@@ -40,7 +41,7 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
             return np.array(saved["correct"], dtype=bool)
     info = CheckpointManager(run_dir).latest()
     if info is None:
-        raise FileNotFoundError(f"{run_dir} has no checkpoint to score")
+        raise MissingPathError(f"{run_dir} has no checkpoint to score")
     parts = build_run_parts(cfg)
     tensors, _ = CheckpointManager(run_dir).load(info)
     parts.student.load_state_dict(tensors["model"])

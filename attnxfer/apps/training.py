@@ -7,6 +7,7 @@ does for its engine): the engine below takes only what is built here.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,19 +15,23 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
+from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import check_writable, disk_error, run_lock
-from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json, atomic_write_text
+from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json
 from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
+from ..errors import InputError, PathExistsError
 from ..models.attention import attention_blocks
 from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
-from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TaskLoss, TrainResult
+from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
+from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
 from ..transfer.plan import TransferPlan, build_plan
 from .ce_choice import ce_choice_for_run
+from .pictures import class_token_pictures
 from .resume import check_resume, check_teacher_content, resume_source
 from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
@@ -34,6 +39,7 @@ from .world_size import fit_world_size
 __all__ = [
     "EvalResult",
     "adamw_from_config",
+    "assemble_engine",
     "build_engine",
     "compile_from_config",
     "evaluate_run",
@@ -101,7 +107,6 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
         tensorboard=cfg.log.tensorboard,
         trackers=tuple(cfg.log.trackers),
         project=cfg.log.project,
-        attention_images=cfg.log.attention_images,
         progress=cfg.log.progress,
         checkpoint=CheckpointPolicy(
             every_steps=c.every_steps,
@@ -110,7 +115,6 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
             keep_last=c.keep_last,
             resume=ResumeFrom.parse(c.resume),
         ),
-        eval_only=cfg.eval_only,
     )
 
 
@@ -127,7 +131,7 @@ def compile_from_config(cfg: TrainConfig, dual: DualViT) -> dict[str, int]:
     """torch.compile the student's blocks (``model.compile``) and the teacher's (``teacher.compile``) in
     place; returns how many blocks of each (what run.json records)."""
     if cfg.teacher.compile and dual.teacher is None:
-        raise ValueError(
+        raise InputError(
             "teacher.compile=true, but this run has no teacher (transfer.mode=none without teacher.spec); "
             "remove teacher.compile"
         )
@@ -136,6 +140,15 @@ def compile_from_config(cfg: TrainConfig, dual: DualViT) -> dict[str, int]:
         "student_blocks": compile_blocks(attention_blocks(dual.student), mode) if cfg.model.compile else 0,
         "teacher_blocks": compile_blocks(attention_blocks(dual.teacher), mode) if cfg.teacher.compile else 0,
     }
+
+
+def attention_pictures(cfg: TrainConfig, dual: DualViT, parts: RunParts, runtime: Runtime) -> list[Pictures]:
+    """``log.attention_images`` validation images' class-token maps at each evaluation, where TensorBoard
+    shows them (``log.tensorboard`` with ``tensorboard`` among ``log.trackers``)."""
+    n = cfg.log.attention_images
+    if not (n > 0 and cfg.log.tensorboard and "tensorboard" in cfg.log.trackers):
+        return []
+    return [class_token_pictures(dual, parts.val_loader, n, runtime.device)]
 
 
 def engine_facts(engine: Engine) -> dict:
@@ -157,14 +170,13 @@ def _write_run_files(
     """config.yaml (re-run with -c RUN_DIR/config.yaml) and run.json (what was trained, from what)."""
     if not engine.is_main:
         return
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.write_config(dump_config(cfg))
     info = {
         "teacher": parts.teacher_record,
         "student": parts.student_spec,
-        "plan": engine.plan.describe(),
-        "mode": engine.plan.mode.name,
+        "plan": engine.dual.plan.describe(),
+        "mode": engine.dual.plan.mode.name,
         "num_classes": parts.num_classes,
         "class_names": parts.class_names,
         "mean": parts.mean,
@@ -175,7 +187,37 @@ def _write_run_files(
     if ce_choice is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
         info["ce_path"] = ce_choice["path"]
         info["ce_path_choice"] = ce_choice
-    atomic_write_json(run_dir / "run.json", info)
+    run_dir.write_record(info)
+
+
+def assemble_engine(
+    cfg: TrainConfig,
+    runtime: Runtime,
+    objective: Objective,
+    parts: RunParts,
+    groups: list[dict],
+    *,
+    settings: LoopSettings | None = None,
+    ema: StudentEMA | None = None,
+    record: dict | None = None,
+    pictures: Sequence[Pictures] = (),
+) -> Engine:
+    """The optimiser (AdamW over ``groups``) and the `Engine` driving ``objective`` on ``parts``' loaders:
+    the one assembly that train, pretrain and convert's stage 2 (through `train`) share."""
+    settings = settings or loop_settings(cfg, runtime.world)
+    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
+    return Engine(
+        runtime,
+        objective,
+        optimizer,
+        train_loader=parts.train_loader,
+        val_loader=parts.val_loader,
+        train_sampler=parts.train_sampler,
+        settings=settings,
+        ema=ema,
+        record=record,
+        pictures=pictures,
+    )
 
 
 def build_engine(
@@ -191,7 +233,7 @@ def build_engine(
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
-        raise FileExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
+        raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     log = print if runtime.is_main else lambda *_: None
     if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
@@ -222,25 +264,21 @@ def build_engine(
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, dual)  # after the EMA's copy: EMA weights are evaluated eagerly
-    settings = loop_settings(cfg, runtime.world)
     groups = student_param_groups(
         dual,
         weight_decay=cfg.optim.weight_decay,
         layer_decay=cfg.optim.layer_decay,
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
-    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
-    engine = Engine(
+    engine = assemble_engine(
+        cfg,
         runtime,
-        dual,
-        optimizer,
-        train_loader=parts.train_loader,
-        val_loader=parts.val_loader,
-        train_sampler=parts.train_sampler,
-        task=task_loss_from_config(cfg, parts.num_classes),
-        settings=settings,
+        TransferObjective(dual, task_loss_from_config(cfg, parts.num_classes)),
+        parts,
+        groups,
         ema=ema,
         record={"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record},
+        pictures=attention_pictures(cfg, dual, parts, runtime),
     )
     if write_run_files:
         _write_run_files(cfg, engine, parts, compiled, ce_record)
@@ -272,7 +310,9 @@ class EvalResult:
     path: Path  # the result file: RUN_DIR/eval-<step>.json
 
 
-def evaluate_run(cfg: TrainConfig, parts: RunParts | None = None) -> EvalResult:
+def evaluate_run(
+    cfg: TrainConfig, parts: RunParts | None = None, build: Callable[[TrainConfig], Engine] | None = None
+) -> EvalResult:
     """`attnxfer eval`: score the run's newest checkpoint (or ``checkpoint.resume=PATH``) on its val set.
 
     Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
@@ -293,7 +333,10 @@ def evaluate_run(cfg: TrainConfig, parts: RunParts | None = None) -> EvalResult:
     if DistributedInfo.from_environment().is_main_process:
         check_writable(cfg.run_dir)
     with joined_process_group(backend_for(cfg.device)):
-        engine = build_engine(cfg, parts, write_run_files=False)
+        if build is None:
+            engine = build_engine(cfg, parts, write_run_files=False)
+        else:  # another objective's engine (pretrain), built without writing into the run
+            engine = build(cfg)
         metrics = engine.evaluate_checkpoint()
         path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"
         if engine.is_main:

@@ -17,6 +17,7 @@ import numpy as np
 from scipy.stats import binomtest
 
 from ..analysis.intervals import correct_count, top1_interval
+from ..errors import InputError
 
 __all__ = ["Paired", "correct_count", "format_top1", "mcnemar", "mean_std", "top1_interval"]
 
@@ -31,7 +32,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
-        raise ValueError("mean_std: no values")
+        raise InputError("mean_std: no values")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
 
 
@@ -53,7 +54,7 @@ def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paired:
     right is a fair coin flip, so only_a ~ Binomial(discordant, 1/2) (two-sided binomtest)."""
     a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
     if a.shape != b.shape:
-        raise ValueError(f"mcnemar: the two models were scored on different images ({a.shape} vs {b.shape})")
+        raise InputError(f"mcnemar: the two models were scored on different images ({a.shape} vs {b.shape})")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
     return Paired(only_a, only_b, float(min(1.0, p)))

@@ -1,7 +1,8 @@
 """Checkpoints (atomic safetensors + JSON, RNG state) and export of trained students with model cards."""
 
-from .export import ModelCardInfo, export_run, export_student, push_export, select_checkpoint
+from .export import ModelCardInfo, export_run, export_student, push_export
 from .rng import capture_rng_state, restore_rng_state
+from .run_dir import RunDir, select_checkpoint
 from .store import (
     CheckpointError,
     CheckpointExistsError,
@@ -28,6 +29,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CorruptCheckpointWarning",
     "ModelCardInfo",
+    "RunDir",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",

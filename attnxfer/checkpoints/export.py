@@ -12,35 +12,38 @@ checkpoints/step-*/{model,ema}.safetensors).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from ..analysis.intervals import correct_count, top1_interval
+from ..errors import InputError, PathExistsError
 from ..models.student import (
     SOFTMAX,
-    per_block_attention,
     student_from_spec,
     student_spec,
     timm_args_from_traits,
     vit_traits,
 )
-from ..sources.teacher import TeacherRecord, drop_unused_entries, hub_reachable
+from ..sources.teacher import hub_reachable
 from ..transfer.plan import MODES
 from ..version import __version__
-from .store import CheckpointManager, MetricMode, _owner_is_alive, _owner_tag
+from .model_card import (  # moved to model_card.py
+    ModelCardInfo,
+    _dataset_id,
+    _training_data,
+    attention_label,
+    card_license,
+    render_model_card,
+)
+from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint
+from .store import _owner_is_alive, _owner_tag
 
 __all__ = [
     "EXPORT_FILES",
@@ -61,278 +64,12 @@ _logger = logging.getLogger(__name__)
 EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "pytorch_model.bin")
 
 
-@dataclass
-class ModelCardInfo:
-    """What the model card says beyond the model itself.
-
-    ``teacher`` is the run's `TeacherRecord` (or its dict); ``plan`` the printed transfer plan;
-    ``recipe`` the resolved config YAML; ``license`` defaults to the teacher's, and a
-    non-commercial teacher licence cannot be replaced (the student inherits it).
-    """
-
-    model_name: str
-    teacher: dict[str, Any] | None = None
-    transfer_mode: str | None = None
-    plan: str | None = None
-    recipe: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    training_data: str | None = None
-    description: str | None = None
-    license: str | None = None
-    checkpoint: str | None = None
-    repo_id: str | None = None
-    tags: tuple[str, ...] = ()
-    #: the training/validation data as the Hub names it (``datasets`` in the card's metadata, and the
-    #: dataset of its ``model-index`` results); None: not recorded
-    dataset: str | None = None
-    #: which metrics score the exported weights: ``val`` (raw) or ``ema_val`` (``{prefix}_top1``, ``_count``)
-    eval_prefix: str = "val"
-
-    def __post_init__(self):
-        if isinstance(self.teacher, TeacherRecord):
-            self.teacher = self.teacher.to_dict()
-
-
 # --------------------------------------------------------------------------------------------
 # Licence
 
 
-def _non_commercial(license_id: str) -> bool:
-    return bool(re.search(r"(^|[-_ ])nc([-_ ]|$)", license_id.lower()))
-
-
-def _teacher_name(teacher: dict[str, Any] | None) -> str:
-    if not teacher:
-        return "(no teacher recorded)"
-    if teacher.get("hf_repo"):
-        commit = teacher.get("hf_commit")
-        return f"{teacher['hf_repo']}" + (f"@{commit}" if commit else "")
-    return str(teacher.get("spec") or teacher.get("architecture"))
-
-
-def card_license(card: ModelCardInfo) -> tuple[str, str]:
-    """(licence id for the card's metadata, the sentence that explains it).
-
-    A student trained from a teacher's weights is a derivative of them: it inherits the
-    teacher's licence by default, and a non-commercial one (MAE's CC-BY-NC-4.0) cannot be dropped.
-    """
-    teacher = card.teacher or {}
-    tl = teacher.get("license")
-    name = _teacher_name(teacher)
-    if tl and _non_commercial(tl):
-        if card.license and card.license.lower() != tl.lower():
-            raise ValueError(
-                f"the teacher {name} is licensed {tl} (non-commercial); a student trained from it "
-                f"inherits that licence and cannot be released as {card.license!r}. Drop license= "
-                "or train from a teacher whose licence allows it"
-            )
-        return tl.lower(), (
-            f"The teacher's weights ({name}) are licensed **{tl.upper()}**. This student was trained "
-            f"from them by attention transfer and **inherits that licence: {tl.upper()}** "
-            "(non-commercial use only)."
-        )
-    if card.license:
-        note = (
-            f" The teacher ({name}) is licensed {tl}."
-            if tl
-            else f" The teacher's licence ({name}) was not recorded: check its terms."
-        )
-        return card.license.lower(), f"Released under {card.license}.{note}"
-    if tl:
-        return (
-            tl.lower(),
-            f"The teacher's weights ({name}) are licensed {tl}; this student inherits that licence ({tl}).",
-        )
-    return "other", (
-        f"The teacher's licence ({name}) is unknown: check the teacher's terms before using or "
-        "redistributing this model, which was trained from it."
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # Model card
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
-
-
-def _eval_results(card: ModelCardInfo) -> list[EvalResult]:
-    """The card's ``model-index``: top-1 (with its 95 % Wilson interval when the image count is recorded)
-    and top-5 of the exported weights on the validation split, from the run's metrics."""
-    metrics, prefix = card.metrics, card.eval_prefix
-    top1 = metrics.get(f"{prefix}_top1")
-    if top1 is None:
-        return []
-    dataset = card.dataset or "unknown"
-    common = dict(
-        task_type="image-classification",
-        task_name="Image Classification",
-        dataset_type=dataset,
-        dataset_name=dataset,
-        dataset_split="validation",
-    )
-    n = int(metrics.get(f"{prefix}_count") or 0)
-    name, args = "top-1 accuracy (%)", None
-    if n:
-        lo, hi = top1_interval(correct_count(top1, n), n)
-        name = f"top-1 accuracy (%), 95% Wilson interval [{lo:.2f}, {hi:.2f}] on {n} images"
-        args = {"interval_95_wilson": [round(float(lo), 4), round(float(hi), 4)], "images": n}
-    out = [
-        EvalResult(
-            metric_type="accuracy", metric_name=name, metric_value=float(top1), metric_args=args, **common
-        )
-    ]
-    if metrics.get(f"{prefix}_top5") is not None:
-        out.append(
-            EvalResult(
-                metric_type="top-5 accuracy",
-                metric_name="top-5 accuracy (%)",
-                metric_value=float(metrics[f"{prefix}_top5"]),
-                **common,
-            )
-        )
-    return out
-
-
-def _card_data(card: ModelCardInfo, license_id: str, tags: list[str]) -> ModelCardData:
-    """The card's metadata through huggingface_hub (what the Hub reads: licence, library, tags, base model,
-    datasets, and the ``model-index`` of eval results)."""
-    teacher = card.teacher or {}
-    results = _eval_results(card)
-    return ModelCardData(
-        license=license_id,
-        library_name="timm",
-        pipeline_tag="image-classification",
-        tags=tags,
-        base_model=teacher.get("hf_repo") or None,
-        datasets=[card.dataset] if card.dataset else None,
-        model_name=card.model_name if results else None,
-        eval_results=results or None,
-    )
-
-
-def render_model_card(
-    card: ModelCardInfo,
-    spec: dict[str, Any],
-    *,
-    loads_in_plain_timm: bool,
-    load_ref: str,
-    native_arch: bool = True,
-) -> str:
-    """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load."""
-    license_id, license_text = card_license(card)
-    teacher = card.teacher or {}
-    tags = ["image-classification", "timm", "attnxfer", "attention-transfer", *card.tags]
-    if card.transfer_mode and "distill" in card.transfer_mode:
-        tags.append("knowledge-distillation")
-    data = _card_data(card, license_id, list(dict.fromkeys(tags)))
-    kind = attention_label(spec.get("attention", SOFTMAX))
-    data_cfg = spec.get("pretrained_cfg", {})
-    out: list[str] = [f"# {card.model_name}\n\n"]
-    out.append(
-        card.description
-        or (
-            f"A {spec['architecture']} student trained by attention transfer "
-            f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(teacher)}, with attnxfer."
-        )
-    )
-    out.append("\n## License\n\n" + license_text + "\n")
-
-    out.append("\n## Teacher\n\n| field | value |\n|---|---|\n")
-    rows = [
-        ("id", teacher.get("spec")),
-        ("architecture", teacher.get("architecture")),
-        ("source", teacher.get("source")),
-        ("Hub repo", teacher.get("hf_repo")),
-        ("revision", teacher.get("hf_revision")),
-        ("commit", teacher.get("hf_commit")),
-        ("weights sha256", teacher.get("sha256")),
-        ("license", teacher.get("license") or "unknown"),
-        ("mean / std", f"{teacher.get('mean')} / {teacher.get('std')}" if teacher.get("mean") else None),
-        ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
-        ("resampled position embeddings", teacher.get("resampled_pos_embed") or None),
-    ]
-    out.append("".join(f"| {k} | `{_fmt(v)}` |\n" for k, v in rows if v not in (None, "", [])))
-
-    out.append(f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n")
-    if card.plan:
-        out.append(f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n")
-
-    out.append(
-        f"\n## Student\n\n- architecture: `{spec['architecture']}`\n- attention: `{kind}`\n"
-        f"- classes: {spec.get('num_classes')}\n"
-    )
-    if card.checkpoint:
-        out.append(f"- weights: {card.checkpoint}\n")
-    out.append(
-        f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n"
-    )
-    if spec.get("attention_options"):
-        layout = per_block_attention(spec["attention"], len(spec["attention_options"]))
-        out.append(
-            "\nAttention per block (name and options):\n\n| block | attention | options |\n|---|---|---|\n"
-            + "".join(
-                f"| {i} | {name} | `{json.dumps(opts)}` |\n"
-                for i, (name, opts) in enumerate(zip(layout, spec["attention_options"]))
-            )
-        )
-
-    out.append("\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n")
-
-    out.append("\n## Metrics\n\n")
-    for result in data.eval_results or ():
-        out.append(
-            f"- {result.metric_name} on the {result.dataset_name} validation split: {_fmt(result.metric_value)}\n"
-        )
-    if data.eval_results:
-        out.append("\n")
-    if card.metrics:
-        out.append(
-            "| metric | value |\n|---|---|\n"
-            + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items())
-        )
-    else:
-        out.append("No metrics recorded.\n")
-
-    if card.recipe:
-        out.append(
-            f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
-        )
-
-    out.append("\n## How to load\n\n")
-    if loads_in_plain_timm:
-        pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
-        out.append(
-            (
-                ""
-                if native_arch
-                else f"`{spec['architecture']}` is registered by attnxfer: import it before timm "
-                "builds the model.\n\n"
-            )
-            + "```python\nimport timm\n"
-            + pre
-            + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
-            "cfg = timm.data.resolve_model_data_config(model)\n"
-            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-            f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
-            "(the teacher's).\n"
-        )
-    else:
-        out.append(
-            f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
-            f'cannot build it (config.json names `attn_layer: "attnxfer:{kind}"`, so timm stops with an error '
-            "instead of loading these weights into softmax attention). Load it with attnxfer, which rebuilds "
-            'the student from `config.json["attnxfer"]["student"]` with its attention classes and options:\n\n'
-            "```python\nimport timm\nfrom attnxfer import load_student\n\n"
-            f'model = load_student("{load_ref}").eval()\n'
-            "cfg = timm.data.resolve_model_data_config(model)\n"
-            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-        )
-    # huggingface_hub writes the metadata (model-index included) and checks that it parses back
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(out)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -401,9 +138,9 @@ def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a folder")
+        raise PathExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(
+        raise PathExistsError(
             f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
             "choose a new folder or pass overwrite=True (CLI: --overwrite)"
         )
@@ -548,13 +285,6 @@ def export_student(
     return out_dir
 
 
-def attention_label(attention: str | list[str]) -> str:
-    """A spec's attention as one word: the name every block uses, or ``mixed``."""
-    if isinstance(attention, str):
-        return attention
-    return attention[0] if len(set(attention)) == 1 else "mixed"
-
-
 def _version() -> str:
     return __version__
 
@@ -593,113 +323,19 @@ def push_export(
 # From a run directory
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def _step_of(ckpt: Path) -> int:
     m = re.fullmatch(r"step-(\d+)", ckpt.name)
     return int(m.group(1)) if m else -1
 
 
-class CheckpointChoice(StrEnum):
-    """Which checkpoint of a run to export."""
-
-    BEST = "best"  # the best validation metric the run recorded
-    LATEST = "latest"
-
-
-class ExportWeights(StrEnum):
-    """Which weights of a checkpoint to export."""
-
-    EMA = "ema"
-    RAW = "raw"
-
-    @property
-    def filename(self) -> str:
-        return "ema.safetensors" if self is ExportWeights.EMA else "model.safetensors"
-
-    @property
-    def other(self) -> ExportWeights:
-        return ExportWeights.RAW if self is ExportWeights.EMA else ExportWeights.EMA
-
-
-def _choice(enum: type[StrEnum], value: str, key: str) -> StrEnum:
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(f"{key}={value!r}: choose {' or '.join(repr(m.value) for m in enum)}") from None
-
-
-def select_checkpoint(
-    run_dir: str | os.PathLike, which: CheckpointChoice | str = "best", best_mode: MetricMode | str = "max"
-) -> tuple[Path, str]:
-    """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
-
-    ``best`` is the best validation metric the run recorded (val top-1; with ``best_mode="min"`` a loss,
-    as MAE pre-training records); a run that recorded none exports its latest checkpoint and says so.
-    """
-    which = _choice(CheckpointChoice, which, "checkpoint")
-    manager = CheckpointManager(run_dir, best_mode=best_mode)
-    latest = manager.latest()
-    if latest is None:
-        raise FileNotFoundError(f"no intact checkpoint under {Path(run_dir) / 'checkpoints'}")
-    if which is CheckpointChoice.BEST:
-        best = manager.best()
-        if best is not None and best.metric is not None:
-            if manager.best_mode is MetricMode.MAX:
-                what = f"val top-1 {best.metric:.2f}"
-            else:
-                what = f"val loss {best.metric:.4g}"
-            return best.path, f"{best.path.name} (best {what})"
-        _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
-        return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
-    return latest.path, f"{latest.path.name} (latest)"
-
-
-def _card_metrics(run_dir: Path, ckpt: Path) -> dict[str, Any]:
-    state = _read_json(ckpt / "state.json") if (ckpt / "state.json").is_file() else {}
+def _card_metrics(run: RunDir, ckpt: Path) -> dict[str, Any]:
+    state = run.checkpoint_state(ckpt)
     step = state.get("step", _step_of(ckpt))
     if state.get("metrics"):
         return {"step": step, **state["metrics"]}
-    rows = []
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = run.metric_rows()
     at_step = [r for r in rows if r.get("step") == step]
     return dict((at_step or rows or [{}])[-1])
-
-
-def _training_data(recipe: str | None) -> str | None:
-    if not recipe:
-        return None
-    import yaml
-
-    cfg = yaml.safe_load(recipe) or {}
-    data = cfg.get("data") if isinstance(cfg, dict) else None
-    if not data:
-        return None
-    return "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
-
-
-def _dataset_id(recipe: str | None) -> str | None:
-    """The run's dataset as a card names it: a Hub dataset's id (``hfds/ORG/NAME`` -> ``ORG/NAME``), a
-    folder dataset's folder name (``/data/imagenet`` -> ``imagenet``), else the registered name."""
-    if not recipe:
-        return None
-    import yaml
-
-    cfg = yaml.safe_load(recipe) or {}
-    data = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
-    name = data.get("dataset")
-    if not isinstance(name, str) or not name:
-        return None
-    if name.startswith(("hfds/", "hf-hub:")):
-        return name.split("/", 1)[1] if name.startswith("hfds/") else name.split(":", 1)[1]
-    if name == "folder" and data.get("root"):
-        return Path(str(data["root"])).expanduser().name or name
-    return name
 
 
 def export_run(
@@ -718,60 +354,30 @@ def export_run(
     metrics.jsonl and the chosen checkpoint's safetensors. Copy-mode students are refused: they
     compute attention from the teacher's q/k at inference and do not stand alone.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(
-            f"run dir {str(run_dir)!r} does not exist; give the run_dir of a training run"
-        )
-    if not (run_dir / "run.json").is_file():
-        raise FileNotFoundError(
-            f"{run_dir} has no run.json: not a training run's dir (or its run never got past the start)"
-        )
+    run = RunDir(run_dir)
+    record = run.record()
     weights = _choice(ExportWeights, weights, "weights")
-    run = _read_json(run_dir / "run.json")
-    if "student" not in run:
-        raise ValueError(
-            f"{run_dir / 'run.json'} has no 'student' spec (attnxfer.models.student_spec output)"
-        )
-    mode = run.get("mode")
+    mode = record.get("mode")
     if mode in MODES and MODES[mode].teacher_at_eval:
-        raise ValueError(
-            f"run {run_dir} trained in mode {mode!r}: its student attends with the teacher's "
+        raise InputError(
+            f"run {run.path} trained in mode {mode!r}: its student attends with the teacher's "
             f"{MODES[mode].borrow!r} at inference too, so exported alone it would use untrained "
             "projections. Export a distillation run, or fine-tune this student without the teacher first"
         )
-    ckpt, why = select_checkpoint(run_dir, checkpoint, run.get("best_mode", "max"))
-    wfile = ckpt / weights.filename
-    if not wfile.is_file():
-        raise FileNotFoundError(
-            f"{wfile} does not exist (the run kept no {weights} weights); try weights={weights.other.value!r}"
-        )
-    student = student_from_spec(run["student"], attn_layer=attn_layer)
-    state = load_file(str(wfile), device="cpu")
-    # An MAE pre-training run checkpoints encoder + decoder in MAE's layout: the export is the encoder.
-    state, dropped = drop_unused_entries(state)
-    if dropped:
-        _logger.info("export of %s: dropped %d entries the encoder does not use", run_dir, len(dropped))
-    result = student.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(
-            f"{wfile} does not fit the run's student: missing {result.missing_keys}, "
-            f"unexpected {result.unexpected_keys}"
-        )
-    recipe = (
-        (run_dir / "config.yaml").read_text(encoding="utf-8") if (run_dir / "config.yaml").is_file() else None
-    )
+    loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
+    student, ckpt, why = loaded.model, loaded.checkpoint, loaded.why
+    recipe = run.recipe()
     out_dir = Path(out_dir)
     card = ModelCardInfo(
         model_name=(push_to_hub or out_dir.name).split("/")[-1],
-        teacher=run.get("teacher"),
+        teacher=record.get("teacher"),
         transfer_mode=mode,
-        plan=run.get("plan"),
+        plan=record.get("plan"),
         recipe=recipe,
-        metrics=_card_metrics(run_dir, ckpt),
+        metrics=_card_metrics(run, ckpt),
         training_data=_training_data(recipe),
         checkpoint=f"{why}, {weights} weights",
-        description=run.get("description"),
+        description=record.get("description"),
         repo_id=push_to_hub,
         dataset=_dataset_id(recipe),
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from ..errors import InputError, MissingPathError
 from .store import CheckpointInfo, CheckpointManager, verify_checkpoint
 
 __all__ = ["ResumeFrom", "ResumePolicy"]
@@ -37,7 +38,7 @@ class ResumeFrom:
         except ValueError:
             return cls(ResumePolicy.PATH, Path(value))
         if policy is ResumePolicy.PATH:  # the word itself is not a directory name anyone means
-            raise ValueError("checkpoint.resume: use auto, none, or a checkpoint directory")
+            raise InputError("checkpoint.resume: use auto, none, or a checkpoint directory")
         return cls(policy)
 
     def checkpoint(
@@ -49,7 +50,7 @@ class ResumeFrom:
         if self.policy is ResumePolicy.LATEST:
             return manager.latest(verify_hash=verify_hash)
         if not self.path.exists():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"checkpoint.resume={str(self.path)!r} does not exist; use auto, none, or a "
                 "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
             )

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import PathExistsError
+from ..run_layout import LOCK_NAME
 from .store import CheckpointError, CheckpointManager
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
     "run_lock",
 ]
 
-LOCK_NAME = "attnxfer.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
@@ -318,7 +319,7 @@ def run_lock(
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
+        raise PathExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
     if not enabled:
         try:
             yield

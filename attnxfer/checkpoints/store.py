@@ -36,11 +36,8 @@ One writer per run dir (rank 0); any number of readers.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import dataclasses
 import datetime
-import errno
 import hashlib
 import json
 import math
@@ -59,7 +56,25 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..errors import UserError
+from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from ..sources.resolve import sha256_file
+from .atomic_io import (  # moved to atomic_io.py
+    _dump_json,
+    _exchange,
+    _fsync_dir,
+    _fsync_file,
+    _write_file_synced,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from .tensor_codec import (  # moved to tensor_codec.py
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    state_dict_from_tensors,
+    state_dict_to_tensors,
+)
 
 __all__ = [
     "CheckpointError",
@@ -81,10 +96,7 @@ __all__ = [
 ]
 
 CHECKPOINT_FORMAT = "attnxfer.checkpoint/1"
-STATE_DICT_FORMAT = "attnxfer.state_dict/1"
 MANIFEST_NAME = "MANIFEST.json"
-STATE_NAME = "state.json"
-CHECKPOINTS_SUBDIR = "checkpoints"
 
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -107,7 +119,7 @@ class MetricMode(StrEnum):
         return self.sign * value > self.sign * than
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """Base class for checkpoint problems."""
 
 
@@ -131,132 +143,6 @@ class CorruptCheckpointWarning(UserWarning):
 # --------------------------------------------------------------------------------------------
 # fsync + atomic single-file writes
 # --------------------------------------------------------------------------------------------
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Persist a dir's entries (a rename or a new file). Some filesystems refuse; that is fine."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    Returns False where the libc or the filesystem cannot (older kernels, some network filesystems).
-    """
-    libc_name = ctypes.util.find_library("c")
-    if not libc_name:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        return False
-    at_fdcwd = -100
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
-
-
-def _write_file_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` (must not exist), write ``data``, fsync. Mode follows the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
-
-    Temp file in the same dir, fsync, ``os.replace``, fsync of the dir.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"atomic_write: {path} is a directory; give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            _write_file_synced(tmp, bytes(data))
-            break
-        except FileExistsError:
-            continue
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """``atomic_write_bytes`` for text."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def _find_non_str_key(obj: Any, path: str = "") -> str | None:
-    """json.dumps turns int keys into strings silently; a resumed run would then miss them."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                return f"{path}[{k!r}]"
-            found = _find_non_str_key(v, f"{path}[{k!r}]")
-            if found:
-                return found
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            found = _find_non_str_key(v, f"{path}[{i}]")
-            if found:
-                return found
-    return None
-
-
-def _dump_json(obj: Any, what: str) -> str:
-    bad_key = _find_non_str_key(obj)
-    if bad_key:
-        raise TypeError(
-            f"{what} has a non-str dict key at {bad_key}; JSON would turn it into a str. "
-            f"Use str keys (or state_dict_to_tensors for nested state dicts)"
-        )
-    try:
-        return json.dumps(obj, indent=2, allow_nan=False) + "\n"
-    except (TypeError, ValueError) as e:
-        raise TypeError(
-            f"{what} must be JSON-serialisable (dicts with str keys, lists, str, int, finite float, "
-            f"bool, None); convert tensors/paths/dataclasses/NaN first: {e}"
-        ) from e
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Strict JSON (no NaN/inf), indented, written atomically."""
-    return atomic_write_text(path, _dump_json(obj, f"content for {path}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,94 +607,3 @@ class CheckpointManager:
 # --------------------------------------------------------------------------------------------
 # nested state dicts (optimizer, scheduler, scaler) as flat tensors + JSON, no pickle
 # --------------------------------------------------------------------------------------------
-
-_TAGS = ("__tensor__", "__tuple__", "__float__", "__dict__")
-
-
-def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        name, n = path or "tensor", 1
-        while name in tensors:
-            name, n = f"{path}#{n}", n + 1
-        tensors[name] = obj.detach()
-        return {"__tensor__": name}
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else {"__float__": repr(obj)}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, f"{path}.{i}", tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, dict):
-        child = lambda k: f"{path}.{k}" if path else str(k)
-        if all(isinstance(k, str) and k not in _TAGS for k in obj):
-            return {k: _encode(v, child(k), tensors) for k, v in obj.items()}
-        for k in obj:
-            if isinstance(k, bool) or not isinstance(k, (int, str)):
-                raise TypeError(f"state dict key {k!r} at {path or '<root>'!r} must be int or str")
-        return {"__dict__": [[k, _encode(v, child(k), tensors)] for k, v in obj.items()]}
-    raise TypeError(
-        f"state dict entry {path or '<root>'!r} is a {type(obj).__name__}; only tensors, numbers, "
-        f"str, bool, None, lists, tuples and dicts can be stored without pickle"
-    )
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], used: set[str]) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors, used) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if len(obj) == 1:
-        ((tag, value),) = obj.items()
-        if tag == "__tensor__":
-            if value not in tensors:
-                raise ValueError(f"state dict metadata refers to tensor {value!r}, which is missing")
-            used.add(value)
-            return tensors[value]
-        if tag == "__tuple__":
-            return tuple(_decode(v, tensors, used) for v in value)
-        if tag == "__float__":
-            return float(value)
-        if tag == "__dict__":
-            return {k: _decode(v, tensors, used) for k, v in value}
-    return {k: _decode(v, tensors, used) for k, v in obj.items()}
-
-
-def state_dict_to_tensors(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a nested state dict into a flat ``{name: Tensor}`` dict and JSON metadata.
-
-    Round-trips exactly: int keys, tuples vs lists, ints vs floats, tensor vs float values,
-    non-finite floats and None all come back as they went in. Tensor names are dotted paths
-    ('state.0.exp_avg'). Store the tensors as a checkpoint group and the metadata in ``state``.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    meta = {"format": STATE_DICT_FORMAT, "tree": _encode(dict(state_dict), "", tensors)}
-    return tensors, meta
-
-
-def state_dict_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
-    """Inverse of ``state_dict_to_tensors``; every tensor must be used exactly as referenced."""
-    if not isinstance(meta, Mapping) or meta.get("format") != STATE_DICT_FORMAT:
-        raise ValueError(
-            f"state dict metadata must come from state_dict_to_tensors (format "
-            f"'{STATE_DICT_FORMAT}'), got {str(meta)[:80]!r}"
-        )
-    used: set[str] = set()
-    state_dict = _decode(meta["tree"], tensors, used)
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise ValueError(f"tensors {unused[:5]} are not referenced by the metadata: wrong group or metadata?")
-    return state_dict
-
-
-def optimizer_state_to_tensors(opt_state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """``optimizer.state_dict()`` -> (flat tensors, JSON metadata); see ``state_dict_to_tensors``."""
-    if "state" not in opt_state_dict or "param_groups" not in opt_state_dict:
-        raise ValueError("expected an optimizer state dict with 'state' and 'param_groups'")
-    return state_dict_to_tensors(opt_state_dict)
-
-
-def optimizer_state_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
-    """Inverse of ``optimizer_state_to_tensors``; feed the result to ``optimizer.load_state_dict``."""
-    return state_dict_from_tensors(tensors, meta)

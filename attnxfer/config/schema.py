@@ -19,6 +19,9 @@ from typing import Any, Union
 
 import yaml
 
+from ..errors import InputError
+from ..run_layout import RUN_CONFIG, RUN_DIR_MARKERS
+
 __all__ = [
     "RANGES",
     "AugConfig",
@@ -52,7 +55,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot be used; the message says which key and what to write instead."""
 
 
@@ -759,7 +762,7 @@ def resolve_recipe(path: str | Path) -> Path:
     if p.is_file():
         return p
     if p.is_dir():
-        inside = p / "config.yaml"
+        inside = p / RUN_CONFIG
         hint = f"; a run's config is {inside}" if inside.is_file() else ""
         raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
     for candidate in (RECIPES / p, RECIPES / p.with_suffix(".yaml")):
@@ -781,13 +784,9 @@ def _read_yaml(p: Path) -> Any:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
 
 
-#: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
-RUN_DIR_MARKERS = ("run.json", "checkpoints", "stage1", "stage2", "state.json", "attnxfer.lock")
-
-
 def run_config_dir(path: Path) -> Path | None:
     """The run dir whose own record ``path`` is: a ``config.yaml`` beside what attnxfer writes into a run."""
-    if path.name != "config.yaml":
+    if path.name != RUN_CONFIG:
         return None
     folder = path.parent
     return folder if any((folder / m).exists() for m in RUN_DIR_MARKERS) else None

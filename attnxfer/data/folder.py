@@ -13,6 +13,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..errors import InputError, MissingPathError
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
@@ -26,14 +27,14 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def _split_dir(root: str | None, split: str) -> Path:
     if root is None:
-        raise ValueError(f"dataset 'folder' needs root=PATH with the layout {_LAYOUT}")
+        raise InputError(f"dataset 'folder' needs root=PATH with the layout {_LAYOUT}")
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise FileNotFoundError(f"dataset folder '{base}' does not exist; expected the layout {_LAYOUT}")
+        raise MissingPathError(f"dataset folder '{base}' does not exist; expected the layout {_LAYOUT}")
     for name in _SPLIT_DIRS[split]:
         if (base / name).is_dir():
             return base / name
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"dataset folder '{base}' has no {' or '.join(_SPLIT_DIRS[split])}/ sub-folder for split '{split}'; "
         f"expected the layout {_LAYOUT}"
     )
@@ -46,7 +47,7 @@ def folder_classes(root: str) -> tuple[str, ...]:
     train = _split_dir(root, "train")
     classes = sorted((d.name for d in train.iterdir() if d.is_dir()), key=natural_key)
     if not classes:
-        raise FileNotFoundError(f"'{train}' has no class sub-folders; expected the layout {_LAYOUT}")
+        raise MissingPathError(f"'{train}' has no class sub-folders; expected the layout {_LAYOUT}")
     return tuple(classes)
 
 
@@ -124,7 +125,7 @@ def build_folder(
     default = folder_info(root)
     img_size, in_chans = check_image_args("folder", img_size, in_chans, default)
     if in_chans not in (1, 3):
-        raise ValueError(f"folder: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        raise InputError(f"folder: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
     mean, std = resolve_norm(mean, std, in_chans, default)
     augment = split == "train" if augment is None else augment
     transform = create_transform(
@@ -146,10 +147,10 @@ def build_folder(
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
     stray = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in class_map)
     if stray:
-        raise ValueError(f"'{split_dir}' has classes {stray} that '{_split_dir(root, 'train')}' lacks")
+        raise InputError(f"'{split_dir}' has classes {stray} that '{_split_dir(root, 'train')}' lacks")
     extensions = get_img_extensions(as_set=True)
     if not any(f.suffix.lower() in extensions for f in split_dir.rglob("*")):  # stops at the first image
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"no images ({', '.join(sorted(extensions))}) under '{split_dir}'; expected the layout {_LAYOUT}"
         )
     images = create_dataset(

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from ..errors import InputError
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "SPLITS",
@@ -99,7 +101,7 @@ def register_dataset(name: str, *, info: InfoSource) -> Callable:
 
     def decorator(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
         if name in _DATASETS:
-            raise ValueError(
+            raise InputError(
                 f"dataset '{name}' is already registered (by {_DATASETS[name].builder.__qualname__})"
             )
         params = inspect.signature(builder).parameters
@@ -134,14 +136,25 @@ def _entry(name: str) -> _Entry:
     except KeyError:
         close = difflib.get_close_matches(name, _DATASETS, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(
+        raise InputError(
             f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint} "
             f"(a dataset of your own: @register_dataset in a module named by an '{ENTRY_POINT_GROUP}' entry point)"
         ) from None
 
 
 def _options(builder: Callable) -> list[str]:
-    return [p for p in inspect.signature(builder).parameters if p not in _BUILDER_ARGS]
+    return [
+        name
+        for name, p in inspect.signature(builder).parameters.items()
+        if name not in _BUILDER_ARGS and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
+
+
+def dataset_options(name: str) -> frozenset[str]:
+    """The options dataset ``name``'s builder names in its signature (beyond the common arguments): a run
+    passes its own settings (augmentation, the class count, the per-rank batch) to the builders that name
+    them, without knowing which datasets those are."""
+    return frozenset(_options(_entry(name).builder))
 
 
 def build_dataset(
@@ -164,7 +177,7 @@ def build_dataset(
     """
     entry = _entry(name)
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     options = _options(entry.builder)
     open_ended = any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(entry.builder).parameters.values()
@@ -208,7 +221,7 @@ def resolve_norm(
         if len(values) == 1:
             values = values * in_chans
         if len(values) != in_chans:
-            raise ValueError(
+            raise InputError(
                 f"{what} has {len(values)} values but in_chans={in_chans}; give 1 or {in_chans} values"
             )
         return values
@@ -216,7 +229,7 @@ def resolve_norm(
     mean_t = one(mean, default.mean, "mean")
     std_t = one(std, default.std, "std")
     if any(s <= 0 for s in std_t):
-        raise ValueError(f"std must be positive, got {std_t}")
+        raise InputError(f"std must be positive, got {std_t}")
     return mean_t, std_t
 
 
@@ -231,7 +244,7 @@ def check_image_args(
     img_size = default.img_size if img_size is None else img_size
     in_chans = default.in_chans if in_chans is None else in_chans
     if not isinstance(img_size, int) or img_size <= 0:
-        raise ValueError(f"{name}: img_size must be a positive int (square images), got {img_size!r}")
+        raise InputError(f"{name}: img_size must be a positive int (square images), got {img_size!r}")
     if not isinstance(in_chans, int) or in_chans <= 0:
-        raise ValueError(f"{name}: in_chans must be a positive int, got {in_chans!r}")
+        raise InputError(f"{name}: in_chans must be a positive int, got {in_chans!r}")
     return img_size, in_chans

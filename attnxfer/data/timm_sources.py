@@ -17,6 +17,7 @@ from itertools import islice
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from ..errors import InputError
 from .folder import FolderDataset
 from .registry import DatasetInfo, check_image_args, register_prefix, resolve_norm, with_settings
 
@@ -78,7 +79,7 @@ def _transform(split: str, augment: bool | None, img_size: int, in_chans: int, m
 def _settings(name: str, img_size, in_chans, mean, std, default: DatasetInfo):
     img_size, in_chans = check_image_args(name, img_size, in_chans, default)
     if in_chans not in (1, 3):
-        raise ValueError(f"{name}: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+        raise InputError(f"{name}: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
     mean, std = resolve_norm(mean, std, in_chans, default)
     return img_size, in_chans, mean, std
 
@@ -97,6 +98,10 @@ def build_hfds(
     augment: bool | None = None,
     train_split: str = "train",
     val_split: str = "validation",
+    auto_augment: str | None = None,
+    re_prob: float = 0.0,
+    re_mode: str = "const",
+    re_count: int = 1,
     **aug,
 ) -> Dataset:
     """A Hugging Face dataset (``datasets.load_dataset(NAME)``: a Hub id or a local folder of parquet/arrow
@@ -107,6 +112,7 @@ def build_hfds(
     hf_split = train_split if split == "train" else val_split
     default = hf_info(name, root, train_split)
     img_size, in_chans, mean, std = _settings(f"hfds/{name}", img_size, in_chans, mean, std, default)
+    aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
     augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **aug)
     images = create_dataset(
         f"hfds/{name}",
@@ -214,6 +220,12 @@ for _prefix in STREAM_PREFIXES:
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         seed: int = 0,
+        batch_size: int = 1,
+        world_size: int = 1,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        re_mode: str = "const",
+        re_count: int = 1,
         _prefix: str = _prefix,
         **options,
     ) -> StreamDataset:
@@ -224,7 +236,8 @@ for _prefix in STREAM_PREFIXES:
         and ``world_size`` (set by the run), and folder's transform options."""
         return _build_stream(
             _prefix, name, split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed,
-            **options,
+            batch_size=batch_size, world_size=world_size, auto_augment=auto_augment, re_prob=re_prob,
+            re_mode=re_mode, re_count=re_count, **options,
         )  # fmt: skip
 
     register_prefix(_prefix, info=stream_info)(_builder)

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from ..errors import InputError, UserError
 from .arguments import add_array_arguments, add_slurm_arguments
 from .process_exit import end_program
 
@@ -347,11 +348,11 @@ def _export_parser(sub):
 
 def _cmd_export(args) -> int:
     from ..checkpoints.export import export_run
-    from ..checkpoints.store import CheckpointManager
+    from ..checkpoints.run_dir import RunDir
 
     weights = args.weights
     if weights == "ema":  # a run without EMA has raw weights only: say so and use them
-        info = CheckpointManager(args.run_dir).latest()
+        info = RunDir(args.run_dir).latest()
         if info is not None and "ema" not in info.groups:
             print("attnxfer export: the run kept no EMA weights; exporting the raw weights", file=sys.stderr)
             weights = "raw"
@@ -419,7 +420,7 @@ def _inspect_parser(sub):
 def _cmd_inspect(args) -> int:
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures"):
         if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     from ..apps.inspect import inspect_attention  # after the checks: a bad flag answers without torch
 
     result = inspect_attention(
@@ -488,30 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _is_user_error(e: Exception) -> bool:
-    """Whether ``e`` means 'change your input'. Config and file errors are recognised without importing
-    the library (torch): a bad key or a missing recipe answers at once."""
-    from ..config import ConfigError
-
-    if isinstance(e, (ConfigError, FileNotFoundError, FileExistsError, ValueError)):
-        return True
-    return isinstance(e, _user_errors())
-
-
-def _user_errors() -> tuple:
-    """Exceptions that mean 'change your input', reported without a traceback."""
-    from ..checkpoints.store import CheckpointError
-    from ..config import ConfigError
-    from ..train.engine import NonFiniteLossError
-    from ..transfer.plan import PlanError
-
-    errors = [ConfigError, PlanError, CheckpointError, NonFiniteLossError, FileNotFoundError, FileExistsError]
-    try:
-        from ..sources.teacher import TeacherNotAvailable
-
-        errors.append(TeacherNotAvailable)
-    except ImportError:
-        pass
-    return tuple(errors) + (ValueError,)
+    """Whether ``e`` means 'change your input' (a `UserError`): printed in one line, exit code 2. Anything
+    else is a bug and keeps its traceback. Recognised without importing the library (torch): a bad key or
+    a missing recipe answers at once."""
+    return isinstance(e, UserError)
 
 
 def _where_to_resume(args) -> str:
@@ -519,10 +500,10 @@ def _where_to_resume(args) -> str:
     if args.command == "inspect":  # it writes into a temporary sibling of --out and moves it into place
         return f"nothing was written to {args.out}: run the same command again"
     try:
-        from ..checkpoints.store import CheckpointManager
+        from ..checkpoints.run_dir import RunDir
 
         run_dir = _load(args).run_dir
-        info = CheckpointManager(run_dir).latest(verify_hash=False)
+        info = RunDir(run_dir).latest(verify_hash=False)
     except Exception:
         return "run the same command again to continue from the newest checkpoint, if one was saved"
     if info is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..apps.search import evaluate_batch
+from ..errors import InputError
 from .arguments import add_array_arguments as add_array_arguments  # its home before arguments.py
 from .slurm import SlurmOptions, build_executor, parse_key_values, wait
 
@@ -38,7 +39,7 @@ def array_evaluator(
 ) -> Callable[[list[str]], list[dict[str, Any]]]:
     """``evaluate(names)`` that runs one job array per call (one generation) and returns results in order."""
     if ns.array_tasks < 1:
-        raise ValueError(f"--array-tasks must be >= 1, got {ns.array_tasks}")
+        raise InputError(f"--array-tasks must be >= 1, got {ns.array_tasks}")
     opts = SlurmOptions(
         cluster=ns.cluster,
         partition=ns.partition,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from ..errors import InputError
 from ..models.student import student_from_spec
 from .resolve import parse_teacher_spec, read_state_dict, resolve
 
@@ -32,7 +33,7 @@ def load_student(
     if ":" not in spec and Path(spec).expanduser().is_dir():
         spec = f"local-dir:{spec}"
     if not spec.startswith(("local-dir:", "hf-hub:")):
-        raise ValueError(
+        raise InputError(
             f"load_student reads `attnxfer export` folders: 'local-dir:PATH' (or a folder path) or "
             f"'hf-hub:ORG/NAME[@REV]', got {spec!r}"
         )
@@ -41,7 +42,7 @@ def load_student(
     config = json.loads(Path(res.files[0]).read_text(encoding="utf-8"))
     student = (config.get("attnxfer") or {}).get("student")
     if not student:
-        raise ValueError(
+        raise InputError(
             f"{spec}: config.json has no attnxfer.student block, so `attnxfer export` did not write it; "
             "load a plain timm model with timm.create_model or attnxfer.load_teacher"
         )
@@ -49,7 +50,7 @@ def load_student(
     state, _ = read_state_dict(res.weights)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(
+        raise InputError(
             f"{spec}: the weights do not fit the student its config.json describes (missing "
             f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}); was the folder edited?"
         )

@@ -19,17 +19,31 @@ import logging
 import os
 import pickle
 import re
-import ssl
-import threading
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import InputError, MissingPathError
+from .hub import (  # moved to hub.py
+    _HUB_WEIGHT_FILES,
+    _hub_file,
+    _hub_weights,
+    _readme_license,
+    _snapshot_commit,
+    fetch_instructions,
+    hub_cache_dir,
+    hub_reachable,
+    offline_reason,
+)
+from .load_errors import (  # moved to load_errors.py
+    TeacherLoadError,
+    TeacherNotAvailable,
+    UnsafeCheckpointError,
+)
 
 __all__ = [
     "RESOLVERS",
@@ -58,29 +72,8 @@ _logger = logging.getLogger(__name__)
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
 
 
-# Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
-_HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
-
-
 # Containers a training script wraps its state dict in; EMA first, as timm prefers it.
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
-
-
-class TeacherNotAvailable(RuntimeError):
-    """The teacher's weights are neither on this machine nor reachable; the message says how to get them."""
-
-
-class TeacherLoadError(ValueError):
-    """The weights do not fit the architecture (missing/unexpected/mis-shaped keys, wrong head)."""
-
-    def __init__(self, message: str, missing_keys: Sequence[str] = (), unexpected_keys: Sequence[str] = ()):
-        super().__init__(message)
-        self.missing_keys = list(missing_keys)
-        self.unexpected_keys = list(unexpected_keys)
-
-
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that can only be read by unpickling arbitrary Python objects."""
 
 
 class Source(StrEnum):
@@ -136,10 +129,10 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     if sep and prefix.lower() in ("hf-hub", "hf_hub"):
         repo, _, rev = rest.partition("@")
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-            raise ValueError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
+            raise InputError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
         rev = rev or None
         if rev and revision and rev != revision:
-            raise ValueError(
+            raise InputError(
                 f"teacher spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
             )
         return TeacherSpec(Source.HF_HUB, repo, rev or revision)
@@ -151,7 +144,7 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     if timm.is_model(arch):
         return TeacherSpec(Source.TIMM, spec, revision)
     hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
-    raise ValueError(
+    raise InputError(
         f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
         f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "
         f"'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
@@ -196,7 +189,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise MissingPathError(f"checkpoint {path} does not exist")
     name = path.name.lower()
     if name.endswith(".safetensors"):
         from safetensors import SafetensorError
@@ -210,7 +203,7 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
                 "Copy or download it again"
             ) from None
     if not name.endswith(WEIGHT_SUFFIXES):
-        raise ValueError(
+        raise InputError(
             f"{path}: unsupported checkpoint type; use one of {', '.join(WEIGHT_SUFFIXES)} "
             "(JAX .npz weights: load them through their timm name instead)"
         )
@@ -244,177 +237,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
-    """The Hub cache in use: ``cache_dir`` or huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub)."""
-    from huggingface_hub import constants
-
-    return str(cache_dir) if cache_dir else constants.HF_HUB_CACHE
-
-
-_REACHABLE: dict[str, tuple[float, bool]] = {}
-
-
-def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
-    """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts).
-
-    huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back to the
-    cache; one bounded probe (DNS included, run in a daemon thread) decides up front instead.
-    Proxies from the environment are honoured. The answer is remembered for ``ttl`` seconds.
-    """
-    import time
-
-    from huggingface_hub import constants
-
-    endpoint = constants.ENDPOINT
-    now = time.monotonic()
-    cached = _REACHABLE.get(endpoint)
-    if cached and now - cached[0] < ttl:
-        return cached[1]
-    answer: list[bool] = []
-
-    def probe() -> None:
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-            answer.append(True)
-        except urllib.error.HTTPError:
-            answer.append(True)  # it answered
-        except urllib.error.URLError as e:
-            # A TLS complaint means something answered: let huggingface_hub (its own CA settings) decide.
-            answer.append(isinstance(e.reason, ssl.SSLError))
-        except Exception:
-            answer.append(False)
-
-    t = threading.Thread(target=probe, name="attnxfer-hub-probe", daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    ok = bool(answer and answer[0])
-    _REACHABLE[endpoint] = (now, ok)
-    if not ok:
-        _logger.info("Hugging Face Hub at %s is not reachable: using the local cache only", endpoint)
-    return ok
-
-
-def offline_reason() -> str | None:
-    from huggingface_hub import constants
-
-    if constants.is_offline_mode():
-        return "HF_HUB_OFFLINE=1 is set"
-    if not hub_reachable():
-        return f"{constants.ENDPOINT} cannot be reached"
-    return None
-
-
-def fetch_instructions(
-    spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
-) -> str:
-    cache = hub_cache_dir(cache_dir)
-    rev = f" --revision {revision}" if revision else ""
-    folder = "models--" + repo.replace("/", "--")
-    return (
-        f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
-        f"cache ({cache}) and cannot be downloaded: {reason}.\n"
-        "On a machine with internet, fetch it with one of:\n"
-        f"    huggingface-cli download {repo}{rev}      (huggingface_hub >= 1.0 spells it: hf download {repo}{rev})\n"
-        f"    attnxfer fetch {spec}{rev}\n"
-        "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
-        f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
-        "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "
-        "train/convert/submit, cache_dir=... in Python."
-    )
-
-
-def _hub_file(
-    spec: str, repo: str, filename: str, revision: str | None, cache_dir: str | None, *, required: bool = True
-) -> str | None:
-    """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached.
-
-    Missing and not downloadable: `TeacherNotAvailable` if ``required``, else None.
-    """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    reason = offline_reason()
-    if reason is not None:
-        # Offline: a purely local lookup (refs/<revision> -> snapshots/<commit>/<file>), no HTTP client at all.
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
-        if isinstance(path, str):
-            return path
-        if not required:
-            return None
-        raise TeacherNotAvailable(fetch_instructions(spec, repo, revision, cache_dir, reason, filename))
-    try:
-        return hf_hub_download(
-            repo, filename, revision=revision, cache_dir=cache_dir, library_name="attnxfer"
-        )
-    except LocalEntryNotFoundError:
-        if not required:
-            return None
-        raise TeacherNotAvailable(
-            fetch_instructions(spec, repo, revision, cache_dir, reason or "the download failed", filename)
-        ) from None
-    except EntryNotFoundError:
-        if not required:
-            return None
-        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no file {filename}") from None
-    except RevisionNotFoundError:
-        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}") from None
-    except RepositoryNotFoundError:
-        raise TeacherLoadError(
-            f"teacher {spec!r}: Hub repo {repo} does not exist or is private "
-            "(log in with `hf auth login` for private repos)"
-        ) from None
-
-
-def _hub_weights(
-    spec: str, repo: str, revision: str | None, cache_dir: str | None, filename: str | None = None
-) -> str:
-    names = (filename,) if filename else _HUB_WEIGHT_FILES[:2]
-    for name in names:
-        path = _hub_file(spec, repo, name, revision, cache_dir, required=False)
-        if path:
-            return path
-    reason = offline_reason()
-    if reason:
-        raise TeacherNotAvailable(
-            fetch_instructions(spec, repo, revision, cache_dir, reason, "the weights file")
-        )
-    raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has none of {list(names)}")
-
-
-def _snapshot_commit(path: str) -> str | None:
-    """The commit hash of a file inside ``.../snapshots/<commit>/...`` of the Hub cache."""
-    p = Path(path)
-    for parent in p.parents:
-        if parent.parent.name == "snapshots":
-            return parent.name
-    return None
-
-
-def _readme_license(path: str | None) -> str | None:
-    """``license`` of a model card (a README.md already on disk: the Hub cache's copy or a local folder's),
-    read by huggingface_hub's `ModelCard.load`. Metadata it cannot parse means an unknown licence (the
-    export card then says to check the teacher's terms), with a warning naming the file."""
-    if not path or not os.path.isfile(path):
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        license_id = ModelCard.load(path).data.license
-    except Exception as e:  # malformed YAML front matter: yaml's errors, huggingface_hub's ValueError
-        _logger.warning("%s: model card metadata does not parse (%s): teacher licence unknown", path, e)
-        return None
-    if isinstance(license_id, list):  # the Hub's schema allows one id; a list is read as its first
-        license_id = license_id[0] if license_id else None
-    return str(license_id).strip() if license_id else None
-
-
 @dataclass
 class Resolved:
     """What a spec resolved to before any weights are read."""
@@ -446,7 +268,7 @@ def registry_cfg(name: str) -> dict[str, Any]:
     if cfg is None:
         import timm
 
-        raise ValueError(
+        raise InputError(
             f"timm has no pretrained config {name!r}; tags for {arch}: "
             f"{timm.list_pretrained(arch + '.*')[:10]}"
         )
@@ -527,7 +349,7 @@ def _resolve_local_dir(
 ) -> Resolved:
     folder = Path(spec.name)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"local-dir:{folder}: no config.json there (timm's Hub layout is config.json + "
             "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`)"
         )
@@ -544,7 +366,7 @@ def _resolve_local_dir(
     if pretrained:
         found = [folder / n for n in _HUB_WEIGHT_FILES if (folder / n).is_file()]
         if not found:
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"local-dir:{folder}: none of {list(_HUB_WEIGHT_FILES)} there; "
                 f"it holds {sorted(p.name for p in folder.iterdir())}"
             )
@@ -560,14 +382,14 @@ def _resolve_file(
 
     path = Path(spec.name)
     if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+        raise MissingPathError(f"teacher checkpoint {path} does not exist")
     if not arch:
         hint = (
             f" (this folder looks like timm's Hub layout: try 'local-dir:{path.parent}')"
             if (path.parent / "config.json").is_file()
             else ""
         )
-        raise ValueError(
+        raise InputError(
             f"teacher file {path}: pass arch=, the timm architecture it was trained as, e.g. "
             f"arch='vit_large_patch16_224.mae' (the tag selects the preprocessing){hint}"
         )
@@ -575,7 +397,7 @@ def _resolve_file(
     import timm
 
     if not timm.is_model(arch_name):
-        raise ValueError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
+        raise InputError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
     cfg = registry_cfg(arch)
     # An untagged arch gets timm's default tag's preprocessing, which says nothing about this file's licence.
     return Resolved(

@@ -33,6 +33,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..models.attention import make_transfer_aware
 from ..models.vit import create_vit
 from .resolve import (
@@ -260,12 +261,12 @@ def load_teacher(
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``global_pool='avg'``).
     """
     if "attn_layer" in timm_kwargs:
-        raise ValueError(
+        raise InputError(
             "load_teacher builds teachers with attnxfer's TransferAttention; don't pass attn_layer"
         )
     parsed = parse_teacher_spec(spec, revision)
     if not parsed.source.on_hub and revision:
-        raise ValueError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
+        raise InputError(f"revision={revision!r} only applies to Hub teachers, not {parsed.source} {spec!r}")
     res = resolve(parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
     if not pretrained:
         res.weights, res.source = None, Origin.RANDOM_INIT

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath
 
+from ..errors import InputError
+
 __all__ = ["COMPILE_MODES", "CompileMode", "RateAsInputDropPath", "compile_blocks", "is_compiled"]
 
 
@@ -52,7 +54,7 @@ class RateAsInputDropPath(nn.Module):
     def __init__(self, drop_prob: float, scale_by_keep: bool = True, device: torch.device | None = None):
         super().__init__()
         if not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+            raise InputError(f"drop_prob must be in [0, 1), got {drop_prob}")
         self.drop_prob = float(drop_prob)
         self.scale_by_keep = scale_by_keep
         self.register_buffer("keep_prob", torch.tensor(1.0 - drop_prob, device=device), persistent=False)
@@ -92,7 +94,7 @@ def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = Compil
     try:
         mode = CompileMode(mode)
     except ValueError:
-        raise ValueError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}") from None
+        raise InputError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}") from None
     blocks = list(blocks)
     _rates_as_inputs(blocks)
     for block in blocks:

@@ -10,6 +10,8 @@ from enum import StrEnum
 
 import torch
 
+from ..errors import InputError
+
 __all__ = ["TORCH_DTYPES", "Device", "Precision", "resolve_device", "resolve_precision", "teacher_dtype"]
 
 
@@ -56,14 +58,14 @@ def _member(enum: type[StrEnum], value: str, what: str) -> StrEnum:
     try:
         return enum(value)
     except ValueError:
-        raise ValueError(f"{what} must be one of {', '.join(m.value for m in enum)}, got {value!r}") from None
+        raise InputError(f"{what} must be one of {', '.join(m.value for m in enum)}, got {value!r}") from None
 
 
 def resolve_device(device: Device | str) -> torch.device:
     """``auto`` is CUDA when one is visible, else CPU; ``cuda`` without a GPU is a clear error."""
     device = _member(Device, device, "device")
     if device is Device.CUDA and not torch.cuda.is_available():
-        raise ValueError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
+        raise InputError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
     if device.uses_cuda:
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

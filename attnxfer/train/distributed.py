@@ -23,6 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ..errors import InputError
 from .devices import Device
 
 _logger = logging.getLogger(__name__)
@@ -79,9 +80,9 @@ class DistributedInfo:
                 master_port=int(env.get("MASTER_PORT", 29500)),
             )
         except ValueError as e:
-            raise ValueError(f"distributed environment variables must be integers: {e}") from e
+            raise InputError(f"distributed environment variables must be integers: {e}") from e
         if not 0 <= info.rank < info.world_size:
-            raise ValueError(f"RANK={info.rank} is outside [0, WORLD_SIZE={info.world_size})")
+            raise InputError(f"RANK={info.rank} is outside [0, WORLD_SIZE={info.world_size})")
         return info
 
 
@@ -148,9 +149,9 @@ def expand_node_list(text: str) -> list[str]:
             groups.append(text[start:i].strip())
             start = i + 1
         if depth not in (0, 1):
-            raise ValueError(f"node list {text!r}: unbalanced brackets")
+            raise InputError(f"node list {text!r}: unbalanced brackets")
     if depth:
-        raise ValueError(f"node list {text!r}: unbalanced brackets")
+        raise InputError(f"node list {text!r}: unbalanced brackets")
     for group in filter(None, groups):
         parts = re.split(r"(\[[^\[\]]*\])", group)
         choices = [_expand_numbers(p[1:-1], text) if p.startswith("[") else [p] for p in parts]
@@ -164,12 +165,12 @@ def _expand_numbers(spec: str, text: str) -> list[str]:
     for item in spec.split(","):
         lo, sep, hi = item.strip().partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise ValueError(f"node list {text!r}: {item!r} is not a number or a range like 1-3")
+            raise InputError(f"node list {text!r}: {item!r} is not a number or a range like 1-3")
         if not sep:
             out.append(lo)
             continue
         if int(hi) < int(lo):
-            raise ValueError(f"node list {text!r}: range {item!r} runs backwards")
+            raise InputError(f"node list {text!r}: range {item!r} runs backwards")
         out.extend(f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1))
     return out
 

@@ -15,20 +15,16 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..analysis import class_token_maps, layer_qk
-from ..analysis.pictures import class_token_figure, display_image, figure_array
 from ..checkpoints.resume_from import ResumeFrom
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
@@ -40,11 +36,14 @@ from ..checkpoints.store import (
     optimizer_state_to_tensors,
     verify_checkpoint,
 )
-from ..transfer.dual import DualViT, TransferOutput
+from ..errors import InputError
 from .distributed import barrier, min_over_ranks
 from .ema import StudentEMA
+from .evaluation import evaluate, evaluate_loss
 from .metrics import MetricsLogger
+from .objective import Objective, Pictures, TaskLoss
 from .runtime import Runtime
+from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 from .trackers import flat_hparams
@@ -55,6 +54,7 @@ __all__ = [
     "LoopSettings",
     "NonFiniteLossError",
     "StopRequested",
+    "TaskLoss",
     "TrainResult",
     "evaluate",
     "evaluate_loss",
@@ -79,74 +79,6 @@ class TrainResult:
     def best_top1(self) -> float | None:
         """The best val top-1 (classification runs; None for runs scored otherwise)."""
         return self.best if self.metric == "val_top1" else None
-
-
-def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
-    """Per-iteration linear warmup then half-cosine to ``minimum``."""
-    if warmup > 0 and step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 and loss of ``model`` (a DualViT or a bare student) over ``loader``, summed over ranks,
-    and the number of images scored (``count``).
-
-    Each rank scores its own shard of an exact (unpadded) val sampler, so the ranks may run different
-    numbers of batches: the forward passes go to the unwrapped module (no DDP hooks, no collectives) and
-    only the final sum is a collective; every image counts once at every world size."""
-    model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    device = accelerator.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with accelerator.autocast():
-            out = model(x)
-        logits = (out.logits if isinstance(out, TransferOutput) else out).float()
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        totals[0] += (top5[:, 0] == y).sum()
-        totals[1] += (top5 == y[:, None]).any(-1).sum()
-        totals[2] += F.cross_entropy(logits, y, reduction="sum")
-        totals[3] += y.numel()
-    totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
-    n = max(1.0, totals[3].item())
-    return {
-        "top1": 100.0 * totals[0].item() / n,
-        "top5": 100.0 * totals[1].item() / n,
-        "loss": totals[2].item() / n,
-        "count": int(totals[3].item()),  # images scored: what a 95 % interval of top1 needs
-    }
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[str, float]:
-    """Mean of a self-supervised objective's ``loss`` over ``loader`` (batch-weighted, summed over ranks).
-
-    The objective's randomness (MAE's masks) comes from a generator seeded with ``seed`` at every call, so
-    each evaluation scores the same masks and the training RNG streams are left untouched. Ranks may hold
-    unequal shards (see `evaluate`): the unwrapped module runs the forward passes."""
-    model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    device = accelerator.device
-    generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum, count
-    for x, _ in loader:
-        x = x.to(device, non_blocking=True)
-        with accelerator.autocast():
-            out = model(x, generator=generator)
-        totals[0] += out.loss.double() * x.shape[0]
-        totals[1] += x.shape[0]
-    totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
-    return {"loss": totals[0].item() / max(1.0, totals[1].item())}
 
 
 def _weights_checksum(model: nn.Module) -> str:
@@ -192,24 +124,9 @@ class LoopSettings:
     trackers: tuple[str, ...] = ("tensorboard",)  # train/trackers.py: tensorboard, wandb, mlflow
     project: str = "attnxfer"  # the W&B project / MLflow experiment the run is logged under
     progress: bool = True
-    attention_images: int = 0  # validation images whose class-token maps go to TensorBoard at each eval
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
-    eval_only: bool = False
     metric: str = "val_top1"  # what "best" means: a key of the evaluation's results...
     metric_mode: MetricMode | str = MetricMode.MAX  # ...and whether higher (max) or lower (min) is better
-
-
-Evaluator = Callable[[nn.Module, Any, Any], dict[str, float]]
-#: pictures drawn after an evaluation: model -> {tag: (C, H, W) image in [0, 1]}
-Pictures = Callable[[nn.Module], dict[str, torch.Tensor]]
-
-
-@dataclass
-class TaskLoss:
-    """The task's loss and its batch transform (timm's Mixup/CutMix, or None)."""
-
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    mixup: Callable | None = None
 
 
 class Engine:
@@ -219,18 +136,16 @@ class Engine:
     def __init__(
         self,
         runtime: Runtime,
-        dual: DualViT,
+        objective: Objective,
         optimizer: torch.optim.Optimizer,
         *,
         train_loader: Any,
         val_loader: Any,
         train_sampler: Any,
-        task: TaskLoss | None,
         settings: LoopSettings,
         ema: StudentEMA | None = None,
         record: dict[str, Any] | None = None,
-        evaluator: Evaluator = evaluate,
-        pictures: Pictures | None = None,
+        pictures: Sequence[Pictures] = (),
     ):
         self.runtime = runtime
         self.accelerator = acc = runtime.accelerator
@@ -238,22 +153,18 @@ class Engine:
         self.settings = s = settings
         self.record = dict(record or {})
         self.run_dir = Path(s.run_dir)
-        # A DualViT trains (and checkpoints) its student; any other objective module trains itself.
-        self.dual, self.ema, self.plan = dual, ema, getattr(dual, "plan", None)
-        self.student: nn.Module = getattr(dual, "student", dual)
+        # The objective's module runs the batches; its trained part is what the optimiser, the checkpoints
+        # and the EMA hold (a DualViT's student; a self-supervised module, itself).
+        self.objective, self.ema = objective, ema
+        self.dual, self.student = objective.module, objective.trained
         self.train_loader, self.val_loader, self.train_sampler = train_loader, val_loader, train_sampler
-        self.mixup, self.loss_fn = (task.mixup, task.loss_fn) if task is not None else (None, None)
-        self.evaluator, self.pictures = evaluator, pictures
-        # What evaluates the EMA weights: with the teacher when the mode attends with its q/k at eval.
-        self.ema_eval = None
-        if ema is not None:
-            with_teacher = self.plan is not None and self.plan.mode.teacher_at_eval
-            self.ema_eval = DualViT(dual.teacher, ema.module, self.plan) if with_teacher else ema.module
+        self.pictures = tuple(pictures)
+        self.ema_eval = objective.ema_model(ema.module) if ema is not None else None
         self.base_lr = s.base_lr
-        self.model, self.optimizer = acc.prepare(dual, optimizer)
+        self.model, self.optimizer = acc.prepare(objective.module, optimizer)
         self.steps_per_epoch = len(train_loader) // s.accum_steps
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise InputError(
                 f"the training set gives {len(train_loader)} batches per epoch, fewer than "
                 f"optim.accum_steps={s.accum_steps}; lower data.batch_size"
             )
@@ -269,15 +180,12 @@ class Engine:
             trackers=s.trackers,
             project=s.project,
             # the run's config and plan as the trackers' hyper-parameters
-            hparams=flat_hparams(
-                self.record.get("config") or {}, self.plan.describe() if self.plan else None
-            ),
+            hparams=flat_hparams(self.record.get("config") or {}, objective.description),
         )
         self.step, self.epoch, self.position = 0, 0, 0
         self.best: float | None = None  # best value of settings.metric so far
         self.last_ckpt: str | None = None
         self.history: list[dict[str, float]] = []
-        self._picture_x: torch.Tensor | None = None
         # Logged terms and the non-finite guard stay on the device between log steps (no host syncs).
         self.window = TermWindow()
         self.guard = NonFiniteGuard()
@@ -467,20 +375,9 @@ class Engine:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         acc, clip = self.accelerator, self.settings.clip_grad
-        if self.mixup is not None:
-            x, y = self.mixup(x, y)
         with acc.accumulate(self.model):
-            with acc.autocast():
-                out = self.model(x)
-            if self.loss_fn is None:  # a self-supervised objective: its own loss is the whole loss
-                terms = {**out.terms, "total": out.loss}
-            else:
-                task = self.loss_fn(out.logits.float(), y)
-                terms = {"task": task, **out.terms}
-                if out.loss is not None:
-                    terms["attn"] = out.loss
-                terms["total"] = task + out.loss if out.loss is not None else task
-            total = terms["total"]
+            out = self.objective.loss(self.model, x, y, acc.autocast)
+            terms, total = out.terms, out.total
             self.guard.watch(terms, self.step, self.epoch)  # read at log steps, saves, evaluations
             acc.backward(total)
             if acc.sync_gradients and clip:
@@ -498,7 +395,7 @@ class Engine:
         return bool(c.every_minutes and time.monotonic() - self._last_save_time >= 60 * c.every_minutes)
 
     def _evaluate_all(self) -> dict[str, float]:
-        run = self.evaluator
+        run = self.objective.evaluate
         res = {f"val_{k}": v for k, v in run(self.model, self.val_loader, self.accelerator).items()}
         if self.ema_eval is not None:
             res.update(
@@ -514,48 +411,13 @@ class Engine:
         self.resume()
         return self._evaluate_all()
 
-    @torch.no_grad()
-    def _log_attention_pictures(self) -> None:
-        """Class-token maps (layer × head) of a few fixed validation images, the teacher's beside the
-        student's, to TensorBoard: rank 0, at evaluations only."""
-        n = max(0, self.settings.attention_images)
-        if not (n and self.is_main and self.metrics.has_tensorboard and self.plan is not None):
-            return
-        if self._picture_x is None:
-            self._picture_x = next(iter(self.val_loader))[0][:n]
-        x = self._picture_x.to(self.accelerator.device)
-        teacher, student = getattr(self.dual, "teacher", None), self.student
-        was = student.training
-        student.eval()
-        try:
-            borrow, t_cls = {}, None
-            if teacher is not None:
-                t_qk = layer_qk(teacher, x)
-                t_cls = class_token_maps(teacher, x, qk=t_qk)
-                chunks = self.plan.mode.borrow
-                borrow = {  # q and k together bring the teacher's logit bias (relative-position tables)
-                    s: {c: t_qk[t][c] for c in (*chunks, "bias") if c in "qk" or {"q", "k"} <= set(chunks)}
-                    for s, t in self.plan.pairs
-                    if chunks
-                }
-            s_cls = class_token_maps(student, x, borrow)
-        finally:
-            student.train(was)
-        for b in range(x.shape[0]):
-            pick = lambda maps, b=b: [m[b] if m is not None else None for m in maps]
-            image = display_image(x[b])
-            fig = (
-                class_token_figure(image, pick(t_cls), pick(s_cls))
-                if t_cls is not None
-                else class_token_figure(image, pick(s_cls), names=("student", ""))
-            )
-            self.metrics.log_image(f"attention/cls_maps_{b}", self.step, figure_array(fig))
-
     def _draw_pictures(self) -> None:
-        if self.pictures is None or not self.is_main:
+        """The pictures callbacks (built in `attnxfer.apps`: class-token maps, MAE reconstructions), rank 0."""
+        if not self.is_main:
             return
-        for tag, image in self.pictures(self.student).items():
-            self.metrics.log_image(f"val/{tag}", self.step, image)
+        for draw in self.pictures:
+            for tag, image in draw(self.student).items():
+                self.metrics.log_image(tag, self.step, image)
 
     def _is_better(self, value: float) -> bool:
         if self.best is None:
@@ -566,9 +428,6 @@ class Engine:
         """Train to ``total_steps`` (resuming first), evaluating and saving as the settings say."""
         s = self.settings
         start = time.monotonic()
-        if s.eval_only:
-            final = self.evaluate_checkpoint()
-            return TrainResult(str(self.run_dir), self.step, self.epoch, self.best, final, metric=s.metric)
         with stop_on_signals():  # SIGTERM: save at the next step boundary, then StopRequested
             for _ in self.steps():
                 pass
@@ -628,8 +487,7 @@ class Engine:
                 x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
                 upcoming = self.step + 1
-                if hasattr(self.dual, "log_kl"):
-                    self.dual.log_kl = upcoming % s.log_every == 0 or upcoming == self.total_steps
+                self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)
                 logs, stepped = self._train_step(x, y)
                 self._add_epoch_loss(logs)
                 self._last_lr = lr
@@ -677,7 +535,6 @@ class Engine:
             )
             if self.position == 0:
                 self._epoch_loss, self._epoch_batches = None, 0
-            self._log_attention_pictures()
             self.history.append({"step": self.step, "epoch": self.epoch + self.position / epoch_len, **final})
             self._draw_pictures()
             if self.is_main:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
+from ..run_layout import METRICS
 from .trackers import TrackerSet
 
 __all__ = ["SUMMARY_CSV", "MetricsLogger", "read_metrics", "read_summary"]
@@ -45,7 +46,7 @@ class MetricsLogger:
     ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.path = self.run_dir / METRICS
         # log.tensorboard=false keeps its meaning: no TensorBoard whatever log.trackers says
         names = [t for t in trackers if tensorboard or t != "tensorboard"]
         self.tensorboard = "tensorboard" in names
@@ -146,7 +147,7 @@ class MetricsLogger:
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """The records of a run (optionally one split), skipping a torn last line from a killed run."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS
     if not path.exists():
         return []
     out = []

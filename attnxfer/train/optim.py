@@ -37,6 +37,8 @@ import torch
 import torch.nn as nn
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
+from ..errors import InputError
+
 __all__ = [
     "FUSED_ADAMW_DEVICES",
     "LAYER_DECAY_RULES",
@@ -76,7 +78,7 @@ def student_param_groups(
     try:
         rule = LayerDecayRule(layer_decay_rule)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"layer_decay_rule must be one of {', '.join(LAYER_DECAY_RULES)}, got {layer_decay_rule!r}"
         ) from None
     student = getattr(model, "student", model)

@@ -32,8 +32,8 @@ from ..models.attention import attention_layers, capture_attention
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.map_losses import MapLoss
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
-from .engine import lr_at
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
+from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 

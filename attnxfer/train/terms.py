@@ -20,13 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
+
 __all__ = ["NO_STEP", "NonFinite", "NonFiniteGuard", "NonFiniteLossError", "TermWindow"]
 
 #: what `NonFiniteGuard.earliest` holds while every watched term was finite (larger than any step)
 NO_STEP = 2**62
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """A loss term became NaN/inf; nothing was saved over the last good checkpoint."""
 
 

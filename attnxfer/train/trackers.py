@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = [
     "TRACKERS",
     "TRACKERS_JSON",
@@ -35,7 +37,7 @@ __all__ = [
 TRACKERS_JSON = "trackers.json"
 
 
-class TrackerMissingError(ValueError):
+class TrackerMissingError(InputError):
     """A tracker named in ``log.trackers`` whose package is not installed."""
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_layers, attention_name_of
 from ..models.attention.bias_rows import full_bias
 from ..models.efficient import check_softmax_teacher
@@ -188,19 +189,19 @@ def build_conversion_plan(
     every problem is a ValueError that says what to change."""
     check_softmax_teacher(teacher)
     if stage1_train not in STAGE1_TRAIN:
-        raise ValueError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
+        raise InputError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
     train = Stage1Train(stage1_train)
     if stage1_steps < 0 or stage1_lr <= 0 or output_mse < 0:
-        raise ValueError(
+        raise InputError(
             "convert.stage1_steps must be >= 0, convert.stage1_lr > 0 and convert.output_mse >= 0"
         )
     try:
         student_layers = attention_layers(student)
     except TypeError as e:
-        raise ValueError(f"student: {e}; convert students use registered attentions") from None
+        raise InputError(f"student: {e}; convert students use registered attentions") from None
     depth = len(attention_layers(teacher))
     if len(student_layers) != depth:
-        raise ValueError(
+        raise InputError(
             f"student has {len(student_layers)} attention layers, teacher {depth}: conversion keeps the "
             "teacher's depth (build the student with build_efficient_student)"
         )
@@ -208,7 +209,7 @@ def build_conversion_plan(
     layers = []
     for i, (qualified, attn) in enumerate(student_layers):
         if not isinstance(attn, TransferableAttention):
-            raise ValueError(
+            raise InputError(
                 f"student {qualified} is {type(attn).__name__}; convert students use registered "
                 "attentions (attnxfer.models.efficient)"
             )
@@ -221,7 +222,7 @@ def build_conversion_plan(
             continue
         t_name, t_attn = teacher_layers[i]
         if stage1_steps > 0 and getattr(t_attn, "sr", None) is not None:
-            raise ValueError(
+            raise InputError(
                 f"the teacher's {t_name} attends over sub-sampled keys (PVTv2 spatial reduction) and the "
                 f"student's {name} over all tokens of the stage: stage 1 cannot compare maps over different "
                 "key sets. Use a teacher without spatial reduction (sr_ratios 1), keep softmax or none in that "
@@ -238,7 +239,7 @@ def build_conversion_plan(
     )
     if stage1_steps > 0 and plan.num_trainable == 0:
         kinds = sorted({layer.attention for layer in layers if layer.loss is not None})
-        raise ValueError(
+        raise InputError(
             f"stage 1 has nothing to train: {', '.join(kinds) or 'softmax'} attention has no new "
             f"parameters with convert.stage1_train={stage1_train!r}. Set convert.stage1_train=qk to "
             "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1"

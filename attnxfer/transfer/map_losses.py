@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.bias_rows import BiasRows, bias_block
 from ..models.attention.numerics import fp32_section, row_chunk
@@ -133,7 +134,7 @@ def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bi
 
 def _check_equal_shapes(q_s, k_s, q_t, k_t) -> None:
     if q_s.shape[:3] != q_t.shape[:3] or k_s.shape[-2] != k_t.shape[-2]:
-        raise ValueError(
+        raise InputError(
             f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
             "the student needs the teacher's heads and tokens"
         )
@@ -161,7 +162,7 @@ def _implicit_loss(
     (``ce_path``/``lse_s`` concern softmax layers' exact CE only; the teacher's logits take ``scale_t`` and
     ``bias_t``; a student with a logit bias of its own is refused here: its map is not ``attention_map``.)"""
     if bias_s is not None:
-        raise ValueError(
+        raise InputError(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
         )
     if valid is not None:
@@ -299,7 +300,7 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
     try:
         loss = MapLoss(loss)
     except ValueError:
-        raise ValueError(
+        raise InputError(
             f"unknown map loss {loss!r}; choose one of {', '.join(m.value for m in MapLoss)}"
         ) from None
     if loss is MapLoss.AUTO:
@@ -310,7 +311,7 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
             MapKind.SIGNED: "its map has negative entries, so log A is undefined",
             MapKind.NONE: "it has no attention map",
         }.get(kind, "")
-        raise ValueError(
+        raise InputError(
             f"{where}map loss {loss.value!r} does not apply to a {kind.value!r} attention ({why}); use "
             f"{' or '.join(repr(f) for f in fits)} (or 'auto')"
         )
@@ -321,7 +322,7 @@ def map_loss_rule(kind: MapKind | str, loss: MapLoss | str = "auto") -> MapLossR
     """The table entry for a student layer of ``kind`` under ``loss``; a ValueError where it is not a map loss."""
     loss = check_map_loss(loss, kind)
     if loss is MapLoss.OUTPUT:
-        raise ValueError("the 'output' loss compares attention outputs, not maps: use output_mse()")
+        raise InputError("the 'output' loss compares attention outputs, not maps: use output_mse()")
     return MAP_LOSS_RULES[(MapKind(kind), loss)]
 
 
@@ -378,7 +379,7 @@ def implicit_map_loss(
     whatever its kind: the chunked path (for softmax layers too), equal heads and tokens."""
     loss = check_map_loss(loss, attn.map_kind)
     if loss is MapLoss.OUTPUT:
-        raise ValueError("the 'output' loss compares attention outputs, not maps: use output_mse()")
+        raise InputError("the 'output' loss compares attention outputs, not maps: use output_mse()")
     return _implicit_loss(loss, attn, q_s, k_s, q_t, k_t, chunk=chunk)
 
 

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 import torch.nn as nn
 
+from ..errors import InputError
 from ..models.attention import MapKind, attention_layers, attention_name_of, stage_of, transfer_attentions
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 
-class PlanError(ValueError):
+class PlanError(InputError):
     """A teacher/student/config combination that cannot be transferred; the message says what to change."""
 
 

@@ -39,12 +39,10 @@ from .formula_grammar import (
     Op,
     Step,
     check_formula,
-    crossover,
-    mutate,
     parse_formula,
-    random_formula,
     step_width,
 )
+from .formula_search import crossover, mutate, random_formula
 from .kernels import add_scalar, kernel_core_counts, linear_readout, linear_state, scaled_for_kernel
 from .window import WindowAttention, WindowLinearAttention
 

@@ -17,6 +17,7 @@ from timm.layers import AttentionRope, DropPath
 from timm.models.eva import EvaAttention
 from torch import nn
 
+from ...errors import InputError
 from ..attention import (
     MapKind,
     TransferAttention,
@@ -162,7 +163,7 @@ def efficient_student_from_teacher(
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
     if not isinstance(attn, str) and len(attn) != len(blocks):
-        raise ValueError(
+        raise InputError(
             f"attn lists one attention per block: the teacher has {len(blocks)} blocks, got {len(attn)} names"
         )
     return with_attention(copy.deepcopy(teacher), attn, **attn_kwargs)
@@ -186,7 +187,7 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
     depth = len(blocks)
     names: list[str] = [attn] * depth if isinstance(attn, str) else list(attn)
     if len(names) != depth:
-        raise ValueError(
+        raise InputError(
             f"attn lists one attention per block: the model has {depth} blocks, got {len(names)} names"
         )
     classes = [get_attention_class(name) for name in names]
@@ -217,7 +218,7 @@ def swap_attentions(
     depth = len(blocks)
     options = [{} for _ in range(depth)] if options is None else list(options)
     if len(names) != depth or len(options) != depth:
-        raise ValueError(
+        raise InputError(
             f"one attention name and one options dict per block: the model has {depth} blocks, got "
             f"{len(names)} names and {len(options)} option dicts"
         )
@@ -229,7 +230,7 @@ def swap_attentions(
         if rope and cls.map_kind is MapKind.SOFTMAX:
             continue  # a softmax block of a rope model keeps its own attention (and its rope)
         if rope and not getattr(cls, "rope_keeps_map_kind", False):
-            raise ValueError(f"blocks.{index}: {rope_refusal(cls)}")
+            raise InputError(f"blocks.{index}: {rope_refusal(cls)}")
         config = _attention_config(old)
         config.update(num_prefix_tokens=prefix, grid_size=grid, depth=index)
         if cls.accepts_option("seq_len") and grid is not None:
@@ -244,7 +245,7 @@ def swap_attentions(
         if rope:  # the rope arrives per call from the block; how to rotate is the teacher layer's
             new.rotate_half = bool(getattr(old, "rotate_half", False))
             if int(getattr(old, "num_prefix_tokens", prefix)) != prefix:
-                raise ValueError(
+                raise InputError(
                     f"blocks.{index}.attn leaves {old.num_prefix_tokens} tokens unrotated but the model has "
                     f"{prefix} prefix tokens"
                 )
@@ -278,13 +279,13 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
     if is_hierarchical(teacher):
         for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transfer_attentions(teacher)):
             if attn.map_kind is not MapKind.SOFTMAX:
-                raise ValueError(
+                raise InputError(
                     f"the teacher's {name} is {attention_name_of(attn)!r}, not softmax attention: conversion "
                     "needs a softmax teacher. Use the original pretrained model as teacher"
                 )
         return
     if getattr(teacher, "blocks", None) is None:
-        raise ValueError(
+        raise InputError(
             f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`): "
             "conversion swaps the attention of each of its `blocks`. Distil it into a student of its own "
             "family with `attnxfer train` instead"
@@ -293,15 +294,15 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
         make_transfer_aware(teacher)
         layers = attention_layers(teacher)
     except TypeError as e:
-        raise ValueError(f"the teacher cannot be converted: {e}") from None
+        raise InputError(f"the teacher cannot be converted: {e}") from None
     for name, attn in layers:
         if attn.map_kind is MapKind.SOFTMAX and not isinstance(
             attn, (TransferAttention, *ROPE_TEACHER_CLASSES)
         ):
-            raise ValueError(_unconvertible(name, attn))
+            raise InputError(_unconvertible(name, attn))
         if attn.map_kind is not MapKind.SOFTMAX:
             kind = attention_name_of(attn)
-            raise ValueError(
+            raise InputError(
                 f"the teacher's {name} is {kind!r}, not softmax attention: conversion needs a "
                 "softmax teacher (its attention maps are what the student learns). Use the original "
                 "pretrained model as teacher, not an already converted student"
@@ -335,7 +336,7 @@ def _timm_class(module: nn.Module) -> str:
 def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
     names = [attention] * depth if isinstance(attention, str) else list(attention)
     if len(names) != depth:
-        raise ValueError(
+        raise InputError(
             f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
             "one name for all blocks or exactly one per block"
         )
@@ -343,7 +344,7 @@ def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
         try:
             get_attention_class(name)
         except (KeyError, ValueError) as e:  # ValueError: a family name whose spec is wrong (formula:...)
-            raise ValueError(f"convert.attention: {e.args[0]}") from None
+            raise InputError(f"convert.attention: {e.args[0]}") from None
     return names
 
 
@@ -367,11 +368,11 @@ def build_efficient_student(
         try:
             student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
         except TypeError as e:
-            raise ValueError(f"convert.attention_kwargs: {e}") from None
+            raise InputError(f"convert.attention_kwargs: {e}") from None
     student.requires_grad_(True)  # a loaded teacher is frozen, and so is its deep copy
     if num_classes is not None and num_classes != student.num_classes:
         if student.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"the teacher classifies {student.num_classes} classes but the data has {num_classes}; "
                 "convert on the teacher's label set, or use a headless teacher (num_classes=0) "
                 "whose student gets a new head"
@@ -384,7 +385,7 @@ def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
     """Stochastic depth for fine-tuning a converted student, timm's rule: block i drops with
     ``rate * i / (depth - 1)``. (A loaded teacher, and so its copy, has none.)"""
     if rate < 0 or rate >= 1:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {rate}")
+        raise InputError(f"drop_path_rate must be in [0, 1), got {rate}")
     blocks = list(model.blocks) if hasattr(model, "blocks") else [b for _, b, *_ in hierarchical_slots(model)]
     depth = len(blocks)
     for i, blk in enumerate(blocks):

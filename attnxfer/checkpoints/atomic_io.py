@@ -1,0 +1,140 @@
+"""Atomic, durable single-file writes (a temporary sibling, fsync, rename, fsync of the folder): what the
+checkpoint store and every app writing a run's files use, so that a crash leaves the old file or the new
+one, never a torn one."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a dir's entries (a rename or a new file). Some filesystems refuse; that is fine."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the libc or the filesystem cannot (older kernels, some network filesystems).
+    """
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _write_file_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` (must not exist), write ``data``, fsync. Mode follows the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
+
+    Temp file in the same dir, fsync, ``os.replace``, fsync of the dir.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"atomic_write: {path} is a directory; give a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            _write_file_synced(tmp, bytes(data))
+            break
+        except FileExistsError:
+            continue
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """``atomic_write_bytes`` for text."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def _find_non_str_key(obj: Any, path: str = "") -> str | None:
+    """json.dumps turns int keys into strings silently; a resumed run would then miss them."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                return f"{path}[{k!r}]"
+            found = _find_non_str_key(v, f"{path}[{k!r}]")
+            if found:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found = _find_non_str_key(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _dump_json(obj: Any, what: str) -> str:
+    bad_key = _find_non_str_key(obj)
+    if bad_key:
+        raise TypeError(
+            f"{what} has a non-str dict key at {bad_key}; JSON would turn it into a str. "
+            f"Use str keys (or state_dict_to_tensors for nested state dicts)"
+        )
+    try:
+        return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{what} must be JSON-serialisable (dicts with str keys, lists, str, int, finite float, "
+            f"bool, None); convert tensors/paths/dataclasses/NaN first: {e}"
+        ) from e
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Strict JSON (no NaN/inf), indented, written atomically."""
+    return atomic_write_text(path, _dump_json(obj, f"content for {path}"))

@@ -1,0 +1,256 @@
+"""A run directory, owned in one place: what attnxfer writes into it and how a student comes back out.
+
+Layout (the names live in `attnxfer.run_layout`; nothing outside this module and the store builds these
+paths)::
+
+    RUN_DIR/
+      config.yaml          the resolved config (``-c RUN_DIR/config.yaml`` re-runs it)
+      run.json             what was trained, from what: student spec, teacher record, plan, mode, how it ran
+      metrics.jsonl        one line per logged step
+      attnxfer.lock        held by the live run (`run_lock`)
+      checkpoints/step-XXXXXXXX/{model,ema,optimizer}.safetensors, state.json, MANIFEST.json
+
+Loading a student from a run has one rule (`RunDir.load_student`), used by `attnxfer inspect`, the demo
+and `attnxfer export`: the run's own metric direction picks the best checkpoint (``best_mode`` in run.json:
+a pre-training run's best is its lowest loss); the weights file asked for must exist (no silent fallback
+when a kind of weights is named; ``weights=None`` means the EMA's where the run kept one); entries the
+encoder does not use (an MAE's decoder) are dropped; any other missing or unexpected key is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+from safetensors.torch import load_file
+
+from ..errors import InputError, MissingPathError
+from ..models.student import student_from_spec
+from ..run_layout import (
+    CHECKPOINTS_SUBDIR,
+    EMA_WEIGHTS,
+    LOCK_NAME,
+    METRICS,
+    MODEL_WEIGHTS,
+    RUN_CONFIG,
+    RUN_RECORD,
+    STATE_NAME,
+)
+from ..sources.teacher import drop_unused_entries
+from .store import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointManager,
+    MetricMode,
+    atomic_write_json,
+    atomic_write_text,
+)
+
+__all__ = ["CheckpointChoice", "ExportWeights", "LoadedRunStudent", "RunDir", "select_checkpoint"]
+
+_logger = logging.getLogger(__name__)
+
+
+class CheckpointChoice(StrEnum):
+    """Which checkpoint of a run to export."""
+
+    BEST = "best"  # the best validation metric the run recorded
+    LATEST = "latest"
+
+
+class ExportWeights(StrEnum):
+    """Which weights of a checkpoint to export."""
+
+    EMA = "ema"
+    RAW = "raw"
+
+    @property
+    def filename(self) -> str:
+        return EMA_WEIGHTS if self is ExportWeights.EMA else MODEL_WEIGHTS
+
+    @property
+    def other(self) -> ExportWeights:
+        return ExportWeights.RAW if self is ExportWeights.EMA else ExportWeights.EMA
+
+
+def _choice(enum: type[StrEnum], value: str, key: str) -> StrEnum:
+    try:
+        return enum(value)
+    except ValueError:
+        raise InputError(f"{key}={value!r}: choose {' or '.join(repr(m.value) for m in enum)}") from None
+
+
+def select_checkpoint(
+    run_dir: str | os.PathLike, which: CheckpointChoice | str = "best", best_mode: MetricMode | str = "max"
+) -> tuple[Path, str]:
+    """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
+
+    ``best`` is the best validation metric the run recorded (val top-1; with ``best_mode="min"`` a loss,
+    as MAE pre-training records); a run that recorded none exports its latest checkpoint and says so.
+    """
+    which = _choice(CheckpointChoice, which, "checkpoint")
+    manager = CheckpointManager(run_dir, best_mode=best_mode)
+    latest = manager.latest()
+    if latest is None:
+        raise MissingPathError(f"no intact checkpoint under {Path(run_dir) / CHECKPOINTS_SUBDIR}")
+    if which is CheckpointChoice.BEST:
+        best = manager.best()
+        if best is not None and best.metric is not None:
+            if manager.best_mode is MetricMode.MAX:
+                what = f"val top-1 {best.metric:.2f}"
+            else:
+                what = f"val loss {best.metric:.4g}"
+            return best.path, f"{best.path.name} (best {what})"
+        _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
+        return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
+    return latest.path, f"{latest.path.name} (latest)"
+
+
+@dataclass
+class LoadedRunStudent:
+    """A run's student with its weights, and where they came from (for a report or a model card)."""
+
+    model: nn.Module
+    record: dict[str, Any]
+    checkpoint: Path
+    why: str  # which checkpoint and why (``step-00000100 (best val top-1 71.20)``)
+    weights_file: Path
+    weights: ExportWeights
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The run directory at ``path``: its files' places, its record, its checkpoints and its student."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        object.__setattr__(self, "path", Path(path).expanduser())
+
+    # ---------------------------------------------------------------- places
+    @property
+    def config_file(self) -> Path:
+        return self.path / RUN_CONFIG
+
+    @property
+    def record_file(self) -> Path:
+        return self.path / RUN_RECORD
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_NAME
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_SUBDIR
+
+    def is_run(self) -> bool:
+        """Whether this is a training run's dir (its run.json was written: the run got past its checks)."""
+        return self.path.is_dir() and self.record_file.is_file()
+
+    # ---------------------------------------------------------------- writing (rank 0)
+    def write_config(self, text: str) -> None:
+        """The resolved config (re-run with ``-c RUN_DIR/config.yaml``)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_file, text)
+
+    def write_record(self, info: dict[str, Any]) -> None:
+        """run.json: what was trained, from what (export, inspect and the demo read it)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.record_file, info)
+
+    # ---------------------------------------------------------------- reading
+    def record(self) -> dict[str, Any]:
+        """run.json, refusing a folder that is not a run's."""
+        if not self.path.is_dir():
+            raise MissingPathError(
+                f"run dir {str(self.path)!r} does not exist; give the run_dir of a training run"
+            )
+        if not self.record_file.is_file():
+            raise MissingPathError(
+                f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"
+            )
+        with open(self.record_file, encoding="utf-8") as f:
+            return json.load(f)
+
+    def recipe(self) -> str | None:
+        """The run's config.yaml as text, or None where it has none."""
+        return self.config_file.read_text(encoding="utf-8") if self.config_file.is_file() else None
+
+    def manager(self, best_mode: MetricMode | str = "max") -> CheckpointManager:
+        return CheckpointManager(self.path, best_mode=best_mode)
+
+    def latest(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
+        """The newest intact checkpoint, or None."""
+        return CheckpointManager(self.path).latest(verify_hash=verify_hash)
+
+    def checkpoint_state(self, ckpt: Path) -> dict[str, Any]:
+        """A checkpoint's state.json ({} where it has none)."""
+        path = Path(ckpt) / STATE_NAME
+        if not path.is_file():
+            return {}
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+
+    def metric_rows(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's rows ([] where the run logged none)."""
+        if not self.metrics_file.is_file():
+            return []
+        lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def select_checkpoint(self, which: CheckpointChoice | str = "best") -> tuple[Path, str]:
+        """(checkpoint folder, why), ranking by the metric direction the run recorded (``best_mode``)."""
+        return select_checkpoint(self.path, which, self.record().get("best_mode", "max"))
+
+    def load_student(
+        self,
+        checkpoint: CheckpointChoice | str = "best",
+        weights: ExportWeights | str | None = None,
+        attn_layer: type[nn.Module] | None = None,
+    ) -> LoadedRunStudent:
+        """The run's student with the chosen checkpoint's weights (the rule in the module docstring).
+
+        ``weights=None`` takes the EMA's where the checkpoint kept them, else the raw ones; naming a kind
+        refuses a checkpoint that lacks it. ``attn_layer`` overrides the attention the spec records.
+        """
+        record = self.record()
+        if "student" not in record:
+            raise InputError(
+                f"{self.record_file} has no 'student' spec (attnxfer.models.student_spec output): is "
+                f"{self.path} an attnxfer run?"
+            )
+        ckpt, why = select_checkpoint(self.path, checkpoint, record.get("best_mode", "max"))
+        if weights is None:
+            weights = ExportWeights.EMA if (ckpt / EMA_WEIGHTS).is_file() else ExportWeights.RAW
+        weights = _choice(ExportWeights, weights, "weights")
+        wfile = ckpt / weights.filename
+        if not wfile.is_file():
+            raise MissingPathError(
+                f"{wfile} does not exist (the run kept no {weights} weights); try weights={weights.other.value!r}"
+            )
+        student = student_from_spec(record["student"], attn_layer=attn_layer)
+        state = load_file(str(wfile), device="cpu")
+        # An MAE pre-training run checkpoints encoder + decoder in MAE's layout: the student is the encoder.
+        state, dropped = drop_unused_entries(state)
+        if dropped:
+            _logger.info(
+                "student of %s: dropped %d entries the encoder does not use", self.path, len(dropped)
+            )
+        result = student.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise CheckpointError(
+                f"{wfile} does not fit the run's student: missing {result.missing_keys}, "
+                f"unexpected {result.unexpected_keys}"
+            )
+        return LoadedRunStudent(student, record, ckpt, why, wfile, weights)

@@ -1,0 +1,29 @@
+"""Errors whose message is meant for the user: the CLI prints them in one line (exit code 2); any other
+exception is a bug and keeps its traceback.
+
+The bottom of the layers: every package may import it, it imports nothing.
+"""
+
+from __future__ import annotations
+
+__all__ = ["InputError", "MissingPathError", "PathExistsError", "UserError"]
+
+
+class UserError(Exception):
+    """A refusal the user can act on: the message says what to change (a key, a path, a flag). Subclass it
+    for every error meant to reach the command line without a traceback."""
+
+
+class InputError(UserError, ValueError):
+    """A value the user gave (a config key, a flag, a file they named) that cannot be used. Also a
+    ValueError, so callers that catch those keep working."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A file or folder the user named (a run dir, a checkpoint, a dataset root) that is not there. Also a
+    FileNotFoundError, so callers that catch those keep working."""
+
+
+class PathExistsError(UserError, FileExistsError):
+    """A path the user named that would be overwritten (or is a file where a folder belongs). Also a
+    FileExistsError."""

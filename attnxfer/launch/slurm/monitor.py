@@ -1,0 +1,268 @@
+"""Waiting for submitted jobs: their SLURM state, the ranks' outcomes and logs, and one-line failures."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.utils import pickle_load
+
+from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
+
+
+# ---------------------------------------------------------------------------------------------
+# waiting
+# ---------------------------------------------------------------------------------------------
+class JobFailedError(RuntimeError):
+    """A rank of a submitted job raised (or the job died); carries the rank's log tail."""
+
+    def __init__(self, message: str, job_id: str, rank: int | None = None, log_path: Path | None = None):
+        super().__init__(message)
+        self.job_id, self.rank, self.log_path = job_id, rank, log_path
+        self.reason = message.splitlines()[0]  # one line for a command line to print
+
+    def summary(self) -> str:
+        """One line: the job, the rank, its error message and where its log is."""
+        where = f" on rank {self.rank}" if self.rank is not None else ""
+        log = f" (log: {self.log_path})" if self.log_path else ""
+        return f"job {self.job_id} failed{where}: {self.reason}{log}"
+
+
+class JobTimeoutError(TimeoutError):
+    """``wait`` gave up before the job finished (the job keeps running)."""
+
+
+SLURM_ACTIVE_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "RUNNING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+    "PREEMPTED",
+    "RESV_DEL_HOLD",
+    "STOPPED",
+    "UNKNOWN",
+}
+
+
+# no result on disk can be trusted in these: the job is (re)queued, or its processes are being
+# killed and it may be on its way back to the queue
+SLURM_NOT_READY_STATES = {
+    "PENDING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESV_DEL_HOLD",
+}
+
+
+def slurm_job_info(job_id: str) -> dict[str, str] | None:
+    """``scontrol show job`` as a dict (``None`` once the controller forgot the job); needs no accounting."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return {"JobState": "UNKNOWN"}
+    if out.returncode != 0:
+        return None if "Invalid job id" in out.stderr else {"JobState": "UNKNOWN"}
+    lines = out.stdout.splitlines()
+    return dict(re.findall(r"(\w+)=(\S*)", lines[0])) if lines else {"JobState": "UNKNOWN"}
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    info = slurm_job_info(job_id)
+    return None if info is None else info.get("JobState", "UNKNOWN")
+
+
+def _current_run_start(info: Mapping[str, str] | None) -> float:
+    """Epoch start of the job's current run after a requeue (0 when never requeued)."""
+    if not info or int(info.get("Restarts", "0") or 0) == 0:
+        return 0.0
+    try:
+        return time.mktime(time.strptime(info.get("StartTime", ""), "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0.0
+
+
+def _tail(path: Path, lines: int) -> str:
+    if not path.exists():
+        return f"(no log at {path})"
+    text = path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _rank_logs(task: submitit.Job, lines: int) -> str:
+    parts = []
+    for path in (task.paths.stderr, task.paths.stdout):
+        parts.append(f"--- last {lines} lines of {path} ---\n{_tail(path, lines)}")
+    return "\n".join(parts)
+
+
+def _task_outcome(task: submitit.Job, not_before: float = 0.0) -> tuple[str, Any] | None:
+    """(``"success"``|``"error"``, result or traceback) once the rank wrote its result, else None.
+
+    Results written before ``not_before`` belong to a run that was requeued since: ignored.
+    """
+    path = task.paths.result_pickle
+    if not path.exists() or path.stat().st_mtime < not_before:
+        return None
+    # our own job's result file in our job dir (submitit's protocol), not untrusted input
+    return pickle_load(path)
+
+
+def _tasks(job: submitit.Job) -> list[submitit.Job]:
+    return [job.task(i) for i in range(job.num_tasks)]
+
+
+def wait(
+    jobs: submitit.Job | Sequence[submitit.Job],
+    timeout: float | None = None,
+    poll_s: float = 1.0,
+    log_lines: int = 40,
+    grace_s: float = 15.0,
+) -> list[list[Any]]:
+    """Wait for every job; return each job's per-rank results.
+
+    Raises :class:`JobFailedError` as soon as any rank of any job raised (with that rank's
+    traceback and log tail; the rest of that job is cancelled so no rank hangs in a
+    collective), or when SLURM ended a job that left no result (killed, out of memory,
+    requeue limit...). Raises :class:`JobTimeoutError` after ``timeout`` seconds. Job state
+    comes from ``scontrol``, so this works without SLURM accounting (``sacct``).
+    """
+    job_list = [jobs] if isinstance(jobs, submitit.Job) else list(jobs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    results: dict[int, list[Any]] = {}
+    ended_since: dict[int, float] = {}
+    while True:
+        for j, job in enumerate(job_list):
+            if j in results:
+                continue
+            if isinstance(job, submitit.DebugJob):  # in-process: runs now, on this thread
+                err = job.exception()
+                if err is not None:
+                    raise JobFailedError(f"job {job.job_id} failed: {err!r}", job.job_id, 0) from err
+                results[j] = job.results()
+                continue
+            if _is_slurm(job):
+                info = slurm_job_info(job.job_id)
+                state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
+                if state in SLURM_NOT_READY_STATES:
+                    done = None
+                else:
+                    done = _collect(job, log_lines, not_before=_current_run_start(info))
+                ended = state not in SLURM_ACTIVE_STATES
+            else:
+                done = _collect(job, log_lines)
+                state, ended = None, done is None and job.done()
+            if done is not None:
+                results[j] = done
+                continue
+            if ended:
+                first = ended_since.setdefault(j, time.monotonic())
+                if time.monotonic() - first > grace_s:  # ended and still no result: it died
+                    state = state or job.state
+                    logs = "\n".join(_rank_logs(t, log_lines) for t in _tasks(job))
+                    raise JobFailedError(
+                        f"job {job.job_id} ended ({state}) without a result from every rank:\n{logs}",
+                        job.job_id,
+                    )
+        if len(results) == len(job_list):
+            return [results[j] for j in range(len(job_list))]
+        if deadline is not None and time.monotonic() > deadline:
+            pending = [job.job_id for j, job in enumerate(job_list) if j not in results]
+            raise JobTimeoutError(
+                f"jobs {pending} not finished after {timeout:.0f} s; they keep running "
+                f"(follow their logs, or scancel {' '.join(pending)})"
+            )
+        time.sleep(poll_s)
+
+
+def _last_error_line(traceback_text: str) -> str:
+    """``ValueError: what went wrong`` from a formatted traceback (its last non-blank line)."""
+    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float = 0.5) -> None:
+    """Cancel a job whose rank failed only if it does not end by itself.
+
+    srun's ``--kill-on-bad-exit`` takes a failed job's step down, and SLURM then records it as FAILED;
+    cancelling it first would record CANCELLED and hide the failure from ``sacct``. A job still running
+    after ``grace_s`` (ranks stuck in a collective) is cancelled, so no rank waits until its time limit.
+    """
+    if _is_slurm(job):
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            state = slurm_job_state(job.job_id)
+            if state is None or state.split("+")[0] not in SLURM_ACTIVE_STATES - {"COMPLETING"}:
+                return
+            time.sleep(poll_s)
+    with contextlib.suppress(Exception):
+        job.cancel(check=False)  # the other ranks would wait for this one forever
+
+
+def _is_slurm(job: submitit.Job) -> bool:
+    return isinstance(job, submitit.SlurmJob)
+
+
+# errors a rank gets because another rank died: reported after the error that caused them
+_PEER_GONE = re.compile(
+    r"(closed|reset) by peer|remote worker|remote process|DistBackendError", re.IGNORECASE
+)
+
+
+def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list[Any] | None:
+    """Every rank's result once all are in; raises for the rank whose error caused the others.
+
+    That is the first error in time that is not a collective failing because a peer left
+    (those follow any rank's death).
+    """
+    tasks = _tasks(job)
+    outcomes = [_task_outcome(task, not_before) for task in tasks]
+    failed = [rank for rank, o in enumerate(outcomes) if o is not None and o[0] == "error"]
+    if failed:
+
+        def cause_first(r: int) -> tuple[bool, float]:
+            secondary = bool(_PEER_GONE.search(str(outcomes[r][1])))
+            return secondary, tasks[r].paths.result_pickle.stat().st_mtime
+
+        rank = min(failed, key=cause_first)
+        _stop_unless_ending(job)
+        others = [r for r in failed if r != rank]
+        also = f" (then ranks {others}, most likely as a consequence)" if others else ""
+        batch_log = (
+            ""
+            if rank == 0
+            # srun reports the exit codes of dead ranks there
+            else (
+                f"\n--- last 10 lines of {tasks[0].paths.stderr} (rank 0 and srun) ---\n"
+                f"{_tail(tasks[0].paths.stderr, 10)}"
+            )
+        )
+        error = JobFailedError(
+            f"job {job.job_id} failed on rank {rank} of {job.num_tasks}{also}:\n{outcomes[rank][1]}\n"
+            f"{_rank_logs(tasks[rank], log_lines)}{batch_log}",
+            job.job_id,
+            rank,
+            tasks[rank].paths.stderr,
+        )
+        error.reason = _last_error_line(str(outcomes[rank][1]))
+        raise error
+    if all(o is not None for o in outcomes):
+        return [o[1] for o in outcomes]
+    return None

@@ -1,0 +1,357 @@
+"""What a submission asks SLURM for: the options (`SlurmOptions`), their checks and parsing, and the
+submitit executor they configure."""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import submitit
+
+from ...errors import InputError
+from ..arguments import CLUSTERS
+from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
+
+RUN_DIR_KEY = "run_dir"
+
+
+# sbatch options that submitit itself sets and that would break log collection if overridden
+RESERVED_SBATCH_KEYS = frozenset({"output", "error", "open-mode", "array", "signal", "job-name", "wrap"})
+
+
+# sbatch options that have their own `attnxfer submit` flag: --slurm may not set them behind its back
+OWN_FLAG_KEYS = {
+    "nodes": "--nodes",
+    "ntasks": "--nodes and --tasks-per-node",
+    "ntasks-per-node": "--tasks-per-node (or --gpus-per-node: one task per GPU)",
+    "gpus": "--gpus-per-node",
+    "gpus-per-node": "--gpus-per-node",
+    "gpus-per-task": "--gpus-per-node",
+    "cpus-per-task": "--cpus-per-task",
+    "mem": "--mem",
+    "time": "--time",
+    "partition": "--partition",
+    "account": "--account",
+    "qos": "--qos",
+    "constraint": "--constraint",
+    "exclude": "--exclude",
+}
+
+
+# srun options for every job: a rank that dies takes its step down instead of leaving
+# the other ranks blocked in a collective until the time limit
+DEFAULT_SRUN_ARGS = ("--kill-on-bad-exit=1",)
+
+
+@runtime_checkable
+class RunConfig(Protocol):
+    """What ``submit`` needs from a config: where the run lives and dotted overrides for sweeps."""
+
+    run_dir: str
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
+        """A copy with dotted keys (``"optim.lr"``, and ``"run_dir"``) set to the given values."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+_TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
+
+
+_SBATCH_KEY_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]*$")
+
+
+_MEM_RE = re.compile(r"^\d+(?:[KMGT]B?)?$", re.IGNORECASE)
+
+
+def parse_time_minutes(value: int | str) -> int:
+    """SLURM time limit to whole minutes, in sbatch's ``--time`` formats: ``MM``, ``MM:SS``, ``HH:MM:SS``,
+    ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
+
+    The leading field may be any size (``90`` minutes, ``36:00:00``); the fields after it are bounded as
+    on a clock (minutes and seconds below 60, hours below 24 after a day count), so ``25:99:99`` is refused
+    rather than read as 1601 minutes.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        minutes = value
+    else:
+        text = str(value).strip()
+        m = _TIME_RE.match(text)
+        if not m:
+            raise InputError(
+                f"time must be MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (sbatch --time formats), "
+                f"got {value!r}"
+            )
+        parts = [int(p) for p in m.group("rest").split(":")]
+        days = int(m.group("d") or 0)
+        if m.group("d") is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+            h, mi, s = (parts + [0, 0])[:3]
+            bounded = [("hours", h, 24), ("minutes", mi, 60), ("seconds", s, 60)][: len(parts)]
+        elif len(parts) == 1:  # minutes
+            h, mi, s = 0, parts[0], 0
+            bounded = []
+        elif len(parts) == 2:  # MM:SS
+            h, mi, s = 0, parts[0], parts[1]
+            bounded = [("seconds", s, 60)]
+        else:
+            h, mi, s = parts
+            bounded = [("minutes", mi, 60), ("seconds", s, 60)]
+        for what, number, limit in bounded:
+            if number >= limit:
+                raise InputError(f"time {text!r}: {what} must be below {limit}, got {number}")
+        minutes = math.ceil((((days * 24 + h) * 60 + mi) * 60 + s) / 60)
+    if minutes < 1:
+        raise InputError(f"time limit must be at least one minute, got {value!r}")
+    return minutes
+
+
+def check_script_value(flag: str, value: Any) -> None:
+    """Refuse a value that would not stay on its own line of the sbatch script.
+
+    sbatch reads ``#SBATCH`` lines only up to the first command: a line break (or any other control
+    character) in a value would turn the rest of it into a command and silently drop the options after it.
+    """
+    text = str(value)
+    bad = sorted({repr(c) for c in text if unicodedata.category(c) == "Cc"})
+    if bad:
+        raise InputError(
+            f"{flag} {text!r}: control characters ({', '.join(bad)}) cannot go into an sbatch script"
+        )
+
+
+def check_name_list(flag: str, value: str, what: str) -> None:
+    """A comma-separated list of SLURM names (partitions, accounts, QOS, node lists): no blanks inside."""
+    check_script_value(flag, value)
+    items = _split_top_level(value)
+    if any(not item or any(c.isspace() for c in item) for item in items):
+        raise InputError(
+            f"{flag} {value!r}: {what} have no spaces and no empty items (a list is comma-separated, e.g. a,b)"
+        )
+
+
+def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` to a dict; a missing ``=`` or a repeated key is an error."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"{what} expects KEY=VALUE, got {item!r}")
+        if key in out:
+            raise InputError(f"{what} sets {key!r} twice")
+        out[key] = value
+    return out
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets and braces: ``[0,1],[2,3]`` -> ``["[0,1]", "[2,3]"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
+    """``["optim.lr=1e-3,1e-4", "seed=0,1"]`` to ``{"optim.lr": ["1e-3", "1e-4"], "seed": ["0", "1"]}``.
+
+    Values stay strings, exactly like plain ``key=value`` overrides: the config parses them. Commas
+    inside brackets belong to the value, so list values sweep too: ``transfer.layers=[0,1],[2,3]``.
+    """
+    if not items:
+        return None
+    sweep: dict[str, list[str]] = {}
+    for key, values in parse_key_values(items, what="--sweep").items():
+        vals = [v.strip() for v in _split_top_level(values)]
+        if not vals or any(v == "" for v in vals):
+            raise InputError(
+                f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}"
+            )
+        sweep[key] = vals
+    return sweep
+
+
+@dataclass
+class SlurmOptions:
+    """Resources and behaviour of a submitted job; field names follow ``attnxfer submit`` flags."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0  # one task per GPU
+    tasks_per_node: int | None = None  # only for CPU-only clusters; defaults to gpus_per_node or 1
+    cpus_per_task: int | None = None
+    mem: str | None = None  # per node, sbatch syntax: "64G", "500M", "0" (all of it)
+    time: int | str = 60  # minutes, or [D-]HH:MM:SS
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclude: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # anything else sbatch takes (--slurm KEY=VALUE)
+    job_dir: str | None = None  # submitit's folder (pickles, logs); default: <run_dir>/submitit
+    name: str = "attnxfer"
+    array_parallelism: int = 64  # sweep points running at once
+    max_requeues: int = 3  # time limits survived before the job gives up (preemptions are not counted)
+    max_preemptions: int | None = None  # preemptions survived; None: as many as the cluster sends
+    signal_delay_s: int = 120  # USR2 this long before the time limit: time to requeue
+    cluster: str = "slurm"  # 'slurm' | 'local' (subprocesses here) | 'debug' (in this process)
+
+    def __post_init__(self) -> None:
+        if self.cluster not in CLUSTERS:
+            raise InputError(f"cluster must be one of {CLUSTERS}, got {self.cluster!r}")
+        for name in ("nodes", "array_parallelism"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_node < 0:
+            raise InputError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
+        if self.tasks_per_node is not None:
+            if self.tasks_per_node < 1:
+                raise InputError(f"tasks_per_node must be >= 1, got {self.tasks_per_node}")
+            if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+                raise InputError(
+                    f"one task per GPU: tasks_per_node={self.tasks_per_node} differs from "
+                    f"gpus_per_node={self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)"
+                )
+        if self.cpus_per_task is not None and self.cpus_per_task < 1:
+            raise InputError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
+        if self.max_requeues < 0:
+            raise InputError(f"max_requeues must be >= 0, got {self.max_requeues}")
+        if self.max_preemptions is not None and self.max_preemptions < 0:
+            raise InputError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
+        self._check_script_values()
+        if self.mem is not None and not _MEM_RE.match(str(self.mem)):
+            raise InputError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
+        parse_time_minutes(self.time)
+        if self.cluster == "local" and self.nodes > 1:
+            raise InputError("cluster='local' runs on this machine only: use nodes=1")
+        if self.cluster == "debug" and self.ntasks_per_node * self.nodes > 1:
+            raise InputError("cluster='debug' runs one task in this process: use nodes=1 and one task")
+        self.extra = {str(k).replace("_", "-"): v for k, v in dict(self.extra).items()}
+        for key, value in self.extra.items():
+            if not _SBATCH_KEY_RE.match(key):
+                raise InputError(
+                    f"--slurm {key!r}: not an sbatch option name (letters, digits and dashes, "
+                    "e.g. --slurm mail-type=END)"
+                )
+            check_script_value(f"--slurm {key}=", value)
+        clash = sorted(set(self.extra) & RESERVED_SBATCH_KEYS)
+        if clash:
+            raise InputError(
+                f"--slurm cannot set {clash}: submitit manages them (use --name for the job name)"
+            )
+        for key in self.extra:
+            if len(key) == 1:
+                raise InputError(f"--slurm {key}=: write sbatch's long option name (e.g. nodes, not N)")
+            own = [k for k in OWN_FLAG_KEYS if k == key or (len(key) >= 3 and k.startswith(key))]
+            if own:
+                raise InputError(
+                    f"--slurm {key}= would override {OWN_FLAG_KEYS[own[0]]} behind the job's back "
+                    f"(the ranks and the summary follow the flag): use {OWN_FLAG_KEYS[own[0]]}"
+                )
+
+    def _check_script_values(self) -> None:
+        """Every value that reaches the sbatch script, checked as sbatch would read it (see `check_script_value`)."""
+        check_script_value("--name", self.name)
+        check_script_value("--time", self.time)
+        if self.job_dir is not None:
+            check_script_value("--job-dir", self.job_dir)
+        for flag, value, what in (
+            ("--partition", self.partition, "partition names"),
+            ("--account", self.account, "account names"),
+            ("--qos", self.qos, "QOS names"),
+            ("--exclude", self.exclude, "node names"),
+        ):
+            if value is not None:
+                check_name_list(flag, str(value), what)
+        if self.constraint is not None:
+            check_script_value("--constraint", self.constraint)
+            if not str(self.constraint).strip() or any(c.isspace() for c in str(self.constraint)):
+                raise InputError(
+                    f"--constraint {self.constraint!r}: node features have no spaces "
+                    "(combine them with & or |, e.g. a100&ib)"
+                )
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def num_tasks(self) -> int:
+        return self.nodes * self.ntasks_per_node
+
+    @property
+    def timeout_min(self) -> int:
+        return parse_time_minutes(self.time)
+
+
+def sbatch_parameters(opts: SlurmOptions) -> dict[str, Any]:
+    """The options in submitit's SlurmExecutor vocabulary (the keyword arguments of its sbatch writer)."""
+    params: dict[str, Any] = {
+        "job_name": opts.name,
+        "time": opts.timeout_min,
+        "nodes": opts.nodes,
+        "ntasks_per_node": opts.ntasks_per_node,
+        "signal_delay_s": opts.signal_delay_s,
+        "array_parallelism": opts.array_parallelism,
+        "srun_args": list(DEFAULT_SRUN_ARGS),
+    }
+    optional = {
+        "gpus_per_node": opts.gpus_per_node or None,
+        "cpus_per_task": opts.cpus_per_task,
+        "mem": opts.mem,
+        "partition": opts.partition,
+        "account": opts.account,
+        "qos": opts.qos,
+        "constraint": opts.constraint,
+        "exclude": opts.exclude,
+    }
+    params.update({k: v for k, v in optional.items() if v is not None})
+    if opts.extra:
+        params["additional_parameters"] = dict(opts.extra)
+    return params
+
+
+def build_executor(opts: SlurmOptions, job_dir: str | Path) -> submitit.AutoExecutor:
+    """A submitit executor for ``opts.cluster`` (explicit: AutoExecutor alone picks SLURM whenever srun exists)."""
+    if opts.cluster == "slurm" and not _has_srun():
+        raise RuntimeError(
+            "cluster='slurm' but `srun` is not on PATH: submit from a SLURM login node, "
+            "or use --cluster local to run on this machine"
+        )
+    executor = submitit.AutoExecutor(
+        folder=str(job_dir),
+        cluster=opts.cluster,
+        # submitit's own count of timeouts (its guess from the run time) must not end a job that
+        # TrainingTask, which tells timeouts from preemptions, requeues: TrainingTask bounds them
+        slurm_max_num_timeout=10**6,
+        local_max_num_timeout=10**6,
+    )
+    if opts.cluster == "slurm":
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in sbatch_parameters(opts).items()})
+    else:
+        executor.update_parameters(
+            name=opts.name,
+            timeout_min=opts.timeout_min,
+            nodes=1,
+            tasks_per_node=opts.ntasks_per_node,
+            gpus_per_node=opts.gpus_per_node,
+        )
+    return executor
+
+
+def _has_srun() -> bool:
+    from shutil import which
+
+    return which("srun") is not None

@@ -1,0 +1,187 @@
+"""Sweeps, dry runs and submission: one job (or one per sweep point) of `TrainingTask`s, and what was
+submitted, described."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import shlex
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from ...errors import InputError
+from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
+from .options import (  # moved to options.py
+    RUN_DIR_KEY,
+    RunConfig,
+    SlurmOptions,
+    build_executor,
+    check_script_value,
+    sbatch_parameters,
+)
+from .task import (  # moved to task.py
+    TrainingTask,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# sweeps, dry runs, submission
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepPoint:
+    overrides: dict[str, Any]
+    cfg: Any
+
+    @property
+    def run_dir(self) -> str:
+        return str(self.cfg.run_dir)
+
+
+def _point_name(index: int, overrides: Mapping[str, Any]) -> str:
+    label = "_".join(f"{k}={v}" for k, v in overrides.items())
+    return re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{index:03d}_{label}")
+
+
+def sweep_points(
+    cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None, run_dir_key: str = RUN_DIR_KEY
+) -> list[SweepPoint]:
+    """The cartesian product of ``sweep`` as configs, each with its own run dir under ``cfg.run_dir``."""
+    _check_config(cfg)
+    if not sweep:
+        return [SweepPoint({}, cfg)]
+    for key, values in sweep.items():
+        if isinstance(values, (str, bytes)) or not values:
+            raise InputError(f"sweep[{key!r}] must be a non-empty list of values, got {values!r}")
+    keys = list(sweep)
+    points = []
+    for i, combo in enumerate(itertools.product(*(sweep[k] for k in keys))):
+        overrides = dict(zip(keys, combo))
+        run_dir = str(Path(cfg.run_dir) / _point_name(i, overrides))
+        points.append(SweepPoint(overrides, cfg.with_overrides({**overrides, run_dir_key: run_dir})))
+    return points
+
+
+def _check_config(cfg: Any) -> None:
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(
+            f"cfg must have a `run_dir` and a `with_overrides(dict)` method, got {type(cfg).__name__}"
+        )
+    if not str(cfg.run_dir):
+        raise InputError("cfg.run_dir is empty: set run_dir=PATH (on a filesystem every node sees)")
+
+
+def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:
+    """``--job-dir``, or ``RUN_DIR/submitit``: its path goes into the sbatch script (logs, command)."""
+    folder = Path(opts.job_dir or Path(cfg.run_dir) / "submitit").expanduser().absolute()
+    check_script_value("--job-dir" if opts.job_dir else "run_dir (the job dir is RUN_DIR/submitit)", folder)
+    return folder
+
+
+def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | None = None) -> str:
+    """The sbatch script submitit writes for these options (same writer, same parameters).
+
+    The one private name of submitit this package uses: a dry run must print byte for byte the script
+    that submitit submits (tests/slurm/test_slurm_jobs.py compares them), so it asks submitit's own writer;
+    pyproject.toml pins submitit's major version for it. Every value reaching it was checked first
+    (`SlurmOptions`, `check_script_value`).
+    """
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = Path(job_dir).expanduser().absolute()
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    params = sbatch_parameters(opts)
+    if array_size is not None and array_size > 1:
+        params["map_count"] = array_size
+    return _make_sbatch_string(command=command, folder=folder, **params)
+
+
+def render_dry_run(
+    cfg: RunConfig,
+    opts: SlurmOptions,
+    sweep: Mapping[str, Sequence[Any]] | None = None,
+    run_dir_key: str = RUN_DIR_KEY,
+) -> str:
+    """What ``submit(..., dry_run=True)`` prints: the sbatch script and every resolved config."""
+    points = sweep_points(cfg, sweep, run_dir_key)
+    job_dir = default_job_dir(cfg, opts)
+    lines = [
+        f"# dry run: nothing submitted ({len(points)} job{'s' if len(points) > 1 else ''}, "
+        f"{opts.nodes} node(s) x {opts.ntasks_per_node} task(s), cluster={opts.cluster})",
+        f"# job dir: {job_dir}",
+    ]
+    if opts.cluster == "slurm":
+        kind = f"job array of {len(points)}" if len(points) > 1 else "job"
+        lines += [f"# sbatch script for the {kind}:", sbatch_script(opts, job_dir, len(points)).rstrip()]
+    else:
+        lines.append(f"# runs on this machine through submitit's {opts.cluster} executor (no sbatch script)")
+    for i, point in enumerate(points):
+        head = f"# resolved config{f' {i}: ' + str(point.overrides) if point.overrides else ''}"
+        lines += [head, f"# run dir: {point.run_dir}", str(point.cfg)]
+    return "\n".join(lines) + "\n"
+
+
+def submit(
+    main_fn: Callable[[Any], Any],
+    cfg: RunConfig,
+    opts: SlurmOptions,
+    sweep: Mapping[str, Sequence[Any]] | None = None,
+    dry_run: bool = False,
+    run_dir_key: str = RUN_DIR_KEY,
+    echo: Callable[[str], None] = print,
+) -> list[submitit.Job]:
+    """Submit ``main_fn(cfg)`` (one job, or a job array over the sweep's cartesian product).
+
+    Prints the job id(s), the log paths and how to follow and cancel them, and returns the
+    submitit jobs (``[]`` on a dry run, which prints the sbatch script and configs instead).
+    """
+    points = sweep_points(cfg, sweep, run_dir_key)
+    if dry_run:
+        echo(render_dry_run(cfg, opts, sweep, run_dir_key))
+        return []
+    job_dir = default_job_dir(cfg, opts)
+    executor = build_executor(opts, job_dir)
+    tasks = [
+        TrainingTask(
+            main_fn,
+            p.cfg,
+            max_requeues=opts.max_requeues,
+            max_preemptions=opts.max_preemptions,
+            time_limit_min=opts.timeout_min,
+            signal_delay_s=opts.signal_delay_s,
+        )
+        for p in points
+    ]
+    if len(tasks) == 1:
+        jobs = [executor.submit(tasks[0])]
+    else:
+        with executor.batch():
+            jobs = [executor.submit(task) for task in tasks]
+    echo(describe_jobs(jobs, points, opts))
+    return jobs
+
+
+def describe_jobs(jobs: Sequence[submitit.Job], points: Sequence[SweepPoint], opts: SlurmOptions) -> str:
+    """Job ids, run dirs, log paths, and the commands to follow and cancel them."""
+    lines = []
+    array_id = jobs[0].job_id.split("_")[0] if len(jobs) > 1 else None
+    if array_id:
+        lines.append(f"submitted job array {array_id} ({len(jobs)} points, {opts.num_tasks} task(s) each)")
+    for job, point in zip(jobs, points):
+        lines.append(
+            f"job {job.job_id}: run dir {point.run_dir}" + (f"  {point.overrides}" if point.overrides else "")
+        )
+        lines.append(f"  stdout: {job.paths.stdout}   (rank 0; other ranks: *_<rank>_log.out)")
+        lines.append(f"  stderr: {job.paths.stderr}")
+    first = jobs[0]
+    lines.append(f"follow:  tail -f {first.paths.stdout} {first.paths.stderr}")
+    if opts.cluster == "slurm":
+        lines.append(f"status:  squeue -j {array_id or first.job_id}")
+        lines.append(f"cancel:  scancel {array_id or first.job_id}")
+    elif opts.cluster == "local":
+        lines.append(f"cancel:  kill {' '.join(j.job_id for j in jobs)}   (local processes)")
+    return "\n".join(lines)

@@ -1,0 +1,279 @@
+"""The submitted callable: `TrainingTask` runs one rank's `main(cfg)`, and on preemption or a time limit
+requeues itself (bounded, recorded) to resume from the newest checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.utils import DelayedSubmission, UncompletedJobError
+
+from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
+from ...train.stop import StopRequested
+from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
+
+_logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# the submitted callable
+# ---------------------------------------------------------------------------------------------
+class RequeueLimitReached(RuntimeError):
+    """The job timed out more often than ``max_requeues`` (or was preempted more than ``max_preemptions``)."""
+
+
+# SLURM sends the time-limit signal `signal_delay_s` before the limit, "up to 60 seconds earlier" (sbatch
+# --signal): a signal later than limit - delay - this slack is the time limit; an earlier one, a preemption
+TIMEOUT_SLACK_S = 90
+
+
+REQUEUE_CAUSES = ("timeout", "preemption")
+
+
+class TrainingTask(submitit.helpers.Checkpointable):
+    """``main_fn(cfg)`` as a checkpointable submitit task: same main as local runs, resumable.
+
+    Two ways a job stops early, each ending in a requeue and a resume from the run directory
+    (``resume: auto``):
+
+    * USR2 (SLURM's ``--signal``, ``signal_delay_s`` before the time limit, or a preemption configured
+      to send it): ``checkpoint()`` runs in submitit's signal handler on global rank 0 only; it does no
+      collective and saves nothing itself (the run's periodic checkpoints are what resumes). It hands
+      back this same task, which submitit pickles and SLURM requeues.
+    * SIGTERM (``scancel``, preemption without USR2): the training loop saves at the next step boundary
+      and raises `StopRequested`; rank 0 then pickles this task and requeues the job
+      (``scontrol requeue``; a job cancelled by its user stays cancelled).
+
+    Timeouts and preemptions are counted apart, as submitit does: a signal close to the time limit
+    (see `TIMEOUT_SLACK_S`) is a timeout, bounded by ``max_requeues``; any other signal, and a requeue
+    by the scheduler itself (``SLURM_RESTART_COUNT`` beyond ours), is a preemption, unbounded unless
+    ``max_preemptions`` is set. Past a bound it raises :class:`RequeueLimitReached` instead, which ends
+    the job with that error.
+    """
+
+    def __init__(
+        self,
+        main_fn: Callable[[Any], Any],
+        cfg: Any,
+        max_requeues: int = 3,
+        max_preemptions: int | None = None,
+        time_limit_min: int | None = None,
+        signal_delay_s: int = 120,
+    ) -> None:
+        self.main_fn = main_fn
+        self.cfg = cfg
+        self.max_requeues = max_requeues
+        self.max_preemptions = max_preemptions
+        self.time_limit_min = time_limit_min  # None: every signal counts as a time limit
+        self.signal_delay_s = signal_delay_s
+        # requeues this task asked for, by cause; they travel with the pickled task
+        self.timeouts = 0
+        self.preemptions = 0
+        self._started = time.time()
+
+    @property
+    def requeues(self) -> int:
+        return self.timeouts + self.preemptions
+
+    def __call__(self) -> Any:
+        _ensure_job_logging()
+        self._started = time.time()
+        restarts = self.restart_count()
+        if restarts:
+            _logger.warning(
+                "restart %d of this job (%d time limit(s) of at most %d, %d preemption(s) of at most %s): "
+                "main resumes from its run directory",
+                restarts,
+                self.timeouts,
+                self.max_requeues,
+                self.all_preemptions(),
+                "any" if self.max_preemptions is None else self.max_preemptions,
+            )
+            self._record_requeue(restarts, event="restarted")
+            if self.max_preemptions is not None and self.all_preemptions() > self.max_preemptions:
+                # e.g. the scheduler requeued it without asking us
+                raise RequeueLimitReached(
+                    f"job preempted {self.all_preemptions()} times, more than "
+                    f"max_preemptions={self.max_preemptions}; raise --max-preemptions or use another partition"
+                )
+        _watch_stop_signals()
+        info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")))
+        try:
+            result = self.main_fn(self.cfg)
+        except StopRequested as stop:  # SIGTERM: the step is saved; requeue (rank 0), then every rank leaves
+            self._requeue_after_stop(stop, info.rank)
+        except Exception as e:
+            # no cleanup_distributed() here: closing the group would make the other ranks fail
+            # before this rank's error is on record; the process exits right after anyway
+            if not _STOP_SIGNALLED or isinstance(e, (RequeueLimitReached, UncompletedJobError)):
+                raise
+            # a peer left for the requeue (or SLURM is killing the job): this error is a consequence,
+            # and must not reach the submitter as a failure of the job, which will run again
+            _logger.warning(
+                "rank %d: %r after a preemption/time-limit signal; exiting without a result", info.rank, e
+            )
+            raise SystemExit(1) from e
+        cleanup_distributed()
+        return result
+
+    def restart_count(self) -> int:
+        return max(self.requeues, int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0))
+
+    def all_preemptions(self) -> int:
+        """Ours plus the requeues SLURM did without asking this task (preemption in requeue mode, admins)."""
+        return self.preemptions + max(0, self.restart_count() - self.requeues)
+
+    def requeue_cause(self) -> str:
+        """``"timeout"`` when the signal came within `TIMEOUT_SLACK_S` of ``signal_delay_s`` before the
+        time limit (measured from this run's start), else ``"preemption"``."""
+        if self.time_limit_min is None:
+            return "timeout"
+        ran = time.time() - self._started
+        return (
+            "timeout"
+            if ran >= self.time_limit_min * 60 - self.signal_delay_s - TIMEOUT_SLACK_S
+            else "preemption"
+        )
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        cause = self.requeue_cause()
+        if cause == "timeout" and self.timeouts + 1 > self.max_requeues:
+            self._record_requeue(self.requeues, event="refused", cause=cause)
+            # raised inside the signal handler: the job ends with this error instead of requeuing
+            raise RequeueLimitReached(
+                f"timed out again after {self.timeouts} requeue(s) at the time limit; "
+                f"max_requeues={self.max_requeues} reached, not requeuing (the run dir keeps the last "
+                "checkpoint: resubmit to continue, with a longer --time or a higher --max-requeues)"
+            )
+        limit = self.max_preemptions
+        if cause == "preemption" and limit is not None and self.all_preemptions() + 1 > limit:
+            self._record_requeue(self.requeues, event="refused", cause=cause)
+            raise RequeueLimitReached(
+                f"preempted again after {self.all_preemptions()} preemption(s); max_preemptions={limit} "
+                "reached, not requeuing (the run dir keeps the last checkpoint: resubmit to continue)"
+            )
+        if cause == "timeout":
+            self.timeouts += 1
+        else:
+            self.preemptions += 1
+        self._record_requeue(self.requeues, event="requeued", cause=cause)
+        _logger.warning(
+            "requeuing after a %s (%d time limit(s) of at most %d, %d preemption(s)); "
+            "main will resume from its newest checkpoint",
+            cause,
+            self.timeouts,
+            self.max_requeues,
+            self.all_preemptions(),
+        )
+        return super().checkpoint(*args, **kwargs)
+
+    def _requeue_after_stop(self, stop: StopRequested, rank: int) -> None:
+        """After SIGTERM: rank 0 pickles this task and requeues the job; no rank leaves before that (srun's
+        --kill-on-bad-exit would take rank 0 down with the first rank to exit). Always raises."""
+        if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":  # local/debug executor: nothing to requeue
+            raise stop
+        env = submitit.JobEnvironment()
+        refused: RequeueLimitReached | None = None
+        if rank == 0:
+            try:
+                delayed = self.checkpoint()
+                delayed.set_timeout(self.time_limit_min or 0, 10**6)  # our own counts bound the requeues
+                delayed.dump(env.paths.submitted_pickle)
+                done = subprocess.run(
+                    ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
+                )
+                if done.returncode == 0:
+                    _logger.warning("%s; job %s requeued: it resumes from that step", stop, env.job_id)
+                else:  # e.g. cancelled by its user: scancel's SIGTERM must not bring the job back
+                    _logger.warning("%s; job %s not requeued: %s", stop, env.job_id, done.stderr.strip())
+            except RequeueLimitReached as e:
+                refused = e
+        with contextlib.suppress(Exception):
+            barrier()
+        if refused is not None:
+            raise refused
+        raise SystemExit(stop.exit_code)
+
+    def _record_requeue(self, count: int, event: str, cause: str | None = None) -> None:
+        """Append to ``<job_dir>/<job_id>_requeues.json`` (rank 0 only; best effort, never raises)."""
+        try:
+            env = submitit.JobEnvironment()
+            if env.global_rank != 0:
+                return
+            path = requeue_record_path(env.paths.folder, env.job_id)
+            record = json.loads(path.read_text()) if path.exists() else {"job_id": env.job_id, "events": []}
+            record.update(
+                requeues=count,
+                timeouts=self.timeouts,
+                preemptions=self.all_preemptions(),
+                max_requeues=self.max_requeues,
+                max_preemptions=self.max_preemptions,
+            )
+            entry = {"event": event, "count": count, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if cause:
+                entry["cause"] = cause
+            record["events"].append(entry)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=1))
+            os.replace(tmp, path)
+        except Exception as e:  # a report must not break the requeue itself
+            _logger.warning("could not record requeue: %s", e)
+
+    def __repr__(self) -> str:
+        name = getattr(self.main_fn, "__qualname__", repr(self.main_fn))
+        return (
+            f"TrainingTask({name}, run_dir={getattr(self.cfg, 'run_dir', '?')!r}, "
+            f"max_requeues={self.max_requeues}, max_preemptions={self.max_preemptions})"
+        )
+
+
+_STOP_SIGNALLED = False
+
+
+def _watch_stop_signals() -> None:
+    """Remember SIGTERM and submitit's preemption signal, then let submitit's handlers run as before.
+
+    Only rank 0 requeues; the other ranks see their collectives fail a moment later. Knowing
+    that a stop signal came first lets :meth:`TrainingTask.__call__` tell that failure from a real one.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR"):  # debug executor: this is the user's own process
+        return
+    usr = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}", signal.SIGUSR2)
+    for signum in {signal.SIGTERM, usr}:
+        previous = signal.getsignal(signum)
+
+        def handler(sig: int, frame: Any, previous: Any = previous) -> None:
+            global _STOP_SIGNALLED
+            _STOP_SIGNALLED = True
+            if callable(previous):
+                previous(sig, frame)
+            elif previous == signal.SIG_DFL:  # keep the default action (terminate)
+                signal.signal(sig, signal.SIG_DFL)
+                os.kill(os.getpid(), sig)
+
+        signal.signal(signum, handler)
+
+
+def _ensure_job_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def requeue_record_path(job_folder: str | Path, job_id: str) -> Path:
+    return Path(job_folder) / f"{job_id}_requeues.json"
+
+
+def requeue_count(job: submitit.Job) -> int:
+    """How many times ``job`` was requeued (0 when it never was)."""
+    path = requeue_record_path(job.paths.folder, job.job_id)
+    return json.loads(path.read_text())["requeues"] if path.exists() else 0

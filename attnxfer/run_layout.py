@@ -1,0 +1,41 @@
+"""The names of what attnxfer writes into a run directory, in one table.
+
+`attnxfer.checkpoints.run_dir.RunDir` is the code that reads and writes a run directory; these names sit
+at the bottom of the layers (beside `attnxfer.errors`) only because the config loader, the lowest layer,
+must recognise a run's own ``config.yaml``. Nothing else spells these file names.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CHECKPOINTS_SUBDIR",
+    "EMA_WEIGHTS",
+    "LOCK_NAME",
+    "METRICS",
+    "MODEL_WEIGHTS",
+    "RUN_CONFIG",
+    "RUN_DIR_MARKERS",
+    "RUN_RECORD",
+    "STAGE_DIRS",
+    "STATE_NAME",
+]
+
+#: what was trained, from what (the student spec, the teacher record, the plan, how it ran)
+RUN_RECORD = "run.json"
+#: the resolved config: re-run with ``-c RUN_DIR/config.yaml``
+RUN_CONFIG = "config.yaml"
+#: the checkpoints' folder (``step-XXXXXXXX`` folders inside)
+CHECKPOINTS_SUBDIR = "checkpoints"
+#: a checkpoint's JSON state; a search keeps its own at the run dir's top
+STATE_NAME = "state.json"
+#: the lock a live run holds (`attnxfer.checkpoints.run_lock`)
+LOCK_NAME = "attnxfer.lock"
+#: one JSON line per logged step
+METRICS = "metrics.jsonl"
+#: a checkpoint's student weights: the raw ones and the EMA's
+MODEL_WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+#: convert's stage folders
+STAGE_DIRS = ("stage1", "stage2")
+#: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
+RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME)

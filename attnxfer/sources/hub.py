@@ -1,0 +1,193 @@
+"""The Hugging Face Hub: its cache, whether it is reachable, and one file or a model's weights from a repo
+(offline: what to run where the Hub can be reached)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .load_errors import (  # moved to load_errors.py
+    TeacherLoadError,
+    TeacherNotAvailable,
+)
+
+# Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
+_logger = logging.getLogger(__name__)
+
+_REACHABLE: dict[str, tuple[float, bool]] = {}
+
+
+_HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+
+
+def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
+    """The Hub cache in use: ``cache_dir`` or huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    return str(cache_dir) if cache_dir else constants.HF_HUB_CACHE
+
+
+def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
+    """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts).
+
+    huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back to the
+    cache; one bounded probe (DNS included, run in a daemon thread) decides up front instead.
+    Proxies from the environment are honoured. The answer is remembered for ``ttl`` seconds.
+    """
+    import time
+
+    from huggingface_hub import constants
+
+    endpoint = constants.ENDPOINT
+    now = time.monotonic()
+    cached = _REACHABLE.get(endpoint)
+    if cached and now - cached[0] < ttl:
+        return cached[1]
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            answer.append(True)
+        except urllib.error.HTTPError:
+            answer.append(True)  # it answered
+        except urllib.error.URLError as e:
+            # A TLS complaint means something answered: let huggingface_hub (its own CA settings) decide.
+            answer.append(isinstance(e.reason, ssl.SSLError))
+        except Exception:
+            answer.append(False)
+
+    t = threading.Thread(target=probe, name="attnxfer-hub-probe", daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    ok = bool(answer and answer[0])
+    _REACHABLE[endpoint] = (now, ok)
+    if not ok:
+        _logger.info("Hugging Face Hub at %s is not reachable: using the local cache only", endpoint)
+    return ok
+
+
+def offline_reason() -> str | None:
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return "HF_HUB_OFFLINE=1 is set"
+    if not hub_reachable():
+        return f"{constants.ENDPOINT} cannot be reached"
+    return None
+
+
+def fetch_instructions(
+    spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
+) -> str:
+    cache = hub_cache_dir(cache_dir)
+    rev = f" --revision {revision}" if revision else ""
+    folder = "models--" + repo.replace("/", "--")
+    return (
+        f"teacher {spec!r}: {missing} of Hub repo {repo}{'@' + revision if revision else ''} is not in the local "
+        f"cache ({cache}) and cannot be downloaded: {reason}.\n"
+        "On a machine with internet, fetch it with one of:\n"
+        f"    huggingface-cli download {repo}{rev}      (huggingface_hub >= 1.0 spells it: hf download {repo}{rev})\n"
+        f"    attnxfer fetch {spec}{rev}\n"
+        "(add --cache-dir DIR to either to put it in a folder of your choice). Then make that cache visible here: "
+        f"copy the folder {folder} into {cache}, or point HF_HUB_CACHE at the directory that holds {folder} "
+        "(or set HF_HOME=DIR when it is DIR/hub), or name the cache folder: teacher.cache_dir=DIR for "
+        "train/convert/submit, cache_dir=... in Python."
+    )
+
+
+def _hub_file(
+    spec: str, repo: str, filename: str, revision: str | None, cache_dir: str | None, *, required: bool = True
+) -> str | None:
+    """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached.
+
+    Missing and not downloadable: `TeacherNotAvailable` if ``required``, else None.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    reason = offline_reason()
+    if reason is not None:
+        # Offline: a purely local lookup (refs/<revision> -> snapshots/<commit>/<file>), no HTTP client at all.
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
+        if isinstance(path, str):
+            return path
+        if not required:
+            return None
+        raise TeacherNotAvailable(fetch_instructions(spec, repo, revision, cache_dir, reason, filename))
+    try:
+        return hf_hub_download(
+            repo, filename, revision=revision, cache_dir=cache_dir, library_name="attnxfer"
+        )
+    except LocalEntryNotFoundError:
+        if not required:
+            return None
+        raise TeacherNotAvailable(
+            fetch_instructions(spec, repo, revision, cache_dir, reason or "the download failed", filename)
+        ) from None
+    except EntryNotFoundError:
+        if not required:
+            return None
+        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no file {filename}") from None
+    except RevisionNotFoundError:
+        raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}") from None
+    except RepositoryNotFoundError:
+        raise TeacherLoadError(
+            f"teacher {spec!r}: Hub repo {repo} does not exist or is private "
+            "(log in with `hf auth login` for private repos)"
+        ) from None
+
+
+def _hub_weights(
+    spec: str, repo: str, revision: str | None, cache_dir: str | None, filename: str | None = None
+) -> str:
+    names = (filename,) if filename else _HUB_WEIGHT_FILES[:2]
+    for name in names:
+        path = _hub_file(spec, repo, name, revision, cache_dir, required=False)
+        if path:
+            return path
+    reason = offline_reason()
+    if reason:
+        raise TeacherNotAvailable(
+            fetch_instructions(spec, repo, revision, cache_dir, reason, "the weights file")
+        )
+    raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has none of {list(names)}")
+
+
+def _snapshot_commit(path: str) -> str | None:
+    """The commit hash of a file inside ``.../snapshots/<commit>/...`` of the Hub cache."""
+    p = Path(path)
+    for parent in p.parents:
+        if parent.parent.name == "snapshots":
+            return parent.name
+    return None
+
+
+def _readme_license(path: str | None) -> str | None:
+    """``license`` of a model card (a README.md already on disk: the Hub cache's copy or a local folder's),
+    read by huggingface_hub's `ModelCard.load`. Metadata it cannot parse means an unknown licence (the
+    export card then says to check the teacher's terms), with a warning naming the file."""
+    if not path or not os.path.isfile(path):
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        license_id = ModelCard.load(path).data.license
+    except Exception as e:  # malformed YAML front matter: yaml's errors, huggingface_hub's ValueError
+        _logger.warning("%s: model card metadata does not parse (%s): teacher licence unknown", path, e)
+        return None
+    if isinstance(license_id, list):  # the Hub's schema allows one id; a list is read as its first
+        license_id = license_id[0] if license_id else None
+    return str(license_id).strip() if license_id else None

@@ -1,0 +1,73 @@
+"""Scoring a model on a validation loader, summed over ranks: classification (top-1/top-5/loss) and a
+self-supervised objective's own loss. The engine calls the objective's evaluator; eval-only runs call the
+same one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..transfer.dual import TransferOutput
+
+__all__ = ["evaluate", "evaluate_loss"]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
+    """Top-1/top-5 and loss of ``model`` (a DualViT or a bare student) over ``loader``, summed over ranks,
+    and the number of images scored (``count``).
+
+    Each rank scores its own shard of an exact (unpadded) val sampler, so the ranks may run different
+    numbers of batches: the forward passes go to the unwrapped module (no DDP hooks, no collectives) and
+    only the final sum is a collective; every image counts once at every world size."""
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with accelerator.autocast():
+            out = model(x)
+        logits = (out.logits if isinstance(out, TransferOutput) else out).float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        totals[0] += (top5[:, 0] == y).sum()
+        totals[1] += (top5 == y[:, None]).any(-1).sum()
+        totals[2] += F.cross_entropy(logits, y, reduction="sum")
+        totals[3] += y.numel()
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    n = max(1.0, totals[3].item())
+    return {
+        "top1": 100.0 * totals[0].item() / n,
+        "top5": 100.0 * totals[1].item() / n,
+        "loss": totals[2].item() / n,
+        "count": int(totals[3].item()),  # images scored: what a 95 % interval of top1 needs
+    }
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[str, float]:
+    """Mean of a self-supervised objective's ``loss`` over ``loader`` (batch-weighted, summed over ranks).
+
+    The objective's randomness (MAE's masks) comes from a generator seeded with ``seed`` at every call, so
+    each evaluation scores the same masks and the training RNG streams are left untouched. Ranks may hold
+    unequal shards (see `evaluate`): the unwrapped module runs the forward passes."""
+    model = accelerator.unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum, count
+    for x, _ in loader:
+        x = x.to(device, non_blocking=True)
+        with accelerator.autocast():
+            out = model(x, generator=generator)
+        totals[0] += out.loss.double() * x.shape[0]
+        totals[1] += x.shape[0]
+    totals = accelerator.reduce(totals, reduction="sum")
+    model.train(was_training)
+    return {"loss": totals[0].item() / max(1.0, totals[1].item())}

@@ -1,0 +1,142 @@
+"""What the engine trains: an objective, one protocol for every kind of run.
+
+The engine (`attnxfer.train.engine`) drives an `Objective` and asks it nothing else: which module to wrap
+(DDP) and call, which weights train (optimiser, checkpoints, EMA), the loss of a batch with its logged
+terms, how to score a validation loader, and what evaluates the EMA's weights. A new objective is one
+class here (or beside its model) meeting the protocol, wired in `attnxfer.apps`:
+
+- `TransferObjective`: attention transfer, a `DualViT` (teacher + student) plus the task loss; scored by
+  val top-1 (`evaluate`).
+- `ModuleObjective`: a module whose forward returns its own ``loss``/``terms``/``logs`` (MAE
+  pre-training, `attnxfer.models.mae`); scored by its evaluator (val reconstruction loss).
+- Stage 1 of `attnxfer convert` (`attnxfer.train.stage1`) fits each layer on its own with its own loop;
+  its per-layer objective is `attnxfer.transfer.conversion.layer_fit_loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+
+from ..transfer.dual import DualViT
+from .evaluation import evaluate
+
+__all__ = [
+    "Evaluator",
+    "ModuleObjective",
+    "Objective",
+    "ObjectiveLoss",
+    "Pictures",
+    "TaskLoss",
+    "TransferObjective",
+]
+
+Evaluator = Callable[[nn.Module, Any, Any], dict[str, float]]
+#: pictures drawn after an evaluation (rank 0): the trained module -> {tag: (C, H, W) in [0, 1] or (H, W, 3) uint8}
+Pictures = Callable[[nn.Module], dict[str, Any]]
+Autocast = Callable[[], AbstractContextManager]
+
+
+@dataclass
+class TaskLoss:
+    """The task's loss and its batch transform (timm's Mixup/CutMix, or None)."""
+
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    mixup: Callable | None = None
+
+
+@dataclass
+class ObjectiveLoss:
+    """One batch's loss: ``total`` (what backpropagates), the terms watched for NaN/inf and logged
+    (``total`` among them), and extra logs (detached diagnostics)."""
+
+    total: torch.Tensor
+    terms: dict[str, torch.Tensor]
+    logs: dict[str, torch.Tensor]
+
+
+class Objective(Protocol):
+    """What the engine needs of a run's objective (see the module docstring)."""
+
+    #: what the engine prepares (DDP, device) and calls on a batch
+    module: nn.Module
+    #: the weights that train: the optimiser's, the checkpoints', the EMA's
+    trained: nn.Module
+    #: a printed description for the trackers' hyper-parameters (the transfer plan), or None
+    description: str | None
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> ObjectiveLoss:
+        """The loss of one batch; ``model`` is `module` as the engine wrapped it, called under ``autocast``."""
+        ...
+
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
+        """Scores over a validation loader, summed over ranks (the run's selection metric among them)."""
+        ...
+
+    def ema_model(self, ema: nn.Module) -> nn.Module:
+        """What scores the EMA's copy of `trained`."""
+        ...
+
+    def before_step(self, log_now: bool) -> None:
+        """Called before each micro-batch; ``log_now`` when the coming step is a log step."""
+        ...
+
+
+class TransferObjective:
+    """Attention transfer: the `DualViT`'s transfer loss plus the task loss on the student's logits."""
+
+    def __init__(self, dual: DualViT, task: TaskLoss, evaluator: Evaluator = evaluate) -> None:
+        self.module, self.trained, self.plan = dual, dual.student, dual.plan
+        self.task, self.evaluator = task, evaluator
+        self.description = dual.plan.describe()
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> ObjectiveLoss:
+        if self.task.mixup is not None:
+            x, y = self.task.mixup(x, y)
+        with autocast():
+            out = model(x)
+        task = self.task.loss_fn(out.logits.float(), y)
+        terms = {"task": task, **out.terms}
+        if out.loss is not None:
+            terms["attn"] = out.loss
+        terms["total"] = task + out.loss if out.loss is not None else task
+        return ObjectiveLoss(terms["total"], terms, dict(out.logs))
+
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
+        return self.evaluator(model, loader, accelerator)
+
+    def ema_model(self, ema: nn.Module) -> nn.Module:
+        """With the teacher when the mode attends with its q/k at evaluation too."""
+        dual = self.module
+        return DualViT(dual.teacher, ema, self.plan) if self.plan.mode.teacher_at_eval else ema
+
+    def before_step(self, log_now: bool) -> None:
+        self.module.log_kl = log_now  # the KL diagnostics cost a pass: on log steps only
+
+
+class ModuleObjective:
+    """A module that is its own objective: its forward returns ``loss``, ``terms`` and ``logs`` (MAE)."""
+
+    def __init__(self, module: nn.Module, evaluator: Evaluator, description: str | None = None) -> None:
+        self.module = self.trained = module
+        self.evaluator, self.description = evaluator, description
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> ObjectiveLoss:
+        with autocast():
+            out = model(x)
+        terms = {**out.terms, "total": out.loss}
+        return ObjectiveLoss(out.loss, terms, dict(out.logs))
+
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
+        return self.evaluator(model, loader, accelerator)
+
+    def ema_model(self, ema: nn.Module) -> nn.Module:
+        return ema
+
+    def before_step(self, log_now: bool) -> None:
+        pass

@@ -1,0 +1,16 @@
+"""The learning-rate schedule shared by the engine and stage 1: per-iteration linear warmup, then a
+half-cosine to a floor."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["lr_at"]
+
+
+def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
+    """Per-iteration linear warmup then half-cosine to ``minimum``."""
+    if warmup > 0 and step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return minimum + (base - minimum) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
