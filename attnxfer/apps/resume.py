@@ -3,7 +3,8 @@
 A run continues only as the run it is. How it is optimised, how long, how it logs and saves, and where
 it runs may change between attempts (the changes are printed); what the checkpoint's weights, optimiser
 state and data position mean (model, teacher, transfer plan, data, batch) may not: that stops before
-anything is written, naming the keys, and says how to start a new run instead.
+anything is written, naming the keys, and says how to start a new run instead. Which keys may change is
+declared with each key (``key(..., resumable=True)`` in `attnxfer/config/schema.py`): `RESUMABLE_KEYS`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from ..checkpoints.resume_from import ResumeFrom
 from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
-from ..config import ConfigError, TrainConfig, config_keys, to_dict
+from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
 __all__ = [
@@ -26,38 +27,6 @@ __all__ = [
     "config_changes",
     "resume_source",
 ]
-
-#: dotted keys (or ``section.`` prefixes) that may differ from the recorded config when a run resumes
-RESUMABLE_KEYS: tuple[str, ...] = (
-    "run_dir",  # a checkpoint of another run given as checkpoint.resume=PATH
-    "device",
-    "deterministic",
-    "eval_only",
-    "teacher.cache_dir",
-    "transfer.ce_path",  # the same loss, evaluated another way
-    "transfer.materialise_budget_gib",  # which ways auto may consider
-    "teacher.compile",  # how the step runs, not what it computes
-    "model.compile",
-    "model.compile_mode",
-    "data.root",  # the same dataset at another path (a node-local copy)
-    "data.num_workers",
-    "data.pin_memory",
-    "data.eval_batch_size",
-    "optim.lr",
-    "optim.blr",
-    "optim.min_lr",
-    "optim.weight_decay",
-    "optim.beta1",
-    "optim.beta2",
-    "optim.eps",
-    "optim.clip_grad",
-    "schedule.",
-    "log.",
-    "checkpoint.",
-    "convert.agreement_batches",
-    "convert.speed_batch_size",
-    "convert.speed_repeats",
-)
 
 
 def _may_change(key: str, resumable: Sequence[str]) -> bool:

@@ -1,11 +1,27 @@
-"""The run configuration: a typed schema, YAML recipes and dotted overrides. Imports nothing of attnxfer."""
+"""The run configuration: a typed schema, YAML recipes and dotted overrides (imports only `attnxfer.errors`
+and `attnxfer.run_layout`).
 
+`schema.py` declares every key once (`keys.py`: its range and resume rule are field metadata);
+`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes.
+"""
+
+from .keys import Range
+from .loading import RECIPES, list_recipes, load_config, recipe_chain, resolve_recipe
+from .overrides import (
+    ConfigError,
+    apply_overrides,
+    config_changes,
+    describe_changes,
+    dump_config,
+    parse_overrides,
+    to_dict,
+    validate_config,
+)
 from .schema import (
     RANGES,
-    RECIPES,
+    RESUMABLE_KEYS,
     AugConfig,
     CheckpointConfig,
-    ConfigError,
     ConvertConfig,
     DataConfig,
     EMAConfig,
@@ -13,29 +29,18 @@ from .schema import (
     MAEConfig,
     ModelConfig,
     OptimConfig,
-    Range,
     ScheduleConfig,
     SearchConfig,
     TeacherConfig,
     TrainConfig,
     TransferConfig,
-    apply_overrides,
-    config_changes,
     config_keys,
-    describe_changes,
-    dump_config,
-    list_recipes,
-    load_config,
-    parse_overrides,
-    recipe_chain,
-    resolve_recipe,
-    to_dict,
-    validate_config,
 )
 
 __all__ = [
     "RANGES",
     "RECIPES",
+    "RESUMABLE_KEYS",
     "AugConfig",
     "CheckpointConfig",
     "ConfigError",

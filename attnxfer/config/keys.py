@@ -1,0 +1,158 @@
+"""How a config key is declared: once, as a dataclass field whose metadata holds its range and resume rule.
+
+``lr: float = key(1e-3, range=POSITIVE, resumable=True)`` is the whole declaration of ``optim.lr``: the
+loader range-checks it, a resumed run may change it, and the tables other code reads (`ranges`,
+`resumable_keys`) are derived from the fields, so a new key is one edit and cannot be half-declared.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ANY",
+    "AT_LEAST_1",
+    "FRACTION",
+    "NON_NEGATIVE",
+    "OPEN_FRACTION",
+    "POSITIVE",
+    "Leaf",
+    "Range",
+    "field_types",
+    "key",
+    "leaves",
+    "ranges",
+    "resumable_keys",
+    "rule_of",
+    "section",
+]
+
+_RANGE, _RESUMABLE, _SECTION = "attnxfer.range", "attnxfer.resumable", "attnxfer.section"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values one config key accepts beyond its type: bounds (for numbers and list items) or choices.
+
+    ``Range()`` (`ANY`) says "any value of the field's type": `key` has no default range, so every key
+    states one on purpose (tests/test_config_validation.py checks that each does).
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low itself is excluded (> instead of >=)
+    high_open: bool = False
+    choices: tuple[str, ...] | None = None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(c for c in self.choices if c)
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+        return " and ".join(parts) or "anything"
+
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, list):
+            return all(self.admits(v) for v in value)
+        if self.choices is not None:
+            return not isinstance(value, str) or value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+
+ANY = Range()
+POSITIVE = Range(0, low_open=True)
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+FRACTION = Range(0, 1)  # probabilities
+OPEN_FRACTION = Range(0, 1, high_open=True)
+
+
+def key(
+    default: Any = dataclasses.MISSING,
+    *,
+    factory: Callable[[], Any] | None = None,
+    range: Range | None = None,
+    choices: tuple[str, ...] | None = None,
+    resumable: bool = False,
+) -> Any:
+    """A config key: its default (or ``factory`` for a list / mapping), the values it accepts (``range=``
+    bounds, `ANY`, or ``choices=``: exactly one) and whether a resumed run may change it (default: no, so
+    a forgotten rule refuses a change rather than silently letting a checkpoint mean something else)."""
+    if (range is None) == (choices is None):
+        raise TypeError("key(...): give exactly one of range= (ANY for no bounds) or choices=")
+    rule = Range(choices=tuple(choices)) if choices is not None else range
+    metadata = {_RANGE: rule, _RESUMABLE: bool(resumable)}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def section(cls: type, *, resumable: bool = False) -> Any:
+    """A section of the config (a nested dataclass); ``resumable=True``: a resumed run may change every key
+    in it (how long it trains, how it logs and saves)."""
+    return dataclasses.field(default_factory=cls, metadata={_SECTION: True, _RESUMABLE: bool(resumable)})
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Field name -> resolved annotation (the schema's modules use ``from __future__ import annotations``)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def rule_of(f: dataclasses.Field) -> Range:
+    """The declared range of a leaf field; a field declared without `key` is a mistake in the schema."""
+    try:
+        return f.metadata[_RANGE]
+    except KeyError:
+        raise TypeError(
+            f"config field {f.name!r} is declared without its range: write "
+            f"{f.name}: TYPE = key(DEFAULT, range=...) (range=ANY if it has none)"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One key of the schema: its dotted name, annotation, range and resume rule (its own or its section's)."""
+
+    name: str
+    type: Any
+    range: Range
+    resumable: bool
+
+
+def leaves(cls: type, prefix: str = "", resumable: bool = False) -> Iterator[Leaf]:
+    """Every leaf key under ``cls``, dotted, in declaration order."""
+    types = field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp, name = types[f.name], prefix + f.name
+        may_change = resumable or f.metadata.get(_RESUMABLE, False)
+        if dataclasses.is_dataclass(tp):
+            yield from leaves(tp, name + ".", may_change)
+        else:
+            yield Leaf(name, tp, rule_of(f), may_change)
+
+
+def ranges(cls: type) -> dict[str, Range]:
+    """Dotted key -> the values it accepts, for every key under ``cls``."""
+    return {leaf.name: leaf.range for leaf in leaves(cls)}
+
+
+def resumable_keys(cls: type) -> tuple[str, ...]:
+    """The dotted keys a resumed run may change (declared on the field or on its section)."""
+    return tuple(leaf.name for leaf in leaves(cls) if leaf.resumable)

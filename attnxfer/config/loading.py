@@ -1,0 +1,153 @@
+"""Loading a config: defaults, then a YAML recipe (after the recipes it starts from), then overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..run_layout import RUN_CONFIG, RUN_DIR_MARKERS
+from .overrides import ConfigError, apply_overrides, merge_values, parse_overrides, validate_config
+from .schema import TrainConfig
+
+__all__ = [
+    "BASE_KEY",
+    "RECIPES",
+    "list_recipes",
+    "load_config",
+    "recipe_chain",
+    "resolve_recipe",
+    "run_config_dir",
+]
+
+RECIPES = Path(__file__).resolve().parent.parent / "cfgs"  # the built-in recipes, installed with the package
+
+
+def list_recipes() -> list[str]:
+    """Built-in recipe names (``demo/copy``, ``paper/vit_large_distill``, ...)."""
+    return sorted(str(p.relative_to(RECIPES).with_suffix("")) for p in RECIPES.rglob("*.yaml"))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A config file path, or the name of a built-in recipe (``paper/vit_large_copy``)."""
+    if not str(path).strip():
+        raise ConfigError(
+            "-c was given an empty name; pass a YAML file or a built-in recipe (e.g. -c demo/copy)"
+        )
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        inside = p / RUN_CONFIG
+        hint = f"; a run's config is {inside}" if inside.is_file() else ""
+        raise ConfigError(f"config {str(p)!r} is a directory, not a YAML file{hint}")
+    for candidate in (RECIPES / p, RECIPES / p.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    close = difflib.get_close_matches(str(path), list_recipes(), n=1)
+    hint = f"; did you mean the built-in recipe {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"config file {str(p)!r} does not exist{hint} (built-in recipes: {', '.join(list_recipes())})"
+    )
+
+
+def _read_yaml(p: Path) -> Any:
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not a text YAML file (binary content?)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+
+
+def run_config_dir(path: Path) -> Path | None:
+    """The run dir whose own record ``path`` is: a ``config.yaml`` beside what attnxfer writes into a run."""
+    if path.name != RUN_CONFIG:
+        return None
+    folder = path.parent
+    return folder if any((folder / m).exists() for m in RUN_DIR_MARKERS) else None
+
+
+def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
+    """A run's own config.yaml refers to the folder it sits in, wherever the command runs from and wherever
+    the run was moved or copied to: the ``run_dir`` it records (often relative to where the run started)
+    only says where the run was first written."""
+    folder = run_config_dir(p)
+    if folder is None or not isinstance(cfg, TrainConfig):
+        return cfg
+    recorded = Path(cfg.run_dir)
+    if recorded.is_dir() and os.path.samefile(recorded, folder):
+        return cfg
+    return dataclasses.replace(cfg, run_dir=str(folder.absolute()))
+
+
+BASE_KEY = "base"
+
+
+def _resolve_base(name: Any, child: Path) -> Path:
+    """A recipe's ``base:``: a built-in recipe name, or a YAML path relative to the recipe that names it."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(
+            f"config file {str(child)!r}: base must be a recipe name or a YAML path "
+            f"(e.g. base: paper/vit_large_copy), got {name!r}"
+        )
+    beside = child.parent / name
+    for candidate in (beside, beside.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    try:
+        return resolve_recipe(name)
+    except ConfigError as e:
+        raise ConfigError(f"config file {str(child)!r}: base {name!r} not found ({e})") from None
+
+
+def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A recipe and the recipes it starts from (``base: NAME``), root first, each with its own keys.
+
+    Why a chain and not a merged dict: each file is applied over the previous one exactly as overrides
+    are, so a recipe that states only what differs resolves to the same config as a full copy."""
+    chain: list[tuple[Path, dict[str, Any]]] = []
+    p = resolve_recipe(path)
+    seen: list[Path] = []
+    while True:
+        if p.resolve() in seen:
+            loop = " -> ".join(str(q) for q in [*seen, p.resolve()])
+            raise ConfigError(f"recipes start from each other in a cycle: {loop}; remove one base")
+        seen.append(p.resolve())
+        data = _read_yaml(p)
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
+            )
+        data = dict(data)
+        parent = data.pop(BASE_KEY, None)
+        chain.append((p, data))
+        if parent is None:
+            return chain[::-1]
+        p = _resolve_base(parent, p)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
+) -> TrainConfig:
+    """Defaults, then the YAML file (after the recipes it starts from, ``base: NAME``), then ``key=value``
+    overrides; every value is range-checked.
+
+    A run's own ``config.yaml`` (one beside the files attnxfer writes into a run dir) sets ``run_dir`` to the
+    folder it sits in, so ``-c /abs/RUN/config.yaml`` continues (or scores) that run from any directory; a
+    ``run_dir=`` override still wins. Any other YAML's ``run_dir`` is taken as written (relative to the
+    current directory)."""
+    cfg = base or TrainConfig()
+    if path is not None:
+        p = resolve_recipe(path)
+        for _, data in recipe_chain(p):
+            cfg = merge_values(cfg, data)
+        cfg = _own_run_dir(cfg, p)
+    if overrides:
+        cfg = apply_overrides(cfg, parse_overrides(overrides))
+    return validate_config(cfg)

@@ -1,0 +1,283 @@
+"""Values into a config: type coercion, dotted ``key=value`` overrides, range checks, and what changed.
+
+Works on any schema dataclass (each key's range is its field's metadata, `keys.key`), so it needs nothing
+of the sections themselves. Unknown keys and wrong types are `ConfigError`s that name the nearest valid
+key, so a typo never silently trains the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import yaml
+
+from ..errors import InputError
+from .keys import Range, field_types, rule_of
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "config_changes",
+    "describe_changes",
+    "dump_config",
+    "merge_values",
+    "parse_overrides",
+    "to_dict",
+    "validate_config",
+    "yaml_value",
+]
+
+
+class ConfigError(InputError):
+    """A config that cannot be used; the message says which key and what to write instead."""
+
+
+def validate_config(cfg: Any, prefix: str = "") -> Any:
+    """Check every value against its key's declared range; the first one out of range is a `ConfigError`
+    naming its key."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            validate_config(value, key + ".")
+            continue
+        rule = rule_of(f)
+        if not rule.admits(value):
+            raise ConfigError(f"{key}: must be {rule.describe()}; got {value!r}")
+        if key == "run_dir" and not str(value).strip():
+            raise ConfigError(
+                f"run_dir is empty ({value!r}: an unset shell variable?); a run would write into the current "
+                "directory. Name its folder, e.g. run_dir=runs/my-run (run_dir=. if you mean this directory)"
+            )
+    return cfg
+
+
+# -- (de)serialisation ---------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# `X | None` (types.UnionType) and `Optional[X]` (typing.Union) are both unions
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if (
+            isinstance(value, Mapping)
+            and value
+            and dataclasses.is_dataclass(value) is False
+            and key != "kwargs"
+        ):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(base: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value in ``cfg`` differs from ``base`` (the recipe it started from):
+    ``{key: (recipe value, value)}``."""
+    old, new = _flatten(to_dict(base)), _flatten(to_dict(cfg))
+    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+
+
+def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:
+    """What a run changes from its recipe, one ``key: recipe value -> value`` line each."""
+    where = f"recipe {recipe}" if recipe else "the defaults"
+    changes = config_changes(base, cfg)
+    if not changes:
+        return f"config: {where}, unchanged"
+    lines = [f"config: {where}, {len(changes)} value(s) changed:"]
+    lines += [f"  {k}: {yaml_value(a)} -> {yaml_value(b)}" for k, (a, b) in changes.items()]
+    return "\n".join(lines)
+
+
+def yaml_value(v: Any) -> str:
+    return yaml.safe_dump(v, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+_FRIENDLY = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _is_union(tp: Any) -> bool:
+    """``Optional[int]`` and ``int | None`` alike (the latter is a ``types.UnionType``)."""
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    """How a user would say the type: 'a number or null', 'a list of integers'."""
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        names = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(names) + (" or null" if type(None) in args else "")
+    if typing.get_origin(tp) in (list, list):
+        return "a list"
+    if typing.get_origin(tp) in (dict, dict):
+        return "a mapping"
+    return _FRIENDLY.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else is guessed."""
+    origin = typing.get_origin(tp)
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is Any:
+        return value
+    if origin in (list, list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}=[1,2])")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, dict, Mapping):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
+    full = [prefix + v for v in valid]
+    close = difflib.get_close_matches(prefix + key, full, n=1, cutoff=0.5) or difflib.get_close_matches(
+        key, list(valid), n=1, cutoff=0.5
+    )
+    hint = (
+        f"; did you mean {close[0] if close[0].startswith(prefix) else prefix + close[0]!r}?" if close else ""
+    )
+    return ConfigError(
+        f"unknown config key {prefix + key!r}{hint} (valid under "
+        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(valid)})"
+    )
+
+
+def _check_choice(key: str, rule: Range, value: Any) -> None:
+    """A key with a closed set of values is checked as the config loads, so a typo never trains."""
+    if rule.choices is None or rule.admits(value):
+        return
+    names = [a for a in rule.choices if a]
+    close = difflib.get_close_matches(str(value), names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}{hint}")
+
+
+def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """``obj`` with the (nested) keys of ``data`` set, each coerced to its field's type; a closed set of
+    values is checked here, bounds by `validate_config`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    types = field_types(type(obj))
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    changes = {}
+    for key, value in data.items():
+        if key not in types:
+            raise _unknown_key(str(key), list(types), prefix)
+        tp = types[key]
+        if dataclasses.is_dataclass(tp):
+            changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.")
+        else:
+            changes[key] = _coerce(value, tp, prefix + key)
+            _check_choice(prefix + key, rule_of(fields[key]), changes[key])
+    return dataclasses.replace(obj, **changes)
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    """``["optim.lr=1e-3", "transfer.layers=[0,1]"]`` -> ``{"optim.lr": "1e-3", ...}`` (raw strings)."""
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. transfer.mode=copy)")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = raw
+    return out
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}={raw!r}: value is not valid YAML ({e.problem})") from None
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r} conflicts with another override of {p!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
+    """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``)."""
+    types_cache: dict[Any, dict[str, Any]] = {}
+    parsed = {
+        key: (
+            _parse_value(key, value)
+            if isinstance(value, str) and not _is_str_field(type(cfg), key, types_cache)
+            else value
+        )
+        for key, value in overrides.items()
+    }
+    return validate_config(merge_values(cfg, _nest(parsed)))
+
+
+def _is_str_field(cls, dotted: str, cache) -> bool:
+    node = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node):
+            return False
+        types = cache.setdefault(node, field_types(node))
+        if part not in types:
+            return False
+        node = types[part]
+    return node is str
