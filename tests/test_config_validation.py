@@ -1,22 +1,34 @@
-"""Every config key fed a wrong type, zero, a negative and an out-of-range value, through the CLI.
+"""Every config key fed wrong types and out-of-range values: refused with one config error naming the key.
 
-The table below is written from what each key means (not read from the schema): ``True`` = the value is
-valid, ``False`` = one config error naming the key, exit code 2, no traceback and no file. A key added to
-the schema without a row here fails `test_every_schema_key_has_a_row`.
+Two sources of cases. The generic ones are derived from each key's declaration (its annotation and the
+range or choices of `key(...)` in attnxfer/config/schema.py), so a new key is covered without an edit
+here and a key declared without a range fails `test_every_key_declares_its_range_and_resume_rule`.
+`MEANING` is written by hand from what keys mean (not read from the schema): ``True`` = the value is
+valid, ``False`` = a config error naming the key. It checks the declarations themselves (batch_size=0 is
+refused because a batch needs an image, not because the schema says so); add a row where a key's meaning
+says more than its type.
 """
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import itertools
+import math
+import typing
+from dataclasses import dataclass
 
-from attnxfer.config import config_keys, load_config
+import pytest
+import yaml
+
+from attnxfer.config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, load_config
+from attnxfer.config.keys import ANY, Range, key, leaves, rule_of
 from attnxfer.launch import cli
 
 STR, NUM, BOOL = "[1, 2]", "abc", "maybe"  # a wrong type for strings, numbers, booleans
 
 # key: (wrong type, zero valid?, negative valid?, out-of-range value or None)
 # None for zero/negative: not a number-like key (a string takes "0" as a name, a bool refuses both)
-TABLE: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
+MEANING: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "run_dir": (STR, None, None, None),
     "seed": (NUM, True, False, str(2**32)),
     "device": (STR, False, False, "tpu"),
@@ -139,58 +151,183 @@ TABLE: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
 }
 
 
-def _cases():
-    for key, (wrong, zero_ok, negative_ok, out_of_range) in TABLE.items():
-        yield key, wrong, False
+def _meaning_cases():
+    for name, (wrong, zero_ok, negative_ok, out_of_range) in MEANING.items():
+        yield name, wrong, False
         if zero_ok is not None:
-            yield key, "0", zero_ok
+            yield name, "0", zero_ok
         if negative_ok is not None:
-            yield key, "-1", negative_ok
+            yield name, "-1", negative_ok
         if out_of_range is not None:
-            yield key, out_of_range, False
+            yield name, out_of_range, False
 
 
-CASES = list(_cases())
+# -- cases derived from each key's declaration ----------------------------------------------------------
+
+
+def _kinds(tp) -> set:
+    """The plain types an annotation admits: ``int | None`` -> {int, NoneType}, ``list[int]`` -> {list}."""
+    if typing.get_origin(tp) in (typing.Union, type(int | None)):
+        return set().union(*(_kinds(a) for a in typing.get_args(tp)))
+    return {typing.get_origin(tp) or tp}
+
+
+def _item(tp):
+    """The item type of a list annotation (``list[int] | None`` -> int), else the annotation itself."""
+    for arg in typing.get_args(tp) if typing.get_origin(tp) is not list else (tp,):
+        if typing.get_origin(arg) is list:
+            return typing.get_args(arg)[0]
+    return tp
+
+
+def _text(value, as_list: bool) -> str:
+    return (
+        yaml.safe_dump([value] if as_list else value, default_flow_style=True)
+        .strip()
+        .removesuffix("...")
+        .strip()
+    )
+
+
+def _derived_cases():
+    """(key, YAML value, valid?) from each key's type and declared range: a mapping where none is taken, a
+    value just past each bound, a name outside the choices, a non-finite float; each choice and each
+    closed bound as valid values, and the default."""
+    for leaf in leaves(TrainConfig):
+        kinds, rule = _kinds(leaf.type), leaf.range
+        as_list = list in kinds
+        number = _item(leaf.type) if as_list else next((k for k in (int, float) if k in kinds), None)
+        yield leaf.name, ("[1]" if dict in kinds else "{a: 1}"), False
+        if rule.choices is not None:
+            yield leaf.name, _text("not-a-choice", as_list), False
+            for choice in rule.choices:
+                yield leaf.name, _text(choice, as_list), True
+        for bound, is_open, step in ((rule.low, rule.low_open, -1), (rule.high, rule.high_open, 1)):
+            if bound is None:
+                continue
+            past = bound if is_open else bound + step
+            yield leaf.name, _text(number(past), as_list), False
+            if not is_open:
+                yield leaf.name, _text(number(bound), as_list), True
+        if number is float:
+            yield leaf.name, _text(math.inf, as_list), False
+        default = getattr(_section(leaf.name), leaf.name.rsplit(".", 1)[-1])
+        yield leaf.name, _text(default, False) if default is not None else "null", True
+
+
+def _section(name: str):
+    node = TrainConfig()
+    for part in name.split(".")[:-1]:
+        node = getattr(node, part)
+    return node
+
+
+DERIVED = list(dict.fromkeys(_derived_cases()))
+MEANING_CASES = list(_meaning_cases())
+
+
+_FILES = itertools.count()
 
 
 def _config_file(folder, key, value):
     """A YAML config setting ``key`` (dotted) to ``value`` (YAML text): strings can be lists there."""
     *sections, leaf = key.split(".")
     text = "".join(f"{'  ' * i}{section}:\n" for i, section in enumerate(sections))
-    path = folder / f"{key}={len(list(folder.iterdir()))}.yaml"
+    path = folder / f"{key}={next(_FILES)}.yaml"
     path.write_text(f"{text}{'  ' * len(sections)}{leaf}: {value}\n")
     return path
 
 
-def test_every_schema_key_has_a_row():
-    assert set(config_keys()) == set(TABLE)
+def test_every_key_declares_its_range_and_resume_rule():
+    """Each leaf field of the schema is a `key(...)`: its range (`ANY` said on purpose) and resume rule are
+    metadata, and the tables others read are those, not a second list."""
+
+    def walk(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.default_factory):
+                yield from walk(f.default_factory, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name, f
+
+    declared = dict(walk(TrainConfig))
+    assert list(declared) == config_keys()
+    assert len(declared) > 100
+    for name, f in declared.items():
+        assert isinstance(rule_of(f), Range), name
+        assert {v for k, v in f.metadata.items() if k.endswith("resumable")} <= {True, False}, name
+    assert set(RESUMABLE_KEYS) < set(declared)
+    # what the resume rule means, by hand: the optimiser's lr may change, the model being trained may not
+    assert {"optim.lr", "data.num_workers", "schedule.epochs", "log.every_steps"} <= set(RESUMABLE_KEYS)
+    assert not {"model.name", "transfer.mode", "data.batch_size", "seed"} & set(RESUMABLE_KEYS)
 
 
-@pytest.mark.parametrize("key,value", [(k, v) for k, v, ok in CASES if ok], ids=str)
+def test_a_key_without_a_range_is_refused():
+    """A field added as a plain default (no `key`), or a `key` naming no range, is a schema error at once."""
+
+    @dataclass
+    class Section:
+        declared: int = key(1, range=ANY)
+        bare: int = 3
+
+    with pytest.raises(TypeError, match="'bare' is declared without its range"):
+        list(leaves(Section))
+    with pytest.raises(TypeError, match="range="):
+        key(3)
+    with pytest.raises(TypeError, match="range="):
+        key("a", range=ANY, choices=("a",))
+
+
+def test_derived_cases_cover_every_key():
+    refused = {name for name, _, ok in DERIVED if not ok}
+    accepted = {name for name, _, ok in DERIVED if ok}
+    assert refused == accepted == set(config_keys())
+    assert ("data.batch_size", "0", False) in DERIVED and ("optim.beta1", "1.0", False) in DERIVED
+    assert ("seed", str(2**32), False) in DERIVED and ("aug.remode", "pixel", True) in DERIVED
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, v, ok in MEANING_CASES if ok], ids=str)
 def test_valid_values_are_accepted(key, value, tmp_path):
     load_config(_config_file(tmp_path, key, value))
     load_config(None, [f"{key}={value}"])
 
 
-def test_invalid_values_are_one_config_error_naming_the_key(tmp_path, monkeypatch, capsys):
-    """One in-process CLI call per bad value, from a YAML file (the CLI's own error path, no start-up)."""
+def test_declared_valid_values_are_accepted():
+    for name, value, ok in DERIVED:
+        if ok:
+            load_config(None, [f"{name}={value}"])
+
+
+def test_invalid_values_are_config_errors_naming_the_key(tmp_path):
+    """Every bad value, hand-written or derived, from a YAML file (where a string key can be given a list): a
+    ConfigError whose message names the key."""
+    bad = [(k, v) for k, v, ok in [*MEANING_CASES, *DERIVED] if not ok]
+    assert len(bad) > 400
+    for name, value in bad:
+        with pytest.raises(ConfigError) as e:
+            load_config(_config_file(tmp_path, name, value))
+        assert name in str(e.value), (name, value, str(e.value))
+
+
+def test_invalid_values_are_one_line_cli_errors(tmp_path, monkeypatch, capsys):
+    """For every key, a bad value from a YAML file through the CLI (its own error path, no start-up): exit
+    code 2, one line naming the key, no traceback, nothing written. One in-process call per key."""
     configs, work = tmp_path / "configs", tmp_path / "work"
     configs.mkdir()
     work.mkdir()
     monkeypatch.chdir(work)
-    bad = [(k, v) for k, v, ok in CASES if not ok]
-    assert len(bad) > 200
-    for key, value in bad:
-        cfg = _config_file(configs, key, value)
+    one_each = {name: value for name, value, ok in reversed([*MEANING_CASES, *DERIVED]) if not ok}
+    assert set(one_each) == set(config_keys())
+    for name, value in one_each.items():
+        cfg = _config_file(configs, name, value)
         code = cli.main(
             ["train", "-c", str(cfg), f"run_dir={work / 'run'}"]
-            if key != "run_dir"
+            if name != "run_dir"
             else ["train", "-c", str(cfg)]
         )
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.strip()]
-        assert code == 2, (key, value, err)
-        assert len(lines) == 1 and lines[0].startswith("attnxfer train: error: "), (key, value, err)
-        assert key in lines[0], (key, value, lines[0])
+        assert code == 2, (name, value, err)
+        assert len(lines) == 1 and lines[0].startswith("attnxfer train: error: "), (name, value, err)
+        assert name in lines[0], (name, value, lines[0])
         assert "Traceback" not in err
-        assert list(work.iterdir()) == [], (key, value)
+        assert list(work.iterdir()) == [], (name, value)
