@@ -8,6 +8,7 @@ loader range-checks it, a resumed run may change it, and the tables other code r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from collections.abc import Callable, Iterator
@@ -109,8 +110,10 @@ def section(cls: type, *, resumable: bool = False) -> Any:
     return dataclasses.field(default_factory=cls, metadata={_SECTION: True, _RESUMABLE: bool(resumable)})
 
 
+@functools.cache
 def field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved annotation (the schema's modules use ``from __future__ import annotations``)."""
+    """Field name -> resolved annotation (the schema's modules use ``from __future__ import annotations``);
+    cached: resolving annotations is the slow part of reading a config. Read-only."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
@@ -122,30 +125,33 @@ def rule_of(f: dataclasses.Field) -> Range:
     except KeyError:
         raise TypeError(
             f"config field {f.name!r} is declared without its range: write "
-            f"{f.name}: TYPE = key(DEFAULT, range=...) (range=ANY if it has none)"
+            f"{f.name}: TYPE = key(DEFAULT, range=...) (range=ANY if it has none; a section: section(CLASS))"
         ) from None
 
 
 @dataclass(frozen=True)
 class Leaf:
-    """One key of the schema: its dotted name, annotation, range and resume rule (its own or its section's)."""
+    """One key of the schema: its dotted name, range and resume rule (its own or its section's)."""
 
     name: str
-    type: Any
     range: Range
     resumable: bool
+    owner: type  # the section dataclass that declares it
+
+    @property
+    def type(self) -> Any:
+        """Its resolved annotation (``int | None``, ``list[str]``, ...)."""
+        return field_types(self.owner)[self.name.rsplit(".", 1)[-1]]
 
 
 def leaves(cls: type, prefix: str = "", resumable: bool = False) -> Iterator[Leaf]:
-    """Every leaf key under ``cls``, dotted, in declaration order."""
-    types = field_types(cls)
+    """Every leaf key under ``cls``, dotted, in declaration order (read from the metadata alone)."""
     for f in dataclasses.fields(cls):
-        tp, name = types[f.name], prefix + f.name
-        may_change = resumable or f.metadata.get(_RESUMABLE, False)
-        if dataclasses.is_dataclass(tp):
-            yield from leaves(tp, name + ".", may_change)
+        name, may_change = prefix + f.name, resumable or f.metadata.get(_RESUMABLE, False)
+        if f.metadata.get(_SECTION):
+            yield from leaves(f.default_factory, name + ".", may_change)
         else:
-            yield Leaf(name, tp, rule_of(f), may_change)
+            yield Leaf(name, rule_of(f), may_change, cls)
 
 
 def ranges(cls: type) -> dict[str, Range]:
