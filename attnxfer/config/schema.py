@@ -60,8 +60,7 @@ class ModelConfig:
     mirror_teacher: bool = key(True, range=ANY)
     # Pooling, applied after mirroring (so mirror_teacher never undoes it): null = the teacher's (or the
     # timm model's); "avg" = MAE's fine-tuning head, mean over patch tokens then fc_norm (timm's
-    # global_pool="avg", fc_norm=True); "token" = class token after the final norm.
-    # timm's; "" = none
+    # global_pool="avg", fc_norm=True); "token" = class token after the final norm; timm's choices, "" = none.
     global_pool: str | None = key(None, choices=("token", "avg", "max", "avgmax", "map", ""))
     # null = timm's rule: a norm after pooling exactly when global_pool is avg/max
     fc_norm: bool | None = key(None, range=ANY)
@@ -70,8 +69,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     # The student's attention: null = softmax (timm's); a registered zoo attention (performer, hedgehog, ...)
     # for every block, or a list with one name per block. A fresh student with it is distilled like any other
-    # (transfer.mode: distill picks the map loss of each student layer's map kind).
-    # a registry of attnxfer.models: checked when the student is built
+    # (transfer.mode: distill picks the map loss of each student layer's map kind). Names are checked against
+    # attnxfer.models' registry when the student is built.
     attention: str | list[str] | None = key(None, range=ANY)
     attention_kwargs: dict[str, Any] = key(factory=dict, range=ANY)  # its options, e.g. {num_features: 64}
     # torch.compile of the student's blocks (as timm's --torchcompile; names and checkpoints unchanged)
@@ -224,7 +223,7 @@ class ConvertConfig:
     ``atd_weight`` for attention distillation; ``mode: none`` without it).
     """
 
-    # a registered zoo attention, or one name per block; a registry of attnxfer.models.efficient
+    # a registered zoo attention (attnxfer.models.efficient's registry), or one name per block
     attention: str | list[str] = key("hedgehog", range=ANY)
     # e.g. {num_features: 128, window_size: 4}
     attention_kwargs: dict[str, Any] = key(factory=dict, range=ANY)
