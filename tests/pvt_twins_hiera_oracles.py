@@ -10,12 +10,12 @@ timm's arithmetic (unrolled mask units, max-pooled queries). Models are drawn wi
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator
 
+import family_oracles
 import torch
 import torch.nn as nn
-from family_oracles import TinyFamily
+from family_oracles import TinyFamily, unfused
 
 #: timm attention classes (by class name) of these families: PVTv2's is called ``Attention``.
 HIER_ATTENTIONS = ("Attention", "LocallyGroupedAttn", "GlobalSubSampleAttn", "MaskUnitAttention")
@@ -88,9 +88,7 @@ def hiera_map(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """While active, every forward of ``model`` (fused attention off) appends ``(layer name, map)`` in call
     order; maps keep their graph."""
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
+    unfused(model)
     out: list[tuple[str, torch.Tensor]] = []
     handles = []
     for name, attn in attention_modules(model):
@@ -116,8 +114,4 @@ def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
 def oracle_maps(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
     """Each attention layer's maps for ``x`` in forward order, from timm's own modules (on a deep copy unless
     ``grad``: then on ``model``, whose parameters the maps' graph reaches)."""
-    clone = model if grad else copy.deepcopy(model)
-    ctx = contextlib.nullcontext() if grad else torch.no_grad()
-    with ctx, recorded_maps(clone) as maps:
-        clone(x)
-    return [m for _, m in maps]
+    return family_oracles.oracle_maps(model, x, grad, record=recorded_maps)
