@@ -115,35 +115,42 @@ def unfused(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """While active, every forward of ``model`` (run unfused) appends ``(layer name, softmax map)`` in call
-    order; maps keep their graph. SAM's maps come as (B·windows·H, n, n) and are reshaped to
-    (B·windows, H, n, n); talking-heads maps are the softmax before the post-softmax mixing."""
+def recording(
+    model: nn.Module, attentions: list[tuple[str, nn.Module]], hook: Callable
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """While active, ``model`` runs unfused and ``hook(name, attn, out)`` is in force for each of its
+    ``attentions``: it registers (and returns the handle of) a hook that appends ``(name, map)`` to ``out``
+    on every forward, in call order. The hooks come off on exit."""
     unfused(model)
     out: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    for name, attn in attention_modules(model):
-        heads = attn.num_heads
-        if type(attn).__name__ == "TalkingHeadAttn":
-
-            def pre(mod, args, name=name):
-                out.append((name, args[0].permute(0, 3, 1, 2)))
-
-            handles.append(attn.proj_w.register_forward_pre_hook(pre))
-        else:
-
-            def post(mod, args, result, name=name, heads=heads):
-                p = result
-                if p.dim() == 3:  # SAM: heads folded into the batch
-                    p = p.reshape(-1, heads, *p.shape[-2:])
-                out.append((name, p))
-
-            handles.append(attn.attn_drop.register_forward_hook(post))
+    handles = [hook(name, attn, out) for name, attn in attentions]
     try:
         yield out
     finally:
         for h in handles:
             h.remove()
+
+
+def _flat_hook(name: str, attn: nn.Module, out: list):
+    if type(attn).__name__ == "TalkingHeadAttn":  # the softmax before the post-softmax head mixing
+        return attn.proj_w.register_forward_pre_hook(
+            lambda mod, args: out.append((name, args[0].permute(0, 3, 1, 2)))
+        )
+
+    def post(mod, args, result, heads=attn.num_heads):
+        p = result
+        if p.dim() == 3:  # SAM: heads folded into the batch
+            p = p.reshape(-1, heads, *p.shape[-2:])
+        out.append((name, p))
+
+    return attn.attn_drop.register_forward_hook(post)
+
+
+def recorded_maps(model: nn.Module) -> contextlib.AbstractContextManager[list[tuple[str, torch.Tensor]]]:
+    """While active, every forward of ``model`` (run unfused) appends ``(layer name, softmax map)`` in call
+    order; maps keep their graph. SAM's maps come as (B·windows·H, n, n) and are reshaped to
+    (B·windows, H, n, n); talking-heads maps are the softmax before the post-softmax mixing."""
+    return recording(model, attention_modules(model), _flat_hook)
 
 
 def oracle_maps(
