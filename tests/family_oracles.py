@@ -5,18 +5,22 @@ each attention layer's softmax output with a forward hook — on ``attn_drop`` (
 `timm.utils.AttentionExtract` hooks), or, for CaiT's talking heads, on the input of ``proj_w`` (the
 softmax output before the post-softmax head mixing). Models are drawn with peaked attention (q/k rows
 and position tables at std 0.2-0.5, as trained ViTs have, instead of timm's near-uniform init).
+`assert_distill_matches_oracle` holds attnxfer's distillation (CE terms and gradients) against any family's
+oracle maps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import timm
 import torch
 import torch.nn as nn
+
+from attnxfer.transfer import DualViT
 
 #: timm attention classes (by class name) whose softmax output the oracle records.
 ORACLE_ATTENTIONS = (
@@ -103,37 +107,23 @@ def sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _unfused(model: nn.Module) -> None:
+def unfused(model: nn.Module) -> None:
+    """Fused attention off everywhere in ``model``: timm then computes ``softmax → attn_drop`` explicitly."""
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = False
 
 
 @contextlib.contextmanager
-def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """While active, every forward of ``model`` (run unfused) appends ``(layer name, softmax map)`` in call
-    order; maps keep their graph. SAM's maps come as (B·windows·H, n, n) and are reshaped to
-    (B·windows, H, n, n); talking-heads maps are the softmax before the post-softmax mixing."""
-    _unfused(model)
+def recording(
+    model: nn.Module, attentions: list[tuple[str, nn.Module]], hook: Callable
+) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """While active, ``model`` runs unfused and ``hook(name, attn, out)`` is in force for each of its
+    ``attentions``: it registers (and returns the handle of) a hook that appends ``(name, map)`` to ``out``
+    on every forward, in call order. The hooks come off on exit."""
+    unfused(model)
     out: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    for name, attn in attention_modules(model):
-        heads = attn.num_heads
-        if type(attn).__name__ == "TalkingHeadAttn":
-
-            def pre(mod, args, name=name):
-                out.append((name, args[0].permute(0, 3, 1, 2)))
-
-            handles.append(attn.proj_w.register_forward_pre_hook(pre))
-        else:
-
-            def post(mod, args, result, name=name, heads=heads):
-                p = result
-                if p.dim() == 3:  # SAM: heads folded into the batch
-                    p = p.reshape(-1, heads, *p.shape[-2:])
-                out.append((name, p))
-
-            handles.append(attn.attn_drop.register_forward_hook(post))
+    handles = [hook(name, attn, out) for name, attn in attentions]
     try:
         yield out
     finally:
@@ -141,13 +131,37 @@ def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
             h.remove()
 
 
-def oracle_maps(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
+def _flat_hook(name: str, attn: nn.Module, out: list):
+    if type(attn).__name__ == "TalkingHeadAttn":  # the softmax before the post-softmax head mixing
+        return attn.proj_w.register_forward_pre_hook(
+            lambda mod, args: out.append((name, args[0].permute(0, 3, 1, 2)))
+        )
+
+    def post(mod, args, result, heads=attn.num_heads):
+        p = result
+        if p.dim() == 3:  # SAM: heads folded into the batch
+            p = p.reshape(-1, heads, *p.shape[-2:])
+        out.append((name, p))
+
+    return attn.attn_drop.register_forward_hook(post)
+
+
+def recorded_maps(model: nn.Module) -> contextlib.AbstractContextManager[list[tuple[str, torch.Tensor]]]:
+    """While active, every forward of ``model`` (run unfused) appends ``(layer name, softmax map)`` in call
+    order; maps keep their graph. SAM's maps come as (B·windows·H, n, n) and are reshaped to
+    (B·windows, H, n, n); talking-heads maps are the softmax before the post-softmax mixing."""
+    return recording(model, attention_modules(model), _flat_hook)
+
+
+def oracle_maps(
+    model: nn.Module, x: torch.Tensor, grad: bool = False, record: Callable = recorded_maps
+) -> list[torch.Tensor]:
     """Each attention layer's softmax maps for images ``x``, in forward order, from timm's own modules
     (run on a deep copy, so ``model`` itself is untouched, except with ``grad``: then on ``model``, whose
-    parameters the maps' graph reaches)."""
+    parameters the maps' graph reaches). ``record`` is the family's `recorded_maps`."""
     clone = model if grad else copy.deepcopy(model)
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
-    with ctx, recorded_maps(clone) as maps:
+    with ctx, record(clone) as maps:
         clone(x)
     return [m for _, m in maps]
 
@@ -155,6 +169,49 @@ def oracle_maps(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[t
 def map_ce(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
     """The paper's per-layer CE from explicit maps: mean over (batch, head, query) of -Σ_j P_t log P_s."""
     return -(p_t.double() * p_s.double().log()).sum(-1).mean()
+
+
+def assert_distill_matches_oracle(
+    teacher: nn.Module,
+    student: nn.Module,
+    x: torch.Tensor,
+    oracle: Callable[..., list[torch.Tensor]],
+    *,
+    ce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = map_ce,
+    rel: float = 1e-5,
+    float64_reference: bool = False,
+) -> tuple[int, set[str]]:
+    """One distillation step of (copies of) ``student`` from ``teacher`` on ``x`` through `DualViT`, held
+    against the materialised loss: one CE term per layer the oracle records, each equal to ``ce`` of the
+    oracle's teacher and student maps, and every student gradient equal to that summed loss's (``oracle``
+    run with ``grad`` on a copy of the student, in float64 with ``float64_reference``) within ``rel`` × the
+    largest gradient. Gradients that are zero in exact arithmetic (a k bias, talking heads' pre-softmax
+    bias: row constants of the logits) are float noise on the oracle's side, hence the absolute tolerance.
+    Returns (layers, names of the parameters whose gradient was large enough to compare)."""
+    ref_student = copy.deepcopy(student)
+    if float64_reference:
+        ref_student = ref_student.double()
+    ref_student.train()
+    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()
+    out = dual(x)
+    t_maps = oracle(teacher, x)
+    s_maps = oracle(ref_student, x, grad=True)
+    assert set(out.terms) == {f"attn_ce/{i}" for i in range(len(t_maps))}
+    ref_terms = [ce(t, s) for t, s in zip(t_maps, s_maps)]
+    for i, ref in enumerate(ref_terms):
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
+    torch.stack(ref_terms).sum().backward()
+    grads = {n: p.grad for n, p in ref_student.named_parameters()}
+    tol = rel * max(g.abs().max().item() for g in grads.values() if g is not None)
+    compared = set()
+    for n, p in dual.student.named_parameters():
+        ref = grads[n] if grads[n] is not None else torch.zeros_like(p)
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=0, atol=tol, msg=n)
+        if ref.abs().max() > 100 * tol:
+            compared.add(n)
+    return len(t_maps), compared
 
 
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

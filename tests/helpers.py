@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
+import os
+import sys
 import traceback
+from pathlib import Path
 
 import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.transfer import DualViT, build_plan
 
@@ -88,6 +93,31 @@ def assert_same_distill_step(got, want, layers: int = 2) -> None:
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -- the CLI in a forked child (signals from outside, by process id) ---------------------------------------
+
+
+def _cli_child(argv: list[str], log: str) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
+    torch.set_num_threads(1)
+    code = 1
+    try:
+        code = cli.main(argv)
+    finally:
+        os._exit(code)
+
+
+def fork_cli(argv: list[str], log: Path) -> multiprocessing.Process:
+    """A forked child running the CLI's own `main` on ``argv`` (no interpreter start-up: it shares the
+    parent's imports), one torch thread, its stdout and stderr appended to ``log``; its exit code is
+    main's. Started; the caller joins or signals it."""
+    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(list(argv), str(log)))
+    proc.start()
+    return proc
 
 
 # -- host reads (issue 14: none on unlogged training steps) ----------------------------------------------

@@ -10,12 +10,11 @@ timm's arithmetic (unrolled mask units, max-pooled queries). Models are drawn wi
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Iterator
 
+import family_oracles
 import torch
 import torch.nn as nn
-from family_oracles import TinyFamily
+from family_oracles import TinyFamily, recording
 
 #: timm attention classes (by class name) of these families: PVTv2's is called ``Attention``.
 HIER_ATTENTIONS = ("Attention", "LocallyGroupedAttn", "GlobalSubSampleAttn", "MaskUnitAttention")
@@ -84,40 +83,23 @@ def hiera_map(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return p.permute(0, 2, 1, 3, 4).reshape(B * units, H, *p.shape[-2:])
 
 
-@contextlib.contextmanager
-def recorded_maps(model: nn.Module) -> Iterator[list[tuple[str, torch.Tensor]]]:
+def _hier_hook(name: str, attn: nn.Module, out: list):
+    if type(attn).__name__ == "MaskUnitAttention":
+        return attn.register_forward_pre_hook(lambda mod, args: out.append((name, hiera_map(mod, args[0]))))
+
+    def post(mod, args, result, heads=attn.num_heads):
+        out.append((name, result.reshape(-1, heads, *result.shape[-2:])))
+
+    return attn.attn_drop.register_forward_hook(post)
+
+
+def recorded_maps(model: nn.Module) -> contextlib.AbstractContextManager[list[tuple[str, torch.Tensor]]]:
     """While active, every forward of ``model`` (fused attention off) appends ``(layer name, map)`` in call
     order; maps keep their graph."""
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False
-    out: list[tuple[str, torch.Tensor]] = []
-    handles = []
-    for name, attn in attention_modules(model):
-        if type(attn).__name__ == "MaskUnitAttention":
-
-            def pre(mod, args, name=name):
-                out.append((name, hiera_map(mod, args[0])))
-
-            handles.append(attn.register_forward_pre_hook(pre))
-        else:
-
-            def post(mod, args, result, name=name, heads=attn.num_heads):
-                out.append((name, result.reshape(-1, heads, *result.shape[-2:])))
-
-            handles.append(attn.attn_drop.register_forward_hook(post))
-    try:
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
+    return recording(model, attention_modules(model), _hier_hook)
 
 
 def oracle_maps(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
     """Each attention layer's maps for ``x`` in forward order, from timm's own modules (on a deep copy unless
     ``grad``: then on ``model``, whose parameters the maps' graph reaches)."""
-    clone = model if grad else copy.deepcopy(model)
-    ctx = contextlib.nullcontext() if grad else torch.no_grad()
-    with ctx, recorded_maps(clone) as maps:
-        clone(x)
-    return [m for _, m in maps]
+    return family_oracles.oracle_maps(model, x, grad, record=recorded_maps)

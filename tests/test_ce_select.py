@@ -21,9 +21,15 @@ from attnxfer.transfer.losses import CEPath, materialised_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _tiny_pair():
+    """A fresh tiny teacher and student (2 blocks, 17 tokens, 3 heads of 16): a plan may freeze the
+    student's projections, so tests that build their own plans do not share them with `dual`."""
+    return tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+
+
 @pytest.fixture(scope="module")
 def dual():
-    teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+    teacher, student = _tiny_pair()
     return DualViT(teacher, student, build_plan(teacher, student, "distill"))
 
 
@@ -82,7 +88,7 @@ def test_materialised_bytes_counts_the_maps_autograd_keeps():
 
 
 def test_a_plan_without_softmax_map_distillation_has_no_ce_path():
-    teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+    teacher, student = _tiny_pair()
     for mode in ("copy", "distill_q", "none"):
         assert layer_shapes(DualViT(teacher, student, build_plan(teacher, student, mode)), 2) is None
 

@@ -14,16 +14,14 @@ import multiprocessing
 import os
 import random
 import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import fork_cli
 from safetensors.torch import load_file
-
-from attnxfer.launch import cli
 
 TRIALS = 8
 
@@ -43,23 +41,8 @@ ARGS = [
 ]
 
 
-def _child(run_dir: str, log: str) -> None:
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115 (pytest replaced both)
-    torch.set_num_threads(1)
-    code = 1
-    try:
-        code = cli.main(["train", f"run_dir={run_dir}", *ARGS])
-    finally:
-        os._exit(code)
-
-
 def _start(run_dir: Path, log: Path) -> multiprocessing.Process:
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(str(run_dir), str(log)))
-    proc.start()
-    return proc
+    return fork_cli(["train", f"run_dir={run_dir}", *ARGS], log)
 
 
 def _final(run_dir: Path) -> dict[str, torch.Tensor]:

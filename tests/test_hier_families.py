@@ -17,7 +17,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from family_oracles import logits_of
+from family_oracles import assert_distill_matches_oracle, logits_of
 from safetensors.torch import load_file
 from test_export import card
 
@@ -175,28 +175,12 @@ def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
     bias, continuous position bias, τ, the shift mask, padded windows), and the student's gradients (its
     tables, cpb_mlp, logit scales included) = those of that materialised loss."""
     teacher, student, x = _pair(name)
-    ref_student = copy.deepcopy(student).double().train()
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()
-    out = dual(x)
-    t_maps = oracle_maps(teacher, x)
-    s_maps = oracle_maps(ref_student, x, grad=True)
-    assert set(out.terms) == {f"attn_ce/{i}" for i in range(4)}
-    ref_terms = [map_ce(t, s) for t, s in zip(t_maps, s_maps)]
-    for i, ref in enumerate(ref_terms):
-        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), ref.detach(), rtol=1e-5, atol=1e-6)
-    out.loss.backward()
-    torch.stack(ref_terms).sum().backward()
-    grads = dict(ref_student.named_parameters())
     # fp32 vs the float64 oracle, relative to the largest gradient; τ = 100 amplifies fp32 rounding 3x more
     rel = 1e-5 if name in ("swin", "swin_padded") else 3e-5
-    tol = rel * max(p.grad.abs().max().item() for p in grads.values() if p.grad is not None)
-    compared = set()
-    for n, p in dual.student.named_parameters():
-        ref = grads[n].grad if grads[n].grad is not None else torch.zeros_like(p)
-        got = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.testing.assert_close(got, ref.to(got.dtype), rtol=0, atol=tol, msg=n)
-        if ref.abs().max() > 100 * tol:
-            compared.add(n)
+    layers, compared = assert_distill_matches_oracle(
+        teacher, student, x, oracle_maps, ce=map_ce, rel=rel, float64_reference=True
+    )
+    assert layers == 4
     position_and_scale = {  # the logits' own parameters take gradients too
         "swinv2": ("attn.logit_scale", "attn.cpb_mlp.0.weight"),
         "swinv2_cr": ("attn.logit_scale", "attn.meta_mlp.fc1.weight"),

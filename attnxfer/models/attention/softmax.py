@@ -64,16 +64,21 @@ class SoftmaxCore(TransferableAttention):
             k,
             v,
             attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
+            dropout_p=self.attention_dropout(),
             is_causal=is_causal,
             scale=self.logit_scale(q),
         )
+
+    def attention_dropout(self) -> float:
+        """The dropout probability on the map now: timm's ``attn_drop`` in training, else 0 (a layer
+        without attention dropout, such as Hiera's, overrides this with 0)."""
+        return self.attn_drop.p if self.training else 0.0
 
     def attend_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``attend`` plus the rows' log-sum-exp of its logits, both differentiable (`attention_with_lse`)."""
-        return attention_with_lse(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return attention_with_lse(q, k, v, dropout_p=self.attention_dropout())
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """Per (batch, head): q / sqrt(d) (N d), q k^T, the row softmax (max and exp as ``other``, the

@@ -3,7 +3,8 @@
 timm keeps q/k/v in two layouts: a fused ``qkv`` linear (its bias either its own, or the separate
 ``q_bias`` / zero ``k_bias`` buffer / ``v_bias`` of BEiT and EVA), or three ``q_proj`` / ``k_proj`` /
 ``v_proj`` linears (k and v may have fewer heads: grouped-query attention). These helpers compute heads
-exactly as timm does and freeze chunks (copied layers) without renaming anything.
+exactly as timm does and freeze chunks (copied layers) without renaming anything; `FusedQKVDims` gives the
+head sizes of the timm classes that keep only a fused ``qkv`` (and ``num_heads``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,24 @@ from timm.layers import apply_rot_embed_cat
 
 from ..interface import QKV, PartialQKV
 
-__all__ = ["apply_rope", "freeze_chunks", "project_heads"]
+__all__ = ["FusedQKVDims", "apply_rope", "freeze_chunks", "project_heads"]
+
+
+class FusedQKVDims:
+    """``head_dim`` and ``attn_dim`` read off a fused ``qkv`` linear (3·H·d outputs), for the timm attentions
+    that keep neither (BEiT, Swin, Swin V2, CaiT's talking heads): the sizes the interface reshapes by. For
+    talking heads, d is one head's size, not the H·d its mixed q' and k' have (`project` builds those)."""
+
+    qkv: nn.Module
+    num_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // 3 // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.qkv.out_features // 3
 
 
 def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,7 +8,6 @@ The same logits as ``EvaAttention`` (q/k norms, then rope on the patch tokens), 
 
 from __future__ import annotations
 
-import torch
 from timm.layers import AttentionRope
 
 from ..adapters import register_adapter
@@ -23,14 +22,4 @@ class TransferAttentionRope(RopeProjection, AttentionRope):
     """``AttentionRope`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        if self.io is None:
-            return AttentionRope.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        return self.transfer_forward(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
+    timm_class = AttentionRope

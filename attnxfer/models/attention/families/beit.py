@@ -17,25 +17,17 @@ from timm.models.beit import Attention as BeitAttention
 from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
 __all__ = ["TransferBeitAttention"]
 
 
 @register_adapter(BeitAttention)
-class TransferBeitAttention(SoftmaxCore, BeitAttention):
+class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
     """BEiT's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX
     has_logit_bias = True
-
-    @property
-    def head_dim(self) -> int:
-        return self.qkv.out_features // 3 // self.num_heads
-
-    @property
-    def attn_dim(self) -> int:
-        return self.qkv.out_features // 3
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.io is None:

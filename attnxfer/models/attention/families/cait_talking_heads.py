@@ -25,24 +25,16 @@ from timm.models.cait import TalkingHeadAttn
 
 from ..adapters import register_adapter
 from ..softmax import SOFTMAX, SoftmaxCore, sdpa
-from ._projections import freeze_chunks, project_heads
+from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
 __all__ = ["TransferTalkingHeadAttn"]
 
 
 @register_adapter(TalkingHeadAttn)
-class TransferTalkingHeadAttn(SoftmaxCore, TalkingHeadAttn):
+class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):
     """``TalkingHeadAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
-
-    @property
-    def head_dim(self) -> int:
-        return self.qkv.out_features // 3 // self.num_heads
-
-    @property
-    def attn_dim(self) -> int:
-        return self.qkv.out_features // 3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.io is None:
@@ -81,7 +73,7 @@ class TransferTalkingHeadAttn(SoftmaxCore, TalkingHeadAttn):
             k,
             every_v,
             attn_mask=attn_mask,
-            dropout_p=self.attn_drop.p if self.training else 0.0,
+            dropout_p=self.attention_dropout(),
             is_causal=is_causal,
             scale=self.logit_scale(q),
         )  # (B, G, N, H·d): P'_g v_h for every (g, h)

@@ -11,8 +11,10 @@ After the core: ``norm`` (scale_norm), an optional sigmoid ``gate`` on the input
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
+import torch.nn as nn
 from timm.models.eva import EvaAttention
 
 from ..adapters import register_adapter
@@ -24,7 +26,22 @@ __all__ = ["RopeProjection", "TransferEvaAttention"]
 
 class RopeProjection(SoftmaxCore):
     """q/k/v of timm's rope attentions (``EvaAttention``, ``AttentionRope``): timm's projections, q/k
-    norms, rope on the patch tokens, k/v heads repeated for grouped-query attention."""
+    norms, rope on the patch tokens, k/v heads repeated for grouped-query attention; their shared call
+    (``rope`` per call, masks as timm's), which is ``timm_class``'s own forward without an `AttentionIO`."""
+
+    #: The timm class the adapter subclasses (whose forward runs without an `AttentionIO`).
+    timm_class: ClassVar[type[nn.Module]]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        if self.io is None:
+            return self.timm_class.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
+        return self.transfer_forward(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
 
     def project(
         self, x: torch.Tensor, which: str = "qkv", rope: torch.Tensor | None = None
@@ -50,18 +67,8 @@ class TransferEvaAttention(RopeProjection, EvaAttention):
     """``EvaAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class, loads in plain timm
+    timm_class = EvaAttention
 
     @property
     def attn_dim(self) -> int:
         return self.num_heads * self.head_dim
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        if self.io is None:
-            return EvaAttention.forward(self, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
-        return self.transfer_forward(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)

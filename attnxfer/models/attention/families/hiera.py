@@ -20,7 +20,7 @@ import torch.nn as nn
 from timm.models.hiera import MaskUnitAttention
 
 from ..adapters import register_adapter
-from ..softmax import SOFTMAX, SoftmaxCore, attention_with_lse, sdpa
+from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
 __all__ = ["TransferMaskUnitAttention"]
@@ -69,21 +69,8 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
             out["q"] = q.view(*q.shape[:2], self.q_stride, -1, q.shape[-1]).amax(dim=2)
         return out
 
-    def attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
-        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.logit_scale(q))
-
-    def attend_with_lse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_with_lse(q, k, v)
+    def attention_dropout(self) -> float:
+        return 0.0  # MaskUnitAttention has no attention dropout: SoftmaxCore's attend applies as it is
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         Bu, H, n_q, d = out.shape

@@ -23,9 +23,9 @@ from timm.models.swin_transformer import WindowAttention
 
 from ..adapters import register_adapter
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
-__all__ = ["TransferSwinAttention", "swin_partition", "with_window_mask"]
+__all__ = ["SwinWindowParts", "TransferSwinAttention", "swin_partition", "with_window_mask"]
 
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
@@ -47,21 +47,38 @@ def swin_partition(block: nn.Module) -> dict[str, Any]:
     }
 
 
+class SwinWindowParts(FusedQKVDims):
+    """What Swin's window attentions (Swin, Swin V2, Swin V2-CR) share around their logits: sizes from the
+    fused ``qkv``, the layer's position bias plus the block's shifted-window mask as the logit bias, the
+    block's windows as the token partition, heads merged into ``proj`` (no norm, no gate), frozen chunks.
+    Subclasses give ``_position_bias``."""
+
+    def _position_bias(self) -> torch.Tensor:
+        """The layer's (1, H, N, N) position bias."""
+        raise NotImplementedError
+
+    def logit_bias(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(1, H, N, N) position bias; (B·nW, H, N, N) with the block's shifted-window mask added."""
+        return with_window_mask(self._position_bias(), mask, q.shape[0])
+
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
+        return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        freeze_chunks(self, chunks)
+
+
 @register_adapter(WindowAttention)
-class TransferSwinAttention(SoftmaxCore, WindowAttention):
+class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
     """Swin's ``WindowAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is
     timm's. Takes and returns timm's (B·nW, N, C) windows."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
-
-    @property
-    def head_dim(self) -> int:
-        return self.qkv.out_features // 3 // self.num_heads
-
-    @property
-    def attn_dim(self) -> int:
-        return self.qkv.out_features // 3
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.io is None:
@@ -73,16 +90,6 @@ class TransferSwinAttention(SoftmaxCore, WindowAttention):
     ) -> dict[str, torch.Tensor]:
         return project_heads(self, x, which, self.head_dim)
 
-    def logit_bias(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, H, N, N) relative-position bias; (B·nW, H, N, N) with the shifted-window mask added."""
-        return with_window_mask(self._get_rel_pos_bias(), mask, q.shape[0])
-
-    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
-        return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
-
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
-
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    def _position_bias(self) -> torch.Tensor:
+        """(1, H, N, N): the relative-position table gathered by timm."""
+        return self._get_rel_pos_bias()

@@ -17,8 +17,6 @@ the parameter keeps timm's name in ``state_dict``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,8 +25,8 @@ from timm.models.swin_transformer_v2 import WindowAttention
 
 from ..adapters import register_adapter
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
-from .swin import swin_partition, with_window_mask
+from ._projections import project_heads
+from .swin import SwinWindowParts
 
 __all__ = ["CosineWindowCore", "TransferSwinV2Attention"]
 
@@ -36,21 +34,13 @@ __all__ = ["CosineWindowCore", "TransferSwinV2Attention"]
 _MAX_LOG_SCALE = math.log(1.0 / 0.01)
 
 
-class CosineWindowCore(SoftmaxCore):
+class CosineWindowCore(SwinWindowParts, SoftmaxCore):
     """Cosine window attention with a per-head learned τ (timm's ``logit_scale`` parameter, log-space,
     clamped at log 100), shared by Swin V2 and Swin V2-CR: τ is folded into q (``project``), the logit scale
     is 1. Subclasses give ``_position_bias``."""
 
     attention_name = SOFTMAX
     has_logit_bias = True
-
-    @property
-    def head_dim(self) -> int:
-        return self.qkv.out_features // 3 // self.num_heads
-
-    @property
-    def attn_dim(self) -> int:
-        return self.qkv.out_features // 3
 
     def head_scales(self) -> torch.Tensor:
         """τ per head, (H, 1, 1): exp of timm's ``logit_scale`` parameter clamped at log 100."""
@@ -77,14 +67,6 @@ class CosineWindowCore(SoftmaxCore):
         attn = self.attn_drop(attn.softmax(dim=-1))
         return self.proj_drop(self.proj((attn @ qkv["v"]).transpose(1, 2).reshape(B_, N, -1)))
 
-    def _position_bias(self) -> torch.Tensor:
-        """The layer's (1, H, N, N) position bias."""
-        raise NotImplementedError
-
-    def logit_bias(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, H, N, N) position bias; (B·nW, H, N, N) with the block's shifted-window mask added."""
-        return with_window_mask(self._position_bias(), mask, q.shape[0])
-
     def project(
         self, x: torch.Tensor, which: str = "qkv", mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -95,16 +77,6 @@ class CosineWindowCore(SoftmaxCore):
         if "k" in out:
             out["k"] = F.normalize(out["k"], dim=-1)
         return out
-
-    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
-        return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
-
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
-
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
 
 
 @register_adapter(WindowAttention)
