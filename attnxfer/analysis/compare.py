@@ -149,9 +149,10 @@ class Inspection:
 # ------------------------------------------------------------------------------------------- models
 def _stem(model: nn.Module) -> nn.Module | None:
     """The module that cuts images into patch tokens: the first ``patch_embed`` (most families; under
-    ``encoder`` in VLM encoders) or ``embeds`` (NaFlexViT)."""
+    ``encoder`` in VLM encoders), ``embeds`` (NaFlexViT) or the first of ``patch_embeds`` (Twins: one per
+    stage)."""
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("patch_embed", "embeds"):
+        if name.rsplit(".", 1)[-1] in ("patch_embed", "embeds") or name.endswith("patch_embeds.0"):
             return module
     return None
 
