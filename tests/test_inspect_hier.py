@@ -17,6 +17,7 @@ import test_hier_families as swin
 import torch
 from PIL import Image
 from test_export import card
+from test_inspect_families import _build as build_flat
 from timm.models.swin_transformer import window_partition
 
 from attnxfer.analysis import compare_attention, layer_qk
@@ -24,6 +25,7 @@ from attnxfer.analysis.positions import query_maps, query_points, row_positions
 from attnxfer.apps.inspect import LoadedModel, write_report
 from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
+from attnxfer.models.attention.bias_rows import BiasRows
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # hundreds of tiny ops: one thread is faster
 
@@ -210,3 +212,19 @@ def test_report_pictures_per_stage_of_reduced_and_pooled_layouts(family, tmp_pat
     for name in queries:
         with Image.open(tmp_path / name) as img:
             img.verify()
+
+
+def test_a_gathered_bias_is_taken_a_row_chunk_at_a_time(monkeypatch):
+    """BEiT's relative-position bias is gathered from its table per chunk of query rows (`BiasRows`):
+    inspect's maps equal the maps with the whole bias, and the walk never asks for more rows than a chunk."""
+    teacher, student = build_flat("beit", 0), build_flat("beit", 1)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sig = layer_qk(teacher, x)[0]
+    assert isinstance(sig.bias, BiasRows)
+    whole = ((sig.q @ sig.k.transpose(-2, -1)) * sig.q.shape[-1] ** -0.5 + sig.bias.full()).softmax(-1)
+    torch.testing.assert_close(sig.map_rows(slice(3, 9)), whole[:, :, 3:9])
+    asked = []
+    rows = BiasRows.rows
+    monkeypatch.setattr(BiasRows, "rows", lambda self, r: asked.append(r.stop - r.start) or rows(self, r))
+    compare_attention(teacher, {"s": student}, [x], chunk=4)
+    assert asked and max(asked) <= 4
