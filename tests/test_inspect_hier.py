@@ -228,3 +228,37 @@ def test_a_gathered_bias_is_taken_a_row_chunk_at_a_time(monkeypatch):
     monkeypatch.setattr(BiasRows, "rows", lambda self, r: asked.append(r.stop - r.start) or rows(self, r))
     compare_attention(teacher, {"s": student}, [x], chunk=4)
     assert asked and max(asked) <= 4
+
+
+def _centres(cells: torch.Tensor, grid, image: int) -> torch.Tensor:
+    pitch = (image / grid[0], image / grid[1])
+    return torch.stack([(cells // grid[1] + 0.5) * pitch[0], (cells % grid[1] + 0.5) * pitch[1]], -1).double()
+
+
+@pytest.mark.parametrize("family", ["swin_padded", "pvt_v2"])
+def test_attention_distance_of_windowed_and_reduced_layers(family):
+    """Mean attention distance (px) of a layer whose rows are windows (Swin: shifted, padded; padding keys
+    and padding queries left out) or whose keys are a reduced grid (PVTv2: key cells 2x as wide): Σ_j a_ij
+    d_ij over timm's own maps, each row and key at the cell timm's ``window_partition`` (or the sr conv's
+    stride) puts it."""
+    teacher, student = _models(family, 0), _models(family, 1)
+    x = _images(family)
+    size = x.shape[-1]
+    q_all = _oracle(family, student, x)
+    insp = compare_attention(teacher, {"s": student}, [x], chunk=5)
+    if family == "swin_padded":
+        blocks = [blk for stage in student.layers for blk in stage.blocks]
+        cells = [(_swin_cells(b), _swin_cells(b), tuple(b.input_resolution)) for b in blocks]
+        layouts = [(c, c, g, g) for c, _, g in cells]
+    else:
+        grids = [((8, 8), (4, 4)), ((4, 4), (2, 2)), ((2, 2), (2, 2))]  # sr 2, 2, 1
+        layouts = [(torch.arange(g[0] * g[1])[None], torch.arange(k[0] * k[1])[None], g, k) for g, k in grids]
+    for r, q, (qc, kc, qg, kg) in zip(insp.students["s"], q_all, layouts):
+        d = torch.cdist(_centres(qc, qg, size), _centres(kc, kg, size))  # (W, N_q, N_k)
+        a = q.reshape(x.shape[0], qc.shape[0], *q.shape[1:])  # (B, W, H, N_q, N_k)
+        a = a * (kc >= 0)[None, :, None, None, :]
+        a = a / a.sum(-1, keepdim=True)
+        per_row = (a * d[None, :, None]).sum(-1)  # (B, W, H, N_q)
+        rows = (qc >= 0)[None, :, None, :].expand_as(per_row)
+        want = [per_row[:, :, h][rows[:, :, h]].mean().item() for h in range(q.shape[1])]
+        assert r.metrics["distance"] == pytest.approx(want, rel=1e-4)

@@ -55,6 +55,7 @@ from .metrics import (
     spearman_rows,
     topk_overlap,
 )
+from .positions import cell_distances, row_positions
 
 __all__ = [
     "PAIR_METRICS",
@@ -502,8 +503,17 @@ class _Layout:
     """One layer's rows: which are class-token, patch and probe rows, and the patch distances in pixels
     (where its geometry has a grid)."""
 
-    def __init__(self, geometry: LayerGeometry, queries: int, probe_rows: int, device) -> None:
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        queries: int,
+        probe_rows: int,
+        device,
+        cells: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.geometry = geometry
+        #: a windowed or reduced layer's per-window distances and image keys (`cell_distances`), or None
+        self.cells = None if cells is None else tuple(t.to(device) for t in cells)
         self.prefix = geometry.query_prefix
         self.key_prefix = geometry.prefix
         self.distances = (
@@ -559,7 +569,12 @@ def _side(sums: _Sums, p: torch.Tensor, rows: slice, lay: _Layout) -> torch.Tens
     """Add one model's row entropy and attention distance to ``sums``; returns the row entropies."""
     h = row_entropy(p)
     sums.add("entropy", h)
-    if lay.distances is not None:
+    if lay.cells is not None:  # rows of windows (or reduced keys): each row's and key's cell on the image
+        d, image_keys = lay.cells
+        b = p.shape[0] // d.shape[0]
+        dist = d[:, rows].repeat(b, 1, 1)[:, None]
+        sums.add("distance", attention_distance(p * image_keys.repeat(b, 1)[:, None, None], dist))
+    elif lay.distances is not None:
         local, dist_rows = lay.patch_part(rows)
         if local.stop > local.start:
             sums.add(
@@ -710,6 +725,7 @@ def compare_attention(
     device = next(teacher.parameters()).device
     images = floor_seen = 0
     t_layout: dict[str, Any] | None = None
+    t_pos: list = []
     bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
     try:
         for x in batches:
@@ -718,6 +734,7 @@ def compare_attention(
                 continue
             if t_layout is None:
                 t_layout = token_layout(teacher, x.shape[-2:])
+                t_pos = row_positions(teacher, x[:1])  # where windowed and reduced rows sit (distance)
                 for name, s in subjects.items():
                     _check_pair(name, token_layout(s.model, x.shape[-2:]), t_layout)
             n_floor = (
@@ -735,7 +752,13 @@ def compare_attention(
                     _check_layer(n, i, s_sig[n][i], j, t_sig[j])
                 if acc.geometry is None:
                     acc.geometry = layer_geometry(t_sig[j], x.shape[0], t_layout)
-                lay = _Layout(acc.geometry, t_sig[j].q.shape[-2], probe_rows, device)
+                pos = t_pos[j]
+                cells = (
+                    cell_distances(pos, tuple(x.shape[-2:]))
+                    if pos is not None and acc.geometry.kind != "global" and pos.matches(t_sig[j], x.shape[0])
+                    else None
+                )
+                lay = _Layout(acc.geometry, t_sig[j].q.shape[-2], probe_rows, device, cells)
                 acc.probe_rows = int(lay.probe.numel())
                 work = _LayerWork(
                     t_sig[j],

@@ -18,16 +18,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.attention import attention_blocks, attention_layers
-from .compare import LayerSignals
 
-__all__ = ["RowPositions", "query_maps", "query_points", "register_rows", "row_positions"]
+if TYPE_CHECKING:  # compare.py reads positions for attention distance; it is typed here only
+    from .compare import LayerSignals
+
+__all__ = ["RowPositions", "cell_distances", "query_maps", "query_points", "register_rows", "row_positions"]
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,16 @@ def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None
     of it is run through the model's own forward to read each call's token count and grid); None for a
     layer whose partition has no registered placement (flat layers: their rows are the image's tokens)."""
     layers = attention_layers(model)
+    blocks = attention_blocks(model)
+    parts = [
+        a.token_partition(b) if hasattr(a, "token_partition") else {} for (_, a), b in zip(layers, blocks)
+    ]
+    placements = []
+    for part in parts:
+        fits = [(len(keys), f) for keys, f in _ROWS if part and keys <= part.keys()]
+        placements.append(max(fits, key=lambda kf: kf[0])[1] if fits else None)  # the most specific one
+    if all(f is None for f in placements):  # a flat model: nothing to place, no forward needed
+        return [None] * len(layers)
     calls: dict[int, tuple[int, tuple[int, int] | None]] = {}
 
     def record(i: int):
@@ -192,13 +204,28 @@ def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None
         cells = torch.arange(math.prod(grid), dtype=torch.float32).reshape(1, -1, 1)
         walk.sequence, walk.grid = unroll(cells).reshape(-1).round().long(), grid
     out: list[RowPositions | None] = []
-    for i, ((_, attn), block) in enumerate(zip(layers, attention_blocks(model))):
-        part = attn.token_partition(block) if hasattr(attn, "token_partition") else {}
+    for i, (part, fn) in enumerate(zip(parts, placements)):
         tokens, size = calls.get(i, (0, None))
-        fits = [(len(keys), f) for keys, f in _ROWS if part and keys <= part.keys()]
-        fn = max(fits, key=lambda kf: kf[0])[1] if fits else None  # the most specific placement
         out.append(fn(part, tokens, size, walk) if fn is not None else None)
     return out
+
+
+def _centres(cells: torch.Tensor, grid: tuple[int, int], image: tuple[int, int]) -> torch.Tensor:
+    """(..., 2) pixel centres (y, x) of flat ``cells`` of a ``grid`` laid over an ``image`` (h, w) px."""
+    ph, pw = image[0] / grid[0], image[1] / grid[1]
+    cells = cells.clamp_min(0).double()
+    return torch.stack([(cells // grid[1] + 0.5) * ph, (cells % grid[1] + 0.5) * pw], -1)
+
+
+def cell_distances(pos: RowPositions, image: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window the distances in pixels from each query row's cell to each key's cell, (W, N_q, N_k)
+    (NaN for a padding query: it has no place), and which keys are image cells, not padding (W, N_k):
+    what the attention distance of a windowed or reduced layer is measured with."""
+    q = _centres(pos.queries, pos.grid, image)
+    k = _centres(pos.keys, pos.key_grid, image)
+    d = torch.cdist(q, k).float()
+    d[pos.queries < 0] = math.nan
+    return d, pos.keys >= 0
 
 
 def query_points(grid: tuple[int, int]) -> dict[str, int]:

@@ -263,6 +263,9 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
         "windowed ones a batch of windows, class attention one row per prefix token; in the class-token "
         "pictures a layer marked `received` has no class token (the attention each patch receives), one "
         "marked with its windows has no whole-image map",
+        "- hierarchical layers (windows, reduced keys, pooled queries): metrics over each layer's own keys, "
+        "attention distance from where each row and key sits on the image (padding left out); "
+        "`queries_*` pictures show where the centre and corner query of each layer look, stage by stage",
         "",
         "## Teacher",
         "",
