@@ -26,6 +26,7 @@ from attnxfer.apps.inspect import LoadedModel, write_report
 from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models.attention.bias_rows import BiasRows
+from attnxfer.sources import load_teacher
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # hundreds of tiny ops: one thread is faster
 
@@ -262,3 +263,15 @@ def test_attention_distance_of_windowed_and_reduced_layers(family):
         rows = (qc >= 0)[None, :, None, :].expand_as(per_row)
         want = [per_row[:, :, h][rows[:, :, h]].mean().item() for h in range(q.shape[1])]
         assert r.metrics["distance"] == pytest.approx(want, rel=1e-4)
+
+
+def test_a_saved_hiera_teacher_loads(tmp_path):
+    """Hiera keeps a ``pos_embed`` but its stem has no ``img_size``: a saved Hiera loads as a teacher (what
+    `attnxfer inspect local-dir:...` does first) and computes what it computed."""
+    model = _models("hiera", 0)
+    export_student(model, tmp_path / "hiera", card=card())
+    loaded, record = load_teacher(f"local-dir:{tmp_path / 'hiera'}")
+    x = _images("hiera", 1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model(x), rtol=0, atol=0)
+    assert not record.resampled_pos_embed
