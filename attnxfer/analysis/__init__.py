@@ -6,6 +6,8 @@
               forward captures q, k and the logit bias; maps are built a row chunk at a time), returning
               plain data (`Inspection`); `layer_agreement` for conversion reports
 ``pictures``  matplotlib figures (Agg) of class-token maps, rollout and per-layer curves
+``positions`` where a hierarchical layer's rows and keys sit on the image (windows stitched back, reduced
+              keys on their grid, Hiera's unrolled order): query pictures per stage, attention distance
 
 Sits above ``transfer`` (it pairs layers as transfer plans do) and below ``sources``: it takes models and
 tensors, never a config or a file.

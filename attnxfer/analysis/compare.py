@@ -5,8 +5,9 @@ Each batch runs every model's own timm forward once with a capturing `AttentionI
 layer (`attnxfer.models.attention.run_with_ios`), keeping only what the layer's logits are made of —
 ``logit_scale · q kᵀ + logit_bias`` over the layer's own key set, the model's attention mask folded into
 the bias (`LayerSignals`), never a map. Then, one teacher layer at a time, rows of the maps are built a
-chunk at a time and reduced to per-head sums at once. Peak extra memory is one layer's row chunk (plus
-the captured biases: relative-position tables are N_q × N_k per layer).
+chunk at a time and reduced to per-head sums at once. Peak extra memory is one layer's row chunk (a bias
+gathered from a relative-position table is taken a row chunk at a time too, as `BiasRows`; one that is a
+tensor already, Swin's window bias with its shift mask, stays as captured: the size of one layer's logits).
 
 Whatever a family does around its attention is timm's: rope, relative-position biases, SAM's windows
 (a windowed layer's rows are rows of a batch of windows), CaiT's class-attention blocks (one query row
@@ -37,7 +38,7 @@ from ..models.attention import (
     attention_name_of,
     run_with_ios,
 )
-from ..models.attention.bias_rows import full_bias
+from ..models.attention.bias_rows import BiasRows, bias_block
 from ..models.attention.numerics import fp32_section, row_chunk, row_slices, upcast
 from ..transfer.plan import map_layers
 from .metrics import (
@@ -54,6 +55,7 @@ from .metrics import (
     spearman_rows,
     topk_overlap,
 )
+from .positions import cell_distances, row_positions
 
 __all__ = [
     "PAIR_METRICS",
@@ -149,9 +151,10 @@ class Inspection:
 # ------------------------------------------------------------------------------------------- models
 def _stem(model: nn.Module) -> nn.Module | None:
     """The module that cuts images into patch tokens: the first ``patch_embed`` (most families; under
-    ``encoder`` in VLM encoders) or ``embeds`` (NaFlexViT)."""
+    ``encoder`` in VLM encoders), ``embeds`` (NaFlexViT) or the first of ``patch_embeds`` (Twins: one per
+    stage)."""
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in ("patch_embed", "embeds"):
+        if name.rsplit(".", 1)[-1] in ("patch_embed", "embeds") or name.endswith("patch_embeds.0"):
             return module
     return None
 
@@ -219,14 +222,15 @@ class LayerSignals:
     """What one attention layer attended with on one batch: its logits are ``scale · q kᵀ + bias`` over
     its own key set, q (B', H, N_q, d) and k (B', H, N_k, d) as they enter them (after q/k norms and rope;
     B' is the images, or images × windows), ``bias`` the additive term (relative-position bias, the
-    model's attention mask; None: none). ``borrowed``: q and k are a teacher's (attention copy), so the
+    model's attention mask; None: none), as a tensor or as `BiasRows` (rows taken a chunk at a time: a
+    bias gathered from a table is never held whole). ``borrowed``: q and k are a teacher's (attention copy), so the
     map is a softmax one whatever the layer's own kind. Indexable like a dict (``signals["q"]``)."""
 
     name: str
     attn: TransferableAttention
     q: torch.Tensor
     k: torch.Tensor
-    bias: torch.Tensor | None = None
+    bias: torch.Tensor | BiasRows | None = None
     borrowed: bool = False
 
     def __getitem__(self, key: str) -> torch.Tensor | None:
@@ -266,17 +270,47 @@ class LayerSignals:
 
 
 def _softmax_rows(
-    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float, rows: slice | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    bias: torch.Tensor | BiasRows | None,
+    scale: float,
+    rows: slice | None,
 ) -> torch.Tensor:
     """softmax(scale · q[rows] kᵀ + bias[rows]) in fp32 (float64 stays). A bias broadcasts over batch,
-    heads or queries where it has size 1 there."""
+    heads or queries where it has size 1 there; `BiasRows` hand out only the chunk's rows."""
     rows = rows or slice(0, q.shape[-2])
     with fp32_section(q.device.type):
         q, k = upcast(q[:, :, rows], k)
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:
-            logits = logits + (bias if bias.shape[-2] == 1 else bias[..., rows, :]).to(logits.dtype)
+            logits = logits + _bias_rows(bias, rows).to(logits.dtype)
         return logits.softmax(-1)
+
+
+def _bias_rows(bias: torch.Tensor | BiasRows, rows: slice) -> torch.Tensor:
+    """Rows ``rows`` of a bias (a tensor with size 1 over queries broadcasts: it is returned whole)."""
+    return bias if isinstance(bias, torch.Tensor) and bias.shape[-2] == 1 else bias_block(bias, rows)
+
+
+def _with_mask(
+    bias: torch.Tensor | BiasRows | None, mask: torch.Tensor | None
+) -> torch.Tensor | BiasRows | None:
+    """The logit bias with the model's additive attention mask folded in, still a chunk of rows at a time
+    where the bias is `BiasRows` (nothing is built whole that was not whole already)."""
+    if mask is None or bias is None:
+        return bias if mask is None else mask
+    if isinstance(bias, torch.Tensor):
+        return bias + mask
+    shape = tuple(torch.broadcast_shapes(bias.shape, mask.shape))
+    return BiasRows(_masked_rows(bias), (*bias.inputs, mask), shape)
+
+
+def _masked_rows(bias: BiasRows):
+    def rows_fn(rows: slice, *inputs: torch.Tensor) -> torch.Tensor:
+        *own, mask = inputs
+        return bias.rows_fn(rows, *own) + _bias_rows(mask, rows)
+
+    return rows_fn
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -315,11 +349,10 @@ def layer_qk(
             raise RuntimeError(f"{name} did not run in {type(model).__name__}'s forward: nothing to inspect")
         q = io.q if io.q is not None else io.captured["q"]
         k = io.k if io.k is not None else io.captured["k"]
-        # a captured bias comes as `BiasRows` (row blocks on demand, for the losses): inspect wants it whole
-        bias = full_bias(io.bias if io.q is not None and io.k is not None else io.captured.get("bias"))
+        # a captured bias comes as `BiasRows`: kept so, the maps take it a row chunk at a time
+        bias = io.bias if io.q is not None and io.k is not None else io.captured.get("bias")
         mask = _additive(masks.get(i), q.dtype if q.is_floating_point() else torch.float32)
-        if mask is not None:
-            bias = mask if bias is None else bias + mask
+        bias = _with_mask(bias, mask)
         out.append(LayerSignals(name, attn, q, k, bias, borrowed=io.q is not None or io.k is not None))
     return out
 
@@ -470,8 +503,17 @@ class _Layout:
     """One layer's rows: which are class-token, patch and probe rows, and the patch distances in pixels
     (where its geometry has a grid)."""
 
-    def __init__(self, geometry: LayerGeometry, queries: int, probe_rows: int, device) -> None:
+    def __init__(
+        self,
+        geometry: LayerGeometry,
+        queries: int,
+        probe_rows: int,
+        device,
+        cells: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         self.geometry = geometry
+        #: a windowed or reduced layer's per-window distances and image keys (`cell_distances`), or None
+        self.cells = None if cells is None else tuple(t.to(device) for t in cells)
         self.prefix = geometry.query_prefix
         self.key_prefix = geometry.prefix
         self.distances = (
@@ -527,7 +569,12 @@ def _side(sums: _Sums, p: torch.Tensor, rows: slice, lay: _Layout) -> torch.Tens
     """Add one model's row entropy and attention distance to ``sums``; returns the row entropies."""
     h = row_entropy(p)
     sums.add("entropy", h)
-    if lay.distances is not None:
+    if lay.cells is not None:  # rows of windows (or reduced keys): each row's and key's cell on the image
+        d, image_keys = lay.cells
+        b = p.shape[0] // d.shape[0]
+        dist = d[:, rows].repeat(b, 1, 1)[:, None]
+        sums.add("distance", attention_distance(p * image_keys.repeat(b, 1)[:, None, None], dist))
+    elif lay.distances is not None:
         local, dist_rows = lay.patch_part(rows)
         if local.stop > local.start:
             sums.add(
@@ -678,6 +725,7 @@ def compare_attention(
     device = next(teacher.parameters()).device
     images = floor_seen = 0
     t_layout: dict[str, Any] | None = None
+    t_pos: list = []
     bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
     try:
         for x in batches:
@@ -686,6 +734,7 @@ def compare_attention(
                 continue
             if t_layout is None:
                 t_layout = token_layout(teacher, x.shape[-2:])
+                t_pos = row_positions(teacher, x[:1])  # where windowed and reduced rows sit (distance)
                 for name, s in subjects.items():
                     _check_pair(name, token_layout(s.model, x.shape[-2:]), t_layout)
             n_floor = (
@@ -703,7 +752,13 @@ def compare_attention(
                     _check_layer(n, i, s_sig[n][i], j, t_sig[j])
                 if acc.geometry is None:
                     acc.geometry = layer_geometry(t_sig[j], x.shape[0], t_layout)
-                lay = _Layout(acc.geometry, t_sig[j].q.shape[-2], probe_rows, device)
+                pos = t_pos[j]
+                cells = (
+                    cell_distances(pos, tuple(x.shape[-2:]))
+                    if pos is not None and acc.geometry.kind != "global" and pos.matches(t_sig[j], x.shape[0])
+                    else None
+                )
+                lay = _Layout(acc.geometry, t_sig[j].q.shape[-2], probe_rows, device, cells)
                 acc.probe_rows = int(lay.probe.numel())
                 work = _LayerWork(
                     t_sig[j],
@@ -827,8 +882,8 @@ def layer_agreement(
             f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
             "the student needs the teacher's tokens, and heads that divide the teacher's"
         )
-    teacher = LayerSignals("teacher", t_attn, q_t, k_t, full_bias(t_qk.get("bias")))
-    student = LayerSignals("student", s_attn, q_s, k_s, full_bias(s_qk.get("bias")))
+    teacher = LayerSignals("teacher", t_attn, q_t, k_t, t_qk.get("bias"))
+    student = LayerSignals("student", s_attn, q_s, k_s, s_qk.get("bias"))
     step = row_chunk(q_t, n, live_tensors=4)
     total, count = 0.0, 0
     for rows in row_slices(0, q_t.shape[-2], step):

@@ -97,6 +97,7 @@ def class_token_figure(
     cell: int = 48,
     layer_labels: Sequence[str] | None = None,
     notes: Sequence[str] | None = None,
+    marks: Sequence[tuple[float, float] | None] | None = None,
 ) -> Figure:
     """A layer × head grid of class-token maps over ``image``: the teacher's heads, a gap, the student's.
 
@@ -129,6 +130,14 @@ def class_token_figure(
     labels_y = list(layer_labels) if layer_labels is not None else [f"L{r}" for r in range(layers)]
     ax.set_yticks([(r + 0.5) * cell for r in range(layers)], labels_y, fontsize=6)
     ax.tick_params(length=0)
+    for r, mark in enumerate(marks or []):
+        if mark is not None:
+            xs = [(c + mark[1]) * cell for c in range(cols) if c != ht or not student]
+            ax.scatter(
+                xs, [(r + mark[0]) * cell] * len(xs), s=14, facecolors="none", edgecolors="cyan", lw=0.8
+            )
+    ax.set_xlim(-0.5, cols * cell - 0.5)  # the marks must not widen the mosaic's axes
+    ax.set_ylim(layers * cell - 0.5, -0.5)
     for r, note in enumerate(notes or []):
         if note:
             ax.text(2, (r + 0.5) * cell, note, color="white", fontsize=6, va="center")

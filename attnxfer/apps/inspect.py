@@ -48,6 +48,7 @@ from ..analysis.pictures import (
     rollout_figure,
     save_figure,
 )
+from ..analysis.positions import RowPositions, query_maps, query_points, row_positions
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import load_config
@@ -262,6 +263,9 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
         "windowed ones a batch of windows, class attention one row per prefix token; in the class-token "
         "pictures a layer marked `received` has no class token (the attention each patch receives), one "
         "marked with its windows has no whole-image map",
+        "- hierarchical layers (windows, reduced keys, pooled queries): metrics over each layer's own keys, "
+        "attention distance from where each row and key sits on the image (padding left out); "
+        "`queries_*` pictures show where the centre and corner query of each layer look, stage by stage",
         "",
         "## Teacher",
         "",
@@ -348,16 +352,23 @@ def write_report(
         else {}
     )
     groups = _stages([sig.name for sig in t_qk])
+    t_pos = row_positions(teacher.model, x)
     for name, s in students.items():
         s_qk = layer_qk(s.model, x, _borrowed_signals(s.borrow, t_qk))
         s_maps, _ = token_maps(s.model, x, qk=s_qk)
         if rollouts and has_rollout(s.model, x, s_qk):
             rollouts[name] = rollout_class_maps(s.model, x, qk=s_qk)
+        if any(p is not None for p in t_pos):
+            pairs = {r.teacher_layer: r.layer for r in insp.students[name]}
+            sides = _QuerySides(t_qk, t_pos, s_qk, row_positions(s.model, x), pairs)
+            written += _query_pictures(out, x, name, sides, mean, std)
         for stage, layers in groups.items():
             suffix = f"_{_slug(stage)}" if len(groups) > 1 else ""
             if len(groups) == 1:  # one group: every layer of either model (depths may differ)
                 layers = list(range(max(len(t_maps), len(s_maps))))
-            for b in range(x.shape[0]):
+            # no layer of this group has a whole-image map (windows, reduced keys): the query pictures show it
+            drawn = any(m is not None for maps in (t_maps, s_maps) for j, m in enumerate(maps) if j in layers)
+            for b in range(x.shape[0] if drawn else 0):
                 pick = lambda maps, b=b, layers=layers: [
                     maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
                 ]
@@ -387,6 +398,77 @@ def write_report(
         written.append(path)
     save_figure(curves_figure(insp), out / "curves.png")
     written.append(out / "curves.png")
+    return written
+
+
+@dataclass
+class _QuerySides:
+    """Teacher and student of the query pictures: each model's signals and row positions on the picture
+    images, and which student layer is paired with each teacher layer."""
+
+    t_qk: Sequence[LayerSignals]
+    t_pos: Sequence[RowPositions | None]
+    s_qk: Sequence[LayerSignals]
+    s_pos: Sequence[RowPositions | None]
+    pairs: Mapping[int, int]
+
+    def stages(self) -> list[list[int]]:
+        """Teacher layers with positions, in runs over one query grid (a stage of a hierarchical model)."""
+        runs: list[list[int]] = []
+        last = None
+        for j, pos in enumerate(self.t_pos):
+            if pos is None:
+                continue
+            if pos.grid != last:
+                runs.append([])
+            runs[-1].append(j)
+            last = pos.grid
+        return runs
+
+    def maps(self, j: int, images: int) -> tuple[dict, dict]:
+        """Teacher layer ``j``'s query maps and its student layer's (empty where they cannot be drawn)."""
+        pos = self.t_pos[j]
+        points = query_points(pos.grid)
+        t_sig = self.t_qk[j]
+        teacher = query_maps(t_sig, pos, images, points) if pos.matches(t_sig, images) else {}
+        i = self.pairs.get(j)
+        s_pos = self.s_pos[i] if i is not None and i < len(self.s_pos) else None
+        student = {}
+        if s_pos is not None and s_pos.matches(self.s_qk[i], images) and s_pos.grid == pos.grid:
+            student = query_maps(self.s_qk[i], s_pos, images, points)
+        return teacher, student
+
+
+def _query_pictures(out: Path, x: torch.Tensor, name: str, sides: _QuerySides, mean, std) -> list[Path]:
+    """Per stage and image: where the centre and corner query of each layer look, teacher heads beside the
+    student's, drawn over the image at the layer's key grid (windows stitched back: 0 outside the query's
+    window; reduced keys at the reduced grid). The query is ringed."""
+    written = []
+    images = x.shape[0]
+    for k, layers in enumerate(sides.stages()):
+        rows = []  # (label, mark, teacher maps, student maps) per (layer, query point)
+        for j in layers:
+            teacher, student = sides.maps(j, images)
+            pos = sides.t_pos[j]
+            for point, cell in query_points(pos.grid).items():
+                r, c = divmod(cell, pos.grid[1])
+                mark = ((r + 0.5) / pos.grid[0], (c + 0.5) / pos.grid[1])
+                rows.append((f"L{j} {point[:3]}", mark, teacher.get(point), student.get(point)))
+        grid = "x".join(map(str, sides.t_pos[layers[0]].grid))
+        for b in range(images):
+            fig = class_token_figure(
+                display_image(x[b], mean, std),
+                [t[b] if t is not None else None for _, _, t, _ in rows],
+                [s[b] if s is not None else None for _, _, _, s in rows],
+                names=("teacher", name),
+                title=f"where a query looks (ringed), stage {k} ({grid} grid), image {b}: teacher heads (t) | "
+                f"{name} heads (s)",
+                layer_labels=[label for label, _, _, _ in rows],
+                marks=[mark for _, mark, _, _ in rows],
+            )
+            path = out / f"queries_{_slug(name)}_stage{k}_img{b}.png"
+            save_figure(fig, path)
+            written.append(path)
     return written
 
 
@@ -425,7 +507,7 @@ def _maps_title(b: int, name: str, stage: str) -> str:
 #: what `inspect_attention` wrote into its --out folder: an --overwrite deletes those files, and no others
 MANIFEST = "inspect-manifest.json"
 # the files of a report written before manifests existed (metrics.json, report.md and these pictures)
-_OWN_PICTURES = ("curves.png", "rollout_img*.png", "cls_maps_*_img*.png", "heads_*.png")
+_OWN_PICTURES = ("curves.png", "rollout_img*.png", "cls_maps_*_img*.png", "heads_*.png", "queries_*_img*.png")
 
 
 @contextlib.contextmanager

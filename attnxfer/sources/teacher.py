@@ -451,9 +451,10 @@ def _record(
         src = res.model_args.get("img_size") or (
             cfg.get("input_size", (0, 0, 0))[-2:] if res.source.has_timm_metadata else None
         )
-        if src is not None:
+        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # Hiera's stem has none
+        if src is not None and img_size is not None:
             src = (src, src) if isinstance(src, int) else tuple(src)
-            resampled = resampled or tuple(model.patch_embed.img_size) != src
+            resampled = resampled or tuple(img_size) != src
     model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_model_args"}
     return TeacherRecord(
         spec=spec,

@@ -104,12 +104,12 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
         FamilyCoverage("naflexvit", 11, 11, 11, ("inspect", "export")),
         FamilyCoverage("qwen3_vit", 9, 9, 9, ("inspect", "export")),
         FamilyCoverage("gemma4_vit", 4, 4, 4, ("inspect", "export")),
-        FamilyCoverage("swin_transformer", 9, 9, 9, ("convert", "export")),
-        FamilyCoverage("swin_transformer_v2", 12, 12, 12, ("export",)),
-        FamilyCoverage("swin_transformer_v2_cr", 3, 3, 3, ("export",)),
-        FamilyCoverage("pvt_v2", 7, 7, 7, ("convert", "export")),
-        FamilyCoverage("twins", 6, 6, 6, ("export",)),
-        FamilyCoverage("hiera", 7, 7, 7, ("export",)),
+        FamilyCoverage("swin_transformer", 9, 9, 9, ("inspect", "convert", "export")),
+        FamilyCoverage("swin_transformer_v2", 12, 12, 12, ("inspect", "export")),
+        FamilyCoverage("swin_transformer_v2_cr", 3, 3, 3, ("inspect", "export")),
+        FamilyCoverage("pvt_v2", 7, 7, 7, ("inspect", "convert", "export")),
+        FamilyCoverage("twins", 6, 6, 6, ("inspect", "export")),
+        FamilyCoverage("hiera", 7, 7, 7, ("inspect", "export")),
     )
 }
 
