@@ -77,8 +77,8 @@ class LayerConversion:
     #: the attention's own stage-1 objective (``fit_objective``), which replaces the map loss as what
     #: stage 1 minimises; ``loss`` then only names the agreement metric logged beside it
     objective: str | None = None
-    #: how the teacher's keys reduce the stage's tokens ("4x4 blocks", "7x7 adaptive bins"), or None: stage 1
-    #: then pools the student's map rows (over every token) onto the teacher's keys
+    #: how the teacher's keys reduce the stage's tokens ("4x4 blocks", "7x7 adaptive bins": stage 1 pools the
+    #: student's map rows, over every token, onto the teacher's keys), or None: its keys are its tokens
     teacher_keys: str | None = None
 
 
