@@ -121,7 +121,7 @@ MAPS = {"relu_linear": _relu_linear_map, "softmax": _softmax_map}
 )
 def test_pooled_map_loss_is_the_loss_of_the_materialised_pooled_map(kind, student, loss, teachers, images):
     teacher = teachers[kind]
-    layers = [0, 1]
+    layers = [0, 1] if student in MAPS else [0]  # a signed map through its own rows: one layer is enough
     signals = teacher_signals(teacher, images, layers, ("input", "q", "k"))
     maps = _timm_maps(teacher, images)
     model = build_efficient_student(teacher, student)
