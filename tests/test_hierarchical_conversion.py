@@ -230,8 +230,13 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     layers = 5 if family == "pvt" else 4
     assert len(report["agreement"]["teacher_input"]) == layers
-    # PVTv2's reduced-key layers report the KL of the student's pooled rows
-    assert all(row["value"] >= 0 for row in report["agreement"]["teacher_input"])
+    # PVTv2's reduced-key layers (blocks 0 and 1) report the KL of the student's pooled rows at each stage
+    for row in report["agreement"]["teacher_input"][:2] if family == "pvt" else []:
+        info = ("layer", "attention", "map_kind", "metric")
+        kls = [
+            v for k, v in row.items() if k not in info and not k.startswith("output_mse") and v is not None
+        ]
+        assert row["metric"] == "kl" and kls and all(v >= 0 for v in kls)
     assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
     assert isinstance(report["top1"]["after_stage2"], float)
 
