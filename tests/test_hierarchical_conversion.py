@@ -161,12 +161,18 @@ def test_stage1_fits_hierarchical_teachers(family, pvt, swin, images):
     assert last["loss"] < first["loss"]  # CE over each attention's own key set fell
 
 
-def test_sub_sampled_keys_are_refused_at_plan_time():
+def test_sub_sampled_keys_pool_the_students_map_at_plan_time():
+    # sr 2 in stage 0: stage 1 compares the student's rows pooled per 2x2 block of tokens with the teacher's
+    # rows over its reduced keys (tests/test_reduced_key_distillation.py checks the loss itself)
     teacher = _pvt(sr_ratios=(2, 1, 1, 1))
     student = build_efficient_student(teacher, "relu_linear")
-    with pytest.raises(ValueError, match=r"stages\.0\.blocks\.0\.attn attends over sub-sampled keys"):
-        build_conversion_plan(teacher, student, stage1_steps=2, stage1_train="qk")
-    build_conversion_plan(teacher, student, stage1_steps=0)  # stage 2 alone is fine
+    plan = build_conversion_plan(teacher, student, stage1_steps=2, stage1_train="qk")
+    assert [layer.teacher_keys for layer in plan.layers] == ["2x2 blocks", None, None, None, None]
+    # a softmax student over every token is not the teacher's reduced attention: it is fitted too
+    plan = build_conversion_plan(
+        teacher, build_efficient_student(teacher, "softmax"), stage1_steps=2, stage1_train="qk"
+    )
+    assert [layer.layer for layer in plan.active] == [0]
 
 
 def test_operation_counts_per_layer_at_its_own_tokens(pvt, swin):
@@ -195,11 +201,12 @@ def test_operation_counts_per_layer_at_its_own_tokens(pvt, swin):
 def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
     from attnxfer.launch.cli import main
 
-    teacher = _pvt() if family == "pvt" else _swin()
+    # PVTv2 with spatial reduction in stages 0 and 1 (as every pretrained PVTv2): stage 1 pools the maps
+    teacher = _pvt(sr_ratios=(4, 2, 1, 1)) if family == "pvt" else _swin()
     teacher.reset_classifier(10)  # the synthetic data's classes
     teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 32, 32)}
     save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)
-    attention = "[none,none,hashing,relu_linear]" if family == "pvt" else "[relu_linear,hashing]"
+    attention = "[relu_linear,hashing,none,relu_linear]" if family == "pvt" else "[relu_linear,hashing]"
     args = [
         f"run_dir={tmp_path / 'run'}",
         f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
@@ -223,6 +230,13 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     layers = 5 if family == "pvt" else 4
     assert len(report["agreement"]["teacher_input"]) == layers
+    # PVTv2's reduced-key layers (blocks 0 and 1) report the KL of the student's pooled rows at each stage
+    for row in report["agreement"]["teacher_input"][:2] if family == "pvt" else []:
+        info = ("layer", "attention", "map_kind", "metric")
+        kls = [
+            v for k, v in row.items() if k not in info and not k.startswith("output_mse") and v is not None
+        ]
+        assert row["metric"] == "kl" and kls and all(v >= 0 for v in kls)
     assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
     assert isinstance(report["top1"]["after_stage2"], float)
 

@@ -25,7 +25,7 @@ from ..models.attention import (
 )
 from ..models.attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..models.efficient import check_softmax_teacher
-from ..transfer.map_losses import default_map_loss, output_mse
+from ..transfer.map_losses import default_map_loss, map_distillation_loss, output_mse
 from .distributed import sum_over_ranks
 
 __all__ = [
@@ -82,7 +82,13 @@ def map_agreement(
             out_mse = float(output_mse(out, t[i]["output"]))
             if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
                 metric = default_map_loss(attn.map_kind).metric
-                value = layer_agreement(t_attns[i], t[i], attn, {"q": q, "k": k}, metric)
+                # PVTv2 with sr > 1 and a student over every token: its rows pooled onto the teacher's keys
+                pooling = t[i].get("key_pooling")
+                if pooling is not None and k.shape[-2] == pooling.num_tokens:
+                    res = map_distillation_loss(attn, q, k, t[i]["q"], t[i]["k"], key_pooling=pooling)
+                    value = float(res.metric)
+                else:
+                    value = layer_agreement(t_attns[i], t[i], attn, {"q": q, "k": k}, metric)
             else:
                 value = out_mse
             sums[i][0] += value * x.shape[0]

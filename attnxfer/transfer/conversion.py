@@ -77,6 +77,9 @@ class LayerConversion:
     #: the attention's own stage-1 objective (``fit_objective``), which replaces the map loss as what
     #: stage 1 minimises; ``loss`` then only names the agreement metric logged beside it
     objective: str | None = None
+    #: how the teacher's keys reduce the stage's tokens ("4x4 blocks", "7x7 adaptive bins": stage 1 pools the
+    #: student's map rows, over every token, onto the teacher's keys), or None: its keys are its tokens
+    teacher_keys: str | None = None
 
 
 @dataclass
@@ -126,13 +129,14 @@ class ConversionPlan:
                     f"    block {layer.layer}: softmax (the teacher's own attention; nothing to fit)"
                 )
                 continue
+            pooled = f" on the teacher's keys ({layer.teacher_keys} of tokens)" if layer.teacher_keys else ""
             fits = (
                 f"objective {layer.objective} (metric {layer.loss.metric})"
                 if layer.objective
                 else f"loss {layer.loss}"
             )
             lines.append(
-                f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) {fits}, trains "
+                f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) {fits}{pooled}, trains "
                 f"{layer.num_trainable:,} values"
                 + (f" in {', '.join(_short(n) for n in layer.trainable)}" if layer.trainable else "")
             )
@@ -214,25 +218,20 @@ def build_conversion_plan(
                 "attentions (attnxfer.models.efficient)"
             )
         name, kind = attention_name_of(attn), attn.map_kind
-        if kind is MapKind.SOFTMAX:
+        reduced = _teacher_keys(teacher_layers[i][1])
+        if kind is MapKind.SOFTMAX and (reduced is None or _same_keys(attn, teacher_layers[i][1])):
             layers.append(LayerConversion(i, name, kind, None))
             continue
         if getattr(attn, "attention_free", False):  # `none`: no attention branch, nothing to fit
             layers.append(LayerConversion(i, name, kind, None))
             continue
-        t_name, t_attn = teacher_layers[i]
-        if stage1_steps > 0 and getattr(t_attn, "sr", None) is not None:
-            raise InputError(
-                f"the teacher's {t_name} attends over sub-sampled keys (PVTv2 spatial reduction) and the "
-                f"student's {name} over all tokens of the stage: stage 1 cannot compare maps over different "
-                "key sets. Use a teacher without spatial reduction (sr_ratios 1), keep softmax or none in that "
-                "stage, or skip stage 1 (convert.stage1_steps=0)"
-            )
         loss = check_map_loss(map_loss, kind, where=f"convert.map_loss for block {i} ({name}): ")
         tensors = _stage1_tensors(attn, train, qualified)
         count = sum(int(p.numel() if m is None else m.sum().item() * p[0].numel()) for _, p, m in tensors)
         layers.append(
-            LayerConversion(i, name, kind, loss, [n for n, _, _ in tensors], count, attn.fit_objective)
+            LayerConversion(
+                i, name, kind, loss, [n for n, _, _ in tensors], count, attn.fit_objective, reduced
+            )
         )
     plan = ConversionPlan(
         layers, stage1_steps, stage1_lr, stage1_batch_size, train, output_mse, dict(attention_kwargs or {})
@@ -245,6 +244,23 @@ def build_conversion_plan(
             "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1"
         )
     return plan
+
+
+def _teacher_keys(attn: nn.Module) -> str | None:
+    """How a teacher layer's keys reduce its tokens (PVTv2: ``sr_ratio`` > 1 blocks, or the linear variant's
+    7x7 bins), or None where its keys are its tokens."""
+    part = attn.token_partition() if isinstance(attn, TransferableAttention) else {}
+    if part.get("linear"):
+        return "7x7 adaptive bins"
+    sr = int(part.get("sr_ratio", 1) or 1)
+    return f"{sr}x{sr} blocks" if sr > 1 else None
+
+
+def _same_keys(student: nn.Module, teacher: nn.Module) -> bool:
+    """The student layer reduces keys as the teacher's does (it is the teacher's own attention class)."""
+    return (
+        isinstance(student, TransferableAttention) and student.token_partition() == teacher.token_partition()
+    )
 
 
 def layer_fit_loss(
@@ -262,15 +278,23 @@ def layer_fit_loss(
         return loss, loss.detach()
     own = attn.project(x, "qk", **call)
     if layer.objective:
-        loss = attn.fit_loss(own["q"], own["k"], signals["q"], signals["k"])
+        loss = attn.fit_loss(own["q"], own["k"], signals["q"], _keys_per_token(signals))
         with torch.no_grad():
             metric = _objective_metric(attn, layer, own, signals)
         if output_weight:
             loss = loss + output_weight * output_mse(attn(x, **call), signals["output"])
         return loss, metric
-    # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over
+    # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over; one
+    # with reduced keys (PVTv2, sr > 1) its `KeyPooling`, onto which the student's rows are pooled
     res = map_distillation_loss(
-        attn, own["q"], own["k"], signals["q"], signals["k"], layer.loss, bias_t=signals.get("bias")
+        attn,
+        own["q"],
+        own["k"],
+        signals["q"],
+        signals["k"],
+        layer.loss,
+        bias_t=signals.get("bias"),
+        key_pooling=signals.get("key_pooling"),
     )
     loss, metric = res.loss, res.metric
     region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
@@ -301,5 +325,16 @@ def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> 
         signals["k"],
         layer.loss,
         bias_t=signals.get("bias"),
+        key_pooling=signals.get("key_pooling"),
     )
     return res.metric
+
+
+def _keys_per_token(signals: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's k with one row per token of the stage: a reduced key repeated over the tokens it was
+    made from (`KeyPooling.key_of_token`), so an objective on (query, key) pairs (hashing's similarity
+    target) reads the teacher's logit for each token's block; the teacher's own k without a reduction."""
+    pooling = signals.get("key_pooling")
+    if pooling is None:
+        return signals["k"]
+    return signals["k"].index_select(-2, pooling.key_of_token(signals["k"].device))

@@ -15,7 +15,12 @@ student map kind      default      computed by
 ``none``              ``output``   not a map loss: the caller compares attention outputs (`output_mse`)
 ====================  ===========  ==========================================================================
 
-``mse`` also applies to softmax and row-stochastic maps. Every loss comes with an agreement metric:
+``mse`` also applies to softmax and row-stochastic maps. Where the teacher's keys are a reduction of the
+student's (PVTv2's spatial reduction: N_k = N / sr² keys, each made from an sr×sr block of tokens), a
+`KeyPooling` pools the student's row onto the teacher's keys (its mass on each block, `MapLossRule.pooled`):
+CE and MSE then compare rows over the N_k keys. A softmax student's pooled log-mass is an exact log-sum-exp
+per block; a kernel map φ(q)·φ(k_j)/Z pools φ(k) per block (Σ_{j∈block} φ(k_j)), so a row chunk never
+holds more than N_k entries; any other map pools its `attention_map` rows, a chunk at a time. Every loss comes with an agreement metric:
 KL = CE − H(P_t) beside CE, the loss itself for MSE. Everything runs in fp32 with autocast off. Under
 autograd each implicit chunk is checkpointed, so the backward pass recomputes a chunk's rows instead
 of keeping every chunk's (B, H, rows, N) tensors. Zeros in a row-stochastic student map (window
@@ -38,7 +43,9 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention
 from ..models.attention.bias_rows import BiasRows, bias_block
+from ..models.attention.key_pooling import KeyPooling
 from ..models.attention.numerics import fp32_section, row_chunk
+from ..models.efficient.kernels import KernelAttention
 from .losses import CEPath, attention_distillation_loss, biased_attention_ce, ce_path_for
 
 __all__ = [
@@ -116,23 +123,68 @@ def _teacher_rows(
     return z.softmax(dim=-1)
 
 
-def _ce_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None):
+def _plain_kernel_map(attn: TransferableAttention) -> bool:
+    """Whether ``attn``'s map is exactly KernelAttention's φ(q)·φ(k_j) / Σ_j φ(q)·φ(k_j)."""
+    cls = type(attn)
+    return (
+        isinstance(attn, KernelAttention)
+        and cls._map_context is KernelAttention._map_context
+        and cls._map_rows is KernelAttention._map_rows
+    )
+
+
+def _student_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -> torch.Tensor:
+    """Rows of the student's map, pooled onto the teacher's reduced keys where ``pooling`` is given."""
+    if pooling is None:
+        return attn.attention_map(q_s, k_s, rows)
+    if _plain_kernel_map(attn):  # pool φ(k) per block: (rows × N_k), never (rows × N)
+        phi_q, phi_k = attn.features(q_s, k_s)
+        phi_q = phi_q[:, :, rows]
+        z = phi_q @ phi_k.sum(-2, keepdim=True).transpose(-2, -1)
+        return (phi_q @ pooling.pool_tokens(phi_k).transpose(-2, -1)) / z
+    return pooling.pool(attn.attention_map(q_s, k_s, rows))
+
+
+def _student_log_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -> torch.Tensor:
+    """log of `_student_rows` (zeros floored at fp32's tiny); a softmax student's pooled rows exactly, as
+    log-sum-exp per block minus the row's log-sum-exp."""
+    if pooling is not None and attn.map_kind is MapKind.SOFTMAX:
+        logits = (q_s[:, :, rows] * attn.logit_scale(q_s)) @ k_s.transpose(-2, -1)
+        return pooling.log_pool(logits) - logits.logsumexp(-1, keepdim=True)
+    a_s = _student_rows(attn, q_s, k_s, rows, pooling)
+    return torch.log(a_s.clamp_min(torch.finfo(a_s.dtype).tiny))
+
+
+def _ce_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None, pooling=None):
     """Sums over the chunk of −Σ_j P_t log A_s and of the teacher's entropy (no gradient)."""
     rows = slice(start, stop)
-    a_s = attn.attention_map(q_s, k_s, rows)
+    log_a = _student_log_rows(attn, q_s, k_s, rows, pooling)
     p_t = _teacher_rows(q_t, k_t, rows, scale_t, bias_t)
-    ce = -(p_t * torch.log(a_s.clamp_min(torch.finfo(a_s.dtype).tiny))).sum()
+    ce = -(p_t * log_a).sum()
     entropy = -torch.special.xlogy(p_t, p_t).sum()
     return ce, entropy
 
 
-def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None):
+def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None, pooling=None):
     rows = slice(start, stop)
-    diff = attn.attention_map(q_s, k_s, rows) - _teacher_rows(q_t, k_t, rows, scale_t, bias_t)
+    diff = _student_rows(attn, q_s, k_s, rows, pooling) - _teacher_rows(q_t, k_t, rows, scale_t, bias_t)
     return diff.pow(2).sum(), diff.new_zeros(())
 
 
-def _check_equal_shapes(q_s, k_s, q_t, k_t) -> None:
+def _check_equal_shapes(q_s, k_s, q_t, k_t, pooling: KeyPooling | None = None) -> None:
+    if pooling is not None:
+        if q_s.shape[:3] != q_t.shape[:3]:
+            raise InputError(
+                f"teacher and student queries differ: {tuple(q_t.shape)} vs {tuple(q_s.shape)}; the "
+                "student needs the teacher's heads and query tokens"
+            )
+        if k_s.shape[-2] != pooling.num_tokens or k_t.shape[-2] != pooling.num_keys:
+            raise InputError(
+                f"the teacher's {k_t.shape[-2]} keys are a pooling of a {pooling.grid[0]}x{pooling.grid[1]} "
+                f"grid into {pooling.num_keys}, but the student has {k_s.shape[-2]} keys and the teacher "
+                f"{k_t.shape[-2]}"
+            )
+        return
     if q_s.shape[:3] != q_t.shape[:3] or k_s.shape[-2] != k_t.shape[-2]:
         raise InputError(
             f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
@@ -157,10 +209,12 @@ def _implicit_loss(
     scale_s: float | None = None,
     bias_s: torch.Tensor | BiasRows | None = None,
     valid: torch.Tensor | None = None,
+    key_pooling: KeyPooling | None = None,
 ) -> MapAgreement:
     """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free.
     (``ce_path``/``lse_s`` concern softmax layers' exact CE only; the teacher's logits take ``scale_t`` and
-    ``bias_t``; a student with a logit bias of its own is refused here: its map is not ``attention_map``.)"""
+    ``bias_t``; a student with a logit bias of its own is refused here: its map is not ``attention_map``.)
+    With ``key_pooling`` the student's rows are pooled onto the teacher's reduced keys first."""
     if bias_s is not None:
         raise InputError(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
@@ -170,10 +224,11 @@ def _implicit_loss(
             "padded batches (NaFlexViT's patch_valid) are distilled into softmax students only: the "
             "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
         )
-    _check_equal_shapes(q_s, k_s, q_t, k_t)
+    _check_equal_shapes(q_s, k_s, q_t, k_t, key_pooling)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
     B, H, N, _ = q_s.shape
     M = k_s.shape[-2]
+    compared = k_t.shape[-2]  # the teacher's keys: a row's entries the loss compares
     # a chunk keeps a few (B, H, rows, M) tensors alive: student rows, teacher rows, their product
     step = row_chunk(q_s, M, chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
@@ -188,17 +243,28 @@ def _implicit_loss(
             stop = min(start + step, N)
             if grad:
                 part, ent = checkpoint(
-                    fn, attn, q_s, k_s, q_t, k_t, start, stop, scale_t, bias_t, use_reentrant=False
+                    fn,
+                    attn,
+                    q_s,
+                    k_s,
+                    q_t,
+                    k_t,
+                    start,
+                    stop,
+                    scale_t,
+                    bias_t,
+                    key_pooling,
+                    use_reentrant=False,
                 )
             else:
-                part, ent = fn(attn, q_s, k_s, q_t, k_t, start, stop, scale_t, bias_t)
+                part, ent = fn(attn, q_s, k_s, q_t, k_t, start, stop, scale_t, bias_t, key_pooling)
             total = total + part
             entropy = entropy + ent.detach()
         if loss is MapLoss.CE:
             value = total / (B * H * N)
             metric = value.detach() - entropy / (B * H * N)
         else:
-            value = total / (B * H * N * M)
+            value = total / (B * H * N * compared)
             metric = value.detach()
     return MapAgreement(value, metric, loss.metric, loss)
 
@@ -265,14 +331,21 @@ class MapLossRule:
     compute: Callable[..., MapAgreement]
     #: the teacher may have a whole multiple of the student's heads (its maps averaged in groups)
     groups_heads: bool = False
+    #: how the pair is computed when the teacher's keys pool the student's (a `KeyPooling`: PVTv2's spatial
+    #: reduction); None: refused
+    pooled: Callable[..., MapAgreement] | None = None
 
 
+_POOLED_CE = partial(_implicit_loss, MapLoss.CE)
+_POOLED_MSE = partial(_implicit_loss, MapLoss.MSE)
 MAP_LOSS_RULES: dict[tuple[MapKind, MapLoss], MapLossRule] = {
-    (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(_exact_softmax_ce, groups_heads=True),
-    (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(partial(_implicit_loss, MapLoss.CE)),
-    (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
-    (MapKind.ROW_STOCHASTIC, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
-    (MapKind.SIGNED, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE)),
+    (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(_exact_softmax_ce, groups_heads=True, pooled=_POOLED_CE),
+    (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(partial(_implicit_loss, MapLoss.CE), pooled=_POOLED_CE),
+    (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE), pooled=_POOLED_MSE),
+    (MapKind.ROW_STOCHASTIC, MapLoss.MSE): MapLossRule(
+        partial(_implicit_loss, MapLoss.MSE), pooled=_POOLED_MSE
+    ),
+    (MapKind.SIGNED, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE), pooled=_POOLED_MSE),
 }
 #: the loss each map kind gets unless told otherwise
 DEFAULT_MAP_LOSS: dict[MapKind, MapLoss] = {
@@ -343,6 +416,7 @@ def map_distillation_loss(
     scale_s: float | None = None,
     bias_s: torch.Tensor | BiasRows | None = None,
     valid: torch.Tensor | None = None,
+    key_pooling: KeyPooling | None = None,
 ) -> MapAgreement:
     """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
     softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
@@ -353,7 +427,9 @@ def map_distillation_loss(
     by device) and, for ``attention_lse``, the layer's own log-sum-exp ``lse_s``. ``scale_*``/``bias_*``:
     the layers' logit scales (default d^-0.5) and additive logit biases (adapters' ``logit_bias``).
     ``valid`` (B, N): a padded batch's real tokens (`losses.padding_from_mask`): padded keys and rows are
-    left out (softmax students).
+    left out (softmax students). ``key_pooling``: the teacher's keys are a reduction of the student's (PVTv2's
+    spatial reduction, captured with the teacher's q and k): the student's rows are pooled onto them
+    (`MapLossRule.pooled`).
     """
     rule = map_loss_rule(attn.map_kind, loss)
     extra = {
@@ -361,7 +437,17 @@ def map_distillation_loss(
         for k, v in dict(scale_t=scale_t, bias_t=bias_t, scale_s=scale_s, bias_s=bias_s, valid=valid).items()
         if v is not None
     }
-    return rule.compute(
+    compute = rule.compute
+    if key_pooling is not None:
+        if rule.pooled is None:
+            raise InputError(
+                f"map loss {check_map_loss(loss, attn.map_kind).value!r} on a {attn.map_kind.value!r} "
+                "attention cannot compare maps over the teacher's reduced keys"
+            )
+        if scale_s is not None or bias_s is not None:
+            raise InputError("a pooled map loss takes the student's own logit scale and no student bias")
+        compute, extra = rule.pooled, {**extra, "key_pooling": key_pooling}
+    return compute(
         attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk, ce_path=ce_path, lse_s=lse_s, **extra
     )
 

@@ -3,13 +3,15 @@
 timm keeps q/k/v in two layouts: a fused ``qkv`` linear (its bias either its own, or the separate
 ``q_bias`` / zero ``k_bias`` buffer / ``v_bias`` of BEiT and EVA), or three ``q_proj`` / ``k_proj`` /
 ``v_proj`` linears (k and v may have fewer heads: grouped-query attention). These helpers compute heads
-exactly as timm does and freeze chunks (copied layers) without renaming anything; `FusedQKVDims` gives the
-head sizes of the timm classes that keep only a fused ``qkv`` (and ``num_heads``).
+exactly as timm does and freeze chunks (copied layers) without renaming anything. `fused_rows` and
+`freeze_fused` are the two operations on any fused linear of row blocks (timm's ``qkv``; PVTv2/Twins' ``kv``,
+used by `_reduced_keys`); `FusedQKVDims` gives the head sizes of the timm classes that keep only a fused
+``qkv`` (and ``num_heads``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,7 +20,7 @@ from timm.layers import apply_rot_embed_cat
 
 from ..interface import QKV, PartialQKV
 
-__all__ = ["FusedQKVDims", "apply_rope", "freeze_chunks", "project_heads"]
+__all__ = ["FusedQKVDims", "apply_rope", "freeze_chunks", "freeze_fused", "fused_rows", "project_heads"]
 
 
 class FusedQKVDims:
@@ -38,15 +40,40 @@ class FusedQKVDims:
         return self.qkv.out_features // 3
 
 
+def fused_rows(
+    linear: nn.Module, name: str, chunks: Sequence[str] = QKV
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of row block ``name`` of a fused ``linear`` whose blocks are ``chunks`` (an
+    ``nn.Linear`` or a `PartialQKV`)."""
+    if isinstance(linear, PartialQKV):
+        return linear.chunk(name)
+    rows = linear.out_features // len(chunks)
+    i = tuple(chunks).index(name)
+    w = linear.weight[i * rows : (i + 1) * rows]
+    b = linear.bias[i * rows : (i + 1) * rows] if linear.bias is not None else None
+    return w, b
+
+
+def freeze_fused(
+    attn: nn.Module, attr: str, frozen: set[str], chunks: Sequence[str] = QKV
+) -> set[str] | None:
+    """Make ``attn.<attr>`` (a fused linear of ``chunks`` row blocks) a `PartialQKV` with ``frozen`` blocks,
+    keeping the blocks it froze already; returns every frozen block, or None when all were frozen before
+    (the module is then left as it is)."""
+    linear = getattr(attn, attr)
+    if isinstance(linear, PartialQKV):
+        if frozen <= set(linear.frozen):
+            return None
+        frozen = frozen | set(linear.frozen)
+        linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
+        linear.load_state_dict(getattr(attn, attr).state_dict())
+    setattr(attn, attr, PartialQKV(linear, frozen, chunks=chunks))
+    return frozen
+
+
 def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of chunk ``name`` of a fused ``qkv`` (bias: the separate ``<name>_bias`` if any)."""
-    if isinstance(attn.qkv, PartialQKV):
-        w, b = attn.qkv.chunk(name)
-    else:
-        rows = attn.qkv.out_features // 3
-        i = QKV.index(name)
-        w = attn.qkv.weight[i * rows : (i + 1) * rows]
-        b = attn.qkv.bias[i * rows : (i + 1) * rows] if attn.qkv.bias is not None else None
+    w, b = fused_rows(attn.qkv, name)
     separate = getattr(attn, f"{name}_bias", None)
     return w, (separate if separate is not None else b)
 
@@ -106,14 +133,9 @@ def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
     if not chunks:
         return
     if getattr(attn, "qkv", None) is not None:
-        linear = attn.qkv
-        if isinstance(linear, PartialQKV):
-            if chunks <= set(linear.frozen):
-                return
-            chunks |= set(linear.frozen)
-            linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
-            linear.load_state_dict(attn.qkv.state_dict())
-        attn.qkv = PartialQKV(linear, chunks)
+        chunks = freeze_fused(attn, "qkv", chunks)
+        if chunks is None:
+            return
         for c in chunks:
             _to_buffer(attn, f"{c}_bias")
     else:

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..interface import QKV, PartialQKV
-from ._projections import _to_buffer
+from ..interface import QKV
+from ._projections import _to_buffer, freeze_fused, fused_rows
 
 __all__ = ["KV_CHUNKS", "freeze_q_kv", "project_q_kv"]
 
@@ -47,13 +47,7 @@ def project_q_kv(
         k, v = attn.kv(r).reshape(B, M, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return {**out, "k": k, "v": v}
     c = wanted[0]
-    if isinstance(attn.kv, PartialQKV):
-        w, b = attn.kv.chunk(c)
-    else:
-        rows = attn.kv.out_features // 2
-        i = KV_CHUNKS.index(c)
-        w = attn.kv.weight[i * rows : (i + 1) * rows]
-        b = attn.kv.bias[i * rows : (i + 1) * rows] if attn.kv.bias is not None else None
+    w, b = fused_rows(attn.kv, c, KV_CHUNKS)
     out[c] = F.linear(r, w, b).reshape(B, M, num_heads, head_dim).transpose(1, 2)
     return out
 
@@ -66,13 +60,5 @@ def freeze_q_kv(attn: nn.Module, chunks: Iterable[str]) -> None:
         for name in ("weight", "bias"):
             _to_buffer(attn.q, name)
     frozen = chunks & set(KV_CHUNKS)
-    if not frozen:
-        return
-    linear = attn.kv
-    if isinstance(linear, PartialQKV):
-        if frozen <= set(linear.frozen):
-            return
-        frozen |= set(linear.frozen)
-        linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
-        linear.load_state_dict(attn.kv.state_dict())
-    attn.kv = PartialQKV(linear, frozen, chunks=KV_CHUNKS)
+    if frozen:
+        freeze_fused(attn, "kv", frozen, KV_CHUNKS)

@@ -20,6 +20,7 @@ import torch.nn as nn
 from timm.models.pvt_v2 import Attention as PvtV2Attention
 
 from ..adapters import register_adapter
+from ..key_pooling import KeyPooling
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._reduced_keys import freeze_q_kv, project_q_kv
 
@@ -50,7 +51,19 @@ class TransferPvtV2Attention(SoftmaxCore, PvtV2Attention):
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
         if self.io is None:
             return PvtV2Attention.forward(self, x, feat_size)
+        pooling = self.key_pooling(feat_size)
+        if pooling is not None and "k" in self.io.capture:
+            self.io.captured["key_pooling"] = pooling  # stage 1 pools a full-token student's map with it
         return self.transfer_forward(x, feat_size=feat_size)
+
+    def key_pooling(self, feat_size: list[int]) -> KeyPooling | None:
+        """Which tokens of the stage's ``feat_size`` grid each reduced key is made from (`KeyPooling`: the
+        conv's sr×sr blocks, or the linear variant's 7×7 adaptive bins); None without a reduction."""
+        if self.pool is not None:
+            return KeyPooling.adaptive(feat_size, self.pool.output_size)
+        if self.sr is None:
+            return None
+        return KeyPooling.strided(feat_size, self.sr_ratio)
 
     def reduce(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
         """The tokens keys and values are computed from: (B, N_k, C), as timm reduces them."""
