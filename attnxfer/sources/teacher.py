@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..models.attention import make_transfer_aware
+from ..models.image_input import image_input
 from ..models.vit import create_vit
 from .resolve import (
     Origin,
@@ -453,7 +454,7 @@ def _record(
         )
         if src is not None:
             src = (src, src) if isinstance(src, int) else tuple(src)
-            resampled = resampled or tuple(model.patch_embed.img_size) != src
+            resampled = resampled or image_input(model).img_size != src
     model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_model_args"}
     return TeacherRecord(
         spec=spec,
