@@ -33,6 +33,7 @@ from ..config import TrainConfig, dump_config, load_config
 from ..data import build_dataset
 from ..errors import InputError
 from ..models import attention_maps, make_transfer_aware
+from ..models.image_input import image_input
 from ..sources.teacher import load_teacher
 from ..train.engine import TrainResult
 from ..train.metrics import read_metrics
@@ -249,7 +250,7 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -
     last = len(teacher.blocks) - 1
     fig, axes = plt.subplots(len(x), len(models) + 1, figsize=(1.6 * (len(models) + 1), 1.6 * len(x)))
     maps = {name: attention_maps(m, x, [last])[last] for name, m in models.items()}
-    grid = teacher.patch_embed.grid_size
+    grid = image_input(teacher).grid
     for r in range(len(x)):
         axes[r, 0].imshow(x[r, 0].numpy(), cmap="gray")
         axes[r, 0].set_title("image" if r == 0 else "", fontsize=8)

@@ -33,6 +33,7 @@ from ..checkpoints.run_lock import run_lock
 from ..config import TrainConfig, dump_config, to_dict
 from ..data import DatasetInfo, dataset_info
 from ..errors import InputError
+from ..models.image_input import image_input
 from ..models.mae import MaskedAutoencoder
 from ..models.student import student_spec
 from ..models.vit import create_vit
@@ -189,8 +190,9 @@ def _pretrain_parts(
     """The encoder (as the run's student) and the loaders, normalised as ``data`` or the dataset says."""
     d, encoder = cfg.data, mae.encoder
     num_classes = num_classes_of(cfg, info)
-    img_size = d.img_size or encoder.patch_embed.img_size[0]
-    in_chans = encoder.patch_embed.proj.in_channels
+    inputs = image_input(encoder)
+    img_size = d.img_size or inputs.img_size[0]
+    in_chans = inputs.in_chans
     mean, std = d.mean or info.mean, d.std or info.std
     stamp_input_cfg(encoder, mean, std, in_chans, img_size)
     loaders = build_loaders(

@@ -13,6 +13,7 @@ from ..config import TrainConfig
 from ..data import DatasetInfo, dataset_info
 from ..errors import InputError
 from ..models.efficient import with_attention
+from ..models.image_input import image_input
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
@@ -178,7 +179,7 @@ def build_run_parts(
             "or use transfer.mode=none"
         )
     num_classes = num_classes_of(cfg, info)
-    in_chans = d.in_chans or (teacher.patch_embed.proj.in_channels if teacher is not None else info.in_chans)
+    in_chans = d.in_chans or (image_input(teacher).in_chans if teacher is not None else info.in_chans)
     img_size = d.img_size or (_input_size(teacher) if teacher is not None else None)
     student = (
         student_fn(teacher, num_classes)
@@ -186,7 +187,7 @@ def build_run_parts(
         else build_student(cfg, teacher, num_classes, in_chans, img_size)
     )
     img_size = img_size or _input_size(student)
-    in_chans = student.patch_embed.proj.in_channels
+    in_chans = image_input(student).in_chans
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
     std = d.std or (record or {}).get("std") or info.std
@@ -219,7 +220,9 @@ def build_run_parts(
 
 
 def _input_size(model: nn.Module) -> int:
-    """The image side a model is built for: its patch embedding's (ViT, Swin), else its pretrained config's
-    input size (PVTv2 takes any size and records none in its patch embedding)."""
-    size = getattr(model.patch_embed, "img_size", None)
-    return int(size[0]) if size is not None else int(model.pretrained_cfg["input_size"][-1])
+    """The image side a model is built for (`image_input`: its patch embedding's, else the size timm built it
+    for, else its pretrained config's); the data pipeline makes square images of that side."""
+    size = image_input(model).img_size
+    if size is None:
+        raise InputError(f"{type(model).__name__} records no image size: set data.img_size")
+    return int(size[0])

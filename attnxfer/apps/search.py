@@ -34,6 +34,8 @@ from ..config import ConfigError, TrainConfig, to_dict
 from ..errors import InputError
 from ..models.attention import transfer_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
+from ..models.efficient.hierarchical import is_hierarchical
+from ..models.image_input import image_input
 from ..run_layout import STATE_NAME
 from ..search import (
     PREFIX,
@@ -100,7 +102,7 @@ def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSetting
     s = cfg.search
     attn = transfer_attentions(teacher)[0]
     # a hierarchical teacher's grid changes by stage: candidates that do not fit a stage fail at fit time
-    grid = getattr(teacher.patch_embed, "grid_size", None) if hasattr(teacher, "blocks") else None
+    grid = None if is_hierarchical(teacher) else image_input(teacher).grid or None
     return SearchSettings(
         population=s.population,
         offspring=s.offspring,

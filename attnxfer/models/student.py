@@ -27,6 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of
 from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
 from .efficient.swap import swap_attentions
+from .image_input import image_input
 
 __all__ = [
     "SOFTMAX",
@@ -123,13 +124,14 @@ def vit_traits(model: nn.Module) -> dict[str, Any]:
         raise TypeError(f"{type(model).__name__} is not a timm VisionTransformer")
     blk = model.blocks[0]
     attn, mlp = blk.attn, blk.mlp
+    inputs = image_input(model)
     dim = model.embed_dim
     qkv = getattr(attn, "qkv", None)
     hidden = mlp.fc2.in_features if hasattr(mlp, "fc2") else None
     traits = dict(
-        img_size=tuple(model.patch_embed.img_size) if model.patch_embed.img_size is not None else None,
-        patch_size=tuple(model.patch_embed.patch_size),
-        in_chans=model.patch_embed.proj.in_channels,
+        img_size=inputs.img_size,
+        patch_size=inputs.patch_size,
+        in_chans=inputs.in_chans,
         embed_dim=dim,
         depth=len(model.blocks),
         num_heads=getattr(attn, "num_heads", None),

@@ -35,6 +35,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..models.attention import make_transfer_aware
+from ..models.image_input import image_input
 from ..models.vit import create_vit
 from .resolve import (
     Origin,
@@ -451,10 +452,9 @@ def _record(
         src = res.model_args.get("img_size") or (
             cfg.get("input_size", (0, 0, 0))[-2:] if res.source.has_timm_metadata else None
         )
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # Hiera's stem has none
-        if src is not None and img_size is not None:
+        if src is not None:  # image_input: also Hiera, whose stem records no img_size
             src = (src, src) if isinstance(src, int) else tuple(src)
-            resampled = resampled or tuple(img_size) != src
+            resampled = resampled or image_input(model).img_size != src
     model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_model_args"}
     return TeacherRecord(
         spec=spec,

@@ -25,6 +25,7 @@ from ..models.attention import (
 )
 from ..models.attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..models.efficient import check_softmax_teacher
+from ..models.image_input import find_patch_embedding, image_input
 from ..transfer.map_losses import default_map_loss, map_distillation_loss, output_mse
 from .distributed import sum_over_ranks
 
@@ -304,5 +305,5 @@ def _reduced_softmax_counts(d: int, n: int, keys: int) -> OpCounts:
 
 
 def _tokens(model: nn.Module) -> int | None:
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    return int(math.prod(grid)) + int(getattr(model, "num_prefix_tokens", 0)) if grid else None
+    grid = image_input(model).grid if find_patch_embedding(model) is not None else ()
+    return int(math.prod(grid)) + int(getattr(model, "num_prefix_tokens", 0) or 0) if grid else None

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from ..models.attention import MapKind, attention_with_lse, sdpa
+from ..models.image_input import image_input
 from .losses import CE_PATHS, CEPath, attention_distillation_loss, ce_path_for, materialised_bytes
 
 __all__ = [
@@ -162,8 +163,7 @@ def layer_shapes(
 
 
 def _tokens(model: torch.nn.Module) -> int:
-    patch_embed = model.patch_embed
-    return int(patch_embed.num_patches) + int(getattr(model, "num_prefix_tokens", 0))
+    return image_input(model).num_patches + int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 
 def default_memory_budget(device: torch.device | str) -> int:

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..models.attention import MapKind, attention_layers, attention_name_of, stage_of, transfer_attentions
+from ..models.image_input import find_patch_embedding, image_input
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
 
@@ -245,30 +246,10 @@ def _check_pair(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn
         )
 
 
-#: Where timm families keep the patch embedding: ViTs ``patch_embed``, NaFlexViT ``embeds``, the VLM
-#: encoders (Qwen3-ViT, Gemma4-ViT classifiers) ``encoder.patch_embed``.
-_PATCH_EMBEDDINGS = ("patch_embed", "embeds", "encoder.patch_embed")
-
-
 def _token_layout(model: nn.Module) -> tuple[tuple[int, ...], int]:
-    """(patch grid, prefix tokens) of ``model`` at its configured image size."""
-    for where in _PATCH_EMBEDDINGS:
-        try:
-            embed = model.get_submodule(where)
-        except AttributeError:
-            continue
-        break
-    else:
-        return (), int(getattr(model, "num_prefix_tokens", 0) or 0)
-    grid = tuple(getattr(embed, "grid_size", ()) or ())
-    if not grid:  # variable-size embeddings (NaFlexViT, Gemma4): the grid of the default image size
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = getattr(embed, "default_img_size", None) or cfg.get("input_size")
-        # the embedding's stride: overlapping embeddings (PVTv2's 7x7 kernel at stride 4) step by less than a patch
-        patch = getattr(getattr(embed, "proj", None), "stride", None) or getattr(embed, "patch_size", None)
-        if size is not None and patch is not None:
-            size, patch = _pair(size[-2:] if isinstance(size, (tuple, list)) else size), _pair(patch)
-            grid = (size[0] // patch[0], size[1] // patch[1])
+    """(patch grid, prefix tokens) of ``model`` at its configured image size (`image_input`; no grid for a
+    model without a patch embedding attnxfer knows)."""
+    grid = image_input(model).grid if find_patch_embedding(model) is not None else ()
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:
         prefix = getattr(getattr(model, "encoder", None), "num_prefix_tokens", 0)
@@ -368,9 +349,9 @@ def _layout_mismatch(
     fmt = lambda g: "x".join(map(str, g)) or "?"
     fixes = []
     if t_grid != s_grid:
-        patch = getattr(getattr(student, "patch_embed", None), "patch_size", None)
+        patch = image_input(student).patch_size if find_patch_embedding(student) is not None else None
         if patch is not None and len(t_grid) == 2:
-            ph, pw = _pair(patch)
+            ph, pw = patch
             size = (t_grid[0] * ph, t_grid[1] * pw)
             fixes.append(f"img_size={size[0] if size[0] == size[1] else size} (patch {ph})")
         else:
@@ -386,10 +367,6 @@ def _layout_mismatch(
         f"student {fmt(s_grid)} + {s_prefix}. Give the student the teacher's tokens (attention maps are "
         f"token-by-token); for a timm ViT student: {', '.join(fixes)}."
     )
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
 @dataclass(frozen=True)

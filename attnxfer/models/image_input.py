@@ -1,0 +1,111 @@
+"""What a timm vision model takes as input: channels, image size, patch size and patch grid.
+
+timm families keep the module that cuts images into patches in different places and describe it with
+different attributes (a ViT's ``patch_embed`` knows its ``img_size`` and ``grid_size``; NaFlexViT's
+``embeds`` and Gemma4-ViT's ``encoder.patch_embed`` accept any size and record none). This is the one
+place that knows them all, so run builders, plans and reports ask `image_input` instead of reading
+``model.patch_embed`` (which only some families have).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+from timm.models import get_model_traits
+
+from ..errors import InputError
+
+__all__ = ["PATCH_EMBEDDINGS", "ImageInput", "find_patch_embedding", "image_input"]
+
+#: Where timm families keep the patch embedding, looked up in this order: ViT/DeiT, EVA, BEiT, relpos, SAM,
+#: CaiT, Swin, PVTv2, Hiera ``patch_embed``; NaFlexViT ``embeds``; the VLM encoders (Qwen3-ViT, Gemma4-ViT
+#: classifiers) ``encoder.patch_embed``; Twins the first of its per-stage ``patch_embeds``.
+PATCH_EMBEDDINGS = ("patch_embed", "embeds", "encoder.patch_embed", "patch_embeds.0")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """A model's input geometry at its configured image size.
+
+    ``img_size`` is None only for a model that records no size anywhere (then ``grid`` is ``()``);
+    ``grid`` steps by the embedding's stride (PVTv2's overlapping 7x7 patches step by 4)."""
+
+    where: str  # the patch embedding's module path
+    in_chans: int
+    img_size: tuple[int, int] | None
+    patch_size: tuple[int, int]
+    grid: tuple[int, ...]
+
+    @property
+    def num_patches(self) -> int:
+        """Patch tokens at ``img_size`` (0 when the grid is unknown)."""
+        return self.grid[0] * self.grid[1] if len(self.grid) == 2 else 0
+
+
+def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """(path, module) of ``model``'s patch embedding (`PATCH_EMBEDDINGS`), or None for a model without one."""
+    for where in PATCH_EMBEDDINGS:
+        try:
+            return where, model.get_submodule(where)
+        except AttributeError:
+            continue
+    return None
+
+
+def image_input(model: nn.Module) -> ImageInput:
+    """Input channels, image size, patch size and grid of any supported timm vision model.
+
+    Sizes are read from the embedding where it records them, else from timm's record of the size the
+    model was built for (``create_model(..., img_size=...)``), else from its pretrained config. A model
+    with no patch embedding attnxfer knows is one `InputError` naming its class."""
+    found = find_patch_embedding(model)
+    if found is None:
+        raise InputError(
+            f"{type(model).__name__} has no patch embedding attnxfer knows (looked for "
+            f"{', '.join(PATCH_EMBEDDINGS)}); supported are timm's ViT/DeiT, EVA, BEiT, relpos and SAM ViTs, "
+            "CaiT, NaFlexViT, Qwen3-ViT, Gemma4-ViT, Swin, PVTv2, Twins and Hiera models"
+        )
+    where, embed = found
+    proj = getattr(embed, "proj", None)
+    stride = getattr(proj, "stride", None) if isinstance(proj, nn.Conv2d) else None
+    patch = _pair(getattr(embed, "patch_size", None) or stride)
+    if patch is None:
+        raise InputError(
+            f"{type(model).__name__}.{where} records no patch size; attnxfer cannot lay out its tokens"
+        )
+    size = _pair(getattr(embed, "img_size", None) or getattr(embed, "default_img_size", None))
+    if size is None:
+        size = _pair(get_model_traits(model).get("img_size"))
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        size = _pair(tuple(cfg["input_size"][-2:])) if cfg.get("input_size") else None
+    grid = tuple(int(g) for g in (getattr(embed, "grid_size", None) or ()))
+    if not grid and size is not None:
+        step = _pair(stride) or patch
+        grid = (size[0] // step[0], size[1] // step[1])
+    return ImageInput(where, _in_chans(model, where, embed, proj), size, patch, grid)
+
+
+def _in_chans(model: nn.Module, where: str, embed: nn.Module, proj: nn.Module | None) -> int:
+    """The embedding's own count (NaFlexViT), its conv's input channels (ViT-like stems), else the
+    count its owner records (Gemma4-ViT's encoder: a linear projection of flattened patches)."""
+    chans = getattr(embed, "in_chans", None)
+    if chans is None and isinstance(proj, nn.Conv2d):
+        chans = proj.in_channels
+    owner = model.get_submodule(where.rpartition(".")[0]) if "." in where else model
+    for holder in (owner, model):
+        if chans is None:
+            chans = getattr(holder, "in_chans", None)
+    if chans is None:
+        raise InputError(f"{type(model).__name__}.{where} records no input channel count")
+    return int(chans)
+
+
+def _pair(v) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    return v if len(v) == 2 else None
