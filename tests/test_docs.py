@@ -55,7 +55,16 @@ def _tiny_create_model(name: str, pretrained: bool = False, **kwargs):
     return _real_create_model(name, pretrained=pretrained, **kwargs)
 
 
-@pytest.mark.parametrize(("where", "code"), _blocks({"python", "py"}), ids=lambda v: v if "#" in v else "")
+def _python_blocks() -> list:
+    """The python blocks; one that inspects full-size ViTs (``inspect_attention`` builds its models itself, at
+    224 px: ~20 s of CPU) is ``slow``."""
+    return [
+        pytest.param(w, c, marks=pytest.mark.slow) if "inspect_attention(" in c else (w, c)
+        for w, c in _blocks({"python", "py"})
+    ]
+
+
+@pytest.mark.parametrize(("where", "code"), _python_blocks(), ids=lambda v: v if "#" in v else "")
 def test_python_blocks_run(where, code, monkeypatch):
     monkeypatch.setattr(timm, "create_model", _tiny_create_model)
     namespace = {"images": torch.randn(2, 3, 32, 32), "__name__": "__docs__"}

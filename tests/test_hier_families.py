@@ -18,6 +18,7 @@ import timm
 import torch
 import torch.nn as nn
 from family_oracles import logits_of
+from helpers import fast_cells
 from safetensors.torch import load_file
 from test_export import card
 
@@ -272,7 +273,7 @@ def test_swin_v2_student_of_a_swin_teacher_distils_and_copies():
     torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["swin", "swinv2", "swinv2_cr"])
+@pytest.mark.parametrize("name", fast_cells(["swin", "swinv2", "swinv2_cr"], ("swin",)))
 def test_a_swin_student_exports_to_plain_timm_and_loads_back(name, tmp_path):
     teacher, student, x = _pair(name)
     DualViT(teacher, student, mode="distill").train()(x)
@@ -293,7 +294,8 @@ def swin_teacher_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["distill", pytest.param("copy", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["distill", "copy"])
 def test_train_checkpoint_resume_and_export_with_a_swin_teacher(mode, swin_teacher_dir, tmp_path, capsys):
     """`train` in-process with a Swin teacher and its mirrored Swin student: 2 steps, checkpoints at 1 and 2;
     with step 2 deleted the same command resumes from step 1 and ends with bit-identical weights; a distilled

@@ -153,6 +153,7 @@ def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
     assert Path(out["fetch"]) == snap
 
 
+@pytest.mark.slow
 def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
     empty = tmp_path / "empty-cache"
     empty.mkdir()
@@ -185,6 +186,7 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
         assert str(empty) in msg and "HF_HUB_OFFLINE=1" in msg
 
 
+@pytest.mark.slow
 def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path):
     """No HF_HUB_OFFLINE, and a Hub endpoint that accepts connections but never answers (the case
     where huggingface_hub would retry for tens of seconds): cached teachers load, uncached ones fail fast."""

@@ -206,6 +206,7 @@ def test_mae_checkpoint_loads_as_a_teacher_without_its_decoder(pretrained_run, c
         assert torch.equal(v, ckpt[k]), k
 
 
+@pytest.mark.slow
 def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsys):
     """Resume from the step-4 checkpoint (mid-epoch: 281 steps an epoch) and compare step 8 bit for bit."""
     step4 = pretrained_run / "checkpoints" / "step-00000004"
@@ -314,6 +315,7 @@ def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys)
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_refused_pretrain_exits_2_with_one_line_in_a_real_process(tmp_path):
     res = subprocess.run(
         [

@@ -164,6 +164,7 @@ def test_a_distilled_student_exports_to_plain_timm_and_loads_back(name, tmp_path
         torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_train_runs_copy_and_distill_steps_on_a_pvt_v2_teacher(tmp_path):
     """`train` in process on an exported tiny PVTv2 teacher (32 px: 8x8 tokens in stage 0): two copy steps
     and two distill steps. A fresh student's maps are near uniform, so each layer's logged CE is log N_k of

@@ -179,6 +179,7 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
     assert json.loads((run / "run.json").read_text())["teacher"]["architecture"] == "vit_micro_patch4_28"
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
     run = tmp_path / "r"
     proc = subprocess.Popen(
