@@ -250,6 +250,7 @@ def test_mismatched_stage_layouts_fail_at_plan_time_with_one_message(overrides, 
             build_plan(teacher, student, mode)
 
 
+@pytest.mark.slow
 def test_swin_v2_student_of_a_swin_teacher_distils_and_copies():
     """Across Swin versions (same stages and windows): the V1 teacher's maps into a V2 student. Distill = the
     CE of the two versions' own maps; copy = the V2 student run by timm with its softmax maps replaced by the

@@ -418,6 +418,7 @@ def _inspect(spec: str, out: Path, *flags: str) -> int:
     return cli_main([*args, "--batch-size", "2", "--out", str(out), *flags])
 
 
+@pytest.mark.slow
 def test_overwrite_deletes_only_what_inspect_wrote(micro_teacher, tmp_path, capsys):
     out = tmp_path / "report"
     out.mkdir()

@@ -210,7 +210,8 @@ def saved_pairs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("family", fast_cells(["eva02", "beit", "cait", "sam"], ("sam",)))
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["eva02", "beit", "cait", "sam"])
 def test_cli_end_to_end(family, saved_pairs, tmp_path):
     folder, out = saved_pairs / family, tmp_path / "report"
     teacher, student = f"local-dir:{folder / 'teacher'}", f"local-dir:{folder / 'student'}"
