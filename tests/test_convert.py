@@ -171,6 +171,7 @@ def test_stage1_qk_moves_only_q_and_k_rows():
     assert sum(r["value"] for r in map_agreement(teacher, student, xs)) < kl_before
 
 
+@pytest.mark.slow
 def test_stage1_output_loss_for_attentions_without_maps():
     teacher = _teacher()
     student = build_efficient_student(teacher, "hydra")

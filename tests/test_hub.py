@@ -92,6 +92,7 @@ def sha256(path: Path) -> str:
 # The Hub cache, offline
 
 
+@pytest.mark.slow
 def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
     cache = tmp_path / "hub"
     model = tiny_timm(num_classes=5, reg_tokens=2, qk_norm=True)
