@@ -9,6 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -16,6 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.transfer import DualViT, build_plan
+
+
+def fast_cells(values, keep) -> list:
+    """A parametrised matrix for the fast lane: the values in ``keep`` run in every lane, the others are marked
+    ``slow`` (CI runs them all). Rotate ``keep`` across a file's tests so that every value still runs in
+    some fast test; ids stay the values' own."""
+    missing = set(keep) - set(values)
+    assert not missing, f"fast_cells: {sorted(missing)} not among {list(values)}"
+    return [v if v in keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
 
 
 def tiny_vit(

@@ -59,7 +59,7 @@ def _teacher_qk_input(teacher, x, layer):
         ("hedgehog", "ce"),
         ("window_linear", "ce"),
         ("performer", "ce"),
-        ("nystrom", "mse"),
+        pytest.param("nystrom", "mse", marks=pytest.mark.slow),  # its pseudo-inverse: seconds
         ("hedgehog", "mse"),
     ],
 )
@@ -113,6 +113,7 @@ def test_map_agreement_teacher_inputs_is_kl_of_explicit_maps():
 
 
 # ------------------------------------------------------------------------------------- stage 1
+@pytest.mark.slow
 def test_stage1_lowers_the_map_loss_on_a_tiny_model():
     teacher = _teacher()
     student = build_efficient_student(teacher, "hedgehog")
@@ -170,6 +171,7 @@ def test_stage1_qk_moves_only_q_and_k_rows():
     assert sum(r["value"] for r in map_agreement(teacher, student, xs)) < kl_before
 
 
+@pytest.mark.slow
 def test_stage1_output_loss_for_attentions_without_maps():
     teacher = _teacher()
     student = build_efficient_student(teacher, "hydra")

@@ -10,7 +10,9 @@ must know every flag the docs pass them. A command that no longer parses fails C
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+import json
 import re
 import shlex
 import subprocess
@@ -53,7 +55,16 @@ def _tiny_create_model(name: str, pretrained: bool = False, **kwargs):
     return _real_create_model(name, pretrained=pretrained, **kwargs)
 
 
-@pytest.mark.parametrize(("where", "code"), _blocks({"python", "py"}), ids=lambda v: v if "#" in v else "")
+def _python_blocks() -> list:
+    """The python blocks; one that inspects full-size ViTs (``inspect_attention`` builds its models itself, at
+    224 px: ~20 s of CPU) is ``slow``."""
+    return [
+        pytest.param(w, c, marks=pytest.mark.slow) if "inspect_attention(" in c else (w, c)
+        for w, c in _blocks({"python", "py"})
+    ]
+
+
+@pytest.mark.parametrize(("where", "code"), _python_blocks(), ids=lambda v: v if "#" in v else "")
 def test_python_blocks_run(where, code, monkeypatch):
     monkeypatch.setattr(timm, "create_model", _tiny_create_model)
     namespace = {"images": torch.randn(2, 3, 32, 32), "__name__": "__docs__"}
@@ -126,19 +137,45 @@ def _check_attnxfer(argv: list[str], where: str) -> None:
     assert "config: recipe" in out.getvalue()
 
 
-_HELP: dict[str, str] = {}
+# Every benchmark script's `--help`, from ONE fresh interpreter that runs each script as `python SCRIPT --help`
+# would (runpy as __main__, the script's folder first on sys.path): torch is imported once, not once per
+# script (9 scripts: ~30 s of CPU saved per run). The driver prints one JSON line: {script: [exit, out]}.
+_HELP_DRIVER = """
+import contextlib, io, json, runpy, sys, traceback
+scripts, out = sys.argv[1:], {}
+for script in scripts:
+    sys.argv, sys.path[0] = [script, "--help"], str(__import__("pathlib").Path(script).resolve().parent)
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            runpy.run_path(script, run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else str(e.code))
+    except BaseException:
+        code = traceback.format_exc()
+    out[script] = [code, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def _script_helps() -> dict[str, tuple[int | str, str]]:
+    scripts = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").glob("[!_]*.py"))
+    proc = subprocess.run(
+        [sys.executable, "-c", _HELP_DRIVER, *scripts], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    return {k: tuple(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
 
 
 def _check_script(cmd: list[str], where: str) -> None:
     script = next(c for c in cmd[1:] if c.endswith(".py"))
     path = ROOT / script
     assert path.is_file(), f"{where}: {script} does not exist"
-    if script not in _HELP:
-        _HELP[script] = subprocess.run(
-            [sys.executable, str(path), "--help"], capture_output=True, text=True, check=True, cwd=ROOT
-        ).stdout
+    code, help_text = _script_helps()[path.resolve().relative_to(ROOT).as_posix()]
+    assert code == 0, f"{where}: python {script} --help failed:\n{code}"
     for flag in (c.split("=")[0] for c in cmd if c.startswith("--")):
-        assert flag in _HELP[script], f"{where}: {script} has no option {flag}"
+        assert flag in help_text, f"{where}: {script} has no option {flag}"
 
 
 _SHELL = _blocks({"bash", "sh", "shell", "console"})  # unlabelled blocks are pictures (trees)

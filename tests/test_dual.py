@@ -5,15 +5,17 @@ import copy
 import pytest
 import timm
 import torch
-from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
+from helpers import fast_cells, peaked_teacher, randomize_qkv_rows, tiny_vit
 
 from attnxfer.models import PartialQKV
 from attnxfer.train import student_param_groups
 from attnxfer.transfer import DualViT, PlanError, build_plan, map_layers, select_layers
 
 
-@pytest.mark.parametrize("layers", [None, [0], [1, 3], [-1]])
-@pytest.mark.parametrize("end_layer", [0, -2])
+@pytest.mark.parametrize(
+    "layers", [None, [0], *(pytest.param(v, marks=pytest.mark.slow) for v in ([1, 3], [-1]))]
+)
+@pytest.mark.parametrize("end_layer", fast_cells([0, -2], (-2,)))
 def test_copy_identity(layers, end_layer):
     """A student equal to the teacher except random q/k in the copied layers reproduces the teacher."""
     teacher = tiny_vit(depth=4, qkv_bias=True).eval()
@@ -117,6 +119,7 @@ def test_distill_eval_runs_student_alone_copy_eval_runs_teacher():
     assert 2 in calls
 
 
+@pytest.mark.slow
 def test_distill_loss_matches_per_layer_oracle_and_learns():
     teacher, student = peaked_teacher(depth=2), tiny_vit(seed=2, depth=2)
     dual = DualViT(teacher, student, build_plan(teacher, student, "distill", weight=2.0)).train()

@@ -208,6 +208,7 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     assert run["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path):
     from attnxfer.checkpoints.export import ModelCardInfo, export_student
     from attnxfer.models import create_vit

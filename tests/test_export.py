@@ -117,6 +117,7 @@ def test_export_loads_in_plain_timm_with_bit_identical_logits(tmp_path):
     assert config["attnxfer"]["loads_in_plain_timm"] is True
 
 
+@pytest.mark.slow
 def test_export_loads_in_a_process_without_attnxfer(tmp_path):
     student = trained_student(seed=2)
     out = export_student(student, tmp_path / "out", card=card())
@@ -329,6 +330,7 @@ def test_export_run_refuses_copy_mode_students(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
     student = trained_student()
     torch.save({"state": student.state_dict()}, tmp_path / "student.pt")  # read back with weights_only=True
@@ -358,6 +360,7 @@ def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
     assert "hf-hub:acme/student" in (tmp_path / "out" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_load_student_from_the_hub_cache_offline(tmp_path):
     """The real huggingface_hub cache layout, offline: the exported folder as a Hub repo snapshot."""
     import hashlib

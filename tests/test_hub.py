@@ -92,6 +92,7 @@ def sha256(path: Path) -> str:
 # The Hub cache, offline
 
 
+@pytest.mark.slow
 def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
     cache = tmp_path / "hub"
     model = tiny_timm(num_classes=5, reg_tokens=2, qk_norm=True)
@@ -153,6 +154,7 @@ def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
     assert Path(out["fetch"]) == snap
 
 
+@pytest.mark.slow
 def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
     empty = tmp_path / "empty-cache"
     empty.mkdir()
@@ -185,6 +187,7 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
         assert str(empty) in msg and "HF_HUB_OFFLINE=1" in msg
 
 
+@pytest.mark.slow
 def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path):
     """No HF_HUB_OFFLINE, and a Hub endpoint that accepts connections but never answers (the case
     where huggingface_hub would retry for tens of seconds): cached teachers load, uncached ones fail fast."""

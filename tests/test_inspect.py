@@ -354,9 +354,10 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
             ["resnet18", "vit_tiny_patch16_224", "--random-weights", "--data", "synthetic"],
             "not a timm VisionTransformer",
         ),
-        (
+        pytest.param(  # builds two ViTs at 224 px: seconds
             ["vit_tiny_patch16_224", "vit_small_patch32_224", "--random-weights", "--data", "synthetic"],
             "differ from the teacher's",
+            marks=pytest.mark.slow,
         ),
         (["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights"], "no images to inspect"),
         (
@@ -417,6 +418,7 @@ def _inspect(spec: str, out: Path, *flags: str) -> int:
     return cli_main([*args, "--batch-size", "2", "--out", str(out), *flags])
 
 
+@pytest.mark.slow
 def test_overwrite_deletes_only_what_inspect_wrote(micro_teacher, tmp_path, capsys):
     out = tmp_path / "report"
     out.mkdir()

@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from family_oracles import TINY, oracle_maps
+from helpers import fast_cells
 from PIL import Image
 from test_export import card
 from timm.models import save_for_hf
@@ -73,7 +74,7 @@ def _js(p, q):
     return 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
 
 
-@pytest.mark.parametrize("family", ["eva02", "beit"])
+@pytest.mark.parametrize("family", fast_cells(["eva02", "beit"], ("eva02",)))
 def test_rope_and_bias_metrics_equal_timms_own_maps(family):
     """Per head: KL, JS, entropy, class-token JS and attention distance from whole maps that timm's own
     modules produce — the rope (EVA-02) or the relative-position bias (BEiT) inside them."""
@@ -108,7 +109,7 @@ PARTITIONS = {
 }
 
 
-@pytest.mark.parametrize("family", list(PARTITIONS))
+@pytest.mark.parametrize("family", fast_cells(list(PARTITIONS), ("relpos_cls", "cait")))
 def test_windows_class_attention_and_other_families_against_timms_maps(family):
     """SAM: a windowed layer is a batch of windows (padding keys included, as timm keeps them), compared
     row for row; CaiT: talking-heads maps before the head mixing, and the class-attention block's one row
@@ -209,6 +210,7 @@ def saved_pairs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["eva02", "beit", "cait", "sam"])
 def test_cli_end_to_end(family, saved_pairs, tmp_path):
     folder, out = saved_pairs / family, tmp_path / "report"

@@ -112,6 +112,7 @@ def test_row_logsumexp_matches_autograd_of_explicit():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rows_path_equals_the_oracle_in_float64():
     """The fused row path in float64 end to end (the compute dtype keeps it): values and gradients to
     1e-10 with grouped heads, the teacher's head dim unlike the student's and a ragged last chunk; plus

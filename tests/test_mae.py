@@ -165,6 +165,7 @@ def pretrained_run(tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 def test_pretraining_writes_checkpoints_metrics_pictures_and_a_timm_export(pretrained_run):
     run = pretrained_run
     assert {p.name for p in (run / "checkpoints").glob("step-*")} == {"step-00000004", "step-00000008"}
@@ -186,6 +187,7 @@ def test_pretraining_writes_checkpoints_metrics_pictures_and_a_timm_export(pretr
         assert torch.equal(v, ckpt[k]), k
 
 
+@pytest.mark.slow
 def test_mae_checkpoint_loads_as_a_teacher_without_its_decoder(pretrained_run, caplog):
     ckpt_file = pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"
     ckpt = load_file(str(ckpt_file))
@@ -206,6 +208,7 @@ def test_mae_checkpoint_loads_as_a_teacher_without_its_decoder(pretrained_run, c
         assert torch.equal(v, ckpt[k]), k
 
 
+@pytest.mark.slow
 def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsys):
     """Resume from the step-4 checkpoint (mid-epoch: 281 steps an epoch) and compare step 8 bit for bit."""
     step4 = pretrained_run / "checkpoints" / "step-00000004"
@@ -224,6 +227,7 @@ def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsy
     assert all(torch.equal(oa[k], ob[k]) for k in oa)
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
     from attnxfer.apps.run_parts import init_from_pretrained
 
@@ -243,6 +247,7 @@ def _maes_full_checkpoint(pretrained_run: Path, path: Path, **extra) -> dict[str
     return state
 
 
+@pytest.mark.slow
 def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pretrained_run, tmp_path):
     from attnxfer.apps.pretrain import build_pretrain_engine
 
@@ -278,6 +283,7 @@ def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pre
             assert torch.equal(got[k], v), k
 
 
+@pytest.mark.slow
 def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused(pretrained_run, tmp_path):
     import argparse
 
@@ -314,6 +320,7 @@ def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys)
     assert needle in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_a_refused_pretrain_exits_2_with_one_line_in_a_real_process(tmp_path):
     res = subprocess.run(
         [

@@ -48,3 +48,25 @@ def test_builtin_recipes_parse_and_ship_with_the_package():
     )
     copy = load_config("paper/vit_large_copy")
     assert (copy.transfer.mode, copy.optim.layer_decay, copy.schedule.epochs) == ("copy", 0.75, 100)
+
+
+_BUILTIN_MARKS = {"parametrize", "skip", "skipif", "xfail", "usefixtures", "filterwarnings"}
+
+
+def test_every_marker_the_tests_use_is_declared_and_strict():
+    """The fast lane (``-m "not slow and not slurm"``) selects by marker name: a misspelt marker (``slwo`` for ``slow``)
+    would silently put a slow test in it. pyproject declares every marker the tests use, and
+    ``--strict-markers`` makes an undeclared one a collection error."""
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    declared = {m.split(":")[0].strip() for m in cfg["markers"]}
+    assert {"slow", "slurm"} <= declared
+    assert "--strict-markers" in cfg["addopts"].split()
+    used = {
+        name
+        for path in (ROOT / "tests").rglob("*.py")
+        for name in re.findall(r"pytest\.mark\.(\w+)", path.read_text())
+    }
+    assert "slow" in used and "slurm" in used  # the scan sees the markers (not vacuous)
+    assert used - _BUILTIN_MARKS <= declared, (
+        f"undeclared markers: {sorted(used - _BUILTIN_MARKS - declared)}"
+    )

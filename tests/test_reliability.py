@@ -49,6 +49,7 @@ def _one_record_per_step(run: Path) -> None:
     assert max(counts.values()) == 1, counts
 
 
+@pytest.mark.slow
 def test_periodic_save_on_an_epoch_end_and_extending_a_finished_run(tmp_path, capsys):
     run = tmp_path / "every2"
     args = ["train", *S, "checkpoint.every_steps=2", f"run_dir={run}"]
@@ -179,6 +180,7 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
     assert json.loads((run / "run.json").read_text())["teacher"]["architecture"] == "vit_micro_patch4_28"
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
     run = tmp_path / "r"
     proc = subprocess.Popen(
@@ -207,6 +209,7 @@ def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
     assert "no checkpoint was saved yet" in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_saves_over_existing_steps_replace_same_weights_and_keep_other_weights(tmp_path, capsys):
     run = tmp_path / "r"
     args = ["train", *S, "schedule.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=5"]
@@ -238,7 +241,7 @@ def exported(trained, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("ce_path", ["auto", "attention_lse"])
+@pytest.mark.parametrize("ce_path", [pytest.param("auto", marks=pytest.mark.slow), "attention_lse"])
 def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_path, capsys):
     """transfer.ce_path reaches the training step (attention_lse: the student's layers hand out their
     log-sum-exp, or the loss refuses to run) and run.json records the path used and how it was chosen

@@ -178,6 +178,7 @@ def finished(tmp_path_factory, tiny_teacher_dir):
     return run
 
 
+@pytest.mark.slow
 def test_search_command_writes_every_output(finished, capsys):
     run = finished
     for name in ("state.json", "candidates.jsonl", "pareto.md", "pareto.png"):
@@ -237,6 +238,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, 
     assert a["population"] == b["population"] and a["duplicates"] == b["duplicates"]
 
 
+@pytest.mark.slow
 def test_changed_config_on_resume_is_refused(finished, tiny_teacher_dir, capsys):
     before = (finished / "state.json").read_text()
     code = cli.main(_args(finished, tiny_teacher_dir, "search.fit_steps=5"))

@@ -57,6 +57,7 @@ def _cfg(tmp_path: Path, teacher_dir: Path, mode: str, *extra: str):
 # -- 1. no host syncs on unlogged steps --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mode,extra",
     [

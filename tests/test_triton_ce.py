@@ -118,7 +118,9 @@ def _check_fp32_against_the_oracle(B, heads_t, heads_s, d_t, d_s, N, device="cpu
     "B,heads_t,heads_s,d_t,d_s,N",
     [
         (2, 2, 2, 8, 8, 50),  # one teacher head per student head, ragged N (50 = 3 blocks of 16 + 2)
-        (1, 4, 2, 12, 8, 40),  # head groups (H_t = 2 H_s), unequal head dims (12 padded to 16)
+        pytest.param(
+            1, 4, 2, 12, 8, 40, marks=pytest.mark.slow
+        ),  # head groups (H_t = 2 H_s), unequal head dims (12 padded to 16)
     ],
 )
 def test_fp32_rows_kl_and_gradients_match_the_oracle(kernel_interpreter, B, heads_t, heads_s, d_t, d_s, N):
@@ -144,7 +146,7 @@ def _check_half_inputs(dtype, B=2, heads_t=4, heads_s=2, d_t=16, d_s=32, N=45, d
         torch.testing.assert_close(a.float(), b.float(), rtol=2 * ulp, atol=4 * ulp * b.abs().max().item())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float16, marks=pytest.mark.slow)])
 def test_half_inputs_match_the_oracle_on_the_same_values(kernel_interpreter, dtype):
     """bf16/fp16 q/k (training on a GPU): the tiles multiply in the inputs' dtype with fp32 accumulation,
     so the loss is the fp32 oracle's on the same (rounded) values; gradients come back in the inputs'
@@ -182,6 +184,7 @@ def _check_distillation_step():
     assert_same_distill_step(distill_step_on("triton", teacher, x), distill_step_on("rows", teacher, x))
 
 
+@pytest.mark.slow
 def test_distillation_step_on_the_triton_path_equals_the_rows_path(kernel_interpreter):
     """DualViT with transfer.ce_path=triton (tiny ViTs, 17 tokens, 3 heads of 16): the same per-layer CE
     and the same student gradients as the rows path."""
@@ -210,7 +213,7 @@ def test_refusals_say_what_to_change(interpreter, monkeypatch):
         triton_row_ce(q, k, q, k)
 
 
-@pytest.mark.parametrize("heads_t,d_t", [(6, 64), (12, 48)])
+@pytest.mark.parametrize("heads_t,d_t", [(6, 64), pytest.param(12, 48, marks=pytest.mark.slow)])
 def test_kernels_compile_for_an_h100_with_tensor_core_tiles(heads_t, d_t):
     """Every kernel a call launches passes Triton's compiler for sm_90 with the GPU's bf16 tiles, 64×64 (g = 1:
     the one-pass entropy and hoisted teacher tiles; g = 2 with d_t = 48 padded to 64: the grouped-entropy

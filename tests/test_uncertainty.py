@@ -75,6 +75,7 @@ def test_tables_render_intervals_and_paired_tests():
     assert "| A vs B | 1 | 3 | 0 | 0.250 |" in paired and "| A vs B | 2 | 0 | 0 | 1.000 |" in paired
 
 
+@pytest.mark.slow
 def test_per_image_scoring_agrees_with_the_engine(tmp_path):
     """A scratch run, then a copy run whose teacher is that run: scoring each image of the validation set
     again from the newest checkpoint (the copy student with its teacher's maps) gives the engine's top-1."""
