@@ -6,7 +6,8 @@ every repository path the docs write (``attnxfer/...py``, ``tests/...py``, ``ben
 ``families/_projections.py``) is a file of the repository, a folder in backticks (`` `launch/slurm/` ``) is
 one of its folders, a recipe name (``paper/vit_large_copy``) resolves, every dotted ``attnxfer.x.y`` imports
 (a module, or a name of one), and a name the docs place in a file (`` `path.py` `name` ``,
-`` `name` (`path.py`) ``, ``path.py::name``, ``train/optim.build_adamw``) is defined there.
+`` `name` (`path.py`) ``, ``path.py::name``, ``train/optim.build_adamw``) is defined there, and a config
+key in backticks (`` `transfer.ce_path` ``, `` `data.root=...` ``) is one the schema declares.
 Not checked: paths whose first folder is not the repository's (``runs/...``, ``RUN_DIR/...``, MAE's
 ``util/lr_decay.py``), a file as it was at a revision (``git show REV:path``, `` `REV:path` ``), and the
 class beside a bare adapter file name (README's family table: `` `WindowAttention` (`swin.py`) `` is
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from attnxfer.config import ConfigError, resolve_recipe
+from attnxfer.config import ConfigError, config_keys, resolve_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -38,6 +39,9 @@ _PATH = re.compile(_START + rf"((?:[A-Za-z_][\w-]*/)+[\w-]+\.{_EXT})(?![\w/])")
 _FOLDER = re.compile(r"`((?:[A-Za-z_]\w*/)+)`")
 _RECIPE_GROUPS = sorted(p.name for p in (ROOT / "attnxfer" / "cfgs").iterdir() if p.is_dir())
 _RECIPE = re.compile(_START + rf"((?:{'|'.join(_RECIPE_GROUPS)})/\w*[A-Za-z0-9])(?![\w/.*<-])")
+_KEYS = frozenset(config_keys())
+_SECTIONS = sorted({k.split(".")[0] for k in _KEYS if "." in k})
+_CONFIG_KEY = re.compile(rf"`((?:{'|'.join(_SECTIONS)})\.[a-z_][\w.]*)(?:=[^`]*)?`")
 _DOTTED = re.compile(r"(?<![\w./\"'-])attnxfer(?:\.[A-Za-z_]\w*)+")
 _NAME = r"[A-Za-z_][\w.]*"
 _IN_FILE = [  # (path, name) pairs the docs write; `bare` marks the form whose bare file names are skipped
@@ -173,6 +177,8 @@ def test_a_moved_module_or_name_would_fail():
     source = (ROOT / "attnxfer/checkpoints/run_dir.py").read_text()
     assert _defined(source, "RunDir.load_student") and not _defined(source, "RunDir.no_such_method")
     assert not _defined(source, "no_such_function")
+    renamed = _CONFIG_KEY.search("set `transfer.ce_pth=auto` there").group(1)
+    assert renamed == "transfer.ce_pth" and renamed not in _KEYS and "transfer.ce_path" in _KEYS
 
 
 def test_every_path_in_the_docs_exists():
@@ -204,6 +210,20 @@ def test_every_recipe_in_the_docs_resolves():
 def test_every_attnxfer_module_in_the_docs_imports():
     missing = [f"{doc}: {d}" for doc, d in _found(_DOTTED, 0) if d not in NOT_MODULES and not _importable(d)]
     assert not missing, "dotted names the docs write that do not import:\n" + "\n".join(missing)
+
+
+def test_every_config_key_in_the_docs_is_declared():
+    """A backticked ``section.key`` is a key of the schema (or a module under attnxfer: `train.measure`),
+    unless it is a file name (`model.safetensors`)."""
+    missing = [
+        f"{doc}: {name}"
+        for doc, name in _found(_CONFIG_KEY)
+        if name not in _KEYS
+        and not name.endswith((".safetensors", ".json", ".yaml"))
+        and not _importable(f"attnxfer.{name}")
+    ]
+    assert len(_found(_CONFIG_KEY)) > 50 and ("README.md", "transfer.ce_path") in _found(_CONFIG_KEY)
+    assert not missing, "config keys the docs write that the schema does not declare:\n" + "\n".join(missing)
 
 
 def test_every_name_placed_in_a_file_is_defined_there():
