@@ -147,8 +147,9 @@ def layer_shapes(
     teacher_dtype = dual.teacher_dtype or (
         torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     )
-    q_s, k_s = _probe_qk(dual.student, s)
-    q_t, _ = _probe_qk(dual.teacher, t)
+    image = _input_shape(dual.student)  # both models see the student's images
+    q_s, k_s = _probe_qk(dual.student, s, image)
+    q_t, _ = _probe_qk(dual.teacher, t, image)
     return LayerShapes(
         batch=batch * q_s[0],
         tokens=q_s[2],
@@ -163,14 +164,16 @@ def layer_shapes(
     )
 
 
-def _probe_qk(model: torch.nn.Module, layer: int) -> tuple[torch.Size, torch.Size]:
+def _probe_qk(
+    model: torch.nn.Module, layer: int, image_shape: tuple[int, int, int]
+) -> tuple[torch.Size, torch.Size]:
     """The (B, H, N, d) shapes of the q and k attention layer ``layer`` hands the loss, per image: one image
     of the model's size through its own forward up to that layer, with the RNGs forked (a training-mode
     student draws dropout). Read, not computed from attributes: an adapter's q/k need not be one head of
     ``head_dim`` over the patch tokens (CaiT's talking heads mix heads into q' of H·d; windows and mask units
     are rows of the batch; spatial reduction shortens the keys)."""
     weight = next(model.parameters())
-    image = torch.zeros(1, *_input_shape(model), dtype=weight.dtype, device=weight.device)
+    image = torch.zeros(1, *image_shape, dtype=weight.dtype, device=weight.device)
     io = AttentionIO(capture="qk", stop=True)
     forked = [weight.device] if weight.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=forked):
@@ -179,8 +182,9 @@ def _probe_qk(model: torch.nn.Module, layer: int) -> tuple[torch.Size, torch.Siz
 
 
 def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the images ``model`` was built for (timm's patch embedding keeps them;
-    ``pretrained_cfg`` keeps the pretrained size even where ``img_size=`` changed it)."""
+    """(channels, height, width) of the images ``model`` was built for: timm's patch embedding keeps them
+    where it has a fixed size; else ``pretrained_cfg``, which a run stamps with its input size
+    (`apps.run_parts.stamp_input_cfg`) but which otherwise keeps the pretrained size."""
     for where in ("patch_embed", "embeds", "encoder.patch_embed"):
         try:
             embed = model.get_submodule(where)
