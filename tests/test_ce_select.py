@@ -170,3 +170,23 @@ def test_auto_measures_layers_with_fewer_keys_than_queries():
     choice = measure_ce_paths(shapes, "cpu", todo, rounds=1, log=lambda _: None)
     assert not choice.skipped and set(choice.timings_ms) == {str(p) for p in todo}
     assert choice.path in todo and "17 keys" in choice.describe()
+
+
+def test_layer_shapes_are_the_q_k_the_adapter_hands_out_talking_heads_included():
+    """CaiT's talking heads mix heads before the softmax: the CE runs on q', k' of H·d features per head
+    (the adapter's `project`), not on one head's d. The shapes timed are those of `project` on the layer's
+    real input (the hidden tokens entering the first block), and the batch, tokens and heads too."""
+    from family_oracles import TINY
+
+    teacher, student = TINY["cait"].build(seed=1), TINY["cait"].build(seed=2)
+    dual = DualViT(teacher, student, build_plan(teacher, student, "distill"))
+    shapes = layer_shapes(dual, 3)
+    attn = dual._student_attn[dual.plan.pairs[0][0]]
+    hidden = student.patch_embed(torch.zeros(1, 3, 32, 32))  # CaiT's self-attention blocks see the patches
+    with torch.no_grad():
+        qk = attn.project(student.blocks[0].norm1(hidden), "qk")
+    B, H, N, D = qk["q"].shape
+    assert (H, D) == (attn.num_heads, attn.num_heads * attn.head_dim) == (2, 32)  # H·d, d = 16
+    assert qk["k"].shape == (B, H, N, D) and N == 16
+    assert (shapes.batch, shapes.tokens, shapes.student_heads, shapes.student_dim) == (3, N, H, D)
+    assert (shapes.teacher_heads, shapes.teacher_dim, shapes.keys) == (H, D, N)

@@ -21,7 +21,16 @@ import pytest
 import yaml
 
 from attnxfer.config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, load_config
-from attnxfer.config.keys import ANY, Range, key, leaves, rule_of
+from attnxfer.config.keys import (
+    ANY,
+    Range,
+    key,
+    leaves,
+    resumable_keys,
+    rule_of,
+    search_resumable_keys,
+    section,
+)
 from attnxfer.launch import cli
 
 STR, NUM, BOOL = "[1, 2]", "abc", "maybe"  # a wrong type for strings, numbers, booleans
@@ -259,6 +268,25 @@ def test_every_key_declares_its_range_and_resume_rule():
     # what the resume rule means, by hand: the optimiser's lr may change, the model being trained may not
     assert {"optim.lr", "data.num_workers", "schedule.epochs", "log.every_steps"} <= set(RESUMABLE_KEYS)
     assert not {"model.name", "transfer.mode", "data.batch_size", "seed"} & set(RESUMABLE_KEYS)
+
+
+def test_the_search_resume_rule_is_a_second_flag_on_the_same_declaration():
+    """``search_resumable=`` on a key or a section, read like ``resumable=`` and independent of it."""
+
+    @dataclass
+    class Inner:
+        a: int = key(1, range=ANY)
+
+    @dataclass
+    class Outer:
+        both: int = key(1, range=ANY, resumable=True, search_resumable=True)
+        train_only: int = key(1, range=ANY, resumable=True)
+        search_only: int = key(1, range=ANY, search_resumable=True)
+        neither: int = key(1, range=ANY)
+        inner: Inner = section(Inner, search_resumable=True)
+
+    assert search_resumable_keys(Outer) == ("both", "search_only", "inner.a")
+    assert resumable_keys(Outer) == ("both", "train_only")
 
 
 def test_a_key_without_a_range_is_refused():

@@ -295,3 +295,43 @@ def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refus
     line = err.strip().splitlines()[-1]
     assert recorded in line and "another teacher" in line and "sha256" in line.split(recorded)[1]
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("override", "accepted"),
+    [
+        ("search.min_speed=2", True),  # declared search_resumable (a training resume could not change it)
+        ("log.every_steps=7", True),  # through its section: section(LogConfig, search_resumable=True)
+        ("data.num_workers=2", True),
+        ("optim.lr=0.5", False),  # a training resume may change it; a search's candidates were fitted with it
+        ("search.fit_steps=5", False),
+    ],
+)
+def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(tmp_path, override, accepted):
+    """The search's resume rule is read off the schema (``key(..., search_resumable=True)``), not a table of
+    its own, and is not the training run's rule (`RESUMABLE_KEYS`)."""
+    from attnxfer.apps.search import _load_state
+    from attnxfer.config import RESUMABLE_KEYS, SEARCH_RESUMABLE_KEYS, ConfigError, load_config, to_dict
+    from attnxfer.search import SearchState
+
+    name = override.split("=")[0]
+    assert (name in SEARCH_RESUMABLE_KEYS) is accepted and (name in RESUMABLE_KEYS) is not name.startswith(
+        "search"
+    )
+    recorded = load_config(overrides=[f"run_dir={tmp_path}"])
+    state = {
+        "version": 1,
+        "config": to_dict(recorded),
+        "teacher": None,
+        "state": SearchState(generation=0).to_dict(),
+    }
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    changed = load_config(overrides=[f"run_dir={tmp_path}", override])
+    lines: list[str] = []
+    if accepted:
+        assert _load_state(changed, tmp_path, lines.append).generation == 0
+        assert lines[0].startswith("search: changed since generation 0: " + name)
+    else:
+        with pytest.raises(ConfigError, match=f"different values for: {name} "):
+            _load_state(changed, tmp_path, lines.append)
+        assert not lines

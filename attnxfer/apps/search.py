@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
-from ..config import ConfigError, TrainConfig, to_dict
+from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, to_dict
 from ..errors import InputError
 from ..models.attention import transfer_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
@@ -56,11 +56,6 @@ __all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "searc
 
 STATE = STATE_NAME  # the search's own state, at the run dir's top
 _VERSION = 1
-
-#: ``search.*`` (and other) keys (and ``section.`` prefixes) a rerun may change: how long it goes on and how
-#: it reports
-RESUMABLE_KEYS = ("search.generations", "search.time_budget_min", "search.min_speed", "search.convert_recipe")
-_ANYWAY = ("log.", "data.num_workers", "data.pin_memory", "teacher.cache_dir", "run_dir")
 
 
 @dataclass
@@ -169,7 +164,7 @@ def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> 
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"cannot read {path}: {e}; move it away to start a new search") from None
-    allowed, refused = config_changes(data.get("config", {}), cfg, resumable=RESUMABLE_KEYS + _ANYWAY)
+    allowed, refused = config_changes(data.get("config", {}), cfg, resumable=SEARCH_RESUMABLE_KEYS)
     allow_respelled_teacher(data.get("teacher"), allowed, refused)  # by content: check_teacher_content
     if refused:
         raise ConfigError(

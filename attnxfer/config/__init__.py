@@ -20,6 +20,7 @@ from .overrides import (
 from .schema import (
     RANGES,
     RESUMABLE_KEYS,
+    SEARCH_RESUMABLE_KEYS,
     AugConfig,
     CheckpointConfig,
     ConvertConfig,
@@ -41,6 +42,7 @@ __all__ = [
     "RANGES",
     "RECIPES",
     "RESUMABLE_KEYS",
+    "SEARCH_RESUMABLE_KEYS",
     "AugConfig",
     "CheckpointConfig",
     "ConfigError",

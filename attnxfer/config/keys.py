@@ -2,7 +2,8 @@
 
 ``lr: float = key(1e-3, range=POSITIVE, resumable=True)`` is the whole declaration of ``optim.lr``: the
 loader range-checks it, a resumed run may change it, and the tables other code reads (`ranges`,
-`resumable_keys`) are derived from the fields, so a new key is one edit and cannot be half-declared.
+`resumable_keys`, `search_resumable_keys`) are derived from the fields, so a new key is one edit and cannot
+be half-declared.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ __all__ = [
     "ranges",
     "resumable_keys",
     "rule_of",
+    "search_resumable_keys",
     "section",
 ]
 
 _RANGE, _RESUMABLE, _SECTION = "attnxfer.range", "attnxfer.resumable", "attnxfer.section"
+_SEARCH_RESUMABLE = "attnxfer.search_resumable"
 
 
 @dataclass(frozen=True)
@@ -91,23 +94,27 @@ def key(
     range: Range | None = None,
     choices: tuple[str, ...] | None = None,
     resumable: bool = False,
+    search_resumable: bool = False,
 ) -> Any:
     """A config key: its default (or ``factory`` for a list / mapping), the values it accepts (``range=``
     bounds, `ANY`, or ``choices=``: exactly one) and whether a resumed run may change it (default: no, so
-    a forgotten rule refuses a change rather than silently letting a checkpoint mean something else)."""
+    a forgotten rule refuses a change rather than silently letting a checkpoint mean something else).
+    ``search_resumable``: whether a resumed ``attnxfer search`` may change it, a rule of its own (a search
+    resumes its population, not a checkpoint: how long it goes on may change, its candidates' training not)."""
     if (range is None) == (choices is None):
         raise TypeError("key(...): give exactly one of range= (ANY for no bounds) or choices=")
     rule = Range(choices=tuple(choices)) if choices is not None else range
-    metadata = {_RANGE: rule, _RESUMABLE: bool(resumable)}
+    metadata = {_RANGE: rule, _RESUMABLE: bool(resumable), _SEARCH_RESUMABLE: bool(search_resumable)}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def section(cls: type, *, resumable: bool = False) -> Any:
+def section(cls: type, *, resumable: bool = False, search_resumable: bool = False) -> Any:
     """A section of the config (a nested dataclass); ``resumable=True``: a resumed run may change every key
-    in it (how long it trains, how it logs and saves)."""
-    return dataclasses.field(default_factory=cls, metadata={_SECTION: True, _RESUMABLE: bool(resumable)})
+    in it (how long it trains, how it logs and saves); ``search_resumable=True``: a resumed search may."""
+    metadata = {_SECTION: True, _RESUMABLE: bool(resumable), _SEARCH_RESUMABLE: bool(search_resumable)}
+    return dataclasses.field(default_factory=cls, metadata=metadata)
 
 
 @functools.cache
@@ -131,12 +138,13 @@ def rule_of(f: dataclasses.Field) -> Range:
 
 @dataclass(frozen=True)
 class Leaf:
-    """One key of the schema: its dotted name, range and resume rule (its own or its section's)."""
+    """One key of the schema: its dotted name, range and resume rules (its own or its section's)."""
 
     name: str
     range: Range
     resumable: bool
     owner: type  # the section dataclass that declares it
+    search_resumable: bool = False
 
     @property
     def type(self) -> Any:
@@ -144,14 +152,17 @@ class Leaf:
         return field_types(self.owner)[self.name.rsplit(".", 1)[-1]]
 
 
-def leaves(cls: type, prefix: str = "", resumable: bool = False) -> Iterator[Leaf]:
+def leaves(
+    cls: type, prefix: str = "", resumable: bool = False, search_resumable: bool = False
+) -> Iterator[Leaf]:
     """Every leaf key under ``cls``, dotted, in declaration order (read from the metadata alone)."""
     for f in dataclasses.fields(cls):
         name, may_change = prefix + f.name, resumable or f.metadata.get(_RESUMABLE, False)
+        search_may = search_resumable or f.metadata.get(_SEARCH_RESUMABLE, False)
         if f.metadata.get(_SECTION):
-            yield from leaves(f.default_factory, name + ".", may_change)
+            yield from leaves(f.default_factory, name + ".", may_change, search_may)
         else:
-            yield Leaf(name, rule_of(f), may_change, cls)
+            yield Leaf(name, rule_of(f), may_change, cls, search_may)
 
 
 def ranges(cls: type) -> dict[str, Range]:
@@ -162,3 +173,8 @@ def ranges(cls: type) -> dict[str, Range]:
 def resumable_keys(cls: type) -> tuple[str, ...]:
     """The dotted keys a resumed run may change (declared on the field or on its section)."""
     return tuple(leaf.name for leaf in leaves(cls) if leaf.resumable)
+
+
+def search_resumable_keys(cls: type) -> tuple[str, ...]:
+    """The dotted keys a resumed search may change (declared on the field or on its section)."""
+    return tuple(leaf.name for leaf in leaves(cls) if leaf.search_resumable)

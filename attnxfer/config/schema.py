@@ -1,8 +1,8 @@
 """The run configuration's schema: one dataclass per section, one field per key.
 
 A key is declared once, here: its type, default, range and whether a resumed run may change it
-(``key(...)``, `attnxfer.config.keys`). The tables other code reads, `RANGES` and `RESUMABLE_KEYS`,
-are derived from the fields. Loading and overrides are `loading.py` and `overrides.py`.
+(``key(...)``, `attnxfer.config.keys`). The tables other code reads, `RANGES`, `RESUMABLE_KEYS` and
+`SEARCH_RESUMABLE_KEYS`, are derived from the fields. Loading and overrides are `loading.py` and `overrides.py`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from .keys import (
     leaves,
     ranges,
     resumable_keys,
+    search_resumable_keys,
     section,
 )
 from .overrides import apply_overrides, dump_config
@@ -30,6 +31,7 @@ from .overrides import apply_overrides, dump_config
 __all__ = [
     "RANGES",
     "RESUMABLE_KEYS",
+    "SEARCH_RESUMABLE_KEYS",
     "AugConfig",
     "CheckpointConfig",
     "ConvertConfig",
@@ -86,7 +88,7 @@ class TeacherConfig:
     spec: str | None = key(None, range=ANY)
     arch: str | None = key(None, range=ANY)  # architecture for a bare weights file
     revision: str | None = key(None, range=ANY)
-    cache_dir: str | None = key(None, range=ANY, resumable=True)
+    cache_dir: str | None = key(None, range=ANY, resumable=True, search_resumable=True)
     # auto = the run's precision (bf16 on GPU, fp32 on CPU); or fp32 / bf16 / fp16
     dtype: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"))
     # torch.compile of the teacher's blocks (no-grad graphs), mode model.compile_mode; resumable: how the step
@@ -136,8 +138,8 @@ class DataConfig:
     std: list[float] | None = key(None, range=POSITIVE)
     batch_size: int = key(128, range=AT_LEAST_1)  # per process
     eval_batch_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
-    num_workers: int = key(0, range=NON_NEGATIVE, resumable=True)
-    pin_memory: bool = key(False, range=ANY, resumable=True)
+    num_workers: int = key(0, range=NON_NEGATIVE, resumable=True, search_resumable=True)
+    pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)
     synthetic_length: int = key(512, range=AT_LEAST_1)
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
 
@@ -278,7 +280,7 @@ class SearchConfig:
     seeds: list[str] | None = key(None, range=ANY)
     population: int = key(16, range=Range(2))  # kept per generation (NSGA-II)
     offspring: int = key(16, range=AT_LEAST_1)  # new children per generation
-    generations: int = key(12, range=NON_NEGATIVE)  # after generation 0
+    generations: int = key(12, range=NON_NEGATIVE, search_resumable=True)  # after generation 0
     crossover_prob: float = key(0.5, range=FRACTION)  # else mutation
     # layers the candidate replaces and is scored on; null = all
     layers: list[int] | None = key(None, range=NON_NEGATIVE)
@@ -294,17 +296,17 @@ class SearchConfig:
     speed: str = key("time", choices=("time", "flops"))
     speed_repeats: int = key(5, range=AT_LEAST_1)  # timed runs of candidate and softmax, interleaved (median)
     # the winner is the best fit among front members at least this fast
-    min_speed: float = key(1.0, range=NON_NEGATIVE)
+    min_speed: float = key(1.0, range=NON_NEGATIVE, search_resumable=True)
     # stop starting generations after this many minutes
-    time_budget_min: float | None = key(None, range=POSITIVE)
+    time_budget_min: float | None = key(None, range=POSITIVE, search_resumable=True)
     # the recipe the winner's convert command starts from
-    convert_recipe: str = key("convert/demo_hedgehog", range=ANY)
+    convert_recipe: str = key("convert/demo_hedgehog", range=ANY, search_resumable=True)
 
 
 @dataclass
 class TrainConfig:
     # resumable: a checkpoint of another run may be given as checkpoint.resume=PATH
-    run_dir: str = key("runs/default", range=ANY, resumable=True)
+    run_dir: str = key("runs/default", range=ANY, resumable=True, search_resumable=True)
     seed: int = key(0, range=Range(0, 2**32 - 1))
     device: str = key("auto", choices=("auto", "cpu", "cuda"), resumable=True)  # auto | cpu | cuda
     # auto = bf16 autocast on GPU, fp32 on CPU; fp32 | bf16 | fp16. The teacher follows it unless
@@ -320,7 +322,7 @@ class TrainConfig:
     optim: OptimConfig = section(OptimConfig)
     schedule: ScheduleConfig = section(ScheduleConfig, resumable=True)
     ema: EMAConfig = section(EMAConfig)
-    log: LogConfig = section(LogConfig, resumable=True)
+    log: LogConfig = section(LogConfig, resumable=True, search_resumable=True)
     checkpoint: CheckpointConfig = section(CheckpointConfig, resumable=True)
     convert: ConvertConfig = section(ConvertConfig)
     mae: MAEConfig = section(MAEConfig)
@@ -342,6 +344,10 @@ RANGES: dict[str, Range] = ranges(TrainConfig)
 #: the dotted keys a resumed run may change (`attnxfer.apps.resume`); everything else names what the
 #: checkpoint's weights, optimiser state and data position mean
 RESUMABLE_KEYS: tuple[str, ...] = resumable_keys(TrainConfig)
+
+#: the dotted keys a resumed search may change (`attnxfer.apps.search`): how long it goes on and how it
+#: reports; everything else names what its population's candidates were fitted and scored with
+SEARCH_RESUMABLE_KEYS: tuple[str, ...] = search_resumable_keys(TrainConfig)
 
 
 def config_keys(cls: type | None = None, prefix: str = "") -> list[str]:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..models.attention import MapKind, attention_with_lse, sdpa
+from ..models.attention import AttentionIO, MapKind, attention_with_lse, run_with_ios, sdpa
 from ..models.image_input import image_input
 from .losses import CE_PATHS, CEPath, attention_distillation_loss, ce_path_for, materialised_bytes
 
@@ -136,7 +136,8 @@ def layer_shapes(
     """The shapes `DualViT` ``dual`` hands its first distilled softmax layer's loss at ``batch`` images per
     rank on ``device`` (``student_dtype``: the q/k dtype under the run's autocast; the teacher's is
     DualViT's, bf16 on CUDA unless told otherwise); None when its plan distils no softmax maps (then no
-    CE path is used at all)."""
+    CE path is used at all). Batch, tokens, heads and head dims are the q/k the layer pair hands out on one
+    probe image (`_probe_qk`), so a family's own layout (talking heads' H·d, windows) is what is timed."""
     plan = dual.plan
     if not plan.mode.distills_maps or dual.teacher is None:
         return None
@@ -144,26 +145,49 @@ def layer_shapes(
     if not softmax:
         return None
     s, t = softmax[0]
-    sa, ta = dual._student_attn[s], dual._teacher_attn[t]
-    tokens = plan.tokens or _tokens(dual.student)
     teacher_dtype = dual.teacher_dtype or (
         torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     )
+    image = _input_shape(dual.student)  # both models see the student's images
+    q_s, k_s = _probe_qk(dual.student, s, image)
+    q_t, _ = _probe_qk(dual.teacher, t, image)
     return LayerShapes(
-        batch=batch,
-        tokens=tokens,
-        student_heads=sa.num_heads,
-        student_dim=sa.head_dim,
-        teacher_heads=ta.num_heads,
-        teacher_dim=ta.head_dim,
+        batch=batch * q_s[0],
+        tokens=q_s[2],
+        student_heads=q_s[1],
+        student_dim=q_s[3],
+        teacher_heads=q_t[1],
+        teacher_dim=q_t[3],
         layers=len(softmax),
         student_dtype=str(student_dtype).removeprefix("torch."),
         teacher_dtype=str(teacher_dtype).removeprefix("torch."),
+        key_tokens=k_s[2] if k_s[2] != q_s[2] else None,
     )
 
 
-def _tokens(model: torch.nn.Module) -> int:
-    return image_input(model).num_patches + int(getattr(model, "num_prefix_tokens", 0) or 0)
+def _probe_qk(
+    model: torch.nn.Module, layer: int, image_shape: tuple[int, int, int]
+) -> tuple[torch.Size, torch.Size]:
+    """The (B, H, N, d) shapes of the q and k attention layer ``layer`` hands the loss, per image: one image
+    of the model's size through its own forward up to that layer, with the RNGs forked (a training-mode
+    student draws dropout). Read, not computed from attributes: an adapter's q/k need not be one head of
+    ``head_dim`` over the patch tokens (CaiT's talking heads mix heads into q' of H·d; windows and mask units
+    are rows of the batch; spatial reduction shortens the keys)."""
+    weight = next(model.parameters())
+    image = torch.zeros(1, *image_shape, dtype=weight.dtype, device=weight.device)
+    io = AttentionIO(capture="qk", stop=True)
+    forked = [weight.device] if weight.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=forked):
+        run_with_ios(model, image, {layer: io})
+    return io.captured["q"].shape, io.captured["k"].shape
+
+
+def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images ``model`` was built for (`image_input`: its patch embedding,
+    else the size timm recorded at build time, else ``pretrained_cfg``, which a run stamps with its input
+    size in `apps.run_parts.stamp_input_cfg`)."""
+    info = image_input(model)
+    return int(info.in_chans), int(info.img_size[0]), int(info.img_size[1])
 
 
 def default_memory_budget(device: torch.device | str) -> int:
