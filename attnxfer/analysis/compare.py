@@ -85,7 +85,7 @@ PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
 SIDE_METRICS = ("entropy", "distance")
 
 
-class NotInspectable(ValueError, TypeError):
+class NotInspectable(InputError, TypeError):
     """A model (or a teacher/student pair) that cannot be inspected: the message says why and what to do."""
 
 
