@@ -30,9 +30,12 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from attnxfer.apps.search import winner_of
-from attnxfer.apps.uncertainty import correct_count, format_top1
-from attnxfer.search import SearchState, objectives, pareto_ranks
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [p for p in (os.path.dirname(_HERE),) if p not in sys.path]  # attnxfer from this checkout
+
+from attnxfer.apps.search import winner_of  # noqa: E402
+from attnxfer.apps.uncertainty import correct_count, format_top1  # noqa: E402
+from attnxfer.search import SearchState, objectives, pareto_ranks  # noqa: E402
 
 
 def pick(state: SearchState, count: int, min_speed: float, zoo: str = "best") -> list[dict]:

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..models.attention import (
     AttentionIO,
     MapKind,
@@ -86,7 +87,7 @@ PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
 SIDE_METRICS = ("entropy", "distance")
 
 
-class NotInspectable(ValueError, TypeError):
+class NotInspectable(InputError, TypeError):
     """A model (or a teacher/student pair) that cannot be inspected: the message says why and what to do."""
 
 
@@ -709,7 +710,7 @@ def compare_attention(
     """
     subjects = {n: s if isinstance(s, Subject) else Subject(s) for n, s in students.items()}
     if not subjects:
-        raise ValueError("compare_attention needs at least one student")
+        raise InputError("compare_attention needs at least one student")
     t_names = [name for name, _ in _layers(teacher)]
     depth_t = len(t_names)
     depth = {n: len(_layers(s.model)) for n, s in subjects.items()}
@@ -777,7 +778,7 @@ def compare_attention(
         for s in subjects.values():
             s.model.train(was[id(s.model)])
     if images == 0:
-        raise ValueError("no images to inspect: the image list (or dataset split) is empty")
+        raise InputError("no images to inspect: the image list (or dataset split) is empty")
     t_attns = _layers(teacher)
     teacher_layers = [_teacher_result(j, t_attns[j], acc) for j, acc in enumerate(t_acc)]
     reports = {
@@ -878,7 +879,7 @@ def layer_agreement(
     q_t, k_t, q_s, k_s = t_qk["q"], t_qk["k"], s_qk["q"], s_qk["k"]
     n = k_t.shape[-2]
     if k_s.shape[-2] != n or q_s.shape[-2] != q_t.shape[-2] or q_t.shape[1] % q_s.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
             "the student needs the teacher's tokens, and heads that divide the teacher's"
         )
@@ -988,7 +989,7 @@ def rollout_class_maps(
         prefix = geo.prefix
         maps.append(sig.map_rows().clamp_min(0).mean(1) if sig.kind.has_map else None)
     if prefix is None:
-        raise ValueError(
+        raise InputError(
             "attention rollout of the class token needs a model with a class token in its whole-image "
             "self-attention layers"
         )

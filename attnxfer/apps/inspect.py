@@ -53,7 +53,7 @@ from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import load_config
 from ..data import build_dataset
-from ..errors import InputError, MissingPathError, PathExistsError, UserError
+from ..errors import InputError, MissingPathError, PathExistsError
 from ..models import make_transfer_aware
 from ..sources import TeacherLoadError, load_student, load_teacher
 from ..transfer.plan import MODES, build_plan
@@ -220,14 +220,7 @@ def inspect_models(
             f"no images to inspect: expected a (B, C, H, W) batch with B >= 1, got {tuple(images.shape)}"
         )
     batches = [images[i : i + batch_size] for i in range(0, images.shape[0], batch_size)]
-    try:
-        return compare_attention(teacher, students, batches, **settings)
-    except ValueError as e:
-        if isinstance(e, UserError):
-            raise
-        # analysis/compare.py refuses models whose tokens differ and empty image sets with plain ValueErrors
-        # meant for the user (until it raises InputError itself): say them in one line, exit code 2
-        raise InputError(str(e)) from e
+    return compare_attention(teacher, students, batches, **settings)  # its refusals are InputErrors
 
 
 def _json(value: Any) -> Any:

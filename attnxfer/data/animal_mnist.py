@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import InputError
 from .cache import cache_dir, save_npz_atomic
 from .in_memory import InMemoryImageDataset
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
@@ -139,7 +140,7 @@ def load_animal_mnist_arrays(cache_root: Path | None = None) -> AnimalMnistArray
         save_npz_atomic(path, **_convert(data_file, label_file))
     with np.load(path, allow_pickle=False) as z:
         if tuple(z["class_names"].tolist()) != CLASS_NAMES:
-            raise ValueError(f"cache '{path}' has classes {z['class_names'].tolist()}; delete it to rebuild")
+            raise InputError(f"cache '{path}' has classes {z['class_names'].tolist()}; delete it to rebuild")
         return AnimalMnistArrays(z["images"], z["labels"], z["train_idx"], z["val_idx"])
 
 

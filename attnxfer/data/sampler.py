@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from ..errors import InputError
 from .seeding import SampleKey
 
 __all__ = ["ResumableSampler"]
@@ -154,7 +155,7 @@ class ResumableSampler(Sampler[int]):
         changed = {k: (state[k], getattr(self, k)) for k in _CONFIG_KEYS if state[k] != getattr(self, k)}
         if changed:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(
+            raise InputError(
                 f"cannot resume the sampler: {detail}. Resume with the same dataset and data seed, "
                 f"or start a fresh epoch."
             )

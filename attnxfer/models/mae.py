@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
 
+from ..errors import InputError
+
 __all__ = [
     "MAEOutput",
     "MaskedAutoencoder",
@@ -38,7 +40,7 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): half the channels encode the row,
     half the column, each as sin/cos at geometrically spaced frequencies (Vaswani et al.'s 1-D form)."""
     if dim % 4:
-        raise ValueError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+        raise InputError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
     rows, cols = torch.meshgrid(
@@ -142,7 +144,7 @@ class MaskedAutoencoder(nn.Module):
     ):
         super().__init__()
         if getattr(encoder, "dynamic_img_size", False):
-            raise ValueError(
+            raise InputError(
                 "MaskedAutoencoder needs a fixed image size (build the encoder without dynamic_img_size)"
             )
         if not 0.0 <= mask_ratio < 1.0:

@@ -24,6 +24,7 @@ from timm.layers import Attention, LayerScale
 from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
+from ..errors import InputError
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of
 from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
 from .efficient.swap import swap_attentions
@@ -240,7 +241,7 @@ def _check_traits(student: nn.Module, teacher_traits: dict[str, Any], changed: I
     }
     if diffs:
         lines = ", ".join(f"{k}: teacher {t!r} vs student {s!r}" for k, (t, s) in diffs.items())
-        raise ValueError(
+        raise InputError(
             f"student_like: the student does not reproduce the teacher's {lines}. Pass the "
             "matching timm argument as an override (e.g. init_values=..., norm_layer=...) "
             "or report this as a bug"
@@ -297,7 +298,7 @@ def student_like(
     }
     width, heads = args["embed_dim"], args["num_heads"]
     if width % heads:
-        raise ValueError(
+        raise InputError(
             f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
             f"pick heads from {[h for h in range(1, min(width, 64) + 1) if width % h == 0]}"
         )
@@ -335,7 +336,7 @@ def _family_student(
     attention layers are the family's (made transfer-aware by their adapters when a plan walks them)."""
     arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture")
     if not arch:
-        raise ValueError(
+        raise InputError(
             f"student_like: a {type(teacher).__name__} teacher without a timm architecture name "
             "(pretrained_cfg['architecture']) cannot be mirrored; build the student with timm.create_model"
         )
@@ -370,7 +371,7 @@ def _json_value(key: str, v: Any) -> Any:
             "timm string name for it (e.g. norm_layer='layernorm', act_layer='gelu')"
         ) from None
     if isinstance(v, float) and not math.isfinite(v):
-        raise ValueError(f"student_spec: {key}={v} is not finite")
+        raise InputError(f"student_spec: {key}={v} is not finite")
     return v
 
 

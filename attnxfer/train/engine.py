@@ -1,20 +1,17 @@
 """The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task.
 
-It takes objects (an objective module, an optimiser, loaders, `LoopSettings`), never a config:
-`attnxfer.apps.training` and `attnxfer.apps.pretrain` build those from one. The objective is a
-`DualViT` (attention transfer: student logits + transfer loss, scored by val top-1) or any module whose
-forward returns its own ``loss``/``terms``/``logs`` (MAE pre-training, `attnxfer.models.mae`: no task
-loss, scored by its evaluator, e.g. val reconstruction loss). accelerate owns devices, DDP and autocast;
-the engine owns the data order (a resumable sampler), the schedule (per-iteration warmup +
-cosine), checkpoints (atomic safetensors + JSON) and the teacher (a frozen guest inside `DualViT`).
+It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`), never a config:
+`attnxfer.apps.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
+The objective (`attnxfer.train.objective`) is attention transfer (a `DualViT` plus the task loss, scored by
+val top-1) or a module whose forward returns its own loss (MAE pre-training, scored by val reconstruction
+loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
+sampler), the schedule (`attnxfer.train.schedule`), logging, evaluation and when to save. What a save holds
+and what a resume restores is its `Checkpointing` (`attnxfer.train.checkpointing`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
-import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,22 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..checkpoints.resume_from import ResumeFrom
-from ..checkpoints.rng import capture_rng_state, restore_rng_state
-from ..checkpoints.store import (
-    STATE_NAME,
-    CheckpointError,
-    CheckpointManager,
-    MetricMode,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
-    verify_checkpoint,
-)
+from ..checkpoints.store import CheckpointError, MetricMode
 from ..errors import InputError
-from .distributed import barrier, min_over_ranks
+from .checkpointing import Checkpointing, CheckpointPolicy
+from .distributed import min_over_ranks
 from .ema import StudentEMA
 from .evaluation import evaluate, evaluate_loss
 from .metrics import MetricsLogger
@@ -61,8 +48,6 @@ __all__ = [
     "lr_at",
 ]
 
-_log = logging.getLogger("attnxfer")
-
 
 @dataclass
 class TrainResult:
@@ -79,33 +64,6 @@ class TrainResult:
     def best_top1(self) -> float | None:
         """The best val top-1 (classification runs; None for runs scored otherwise)."""
         return self.best if self.metric == "val_top1" else None
-
-
-def _weights_checksum(model: nn.Module) -> str:
-    """A bit-exact fingerprint of the weights (ranks compare them before every save)."""
-
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        # reshape: 0-d tensors (Gemma4-ViT's clip bounds) cannot be viewed as bytes
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """When the engine saves, how many it keeps, and what it resumes from."""
-
-    every_steps: int | None = None
-    every_minutes: float | None = None
-    every_epoch: bool = True
-    keep_last: int = 3
-    resume: ResumeFrom | str = (
-        "auto"  # parsed into a ResumeFrom: the config's auto | none | a checkpoint directory
-    )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
 
 
 @dataclass(frozen=True)
@@ -173,7 +131,19 @@ class Engine:
         if s.max_steps is not None:
             self.total_steps = min(self.total_steps, s.max_steps)
         self.warmup_steps = round(s.warmup_epochs * self.steps_per_epoch)
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=s.checkpoint.keep_last, best_mode=s.metric_mode)
+        # saving, resuming and making room: train/checkpointing.py (the engine keeps the loop's counters)
+        self.checkpointing = Checkpointing(
+            self.run_dir,
+            s.checkpoint,
+            s.metric_mode,
+            trained=self.student,
+            optimizer=self.optimizer,
+            ema=ema,
+            rank=self.rank,
+            world=self.world,
+            is_main=self.is_main,
+        )
+        self.ckpt = self.checkpointing.manager
         self.metrics = MetricsLogger(
             self.run_dir,
             tensorboard=s.tensorboard,
@@ -225,43 +195,17 @@ class Engine:
     def save(self, metric: float | None = None) -> None:
         """All ranks call this (RNG states are gathered); rank 0 writes. Never after a non-finite loss."""
         self.stop_if_non_finite()
-        rng = capture_rng_state()
-        checksum = _weights_checksum(self.student)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, (rng, checksum))
-            rng_all = [g[0] for g in gathered]
-            checksums = [g[1] for g in gathered]
-            if len(set(checksums)) != 1:
-                raise RuntimeError(
-                    f"ranks hold different student weights at step {self.step} "
-                    f"(checksums {checksums}); the run is not data-parallel consistent"
-                )
-        else:
-            rng_all, checksums = [rng], [checksum]
-        if self.is_main:
-            opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
-            tensors = {"model": self.student.state_dict(), "optimizer": opt_tensors}
-            if self.ema is not None:
-                tensors["ema"] = self.ema.state_dict()
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "position": self.position,
-                "best": self.best,
-                "best_metric": self.settings.metric,
-                "rng": rng_all,
-                "optimizer_meta": opt_meta,
-                "world_size": self.world,
-                "rank_checksums": checksums,
-                "epoch_train_loss": self._epoch_loss_state(),
-                **self.record,
-            }
-            info = self.ckpt.save(self.step, tensors, state, metric=metric, replace=self._make_room(checksum))
-            self.last_ckpt = str(info)
-        barrier()
+        loop = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "best": self.best,
+            "best_metric": self.settings.metric,
+        }
+        extra = {"epoch_train_loss": self._epoch_loss_state(), **self.record}
+        where = self.checkpointing.save(self.step, loop, extra, metric=metric)
+        if where is not None:
+            self.last_ckpt = where
         self._last_save_time = time.monotonic()
         self._saved_step = self.step
 
@@ -279,65 +223,21 @@ class Engine:
         self.metrics.close()
         raise stop
 
-    def _make_room(self, checksum: str) -> bool:
-        """Whether this step's save replaces an intact checkpoint of the same step (never a crash).
-
-        Same weights (a periodic save that an epoch save follows, a finished run extended): the new one,
-        with the newer metric and best, takes its place atomically. Other weights (a run resumed from an
-        older checkpoint with a changed lr): the old one is set aside, not deleted, and reported.
-        """
-        existing = self.ckpt.path_for(self.step)
-        if not existing.is_dir():
-            return False
-        try:
-            verify_checkpoint(existing)
-            old_state = json.loads((existing / STATE_NAME).read_text(encoding="utf-8"))
-        except (CheckpointError, OSError, ValueError):
-            return False  # broken: the store moves it aside and writes a fresh one
-        if old_state.get("rank_checksums", [None])[0] == checksum:
-            return True
-        aside = self.ckpt.set_aside(existing, "replaced")
-        _log.warning("a different checkpoint for step %d existed; kept it as %s", self.step, aside)
-        return False
-
     def no_checkpoint_message(self) -> str:
-        return (
-            f"{self.run_dir} has no intact checkpoint in {self.ckpt.dir}; nothing to evaluate "
-            "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
-        )
+        return self.checkpointing.no_checkpoint_message()
 
     def resume(self) -> None:
-        info = self.settings.checkpoint.resume.checkpoint(self.ckpt)
-        if info is None:
+        """Restore the checkpoint the policy picks (`Checkpointing.resume`) and the loop's counters from it;
+        a fresh start clears the metrics an earlier attempt left."""
+        resumed = self.checkpointing.resume()
+        if resumed is None:
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
             self.metrics.truncate_summary(0)
             return
-        tensors, state = self.ckpt.load(info)
-        try:
-            self.student.load_state_dict(tensors["model"])
-        except RuntimeError as e:
-            detail = str(e).strip().splitlines()
-            raise CheckpointError(
-                f"{info} does not fit this run's student ({detail[-1].strip() if detail else e}); "
-                "resume it with the config it was trained with, or start a new run elsewhere (run_dir=...)"
-            ) from None
-        if self.ema is not None and "ema" in tensors:
-            self.ema.load_state_dict(tensors["ema"])
-        self.optimizer.load_state_dict(
-            optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"])
-        )
+        state = resumed.state
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best = state.get("best", state.get("best_top1"))
-        rng = state["rng"]
-        if len(rng) == self.world:
-            restore_rng_state(rng[self.rank])
-        elif self.is_main:
-            _log.warning(
-                "checkpoint was written by %d processes, this run has %d: RNG streams restart",
-                len(rng),
-                self.world,
-            )
-        self.last_ckpt = str(info)
+        self.last_ckpt = resumed.path
         loss_sum, batches = state.get("epoch_train_loss") or (0.0, 0)
         self._epoch_loss = torch.tensor(float(loss_sum), dtype=torch.float64, device=self.accelerator.device)
         self._epoch_batches = int(batches)
@@ -345,7 +245,7 @@ class Engine:
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
             print(
-                f"resumed from {info} (step {self.step}, epoch {self.epoch}, position {self.position})",
+                f"resumed from {resumed.path} (step {self.step}, epoch {self.epoch}, position {self.position})",
                 flush=True,
             )
 
@@ -406,7 +306,7 @@ class Engine:
 
     def evaluate_checkpoint(self) -> dict[str, float]:
         """Load the checkpoint to evaluate (newest, or ``checkpoint.resume=PATH``) and score it; writes nothing."""
-        if self.settings.checkpoint.resume.checkpoint(self.ckpt, verify_hash=False) is None:
+        if not self.checkpointing.has_checkpoint():
             raise CheckpointError(self.no_checkpoint_message())
         self.metrics.enabled = False  # resume must not touch the run's metrics
         self.resume()

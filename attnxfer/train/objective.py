@@ -9,8 +9,10 @@ class here (or beside its model) meeting the protocol, wired in `attnxfer.apps`:
   val top-1 (`evaluate`).
 - `ModuleObjective`: a module whose forward returns its own ``loss``/``terms``/``logs`` (MAE
   pre-training, `attnxfer.models.mae`); scored by its evaluator (val reconstruction loss).
-- Stage 1 of `attnxfer convert` (`attnxfer.train.stage1`) fits each layer on its own with its own loop;
-  its per-layer objective is `attnxfer.transfer.conversion.layer_fit_loss`.
+- `Stage1Objective` (`attnxfer.train.stage1`, beside its loop): stage 1 of `attnxfer convert`, every
+  efficient layer fitted on the teacher's hidden inputs (`attnxfer.transfer.conversion.layer_fit_loss` per
+  layer; the terms are the layers' losses); scored by the held-out fit loss. Stage 1 keeps its own
+  layer-parallel loop (no task loss, no epochs), on the same schedule (`attnxfer.train.schedule`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..transfer.dual import DualViT
 from .evaluation import evaluate
 
 __all__ = [
+    "Autocast",
     "Evaluator",
     "ModuleObjective",
     "Objective",

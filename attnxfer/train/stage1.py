@@ -2,9 +2,11 @@
 
 Every efficient student layer receives the teacher's hidden input for that layer and is fitted to the
 teacher's attention there (`attnxfer.transfer.conversion` says with which loss and which tensors); the
-layers train at once and independently. It shares the engine's schedule (`lr_at`), its optimiser
-(`build_adamw`: fused on CUDA and CPU), its step contracts and the process-group helpers (data parallel:
-each rank its batches, gradients averaged).
+layers train at once and independently. Its loss is an `Objective` (`Stage1Objective`: the per-layer
+fit losses and their agreement metrics, `attnxfer.train.objective`'s protocol, as the engine's objectives
+are); it shares the engine's schedule (`attnxfer.train.schedule`), its optimiser (`build_adamw`: fused on
+CUDA and CPU), its step contracts and the process-group helpers (data parallel: each rank its batches,
+gradients averaged).
 
 The step contracts (issue 14): nothing is read on the host on unlogged steps. The per-layer losses and
 metrics are summed on the device (`TermWindow`) and read at log steps; the per-layer losses go through a
@@ -32,12 +34,13 @@ from ..models.attention import attention_layers, capture_attention
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.map_losses import MapLoss
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
+from .objective import Autocast, ObjectiveLoss
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
-__all__ = ["Stage1Result", "stage1_transfer", "teacher_signals"]
+__all__ = ["Stage1Objective", "Stage1Result", "stage1_transfer", "teacher_signals"]
 
 
 class _StopForward(Exception):
@@ -74,6 +77,73 @@ def teacher_signals(teacher: nn.Module, x: torch.Tensor, layers: Sequence[int], 
     finally:
         stop.remove()
     return store
+
+
+class Stage1Objective:
+    """Stage 1's loss, meeting the `Objective` protocol: each active layer's fit loss
+    (`attnxfer.transfer.conversion.layer_fit_loss`) on the teacher's signals, summed.
+
+    A batch ``x`` is input images (the teacher's signals are computed here, `teacher_signals`) or signals a
+    caller computed once. The terms are the per-layer losses, named by the layer's position in
+    ``plan.active`` (`watched` maps the names back, for the non-finite guard's message), plus ``total``;
+    the logs are each layer's agreement metric (``metric/{block}``), where its loss has one.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, plan: ConversionPlan) -> None:
+        self.teacher, self.plan = teacher, plan
+        self.module = self.trained = student
+        self.description = plan.describe()
+        self.watched: dict[str, LayerConversion] = {str(i): layer for i, layer in enumerate(plan.active)}
+        self.fields = ("input", "q", "k") + (
+            ("output",)
+            if plan.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in plan.active)
+            else ()
+        )
+        self._attentions = [attn for _, attn in attention_layers(student)]
+
+    def signals(self, x: torch.Tensor | Mapping[int, Mapping[str, torch.Tensor]]):
+        """The teacher's per-layer signals for a batch of images (or ``x`` itself, already signals)."""
+        if isinstance(x, Mapping):
+            return x
+        return teacher_signals(self.teacher, x, [layer.layer for layer in self.plan.active], self.fields)
+
+    def loss(
+        self, model: nn.Module, x: Any, y: Any = None, autocast: Autocast = contextlib.nullcontext
+    ) -> ObjectiveLoss:
+        """The batch's summed fit loss; ``model`` is the student (its attention layers were listed once)."""
+        signals = self.signals(x)
+        losses: dict[str, torch.Tensor] = {}
+        metrics: dict[str, torch.Tensor] = {}
+        with autocast():
+            for name, layer in self.watched.items():
+                loss, metric = layer_fit_loss(
+                    self._attentions[layer.layer], layer, signals[layer.layer], self.plan.output_mse
+                )
+                losses[name] = loss
+                if metric is not None:
+                    metrics[f"metric/{layer.layer}"] = metric
+        total = sum(losses.values())
+        return ObjectiveLoss(total, {**losses, "total": total}, metrics)
+
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any = None) -> dict[str, float]:
+        """``loss``: the mean summed fit loss over a loader of images (``(x, y)`` batches) or of signals,
+        without gradients (held-out fit; this rank's batches)."""
+        device = next(model.parameters()).device
+        total, batches = 0.0, 0
+        with torch.no_grad():
+            for item in loader:
+                x = item[0] if isinstance(item, (tuple, list)) else item
+                if isinstance(x, torch.Tensor):
+                    x = x.to(device)
+                total += float(self.loss(model, x).total)
+                batches += 1
+        return {"loss": total / max(1, batches)}
+
+    def ema_model(self, ema: nn.Module) -> nn.Module:
+        return ema
+
+    def before_step(self, log_now: bool) -> None:
+        pass
 
 
 def stage1_transfer(
@@ -132,12 +202,8 @@ def stage1_transfer(
     if optimizer_implementation(optimizer) == AdamWImplementation.FUSED:
         # torch's fused AdamW skips its update (moments and step counters included) while this is 1.0
         optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-    fields = ("input", "q", "k") + (
-        ("output",) if plan.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in plan.active) else ()
-    )
-    layers = plan.active
-    student_attns = [attn for _, attn in attention_layers(student)]
-    watched = {str(i): layer for i, layer in enumerate(layers)}  # the guard's term names
+    objective = Stage1Objective(teacher, student, plan)
+    layers, watched = plan.active, objective.watched  # the guard's term names
     start = time.monotonic()
     stopping = contextlib.ExitStack()  # SIGTERM only sets a flag while the loop can save on it
     try:
@@ -147,25 +213,13 @@ def stage1_transfer(
             lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            item = next(batches)
-            signals = (
-                item
-                if isinstance(item, Mapping)
-                else teacher_signals(teacher, item, [layer.layer for layer in layers], fields)
-            )
-            losses, metrics = {}, {}
-            for name, layer in watched.items():
-                loss, metric = layer_fit_loss(
-                    student_attns[layer.layer], layer, signals[layer.layer], plan.output_mse
-                )
-                losses[name] = loss
-                if metric is not None:
-                    metrics[f"metric/{layer.layer}"] = metric
+            out = objective.loss(student, next(batches))
+            losses = {name: out.terms[name] for name in watched}
             guard.watch(losses, step, epoch=0)  # read at log steps: no sync here
             found_inf = getattr(optimizer, "found_inf", None)
             if found_inf is not None:
                 found_inf.copy_(guard.tripped())
-            total = sum(losses.values())
+            total, metrics = out.total, out.logs
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             average_gradients(optimizer, found_inf)  # every rank skips once any rank's guard tripped

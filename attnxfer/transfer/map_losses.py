@@ -220,7 +220,7 @@ def _implicit_loss(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
         )
     if valid is not None:
-        raise ValueError(
+        raise InputError(
             "padded batches (NaFlexViT's patch_valid) are distilled into softmax students only: the "
             "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
         )

@@ -24,6 +24,7 @@ import torch
 from timm.layers import apply_rot_embed_cat
 from torch import nn
 
+from ...errors import InputError
 from ..attention.interface import COUNTERPART_MODULES, MapKind, TransferableAttention
 from ..attention.numerics import FP32_CORE, PrecisionPolicy, fp32_section, operand_dtype, upcast
 from ..attention.registry import get_attention_class, list_attentions
@@ -141,7 +142,7 @@ class EfficientAttention(TransferableAttention):
         if rope is None:
             return out
         if not self.rope_keeps_map_kind:
-            raise ValueError(rope_refusal(type(self)))
+            raise InputError(rope_refusal(type(self)))
         p = self.num_prefix_tokens or 0
         for c in ("q", "k"):
             if c in out:

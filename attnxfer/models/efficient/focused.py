@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtype
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
@@ -74,7 +75,7 @@ class FocusedLinearAttention(KernelAttention):
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd (same-size depthwise conv), got {kernel_size}")
+            raise InputError(f"kernel_size must be odd (same-size depthwise conv), got {kernel_size}")
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         d = self.head_dim
         self.focusing_factor = float(focusing_factor)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import InputError
 from ..attention.interface import MapKind
 from ..attention.numerics import PrecisionPolicy
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
@@ -412,7 +413,7 @@ def _formula_class(program: str) -> type[FormulaAttention]:
 
     def __init__(self, dim: int, num_heads: int = 8, *, program: str = program, **kwargs) -> None:
         if str(parse_formula(program)) != str(formula):
-            raise ValueError(f"{formula.name} was given program={program!r}: one program per attention name")
+            raise InputError(f"{formula.name} was given program={program!r}: one program per attention name")
         FormulaAttention.__init__(self, dim, num_heads, program=program, **kwargs)
 
     return type(

@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, fp32_section, row_chunk, row_slices, upcast
 from ..attention.opcount import OpCounts, matmul_ops, sign_matmul_ops
 from ..attention.registry import register_attention
@@ -117,19 +118,19 @@ class HashingAttention(KernelAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.bits = int(bits or self.head_dim)
         if self.bits < 1:
-            raise ValueError(f"bits must be >= 1, got {bits}")
+            raise InputError(f"bits must be >= 1, got {bits}")
         if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InputError(f"temperature must be > 0, got {temperature}")
         if not 0 < pair_fraction <= 0.5:
-            raise ValueError(f"pair_fraction must be in (0, 0.5], got {pair_fraction}")
+            raise InputError(f"pair_fraction must be in (0, 0.5], got {pair_fraction}")
         self.temperature = float(temperature)
         self.hash_seed = int(hash_seed)
         self.pair_fraction = float(pair_fraction)
         if not -1.0 <= dissimilar_target < 1.0:
-            raise ValueError(f"dissimilar_target must be in [-1, 1), got {dissimilar_target}")
+            raise InputError(f"dissimilar_target must be in [-1, 1), got {dissimilar_target}")
         self.dissimilar_target = float(dissimilar_target)
         if similarity not in SIMILARITY_TARGETS:
-            raise ValueError(f"similarity must be one of {', '.join(SIMILARITY_TARGETS)}, got {similarity!r}")
+            raise InputError(f"similarity must be one of {', '.join(SIMILARITY_TARGETS)}, got {similarity!r}")
         self.similarity = similarity
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         # Plain parameters, not nn.Linear, so timm's ViT init leaves the SimHash draw alone.

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...errors import InputError
 from ..attention.interface import TransferableAttention
 from ..attention.registry import get_attention_class
 
@@ -96,7 +97,7 @@ def expand_attention_names(attention: str | Sequence[str], stages: Sequence[int]
         by_stage = dict(zip(order, names))
         return [by_stage[s] for s in stages]
     per_stage = ", ".join(str(stages.count(s)) for s in order)
-    raise ValueError(
+    raise InputError(
         f"{what} lists {len(names)} attentions but the teacher has {len(stages)} attention layers in "
         f"{len(order)} stages ({per_stage} per stage); give one name for all, one per stage "
         f"({len(order)}) or one per layer ({len(stages)})"
@@ -166,7 +167,7 @@ class _SwinSlot:
 
 
 def _refuse_masked(attn: nn.Module):
-    raise ValueError(
+    raise InputError(
         f"{attn.attention_name} has a signed map and cannot be restricted to a shifted window's regions; "
         "choose a row-stochastic attention (hashing, relu_linear, performer, ...) for Swin"
     )
@@ -246,7 +247,7 @@ def build_hierarchical_student(
     slots = hierarchical_slots(teacher)
     for qualified, block, _, _ in slots:
         if isinstance(block.attn, TransferableAttention) and block.attn.attention_name not in ("", "softmax"):
-            raise ValueError(
+            raise InputError(
                 f"the teacher's {qualified} is {block.attn.attention_name!r}, not softmax attention: "
                 "conversion needs a softmax teacher. Use the original pretrained model as teacher"
             )
@@ -256,10 +257,10 @@ def build_hierarchical_student(
         try:
             classes.append(get_attention_class(name))
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{what}: {e.args[0]}") from None
+            raise InputError(f"{what}: {e.args[0]}") from None
     unused = [k for k in attention_kwargs if not any(c.accepts_option(k) for c in classes)]
     if unused:
-        raise ValueError(f"{what}_kwargs: no chosen attention accepts option(s) {unused}")
+        raise InputError(f"{what}_kwargs: no chosen attention accepts option(s) {unused}")
     options = [{k: v for k, v in attention_kwargs.items() if c.accepts_option(k)} for c in classes]
     student = swap_hierarchical(copy.deepcopy(teacher), names, options)
     student.requires_grad_(True)

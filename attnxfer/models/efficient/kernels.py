@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import InputError
 from ..attention.interface import MapKind
 from ..attention.numerics import PrecisionPolicy, in_compute_dtype, matmul_fp32, matmul_split, sum_fp32
 from ..attention.opcount import OpCounts, matmul_ops
@@ -309,7 +310,7 @@ FEATURE_MAPS: dict[str, FeatureMapKind] = {
 
 def feature_map_kind(name: str) -> FeatureMapKind:
     if name not in FEATURE_MAPS:
-        raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}")
+        raise InputError(f"unknown feature map {name!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}")
     return FEATURE_MAPS[name]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import InputError
 from ..attention.interface import MapKind
 from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_fp32, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
@@ -74,13 +75,13 @@ class LinformerAttention(EfficientAttention):
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         if seq_len is None or seq_len < 1:
-            raise ValueError(
+            raise InputError(
                 "linformer needs seq_len, the fixed token count its E/F projections are built for "
                 "(num_prefix_tokens + grid_h * grid_w, e.g. 197 for a 224px/16 ViT with a class token); "
                 "efficient_student_from_teacher() fills it in from the teacher"
             )
         if proj_len < 1:
-            raise ValueError(f"proj_len must be >= 1, got {proj_len}")
+            raise InputError(f"proj_len must be >= 1, got {proj_len}")
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.seq_len = int(seq_len)
         self.proj_len = int(proj_len)
@@ -96,7 +97,7 @@ class LinformerAttention(EfficientAttention):
 
     def _check_length(self, num_tokens: int) -> None:
         if num_tokens != self.seq_len:
-            raise ValueError(
+            raise InputError(
                 f"linformer was built for seq_len={self.seq_len} tokens but got {num_tokens}; its E/F "
                 f"projections have a fixed length: rebuild it with seq_len={num_tokens}"
             )

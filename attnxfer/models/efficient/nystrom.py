@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ...errors import InputError
 from ..attention.interface import MapKind
 from ..attention.numerics import PrecisionPolicy
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
@@ -58,7 +59,7 @@ class NystromAttention(EfficientAttention):
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         if num_landmarks < 1:
-            raise ValueError(f"num_landmarks must be >= 1, got {num_landmarks}")
+            raise InputError(f"num_landmarks must be >= 1, got {num_landmarks}")
         self.num_landmarks = num_landmarks
         self.pinv_iterations = pinv_iterations
 

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops
 from ..attention.registry import register_attention
@@ -109,9 +110,9 @@ class PerformerAttention(KernelAttention):
         d = self.head_dim
         self.num_features = int(num_features or default_num_features(d))
         if self.num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+            raise InputError(f"num_features must be >= 1, got {num_features}")
         if redraw_interval is not None and redraw_interval < 1:
-            raise ValueError(f"redraw_interval must be >= 1 or None, got {redraw_interval}")
+            raise InputError(f"redraw_interval must be >= 1 or None, got {redraw_interval}")
         self.orthogonal = orthogonal
         self.redraw_interval = redraw_interval
         self.feature_seed = feature_seed

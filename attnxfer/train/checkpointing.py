@@ -1,0 +1,200 @@
+"""The engine's checkpoints: what a save holds, what a resume restores, and making room for a save.
+
+`Checkpointing` is the small object an `Engine` holds for this: it saves the trained weights, the optimiser,
+the EMA and every rank's RNG beside the loop's position (``state``: plain JSON the engine hands over), and
+restores them on a resume. Ranks compare a fingerprint of their weights before every save; the store's
+files (atomic safetensors + JSON, the last K and the best kept) are `attnxfer.checkpoints.store`'s. The
+loop, its counters and its metrics stay the engine's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..checkpoints.resume_from import ResumeFrom
+from ..checkpoints.rng import capture_rng_state, restore_rng_state
+from ..checkpoints.store import (
+    STATE_NAME,
+    CheckpointError,
+    CheckpointManager,
+    MetricMode,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+    verify_checkpoint,
+)
+from .distributed import barrier
+from .ema import StudentEMA
+
+__all__ = ["CheckpointPolicy", "Checkpointing", "Resumed"]
+
+_log = logging.getLogger("attnxfer")
+
+
+def _weights_checksum(model: nn.Module) -> str:
+    """A bit-exact fingerprint of the weights (ranks compare them before every save)."""
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        # reshape: 0-d tensors (Gemma4-ViT's clip bounds) cannot be viewed as bytes
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When the engine saves, how many it keeps, and what it resumes from."""
+
+    every_steps: int | None = None
+    every_minutes: float | None = None
+    every_epoch: bool = True
+    keep_last: int = 3
+    resume: ResumeFrom | str = (
+        "auto"  # parsed into a ResumeFrom: the config's auto | none | a checkpoint directory
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
+
+
+@dataclass
+class Resumed:
+    """What a resume handed back to the loop: the checkpoint it read and that checkpoint's JSON state."""
+
+    path: str
+    state: dict[str, Any]
+
+
+class Checkpointing:
+    """Saves and resumes one run's trained module, optimiser and EMA (see the module docstring)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        policy: CheckpointPolicy,
+        metric_mode: MetricMode | str,
+        *,
+        trained: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        ema: StudentEMA | None,
+        rank: int,
+        world: int,
+        is_main: bool,
+    ) -> None:
+        self.run_dir, self.policy = Path(run_dir), policy
+        self.trained, self.optimizer, self.ema = trained, optimizer, ema
+        self.rank, self.world, self.is_main = rank, world, is_main
+        self.manager = CheckpointManager(self.run_dir, keep_last=policy.keep_last, best_mode=metric_mode)
+
+    def save(
+        self, step: int, loop: dict[str, Any], extra: dict[str, Any], metric: float | None = None
+    ) -> str | None:
+        """All ranks call this (RNG states are gathered); rank 0 writes the tensors and a JSON state (the
+        ``loop``'s counters, RNG states, optimiser layout, ranks, then ``extra``: the run's record) and
+        returns where (other ranks: None)."""
+        rng = capture_rng_state()
+        checksum = _weights_checksum(self.trained)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, (rng, checksum))
+            rng_all = [g[0] for g in gathered]
+            checksums = [g[1] for g in gathered]
+            if len(set(checksums)) != 1:
+                raise RuntimeError(
+                    f"ranks hold different student weights at step {step} "
+                    f"(checksums {checksums}); the run is not data-parallel consistent"
+                )
+        else:
+            rng_all, checksums = [rng], [checksum]
+        where = None
+        if self.is_main:
+            opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
+            tensors = {"model": self.trained.state_dict(), "optimizer": opt_tensors}
+            if self.ema is not None:
+                tensors["ema"] = self.ema.state_dict()
+            state = {
+                **loop,
+                "rng": rng_all,
+                "optimizer_meta": opt_meta,
+                "world_size": self.world,
+                "rank_checksums": checksums,
+                **extra,
+            }
+            info = self.manager.save(
+                step, tensors, state, metric=metric, replace=self._make_room(step, checksum)
+            )
+            where = str(info)
+        barrier()
+        return where
+
+    def _make_room(self, step: int, checksum: str) -> bool:
+        """Whether this step's save replaces an intact checkpoint of the same step (never a crash).
+
+        Same weights (a periodic save that an epoch save follows, a finished run extended): the new one,
+        with the newer metric and best, takes its place atomically. Other weights (a run resumed from an
+        older checkpoint with a changed lr): the old one is set aside, not deleted, and reported.
+        """
+        existing = self.manager.path_for(step)
+        if not existing.is_dir():
+            return False
+        try:
+            verify_checkpoint(existing)
+            old_state = json.loads((existing / STATE_NAME).read_text(encoding="utf-8"))
+        except (CheckpointError, OSError, ValueError):
+            return False  # broken: the store moves it aside and writes a fresh one
+        if old_state.get("rank_checksums", [None])[0] == checksum:
+            return True
+        aside = self.manager.set_aside(existing, "replaced")
+        _log.warning("a different checkpoint for step %d existed; kept it as %s", step, aside)
+        return False
+
+    def no_checkpoint_message(self) -> str:
+        return (
+            f"{self.run_dir} has no intact checkpoint in {self.manager.dir}; nothing to evaluate "
+            "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
+        )
+
+    def has_checkpoint(self) -> bool:
+        """Whether the policy's resume finds a checkpoint (hashes unchecked: a cheap look)."""
+        return self.policy.resume.checkpoint(self.manager, verify_hash=False) is not None
+
+    def resume(self) -> Resumed | None:
+        """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
+        policy picks; None for a fresh start. The loop's counters are in the returned state."""
+        info = self.policy.resume.checkpoint(self.manager)
+        if info is None:
+            return None
+        tensors, state = self.manager.load(info)
+        try:
+            self.trained.load_state_dict(tensors["model"])
+        except RuntimeError as e:
+            detail = str(e).strip().splitlines()
+            raise CheckpointError(
+                f"{info} does not fit this run's student ({detail[-1].strip() if detail else e}); "
+                "resume it with the config it was trained with, or start a new run elsewhere (run_dir=...)"
+            ) from None
+        if self.ema is not None and "ema" in tensors:
+            self.ema.load_state_dict(tensors["ema"])
+        self.optimizer.load_state_dict(
+            optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"])
+        )
+        rng = state["rng"]
+        if len(rng) == self.world:
+            restore_rng_state(rng[self.rank])
+        elif self.is_main:
+            _log.warning(
+                "checkpoint was written by %d processes, this run has %d: RNG streams restart",
+                len(rng),
+                self.world,
+            )
+        return Resumed(str(info), state)
