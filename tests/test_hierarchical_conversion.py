@@ -245,7 +245,7 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
 def test_search_on_a_pvt_teacher(tmp_path):
     from attnxfer.launch.cli import main
 
-    teacher = _pvt()
+    teacher = _pvt(sr_ratios=(4, 2, 1, 1))  # reduced keys in stages 1-2: candidates scored on pooled rows
     teacher.reset_classifier(10)
     teacher.pretrained_cfg = {**teacher.pretrained_cfg, "input_size": (3, 32, 32)}
     save_for_hf(teacher, tmp_path / "teacher", safe_serialization=True)

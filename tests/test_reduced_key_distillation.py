@@ -171,3 +171,23 @@ def test_stage1_on_reduced_keys_lowers_the_loss(teachers):
     first, last = result.history[0], result.history[-1]
     assert last["metric/0"] < first["metric/0"]  # the pooled KL of the relu_linear layer fell
     assert all(torch.isfinite(torch.tensor(v)) for rec in result.history for v in rec.values())
+
+
+def test_search_fitness_on_reduced_keys_is_the_pooled_kl_of_the_fitted_map(teachers, images):
+    from attnxfer.search.fitness import FitSettings, cache_teacher, fit_student, held_out_kl
+
+    teacher = teachers["sr"]
+    cache = cache_teacher(teacher, [images], [images], [0, 1])
+    student = fit_student(teacher, "relu_linear", cache, FitSettings(steps=1))
+    fitness = held_out_kl(teacher, student, cache)  # fit_candidate's "kl_per_layer"; was a shape error
+    attns = [b.attn for stage in student.stages for b in stage.blocks]
+    maps = _timm_maps(teacher, images)
+    for i, grid in zip([0, 1], [(9, 9), (5, 5)]):
+        with torch.no_grad():
+            own = attns[i].project(cache.held_out[0][i]["input"], "qk")
+        a = _relu_linear_map(own["q"], own["k"])  # (B, H, N, N), written out
+        support = _support(teacher.stages[i].blocks[0].attn, grid).float()
+        pooled = a @ support.T  # its mass on each sr x sr block of the teacher's keys
+        p_t = maps[i]
+        kl = (p_t * (p_t.log() - pooled.log())).sum(-1).mean()
+        assert fitness[i] == pytest.approx(float(kl), rel=1e-4, abs=1e-6)

@@ -3,7 +3,8 @@
 Fit: the candidate replaces softmax in the searched layers of a copy of the teacher; stage 1
 (`attnxfer.train.stage1`) fits those layers for a fixed number of steps on the teacher's hidden inputs;
 the score is KL(P_teacher ‖ A_candidate) per row, averaged over the searched layers, on held-out images
-(`attnxfer.analysis.layer_agreement`, the metric conversion reports use). The teacher's hidden inputs and
+(`attnxfer.train.measure.layer_map_metric`, the metric conversion reports use; on a PVTv2 teacher with
+spatial reduction the candidate's rows are pooled onto the teacher's reduced keys, as in stage 1). The teacher's hidden inputs and
 q/k on the fit and held-out images are computed once (`TeacherCache`) and shared by every candidate: that
 is what makes hundreds of candidates affordable.
 
@@ -26,13 +27,12 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..analysis import layer_agreement
 from ..models.attention import MapKind, transfer_attentions
 from ..models.attention.registry import get_attention_class
 from ..models.efficient import build_efficient_student
 from ..models.efficient.swap import teacher_token_layout
 from ..train.engine import NonFiniteLossError
-from ..train.measure import interleaved_median_ms
+from ..train.measure import interleaved_median_ms, layer_map_metric
 from ..train.stage1 import stage1_transfer, teacher_signals
 from ..transfer.conversion import build_conversion_plan
 
@@ -45,6 +45,8 @@ __all__ = [
     "TeacherCache",
     "cache_teacher",
     "fit_candidate",
+    "fit_student",
+    "held_out_kl",
     "layer_speed",
 ]
 
@@ -117,12 +119,22 @@ def fit_candidate(
     and `NonFiniteLossError` when stage 1 diverges; the caller records either as a rejection.
     """
     start = time.monotonic()
+    student = fit_student(teacher, attention, cache, fit)
+    per_layer = held_out_kl(teacher, student, cache)
+    kl = sum(per_layer) / len(per_layer)
+    if not math.isfinite(kl):
+        raise NonFiniteLossError(f"non-finite held-out KL after stage 1 (per layer {per_layer})")
+    return {"kl": kl, "kl_per_layer": per_layer, "fit_seconds": time.monotonic() - start}
+
+
+def fit_student(teacher: nn.Module, attention: str, cache: TeacherCache, fit: FitSettings) -> nn.Module:
+    """A copy of ``teacher`` with ``attention`` in the cached layers, after ``fit.steps`` of stage 1 on the
+    cached fit batches (in eval mode); errors as `fit_candidate`."""
     torch.manual_seed(fit.seed)
     depth = len(transfer_attentions(teacher))  # blocks.* of a ViT; every stage's layers of PVTv2 / Swin
     names = [attention if i in cache.layers else "softmax" for i in range(depth)]
     student = build_efficient_student(teacher, names)
-    t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
-    kind = s_attns[cache.layers[0]].map_kind
+    kind = transfer_attentions(student)[cache.layers[0]].map_kind
     if kind is not MapKind.ROW_STOCHASTIC:
         raise ValueError(
             f"its map is {kind}, not row-stochastic: KL to the teacher's maps is undefined (a formula "
@@ -149,22 +161,26 @@ def fit_candidate(
         )
     except NonFiniteLossError as e:  # keep what happened, drop conversion's advice on its own settings
         raise NonFiniteLossError(f"{str(e).split(';')[0]} (stage 1 diverged at lr {fit.lr:g})") from None
-    student.eval()
+    return student.eval()
+
+
+@torch.no_grad()
+def held_out_kl(teacher: nn.Module, student: nn.Module, cache: TeacherCache) -> list[float]:
+    """Per cached layer, KL(P_teacher ‖ A_student) per row on the held-out batches, each layer on the
+    teacher's hidden input (`layer_map_metric`: over a PVTv2 teacher's reduced keys, the student's rows
+    pooled onto them)."""
+    t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
     per_layer = []
-    with torch.no_grad():
-        for i in cache.layers:
-            t_attn, s_attn = t_attns[i], s_attns[i]
-            total = count = 0.0
-            for batch in cache.held_out:
-                own = s_attn.project(batch[i]["input"], "qk")
-                n = batch[i]["input"].shape[0]
-                total += n * layer_agreement(t_attn, batch[i], s_attn, own, "kl")
-                count += n
-            per_layer.append(total / count)
-    kl = sum(per_layer) / len(per_layer)
-    if not math.isfinite(kl):
-        raise NonFiniteLossError(f"non-finite held-out KL after stage 1 (per layer {per_layer})")
-    return {"kl": kl, "kl_per_layer": per_layer, "fit_seconds": time.monotonic() - start}
+    for i in cache.layers:
+        t_attn, s_attn = t_attns[i], s_attns[i]
+        total = count = 0.0
+        for batch in cache.held_out:
+            own = s_attn.project(batch[i]["input"], "qk")
+            n = batch[i]["input"].shape[0]
+            total += n * layer_map_metric(t_attn, batch[i], s_attn, own)  # KL: row-stochastic maps
+            count += n
+        per_layer.append(total / count)
+    return per_layer
 
 
 @dataclass

@@ -9,7 +9,7 @@ import contextlib
 import math
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,10 +33,29 @@ __all__ = [
     "attention_calls",
     "evaluate_top1",
     "interleaved_median_ms",
+    "layer_map_metric",
     "map_agreement",
     "operation_counts",
     "relative_speed",
 ]
+
+
+def layer_map_metric(
+    t_attn: nn.Module, t_signals: Mapping[str, Any], s_attn: nn.Module, s_qk: Mapping[str, torch.Tensor]
+) -> float:
+    """The metric of the student layer's default map loss (KL beside CE, map MSE) between its map on
+    ``s_qk`` and the teacher layer's on the captured ``t_signals`` (q, k, and PVTv2's ``key_pooling``),
+    averaged over (batch, head, query). A teacher with reduced keys (PVTv2, sr > 1) and a student over
+    every token: the student's rows are pooled onto the teacher's keys, as stage 1's loss pools them.
+    Conversion reports and search's fitness both score a layer with it."""
+    q, k = s_qk["q"], s_qk["k"]
+    pooling = t_signals.get("key_pooling")
+    if pooling is not None and k.shape[-2] == pooling.num_tokens:
+        res = map_distillation_loss(s_attn, q, k, t_signals["q"], t_signals["k"], key_pooling=pooling)
+        return float(res.metric)
+    metric = default_map_loss(s_attn.map_kind).metric
+    return layer_agreement(t_attn, t_signals, s_attn, s_qk, metric)
+
 
 #: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
 _INPUTS = {"teacher": False, "own": True}
@@ -81,15 +100,8 @@ def map_agreement(
                 q, k = own["q"], own["k"]
                 out = attn(t[i]["input"], **call)
             out_mse = float(output_mse(out, t[i]["output"]))
-            if attn.map_kind.has_map:  # the metric of the kind's own map loss (KL beside CE, map MSE)
-                metric = default_map_loss(attn.map_kind).metric
-                # PVTv2 with sr > 1 and a student over every token: its rows pooled onto the teacher's keys
-                pooling = t[i].get("key_pooling")
-                if pooling is not None and k.shape[-2] == pooling.num_tokens:
-                    res = map_distillation_loss(attn, q, k, t[i]["q"], t[i]["k"], key_pooling=pooling)
-                    value = float(res.metric)
-                else:
-                    value = layer_agreement(t_attns[i], t[i], attn, {"q": q, "k": k}, metric)
+            if attn.map_kind.has_map:
+                value = layer_map_metric(t_attns[i], t[i], attn, {"q": q, "k": k})
             else:
                 value = out_mse
             sums[i][0] += value * x.shape[0]
