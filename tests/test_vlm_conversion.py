@@ -1,0 +1,74 @@
+"""`convert` of NaFlexViT, Qwen3-ViT and Gemma4-ViT teachers (issue 26), from first principles.
+
+A zoo attention that is exactly softmax over all tokens (``window`` with one window covering the 4x4 grid)
+built from the teacher's weights must reproduce the teacher's logits: only possible if it takes q, k and v
+exactly as timm's own module computes them (projections, norms, rope on the patch tokens, prefix tokens
+left alone) and the student's blocks are the teacher's (NaFlexViT's ``blocks``, Qwen3-ViT's
+``encoder.blocks``). Stage 1 then lowers its fit loss on the teacher's signals.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+
+import pytest
+import torch
+from family_oracles import TINY
+
+from attnxfer.errors import InputError
+from attnxfer.models.efficient import build_efficient_student, new_parameters
+from attnxfer.models.efficient.swap import flat_blocks
+from attnxfer.train.stage1 import stage1_transfer, teacher_signals
+from attnxfer.transfer.conversion import build_conversion_plan
+
+CONVERTS = ["naflex", "qwen3"]
+
+
+def _no_rope(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a Qwen3-ViT whose blocks get no rope (so a test can show the rope matters)."""
+    out = copy.deepcopy(model)
+    del out.encoder.rope
+    out.encoder.rope = types.SimpleNamespace(get_embed=lambda shape: None)
+    return out
+
+
+@pytest.mark.parametrize("family", CONVERTS)
+def test_a_full_window_student_reproduces_the_teachers_logits(family):
+    tiny = TINY[family]
+    teacher, x = tiny.build(), tiny.images()
+    student = build_efficient_student(teacher, "window", window_size=4).eval()
+    blocks = flat_blocks(student)
+    assert all(type(b.attn).__name__ == "WindowAttention" for b in blocks)
+    assert blocks[0].attn.num_prefix_tokens == teacher.num_prefix_tokens  # NaFlexViT: class + registers
+    with torch.no_grad():
+        expected = teacher(x)
+        torch.testing.assert_close(student(x), expected, rtol=1e-5, atol=2e-5)
+        # the attention matters to the logits, and a low-rank one with the same weights is not the teacher
+        performer = build_efficient_student(teacher, "performer").eval()
+        assert (performer(x) - expected).abs().max() > 1e-2
+        if family == "qwen3":  # the rope matters in this model: the student applies the teacher's
+            assert (_no_rope(teacher)(x) - expected).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("family", CONVERTS)
+def test_stage_1_lowers_its_loss_on_the_teachers_signals(family):
+    """A few stage-1 steps of a hedgehog student (new feature maps, everything else copied) on fixed teacher
+    signals: the fit loss falls and only new parameters move."""
+    tiny = TINY[family]
+    teacher = tiny.build()
+    student = build_efficient_student(teacher, "hedgehog")
+    signals = teacher_signals(teacher, tiny.images(4), [0, 1], ("input", "q", "k", "output"))
+    plan = build_conversion_plan(teacher, student, stage1_steps=8, stage1_lr=3e-2, stage1_batch_size=4)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    res = stage1_transfer(teacher, student, plan, iter([signals] * 8), log=lambda _: None)
+    losses = [h["loss"] for h in res.history]
+    assert res.steps == 8 and losses[-1] < losses[0], losses
+    new = {n for n, _ in new_parameters(student)}
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= new
+
+
+def test_a_gemma4_teacher_is_refused_with_why():
+    with pytest.raises(InputError, match=r"Gemma4Attention.*scale 1.*v is RMS-normed.*attnxfer train"):
+        build_efficient_student(TINY["gemma4"].build(), "performer")
