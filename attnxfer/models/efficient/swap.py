@@ -66,7 +66,7 @@ def teacher_token_layout(model: nn.Module) -> tuple[int, tuple[int, int] | None]
         )
     embed = find_patch_embedding(model)[1]
     dynamic = getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_size", False)
-    grid = None if dynamic else image_input(model).grid
+    grid = () if dynamic else image_input(model).grid
     return int(model.num_prefix_tokens), (tuple(grid) if len(grid) == 2 else None)
 
 
