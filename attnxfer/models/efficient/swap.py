@@ -334,8 +334,7 @@ def _unconvertible(name: str, attn: TransferableAttention) -> str:
             f"the teacher's {name} is {_timm_class(attn)}: its logits are q kᵀ at scale 1 of RMS-normed, "
             "gained q and k (rotated by a 2-D rope given as cos/sin per call) and its v is RMS-normed, while "
             "zoo attentions take timm Attention's q/k/v layout at scale 1/sqrt(head_dim) with EVA's rope "
-            "table (and Performer-style exp kernels lose their accuracy at logits that large). Conversion "
-            f"does not carry these over yet. {instead}"
+            f"table; conversion does not carry these over yet. {instead}"
         )
     if attn.has_logit_bias:
         return (
