@@ -31,6 +31,7 @@ from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
 from ..attention.registry import get_attention_class
 from ..image_input import find_patch_embedding, image_input
 from .base import rope_refusal
+from .gemma4_student import gemma4_student_attention
 from .hierarchical import (
     build_hierarchical_student,
     expand_attention_names,
@@ -60,14 +61,17 @@ __all__ = [
 def teacher_token_layout(model: nn.Module) -> tuple[int, tuple[int, int] | None]:
     """(num_prefix_tokens, grid_size) of a timm ViT-like model; grid None when the model resizes its grid.
     The grid comes from `image_input` (``patch_embed``, NaFlexViT's ``embeds``, ``encoder.patch_embed``)."""
-    if not hasattr(model, "num_prefix_tokens") or find_patch_embedding(model) is None:
+    holder = next(
+        (m for m in (model, getattr(model, "encoder", None)) if hasattr(m, "num_prefix_tokens")), None
+    )
+    if holder is None or find_patch_embedding(model) is None:
         raise TypeError(
             f"expected a timm VisionTransformer (a patch embedding, num_prefix_tokens), got {type(model).__name__}"
         )
     embed = find_patch_embedding(model)[1]
     dynamic = getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_size", False)
     grid = () if dynamic else image_input(model).grid
-    return int(model.num_prefix_tokens), (tuple(grid) if len(grid) == 2 else None)
+    return int(holder.num_prefix_tokens), (tuple(grid) if len(grid) == 2 else None)
 
 
 def flat_blocks(model: nn.Module) -> nn.ModuleList | None:
@@ -239,6 +243,14 @@ def swap_attentions(
     prefix, grid = teacher_token_layout(model)
     for index, (block, cls, opts) in enumerate(zip(blocks, classes, options)):
         old = block.attn
+        if isinstance(old, Gemma4Attention):  # its own projections, norms, 2-D rope and scale 1
+            if cls.map_kind is MapKind.SOFTMAX:
+                continue
+            if not getattr(cls, "rope_keeps_map_kind", False):
+                raise InputError(f"blocks.{index}: {rope_refusal(cls)}")
+            config = dict(num_prefix_tokens=prefix, grid_size=grid, depth=index, **opts)
+            block.attn = gemma4_student_attention(old, cls, config)
+            continue
         rope = _is_rope_attention(old)
         if rope and cls.map_kind is MapKind.SOFTMAX:
             continue  # a softmax block of a rope model keeps its own attention (and its rope)
@@ -311,7 +323,7 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
         raise InputError(f"the teacher cannot be converted: {e}") from None
     for name, attn in layers:
         if attn.map_kind is MapKind.SOFTMAX and not isinstance(
-            attn, (TransferAttention, *ROPE_TEACHER_CLASSES)
+            attn, (TransferAttention, Gemma4Attention, *ROPE_TEACHER_CLASSES)
         ):
             raise InputError(_unconvertible(name, attn))
         if attn.map_kind is not MapKind.SOFTMAX:

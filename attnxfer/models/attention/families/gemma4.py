@@ -25,6 +25,7 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     """``Gemma4Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+    rope_cos_sin_call = True  # the block passes the rope as (x, cos, sin): capture stacks them
 
     @property
     def attn_dim(self) -> int:
