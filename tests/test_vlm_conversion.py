@@ -10,12 +10,14 @@ left alone) and the student's blocks are the teacher's (NaFlexViT's ``blocks``, 
 from __future__ import annotations
 
 import copy
+import json
 import types
 
 import pytest
 import torch
 from family_oracles import TINY, TinyFamily
 
+from attnxfer.models import student_from_spec, student_spec
 from attnxfer.models.efficient import WindowAttention, build_efficient_student, new_parameters
 from attnxfer.models.efficient.swap import flat_blocks
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
@@ -92,3 +94,17 @@ def test_stage_1_compares_with_the_teachers_scale_1_rope_maps(family):
         assert float(layer_fit_loss(attn, layer, sig, 0.0)[1]) == pytest.approx(0.0, abs=1e-5)
         without = {k: v for k, v in sig.items() if k != "rope"}
         assert float(layer_fit_loss(attn, layer, without, 0.0)[1]) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma4_gqa"])
+def test_a_converted_student_rebuilds_from_its_spec(family):
+    """What export and `load_student` do: the spec rebuilds the same zoo attentions in ``encoder.blocks``,
+    and the converted weights load into it and give the converted student's logits."""
+    tiny = FAMILIES[family]
+    student = build_efficient_student(tiny.build(), "performer").eval()
+    rebuilt = student_from_spec(json.loads(json.dumps(student_spec(student)))).eval()
+    assert [type(b.attn) for b in flat_blocks(rebuilt)] == [type(b.attn) for b in flat_blocks(student)]
+    rebuilt.load_state_dict(student.state_dict())
+    with torch.no_grad():
+        x = tiny.images()
+        assert torch.equal(rebuilt(x), student(x))
