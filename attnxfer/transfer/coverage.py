@@ -103,7 +103,7 @@ FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
         FamilyCoverage("cait", 10, 10, 10, ("inspect", "export")),
         FamilyCoverage("naflexvit", 11, 11, 11, ("inspect", "convert", "export")),
         FamilyCoverage("qwen3_vit", 9, 9, 9, ("inspect", "convert", "export")),
-        FamilyCoverage("gemma4_vit", 4, 4, 4, ("inspect", "export")),
+        FamilyCoverage("gemma4_vit", 4, 4, 4, ("inspect", "convert", "export")),
         FamilyCoverage("swin_transformer", 9, 9, 9, ("inspect", "convert", "export")),
         FamilyCoverage("swin_transformer_v2", 12, 12, 12, ("inspect", "export")),
         FamilyCoverage("swin_transformer_v2_cr", 3, 3, 3, ("inspect", "export")),

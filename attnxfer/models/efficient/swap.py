@@ -296,7 +296,7 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
     """A teacher for conversion runs softmax attention in every block (its maps are the target), as timm's
     plain ``Attention`` (ViT, DeiT, NaFlexViT) or a rope attention (``EvaAttention``, ``AttentionRope``:
     EVA-02, DINOv3, PE, Qwen3-ViT under ``encoder.blocks``), whose rotary embedding the zoo attentions
-    apply to q and k themselves. Gemma4-ViT is refused (`_unconvertible` says why).
+    apply to q and k themselves, or Gemma4-ViT's ``Gemma4Attention`` (`gemma4_student_attention`).
 
     Makes the teacher transfer-aware in place (a class swap, as `DualViT` does), then reads each layer's
     declared map kind. A hierarchical teacher (PVTv2, Swin) is checked layer by layer over its stages.
@@ -339,15 +339,8 @@ def _unconvertible(name: str, attn: TransferableAttention) -> str:
     """Why a softmax teacher layer has no zoo counterpart, and what to do instead."""
     instead = (
         "Distil this teacher into a student of its own family (`attnxfer train`, the default student), or "
-        "convert a ViT/DeiT, NaFlexViT or rope (EVA-02, DINOv3, PE, Qwen3-ViT) teacher"
+        "convert a ViT/DeiT, NaFlexViT, rope (EVA-02, DINOv3, PE, Qwen3-ViT) or Gemma4-ViT teacher"
     )
-    if isinstance(attn, Gemma4Attention):
-        return (
-            f"the teacher's {name} is {_timm_class(attn)}: its logits are q kᵀ at scale 1 of RMS-normed, "
-            "gained q and k (rotated by a 2-D rope given as cos/sin per call) and its v is RMS-normed, while "
-            "zoo attentions take timm Attention's q/k/v layout at scale 1/sqrt(head_dim) with EVA's rope "
-            f"table; conversion does not carry these over yet. {instead}"
-        )
     if attn.has_logit_bias:
         return (
             f"the teacher's {name} is {_timm_class(attn)}, whose logits add a relative-position bias: a "
