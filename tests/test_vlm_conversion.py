@@ -15,12 +15,13 @@ import types
 
 import pytest
 import torch
-from family_oracles import TINY, TinyFamily
+from family_oracles import TINY, TinyFamily, map_ce, oracle_maps
 
 from attnxfer.models import student_from_spec, student_spec
 from attnxfer.models.efficient import WindowAttention, build_efficient_student, new_parameters
 from attnxfer.models.efficient.swap import flat_blocks
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
+from attnxfer.transfer import DualViT
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
 
 #: gemma4_gqa: one k/v head for two q heads, head_dim 8 (the scale fold d^1/4 is not a power of two)
@@ -108,3 +109,20 @@ def test_a_converted_student_rebuilds_from_its_spec(family):
     with torch.no_grad():
         x = tiny.images()
         assert torch.equal(rebuilt(x), student(x))
+
+
+@pytest.mark.parametrize("family", ["gemma4_gqa"])
+def test_stage_2_distils_against_timms_own_maps(family):
+    """Stage 2's distillation of a full-window Gemma4 student (its map is the teacher's): each layer's CE
+    term is the entropy of the maps timm's own ``Gemma4Attention`` computes (unfused, recorded on
+    ``attn_drop``); the loss reaches the student's own q projection."""
+    tiny = FAMILIES[family]
+    teacher, x = tiny.build(), tiny.images()
+    student = build_efficient_student(teacher, "window", window_size=4)
+    out = DualViT(teacher, student, mode="distill").train()(x)
+    maps = oracle_maps(tiny.build(), x)
+    assert len(maps) == 2
+    for i, p in enumerate(maps):
+        torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), map_ce(p, p), rtol=1e-4, atol=1e-6)
+    out.loss.backward()
+    assert flat_blocks(student)[0].attn.q_proj.linear.weight.grad is not None
