@@ -21,6 +21,7 @@ from helpers import fast_cells
 from attnxfer.models import student_from_spec, student_spec
 from attnxfer.models.efficient import WindowAttention, build_efficient_student, new_parameters
 from attnxfer.models.efficient.swap import flat_blocks
+from attnxfer.train.measure import map_agreement
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer import DualViT
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
@@ -127,3 +128,21 @@ def test_stage_2_distils_against_timms_own_maps(family):
         torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), map_ce(p, p), rtol=1e-4, atol=1e-6)
     out.loss.backward()
     assert flat_blocks(student)[0].attn.q_proj.linear.weight.grad is not None
+
+
+def test_the_reports_map_agreement_of_a_mixed_gemma4_student():
+    """The report's agreement (`map_agreement`) on a Gemma4 student that keeps softmax in block 0 and is the
+    teacher in block 1 (a full window): zero KL on the teacher's inputs (cos/sin captured, scale 1) and on
+    its own; a performer block is not zero."""
+    tiny = FAMILIES["gemma4"]
+    teacher, x = tiny.build(), tiny.images()
+    for inputs in ("teacher", "own"):
+        rows = map_agreement(
+            teacher,
+            build_efficient_student(teacher, ["softmax", "window"], window_size=4),
+            [x],
+            inputs=inputs,
+        )
+        assert [r["value"] for r in rows] == pytest.approx([0.0, 0.0], abs=1e-6), inputs
+    rows = map_agreement(teacher, build_efficient_student(teacher, ["softmax", "performer"]), [x])
+    assert rows[1]["value"] > 1e-3

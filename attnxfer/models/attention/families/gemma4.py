@@ -34,10 +34,14 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     def forward(
         self,
         x: torch.Tensor,
-        rope_cos: torch.Tensor,
-        rope_sin: torch.Tensor,
+        rope_cos: torch.Tensor | None = None,
+        rope_sin: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        *,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if rope is not None:  # cos and sin stacked, as capture records them (stage 1, map agreement)
+            rope_cos, rope_sin = rope[0], rope[1]
         if self.io is None:
             return Gemma4Attention.forward(self, x, rope_cos, rope_sin, attn_mask=attn_mask)
         return self.transfer_forward(x, attn_mask=attn_mask, rope_cos=rope_cos, rope_sin=rope_sin)
@@ -48,7 +52,11 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
         which: str = "qkv",
         rope_cos: torch.Tensor | None = None,
         rope_sin: torch.Tensor | None = None,
+        rope: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """q/k/v heads as timm computes them; ``rope`` is cos and sin stacked, as capture records them."""
+        if rope is not None:
+            rope_cos, rope_sin = rope[0], rope[1]
         B, N, _ = x.shape
         out = {}
         for c in "qkv":
