@@ -27,7 +27,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..errors import InputError
 from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of
 from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
-from .efficient.swap import swap_attentions
+from .efficient.swap import flat_blocks, swap_attentions
 from .image_input import image_input
 
 __all__ = [
@@ -422,7 +422,7 @@ def student_from_spec(
             names = per_block_attention(kind, len(hierarchical_slots(model)))
             return swap_hierarchical(model, names, spec.get("attention_options"))
         return swap_attentions(
-            model, per_block_attention(kind, len(model.blocks)), spec.get("attention_options")
+            model, per_block_attention(kind, len(flat_blocks(model))), spec.get("attention_options")
         )
     if attn_layer is None:
         attn_layer = TransferAttention

@@ -25,6 +25,7 @@ from ..models.attention import (
 )
 from ..models.attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..models.efficient import check_softmax_teacher
+from ..models.efficient.swap import flat_blocks
 from ..models.image_input import find_patch_embedding, image_input
 from ..transfer.map_losses import default_map_loss, map_distillation_loss, output_mse
 from .distributed import sum_over_ranks
@@ -238,11 +239,11 @@ def operation_counts(
     A hierarchical model (PVTv2, Swin: no ``blocks``) is counted layer by layer at the token count and
     number of calls (windows) each attention layer sees on one image of ``img_size`` (default: the
     teacher's input size); ``tokens`` is then the list of per-layer token counts."""
-    if not hasattr(teacher, "blocks"):
+    if flat_blocks(teacher) is None:
         return _hierarchical_counts(teacher, student, batch, img_size)
     tokens = _tokens(teacher)
     rows, totals = [], {"teacher": {}, "student": {}}
-    for i, (t_blk, s_blk) in enumerate(zip(teacher.blocks, student.blocks, strict=True)):
+    for i, (t_blk, s_blk) in enumerate(zip(flat_blocks(teacher), flat_blocks(student), strict=True)):
         row = {"layer": i, "attention": attention_name_of(s_blk.attn)}
         for who, blk in (("teacher", t_blk), ("student", s_blk)):
             counts = _layer_counts(blk.attn, tokens, batch) if tokens else None

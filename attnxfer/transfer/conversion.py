@@ -295,6 +295,7 @@ def layer_fit_loss(
         layer.loss,
         bias_t=signals.get("bias"),
         key_pooling=signals.get("key_pooling"),
+        scale_t=getattr(attn, "teacher_logit_scale", None),  # Gemma4: 1 (the student folds it into q, k)
     )
     loss, metric = res.loss, res.metric
     region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
@@ -326,6 +327,7 @@ def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> 
         layer.loss,
         bias_t=signals.get("bias"),
         key_pooling=signals.get("key_pooling"),
+        scale_t=getattr(attn, "teacher_logit_scale", None),  # Gemma4: 1 (the student folds it into q, k)
     )
     return res.metric
 

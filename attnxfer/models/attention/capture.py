@@ -63,6 +63,8 @@ def _record_input(module: nn.Module, args: tuple, kwargs: dict, *, sink: dict) -
     sink["input"] = args[0] if args else kwargs["x"]
     if kwargs.get("rope") is not None:
         sink["rope"] = kwargs["rope"]
+    elif getattr(module, "rope_cos_sin_call", False) and len(args) == 3:  # Gemma4: attn(x, cos, sin)
+        sink["rope"] = torch.stack(args[1:])  # cos and sin as one tensor, the student's ``rope=``
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from timm.layers import AttentionRope, DropPath
 from timm.models.eva import EvaAttention
+from timm.models.gemma4_vit import Gemma4Attention
 from torch import nn
 
 from ...errors import InputError
@@ -28,7 +29,9 @@ from ..attention import (
 )
 from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
 from ..attention.registry import get_attention_class
+from ..image_input import find_patch_embedding, image_input
 from .base import rope_refusal
+from .gemma4_student import gemma4_student_attention
 from .hierarchical import (
     build_hierarchical_student,
     expand_attention_names,
@@ -46,6 +49,7 @@ __all__ = [
     "check_softmax_teacher",
     "configure_token_layout",
     "efficient_student_from_teacher",
+    "flat_blocks",
     "new_parameters",
     "set_drop_path",
     "swap_attentions",
@@ -55,16 +59,29 @@ __all__ = [
 
 
 def teacher_token_layout(model: nn.Module) -> tuple[int, tuple[int, int] | None]:
-    """(num_prefix_tokens, grid_size) of a timm ViT; grid None when the model resizes its grid."""
-    if not hasattr(model, "patch_embed") or not hasattr(model, "num_prefix_tokens"):
-        raise TypeError(
-            f"expected a timm VisionTransformer (patch_embed, num_prefix_tokens), got {type(model).__name__}"
-        )
-    dynamic = getattr(model, "dynamic_img_size", False) or getattr(
-        model.patch_embed, "dynamic_img_size", False
+    """(num_prefix_tokens, grid_size) of a timm ViT-like model; grid None when the model resizes its grid.
+    The grid comes from `image_input` (``patch_embed``, NaFlexViT's ``embeds``, ``encoder.patch_embed``)."""
+    holder = next(
+        (m for m in (model, getattr(model, "encoder", None)) if hasattr(m, "num_prefix_tokens")), None
     )
-    grid = None if dynamic else tuple(model.patch_embed.grid_size)
-    return int(model.num_prefix_tokens), grid
+    if holder is None or find_patch_embedding(model) is None:
+        raise TypeError(
+            f"expected a timm VisionTransformer (a patch embedding, num_prefix_tokens), got {type(model).__name__}"
+        )
+    embed = find_patch_embedding(model)[1]
+    dynamic = getattr(model, "dynamic_img_size", False) or getattr(embed, "dynamic_img_size", False)
+    grid = () if dynamic else image_input(model).grid
+    return int(holder.num_prefix_tokens), (tuple(grid) if len(grid) == 2 else None)
+
+
+def flat_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The one flat sequence of blocks of a ViT-like model: ``blocks`` (ViT, EVA, NaFlexViT) or
+    ``encoder.blocks`` (Qwen3-ViT, Gemma4-ViT classifiers); None for a model without one."""
+    for holder in (model, getattr(model, "encoder", None)):
+        blocks = getattr(holder, "blocks", None)
+        if isinstance(blocks, nn.ModuleList | nn.Sequential):
+            return blocks
+    return None
 
 
 def configure_token_layout(model: nn.Module) -> nn.Module:
@@ -159,7 +176,7 @@ def efficient_student_from_teacher(
             that accept it; an option no chosen attention accepts is an error. ``seq_len``
             (Linformer) defaults to the teacher's token count.
     """
-    blocks = getattr(teacher, "blocks", None)
+    blocks = flat_blocks(teacher)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
     if not isinstance(attn, str) and len(attn) != len(blocks):
@@ -181,7 +198,7 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
         classes = [get_attention_class(name) for name in names]
         options = [{k: v for k, v in attn_kwargs.items() if c.accepts_option(k)} for c in classes]
         return swap_hierarchical(model, names, options)
-    blocks = getattr(model, "blocks", None)
+    blocks = flat_blocks(model)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
     depth = len(blocks)
@@ -212,7 +229,7 @@ def swap_attentions(
     ``qkv``, ``q_norm``, ``k_norm``, ``norm`` and ``proj`` modules move into it unchanged. This is how
     a student is made from a teacher copy, and how an exported student is rebuilt from its spec.
     """
-    blocks = getattr(model, "blocks", None)
+    blocks = flat_blocks(model)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
     depth = len(blocks)
@@ -224,8 +241,16 @@ def swap_attentions(
         )
     classes = [get_attention_class(name) for name in names]
     prefix, grid = teacher_token_layout(model)
-    for index, (block, cls, opts) in enumerate(zip(model.blocks, classes, options)):
+    for index, (block, cls, opts) in enumerate(zip(blocks, classes, options)):
         old = block.attn
+        if isinstance(old, Gemma4Attention):  # its own projections, norms, 2-D rope and scale 1
+            if cls.map_kind is MapKind.SOFTMAX:
+                continue
+            if not getattr(cls, "rope_keeps_map_kind", False):
+                raise InputError(f"blocks.{index}: {rope_refusal(cls)}")
+            config = dict(num_prefix_tokens=prefix, grid_size=grid, depth=index, **opts)
+            block.attn = gemma4_student_attention(old, cls, config)
+            continue
         rope = _is_rope_attention(old)
         if rope and cls.map_kind is MapKind.SOFTMAX:
             continue  # a softmax block of a rope model keeps its own attention (and its rope)
@@ -269,8 +294,9 @@ def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 def check_softmax_teacher(teacher: nn.Module) -> None:
     """A teacher for conversion runs softmax attention in every block (its maps are the target), as timm's
-    plain ``Attention`` or a rope attention (``EvaAttention``, ``AttentionRope``: EVA-02, DINOv3, PE), whose
-    rotary embedding the zoo attentions apply to q and k themselves.
+    plain ``Attention`` (ViT, DeiT, NaFlexViT) or a rope attention (``EvaAttention``, ``AttentionRope``:
+    EVA-02, DINOv3, PE, Qwen3-ViT under ``encoder.blocks``), whose rotary embedding the zoo attentions
+    apply to q and k themselves, or Gemma4-ViT's ``Gemma4Attention`` (`gemma4_student_attention`).
 
     Makes the teacher transfer-aware in place (a class swap, as `DualViT` does), then reads each layer's
     declared map kind. A hierarchical teacher (PVTv2, Swin) is checked layer by layer over its stages.
@@ -284,7 +310,7 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
                     "needs a softmax teacher. Use the original pretrained model as teacher"
                 )
         return
-    if getattr(teacher, "blocks", None) is None:
+    if flat_blocks(teacher) is None:
         raise InputError(
             f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`): "
             "conversion swaps the attention of each of its `blocks`. Distil it into a student of its own "
@@ -297,7 +323,7 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
         raise InputError(f"the teacher cannot be converted: {e}") from None
     for name, attn in layers:
         if attn.map_kind is MapKind.SOFTMAX and not isinstance(
-            attn, (TransferAttention, *ROPE_TEACHER_CLASSES)
+            attn, (TransferAttention, Gemma4Attention, *ROPE_TEACHER_CLASSES)
         ):
             raise InputError(_unconvertible(name, attn))
         if attn.map_kind is not MapKind.SOFTMAX:
@@ -313,7 +339,7 @@ def _unconvertible(name: str, attn: TransferableAttention) -> str:
     """Why a softmax teacher layer has no zoo counterpart, and what to do instead."""
     instead = (
         "Distil this teacher into a student of its own family (`attnxfer train`, the default student), or "
-        "convert a ViT/DeiT or rope (EVA-02, DINOv3, PE) teacher"
+        "convert a ViT/DeiT, NaFlexViT, rope (EVA-02, DINOv3, PE, Qwen3-ViT) or Gemma4-ViT teacher"
     )
     if attn.has_logit_bias:
         return (
@@ -364,7 +390,7 @@ def build_efficient_student(
     if is_hierarchical(teacher):  # PVTv2 / Swin: one name, one per stage or one per attention layer
         student = build_hierarchical_student(teacher, attention, **attention_kwargs)
     else:
-        names = _attention_names(attention, len(teacher.blocks))
+        names = _attention_names(attention, len(flat_blocks(teacher)))
         try:
             student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
         except TypeError as e:
@@ -386,7 +412,8 @@ def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
     ``rate * i / (depth - 1)``. (A loaded teacher, and so its copy, has none.)"""
     if rate < 0 or rate >= 1:
         raise InputError(f"drop_path_rate must be in [0, 1), got {rate}")
-    blocks = list(model.blocks) if hasattr(model, "blocks") else [b for _, b, *_ in hierarchical_slots(model)]
+    flat = flat_blocks(model)
+    blocks = list(flat) if flat is not None else [b for _, b, *_ in hierarchical_slots(model)]
     depth = len(blocks)
     for i, blk in enumerate(blocks):
         p = rate * i / max(1, depth - 1)

@@ -25,6 +25,7 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     """``Gemma4Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+    rope_cos_sin_call = True  # the block passes the rope as (x, cos, sin): capture stacks them
 
     @property
     def attn_dim(self) -> int:
@@ -33,10 +34,14 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     def forward(
         self,
         x: torch.Tensor,
-        rope_cos: torch.Tensor,
-        rope_sin: torch.Tensor,
+        rope_cos: torch.Tensor | None = None,
+        rope_sin: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        *,
+        rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if rope is not None:  # cos and sin stacked, as capture records them (stage 1, map agreement)
+            rope_cos, rope_sin = rope[0], rope[1]
         if self.io is None:
             return Gemma4Attention.forward(self, x, rope_cos, rope_sin, attn_mask=attn_mask)
         return self.transfer_forward(x, attn_mask=attn_mask, rope_cos=rope_cos, rope_sin=rope_sin)
@@ -47,7 +52,11 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
         which: str = "qkv",
         rope_cos: torch.Tensor | None = None,
         rope_sin: torch.Tensor | None = None,
+        rope: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """q/k/v heads as timm computes them; ``rope`` is cos and sin stacked, as capture records them."""
+        if rope is not None:
+            rope_cos, rope_sin = rope[0], rope[1]
         B, N, _ = x.shape
         out = {}
         for c in "qkv":
