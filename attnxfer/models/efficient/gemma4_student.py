@@ -11,10 +11,11 @@ student's map with the teacher's at the teacher's scale (``teacher_logit_scale``
 from __future__ import annotations
 
 import torch
-from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
+from timm.models.gemma4_vit import Gemma4Attention
 from torch import nn
 
 from ...errors import InputError
+from ..attention.families.gemma4 import gemma4_heads
 from .base import EfficientAttention, rope_refusal
 
 __all__ = ["gemma4_student_attention"]
@@ -49,22 +50,9 @@ class Gemma4Projections:
         """q, k (scale folded in) and v heads (B, H, N, d) as ``Gemma4Attention.forward`` makes them."""
         if rope is not None and not self.rope_keeps_map_kind:
             raise InputError(rope_refusal(type(self)))
-        B, N, _ = x.shape
+        cos, sin = (None, None) if rope is None else (rope[0], rope[1])
         fold = self.head_dim**0.25
-        out = {}
-        for c in "qkv":
-            if c not in which:
-                continue
-            heads = self.num_heads if c == "q" else self.num_kv_heads
-            t = getattr(self, f"{c}_proj")(x).view(B, N, heads, self.head_dim)
-            t = getattr(self, f"{c}_norm")(t)
-            if c != "v" and rope is not None:
-                t = apply_multidimensional_rope(t, rope[0], rope[1], ndim=2, unsqueeze_dim=2)
-            t = t.transpose(1, 2)
-            if c != "q" and self.num_kv_groups > 1:
-                t = t.repeat_interleave(self.num_kv_groups, dim=1)
-            out[c] = t * fold if c != "v" else t
-        return out
+        return {c: t * fold if c != "v" else t for c, t in gemma4_heads(self, x, which, cos, sin).items()}
 
 
 _CLASSES: dict[type, type] = {}

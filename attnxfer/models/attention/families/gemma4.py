@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
 from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
 
 from ..adapters import register_adapter
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import _to_buffer
 
-__all__ = ["TransferGemma4Attention"]
+__all__ = ["TransferGemma4Attention", "gemma4_heads"]
 
 
 @register_adapter(Gemma4Attention)
@@ -57,21 +58,7 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
         """q/k/v heads as timm computes them; ``rope`` is cos and sin stacked, as capture records them."""
         if rope is not None:
             rope_cos, rope_sin = rope[0], rope[1]
-        B, N, _ = x.shape
-        out = {}
-        for c in "qkv":
-            if c not in which:
-                continue
-            heads = self.num_heads if c == "q" else self.num_kv_heads
-            t = getattr(self, f"{c}_proj")(x).view(B, N, heads, self.head_dim)
-            t = getattr(self, f"{c}_norm")(t)
-            if c != "v" and rope_cos is not None:
-                t = apply_multidimensional_rope(t, rope_cos, rope_sin, ndim=2, unsqueeze_dim=2)
-            t = t.transpose(1, 2)
-            if c != "q" and self.num_kv_groups > 1:
-                t = t.repeat_interleave(self.num_kv_groups, dim=1)
-            out[c] = t
-        return out
+        return gemma4_heads(self, x, which, rope_cos, rope_sin)
 
     def logit_scale(self, q: torch.Tensor) -> float:
         return 1.0
@@ -87,3 +74,30 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
                 _to_buffer(getattr(self, f"{c}_proj").linear, name)
             if c in "qk":
                 getattr(self, f"{c}_norm").requires_grad_(False)
+
+
+def gemma4_heads(
+    attn: nn.Module,
+    x: torch.Tensor,
+    which: str = "qkv",
+    rope_cos: torch.Tensor | None = None,
+    rope_sin: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """q/k/v heads (B, H, N, d) of a module with ``Gemma4Attention``'s projections, as its forward makes them:
+    projection, RMS norm, 2-D rope on q and k, grouped k/v heads repeated. Shared by the adapter and the
+    converted student (`models/efficient/gemma4_student.py`)."""
+    B, N, _ = x.shape
+    out = {}
+    for c in "qkv":
+        if c not in which:
+            continue
+        heads = attn.num_heads if c == "q" else attn.num_kv_heads
+        t = getattr(attn, f"{c}_proj")(x).view(B, N, heads, attn.head_dim)
+        t = getattr(attn, f"{c}_norm")(t)
+        if c != "v" and rope_cos is not None:
+            t = apply_multidimensional_rope(t, rope_cos, rope_sin, ndim=2, unsqueeze_dim=2)
+        t = t.transpose(1, 2)
+        if c != "q" and attn.num_kv_groups > 1:
+            t = t.repeat_interleave(attn.num_kv_groups, dim=1)
+        out[c] = t
+    return out
