@@ -46,9 +46,8 @@ from ..train.evaluation import evaluate_loss
 from ..train.objective import ModuleObjective
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
-from .loaders import build_loaders
 from .resume import resume_source
-from .run_parts import RunParts, num_classes_of, stamp_input_cfg
+from .run_parts import RunParts, num_classes_of, parts_around
 from .training import assemble_engine, engine_facts, evaluate_run, loop_settings
 from .world_size import fit_world_size
 
@@ -194,30 +193,17 @@ def _pretrain_parts(
     img_size = d.img_size or inputs.img_size[0]
     in_chans = inputs.in_chans
     mean, std = d.mean or info.mean, d.std or info.std
-    stamp_input_cfg(encoder, mean, std, in_chans, img_size)
-    loaders = build_loaders(
-        d,
-        cfg.aug,
+    return parts_around(
+        cfg,
+        info,
+        encoder,
         img_size=img_size,
         in_chans=in_chans,
         mean=mean,
         std=std,
         num_classes=num_classes,
-        seed=cfg.seed,
         rank=runtime.rank,
         world_size=runtime.world,
-    )
-    return RunParts(
-        student=encoder,
-        teacher=None,
-        train_loader=loaders.train_loader,
-        val_loader=loaders.val_loader,
-        train_sampler=loaders.train_sampler,
-        num_classes=num_classes,
-        class_names=list(info.class_names) if info.class_names else None,
-        mean=list(mean),
-        std=list(std),
-        student_spec=student_spec(encoder),
     )
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "build_student",
     "init_from_pretrained",
     "num_classes_of",
+    "parts_around",
     "pooling_args",
     "stamp_input_cfg",
     "student_attention",
@@ -191,9 +192,42 @@ def build_run_parts(
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
     std = d.std or (record or {}).get("std") or info.std
+    return parts_around(
+        cfg,
+        info,
+        student,
+        teacher=teacher,
+        teacher_record=record,
+        img_size=img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        num_classes=num_classes,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def parts_around(
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    student: nn.Module,
+    *,
+    teacher: nn.Module | None = None,
+    teacher_record: dict[str, Any] | None = None,
+    img_size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    num_classes: int,
+    rank: int,
+    world_size: int,
+) -> RunParts:
+    """A run's parts around its student (train, convert, pretrain alike): the input config stamped on the
+    student, the loaders at its size and normalisation, and the record of it all."""
     stamp_input_cfg(student, mean, std, in_chans, img_size)
     loaders = build_loaders(
-        d,
+        cfg.data,
         cfg.aug,
         img_size=img_size,
         in_chans=in_chans,
@@ -214,7 +248,7 @@ def build_run_parts(
         class_names=list(info.class_names) if info.class_names else None,
         mean=list(mean),
         std=list(std),
-        teacher_record=record,
+        teacher_record=teacher_record,
         student_spec=student_spec(student),
     )
 
