@@ -286,17 +286,7 @@ def layer_fit_loss(
         return loss, metric
     # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over; one
     # with reduced keys (PVTv2, sr > 1) its `KeyPooling`, onto which the student's rows are pooled
-    res = map_distillation_loss(
-        attn,
-        own["q"],
-        own["k"],
-        signals["q"],
-        signals["k"],
-        layer.loss,
-        bias_t=signals.get("bias"),
-        key_pooling=signals.get("key_pooling"),
-        scale_t=getattr(attn, "teacher_logit_scale", None),  # Gemma4: 1 (the student folds it into q, k)
-    )
+    res = _map_loss(attn, layer, own["q"], own["k"], signals)
     loss, metric = res.loss, res.metric
     region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
     if region is not None and signals.get("bias") is not None and layer.loss is MapLoss.CE:
@@ -314,14 +304,13 @@ def _call(signals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"rope": signals["rope"]} if signals.get("rope") is not None else {}
 
 
-def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> torch.Tensor:
-    """The map agreement logged beside an attention's own objective (no gradient)."""
-    if layer.loss is MapLoss.OUTPUT:
-        return output_mse(attn(signals["input"], **_call(signals)), signals["output"]).detach()
-    res = map_distillation_loss(
+def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch.Tensor, signals):
+    """The layer's map loss of the student's q, k against the teacher's signals: with the teacher's logit bias
+    where it has one, pooled onto its reduced keys where it has those, at the teacher's logit scale."""
+    return map_distillation_loss(
         attn,
-        own["q"].detach(),
-        own["k"].detach(),
+        q,
+        k,
         signals["q"],
         signals["k"],
         layer.loss,
@@ -329,6 +318,13 @@ def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> 
         key_pooling=signals.get("key_pooling"),
         scale_t=getattr(attn, "teacher_logit_scale", None),  # Gemma4: 1 (the student folds it into q, k)
     )
+
+
+def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> torch.Tensor:
+    """The map agreement logged beside an attention's own objective (no gradient)."""
+    if layer.loss is MapLoss.OUTPUT:
+        return output_mse(attn(signals["input"], **_call(signals)), signals["output"]).detach()
+    res = _map_loss(attn, layer, own["q"].detach(), own["k"].detach(), signals)
     return res.metric
 
 
