@@ -43,6 +43,7 @@ from typing import Any
 
 from ..errors import PathExistsError
 from ..run_layout import LOCK_NAME
+from .processes import process_alive
 from .store import CheckpointError, CheckpointManager
 
 __all__ = [
@@ -140,20 +141,12 @@ def _start_time(pid: int) -> str | None:
 
 
 def _pid_gone(pid: int, started: str | None) -> bool:
-    """True when process ``pid`` of this host is provably not the one that took the lock."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """True when process ``pid`` of this host is provably not the one that took the lock: it is not alive,
+    or the pid now belongs to a process started at another time."""
+    if not process_alive(pid):
         return True
-    except PermissionError:
-        return False
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
-    except OSError:
-        return False
-    if fields[0] in ("Z", "X"):
-        return True  # exited, not yet reaped
-    return started is not None and fields[19] != started
+    now = _start_time(pid)
+    return started is not None and now is not None and now != started
 
 
 def _slurm_job() -> str | None:

@@ -69,6 +69,7 @@ from .atomic_io import (  # moved to atomic_io.py
     atomic_write_json,
     atomic_write_text,
 )
+from .processes import process_alive
 from .tensor_codec import (  # moved to tensor_codec.py
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
@@ -350,15 +351,7 @@ def _owner_is_alive(dir_name: str) -> bool:
     if not pid_str.isdigit() or host != _owner_tag().partition("@")[2]:
         return False  # unknown or another host: a writer there would break the one-writer rule
     pid = int(pid_str)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid != os.getpid() and process_alive(pid)
 
 
 class CheckpointManager:
