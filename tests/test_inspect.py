@@ -31,7 +31,8 @@ from attnxfer.analysis import (
     topk_overlap,
 )
 from attnxfer.analysis.pictures import class_token_figure_size
-from attnxfer.apps.inspect import LoadedModel, agreement_sentence, inspect_models, load_model, write_report
+from attnxfer.apps.inspect import LoadedModel, inspect_models, load_model, write_report
+from attnxfer.apps.inspect_report import agreement_sentence
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models import attention_maps, create_vit
@@ -441,10 +442,10 @@ def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
     micro_teacher, tmp_path, capsys, monkeypatch
 ):
     """Ctrl-C while the pictures are drawn (after metrics.json, before the rest): nothing reaches --out."""
-    import attnxfer.apps.inspect as inspect_app
+    import attnxfer.apps.inspect_pictures as pictures_app
 
     drawn = []
-    real_save = inspect_app.save_figure
+    real_save = pictures_app.save_figure
 
     def interrupted_save(fig, path):
         drawn.append(path)
@@ -452,12 +453,12 @@ def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
             raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, here at a known point
         return real_save(fig, path)
 
-    monkeypatch.setattr(inspect_app, "save_figure", interrupted_save)
+    monkeypatch.setattr(pictures_app, "save_figure", interrupted_save)
     out = tmp_path / "report"
     assert _inspect(micro_teacher, out) == 130
     err = capsys.readouterr().err
     assert "interrupted" in err and "nothing was written" in err and "run the same command again" in err
     assert not out.exists() and list(tmp_path.iterdir()) == []  # no report, no staging folder
-    monkeypatch.setattr(inspect_app, "save_figure", real_save)
+    monkeypatch.setattr(pictures_app, "save_figure", real_save)
     assert _inspect(micro_teacher, out) == 0  # the advice holds: no "already holds an inspection"
     assert (out / "metrics.json").exists() and (out / "curves.png").exists()

@@ -84,7 +84,7 @@ def test_rope_and_bias_metrics_equal_timms_own_maps(family):
     insp = compare_attention(teacher, {"s": student}, [x[:2], x[2:]], chunk=4, probe_rows=17, topk=3)
     pos = torch.tensor([(r * 8.0, c * 8.0) for r in range(4) for c in range(4)], dtype=torch.float64)
     for r, t, p, q in zip(insp.students["s"], insp.teacher, p_all, q_all):
-        assert t.partition == "global" and r.stage == "blocks" and r.name.endswith(".attn")
+        assert t.partition == "global" and r.stage == "" and r.name.endswith(".attn")
         kl = (p * (p.log() - q.log())).sum(-1).mean((0, 2))
         ent = -(q * q.log()).sum(-1).mean((0, 2))
         cp, cq = p[:, :, 0, 1:], q[:, :, 0, 1:]
@@ -148,12 +148,14 @@ def test_naflex_and_stage_names():
     assert [t.partition for t in insp.teacher] == ["global", "global"]
     kl = (p * (p.log() - q.log())).sum(-1).mean((0, 2))
     assert insp.students["s"][0].metrics["kl"] == pytest.approx(kl.tolist(), rel=2e-4, abs=1e-6)
+    # the model's stage module: Swin's ``layers.0``, PVTv2's ``stages.2``, "" for a flat model's blocks
     assert [stage_of(n) for n in ("layers.0.blocks.1.attn", "stages.2.blocks.0.attn", "blocks.3.attn")] == [
-        "layers.0.blocks",
-        "stages.2.blocks",
-        "blocks",
+        "layers.0",
+        "stages.2",
+        "",
     ]
     assert stage_of("blocks_token_only.0.attn") == "blocks_token_only" and stage_of("attn") == ""
+    assert [t.stage for t in insp.teacher] == ["", ""]
 
 
 def test_a_copy_student_borrows_the_teachers_bias():

@@ -183,11 +183,11 @@ def test_cli_writes_pictures_per_stage(saved_swin, tmp_path):
     assert cli_main([*args, "--floor-images", "1", "--out", str(out)]) == 0
     data = json.loads((out / "metrics.json").read_text())
     rows = data["students"]["student"]
-    assert [r["stage"] for r in rows] == ["layers.0.blocks"] * 2 + ["layers.1.blocks"] * 2
+    assert [r["stage"] for r in rows] == ["layers.0"] * 2 + ["layers.1"] * 2
     assert all(r["mean"]["kl"] > 0 for r in rows)
     files = {p.name for p in out.iterdir()}
     pictures = {"queries_student_stage0_img0.png", "queries_student_stage1_img0.png"}
-    pictures |= {"heads_student_layers_0_blocks.png", "heads_student_layers_1_blocks.png"}
+    pictures |= {"heads_student_layers_0.png", "heads_student_layers_1.png"}
     assert pictures <= files and not any(f.startswith("cls_maps") for f in files)
     for name in pictures:
         with Image.open(out / name) as img:

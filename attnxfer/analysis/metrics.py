@@ -24,6 +24,8 @@ from scipy.stats import rankdata
 __all__ = [
     "attention_distance",
     "attention_rollout",
+    "finite_mean",
+    "grouped_heads",
     "head_assignment",
     "patch_distances",
     "pearson",
@@ -111,6 +113,20 @@ def renormalise(rows: torch.Tensor) -> torch.Tensor:
     """Rows divided by their sum (a row over patch keys only, say); all-zero rows stay zero."""
     total = rows.sum(-1, keepdim=True)
     return torch.where(total > 0, rows / total.clamp_min(1e-30), torch.zeros_like(rows))
+
+
+def finite_mean(values: Sequence[float]) -> float:
+    """The mean of the finite values, NaN where there are none (a head with no rows to compare is NaN and
+    left out of its layer's mean)."""
+    ok = [v for v in values if math.isfinite(v)]
+    return sum(ok) / len(ok) if ok else math.nan
+
+
+def grouped_heads(p: torch.Tensor, heads: int) -> torch.Tensor:
+    """Teacher rows (B, H_t, R, N) averaged in contiguous groups down to ``heads`` (what a student with
+    fewer heads is compared with: the distillation loss's convention)."""
+    b, ht, r, n = p.shape
+    return p if ht == heads else p.reshape(b, heads, ht // heads, r, n).mean(2)
 
 
 def patch_distances(

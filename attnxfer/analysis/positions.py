@@ -18,16 +18,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.attention import attention_blocks, attention_layers
-
-if TYPE_CHECKING:  # compare.py reads positions for attention distance; it is typed here only
-    from .compare import LayerSignals
+from .signals import LayerSignals
 
 __all__ = ["RowPositions", "cell_distances", "query_maps", "query_points", "register_rows", "row_positions"]
 

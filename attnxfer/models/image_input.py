@@ -16,7 +16,7 @@ from timm.models import get_model_traits
 
 from ..errors import InputError
 
-__all__ = ["PATCH_EMBEDDINGS", "ImageInput", "find_patch_embedding", "image_input"]
+__all__ = ["PATCH_EMBEDDINGS", "ImageInput", "as_pair", "find_patch_embedding", "image_input"]
 
 #: Where timm families keep the patch embedding, looked up in this order: ViT/DeiT, EVA, BEiT, relpos, SAM,
 #: CaiT, Swin, PVTv2, Hiera ``patch_embed``; NaFlexViT ``embeds``; the VLM encoders (Qwen3-ViT, Gemma4-ViT
@@ -69,20 +69,20 @@ def image_input(model: nn.Module) -> ImageInput:
     where, embed = found
     proj = getattr(embed, "proj", None)
     stride = getattr(proj, "stride", None) if isinstance(proj, nn.Conv2d) else None
-    patch = _pair(getattr(embed, "patch_size", None) or stride)
+    patch = as_pair(getattr(embed, "patch_size", None) or stride)
     if patch is None:
         raise InputError(
             f"{type(model).__name__}.{where} records no patch size; attnxfer cannot lay out its tokens"
         )
-    size = _pair(getattr(embed, "img_size", None) or getattr(embed, "default_img_size", None))
+    size = as_pair(getattr(embed, "img_size", None) or getattr(embed, "default_img_size", None))
     if size is None:
-        size = _pair(get_model_traits(model).get("img_size"))
+        size = as_pair(get_model_traits(model).get("img_size"))
     if size is None:
         cfg = getattr(model, "pretrained_cfg", None) or {}
-        size = _pair(tuple(cfg["input_size"][-2:])) if cfg.get("input_size") else None
+        size = as_pair(tuple(cfg["input_size"][-2:])) if cfg.get("input_size") else None
     grid = tuple(int(g) for g in (getattr(embed, "grid_size", None) or ()))
     if not grid and size is not None:
-        step = _pair(stride) or patch
+        step = as_pair(stride) or patch
         grid = (size[0] // step[0], size[1] // step[1])
     return ImageInput(where, _in_chans(model, where, embed, proj), size, patch, grid)
 
@@ -102,7 +102,9 @@ def _in_chans(model: nn.Module, where: str, embed: nn.Module, proj: nn.Module | 
     return int(chans)
 
 
-def _pair(v) -> tuple[int, int] | None:
+def as_pair(v) -> tuple[int, int] | None:
+    """An (h, w) pair of ints from what timm's stems record (an int, a pair, a ``torch.Size``); None for
+    None or a sequence that is not two long, which timm's ``to_2tuple`` would pass on unchecked."""
     if v is None:
         return None
     if isinstance(v, int):

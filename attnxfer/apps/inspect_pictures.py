@@ -1,0 +1,258 @@
+"""The pictures of an `attnxfer inspect` report, drawn on a few of its images: class-token maps per layer
+and head (teacher | student, one set per stage of a hierarchical model), the head matching, where the centre
+and corner queries of windowed or reduced layers look (stitched back onto the image), attention rollout,
+and the per-layer curves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..analysis import (
+    Inspection,
+    LayerComparison,
+    LayerGeometry,
+    LayerSignals,
+    Subject,
+    borrowed_signals,
+    has_rollout,
+    layer_qk,
+    rollout_class_maps,
+    token_maps,
+)
+from ..analysis.pictures import (
+    class_token_figure,
+    curves_figure,
+    display_image,
+    head_matching_figure,
+    rollout_figure,
+    save_figure,
+)
+from ..analysis.positions import RowPositions, query_maps, query_points, row_positions
+from ..models.attention import attention_stages
+
+__all__ = ["draw_pictures", "slug"]
+
+
+def draw_pictures(
+    out: Path,
+    insp: Inspection,
+    teacher: nn.Module,
+    students: Mapping[str, Subject],
+    images: torch.Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> list[Path]:
+    """Every picture of the report for ``images`` (normalised with ``mean``/``std``) under ``out``; returns
+    the files written, in the order they were drawn."""
+    canvas = _Canvas(out, images, mean, std)
+    t = _view(teacher, images)
+    rollouts = (
+        {"teacher": rollout_class_maps(teacher, images, qk=t.qk)}
+        if has_rollout(teacher, images, t.qk)
+        else {}
+    )
+    stages = attention_stages(teacher)
+    t_pos = row_positions(teacher, images)
+    for name, subject in students.items():
+        s = _view(subject.model, images, borrowed_signals(subject.borrow, t.qk))
+        if rollouts and has_rollout(subject.model, images, s.qk):
+            rollouts[name] = rollout_class_maps(subject.model, images, qk=s.qk)
+        if any(p is not None for p in t_pos):
+            pairs = {r.teacher_layer: r.layer for r in insp.students[name]}
+            sides = _QuerySides(t.qk, t_pos, s.qk, row_positions(subject.model, images), pairs)
+            _query_pictures(canvas, name, sides)
+        for stage, layers in stages:
+            _stage_pictures(canvas, name, _StageOf(stage, layers, len(stages)), t, s, insp.students[name])
+    _rollout_pictures(canvas, rollouts)
+    canvas.save(curves_figure(insp), "curves.png")
+    return canvas.written
+
+
+def slug(name: str) -> str:
+    """``name`` as a piece of a file name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+class _Canvas:
+    """Where the pictures go: the folder, the images drawn under the maps, the files written so far."""
+
+    def __init__(self, out: Path, images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.out, self.images, self.mean, self.std = out, images, mean, std
+        self.written: list[Path] = []
+
+    @property
+    def count(self) -> int:
+        return self.images.shape[0]
+
+    def image(self, b: int):
+        return display_image(self.images[b], self.mean, self.std)
+
+    def save(self, fig, name: str) -> None:
+        path = self.out / name
+        save_figure(fig, path)
+        self.written.append(path)
+
+
+@dataclass
+class _ModelView:
+    """One model on the picture images: what each layer attended with, its map over the patch grid (None
+    where it has no whole-image map) and where its rows sit."""
+
+    qk: list[LayerSignals]
+    maps: list[torch.Tensor | None]
+    geometries: list[LayerGeometry]
+
+
+def _view(model: nn.Module, x: torch.Tensor, borrow: Mapping | None = None) -> _ModelView:
+    qk = layer_qk(model, x, borrow)
+    maps, geometries = token_maps(model, x, qk=qk)
+    return _ModelView(qk, maps, geometries)
+
+
+@dataclass(frozen=True)
+class _StageOf:
+    """One stage of the teacher (`attention_stages`) as the pictures name it: a flat model's one stage
+    (``""``) reads ``blocks``; with one stage the file names carry no stage."""
+
+    name: str
+    layers: list[int]
+    stages: int
+
+    @property
+    def label(self) -> str:
+        return self.name or "blocks"
+
+    @property
+    def suffix(self) -> str:
+        return f"_{slug(self.label)}" if self.stages > 1 else ""
+
+
+def _stage_pictures(
+    canvas: _Canvas,
+    name: str,
+    stage: _StageOf,
+    t: _ModelView,
+    s: _ModelView,
+    rows: Sequence[LayerComparison],
+) -> None:
+    """A stage's class-token maps per image and its head matching, for student ``name``."""
+    # one stage: every layer of either model (depths may differ)
+    layers = stage.layers if stage.stages > 1 else list(range(max(len(t.maps), len(s.maps))))
+    _class_token_pictures(canvas, name, stage, layers, t, s)
+    rows = [r for r in rows if r.teacher_layer in layers]
+    if any(r.js_cost for r in rows):
+        title = f"head matching, {name}" + (f", {stage.label}" if stage.stages > 1 else "")
+        canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{stage.suffix}.png")
+
+
+def _class_token_pictures(
+    canvas: _Canvas, name: str, stage: _StageOf, layers: list[int], t: _ModelView, s: _ModelView
+) -> None:
+    # no layer of this stage has a whole-image map (windows, reduced keys): the query pictures show it
+    if not any(m is not None for maps in (t.maps, s.maps) for j, m in enumerate(maps) if j in layers):
+        return
+    for b in range(canvas.count):
+        pick = lambda maps, b=b: [
+            maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
+        ]
+        fig = class_token_figure(
+            canvas.image(b),
+            pick(t.maps),
+            pick(s.maps),
+            names=("teacher", name),
+            title=_maps_title(b, name, stage.label),
+            layer_labels=[f"L{j}" for j in layers],
+            notes=[_why_no_map(t.geometries[j]) if j < len(t.geometries) else "" for j in layers],
+        )
+        canvas.save(fig, f"cls_maps_{slug(name)}{stage.suffix}_img{b}.png")
+
+
+def _why_no_map(geometry: LayerGeometry) -> str:
+    """The word on a layer's row of the class-token picture: why it shows something else, or nothing."""
+    if not geometry.whole:
+        return geometry.label  # "4 windows", "reduced keys": no whole-image map
+    return "" if geometry.has_class_row else "received"  # no class token: attention each patch receives
+
+
+def _maps_title(b: int, name: str, stage: str) -> str:
+    where = f"{stage}, " if stage and stage != "blocks" else ""
+    return f"class-token attention, {where}image {b}: teacher heads (t) | {name} heads (s)"
+
+
+def _rollout_pictures(canvas: _Canvas, rollouts: Mapping[str, torch.Tensor]) -> None:
+    for b in range(canvas.count if rollouts else 0):
+        canvas.save(
+            rollout_figure(canvas.image(b), {k: v[b] for k, v in rollouts.items()}), f"rollout_img{b}.png"
+        )
+
+
+@dataclass
+class _QuerySides:
+    """Teacher and student of the query pictures: each model's signals and row positions on the picture
+    images, and which student layer is paired with each teacher layer."""
+
+    t_qk: Sequence[LayerSignals]
+    t_pos: Sequence[RowPositions | None]
+    s_qk: Sequence[LayerSignals]
+    s_pos: Sequence[RowPositions | None]
+    pairs: Mapping[int, int]
+
+    def grid_runs(self) -> list[list[int]]:
+        """Teacher layers with positions, in runs over one query grid (a stage of a hierarchical model whose
+        rows have positions): the pictures' ``stageK``."""
+        runs: list[list[int]] = []
+        last = None
+        for j, pos in enumerate(self.t_pos):
+            if pos is None:
+                continue
+            if pos.grid != last:
+                runs.append([])
+            runs[-1].append(j)
+            last = pos.grid
+        return runs
+
+    def maps(self, j: int, images: int) -> tuple[dict, dict]:
+        """Teacher layer ``j``'s query maps and its student layer's (empty where they cannot be drawn)."""
+        pos = self.t_pos[j]
+        points = query_points(pos.grid)
+        t_sig = self.t_qk[j]
+        teacher = query_maps(t_sig, pos, images, points) if pos.matches(t_sig, images) else {}
+        i = self.pairs.get(j)
+        s_pos = self.s_pos[i] if i is not None and i < len(self.s_pos) else None
+        student = {}
+        if s_pos is not None and s_pos.matches(self.s_qk[i], images) and s_pos.grid == pos.grid:
+            student = query_maps(self.s_qk[i], s_pos, images, points)
+        return teacher, student
+
+
+def _query_pictures(canvas: _Canvas, name: str, sides: _QuerySides) -> None:
+    """Per stage and image: where the centre and corner query of each layer look, teacher heads beside the
+    student's, drawn over the image at the layer's key grid (windows stitched back: 0 outside the query's
+    window; reduced keys at the reduced grid). The query is ringed."""
+    for k, layers in enumerate(sides.grid_runs()):
+        rows = []  # (label, mark, teacher maps, student maps) per (layer, query point)
+        for j in layers:
+            teacher, student = sides.maps(j, canvas.count)
+            pos = sides.t_pos[j]
+            for point, cell in query_points(pos.grid).items():
+                r, c = divmod(cell, pos.grid[1])
+                mark = ((r + 0.5) / pos.grid[0], (c + 0.5) / pos.grid[1])
+                rows.append((f"L{j} {point[:3]}", mark, teacher.get(point), student.get(point)))
+        grid = "x".join(map(str, sides.t_pos[layers[0]].grid))
+        for b in range(canvas.count):
+            fig = class_token_figure(
+                canvas.image(b),
+                [t[b] if t is not None else None for _, _, t, _ in rows],
+                [s[b] if s is not None else None for _, _, _, s in rows],
+                names=("teacher", name),
+                title=f"where a query looks (ringed), stage {k} ({grid} grid), image {b}: teacher heads (t) | "
+                f"{name} heads (s)",
+                layer_labels=[label for label, _, _, _ in rows],
+                marks=[mark for _, mark, _, _ in rows],
+            )
+            canvas.save(fig, f"queries_{slug(name)}_stage{k}_img{b}.png")

@@ -1,0 +1,162 @@
+"""The text views of an inspection: ``report.md`` (`render_report`), the JSON of ``metrics.json``
+(`json_safe`) and the demo's one-sentence reading of the per-layer curves (`agreement_sentence`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..analysis import Inspection, LayerComparison, TeacherLayer
+from ..analysis.metrics import finite_mean
+
+__all__ = ["agreement_sentence", "json_safe", "render_report"]
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf -> None (JSON has neither), recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -> str:
+    """The markdown view of an inspection: what was measured and how, the teacher's layers against the
+    floor, then per student its layers against the teacher's and which heads correspond."""
+    lines = [*_header(insp, teacher, students), *_teacher_table(insp.teacher)]
+    for name, rows in insp.students.items():
+        lines += [*_student_table(name, rows), *_head_correspondence(rows), *_notes(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
+
+
+def _header(insp: Inspection, teacher: str, students: Mapping[str, str]) -> list[str]:
+    s = insp.settings
+    return [
+        "# Attention inspection",
+        "",
+        f"- teacher: `{teacher}`",
+        *[f"- student `{name}`: `{spec}`" for name, spec in students.items()],
+        f"- {insp.images} images; tokens: {insp.tokens['prefix']} prefix + {'x'.join(map(str, insp.tokens['grid']))}"
+        f" patches of {'x'.join(map(str, insp.tokens['patch']))} px",
+        f"- floor: the teacher against itself on inputs with Gaussian noise (std {s['noise']}, normalised units) "
+        f"on {insp.floor_images} images: divergences below it are as close as the teacher is to itself",
+        f"- top-k overlap with k={s['topk']}; Spearman and head costs on up to {s['probe_rows']} query rows per "
+        "image or window (the first and evenly spaced others)",
+        "- rows: `global` layers see the whole image (attention distance and class-token maps there), "
+        "windowed ones a batch of windows, class attention one row per prefix token; in the class-token "
+        "pictures a layer marked `received` has no class token (the attention each patch receives), one "
+        "marked with its windows has no whole-image map",
+        "- hierarchical layers (windows, reduced keys, pooled queries): metrics over each layer's own keys, "
+        "attention distance from where each row and key sits on the image (padding left out); "
+        "`queries_*` pictures show where the centre and corner query of each layer look, stage by stage",
+    ]
+
+
+def _teacher_table(layers: Sequence[TeacherLayer]) -> list[str]:
+    lines = [
+        "",
+        "## Teacher",
+        "",
+        "| layer | attention | rows | heads | entropy | attention distance (px) | floor KL | floor JS | "
+        "floor top-k | floor Spearman |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t in layers:
+        m = t.mean
+        lines.append(
+            f"| {t.layer} | `{t.name}` | {t.partition} | {t.heads} | {_f(m.get('entropy'))} | "
+            f"{_f(m.get('distance'), 1)} | "
+            f"{_f(m.get('floor_kl'), 4)} | {_f(m.get('floor_js'), 4)} | {_f(m.get('floor_topk'), 2)} | "
+            f"{_f(m.get('floor_spearman'), 2)} |"
+        )
+    return lines
+
+
+def _student_table(name: str, rows: Sequence[LayerComparison]) -> list[str]:
+    lines = [
+        "",
+        f"## Student `{name}` against the teacher (means over heads)",
+        "",
+        "| layer | teacher layer | attention | KL | JS | top-k | Spearman | cls JS | cls Pearson | entropy | "
+        "distance (px) | heads: matched / identity JS |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        m, a = r.mean, r.assignment
+        heads = (
+            f"{_f(a['matched_cost'], 4)} / {_f(a['identity_cost'], 4)}"
+            + ("" if a.get("is_identity") else " (reordered)")
+            if a
+            else "—"
+        )
+        attn = r.attention + (f" (borrows {r.borrowed})" if r.borrowed else "")
+        lines.append(
+            f"| {r.layer} | {r.teacher_layer} | {attn} | {_f(m.get('kl'), 4)} | {_f(m.get('js'), 4)} | "
+            f"{_f(m.get('topk'), 2)} | {_f(m.get('spearman'), 2)} | {_f(m.get('cls_js'), 4)} | "
+            f"{_f(m.get('cls_pearson'), 2)} | {_f(m.get('entropy'))} | {_f(m.get('distance'), 1)} | {heads} |"
+        )
+    return lines
+
+
+def _head_correspondence(rows: Sequence[LayerComparison]) -> list[str]:
+    lines = ["", "### Head correspondence (optimal assignment by JS; teacher head → student head)", ""]
+    for r in rows:
+        a = r.assignment
+        if not a:
+            continue
+        pairs = ", ".join(f"{t}→{s_}" for t, s_ in a["pairs"])
+        tracks = "; ".join(f"s{b}: t{', t'.join(map(str, ts))}" for b, ts in a["tracks"].items() if ts)
+        extra = (
+            f"; each student head tracks (nearest teacher heads) {tracks}"
+            if r.heads != len(r.js_cost)
+            else ""
+        )
+        lines.append(f"- layer {r.layer}: {'identity' if a['is_identity'] else pairs}{extra}")
+    return lines
+
+
+def _notes(rows: Sequence[LayerComparison]) -> list[str]:
+    return [f"- layer {r.layer}: {r.note}" for r in rows if r.note]
+
+
+def agreement_sentence(insp: Inspection) -> str:
+    """One sentence per student of what the per-layer curves show: mean JS against the noise floor, the
+    closest and furthest layers, and attention distance against the teacher's."""
+    floor = finite_mean([t.mean.get("floor_js", math.nan) for t in insp.teacher])
+    t_dist = finite_mean([t.mean.get("distance", math.nan) for t in insp.teacher])
+    parts = [
+        f"Teacher vs itself on noisy inputs gives JS {floor:.3f} (the floor); mean attention distance {t_dist:.1f} px."
+    ]
+    for name, rows in insp.students.items():
+        js = [(r.mean["js"], r.layer) for r in rows if math.isfinite(r.mean.get("js", math.nan))]
+        if not js:
+            continue
+        mean_js = sum(v for v, _ in js) / len(js)
+        best, worst = min(js), max(js)
+        dist = finite_mean([r.mean.get("distance", math.nan) for r in rows])
+        copied = sum(1 for r in rows if r.borrowed)
+        if copied == len(rows):
+            parts.append(
+                f"{name}: every layer attends with the teacher's own maps (JS 0); distance {dist:.1f} px."
+            )
+            continue
+        lead = f"{name}: {copied} layers attend with the teacher's maps (JS 0); " if copied else f"{name}: "
+        ratio = f" ({_times(mean_js / floor)} the floor)" if floor > 0 else ""
+        parts.append(
+            f"{lead}mean JS {mean_js:.3f}{ratio}, closest in layer {best[1]} ({best[0]:.3f}), furthest in "
+            f"layer {worst[1]} ({worst[0]:.3f}); attention distance {dist:.1f} px."
+        )
+    return " ".join(parts)
+
+
+def _times(ratio: float) -> str:
+    """``12x``, ``3.4x``, ``0.52x``: two significant digits below 10, so a ratio under 1 never reads 0x."""
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
