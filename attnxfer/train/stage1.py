@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..models.attention import attention_layers, capture_attention
+from ..models.attention import StopForward, attention_layers, capture_attention
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.map_losses import MapLoss
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
@@ -41,10 +41,6 @@ from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
 __all__ = ["Stage1Objective", "Stage1Result", "stage1_transfer", "teacher_signals"]
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the teacher has run every layer stage 1 needs."""
 
 
 @dataclass
@@ -62,8 +58,8 @@ class Stage1Result:
 def teacher_signals(teacher: nn.Module, x: torch.Tensor, layers: Sequence[int], fields: Sequence[str]):
     """Per-layer attention input/q/k/output of the teacher on ``x``; stops after the last needed block."""
 
-    def stop_here(*_):
-        raise _StopForward
+    def stop_here(*_):  # the block of the last layer stage 1 needs has run: nothing after it is read
+        raise StopForward
 
     last = attention_layers(teacher)[max(layers)][0].rsplit(".", 1)[0]  # the block holding that attention
     stop = teacher.get_submodule(last).register_forward_hook(stop_here)
@@ -71,7 +67,7 @@ def teacher_signals(teacher: nn.Module, x: torch.Tensor, layers: Sequence[int], 
         with (
             torch.no_grad(),
             capture_attention(teacher, layers, fields) as store,
-            contextlib.suppress(_StopForward),
+            contextlib.suppress(StopForward),
         ):
             teacher.forward_features(x)
     finally:
