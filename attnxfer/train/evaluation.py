@@ -4,13 +4,16 @@ same one."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..transfer.dual import TransferOutput
 
-__all__ = ["evaluate", "evaluate_loss"]
+__all__ = ["classification_sums", "evaluate", "evaluate_loss"]
 
 
 @torch.no_grad()
@@ -22,24 +25,8 @@ def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = No
     numbers of batches: the forward passes go to the unwrapped module (no DDP hooks, no collectives) and
     only the final sum is a collective; every image counts once at every world size."""
     model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
-    device = accelerator.device
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with accelerator.autocast():
-            out = model(x)
-        logits = (out.logits if isinstance(out, TransferOutput) else out).float()
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        totals[0] += (top5[:, 0] == y).sum()
-        totals[1] += (top5 == y[:, None]).any(-1).sum()
-        totals[2] += F.cross_entropy(logits, y, reduction="sum")
-        totals[3] += y.numel()
+    totals = classification_sums(model, loader, accelerator.device, accelerator.autocast, max_batches)
     totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
     n = max(1.0, totals[3].item())
     return {
         "top1": 100.0 * totals[0].item() / n,
@@ -47,6 +34,40 @@ def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = No
         "loss": totals[2].item() / n,
         "count": int(totals[3].item()),  # images scored: what a 95 % interval of top1 needs
     }
+
+
+@torch.no_grad()
+def classification_sums(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    max_batches: int | None = None,
+    *,
+    loss: bool = True,
+) -> torch.Tensor:
+    """This rank's (top-1 correct, top-5 correct, summed cross-entropy, images) of ``model`` (in eval
+    mode for the duration) over ``loader``, float64 on ``device``: the one count of correct predictions
+    that every top-1 reads. ``loss=False`` leaves the cross-entropy at 0, for labels the head may not
+    cover."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast():
+            out = model(x)
+        logits = (out.logits if isinstance(out, TransferOutput) else out).float()
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        totals[0] += (top5[:, 0] == y).sum()
+        totals[1] += (top5 == y[:, None]).any(-1).sum()
+        if loss:
+            totals[2] += F.cross_entropy(logits, y, reduction="sum")
+        totals[3] += y.numel()
+    model.train(was_training)
+    return totals
 
 
 @torch.no_grad()

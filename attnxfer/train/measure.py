@@ -29,6 +29,7 @@ from ..models.efficient.swap import flat_blocks
 from ..models.image_input import find_patch_embedding, image_input
 from ..transfer.map_losses import default_map_loss, map_distillation_loss, output_mse
 from .distributed import sum_over_ranks
+from .evaluation import classification_sums
 
 __all__ = [
     "attention_calls",
@@ -130,20 +131,12 @@ def map_agreement(
     return rows
 
 
-@torch.no_grad()
 def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> float | None:
     """Top-1 (%) over ``loader`` (summed over ranks in a process group); None without a classifier head."""
     if not getattr(model, "num_classes", 0):
         return None
-    was = model.training
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(-1) == y).sum().item()
-        total += y.numel()
-    model.train(was)
-    correct, total = sum_over_ranks([correct, total], device)
+    totals = classification_sums(model, loader, device, loss=False)
+    correct, total = sum_over_ranks([totals[0].item(), totals[3].item()], device)
     return 100.0 * correct / max(1, total)
 
 
