@@ -8,8 +8,24 @@ import torch
 from helpers import fast_cells, peaked_teacher, randomize_qkv_rows, tiny_vit
 
 from attnxfer.models import PartialQKV
+from attnxfer.models.attention import AttentionIO
 from attnxfer.train import student_param_groups
 from attnxfer.transfer import DualViT, PlanError, build_plan, map_layers, select_layers
+
+
+def _tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's VisionTransformer.forward_features up to the blocks, written out: the reference's input."""
+    x = model.patch_embed(x)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    return model.norm_pre(x)
+
+
+class _NeverStops(AttentionIO):
+    """An `AttentionIO` that ignores ``stop``: with it the teacher runs every block, as if it had no stop."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, False if name == "stop" else value)
 
 
 @pytest.mark.parametrize(
@@ -48,14 +64,12 @@ def test_copy_v_uses_student_maps_on_teacher_values():
     teacher, student = tiny_vit(depth=1, seed=1).eval(), tiny_vit(depth=1, seed=2).eval()
     dual = DualViT(teacher, student, mode="copy_v").eval()
     x = torch.randn(2, 3, 32, 32)
-    from attnxfer.transfer.dual import _embed
-
-    t_in, s_in = teacher.blocks[0].norm1(_embed(teacher, x)), student.blocks[0].norm1(_embed(student, x))
+    t_in, s_in = teacher.blocks[0].norm1(_tokens(teacher, x)), student.blocks[0].norm1(_tokens(student, x))
     ta, sa = teacher.blocks[0].attn, student.blocks[0].attn
     q_s, k_s = sa.project(s_in, "qk").values()
     v_t = ta.project(t_in, "v")["v"]
     attn = torch.softmax(q_s @ k_s.transpose(-2, -1) * sa.scale, -1) @ v_t
-    h = _embed(student, x) + sa.proj(attn.transpose(1, 2).reshape(2, 17, 48))
+    h = _tokens(student, x) + sa.proj(attn.transpose(1, 2).reshape(2, 17, 48))
     h = h + student.blocks[0].mlp(student.blocks[0].norm2(h))
     torch.testing.assert_close(dual(x).logits, student.forward_head(student.norm(h)), rtol=1e-5, atol=1e-5)
 
@@ -198,9 +212,7 @@ def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
     x = torch.randn(2, 3, 32, 32)
     maps = attention_maps(teacher, x)
     dual = DualViT(teacher, student, mode="copy").eval()
-    from attnxfer.transfer.dual import _embed
-
-    h = _embed(student, x)
+    h = _tokens(student, x)
     for i, blk in enumerate(student.blocks):
         v = blk.attn.project(blk.norm1(h), "v")["v"]
         a = (maps[i] @ v).transpose(1, 2).reshape(2, 17, 48)
@@ -222,7 +234,7 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
         block.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
     for stops in (True, False):
         if not stops:
-            monkeypatch.setattr(dual_module, "TEACHER_EARLY_STOP", False)
+            monkeypatch.setattr(dual_module, "AttentionIO", _NeverStops)
         mlp_calls.clear()
         student = tiny_vit(seed=2, depth=3)
         dual = DualViT(teacher, student, build_plan(teacher, student, mode, end_layer=-1)).train()

@@ -38,12 +38,7 @@ from .losses import CEPath, ce_path_for, padding_from_mask
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
-__all__ = ["TEACHER_EARLY_STOP", "DualViT", "TransferOutput"]
-
-#: The teacher stops inside its last transferred attention, once it has captured its q/k(/v): its attention
-#: core, output projection, MLP and every later block would be computed for nothing (unless the teacher's
-#: logits are wanted). A switch for the test that checks the stop changes nothing.
-TEACHER_EARLY_STOP = True
+__all__ = ["DualViT", "TransferOutput"]
 
 
 @dataclass
@@ -114,14 +109,6 @@ def _eager(module: nn.Module) -> Iterator[None]:
 def _parent(model: nn.Module, name: str) -> nn.Module:
     """The module that holds the attention called ``name`` (its block)."""
     return model.get_submodule(name.rpartition(".")[0])
-
-
-def _embed(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """timm VisionTransformer.forward_features up to the blocks."""
-    x = model.patch_embed(x)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    return model.norm_pre(x)
 
 
 def logit_distillation_loss(
@@ -233,10 +220,11 @@ class DualViT(nn.Module):
     ) -> tuple[dict[int, dict[str, torch.Tensor]], torch.Tensor | None]:
         """The teacher's own forward with a capturing `AttentionIO` on each transferred layer: the
         captured q/k/v (and logit bias) per teacher layer, and its logits when ``wants_logits``. Without
-        logits the last transferred layer stops the forward (`StopForward`) once it has captured."""
+        logits the last transferred layer stops the forward (`StopForward`) once it has captured: its
+        attention core, output projection, MLP and every later block would be computed for nothing."""
         plan, teacher = self.plan, self.teacher
         ios = {t: AttentionIO(capture=wanted) for t in sorted(plan.teacher_layers)}
-        stop = TEACHER_EARLY_STOP and not wants_logits
+        stop = not wants_logits
         if stop:
             ios[plan.last_teacher_layer].stop = True
         logits = None
