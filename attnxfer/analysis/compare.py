@@ -190,7 +190,7 @@ class _Comparison:
         self.t_acc = [TeacherSums() for _ in range(depth_t)]
         self.s_acc = {n: [StudentSums() for _ in range(depth[n])] for n in subjects}
         self.last: dict[str, list[LayerSignals]] = {}  # each student's signals on the latest batch
-        self.noise = torch.Generator(device="cpu").manual_seed(0)
+        self.noise_rng = torch.Generator(device="cpu").manual_seed(0)
         self.device = next(teacher.parameters()).device
         self.images = self.floor_seen = 0
         self.layout: dict[str, Any] | None = None
@@ -224,7 +224,7 @@ class _Comparison:
         return x.shape[0] if limit is None else max(0, min(x.shape[0], limit - self.floor_seen))
 
     def _noisy(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.settings.noise * torch.randn(x.shape, generator=self.noise).to(x)
+        return x + self.settings.noise * torch.randn(x.shape, generator=self.noise_rng).to(x)
 
     def _add_layer(
         self,
