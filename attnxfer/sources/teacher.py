@@ -5,6 +5,8 @@
 * a timm name with a pretrained tag: ``vit_large_patch16_224.mae``,
 * a Hub repo in timm's format: ``hf-hub:ORG/NAME`` or ``hf-hub:ORG/NAME@REVISION``,
 * a local folder in timm's Hub layout (config.json + model.safetensors): ``local-dir:PATH``,
+* either of the last two in transformers' format (what ``save_pretrained`` writes: a config.json with a
+  ``model_type``), built as the timm model with the same computation (`transformers_format`),
 * a checkpoint file (``.safetensors``, ``.pth``, ``.bin``) plus ``arch=`` (a timm architecture,
   optionally with the tag whose preprocessing it was trained with), including MAE's pretraining
   checkpoints (decoder and mask token are dropped and reported) and DeiT/fine-tuned ones.
@@ -251,7 +253,8 @@ def load_teacher(
     """A frozen teacher ViT (TransferAttention in every block, ``eval()``, no grad) and its record.
 
     Args:
-        spec: timm name with tag, ``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH``, or a checkpoint file.
+        spec: timm name with tag, ``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH`` (timm's or transformers'
+            format), or a checkpoint file.
         arch: timm architecture of a checkpoint file (``vit_large_patch16_224.mae``: the tag chooses the
             preprocessing and licence recorded; untagged, timm's default tag's preprocessing is used).
         pretrained: False builds the architecture with random weights (dry runs, tests).
