@@ -56,18 +56,25 @@ class Case:
     dropped: tuple[str, ...] = ()  # key prefixes the load must report as dropped
 
 
+# a text tower as small as the vision one (it is dropped; its token ids fit its vocabulary)
+TEXT = dict(
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=64,
+    vocab_size=99,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
 def _clip_config(T, vision: dict) -> Any:
-    text = dict(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99
-    )
-    return T.CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)
+    return T.CLIPConfig(vision_config=vision, text_config=TEXT, projection_dim=16)
 
 
 def _siglip_config(T, vision: dict, **kwargs) -> Any:
-    text = dict(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99
-    )
-    return T.SiglipConfig(vision_config=vision, text_config=text, **kwargs)
+    return T.SiglipConfig(vision_config=vision, text_config=TEXT, **kwargs)
 
 
 CASES: dict[str, Case] = {
@@ -375,13 +382,18 @@ def _edit_config(folder: Path, **changes: Any) -> None:
     path.write_text(json.dumps(config))
 
 
-def test_broken_json_is_one_line_naming_the_file(tmp_path):
+@pytest.mark.parametrize("broken", ["config.json", "preprocessor_config.json"])
+def test_broken_json_is_one_line_naming_the_file(tmp_path, broken):
     folder = _vit_folder(tmp_path)
-    (folder / "config.json").write_text('{"model_type": "vit", "hidden_size": 32,,}')
+    (folder / broken).write_text('{"model_type": "vit", "hidden_size": 32,,}')
     with pytest.raises(InputError) as e:
         load_teacher(f"local-dir:{folder}")
     msg = str(e.value)
-    assert "config.json is not valid JSON" in msg and "line 1 column" in msg and len(msg.splitlines()) == 1
+    assert (
+        f"{folder / broken} is not valid JSON" in msg
+        and "line 1 column" in msg
+        and len(msg.splitlines()) == 1
+    )
 
 
 def test_neither_architecture_nor_model_type_lists_what_is_read(tmp_path):

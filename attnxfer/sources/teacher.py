@@ -456,7 +456,10 @@ def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     groups: dict[str, int] = {}
     for k in keys:
         groups[k.split(".")[0]] = groups.get(k.split(".")[0], 0) + 1
-    parts = [g if g in keys else f"{g}.* ({n})" for g, n in groups.items()]
+    parts = [
+        g if g in keys else f"{g}.* ({n})" if n > 1 else next(k for k in keys if k.startswith(g + "."))
+        for g, n in groups.items()
+    ]
     return ", ".join(parts[:limit]) + (f", ... ({len(parts)} groups)" if len(parts) > limit else "")
 
 
