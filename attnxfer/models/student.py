@@ -318,7 +318,12 @@ def student_like(
         **args,
     )
     changed = (
-        set(requested) | set(overrides) | ({"attn_layer"} if attn_layer is not TransferAttention else set())
+        set(requested)
+        | set(overrides)
+        | ({"attn_layer"} if attn_layer is not TransferAttention else set())
+        # arguments the teacher was built with that its recorded ones cannot carry (a transformers
+        # teacher's LayerNorm eps): the student takes timm's default there
+        | set(getattr(teacher, "_teacher_only_args", ()))
     )
     _check_traits(student, t, changed)
     return student

@@ -23,6 +23,8 @@ _REACHABLE: dict[str, tuple[float, bool]] = {}
 
 
 _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+# transformers' sharded safetensors (large models): the index names the shards beside it
+_SHARD_INDEX = "model.safetensors.index.json"
 
 
 def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
@@ -153,7 +155,7 @@ def _hub_file(
 def _hub_weights(
     spec: str, repo: str, revision: str | None, cache_dir: str | None, filename: str | None = None
 ) -> str:
-    names = (filename,) if filename else _HUB_WEIGHT_FILES[:2]
+    names = (filename,) if filename else (_HUB_WEIGHT_FILES[0], _SHARD_INDEX, _HUB_WEIGHT_FILES[1])
     for name in names:
         path = _hub_file(spec, repo, name, revision, cache_dir, required=False)
         if path:

@@ -30,6 +30,7 @@ import torch
 from ..errors import InputError, MissingPathError
 from .hub import (  # moved to hub.py
     _HUB_WEIGHT_FILES,
+    _SHARD_INDEX,
     _hub_file,
     _hub_weights,
     _readme_license,
@@ -44,6 +45,8 @@ from .load_errors import (  # moved to load_errors.py
     TeacherNotAvailable,
     UnsafeCheckpointError,
 )
+from .transformers_format import describe as describe_transformers
+from .transformers_format import is_transformers_config, unreadable_config
 
 __all__ = [
     "RESOLVERS",
@@ -64,6 +67,7 @@ __all__ = [
     "registry_cfg",
     "resolve",
     "sha256_file",
+    "weights_digest",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -181,16 +185,48 @@ def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return out
 
 
+def shard_files(index: str | os.PathLike) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names (beside it), in name order."""
+    index = Path(index)
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise TeacherLoadError(
+            f"{index} is not a safetensors shard index ({type(e).__name__}: {e})"
+        ) from None
+    if not names or any(Path(n).name != n or not n.endswith(".safetensors") for n in names):
+        raise TeacherLoadError(f"{index}: its weight_map names no safetensors shards beside it: {names[:4]}")
+    return [index.parent / n for n in names]
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """The sha256 that identifies a teacher's weights: of the file, or of all shards of a sharded checkpoint."""
+    if not str(path).endswith(_SHARD_INDEX):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for shard in shard_files(path):
+        with open(shard, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    return h.hexdigest()
+
+
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
     """The tensors of a checkpoint file and the container key they were under (None if flat).
 
-    ``.safetensors`` is read directly; ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``.
-    A file that needs arbitrary unpickling raises `UnsafeCheckpointError` explaining how to convert it.
+    ``.safetensors`` is read directly (a ``model.safetensors.index.json``: every shard it names);
+    ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``. A file that needs arbitrary
+    unpickling raises `UnsafeCheckpointError` explaining how to convert it.
     """
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"checkpoint {path} does not exist")
     name = path.name.lower()
+    if name.endswith(_SHARD_INDEX):
+        merged: dict[str, torch.Tensor] = {}
+        for shard in shard_files(path):
+            merged.update(read_state_dict(shard)[0])
+        return merged, None
     if name.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -255,6 +291,10 @@ class Resolved:
     tag_known: bool = (
         True  # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
     )
+    # a transformers checkpoint: its state dict -> (timm's, dropped keys), given the weights file's name
+    convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]] | None = None
+    source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
+    unrecorded_args: tuple[str, ...] = ()  # construction arguments no JSON value names (see load_teacher)
 
 
 def registry_cfg(name: str) -> dict[str, Any]:
@@ -321,11 +361,84 @@ def _parse_timm_config(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any
     return load_model_config_from_path(folder)
 
 
+def _read_json(path: str | Path, where: str) -> dict[str, Any]:
+    """A JSON object from ``path``; broken JSON (or not an object) is one `InputError` naming the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(
+            f"{where}: {path} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})"
+        ) from None
+    except UnicodeDecodeError:
+        raise InputError(f"{where}: {path} is not a UTF-8 text file") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: {path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _check_config_kind(config: dict[str, Any], path: str | Path, where: str) -> None:
+    """timm's format names an ``architecture``, transformers' a ``model_type``: anything else is refused."""
+    if "architecture" not in config and not is_transformers_config(config):
+        keys = sorted(config)[:8]
+        raise unreadable_config(
+            f"{where}: {path}",
+            f"it names neither a timm 'architecture' nor a transformers 'model_type' (keys {keys})",
+        )
+
+
+def _resolve_transformers(
+    origin: Origin,
+    config: dict[str, Any],
+    config_path: str,
+    where: str,
+    *,
+    preprocessor: str | None,
+    readme: str | None,
+) -> Resolved:
+    """A transformers checkpoint: the timm model with the same computation (`transformers_format`), its
+    preprocessing from ``preprocessor_config.json`` and licence from the model card, and the weight mapping."""
+    license_id = _readme_license(readme)
+    teacher = describe_transformers(
+        config,
+        where=f"{where} ({config_path})",
+        preprocessor=_read_json(preprocessor, where) if preprocessor else None,
+        license=license_id,
+    )
+    return Resolved(
+        origin,
+        teacher.architecture,
+        teacher.pretrained_cfg,
+        model_args=teacher.model_args,
+        files=[config_path, *([preprocessor] if preprocessor else [])],
+        license=license_id,
+        convert=teacher.convert,
+        source_format=teacher.source_format,
+        unrecorded_args=teacher.unrecorded_args,
+    )
+
+
 def _resolve_hub(spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool) -> Resolved:
     label = f"hf-hub:{spec.name}"
     cfg_path = _hub_file(label, spec.name, "config.json", spec.revision, cache_dir)
-    cfg, architecture, model_args = _parse_timm_config(Path(cfg_path).parent)
+    config = _read_json(cfg_path, label)
+    _check_config_kind(config, "config.json", label)
     readme = _hub_file(label, spec.name, "README.md", spec.revision, cache_dir, required=False)
+    if is_transformers_config(config):
+        pre = _hub_file(
+            label, spec.name, "preprocessor_config.json", spec.revision, cache_dir, required=False
+        )
+        res = _resolve_transformers(Origin.HUB, config, cfg_path, label, preprocessor=pre, readme=readme)
+        res.hf_repo, res.hf_revision, res.hf_commit = spec.name, spec.revision, _snapshot_commit(cfg_path)
+        if pretrained:
+            res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir)
+            res.files.append(res.weights)
+            if res.weights.endswith(_SHARD_INDEX):
+                res.files += [
+                    _hub_file(label, spec.name, p.name, spec.revision, cache_dir)
+                    for p in shard_files(res.weights)
+                ]
+        return res
+    cfg, architecture, model_args = _parse_timm_config(Path(cfg_path).parent)
     res = Resolved(
         Origin.HUB,
         architecture,
@@ -351,10 +464,42 @@ def _resolve_local_dir(
     if not (folder / "config.json").is_file():
         raise MissingPathError(
             f"local-dir:{folder}: no config.json there (timm's Hub layout is config.json + "
-            "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`)"
+            "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`; transformers' "
+            "save_pretrained writes the same two files)"
         )
+    where = f"local-dir:{folder}"
+    config = _read_json(folder / "config.json", where)
+    _check_config_kind(config, folder / "config.json", where)
+    if is_transformers_config(config):
+        pre = folder / "preprocessor_config.json"
+        res = _resolve_transformers(
+            Origin.LOCAL_DIR,
+            config,
+            str(folder / "config.json"),
+            where,
+            preprocessor=str(pre) if pre.is_file() else None,
+            readme=str(folder / "README.md"),
+        )
+    else:
+        res = _resolve_timm_dir(folder)
+    if pretrained:
+        found = [folder / n for n in (*_HUB_WEIGHT_FILES, _SHARD_INDEX) if (folder / n).is_file()]
+        if not found:
+            raise MissingPathError(
+                f"local-dir:{folder}: none of {[*_HUB_WEIGHT_FILES, _SHARD_INDEX]} there; "
+                f"it holds {sorted(p.name for p in folder.iterdir())}"
+            )
+        res.weights = str(found[0])
+        res.files.append(res.weights)
+        if res.weights.endswith(_SHARD_INDEX):
+            res.files += [str(p) for p in shard_files(res.weights)]
+    return res
+
+
+def _resolve_timm_dir(folder: Path) -> Resolved:
+    """A folder in timm's Hub layout, read by timm (its pretrained cfg, architecture and arguments)."""
     cfg, architecture, model_args = _parse_timm_config(folder)
-    res = Resolved(
+    return Resolved(
         Origin.LOCAL_DIR,
         architecture,
         cfg,
@@ -363,16 +508,6 @@ def _resolve_local_dir(
         license=cfg.get("license") or _readme_license(str(folder / "README.md")),
         named=_registered_as(folder / "config.json"),
     )
-    if pretrained:
-        found = [folder / n for n in _HUB_WEIGHT_FILES if (folder / n).is_file()]
-        if not found:
-            raise MissingPathError(
-                f"local-dir:{folder}: none of {list(_HUB_WEIGHT_FILES)} there; "
-                f"it holds {sorted(p.name for p in folder.iterdir())}"
-            )
-        res.weights = str(found[0])
-        res.files.append(res.weights)
-    return res
 
 
 def _resolve_file(

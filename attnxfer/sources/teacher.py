@@ -5,6 +5,8 @@
 * a timm name with a pretrained tag: ``vit_large_patch16_224.mae``,
 * a Hub repo in timm's format: ``hf-hub:ORG/NAME`` or ``hf-hub:ORG/NAME@REVISION``,
 * a local folder in timm's Hub layout (config.json + model.safetensors): ``local-dir:PATH``,
+* either of the last two in transformers' format (what ``save_pretrained`` writes: a config.json with a
+  ``model_type``), built as the timm model with the same computation (`transformers_format`),
 * a checkpoint file (``.safetensors``, ``.pth``, ``.bin``) plus ``arch=`` (a timm architecture,
   optionally with the tag whose preprocessing it was trained with), including MAE's pretraining
   checkpoints (decoder and mask token are dropped and reported) and DeiT/fine-tuned ones.
@@ -53,7 +55,7 @@ from .resolve import (
     read_state_dict,
     registry_cfg,
     resolve,
-    sha256_file,
+    weights_digest,
 )
 
 _logger = logging.getLogger(__name__)
@@ -111,6 +113,7 @@ class TeacherRecord:
     dropped_keys: list[str] = field(default_factory=list)
     resampled_pos_embed: bool = False
     model_args: dict[str, Any] = field(default_factory=dict)
+    source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -250,7 +253,8 @@ def load_teacher(
     """A frozen teacher ViT (TransferAttention in every block, ``eval()``, no grad) and its record.
 
     Args:
-        spec: timm name with tag, ``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH``, or a checkpoint file.
+        spec: timm name with tag, ``hf-hub:ORG/NAME[@REV]``, ``local-dir:PATH`` (timm's or transformers'
+            format), or a checkpoint file.
         arch: timm architecture of a checkpoint file (``vit_large_patch16_224.mae``: the tag chooses the
             preprocessing and licence recorded; untagged, timm's default tag's preprocessing is used).
         pretrained: False builds the architecture with random weights (dry runs, tests).
@@ -310,6 +314,17 @@ def _check_saved_attention(spec: str, res: Resolved) -> None:
 def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], str | None, list[str]]:
     """The checkpoint's tensors minus entries an encoder doesn't use: (state dict, container key, dropped keys)."""
     state_dict, checkpoint_key = read_state_dict(res.weights)
+    if res.convert is not None:  # transformers' names and layout -> the timm model's
+        state_dict, dropped = res.convert(state_dict, res.weights)
+        if dropped:
+            _logger.warning(
+                "teacher %s: dropped %d checkpoint entries the timm model does not use (%s): %s",
+                spec,
+                len(dropped),
+                res.source_format,
+                _summarise_keys(dropped),
+            )
+        return state_dict, checkpoint_key, dropped
     state_dict, dropped, rules = _apply_drop_rules(state_dict)
     if dropped:
         _logger.warning(
@@ -404,6 +419,7 @@ def _build(
     # timm keeps the pretrained cfg it loaded from: don't let it pin the checkpoint's tensors in memory.
     for attr in ("pretrained_cfg", "default_cfg"):
         getattr(model, attr, {}).pop("state_dict", None)
+    _forget_unrecorded_args(model, res.unrecorded_args)
     try:
         make_transfer_aware(model)
     except TypeError as e:
@@ -411,6 +427,16 @@ def _build(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _forget_unrecorded_args(model: nn.Module, names: Sequence[str]) -> None:
+    """Construction arguments no JSON value names (a transformers teacher's LayerNorm eps, which no timm norm
+    name carries) built the teacher but are left out of its recorded arguments, which students are built
+    from and exports write; ``_teacher_only_args`` names them, so a mirrored student may differ there."""
+    if not names:
+        return
+    model._model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in names}
+    model._teacher_only_args = tuple(names)
 
 
 def _create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
@@ -430,7 +456,10 @@ def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     groups: dict[str, int] = {}
     for k in keys:
         groups[k.split(".")[0]] = groups.get(k.split(".")[0], 0) + 1
-    parts = [g if g in keys else f"{g}.* ({n})" for g, n in groups.items()]
+    parts = [
+        g if g in keys else f"{g}.* ({n})" if n > 1 else next(k for k in keys if k.startswith(g + "."))
+        for g, n in groups.items()
+    ]
     return ", ".join(parts[:limit]) + (f", ... ({len(parts)} groups)" if len(parts) > limit else "")
 
 
@@ -465,7 +494,7 @@ def _record(
         hf_revision=res.hf_revision,
         hf_commit=res.hf_commit,
         files=list(res.files),
-        sha256=sha256_file(Path(res.weights)) if res.weights else None,
+        sha256=weights_digest(Path(res.weights)) if res.weights else None,
         checkpoint_key=checkpoint_key,
         license=res.license,
         mean=tuple(float(m) for m in cfg.get("mean", ())),
@@ -477,6 +506,7 @@ def _record(
         dropped_keys=list(dropped),
         resampled_pos_embed=bool(resampled),
         model_args=_json_safe(model_args),
+        source_format=res.source_format,
     )
 
 
@@ -509,7 +539,14 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
     else:
         repo, extra = parsed.name, []
     reason = offline_reason()
-    patterns = ["config.json", "*.safetensors", "README.md", "LICENSE*"] + extra
+    patterns = [
+        "config.json",
+        "preprocessor_config.json",  # a transformers checkpoint's preprocessing
+        "*.safetensors",
+        "model.safetensors.index.json",  # the shards' index
+        "README.md",
+        "LICENSE*",
+    ] + extra
     try:
         path = snapshot_download(
             repo,

@@ -1,0 +1,259 @@
+"""Checkpoints saved by transformers (a ``save_pretrained`` folder, a Hub repo) as the timm model that
+computes the same thing.
+
+A config.json with a transformers ``model_type`` and no timm ``architecture`` is read here: the module
+registered for its ``model_type`` says which timm architecture and arguments build the same computation
+(`timm_arch`) and how transformers' state dict maps onto it (`timm_weights`); this registry adds what
+every type shares: the preprocessing from ``preprocessor_config.json`` as timm's pretrained config, a
+shape check of the mapped weights against the timm model (built on the meta device, so a config that
+does not fit its weights is named before anything is loaded), and one message for what it cannot read.
+Reading needs config.json and the weights only; transformers itself is not imported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import timm
+import torch
+
+from ...errors import InputError
+from ..load_errors import TeacherLoadError
+from . import clip, dinov2, dinov3_vit, ijepa, siglip, vit, vit_mae
+from ._common import architectures, pair
+
+__all__ = [
+    "MODULES",
+    "REGISTRY",
+    "TransformersTeacher",
+    "describe",
+    "is_transformers_config",
+    "supported_types",
+    "unreadable_config",
+]
+
+_logger = logging.getLogger(__name__)
+
+# One module per transformers model-type group; each declares MODEL_TYPES, timm_arch and timm_weights.
+MODULES: tuple[ModuleType, ...] = (vit, vit_mae, dinov2, dinov3_vit, clip, siglip, ijepa)
+REGISTRY: dict[str, ModuleType] = {t: m for m in MODULES for t in m.MODEL_TYPES}
+
+# PIL's resampling codes (what image processors store as ``resample``) -> timm's interpolation names.
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def supported_types() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def is_transformers_config(config: dict[str, Any]) -> bool:
+    """A transformers config.json: a ``model_type`` and no timm ``architecture``."""
+    return "architecture" not in config and "model_type" in config
+
+
+@dataclass
+class TransformersTeacher:
+    """What a transformers config.json resolves to: the timm model that computes the same thing, its
+    pretrained config (preprocessing, licence, head), and the weight mapping."""
+
+    model_type: str
+    saved_as: str | None  # the transformers class the weights were saved from (ViTForImageClassification)
+    architecture: str
+    model_args: dict[str, Any]
+    pretrained_cfg: dict[str, Any]
+    convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]]
+    # construction arguments no JSON value names (a LayerNorm eps timm has no name for): the teacher is
+    # built with them, students built from its recorded arguments take timm's default
+    unrecorded_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def source_format(self) -> str:
+        return f"transformers {self.model_type}" + (f" ({self.saved_as})" if self.saved_as else "")
+
+
+def unreadable_config(where: str, found: str) -> InputError:
+    """The one message for a config.json attnxfer cannot read: where, what it found, what is supported."""
+    return InputError(
+        f"{where}: {found}; attnxfer reads timm's format (config.json with 'architecture', as "
+        f"timm.models.save_for_hf and `attnxfer export` write it) or a transformers checkpoint of model_type "
+        f"{', '.join(supported_types())}"
+    )
+
+
+def module_for(config: dict[str, Any], where: str) -> ModuleType:
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
+        raise unreadable_config(
+            where, f"transformers model_type {model_type!r} is not one attnxfer can map to timm"
+        )
+    return REGISTRY[model_type]
+
+
+def describe(
+    config: dict[str, Any],
+    *,
+    where: str,
+    preprocessor: dict[str, Any] | None = None,
+    license: str | None = None,
+) -> TransformersTeacher:
+    """The timm model, pretrained config and weight mapping for transformers' ``config`` (read from
+    ``where``, named in every message). A config the module cannot map is an `InputError`."""
+    module = module_for(config, where)
+    try:
+        arch, kwargs = module.timm_arch(config)
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
+        raise InputError(
+            f"{where}: transformers {config['model_type']} config cannot be mapped to timm: {detail}"
+        ) from None
+    cfg = _pretrained_cfg(arch, kwargs, config, preprocessor, license, where)
+    unrecorded = tuple(k for k, v in kwargs.items() if not _is_json(v))
+
+    def convert(
+        weights: dict[str, torch.Tensor], weights_file: str
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        try:
+            mapped, dropped = module.timm_weights(weights, config)
+            _check_shapes(mapped, arch, kwargs)
+        except ValueError as e:
+            raise TeacherLoadError(
+                f"{weights_file}: the weights do not fit the transformers {config['model_type']} model "
+                f"{where} describes: {e}"
+            ) from None
+        return mapped, dropped
+
+    saved = architectures(config)
+    return TransformersTeacher(
+        model_type=config["model_type"],
+        saved_as=saved[0] if saved else None,
+        architecture=arch,
+        model_args=kwargs,
+        pretrained_cfg=cfg,
+        convert=convert,
+        unrecorded_args=unrecorded,
+    )
+
+
+def _is_json(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_shapes(mapped: dict[str, torch.Tensor], arch: str, kwargs: dict[str, Any]) -> None:
+    """The mapped weights against the timm model the config builds (on the meta device): a key or a shape
+    that differs is a ValueError naming it, before timm's loader could resample or reject it on its own."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in timm.create_model(arch, **kwargs).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in mapped.items()}
+    problems = []
+    if missing := sorted(set(expected) - set(got)):
+        problems.append(f"timm's {arch} also needs {missing[:6]}")
+    if extra := sorted(set(got) - set(expected)):
+        problems.append(f"timm's {arch} has no {extra[:6]}")
+    if shapes := [
+        f"{k} {got[k]} (config: {expected[k]})" for k in expected if k in got and got[k] != expected[k]
+    ]:
+        problems.append(f"shapes differ: {', '.join(shapes[:6])}" + (" ..." if len(shapes) > 6 else ""))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _pretrained_cfg(
+    arch: str,
+    kwargs: dict[str, Any],
+    config: dict[str, Any],
+    preprocessor: dict[str, Any] | None,
+    license: str | None,
+    where: str,
+) -> dict[str, Any]:
+    """timm's pretrained config for the mapped model: the head's layout from timm's own entry for ``arch``,
+    the input size the config builds, the preprocessing ``preprocessor_config.json`` states (else timm's
+    defaults for ``arch``, with a warning), the licence from the model card."""
+    base = timm.models.get_pretrained_cfg(arch)
+    base = base.to_dict() if base is not None else {}
+    img = pair(kwargs.get("img_size", base.get("input_size", (3, 224, 224))[-1]))
+    num_classes = int(kwargs.get("num_classes", 0))
+    cfg: dict[str, Any] = dict(
+        architecture=arch,
+        num_classes=num_classes,
+        input_size=(int(kwargs.get("in_chans", 3)), *img),
+        fixed_input_size=not kwargs.get("dynamic_img_size", False),
+        first_conv=base.get("first_conv", "patch_embed.proj"),
+        classifier=base.get("classifier", "head"),
+        mean=tuple(base.get("mean", (0.5, 0.5, 0.5))),
+        std=tuple(base.get("std", (0.5, 0.5, 0.5))),
+        interpolation=base.get("interpolation", "bicubic"),
+        crop_pct=base.get("crop_pct", 1.0),
+        crop_mode=base.get("crop_mode", "center"),
+        license=license,
+    )
+    if preprocessor is None:
+        _logger.warning(
+            "%s: no preprocessor_config.json beside it: mean/std and resizing are timm's defaults for %s (%s, %s)",
+            where,
+            arch,
+            cfg["mean"],
+            cfg["std"],
+        )
+    else:
+        cfg.update(_preprocessing(preprocessor))
+        crop = cfg.pop("crop_size", None)
+        if crop is not None and tuple(crop) != img:
+            _logger.info(
+                "%s: transformers' preprocessing crops %sx%s, the model is built for %sx%s as its config says "
+                "(set data.img_size / img_size= to run it at the crop size; position embeddings are then resampled)",
+                where,
+                *crop,
+                *img,
+            )
+    labels = config.get("id2label")
+    if num_classes and isinstance(labels, dict) and len(labels) == num_classes:
+        cfg["label_names"] = [str(labels.get(str(i), labels.get(i, i))) for i in range(num_classes)]
+    return cfg
+
+
+def _size(value: Any) -> dict[str, int]:
+    """An image processor's ``size`` / ``crop_size``: an int, or a dict of height/width/shortest_edge."""
+    if isinstance(value, dict):
+        return {k: int(v) for k, v in value.items() if isinstance(v, (int, float))}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": int(value[0]), "width": int(value[1])}
+    return {"int": int(value)} if isinstance(value, (int, float)) else {}
+
+
+def _preprocessing(pp: dict[str, Any]) -> dict[str, Any]:
+    """timm's pretrained-config keys for what an image processor does (eval): normalisation, resampling,
+    and the resize + crop as timm's ``crop_pct`` / ``crop_mode``."""
+    out: dict[str, Any] = {}
+    if pp.get("do_normalize", True):
+        for key, name in (("mean", "image_mean"), ("std", "image_std")):
+            if isinstance(pp.get(name), (list, tuple)):
+                out[key] = tuple(float(v) for v in pp[name])
+    resample = pp.get("resample")
+    if isinstance(resample, int) and resample in _RESAMPLE:
+        out["interpolation"] = _RESAMPLE[resample]
+    elif isinstance(resample, str) and resample.lower() in _RESAMPLE.values():
+        out["interpolation"] = resample.lower()
+    size, crop = _size(pp.get("size")), _size(pp.get("crop_size")) if pp.get("do_center_crop") else {}
+    if crop:
+        side = crop.get("height", crop.get("int"))
+        short = size.get("shortest_edge", size.get("int", size.get("height")))
+        if side and short:
+            out.update(crop_pct=side / short, crop_mode="center", crop_size=(side, crop.get("width", side)))
+    elif "height" in size:  # resized to exactly height x width, aspect ratio not kept
+        out.update(
+            crop_pct=1.0, crop_mode="squash", crop_size=(size["height"], size.get("width", size["height"]))
+        )
+    elif "int" in size:
+        out.update(crop_pct=1.0, crop_mode="squash", crop_size=(size["int"], size["int"]))
+    elif "shortest_edge" in size:
+        out.update(crop_pct=1.0, crop_mode="center")
+    return out

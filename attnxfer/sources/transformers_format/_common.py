@@ -1,0 +1,251 @@
+"""What the transformers-format modules share: reading a config.json's values, naming timm's activation
+and norm for them, and taking a state dict apart key by key so that every key is either mapped, dropped
+on purpose, or reported.
+
+A module's `timm_weights` builds the timm state dict with a `Taker`: ``take(name, *aliases)`` returns the
+tensor stored under the base prefix (``vit.``, ``vision_model.``, ...) by its legacy name (what
+``save_pretrained`` and every Hub repo write) or by an alias (transformers 5's in-memory names), and
+records it as used; `Taker.finish` then raises one ValueError naming what is missing and what nothing
+took, or returns the keys a ``drop`` rule took out.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import timm
+import torch
+from timm.layers import LayerNorm
+
+__all__ = [
+    "Taker",
+    "activation",
+    "architectures",
+    "base_prefix",
+    "clip_layer",
+    "fused_qkv",
+    "has_head",
+    "linear",
+    "mlp_ratio",
+    "norm_layer",
+    "num_labels",
+    "pair",
+    "timm_name",
+    "under",
+    "vit_layer",
+]
+
+# transformers' hidden_act (activations.ACT2CLS) -> timm's act_layer name for the same function.
+_ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_python": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+
+# embed_dim -> the size word timm's ViT names use (only to pick a familiar name; kwargs set every dim).
+_SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1152: "so400m", 1280: "huge", 1536: "giant"}
+
+
+def activation(config: dict[str, Any], key: str = "hidden_act") -> str:
+    """timm's name for the config's activation; one transformers has that timm does not is a ValueError."""
+    act = config.get(key, "gelu")
+    if act not in _ACTIVATIONS:
+        raise ValueError(f"{key}={act!r} has no timm counterpart (supported: {sorted(_ACTIVATIONS)})")
+    return _ACTIVATIONS[act]
+
+
+def norm_layer(eps: float, timm_default: float = 1e-6) -> dict[str, Any]:
+    """``norm_layer`` kwargs for LayerNorms with ``eps``: none where the timm architecture's own eps is it.
+
+    transformers' ViT family normalises with eps 1e-12, timm's ViT with 1e-6: on the small activations of
+    early layers that is a relative difference of order 1e-6/variance, so the teacher keeps the config's.
+    No timm string names such a norm, so students built from the teacher's arguments take timm's default
+    (see `TransformersTeacher.unrecorded_args`).
+    """
+    eps = float(eps)
+    return {} if eps == timm_default else {"norm_layer": functools.partial(LayerNorm, eps=eps)}
+
+
+def pair(value: Any) -> tuple[int, int]:
+    """An image or patch size from a config (an int, or [h, w])."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"expected a size or [height, width], got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+def mlp_ratio(hidden: int, dim: int) -> float:
+    """The ``mlp_ratio`` for which timm's ``int(dim * mlp_ratio)`` is exactly ``hidden``."""
+    ratio = hidden / dim
+    return ratio if int(dim * ratio) == hidden else (hidden + 0.5) / dim
+
+
+def timm_name(template: str, default: str, dim: int, **fields: Any) -> str:
+    """A registered timm name for these dims (``vit_{size}_patch{patch}_{img}`` -> ``vit_base_patch16_224``)
+    when timm has one, else ``default``: the name only chooses defaults that the kwargs then override all
+    of, so it is what the record shows, not what is built."""
+    size = _SIZES.get(dim)
+    if size is not None:
+        name = template.format(size=size, **fields)
+        if timm.is_model(name):
+            return name
+    return default
+
+
+def architectures(config: dict[str, Any]) -> list[str]:
+    """The transformers classes config.json says the weights were saved from (``ViTForImageClassification``)."""
+    names = config.get("architectures") or []
+    return [str(n) for n in names] if isinstance(names, list) else [str(names)]
+
+
+def num_labels(config: dict[str, Any]) -> int:
+    """The classifier's classes: ``num_labels``, else the size of ``id2label`` (transformers' default is 2)."""
+    labels = config.get("id2label")
+    return int(config.get("num_labels") or (len(labels) if labels else 2))
+
+
+def has_head(config: dict[str, Any], suffixes: Iterable[str] = ("ForImageClassification",)) -> bool:
+    """Whether the saved class carries a classifier (by its name in ``architectures``)."""
+    return any(a.endswith(tuple(suffixes)) for a in architectures(config))
+
+
+def base_prefix(weights: dict[str, torch.Tensor], anchor: str, what: str) -> str:
+    """The prefix the encoder's keys carry (``vit.`` in a ViTForImageClassification, ``vision_model.`` in a
+    CLIPModel, ``""`` in a bare model), found from the one key that ends with ``anchor``."""
+    found = sorted({k[: -len(anchor)] for k in weights if k == anchor or k.endswith("." + anchor)})
+    if not found:
+        sample = sorted(weights)[:6]
+        raise ValueError(f"no {anchor!r} among the weights (is this a {what} checkpoint? keys: {sample} ...)")
+    if len(found) > 1:
+        raise ValueError(f"{anchor!r} appears under several prefixes {found}: which one is the {what}?")
+    return found[0]
+
+
+class Taker:
+    """Takes a transformers state dict apart: every key is taken into the timm state dict, dropped by a
+    rule (and reported), or left over (an error)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], prefix: str = ""):
+        self.weights = weights
+        self.prefix = prefix
+        self.taken: set[str] = set()
+        self.missing: list[str] = []
+
+    def at(self, prefix: str) -> Taker:
+        """The same state dict read under another prefix (a head beside the encoder's base prefix),
+        sharing what is taken and missing."""
+        other = Taker(self.weights, prefix)
+        other.taken, other.missing = self.taken, self.missing
+        return other
+
+    def has(self, name: str, *aliases: str) -> bool:
+        return any(self.prefix + n in self.weights for n in (name, *aliases))
+
+    def take(self, name: str, *aliases: str) -> torch.Tensor:
+        """The tensor under ``prefix + name`` (or an alias); a missing one is recorded and a placeholder
+        returned, so that one error lists everything missing."""
+        for n in (name, *aliases):
+            key = self.prefix + n
+            if key in self.weights:
+                self.taken.add(key)
+                return self.weights[key]
+        self.missing.append(self.prefix + name)
+        return torch.empty(0)
+
+    def finish(
+        self, out: dict[str, torch.Tensor], drop: Callable[[str], bool] = lambda k: False
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """``(out, dropped keys)``; missing keys, or keys neither taken nor dropped, are one ValueError."""
+        left = sorted(k for k in self.weights if k not in self.taken)
+        dropped = [k for k in left if drop(k)]
+        unexpected = [k for k in left if not drop(k)]
+        problems = []
+        if self.missing:
+            problems.append(f"missing {len(self.missing)} keys: {_summary(self.missing)}")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} keys: {_summary(unexpected)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return out, dropped
+
+
+def _summary(keys: list[str], limit: int = 6) -> str:
+    """The first keys, with layer numbers folded (``encoder.layer.*.attention...``) so a list stays short."""
+    folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", k) for k in keys))
+    shown = folded[:limit]
+    return ", ".join(shown) + (f", ... ({len(folded) - limit} more)" if len(folded) > limit else "")
+
+
+def fused_qkv(
+    t: Taker, names: tuple[tuple[str, ...], ...], bias: tuple[bool, bool, bool]
+) -> dict[str, torch.Tensor]:
+    """timm's fused ``qkv`` from transformers' q, k and v projections (each named by its alternatives:
+    legacy name first, in-memory name next); a bias the config leaves out is zeros."""
+    weights = [t.take(*(f"{n}.weight" for n in alts)) for alts in names]
+    out = {"qkv.weight": torch.cat(weights)}
+    if any(bias):
+        out["qkv.bias"] = torch.cat(
+            [
+                t.take(*(f"{n}.bias" for n in alts)) if b else torch.zeros(w.shape[0], dtype=w.dtype)
+                for alts, b, w in zip(names, bias, weights)
+            ]
+        )
+    return out
+
+
+def linear(t: Taker, *names: str, bias: bool = True) -> dict[str, torch.Tensor]:
+    """``weight`` (and ``bias``) of one nn.Linear / LayerNorm / conv under the first of ``names`` present."""
+    out = {"weight": t.take(*(f"{n}.weight" for n in names))}
+    if bias:
+        out["bias"] = t.take(*(f"{n}.bias" for n in names))
+    return out
+
+
+def under(prefix: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``parts`` with ``prefix.`` before every key."""
+    return {f"{prefix}.{k}": v for k, v in parts.items()}
+
+
+def vit_layer(t: Taker, i: int, qkv_bias: bool) -> dict[str, torch.Tensor]:
+    """timm's ``blocks.i`` from transformers' ViT layer (ViT, DeiT, ViT-MAE, I-JEPA): legacy names
+    ``encoder.layer.i.attention.attention.query`` ..., in-memory ``layers.i.attention.q_proj`` ...."""
+    old, new = f"encoder.layer.{i}", f"layers.{i}"
+    qkv = tuple(
+        (f"{old}.attention.attention.{o}", f"{new}.attention.{n}_proj")
+        for o, n in (("query", "q"), ("key", "k"), ("value", "v"))
+    )
+    out = {
+        **under("norm1", linear(t, f"{old}.layernorm_before", f"{new}.layernorm_before")),
+        **under("attn", fused_qkv(t, qkv, (qkv_bias,) * 3)),
+        **under("attn.proj", linear(t, f"{old}.attention.output.dense", f"{new}.attention.o_proj")),
+        **under("norm2", linear(t, f"{old}.layernorm_after", f"{new}.layernorm_after")),
+        **under("mlp.fc1", linear(t, f"{old}.intermediate.dense", f"{new}.mlp.fc1")),
+        **under("mlp.fc2", linear(t, f"{old}.output.dense", f"{new}.mlp.fc2")),
+    }
+    return under(f"blocks.{i}", out)
+
+
+def clip_layer(t: Taker, i: int) -> dict[str, torch.Tensor]:
+    """timm's ``blocks.i`` from transformers' CLIP / SigLIP encoder layer (``encoder.layers.i.self_attn``)."""
+    base = f"encoder.layers.{i}"
+    qkv = tuple((f"{base}.self_attn.{n}_proj",) for n in "qkv")
+    out = {
+        **under("norm1", linear(t, f"{base}.layer_norm1")),
+        **under("attn", fused_qkv(t, qkv, (True,) * 3)),
+        **under("attn.proj", linear(t, f"{base}.self_attn.out_proj")),
+        **under("norm2", linear(t, f"{base}.layer_norm2")),
+        **under("mlp.fc1", linear(t, f"{base}.mlp.fc1")),
+        **under("mlp.fc2", linear(t, f"{base}.mlp.fc2")),
+    }
+    return under(f"blocks.{i}", out)

@@ -1,0 +1,114 @@
+"""transformers' CLIP vision tower as timm's CLIP VisionTransformer (``vit_*_clip_*``): a class token,
+``pre_layrnorm`` as timm's ``norm_pre``, quick-GELU where the config says so, ``post_layernorm`` as timm's
+final ``norm``, the image projection as timm's head (no bias), as timm builds OpenAI's CLIP towers.
+
+What timm's features are: timm's final norm runs over every token, so ``forward_features`` is
+transformers' ``post_layernorm(last_hidden_state)``: its class token is transformers' ``pooler_output``
+(``last_hidden_state`` itself is the output before ``post_layernorm``), and the model's output
+(``forward``) is ``get_image_features`` / ``image_embeds`` (the projection of ``pooler_output``,
+unnormalised) where the checkpoint has the projection (``CLIPModel``,
+``CLIPVisionModelWithProjection``), else the pooled class token. The text tower, ``logit_scale`` and
+``CLIPForImageClassification``'s classifier (it averages patch tokens before ``post_layernorm``) are
+dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._common import (
+    Taker,
+    activation,
+    architectures,
+    base_prefix,
+    clip_layer,
+    linear,
+    mlp_ratio,
+    norm_layer,
+    pair,
+    timm_name,
+    under,
+)
+
+MODEL_TYPES: tuple[str, ...] = ("clip", "clip_vision_model")
+
+DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    image_size=224,
+    patch_size=32,
+    num_channels=3,
+    projection_dim=512,
+)
+
+# classes whose checkpoints hold the image projection
+_PROJECTED = ("CLIPModel", "CLIPVisionModelWithProjection")
+
+
+def vision_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The vision tower's config: ``vision_config`` of a full model, the config itself for a tower."""
+    vision = config.get("vision_config", {}) if config["model_type"] == "clip" else config
+    return {**DEFAULTS, **vision}
+
+
+def _projection(config: dict[str, Any]) -> int:
+    saved = architectures(config)
+    projected = any(a in _PROJECTED for a in saved) if saved else config["model_type"] == "clip"
+    if not projected:
+        return 0
+    return int(config.get("projection_dim") or vision_config(config)["projection_dim"])
+
+
+def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    c = vision_config(config)
+    img, patch = pair(c["image_size"]), pair(c["patch_size"])
+    dim = int(c["hidden_size"])
+    kwargs = dict(
+        img_size=img[0] if img[0] == img[1] else list(img),
+        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+        in_chans=int(c["num_channels"]),
+        embed_dim=dim,
+        depth=int(c["num_hidden_layers"]),
+        num_heads=int(c["num_attention_heads"]),
+        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
+        pre_norm=True,
+        act_layer=activation(c),
+        global_pool="token",
+        num_classes=_projection(config),
+        **norm_layer(c["layer_norm_eps"], timm_default=1e-5),
+    )
+    name = timm_name("vit_{size}_patch{p}_clip_{i}", "vit_base_patch16_clip_224", dim, p=patch[0], i=img[0])
+    return name, kwargs
+
+
+def timm_weights(
+    weights: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    c = vision_config(config)
+    t = Taker(weights, base_prefix(weights, "embeddings.patch_embedding.weight", "CLIP vision tower"))
+    out = {
+        "cls_token": t.take("embeddings.class_embedding").reshape(1, 1, -1),
+        "pos_embed": t.take("embeddings.position_embedding.weight").unsqueeze(0),
+        "patch_embed.proj.weight": t.take("embeddings.patch_embedding.weight"),
+        **under("norm_pre", linear(t, "pre_layrnorm")),
+    }
+    for i in range(int(c["num_hidden_layers"])):
+        out.update(clip_layer(t, i))
+    out.update(under("norm", linear(t, "post_layernorm")))
+    if _projection(config):
+        proj = t.at("").take("visual_projection.weight")
+        out.update({"head.weight": proj, "head.bias": torch.zeros(proj.shape[0], dtype=proj.dtype)})
+    tower = t.prefix
+    return t.finish(
+        out,
+        lambda k: (
+            not k.startswith(tower)  # the text tower, logit_scale, text_projection, a classifier
+            or k == f"{tower}embeddings.position_ids"  # a buffer older checkpoints saved
+        ),
+    )

@@ -1,0 +1,126 @@
+"""transformers' SigLIP vision tower as timm's SigLIP VisionTransformer (``vit_*_siglip_*``): no class
+token, position embeddings over the patches, the final LayerNorm (``post_layernorm``) over every token,
+and the multihead-attention-pooling head (a learned probe attending over the tokens, then a LayerNorm'd
+MLP with a residual) as timm's ``global_pool='map'``. The probe's packed ``in_proj`` splits into timm's
+``q`` (first third) and ``kv``.
+
+Features: ``forward_features`` is transformers' ``last_hidden_state``; the pooled output (``forward`` of
+the headless model) is ``pooler_output``, which is what ``get_image_features`` returns. A tower without
+the head (``vision_use_head: false``) pools by averaging, and ``SiglipForImageClassification`` classifies
+the average of ``last_hidden_state`` (timm's ``global_pool='avg'`` after the final norm); its unused
+attention-pooling weights are dropped. The text tower, ``logit_scale`` and ``logit_bias`` are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._common import (
+    Taker,
+    activation,
+    base_prefix,
+    clip_layer,
+    has_head,
+    linear,
+    mlp_ratio,
+    norm_layer,
+    num_labels,
+    pair,
+    timm_name,
+    under,
+)
+
+MODEL_TYPES: tuple[str, ...] = ("siglip", "siglip_vision_model")
+
+DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    vision_use_head=True,
+)
+
+
+def vision_config(config: dict[str, Any]) -> dict[str, Any]:
+    vision = config.get("vision_config", {}) if config["model_type"] == "siglip" else config
+    return {**DEFAULTS, **vision}
+
+
+def _pools_by_attention(config: dict[str, Any]) -> bool:
+    return bool(vision_config(config)["vision_use_head"]) and not has_head(config)
+
+
+def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    c = vision_config(config)
+    img, patch = pair(c["image_size"]), pair(c["patch_size"])
+    dim = int(c["hidden_size"])
+    pool = {"global_pool": "map"} if _pools_by_attention(config) else {"global_pool": "avg", "fc_norm": False}
+    kwargs = dict(
+        img_size=img[0] if img[0] == img[1] else list(img),
+        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+        in_chans=int(c["num_channels"]),
+        embed_dim=dim,
+        depth=int(c["num_hidden_layers"]),
+        num_heads=int(c["num_attention_heads"]),
+        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
+        class_token=False,
+        act_layer=activation(c),
+        num_classes=num_labels(config) if has_head(config) else 0,
+        **pool,
+        **norm_layer(c["layer_norm_eps"]),
+    )
+    name = timm_name(
+        "vit_{size}_patch{p}_siglip_{i}", "vit_base_patch16_siglip_224", dim, p=patch[0], i=img[0]
+    )
+    return name, kwargs
+
+
+def _attention_pool(t: Taker, dim: int) -> dict[str, torch.Tensor]:
+    """timm's ``attn_pool`` from transformers' ``head``: the probe, the packed q/k/v projection split into
+    ``q`` and ``kv``, the output projection, the LayerNorm and the MLP."""
+    w, b = t.take("head.attention.in_proj_weight"), t.take("head.attention.in_proj_bias")
+    return {
+        "latent": t.take("head.probe"),
+        "q.weight": w[:dim],
+        "q.bias": b[:dim],
+        "kv.weight": w[dim:],
+        "kv.bias": b[dim:],
+        **under("proj", linear(t, "head.attention.out_proj")),
+        **under("norm", linear(t, "head.layernorm")),
+        **under("mlp.fc1", linear(t, "head.mlp.fc1")),
+        **under("mlp.fc2", linear(t, "head.mlp.fc2")),
+    }
+
+
+def timm_weights(
+    weights: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    c = vision_config(config)
+    t = Taker(weights, base_prefix(weights, "embeddings.patch_embedding.weight", "SigLIP vision tower"))
+    out = {
+        **under("patch_embed.proj", linear(t, "embeddings.patch_embedding")),
+        "pos_embed": t.take("embeddings.position_embedding.weight").unsqueeze(0),
+    }
+    for i in range(int(c["num_hidden_layers"])):
+        out.update(clip_layer(t, i))
+    out.update(under("norm", linear(t, "post_layernorm")))
+    if _pools_by_attention(config):
+        out.update(under("attn_pool", _attention_pool(t, int(c["hidden_size"]))))
+    if has_head(config):
+        out.update(under("head", linear(t.at(""), "classifier")))
+    tower = t.prefix
+    return t.finish(
+        out,
+        lambda k: (
+            not k.startswith(tower)  # the text tower, logit_scale, logit_bias
+            or k.startswith(f"{tower}head.")  # attention pooling a classifier does not use
+            or k == f"{tower}embeddings.position_ids"
+        ),
+    )

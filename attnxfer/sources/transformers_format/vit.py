@@ -1,0 +1,138 @@
+"""transformers' ViT and DeiT as timm's VisionTransformer / VisionTransformerDistilled.
+
+Both are timm's pre-norm ViT: a class token (and DeiT's distillation token) with position embeddings
+over prefix and patches, a final LayerNorm over every token, the classifier on the class token. DeiT
+heads: ``DeiTForImageClassificationWithTeacher`` averages its class and distillation heads, which is
+what timm's distilled model computes in eval; ``DeiTForImageClassification`` classifies from the class
+token alone, which timm's distilled model cannot, so that classifier is dropped (features only).
+ViT's pooler (dense + tanh, unused by ViTForImageClassification) and the masked-image-modelling
+decoder are dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._common import (
+    Taker,
+    activation,
+    base_prefix,
+    has_head,
+    linear,
+    mlp_ratio,
+    norm_layer,
+    num_labels,
+    pair,
+    timm_name,
+    under,
+    vit_layer,
+)
+
+MODEL_TYPES: tuple[str, ...] = ("vit", "deit")
+
+# transformers' defaults for keys a config.json may leave out (ViTConfig / DeiTConfig).
+DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    qkv_bias=True,
+)
+
+_DEIT_HEADS = ("DeiTForImageClassificationWithTeacher",)
+
+
+def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """The timm VisionTransformer arguments every transformers ViT-layer model shares (ViT, DeiT, ViT-MAE,
+    I-JEPA): dims, patch grid, activation, LayerNorm eps, qkv bias."""
+    c = {**DEFAULTS, **config}
+    img, patch = pair(c["image_size"]), pair(c["patch_size"])
+    dim = int(c["hidden_size"])
+    return dict(
+        img_size=img[0] if img[0] == img[1] else list(img),
+        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+        in_chans=int(c["num_channels"]),
+        embed_dim=dim,
+        depth=int(c["num_hidden_layers"]),
+        num_heads=int(c["num_attention_heads"]),
+        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
+        qkv_bias=bool(c["qkv_bias"]),
+        act_layer=activation(c),
+        **norm_layer(c["layer_norm_eps"]),
+    )
+
+
+def _classes(config: dict[str, Any]) -> int:
+    if config["model_type"] == "deit":
+        return num_labels(config) if has_head(config, _DEIT_HEADS) else 0
+    return num_labels(config) if has_head(config) else 0
+
+
+def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    kwargs = vit_kwargs(config)
+    kwargs.update(num_classes=_classes(config), global_pool="token")
+    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
+    if config["model_type"] == "deit":
+        name = timm_name(
+            "deit_{size}_distilled_patch{p}_{i}",
+            "deit_base_distilled_patch16_224",
+            kwargs["embed_dim"],
+            p=patch,
+            i=img,
+        )
+    else:
+        name = timm_name(
+            "vit_{size}_patch{p}_{i}", "vit_base_patch16_224", kwargs["embed_dim"], p=patch, i=img
+        )
+    return name, kwargs
+
+
+def embeddings(t: Taker, prefix_tokens: tuple[str, ...] = ("cls_token",)) -> dict[str, torch.Tensor]:
+    """Patch embedding, prefix tokens and position embeddings of transformers' ViT embeddings."""
+    timm_names = {"cls_token": "cls_token", "distillation_token": "dist_token"}
+    out = {timm_names[n]: t.take(f"embeddings.{n}") for n in prefix_tokens}
+    out["pos_embed"] = t.take("embeddings.position_embeddings")
+    out.update(under("patch_embed.proj", linear(t, "embeddings.patch_embeddings.projection")))
+    return out
+
+
+def encoder(t: Taker, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Every ViT layer and the final LayerNorm."""
+    c = {**DEFAULTS, **config}
+    out: dict[str, torch.Tensor] = {}
+    for i in range(int(c["num_hidden_layers"])):
+        out.update(vit_layer(t, i, bool(c["qkv_bias"])))
+    out.update(under("norm", linear(t, "layernorm")))
+    return out
+
+
+def _dropped(prefix: str) -> Any:
+    """What a ViT / DeiT checkpoint may carry that the timm encoder does not use: the pooler, the
+    mask token and decoder of masked image modelling, DeiT's class-token-only classifier."""
+    return lambda k: k.startswith(
+        (f"{prefix}pooler.", f"{prefix}embeddings.mask_token", "decoder.", "classifier.")
+    )
+
+
+def timm_weights(
+    weights: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "ViT"))
+    deit = config["model_type"] == "deit"
+    out = embeddings(t, ("cls_token", "distillation_token") if deit else ("cls_token",))
+    out.update(encoder(t, config))
+    if _classes(config):
+        head = t.at("")
+        if deit:
+            out.update(under("head", linear(head, "cls_classifier")))
+            out.update(under("head_dist", linear(head, "distillation_classifier")))
+        else:
+            out.update(under("head", linear(head, "classifier")))
+    return t.finish(out, _dropped(t.prefix))

@@ -1,0 +1,35 @@
+"""transformers' ViT-MAE encoder as timm's VisionTransformer (as timm builds MAE's own encoders).
+
+The encoder is a ViT with a class token whose (fixed sin-cos) position embeddings are stored in the
+checkpoint; the pre-training decoder is dropped and reported. ``mask_ratio`` does not apply: a teacher
+sees every patch, as ``ViTMAEModel`` does with ``mask_ratio=0`` and patches kept in order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._common import Taker, base_prefix, pair, timm_name
+from .vit import embeddings, encoder, vit_kwargs
+
+MODEL_TYPES: tuple[str, ...] = ("vit_mae",)
+
+
+def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    kwargs = vit_kwargs(config)
+    kwargs.update(num_classes=0, global_pool="token")
+    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
+    return timm_name(
+        "vit_{size}_patch{p}_{i}", "vit_base_patch16_224", kwargs["embed_dim"], p=patch, i=img
+    ), kwargs
+
+
+def timm_weights(
+    weights: dict[str, torch.Tensor], config: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "ViT-MAE"))
+    out = embeddings(t)
+    out.update(encoder(t, config))
+    return t.finish(out, lambda k: k.startswith("decoder."))
