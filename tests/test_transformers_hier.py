@@ -158,6 +158,20 @@ CASES = {
         "PvtV2ForImageClassification",
         dict(_PVT, qkv_bias=False, layer_norm_eps=1e-5, num_labels=3),
     ),
+    # segmentation: the encoder without pooler; UperNet heads and FPN dropped
+    "beit_seg": Case(
+        "BeitConfig",
+        "BeitForSemanticSegmentation",
+        dict(
+            _BEIT,
+            num_hidden_layers=4,
+            out_indices=[0, 1, 2, 3],
+            use_relative_position_bias=True,
+            num_labels=3,
+            auxiliary_channels=8,
+            pool_scales=[1, 2],
+        ),
+    ),
     # SimMIM: decoder and mask token dropped
     "swin_mim": Case("SwinConfig", "SwinForMaskedImageModeling", dict(_SWIN, encoder_stride=16)),
     # token variance near 1e-5: only transformers' eps (1e-12 in BEiT's norms, 1e-6 in PVTv2's conv-fed norms)
@@ -286,6 +300,17 @@ def test_a_folder_without_a_pooler_pools_as_transformers_adds_one(tmp_path):
 def test_pretraining_heads_are_dropped_and_reported(name, dropped, tmp_path):
     CASES[name].build().save_pretrained(tmp_path)
     assert sorted(load_folder(tmp_path)[1]) == dropped
+
+
+def test_segmentation_heads_are_dropped_and_reported(tmp_path):
+    CASES["beit_seg"].build().save_pretrained(tmp_path)
+    dropped = load_folder(tmp_path)[1]
+    heads = {k.split(".")[0] for k in load_file(tmp_path / "model.safetensors")} - {"beit"}
+    assert heads == {"auxiliary_head", "decode_head", "fpn1", "fpn2"}
+    assert {k.split(".")[0] for k in dropped} == heads
+    assert sorted(dropped) == sorted(
+        k for k in load_file(tmp_path / "model.safetensors") if not k.startswith("beit.")
+    )
 
 
 @pytest.mark.parametrize("name", ["beit_cls", "beit_mim", "swin_cls"])
