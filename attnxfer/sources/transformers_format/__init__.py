@@ -24,7 +24,7 @@ import torch
 
 from ...errors import InputError
 from ..load_errors import TeacherLoadError
-from . import clip, dinov2, dinov3_vit, ijepa, siglip, vit, vit_mae
+from . import beit, clip, dinov2, dinov3_vit, ijepa, pvt_v2, siglip, swin, vit, vit_mae
 from ._common import architectures, pair
 
 __all__ = [
@@ -40,7 +40,7 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 # One module per transformers model-type group; each declares MODEL_TYPES, timm_arch and timm_weights.
-MODULES: tuple[ModuleType, ...] = (vit, vit_mae, dinov2, dinov3_vit, clip, siglip, ijepa)
+MODULES: tuple[ModuleType, ...] = (vit, vit_mae, dinov2, dinov3_vit, clip, siglip, ijepa, beit, swin, pvt_v2)
 REGISTRY: dict[str, ModuleType] = {t: m for m in MODULES for t in m.MODEL_TYPES}
 
 # PIL's resampling codes (what image processors store as ``resample``) -> timm's interpolation names.

@@ -1,0 +1,181 @@
+"""transformers' BEiT and data2vec-vision as timm's `Beit`.
+
+Both transformers classes compute what timm's BEiT computes (data2vec-vision is BEiT's architecture with
+another pretraining), so one mapping serves both model types; only the base prefix differs.
+
+Where the two libraries meet:
+
+* q, k, v: transformers keeps three linears with no key bias; timm one fused ``qkv`` without bias plus
+  ``q_bias``/``v_bias`` (its key bias is a zero buffer);
+* relative-position bias: per layer (``use_relative_position_bias``) → each block's
+  ``attn.relative_position_bias_table``; shared (``use_shared_relative_position_bias``) → the model's
+  ``rel_pos_bias`` table. Both libraries index the table identically (the 3 extra rows for the class token);
+* layer scale ``lambda_1/2`` → ``gamma_1/2`` (``layer_scale_init_value`` ≤ 0 means none, as timm's
+  ``init_values=0``);
+* pooling: ``use_mean_pooling`` → timm's ``global_pool='avg'`` with ``fc_norm`` (the pooler's LayerNorm),
+  otherwise the class token after the final ``layernorm`` (``global_pool='token'``). A base model saved
+  without its pooler (data2vec-vision's default, BEiT's masked-image-modelling model) gets the LayerNorm
+  transformers itself gives a pooler it does not find: weight 1, bias 0. It acts on the pooled vector
+  only, never on the token features;
+* LayerNorm eps: transformers' ``layer_norm_eps`` (1e-12 for every BEiT) goes to timm as ``norm_layer``
+  when it differs from timm's 1e-6.
+
+Dropped and reported: the mask token and the pretraining / segmentation heads (``lm_head``, the MIM
+head's ``layernorm``, ``decode_head``, ``auxiliary_head``, ``fpn*``). ``relative_position_index``
+buffers, which some checkpoints carry, are recomputed by timm from the window size.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import LayerNorm
+
+from ._keymap import base_and_top, check_fits, head_classes, legacy_names, size_arg
+
+MODEL_TYPES: tuple[str, ...] = ("beit", "data2vec-vision")
+
+# transformers' base_model_prefix per model type: where a task model keeps the encoder
+_PREFIX = {"beit": "beit", "data2vec-vision": "data2vec_vision"}
+
+# config.json values a checkpoint may omit: the transformers config classes' defaults
+_DEFAULTS = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    image_size=224,
+    patch_size=16,
+    num_channels=3,
+    use_absolute_position_embeddings=False,
+    use_relative_position_bias=False,
+    use_shared_relative_position_bias=False,
+    layer_scale_init_value=0.1,
+    use_mean_pooling=True,
+)
+
+_TIMM_EPS = 1e-6  # timm.layers.LayerNorm's default, what Beit builds without a norm_layer
+
+# transformers 5's in-memory names -> the names save_pretrained writes (a live model's state_dict())
+_RENAMES = (
+    (r"(^|\.)layers\.(\d+)\.attention\.q_proj\.", r"\1encoder.layer.\2.attention.attention.query."),
+    (r"(^|\.)layers\.(\d+)\.attention\.k_proj\.", r"\1encoder.layer.\2.attention.attention.key."),
+    (r"(^|\.)layers\.(\d+)\.attention\.v_proj\.", r"\1encoder.layer.\2.attention.attention.value."),
+    (r"(^|\.)layers\.(\d+)\.attention\.o_proj\.", r"\1encoder.layer.\2.attention.output.dense."),
+    (r"(^|\.)layers\.(\d+)\.mlp\.fc1\.", r"\1encoder.layer.\2.intermediate.dense."),
+    (r"(^|\.)layers\.(\d+)\.mlp\.fc2\.", r"\1encoder.layer.\2.output.dense."),
+    (
+        r"(^|\.)layers\.(\d+)\.relative_position_bias\.",
+        r"\1encoder.layer.\2.attention.attention.relative_position_bias.",
+    ),
+    (r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."),
+    (r"(^|\.)shared_position_bias\.", r"\1encoder.relative_position_bias."),
+)
+
+# a task model's own weights that a teacher does not use: masked-image-modelling and segmentation heads
+_TASK_HEADS = ("lm_head.", "layernorm.", "decode_head.", "auxiliary_head.", "fpn1.", "fpn2.", "fpn.")
+
+
+def _settings(config: dict) -> dict:
+    c = {**_DEFAULTS, **config}
+    kind = c.get("model_type", "beit")
+    dim, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+    if c["hidden_act"] != "gelu":
+        raise ValueError(f"{kind}: hidden_act={c['hidden_act']!r}; timm's Beit has exact GELU only")
+    if c.get("head_dim") not in (None, dim // heads):
+        raise ValueError(f"{kind}: head_dim={c['head_dim']} differs from hidden_size/num_attention_heads")
+    mlp_ratio = int(c["intermediate_size"]) / dim
+    if int(dim * mlp_ratio) != int(c["intermediate_size"]):
+        raise ValueError(
+            f"{kind}: intermediate_size={c['intermediate_size']} is no ratio of hidden_size timm rebuilds"
+        )
+    return dict(c, dim=dim, heads=heads, mlp_ratio=mlp_ratio)
+
+
+def timm_arch(config: dict) -> tuple[str, dict]:
+    """timm's `Beit` with the dims, depth, position terms, layer scale, pooling and eps of ``config``."""
+    c = _settings(config)
+    mean_pool = bool(c["use_mean_pooling"])
+    scale = float(c["layer_scale_init_value"])
+    kwargs = dict(
+        img_size=size_arg(c["image_size"]),
+        patch_size=size_arg(c["patch_size"]),
+        in_chans=int(c["num_channels"]),
+        embed_dim=c["dim"],
+        depth=int(c["num_hidden_layers"]),
+        num_heads=c["heads"],
+        mlp_ratio=c["mlp_ratio"],
+        qkv_bias=True,
+        use_abs_pos_emb=bool(c["use_absolute_position_embeddings"]),
+        use_rel_pos_bias=bool(c["use_relative_position_bias"]),
+        use_shared_rel_pos_bias=bool(c["use_shared_relative_position_bias"]),
+        init_values=scale if scale > 0 else 0.0,  # timm drops None kwargs: 0.0 builds no gamma
+        global_pool="avg" if mean_pool else "token",
+        use_fc_norm=mean_pool,
+        num_classes=head_classes(config),
+    )
+    if float(c["layer_norm_eps"]) != _TIMM_EPS:
+        kwargs["norm_layer"] = partial(LayerNorm, eps=float(c["layer_norm_eps"]))
+    arch = "beit_large_patch16_224" if c["dim"] == 1024 else "beit_base_patch16_224"
+    return arch, kwargs
+
+
+def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers' BEiT / data2vec-vision state dict (base or task model, saved or in-memory names) ->
+    (timm `Beit` state dict, the checkpoint keys deliberately dropped)."""
+    arch, kwargs = timm_arch(config)
+    kind = config.get("model_type", "beit")
+    base, top = base_and_top(legacy_names(weights, _RENAMES), _PREFIX.get(kind, "beit"))
+    out: dict[str, torch.Tensor | None] = {
+        "cls_token": base.get("embeddings.cls_token"),
+        "patch_embed.proj.weight": base.get("embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": base.get("embeddings.patch_embeddings.projection.bias"),
+    }
+    if kwargs["use_abs_pos_emb"]:
+        out["pos_embed"] = base.get("embeddings.position_embeddings")
+    if kwargs["use_shared_rel_pos_bias"]:
+        out["rel_pos_bias.relative_position_bias_table"] = base.get(
+            "encoder.relative_position_bias.relative_position_bias_table"
+        )
+    for i in range(kwargs["depth"]):
+        hf, tm = f"encoder.layer.{i}.", f"blocks.{i}."
+        attn = hf + "attention.attention."
+        out[tm + "attn.qkv.weight"] = base.cat(
+            [attn + "query.weight", attn + "key.weight", attn + "value.weight"]
+        )
+        out[tm + "attn.q_bias"] = base.get(attn + "query.bias")
+        out[tm + "attn.v_bias"] = base.get(attn + "value.bias")
+        if kwargs["use_rel_pos_bias"]:
+            out[tm + "attn.relative_position_bias_table"] = base.get(
+                attn + "relative_position_bias.relative_position_bias_table"
+            )
+        pairs = {
+            "attn.proj": "attention.output.dense",
+            "norm1": "layernorm_before",
+            "norm2": "layernorm_after",
+            "mlp.fc1": "intermediate.dense",
+            "mlp.fc2": "output.dense",
+        }
+        for t_name, h_name in pairs.items():
+            for p in ("weight", "bias"):
+                out[f"{tm}{t_name}.{p}"] = base.get(f"{hf}{h_name}.{p}")
+        if kwargs["init_values"]:
+            out[tm + "gamma_1"] = base.get(hf + "lambda_1")
+            out[tm + "gamma_2"] = base.get(hf + "lambda_2")
+    for p in ("weight", "bias"):
+        if kwargs["use_fc_norm"]:
+            # the pooler's LayerNorm, or the one transformers initialises for a pooler the folder lacks
+            found = base.has(f"pooler.layernorm.{p}")
+            fill = torch.ones if p == "weight" else torch.zeros
+            out[f"fc_norm.{p}"] = base.get(f"pooler.layernorm.{p}") if found else fill(kwargs["embed_dim"])
+        else:
+            out[f"norm.{p}"] = base.get(f"layernorm.{p}")
+        if kwargs["num_classes"]:
+            out[f"head.{p}"] = top.get(f"classifier.{p}")
+    base.drop(lambda k: k.endswith("relative_position_index"))
+    dropped = base.drop(lambda k: k == "embeddings.mask_token")
+    dropped += top.drop(lambda k: k.startswith(_TASK_HEADS))
+    return check_fits([base, top], out, arch, kwargs, f"transformers {kind}"), dropped

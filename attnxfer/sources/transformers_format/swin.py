@@ -1,0 +1,195 @@
+"""transformers' Swin (v1) as timm's `SwinTransformer`.
+
+Where the two libraries meet:
+
+* q, k, v: three linears in transformers, one fused ``qkv`` in timm; the relative-position tables are
+  the same (2w-1)² × heads tables, indexed alike (timm rebuilds the index buffers from the window size);
+* patch merging: transformers ends stage i with it (``layers.i.downsample``), timm starts stage i+1 with
+  it (``layers.{i+1}.downsample``). Both concatenate the 2×2 neighbours in the same order, (row, col) =
+  (0,0), (1,0), (0,1), (1,1), so the reduction weight is taken as it is;
+* final ``layernorm`` → ``norm``, then mean pooling and ``classifier`` → ``head.fc``;
+* windows: both use one unshifted window on a stage whose grid equals the window, pad a grid that is not
+  a multiple of the window and mask the shifted windows with -100.
+
+What timm cannot rebuild is refused by `timm_arch` with the reason: absolute position embeddings (timm's
+Swin has none), an activation other than exact GELU, a ``layer_norm_eps`` other than 1e-5 (transformers
+keeps 1e-5 in the patch-embedding and patch-merging norms whatever the config says, timm has one norm
+layer for all), a stage whose grid needs padding AND has shifted windows (transformers pads before the
+cyclic shift and timm after it, so the padded tokens sit in different windows), and a stage whose grid is
+smaller than the window (transformers 5 builds its relative-position table for the configured window and
+its own forward then fails). No Hub Swin has either stage at its own image size: 224/4 = 56, 28, 14, 7
+with window 7; 384/4 = 96, 48, 24, 12 with window 12; 192/4 = 48, 24, 12, 6 with window 6.
+
+Dropped and reported: the SimMIM ``decoder`` and mask token, a backbone's ``hidden_states_norms``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._keymap import base_and_top, check_fits, head_classes, legacy_names, pair, size_arg
+
+MODEL_TYPES: tuple[str, ...] = ("swin",)
+
+# config.json values a checkpoint may omit: transformers' SwinConfig defaults
+_DEFAULTS = dict(
+    image_size=224,
+    patch_size=4,
+    num_channels=3,
+    embed_dim=96,
+    depths=(2, 2, 6, 2),
+    num_heads=(3, 6, 12, 24),
+    window_size=7,
+    mlp_ratio=4.0,
+    qkv_bias=True,
+    hidden_act="gelu",
+    use_absolute_embeddings=False,
+    layer_norm_eps=1e-5,
+)
+
+_FIXED_EPS = 1e-5  # transformers' patch-embedding and patch-merging norms; timm's nn.LayerNorm default
+
+# timm's registered Swin v1 sizes, by (embed_dim, depths): the name only picks the pretrained_cfg family
+_NAMES = {
+    (96, (2, 2, 6, 2)): "swin_tiny_patch4_window7_224",
+    (96, (2, 2, 18, 2)): "swin_small_patch4_window7_224",
+    (128, (2, 2, 18, 2)): "swin_base_patch4_window7_224",
+    (192, (2, 2, 18, 2)): "swin_large_patch4_window7_224",
+}
+
+# transformers 5's in-memory names -> the names save_pretrained writes (a live model's state_dict())
+_RENAMES = (
+    (r"\.attention\.q_proj\.", ".attention.self.query."),
+    (r"\.attention\.k_proj\.", ".attention.self.key."),
+    (r"\.attention\.v_proj\.", ".attention.self.value."),
+    (r"\.attention\.relative_position_bias\.relative_position_", ".attention.self.relative_position_"),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+)
+
+_TASK_HEADS = ("decoder.", "hidden_states_norms.")
+
+
+def _stage_grids(grid: tuple[int, int], stages: int) -> list[tuple[int, int]]:
+    """Each stage's token grid: merging halves it, padding odd sizes up (both libraries)."""
+    grids = [grid]
+    for _ in range(stages - 1):
+        h, w = grids[-1]
+        grids.append(((h + 1) // 2, (w + 1) // 2))
+    return grids
+
+
+def _hf_window(grid: tuple[int, int], window: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """transformers' (window, shift) on a grid: a grid whose smaller side fits one window gets one square
+    window of that side and no shift."""
+    if min(grid) <= window:
+        return (min(grid),) * 2, (0, 0)
+    return (window, window), (window // 2, window // 2)
+
+
+def _timm_window(grid: tuple[int, int], window: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """timm's (window, shift) on a grid: clamped side by side, no shift along a side the window covers."""
+    win = tuple(min(r, window) for r in grid)
+    return win, tuple(0 if r <= w else window // 2 for r, w in zip(grid, win))
+
+
+def _check_windows(grids: list[tuple[int, int]], depths: tuple[int, ...], window: int) -> None:
+    """Refuse a config whose windows the two libraries would lay out differently (see the module docstring)."""
+    for stage, (grid, depth) in enumerate(zip(grids, depths)):
+        if min(grid) < window:
+            raise ValueError(
+                f"swin: stage {stage} has a {grid[0]}x{grid[1]} grid, smaller than window_size={window}; "
+                "transformers 5 keeps that stage's relative-position table at the configured window and its "
+                "own forward fails there, so there is no computation to match"
+            )
+        hf, tm = _hf_window(grid, window), _timm_window(grid, window)
+        if (depth > 1 and hf != tm) or hf[0] != tm[0]:
+            raise ValueError(
+                f"swin: stage {stage} has a {grid[0]}x{grid[1]} grid: transformers uses {hf[0]} windows "
+                f"shifted by {hf[1]}, timm {tm[0]} shifted by {tm[1]}"
+            )
+        (wh, ww), shift = hf
+        if depth > 1 and any(shift) and (grid[0] % wh or grid[1] % ww):
+            raise ValueError(
+                f"swin: stage {stage} has a {grid[0]}x{grid[1]} grid with shifted {window}-windows that needs "
+                "padding; transformers pads before the cyclic shift and timm after it, so the two compute "
+                "different windows (use an image_size whose stage grids are multiples of window_size)"
+            )
+
+
+def timm_arch(config: dict) -> tuple[str, dict]:
+    """timm's `SwinTransformer` with the image/patch/window sizes, dims, depths and heads of ``config``."""
+    c = {**_DEFAULTS, **config}
+    if c["use_absolute_embeddings"]:
+        raise ValueError("swin: use_absolute_embeddings=true; timm's Swin has no absolute position embedding")
+    if c["hidden_act"] != "gelu":
+        raise ValueError(f"swin: hidden_act={c['hidden_act']!r}; timm's Swin has exact GELU only")
+    if float(c["layer_norm_eps"]) != _FIXED_EPS:
+        raise ValueError(
+            f"swin: layer_norm_eps={c['layer_norm_eps']}; transformers keeps 1e-5 in its patch-embedding and "
+            "merging norms, and timm's Swin has one eps for every norm"
+        )
+    depths, heads = tuple(int(d) for d in c["depths"]), tuple(int(h) for h in c["num_heads"])
+    patch = pair(c["patch_size"])
+    img = pair(c["image_size"])
+    window = int(c["window_size"])
+    _check_windows(_stage_grids((img[0] // patch[0], img[1] // patch[1]), len(depths)), depths, window)
+    embed_dim = int(c["embed_dim"])
+    kwargs = dict(
+        img_size=size_arg(c["image_size"]),
+        patch_size=size_arg(c["patch_size"]),
+        in_chans=int(c["num_channels"]),
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=heads,
+        window_size=window,
+        mlp_ratio=float(c["mlp_ratio"]),
+        qkv_bias=bool(c["qkv_bias"]),
+        global_pool="avg",
+        num_classes=head_classes(config),
+    )
+    return _NAMES.get((embed_dim, depths), "swin_tiny_patch4_window7_224"), kwargs
+
+
+def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """transformers' Swin state dict (base or task model, saved or in-memory names) ->
+    (timm `SwinTransformer` state dict, the checkpoint keys deliberately dropped)."""
+    arch, kwargs = timm_arch(config)
+    base, top = base_and_top(legacy_names(weights, _RENAMES), "swin")
+    out: dict[str, torch.Tensor | None] = {}
+
+    def linear(t_name: str, h_name: str, reader=base, bias: bool = True) -> None:
+        for p in ("weight", "bias") if bias else ("weight",):
+            out[f"{t_name}.{p}"] = reader.get(f"{h_name}.{p}")
+
+    linear("patch_embed.proj", "embeddings.patch_embeddings.projection")
+    linear("patch_embed.norm", "embeddings.norm")
+    depths = kwargs["depths"]
+    for i, depth in enumerate(depths):
+        for j in range(depth):
+            hf, tm = f"encoder.layers.{i}.blocks.{j}.", f"layers.{i}.blocks.{j}."
+            qkv = [f"{hf}attention.self.{n}" for n in ("query", "key", "value")]
+            out[tm + "attn.qkv.weight"] = base.cat([n + ".weight" for n in qkv])
+            if kwargs["qkv_bias"]:
+                out[tm + "attn.qkv.bias"] = base.cat([n + ".bias" for n in qkv])
+            out[tm + "attn.relative_position_bias_table"] = base.get(
+                hf + "attention.self.relative_position_bias_table"
+            )
+            linear(tm + "attn.proj", hf + "attention.output.dense")
+            linear(tm + "norm1", hf + "layernorm_before")
+            linear(tm + "norm2", hf + "layernorm_after")
+            linear(tm + "mlp.fc1", hf + "intermediate.dense")
+            linear(tm + "mlp.fc2", hf + "output.dense")
+        if i + 1 < len(depths):  # the merge that ends stage i starts timm's stage i+1
+            linear(f"layers.{i + 1}.downsample.norm", f"encoder.layers.{i}.downsample.norm")
+            linear(
+                f"layers.{i + 1}.downsample.reduction", f"encoder.layers.{i}.downsample.reduction", bias=False
+            )
+    linear("norm", "layernorm")
+    if kwargs["num_classes"]:
+        linear("head.fc", "classifier", reader=top)
+    base.drop(lambda k: k.endswith("relative_position_index"))
+    dropped = base.drop(lambda k: k == "embeddings.mask_token")
+    dropped += top.drop(lambda k: k.startswith(_TASK_HEADS))
+    return check_fits([base, top], out, arch, kwargs, "transformers swin"), dropped
