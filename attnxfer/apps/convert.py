@@ -208,6 +208,8 @@ def convert(
     (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
     measurements sum over ranks, and rank 0 alone writes files and logs (and holds the run dir's lock).
     """
+    # the report's val top-1 and stage 2's task loss read labels: data without them stops before the run dir
+    require_labels(data_info(cfg.data), "the conversion report's val top-1 (and stage 2's task loss)")
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "convert", enabled=main),
@@ -225,8 +227,6 @@ def _convert(
             f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
             "convert builds its student from the teacher's weights with convert.attention: set that instead"
         )
-    # the report's val top-1 and stage 2's task loss read labels: data without them stops here
-    require_labels(data_info(cfg.data), "attnxfer convert (its report's val top-1, stage 2's task loss)")
     if skip_stage1:
         cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
     c = cfg.convert

@@ -51,9 +51,15 @@ __all__ = [
     "evaluate_run",
     "loop_settings",
     "plan_from_config",
+    "require_task_labels",
     "task_loss_from_config",
     "train",
 ]
+
+
+def require_task_labels(cfg: TrainConfig) -> None:
+    """Training has a task loss on labels: data read without them (``data.labels: false``) stops here."""
+    require_labels(data_info(cfg.data), "the task loss (cross-entropy of the student's logits)")
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
@@ -241,7 +247,7 @@ def build_engine(
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     if write_run_files and not cfg.eval_only:
-        require_labels(data_info(cfg.data), "the task loss of `attnxfer train` (cross-entropy on labels)")
+        require_task_labels(cfg)
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     log = print if runtime.is_main else lambda *_: None
     if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
@@ -307,6 +313,7 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
     if cfg.eval_only:
         result = evaluate_run(cfg, parts)
         return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
+    require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
     with run_lock(cfg.run_dir, "train", enabled=main), joined_process_group(backend_for(cfg.device)):
         return build_engine(cfg, parts).run()
