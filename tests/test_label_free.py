@@ -327,3 +327,15 @@ def test_eval_without_labels_or_teacher_has_nothing_to_score(tmp_path, capsys):
     code, _, err = _run(capsys, "eval", "data.dataset=labels_raise", "data.labels=false", "transfer.mode=none",
                         f"run_dir={tmp_path / 'run'}")  # fmt: skip
     assert code == 2 and "nothing to score" in err and "Traceback" not in err
+
+
+@pytest.mark.slow  # a one-generation search: ~11 s of CPU
+def test_search_without_labels_never_reads_one(tiny_teacher_dir, tmp_path, capsys):
+    code, out, err = _run(
+        capsys, "search", f"run_dir={tmp_path / 'run'}", f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "data.dataset=labels_raise", "data.labels=false", "data.batch_size=8", "search.population=4",
+        "search.offspring=3", "search.generations=1", "search.fit_steps=3", "search.fit_batches=2",
+        "search.held_out_images=8", "search.target_tokens=65", "search.speed=flops", "log.progress=false",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "winner:" in out and (tmp_path / "run" / "pareto.md").is_file()

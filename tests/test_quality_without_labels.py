@@ -165,3 +165,65 @@ def test_embeddings_are_the_pooled_pre_logits_feature_normalised():
         want = torch.cat([model.forward_features(x)[:, 0] for x, _ in batches])[:4]  # class-token pooling
     torch.testing.assert_close(feats, want / want.norm(dim=1, keepdim=True))
     assert labels.tolist() == [0, 1, 2, 1]
+
+
+# -- `attnxfer eval`: the scores of a trained run, recomputed from its checkpoint by hand ----------------------
+@pytest.mark.slow  # trains a tiny distillation run (~3 s), evaluates it twice
+def test_eval_prints_feature_agreement_and_knn_that_a_brute_force_recomputation_confirms(
+    tiny_teacher_dir, tmp_path, capsys
+):
+    import json
+
+    from attnxfer.checkpoints.run_dir import RunDir
+    from attnxfer.data import build_dataset
+    from attnxfer.launch import cli
+    from attnxfer.sources import load_teacher
+
+    run = tmp_path / "run"
+    common = [
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "data.dataset=synthetic",
+        "data.synthetic_length=40",
+        "data.batch_size=8",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "deterministic=true",
+        "device=cpu",
+    ]
+    assert cli.main(["train", *common, "schedule.max_steps=3", f"run_dir={run}"]) == 0
+    capsys.readouterr()
+    assert cli.main(["eval", "-c", str(run / "config.yaml"), "eval.knn_k=5"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(next(run.glob("eval-*.json")).read_text())["metrics"]
+    assert "knn_top1 (%) [95% Wilson interval, 40 images, k=5, T=0.07]" in out and "knn_share" in out
+
+    student = RunDir(run).load_student("latest", "raw").model.eval()
+    teacher, _ = load_teacher(f"local-dir:{tiny_teacher_dir}")
+    teacher.eval()
+    info = build_dataset("synthetic", "val", length=40).info
+    norm = dict(
+        mean=json.loads((run / "run.json").read_text())["mean"],
+        std=json.loads((run / "run.json").read_text())["std"],
+    )
+    sets = {
+        s: build_dataset("synthetic", s, length=40, img_size=info.img_size, **norm) for s in ("train", "val")
+    }
+    images = {s: torch.stack([ds[i][0] for i in range(len(ds))]) for s, ds in sets.items()}
+    labels = {s: torch.tensor([ds[i][1] for i in range(len(ds))]) for s, ds in sets.items()}
+    with torch.no_grad():
+        for name, model in (("knn_top1", student), ("knn_teacher_top1", teacher)):
+            emb = {
+                s: model.forward_head(model.forward_features(x), pre_logits=True) for s, x in images.items()
+            }
+            pred = _brute_force_knn(emb["train"], labels["train"], emb["val"], 5, 0.07)
+            want = 100.0 * (torch.tensor(pred) == labels["val"]).float().mean().item()
+            assert result[name] == pytest.approx(want), name
+        s, t = student.forward_features(images["val"]), teacher.forward_features(images["val"])
+    patch_s, patch_t = s[:, 1:].double(), t[:, 1:].double()
+    cos = (patch_s * patch_t).sum(-1) / (patch_s.norm(dim=-1) * patch_t.norm(dim=-1))
+    assert result["val_feat_cos_patch"] == pytest.approx(cos.mean().item(), rel=1e-5)
+    assert result["val_feat_rel_err_patch"] == pytest.approx(
+        ((patch_s - patch_t).norm() / patch_t.norm()).item(), rel=1e-5
+    )
+    assert result["knn_share"] == pytest.approx(result["knn_top1"] / result["knn_teacher_top1"])
+    assert "val_top1" in result  # the engine's own evaluation still runs
