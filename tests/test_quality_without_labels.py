@@ -227,3 +227,43 @@ def test_eval_prints_feature_agreement_and_knn_that_a_brute_force_recomputation_
     )
     assert result["knn_share"] == pytest.approx(result["knn_top1"] / result["knn_teacher_top1"])
     assert "val_top1" in result  # the engine's own evaluation still runs
+
+
+@pytest.mark.parametrize(
+    "overrides,own_objective,want",
+    [
+        (["teacher.spec=vit_tiny_patch16_224"], False, {"top1", "knn", "features"}),
+        (
+            ["teacher.spec=vit_tiny_patch16_224", "transfer.mode=copy"],
+            False,
+            {"top1"},
+        ),  # the student needs q/k
+        (["transfer.mode=none"], False, {"top1", "knn"}),
+        (["teacher.spec=vit_tiny_patch16_224", "data.labels=false"], False, {"features"}),
+        (["data.labels=false"], True, set()),  # MAE pre-training: its own val loss
+        (["eval.metrics=[knn]", "transfer.mode=none"], True, {"knn"}),
+    ],
+)
+def test_eval_metrics_auto_takes_what_the_run_can_give(overrides, own_objective, want):
+    from attnxfer.apps.training import eval_metrics
+    from attnxfer.config import load_config
+
+    cfg = load_config(None, ["data.dataset=synthetic", *overrides])
+    assert eval_metrics(cfg, own_objective=own_objective) == want
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["eval.metrics=[features]", "transfer.mode=none"], "no teacher"),
+        (["eval.metrics=[knn]", "teacher.spec=vit_tiny_patch16_224", "transfer.mode=copy"], "teacher's maps"),
+        (["eval.metrics=[knn]", "data.labels=false", "transfer.mode=none"], "eval.metrics=knn needs labels"),
+    ],
+)
+def test_eval_metrics_asked_for_by_name_that_the_run_cannot_give_are_refused(overrides, message):
+    from attnxfer.apps.training import eval_metrics
+    from attnxfer.config import load_config
+    from attnxfer.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        eval_metrics(load_config(None, ["data.dataset=synthetic", *overrides]))
