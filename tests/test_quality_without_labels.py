@@ -12,7 +12,14 @@ import torch
 from helpers import tiny_vit
 
 from attnxfer.analysis.features import FeatureAgreement, feature_agreement, feature_sums
-from attnxfer.analysis.knn import KnnComparison, embed, knn_correct, knn_predict, paired_counts
+from attnxfer.analysis.knn import (
+    KnnComparison,
+    embed,
+    knn_comparison,
+    knn_correct,
+    knn_predict,
+    paired_counts,
+)
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -165,6 +172,34 @@ def test_embeddings_are_the_pooled_pre_logits_feature_normalised():
         want = torch.cat([model.forward_features(x)[:, 0] for x, _ in batches])[:4]  # class-token pooling
     torch.testing.assert_close(feats, want / want.norm(dim=1, keepdim=True))
     assert labels.tolist() == [0, 1, 2, 1]
+
+
+def test_knn_comparison_of_two_models_counts_what_the_brute_force_rule_gets_right():
+    teacher, student = tiny_vit(depth=1, seed=3, num_classes=0), tiny_vit(depth=1, seed=4, num_classes=0)
+    g = torch.Generator().manual_seed(7)
+    data = {
+        s: (torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g))
+        for s, n in (("bank", 24), ("val", 10))
+    }
+    batches = {s: [(x[i : i + 4], y[i : i + 4]) for i in range(0, len(x), 4)] for s, (x, y) in data.items()}
+    got = knn_comparison(student, teacher, batches["bank"], batches["val"], "cpu", k=5)
+    right = []
+    with torch.no_grad():
+        for model in (teacher, student):
+            emb = {
+                s: model.forward_head(model.forward_features(x), pre_logits=True)
+                for s, (x, _) in data.items()
+            }
+            pred = _brute_force_knn(emb["bank"], data["bank"][1], emb["val"], 5, 0.07)
+            right.append(torch.tensor(pred) == data["val"][1])
+    t, s = right
+    assert (got.both, got.teacher_only, got.student_only, got.neither) == (
+        int((t & s).sum()),
+        int((t & ~s).sum()),
+        int((~t & s).sum()),
+        int((~t & ~s).sum()),
+    )
+    assert got.count == 10 and got.k == 5
 
 
 # -- `attnxfer eval`: the scores of a trained run, recomputed from its checkpoint by hand ----------------------

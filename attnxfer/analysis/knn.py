@@ -28,7 +28,15 @@ import torch.nn.functional as F
 
 from .intervals import top1_interval
 
-__all__ = ["KnnComparison", "embed", "embedding", "knn_correct", "knn_predict", "paired_counts"]
+__all__ = [
+    "KnnComparison",
+    "embed",
+    "embedding",
+    "knn_comparison",
+    "knn_correct",
+    "knn_predict",
+    "paired_counts",
+]
 
 Autocast = Callable[[], AbstractContextManager]
 
@@ -211,3 +219,31 @@ class KnnComparison:
                 out["knn_share"] = self.share
                 out["knn_share_low"], out["knn_share_high"] = self.share_interval()
         return out
+
+
+def knn_comparison(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    bank: Iterable[Sequence[torch.Tensor]],
+    queries: Iterable[Sequence[torch.Tensor]],
+    device: torch.device | str,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    autocast: Autocast = nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> KnnComparison:
+    """k-NN top-1 of ``student`` (and ``teacher``) with the labelled ``(x, y)`` batches of ``bank`` as the
+    memory and those of ``queries`` scored, one pass over each for both models. ``reduce``: sums the
+    paired counts over ranks (each rank holding the whole bank and its own shard of the queries)."""
+    models = [student] if teacher is None else [student, teacher]
+    banks, bank_labels = embed(models, bank, device, autocast=autocast)
+    feats, labels = embed(models, queries, device, autocast=autocast)
+    right = [
+        knn_correct(b.to(device), bank_labels, q.to(device), labels, k=k, temperature=temperature)
+        for b, q in zip(banks, feats, strict=True)
+    ]
+    counts = paired_counts(right[-1], right[0])  # (teacher, student); a student alone pairs with itself
+    if reduce is not None:
+        counts = reduce(counts.to(device)).cpu()
+    return KnnComparison.from_counts(counts, k, temperature, teacher=teacher is not None)

@@ -57,13 +57,13 @@ class DatasetInfo:
 InfoSource = DatasetInfo | Callable[[str | None], DatasetInfo]
 
 
-def require_labels(info: DatasetInfo, why: str) -> None:
-    """Stop with one line when ``why`` (what needs them, e.g. "the task loss of `attnxfer train`") would
-    read labels that ``info``'s dataset does not hand out. Apps call it before any work."""
+def require_labels(info: DatasetInfo, why: str, fix: str = "use labelled data with data.labels=true") -> None:
+    """Stop with one line when ``why`` (what needs them, e.g. "the task loss") would read labels that ``info``'s
+    dataset does not hand out; ``fix`` says what to do instead. Apps call it before any work."""
     if not info.has_labels:
         raise InputError(
             f"{why} needs labels, but data.dataset={info.name} is read without labels (data.labels=false, or "
-            "a dataset that has none); use labelled data with data.labels=true"
+            f"a dataset that has none); {fix}"
         )
 
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis.features import TOKEN_GROUPS, FeatureAgreement, batch_feature_sums
-from ..analysis.knn import KnnComparison, embed, knn_correct, paired_counts
+from ..analysis.knn import knn_comparison
 from ..transfer.dual import TransferOutput
 
 __all__ = ["evaluate", "evaluate_features", "evaluate_knn", "evaluate_loss"]
@@ -113,15 +113,15 @@ def evaluate_knn(
     """k-NN top-1 (`attnxfer.analysis.knn`) of the student's (and the teacher's) embeddings: the memory bank
     is all of ``bank_loader`` on every rank (the training split, unaugmented), the queries each rank's shard of
     ``val_loader``; the paired counts are summed over ranks, so every val image counts once."""
-    device = accelerator.device
-    models = [student] if teacher is None else [student, teacher]
-    autocast = accelerator.autocast
-    banks, bank_labels = embed(models, bank_loader, device, autocast=autocast)
-    queries, labels = embed(models, val_loader, device, autocast=autocast)
-    right = [
-        knn_correct(b.to(device), bank_labels, q.to(device), labels, k=k, temperature=temperature)
-        for b, q in zip(banks, queries, strict=True)
-    ]
-    counts = paired_counts(right[-1], right[0])  # (teacher, student); a student alone pairs with itself
-    counts = accelerator.reduce(counts.to(device), reduction="sum")
-    return KnnComparison.from_counts(counts.cpu(), k, temperature, teacher=teacher is not None).as_dict()
+    result = knn_comparison(
+        student,
+        teacher,
+        bank_loader,
+        val_loader,
+        accelerator.device,
+        k=k,
+        temperature=temperature,
+        autocast=accelerator.autocast,
+        reduce=lambda t: accelerator.reduce(t, reduction="sum"),
+    )
+    return result.as_dict()
