@@ -5,7 +5,6 @@ end to end, and work that needs labels stops in one line before it starts."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import tarfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from attnxfer.data import (
     build_loader,
     dataset_info,
     register_dataset,
+    registry,
     split_batch,
 )
 from attnxfer.data.registry import check_image_args, resolve_norm, with_settings
@@ -204,8 +204,15 @@ def _labels_raise(split, *, root=None, img_size=None, in_chans=None, mean=None, 
     return LabelsRaise(images, torch.zeros(n, dtype=torch.long), info, augment=split == "train", seed=seed)
 
 
-with contextlib.suppress(InputError):  # the module imported twice in one session
-    register_dataset("labels_raise", info=_TRAP_INFO)(_labels_raise)
+@pytest.fixture(scope="module", autouse=True)
+def labels_raise_registered():
+    """``data.dataset=labels_raise`` for this module's tests only (the registry is restored after, so other
+    modules' lists of datasets stay as they are)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
+        register_dataset("labels_raise", info=_TRAP_INFO)(_labels_raise)
+        yield
+
 
 _TINY_MAE = [
     "data.dataset=labels_raise",
