@@ -163,6 +163,8 @@ def test_distributed_eval_scores_every_val_image_once(reference):
     one, two = results[1], results[2]
     assert one["val_count"] == two["val_count"] == VAL_SIZE
     assert one["val_top1"] == two["val_top1"] and one["val_top5"] == two["val_top5"]
+    # k-NN: each rank scores its shard against the whole bank, the counts summed
+    assert one["knn_count"] == two["knn_count"] == VAL_SIZE and one["knn_top1"] == two["knn_top1"]
     assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5)
     # the evaluations during training were exact too: the last val record is the single process's
     val = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]

@@ -30,7 +30,7 @@ from ..checkpoints.store import (
     optimizer_state_to_tensors,
 )
 from ..config import TrainConfig, apply_overrides, dump_config
-from ..data import ResumableSampler, build_loader
+from ..data import ResumableSampler, build_loader, require_labels
 from ..errors import InputError
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ..train.devices import resolve_precision
@@ -39,6 +39,7 @@ from ..train.measure import evaluate_top1, map_agreement, operation_counts, rela
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result, stage1_transfer
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
+from .loaders import data_info
 from .reports import render_conversion_report, teacher_top1_line
 from .run_parts import build_run_parts
 from .training import plan_from_config, train
@@ -68,7 +69,7 @@ def _cycle(loader, sampler, start: int = 0) -> Iterator[torch.Tensor]:
         sampler.set_epoch(epoch)
         sampler.set_position(skip * loader.batch_size * sampler.world_size)
         skip = 0
-        for x, _ in loader:
+        for x, *_ in loader:  # images only
             yield x
         epoch += 1
 
@@ -207,6 +208,8 @@ def convert(
     (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
     measurements sum over ranks, and rank 0 alone writes files and logs (and holds the run dir's lock).
     """
+    # the report's val top-1 and stage 2's task loss read labels: data without them stops before the run dir
+    require_labels(data_info(cfg.data), "the conversion report's val top-1 (and stage 2's task loss)")
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "convert", enabled=main),
@@ -266,7 +269,7 @@ def _convert(
     # compares stages in one precision. Stage 2 runs it in teacher.dtype (bf16 on GPU by default).
     teacher.to(device=device, dtype=torch.float32).eval()
     student.to(device)
-    probe = [x.to(device) for x, _ in _take(parts.val_loader, c.agreement_batches)]
+    probe = [x.to(device) for x, *_ in _take(parts.val_loader, c.agreement_batches)]
     if not probe:
         raise InputError("the validation set is empty: convert measures map agreement on it")
     seconds: dict[str, float] = {}

@@ -1,9 +1,11 @@
 """The ``data`` and ``aug`` sections as loaders: the train and val datasets, their resumable samplers and
-DataLoaders, on their own (no teacher, no student).
+DataLoaders, on their own (no teacher, no student); and the k-NN memory bank `attnxfer eval` reads.
 
 A run's own settings reach each dataset builder that names them in its signature (`dataset_options`):
 timm's augmentation options (``aug.reprob``, ...) for the train split, the class count and length of
 synthetic data, the per-rank batch and world size of a stream. No dataset name is compared here.
+``data.labels: false`` builds both splits without labels (batches ``[x]``, `attnxfer.data.label_free`);
+`data_info` is the dataset as the run sees it, what `attnxfer.data.require_labels` checks.
 """
 
 from __future__ import annotations
@@ -13,12 +15,26 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import AugConfig, DataConfig
-from ..data import ResumableSampler, StreamDataset, StreamPosition, build_dataset, build_loader
+from ..data import (
+    DatasetInfo,
+    ResumableSampler,
+    StreamDataset,
+    StreamPosition,
+    build_dataset,
+    build_loader,
+    dataset_info,
+)
 from ..data.registry import dataset_options
 
-__all__ = ["Loaders", "build_loaders"]
+__all__ = ["Loaders", "build_bank_loader", "build_loaders", "data_info"]
+
+
+def data_info(data: DataConfig) -> DatasetInfo:
+    """The ``data`` section's dataset as the run reads it (``data.labels: false``: without labels or classes)."""
+    return dataset_info(data.dataset, root=data.root, labels=data.labels)
 
 
 @dataclass
@@ -51,13 +67,9 @@ def build_loaders(
 ) -> Loaders:
     """Train and val loaders for ``data``; ``data.kwargs`` (the dataset's own options) win over the run's."""
     d = data
-    common = dict(
-        root=d.root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **d.kwargs
+    common = _common(
+        d, img_size=img_size, in_chans=in_chans, mean=mean, std=std, num_classes=num_classes, seed=seed
     )
-    for key, value in _accepted(
-        d.dataset, {"num_classes": num_classes, "length": d.synthetic_length}
-    ).items():
-        common.setdefault(key, value)  # the dataset's own options (data.kwargs) win
     # a stream sizes its epoch per rank from the run's batch and world size
     common.update(_accepted(d.dataset, {"batch_size": d.batch_size, "world_size": world_size}))
     train_aug = _accepted(
@@ -105,3 +117,54 @@ def build_loaders(
         drop_last=False,
     )
     return Loaders(train_loader, val_loader, sampler)
+
+
+def _common(data: DataConfig, *, img_size, in_chans, mean, std, num_classes: int | None, seed: int) -> dict:
+    """What both splits are built with; ``data.kwargs`` (the dataset's own options) win over the run's."""
+    common = dict(
+        root=data.root,
+        img_size=img_size,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+        seed=seed,
+        labels=data.labels,
+        **data.kwargs,
+    )
+    offered = {"length": data.synthetic_length}
+    if num_classes:  # a run without labels has none: a dataset that needs a count keeps its own default
+        offered["num_classes"] = num_classes
+    for key, value in _accepted(data.dataset, offered).items():
+        common.setdefault(key, value)
+    return common
+
+
+def build_bank_loader(data: DataConfig, like: Dataset, *, seed: int, size: int | None = None) -> DataLoader:
+    """The training split as a k-NN memory bank: built with ``like``'s (a val split's) image settings, with no
+    augmentation, in order, whole on every rank; ``size``: that many images evenly spaced through it (a
+    folder is sorted by class, so its first images would be a few classes)."""
+    info = like.info
+    common = _common(
+        data,
+        img_size=info.img_size,
+        in_chans=info.in_chans,
+        mean=info.mean,
+        std=info.std,
+        num_classes=info.num_classes,
+        seed=seed,
+    )
+    common.update(_accepted(data.dataset, {"augment": False, "batch_size": 1, "world_size": 1}))
+    bank = build_dataset(data.dataset, "train", **common)
+    if isinstance(bank, StreamDataset):
+        if size is not None:
+            bank.remaining = min(size, bank.remaining or size)
+    elif size is not None and size < len(bank):
+        bank = Subset(bank, torch.linspace(0, len(bank) - 1, size).round().long().tolist())
+    return build_loader(
+        bank,
+        batch_size=data.eval_batch_size or data.batch_size,
+        sampler=None,
+        num_workers=data.num_workers,
+        drop_last=False,
+        seed=seed,
+    )

@@ -31,7 +31,7 @@ from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
 from ..config import TrainConfig, dump_config, to_dict
-from ..data import DatasetInfo, dataset_info
+from ..data import DatasetInfo
 from ..errors import InputError
 from ..models.image_input import image_input
 from ..models.mae import MaskedAutoencoder
@@ -46,6 +46,7 @@ from ..train.evaluation import evaluate_loss
 from ..train.objective import ModuleObjective
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
+from .loaders import data_info
 from .resume import resume_source
 from .run_parts import RunParts, num_classes_of, parts_around
 from .training import assemble_engine, engine_facts, evaluate_run, loop_settings
@@ -230,11 +231,11 @@ def build_pretrain_engine(
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     d = cfg.data
-    info = dataset_info(d.dataset, root=d.root)
+    info = data_info(d)
     in_chans = d.in_chans or info.in_chans
     mae = build_mae(cfg, in_chans, d.img_size)
     init_note = init_mae(mae, cfg.model.init, d.img_size) if cfg.model.init else None
-    # The loaders are the training ones (labels come along and are ignored); no teacher.
+    # The loaders are the training ones (labels, if data.labels reads any, come along unread); no teacher.
     parts = _pretrain_parts(cfg, info, mae, runtime)
     mae.to(runtime.device)
     settings = dataclasses.replace(loop_settings(cfg, runtime.world), metric="val_loss", metric_mode="min")
@@ -245,7 +246,7 @@ def build_pretrain_engine(
     if cfg.mae.pictures > 0:
         val = parts.val_loader.dataset
         if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
-            shown = [x for x, _ in islice(iter(val), cfg.mae.pictures)]
+            shown = [x for x, *_ in islice(iter(val), cfg.mae.pictures)]
         else:
             picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
             shown = [val[i][0] for i in picks]

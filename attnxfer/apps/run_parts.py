@@ -10,14 +10,14 @@ from typing import Any
 import torch.nn as nn
 
 from ..config import TrainConfig
-from ..data import DatasetInfo, dataset_info
+from ..data import DatasetInfo
 from ..errors import InputError
 from ..models.efficient import with_attention
 from ..models.image_input import image_input
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
-from .loaders import build_loaders
+from .loaders import build_loaders, data_info
 
 __all__ = [
     "RunParts",
@@ -146,8 +146,11 @@ def stamp_input_cfg(
 
 
 def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
-    """``model.num_classes``, else the dataset's; a dataset that says none is refused here."""
+    """``model.num_classes``, else the dataset's; a dataset that says none is refused here. A run without
+    labels has no classes: 0 (a headless student) unless ``model.num_classes`` says otherwise."""
     d = cfg.data
+    if not info.has_labels:
+        return cfg.model.num_classes or 0
     num_classes = cfg.model.num_classes or info.num_classes
     if not num_classes:
         if d.root is None:
@@ -162,7 +165,7 @@ def build_run_parts(
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
     student (e.g. `attnxfer convert` builds it from the teacher's weights)."""
     d = cfg.data
-    info = dataset_info(d.dataset, root=d.root)
+    info = data_info(d)
     teacher, record = None, None
     if cfg.teacher.spec:
         teacher, rec = load_teacher(

@@ -112,7 +112,7 @@ def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSetting
 
 def _images(loader, count: int | None, batches: int | None) -> list[torch.Tensor]:
     out, taken = [], 0
-    for i, (x, _) in enumerate(loader):
+    for i, (x, *_) in enumerate(loader):  # images only: labels, where there are any, are not read
         if batches is not None and i >= batches:
             break
         if count is not None:

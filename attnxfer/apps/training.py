@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
@@ -19,18 +20,22 @@ from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import check_writable, disk_error, run_lock
 from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json
 from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
+from ..data import dataset_has_labels, require_labels
 from ..errors import InputError, PathExistsError
 from ..models.attention import attention_blocks
+from ..models.mae import MaskedAutoencoder
 from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
 from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
+from ..train.evaluation import evaluate, evaluate_features, evaluate_knn
 from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..transfer.dual import DualViT
-from ..transfer.plan import TransferPlan, build_plan
+from ..transfer.plan import TransferPlan, build_plan, get_mode
 from .ce_choice import ce_choice_for_run
+from .loaders import build_bank_loader, data_info
 from .pictures import class_token_pictures
 from .resume import check_resume, check_teacher_content, resume_source
 from .run_parts import RunParts, build_run_parts
@@ -42,12 +47,19 @@ __all__ = [
     "assemble_engine",
     "build_engine",
     "compile_from_config",
+    "eval_metrics",
     "evaluate_run",
     "loop_settings",
     "plan_from_config",
+    "require_task_labels",
     "task_loss_from_config",
     "train",
 ]
+
+
+def require_task_labels(cfg: TrainConfig) -> None:
+    """Training has a task loss on labels: data read without them (``data.labels: false``) stops here."""
+    require_labels(data_info(cfg.data), "the task loss (cross-entropy of the student's logits)")
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
@@ -234,6 +246,8 @@ def build_engine(
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
+    if write_run_files and not cfg.eval_only:
+        require_task_labels(cfg)
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     log = print if runtime.is_main else lambda *_: None
     if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
@@ -270,10 +284,12 @@ def build_engine(
         layer_decay=cfg.optim.layer_decay,
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
+    # scored by val top-1, or, on data without labels, by final-feature agreement with the teacher
+    evaluator = evaluate if dataset_has_labels(parts.val_loader.dataset) else evaluate_features
     engine = assemble_engine(
         cfg,
         runtime,
-        TransferObjective(dual, task_loss_from_config(cfg, parts.num_classes)),
+        TransferObjective(dual, task_loss_from_config(cfg, parts.num_classes), evaluator),
         parts,
         groups,
         ema=ema,
@@ -297,6 +313,7 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
     if cfg.eval_only:
         result = evaluate_run(cfg, parts)
         return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
+    require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
     with run_lock(cfg.run_dir, "train", enabled=main), joined_process_group(backend_for(cfg.device)):
         return build_engine(cfg, parts).run()
@@ -310,6 +327,87 @@ class EvalResult:
     path: Path  # the result file: RUN_DIR/eval-<step>.json
 
 
+def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[str]:
+    """What `attnxfer eval` scores besides the engine's own evaluation (``eval.metrics``): ``features``
+    (final-feature agreement with the teacher) and ``knn`` (k-NN top-1 of the embeddings); ``top1`` is the
+    engine's own. ``auto`` takes what the run can give: top1 and knn where the data has labels, features
+    where it has a teacher. A metric asked for by name that the run cannot give stops here, in one line,
+    before any work. ``own_objective``: the engine scores an objective of its own (MAE pre-training's
+    val loss), so a run without labels or teacher still has something to score."""
+    asked = set(cfg.eval.metrics)
+    info = data_info(cfg.data)
+    labelled = info.has_labels
+    teacher = bool(cfg.teacher.spec)
+    # copy modes: the student alone is not the model (it attends with the teacher's maps)
+    with_teacher = not own_objective and get_mode(cfg.transfer.mode).teacher_at_eval
+    if "auto" in asked:
+        asked.discard("auto")
+        asked |= {"top1", "knn"} if labelled else set()
+        asked |= {"features"} if teacher and not with_teacher and not own_objective else set()
+        if with_teacher:
+            asked -= {"knn", "features"}
+    for name in sorted(asked & {"top1", "knn"}):
+        require_labels(info, f"eval.metrics={name}")
+    if "features" in asked and (not teacher or own_objective):
+        raise InputError(
+            "eval.metrics=features compares the student's final features with its teacher's, and this run has "
+            "no teacher (teacher.spec); drop features from eval.metrics"
+        )
+    if with_teacher and asked & {"knn", "features"}:
+        raise InputError(
+            f"eval.metrics={sorted(asked & {'knn', 'features'})}: a transfer.mode={cfg.transfer.mode} student "
+            "attends with its teacher's maps, so its features alone are not the model; drop them from eval.metrics"
+        )
+    if not asked and not own_objective:
+        raise InputError(
+            "nothing to score: top-1 and k-NN need labels (data.labels=true) and feature agreement a teacher "
+            "(teacher.spec)"
+        )
+    return frozenset(asked)
+
+
+def _quality_metrics(
+    cfg: TrainConfig, engine: Engine, wanted: frozenset[str], have: dict
+) -> dict[str, float]:
+    """Feature agreement and k-NN top-1 of the loaded checkpoint's student (its raw weights, not the EMA's)."""
+    dual, student, teacher = engine.dual, engine.student, None
+    if isinstance(dual, DualViT):
+        teacher = dual.teacher
+    elif isinstance(student, MaskedAutoencoder):  # pre-training: its encoder is the model
+        student = student.encoder
+    out: dict[str, float] = {}
+    if "features" in wanted and not _same_tokens(student, teacher):
+        if "features" in cfg.eval.metrics:
+            raise InputError(
+                "eval.metrics=features: the student's final tokens differ from the teacher's (width or prefix "
+                "tokens), so they cannot be compared token for token; drop features from eval.metrics"
+            )
+        wanted = wanted - {"features"}  # auto: a student of another shape has no feature agreement
+    if "features" in wanted and "val_feat_cos_patch" not in have:  # a run without labels scored them already
+        scores = evaluate_features(engine.model, engine.val_loader, engine.accelerator)
+        out |= {f"val_{k}": v for k, v in scores.items()}
+    if "knn" in wanted:
+        e = cfg.eval
+        bank = build_bank_loader(cfg.data, engine.val_loader.dataset, seed=cfg.seed, size=e.knn_bank_size)
+        out |= evaluate_knn(
+            student,
+            teacher,
+            bank,
+            engine.val_loader,
+            engine.accelerator,
+            k=e.knn_k,
+            temperature=e.knn_temperature,
+        )
+    return out
+
+
+def _same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
+    """Whether two models' final tokens can be compared one for one (same width and prefix tokens)."""
+    return teacher is not None and all(
+        getattr(student, a, None) == getattr(teacher, a, None) for a in ("num_features", "num_prefix_tokens")
+    )
+
+
 def evaluate_run(
     cfg: TrainConfig, parts: RunParts | None = None, build: Callable[[TrainConfig], Engine] | None = None
 ) -> EvalResult:
@@ -318,7 +416,10 @@ def evaluate_run(
     Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
     a checkpoint is refused (there is nothing trained to score), and so is a run dir that cannot take that
     file (read-only, full), before anything is computed. It takes no lock: scoring a run that trains is fine.
+    Besides the engine's evaluation it scores what `eval_metrics` says: final-feature agreement with the
+    teacher (``val_feat_*``) and k-NN top-1 (``knn_*``; memory bank: the training split, unaugmented).
     """
+    wanted = eval_metrics(cfg, own_objective=build is not None)
     resume = ResumeFrom.parse(cfg.checkpoint.resume)
     if (
         resume.policy is ResumePolicy.LATEST
@@ -338,6 +439,7 @@ def evaluate_run(
         else:  # another objective's engine (pretrain), built without writing into the run
             engine = build(cfg)
         metrics = engine.evaluate_checkpoint()
+        metrics |= _quality_metrics(cfg, engine, wanted, metrics)
         path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"
         if engine.is_main:
             record = {

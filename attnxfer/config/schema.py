@@ -37,6 +37,7 @@ __all__ = [
     "ConvertConfig",
     "DataConfig",
     "EMAConfig",
+    "EvalConfig",
     "LogConfig",
     "MAEConfig",
     "ModelConfig",
@@ -142,6 +143,9 @@ class DataConfig:
     pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)
     synthetic_length: int = key(512, range=AT_LEAST_1)
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
+    # false: read images only, never a label (folder: every image under ROOT/train and ROOT/val, class
+    # folders optional; hfds/ without a label column; wds/ without .cls); work that needs labels stops first
+    labels: bool = key(True, range=ANY)
 
 
 @dataclass
@@ -213,6 +217,22 @@ class CheckpointConfig:
     keep_last: int = key(3, range=AT_LEAST_1)
     # auto | none | PATH of a checkpoint dir (checked when the run resumes)
     resume: str = key("auto", range=ANY)
+
+
+@dataclass
+class EvalConfig:
+    """What `attnxfer eval` scores besides the run's own evaluation (never read by training)."""
+
+    # auto: top1 where the data has labels, features where the run has a teacher, knn where the data has
+    # labels; or a list of top1 | features | knn (each must be computable, else the eval stops first).
+    # features: final-token agreement with the teacher; knn: k-NN top-1 of student and teacher embeddings
+    metrics: list[str] = key(
+        factory=lambda: ["auto"], choices=("auto", "top1", "features", "knn"), resumable=True
+    )
+    knn_k: int = key(20, range=AT_LEAST_1, resumable=True)  # neighbours that vote (DINO's k)
+    knn_temperature: float = key(0.07, range=POSITIVE, resumable=True)  # vote weight exp(cos / T)
+    # training images in the k-NN memory bank (evenly spaced through the split); null: all of them
+    knn_bank_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
 
 
 @dataclass
@@ -324,6 +344,7 @@ class TrainConfig:
     ema: EMAConfig = section(EMAConfig)
     log: LogConfig = section(LogConfig, resumable=True, search_resumable=True)
     checkpoint: CheckpointConfig = section(CheckpointConfig, resumable=True)
+    eval: EvalConfig = section(EvalConfig, resumable=True, search_resumable=True)
     convert: ConvertConfig = section(ConvertConfig)
     mae: MAEConfig = section(MAEConfig)
     search: SearchConfig = section(SearchConfig)

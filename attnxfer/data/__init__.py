@@ -4,13 +4,25 @@ Built-in datasets: ``animal_mnist`` (real 28x28 silhouettes from the animal-mnis
 ``synthetic`` (learnable random patterns of any shape), ``folder`` (ImageNet-style folders via
 timm) and timm's prefixes ``hfds/NAME``, ``hfids/NAME``, ``wds/NAME`` (Hugging Face datasets, webdataset
 shards). Installed distributions add theirs through ``attnxfer.datasets`` entry points. Build them with :func:`build_dataset`; add more with :func:`register_dataset`.
+
+``build_dataset(..., labels=False)`` (``data.labels: false``) reads images without labels: samples ``(x,)``,
+batches ``[x]`` (`attnxfer.data.label_free`); `require_labels` is the one check an app runs before work
+that needs them.
 """
 
 from . import animal_mnist, folder, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
 from .cache import cache_dir
 from .in_memory import InMemoryImageDataset
+from .label_free import LabelFree, dataset_has_labels, images_only, split_batch
 from .loader import build_loader
-from .registry import DatasetInfo, build_dataset, dataset_info, list_datasets, register_dataset
+from .registry import (
+    DatasetInfo,
+    build_dataset,
+    dataset_info,
+    list_datasets,
+    register_dataset,
+    require_labels,
+)
 from .safe_pickle import NumpyOnlyUnpickler, UnsafePickleError, load_numpy_pickle
 from .sampler import ResumableSampler
 from .seeding import SampleKey, sample_seed
@@ -20,6 +32,7 @@ __all__ = [
     "STREAM_PREFIXES",
     "DatasetInfo",
     "InMemoryImageDataset",
+    "LabelFree",
     "NumpyOnlyUnpickler",
     "ResumableSampler",
     "SampleKey",
@@ -29,9 +42,13 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "cache_dir",
+    "dataset_has_labels",
     "dataset_info",
+    "images_only",
     "list_datasets",
     "load_numpy_pickle",
     "register_dataset",
+    "require_labels",
     "sample_seed",
+    "split_batch",
 ]

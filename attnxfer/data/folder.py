@@ -4,6 +4,9 @@ Images are read by timm's ImageDataset and transformed by timm's ``create_transf
 uses RandomResizedCrop + flip (+ optional auto-augment / colour jitter / random erasing), eval
 resizes and centre-crops. mean/std normally come from the teacher's pretrained config.
 Training randomness is seeded per (seed, epoch, index), like the in-memory datasets.
+
+Without labels (``labels=False``, ``data.labels: false``) a split is every image file (timm's extensions)
+anywhere under ``root/train`` or ``root/val``: class folders optional, nesting free, no label read.
 """
 
 from __future__ import annotations
@@ -14,10 +17,11 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError
+from .label_free import LabelFree
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
-__all__ = ["FolderDataset", "folder_classes", "folder_info"]
+__all__ = ["FolderDataset", "ImageFiles", "folder_classes", "folder_info"]
 
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
 _LAYOUT = "root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
@@ -47,12 +51,16 @@ def folder_classes(root: str) -> tuple[str, ...]:
     train = _split_dir(root, "train")
     classes = sorted((d.name for d in train.iterdir() if d.is_dir()), key=natural_key)
     if not classes:
-        raise MissingPathError(f"'{train}' has no class sub-folders; expected the layout {_LAYOUT}")
+        raise MissingPathError(
+            f"'{train}' has no class sub-folders; expected the layout {_LAYOUT} "
+            "(data.labels=false reads every image under it, without classes)"
+        )
     return tuple(classes)
 
 
-def folder_info(root: str | None) -> DatasetInfo:
-    classes = folder_classes(root) if root is not None else None
+def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
+    """Classes from ``root/train``'s sub-folders; ``labels=False`` reads none (class folders optional)."""
+    classes = folder_classes(root) if root is not None and labels else None
     return DatasetInfo(
         name="folder",
         num_classes=None if classes is None else len(classes),
@@ -61,7 +69,39 @@ def folder_info(root: str | None) -> DatasetInfo:
         std=_IMAGENET_STD,
         in_chans=3,
         img_size=224,
+        has_labels=labels,
     )
+
+
+class ImageFiles:
+    """Every image file under ``folder`` (any depth; hidden files and folders left out), in timm's natural
+    order of their paths: a timm reader (what `timm.data.ImageDataset` indexes) that hands out no target."""
+
+    def __init__(self, folder: Path, extensions: set[str]):
+        from timm.utils.misc import natural_key  # local import keeps `import attnxfer.data` light
+
+        self.folder = folder
+        found = (
+            p.relative_to(folder) for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file()
+        )
+        visible = (p for p in found if not any(part.startswith(".") for part in p.parts))
+        self.files = sorted(visible, key=lambda p: natural_key(p.as_posix()))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        # an open file, as timm's own readers hand images to its ImageDataset
+        return open(self.folder / self.files[index], "rb"), None
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
+        path = self.files[index]
+        if basename:
+            return path.name
+        return str(self.folder / path) if absolute else str(path)
+
+    def filenames(self, basename: bool = False, absolute: bool = False) -> list[str]:
+        return [self.filename(i, basename, absolute) for i in range(len(self))]
 
 
 class FolderDataset(Dataset):
@@ -88,6 +128,10 @@ class FolderDataset(Dataset):
         with seeded_global_rngs(sample_seed(self.seed, key_epoch(index, self.epoch), idx)):
             return self.image_dataset[idx]
 
+    def image(self, index: int):
+        """Sample ``index``'s image (a label-free reader's target is timm's placeholder, never a label)."""
+        return self[index][0]
+
 
 @register_dataset("folder", info=folder_info)
 def build_folder(
@@ -110,19 +154,22 @@ def build_folder(
     re_count: int = 1,
     interpolation: str = "bicubic",
     crop_pct: float = 0.875,
-) -> FolderDataset:
+    labels: bool = True,
+) -> FolderDataset | LabelFree:
     """Folder split. Train (``augment`` defaults to ``split == 'train'``): timm's RandomResizedCrop
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
-    random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop."""
+    random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
+    ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`)."""
     from timm.data import (  # local import keeps `import attnxfer.data` light
+        ImageDataset,
         create_dataset,
         create_transform,
         get_img_extensions,
     )
 
-    classes = folder_classes(root)
+    classes = folder_classes(root) if labels else ()
     split_dir = _split_dir(root, split)
-    default = folder_info(root)
+    default = folder_info(root, labels)
     img_size, in_chans = check_image_args("folder", img_size, in_chans, default)
     if in_chans not in (1, 3):
         raise InputError(f"folder: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
@@ -146,21 +193,28 @@ def build_folder(
     )
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
     stray = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in class_map)
-    if stray:
+    if stray and labels:
         raise InputError(f"'{split_dir}' has classes {stray} that '{_split_dir(root, 'train')}' lacks")
     extensions = get_img_extensions(as_set=True)
     if not any(f.suffix.lower() in extensions for f in split_dir.rglob("*")):  # stops at the first image
         raise MissingPathError(
             f"no images ({', '.join(sorted(extensions))}) under '{split_dir}'; expected the layout {_LAYOUT}"
         )
-    images = create_dataset(
-        "",
-        root=str(split_dir),
-        split=split,
-        search_split=False,
-        class_map=class_map,
-        input_img_mode="RGB" if in_chans == 3 else "L",
-        transform=transform,
-    )
+    mode = "RGB" if in_chans == 3 else "L"
+    if labels:
+        images = create_dataset(
+            "",
+            root=str(split_dir),
+            split=split,
+            search_split=False,
+            class_map=class_map,
+            input_img_mode=mode,
+            transform=transform,
+        )
+    else:
+        images = ImageDataset(
+            str(split_dir), reader=ImageFiles(split_dir, extensions), input_img_mode=mode, transform=transform
+        )
     info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
-    return FolderDataset(images, info, seed=seed, deterministic=augment)
+    dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
+    return dataset if labels else LabelFree(dataset)

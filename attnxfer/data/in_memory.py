@@ -73,7 +73,11 @@ class InMemoryImageDataset(Dataset):
             img = img.flip(-1)
         return img
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def label(self, index: int) -> int:
+        return int(self.labels[int(index)])
+
+    def image(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s normalised image alone (a label-free run reads only this)."""
         idx = int(index)
         img = self.images[idx]
         if self.augment:
@@ -86,4 +90,7 @@ class InMemoryImageDataset(Dataset):
             )[0]
         if x.shape[0] != self.info.in_chans:
             x = x.expand(self.info.in_chans, -1, -1)
-        return (x - self._mean) / self._std, int(self.labels[idx])
+        return (x - self._mean) / self._std
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.image(index), self.label(index)

@@ -20,6 +20,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ..errors import InputError
+from .label_free import images_only, without_labels
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -30,6 +31,7 @@ __all__ = [
     "list_datasets",
     "register_dataset",
     "register_prefix",
+    "require_labels",
     "resolve_norm",
 ]
 
@@ -39,7 +41,8 @@ _BUILDER_ARGS = ("split", "root", "img_size", "in_chans", "mean", "std", "seed")
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model and a report need to know about a dataset."""
+    """What a model and a report need to know about a dataset. ``has_labels``: whether its samples carry a
+    label as the run reads them (False: samples are ``(x,)``, see `attnxfer.data.label_free`)."""
 
     name: str
     num_classes: int | None
@@ -48,9 +51,20 @@ class DatasetInfo:
     std: tuple[float, ...]
     in_chans: int
     img_size: int
+    has_labels: bool = True
 
 
 InfoSource = DatasetInfo | Callable[[str | None], DatasetInfo]
+
+
+def require_labels(info: DatasetInfo, why: str, fix: str = "use labelled data with data.labels=true") -> None:
+    """Stop with one line when ``why`` (what needs them, e.g. "the task loss") would read labels that ``info``'s
+    dataset does not hand out; ``fix`` says what to do instead. Apps call it before any work."""
+    if not info.has_labels:
+        raise InputError(
+            f"{why} needs labels, but data.dataset={info.name} is read without labels (data.labels=false, or "
+            f"a dataset that has none); {fix}"
+        )
 
 
 @dataclass(frozen=True)
@@ -69,7 +83,7 @@ _log = logging.getLogger("attnxfer")
 
 def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInfo]) -> Callable:
     """Register ``builder(name, split, *, root, img_size, ...)`` for every dataset called ``prefix/NAME``
-    (``info(NAME, root)`` gives its defaults)."""
+    (``info(NAME, root)`` gives its defaults; it may take ``labels=`` too, as builders may)."""
 
     def decorator(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
         _PREFIXES[prefix] = _Entry(builder, info)
@@ -97,6 +111,11 @@ def register_dataset(name: str, *, info: InfoSource) -> Callable:
 
     ``info`` is the dataset's default :class:`DatasetInfo`, or a callable ``info(root)`` for datasets
     whose classes are only known from their files. The builder fills in ``None`` arguments from it.
+
+    A builder (and an info callable) that names a ``labels`` parameter is told when the run reads no
+    labels (``labels=False``), so it can read images without touching them (a folder without class
+    folders, a Hugging Face dataset without a label column); `build_dataset` drops the labels of every
+    other dataset's samples itself.
     """
 
     def decorator(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
@@ -146,8 +165,12 @@ def _options(builder: Callable) -> list[str]:
     return [
         name
         for name, p in inspect.signature(builder).parameters.items()
-        if name not in _BUILDER_ARGS and p.kind is not inspect.Parameter.VAR_KEYWORD
+        if name not in (*_BUILDER_ARGS, "labels") and p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
+
+
+def _names_labels(fn: Callable) -> bool:
+    return "labels" in inspect.signature(fn).parameters
 
 
 def dataset_options(name: str) -> frozenset[str]:
@@ -167,12 +190,14 @@ def build_dataset(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     seed: int = 0,
+    labels: bool = True,
     **kwargs,
 ) -> Dataset:
     """Build split ``'train'`` or ``'val'`` of a registered dataset.
 
     ``img_size``/``in_chans``/``mean``/``std`` left as ``None`` take the dataset's defaults
     (see :func:`dataset_info`); ``seed`` fixes the augmentation (and synthetic content).
+    ``labels=False``: samples are ``(x,)`` and no label is read (`attnxfer.data.label_free`).
     Extra keyword arguments are dataset options; unknown ones are an error that lists the valid ones.
     """
     entry = _entry(name)
@@ -188,14 +213,19 @@ def build_dataset(
             f"dataset '{name}' has no option(s) {', '.join(unknown)}; "
             f"its options are: {', '.join(options) or '(none)'}"
         )
-    return entry.builder(
+    if not labels and _names_labels(entry.builder):
+        kwargs["labels"] = False  # the builder reads images alone
+    dataset = entry.builder(
         split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed, **kwargs
     )
+    return dataset if labels else images_only(dataset)
 
 
-def dataset_info(name_or_dataset: str | Dataset, *, root: str | Path | None = None) -> DatasetInfo:
-    """Defaults of a registered dataset (``root`` needed for class names of folder datasets),
-    or the actual settings of a built dataset."""
+def dataset_info(
+    name_or_dataset: str | Dataset, *, root: str | Path | None = None, labels: bool = True
+) -> DatasetInfo:
+    """Defaults of a registered dataset (``root`` needed for class names of folder datasets; ``labels=False``
+    as a run that reads no labels sees it), or the actual settings of a built dataset."""
     if not isinstance(name_or_dataset, str):
         info = getattr(name_or_dataset, "info", None)
         if not isinstance(info, DatasetInfo):
@@ -205,7 +235,12 @@ def dataset_info(name_or_dataset: str | Dataset, *, root: str | Path | None = No
             )
         return info
     source = _entry(name_or_dataset).info
-    return source if isinstance(source, DatasetInfo) else source(None if root is None else str(root))
+    if isinstance(source, DatasetInfo):
+        info = source
+    else:
+        where = None if root is None else str(root)
+        info = source(where, labels=False) if not labels and _names_labels(source) else source(where)
+    return info if labels else without_labels(info)
 
 
 def resolve_norm(

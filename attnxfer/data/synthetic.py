@@ -56,15 +56,22 @@ class SyntheticImages(Dataset):
     def label(self, index: int) -> int:
         return int(index) % self.info.num_classes
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def image(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s image alone: its class's prototype plus noise (a label-free run reads only this;
+        the class shapes the pixels, as in any dataset)."""
         idx = int(index)
         if not 0 <= idx < self.length:
             raise IndexError(f"index {idx} out of range for {self.length} samples")
-        y = self.label(idx)
         g = sample_generator(self.seed, self._split_id, idx)
         noise = torch.randn(self.prototypes.shape[1:], generator=g) * self.noise
-        pixels = (0.5 + _PROTOTYPE_AMP * self.prototypes[y] + noise).clamp_(0.0, 1.0)
-        return (pixels - self._mean) / self._std, y
+        pixels = (0.5 + _PROTOTYPE_AMP * self.prototypes[idx % self.info.num_classes] + noise).clamp_(
+            0.0, 1.0
+        )
+        return (pixels - self._mean) / self._std
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.image(index)
+        return x, self.label(index)
 
 
 @register_dataset("synthetic", info=SYNTHETIC_INFO)

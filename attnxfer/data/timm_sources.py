@@ -7,10 +7,16 @@ dataset (a run resumed mid-epoch sees exactly the samples an uninterrupted run w
 ``hfids/`` are streams: a resumed run keeps its step count, epoch and learning-rate schedule exactly
 (the stream yields only the batches left in the epoch), but it re-reads the epoch's stream from its start,
 so the samples of a resumed epoch are not those of an uninterrupted run.
+
+Without labels (``labels=False``): ``hfds/`` reads the image column alone (`HfImages`; a dataset without a
+label column is fine), ``wds/`` decodes each sample's image and never its ``.cls`` (`WdsImages`), and a
+``hfids/`` stream drops the labels timm's reader hands it (it still needs a label column).
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import math
 from collections.abc import Sequence
 from itertools import islice
@@ -19,9 +25,18 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError
 from .folder import FolderDataset
+from .label_free import LabelFree, without_labels
 from .registry import DatasetInfo, check_image_args, register_prefix, resolve_norm, with_settings
 
-__all__ = ["STREAM_PREFIXES", "StreamDataset", "StreamPosition", "hf_info", "stream_info"]
+__all__ = [
+    "STREAM_PREFIXES",
+    "HfImages",
+    "StreamDataset",
+    "StreamPosition",
+    "WdsImages",
+    "hf_info",
+    "stream_info",
+]
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -55,16 +70,118 @@ def _reader(prefix: str, name: str, root: str | None, split: str):
         ) from e
 
 
-def hf_info(name: str, root: str | None, split: str = "train") -> DatasetInfo:
-    """Classes of a Hugging Face dataset from its ``label`` feature (a ``ClassLabel``), read by timm."""
+def hf_info(name: str, root: str | None, split: str = "train", labels: bool = True) -> DatasetInfo:
+    """Classes of a Hugging Face dataset from its ``label`` feature (a ``ClassLabel``), read by timm;
+    ``labels=False`` opens nothing (a run without labels has no classes)."""
+    if not labels:
+        return without_labels(_default_info(f"hfds/{name}", None))
     reader = _reader("hfds", name, root, split)
     names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
     return _default_info(f"hfds/{name}", tuple(str(n) for n in names) or None)
 
 
-def stream_info(name: str, root: str | None) -> DatasetInfo:
+def stream_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo:
     """A stream does not say its classes: ``model.num_classes`` does."""
-    return _default_info(name, None)
+    info = _default_info(name, None)
+    return info if labels else without_labels(info)
+
+
+class HfImages:
+    """The image column of a Hugging Face dataset and nothing else (no label column is read, and none is
+    needed): a timm reader (what `timm.data.ImageDataset` indexes) that hands out no target."""
+
+    def __init__(self, name: str, root: str | None, split: str, image_key: str = "image"):
+        try:
+            import datasets
+        except ImportError as e:
+            raise ImportError(
+                f"data.dataset=hfds/{name} needs {e.name or e}: pip install 'attnxfer[hfds]'"
+            ) from e
+        table = datasets.load_dataset(name, split=split, cache_dir=root)
+        if image_key not in table.column_names:
+            raise InputError(
+                f"hfds/{name} split {split!r} has no {image_key!r} column (it has {table.column_names})"
+            )
+        self.image_key = image_key
+        self.table = table.select_columns([image_key]).cast_column(image_key, datasets.Image(decode=False))
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int):
+        image = self.table[int(index)][self.image_key]
+        if image.get("bytes"):
+            return io.BytesIO(image["bytes"]), None
+        return open(image["path"], "rb"), None  # an open file, as timm's own readers hand it
+
+    def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str | None:
+        return self.table[int(index)][self.image_key].get("path")
+
+
+def _hf_prefix_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo:
+    return hf_info(name, root, labels=labels)
+
+
+def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
+    """A webdataset sample's image, decoded as timm's decode stage does, with no target (never reads ``.cls``
+    or the json sidecar)."""
+    from PIL import Image
+
+    data = next((sample[k] for k in image_key.split(";") if k in sample), None)
+    if data is None:
+        raise KeyError(f"sample {sample.get('__key__')!r} has no image ({image_key})")
+    with io.BytesIO(data) as b:
+        img = Image.open(b)
+        img.load()
+    return dict(jpg=img.convert(image_mode) if image_mode else img, target=None, json=None)
+
+
+class WdsImages:
+    """timm's webdataset reader (`timm.data.readers.reader_wds.ReaderWds`: shards, shuffling, rank and worker
+    splits as timm does them) with its decode stage swapped for one that decodes the image alone, so samples
+    need no ``.cls`` and none is read: a stream of ``(image, None)``."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    @property
+    def num_samples(self) -> int:
+        return self.reader.num_samples
+
+    def set_epoch(self, count: int) -> None:
+        self.reader.set_epoch(count)
+
+    def set_loader_cfg(self, num_workers: int | None = None) -> None:
+        self.reader.set_loader_cfg(num_workers=num_workers)
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def _swap_decode(self) -> None:
+        import webdataset as wds
+        from timm.data.readers import reader_wds
+
+        stages = self.reader.ds.pipeline
+        for i, stage in enumerate(stages):
+            args = getattr(stage, "args", ())
+            f = args[0] if args else None
+            if isinstance(f, functools.partial) and f.func is reader_wds._decode:
+                image = functools.partial(
+                    _decode_image, image_key=f.keywords["image_key"], image_mode=f.keywords["image_mode"]
+                )
+                stages[i] = wds.map(image, handler=reader_wds.log_and_continue)
+                return
+        raise RuntimeError(
+            "timm's webdataset reader has no decode stage where attnxfer looks for it (another timm version?): "
+            "wds/ without labels cannot skip the .cls files"
+        )
+
+    def __iter__(self):
+        if self.reader.ds is None:
+            self.reader._lazy_init()  # timm builds its pipeline lazily, in the worker that iterates it
+            self._swap_decode()
+        for image, _ in self.reader:
+            yield image, None
 
 
 def _transform(split: str, augment: bool | None, img_size: int, in_chans: int, mean, std, **aug):
@@ -84,7 +201,7 @@ def _settings(name: str, img_size, in_chans, mean, std, default: DatasetInfo):
     return img_size, in_chans, mean, std
 
 
-@register_prefix("hfds", info=lambda name, root: hf_info(name, root))
+@register_prefix("hfds", info=_hf_prefix_info)
 def build_hfds(
     name: str,
     split: str,
@@ -102,39 +219,58 @@ def build_hfds(
     re_prob: float = 0.0,
     re_mode: str = "const",
     re_count: int = 1,
+    labels: bool = True,
     **aug,
 ) -> Dataset:
     """A Hugging Face dataset (``datasets.load_dataset(NAME)``: a Hub id or a local folder of parquet/arrow
     files; ``root`` is its cache folder), random access, with folder's transforms (``aug``: timm's
-    ``create_transform`` options: ``auto_augment``, ``re_prob``, ``re_mode``, ...)."""
-    from timm.data import create_dataset
+    ``create_transform`` options: ``auto_augment``, ``re_prob``, ``re_mode``, ...). ``labels=False``: its
+    image column alone, as ``(x,)`` samples (`HfImages`)."""
+    from timm.data import ImageDataset, create_dataset
 
     hf_split = train_split if split == "train" else val_split
-    default = hf_info(name, root, train_split)
+    default = hf_info(name, root, train_split, labels=labels)
     img_size, in_chans, mean, std = _settings(f"hfds/{name}", img_size, in_chans, mean, std, default)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
     augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **aug)
-    images = create_dataset(
-        f"hfds/{name}",
-        root=root,
-        split=hf_split,
-        input_img_mode="RGB" if in_chans == 3 else "L",
-        transform=transform,
-    )
+    mode = "RGB" if in_chans == 3 else "L"
+    if labels:
+        images = create_dataset(
+            f"hfds/{name}", root=root, split=hf_split, input_img_mode=mode, transform=transform
+        )
+        columns = images.reader.dataset.column_names
+        if images.reader.label_key.split("/")[0] not in columns:
+            raise InputError(
+                f"hfds/{name} split {hf_split!r} has no {images.reader.label_key!r} column (it has {columns}); "
+                "data.labels=false reads its images without labels"
+            )
+    else:
+        images = ImageDataset(
+            root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
+        )
     info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
-    return FolderDataset(images, info, seed=seed, deterministic=augment)
+    dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
+    return dataset if labels else LabelFree(dataset)
 
 
 class StreamDataset(IterableDataset):
     """A timm stream (``IterableImageDataset``) limited to the samples this rank has left in the epoch.
 
     ``remaining`` is set by `StreamPosition` (a resume mid-epoch); with DataLoader workers each worker
-    yields its share (timm's readers split shards over ranks and workers)."""
+    yields its share (timm's readers split shards over ranks and workers). ``labels=False``: samples are
+    ``(x,)`` (`attnxfer.data.label_free`)."""
 
-    def __init__(self, stream, info: DatasetInfo, per_rank: int | None):
-        self.stream, self.info = stream, info
+    def __init__(self, stream, info: DatasetInfo, per_rank: int | None, labels: bool = True):
+        self.stream, self.info = stream, info if labels else without_labels(info)
         self.per_rank = per_rank
         self.remaining = per_rank
+        self.labels = labels
+
+    def without_labels(self) -> StreamDataset:
+        """This stream yielding ``(x,)``: its labels dropped (a reader that reads none is the builder's)."""
+        if not self.labels:
+            return self
+        return StreamDataset(self.stream, self.info, self.per_rank, labels=False)
 
     def set_epoch(self, epoch: int) -> None:
         self.stream.set_epoch(epoch)
@@ -143,11 +279,14 @@ class StreamDataset(IterableDataset):
         return len(self.stream) if self.remaining is None else self.remaining
 
     def __iter__(self):
+        samples = iter(self.stream)
+        if not self.labels:
+            samples = ((x,) for x, *_ in samples)
         if self.remaining is None:
-            return iter(self.stream)
+            return samples
         worker = get_worker_info()
         share = self.remaining if worker is None else math.ceil(self.remaining / worker.num_workers)
-        return islice(iter(self.stream), share)
+        return islice(samples, share)
 
 
 class StreamPosition:
@@ -169,8 +308,10 @@ class StreamPosition:
         self.dataset.remaining = max(0, self.dataset.per_rank - self.position // self.world_size)
 
 
-def _build_stream(prefix: str, name: str, split: str, *, root, img_size, in_chans, mean, std, seed, **kw):
-    from timm.data import create_dataset
+def _build_stream(
+    prefix: str, name: str, split: str, *, root, img_size, in_chans, mean, std, seed, labels=True, **kw
+):
+    from timm.data import IterableImageDataset, create_dataset
 
     augment = kw.pop("augment", None)
     train_split = kw.pop("train_split", "train")
@@ -196,6 +337,8 @@ def _build_stream(prefix: str, name: str, split: str, *, root, img_size, in_chan
             input_img_mode="RGB" if in_chans == 3 else "L",
             transform=transform,
         )
+        if prefix == "wds" and not labels:  # the same shards, decoded without their .cls
+            stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
     except ImportError as e:
         extra = "wds" if prefix == "wds" else "hfds"
         raise ImportError(
@@ -205,7 +348,7 @@ def _build_stream(prefix: str, name: str, split: str, *, root, img_size, in_chan
     per_rank = None
     if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
         per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
-    return StreamDataset(stream, info, per_rank)
+    return StreamDataset(stream, info, per_rank, labels=labels)
 
 
 for _prefix in STREAM_PREFIXES:
@@ -222,10 +365,12 @@ for _prefix in STREAM_PREFIXES:
         seed: int = 0,
         batch_size: int = 1,
         world_size: int = 1,
+        augment: bool | None = None,
         auto_augment: str | None = None,
         re_prob: float = 0.0,
         re_mode: str = "const",
         re_count: int = 1,
+        labels: bool = True,
         _prefix: str = _prefix,
         **options,
     ) -> StreamDataset:
@@ -233,11 +378,12 @@ for _prefix in STREAM_PREFIXES:
         ``train_split`` / ``val_split`` (for shards, ``"train-{000000..000099}.tar|N"``: files and sample
         count, or the split names of ``root/_info.json``), ``train_samples`` / ``val_samples`` (a split's
         length where its files do not say it: streamed Hugging Face datasets), the per-rank ``batch_size``
-        and ``world_size`` (set by the run), and folder's transform options."""
+        and ``world_size`` (set by the run), and folder's transform options. ``labels=False``: ``(x,)``
+        samples (wds: decoded without ``.cls``)."""
         return _build_stream(
             _prefix, name, split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed,
-            batch_size=batch_size, world_size=world_size, auto_augment=auto_augment, re_prob=re_prob,
-            re_mode=re_mode, re_count=re_count, **options,
+            labels=labels, batch_size=batch_size, world_size=world_size, augment=augment, auto_augment=auto_augment,
+            re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options,
         )  # fmt: skip
 
     register_prefix(_prefix, info=stream_info)(_builder)

@@ -162,6 +162,17 @@ def _cmd_eval(args) -> int:
         if top1 is not None and n:
             interval = format_top1(correct_count(top1, n), n)
             print(f"{prefix}_top1 (%) [95% Wilson interval, {n} images]: {interval}")
+    m, n = result.metrics, int(result.metrics.get("knn_count", 0))
+    for who in ("knn_teacher", "knn"):  # k-NN top-1 of the embeddings (teacher's, then student's)
+        if f"{who}_top1" in m:
+            interval = format_top1(correct_count(m[f"{who}_top1"], n), n)
+            rule = f"k={m['knn_k']:.0f}, T={m['knn_temperature']:g}"
+            print(f"{who}_top1 (%) [95% Wilson interval, {n} images, {rule}]: {interval}")
+    if "knn_share" in m:
+        low, high = m["knn_share_low"], m["knn_share_high"]
+        print(
+            f"knn_share (student / teacher) [95% paired bootstrap]: {m['knn_share']:.4f} [{low:.4f}, {high:.4f}]"
+        )
     print(f"step {result.step} ({result.checkpoint}) -> {result.path}")
     return 0
 

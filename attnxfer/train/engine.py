@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoints.store import CheckpointError, MetricMode
+from ..data.label_free import split_batch
 from ..errors import InputError
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .distributed import min_over_ranks
@@ -383,9 +384,11 @@ class Engine:
                 )
             self.window = TermWindow()  # a record never mixes epochs (a resumed run logs the same records)
             batches_left = usable
-            for x, y in itertools.islice(loader, usable):
+            for batch in itertools.islice(loader, usable):
                 batches_left -= 1
-                x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+                x, y = split_batch(batch)  # y None: data without labels (attnxfer.data.label_free)
+                x = x.to(acc.device, non_blocking=True)
+                y = None if y is None else y.to(acc.device, non_blocking=True)
                 lr = self._set_lr()
                 upcoming = self.step + 1
                 self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)

@@ -1,6 +1,7 @@
-"""Scoring a model on a validation loader, summed over ranks: classification (top-1/top-5/loss) and a
-self-supervised objective's own loss. The engine calls the objective's evaluator; eval-only runs call the
-same one."""
+"""Scoring a model on a validation loader, summed over ranks: classification (top-1/top-5/loss), a
+self-supervised objective's own loss, and the scores that need no head: final-feature agreement with the
+teacher (no labels) and k-NN top-1 of the embeddings. The engine calls the objective's evaluator; eval-only
+runs call the same one and `attnxfer eval` the others."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..analysis.features import TOKEN_GROUPS, FeatureAgreement, batch_feature_sums
+from ..analysis.knn import knn_comparison
 from ..transfer.dual import TransferOutput
 
-__all__ = ["classification_sums", "evaluate", "evaluate_loss"]
+__all__ = ["classification_sums", "evaluate", "evaluate_features", "evaluate_knn", "evaluate_loss"]
 
 
 @torch.no_grad()
@@ -83,7 +86,7 @@ def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[
     device = accelerator.device
     generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum, count
-    for x, _ in loader:
+    for x, *_ in loader:  # labels, where there are any, are not read
         x = x.to(device, non_blocking=True)
         with accelerator.autocast():
             out = model(x, generator=generator)
@@ -92,3 +95,54 @@ def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[
     totals = accelerator.reduce(totals, reduction="sum")
     model.train(was_training)
     return {"loss": totals[0].item() / max(1.0, totals[1].item())}
+
+
+@torch.no_grad()
+def evaluate_features(model: nn.Module, loader, accelerator) -> dict[str, float]:
+    """Final-feature agreement (`attnxfer.analysis.features`) of a `DualViT`'s student with its teacher over
+    ``loader``, summed over ranks; reads no label (the evaluator of runs without labels)."""
+    dual = accelerator.unwrap_model(model)
+    teacher = getattr(dual, "teacher", None)
+    if teacher is None:
+        raise ValueError("feature agreement needs the run's teacher")
+    device = accelerator.device
+    total = torch.zeros(len(TOKEN_GROUPS), 4, dtype=torch.float64, device=device)
+    modes = dual.student.training, teacher.training
+    dual.student.eval()
+    teacher.eval()
+    for x, *_ in loader:
+        total += batch_feature_sums(
+            dual.student, teacher, x.to(device, non_blocking=True), accelerator.autocast
+        )
+    dual.student.train(modes[0])
+    teacher.train(modes[1])
+    total = accelerator.reduce(total, reduction="sum")
+    return FeatureAgreement.from_sums(total.cpu()).as_dict()
+
+
+@torch.no_grad()
+def evaluate_knn(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    bank_loader,
+    val_loader,
+    accelerator,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> dict[str, float]:
+    """k-NN top-1 (`attnxfer.analysis.knn`) of the student's (and the teacher's) embeddings: the memory bank
+    is all of ``bank_loader`` on every rank (the training split, unaugmented), the queries each rank's shard of
+    ``val_loader``; the paired counts are summed over ranks, so every val image counts once."""
+    result = knn_comparison(
+        student,
+        teacher,
+        bank_loader,
+        val_loader,
+        accelerator.device,
+        k=k,
+        temperature=temperature,
+        autocast=accelerator.autocast,
+        reduce=lambda t: accelerator.reduce(t, reduction="sum"),
+    )
+    return result.as_dict()

@@ -1,0 +1,249 @@
+"""k-NN top-1 of a model's embeddings: how well an encoder's features separate classes, with no head.
+
+The rule is DINO's weighted k-NN evaluation (Caron et al. 2021, ``eval_knn``): embeddings are L2-normalised;
+each validation image takes the ``k`` training images (the memory bank) of highest cosine similarity, and
+each neighbour votes for its label with weight ``exp(cos / T)``; the class with the largest summed weight is
+the prediction (k = 20, T = 0.07 by default, as DINO reports).
+
+The embedding is the model's pooled feature, ``forward_head(forward_features(x), pre_logits=True)``: what
+its head (or a linear probe) would see — the class token after the final norm for token pooling (DINO's
+choice), the normed patch average for average pooling (MAE, EVA), the pooled map for Swin/PVTv2 —, so one
+rule serves every timm family, headless or not.
+
+A teacher and its student are scored on the same images: `KnnComparison` keeps the paired counts (both
+right, only the teacher, only the student, neither), from which come each top-1 with its Wilson 95 %
+interval and the share of the teacher's top-1 the student recovers, with a paired bootstrap interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .intervals import top1_interval
+
+__all__ = [
+    "KnnComparison",
+    "embed",
+    "embedding",
+    "knn_comparison",
+    "knn_correct",
+    "knn_predict",
+    "paired_counts",
+]
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+def embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's pooled feature of ``x`` (see the module docstring), as float32."""
+    return model.forward_head(model.forward_features(x), pre_logits=True).float()
+
+
+@torch.no_grad()
+def embed(
+    models: Sequence[nn.Module],
+    batches: Iterable[Sequence[torch.Tensor]],
+    device: torch.device | str,
+    *,
+    autocast: Autocast = nullcontext,
+    limit: int | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """L2-normalised embeddings (N, D) of every model over labelled ``(x, y)`` batches (one pass over the
+    images for all models, each in eval mode, restored after) and the labels (N,); ``limit``: stop after
+    that many images."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    feats: list[list[torch.Tensor]] = [[] for _ in models]
+    labels: list[torch.Tensor] = []
+    seen = 0
+    try:
+        for x, y, *_ in batches:
+            if limit is not None and seen >= limit:
+                break
+            x = x.to(device, non_blocking=True)
+            with autocast():
+                for out, m in zip(feats, models, strict=True):
+                    out.append(F.normalize(embedding(m, x.to(_dtype(m))), dim=-1).cpu())
+            labels.append(torch.as_tensor(y).long().cpu())
+            seen += len(x)
+    finally:
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
+    cut = slice(0, limit)
+    return [torch.cat(f)[cut] if f else torch.empty(0, 0) for f in feats], (
+        torch.cat(labels)[cut] if labels else torch.empty(0, dtype=torch.long)
+    )
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return torch.float32 if p is None else p.dtype
+
+
+def knn_predict(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    num_classes: int | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Predicted labels (Q,) of ``queries`` (Q, D) from the memory ``bank`` (M, D) with ``bank_labels`` (M,),
+    all embeddings L2-normalised: the weighted vote above over the ``min(k, M)`` most similar bank entries.
+    ``chunk`` queries at a time bound the (chunk, M) similarity block."""
+    if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
+        raise ValueError(
+            f"k-NN needs (M, D) and (Q, D) embeddings, got {tuple(bank.shape)}, {tuple(queries.shape)}"
+        )
+    if len(bank) == 0 or len(bank) != len(bank_labels):
+        raise ValueError(
+            f"k-NN needs a non-empty bank with one label per entry ({len(bank)}, {len(bank_labels)})"
+        )
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k-NN needs k >= 1 and temperature > 0, got {k}, {temperature}")
+    classes = int(bank_labels.max()) + 1 if num_classes is None else num_classes
+    k = min(k, len(bank))
+    bank_labels = bank_labels.to(bank.device)
+    predictions = []
+    for start in range(0, len(queries), chunk):
+        sims, idx = (queries[start : start + chunk] @ bank.T).topk(k, dim=1)
+        votes = sims.new_zeros(len(sims), classes)
+        votes.scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+
+
+def knn_correct(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> torch.Tensor:
+    """One bool per query: is its k-NN prediction its label?"""
+    if len(queries) == 0:  # a rank whose shard of the val set is empty
+        return torch.zeros(0, dtype=torch.bool)
+    classes = int(max(bank_labels.max(), labels.max() if len(labels) else 0)) + 1
+    pred = knn_predict(bank, bank_labels, queries, k=k, temperature=temperature, num_classes=classes)
+    return pred.cpu() == labels.cpu()
+
+
+def paired_counts(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """(4,) int64 counts of the paired outcomes on the same images: both right, only the teacher right, only
+    the student right, neither (they add over shards and ranks)."""
+    t, s = teacher.bool(), student.bool()
+    return torch.stack([(t & s).sum(), (t & ~s).sum(), (~t & s).sum(), (~t & ~s).sum()]).long()
+
+
+@dataclass(frozen=True)
+class KnnComparison:
+    """k-NN top-1 of a student and its teacher on the same images, from `paired_counts`. A student scored
+    alone: ``teacher=False`` and the counts of the student paired with itself."""
+
+    both: int
+    teacher_only: int
+    student_only: int
+    neither: int
+    k: int
+    temperature: float
+    teacher: bool = True
+
+    @classmethod
+    def from_counts(
+        cls, counts: Sequence[int] | torch.Tensor, k: int, temperature: float, teacher: bool = True
+    ):
+        both, t_only, s_only, neither = (int(c) for c in counts)
+        return cls(both, t_only, s_only, neither, k, temperature, teacher)
+
+    @property
+    def count(self) -> int:
+        return self.both + self.teacher_only + self.student_only + self.neither
+
+    @property
+    def student_correct(self) -> int:
+        return self.both + self.student_only
+
+    @property
+    def teacher_correct(self) -> int:
+        return self.both + self.teacher_only
+
+    @property
+    def share(self) -> float | None:
+        """Student top-1 / teacher top-1 (None without a teacher, or when the teacher gets none right)."""
+        return self.student_correct / self.teacher_correct if self.teacher and self.teacher_correct else None
+
+    def share_interval(
+        self, resamples: int = 10_000, confidence: float = 0.95, seed: int = 0
+    ) -> tuple[float, float]:
+        """A percentile bootstrap interval of `share`, resampling images with their paired outcomes (the two
+        top-1s are correlated: one interval from the two Wilson intervals would be far too wide)."""
+        if self.share is None:
+            raise ValueError("no share without a teacher that gets some images right")
+        p = (
+            np.array([self.both, self.teacher_only, self.student_only, self.neither], dtype=float)
+            / self.count
+        )
+        draws = np.random.default_rng(seed).multinomial(self.count, p, size=resamples)
+        teacher = draws[:, 0] + draws[:, 1]
+        ratios = (draws[:, 0] + draws[:, 2])[teacher > 0] / teacher[teacher > 0]
+        tail = 100 * (1 - confidence) / 2
+        low, high = np.percentile(ratios, [tail, 100 - tail])
+        return float(low), float(high)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat metrics: ``knn_top1`` (the student's, %) with its Wilson 95 % interval (``knn_top1_low`` /
+        ``_high``), the teacher's (``knn_teacher_top1``...), ``knn_share`` with its bootstrap interval, and
+        ``knn_count`` (validation images), ``knn_k``, ``knn_temperature``."""
+        n = self.count
+        out: dict[str, float] = {"knn_count": n, "knn_k": self.k, "knn_temperature": self.temperature}
+        if n == 0:
+            return out
+        out["knn_top1"] = 100.0 * self.student_correct / n
+        out["knn_top1_low"], out["knn_top1_high"] = top1_interval(self.student_correct, n)
+        if self.teacher:
+            out["knn_teacher_top1"] = 100.0 * self.teacher_correct / n
+            out["knn_teacher_top1_low"], out["knn_teacher_top1_high"] = top1_interval(self.teacher_correct, n)
+            if self.share is not None:
+                out["knn_share"] = self.share
+                out["knn_share_low"], out["knn_share_high"] = self.share_interval()
+        return out
+
+
+def knn_comparison(
+    student: nn.Module,
+    teacher: nn.Module | None,
+    bank: Iterable[Sequence[torch.Tensor]],
+    queries: Iterable[Sequence[torch.Tensor]],
+    device: torch.device | str,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    autocast: Autocast = nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> KnnComparison:
+    """k-NN top-1 of ``student`` (and ``teacher``) with the labelled ``(x, y)`` batches of ``bank`` as the
+    memory and those of ``queries`` scored, one pass over each for both models. ``reduce``: sums the
+    paired counts over ranks (each rank holding the whole bank and its own shard of the queries)."""
+    models = [student] if teacher is None else [student, teacher]
+    banks, bank_labels = embed(models, bank, device, autocast=autocast)
+    feats, labels = embed(models, queries, device, autocast=autocast)
+    right = [
+        knn_correct(b.to(device), bank_labels, q.to(device), labels, k=k, temperature=temperature)
+        for b, q in zip(banks, feats, strict=True)
+    ]
+    counts = paired_counts(right[-1], right[0])  # (teacher, student); a student alone pairs with itself
+    if reduce is not None:
+        counts = reduce(counts.to(device)).cpu()
+    return KnnComparison.from_counts(counts, k, temperature, teacher=teacher is not None)

@@ -1,0 +1,99 @@
+"""Feature distillation: a student's final token features pulled onto its frozen teacher's.
+
+The final token features are what ``forward_features`` returns (after the final norm): prefix tokens (class,
+registers) and patch tokens alike, as (B, N, C). The loss per token is
+
+    (1 - cos(s, t))  +  smooth_l1((s - mu_t) / sigma_t, (t - mu_t) / sigma_t)
+
+with mu_t, sigma_t the mean and standard deviation of the *teacher* token's C channels; the loss is the mean
+over tokens (each token counts once), computed in fp32 (or the inputs' wider dtype) whatever the autocast.
+
+Why this form. Encoders like CLIP and DINOv2 carry a few tokens whose norm is tens of times the rest
+(register-like "artifact" tokens) and a few channels with huge activations; a plain MSE on raw features is
+then a loss on those few tokens and channels. Standardising each token by its teacher token's own statistics
+(a non-parametric layer norm, as feature distillation by Wei et al. 2022 whitens its targets) makes every
+token count on one scale whatever its norm, and uses no batch statistics (the same value on any batch size,
+rank count or eval batch). Smooth-L1 grows linearly past ``beta`` standard deviations, so the outlier
+channels that remain large after standardisation cannot dominate the gradient either. The cosine term is
+scale-free by construction and aligns directions (what k-NN retrieval and linear probes read). The student
+is standardised with the teacher's statistics, not its own, so matching the standardised features also
+matches the teacher's scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["FeatureLoss", "feature_distill_loss", "final_tokens", "num_prefix_tokens"]
+
+
+@dataclass
+class FeatureLoss:
+    """``loss`` (scalar, what backpropagates) and ``terms``: the detached parts to log — ``feat_cos`` (mean
+    cosine distance), ``feat_smooth_l1`` (mean smooth-L1 on standardised features), and both per token group
+    (``feat_cos/prefix``, ``feat_cos/patch``, ``feat_smooth_l1/prefix``, ``feat_smooth_l1/patch``; a group
+    with no tokens is left out)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    """timm's ``num_prefix_tokens`` (class and register tokens before the patches); 0 where a family has none
+    (Swin, PVTv2, Twins, Hiera)."""
+    return int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+
+def final_tokens(features: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``model.forward_features``'s output as tokens (B, N, C): (B, N, C) as it is, a 4-D map flattened in
+    row-major order (timm's ``output_fmt``: NHWC for Swin, NCHW for PVTv2 and any model that says nothing)."""
+    if features.ndim == 3:
+        return features
+    if features.ndim != 4:
+        raise ValueError(f"final features of shape {tuple(features.shape)}: expected (B, N, C) or a 4-D map")
+    if getattr(model, "output_fmt", "NCHW") == "NHWC":
+        return features.flatten(1, 2)
+    return features.flatten(2).transpose(1, 2)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or wider if it already is (float64 keeps its precision for gradient checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def feature_distill_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    num_prefix: int,
+    *,
+    beta: float = 1.0,
+    eps: float = 1e-6,
+) -> FeatureLoss:
+    """The loss above between ``student`` and ``teacher`` final tokens (B, N, C), the first ``num_prefix``
+    tokens being prefix tokens. ``beta``: smooth-L1's switch from quadratic to linear, in teacher standard
+    deviations; ``eps``: added to the teacher token's variance and to the cosine's norms. No gradient reaches
+    ``teacher``."""
+    if student.shape != teacher.shape or student.ndim != 3:
+        raise ValueError(
+            f"student and teacher final tokens must be the same (B, N, C); got {tuple(student.shape)} and "
+            f"{tuple(teacher.shape)}"
+        )
+    if not 0 <= num_prefix <= student.shape[1]:
+        raise ValueError(f"num_prefix={num_prefix} for {student.shape[1]} tokens")
+    with torch.autocast(device_type=student.device.type, enabled=False):
+        s, t = _wide(student), _wide(teacher.detach())
+        mu = t.mean(dim=-1, keepdim=True)
+        sigma = (t.var(dim=-1, unbiased=False, keepdim=True) + eps).sqrt()
+        l1 = F.smooth_l1_loss((s - mu) / sigma, (t - mu) / sigma, beta=beta, reduction="none").mean(dim=-1)
+        cos = 1.0 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1)).clamp_min(eps)
+        loss = cos.mean() + l1.mean()
+        terms = {"feat_cos": cos.mean().detach(), "feat_smooth_l1": l1.mean().detach()}
+        for group, part in (("prefix", slice(0, num_prefix)), ("patch", slice(num_prefix, None))):
+            if cos[:, part].numel():
+                terms[f"feat_cos/{group}"] = cos[:, part].mean().detach()
+                terms[f"feat_smooth_l1/{group}"] = l1[:, part].mean().detach()
+    return FeatureLoss(loss, terms)
