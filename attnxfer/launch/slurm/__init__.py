@@ -48,10 +48,12 @@ from .options import (
     sbatch_parameters,
 )
 from .submission import (
+    SubmissionRefusedError,
     SweepPoint,
     default_job_dir,
     describe_jobs,
     render_dry_run,
+    sbatch_error,
     sbatch_script,
     submit,
     sweep_points,
@@ -79,6 +81,7 @@ __all__ = [
     "RequeueLimitReached",
     "RunConfig",
     "SlurmOptions",
+    "SubmissionRefusedError",
     "SweepPoint",
     "TrainingTask",
     "add_slurm_arguments",
@@ -94,6 +97,7 @@ __all__ = [
     "render_dry_run",
     "requeue_count",
     "requeue_record_path",
+    "sbatch_error",
     "sbatch_parameters",
     "sbatch_script",
     "slurm_job_info",
