@@ -57,6 +57,7 @@ from .submission import (
     sbatch_script,
     submit,
     sweep_points,
+    undone_if_refused,
 )
 from .task import (
     REQUEUE_CAUSES,
@@ -105,5 +106,6 @@ __all__ = [
     "submit",
     "submit_from_args",
     "sweep_points",
+    "undone_if_refused",
     "wait",
 ]

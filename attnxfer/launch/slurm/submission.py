@@ -160,7 +160,7 @@ def submit(
         )
         for p in points
     ]
-    with _undone_if_refused(job_dir):
+    with undone_if_refused(job_dir):
         if len(tasks) == 1:
             jobs = [executor.submit(tasks[0])]
         else:
@@ -206,7 +206,7 @@ def _refusal(error: Exception, job_dir: Path) -> SubmissionRefusedError:
 
 
 @contextlib.contextmanager
-def _undone_if_refused(job_dir: Path) -> Iterator[None]:
+def undone_if_refused(job_dir: Path) -> Iterator[None]:
     """Submit inside this: if sbatch refuses, the files submitit wrote for the attempt (the pickled task, the
     sbatch script) and the folders it created (RUN_DIR/submitit, RUN_DIR) are removed, and the refusal is a
     `SubmissionRefusedError` carrying sbatch's own words (submitit prints them too: kept out of the output,
