@@ -23,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -144,6 +145,8 @@ def server_problem(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
     except urllib.error.HTTPError:
         return None
     except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):  # it answered; its certificate is the client's business
+            return None
         return str(e.reason)
     except (OSError, ValueError) as e:  # a timeout while reading, a malformed URI
         return str(e) or type(e).__name__
@@ -156,6 +159,15 @@ def _wandb_offline(why: str, run_dir: Path) -> TrackerSetup:
         f"wandb: {why}: logging offline to {wandb_dir}; upload it later with `wandb sync "
         f"{wandb_dir}/offline-run-*` (WANDB_MODE=offline skips this check)",
     )
+
+
+def _wandb_key_configured(wandb) -> bool:
+    """Whether wandb finds an API key on this machine (WANDB_API_KEY, `wandb login`'s netrc, its settings),
+    without asking for one."""
+    try:
+        return bool(wandb.login(verify=False, prompt=False))
+    except TypeError:  # a wandb whose login() cannot be told not to prompt: its own key lookup
+        return bool(getattr(getattr(wandb, "api", None), "api_key", None))
 
 
 def _wandb_prepare(run_dir: Path) -> TrackerSetup:
@@ -172,7 +184,7 @@ def _wandb_prepare(run_dir: Path) -> TrackerSetup:
         settings = wandb.setup().settings
     except Exception as e:  # a WANDB_* value wandb cannot read
         raise TrackerUnavailableError(f"wandb cannot start: {str(e).splitlines()[0]}") from None
-    if not wandb.login(verify=False, prompt=False):  # the key: WANDB_API_KEY, `wandb login`, settings
+    if not _wandb_key_configured(wandb):
         if online:
             raise TrackerUnavailableError(
                 "log.trackers includes wandb with WANDB_MODE=online, but this machine has no W&B API key: "
