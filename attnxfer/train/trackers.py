@@ -356,16 +356,14 @@ def prepare_trackers(
     names: Sequence[str], run_dir: str | Path, log: Callable[[str], None] = print
 ) -> dict[str, TrackerSetup]:
     """Before any work (the teacher, the data): stop if a named tracker's package is missing or it cannot log
-        from this machine (`TrackerUnavailableError`), and decide how each one logs for ``run_dir`` (W&B offline,
-        MLflow's store), saying so in one line each. `TrackerSet` builds the trackers as decided here; the decision
-    holds until they finish (the next run in this process decides again)."""
+    from this machine (`TrackerUnavailableError`), and decide how each one logs for ``run_dir`` (W&B offline,
+    MLflow's store), saying so in one line each. `TrackerSet` builds the trackers as decided here; a decision
+    holds until they finish (convert decides stage 2's before its teacher loads; a later run decides again)."""
     check_trackers(names)
     setups = {}
     for name in dict.fromkeys(names):
         key = _setup_key(name, run_dir)
-        if (
-            key in _SETUPS
-        ):  # decided already for this run (convert decides stage 2's before its teacher loads)
+        if key in _SETUPS:  # decided already for this run
             setups[name] = _SETUPS[key]
             continue
         setups[name] = _SETUPS[key] = TRACKERS[name].prepare(Path(run_dir))
