@@ -42,7 +42,7 @@ from ..transfer.conversion import ConversionPlan, build_conversion_plan
 from .loaders import data_info
 from .reports import render_conversion_report, teacher_top1_line
 from .run_parts import build_run_parts
-from .training import plan_from_config, train
+from .training import plan_from_config, prepare_trackers_from_config, train
 
 __all__ = ["ConvertResult", "conversion_plan_from_config", "convert", "convert_main"]
 
@@ -233,6 +233,8 @@ def _convert(
     main = info.is_main_process
     if not main:
         log = _silent
+    else:  # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
+        prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
 

@@ -49,7 +49,13 @@ from ..train.runtime import Runtime, create_runtime, set_seed
 from .loaders import data_info
 from .resume import resume_source
 from .run_parts import RunParts, num_classes_of, parts_around
-from .training import assemble_engine, engine_facts, evaluate_run, loop_settings
+from .training import (
+    assemble_engine,
+    engine_facts,
+    evaluate_run,
+    loop_settings,
+    prepare_trackers_from_config,
+)
 from .world_size import fit_world_size
 
 __all__ = ["MODE", "build_mae", "build_pretrain_engine", "init_mae", "pretrain", "reconstruction_pictures"]
@@ -228,6 +234,7 @@ def build_pretrain_engine(
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     if runtime.is_main and write_run_files:
+        prepare_trackers_from_config(cfg)  # before the data and the MAE's initial weights load
         run_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     d = cfg.data

@@ -32,6 +32,7 @@ from ..train.evaluation import evaluate, evaluate_features, evaluate_knn
 from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
+from ..train.trackers import prepare_trackers
 from ..transfer.dual import DualViT
 from ..transfer.plan import TransferPlan, build_plan, get_mode
 from .ce_choice import ce_choice_for_run
@@ -51,6 +52,7 @@ __all__ = [
     "evaluate_run",
     "loop_settings",
     "plan_from_config",
+    "prepare_trackers_from_config",
     "require_task_labels",
     "task_loss_from_config",
     "train",
@@ -128,6 +130,13 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
             resume=ResumeFrom.parse(c.resume),
         ),
     )
+
+
+def prepare_trackers_from_config(cfg: TrainConfig, run_dir: str | Path | None = None) -> None:
+    """How ``log.trackers`` will log for ``run_dir`` (default the run's), decided and said on this process
+    before the teacher and the data load: a tracker that cannot log from here stops the run at once."""
+    names = [t for t in cfg.log.trackers if cfg.log.tensorboard or t != "tensorboard"]
+    prepare_trackers(names, run_dir or cfg.run_dir)
 
 
 def adamw_from_config(
@@ -262,6 +271,8 @@ def build_engine(
         cfg = fitted
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
     resumed_from = check_resume(cfg, log=log, world=runtime.world)
+    if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
+        prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
     check_teacher_content(resumed_from, parts.teacher_record, cfg.teacher.spec)

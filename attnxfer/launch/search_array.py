@@ -17,7 +17,7 @@ from typing import Any
 from ..apps.search import evaluate_batch
 from ..errors import InputError
 from .arguments import add_array_arguments as add_array_arguments  # its home before arguments.py
-from .slurm import SlurmOptions, build_executor, parse_key_values, wait
+from .slurm import SlurmOptions, build_executor, parse_key_values, undone_if_refused, wait
 
 __all__ = ["add_array_arguments", "array_evaluator", "split_batches"]
 
@@ -50,13 +50,17 @@ def array_evaluator(
         name="attnxfer-search",
         max_requeues=0,
     )
-    executor = build_executor(opts, Path(ns.job_dir or Path(cfg.run_dir) / "submitit"))
+    job_dir = Path(ns.job_dir or Path(cfg.run_dir) / "submitit")
+    executor = build_executor(opts, job_dir)
 
     def evaluate(names: list[str]) -> list[dict[str, Any]]:
         if not names:
             return []
         batches = split_batches(names, ns.array_tasks)
-        with executor.batch():
+        with (
+            undone_if_refused(job_dir.expanduser().absolute()),
+            executor.batch(),
+        ):  # sbatch's refusal: one line
             jobs = [executor.submit(evaluate_batch, cfg, batch) for batch in batches]
         echo(
             f"search: {len(names)} candidates as a job array of {len(jobs)} task(s): "

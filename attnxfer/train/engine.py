@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..checkpoints.store import CheckpointError, MetricMode
 from ..data.label_free import split_batch
@@ -28,7 +27,7 @@ from .checkpointing import Checkpointing, CheckpointPolicy
 from .distributed import min_over_ranks
 from .ema import StudentEMA
 from .evaluation import evaluate, evaluate_loss
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, progress_bar
 from .objective import Objective, Pictures, TaskLoss
 from .runtime import Runtime
 from .schedule import lr_at
@@ -375,12 +374,10 @@ class Engine:
             # number of ranks on the same schedule, apps/world_size.py).
             usable = len(loader) // s.accum_steps * s.accum_steps
             if self.is_main and s.progress:
-                progress = tqdm(
-                    total=self.position // global_batch + usable,
+                progress = progress_bar(  # a bar on a terminal, a line per log record in a log file
+                    self.position // global_batch + usable,
                     initial=self.position // global_batch,
                     desc=f"epoch {self.epoch}",
-                    leave=False,
-                    dynamic_ncols=True,
                 )
             self.window = TermWindow()  # a record never mixes epochs (a resumed run logs the same records)
             batches_left = usable

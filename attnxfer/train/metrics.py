@@ -1,27 +1,31 @@
 """Run metrics: one JSON line per record in ``metrics.jsonl`` plus the trackers' scalars (TensorBoard, W&B,
 MLflow: `trackers.py`); one row per epoch
 in ``summary.csv`` (timm's train.py convention); pictures as PNG files under ``pictures/`` and TensorBoard
-images."""
+images; and the progress shown while an epoch runs (`progress_bar`: a bar on a terminal, plain lines in a
+log file)."""
 
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
 from ..run_layout import METRICS
 from .trackers import TrackerSet
 
-__all__ = ["SUMMARY_CSV", "MetricsLogger", "read_metrics", "read_summary"]
+__all__ = ["SUMMARY_CSV", "LineProgress", "MetricsLogger", "progress_bar", "read_metrics", "read_summary"]
 
 #: the per-epoch table beside the checkpoints, as timm's train.py writes it
 SUMMARY_CSV = "summary.csv"
@@ -171,3 +175,66 @@ def read_summary(run_dir: str | Path) -> list[dict[str, Any]]:
             {k: int(v) if k == "epoch" else float(v) for k, v in r.items() if v not in ("", None)}
             for r in csv.DictReader(f)
         ]
+
+
+class LineProgress:
+    """Progress for a log file, in tqdm's calls (`update`, `set_postfix`, `close`): one plain line per log
+    record (each `set_postfix`, as timm's train.py logs), and between records at most one line every
+    ``every_s`` seconds. No carriage returns: a submitted job's stderr keeps one readable line per record."""
+
+    def __init__(
+        self,
+        total: int,
+        *,
+        initial: int = 0,
+        desc: str = "",
+        stream: TextIO | None = None,
+        every_s: float = 60.0,
+    ):
+        self.total, self.n, self.desc = int(total), int(initial), desc
+        self.stream = stream if stream is not None else sys.stderr
+        self.every_s = every_s
+        self._start = self._said = time.monotonic()
+        self._postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._said >= self.every_s:
+            self._say()
+
+    def set_postfix(self, **values: Any) -> None:
+        self._postfix = "".join(f"  {k} {v}" for k, v in values.items())
+        self._say()
+
+    def close(self) -> None:
+        pass
+
+    def _say(self) -> None:
+        self._said = time.monotonic()
+        elapsed = datetime.timedelta(seconds=round(self._said - self._start))
+        share = f" ({100 * self.n / self.total:3.0f}%)" if self.total else ""
+        print(
+            f"{self.desc}: batch {self.n}/{self.total}{share}{self._postfix}  [{elapsed}]",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    """A terminal, or a Jupyter cell (whose stream is no tty but draws tqdm's widget)."""
+    if type(stream).__module__.startswith("ipykernel"):
+        return True
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = "", stream: TextIO | None = None):
+    """tqdm's bar where a person watches (a terminal, a notebook); `LineProgress` anywhere else (a log file, a
+    pipe): a bar redrawn ten times a second would write every redraw into the file, millions over a long
+    job."""
+    stream = stream if stream is not None else sys.stderr
+    if _is_terminal(stream):
+        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=stream)
+    return LineProgress(total, initial=initial, desc=desc, stream=stream)

@@ -7,16 +7,29 @@ live in ``RUN_DIR/trackers.json`` (W&B's run ``id``, passed back with ``resume="
 with the tracking URI it belongs to), so a job that is killed, requeued or extended keeps one curve per run.
 W&B and MLflow get the run's config (dotted keys) and transfer plan as hyper-parameters; TensorBoard keeps
 today's files (``RUN_DIR/tb``, redone steps purged on resume).
+
+Compute nodes rarely reach the internet, so how each tracker will log is decided once, before the teacher or
+the data load (`prepare_trackers`): W&B with no API key, or with its server out of reach, logs offline under
+``RUN_DIR/wandb`` (one line says so; ``wandb sync`` uploads it later); MLflow with no ``MLFLOW_TRACKING_URI``
+logs into the run's own file store ``RUN_DIR/mlruns`` (what the ``mlflow-skinny`` extra can open; MLflow 3's
+own default, ``sqlite:///mlflow.db``, needs the full package), and a tracking server that does not answer
+within seconds stops the run with one line naming its URI.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+import ssl
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +41,11 @@ __all__ = [
     "TrackerKind",
     "TrackerMissingError",
     "TrackerSet",
+    "TrackerSetup",
+    "TrackerUnavailableError",
     "check_trackers",
     "flat_hparams",
+    "prepare_trackers",
     "register_tracker",
 ]
 
@@ -37,8 +53,26 @@ __all__ = [
 TRACKERS_JSON = "trackers.json"
 
 
+#: seconds a tracker's server gets to answer before the run is refused (or W&B goes offline)
+SERVER_TIMEOUT_S = 5.0
+
+
 class TrackerMissingError(InputError):
     """A tracker named in ``log.trackers`` whose package is not installed."""
+
+
+class TrackerUnavailableError(InputError):
+    """A tracker named in ``log.trackers`` that cannot log from this machine (its server does not answer, its
+    store cannot be opened); the message names what to change."""
+
+
+@dataclass(frozen=True)
+class TrackerSetup:
+    """How one tracker logs for one run, decided before any work: options its builder and scope take (W&B's
+    ``mode``, MLflow's ``tracking_uri``) and the one line that says so at start-up (or None)."""
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+    notice: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,12 +85,25 @@ class TrackerContext:
     project: str
     previous: Mapping[str, Any]
     purge_step: int | None
+    options: Mapping[str, Any] = field(default_factory=dict)  # the run's `TrackerSetup.options`
+
+
+def _no_setup(run_dir: Path) -> TrackerSetup:
+    return TrackerSetup()
+
+
+def _no_scope(options: Mapping[str, Any]) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
 class TrackerKind:
     """One tracker: its config word, the module it needs (and the pip extra that brings it), how to build
-    an accelerate tracker, what to record to resume it, and whether it takes hyper-parameters."""
+    an accelerate tracker, what to record to resume it, and whether it takes hyper-parameters.
+
+    ``prepare(run_dir)`` checks, before any work, that the tracker can log from this machine and decides
+    how (a `TrackerSetup`; a `TrackerUnavailableError` where it cannot); ``scope(options)`` is what the
+    process needs set while the tracker runs (MLflow's tracking URI), undone when it finishes."""
 
     name: str
     module: str
@@ -64,6 +111,8 @@ class TrackerKind:
     build: Callable[[TrackerContext], Any]
     resume_record: Callable[[Any], dict[str, Any]]
     takes_hparams: bool = True
+    prepare: Callable[[Path], TrackerSetup] = _no_setup
+    scope: Callable[[Mapping[str, Any]], AbstractContextManager] = _no_scope
 
 
 TRACKERS: dict[str, TrackerKind] = {}
@@ -81,20 +130,180 @@ def _tensorboard(ctx: TrackerContext):
     return TensorBoardTracker("tb", ctx.run_dir, purge_step=ctx.purge_step)
 
 
+def server_problem(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
+    """Why no server answers at ``url`` within ``timeout`` seconds (refused, timed out, unknown host), or None
+    when one answers with any HTTP status (401 and 404 are answers). Proxies come from the environment, as
+    the trackers' own clients take them."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host  # credentials in the URI are the client's business
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    try:
+        with urllib.request.urlopen(parts._replace(netloc=netloc).geturl(), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):  # it answered; its certificate is the client's business
+            return None
+        return str(e.reason)
+    except (OSError, ValueError) as e:  # a timeout while reading, a malformed URI
+        return str(e) or type(e).__name__
+
+
+def _wandb_offline(why: str, run_dir: Path) -> TrackerSetup:
+    wandb_dir = run_dir / "wandb"
+    return TrackerSetup(
+        {"mode": "offline"},
+        f"wandb: {why}: logging offline to {wandb_dir}; upload it later with `wandb sync "
+        f"{wandb_dir}/offline-run-*` (WANDB_MODE=offline skips this check)",
+    )
+
+
+def _wandb_key_configured(wandb) -> bool:
+    """Whether wandb finds an API key on this machine (WANDB_API_KEY, `wandb login`'s netrc, its settings),
+    without asking for one."""
+    try:
+        return bool(wandb.login(verify=False, prompt=False))
+    except TypeError:  # a wandb whose login() cannot be told not to prompt: its own key lookup
+        return bool(getattr(getattr(wandb, "api", None), "api_key", None))
+
+
+def _wandb_prepare(run_dir: Path) -> TrackerSetup:
+    """Offline (said in one line) when this machine has no W&B API key or cannot reach W&B's server, as a
+    compute node without internet; a refusal when ``WANDB_MODE=online`` asks for the server regardless."""
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in ("offline", "dryrun", "disabled"):
+        return TrackerSetup()
+    online = mode == "online"
+    try:
+        settings = wandb.setup().settings
+    except Exception as e:  # a WANDB_* value wandb cannot read
+        raise TrackerUnavailableError(f"wandb cannot start: {str(e).splitlines()[0]}") from None
+    if not _wandb_key_configured(wandb):
+        if online:
+            raise TrackerUnavailableError(
+                "log.trackers includes wandb with WANDB_MODE=online, but this machine has no W&B API key: "
+                "run `wandb login` (or set WANDB_API_KEY), or unset WANDB_MODE to log offline under "
+                "RUN_DIR/wandb and `wandb sync` it later"
+            )
+        return _wandb_offline("no API key on this machine (no WANDB_API_KEY, no `wandb login`)", run_dir)
+    problem = server_problem(settings.base_url)
+    if problem is None:
+        return TrackerSetup()
+    if online:
+        raise TrackerUnavailableError(
+            f"log.trackers includes wandb with WANDB_MODE=online, but W&B's server {settings.base_url} does "
+            f"not answer within {SERVER_TIMEOUT_S:g} s ({problem}); unset WANDB_MODE to log offline under "
+            "RUN_DIR/wandb and `wandb sync` it later"
+        )
+    return _wandb_offline(
+        f"{settings.base_url} does not answer within {SERVER_TIMEOUT_S:g} s ({problem})", run_dir
+    )
+
+
 def _wandb(ctx: TrackerContext):
     from accelerate.tracking import WandBTracker
 
     os.environ.setdefault("WANDB_SILENT", "true")
     run_id = ctx.previous.get("id")
-    return WandBTracker(ctx.project, dir=str(ctx.run_dir), id=run_id, resume="allow", name=ctx.run_name)
+    return WandBTracker(
+        ctx.project, dir=str(ctx.run_dir), id=run_id, resume="allow", name=ctx.run_name, **ctx.options
+    )
+
+
+#: MLflow URI schemes of database stores (SQLAlchemy, which the full ``mlflow`` package brings)
+_DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def _true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def _check_mlflow_store(uri: str) -> None:
+    """Refuse, in one line, a tracking URI this machine cannot log to: a server that does not answer, a file
+    store MLflow 3 would refuse, a database store without SQLAlchemy."""
+    scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower()
+    where = f"MLFLOW_TRACKING_URI={uri}"
+    if scheme in ("http", "https"):
+        problem = server_problem(uri.rstrip("/") + "/health")
+        if problem is not None:
+            raise TrackerUnavailableError(
+                f"log.trackers includes mlflow, but the tracking server {where} does not answer within "
+                f"{SERVER_TIMEOUT_S:g} s ({problem}): start it or point MLFLOW_TRACKING_URI at one that "
+                "answers, or unset MLFLOW_TRACKING_URI to log into RUN_DIR/mlruns"
+            )
+    elif scheme in ("", "file") or len(scheme) == 1:  # a path (a Windows drive letter too)
+        if not _true("MLFLOW_ALLOW_FILE_STORE") and _mlflow_guards_file_stores():
+            raise TrackerUnavailableError(
+                f"log.trackers includes mlflow, and {where} is a file store, which MLflow 3 opens only with "
+                "MLFLOW_ALLOW_FILE_STORE=true: export that too (or unset MLFLOW_TRACKING_URI to log into "
+                "RUN_DIR/mlruns)"
+            )
+    elif scheme in _DATABASE_SCHEMES and importlib.util.find_spec("sqlalchemy") is None:
+        raise TrackerUnavailableError(
+            f"log.trackers includes mlflow, and {where} is a database store, which needs the full MLflow "
+            "package (pip install mlflow; attnxfer[mlflow] brings mlflow-skinny only), or unset "
+            "MLFLOW_TRACKING_URI to log into RUN_DIR/mlruns"
+        )
+
+
+def _mlflow_guards_file_stores() -> bool:
+    """MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set; MLflow 2 has no such guard."""
+    import mlflow.environment_variables as env
+
+    return hasattr(env, "MLFLOW_ALLOW_FILE_STORE")
+
+
+def _mlflow_prepare(run_dir: Path) -> TrackerSetup:
+    """The user's store (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``), checked; without one, the
+    run's own file store ``RUN_DIR/mlruns``, which mlflow-skinny opens."""
+    import mlflow
+
+    if mlflow.tracking.is_tracking_uri_set():
+        _check_mlflow_store(mlflow.get_tracking_uri())
+        return TrackerSetup()
+    store = (run_dir / "mlruns").absolute()
+    return TrackerSetup(
+        {"tracking_uri": store.as_uri()},
+        f"mlflow: no MLFLOW_TRACKING_URI: logging into this run's own store {store} (see it with "
+        f"`MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {store.as_uri()}`)",
+    )
+
+
+@contextlib.contextmanager
+def _mlflow_scope(options: Mapping[str, Any]) -> Iterator[None]:
+    """The run's own store as MLflow's tracking URI while the run logs (MLflow's logging calls read the
+    process-wide URI), with the file-store permission it needs; both undone when the run's trackers finish."""
+    uri = options.get("tracking_uri")
+    if uri is None:
+        yield
+        return
+    import mlflow
+
+    allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if allowed is None:
+            os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+        else:
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = allowed
 
 
 def _mlflow(ctx: TrackerContext):
     import mlflow
     from accelerate.tracking import MLflowTracker
 
-    # MLflow's own setting decides where runs go (MLFLOW_TRACKING_URI); a recorded run is continued only
-    # in the store it was created in
+    # the store `prepare` chose (the user's MLFLOW_TRACKING_URI, or RUN_DIR/mlruns); a recorded run is
+    # continued only in the store it was created in
     same_store = ctx.previous.get("tracking_uri") == mlflow.get_tracking_uri()
     run_id = ctx.previous.get("run_id") if same_store else None
     return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=ctx.run_name)
@@ -109,8 +318,14 @@ def _mlflow_record(tracker) -> dict[str, Any]:
 register_tracker(
     TrackerKind("tensorboard", "tensorboard", None, _tensorboard, lambda t: {}, takes_hparams=False)
 )
-register_tracker(TrackerKind("wandb", "wandb", "wandb", _wandb, lambda t: {"id": t.run.id}))
-register_tracker(TrackerKind("mlflow", "mlflow", "mlflow", _mlflow, _mlflow_record))
+register_tracker(
+    TrackerKind("wandb", "wandb", "wandb", _wandb, lambda t: {"id": t.run.id}, prepare=_wandb_prepare)
+)
+register_tracker(
+    TrackerKind(
+        "mlflow", "mlflow", "mlflow", _mlflow, _mlflow_record, prepare=_mlflow_prepare, scope=_mlflow_scope
+    )
+)
 
 
 def check_trackers(names: Sequence[str]) -> None:
@@ -127,6 +342,34 @@ def check_trackers(names: Sequence[str]) -> None:
                 f"log.trackers includes {name}, but the {kind.module} package is not installed: "
                 f"{how} (or remove {name} from log.trackers)"
             )
+
+
+#: (tracker, run dir) -> the setup `prepare_trackers` decided for it, which `TrackerSet` then builds with
+_SETUPS: dict[tuple[str, str], TrackerSetup] = {}
+
+
+def _setup_key(name: str, run_dir: str | Path) -> tuple[str, str]:
+    return name, str(Path(run_dir).absolute())
+
+
+def prepare_trackers(
+    names: Sequence[str], run_dir: str | Path, log: Callable[[str], None] = print
+) -> dict[str, TrackerSetup]:
+    """Before any work (the teacher, the data): stop if a named tracker's package is missing or it cannot log
+    from this machine (`TrackerUnavailableError`), and decide how each one logs for ``run_dir`` (W&B offline,
+    MLflow's store), saying so in one line each. `TrackerSet` builds the trackers as decided here; a decision
+    holds until they finish (convert decides stage 2's before its teacher loads; a later run decides again)."""
+    check_trackers(names)
+    setups = {}
+    for name in dict.fromkeys(names):
+        key = _setup_key(name, run_dir)
+        if key in _SETUPS:  # decided already for this run
+            setups[name] = _SETUPS[key]
+            continue
+        setups[name] = _SETUPS[key] = TRACKERS[name].prepare(Path(run_dir))
+        if setups[name].notice:
+            log(setups[name].notice)
+    return setups
 
 
 def flat_hparams(config: Mapping[str, Any], plan: str | None = None) -> dict[str, Any]:
@@ -179,6 +422,7 @@ class TrackerSet:
         self.hparams = dict(hparams or {})
         self.purge_step: int | None = None
         self._trackers: dict[str, Any] | None = None
+        self._scopes = contextlib.ExitStack()
 
     @property
     def started(self) -> bool:
@@ -193,8 +437,15 @@ class TrackerSet:
         records = dict(previous)
         for name in self.names:
             kind = TRACKERS[name]
+            setup = self._setup(name)
+            self._scopes.enter_context(kind.scope(setup.options))
             ctx = TrackerContext(
-                self.run_dir, self.run_dir.name, self.project, previous.get(name, {}), self.purge_step
+                self.run_dir,
+                self.run_dir.name,
+                self.project,
+                previous.get(name, {}),
+                self.purge_step,
+                setup.options,
             )
             tracker = kind.build(ctx)
             getattr(tracker, "start", lambda: None)()  # accelerate < 1.5 starts trackers in __init__
@@ -207,6 +458,14 @@ class TrackerSet:
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
             os.replace(tmp, path)
+
+    def _setup(self, name: str) -> TrackerSetup:
+        """What `prepare_trackers` decided for this run; decided now (and said) where nothing prepared it
+        (an engine built by hand)."""
+        setup = _SETUPS.get(_setup_key(name, self.run_dir))
+        if setup is None:
+            setup = prepare_trackers([name], self.run_dir)[name]
+        return setup
 
     def _store_hparams(self, name: str, tracker) -> None:
         values = self.hparams
@@ -232,6 +491,11 @@ class TrackerSet:
             tracker.log(values, step=int(step))
 
     def finish(self) -> None:
-        for tracker in (self._trackers or {}).values():
-            tracker.finish()
-        self._trackers = None
+        try:
+            for tracker in (self._trackers or {}).values():
+                tracker.finish()
+        finally:
+            self._trackers = None
+            self._scopes.close()
+            for name in self.names:  # the next run of this run dir (in a notebook) decides afresh
+                _SETUPS.pop(_setup_key(name, self.run_dir), None)

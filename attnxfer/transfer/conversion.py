@@ -23,6 +23,7 @@ from ..models.attention import MapKind, TransferableAttention, attention_layers,
 from ..models.attention.bias_rows import full_bias
 from ..models.efficient import check_softmax_teacher
 from .map_losses import MapLoss, check_map_loss, map_distillation_loss, output_mse
+from .plan import reduced_keys
 
 __all__ = [
     "STAGE1_TRAIN",
@@ -218,7 +219,7 @@ def build_conversion_plan(
                 "attentions (attnxfer.models.efficient)"
             )
         name, kind = attention_name_of(attn), attn.map_kind
-        reduced = _teacher_keys(teacher_layers[i][1])
+        reduced = reduced_keys(teacher_layers[i][1])
         if kind is MapKind.SOFTMAX and (reduced is None or _same_keys(attn, teacher_layers[i][1])):
             layers.append(LayerConversion(i, name, kind, None))
             continue
@@ -244,16 +245,6 @@ def build_conversion_plan(
             "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1"
         )
     return plan
-
-
-def _teacher_keys(attn: nn.Module) -> str | None:
-    """How a teacher layer's keys reduce its tokens (PVTv2: ``sr_ratio`` > 1 blocks, or the linear variant's
-    7x7 bins), or None where its keys are its tokens."""
-    part = attn.token_partition() if isinstance(attn, TransferableAttention) else {}
-    if part.get("linear"):
-        return "7x7 adaptive bins"
-    sr = int(part.get("sr_ratio", 1) or 1)
-    return f"{sr}x{sr} blocks" if sr > 1 else None
 
 
 def _same_keys(student: nn.Module, teacher: nn.Module) -> bool:

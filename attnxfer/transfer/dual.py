@@ -33,6 +33,7 @@ from ..models.attention import (
     attention_layers,
     make_transfer_aware,
 )
+from ..models.attention.key_pooling import KeyPooling
 from ..models.attention.numerics import fp32_section
 from .losses import CEPath, ce_path_for, padding_from_mask
 from .map_losses import map_distillation_loss
@@ -321,6 +322,7 @@ class DualViT(nn.Module):
                 scale_s=_scale_if_own(s_attn, q_s),
                 bias_s=student_sig.get("bias"),
                 valid=padding_from_mask(student_sig.get("mask"), q_s.shape[-2]),
+                key_pooling=_pooled_keys(teacher_sig, student_sig["k"]),
             )
             out.terms[f"{res.kind.term}/{layer}"] = res.loss
             if res.metric is not None and res.kind.logged_metric:
@@ -331,6 +333,15 @@ class DualViT(nn.Module):
             loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
         out.terms[f"{c}_mse/{layer}"] = loss
         return loss
+
+
+def _pooled_keys(teacher_sig: dict, k_s: torch.Tensor) -> KeyPooling | None:
+    """The teacher layer's `KeyPooling` where its keys reduce the tokens the student layer keys (a PVTv2
+    teacher's spatial reduction, a zoo student over every token: the plan's pooled pairs), else None."""
+    pooling = teacher_sig.get("key_pooling")
+    if pooling is None or k_s.shape[-2] != pooling.num_tokens or teacher_sig["k"].shape[-2] == k_s.shape[-2]:
+        return None
+    return pooling
 
 
 def _device(x: torch.Tensor | dict) -> torch.device:

@@ -334,18 +334,40 @@ class MapLossRule:
     #: how the pair is computed when the teacher's keys pool the student's (a `KeyPooling`: PVTv2's spatial
     #: reduction); None: refused
     pooled: Callable[..., MapAgreement] | None = None
+    #: what the loss compares, in words (what a transfer plan prints for the layer)
+    describe: str = ""
 
 
 _POOLED_CE = partial(_implicit_loss, MapLoss.CE)
 _POOLED_MSE = partial(_implicit_loss, MapLoss.MSE)
 MAP_LOSS_RULES: dict[tuple[MapKind, MapLoss], MapLossRule] = {
-    (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(_exact_softmax_ce, groups_heads=True, pooled=_POOLED_CE),
-    (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(partial(_implicit_loss, MapLoss.CE), pooled=_POOLED_CE),
-    (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE), pooled=_POOLED_MSE),
-    (MapKind.ROW_STOCHASTIC, MapLoss.MSE): MapLossRule(
-        partial(_implicit_loss, MapLoss.MSE), pooled=_POOLED_MSE
+    (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(
+        _exact_softmax_ce,
+        groups_heads=True,
+        pooled=_POOLED_CE,
+        describe="CE between teacher and student attention rows (exact, no N x N map)",
     ),
-    (MapKind.SIGNED, MapLoss.MSE): MapLossRule(partial(_implicit_loss, MapLoss.MSE), pooled=_POOLED_MSE),
+    (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(
+        partial(_implicit_loss, MapLoss.CE),
+        pooled=_POOLED_CE,
+        describe="CE between the teacher's attention rows and the rows of the student's row-stochastic map",
+    ),
+    (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(
+        partial(_implicit_loss, MapLoss.MSE),
+        pooled=_POOLED_MSE,
+        describe="MSE between teacher and student attention maps",
+    ),
+    (MapKind.ROW_STOCHASTIC, MapLoss.MSE): MapLossRule(
+        partial(_implicit_loss, MapLoss.MSE),
+        pooled=_POOLED_MSE,
+        describe="MSE between the teacher's attention map and the student's row-stochastic map",
+    ),
+    (MapKind.SIGNED, MapLoss.MSE): MapLossRule(
+        partial(_implicit_loss, MapLoss.MSE),
+        pooled=_POOLED_MSE,
+        describe="MSE between the teacher's attention map and the student's signed map (no log: its rows "
+        "may go negative)",
+    ),
 }
 #: the loss each map kind gets unless told otherwise
 DEFAULT_MAP_LOSS: dict[MapKind, MapLoss] = {

@@ -13,7 +13,14 @@ from enum import StrEnum
 import torch.nn as nn
 
 from ..errors import InputError
-from ..models.attention import MapKind, attention_layers, attention_name_of, stage_of, transfer_attentions
+from ..models.attention import (
+    MapKind,
+    TransferableAttention,
+    attention_layers,
+    attention_name_of,
+    stage_of,
+    transfer_attentions,
+)
 from ..models.image_input import find_patch_embedding, image_input
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
@@ -26,6 +33,7 @@ __all__ = [
     "TransferPlan",
     "build_plan",
     "map_layers",
+    "reduced_keys",
     "register_mode",
     "select_layers",
 ]
@@ -135,7 +143,11 @@ register_mode(TransferMode("copy_q", borrow="q", description="teacher queries wi
 register_mode(TransferMode("copy_k", borrow="k", description="student queries with teacher keys"))
 register_mode(TransferMode("copy_v", borrow="v", description="student maps applied to the teacher's values"))
 register_mode(
-    TransferMode("distill", distill="maps", description="CE between teacher and student attention rows")
+    TransferMode(
+        "distill",
+        distill="maps",
+        description="student attention maps learn the teacher's, each layer by the loss of its map kind",
+    )
 )
 register_mode(TransferMode("distill_q", distill="q", description="MSE between queries"))
 register_mode(TransferMode("distill_k", distill="k", description="MSE between keys"))
@@ -309,30 +321,75 @@ def _pair_within_stages(
     return tuple(pairs)
 
 
+def reduced_keys(attn: nn.Module) -> str | None:
+    """How a teacher layer's keys reduce its tokens (PVTv2: ``sr_ratio`` > 1 blocks, or the linear variant's
+    7x7 bins), or None where its keys are its tokens."""
+    part = attn.token_partition() if isinstance(attn, TransferableAttention) else {}
+    if part.get("linear"):
+        return "7x7 adaptive bins"
+    sr = int(part.get("sr_ratio", 1) or 1)
+    return f"{sr}x{sr} blocks" if sr > 1 else None
+
+
+def _pools_teacher_keys(spec: TransferMode, sa: nn.Module, ta: nn.Module, sp: dict) -> bool:
+    """Map distillation into a student layer that keys every token of its stage (it declares no partition of
+    its own: a zoo attention) from a teacher layer that says which tokens each of its keys was made from
+    (``key_pooling``: PVTv2's spatial reduction): the student's rows are pooled onto the teacher's keys, as
+    stage 1 of a conversion does."""
+    return (
+        spec.distills_maps
+        and not sp
+        and callable(getattr(ta, "key_pooling", None))
+        and map_loss_rule(sa.map_kind).pooled is not None
+    )
+
+
 def _check_partitions(
+    spec: TransferMode,
     pairs: Sequence[tuple[int, int]],
     s_names: Sequence[str],
+    s_attn: Sequence[nn.Module],
+    t_attn: Sequence[nn.Module],
     s_parts: Sequence[dict],
     t_parts: Sequence[dict],
 ) -> None:
     """Paired layers must see the same query and key sets (`TransferableAttention.token_partition`: the grid a
-    stage works on, windows and shifts, sub-sampling ratios); the first pair that does not is ONE `PlanError`
-    naming its stage and every entry that differs."""
+    stage works on, windows and shifts, sub-sampling ratios), unless the student's map pools onto the
+    teacher's keys (`_pools_teacher_keys`); the first pair that does not is ONE `PlanError` naming its stage,
+    every entry that differs and what would make them agree."""
     for s, t in pairs:
         sp, tp = s_parts[s], t_parts[t]
-        if sp == tp:
+        if sp == tp or _pools_teacher_keys(spec, s_attn[s], t_attn[t], sp):
             continue
-        diff = "; ".join(
-            f"{key} teacher {_show(tp.get(key))}, student {_show(sp.get(key))}"
-            for key in sorted(set(sp) | set(tp), key=lambda k: (k not in tp, k))
-            if sp.get(key) != tp.get(key)
-        )
+        keys = [
+            k for k in sorted(set(sp) | set(tp), key=lambda k: (k not in tp, k)) if sp.get(k) != tp.get(k)
+        ]
+        diff = "; ".join(f"{key} teacher {_show(tp.get(key))}, student {_show(sp.get(key))}" for key in keys)
         stage = stage_of(s_names[s]) or "blocks"
+        if sp:
+            fix = f"build the student with the teacher's {', '.join(keys)} in this stage"
+        else:
+            fix = (
+                f"this student layer ({attention_name_of(s_attn[s])}) keys every token and the teacher layer "
+                "cannot pool its keys onto them; leave the layer out of transfer.layers, or use "
+                "transfer.mode=none"
+            )
         raise PlanError(
             f"stage {stage} (student layer {s} <- teacher layer {t}) partitions its tokens differently: {diff}. "
-            "Attention maps are transferred token by token and key set by key set: give the student the "
-            "teacher's img_size, patch_size, window_size and stage strides"
+            f"Attention maps are transferred token by token and key set by key set: {fix}"
         )
+
+
+def _layer_loss(spec: TransferMode, sa: nn.Module, ta: nn.Module, sp: dict, tp: dict) -> str:
+    """What one distilled layer's loss compares, as the map-loss table says for its map kind (pooled onto the
+    teacher's reduced keys where they differ from the student's): printed with the plan."""
+    if not spec.distills_maps:
+        return ""
+    text = f"{attention_name_of(sa)}: {map_loss_rule(sa.map_kind).describe}"
+    reduced = reduced_keys(ta)
+    if sp != tp and reduced is not None:
+        text += f", pooled onto the teacher's reduced keys ({reduced} of tokens)"
+    return text
 
 
 def _show(v) -> str:
@@ -384,6 +441,8 @@ class TransferPlan:
     tokens: int = 0
     logit_weight: float = 0.0  # KL between teacher and student logits (knowledge distillation)
     logit_temperature: float = 1.0
+    #: per pair, what its map loss compares (`map_losses.MapLossRule.describe`); empty unless maps are distilled
+    layer_losses: tuple[str, ...] = ()
 
     @property
     def student_layers(self) -> tuple[int, ...]:
@@ -446,9 +505,24 @@ class TransferPlan:
                 f"  student layers {span} of {self.student_depth} <- teacher layers "
                 + ", ".join(f"{s}<-{t}" for s, t in self.pairs)
             )
+        lines += self._loss_lines()
         if self.logit_weight > 0:
             lines.append(self._logit_line())
         return "\n".join(lines)
+
+    def _loss_lines(self) -> list[str]:
+        """One line per run of consecutive student layers whose map loss is the same."""
+        runs: list[tuple[list[int], str]] = []
+        for (s, _), text in zip(self.pairs, self.layer_losses):
+            if text and runs and runs[-1][1] == text:
+                runs[-1][0].append(s)
+            elif text:
+                runs.append(([s], text))
+        return [
+            f"  loss, layer{'s' if len(idx) > 1 else ''} "
+            f"{idx[0] if len(idx) == 1 else f'{idx[0]}-{idx[-1]}'}: {text}"
+            for idx, text in runs
+        ]
 
     def __str__(self) -> str:
         return self.describe()
@@ -488,7 +562,7 @@ def build_plan(
     s_names, t_names = _layer_names(student), _layer_names(teacher)
     s_parts, t_parts = _partitions(student, s_names, s_attn), _partitions(teacher, t_names, t_attn)
     pairs = _pair_within_stages(chosen, s_names, t_names, s_parts, t_parts)
-    _check_partitions(pairs, s_names, s_parts, t_parts)
+    _check_partitions(spec, pairs, s_names, s_attn, t_attn, s_parts, t_parts)
     if share_drop_path and len(s_attn) != len(t_attn):
         raise PlanError(
             f"share_drop_path needs equal depths (teacher {len(t_attn)}, student {len(s_attn)}); "
@@ -507,6 +581,7 @@ def build_plan(
         bool(share_drop_path),
         tokens,
         **logits,
+        layer_losses=tuple(_layer_loss(spec, s_attn[s], t_attn[t], s_parts[s], t_parts[t]) for s, t in pairs),
     )
 
 

@@ -48,13 +48,16 @@ from .options import (
     sbatch_parameters,
 )
 from .submission import (
+    SubmissionRefusedError,
     SweepPoint,
     default_job_dir,
     describe_jobs,
     render_dry_run,
+    sbatch_error,
     sbatch_script,
     submit,
     sweep_points,
+    undone_if_refused,
 )
 from .task import (
     REQUEUE_CAUSES,
@@ -79,6 +82,7 @@ __all__ = [
     "RequeueLimitReached",
     "RunConfig",
     "SlurmOptions",
+    "SubmissionRefusedError",
     "SweepPoint",
     "TrainingTask",
     "add_slurm_arguments",
@@ -94,6 +98,7 @@ __all__ = [
     "render_dry_run",
     "requeue_count",
     "requeue_record_path",
+    "sbatch_error",
     "sbatch_parameters",
     "sbatch_script",
     "slurm_job_info",
@@ -101,5 +106,6 @@ __all__ = [
     "submit",
     "submit_from_args",
     "sweep_points",
+    "undone_if_refused",
     "wait",
 ]

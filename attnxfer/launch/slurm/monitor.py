@@ -152,44 +152,64 @@ def wait(
         for j, job in enumerate(job_list):
             if j in results:
                 continue
-            if isinstance(job, submitit.DebugJob):  # in-process: runs now, on this thread
-                err = job.exception()
-                if err is not None:
-                    raise JobFailedError(f"job {job.job_id} failed: {err!r}", job.job_id, 0) from err
-                results[j] = job.results()
-                continue
-            if _is_slurm(job):
-                info = slurm_job_info(job.job_id)
-                state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
-                if state in SLURM_NOT_READY_STATES:
-                    done = None
-                else:
-                    done = _collect(job, log_lines, not_before=_current_run_start(info))
-                ended = state not in SLURM_ACTIVE_STATES
-            else:
-                done = _collect(job, log_lines)
-                state, ended = None, done is None and job.done()
+            done, state, ended = _poll(job, log_lines)
             if done is not None:
                 results[j] = done
-                continue
-            if ended:
-                first = ended_since.setdefault(j, time.monotonic())
-                if time.monotonic() - first > grace_s:  # ended and still no result: it died
-                    state = state or job.state
-                    logs = "\n".join(_rank_logs(t, log_lines) for t in _tasks(job))
-                    raise JobFailedError(
-                        f"job {job.job_id} ended ({state}) without a result from every rank:\n{logs}",
-                        job.job_id,
-                    )
+            elif ended:
+                _stop_if_died(job, state, ended_since.setdefault(j, time.monotonic()), grace_s, log_lines)
         if len(results) == len(job_list):
             return [results[j] for j in range(len(job_list))]
         if deadline is not None and time.monotonic() > deadline:
-            pending = [job.job_id for j, job in enumerate(job_list) if j not in results]
-            raise JobTimeoutError(
-                f"jobs {pending} not finished after {timeout:.0f} s; they keep running "
-                f"(follow their logs, or scancel {' '.join(pending)})"
-            )
+            raise _timed_out(job_list, results, timeout)
         time.sleep(poll_s)
+
+
+def _poll(job: submitit.Job, log_lines: int) -> tuple[list[Any] | None, str | None, bool]:
+    """(every rank's results, or None while some are missing; the SLURM state; whether the job has ended)
+    now. Raises `JobFailedError` for a rank that raised."""
+    if isinstance(job, submitit.DebugJob):  # in-process: runs now, on this thread
+        return _debug_results(job), None, True
+    if not _is_slurm(job):
+        done = _collect(job, log_lines)
+        return done, None, done is None and job.done()
+    info = slurm_job_info(job.job_id)
+    state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
+    if state in SLURM_NOT_READY_STATES:
+        done = None
+    else:
+        done = _collect(job, log_lines, not_before=_current_run_start(info))
+    return done, state, state not in SLURM_ACTIVE_STATES
+
+
+def _debug_results(job: submitit.DebugJob) -> list[Any]:
+    err = job.exception()
+    if err is not None:
+        raise JobFailedError(f"job {job.job_id} failed: {err!r}", job.job_id, 0) from err
+    return job.results()
+
+
+def _stop_if_died(
+    job: submitit.Job, state: str | None, ended_at: float, grace_s: float, log_lines: int
+) -> None:
+    """A job that ended ``grace_s`` ago and still has no result from every rank died (killed, out of memory,
+    a requeue limit): `JobFailedError` with every rank's log tail. Within the grace its results may still be
+    landing on a shared filesystem."""
+    if time.monotonic() - ended_at <= grace_s:
+        return
+    logs = "\n".join(_rank_logs(t, log_lines) for t in _tasks(job))
+    raise JobFailedError(
+        f"job {job.job_id} ended ({state or job.state}) without a result from every rank:\n{logs}", job.job_id
+    )
+
+
+def _timed_out(
+    job_list: Sequence[submitit.Job], results: Mapping[int, Any], timeout: float
+) -> JobTimeoutError:
+    pending = [job.job_id for j, job in enumerate(job_list) if j not in results]
+    return JobTimeoutError(
+        f"jobs {pending} not finished after {timeout:.0f} s; they keep running "
+        f"(follow their logs, or scancel {' '.join(pending)})"
+    )
 
 
 def _last_error_line(traceback_text: str) -> str:

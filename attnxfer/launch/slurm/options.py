@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import submitit
 
-from ...errors import InputError
+from ...errors import InputError, UserError
 from ..arguments import CLUSTERS
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
@@ -57,6 +57,10 @@ class RunConfig(Protocol):
     def with_overrides(self, overrides: Mapping[str, Any]) -> RunConfig:
         """A copy with dotted keys (``"optim.lr"``, and ``"run_dir"``) set to the given values."""
         ...
+
+
+class SlurmUnavailableError(UserError, RuntimeError):
+    """``--cluster slurm`` on a machine without SLURM's commands: one line saying where to submit from."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +330,7 @@ def sbatch_parameters(opts: SlurmOptions) -> dict[str, Any]:
 def build_executor(opts: SlurmOptions, job_dir: str | Path) -> submitit.AutoExecutor:
     """A submitit executor for ``opts.cluster`` (explicit: AutoExecutor alone picks SLURM whenever srun exists)."""
     if opts.cluster == "slurm" and not _has_srun():
-        raise RuntimeError(
+        raise SlurmUnavailableError(
             "cluster='slurm' but `srun` is not on PATH: submit from a SLURM login node, "
             "or use --cluster local to run on this machine"
         )

@@ -3,18 +3,22 @@ submitted, described."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import re
 import shlex
+import shutil
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
+from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from ...errors import InputError
+from ...errors import InputError, UserError
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 from .options import (  # moved to options.py
     RUN_DIR_KEY,
@@ -156,13 +160,72 @@ def submit(
         )
         for p in points
     ]
-    if len(tasks) == 1:
-        jobs = [executor.submit(tasks[0])]
-    else:
-        with executor.batch():
-            jobs = [executor.submit(task) for task in tasks]
+    with undone_if_refused(job_dir):
+        if len(tasks) == 1:
+            jobs = [executor.submit(tasks[0])]
+        else:
+            with executor.batch():
+                jobs = [executor.submit(task) for task in tasks]
     echo(describe_jobs(jobs, points, opts))
     return jobs
+
+
+class SubmissionRefusedError(UserError):
+    """sbatch did not take the job (no controller answers, an invalid partition, account or QOS); nothing was
+    submitted and nothing of the attempt is left in the job dir."""
+
+
+#: (what sbatch's error says, what to do about it), the first match wins
+SBATCH_HINTS: tuple[tuple[str, str], ...] = (
+    (
+        "could not establish a configuration source|unable to contact slurm controller",
+        "no SLURM controller answers from this machine: submit from a login node of the cluster (or set "
+        "SLURM_CONF to its slurm.conf), or run here with --cluster local",
+    ),
+    ("account", "`sacctmgr -n show assoc user=$USER format=account` lists the accounts for --account"),
+    ("qos", "`sacctmgr -n show assoc user=$USER format=qos` lists the QOS for --qos"),
+    ("partition", "`sinfo -s` lists the partitions for --partition"),
+)
+
+
+def sbatch_error(stderr: str) -> str:
+    """sbatch's own error text in one line: its fatal line if it has one, else its error lines (joined)."""
+    lines = list(dict.fromkeys(line.strip() for line in stderr.splitlines() if line.strip()))
+    fatal = [line for line in lines if "fatal:" in line]
+    errors = [line for line in lines if "error:" in line]
+    return "; ".join(fatal or errors or lines[-1:]) or "(sbatch said nothing)"
+
+
+def _refusal(error: Exception, job_dir: Path) -> SubmissionRefusedError:
+    text = sbatch_error(str(error))
+    hint = next((h for pattern, h in SBATCH_HINTS if re.search(pattern, text, re.IGNORECASE)), None)
+    return SubmissionRefusedError(
+        f"sbatch refused the job: {text}" + (f" ({hint})" if hint else "") + f". Nothing was submitted and "
+        f"nothing of this attempt is left in {job_dir}; once fixed, run the same command again"
+    )
+
+
+@contextlib.contextmanager
+def undone_if_refused(job_dir: Path) -> Iterator[None]:
+    """Submit inside this: if sbatch refuses, the files submitit wrote for the attempt (the pickled task, the
+    sbatch script) and the folders it created (RUN_DIR/submitit, RUN_DIR) are removed, and the refusal is a
+    `SubmissionRefusedError` carrying sbatch's own words (submitit prints them too: kept out of the output,
+    which holds the one error line)."""
+    created = [p for p in (job_dir, *job_dir.parents) if not p.exists()]  # deepest first
+    before = set(job_dir.iterdir()) if job_dir.is_dir() else set()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    except (FailedJobError, FailedSubmissionError) as e:
+        for path in set(job_dir.iterdir()) - before if job_dir.is_dir() else ():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if empty: never anything this attempt did not create
+        raise _refusal(e, job_dir) from None
 
 
 def describe_jobs(jobs: Sequence[submitit.Job], points: Sequence[SweepPoint], opts: SlurmOptions) -> str:
