@@ -247,13 +247,9 @@ def build_conversion_plan(
 
 
 def _teacher_keys(attn: nn.Module) -> str | None:
-    """How a teacher layer's keys reduce its tokens (PVTv2: ``sr_ratio`` > 1 blocks, or the linear variant's
-    7x7 bins), or None where its keys are its tokens."""
-    part = attn.token_partition() if isinstance(attn, TransferableAttention) else {}
-    if part.get("linear"):
-        return "7x7 adaptive bins"
-    sr = int(part.get("sr_ratio", 1) or 1)
-    return f"{sr}x{sr} blocks" if sr > 1 else None
+    """How a teacher layer's keys reduce its tokens, in words (its adapter's `key_reduction`: strided blocks,
+    adaptive bins), or None where its keys are its tokens."""
+    return attn.key_reduction() if isinstance(attn, TransferableAttention) else None
 
 
 def _same_keys(student: nn.Module, teacher: nn.Module) -> bool:

@@ -13,7 +13,14 @@ from enum import StrEnum
 import torch.nn as nn
 
 from ..errors import InputError
-from ..models.attention import MapKind, attention_layers, attention_name_of, stage_of, transfer_attentions
+from ..models.attention import (
+    MapKind,
+    attention_layers,
+    attention_name_of,
+    group_stages,
+    stage_of,
+    transfer_attentions,
+)
 from ..models.image_input import find_patch_embedding, image_input
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
@@ -260,16 +267,6 @@ def _layer_names(model: nn.Module) -> list[str]:
     return [name for name, _ in attention_layers(model)]
 
 
-def _stages(names: Sequence[str]) -> list[tuple[str, list[int]]]:
-    """(stage, its layer indices) in order (`stage_of`): one stage for a flat model."""
-    stages: list[tuple[str, list[int]]] = []
-    for i, name in enumerate(names):
-        if not stages or stages[-1][0] != stage_of(name):
-            stages.append((stage_of(name), []))
-        stages[-1][1].append(i)
-    return stages
-
-
 def _partitions(model: nn.Module, names: Sequence[str], attn: Sequence[nn.Module]) -> list[dict]:
     """Each layer's `TransferableAttention.token_partition`, read with the block that holds it."""
     return [a.token_partition(model.get_submodule(n.rpartition(".")[0])) for n, a in zip(names, attn)]
@@ -287,7 +284,7 @@ def _pair_within_stages(
     stages, so a layer's partner is in the same stage. With one stage on either side: over the whole depth.
     A partner that partitions its tokens otherwise (a shifted Swin block for an unshifted one) gives way to
     the nearest layer of its stage that partitions them like the student layer, if there is one."""
-    s_stages, t_stages = _stages(s_names), _stages(t_names)
+    s_stages, t_stages = group_stages(s_names), group_stages(t_names)
     if len(s_stages) == 1 or len(t_stages) == 1:
         s_stages, t_stages = [("", list(range(len(s_names))))], [("", list(range(len(t_names))))]
     elif len(s_stages) != len(t_stages):
