@@ -105,7 +105,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 ATTENDING = [
     n for n in ALL if n != "none"
-]  # `none` has no attention branch (zeros out): tests/test_hierarchical_conversion.py covers it
+]  # `none` has no attention branch (zeros out): tests/families/test_convert_hier.py covers it
 
 
 @pytest.fixture(params=ATTENDING)

@@ -70,8 +70,11 @@ def adapter_for(timm_class: type[nn.Module]) -> type[TransferableAttention] | No
 
 
 def list_adapters() -> dict[str, str]:
-    """``{"module.TimmClass": "Adapter"}`` for every registered adapter (docs, coverage tests)."""
-    return {f"{k.__module__}.{k.__qualname__}": v.__name__ for k, v in _ADAPTERS.items()}
+    """``{"module.TimmClass": "module.Adapter"}`` for every registered adapter: which family file adapts which
+    timm class (docs, the one-file-per-family test)."""
+    return {
+        f"{k.__module__}.{k.__qualname__}": f"{v.__module__}.{v.__qualname__}" for k, v in _ADAPTERS.items()
+    }
 
 
 def _is_attention_slot(name: str, module: nn.Module) -> bool:

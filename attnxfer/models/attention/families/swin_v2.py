@@ -10,7 +10,7 @@ every path of the interface (copy by SDPA, the biased CE with gradients into τ 
 
 timm names the per-head parameter ``logit_scale``, the interface's method of the same name wins on the
 adapter's class: the adapter reads the parameter as ``_parameters["logit_scale"]`` and, without an
-`AttentionIO`, computes timm's forward itself, in timm's order (bit for bit: ``tests/test_hier_families.py``);
+`AttentionIO`, computes timm's forward itself, in timm's order (bit for bit: ``tests/families/test_adapters.py``);
 the parameter keeps timm's name in ``state_dict``.
 """
 
