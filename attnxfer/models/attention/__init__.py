@@ -28,7 +28,7 @@ module              what
                     attention that hands out its log-sum-exp: FlexAttention on CUDA, a twin elsewhere)
 ==================  =================================================================================
 
-The zoo's attentions live in `attnxfer.models.efficient` (one file per family) on the base
+The zoo's attentions live in `attnxfer.models.efficient` (one file per attention) on the base
 `EfficientAttention`.
 """
 

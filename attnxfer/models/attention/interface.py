@@ -126,7 +126,7 @@ class TransferableAttention(nn.Module):
     num_prefix_tokens: int | None = None
     grid_size: tuple[int, int] | None = None
     #: Name of this attention's own stage-1 objective (``fit_loss``), or None: stage 1 then fits the map
-    #: with the loss its map kind takes (`attnxfer.transfer.map_losses`), the default for every family.
+    #: with the loss its map kind takes (`attnxfer.transfer.map_losses`), the default for every attention.
     fit_objective: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
