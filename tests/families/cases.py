@@ -71,6 +71,7 @@ _SMALL = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
 #: The flat families beside EVA and BEiT, each as a tiny model; several layouts per family where its archs
 #: differ (shared vs per-block tables, class token, res-post blocks, padded windows).
 TINY = {
+    "vit": TinyFamily("vit_tiny_patch16_224", dict(img_size=32, **_SMALL)),  # timm's plain Attention
     "relpos": TinyFamily("vit_relpos_small_patch16_224", dict(img_size=32, init_values=0.5, **_SMALL)),
     "relpos_cls": TinyFamily(
         "vit_relpos_medium_patch16_cls_224", dict(img_size=32, init_values=0.5, **_SMALL)
@@ -311,6 +312,7 @@ def _swin_case(name: str, family: str, learns: tuple[str, ...]) -> Case:
 
 #: case -> its family file (`attnxfer.models.attention.families.<family>`), where no builder above says it
 _FAMILY_OF = {
+    "vit": "vit",
     "relpos": "relpos",
     "relpos_cls": "relpos",
     "srelpos": "relpos",

@@ -5,8 +5,10 @@ against its oracle (`oracles`: timm's own unfused modules with a hook on the sof
 recomputed from its weights, Swin's in float64) — never attnxfer's code: the swap keeps timm's forward and
 names; the maps on request are timm's; copy with the teacher's own weights reproduces its logits, and with
 other weights attends the student's values with the teacher's maps; the distillation's CE terms and
-gradients equal those of the materialised maps; a distilled student exports to plain timm. What only one
-family does is tested in its own module (``test_swin.py``, ``test_eva_beit.py``, ...).
+gradients equal those of the materialised maps; a mirrored student plans every layer with its own; each
+layer's rows are placed on the image where the layer computes them (inspect); a family converts into a zoo
+student exactly when its file says so; a distilled student exports to plain timm. What only one family does
+is tested in its own module (``test_swin.py``, ``test_eva_beit.py``, ...).
 """
 
 from __future__ import annotations
@@ -21,9 +23,20 @@ from helpers import fast_cells
 from test_export import card
 
 from attnxfer import load_student
+from attnxfer.analysis import layer_qk
+from attnxfer.analysis.positions import row_positions
 from attnxfer.checkpoints import export_student
-from attnxfer.models.attention import AttentionIO, attention_io, attention_layers, attention_maps
-from attnxfer.transfer import DualViT
+from attnxfer.errors import InputError
+from attnxfer.models.attention import (
+    AttentionIO,
+    attention_io,
+    attention_layers,
+    attention_maps,
+    attention_name_of,
+    families,
+)
+from attnxfer.models.efficient import build_efficient_student
+from attnxfer.transfer import DualViT, build_plan
 
 from .cases import CASES, NAMES, TINY
 from .oracles import assert_distill_matches_oracle, attention_modules, logits_of, map_ce, oracle_maps
@@ -135,6 +148,54 @@ def test_distill_ce_and_gradients_equal_the_materialised_maps(name):
     assert layers == len(attention_modules(teacher))
     assert compared
     assert all(any(n.endswith(p) for n in compared) for p in case.learns), compared
+
+
+@pytest.mark.parametrize("name", fast_cells(NAMES, ("cait", "twins_svt")))
+def test_a_mirrored_student_plans_every_layer_with_its_own(name):
+    """Teacher and student of one case (same arch, other weights): copy and distill pair layer i with layer i,
+    each layer's token partition (windows, shifts, reduction ratios, mask units) alike."""
+    teacher, student, _ = CASES[name].pair()
+    depth = len(attention_layers(teacher))
+    for mode in ("copy", "distill"):
+        assert build_plan(teacher, student, mode).pairs == tuple((i, i) for i in range(depth))
+
+
+@pytest.mark.parametrize("name", fast_cells(NAMES, ("hiera", "swin_padded", "twins_svt", "vit")))
+def test_rows_are_placed_on_the_image_where_each_layer_computes_them(name):
+    """`row_positions` (inspect's pictures and attention distance) asks each layer's adapter where its rows
+    sit: hierarchical families place every layer, flat ones none (their rows are the image's tokens). A
+    placement fits the layer's own q/k (windows, query rows, keys), and its query rows cover the layer's grid
+    once: every cell in one window's row, padding aside."""
+    case = CASES[name]
+    model, x = case.make(0), case.images(2)
+    placed = row_positions(model, x)
+    hierarchical = next(f for f in families() if f.name == case.family).hierarchical
+    assert any(p is not None for p in placed) == hierarchical
+    for pos, sig in zip(placed, layer_qk(model, x), strict=True):
+        if pos is None:
+            continue
+        assert pos.matches(sig, 2), (sig.name, sig.shape, pos.queries.shape, pos.keys.shape)
+        cells = pos.queries[pos.queries >= 0]
+        assert sorted(cells.tolist()) == list(range(pos.grid[0] * pos.grid[1])), sig.name
+        assert pos.keys.max() < pos.key_grid[0] * pos.key_grid[1]
+
+
+@pytest.mark.parametrize("name", fast_cells(NAMES, ("pvt_v2", "qwen3", "relpos")))
+def test_a_family_converts_exactly_when_its_file_says_so(name):
+    """The coverage table's convert column is each family's declaration: a family that converts gives a zoo
+    student of its teacher (relu_linear in every layer, through its conversion slot) that runs; the others are
+    refused before anything is built, with a message about the teacher."""
+    case = CASES[name]
+    teacher, x = case.make(0), case.images(2)
+    if not next(f for f in families() if f.name == case.family).converts:
+        with pytest.raises(InputError, match="teacher"):
+            build_efficient_student(teacher, "relu_linear")
+        return
+    student = build_efficient_student(teacher, "relu_linear").eval()
+    assert {attention_name_of(a) for _, a in attention_layers(student)} == {"relu_linear"}
+    with torch.no_grad():
+        out = student(x)
+    assert out.shape == logits_of(teacher, x).shape and torch.isfinite(out).all()
 
 
 @pytest.mark.parametrize("name", fast_cells(NAMES, ("beit", "hiera", "qwen3", "relpos_cls", "swin")))

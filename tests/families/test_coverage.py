@@ -21,6 +21,8 @@ from attnxfer.transfer.coverage import (
     plan_error,
 )
 
+from .cases import CASES
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -36,6 +38,11 @@ def test_every_family_file_covers_a_timm_module_and_no_module_twice():
     declared = [m.module for f in families() for m in f.modules]
     assert len(declared) == len(set(declared)) == len(COVERAGE)
     assert all(f.modules for f in families())
+
+
+def test_every_family_has_cases_in_the_table():
+    """Adding a family is its file, its docs rows and its cases in `cases.CASES`, which every shared suite runs."""
+    assert {f.name for f in families()} == {case.family for case in CASES.values()}
 
 
 def test_goal_at_least_95_percent_of_the_families_plan_a_transfer():
