@@ -84,7 +84,7 @@ def merge(attn: TransferableAttention, core: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(
     params=[n for n in ALL if n != "none"]
-)  # `none` has no attention branch (zeros out): tests/test_hierarchical_conversion.py covers it
+)  # `none` has no attention branch (zeros out): tests/families/test_convert_hier.py covers it
 def name(request):
     return request.param
 

@@ -176,7 +176,7 @@ def test_layer_shapes_are_the_q_k_the_adapter_hands_out_talking_heads_included()
     """CaiT's talking heads mix heads before the softmax: the CE runs on q', k' of H·d features per head
     (the adapter's `project`), not on one head's d. The shapes timed are those of `project` on the layer's
     real input (the hidden tokens entering the first block), and the batch, tokens and heads too."""
-    from family_oracles import TINY
+    from families.cases import TINY
 
     teacher, student = TINY["cait"].build(seed=1), TINY["cait"].build(seed=2)
     dual = DualViT(teacher, student, build_plan(teacher, student, "distill"))

@@ -1,15 +1,15 @@
 """`attnxfer convert --help` lists every registered zoo attention with what a rope teacher does to its map
 kind: the answers the attention classes declare themselves (`rope_keeps_map_kind`, `rope_why`, gathered by
-`rope_support`). The help's table is a torch-free copy (tests/test_cli_startup.py keeps `--help` light)."""
+`rope_support`), read from their source files without importing torch (tests/test_cli_startup.py keeps
+`--help` light), and the rope families as their files declare them."""
 
 from __future__ import annotations
-
-import pprint
 
 import pytest
 
 from attnxfer.launch.cli import main
-from attnxfer.launch.rope_help import ROPE_SUPPORT
+from attnxfer.launch.rope_help import rope_families, rope_support_from_source
+from attnxfer.models.attention import families
 from attnxfer.models.efficient.base import rope_support
 
 
@@ -30,16 +30,22 @@ def test_convert_help_names_each_attention_with_its_rope_answer(capsys):
     with pytest.raises(SystemExit) as done:
         main(["convert", "--help"])
     assert done.value.code == 0
-    rows = _help_rows(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    rows = _help_rows(text)
     declared = rope_support()
     assert set(rows) == set(declared)
     for name, (keeps, why) in declared.items():
         assert rows[name] == ("yes" if keeps else "no", " ".join(why.split())), name
+    for family in families():
+        assert (family.title in text) == family.rope, family.name
 
 
-def test_the_help_table_is_a_copy_of_the_attentions_declarations():
-    declared = rope_support()
-    assert declared == ROPE_SUPPORT, (
-        "attnxfer/launch/rope_help.py ROPE_SUPPORT is out of date; its entries should be:\n"
-        + pprint.pformat(declared, width=120)
-    )
+def test_the_source_reading_finds_what_the_classes_declare():
+    """Every registered zoo attention, with its declaration as the imported class has it (inherited ones
+    included); a declaration that is not a literal would show up here by name."""
+    assert rope_support_from_source() == rope_support()
+    assert rope_families() == sorted((f.title for f in families() if f.rope), key=_file_order)
+
+
+def _file_order(title: str) -> str:
+    return next(f.name for f in families() if f.title == title)

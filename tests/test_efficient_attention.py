@@ -36,24 +36,6 @@ from attnxfer.models.efficient import (
 )
 
 ALL = list_attentions()
-EXPECTED = {
-    "softmax": "softmax",
-    "relu_linear": "row_stochastic",
-    "elu_linear": "row_stochastic",
-    "performer": "row_stochastic",
-    "hedgehog": "row_stochastic",
-    "cosformer": "row_stochastic",
-    "focused_linear": "row_stochastic",
-    "agent": "row_stochastic",
-    "window": "row_stochastic",
-    "window_linear": "row_stochastic",
-    "nystrom": "signed",
-    "linformer": "signed",
-    "hydra": "none",
-    "hashing": "row_stochastic",
-    "none": "none",
-    "formula": "row_stochastic",  # the plain name: Hedgehog's program (formula:len(...) programs are signed)
-}
 # A small layout with a prefix token and a grid the windows/agents do not divide evenly.
 PREFIX, GRID = 1, (4, 5)
 N_SMALL = PREFIX + GRID[0] * GRID[1]
@@ -105,7 +87,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tests/conftest.py
 
 ATTENDING = [
     n for n in ALL if n != "none"
-]  # `none` has no attention branch (zeros out): tests/test_hierarchical_conversion.py covers it
+]  # `none` has no attention branch (zeros out): tests/families/test_convert_hier.py covers it
 
 
 @pytest.fixture(params=ATTENDING)
@@ -116,9 +98,17 @@ def name(request):
 # ----------------------------------------------------------------------------- registry
 
 
-def test_registry_lists_every_family_with_its_map_kind():
-    assert {n: get_attention_class(n).map_kind for n in ALL} == EXPECTED
-    assert list_attentions("signed") == ["linformer", "nystrom"]
+def test_list_attentions_filters_by_the_declared_map_kind():
+    """The registry is the list (no copy of it here): each attention declares its kind, the filter reads it,
+    and softmax refines row_stochastic. What each kind promises is checked per attention below: rows that
+    sum to one (`test_row_stochastic_maps_sum_to_one_without_negatives`), signs (`test_signed_maps_go_negative`),
+    no map (`test_map_times_v_equals_attend`)."""
+    kinds = {n: get_attention_class(n).map_kind for n in ALL}
+    assert sorted(kinds) == ALL and kinds["softmax"] == "softmax"
+    for kind in ("softmax", "row_stochastic", "signed", "none"):
+        assert list_attentions(kind) == [n for n in ALL if kinds[n].refines(kind)]
+    assert "softmax" in list_attentions("row_stochastic")
+    assert get_attention_class("formula").map_kind == "row_stochastic"  # the plain name: Hedgehog's program
 
 
 def test_unknown_name_lists_the_known_ones():
@@ -194,6 +184,17 @@ def test_row_stochastic_maps_sum_to_one_without_negatives(name):
     attn_map = module.attention_map(3 * q, 3 * k)
     torch.testing.assert_close(attn_map.sum(-1), torch.ones_like(attn_map[..., 0]), rtol=0, atol=1e-12)
     assert attn_map.min() >= 0
+
+
+@pytest.mark.parametrize("name", list_attentions("signed"))
+def test_signed_maps_go_negative(name):
+    """A signed map is not a distribution: on peaked q, k its rows take negative entries somewhere (else the
+    attention would be row-stochastic and take the cross-entropy)."""
+    module = build(name).double()
+    randomise_new_parameters(module)
+    q, k, _ = qkv64(module)
+    attn_map = module.attention_map(3 * q, 3 * k)
+    assert attn_map.min() < 0
 
 
 def test_map_chunks_equal_the_whole_map(name):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from family_oracles import TINY, attention_modules
+from families.cases import TINY
+from families.oracles import attention_modules
 
 from attnxfer.errors import InputError
 from attnxfer.models.image_input import image_input

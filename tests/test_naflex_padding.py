@@ -13,7 +13,8 @@ import copy
 
 import pytest
 import torch
-from family_oracles import TINY, oracle_maps
+from families.cases import TINY
+from families.oracles import oracle_maps
 
 from attnxfer.transfer import DualViT
 from attnxfer.transfer.losses import padding_from_mask

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from test_families import TINY, build, peaked
+from families.cases import SMALL_KW as TINY
+from families.cases import build, peaked
 
 from attnxfer.models.efficient import with_attention
 from attnxfer.transfer import DualViT, PlanError, build_plan

@@ -38,20 +38,12 @@ from attnxfer.models.efficient.base import precision_policies
 from attnxfer.models.efficient.kernels import ELUFeatures, linear_readout, linear_state
 from attnxfer.models.efficient.nystrom import iterative_pinv
 
-BF16_SAFE = [
-    "agent",
-    "cosformer",
-    "elu_linear",
-    "focused_linear",
-    "hedgehog",
-    "hydra",
-    "linformer",
-    "performer",
-    "relu_linear",
-    "window",
-    "window_linear",
-]
-FP32_ONLY = ["formula", "hashing", "none", "nystrom"]  # none: nothing computed, nothing in bf16
+#: Each registered zoo attention's declared policy: no list here to keep, a new attention is in every test below.
+POLICIES = precision_policies()
+BF16_SAFE = sorted(n for n, p in POLICIES.items() if p.uses_bf16)
+FP32_ONLY = sorted(
+    n for n, p in POLICIES.items() if not p.uses_bf16
+)  # `none`: nothing computed, nothing in bf16
 #: bf16's unit roundoff (8 significant bits): the largest relative error of one rounding.
 U = 2.0**-8
 #: Error bound of a bf16 core in units of U times the output's scale S (`test_bf16_core_matches_the_fp64_oracle`).
@@ -129,14 +121,15 @@ def output_scale(module, q, k, v) -> float:
 # ----------------------------------------------------------------------------- the policy, as data
 
 
-def test_policies_pin_which_attentions_take_bf16():
-    policies = precision_policies()
-    assert sorted(n for n, p in policies.items() if p.uses_bf16) == BF16_SAFE
-    assert sorted(n for n, p in policies.items() if not p.uses_bf16) == FP32_ONLY
-    for name, policy in policies.items():
+def test_every_zoo_attention_declares_its_policy_and_why():
+    """Each policy is checked by what it claims: a bf16 one against the fp64 oracle within 4 bf16 units
+    (`test_bf16_core_matches_the_fp64_oracle`), an fp32 one for computing exactly its fp32 result with bf16
+    enabled (`test_fp32_attentions_ignore_bf16_devices`); both lists are the registry's."""
+    assert BF16_SAFE and FP32_ONLY
+    for name, policy in POLICIES.items():
         assert policy.why, f"{name} must say why its policy is what it is"
         assert policy.fp32, f"{name}: every core keeps some part in fp32 (sums, normalisers)"
-    assert set(policies) == set(list_attentions()) - {"softmax"}
+    assert set(POLICIES) == set(list_attentions()) - {"softmax"}
 
 
 def test_operand_dtype_is_bf16_only_where_device_inputs_and_policy_agree():

@@ -21,7 +21,7 @@ from typing import NoReturn
 from ..errors import InputError, UserError
 from .arguments import add_array_arguments, add_slurm_arguments
 from .process_exit import end_program
-from .rope_help import rope_epilog
+from .rope_help import ROPE_EPILOG, RopeHelpFormatter
 
 __all__ = ["build_parser", "main", "register_command", "run"]
 
@@ -239,8 +239,8 @@ def _convert_parser(sub):
         "attention layer to the teacher's on the teacher's hidden inputs (stage 1), fine-tune end to end "
         "with logit distillation (stage 2: the schedule/optim/transfer sections), and write "
         "RUN_DIR/report.json and report.md.",
-        epilog=rope_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=ROPE_EPILOG,
+        formatter_class=RopeHelpFormatter,
     )
     _add_config_args(p)
     p.add_argument(

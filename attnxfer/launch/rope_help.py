@@ -1,93 +1,143 @@
 """What a teacher's rotary embedding (rope) does to each zoo attention's map kind, for `attnxfer convert --help`.
 
-A copy of `attnxfer.models.efficient.base.rope_support()` (each attention's ``rope_keeps_map_kind`` and
-``rope_why``), kept here so that ``--help`` answers without importing torch; tests/test_cli_rope_help.py
-holds the two equal and prints the new entries when an attention is added or changes its declaration.
+The table is read from the declarations themselves, by text: each zoo attention states ``rope_keeps_map_kind``
+and ``rope_why`` in its own file under ``attnxfer/models/efficient/`` (inherited from its bases where it does
+not), each family file under ``attnxfer/models/attention/families/`` whether its blocks pass a rope
+(``Family(..., rope=True)``). Why by text (`ast`) and not by import: importing the attentions loads torch, which
+``--help`` must not (tests/test_cli_startup.py); a hand-kept copy here would be a second place to touch for
+every new attention. Why when the help is printed (`RopeHelpFormatter`) and not when the parser is built: the
+~25 files take a noticeable fraction of a second to parse, which every other command would pay.
+tests/test_cli_rope_help.py holds the table equal to what the imported classes declare (`rope_support`).
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
 import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 
-__all__ = ["ROPE_SUPPORT", "rope_epilog"]
+__all__ = ["ROPE_EPILOG", "RopeHelpFormatter", "rope_epilog", "rope_families", "rope_support_from_source"]
 
-#: registered zoo attention -> (rope keeps its map kind, why)
-ROPE_SUPPORT: dict[str, tuple[bool, str]] = {
-    "agent": (
-        True,
-        "keeps row_stochastic: softmax(q A^T) softmax(A k^T) of rotated q, k is a product of two row-stochastic maps for any input (agents average rotated queries)",
-    ),
-    "cosformer": (
-        True,
-        "keeps row_stochastic: relu(x) + eps times cos/sin of the raster position is non-negative for any rotated x (its 1-D locality weight sits on top of rope's 2-D positions)",
-    ),
-    "elu_linear": (
-        True,
-        "keeps row_stochastic: the features phi are non-negative for every input and rope rotates q, k before phi (rope applied after phi would lose the sign)",
-    ),
-    "focused_linear": (
-        True,
-        "keeps row_stochastic: the features phi are non-negative for every input and rope rotates q, k before phi (rope applied after phi would lose the sign)",
-    ),
-    "formula": (
-        True,
-        "keeps its kind: the program's features take the rotated q, k, and the kind comes from the program's sign analysis, which holds for every input",
-    ),
-    "hashing": (
-        True,
-        "keeps row_stochastic: the Hamming affinity of the rotated q, k's binary codes is non-negative",
-    ),
-    "hedgehog": (
-        True,
-        "keeps row_stochastic: the features phi are non-negative for every input and rope rotates q, k before phi (rope applied after phi would lose the sign)",
-    ),
-    "hydra": (
-        True,
-        "keeps none: no map (outputs only) for any q, k",
-    ),
-    "linformer": (
-        True,
-        "keeps signed: softmax(q (E k)^T) F is signed for any k; E mixes keys of different positions, so rope's relative form is not kept inside E k",
-    ),
-    "none": (
-        True,
-        "no map and no q, k to rotate: a rope teacher's block simply loses its attention branch",
-    ),
-    "nystrom": (
-        True,
-        "keeps signed: landmark softmaxes of rotated q, k and a pseudo-inverse, signed for any input",
-    ),
-    "performer": (
-        True,
-        "keeps row_stochastic and its target: positive features exp(w.x - x.x/2) estimate exp(q.k) for any q, k, and rope keeps norms, so they estimate the teacher's rope softmax",
-    ),
-    "relu_linear": (
-        True,
-        "keeps row_stochastic: the features phi are non-negative for every input and rope rotates q, k before phi (rope applied after phi would lose the sign)",
-    ),
-    "window": (
-        True,
-        "keeps row_stochastic: an exact softmax of the rotated q, k over each window's keys (the teacher's own rope logits, restricted to the window)",
-    ),
-    "window_linear": (
-        True,
-        "keeps row_stochastic: window softmax weights and gamma phi(q).phi(k) weights of the rotated q, k are non-negative, with one shared normaliser",
-    ),
-}
+_MODELS = Path(__file__).resolve().parents[1] / "models"
+#: The epilog a parser names to get the rope table when its help is printed (`RopeHelpFormatter`).
+ROPE_EPILOG = "{rope table: attnxfer.launch.rope_help}"
+_DECLARED = ("rope_keeps_map_kind", "rope_why")
+
+
+@dataclass
+class _Class:
+    """What one class statement of a zoo file says: its bases, its registered name, its rope declarations."""
+
+    bases: list[str]
+    registered: str | None = None
+    declared: dict[str, object] = field(default_factory=dict)
+
+
+def _name(node: ast.expr) -> str:
+    return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
+
+
+def _registered_name(decorators: list[ast.expr]) -> str | None:
+    """The name in a ``@register_attention("name")`` decorator, if any."""
+    for d in decorators:
+        called = isinstance(d, ast.Call) and _name(d.func) == "register_attention" and d.args
+        if called and isinstance(d.args[0], ast.Constant):
+            return d.args[0].value
+    return None
+
+
+def _classes(folder: Path) -> dict[str, _Class]:
+    """Every class statement in ``folder``'s modules, by class name."""
+    found: dict[str, _Class] = {}
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            cls = _Class([_name(b) for b in node.bases], _registered_name(node.decorator_list))
+            for stmt in node.body:
+                target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+                value = getattr(stmt, "value", None)
+                if _name(target) in _DECLARED and value is not None:
+                    # a value that is no literal is left out: tests/test_cli_rope_help.py names the attention
+                    with contextlib.suppress(ValueError):
+                        cls.declared[_name(target)] = ast.literal_eval(value)
+            found[node.name] = cls
+    return found
+
+
+def _lookup(classes: dict[str, _Class], name: str, attr: str) -> object:
+    """``attr`` as class ``name`` has it: its own declaration, else its bases' (left to right, depth first)."""
+    cls = classes.get(name)
+    if cls is None:
+        return None
+    if attr in cls.declared:
+        return cls.declared[attr]
+    for base in cls.bases:
+        value = _lookup(classes, base, attr)
+        if value is not None:
+            return value
+    return None
+
+
+def _is_zoo(classes: dict[str, _Class], name: str) -> bool:
+    cls = classes.get(name)
+    return cls is not None and any(b == "EfficientAttention" or _is_zoo(classes, b) for b in cls.bases)
+
+
+@cache
+def rope_support_from_source() -> dict[str, tuple[bool, str]]:
+    """Every registered zoo attention -> (rope keeps its map kind, why), read from the zoo's source files;
+    the same as `attnxfer.models.efficient.base.rope_support()` without importing anything."""
+    classes = _classes(_MODELS / "efficient")
+    table = {
+        cls.registered: (
+            bool(_lookup(classes, name, _DECLARED[0])),
+            str(_lookup(classes, name, _DECLARED[1])),
+        )
+        for name, cls in classes.items()
+        if cls.registered and _is_zoo(classes, name)
+    }
+    return dict(sorted(table.items()))
+
+
+@cache
+def rope_families() -> list[str]:
+    """The titles of the families whose blocks pass a rope (``Family(..., rope=True)``), by file name."""
+    titles = []
+    for path in sorted((_MODELS / "attention" / "families").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and _name(node.func) == "Family":
+                kw = {k.arg: k.value for k in node.keywords}
+                if isinstance(kw.get("rope"), ast.Constant) and kw["rope"].value is True:
+                    titles.append(ast.literal_eval(kw["title"]))
+    return titles
 
 
 def rope_epilog(width: int = 100) -> str:
     """The convert subcommand's epilog: per zoo attention (``convert.attention``), whether applying a rope
     teacher's rotary embedding to q and k before its feature map keeps its map kind, and why."""
-    name_w = max(map(len, ROPE_SUPPORT)) + 2
+    support = rope_support_from_source()
+    name_w = max(map(len, support)) + 2
     lines = [
-        "rope teachers (EVA-02, DINOv3, PE, Qwen3-ViT, Gemma4-ViT): each convert.attention applies the",
+        f"rope teachers ({', '.join(rope_families())}): each convert.attention applies the",
         "teacher's rotary embedding to q and k before its feature map. Does that keep its map kind?",
         "(no: a rope teacher is refused for that attention, with the reason below)",
     ]
-    for name, (keeps, why) in ROPE_SUPPORT.items():
+    for name, (keeps, why) in support.items():
         head = f"  {name:<{name_w}}{'yes' if keeps else 'no':<4}"
         body = textwrap.wrap(why, width - len(head)) or [""]
         lines.append(head + body[0])
         lines.extend(" " * len(head) + more for more in body[1:])
     return "\n".join(lines) + "\n"
+
+
+class RopeHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's raw-description help, with the rope table (`rope_epilog`) in place of `ROPE_EPILOG`: it is
+    read only when the help is printed."""
+
+    def add_text(self, text: str | None) -> None:
+        super().add_text(rope_epilog() if text == ROPE_EPILOG else text)

@@ -2,7 +2,7 @@
 
 ``attention/``  the interface (`TransferableAttention`, `MapKind`, `AttentionIO`), softmax
                 (`TransferAttention`), the attention registry, whole-model capture, numerics
-``efficient/``  the zoo of efficient attentions (one file per family) and zoo students
+``efficient/``  the zoo of efficient attentions (one file per attention) and zoo students
 ``vit``         `create_vit` and the demo's micro ViTs
 ``student``     students shaped like their teacher; specs that rebuild them
 """

@@ -1,9 +1,9 @@
 """What a timm vision model takes as input: channels, image size, patch size and patch grid.
 
-timm families keep the module that cuts images into patches in different places and describe it with
-different attributes (a ViT's ``patch_embed`` knows its ``img_size`` and ``grid_size``; NaFlexViT's
-``embeds`` and Gemma4-ViT's ``encoder.patch_embed`` accept any size and record none). This is the one
-place that knows them all, so run builders, plans and reports ask `image_input` instead of reading
+timm families keep the module that cuts images into patches in different places (each family file says
+where: `attnxfer.models.attention.Family.patch_embedding`) and describe it with different attributes (a ViT's
+``patch_embed`` knows its ``img_size`` and ``grid_size``; others accept any size and record none). This is
+the one place that reads them, so run builders, plans and reports ask `image_input` instead of reading
 ``model.patch_embed`` (which only some families have).
 """
 
@@ -15,13 +15,12 @@ import torch.nn as nn
 from timm.models import get_model_traits
 
 from ..errors import InputError
+from .attention import families, patch_embeddings
 
 __all__ = ["PATCH_EMBEDDINGS", "ImageInput", "as_pair", "find_patch_embedding", "image_input"]
 
-#: Where timm families keep the patch embedding, looked up in this order: ViT/DeiT, EVA, BEiT, relpos, SAM,
-#: CaiT, Swin, PVTv2, Hiera ``patch_embed``; NaFlexViT ``embeds``; the VLM encoders (Qwen3-ViT, Gemma4-ViT
-#: classifiers) ``encoder.patch_embed``; Twins the first of its per-stage ``patch_embeds``.
-PATCH_EMBEDDINGS = ("patch_embed", "embeds", "encoder.patch_embed", "patch_embeds.0")
+#: Where the families keep the patch embedding, looked up in this order (``patch_embed`` first).
+PATCH_EMBEDDINGS = patch_embeddings()
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class ImageInput:
     """A model's input geometry at its configured image size.
 
     ``img_size`` is None only for a model that records no size anywhere (then ``grid`` is ``()``);
-    ``grid`` steps by the embedding's stride (PVTv2's overlapping 7x7 patches step by 4)."""
+    ``grid`` steps by the embedding's stride (overlapping 7x7 patches that step by 4, say)."""
 
     where: str  # the patch embedding's module path
     in_chans: int
@@ -54,17 +53,17 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def image_input(model: nn.Module) -> ImageInput:
-    """Input channels, image size, patch size and grid of any supported timm vision model.
+    """Input channels, image size, patch size and grid of any timm vision model of a known family.
 
     Sizes are read from the embedding where it records them, else from timm's record of the size the
     model was built for (``create_model(..., img_size=...)``), else from its pretrained config. A model
     with no patch embedding attnxfer knows is one `InputError` naming its class."""
     found = find_patch_embedding(model)
     if found is None:
+        known = ", ".join(f.title for f in families())
         raise InputError(
             f"{type(model).__name__} has no patch embedding attnxfer knows (looked for "
-            f"{', '.join(PATCH_EMBEDDINGS)}); supported are timm's ViT/DeiT, EVA, BEiT, relpos and SAM ViTs, "
-            "CaiT, NaFlexViT, Qwen3-ViT, Gemma4-ViT, Swin, PVTv2, Twins and Hiera models"
+            f"{', '.join(PATCH_EMBEDDINGS)}); supported are the models of timm's families {known}"
         )
     where, embed = found
     proj = getattr(embed, "proj", None)
@@ -88,8 +87,8 @@ def image_input(model: nn.Module) -> ImageInput:
 
 
 def _in_chans(model: nn.Module, where: str, embed: nn.Module, proj: nn.Module | None) -> int:
-    """The embedding's own count (NaFlexViT), its conv's input channels (ViT-like stems), else the
-    count its owner records (Gemma4-ViT's encoder: a linear projection of flattened patches)."""
+    """The embedding's own count, its conv's input channels (ViT-like stems), else the count its owner
+    records (an encoder whose embedding is a linear projection of flattened patches)."""
     chans = getattr(embed, "in_chans", None)
     if chans is None and isinstance(proj, nn.Conv2d):
         chans = proj.in_channels

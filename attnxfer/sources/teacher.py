@@ -200,7 +200,7 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
     if "fc_norm.weight" in sd_keys and "norm.weight" not in sd_keys:
         hints.append(
             "the checkpoint has fc_norm and no final norm: it was fine-tuned with average pooling "
-            "(MAE/BEiT fine-tuning): pass global_pool='avg'"
+            "(as MAE's fine-tuning recipe does): pass global_pool='avg'"
         )
     if "dist_token" in sd_keys:
         hints.append("the checkpoint has a distillation token: use a deit_*_distilled_* arch")

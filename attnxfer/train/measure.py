@@ -260,16 +260,12 @@ def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple
     size = (img_size, img_size) if img_size else tuple(size)
     seen: list[tuple[int, int, int]] = []
 
-    def record(module, args):
-        tokens, keys = args[0].shape[1], args[0].shape[1]
-        if getattr(module, "pool", None) is not None:
-            keys = math.prod(module.pool.output_size)
-        elif getattr(module, "sr", None) is not None:  # a stride-sr conv over the (H, W) grid
-            r = module.sr.stride[0]
-            keys = (int(args[1][0]) // r) * (int(args[1][1]) // r)
+    def record(module, args, kwargs):
+        tokens = args[0].shape[1]
+        keys = module.key_count(tokens, module.call_grid(args, kwargs))  # the adapter's answer
         seen.append((tokens, args[0].shape[0], keys))
 
-    hooks = [attn.register_forward_pre_hook(record) for attn in transfer_attentions(model)]
+    hooks = [attn.register_forward_pre_hook(record, with_kwargs=True) for attn in transfer_attentions(model)]
     was = model.training
     try:
         model.eval().forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))

@@ -1,11 +1,13 @@
-"""Which of timm's pretrained transformers can be a teacher: the family table, measured on the meta device.
+"""Which of timm's pretrained transformers can be a teacher: the coverage table, measured on the meta device.
 
-`measure_coverage` builds every arch of ``timm.list_models(pretrained=True)`` in the chosen families on
+Each family file (`attnxfer.models.attention.families`) declares the timm modules whose archs it covers, with
+their counts (`attnxfer.models.attention.family.ModuleCoverage`); `COVERAGE` gathers them, one row per timm
+module. `measure_coverage` builds every arch of ``timm.list_models(pretrained=True)`` in those modules on
 ``torch.device("meta")`` (no weights, no memory: a second per arch at most) twice, as teacher and as its
-mirrored student (the same arch, freshly initialised), and asks `build_plan` for a ``copy`` and a
-``distill`` plan. `FAMILY_COVERAGE` holds the result as data: ``tests/test_family_coverage.py`` checks that
-timm still gives it, and that the tables in README.md and docs/architecture.md are `coverage_markdown` of
-it. Run ``python -m attnxfer.transfer.coverage`` to measure and print the table.
+mirrored student (the same arch, freshly initialised), and asks `build_plan` for a ``copy`` and a ``distill``
+plan. ``tests/families/test_coverage.py`` checks that timm still gives the declared counts, and that the
+tables in README.md and docs/architecture.md are `coverage_markdown` of them. Run
+``python -m attnxfer.transfer.coverage`` to measure and print the table.
 """
 
 from __future__ import annotations
@@ -13,105 +15,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 
 import timm
 import torch
 from timm.models._registry import _model_to_module
 from torch.overrides import TorchFunctionMode
 
+from ..models.attention import families
+from ..models.attention.family import WORKFLOWS, ModuleCoverage
 from .plan import build_plan
 
 __all__ = [
-    "FAMILIES",
-    "FAMILY_COVERAGE",
-    "FLAT_FAMILIES",
-    "HIER_FAMILIES",
-    "FamilyCoverage",
-    "arch_family",
+    "COVERAGE",
+    "TIMM_MODULES",
+    "ModuleCoverage",
+    "arch_module",
     "coverage_markdown",
-    "family_archs",
+    "family_of_module",
     "measure_coverage",
+    "module_archs",
     "on_meta",
     "plan_error",
 ]
 
-#: timm modules whose transformers keep their blocks in one flat sequence (issue 26).
-FLAT_FAMILIES = (
-    "vision_transformer",
-    "deit",
-    "eva",
-    "beit",
-    "vision_transformer_relpos",
-    "vision_transformer_sam",
-    "cait",
-    "naflexvit",
-    "qwen3_vit",
-    "gemma4_vit",
-)
-
-#: timm modules of hierarchical transformers: stages of windowed blocks (Swin), of spatial-reduction attention
-#: (PVTv2, Twins' GSA), of padded local windows (Twins' LSA) and of mask units with pooled queries (Hiera)
-#: (issue 27).
-HIER_FAMILIES = (
-    "swin_transformer",
-    "swin_transformer_v2",
-    "swin_transformer_v2_cr",
-    "pvt_v2",
-    "twins",
-    "hiera",
-)
-
-#: Every family the table holds, in its order.
-FAMILIES = FLAT_FAMILIES + HIER_FAMILIES
-
-#: The columns of the table beside the counts (modes measured on the meta device: copy, distill).
-WORKFLOWS = ("copy", "distill", "inspect", "convert", "export")
+#: Every timm module a family covers, in the table's order (the families' order: flat, then hierarchical).
+COVERAGE: dict[str, ModuleCoverage] = {m.module: m for f in families() for m in f.modules}
+TIMM_MODULES: tuple[str, ...] = tuple(COVERAGE)
 
 
-@dataclass(frozen=True)
-class FamilyCoverage:
-    """One family's row: pretrained archs, how many plan each measured mode, and the workflows its tests
-    cover (``inspect``/``convert``/``export`` are checked on tiny models of the family, not on the meta walk).
-    """
-
-    family: str
-    archs: int
-    copy: int
-    distill: int
-    workflows: tuple[str, ...] = ()
-
-    @property
-    def planned(self) -> int:
-        """Archs that plan both a copy and a distillation."""
-        return min(self.copy, self.distill)
-
-
-#: Measured with timm 1.0.31 (``python -m attnxfer.transfer.coverage``); kept equal by the coverage test.
-#: The 4 vision_transformer archs that do not plan: ``vit_dlittle_*``/``vit_dwee_*`` use differential attention
-#: (refused: signed maps), ``vit_pwee_*``/``vit_dpwee_*`` parallel blocks whose attention is computed inside
-#: the block (no ``attn`` module to adapt).
-FAMILY_COVERAGE: dict[str, FamilyCoverage] = {
-    f.family: f
-    for f in (
-        FamilyCoverage("vision_transformer", 145, 141, 141, ("inspect", "convert", "export")),
-        FamilyCoverage("deit", 16, 16, 16, ("inspect", "convert", "export")),
-        FamilyCoverage("eva", 65, 65, 65, ("inspect", "convert", "export")),
-        FamilyCoverage("beit", 7, 7, 7, ("inspect", "export")),
-        FamilyCoverage("vision_transformer_relpos", 9, 9, 9, ("inspect", "export")),
-        FamilyCoverage("vision_transformer_sam", 3, 3, 3, ("inspect", "export")),
-        FamilyCoverage("cait", 10, 10, 10, ("inspect", "export")),
-        FamilyCoverage("naflexvit", 11, 11, 11, ("inspect", "convert", "export")),
-        FamilyCoverage("qwen3_vit", 9, 9, 9, ("inspect", "convert", "export")),
-        FamilyCoverage("gemma4_vit", 4, 4, 4, ("inspect", "convert", "export")),
-        FamilyCoverage("swin_transformer", 9, 9, 9, ("inspect", "convert", "export")),
-        FamilyCoverage("swin_transformer_v2", 12, 12, 12, ("inspect", "export")),
-        FamilyCoverage("swin_transformer_v2_cr", 3, 3, 3, ("inspect", "export")),
-        FamilyCoverage("pvt_v2", 7, 7, 7, ("inspect", "convert", "export")),
-        FamilyCoverage("twins", 6, 6, 6, ("inspect", "export")),
-        FamilyCoverage("hiera", 7, 7, 7, ("inspect", "export")),
-    )
-}
+def family_of_module(module: str) -> str:
+    """The family (file) that covers timm ``module``."""
+    return next(f.name for f in families() if any(m.module == module for m in f.modules))
 
 
 #: In-place ops that only change values: on the meta device there are none to change, so `_MetaNoInit` skips
@@ -143,22 +77,22 @@ def on_meta() -> Iterator[None]:
         yield
 
 
-def arch_family(arch: str) -> str | None:
-    """The timm module (family) an arch is registered in, tag stripped (``vit_small_patch16_224.augreg_in1k``
+def arch_module(arch: str) -> str | None:
+    """The timm module an arch is registered in, tag stripped (``vit_small_patch16_224.augreg_in1k``
     -> ``vision_transformer``)."""
     return _model_to_module.get(arch.split(".", 1)[0])
 
 
-def family_archs(families: Iterable[str] = FAMILIES) -> dict[str, list[str]]:
-    """Pretrained arch names (without tags, each once) per family, in timm's order."""
-    wanted = {f: [] for f in families}
+def module_archs(modules: Iterable[str] = TIMM_MODULES) -> dict[str, list[str]]:
+    """Pretrained arch names (without tags, each once) per timm module, in timm's order."""
+    wanted = {m: [] for m in modules}
     seen = set()
     for name in timm.list_models(pretrained=True):
         arch = name.split(".", 1)[0]
-        fam = arch_family(arch)
-        if fam in wanted and arch not in seen:
+        module = arch_module(arch)
+        if module in wanted and arch not in seen:
             seen.add(arch)
-            wanted[fam].append(arch)
+            wanted[module].append(arch)
     return wanted
 
 
@@ -184,46 +118,49 @@ def plan_error(arch: str, modes: Sequence[str] = ("copy", "distill")) -> dict[st
 
 
 def measure_coverage(
-    families: Iterable[str] = FAMILIES, archs: dict[str, list[str]] | None = None
-) -> tuple[dict[str, FamilyCoverage], dict[str, dict[str, str | None]]]:
-    """Measure the family table: ({family: counts}, {arch: {mode: error or None}}). The workflow columns are
-    copied from `FAMILY_COVERAGE` (they are not measured on the meta device)."""
-    archs = family_archs(families) if archs is None else archs
+    modules: Iterable[str] = TIMM_MODULES, archs: dict[str, list[str]] | None = None
+) -> tuple[dict[str, ModuleCoverage], dict[str, dict[str, str | None]]]:
+    """Measure the table: ({timm module: counts}, {arch: {mode: error or None}}). The workflow columns are
+    copied from the declared `COVERAGE` (they are not measured on the meta device)."""
+    archs = module_archs(modules) if archs is None else archs
     rows, errors = {}, {}
-    for fam, names in archs.items():
+    for module, names in archs.items():
         copy = distill = 0
         for arch in names:
             errors[arch] = plan_error(arch)
             copy += errors[arch]["copy"] is None
             distill += errors[arch]["distill"] is None
-        known = FAMILY_COVERAGE.get(fam)
-        rows[fam] = FamilyCoverage(fam, len(names), copy, distill, known.workflows if known else ())
+        known = COVERAGE.get(module)
+        rows[module] = ModuleCoverage(module, len(names), copy, distill, known.workflows if known else ())
     return rows, errors
 
 
-def coverage_markdown(table: dict[str, FamilyCoverage] | None = None) -> str:
-    """The family × workflow table in Markdown (README.md and docs/architecture.md hold it verbatim)."""
-    table = FAMILY_COVERAGE if table is None else table
+def coverage_markdown(table: dict[str, ModuleCoverage] | None = None) -> str:
+    """The timm module × workflow table in Markdown (README.md and docs/architecture.md hold it verbatim)."""
+    table = COVERAGE if table is None else table
     lines = [
-        "| family (timm module) | pretrained archs | copy | distill | inspect | convert | export |",
-        "|---|---:|---:|---:|:-:|:-:|:-:|",
+        "| timm module | family | pretrained archs | copy | distill | " + " | ".join(WORKFLOWS) + " |",
+        "|---|---|---:|---:|---:|" + ":-:|" * len(WORKFLOWS),
     ]
     for row in table.values():
-        marks = ["yes" if w in row.workflows else "—" for w in WORKFLOWS[2:]]
+        marks = ["yes" if w in row.workflows else "—" for w in WORKFLOWS]
+        family = family_of_module(row.module)
         lines.append(
-            f"| {row.family} | {row.archs} | {row.copy} | {row.distill} | " + " | ".join(marks) + " |"
+            f"| {row.module} | {family} | {row.archs} | {row.copy} | {row.distill} | "
+            + " | ".join(marks)
+            + " |"
         )
     total, copy, distill = (sum(getattr(r, c) for r in table.values()) for c in ("archs", "copy", "distill"))
-    lines.append(f"| **all** | {total} | {copy} | {distill} | | | |")
+    lines.append(f"| **all** | | {total} | {copy} | {distill} |" + " |" * len(WORKFLOWS))
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("families", nargs="*", default=list(FAMILIES), help="timm modules to walk")
+    parser.add_argument("modules", nargs="*", default=list(TIMM_MODULES), help="timm modules to walk")
     parser.add_argument("--errors", action="store_true", help="also list each refused arch and why")
     args = parser.parse_args(argv)
-    rows, errors = measure_coverage(args.families)
+    rows, errors = measure_coverage(args.modules)
     print(coverage_markdown(rows))
     if args.errors:
         for arch, errs in errors.items():

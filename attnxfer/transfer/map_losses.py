@@ -221,7 +221,7 @@ def _implicit_loss(
         )
     if valid is not None:
         raise InputError(
-            "padded batches (NaFlexViT's patch_valid) are distilled into softmax students only: the "
+            "padded batches (a padding mask over their patches) are distilled into softmax students only: the "
             "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
         )
     _check_equal_shapes(q_s, k_s, q_t, k_t, key_pooling)

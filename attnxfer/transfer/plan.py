@@ -18,6 +18,7 @@ from ..models.attention import (
     TransferableAttention,
     attention_layers,
     attention_name_of,
+    group_stages,
     stage_of,
     transfer_attentions,
 )
@@ -272,16 +273,6 @@ def _layer_names(model: nn.Module) -> list[str]:
     return [name for name, _ in attention_layers(model)]
 
 
-def _stages(names: Sequence[str]) -> list[tuple[str, list[int]]]:
-    """(stage, its layer indices) in order (`stage_of`): one stage for a flat model."""
-    stages: list[tuple[str, list[int]]] = []
-    for i, name in enumerate(names):
-        if not stages or stages[-1][0] != stage_of(name):
-            stages.append((stage_of(name), []))
-        stages[-1][1].append(i)
-    return stages
-
-
 def _partitions(model: nn.Module, names: Sequence[str], attn: Sequence[nn.Module]) -> list[dict]:
     """Each layer's `TransferableAttention.token_partition`, read with the block that holds it."""
     return [a.token_partition(model.get_submodule(n.rpartition(".")[0])) for n, a in zip(names, attn)]
@@ -299,7 +290,7 @@ def _pair_within_stages(
     stages, so a layer's partner is in the same stage. With one stage on either side: over the whole depth.
     A partner that partitions its tokens otherwise (a shifted Swin block for an unshifted one) gives way to
     the nearest layer of its stage that partitions them like the student layer, if there is one."""
-    s_stages, t_stages = _stages(s_names), _stages(t_names)
+    s_stages, t_stages = group_stages(s_names), group_stages(t_names)
     if len(s_stages) == 1 or len(t_stages) == 1:
         s_stages, t_stages = [("", list(range(len(s_names))))], [("", list(range(len(t_names))))]
     elif len(s_stages) != len(t_stages):
@@ -322,13 +313,9 @@ def _pair_within_stages(
 
 
 def reduced_keys(attn: nn.Module) -> str | None:
-    """How a teacher layer's keys reduce its tokens (PVTv2: ``sr_ratio`` > 1 blocks, or the linear variant's
-    7x7 bins), or None where its keys are its tokens."""
-    part = attn.token_partition() if isinstance(attn, TransferableAttention) else {}
-    if part.get("linear"):
-        return "7x7 adaptive bins"
-    sr = int(part.get("sr_ratio", 1) or 1)
-    return f"{sr}x{sr} blocks" if sr > 1 else None
+    """How a teacher layer's keys reduce its tokens, in words (its adapter's `key_reduction`: strided blocks,
+    adaptive bins), or None where its keys are its tokens."""
+    return attn.key_reduction() if isinstance(attn, TransferableAttention) else None
 
 
 def _pools_teacher_keys(spec: TransferMode, sa: nn.Module, ta: nn.Module, sp: dict) -> bool:

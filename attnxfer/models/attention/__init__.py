@@ -4,12 +4,20 @@
 module              what
 ==================  =================================================================================
 ``interface``       `TransferableAttention` (the abstract base: project / attend / attention_map /
-                    forward with `AttentionIO`), `MapKind`, `AttentionIO`, `PartialQKV`
+                    forward with `AttentionIO`; what a family's layer says of its calls and rows)
+``map_kind``        `MapKind` (softmax, row-stochastic, signed, none)
+``attention_io``    `AttentionIO` (one call's instructions and results), `StopForward`, `attention_io`
+``partial_qkv``     `PartialQKV` (q/k/v row blocks frozen independently, timm's state-dict names)
 ``softmax``         `TransferAttention` (timm's ``Attention``, registered as ``"softmax"``),
                     `make_transfer_aware`, `sdpa`, `attention_with_lse`, `explicit_attention_map`
-``adapters``        timm attention class -> its adapter (`register_adapter`, `refuse_attention`), and
-                    `attention_layers`: a model's attention layers in forward order, swapped in place
-``families``        one adapter file per timm attention class (EVA, AttentionRope, BEiT, ...)
+``adapters``        timm attention class -> its adapter (`register_adapter`, `refuse_attention`),
+                    `attention_layers` (a model's attention layers in forward order, swapped in place)
+                    and the stage grouping (`stage_of`, `group_stages`, `attention_stages`)
+``families``        one file per timm family (ViT, EVA, BEiT, ..., Swin, PVTv2, Twins, Hiera)
+``family``          `Family`: what a family file declares besides its adapters (`register_family`,
+                    `families`, `patch_embeddings`)
+``slots``           `ConversionSlot`: how a zoo attention takes a family's layer (`slot_of`)
+``placement``       `RowPlacement`: where a layer's rows and keys sit on the image (`place_rows`)
 ``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
                     `attention_name_of`, ...)
 ``capture``         whole-model access through the interface: `transfer_attentions`, `attention_maps`,
@@ -20,7 +28,7 @@ module              what
                     attention that hands out its log-sum-exp: FlexAttention on CUDA, a twin elsewhere)
 ==================  =================================================================================
 
-The zoo's attentions live in `attnxfer.models.efficient` (one file per family) on the base
+The zoo's attentions live in `attnxfer.models.efficient` (one file per attention) on the base
 `EfficientAttention`.
 """
 
@@ -29,6 +37,7 @@ from .adapters import (
     attention_blocks,
     attention_layers,
     attention_stages,
+    group_stages,
     list_adapters,
     refuse_attention,
     register_adapter,
@@ -42,6 +51,7 @@ from .capture import (
     run_with_ios,
     transfer_attentions,
 )
+from .family import Family, families, patch_embeddings
 from .interface import (
     COUNTERPART_MODULES,
     QKV,
@@ -52,6 +62,7 @@ from .interface import (
     TransferableAttention,
     attention_io,
 )
+from .placement import RowPlacement, TokenWalk
 from .registry import (
     attention_layer,
     attention_name_of,
@@ -60,6 +71,7 @@ from .registry import (
     list_attentions,
     register_attention,
 )
+from .slots import ConversionSlot, slot_of
 from .softmax import (
     SOFTMAX,
     TransferAttention,
@@ -75,9 +87,13 @@ __all__ = [
     "QKV",
     "SOFTMAX",
     "AttentionIO",
+    "ConversionSlot",
+    "Family",
     "MapKind",
     "PartialQKV",
+    "RowPlacement",
     "StopForward",
+    "TokenWalk",
     "TransferAttention",
     "TransferableAttention",
     "adapter_for",
@@ -93,15 +109,19 @@ __all__ = [
     "capture_attention",
     "create_attention",
     "explicit_attention_map",
+    "families",
     "get_attention_class",
+    "group_stages",
     "list_adapters",
     "list_attentions",
     "make_transfer_aware",
+    "patch_embeddings",
     "refuse_attention",
     "register_adapter",
     "register_attention",
     "run_with_ios",
     "sdpa",
+    "slot_of",
     "stage_of",
     "transfer_attentions",
 ]

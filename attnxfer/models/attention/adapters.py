@@ -14,7 +14,7 @@ and why; `attention_layers` walks a model in forward order and swaps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import torch.nn as nn
@@ -26,6 +26,7 @@ __all__ = [
     "attention_blocks",
     "attention_layers",
     "attention_stages",
+    "group_stages",
     "list_adapters",
     "refuse_attention",
     "register_adapter",
@@ -69,8 +70,11 @@ def adapter_for(timm_class: type[nn.Module]) -> type[TransferableAttention] | No
 
 
 def list_adapters() -> dict[str, str]:
-    """``{"module.TimmClass": "Adapter"}`` for every registered adapter (docs, coverage tests)."""
-    return {f"{k.__module__}.{k.__qualname__}": v.__name__ for k, v in _ADAPTERS.items()}
+    """``{"module.TimmClass": "module.Adapter"}`` for every registered adapter: which family file adapts which
+    timm class (docs, the one-file-per-family test)."""
+    return {
+        f"{k.__module__}.{k.__qualname__}": f"{v.__module__}.{v.__qualname__}" for k, v in _ADAPTERS.items()
+    }
 
 
 def _is_attention_slot(name: str, module: nn.Module) -> bool:
@@ -133,16 +137,22 @@ def stage_of(name: str) -> str:
     return ".".join(parts)
 
 
-def attention_stages(model: nn.Module) -> list[tuple[str, list[int]]]:
-    """(stage name, indices of its layers among `attention_layers`) in forward order: one stage ``""`` for a
-    flat model, one per stage of a hierarchical one."""
+def group_stages(names: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """(stage name, indices of its layers among ``names``) in order, by `stage_of`: the one grouping of
+    attention layers into stages (plans pair within them, conversions name one attention per stage)."""
     stages: list[tuple[str, list[int]]] = []
-    for i, (name, _) in enumerate(attention_layers(model)):
+    for i, name in enumerate(names):
         stage = stage_of(name)
         if not stages or stages[-1][0] != stage:
             stages.append((stage, []))
         stages[-1][1].append(i)
     return stages
+
+
+def attention_stages(model: nn.Module) -> list[tuple[str, list[int]]]:
+    """(stage name, indices of its layers among `attention_layers`) in forward order: one stage ``""`` for a
+    flat model, one per stage of a hierarchical one."""
+    return group_stages([name for name, _ in attention_layers(model)])
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:

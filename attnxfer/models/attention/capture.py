@@ -59,12 +59,9 @@ def attention_maps(
     return {i: io.map for i, io in ios.items()}
 
 
-def _record_input(module: nn.Module, args: tuple, kwargs: dict, *, sink: dict) -> None:
+def _record_input(module: TransferableAttention, args: tuple, kwargs: dict, *, sink: dict) -> None:
     sink["input"] = args[0] if args else kwargs["x"]
-    if kwargs.get("rope") is not None:
-        sink["rope"] = kwargs["rope"]
-    elif getattr(module, "rope_cos_sin_call", False) and len(args) == 3:  # Gemma4: attn(x, cos, sin)
-        sink["rope"] = torch.stack(args[1:])  # cos and sin as one tensor, the student's ``rope=``
+    sink.update(module.call_extras(args, kwargs))  # a rope family's rotary embedding, as ``rope``
 
 
 @contextlib.contextmanager

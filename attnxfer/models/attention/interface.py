@@ -23,21 +23,27 @@ Subclasses implement ``attend`` and, when they have a map, ``_map_context`` / ``
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, ClassVar
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention_io import AttentionIO, StopForward, attention_io
 from .bias_rows import BiasRows, full_bias
+from .map_kind import MapKind
 from .numerics import fp32_section, row_chunk, row_slices, upcast
 from .opcount import OpCounts
+from .partial_qkv import QKV, PartialQKV
+from .placement import RowPlacement, TokenWalk
+
+if (
+    TYPE_CHECKING
+):  # a family's conversion slot names the zoo classes it takes; the interface only points at it
+    from .slots import ConversionSlot
 
 __all__ = [
     "BASE_OPTIONS",
@@ -52,8 +58,6 @@ __all__ = [
     "attention_io",
 ]
 
-#: The three projections of a fused qkv, in timm's row order.
-QKV = ("q", "k", "v")
 #: Child modules that have a counterpart in timm's ``Attention`` (copied from a teacher).
 COUNTERPART_MODULES: tuple[str, ...] = ("qkv", "q_norm", "k_norm", "norm", "proj")
 #: Constructor keywords every attention takes: timm's ``Attention`` ones plus the token layout.
@@ -74,164 +78,6 @@ BASE_OPTIONS: tuple[str, ...] = (
     "device",
     "dtype",
 )
-
-
-class MapKind(StrEnum):
-    """What an attention's N×N map is, and so how it is distilled.
-
-    ``softmax`` is the row-stochastic kind with exact rows: a borrowed (q, k) reproduces the teacher's
-    map exactly (attention copy), and the map loss is the exact O(N) cross-entropy. ``row_stochastic``
-    maps (rows are distributions) take a chunked implicit CE, ``signed`` ones (rows may go negative) a
-    map MSE, and ``none`` (no single map) only output losses.
-    """
-
-    SOFTMAX = "softmax"
-    ROW_STOCHASTIC = "row_stochastic"
-    SIGNED = "signed"
-    NONE = "none"
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-    @property
-    def has_map(self) -> bool:
-        return self is not MapKind.NONE
-
-    @property
-    def row_stochastic(self) -> bool:
-        """Rows are probability distributions (softmax included)."""
-        return self in (MapKind.SOFTMAX, MapKind.ROW_STOCHASTIC)
-
-    @property
-    def takes_borrowed_qk(self) -> bool:
-        """A teacher's (q, k) in place of the layer's own gives the teacher's map exactly (attention copy)."""
-        return self is MapKind.SOFTMAX
-
-    def refines(self, other: MapKind | str) -> bool:
-        """This kind is ``other`` or a special case of it (softmax refines row_stochastic)."""
-        other = MapKind(other)
-        return self is other or (other is MapKind.ROW_STOCHASTIC and self.row_stochastic)
-
-
-@dataclass
-class AttentionIO:
-    """Instructions for one call of a `TransferableAttention`, and what it hands back.
-
-    Overrides are (B, H, N, d) tensors in the layer's head layout. After the call, ``captured``
-    holds the layer's own q/k/v (only those requested in ``capture``), ``map`` the layer's
-    attention map if ``return_map`` was set, and ``lse`` the rows' log-sum-exp of its logits, with a
-    gradient, if ``return_lse`` was set (softmax layers: what the distillation loss takes from the
-    student's own attention kernel).
-    """
-
-    q: torch.Tensor | None = None
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    #: With both ``q`` and ``k`` given, the logits are borrowed whole: ``bias`` is the additive logit bias
-    #: that goes with them (a teacher's captured ``"bias"``; None: no bias), in place of the layer's own.
-    bias: torch.Tensor | BiasRows | None = None
-    #: subset of "qkv"; capturing q and k also captures the layer's logit bias, if any, as ``"bias"``: a
-    #: `BiasRows` (``logit_bias_rows``), and the call's ``attn_mask``, if any, as ``"mask"``
-    capture: str = ""
-    return_map: bool = False
-    return_lse: bool = False
-    #: Raise `StopForward` right after capturing: the caller wanted nothing more of this forward pass.
-    stop: bool = False
-    captured: dict[str, torch.Tensor] = field(default_factory=dict)
-    map: torch.Tensor | None = None
-    lse: torch.Tensor | None = None
-
-    def override(self, name: str) -> torch.Tensor | None:
-        return getattr(self, name)
-
-
-class StopForward(Exception):
-    """Raised by an attention whose `AttentionIO` has ``stop`` set, once it has captured what it gives:
-    a caller running a model's own forward (the teacher in `DualViT`) catches it and skips the rest."""
-
-
-class PartialQKV(nn.Module):
-    """A fused qkv projection whose q/k/v row blocks are trainable or frozen independently (``chunks``
-    names the blocks: timm's ``qkv`` by default, a fused ``kv`` with ``("k", "v")``).
-
-    A copied layer never uses its own q/k projections; keeping them as buffers
-    (not parameters) means they get no gradient, no weight decay, and no optimizer
-    state, while ``state_dict`` still reads and writes timm's ``qkv.weight`` /
-    ``qkv.bias`` so checkpoints stay interchangeable with plain timm models.
-    """
-
-    def __init__(self, linear: nn.Linear, frozen: Iterable[str], chunks: Sequence[str] = QKV):
-        super().__init__()
-        frozen = set(frozen)
-        self.chunks = tuple(chunks)  # the row blocks, in order (PVTv2/Twins' fused ``kv``: ("k", "v"))
-        unknown = frozen - set(self.chunks)
-        if unknown:
-            raise ValueError(
-                f"PartialQKV: unknown chunks {sorted(unknown)}; use a subset of {', '.join(map(repr, self.chunks))}"
-            )
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.frozen = tuple(c for c in self.chunks if c in frozen)
-        self.has_bias = linear.bias is not None
-        rows = linear.out_features // len(self.chunks)
-        for i, name in enumerate(self.chunks):
-            w = linear.weight.detach()[i * rows : (i + 1) * rows].clone()
-            b = linear.bias.detach()[i * rows : (i + 1) * rows].clone() if self.has_bias else None
-            if name in frozen:
-                self.register_buffer(f"{name}_weight", w)
-                self.register_buffer(f"{name}_bias", b)
-            else:
-                self.register_parameter(f"{name}_weight", nn.Parameter(w))
-                self.register_parameter(f"{name}_bias", nn.Parameter(b) if b is not None else None)
-
-    def chunk(self, name: str):
-        return getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.cat([self.chunk(c)[0] for c in self.chunks], 0)
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return torch.cat([self.chunk(c)[1] for c in self.chunks], 0) if self.has_bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-    # timm-compatible serialisation: one `weight` (and `bias`) like nn.Linear.
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        w, b = self.weight, self.bias
-        destination[prefix + "weight"] = w if keep_vars else w.detach()
-        if b is not None:
-            destination[prefix + "bias"] = b if keep_vars else b.detach()
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):
-        rows = self.out_features // len(self.chunks)
-        for suffix in ("weight", "bias") if self.has_bias else ("weight",):
-            key = prefix + suffix
-            if key not in state_dict:
-                missing_keys.append(key)
-                continue
-            full = state_dict[key]
-            if full.shape[0] != self.out_features:
-                error_msgs.append(f"size mismatch for {key}: {tuple(full.shape)} vs {self.out_features} rows")
-                continue
-            with torch.no_grad():
-                for i, name in enumerate(self.chunks):
-                    getattr(self, f"{name}_{suffix}").copy_(full[i * rows : (i + 1) * rows])
-        for key in state_dict:
-            if key.startswith(prefix) and key[len(prefix) :] not in ("weight", "bias"):
-                rest = key[len(prefix) :]
-                if "." not in rest:
-                    unexpected_keys.append(key)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
 
 
 def _json_option(value: Any) -> Any:
@@ -280,7 +126,7 @@ class TransferableAttention(nn.Module):
     num_prefix_tokens: int | None = None
     grid_size: tuple[int, int] | None = None
     #: Name of this attention's own stage-1 objective (``fit_loss``), or None: stage 1 then fits the map
-    #: with the loss its map kind takes (`attnxfer.transfer.map_losses`), the default for every family.
+    #: with the loss its map kind takes (`attnxfer.transfer.map_losses`), the default for every attention.
     fit_objective: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -372,6 +218,39 @@ class TransferableAttention(nn.Module):
         Paired teacher and student layers must agree on every entry (`attnxfer.transfer.plan.build_plan` names
         the stage and what differs). ``{}`` for flat layers, where the model's token grid decides."""
         return {}
+
+    # ----------------------------------------------------------------- what the family says of its calls and rows
+    #: Where a zoo attention takes this layer's place in a conversion (`attnxfer.models.attention.slots`): what
+    #: of the layer moves in and how the family's blocks call it; None where the family's layers do not convert.
+    conversion_slot: ClassVar[type[ConversionSlot] | None] = None
+
+    def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        """The stage grid (H, W) a call of this layer names (``args``, ``kwargs``: the call as the block makes
+        it, input first), or None where the call names none (flat layers; windows the block cuts)."""
+        return None
+
+    def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """What a call hands this layer besides its input that a zoo attention fitted on that input takes too:
+        the rotary embedding a rope family's block passes, as ``rope``."""
+        rope = kwargs.get("rope")
+        return {"rope": rope} if rope is not None else {}
+
+    def place_rows(
+        self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
+    ) -> RowPlacement | None:
+        """Where this layer's query rows and keys sit on the image, for a call of ``tokens`` tokens on the
+        ``grid`` it names (`call_grid`), its ``partition`` (`token_partition` read with its block) and the
+        ``walk`` over the model's layers so far; None where its rows are the image's own tokens (flat layers)."""
+        return None
+
+    def key_count(self, tokens: int, grid: tuple[int, int] | None) -> int:
+        """How many keys each query meets on a call of ``tokens`` tokens on ``grid`` (`call_grid`)."""
+        return tokens
+
+    def key_reduction(self) -> str | None:
+        """How this layer's keys reduce its tokens, in words (``"2x2 blocks"``), or None where its keys are its
+        tokens: a student over every token then learns the teacher's map pooled onto those keys."""
+        return None
 
     # ----------------------------------------------------------------- projections
     def _qkv_rows(self, name: str):
@@ -615,13 +494,3 @@ def _merge_masks(
     if attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros_like(attn_mask, dtype=bias.dtype).masked_fill(~attn_mask, float("-inf"))
     return bias + attn_mask
-
-
-@contextlib.contextmanager
-def attention_io(attn: TransferableAttention, io: AttentionIO | None) -> Iterator[AttentionIO | None]:
-    """Attach ``io`` to ``attn`` for the duration of the block; always detaches."""
-    attn.io = io
-    try:
-        yield io
-    finally:
-        attn.io = None

@@ -23,12 +23,12 @@ __all__ = [
     "get_attention_class",
     "list_attentions",
     "register_attention",
-    "register_attention_family",
+    "register_parametric_attention",
 ]
 
 _ATTENTIONS: dict[str, type[nn.Module]] = {}
 #: Parametric names "<prefix>:<spec>" (e.g. "formula:sum(relu)"): prefix -> resolver(full name) -> class.
-_FAMILIES: dict[str, Callable[[str], type[nn.Module]]] = {}
+_PARAMETRIC: dict[str, Callable[[str], type[nn.Module]]] = {}
 
 T = TypeVar("T", bound=type[nn.Module])
 
@@ -48,13 +48,14 @@ def register_attention(name: str) -> Callable[[T], T]:
     return decorator
 
 
-def register_attention_family(prefix: str, resolve: Callable[[str], type[nn.Module]]) -> None:
-    """Make every name ``"<prefix>:<spec>"`` an attention: ``resolve(name)`` returns its class (raising
-    a ValueError that says what is wrong with the spec). The class's ``attention_name`` is the name in
-    its canonical spelling; ``list_attentions`` lists the family by its plain registered name."""
-    if prefix in _FAMILIES and _FAMILIES[prefix] is not resolve:
-        raise ValueError(f"attention family {prefix!r} is already registered")
-    _FAMILIES[prefix] = resolve
+def register_parametric_attention(prefix: str, resolve: Callable[[str], type[nn.Module]]) -> None:
+    """Make every name ``"<prefix>:<spec>"`` an attention (a parametric attention: one class per spec):
+    ``resolve(name)`` returns its class (raising a ValueError that says what is wrong with the spec). The
+    class's ``attention_name`` is the name in its canonical spelling; ``list_attentions`` lists the parametric
+    attention by its plain registered name."""
+    if prefix in _PARAMETRIC and _PARAMETRIC[prefix] is not resolve:
+        raise ValueError(f"parametric attention {prefix!r} is already registered")
+    _PARAMETRIC[prefix] = resolve
 
 
 def list_attentions(map_kind: MapKind | str | None = None) -> list[str]:
@@ -68,13 +69,13 @@ def get_attention_class(name: str) -> type[nn.Module]:
     if name in _ATTENTIONS:
         return _ATTENTIONS[name]
     prefix, colon, _ = name.partition(":")
-    if colon and prefix in _FAMILIES:
-        return _FAMILIES[prefix](name)
-    families = "".join(f", {p}:<...>" for p in sorted(_FAMILIES))
+    if colon and prefix in _PARAMETRIC:
+        return _PARAMETRIC[prefix](name)
+    parametric = "".join(f", {p}:<...>" for p in sorted(_PARAMETRIC))
     nearest = difflib.get_close_matches(name, list_attentions(), n=1)
     hint = f"; did you mean {nearest[0]!r}?" if nearest else ""
     raise KeyError(
-        f"unknown attention {name!r}{hint} (known attentions: {', '.join(list_attentions())}{families})"
+        f"unknown attention {name!r}{hint} (known attentions: {', '.join(list_attentions())}{parametric})"
     )
 
 

@@ -18,11 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 
-from .adapters import attention_layers, register_adapter
+from .adapters import attention_layers
 from .interface import MapKind, TransferableAttention
 from .lse import LSEBackend, flex_attention_with_lse, lse_backend_for, row_logsumexp
 from .opcount import OpCounts, matmul_ops, softmax_ops
 from .registry import register_attention
+from .slots import ConversionSlot
 
 __all__ = [
     "SOFTMAX",
@@ -109,6 +110,8 @@ class TransferAttention(SoftmaxCore, Attention):
     """
 
     map_kind = MapKind.SOFTMAX
+    #: A zoo attention takes a plain timm layer's place as the base slot has it: fused ``qkv``, the model's layout.
+    conversion_slot = ConversionSlot
 
     def __init__(
         self,
@@ -202,13 +205,10 @@ def explicit_attention_map(
 def make_transfer_aware(model: nn.Module) -> nn.Module:
     """Let every attention layer in ``model`` take part in transfer, in place.
 
-    timm's plain `Attention` becomes `TransferAttention`, and every timm attention class with an adapter
-    (`attnxfer.models.attention.families`) its adapter, by a class swap (no state added: every tensor,
+    timm's plain `Attention` becomes `TransferAttention` (the ViT family's adapter), and every timm attention
+    class with an adapter (`attnxfer.models.attention.families`) its adapter, by a class swap (no state added: every tensor,
     name and hook is kept); attentions that already meet the interface are left as they are. An
     attention layer of a class with no adapter is an error naming it (`attention_layers`).
     """
     attention_layers(model)
     return model
-
-
-register_adapter(Attention)(TransferAttention)

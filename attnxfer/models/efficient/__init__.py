@@ -6,28 +6,10 @@ timm's parameter names qkv, q_norm, k_norm, norm, proj; ``project``, ``attend``,
 ``new_parameter_names()``, and is registered by name in the one attention registry
 (`attnxfer.models.attention.registry`), beside softmax. A new attention is one file here:
 subclass `EfficientAttention` (or `KernelAttention`), implement ``_attend`` and the map rows,
-decorate with ``@register_attention('name')`` and import it below.
-
-=================  ==============  =============================================================
-name               map kind        family
-=================  ==============  =============================================================
-softmax            softmax         SDPA softmax, the teacher's attention (``TransferAttention``)
-relu_linear        row_stochastic  linear attention, relu(x) + eps features
-elu_linear         row_stochastic  linear attention, elu(x) + 1 features
-performer          row_stochastic  FAVOR+, positive orthogonal random features
-hedgehog           row_stochastic  learnable per-head softmax features, both signs
-cosformer          row_stochastic  ReLU kernel with cos re-weighting by position
-focused_linear     row_stochastic  FLatten focusing kernel (+ depthwise conv on v, outside the map)
-agent              row_stochastic  pooled agent tokens, two softmaxes
-window             row_stochastic  softmax in 2-D windows, prefix tokens global
-window_linear      row_stochastic  window softmax + kernel scores outside, one normaliser
-nystrom            signed          Nystrom landmarks, iterative pseudo-inverse
-linformer          signed          learned sequence projections E, F (fixed N)
-hydra              none            Hydra: per-channel cosine kernel
-hashing            row_stochastic  EcoFormer: b-bit binary codes of q, k; Hamming-affinity kernel
-none               none            attention-free block (LIT): the branch adds nothing, the MLP stays
-formula:<prog>     row_stochastic  a kernel attention from a program (formula.py); ``len`` programs: signed
-=================  ==============  =============================================================
+declare its ``map_kind``, ``precision`` and rope answer (``rope_keeps_map_kind``, ``rope_why``) and
+decorate it with ``@register_attention('name')``. Importing this package imports every module in it,
+which registers them; ``list_attentions()`` names them, and each registered class is importable from here
+by its class name (``from attnxfer.models.efficient import PerformerAttention``).
 
 Precision: each class declares ``precision`` (a `PrecisionPolicy`, `precision_policies()` lists them):
 on GPU, bf16 operands with fp32 sums where a test shows it safe, fp32 otherwise.
@@ -45,6 +27,9 @@ Nystrom/Linformer put them in the first landmark segment. The global kernels (li
 hedgehog, hydra) do not distinguish them at all.
 """
 
+import importlib
+import pkgutil
+
 from ..attention.interface import COUNTERPART_MODULES, MapKind
 from ..attention.registry import (
     attention_layer,
@@ -53,19 +38,7 @@ from ..attention.registry import (
     list_attentions,
     register_attention,
 )
-from .agent import AgentAttention
 from .base import EfficientAttention, precision_policies
-from .cosformer import CosFormerAttention
-from .focused import FocusedLinearAttention
-from .formula import FormulaAttention
-from .hashing import HashingAttention
-from .hedgehog import HedgehogAttention
-from .hydra import HydraAttention
-from .linear import ELULinearAttention, ReLULinearAttention
-from .linformer import LinformerAttention
-from .none import NoAttention
-from .nystrom import NystromAttention
-from .performer import PerformerAttention
 from .swap import (
     build_efficient_student,
     check_softmax_teacher,
@@ -76,27 +49,29 @@ from .swap import (
     swap_attentions,
     with_attention,
 )
-from .window import WindowAttention, WindowLinearAttention
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")  # registers the attentions it defines
+
+#: Each registered zoo attention's class by its class name (``PerformerAttention``, ``WindowAttention``, ...).
+_CLASSES = {
+    cls.__name__: cls
+    for cls in map(get_attention_class, list_attentions())
+    if cls.__module__.startswith(f"{__name__}.")
+}
+
+
+def __getattr__(name: str):
+    """A registered zoo attention class by its class name: no hand-kept list of imports here."""
+    if name in _CLASSES:
+        return _CLASSES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "COUNTERPART_MODULES",
-    "AgentAttention",
-    "CosFormerAttention",
-    "ELULinearAttention",
     "EfficientAttention",
-    "FocusedLinearAttention",
-    "FormulaAttention",
-    "HashingAttention",
-    "HedgehogAttention",
-    "HydraAttention",
-    "LinformerAttention",
     "MapKind",
-    "NoAttention",
-    "NystromAttention",
-    "PerformerAttention",
-    "ReLULinearAttention",
-    "WindowAttention",
-    "WindowLinearAttention",
     "attention_layer",
     "build_efficient_student",
     "check_softmax_teacher",
@@ -111,4 +86,5 @@ __all__ = [
     "set_drop_path",
     "swap_attentions",
     "with_attention",
+    *sorted(_CLASSES),
 ]

@@ -51,7 +51,7 @@ class EfficientAttention(TransferableAttention):
     map_kind = MapKind.ROW_STOCHASTIC
     #: Which parts of the core may take bf16 operands on GPU (fp32 accumulation always); see `PrecisionPolicy`.
     precision: PrecisionPolicy = FP32_CORE
-    #: Whether a teacher's rotary embedding (rope: EVA-02, DINOv3, PE), applied to q and k before this
+    #: Whether a teacher's rotary embedding (a rope family's), applied to q and k before this
     #: attention builds its map, leaves ``map_kind`` true; ``rope_why`` says why (one line, from the math).
     #: Students of rope teachers are refused where it is False (`rope_support`). Each attention declares it.
     rope_keeps_map_kind: ClassVar[bool] = False
@@ -142,7 +142,7 @@ class EfficientAttention(TransferableAttention):
         if rope is None:
             return out
         if not self.rope_keeps_map_kind:
-            raise InputError(rope_refusal(type(self)))
+            raise InputError(self.rope_refusal())
         p = self.num_prefix_tokens or 0
         for c in ("q", "k"):
             if c in out:
@@ -150,6 +150,11 @@ class EfficientAttention(TransferableAttention):
                 rotated = apply_rot_embed_cat(t[:, :, p:], rope, half=self.rotate_half)
                 out[c] = torch.cat([t[:, :, :p], rotated.to(t.dtype)], dim=2)
         return out
+
+    @classmethod
+    def rope_refusal(cls) -> str:
+        """Why this attention cannot take a rope teacher's rotary embedding (`rope_refusal`)."""
+        return rope_refusal(cls)
 
     # ----------------------------------------------------------------- the core
     def attend(

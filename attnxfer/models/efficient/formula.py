@@ -28,7 +28,7 @@ from ...errors import InputError
 from ..attention.interface import MapKind
 from ..attention.numerics import PrecisionPolicy
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
-from ..attention.registry import register_attention, register_attention_family
+from ..attention.registry import register_attention, register_parametric_attention
 from .focused import depthwise_grid_conv, grid_conv_counts
 from .formula_grammar import (
     HAND_DESIGNED,
@@ -434,4 +434,4 @@ def formula_attention_class(name: str) -> type[FormulaAttention]:
     return _formula_class(str(parse_formula(name)))
 
 
-register_attention_family(PREFIX.rstrip(":"), formula_attention_class)
+register_parametric_attention(PREFIX.rstrip(":"), formula_attention_class)

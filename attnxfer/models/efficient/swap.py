@@ -1,9 +1,11 @@
 """Efficient-attention students built from a softmax teacher.
 
-The student is a deep copy of the teacher in which each block's ``attn`` is replaced: the
-teacher's ``qkv``, ``q_norm``, ``k_norm``, ``norm`` and ``proj`` modules move into the new
-attention unchanged (they are the copy's own tensors), everything outside attention is copied by
-the deep copy, and only the new attention parameters start fresh.
+The student is a deep copy of the teacher in which each block's ``attn`` is replaced through its family's
+conversion slot (`attnxfer.models.attention.slots`): the teacher's projections and norms (``qkv``,
+``q_norm``, ``k_norm``, ``norm``, ``proj`` for timm's plain ``Attention``; what the family's slot names
+otherwise) move into the new attention unchanged (they are the copy's own tensors), everything outside
+attention is copied by the deep copy, and only the new attention parameters start fresh. Flat models swap
+block by block here; models in stages, stage by stage (`attnxfer.models.efficient.hierarchical`).
 """
 
 from __future__ import annotations
@@ -12,39 +14,33 @@ import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import torch
-from timm.layers import AttentionRope, DropPath
-from timm.models.eva import EvaAttention
-from timm.models.gemma4_vit import Gemma4Attention
+from timm.layers import DropPath
 from torch import nn
 
 from ...errors import InputError
 from ..attention import (
     MapKind,
-    TransferAttention,
     attention_layers,
     attention_name_of,
+    families,
     make_transfer_aware,
     transfer_attentions,
 )
-from ..attention.interface import COUNTERPART_MODULES, TransferableAttention
+from ..attention.interface import TransferableAttention
 from ..attention.registry import get_attention_class
+from ..attention.slots import ConversionSlot, TokenLayout, slot_of
 from ..image_input import find_patch_embedding, image_input
-from .base import rope_refusal
-from .gemma4_student import gemma4_student_attention
 from .hierarchical import (
     build_hierarchical_student,
     expand_attention_names,
+    flat_blocks,
     hierarchical_slots,
     is_hierarchical,
+    stage_of_layers,
     swap_hierarchical,
 )
 
-#: timm attention classes whose rope a zoo attention applies itself (the block passes ``rope=`` per call).
-ROPE_TEACHER_CLASSES: tuple[type[nn.Module], ...] = (EvaAttention, AttentionRope)
-
 __all__ = [
-    "ROPE_TEACHER_CLASSES",
     "build_efficient_student",
     "check_softmax_teacher",
     "configure_token_layout",
@@ -60,7 +56,7 @@ __all__ = [
 
 def teacher_token_layout(model: nn.Module) -> tuple[int, tuple[int, int] | None]:
     """(num_prefix_tokens, grid_size) of a timm ViT-like model; grid None when the model resizes its grid.
-    The grid comes from `image_input` (``patch_embed``, NaFlexViT's ``embeds``, ``encoder.patch_embed``)."""
+    The grid comes from `image_input` (wherever the model's family keeps its patch embedding)."""
     holder = next(
         (m for m in (model, getattr(model, "encoder", None)) if hasattr(m, "num_prefix_tokens")), None
     )
@@ -74,16 +70,6 @@ def teacher_token_layout(model: nn.Module) -> tuple[int, tuple[int, int] | None]
     return int(holder.num_prefix_tokens), (tuple(grid) if len(grid) == 2 else None)
 
 
-def flat_blocks(model: nn.Module) -> nn.ModuleList | None:
-    """The one flat sequence of blocks of a ViT-like model: ``blocks`` (ViT, EVA, NaFlexViT) or
-    ``encoder.blocks`` (Qwen3-ViT, Gemma4-ViT classifiers); None for a model without one."""
-    for holder in (model, getattr(model, "encoder", None)):
-        blocks = getattr(holder, "blocks", None)
-        if isinstance(blocks, nn.ModuleList | nn.Sequential):
-            return blocks
-    return None
-
-
 def configure_token_layout(model: nn.Module) -> nn.Module:
     """Tell every attention in a timm ViT that meets the interface its prefix-token count and patch grid."""
     prefix, grid = teacher_token_layout(model)
@@ -91,74 +77,6 @@ def configure_token_layout(model: nn.Module) -> nn.Module:
         if isinstance(module, TransferableAttention):
             module.set_token_layout(prefix, grid)
     return model
-
-
-def _attention_config(attn: nn.Module) -> dict:
-    """Constructor arguments that reproduce a timm ``Attention``'s (or a rope teacher's) shapes."""
-    fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
-    separate = all(isinstance(getattr(attn, f"{c}_proj", None), nn.Linear) for c in "qkv")
-    missing = [name for name in ("proj", "num_heads") if not hasattr(attn, name)]
-    if missing or not (fused or separate):
-        raise TypeError(
-            f"cannot convert {type(attn).__name__}: expected a timm Attention with a fused qkv Linear "
-            f"(or q_proj/k_proj/v_proj), proj and num_heads (missing: {missing or ['qkv']})"
-        )
-    if getattr(attn, "gate", None) is not None:
-        raise TypeError(
-            "gated timm attention (gated=True) has no efficient counterpart here; use a non-gated teacher"
-        )
-    dim = attn.qkv.in_features if fused else attn.q_proj.in_features
-    rows = attn.qkv.out_features // 3 if fused else attn.q_proj.out_features
-    head_dim = getattr(attn, "head_dim", rows // attn.num_heads)
-    if attn.proj.out_features != dim:
-        raise TypeError("attention with dim_out != dim is not supported")
-    return dict(
-        dim=dim,
-        num_heads=attn.num_heads,
-        attn_head_dim=head_dim,
-        qkv_bias=_fused_qkv(attn).bias is not None,
-        proj_bias=attn.proj.bias is not None,
-        attn_drop=getattr(getattr(attn, "attn_drop", None), "p", 0.0),
-        proj_drop=getattr(getattr(attn, "proj_drop", None), "p", 0.0),
-    )
-
-
-def _fused_qkv(attn: nn.Module) -> nn.Linear:
-    """The teacher's q/k/v projection as one fused ``qkv`` Linear, exactly: timm's own ``qkv`` when its bias
-    is its own; EVA's separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` folded into the fused bias (the same
-    ``F.linear`` EVA runs); ``q_proj``/``k_proj``/``v_proj`` stacked, grouped k/v heads repeated to the q
-    heads (as timm repeats them after the projection: the same numbers)."""
-    qkv = getattr(attn, "qkv", None)
-    if isinstance(qkv, nn.Linear):
-        if getattr(attn, "q_bias", None) is None:
-            return qkv
-        fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True)
-        fused = fused.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(qkv.weight)
-            fused.bias.copy_(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
-        return fused
-    groups = int(getattr(attn, "num_kv_groups", 1))
-    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
-
-    def heads(t: torch.Tensor | None, repeat: int) -> torch.Tensor | None:
-        if t is None or repeat == 1:
-            return t
-        return t.reshape(-1, attn.head_dim, *t.shape[1:]).repeat_interleave(repeat, 0).flatten(0, 1)
-
-    reps = (1, groups, groups)
-    weight = torch.cat([heads(p.weight.detach(), r) for p, r in zip(projs, reps)])
-    has_bias = any(p.bias is not None for p in projs)  # EVA-02: q and v biased, k not (a zero bias)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
-    fused = fused.to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if has_bias:
-            biases = [
-                p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projs
-            ]
-            fused.bias.copy_(torch.cat([heads(b, r) for b, r in zip(biases, reps)]))
-    return fused
 
 
 def efficient_student_from_teacher(
@@ -190,11 +108,10 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
     """``model`` (a timm VisionTransformer) with each block's attention replaced in place: one registered
     name for every block or one per block, options as `efficient_student_from_teacher` takes them. On a
     freshly initialised model this is a fresh efficient-attention student (``model.attention`` of
-    `attnxfer train`); on a teacher's copy, a converted one. A hierarchical model (PVTv2, Swin) takes one
-    name, one per stage or one per attention layer."""
+    `attnxfer train`); on a teacher's copy, a converted one. A hierarchical model takes one name, one per
+    stage or one per attention layer."""
     if is_hierarchical(model):
-        stages = [stage for _, _, stage, _ in hierarchical_slots(model)]
-        names = expand_attention_names(attn, stages, "model.attention")
+        names = expand_attention_names(attn, stage_of_layers(model), "model.attention")
         classes = [get_attention_class(name) for name in names]
         options = [{k: v for k, v in attn_kwargs.items() if c.accepts_option(k)} for c in classes]
         return swap_hierarchical(model, names, options)
@@ -240,48 +157,17 @@ def swap_attentions(
             f"{len(names)} names and {len(options)} option dicts"
         )
     classes = [get_attention_class(name) for name in names]
-    prefix, grid = teacher_token_layout(model)
+    layout = TokenLayout(*teacher_token_layout(model))
     for index, (block, cls, opts) in enumerate(zip(blocks, classes, options)):
         old = block.attn
-        if isinstance(old, Gemma4Attention):  # its own projections, norms, 2-D rope and scale 1
-            if cls.map_kind is MapKind.SOFTMAX:
-                continue
-            if not getattr(cls, "rope_keeps_map_kind", False):
-                raise InputError(f"blocks.{index}: {rope_refusal(cls)}")
-            config = dict(num_prefix_tokens=prefix, grid_size=grid, depth=index, **opts)
-            block.attn = gemma4_student_attention(old, cls, config)
+        slot = slot_of(old) or ConversionSlot  # any fused-qkv softmax layer builds as timm's plain one does
+        if slot.keeps(cls):
             continue
-        rope = _is_rope_attention(old)
-        if rope and cls.map_kind is MapKind.SOFTMAX:
-            continue  # a softmax block of a rope model keeps its own attention (and its rope)
-        if rope and not getattr(cls, "rope_keeps_map_kind", False):
-            raise InputError(f"blocks.{index}: {rope_refusal(cls)}")
-        config = _attention_config(old)
-        config.update(num_prefix_tokens=prefix, grid_size=grid, depth=index)
-        if cls.accepts_option("seq_len") and grid is not None:
-            config["seq_len"] = prefix + grid[0] * grid[1]
-        config.update(opts)
-        qkv = _fused_qkv(old)
-        new = cls(**config).to(device=qkv.weight.device, dtype=qkv.weight.dtype)
-        for name in COUNTERPART_MODULES:
-            counterpart = qkv if name == "qkv" else getattr(old, name, None)
-            if counterpart is not None:
-                setattr(new, name, counterpart)  # the old model's own modules: exact, not shared
-        if rope:  # the rope arrives per call from the block; how to rotate is the teacher layer's
-            new.rotate_half = bool(getattr(old, "rotate_half", False))
-            if int(getattr(old, "num_prefix_tokens", prefix)) != prefix:
-                raise InputError(
-                    f"blocks.{index}.attn leaves {old.num_prefix_tokens} tokens unrotated but the model has "
-                    f"{prefix} prefix tokens"
-                )
-        new.train(old.training)
-        block.attn = new
+        reason = slot.refusal(cls)
+        if reason:
+            raise InputError(f"blocks.{index}: {reason}")
+        block.attn = slot.build(old, cls, depth=index, layout=layout, options=opts, where=f"blocks.{index}")
     return model
-
-
-def _is_rope_attention(attn: nn.Module) -> bool:
-    """A timm rope attention (``EvaAttention``, ``AttentionRope``), adapted or not."""
-    return isinstance(attn, ROPE_TEACHER_CLASSES)
 
 
 def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -293,14 +179,14 @@ def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def check_softmax_teacher(teacher: nn.Module) -> None:
-    """A teacher for conversion runs softmax attention in every block (its maps are the target), as timm's
-    plain ``Attention`` (ViT, DeiT, NaFlexViT) or a rope attention (``EvaAttention``, ``AttentionRope``:
-    EVA-02, DINOv3, PE, Qwen3-ViT under ``encoder.blocks``), whose rotary embedding the zoo attentions
-    apply to q and k themselves, or Gemma4-ViT's ``Gemma4Attention`` (`gemma4_student_attention`).
+    """A teacher for conversion runs softmax attention in every block (its maps are the target), in layers
+    whose family names a conversion slot (`attnxfer.models.attention.slots`): timm's plain ``Attention``,
+    the rope families' attentions (whose rotary embedding the zoo attentions apply to q and k themselves),
+    and the families whose files say how a zoo attention takes their layer's place.
 
     Makes the teacher transfer-aware in place (a class swap, as `DualViT` does), then reads each layer's
-    declared map kind. A hierarchical teacher (PVTv2, Swin) is checked layer by layer over its stages.
-    Every refusal is a ValueError that names the layer, says why and what to do.
+    declared map kind. A hierarchical teacher is checked layer by layer over its stages. Every refusal is a
+    ValueError that names the layer, says why and what to do.
     """
     if is_hierarchical(teacher):
         for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transfer_attentions(teacher)):
@@ -322,9 +208,7 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
     except TypeError as e:
         raise InputError(f"the teacher cannot be converted: {e}") from None
     for name, attn in layers:
-        if attn.map_kind is MapKind.SOFTMAX and not isinstance(
-            attn, (TransferAttention, Gemma4Attention, *ROPE_TEACHER_CLASSES)
-        ):
+        if attn.map_kind is MapKind.SOFTMAX and slot_of(attn) is None:
             raise InputError(_unconvertible(name, attn))
         if attn.map_kind is not MapKind.SOFTMAX:
             kind = attention_name_of(attn)
@@ -337,9 +221,10 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
 
 def _unconvertible(name: str, attn: TransferableAttention) -> str:
     """Why a softmax teacher layer has no zoo counterpart, and what to do instead."""
+    converting = ", ".join(f.title for f in families() if f.converts)
     instead = (
         "Distil this teacher into a student of its own family (`attnxfer train`, the default student), or "
-        "convert a ViT/DeiT, NaFlexViT, rope (EVA-02, DINOv3, PE, Qwen3-ViT) or Gemma4-ViT teacher"
+        f"convert a teacher of a family that converts ({converting})"
     )
     if attn.has_logit_bias:
         return (
@@ -349,7 +234,7 @@ def _unconvertible(name: str, attn: TransferableAttention) -> str:
         )
     return (
         f"the teacher's {name} is {_timm_class(attn)} (windows, head mixing or class-attention rows): "
-        f"conversion builds zoo attentions from plain or rope attention and would drop them. {instead}"
+        f"its family has no conversion slot, so conversion would drop them. {instead}"
     )
 
 
@@ -369,7 +254,7 @@ def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
     for name in names:
         try:
             get_attention_class(name)
-        except (KeyError, ValueError) as e:  # ValueError: a family name whose spec is wrong (formula:...)
+        except (KeyError, ValueError) as e:  # ValueError: a parametric name whose spec is wrong (formula:...)
             raise InputError(f"convert.attention: {e.args[0]}") from None
     return names
 
@@ -387,7 +272,7 @@ def build_efficient_student(
     a teacher whose head has another number of classes is an error (its head would not fit).
     """
     check_softmax_teacher(teacher)
-    if is_hierarchical(teacher):  # PVTv2 / Swin: one name, one per stage or one per attention layer
+    if is_hierarchical(teacher):  # one name, one per stage or one per attention layer
         student = build_hierarchical_student(teacher, attention, **attention_kwargs)
     else:
         names = _attention_names(attention, len(flat_blocks(teacher)))

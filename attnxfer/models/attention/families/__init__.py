@@ -1,61 +1,23 @@
-"""One adapter file per timm attention class (`attnxfer.models.attention.adapters`).
+"""One file per timm family: everything attnxfer knows about it (`attnxfer.models.attention.family`).
 
-==================  ======================================================  ==============================
-file                timm class                                              what its logits add
-==================  ======================================================  ==============================
-``eva``             ``timm.models.eva.EvaAttention`` (EVA-02, DINOv3, PE)   rope on q, k after the prefix
-``attention_rope``  ``timm.layers.AttentionRope`` (eva ``attn_type=rope``)  rope; grouped k/v heads
-``beit``            ``timm.models.beit.Attention`` (BEiT, BEiT-v2)          relative-position bias table
-``relpos``          ``timm.models.vision_transformer_relpos.RelPosAttention`` relative-position bias (own/shared)
-``sam``             ``timm.models.vision_transformer_sam.Attention`` (SAM)  decomposed rel-pos bias; windows
-``cait_talking_heads`` ``timm.models.cait.TalkingHeadAttn``                 pre-softmax head mix (in q')
-``cait_class_attn`` ``timm.models.cait.ClassAttn``                          one query row (class token)
-``gemma4``          ``timm.models.gemma4_vit.Gemma4Attention``              2-D rope, scale 1, v norm
-``pvt_v2``          ``timm.models.pvt_v2.Attention`` (PVTv2)                keys/values over reduced tokens
-``twins``           ``timm.models.twins.LocallyGroupedAttn`` / ``GlobalSubSampleAttn``  padded windows / reduced keys
-``hiera``           ``timm.models.hiera.MaskUnitAttention`` (Hiera)         mask units; pooled queries
-``swin``            ``timm.models.swin_transformer.WindowAttention``        rel-pos table; windows, shift mask
-``swin_v2``         ``timm.models.swin_transformer_v2.WindowAttention``     cosine · τ, continuous pos bias
-``swin_v2_cr``      ``timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention`` cosine · τ, meta-MLP bias
-``diff_attention``  ``timm.layers.DiffAttention``                           refused: signed maps
-==================  ======================================================  ==============================
+A family file holds the adapters of its timm attention classes (`register_adapter`: subclasses of the timm
+class meeting `TransferableAttention`, each answering for its logits, its token partition, where its rows sit
+on the image and its conversion slot), the refusals of classes that cannot transfer (`refuse_attention`), and
+one `Family` record (`register_family`: the timm modules whose archs it covers, with their coverage counts,
+where its models keep the patch embedding, whether its blocks pass a rope). Files starting with ``_`` hold
+what several families share (projections, spatial-reduction keys, the rope slot).
 
-timm's plain ``Attention`` is `attnxfer.models.attention.softmax.TransferAttention`. Importing this
-package registers every adapter.
+timm's plain ``Attention`` is `attnxfer.models.attention.softmax.TransferAttention` (registered by ``vit``).
+Importing this package imports every family file in it, which registers them: a new family is one new file.
 """
 
-from . import (
-    attention_rope,
-    beit,
-    cait_class_attn,
-    cait_talking_heads,
-    diff_attention,
-    eva,
-    gemma4,
-    hiera,
-    pvt_v2,
-    relpos,
-    sam,
-    swin,
-    swin_v2,
-    swin_v2_cr,
-    twins,
-)
+import importlib
+import pkgutil
 
-__all__ = [
-    "attention_rope",
-    "beit",
-    "cait_class_attn",
-    "cait_talking_heads",
-    "diff_attention",
-    "eva",
-    "gemma4",
-    "hiera",
-    "pvt_v2",
-    "relpos",
-    "sam",
-    "swin",
-    "swin_v2",
-    "swin_v2_cr",
-    "twins",
-]
+#: The family files, in name order (each registers its adapters and its `Family` on import).
+FAMILY_FILES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
+
+for _name in FAMILY_FILES:
+    importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["FAMILY_FILES"]

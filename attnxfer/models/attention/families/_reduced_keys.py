@@ -1,24 +1,28 @@
-"""Spatial-reduction attention's projections, shared by PVTv2's ``Attention`` and Twins' ``GlobalSubSampleAttn``.
+"""Spatial-reduction attention, shared by PVTv2's ``Attention`` and Twins' ``GlobalSubSampleAttn``: projections
+and where the reduced keys sit.
 
 Both compute queries from every token with a ``q`` linear and keys/values with one fused ``kv`` linear from
 a *reduced* token set (a strided conv + norm, or PVTv2-linear's pooling), so N_k < N_q. These helpers give
 q (B, H, N_q, d) and k/v (B, H, N_k, d) exactly as timm's forward does, computing the reduction only when
 k or v is asked for, and freeze chunks for copied layers without renaming anything (``q`` becomes buffers,
-``kv`` a `PartialQKV` over its ``("k", "v")`` row blocks).
+``kv`` a `PartialQKV` over its ``("k", "v")`` row blocks). `ReducedKeys` answers the interface's questions
+about the keys: the grid they sit on, how many each query meets, the reduction in words, the rows' placement.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..interface import QKV
+from ..placement import RowPlacement, TokenWalk, raster_cells
 from ._projections import _to_buffer, freeze_fused, fused_rows
 
-__all__ = ["KV_CHUNKS", "freeze_q_kv", "project_q_kv"]
+__all__ = ["KV_CHUNKS", "ReducedKeys", "freeze_q_kv", "project_q_kv"]
 
 #: The row blocks of a fused ``kv`` linear, in timm's order.
 KV_CHUNKS = ("k", "v")
@@ -62,3 +66,39 @@ def freeze_q_kv(attn: nn.Module, chunks: Iterable[str]) -> None:
     frozen = chunks & set(KV_CHUNKS)
     if frozen:
         freeze_fused(attn, "kv", frozen, KV_CHUNKS)
+
+
+class ReducedKeys:
+    """Keys over a reduced token set (a stride-``sr_ratio`` conv over the stage's grid, or, where the layer has
+    a ``pool``, an adaptive pooling to a fixed grid): every token queries keys on that coarser grid."""
+
+    sr_ratio: int
+
+    def key_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The grid the keys sit on, for queries on ``grid`` (None: unknown)."""
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            size = pool.output_size
+            return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        if grid is None or self.sr_ratio <= 1:
+            return grid
+        return grid[0] // self.sr_ratio, grid[1] // self.sr_ratio
+
+    def key_count(self, tokens: int, grid: tuple[int, int] | None) -> int:
+        keys = self.key_grid(grid)
+        return keys[0] * keys[1] if keys is not None else tokens
+
+    def key_reduction(self) -> str | None:
+        if getattr(self, "pool", None) is not None:
+            h, w = self.key_grid(None)
+            return f"{h}x{w} adaptive bins"
+        return f"{self.sr_ratio}x{self.sr_ratio} blocks" if self.sr_ratio > 1 else None
+
+    def place_rows(
+        self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
+    ) -> RowPlacement | None:
+        """Every token of the stage's grid queries the keys of the reduced grid (one window)."""
+        if grid is None:
+            return None
+        keys = self.key_grid(grid)
+        return RowPlacement(grid, keys, raster_cells(grid).reshape(1, -1), raster_cells(keys).reshape(1, -1))

@@ -16,10 +16,11 @@ from timm.models.beit import Attention as BeitAttention
 
 from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
+from ..family import Family, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
-__all__ = ["TransferBeitAttention"]
+__all__ = ["FAMILY", "TransferBeitAttention"]
 
 
 @register_adapter(BeitAttention)
@@ -72,3 +73,8 @@ class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_chunks(self, chunks)
+
+
+FAMILY = register_family(
+    Family(name="beit", title="BEiT", modules=(ModuleCoverage("beit", 7, 7, 7, ("inspect", "export")),))
+)

@@ -1,11 +1,19 @@
-"""`TransferEvaAttention`: timm's ``EvaAttention`` (EVA-02, DINOv3, Perception Encoder) as a softmax
-`TransferableAttention`.
+"""The EVA family (``eva``: EVA-02, DINOv3, Perception Encoder): timm's ``EvaAttention`` and ``AttentionRope``
+(eva models built with ``attn_type='rope'``, Perception Encoder; Qwen3-ViT's attention too) as softmax
+`TransferableAttention`s.
 
-Its logits are s·q kᵀ with q and k after the q/k norms and after the rotary embedding, which timm
-applies to the patch tokens only (the first ``num_prefix_tokens`` are left as they are); the rope
-arrives per call as the block's ``rope`` argument. q/k/v come from a fused ``qkv`` with a separate
-``q_bias`` / zero ``k_bias`` / ``v_bias`` (or its own bias), or from ``q_proj``/``k_proj``/``v_proj``.
+`TransferEvaAttention`: its logits are s·q kᵀ with q and k after the q/k norms and after the rotary
+embedding, which timm applies to the patch tokens only (the first ``num_prefix_tokens`` are left as they
+are); the rope arrives per call as the block's ``rope`` argument. q/k/v come from a fused ``qkv`` with a
+separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` (or its own bias), or from ``q_proj``/``k_proj``/``v_proj``.
 After the core: ``norm`` (scale_norm), an optional sigmoid ``gate`` on the input, ``proj``.
+
+`TransferAttentionRope`: the same logits, with timm's own ``qkv`` bias, and grouped-query attention: k and v
+heads are repeated to the q heads after the rope (as timm does), so q, k and v always have ``num_heads``
+heads here.
+
+Both convert (`EvaRopeSlot`): a zoo attention takes the layer's projections and rotates q and k by the rope
+the block passes, as the teacher's layer did, before its feature map.
 """
 
 from __future__ import annotations
@@ -15,13 +23,33 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+from timm.layers import AttentionRope
 from timm.models.eva import EvaAttention
 
+from ....errors import InputError
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
+from ..slots import TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import apply_rope, freeze_chunks, project_heads
+from ._rope import RopeSlot
 
-__all__ = ["RopeProjection", "TransferEvaAttention"]
+__all__ = ["FAMILY", "EvaRopeSlot", "RopeProjection", "TransferAttentionRope", "TransferEvaAttention"]
+
+
+class EvaRopeSlot(RopeSlot):
+    """A zoo attention in an EVA-style rope layer: the base slot's projections and token layout, plus timm's
+    rope layout of the teacher's layer (half-rotation or interleaved), over the same unrotated prefix."""
+
+    @classmethod
+    def finish(cls, new: nn.Module, old: nn.Module, layout: TokenLayout | None, where: str) -> None:
+        new.rotate_half = bool(getattr(old, "rotate_half", False))
+        prefix = layout.prefix if layout is not None else 0
+        if int(getattr(old, "num_prefix_tokens", prefix)) != prefix:
+            raise InputError(
+                f"{where}.attn leaves {old.num_prefix_tokens} tokens unrotated but the model has "
+                f"{prefix} prefix tokens"
+            )
 
 
 class RopeProjection(SoftmaxCore):
@@ -31,6 +59,7 @@ class RopeProjection(SoftmaxCore):
 
     #: The timm class the adapter subclasses (whose forward runs without an `AttentionIO`).
     timm_class: ClassVar[type[nn.Module]]
+    conversion_slot = EvaRopeSlot
 
     def forward(
         self,
@@ -72,3 +101,21 @@ class TransferEvaAttention(RopeProjection, EvaAttention):
     @property
     def attn_dim(self) -> int:
         return self.num_heads * self.head_dim
+
+
+@register_adapter(AttentionRope)
+class TransferAttentionRope(RopeProjection, AttentionRope):
+    """``AttentionRope`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
+
+    attention_name = SOFTMAX
+    timm_class = AttentionRope
+
+
+FAMILY = register_family(
+    Family(
+        name="eva",
+        title="EVA-02 / DINOv3 / PE",
+        rope=True,
+        modules=(ModuleCoverage("eva", 65, 65, 65, ("inspect", "convert", "export")),),
+    )
+)

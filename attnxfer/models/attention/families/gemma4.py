@@ -1,24 +1,113 @@
-"""`TransferGemma4Attention`: timm's ``Gemma4Attention`` (the Gemma-4 vision encoder, ``gemma4_vit_*``;
-its blocks live under ``encoder.blocks``) as a softmax `TransferableAttention`.
+"""The Gemma4-ViT family (``gemma4_vit``, the Gemma-4 vision encoder; blocks under ``encoder.blocks``, the
+patch embedding under ``encoder.patch_embed``): `TransferGemma4Attention`, timm's ``Gemma4Attention`` as a
+softmax `TransferableAttention`, and its conversion slot.
 
 Its logits are q kᵀ with scale 1 (q and k are RMS-normalised with a gain, then rotated by a 2-D rotary
 embedding whose cos/sin arrive per call). v is RMS-normalised too (no gain); k/v heads are repeated for
 grouped-query attention as timm does. Padding masks arrive as ``attn_mask``.
+
+A zoo attention in a Gemma4 block (`Gemma4Conversion`, `Gemma4Slot`): q, k and v exactly as the teacher's
+layer computes them, the zoo attention's own feature map / kernel after. The zoo attentions build their maps
+around timm's scale d^-1/2, so Gemma4's scale 1 is folded into q and k: q·d^1/4 and k·d^1/4 give
+(q d^1/4)·(k d^1/4)·d^-1/2 = q·k, the teacher's logits, for every kernel. Stage 1 compares the student's map
+with the teacher's at the teacher's scale (``teacher_logit_scale``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
 
+from ....errors import InputError
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
+from ..slots import TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import _to_buffer
+from ._rope import RopeSlot
 
-__all__ = ["TransferGemma4Attention", "gemma4_heads"]
+__all__ = ["FAMILY", "Gemma4Conversion", "Gemma4Slot", "TransferGemma4Attention", "gemma4_heads"]
+
+
+def _rope_call(args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The rope of a call ``attn(x, cos, sin)`` (Gemma4's block) as one tensor, ``rope``: cos and sin stacked,
+    the form a student layer takes it in (stage 1 replays the call with it)."""
+    if len(args) == 3 and args[1] is not None:
+        return {"rope": torch.stack(args[1:])}
+    rope = kwargs.get("rope")
+    return {"rope": rope} if rope is not None else {}
+
+
+class Gemma4Slot:
+    """Before a zoo attention class: Gemma4's call signature and projections (see the module docstring)."""
+
+    #: The teacher layer's logit scale (Gemma4: 1); stage 1 builds the teacher's maps with it.
+    teacher_logit_scale = 1.0
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope_cos: torch.Tensor | None = None,
+        rope_sin: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        *,
+        rope: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Gemma4Block's call ``attn(x, rope_cos, rope_sin, attn_mask=)``; ``rope`` is cos and sin stacked
+        (as stage 1 captures them)."""
+        if rope is None and rope_cos is not None:
+            rope = torch.stack((rope_cos, rope_sin))
+        call = {} if rope is None else {"rope": rope}
+        return self.transfer_forward(x, attn_mask=attn_mask, **call)
+
+    def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return _rope_call(args, kwargs)
+
+    def project(
+        self, x: torch.Tensor, which: str = "qkv", rope: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """q, k (scale folded in) and v heads (B, H, N, d) as ``Gemma4Attention.forward`` makes them."""
+        if rope is not None and not self.rope_keeps_map_kind:
+            raise InputError(self.rope_refusal())
+        cos, sin = (None, None) if rope is None else (rope[0], rope[1])
+        fold = self.head_dim**0.25
+        return {c: t * fold if c != "v" else t for c, t in gemma4_heads(self, x, which, cos, sin).items()}
+
+
+class Gemma4Conversion(RopeSlot):
+    """A zoo attention in a Gemma4 layer's place: built with the layer's head layout and the model's token
+    layout; Gemma4's projections and norms (the teacher copy's own modules) move in unchanged, its output
+    projection becomes ``proj``; no fused ``qkv``, no output norm."""
+
+    call = Gemma4Slot
+
+    @classmethod
+    def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
+        return dict(
+            dim=old.q_proj.linear.weight.shape[1],
+            num_heads=old.num_heads,
+            attn_head_dim=old.head_dim,
+            qkv_bias=False,
+            proj_bias=old.o_proj.linear.bias is not None,
+            attn_drop=old.attn_drop.p,
+            proj_drop=old.proj_drop.p,
+            num_prefix_tokens=layout.prefix if layout is not None else None,
+            grid_size=layout.grid if layout is not None else None,
+        )
+
+    @classmethod
+    def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
+        names = ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "v_norm")
+        return {**{n: getattr(old, n) for n in names}, "proj": old.o_proj, "norm": nn.Identity()}
+
+    @classmethod
+    def finish(cls, new: nn.Module, old: nn.Module, layout: TokenLayout | None, where: str) -> None:
+        del new.qkv
+        new.num_kv_heads, new.num_kv_groups = old.num_kv_heads, old.num_kv_groups
 
 
 @register_adapter(Gemma4Attention)
@@ -26,7 +115,7 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     """``Gemma4Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
-    rope_cos_sin_call = True  # the block passes the rope as (x, cos, sin): capture stacks them
+    conversion_slot = Gemma4Conversion
 
     @property
     def attn_dim(self) -> int:
@@ -63,6 +152,9 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     def logit_scale(self, q: torch.Tensor) -> float:
         return 1.0
 
+    def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return _rope_call(args, kwargs)
+
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         return self.proj_drop(self.o_proj(out.transpose(1, 2).reshape(B, N, -1)))
@@ -85,7 +177,7 @@ def gemma4_heads(
 ) -> dict[str, torch.Tensor]:
     """q/k/v heads (B, H, N, d) of a module with ``Gemma4Attention``'s projections, as its forward makes them:
     projection, RMS norm, 2-D rope on q and k, grouped k/v heads repeated. Shared by the adapter and the
-    converted student (`models/efficient/gemma4_student.py`)."""
+    converted student (`Gemma4Slot`)."""
     B, N, _ = x.shape
     out = {}
     for c in "qkv":
@@ -101,3 +193,14 @@ def gemma4_heads(
             t = t.repeat_interleave(attn.num_kv_groups, dim=1)
         out[c] = t
     return out
+
+
+FAMILY = register_family(
+    Family(
+        name="gemma4",
+        title="Gemma4-ViT",
+        patch_embedding="encoder.patch_embed",
+        rope=True,
+        modules=(ModuleCoverage("gemma4_vit", 4, 4, 4, ("inspect", "convert", "export")),),
+    )
+)

@@ -1,5 +1,5 @@
-"""`TransferMaskUnitAttention`: timm's Hiera ``MaskUnitAttention`` (``timm.models.hiera``) as a softmax
-`TransferableAttention`.
+"""The Hiera family (``hiera``): `TransferMaskUnitAttention`, timm's ``MaskUnitAttention``
+(``timm.models.hiera``) as a softmax `TransferableAttention`.
 
 Hiera's tokens arrive unrolled: token n of a layer with ``num_windows`` mask units belongs to unit
 n mod num_windows. With ``use_mask_unit_attn`` the attention is inside each unit (the units become rows of
@@ -7,11 +7,13 @@ the batch: q/k/v are (B·units, H, tokens per unit, d)); without it, global over
 ``q_stride`` > 1 the queries are max-pooled over ``q_stride`` strided groups of tokens before the logits
 (the block pools its residual the same way), so a layer has N_q = N_k / q_stride query rows: ``project``
 hands out the pooled q, and copy, maps and the CE work on N_q × N_k logits s·q kᵀ (s = d^-0.5, no bias).
-The module has no attention dropout.
+The module has no attention dropout. Where a layer's rows sit on the image follows the model's ``unroll``
+order (`place_rows`): mask unit u holds every ``units``-th token, pooled queries land on the next stage's grid.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,10 +22,12 @@ import torch.nn as nn
 from timm.models.hiera import MaskUnitAttention
 
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
+from ..placement import RowPlacement, TokenWalk
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
-__all__ = ["TransferMaskUnitAttention"]
+__all__ = ["FAMILY", "TransferMaskUnitAttention"]
 
 
 @register_adapter(MaskUnitAttention)
@@ -47,6 +51,33 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
             "window_size": self.window_size if self.use_mask_unit_attn else 0,
             "q_stride": self.q_stride,
         }
+
+    def place_rows(
+        self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
+    ) -> RowPlacement | None:
+        """Tokens in the model's unrolled order (read off its ``unroll`` at the first layer), mask unit u holding
+        every ``units``-th token (or one global unit); queries max-pooled over groups of ``q_stride`` tokens, a
+        2-D block of the grid each, which land on the next stage's grid (the walk's order for later layers)."""
+        if walk.sequence is None:
+            _start_walk(walk)
+        seq, (gh, gw) = walk.sequence, walk.grid
+        if seq is None or seq.numel() != tokens:
+            return None
+        qs = int(partition["q_stride"])
+        units = tokens // (qs * int(partition["window_size"])) if partition["mask_unit_attn"] else 1
+        keys = seq.reshape(tokens // units, units).t()  # (units, tokens per unit)
+        if qs == 1:
+            return RowPlacement((gh, gw), (gh, gw), keys, keys)
+        s = math.isqrt(qs)
+        groups = keys.reshape(units, qs, -1)
+        rows, cols = (groups // gw).amin(1) // s, (groups % gw).amin(1) // s
+        pooled = (gh // s, gw // s)
+        queries = rows * pooled[1] + cols  # (units, tokens per unit / q_stride)
+        walk.sequence, walk.grid = (
+            queries.t().reshape(-1),
+            pooled,
+        )  # the next blocks' order: token m·units + u
+        return RowPlacement(pooled, (gh, gw), queries, keys)
 
     def _units(self, N: int) -> int:
         return N // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
@@ -78,3 +109,22 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_chunks(self, chunks)
+
+
+def _start_walk(walk: TokenWalk) -> None:
+    """The order the model's blocks see its tokens in: its ``unroll`` of the raster grid's cell indices."""
+    unroll = getattr(walk.model, "unroll", None)
+    if isinstance(unroll, nn.Module) and getattr(unroll, "size", None):
+        grid = tuple(int(s) for s in unroll.size)
+        cells = torch.arange(math.prod(grid), dtype=torch.float32).reshape(1, -1, 1)
+        walk.sequence, walk.grid = unroll(cells).reshape(-1).round().long(), grid
+
+
+FAMILY = register_family(
+    Family(
+        name="hiera",
+        title="Hiera",
+        hierarchical=True,
+        modules=(ModuleCoverage("hiera", 7, 7, 7, ("inspect", "export")),),
+    )
+)

@@ -8,11 +8,19 @@ in the ``linear`` variant (``pvt_v2_b2_li``), adaptive average pooling to 7×7 +
 ``project`` hands out q with N_q rows and k/v with N_k rows; copy is the student's own (reduced) v attended
 with the teacher's q and k (SDPA), distillation the exact CE over each row's N_k keys. The block passes
 the stage's ``feat_size`` (H, W) per call. ``norm`` here is the reduction's LayerNorm, not an output norm.
+
+PVTv2 converts (`PvtV2Conversion`, `PvtSlot`): the zoo attention runs over **all tokens of the stage**
+(EcoFormer's setting for its hashing attention: keys and values are not sub-sampled), its grid the stage's
+``feat_size`` at each call. The teacher's ``q`` and ``kv`` Linears become the fused ``qkv`` (rows q, k, v, as
+timm splits ``kv``), ``proj`` moves in; the spatial-reduction modules (``sr``, its ``norm``, the ``linear``
+variant's pool) are dropped: a kernel attention over N keys costs O(N d²) and needs no sub-sampling. With
+``sr_ratio > 1`` the teacher's k/v weights were trained on reduced tokens, so they are a starting point, not
+the teacher's own keys; stage 1 pools the student's map onto the teacher's keys (``key_pooling``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -20,18 +28,56 @@ import torch.nn as nn
 from timm.models.pvt_v2 import Attention as PvtV2Attention
 
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
 from ..key_pooling import KeyPooling
+from ..placement import grid_argument
+from ..slots import ConversionSlot, TokenLayout, stacked_linear
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._reduced_keys import freeze_q_kv, project_q_kv
+from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
-__all__ = ["TransferPvtV2Attention"]
+__all__ = ["FAMILY", "PvtSlot", "PvtV2Conversion", "TransferPvtV2Attention"]
+
+
+class PvtSlot:
+    """Before a zoo attention class: PVTv2's call ``attn(x, feat_size)``, the zoo attention over every token of
+    the stage's grid."""
+
+    def forward(self, x: torch.Tensor, feat_size: Sequence[int] | None = None) -> torch.Tensor:
+        if feat_size is not None:
+            self.set_token_layout(0, tuple(int(s) for s in feat_size))
+        return super().forward(x)
+
+
+class PvtV2Conversion(ConversionSlot):
+    """A zoo attention in a PVTv2 layer's place (see the module docstring): ``q`` and ``kv`` fused into
+    ``qkv``, ``proj`` moved in, no prefix tokens, the grid per call."""
+
+    call = PvtSlot
+
+    @classmethod
+    def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
+        return dict(
+            dim=old.dim,
+            num_heads=old.num_heads,
+            attn_head_dim=old.head_dim,
+            qkv_bias=old.q.bias is not None,
+            proj_bias=old.proj.bias is not None,
+            attn_drop=old.attn_drop.p,
+            proj_drop=old.proj_drop.p,
+            num_prefix_tokens=0,
+        )
+
+    @classmethod
+    def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
+        return {"qkv": stacked_linear([old.q, old.kv]), "proj": old.proj}
 
 
 @register_adapter(PvtV2Attention)
-class TransferPvtV2Attention(SoftmaxCore, PvtV2Attention):
+class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
     """PVTv2's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+    conversion_slot = PvtV2Conversion
 
     @property
     def attn_dim(self) -> int:
@@ -47,6 +93,9 @@ class TransferPvtV2Attention(SoftmaxCore, PvtV2Attention):
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"sr_ratio": self.sr_ratio, "linear": self.pool is not None}
+
+    def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        return grid_argument(args, kwargs, "feat_size")
 
     def forward(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
         if self.io is None:
@@ -90,3 +139,13 @@ class TransferPvtV2Attention(SoftmaxCore, PvtV2Attention):
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_q_kv(self, chunks)
+
+
+FAMILY = register_family(
+    Family(
+        name="pvt_v2",
+        title="PVTv2",
+        hierarchical=True,
+        modules=(ModuleCoverage("pvt_v2", 7, 7, 7, ("inspect", "convert", "export")),),
+    )
+)

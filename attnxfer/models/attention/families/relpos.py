@@ -19,10 +19,11 @@ from timm.models.vision_transformer_relpos import RelPosAttention
 
 from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
+from ..family import Family, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
-__all__ = ["TransferRelPosAttention"]
+__all__ = ["FAMILY", "TransferRelPosAttention"]
 
 
 @register_adapter(RelPosAttention)
@@ -93,3 +94,12 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
 def _draws_dropout(module: nn.Module) -> bool:
     """``module`` draws random dropout masks now (training, p > 0): recomputing it gives another result."""
     return module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+
+
+FAMILY = register_family(
+    Family(
+        name="relpos",
+        title="relpos ViT",
+        modules=(ModuleCoverage("vision_transformer_relpos", 9, 9, 9, ("inspect", "export")),),
+    )
+)

@@ -23,10 +23,11 @@ from timm.models.vision_transformer_sam import Attention as SamAttention
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
-__all__ = ["TransferSamAttention"]
+__all__ = ["FAMILY", "TransferSamAttention"]
 
 
 @register_adapter(SamAttention)
@@ -77,3 +78,12 @@ class TransferSamAttention(SoftmaxCore, SamAttention):
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_chunks(self, chunks)
+
+
+FAMILY = register_family(
+    Family(
+        name="sam",
+        title="SAM ViT",
+        modules=(ModuleCoverage("vision_transformer_sam", 3, 3, 3, ("inspect", "export")),),
+    )
+)

@@ -10,6 +10,14 @@ keeps them (unmasked). The logits are s·q kᵀ + B with B the layer's relative-
 path builds it. Copy applies the teacher's q, k and B (SDPA's ``attn_mask``) to the student's v in the
 teacher's windows; distillation takes the chunked biased CE over each window's keys, with a gradient into
 the student's table.
+
+Swin converts (`SwinConversion`, `SwinSlot`): the zoo attention runs **inside the teacher's windows**, so its
+key set is the teacher's (stage 1 compares maps over the same keys) and the block's window partition, shift
+and padding stay timm's. Swin's shift mask (0 / -100 between regions of a shifted window) is honoured exactly
+for row-stochastic maps: the window's map rows are restricted to the query's region and renormalised (the
+kernel attention over that region's keys). The relative-position bias table is dropped (zoo attentions have
+no logit bias). Inside a 7x7 window a kernel attention costs about what softmax does (N = 49 ≈ d): Swin
+conversion changes what the layer computes, not its cost.
 """
 
 from __future__ import annotations
@@ -21,11 +29,23 @@ import torch
 import torch.nn as nn
 from timm.models.swin_transformer import WindowAttention
 
+from ....errors import InputError
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
+from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
+from ..slots import ConversionSlot, TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
-__all__ = ["SwinWindowParts", "TransferSwinAttention", "swin_partition", "with_window_mask"]
+__all__ = [
+    "FAMILY",
+    "SwinConversion",
+    "SwinSlot",
+    "SwinWindowParts",
+    "TransferSwinAttention",
+    "swin_partition",
+    "with_window_mask",
+]
 
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
@@ -64,12 +84,92 @@ class SwinWindowParts(FusedQKVDims):
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
 
+    def place_rows(
+        self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
+    ) -> RowPlacement | None:
+        """The block's grid in shifted (or not) windows, cut as timm's blocks cut them; keys are the query's
+        window."""
+        if not partition:
+            return None
+        grid = tuple(partition["grid"])
+        cells = window_cells(raster_cells(grid), tuple(partition["window"]), tuple(partition["shift"]))
+        return RowPlacement(grid, grid, cells, cells)
+
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_chunks(self, chunks)
+
+
+class SwinSlot:
+    """Before a zoo attention class: Swin's call ``attn(x_windows, mask=...)``, the zoo attention inside each
+    window, regions of a shifted window kept apart (``mask``: timm's (num_windows, N, N) additive 0 / -100)."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        keep = None
+        if mask is not None:
+            windows = mask.shape[0]
+            keep = (mask == 0).unsqueeze(0).expand(x.shape[0] // windows, -1, -1, -1)
+            keep = keep.reshape(x.shape[0], 1, *mask.shape[1:])
+        return super().forward(x, attn_mask=keep)
+
+    def attend(self, q, k, v, *, attn_mask=None, is_causal=False):
+        if attn_mask is None or (attn_mask.dtype == torch.bool and bool(attn_mask.all())):
+            return super().attend(q, k, v, is_causal=is_causal)
+        if attn_mask.dtype != torch.bool:
+            raise ValueError(f"{type(self).__name__} takes a boolean region mask, got {attn_mask.dtype}")
+        if not self.map_kind.row_stochastic:
+            return torch.zeros_like(v) if not self.map_kind.has_map else _refuse_masked(self)
+        # The kernel attention over the query's region: its map rows restricted there and renormalised.
+        rows = self.attention_map(q, k) * attn_mask
+        rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+        return (rows @ v.float()).to(v.dtype)
+
+    def region_log_mass(self, q: torch.Tensor, k: torch.Tensor, bias_t: torch.Tensor) -> torch.Tensor:
+        """Mean over rows of log(the mass of this layer's window row on the query's region), the regions read
+        off a Swin teacher's logit bias (its shift mask adds -100 between regions). The student's output uses
+        its rows restricted to the region and renormalised, so CE(P, restricted) = CE(P, row) + this (P is 0
+        outside the region): stage 1 adds it to fit what the layer computes. 0 for unshifted windows."""
+        keep = bias_t > -50.0  # relative-position biases are O(1); the shift mask is -100
+        if bool(keep.all()):
+            return q.new_zeros((), dtype=torch.float32)
+        rows = self.attention_map(q, k)
+        mass = (rows * keep).sum(-1).clamp_min(torch.finfo(rows.dtype).tiny)
+        return mass.log().mean()
+
+
+def _refuse_masked(attn: nn.Module):
+    raise InputError(
+        f"{attn.attention_name} has a signed map and cannot be restricted to a shifted window's regions; "
+        "choose a row-stochastic attention (hashing, relu_linear, performer, ...) for Swin"
+    )
+
+
+class SwinConversion(ConversionSlot):
+    """A zoo attention in a Swin window attention's place (see the module docstring): its ``qkv`` and
+    ``proj`` move in unchanged, the token grid is the window, no prefix tokens."""
+
+    call = SwinSlot
+
+    @classmethod
+    def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
+        return dict(
+            dim=old.qkv.in_features,
+            num_heads=old.num_heads,
+            attn_head_dim=old.qkv.out_features // (3 * old.num_heads),
+            qkv_bias=old.qkv.bias is not None,
+            proj_bias=old.proj.bias is not None,
+            attn_drop=old.attn_drop.p,
+            proj_drop=old.proj_drop.p,
+            num_prefix_tokens=0,
+            grid_size=tuple(old.window_size),
+        )
+
+    @classmethod
+    def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
+        return {"qkv": old.qkv, "proj": old.proj}
 
 
 @register_adapter(WindowAttention)
@@ -79,6 +179,7 @@ class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
+    conversion_slot = SwinConversion
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.io is None:
@@ -93,3 +194,13 @@ class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
     def _position_bias(self) -> torch.Tensor:
         """(1, H, N, N): the relative-position table gathered by timm."""
         return self._get_rel_pos_bias()
+
+
+FAMILY = register_family(
+    Family(
+        name="swin",
+        title="Swin",
+        hierarchical=True,
+        modules=(ModuleCoverage("swin_transformer", 9, 9, 9, ("inspect", "convert", "export")),),
+    )
+)

@@ -10,7 +10,7 @@ every path of the interface (copy by SDPA, the biased CE with gradients into τ 
 
 timm names the per-head parameter ``logit_scale``, the interface's method of the same name wins on the
 adapter's class: the adapter reads the parameter as ``_parameters["logit_scale"]`` and, without an
-`AttentionIO`, computes timm's forward itself, in timm's order (bit for bit: ``tests/test_hier_families.py``);
+`AttentionIO`, computes timm's forward itself, in timm's order (bit for bit: ``tests/families/test_adapters.py``);
 the parameter keeps timm's name in ``state_dict``.
 """
 
@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import WindowAttention
 
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import project_heads
 from .swin import SwinWindowParts
 
-__all__ = ["CosineWindowCore", "TransferSwinV2Attention"]
+__all__ = ["FAMILY", "CosineWindowCore", "TransferSwinV2Attention"]
 
 #: timm's clamp of the learned log scale: τ ≤ 1 / 0.01.
 _MAX_LOG_SCALE = math.log(1.0 / 0.01)
@@ -97,3 +98,13 @@ class TransferSwinV2Attention(CosineWindowCore, WindowAttention):
         table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
         bias = table[self.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias).unsqueeze(0)
+
+
+FAMILY = register_family(
+    Family(
+        name="swin_v2",
+        title="Swin V2",
+        hierarchical=True,
+        modules=(ModuleCoverage("swin_transformer_v2", 12, 12, 12, ("inspect", "export")),),
+    )
+)

@@ -16,9 +16,10 @@ import torch.nn as nn
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
 from .swin_v2 import CosineWindowCore
 
-__all__ = ["TransferSwinV2CrAttention"]
+__all__ = ["FAMILY", "TransferSwinV2CrAttention"]
 
 
 @register_adapter(WindowMultiHeadAttention)
@@ -46,3 +47,13 @@ class TransferSwinV2CrAttention(CosineWindowCore, WindowMultiHeadAttention):
     def _position_bias(self) -> torch.Tensor:
         """(1, H, N, N): ``meta_mlp`` of the log-spaced relative coordinates."""
         return self._relative_positional_encodings()
+
+
+FAMILY = register_family(
+    Family(
+        name="swin_v2_cr",
+        title="Swin V2-CR",
+        hierarchical=True,
+        modules=(ModuleCoverage("swin_transformer_v2_cr", 3, 3, 3, ("inspect", "export")),),
+    )
+)

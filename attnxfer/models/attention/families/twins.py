@@ -1,4 +1,4 @@
-"""Twins' two attentions (``timm.models.twins``) as softmax `TransferableAttention`s.
+"""The Twins family (``twins``): its two attentions (``timm.models.twins``) as softmax `TransferableAttention`s.
 
 * `TransferLocallyGroupedAttn` (LSA, ``twins_svt_*``): attention inside ws×ws windows of the stage's H×W
   grid, which timm zero-pads on the right and bottom to whole windows. The windows become rows of the batch
@@ -22,11 +22,13 @@ import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
+from ..placement import RowPlacement, TokenWalk, grid_argument, raster_cells, window_cells
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
-from ._reduced_keys import freeze_q_kv, project_q_kv
+from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
-__all__ = ["TransferGlobalSubSampleAttn", "TransferLocallyGroupedAttn"]
+__all__ = ["FAMILY", "TransferGlobalSubSampleAttn", "TransferLocallyGroupedAttn"]
 
 
 class _TwinsHeads:
@@ -53,6 +55,18 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"window_size": self.ws}
+
+    def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        return grid_argument(args, kwargs, "size")
+
+    def place_rows(
+        self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
+    ) -> RowPlacement | None:
+        """ws×ws windows of the stage's grid, padded at the bottom and right; keys are the query's window."""
+        if grid is None:
+            return None
+        cells = window_cells(raster_cells(grid), (self.ws, self.ws))
+        return RowPlacement(grid, grid, cells, cells)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.io is None:
@@ -81,7 +95,7 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
 
 
 @register_adapter(GlobalSubSampleAttn)
-class TransferGlobalSubSampleAttn(_TwinsHeads, SoftmaxCore, GlobalSubSampleAttn):
+class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalSubSampleAttn):
     """Twins' ``GlobalSubSampleAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward
     is timm's."""
 
@@ -89,6 +103,9 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, SoftmaxCore, GlobalSubSampleAttn)
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"sr_ratio": self.sr_ratio}
+
+    def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        return grid_argument(args, kwargs, "size")
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.io is None:
@@ -115,3 +132,14 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, SoftmaxCore, GlobalSubSampleAttn)
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         freeze_q_kv(self, chunks)
+
+
+FAMILY = register_family(
+    Family(
+        name="twins",
+        title="Twins",
+        hierarchical=True,
+        patch_embedding="patch_embeds.0",
+        modules=(ModuleCoverage("twins", 6, 6, 6, ("inspect", "export")),),
+    )
+)

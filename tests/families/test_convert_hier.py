@@ -1,4 +1,4 @@
-"""Conversion of hierarchical teachers (issue 27): the attention-free `none` choice, attention lists per
+"""Conversion of hierarchical teachers: the attention-free `none` choice, attention lists per
 stage, zoo attentions swapped into timm PVTv2 (over every token of the stage) and Swin (inside the windows,
 the shift mask honoured), stage 1 on both, operation counts per layer, and `attnxfer convert` end to end.
 

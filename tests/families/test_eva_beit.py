@@ -1,6 +1,8 @@
-"""Adapters for timm attention families (EVA/DINOv3, Perception Encoder's AttentionRope, BEiT), checked
-against timm's own modules: the swapped forward is timm's, the distill CE and its gradients equal the CE of
-the maps timm's unfused attention produces (captured at ``attn_drop``), copy reproduces the teacher."""
+"""The EVA (EVA-02, DINOv3, Perception Encoder's AttentionRope) and BEiT families, checked against timm's own
+modules: the distill CE and its gradients equal the CE of the maps timm's unfused attention produces
+(captured at ``attn_drop``), copy with the teacher's q/k (and tables) reproduces the teacher, a plain ViT
+student learns a DINOv3 teacher's maps, the teacher stops inside its last transferred attention. The suites
+every family runs (forward, maps, export, ...) are ``test_adapters.py``'s."""
 
 from __future__ import annotations
 
@@ -10,95 +12,21 @@ import pytest
 import timm
 import torch
 from helpers import fast_cells
-from test_export import card
 
-from attnxfer import load_student
-from attnxfer.checkpoints import export_student
-from attnxfer.models import attention_maps, student_like
-from attnxfer.models.attention import AttentionIO, attention_io, attention_layers, transfer_attentions
+from attnxfer.models import student_like
+from attnxfer.models.attention import transfer_attentions
 from attnxfer.models.efficient.swap import check_softmax_teacher
 from attnxfer.transfer import DualViT, PlanError, build_plan
 
-TINY = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
+from .cases import ARCHS, SMALL_KW, build, peaked
+from .oracles import timm_maps
 
-#: family -> (arch, extra kwargs): tiny random models, 16 patches
-ARCHS = {
-    "eva02": ("eva02_tiny_patch14_224", {}),
-    "dinov3": ("vit_small_patch16_dinov3", {}),  # 4 registers, dinov3 rope, rotate-half
-    "pe": ("vit_pe_core_tiny_patch16_384", {"global_pool": "avg", "ref_feat_shape": (4, 4)}),  # AttentionRope
-    # separate q/k/v projections, one k/v head for two q heads (grouped-query attention)
-    "pe_gqa": (
-        "vit_pe_core_tiny_patch16_384",
-        {"global_pool": "avg", "ref_feat_shape": (4, 4), "qkv_fused": False, "num_kv_heads": 1},
-    ),
-    "beit": ("beit_base_patch16_224", {}),  # per-layer relative-position tables
-    "beitv2": ("beitv2_base_patch16_224", {}),
-    "beit_shared": ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}),
-}
-
-
-def build(family: str, seed: int = 0) -> torch.nn.Module:
-    arch, extra = ARCHS[family]
-    torch.manual_seed(seed)
-    return timm.create_model(arch, **{**TINY, **extra})
-
-
-def peaked(model: torch.nn.Module, seed: int = 1, head: bool = True) -> torch.nn.Module:
-    """Redraw q/k projections (std 0.4), relative-position tables (std 1), and unless ``head=False`` the v
-    and output projections and the head: far-from-uniform maps, a bias and an attention branch that
-    matter, as trained models have."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if name.endswith("attn.qkv.weight"):
-                rows = p.shape[0] // 3 * (3 if head else 2)
-                p[:rows] = torch.randn(rows, p.shape[1], generator=g) * 0.4
-            elif name.endswith(("attn.q_proj.weight", "attn.k_proj.weight")) or (
-                head and name.endswith(("attn.v_proj.weight", "attn.proj.weight"))
-            ):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.4)
-            elif leaf == "relative_position_bias_table":
-                p.copy_(torch.randn(p.shape, generator=g))
-            elif head and leaf in ("gamma_1", "gamma_2", "gamma"):  # layer scale (BEiT 0.1, DINOv3 1e-5)
-                p.fill_(1.0)
-            elif name == "head.weight" and head:  # timm's head init is tiny: logits that show differences
-                p.copy_(torch.randn(p.shape, generator=g))
-    return model
-
-
-def timm_maps(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The softmax maps timm's own (unswapped, unfused) attention modules produce, in forward order."""
-    maps: list[torch.Tensor] = []
-    handles = []
-    for name, module in model.named_modules():
-        if name.endswith(".attn") and hasattr(module, "fused_attn"):
-            module.fused_attn = False
-            handles.append(module.attn_drop.register_forward_hook(lambda m, a, out: maps.append(out)))
-    try:
-        model.forward_features(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return maps
+TINY = SMALL_KW
 
 
 @pytest.fixture(scope="module")
 def x() -> torch.Tensor:
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-
-
-@pytest.mark.parametrize("family", fast_cells(list(ARCHS), ("beit_shared", "beitv2", "pe_gqa")))
-def test_swapped_forward_equals_timm(family, x):
-    model = peaked(build(family)).eval()
-    reference = copy.deepcopy(model)
-    layers = attention_layers(model)
-    assert len(layers) == 2 and all(type(a).__name__.startswith("Transfer") for _, a in layers)
-    assert list(model.state_dict()) == list(reference.state_dict())  # timm's names, nothing added
-    want = reference(x)
-    torch.testing.assert_close(model(x), want, rtol=0, atol=0)  # no AttentionIO: timm's forward
-    with attention_io(layers[0][1], AttentionIO()), attention_io(layers[1][1], AttentionIO()):
-        torch.testing.assert_close(model(x), want, rtol=1e-5, atol=1e-5)  # attnxfer's decomposition
 
 
 @pytest.mark.parametrize("family", fast_cells(list(ARCHS), ("beit_shared", "beitv2", "eva02")))
@@ -198,21 +126,6 @@ def test_eva_teacher_stops_inside_its_last_transferred_attention(x):
     assert calls == [0, 1]
 
 
-@pytest.mark.parametrize("family", fast_cells(["eva02", "beit"], ("beit",)))
-def test_a_family_student_exports_to_plain_timm_and_loads_back(family, tmp_path, x):
-    """A distilled EVA/BEiT student exports through timm's own save: timm.create_model and load_student
-    both rebuild it with the same logits; the parameter names are timm's."""
-    teacher, student = peaked(build(family)), peaked(build(family, 2), 3)
-    DualViT(teacher, student, mode="distill").train()(x)  # walked and swapped: a trained student's state
-    student.eval()
-    out = export_student(student, tmp_path / "out", card=card())
-    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
-    assert type(plain.blocks[0].attn).__module__.startswith("timm.")
-    with torch.no_grad():
-        torch.testing.assert_close(plain(x), student(x), rtol=0, atol=0)
-        torch.testing.assert_close(load_student(str(out))(x), student(x), rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("family", fast_cells(["eva02", "pe", "beit"], ("pe", "beit")))
 @pytest.mark.parametrize("chunk", fast_cells(["q", "k", "v"], ("q",)))
 def test_copy_one_chunk_with_teacher_weights_reproduces_the_teacher(family, chunk, x):
@@ -251,21 +164,9 @@ def test_shared_drop_path_on_eva_blocks(x):
 
 def test_conversion_refuses_a_bias_teacher():
     """Zoo attentions form no N x N logits: a teacher whose logits carry a relative-position bias is refused
-    by name instead of silently losing it (rope teachers convert: tests/test_rope_conversion.py)."""
+    by name instead of silently losing it (rope teachers convert: tests/families/test_convert_rope.py)."""
     with pytest.raises(
         ValueError, match=r"blocks.0.attn is timm\.models\.beit\.Attention.*relative-position"
     ):
         check_softmax_teacher(build("beit"))
     check_softmax_teacher(build("eva02"))
-
-
-@pytest.mark.parametrize("family", ["dinov3", "beit_shared"])
-def test_attention_maps_equal_timms_own(family, x):
-    """`attention_maps` (pictures, inspect) gives the maps timm's unfused modules compute: rope'd q/k,
-    biases included."""
-    model = peaked(build(family)).eval()
-    with torch.no_grad():
-        want = timm_maps(copy.deepcopy(model), x)
-    got = attention_maps(model, x)
-    for i, w in enumerate(want):
-        torch.testing.assert_close(got[i], w, rtol=1e-5, atol=1e-6)

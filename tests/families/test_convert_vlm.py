@@ -1,4 +1,4 @@
-"""`convert` of NaFlexViT, Qwen3-ViT and Gemma4-ViT teachers (issue 26), from first principles.
+"""`convert` of NaFlexViT, Qwen3-ViT and Gemma4-ViT teachers, from first principles.
 
 A zoo attention that is exactly softmax over all tokens (``window`` with one window covering the 4x4 grid)
 built from the teacher's weights must reproduce the teacher's logits: only possible if it takes q, k and v
@@ -15,7 +15,6 @@ import types
 
 import pytest
 import torch
-from family_oracles import TINY, TinyFamily, map_ce, oracle_maps
 from helpers import fast_cells
 
 from attnxfer.models import student_from_spec, student_spec
@@ -25,6 +24,9 @@ from attnxfer.train.measure import map_agreement
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer import DualViT
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
+
+from .cases import TINY, TinyFamily
+from .oracles import map_ce, oracle_maps
 
 #: gemma4_gqa: one k/v head for two q heads, head_dim 8 (the scale fold d^1/4 is not a power of two)
 GQA = TinyFamily("gemma4_vit_167m", dict(TINY["gemma4"].kwargs, head_dim=8, num_kv_heads=1))

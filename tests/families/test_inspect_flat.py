@@ -1,6 +1,6 @@
 """`attnxfer inspect` on every flat adapter family: the walk's metrics against an independent oracle (the
 maps timm's own unfused modules produce, read with `timm.utils.AttentionExtract` at ``attn_drop``, or for
-SAM's windows and CaiT's talking heads with the hooks of `family_oracles`), each layer's geometry
+SAM's windows and CaiT's talking heads with the hooks of `oracles`), each layer's geometry
 (windows, class attention) read from its shapes, stage grouping by layer names, and the CLI end to end on
 tiny EVA-02 (rope), BEiT (relative-position bias), CaiT and SAM (windows) pairs saved as local files."""
 
@@ -12,7 +12,6 @@ import json
 import pytest
 import timm
 import torch
-from family_oracles import TINY, oracle_maps
 from helpers import fast_cells
 from PIL import Image
 from test_export import card
@@ -34,8 +33,11 @@ from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models.attention import attention_layers
 
+from .cases import TINY
+from .oracles import oracle_maps
+
 _SMALL = dict(pretrained=False, img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2, num_classes=5)
-#: rope and bias families by arch (the flat families of family_oracles add SAM, CaiT, NaFlexViT)
+#: rope and bias families by arch (the flat cases of `cases.TINY` add SAM, CaiT, NaFlexViT)
 ARCHS = {"eva02": "eva02_tiny_patch14_224", "beit": "beit_base_patch16_224"}
 
 

@@ -1,12 +1,13 @@
-"""Tiny timm models of the flat transformer families and first-principles oracles for their maps.
+"""First-principles oracles for every family's maps (never attnxfer's code).
 
-The oracle never goes through attnxfer: it runs timm's own modules with fused attention off and records
-each attention layer's softmax output with a forward hook — on ``attn_drop`` (what
-`timm.utils.AttentionExtract` hooks), or, for CaiT's talking heads, on the input of ``proj_w`` (the
-softmax output before the post-softmax head mixing). Models are drawn with peaked attention (q/k rows
-and position tables at std 0.2-0.5, as trained ViTs have, instead of timm's near-uniform init).
-`assert_distill_matches_oracle` holds attnxfer's distillation (CE terms and gradients) against any family's
-oracle maps.
+The oracle runs timm's own modules with fused attention off and records each attention layer's softmax output
+with a forward hook — on ``attn_drop`` (what `timm.utils.AttentionExtract` hooks), or, for CaiT's talking
+heads, on the input of ``proj_w`` (the softmax output before the post-softmax head mixing). Twins' windowed
+maps come as (B, windows, H, n, n) and are reshaped to (B·windows, H, n, n), the windows as rows of the batch.
+Hiera's ``MaskUnitAttention`` has no ``attn_drop``: its maps are recomputed from the module's own ``qkv``
+weights and its input, following timm's arithmetic (unrolled mask units, max-pooled queries). Swin's window
+attentions are recorded in float64 (`swin_oracle_maps`). `assert_distill_matches_oracle` holds attnxfer's
+distillation (CE terms and gradients) against any family's oracle maps.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-import timm
 import torch
 import torch.nn as nn
 
@@ -25,86 +24,23 @@ from attnxfer.transfer import DualViT
 #: timm attention classes (by class name) whose softmax output the oracle records.
 ORACLE_ATTENTIONS = (
     "RelPosAttention",  # vision_transformer_relpos
-    "Attention",  # vision_transformer_sam (and timm.layers' plain Attention in NaFlexViT)
+    "Attention",  # vision_transformer_sam, beit, pvt_v2 (and timm.layers' plain Attention in NaFlexViT)
     "TalkingHeadAttn",  # cait
     "ClassAttn",  # cait, blocks_token_only
-    "AttentionRope",  # qwen3_vit
+    "AttentionRope",  # qwen3_vit, eva's Perception Encoder
     "Gemma4Attention",  # gemma4_vit
-    "EvaAttention",  # naflexvit with rope
+    "EvaAttention",  # eva, naflexvit with rope
+    "LocallyGroupedAttn",  # twins
+    "GlobalSubSampleAttn",  # twins
+    "MaskUnitAttention",  # hiera
+    "WindowAttention",  # swin_transformer, swin_transformer_v2
+    "WindowMultiHeadAttention",  # swin_transformer_v2_cr
 )
-
-
-@dataclass(frozen=True)
-class TinyFamily:
-    """One tiny randomly initialised model of a timm family: the arch, its kwargs and its image size."""
-
-    arch: str
-    kwargs: dict
-    img_size: int = 32
-
-    def build(self, seed: int = 0, peaked: bool = True) -> nn.Module:
-        torch.manual_seed(seed)
-        model = timm.create_model(self.arch, pretrained=False, num_classes=5, **self.kwargs)
-        if peaked:
-            sharpen(model, seed)
-        for m in model.modules():  # RelPosMlp has dropout inside its bias MLP: tiny models are deterministic
-            if isinstance(m, nn.Dropout):
-                m.p = 0.0
-        return model.eval()
-
-    def images(self, batch: int = 2, seed: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, 3, self.img_size, self.img_size, generator=g)
-
-
-_SMALL = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
-# Families with LayerScale get 0.5 instead of timm's 1e-5/1e-6: the attention must matter to the logits.
-
-#: The families h26fam adapts, each as a tiny model (name -> builder); several layouts per family where the
-#: family's archs differ (shared vs per-block tables, class token, res-post blocks, padded windows).
-TINY = {
-    "relpos": TinyFamily("vit_relpos_small_patch16_224", dict(img_size=32, init_values=0.5, **_SMALL)),
-    "relpos_cls": TinyFamily(
-        "vit_relpos_medium_patch16_cls_224", dict(img_size=32, init_values=0.5, **_SMALL)
-    ),
-    "srelpos": TinyFamily("vit_srelpos_small_patch16_224", dict(img_size=32, init_values=0.5, **_SMALL)),
-    "relpos_rpn": TinyFamily(
-        "vit_relpos_medium_patch16_rpn_224", dict(img_size=32, init_values=0.5, **_SMALL)
-    ),
-    # 6x6 patches in 4x4 windows: the windows are padded to 8x8, as SAM's 64x64 grid is in 14x14 windows
-    "sam": TinyFamily(
-        "samvit_base_patch16",
-        dict(img_size=48, window_size=4, global_attn_indexes=(1,), neck_chans=16, **_SMALL),
-        img_size=48,
-    ),
-    "cait": TinyFamily("cait_xxs24_224", dict(img_size=32, depth_token_only=1, init_values=0.5, **_SMALL)),
-    "naflex": TinyFamily("naflexvit_base_patch16_gap", dict(img_size=32, init_values=0.5, **_SMALL)),
-    "qwen3": TinyFamily("qwen3_vit_88m", dict(img_size=32, **_SMALL)),
-    "gemma4": TinyFamily("gemma4_vit_167m", dict(img_size=32, head_dim=16, **_SMALL)),
-}
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every attention layer the oracle knows, in registration order."""
     return [(n, m) for n, m in model.named_modules() if type(m).__name__ in ORACLE_ATTENTIONS]
-
-
-def sharpen(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-draw the attention layers' projections and position tables so that the maps are peaked."""
-    g = torch.Generator().manual_seed(1000 + seed)
-    with torch.no_grad():
-        for _, attn in attention_modules(model):
-            for name, p in attn.named_parameters():
-                leaf = name.rsplit(".", 1)[-1]
-                if "norm" in name and leaf == "weight":
-                    continue  # q/k norm gains stay at timm's init
-                if "rel_pos" in name or "relative_position" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-                elif p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
 
 
 def unfused(model: nn.Module) -> None:
@@ -131,26 +67,40 @@ def recording(
             h.remove()
 
 
-def _flat_hook(name: str, attn: nn.Module, out: list):
+def hiera_map(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's MaskUnitAttention map for input ``x`` (B, N, C), from its own weights: (B·units, H, N_q, N_k)."""
+    B, N, _ = x.shape
+    H, d, qs = attn.heads, attn.head_dim, attn.q_stride
+    units = N // (qs * attn.window_size) if attn.use_mask_unit_attn else 1
+    qkv = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(B, -1, units, 3, H, d).permute(3, 0, 4, 2, 1, 5)
+    q, k, _ = qkv.unbind(0)  # (B, H, units, tokens, d)
+    if qs > 1:
+        q = q.view(B, H, units, qs, -1, d).amax(dim=3)
+    p = ((q * d**-0.5) @ k.transpose(-1, -2)).softmax(dim=-1)
+    return p.permute(0, 2, 1, 3, 4).reshape(B * units, H, *p.shape[-2:])
+
+
+def _hook(name: str, attn: nn.Module, out: list):
+    if type(attn).__name__ == "MaskUnitAttention":  # no attn_drop: recomputed from its own weights
+        return attn.register_forward_pre_hook(lambda mod, args: out.append((name, hiera_map(mod, args[0]))))
     if type(attn).__name__ == "TalkingHeadAttn":  # the softmax before the post-softmax head mixing
         return attn.proj_w.register_forward_pre_hook(
             lambda mod, args: out.append((name, args[0].permute(0, 3, 1, 2)))
         )
 
     def post(mod, args, result, heads=attn.num_heads):
-        p = result
-        if p.dim() == 3:  # SAM: heads folded into the batch
-            p = p.reshape(-1, heads, *p.shape[-2:])
-        out.append((name, p))
+        # SAM: heads folded into the batch; Twins' windows: (B, windows, H, n, n)
+        out.append((name, result.reshape(-1, heads, *result.shape[-2:])))
 
     return attn.attn_drop.register_forward_hook(post)
 
 
 def recorded_maps(model: nn.Module) -> contextlib.AbstractContextManager[list[tuple[str, torch.Tensor]]]:
     """While active, every forward of ``model`` (run unfused) appends ``(layer name, softmax map)`` in call
-    order; maps keep their graph. SAM's maps come as (B·windows·H, n, n) and are reshaped to
-    (B·windows, H, n, n); talking-heads maps are the softmax before the post-softmax mixing."""
-    return recording(model, attention_modules(model), _flat_hook)
+    order; maps keep their graph. SAM's maps come as (B·windows·H, n, n) and Twins' as (B, windows, H, n, n):
+    both are reshaped to (B·windows, H, n, n); talking-heads maps are the softmax before the post-softmax
+    mixing; Hiera's are recomputed from its weights."""
+    return recording(model, attention_modules(model), _hook)
 
 
 def oracle_maps(
@@ -217,3 +167,47 @@ def assert_distill_matches_oracle(
 def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x)
+
+
+def swin_oracle_maps(model: nn.Module, x: torch.Tensor, grad: bool = False) -> list[torch.Tensor]:
+    """Each window attention's softmax maps (B·nW, H, N, N), in forward order, from timm's own unfused
+    modules in float64 (Swin V2's τ up to 100 spreads logits over ±200: in fp32 maps, keys below e^-103
+    underflow to 0 while their log still counts in the CE). On a float64 copy unless ``grad``: then
+    ``model`` must be float64 already, and the maps' graph reaches its parameters."""
+    model = model if grad else copy.deepcopy(model).double()
+    maps: list[torch.Tensor] = []
+    handles = []
+    for m in [m for n, m in model.named_modules() if n.endswith(".attn")]:
+        assert type(m).__module__.startswith("timm."), type(m)  # the oracle never runs an adapter
+        m.fused_attn = False
+        handles.append(m.attn_drop.register_forward_hook(lambda mod, a, out: maps.append(out)))
+    with torch.no_grad() if not grad else contextlib.nullcontext():
+        model(x.double())
+    for h in handles:
+        h.remove()
+    return maps
+
+
+def masked_map_ce(p_t: torch.Tensor, p_s: torch.Tensor) -> torch.Tensor:
+    """The per-layer CE from explicit maps, mean over (window, head, query) of -Σ_j P_t log P_s; keys a shift
+    mask sends to exactly 0 in fp32 (exp(-100) underflows) contribute 0, without a NaN gradient."""
+    p_s = p_s.double()
+    log_p_s = torch.log(torch.where(p_s > 0, p_s, torch.ones_like(p_s)))
+    return -(p_t.double() * log_p_s).sum(-1).mean()
+
+
+def timm_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The softmax maps timm's own (unswapped, unfused) attention modules produce, in forward order, read at
+    ``attn_drop`` during ``forward_features`` (EVA's and BEiT's layers: one map per layer)."""
+    maps: list[torch.Tensor] = []
+    handles = []
+    for name, module in model.named_modules():
+        if name.endswith(".attn") and hasattr(module, "fused_attn"):
+            module.fused_attn = False
+            handles.append(module.attn_drop.register_forward_hook(lambda m, a, out: maps.append(out)))
+    try:
+        model.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return maps

@@ -20,12 +20,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from family_oracles import TINY as FLAT
-from family_oracles import attention_modules, map_ce, oracle_maps
 from helpers import fast_cells
 from safetensors.torch import load_file
-from test_families import build as build_rope_or_beit
-from test_families import peaked
 from timm.models import save_for_hf
 
 from attnxfer import load_student
@@ -33,6 +29,11 @@ from attnxfer.apps.training import build_engine, train
 from attnxfer.checkpoints.export import export_run
 from attnxfer.config import load_config
 from attnxfer.models import student_from_spec
+
+from .cases import TINY as FLAT
+from .cases import build as build_rope_or_beit
+from .cases import peaked
+from .oracles import attention_modules, map_ce, oracle_maps
 
 #: family -> (builder of the tiny teacher with 10 classes, its image size)
 FAMILIES = {

@@ -15,8 +15,6 @@ import json
 import pytest
 import timm
 import torch
-from family_oracles import TINY as FLAT
-from test_families import TINY, build, peaked
 from timm.models import save_for_hf
 
 from attnxfer.models.attention import capture_attention
@@ -31,6 +29,10 @@ from attnxfer.models.efficient.base import rope_support
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer import DualViT
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
+
+from .cases import SMALL_KW as TINY
+from .cases import TINY as FLAT
+from .cases import build, peaked
 
 #: interleaved / half rope, 1 or 5 prefix tokens, fused qkv + q_bias/v_bias, q/k/v_proj (k unbiased), GQA
 ROPE = ["eva02", "dinov3", "pe", "pe_gqa", "eva02_proj"]
@@ -71,7 +73,7 @@ def test_a_full_window_student_of_a_rope_teacher_reproduces_its_logits(family, x
 def _students(teacher):
     """(name, converted student) for every zoo attention with a map or an output to fit; windowed ones in 2x2
     windows (keys outside). ``none`` (attention-free: nothing to rotate or fit) has its own tests in
-    tests/test_hierarchical_conversion.py."""
+    tests/families/test_convert_hier.py."""
     for name in rope_support():
         if name == "none":
             continue

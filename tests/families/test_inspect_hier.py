@@ -2,7 +2,7 @@
 variant, Twins, Hiera), against first principles.
 
 The oracle is timm's own modules: maps recorded at ``attn_drop`` with fused attention off
-(`test_hier_families.oracle_maps`, `pvt_twins_hiera_oracles.oracle_maps`; Hiera, which has no ``attn_drop``,
+(`oracles.swin_oracle_maps`, `oracles.oracle_maps`; Hiera, which has no ``attn_drop``,
 recomputed from the module's own weights). Where a query row sits on the image is checked against timm's own
 ``window_partition`` of a rolled, padded grid (Swin) and Hiera's own ``unroll``."""
 
@@ -11,13 +11,10 @@ from __future__ import annotations
 import copy
 import json
 
-import pvt_twins_hiera_oracles as pth
 import pytest
-import test_hier_families as swin
 import torch
 from PIL import Image
 from test_export import card
-from test_inspect_families import _build as build_flat
 from timm.models.swin_transformer import window_partition
 
 from attnxfer.analysis import compare_attention, layer_qk
@@ -27,6 +24,10 @@ from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models.attention.bias_rows import BiasRows
 from attnxfer.sources import load_teacher
+
+from .cases import TINY_HIER, build_hier, build_swin, swin_images
+from .oracles import oracle_maps, swin_oracle_maps
+from .test_inspect_flat import _build as build_flat
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # hundreds of tiny ops: one thread is faster
 
@@ -46,8 +47,8 @@ PARTITIONS = {
 
 def _models(family: str, seed: int = 0):
     if family not in SWINS:
-        return pth.build(family, seed)
-    model = swin.build(family, seed)
+        return build_hier(family, seed)
+    model = build_swin(family, seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # Swin V2's τ = e^[1, 2], not up to 100: fp32 maps keep every key above underflow
         for m in model.modules():
@@ -59,11 +60,11 @@ def _models(family: str, seed: int = 0):
 
 
 def _images(family: str, batch: int = 2) -> torch.Tensor:
-    return swin.images(family, batch) if family in SWINS else pth.TINY_HIER[family].images(batch)
+    return swin_images(family, batch) if family in SWINS else TINY_HIER[family].images(batch)
 
 
 def _oracle(family: str, model, x) -> list[torch.Tensor]:
-    maps = swin.oracle_maps(model, x) if family in SWINS else pth.oracle_maps(model, x)
+    maps = swin_oracle_maps(model, x) if family in SWINS else oracle_maps(model, x)
     return [m.double() for m in maps]
 
 

@@ -1,5 +1,6 @@
-"""`TransferTalkingHeadAttn`: CaiT's ``TalkingHeadAttn`` (``cait_*``, the self-attention blocks) as a
-softmax `TransferableAttention`.
+"""The CaiT family (``cait``): its two attentions as softmax `TransferableAttention`s.
+
+`TransferTalkingHeadAttn`: ``TalkingHeadAttn`` (the self-attention blocks).
 
 Talking heads mix heads twice: before the softmax (``proj_l``: L'_h = Σ_g W^l_hg·s·q_g k_gᵀ + b^l_h) and
 after it (``proj_w``: P''_h = Σ_g W^w_hg·P'_g + b^w_h). The softmax map of head h is P'_h = softmax(L'_h):
@@ -14,6 +15,12 @@ it stays the layer's own: ``attend`` applies the *student's* ``proj_w`` to the (
 without building it — P''_h v_h = Σ_g W^w_hg·(P'_g v_h) + b^w_h·Σ_j v_hj, with P'_g v for every h from one
 SDPA against all heads' values. With the teacher's own weights, copy reproduces the teacher exactly.
 Attention dropout (0 in every pretrained CaiT) falls on P', not on P'' as in timm.
+
+`TransferClassAttn`: ``ClassAttn`` (the class-attention blocks in ``blocks_token_only``).
+
+One query row: the class token's q (B, H, 1, d) against the keys of the class token and every patch
+token (B, H, 1 + N, d). Its map is one distribution per head — what copy borrows (SDPA with the
+teacher's q, k) and what distillation's CE averages over (batch, head, that one row).
 """
 
 from __future__ import annotations
@@ -21,13 +28,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from timm.models.cait import TalkingHeadAttn
+from timm.models.cait import ClassAttn, TalkingHeadAttn
 
 from ..adapters import register_adapter
+from ..family import Family, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore, sdpa
-from ._projections import FusedQKVDims, freeze_chunks, project_heads
+from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, project_heads
 
-__all__ = ["TransferTalkingHeadAttn"]
+__all__ = ["FAMILY", "TransferClassAttn", "TransferTalkingHeadAttn"]
 
 
 @register_adapter(TalkingHeadAttn)
@@ -92,3 +100,48 @@ class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):
         freeze_chunks(self, chunks)
         if "q" in set(chunks):
             self.proj_l.requires_grad_(False)
+
+
+@register_adapter(ClassAttn)
+class TransferClassAttn(SoftmaxCore, ClassAttn):
+    """``ClassAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
+
+    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.out_features // self.num_heads
+
+    @property
+    def attn_dim(self) -> int:
+        return self.q.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.io is None:
+            return ClassAttn.forward(self, x)
+        return self.transfer_forward(x)
+
+    def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
+        """q of the class token only (B, H, 1, d); k, v of every token (B, H, N, d)."""
+        B = x.shape[0]
+        out = {}
+        for c in "qkv":
+            if c in which:
+                rows = x[:, :1] if c == "q" else x
+                out[c] = getattr(self, c)(rows).reshape(B, rows.shape[1], self.num_heads, -1).transpose(1, 2)
+        return out
+
+    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, 1, -1)))
+
+    def freeze_projections(self, chunks: Iterable[str]) -> None:
+        """Copied chunks' linears (``q``/``k``/``v``) become buffers of the same names."""
+        for c in set(chunks):
+            for name in ("weight", "bias"):
+                _to_buffer(getattr(self, c), name)
+
+
+FAMILY = register_family(
+    Family(name="cait", title="CaiT", modules=(ModuleCoverage("cait", 10, 10, 10, ("inspect", "export")),))
+)

@@ -1,0 +1,96 @@
+"""`PartialQKV`: a fused projection whose q/k/v row blocks train or stay frozen independently, with timm's
+``state_dict`` names (copied layers keep their borrowed projections as buffers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["QKV", "PartialQKV"]
+
+#: The three projections of a fused qkv, in timm's row order.
+QKV = ("q", "k", "v")
+
+
+class PartialQKV(nn.Module):
+    """A fused qkv projection whose q/k/v row blocks are trainable or frozen independently (``chunks``
+    names the blocks: timm's ``qkv`` by default, a fused ``kv`` with ``("k", "v")``).
+
+    A copied layer never uses its own q/k projections; keeping them as buffers
+    (not parameters) means they get no gradient, no weight decay, and no optimizer
+    state, while ``state_dict`` still reads and writes timm's ``qkv.weight`` /
+    ``qkv.bias`` so checkpoints stay interchangeable with plain timm models.
+    """
+
+    def __init__(self, linear: nn.Linear, frozen: Iterable[str], chunks: Sequence[str] = QKV):
+        super().__init__()
+        frozen = set(frozen)
+        self.chunks = tuple(chunks)  # the row blocks, in order (PVTv2/Twins' fused ``kv``: ("k", "v"))
+        unknown = frozen - set(self.chunks)
+        if unknown:
+            raise ValueError(
+                f"PartialQKV: unknown chunks {sorted(unknown)}; use a subset of {', '.join(map(repr, self.chunks))}"
+            )
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.frozen = tuple(c for c in self.chunks if c in frozen)
+        self.has_bias = linear.bias is not None
+        rows = linear.out_features // len(self.chunks)
+        for i, name in enumerate(self.chunks):
+            w = linear.weight.detach()[i * rows : (i + 1) * rows].clone()
+            b = linear.bias.detach()[i * rows : (i + 1) * rows].clone() if self.has_bias else None
+            if name in frozen:
+                self.register_buffer(f"{name}_weight", w)
+                self.register_buffer(f"{name}_bias", b)
+            else:
+                self.register_parameter(f"{name}_weight", nn.Parameter(w))
+                self.register_parameter(f"{name}_bias", nn.Parameter(b) if b is not None else None)
+
+    def chunk(self, name: str):
+        return getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return torch.cat([self.chunk(c)[0] for c in self.chunks], 0)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return torch.cat([self.chunk(c)[1] for c in self.chunks], 0) if self.has_bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    # timm-compatible serialisation: one `weight` (and `bias`) like nn.Linear.
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w, b = self.weight, self.bias
+        destination[prefix + "weight"] = w if keep_vars else w.detach()
+        if b is not None:
+            destination[prefix + "bias"] = b if keep_vars else b.detach()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        rows = self.out_features // len(self.chunks)
+        for suffix in ("weight", "bias") if self.has_bias else ("weight",):
+            key = prefix + suffix
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            full = state_dict[key]
+            if full.shape[0] != self.out_features:
+                error_msgs.append(f"size mismatch for {key}: {tuple(full.shape)} vs {self.out_features} rows")
+                continue
+            with torch.no_grad():
+                for i, name in enumerate(self.chunks):
+                    getattr(self, f"{name}_{suffix}").copy_(full[i * rows : (i + 1) * rows])
+        for key in state_dict:
+            if key.startswith(prefix) and key[len(prefix) :] not in ("weight", "bias"):
+                rest = key[len(prefix) :]
+                if "." not in rest:
+                    unexpected_keys.append(key)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"

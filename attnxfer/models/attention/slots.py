@@ -1,0 +1,214 @@
+"""Conversion slots: how a zoo attention takes a softmax layer's place, one slot per family that converts.
+
+A converted student is its teacher's copy with attention layers replaced by zoo attentions. What of the
+teacher's layer moves in (projections, norms, the output projection), with which constructor arguments (the
+head layout, the token layout), how the family's blocks call the new layer (PVTv2's ``attn(x, feat_size)``,
+Swin's windows and shift mask, Gemma4's ``attn(x, cos, sin)``) and which zoo attentions a family refuses (a
+rope family: those whose map kind its rotary embedding would break) are the family's own: its adapter names
+a `ConversionSlot` (``conversion_slot``), and the swap (`attnxfer.models.efficient.swap`) asks the slot,
+never the family. `ConversionSlot` itself is the slot of timm's plain ``Attention`` (ViT, DeiT, NaFlexViT).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .adapters import adapter_for
+from .interface import COUNTERPART_MODULES, TransferableAttention
+
+__all__ = ["ConversionSlot", "TokenLayout", "attention_config", "fused_qkv", "slot_of", "stacked_linear"]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """A flat model's token layout: prefix (class, register) tokens before the patch grid (None: the model
+    resizes its grid, the attention infers it per call)."""
+
+    prefix: int
+    grid: tuple[int, int] | None
+
+
+class ConversionSlot:
+    """How a zoo attention takes the place of one family's attention layer (the module docstring).
+
+    Every method is a class method: a slot is declared, never built. ``build`` is the one entry point;
+    subclasses change the parts that differ for their family."""
+
+    #: The call the family's blocks make, as methods (``forward``, ``attend``, ...) placed before the zoo
+    #: class's (`zoo_class`); None: the zoo class takes the call as timm's ``Attention`` does.
+    call: ClassVar[type | None] = None
+
+    @classmethod
+    def keeps(cls, zoo: type[nn.Module]) -> bool:
+        """The teacher's layer stays as it is when ``zoo`` is chosen for it."""
+        return False
+
+    @classmethod
+    def refusal(cls, zoo: type[nn.Module]) -> str | None:
+        """Why ``zoo`` cannot take this family's layer, or None."""
+        return None
+
+    @classmethod
+    def zoo_class(cls, zoo: type[nn.Module]) -> type[nn.Module]:
+        """The class built: ``zoo`` with the slot's ``call`` before it (made once per pair), which answers
+        ``conversion_slot`` with this slot."""
+        if cls.call is None:
+            return zoo
+        key = (cls, zoo)
+        if key not in _MIXED:
+            _MIXED[key] = type(
+                f"{cls.call.__name__}{zoo.__name__}",
+                (cls.call, zoo),
+                {"__module__": cls.call.__module__, "conversion_slot": cls},
+            )
+        return _MIXED[key]
+
+    @classmethod
+    def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
+        """Constructor arguments that reproduce ``old``'s head layout, with the model's token layout (and a
+        fixed-length attention's sequence length: Linformer's ``seq_len``)."""
+        config = attention_config(old)
+        if layout is not None:
+            config.update(num_prefix_tokens=layout.prefix, grid_size=layout.grid)
+            if zoo.accepts_option("seq_len") and layout.grid is not None:
+                config["seq_len"] = layout.prefix + layout.grid[0] * layout.grid[1]
+        return config
+
+    @classmethod
+    def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
+        """The teacher layer's modules that move into the new one, by the name they take there: timm's
+        ``qkv`` (fused, `fused_qkv`), ``q_norm``, ``k_norm``, ``norm``, ``proj`` where it has them."""
+        out = {}
+        for name in COUNTERPART_MODULES:
+            module = fused_qkv(old) if name == "qkv" else getattr(old, name, None)
+            if module is not None:
+                out[name] = module
+        return out
+
+    @classmethod
+    def finish(cls, new: nn.Module, old: nn.Module, layout: TokenLayout | None, where: str) -> None:
+        """Whatever else the new layer takes from ``old`` once the modules moved in (``where`` names the layer
+        in a refusal)."""
+
+    @classmethod
+    def build(
+        cls,
+        old: nn.Module,
+        zoo: type[nn.Module],
+        *,
+        depth: int,
+        layout: TokenLayout | None,
+        options: dict[str, Any],
+        where: str,
+    ) -> nn.Module:
+        """``zoo`` in ``old``'s place (``depth``: the layer's index; ``options``: the zoo attention's own):
+        built with `config`, the `moved` modules set in (the copy's own tensors, exact, not shared), `finish`ed,
+        in ``old``'s device, dtype and train mode."""
+        config = {**cls.config(old, zoo, layout), "depth": depth, **options}
+        moved = cls.moved(old)
+        reference = next(itertools.chain.from_iterable(m.parameters() for m in moved.values()))
+        new = cls.zoo_class(zoo)(**config).to(device=reference.device, dtype=reference.dtype)
+        for name, module in moved.items():
+            setattr(new, name, module)
+        cls.finish(new, old, layout, where)
+        new.train(old.training)
+        return new
+
+
+_MIXED: dict[tuple[type, type], type] = {}
+
+
+def slot_of(attn: nn.Module) -> type[ConversionSlot] | None:
+    """The conversion slot of a layer's family: its class's (an adapter, or a zoo attention built in a slot),
+    else its timm class's adapter's; None where the family's layers do not convert."""
+    slot = getattr(type(attn), "conversion_slot", None)
+    if slot is None and not isinstance(attn, TransferableAttention):
+        slot = getattr(adapter_for(type(attn)), "conversion_slot", None)
+    return slot
+
+
+def attention_config(attn: nn.Module) -> dict[str, Any]:
+    """Constructor arguments that reproduce a timm ``Attention``'s (or a rope attention's) shapes."""
+    fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
+    separate = all(isinstance(getattr(attn, f"{c}_proj", None), nn.Linear) for c in "qkv")
+    missing = [name for name in ("proj", "num_heads") if not hasattr(attn, name)]
+    if missing or not (fused or separate):
+        raise TypeError(
+            f"cannot convert {type(attn).__name__}: expected a timm Attention with a fused qkv Linear "
+            f"(or q_proj/k_proj/v_proj), proj and num_heads (missing: {missing or ['qkv']})"
+        )
+    if getattr(attn, "gate", None) is not None:
+        raise TypeError(
+            "gated timm attention (gated=True) has no efficient counterpart here; use a non-gated teacher"
+        )
+    dim = attn.qkv.in_features if fused else attn.q_proj.in_features
+    rows = attn.qkv.out_features // 3 if fused else attn.q_proj.out_features
+    head_dim = getattr(attn, "head_dim", rows // attn.num_heads)
+    if attn.proj.out_features != dim:
+        raise TypeError("attention with dim_out != dim is not supported")
+    return dict(
+        dim=dim,
+        num_heads=attn.num_heads,
+        attn_head_dim=head_dim,
+        qkv_bias=fused_qkv(attn).bias is not None,
+        proj_bias=attn.proj.bias is not None,
+        attn_drop=getattr(getattr(attn, "attn_drop", None), "p", 0.0),
+        proj_drop=getattr(getattr(attn, "proj_drop", None), "p", 0.0),
+    )
+
+
+def fused_qkv(attn: nn.Module) -> nn.Linear:
+    """The teacher's q/k/v projection as one fused ``qkv`` Linear, exactly: timm's own ``qkv`` when its bias
+    is its own; a separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` folded into the fused bias (the same
+    ``F.linear`` the layer runs); ``q_proj``/``k_proj``/``v_proj`` stacked, grouped k/v heads repeated to the
+    q heads (as timm repeats them after the projection: the same numbers)."""
+    qkv = getattr(attn, "qkv", None)
+    if isinstance(qkv, nn.Linear):
+        if getattr(attn, "q_bias", None) is None:
+            return qkv
+        fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True)
+        fused = fused.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(qkv.weight)
+            fused.bias.copy_(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        return fused
+    groups = int(getattr(attn, "num_kv_groups", 1))
+    projs = [attn.q_proj, attn.k_proj, attn.v_proj]
+
+    def heads(t: torch.Tensor | None, repeat: int) -> torch.Tensor | None:
+        if t is None or repeat == 1:
+            return t
+        return t.reshape(-1, attn.head_dim, *t.shape[1:]).repeat_interleave(repeat, 0).flatten(0, 1)
+
+    reps = (1, groups, groups)
+    weight = torch.cat([heads(p.weight.detach(), r) for p, r in zip(projs, reps)])
+    has_bias = any(p.bias is not None for p in projs)  # q and v biased, k not (a zero bias)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+    fused = fused.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(weight)
+        if has_bias:
+            biases = [
+                p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projs
+            ]
+            fused.bias.copy_(torch.cat([heads(b, r) for b, r in zip(biases, reps)]))
+    return fused
+
+
+def stacked_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
+    """One Linear whose rows are ``parts``' rows in order (and biases, where the first has one), on the
+    first's device and dtype: a family's separate projections fused into the zoo's ``qkv``."""
+    first = parts[0]
+    bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=bias)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts], 0))
+        if bias:
+            fused.bias.copy_(torch.cat([p.bias for p in parts], 0))
+    return fused.to(device=first.weight.device, dtype=first.weight.dtype)
