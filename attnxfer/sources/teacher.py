@@ -203,7 +203,7 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
             "(as MAE's fine-tuning recipe does): pass global_pool='avg'"
         )
     if "dist_token" in sd_keys:
-        hints.append("the checkpoint has a distillation token: use a deit_*_distilled_* arch")
+        hints.append("the checkpoint has a distillation token: use a *_distilled_* arch of its timm model")
     text = (
         f"teacher {spec!r}: the weights do not fit architecture {arch!r}; nothing was randomly "
         f"initialised in their place.\n"

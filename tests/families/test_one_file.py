@@ -7,7 +7,10 @@ A family's words are derived from its own declarations (its file name, the timm 
 title, the timm classes its file adapts or refuses), minus the words that name no one family (shared by
 several families' declarations, or generic: ``vit``, ``transformer``, ``attention``...). A family's words
 may appear in at most one file outside ``families/`` (a test model registered beside the demo's micro ViTs,
-say); a second file means family-specific code leaked out of its file.
+say); a second file means family-specific code leaked out of its file. The modules of
+``sources/transformers_format/`` are the same pattern for another format (one file per transformers model
+type, mapping its checkpoints onto a family's timm model, found by the package without a list): they are
+that type's one file, not generic code, and are left out; the package's own shared modules are not.
 """
 
 from __future__ import annotations
@@ -74,8 +77,15 @@ def _code_of(path: Path) -> str:
     return "\n".join(texts)
 
 
+TRANSFORMERS_TYPES = PACKAGE / "sources" / "transformers_format"
+
+
 def _outside_families() -> list[Path]:
-    return [p for p in sorted(PACKAGE.rglob("*.py")) if FAMILY_DIR not in p.parents]
+    return [
+        p
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if FAMILY_DIR not in p.parents and not (p.parent == TRANSFORMERS_TYPES and not p.name.startswith("_"))
+    ]
 
 
 @cache

@@ -12,8 +12,10 @@ Reading needs config.json and the weights only; transformers itself is not impor
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -24,7 +26,6 @@ import torch
 
 from ...errors import InputError
 from ..load_errors import TeacherLoadError
-from . import beit, clip, dinov2, dinov3_vit, ijepa, pvt_v2, siglip, swin, vit, vit_mae
 from ._common import architectures, pair
 
 __all__ = [
@@ -39,8 +40,13 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-# One module per transformers model-type group; each declares MODEL_TYPES, timm_arch and timm_weights.
-MODULES: tuple[ModuleType, ...] = (vit, vit_mae, dinov2, dinov3_vit, clip, siglip, ijepa, beit, swin, pvt_v2)
+# One module per transformers model-type group; each declares MODEL_TYPES, timm_arch and timm_weights. Every
+# module of this package not starting with "_" is one: adding a type is adding its file.
+MODULES: tuple[ModuleType, ...] = tuple(
+    importlib.import_module(f"{__name__}.{info.name}")
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name)
+    if not info.name.startswith("_")
+)
 REGISTRY: dict[str, ModuleType] = {t: m for m in MODULES for t in m.MODEL_TYPES}
 
 # PIL's resampling codes (what image processors store as ``resample``) -> timm's interpolation names.
