@@ -8,13 +8,13 @@ from attnxfer.models.attention import attention_with_lse
 from attnxfer.transfer.losses import (
     CE_PATHS,
     CEPath,
-    _FusedRowCE,
     attention_ce_reference,
     attention_distillation_loss,
     ce_path_for,
     row_logsumexp,
     teacher_entropy,
 )
+from attnxfer.transfer.row_ce import FusedRowCE
 
 
 def _qk(B, H, N, d, seed, grad=False, scale=1.0):
@@ -219,7 +219,7 @@ def test_rows_path_with_bf16_operands_kept_for_the_tensor_cores(keep_half):
     q_t, k_t = (t.bfloat16() for t in _qk(2, 6, 29, 32, seed=21, scale=1.5))
     q_s, k_s = (t.bfloat16().requires_grad_() for t in _qk(2, 3, 29, 16, seed=22))
     s_t, s_s = 32**-0.5, 16**-0.5  # 16**-0.5 is a power of two, 32**-0.5 is not
-    ce, ent = _FusedRowCE.apply(q_s, k_s, q_t, k_t, s_s, s_t, 7, True, True, True, keep_half)
+    ce, ent = FusedRowCE.apply(q_s, k_s, q_t, k_t, s_s, s_t, 7, True, True, True, keep_half)
     ref = attention_ce_reference(q_t.float(), k_t.float(), q_s.float(), k_s.float())
     assert ce.dtype == torch.float32 and _rel(ce, ref.ce) <= 1e-5
     assert abs((ce - ent) - ref.kl) <= 1e-5 * ref.ce

@@ -1,47 +1,42 @@
 """`attnxfer convert`: a pretrained softmax teacher becomes an efficient-attention student.
 
-The config becomes objects here: the student (`build_efficient_student`), the conversion plan
-(`attnxfer.transfer.conversion`), stage 1 (`attnxfer.train.stage1`), stage 2 (an ordinary training run
-through `attnxfer.apps.training`), the measurements (`attnxfer.train.measure`) before and after each
-stage, and the report (`report.json` + `report.md`, rendered by `attnxfer.apps.reports`).
+The config becomes objects here, in steps that `_convert` runs one after another: the student
+(`build_efficient_student`) and the conversion plan (`attnxfer.transfer.conversion`), the measurements
+(`attnxfer.train.measure`) before and after each stage, stage 1 (`attnxfer.train.stage1`, run, saved and
+resumed by `attnxfer.apps.conversion_stage1`), stage 2 (an ordinary training run through
+`attnxfer.apps.training`), the speed, and the report (`report.json` + `report.md`, rendered by
+`attnxfer.apps.reports`). A new stage or measurement is one more step function and one more line there.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import (
-    atomic_write_json,
-    atomic_write_text,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
-)
+from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, apply_overrides, dump_config
-from ..data import ResumableSampler, build_loader, require_labels
+from ..data import require_labels
 from ..errors import InputError
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ..train.devices import resolve_precision
-from ..train.distributed import DistributedInfo, backend_for, joined_process_group, rank_and_world
+from ..train.distributed import DistributedInfo, backend_for, joined_process_group
 from ..train.measure import evaluate_top1, map_agreement, operation_counts, relative_speed
 from ..train.runtime import resolve_device
-from ..train.stage1 import Stage1Result, stage1_transfer
+from ..train.stage1 import Stage1Result
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
+from ..transfer.plan import TransferPlan
+from .conversion_stage1 import run_stage1
 from .loaders import data_info
 from .reports import render_conversion_report, teacher_top1_line
-from .run_parts import build_run_parts
+from .run_parts import RunParts, build_run_parts
 from .training import plan_from_config, prepare_trackers_from_config, train
 
 __all__ = ["ConvertResult", "conversion_plan_from_config", "convert", "convert_main"]
@@ -59,43 +54,6 @@ _NO_TEACHER = (
 class ConvertResult:
     run_dir: str
     report: dict[str, Any]
-
-
-def _cycle(loader, sampler, start: int = 0) -> Iterator[torch.Tensor]:
-    """Input batches forever, a new shuffle each pass, from batch ``start`` on (a resumed stage 1)."""
-    per_epoch = len(loader)
-    epoch, skip = divmod(start, per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        sampler.set_position(skip * loader.batch_size * sampler.world_size)
-        skip = 0
-        for x, *_ in loader:  # images only
-            yield x
-        epoch += 1
-
-
-def _stage1_batches(
-    cfg: TrainConfig, parts, batch_size: int, device: torch.device, start: int = 0
-) -> Iterator[torch.Tensor]:
-    dataset = parts.train_loader.dataset
-    rank, world = rank_and_world()
-    if len(dataset) < batch_size * world:
-        raise InputError(
-            f"convert.stage1_batch_size={batch_size} per rank x {world} rank(s) is larger than "
-            f"the training set ({len(dataset)})"
-        )
-    sampler = ResumableSampler(
-        len(dataset), shuffle=True, seed=cfg.seed + 1, rank=rank, world_size=world, drop_last=True
-    )
-    loader = build_loader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=cfg.data.num_workers,
-        drop_last=True,
-        seed=cfg.seed + 1,
-    )
-    return (x.to(device, non_blocking=True) for x in _cycle(loader, sampler, start))
 
 
 def conversion_plan_from_config(cfg: TrainConfig, teacher: nn.Module, student: nn.Module) -> ConversionPlan:
@@ -117,69 +75,6 @@ def conversion_plan_from_config(cfg: TrainConfig, teacher: nn.Module, student: n
 def _stage2_steps(cfg: TrainConfig, parts) -> int:
     steps = (len(parts.train_loader) // cfg.optim.accum_steps) * cfg.schedule.epochs
     return steps if cfg.schedule.max_steps is None else min(steps, cfg.schedule.max_steps)
-
-
-def _save_stage1(student: nn.Module, folder: Path, result: Stage1Result, plan: ConversionPlan) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "student.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "student.safetensors")
-    atomic_write_json(
-        folder / "stage1.json",
-        {"steps": result.steps, "seconds": result.seconds, "history": result.history, "plan": plan.to_dict()},
-    )
-
-
-#: where a SIGTERM'd stage 1 keeps its step (weights, optimiser state, progress) until it completes
-_PARTIAL = "partial"
-
-
-def _save_stage1_partial(
-    student: nn.Module, folder: Path, step: int, optimizer_state: dict[str, Any], result: Stage1Result, plan
-) -> str:
-    """Stage 1 stopped at ``step`` (SIGTERM): keep everything it needs to continue there, no pickle."""
-    part = folder / _PARTIAL
-    part.mkdir(parents=True, exist_ok=True)
-    tensors, meta = optimizer_state_to_tensors(optimizer_state)
-    for name, group in (("student", student.state_dict()), ("optimizer", tensors)):
-        tmp = part / f"{name}.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp))
-        tmp.replace(part / f"{name}.safetensors")
-    progress = {"step": step, "seconds": result.seconds, "history": result.history, "optimizer": meta}
-    atomic_write_json(part / "progress.json", {**progress, "plan": plan.to_dict()})
-    return str(part)
-
-
-def _load_stage1_partial(student: nn.Module, folder: Path, plan: ConversionPlan) -> dict[str, Any] | None:
-    """The progress of a stage 1 stopped by SIGTERM (its weights loaded into ``student``), or None."""
-    part = folder / _PARTIAL
-    if not (part / "progress.json").is_file():
-        return None
-    progress = json.loads((part / "progress.json").read_text())
-    if progress.get("plan") != json.loads(json.dumps(plan.to_dict())):
-        raise InputError(
-            f"{part} holds a stopped stage 1 of a different conversion plan; use a new run_dir or "
-            "checkpoint.resume=none to redo stage 1"
-        )
-    device = str(next(student.parameters()).device)
-    student.load_state_dict(load_file(str(part / "student.safetensors"), device=device))
-    tensors = load_file(str(part / "optimizer.safetensors"), device=device)
-    progress["optimizer"] = optimizer_state_from_tensors(tensors, progress["optimizer"])
-    return progress
-
-
-def _load_stage1(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stage1Result | None:
-    weights, info = folder / "student.safetensors", folder / "stage1.json"
-    if not (weights.is_file() and info.is_file()):
-        return None
-    meta = json.loads(info.read_text())
-    if meta.get("plan") != json.loads(json.dumps(plan.to_dict())):
-        raise InputError(
-            f"{folder} holds a stage-1 result of a different conversion plan; use a new run_dir or "
-            "checkpoint.resume=none to redo stage 1"
-        )
-    student.load_state_dict(load_file(str(weights), device=str(next(student.parameters()).device)))
-    return Stage1Result(meta["steps"], meta["seconds"], meta["history"], resumed=True)
 
 
 def _merge_agreement(stages: dict[str, list[dict[str, Any]] | None]) -> list[dict[str, Any]]:
@@ -218,25 +113,97 @@ def convert(
         return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts, log=log)
 
 
+#: the measured stages, in the order they run: report key -> how the log names it
+_STAGES = {
+    "before_stage1": "before stage 1",
+    "after_stage1": "after stage 1",
+    "after_stage2": "after stage 2",
+}
+
+
+@dataclass
+class _Conversion:
+    """What the steps of one conversion share: built by `_build`, placed by `_place`, and what has been
+    measured so far (per stage, None where a stage did not run; seconds per step)."""
+
+    cfg: TrainConfig
+    parts: RunParts
+    plan: ConversionPlan
+    stage2_plan: TransferPlan
+    stage2_steps: int
+    main: bool
+    log: Callable[[str], None]
+    run_dir: Path
+    device: torch.device = field(init=False)  # set by `_place`
+    probe: list[torch.Tensor] = field(default_factory=list)
+    measured: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self.parts.teacher
+
+    @property
+    def student(self) -> nn.Module:
+        return self.parts.student
+
+
 def _convert(
     cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]
 ) -> ConvertResult:
-
-    if cfg.model.attention:
-        raise InputError(
-            f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
-            "convert builds its student from the teacher's weights with convert.attention: set that instead"
-        )
-    if skip_stage1:
-        cfg = apply_overrides(cfg, {"convert.stage1_steps": 0})
-    c = cfg.convert
-    main = info.is_main_process
-    if not main:
+    """The conversion, one step after another: build, measure, stage 1, stage 2, speed, report."""
+    cfg = _checked_config(cfg, skip_stage1)
+    if not info.is_main_process:
         log = _silent
     else:  # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
         prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
+    run = _build(cfg, info, parts, log)
+    _describe(run)
+    _place(run)
+    teacher_top1 = evaluate_top1(run.teacher, run.parts.val_loader, run.device)
+    log(teacher_top1_line(teacher_top1))
+    _measure(run, "before_stage1")
+    stage1 = _stage1(run)
+    stage2 = _stage2(run)
+    speed = _speed(run)
+    operations = operation_counts(run.teacher, run.student, batch=1)
+    run.seconds["total"] = time.monotonic() - t0
+    report = _report(run, teacher_top1, stage1, stage2, speed, operations)
+    _write_report(run, report)
+    return ConvertResult(str(run.run_dir), report)
+
+
+def _checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
+    """Refuse a fresh student's attention key; ``--skip-stage1`` is ``convert.stage1_steps=0``."""
+    if cfg.model.attention:
+        raise InputError(
+            f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
+            "convert builds its student from the teacher's weights with convert.attention: set that instead"
+        )
+    return apply_overrides(cfg, {"convert.stage1_steps": 0}) if skip_stage1 else cfg
+
+
+def _build(cfg: TrainConfig, info, parts: RunParts | None, log: Callable[[str], None]) -> _Conversion:
+    """The teacher, the student (the teacher's weights with the new attention), the data and both stages'
+    plans; ``parts`` built by the caller are used as they are."""
+    if parts is None:
+        student_fn = _student_builder(cfg)
+        parts = build_run_parts(cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn)
+    if parts.teacher is None:
+        raise InputError(_NO_TEACHER)
+    plan = conversion_plan_from_config(cfg, parts.teacher, parts.student)
+    stage2_plan = plan_from_config(cfg, parts)
+    stage2_steps = _stage2_steps(cfg, parts)
+    return _Conversion(
+        cfg, parts, plan, stage2_plan, stage2_steps, info.is_main_process, log, Path(cfg.run_dir)
+    )
+
+
+def _student_builder(cfg: TrainConfig) -> Callable[[nn.Module | None, int], nn.Module]:
+    """How `build_run_parts` makes the student: the teacher with ``convert.attention`` swapped in."""
+    c = cfg.convert
 
     def make_student(teacher: nn.Module | None, num_classes: int) -> nn.Module:
         if teacher is None:
@@ -244,163 +211,143 @@ def _convert(
         student = build_efficient_student(teacher, c.attention, num_classes=num_classes, **c.attention_kwargs)
         return set_drop_path(student, cfg.model.drop_path_rate)
 
-    if parts is None:
-        parts = build_run_parts(cfg, rank=info.rank, world_size=info.world_size, student_fn=make_student)
-    teacher, student = parts.teacher, parts.student
-    if teacher is None:
-        raise InputError(_NO_TEACHER)
-    plan = conversion_plan_from_config(cfg, teacher, student)
-    stage2_plan = plan_from_config(cfg, parts)
-    stage2_steps = _stage2_steps(cfg, parts)
-    log(plan.describe())
-    if stage2_steps:
-        starts = "after stage 1" if plan.stage1_steps > 0 else "with the new attention swapped in, no stage 1"
-        log(
-            f"stage 2: fine-tunes the converted student end to end (the teacher's weights {starts}; not a "
-            f"fresh initialisation), {stage2_steps} steps (schedule/optim sections); "
-            + stage2_plan.describe().replace("\n", "\n  ")
-        )
-    else:
-        log("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
+    return make_student
 
-    run_dir = Path(cfg.run_dir)
-    if main:
-        RunDir(run_dir).write_config(dump_config(cfg))
-    device = resolve_device(cfg.device)
+
+def _describe(run: _Conversion) -> None:
+    """Print both stages' plans before any work."""
+    run.log(run.plan.describe())
+    if not run.stage2_steps:
+        run.log("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
+        return
+    starts = "after stage 1" if run.plan.stage1_steps > 0 else "with the new attention swapped in, no stage 1"
+    run.log(
+        f"stage 2: fine-tunes the converted student end to end (the teacher's weights {starts}; not a "
+        f"fresh initialisation), {run.stage2_steps} steps (schedule/optim sections); "
+        + run.stage2_plan.describe().replace("\n", "\n  ")
+    )
+
+
+def _place(run: _Conversion) -> None:
+    """Write the run's config, put both models on the device and take the probe images every
+    measurement uses."""
+    if run.main:
+        RunDir(run.run_dir).write_config(dump_config(run.cfg))
+    run.device = resolve_device(run.cfg.device)
     # Stage 1 and every measurement run the teacher in fp32: its maps are regression targets and the report
     # compares stages in one precision. Stage 2 runs it in teacher.dtype (bf16 on GPU by default).
-    teacher.to(device=device, dtype=torch.float32).eval()
-    student.to(device)
-    probe = [x.to(device) for x, *_ in _take(parts.val_loader, c.agreement_batches)]
-    if not probe:
+    run.teacher.to(device=run.device, dtype=torch.float32).eval()
+    run.student.to(run.device)
+    run.probe = [x.to(run.device) for x, *_ in _take(run.parts.val_loader, run.cfg.convert.agreement_batches)]
+    if not run.probe:
         raise InputError("the validation set is empty: convert measures map agreement on it")
-    seconds: dict[str, float] = {}
 
-    def checkpoint_stage(name: str) -> dict[str, Any]:
-        start = time.monotonic()
-        res = {
-            "teacher_input": map_agreement(teacher, student, probe, inputs="teacher"),
-            "end_to_end": map_agreement(teacher, student, probe, inputs="own"),
-            "val_top1": evaluate_top1(student, parts.val_loader, device),
-        }
-        seconds[f"measure_{name}"] = time.monotonic() - start
-        top1 = res["val_top1"]
-        kl = [row["value"] for row in res["end_to_end"]]
-        log(
-            f"{name}: student val top-1 {top1 if top1 is None else round(top1, 2)}, end-to-end per-layer "
-            f"agreement {', '.join(f'{v:.3g}' for v in kl)}"
-        )
-        return res
 
-    teacher_top1 = evaluate_top1(teacher, parts.val_loader, device)
-    log(teacher_top1_line(teacher_top1))
-    measured: dict[str, dict[str, Any] | None] = {"before_stage1": checkpoint_stage("before stage 1")}
-
-    # -- stage 1
-    stage1 = Stage1Result()
-    if plan.stage1_steps > 0:
-        folder = run_dir / "stage1"
-        may_resume = ResumeFrom.parse(cfg.checkpoint.resume).policy is not ResumePolicy.FRESH
-        resumed = _load_stage1(student, folder, plan) if may_resume else None
-        if resumed is not None:
-            stage1 = resumed
-            log(f"stage 1: resumed from {folder} ({stage1.steps} steps done earlier)")
-        else:
-            partial = _load_stage1_partial(student, folder, plan) if may_resume else None
-            done = partial["step"] if partial else 0
-            if partial:
-                log(f"stage 1: resumed from {folder / _PARTIAL} (step {done} of {plan.stage1_steps})")
-
-            def on_stop(step: int, optimizer_state: dict[str, Any], result: Stage1Result) -> str | None:
-                result.seconds += partial["seconds"] if partial else 0.0
-                if not main:
-                    return None
-                return _save_stage1_partial(student, folder, step, optimizer_state, result, plan)
-
-            batches = _stage1_batches(cfg, parts, plan.stage1_batch_size, device, start=done)
-            stage1 = stage1_transfer(
-                teacher,
-                student,
-                plan,
-                batches,
-                warmup_steps=c.stage1_warmup_steps,
-                weight_decay=c.stage1_weight_decay,
-                clip_grad=c.stage1_clip_grad,
-                log_every=cfg.log.every_steps,
-                log=log,
-                start_step=done,
-                optimizer_state=partial["optimizer"] if partial else None,
-                history=partial["history"] if partial else (),
-                on_stop=on_stop,
-            )
-            stage1.seconds += partial["seconds"] if partial else 0.0
-            if main:
-                _save_stage1(student, folder, stage1, plan)
-                shutil.rmtree(folder / _PARTIAL, ignore_errors=True)  # the complete result replaces it
-        seconds["stage1"] = stage1.seconds
-        measured["after_stage1"] = checkpoint_stage("after stage 1")
-    else:
-        measured["after_stage1"] = None
-
-    # -- stage 2
-    stage2: dict[str, Any] = {"steps": stage2_steps, "plan": stage2_plan.describe()}
-    if stage2_steps > 0:
-        cfg2 = apply_overrides(cfg, {"run_dir": str(run_dir / "stage2")})
-        result = train(cfg2, parts)
-        teacher.to(device=device, dtype=torch.float32)  # stage 2 may have cast it to teacher.dtype
-        student.to(device)
-        stage2.update(
-            run_dir=result.run_dir,
-            seconds=result.seconds,
-            final=result.final,
-            history=result.history,
-            best_top1=result.best_top1,
-        )
-        seconds["stage2"] = result.seconds
-        measured["after_stage2"] = checkpoint_stage("after stage 2")
-    else:
-        measured["after_stage2"] = None
-
-    # -- speed and report
-    x = torch.randn(c.speed_batch_size, *probe[0].shape[1:], generator=torch.Generator().manual_seed(0)).to(
-        device
+def _measure(run: _Conversion, stage: str) -> None:
+    """The student at ``stage``: map agreement with the teacher (on the teacher's hidden inputs and on its
+    own) and val top-1."""
+    start = time.monotonic()
+    res = {
+        "teacher_input": map_agreement(run.teacher, run.student, run.probe, inputs="teacher"),
+        "end_to_end": map_agreement(run.teacher, run.student, run.probe, inputs="own"),
+        "val_top1": evaluate_top1(run.student, run.parts.val_loader, run.device),
+    }
+    name = _STAGES[stage]
+    run.seconds[f"measure_{name}"] = time.monotonic() - start
+    top1 = res["val_top1"]
+    kl = [row["value"] for row in res["end_to_end"]]
+    run.log(
+        f"{name}: student val top-1 {top1 if top1 is None else round(top1, 2)}, end-to-end per-layer "
+        f"agreement {', '.join(f'{v:.3g}' for v in kl)}"
     )
-    # Images/s at the run's resolution, in the precision the run trains in (bf16 autocast on GPU by default):
-    # a few forward batches of each model, interleaved (convert.speed_repeats, convert.speed_batch_size).
-    precision = resolve_precision(cfg.precision, device)
+    run.measured[stage] = res
+
+
+def _stage1(run: _Conversion) -> Stage1Result:
+    """Stage 1: each new attention fitted to the teacher's (`conversion_stage1`), then measured."""
+    if run.plan.stage1_steps <= 0:
+        run.measured["after_stage1"] = None
+        return Stage1Result()
+    stage1 = run_stage1(
+        run.cfg, run.parts, run.plan, run.run_dir / "stage1", run.device, main=run.main, log=run.log
+    )
+    run.seconds["stage1"] = stage1.seconds
+    _measure(run, "after_stage1")
+    return stage1
+
+
+def _stage2(run: _Conversion) -> dict[str, Any]:
+    """Stage 2: the converted student fine-tuned end to end (an ordinary training run in ``stage2/``),
+    then measured. Returns the report's ``stage2`` section."""
+    stage2: dict[str, Any] = {"steps": run.stage2_steps, "plan": run.stage2_plan.describe()}
+    if run.stage2_steps <= 0:
+        run.measured["after_stage2"] = None
+        return stage2
+    result = train(apply_overrides(run.cfg, {"run_dir": str(run.run_dir / "stage2")}), run.parts)
+    run.teacher.to(device=run.device, dtype=torch.float32)  # stage 2 may have cast it to teacher.dtype
+    run.student.to(run.device)
+    stage2.update(
+        run_dir=result.run_dir,
+        seconds=result.seconds,
+        final=result.final,
+        history=result.history,
+        best_top1=result.best_top1,
+    )
+    run.seconds["stage2"] = result.seconds
+    _measure(run, "after_stage2")
+    return stage2
+
+
+def _speed(run: _Conversion) -> dict[str, Any]:
+    """Images/s of student and teacher at the run's resolution, in the precision the run trains in (bf16
+    autocast on GPU by default): a few forward batches of each, interleaved (convert.speed_repeats,
+    convert.speed_batch_size)."""
+    c = run.cfg.convert
+    shape = (c.speed_batch_size, *run.probe[0].shape[1:])
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(run.device)
+    precision = resolve_precision(run.cfg.precision, run.device)
     speed = relative_speed(
-        teacher,
-        student,
+        run.teacher,
+        run.student,
         x,
         repeats=c.speed_repeats,
         autocast=precision.dtype if precision.autocasts else None,
     )
-    log(
+    run.log(
         f"speed: student {speed['student_images_per_s']:.1f} images/s vs teacher "
         f"{speed['teacher_images_per_s']:.1f} images/s (batch {speed['batch']}, {speed['precision']}) -> "
         f"{speed['speedup']:.2f}x"
     )
-    operations = operation_counts(teacher, student, batch=1)
-    seconds["total"] = time.monotonic() - t0
-    final_stage = next(
-        s for s in ("after_stage2", "after_stage1", "before_stage1") if measured[s] is not None
-    )
+    return speed
+
+
+def _report(
+    run: _Conversion,
+    teacher_top1: float | None,
+    stage1: Stage1Result,
+    stage2: dict[str, Any],
+    speed: dict[str, Any],
+    operations: dict[str, Any],
+) -> dict[str, Any]:
+    """report.json's content: what was converted, each stage, the agreement per layer, speed and time."""
+    cfg, plan, parts, measured = run.cfg, run.plan, run.parts, run.measured
+    final_stage = next(s for s in reversed(_STAGES) if measured[s] is not None)
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
-    report = {
+    return {
         "version": _REPORT_VERSION,
-        "run_dir": str(run_dir),
+        "run_dir": str(run.run_dir),
         "teacher": {"spec": cfg.teacher.spec, "record": parts.teacher_record, "val_top1": teacher_top1},
         "student": {
             "attention": [layer.attention for layer in plan.layers],
             "attention_kwargs": plan.attention_kwargs,
             "spec": parts.student_spec,
-            "new_parameters": _count_new(student),
+            "new_parameters": _count_new(run.student),
         },
         "data": {
             "dataset": cfg.data.dataset,
             "val_size": _dataset_size(parts.val_loader),
-            "agreement_images": sum(x.shape[0] for x in probe),
+            "agreement_images": sum(x.shape[0] for x in run.probe),
         },
         "plan": plan.to_dict(),
         "stage1": {
@@ -425,13 +372,17 @@ def _convert(
         },
         "speed": speed,
         "operations": operations,
-        "seconds": seconds,
+        "seconds": run.seconds,
     }
-    if main:
-        atomic_write_json(run_dir / "report.json", report)
-        atomic_write_text(run_dir / "report.md", render_conversion_report(report))
-        log(f"report: {run_dir / 'report.md'}")
-    return ConvertResult(str(run_dir), report)
+
+
+def _write_report(run: _Conversion, report: dict[str, Any]) -> None:
+    """report.json and report.md (rank 0)."""
+    if not run.main:
+        return
+    atomic_write_json(run.run_dir / "report.json", report)
+    atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
+    run.log(f"report: {run.run_dir / 'report.md'}")
 
 
 def convert_main(cfg: TrainConfig) -> dict[str, Any]:

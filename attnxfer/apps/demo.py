@@ -23,7 +23,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoints.export import export_run
@@ -309,10 +309,41 @@ def run_demo(
     teachers, exports = {}, {}
     for key in tables:
         teachers[key], exports[key] = _build_teacher(out_dir, key, teacher_steps, progress)
+    students = _train_students(out_dir, tables, exports, seeds, budget_steps, progress)
+    _write_tables(out_dir, tables, teachers, students, seeds)
+    pictures = _draw_pictures(out_dir, tables, teachers, exports, students)
+    shown = ", ".join(str(p) for p in pictures if p)
+    print(f"[demo] table: {out_dir / 'results.md'}; pictures: {shown}", flush=True)
+    print(
+        f"[demo] the MAE teacher is cached in {teachers['mae']['run_dir']} (keyed by its config hash): "
+        "later demos reuse it; delete that folder to pre-train again",
+        flush=True,
+    )
+    labels = {row.key: row.label for row in ROWS}
+    first_seed = {labels[k]: v[0] for k, v in students.results.items()}
+    return {**{v["label"]: v for v in teachers.values()}, **first_seed}
 
-    results: dict[str, list[dict[str, float]]] = {}
-    correct: dict[str, list] = {}
-    runs_by_table: dict[str, dict[str, str]] = {t: {} for t in tables}
+
+@dataclass
+class _Students:
+    """The student runs of a demo, by row key: each seed's result and per-image correctness, and the
+    run folder of its first seed by table and label (what the pictures read)."""
+
+    results: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    correct: dict[str, list] = field(default_factory=dict)
+    runs_by_table: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+def _train_students(
+    out_dir: Path,
+    tables: list[str],
+    exports: dict[str, Path],
+    seeds: int,
+    budget_steps: int | None,
+    progress: list[str],
+) -> _Students:
+    """Every `ROWS` run the tables need, once per seed, in the order of `ROWS` (each reused when done)."""
+    students = _Students(runs_by_table={t: {} for t in tables})
     for row in ROWS:
         wanted = [t for t in tables if row.table in (None, t)]
         if not wanted:
@@ -327,13 +358,20 @@ def run_demo(
                 over.append(f"schedule.max_steps={budget_steps}")
             cfg = _keyed(out_dir, row.key, row.recipe, over)
             res = _run(cfg, row.label if seeds == 1 else f"{row.label} (seed {k + 1})")
-            results.setdefault(row.key, []).append({**res, "label": row.label})
-            correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
+            students.results.setdefault(row.key, []).append({**res, "label": row.label})
+            students.correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
             if k == 0:
                 for t in wanted:
-                    runs_by_table[t][row.label] = cfg.run_dir
+                    students.runs_by_table[t][row.label] = cfg.run_dir
+    return students
 
+
+def _write_tables(
+    out_dir: Path, tables: list[str], teachers: dict[str, dict], students: _Students, seeds: int
+) -> None:
+    """Print each table with its paired comparisons; save them (results.md) and the rows (results.json)."""
     labels = {row.key: row.label for row in ROWS}
+    results, correct = students.results, students.correct
     text = ["# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n"]
     n_val = len(next(iter(correct.values()))[0])
     note = (
@@ -358,20 +396,26 @@ def run_demo(
             indent=2,
         )
     )
+
+
+def _draw_pictures(
+    out_dir: Path,
+    tables: list[str],
+    teachers: dict[str, dict],
+    exports: dict[str, Path],
+    students: _Students,
+) -> list[Path | None]:
+    """Validation curves per table, the MAE table's class-token maps, and the per-layer agreement of its
+    scratch, copy and distillation students with the MAE teacher (None where matplotlib is missing)."""
+    labels = {row.key: row.label for row in ROWS}
+    runs = students.runs_by_table
     pictures = []
     for t in tables:
         name = "curves" if t == "mae" else f"curves_{t}"
-        pictures.append(_plot_curves(out_dir, runs_by_table[t], teachers[t].get("val_top1"), name))
-    pictures.append(_plot_attention(out_dir, str(exports["mae"]), runs_by_table["mae"]))
-    students = {
-        labels[k]: runs_by_table["mae"][labels[k]] for k in ("scratch", "copy", "distill") if k in results
+        pictures.append(_plot_curves(out_dir, runs[t], teachers[t].get("val_top1"), name))
+    pictures.append(_plot_attention(out_dir, str(exports["mae"]), runs["mae"]))
+    against = {
+        labels[k]: runs["mae"][labels[k]] for k in ("scratch", "copy", "distill") if k in students.results
     }
-    pictures.append(demo_agreement(out_dir, exports["mae"], students))  # per-layer agreement vs the teacher
-    shown = ", ".join(str(p) for p in pictures if p)
-    print(f"[demo] table: {out_dir / 'results.md'}; pictures: {shown}", flush=True)
-    print(
-        f"[demo] the MAE teacher is cached in {teachers['mae']['run_dir']} (keyed by its config hash): "
-        "later demos reuse it; delete that folder to pre-train again",
-        flush=True,
-    )
-    return {**{v["label"]: v for v in teachers.values()}, **{labels[k]: v[0] for k, v in results.items()}}
+    pictures.append(demo_agreement(out_dir, exports["mae"], against))  # per-layer agreement vs the teacher
+    return pictures

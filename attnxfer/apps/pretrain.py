@@ -43,7 +43,7 @@ from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.engine import Engine, TrainResult
 from ..train.evaluation import evaluate_loss
-from ..train.objective import ModuleObjective
+from ..train.objective import ModuleObjective, Pictures
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
 from .loaders import data_info
@@ -219,28 +219,20 @@ def build_pretrain_engine(
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
     nothing into the run dir (an eval-only run)."""
-    if cfg.teacher.spec:
-        raise InputError(
-            f"pretrain learns from pixels alone; teacher.spec={cfg.teacher.spec!r} would be unused. "
-            "Remove it (attention transfer from a teacher is `attnxfer train`)"
-        )
-    if cfg.teacher.compile:
-        raise InputError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
+    _refuse_teacher_keys(cfg)
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     if not cfg.eval_only:  # another world size than the checkpoint's keeps its global batch (or stops)
         log = print if runtime.is_main else lambda *_: None
         cfg = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
     set_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir)
     if runtime.is_main and write_run_files:
         prepare_trackers_from_config(cfg)  # before the data and the MAE's initial weights load
-        run_dir.mkdir(parents=True, exist_ok=True)
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
     d = cfg.data
     info = data_info(d)
-    in_chans = d.in_chans or info.in_chans
-    mae = build_mae(cfg, in_chans, d.img_size)
+    mae = build_mae(cfg, d.in_chans or info.in_chans, d.img_size)
     init_note = init_mae(mae, cfg.model.init, d.img_size) if cfg.model.init else None
     # The loaders are the training ones (labels, if data.labels reads any, come along unread); no teacher.
     parts = _pretrain_parts(cfg, info, mae, runtime)
@@ -249,15 +241,7 @@ def build_pretrain_engine(
     if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
-    pictures = []
-    if cfg.mae.pictures > 0:
-        val = parts.val_loader.dataset
-        if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
-            shown = [x for x, *_ in islice(iter(val), cfg.mae.pictures)]
-        else:
-            picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
-            shown = [val[i][0] for i in picks]
-        pictures.append(reconstruction_pictures(torch.stack(shown), parts.mean, parts.std))
+    pictures = _pictures(cfg, parts)
     engine = assemble_engine(
         cfg,
         runtime,
@@ -271,17 +255,47 @@ def build_pretrain_engine(
     if write_run_files:
         _write_run_files(cfg, engine, parts, mae)
     if engine.is_main:
-        if init_note:
-            print(init_note, flush=True)
-        n = mae._num_patches
-        kept = max(1, round(n * (1 - cfg.mae.mask_ratio)))
-        print(
-            f"MAE pre-training of {cfg.model.name} on {d.dataset} (labels unused): the encoder sees {kept} of "
-            f"{n} patches per image; decoder {cfg.mae.decoder_depth} blocks x {cfg.mae.decoder_dim}; "
-            f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches",
-            flush=True,
-        )
+        _describe_pretraining(cfg, mae, init_note)
     return engine
+
+
+def _refuse_teacher_keys(cfg: TrainConfig) -> None:
+    """Pretraining learns from pixels: a teacher's keys would be silently unused."""
+    if cfg.teacher.spec:
+        raise InputError(
+            f"pretrain learns from pixels alone; teacher.spec={cfg.teacher.spec!r} would be unused. "
+            "Remove it (attention transfer from a teacher is `attnxfer train`)"
+        )
+    if cfg.teacher.compile:
+        raise InputError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
+
+
+def _pictures(cfg: TrainConfig, parts: RunParts) -> list[Pictures]:
+    """The reconstructions drawn at each evaluation: ``mae.pictures`` validation images, spread over the
+    set (a stream's first ones)."""
+    if cfg.mae.pictures <= 0:
+        return []
+    val = parts.val_loader.dataset
+    if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
+        shown = [x for x, *_ in islice(iter(val), cfg.mae.pictures)]
+    else:
+        picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
+        shown = [val[i][0] for i in picks]
+    return [reconstruction_pictures(torch.stack(shown), parts.mean, parts.std)]
+
+
+def _describe_pretraining(cfg: TrainConfig, mae: MaskedAutoencoder, init_note: str | None) -> None:
+    """What the run does, in one line (after the note of its initial weights, if any)."""
+    if init_note:
+        print(init_note, flush=True)
+    n = mae._num_patches
+    kept = max(1, round(n * (1 - cfg.mae.mask_ratio)))
+    print(
+        f"MAE pre-training of {cfg.model.name} on {cfg.data.dataset} (labels unused): the encoder sees {kept} of "
+        f"{n} patches per image; decoder {cfg.mae.decoder_depth} blocks x {cfg.mae.decoder_dim}; "
+        f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches",
+        flush=True,
+    )
 
 
 def pretrain(cfg: TrainConfig) -> TrainResult:

@@ -55,11 +55,25 @@ def conversion_summary(report: dict[str, Any]) -> str:
 
 
 def render_conversion_report(report: dict[str, Any]) -> str:
-    """The markdown view of a conversion's ``report.json``."""
-    top1, speed = report["top1"], report["speed"]
+    """The markdown view of a conversion's ``report.json``: what ran, top-1, map agreement, speed, operations."""
+    lines = [
+        *_summary_section(report),
+        *_top1_section(report),
+        *_agreement_section(report, "teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
+        *_agreement_section(report, "end_to_end", "end to end (each model on its own hidden states)"),
+        *_speed_section(report["speed"]),
+    ]
+    if report.get("operations"):
+        lines += _operations_section(report["operations"])
+    return "\n".join(lines)
+
+
+def _summary_section(report: dict[str, Any]) -> list[str]:
+    """The title and what ran: teacher, data, both stages."""
     names = report["student"]["attention"]
     what = names[0] if len(set(names)) == 1 else "per-layer " + ", ".join(names)
-    lines = [
+    stage1, stage2 = report["stage1"], report["stage2"]
+    return [
         f"# Conversion report: softmax teacher -> {what}",
         "",
         f"- teacher: `{report['teacher']['spec']}`",
@@ -68,14 +82,20 @@ def render_conversion_report(report: dict[str, Any]) -> str:
         "- stage 1: "
         + (
             "skipped"
-            if report["stage1"]["skipped"]
-            else f"{report['stage1']['steps']} steps, lr {report['stage1']['lr']:g}, batch "
-            f"{report['stage1']['batch_size']}, trains {report['stage1']['train']} "
-            f"({report['stage1']['seconds']:.0f} s)"
+            if stage1["skipped"]
+            else f"{stage1['steps']} steps, lr {stage1['lr']:g}, batch {stage1['batch_size']}, trains "
+            f"{stage1['train']} ({stage1['seconds']:.0f} s)"
         ),
-        f"- stage 2: {report['stage2']['steps']} steps"
-        + (f" ({report['stage2'].get('seconds', 0):.0f} s)" if report["stage2"]["steps"] else " (skipped)"),
+        f"- stage 2: {stage2['steps']} steps"
+        + (f" ({stage2.get('seconds', 0):.0f} s)" if stage2["steps"] else " (skipped)"),
         "",
+    ]
+
+
+def _top1_section(report: dict[str, Any]) -> list[str]:
+    """Top-1 of the teacher and of the student at each stage, with intervals and the share recovered."""
+    top1 = report["top1"]
+    lines = [
         "## Top-1 (validation)",
         "",
         f"95 % intervals: Wilson, on {report['data'].get('val_size') or '?'} validation images.",
@@ -96,29 +116,32 @@ def render_conversion_report(report: dict[str, Any]) -> str:
         shown = "none (no classifier head)" if key == "teacher" and v is None else _fmt(v, 4)
         lines.append(f"| {label} | {shown} | {_interval(v, n_val)} | {share} |")
     if teacher is None:
-        lines += ["", f"Recovered: not defined: {HEADLESS_TEACHER}.", ""]
-    else:
-        lines += ["", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
-    for which, title in (
-        ("teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
-        ("end_to_end", "end to end (each model on its own hidden states)"),
-    ):
-        lines += [
-            f"## Per-layer map agreement, {title}",
-            "",
-            "KL(P_teacher ‖ A_student) for row-stochastic maps (nats per row), mean squared map difference "
-            "for signed maps, attention-output MSE for attentions without a map.",
-            "",
-            "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |",
-            "|---|---|---|---|---|---|",
-        ]
-        for row in report["agreement"][which]:
-            lines.append(
-                f"| {row['layer']} | {row['attention']} | {row['metric']} | {_fmt(row['before_stage1'])} | "
-                f"{_fmt(row['after_stage1'])} | {_fmt(row['after_stage2'])} |"
-            )
-        lines.append("")
-    lines += [
+        return [*lines, "", f"Recovered: not defined: {HEADLESS_TEACHER}.", ""]
+    return [*lines, "", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
+
+
+def _agreement_section(report: dict[str, Any], which: str, title: str) -> list[str]:
+    """One table of per-layer map agreement at each stage (``which``: the report's agreement key)."""
+    lines = [
+        f"## Per-layer map agreement, {title}",
+        "",
+        "KL(P_teacher ‖ A_student) for row-stochastic maps (nats per row), mean squared map difference "
+        "for signed maps, attention-output MSE for attentions without a map.",
+        "",
+        "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["agreement"][which]:
+        lines.append(
+            f"| {row['layer']} | {row['attention']} | {row['metric']} | {_fmt(row['before_stage1'])} | "
+            f"{_fmt(row['after_stage1'])} | {_fmt(row['after_stage2'])} |"
+        )
+    return [*lines, ""]
+
+
+def _speed_section(speed: dict[str, Any]) -> list[str]:
+    """The forward pass's time of student and teacher, and their images/s."""
+    lines = [
         "## Speed",
         "",
         f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']}"
@@ -127,17 +150,16 @@ def render_conversion_report(report: dict[str, Any]) -> str:
         f"**{speed['speedup']:.2f}x** the teacher's speed.",
         "",
     ]
-    if "student_images_per_s" in speed:  # reports written before images/s was measured lack it
-        lines += [
-            "| model | images/s | × teacher |",
-            "|---|---|---|",
-            f"| teacher (softmax) | {speed['teacher_images_per_s']:.1f} | 1.00 |",
-            f"| student | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} |",
-            "",
-        ]
-    if report.get("operations"):
-        lines += _operations_section(report["operations"])
-    return "\n".join(lines)
+    if "student_images_per_s" not in speed:  # reports written before images/s was measured lack it
+        return lines
+    return [
+        *lines,
+        "| model | images/s | × teacher |",
+        "|---|---|---|",
+        f"| teacher (softmax) | {speed['teacher_images_per_s']:.1f} | 1.00 |",
+        f"| student | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} |",
+        "",
+    ]
 
 
 def _precision(speed: dict[str, Any]) -> str:

@@ -347,6 +347,8 @@ def _search(
     evaluate: Callable[[list[str]], list[dict[str, Any]]] | None,
     log: Callable[[str], None],
 ) -> SearchResult:
+    """The search, step by step: its state (continued where one is saved), the evaluator, the time budget,
+    the generations (saved after each), the report."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
     loaded = _load_state(cfg, run_dir, log)
@@ -355,68 +357,23 @@ def _search(
     # the same teacher under another spelling or path resumes; other weights are refused before any write
     check_teacher_content(run_dir if loaded else None, parts.teacher_record, cfg.teacher.spec, run=run_dir)
     settings = search_settings(cfg, parts.teacher)
-    log(
-        f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
-        f"{settings.generations} generations after the {len(settings.seeds)} seeds; candidates fitted "
-        f"{cfg.search.fit_steps} stage-1 steps on layers {evaluator.cache.layers}, scored on "
-        f"{evaluator.cache.held_out_images} held-out images; speed at {cfg.search.target_tokens} tokens "
-        f"({cfg.search.speed})"
-    )
+    log(_describe_search(cfg, settings, evaluator))
     per_candidate = (
         _check_time_budget(cfg, evaluator, settings)
         if state.generation < 0 and cfg.search.time_budget_min is not None
         else None
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    expected = len(settings.seeds) + max(0, settings.population - len(settings.seeds))
-    expected += settings.offspring * settings.generations
-    bar = tqdm(
-        total=expected,
-        initial=len(state.candidates),
-        desc="search",
-        unit="cand",
-        disable=not cfg.log.progress,
-        dynamic_ncols=True,
-    )
-    started, before = time.monotonic(), state.seconds
-
-    def local(names: list[str]) -> list[dict[str, Any]]:
-        out = []
-        for name in names:
-            out.append(evaluator(name))
-            bar.update(1)
-        return out
-
-    ends: list[float] = []  # seconds spent when each generation of this process ended
-
-    def saved(s: SearchState) -> None:
-        ends.append(time.monotonic() - started)
-        s.seconds = before + ends[-1]
-        _save(cfg, run_dir, s, parts.teacher_record)
-        write_reports(cfg, run_dir, s)
-        bar.update(max(0, len(s.candidates) - bar.n))
-
-    def should_stop(s: SearchState) -> str | None:
-        """Stop before a generation that would end after the time budget (the last one's length as guess)."""
-        budget = cfg.search.time_budget_min
-        if budget is None:
-            return None
-        spent = before + time.monotonic() - started
-        last = (
-            ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
-            if ends
-            else (per_candidate or 0.0) * settings.offspring
-        )
-        if spent + last > budget * 60:
-            return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
-        return None
-
-    try:
+    with _progress_bar(cfg, settings, state) as bar:
+        run = _Generations(cfg, run_dir, parts.teacher_record, settings, bar, per_candidate, state.seconds)
         state = run_search(
-            state, settings, evaluate or local, on_generation=saved, should_stop=should_stop, log=bar.write
+            state,
+            settings,
+            evaluate or run.evaluate_here(evaluator),
+            on_generation=run.saved,
+            should_stop=run.should_stop,
+            log=bar.write,
         )
-    finally:
-        bar.close()
     if state.generation < 0:
         raise InputError("the search stopped before generation 0: nothing to report")
     front, winner, command = write_reports(cfg, run_dir, state)
@@ -425,3 +382,80 @@ def _search(
         log(f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}")
     log(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
     return SearchResult(str(run_dir), state, front, winner, command)
+
+
+def _describe_search(cfg: TrainConfig, settings: SearchSettings, evaluator: CandidateEvaluator) -> str:
+    return (
+        f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
+        f"{settings.generations} generations after the {len(settings.seeds)} seeds; candidates fitted "
+        f"{cfg.search.fit_steps} stage-1 steps on layers {evaluator.cache.layers}, scored on "
+        f"{evaluator.cache.held_out_images} held-out images; speed at {cfg.search.target_tokens} tokens "
+        f"({cfg.search.speed})"
+    )
+
+
+def _progress_bar(cfg: TrainConfig, settings: SearchSettings, state: SearchState) -> tqdm:
+    """Candidates evaluated out of the search's whole plan (seeds, the first population, every child)."""
+    expected = len(settings.seeds) + max(0, settings.population - len(settings.seeds))
+    expected += settings.offspring * settings.generations
+    return tqdm(
+        total=expected,
+        initial=len(state.candidates),
+        desc="search",
+        unit="cand",
+        disable=not cfg.log.progress,
+        dynamic_ncols=True,
+    )
+
+
+class _Generations:
+    """What the search loop calls back into: evaluating in this process, saving the state and the
+    reports after each generation, and stopping before a generation that would overrun the time budget."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_dir: Path,
+        teacher_record: dict[str, Any] | None,
+        settings: SearchSettings,
+        bar: tqdm,
+        per_candidate: float | None,
+        before: float,
+    ) -> None:
+        self.cfg, self.run_dir, self.teacher_record, self.settings = cfg, run_dir, teacher_record, settings
+        self.bar, self.per_candidate = bar, per_candidate
+        self.started, self.before = time.monotonic(), before  # `before`: seconds of earlier processes
+        self.ends: list[float] = []  # seconds spent when each generation of this process ended
+
+    def evaluate_here(self, evaluator: CandidateEvaluator) -> Callable[[list[str]], list[dict[str, Any]]]:
+        def local(names: list[str]) -> list[dict[str, Any]]:
+            out = []
+            for name in names:
+                out.append(evaluator(name))
+                self.bar.update(1)
+            return out
+
+        return local
+
+    def saved(self, s: SearchState) -> None:
+        self.ends.append(time.monotonic() - self.started)
+        s.seconds = self.before + self.ends[-1]
+        _save(self.cfg, self.run_dir, s, self.teacher_record)
+        write_reports(self.cfg, self.run_dir, s)
+        self.bar.update(max(0, len(s.candidates) - self.bar.n))
+
+    def should_stop(self, s: SearchState) -> str | None:
+        """Stop before a generation that would end after the time budget (the last one's length as guess)."""
+        budget = self.cfg.search.time_budget_min
+        if budget is None:
+            return None
+        spent = self.before + time.monotonic() - self.started
+        ends = self.ends
+        last = (
+            ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
+            if ends
+            else (self.per_candidate or 0.0) * self.settings.offspring
+        )
+        if spent + last > budget * 60:
+            return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
+        return None

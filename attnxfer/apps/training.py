@@ -260,16 +260,7 @@ def build_engine(
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
     log = print if runtime.is_main else lambda *_: None
     if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
-        fitted = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
-        if parts is not None and fitted.data.batch_size != cfg.data.batch_size:
-            raise ConfigError(  # loaders built by the caller (convert's stage 2, a notebook) keep their batch
-                f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
-                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
-                f"command with data.batch_size={fitted.data.batch_size} "
-                f"optim.accum_steps={fitted.optim.accum_steps}"
-            )
-        cfg = fitted
-        runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps  # the split it chose
+        cfg = _fitted_to_world(cfg, runtime, parts, log)
     resumed_from = check_resume(cfg, log=log, world=runtime.world)
     if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
@@ -277,24 +268,14 @@ def build_engine(
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
     check_teacher_content(resumed_from, parts.teacher_record, cfg.teacher.spec)
     plan = plan_from_config(cfg, parts)
-    dual = DualViT(
-        parts.teacher,
-        parts.student,
-        plan,
-        teacher_dtype=teacher_dtype(cfg.teacher.dtype, runtime.precision),
-    )
-    dual.to(runtime.device)
+    teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
+    dual = DualViT(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(runtime.device)
     # transfer.ce_path: forced, the resumed checkpoint's, or measured here (rank 0) before any step
     choice = ce_choice_for_run(cfg, dual, runtime, resumed_from, measure=write_run_files, log=log)
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, dual)  # after the EMA's copy: EMA weights are evaluated eagerly
-    groups = student_param_groups(
-        dual,
-        weight_decay=cfg.optim.weight_decay,
-        layer_decay=cfg.optim.layer_decay,
-        layer_decay_rule=cfg.optim.layer_decay_rule,
-    )
+    groups = _param_groups(cfg, dual)
     # scored by val top-1, or, on data without labels, by final-feature agreement with the teacher
     evaluator = evaluate if dataset_has_labels(parts.val_loader.dataset) else evaluate_features
     engine = assemble_engine(
@@ -313,6 +294,32 @@ def build_engine(
     if engine.is_main:
         print(plan.describe(), flush=True)
     return engine
+
+
+def _fitted_to_world(cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, log) -> TrainConfig:
+    """The config on this world size: a resumed run keeps its global batch (`fit_world_size`), and the
+    accelerator accumulates as the new split says. Loaders built by the caller (convert's stage 2, a
+    notebook) keep their batch, so a split that would change it stops with the command to run instead."""
+    fitted = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
+    if parts is not None and fitted.data.batch_size != cfg.data.batch_size:
+        raise ConfigError(
+            f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
+            f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
+            f"command with data.batch_size={fitted.data.batch_size} "
+            f"optim.accum_steps={fitted.optim.accum_steps}"
+        )
+    runtime.accelerator.gradient_accumulation_steps = fitted.optim.accum_steps  # the split it chose
+    return fitted
+
+
+def _param_groups(cfg: TrainConfig, dual: DualViT) -> list[dict]:
+    """The student's optimiser groups: weight decay, layer-wise lr decay (`student_param_groups`)."""
+    return student_param_groups(
+        dual,
+        weight_decay=cfg.optim.weight_decay,
+        layer_decay=cfg.optim.layer_decay,
+        layer_decay_rule=cfg.optim.layer_decay_rule,
+    )
 
 
 def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:

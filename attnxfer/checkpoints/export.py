@@ -208,39 +208,60 @@ def export_student(
     ``attn_layer`` timm refuses) and so does the card. ``out_dir`` must be new or empty unless ``overwrite``.
     ``push_to_hub="ORG/NAME"`` uploads the folder afterwards (`push_export`).
     """
-    from timm.models import save_for_hf
-
     out_dir = Path(out_dir)
     if card.repo_id is None and push_to_hub:
         card.repo_id = push_to_hub
     license_id, _ = card_license(card)  # a licence conflict fails before anything is written
-    spec = student_spec(student)
+    spec, native = _export_spec(student)
     kind = attention_label(spec["attention"])
+    meta = _config_block(card, spec, license_id, native=native)
+    _check_out_dir(out_dir, overwrite)
+    tmp = _fresh_staging(out_dir)
+    try:
+        # the files are staged, then moved in together: a format is one writer of files into `tmp`
+        _write_timm_format(student, spec, meta, tmp, verify=verify)
+        _write_model_card(card, spec, tmp, out_dir, native=native)
+        _install(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _logger.info("exported %s student (%s attention) to %s", spec["architecture"], kind, out_dir)
+    if push_to_hub:
+        push_export(out_dir, push_to_hub)
+    return out_dir
+
+
+def _export_spec(student: nn.Module) -> tuple[dict[str, Any], bool]:
+    """(the student's spec as the export names it, whether timm itself registers its architecture).
+
+    An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer:
+    name a timm entrypoint of that class, with arguments read off the modules that pin every choice the
+    entrypoint would otherwise set (the twin's logits are checked bit-identical before it is written)."""
+    spec = student_spec(student)
     native = _is_timm_native(spec["architecture"])
-    if not native and type(student) is VisionTransformer:
-        # An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer:
-        # name a timm entrypoint of that class, with arguments read off the modules that pin every choice
-        # the entrypoint would otherwise set (the twin's logits are checked bit-identical below).
-        traits = vit_traits(student)
-        if (traits["block"], traits["mlp_layer"], traits["norm_layer"], traits["act_layer"]) == (
-            "Block",
-            "Mlp",
-            "LayerNorm",
-            "GELU",
-        ):
-            args = {**spec["model_args"], **timm_args_from_traits(traits)}
-            spec = dict(
-                spec, architecture=_TIMM_VIT_STAND_IN, registered_as=spec["architecture"], model_args=args
-            )
-            native = True
-    plain = kind == SOFTMAX
+    if native or type(student) is not VisionTransformer:
+        return spec, native
+    traits = vit_traits(student)
+    parts = (traits["block"], traits["mlp_layer"], traits["norm_layer"], traits["act_layer"])
+    if parts != ("Block", "Mlp", "LayerNorm", "GELU"):
+        return spec, False
+    args = {**spec["model_args"], **timm_args_from_traits(traits)}
+    return dict(
+        spec, architecture=_TIMM_VIT_STAND_IN, registered_as=spec["architecture"], model_args=args
+    ), True
+
+
+def _config_block(
+    card: ModelCardInfo, spec: dict[str, Any], license_id: str, *, native: bool
+) -> dict[str, Any]:
+    """What config.json holds beside timm's keys: the card's licence, and the ``attnxfer`` block
+    (`load_student` rebuilds the student from it; the teacher by id, never its weights)."""
     teacher = card.teacher or {}
-    meta = {
+    return {
         "pretrained_cfg": {"license": license_id},  # the card's licence, in timm's config too
         "attnxfer": {
             "version": _version(),
             "attention": spec["attention"],
-            "loads_in_plain_timm": plain and native,
+            "loads_in_plain_timm": attention_label(spec["attention"]) == SOFTMAX and native,
             "architecture_registered_by": "timm" if native else "attnxfer",
             "transfer_mode": card.transfer_mode,
             "teacher": {
@@ -250,39 +271,50 @@ def export_student(
             "student": dict(spec, pretrained_cfg=dict(spec["pretrained_cfg"], license=license_id)),
         },
     }
-    _check_out_dir(out_dir, overwrite)
+
+
+def _fresh_staging(out_dir: Path) -> Path:
+    """A new staging folder beside ``out_dir``, after removing what killed exports left there."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for leftover in clean_staging(out_dir):
         _logger.warning("removed %s, left behind by an interrupted export", leftover)
-    tmp = _staging_dir(out_dir)
-    try:
-        if plain:
-            twin = _plain_timm_twin(student, spec)
-            if verify:
-                _check_same_logits(student, twin)
-            save_for_hf(twin, tmp, model_config=meta, model_args=spec["model_args"], safe_serialization=True)
-        else:
-            if verify:  # what `load_student` will build, holding these weights
-                _check_same_logits(student, _rebuilt_from_spec(student, spec))
-            save_for_hf(
-                student,
-                tmp,
-                model_config=meta,
-                safe_serialization=True,
-                model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
-            )
-        load_ref = f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}"
-        readme = render_model_card(
-            card, spec, loads_in_plain_timm=plain, load_ref=load_ref, native_arch=native
-        )
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-        _install(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _logger.info("exported %s student (%s attention) to %s", spec["architecture"], kind, out_dir)
-    if push_to_hub:
-        push_export(out_dir, push_to_hub)
-    return out_dir
+    return _staging_dir(out_dir)
+
+
+def _write_timm_format(
+    student: nn.Module, spec: dict[str, Any], meta: dict[str, Any], folder: Path, *, verify: bool
+) -> None:
+    """config.json + model.safetensors as ``timm.models.save_for_hf`` writes them. A softmax student is
+    saved from its plain-timm twin; an efficient one as itself, with an ``attn_layer`` timm refuses.
+    ``verify``: the model that will be rebuilt from these files gives the student's logits bit for bit."""
+    from timm.models import save_for_hf
+
+    kind = attention_label(spec["attention"])
+    if kind == SOFTMAX:
+        twin = _plain_timm_twin(student, spec)
+        if verify:
+            _check_same_logits(student, twin)
+        save_for_hf(twin, folder, model_config=meta, model_args=spec["model_args"], safe_serialization=True)
+        return
+    if verify:  # what `load_student` will build, holding these weights
+        _check_same_logits(student, _rebuilt_from_spec(student, spec))
+    save_for_hf(
+        student,
+        folder,
+        model_config=meta,
+        safe_serialization=True,
+        model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
+    )
+
+
+def _write_model_card(
+    card: ModelCardInfo, spec: dict[str, Any], folder: Path, out_dir: Path, *, native: bool
+) -> None:
+    """README.md: the model card, saying how to load the export from where it will live."""
+    load_ref = f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}"
+    plain = attention_label(spec["attention"]) == SOFTMAX
+    readme = render_model_card(card, spec, loads_in_plain_timm=plain, load_ref=load_ref, native_arch=native)
+    (folder / "README.md").write_text(readme, encoding="utf-8")
 
 
 def _version() -> str:

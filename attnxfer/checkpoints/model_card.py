@@ -175,24 +175,43 @@ def render_model_card(
 ) -> str:
     """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load."""
     license_id, license_text = card_license(card)
-    teacher = card.teacher or {}
+    data = _card_data(card, license_id, _card_tags(card))
+    sections = [
+        _intro(card, spec),
+        "\n## License\n\n" + license_text + "\n",
+        _teacher_section(card.teacher or {}),
+        _transfer_section(card),
+        _student_section(card, spec),
+        "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
+        _metrics_section(card, data),
+        _recipe_section(card),
+        _loading_section(
+            spec, loads_in_plain_timm=loads_in_plain_timm, load_ref=load_ref, native_arch=native_arch
+        ),
+    ]
+    # huggingface_hub writes the metadata (model-index included) and checks that it parses back
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(sections)))
+
+
+def _card_tags(card: ModelCardInfo) -> list[str]:
+    """The Hub tags: attnxfer's, the card's own, and knowledge-distillation for a distilled student."""
     tags = ["image-classification", "timm", "attnxfer", "attention-transfer", *card.tags]
     if card.transfer_mode and "distill" in card.transfer_mode:
         tags.append("knowledge-distillation")
-    data = _card_data(card, license_id, list(dict.fromkeys(tags)))
-    kind = attention_label(spec.get("attention", SOFTMAX))
-    data_cfg = spec.get("pretrained_cfg", {})
-    out: list[str] = [f"# {card.model_name}\n\n"]
-    out.append(
-        card.description
-        or (
-            f"A {spec['architecture']} student trained by attention transfer "
-            f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(teacher)}, with attnxfer."
-        )
-    )
-    out.append("\n## License\n\n" + license_text + "\n")
+    return list(dict.fromkeys(tags))
 
-    out.append("\n## Teacher\n\n| field | value |\n|---|---|\n")
+
+def _intro(card: ModelCardInfo, spec: dict[str, Any]) -> str:
+    """The title and one sentence: the card's own description, else what the student is and came from."""
+    description = card.description or (
+        f"A {spec['architecture']} student trained by attention transfer "
+        f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(card.teacher)}, with attnxfer."
+    )
+    return f"# {card.model_name}\n\n" + description
+
+
+def _teacher_section(teacher: dict[str, Any]) -> str:
+    """What the teacher was, as its record says (rows with no value left out)."""
     rows = [
         ("id", teacher.get("spec")),
         ("architecture", teacher.get("architecture")),
@@ -206,73 +225,73 @@ def render_model_card(
         ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
         ("resampled position embeddings", teacher.get("resampled_pos_embed") or None),
     ]
-    out.append("".join(f"| {k} | `{_fmt(v)}` |\n" for k, v in rows if v not in (None, "", [])))
+    return "\n## Teacher\n\n| field | value |\n|---|---|\n" + "".join(
+        f"| {k} | `{_fmt(v)}` |\n" for k, v in rows if v not in (None, "", [])
+    )
 
-    out.append(f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n")
+
+def _transfer_section(card: ModelCardInfo) -> str:
+    out = f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n"
     if card.plan:
-        out.append(f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n")
+        out += f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n"
+    return out
 
-    out.append(
+
+def _student_section(card: ModelCardInfo, spec: dict[str, Any]) -> str:
+    """Architecture, attention (per block where blocks differ or take options), classes, timm's arguments."""
+    kind = attention_label(spec.get("attention", SOFTMAX))
+    out = (
         f"\n## Student\n\n- architecture: `{spec['architecture']}`\n- attention: `{kind}`\n"
         f"- classes: {spec.get('num_classes')}\n"
     )
     if card.checkpoint:
-        out.append(f"- weights: {card.checkpoint}\n")
-    out.append(
-        f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n"
-    )
+        out += f"- weights: {card.checkpoint}\n"
+    out += f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n"
     if spec.get("attention_options"):
         layout = per_block_attention(spec["attention"], len(spec["attention_options"]))
-        out.append(
+        out += (
             "\nAttention per block (name and options):\n\n| block | attention | options |\n|---|---|---|\n"
             + "".join(
                 f"| {i} | {name} | `{json.dumps(opts)}` |\n"
                 for i, (name, opts) in enumerate(zip(layout, spec["attention_options"]))
             )
         )
+    return out
 
-    out.append("\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n")
 
-    out.append("\n## Metrics\n\n")
+def _metrics_section(card: ModelCardInfo, data: ModelCardData) -> str:
+    """The evaluation results in words, then every recorded metric in a table."""
+    out = "\n## Metrics\n\n"
     for result in data.eval_results or ():
-        out.append(
-            f"- {result.metric_name} on the {result.dataset_name} validation split: {_fmt(result.metric_value)}\n"
-        )
+        out += f"- {result.metric_name} on the {result.dataset_name} validation split: {_fmt(result.metric_value)}\n"
     if data.eval_results:
-        out.append("\n")
-    if card.metrics:
-        out.append(
-            "| metric | value |\n|---|---|\n"
-            + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items())
-        )
-    else:
-        out.append("No metrics recorded.\n")
+        out += "\n"
+    if not card.metrics:
+        return out + "No metrics recorded.\n"
+    return (
+        out
+        + "| metric | value |\n|---|---|\n"
+        + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items())
+    )
 
-    if card.recipe:
-        out.append(
-            f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
-        )
 
-    out.append("\n## How to load\n\n")
-    if loads_in_plain_timm:
-        pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
-        out.append(
-            (
-                ""
-                if native_arch
-                else f"`{spec['architecture']}` is registered by attnxfer: import it before timm "
-                "builds the model.\n\n"
-            )
-            + "```python\nimport timm\n"
-            + pre
-            + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
-            "cfg = timm.data.resolve_model_data_config(model)\n"
-            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-            f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
-            "(the teacher's).\n"
-        )
-    else:
-        out.append(
+def _recipe_section(card: ModelCardInfo) -> str:
+    if not card.recipe:
+        return ""
+    return (
+        f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
+    )
+
+
+def _loading_section(
+    spec: dict[str, Any], *, loads_in_plain_timm: bool, load_ref: str, native_arch: bool
+) -> str:
+    """How to load the export: plain ``timm.create_model`` for a softmax student (after ``import attnxfer``
+    where attnxfer registers the architecture), else attnxfer's `load_student`."""
+    out = "\n## How to load\n\n"
+    if not loads_in_plain_timm:
+        kind = attention_label(spec.get("attention", SOFTMAX))
+        return out + (
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
             f'cannot build it (config.json names `attn_layer: "attnxfer:{kind}"`, so timm stops with an error '
             "instead of loading these weights into softmax attention). Load it with attnxfer, which rebuilds "
@@ -282,8 +301,23 @@ def render_model_card(
             "cfg = timm.data.resolve_model_data_config(model)\n"
             "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
         )
-    # huggingface_hub writes the metadata (model-index included) and checks that it parses back
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(out)))
+    data_cfg = spec.get("pretrained_cfg", {})
+    pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
+    return out + (
+        (
+            ""
+            if native_arch
+            else f"`{spec['architecture']}` is registered by attnxfer: import it before timm "
+            "builds the model.\n\n"
+        )
+        + "```python\nimport timm\n"
+        + pre
+        + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
+        "cfg = timm.data.resolve_model_data_config(model)\n"
+        "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
+        f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
+        "(the teacher's).\n"
+    )
 
 
 def attention_label(attention: str | list[str]) -> str:

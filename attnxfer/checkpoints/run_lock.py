@@ -314,25 +314,18 @@ def run_lock(
     if run_dir.exists() and not run_dir.is_dir():
         raise PathExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
     if not enabled:
-        try:
+        with _plain_disk_errors(run_dir):
             yield
-        except OSError as e:
-            _raise_plainly(e, run_dir)
         return
     path = run_dir / LOCK_NAME
     created = not run_dir.exists()  # removed again if the command ends leaving it empty (refused input)
-    try:
+    with _plain_disk_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
         key = (
             str(path.resolve()),
             threading.get_ident(),
         )  # nesting is per thread: another thread is a holder
-    except OSError as e:
-        _raise_plainly(e, run_dir)
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None:
-            held[1] += 1
+    held = _nested_hold(key)
     if held is not None:  # nested: this process holds it already
         try:
             yield
@@ -340,6 +333,36 @@ def run_lock(
             with _HELD_GUARD:
                 held[1] -= 1
         return
+    token = _hold(path, key, command, stale_after_s, log)
+    try:
+        with _heartbeat_thread(path, token, heartbeat_s), _plain_disk_errors(run_dir):
+            yield
+    finally:
+        _release(path, key, token, remove_dir=created)
+
+
+@contextlib.contextmanager
+def _plain_disk_errors(run_dir: Path) -> Iterator[None]:
+    """A disk error (full, read-only) raised in the body as one `RunDirNotWritableError` naming the run dir."""
+    try:
+        yield
+    except OSError as e:
+        _raise_plainly(e, run_dir)
+
+
+def _nested_hold(key: tuple[str, int]) -> list | None:
+    """This thread's hold of the lock (its depth counted up once more), or None when it holds none."""
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    return held
+
+
+def _hold(
+    path: Path, key: tuple[str, int], command: str, stale_after_s: float, log: Callable[[str], None]
+) -> str:
+    """Take the lock for this process (saying who holds it), or raise; returns the lock's token."""
     token = secrets.token_hex(8)
     content = {
         "host": socket.gethostname(),
@@ -355,31 +378,40 @@ def run_lock(
         _acquire(path, content, stale_after_s, log)
     except OSError as e:
         _OWN_TOKENS.discard(token)
-        _raise_plainly(e, run_dir)
+        _raise_plainly(e, path.parent)
     except BaseException:
         _OWN_TOKENS.discard(token)
         raise
     with _HELD_GUARD:
         _HELD[key] = [token, 1]
+    return token
+
+
+@contextlib.contextmanager
+def _heartbeat_thread(path: Path, token: str, every: float) -> Iterator[None]:
+    """Touch the lock every ``every`` seconds from a daemon thread while the body runs."""
     stop = threading.Event()
     beat = threading.Thread(
-        target=_heartbeat, args=(path, token, stop, heartbeat_s), name="attnxfer-run-lock", daemon=True
+        target=_heartbeat, args=(path, token, stop, every), name="attnxfer-run-lock", daemon=True
     )
     beat.start()
     try:
         yield
-    except OSError as e:
-        _raise_plainly(e, run_dir)
     finally:
         stop.set()
         beat.join()
-        with _HELD_GUARD:
-            _HELD.pop(key, None)
-        _OWN_TOKENS.discard(token)
-        holder = _read(path)
-        if holder is not None and holder.content.get("token") == token:
-            with contextlib.suppress(OSError):
-                path.unlink()
-        if created:
-            with contextlib.suppress(OSError):
-                run_dir.rmdir()  # only if empty
+
+
+def _release(path: Path, key: tuple[str, int], token: str, *, remove_dir: bool) -> None:
+    """Forget the hold and delete the lock file if it is still ours; remove the run dir if this command
+    created it and left it empty."""
+    with _HELD_GUARD:
+        _HELD.pop(key, None)
+    _OWN_TOKENS.discard(token)
+    holder = _read(path)
+    if holder is not None and holder.content.get("token") == token:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    if remove_dir:
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # only if empty

@@ -31,15 +31,15 @@ one just written; broken dirs are never deleted automatically (they are reported
 Temp dirs of a live writer on this host are left alone. Tensor groups come back as dicts with
 the same names and values but safetensors' key order, not the insertion order.
 
-One writer per run dir (rank 0); any number of readers.
+One writer per run dir (rank 0); any number of readers. Reading one checkpoint dir back (its manifest,
+verification, loading) is `attnxfer.checkpoints.verify`, atomic single-file writes `atomic_io`, nested
+state as tensors + JSON `tensor_codec`; this module re-exports their public names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
-import json
 import math
 import os
 import re
@@ -53,10 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
-from ..errors import UserError
 from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from ..sources.resolve import sha256_file
 from .atomic_io import (  # moved to atomic_io.py
@@ -75,6 +74,19 @@ from .tensor_codec import (  # moved to tensor_codec.py
     optimizer_state_to_tensors,
     state_dict_from_tensors,
     state_dict_to_tensors,
+)
+from .verify import (  # reading one checkpoint dir back
+    CHECKPOINT_FORMAT,
+    MANIFEST_NAME,
+    STEP_DIR_RE,
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointInfo,
+    CorruptCheckpointError,
+    CorruptCheckpointWarning,
+    load_checkpoint,
+    step_dir_name,
+    verify_checkpoint,
 )
 
 __all__ = [
@@ -96,10 +108,7 @@ __all__ = [
     "verify_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = "attnxfer.checkpoint/1"
-MANIFEST_NAME = "MANIFEST.json"
 
-_STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
@@ -120,161 +129,54 @@ class MetricMode(StrEnum):
         return self.sign * value > self.sign * than
 
 
-class CheckpointError(UserError, RuntimeError):
-    """Base class for checkpoint problems."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint dir fails verification; ``path`` and ``problem`` say where and what."""
-
-    def __init__(self, path: Path, problem: str):
-        self.path = Path(path)
-        self.problem = problem
-        super().__init__(f"checkpoint {self.path} is not usable: {problem}")
-
-
-class CheckpointExistsError(CheckpointError, FileExistsError):
-    """An intact checkpoint already exists for this step; it is never overwritten."""
-
-
-class CorruptCheckpointWarning(UserWarning):
-    """A checkpoint was skipped because it failed verification."""
-
-
-# --------------------------------------------------------------------------------------------
-# fsync + atomic single-file writes
-# --------------------------------------------------------------------------------------------
-
-
-# --------------------------------------------------------------------------------------------
-# verification and loading of one checkpoint dir
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-    """A checkpoint dir that passed verification."""
-
-    step: int
-    path: Path
-    metric: float | None
-    created: str
-    files: Mapping[str, Mapping[str, Any]]  # file name -> {'size': int, 'sha256': str}
-    hash_verified: bool
-
-    @property
-    def groups(self) -> list[str]:
-        """Tensor group names ('model', 'optimizer', ...)."""
-        return [n[: -len(".safetensors")] for n in self.files if n.endswith(".safetensors")]
-
-    def __str__(self) -> str:
-        metric = "" if self.metric is None else f", metric={self.metric:g}"
-        return f"checkpoint step {self.step}{metric} at {self.path}"
-
-
-def _step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def _read_manifest(path: Path) -> dict:
-    manifest_path = path / MANIFEST_NAME
-    if not path.is_dir():
-        raise CorruptCheckpointError(path, "not a directory")
-    if not manifest_path.is_file():
-        raise CorruptCheckpointError(path, f"{MANIFEST_NAME} is missing (save never finished?)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptCheckpointError(path, f"{MANIFEST_NAME} is unreadable: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != CHECKPOINT_FORMAT:
-        raise CorruptCheckpointError(
-            path, f"{MANIFEST_NAME} has no 'format': '{CHECKPOINT_FORMAT}' (not an attnxfer checkpoint?)"
-        )
-    files = manifest.get("files")
-    step = manifest.get("step")
-    if not isinstance(files, dict) or STATE_NAME not in files or not isinstance(step, int):
-        raise CorruptCheckpointError(path, f"{MANIFEST_NAME} lacks step/files/{STATE_NAME} entries")
-    for name, entry in files.items():
-        if (
-            not isinstance(name, str)
-            or "/" in name
-            or name.startswith(".")
-            or not isinstance(entry, dict)
-            or not isinstance(entry.get("size"), int)
-            or not isinstance(entry.get("sha256"), str)
-        ):
-            raise CorruptCheckpointError(path, f"{MANIFEST_NAME} has a malformed entry for {name!r}")
-    return manifest
-
-
-def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bool) -> None:
-    file_path = path / name
-    if not file_path.is_file():
-        raise CorruptCheckpointError(path, f"{name} is missing")
-    size = file_path.stat().st_size
-    if size != entry["size"]:
-        raise CorruptCheckpointError(path, f"{name} has {size} bytes, manifest says {entry['size']}")
-    if name.endswith(".safetensors"):
-        try:
-            with safe_open(file_path, framework="pt") as f:
-                f.keys()
-        except Exception as e:  # safetensors raises its own error type for bad headers
-            raise CorruptCheckpointError(path, f"{name} is not valid safetensors: {e}") from e
-    elif name.endswith(".json"):
-        try:
-            json.loads(file_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptCheckpointError(path, f"{name} is not valid JSON: {e}") from e
-    if verify_hash:
-        digest = sha256_file(file_path)
-        if digest != entry["sha256"]:
-            raise CorruptCheckpointError(
-                path, f"{name} sha256 is {digest[:12]}..., manifest says {entry['sha256'][:12]}..."
-            )
-
-
-def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> CheckpointInfo:
-    """Check one checkpoint dir; return its info or raise ``CorruptCheckpointError``."""
-    path = Path(path)
-    manifest = _read_manifest(path)
-    match = _STEP_DIR_RE.match(path.name)
-    if match and int(match.group(1)) != manifest["step"]:
-        raise CorruptCheckpointError(
-            path, f"dir name says step {int(match.group(1))}, manifest says {manifest['step']}"
-        )
-    for name, entry in manifest["files"].items():
-        _check_file(path, name, entry, verify_hash)
-    metric = manifest.get("metric")
-    return CheckpointInfo(
-        step=manifest["step"],
-        path=path,
-        metric=None if metric is None else float(metric),
-        created=str(manifest.get("created", "")),
-        files=manifest["files"],
-        hash_verified=verify_hash,
-    )
-
-
-def load_checkpoint(
-    info_or_path: CheckpointInfo | str | os.PathLike,
-    map_location: str | torch.device = "cpu",
-    verify_hash: bool = True,
-) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Verify, then load ``(tensors by group, state)`` from a checkpoint dir.
-
-    Verification runs again even for a ``CheckpointInfo``: the files may have changed since.
-    """
-    path = info_or_path.path if isinstance(info_or_path, CheckpointInfo) else Path(info_or_path)
-    info = verify_checkpoint(path, verify_hash=verify_hash)
-    device = str(torch.device(map_location))
-    tensors = {group: load_file(path / f"{group}.safetensors", device=device) for group in info.groups}
-    state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
-    return tensors, state
-
-
 # --------------------------------------------------------------------------------------------
 # the manager
 # --------------------------------------------------------------------------------------------
+
+
+def _checked_save(
+    step: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    state: Mapping[str, Any],
+    metric: float | None,
+) -> tuple[str, float | None]:
+    """What a save is given, checked before anything is written: (the state as JSON text, the metric)."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    metric = _check_metric(metric)
+    _check_tensor_groups(tensors)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a JSON-serialisable dict, got {type(state).__name__}")
+    return _dump_json(dict(state), "checkpoint state"), metric
+
+
+def _write_checkpoint_files(
+    folder: Path,
+    step: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    state_text: str,
+    metric: float | None,
+) -> None:
+    """Every file of a checkpoint into ``folder``, each fsynced: one safetensors per tensor group, the state,
+    and last the manifest (size and sha256 of each), then the folder itself."""
+    files = {}
+    for group, tdict in tensors.items():
+        name = f"{group}.safetensors"
+        _save_safetensors(_prepare_for_safetensors(tdict), folder / name)
+        _fsync_file(folder / name)
+        files[name] = {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    state_bytes = state_text.encode("utf-8")
+    _write_file_synced(folder / STATE_NAME, state_bytes)
+    files[STATE_NAME] = {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()}
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "metric": metric,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "files": files,
+    }
+    _write_file_synced(folder / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))
+    _fsync_dir(folder)
 
 
 def _check_tensor_groups(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
@@ -389,7 +291,7 @@ class CheckpointManager:
 
     # ---- paths -------------------------------------------------------------------------
     def path_for(self, step: int) -> Path:
-        return self.dir / _step_dir_name(step)
+        return self.dir / step_dir_name(step)
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
         """All ``step-*`` dirs, newest first, unverified."""
@@ -397,7 +299,7 @@ class CheckpointManager:
             return []
         found = []
         for entry in self.dir.iterdir():
-            match = _STEP_DIR_RE.match(entry.name)
+            match = STEP_DIR_RE.match(entry.name)
             if match and entry.is_dir():
                 found.append((int(match.group(1)), entry))
         return sorted(found, key=lambda sp: sp[0], reverse=True)
@@ -466,14 +368,7 @@ class CheckpointManager:
         A *broken* dir for ``step`` is renamed to ``step-XXXXXXXX.corrupt-<time>`` (kept for
         inspection, never loaded) and replaced.
         """
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
-        metric = _check_metric(metric)
-        _check_tensor_groups(tensors)
-        if not isinstance(state, Mapping):
-            raise TypeError(f"state must be a JSON-serialisable dict, got {type(state).__name__}")
-        state_text = _dump_json(dict(state), "checkpoint state")
-
+        state_text, metric = _checked_save(step, tensors, state, metric)
         final = self.path_for(step)
         swap = False
         if final.exists() or final.is_symlink():
@@ -481,29 +376,11 @@ class CheckpointManager:
             if kept is not None and not replace:
                 return kept
             swap = kept is not None
-
         self._ensure_dir()
         tmp = self.dir / f"{_TEMP_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}"
         os.mkdir(tmp)
         try:
-            files = {}
-            for group, tdict in tensors.items():
-                name = f"{group}.safetensors"
-                _save_safetensors(_prepare_for_safetensors(tdict), tmp / name)
-                _fsync_file(tmp / name)
-                files[name] = {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-            state_bytes = state_text.encode("utf-8")
-            _write_file_synced(tmp / STATE_NAME, state_bytes)
-            files[STATE_NAME] = {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()}
-            manifest = {
-                "format": CHECKPOINT_FORMAT,
-                "step": step,
-                "metric": metric,
-                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                "files": files,
-            }
-            _write_file_synced(tmp / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))
-            _fsync_dir(tmp)
+            _write_checkpoint_files(tmp, step, tensors, state_text, metric)
             if swap:
                 self._swap_in(tmp, final)
             else:
@@ -595,8 +472,3 @@ class CheckpointManager:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(entry)
         return removed
-
-
-# --------------------------------------------------------------------------------------------
-# nested state dicts (optimizer, scheduler, scaler) as flat tensors + JSON, no pickle
-# --------------------------------------------------------------------------------------------

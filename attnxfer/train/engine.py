@@ -88,6 +88,20 @@ class LoopSettings:
     metric_mode: MetricMode | str = MetricMode.MAX  # ...and whether higher (max) or lower (min) is better
 
 
+def _schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
+    """(optimiser steps per epoch, total steps, warm-up steps) for ``batches`` training batches an epoch."""
+    steps_per_epoch = batches // s.accum_steps
+    if steps_per_epoch < 1:
+        raise InputError(
+            f"the training set gives {batches} batches per epoch, fewer than "
+            f"optim.accum_steps={s.accum_steps}; lower data.batch_size"
+        )
+    total_steps = steps_per_epoch * s.epochs
+    if s.max_steps is not None:
+        total_steps = min(total_steps, s.max_steps)
+    return steps_per_epoch, total_steps, round(s.warmup_epochs * steps_per_epoch)
+
+
 class Engine:
     """One run's state and loop. ``record`` is what checkpoints carry besides tensors (the run's
     config as a dict, the teacher's record): plain JSON, opaque to the engine."""
@@ -121,38 +135,11 @@ class Engine:
         self.ema_eval = objective.ema_model(ema.module) if ema is not None else None
         self.base_lr = s.base_lr
         self.model, self.optimizer = acc.prepare(objective.module, optimizer)
-        self.steps_per_epoch = len(train_loader) // s.accum_steps
-        if self.steps_per_epoch < 1:
-            raise InputError(
-                f"the training set gives {len(train_loader)} batches per epoch, fewer than "
-                f"optim.accum_steps={s.accum_steps}; lower data.batch_size"
-            )
-        self.total_steps = self.steps_per_epoch * s.epochs
-        if s.max_steps is not None:
-            self.total_steps = min(self.total_steps, s.max_steps)
-        self.warmup_steps = round(s.warmup_epochs * self.steps_per_epoch)
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = _schedule_steps(len(train_loader), s)
         # saving, resuming and making room: train/checkpointing.py (the engine keeps the loop's counters)
-        self.checkpointing = Checkpointing(
-            self.run_dir,
-            s.checkpoint,
-            s.metric_mode,
-            trained=self.student,
-            optimizer=self.optimizer,
-            ema=ema,
-            rank=self.rank,
-            world=self.world,
-            is_main=self.is_main,
-        )
+        self.checkpointing = self._checkpointing(ema)
         self.ckpt = self.checkpointing.manager
-        self.metrics = MetricsLogger(
-            self.run_dir,
-            tensorboard=s.tensorboard,
-            enabled=self.is_main,
-            trackers=s.trackers,
-            project=s.project,
-            # the run's config and plan as the trackers' hyper-parameters
-            hparams=flat_hparams(self.record.get("config") or {}, objective.description),
-        )
+        self.metrics = self._metrics_logger()
         self.step, self.epoch, self.position = 0, 0, 0
         self.best: float | None = None  # best value of settings.metric so far
         self.last_ckpt: str | None = None
@@ -168,6 +155,34 @@ class Engine:
         self._epoch_loss: torch.Tensor | None = None
         self._epoch_batches = 0
         self._last_lr = float("nan")
+
+    def _checkpointing(self, ema: StudentEMA | None) -> Checkpointing:
+        """What a save holds (the trained weights, optimiser, EMA, every rank's RNG) and where it goes."""
+        s = self.settings
+        return Checkpointing(
+            self.run_dir,
+            s.checkpoint,
+            s.metric_mode,
+            trained=self.student,
+            optimizer=self.optimizer,
+            ema=ema,
+            rank=self.rank,
+            world=self.world,
+            is_main=self.is_main,
+        )
+
+    def _metrics_logger(self) -> MetricsLogger:
+        """metrics.jsonl, summary.csv and the trackers (rank 0), with the run's config and plan as the
+        trackers' hyper-parameters."""
+        s = self.settings
+        return MetricsLogger(
+            self.run_dir,
+            tensorboard=s.tensorboard,
+            enabled=self.is_main,
+            trackers=s.trackers,
+            project=s.project,
+            hparams=flat_hparams(self.record.get("config") or {}, self.objective.description),
+        )
 
     def stop_if_non_finite(self) -> None:
         """Raise `NonFiniteLossError` if a loss term of any rank was NaN/inf since the run (re)started.
@@ -356,58 +371,25 @@ class Engine:
         real loop: data, step, EMA, logging, checkpoints). Resumes first; evaluates and saves at the
         epoch ends and at the last step, as `run` does.
         """
-        s, acc = self.settings, self.accelerator
+        s, sampler = self.settings, self.train_sampler
         self._last_save_time = time.monotonic()
         self.resume()
         self.model.train()
-        sampler, loader = self.train_sampler, self.train_loader
         self._final = {}
-        progress = None
-        global_batch = loader.batch_size * self.world
-        epoch_len = sampler.length
         while self.step < self.total_steps:
             sampler.set_epoch(self.epoch)
             sampler.set_position(self.position)
-            # Whole optimiser steps only: a tail of micro-batches shorter than accum_steps would leave its
-            # gradient (and accelerate's accumulation count) to the next epoch's first step. Per epoch this
-            # is steps_per_epoch x accum_steps batches at every world size (what keeps a resume on another
-            # number of ranks on the same schedule, apps/world_size.py).
-            usable = len(loader) // s.accum_steps * s.accum_steps
-            if self.is_main and s.progress:
-                progress = progress_bar(  # a bar on a terminal, a line per log record in a log file
-                    self.position // global_batch + usable,
-                    initial=self.position // global_batch,
-                    desc=f"epoch {self.epoch}",
-                )
+            usable = self._usable_batches()
+            progress = self._progress_bar(usable)
             self.window = TermWindow()  # a record never mixes epochs (a resumed run logs the same records)
             batches_left = usable
-            for batch in itertools.islice(loader, usable):
+            for batch in itertools.islice(self.train_loader, usable):
                 batches_left -= 1
                 x, y = split_batch(batch)  # y None: data without labels (attnxfer.data.label_free)
-                x = x.to(acc.device, non_blocking=True)
-                y = None if y is None else y.to(acc.device, non_blocking=True)
-                lr = self._set_lr()
-                upcoming = self.step + 1
-                self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)
-                logs, stepped = self._train_step(x, y)
-                self._add_epoch_loss(logs)
-                self._last_lr = lr
-                self.position += global_batch  # global count: what every rank consumed together
-                if progress is not None:
-                    progress.update(1)
-                self.window.add(logs)  # summed on the device: read on log steps only
+                lr, stepped = self._micro_step(x, y, progress)
                 if not stepped:
                     continue
-                self.step += 1
-                if self.ema is not None:
-                    self.ema.update(self.student)
-                if self.step % s.log_every == 0 or self.step == self.total_steps:
-                    self.stop_if_non_finite()
-                    rec = self.window.means()
-                    rec["lr"] = lr
-                    self.metrics.log("train", self.step, rec, epoch=self.epoch + self.position / epoch_len)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
+                self._after_step(lr, progress)
                 if self.step >= self.total_steps:
                     if batches_left == 0:  # the last step is also the epoch's last: a resume starts the next
                         self.epoch, self.position = self.epoch + 1, 0
@@ -422,35 +404,93 @@ class Engine:
                 self.position = 0
             if progress is not None:
                 progress.close()
-                progress = None
-            self.stop_if_non_finite()  # never score (or keep as best) weights after a non-finite loss
-            final = self._evaluate_all()
-            value = final[s.metric]
-            if self._is_better(value):
-                self.best = value
-            final[self._best_key] = self.best
-            self.metrics.log("val", self.step, final, epoch=self.epoch + self.position / epoch_len)
-            # timm's 0-based epoch index: the epoch just completed (or the one cut short by max_steps)
-            self.metrics.log_epoch(
-                self.epoch - 1 if self.position == 0 else self.epoch, self._summary_row(final)
-            )
-            if self.position == 0:
-                self._epoch_loss, self._epoch_batches = None, 0
-            self.history.append({"step": self.step, "epoch": self.epoch + self.position / epoch_len, **final})
-            self._draw_pictures()
-            if self.is_main:
-                name = s.metric.removeprefix("val_")
-                fmt = ".2f" if s.metric == "val_top1" else ".4g"
-                print(
-                    f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:{fmt}} "
-                    f"(best {self.best:{fmt}})",
-                    flush=True,
-                )
-            if s.checkpoint.every_epoch or self.step >= self.total_steps:
-                self.save(metric=value)
-            self._final = final
+            self._end_epoch()
             if self.step >= self.total_steps:
                 yield self.step
+
+    @property
+    def _global_batch(self) -> int:
+        """Images every rank together consumes per micro-batch (what ``position`` counts)."""
+        return self.train_loader.batch_size * self.world
+
+    def _epoch_now(self) -> float:
+        """The epoch as a fraction (metrics.jsonl's ``epoch``)."""
+        return self.epoch + self.position / self.train_sampler.length
+
+    def _usable_batches(self) -> int:
+        """Whole optimiser steps only: a tail of micro-batches shorter than accum_steps would leave its
+        gradient (and accelerate's accumulation count) to the next epoch's first step. Per epoch this is
+        steps_per_epoch x accum_steps batches at every world size (what keeps a resume on another number
+        of ranks on the same schedule, apps/world_size.py)."""
+        accum = self.settings.accum_steps
+        return len(self.train_loader) // accum * accum
+
+    def _progress_bar(self, usable: int):
+        """The epoch's progress (rank 0, ``log.progress``), starting where a resumed epoch stands: a bar on a
+        terminal, a line per log record in a log file (`progress_bar`)."""
+        if not (self.is_main and self.settings.progress):
+            return None
+        done = self.position // self._global_batch
+        return progress_bar(done + usable, initial=done, desc=f"epoch {self.epoch}")
+
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor | None, progress) -> tuple[float, bool]:
+        """One micro-batch through the objective (an optimiser step when accumulation completes): (lr,
+        whether the optimiser stepped). Its terms are summed on the device, read on log steps only."""
+        acc, s = self.accelerator, self.settings
+        x = x.to(acc.device, non_blocking=True)
+        y = None if y is None else y.to(acc.device, non_blocking=True)
+        lr = self._set_lr()
+        upcoming = self.step + 1
+        self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)
+        logs, stepped = self._train_step(x, y)
+        self._add_epoch_loss(logs)
+        self._last_lr = lr
+        self.position += self._global_batch  # global count: what every rank consumed together
+        if progress is not None:
+            progress.update(1)
+        self.window.add(logs)
+        return lr, stepped
+
+    def _after_step(self, lr: float, progress) -> None:
+        """Count the optimiser step, update the EMA, and on log steps read the guard and log the terms."""
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.student)
+        if self.step % self.settings.log_every == 0 or self.step == self.total_steps:
+            self.stop_if_non_finite()
+            rec = self.window.means()
+            rec["lr"] = lr
+            self.metrics.log("train", self.step, rec, epoch=self._epoch_now())
+            if progress is not None:
+                progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
+
+    def _end_epoch(self) -> None:
+        """At an epoch's end (or the last step): evaluate, keep the best, log, draw, print, save."""
+        s = self.settings
+        self.stop_if_non_finite()  # never score (or keep as best) weights after a non-finite loss
+        final = self._evaluate_all()
+        value = final[s.metric]
+        if self._is_better(value):
+            self.best = value
+        final[self._best_key] = self.best
+        self.metrics.log("val", self.step, final, epoch=self._epoch_now())
+        # timm's 0-based epoch index: the epoch just completed (or the one cut short by max_steps)
+        self.metrics.log_epoch(self.epoch - 1 if self.position == 0 else self.epoch, self._summary_row(final))
+        if self.position == 0:
+            self._epoch_loss, self._epoch_batches = None, 0
+        self.history.append({"step": self.step, "epoch": self._epoch_now(), **final})
+        self._draw_pictures()
+        if self.is_main:
+            name = s.metric.removeprefix("val_")
+            fmt = ".2f" if s.metric == "val_top1" else ".4g"
+            print(
+                f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:{fmt}} "
+                f"(best {self.best:{fmt}})",
+                flush=True,
+            )
+        if s.checkpoint.every_epoch or self.step >= self.total_steps:
+            self.save(metric=value)
+        self._final = final
 
     @property
     def _best_key(self) -> str:

@@ -83,52 +83,58 @@ def map_agreement(
     was = teacher.training, student.training
     teacher.eval(), student.eval()
     t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
-    depth = len(s_attns)
-    sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(depth)}
+    sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(len(s_attns))}
     count = 0
     for x in batches:
-        with capture_attention(teacher, fields=("input", "q", "k", "output")) as t:
-            teacher.forward_features(x)
-        if own_inputs:
-            with capture_attention(student, fields=("q", "k", "output")) as s:
-                student.forward_features(x)
-        for i in range(depth):
-            attn = s_attns[i]
-            if own_inputs:
-                q, k, out = s[i].get("q"), s[i].get("k"), s[i]["output"]  # `none` layers project nothing
-            else:
-                call = {"rope": t[i]["rope"]} if "rope" in t[i] else {}  # a rope teacher's rotary embedding
-                own = attn.project(t[i]["input"], "qk", **call)
-                q, k = own["q"], own["k"]
-                out = attn(t[i]["input"], **call)
-            out_mse = float(output_mse(out, t[i]["output"]))
-            if attn.map_kind.has_map:
-                value = layer_map_metric(t_attns[i], t[i], attn, {"q": q, "k": k})
-            else:
-                value = out_mse
-            sums[i][0] += value * x.shape[0]
-            sums[i][1] += out_mse * x.shape[0]
+        _add_batch(teacher, student, t_attns, s_attns, x, own_inputs, sums)
         count += x.shape[0]
     teacher.train(was[0]), student.train(was[1])
-    device = next(student.parameters()).device
+    sums, count = _over_ranks(sums, count, next(student.parameters()).device)
+    return [_agreement_row(i, attn, sums[i], count) for i, attn in enumerate(s_attns)]
+
+
+def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: bool, sums) -> None:
+    """Add one batch's per-layer (metric, output MSE) sums, each weighted by the batch's images."""
+    with capture_attention(teacher, fields=("input", "q", "k", "output")) as t:
+        teacher.forward_features(x)
+    if own_inputs:
+        with capture_attention(student, fields=("q", "k", "output")) as s:
+            student.forward_features(x)
+    for i, attn in enumerate(s_attns):
+        if own_inputs:
+            q, k, out = s[i].get("q"), s[i].get("k"), s[i]["output"]  # `none` layers project nothing
+        else:
+            call = {"rope": t[i]["rope"]} if "rope" in t[i] else {}  # a rope teacher's rotary embedding
+            own = attn.project(t[i]["input"], "qk", **call)
+            q, k = own["q"], own["k"]
+            out = attn(t[i]["input"], **call)
+        out_mse = float(output_mse(out, t[i]["output"]))
+        if attn.map_kind.has_map:
+            value = layer_map_metric(t_attns[i], t[i], attn, {"q": q, "k": k})
+        else:
+            value = out_mse
+        sums[i][0] += value * x.shape[0]
+        sums[i][1] += out_mse * x.shape[0]
+
+
+def _over_ranks(sums: dict[int, list[float]], count: int, device: torch.device):
+    """The sums and the image count summed over every rank of a process group (unchanged without one)."""
+    depth = len(sums)
     flat = sum_over_ranks([v for i in range(depth) for v in sums[i]] + [count], device)
-    sums = {i: flat[2 * i : 2 * i + 2] for i in range(depth)}
-    count = flat[-1]
-    rows = []
-    for i in range(depth):
-        attn = s_attns[i]
-        kind = attn.map_kind
-        rows.append(
-            {
-                "layer": i,
-                "attention": attention_name_of(attn),
-                "map_kind": kind,
-                "metric": default_map_loss(kind).metric,
-                "value": sums[i][0] / max(1, count),
-                "output_mse": sums[i][1] / max(1, count),
-            }
-        )
-    return rows
+    return {i: flat[2 * i : 2 * i + 2] for i in range(depth)}, flat[-1]
+
+
+def _agreement_row(i: int, attn: nn.Module, sums: list[float], count: float) -> dict[str, Any]:
+    """One layer's report row: its attention, map kind, metric and the means over the images."""
+    kind = attn.map_kind
+    return {
+        "layer": i,
+        "attention": attention_name_of(attn),
+        "map_kind": kind,
+        "metric": default_map_loss(kind).metric,
+        "value": sums[0] / max(1, count),
+        "output_mse": sums[1] / max(1, count),
+    }
 
 
 def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> float | None:

@@ -176,6 +176,31 @@ def stage1_transfer(
     steps = plan.stage1_steps
     if steps <= 0 or not plan.active:
         return result
+    result.history = list(history)
+    device = next(student.parameters()).device
+    with _fitting_only(student, plan, weight_decay) as groups:
+        optimizer = _stage1_optimizer(groups, plan.stage1_lr, device, optimizer_state)
+        fit = _Fit(Stage1Objective(teacher, student, plan), optimizer, device, steps, log, result)
+        # SIGTERM only sets a flag while the loop can save on it
+        with stop_on_signals() if on_stop is not None else contextlib.nullcontext():
+            for step in range(start_step, steps):
+                lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
+                fit.step(next(batches), step, lr, clip_grad)
+                # the last step always logs: stage 1 never returns without reading the guard
+                if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
+                    fit.log_step(step, lr)
+                signum = stop_signal() if on_stop is not None else None
+                if signum:  # SIGTERM: save this step (never weights after a non-finite loss), then stop
+                    raise fit.stopped(signum, step + 1, on_stop)
+    result.steps, result.seconds = steps, time.monotonic() - fit.start
+    return result
+
+
+@contextlib.contextmanager
+def _fitting_only(student: nn.Module, plan: ConversionPlan, weight_decay: float) -> Iterator[list[dict]]:
+    """The student in eval mode (fixed random features, no dropout) with gradients only for the tensors
+    the plan fits: q/k rows of a fused qkv through a row mask, with no weight decay, so the v rows stay
+    bit-identical. Yields the optimiser's parameter groups; restores modes and flags after."""
     was_training = student.training
     requires = {name: p.requires_grad for name, p in student.named_parameters()}
     student.eval().requires_grad_(False)
@@ -189,73 +214,92 @@ def stage1_transfer(
                 masked.append(p)
                 hooks.append(p.register_hook(lambda g, mask=mask: g * mask))
     groups = [{"params": plain, "weight_decay": weight_decay}, {"params": masked, "weight_decay": 0.0}]
-    device = next(student.parameters()).device
-    optimizer = build_adamw([g for g in groups if g["params"]], lr=plan.stage1_lr, device=device)
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
-    result.history = list(history)
-    guard, window = NonFiniteGuard(), TermWindow()
-    if optimizer_implementation(optimizer) == AdamWImplementation.FUSED:
-        # torch's fused AdamW skips its update (moments and step counters included) while this is 1.0
-        optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-    objective = Stage1Objective(teacher, student, plan)
-    layers, watched = plan.active, objective.watched  # the guard's term names
-    start = time.monotonic()
-    stopping = contextlib.ExitStack()  # SIGTERM only sets a flag while the loop can save on it
     try:
-        if on_stop is not None:
-            stopping.enter_context(stop_on_signals())
-        for step in range(start_step, steps):
-            lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            out = objective.loss(student, next(batches))
-            losses = {name: out.terms[name] for name in watched}
-            guard.watch(losses, step, epoch=0)  # read at log steps: no sync here
-            found_inf = getattr(optimizer, "found_inf", None)
-            if found_inf is not None:
-                found_inf.copy_(guard.tripped())
-            total, metrics = out.total, out.logs
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            average_gradients(optimizer, found_inf)  # every rank skips once any rank's guard tripped
-            if clip_grad:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], clip_grad
-                )
-            optimizer.step()
-            window.add({"loss": total, **metrics})
-            # the last step always logs: stage 1 never returns without reading the guard
-            if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
-                _stop_if_non_finite(guard, watched)
-                means = window.means()
-                # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
-                _, world = rank_and_world()
-                means = dict(zip(means, (v / world for v in sum_over_ranks(list(means.values()), device))))
-                rec = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, **means}
-                result.history.append(rec)
-                per_layer = " ".join(f"{v:.3g}" for v in means.values())
-                log(
-                    f"stage 1 step {step + 1}/{steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
-                    f"{'/'.join(sorted({lay.loss.metric for lay in layers}))}: {per_layer}"
-                )
-            signum = stop_signal() if on_stop is not None else None
-            if signum:  # SIGTERM: save this step (never weights after a non-finite loss), then stop
-                _stop_if_non_finite(guard, watched)
-                result.steps, result.seconds = step + 1, time.monotonic() - start
-                where = on_stop(step + 1, optimizer.state_dict(), result)
-                stop = StopRequested(signum, step + 1, where)
-                log(f"stage 1: {stop} (step {step + 1} of {steps})")
-                raise stop
+        yield [g for g in groups if g["params"]]
     finally:
-        stopping.close()
         for h in hooks:
             h.remove()
         for name, p in student.named_parameters():
             p.requires_grad_(requires[name])
         student.train(was_training)
-    result.steps, result.seconds = steps, time.monotonic() - start
-    return result
+
+
+def _stage1_optimizer(
+    groups: list[dict], lr: float, device: torch.device, state: Mapping[str, Any] | None
+) -> torch.optim.Optimizer:
+    """AdamW over the fitted tensors, from a stopped stage 1's ``state`` if given. A fused AdamW gets a
+    ``found_inf`` flag: torch's fused kernel skips its update (moments and step counters included) while it
+    is 1.0, and the non-finite guard sets it (as under a grad scaler)."""
+    optimizer = build_adamw(groups, lr=lr, device=device)
+    if state is not None:
+        optimizer.load_state_dict(state)
+    if optimizer_implementation(optimizer) == AdamWImplementation.FUSED:
+        optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    return optimizer
+
+
+@dataclass
+class _Fit:
+    """One stage-1 run's moving parts: the objective, the optimiser, the non-finite guard (read at log
+    steps only), the window of logged terms summed on the device, and the result so far."""
+
+    objective: Stage1Objective
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    steps: int
+    log: Callable[[str], None]
+    result: Stage1Result
+    guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    window: TermWindow = field(default_factory=TermWindow)
+    start: float = field(default_factory=time.monotonic)
+
+    def step(self, x: Any, step: int, lr: float, clip_grad: float | None) -> None:
+        """One optimiser step at ``lr`` on batch ``x``; nothing is read on the host."""
+        optimizer, watched = self.optimizer, self.objective.watched
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        out = self.objective.loss(self.objective.module, x)
+        self.guard.watch({name: out.terms[name] for name in watched}, step, epoch=0)  # read at log steps
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None:
+            found_inf.copy_(self.guard.tripped())
+        optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        average_gradients(optimizer, found_inf)  # every rank skips once any rank's guard tripped
+        if clip_grad:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], clip_grad
+            )
+        optimizer.step()
+        self.window.add({"loss": out.total, **out.logs})
+
+    def log_step(self, step: int, lr: float) -> None:
+        """Read the guard and the window: one history record and one log line."""
+        _stop_if_non_finite(self.guard, self.objective.watched)
+        means = self.window.means()
+        # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
+        _, world = rank_and_world()
+        means = dict(zip(means, (v / world for v in sum_over_ranks(list(means.values()), self.device))))
+        rec = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, **means}
+        self.result.history.append(rec)
+        per_layer = " ".join(f"{v:.3g}" for v in means.values())
+        kinds = "/".join(sorted({layer.loss.metric for layer in self.objective.plan.active}))
+        self.log(
+            f"stage 1 step {step + 1}/{self.steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
+            f"{kinds}: {per_layer}"
+        )
+
+    def stopped(
+        self, signum: int, done: int, on_stop: Callable[[int, dict[str, Any], Stage1Result], str | None]
+    ) -> StopRequested:
+        """SIGTERM after ``done`` steps: save them through ``on_stop`` (never weights after a non-finite
+        loss) and say where."""
+        _stop_if_non_finite(self.guard, self.objective.watched)
+        self.result.steps, self.result.seconds = done, time.monotonic() - self.start
+        where = on_stop(done, self.optimizer.state_dict(), self.result)
+        stop = StopRequested(signum, done, where)
+        self.log(f"stage 1: {stop} (step {done} of {self.steps})")
+        return stop
 
 
 def _stop_if_non_finite(guard: NonFiniteGuard, watched: Mapping[str, LayerConversion]) -> None:

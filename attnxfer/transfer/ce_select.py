@@ -308,47 +308,13 @@ def measure_ce_paths(
     raises is dropped with one ``log`` line. If every path fails the device's default is kept."""
     device = torch.device(device)
     started = time.perf_counter()
-    skipped: dict[str, str] = {}
-    steps: dict[CEPath, Callable[[], None]] = {}
+    timer = _PathTimer(device, log)
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
-        gen = torch.Generator().manual_seed(0)
-
-        def failed(path: CEPath, err: Exception) -> None:  # any failure of a path only removes that path
-            skipped[str(path)] = _reason(err)
-            log(f"ce_path auto: skipping {path}, it failed: {skipped[str(path)]}")
-            steps.pop(path, None)
-            times.pop(path, None)
-            _free(device)
-
-        times: dict[CEPath, list[float]] = {}
-        for path in paths:
-            try:
-                step = _layer_step(path, shapes, device, gen)
-                step()  # warm-up: kernels compiled, caches warm
-                _sync(device)
-            except Exception as err:
-                failed(path, err)
-                continue
-            steps[path], times[path] = step, []
-        order = list(steps)
+        timer.warm_up(paths, shapes, torch.Generator().manual_seed(0))
         for r in range(rounds):
-            shift = r % max(len(order), 1)
-            for path in order[shift:] + order[:shift]:
-                if path not in steps:
-                    continue
-                _sync(device)
-                t0 = time.perf_counter()
-                try:
-                    steps[path]()
-                    _sync(device)
-                except Exception as err:
-                    failed(path, err)
-                    continue
-                times[path].append(time.perf_counter() - t0)
-    steps.clear()  # the timed tensors go before the cache is emptied
-    _free(device)
-    timings = {str(p): 1e3 * statistics.median(ts) for p, ts in times.items() if ts}
+            timer.run_round(r)
+    timings = timer.medians_ms()
     if timings:
         best, how = CEPath(min(timings, key=timings.__getitem__)), "measured"
     else:
@@ -357,11 +323,65 @@ def measure_ce_paths(
         best,
         how,
         timings_ms=timings,
-        skipped=skipped,
+        skipped=timer.skipped,
         shapes=_record_shapes(shapes),
         device=str(device),
         seconds=time.perf_counter() - started,
     )
+
+
+class _PathTimer:
+    """Each path's layer step and its timings; any failure of a path removes that path only."""
+
+    def __init__(self, device: torch.device, log: Callable[[str], Any]) -> None:
+        self.device, self.log = device, log
+        self.steps: dict[CEPath, Callable[[], None]] = {}
+        self.times: dict[CEPath, list[float]] = {}
+        self.skipped: dict[str, str] = {}
+        self.order: list[CEPath] = []
+
+    def warm_up(self, paths: Sequence[CEPath], shapes: LayerShapes, gen: torch.Generator) -> None:
+        """Build each path's step and run it once (kernels compiled, caches warm)."""
+        for path in paths:
+            try:
+                step = _layer_step(path, shapes, self.device, gen)
+                step()
+                _sync(self.device)
+            except Exception as err:
+                self._failed(path, err)
+                continue
+            self.steps[path], self.times[path] = step, []
+        self.order = list(self.steps)  # fixed: a path that fails later keeps the others' rotation
+
+    def run_round(self, r: int) -> None:
+        """One timed call of every path, starting at a different path each round."""
+        order = self.order
+        shift = r % max(len(order), 1)
+        for path in order[shift:] + order[:shift]:
+            if path not in self.steps:
+                continue
+            _sync(self.device)
+            t0 = time.perf_counter()
+            try:
+                self.steps[path]()
+                _sync(self.device)
+            except Exception as err:
+                self._failed(path, err)
+                continue
+            self.times[path].append(time.perf_counter() - t0)
+
+    def medians_ms(self) -> dict[str, float]:
+        """Median milliseconds per path that ran, after freeing the timed tensors."""
+        self.steps.clear()  # the timed tensors go before the cache is emptied
+        _free(self.device)
+        return {str(p): 1e3 * statistics.median(ts) for p, ts in self.times.items() if ts}
+
+    def _failed(self, path: CEPath, err: Exception) -> None:
+        self.skipped[str(path)] = _reason(err)
+        self.log(f"ce_path auto: skipping {path}, it failed: {self.skipped[str(path)]}")
+        self.steps.pop(path, None)
+        self.times.pop(path, None)
+        _free(self.device)
 
 
 def _record_shapes(shapes: LayerShapes) -> dict[str, Any]:

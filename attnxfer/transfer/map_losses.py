@@ -192,6 +192,35 @@ def _check_equal_shapes(q_s, k_s, q_t, k_t, pooling: KeyPooling | None = None) -
         )
 
 
+def _refuse_student_bias_and_padding(bias_s, valid) -> None:
+    """What the implicit-map loss cannot take: a student's own logit bias, a padded batch."""
+    if bias_s is not None:
+        raise InputError(
+            "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
+        )
+    if valid is not None:
+        raise InputError(
+            "padded batches (a padding mask over their patches) are distilled into softmax students only: the "
+            "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
+        )
+
+
+def _summed_chunks(fn, attn, q_s, k_s, q_t, k_t, step: int, scale_t, bias_t, key_pooling):
+    """``fn``'s (loss sum, entropy sum) over query-row chunks of ``step`` rows; under autograd each chunk
+    is checkpointed, so its rows are rebuilt in backward instead of kept."""
+    N = q_s.shape[2]
+    grad = torch.is_grad_enabled() and (
+        q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
+    )
+    total = entropy = q_s.new_zeros(())
+    for start in range(0, N, step):
+        args = (attn, q_s, k_s, q_t, k_t, start, min(start + step, N), scale_t, bias_t, key_pooling)
+        part, ent = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
+        total = total + part
+        entropy = entropy + ent.detach()
+    return total, entropy
+
+
 def _implicit_loss(
     loss: MapLoss,
     attn: TransferableAttention,
@@ -215,51 +244,18 @@ def _implicit_loss(
     (``ce_path``/``lse_s`` concern softmax layers' exact CE only; the teacher's logits take ``scale_t`` and
     ``bias_t``; a student with a logit bias of its own is refused here: its map is not ``attention_map``.)
     With ``key_pooling`` the student's rows are pooled onto the teacher's reduced keys first."""
-    if bias_s is not None:
-        raise InputError(
-            "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
-        )
-    if valid is not None:
-        raise InputError(
-            "padded batches (a padding mask over their patches) are distilled into softmax students only: the "
-            "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
-        )
+    _refuse_student_bias_and_padding(bias_s, valid)
     _check_equal_shapes(q_s, k_s, q_t, k_t, key_pooling)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
     B, H, N, _ = q_s.shape
-    M = k_s.shape[-2]
     compared = k_t.shape[-2]  # the teacher's keys: a row's entries the loss compares
     # a chunk keeps a few (B, H, rows, M) tensors alive: student rows, teacher rows, their product
-    step = row_chunk(q_s, M, chunk, live_tensors=4)
+    step = row_chunk(q_s, k_s.shape[-2], chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
         q_t, k_t = q_t.detach().float(), k_t.detach().float()
         bias_t = bias_t.detach() if bias_t is not None else None
         q_s, k_s = q_s.float(), k_s.float()
-        grad = torch.is_grad_enabled() and (
-            q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
-        )
-        total = entropy = q_s.new_zeros(())
-        for start in range(0, N, step):
-            stop = min(start + step, N)
-            if grad:
-                part, ent = checkpoint(
-                    fn,
-                    attn,
-                    q_s,
-                    k_s,
-                    q_t,
-                    k_t,
-                    start,
-                    stop,
-                    scale_t,
-                    bias_t,
-                    key_pooling,
-                    use_reentrant=False,
-                )
-            else:
-                part, ent = fn(attn, q_s, k_s, q_t, k_t, start, stop, scale_t, bias_t, key_pooling)
-            total = total + part
-            entropy = entropy + ent.detach()
+        total, entropy = _summed_chunks(fn, attn, q_s, k_s, q_t, k_t, step, scale_t, bias_t, key_pooling)
         if loss is MapLoss.CE:
             value = total / (B * H * N)
             metric = value.detach() - entropy / (B * H * N)

@@ -1,0 +1,261 @@
+"""The ``rows`` CE path and the biased CE: one pass over query-row chunks computes the loss, the logged
+teacher entropy and the gradient together (`attnxfer.transfer.losses` chooses and calls them).
+
+Both are autograd Functions: a scalar loss's gradient is linear in the incoming gradient, so forward
+computes dq, dk (and a bias's inputs' gradient) chunk by chunk and backward only scales them. No N×N map
+is ever alive, only one chunk of logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..models.attention.bias_rows import BiasRows
+from ..models.attention.numerics import compute_dtype, matmul_fp32, row_slices
+from ..models.attention.numerics import row_chunk as _auto_chunk
+
+__all__ = [
+    "ROWS_PATH_ELEMENTS",
+    "FusedBiasedRowCE",
+    "FusedRowCE",
+    "grouped_mean",
+    "rows_path_chunk",
+    "scaled_contiguous",
+]
+
+
+def grouped_mean(p: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H_t, r, N) -> (B, H_t / groups, r, N): teacher heads averaged in consecutive groups."""
+    if groups == 1:
+        return p
+    B, H, r, N = p.shape
+    return p.reshape(B, H // groups, groups, r, N).mean(2)
+
+
+def scaled_contiguous(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """``t * scale`` as a new contiguous tensor in one pass (``(t * scale).contiguous()`` takes two for a
+    strided ``t``: elementwise results keep their input's layout)."""
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
+
+
+#: Elements of one (B, H_t, rows, N) logits block of the ``rows`` path on CPU: 512K fp32 = 2 MiB, about a
+#: core's L2 (each block is touched several times). Measured on this project's 2-core CPU at N = 785
+#: (B·H = 6, loss forward + backward, one thread, the earlier recompute-in-backward form):
+#: 785-row chunks 214 ms, 128 rows 192 ms, 64 rows 179 ms, 32 rows 207 ms.
+ROWS_PATH_ELEMENTS = 1 << 19
+
+
+def rows_path_chunk(q: torch.Tensor, n_keys: int, chunk: int | None = None) -> int:
+    """Query rows per chunk of the ``rows`` path: cache-sized blocks on CPU; on accelerators the shared
+    64 MiB budget for the (B, H, rows, N) fp32 blocks alive at once (both logits, P_t, log P_s and a
+    group average: fewer, larger kernels)."""
+    if q.device.type == "cpu":
+        return _auto_chunk(q, n_keys, chunk, budget=ROWS_PATH_ELEMENTS)
+    return _auto_chunk(q, n_keys, chunk, live_tensors=5)
+
+
+class FusedRowCE(torch.autograd.Function):
+    """Mean CE = −Σ_j P̄_t log P_s (and the logged mean H(P̄_t)) with its gradient, in ONE pass over row chunks.
+
+    A scalar loss's gradient is linear in the incoming gradient g, so forward also computes, chunk by chunk,
+    dz = P_s − P̄_t and from it dq = (s/n)·dz k_s and dk = (s/n)·dzᵀ q_s (n = B·H_s·N rows); backward only
+    scales them by g. Per layer that is four N²d matmuls (two logits, two gradient products), the count of
+    the materialised autograd graph, without its two N×N maps: memory is one chunk of logits plus dq, dk
+    (the size of q_s, k_s; the teacher's q/k are not kept). Keys may be fewer than queries (N_k ≠ N_q:
+    PVTv2's spatial reduction, Twins' sub-sampled global attention): rows are N_q, columns N_k. The
+    earlier row path recomputed every chunk in backward: six matmuls. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
+    ``torch.no_grad()``, and evaluation must not pay for gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, chunk, entropy, want_q, want_k, keep_half):
+        B, H, N, _ = q_s.shape
+        M = k_s.shape[-2]  # keys: N_k may differ from N_q (spatial-reduction / sub-sampled keys)
+        groups = q_t.shape[1] // H
+        n = B * H * N  # rows averaged over
+        dtype = compute_dtype(q_s)
+        # Contiguous once (q/k arrive as strided views of a fused qkv output; a matmul would copy them per
+        # chunk). fp32: the logit scales fold into q (N·d multiplies instead of N² per chunk). keep_half:
+        # bf16 operands stay bf16 for the tensor cores and the fp32 logits are scaled instead (s·q in bf16
+        # would round).
+        if keep_half:
+            qs, ks, qt, kt = (t.contiguous() for t in (q_s, k_s, q_t, k_t))
+            post_s, post_t, q_scale = scale_s, scale_t, scale_s
+        else:
+            qs, ks = scaled_contiguous(q_s.to(dtype), scale_s), k_s.to(dtype).contiguous()
+            qt, kt = scaled_contiguous(q_t.to(dtype), scale_t), k_t.to(dtype).contiguous()
+            post_s = post_t = None
+            q_scale = 1.0  # already in qs
+        ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
+        # The value sums B·H·N² terms: each row's N in fp32, the rows in float64 (one fp32 dot over a whole
+        # chunk erred by 4e-6 relative at N = 785, 60x the materialised reference; now 3e-8, its order)
+        ce, ent = (
+            torch.zeros((), dtype=torch.float64, device=qs.device),
+            torch.zeros((), dtype=torch.float64, device=qs.device),
+        )
+        dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
+        dk = torch.empty(ks.shape, dtype=dtype, device=ks.device) if want_k else None
+        # (B·H, N, ·) fp32 views for the gradient products: scaled and accumulated inside the GEMMs
+        qs3, ks3 = qs.to(dtype).view(B * H, N, -1), ks.to(dtype).view(B * H, M, -1)
+        for i, rows in enumerate(row_slices(0, N, chunk)):
+            z_t = matmul_fp32(qt[..., rows, :], kt_T)
+            z_s = matmul_fp32(qs[..., rows, :], ks_T)
+            p_t = grouped_mean(torch.softmax(z_t if post_t is None else z_t.mul_(post_t), dim=-1), groups)
+            log_p_s = torch.log_softmax(z_s if post_s is None else z_s.mul_(post_s), dim=-1)
+            ce -= torch.linalg.vecdot(p_t, log_p_s).sum(dtype=torch.float64)  # fp32 within a row
+            if entropy:
+                ent -= torch.special.xlogy(p_t, p_t).sum(dtype=torch.float64)
+            if dq is None and dk is None:
+                continue
+            dz = log_p_s.exp_().sub_(p_t).view(B * H, -1, M)  # P_s − P̄_t: d CE_i / d logits_i
+            if dq is not None:  # dq = (s/n)·dz K_s
+                part = dq.view(B * H, N, -1)[:, rows]
+                torch.baddbmm(part, dz, ks3, beta=0, alpha=scale_s / n, out=part)
+            if dk is not None:  # dk = (s/n)·dzᵀ Q_s, summed over chunks
+                dk3 = dk.view(B * H, M, -1)
+                torch.baddbmm(
+                    dk3, dz.transpose(1, 2), qs3[:, rows], beta=int(i > 0), alpha=q_scale / n, out=dk3
+                )
+        ctx.save_for_backward(*(t for t in (dq, dk) if t is not None))
+        ctx.has = (dq is not None, dk is not None)
+        ctx.dtypes = (q_s.dtype, k_s.dtype)
+        ctx.mark_non_differentiable(ent)
+        return (ce / n).to(dtype), (ent / n).to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ce, _grad_ent):
+        saved = iter(ctx.saved_tensors)
+        dq = (next(saved) * grad_ce).to(ctx.dtypes[0]) if ctx.has[0] else None
+        dk = (next(saved) * grad_ce).to(ctx.dtypes[1]) if ctx.has[1] else None
+        return dq, dk, None, None, None, None, None, None, None, None, None
+
+
+class FusedBiasedRowCE(torch.autograd.Function):
+    """`FusedRowCE` for logits with an additive bias, z = s·q kᵀ + B (fp32): one pass over query-row chunks
+    computes the mean CE, the logged H(P̄_t) and the gradients dq = (s/n)·dz K_s, dk = (1/n)·dzᵀ (s·Q_s)
+    and the bias's, dz = P_s − P̄_t. Each bias is a `BiasRows`: a chunk's rows are gathered when needed and
+    their gradient (1/n)·dz (summed over the batch where B is shared by it) goes back to the tensors the
+    bias is computed from (a relative-position table) chunk by chunk, by autograd through that chunk's
+    gather alone. Memory: a chunk of logits and bias rows, plus the gradients of q_s, k_s and of the
+    bias's inputs (a table: small; a full bias tensor: its size). The key set may differ from the queries.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, q_s, k_s, q_t, k_t, b_s, b_t, pad, scale_s, scale_t, chunk, entropy, want_q, want_k, *b_inputs
+    ):
+        B, H, N, _ = q_s.shape
+        groups = q_t.shape[1] // H
+        dtype = compute_dtype(q_s)
+        # padding: (additive key bias (B, 1, 1, N_k), query-row weights (B, 1, N_q, 1) of 1 / 0)
+        key_bias, row_w = pad if pad is not None else (None, None)
+        n = B * H * N if row_w is None else H * row_w.sum().item()
+        qs, ks = scaled_contiguous(q_s.to(dtype), scale_s), k_s.to(dtype).contiguous()
+        qt, kt = scaled_contiguous(q_t.to(dtype), scale_t), k_t.to(dtype).contiguous()
+        ce = torch.zeros((), dtype=torch.float64, device=qs.device)
+        ent = torch.zeros((), dtype=torch.float64, device=qs.device)
+        dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
+        dk = torch.zeros(ks.shape, dtype=dtype, device=ks.device) if want_k else None
+        M = ks.shape[-2]
+        qs3, ks3 = qs.view(B * H, N, -1), ks.view(B * H, M, -1)  # contiguous: views for the gradient GEMMs
+        bias_grads = _BiasInputGrads(b_inputs, dtype)
+        logits = _BiasedLogits(qs, ks, qt, kt, b_s, b_t, key_bias, bias_grads.leaves)
+        for rows in row_slices(0, N, chunk):
+            z_s, z_t, bs_rows = logits.rows(rows)
+            w = row_w[:, :, rows] if key_bias is not None else None  # padded rows: not counted
+            p_t = grouped_mean(torch.softmax(z_t, dim=-1), groups)
+            log_p_s = torch.log_softmax(z_s, dim=-1)
+            ce_rows = torch.linalg.vecdot(p_t, log_p_s)
+            ce -= (ce_rows if w is None else ce_rows * w[..., 0]).sum(dtype=torch.float64)
+            if entropy:
+                ent_rows = torch.special.xlogy(p_t, p_t).sum(-1)
+                ent -= (ent_rows if w is None else ent_rows * w[..., 0]).sum(dtype=torch.float64)
+            if dq is None and dk is None and not bias_grads.trainable:
+                continue
+            dz = log_p_s.exp_().sub_(p_t)  # n · d mean-CE / d logits of these rows (1/n in the GEMMs)
+            if w is not None:
+                dz.mul_(w)
+            dz3 = dz.view(B * H, -1, M)
+            if dq is not None:  # dq = (s/n)·dz K_s, written into its rows
+                part = dq.view(B * H, N, -1)[:, rows]
+                torch.baddbmm(part, dz3, ks3, beta=0, alpha=scale_s / n, out=part)
+            if dk is not None:  # dk = (1/n)·dzᵀ (s·Q_s), summed over chunks
+                dk3 = dk.view(B * H, M, -1)
+                torch.baddbmm(dk3, dz3.transpose(1, 2), qs3[:, rows], beta=1, alpha=1 / n, out=dk3)
+            bias_grads.add(bs_rows, dz, B)
+        db = bias_grads.means(n)
+        ctx.save_for_backward(*(t for t in (dq, dk, *db) if t is not None))
+        ctx.has = (dq is not None, dk is not None, *(d is not None for d in db))
+        ctx.dtypes = (q_s.dtype, k_s.dtype, *(t.dtype for t in b_inputs))
+        ctx.mark_non_differentiable(ent)
+        return (ce / n).to(dtype), (ent / n).to(dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ce, _grad_ent):
+        saved = iter(ctx.saved_tensors)
+        grads = [(next(saved) * grad_ce).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)]
+        dq, dk, *db = grads
+        return (dq, dk, None, None, None, None, None, None, None, None, None, None, None, *db)
+
+
+class _BiasedLogits:
+    """A chunk of query rows' logits of both maps, z = s·q kᵀ + B, with padded keys at fp32's lowest (no
+    weight in either map). The student's bias rows are gathered from ``leaves`` with autograd on, so that
+    chunk's gather alone can be differentiated (`_BiasInputGrads`); its logits hold them detached."""
+
+    def __init__(self, qs, ks, qt, kt, b_s: BiasRows | None, b_t: BiasRows | None, key_bias, leaves) -> None:
+        self.qs, self.qt, self.dtype = qs, qt, qs.dtype
+        self.ks_T, self.kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
+        self.b_s, self.b_t, self.key_bias, self.leaves = b_s, b_t, key_bias, leaves
+
+    def rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(student logits, teacher logits, the student's bias rows with their graph, or None)."""
+        z_s = self.qs[..., rows, :] @ self.ks_T
+        bs_rows = None
+        if self.b_s is not None:
+            with torch.enable_grad():
+                bs_rows = self.b_s.rows_fn(rows, *self.leaves)
+            z_s += bs_rows.detach().to(self.dtype)
+        z_t = self.qt[..., rows, :] @ self.kt_T
+        if self.b_t is not None:
+            z_t += self.b_t.rows(rows).to(self.dtype)
+        if self.key_bias is not None:
+            z_s += self.key_bias
+            z_t += self.key_bias
+        return z_s, z_t, bs_rows
+
+
+class _BiasInputGrads:
+    """The gradient of what the student's bias is computed from (a relative-position table), summed chunk by
+    chunk: its inputs become fresh leaves, so each chunk's gather is differentiated alone."""
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> None:
+        self.want = [t.requires_grad for t in inputs]
+        self.leaves = tuple(t.detach().requires_grad_(w) for t, w in zip(inputs, self.want))
+        self.sums = [
+            torch.zeros(t.shape, dtype=dtype, device=t.device) if w else None
+            for t, w in zip(self.leaves, self.want)
+        ]
+        self.trainable = [t for t, w in zip(self.leaves, self.want) if w]
+
+    def add(self, bs_rows: torch.Tensor | None, dz: torch.Tensor, batch: int) -> None:
+        """Add one chunk's share, from ``dz`` (n × d mean-CE / d logits of its rows)."""
+        if not (self.trainable and bs_rows is not None and bs_rows.requires_grad):
+            return
+        g = dz.sum(0, keepdim=True) if bs_rows.shape[0] == 1 < batch else dz
+        parts = iter(torch.autograd.grad(bs_rows, self.trainable, g.to(bs_rows.dtype), allow_unused=True))
+        for i, w in enumerate(self.want):
+            if w:
+                part = next(parts)
+                if part is not None:
+                    self.sums[i] += part
+
+    def means(self, n: float) -> list[torch.Tensor | None]:
+        """The summed gradients divided by the rows counted (None for inputs that take none)."""
+        for d in self.sums:
+            if d is not None:
+                d.div_(n)
+        return self.sums
