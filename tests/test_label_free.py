@@ -252,7 +252,8 @@ def test_mae_pretraining_without_labels_never_reads_one(tmp_path):
 def test_convert_stage1_on_data_without_labels_never_reads_one(tiny_teacher_dir):
     """convert's own pieces: the run's parts (teacher, efficient student, label-free loaders) and stage 1's
     batches, fitted for two steps."""
-    from attnxfer.apps.convert import _stage1_batches, conversion_plan_from_config
+    from attnxfer.apps.conversion_stage1 import _stage1_batches
+    from attnxfer.apps.convert import conversion_plan_from_config
     from attnxfer.apps.run_parts import build_run_parts
     from attnxfer.models.efficient import build_efficient_student
     from attnxfer.train.stage1 import stage1_transfer

@@ -11,14 +11,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .bias_rows import BiasRows
-
-if TYPE_CHECKING:  # the attention holds its io; this module only attaches one
-    from .interface import TransferableAttention
 
 __all__ = ["AttentionIO", "StopForward", "attention_io"]
 
@@ -61,7 +58,7 @@ class StopForward(Exception):
 
 
 @contextlib.contextmanager
-def attention_io(attn: TransferableAttention, io: AttentionIO | None) -> Iterator[AttentionIO | None]:
+def attention_io(attn: nn.Module, io: AttentionIO | None) -> Iterator[AttentionIO | None]:
     """Attach ``io`` to ``attn`` for the duration of the block; always detaches."""
     attn.io = io
     try:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
@@ -39,11 +39,6 @@ from .numerics import fp32_section, row_chunk, row_slices, upcast
 from .opcount import OpCounts
 from .partial_qkv import QKV, PartialQKV
 from .placement import RowPlacement, TokenWalk
-
-if (
-    TYPE_CHECKING
-):  # a family's conversion slot names the zoo classes it takes; the interface only points at it
-    from .slots import ConversionSlot
 
 __all__ = [
     "BASE_OPTIONS",
@@ -222,7 +217,7 @@ class TransferableAttention(nn.Module):
     # ----------------------------------------------------------------- what the family says of its calls and rows
     #: Where a zoo attention takes this layer's place in a conversion (`attnxfer.models.attention.slots`): what
     #: of the layer moves in and how the family's blocks call it; None where the family's layers do not convert.
-    conversion_slot: ClassVar[type[ConversionSlot] | None] = None
+    conversion_slot: ClassVar[type | None] = None  # a `slots.ConversionSlot` subclass
 
     def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
         """The stage grid (H, W) a call of this layer names (``args``, ``kwargs``: the call as the block makes
