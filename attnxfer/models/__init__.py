@@ -3,6 +3,8 @@
 ``attention/``  the interface (`TransferableAttention`, `MapKind`, `AttentionIO`), softmax
                 (`TransferAttention`), the attention registry, whole-model capture, numerics
 ``efficient/``  the zoo of efficient attentions (one file per attention) and zoo students
+``handover``    `Signal` (q, k, v, maps, a layer's input and output, the final features, the logits): what a
+                teacher hands a student, typed; `Chunks` (a set of q/k/v)
 ``vit``         `create_vit` and the demo's micro ViTs
 ``student``     students shaped like their teacher; specs that rebuild them
 """
@@ -26,6 +28,7 @@ from .attention import (
     register_attention,
     transfer_attentions,
 )
+from .handover import Chunks, Signal
 from .student import (
     attention_kind,
     attention_layout,
@@ -38,8 +41,10 @@ from .vit import create_vit
 
 __all__ = [
     "AttentionIO",
+    "Chunks",
     "MapKind",
     "PartialQKV",
+    "Signal",
     "TransferAttention",
     "TransferableAttention",
     "attention_io",

@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 
 from ..models.attention import StopForward, attention_layers, capture_attention
+from ..models.handover import Signal
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
-from ..transfer.map_losses import MapLoss
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
 from .objective import Autocast, ObjectiveLoss
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
@@ -55,8 +55,11 @@ class Stage1Result:
     resumed: bool = False
 
 
-def teacher_signals(teacher: nn.Module, x: torch.Tensor, layers: Sequence[int], fields: Sequence[str]):
-    """Per-layer attention input/q/k/output of the teacher on ``x``; stops after the last needed block."""
+def teacher_signals(
+    teacher: nn.Module, x: torch.Tensor, layers: Sequence[int], fields: Sequence[Signal | str]
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Per-layer ``fields`` of the teacher on ``x`` (`Signal`s of a layer: its input, q, k, v, output);
+    stops after the last needed block."""
 
     def stop_here(*_):  # the block of the last layer stage 1 needs has run: nothing after it is read
         raise StopForward
@@ -90,11 +93,7 @@ class Stage1Objective:
         self.module = self.trained = student
         self.description = plan.describe()
         self.watched: dict[str, LayerConversion] = {str(i): layer for i, layer in enumerate(plan.active)}
-        self.fields = ("input", "q", "k") + (
-            ("output",)
-            if plan.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in plan.active)
-            else ()
-        )
+        self.fields = plan.teacher_signals  # what each fitted teacher layer hands over
         self._attentions = [attn for _, attn in attention_layers(student)]
 
     def signals(self, x: torch.Tensor | Mapping[int, Mapping[str, torch.Tensor]]):

@@ -1,5 +1,6 @@
 """The algorithm: transfer plans, the dual teacher–student wrapper and the losses (no config, no I/O)."""
 
+from ..models.handover import Chunks, Signal
 from .conversion import ConversionPlan, LayerConversion, Stage1Train, build_conversion_plan
 from .dual import DualViT, TransferOutput, logit_distillation_loss
 from .losses import (
@@ -10,17 +11,18 @@ from .losses import (
     teacher_entropy,
 )
 from .map_losses import MapLoss, implicit_map_loss, map_distillation_loss
-from .plan import MODES, Distill, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
+from .plan import MODES, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
 
 __all__ = [
     "MODES",
     "AttentionLoss",
+    "Chunks",
     "ConversionPlan",
-    "Distill",
     "DualViT",
     "LayerConversion",
     "MapLoss",
     "PlanError",
+    "Signal",
     "Stage1Train",
     "TransferMode",
     "TransferOutput",

@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_layers, attention_name_of
 from ..models.attention.bias_rows import full_bias
 from ..models.efficient import check_softmax_teacher
+from ..models.handover import Chunks, Signal
 from .map_losses import MapLoss, check_map_loss, map_distillation_loss, output_mse
 from .plan import reduced_keys
 
@@ -34,6 +35,9 @@ __all__ = [
     "layer_fit_loss",
     "layer_tensors",
 ]
+
+#: the projections a layer's map is made of, as ``project`` takes them ("qk")
+_MAP_CHUNKS = str(Chunks(Signal.MAPS))
 
 #: what stage 1 may train in each efficient layer
 STAGE1_TRAIN = {
@@ -103,6 +107,14 @@ class ConversionPlan:
     @property
     def num_trainable(self) -> int:
         return sum(layer.num_trainable for layer in self.layers)
+
+    @property
+    def teacher_signals(self) -> tuple[Signal, ...]:
+        """What stage 1 takes from each teacher layer it fits: the layer's input (fed to the student's layer),
+        q and k (its maps) and, where outputs are compared (``output_mse``, or a layer fitted on its output),
+        the attention's output."""
+        outputs = self.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in self.active)
+        return (Signal.INPUT, *Signal.MAPS.chunks) + ((Signal.OUTPUT,) if outputs else ())
 
     def describe(self) -> str:
         names = [layer.attention for layer in self.layers]
@@ -262,30 +274,30 @@ def layer_fit_loss(
     The loss is the layer's map loss (by map kind), unless its attention declares an objective of its own
     (``fit_objective``, e.g. hashing's kernelised hashing loss): then that, with the map metric beside it.
     """
-    x = signals["input"]
+    x = signals[Signal.INPUT]
     call = _call(signals)
     if layer.loss is MapLoss.OUTPUT and not layer.objective:
-        loss = output_mse(attn(x, **call), signals["output"])
+        loss = output_mse(attn(x, **call), signals[Signal.OUTPUT])
         return loss, loss.detach()
-    own = attn.project(x, "qk", **call)
+    own = attn.project(x, _MAP_CHUNKS, **call)
     if layer.objective:
-        loss = attn.fit_loss(own["q"], own["k"], signals["q"], _keys_per_token(signals))
+        loss = attn.fit_loss(own[Signal.Q], own[Signal.K], signals[Signal.Q], _keys_per_token(signals))
         with torch.no_grad():
             metric = _objective_metric(attn, layer, own, signals)
         if output_weight:
-            loss = loss + output_weight * output_mse(attn(x, **call), signals["output"])
+            loss = loss + output_weight * output_mse(attn(x, **call), signals[Signal.OUTPUT])
         return loss, metric
     # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over; one
     # with reduced keys (PVTv2, sr > 1) its `KeyPooling`, onto which the student's rows are pooled
-    res = _map_loss(attn, layer, own["q"], own["k"], signals)
+    res = _map_loss(attn, layer, own[Signal.Q], own[Signal.K], signals)
     loss, metric = res.loss, res.metric
     region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
     if region is not None and signals.get("bias") is not None and layer.loss is MapLoss.CE:
-        correction = region(own["q"], own["k"], full_bias(signals["bias"]))
+        correction = region(own[Signal.Q], own[Signal.K], full_bias(signals["bias"]))
         loss = loss + correction
         metric = metric + correction.detach() if metric is not None else None
     if output_weight:
-        loss = loss + output_weight * output_mse(attn(x, **call), signals["output"])
+        loss = loss + output_weight * output_mse(attn(x, **call), signals[Signal.OUTPUT])
     return loss, metric
 
 
@@ -302,8 +314,8 @@ def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch
         attn,
         q,
         k,
-        signals["q"],
-        signals["k"],
+        signals[Signal.Q],
+        signals[Signal.K],
         layer.loss,
         bias_t=signals.get("bias"),
         key_pooling=signals.get("key_pooling"),
@@ -314,8 +326,8 @@ def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch
 def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> torch.Tensor:
     """The map agreement logged beside an attention's own objective (no gradient)."""
     if layer.loss is MapLoss.OUTPUT:
-        return output_mse(attn(signals["input"], **_call(signals)), signals["output"]).detach()
-    res = _map_loss(attn, layer, own["q"].detach(), own["k"].detach(), signals)
+        return output_mse(attn(signals[Signal.INPUT], **_call(signals)), signals[Signal.OUTPUT]).detach()
+    res = _map_loss(attn, layer, own[Signal.Q].detach(), own[Signal.K].detach(), signals)
     return res.metric
 
 
@@ -324,6 +336,5 @@ def _keys_per_token(signals: dict[str, torch.Tensor]) -> torch.Tensor:
     made from (`KeyPooling.key_of_token`), so an objective on (query, key) pairs (hashing's similarity
     target) reads the teacher's logit for each token's block; the teacher's own k without a reduction."""
     pooling = signals.get("key_pooling")
-    if pooling is None:
-        return signals["k"]
-    return signals["k"].index_select(-2, pooling.key_of_token(signals["k"].device))
+    k = signals[Signal.K]
+    return k if pooling is None else k.index_select(-2, pooling.key_of_token(k.device))

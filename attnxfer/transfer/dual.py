@@ -35,6 +35,8 @@ from ..models.attention import (
 )
 from ..models.attention.key_pooling import KeyPooling
 from ..models.attention.numerics import fp32_section
+from ..models.handover import Chunks, Signal
+from .feature_loss import feature_distill_loss, final_tokens, num_prefix_tokens
 from .losses import CEPath, ce_path_for, padding_from_mask
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
@@ -48,7 +50,9 @@ class TransferOutput:
 
     ``loss`` is the weighted sum the optimiser sees (None when nothing is
     distilled); ``terms`` holds each layer's unweighted differentiable term
-    (e.g. ``"attn_ce/3"``) and ``logs`` detached extras such as per-layer KL.
+    (e.g. ``"attn_ce/3"``), the logit and feature distillation terms (``logit_kd``;
+    ``feat_cos``, ``feat_smooth_l1`` and both per token group, detached), and ``logs``
+    detached extras such as per-layer KL.
     """
 
     logits: torch.Tensor
@@ -193,7 +197,7 @@ class DualViT(nn.Module):
         mode = self.plan.mode
         if not self.training and not mode.teacher_at_eval:
             return TransferOutput(self.student(x))
-        if not self.plan.pairs:
+        if not self.plan.pairs and not self._wants_features:
             out = TransferOutput(self.student(x))
             if self.training and self.plan.logit_weight > 0:
                 with torch.no_grad():
@@ -216,26 +220,37 @@ class DualViT(nn.Module):
             for s, t in zip(self._student_names[: last + 1], self._teacher_names[: last + 1])
         ]
 
+    @property
+    def _wants_features(self) -> bool:
+        """Training compares the final token features (feature distillation)."""
+        return self.training and Signal.FEATURES in self.plan.compares
+
     def _teacher_pass(
-        self, x: torch.Tensor, wanted: str, wants_logits: bool
-    ) -> tuple[dict[int, dict[str, torch.Tensor]], torch.Tensor | None]:
+        self, x: torch.Tensor, wanted: Chunks, model_signals: frozenset[Signal]
+    ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[Signal, torch.Tensor]]:
         """The teacher's own forward with a capturing `AttentionIO` on each transferred layer: the
-        captured q/k/v (and logit bias) per teacher layer, and its logits when ``wants_logits``. Without
-        logits the last transferred layer stops the forward (`StopForward`) once it has captured: its
-        attention core, output projection, MLP and every later block would be computed for nothing."""
+        captured ``wanted`` q/k/v (and logit bias) per teacher layer, and the whole model's
+        ``model_signals`` (its final token features, its logits: one forward for both). Without those the
+        last transferred layer stops the forward (`StopForward`) once it has captured: its attention core,
+        output projection, MLP and every later block would be computed for nothing."""
         plan, teacher = self.plan, self.teacher
         ios = {t: AttentionIO(capture=wanted) for t in sorted(plan.teacher_layers)}
-        stop = not wants_logits
+        stop = not model_signals
         if stop:
             ios[plan.last_teacher_layer].stop = True
-        logits = None
+        whole: dict[Signal, torch.Tensor] = {}
         with torch.no_grad(), contextlib.ExitStack() as stack:
             if stop:  # the stopping block runs eagerly: a raise inside a compiled graph would break it
                 stack.enter_context(_eager(_parent(teacher, self._teacher_names[plan.last_teacher_layer])))
             stack.enter_context(attached_ios(self._teacher_attn, ios))
             with contextlib.suppress(StopForward):
-                logits = teacher(x) if wants_logits else _features(teacher, x)
-        return {t: io.captured for t, io in ios.items()}, (logits if wants_logits else None)
+                if Signal.FEATURES in model_signals:
+                    whole = _features_and_logits(teacher, x, Signal.LOGITS in model_signals)
+                elif Signal.LOGITS in model_signals:
+                    whole = {Signal.LOGITS: teacher(x)}
+                else:
+                    _features(teacher, x)
+        return {t: io.captured for t, io in ios.items()}, whole
 
     def _student_io(
         self, layer: int, signals: dict[int, dict[str, torch.Tensor]], ce_path: CEPath
@@ -244,20 +259,21 @@ class DualViT(nn.Module):
         mode = self.plan.mode
         if mode.is_copy:
             borrowed = signals[self.plan.teacher_for[layer]]
-            io = AttentionIO(**{c: borrowed[c] for c in mode.borrow})
-            if {"q", "k"} <= set(mode.borrow):
+            io = AttentionIO(**{str(c): borrowed[c] for c in mode.borrow})
+            if set(Signal.MAPS.chunks) <= set(mode.borrow):  # the maps whole: their logit bias comes along
                 io.bias = borrowed.get("bias")
                 io.q = _in_student_scale(
                     io.q, self._teacher_attn[self.plan.teacher_for[layer]], self._student_attn[layer]
                 )
             return io
-        return AttentionIO(capture=mode.signals, return_lse=self._wants_lse(layer, ce_path))
+        return AttentionIO(capture=mode.chunks, return_lse=self._wants_lse(layer, ce_path))
 
     def _lockstep(self, x: torch.Tensor) -> TransferOutput:
         mode, plan = self.plan.mode, self.plan
         tdtype = self._teacher_ready(_device(x))
         share = plan.share_drop_path and self.training
-        wants_logits = self.training and plan.logit_weight > 0
+        # what the whole models hand over besides their layers' signals (training only)
+        whole = frozenset(s for s in plan.compares if not s.of_layer) if self.training else frozenset()
         ce_path = self.ce_path or ce_path_for(_device(x))
 
         drop = (
@@ -266,21 +282,38 @@ class DualViT(nn.Module):
             else contextlib.nullcontext()
         )
         with drop:
-            signals, teacher_logits = self._teacher_pass(_cast(x, tdtype), mode.signals, wants_logits)
+            signals, teacher_whole = self._teacher_pass(_cast(x, tdtype), mode.chunks, whole)
             ios = {s: self._student_io(s, signals, ce_path) for s, _ in plan.pairs}
             with contextlib.ExitStack() as stack:
                 for s, io in ios.items():
                     stack.enter_context(attention_io(self._student_attn[s], io))
-                out = TransferOutput(logits=self.student(x))
-        if mode.is_distill:
+                if Signal.FEATURES in whole:  # the features and the logits of one student forward
+                    student_whole = _features_and_logits(self.student, x, logits=True)
+                    out = TransferOutput(logits=student_whole[Signal.LOGITS])
+                else:
+                    out = TransferOutput(logits=self.student(x))
+        if mode.is_distill and plan.pairs:
             losses = [
                 self._layer_loss(s, signals[t], ios[s].captured, out, ce_path, ios[s].lse)
                 for s, t in plan.pairs
             ]
             out.loss = plan.weight * torch.stack(losses).sum()
-        if teacher_logits is not None:
-            self._add_logit_loss(out, teacher_logits)
+        if Signal.LOGITS in teacher_whole:
+            self._add_logit_loss(out, teacher_whole[Signal.LOGITS])
+        if Signal.FEATURES in whole:
+            self._add_feature_loss(out, student_whole[Signal.FEATURES], teacher_whole[Signal.FEATURES])
         return out
+
+    def _add_feature_loss(self, out: TransferOutput, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        """Feature distillation between the two final token sets (`feature_distill_loss`), weighted."""
+        res = feature_distill_loss(
+            final_tokens(student, self.student),
+            final_tokens(teacher, self.teacher),
+            num_prefix_tokens(self.teacher),
+        )
+        out.terms.update(res.terms)
+        weighted = self.plan.feature_weight * res.loss
+        out.loss = weighted if out.loss is None else out.loss + weighted
 
     def _wants_lse(self, layer: int, ce_path: CEPath) -> bool:
         """Whether student ``layer`` hands out its log-sum-exp: distilled maps, a softmax layer, a path
@@ -328,7 +361,7 @@ class DualViT(nn.Module):
             if res.metric is not None and res.kind.logged_metric:
                 out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric
             return res.loss
-        c = mode.distill.chunks
+        c = mode.distill
         with fp32_section(student_sig[c].device.type):
             loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
         out.terms[f"{c}_mse/{layer}"] = loss
@@ -359,6 +392,20 @@ def _features(model: nn.Module, x: torch.Tensor | dict) -> torch.Tensor:
         keys = ("patch_coord", "patch_valid", "attn_mask")
         return model.forward_features(x["patches"], **{k: x[k] for k in keys if k in x})
     return model.forward_features(x)
+
+
+def _features_and_logits(
+    model: nn.Module, x: torch.Tensor | dict, logits: bool
+) -> dict[Signal, torch.Tensor]:
+    """The model's final token features (``forward_features``) and, with ``logits``, its head's output on
+    them: what ``model(x)`` computes, in one forward, with the features kept."""
+    if isinstance(x, dict):
+        raise ValueError(
+            "feature distillation compares final tokens of image batches; a NaFlexViT patch batch (a dict) has "
+            "per-sample token counts: set transfer.feature_distill=0"
+        )
+    features = model.forward_features(x)
+    return {Signal.FEATURES: features, **({Signal.LOGITS: model.forward_head(features)} if logits else {})}
 
 
 def _cast(x: torch.Tensor | dict, dtype: torch.dtype) -> torch.Tensor | dict:

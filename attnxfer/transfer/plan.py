@@ -7,8 +7,7 @@ bad combination fails before any training step), and printed at start-up.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
@@ -22,13 +21,13 @@ from ..models.attention import (
     stage_of,
     transfer_attentions,
 )
+from ..models.handover import Chunks, Signal
 from ..models.image_input import find_patch_embedding, image_input
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
 
 __all__ = [
     "MODES",
-    "Distill",
     "PlanError",
     "TransferMode",
     "TransferPlan",
@@ -44,48 +43,30 @@ class PlanError(InputError):
     """A teacher/student/config combination that cannot be transferred; the message says what to change."""
 
 
-class Distill(StrEnum):
-    """What a distillation mode makes the student match (falsy: nothing)."""
-
-    NOTHING = ""
-    MAPS = "maps"  # attention rows, with the map loss of the student layer's map kind
-    Q = "q"  # MSE on queries, keys or values
-    K = "k"
-    V = "v"
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def chunks(self) -> str:
-        """The q/k/v chunks the signal is made of, on both sides."""
-        return "qk" if self is Distill.MAPS else self.value
-
-    @property
-    def is_chunk(self) -> bool:
-        """One of q, k, v itself (compared element-wise, so shapes must match)."""
-        return self in (Distill.Q, Distill.K, Distill.V)
-
-
 @dataclass(frozen=True)
 class TransferMode:
-    """What a mode moves from teacher to student.
+    """What a mode moves from teacher to student, in `Signal`s (the config's letters are accepted).
 
-    ``borrow``: chunks of (q, k, v) the student takes from the teacher at run time
-    (copy family; the student's own projections for them are frozen and unused).
-    ``distill``: what the student learns to match (`Distill`): the maps (the map loss of the
-    student layer's map kind) or one of q, k, v (MSE). Strings are accepted and converted.
+    ``borrow``: the q/k/v the student takes from the teacher at run time (`Chunks`; ``Signal.MAPS`` is q and
+    k: the copy family; the student's own projections for them are frozen and unused).
+    ``distill``: what the student learns to match, ``Signal.MAPS`` (the map loss of the student layer's map
+    kind) or one of q, k, v (MSE); None: nothing.
     """
 
     name: str
-    borrow: str = ""
-    distill: Distill = Distill.NOTHING
+    borrow: Chunks = field(default_factory=Chunks)
+    distill: Signal | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "distill", Distill(self.distill))
-        if set(self.borrow) - set("qkv"):
-            raise ValueError(f"TransferMode {self.name!r}: borrow is a subset of 'qkv', got {self.borrow!r}")
+        try:
+            object.__setattr__(self, "borrow", Chunks(self.borrow))
+        except ValueError as e:
+            raise ValueError(f"TransferMode {self.name!r}: borrow: {e}") from None
+        distill = Signal(self.distill) if self.distill else None
+        if distill is not None and not distill.chunks:
+            raise ValueError(f"TransferMode {self.name!r}: distill is maps, q, k or v, got '{distill}'")
+        object.__setattr__(self, "distill", distill)
 
     @property
     def is_copy(self) -> bool:
@@ -93,7 +74,7 @@ class TransferMode:
 
     @property
     def is_distill(self) -> bool:
-        return bool(self.distill)
+        return self.distill is not None
 
     @property
     def moves_nothing(self) -> bool:
@@ -101,24 +82,26 @@ class TransferMode:
         return not self.is_copy and not self.is_distill
 
     @property
-    def signals(self) -> str:
-        """The q/k/v chunks each transferred teacher layer hands over (and a distilled student layer shows)."""
-        return self.borrow or self.distill.chunks
+    def chunks(self) -> Chunks:
+        """The q/k/v each transferred teacher layer hands over (and a distilled student layer captures)."""
+        return self.borrow or Chunks(() if self.distill is None else (self.distill,))
 
     @property
     def distills_maps(self) -> bool:
-        return self.distill is Distill.MAPS
+        return self.distill is Signal.MAPS
 
     @property
     def mixes_chunks(self) -> bool:
         """Teacher and student q/k/v meet inside one layer (copy of one chunk, or MSE on one): head dims must match.
         (Borrowing q and k together needs no equal head dim: the teacher's map is applied to the student's v.)"""
-        return (self.is_copy and set(self.borrow) != {"q", "k"}) or self.distill.is_chunk
+        return (self.is_copy and set(self.borrow) != set(Signal.MAPS.chunks)) or (
+            self.distill is not None and self.distill.is_chunk
+        )
 
     @property
     def needs_equal_heads(self) -> bool:
         """Head by head pairing (copy, q/k/v distillation); map losses may group heads, per map kind."""
-        return self.is_copy or self.distill.is_chunk
+        return self.is_copy or (self.distill is not None and self.distill.is_chunk)
 
     @property
     def teacher_at_eval(self) -> bool:
@@ -126,6 +109,7 @@ class TransferMode:
         return self.is_copy
 
 
+#: every transfer mode by its config word: the one place that says what each mode borrows and distils
 MODES: dict[str, TransferMode] = {}
 
 
@@ -134,25 +118,29 @@ def register_mode(mode: TransferMode) -> TransferMode:
     return mode
 
 
-# "none" moves no attention: a from-scratch baseline, an MAE fine-tune, or convert's stage 2 (which fine-tunes
-# the converted student); the description says only what is true of all three.
+# "none" moves no attention: a from-scratch baseline, an MAE fine-tune, plain feature or logit distillation,
+# or convert's stage 2 (which fine-tunes the converted student); the description says only what is true of all.
 register_mode(TransferMode("none", description="no attention transfer"))
 register_mode(
-    TransferMode("copy", borrow="qk", description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)")
+    TransferMode(
+        "copy", borrow=Signal.MAPS, description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)"
+    )
 )
-register_mode(TransferMode("copy_q", borrow="q", description="teacher queries with student keys"))
-register_mode(TransferMode("copy_k", borrow="k", description="student queries with teacher keys"))
-register_mode(TransferMode("copy_v", borrow="v", description="student maps applied to the teacher's values"))
+register_mode(TransferMode("copy_q", borrow=Signal.Q, description="teacher queries with student keys"))
+register_mode(TransferMode("copy_k", borrow=Signal.K, description="student queries with teacher keys"))
+register_mode(
+    TransferMode("copy_v", borrow=Signal.V, description="student maps applied to the teacher's values")
+)
 register_mode(
     TransferMode(
         "distill",
-        distill="maps",
+        distill=Signal.MAPS,
         description="student attention maps learn the teacher's, each layer by the loss of its map kind",
     )
 )
-register_mode(TransferMode("distill_q", distill="q", description="MSE between queries"))
-register_mode(TransferMode("distill_k", distill="k", description="MSE between keys"))
-register_mode(TransferMode("distill_v", distill="v", description="MSE between values"))
+register_mode(TransferMode("distill_q", distill=Signal.Q, description="MSE between queries"))
+register_mode(TransferMode("distill_k", distill=Signal.K, description="MSE between keys"))
+register_mode(TransferMode("distill_v", distill=Signal.V, description="MSE between values"))
 
 
 def get_mode(name: str) -> TransferMode:
@@ -430,6 +418,10 @@ class TransferPlan:
     logit_temperature: float = 1.0
     #: per pair, what its map loss compares (`map_losses.MapLossRule.describe`); empty unless maps are distilled
     layer_losses: tuple[str, ...] = ()
+    #: weight of feature distillation (`feature_loss.feature_distill_loss` between the final tokens)
+    feature_weight: float = 0.0
+    #: weight of the task loss on the student's logits; 0: no task loss, and no label is read
+    task_weight: float = 1.0
 
     @property
     def student_layers(self) -> tuple[int, ...]:
@@ -453,8 +445,21 @@ class TransferPlan:
 
     @property
     def uses_teacher(self) -> bool:
-        """The teacher runs during training: attention pairs or logit distillation."""
-        return bool(self.pairs) or self.logit_weight > 0
+        """The teacher runs during training: attention pairs, logit or feature distillation."""
+        return bool(self.pairs) or self.logit_weight > 0 or self.feature_weight > 0
+
+    @property
+    def compares(self) -> dict[Signal, float]:
+        """What the student is compared with its teacher on, and each comparison's weight: the distilled
+        attention signal (maps, q, k or v), the logits, the final token features."""
+        out: dict[Signal, float] = {}
+        if self.mode.distill is not None and self.pairs:
+            out[self.mode.distill] = self.weight
+        if self.logit_weight > 0:
+            out[Signal.LOGITS] = self.logit_weight
+        if self.feature_weight > 0:
+            out[Signal.FEATURES] = self.feature_weight
+        return out
 
     def _logit_line(self) -> str:
         return (
@@ -462,12 +467,29 @@ class TransferPlan:
             "(KL between teacher and student class distributions)"
         )
 
+    def _objective_lines(self) -> list[str]:
+        """Logit and feature distillation, and the task loss where it is not the default weight 1."""
+        lines = [self._logit_line()] if self.logit_weight > 0 else []
+        if self.feature_weight > 0:
+            lines.append(
+                f"  feature distillation: weight {self.feature_weight:g}, final token features after the final "
+                "norm (prefix and patch tokens): cosine distance + smooth-L1 on tokens standardised by the "
+                "teacher's"
+            )
+        if self.task_weight != 1.0:
+            lines.append(
+                f"  task loss: weight {self.task_weight:g}"
+                if self.task_weight > 0
+                else "  task loss: none (transfer.task_weight=0: no label is read)"
+            )
+        return lines
+
     def describe(self) -> str:
         """A short human-readable table, printed at start-up."""
         m = self.mode
         lines = [f"transfer plan: mode={m.name} ({m.description})"]
         if m.moves_nothing:
-            return "\n".join(lines + ([self._logit_line()] if self.logit_weight > 0 else []))
+            return "\n".join(lines + self._objective_lines())
         kind = (
             f"borrow {m.borrow} from teacher"
             if m.is_copy
@@ -493,9 +515,7 @@ class TransferPlan:
                 + ", ".join(f"{s}<-{t}" for s, t in self.pairs)
             )
         lines += self._loss_lines()
-        if self.logit_weight > 0:
-            lines.append(self._logit_line())
-        return "\n".join(lines)
+        return "\n".join(lines + self._objective_lines())
 
     def _loss_lines(self) -> list[str]:
         """One line per run of consecutive student layers whose map loss is the same."""
@@ -526,24 +546,35 @@ def build_plan(
     share_drop_path: bool = False,
     logit_weight: float = 0.0,
     logit_temperature: float = 1.0,
+    feature_weight: float = 0.0,
+    task_weight: float = 1.0,
 ) -> TransferPlan:
     """Build and validate a plan for these two models; every incompatibility is a `PlanError`.
 
     ``logit_weight`` > 0 adds logit distillation (KL at ``logit_temperature``) to any mode, ``none``
-    included. Students with zoo attention (`attnxfer.models.efficient`) take modes ``none`` and
-    ``distill`` (their implicit maps learn the teacher's, by map kind).
+    included; ``feature_weight`` > 0 adds feature distillation (the final token features) to any mode;
+    ``task_weight`` weighs the task loss (0: none, and nothing reads a label). Students with zoo attention
+    (`attnxfer.models.efficient`) take modes ``none`` and ``distill`` (their implicit maps learn the
+    teacher's, by map kind).
     """
     spec = get_mode(mode)
     s_attn = _block_attentions(student)
-    logits = _logit_settings(teacher, student, logit_weight, logit_temperature)
+    extra = {
+        **_logit_settings(teacher, student, logit_weight, logit_temperature),
+        **_feature_settings(teacher, student, feature_weight, task_weight),
+    }
+    if task_weight == 0 and spec.moves_nothing and not logit_weight and not feature_weight:
+        raise PlanError(
+            "nothing to train: transfer.task_weight=0 and nothing is distilled; set transfer.feature_distill "
+            "> 0 (the final features), an attention mode (transfer.mode=distill) or transfer.task_weight > 0"
+        )
     if spec.moves_nothing:
-        return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0, **logits)
+        return TransferPlan(spec, (), weight, len(s_attn), 0, 0, s_attn[0].num_heads, False, 0, **extra)
     if teacher is None:
         raise PlanError(f"mode {mode!r} needs a teacher; set teacher=... or use mode=none")
     t_attn = _block_attentions(teacher, "teacher")
-    (t_grid, t_prefix), (s_grid, s_prefix) = _token_layout(teacher), _token_layout(student)
-    if (t_grid, t_prefix) != (s_grid, s_prefix):
-        raise PlanError(_layout_mismatch(student, t_grid, t_prefix, s_grid, s_prefix))
+    _check_token_layouts(teacher, student)
+    t_grid, t_prefix = _token_layout(teacher)
     tokens = (t_grid[0] * t_grid[1] if len(t_grid) == 2 else 0) + t_prefix
     chosen = select_layers(len(s_attn), end_layer, layers)
     s_names, t_names = _layer_names(student), _layer_names(teacher)
@@ -567,9 +598,41 @@ def build_plan(
         s_attn[0].num_heads,
         bool(share_drop_path),
         tokens,
-        **logits,
         layer_losses=tuple(_layer_loss(spec, s_attn[s], t_attn[t], s_parts[s], t_parts[t]) for s, t in pairs),
+        **extra,
     )
+
+
+def _check_token_layouts(teacher: nn.Module, student: nn.Module) -> None:
+    """Teacher and student see the same tokens (grid and prefix), or one `PlanError` saying what to set."""
+    (t_grid, t_prefix), (s_grid, s_prefix) = _token_layout(teacher), _token_layout(student)
+    if (t_grid, t_prefix) != (s_grid, s_prefix):
+        raise PlanError(_layout_mismatch(student, t_grid, t_prefix, s_grid, s_prefix))
+
+
+def _feature_settings(
+    teacher: nn.Module | None, student: nn.Module, weight: float, task_weight: float
+) -> dict[str, float]:
+    """Feature distillation compares the final tokens one for one: a teacher, the same tokens, the same width."""
+    if weight < 0 or task_weight < 0:
+        raise PlanError(
+            f"transfer.feature_distill and transfer.task_weight must be >= 0, got {weight} and {task_weight}"
+        )
+    if weight > 0:
+        if teacher is None:
+            raise PlanError(
+                "feature distillation (transfer.feature_distill > 0) needs a teacher; set teacher.spec or "
+                "transfer.feature_distill=0"
+            )
+        _check_token_layouts(teacher, student)
+        t_width, s_width = getattr(teacher, "num_features", None), getattr(student, "num_features", None)
+        if t_width != s_width:
+            raise PlanError(
+                f"feature distillation compares final tokens channel by channel: the teacher's have "
+                f"{t_width} channels, the student's {s_width}; give the student the teacher's embed_dim "
+                f"({t_width}) or set transfer.feature_distill=0"
+            )
+    return dict(feature_weight=float(weight), task_weight=float(task_weight))
 
 
 def _logit_settings(teacher: nn.Module | None, student: nn.Module, weight: float, temperature: float) -> dict:

@@ -9,12 +9,13 @@ rows' log-sum-exp, stop the model's forward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..handover import Chunks, Signal
 from .bias_rows import BiasRows
 
 __all__ = ["AttentionIO", "StopForward", "attention_io"]
@@ -37,9 +38,10 @@ class AttentionIO:
     #: With both ``q`` and ``k`` given, the logits are borrowed whole: ``bias`` is the additive logit bias
     #: that goes with them (a teacher's captured ``"bias"``; None: no bias), in place of the layer's own.
     bias: torch.Tensor | BiasRows | None = None
-    #: subset of "qkv"; capturing q and k also captures the layer's logit bias, if any, as ``"bias"``: a
-    #: `BiasRows` (``logit_bias_rows``), and the call's ``attn_mask``, if any, as ``"mask"``
-    capture: str = ""
+    #: the `Signal`s to capture (`Chunks`: q, k, v; ``Signal.MAPS`` is q and k; the config's letters work
+    #: too). Capturing q and k also captures the layer's logit bias, if any, as ``"bias"``: a `BiasRows`
+    #: (``logit_bias_rows``), and the call's ``attn_mask``, if any, as ``"mask"``
+    capture: Chunks | Iterable[Signal] | Signal | str = ()
     return_map: bool = False
     return_lse: bool = False
     #: Raise `StopForward` right after capturing: the caller wanted nothing more of this forward pass.
@@ -48,8 +50,11 @@ class AttentionIO:
     map: torch.Tensor | None = None
     lse: torch.Tensor | None = None
 
-    def override(self, name: str) -> torch.Tensor | None:
-        return getattr(self, name)
+    def __post_init__(self) -> None:
+        self.capture = Chunks(self.capture)
+
+    def override(self, name: Signal | str) -> torch.Tensor | None:
+        return getattr(self, str(name))
 
 
 class StopForward(Exception):

@@ -13,9 +13,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from ..handover import Chunks, Signal
 from . import families  # noqa: F401  (registers every family's adapter)
 from .adapters import attention_layers
-from .interface import QKV, AttentionIO, StopForward, TransferableAttention, attention_io
+from .interface import AttentionIO, StopForward, TransferableAttention, attention_io
 
 __all__ = [
     "CAPTURE_FIELDS",
@@ -26,8 +27,8 @@ __all__ = [
     "transfer_attentions",
 ]
 
-#: What `capture_attention` can record per layer.
-CAPTURE_FIELDS = ("input", "q", "k", "v", "output")
+#: What `capture_attention` can record per layer: the `Signal`s one attention layer gives.
+CAPTURE_FIELDS: tuple[Signal, ...] = (Signal.INPUT, Signal.Q, Signal.K, Signal.V, Signal.OUTPUT)
 
 
 def transfer_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
@@ -60,7 +61,7 @@ def attention_maps(
 
 
 def _record_input(module: TransferableAttention, args: tuple, kwargs: dict, *, sink: dict) -> None:
-    sink["input"] = args[0] if args else kwargs["x"]
+    sink[Signal.INPUT] = args[0] if args else kwargs["x"]
     sink.update(module.call_extras(args, kwargs))  # a rope family's rotary embedding, as ``rope``
 
 
@@ -68,7 +69,7 @@ def _record_input(module: TransferableAttention, args: tuple, kwargs: dict, *, s
 def capture_attention(
     model: nn.Module,
     layers: Iterable[int] | None = None,
-    fields: Sequence[str] = ("input", "q", "k", "output"),
+    fields: Sequence[Signal | str] = (Signal.INPUT, Signal.Q, Signal.K, Signal.OUTPUT),
 ) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
     """While active, each forward pass of ``model`` fills ``store[layer][field]`` for the chosen blocks:
     ``input`` (the attention's input, after norm1), ``q``/``k``/``v`` (B, H, N, d; q and k after the q/k
@@ -77,25 +78,28 @@ def capture_attention(
     which a zoo attention fitted on that input needs. Tensors keep their graph (detach what you keep)."""
     unknown = set(fields) - set(CAPTURE_FIELDS)
     if unknown:
-        raise ValueError(f"capture_attention: unknown fields {sorted(unknown)}; choose from {CAPTURE_FIELDS}")
+        raise ValueError(
+            f"capture_attention: unknown fields {sorted(map(str, unknown))}; choose from "
+            f"{', '.join(CAPTURE_FIELDS)}"
+        )
     attns = transfer_attentions(model)
     layers = range(len(attns)) if layers is None else list(layers)
     store: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
-    wanted = "".join(c for c in QKV if c in fields)
+    wanted = Chunks(f for f in fields if Signal(f).is_chunk)
     handles: list = []
     with contextlib.ExitStack() as stack:
         for i in layers:
             attn, sink = attns[i], store[i]
             if wanted:
                 stack.enter_context(attention_io(attn, AttentionIO(capture=wanted, captured=sink)))
-            if "input" in fields:
+            if Signal.INPUT in fields:
                 handles.append(
                     attn.register_forward_pre_hook(partial(_record_input, sink=sink), with_kwargs=True)
                 )
-            if "output" in fields:
+            if Signal.OUTPUT in fields:
                 handles.append(
                     attn.register_forward_hook(
-                        lambda m, args, out, sink=sink: sink.__setitem__("output", out)
+                        lambda m, args, out, sink=sink: sink.__setitem__(Signal.OUTPUT, out)
                     )
                 )
         try:
