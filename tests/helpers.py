@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
 import os
@@ -14,6 +15,8 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnxfer.data import DatasetInfo, InMemoryImageDataset, register_dataset, registry
+from attnxfer.data.registry import check_image_args, resolve_norm, with_settings
 from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.transfer import DualViT, build_plan
@@ -203,3 +206,40 @@ class SyncCounter(TorchDispatchMode):
         for name, original in self._saved.items():
             setattr(torch.Tensor, name, original)
         return super().__exit__(*exc)
+
+
+# -- a dataset whose labels raise when read ------------------------------------------------------------------
+
+LABEL_TRAP = "a label was read"
+
+
+_LABELS_RAISE = DatasetInfo("labels_raise", 4, None, (0.5,), (0.25,), 3, 32)
+
+
+class LabelsRaise(InMemoryImageDataset):
+    """Real images; reading any label raises."""
+
+    def label(self, index: int) -> int:
+        raise AssertionError(f"{LABEL_TRAP} (sample {int(index)})")
+
+
+def _labels_raise_dataset(split, *, root=None, img_size=None, in_chans=None, mean=None, std=None, seed=0):
+    """Real images (32 train, 16 val, 32 px, 4 classes), every label read raises `AssertionError`."""
+    base = _LABELS_RAISE
+    img_size, in_chans = check_image_args("labels_raise", img_size, in_chans, base)
+    mean, std = resolve_norm(mean, std, in_chans, base)
+    n = 32 if split == "train" else 16
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+    info = with_settings(base, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+    return LabelsRaise(images, torch.arange(n) % 4, info, augment=split == "train", seed=seed)
+
+
+@contextlib.contextmanager
+def labels_raise_registered():
+    """``data.dataset=labels_raise`` while active (the dataset registry is restored after): a run that claims to
+    read no label proves it on it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
+        register_dataset("labels_raise", info=_LABELS_RAISE)(_labels_raise_dataset)
+        yield

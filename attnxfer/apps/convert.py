@@ -4,15 +4,17 @@ The config becomes objects here, in steps that `_convert` runs one after another
 (`build_efficient_student`) and the conversion plan (`attnxfer.transfer.conversion`), the measurements
 (`attnxfer.train.measure`) before and after each stage, stage 1 (`attnxfer.train.stage1`, run, saved and
 resumed by `attnxfer.apps.conversion_stage1`), stage 2 (an ordinary training run through
-`attnxfer.apps.training`), the speed, and the report (`report.json` + `report.md`, rendered by
-`attnxfer.apps.reports`). A new stage or measurement is one more step function and one more line there.
+`attnxfer.apps.training`; what it optimises, labelled or label-free, is `attnxfer.apps.conversion_stage2`'s
+choice), the quality without labels (`attnxfer.apps.conversion_quality`: final-feature agreement, k-NN top-1),
+the speed, and the report (`report.json` + `report.md`, rendered by `attnxfer.apps.reports`). A new stage or
+measurement is one more step function and one more line there.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,6 @@ from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, apply_overrides, dump_config
-from ..data import require_labels
 from ..errors import InputError
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ..train.devices import resolve_precision
@@ -33,15 +34,23 @@ from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
 from ..transfer.plan import TransferPlan
+from .conversion_quality import QualityProbe, quality_probe
 from .conversion_stage1 import run_stage1
+from .conversion_stage2 import Stage2Objective, stage2_objective, student_head
 from .loaders import data_info
 from .reports import render_conversion_report, teacher_top1_line
 from .run_parts import RunParts, build_run_parts
-from .training import plan_from_config, prepare_trackers_from_config, train
+from .training import (
+    plan_from_config,
+    prepare_trackers_from_config,
+    require_metric_labels,
+    require_task_labels,
+    train,
+)
 
 __all__ = ["ConvertResult", "conversion_plan_from_config", "convert", "convert_main"]
 
-_REPORT_VERSION = 1
+_REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
 
 
 _NO_TEACHER = (
@@ -103,8 +112,11 @@ def convert(
     (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
     measurements sum over ranks, and rank 0 alone writes files and logs (and holds the run dir's lock).
     """
-    # the report's val top-1 and stage 2's task loss read labels: data without them stops before the run dir
-    require_labels(data_info(cfg.data), "the conversion report's val top-1 (and stage 2's task loss)")
+    # only what reads labels needs them: a task loss asked for by name, a label metric named in eval.metrics
+    # (stage 2 without labels is label-free by default; the report's top-1 and k-NN need labels where they run)
+    if cfg.transfer.task_weight is not None:
+        require_task_labels(cfg)
+    require_metric_labels(cfg)
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "convert", enabled=main),
@@ -129,13 +141,16 @@ class _Conversion:
     cfg: TrainConfig
     parts: RunParts
     plan: ConversionPlan
+    stage2: Stage2Objective
     stage2_plan: TransferPlan
     stage2_steps: int
     main: bool
     log: Callable[[str], None]
     run_dir: Path
+    labelled: bool  # the data hands out labels (the report's top-1 and k-NN read them)
     device: torch.device = field(init=False)  # set by `_place`
     probe: list[torch.Tensor] = field(default_factory=list)
+    quality: QualityProbe = field(init=False)  # set by `_place`
     measured: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -162,8 +177,8 @@ def _convert(
     run = _build(cfg, info, parts, log)
     _describe(run)
     _place(run)
-    teacher_top1 = evaluate_top1(run.teacher, run.parts.val_loader, run.device)
-    log(teacher_top1_line(teacher_top1))
+    teacher_top1 = evaluate_top1(run.teacher, run.parts.val_loader, run.device) if run.labelled else None
+    log(teacher_top1_line(teacher_top1, labelled=run.labelled))
     _measure(run, "before_stage1")
     stage1 = _stage1(run)
     stage2 = _stage2(run)
@@ -186,29 +201,53 @@ def _checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
 
 
 def _build(cfg: TrainConfig, info, parts: RunParts | None, log: Callable[[str], None]) -> _Conversion:
-    """The teacher, the student (the teacher's weights with the new attention), the data and both stages'
-    plans; ``parts`` built by the caller are used as they are."""
+    """The teacher, the student (the teacher's weights with the new attention, and the head stage 2 needs),
+    the data and both stages' plans; ``parts`` built by the caller are used as they are. Stage 2's weights,
+    chosen here (`stage2_objective`), go into the run's config."""
+    labelled = data_info(cfg.data).has_labels
     if parts is None:
-        student_fn = _student_builder(cfg)
-        parts = build_run_parts(cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn)
+        student_fn = _student_builder(cfg, labelled)
+        parts = build_run_parts(
+            cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn, labels=True
+        )
     if parts.teacher is None:
         raise InputError(_NO_TEACHER)
+    stage2 = stage2_objective(cfg, parts.teacher, labelled)
+    student_head(cfg, parts.teacher, stage2, parts.num_classes)  # a task loss without a head stops here
+    if stage2.task_weight > 0 and not getattr(parts.student, "num_classes", 0):
+        raise InputError(
+            "stage 2 has a task loss (transfer.task_weight > 0) but the student has no classifier head; set "
+            "model.num_classes=K, or transfer.task_weight=0"
+        )
+    cfg = apply_overrides(cfg, stage2.overrides)
+    parts = replace(parts, num_classes=int(getattr(parts.student, "num_classes", 0) or 0))
     plan = conversion_plan_from_config(cfg, parts.teacher, parts.student)
     stage2_plan = plan_from_config(cfg, parts)
     stage2_steps = _stage2_steps(cfg, parts)
     return _Conversion(
-        cfg, parts, plan, stage2_plan, stage2_steps, info.is_main_process, log, Path(cfg.run_dir)
+        cfg,
+        parts,
+        plan,
+        stage2,
+        stage2_plan,
+        stage2_steps,
+        info.is_main_process,
+        log,
+        Path(cfg.run_dir),
+        labelled,
     )
 
 
-def _student_builder(cfg: TrainConfig) -> Callable[[nn.Module | None, int], nn.Module]:
-    """How `build_run_parts` makes the student: the teacher with ``convert.attention`` swapped in."""
+def _student_builder(cfg: TrainConfig, labelled: bool) -> Callable[[nn.Module | None, int], nn.Module]:
+    """How `build_run_parts` makes the student: the teacher with ``convert.attention`` swapped in, with the
+    head stage 2 needs (`student_head`: a headless teacher's student stays headless unless it is told)."""
     c = cfg.convert
 
     def make_student(teacher: nn.Module | None, num_classes: int) -> nn.Module:
         if teacher is None:
             raise InputError(_NO_TEACHER)
-        student = build_efficient_student(teacher, c.attention, num_classes=num_classes, **c.attention_kwargs)
+        head = student_head(cfg, teacher, stage2_objective(cfg, teacher, labelled), num_classes)
+        student = build_efficient_student(teacher, c.attention, num_classes=head, **c.attention_kwargs)
         return set_drop_path(student, cfg.model.drop_path_rate)
 
     return make_student
@@ -223,8 +262,8 @@ def _describe(run: _Conversion) -> None:
     starts = "after stage 1" if run.plan.stage1_steps > 0 else "with the new attention swapped in, no stage 1"
     run.log(
         f"stage 2: fine-tunes the converted student end to end (the teacher's weights {starts}; not a "
-        f"fresh initialisation), {run.stage2_steps} steps (schedule/optim sections); "
-        + run.stage2_plan.describe().replace("\n", "\n  ")
+        f"fresh initialisation), {run.stage2_steps} steps (schedule/optim sections), by "
+        f"{run.stage2.describe()}; " + run.stage2_plan.describe().replace("\n", "\n  ")
     )
 
 
@@ -241,24 +280,32 @@ def _place(run: _Conversion) -> None:
     run.probe = [x.to(run.device) for x, *_ in _take(run.parts.val_loader, run.cfg.convert.agreement_batches)]
     if not run.probe:
         raise InputError("the validation set is empty: convert measures map agreement on it")
+    run.quality = quality_probe(run.cfg, run.teacher, run.parts.val_loader, run.device, run.labelled)
 
 
 def _measure(run: _Conversion, stage: str) -> None:
     """The student at ``stage``: map agreement with the teacher (on the teacher's hidden inputs and on its
-    own) and val top-1."""
+    own), final-feature agreement, and where the data has labels k-NN top-1 and (with a head) val top-1."""
     start = time.monotonic()
     res = {
         "teacher_input": map_agreement(run.teacher, run.student, run.probe, inputs="teacher"),
         "end_to_end": map_agreement(run.teacher, run.student, run.probe, inputs="own"),
-        "val_top1": evaluate_top1(run.student, run.parts.val_loader, run.device),
+        "features": run.quality.features(run.student),
+        "knn": run.quality.knn(run.student),
+        "val_top1": evaluate_top1(run.student, run.parts.val_loader, run.device) if run.labelled else None,
     }
     name = _STAGES[stage]
     run.seconds[f"measure_{name}"] = time.monotonic() - start
-    top1 = res["val_top1"]
+    top1, knn, features = res["val_top1"], res["knn"], res["features"]
     kl = [row["value"] for row in res["end_to_end"]]
+    quality = [f"final-feature cosine (patch tokens) {features['feat_cos_patch']:.4f}"]
+    if knn and "knn_top1" in knn:
+        quality.append(f"k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f})")
+    if top1 is not None:
+        quality.append(f"val top-1 {top1:.2f}")
     run.log(
-        f"{name}: student val top-1 {top1 if top1 is None else round(top1, 2)}, end-to-end per-layer "
-        f"agreement {', '.join(f'{v:.3g}' for v in kl)}"
+        f"{name}: student {', '.join(quality)}; end-to-end per-layer agreement "
+        f"{', '.join(f'{v:.3g}' for v in kl)}"
     )
     run.measured[stage] = res
 
@@ -279,7 +326,13 @@ def _stage1(run: _Conversion) -> Stage1Result:
 def _stage2(run: _Conversion) -> dict[str, Any]:
     """Stage 2: the converted student fine-tuned end to end (an ordinary training run in ``stage2/``),
     then measured. Returns the report's ``stage2`` section."""
-    stage2: dict[str, Any] = {"steps": run.stage2_steps, "plan": run.stage2_plan.describe()}
+    stage2: dict[str, Any] = {
+        "steps": run.stage2_steps,
+        "plan": run.stage2_plan.describe(),
+        "objective": run.stage2.describe(),
+        "task_weight": run.stage2.task_weight,
+        "feature_distill": run.stage2.feature_distill,
+    }
     if run.stage2_steps <= 0:
         run.measured["after_stage2"] = None
         return stage2
@@ -292,6 +345,8 @@ def _stage2(run: _Conversion) -> dict[str, Any]:
         final=result.final,
         history=result.history,
         best_top1=result.best_top1,
+        best_metric=result.metric,
+        best=result.best,
     )
     run.seconds["stage2"] = result.seconds
     _measure(run, "after_stage2")
@@ -334,6 +389,7 @@ def _report(
     final_stage = next(s for s in reversed(_STAGES) if measured[s] is not None)
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
+    knn = {s: (m["knn"] if m else None) for s, m in measured.items()}
     return {
         "version": _REPORT_VERSION,
         "run_dir": str(run.run_dir),
@@ -342,10 +398,12 @@ def _report(
             "attention": [layer.attention for layer in plan.layers],
             "attention_kwargs": plan.attention_kwargs,
             "spec": parts.student_spec,
+            "num_classes": int(getattr(run.student, "num_classes", 0) or 0),  # 0: a headless encoder
             "new_parameters": _count_new(run.student),
         },
         "data": {
             "dataset": cfg.data.dataset,
+            "labels": run.labelled,
             "val_size": _dataset_size(parts.val_loader),
             "agreement_images": sum(x.shape[0] for x in run.probe),
         },
@@ -370,6 +428,10 @@ def _report(
             which: _merge_agreement({s: (m[which] if m else None) for s, m in measured.items()})
             for which in ("teacher_input", "end_to_end")
         },
+        # final-token agreement with the teacher per stage (feat_cos_patch, feat_rel_err_patch, ..._prefix)
+        "features": {s: (m["features"] if m else None) for s, m in measured.items()},
+        # k-NN top-1 of student and teacher per stage (None: no labels), with intervals and the share recovered
+        "knn": knn if run.labelled else None,
         "speed": speed,
         "operations": operations,
         "seconds": run.seconds,

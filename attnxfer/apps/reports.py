@@ -12,6 +12,15 @@ __all__ = ["HEADLESS_TEACHER", "conversion_summary", "render_conversion_report",
 HEADLESS_TEACHER = (
     "the teacher has no classifier head (e.g. an MAE encoder), so it has no top-1 to compare with"
 )
+#: ... and for data read without labels
+NO_LABELS = "the data has no labels (data.labels=false), so there is no top-1"
+
+#: the measured stages of a conversion, as the report's tables name them
+_STAGE_ROWS = (
+    ("before_stage1", "student, weights swapped in"),
+    ("after_stage1", "student after stage 1"),
+    ("after_stage2", "student after stage 2"),
+)
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -29,20 +38,50 @@ def _interval(top1: float | None, n: int | None) -> str:
     return f"[{lo:.1f}, {hi:.1f}]"
 
 
-def teacher_top1_line(top1: float | None) -> str:
+def teacher_top1_line(top1: float | None, labelled: bool = True) -> str:
     """The log line of the teacher's validation top-1, or why there is none."""
     return (
         f"teacher val top-1 {top1:.2f}"
         if top1 is not None
-        else f"teacher val top-1: none ({HEADLESS_TEACHER})"
+        else f"teacher val top-1: none ({HEADLESS_TEACHER if labelled else NO_LABELS})"
     )
 
 
+def _final_stage(report: dict[str, Any]) -> str | None:
+    """The last stage measured (None in a report without per-stage features)."""
+    features = report.get("features") or {}
+    return next((s for s, _ in reversed(_STAGE_ROWS) if features.get(s)), None)
+
+
+def _label_free_summary(report: dict[str, Any]) -> str:
+    """The student's quality without a head: k-NN top-1 against the teacher's where the data has labels,
+    and the final-feature cosine (patch tokens)."""
+    stage = _final_stage(report)
+    if stage is None:
+        return "student top-1 n/a"
+    parts = []
+    knn = (report.get("knn") or {}).get(stage) or {}
+    if "knn_top1" in knn:
+        share = (
+            f", {100 * knn['knn_share']:.1f}% of the teacher's" if knn.get("knn_share") is not None else ""
+        )
+        parts.append(
+            f"student k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f}{share})"
+        )
+    cos = report["features"][stage].get("feat_cos_patch")
+    if cos is not None:
+        parts.append(f"final-feature cosine with the teacher {cos:.4f} (patch tokens)")
+    return ", ".join(parts) or "student top-1 n/a"
+
+
 def conversion_summary(report: dict[str, Any]) -> str:
-    """``attnxfer convert``'s last line: the student's top-1, against the teacher's where it has one."""
+    """``attnxfer convert``'s last line: the student's top-1, against the teacher's where it has one; a
+    headless student's k-NN top-1 and final-feature agreement."""
     teacher, student = report["top1"]["teacher"], report["student_top1"]
     student_text = "n/a" if student is None else f"{student:.2f}"
-    if teacher is None:
+    if student is None and report.get("features"):
+        accuracy = _label_free_summary(report)
+    elif teacher is None:
         accuracy = f"student top-1 {student_text} ({HEADLESS_TEACHER})"
     elif report.get("recovered_pct") is None:
         accuracy = f"teacher top-1 {teacher:.2f}, student top-1 {student_text}"
@@ -59,6 +98,8 @@ def render_conversion_report(report: dict[str, Any]) -> str:
     lines = [
         *_summary_section(report),
         *_top1_section(report),
+        *_knn_section(report),
+        *_features_section(report),
         *_agreement_section(report, "teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
         *_agreement_section(report, "end_to_end", "end to end (each model on its own hidden states)"),
         *_speed_section(report["speed"]),
@@ -87,14 +128,38 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
             f"{stage1['train']} ({stage1['seconds']:.0f} s)"
         ),
         f"- stage 2: {stage2['steps']} steps"
-        + (f" ({stage2.get('seconds', 0):.0f} s)" if stage2["steps"] else " (skipped)"),
+        + (f" ({stage2.get('seconds', 0):.0f} s)" if stage2["steps"] else " (skipped)")
+        + (f", {stage2['objective']}" if stage2.get("objective") else ""),
+        *_student_line(report),
         "",
     ]
 
 
+def _student_line(report: dict[str, Any]) -> list[str]:
+    classes = report["student"].get("num_classes")
+    if classes is None:
+        return []
+    return [
+        f"- student: a {classes}-class classifier"
+        if classes
+        else "- student: a headless encoder (num_classes=0; its final features are the output)"
+    ]
+
+
 def _top1_section(report: dict[str, Any]) -> list[str]:
-    """Top-1 of the teacher and of the student at each stage, with intervals and the share recovered."""
+    """Top-1 of the teacher and of the student at each stage, with intervals and the share recovered; where
+    the data has no labels or the student no head, why there is none."""
     top1 = report["top1"]
+    if report["data"].get("labels") is False:
+        return ["## Top-1 (validation)", "", f"None: {NO_LABELS}.", ""]
+    if report["student"].get("num_classes") == 0:
+        return [
+            "## Top-1 (validation)",
+            "",
+            "None: the student is a headless encoder (no classifier head); see k-NN top-1 and final-feature "
+            "agreement.",
+            "",
+        ]
     lines = [
         "## Top-1 (validation)",
         "",
@@ -105,12 +170,7 @@ def _top1_section(report: dict[str, Any]) -> list[str]:
     ]
     teacher = top1["teacher"]
     n_val = report["data"].get("val_size")
-    for key, label in (
-        ("teacher", "teacher (softmax)"),
-        ("before_stage1", "student, weights swapped in"),
-        ("after_stage1", "student after stage 1"),
-        ("after_stage2", "student after stage 2"),
-    ):
+    for key, label in (("teacher", "teacher (softmax)"), *_STAGE_ROWS):
         v = top1.get(key)
         share = f"{100 * v / teacher:.1f}%" if v is not None and teacher else "—"
         shown = "none (no classifier head)" if key == "teacher" and v is None else _fmt(v, 4)
@@ -118,6 +178,71 @@ def _top1_section(report: dict[str, Any]) -> list[str]:
     if teacher is None:
         return [*lines, "", f"Recovered: not defined: {HEADLESS_TEACHER}.", ""]
     return [*lines, "", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _knn_section(report: dict[str, Any]) -> list[str]:
+    """k-NN top-1 of the teacher's and the student's embeddings at each stage, with Wilson intervals and the
+    share of the teacher's top-1 the student recovers (paired bootstrap interval)."""
+    stages = report.get("knn")
+    if not stages:
+        return []
+    first = next((v for v in stages.values() if v), None)
+    if not first or "knn_top1" not in first:
+        return []
+    lines = [
+        "## k-NN top-1 (validation, no head needed)",
+        "",
+        f"Weighted k-NN on the pooled embeddings (k = {first['knn_k']}, temperature {first['knn_temperature']:g}, "
+        f"cosine), memory bank {first.get('knn_bank', '?')} training images, {first['knn_count']} validation "
+        "images; 95 % intervals: Wilson, and for the share a paired bootstrap.",
+        "",
+        "| model | k-NN top-1 (%) | 95 % interval | of teacher's | 95 % interval |",
+        "|---|---|---|---|---|",
+        f"| teacher (softmax) | {_pct(first['knn_teacher_top1'])} | "
+        f"[{first['knn_teacher_top1_low']:.1f}, {first['knn_teacher_top1_high']:.1f}] | | |",
+    ]
+    for key, label in _STAGE_ROWS:
+        v = stages.get(key)
+        if not v:
+            lines.append(f"| {label} | — | — | — | — |")
+            continue
+        share, band = "—", "—"
+        if v.get("knn_share") is not None:
+            share = f"{100 * v['knn_share']:.1f}%"
+            band = f"[{100 * v['knn_share_low']:.1f}, {100 * v['knn_share_high']:.1f}]"
+        lines.append(
+            f"| {label} | {_pct(v['knn_top1'])} | [{v['knn_top1_low']:.1f}, {v['knn_top1_high']:.1f}] | "
+            f"{share} | {band} |"
+        )
+    return [*lines, ""]
+
+
+def _features_section(report: dict[str, Any]) -> list[str]:
+    """Final-feature agreement with the teacher at each stage: mean cosine and relative error, prefix and
+    patch tokens apart."""
+    stages = report.get("features")
+    if not stages:
+        return []
+    lines = [
+        "## Final-feature agreement with the teacher (validation, no labels read)",
+        "",
+        "The final tokens (forward_features, after the final norm): mean cosine of each student token with "
+        "its teacher token, and relative error ||S - T|| / ||T|| over all of the group's tokens.",
+        "",
+        "| model | prefix cosine | prefix rel. error | patch cosine | patch rel. error |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in _STAGE_ROWS:
+        v = stages.get(key) or {}
+        lines.append(
+            f"| {label} | {_fmt(v.get('feat_cos_prefix'))} | {_fmt(v.get('feat_rel_err_prefix'))} | "
+            f"{_fmt(v.get('feat_cos_patch'))} | {_fmt(v.get('feat_rel_err_patch'))} |"
+        )
+    return [*lines, ""]
 
 
 def _agreement_section(report: dict[str, Any], which: str, title: str) -> list[str]:

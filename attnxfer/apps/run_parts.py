@@ -27,6 +27,7 @@ __all__ = [
     "num_classes_of",
     "parts_around",
     "pooling_args",
+    "reads_labels",
     "stamp_input_cfg",
     "student_attention",
 ]
@@ -145,11 +146,20 @@ def stamp_input_cfg(
     }
 
 
+def reads_labels(cfg: TrainConfig) -> bool:
+    """Whether the run reads labels: the data has them (``data.labels``) and something uses them, a task loss
+    (``transfer.task_weight`` > 0; null is 1) or an evaluation (``eval_only``: `attnxfer eval` scores top-1
+    and k-NN where there are labels). A run without a task loss reads its images alone: no label is read."""
+    uses = cfg.eval_only or cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0
+    return cfg.data.labels and uses
+
+
 def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
     """``model.num_classes``, else the dataset's; a dataset that says none is refused here. A run without
-    labels has no classes: 0 (a headless student) unless ``model.num_classes`` says otherwise."""
+    labels or without a task loss (``transfer.task_weight=0``) has no classes: 0 (a headless student) unless
+    ``model.num_classes`` says otherwise."""
     d = cfg.data
-    if not info.has_labels:
+    if not info.has_labels or cfg.transfer.task_weight == 0:
         return cfg.model.num_classes or 0
     num_classes = cfg.model.num_classes or info.num_classes
     if not num_classes:
@@ -160,10 +170,20 @@ def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
 
 
 def build_run_parts(
-    cfg: TrainConfig, rank: int = 0, world_size: int = 1, student_fn: StudentFn | None = None
+    cfg: TrainConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    student_fn: StudentFn | None = None,
+    *,
+    labels: bool | None = None,
 ) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
-    student (e.g. `attnxfer convert` builds it from the teacher's weights)."""
+    student (e.g. `attnxfer convert` builds it from the teacher's weights). ``labels``: whether the loaders
+    hand out labels (default `reads_labels`; `attnxfer convert` reads them wherever the data has them, for
+    its report's top-1 and k-NN)."""
+    labels = reads_labels(cfg) if labels is None else labels and cfg.data.labels
+    if labels != cfg.data.labels:  # the run reads its images alone
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=False))
     d = cfg.data
     info = data_info(d)
     teacher, record = None, None

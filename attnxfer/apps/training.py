@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,15 +53,49 @@ __all__ = [
     "loop_settings",
     "plan_from_config",
     "prepare_trackers_from_config",
+    "require_metric_labels",
     "require_task_labels",
+    "scoring_for",
     "task_loss_from_config",
     "train",
 ]
 
 
 def require_task_labels(cfg: TrainConfig) -> None:
-    """Training has a task loss on labels: data read without them (``data.labels: false``) stops here."""
-    require_labels(data_info(cfg.data), "the task loss (cross-entropy of the student's logits)")
+    """A run with a task loss reads labels: data read without them (``data.labels: false``) stops here, saying
+    how to train without one. So does a label-based metric asked for by name (``eval.metrics``)."""
+    if task_weight_of(cfg) > 0:
+        require_labels(
+            data_info(cfg.data),
+            "the task loss (cross-entropy of the student's logits)",
+            fix="set transfer.task_weight=0 (no task loss: distil the teacher's final features with "
+            "transfer.feature_distill, or its attention with transfer.mode)",
+        )
+    require_metric_labels(cfg)
+
+
+def require_metric_labels(cfg: TrainConfig) -> None:
+    """``eval.metrics`` naming a label-based metric (top1, knn) on data read without labels stops here, in one
+    line, before any work: in `attnxfer eval`, and in train and convert, whose runs it would later score."""
+    info = data_info(cfg.data)
+    for name in sorted(set(cfg.eval.metrics) & LABEL_METRICS):
+        require_labels(info, f"eval.metrics={name}")
+
+
+#: the metrics of ``eval.metrics`` that read labels
+LABEL_METRICS = frozenset({"top1", "knn"})
+
+
+def task_weight_of(cfg: TrainConfig) -> float:
+    """``transfer.task_weight`` as this run uses it (null: 1; `attnxfer convert` resolves it before training)."""
+    weight = cfg.transfer.task_weight
+    return 1.0 if weight is None else float(weight)
+
+
+def feature_weight_of(cfg: TrainConfig) -> float:
+    """``transfer.feature_distill`` as this run uses it (null: 0; `attnxfer convert` resolves it)."""
+    weight = cfg.transfer.feature_distill
+    return 0.0 if weight is None else float(weight)
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
@@ -77,7 +111,38 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
         share_drop_path=t.share_drop_path,
         logit_weight=t.logit_distill,
         logit_temperature=t.logit_temperature,
+        feature_weight=feature_weight_of(cfg),
+        task_weight=task_weight_of(cfg),
     )
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How a run is scored at each evaluation, and which checkpoint is its best: val top-1 (highest), or for a
+    run without a task loss, the mean cosine of its patch tokens' final features with the teacher's (highest:
+    the share of what feature distillation trains that needs no label)."""
+
+    evaluator: Callable
+    metric: str
+    mode: str = "max"
+
+
+TOP1_SCORING = Scoring(evaluate, "val_top1")
+FEATURE_SCORING = Scoring(evaluate_features, "val_feat_cos_patch")
+
+
+def scoring_for(plan: TransferPlan, parts: RunParts) -> Scoring:
+    """Val top-1 where the run has a task loss and its val split has labels, else final-feature agreement with
+    the teacher (which needs one, with the student's final tokens: one `InputError` says what to set)."""
+    if plan.task_weight > 0 and dataset_has_labels(parts.val_loader.dataset):
+        return TOP1_SCORING
+    if parts.teacher is None or not _same_tokens(parts.student, parts.teacher):
+        raise InputError(
+            "a run without a task loss (transfer.task_weight=0, or data without labels) is scored by its final "
+            "features' agreement with the teacher's, so it needs a teacher (teacher.spec) whose final tokens "
+            "the student's match (the same width and prefix tokens: model.mirror_teacher=true)"
+        )
+    return FEATURE_SCORING
 
 
 def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
@@ -198,6 +263,9 @@ def _write_run_files(
         "student": parts.student_spec,
         "plan": engine.dual.plan.describe(),
         "mode": engine.dual.plan.mode.name,
+        # what "best" means: the checkpoint `load_student` and `attnxfer export` pick
+        "best_metric": engine.settings.metric,
+        "best_mode": str(engine.settings.metric_mode),
         "num_classes": parts.num_classes,
         "class_names": parts.class_names,
         "mean": parts.mean,
@@ -276,14 +344,16 @@ def build_engine(
     ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, dual)  # after the EMA's copy: EMA weights are evaluated eagerly
     groups = _param_groups(cfg, dual)
-    # scored by val top-1, or, on data without labels, by final-feature agreement with the teacher
-    evaluator = evaluate if dataset_has_labels(parts.val_loader.dataset) else evaluate_features
+    # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
+    scoring = scoring_for(plan, parts)
+    settings = replace(loop_settings(cfg, runtime.world), metric=scoring.metric, metric_mode=scoring.mode)
     engine = assemble_engine(
         cfg,
         runtime,
-        TransferObjective(dual, task_loss_from_config(cfg, parts.num_classes), evaluator),
+        TransferObjective(dual, task_loss_from_config(cfg, parts.num_classes), scoring.evaluator),
         parts,
         groups,
+        settings=settings,
         ema=ema,
         record={"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record},
         pictures=attention_pictures(cfg, dual, parts, runtime),
@@ -364,7 +434,7 @@ def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[
         asked |= {"features"} if teacher and not with_teacher and not own_objective else set()
         if with_teacher:
             asked -= {"knn", "features"}
-    for name in sorted(asked & {"top1", "knn"}):
+    for name in sorted(asked & LABEL_METRICS):
         require_labels(info, f"eval.metrics={name}")
     if "features" in asked and (not teacher or own_objective):
         raise InputError(

@@ -87,12 +87,16 @@ def _choice(enum: type[StrEnum], value: str, key: str) -> StrEnum:
 
 
 def select_checkpoint(
-    run_dir: str | os.PathLike, which: CheckpointChoice | str = "best", best_mode: MetricMode | str = "max"
+    run_dir: str | os.PathLike,
+    which: CheckpointChoice | str = "best",
+    best_mode: MetricMode | str = "max",
+    best_metric: str | None = None,
 ) -> tuple[Path, str]:
     """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
 
-    ``best`` is the best validation metric the run recorded (val top-1; with ``best_mode="min"`` a loss,
-    as MAE pre-training records); a run that recorded none exports its latest checkpoint and says so.
+    ``best`` is the best validation metric the run recorded (``best_metric``, as run.json names it: val top-1;
+    with ``best_mode="min"`` a loss, as MAE pre-training records; a run without a task loss, its final-feature
+    cosine with the teacher); a run that recorded none exports its latest checkpoint and says so.
     """
     which = _choice(CheckpointChoice, which, "checkpoint")
     manager = CheckpointManager(run_dir, best_mode=best_mode)
@@ -102,7 +106,9 @@ def select_checkpoint(
     if which is CheckpointChoice.BEST:
         best = manager.best()
         if best is not None and best.metric is not None:
-            if manager.best_mode is MetricMode.MAX:
+            if best_metric not in (None, "val_top1", "val_loss"):
+                what = f"{best_metric.removeprefix('val_')} {best.metric:.4g}"
+            elif manager.best_mode is MetricMode.MAX:
                 what = f"val top-1 {best.metric:.2f}"
             else:
                 what = f"val loss {best.metric:.4g}"
@@ -211,7 +217,8 @@ class RunDir:
 
     def select_checkpoint(self, which: CheckpointChoice | str = "best") -> tuple[Path, str]:
         """(checkpoint folder, why), ranking by the metric direction the run recorded (``best_mode``)."""
-        return select_checkpoint(self.path, which, self.record().get("best_mode", "max"))
+        record = self.record()
+        return select_checkpoint(self.path, which, record.get("best_mode", "max"), record.get("best_metric"))
 
     def load_student(
         self,
@@ -230,7 +237,9 @@ class RunDir:
                 f"{self.record_file} has no 'student' spec (attnxfer.models.student_spec output): is "
                 f"{self.path} an attnxfer run?"
             )
-        ckpt, why = select_checkpoint(self.path, checkpoint, record.get("best_mode", "max"))
+        ckpt, why = select_checkpoint(
+            self.path, checkpoint, record.get("best_mode", "max"), record.get("best_metric")
+        )
         if weights is None:
             weights = ExportWeights.EMA if (ckpt / EMA_WEIGHTS).is_file() else ExportWeights.RAW
         weights = _choice(ExportWeights, weights, "weights")

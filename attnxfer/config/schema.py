@@ -111,6 +111,16 @@ class TransferConfig:
     # weight of KL(teacher logits || student logits) beside the task loss
     logit_distill: float = key(0.0, range=NON_NEGATIVE)
     logit_temperature: float = key(1.0, range=POSITIVE)  # softening temperature T of that KL (scaled by T^2)
+    # weight of feature distillation: cosine distance + smooth-L1 between the student's and the teacher's final
+    # token features (forward_features, after the final norm; prefix and patch tokens), standardised by the
+    # teacher token's own mean and std (transfer/feature_loss.py says why). null: 0 in train; in convert, 1
+    # where stage 2 has no task loss (the label-free stage 2). Not resumable: it is what the run optimises
+    feature_distill: float | None = key(None, range=NON_NEGATIVE)
+    # weight of the task loss (cross-entropy of the student's logits on the labels); 0: no task loss, no label
+    # is read anywhere in the run, no head is needed, and the run is scored by final-feature agreement with
+    # the teacher. null: 1 in train; in convert, 1 where the student has a head to train (the teacher's, or
+    # model.num_classes) and the data has labels, else 0. Not resumable: it is what the run optimises
+    task_weight: float | None = key(None, range=NON_NEGATIVE)
     # how a softmax student layer's exact CE is evaluated: auto (measured on the run's device and shapes
     # before the first step; a resumed run keeps its recorded choice) | rows | sdpa | attention_lse (the
     # student's attention kernel hands out its log-sum-exp: FlexAttention on CUDA) | triton (CUDA) |
@@ -241,8 +251,10 @@ class ConvertConfig:
 
     Stage 2 (end-to-end fine-tuning) is an ordinary training run of the converted student, so its recipe
     is the usual sections: schedule (epochs / max_steps), optim (lr, ...), aug, ema, and transfer
-    (``logit_distill`` / ``logit_temperature`` for logit distillation; ``mode: distill`` with
-    ``atd_weight`` for attention distillation; ``mode: none`` without it).
+    (``task_weight`` and ``feature_distill``: null picks the labelled stage 2 for a classifier teacher on
+    labelled data, else the label-free one, feature distillation with no task loss; ``logit_distill`` /
+    ``logit_temperature`` for logit distillation; ``mode: distill`` with ``atd_weight`` for attention
+    distillation; ``mode: none`` without it).
     """
 
     # a registered zoo attention (attnxfer.models.efficient's registry), or one name per block
@@ -263,6 +275,9 @@ class ConvertConfig:
     output_mse: float = key(0.0, range=NON_NEGATIVE)
     # validation batches for the per-layer map agreement
     agreement_batches: int = key(4, range=AT_LEAST_1, resumable=True)
+    # training images in the report's k-NN memory bank (evenly spaced through the split; where the data has
+    # labels); null: all of them
+    knn_bank_size: int | None = key(10_000, range=AT_LEAST_1, resumable=True)
     speed_batch_size: int = key(64, range=AT_LEAST_1, resumable=True)
     speed_repeats: int = key(20, range=AT_LEAST_1, resumable=True)
 

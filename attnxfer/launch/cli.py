@@ -110,7 +110,11 @@ def _cmd_train(args) -> int:
     from ..apps.training import train
 
     result = train(cfg)
-    print(f"done: {result.steps} steps, best val top1 {result.best_top1:.2f} -> {result.run_dir}")
+    if result.best_top1 is not None:
+        best = f"best val top1 {result.best_top1:.2f}"
+    else:  # a run without a task loss: its final-feature cosine with the teacher
+        best = f"best {result.metric.removeprefix('val_')} {result.best:.4g}"
+    print(f"done: {result.steps} steps, {best} -> {result.run_dir}")
     return 0
 
 

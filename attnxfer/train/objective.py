@@ -5,8 +5,10 @@ The engine (`attnxfer.train.engine`) drives an `Objective` and asks it nothing e
 terms, how to score a validation loader, and what evaluates the EMA's weights. A new objective is one
 class here (or beside its model) meeting the protocol, wired in `attnxfer.apps`:
 
-- `TransferObjective`: attention transfer, a `DualViT` (teacher + student) plus the task loss; scored by
-  val top-1 (`evaluate`).
+- `TransferObjective`: attention transfer, a `DualViT` (teacher + student: attention, logit and feature
+  distillation, as its plan says) plus the task loss at the plan's ``task_weight``; scored by val top-1
+  (`evaluate`), or, without a task loss (``task_weight=0``: no label is read), by final-feature agreement
+  with the teacher (`evaluate_features`).
 - `ModuleObjective`: a module whose forward returns its own ``loss``/``terms``/``logs`` (MAE
   pre-training, `attnxfer.models.mae`); scored by its evaluator (val reconstruction loss).
 - `Stage1Objective` (`attnxfer.train.stage1`, beside its loop): stage 1 of `attnxfer convert`, every
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..transfer.dual import DualViT
-from .evaluation import evaluate
+from .evaluation import evaluate, evaluate_features
 
 __all__ = [
     "Autocast",
@@ -73,8 +75,11 @@ class Objective(Protocol):
     #: a printed description for the trackers' hyper-parameters (the transfer plan), or None
     description: str | None
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> ObjectiveLoss:
-        """The loss of one batch; ``model`` is `module` as the engine wrapped it, called under ``autocast``."""
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, autocast: Autocast
+    ) -> ObjectiveLoss:
+        """The loss of one batch (``y`` None: data without labels); ``model`` is `module` as the engine wrapped
+        it, called under ``autocast``."""
         ...
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
@@ -91,32 +96,52 @@ class Objective(Protocol):
 
 
 class TransferObjective:
-    """Attention transfer: the `DualViT`'s transfer loss plus the task loss on the student's logits."""
+    """Attention transfer: the `DualViT`'s transfer loss (attention, logit and feature distillation, as its plan
+    weighs them) plus the task loss on the student's logits at the plan's ``task_weight``. With
+    ``task_weight=0`` there is no task loss and the labels are never read (``y`` may be None); the run is then
+    scored by final-feature agreement with the teacher, which also scores the EMA (with the teacher beside it).
+    """
 
     def __init__(self, dual: DualViT, task: TaskLoss, evaluator: Evaluator = evaluate) -> None:
         self.module, self.trained, self.plan = dual, dual.student, dual.plan
         self.task, self.evaluator = task, evaluator
         self.description = dual.plan.describe()
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> ObjectiveLoss:
-        if self.task.mixup is not None:
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, autocast: Autocast
+    ) -> ObjectiveLoss:
+        weight = self.plan.task_weight
+        if weight > 0 and y is None:
+            raise ValueError(
+                "the task loss needs labels, and this batch has none (set transfer.task_weight=0)"
+            )
+        if weight > 0 and self.task.mixup is not None:
             x, y = self.task.mixup(x, y)
         with autocast():
             out = model(x)
-        task = self.task.loss_fn(out.logits.float(), y)
-        terms = {"task": task, **out.terms}
+        terms: dict[str, torch.Tensor] = {}
+        total = out.loss
+        if weight > 0:
+            task = self.task.loss_fn(out.logits.float(), y)
+            terms["task"] = task
+            task = task if weight == 1.0 else weight * task
+            total = task if total is None else task + total
+        terms.update(out.terms)
         if out.loss is not None:
             terms["attn"] = out.loss
-        terms["total"] = task + out.loss if out.loss is not None else task
-        return ObjectiveLoss(terms["total"], terms, dict(out.logs))
+        terms["total"] = total
+        return ObjectiveLoss(total, terms, dict(out.logs))
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         return self.evaluator(model, loader, accelerator)
 
     def ema_model(self, ema: nn.Module) -> nn.Module:
-        """With the teacher when the mode attends with its q/k at evaluation too."""
+        """With the teacher when the mode attends with its q/k at evaluation too, or when the run is scored
+        against the teacher (final-feature agreement)."""
         dual = self.module
-        return DualViT(dual.teacher, ema, self.plan) if self.plan.mode.teacher_at_eval else ema
+        if self.plan.mode.teacher_at_eval or self.evaluator is evaluate_features:
+            return DualViT(dual.teacher, ema, self.plan)
+        return ema
 
     def before_step(self, log_now: bool) -> None:
         self.module.log_kl = log_now  # the KL diagnostics cost a pass: on log steps only
@@ -129,7 +154,9 @@ class ModuleObjective:
         self.module = self.trained = module
         self.evaluator, self.description = evaluator, description
 
-    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, autocast: Autocast) -> ObjectiveLoss:
+    def loss(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, autocast: Autocast
+    ) -> ObjectiveLoss:
         with autocast():
             out = model(x)
         terms = {**out.terms, "total": out.loss}

@@ -1,0 +1,264 @@
+"""What teacher and student hand over is typed, and feature distillation rides on it.
+
+The vocabulary: every registered transfer mode borrows and distils what a table written here says, as
+`Signal`s. Feature distillation in `DualViT`: the loss equals `feature_distill_loss` of the two models' own
+``forward_features`` (the teacher runs whole, the student once), beside attention distillation unchanged.
+The objective without a task loss reads no label; a `train` run with ``transfer.task_weight=0`` on a dataset
+whose labels raise lowers its feature loss, logs its terms (the first step's equal to the loss computed by
+hand on that batch) and is scored by feature agreement; bad combinations stop in one line before any work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+
+import pytest
+import torch
+from helpers import LABEL_TRAP, labels_raise_registered, peaked_teacher, tiny_vit
+from timm.models import save_for_hf
+
+from attnxfer.apps.training import build_engine
+from attnxfer.checkpoints.run_dir import RunDir
+from attnxfer.config import load_config
+from attnxfer.launch import cli
+from attnxfer.models import AttentionIO, Chunks, Signal
+from attnxfer.train.objective import TaskLoss, TransferObjective
+from attnxfer.transfer import MODES, DualViT, PlanError, build_plan
+from attnxfer.transfer.feature_loss import feature_distill_loss
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+# -- the vocabulary -----------------------------------------------------------------------------------------
+
+#: mode -> (what its student borrows from the teacher, what it distils), written out by hand
+MODE_TABLE = {
+    "none": ((), None),
+    "copy": ((Signal.Q, Signal.K), None),
+    "copy_q": ((Signal.Q,), None),
+    "copy_k": ((Signal.K,), None),
+    "copy_v": ((Signal.V,), None),
+    "distill": ((), Signal.MAPS),
+    "distill_q": ((), Signal.Q),
+    "distill_k": ((), Signal.K),
+    "distill_v": ((), Signal.V),
+}
+#: what each transferred teacher layer then hands over: the borrowed projections, or what the distilled
+#: signal is made of (maps: q and k)
+HANDED_OVER = {
+    "none": (),
+    "copy": (Signal.Q, Signal.K),
+    "copy_q": (Signal.Q,),
+    "copy_k": (Signal.K,),
+    "copy_v": (Signal.V,),
+    "distill": (Signal.Q, Signal.K),
+    "distill_q": (Signal.Q,),
+    "distill_k": (Signal.K,),
+    "distill_v": (Signal.V,),
+}
+
+
+def test_every_registered_mode_borrows_and_distils_what_the_table_says():
+    assert set(MODES) == set(MODE_TABLE)
+    for name, (borrow, distill) in MODE_TABLE.items():
+        mode = MODES[name]
+        assert tuple(mode.borrow) == borrow and all(type(c) is Signal for c in mode.borrow), name
+        assert mode.distill is distill, name
+        assert tuple(mode.chunks) == HANDED_OVER[name], name
+        assert mode.teacher_at_eval == bool(borrow) and mode.moves_nothing == (name == "none")
+
+
+def test_chunks_are_typed_sets_of_projections_that_print_as_the_config_letters():
+    assert Chunks(Signal.MAPS) == (Signal.Q, Signal.K) == Chunks("kq") == Chunks(["k", Signal.Q])
+    assert str(Chunks(Signal.MAPS)) == "qk" and repr(Chunks("v")) == "'v'" and Chunks("") == ()
+    assert AttentionIO(capture=Signal.MAPS).capture == (Signal.Q, Signal.K)
+    for not_a_projection in (Signal.OUTPUT, Signal.FEATURES, "input"):
+        with pytest.raises(ValueError, match="not made of q/k/v projections"):
+            Chunks(not_a_projection)
+
+
+# -- feature distillation in DualViT --------------------------------------------------------------------------
+
+
+def _count_calls(module: torch.nn.Module) -> list[int]:
+    calls = [0]
+    module.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["none", "distill"])
+def test_feature_distillation_is_the_loss_of_both_models_own_final_tokens(mode):
+    """The loss is `feature_distill_loss` of ``forward_features`` of each model (the student's taken from the
+    forward that gives its logits, one patch embedding call; the teacher run to its last block), weighted;
+    beside map distillation the attention terms are those of a run without features."""
+    teacher, x = (
+        peaked_teacher(depth=2),
+        torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+    )
+    student = tiny_vit(depth=2, seed=2)
+    plan = build_plan(teacher, student, mode, feature_weight=0.5, task_weight=0.0)
+    assert plan.compares[Signal.FEATURES] == 0.5
+    dual = DualViT(teacher, student, plan).train()
+    student_embeds, teacher_last = _count_calls(student.patch_embed), _count_calls(teacher.blocks[-1])
+    out = dual(x)
+    assert student_embeds[0] == 1 and teacher_last[0] == 1
+    with torch.no_grad():
+        ref = feature_distill_loss(student.forward_features(x), teacher.forward_features(x), 1)
+        torch.testing.assert_close(out.logits, student(x))
+    for key, value in ref.terms.items():
+        torch.testing.assert_close(out.terms[key], value)
+    assert {"feat_cos/prefix", "feat_cos/patch", "feat_smooth_l1/prefix", "feat_smooth_l1/patch"} <= set(
+        out.terms
+    )
+    if mode == "none":
+        torch.testing.assert_close(out.loss, 0.5 * ref.loss)
+        return
+    alone = DualViT(teacher, copy.deepcopy(student), build_plan(teacher, student, mode)).train()(x)
+    attention = [k for k in out.terms if k.startswith("attn_ce/")]
+    assert attention == ["attn_ce/0", "attn_ce/1"]
+    for key in attention:
+        torch.testing.assert_close(out.terms[key], alone.terms[key])
+    torch.testing.assert_close(out.loss, alone.loss + 0.5 * ref.loss)
+
+
+def test_an_objective_without_a_task_loss_never_touches_the_labels():
+    teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2, num_classes=0)
+    dual = DualViT(
+        teacher, student, build_plan(teacher, student, "none", feature_weight=1.0, task_weight=0.0)
+    )
+    never = TaskLoss(lambda *_: pytest.fail("the task loss ran"), mixup=lambda *_: pytest.fail("mixup ran"))
+    out = TransferObjective(dual.train(), never).loss(
+        dual, torch.randn(2, 3, 32, 32), None, contextlib.nullcontext
+    )
+    assert "task" not in out.terms and out.total is out.terms["attn"] and out.total.requires_grad
+    labelled = build_plan(teacher, tiny_vit(depth=2, seed=2), "none", feature_weight=1.0)
+    objective = TransferObjective(DualViT(teacher, tiny_vit(depth=2, seed=2), labelled), never)
+    with pytest.raises(ValueError, match="needs labels"):
+        objective.loss(objective.module, torch.randn(2, 3, 32, 32), None, contextlib.nullcontext)
+
+
+def test_the_plan_says_what_is_distilled_with_which_loss_and_weight_and_refuses_what_cannot_be():
+    teacher = peaked_teacher(depth=2)
+    said = build_plan(
+        teacher, tiny_vit(depth=2, seed=2), "none", feature_weight=2.0, task_weight=0.0
+    ).describe()
+    assert "feature distillation: weight 2, final token features after the final norm" in said
+    assert "cosine distance + smooth-L1" in said and "task loss: none (transfer.task_weight=0" in said
+    assert "feature" not in build_plan(teacher, tiny_vit(depth=2, seed=2), "none").describe()
+    with pytest.raises(PlanError, match="needs a teacher"):
+        build_plan(None, tiny_vit(depth=2), "none", feature_weight=1.0)
+    with pytest.raises(PlanError, match="teacher's have 48 channels, the student's 24.*embed_dim"):
+        build_plan(teacher, tiny_vit(depth=2, embed_dim=24), "none", feature_weight=1.0)
+    with pytest.raises(PlanError, match="token grids differ"):
+        build_plan(teacher, tiny_vit(depth=2, patch_size=16), "none", feature_weight=1.0)
+    with pytest.raises(PlanError, match="nothing to train"):
+        build_plan(teacher, tiny_vit(depth=2), "none", task_weight=0.0)
+
+
+# -- train: feature distillation without labels ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher")
+    save_for_hf(peaked_teacher(depth=2, plain_timm=True), folder, safe_serialization=True)
+    return folder
+
+
+def _train_args(run, teacher_dir, *extra: str) -> list[str]:
+    return [
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{teacher_dir}",
+        "data.dataset=labels_raise",
+        "data.batch_size=8",
+        "transfer.mode=none",
+        "transfer.feature_distill=1",
+        "transfer.task_weight=0",
+        "model.drop_path_rate=0",
+        "optim.lr=3e-3",
+        "schedule.warmup_epochs=0",
+        "schedule.epochs=3",
+        "log.every_steps=1",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "ema.decay=0.9",
+        *extra,
+    ]
+
+
+def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
+    """On a dataset whose labels raise: the logged first step equals the loss computed by hand on that batch,
+    the feature loss falls, every evaluation (the EMA's too) is feature agreement, the best is its highest
+    patch cosine, and the run's student rebuilds headless."""
+    run = tmp_path / "run"
+    with labels_raise_registered():
+        engine = build_engine(load_config(None, _train_args(run, teacher_dir)))
+        teacher, before = engine.dual.teacher, copy.deepcopy(engine.student).eval()
+        engine.train_sampler.set_epoch(0)
+        engine.train_sampler.set_position(0)
+        (x,) = next(iter(engine.train_loader))
+        with torch.no_grad():
+            first = feature_distill_loss(before.forward_features(x), teacher.forward_features(x), 1)
+        result = engine.run()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert train_rows[0]["step"] == 1 and "task" not in train_rows[0]
+    for key, value in first.terms.items():
+        assert train_rows[0][key] == pytest.approx(value.item(), rel=1e-5), key
+    assert train_rows[0]["total"] == pytest.approx(first.loss.item(), rel=1e-5)
+    probe = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        t = teacher.float().forward_features(probe)
+        start = feature_distill_loss(before.forward_features(probe), t, 1).loss
+        end = feature_distill_loss(engine.student.eval().forward_features(probe), t, 1).loss
+    assert end < 0.8 * start, (start, end)
+    evals = [r for r in rows if r["split"] == "val"]
+    assert len(evals) == 3 and all("val_feat_cos_patch" in r and "ema_val_feat_cos_patch" in r for r in evals)
+    assert result.metric == "val_feat_cos_patch" and result.best == max(
+        r["val_feat_cos_patch"] for r in evals
+    )
+    record = json.loads((run / "run.json").read_text())
+    assert (record["best_metric"], record["best_mode"], record["num_classes"]) == (
+        "val_feat_cos_patch",
+        "max",
+        0,
+    )
+    loaded = RunDir(run).load_student(weights="raw")
+    assert loaded.model.num_classes == 0 and "best feat_cos_patch" in loaded.why
+
+
+# -- bad input: one line, before any work ------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    code = cli.main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and LABEL_TRAP not in err, err
+    return code, [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "command,extra,says",
+    [
+        (
+            "train",
+            ["transfer.task_weight=1"],
+            r"the task loss \(cross-entropy of the student's logits\) needs labels.*set transfer.task_weight=0",
+        ),
+        ("train", ["eval.metrics=[knn]"], "eval.metrics=knn needs labels"),
+        ("convert", ["eval.metrics=[top1]"], "eval.metrics=top1 needs labels"),
+        ("convert", ["transfer.task_weight=0.5"], "task loss .* needs labels.*set transfer.task_weight=0"),
+    ],
+    ids=["train-task", "train-knn", "convert-top1", "convert-task"],
+)
+def test_label_work_on_data_without_labels_stops_in_one_line(
+    command, extra, says, tmp_path, teacher_dir, capsys
+):
+    run = tmp_path / "run"
+    args = _train_args(run, teacher_dir, "data.labels=false", *extra)
+    with labels_raise_registered():
+        code, lines = _cli(capsys, command, *args)
+    assert code == 2 and lines[-1].startswith(f"attnxfer {command}: error: "), lines
+    assert re.search(says, lines[-1]) and not run.exists(), lines[-1]
