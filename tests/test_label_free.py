@@ -312,8 +312,12 @@ def _run(capsys, *argv):
         ("train", [], "the task loss (cross-entropy of the student's logits)"),
         (
             "convert",
-            ["teacher.spec=local-dir:/nonexistent", "convert.attention=relu_linear"],
-            "the conversion report's val top-1 (and stage 2's task loss)",
+            [
+                "teacher.spec=local-dir:/nonexistent",
+                "convert.attention=relu_linear",
+                "transfer.task_weight=1",
+            ],
+            "the task loss (cross-entropy of the student's logits)",
         ),
         ("eval", ["eval.metrics=[knn]"], "eval.metrics=knn"),
         ("eval", ["eval.metrics=[top1]"], "eval.metrics=top1"),

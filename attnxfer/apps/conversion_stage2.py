@@ -53,14 +53,14 @@ def stage2_objective(cfg: TrainConfig, teacher: nn.Module, labelled: bool) -> St
     classes = int(getattr(teacher, "num_classes", 0) or 0)
     if t.task_weight is not None:
         task, reason = float(t.task_weight), f"transfer.task_weight={t.task_weight:g}"
+    elif not classes and not cfg.model.num_classes:
+        task, reason = 0.0, "the teacher is headless"
     elif not labelled:
         task, reason = 0.0, "the data has no labels"
     elif classes:
         task, reason = 1.0, f"the teacher's {classes}-class head"
-    elif cfg.model.num_classes:
-        task, reason = 1.0, f"a new {cfg.model.num_classes}-class head: model.num_classes"
     else:
-        task, reason = 0.0, "the teacher is headless"
+        task, reason = 1.0, f"a new {cfg.model.num_classes}-class head: model.num_classes"
     features = float(t.feature_distill) if t.feature_distill is not None else (1.0 if task == 0 else 0.0)
     return Stage2Objective(task, features, reason)
 
