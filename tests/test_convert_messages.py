@@ -36,6 +36,7 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
         "schedule.max_steps=1",
         "transfer.mode=none",
         "transfer.logit_distill=0",
+        "model.num_classes=10",  # a new head: the labelled stage 2 (without it, the student stays headless)
         "log.progress=false",
         "log.tensorboard=false",
         "convert.agreement_batches=1",

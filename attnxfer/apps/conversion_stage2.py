@@ -34,8 +34,10 @@ class Stage2Objective:
 
     @property
     def overrides(self) -> dict[str, float]:
-        """The config keys stage 2 runs with (what its config.yaml records)."""
-        return {"transfer.task_weight": self.task_weight, "transfer.feature_distill": self.feature_distill}
+        """The config keys stage 2 runs with where they differ from what null means to `attnxfer train` (task
+        weight 1, no feature distillation): what its config.yaml records."""
+        out = {"transfer.task_weight": self.task_weight} if self.task_weight != 1.0 else {}
+        return out | ({"transfer.feature_distill": self.feature_distill} if self.feature_distill else {})
 
     def describe(self) -> str:
         """``label-free feature distillation (the teacher is headless)``, ``labelled fine-tuning (...)``."""
