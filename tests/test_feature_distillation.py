@@ -20,9 +20,10 @@ import torch
 from helpers import LABEL_TRAP, labels_raise_registered, peaked_teacher, tiny_vit
 from timm.models import save_for_hf
 
-from attnxfer.apps.training import build_engine
+from attnxfer.apps.training import build_engine, eval_metrics, evaluate_run
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
+from attnxfer.errors import InputError
 from attnxfer.launch import cli
 from attnxfer.models import AttentionIO, Chunks, Signal
 from attnxfer.train.objective import TaskLoss, TransferObjective
@@ -262,3 +263,27 @@ def test_label_work_on_data_without_labels_stops_in_one_line(
         code, lines = _cli(capsys, command, *args)
     assert code == 2 and lines[-1].startswith(f"attnxfer {command}: error: "), lines
     assert re.search(says, lines[-1]) and not run.exists(), lines[-1]
+
+
+def test_eval_of_a_run_without_a_task_loss_scores_features_and_knn_but_no_head():
+    cfg = load_config(
+        None, ["teacher.spec=local-dir:unused", "data.dataset=synthetic", "transfer.task_weight=0"]
+    )
+    assert eval_metrics(cfg) == {"features", "knn"}
+    with pytest.raises(InputError, match="eval.metrics=top1: this run has no task loss"):
+        eval_metrics(load_config(None, ["teacher.spec=x", "transfer.task_weight=0", "eval.metrics=[top1]"]))
+
+
+@pytest.mark.slow  # trains a short run, then scores it: ~4 s of CPU
+def test_eval_of_a_run_without_a_task_loss_reads_the_labels_its_knn_needs(tmp_path, teacher_dir):
+    """The run read no label, but scoring it on labelled data gives k-NN top-1 beside feature agreement."""
+    args = [
+        a
+        for a in _train_args(tmp_path / "run", teacher_dir)
+        if not a.startswith(("data.dataset", "schedule"))
+    ]
+    args += ["data.dataset=synthetic", "schedule.warmup_epochs=0", "schedule.epochs=1"]
+    build_engine(load_config(None, args)).run()
+    metrics = evaluate_run(load_config(None, args)).metrics
+    assert {"val_feat_cos_patch", "knn_top1", "knn_teacher_top1"} <= set(metrics), metrics
+    assert "val_top1" not in metrics and 0 <= metrics["knn_top1"] <= 100

@@ -333,7 +333,9 @@ def build_engine(
     if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank
-    parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world)
+    # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
+    labels = None if write_run_files else cfg.data.labels
+    parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world, labels=labels)
     check_teacher_content(resumed_from, parts.teacher_record, cfg.teacher.spec)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
@@ -436,6 +438,13 @@ def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[
             asked -= {"knn", "features"}
     for name in sorted(asked & LABEL_METRICS):
         require_labels(info, f"eval.metrics={name}")
+    if task_weight_of(cfg) == 0 and not own_objective:  # scored by feature agreement: no head was trained
+        if "top1" in cfg.eval.metrics:
+            raise InputError(
+                "eval.metrics=top1: this run has no task loss (transfer.task_weight=0), so no head was trained "
+                "to score; drop top1 from eval.metrics (features and knn need no head)"
+            )
+        asked.discard("top1")
     if "features" in asked and (not teacher or own_objective):
         raise InputError(
             "eval.metrics=features compares the student's final features with its teacher's, and this run has "
