@@ -474,9 +474,8 @@ def _other_size(
     if pair is None or pair[0] != pair[1]:
         raise InputError(f"img_size={img_size!r}: attnxfer runs square images; give one side in pixels")
     cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in _SOURCE_KEYS}
-    own = {k: v for k, v in {**res.model_args, **timm_kwargs}.items() if k != "img_size"}
-    with torch.device("meta"):
-        native = _create_family(res.architecture, False, cfg, own)
+    with torch.device("meta"):  # the weights' own size: their recorded img_size, else the arch's
+        native = _create_family(res.architecture, False, cfg, {**res.model_args, **timm_kwargs})
     own_size = image_input(native).img_size
     if own_size == pair:
         return None

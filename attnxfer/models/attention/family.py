@@ -58,12 +58,13 @@ class Tiling:
     """One rule an image side must meet to run a model: the side over ``stride`` pixels is a whole grid of
     tokens, and that grid is whole ``window``s of tokens (1: any grid). Where ``shrinks``, a window larger than
     the grid becomes the grid, as timm's Swin blocks do (a stage of 7 tokens in 12-token windows: one 7-token
-    window). ``what`` names the rule for messages ("16 px patches", "stage 2's 7-token windows")."""
+    window). ``what`` names the rule for messages ("16 px patches", "the 1/8 stage"), ``unit`` its windows."""
 
     stride: int
     window: int = 1
     shrinks: bool = False
     what: str = ""
+    unit: str = "windows"
 
     def grid(self, side: int) -> int | None:
         """Tokens along ``side`` at this stride, None where the stride does not divide it."""
@@ -81,8 +82,9 @@ class Tiling:
         """Why ``side`` does not fit, in words."""
         g = self.grid(side)
         if not g:
-            return f"{side} px is not a multiple of {self.stride} px ({self.what})"
-        return f"its {g} tokens at a {self.stride} px stride are not whole {self.window}-token windows ({self.what})"
+            return f"{self.what}: {side} px is not a multiple of {self.stride} px"
+        tokens = f"{side} px make {g} tokens of {self.stride} px"
+        return f"{self.what}: {tokens}, not whole {self.window}-token {self.unit}"
 
 
 def tilings_of(

@@ -127,7 +127,7 @@ def hiera_tilings(model: nn.Module) -> tuple[Tiling, ...]:
     patch = [int(s) for s in model.patch_embed.proj.stride]
     pooled = [math.prod(int(s[i]) for s in model.unroll.schedule) for i in range(2)]
     return (
-        *tilings_of(patch, model.mask_unit_size, what=f"{patch[0]} px patches in mask units"),
+        *tilings_of(patch, model.mask_unit_size, what="its mask units", unit="mask units"),
         *tilings_of([p * q for p, q in zip(patch, pooled)], what="the token grid its query pooling halves"),
     )
 

@@ -150,7 +150,7 @@ def pvt_v2_tilings(model: nn.Module) -> tuple[Tiling, ...]:
         down = getattr(getattr(stage, "downsample", None), "proj", None)
         if down is not None:
             stride = [s * int(d) for s, d in zip(stride, down.stride)]
-        out.update(dict.fromkeys(tilings_of(stride, what=f"stage {k}'s 1/{stride[0]} grid")))
+        out.update(dict.fromkeys(tilings_of(stride, what=f"stage {k}")))
         for block in stage.blocks:
             sr = block.attn.sr
             if block.attn.pool is None and sr is not None and max(sr.stride) > 1:

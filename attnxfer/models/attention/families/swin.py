@@ -207,11 +207,12 @@ def swin_tilings(model: nn.Module) -> tuple[Tiling, ...]:
     blocks = [m for m in model.modules() if hasattr(m, "shift_size") and hasattr(m, "window_size")]
     window = [max(int(b.window_size[i]) for b in blocks) for i in range(2)]
     shrinks = not any(getattr(b, "always_partition", False) for b in blocks)
-    out: dict[Tiling, None] = dict.fromkeys(tilings_of(model.patch_embed.patch_size, what="patches"))
+    patch = model.patch_embed.patch_size
+    out: dict[Tiling, None] = dict.fromkeys(tilings_of(patch, what=f"{patch[0]} px patches"))
     for b in blocks:
         grid = tuple(getattr(b, "input_resolution", None) or b.feat_size)
         strides = [round(side[i] / grid[i]) for i in range(2)]
-        what = f"{window[0]}-token windows on the 1/{strides[0]} grid"
+        what = f"the 1/{strides[0]} stage"
         out.update(dict.fromkeys(tilings_of(strides, window, what=what, shrinks=shrinks)))
     return tuple(out)
 

@@ -142,11 +142,11 @@ def twins_tilings(model: nn.Module) -> tuple[Tiling, ...]:
     out: dict[Tiling, None] = {}
     for k, (embed, blocks) in enumerate(zip(model.patch_embeds, model.blocks)):
         stride = [s * int(p) for s, p in zip(stride, embed.proj.stride)]
-        out.update(dict.fromkeys(tilings_of(stride, what=f"stage {k}'s 1/{stride[0]} grid")))
+        out.update(dict.fromkeys(tilings_of(stride, what=f"stage {k}")))
         for block in blocks:
             attn = block.attn
             if isinstance(attn, LocallyGroupedAttn) and attn.ws > 1:
-                what = f"stage {k}'s {attn.ws}-token windows"
+                what = f"stage {k}"
                 out.update(dict.fromkeys(tilings_of(stride, (attn.ws, attn.ws), what=what)))
             sr = getattr(attn, "sr", None)
             if sr is not None and max(sr.stride) > 1:
