@@ -411,7 +411,7 @@ def _build(
     kwargs = {**res.model_args, **timm_kwargs, "num_classes": num_classes}
     if res.model_args:
         kwargs["pretrained_model_args"] = dict(res.model_args)  # the source grid, for resampling
-    resize = size.sizes.resize_weights if size is not None else None
+    resize = size.sizes.resize_weights if size is not None and res.weights else None
     if size is not None and size.sizes.size_argument and resize is None:
         kwargs["img_size"] = size.side
     if res.weights:
@@ -538,6 +538,14 @@ def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     return ", ".join(parts[:limit]) + (f", ... ({len(parts)} groups)" if len(parts) > limit else "")
 
 
+def _source_size(res: Resolved, size: _OtherSize | None) -> tuple[int, ...]:
+    """The (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
+    (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)."""
+    if size is None or size.native is None:
+        return ()
+    return tuple(size.native) if res.source.has_timm_metadata or res.model_args.get("img_size") else ()
+
+
 def _record(
     spec: str,
     res: Resolved,
@@ -552,7 +560,7 @@ def _record(
     cfg = model.pretrained_cfg
     resampled = False
     if source_pos is not None and getattr(model, "pos_embed", None) is not None:
-        resampled = tuple(model.pos_embed.shape) != source_pos or size is not None
+        resampled = tuple(model.pos_embed.shape) != source_pos
         # Same token count, other grid (e.g. 8x2 vs 4x4): only timm-format metadata knows the source grid.
         src = res.model_args.get("img_size") or (
             res.pretrained_cfg.get("input_size", (0, 0, 0))[-2:] if res.source.has_timm_metadata else None
@@ -581,7 +589,7 @@ def _record(
         num_classes=int(getattr(model, "num_classes", 0)),
         dropped_keys=list(dropped),
         resampled_pos_embed=bool(resampled),
-        source_img_size=tuple(size.native) if size is not None and size.native else (),
+        source_img_size=_source_size(res, size),
         resized_by=size.sizes.how if size is not None else None,
         model_args=_json_safe(model_args),
         source_format=res.source_format,
