@@ -148,7 +148,13 @@ def _save_stage1(student: nn.Module, folder: Path, result: Stage1Result, plan: C
     tmp.replace(folder / "student.safetensors")
     atomic_write_json(
         folder / "stage1.json",
-        {"steps": result.steps, "seconds": result.seconds, "history": result.history, "plan": plan.to_dict()},
+        {
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "history": result.history,
+            "memory": result.memory,
+            "plan": plan.to_dict(),
+        },
     )
 
 
@@ -197,4 +203,6 @@ def _load_stage1(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stag
             "checkpoint.resume=none to redo stage 1"
         )
     student.load_state_dict(load_file(str(weights), device=str(next(student.parameters()).device)))
-    return Stage1Result(meta["steps"], meta["seconds"], meta["history"], resumed=True)
+    return Stage1Result(
+        meta["steps"], meta["seconds"], meta["history"], resumed=True, memory=meta.get("memory")
+    )

@@ -417,6 +417,7 @@ def _report(
             "batch_size": plan.stage1_batch_size,
             "lr": plan.stage1_lr,
             "train": plan.stage1_train,
+            "memory": stage1.memory,  # peak beside the teacher's whole maps (`train.peak_memory`)
         },
         "stage2": stage2,
         "top1": top1,

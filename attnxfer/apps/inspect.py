@@ -35,6 +35,7 @@ from ..config import load_config
 from ..data import build_dataset
 from ..errors import InputError, MissingPathError, PathExistsError
 from ..models import make_transfer_aware
+from ..models.image_input import ImageSizeError, image_input
 from ..sources import TeacherLoadError, load_student, load_teacher
 from ..transfer.plan import MODES, build_plan
 from .inspect_pictures import draw_pictures
@@ -47,6 +48,7 @@ __all__ = [
     "inspect_models",
     "load_images",
     "load_model",
+    "trained_size",
     "write_report",
 ]
 
@@ -125,24 +127,74 @@ def load_model(
     teacher: LoadedModel | None = None,
     pretrained: bool = True,
     arch: str | None = None,
+    img_size: int | None = None,
 ) -> LoadedModel:
     """Any spec as a model to inspect: a RUN_DIR (run.json + checkpoints), an `attnxfer export` folder
     (efficient attention included), a timm name, ``hf-hub:``, ``local-dir:`` or a weight file (with
-    ``arch``). ``teacher`` is needed for copy-mode runs; ``pretrained=False`` builds random weights."""
+    ``arch``). ``teacher`` is needed for copy-mode runs; ``pretrained=False`` builds random weights.
+    ``img_size``: models loaded as teachers are (re)built at that size as their family says; a trained
+    student (a RUN_DIR, an efficient export) keeps the size it was trained at, and another is refused."""
     spec = str(spec)
     if _is_run_dir(spec):
-        return _load_run(spec, teacher)
+        return _at_size(_load_run(spec, teacher), img_size)
     try:
-        model, record = load_teacher(spec, arch=arch, pretrained=pretrained)
+        model, record = load_teacher(spec, arch=arch, pretrained=pretrained, img_size=img_size)
+    except ImageSizeError as err:
+        raise err.restated("--img-size") from None
     except TeacherLoadError as err:
         if "efficient-attention student" not in str(err):
             raise InputError(str(err)) from None
         model = load_student(spec)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
-        return LoadedModel(
-            spec, model, "attnxfer export", mean=tuple(cfg.get("mean", ())), std=tuple(cfg.get("std", ()))
+        return _at_size(
+            LoadedModel(
+                spec, model, "attnxfer export", mean=tuple(cfg.get("mean", ())), std=tuple(cfg.get("std", ()))
+            ),
+            img_size,
         )
     return LoadedModel(spec, model, record.source, sha256=record.sha256, mean=record.mean, std=record.std)
+
+
+def _at_size(loaded: LoadedModel, img_size: int | None) -> LoadedModel:
+    """A trained student as it was trained: at ``img_size`` (when given), else refused."""
+    size = image_input(loaded.model).img_size
+    if img_size is not None and size is not None and size != (img_size, img_size):
+        raise InputError(
+            f"{loaded.spec} was trained at {size[0]} px and is inspected at the size it was trained at: pass "
+            f"--img-size {size[0]} (the teacher is rebuilt there), or leave --img-size out"
+        )
+    return loaded
+
+
+def trained_size(spec: str) -> int | None:
+    """The image side a trained student was trained at, read from its record without loading it: a RUN_DIR's
+    run.json, or an `attnxfer export` folder's config.json; None for any other spec."""
+    spec = str(spec)
+    try:
+        if _is_run_dir(spec):
+            cfg = (RunDir(spec).record().get("student") or {}).get("pretrained_cfg") or {}
+        else:
+            folder = Path(spec.removeprefix("local-dir:")).expanduser()
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            if not (config.get("attnxfer") or {}).get("student"):
+                return None
+            cfg = config["attnxfer"]["student"].get("pretrained_cfg") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    size = cfg.get("input_size")
+    return int(size[-1]) if isinstance(size, (list, tuple)) and size else None
+
+
+def _same_size(teacher: LoadedModel, students: Mapping[str, LoadedModel]) -> None:
+    """Every model runs at the teacher's image size (maps are compared token by token), else one message."""
+    want = image_input(teacher.model).img_size
+    for s in students.values():
+        got = image_input(s.model).img_size
+        if want is not None and got is not None and got != want:
+            raise InputError(
+                f"{s.spec} runs at {got[0]} px, the teacher {teacher.spec} at {want[0]} px: pass --img-size "
+                f"{got[0]} to rebuild the teacher (and every model loaded as one) there"
+            )
 
 
 # ------------------------------------------------------------------------------------------- images
@@ -325,6 +377,7 @@ def inspect_attention(
     batch_size: int = 16,
     picture_images: int = 1,
     seed: int = 0,
+    img_size: int | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Load ``teacher`` and ``students`` (specs), measure on ``images`` (files) or ``data`` (a dataset), write
@@ -332,6 +385,8 @@ def inspect_attention(
 
     ``pretrained=False`` builds timm names with random weights (``seed`` for the teacher, seed+1, +2, ...
     for the students). ``settings``: `compare_attention`'s keywords (topk, noise, floor_images, probe_rows).
+    ``img_size``: the image side every model runs at (default: the size the trained students among
+    ``students`` were trained at, when they agree; else the teacher's own).
     """
     if not students:
         raise InputError("name at least one student to inspect against the teacher")
@@ -339,14 +394,17 @@ def inspect_attention(
         raise PathExistsError(
             f"{out} already holds an inspection (metrics.json); choose another --out or pass --overwrite"
         )
+    trained = {s for s in map(trained_size, students) if s is not None}
+    size = img_size or (trained.pop() if len(trained) == 1 else None)
     torch.manual_seed(seed)
-    t = load_model(teacher, pretrained=pretrained, arch=teacher_arch)
+    t = load_model(teacher, pretrained=pretrained, arch=teacher_arch, img_size=size)
     token_layout(t.model)  # a family with no adapter, or a refused one (DiffAttention): one message, here
     loaded: dict[str, LoadedModel] = {}
     for k, (name, spec) in enumerate(zip(_student_names(students), students), start=1):
         torch.manual_seed(seed + k)
-        loaded[name] = load_model(spec, teacher=t, pretrained=pretrained, arch=student_arch)
+        loaded[name] = load_model(spec, teacher=t, pretrained=pretrained, arch=student_arch, img_size=size)
         token_layout(loaded[name].model)
+    _same_size(t, loaded)
     x = load_images(t, files=images, data=data, data_root=data_root, split=split, num_images=num_images)
     subjects = {n: s.subject for n, s in loaded.items()}
     insp = inspect_models(t.model, subjects, x, batch_size=batch_size, **settings)

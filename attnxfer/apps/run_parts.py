@@ -13,7 +13,7 @@ from ..config import TrainConfig
 from ..data import DatasetInfo
 from ..errors import InputError
 from ..models.efficient import with_attention
-from ..models.image_input import image_input
+from ..models.image_input import ImageSizeError, image_input
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
@@ -73,7 +73,10 @@ def init_from_pretrained(
 
     Every weight but the head's comes from ``spec``; anything else missing is an error, never a random
     weight (e.g. an MAE-pretrained export: ``local-dir:RUN_DIR/export``)."""
-    pretrained, _ = load_teacher(spec, img_size=img_size, num_classes=0)
+    try:
+        pretrained, _ = load_teacher(spec, img_size=img_size, num_classes=0)
+    except ImageSizeError as e:
+        raise e.restated("data.img_size") from None
     student = student_like(pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
     head = {n for n, _ in student.named_parameters() if n.split(".")[0] == "head"}
@@ -188,13 +191,16 @@ def build_run_parts(
     info = data_info(d)
     teacher, record = None, None
     if cfg.teacher.spec:
-        teacher, rec = load_teacher(
-            cfg.teacher.spec,
-            arch=cfg.teacher.arch,
-            revision=cfg.teacher.revision,
-            cache_dir=cfg.teacher.cache_dir,
-            img_size=d.img_size,
-        )
+        try:  # at data.img_size: rebuilt there as its family says, or refused with the sizes that work
+            teacher, rec = load_teacher(
+                cfg.teacher.spec,
+                arch=cfg.teacher.arch,
+                revision=cfg.teacher.revision,
+                cache_dir=cfg.teacher.cache_dir,
+                img_size=d.img_size,
+            )
+        except ImageSizeError as e:
+            raise e.restated("data.img_size") from None
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
     elif cfg.transfer.mode != "none":
         raise InputError(

@@ -432,12 +432,19 @@ def _inspect_parser(sub):
     )
     p.add_argument("--pictures", type=int, default=1, help="images drawn as class-token grids (default 1)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="image side every model runs at (teachers rebuilt there as their family allows; default: the "
+        "size trained students were trained at, else the teacher's)",
+    )
     p.set_defaults(func=_cmd_inspect)
 
 
 def _cmd_inspect(args) -> int:
-    for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures"):
-        if getattr(args, flag) < 1:
+    for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     from ..apps.inspect import inspect_attention  # after the checks: a bad flag answers without torch
 
@@ -457,6 +464,7 @@ def _cmd_inspect(args) -> int:
         batch_size=args.batch_size,
         picture_images=args.pictures,
         seed=args.seed,
+        img_size=args.img_size,
         topk=args.topk,
         noise=args.noise,
         floor_images=args.floor_images,

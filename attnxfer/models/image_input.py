@@ -5,10 +5,16 @@ where: `attnxfer.models.attention.Family.patch_embedding`) and describe it with 
 ``patch_embed`` knows its ``img_size`` and ``grid_size``; others accept any size and record none). This is
 the one place that reads them, so run builders, plans and reports ask `image_input` instead of reading
 ``model.patch_embed`` (which only some families have).
+
+Other sizes: a model runs at another image size than the one its weights were made for where its family's
+`Tiling`s hold (whole patches; whole stage grids and windows for the hierarchical families: each family file
+declares them, `attnxfer.models.attention.ImageSizes`). `check_image_size` is that question, asked before
+any work, and its refusal (`ImageSizeError`) names the nearest sizes that work.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -16,8 +22,20 @@ from timm.models import get_model_traits
 
 from ..errors import InputError
 from .attention import families, patch_embeddings
+from .attention.family import ImageSizes, Tiling, family_of
 
-__all__ = ["PATCH_EMBEDDINGS", "ImageInput", "as_pair", "find_patch_embedding", "image_input"]
+__all__ = [
+    "PATCH_EMBEDDINGS",
+    "ImageInput",
+    "ImageSizeError",
+    "as_pair",
+    "check_image_size",
+    "find_patch_embedding",
+    "image_input",
+    "image_sizes",
+    "size_tilings",
+    "sizes_that_fit",
+]
 
 #: Where the families keep the patch embedding, looked up in this order (``patch_embed`` first).
 PATCH_EMBEDDINGS = patch_embeddings()
@@ -110,3 +128,88 @@ def as_pair(v) -> tuple[int, int] | None:
         return (v, v)
     v = tuple(int(x) for x in v)
     return v if len(v) == 2 else None
+
+
+# ------------------------------------------------------------------------------------------- other sizes
+class ImageSizeError(InputError):
+    """A model cannot run at an image size: ``side``, why, and the nearest sides that work (``below``,
+    ``above``; None where there is none). Callers that know which setting named the size restate it."""
+
+    def __init__(self, message: str, side: int, below: int | None, above: int | None) -> None:
+        super().__init__(message)
+        self.side, self.below, self.above = side, below, above
+
+    def restated(self, key: str) -> ImageSizeError:
+        """The same refusal, naming the setting that asked for the size (``data.img_size``, ``--img-size``)."""
+        return ImageSizeError(f"{key}={self.side}: {self.args[0]}", self.side, self.below, self.above)
+
+
+def image_sizes(model: nn.Module) -> ImageSizes:
+    """What ``model``'s family declares about other image sizes (defaults for a model of no known family)."""
+    family = family_of(model)
+    return family.sizes if family is not None else ImageSizes()
+
+
+def size_tilings(model: nn.Module) -> tuple[Tiling, ...]:
+    """The rules an image side must meet to run ``model`` (its family's `Tiling`s; whole patches by default)."""
+    declared = image_sizes(model).tilings
+    if declared is not None:
+        return tuple(declared(model))
+    patch = image_input(model).patch_size
+    return tuple(dict.fromkeys(Tiling(p, what=f"{p} px patches") for p in patch))
+
+
+def _fits(tilings: tuple[Tiling, ...], side: int, native: int | None) -> bool:
+    return side == native or all(t.fits(side) for t in tilings)
+
+
+def sizes_that_fit(model: nn.Module, side: int) -> tuple[int | None, int | None]:
+    """The nearest image sides below and above ``side`` at which ``model`` runs (None where there is none
+    below). The rules repeat with the least common multiple of their strides and windows, so one period
+    around ``side`` holds both answers."""
+    tilings = size_tilings(model)
+    native = _native_side(model)
+    period = math.lcm(*(t.stride * t.window for t in tilings)) if tilings else 1
+    below = next(
+        (s for s in range(side - 1, max(0, side - period - 1), -1) if _fits(tilings, s, native)), None
+    )
+    if below is None and native is not None and native < side:
+        below = native
+    above = next((s for s in range(side + 1, side + period + 1) if _fits(tilings, s, native)), None)
+    return below, above
+
+
+def check_image_size(model: nn.Module, side: int) -> ImageSizes:
+    """Refuse an image side ``model`` cannot run at (`ImageSizeError`, naming the nearest sides that work),
+    else return its family's `ImageSizes` (how it is rebuilt there).
+
+    ``model`` is the architecture at the size its weights were made for (a model on the meta device is
+    enough): that size always runs, as timm built it (padded windows included); another size must meet every
+    `Tiling` of its family, so that it computes what it computes at its own size, on more or fewer tokens."""
+    sizes = image_sizes(model)
+    if side < 1:
+        raise ImageSizeError(
+            f"an image side must be a positive number of pixels, got {side}", side, None, None
+        )
+    tilings = size_tilings(model)
+    native = _native_side(model)
+    if _fits(tilings, side, native):
+        return sizes
+    family = family_of(model)
+    title = f"a {family.title} model" if family is not None else f"a {type(model).__name__}"
+    reason = next(t.reason(side) for t in tilings if not t.fits(side))
+    below, above = sizes_that_fit(model, side)
+    near = " and ".join(f"{s} px" for s in (below, above) if s is not None)
+    made = f" (its weights were made for {native} px)" if native else ""
+    raise ImageSizeError(
+        f"{title}{made} cannot run at {side} px: {reason}; nearest sizes that work: {near}",
+        side,
+        below,
+        above,
+    )
+
+
+def _native_side(model: nn.Module) -> int | None:
+    """The square side ``model`` was built for (None if it records none or is not square)."""
+    size = image_input(model).img_size
+    return size[0] if size is not None and size[0] == size[1] else None

@@ -222,6 +222,8 @@ def _student_cfg(
     )
     if img_size:
         cfg["input_size"] = (in_chans, *img_size)
+    elif teacher_cfg.get("input_size"):  # a family built without a size argument (PVTv2): the teacher's size
+        cfg["input_size"] = (in_chans, *tuple(teacher_cfg["input_size"])[-2:])
     return cfg
 
 

@@ -36,8 +36,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from ..models.attention import make_transfer_aware
-from ..models.image_input import image_input
+from ..models.attention import ImageSizes, make_transfer_aware
+from ..models.image_input import as_pair, check_image_size, image_input
 from ..models.vit import create_vit
 from .resolve import (
     Origin,
@@ -112,6 +112,12 @@ class TeacherRecord:
     num_classes: int = 0
     dropped_keys: list[str] = field(default_factory=list)
     resampled_pos_embed: bool = False
+    source_img_size: tuple[
+        int, ...
+    ] = ()  # (H, W) the weights were made for, where the teacher runs at another
+    resized_by: str | None = (
+        None  # how the teacher was rebuilt at the run's size (its family's `ImageSizes.how`)
+    )
     model_args: dict[str, Any] = field(default_factory=dict)
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
 
@@ -122,7 +128,7 @@ class TeacherRecord:
     def from_dict(cls, d: dict[str, Any]) -> TeacherRecord:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
-        for k in ("mean", "std", "input_size"):
+        for k in ("mean", "std", "input_size", "source_img_size"):
             if k in d and d[k] is not None:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -260,7 +266,9 @@ def load_teacher(
         pretrained: False builds the architecture with random weights (dry runs, tests).
         cache_dir: Hub cache folder (default: HF_HUB_CACHE / HF_HOME/hub).
         revision: Hub branch, tag or commit (or ``@REV`` in the spec).
-        img_size: build for this input size; position embeddings are resampled from the checkpoint's.
+        img_size: build for this input size (square), as the teacher's family says (`ImageSizes`): position
+            embeddings resampled, position tables resized or a rope rebuilt; a size the family cannot run at
+            is an `ImageSizeError` naming the nearest sizes that work, raised before the weights are read.
         num_classes: None keeps the checkpoint's head, 0 drops it (reported in ``dropped_keys``); any
             other value that differs from the checkpoint's is an error (it would be a random head).
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``global_pool='avg'``).
@@ -277,13 +285,14 @@ def load_teacher(
         res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)
 
+    size = _other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
     state_dict, checkpoint_key, dropped = _read_weights(spec, res) if res.weights else ({}, None, [])
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
-    model = _build(spec, res, state_dict, num_classes, img_size, timm_kwargs)
+    model = _build(spec, res, state_dict, num_classes, size, timm_kwargs)
     del state_dict
 
-    record = _record(spec, res, model, checkpoint_key, dropped + dropped_head, source_pos)
+    record = _record(spec, res, model, checkpoint_key, dropped + dropped_head, source_pos, size)
     _logger.info(
         "teacher %s: %s from %s%s, %d classes, input %s, mean %s std %s",
         spec,
@@ -388,28 +397,27 @@ def _build(
     res: Resolved,
     state_dict: dict[str, torch.Tensor],
     num_classes: int,
-    img_size: int | tuple[int, int] | None,
+    size: _OtherSize | None,
     timm_kwargs: dict[str, Any],
 ) -> nn.Module:
     """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter
-    (position-embedding resampling, layout conversion) with a strict load; frozen, eval, TransferAttention."""
+    (position-embedding resampling, layout conversion) with a strict load; frozen, eval, TransferAttention.
+
+    At another ``size`` than the weights were made for, the family says how the model is rebuilt there
+    (`attnxfer.models.attention.ImageSizes`): timm's filter resamples at creation, or the model is loaded at
+    its own size and its weights fitted to a twin built at the new one."""
     cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in _SOURCE_KEYS}
     cfg["num_classes"] = num_classes  # equal to the model's: timm keeps the load strict
-    if res.weights:
-        cfg["state_dict"] = state_dict
     kwargs = {**res.model_args, **timm_kwargs, "num_classes": num_classes}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
     if res.model_args:
         kwargs["pretrained_model_args"] = dict(res.model_args)  # the source grid, for resampling
+    resize = size.sizes.resize_weights if size is not None and res.weights else None
+    if size is not None and size.sizes.size_argument and resize is None:
+        kwargs["img_size"] = size.side
+    if res.weights:
+        cfg["state_dict"] = state_dict
     try:
-        try:
-            model = create_vit(res.architecture, pretrained=bool(res.weights), pretrained_cfg=cfg, **kwargs)
-        except TypeError as e:
-            if "attn_layer" not in str(e) and "'img_size'" not in str(e):
-                raise
-            # another family (EVA, BEiT, PVTv2, ...): its own attention, made transfer-aware by its adapter below
-            model = _create_family(res.architecture, bool(res.weights), cfg, kwargs)
+        model = _create(res.architecture, bool(res.weights), cfg, kwargs)
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
@@ -419,6 +427,10 @@ def _build(
     # timm keeps the pretrained cfg it loaded from: don't let it pin the checkpoint's tensors in memory.
     for attr in ("pretrained_cfg", "default_cfg"):
         getattr(model, attr, {}).pop("state_dict", None)
+    if size is not None and resize is not None:
+        model = _rebuilt(model, res.architecture, cfg, {**kwargs, "img_size": size.side}, resize)
+    if size is not None:
+        _record_size(model, size.side)
     _forget_unrecorded_args(model, res.unrecorded_args)
     try:
         make_transfer_aware(model)
@@ -427,6 +439,69 @@ def _build(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _create(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    """A ViT with `TransferAttention`, or a family with its own attention classes (EVA, BEiT, PVTv2, ...)
+    that its adapter makes transfer-aware afterwards."""
+    try:
+        return create_vit(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
+    except TypeError as e:
+        if "attn_layer" not in str(e) and "'img_size'" not in str(e):
+            raise
+        return _create_family(arch, pretrained, cfg, kwargs)
+
+
+@dataclass(frozen=True)
+class _OtherSize:
+    """A teacher asked for at another size than its weights were made for: the side, the weights' size and
+    how its family rebuilds it."""
+
+    side: int
+    native: tuple[int, int] | None
+    sizes: ImageSizes
+
+
+def _other_size(
+    res: Resolved, timm_kwargs: dict[str, Any], img_size: int | tuple[int, int] | None
+) -> _OtherSize | None:
+    """What building at ``img_size`` takes, None where it is the weights' own size (or not given); a size the
+    family cannot run at is refused here (`ImageSizeError`). The architecture at its own size is built on the
+    meta device to ask (no memory, no weights)."""
+    if img_size is None:
+        return None
+    pair = as_pair(img_size)
+    if pair is None or pair[0] != pair[1]:
+        raise InputError(f"img_size={img_size!r}: attnxfer runs square images; give one side in pixels")
+    cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in _SOURCE_KEYS}
+    with torch.device("meta"):  # the weights' own size: their recorded img_size, else the arch's
+        native = _create_family(res.architecture, False, cfg, {**res.model_args, **timm_kwargs})
+    own_size = image_input(native).img_size
+    if own_size == pair:
+        return None
+    return _OtherSize(pair[0], own_size, check_image_size(native, pair[0]))
+
+
+def _rebuilt(
+    model: nn.Module,
+    arch: str,
+    cfg: dict[str, Any],
+    kwargs: dict[str, Any],
+    resize: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]],
+) -> nn.Module:
+    """``model`` (loaded at its own size) rebuilt at ``kwargs["img_size"]``: the same architecture built
+    there, its weights fitted by the family's ``resize`` and loaded strictly."""
+    twin = _create(arch, False, cfg, kwargs)
+    twin.load_state_dict(resize(model.state_dict(), twin), strict=True)
+    twin.pretrained_cfg = dict(model.pretrained_cfg)
+    return twin
+
+
+def _record_size(model: nn.Module, side: int) -> None:
+    """The size a rebuilt teacher runs at, in its pretrained config (what `image_input` reads for a family that
+    records none, PVTv2; what a mirrored student and the run record inherit)."""
+    chans = image_input(model).in_chans
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": (chans, side, side)}
 
 
 def _forget_unrecorded_args(model: nn.Module, names: Sequence[str]) -> None:
@@ -463,6 +538,14 @@ def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     return ", ".join(parts[:limit]) + (f", ... ({len(parts)} groups)" if len(parts) > limit else "")
 
 
+def _source_size(res: Resolved, size: _OtherSize | None) -> tuple[int, ...]:
+    """The (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
+    (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)."""
+    if size is None or size.native is None:
+        return ()
+    return tuple(size.native) if res.source.has_timm_metadata or res.model_args.get("img_size") else ()
+
+
 def _record(
     spec: str,
     res: Resolved,
@@ -470,6 +553,7 @@ def _record(
     checkpoint_key: str | None,
     dropped: list[str],
     source_pos: tuple[int, ...] | None,
+    size: _OtherSize | None = None,
 ) -> TeacherRecord:
     from timm.models import get_model_input_config
 
@@ -479,7 +563,7 @@ def _record(
         resampled = tuple(model.pos_embed.shape) != source_pos
         # Same token count, other grid (e.g. 8x2 vs 4x4): only timm-format metadata knows the source grid.
         src = res.model_args.get("img_size") or (
-            cfg.get("input_size", (0, 0, 0))[-2:] if res.source.has_timm_metadata else None
+            res.pretrained_cfg.get("input_size", (0, 0, 0))[-2:] if res.source.has_timm_metadata else None
         )
         if src is not None:  # image_input: also Hiera, whose stem records no img_size
             src = (src, src) if isinstance(src, int) else tuple(src)
@@ -505,6 +589,8 @@ def _record(
         num_classes=int(getattr(model, "num_classes", 0)),
         dropped_keys=list(dropped),
         resampled_pos_embed=bool(resampled),
+        source_img_size=_source_size(res, size),
+        resized_by=size.sizes.how if size is not None else None,
         model_args=_json_safe(model_args),
         source_format=res.source_format,
     )

@@ -36,6 +36,7 @@ from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_los
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
 from .objective import Autocast, ObjectiveLoss
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
+from .peak_memory import PeakMemory, describe_memory, map_bytes, memory_record
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
@@ -47,12 +48,14 @@ __all__ = ["Stage1Objective", "Stage1Result", "stage1_transfer", "teacher_signal
 class Stage1Result:
     """What stage 1 did: its steps and seconds, and one record per log step (``loss``: the mean summed loss
     over the steps since the previous record, ``metric/{block}``: each layer's mean agreement metric over
-    the same steps, ``lr``: the last step's)."""
+    the same steps, ``lr``: the last step's). ``memory``: its peak memory beside what the teacher's whole maps
+    would take (`attnxfer.train.peak_memory.memory_record`), None where it did not run here."""
 
     steps: int = 0
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     resumed: bool = False
+    memory: dict[str, Any] | None = None
 
 
 def teacher_signals(
@@ -95,6 +98,8 @@ class Stage1Objective:
         self.watched: dict[str, LayerConversion] = {str(i): layer for i, layer in enumerate(plan.active)}
         self.fields = plan.teacher_signals  # what each fitted teacher layer hands over
         self._attentions = [attn for _, attn in attention_layers(student)]
+        #: each active layer's (q shape, k shape) of the teacher on the first batch: what its whole maps are
+        self.map_shapes: list[tuple[torch.Size, torch.Size]] | None = None
 
     def signals(self, x: torch.Tensor | Mapping[int, Mapping[str, torch.Tensor]]):
         """The teacher's per-layer signals for a batch of images (or ``x`` itself, already signals)."""
@@ -107,6 +112,11 @@ class Stage1Objective:
     ) -> ObjectiveLoss:
         """The batch's summed fit loss; ``model`` is the student (its attention layers were listed once)."""
         signals = self.signals(x)
+        if self.map_shapes is None:
+            self.map_shapes = [
+                (signals[layer.layer]["q"].shape, signals[layer.layer]["k"].shape)
+                for layer in self.plan.active
+            ]
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         with autocast():
@@ -180,6 +190,7 @@ def stage1_transfer(
     with _fitting_only(student, plan, weight_decay) as groups:
         optimizer = _stage1_optimizer(groups, plan.stage1_lr, device, optimizer_state)
         fit = _Fit(Stage1Objective(teacher, student, plan), optimizer, device, steps, log, result)
+        meter = PeakMemory(device).start()  # the teacher's maps are built a row chunk at a time: measured
         # SIGTERM only sets a flag while the loop can save on it
         with stop_on_signals() if on_stop is not None else contextlib.nullcontext():
             for step in range(start_step, steps):
@@ -192,7 +203,18 @@ def stage1_transfer(
                 if signum:  # SIGTERM: save this step (never weights after a non-finite loss), then stop
                     raise fit.stopped(signum, step + 1, on_stop)
     result.steps, result.seconds = steps, time.monotonic() - fit.start
+    result.memory = _memory(meter, fit.objective)
+    log(describe_memory(result.memory))
     return result
+
+
+def _memory(meter: PeakMemory, objective: Stage1Objective) -> dict[str, Any]:
+    """Stage 1's peak memory beside what the teacher's whole maps would take (B·H·N_q·N_k·4 bytes a layer)."""
+    shapes = objective.map_shapes or []
+    maps = map_bytes(shapes)
+    widest = shapes[maps.index(max(maps))] if maps else None
+    tokens, batch = (int(widest[0][2]), int(widest[0][0])) if widest else (0, 0)
+    return memory_record(meter, maps, tokens, batch)
 
 
 @contextlib.contextmanager

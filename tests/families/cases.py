@@ -12,6 +12,7 @@ trained models have), dropout off, in eval mode.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -264,7 +265,8 @@ class Case:
     ``distill_rel`` × the largest one (against a float64 student with ``float64_reference``); ``learns``: the
     logits' own parameters (position tables, scales) whose gradients must be among those compared. ``map_tol``:
     the tolerance of fp32 maps against the oracle's. ``copy_chunks``: copy_q/k/v of the teacher's own weights
-    are checked to reproduce its logits too."""
+    are checked to reproduce its logits too. ``other_size``: a second image side the case's family runs it at;
+    ``size_oracle``: timm's own way to run it there (`SIZE_ORACLES`)."""
 
     name: str
     family: str
@@ -278,6 +280,8 @@ class Case:
     map_tol: dict = field(default_factory=lambda: dict(_EXACT))
     copy_chunks: bool = True
     learns: tuple[str, ...] = ()
+    other_size: int = 48
+    size_oracle: str = "filter"
 
     def pair(self) -> tuple[nn.Module, nn.Module, torch.Tensor]:
         """(teacher, student, images) of this case."""
@@ -356,6 +360,22 @@ CASES: dict[str, Case] = {
         )
         for name in TINY_HIER
     },
+}
+
+#: How timm itself runs a saved model at another image size, per case where it is not ``filter`` (timm's own
+#: checkpoint filter resamples when ``create_model("local-dir:...", img_size=...)`` loads it):
+#: ``forward`` — the model at its own size takes the other size and adapts at run time (SAM: position
+#: embedding and tables resized per input; PVTv2: convolutional stems, no size argument); ``resample`` — timm
+#: has no way (its filter keeps the checkpoint's position embedding): the model built at the size with the
+#: position embedding resampled by timm's `resample_abs_pos_embed` (CaiT, Hiera).
+SIZE_ORACLES = ("filter", "forward", "resample")
+_OTHER_SIZES = {"sam": (64, "forward"), "swin_padded": (64, "filter"), "hiera": (64, "resample")}
+_OTHER_SIZES |= {"cait": (48, "resample"), "pvt_v2": (48, "forward"), "pvt_v2_linear": (48, "forward")}
+CASES = {
+    name: dataclasses.replace(case, other_size=_OTHER_SIZES[name][0], size_oracle=_OTHER_SIZES[name][1])
+    if name in _OTHER_SIZES
+    else case
+    for name, case in CASES.items()
 }
 
 #: Every case name, sorted (ids of the parametrised suites).

@@ -239,6 +239,10 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
         assert row["metric"] == "kl" and kls and all(v >= 0 for v in kls)
     assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
     assert isinstance(report["top1"]["after_stage2"], float)
+    memory = report["stage1"]["memory"]  # its peak beside the teacher's whole maps (windows: rows of B)
+    assert (
+        memory["peak_bytes"] >= 0 and memory["whole_maps_bytes"] >= memory["whole_maps_bytes_per_layer"] > 0
+    )
 
 
 @pytest.mark.slow

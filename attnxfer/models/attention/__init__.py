@@ -15,7 +15,7 @@ module              what
                     and the stage grouping (`stage_of`, `group_stages`, `attention_stages`)
 ``families``        one file per timm family (ViT, EVA, BEiT, ..., Swin, PVTv2, Twins, Hiera)
 ``family``          `Family`: what a family file declares besides its adapters (`register_family`,
-                    `families`, `patch_embeddings`)
+                    `families`, `patch_embeddings`, `family_of`; `ImageSizes`/`Tiling`: other sizes)
 ``slots``           `ConversionSlot`: how a zoo attention takes a family's layer (`slot_of`)
 ``placement``       `RowPlacement`: where a layer's rows and keys sit on the image (`place_rows`)
 ``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
@@ -51,7 +51,7 @@ from .capture import (
     run_with_ios,
     transfer_attentions,
 )
-from .family import Family, families, patch_embeddings
+from .family import Family, ImageSizes, Tiling, families, family_of, patch_embeddings
 from .interface import (
     COUNTERPART_MODULES,
     QKV,
@@ -89,10 +89,12 @@ __all__ = [
     "AttentionIO",
     "ConversionSlot",
     "Family",
+    "ImageSizes",
     "MapKind",
     "PartialQKV",
     "RowPlacement",
     "StopForward",
+    "Tiling",
     "TokenWalk",
     "TransferAttention",
     "TransferableAttention",
@@ -110,6 +112,7 @@ __all__ = [
     "create_attention",
     "explicit_attention_map",
     "families",
+    "family_of",
     "get_attention_class",
     "group_stages",
     "list_adapters",

@@ -16,7 +16,7 @@ from timm.models.beit import Attention as BeitAttention
 
 from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
@@ -76,5 +76,10 @@ class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
 
 
 FAMILY = register_family(
-    Family(name="beit", title="BEiT", modules=(ModuleCoverage("beit", 7, 7, 7, ("inspect", "export")),))
+    Family(
+        name="beit",
+        title="BEiT",
+        modules=(ModuleCoverage("beit", 7, 7, 7, ("inspect", "export")),),
+        sizes=ImageSizes(how="relative-position tables resized by timm's checkpoint filter"),
+    )
 )

@@ -28,10 +28,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 from timm.models.cait import ClassAttn, TalkingHeadAttn
 
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore, sdpa
 from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, project_heads
 
@@ -142,6 +144,25 @@ class TransferClassAttn(SoftmaxCore, ClassAttn):
                 _to_buffer(getattr(self, c), name)
 
 
+def resize_cait_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """CaiT's weights for ``model`` at another size: its position embedding (patch tokens only: the class
+    token joins in the class-attention blocks) resampled on the patch grid by timm's `resample_abs_pos_embed`
+    (bicubic, antialiased), as timm's ViT filter does; timm's CaiT filter does not resample."""
+    out = dict(state_dict)
+    out["pos_embed"] = resample_abs_pos_embed(
+        state_dict["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=0
+    )
+    return out
+
+
 FAMILY = register_family(
-    Family(name="cait", title="CaiT", modules=(ModuleCoverage("cait", 10, 10, 10, ("inspect", "export")),))
+    Family(
+        name="cait",
+        title="CaiT",
+        modules=(ModuleCoverage("cait", 10, 10, 10, ("inspect", "export")),),
+        sizes=ImageSizes(
+            resize_weights=resize_cait_weights,
+            how="position embedding resampled (timm's resample_abs_pos_embed; timm's CaiT filter does not)",
+        ),
+    )
 )

@@ -28,7 +28,7 @@ from timm.models.eva import EvaAttention
 
 from ....errors import InputError
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..slots import TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import apply_rope, freeze_chunks, project_heads
@@ -117,5 +117,8 @@ FAMILY = register_family(
         title="EVA-02 / DINOv3 / PE",
         rope=True,
         modules=(ModuleCoverage("eva", 65, 65, 65, ("inspect", "convert", "export")),),
+        sizes=ImageSizes(
+            how="position embeddings resampled by timm's checkpoint filter; the rope built for the new patch grid"
+        ),
     )
 )

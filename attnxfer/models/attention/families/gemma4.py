@@ -24,7 +24,7 @@ from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
 
 from ....errors import InputError
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..slots import TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import _to_buffer
@@ -195,6 +195,16 @@ def gemma4_heads(
     return out
 
 
+def gemma4_tilings(model: nn.Module) -> tuple[Tiling, ...]:
+    """Whole patches; with its soft-token pooler, a patch grid of whole k×k pooling cells."""
+    encoder = getattr(model, "encoder", model)
+    patch = [int(p) for p in encoder.patch_embed.patch_size]
+    if getattr(encoder, "global_pool", None) != "soft":
+        return tilings_of(patch, what=f"{patch[0]} px patches")
+    k = int(encoder.pooling_kernel_size)
+    return tilings_of([p * k for p in patch], what=f"{patch[0]} px patches in {k}x{k} pooling cells")
+
+
 FAMILY = register_family(
     Family(
         name="gemma4",
@@ -202,5 +212,9 @@ FAMILY = register_family(
         patch_embedding="encoder.patch_embed",
         rope=True,
         modules=(ModuleCoverage("gemma4_vit", 4, 4, 4, ("inspect", "convert", "export")),),
+        sizes=ImageSizes(
+            tilings=gemma4_tilings,
+            how="positions looked up per patch and the rope per call: nothing to resample",
+        ),
     )
 )

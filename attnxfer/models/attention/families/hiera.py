@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 from timm.models.hiera import MaskUnitAttention
 
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
@@ -120,11 +121,41 @@ def _start_walk(walk: TokenWalk) -> None:
         walk.sequence, walk.grid = unroll(cells).reshape(-1).round().long(), grid
 
 
+def hiera_tilings(model: nn.Module) -> tuple[Tiling, ...]:
+    """Hiera's sizes: whole patches (the stem's stride) in whole mask units, and a token grid its ``unroll``
+    can halve at every pooling stage (the q strides of its schedule multiplied)."""
+    patch = [int(s) for s in model.patch_embed.proj.stride]
+    pooled = [math.prod(int(s[i]) for s in model.unroll.schedule) for i in range(2)]
+    return (
+        *tilings_of(patch, model.mask_unit_size, what="its mask units", unit="mask units"),
+        *tilings_of([p * q for p, q in zip(patch, pooled)], what="the token grid its query pooling halves"),
+    )
+
+
+def resize_hiera_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Hiera's weights for ``model`` at another size: a (1, N, C) position embedding resampled on the token grid
+    by timm's `resample_abs_pos_embed` (it is added before the unroll, in raster order; timm's Hiera filter does
+    not resample); the windowed variants' (1, C, h, w) one is interpolated by timm's forward at any size."""
+    out = dict(state_dict)
+    pos = state_dict.get("pos_embed")
+    if pos is not None and pos.dim() == 3 and model.pos_embed.shape != pos.shape:
+        out["pos_embed"] = resample_abs_pos_embed(
+            pos, new_size=list(model.tokens_spatial_shape), num_prefix_tokens=0
+        )
+    return out
+
+
 FAMILY = register_family(
     Family(
         name="hiera",
         title="Hiera",
         hierarchical=True,
         modules=(ModuleCoverage("hiera", 7, 7, 7, ("inspect", "export")),),
+        sizes=ImageSizes(
+            tilings=hiera_tilings,
+            resize_weights=resize_hiera_weights,
+            how="position embedding resampled on the token grid (timm's resample_abs_pos_embed; timm's Hiera "
+            "filter does not); sizes whose token grid is whole mask units and halves at every pooling stage",
+        ),
     )
 )

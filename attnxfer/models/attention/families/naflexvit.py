@@ -6,7 +6,7 @@ the loss leaves out (`TransferableAttention.transfer_forward`).
 
 from __future__ import annotations
 
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, register_family
 
 __all__ = ["FAMILY"]
 
@@ -16,5 +16,6 @@ FAMILY = register_family(
         title="NaFlexViT",
         patch_embedding="embeds",
         modules=(ModuleCoverage("naflexvit", 11, 11, 11, ("inspect", "convert", "export")),),
+        sizes=ImageSizes(how="any size by design: its position embedding is resampled per input"),
     )
 )

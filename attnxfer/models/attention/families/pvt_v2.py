@@ -28,7 +28,7 @@ import torch.nn as nn
 from timm.models.pvt_v2 import Attention as PvtV2Attention
 
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..key_pooling import KeyPooling
 from ..placement import grid_argument
 from ..slots import ConversionSlot, TokenLayout, stacked_linear
@@ -141,11 +141,35 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
         freeze_q_kv(self, chunks)
 
 
+def pvt_v2_tilings(model: nn.Module) -> tuple[Tiling, ...]:
+    """PVTv2's sizes: whole tokens at every stage's stride (its overlapping stems round a partial patch up), and
+    stage grids its spatial-reduction convs divide (the linear variant pools to 7x7 at any size)."""
+    stride = [int(s) for s in model.patch_embed.proj.stride]
+    out: dict[Tiling, None] = {}
+    for k, stage in enumerate(model.stages):
+        down = getattr(getattr(stage, "downsample", None), "proj", None)
+        if down is not None:
+            stride = [s * int(d) for s, d in zip(stride, down.stride)]
+        out.update(dict.fromkeys(tilings_of(stride, what=f"stage {k}")))
+        for block in stage.blocks:
+            sr = block.attn.sr
+            if block.attn.pool is None and sr is not None and max(sr.stride) > 1:
+                reduced = [s * int(r) for s, r in zip(stride, sr.stride)]
+                what = f"stage {k}'s {sr.stride[0]}x{sr.stride[0]} key reduction"
+                out.update(dict.fromkeys(tilings_of(reduced, what=what)))
+    return tuple(out)
+
+
 FAMILY = register_family(
     Family(
         name="pvt_v2",
         title="PVTv2",
         hierarchical=True,
         modules=(ModuleCoverage("pvt_v2", 7, 7, 7, ("inspect", "convert", "export")),),
+        sizes=ImageSizes(
+            tilings=pvt_v2_tilings,
+            size_argument=False,
+            how="any multiple of its strides as built (conv stems and position-free: nothing to resample)",
+        ),
     )
 )

@@ -19,7 +19,7 @@ from timm.models.vision_transformer_relpos import RelPosAttention
 
 from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
@@ -101,5 +101,9 @@ FAMILY = register_family(
         name="relpos",
         title="relpos ViT",
         modules=(ModuleCoverage("vision_transformer_relpos", 9, 9, 9, ("inspect", "export")),),
+        sizes=ImageSizes(
+            how="relative positions rebuilt for the new grid (an MLP of log coordinates, or a table resized by "
+            "timm's checkpoint filter)"
+        ),
     )
 )

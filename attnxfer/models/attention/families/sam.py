@@ -18,12 +18,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from timm.layers import apply_rot_embed_cat
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed_nhwc
 from timm.models.vision_transformer_sam import Attention as SamAttention
 from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
 
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
@@ -80,10 +82,34 @@ class TransferSamAttention(SoftmaxCore, SamAttention):
         freeze_chunks(self, chunks)
 
 
+def resize_sam_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """SAM's weights for ``model`` at another size, as timm's SAM forward adapts them at run time (its patch
+    embedding takes any size): the (1, H, W, C) position embedding resampled by timm's
+    `resample_abs_pos_embed_nhwc`, and each global block's decomposed tables (2·grid − 1 rows) interpolated
+    linearly as timm's ``get_rel_pos`` does; windowed blocks keep theirs (the window is unchanged)."""
+    out = dict(state_dict)
+    if state_dict.get("pos_embed") is not None and model.pos_embed is not None:
+        out["pos_embed"] = resample_abs_pos_embed_nhwc(state_dict["pos_embed"], model.pos_embed.shape[1:3])
+    for name, param in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("rel_pos_h", "rel_pos_w") and name in state_dict:
+            table = state_dict[name]
+            if table.shape[0] != param.shape[0]:
+                rows = F.interpolate(
+                    table.reshape(1, table.shape[0], -1).permute(0, 2, 1), param.shape[0], mode="linear"
+                )
+                out[name] = rows.reshape(-1, param.shape[0]).permute(1, 0)
+    return out
+
+
 FAMILY = register_family(
     Family(
         name="sam",
         title="SAM ViT",
         modules=(ModuleCoverage("vision_transformer_sam", 3, 3, 3, ("inspect", "export")),),
+        sizes=ImageSizes(
+            resize_weights=resize_sam_weights,
+            how="position embedding and global blocks' position tables resized as timm's SAM forward does "
+            "at run time (windows padded as timm pads them at any size)",
+        ),
     )
 )

@@ -31,7 +31,7 @@ from timm.models.swin_transformer import WindowAttention
 
 from ....errors import InputError
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
 from ..slots import ConversionSlot, TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
@@ -39,11 +39,13 @@ from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
 __all__ = [
     "FAMILY",
+    "SWIN_SIZES",
     "SwinConversion",
     "SwinSlot",
     "SwinWindowParts",
     "TransferSwinAttention",
     "swin_partition",
+    "swin_tilings",
     "with_window_mask",
 ]
 
@@ -196,11 +198,38 @@ class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
         return self._get_rel_pos_bias()
 
 
+def swin_tilings(model: nn.Module) -> tuple[Tiling, ...]:
+    """The sizes a Swin (V2, V2-CR) model runs at besides its own: whole patches, and at every stage a grid
+    that is whole windows. The window is the model's (the largest of its blocks'); a stage grid smaller than
+    it takes one window of its own size, as timm's blocks do unless they always partition. Other sizes run
+    in timm only with windows padded with zero tokens that the model never saw at its own size: refused."""
+    side = model.patch_embed.img_size
+    blocks = [m for m in model.modules() if hasattr(m, "shift_size") and hasattr(m, "window_size")]
+    window = [max(int(b.window_size[i]) for b in blocks) for i in range(2)]
+    shrinks = not any(getattr(b, "always_partition", False) for b in blocks)
+    patch = model.patch_embed.patch_size
+    out: dict[Tiling, None] = dict.fromkeys(tilings_of(patch, what=f"{patch[0]} px patches"))
+    for b in blocks:
+        grid = tuple(getattr(b, "input_resolution", None) or b.feat_size)
+        strides = [round(side[i] / grid[i]) for i in range(2)]
+        what = f"the 1/{strides[0]} stage"
+        out.update(dict.fromkeys(tilings_of(strides, window, what=what, shrinks=shrinks)))
+    return tuple(out)
+
+
+#: What sizes the Swin families' models run at and how they are rebuilt there (Swin V2 and V2-CR too).
+SWIN_SIZES = ImageSizes(
+    tilings=swin_tilings,
+    how="stage grids of whole windows (a smaller grid is one window, as timm shrinks it); the position "
+    "table resized by timm's checkpoint filter where the window changes",
+)
+
 FAMILY = register_family(
     Family(
         name="swin",
         title="Swin",
         hierarchical=True,
         modules=(ModuleCoverage("swin_transformer", 9, 9, 9, ("inspect", "convert", "export")),),
+        sizes=SWIN_SIZES,
     )
 )

@@ -27,7 +27,7 @@ from ..adapters import register_adapter
 from ..family import Family, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import project_heads
-from .swin import SwinWindowParts
+from .swin import SWIN_SIZES, SwinWindowParts
 
 __all__ = ["FAMILY", "CosineWindowCore", "TransferSwinV2Attention"]
 
@@ -106,5 +106,6 @@ FAMILY = register_family(
         title="Swin V2",
         hierarchical=True,
         modules=(ModuleCoverage("swin_transformer_v2", 12, 12, 12, ("inspect", "export")),),
+        sizes=SWIN_SIZES,
     )
 )

@@ -17,6 +17,7 @@ from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 
 from ..adapters import register_adapter
 from ..family import Family, ModuleCoverage, register_family
+from .swin import SWIN_SIZES
 from .swin_v2 import CosineWindowCore
 
 __all__ = ["FAMILY", "TransferSwinV2CrAttention"]
@@ -55,5 +56,6 @@ FAMILY = register_family(
         title="Swin V2-CR",
         hierarchical=True,
         modules=(ModuleCoverage("swin_transformer_v2_cr", 3, 3, 3, ("inspect", "export")),),
+        sizes=SWIN_SIZES,
     )
 )

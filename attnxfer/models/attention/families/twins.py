@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 
 from ..adapters import register_adapter
-from ..family import Family, ModuleCoverage, register_family
+from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, grid_argument, raster_cells, window_cells
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
@@ -134,6 +134,28 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
         freeze_q_kv(self, chunks)
 
 
+def twins_tilings(model: nn.Module) -> tuple[Tiling, ...]:
+    """Twins' sizes besides its own: whole patches at every stage's stride, stage grids of whole ws×ws windows
+    (other sizes run in timm only with windows padded with zero tokens) and grids its sub-sampling convs
+    divide."""
+    stride = [1, 1]
+    out: dict[Tiling, None] = {}
+    for k, (embed, blocks) in enumerate(zip(model.patch_embeds, model.blocks)):
+        stride = [s * int(p) for s, p in zip(stride, embed.proj.stride)]
+        out.update(dict.fromkeys(tilings_of(stride, what=f"stage {k}")))
+        for block in blocks:
+            attn = block.attn
+            if isinstance(attn, LocallyGroupedAttn) and attn.ws > 1:
+                what = f"stage {k}"
+                out.update(dict.fromkeys(tilings_of(stride, (attn.ws, attn.ws), what=what)))
+            sr = getattr(attn, "sr", None)
+            if sr is not None and max(sr.stride) > 1:
+                reduced = [s * int(r) for s, r in zip(stride, sr.stride)]
+                what = f"stage {k}'s {sr.stride[0]}x{sr.stride[0]} key sub-sampling"
+                out.update(dict.fromkeys(tilings_of(reduced, what=what)))
+    return tuple(out)
+
+
 FAMILY = register_family(
     Family(
         name="twins",
@@ -141,5 +163,10 @@ FAMILY = register_family(
         hierarchical=True,
         patch_embedding="patch_embeds.0",
         modules=(ModuleCoverage("twins", 6, 6, 6, ("inspect", "export")),),
+        sizes=ImageSizes(
+            tilings=twins_tilings,
+            how="stage grids of whole windows and whole sub-sampled keys (its position encoding is a conv: "
+            "nothing to resample)",
+        ),
     )
 )

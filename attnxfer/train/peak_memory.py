@@ -1,0 +1,107 @@
+"""Peak memory of a stretch of work, measured the way the device allows, and what whole attention maps would take.
+
+On CUDA, torch's allocator counts every tensor: the peak is ``max_memory_allocated`` over the stretch minus
+what was allocated when it began. On the CPU torch allocates through the C library, which Python's
+``tracemalloc`` does not see: the peak is the growth of the process's resident set over the stretch, its high
+water mark (Linux's ``VmHWM``, reset at the start through ``/proc/self/clear_refs``) minus its resident set at
+the start; where the mark cannot be reset, the growth of the lifetime maximum (``getrusage``), which reads 0
+if the process had been larger before. `PeakMemory.how` says which was measured, so a report never passes one
+for the other.
+"""
+
+from __future__ import annotations
+
+import resource
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["PeakMemory", "describe_memory", "map_bytes", "memory_record"]
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_MIB = 2**20
+
+
+def _status_bytes(key: str) -> int | None:
+    """A ``kB`` line of /proc/self/status in bytes, None where there is none."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _max_rss_bytes() -> int:
+    """The process's lifetime maximum resident set (Linux reports kB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class PeakMemory:
+    """Started on a device, `peak` is the most memory the work since then held at once (bytes), `how` what
+    that number is. Call `start` where the stretch begins."""
+
+    device: torch.device
+    how: str = ""
+    _base: int = 0
+
+    def start(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base, self.how = torch.cuda.memory_allocated(self.device), "CUDA allocator peak (torch)"
+            return self
+        try:
+            _CLEAR_REFS.write_text("5")  # Linux: the resident set's high-water mark restarts here
+            rss = _status_bytes("VmRSS")
+            if rss is None or _status_bytes("VmHWM") is None:
+                raise OSError("no VmRSS/VmHWM")
+            self._base, self.how = rss, "process max RSS growth (VmHWM - RSS at start)"
+        except OSError:
+            self._base, self.how = _max_rss_bytes(), "process lifetime max RSS growth (getrusage)"
+        return self
+
+    def peak(self) -> int:
+        """Bytes held at the stretch's peak beyond what was held at its start."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
+        if self.how.startswith("process max RSS"):
+            return max(0, (_status_bytes("VmHWM") or 0) - self._base)
+        return max(0, _max_rss_bytes() - self._base)
+
+
+def map_bytes(shapes: Iterable[tuple[Sequence[int], Sequence[int]]], itemsize: int = 4) -> list[int]:
+    """What each layer's whole attention maps would take: B·H·N_q·N_k values of ``itemsize`` bytes (fp32) for
+    each layer's (q shape, k shape), both (B, H, N, d) (windows and mask units are rows of B)."""
+    return [int(q[0]) * int(q[1]) * int(q[2]) * int(k[2]) * itemsize for q, k in shapes]
+
+
+def memory_record(meter: PeakMemory, maps: Sequence[int], tokens: int, batch: int) -> dict[str, Any]:
+    """Stage 1's memory line and record: the measured peak beside the whole maps' bytes."""
+    return {
+        "peak_bytes": meter.peak(),
+        "measured": meter.how,
+        "whole_maps_bytes_per_layer": max(maps, default=0),
+        "whole_maps_bytes": sum(maps),
+        "layers": len(maps),
+        "tokens": tokens,
+        "batch": batch,
+    }
+
+
+def describe_memory(record: dict[str, Any]) -> str:
+    """One line: the peak and what whole maps would take, in MiB."""
+    return (
+        f"stage 1 memory: peak {record['peak_bytes'] / _MIB:,.0f} MiB ({record['measured']}); whole teacher "
+        f"maps would take {record['whole_maps_bytes_per_layer'] / _MIB:,.0f} MiB per layer, "
+        f"{record['whole_maps_bytes'] / _MIB:,.0f} MiB for {record['layers']} layer{'s' * (record['layers'] != 1)} "
+        f"(B·H·N²·4 bytes at "
+        f"N = {record['tokens']:,} tokens, batch {record['batch']})"
+    )
