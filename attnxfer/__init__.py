@@ -28,7 +28,7 @@ _LAZY = {
     "fetch_teacher": "sources",
     "load_student": "sources",
     "load_teacher": "sources",
-    "DualViT": "transfer",
+    "TeacherStudent": "transfer",
     "PlanError": "transfer",
     "TransferPlan": "transfer",
     "attention_distillation_loss": "transfer",
@@ -39,11 +39,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     from .checkpoints import export_run, export_student
     from .models import TransferAttention, attention_maps, create_vit, make_transfer_aware, student_like
     from .sources import fetch_teacher, load_student, load_teacher
-    from .transfer import DualViT, PlanError, TransferPlan, attention_distillation_loss, build_plan
+    from .transfer import PlanError, TeacherStudent, TransferPlan, attention_distillation_loss, build_plan
 
 __all__ = [
-    "DualViT",
     "PlanError",
+    "TeacherStudent",
     "TransferAttention",
     "TransferPlan",
     "__version__",

@@ -5,9 +5,9 @@ plus the class token; 65, 197, 785 are 128, 224 and 448 px), one run times a
 full training step (forward, backward, AdamW step) of four configurations
 built from the same student initialisation:
 
-  none         the plain student (DualViT mode=none): the baseline of every ratio
+  none         the plain student (TeacherStudent mode=none): the baseline of every ratio
   copy         attention copy: the teacher's forward plus SDPA(q_t, k_t, v_s) in every block
-  distill      attention distillation, the O(N) loss (DualViT mode=distill)
+  distill      attention distillation, the O(N) loss (TeacherStudent mode=distill)
   distill_ref  the same step with each layer's loss built from materialised N×N maps
                (attnxfer.transfer.losses.attention_ce_reference on the captured q/k)
 
@@ -78,7 +78,7 @@ from attnxfer.train import student_param_groups  # noqa: E402
 from attnxfer.train.devices import Precision  # noqa: E402
 from attnxfer.train.devices import teacher_dtype as resolve_teacher_dtype  # noqa: E402
 from attnxfer.train.optim import build_adamw  # noqa: E402
-from attnxfer.transfer import DualViT, TransferOutput  # noqa: E402
+from attnxfer.transfer import TeacherStudent, TransferOutput  # noqa: E402
 from attnxfer.transfer.ce_select import choose_ce_path  # noqa: E402
 from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference, ce_path_for  # noqa: E402
 
@@ -136,8 +136,8 @@ PAIRS: dict[str, tuple] = {
 }
 
 
-class MaterialisedDistillViT(DualViT):
-    """DualViT whose distillation loss builds both N×N maps per layer: the reference ("slow") path."""
+class MaterialisedDistillViT(TeacherStudent):
+    """TeacherStudent whose distillation loss builds both N×N maps per layer: the reference ("slow") path."""
 
     def _layer_loss(
         self,
@@ -227,7 +227,7 @@ class TrainStep:
         student = build_vit(student_shape, tokens, seed=0, arch=arch)
         if mode == "none":
             teacher = None
-        wrapper = MaterialisedDistillViT if mode == "distill_ref" else DualViT
+        wrapper = MaterialisedDistillViT if mode == "distill_ref" else TeacherStudent
         transfer = "distill" if is_distill(mode) or mode == "distill_ref" else mode
         self.model = wrapper(
             teacher,
@@ -265,7 +265,7 @@ class TrainStep:
         self.device = device
 
     def _autocast(self):
-        # GPU: bf16 autocast for the student (the teacher runs in bf16, DualViT's default there). CPU: fp32.
+        # GPU: bf16 autocast for the student (the teacher runs in bf16, TeacherStudent's default there). CPU: fp32.
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()

@@ -15,7 +15,7 @@ cfg = load_config(None, sys.argv[1:])
 trainer = build_engine(cfg)
 trainer.run()
 rank = trainer.accelerator.process_index
-state = {k: v.contiguous() for k, v in trainer.dual.student.state_dict().items()}
+state = {k: v.contiguous() for k, v in trainer.module.student.state_dict().items()}
 save_file(state, str(Path(cfg.run_dir) / f"rank{rank}.safetensors"))
 # Prove the ranks share one process group: the all-reduced rank sum is 0 + 1 + ... + (world-1).
 t = torch.tensor([float(rank)])

@@ -19,7 +19,7 @@ from attnxfer.data import DatasetInfo, InMemoryImageDataset, register_dataset, r
 from attnxfer.data.registry import check_image_args, resolve_norm, with_settings
 from attnxfer.launch import cli
 from attnxfer.models import create_vit
-from attnxfer.transfer import DualViT, build_plan
+from attnxfer.transfer import TeacherStudent, build_plan
 
 
 def fast_cells(values, keep) -> list:
@@ -85,11 +85,11 @@ def peaked_teacher(depth: int = 4, seed: int = 1, **kwargs) -> torch.nn.Module:
 
 
 def distill_step_on(ce_path: str, teacher: torch.nn.Module, x: torch.Tensor, depth: int = 2):
-    """One attention-distillation step of a fresh tiny student through `DualViT` on ``ce_path``:
+    """One attention-distillation step of a fresh tiny student through `TeacherStudent` on ``ce_path``:
     (per-layer CE terms, gradients of the student's trainable parameters, None where unused)."""
     student = tiny_vit(seed=2, depth=depth)
-    dual = DualViT(teacher, student, build_plan(teacher, student, "distill"), ce_path=ce_path).train()
-    out = dual(x)
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "distill"), ce_path=ce_path).train()
+    out = pair(x)
     params = [w for w in student.parameters() if w.requires_grad]
     grads = torch.autograd.grad(out.loss, params, allow_unused=True)
     return {k: v.detach() for k, v in out.terms.items()}, grads

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import assert_same_distill_step, distill_step_on, peaked_teacher, tiny_vit
 
-from attnxfer.models.attention import AttentionIO, attention_io, attention_with_lse, transfer_attentions
+from attnxfer.models.attention import AttentionIO, attention_io, attention_with_lse, transferable_attentions
 from attnxfer.models.attention.lse import (
     LSEBackend,
     flex_attention_available,
@@ -77,7 +77,7 @@ def test_row_logsumexp_keeps_input_dtype_for_gradients():
 
 def test_only_softmax_layers_hand_out_a_log_sum_exp():
     student = build_efficient_student(tiny_vit(depth=1), "relu_linear")
-    attn = transfer_attentions(student)[0]
+    attn = transferable_attentions(student)[0]
     with (
         pytest.raises(TypeError, match="not a softmax attention"),
         attention_io(attn, AttentionIO(return_lse=True)),
@@ -85,11 +85,11 @@ def test_only_softmax_layers_hand_out_a_log_sum_exp():
         student(torch.randn(1, 3, 32, 32))
 
 
-# the triton path needs CUDA or TRITON_INTERPRET=1: tests/test_triton_ce.py runs DualViT with it
+# the triton path needs CUDA or TRITON_INTERPRET=1: tests/test_triton_ce.py runs TeacherStudent with it
 @pytest.mark.parametrize("path", [p for p in CE_PATHS if p is not CEPath.TRITON])
 def test_every_ce_path_gives_the_same_distillation_step(path):
-    """DualViT with each CE path: the same per-layer CE and student gradients as the rows path (which
-    tests/test_dual.py holds against explicit maps); with attention_lse every distilled softmax layer hands
+    """TeacherStudent with each CE path: the same per-layer CE and student gradients as the rows path (which
+    tests/test_teacher_student.py holds against explicit maps); with attention_lse every distilled softmax layer hands
     out its log-sum-exp (the loss refuses to run without it)."""
     teacher, x = peaked_teacher(depth=2), torch.randn(3, 3, 32, 32)
     assert_same_distill_step(distill_step_on(path, teacher, x), distill_step_on("rows", teacher, x))

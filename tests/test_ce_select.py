@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import tiny_vit
 
-from attnxfer.transfer import DualViT, build_plan
+from attnxfer.transfer import TeacherStudent, build_plan
 from attnxfer.transfer.ce_select import CEChoice, choose_ce_path, layer_shapes
 from attnxfer.transfer.losses import CEPath, materialised_bytes
 
@@ -23,21 +23,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tiny_pair():
     """A fresh tiny teacher and student (2 blocks, 17 tokens, 3 heads of 16): a plan may freeze the
-    student's projections, so tests that build their own plans do not share them with `dual`."""
+    student's projections, so tests that build their own plans do not share them with `pair`."""
     return tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
 
 
 @pytest.fixture(scope="module")
-def dual():
+def pair():
     teacher, student = _tiny_pair()
-    return DualViT(teacher, student, build_plan(teacher, student, "distill"))
+    return TeacherStudent(teacher, student, build_plan(teacher, student, "distill"))
 
 
-def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(dual):
+def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(pair):
     rng = torch.get_rng_state()
-    weights = {k: v.clone() for k, v in dual.student.state_dict().items()}
+    weights = {k: v.clone() for k, v in pair.student.state_dict().items()}
     lines: list[str] = []
-    choice = choose_ce_path(dual, 4, "cpu", rounds=2, log=lines.append)
+    choice = choose_ce_path(pair, 4, "cpu", rounds=2, log=lines.append)
     assert lines == []  # nothing failed
     assert set(choice.timings_ms) == {"rows", "sdpa", "attention_lse", "materialised"}
     assert choice.path == min(choice.timings_ms, key=choice.timings_ms.get) and choice.how == "measured"
@@ -56,21 +56,21 @@ def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(dual):
     )
     # calibration touches no RNG stream and no weight: a calibrated run trains as one told the path
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(v, weights[k]) for k, v in dual.student.state_dict().items())
+    assert all(torch.equal(v, weights[k]) for k, v in pair.student.state_dict().items())
     # what run.json and the checkpoints carry comes back as the same choice
     again = CEChoice.from_record(json.loads(json.dumps(choice.record())))
-    assert again == choice and dual.ce_path is None  # choose_ce_path only says; the caller sets it
+    assert again == choice and pair.ce_path is None  # choose_ce_path only says; the caller sets it
     assert choice.describe().startswith(f"ce_path: {choice.path} (measured on cpu, batch 4 x 17 tokens")
 
 
-def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budget(dual):
+def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budget(pair):
     """triton on a CPU without Triton's interpreter raises for real; a budget of 0 bytes refuses the
     materialised maps before they are built; rows is what is left."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("Triton's interpreter makes the triton path run on the CPU")
     lines: list[str] = []
     choice = choose_ce_path(
-        dual, 2, "cpu", paths=["materialised", "triton", "rows"], budget_bytes=0, rounds=1, log=lines.append
+        pair, 2, "cpu", paths=["materialised", "triton", "rows"], budget_bytes=0, rounds=1, log=lines.append
     )
     assert choice.path is CEPath.ROWS and set(choice.timings_ms) == {"rows"}
     assert len(lines) == 1 and lines[0].startswith("ce_path auto: skipping triton, it failed: RuntimeError")
@@ -78,7 +78,7 @@ def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budg
     need = materialised_bytes(2, 17, 3, 3, 2)
     assert choice.unavailable == {"materialised": f"maps need {need / 2**30:.3g} GiB, budget 0 GiB"}
     # a budget that holds the maps lets materialised be timed
-    fits = choose_ce_path(dual, 2, "cpu", paths=["materialised"], budget_bytes=need, rounds=1)
+    fits = choose_ce_path(pair, 2, "cpu", paths=["materialised"], budget_bytes=need, rounds=1)
     assert set(fits.timings_ms) == {"materialised"} and fits.path is CEPath.MATERIALISED
 
 
@@ -90,7 +90,7 @@ def test_materialised_bytes_counts_the_maps_autograd_keeps():
 def test_a_plan_without_softmax_map_distillation_has_no_ce_path():
     teacher, student = _tiny_pair()
     for mode in ("copy", "distill_q", "none"):
-        assert layer_shapes(DualViT(teacher, student, build_plan(teacher, student, mode)), 2) is None
+        assert layer_shapes(TeacherStudent(teacher, student, build_plan(teacher, student, mode)), 2) is None
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_two_gloo_ranks_use_rank_0s_choice(tmp_path):
     assert r0["world"] == r1["world"] == 2
 
 
-def test_a_deterministic_run_takes_the_device_default_without_timing(dual):
+def test_a_deterministic_run_takes_the_device_default_without_timing(pair):
     """Timings may rank two close paths either way from run to run; ``deterministic: true`` asks for
     repeated runs to be identical, so auto takes the device's fixed default instead of measuring."""
     from attnxfer.apps.ce_choice import ce_choice_for_run
@@ -135,14 +135,14 @@ def test_a_deterministic_run_takes_the_device_default_without_timing(dual):
         cfg = load_config(
             overrides=["transfer.mode=distill", f"deterministic={deterministic}", "data.batch_size=4"]
         )
-        choice = ce_choice_for_run(cfg, dual, runtime, None, log=lines.append)
-        assert dual.ce_path is choice.path
+        choice = ce_choice_for_run(cfg, pair, runtime, None, log=lines.append)
+        assert pair.ce_path is choice.path
         if deterministic:
             assert choice.path is ce_path_for(torch.device("cpu")) and not choice.timings_ms
             assert "deterministic=true" in lines[-1]
         else:
             assert choice.how == "measured" and set(choice.timings_ms) >= {"rows", "sdpa"}
-    dual.ce_path = None
+    pair.ce_path = None
 
 
 def test_auto_measures_layers_with_fewer_keys_than_queries():
@@ -179,9 +179,9 @@ def test_layer_shapes_are_the_q_k_the_adapter_hands_out_talking_heads_included()
     from families.cases import TINY
 
     teacher, student = TINY["cait"].build(seed=1), TINY["cait"].build(seed=2)
-    dual = DualViT(teacher, student, build_plan(teacher, student, "distill"))
-    shapes = layer_shapes(dual, 3)
-    attn = dual._student_attn[dual.plan.pairs[0][0]]
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "distill"))
+    shapes = layer_shapes(pair, 3)
+    attn = pair._student_attn[pair.plan.pairs[0][0]]
     hidden = student.patch_embed(torch.zeros(1, 3, 32, 32))  # CaiT's self-attention blocks see the patches
     with torch.no_grad():
         qk = attn.project(student.blocks[0].norm1(hidden), "qk")

@@ -20,7 +20,7 @@ from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
 from attnxfer.train.measure import map_agreement, relative_speed
 from attnxfer.train.stage1 import stage1_transfer
-from attnxfer.transfer import DualViT, PlanError, build_plan
+from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 from attnxfer.transfer.conversion import ConversionPlan, build_conversion_plan
 from attnxfer.transfer.map_losses import implicit_map_loss
 
@@ -186,16 +186,16 @@ def test_stage1_output_loss_for_attentions_without_maps():
 
 
 # ------------------------------------------------------------------------------------- the engine's new pieces
-def test_logit_distillation_and_efficient_attention_distillation_in_dual():
+def test_logit_distillation_and_efficient_attention_distillation_in_one_teacher_student_pass():
     teacher = _teacher()
     student = build_efficient_student(teacher, "hedgehog")
     for p in student.parameters():
         p.data.add_(0.02 * torch.randn_like(p))
     plan = build_plan(teacher, student, "distill", weight=0.5, logit_weight=2.0, logit_temperature=3.0)
     assert "logit distillation: weight 2, temperature 3" in plan.describe()
-    dual = DualViT(teacher, student, plan).train()
+    pair = TeacherStudent(teacher, student, plan).train()
     x = torch.randn(4, 3, 32, 32)
-    out = dual(x)
+    out = pair(x)
     assert set(out.terms) == {"attn_ce/0", "attn_ce/1", "logit_kd"}
     t_logits, s_logits = teacher(x), student(x)
     T = 3.0
@@ -218,9 +218,9 @@ def test_logit_distillation_and_efficient_attention_distillation_in_dual():
     out.loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     # mode none + logit distillation: the teacher runs only for its logits; eval runs the student alone
-    dual = DualViT(teacher, student, build_plan(teacher, student, "none", logit_weight=1.0)).train()
-    assert set(dual(x).terms) == {"logit_kd"}
-    torch.testing.assert_close(dual.eval()(x).logits, student(x))
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "none", logit_weight=1.0)).train()
+    assert set(pair(x).terms) == {"logit_kd"}
+    torch.testing.assert_close(pair.eval()(x).logits, student(x))
 
 
 def test_plan_errors_for_efficient_students():

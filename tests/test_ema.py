@@ -16,7 +16,7 @@ from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.config import load_config
 from attnxfer.models import PartialQKV
 from attnxfer.train.ema import StudentEMA
-from attnxfer.transfer import DualViT, build_plan
+from attnxfer.transfer import TeacherStudent, build_plan
 
 
 def test_ema_is_the_recurrence_on_parameters_and_copies_buffers_of_a_copy_mode_student():
@@ -24,7 +24,7 @@ def test_ema_is_the_recurrence_on_parameters_and_copies_buffers_of_a_copy_mode_s
     layer's ``qkv.weight`` in the EMA's state_dict (a concatenation made on read) holds the averaged v rows
     and the copied q/k rows: averaging state_dict() values would have left them at their first value."""
     teacher, student = tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
-    DualViT(teacher, student, build_plan(teacher, student, "copy"))
+    TeacherStudent(teacher, student, build_plan(teacher, student, "copy"))
     qkv = student.blocks[0].attn.qkv
     assert isinstance(qkv, PartialQKV) and set(qkv.frozen) == {"q", "k"}
     decay = 0.8

@@ -1,7 +1,7 @@
 """What teacher and student hand over is typed, and feature distillation rides on it.
 
 The vocabulary: every registered transfer mode borrows and distils what a table written here says, as
-`Signal`s. Feature distillation in `DualViT`: the loss equals `feature_distill_loss` of the two models' own
+`Signal`s. Feature distillation in `TeacherStudent`: the loss equals `feature_distill_loss` of the two models' own
 ``forward_features`` (the teacher runs whole, the student once), beside attention distillation unchanged.
 The objective without a task loss reads no label; a `train` run with ``transfer.task_weight=0`` on a dataset
 whose labels raise lowers its feature loss, logs its terms (the first step's equal to the loss computed by
@@ -27,7 +27,7 @@ from attnxfer.errors import InputError
 from attnxfer.launch import cli
 from attnxfer.models import AttentionIO, Chunks, Signal
 from attnxfer.train.objective import TaskLoss, TransferObjective
-from attnxfer.transfer import MODES, DualViT, PlanError, build_plan
+from attnxfer.transfer import MODES, PlanError, TeacherStudent, build_plan
 from attnxfer.transfer.feature_loss import feature_distill_loss
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -80,7 +80,7 @@ def test_chunks_are_typed_sets_of_projections_that_print_as_the_config_letters()
             Chunks(not_a_projection)
 
 
-# -- feature distillation in DualViT --------------------------------------------------------------------------
+# -- feature distillation in TeacherStudent --------------------------------------------------------------------------
 
 
 def _count_calls(module: torch.nn.Module) -> list[int]:
@@ -101,9 +101,9 @@ def test_feature_distillation_is_the_loss_of_both_models_own_final_tokens(mode):
     student = tiny_vit(depth=2, seed=2)
     plan = build_plan(teacher, student, mode, feature_weight=0.5, task_weight=0.0)
     assert plan.compares[Signal.FEATURES] == 0.5
-    dual = DualViT(teacher, student, plan).train()
+    pair = TeacherStudent(teacher, student, plan).train()
     student_embeds, teacher_last = _count_calls(student.patch_embed), _count_calls(teacher.blocks[-1])
-    out = dual(x)
+    out = pair(x)
     assert student_embeds[0] == 1 and teacher_last[0] == 1
     with torch.no_grad():
         ref = feature_distill_loss(student.forward_features(x), teacher.forward_features(x), 1)
@@ -116,7 +116,7 @@ def test_feature_distillation_is_the_loss_of_both_models_own_final_tokens(mode):
     if mode == "none":
         torch.testing.assert_close(out.loss, 0.5 * ref.loss)
         return
-    alone = DualViT(teacher, copy.deepcopy(student), build_plan(teacher, student, mode)).train()(x)
+    alone = TeacherStudent(teacher, copy.deepcopy(student), build_plan(teacher, student, mode)).train()(x)
     attention = [k for k in out.terms if k.startswith("attn_ce/")]
     assert attention == ["attn_ce/0", "attn_ce/1"]
     for key in attention:
@@ -126,16 +126,16 @@ def test_feature_distillation_is_the_loss_of_both_models_own_final_tokens(mode):
 
 def test_an_objective_without_a_task_loss_never_touches_the_labels():
     teacher, student = peaked_teacher(depth=2), tiny_vit(depth=2, seed=2, num_classes=0)
-    dual = DualViT(
+    pair = TeacherStudent(
         teacher, student, build_plan(teacher, student, "none", feature_weight=1.0, task_weight=0.0)
     )
     never = TaskLoss(lambda *_: pytest.fail("the task loss ran"), mixup=lambda *_: pytest.fail("mixup ran"))
-    out = TransferObjective(dual.train(), never).loss(
-        dual, torch.randn(2, 3, 32, 32), None, contextlib.nullcontext
+    out = TransferObjective(pair.train(), never).loss(
+        pair, torch.randn(2, 3, 32, 32), None, contextlib.nullcontext
     )
     assert "task" not in out.terms and out.total is out.terms["attn"] and out.total.requires_grad
     labelled = build_plan(teacher, tiny_vit(depth=2, seed=2), "none", feature_weight=1.0)
-    objective = TransferObjective(DualViT(teacher, tiny_vit(depth=2, seed=2), labelled), never)
+    objective = TransferObjective(TeacherStudent(teacher, tiny_vit(depth=2, seed=2), labelled), never)
     with pytest.raises(ValueError, match="needs labels"):
         objective.loss(objective.module, torch.randn(2, 3, 32, 32), None, contextlib.nullcontext)
 
@@ -196,7 +196,7 @@ def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
     run = tmp_path / "run"
     with labels_raise_registered():
         engine = build_engine(load_config(None, _train_args(run, teacher_dir)))
-        teacher, before = engine.dual.teacher, copy.deepcopy(engine.student).eval()
+        teacher, before = engine.module.teacher, copy.deepcopy(engine.student).eval()
         engine.train_sampler.set_epoch(0)
         engine.train_sampler.set_position(0)
         (x,) = next(iter(engine.train_loader))

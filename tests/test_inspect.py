@@ -18,7 +18,7 @@ from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
 from PIL import Image
 
 from attnxfer.analysis import (
-    Subject,
+    InspectedStudent,
     attention_distance,
     attention_rollout,
     compare_attention,
@@ -400,7 +400,7 @@ def test_an_empty_image_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="no images to inspect"):
         inspect_models(teacher, {"s": teacher}, torch.zeros(0, 3, 32, 32))
     with pytest.raises(ValueError, match="no images to inspect"):
-        compare_attention(teacher, {"s": Subject(teacher)}, [])
+        compare_attention(teacher, {"s": InspectedStudent(teacher)}, [])
 
 
 # ------------------------------------------------------------------------------------------- --out and --overwrite

@@ -36,7 +36,7 @@ PATHS = pytest.mark.parametrize("path", CPU_PATHS)
 
 def _fast(q_t, k_t, q_s, k_s, *, path, **kwargs):
     """`attention_distillation_loss` on ``path``; for ``attention_lse`` the student's log-sum-exp comes
-    from its attention call, as DualViT gets it (`attention_with_lse`: on CPU the SDPA + chunked twin)."""
+    from its attention call, as TeacherStudent gets it (`attention_with_lse`: on CPU the SDPA + chunked twin)."""
     if CEPath(path).needs_student_lse:
         _, kwargs["lse_s"] = attention_with_lse(q_s, k_s, k_s)
     return attention_distillation_loss(q_t, k_t, q_s, k_s, path=path, **kwargs)

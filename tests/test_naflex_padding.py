@@ -1,4 +1,4 @@
-"""NaFlexViT batches whose samples have different numbers of patches, through `DualViT` training.
+"""NaFlexViT batches whose samples have different numbers of patches, through `TeacherStudent` training.
 
 The oracle is each sample run alone, unpadded, through timm's own modules (fused attention off, maps
 recorded on ``attn_drop``): the padded batch's per-layer distillation CE must be the mean over every
@@ -16,7 +16,7 @@ import torch
 from families.cases import TINY
 from families.oracles import oracle_maps
 
-from attnxfer.transfer import DualViT
+from attnxfer.transfer import TeacherStudent
 from attnxfer.transfer.losses import padding_from_mask
 
 N = 16  # 4 x 4 patches of 8 px; sample 0 keeps all, sample 1 three rows (12), sample 2 two rows (8)
@@ -54,8 +54,8 @@ def _models():
 def test_padded_distill_ce_and_gradients_equal_each_sample_alone(batch):
     teacher, student = _models()
     oracle_t, oracle_s = copy.deepcopy(teacher), copy.deepcopy(student)  # timm's own classes, unswapped
-    dual = DualViT(teacher, student, mode="distill").train()
-    out = dual(batch)
+    pair = TeacherStudent(teacher, student, mode="distill").train()
+    out = pair(batch)
     # the oracle: every sample alone through timm's modules, CE summed over its real rows
     sums, rows = None, 0
     for b in range(len(REAL)):
@@ -86,26 +86,26 @@ def test_padded_distill_ce_and_gradients_equal_each_sample_alone(batch):
     # the padding matters: the same batch with the padded tokens counted gives another CE
     unmasked = {**batch, "patch_valid": torch.ones_like(batch["patch_valid"])}
     assert (
-        DualViT(teacher, student, mode="distill")(unmasked).terms["attn_ce/0"] - out.terms["attn_ce/0"]
+        TeacherStudent(teacher, student, mode="distill")(unmasked).terms["attn_ce/0"] - out.terms["attn_ce/0"]
     ).abs() > 1e-3
 
 
 def test_padded_copy_gives_each_sample_its_own_logits_and_both_modes_train(batch):
     teacher, student = _models()
-    copy_dual = DualViT(teacher, student, mode="copy").train()
+    copy_pair = TeacherStudent(teacher, student, mode="copy").train()
     with torch.no_grad():
-        padded = copy_dual(batch).logits
+        padded = copy_pair(batch).logits
         for b in range(len(REAL)):
-            alone = copy_dual(_alone(batch, b)).logits
+            alone = copy_pair(_alone(batch, b)).logits
             torch.testing.assert_close(padded[b : b + 1], alone, rtol=1e-5, atol=1e-5)
     for mode in ("copy", "distill"):
         teacher, student = _models()
-        dual = DualViT(teacher, student, mode=mode).train()
-        opt = torch.optim.SGD(dual.parameters(), lr=0.05)
+        pair = TeacherStudent(teacher, student, mode=mode).train()
+        opt = torch.optim.SGD(pair.parameters(), lr=0.05)
         labels = torch.tensor([0, 1, 2])
         before = {n: p.detach().clone() for n, p in student.named_parameters()}
         for _ in range(2):
-            out = dual(batch)
+            out = pair(batch)
             loss = torch.nn.functional.cross_entropy(out.logits, labels)
             if out.loss is not None:
                 loss = loss + out.loss

@@ -21,7 +21,7 @@ from timm.models import save_for_hf
 from attnxfer.launch.cli import main
 from attnxfer.models.attention import attention_layers
 from attnxfer.models.efficient import build_efficient_student
-from attnxfer.transfer import DualViT
+from attnxfer.transfer import TeacherStudent
 from attnxfer.transfer.plan import PlanError, build_plan
 
 
@@ -101,7 +101,7 @@ def test_a_zoo_student_distils_a_pvt_v2_teacher_over_its_reduced_keys():
         for i, (_, attn) in enumerate(attention_layers(student))
     ]
     try:
-        out = DualViT(teacher, student, plan).train()(x)
+        out = TeacherStudent(teacher, student, plan).train()(x)
     finally:
         for h in hooks:
             h.remove()

@@ -10,7 +10,7 @@ from families.cases import SMALL_KW as TINY
 from families.cases import build, peaked
 
 from attnxfer.models.efficient import with_attention
-from attnxfer.transfer import DualViT, PlanError, build_plan
+from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
 
 def _vit(seed: int = 5, **kw) -> torch.nn.Module:
@@ -24,11 +24,11 @@ def test_a_plain_vit_with_4_registers_learns_a_dinov3_teachers_maps():
     teacher = peaked(build("dinov3")).eval()
     student = _vit(reg_tokens=4)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    dual = DualViT(teacher, student, mode="distill").train()
+    pair = TeacherStudent(teacher, student, mode="distill").train()
     opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
     ces = []
     for _ in range(4):
-        out = dual(x)
+        out = pair(x)
         loss = out.terms["attn_ce/0"] + out.terms["attn_ce/1"]
         ces.append(loss.item())
         opt.zero_grad()

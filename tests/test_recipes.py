@@ -3,7 +3,7 @@
 REFERENCE is transcribed by hand from alexlioralexli/attention-transfer (commit 26963e8): the README's two
 launch commands (8 nodes x 8 GPUs x 32 images), main_finetune.py's argument defaults for everything the
 commands leave out, models_dual_vit.py (end_layer default -3, shared drop-path masks, GAP + fc_norm) and
-util/lr_decay.py (layer ids on the dual model). docs/recipes.md prints the same table.
+util/lr_decay.py (layer ids on the teacher–student model). docs/recipes.md prints the same table.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def _resolved(cfg) -> dict:
 
 
 def _reference_lr_scale(name: str, depth: int, decay: float) -> float:
-    """util/lr_decay.py on the dual model, written out: num_layers = student depth; cls_token, pos_embed and
+    """util/lr_decay.py on the teacher–student model, written out: num_layers = student depth; cls_token, pos_embed and
     patch_embed are layer 0, blocks.i is layer i+1, everything else (fc_norm, head) is layer `depth`;
     the scale is decay^(depth - layer)."""
     if name.startswith(("cls_token", "pos_embed", "patch_embed")):
@@ -283,7 +283,7 @@ def test_precision_is_one_switch_for_student_and_teacher():
     assert teacher_dtype("auto", "fp32") is torch.float32
     assert teacher_dtype("auto", "bf16") is torch.bfloat16
     assert teacher_dtype("fp32", "bf16") is torch.float32
-    assert teacher_dtype("auto") is None  # no run: DualViT decides by device
+    assert teacher_dtype("auto") is None  # no run: TeacherStudent decides by device
     assert load_config("paper/vit_large_distill", ["precision=fp32"]).precision == "fp32"
 
 

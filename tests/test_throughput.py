@@ -28,7 +28,7 @@ from attnxfer.train.optim import (
     student_param_groups,
 )
 from attnxfer.train.terms import NonFiniteGuard, TermWindow
-from attnxfer.transfer import DualViT
+from attnxfer.transfer import TeacherStudent
 
 # A 2-block, 48-wide ViT on 32-px synthetic images (17 tokens): a training step takes milliseconds.
 TINY = [
@@ -152,12 +152,12 @@ def test_non_finite_loss_stops_before_the_next_save_even_between_log_steps(tmp_p
 # -- 2. model.compile ----------------------------------------------------------------------------------
 
 
-def _loss_and_grads(dual: DualViT, x: torch.Tensor):
-    out = dual(x)
+def _loss_and_grads(pair: TeacherStudent, x: torch.Tensor):
+    out = pair(x)
     loss = out.logits.logsumexp(-1).mean() + (out.loss if out.loss is not None else 0.0)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in dual.student.named_parameters() if p.grad is not None}
-    dual.student.zero_grad(set_to_none=True)
+    grads = {n: p.grad.clone() for n, p in pair.student.named_parameters() if p.grad is not None}
+    pair.student.zero_grad(set_to_none=True)
     return loss.detach(), grads
 
 
@@ -172,22 +172,22 @@ def test_compiled_blocks_give_eager_losses_and_gradients(mode):
     results = []
     for compiled in (False, True):
         teacher = peaked_teacher(depth=2) if mode != "none" else None
-        dual = DualViT(teacher, tiny_vit(depth=2, seed=3, drop_path_rate=0.0), mode=mode).train()
-        names = list(dual.student.state_dict())
+        pair = TeacherStudent(teacher, tiny_vit(depth=2, seed=3, drop_path_rate=0.0), mode=mode).train()
+        names = list(pair.student.state_dict())
         if compiled:
-            assert compile_blocks(dual.student.blocks) == 2
+            assert compile_blocks(pair.student.blocks) == 2
             if teacher is not None:
                 compile_blocks(teacher.blocks)  # teacher.compile: no-grad graphs
-        results.append(_loss_and_grads(dual, x))
+        results.append(_loss_and_grads(pair, x))
         if compiled:
-            assert all(is_compiled(b) for b in dual.student.blocks)
+            assert all(is_compiled(b) for b in pair.student.blocks)
             graphs = counters["stats"]["unique_graphs"]
-            again = _loss_and_grads(dual, x)  # a second step: no new graph, no recompile
+            again = _loss_and_grads(pair, x)  # a second step: no new graph, no recompile
             assert counters["stats"]["unique_graphs"] == graphs
             assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
             torch.testing.assert_close(again[0], results[-1][0])
             # names (state_dict, checkpoints, export) are the eager model's: no `_orig_mod.` anywhere
-            assert list(dual.student.state_dict()) == names
+            assert list(pair.student.state_dict()) == names
     (loss_e, grads_e), (loss_c, grads_c) = results
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     assert grads_c.keys() == grads_e.keys() and grads_e
@@ -203,7 +203,7 @@ def test_stochastic_depth_rates_are_graph_inputs_so_one_graph_serves_every_block
 
     student = tiny_vit(depth=3, seed=5, drop_path_rate=0.2)
     names = list(student.state_dict())
-    dual = DualViT(None, student, mode="none").train()
+    pair = TeacherStudent(None, student, mode="none").train()
     graphs = counters["stats"]["unique_graphs"]
     compile_blocks(student.blocks)
     assert list(student.state_dict()) == names  # the rates are non-persistent buffers
@@ -212,7 +212,7 @@ def test_stochastic_depth_rates_are_graph_inputs_so_one_graph_serves_every_block
         isinstance(b.drop_path1, RateAsInputDropPath) for b in student.blocks
     )
     for _ in range(2):
-        dual(torch.randn(4, 3, 32, 32)).logits.sum().backward()
+        pair(torch.randn(4, 3, 32, 32)).logits.sum().backward()
     assert counters["stats"]["unique_graphs"] == graphs + 1
     drop = student.blocks[2].drop_path1
     x = torch.ones(4000, 1, 1)

@@ -186,7 +186,7 @@ def _check_distillation_step():
 
 @pytest.mark.slow
 def test_distillation_step_on_the_triton_path_equals_the_rows_path(kernel_interpreter):
-    """DualViT with transfer.ce_path=triton (tiny ViTs, 17 tokens, 3 heads of 16): the same per-layer CE
+    """TeacherStudent with transfer.ce_path=triton (tiny ViTs, 17 tokens, 3 heads of 16): the same per-layer CE
     and the same student gradients as the rows path."""
     kernel_interpreter(_check_distillation_step)
 

@@ -22,7 +22,7 @@ from attnxfer.models.attention.numerics import bf16_devices
 from attnxfer.models.efficient import create_attention, list_attentions
 from attnxfer.models.efficient.swap import build_efficient_student, set_drop_path
 from attnxfer.train.compile import compile_blocks, is_compiled
-from attnxfer.transfer import DualViT, build_plan
+from attnxfer.transfer import TeacherStudent, build_plan
 
 OPTIONS = {
     "window": dict(window_size=2),
@@ -102,17 +102,17 @@ def test_compiled_layer_matches_eager_forward_and_backward(name):
 # -- a converted student under model.compile ----------------------------------------------------------------
 
 
-def _student_step(dual: DualViT, x: torch.Tensor):
+def _student_step(pair: TeacherStudent, x: torch.Tensor):
     """One training step's loss (task stand-in + the plan's terms) and the student's gradients."""
-    out = dual(x)
+    out = pair(x)
     loss = out.logits.logsumexp(-1).mean() + out.loss
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in dual.student.named_parameters() if p.grad is not None}
-    dual.student.zero_grad(set_to_none=True)
+    grads = {n: p.grad.clone() for n, p in pair.student.named_parameters() if p.grad is not None}
+    pair.student.zero_grad(set_to_none=True)
     return loss.detach(), grads
 
 
-def _converted_dual(teacher, drop_path_rate: float, dtype=torch.float32) -> DualViT:
+def _converted_pair(teacher, drop_path_rate: float, dtype=torch.float32) -> TeacherStudent:
     """A 4-block student converted to relu_linear / agent alternately (a kernel core; two softmaxes through
     pooled agents with resized position biases), distilling the teacher's maps and logits."""
     torch.manual_seed(0)
@@ -123,7 +123,7 @@ def _converted_dual(teacher, drop_path_rate: float, dtype=torch.float32) -> Dual
             if "bias" in name and p.ndim == 4:
                 p.add_(0.1 * torch.randn_like(p))
     teacher, student = teacher.to(dtype), student.to(dtype)
-    return DualViT(teacher, student, build_plan(teacher, student, "distill", logit_weight=1.0)).train()
+    return TeacherStudent(teacher, student, build_plan(teacher, student, "distill", logit_weight=1.0)).train()
 
 
 @pytest.mark.slow  # inductor: two graphs, ~15 s on a cold cache, ~5 s warm
@@ -143,20 +143,20 @@ def test_compiled_converted_student_trains_like_the_eager_one():
 
     teacher = peaked_teacher(depth=4)
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    loss_e, grads_e = _student_step(_converted_dual(teacher, 0.0), x)
-    loss_64, grads_64 = _student_step(_converted_dual(copy.deepcopy(teacher), 0.0, torch.float64), x.double())
+    loss_e, grads_e = _student_step(_converted_pair(teacher, 0.0), x)
+    loss_64, grads_64 = _student_step(_converted_pair(copy.deepcopy(teacher), 0.0, torch.float64), x.double())
 
-    dual = _converted_dual(teacher, 0.1)
-    student = dual.student
+    pair = _converted_pair(teacher, 0.1)
+    student = pair.student
     names = list(student.state_dict())
     assert compile_blocks(student.blocks) == 4 and all(is_compiled(b) for b in student.blocks)
     graphs, breaks = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-    _student_step(dual, x)  # rates 0, 0.033, 0.067, 0.1
+    _student_step(pair, x)  # rates 0, 0.033, 0.067, 0.1
     assert counters["stats"]["unique_graphs"] == graphs + 2  # one per attention kind, not one per block
     for block in student.blocks:
         block.drop_path1.keep_prob.fill_(1.0)
         block.drop_path2.keep_prob.fill_(1.0)
-    loss_c, grads_c = _student_step(dual, x)
+    loss_c, grads_c = _student_step(pair, x)
     assert counters["stats"]["unique_graphs"] == graphs + 2  # no recompile for new rates
     assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
     assert list(student.state_dict()) == names  # checkpoints and export see the eager names

@@ -20,7 +20,14 @@ tensors, never a config or a file.
 
 from ..models.attention import stage_of
 from .agreement import layer_agreement
-from .compare import PAIR_METRICS, Inspection, LayerComparison, Subject, TeacherLayer, compare_attention
+from .compare import (
+    PAIR_METRICS,
+    InspectedStudent,
+    Inspection,
+    LayerComparison,
+    TeacherLayer,
+    compare_attention,
+)
 from .geometry import LayerGeometry, layer_geometry
 from .layout import NotInspectable, input_size, token_layout
 from .maps import class_token_maps, has_rollout, rollout_class_maps, token_maps
@@ -42,12 +49,12 @@ from .signals import LayerSignals, borrowed_signals, layer_qk
 
 __all__ = [
     "PAIR_METRICS",
+    "InspectedStudent",
     "Inspection",
     "LayerComparison",
     "LayerGeometry",
     "LayerSignals",
     "NotInspectable",
-    "Subject",
     "TeacherLayer",
     "attention_distance",
     "attention_rollout",

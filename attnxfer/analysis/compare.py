@@ -36,14 +36,21 @@ from .metrics import finite_mean, head_assignment
 from .positions import RowPositions, cell_distances, row_positions
 from .signals import LayerSignals, borrowed_signals, layer_qk
 
-__all__ = ["PAIR_METRICS", "Inspection", "LayerComparison", "Subject", "TeacherLayer", "compare_attention"]
+__all__ = [
+    "PAIR_METRICS",
+    "InspectedStudent",
+    "Inspection",
+    "LayerComparison",
+    "TeacherLayer",
+    "compare_attention",
+]
 
 #: Per-head metrics of a (teacher, other) pair of maps: divergences, agreement of rows and of class-token maps.
 PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
 
 
 @dataclass
-class Subject:
+class InspectedStudent:
     """A student to inspect: the model and the teacher chunks its layers borrow at run time (attention copy:
     ``borrow[student layer] = (teacher layer, "qk")``); a borrowed q/k is what the layer attends with."""
 
@@ -115,7 +122,7 @@ class _Settings:
 @torch.no_grad()
 def compare_attention(
     teacher: nn.Module,
-    students: Mapping[str, Subject | nn.Module],
+    students: Mapping[str, InspectedStudent | nn.Module],
     batches: Iterable[torch.Tensor],
     *,
     topk: int = 5,
@@ -139,7 +146,7 @@ def compare_attention(
     class-token map JS and Pearson correlation (over patches); a Hungarian teacher↔student head
     assignment by JS on the probe rows.
     """
-    subjects = {n: s if isinstance(s, Subject) else Subject(s) for n, s in students.items()}
+    subjects = {n: s if isinstance(s, InspectedStudent) else InspectedStudent(s) for n, s in students.items()}
     if not subjects:
         raise InputError("compare_attention needs at least one student")
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
@@ -180,7 +187,9 @@ class _Comparison:
     """What `compare_attention` accumulates over the batches: per teacher layer its own sums and the
     floor's, per student layer its sums against the teacher layer it is paired with."""
 
-    def __init__(self, teacher: nn.Module, subjects: Mapping[str, Subject], settings: _Settings) -> None:
+    def __init__(
+        self, teacher: nn.Module, subjects: Mapping[str, InspectedStudent], settings: _Settings
+    ) -> None:
         self.teacher, self.subjects, self.settings = teacher, subjects, settings
         self.t_layers = inspectable_layers(teacher)
         depth_t = len(self.t_layers)
@@ -331,7 +340,9 @@ def _teacher_result(j: int, layer: tuple[str, TransferableAttention], acc: Teach
     )
 
 
-def _student_result(i: int, t: int, subject: Subject, sig: LayerSignals, acc: StudentSums) -> LayerComparison:
+def _student_result(
+    i: int, t: int, subject: InspectedStudent, sig: LayerSignals, acc: StudentSums
+) -> LayerComparison:
     kind = sig.kind
     comp = LayerComparison(
         i,

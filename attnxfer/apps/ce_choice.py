@@ -20,8 +20,8 @@ from ..config import TrainConfig
 from ..train.distributed import gather_objects, rank_and_world
 from ..train.runtime import Runtime
 from ..transfer.ce_select import CEChoice, budget_from_gib, choose_ce_path, layer_shapes
-from ..transfer.dual import DualViT
 from ..transfer.losses import CEPath, ce_path_for
+from ..transfer.teacher_student import TeacherStudent
 
 __all__ = ["ce_choice_for_run", "decided_on_rank0", "recorded_ce_choice"]
 
@@ -55,17 +55,17 @@ def decided_on_rank0(decide: Callable[[], CEChoice | None]) -> CEChoice | None:
 
 def ce_choice_for_run(
     cfg: TrainConfig,
-    dual: DualViT,
+    pair: TeacherStudent,
     runtime: Runtime,
     resumed_from: Path | None,
     *,
     measure: bool = True,
     log: Callable[[str], Any] = print,
 ) -> CEChoice | None:
-    """How ``dual``'s softmax layers evaluate their CE in this run, set on ``dual`` (every rank) and
+    """How ``pair``'s softmax layers evaluate their CE in this run, set on ``pair`` (every rank) and
     returned for run.json and the checkpoints; None when the run distils no softmax maps. ``measure=False``
     (evaluation) keeps the recorded or device-default path without timing anything."""
-    if layer_shapes(dual, cfg.data.batch_size, runtime.device) is None:
+    if layer_shapes(pair, cfg.data.batch_size, runtime.device) is None:
         return None
     if cfg.transfer.ce_path != "auto":
         choice = CEChoice(
@@ -92,7 +92,7 @@ def ce_choice_for_run(
             precision = runtime.precision
             choice = decided_on_rank0(
                 lambda: choose_ce_path(
-                    dual,
+                    pair,
                     cfg.data.batch_size,
                     runtime.device,
                     student_dtype=precision.dtype if precision.autocasts else torch.float32,
@@ -101,5 +101,5 @@ def ce_choice_for_run(
                 )
             )
     log(choice.describe())
-    dual.ce_path = choice.path
+    pair.ce_path = choice.path
     return choice

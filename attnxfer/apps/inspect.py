@@ -26,7 +26,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform
 
-from ..analysis import Inspection, Subject, compare_attention, input_size, token_layout
+from ..analysis import InspectedStudent, Inspection, compare_attention, input_size, token_layout
 from ..analysis.pictures import agreement_figure, save_figure
 from ..checkpoints.processes import process_alive
 from ..checkpoints.run_dir import RunDir
@@ -68,9 +68,9 @@ class LoadedModel:
     std: tuple[float, ...] = ()
 
     @property
-    def subject(self) -> Subject:
+    def subject(self) -> InspectedStudent:
         """The model as `compare_attention` takes it: with the teacher layers it borrows."""
-        return Subject(self.model, self.borrow)
+        return InspectedStudent(self.model, self.borrow)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -246,7 +246,7 @@ def load_images(
 # ------------------------------------------------------------------------------------------- measuring
 def inspect_models(
     teacher: nn.Module,
-    students: Mapping[str, nn.Module | Subject],
+    students: Mapping[str, nn.Module | InspectedStudent],
     images: torch.Tensor,
     *,
     batch_size: int = 16,

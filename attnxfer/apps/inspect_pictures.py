@@ -13,11 +13,11 @@ import torch
 import torch.nn as nn
 
 from ..analysis import (
+    InspectedStudent,
     Inspection,
     LayerComparison,
     LayerGeometry,
     LayerSignals,
-    Subject,
     borrowed_signals,
     has_rollout,
     layer_qk,
@@ -42,7 +42,7 @@ def draw_pictures(
     out: Path,
     insp: Inspection,
     teacher: nn.Module,
-    students: Mapping[str, Subject],
+    students: Mapping[str, InspectedStudent],
     images: torch.Tensor,
     mean: Sequence[float],
     std: Sequence[float],

@@ -12,12 +12,12 @@ import torch.nn as nn
 from ..analysis import class_token_maps, layer_qk
 from ..analysis.pictures import class_token_figure, display_image, figure_array
 from ..train.objective import Pictures
-from ..transfer.dual import DualViT
+from ..transfer.teacher_student import TeacherStudent
 
 __all__ = ["class_token_pictures"]
 
 
-def class_token_pictures(dual: DualViT, val_loader: Any, n: int, device: torch.device) -> Pictures:
+def class_token_pictures(pair: TeacherStudent, val_loader: Any, n: int, device: torch.device) -> Pictures:
     """Class-token maps (layer × head) of the first ``n`` validation images, the teacher's beside the
     student's (``attention/cls_maps_<i>``); the images are taken from ``val_loader`` at the first call."""
     held: dict[str, torch.Tensor] = {}
@@ -27,7 +27,7 @@ def class_token_pictures(dual: DualViT, val_loader: Any, n: int, device: torch.d
         if "x" not in held:
             held["x"] = next(iter(val_loader))[0][:n]
         x = held["x"].to(device)
-        teacher, plan = dual.teacher, dual.plan
+        teacher, plan = pair.teacher, pair.plan
         was = student.training
         student.eval()
         try:

@@ -32,7 +32,7 @@ from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, to_dict
 from ..errors import InputError
-from ..models.attention import transfer_attentions
+from ..models.attention import transferable_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
 from ..models.efficient.hierarchical import is_hierarchical
 from ..models.image_input import image_input
@@ -95,7 +95,7 @@ def _layers(cfg: TrainConfig, depth: int) -> list[int]:
 
 def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSettings:
     s = cfg.search
-    attn = transfer_attentions(teacher)[0]
+    attn = transferable_attentions(teacher)[0]
     # a hierarchical teacher's grid changes by stage: candidates that do not fit a stage fail at fit time
     grid = None if is_hierarchical(teacher) else image_input(teacher).grid or None
     return SearchSettings(
@@ -134,7 +134,7 @@ def build_evaluator(cfg: TrainConfig, log: Callable[[str], None] = print) -> tup
     teacher = parts.teacher
     device = resolve_device(cfg.device)
     teacher.to(device=device, dtype=torch.float32).eval()
-    layers = _layers(cfg, len(transfer_attentions(teacher)))
+    layers = _layers(cfg, len(transferable_attentions(teacher)))
     s = cfg.search
     fit_images = [x.to(device) for x in _images(parts.train_loader, None, s.fit_batches)]
     held_out = [x.to(device) for x in _images(parts.val_loader, s.held_out_images, None)]

@@ -18,7 +18,7 @@ from ..checkpoints.store import CheckpointManager, atomic_write_json
 from ..config import TrainConfig
 from ..errors import MissingPathError
 from ..train.runtime import resolve_device, resolve_precision, teacher_dtype
-from ..transfer.dual import DualViT, TransferOutput
+from ..transfer.teacher_student import TeacherStudent, TransferOutput
 from .run_parts import build_run_parts
 from .training import plan_from_config
 from .uncertainty import format_p, format_top1, mcnemar, mean_std
@@ -47,7 +47,7 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
     parts.student.load_state_dict(tensors["model"])
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model = DualViT(
+    model = TeacherStudent(
         parts.teacher,
         parts.student,
         plan_from_config(cfg, parts),

@@ -33,8 +33,8 @@ from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..train.trackers import prepare_trackers
-from ..transfer.dual import DualViT
 from ..transfer.plan import TransferPlan, build_plan, get_mode
+from ..transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
 from .loaders import build_bank_loader, data_info
 from .pictures import class_token_pictures
@@ -213,28 +213,30 @@ def adamw_from_config(
     return build_adamw(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, device=device)
 
 
-def compile_from_config(cfg: TrainConfig, dual: DualViT) -> dict[str, int]:
+def compile_from_config(cfg: TrainConfig, pair: TeacherStudent) -> dict[str, int]:
     """torch.compile the student's blocks (``model.compile``) and the teacher's (``teacher.compile``) in
     place; returns how many blocks of each (what run.json records)."""
-    if cfg.teacher.compile and dual.teacher is None:
+    if cfg.teacher.compile and pair.teacher is None:
         raise InputError(
             "teacher.compile=true, but this run has no teacher (transfer.mode=none without teacher.spec); "
             "remove teacher.compile"
         )
     mode = cfg.model.compile_mode
     return {
-        "student_blocks": compile_blocks(attention_blocks(dual.student), mode) if cfg.model.compile else 0,
-        "teacher_blocks": compile_blocks(attention_blocks(dual.teacher), mode) if cfg.teacher.compile else 0,
+        "student_blocks": compile_blocks(attention_blocks(pair.student), mode) if cfg.model.compile else 0,
+        "teacher_blocks": compile_blocks(attention_blocks(pair.teacher), mode) if cfg.teacher.compile else 0,
     }
 
 
-def attention_pictures(cfg: TrainConfig, dual: DualViT, parts: RunParts, runtime: Runtime) -> list[Pictures]:
+def attention_pictures(
+    cfg: TrainConfig, pair: TeacherStudent, parts: RunParts, runtime: Runtime
+) -> list[Pictures]:
     """``log.attention_images`` validation images' class-token maps at each evaluation, where TensorBoard
     shows them (``log.tensorboard`` with ``tensorboard`` among ``log.trackers``)."""
     n = cfg.log.attention_images
     if not (n > 0 and cfg.log.tensorboard and "tensorboard" in cfg.log.trackers):
         return []
-    return [class_token_pictures(dual, parts.val_loader, n, runtime.device)]
+    return [class_token_pictures(pair, parts.val_loader, n, runtime.device)]
 
 
 def engine_facts(engine: Engine) -> dict:
@@ -261,8 +263,8 @@ def _write_run_files(
     info = {
         "teacher": parts.teacher_record,
         "student": parts.student_spec,
-        "plan": engine.dual.plan.describe(),
-        "mode": engine.dual.plan.mode.name,
+        "plan": engine.module.plan.describe(),
+        "mode": engine.module.plan.mode.name,
         # what "best" means: the checkpoint `load_student` and `attnxfer export` pick
         "best_metric": engine.settings.metric,
         "best_mode": str(engine.settings.metric_mode),
@@ -339,26 +341,28 @@ def build_engine(
     check_teacher_content(resumed_from, parts.teacher_record, cfg.teacher.spec)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
-    dual = DualViT(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(runtime.device)
+    pair = TeacherStudent(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(
+        runtime.device
+    )
     # transfer.ce_path: forced, the resumed checkpoint's, or measured here (rank 0) before any step
-    choice = ce_choice_for_run(cfg, dual, runtime, resumed_from, measure=write_run_files, log=log)
+    choice = ce_choice_for_run(cfg, pair, runtime, resumed_from, measure=write_run_files, log=log)
     ce_record = None if choice is None else choice.record()
-    ema = StudentEMA(dual.student, cfg.ema.decay) if cfg.ema.decay else None
-    compiled = compile_from_config(cfg, dual)  # after the EMA's copy: EMA weights are evaluated eagerly
-    groups = _param_groups(cfg, dual)
+    ema = StudentEMA(pair.student, cfg.ema.decay) if cfg.ema.decay else None
+    compiled = compile_from_config(cfg, pair)  # after the EMA's copy: EMA weights are evaluated eagerly
+    groups = _param_groups(cfg, pair)
     # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
     scoring = scoring_for(plan, parts)
     settings = replace(loop_settings(cfg, runtime.world), metric=scoring.metric, metric_mode=scoring.mode)
     engine = assemble_engine(
         cfg,
         runtime,
-        TransferObjective(dual, task_loss_from_config(cfg, parts.num_classes), scoring.evaluator),
+        TransferObjective(pair, task_loss_from_config(cfg, parts.num_classes), scoring.evaluator),
         parts,
         groups,
         settings=settings,
         ema=ema,
         record={"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record},
-        pictures=attention_pictures(cfg, dual, parts, runtime),
+        pictures=attention_pictures(cfg, pair, parts, runtime),
     )
     if write_run_files:
         _write_run_files(cfg, engine, parts, compiled, ce_record)
@@ -384,10 +388,10 @@ def _fitted_to_world(cfg: TrainConfig, runtime: Runtime, parts: RunParts | None,
     return fitted
 
 
-def _param_groups(cfg: TrainConfig, dual: DualViT) -> list[dict]:
+def _param_groups(cfg: TrainConfig, pair: TeacherStudent) -> list[dict]:
     """The student's optimiser groups: weight decay, layer-wise lr decay (`student_param_groups`)."""
     return student_param_groups(
-        dual,
+        pair,
         weight_decay=cfg.optim.weight_decay,
         layer_decay=cfg.optim.layer_decay,
         layer_decay_rule=cfg.optim.layer_decay_rule,
@@ -467,9 +471,9 @@ def _quality_metrics(
     cfg: TrainConfig, engine: Engine, wanted: frozenset[str], have: dict
 ) -> dict[str, float]:
     """Feature agreement and k-NN top-1 of the loaded checkpoint's student (its raw weights, not the EMA's)."""
-    dual, student, teacher = engine.dual, engine.student, None
-    if isinstance(dual, DualViT):
-        teacher = dual.teacher
+    pair, student, teacher = engine.module, engine.student, None
+    if isinstance(pair, TeacherStudent):
+        teacher = pair.teacher
     elif isinstance(student, MaskedAutoencoder):  # pre-training: its encoder is the model
         student = student.encoder
     out: dict[str, float] = {}

@@ -181,7 +181,7 @@ class OptimConfig:
     layer_decay: float | None = key(None, range=Range(0, 1, low_open=True))  # e.g. 0.75; None or 1 = off
     # Which block gets which power of layer_decay (depth D, block i):
     #   timm               timm's / MAE's param_groups_lrd on a plain ViT: block i decay^(D-i), stem decay^(D+1)
-    #   attention_transfer the paper's reference code (its lr_decay on the dual model): block i
+    #   attention_transfer the paper's reference code (its lr_decay on the teacher–student model): block i
     #                      decay^(D-1-i) (the last block 1.0), stem decay^D
     # Head and fc_norm (avg pooling) get 1.0 under both; the final norm (class-token pooling) goes with the
     # last block (timm's group_matcher): decay^1 under timm, 1.0 under attention_transfer.

@@ -26,7 +26,7 @@ from .attention import (
     list_attentions,
     make_transfer_aware,
     register_attention,
-    transfer_attentions,
+    transferable_attentions,
 )
 from .handover import Chunks, Signal
 from .student import (
@@ -64,6 +64,6 @@ __all__ = [
     "student_from_spec",
     "student_like",
     "student_spec",
-    "transfer_attentions",
+    "transferable_attentions",
     "vit_traits",
 ]

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..models.attention import MapKind, transfer_attentions
+from ..models.attention import MapKind, transferable_attentions
 from ..models.attention.registry import get_attention_class
 from ..models.efficient import build_efficient_student
 from ..models.efficient.swap import teacher_token_layout
@@ -131,10 +131,10 @@ def fit_student(teacher: nn.Module, attention: str, cache: TeacherCache, fit: Fi
     """A copy of ``teacher`` with ``attention`` in the cached layers, after ``fit.steps`` of stage 1 on the
     cached fit batches (in eval mode); errors as `fit_candidate`."""
     torch.manual_seed(fit.seed)
-    depth = len(transfer_attentions(teacher))  # blocks.* of a ViT; every stage's layers of PVTv2 / Swin
+    depth = len(transferable_attentions(teacher))  # blocks.* of a ViT; every stage's layers of PVTv2 / Swin
     names = [attention if i in cache.layers else "softmax" for i in range(depth)]
     student = build_efficient_student(teacher, names)
-    kind = transfer_attentions(student)[cache.layers[0]].map_kind
+    kind = transferable_attentions(student)[cache.layers[0]].map_kind
     if kind is not MapKind.ROW_STOCHASTIC:
         raise ValueError(
             f"its map is {kind}, not row-stochastic: KL to the teacher's maps is undefined (a formula "
@@ -169,7 +169,7 @@ def held_out_kl(teacher: nn.Module, student: nn.Module, cache: TeacherCache) -> 
     """Per cached layer, KL(P_teacher ‖ A_student) per row on the held-out batches, each layer on the
     teacher's hidden input (`layer_map_metric`: over a PVTv2 teacher's reduced keys, the student's rows
     pooled onto them)."""
-    t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
+    t_attns, s_attns = transferable_attentions(teacher), transferable_attentions(student)
     per_layer = []
     for i in cache.layers:
         t_attn, s_attn = t_attns[i], s_attns[i]
@@ -203,7 +203,7 @@ class SpeedSettings:
 
 def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
     """One attention ``name`` of the teacher's width, heads and token layout at ``tokens`` tokens."""
-    attn = transfer_attentions(teacher)[0]
+    attn = transferable_attentions(teacher)[0]
     prefix = teacher_token_layout(teacher)[0] if hasattr(teacher, "blocks") else 0  # PVTv2/Swin: no prefix
     side = math.isqrt(tokens - prefix)
     if side * side != tokens - prefix:

@@ -1,6 +1,6 @@
 """torch.compile of transformer blocks, in place: the one place a run's models get compiled.
 
-The unit is the block, not the model. `DualViT` walks the student's blocks one by one in lock-step with
+The unit is the block, not the model. `TeacherStudent` walks the student's blocks one by one in lock-step with
 the teacher's and hands q/k through a per-call `AttentionIO`; a compiled block reads that ``io`` like any
 attribute (capturing q/k, or taking a teacher's), so the same graph serves every block of a kind: one
 graph per (training, grad mode, io kind) for all blocks of the run, no graph breaks, no recompiles from
@@ -46,7 +46,7 @@ COMPILE_MODES = tuple(CompileMode)
 class RateAsInputDropPath(nn.Module):
     """timm's ``DropPath`` (per-sample stochastic depth) with the keep probability as a tensor.
 
-    ``drop_prob`` stays a float for readers (`DualViT`'s shared masks read it); ``forward`` reads only the
+    ``drop_prob`` stays a float for readers (`TeacherStudent`'s shared masks read it); ``forward`` reads only the
     ``keep_prob`` buffer (non-persistent: ``state_dict`` and checkpoints are unchanged). The mask is drawn
     in fp32 and cast, as a bf16 draw would round the probability.
     """

@@ -2,7 +2,7 @@
 
 It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`), never a config:
 `attnxfer.apps.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
-The objective (`attnxfer.train.objective`) is attention transfer (a `DualViT` plus the task loss, scored by
+The objective (`attnxfer.train.objective`) is attention transfer (a `TeacherStudent` plus the task loss, scored by
 val top-1) or a module whose forward returns its own loss (MAE pre-training, scored by val reconstruction
 loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
 sampler), the schedule (`attnxfer.train.schedule`), logging, evaluation and when to save. What a save holds
@@ -127,9 +127,9 @@ class Engine:
         self.record = dict(record or {})
         self.run_dir = Path(s.run_dir)
         # The objective's module runs the batches; its trained part is what the optimiser, the checkpoints
-        # and the EMA hold (a DualViT's student; a self-supervised module, itself).
+        # and the EMA hold (a TeacherStudent's student; a self-supervised module, itself).
         self.objective, self.ema = objective, ema
-        self.dual, self.student = objective.module, objective.trained
+        self.module, self.student = objective.module, objective.trained
         self.train_loader, self.val_loader, self.train_sampler = train_loader, val_loader, train_sampler
         self.pictures = tuple(pictures)
         self.ema_eval = objective.ema_model(ema.module) if ema is not None else None

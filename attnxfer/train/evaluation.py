@@ -14,14 +14,14 @@ import torch.nn.functional as F
 
 from ..analysis.features import TOKEN_GROUPS, FeatureAgreement, batch_feature_sums
 from ..analysis.knn import knn_comparison
-from ..transfer.dual import TransferOutput
+from ..transfer.teacher_student import TransferOutput
 
 __all__ = ["classification_sums", "evaluate", "evaluate_features", "evaluate_knn", "evaluate_loss"]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 and loss of ``model`` (a DualViT or a bare student) over ``loader``, summed over ranks,
+    """Top-1/top-5 and loss of ``model`` (a TeacherStudent or a bare student) over ``loader``, summed over ranks,
     and the number of images scored (``count``).
 
     Each rank scores its own shard of an exact (unpadded) val sampler, so the ranks may run different
@@ -99,22 +99,22 @@ def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[
 
 @torch.no_grad()
 def evaluate_features(model: nn.Module, loader, accelerator) -> dict[str, float]:
-    """Final-feature agreement (`attnxfer.analysis.features`) of a `DualViT`'s student with its teacher over
+    """Final-feature agreement (`attnxfer.analysis.features`) of a `TeacherStudent`'s student with its teacher over
     ``loader``, summed over ranks; reads no label (the evaluator of runs without labels)."""
-    dual = accelerator.unwrap_model(model)
-    teacher = getattr(dual, "teacher", None)
+    pair = accelerator.unwrap_model(model)
+    teacher = getattr(pair, "teacher", None)
     if teacher is None:
         raise ValueError("feature agreement needs the run's teacher")
     device = accelerator.device
     total = torch.zeros(len(TOKEN_GROUPS), 4, dtype=torch.float64, device=device)
-    modes = dual.student.training, teacher.training
-    dual.student.eval()
+    modes = pair.student.training, teacher.training
+    pair.student.eval()
     teacher.eval()
     for x, *_ in loader:
         total += batch_feature_sums(
-            dual.student, teacher, x.to(device, non_blocking=True), accelerator.autocast
+            pair.student, teacher, x.to(device, non_blocking=True), accelerator.autocast
         )
-    dual.student.train(modes[0])
+    pair.student.train(modes[0])
     teacher.train(modes[1])
     total = accelerator.reduce(total, reduction="sum")
     return FeatureAgreement.from_sums(total.cpu()).as_dict()

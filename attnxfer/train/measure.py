@@ -21,7 +21,7 @@ from ..models.attention import (
     TransferAttention,
     attention_name_of,
     capture_attention,
-    transfer_attentions,
+    transferable_attentions,
 )
 from ..models.attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..models.efficient import check_softmax_teacher
@@ -82,7 +82,7 @@ def map_agreement(
     check_softmax_teacher(teacher)
     was = teacher.training, student.training
     teacher.eval(), student.eval()
-    t_attns, s_attns = transfer_attentions(teacher), transfer_attentions(student)
+    t_attns, s_attns = transferable_attentions(teacher), transferable_attentions(student)
     sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(len(s_attns))}
     count = 0
     for x in batches:
@@ -271,7 +271,9 @@ def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple
         keys = module.key_count(tokens, module.call_grid(args, kwargs))  # the adapter's answer
         seen.append((tokens, args[0].shape[0], keys))
 
-    hooks = [attn.register_forward_pre_hook(record, with_kwargs=True) for attn in transfer_attentions(model)]
+    hooks = [
+        attn.register_forward_pre_hook(record, with_kwargs=True) for attn in transferable_attentions(model)
+    ]
     was = model.training
     try:
         model.eval().forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
@@ -285,7 +287,7 @@ def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple
 def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> dict[str, Any]:
     rows, totals = [], {"teacher": {}, "student": {}}
     calls = {"teacher": attention_calls(teacher, img_size), "student": attention_calls(student, img_size)}
-    attns = {"teacher": transfer_attentions(teacher), "student": transfer_attentions(student)}
+    attns = {"teacher": transferable_attentions(teacher), "student": transferable_attentions(student)}
     for i, s_attn in enumerate(attns["student"]):
         row = {"layer": i, "attention": attention_name_of(s_attn), "tokens": calls["student"][i][0]}
         for who in ("teacher", "student"):

@@ -5,7 +5,7 @@ The engine (`attnxfer.train.engine`) drives an `Objective` and asks it nothing e
 terms, how to score a validation loader, and what evaluates the EMA's weights. A new objective is one
 class here (or beside its model) meeting the protocol, wired in `attnxfer.apps`:
 
-- `TransferObjective`: attention transfer, a `DualViT` (teacher + student: attention, logit and feature
+- `TransferObjective`: attention transfer, a `TeacherStudent` (teacher + student: attention, logit and feature
   distillation, as its plan says) plus the task loss at the plan's ``task_weight``; scored by val top-1
   (`evaluate`), or, without a task loss (``task_weight=0``: no label is read), by final-feature agreement
   with the teacher (`evaluate_features`).
@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
-from ..transfer.dual import DualViT
+from ..transfer.teacher_student import TeacherStudent
 from .evaluation import evaluate, evaluate_features
 
 __all__ = [
@@ -96,16 +96,16 @@ class Objective(Protocol):
 
 
 class TransferObjective:
-    """Attention transfer: the `DualViT`'s transfer loss (attention, logit and feature distillation, as its plan
+    """Attention transfer: the `TeacherStudent`'s transfer loss (attention, logit and feature distillation, as its plan
     weighs them) plus the task loss on the student's logits at the plan's ``task_weight``. With
     ``task_weight=0`` there is no task loss and the labels are never read (``y`` may be None); the run is then
     scored by final-feature agreement with the teacher, which also scores the EMA (with the teacher beside it).
     """
 
-    def __init__(self, dual: DualViT, task: TaskLoss, evaluator: Evaluator = evaluate) -> None:
-        self.module, self.trained, self.plan = dual, dual.student, dual.plan
+    def __init__(self, pair: TeacherStudent, task: TaskLoss, evaluator: Evaluator = evaluate) -> None:
+        self.module, self.trained, self.plan = pair, pair.student, pair.plan
         self.task, self.evaluator = task, evaluator
-        self.description = dual.plan.describe()
+        self.description = pair.plan.describe()
 
     def loss(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, autocast: Autocast
@@ -138,9 +138,9 @@ class TransferObjective:
     def ema_model(self, ema: nn.Module) -> nn.Module:
         """With the teacher when the mode attends with its q/k at evaluation too, or when the run is scored
         against the teacher (final-feature agreement)."""
-        dual = self.module
+        pair = self.module
         if self.plan.mode.teacher_at_eval or self.evaluator is evaluate_features:
-            return DualViT(dual.teacher, ema, self.plan)
+            return TeacherStudent(pair.teacher, ema, self.plan)
         return ema
 
     def before_step(self, log_now: bool) -> None:

@@ -1,4 +1,4 @@
-"""Optimiser parameter groups for a student (alone or inside a `DualViT`).
+"""Optimiser parameter groups for a student (alone or inside a `TeacherStudent`).
 
 Only the student's trainable parameters are grouped: the teacher is not a
 submodule, and the q/k projections of copied layers are frozen buffers
@@ -10,7 +10,7 @@ position embedding and prefix tokens get no weight decay, and with
 Two conventions for who gets which power of the decay exist in the wild (depth D, block i):
 
 - ``timm`` (timm's and MAE's rule on a plain ViT): block i gets decay^(D-i), the stem decay^(D+1);
-- ``attention_transfer`` (the paper's reference code, whose lr-decay helper runs on the dual model with
+- ``attention_transfer`` (the paper's reference code, whose lr-decay helper runs on the teacher–student model with
   ``num_layers = student depth``): block i gets decay^(D-1-i), so the last block trains at the full lr,
   and the stem gets decay^D.
 
@@ -73,7 +73,7 @@ def student_param_groups(
     no_weight_decay: Iterable[str] = (),
     layer_decay_rule: LayerDecayRule | str = LayerDecayRule.TIMM,
 ) -> list[dict[str, Any]]:
-    """Param groups for AdamW; ``model`` is a student ViT (plain timm or ours) or a `DualViT` (its
+    """Param groups for AdamW; ``model`` is a student ViT (plain timm or ours) or a `TeacherStudent` (its
     student is used). ``layer_decay_rule`` picks the convention above (``timm`` or ``attention_transfer``)."""
     try:
         rule = LayerDecayRule(layer_decay_rule)

@@ -1,8 +1,7 @@
-"""The algorithm: transfer plans, the dual teacher–student wrapper and the losses (no config, no I/O)."""
+"""The algorithm: transfer plans, the teacher–student wrapper and the losses (no config, no I/O)."""
 
 from ..models.handover import Chunks, Signal
 from .conversion import ConversionPlan, LayerConversion, Stage1Train, build_conversion_plan
-from .dual import DualViT, TransferOutput, logit_distillation_loss
 from .losses import (
     AttentionLoss,
     attention_ce_reference,
@@ -12,6 +11,10 @@ from .losses import (
 )
 from .map_losses import MapLoss, implicit_map_loss, map_distillation_loss
 from .plan import MODES, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
+from .teacher_student import TeacherStudent, TransferOutput, logit_distillation_loss
+
+#: The name `TeacherStudent` had in earlier releases (it runs every family, not only ViTs); kept for code written against them.
+DualViT = TeacherStudent
 
 __all__ = [
     "MODES",
@@ -24,6 +27,7 @@ __all__ = [
     "PlanError",
     "Signal",
     "Stage1Train",
+    "TeacherStudent",
     "TransferMode",
     "TransferOutput",
     "TransferPlan",

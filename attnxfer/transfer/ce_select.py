@@ -128,29 +128,29 @@ class CEChoice:
 
 
 def layer_shapes(
-    dual: torch.nn.Module,
+    pair: torch.nn.Module,
     batch: int,
     device: torch.device | str = "cpu",
     student_dtype: torch.dtype = torch.float32,
 ) -> LayerShapes | None:
-    """The shapes `DualViT` ``dual`` hands its first distilled softmax layer's loss at ``batch`` images per
+    """The shapes `TeacherStudent` ``pair`` hands its first distilled softmax layer's loss at ``batch`` images per
     rank on ``device`` (``student_dtype``: the q/k dtype under the run's autocast; the teacher's is
-    DualViT's, bf16 on CUDA unless told otherwise); None when its plan distils no softmax maps (then no
+    TeacherStudent's, bf16 on CUDA unless told otherwise); None when its plan distils no softmax maps (then no
     CE path is used at all). Batch, tokens, heads and head dims are the q/k the layer pair hands out on one
     probe image (`_probe_qk`), so a family's own layout (talking heads' H·d, windows) is what is timed."""
-    plan = dual.plan
-    if not plan.mode.distills_maps or dual.teacher is None:
+    plan = pair.plan
+    if not plan.mode.distills_maps or pair.teacher is None:
         return None
-    softmax = [(s, t) for s, t in plan.pairs if dual._student_attn[s].map_kind is MapKind.SOFTMAX]
+    softmax = [(s, t) for s, t in plan.pairs if pair._student_attn[s].map_kind is MapKind.SOFTMAX]
     if not softmax:
         return None
     s, t = softmax[0]
-    teacher_dtype = dual.teacher_dtype or (
+    teacher_dtype = pair.teacher_dtype or (
         torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     )
-    image = _input_shape(dual.student)  # both models see the student's images
-    q_s, k_s = _probe_qk(dual.student, s, image)
-    q_t, _ = _probe_qk(dual.teacher, t, image)
+    image = _input_shape(pair.student)  # both models see the student's images
+    q_s, k_s = _probe_qk(pair.student, s, image)
+    q_t, _ = _probe_qk(pair.teacher, t, image)
     return LayerShapes(
         batch=batch * q_s[0],
         tokens=q_s[2],
@@ -398,7 +398,7 @@ def _free(device: torch.device) -> None:
 
 
 def choose_ce_path(
-    dual: torch.nn.Module,
+    pair: torch.nn.Module,
     batch: int,
     device: torch.device | str,
     *,
@@ -408,11 +408,11 @@ def choose_ce_path(
     rounds: int = CALIBRATION_ROUNDS,
     log: Callable[[str], Any] = print,
 ) -> CEChoice | None:
-    """Measure the CE paths for `DualViT` ``dual`` at ``batch`` images per rank on ``device`` and return the
-    fastest (it does not set it: the caller does, on every rank). None when ``dual`` distils no softmax
+    """Measure the CE paths for `TeacherStudent` ``pair`` at ``batch`` images per rank on ``device`` and return the
+    fastest (it does not set it: the caller does, on every rank). None when ``pair`` distils no softmax
     maps. ``budget_bytes`` caps the materialised maps (default `default_memory_budget`); ``paths`` narrows
     the candidates (default: every path whose requirements hold)."""
-    shapes = layer_shapes(dual, batch, device, student_dtype)
+    shapes = layer_shapes(pair, batch, device, student_dtype)
     if shapes is None:
         return None
     budget = default_memory_budget(device) if budget_bytes is None else budget_bytes

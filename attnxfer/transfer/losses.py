@@ -104,7 +104,7 @@ CE_PATHS = tuple(CEPath)
 
 
 def ce_path_for(device: torch.device | str) -> CEPath:
-    """The CE evaluation for a device when nothing was measured (a `DualViT` built without ``ce_path``, an
+    """The CE evaluation for a device when nothing was measured (a `TeacherStudent` built without ``ce_path``, an
     evaluation): ``rows`` on CPU (measured fastest there, docs/benchmarks.md), ``sdpa`` elsewhere. Training
     runs measure instead (``transfer.ce_path: auto``, `attnxfer.transfer.ce_select`)."""
     return CEPath.ROWS if torch.device(device).type == "cpu" else CEPath.SDPA

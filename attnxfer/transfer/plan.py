@@ -19,7 +19,7 @@ from ..models.attention import (
     attention_name_of,
     group_stages,
     stage_of,
-    transfer_attentions,
+    transferable_attentions,
 )
 from ..models.handover import Chunks, Signal
 from ..models.image_input import find_patch_embedding, image_input
@@ -191,7 +191,7 @@ def _block_attentions(model: nn.Module, role: str = "student") -> Sequence[nn.Mo
     """The model's attention layers in forward order, each meeting the interface (timm classes swapped to
     their adapters); a layer no adapter covers is a `PlanError` naming it."""
     try:
-        return transfer_attentions(model)
+        return transferable_attentions(model)
     except TypeError as e:
         raise PlanError(f"{role}: {e}") from None
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from attnxfer.transfer import DualViT
+from attnxfer.transfer import TeacherStudent
 
 #: timm attention classes (by class name) whose softmax output the oracle records.
 ORACLE_ATTENTIONS = (
@@ -131,7 +131,7 @@ def assert_distill_matches_oracle(
     rel: float = 1e-5,
     float64_reference: bool = False,
 ) -> tuple[int, set[str]]:
-    """One distillation step of (copies of) ``student`` from ``teacher`` on ``x`` through `DualViT`, held
+    """One distillation step of (copies of) ``student`` from ``teacher`` on ``x`` through `TeacherStudent`, held
     against the materialised loss: one CE term per layer the oracle records, each equal to ``ce`` of the
     oracle's teacher and student maps, and every student gradient equal to that summed loss's (``oracle``
     run with ``grad`` on a copy of the student, in float64 with ``float64_reference``) within ``rel`` × the
@@ -142,8 +142,8 @@ def assert_distill_matches_oracle(
     if float64_reference:
         ref_student = ref_student.double()
     ref_student.train()
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()
-    out = dual(x)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()
+    out = pair(x)
     t_maps = oracle(teacher, x)
     s_maps = oracle(ref_student, x, grad=True)
     assert set(out.terms) == {f"attn_ce/{i}" for i in range(len(t_maps))}
@@ -155,7 +155,7 @@ def assert_distill_matches_oracle(
     grads = {n: p.grad for n, p in ref_student.named_parameters()}
     tol = rel * max(g.abs().max().item() for g in grads.values() if g is not None)
     compared = set()
-    for n, p in dual.student.named_parameters():
+    for n, p in pair.student.named_parameters():
         ref = grads[n] if grads[n] is not None else torch.zeros_like(p)
         got = p.grad if p.grad is not None else torch.zeros_like(p)
         torch.testing.assert_close(got, ref.to(got.dtype), rtol=0, atol=tol, msg=n)

@@ -36,7 +36,7 @@ from attnxfer.models.attention import (
     families,
 )
 from attnxfer.models.efficient import build_efficient_student
-from attnxfer.transfer import DualViT, build_plan
+from attnxfer.transfer import TeacherStudent, build_plan
 
 from .cases import CASES, NAMES, TINY
 from .oracles import assert_distill_matches_oracle, attention_modules, logits_of, map_ce, oracle_maps
@@ -107,8 +107,8 @@ def test_copy_with_the_teachers_own_weights_reproduces_its_logits(name, mode):
     case = CASES[name]
     teacher, x = case.make(0), case.images(2)
     expected = logits_of(teacher, x)
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(teacher), mode=mode).train()
-    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(teacher), mode=mode).train()
+    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", fast_cells(NAMES, ("relpos_rpn", "srelpos")))
@@ -117,14 +117,14 @@ def test_copy_uses_the_teachers_logits_not_the_students(name):
     logits move away from its own and its borrowed projections get no gradient (they keep timm's names)."""
     teacher, student, x = CASES[name].pair()
     own = logits_of(student, x)
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
-    keys = list(dual.student.state_dict())
-    out = dual(x)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
+    keys = list(pair.student.state_dict())
+    out = pair(x)
     assert not torch.allclose(out.logits, own, atol=1e-4)
     # frozen projections keep timm's names (a separate q bias that becomes a buffer moves within its module)
     assert sorted(keys) == sorted(student.state_dict())
     out.logits.square().mean().backward()
-    trainable = sum(p.numel() for p in dual.student.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in pair.student.parameters() if p.requires_grad)
     assert trainable < sum(p.numel() for p in student.parameters())
 
 
@@ -203,7 +203,7 @@ def test_a_distilled_student_exports_to_plain_timm_and_loads_back(name, tmp_path
     """After a distillation step (layers walked and swapped), the student exports through timm's own save:
     timm.create_model and load_student rebuild it with bit-identical logits and timm's own classes."""
     teacher, student, x = CASES[name].pair()
-    DualViT(teacher, student, mode="distill").train()(x)
+    TeacherStudent(teacher, student, mode="distill").train()(x)
     student.eval()
     out = export_student(student, tmp_path / "out", card=card())
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -251,10 +251,10 @@ def test_a_plain_vit_student_copies_and_distils_from_a_family_teacher(name):
     expected = logits_of(oracle, x)
     for h in hooks:
         h.remove()
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").eval()
-    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").eval()
+    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
 
     s_maps = oracle_maps(student, x)
-    out = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()(x)
+    out = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()(x)
     for i, (t, s) in enumerate(zip(t_maps, s_maps)):
         torch.testing.assert_close(out.terms[f"attn_ce/{i}"].double(), map_ce(t, s), rtol=1e-5, atol=1e-6)

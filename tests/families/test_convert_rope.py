@@ -27,7 +27,7 @@ from attnxfer.models.efficient import (
 )
 from attnxfer.models.efficient.base import rope_support
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
-from attnxfer.transfer import DualViT
+from attnxfer.transfer import TeacherStudent
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
 
 from .cases import SMALL_KW as TINY
@@ -127,9 +127,9 @@ def test_stage_1_sees_the_teachers_rope(eva02, x):
 
 def test_stage_2_distils_a_converted_rope_student(eva02, x):
     """Stage 2's step: the converted student's implicit maps (built from its rotated q, k) against the
-    teacher's softmax maps, through DualViT; the gradient reaches the student's new parameters."""
+    teacher's softmax maps, through TeacherStudent; the gradient reaches the student's new parameters."""
     student = build_efficient_student(eva02, "performer")
-    out = DualViT(eva02, student, mode="distill").train()(x)
+    out = TeacherStudent(eva02, student, mode="distill").train()(x)
     loss = sum(out.terms[f"attn_ce/{i}"] for i in (0, 1))
     loss.backward()
     assert torch.isfinite(loss)
@@ -142,7 +142,7 @@ def test_a_fresh_efficient_student_of_a_rope_family(x):
     teacher = peaked(build("dinov3")).eval()
     student = with_attention(build("dinov3", seed=7), "hedgehog")
     assert student.blocks[0].attn.rotate_half  # DINOv3's half-rotation layout
-    out = DualViT(teacher, student, mode="distill").train()(x)
+    out = TeacherStudent(teacher, student, mode="distill").train()(x)
     assert torch.isfinite(out.terms["attn_ce/0"])
     with capture_attention(student, [0], ("input", "q")) as store, torch.no_grad():
         student.forward_features(x)

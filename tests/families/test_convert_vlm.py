@@ -22,7 +22,7 @@ from attnxfer.models.efficient import WindowAttention, build_efficient_student, 
 from attnxfer.models.efficient.swap import flat_blocks
 from attnxfer.train.measure import map_agreement
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
-from attnxfer.transfer import DualViT
+from attnxfer.transfer import TeacherStudent
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
 
 from .cases import TINY, TinyFamily
@@ -123,7 +123,7 @@ def test_stage_2_distils_against_timms_own_maps(family):
     tiny = FAMILIES[family]
     teacher, x = tiny.build(), tiny.images()
     student = build_efficient_student(teacher, "window", window_size=4)
-    out = DualViT(teacher, student, mode="distill").train()(x)
+    out = TeacherStudent(teacher, student, mode="distill").train()(x)
     maps = oracle_maps(tiny.build(), x)
     assert len(maps) == 2
     for i, p in enumerate(maps):

@@ -14,9 +14,9 @@ import torch
 from helpers import fast_cells
 
 from attnxfer.models import student_like
-from attnxfer.models.attention import transfer_attentions
+from attnxfer.models.attention import transferable_attentions
 from attnxfer.models.efficient.swap import check_softmax_teacher
-from attnxfer.transfer import DualViT, PlanError, build_plan
+from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
 from .cases import ARCHS, SMALL_KW, build, peaked
 from .oracles import timm_maps
@@ -33,8 +33,8 @@ def x() -> torch.Tensor:
 def test_distill_ce_and_gradients_equal_timm_maps(family, x):
     teacher, student = peaked(build(family, 0), 1), peaked(build(family, 2), 3)
     oracle_t, oracle_s = copy.deepcopy(teacher).eval(), copy.deepcopy(student).train()
-    dual = DualViT(teacher, student, mode="distill").train()
-    out = dual(x)
+    pair = TeacherStudent(teacher, student, mode="distill").train()
+    out = pair(x)
     with torch.no_grad():
         p_t = timm_maps(oracle_t, x)
     p_s = timm_maps(oracle_s, x)
@@ -68,8 +68,8 @@ def test_copy_with_teacher_weights_reproduces_the_teacher(family, x):
     want = teacher(x)
     # its own q/k (and bias) would give other tokens (pooled logits of random models move less)
     assert not torch.allclose(student.forward_features(x), teacher.forward_features(x), atol=1e-2)
-    dual = DualViT(teacher, student, mode="copy").eval()
-    torch.testing.assert_close(dual(x).logits, want, rtol=1e-5, atol=1e-5)
+    pair = TeacherStudent(teacher, student, mode="copy").eval()
+    torch.testing.assert_close(pair(x).logits, want, rtol=1e-5, atol=1e-5)
     frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
     assert not any("q_bias" in n or "q_proj" in n for n in student.state_dict() if n in frozen)
     assert not any(n.endswith("qkv.weight") for n, _ in student.named_parameters())  # split: q/k rows frozen
@@ -83,12 +83,12 @@ def test_plain_vit_student_from_a_dinov3_teacher(x):
     with torch.no_grad():
         p_t = timm_maps(copy.deepcopy(teacher).eval(), x)
         p_s = timm_maps(copy.deepcopy(student), x)
-    out = DualViT(teacher, student, mode="distill").train()(x)
+    out = TeacherStudent(teacher, student, mode="distill").train()(x)
     for i in range(2):
         ce = -(p_t[i] * p_s[i].log()).sum(-1).mean()
         torch.testing.assert_close(out.terms[f"attn_ce/{i}"].detach(), ce, rtol=1e-5, atol=1e-6)
-    dual = DualViT(teacher, student, mode="copy").eval()
-    assert dual(x).logits.shape == (2, 5)
+    pair = TeacherStudent(teacher, student, mode="copy").eval()
+    assert pair(x).logits.shape == (2, 5)
     with pytest.raises(PlanError, match="token grids differ.*5 prefix.*class_token=True, reg_tokens=4"):
         build_plan(teacher, timm.create_model("vit_small_patch16_224", **TINY), "distill")
 
@@ -97,7 +97,7 @@ def test_walk_refuses_an_attention_without_adapter():
     model = build("eva02")
     model.blocks[1].attn = torch.nn.MultiheadAttention(32, 2)
     with pytest.raises(TypeError, match=r"blocks.1.attn is MultiheadAttention .*no adapter.*families/"):
-        transfer_attentions(model)
+        transferable_attentions(model)
 
 
 def test_plan_refuses_a_family_with_no_adapter_and_mirrors_the_teachers_family():
@@ -118,11 +118,11 @@ def test_eva_teacher_stops_inside_its_last_transferred_attention(x):
     calls = []
     for i, blk in enumerate(teacher.blocks):
         blk.mlp.register_forward_hook(lambda *a, i=i: calls.append(i))
-    DualViT(teacher, student, build_plan(teacher, student, "distill", layers=[0])).train()(x)
+    TeacherStudent(teacher, student, build_plan(teacher, student, "distill", layers=[0])).train()(x)
     assert calls == []
-    DualViT(teacher, student, build_plan(teacher, student, "distill", layers=[0], logit_weight=1.0)).train()(
-        x
-    )
+    TeacherStudent(
+        teacher, student, build_plan(teacher, student, "distill", layers=[0], logit_weight=1.0)
+    ).train()(x)
     assert calls == [0, 1]
 
 
@@ -143,8 +143,8 @@ def test_copy_one_chunk_with_teacher_weights_reproduces_the_teacher(family, chun
                 p.copy_(torch.randn(p.shape, generator=g) * 0.4)
     want = teacher(x)
     assert not torch.allclose(student.forward_features(x), teacher.forward_features(x), atol=1e-2)
-    dual = DualViT(teacher, student, mode=f"copy_{chunk}").eval()
-    torch.testing.assert_close(dual(x).logits, want, rtol=1e-5, atol=1e-5)
+    pair = TeacherStudent(teacher, student, mode=f"copy_{chunk}").eval()
+    torch.testing.assert_close(pair(x).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_shared_drop_path_on_eva_blocks(x):
@@ -157,7 +157,7 @@ def test_shared_drop_path_on_eva_blocks(x):
             blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5)
         torch.manual_seed(0)
         plan = build_plan(teacher, student, "distill", share_drop_path=share)
-        out = DualViT(copy.deepcopy(teacher), student, plan).train()(torch.cat([x] * 4))
+        out = TeacherStudent(copy.deepcopy(teacher), student, plan).train()(torch.cat([x] * 4))
         kl[share] = max(v.abs().item() for v in out.logs.values())
     assert kl[True] < 1e-5 < 1e-3 < kl[False]
 

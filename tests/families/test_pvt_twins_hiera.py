@@ -23,7 +23,7 @@ from test_export import card
 from attnxfer.apps.training import train
 from attnxfer.checkpoints import export_student
 from attnxfer.config import load_config
-from attnxfer.transfer import DualViT, PlanError, build_plan
+from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
 from .cases import TINY_HIER, build_hier
 from .oracles import logits_of, oracle_maps
@@ -52,9 +52,9 @@ def test_copy_attends_the_students_values_with_the_teachers_maps(name):
     timm's names."""
     teacher, student, x = _pair(name)
     t_maps = oracle_maps(teacher, x)
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
-    keys = list(dual.student.state_dict())
-    out = dual(x)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
+    keys = list(pair.student.state_dict())
+    out = pair(x)
     if not name.startswith("hiera"):  # timm's own forward with the teacher's maps put in at attn_drop
         ref = copy.deepcopy(student)
         hooked = [m for n, m in ref.named_modules() if hasattr(m, "attn_drop") and n.endswith("attn")]
@@ -72,9 +72,9 @@ def test_copy_attends_the_students_values_with_the_teachers_maps(name):
         assert not torch.allclose(out.logits, logits_of(student, x), atol=1e-4)
     assert keys == list(student.state_dict())
     out.logits.square().mean().backward()
-    frozen = {n for n, p in student.named_parameters()} - {n for n, p in dual.student.named_parameters()}
+    frozen = {n for n, p in student.named_parameters()} - {n for n, p in pair.student.named_parameters()}
     assert frozen and all(".q." in n or ".qkv." in n or ".kv." in n for n in frozen), frozen
-    assert all(p.grad is not None for n, p in dual.student.named_parameters() if ".kv." in n)  # v rows train
+    assert all(p.grad is not None for n, p in pair.student.named_parameters() if ".kv." in n)  # v rows train
 
 
 @pytest.mark.parametrize(

@@ -114,7 +114,7 @@ def test_copy_and_distill_runs_resume_export_and_load(family, tmp_path):
     engine.run()
     hook.remove()
     depth = len(attention_modules(teacher))
-    assert engine.dual.plan.pairs == tuple((i, i) for i in range(depth))
+    assert engine.module.plan.pairs == tuple((i, i) for i in range(depth))
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     train_records = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train_records] == [1, 2]
@@ -126,7 +126,7 @@ def test_copy_and_distill_runs_resume_export_and_load(family, tmp_path):
     torch.set_rng_state(seen["rng"])
     s_maps = oracle_maps(initial.train(), seen["x"])
     assert len(t_maps) == len(s_maps) == depth
-    for s, t in engine.dual.plan.pairs:
+    for s, t in engine.module.plan.pairs:
         logged = train_records[0][f"attn_ce/{s}"]
         assert math.isclose(logged, map_ce(t_maps[t], s_maps[s]).item(), rel_tol=1e-5), (s, logged)
     first = _tensors(_step(cfg, 2))

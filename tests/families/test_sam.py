@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 from attnxfer.models.attention import attention_maps
-from attnxfer.transfer import DualViT
+from attnxfer.transfer import TeacherStudent
 
 from .cases import CASES
 
@@ -16,7 +16,7 @@ def test_sam_windows_are_padded_rows_of_the_batch_and_its_bias_takes_a_gradient(
     maps = attention_maps(copy.deepcopy(teacher), x)
     assert maps[0].shape == (2 * 4, 2, 16, 16)  # 6x6 patches padded to 2x2 windows of 4x4
     assert maps[1].shape == (2, 2, 36, 36)  # the global block
-    dual = DualViT(copy.deepcopy(teacher), student, mode="distill").train()
-    dual(x).loss.backward()
+    pair = TeacherStudent(copy.deepcopy(teacher), student, mode="distill").train()
+    pair(x).loss.backward()
     for blk in student.blocks:
         assert blk.attn.rel_pos_h.grad is not None and blk.attn.rel_pos_h.grad.abs().sum() > 0

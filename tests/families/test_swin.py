@@ -27,7 +27,7 @@ from attnxfer.checkpoints import export_student
 from attnxfer.checkpoints.export import ModelCardInfo, export_run
 from attnxfer.config import load_config
 from attnxfer.models.attention import attention_blocks, attention_layers, attention_stages
-from attnxfer.transfer import DualViT, PlanError, build_plan
+from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 
 from .cases import SWINS, build_swin, swin_images
 from .oracles import logits_of, masked_map_ce, swin_oracle_maps
@@ -68,12 +68,12 @@ def test_the_shift_mask_reaches_the_maps(name):
 @pytest.mark.parametrize("name", fast_cells(NAMES, ("swinv2_cr",)))
 def test_copy_uses_the_teachers_windows_not_the_students(name):
     teacher, student, x = _pair(name)
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
-    out = dual(x)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").train()
+    out = pair(x)
     own = logits_of(student, x)
     assert (out.logits - own).abs().max() > 1e-2 * own.abs().max()
     out.logits.square().mean().backward()
-    for _, attn in attention_layers(dual.student):  # borrowed q, k: frozen, no gradient
+    for _, attn in attention_layers(pair.student):  # borrowed q, k: frozen, no gradient
         assert not any(p.requires_grad for n, p in attn.qkv.named_parameters() if n[0] in "qk")
 
 
@@ -86,9 +86,9 @@ def test_shared_drop_path_masks_fit_the_stages_nhwc_blocks():
     plan = build_plan(teacher, teacher, "copy", share_drop_path=True)
     torch.manual_seed(3)
     expected = copy.deepcopy(teacher).train()(x)
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(teacher), plan).train()
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(teacher), plan).train()
     torch.manual_seed(3)
-    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_deeper_teacher_pairs_within_stages_with_the_same_shift():
@@ -99,7 +99,7 @@ def test_a_deeper_teacher_pairs_within_stages_with_the_same_shift():
     plan = build_plan(teacher, student, "distill")
     assert plan.pairs == ((0, 0), (1, 1), (2, 2), (3, 3), (4, 6))
     x = swin_images("swin")
-    assert set(DualViT(teacher, student, plan).train()(x).terms) == {f"attn_ce/{i}" for i in range(5)}
+    assert set(TeacherStudent(teacher, student, plan).train()(x).terms) == {f"attn_ce/{i}" for i in range(5)}
 
 
 @pytest.mark.parametrize(
@@ -129,7 +129,7 @@ def test_swin_v2_student_of_a_swin_teacher_distils_and_copies():
     V1 teacher's (a hook on its ``attn_drop``): the teacher's scale d^-0.5 travels with its q, k, not the
     student's 1."""
     teacher, student, x = build_swin("swin"), build_swin("swinv2", seed=1), swin_images("swin")
-    out = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()(x)
+    out = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="distill").train()(x)
     t_maps, s_maps = swin_oracle_maps(teacher, x), swin_oracle_maps(student, x)
     for i, (t, s) in enumerate(zip(t_maps, s_maps)):
         torch.testing.assert_close(
@@ -144,8 +144,8 @@ def test_swin_v2_student_of_a_swin_teacher_distils_and_copies():
     expected = logits_of(oracle, x)
     for h in hooks:
         h.remove()
-    dual = DualViT(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").eval()
-    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
+    pair = TeacherStudent(copy.deepcopy(teacher), copy.deepcopy(student), mode="copy").eval()
+    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -212,10 +212,12 @@ def test_the_teacher_stops_after_its_last_transferred_stage():
     teacher, student, x = _pair("swin")
     calls = []
     teacher.layers[1].register_forward_pre_hook(lambda m, a: calls.append(1))
-    part = DualViT(teacher, copy.deepcopy(student), build_plan(teacher, student, "distill", layers=[0, 1]))
+    part = TeacherStudent(
+        teacher, copy.deepcopy(student), build_plan(teacher, student, "distill", layers=[0, 1])
+    )
     terms = part.train()(x).terms
     assert set(terms) == {"attn_ce/0", "attn_ce/1"} and not calls
-    full = DualViT(teacher, copy.deepcopy(student), mode="distill").train()(x).terms
+    full = TeacherStudent(teacher, copy.deepcopy(student), mode="distill").train()(x).terms
     assert calls
     for k, v in terms.items():
         torch.testing.assert_close(v, full[k], rtol=0, atol=0)

@@ -20,7 +20,7 @@ module              what
 ``placement``       `RowPlacement`: where a layer's rows and keys sit on the image (`place_rows`)
 ``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
                     `attention_name_of`, ...)
-``capture``         whole-model access through the interface: `transfer_attentions`, `attention_maps`,
+``capture``         whole-model access through the interface: `transferable_attentions`, `attention_maps`,
                     `capture_attention`, `run_with_ios` (a model's own forward with per-layer IOs)
 ``numerics``        fp32 sections and row chunks (one chunk budget) for attentions and their losses;
                     `matmul_fp32` (fp32 results, tensor cores for bf16 on CUDA), the zoo's precision policy
@@ -49,7 +49,7 @@ from .capture import (
     attention_maps,
     capture_attention,
     run_with_ios,
-    transfer_attentions,
+    transferable_attentions,
 )
 from .family import Family, ImageSizes, Tiling, families, family_of, patch_embeddings
 from .interface import (
@@ -126,5 +126,5 @@ __all__ = [
     "sdpa",
     "slot_of",
     "stage_of",
-    "transfer_attentions",
+    "transferable_attentions",
 ]

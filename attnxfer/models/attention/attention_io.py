@@ -59,7 +59,7 @@ class AttentionIO:
 
 class StopForward(Exception):
     """Raised by an attention whose `AttentionIO` has ``stop`` set, once it has captured what it gives:
-    a caller running a model's own forward (the teacher in `DualViT`) catches it and skips the rest."""
+    a caller running a model's own forward (the teacher in `TeacherStudent`) catches it and skips the rest."""
 
 
 @contextlib.contextmanager

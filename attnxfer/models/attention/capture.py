@@ -24,14 +24,14 @@ __all__ = [
     "attention_maps",
     "capture_attention",
     "run_with_ios",
-    "transfer_attentions",
+    "transferable_attentions",
 ]
 
 #: What `capture_attention` can record per layer: the `Signal`s one attention layer gives.
 CAPTURE_FIELDS: tuple[Signal, ...] = (Signal.INPUT, Signal.Q, Signal.K, Signal.V, Signal.OUTPUT)
 
 
-def transfer_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
+def transferable_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
     """The model's attention layers, in forward order (`attention_layers`: ``blocks.*`` of a ViT, and
     wherever other families keep them).
 
@@ -50,7 +50,7 @@ def attention_maps(
 
     For visualisation and tests: every map is materialised.
     """
-    attns = transfer_attentions(model)
+    attns = transferable_attentions(model)
     layers = range(len(attns)) if layers is None else list(layers)
     ios = {i: AttentionIO(return_map=True) for i in layers}
     with contextlib.ExitStack() as stack:
@@ -82,7 +82,7 @@ def capture_attention(
             f"capture_attention: unknown fields {sorted(map(str, unknown))}; choose from "
             f"{', '.join(CAPTURE_FIELDS)}"
         )
-    attns = transfer_attentions(model)
+    attns = transferable_attentions(model)
     layers = range(len(attns)) if layers is None else list(layers)
     store: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
     wanted = Chunks(f for f in fields if Signal(f).is_chunk)
@@ -145,10 +145,10 @@ def run_with_ios(
     masks: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
     """The model's own timm forward on ``x`` (``forward_features``, or ``forward`` with ``logits``) with
-    ``ios[i]`` on its attention layer ``i`` (`transfer_attentions` order): whatever the family's blocks do
+    ``ios[i]`` on its attention layer ``i`` (`transferable_attentions` order): whatever the family's blocks do
     around their attention (windows, rope, biases, class-attention blocks) happens as timm does it. A layer
     whose io says ``stop`` ends the pass (`StopForward`): then None is returned."""
-    attns = transfer_attentions(model)
+    attns = transferable_attentions(model)
     with attached_ios(attns, ios, masks):
         try:
             return model(x) if logits else model.forward_features(x)

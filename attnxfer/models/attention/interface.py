@@ -2,7 +2,7 @@
 
 `TransferableAttention` is the abstract base. It keeps timm's ``Attention`` parameter names
 (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``) and splits a layer into steps that callers
-(the dual teacher–student wrapper, transfer plans, conversion, tests) use without asking which
+(the teacher–student wrapper, transfer plans, conversion, tests) use without asking which
 class they hold:
 
 * ``project(x, which="qkv")`` -> ``{"q", "k", "v"}`` heads (B, H, N, d), after the q/k norms, only

@@ -24,7 +24,7 @@ from ..attention import (
     attention_name_of,
     families,
     make_transfer_aware,
-    transfer_attentions,
+    transferable_attentions,
 )
 from ..attention.interface import TransferableAttention
 from ..attention.registry import get_attention_class
@@ -184,12 +184,12 @@ def check_softmax_teacher(teacher: nn.Module) -> None:
     the rope families' attentions (whose rotary embedding the zoo attentions apply to q and k themselves),
     and the families whose files say how a zoo attention takes their layer's place.
 
-    Makes the teacher transfer-aware in place (a class swap, as `DualViT` does), then reads each layer's
+    Makes the teacher transfer-aware in place (a class swap, as `TeacherStudent` does), then reads each layer's
     declared map kind. A hierarchical teacher is checked layer by layer over its stages. Every refusal is a
     ValueError that names the layer, says why and what to do.
     """
     if is_hierarchical(teacher):
-        for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transfer_attentions(teacher)):
+        for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transferable_attentions(teacher)):
             if attn.map_kind is not MapKind.SOFTMAX:
                 raise InputError(
                     f"the teacher's {name} is {attention_name_of(attn)!r}, not softmax attention: conversion "

@@ -1,4 +1,4 @@
-"""DualViT: copy identity, layer plans, the teacher as a guest, optimiser groups, clear errors."""
+"""TeacherStudent: copy identity, layer plans, the teacher as a guest, optimiser groups, clear errors."""
 
 import copy
 
@@ -10,7 +10,7 @@ from helpers import fast_cells, peaked_teacher, randomize_qkv_rows, tiny_vit
 from attnxfer.models import PartialQKV
 from attnxfer.models.attention import AttentionIO
 from attnxfer.train import student_param_groups
-from attnxfer.transfer import DualViT, PlanError, build_plan, map_layers, select_layers
+from attnxfer.transfer import PlanError, TeacherStudent, build_plan, map_layers, select_layers
 
 
 def _tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -40,12 +40,12 @@ def test_copy_identity(layers, end_layer):
     x = torch.randn(3, 3, 32, 32)
     expected = teacher(x)
     assert not torch.allclose(student(x), expected, atol=1e-3)  # the random q/k matter on their own
-    dual = DualViT(
+    pair = TeacherStudent(
         teacher, student, build_plan(teacher, student, "copy", end_layer=end_layer, layers=layers)
     ).eval()
-    torch.testing.assert_close(dual(x).logits, expected, rtol=1e-5, atol=1e-5)
-    dual.train()  # also in training mode (no dropout configured), with a gradient
-    out = dual(x)
+    torch.testing.assert_close(pair(x).logits, expected, rtol=1e-5, atol=1e-5)
+    pair.train()  # also in training mode (no dropout configured), with a gradient
+    out = pair(x)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-5)
     assert out.loss is None
 
@@ -55,14 +55,14 @@ def test_copy_variants_identity(mode, chunk):
     teacher = tiny_vit(depth=3).eval()
     student = randomize_qkv_rows(teacher, range(3), chunk)
     x = torch.randn(2, 3, 32, 32)
-    dual = DualViT(teacher, student, mode=mode).eval()
-    torch.testing.assert_close(dual(x).logits, teacher(x), rtol=1e-5, atol=1e-5)
+    pair = TeacherStudent(teacher, student, mode=mode).eval()
+    torch.testing.assert_close(pair(x).logits, teacher(x), rtol=1e-5, atol=1e-5)
 
 
 def test_copy_v_uses_student_maps_on_teacher_values():
     """First principles: one layer, explicit maps: out = proj_s(softmax(q_s k_sᵀ s) v_t)."""
     teacher, student = tiny_vit(depth=1, seed=1).eval(), tiny_vit(depth=1, seed=2).eval()
-    dual = DualViT(teacher, student, mode="copy_v").eval()
+    pair = TeacherStudent(teacher, student, mode="copy_v").eval()
     x = torch.randn(2, 3, 32, 32)
     t_in, s_in = teacher.blocks[0].norm1(_tokens(teacher, x)), student.blocks[0].norm1(_tokens(student, x))
     ta, sa = teacher.blocks[0].attn, student.blocks[0].attn
@@ -71,17 +71,17 @@ def test_copy_v_uses_student_maps_on_teacher_values():
     attn = torch.softmax(q_s @ k_s.transpose(-2, -1) * sa.scale, -1) @ v_t
     h = _tokens(student, x) + sa.proj(attn.transpose(1, 2).reshape(2, 17, 48))
     h = h + student.blocks[0].mlp(student.blocks[0].norm2(h))
-    torch.testing.assert_close(dual(x).logits, student.forward_head(student.norm(h)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pair(x).logits, student.forward_head(student.norm(h)), rtol=1e-5, atol=1e-5)
 
 
 def test_end_layer_minus3_on_12_blocks_and_frozen_qk_have_no_grad_or_optimizer_slot():
     teacher, student = tiny_vit(depth=12, seed=1), tiny_vit(depth=12, seed=2)
     plan = build_plan(teacher, student, "copy", end_layer=-3)
     assert plan.student_layers == tuple(range(9))
-    dual = DualViT(teacher, student, plan)
-    out = dual(torch.randn(2, 3, 32, 32))
+    pair = TeacherStudent(teacher, student, plan)
+    out = pair(torch.randn(2, 3, 32, 32))
     torch.nn.functional.cross_entropy(out.logits, torch.tensor([1, 2])).backward()
-    in_groups = {id(p) for g in student_param_groups(dual, layer_decay=0.75) for p in g["params"]}
+    in_groups = {id(p) for g in student_param_groups(pair, layer_decay=0.75) for p in g["params"]}
     for i, blk in enumerate(student.blocks):
         qkv = blk.attn.qkv
         if i < 9:
@@ -96,8 +96,8 @@ def test_end_layer_minus3_on_12_blocks_and_frozen_qk_have_no_grad_or_optimizer_s
             assert isinstance(qkv, torch.nn.Linear)
             assert qkv.weight.grad.abs().sum() > 0 and id(qkv.weight) in in_groups
     # the teacher is nowhere: not in parameters, state_dict, or groups, and has no grads
-    assert not any(k.startswith("teacher") for k in dual.state_dict())
-    assert {id(p) for p in dual.parameters()} == {id(p) for p in student.parameters()}
+    assert not any(k.startswith("teacher") for k in pair.state_dict())
+    assert {id(p) for p in pair.parameters()} == {id(p) for p in student.parameters()}
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert not teacher.training
 
@@ -121,24 +121,24 @@ def test_distill_eval_runs_student_alone_copy_eval_runs_teacher():
     x = torch.randn(2, 3, 32, 32)
     calls = []
     teacher.patch_embed.register_forward_hook(lambda *a: calls.append(1))
-    dual = DualViT(teacher, student, mode="distill").eval()
-    torch.testing.assert_close(dual(x).logits, student(x))
+    pair = TeacherStudent(teacher, student, mode="distill").eval()
+    torch.testing.assert_close(pair(x).logits, student(x))
     assert not calls
-    dual.train()
-    out = dual(x)
+    pair.train()
+    out = pair(x)
     assert calls and out.loss is not None and set(out.terms) == {f"attn_ce/{i}" for i in range(4)}
-    copy_dual = DualViT(tiny_vit(seed=1), tiny_vit(seed=2), mode="copy").eval()
-    copy_dual.teacher.patch_embed.register_forward_hook(lambda *a: calls.append(2))
-    copy_dual(x)
+    copy_pair = TeacherStudent(tiny_vit(seed=1), tiny_vit(seed=2), mode="copy").eval()
+    copy_pair.teacher.patch_embed.register_forward_hook(lambda *a: calls.append(2))
+    copy_pair(x)
     assert 2 in calls
 
 
 @pytest.mark.slow
 def test_distill_loss_matches_per_layer_oracle_and_learns():
     teacher, student = peaked_teacher(depth=2), tiny_vit(seed=2, depth=2)
-    dual = DualViT(teacher, student, build_plan(teacher, student, "distill", weight=2.0)).train()
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "distill", weight=2.0)).train()
     x = torch.randn(4, 3, 32, 32)
-    out = dual(x)
+    out = pair(x)
     from attnxfer.models import attention_maps
 
     t_maps, s_maps = attention_maps(teacher, x), attention_maps(student, x)
@@ -146,12 +146,12 @@ def test_distill_loss_matches_per_layer_oracle_and_learns():
         ce = -(t_maps[i] * s_maps[i].log()).sum(-1).mean()
         torch.testing.assert_close(out.terms[f"attn_ce/{i}"].detach(), ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.loss.detach(), 2.0 * sum(out.terms.values()).detach())
-    opt = torch.optim.AdamW(student_param_groups(dual), lr=3e-3)
+    opt = torch.optim.AdamW(student_param_groups(pair), lr=3e-3)
     first_kl = sum(out.logs.values()).item()
     assert first_kl > 0.1
     for _ in range(20):
         opt.zero_grad()
-        out = dual(x)
+        out = pair(x)
         out.loss.backward()
         opt.step()
     assert sum(out.logs.values()).item() < 0.5 * first_kl
@@ -166,10 +166,10 @@ def test_shared_drop_path_masks():
         student = copy.deepcopy(teacher)
         for i, blk in enumerate(student.blocks):  # timm's linear drop-path rule, as drop_path_rate=0.5 gives
             blk.drop_path1 = blk.drop_path2 = timm.layers.DropPath(0.5 * i / 3)
-        dual = DualViT(
+        pair = TeacherStudent(
             copy.deepcopy(teacher), student, build_plan(teacher, student, "distill", share_drop_path=share)
         ).train()
-        out = dual(torch.randn(16, 3, 32, 32))
+        out = pair(torch.randn(16, 3, 32, 32))
         kl[share] = max(v.abs().item() for v in out.logs.values())
     assert kl[True] < 1e-5 < 1e-3 < kl[False]
 
@@ -180,7 +180,7 @@ def test_uniform_layer_mapping_for_different_depths():
     teacher, student = tiny_vit(depth=6, seed=1), tiny_vit(depth=3, seed=2)
     plan = build_plan(teacher, student, "distill")
     assert plan.pairs == ((0, 0), (1, 2), (2, 5))
-    out = DualViT(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
+    out = TeacherStudent(teacher, student, plan).train()(torch.randn(2, 3, 32, 32))
     assert set(out.terms) == {"attn_ce/0", "attn_ce/1", "attn_ce/2"}
 
 
@@ -211,14 +211,14 @@ def test_copy_from_a_wider_teacher_equals_explicit_teacher_maps():
     student = tiny_vit(depth=2, seed=7).eval()
     x = torch.randn(2, 3, 32, 32)
     maps = attention_maps(teacher, x)
-    dual = DualViT(teacher, student, mode="copy").eval()
+    pair = TeacherStudent(teacher, student, mode="copy").eval()
     h = _tokens(student, x)
     for i, blk in enumerate(student.blocks):
         v = blk.attn.project(blk.norm1(h), "v")["v"]
         a = (maps[i] @ v).transpose(1, 2).reshape(2, 17, 48)
         h = h + blk.attn.proj(a)
         h = h + blk.mlp(blk.norm2(h))
-    torch.testing.assert_close(dual(x).logits, student.forward_head(student.norm(h)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pair(x).logits, student.forward_head(student.norm(h)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["copy", "distill"])
@@ -226,7 +226,7 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
     """The plan's last teacher layer only hands over q/k: its attention core, projection and MLP are not
     run, and logits, loss and gradients are exactly those of running the whole block. Logit distillation
     needs the teacher's head, so there the whole teacher runs."""
-    import attnxfer.transfer.dual as dual_module
+    import attnxfer.transfer.teacher_student as teacher_student_module
 
     teacher, x = peaked_teacher(depth=3), torch.randn(2, 3, 32, 32)
     results, mlp_calls = {}, []
@@ -234,11 +234,11 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
         block.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
     for stops in (True, False):
         if not stops:
-            monkeypatch.setattr(dual_module, "AttentionIO", _NeverStops)
+            monkeypatch.setattr(teacher_student_module, "AttentionIO", _NeverStops)
         mlp_calls.clear()
         student = tiny_vit(seed=2, depth=3)
-        dual = DualViT(teacher, student, build_plan(teacher, student, mode, end_layer=-1)).train()
-        out = dual(x)
+        pair = TeacherStudent(teacher, student, build_plan(teacher, student, mode, end_layer=-1)).train()
+        out = pair(x)
         loss = out.logits.square().mean() + (out.loss if out.loss is not None else 0)
         grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
         results[stops] = (out.logits.detach(), loss.detach(), grads, len(mlp_calls))
@@ -251,5 +251,13 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
     mlp_calls.clear()
     monkeypatch.undo()
     student = tiny_vit(seed=2, depth=3)
-    DualViT(teacher, student, build_plan(teacher, student, mode, end_layer=-1, logit_weight=1.0)).train()(x)
+    TeacherStudent(
+        teacher, student, build_plan(teacher, student, mode, end_layer=-1, logit_weight=1.0)
+    ).train()(x)
     assert len(mlp_calls) == 3
+
+
+def test_the_earlier_name_dual_vit_still_imports_as_the_same_class():
+    from attnxfer.transfer import DualViT
+
+    assert DualViT is TeacherStudent

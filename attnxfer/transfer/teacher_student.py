@@ -1,4 +1,4 @@
-"""`DualViT`: a frozen teacher and a trainable student, each running its own timm forward.
+"""`TeacherStudent`: a frozen teacher and a trainable student, each running its own timm forward.
 
 The teacher runs first, its own ``forward_features`` (any family: rope passed to blocks, relative
 position biases, class-attention blocks are timm's business), with a per-layer `AttentionIO` on each
@@ -41,7 +41,7 @@ from .losses import CEPath, ce_path_for, padding_from_mask
 from .map_losses import map_distillation_loss
 from .plan import TransferPlan, build_plan
 
-__all__ = ["DualViT", "TransferOutput"]
+__all__ = ["TeacherStudent", "TransferOutput"]
 
 
 @dataclass
@@ -127,7 +127,7 @@ def logit_distillation_loss(
         return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
 
 
-class DualViT(nn.Module):
+class TeacherStudent(nn.Module):
     """Teacher and student in lock-step; returns student logits and the transfer loss.
 
     Args:
@@ -176,7 +176,7 @@ class DualViT(nn.Module):
                 self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
 
     # -- the guest -------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> DualViT:
+    def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
@@ -204,7 +204,7 @@ class DualViT(nn.Module):
                     teacher_logits = self.teacher(_cast(x, self._teacher_ready(_device(x))))
                 self._add_logit_loss(out, teacher_logits)
             return out
-        return self._lockstep(x)
+        return self._teacher_then_student(x)
 
     def _add_logit_loss(self, out: TransferOutput, teacher_logits: torch.Tensor) -> None:
         kd = logit_distillation_loss(out.logits, teacher_logits, self.plan.logit_temperature)
@@ -268,7 +268,7 @@ class DualViT(nn.Module):
             return io
         return AttentionIO(capture=mode.chunks, return_lse=self._wants_lse(layer, ce_path))
 
-    def _lockstep(self, x: torch.Tensor) -> TransferOutput:
+    def _teacher_then_student(self, x: torch.Tensor) -> TransferOutput:
         mode, plan = self.plan.mode, self.plan
         tdtype = self._teacher_ready(_device(x))
         share = plan.share_drop_path and self.training
