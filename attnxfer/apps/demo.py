@@ -37,7 +37,7 @@ from ..models.image_input import image_input
 from ..sources.teacher import load_teacher
 from ..train.engine import TrainResult
 from ..train.metrics import read_metrics
-from ..transfer.plan import MODES
+from ..transfer.modes import MODES
 from .inspect import demo_agreement
 from .pretrain import pretrain
 from .run_parts import build_student

@@ -37,7 +37,8 @@ from ..errors import InputError, MissingPathError, PathExistsError
 from ..models import make_transfer_aware
 from ..models.image_input import ImageSizeError, image_input
 from ..sources import TeacherLoadError, load_student, load_teacher
-from ..transfer.plan import MODES, build_plan
+from ..transfer.modes import MODES
+from ..transfer.plan import build_plan
 from .inspect_pictures import draw_pictures
 from .inspect_report import agreement_sentence, json_safe, render_report
 

@@ -33,7 +33,8 @@ from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..train.trackers import prepare_trackers
-from ..transfer.plan import TransferPlan, build_plan, get_mode
+from ..transfer.modes import get_mode
+from ..transfer.plan import TransferPlan, build_plan
 from ..transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
 from .loaders import build_bank_loader, data_info

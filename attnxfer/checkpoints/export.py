@@ -32,7 +32,7 @@ from ..models.student import (
     vit_traits,
 )
 from ..sources.teacher import hub_reachable
-from ..transfer.plan import MODES
+from ..transfer.modes import MODES
 from ..version import __version__
 from .model_card import (  # moved to model_card.py
     ModelCardInfo,
