@@ -25,7 +25,7 @@ from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtype
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
-from .kernels import KERNEL_BF16, KernelAttention
+from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention
 from .tokens import grid_to_image, image_to_grid
 
 __all__ = ["FOCUSED_BF16", "FocusedLinearAttention", "depthwise_grid_conv"]
@@ -90,18 +90,18 @@ class FocusedLinearAttention(KernelAttention):
             self.dwc.weight.zero_()
             self.dwc.bias.zero_()
 
-    def focus(self, x: torch.Tensor) -> torch.Tensor:
-        x = (F.relu(x) + self.eps) / F.softplus(self.focus_scale.to(x.dtype))
+    def focus(self, x: torch.Tensor, heads: slice = ALL_HEADS) -> torch.Tensor:
+        x = (F.relu(x) + self.eps) / F.softplus(self.focus_scale[heads].to(x.dtype))
         norm = x.norm(dim=-1, keepdim=True)
         # x / max(x) first: the power is then bounded by 1 and cannot overflow.
         powered = (x / x.amax(dim=-1, keepdim=True)).pow(self.focusing_factor)
         return powered / powered.norm(dim=-1, keepdim=True) * norm
 
-    def query_features(self, q):
-        return in_compute_dtype(self.focus, q)
+    def query_features(self, q, heads=ALL_HEADS):
+        return in_compute_dtype(lambda x: self.focus(x, heads), q)
 
-    def key_features(self, k):
-        return in_compute_dtype(self.focus, k)
+    def key_features(self, k, heads=ALL_HEADS):
+        return in_compute_dtype(lambda x: self.focus(x, heads), k)
 
     def local_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
