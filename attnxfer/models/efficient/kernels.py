@@ -227,6 +227,11 @@ class KernelAttention(EfficientAttention):
         """phi(k), non-negative, in the compute dtype; ``k`` holds the heads ``heads``."""
         raise NotImplementedError
 
+    def readout_query_features(self, q: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
+        """phi(q) up to a positive factor per query row (the read-out's normaliser cancels it), what the
+        inference core reads: `query_features` unless a class saves work by leaving the factor out."""
+        return self.query_features(q, heads)
+
     def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[FeatureBlocks, FeatureBlocks]:
         return self.query_features(q), self.key_features(k)
 
@@ -266,7 +271,8 @@ class KernelAttention(EfficientAttention):
         out = v.new_empty(B, N, H, d, dtype=compute_dtype(v)).transpose(1, 2)
         for batch, heads in head_groups(B, H, N * self.feature_width(), self.feature_chunk_elements):
             state = linear_state(self.key_features(k[batch, heads], heads), v[batch, heads])
-            linear_readout_into(self.query_features(q[batch, heads], heads), state, out[batch, heads])
+            phi_q = self.readout_query_features(q[batch, heads], heads)
+            linear_readout_into(phi_q, state, out[batch, heads])
         return out
 
     def _map_context(self, q, k):
