@@ -74,8 +74,9 @@ __all__ = [
 #: Every head: the default of the feature maps' ``heads`` (which heads' parameters a slice of q / k takes).
 ALL_HEADS = slice(None)
 #: Feature entries (batch x heads x tokens x features) of one group of the inference core (`head_groups`):
-#: 512K fp32 = 2 MiB, about what stays in this CPU's caches between the passes over a group's features.
-FEATURE_CHUNK_ELEMENTS = 1 << 19
+#: 2M fp32 = 8 MiB. A pair with an eighth of that or more (256K entries: 1 MiB, 4097 tokens of 64 features)
+#: runs alone: measured on this CPU (ViT-S/16 heads), single pairs won from 4097 tokens on and lost at 1025.
+FEATURE_CHUNK_ELEMENTS = 1 << 21
 
 
 def _as_blocks(features: FeatureBlocks) -> tuple[torch.Tensor, ...]:
@@ -170,11 +171,11 @@ def head_groups(
     batch: int, heads: int, per_head: int, budget: int = FEATURE_CHUNK_ELEMENTS
 ) -> list[tuple[slice, slice]]:
     """(batch slice, head slice) groups that cover a batch x heads grid in order, each holding up to ``budget``
-    // ``per_head`` (batch, head) pairs, or one pair where ``per_head`` is over a quarter of ``budget``: whole
-    batch items of all heads where several fit, else runs of heads of one item."""
-    # One pair per group once a pair alone fills a quarter of the budget: then the read-out takes the
-    # single-pair path of `linear_readout_into`, measured faster than a joined product over a few pairs.
-    pairs = budget // per_head if 4 * per_head < budget else 1
+    // ``per_head`` (batch, head) pairs, or one pair where ``per_head`` is an eighth of ``budget`` or more:
+    whole batch items of all heads where several fit, else runs of heads of one item."""
+    # One pair per group once a pair alone fills an eighth of the budget: its features then stay in cache
+    # between the passes, and the read-out takes the single-pair path of `linear_readout_into`.
+    pairs = budget // per_head if 8 * per_head < budget else 1
     if pairs >= batch * heads:
         return [(ALL_HEADS, ALL_HEADS)]
     if pairs >= heads:
