@@ -217,7 +217,7 @@ HEAD_COLUMNS = [
 ]
 MODE_COLUMNS = {
     "forward": [
-        ("forward_images_per_s", "fwd img/s", ".1f"),
+        ("forward_images_per_s", "fwd img/s", ".2f"),
         ("forward_vs_teacher", "fwd × teacher", ".2f"),
         ("forward_vs_floor", "fwd × floor", ".2f"),
         ("forward_cpu_vs_teacher", "fwd × teacher (CPU time)", ".2f"),
@@ -225,7 +225,7 @@ MODE_COLUMNS = {
         ("forward_spread", "fwd ±", ".0%"),
     ],
     "train": [
-        ("train_images_per_s", "train img/s", ".1f"),
+        ("train_images_per_s", "train img/s", ".2f"),
         ("train_vs_teacher", "train × teacher", ".2f"),
         ("train_vs_floor", "train × floor", ".2f"),
         ("train_cpu_vs_teacher", "train × teacher (CPU time)", ".2f"),
