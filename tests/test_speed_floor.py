@@ -276,8 +276,8 @@ def test_interleaved_rounds_rotate_the_order_and_restore_training_modes():
     log: list[str] = []
     models = {n: Counting(n, log).train(n != "b") for n in "abc"}
     times = interleaved_forward_seconds(models, torch.randn(2, 4), warmup=1, repeats=4)
-    assert {n: len(t) for n, t in times.items()} == {"a": 4, "b": 4, "c": 4}
-    assert all(t > 0 for ts in times.values() for t in ts)
+    assert {n: (len(t["wall"]), len(t["cpu"])) for n, t in times.items()} == {n: (4, 4) for n in "abc"}
+    assert all(s > 0 for t in times.values() for s in t["wall"])
     rounds = [log[i : i + 3] for i in range(0, len(log), 3)]
     assert rounds == [
         list("abc"),
@@ -298,6 +298,7 @@ def test_speed_row_reads_teacher_student_and_floor_consistently():
         assert row[key] == pytest.approx(row[f"{bottom}_ms"] / row[f"{top}_ms"])
         assert row[key] == pytest.approx(row[f"{top}_images_per_s"] / row[f"{bottom}_images_per_s"])
     assert row["student_over_teacher"] == pytest.approx(row["student_over_floor"] * row["floor_over_teacher"])
+    assert set(RATIOS) | {f"{key}_cpu" for key in RATIOS} <= set(row)  # CPU-time ratios on the CPU
     assert student.training  # put back as it came
 
 

@@ -7,8 +7,10 @@ user gains) and student / floor (how close the student comes to what its resolut
 count; `break_even_sweep` finds the smallest tested resolution where it does, on the device at hand.
 
 Times are compared only inside one process and one call: every model runs once per round, the order rotated
-each round, so a machine whose load drifts slows them alike; medians of the rounds are reported. Objects in
-(models, an input, a builder), rows out; no config, no files.
+each round, so a machine whose load drifts slows them alike; medians of the rounds are reported. On the CPU
+each row also gives the ratios of the process's CPU time per call, which other programs on a shared machine
+distort less than wall-clock time (they take the cores, not this process's cycles). Objects in (models, an
+input, a builder), rows out; no config, no files.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ def interleaved_forward_seconds(
     warmup: int = 1,
     repeats: int = 5,
     autocast: torch.dtype | None = None,
-) -> dict[str, list[float]]:
+) -> dict[str, dict[str, list[float]]]:
     """Seconds of one forward of each model on ``x`` (in ``eval()``, without gradients), ``repeats`` rounds
     after ``warmup`` untimed ones; each round calls every model once, its order rotated by one per round.
+    Per model ``{"wall": [...], "cpu": [...]}``: wall-clock and process CPU seconds of each timed call.
     Models are put back in their training mode afterwards."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -65,7 +68,7 @@ def interleaved_forward_seconds(
     was = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     try:
         with _autocast(x.device, autocast):
             for _ in range(warmup):
@@ -75,10 +78,11 @@ def interleaved_forward_seconds(
                 shift = r % len(names)
                 for name in names[shift:] + names[:shift]:
                     sync()
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     models[name](x)
                     sync()
-                    times[name].append(time.perf_counter() - start)
+                    times[name]["wall"].append(time.perf_counter() - start)
+                    times[name]["cpu"].append(time.process_time() - cpu)
     finally:
         for name, model in models.items():
             model.train(was[name])
@@ -121,7 +125,7 @@ def speed_against_floor(
     ``floor`` defaults to `floor_model` of the teacher (a student's floor is its teacher's: the same
     projections and MLPs). Returns one row: the input's resolution, tokens and batch; per model the median
     milliseconds, images/s and the rounds' spread; and the `RATIOS` of images/s (``student_over_floor`` is
-    at most about 1: nothing that mixes tokens beats the floor).
+    at most about 1: nothing that mixes tokens beats the floor), on the CPU also of CPU time (``..._cpu``).
     """
     floor = floor_model(teacher) if floor is None else floor
     models = {"teacher": teacher, "student": student, "floor": floor}
@@ -136,13 +140,16 @@ def speed_against_floor(
         "threads": torch.get_num_threads(),
         "precision": f"{str(autocast).removeprefix('torch.')} autocast" if autocast else "no autocast",
     }
-    median = {name: statistics.median(t) for name, t in times.items()}
+    median = {name: statistics.median(t["wall"]) for name, t in times.items()}
+    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
     for name in models:
         row[f"{name}_ms"] = 1000.0 * median[name]
         row[f"{name}_images_per_s"] = batch / median[name]
-        row[f"{name}_spread"] = _spread(times[name])
+        row[f"{name}_spread"] = _spread(times[name]["wall"])
     for key, (top, bottom) in RATIOS.items():
         row[key] = median[bottom] / median[top]
+        if x.device.type == "cpu" and min(cpu[bottom], cpu[top]) > 0:
+            row[f"{key}_cpu"] = cpu[bottom] / cpu[top]
     return row
 
 
