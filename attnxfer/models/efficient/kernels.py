@@ -6,12 +6,12 @@ the product of the row-stochastic map A_ij = phi(q_i).phi(k_j) / sum_j' phi(q_i)
 with v, computed without forming A. Feature maps add a small ``eps`` *inside* phi (not to the
 denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the core exactly.
 
-Speed (inference): without autograd the core runs a group of (batch, head) pairs at a time
-(`head_groups`, `FEATURE_CHUNK_ELEMENTS` feature entries per group), so each group's features are made,
+Speed (inference): where one (batch, head) pair's features are large (`head_groups`: 4097 tokens and up for a
+ViT-S head) the core runs without autograd a group of pairs at a time, so each group's features are made,
 reduced to the key state and read out while they are still in cache, instead of one pass per operation over
-every head's (N, m) features; the read-out writes into the (B, N, H, d) layout that the output projection
-reads, so merging the heads costs no copy. With autograd, or under torch.compile, the batched path runs
-(the same sums).
+every head's (N, m) features; the read-out then writes into the (B, N, H, d) layout that the output
+projection reads, so merging the heads costs no copy. Otherwise (smaller inputs, autograd, torch.compile)
+one batched pass computes the same sums.
 
 Precision (`KERNEL_BF16`, for attentions that declare it): on GPU the features are stored in bf16 and the
 two kernel products take bf16 operands, while the key state sum_j phi(k_j) [v_j, 1] and the read-out
@@ -264,13 +264,15 @@ class KernelAttention(EfficientAttention):
     def _attend(self, q, k, v):
         # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
         # before the query features exist, so only one feature tensor is live.
-        if needs_autograd(self, q, k, v) or torch.compiler.is_compiling():  # a compiler fuses the batched ops
-            state = linear_state(self.key_features(k), v)
-            return linear_readout(self.query_features(q), state)
+        graph = needs_autograd(self, q, k, v) or torch.compiler.is_compiling()  # a compiler fuses batched ops
         B, H, N, d = v.shape
+        groups = [] if graph else head_groups(B, H, N * self.feature_width(), self.feature_chunk_elements)
+        if len(groups) <= 1:  # one batched pass (whole-model runs were no faster with the buffer below here)
+            state = linear_state(self.key_features(k), v)
+            return linear_readout(self.query_features(q) if graph else self.readout_query_features(q), state)
         # (B, N, H, d) memory: the caller's head merge (transpose + reshape) is then a view
         out = v.new_empty(B, N, H, d, dtype=compute_dtype(v)).transpose(1, 2)
-        for batch, heads in head_groups(B, H, N * self.feature_width(), self.feature_chunk_elements):
+        for batch, heads in groups:
             state = linear_state(self.key_features(k[batch, heads], heads), v[batch, heads])
             phi_q = self.readout_query_features(q[batch, heads], heads)
             linear_readout_into(phi_q, state, out[batch, heads])
