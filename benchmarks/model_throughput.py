@@ -1,10 +1,12 @@
-"""Images/s of a softmax ViT teacher vs its converted students, forward and training step, per resolution.
+"""Images/s of a softmax ViT teacher vs its converted students and their floor, forward and training step.
 
 Every zoo member is built from the teacher the way ``attnxfer convert`` builds it
 (`attnxfer.models.efficient.build_efficient_student`: the teacher's weights, the zoo attention in every
-block). Per resolution, all models are built once and timed in ONE process with interleaved rounds
-(`_measure.interleaved_timings`: each round runs every model and mode once, in a rotated order), so the
-ratios to the teacher share the machine's state. Two modes per model:
+block). Beside them runs the **floor** (`attnxfer.models.efficient.floor.floor_model`): the same model whose
+attention computes its q/k/v and output projections but mixes no tokens (out = proj(v)), the speed no
+converted student can pass. Per resolution, all models are built once and timed in ONE process with
+interleaved rounds (`_measure.interleaved_timings`: each round runs every model and mode once, in a rotated
+order), so the ratios to the teacher and to the floor share the machine's state. Two modes per model:
 
 * ``forward``: inference, ``eval()``, ``torch.no_grad()``;
 * ``train``: one training step, forward + cross-entropy on random labels + backward + AdamW
@@ -21,6 +23,10 @@ Presets (``--preset``; any option overrides the preset's value):
   rounds; the issue-14 table, a few minutes on an H100.
 * ``cpu``: ViT-Ti/16 (``vit_tiny_patch16_224``: 192 wide, 3 heads, 12 blocks, 100 classes) at 224 / 448
   px, batch 4 / 1, 1 warm-up and 7 timed rounds, 1 thread: about 4 minutes here.
+* ``floor_cpu``: ViT-S/16 (``vit_small_patch16_224``) at 512 / 1024 px (1025 / 4097 tokens), batch 1,
+  forward only, 1 thread, 1 warm-up and 5 timed rounds, the linear family (relu_linear, elu_linear,
+  hedgehog, performer, cosformer, focused_linear, agent, nystrom, linformer): how close each student comes
+  to its floor where efficient attention pays (about 25 minutes on the shared 2-core machine).
 * ``pvt_cpu``: the hierarchical PVTv2-B0 (``pvt_v2_b0``: 4 stages, 3136 / 784 / 196 / 49 tokens at 224 px,
   spatial reduction 8 / 4 / 2 / 1) at 224 / 448 px, batch 2 / 1, 1 warm-up and 5 timed rounds, 1 thread.
   ``--model swin_tiny_patch4_window7_224`` times Swin the same way (zoo attentions inside its windows).
@@ -33,6 +39,7 @@ windows). ``--attentions`` takes comma-separated lists for one attention per sta
     python benchmarks/model_throughput.py --preset cpu --json runs/model_throughput_cpu.json
     python benchmarks/model_throughput.py --preset gpu --json runs/model_throughput_gpu.json
     python benchmarks/model_throughput.py --preset pvt_cpu --attentions hashing relu_linear none,none,hashing,hashing
+    python benchmarks/model_throughput.py --preset floor_cpu --json runs/model_throughput_floor_cpu.json
 """
 
 from __future__ import annotations
@@ -55,10 +62,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _measure import format_table, interleaved_timings, machine_info, step_peak_growth, write_json
 
 from attnxfer.models.efficient import build_efficient_student, list_attentions
+from attnxfer.models.efficient.floor import floor_model
 from attnxfer.train.measure import attention_calls, operation_counts
 
 TEACHER = "softmax"
+FLOOR = "floor"
 MODES = ("forward", "train")
+#: The zoo attentions whose cost is linear in the tokens (what the floor preset times).
+LINEAR_FAMILY = (
+    "relu_linear",
+    "elu_linear",
+    "hedgehog",
+    "performer",
+    "cosformer",
+    "focused_linear",
+    "agent",
+    "nystrom",
+    "linformer",
+)
 
 
 @dataclass(frozen=True)
@@ -71,11 +92,16 @@ class Preset:
     warmup: int
     repeats: int
     threads: int | None
+    modes: tuple[str, ...] = MODES
+    attentions: tuple[str, ...] | None = None  # None: every registered zoo attention
 
 
 PRESETS = {
     "gpu": Preset("vit_base_patch16_224", 1000, (224, 448, 896), (64, 16, 4), "cuda", 3, 10, None),
     "cpu": Preset("vit_tiny_patch16_224", 100, (224, 448), (4, 1), "cpu", 1, 7, 1),
+    "floor_cpu": Preset(
+        "vit_small_patch16_224", 1000, (512, 1024), (1, 1), "cpu", 1, 5, 1, ("forward",), LINEAR_FAMILY
+    ),
     "pvt_cpu": Preset("pvt_v2_b0", 100, (224, 448), (2, 1), "cpu", 1, 5, 1),
 }
 
@@ -90,13 +116,14 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 def build_models(
     preset: Preset, resolution: int, names: list[str], device: torch.device
 ) -> dict[str, nn.Module]:
-    """The teacher at ``resolution`` (random weights: speed does not depend on them) and one student per name."""
+    """The teacher at ``resolution`` (random weights: speed does not depend on them), its floor and one student
+    per name."""
     torch.manual_seed(0)
     try:
         teacher = timm.create_model(preset.model, img_size=resolution, num_classes=preset.num_classes)
     except TypeError:  # PVTv2 takes any image size and no img_size argument
         teacher = timm.create_model(preset.model, num_classes=preset.num_classes)
-    models = {TEACHER: teacher}
+    models = {TEACHER: teacher, FLOOR: floor_model(teacher)}
     for name in names:
         models[name] = build_efficient_student(teacher, name.split(",") if "," in name else name)
     return {name: model.to(device) for name, model in models.items()}
@@ -140,8 +167,10 @@ def measure_resolution(
     y = torch.randint(0, preset.num_classes, (batch,), device=device)
     fns = {}
     for name, model in models.items():
-        fns[(name, "forward")] = forward_fn(model, x, device)
-        fns[(name, "train")] = train_fn(model, x, y, device)
+        if "forward" in preset.modes:
+            fns[(name, "forward")] = forward_fn(model, x, device)
+        if "train" in preset.modes:
+            fns[(name, "train")] = train_fn(model, x, y, device)
     started = time.perf_counter()
     timings = interleaved_timings(fns, device=device, warmup=preset.warmup, repeats=preset.repeats)
     seconds = time.perf_counter() - started
@@ -157,16 +186,20 @@ def measure_resolution(
         total = counts[name]["teacher" if name == TEACHER else "student"]
         if total:
             row.update(mul_m=total["mul"] / 1e6, add_m=total["add"] / 1e6, energy_uj=total["energy_pj"] / 1e6)
-        for mode in MODES:
+        for mode in preset.modes:
             t = timings[(name, mode)]
-            teacher = timings[(TEACHER, mode)]
+            teacher, floor = timings[(TEACHER, mode)], timings[(FLOOR, mode)]
             row[f"{mode}_ms"] = 1e3 * t.median
+            row[f"{mode}_cpu_ms"] = 1e3 * t.cpu_median
             row[f"{mode}_spread"] = t.spread
             row[f"{mode}_images_per_s"] = batch / t.median
             row[f"{mode}_vs_teacher"] = teacher.median / t.median
             row[f"{mode}_cpu_vs_teacher"] = teacher.cpu_median / t.cpu_median
+            row[f"{mode}_vs_floor"] = floor.median / t.median
+            row[f"{mode}_cpu_vs_floor"] = floor.cpu_median / t.cpu_median
             row[f"{mode}_peak_mib"] = peaks[(name, mode)] / 2**20 if peaks else None
             row[f"{mode}_times_s"] = t.times
+            row[f"{mode}_cpu_times_s"] = t.cpu_times
         rows.append(row)
     print(f"# {resolution} px ({tokens} tokens), batch {batch}: {seconds:.0f} s", file=sys.stderr)
     del models, fns
@@ -176,24 +209,45 @@ def measure_resolution(
     return rows
 
 
-COLUMNS = [
+HEAD_COLUMNS = [
     ("resolution", "px", ""),
     ("tokens", "N", ""),
     ("batch", "batch", ""),
     ("model", "attention", ""),
-    ("forward_images_per_s", "fwd img/s", ".1f"),
-    ("forward_vs_teacher", "fwd × teacher", ".2f"),
-    ("train_images_per_s", "train img/s", ".1f"),
-    ("train_vs_teacher", "train × teacher", ".2f"),
-    ("forward_cpu_vs_teacher", "fwd × (CPU time)", ".2f"),
-    ("train_cpu_vs_teacher", "train × (CPU time)", ".2f"),
-    ("forward_spread", "fwd ±", ".0%"),
-    ("train_spread", "train ±", ".0%"),
+]
+MODE_COLUMNS = {
+    "forward": [
+        ("forward_images_per_s", "fwd img/s", ".2f"),
+        ("forward_vs_teacher", "fwd × teacher", ".2f"),
+        ("forward_vs_floor", "fwd × floor", ".2f"),
+        ("forward_cpu_vs_teacher", "fwd × teacher (CPU time)", ".2f"),
+        ("forward_cpu_vs_floor", "fwd × floor (CPU time)", ".2f"),
+        ("forward_spread", "fwd ±", ".0%"),
+    ],
+    "train": [
+        ("train_images_per_s", "train img/s", ".2f"),
+        ("train_vs_teacher", "train × teacher", ".2f"),
+        ("train_vs_floor", "train × floor", ".2f"),
+        ("train_cpu_vs_teacher", "train × teacher (CPU time)", ".2f"),
+        ("train_cpu_vs_floor", "train × floor (CPU time)", ".2f"),
+        ("train_spread", "train ±", ".0%"),
+    ],
+}
+COUNT_COLUMNS = [
     ("mul_m", "#mul (M)", ".1f"),
     ("add_m", "#add (M)", ".1f"),
     ("energy_uj", "energy (µJ)", ".1f"),
 ]
-PEAK_COLUMNS = [("forward_peak_mib", "fwd peak MiB", ".0f"), ("train_peak_mib", "train peak MiB", ".0f")]
+PEAK_COLUMNS = {
+    "forward": ("forward_peak_mib", "fwd peak MiB", ".0f"),
+    "train": ("train_peak_mib", "train peak MiB", ".0f"),
+}
+
+
+def columns(modes: tuple[str, ...], cuda: bool) -> list[tuple[str, str, str]]:
+    """The table's columns for the timed modes (peak memory on CUDA only)."""
+    cols = HEAD_COLUMNS + [c for mode in modes for c in MODE_COLUMNS[mode]] + COUNT_COLUMNS
+    return cols + ([PEAK_COLUMNS[mode] for mode in modes] if cuda else [])
 
 
 def resolve(args) -> Preset:
@@ -206,6 +260,7 @@ def resolve(args) -> Preset:
         "threads": args.threads,
         "resolutions": tuple(args.resolutions) if args.resolutions else None,
         "batches": tuple(args.batch) if args.batch else None,
+        "modes": tuple(args.modes) if args.modes else None,
     }
     preset = replace(preset, **{k: v for k, v in overrides.items() if v is not None})
     if len(preset.batches) != len(preset.resolutions):
@@ -227,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--attentions", nargs="+", default=None, help="students to build (default: every zoo attention)"
     )
+    parser.add_argument(
+        "--modes", nargs="+", choices=MODES, default=None, help="what to time (default: the preset's)"
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
@@ -241,15 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--preset gpu needs CUDA; on this machine use --preset cpu (or --device cpu)")
     if preset.threads:
         torch.set_num_threads(preset.threads)
-    names = [n for n in (args.attentions or list_attentions()) if n != TEACHER]
+    names = [n for n in (args.attentions or preset.attentions or list_attentions()) if n != TEACHER]
     info = machine_info(device)
     rows = []
     started = time.perf_counter()
     for resolution, batch in zip(preset.resolutions, preset.batches):
         rows += measure_resolution(preset, resolution, batch, names, args, device)
     total = time.perf_counter() - started
-    columns = COLUMNS + (PEAK_COLUMNS if device.type == "cuda" else [])
-    print(format_table(rows, columns, markdown=True))
+    print(format_table(rows, columns(preset.modes, device.type == "cuda"), markdown=True))
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\n{preset.model}, {precision}, {info['torch_threads']} threads, {total:.0f} s", file=sys.stderr)
     if args.json:

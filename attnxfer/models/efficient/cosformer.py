@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..attention.numerics import compute_dtype
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
-from .kernels import KERNEL_BF16, KernelAttention, add_scalar
+from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, add_scalar
 
 __all__ = ["CosFormerAttention"]
 
@@ -43,10 +43,10 @@ class CosFormerAttention(KernelAttention):
         relu = add_scalar(F.relu(x.to(theta.dtype)), self.eps)
         return (relu * theta.cos()[:, None]).to(x.dtype), (relu * theta.sin()[:, None]).to(x.dtype)
 
-    def query_features(self, q):
+    def query_features(self, q, heads=ALL_HEADS):
         return self.positional_features(q)
 
-    def key_features(self, k):
+    def key_features(self, k, heads=ALL_HEADS):
         return self.positional_features(k)
 
     def feature_counts(self, num_tokens):

@@ -25,8 +25,8 @@ from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtype
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
-from .kernels import KERNEL_BF16, KernelAttention
-from .tokens import grid_to_image, image_to_grid
+from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, needs_autograd
+from .tokens import image_to_grid
 
 __all__ = ["FOCUSED_BF16", "FocusedLinearAttention", "depthwise_grid_conv"]
 
@@ -45,14 +45,20 @@ def depthwise_grid_conv(
     (B, H, N, d) -> (B, H, N, d)."""
     B, H, _, d = v.shape
     p = num_prefix
+    conv = _grid_conv(v[:, :, p:], dwc, grid)
+    return torch.cat([v.new_zeros(B, H, p, d), conv], dim=-2)
+
+
+def _grid_conv(grid_tokens: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int]) -> torch.Tensor:
+    """``dwc`` over (B, H, G, d) grid tokens -> (B, H, G, d), as a channels-last image (tokens as pixels, the
+    head dim as channels): the tokens' rows are copied once as they lie and the result is already in token
+    layout, where a channels-first image costs a transposing gather each way (~11x slower at 64 x 64)."""
+    B, H, _, d = grid_tokens.shape
+    image = grid_tokens.reshape(B * H, *grid, d).contiguous().permute(0, 3, 1, 2)
     conv = F.conv2d(
-        grid_to_image(v[:, :, p:], grid),
-        dwc.weight.to(v.dtype),
-        dwc.bias.to(v.dtype),
-        padding=dwc.padding,
-        groups=d,
+        image, dwc.weight.to(image.dtype), dwc.bias.to(image.dtype), padding=dwc.padding, groups=d
     )
-    return torch.cat([v.new_zeros(B, H, p, d), image_to_grid(conv, B, H)], dim=-2)
+    return image_to_grid(conv, B, H)
 
 
 def grid_conv_counts(num_tokens: int, grid: Sequence[int], d: int, kernel_size: int) -> OpCounts:
@@ -90,18 +96,31 @@ class FocusedLinearAttention(KernelAttention):
             self.dwc.weight.zero_()
             self.dwc.bias.zero_()
 
-    def focus(self, x: torch.Tensor) -> torch.Tensor:
-        x = (F.relu(x) + self.eps) / F.softplus(self.focus_scale.to(x.dtype))
-        norm = x.norm(dim=-1, keepdim=True)
+    def focus(self, x: torch.Tensor, heads: slice = ALL_HEADS, row_scaled: bool = False) -> torch.Tensor:
+        """f_p(x) for x holding the heads ``heads``; with ``row_scaled``, f_p(x) up to a positive factor per row
+        (x' / max x')^p, which is all a read-out needs (its normaliser cancels the factor |x'| / |x'^p|).
+        Without autograd each step runs in place on one buffer."""
+        graph = needs_autograd(self, x)
+        x = F.relu(x)
+        scale = F.softplus(self.focus_scale[heads].to(x.dtype))
+        x = (x + self.eps) / scale if graph else x.add_(self.eps).div_(scale)
+        norm = None if row_scaled else x.norm(dim=-1, keepdim=True)
         # x / max(x) first: the power is then bounded by 1 and cannot overflow.
-        powered = (x / x.amax(dim=-1, keepdim=True)).pow(self.focusing_factor)
-        return powered / powered.norm(dim=-1, keepdim=True) * norm
+        peak = x.amax(dim=-1, keepdim=True)
+        powered = (x / peak).pow(self.focusing_factor) if graph else x.div_(peak).pow_(self.focusing_factor)
+        if row_scaled:
+            return powered
+        factor = norm / powered.norm(dim=-1, keepdim=True)
+        return powered * factor if graph else powered.mul_(factor)
 
-    def query_features(self, q):
-        return in_compute_dtype(self.focus, q)
+    def query_features(self, q, heads=ALL_HEADS):
+        return in_compute_dtype(lambda x: self.focus(x, heads), q)
 
-    def key_features(self, k):
-        return in_compute_dtype(self.focus, k)
+    def readout_query_features(self, q, heads=ALL_HEADS):
+        return in_compute_dtype(lambda x: self.focus(x, heads, row_scaled=True), q)
+
+    def key_features(self, k, heads=ALL_HEADS):
+        return in_compute_dtype(lambda x: self.focus(x, heads), k)
 
     def local_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
@@ -111,7 +130,13 @@ class FocusedLinearAttention(KernelAttention):
         return super()._attend(q, k, v)
 
     def _attend(self, q, k, v):
-        return self._attend_mapped(q, k, v) + self.local_term(v)
+        out = self._attend_mapped(q, k, v)
+        if needs_autograd(self, q, k, v) or torch.compiler.is_compiling():
+            return out + self.local_term(v)
+        # the inference core's own buffer: the conv is added in place, to the grid rows only
+        p, grid = self.token_layout(v.shape[-2])
+        out[:, :, p:] += _grid_conv(v[:, :, p:].to(out.dtype), self.dwc, grid)
+        return out
 
     def feature_counts(self, num_tokens):
         """Per q and k: relu (other) + eps, / softplus(scale) (N d div), |x| (N d mul, N (d - 1) add, N sqrt),

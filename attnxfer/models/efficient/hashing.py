@@ -42,7 +42,7 @@ from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, fp32_section, row_chunk, row_slices, upcast
 from ..attention.opcount import OpCounts, matmul_ops, sign_matmul_ops
 from ..attention.registry import register_attention
-from .kernels import KernelAttention
+from .kernels import ALL_HEADS, KernelAttention
 
 __all__ = ["HASHING_FP32", "SIMILARITY_TARGETS", "HashingAttention", "hash_codes"]
 
@@ -146,18 +146,21 @@ class HashingAttention(KernelAttention):
             self.hash_k.copy_(draw)
 
     # ------------------------------------------------------------------ codes and features
-    def codes(self, x: torch.Tensor, which: str, relaxed: bool | None = None) -> torch.Tensor:
-        """Codes of q (``which="q"``) or k: ±1 in eval mode, relaxed in training mode (or as asked)."""
-        weight = self.hash_q if which == "q" else self.hash_k
+    def codes(
+        self, x: torch.Tensor, which: str, relaxed: bool | None = None, heads: slice = ALL_HEADS
+    ) -> torch.Tensor:
+        """Codes of q (``which="q"``) or k: ±1 in eval mode, relaxed in training mode (or as asked); ``x``
+        holds the heads ``heads``."""
+        weight = (self.hash_q if which == "q" else self.hash_k)[heads]
         relaxed = self.training if relaxed is None else relaxed
         return hash_codes(x, weight, self.temperature if relaxed else None)
 
-    def query_features(self, q):
-        codes = self.codes(q, "q")
+    def query_features(self, q, heads=ALL_HEADS):
+        codes = self.codes(q, "q", heads=heads)
         return codes.new_ones(*codes.shape[:-1], 1), codes
 
-    def key_features(self, k):
-        codes = self.codes(k, "k")
+    def key_features(self, k, heads=ALL_HEADS):
+        codes = self.codes(k, "k", heads=heads)
         return codes.new_full((*codes.shape[:-1], 1), self.bits + self.eps), codes
 
     # ------------------------------------------------------------------ stage 1: EcoFormer's objective

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ..attention.numerics import PrecisionPolicy
 from ..attention.registry import register_attention
-from .kernels import FEATURE_MAPS, KERNEL_BF16, HedgehogFeatures, KernelAttention
+from .kernels import ALL_HEADS, FEATURE_MAPS, KERNEL_BF16, HedgehogFeatures, KernelAttention
 
 __all__ = ["HEDGEHOG_BF16", "HedgehogAttention"]
 
@@ -42,11 +42,11 @@ class HedgehogAttention(KernelAttention):
         self.feature_map_k.reset_parameters()
 
     # eps: softmax features can underflow to exact zeros at large logits; keep rows defined.
-    def query_features(self, q):
-        return self.feature_map_q.blocks(q, self.eps)
+    def query_features(self, q, heads=ALL_HEADS):
+        return self.feature_map_q.blocks(q, self.eps, heads)
 
-    def key_features(self, k):
-        return self.feature_map_k.blocks(k, self.eps)
+    def key_features(self, k, heads=ALL_HEADS):
+        return self.feature_map_k.blocks(k, self.eps, heads)
 
     def feature_counts(self, num_tokens):
         return FEATURE_MAPS["hedgehog"].counts(num_tokens, self.head_dim, self.feature_dim)

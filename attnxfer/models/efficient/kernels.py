@@ -6,6 +6,13 @@ the product of the row-stochastic map A_ij = phi(q_i).phi(k_j) / sum_j' phi(q_i)
 with v, computed without forming A. Feature maps add a small ``eps`` *inside* phi (not to the
 denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the core exactly.
 
+Speed (inference): where one (batch, head) pair's features are large (`head_groups`: 4097 tokens and up for a
+ViT-S head) the core runs without autograd a group of pairs at a time, so each group's features are made,
+reduced to the key state and read out while they are still in cache, instead of one pass per operation over
+every head's (N, m) features; the read-out then writes into the (B, N, H, d) layout that the output
+projection reads, so merging the heads costs no copy. Otherwise (smaller inputs, autograd, torch.compile)
+one batched pass computes the same sums.
+
 Precision (`KERNEL_BF16`, for attentions that declare it): on GPU the features are stored in bf16 and the
 two kernel products take bf16 operands, while the key state sum_j phi(k_j) [v_j, 1] and the read-out
 accumulate in fp32 (`matmul_fp32`, `sum_fp32`) and the division runs in fp32. Each feature map says
@@ -15,6 +22,7 @@ rounded once.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +32,14 @@ from torch import nn
 
 from ...errors import InputError
 from ..attention.interface import MapKind
-from ..attention.numerics import PrecisionPolicy, in_compute_dtype, matmul_fp32, matmul_split, sum_fp32
+from ..attention.numerics import (
+    PrecisionPolicy,
+    compute_dtype,
+    in_compute_dtype,
+    matmul_fp32,
+    matmul_split,
+    sum_fp32,
+)
 from ..attention.opcount import OpCounts, matmul_ops
 from .base import EfficientAttention
 
@@ -32,6 +47,8 @@ from .base import EfficientAttention
 FeatureBlocks = torch.Tensor | tuple[torch.Tensor, ...]
 
 __all__ = [
+    "ALL_HEADS",
+    "FEATURE_CHUNK_ELEMENTS",
     "FEATURE_MAPS",
     "KERNEL_BF16",
     "ELUFeatures",
@@ -44,12 +61,22 @@ __all__ = [
     "build_feature_map",
     "evaluate_features",
     "feature_map_kind",
+    "head_groups",
     "linear_attend",
     "linear_map_rows",
     "linear_readout",
+    "linear_readout_into",
     "linear_state",
+    "needs_autograd",
     "scaled_for_kernel",
 ]
+
+#: Every head: the default of the feature maps' ``heads`` (which heads' parameters a slice of q / k takes).
+ALL_HEADS = slice(None)
+#: Feature entries (batch x heads x tokens x features) of one group of the inference core (`head_groups`):
+#: 2M fp32 = 8 MiB. A pair with an eighth of that or more (256K entries: 1 MiB, 4097 tokens of 64 features)
+#: runs alone: measured on this CPU (ViT-S/16 heads), single pairs won from 4097 tokens on and lost at 1025.
+FEATURE_CHUNK_ELEMENTS = 1 << 21
 
 
 def _as_blocks(features: FeatureBlocks) -> tuple[torch.Tensor, ...]:
@@ -95,6 +122,29 @@ def linear_readout(phi_q: FeatureBlocks, state) -> torch.Tensor:
     return numerator.div_(denominator) if not total.requires_grad else numerator / denominator
 
 
+def linear_readout_into(phi_q: FeatureBlocks, state, out: torch.Tensor) -> torch.Tensor:
+    """`linear_readout` written into ``out`` (a strided (..., N, d) view in the compute dtype), without autograd.
+
+    For one (batch, head) pair the numerator phi(q) KV and the denominator phi(q) z are separate products
+    (a d-wide product and a matrix-vector product ran ~1.4x faster on this CPU than one (d + 1)-wide product,
+    an odd width the GEMM kernels finish in a slow remainder loop); for several pairs the joined product of
+    `linear_readout` (a batched matrix-vector product is the slow one). The division writes ``out``.
+    """
+    blocks = _as_blocks(phi_q)
+    if math.prod(blocks[0].shape[:-2]) > 1:
+        total = None
+        for block_q, (kv, normaliser) in zip(blocks, state, strict=True):
+            total = _accumulate(
+                total, matmul_fp32(block_q, torch.cat((kv, normaliser), -1).to(block_q.dtype))
+            )
+        return torch.div(total[..., :-1], total[..., -1:], out=out)
+    numerator = denominator = None
+    for block_q, (kv, normaliser) in zip(blocks, state, strict=True):
+        numerator = _accumulate(numerator, matmul_fp32(block_q, kv.to(block_q.dtype)))
+        denominator = _accumulate(denominator, matmul_fp32(block_q, normaliser.to(block_q.dtype)))
+    return torch.div(numerator, denominator, out=out)
+
+
 def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -> torch.Tensor:
     """(B,H,N,m), (B,H,N,m), (B,H,N,d) -> (B,H,N,d) in O(N m d).
 
@@ -108,6 +158,34 @@ def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
     if total is None:
         return term
     return total.add_(term) if not (total.requires_grad or term.requires_grad) else total + term
+
+
+def needs_autograd(module: nn.Module, *tensors: torch.Tensor) -> bool:
+    """Whether a call on ``tensors`` records a graph: grad mode on and an input or a parameter that wants one."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
+
+
+def head_groups(
+    batch: int, heads: int, per_head: int, budget: int = FEATURE_CHUNK_ELEMENTS
+) -> list[tuple[slice, slice]]:
+    """(batch slice, head slice) groups that cover a batch x heads grid in order, each holding up to ``budget``
+    // ``per_head`` (batch, head) pairs, or one pair where ``per_head`` is an eighth of ``budget`` or more:
+    whole batch items of all heads where several fit, else runs of heads of one item."""
+    # One pair per group once a pair alone fills an eighth of the budget: its features then stay in cache
+    # between the passes, and the read-out takes the single-pair path of `linear_readout_into`.
+    pairs = budget // per_head if 8 * per_head < budget else 1
+    if pairs >= batch * heads:
+        return [(ALL_HEADS, ALL_HEADS)]
+    if pairs >= heads:
+        step = pairs // heads
+        return [(slice(b, min(b + step, batch)), ALL_HEADS) for b in range(0, batch, step)]
+    return [
+        (slice(b, b + 1), slice(h, min(h + pairs, heads)))
+        for b in range(batch)
+        for h in range(0, heads, pairs)
+    ]
 
 
 def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
@@ -141,13 +219,19 @@ class KernelAttention(EfficientAttention):
         "before phi (rope applied after phi would lose the sign)"
     )
 
-    def query_features(self, q: torch.Tensor) -> FeatureBlocks:
-        """phi(q), non-negative, in the compute dtype."""
+    def query_features(self, q: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
+        """phi(q), non-negative, in the compute dtype; ``q`` holds the heads ``heads`` (per-head parameters
+        are sliced to them)."""
         raise NotImplementedError
 
-    def key_features(self, k: torch.Tensor) -> FeatureBlocks:
-        """phi(k), non-negative, in the compute dtype."""
+    def key_features(self, k: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
+        """phi(k), non-negative, in the compute dtype; ``k`` holds the heads ``heads``."""
         raise NotImplementedError
+
+    def readout_query_features(self, q: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
+        """phi(q) up to a positive factor per query row (the read-out's normaliser cancels it), what the
+        inference core reads: `query_features` unless a class saves work by leaving the factor out."""
+        return self.query_features(q, heads)
 
     def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[FeatureBlocks, FeatureBlocks]:
         return self.query_features(q), self.key_features(k)
@@ -169,11 +253,30 @@ class KernelAttention(EfficientAttention):
         features, m = counted
         return (features + kernel_core_counts(num_tokens, self.head_dim, m)) * (batch * self.num_heads)
 
+    #: Feature entries per group of the inference core (`head_groups`).
+    feature_chunk_elements: int = FEATURE_CHUNK_ELEMENTS
+
+    def feature_width(self) -> int:
+        """m, the width of phi (sizes the inference core's head groups); the head dim where uncounted."""
+        counted = self.feature_counts(1)
+        return counted[1] if counted is not None else self.head_dim
+
     def _attend(self, q, k, v):
         # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
-        # before the query features exist, so only one (B, H, N, m) feature tensor is live.
-        state = linear_state(self.key_features(k), v)
-        return linear_readout(self.query_features(q), state)
+        # before the query features exist, so only one feature tensor is live.
+        graph = needs_autograd(self, q, k, v) or torch.compiler.is_compiling()  # a compiler fuses batched ops
+        B, H, N, d = v.shape
+        groups = [] if graph else head_groups(B, H, N * self.feature_width(), self.feature_chunk_elements)
+        if len(groups) <= 1:  # one batched pass (whole-model runs were no faster with the buffer below here)
+            state = linear_state(self.key_features(k), v)
+            return linear_readout(self.query_features(q) if graph else self.readout_query_features(q), state)
+        # (B, N, H, d) memory: the caller's head merge (transpose + reshape) is then a view
+        out = v.new_empty(B, N, H, d, dtype=compute_dtype(v)).transpose(1, 2)
+        for batch, heads in groups:
+            state = linear_state(self.key_features(k[batch, heads], heads), v[batch, heads])
+            phi_q = self.readout_query_features(q[batch, heads], heads)
+            linear_readout_into(phi_q, state, out[batch, heads])
+        return out
 
     def _map_context(self, q, k):
         return self.features(q, k)
@@ -239,13 +342,17 @@ class HedgehogFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.blocks(x), dim=-1)
 
-    def blocks(self, x: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two signs as separate blocks (+ eps), for ``linear_attend`` without a concatenation."""
+    def blocks(
+        self, x: torch.Tensor, eps: float = 0.0, heads: slice = ALL_HEADS
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two signs as separate blocks (+ eps), for ``linear_attend`` without a concatenation; ``x``
+        holds the heads ``heads``. (One product with [W, -W] and one softmax over a (2, m) view ran 1.1-1.2x
+        slower here: two m-wide products beat one 2m-wide one on this CPU.)"""
         # bf16 x: u feeds the softmaxes' exponentials, so it is computed at fp32 accuracy (W split into two
         # bf16 halves, `matmul_split`; a bf16-rounded W moves u by |u| 2^-8); the softmaxes run in fp32 and
         # the features are rounded once to x's dtype.
-        u = matmul_split(x, self.weight)
-        u = u + self.bias.to(u.dtype)[:, None, :]  # (B, H, N, m)
+        u = matmul_split(x, self.weight[heads])
+        u = u + self.bias[heads].to(u.dtype)[:, None, :]  # (B, H, N, m)
         blocks = add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
         return tuple(b.to(x.dtype) for b in blocks)
 

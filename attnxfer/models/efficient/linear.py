@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..attention.registry import register_attention
 from .kernels import (
+    ALL_HEADS,
     FEATURE_MAPS,
     KERNEL_BF16,
     ELUFeatures,
@@ -33,7 +34,7 @@ class ReLULinearAttention(KernelAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.feature_map = ReLUFeatures()
 
-    def query_features(self, q):
+    def query_features(self, q, heads=ALL_HEADS):
         return evaluate_features("relu", self.feature_map, q)
 
     key_features = query_features
@@ -52,7 +53,7 @@ class ELULinearAttention(KernelAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.feature_map = ELUFeatures()
 
-    def query_features(self, q):
+    def query_features(self, q, heads=ALL_HEADS):
         return evaluate_features("elu", lambda x: self.feature_map(scaled_for_kernel(x, self.head_dim)), q)
 
     key_features = query_features

@@ -19,7 +19,7 @@ from torch import nn
 
 from ...errors import InputError
 from ..attention.interface import MapKind
-from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_fp32, matmul_split
+from ..attention.numerics import PrecisionPolicy, matmul_fp32, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
@@ -40,10 +40,9 @@ LINFORMER_BF16 = PrecisionPolicy(
 
 def project_sequence(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """E x along the sequence: (k, N), (..., N, d) -> (..., k, d), accumulated in fp32 (float64 kept).
-    bf16 operands go through `matmul_fp32` as one (k, N) x (N, batch * d) product."""
-    dtype = torch.promote_types(compute_dtype(e), compute_dtype(x))
-    if x.dtype == dtype and e.dtype == dtype:
-        return torch.einsum("kn,...nd->...kd", e, x)
+
+    One (k, N) x (N, batch * heads * d) product for every dtype: the tokens' rows of a q/k/v view of the
+    fused projection are one strided matrix already, which a per-head batched product would copy first."""
     flat = x.movedim(-2, 0).reshape(x.shape[-2], -1)
     return matmul_fp32(e, flat).view(e.shape[0], *x.shape[:-2], x.shape[-1]).movedim(0, -2)
 
@@ -104,8 +103,9 @@ class LinformerAttention(EfficientAttention):
 
     def _scores(self, q, k):
         self._check_length(q.shape[-2])
-        k_short = project_sequence(self.seq_proj_k.to(k.dtype), k)
-        logits = matmul_split(q, k_short.transpose(-2, -1)) * self.scale
+        # the scale on the (k, d) projected keys, not on the (N, k) logits
+        k_short = project_sequence(self.seq_proj_k.to(k.dtype), k) * self.scale
+        logits = matmul_split(q, k_short.transpose(-2, -1))
         return logits.softmax(dim=-1)  # (B, H, N, k), fp32
 
     def _attend(self, q, k, v):

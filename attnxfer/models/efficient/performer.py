@@ -31,7 +31,7 @@ from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops
 from ..attention.registry import register_attention
-from .kernels import KERNEL_BF16, KernelAttention, add_scalar
+from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, add_scalar
 
 __all__ = ["PERFORMER_BF16", "PerformerAttention", "default_num_features", "gaussian_orthogonal_features"]
 
@@ -151,11 +151,11 @@ class PerformerAttention(KernelAttention):
         """x' . w (log2 e folded in), in the compute dtype at its accuracy: for bf16 x, as x @ hi + x @ lo."""
         return matmul_split(x.contiguous(), self._projection(compute_dtype(x)))
 
-    def query_features(self, q):
+    def query_features(self, q, heads=ALL_HEADS):
         features = add_scalar(_stabilised_exp2(self._exponent(q), dims=(-1,)), self.eps)
         return features.to(q.dtype)
 
-    def key_features(self, k):
+    def key_features(self, k, heads=ALL_HEADS):
         k_fp = k.to(compute_dtype(k))
         half_sq_norm = k_fp.pow(2).sum(-1, keepdim=True).mul_(0.5 / self.head_dim**0.5 * _LOG2E)
         exponent = self._exponent(k).sub_(half_sq_norm)

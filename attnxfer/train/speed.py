@@ -1,0 +1,197 @@
+"""Forward speed of a converted student against its teacher and against its floor, and the break-even size.
+
+A converted student can never be faster than its floor (`attnxfer.models.efficient.floor`: the same model
+whose attention projects but mixes no tokens), so a report gives two ratios: student / teacher (what the
+user gains) and student / floor (how close the student comes to what its resolution allows), and the floor
+/ teacher ratio (the most any attention could gain there). Efficient attention pays only above some token
+count; `break_even_sweep` finds the smallest tested resolution where it does, on the device at hand.
+
+Times are compared only inside one process and one call: every model runs once per round, the order rotated
+each round, so a machine whose load drifts slows them alike; medians of the rounds are reported. On the CPU
+each row also gives the ratios of the process's CPU time per call, which other programs on a shared machine
+distort less than wall-clock time (they take the cores, not this process's cycles). Objects in (models, an
+input, a builder), rows out; no config, no files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..models.efficient.floor import floor_model
+from ..models.image_input import image_input
+
+__all__ = [
+    "RATIOS",
+    "break_even_resolution",
+    "break_even_sweep",
+    "interleaved_forward_seconds",
+    "speed_against_floor",
+]
+
+#: The ratios of images/s a speed row carries, each (numerator model, denominator model).
+RATIOS: dict[str, tuple[str, str]] = {
+    "student_over_teacher": ("student", "teacher"),
+    "floor_over_teacher": ("floor", "teacher"),
+    "student_over_floor": ("student", "floor"),
+}
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def interleaved_forward_seconds(
+    models: Mapping[str, nn.Module],
+    x: torch.Tensor,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    autocast: torch.dtype | None = None,
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds of one forward of each model on ``x`` (in ``eval()``, without gradients), ``repeats`` rounds
+    after ``warmup`` untimed ones; each round calls every model once, its order rotated by one per round.
+    Per model ``{"wall": [...], "cpu": [...]}``: wall-clock and process CPU seconds of each timed call.
+    Models are put back in their training mode afterwards."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    names = list(models)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    was = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    try:
+        with _autocast(x.device, autocast):
+            for _ in range(warmup):
+                for name in names:
+                    models[name](x)
+            for r in range(repeats):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:
+                    sync()
+                    start, cpu = time.perf_counter(), time.process_time()
+                    models[name](x)
+                    sync()
+                    times[name]["wall"].append(time.perf_counter() - start)
+                    times[name]["cpu"].append(time.process_time() - cpu)
+    finally:
+        for name, model in models.items():
+            model.train(was[name])
+    return times
+
+
+def _spread(times: Sequence[float]) -> float:
+    """Half the interquartile range over the median (0.05 = ±5 %): how far one round strays."""
+    mid = statistics.median(times)
+    if len(times) < 4:
+        return (max(times) - min(times)) / (2 * mid)
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return (q3 - q1) / (2 * mid)
+
+
+def _tokens(model: nn.Module, x: torch.Tensor) -> int | None:
+    """Tokens of a flat ViT's sequence at ``x``'s size (prefix + grid), None for hierarchical models."""
+    try:
+        geometry = image_input(model)
+    except InputError:  # a model image_input cannot read: the count is a label only
+        return None
+    if not hasattr(model, "blocks") or len(geometry.patch_size) != 2:
+        return None
+    grid = [s // p for s, p in zip(x.shape[-2:], geometry.patch_size)]
+    return grid[0] * grid[1] + int(getattr(model, "num_prefix_tokens", 0) or 0)
+
+
+def speed_against_floor(
+    teacher: nn.Module,
+    student: nn.Module,
+    x: torch.Tensor,
+    *,
+    floor: nn.Module | None = None,
+    warmup: int = 1,
+    repeats: int = 5,
+    autocast: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Forward images/s of teacher, student and floor on ``x``, measured interleaved in one call.
+
+    ``floor`` defaults to `floor_model` of the teacher (a student's floor is its teacher's: the same
+    projections and MLPs). Returns one row: the input's resolution, tokens and batch; per model the median
+    milliseconds, images/s and the rounds' spread; and the `RATIOS` of images/s (``student_over_floor`` is
+    at most about 1: nothing that mixes tokens beats the floor), on the CPU also of CPU time (``..._cpu``).
+    """
+    floor = floor_model(teacher) if floor is None else floor
+    models = {"teacher": teacher, "student": student, "floor": floor}
+    times = interleaved_forward_seconds(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
+    batch = int(x.shape[0])
+    row: dict[str, Any] = {
+        "resolution": int(x.shape[-1]),
+        "tokens": _tokens(teacher, x),
+        "batch": batch,
+        "repeats": repeats,
+        "device": x.device.type,
+        "threads": torch.get_num_threads(),
+        "precision": f"{str(autocast).removeprefix('torch.')} autocast" if autocast else "no autocast",
+    }
+    median = {name: statistics.median(t["wall"]) for name, t in times.items()}
+    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
+    for name in models:
+        row[f"{name}_ms"] = 1000.0 * median[name]
+        row[f"{name}_images_per_s"] = batch / median[name]
+        row[f"{name}_spread"] = _spread(times[name]["wall"])
+    for key, (top, bottom) in RATIOS.items():
+        row[key] = median[bottom] / median[top]
+        if x.device.type == "cpu" and min(cpu[bottom], cpu[top]) > 0:
+            row[f"{key}_cpu"] = cpu[bottom] / cpu[top]
+    return row
+
+
+def break_even_sweep(
+    build: Callable[[int], tuple[nn.Module, nn.Module]],
+    resolutions: Sequence[int],
+    *,
+    batch: int = 1,
+    device: torch.device | str | None = None,
+    warmup: int = 1,
+    repeats: int = 3,
+    autocast: torch.dtype | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`speed_against_floor` at each resolution, and the break-even resolution.
+
+    ``build(resolution)`` returns (teacher, student) for that image size (the caller knows how its family
+    resizes); their device is the models' own unless ``device`` is given. Random images of the teacher's
+    channels are the input (speed does not depend on the pixels). Returns ``{"rows": [...], "break_even":
+    the smallest tested resolution where the student is faster than the teacher, or None}``; resolutions
+    are measured in increasing order, each in one interleaved call.
+    """
+    if not resolutions:
+        raise ValueError("break_even_sweep needs at least one resolution")
+    rows = []
+    for resolution in sorted(set(int(r) for r in resolutions)):
+        teacher, student = build(resolution)
+        if device is not None:
+            teacher, student = teacher.to(device), student.to(device)
+        where = next(teacher.parameters()).device
+        generator = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, image_input(teacher).in_chans, resolution, resolution, generator=generator)
+        rows.append(
+            speed_against_floor(
+                teacher, student, x.to(where), warmup=warmup, repeats=repeats, autocast=autocast
+            )
+        )
+        del teacher, student
+    return {"rows": rows, "break_even": break_even_resolution(rows)}
+
+
+def break_even_resolution(rows: Sequence[Mapping[str, Any]]) -> int | None:
+    """The smallest ``resolution`` among speed rows whose student is faster than its teacher, or None."""
+    faster = [int(row["resolution"]) for row in rows if row["student_over_teacher"] > 1.0]
+    return min(faster) if faster else None
