@@ -87,7 +87,7 @@ def floor_class(cls: type[EfficientAttention]) -> type[EfficientAttention]:
 def _attention_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every attention layer the zoo swaps: flat ``blocks`` or stage slots."""
     if is_hierarchical(model):
-        return [(name, block.attn) for name, block, _, _ in hierarchical_slots(model)]
+        return [(name, block.attn) for name, block, _ in hierarchical_slots(model)]
     blocks = flat_blocks(model)
     if blocks is None:
         raise InputError(
