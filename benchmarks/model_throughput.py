@@ -18,7 +18,7 @@ Presets (``--preset``; any option overrides the preset's value):
 
 * ``gpu``: ViT-B/16 (``vit_base_patch16_224``, 1000 classes) at 224 / 448 / 896 px (197 / 785 / 3137
   tokens), batch 64 / 16 / 4 (about 12.6k tokens a step at every resolution), 3 warm-up and 10 timed
-  rounds; the issue-14 table, a few minutes on an H100.
+  rounds; the GPU table, a few minutes on an H100.
 * ``cpu``: ViT-Ti/16 (``vit_tiny_patch16_224``: 192 wide, 3 heads, 12 blocks, 100 classes) at 224 / 448
   px, batch 4 / 1, 1 warm-up and 7 timed rounds, 1 thread: about 4 minutes here.
 * ``pvt_cpu``: the hierarchical PVTv2-B0 (``pvt_v2_b0``: 4 stages, 3136 / 784 / 196 / 49 tokens at 224 px,
