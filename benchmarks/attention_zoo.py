@@ -276,7 +276,7 @@ def compile_table(rows: list[Row]) -> str:
 
 
 def linear_family_verdict(rows: list[Row], tokens: int) -> str:
-    """Issue-5 target at the largest N: module forward >= 3x faster and <= 1/4 of softmax SDPA's peak memory."""
+    """The linear family's target at the largest N: module forward >= 3x faster and <= 1/4 of softmax SDPA's peak memory."""
     lines = []
     for r in rows:
         if r.tokens != tokens or parse_entry(r.attention)[0] not in LINEAR_FAMILY:

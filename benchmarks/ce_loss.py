@@ -1,6 +1,6 @@
 """The distillation loss alone, per CE path, in units of one attention (forward + backward).
 
-Issue 14 asks the O(N) distillation loss to cost about what one or two extra flash attentions cost. This
+The target: the O(N) distillation loss should cost about what one or two extra flash attentions cost. This
 times, for one layer's q/k (views of fused qkv outputs, as a ViT block hands them out), the loss's forward
 and backward on each CE path (``attention_distillation_loss(path=...)``, the logged KL off as on most
 steps) against the student's own attention, ``SDPA(q, k, v)`` forward and backward (flash attention on a
@@ -14,7 +14,7 @@ ptxas), so it runs here; the timings of ``triton`` need CUDA.
     python benchmarks/ce_loss.py                                  # CPU: rows, sdpa vs attention
     python benchmarks/ce_loss.py --kernels                        # + what the Triton kernels compile to
     python benchmarks/ce_loss.py --device cuda --tokens 197,785,3137 --batch 64,16,4 \
-        --ce-paths rows,sdpa,triton                               # issue 14's comparison on the GPU
+        --ce-paths rows,sdpa,triton                               # the comparison on the GPU
 """
 
 from __future__ import annotations

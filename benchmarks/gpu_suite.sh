@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's GPU measurements, in parts that each fit one call of a lent GPU machine (< 10 minutes on one
+# The GPU measurements, in parts that each fit one call of a lent GPU machine (< 10 minutes on one
 # H100; a session has about 30 minutes of device time in all). Run from the repository root with the
 # machine's own python3 (torch, timm, safetensors, huggingface_hub, accelerate, pyyaml, scipy, tqdm, pytest
 # and triton are in its image; attnxfer runs from the checkout, nothing is installed; its timm may be older
@@ -13,7 +13,7 @@
 #   bash benchmarks/gpu_suite.sh stage1     # conversion's stage-1 steps/s and CUDA syncs, before/after (~2 min)
 #   bash benchmarks/gpu_suite.sh compiled   # the zoo and the models again under torch.compile (optional)
 #
-# In that order of priority: the first six answer issue 14's targets; `compiled` says whether compiling
+# In that order of priority: the first six answer the GPU targets; `compiled` says whether compiling
 # the feature maps pays on the GPU.
 # Each part writes its JSON and log to ${OUT:-gpu-results}/ (the device tool's $OUT comes back to the
 # caller). docs/benchmarks.md says what each figure is and where it goes.
@@ -40,7 +40,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ! "$PY" -c "import attnxfer.models, attnxfer.transfer, attnxfer.apps.training" 2>"$OUT/import.log"; then
     tail -3 "$OUT/import.log" >&2
     echo "attnxfer does not import with this machine's packages (timm >= 1.0.31 is needed): carry wheels," \
-        "docs/benchmarks.md 'Issue 14 on a GPU'" >&2
+        "docs/benchmarks.md 'The GPU measurements: what to run'" >&2
     exit 3
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"

@@ -20,7 +20,7 @@ Presets (``--preset``; any option overrides the preset's value):
 
 * ``gpu``: ViT-B/16 (``vit_base_patch16_224``, 1000 classes) at 224 / 448 / 896 px (197 / 785 / 3137
   tokens), batch 64 / 16 / 4 (about 12.6k tokens a step at every resolution), 3 warm-up and 10 timed
-  rounds; the issue-14 table, a few minutes on an H100.
+  rounds; the GPU table, a few minutes on an H100.
 * ``cpu``: ViT-Ti/16 (``vit_tiny_patch16_224``: 192 wide, 3 heads, 12 blocks, 100 classes) at 224 / 448
   px, batch 4 / 1, 1 warm-up and 7 timed rounds, 1 thread: about 4 minutes here.
 * ``floor_cpu``: ViT-S/16 (``vit_small_patch16_224``) at 512 / 1024 px (1025 / 4097 tokens), batch 1,

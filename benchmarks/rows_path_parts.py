@@ -1,4 +1,4 @@
-"""What is left to win in the CPU distillation step: the two leads for issue 14's 1.45× target, measured.
+"""What is left to win in the CPU distillation step: the two leads for the 1.45×-plain target, measured.
 
 The ``rows`` CE path (`attnxfer.transfer.losses`) walks each distilled layer in row chunks: two logits GEMMs,
 softmax(z_t), log_softmax(z_s), a dot product, exp and a subtraction, two gradient GEMMs. Two changes

@@ -11,7 +11,7 @@ median round time.
   copy     attention copy (`paper/vit_base_copy`: all blocks take the teacher's q/k)
   distill  attention distillation (`paper/vit_base_distill`: blocks 0-8 of 12, atd_weight 3)
 
-each eager and with ``model.compile=true teacher.compile=true``. The issue's targets: copy ≥ 0.8× and
+each eager and with ``model.compile=true teacher.compile=true``. The targets: copy ≥ 0.8× and
 distill ≥ 0.65× the plain fine-tune's images/s (same compile setting). The teacher is a randomly
 initialised ViT of the preset's shape exported to a temporary ``local-dir:`` (speed does not depend on its
 weights); the students mirror it. Also measured in the same run: the loader alone (same dataset, batch,
@@ -61,7 +61,7 @@ from attnxfer.train.optim import optimizer_implementation, student_param_groups 
 
 MODES = ("none", "copy", "distill")
 RECIPES = {"none": "paper/vit_base_copy", "copy": "paper/vit_base_copy", "distill": "paper/vit_base_distill"}
-TARGETS = {"copy": 0.8, "distill": 0.65}  # images/s over the plain fine-tune's (issue 14)
+TARGETS = {"copy": 0.8, "distill": 0.65}  # images/s over the plain fine-tune's
 
 
 @dataclass(frozen=True)

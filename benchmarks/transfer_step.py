@@ -28,7 +28,7 @@ cross-check).
     python benchmarks/transfer_step.py --quick              # smoke run, seconds
     python benchmarks/transfer_step.py --pair small-tiny --json out.json
     python benchmarks/transfer_step.py --device cuda --pair small --tokens 197,785,3137 --batch 64,16,4 \
-        --ce-paths auto,rows,sdpa,attention_lse,triton,materialised  # issue 14's GPU table, every CE path
+        --ce-paths auto,rows,sdpa,attention_lse,triton,materialised  # the GPU table, every CE path
     python benchmarks/transfer_step.py --arch eva02 --tokens 197,785   # an EVA-02-shaped pair (rope)
     python benchmarks/transfer_step.py --arch beit --tokens 197,785    # BEiT (relative-position bias)
 
@@ -87,17 +87,17 @@ PATCH = 16
 NUM_CLASSES = 100
 TOKENS_PER_STEP = 1570  # default batch: about this many tokens a step at every N
 
-# Targets from issue 2 (CPU): copy step and copy memory against the plain student at
+# The CPU targets: copy step and copy memory against the plain student at
 # every N; the fast distillation path against the materialised one at N = 785.
 COPY_TIME_MAX = 1.5
 COPY_MEMORY_MAX = 1.3
 DISTILL_MEMORY_GAIN_MIN = 3.0
 DISTILL_TARGET_TOKENS = 785
-# Issue 14's targets for the distillation step (time over the plain step, by token count; memory).
+# Targets for the distillation step (time over the plain step, by token count; memory).
 CPU_DISTILL_TIME_MAX = {197: 1.45}
 GPU_DISTILL_TIME_MAX = {197: 1.5, 785: 2.0, 3137: 3.0}
 GPU_DISTILL_MEMORY_MAX = 1.7
-# Issue 30's targets for transfer.ce_path=auto: its step within 5 % of the fastest single path's, and its
+# Targets for transfer.ce_path=auto: its step within 5 % of the fastest single path's, and its
 # calibration under 2 % of a 1,000-step run.
 AUTO_TIME_MAX = 1.05
 AUTO_CALIBRATION_MAX = 0.02
@@ -564,7 +564,7 @@ def _target(target: str, tokens: int, value: float, holds: bool) -> dict[str, An
 
 
 def distill_targets(rows: Sequence[dict[str, Any]], device_type: str) -> list[dict[str, Any]]:
-    """Issue 14's targets for every distillation mode timed (the default path and each distill:PATH):
+    """The targets for every distillation mode timed (the default path and each distill:PATH):
     faster than the materialised step at every N and within the time (and, on GPU, memory) budget."""
     by = {(r["tokens"], r["mode"]): r for r in rows}
     out = []
@@ -602,7 +602,7 @@ def distill_targets(rows: Sequence[dict[str, Any]], device_type: str) -> list[di
 
 
 def auto_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Issue 30's targets where ``distill:auto`` ran: its step within `AUTO_TIME_MAX` of the fastest single
+    """The targets where ``distill:auto`` ran: its step within `AUTO_TIME_MAX` of the fastest single
     path timed beside it (the default ``distill`` and every ``distill:PATH``), and its calibration under
     `AUTO_CALIBRATION_MAX` of `AUTO_RUN_STEPS` of its own steps."""
     out = []
@@ -641,7 +641,7 @@ def auto_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_targets(rows: Sequence[dict[str, Any]], device_type: str = "cpu") -> list[dict[str, Any]]:
-    """Issue 2's, 14's and 30's targets, each with the measured figure and whether it holds."""
+    """The copy, distillation and auto targets, each with the measured figure and whether it holds."""
     by = {(r["tokens"], r["mode"]): r for r in rows}
     tokens = sorted({r["tokens"] for r in rows})
     out = distill_targets(rows, device_type) + auto_targets(rows)

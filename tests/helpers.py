@@ -133,7 +133,7 @@ def fork_cli(argv: list[str], log: Path) -> multiprocessing.Process:
     return proc
 
 
-# -- host reads (issue 14: none on unlogged training steps) ----------------------------------------------
+# -- host reads (none on unlogged training steps) --------------------------------------------------------
 
 #: Python-level reads of a tensor's value on the host: on a GPU each waits for the queued kernels
 _SYNC_METHODS = (

@@ -1,4 +1,4 @@
-"""`transfer.ce_path: auto` (issue 30): the CE path measured on the device, its record, failing paths,
+"""`transfer.ce_path: auto`: the CE path measured on the device, its record, failing paths,
 and rank 0's choice used by every rank. Timings are never asserted: only which paths were timed, skipped
 or refused and that the choice is the fastest of what was timed."""
 

@@ -1,4 +1,4 @@
-"""What `attnxfer convert` prints is true (issue 29, item 9): a headless (MAE) teacher has no top-1, so no
+"""What `attnxfer convert` prints is true: a headless (MAE) teacher has no top-1, so no
 "teacher val top-1 None" and no "n/a% of the teacher's"; stage 2 says it fine-tunes the converted student
 (it is not a from-scratch baseline)."""
 

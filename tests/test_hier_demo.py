@@ -1,4 +1,4 @@
-"""The hierarchical demo (issue 27): its recipes resolve to what they say, its PVTv2 micro-teacher is a
+"""The hierarchical demo: its recipes resolve to what they say, its PVTv2 micro-teacher is a
 PVTv2 with full attention (sr_ratio 1) at 56 px, and the whole chain — teacher, scratch / copy / distill
 students, conversion to hashing and relu_linear — runs in process at a few steps each."""
 

@@ -1,4 +1,4 @@
-"""What the layer-decay docstrings say is what the groups hold, for both poolings (issue 29, item 8a): with
+"""What the layer-decay docstrings say is what the groups hold, for both poolings: with
 class-token pooling timm 1.0.31 puts the final ``norm`` in the last block's group; with average pooling
 ``fc_norm`` is at the head's lr."""
 

@@ -1,4 +1,4 @@
-"""Library code where a library does it (issue 29, item 4): the model card through huggingface_hub's
+"""Library code where a library does it: the model card through huggingface_hub's
 `ModelCard` (with a ``model-index``), the teacher's licence read by `ModelCard.load`, one sha256 helper
 (`hashlib.file_digest`), and a cache directory that honours ``XDG_CACHE_HOME``."""
 

@@ -1,4 +1,4 @@
-"""Stage 1 on PVTv2 teachers with spatial reduction (issue 27): a student over all N tokens of a stage is
+"""Stage 1 on PVTv2 teachers with spatial reduction: a student over all N tokens of a stage is
 compared with a teacher whose keys are N_k reduced tokens by pooling the student's map rows onto the teacher's
 keys (its mass on each sr×sr block, or on each of the linear variant's 7×7 adaptive bins).
 

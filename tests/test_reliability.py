@@ -1,4 +1,4 @@
-"""Issue 12, reproduced through the CLI: runs that never get stuck on their own checkpoints, a read-only
+"""Reliability, through the CLI: runs that never get stuck on their own checkpoints, a read-only
 `eval`, a resume that checks what it resumes, and messages that name the real problem."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 25 (items 1, 2, 5, 7, 11), reproduced through the CLI: one process owns a run dir, a run's own
+"""Run directories, through the CLI: one process owns a run dir, a run's own
 config.yaml resumes it from anywhere, teachers are compared by content, full and read-only run dirs end
 in one line, an empty run_dir is refused and killed exports leave nothing behind."""
 

@@ -268,7 +268,7 @@ def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, 
 def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refused(
     tmp_path, tiny_teacher_dir, capsys, monkeypatch
 ):
-    """Issue 25 item 5: the teacher is judged by the sha256 state.json records, not by the spec's spelling."""
+    """The teacher is judged by the sha256 state.json records, not by the spec's spelling."""
     monkeypatch.chdir(tiny_teacher_dir.parent)
     run = tmp_path / "run"
     relative = Path(tiny_teacher_dir.name)

@@ -125,7 +125,7 @@ def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-# --------------------------------------------------------------------- convert's stage 1 (issue 25, item 6)
+# --------------------------------------------------------------------- convert's stage 1
 S1_STEPS = 40
 
 

@@ -1,4 +1,4 @@
-"""Stage 1's loss meets the `Objective` protocol (issue 28): `Stage1Objective` hands out the per-layer fit
+"""Stage 1's loss meets the `Objective` protocol: `Stage1Objective` hands out the per-layer fit
 losses (checked against explicit N x N maps), their sum, the agreement metrics, and a held-out score that
 stage 1's fit lowers."""
 

@@ -1,4 +1,4 @@
-"""Issue 14's step contracts in stage 1 of conversion: no host reads on unlogged steps, logged means equal to
+"""The step contracts in stage 1 of conversion: no host reads on unlogged steps, logged means equal to
 per-step values read the old way, a non-finite loss that still raises (naming block, attention, objective
 and step) and leaves the student at its weights before the bad step, and the fused AdamW of `build_adamw`."""
 

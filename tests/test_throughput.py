@@ -1,4 +1,4 @@
-"""Issue 14, whole-training throughput: no host syncs on unlogged steps, compiled blocks that compute what
+"""Whole-training throughput: no host syncs on unlogged steps, compiled blocks that compute what
 eager ones do (and keep checkpoints unchanged), one optimiser decision, the non-finite guard deferred to
 log steps, saves and evaluations."""
 

@@ -1,4 +1,4 @@
-"""Issue 26: a *fresh* efficient-attention student in `attnxfer train` (``model.attention``), distilled from
+"""A *fresh* efficient-attention student in `attnxfer train` (``model.attention``), distilled from
 a softmax teacher like any student, exported and loaded back with its attention."""
 
 from __future__ import annotations

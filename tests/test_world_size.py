@@ -1,4 +1,4 @@
-"""Issue 25 (items 8 and 10), through the CLI: a run resumed on another number of processes keeps its global
+"""Changing the number of processes, through the CLI: a run resumed on another number of processes keeps its global
 batch, epoch length and lr schedule (1 process -> 2 gloo ranks -> 1 process, against an uninterrupted run),
 and distributed evaluation scores every val image exactly once (61 images on 2 ranks)."""
 

@@ -8,7 +8,7 @@ are); it shares the engine's schedule (`attnxfer.train.schedule`), its optimiser
 CUDA and CPU), its step contracts and the process-group helpers (data parallel: each rank its batches,
 gradients averaged).
 
-The step contracts (issue 14): nothing is read on the host on unlogged steps. The per-layer losses and
+The step contracts: nothing is read on the host on unlogged steps. The per-layer losses and
 metrics are summed on the device (`TermWindow`) and read at log steps; the per-layer losses go through a
 `NonFiniteGuard`, read (and combined over ranks) at log steps, the last step among them, so a non-finite
 loss still raises `NonFiniteLossError` naming the block, its attention and objective and the step before

@@ -213,7 +213,7 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
 
 
 def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(slurm, tmp_path):
-    """Issue 12 item 7: no 94-line traceback, and sacct/scontrol say FAILED, not CANCELLED."""
+    """A failed rank: no 94-line traceback, and sacct/scontrol say FAILED, not CANCELLED."""
     run = tmp_path / "job"
     missing = tmp_path / "no-such-dataset"
     res = _attnxfer(
