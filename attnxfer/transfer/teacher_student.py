@@ -401,8 +401,8 @@ def _features_and_logits(
     them: what ``model(x)`` computes, in one forward, with the features kept."""
     if isinstance(x, dict):
         raise ValueError(
-            "feature distillation compares final tokens of image batches; a NaFlexViT patch batch (a dict) has "
-            "per-sample token counts: set transfer.feature_distill=0"
+            "feature distillation compares final tokens of image batches; a patch batch (a dict of patches, "
+            "coordinates and validity) has per-sample token counts: set transfer.feature_distill=0"
         )
     features = model.forward_features(x)
     return {Signal.FEATURES: features, **({Signal.LOGITS: model.forward_head(features)} if logits else {})}

@@ -91,7 +91,7 @@ def _attention_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
     blocks = flat_blocks(model)
     if blocks is None:
         raise InputError(
-            f"floor_model: {type(model).__name__} is not a timm ViT (no blocks) nor a PVTv2 / Swin model"
+            f"floor_model: {type(model).__name__} has neither a ViT's blocks nor stage slots a zoo attention takes"
         )
     prefix = "blocks" if getattr(model, "blocks", None) is blocks else "encoder.blocks"
     return [(f"{prefix}.{i}.attn", block.attn) for i, block in enumerate(blocks)]
