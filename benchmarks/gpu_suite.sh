@@ -60,9 +60,9 @@ case "$PART" in
 check)
     # the tests whose CUDA cases exist only where CUDA does (flex backend, bf16 zoo on CUDA), then the CE
     # paths in smoke mode
-    run tests "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_lse.py tests/test_losses.py \
-        tests/test_zoo_precision.py tests/test_zoo_compile.py tests/test_throughput.py \
-        tests/test_triton_ce.py
+    run tests "$PY" -m pytest -q -p no:cacheprovider tests/attention/test_attention_lse.py tests/objectives/test_losses.py \
+        tests/attention/test_zoo_precision.py tests/attention/test_zoo_compile.py tests/training/test_throughput.py \
+        tests/objectives/test_triton_ce.py
     run transfer_quick "$PY" benchmarks/transfer_step.py --device cuda --quick --tokens 197,785 \
         --ce-paths auto,rows,sdpa,attention_lse,triton,materialised
     ;;

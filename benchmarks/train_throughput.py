@@ -227,7 +227,7 @@ def adamw_timings(engine, device: torch.device, repeats: int) -> dict[str, float
 
 def cuda_syncs_on_unlogged_steps(gens: dict, k: int) -> dict[str, int]:
     """Synchronising CUDA calls torch makes during ``k - 1`` unlogged steps of each run (its sync debug mode,
-    warnings counted): the GPU check of what tests/test_throughput.py counts on CPU. Each run must stand just
+    warnings counted): the GPU check of what tests/training/test_throughput.py counts on CPU. Each run must stand just
     after a logged step (the timing rounds end there)."""
     import warnings
 

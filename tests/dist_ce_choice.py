@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_ce_select.py: rank 0 decides the CE path, every rank writes what it uses."""
+"""Run under torchrun by tests/objectives/test_ce_select.py: rank 0 decides the CE path, every rank writes what it uses."""
 
 import json
 import sys

@@ -1,4 +1,4 @@
-"""Run by tests/test_stage1_steps.py under torchrun (2 CPU ranks, gloo): stage 1 once clean, once with a NaN
+"""Run by tests/conversion/test_stage1_steps.py under torchrun (2 CPU ranks, gloo): stage 1 once clean, once with a NaN
 input on rank 1 only at step 3; writes what each rank saw (history or error, weights) to OUT/rank{r}.json."""
 
 import json

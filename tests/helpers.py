@@ -15,10 +15,12 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnxfer.checkpoints.export import ModelCardInfo
 from attnxfer.data import DatasetInfo, InMemoryImageDataset, register_dataset, registry
 from attnxfer.data.registry import check_image_args, resolve_norm, with_settings
 from attnxfer.launch import cli
 from attnxfer.models import create_vit
+from attnxfer.sources.teacher import TeacherRecord
 from attnxfer.transfer import TeacherStudent, build_plan
 
 
@@ -243,3 +245,41 @@ def labels_raise_registered():
         patch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
         register_dataset("labels_raise", info=_LABELS_RAISE)(_labels_raise_dataset)
         yield
+
+
+# -- a model card's inputs (export tests) ------------------------------------------------------------
+
+MAE_TEACHER = TeacherRecord(
+    spec="vit_large_patch16_224.mae",
+    architecture="vit_large_patch16_224.mae",
+    source="timm-pretrained",
+    hf_repo="timm/vit_large_patch16_224.mae",
+    hf_commit="0123456789abcdef0123456789abcdef01234567",
+    sha256="ab" * 32,
+    license="cc-by-nc-4.0",
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+    input_size=(3, 32, 32),
+    num_classes=0,
+)
+
+
+PLAN = "TransferPlan(mode=distill)\n  student 0 <- teacher 0 (maps, CE, weight 1.0)\n  student 1 <- teacher 1"
+
+
+RECIPE = (
+    "model:\n  student_depth: 2\ndata:\n  name: animal-mnist\n  img_size: 32\ntransfer:\n  mode: distill\n"
+)
+
+
+def card(**kwargs) -> ModelCardInfo:
+    base = dict(
+        model_name="vit-tiny-attnxfer-demo",
+        teacher=MAE_TEACHER,
+        transfer_mode="distill",
+        plan=PLAN,
+        recipe=RECIPE,
+        metrics={"val/top1": 0.8125, "val/loss": 0.61},
+        training_data="animal-mnist, 10 classes",
+    )
+    return ModelCardInfo(**{**base, **kwargs})

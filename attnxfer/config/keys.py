@@ -44,7 +44,7 @@ class Range:
     """The values one config key accepts beyond its type: bounds (for numbers and list items) or choices.
 
     ``Range()`` (`ANY`) says "any value of the field's type": `key` has no default range, so every key
-    states one on purpose (tests/test_config_validation.py checks that each does).
+    states one on purpose (tests/cli/test_config_validation.py checks that each does).
     """
 
     low: float | None = None

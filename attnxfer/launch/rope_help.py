@@ -4,10 +4,10 @@ The table is read from the declarations themselves, by text: each zoo attention 
 and ``rope_why`` in its own file under ``attnxfer/models/efficient/`` (inherited from its bases where it does
 not), each family file under ``attnxfer/models/attention/families/`` whether its blocks pass a rope
 (``Family(..., rope=True)``). Why by text (`ast`) and not by import: importing the attentions loads torch, which
-``--help`` must not (tests/test_cli_startup.py); a hand-kept copy here would be a second place to touch for
+``--help`` must not (tests/cli/test_cli_startup.py); a hand-kept copy here would be a second place to touch for
 every new attention. Why when the help is printed (`RopeHelpFormatter`) and not when the parser is built: the
 ~25 files take a noticeable fraction of a second to parse, which every other command would pay.
-tests/test_cli_rope_help.py holds the table equal to what the imported classes declare (`rope_support`).
+tests/cli/test_cli_rope_help.py holds the table equal to what the imported classes declare (`rope_support`).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _classes(folder: Path) -> dict[str, _Class]:
                 target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
                 value = getattr(stmt, "value", None)
                 if _name(target) in _DECLARED and value is not None:
-                    # a value that is no literal is left out: tests/test_cli_rope_help.py names the attention
+                    # a value that is no literal is left out: tests/cli/test_cli_rope_help.py names the attention
                     with contextlib.suppress(ValueError):
                         cls.declared[_name(target)] = ast.literal_eval(value)
             found[node.name] = cls

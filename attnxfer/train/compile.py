@@ -4,7 +4,7 @@ The unit is the block, not the model. `TeacherStudent` walks the student's block
 the teacher's and hands q/k through a per-call `AttentionIO`; a compiled block reads that ``io`` like any
 attribute (capturing q/k, or taking a teacher's), so the same graph serves every block of a kind: one
 graph per (training, grad mode, io kind) for all blocks of the run, no graph breaks, no recompiles from
-step to step (tests/test_throughput.py checks this with dynamo's counters). A plain student run
+step to step (tests/training/test_throughput.py checks this with dynamo's counters). A plain student run
 (``transfer.mode=none``) calls the student whole, whose forward calls the same compiled blocks.
 
 ``nn.Module.compile`` compiles a module's call in place: no ``_orig_mod.`` wrapper, so parameter names,

@@ -8,7 +8,7 @@ is off: it applies only to bf16 EMA tensors (students train in fp32 under autoca
 private generator that checkpoints do not hold. ``update`` passes no step, so the decay is constant (no
 warmup), as in the paper's recipes. The update is one fused ``torch._foreach_lerp_`` with weight
 ``1 − decay``, the same kernel and operands as the hand-written EMA it replaces, so checkpoints and
-bit-identical resume are unchanged (`tests/test_ema.py`).
+bit-identical resume are unchanged (`tests/training/test_ema.py`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Two conventions for who gets which power of the decay exist in the wild (depth D
 Head and ``fc_norm`` (average pooling) get 1.0 under both. The final ``norm`` (class-token pooling; with
 average pooling it is an Identity and ``fc_norm`` takes its place) is not the head's: timm 1.0.31's
 ``VisionTransformer.group_matcher`` puts ``norm.*`` in the last block's group, so it gets decay^1 under
-``timm`` (0.75 at decay 0.75) and 1.0 under ``attention_transfer`` (`tests/test_layer_decay.py` pins both
+``timm`` (0.75 at decay 0.75) and 1.0 under ``attention_transfer`` (`tests/training/test_layer_decay.py` pins both
 poolings).
 
 `build_adamw` is the one place that picks AdamW's implementation for a device (`adamw_implementation`):

@@ -19,8 +19,7 @@ import copy
 import pytest
 import timm
 import torch
-from helpers import fast_cells
-from test_export import card
+from helpers import card, fast_cells
 
 from attnxfer import load_student
 from attnxfer.analysis import layer_qk

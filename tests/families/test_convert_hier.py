@@ -163,7 +163,7 @@ def test_stage1_fits_hierarchical_teachers(family, pvt, swin, images):
 
 def test_sub_sampled_keys_pool_the_students_map_at_plan_time():
     # sr 2 in stage 0: stage 1 compares the student's rows pooled per 2x2 block of tokens with the teacher's
-    # rows over its reduced keys (tests/test_reduced_key_distillation.py checks the loss itself)
+    # rows over its reduced keys (tests/conversion/test_reduced_key_distillation.py checks the loss itself)
     teacher = _pvt(sr_ratios=(2, 1, 1, 1))
     student = build_efficient_student(teacher, "relu_linear")
     plan = build_conversion_plan(teacher, student, stage1_steps=2, stage1_train="qk")

@@ -12,9 +12,8 @@ import json
 import pytest
 import timm
 import torch
-from helpers import fast_cells
+from helpers import card, fast_cells
 from PIL import Image
-from test_export import card
 from timm.models import save_for_hf
 from timm.models.naflexvit import batch_patchify
 from timm.utils import AttentionExtract

@@ -13,8 +13,8 @@ import json
 
 import pytest
 import torch
+from helpers import card
 from PIL import Image
-from test_export import card
 from timm.models.swin_transformer import window_partition
 
 from attnxfer.analysis import compare_attention, layer_qk

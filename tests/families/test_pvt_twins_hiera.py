@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fast_cells
-from test_export import card
+from helpers import card, fast_cells
 
 from attnxfer.apps.training import train
 from attnxfer.checkpoints import export_student

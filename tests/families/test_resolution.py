@@ -19,8 +19,7 @@ import sys
 import pytest
 import timm
 import torch
-from helpers import fast_cells
-from test_export import card
+from helpers import card, fast_cells
 from timm.layers import resample_abs_pos_embed
 from timm.models import get_model_args, save_for_hf
 

@@ -90,7 +90,7 @@ def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | Non
     """The sbatch script submitit writes for these options (same writer, same parameters).
 
     The one private name of submitit this package uses: a dry run must print byte for byte the script
-    that submitit submits (tests/slurm/test_slurm_jobs.py compares them), so it asks submitit's own writer;
+    that submitit submits (tests/cluster/slurm/test_slurm_jobs.py compares them), so it asks submitit's own writer;
     pyproject.toml pins submitit's major version for it. Every value reaching it was checked first
     (`SlurmOptions`, `check_script_value`).
     """

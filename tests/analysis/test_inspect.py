@@ -1,0 +1,464 @@
+"""`attnxfer inspect` and `attnxfer.analysis`: every metric against a hand computation, the walk against
+explicit maps, head permutations recovered, efficient students through their implicit maps, pictures,
+copy-mode runs, TensorBoard pictures during training, and one clear error for each bad input."""
+
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
+from PIL import Image
+
+from attnxfer.analysis import (
+    InspectedStudent,
+    attention_distance,
+    attention_rollout,
+    compare_attention,
+    head_assignment,
+    patch_distances,
+    row_entropy,
+    row_js,
+    row_kl,
+    spearman_rows,
+    topk_overlap,
+)
+from attnxfer.analysis.pictures import class_token_figure_size
+from attnxfer.apps.inspect import LoadedModel, inspect_models, load_model, write_report
+from attnxfer.apps.inspect_report import agreement_sentence
+from attnxfer.checkpoints.export import ModelCardInfo, export_student
+from attnxfer.launch.cli import main as cli_main
+from attnxfer.models import attention_maps, create_vit
+from attnxfer.models.efficient import build_efficient_student
+
+ROOT = Path(__file__).resolve().parents[2]
+LN2 = math.log(2)
+
+
+# ------------------------------------------------------------------------------------------- metrics by hand
+def test_divergences_and_entropy_by_hand():
+    p = torch.tensor([[0.5, 0.25, 0.25]], dtype=torch.float64)
+    q = torch.tensor([[0.25, 0.5, 0.25]], dtype=torch.float64)
+    # KL = .5 ln(.5/.25) + .25 ln(.25/.5) + .25 ln 1 = .25 ln 2
+    assert row_kl(p, q).item() == pytest.approx(0.25 * LN2, abs=1e-12)
+    # m = (.375, .375, .25): JS = .5[.5 ln(.5/.375) + .25 ln(.25/.375)] + .5[.25 ln(.25/.375) + .5 ln(.5/.375)]
+    js = 0.5 * math.log(0.5 / 0.375) + 0.25 * math.log(0.25 / 0.375)
+    assert row_js(p, q).item() == pytest.approx(js, abs=1e-12)
+    assert row_entropy(p).item() == pytest.approx(1.5 * LN2, abs=1e-12)
+    # disjoint supports: JS is exactly ln 2, KL finite (floored) and large
+    a = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 1.0]], dtype=torch.float64)
+    assert row_js(a, b).item() == pytest.approx(LN2, abs=1e-12)
+    assert 600 < row_kl(a, b).item() < 800
+    assert row_kl(p, p).item() == 0 and row_js(p, p).item() == pytest.approx(0, abs=1e-15)
+
+
+def test_topk_overlap_and_rank_correlation_by_hand():
+    p = torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]])
+    q = torch.tensor([[0.1, 0.3, 0.6], [0.5, 0.4, 0.1]])
+    assert topk_overlap(p, q, 1).tolist() == [0.0, 1.0]
+    assert topk_overlap(p, q, 2).tolist() == [0.5, 1.0]  # {0,1} vs {2,1}; {0,1} vs {0,1}
+    assert spearman_rows(p, q).tolist() == pytest.approx([-1.0, 1.0])
+    # ties (a window attention's zeros) and constant rows: scipy's definition
+    g = torch.Generator().manual_seed(0)
+    a, b = (
+        torch.rand(6, 9, generator=g, dtype=torch.float64),
+        torch.rand(6, 9, generator=g, dtype=torch.float64),
+    )
+    a[0, :4] = 0
+    b[1, 2:6] = 0.5
+    a[2] = 0.25
+    with pytest.warns(scipy.stats.ConstantInputWarning):  # row 2 is constant: scipy says so, and gives NaN
+        ref = [scipy.stats.spearmanr(a[i], b[i]).statistic for i in range(6)]
+    ours = spearman_rows(a, b).tolist()
+    assert math.isnan(ours[2]) and math.isnan(ref[2])
+    assert [v for i, v in enumerate(ours) if i != 2] == pytest.approx(
+        [v for i, v in enumerate(ref) if i != 2]
+    )
+
+
+def test_attention_distance_and_rollout_by_hand():
+    d = patch_distances((2, 2), (16, 16), dtype=torch.float64)  # patches at (0,0) (0,16) (16,0) (16,16) px
+    assert d[0].tolist() == pytest.approx([0, 16, 16, 16 * math.sqrt(2)])
+    rows = torch.tensor([[0.25, 0.25, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], dtype=torch.float64)
+    # row 0 renormalised to (.5, .5, 0, 0): 8 px from patch 0; row 1 from patch 1 to patch 3: 16 px
+    assert attention_distance(rows, d[:2]).tolist() == pytest.approx([8.0, 16.0])
+    swap = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]], dtype=torch.float64)
+    # one layer: .5 I + .5 swap; two layers: (.5 I + .5 S)^2 = .5 I + .5 S as well (S^2 = I)
+    assert attention_rollout([swap]).tolist() == [[[0.5, 0.5], [0.5, 0.5]]]
+    eye = torch.eye(2, dtype=torch.float64)[None]
+    skew = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]], dtype=torch.float64)
+    # (.5 I + .5 skew) @ I-layer: rows (1, 0) and (.5, .5); a layer without a map (None) passes through
+    assert attention_rollout([eye, None, skew]).tolist() == [[[1.0, 0.0], [0.5, 0.5]]]
+
+
+def test_head_assignment_by_hand_and_fewer_student_heads():
+    perm = [2, 0, 1]  # student head b is teacher head perm[b]
+    cost = np.ones((3, 3))
+    for b, a in enumerate(perm):
+        cost[a, b] = 0.0
+    res = head_assignment(cost)
+    assert sorted(map(tuple, res["pairs"])) == sorted((a, b) for b, a in enumerate(perm))
+    assert res["matched_cost"] == 0 and res["identity_cost"] == 1 and not res["is_identity"]
+    # 4 teacher heads, 2 student heads: teacher heads 0, 3 sit nearest student head 1; 1, 2 nearest head 0
+    cost = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    res = head_assignment(cost)
+    assert res["tracks"] == {0: [1, 2], 1: [0, 3]}
+    assert sorted(map(tuple, res["pairs"])) == [(0, 1), (1, 0)]
+    # identity with groups of 2: teacher heads 0,1 -> student 0; 2,3 -> student 1
+    assert res["identity_cost"] == pytest.approx((0.9 + 0.2 + 0.7 + 0.4) / 4)
+
+
+# ------------------------------------------------------------------------------------------- the walk
+def _explicit_reference(teacher, student, x, topk):
+    """Per (layer, head) means from whole explicit maps, written out with plain torch."""
+    tm, sm = attention_maps(teacher, x), attention_maps(student, x)
+    out = []
+    for i in range(len(teacher.blocks)):
+        p, q = tm[i].double(), sm[i].double()
+        kl = (p * (p.log() - q.log())).sum(-1).mean((0, 2))
+        m = (p + q) / 2
+        js = (0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)).mean((0, 2))
+        ent = -(q * q.log()).sum(-1).mean((0, 2))
+        cp, cq = p[:, :, 0, 1:], q[:, :, 0, 1:]
+        cp, cq = cp / cp.sum(-1, keepdim=True), cq / cq.sum(-1, keepdim=True)
+        mc = (cp + cq) / 2
+        cls_js = (0.5 * (cp * (cp / mc).log()).sum(-1) + 0.5 * (cq * (cq / mc).log()).sum(-1)).mean(0)
+        grid = teacher.patch_embed.grid_size
+        pos = torch.tensor(
+            [(r * 8.0, c * 8.0) for r in range(grid[0]) for c in range(grid[1])], dtype=torch.float64
+        )
+        dist = torch.cdist(pos, pos)
+        pq = q[:, :, 1:, 1:]
+        distance = ((pq / pq.sum(-1, keepdim=True)) * dist).sum(-1).mean((0, 2))
+        top_p, top_q = p.topk(topk, -1).indices, q.topk(topk, -1).indices
+        overlap = (top_p[..., :, None] == top_q[..., None, :]).any(-1).sum(-1) / topk
+        out.append(dict(kl=kl, js=js, entropy=ent, cls_js=cls_js, distance=distance, topk_all=overlap))
+    return out
+
+
+def test_walk_matches_explicit_maps_in_row_chunks():
+    teacher = peaked_teacher(depth=2)
+    student = randomize_qkv_rows(tiny_vit(depth=2, seed=5), range(2), "qk", seed=9)
+    x = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    # chunks of 4 rows over 17 tokens, two batches, probe rows = every row: nothing is seen whole
+    insp = compare_attention(teacher, {"s": student}, [x[:3], x[3:]], topk=3, chunk=4, probe_rows=17)
+    ref = _explicit_reference(teacher, student, x, topk=3)
+    for layer, r in zip(insp.students["s"], ref):
+        for key in ("kl", "js", "entropy", "cls_js", "distance"):
+            assert layer.metrics[key] == pytest.approx(r[key].tolist(), rel=2e-4, abs=1e-6), key
+        assert layer.metrics["topk"] == pytest.approx(r["topk_all"].mean((0, 2)).tolist(), abs=1e-6)
+    assert insp.images == 5 and insp.settings["probe_rows"] == 17
+
+
+def _permute_heads(model, layer, perm):
+    """A copy of ``model`` whose heads in ``layer`` are reordered: new head b is old head perm[b]."""
+    model = copy.deepcopy(model)
+    attn = model.blocks[layer].attn
+    h, d = attn.num_heads, attn.head_dim
+    idx = torch.cat([torch.arange(p * d, (p + 1) * d) for p in perm])
+    rows = torch.cat([idx + j * h * d for j in range(3)])
+    with torch.no_grad():
+        attn.qkv.weight.copy_(attn.qkv.weight[rows])
+        if attn.qkv.bias is not None:
+            attn.qkv.bias.copy_(attn.qkv.bias[rows])
+        attn.proj.weight.copy_(attn.proj.weight[:, idx])
+    return model
+
+
+def test_head_permutation_is_recovered_and_self_is_identity():
+    teacher = peaked_teacher(depth=3, qkv_bias=True)
+    perm = [2, 0, 1]
+    permuted = _permute_heads(teacher, 1, perm)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():  # the same function: only the order of the heads differs
+        torch.testing.assert_close(permuted.forward_features(x), teacher.forward_features(x))
+    insp = compare_attention(teacher, {"perm": permuted, "self": copy.deepcopy(teacher)}, [x], noise=0.1)
+    layer = insp.students["perm"][1]
+    assert sorted(map(tuple, layer.assignment["pairs"])) == sorted((a, b) for b, a in enumerate(perm))
+    assert layer.assignment["matched_cost"] < 1e-6 < 1e-3 < layer.assignment["identity_cost"]
+    assert not layer.assignment["is_identity"]
+    for rows in (insp.students["self"], [insp.students["perm"][0], insp.students["perm"][2]]):
+        for r in rows:
+            assert max(r.metrics["kl"]) < 1e-5 and max(r.metrics["js"]) < 1e-6
+            assert min(r.metrics["topk"]) == 1.0 and min(r.metrics["spearman"]) > 0.9999
+            assert r.assignment["is_identity"] and r.assignment["matched_cost"] < 1e-6
+    # the floor is above zero (noise moves the maps) and far below an unrelated student
+    floor = insp.teacher[1].mean["floor_js"]
+    assert 0 < floor < layer.mean["js"]
+
+
+def test_efficient_student_through_its_implicit_maps():
+    teacher = peaked_teacher(depth=2)
+    student = build_efficient_student(teacher, "hedgehog")
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    insp = compare_attention(teacher, {"hedgehog": student}, [x], chunk=5, probe_rows=17)
+    explicit = attention_maps(student, x)  # the layer's explicit attention_map, whole
+    t_maps = attention_maps(teacher, x)
+    for i, r in enumerate(insp.students["hedgehog"]):
+        assert r.attention == "hedgehog" and r.map_kind == "row_stochastic"
+        kl = row_kl(t_maps[i].double(), explicit[i].double()).mean((0, 2))
+        assert r.metrics["kl"] == pytest.approx(kl.tolist(), rel=1e-4, abs=1e-6)
+        assert r.mean["js"] > 0
+    hydra = build_efficient_student(teacher, "hydra")  # no map at all: said, not measured
+    rows = compare_attention(teacher, {"hydra": hydra}, [x]).students["hydra"]
+    assert all(not r.metrics and "no attention map" in r.note for r in rows)
+
+
+def test_grouped_teacher_heads_and_fewer_student_heads():
+    teacher = peaked_teacher(depth=2, num_heads=6, embed_dim=48)
+    student = tiny_vit(depth=2, num_heads=3, embed_dim=48, seed=4)
+    x = torch.randn(2, 3, 32, 32)
+    rows = compare_attention(teacher, {"s": student}, [x]).students["s"]
+    for r in rows:
+        assert len(r.metrics["kl"]) == 3 and len(r.js_cost) == 6 and len(r.js_cost[0]) == 3
+        tracked = sorted(a for heads in r.assignment["tracks"].values() for a in heads)
+        assert tracked == list(range(6))  # every teacher head is tracked by exactly one student head
+
+
+def test_agreement_sentence_reads_ratios_below_the_floor():
+    """A student closer than the noise floor reads e.g. "0.31x the floor", never "0x"."""
+    teacher = peaked_teacher(depth=2)
+    near = copy.deepcopy(teacher)
+    with torch.no_grad():
+        for block in near.blocks:
+            block.attn.qkv.weight.add_(1e-3 * torch.randn_like(block.attn.qkv.weight))
+    insp = inspect_models(teacher, {"near": near}, torch.randn(4, 3, 32, 32), noise=0.5)
+    floor = sum(t.mean["floor_js"] for t in insp.teacher) / len(insp.teacher)
+    js = sum(r.mean["js"] for r in insp.students["near"]) / len(insp.students["near"])
+    assert 0 < js < floor / 10
+    sentence = agreement_sentence(insp)
+    assert f"({js / floor:.2g}x the floor)" in sentence and "(0x the floor)" not in sentence
+
+
+# ------------------------------------------------------------------------------------------- pictures and reports
+def test_report_files_and_picture_sizes(tmp_path):
+    teacher = peaked_teacher(depth=2)
+    students = {"a": tiny_vit(depth=2, seed=7), "b": copy.deepcopy(teacher)}
+    x = torch.randn(3, 3, 32, 32)
+    insp = inspect_models(teacher, students, x, batch_size=2)
+    wrap = lambda m, name: LoadedModel(name, m, "test", mean=(0.5,) * 3, std=(0.5,) * 3)
+    files = write_report(
+        tmp_path, insp, wrap(teacher, "t"), {n: wrap(m, n) for n, m in students.items()}, x, picture_images=2
+    )
+    pngs = sorted(p.name for p in files if p.suffix == ".png")
+    # class-token grids per student and picture image, head matching per student, one rollout per picture
+    # image, the curves
+    assert pngs == sorted(
+        ["cls_maps_a_img0.png", "cls_maps_a_img1.png", "cls_maps_b_img0.png", "cls_maps_b_img1.png"]
+        + ["heads_a.png", "heads_b.png", "rollout_img0.png", "rollout_img1.png", "curves.png"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*pngs, "metrics.json", "report.md"])
+    assert Image.open(tmp_path / "cls_maps_a_img0.png").size == class_token_figure_size(2, 3 + 1 + 3)
+    assert Image.open(tmp_path / "rollout_img0.png").size == (800, 230)  # 4 panels: image, teacher, a, b
+    assert Image.open(tmp_path / "curves.png").size == (1600, 360)
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    assert data["specs"]["students"] == {"a": "a", "b": "b"} and len(data["teacher"]) == 2
+    assert [len(data["students"][n]) for n in ("a", "b")] == [2, 2]
+    assert "Head correspondence" in (tmp_path / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- runs and the CLI
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "attnxfer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def copy_run(tmp_path_factory):
+    """A micro teacher (exported), a second one, and a 2-step copy-mode run on animal-mnist with TensorBoard."""
+    root = tmp_path_factory.mktemp("inspect")
+    for name, seed in (("teacher", 0), ("other", 1)):
+        torch.manual_seed(seed)
+        t = randomize_qkv_rows(
+            create_vit("vit_micro_patch4_28", num_classes=10, depth=2, embed_dim=48), range(2)
+        )
+        export_student(t, root / name, card=ModelCardInfo(model_name=name, license="apache-2.0"))
+    res = _cli(
+        "train",
+        f"run_dir={root / 'copy'}",
+        "model.name=vit_micro_patch4_28",
+        "model.kwargs={depth: 2, embed_dim: 48}",
+        "data.batch_size=32",
+        "log.progress=false",
+        "schedule.max_steps=2",
+        "schedule.epochs=1",
+        "transfer.mode=copy",
+        f"teacher.spec=local-dir:{root / 'teacher'}",
+        "checkpoint.every_epoch=false",
+        "log.attention_images=2",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return root
+
+
+@pytest.mark.slow
+def test_training_writes_class_token_pictures_to_tensorboard(copy_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(copy_run / "copy" / "tb"))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["attention/cls_maps_0", "attention/cls_maps_1"]
+    image = events.Images("attention/cls_maps_0")[-1]
+    # 2 layers x (3 teacher heads + gap + 3 student heads) panels
+    assert (image.width, image.height) == class_token_figure_size(2, 7) and image.step == 2
+
+
+@pytest.mark.slow
+def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    res = _cli(
+        "inspect",
+        f"local-dir:{copy_run / 'teacher'}",
+        str(copy_run / "copy"),
+        "--data",
+        "animal_mnist",
+        "--num-images",
+        "6",
+        "--out",
+        str(out),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((out / "metrics.json").read_text())
+    for r in data["students"]["copy"]:  # a copy student attends with the teacher's maps: no divergence
+        assert r["borrowed"] == "qk" and r["mean"]["js"] < 1e-6 and r["assignment"]["is_identity"]
+    before = (out / "metrics.json").read_bytes()
+    teacher, run = f"local-dir:{copy_run / 'teacher'}", str(copy_run / "copy")
+    assert cli_main(["inspect", teacher, run, "--data", "animal_mnist", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "metrics.json").read_bytes() == before  # nothing saved is overwritten
+    other = f"local-dir:{copy_run / 'other'}"
+    assert cli_main(["inspect", other, run, "--data", "animal_mnist", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "copy-mode student trained with teacher" in err and "pass that teacher" in err
+    with pytest.raises(ValueError, match="can only be inspected with that teacher"):
+        load_model(str(copy_run / "copy"))
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["resnet18", "vit_tiny_patch16_224", "--random-weights", "--data", "synthetic"],
+            "not a timm VisionTransformer",
+        ),
+        pytest.param(  # builds two ViTs at 224 px: seconds
+            ["vit_tiny_patch16_224", "vit_small_patch32_224", "--random-weights", "--data", "synthetic"],
+            "differ from the teacher's",
+            marks=pytest.mark.slow,
+        ),
+        (["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights"], "no images to inspect"),
+        (
+            [
+                "vit_tiny_patch16_224",
+                "vit_tiny_patch16_224",
+                "--random-weights",
+                "--data",
+                "synthetic",
+                "--num-images",
+                "0",
+            ],
+            "--num-images must be at least 1",
+        ),
+        (
+            [
+                "vit_tiny_patch16_224",
+                "vit_tiny_patch16_224",
+                "--random-weights",
+                "--images",
+                "/nonexistent/a.png",
+            ],
+            "/nonexistent/a.png does not exist",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):
+    """In process (the CLI's own main, its own error handling): exit 2 and one `error:` line."""
+    assert cli_main(["inspect", *args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert [line for line in err.splitlines() if "error:" in line] == [err.strip().splitlines()[-1]]
+    assert err.strip().splitlines()[-1].startswith("attnxfer inspect: error:")
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_an_empty_image_batch_is_a_clear_error():
+    teacher = tiny_vit(depth=1)
+    with pytest.raises(ValueError, match="no images to inspect"):
+        inspect_models(teacher, {"s": teacher}, torch.zeros(0, 3, 32, 32))
+    with pytest.raises(ValueError, match="no images to inspect"):
+        compare_attention(teacher, {"s": InspectedStudent(teacher)}, [])
+
+
+# ------------------------------------------------------------------------------------------- --out and --overwrite
+@pytest.fixture(scope="module")
+def micro_teacher(tmp_path_factory):
+    """A one-layer micro ViT in export format: the fastest model `attnxfer inspect` can load."""
+    folder = tmp_path_factory.mktemp("micro") / "teacher"
+    torch.manual_seed(0)
+    model = create_vit("vit_micro_patch4_28", num_classes=10, depth=1, embed_dim=24, num_heads=2)
+    export_student(model, folder, card=ModelCardInfo(model_name="micro", license="apache-2.0"))
+    return f"local-dir:{folder}"
+
+
+def _inspect(spec: str, out: Path, *flags: str) -> int:
+    args = ["inspect", spec, spec, "--data", "synthetic", "--num-images", "2", "--floor-images", "1"]
+    return cli_main([*args, "--batch-size", "2", "--out", str(out), *flags])
+
+
+@pytest.mark.slow
+def test_overwrite_deletes_only_what_inspect_wrote(micro_teacher, tmp_path, capsys):
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"the user's own picture")
+    (out / "rollout_img7.png").write_bytes(b"a user's file with an inspect-like name")
+    assert _inspect(micro_teacher, out, "--pictures", "2") == 0
+    first = json.loads((out / "inspect-manifest.json").read_text())["files"]
+    assert {"rollout_img0.png", "rollout_img1.png", "metrics.json"} <= set(first)
+    assert "mine.png" not in first and "rollout_img7.png" not in first
+    assert _inspect(micro_teacher, out, "--pictures", "1", "--overwrite") == 0
+    names = {p.name for p in out.iterdir()}
+    assert not (out / "rollout_img1.png").exists()  # the first report's second picture: inspect's, gone
+    assert {"mine.png", "rollout_img7.png", "rollout_img0.png", "curves.png", "report.md"} <= names
+    assert (out / "mine.png").read_bytes() == b"the user's own picture"
+    assert (out / "rollout_img7.png").read_bytes() == b"a user's file with an inspect-like name"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.partial")]  # no staging left
+
+
+def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
+    micro_teacher, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C while the pictures are drawn (after metrics.json, before the rest): nothing reaches --out."""
+    import attnxfer.apps.inspect_pictures as pictures_app
+
+    drawn = []
+    real_save = pictures_app.save_figure
+
+    def interrupted_save(fig, path):
+        drawn.append(path)
+        if len(drawn) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread, here at a known point
+        return real_save(fig, path)
+
+    monkeypatch.setattr(pictures_app, "save_figure", interrupted_save)
+    out = tmp_path / "report"
+    assert _inspect(micro_teacher, out) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "nothing was written" in err and "run the same command again" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no report, no staging folder
+    monkeypatch.setattr(pictures_app, "save_figure", real_save)
+    assert _inspect(micro_teacher, out) == 0  # the advice holds: no "already holds an inspection"
+    assert (out / "metrics.json").exists() and (out / "curves.png").exists()

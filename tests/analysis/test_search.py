@@ -1,0 +1,337 @@
+"""attnxfer search: NSGA-II ranks and crowding by hand, the rejection protocol, the fitness against an explicit
+KL, and the command end to end (outputs, resume after a kill, refusals) on a tiny teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import peaked_teacher
+from safetensors.torch import load_file, save_file
+
+from attnxfer.launch import cli
+from attnxfer.launch.search_array import split_batches
+from attnxfer.search import (
+    CandidateEvaluator,
+    FitSettings,
+    SearchSettings,
+    SearchState,
+    SpeedSettings,
+    cache_teacher,
+    crowding_distance,
+    dominates,
+    pareto_ranks,
+    precheck,
+    run_search,
+    select_survivors,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+# ------------------------------------------------------------------------------------- Pareto, by hand
+#        A       B       G         C       D       E       F     (both objectives minimised)
+POINTS = [(1, 5), (2, 2), (3, 1.5), (4, 1), (3, 3), (2, 4), (5, 5)]
+
+
+def test_pareto_ranks_and_crowding_match_a_hand_worked_example():
+    # A, B, G, C: nobody is <= in both and < in one. B dominates D(3,3), E(2,4), F; G dominates D.
+    # Without rank 0, D and E do not dominate each other; both dominate F.
+    assert pareto_ranks(POINTS) == [0, 0, 0, 0, 1, 1, 2]
+    assert dominates((2, 2), (3, 3)) and not dominates((2, 2), (2, 2)) and not dominates((1, 5), (2, 2))
+    # Crowding in rank 0 (x range 3, y range 4): ends infinite; B: x (3-1)/3 + y (5-1.5)/4; G: x (4-2)/3 + y (2-1)/4
+    a, b, g, c = crowding_distance(POINTS[:4])
+    assert a == c == math.inf
+    assert b == pytest.approx(2 / 3 + 3.5 / 4) and g == pytest.approx(2 / 3 + 1 / 4)
+    # Survivors: rank 0 cut by crowding (A, C infinite, then B over G); then whole ranks.
+    assert sorted(select_survivors(POINTS, 3)) == [0, 1, 3]
+    assert sorted(select_survivors(POINTS, 6)) == [0, 1, 2, 3, 4, 5]
+    assert sorted(select_survivors(POINTS, 5)) == [0, 1, 2, 3, 4]  # D and E tie (infinite): lower index
+    assert split_batches(list("abcde"), 2) == [["a", "b", "c"], ["d", "e"]]
+    assert split_batches(list("ab"), 5) == [["a"], ["b"]]
+
+
+# ------------------------------------------------------------------------------------- fitness, rejection
+@pytest.fixture(scope="module")
+def tiny():
+    teacher = peaked_teacher(depth=2, qkv_bias=True).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(3)]
+    return teacher, cache_teacher(teacher, xs[:2], xs[2:], [0, 1]), xs[2]
+
+
+def _evaluator(tiny, **fit):
+    teacher, cache, _ = tiny
+    return CandidateEvaluator(
+        teacher, cache, FitSettings(**{"steps": 4, **fit}), SpeedSettings(tokens=65, mode="flops")
+    )
+
+
+def test_fit_kl_is_the_kl_of_explicit_maps_on_the_held_out_images(tiny):
+    """The search's score recomputed from first principles: with a negligible learning rate the candidate
+    is the unfitted copy, whose map is relu(q) relu(k)^T row-normalised; the teacher's is softmax(q k^T / sqrt d)
+    from the same cached q, k; KL per row, averaged over rows, heads, images and layers."""
+    _, cache, _ = tiny
+    result = _evaluator(tiny, steps=1, lr=1e-12)("formula:sum(relu)")
+    assert result["status"] == "ok" and len(result["kl_per_layer"]) == 2
+    expected = []
+    with torch.no_grad():
+        for i in (0, 1):
+            q, k = (cache.held_out[0][i][n].double() for n in ("q", "k"))
+            p = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1)
+            a = (torch.relu(q) + 1e-6) @ (torch.relu(k) + 1e-6).transpose(-1, -2)
+            a = a / a.sum(-1, keepdim=True)
+            expected.append(float((p * (p.log() - a.log())).sum(-1).mean()))
+    assert result["kl_per_layer"] == pytest.approx(expected, rel=1e-4)
+    assert result["kl"] == pytest.approx(sum(expected) / 2, rel=1e-4)
+    assert result["speed"] == pytest.approx(result["softmax_flops"] / result["flops"])
+    # fitting lowers it, and the same candidate fitted again (same seed, same batches) scores the same
+    fitted = _evaluator(tiny)("formula:sum(relu)")
+    assert fitted["kl"] < result["kl"]
+    assert _evaluator(tiny)("formula:sum(relu)")["kl"] == fitted["kl"]
+
+
+@pytest.mark.slow
+def test_rejection_protocol_records_every_rejection_with_its_reason(tiny):
+    # before training: syntax, check_formula, signed normalisation
+    assert "position 8" in precheck("sum(relu", 16, (4, 4))[1]
+    assert "signed features" in precheck("formula:sum(neg)", 16, (4, 4))[1]
+    assert "signed map" in precheck("formula:len(relu)", 16, (4, 4))[1]
+    assert "larger than the 4x4 token grid" in precheck("formula:sum(relu+win(7))", 16, (4, 4))[1]
+    assert "covers the whole 4x4 token grid" in precheck("formula:sum(relu+win(4))", 16, (4, 4))[1]
+    assert precheck("formula:sum(relu+win(3))", 16, (4, 4)) == ("formula:sum(relu+win(3))", None)
+    assert precheck("formula:sum( relu )", 16, (4, 4)) == ("formula:sum(relu)", None)
+    # at fit time: stage 1 diverges (NaN/inf) -> recorded, not raised, not dropped
+    diverging = _evaluator(tiny, lr=1e6, clip_grad=None)("formula:sum(square.square)")
+    assert diverging["status"] == "rejected" and "non-finite" in diverging["reason"]
+
+    calls: list[str] = []
+    evaluator = _evaluator(tiny)
+
+    def evaluate(names):
+        calls.extend(names)
+        return [evaluator(n) for n in names]
+
+    seeds = {
+        "ok": "formula:sum(relu)",
+        "same": "sum(relu)",  # the same canonical formula: a duplicate
+        "signed": "formula:sum(neg)",
+        "local": "formula:sum(relu+win(7))",
+    }
+    settings = SearchSettings(population=4, offspring=4, generations=2, head_dim=16, grid=(4, 4), seeds=seeds)
+    state = run_search(SearchState(), settings, evaluate, log=lambda _: None)
+    # nothing is evaluated twice, nothing rejected before training is evaluated at all
+    assert len(calls) == len(set(calls))
+    rejected = {n: c["reason"] for n, c in state.candidates.items() if c["status"] == "rejected"}
+    assert not set(rejected) & {n for n in calls if rejected.get(n, "").startswith("before training")}
+    assert "formula:sum(neg)" in rejected and "formula:sum(relu+win(7))" in rejected
+    assert all(c["status"] in ("ok", "rejected") for c in state.candidates.values())
+    assert all(c["reason"] for c in state.candidates.values() if c["status"] == "rejected")
+    assert state.generation == 2 and 1 <= len(state.population) <= 4
+    # every candidate in the state came from a recorded generation, with its origin and parents
+    origins = {c["origin"].split(":")[0] for c in state.candidates.values()}
+    assert "zoo" in origins and origins <= {"zoo", "random", "mutation", "crossover"}
+
+
+# ------------------------------------------------------------------------------------- the command
+def _args(run_dir, teacher_dir, *extra):
+    return [
+        "search",
+        f"run_dir={run_dir}",
+        f"teacher.spec=local-dir:{teacher_dir}",
+        "data.dataset=synthetic",
+        "data.synthetic_length=64",
+        "data.batch_size=8",
+        "search.population=4",
+        "search.offspring=3",
+        "search.generations=2",
+        "search.fit_steps=3",
+        "search.fit_batches=2",
+        "search.held_out_images=8",
+        "search.target_tokens=65",
+        "search.speed=flops",
+        "log.progress=false",
+        *extra,
+    ]
+
+
+def _deterministic(path: Path) -> list[dict]:
+    """candidates.jsonl without the wall-clock fields."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_teacher_dir):
+    run = tmp_path_factory.mktemp("search") / "run"
+    assert cli.main(_args(run, tiny_teacher_dir)) == 0
+    return run
+
+
+@pytest.mark.slow
+def test_search_command_writes_every_output(finished, capsys):
+    run = finished
+    for name in ("state.json", "candidates.jsonl", "pareto.md", "pareto.png"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
+    state = json.loads((run / "state.json").read_text())
+    assert state["state"]["generation"] == 2
+    assert len(rows) == len({r["formula"] for r in rows}) >= 6  # the zoo, then children; no duplicates
+    zoo = {r["origin"] for r in rows if r["origin"].startswith("zoo:")}
+    assert {"zoo:relu_linear", "zoo:hedgehog", "zoo:window_linear"} <= zoo
+    # win(7)/conv(5) do not fit the tiny 4x4 grid: rejected before training, with the reason
+    window = next(r for r in rows if r["origin"] == "zoo:window_linear")
+    assert window["status"] == "rejected" and "4x4 token grid" in window["reason"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert all(math.isfinite(r["kl"]) and r["speed"] > 0 for r in ok)
+    md = (run / "pareto.md").read_text()
+    # the front in the report is exactly the non-dominated set of the fitted candidates
+    front = [r for r, rank in zip(ok, pareto_ranks([(r["kl"], -r["speed"]) for r in ok])) if rank == 0]
+    table = md.split("## Pareto front")[1].split("##")[0]
+    assert sorted(line.split("`")[1] for line in table.splitlines() if line.startswith("| `")) == sorted(
+        r["formula"] for r in front
+    )
+    assert "attnxfer convert -c convert/demo_hedgehog" in md and "'convert.attention=formula:" in md
+    # a rerun of a finished search changes nothing and says so
+    before = (run / "candidates.jsonl").read_text()
+    capsys.readouterr()
+    assert cli.main(_args(run, Path(state["config"]["teacher"]["spec"][len("local-dir:") :]))) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert (run / "candidates.jsonl").read_text() == before
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, tiny_teacher_dir):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PY, "-m", "attnxfer", *_args(run, tiny_teacher_dir)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    state_file, deadline = run / "state.json", time.monotonic() + 240
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state_file.is_file():
+            generation = json.loads(state_file.read_text())["state"]["generation"]
+            if generation >= 0:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = generation
+                break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert killed_at is not None and killed_at < 2, "the search finished before it could be killed"
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    assert f"after generation {killed_at}" in res.stdout
+    assert _deterministic(run / "candidates.jsonl") == _deterministic(finished / "candidates.jsonl")
+    a, b = (json.loads((r / "state.json").read_text())["state"] for r in (run, finished))
+    assert a["population"] == b["population"] and a["duplicates"] == b["duplicates"]
+
+
+@pytest.mark.slow
+def test_changed_config_on_resume_is_refused(finished, tiny_teacher_dir, capsys):
+    before = (finished / "state.json").read_text()
+    code = cli.main(_args(finished, tiny_teacher_dir, "search.fit_steps=5"))
+    err = capsys.readouterr().err
+    assert code == 2 and "search.fit_steps (3 -> 5)" in err and "run_dir=" in err and "Traceback" not in err
+    assert (finished / "state.json").read_text() == before
+
+
+def test_budget_that_cannot_fit_one_candidate_is_refused_before_starting(tmp_path, tiny_teacher_dir, capsys):
+    run = tmp_path / "run"
+    code = cli.main(_args(run, tiny_teacher_dir, "search.time_budget_min=0.00001"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("attnxfer search: error: search.time_budget_min=1e-05")
+    assert "cannot fit one candidate" in err and "Raise search.time_budget_min" in err
+    assert not run.exists()
+
+
+def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, capsys):
+    run = tmp_path / "run"
+    code = cli.main(_args(run, tiny_teacher_dir, "search.seeds=['sum(relu)', 'sum(relu.)']"))
+    err = capsys.readouterr().err
+    assert code == 2 and "search.seeds[1]" in err and "position 9" in err and "expected" in err
+    assert "Traceback" not in err and not run.exists()
+
+
+@pytest.mark.slow
+def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refused(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    """The teacher is judged by the sha256 state.json records, not by the spec's spelling."""
+    monkeypatch.chdir(tiny_teacher_dir.parent)
+    run = tmp_path / "run"
+    relative = Path(tiny_teacher_dir.name)
+    assert cli.main(_args(run, relative, "search.generations=0")) == 0
+    state = json.loads((run / "state.json").read_text())
+    assert state["config"]["teacher"]["spec"] == f"local-dir:{relative}"
+    recorded = state["teacher"]["sha256"]
+    capsys.readouterr()
+    assert cli.main(_args(run, tiny_teacher_dir.resolve(), "search.generations=1")) == 0  # absolute spelling
+    out = capsys.readouterr().out
+    assert "resuming" in out and "after generation 0" in out and "teacher.spec (" in out
+    assert json.loads((run / "state.json").read_text())["state"]["generation"] == 1
+    # the same files with one weight changed: another teacher, refused before anything is written
+    other = tmp_path / "other"
+    shutil.copytree(tiny_teacher_dir, other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    save_file(weights, str(other / "model.safetensors"))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    code = cli.main(_args(run, other, "search.generations=2"))
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert recorded in line and "another teacher" in line and "sha256" in line.split(recorded)[1]
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize(
+    ("override", "accepted"),
+    [
+        ("search.min_speed=2", True),  # declared search_resumable (a training resume could not change it)
+        ("log.every_steps=7", True),  # through its section: section(LogConfig, search_resumable=True)
+        ("data.num_workers=2", True),
+        ("optim.lr=0.5", False),  # a training resume may change it; a search's candidates were fitted with it
+        ("search.fit_steps=5", False),
+    ],
+)
+def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(tmp_path, override, accepted):
+    """The search's resume rule is read off the schema (``key(..., search_resumable=True)``), not a table of
+    its own, and is not the training run's rule (`RESUMABLE_KEYS`)."""
+    from attnxfer.apps.search import _load_state
+    from attnxfer.config import RESUMABLE_KEYS, SEARCH_RESUMABLE_KEYS, ConfigError, load_config, to_dict
+    from attnxfer.search import SearchState
+
+    name = override.split("=")[0]
+    assert (name in SEARCH_RESUMABLE_KEYS) is accepted and (name in RESUMABLE_KEYS) is not name.startswith(
+        "search"
+    )
+    recorded = load_config(overrides=[f"run_dir={tmp_path}"])
+    state = {
+        "version": 1,
+        "config": to_dict(recorded),
+        "teacher": None,
+        "state": SearchState(generation=0).to_dict(),
+    }
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    changed = load_config(overrides=[f"run_dir={tmp_path}", override])
+    lines: list[str] = []
+    if accepted:
+        assert _load_state(changed, tmp_path, lines.append).generation == 0
+        assert lines[0].startswith("search: changed since generation 0: " + name)
+    else:
+        with pytest.raises(ConfigError, match=f"different values for: {name} "):
+            _load_state(changed, tmp_path, lines.append)
+        assert not lines

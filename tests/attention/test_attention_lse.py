@@ -1,0 +1,119 @@
+"""Softmax attention that hands out its log-sum-exp (the ``attention_lse`` distillation path).
+
+The CPU runs the twin backend (SDPA + chunked log-sum-exp) with gradients, and FlexAttention's forward in
+eager mode (torch has no FlexAttention backward on CPU); both against explicit maps. Where CUDA exists the
+compiled FlexAttention backend is checked against the twin in value and gradient (that test is defined
+only there: a CPU machine does not collect it, rather than skipping it).
+"""
+
+import pytest
+import torch
+from helpers import assert_same_distill_step, distill_step_on, peaked_teacher, tiny_vit
+
+from attnxfer.models.attention import AttentionIO, attention_io, attention_with_lse, transferable_attentions
+from attnxfer.models.attention.lse import (
+    LSEBackend,
+    flex_attention_available,
+    flex_attention_with_lse,
+    lse_backend_for,
+    row_logsumexp,
+)
+from attnxfer.models.efficient import build_efficient_student
+from attnxfer.transfer.losses import CE_PATHS, CEPath
+
+
+def _qkv(B=2, H=3, N=21, d=8, seed=0, scale=1.5, device="cpu", dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(B, H, N, d, generator=g) * scale).to(device, dtype) for _ in range(3)]
+
+
+def _explicit(q, k, v):
+    logits = (q.double() @ k.double().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return torch.softmax(logits, -1) @ v.double(), torch.logsumexp(logits, -1)
+
+
+def test_twin_backend_values_and_gradients_match_explicit_maps():
+    q, k, v = (t.double().requires_grad_() for t in _qkv())
+    out, lse = attention_with_lse(q, k, v, backend="twin")
+    ref_out, ref_lse = _explicit(q, k, v)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(lse, ref_lse)
+    w_out, w_lse = torch.randn_like(out), torch.randn_like(lse)
+    got = torch.autograd.grad((out * w_out).sum() + (lse * w_lse).sum(), [q, k, v])
+    want = torch.autograd.grad((ref_out * w_out).sum() + (ref_lse * w_lse).sum(), [q, k, v])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_forward_in_eager_mode_matches_explicit_maps():
+    """FlexAttention's own forward (eager: torch's reference implementation) gives the explicit output and
+    the natural-log log-sum-exp our loss assumes."""
+    assert flex_attention_available()
+    q, k, v = _qkv(N=33, d=16)
+    with torch.no_grad():
+        out, lse = flex_attention_with_lse(q, k, v, scale=16**-0.5, compiled=False)
+    ref_out, ref_lse = _explicit(q, k, v)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_one_place_picks_the_backend():
+    assert lse_backend_for("cpu") is LSEBackend.TWIN
+    assert lse_backend_for("cuda") is (LSEBackend.FLEX if flex_attention_available() else LSEBackend.TWIN)
+    assert lse_backend_for("cuda", dropout_p=0.1) is LSEBackend.TWIN  # flex has no attention dropout
+    with pytest.raises(ValueError, match="no attention dropout"):
+        attention_with_lse(*_qkv(), dropout_p=0.1, backend="flex")
+
+
+def test_row_logsumexp_keeps_input_dtype_for_gradients():
+    q, k, _ = _qkv()
+    q, k = q.bfloat16().requires_grad_(), k.bfloat16().requires_grad_()
+    lse = row_logsumexp(q, k, chunk=4)
+    assert lse.dtype == torch.float32
+    gq, gk = torch.autograd.grad(lse.sum(), [q, k])
+    assert gq.dtype == gk.dtype == torch.bfloat16
+
+
+def test_only_softmax_layers_hand_out_a_log_sum_exp():
+    student = build_efficient_student(tiny_vit(depth=1), "relu_linear")
+    attn = transferable_attentions(student)[0]
+    with (
+        pytest.raises(TypeError, match="not a softmax attention"),
+        attention_io(attn, AttentionIO(return_lse=True)),
+    ):
+        student(torch.randn(1, 3, 32, 32))
+
+
+# the triton path needs CUDA or TRITON_INTERPRET=1: tests/objectives/test_triton_ce.py runs TeacherStudent with it
+@pytest.mark.parametrize("path", [p for p in CE_PATHS if p is not CEPath.TRITON])
+def test_every_ce_path_gives_the_same_distillation_step(path):
+    """TeacherStudent with each CE path: the same per-layer CE and student gradients as the rows path (which
+    tests/objectives/test_teacher_student.py holds against explicit maps); with attention_lse every distilled softmax layer hands
+    out its log-sum-exp (the loss refuses to run without it)."""
+    teacher, x = peaked_teacher(depth=2), torch.randn(3, 3, 32, 32)
+    assert_same_distill_step(distill_step_on(path, teacher, x), distill_step_on("rows", teacher, x))
+
+
+def _flex_backend_matches_the_twin(device):
+    """Compiled FlexAttention (bf16, as training runs) against the twin in fp32: outputs and the
+    log-sum-exp, and gradients through both (grad_logsumexp included)."""
+    q, k, v = _qkv(B=2, H=6, N=197, d=64, device=device, scale=1.0)
+    w_out = torch.randn(2, 6, 197, 64, device=device)
+    w_lse = torch.randn(2, 6, 197, device=device)
+    res = {}
+    for backend, dtype in (("flex", torch.bfloat16), ("twin", torch.float32)):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out, lse = attention_with_lse(*leaves, backend=backend)
+        loss = (out.float() * w_out).sum() + (lse * w_lse).sum()
+        res[backend] = (out.float(), lse, [g.float() for g in torch.autograd.grad(loss, leaves)])
+    torch.testing.assert_close(res["flex"][0], res["twin"][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(res["flex"][1], res["twin"][1], rtol=1e-2, atol=1e-2)
+    for a, b in zip(res["flex"][2], res["twin"][2]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item())
+
+
+if torch.cuda.is_available():  # a GPU machine (the lent H100: benchmarks/gpu_suite.sh runs it); CI has none
+
+    def test_flex_backend_matches_the_twin_on_cuda():
+        _flex_backend_matches_the_twin("cuda")

@@ -1,0 +1,51 @@
+"""`attnxfer convert --help` lists every registered zoo attention with what a rope teacher does to its map
+kind: the answers the attention classes declare themselves (`rope_keeps_map_kind`, `rope_why`, gathered by
+`rope_support`), read from their source files without importing torch (tests/cli/test_cli_startup.py keeps
+`--help` light), and the rope families as their files declare them."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnxfer.launch.cli import main
+from attnxfer.launch.rope_help import rope_families, rope_support_from_source
+from attnxfer.models.attention import families
+from attnxfer.models.efficient.base import rope_support
+
+
+def _help_rows(text: str) -> dict[str, tuple[str, str]]:
+    """name -> (answer, why) from the help's rope table (a row's wrapped lines joined)."""
+    table = text.split("(no: a rope teacher is refused for that attention, with the reason below)\n", 1)[1]
+    rows: dict[str, list[str]] = {}
+    for line in table.splitlines():
+        if line.startswith("  ") and not line.startswith("   "):
+            name, answer, why = line.split(maxsplit=2)
+            rows[name] = [answer, why]
+        elif line.strip():
+            rows[name][1] += " " + line.strip()
+    return {name: (answer, why) for name, (answer, why) in rows.items()}
+
+
+def test_convert_help_names_each_attention_with_its_rope_answer(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["convert", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    rows = _help_rows(text)
+    declared = rope_support()
+    assert set(rows) == set(declared)
+    for name, (keeps, why) in declared.items():
+        assert rows[name] == ("yes" if keeps else "no", " ".join(why.split())), name
+    for family in families():
+        assert (family.title in text) == family.rope, family.name
+
+
+def test_the_source_reading_finds_what_the_classes_declare():
+    """Every registered zoo attention, with its declaration as the imported class has it (inherited ones
+    included); a declaration that is not a literal would show up here by name."""
+    assert rope_support_from_source() == rope_support()
+    assert rope_families() == sorted((f.title for f in families() if f.rope), key=_file_order)
+
+
+def _file_order(title: str) -> str:
+    return next(f.name for f in families() if f.title == title)

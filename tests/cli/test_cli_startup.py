@@ -1,0 +1,101 @@
+"""An instant CLI: `--help`, every subcommand's `--help` and every argument or config error answer without
+importing torch or timm (which take seconds and a gigabyte); the library's public names still import."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import attnxfer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: (argv, exit code, a piece of what the user reads)
+CASES = [
+    (["--help"], 0, "usage: attnxfer"),
+    (["--version"], 0, "attnxfer 0."),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    (["train", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["export"], 2, "the following arguments are required: run_dir, out_dir"),
+    (["train", "bogus.key=1"], 2, "unknown config key 'bogus'"),
+    (["train", "-c", "no/such_recipe"], 2, "does not exist"),
+    (["convert", "optim.lr=-1"], 2, "optim.lr"),
+    (["submit", "--nodes", "two"], 2, "invalid int value: 'two'"),
+    (["inspect", "t", "s", "--num-images", "0"], 2, "--num-images must be at least 1, got 0"),
+    (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
+]
+COMMANDS = ["train", "pretrain", "eval", "demo", "convert", "search", "submit", "export", "inspect", "fetch"]
+
+# One interpreter runs every case (each through `main`, as the `attnxfer` script does) and reports after
+# each which of the heavy modules are loaded: the first case that imports torch is named.
+_PROBE = """
+import contextlib, io, json, sys
+from attnxfer.launch.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    heavy = sorted(m for m in ("torch", "timm", "torchvision", "submitit") if m in sys.modules)
+    out.append({"argv": argv, "code": code, "text": text.getvalue(), "heavy": heavy})
+print(json.dumps(out))
+"""
+
+
+def _probe(argvs: list[list[str]]) -> list[dict]:
+    run = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(argvs)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(run.stdout)
+
+
+def test_help_and_argument_errors_import_neither_torch_nor_timm():
+    argvs = [argv for argv, _, _ in CASES] + [[cmd, "--help"] for cmd in COMMANDS]
+    results = _probe(argvs)
+    for (argv, code, says), r in zip(CASES, results, strict=False):
+        assert r["code"] == code, (argv, r)
+        assert says in r["text"], (argv, r["text"])
+    for cmd, r in zip(COMMANDS, results[len(CASES) :], strict=True):
+        assert r["code"] == 0 and f"usage: attnxfer {cmd}" in r["text"], r
+    loaded = [(r["argv"], r["heavy"]) for r in results if r["heavy"]]
+    assert not loaded, f"first case that imported a heavy module: {loaded[0]}"
+
+
+@pytest.mark.slow
+def test_bare_import_is_light_and_every_public_name_still_imports():
+    code = (
+        "import sys, attnxfer; light = 'torch' not in sys.modules and 'timm' not in sys.modules; "
+        "from attnxfer import build_plan; print(light, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True"], out.stdout + out.stderr
+    from attnxfer import checkpoints, models, sources, transfer
+
+    homes = {"checkpoints": checkpoints, "models": models, "sources": sources, "transfer": transfer}
+    for name in attnxfer.__all__:
+        if name == "__version__":
+            continue
+        value = getattr(attnxfer, name)
+        assert any(getattr(home, name, None) is value for home in homes.values()), name
+    namespace: dict = {}
+    exec("from attnxfer import *", namespace)
+    assert set(attnxfer.__all__) <= set(namespace)
+    assert set(attnxfer.__all__) <= set(dir(attnxfer))
+    code = "import attnxfer; print(attnxfer.models.create_vit is attnxfer.create_vit, attnxfer.config.TrainConfig)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("True <class 'attnxfer.config.schema.TrainConfig'>"), out.stdout + out.stderr
+    try:
+        attnxfer.no_such_name  # noqa: B018
+    except AttributeError as e:
+        assert "no_such_name" in str(e)
+    else:
+        raise AssertionError("an unknown attribute must raise AttributeError")

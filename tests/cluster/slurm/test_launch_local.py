@@ -1,0 +1,288 @@
+"""attnxfer.launch without a SLURM cluster: options, CLI, dry runs, and real local process groups."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from toy_training import ToyConfig, final_weights, reference_weights, toy_main
+
+from attnxfer.launch.slurm import (
+    SlurmOptions,
+    add_slurm_arguments,
+    build_executor,
+    options_from_args,
+    parse_key_values,
+    parse_sweep,
+    parse_time_minutes,
+    render_dry_run,
+    submit,
+    sweep_points,
+    wait,
+)
+from attnxfer.train.distributed import DistributedInfo, cleanup_distributed, init_distributed
+
+ROOT = Path(__file__).resolve().parents[3]
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ---- process groups for real -----------------------------------------------------------------
+@pytest.mark.slow
+def test_init_distributed_under_torchrun_joins_ranks_that_talk(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV and not k.startswith("SUBMITIT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "tests/cluster/slurm/toy_training.py"),
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in records] == [0, 1]
+    assert [r["local_rank"] for r in records] == [0, 1]
+    assert all(r["world_size"] == 2 and r["local_world_size"] == 2 for r in records)
+    assert all(r["sum"] == 3.0 for r in records)  # 1 + 2: each rank saw the other's value
+    assert all(r["backend"] == "gloo" for r in records)
+
+
+def test_single_process_needs_no_process_group(monkeypatch):
+    for k in TORCHRUN_ENV + ("SUBMITIT_EXECUTOR",):
+        monkeypatch.delenv(k, raising=False)
+    info = init_distributed()
+    assert info == DistributedInfo() and not info.is_distributed and info.is_main_process
+    assert not torch.distributed.is_initialized()
+    cleanup_distributed()  # safe without a group
+
+
+def test_distributed_info_rejects_inconsistent_environment(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="RANK=2 is outside"):
+        DistributedInfo.from_environment()
+    monkeypatch.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="must be integers"):
+        DistributedInfo.from_environment()
+
+
+@pytest.mark.slow
+def test_local_cluster_runs_the_same_task_with_two_ranks(tmp_path):
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"))
+    opts = SlurmOptions(cluster="local", tasks_per_node=2, time=5)
+    jobs = submit(toy_main, cfg, opts, echo=lambda _: None)
+    [results] = wait(jobs, timeout=120)
+    assert [r["rank"] for r in results] == [0, 1] and all(r["world_size"] == 2 for r in results)
+    ref = reference_weights(cfg)
+    for rank in range(2):
+        torch.testing.assert_close(
+            final_weights(cfg.run_dir, rank)["weight"], ref["weight"], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_debug_cluster_runs_in_this_process(tmp_path):
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=3)
+    [job] = submit(toy_main, cfg, SlurmOptions(cluster="debug"), echo=lambda _: None)
+    [[result]] = wait(job)
+    assert result["world_size"] == 1 and result["steps_run"] == 3
+
+
+# ---- options and command line ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "value, minutes",
+    [
+        (90, 90),
+        ("90", 90),
+        ("1:30", 2),
+        ("01:30:00", 90),
+        ("2-12", 3600),
+        ("1-00:00:01", 1441),
+        ("1-02:03", 1563),
+    ],
+)
+def test_time_limits_in_sbatch_formats(value, minutes):
+    assert parse_time_minutes(value) == minutes
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "1:2:3:4", "-5", ""])
+def test_bad_time_limits_say_what_is_expected(value):
+    with pytest.raises(ValueError, match="time"):
+        parse_time_minutes(value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(gpus_per_node=4, tasks_per_node=2), "one task per GPU"),
+        (dict(cluster="kubernetes"), "cluster must be one of"),
+        (dict(cluster="local", nodes=2), "nodes=1"),
+        (dict(mem="lots"), "mem must look like"),
+        (dict(extra={"output": "x.log"}), "submitit manages them"),
+        (dict(nodes=0), "nodes must be >= 1"),
+        (dict(max_requeues=-1), "max_requeues"),
+    ],
+)
+def test_bad_options_are_rejected_with_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SlurmOptions(**kwargs)
+
+
+def test_one_task_per_gpu():
+    assert SlurmOptions(nodes=2, gpus_per_node=8).num_tasks == 16
+    assert SlurmOptions(nodes=2, tasks_per_node=3).num_tasks == 6
+    assert SlurmOptions().num_tasks == 1
+
+
+def test_cli_flags_become_options():
+    parser = add_slurm_arguments(argparse.ArgumentParser())
+    ns = parser.parse_args(
+        [
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "8",
+            "--cpus-per-task",
+            "10",
+            "--mem",
+            "0",
+            "--time",
+            "1-00:00:00",
+            "--partition",
+            "gpu",
+            "--account",
+            "lab",
+            "--qos",
+            "high",
+            "--constraint",
+            "a100",
+            "--exclude",
+            "n[1-3]",
+            "--slurm",
+            "mail-type=END",
+            "--slurm",
+            "mail_user=me@x",
+            "--job-dir",
+            "/jobs",
+            "--name",
+            "vitb",
+            "--array-parallelism",
+            "4",
+            "--max-requeues",
+            "5",
+            "--sweep",
+            "optim.lr=1e-3,1e-4",
+            "--dry-run",
+        ]
+    )
+    opts = options_from_args(ns)
+    assert opts == SlurmOptions(
+        nodes=2,
+        gpus_per_node=8,
+        cpus_per_task=10,
+        mem="0",
+        time="1-00:00:00",
+        partition="gpu",
+        account="lab",
+        qos="high",
+        constraint="a100",
+        exclude="n[1-3]",
+        extra={"mail-type": "END", "mail-user": "me@x"},
+        job_dir="/jobs",
+        name="vitb",
+        array_parallelism=4,
+        max_requeues=5,
+    )
+    assert opts.timeout_min == 1440
+    assert parse_sweep(ns.sweep) == {"optim.lr": ["1e-3", "1e-4"]} and ns.dry_run
+
+
+@pytest.mark.parametrize("items, message", [(["novalue"], "KEY=VALUE"), (["a=1", "a=2"], "twice")])
+def test_bad_key_values(items, message):
+    with pytest.raises(ValueError, match=message):
+        parse_key_values(items)
+
+
+def test_bad_sweep_values():
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_sweep(["lr=0.1,,0.2"])
+
+
+def test_sweep_points_are_the_cartesian_product_with_own_run_dirs(tmp_path):
+    cfg = ToyConfig(run_dir=str(tmp_path))
+    points = sweep_points(cfg, {"lr": ["0.1", "0.2"], "seed": [0, 1]})
+    assert [(p.cfg.lr, p.cfg.seed) for p in points] == [(0.1, 0), (0.1, 1), (0.2, 0), (0.2, 1)]
+    assert [Path(p.run_dir).name for p in points] == [
+        "000_lr=0.1_seed=0",
+        "001_lr=0.1_seed=1",
+        "002_lr=0.2_seed=0",
+        "003_lr=0.2_seed=1",
+    ]
+    assert all(Path(p.run_dir).parent == tmp_path for p in points)
+    assert sweep_points(cfg, None)[0].cfg is cfg
+    with pytest.raises(TypeError, match="with_overrides"):
+        sweep_points({"run_dir": "x"}, None)
+
+
+def test_dry_run_prints_the_sbatch_script_and_configs_without_submitting(tmp_path):
+    cfg = ToyConfig(run_dir=str(tmp_path / "run"))
+    opts = SlurmOptions(
+        nodes=2,
+        gpus_per_node=4,
+        cpus_per_task=8,
+        mem="64G",
+        time="01:30:00",
+        partition="gpu",
+        account="lab",
+        qos="high",
+        constraint="a100",
+        exclude="n7",
+        extra={"mail-type": "END"},
+        name="vitb-copy",
+        max_requeues=2,
+    )
+    printed = []
+    assert submit(toy_main, cfg, opts, sweep={"lr": ["0.1", "0.2"]}, dry_run=True, echo=printed.append) == []
+    [text] = printed
+    for line in [
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=4",
+        "#SBATCH --gpus-per-node=4",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --mem=64G",
+        "#SBATCH --time=90",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --constraint=a100",
+        "#SBATCH --exclude=n7",
+        "#SBATCH --mail-type=END",
+        "#SBATCH --job-name=vitb-copy",
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --array=0-1%2",
+        "--kill-on-bad-exit=1",
+        "-m submitit.core._submit",
+    ]:
+        assert line in text, line
+    assert text.count("ToyConfig(") == 2 and "lr=0.2" in text  # both resolved configs
+    assert not (tmp_path / "run").exists()  # nothing written, nothing submitted
+
+
+def test_dry_run_for_the_local_executor_has_no_sbatch_script(tmp_path):
+    text = render_dry_run(ToyConfig(run_dir=str(tmp_path)), SlurmOptions(cluster="local", tasks_per_node=2))
+    assert "#SBATCH" not in text and "local executor" in text and "ToyConfig(" in text
+
+
+def test_slurm_executor_without_srun_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # a real PATH lookup that finds no srun
+    with pytest.raises(RuntimeError, match="--cluster local"):
+        build_executor(SlurmOptions(), tmp_path)

@@ -1,0 +1,304 @@
+"""`attnxfer submit` with the real training engine on the loopback SLURM cluster (see conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnxfer.launch import cli
+from attnxfer.launch.slurm import slurm_job_info
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[3]
+# generous bounds on every wait (they count time in the queue on a machine busy with other tests): they cost
+# time only when a test fails
+WAIT_S = 300
+TINY = [
+    "transfer.mode=none",
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "model.drop_path_rate=0.0",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "checkpoint.every_epoch=false",
+    "deterministic=true",
+]
+
+
+def _attnxfer(*args, timeout=WAIT_S):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "attnxfer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def _in_process(*args: str) -> int:
+    """A local reference run through the CLI's own entry point, in this process: no interpreter start-up,
+    and one torch thread, as each rank of the jobs has (--cpus-per-task 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli.main(list(args))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _final(run_dir: Path):
+    ckpt = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    return (
+        ckpt.name,
+        load_file(str(ckpt / "model.safetensors")),
+        json.loads((ckpt / "state.json").read_text()),
+    )
+
+
+COMMON = [*TINY, "schedule.max_steps=4", "checkpoint.every_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """What both layouts must reproduce: one process on the whole global batch of 32."""
+    run = tmp_path_factory.mktemp("one-process") / "one"
+    assert _in_process("train", f"run_dir={run}", *COMMON, "data.batch_size=32") == 0
+    return run
+
+
+@pytest.mark.parametrize("nodes,tasks", [(1, 2), (2, 1)])
+def test_submit_trains_on_two_ranks_like_one_process(slurm, tmp_path, one_process_run, nodes, tasks):
+    job = _attnxfer(
+        "submit",
+        f"run_dir={tmp_path / 'job'}",
+        *COMMON,
+        "data.batch_size=16",
+        "--nodes",
+        str(nodes),
+        "--tasks-per-node",
+        str(tasks),
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+    )
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    assert "scancel" in job.stdout and "tail -f" in job.stdout  # how to follow and cancel
+    name_j, w_job, state = _final(tmp_path / "job")
+    name_1, w_one, _ = _final(one_process_run)
+    assert name_j == name_1 == "step-00000004"
+    assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1  # both ranks identical
+    for k in w_one:
+        torch.testing.assert_close(w_job[k], w_one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
+    run = tmp_path / "job"
+    steps = 60  # the requeue lands after step 10: 50 steps of margin on a busy machine
+    sub = _attnxfer(
+        "submit",
+        f"run_dir={run}",
+        *TINY,
+        f"schedule.max_steps={steps}",
+        "checkpoint.every_steps=5",
+        "checkpoint.keep_last=20",
+        "data.batch_size=16",
+        "--tasks-per-node",
+        "1",
+        "--time",
+        "5",
+    )
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
+    deadline = time.monotonic() + WAIT_S
+    while not (run / "checkpoints" / "step-00000010").exists():
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        info = slurm_job_info(job_id)
+        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
+        time.sleep(0.5)
+    assert info["JobState"] == "COMPLETED", info
+    assert int(info.get("Restarts", 0)) >= 1
+    name, _, state = _final(run)
+    assert name == f"step-{steps:08d}" and state["step"] == steps
+    saved = {p.name for p in (run / "checkpoints").glob("step-*")}
+    assert {"step-00000005", "step-00000010"} <= saved  # nothing written before the requeue was lost
+    logs = "".join(p.read_text() for p in (run / "submitit").glob("*_0_log.out"))
+    assert "resumed from checkpoint step" in logs
+
+
+def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, tiny_teacher_dir):
+    """`submit --command convert`: data-parallel stage 1 (averaged gradients), DDP stage 2, rank 0 writes."""
+    teacher = tiny_teacher_dir
+
+    def args(run, batch):
+        return [
+            f"run_dir={run}",
+            f"teacher.spec=local-dir:{teacher}",
+            "data.dataset=synthetic",
+            "data.synthetic_length=64",
+            f"data.batch_size={batch}",
+            f"convert.stage1_batch_size={batch}",
+            "convert.attention=hedgehog",
+            "convert.stage1_steps=4",
+            "schedule.epochs=1",
+            "schedule.max_steps=2",
+            "transfer.mode=none",
+            "transfer.logit_distill=1.0",
+            "log.progress=false",
+            "log.tensorboard=false",
+            "log.every_steps=1",
+            "convert.agreement_batches=1",
+            "convert.speed_repeats=2",
+            "convert.speed_batch_size=4",
+            "deterministic=true",
+        ]
+
+    job = _attnxfer(
+        "submit",
+        "--command",
+        "convert",
+        *args(tmp_path / "job", 8),
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+    )
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-3000:]
+    assert _in_process("convert", *args(tmp_path / "one", 16)) == 0
+    r_job = json.loads((tmp_path / "job" / "report.json").read_text())
+    r_one = json.loads((tmp_path / "one" / "report.json").read_text())
+    # 2 ranks x 8 images per step == 1 process x 16: the same stage-1 losses, accuracies and agreement
+    for a, b in zip(r_job["stage1"]["history"], r_one["stage1"]["history"], strict=True):
+        assert a["step"] == b["step"] and a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert r_job["top1"] == pytest.approx(r_one["top1"], abs=1e-6)  # val set split over ranks, counts summed
+    for a, b in zip(r_job["agreement"]["end_to_end"], r_one["agreement"]["end_to_end"], strict=True):
+        assert a["after_stage1"] == pytest.approx(b["after_stage1"], rel=1e-3)
+    # weights: equal up to summation order, which AdamW's normalised steps (lr 1e-2 here, up to 4e-2 of
+    # movement per weight) amplify for the few weights whose gradients are nearly zero
+    w_job = load_file(str(tmp_path / "job" / "stage1" / "student.safetensors"))
+    w_one = load_file(str(tmp_path / "one" / "stage1" / "student.safetensors"))
+    for k in w_one:
+        torch.testing.assert_close(w_job[k], w_one[k], rtol=1e-3, atol=3e-4)
+    name_j, w_job2, state = _final(tmp_path / "job" / "stage2")
+    name_1, w_one2, _ = _final(tmp_path / "one" / "stage2")
+    assert name_j == name_1 and state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
+    for k in w_one2:
+        torch.testing.assert_close(w_job2[k], w_one2[k], rtol=1e-3, atol=3e-4)
+    logs = {p.name: p.read_text() for p in (tmp_path / "job" / "submitit").glob("*_log.out")}
+    rank0 = next(text for name, text in logs.items() if name.endswith("_0_log.out"))
+    rank1 = next(text for name, text in logs.items() if name.endswith("_1_log.out"))
+    assert "stage 1 step 4/4" in rank0 and "stage 1 step" not in rank1  # one rank logs
+
+
+def test_submit_wait_reports_a_failed_rank_in_one_line_and_the_job_stays_failed(slurm, tmp_path):
+    """A failed rank: no 94-line traceback, and sacct/scontrol say FAILED, not CANCELLED."""
+    run = tmp_path / "job"
+    missing = tmp_path / "no-such-dataset"
+    res = _attnxfer(
+        "submit",
+        f"run_dir={run}",
+        *TINY,
+        "data.dataset=folder",
+        f"data.root={missing}",
+        "model.num_classes=10",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "5",
+        "--wait",
+    )
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith("attnxfer submit: error: job ") and " failed on rank " in line, line
+    assert str(missing) in line  # the rank's own message
+    log = Path(line.rsplit("(log: ", 1)[1].rstrip(")"))
+    assert log.is_file() and str(missing) in log.read_text()
+    job_id = line.split("job ", 1)[1].split()[0]
+    deadline = time.monotonic() + WAIT_S
+    while (state := (slurm_job_info(job_id) or {}).get("JobState")) in ("RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert state == "FAILED", state
+
+
+def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
+    """scancel --signal=TERM (what preemption without USR2 sends): both ranks stop at the same step,
+    rank 0 saves it and requeues the job, the requeued job resumes from that very step and finishes."""
+    run = tmp_path / "job"
+    steps = 120
+    sub = _attnxfer(
+        "submit",
+        f"run_dir={run}",
+        *TINY,
+        f"schedule.max_steps={steps}",
+        "checkpoint.every_steps=1000",  # no periodic save: the only mid-run checkpoint is the stop's
+        "data.batch_size=16",
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10",
+        "--max-requeues",
+        "0",  # a preemption is not a time limit
+    )
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + WAIT_S
+    while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        info = slurm_job_info(job_id)
+        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
+    assert int(info.get("Restarts", 0)) == 1
+    m = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", logs)
+    assert m, logs[-3000:]
+    stopped = int(m.group(1))
+    assert 3 <= stopped < steps
+    assert f"job {job_id} requeued" in logs
+    assert f"resumed from checkpoint step {stopped}" in logs
+    saved = {p.name for p in (run / "checkpoints").glob("step-*")}
+    assert f"step-{stopped:08d}" in saved and f"step-{steps:08d}" in saved
+    name, _, state = _final(run)
+    assert name == f"step-{steps:08d}" and state["step"] == steps and state["world_size"] == 2
+    record = json.loads((run / "submitit" / f"{job_id}_requeues.json").read_text())
+    assert [(e["event"], e.get("cause")) for e in record["events"]] == [
+        ("requeued", "preemption"),
+        ("restarted", None),
+    ]
+    assert record["timeouts"] == 0 and record["preemptions"] == 1

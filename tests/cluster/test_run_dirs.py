@@ -1,0 +1,347 @@
+"""Run directories, through the CLI: one process owns a run dir, a run's own
+config.yaml resumes it from anywhere, teachers are compared by content, full and read-only run dirs end
+in one line, an empty run_dir is refused and killed exports leave nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from attnxfer.checkpoints.run_lock import (
+    LOCK_NAME,
+    RunDirInUseError,
+    _start_time,
+    run_lock,
+)
+from attnxfer.checkpoints.store import CheckpointManager
+from attnxfer.launch import cli
+
+REPO = Path(__file__).resolve().parents[2]
+
+S = [
+    "data.dataset=synthetic",
+    "data.batch_size=16",
+    "data.synthetic_length=64",  # 4 steps an epoch
+    "transfer.mode=none",
+    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "deterministic=true",
+]
+
+
+def _run(capsys, *argv):
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _error_line(err: str) -> str:
+    """The one line a refusal prints (no traceback before it)."""
+    assert "Traceback" not in err, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    return lines[0]
+
+
+def _write_lock(run: Path, **content) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    path = run / LOCK_NAME
+    base = {"host": socket.gethostname(), "command": "train", "started": "2026-01-01T00:00:00+00:00"}
+    path.write_text(json.dumps({**base, **content}))
+    return path
+
+
+@contextlib.contextmanager
+def _live_process():
+    """A process of this host that lives while the block runs."""
+    proc = subprocess.Popen(["sleep", "120"])
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-step run, started from its parent folder with a relative run_dir (as users do)."""
+    home = tmp_path_factory.mktemp("home")
+    cwd = os.getcwd()
+    os.chdir(home)
+    try:
+        assert (
+            cli.main(["train", *S, "schedule.max_steps=2", "checkpoint.every_steps=1", "run_dir=runs/x"]) == 0
+        )
+    finally:
+        os.chdir(cwd)
+    return home / "runs" / "x"
+
+
+# ---------------------------------------------------------------------------------------- 1: the lock
+
+
+@pytest.mark.slow
+def test_two_trains_started_together_one_trains_and_the_other_refuses_naming_it(tmp_path):
+    """Both start at once; the second to reach the run dir exits 2 while the first trains on (a long run,
+    stopped with Ctrl-C once the refusal is seen), and metrics.jsonl holds every step once."""
+    run = tmp_path / "R"
+    argv = [sys.executable, "-m", "attnxfer", "train", *S]
+    argv += ["schedule.epochs=100000", "checkpoint.every_steps=50", f"run_dir={run}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 300
+        while all(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        assert winner.poll() is None  # still training
+        winner.send_signal(signal.SIGINT)
+        outs = {p.pid: p.communicate(timeout=120) for p in procs}
+    finally:
+        for p in procs:
+            p.kill()
+    assert loser.returncode == 2, outs[loser.pid]
+    assert winner.returncode == 130, outs[winner.pid]  # Ctrl-C
+    line = _error_line(outs[loser.pid][1])
+    assert f"pid {winner.pid}" in line and socket.gethostname() in line and "in use" in line
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = Counter(r["step"] for r in records if r["split"] == "train")
+    assert len(train_steps) > 0 and max(train_steps.values()) == 1  # every step once
+    assert sorted(train_steps) == list(range(1, len(train_steps) + 1))
+    assert not (run / LOCK_NAME).exists()  # released on Ctrl-C
+    assert not list((run / "checkpoints").glob("*.replaced-*"))
+
+
+def test_a_lock_left_by_a_killed_process_is_taken_over_and_released(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    _write_lock(run, pid=_dead_pid(), slurm_job=None)
+    code, out, err = _run(capsys, "train", *S, "schedule.max_steps=3", f"run_dir={run}")
+    assert code == 0, err
+    assert "taking over the lock" in out and "is gone" in out
+    assert (run / "checkpoints" / "step-00000003").is_dir()
+    assert not (run / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("command", ["train", "convert", "search", "pretrain"])
+def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_path, capsys):
+    run = tmp_path / "held"
+    extra = ["teacher.spec=vit_micro_patch4_28"] if command in ("convert", "search") else []
+    if command == "pretrain":
+        extra = ["transfer.mode=none"]
+    with _live_process() as pid:
+        _write_lock(run, pid=pid, pid_started=_start_time(pid), slurm_job="4242", command="convert")
+        before = sorted(p.name for p in run.iterdir())
+        code, _, err = _run(capsys, command, *S[:3], *extra, "log.progress=false", f"run_dir={run}")
+    assert code == 2
+    line = _error_line(err)
+    assert f"pid {pid}" in line and "SLURM job 4242" in line and "scancel 4242" in line
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written
+
+
+def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, monkeypatch):
+    run = tmp_path / "shared"
+    lock = _write_lock(run, host="node-elsewhere", pid=1, slurm_job="77")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(RunDirInUseError, match="node-elsewhere"), run_lock(run, "train"):
+        pass  # a fresh heartbeat on another host: alive
+    monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto this host
+    seen = []
+    with run_lock(run, "train", log=seen.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert "requeued" in seen[0]
+    monkeypatch.delenv("SLURM_JOB_ID")
+    _write_lock(run, host="node-elsewhere", pid=1, slurm_job="78")
+    old = time.time() - 3600
+    os.utime(lock, (old, old))  # its heartbeat stopped an hour ago
+    seen = []
+    with run_lock(run, "train", log=seen.append, heartbeat_s=0.05):
+        time.sleep(0.3)
+        assert time.time() - lock.stat().st_mtime < 5  # the owner's heartbeat refreshes it
+    assert "heartbeat stopped" in seen[0] and not lock.exists()
+
+
+def test_a_nested_acquire_in_one_thread_is_fine_another_thread_is_refused(tmp_path):
+    run = tmp_path / "r"
+    errors = []
+
+    def other():
+        try:
+            with run_lock(run, "train"):
+                pass
+        except RunDirInUseError as e:
+            errors.append(str(e))
+
+    with run_lock(run, "convert"), run_lock(run, "train"):
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert (run / LOCK_NAME).exists()
+    assert len(errors) == 1 and f"pid {os.getpid()}" in errors[0] and "`attnxfer convert`" in errors[0]
+    assert not (run / LOCK_NAME).exists()
+
+
+# ------------------------------------------------------------------------ 2: a run's own config.yaml
+
+
+def test_a_runs_own_config_resumes_and_scores_that_run_from_any_directory(
+    trained, tmp_path, capsys, monkeypatch
+):
+    run = tmp_path / "somewhere" / "run"
+    shutil.copytree(trained, run)
+    assert "runs/x" in (run / "config.yaml").read_text()  # the relative run_dir it was started with
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = _run(capsys, "train", "-c", str(run / "config.yaml"), "schedule.max_steps=3")
+    assert code == 0, err
+    assert "resumed from checkpoint step 2" in out
+    assert (run / "checkpoints" / "step-00000003").is_dir() and not (elsewhere / "runs").exists()
+    # a copy of the run, evaluated from the original's parent (where runs/x names the original)
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    monkeypatch.chdir(trained.parent.parent)  # where the recorded runs/x names the original
+    code, out, err = _run(capsys, "eval", "-c", str(copy / "config.yaml"))
+    assert code == 0, err
+    assert (copy / "eval-00000003.json").is_file()
+    assert not list(trained.glob("eval-*.json")) and not list(run.glob("eval-*.json"))
+
+
+def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, "train", *S, "run_dir=")
+    assert code == 2 and "run_dir is empty" in _error_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------- 5: teachers by content
+
+
+@pytest.mark.slow
+def test_a_teacher_under_another_path_resumes_and_other_weights_are_refused(
+    trained, tmp_path, capsys, monkeypatch
+):
+    teacher = tmp_path / "teacher"
+    assert cli.main(["export", str(trained), str(teacher)]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *[a for a in S if a != "transfer.mode=none"], "transfer.mode=distill", "run_dir=d"]
+    code, _, err = _run(capsys, *args, "teacher.spec=local-dir:teacher", "schedule.max_steps=1")
+    assert code == 0, err
+    moved = tmp_path / "moved" / "teacher"
+    shutil.move(teacher, moved)
+    code, out, err = _run(capsys, *args, f"teacher.spec=local-dir:{moved}", "schedule.max_steps=2")
+    assert code == 0, err
+    assert "resumed from checkpoint step 1" in out and (tmp_path / "d/checkpoints/step-00000002").is_dir()
+    weights = load_file(str(moved / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1
+    other = tmp_path / "other"
+    shutil.copytree(moved, other)
+    save_file(weights, str(other / "model.safetensors"))
+    recorded = json.loads((tmp_path / "d/run.json").read_text())["teacher"]["sha256"]
+    code, _, err = _run(capsys, *args, f"teacher.spec=local-dir:{other}", "schedule.max_steps=3")
+    assert code == 2
+    line = _error_line(err)
+    assert recorded in line and "another teacher" in line
+    assert not (tmp_path / "d/checkpoints/step-00000003").exists()
+
+
+# ---------------------------------------------------------------------- 7: full and read-only disks
+
+
+@contextlib.contextmanager
+def _tmpfs(where: Path, size: str):
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def test_a_read_only_run_dir_stops_train_and_eval_in_one_line(trained, tmp_path, capsys):
+    with _tmpfs(tmp_path / "mnt", "16m") as mnt:
+        run = mnt / "run"
+        shutil.copytree(trained, run)
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+        for command, more in (("train", ["schedule.max_steps=4"]), ("eval", [])):
+            code, out, err = _run(capsys, command, "-c", str(run / "config.yaml"), *more)
+            assert code == 2
+            line = _error_line(err)
+            assert str(run) in line and "Read-only file system" in line
+            assert "last intact checkpoint: step 2" in line
+            assert "val_top1" not in out  # eval refused before scoring anything
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_in_one_line_naming_the_last_intact_checkpoint(trained, tmp_path, capsys):
+    size = sum(f.stat().st_size for f in (trained / "checkpoints" / "step-00000002").iterdir())
+    with _tmpfs(tmp_path / "mnt", f"{int(size * 2.5) // 1024}k") as mnt:
+        run = mnt / "run"
+        argv = ["train", *S, "schedule.max_steps=12", "checkpoint.every_steps=1", "checkpoint.keep_last=20"]
+        code, _, err = _run(capsys, *argv, f"run_dir={run}")
+        assert code == 2
+        line = _error_line(err)
+        assert "No space left on device" in line
+        latest = CheckpointManager(run).latest(verify_hash=True)
+        assert latest is not None and f"last intact checkpoint: step {latest.step}" in line
+        assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no half saves
+        assert not (run / LOCK_NAME).exists()
+        # fill what is left: eval refuses before it scores anything
+        with contextlib.suppress(OSError), open(mnt / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        code, out, err = _run(capsys, "eval", "-c", str(run / "config.yaml"))
+        assert code == 2 and "No space left on device" in _error_line(err) and "val_top1" not in out
+
+
+# --------------------------------------------------------------------------- 11: killed exports
+
+
+def test_an_export_removes_the_staging_folders_killed_exports_left(trained, tmp_path, capsys):
+    out = tmp_path / "export"
+    dead = tmp_path / f".export.export-0badf00d.{_dead_pid()}@{socket.gethostname()}"
+    legacy = tmp_path / ".export.ab12cd_9"  # tempfile.mkdtemp's name, before staging folders were marked
+    for folder in (dead, legacy):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    keep = tmp_path / ".export.notes"  # not an export's staging folder
+    keep.mkdir()
+    code, _, err = _run(capsys, "export", str(trained), str(out))
+    assert code == 0, err
+    assert not dead.exists() and not legacy.exists() and keep.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".export.notes"]
+    assert (out / "model.safetensors").is_file()

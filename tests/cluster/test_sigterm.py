@@ -1,0 +1,187 @@
+"""SIGTERM (``kill``, ``scancel``, preemption without USR2) stops ``attnxfer train`` at a step boundary.
+
+The run saves the step it stopped at, says so, exits 143 (128 + SIGTERM), and the same command resumes
+it to the very weights of an uninterrupted run. Each run is a forked child running the CLI's own `main`
+(`helpers.fork_cli`, as in tests/cluster/test_crash_resume.py); the signal comes from outside, by process id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fork_cli
+from safetensors.torch import load_file
+
+STEPS = 40
+ARGS = [
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.synthetic_length=512",  # 64 steps an epoch: one evaluation, at the end
+    "transfer.mode=none",
+    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=1",
+    "deterministic=true",
+    f"schedule.max_steps={STEPS}",
+    "checkpoint.every_steps=1000",  # no periodic save: a checkpoint mid-run can only come from the stop
+]
+
+
+@pytest.fixture
+def cli_run():
+    """Starts the CLI in forked children (`fork_cli`: argv, log); any child still running when the test
+    ends (a failed assertion) is killed, not left behind."""
+    procs = []
+
+    def start(argv: list[str], log: Path):
+        procs.append(fork_cli(argv, log))
+        return procs[-1]
+
+    yield start
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def stop_with_sigterm(proc, log: Path, started: Callable[[], bool], command: str) -> tuple[int, Path, str]:
+    """Waits until ``started()``, sends ``proc`` SIGTERM from outside and reads how it stopped: exit 143 and
+    the one line naming the step it saved and where. Returns (step, checkpoint, the log)."""
+    deadline = time.monotonic() + 120
+    while not started():
+        assert proc.is_alive() and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(120)
+    text = log.read_text()
+    assert proc.exitcode == 143, text[-3000:]
+    m = re.search(
+        rf"attnxfer {command}: stopped by SIGTERM at step (\d+); checkpoint saved \((.+?)\); "
+        r"re-run the same command to resume",
+        text,
+    )
+    assert m, text[-3000:]
+    return int(m.group(1)), Path(m.group(2)), text
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert expected.keys() == got.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=0)
+
+
+def _train(run_dir: Path) -> list[str]:
+    return ["train", f"run_dir={run_dir}", *ARGS]
+
+
+def _train_records(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"train"' in line)
+
+
+def _final(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_says_so_and_the_same_command_resumes_bit_identically(tmp_path, cli_run):
+    ref = cli_run(_train(tmp_path / "ref"), tmp_path / "ref.log")
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = cli_run(_train(run_dir), log)
+    step, saved_at, text = stop_with_sigterm(proc, log, lambda: _train_records(run_dir) >= 3, "train")
+    assert 3 <= step < STEPS
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+    assert saved == [f"step-{step:08d}"] and saved_at.name == saved[0]
+    state = json.loads((run_dir / "checkpoints" / saved[0] / "state.json").read_text())
+    assert state["step"] == step
+    assert "Traceback" not in text
+
+    again = cli_run(_train(run_dir), log)  # the same command
+    again.join(180)
+    ref.join(180)
+    assert again.exitcode == 0 and ref.exitcode == 0, log.read_text()[-3000:]
+    assert f"resumed from checkpoint step {step}" in log.read_text()
+    assert_same_tensors(_final(run_dir), _final(tmp_path / "ref"))
+
+
+def test_sigterm_outside_a_training_loop_keeps_the_default_action(tmp_path):
+    """Only a loop that checks the flag catches SIGTERM: before and after it, the process ends as usual."""
+    from attnxfer.train.stop import stop_on_signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+# --------------------------------------------------------------------- convert's stage 1
+S1_STEPS = 40
+
+
+def _convert(run_dir: Path, teacher: Path) -> list[str]:
+    return [
+        "convert",
+        f"run_dir={run_dir}",
+        f"teacher.spec=local-dir:{teacher}",
+        "data.dataset=synthetic",
+        "data.synthetic_length=64",  # 8 stage-1 batches an epoch: the stop lands mid-epoch or later
+        "data.batch_size=8",
+        "convert.attention=hedgehog",
+        f"convert.stage1_steps={S1_STEPS}",
+        "schedule.max_steps=1",
+        "transfer.mode=none",
+        "log.progress=false",
+        "log.tensorboard=false",
+        "log.every_steps=1",
+        "deterministic=true",
+        "convert.agreement_batches=1",
+        "convert.speed_repeats=1",
+        "convert.speed_batch_size=2",
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_in_convert_stage1_saves_its_step_and_the_same_command_continues_there(
+    tmp_path, tiny_teacher_dir, cli_run
+):
+    teacher = tiny_teacher_dir
+    ref = cli_run(_convert(tmp_path / "ref", teacher), tmp_path / "ref.log")
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    proc = cli_run(_convert(run_dir, teacher), log)
+    step, saved_at, text = stop_with_sigterm(
+        proc, log, lambda: log.exists() and "stage 1 step 3/" in log.read_text(), "convert"
+    )
+    assert 3 <= step < S1_STEPS and "Traceback" not in text
+    assert saved_at == run_dir / "stage1" / "partial"
+    assert json.loads((run_dir / "stage1/partial/progress.json").read_text())["step"] == step
+    assert not (run_dir / "stage1" / "student.safetensors").exists()  # stage 1 is not complete
+    assert not (run_dir / "stage2").exists()
+
+    again = cli_run(_convert(run_dir, teacher), log)  # the same command
+    again.join(180)
+    ref.join(180)
+    text = log.read_text()
+    assert again.exitcode == 0 and ref.exitcode == 0, text[-3000:]
+    assert f"stage 1: resumed from {run_dir / 'stage1' / 'partial'} (step {step} of {S1_STEPS})" in text
+    assert f"stage 1 step {step + 1}/{S1_STEPS}" in text.split("resumed from")[-1]
+    assert f"stage 1 step {step}/{S1_STEPS}" not in text.split("resumed from")[-1]  # no step redone
+    assert not (run_dir / "stage1" / "partial").exists()
+    # continuing from the saved step gives the very stage-1 weights of an uninterrupted conversion
+    expected, got = (
+        load_file(str(r / "stage1" / "student.safetensors")) for r in (tmp_path / "ref", run_dir)
+    )
+    assert_same_tensors(got, expected)
+    a, b = (json.loads((r / "stage1" / "stage1.json").read_text()) for r in (tmp_path / "ref", run_dir))
+    assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]]
+    assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]

@@ -1,0 +1,192 @@
+"""`transfer.ce_path: auto`: the CE path measured on the device, its record, failing paths,
+and rank 0's choice used by every rank. Timings are never asserted: only which paths were timed, skipped
+or refused and that the choice is the fastest of what was timed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_vit
+
+from attnxfer.transfer import TeacherStudent, build_plan
+from attnxfer.transfer.ce_select import CEChoice, choose_ce_path, layer_shapes
+from attnxfer.transfer.losses import CEPath, materialised_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tiny_pair():
+    """A fresh tiny teacher and student (2 blocks, 17 tokens, 3 heads of 16): a plan may freeze the
+    student's projections, so tests that build their own plans do not share them with `pair`."""
+    return tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    teacher, student = _tiny_pair()
+    return TeacherStudent(teacher, student, build_plan(teacher, student, "distill"))
+
+
+def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(pair):
+    rng = torch.get_rng_state()
+    weights = {k: v.clone() for k, v in pair.student.state_dict().items()}
+    lines: list[str] = []
+    choice = choose_ce_path(pair, 4, "cpu", rounds=2, log=lines.append)
+    assert lines == []  # nothing failed
+    assert set(choice.timings_ms) == {"rows", "sdpa", "attention_lse", "materialised"}
+    assert choice.path == min(choice.timings_ms, key=choice.timings_ms.get) and choice.how == "measured"
+    assert choice.unavailable == {"triton": "needs CUDA"}
+    # the real shapes of the plan's layers: batch per rank, 17 tokens, 3 heads of 16, both distilled layers
+    assert choice.shapes == dict(
+        batch=4,
+        tokens=17,
+        student_heads=3,
+        student_dim=16,
+        teacher_heads=3,
+        teacher_dim=16,
+        layers=2,
+        student_dtype="float32",
+        teacher_dtype="float32",
+    )
+    # calibration touches no RNG stream and no weight: a calibrated run trains as one told the path
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, weights[k]) for k, v in pair.student.state_dict().items())
+    # what run.json and the checkpoints carry comes back as the same choice
+    again = CEChoice.from_record(json.loads(json.dumps(choice.record())))
+    assert again == choice and pair.ce_path is None  # choose_ce_path only says; the caller sets it
+    assert choice.describe().startswith(f"ce_path: {choice.path} (measured on cpu, batch 4 x 17 tokens")
+
+
+def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budget(pair):
+    """triton on a CPU without Triton's interpreter raises for real; a budget of 0 bytes refuses the
+    materialised maps before they are built; rows is what is left."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter makes the triton path run on the CPU")
+    lines: list[str] = []
+    choice = choose_ce_path(
+        pair, 2, "cpu", paths=["materialised", "triton", "rows"], budget_bytes=0, rounds=1, log=lines.append
+    )
+    assert choice.path is CEPath.ROWS and set(choice.timings_ms) == {"rows"}
+    assert len(lines) == 1 and lines[0].startswith("ce_path auto: skipping triton, it failed: RuntimeError")
+    assert set(choice.skipped) == {"triton"} and "TRITON_INTERPRET" in choice.skipped["triton"]
+    need = materialised_bytes(2, 17, 3, 3, 2)
+    assert choice.unavailable == {"materialised": f"maps need {need / 2**30:.3g} GiB, budget 0 GiB"}
+    # a budget that holds the maps lets materialised be timed
+    fits = choose_ce_path(pair, 2, "cpu", paths=["materialised"], budget_bytes=need, rounds=1)
+    assert set(fits.timings_ms) == {"materialised"} and fits.path is CEPath.MATERIALISED
+
+
+def test_materialised_bytes_counts_the_maps_autograd_keeps():
+    """Two fp32 N×N maps per distilled layer kept for backward (P̄_t and log P_s), three transient."""
+    assert materialised_bytes(2, 10, 3, 6, 4) == 4 * 2 * 100 * (2 * 3 * 4 + 3 * 6)
+
+
+def test_a_plan_without_softmax_map_distillation_has_no_ce_path():
+    teacher, student = _tiny_pair()
+    for mode in ("copy", "distill_q", "none"):
+        assert layer_shapes(TeacherStudent(teacher, student, build_plan(teacher, student, mode)), 2) is None
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_use_rank_0s_choice(tmp_path):
+    """Each rank offers a different single path (rank 0 sdpa, rank 1 rows): had rank 1 decided on its own
+    it would use rows; both use sdpa, and rank 1 timed nothing itself."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "dist_ce_choice.py"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["path"] == r1["path"] == "sdpa"
+    assert r0["how"] == "measured" and r1["how"] == "measured on rank 0"
+    assert r1["timings_ms"] == r0["timings_ms"] and set(r0["timings_ms"]) == {"sdpa"}
+    assert r0["world"] == r1["world"] == 2
+
+
+def test_a_deterministic_run_takes_the_device_default_without_timing(pair):
+    """Timings may rank two close paths either way from run to run; ``deterministic: true`` asks for
+    repeated runs to be identical, so auto takes the device's fixed default instead of measuring."""
+    from attnxfer.apps.ce_choice import ce_choice_for_run
+    from attnxfer.config import load_config
+    from attnxfer.train.runtime import create_runtime
+    from attnxfer.transfer.losses import ce_path_for
+
+    lines: list[str] = []
+    runtime = create_runtime("cpu", "fp32")
+    for deterministic in (True, False):
+        cfg = load_config(
+            overrides=["transfer.mode=distill", f"deterministic={deterministic}", "data.batch_size=4"]
+        )
+        choice = ce_choice_for_run(cfg, pair, runtime, None, log=lines.append)
+        assert pair.ce_path is choice.path
+        if deterministic:
+            assert choice.path is ce_path_for(torch.device("cpu")) and not choice.timings_ms
+            assert "deterministic=true" in lines[-1]
+        else:
+            assert choice.how == "measured" and set(choice.timings_ms) >= {"rows", "sdpa"}
+    pair.ce_path = None
+
+
+def test_auto_measures_layers_with_fewer_keys_than_queries():
+    """A spatial-reduction layer's shapes (65 query rows, 17 keys): every CPU path is timed on them and none
+    fails; the Triton kernels (square maps only) are not tried; the materialised maps are counted N_q×N_k."""
+    from attnxfer.transfer.ce_select import LayerShapes, candidate_paths, measure_ce_paths
+
+    shapes = LayerShapes(
+        batch=2,
+        tokens=65,
+        student_heads=2,
+        student_dim=8,
+        teacher_heads=2,
+        teacher_dim=8,
+        layers=1,
+        key_tokens=17,
+    )
+    todo, unavailable = candidate_paths("cuda", shapes, budget_bytes=2**40)
+    assert CEPath.TRITON not in todo and "keys" in unavailable["triton"]
+    square = LayerShapes(**{**shapes.__dict__, "key_tokens": None})
+    _, tight = candidate_paths("cpu", shapes, budget_bytes=materialised_bytes(2, 65, 2, 2, 1) - 1)
+    _, none_fit = candidate_paths("cpu", square, budget_bytes=materialised_bytes(2, 65, 2, 2, 1) - 1)
+    assert "materialised" not in tight and "materialised" in none_fit
+    todo, _ = candidate_paths("cpu", shapes, budget_bytes=2**40)
+    choice = measure_ce_paths(shapes, "cpu", todo, rounds=1, log=lambda _: None)
+    assert not choice.skipped and set(choice.timings_ms) == {str(p) for p in todo}
+    assert choice.path in todo and "17 keys" in choice.describe()
+
+
+def test_layer_shapes_are_the_q_k_the_adapter_hands_out_talking_heads_included():
+    """CaiT's talking heads mix heads before the softmax: the CE runs on q', k' of H·d features per head
+    (the adapter's `project`), not on one head's d. The shapes timed are those of `project` on the layer's
+    real input (the hidden tokens entering the first block), and the batch, tokens and heads too."""
+    from families.cases import TINY
+
+    teacher, student = TINY["cait"].build(seed=1), TINY["cait"].build(seed=2)
+    pair = TeacherStudent(teacher, student, build_plan(teacher, student, "distill"))
+    shapes = layer_shapes(pair, 3)
+    attn = pair._student_attn[pair.plan.pairs[0][0]]
+    hidden = student.patch_embed(torch.zeros(1, 3, 32, 32))  # CaiT's self-attention blocks see the patches
+    with torch.no_grad():
+        qk = attn.project(student.blocks[0].norm1(hidden), "qk")
+    B, H, N, D = qk["q"].shape
+    assert (H, D) == (attn.num_heads, attn.num_heads * attn.head_dim) == (2, 32)  # H·d, d = 16
+    assert qk["k"].shape == (B, H, N, D) and N == 16
+    assert (shapes.batch, shapes.tokens, shapes.student_heads, shapes.student_dim) == (3, N, H, D)
+    assert (shapes.teacher_heads, shapes.teacher_dim, shapes.keys) == (H, D, N)

@@ -1,0 +1,376 @@
+"""Export of students in timm's Hub format, model cards, and export from a run directory (CPU, no network)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import load_file, save_file
+from timm.layers import Attention
+
+from attnxfer.checkpoints.export import export_run, export_student, select_checkpoint
+from attnxfer.checkpoints.store import CheckpointManager
+from attnxfer.models.attention import TransferAttention
+from attnxfer.models.efficient import efficient_student_from_teacher
+from attnxfer.models.student import student_like, student_spec
+from attnxfer.sources.exported_student import load_student
+from attnxfer.sources.teacher import TeacherRecord
+from helpers import MAE_TEACHER, PLAN, RECIPE, card
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+
+
+def teacher_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    t = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        reg_tokens=2,
+        qk_norm=True,
+        init_values=1e-5,
+        **TINY,
+    )
+    t.pretrained_cfg.update(mean=MAE_TEACHER.mean, std=MAE_TEACHER.std, license="cc-by-nc-4.0")
+    return t
+
+
+def trained_student(seed: int = 1, steps: int = 3, **kwargs) -> nn.Module:
+    """A student that has moved away from its initialisation (and has a copy-style frozen q/k layer)."""
+    teacher = teacher_model()
+    torch.manual_seed(seed)
+    student = student_like(teacher, num_classes=10, **kwargs)
+    if isinstance(student.blocks[0].attn, TransferAttention):
+        student.blocks[0].attn.freeze_projections("qk")
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        loss = F.cross_entropy(student(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return student.eval()
+
+
+
+
+def test_export_loads_in_plain_timm_with_bit_identical_logits(tmp_path):
+    student = trained_student()
+    out = export_student(student, tmp_path / "out", card=card())
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert all(type(b.attn) is Attention for b in plain.blocks)  # timm's own attention
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(plain(x), student(x))
+    assert plain.reg_token.shape == (1, 2, 48) and plain.blocks[0].attn.q_norm.weight.shape == (16,)
+
+    saved = load_file(str(out / "model.safetensors"))
+    sd = student.state_dict()
+    assert sorted(saved) == sorted(sd) and all(torch.equal(saved[k], sd[k]) for k in sd)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["model_args"]["reg_tokens"] == 2
+    assert "attn_layer" not in config["model_args"]
+    assert "TransferAttention" not in json.dumps(config) and "attnxfer.models" not in json.dumps(config)
+    assert config["pretrained_cfg"]["mean"] == list(MAE_TEACHER.mean)
+    assert config["pretrained_cfg"]["license"] == "cc-by-nc-4.0"
+    assert config["attnxfer"]["loads_in_plain_timm"] is True
+
+
+@pytest.mark.slow
+def test_export_loads_in_a_process_without_attnxfer(tmp_path):
+    student = trained_student(seed=2)
+    out = export_student(student, tmp_path / "out", card=card())
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        save_file({"x": x, "logits": student(x)}, str(tmp_path / "io.safetensors"))
+    code = textwrap.dedent(f"""
+        import json, sys, timm, torch
+        from safetensors.torch import load_file
+        io = load_file({str(tmp_path / "io.safetensors")!r})
+        m = timm.create_model("local-dir:{out}", pretrained=True).eval()
+        with torch.no_grad():
+            same = torch.equal(m(io["x"]), io["logits"])
+        print(json.dumps(dict(same=same, attnxfer=any(n.startswith("attnxfer") for n in sys.modules))))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"same": True, "attnxfer": False}
+
+
+def test_model_card_holds_teacher_licence_mode_plan_recipe_metrics(tmp_path):
+    out = export_student(trained_student(), tmp_path / "card", card=card())
+    text = (out / "README.md").read_text()
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["license"] == "cc-by-nc-4.0" and front["library_name"] == "timm"
+    assert front["base_model"] == "timm/vit_large_patch16_224.mae"
+    body = text.split("---", 2)[2]
+    assert "inherits that licence: CC-BY-NC-4.0" in body and "non-commercial" in body
+    assert (
+        "timm/vit_large_patch16_224.mae" in body
+        and MAE_TEACHER.hf_commit in body
+        and MAE_TEACHER.sha256 in body
+    )
+    assert "Mode: **distill**" in body and PLAN in body
+    assert RECIPE.strip() in body
+    assert "| val/top1 | 0.8125 |" in body and "| val/loss | 0.61 |" in body
+    assert "animal-mnist, 10 classes" in body
+    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in body
+
+
+def test_non_commercial_teacher_licence_cannot_be_replaced(tmp_path):
+    with pytest.raises(ValueError, match="inherits"):
+        export_student(trained_student(), tmp_path / "out", card=card(license="apache-2.0"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    student = trained_student()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_student(student, out, card=card())
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    export_student(student, out, card=card(), overwrite=True)
+    assert {"config.json", "model.safetensors", "README.md", "notes.txt"} == {p.name for p in out.iterdir()}
+
+
+def efficient_student(names, **attn_kwargs) -> nn.Module:
+    """A zoo-attention student made from a softmax student, every weight moved off its initialisation."""
+    base = student_like(teacher_model(), num_classes=10)
+    student = efficient_student_from_teacher(base, names, **attn_kwargs)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return student.eval()
+
+
+def _logits(model, seed=7):
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tmp_path):
+    student = efficient_student("relu_linear")
+    out = export_student(student, tmp_path / "eff", card=card())
+    config = json.loads((out / "config.json").read_text())
+    assert (
+        config["attnxfer"]["attention"] == "relu_linear"
+        and config["attnxfer"]["loads_in_plain_timm"] is False
+    )
+    assert config["model_args"]["attn_layer"] == "attnxfer:relu_linear"
+    readme = (out / "README.md").read_text()
+    assert "timm does not provide" in readme and f'load_student("local-dir:{out}")' in readme
+    with pytest.raises(
+        AssertionError, match="attn_layer"
+    ):  # plain timm refuses instead of loading into softmax
+        timm.create_model(f"local-dir:{out}", pretrained=True)
+    saved = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
+    loaded = load_student(f"local-dir:{out}")
+    assert all(type(b.attn).__name__ == "ReLULinearAttention" for b in loaded.blocks)
+    assert torch.equal(_logits(loaded), _logits(student))
+    assert torch.equal(_logits(load_student(str(out))), _logits(student))  # a bare folder path works too
+
+
+def test_mixed_attention_student_with_options_round_trips(tmp_path):
+    student = efficient_student(
+        ["window_linear", "performer"], window_size=2, num_features=24, feature_seed=5, feature_dim=8
+    )
+    out = export_student(student, tmp_path / "mixed", card=card())
+    config = json.loads((out / "config.json").read_text())
+    spec = config["attnxfer"]["student"]
+    assert config["attnxfer"]["attention"] == ["window_linear", "performer"]
+    assert config["model_args"]["attn_layer"] == "attnxfer:mixed"
+    assert spec["attention_options"][0] == {"window_size": [2, 2], "kernel": "hedgehog", "feature_dim": 8}
+    assert spec["attention_options"][1] == {
+        "num_features": 24,
+        "orthogonal": True,
+        "redraw_interval": None,
+        "feature_seed": 5,
+    }
+    assert "| 1 | performer |" in (out / "README.md").read_text()
+    loaded = load_student(f"local-dir:{out}")
+    assert [type(b.attn).__name__ for b in loaded.blocks] == ["WindowLinearAttention", "PerformerAttention"]
+    assert [b.attn.options() for b in loaded.blocks] == spec["attention_options"]
+    assert loaded.blocks[0].attn.num_prefix_tokens == 3 and loaded.blocks[0].attn.grid_size == (4, 4)
+    assert torch.equal(_logits(loaded), _logits(student))
+
+
+def test_export_refuses_a_student_its_spec_cannot_rebuild(tmp_path):
+    student = efficient_student("performer", num_features=16)
+    student.blocks[1].attn.eps = 1e-2  # state outside parameters, buffers and options: a rebuild would differ
+    with pytest.raises(RuntimeError, match="rebuilt from the export gives different logits"):
+        export_student(student, tmp_path / "bad", card=card())
+    assert not (tmp_path / "bad").exists()
+
+
+def test_load_student_says_what_it_reads(tmp_path):
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY)
+    from timm.models import save_for_hf
+
+    save_for_hf(plain, tmp_path / "plain", safe_serialization=True)
+    with pytest.raises(ValueError, match="no attnxfer.student block"):
+        load_student(str(tmp_path / "plain"))
+    for not_a_folder in ("vit_tiny_patch16_224", "vit_tiny_patch16_224.augreg_in21k"):
+        with pytest.raises(ValueError, match="reads `attnxfer export` folders"):
+            load_student(not_a_folder)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_student(f"local-dir:{tmp_path / 'missing'}")
+
+
+# ---------------------------------------------------------------------------------------------
+# From a run directory
+
+
+def fake_run(run_dir: Path, mode: str = "distill") -> dict:
+    """A run directory in the layout the training engine writes; returns the weights per checkpoint."""
+    base = trained_student(steps=0).state_dict()
+    spec = student_spec(trained_student(steps=0))
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(RECIPE)
+    (run_dir / "run.json").write_text(
+        json.dumps({"teacher": MAE_TEACHER.to_dict(), "student": spec, "plan": PLAN, "mode": mode})
+    )
+    rows, weights = [], {}
+    manager = CheckpointManager(run_dir, keep_last=5)
+    for step, top1, complete in ((100, 70.0, True), (200, 60.0, True), (300, 90.0, False)):
+        groups = {}
+        for kind, seed in (("model", step), ("ema", step + 1)):
+            g = torch.Generator().manual_seed(seed)  # distinct weights per checkpoint and kind
+            groups[kind] = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+            weights[(step, kind)] = groups[kind]
+        ckpt = manager.save(step, groups, {"step": step}, metric=top1)
+        if not complete:  # a save that never finished: its manifest is missing, so it is not intact
+            (Path(ckpt) / "MANIFEST.json").unlink()
+        rows.append({"split": "train", "step": step, "loss": 2.0 - step / 1000})
+        rows.append({"split": "val", "step": step, "val_top1": top1})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return weights
+
+
+def assert_exported(out: Path, expected: dict) -> None:
+    saved = load_file(str(out / "model.safetensors"))
+    assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
+def test_export_run_picks_checkpoint_and_weights(tmp_path):
+    run = tmp_path / "run"
+    weights = fake_run(run)
+    with pytest.warns(UserWarning, match="step-00000300"):  # the broken newest one is reported and skipped
+        assert select_checkpoint(run, "best")[0].name == "step-00000100"  # best intact one
+    with pytest.warns(UserWarning, match="step-00000300"):
+        assert select_checkpoint(run, "latest")[0].name == "step-00000200"
+
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "best-ema")
+    assert_exported(out, weights[(100, "ema")])
+    text = (out / "README.md").read_text()
+    assert "step-00000100 (best val top-1 70.00), ema weights" in text and "| val_top1 | 70 |" in text
+    assert "name: animal-mnist" in text and PLAN in text and "inherits that licence" in text
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert_exported(out, plain.state_dict())
+
+    with pytest.warns(UserWarning, match="step-00000300"):
+        out = export_run(run, tmp_path / "latest-raw", weights="raw", checkpoint="latest")
+    assert_exported(out, weights[(200, "model")])
+
+
+def test_export_run_refuses_copy_mode_students(tmp_path):
+    fake_run(tmp_path / "run", mode="copy")
+    with pytest.raises(ValueError, match="teacher"):
+        export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
+    student = trained_student()
+    torch.save({"state": student.state_dict()}, tmp_path / "student.pt")  # read back with weights_only=True
+    code = textwrap.dedent(f"""
+        import json, torch
+        from attnxfer.checkpoints.export import ModelCardInfo, export_student
+        from attnxfer.models.student import student_like
+        import tests.test_export as t
+        student = student_like(t.teacher_model(), num_classes=10)
+        student.load_state_dict(torch.load({str(tmp_path / "student.pt")!r}, weights_only=True)["state"])
+        try:
+            export_student(student, {str(tmp_path / "out")!r}, card=t.card(), push_to_hub="acme/student")
+            print(json.dumps(dict(raised=None)))
+        except RuntimeError as e:
+            print(json.dumps(dict(raised=type(e).__name__, message=str(e))))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env["HF_HUB_OFFLINE"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["raised"] == "RuntimeError"
+    assert "HF_HUB_OFFLINE=1" in result["message"] and "hf upload acme/student" in result["message"]
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert "hf-hub:acme/student" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_load_student_from_the_hub_cache_offline(tmp_path):
+    """The real huggingface_hub cache layout, offline: the exported folder as a Hub repo snapshot."""
+    import hashlib
+
+    student = efficient_student(["hedgehog", "softmax"])
+    out = export_student(student, tmp_path / "export", card=card())
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--hedgehog-student"
+    snap = repo / "snapshots" / rev
+    (repo / "blobs").mkdir(parents=True)
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    for f in out.iterdir():
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        (repo / "blobs" / digest).write_bytes(f.read_bytes())
+        os.symlink(f"../../blobs/{digest}", snap / f.name)
+    torch.save(_logits(student), tmp_path / "expected.pt")
+    code = textwrap.dedent(f"""
+        import torch
+        from attnxfer import load_student
+        from attnxfer.sources.teacher import TeacherNotAvailable
+        m = load_student("hf-hub:acme/hedgehog-student")
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            assert torch.equal(m(x), torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True))
+        print([type(b.attn).__name__ for b in m.blocks])
+        try:
+            load_student("hf-hub:acme/not-cached")
+        except TeacherNotAvailable as e:
+            print("NOT CACHED:", str(e).splitlines()[0])
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "['HedgehogAttention', 'TransferAttention']" in proc.stdout
+    assert "NOT CACHED:" in proc.stdout and "acme/not-cached" in proc.stdout

@@ -1,0 +1,166 @@
+"""Progress where nobody watches a terminal: a submitted job's stderr is a file (``submitit/*_log.err``), where a
+tqdm bar redrawn ten times a second leaves every redraw (a carriage return each). There the engine writes one
+plain line per log record; on a terminal (a pty here) the bar stays."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from attnxfer.train.metrics import LineProgress, progress_bar
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _terminal() -> tuple[int, int]:
+    """(master, slave) of a pty with a terminal's 24x80 size (tqdm draws nothing 0 columns wide)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    return master, slave
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, OSError):  # drained (or the other end closed)
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _drive(bar) -> None:
+    """What the engine does over one epoch: a step per batch, a log record every 2 steps."""
+    for step in range(1, 7):
+        bar.update(1)
+        if step % 2 == 0:
+            bar.set_postfix(loss=f"{1 / step:.3f}", lr="1.00e-03")
+    bar.close()
+
+
+def test_a_file_gets_one_plain_line_per_record_and_a_terminal_keeps_the_bar(tmp_path):
+    log = tmp_path / "job_log.err"
+    with log.open("w") as f:
+        bar = progress_bar(6, desc="epoch 0", stream=f)
+        assert isinstance(bar, LineProgress)
+        _drive(bar)
+    text = log.read_text()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) == 3  # one per record
+    assert (
+        lines[0].startswith("epoch 0: batch 2/6") and "loss 0.500" in lines[0] and "lr 1.00e-03" in lines[0]
+    )
+    assert lines[-1].startswith("epoch 0: batch 6/6")
+
+    master, slave = _terminal()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as tty:
+            bar = progress_bar(6, desc="epoch 0", stream=tty)
+            assert not isinstance(bar, LineProgress)  # tqdm's own bar
+            _drive(bar)
+            tty.flush()
+        assert "\r" in _read_all(master)  # redrawn in place
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_between_records_a_line_comes_at_most_every_so_many_seconds(tmp_path):
+    log = tmp_path / "log"
+    with log.open("w") as f:
+        quiet = LineProgress(10, desc="quiet", stream=f, every_s=3600)  # no record, not an hour yet: silent
+        for _ in range(10):
+            quiet.update(1)
+        chatty = LineProgress(3, desc="chatty", stream=f, every_s=0)
+        for _ in range(3):
+            chatty.update(1)
+    assert [line.split(" (")[0] for line in log.read_text().splitlines()] == [
+        "chatty: batch 1/3",
+        "chatty: batch 2/3",
+        "chatty: batch 3/3",
+    ]
+
+
+TRAIN = [
+    "train",
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.synthetic_length=64",
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "transfer.mode=none",
+    "log.progress=true",
+    "log.tensorboard=false",
+    "log.every_steps=2",
+    "schedule.max_steps=6",
+    "checkpoint.every_epoch=false",
+    "device=cpu",
+]
+
+
+def _train(run: Path, stderr) -> int:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "attnxfer", *TRAIN, f"run_dir={run}"],
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        timeout=600,
+        env=env,
+    ).returncode
+
+
+def _train_on_a_terminal(run: Path) -> tuple[int, str]:
+    """The run with a pty as stderr, read while it runs (a full pty buffer would block the run)."""
+    master, slave = _terminal()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnxfer", *TRAIN, f"run_dir={run}"],
+        stdout=subprocess.DEVNULL,
+        stderr=slave,
+        env=env,
+    )
+    os.close(slave)
+    out = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every writer has closed the pty
+                break
+            if not chunk:
+                break
+            out.append(chunk)
+        return proc.wait(timeout=600), b"".join(out).decode(errors="replace")
+    finally:
+        os.close(master)
+
+
+@pytest.mark.slow
+def test_a_training_run_writes_plain_lines_into_a_log_file_and_a_bar_onto_a_terminal(tmp_path):
+    """`attnxfer train` with log.progress=true: stderr to a file (a submitted job's) holds one line per
+    train record and no carriage return; the same run on a pty draws tqdm's bar."""
+    err = tmp_path / "job_log.err"
+    with err.open("w") as f:
+        assert _train(tmp_path / "file", f) == 0
+    text = err.read_text()
+    assert "\r" not in text
+    records = [json.loads(line) for line in (tmp_path / "file" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    lines = [line for line in text.splitlines() if line.startswith("epoch 0: batch")]
+    assert [r["step"] for r in train] == [2, 4, 6] and len(lines) == len(train), text
+    assert all(f"loss {r['total']:.3f}" in line for r, line in zip(train, lines))
+
+    code, shown = _train_on_a_terminal(tmp_path / "tty")
+    assert code == 0 and "\r" in shown and "epoch 0:" in shown

@@ -1,0 +1,445 @@
+"""Teachers from the Hub / local files, and students that mirror them (CPU, no network).
+
+Hub tests run `load_teacher` in a subprocess: huggingface_hub reads HF_HUB_OFFLINE, HF_HUB_CACHE
+and HF_ENDPOINT at import time, so the environment must be set before it is imported. The
+cache is built here in huggingface_hub's real layout from files written by timm's `save_for_hf`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import LayerScale, resample_abs_pos_embed
+from timm.models import save_for_hf
+
+from attnxfer.models.attention import TransferAttention
+from attnxfer.models.student import student_from_spec, student_like, student_spec, vit_traits
+from attnxfer.sources.teacher import (
+    TeacherLoadError,
+    TeacherRecord,
+    UnsafeCheckpointError,
+    load_teacher,
+    read_state_dict,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+# A tiny ViT: 32x32 input, 8-px patches (4x4 grid), width 48, 3 heads, 2 blocks.
+TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+REV = "0123456789abcdef0123456789abcdef01234567"
+HUB_CFG = {"pretrained_cfg": {"license": "cc-by-nc-4.0", "mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}}
+
+
+def tiny_timm(seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**TINY, **kwargs})
+
+
+def put_in_hub_cache(cache: Path, repo: str, model: torch.nn.Module, rev: str = REV, **save_kwargs) -> Path:
+    """Save ``model`` with timm's save_for_hf and lay it out as huggingface_hub's cache does:
+    models--ORG--NAME/{blobs/<sha256>, snapshots/<rev>/<file> -> ../../blobs/<sha256>, refs/main}."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    snap = folder / "snapshots" / rev
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    snap.mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_hf(model, tmp, safe_serialization=True, **save_kwargs)
+        for f in Path(tmp).iterdir():
+            digest = hashlib.sha256(f.read_bytes()).hexdigest()
+            shutil.copyfile(f, folder / "blobs" / digest)
+            os.symlink(f"../../blobs/{digest}", snap / f.name)
+    (folder / "refs" / "main").write_text(rev)
+    return snap
+
+
+def run_python(code: str, env: dict, timeout: float = 120) -> dict:
+    """Run ``code`` in a fresh interpreter (worktree on sys.path); it prints one JSON line last."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    full_env.update(env)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"subprocess failed:\n{proc.stdout}\n{proc.stderr}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hub cache, offline
+
+
+@pytest.mark.slow
+def test_hub_cache_loads_offline_with_saved_weights(tmp_path):
+    cache = tmp_path / "hub"
+    model = tiny_timm(num_classes=5, reg_tokens=2, qk_norm=True)
+    snap = put_in_hub_cache(cache, "acme/tiny-vit", model, model_config=HUB_CFG)
+    reference = tmp_path / "reference.safetensors"
+    save_file(model.state_dict(), str(reference))
+    # A timm registry name, whose weights timm keeps in the Hub repo timm/<name> (tiny dims, to stay fast).
+    full = tiny_timm(seed=3, num_classes=1000)
+    put_in_hub_cache(cache, "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k", full)
+    full_ref = tmp_path / "full.safetensors"
+    save_file(full.state_dict(), str(full_ref))
+
+    out = run_python(
+        f"""
+        import json, torch
+        from dataclasses import asdict
+        from safetensors.torch import load_file
+        from attnxfer.sources.teacher import load_teacher, fetch_teacher
+        from attnxfer.models.attention import TransferAttention
+
+        def same(model, path):
+            ref = load_file(path)
+            sd = model.state_dict()
+            return sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+        res = {{}}
+        for spec in ("hf-hub:acme/tiny-vit", "hf-hub:acme/tiny-vit@{REV}"):
+            m, rec = load_teacher(spec)
+            res[spec] = dict(record=asdict(rec), same=same(m, {str(reference)!r}), training=m.training,
+                             grad=any(p.requires_grad for p in m.parameters()),
+                             transfer=all(isinstance(b.attn, TransferAttention) for b in m.blocks))
+        m, rec = load_teacher("vit_tiny_patch16_224.augreg_in21k_ft_in1k", **{TINY!r})
+        res["timm"] = dict(record=asdict(rec), same=same(m, {str(full_ref)!r}))
+        res["fetch"] = fetch_teacher("hf-hub:acme/tiny-vit")
+        print(json.dumps(res))
+    """,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)},
+    )
+
+    for spec in ("hf-hub:acme/tiny-vit", f"hf-hub:acme/tiny-vit@{REV}"):
+        r = out[spec]
+        assert r["same"], "loaded weights differ from the saved ones"
+        assert r["transfer"] and not r["training"] and not r["grad"]
+        rec = r["record"]
+        assert rec["source"] == "hub" and rec["hf_repo"] == "acme/tiny-vit" and rec["hf_commit"] == REV
+        assert rec["sha256"] == sha256(snap / "model.safetensors")
+        assert rec["license"] == "cc-by-nc-4.0"  # from the repo's config.json, not timm's registry
+        assert rec["mean"] == [0.1, 0.2, 0.3] and rec["std"] == [0.4, 0.5, 0.6]
+        assert rec["num_classes"] == 5 and rec["input_size"] == [3, 32, 32] and not rec["resampled_pos_embed"]
+        json.dumps(rec)
+    assert out[f"hf-hub:acme/tiny-vit@{REV}"]["record"]["hf_revision"] == REV
+    t = out["timm"]
+    assert t["same"]
+    assert t["record"]["source"] == "timm-pretrained"
+    assert t["record"]["hf_repo"] == "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    assert (
+        t["record"]["mean"] == [0.5, 0.5, 0.5] and t["record"]["license"] == "apache-2.0"
+    )  # timm's registry cfg
+    assert Path(out["fetch"]) == snap
+
+
+@pytest.mark.slow
+def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
+    empty = tmp_path / "empty-cache"
+    empty.mkdir()
+    out = run_python(
+        """
+        import json, time
+        from attnxfer.sources.teacher import load_teacher, fetch_teacher, TeacherNotAvailable
+        res = {}
+        for name, call in (("load", lambda: load_teacher("vit_large_patch16_224.mae")),
+                           ("fetch", lambda: fetch_teacher("vit_large_patch16_224.mae"))):
+            t = time.perf_counter()
+            try:
+                call()
+                res[name] = dict(raised=None)
+            except TeacherNotAvailable as e:
+                res[name] = dict(raised=type(e).__name__, runtime=isinstance(e, RuntimeError), message=str(e))
+            res[name]["elapsed"] = time.perf_counter() - t
+        print(json.dumps(res))
+    """,
+        env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(empty)},
+    )
+    for name in ("load", "fetch"):
+        r = out[name]
+        assert r["raised"] == "TeacherNotAvailable" and r["runtime"]
+        assert r["elapsed"] < 15, f"{name} took {r['elapsed']:.1f} s: something waited on the network"
+        msg = r["message"]
+        assert "huggingface-cli download timm/vit_large_patch16_224.mae" in msg
+        assert "attnxfer fetch vit_large_patch16_224.mae" in msg
+        assert "HF_HUB_CACHE" in msg and "HF_HOME" in msg and "cache_dir" in msg
+        assert str(empty) in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+@pytest.mark.slow
+def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path):
+    """No HF_HUB_OFFLINE, and a Hub endpoint that accepts connections but never answers (the case
+    where huggingface_hub would retry for tens of seconds): cached teachers load, uncached ones fail fast."""
+    cache = tmp_path / "hub"
+    put_in_hub_cache(cache, "acme/tiny-vit", tiny_timm(num_classes=5))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        out = run_python(
+            """
+            import json, time
+            from attnxfer.sources.teacher import load_teacher, TeacherNotAvailable
+            res = {}
+            t = time.perf_counter()
+            m, rec = load_teacher("hf-hub:acme/tiny-vit")
+            res["cached"] = dict(elapsed=time.perf_counter() - t, commit=rec.hf_commit)
+            t = time.perf_counter()
+            try:
+                load_teacher("hf-hub:acme/not-cached")
+                res["uncached"] = dict(raised=None)
+            except TeacherNotAvailable as e:
+                res["uncached"] = dict(raised=type(e).__name__, message=str(e))
+            res["uncached"]["elapsed"] = time.perf_counter() - t
+            print(json.dumps(res))
+        """,
+            env={"HF_HUB_CACHE": str(cache), "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"},
+        )
+    finally:
+        silent.close()
+    assert out["cached"]["commit"] == REV and out["cached"]["elapsed"] < 15
+    assert out["uncached"]["raised"] == "TeacherNotAvailable" and out["uncached"]["elapsed"] < 15
+    assert "cannot be reached" in out["uncached"]["message"]
+    assert "huggingface-cli download acme/not-cached" in out["uncached"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+
+
+def mae_checkpoint(encoder: torch.nn.Module, dec_dim: int = 32, dec_depth: int = 2, seed: int = 5) -> dict:
+    """The layout of MAE's pretraining checkpoints: {"model": encoder + mask_token + decoder_*}."""
+    g = torch.Generator().manual_seed(seed)
+    sd = dict(encoder.state_dict())
+    dim = encoder.embed_dim
+    n = encoder.patch_embed.num_patches + 1
+    patch_px = encoder.patch_embed.patch_size[0] ** 2 * 3
+    sd["mask_token"] = torch.randn(1, 1, dec_dim, generator=g)
+    sd["decoder_embed.weight"] = torch.randn(dec_dim, dim, generator=g)
+    sd["decoder_embed.bias"] = torch.zeros(dec_dim)
+    sd["decoder_pos_embed"] = torch.randn(1, n, dec_dim, generator=g)
+    block = timm.models.vision_transformer.Block(dec_dim, num_heads=2)
+    for i in range(dec_depth):
+        for k, v in block.state_dict().items():
+            sd[f"decoder_blocks.{i}.{k}"] = v.clone()
+    sd["decoder_norm.weight"], sd["decoder_norm.bias"] = torch.ones(dec_dim), torch.zeros(dec_dim)
+    sd["decoder_pred.weight"] = torch.randn(patch_px, dec_dim, generator=g)
+    sd["decoder_pred.bias"] = torch.zeros(patch_px)
+    return {"model": sd}
+
+
+def test_mae_checkpoint_loads_and_reports_dropped_keys(tmp_path, caplog):
+    encoder = tiny_timm(num_classes=0)
+    ckpt = mae_checkpoint(encoder)
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save(ckpt, path)
+    decoder_keys = sorted(k for k in ckpt["model"] if k.startswith("decoder_") or k == "mask_token")
+
+    with caplog.at_level("WARNING", logger="attnxfer.sources.teacher"):
+        # ViT-B's registry entry (it has a .mae tag) with tiny dimensions
+        model, rec = load_teacher(str(path), arch="vit_base_patch16_224", **TINY)
+    sd = model.state_dict()
+    ref = encoder.state_dict()
+    assert sorted(sd) == sorted(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    assert rec.dropped_keys == decoder_keys
+    assert "mask_token" in caplog.text and "decoder_blocks" in caplog.text
+    assert rec.source == "file" and rec.checkpoint_key == "model" and rec.sha256 == sha256(path)
+    assert rec.num_classes == 0 and rec.files == [str(path)]
+    # an MAE-format file with an untagged arch takes the preprocessing/licence of timm's .mae tag
+    assert rec.architecture == "vit_base_patch16_224.mae" and rec.license == "cc-by-nc-4.0"
+    assert rec.mean == tuple(IMAGENET_DEFAULT_MEAN) and rec.std == tuple(IMAGENET_DEFAULT_STD)
+    json.dumps(rec.to_dict())
+    assert TeacherRecord.from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
+
+
+def test_missing_encoder_key_is_an_error_not_a_random_weight(tmp_path):
+    ckpt = mae_checkpoint(tiny_timm(num_classes=0))
+    del ckpt["model"]["blocks.1.attn.qkv.weight"]
+    path = tmp_path / "broken.pth"
+    torch.save(ckpt, path)
+    with pytest.raises(TeacherLoadError) as err:
+        load_teacher(str(path), arch="vit_base_patch16_224", **TINY)
+    assert err.value.missing_keys == ["blocks.1.attn.qkv.weight"]
+    assert "blocks.1.attn.qkv.weight" in str(err.value)
+
+
+def test_other_image_size_resamples_position_embeddings(tmp_path):
+    encoder = tiny_timm(num_classes=0)
+    path = tmp_path / "enc.safetensors"
+    save_file(encoder.state_dict(), str(path))
+    src = encoder.pos_embed.detach()
+
+    same, rec_same = load_teacher(str(path), arch="vit_base_patch16_224.mae", **TINY)
+    assert not rec_same.resampled_pos_embed and torch.equal(same.pos_embed, src)
+
+    model, rec = load_teacher(str(path), arch="vit_base_patch16_224.mae", **{**TINY, "img_size": 48})
+    assert rec.resampled_pos_embed and rec.input_size == (3, 48, 48)
+    assert model.pos_embed.shape == (1, 1 + 6 * 6, 48)
+    # the class token's embedding (and its position embedding) pass through unchanged
+    assert torch.equal(model.pos_embed[:, :1], src[:, :1])
+    assert torch.equal(model.cls_token, encoder.cls_token)
+    # the patch grid: bicubic, antialiased 4x4 -> 6x6 resampling of the source grid
+    grid = src[:, 1:].reshape(1, 4, 4, 48).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(6, 6), mode="bicubic", antialias=True, align_corners=False)
+    expected = expected.permute(0, 2, 3, 1).reshape(1, 36, 48)
+    torch.testing.assert_close(model.pos_embed[:, 1:], expected)
+    torch.testing.assert_close(
+        model.pos_embed, resample_abs_pos_embed(src, (6, 6), (4, 4), num_prefix_tokens=1)
+    )
+    with torch.no_grad():
+        out = model.forward_features(torch.randn(2, 3, 48, 48))
+    assert out.shape == (2, 37, 48) and torch.isfinite(out).all()
+
+
+class _Evil:
+    """Unpickling this creates a file: the proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pth_with_pickled_objects_is_refused(tmp_path):
+    sd = tiny_timm(num_classes=0).state_dict()
+    ns = tmp_path / "with_args.pth"
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-3, epochs=800)}, ns)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        load_teacher(str(ns), arch="vit_base_patch16_224", **TINY)
+    assert "argparse.Namespace" in str(err.value) and "safetensors" in str(err.value)
+    assert "weights_only=False" in str(err.value)  # the conversion recipe, for a trusted machine
+
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": sd, "extra": _Evil(marker)}, evil)
+    with pytest.raises(UnsafeCheckpointError):
+        read_state_dict(evil)
+    assert not marker.exists()
+
+
+def test_flat_deit_style_checkpoint_head_rules(tmp_path):
+    model = tiny_timm(num_classes=7)
+    # DeiT releases: {"model": state_dict}; a DDP-trained one has "module." prefixes
+    path = tmp_path / "deit_finetuned.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 299}, path)
+    teacher, rec = load_teacher(str(path), arch="vit_tiny_patch16_224", **TINY)
+    ref = model.state_dict()
+    assert rec.num_classes == 7 and all(torch.equal(teacher.state_dict()[k], ref[k]) for k in ref)
+    assert rec.license is None  # an untagged arch says nothing about a user's file
+
+    with pytest.raises(TeacherLoadError, match="random"):
+        load_teacher(str(path), arch="vit_tiny_patch16_224", num_classes=3, **TINY)
+    headless, rec0 = load_teacher(str(path), arch="vit_tiny_patch16_224", num_classes=0, **TINY)
+    assert rec0.num_classes == 0 and rec0.dropped_keys == ["head.bias", "head.weight"]
+    assert isinstance(headless.head, torch.nn.Identity)
+
+
+def test_local_dir_teacher(tmp_path):
+    model = tiny_timm(num_classes=4)
+    save_for_hf(model, tmp_path / "exported", safe_serialization=True, model_config=HUB_CFG)
+    teacher, rec = load_teacher(f"local-dir:{tmp_path / 'exported'}")
+    ref = model.state_dict()
+    assert all(torch.equal(teacher.state_dict()[k], ref[k]) for k in ref)
+    assert rec.source == "local-dir" and rec.mean == (0.1, 0.2, 0.3) and rec.license == "cc-by-nc-4.0"
+    assert rec.sha256 == sha256(tmp_path / "exported" / "model.safetensors")
+    # an interrupted copy: the weights file is cut short -> one message naming the file, no raw reader error
+    weights = tmp_path / "exported" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(
+        TeacherLoadError, match=r"model\.safetensors is not a readable safetensors file.*truncated"
+    ):
+        load_teacher(f"local-dir:{tmp_path / 'exported'}")
+
+
+def test_bad_specs_say_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match="hf-hub:acme/thing"):
+        load_teacher("acme/thing")
+    path = tmp_path / "w.safetensors"
+    save_file(tiny_timm().state_dict(), str(path))
+    with pytest.raises(ValueError, match="arch="):
+        load_teacher(str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Students
+
+
+def test_student_has_teachers_registers_qk_norm_and_layer_scale(tmp_path):
+    source = tiny_timm(num_classes=0, reg_tokens=4, qk_norm=True, init_values=1e-5, no_embed_class=True)
+    save_for_hf(source, tmp_path / "teacher", safe_serialization=True, model_config=HUB_CFG)
+    teacher, _ = load_teacher(f"local-dir:{tmp_path / 'teacher'}")
+
+    student = student_like(teacher, depth=1, num_classes=10)
+    assert student.reg_token is not None and student.reg_token.shape == (1, 4, 48)
+    assert student.num_prefix_tokens == 5 and student.no_embed_class
+    for blk in student.blocks:
+        assert isinstance(blk.attn, TransferAttention)
+        assert isinstance(blk.attn.q_norm, torch.nn.LayerNorm) and isinstance(
+            blk.attn.k_norm, torch.nn.LayerNorm
+        )
+        assert isinstance(blk.ls1, LayerScale) and torch.allclose(blk.ls1.gamma, torch.full((48,), 1e-5))
+    assert len(student.blocks) == 1 and student.num_classes == 10
+    # fresh weights, trainable; the teacher's preprocessing and licence
+    assert not torch.equal(student.blocks[0].attn.qkv.weight, teacher.blocks[0].attn.qkv.weight)
+    assert all(p.requires_grad for p in student.parameters())
+    assert (
+        student.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+        and student.pretrained_cfg["license"] == "cc-by-nc-4.0"
+    )
+    t, s = vit_traits(teacher), vit_traits(student)
+    assert {k for k in t if t[k] != s[k]} == {"depth", "num_classes"}
+    with torch.no_grad():
+        assert student(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_student_reads_architecture_defaults_and_overrides_width():
+    # registers, LayerScale and no_embed_class come from the timm entrypoint, not from create_model kwargs
+    teacher = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, depth=2, img_size=28)
+    student = student_like(teacher, depth=1, embed_dim=96)
+    assert student.reg_token.shape == (1, 4, 96) and isinstance(student.blocks[0].ls1, LayerScale)
+    assert student.blocks[0].attn.num_heads == 6 and student.blocks[0].attn.head_dim == 16
+    with pytest.raises(ValueError, match="not divisible"):
+        student_like(teacher, embed_dim=100)
+
+
+def test_student_spec_round_trips_through_json():
+    teacher = tiny_timm(reg_tokens=2, qk_norm=True, global_pool="avg", class_token=False, num_classes=0)
+    student = student_like(teacher, depth=3, num_classes=6)
+    spec = json.loads(json.dumps(student_spec(student)))
+    text = json.dumps(spec)
+    assert "attnxfer" not in text and "TransferAttention" not in text
+    assert spec["architecture"] == "vit_tiny_patch16_224" and spec["attention"] == "softmax"
+    rebuilt = student_from_spec(spec)
+    assert vit_traits(rebuilt) == vit_traits(student)
+    assert all(isinstance(b.attn, TransferAttention) for b in rebuilt.blocks)
+
+
+def test_random_init_teacher_needs_no_weights():
+    teacher, rec = load_teacher("vit_base_patch16_224.mae", pretrained=False, **TINY)
+    assert rec.source == "random-init" and rec.sha256 is None and rec.files == []
+    assert rec.license == "cc-by-nc-4.0" and rec.mean == tuple(
+        IMAGENET_DEFAULT_MEAN
+    )  # the tag's cfg still applies
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())

@@ -1,0 +1,249 @@
+"""The training engine: config errors through the CLI, exact resume after SIGKILL, corrupt checkpoints,
+two ranks under torchrun, non-finite losses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from attnxfer.config import ConfigError, load_config
+from attnxfer.launch import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+PY = sys.executable
+# A 2-block micro-ViT on real animal-mnist: a few seconds a run.
+TINY = [
+    "model.name=vit_micro_patch4_28",
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "data.batch_size=32",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "log.every_steps=2",
+    "model.drop_path_rate=0.1",
+    "checkpoint.every_epoch=false",
+    "deterministic=true",
+]
+
+
+def _cli(*args, timeout=300, env=None):
+    return subprocess.run(
+        [PY, "-m", "attnxfer", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def _weights(run_dir):
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step-*"))
+    return load_file(str(ckpts[-1] / "model.safetensors")), ckpts[-1].name
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["optim.lrr=1"], "did you mean 'optim.lr'"),
+        (["schedule.epochs=1.5"], "schedule.epochs: expected an integer"),
+        (
+            ["data.dataset=folder", "data.root=/nonexistent/imagenet", "transfer.mode=none"],
+            "/nonexistent/imagenet",
+        ),
+        (["-c", "paper/vit_large_copyy"], "did you mean the built-in recipe 'paper/vit_large_copy'"),
+        (["transfer.mode=copy"], "needs a teacher"),
+    ],
+)
+def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):
+    """Through the CLI's own main, in this process (the tests below run ``attnxfer train`` as a real process)."""
+    code = cli.main(["train", f"run_dir={tmp_path / 'r'}", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert needle in err
+    assert "Traceback" not in err
+
+
+def test_config_overrides_and_resolved_config_written(tmp_path):
+    cfg = load_config("demo/copy", ["transfer.layers=[0,2]", "optim.lr=1e-3", "teacher.spec=local-dir:/x"])
+    assert cfg.transfer.layers == [0, 2] and cfg.optim.lr == 1e-3 and cfg.teacher.spec == "local-dir:/x"
+    with pytest.raises(ConfigError, match="expected a list"):
+        load_config(None, ["transfer.layers=3"])
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    common = [
+        *TINY,
+        "transfer.mode=none",
+        "schedule.max_steps=16",
+        "checkpoint.every_steps=4",
+        "checkpoint.keep_last=10",
+    ]
+    ref = _cli("train", f"run_dir={tmp_path / 'ref'}", *common)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [PY, "-m", "attnxfer", "train", f"run_dir={run}", *common],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    deadline = time.time() + 240
+    while not list((run / "checkpoints").glob("step-00000008")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert "step-00000008" in saved and "step-00000016" not in saved, (
+        saved
+    )  # killed mid-run (epoch = 281 steps)
+    res = _cli("train", f"run_dir={run}", *common)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "resumed from checkpoint step" in res.stdout
+    a, name_a = _weights(tmp_path / "ref")
+    b, name_b = _weights(run)
+    assert name_a == name_b == "step-00000016"
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # earlier checkpoints written before the kill were not overwritten or lost
+    assert {"step-00000004", "step-00000008"} <= {p.name for p in (run / "checkpoints").glob("step-*")}
+
+
+@pytest.mark.slow
+def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path):
+    common = [*TINY, "transfer.mode=none", "schedule.max_steps=8", "checkpoint.every_steps=4"]
+    run = tmp_path / "r"
+    assert _cli("train", f"run_dir={run}", *common).returncode == 0
+    newest = run / "checkpoints" / "step-00000008" / "model.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-5] ^= 0xFF
+    newest.write_bytes(bytes(data))
+    res = _cli("train", f"run_dir={run}", *common, "schedule.max_steps=10")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "step-00000008" in res.stderr and "resumed from checkpoint step 4" in res.stdout
+    assert (run / "checkpoints" / "step-00000010").exists()
+
+
+@pytest.mark.slow
+def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path):
+    res = _cli(
+        "train",
+        f"run_dir={tmp_path / 'r'}",
+        *TINY,
+        "transfer.mode=none",
+        "optim.lr=1e30",
+        "schedule.warmup_epochs=0",
+        "schedule.max_steps=6",
+        "checkpoint.every_steps=100",
+    )
+    assert res.returncode != 0
+    assert "non-finite loss term 'task'" in res.stderr and "Traceback" not in res.stderr
+    assert not list((tmp_path / "r" / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(tmp_path):
+    # device=cpu: CPU ranks in a gloo group, also on a GPU machine (where auto would want one GPU per rank)
+    common = [
+        *TINY,
+        "transfer.mode=none",
+        "schedule.max_steps=4",
+        "model.drop_path_rate=0.0",
+        "checkpoint.every_steps=4",
+        "device=cpu",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [
+            PY,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests" / "dist_train.py"),
+            f"run_dir={tmp_path / 'two'}",
+            *common,
+            "data.batch_size=16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        cwd=ROOT,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [
+            PY,
+            str(ROOT / "tests" / "dist_train.py"),
+            f"run_dir={tmp_path / 'one'}",
+            *common,
+            "data.batch_size=32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+        cwd=ROOT,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    # the two ranks really formed one group
+    assert [(tmp_path / "two" / f"rank{r}.allreduce").read_text() for r in (0, 1)] == ["1.0", "1.0"]
+    r0, r1 = (load_file(str(tmp_path / "two" / f"rank{r}.safetensors")) for r in (0, 1))
+    single = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k  # DDP keeps ranks bit-identical
+        torch.testing.assert_close(r0[k], single[k], rtol=1e-4, atol=1e-5)
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert run["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path):
+    from attnxfer.checkpoints.export import ModelCardInfo, export_student
+    from attnxfer.models import create_vit
+
+    teacher = create_vit("vit_micro_patch4_28", num_classes=10, depth=2, embed_dim=48)
+    export_student(teacher, tmp_path / "teacher", card=ModelCardInfo(model_name="t", license="apache-2.0"))
+    res = _cli(
+        "train",
+        f"run_dir={tmp_path / 'r'}",
+        *TINY,
+        "transfer.mode=copy",
+        f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
+        "model.mirror_teacher=false",
+        "model.kwargs={depth: 2, embed_dim: 48, img_size: 32}",
+    )
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "token grids differ: teacher has 7x7 patches + 1 prefix token(s), student 8x8 + 1" in res.stderr
+    assert "img_size" in res.stderr
+
+
+@pytest.mark.slow
+def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path):
+    """An exported student used as a teacher must hand its training mean/std to the next run."""
+    from attnxfer.data import dataset_info
+
+    run = tmp_path / "r"
+    assert (
+        _cli("train", f"run_dir={run}", *TINY, "transfer.mode=none", "schedule.max_steps=2").returncode == 0
+    )
+    res = _cli("export", str(run), str(tmp_path / "export"), "--weights", "raw")
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
+    info = dataset_info("animal_mnist")
+    assert cfg["mean"] == list(info.mean) and cfg["std"] == list(info.std)
+    from attnxfer.sources import load_teacher
+
+    _, record = load_teacher(f"local-dir:{tmp_path / 'export'}")
+    assert list(record.mean) == list(info.mean) and list(record.std) == list(info.std)

@@ -1,0 +1,384 @@
+"""MAE pre-training: masking, the loss against hand computations, the encoder against timm, and a short
+real pre-training run (animal-mnist) whose checkpoint loads as a teacher and resumes bit-identically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from attnxfer.apps.pretrain import pretrain
+from attnxfer.config import load_config
+from attnxfer.launch import cli
+from attnxfer.models import create_vit
+from attnxfer.models.mae import (
+    MaskedAutoencoder,
+    masked_patch_loss,
+    patchify,
+    random_masking,
+    unpatchify,
+)
+from attnxfer.sources import load_teacher
+
+ROOT = Path(__file__).resolve().parents[2]
+# A 2-block micro-ViT MAE on real animal-mnist: 32 images a step, a second or two a run.
+TINY = [
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "mae.decoder_dim=32",
+    "mae.decoder_heads=2",
+    "mae.decoder_depth=1",
+    "mae.pictures=3",
+    "data.batch_size=32",
+    "log.progress=false",
+    "log.every_steps=2",
+    "deterministic=true",
+    "checkpoint.every_epoch=false",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=10",
+    "schedule.max_steps=8",
+]
+
+
+# -- masking ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "n,ratio,kept", [(49, 0.75, 12), (49, 0.5, 24), (16, 0.75, 4), (50, 0.9, 5), (9, 0.0, 9)]
+)
+def test_masking_keeps_exactly_the_requested_share_of_patches_in_every_image(n, ratio, kept):
+    g = torch.Generator().manual_seed(0)
+    keep_idx, mask = random_masking(64, n, ratio, generator=g)
+    assert keep_idx.shape == (64, kept)
+    assert (mask.sum(1) == n - kept).all()  # exactly N - K hidden, per image
+    for row, idx in zip(mask, keep_idx):
+        assert len(set(idx.tolist())) == kept and idx.tolist() == sorted(idx.tolist())
+        assert (row[idx] == 0).all()  # the kept ones are exactly the unmasked ones
+    if 0 < kept < n:
+        assert len({tuple(r.tolist()) for r in keep_idx}) > 32  # each image draws its own subset
+
+
+def test_masking_draws_every_patch_equally_often():
+    keep_idx, _ = random_masking(20000, 16, 0.75, generator=torch.Generator().manual_seed(1))
+    freq = torch.bincount(keep_idx.flatten(), minlength=16).float() / 20000
+    torch.testing.assert_close(freq, torch.full((16,), 4 / 16), atol=0.015, rtol=0)
+
+
+def test_mask_ratio_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+        random_masking(2, 16, 1.0)
+
+
+# -- patches and loss ------------------------------------------------------------------------------
+def test_patchify_orders_patches_in_raster_order_and_inverts():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    p = patchify(x, 4)
+    assert p.shape == (2, 4, 48)
+    # patch 1 is the top-right 4x4 block; its first pixel's channels come first (row, col, channel)
+    assert p[0, 1, :3].tolist() == [x[0, c, 0, 4].item() for c in range(3)]
+    assert p[1, 2, 3:6].tolist() == [x[1, c, 4, 1].item() for c in range(3)]
+    assert torch.equal(unpatchify(p, 4, (2, 2), 3), x)
+
+
+def test_loss_is_zero_for_a_perfect_reconstruction():
+    target = torch.randn(3, 10, 16)
+    mask = (torch.rand(3, 10) > 0.5).float()
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    assert masked_patch_loss((target - mean) / (var + 1e-6).sqrt(), target, mask, norm_pix=True) == 0
+    assert masked_patch_loss(target, target, mask, norm_pix=False) == 0
+
+
+def test_loss_matches_a_hand_computation():
+    pred = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])
+    target = torch.tensor([[[1.0, 3.0], [2.0, 2.0]]])
+    only_first = torch.tensor([[1.0, 0.0]])
+    # patch 0: mean 2, unbiased variance 2 -> normalised target ±1/sqrt(2 + 1e-6); prediction 0
+    assert masked_patch_loss(pred, target, only_first).item() == pytest.approx(1 / (2 + 1e-6), rel=1e-6)
+    assert masked_patch_loss(pred, target, only_first, norm_pix=False).item() == pytest.approx((1 + 9) / 2)
+    # patch 1 is flat: its normalised target is 0 and the prediction 1 costs 1; the mean is over masked patches
+    both = torch.ones(1, 2)
+    assert masked_patch_loss(pred, target, both).item() == pytest.approx((1 / (2 + 1e-6) + 1) / 2, rel=1e-6)
+    # an unmasked patch, however wrong, costs nothing
+    assert masked_patch_loss(pred + 100 * torch.tensor([[[0.0], [1.0]]]), target, only_first).item() == (
+        pytest.approx(1 / (2 + 1e-6), rel=1e-6)
+    )
+
+
+# -- the model -------------------------------------------------------------------------------------
+def _tiny_mae(**kwargs) -> MaskedAutoencoder:
+    torch.manual_seed(0)
+    enc = create_vit("vit_micro_patch4_28", num_classes=0, depth=2, embed_dim=48)
+    return MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=1, **kwargs)
+
+
+def test_encoder_on_all_patches_is_timms_forward_features():
+    mae = _tiny_mae().eval()
+    x = torch.randn(4, 1, 28, 28)
+    everything = torch.arange(49).expand(4, -1)
+    torch.testing.assert_close(mae.forward_encoder(x, everything), mae.encoder.forward_features(x))
+
+
+def test_encoder_on_kept_patches_equals_timm_on_those_tokens_alone():
+    """Masking = running timm's blocks on [cls + pos, kept patches + their pos] only."""
+    mae = _tiny_mae().eval()
+    enc = mae.encoder
+    x = torch.randn(2, 1, 28, 28)
+    keep_idx, _ = random_masking(2, 49, 0.75, generator=torch.Generator().manual_seed(3))
+    tokens = enc._pos_embed(enc.patch_embed(x))  # (B, 1 + 49, D), timm's own embedding
+    kept = torch.stack([torch.cat([t[:1], t[1:][i]]) for t, i in zip(tokens, keep_idx)])
+    torch.testing.assert_close(mae.forward_encoder(x, keep_idx), enc.norm(enc.blocks(kept)))
+
+
+def test_state_dict_has_maes_checkpoint_layout_and_shares_the_encoders_weights():
+    mae = _tiny_mae()
+    keys = set(mae.state_dict())
+    enc_keys = set(mae.encoder.state_dict())
+    assert enc_keys <= keys  # timm's names, unprefixed
+    assert keys - enc_keys == {k for k in keys if k.startswith("decoder_") or k == "mask_token"}
+    with torch.no_grad():
+        mae.blocks[0].attn.qkv.weight.add_(1.0)
+    assert torch.equal(mae.encoder.blocks[0].attn.qkv.weight, mae.state_dict()["blocks.0.attn.qkv.weight"])
+    assert not mae.decoder_pos_embed.requires_grad  # fixed sin-cos, as MAE
+
+
+def test_a_step_only_trains_from_masked_patches_of_the_image():
+    mae = _tiny_mae(mask_ratio=0.75)
+    out = mae(torch.randn(2, 1, 28, 28), generator=torch.Generator().manual_seed(0))
+    assert out.pred.shape == (2, 49, 16) and (out.mask.sum(1) == 37).all()
+    out.loss.backward()
+    assert mae.blocks[0].attn.qkv.weight.grad.abs().sum() > 0 and mae.mask_token.grad.abs().sum() > 0
+
+
+# -- a real pre-training run -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("mae") / "ref"
+    res = pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={run}"]))
+    assert res.steps == 8 and res.metric == "val_loss" and math.isfinite(res.best)
+    return run
+
+
+@pytest.mark.slow
+def test_pretraining_writes_checkpoints_metrics_pictures_and_a_timm_export(pretrained_run):
+    run = pretrained_run
+    assert {p.name for p in (run / "checkpoints").glob("step-*")} == {"step-00000004", "step-00000008"}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
+    assert all("mae" in r and "task" not in r for r in records if r["split"] == "train")
+    assert [r["val_loss"] for r in records if r["split"] == "val"]
+    pictures = list((run / "pictures").glob("val-reconstruction-step*.png"))
+    assert [p.name for p in pictures] == ["val-reconstruction-step00000008.png"]
+    from PIL import Image
+
+    w, h = Image.open(pictures[0]).size
+    assert (w, h) == (4 * (3 * 29 + 1), 4 * (3 * 29 + 1))  # 3 images x (masked, reconstruction, original)
+    assert list((run / "tb").glob("events.*"))
+    export = run / "export"
+    plain = timm.create_model(f"local-dir:{export}", pretrained=True)
+    ckpt = load_file(str(run / "checkpoints" / "step-00000008" / "model.safetensors"))
+    for k, v in plain.state_dict().items():
+        assert torch.equal(v, ckpt[k]), k
+
+
+@pytest.mark.slow
+def test_mae_checkpoint_loads_as_a_teacher_without_its_decoder(pretrained_run, caplog):
+    ckpt_file = pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"
+    ckpt = load_file(str(ckpt_file))
+    decoder = sorted(k for k in ckpt if k.startswith("decoder_") or k == "mask_token")
+    assert decoder and "decoder_pos_embed" in decoder
+    with caplog.at_level(logging.WARNING, logger="attnxfer"):
+        teacher, record = load_teacher(str(ckpt_file), arch="vit_micro_patch4_28", depth=2, embed_dim=48)
+    assert sorted(record.dropped_keys) == decoder
+    assert "dropped" in caplog.text and "decoder_blocks" in caplog.text
+    state = teacher.state_dict()
+    assert not [k for k in state if k.startswith("decoder_") or k == "mask_token"]
+    for k, v in state.items():
+        assert torch.equal(v, ckpt[k]), k
+    # the exported folder is a teacher spec like any other, and a student can copy from it
+    t2, rec2 = load_teacher(f"local-dir:{pretrained_run / 'export'}")
+    assert rec2.dropped_keys == [] and rec2.num_classes == 0
+    for k, v in t2.state_dict().items():
+        assert torch.equal(v, ckpt[k]), k
+
+
+@pytest.mark.slow
+def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsys):
+    """Resume from the step-4 checkpoint (mid-epoch: 281 steps an epoch) and compare step 8 bit for bit."""
+    step4 = pretrained_run / "checkpoints" / "step-00000004"
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step4, resumed / "checkpoints" / step4.name)
+    pretrain(load_config("demo/mae_pretrain", [*TINY, f"run_dir={resumed}", "mae.export=false"]))
+    assert "resumed from checkpoint step 4" in capsys.readouterr().out
+    a = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "step-00000008" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    oa = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
+    ob = load_file(str(resumed / "checkpoints" / "step-00000008" / "optimizer.safetensors"))
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
+    from attnxfer.apps.run_parts import init_from_pretrained
+
+    student = init_from_pretrained(f"local-dir:{pretrained_run / 'export'}", 10, 0.0, None)
+    ckpt = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
+    assert student.head.out_features == 10 and all(p.requires_grad for p in student.parameters())
+    for k, v in student.state_dict().items():
+        if not k.startswith("head."):
+            assert torch.equal(v, ckpt[k]), k
+
+
+def _maes_full_checkpoint(pretrained_run: Path, path: Path, **extra) -> dict[str, torch.Tensor]:
+    """The run's step-8 weights written as MAE's released ``*_full.pth`` are: ``{"model": state_dict}``
+    under MAE's names (encoder unprefixed, ``decoder_*``, ``mask_token``), saved with ``torch.save``."""
+    state = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
+    torch.save({"model": state, **extra}, path)
+    return state
+
+
+@pytest.mark.slow
+def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pretrained_run, tmp_path):
+    from attnxfer.apps.pretrain import build_pretrain_engine
+
+    full = tmp_path / "mae_pretrain_vit_micro_full.pth"
+    state = _maes_full_checkpoint(pretrained_run, full, epoch=799)
+    cfg = load_config("demo/mae_pretrain", [*TINY, f"run_dir={tmp_path / 'more'}", f"model.init={full}"])
+    mae = build_pretrain_engine(cfg).student
+    got = mae.state_dict()
+    assert set(got) == set(state) and any(k.startswith("decoder_blocks.") for k in state)
+    for k, v in state.items():
+        assert torch.equal(got[k], v), k
+    # a decoder of another width cannot be loaded: the encoder is, the decoder starts fresh and says so
+    other = load_config(
+        "demo/mae_pretrain",
+        [
+            *TINY,
+            f"run_dir={tmp_path / 'wider'}",
+            f"model.init={full}",
+            "mae.decoder_dim=16",
+            "mae.decoder_heads=2",
+        ],
+    )
+    from attnxfer.apps.pretrain import build_mae, init_mae
+
+    fresh = build_mae(other, in_chans=1, img_size=None)
+    note = init_mae(fresh, str(full))
+    assert "decoder fresh" in note and "decoder_embed.weight" in note
+    got = fresh.state_dict()
+    for k, v in state.items():
+        if k.startswith("decoder_") or k == "mask_token":
+            assert got[k].shape != v.shape or not torch.equal(got[k], v), k
+        else:
+            assert torch.equal(got[k], v), k
+
+
+@pytest.mark.slow
+def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused(pretrained_run, tmp_path):
+    import argparse
+
+    from attnxfer.apps.pretrain import build_mae, init_mae
+    from attnxfer.sources import UnsafeCheckpointError
+    from attnxfer.sources.resolve import TeacherLoadError
+
+    cfg = load_config("demo/mae_pretrain", TINY)
+    pickled = tmp_path / "with_args.pth"
+    _maes_full_checkpoint(pretrained_run, pickled, args=argparse.Namespace(lr=1.5e-4))
+    with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace"):
+        init_mae(build_mae(cfg, in_chans=1, img_size=None), str(pickled))
+    wide = load_config("demo/mae_pretrain", [*TINY, "model.kwargs={depth: 2, embed_dim: 96}"])
+    with pytest.raises(TeacherLoadError, match=r"does not fit the encoder.*pos_embed"):
+        init_mae(
+            build_mae(wide, in_chans=1, img_size=None),
+            str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"),
+        )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be >= 0 and < 1"),
+        (["teacher.spec=vit_base_patch16_224.mae"], "pretrain learns from pixels alone"),
+        (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
+    ],
+)
+def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):
+    """Through the CLI's own main, in this process (the real process: the test below)."""
+    code = cli.main(["pretrain", "-c", "demo/mae_pretrain", f"run_dir={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_refused_pretrain_exits_2_with_one_line_in_a_real_process(tmp_path):
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attnxfer",
+            "pretrain",
+            "-c",
+            "demo/mae_pretrain",
+            f"run_dir={tmp_path}",
+            "mae.mask_ratio=1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "mae.mask_ratio: must be >= 0 and < 1" in res.stderr and "Traceback" not in res.stderr
+
+
+# -- the demo's MAE rows ---------------------------------------------------------------------------
+def test_demo_has_the_papers_rows_with_one_student_budget(tmp_path):
+    from attnxfer.apps.demo import ROWS, TEACHERS, _keyed
+
+    mae_rows = [r for r in ROWS if r.table in (None, "mae")]
+    assert [r.key for r in mae_rows] == ["scratch", "mae_finetune", "copy", "distill"]
+    assert TEACHERS["mae"].recipe == "demo/mae_pretrain"
+    cfgs = [_keyed(tmp_path, r.key, r.recipe, []) for r in mae_rows]
+    # the same student architecture, data and step budget in every row
+    budget = {
+        (c.model.name, c.data.batch_size, c.schedule.epochs, c.schedule.max_steps, c.seed) for c in cfgs
+    }
+    assert len(budget) == 1
+    assert [c.transfer.mode for c in cfgs] == ["none", "none", "copy", "distill"]
+    assert cfgs[1].model.init and not cfgs[0].model.init
+    # run folders are keyed by the config: same config, same folder; any change, another folder
+    again = _keyed(tmp_path, "copy", "demo/copy", [])
+    other = _keyed(tmp_path, "copy", "demo/copy", ["teacher.spec=local-dir:/elsewhere"])
+    assert again.run_dir == cfgs[2].run_dir != other.run_dir
+    assert _keyed(tmp_path, "copy", "demo/copy", ["log.progress=false"]).run_dir == again.run_dir
+
+
+def test_every_demo_table_compares_its_copy_and_distillation_rows_with_each_other_and_with_scratch():
+    """The supervised table once printed an empty comparison table: its rows have their own keys."""
+    from attnxfer.apps.demo import TABLES, table_pairs
+
+    assert table_pairs("mae") == [
+        ("copy", "distill"),
+        ("copy", "scratch"),
+        ("distill", "scratch"),
+        ("copy", "mae_finetune"),
+    ]
+    assert table_pairs("supervised") == [
+        ("sup_copy", "sup_distill"),
+        ("sup_copy", "scratch"),
+        ("sup_distill", "scratch"),
+    ]
+    assert set(TABLES) == {"mae", "supervised"}
+    assert table_pairs("supervised", keys=["scratch", "sup_copy"]) == [("sup_copy", "scratch")]
