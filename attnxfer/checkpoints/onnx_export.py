@@ -21,10 +21,13 @@ Why these choices:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.metadata
 import importlib.util
+import io
 import logging
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,8 +91,15 @@ class OnnxReport:
 
 
 def missing_onnx_packages() -> list[str]:
-    """The packages of the ``onnx`` extra that are not installed."""
-    return [pip for module, pip in _PACKAGES.items() if importlib.util.find_spec(module) is None]
+    """The packages of the ``onnx`` extra that are not installed (or cannot be imported)."""
+    return [pip for module, pip in _PACKAGES.items() if not _installed(module)]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a module blocked in sys.modules (None) has no spec either
+        return False
 
 
 def require_onnx() -> None:
@@ -117,20 +127,28 @@ def _trace(model: nn.Module, x: torch.Tensor, path: Path, output_name: str) -> N
     """``model`` as ``path`` through torch.export, the batch axis free. Weights over protobuf's 2 GB go
     to ``path.data`` beside it (the exporter decides)."""
     batch = torch.export.Dim("batch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch.export's notes on the trace are not the user's business
-        torch.onnx.export(
-            model,
-            (x,),
-            str(path),
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=[INPUT_NAME],
-            output_names=[output_name],
-            dynamic_shapes=({0: batch},),
-            external_data=False,
-            verbose=False,
-        )
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        # torch.export's notes on the trace, and the partial graph it prints when it fails, are not the
+        # user's business: a refusal says in one line what failed and where
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=True,
+                opset_version=OPSET,
+                input_names=[INPUT_NAME],
+                output_names=[output_name],
+                dynamic_shapes=({0: batch},),
+                external_data=False,
+                verbose=False,
+            )
+    finally:
+        torch_log.setLevel(level)
 
 
 def _what(model: nn.Module) -> str:
@@ -142,10 +160,20 @@ def _what(model: nn.Module) -> str:
     return f"{type(model).__name__} with {', '.join(names)} attention"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    detail = next((line for line in text if line.strip() and "This is step" not in line), "")
-    return f"{type(e).__name__}: {detail.strip()[:300]}"
+def _reason(e: BaseException) -> str:
+    """The exporter's failure in one line: the innermost cause (torch.onnx wraps torch.export's) and, where
+    torch.export names it, the line of model code that raised."""
+    inner = e
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    reason = f"{type(inner).__name__}: {lines[0][:200] if lines else ''}"
+    where = re.search(
+        r'The following call raised this error:\s*File "([^"]+)", line (\d+), in \w+\s*(.*)', str(e)
+    )
+    if where:
+        reason += f" at {Path(where[1]).name}:{where[2]} `{where[3].strip()[:100]}`"
+    return reason
 
 
 def _ort_session(path: Path):
@@ -200,13 +228,13 @@ def write_onnx(
         _trace(twin, example, path, out_name)
     except Exception as e:  # the exporter's own failure: say which student and why, in one line
         raise OnnxExportError(
-            f"the {_what(twin)} cannot be exported to ONNX ({_first_line(e)}); export it in timm's format "
+            f"the {_what(twin)} cannot be exported to ONNX ({_reason(e)}); export it in timm's format "
             "instead (--format timm) and load it with attnxfer.load_student"
         ) from e
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
-        raise OnnxExportError(f"the exported graph fails onnx.checker: {_first_line(e)}") from e
+        raise OnnxExportError(f"the exported graph fails onnx.checker: {_reason(e)}") from e
     diff, scale = _compare(twin, _ort_session(path), tuple(input_size), seed + 1)
     if not diff <= tolerance * max(1.0, scale):  # also stops a NaN
         raise OnnxExportError(

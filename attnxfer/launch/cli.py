@@ -375,8 +375,11 @@ def _export_parser(sub):
 
 def _cmd_export(args) -> int:
     from ..checkpoints.export import export_run
+    from ..checkpoints.onnx_export import require_onnx
     from ..checkpoints.run_dir import RunDir
 
+    if "onnx" in args.formats:
+        require_onnx()  # a missing package stops before the run is read
     weights = args.weights
     if weights == "ema":  # a run without EMA has raw weights only: say so and use them
         info = RunDir(args.run_dir).latest()
