@@ -74,7 +74,7 @@ class TransformersTeacher:
     pretrained_cfg: dict[str, Any]
     convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]]
     # construction arguments no JSON value names (a LayerNorm eps timm has no name for): the teacher is
-    # built with them, students built from its recorded arguments take timm's default
+    # built with them; students (mirrored or converted) take timm's default, which their exports rebuild
     unrecorded_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property

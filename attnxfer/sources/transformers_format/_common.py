@@ -74,8 +74,9 @@ def norm_layer(eps: float, timm_default: float = 1e-6) -> dict[str, Any]:
 
     transformers' ViT family normalises with eps 1e-12, timm's ViT with 1e-6: on the small activations of
     early layers that is a relative difference of order 1e-6/variance, so the teacher keeps the config's.
-    No timm string names such a norm, so students built from the teacher's arguments take timm's default
-    (see `TransformersTeacher.unrecorded_args`).
+    No JSON value names such a norm, so every student takes timm's default, the eps its export rebuilds:
+    mirrored ones are built from the teacher's recorded arguments, converted copies of the teacher are
+    reset to them (`attnxfer.models.norm_eps`; see `TransformersTeacher.unrecorded_args`).
     """
     eps = float(eps)
     return {} if eps == timm_default else {"norm_layer": functools.partial(LayerNorm, eps=eps)}
