@@ -363,9 +363,7 @@ def _write_onnx_format(
     its PyTorch forward whatever ``verify`` says (the check is what makes the graph trustworthy)."""
     from timm.models import get_model_input_config
 
-    size = tuple(
-        spec.get("pretrained_cfg", {}).get("input_size") or get_model_input_config(student)["input_size"]
-    )
+    size = tuple(get_model_input_config(student)["input_size"])  # what the model is built for
     return write_onnx(student, folder, input_size=size).to_dict()
 
 
