@@ -40,19 +40,31 @@ windows). ``--attentions`` takes comma-separated lists for one attention per sta
     python benchmarks/model_throughput.py --preset gpu --json runs/model_throughput_gpu.json
     python benchmarks/model_throughput.py --preset pvt_cpu --attentions hashing relu_linear none,none,hashing,hashing
     python benchmarks/model_throughput.py --preset floor_cpu --json runs/model_throughput_floor_cpu.json
+
+``--onnx`` times the same teacher and students as the ONNX graphs ``attnxfer export --format onnx`` writes
+(`attnxfer.checkpoints.onnx_export.write_onnx`: torch.export, opset 18, each graph checked against its
+PyTorch forward, the largest difference reported per row), run by ONNX Runtime's CPU session (inference
+only; ``intra_op_num_threads`` = ``--threads``), interleaved in one process like the rest. Its preset
+``onnx_cpu``: ViT-S/16 at 224 / 512 / 1024 px (197 / 1025 / 4097 tokens), batch 4 / 1 / 1, 1 warm-up and
+5 timed rounds, 1 thread:
+
+    python benchmarks/model_throughput.py --onnx --attentions relu_linear hedgehog performer --json runs/onnx_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -61,6 +73,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _measure import format_table, interleaved_timings, machine_info, step_peak_growth, write_json
 
+from attnxfer.checkpoints.onnx_export import write_onnx
 from attnxfer.models.efficient import build_efficient_student, list_attentions
 from attnxfer.models.efficient.floor import floor_model
 from attnxfer.train.measure import attention_calls, operation_counts
@@ -103,6 +116,7 @@ PRESETS = {
         "vit_small_patch16_224", 1000, (512, 1024), (1, 1), "cpu", 1, 5, 1, ("forward",), LINEAR_FAMILY
     ),
     "pvt_cpu": Preset("pvt_v2_b0", 100, (224, 448), (2, 1), "cpu", 1, 5, 1),
+    "onnx_cpu": Preset("vit_small_patch16_224", 1000, (224, 512, 1024), (4, 1, 1), "cpu", 1, 5, 1),
 }
 
 
@@ -250,8 +264,87 @@ def columns(modes: tuple[str, ...], cuda: bool) -> list[tuple[str, str, str]]:
     return cols + ([PEAK_COLUMNS[mode] for mode in modes] if cuda else [])
 
 
+# -- ONNX Runtime (--onnx) ---------------------------------------------------------------------------
+
+ONNX_COLUMNS = [
+    ("resolution", "px", ""),
+    ("tokens", "N", ""),
+    ("batch", "batch", ""),
+    ("model", "attention", ""),
+    ("onnx_images_per_s", "ORT img/s", ".2f"),
+    ("onnx_vs_teacher", "ORT × teacher", ".2f"),
+    ("onnx_cpu_vs_teacher", "ORT × (CPU time)", ".2f"),
+    ("onnx_spread", "ORT ±", ".0%"),
+    ("onnx_max_abs_diff", "max |ORT - torch|", ".1e"),
+]
+
+
+def onnx_session(model: nn.Module, resolution: int, folder: Path, threads: int | None):
+    """``model`` exported as `attnxfer export --format onnx` exports it (checked against its PyTorch forward),
+    and an ONNX Runtime CPU session on the graph: (session, the export's report)."""
+    import onnxruntime as ort  # the onnx extra: only --onnx needs it
+
+    folder.mkdir(parents=True)
+    in_chans = model.pretrained_cfg.get("input_size", (3,))[0]
+    report = write_onnx(model, folder, input_size=(in_chans, resolution, resolution))
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(folder / report.file), options, providers=["CPUExecutionProvider"])
+    return session, report
+
+
+def measure_onnx_resolution(
+    preset: Preset, resolution: int, batch: int, names: list[str], args
+) -> list[dict]:
+    """Images/s of every model's ONNX graph in ONNX Runtime at ``resolution``, interleaved in one process."""
+    device = torch.device("cpu")
+    models = build_models(preset, resolution, names, device)
+    in_chans = models[TEACHER].pretrained_cfg.get("input_size", (3,))[0]
+    x = np.random.default_rng(0).standard_normal((batch, in_chans, resolution, resolution), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions, fns = {}, {}
+        for name, model in models.items():
+            session, report = onnx_session(
+                model, resolution, Path(tmp) / name.replace(",", "+"), preset.threads
+            )
+            sessions[name] = report
+            fns[name] = functools.partial(session.run, None, {report.input_name: x})
+        started = time.perf_counter()
+        timings = interleaved_timings(fns, device=device, warmup=preset.warmup, repeats=preset.repeats)
+        seconds = time.perf_counter() - started
+    tokens = attention_calls(models[TEACHER], resolution)[0][0]
+    rows = []
+    for name in models:
+        t, teacher = timings[name], timings[TEACHER]
+        rows.append(
+            {
+                "resolution": resolution,
+                "tokens": tokens,
+                "batch": batch,
+                "model": name,
+                "onnx_ms": 1e3 * t.median,
+                "onnx_images_per_s": batch / t.median,
+                "onnx_vs_teacher": teacher.median / t.median,
+                "onnx_cpu_vs_teacher": teacher.cpu_median / t.cpu_median,
+                "onnx_spread": t.spread,
+                "onnx_times_s": t.times,
+                "onnx_max_abs_diff": sessions[name].max_abs_diff,
+                "onnx_report": sessions[name].to_dict(),
+            }
+        )
+    print(
+        f"# ONNX Runtime {resolution} px ({tokens} tokens), batch {batch}: {seconds:.0f} s", file=sys.stderr
+    )
+    del models, fns
+    gc.collect()
+    return rows
+
+
 def resolve(args) -> Preset:
-    preset = PRESETS[args.preset]
+    preset = PRESETS[args.preset or ("onnx_cpu" if args.onnx else "cpu")]
     overrides = {
         "model": args.model,
         "device": args.device,
@@ -273,7 +366,9 @@ def resolve(args) -> Preset:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="default: cpu (onnx_cpu with --onnx)"
+    )
     parser.add_argument(
         "--model", default=None, help="timm model name of the teacher (default: the preset's)"
     )
@@ -291,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (Module.compile)")
     parser.add_argument("--json", type=Path, default=None, help="write rows, settings and machine facts here")
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="time the models' ONNX graphs (attnxfer export --format onnx) in ONNX Runtime on the CPU instead",
+    )
     args = parser.parse_args(argv)
 
     preset = resolve(args)
@@ -304,10 +404,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     started = time.perf_counter()
     for resolution, batch in zip(preset.resolutions, preset.batches):
-        rows += measure_resolution(preset, resolution, batch, names, args, device)
+        if args.onnx:
+            rows += measure_onnx_resolution(preset, resolution, batch, names, args)
+        else:
+            rows += measure_resolution(preset, resolution, batch, names, args, device)
     total = time.perf_counter() - started
-    print(format_table(rows, columns(preset.modes, device.type == "cuda"), markdown=True))
-    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(
+        format_table(
+            rows, ONNX_COLUMNS if args.onnx else columns(preset.modes, device.type == "cuda"), markdown=True
+        )
+    )
+    precision = "ONNX Runtime fp32" if args.onnx else "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\n{preset.model}, {precision}, {info['torch_threads']} threads, {total:.0f} s", file=sys.stderr)
     if args.json:
         write_json(

@@ -4,7 +4,10 @@
 architecture and its construction arguments, model.safetensors) plus a README model card.
 A softmax student is first rebuilt as a *plain* timm model (timm's own `Attention`, no
 attnxfer class anywhere) and checked to give bit-identical logits, so what is exported is
-exactly what ``timm.create_model("local-dir:OUT", pretrained=True)`` will rebuild.
+exactly what ``timm.create_model("local-dir:OUT", pretrained=True)`` will rebuild, and what
+transformers' timm wrapper (``AutoModelForImageClassification.from_pretrained(OUT)``) builds.
+``formats=("onnx",)`` (or both) writes the student as an ONNX graph instead, checked in ONNX
+Runtime (`onnx_export.py`); each format is one writer of files in `FORMATS`.
 
 `export_run` does the same from a run directory (config.yaml, run.json, metrics.jsonl,
 checkpoints/step-*/{model,ema}.safetensors).
@@ -12,10 +15,12 @@ checkpoints/step-*/{model,ema}.safetensors).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +47,13 @@ from .model_card import (  # moved to model_card.py
     card_license,
     render_model_card,
 )
+from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint
 from .store import _owner_is_alive, _owner_tag
 
 __all__ = [
     "EXPORT_FILES",
+    "FORMATS",
     "CheckpointChoice",
     "ExportWeights",
     "ModelCardInfo",
@@ -61,7 +68,16 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 # What an export folder holds (and what overwrite=True replaces).
-EXPORT_FILES = ("config.json", "model.safetensors", "README.md", "pytorch_model.bin")
+REPORT_FILE = "export_report.json"  # what an ONNX export checked (opset, shapes, max |ORT - torch|)
+EXPORT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "pytorch_model.bin",
+    ONNX_FILE,
+    ONNX_DATA_FILE,
+    REPORT_FILE,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,16 +215,21 @@ def export_student(
     push_to_hub: str | None = None,
     overwrite: bool = False,
     verify: bool = True,
+    formats: Sequence[str] = ("timm",),
 ) -> Path:
     """Write ``student`` in timm's Hub format (config.json, model.safetensors) plus a README model card.
 
     Softmax students are saved from a plain-timm twin (``verify`` checks its logits are bit-identical),
-    so ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` rebuilds them without attnxfer.
+    so ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` and transformers'
+    ``AutoModelForImageClassification.from_pretrained(OUT_DIR)`` rebuild them without attnxfer.
     Efficient-attention students cannot be built by timm: config.json says so (``attnxfer`` block, and an
-    ``attn_layer`` timm refuses) and so does the card. ``out_dir`` must be new or empty unless ``overwrite``.
+    ``attn_layer`` timm refuses) and so does the card. ``formats`` names what is written: ``timm`` (the
+    above), ``onnx`` (model.onnx, checked in ONNX Runtime against the student, and export_report.json),
+    or both. ``out_dir`` must be new or empty unless ``overwrite``.
     ``push_to_hub="ORG/NAME"`` uploads the folder afterwards (`push_export`).
     """
     out_dir = Path(out_dir)
+    formats = _formats(formats)
     if card.repo_id is None and push_to_hub:
         card.repo_id = push_to_hub
     license_id, _ = card_license(card)  # a licence conflict fails before anything is written
@@ -219,15 +240,29 @@ def export_student(
     tmp = _fresh_staging(out_dir)
     try:
         # the files are staged, then moved in together: a format is one writer of files into `tmp`
-        _write_timm_format(student, spec, meta, tmp, verify=verify)
-        _write_model_card(card, spec, tmp, out_dir, native=native)
+        reports = {name: FORMATS[name](student, spec, meta, tmp, verify=verify) for name in formats}
+        reports = {name: r for name, r in reports.items() if r is not None}
+        if reports:
+            _write_report(meta, formats, reports, tmp)
+        _write_model_card(card, spec, tmp, out_dir, native=native, formats=formats, reports=reports)
         _install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _logger.info("exported %s student (%s attention) to %s", spec["architecture"], kind, out_dir)
+    _logger.info("exported %s student (%s attention, %s) to %s", spec["architecture"], kind, formats, out_dir)
     if push_to_hub:
         push_export(out_dir, push_to_hub)
     return out_dir
+
+
+def _formats(formats: Sequence[str] | str) -> tuple[str, ...]:
+    """The requested formats, known and non-empty, checked (with their packages) before any work."""
+    formats = (formats,) if isinstance(formats, str) else tuple(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise InputError(f"export format {unknown or formats!r}: choose from {', '.join(FORMATS)}")
+    if "onnx" in formats:
+        require_onnx()
+    return formats
 
 
 def _export_spec(student: nn.Module) -> tuple[dict[str, Any], bool]:
@@ -295,25 +330,80 @@ def _write_timm_format(
         if verify:
             _check_same_logits(student, twin)
         save_for_hf(twin, folder, model_config=meta, model_args=spec["model_args"], safe_serialization=True)
-        return
-    if verify:  # what `load_student` will build, holding these weights
-        _check_same_logits(student, _rebuilt_from_spec(student, spec))
-    save_for_hf(
-        student,
-        folder,
-        model_config=meta,
-        safe_serialization=True,
-        model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
-    )
+    else:
+        if verify:  # what `load_student` will build, holding these weights
+            _check_same_logits(student, _rebuilt_from_spec(student, spec))
+        save_for_hf(
+            student,
+            folder,
+            model_config=meta,
+            safe_serialization=True,
+            model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
+        )
+    _fit_timm_wrapper(folder / "config.json")
+
+
+def _fit_timm_wrapper(config_file: Path) -> None:
+    """config.json as transformers' timm wrapper reads it too: ``model_args`` without ``num_classes``.
+
+    The wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)`` (its own class
+    count: the config's for a classifier, 0 for ``AutoModel``), so a ``num_classes`` inside ``model_args``
+    is a second value for that argument and the load fails. timm itself takes the class count from the
+    top-level ``num_classes``, so nothing is lost."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if "num_classes" in config.get("model_args", {}):
+        config["model_args"].pop("num_classes")
+        config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _write_onnx_format(
+    student: nn.Module, spec: dict[str, Any], meta: dict[str, Any], folder: Path, *, verify: bool
+) -> dict[str, Any]:
+    """model.onnx: the student itself traced (zoo attentions included), checked in ONNX Runtime against
+    its PyTorch forward whatever ``verify`` says (the check is what makes the graph trustworthy)."""
+    from timm.models import get_model_input_config
+
+    size = tuple(get_model_input_config(student)["input_size"])  # what the model is built for
+    return write_onnx(student, folder, input_size=size).to_dict()
+
+
+# Export formats: name -> the writer of its files into the staging folder (returns its report, or None).
+FORMATS: dict[str, Callable[..., dict[str, Any] | None]] = {
+    "timm": _write_timm_format,
+    "onnx": _write_onnx_format,
+}
+
+
+def _write_report(
+    meta: dict[str, Any], formats: Sequence[str], reports: dict[str, Any], folder: Path
+) -> None:
+    """export_report.json: what each checked format wrote and measured, beside the student's spec."""
+    report = {"formats": list(formats), **reports, "attnxfer": meta["attnxfer"]}
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
 def _write_model_card(
-    card: ModelCardInfo, spec: dict[str, Any], folder: Path, out_dir: Path, *, native: bool
+    card: ModelCardInfo,
+    spec: dict[str, Any],
+    folder: Path,
+    out_dir: Path,
+    *,
+    native: bool,
+    formats: Sequence[str] = ("timm",),
+    reports: dict[str, Any] | None = None,
 ) -> None:
     """README.md: the model card, saying how to load the export from where it will live."""
     load_ref = f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}"
     plain = attention_label(spec["attention"]) == SOFTMAX
-    readme = render_model_card(card, spec, loads_in_plain_timm=plain, load_ref=load_ref, native_arch=native)
+    readme = render_model_card(
+        card,
+        spec,
+        loads_in_plain_timm=plain,
+        load_ref=load_ref,
+        native_arch=native,
+        formats=formats,
+        onnx=(reports or {}).get("onnx"),
+    )
     (folder / "README.md").write_text(readme, encoding="utf-8")
 
 
@@ -379,13 +469,16 @@ def export_run(
     push_to_hub: str | None = None,
     overwrite: bool = False,
     attn_layer: type | None = None,
+    formats: Sequence[str] = ("timm",),
 ) -> Path:
     """Export a run's student (``weights``: ``ema`` or ``raw``; ``checkpoint``: ``best`` or ``latest``).
 
     Reads run_dir/run.json (teacher record, student spec, plan text, mode), config.yaml (the recipe),
     metrics.jsonl and the chosen checkpoint's safetensors. Copy-mode students are refused: they
-    compute attention from the teacher's q/k at inference and do not stand alone.
+    compute attention from the teacher's q/k at inference and do not stand alone. ``formats``: as in
+    `export_student` (``("onnx",)``: an ONNX graph checked in ONNX Runtime).
     """
+    formats = _formats(formats)  # an unknown format or a missing package stops before anything is read
     run = RunDir(run_dir)
     record = run.record()
     weights = _choice(ExportWeights, weights, "weights")
@@ -414,4 +507,6 @@ def export_run(
         dataset=_dataset_id(recipe),
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
     )
-    return export_student(student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite)
+    return export_student(
+        student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats
+    )

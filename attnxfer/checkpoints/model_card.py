@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,14 +149,14 @@ def _eval_results(card: ModelCardInfo) -> list[EvalResult]:
     return out
 
 
-def _card_data(card: ModelCardInfo, license_id: str, tags: list[str]) -> ModelCardData:
+def _card_data(card: ModelCardInfo, license_id: str, tags: list[str], library: str = "timm") -> ModelCardData:
     """The card's metadata through huggingface_hub (what the Hub reads: licence, library, tags, base model,
     datasets, and the ``model-index`` of eval results)."""
     teacher = card.teacher or {}
     results = _eval_results(card)
     return ModelCardData(
         license=license_id,
-        library_name="timm",
+        library_name=library,
         pipeline_tag="image-classification",
         tags=tags,
         base_model=teacher.get("hf_repo") or None,
@@ -172,10 +173,21 @@ def render_model_card(
     loads_in_plain_timm: bool,
     load_ref: str,
     native_arch: bool = True,
+    formats: Sequence[str] = ("timm",),
+    onnx: dict[str, Any] | None = None,
 ) -> str:
-    """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load."""
+    """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load
+    (each format written: ``timm`` files, ``onnx`` with ``onnx`` the ONNX export's report)."""
     license_id, license_text = card_license(card)
-    data = _card_data(card, license_id, _card_tags(card))
+    tags = _card_tags(card) + (["onnx"] if "onnx" in formats else [])
+    data = _card_data(card, license_id, tags, library="timm" if "timm" in formats else "onnx")
+    loading = ""
+    if "timm" in formats:
+        loading = _loading_section(
+            spec, loads_in_plain_timm=loads_in_plain_timm, load_ref=load_ref, native_arch=native_arch
+        )
+    if onnx is not None:
+        loading += _onnx_section(onnx, load_ref, spec.get("pretrained_cfg", {}))
     sections = [
         _intro(card, spec),
         "\n## License\n\n" + license_text + "\n",
@@ -185,9 +197,7 @@ def render_model_card(
         "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
         _metrics_section(card, data),
         _recipe_section(card),
-        _loading_section(
-            spec, loads_in_plain_timm=loads_in_plain_timm, load_ref=load_ref, native_arch=native_arch
-        ),
+        loading,
     ]
     # huggingface_hub writes the metadata (model-index included) and checks that it parses back
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(sections)))
@@ -286,20 +296,24 @@ def _recipe_section(card: ModelCardInfo) -> str:
 def _loading_section(
     spec: dict[str, Any], *, loads_in_plain_timm: bool, load_ref: str, native_arch: bool
 ) -> str:
-    """How to load the export: plain ``timm.create_model`` for a softmax student (after ``import attnxfer``
-    where attnxfer registers the architecture), else attnxfer's `load_student`."""
+    """How to load the export: plain ``timm.create_model`` or transformers' timm wrapper for a softmax
+    student (after ``import attnxfer`` where attnxfer registers the architecture), else attnxfer's
+    `load_student`, with ONNX as the way to run it without attnxfer."""
     out = "\n## How to load\n\n"
     if not loads_in_plain_timm:
         kind = attention_label(spec.get("attention", SOFTMAX))
         return out + (
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
             f'cannot build it (config.json names `attn_layer: "attnxfer:{kind}"`, so timm stops with an error '
-            "instead of loading these weights into softmax attention). Load it with attnxfer, which rebuilds "
+            "instead of loading these weights into softmax attention), and neither can transformers' timm "
+            "wrapper, which builds through timm. Load it with attnxfer, which rebuilds "
             'the student from `config.json["attnxfer"]["student"]` with its attention classes and options:\n\n'
             "```python\nimport timm\nfrom attnxfer import load_student\n\n"
             f'model = load_student("{load_ref}").eval()\n'
             "cfg = timm.data.resolve_model_data_config(model)\n"
             "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
+            "\nTo run it without attnxfer, export it as an ONNX graph (`attnxfer export RUN_DIR OUT --format "
+            "onnx`) and run that in ONNX Runtime.\n"
         )
     data_cfg = spec.get("pretrained_cfg", {})
     pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
@@ -316,7 +330,43 @@ def _loading_section(
         "cfg = timm.data.resolve_model_data_config(model)\n"
         "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
         f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
-        "(the teacher's).\n"
+        "(the teacher's).\n" + _transformers_snippet(spec, load_ref, pre)
+    )
+
+
+def _transformers_snippet(spec: dict[str, Any], load_ref: str, pre: str) -> str:
+    """The same student through transformers' timm wrapper (`TimmWrapper*`): logits from a classifier,
+    token features and the pooled output from a headless encoder."""
+    where = load_ref.split(":", 1)[1]
+    if spec.get("num_classes"):
+        auto, use = "AutoModelForImageClassification", "logits = model(pixel_values).logits"
+    else:
+        auto, use = "AutoModel", "features = model(pixel_values).pooler_output"
+    return (
+        "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
+        "above):\n\n```python\n" + pre + f"from transformers import {auto}\n\n"
+        f'model = {auto}.from_pretrained("{where}").eval()\n{use}\n```\n'
+    )
+
+
+def _onnx_section(report: dict[str, Any], load_ref: str, data_cfg: dict[str, Any]) -> str:
+    """The ONNX graph: its input and output, opset, and how closely ONNX Runtime reproduced the student."""
+    where = load_ref.split(":", 1)[1]
+    path = f"{where}/{report['file']}" if load_ref.startswith("local-dir:") else report["file"]
+    shape = " × ".join(str(d) for d in report["input_shape"])
+    return (
+        "\n## ONNX\n\n"
+        f"`{report['file']}`: opset {report['opset']}, input `{report['input_name']}` ({shape}; the batch axis "
+        f"is free), output `{report['output_name']}`. Exported with {report['exporter']}; checked with "
+        f"onnx.checker and in ONNX Runtime {report['onnxruntime']} ({report['provider']}) against the PyTorch "
+        f"forward at batch sizes {', '.join(map(str, report['check_batches']))}: max absolute difference "
+        f"**{report['max_abs_diff']:.3g}** (outputs up to {report['max_abs_output']:.3g}). Inputs are "
+        f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}.\n\n"
+        "```python\nimport numpy as np\nimport onnxruntime as ort\n\n"
+        f'session = ort.InferenceSession("{path}", providers=["CPUExecutionProvider"])\n'
+        f"images = np.zeros(({1}, {', '.join(str(d) for d in report['input_shape'][1:])}), np.float32)  "
+        "# normalised pixels\n"
+        f'({report["output_name"]},) = session.run(None, {{"{report["input_name"]}": images}})\n```\n'
     )
 
 

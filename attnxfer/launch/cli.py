@@ -349,11 +349,14 @@ def _cmd_submit(args) -> int:
 def _export_parser(sub):
     p = sub.add_parser(
         "export",
-        help="write a run's student in timm's Hub format with a model card",
+        help="write a run's student in timm's Hub format or as ONNX, with a model card",
         description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
         "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
-        "pretrained=True); any student, efficient attention included (e.g. the stage2/ "
-        "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR').",
+        "pretrained=True) or transformers' AutoModelForImageClassification.from_pretrained(OUT_DIR); "
+        "any student, efficient attention included (e.g. the stage2/ "
+        "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR'). "
+        "--format onnx writes OUT_DIR/model.onnx instead (any student; opset 18, batch axis free), "
+        "checked in ONNX Runtime on CPU against the PyTorch forward (needs attnxfer[onnx]).",
     )
     p.add_argument("run_dir")
     p.add_argument("out_dir")
@@ -361,13 +364,26 @@ def _export_parser(sub):
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to the Hub as REPO")
+    p.add_argument(
+        "--format",
+        dest="formats",
+        nargs="+",
+        choices=("timm", "onnx"),
+        default=["timm"],
+        metavar="FORMAT",
+        help="timm (default: config.json + model.safetensors), onnx (model.onnx, checked in ONNX Runtime), "
+        "or both: --format timm onnx",
+    )
     p.set_defaults(func=_cmd_export)
 
 
 def _cmd_export(args) -> int:
     from ..checkpoints.export import export_run
+    from ..checkpoints.onnx_export import require_onnx
     from ..checkpoints.run_dir import RunDir
 
+    if "onnx" in args.formats:
+        require_onnx()  # a missing package stops before the run is read
     weights = args.weights
     if weights == "ema":  # a run without EMA has raw weights only: say so and use them
         info = RunDir(args.run_dir).latest()
@@ -381,14 +397,24 @@ def _cmd_export(args) -> int:
         checkpoint=args.checkpoint,
         push_to_hub=args.push_to_hub,
         overwrite=args.overwrite,
+        formats=args.formats,
     )
-    plain = json.loads((out / "config.json").read_text())["attnxfer"]["loads_in_plain_timm"]
-    how = (
-        f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)"
-        if plain
-        else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)"
-    )
-    print(f"exported to {out}\nload with: {how}")
+    lines = [f"exported to {out}"]
+    if "timm" in args.formats:
+        plain = json.loads((out / "config.json").read_text())["attnxfer"]["loads_in_plain_timm"]
+        how = (
+            f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)"
+            if plain
+            else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)"
+        )
+        lines.append(f"load with: {how}")
+    if "onnx" in args.formats:
+        onnx = json.loads((out / "export_report.json").read_text())["onnx"]
+        lines.append(
+            f"ONNX: {out / onnx['file']} (opset {onnx['opset']}); ONNX Runtime vs PyTorch max |diff| "
+            f"{onnx['max_abs_diff']:.3g}: run with onnxruntime.InferenceSession('{out / onnx['file']}')"
+        )
+    print("\n".join(lines))
     return 0
 
 

@@ -57,9 +57,11 @@ def _tiny_create_model(name: str, pretrained: bool = False, **kwargs):
 
 def _python_blocks() -> list:
     """The python blocks; one that inspects full-size ViTs (``inspect_attention`` builds its models itself, at
-    224 px: ~20 s of CPU) is ``slow``."""
+    224 px: ~20 s of CPU) or exports to ONNX (torch.export and ONNX Runtime: ~4 s) is ``slow``."""
     return [
-        pytest.param(w, c, marks=pytest.mark.slow) if "inspect_attention(" in c else (w, c)
+        pytest.param(w, c, marks=pytest.mark.slow)
+        if "inspect_attention(" in c or "onnxruntime" in c
+        else (w, c)
         for w, c in _blocks({"python", "py"})
     ]
 

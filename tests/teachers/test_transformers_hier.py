@@ -1,17 +1,20 @@
 """transformers-format BEiT, data2vec-vision, Swin and PVTv2 teachers, held against transformers' own forward.
 
 Each case is a tiny randomly initialised transformers model (every parameter moved off its init, position
-tables included), saved with ``save_pretrained``; the folder becomes a timm model through the mapping
-(`load_folder`, the call `load_teacher` makes), and on the same images its final token features, pooled
-features and logits equal transformers' (rel ≤ 1e-5, fp32), and so does every attention layer's map:
-transformers' ``output_attentions`` (eager attention; for Swin, whose outputs keep only each stage's last
-block, the maps its attention modules return) against timm's own softmax output recorded by
-`timm.utils.AttentionExtract` with fused attention off.
+tables included), saved with ``save_pretrained``; `load_teacher("local-dir:FOLDER")` makes it the timm
+model with the same computation, and on the same images its final token features, pooled features and
+logits equal transformers' (rel ≤ 1e-5, fp32), and so does every attention layer's map: transformers'
+``output_attentions`` (eager attention; for Swin, whose outputs keep only each stage's last block, the
+maps its attention modules return) against timm's own softmax output recorded by
+`timm.utils.AttentionExtract` with fused attention off. Then a 2-step ``attnxfer train`` distillation from
+such a folder, and the one-line refusals of weights that do not fit their config.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +23,16 @@ import timm
 import torch
 import torch.nn as nn
 import transformers
-from safetensors.torch import load_file
+from helpers import fast_cells
+from safetensors.torch import load_file, save_file
 from timm.utils import AttentionExtract
 
+from attnxfer.launch.cli import main
 from attnxfer.models.attention import attention_maps
+from attnxfer.sources.teacher import TeacherLoadError, load_teacher
 from attnxfer.sources.transformers_format import beit, pvt_v2, swin
+
+transformers.utils.logging.disable_progress_bar()  # save_pretrained's bar would land in the CLI's stderr
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny models: a second thread only waits
 
@@ -33,14 +41,9 @@ TOL = 1e-5
 
 
 def load_folder(folder: Path) -> tuple[nn.Module, list[str]]:
-    """The timm model a transformers folder becomes, and the keys it dropped (what `load_teacher` reports)."""
-    config = json.loads((folder / "config.json").read_text())
-    module = MODULES[config["model_type"]]
-    arch, kwargs = module.timm_arch(config)
-    model = timm.create_model(arch, pretrained=False, **kwargs)
-    state, dropped = module.timm_weights(load_file(folder / "model.safetensors"), config)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), dropped
+    """The teacher `load_teacher` makes of a transformers folder, and the checkpoint keys it dropped."""
+    model, record = load_teacher(f"local-dir:{folder}")
+    return model, list(record.dropped_keys)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -374,7 +377,7 @@ def _corrupt_shape(weights, config):
     [
         (_corrupt_missing, "missing"),
         (_corrupt_unexpected, "unexpected"),
-        (_corrupt_shape, "shapes that do not fit"),
+        (_corrupt_shape, "shapes differ"),
     ],
 )
 def test_weights_that_do_not_fit_name_what_differs(name, corrupt, words, tmp_path):
@@ -382,10 +385,13 @@ def test_weights_that_do_not_fit_name_what_differs(name, corrupt, words, tmp_pat
     config = json.loads((tmp_path / "config.json").read_text())
     weights = load_file(tmp_path / "model.safetensors")
     culprit = corrupt(weights, config)
-    with pytest.raises(ValueError, match=words) as err:
-        MODULES[config["model_type"]].timm_weights(weights, config)
-    assert f"transformers {config['model_type']} weights do not fit" in str(err.value)
-    assert culprit is None or culprit in str(err.value)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TeacherLoadError, match=words) as err:
+        load_teacher(f"local-dir:{tmp_path}")
+    msg = str(err.value)
+    assert f"the weights do not fit the transformers {config['model_type']} model" in msg
+    assert len(msg.splitlines()) == 1 and str(tmp_path / "model.safetensors") in msg
+    assert culprit is None or re.sub(r"\.\d+\.", ".*.", culprit) in msg
 
 
 def test_a_classifier_the_config_does_not_declare_is_unexpected(tmp_path):
@@ -394,9 +400,10 @@ def test_a_classifier_the_config_does_not_declare_is_unexpected(tmp_path):
     CASES["swin_cls"].build().save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["architectures"] = ["SwinModel"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
     assert swin.timm_arch(config)[1]["num_classes"] == 0
-    with pytest.raises(ValueError, match=r"unexpected \[classifier.bias, classifier.weight\]"):
-        swin.timm_weights(load_file(tmp_path / "model.safetensors"), config)
+    with pytest.raises(TeacherLoadError, match=r"unexpected 2 keys: classifier.bias, classifier.weight"):
+        load_teacher(f"local-dir:{tmp_path}")
 
 
 def test_position_index_buffers_from_older_checkpoints_are_recomputed(tmp_path):
@@ -449,3 +456,37 @@ def test_the_refused_swin_layouts_really_compute_differently(tmp_path, monkeypat
     ).build()
     with torch.no_grad(), pytest.raises(RuntimeError, match="must match the size"):
         small(case.images()[:, :, :32, :32])
+
+
+# ------------------------------------------------------------------------------- a run from the folder
+
+TRAIN = [
+    "transfer.mode=distill",
+    "data.dataset=synthetic",
+    "data.synthetic_length=16",
+    "data.batch_size=8",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "schedule.epochs=1",
+    "schedule.max_steps=2",
+]
+
+
+@pytest.mark.parametrize(
+    "name", fast_cells(["beit_cls", "data2vec", "swin_cls", "pvt_cls"], keep=("data2vec",))
+)
+def test_attnxfer_train_distils_from_a_transformers_folder(name, tmp_path, capsys):
+    folder = tmp_path / name
+    CASES[name].build().save_pretrained(folder)
+    run = tmp_path / "run"
+    argv = ["train", f"run_dir={run}", f"teacher.spec=local-dir:{folder}", *TRAIN]
+    assert main(argv) == 0, capsys.readouterr().err[-2000:]
+    record = json.loads((run / "run.json").read_text())
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    assert record["teacher"]["source_format"].startswith(f"transformers {model_type}")
+    assert record["teacher"]["input_size"] == [3, CASES[name].img, CASES[name].img]  # the config's image_size
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert train and train[-1]["step"] == 2 and all(math.isfinite(r["total"]) for r in train)
+    layers = CASES[name].layers()
+    assert all(math.isfinite(train[-1][f"attn_ce/{i}"]) for i in range(layers))

@@ -30,6 +30,7 @@ from ..attention.interface import TransferableAttention
 from ..attention.registry import get_attention_class
 from ..attention.slots import ConversionSlot, TokenLayout, slot_of
 from ..image_input import find_patch_embedding, image_input
+from ..norm_eps import norms_as_recorded
 from .hierarchical import (
     build_hierarchical_student,
     expand_attention_names,
@@ -280,6 +281,7 @@ def build_efficient_student(
             student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
         except TypeError as e:
             raise InputError(f"convert.attention_kwargs: {e}") from None
+    student = norms_as_recorded(student)  # the eps its export will have (a transformers teacher's 1e-12)
     student.requires_grad_(True)  # a loaded teacher is frozen, and so is its deep copy
     if num_classes is not None and num_classes != student.num_classes:
         if student.num_classes:

@@ -74,7 +74,7 @@ class TransformersTeacher:
     pretrained_cfg: dict[str, Any]
     convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]]
     # construction arguments no JSON value names (a LayerNorm eps timm has no name for): the teacher is
-    # built with them, students built from its recorded arguments take timm's default
+    # built with them; students (mirrored or converted) take timm's default, which their exports rebuild
     unrecorded_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
@@ -185,13 +185,16 @@ def _pretrained_cfg(
     defaults for ``arch``, with a warning), the licence from the model card."""
     base = timm.models.get_pretrained_cfg(arch)
     base = base.to_dict() if base is not None else {}
-    img = pair(kwargs.get("img_size", base.get("input_size", (3, 224, 224))[-1]))
+    # the size the model is built for; a family built without one (PVTv2) is fed the config's image_size
+    img = pair(kwargs.get("img_size", config.get("image_size", base.get("input_size", (3, 224, 224))[-1])))
     num_classes = int(kwargs.get("num_classes", 0))
     cfg: dict[str, Any] = dict(
         architecture=arch,
         num_classes=num_classes,
         input_size=(int(kwargs.get("in_chans", 3)), *img),
-        fixed_input_size=not kwargs.get("dynamic_img_size", False),
+        # timm's own answer for the family (PVTv2 takes any size its strides divide, and no img_size)
+        fixed_input_size=bool(base.get("fixed_input_size", True))
+        and not kwargs.get("dynamic_img_size", False),
         first_conv=base.get("first_conv", "patch_embed.proj"),
         classifier=base.get("classifier", "head"),
         mean=tuple(base.get("mean", (0.5, 0.5, 0.5))),

@@ -6,7 +6,9 @@ A module's `timm_weights` builds the timm state dict with a `Taker`: ``take(name
 tensor stored under the base prefix (``vit.``, ``vision_model.``, ...) by its legacy name (what
 ``save_pretrained`` and every Hub repo write) or by an alias (transformers 5's in-memory names), and
 records it as used; `Taker.finish` then raises one ValueError naming what is missing and what nothing
-took, or returns the keys a ``drop`` rule took out.
+took, or returns the keys a ``drop`` rule took out. A module whose in-memory names differ by whole path
+patterns renames them first (`legacy_names`). The mapped state dict's shapes are checked against the timm
+model once, for every type, by the package (`transformers_format._check_shapes`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,14 @@ __all__ = [
     "clip_layer",
     "fused_qkv",
     "has_head",
+    "head_classes",
+    "legacy_names",
     "linear",
     "mlp_ratio",
     "norm_layer",
     "num_labels",
     "pair",
+    "size_arg",
     "timm_name",
     "under",
     "vit_layer",
@@ -69,8 +74,9 @@ def norm_layer(eps: float, timm_default: float = 1e-6) -> dict[str, Any]:
 
     transformers' ViT family normalises with eps 1e-12, timm's ViT with 1e-6: on the small activations of
     early layers that is a relative difference of order 1e-6/variance, so the teacher keeps the config's.
-    No timm string names such a norm, so students built from the teacher's arguments take timm's default
-    (see `TransformersTeacher.unrecorded_args`).
+    No JSON value names such a norm, so every student takes timm's default, the eps its export rebuilds:
+    mirrored ones are built from the teacher's recorded arguments, converted copies of the teacher are
+    reset to them (`attnxfer.models.norm_eps`; see `TransformersTeacher.unrecorded_args`).
     """
     eps = float(eps)
     return {} if eps == timm_default else {"norm_layer": functools.partial(LayerNorm, eps=eps)}
@@ -83,6 +89,12 @@ def pair(value: Any) -> tuple[int, int]:
             raise ValueError(f"expected a size or [height, width], got {value!r}")
         return int(value[0]), int(value[1])
     return int(value), int(value)
+
+
+def size_arg(value: Any) -> int | tuple[int, int]:
+    """A size as timm's constructors take it: an int when square, else (h, w)."""
+    h, w = pair(value)
+    return h if h == w else (h, w)
 
 
 def mlp_ratio(hidden: int, dim: int) -> float:
@@ -120,6 +132,31 @@ def has_head(config: dict[str, Any], suffixes: Iterable[str] = ("ForImageClassif
     return any(a.endswith(tuple(suffixes)) for a in architectures(config))
 
 
+def head_classes(config: dict[str, Any], suffixes: Iterable[str] = ("ForImageClassification",)) -> int:
+    """Classes of the classifier the saved class carries, 0 for a class without one (a base model's
+    config carries labels it has no head for)."""
+    return num_labels(config) if has_head(config, suffixes) else 0
+
+
+def legacy_names(
+    weights: dict[str, torch.Tensor], renames: Iterable[tuple[str, str]]
+) -> dict[str, torch.Tensor]:
+    """Names as ``save_pretrained`` writes them (and as the Hub holds them), whichever spelling came in.
+
+    transformers 5 renamed some modules in memory (``q_proj``, ``mlp.fc1``, ``layers.N``, ...) but still
+    saves the original names; a state dict taken from a live model (``model.state_dict()``) uses the new
+    ones. ``renames`` are (regex, replacement) pairs from the new spelling to the saved one, applied in
+    order. (Where only a few names differ, `Taker.take`'s aliases say the same per name.)
+    """
+    rules = [(re.compile(a), b) for a, b in renames]
+    out = {}
+    for k, v in weights.items():
+        for pattern, repl in rules:
+            k = pattern.sub(repl, k)
+        out[k] = v
+    return out
+
+
 def base_prefix(weights: dict[str, torch.Tensor], anchor: str, what: str) -> str:
     """The prefix the encoder's keys carry (``vit.`` in a ViTForImageClassification, ``vision_model.`` in a
     CLIPModel, ``""`` in a bare model), found from the one key that ends with ``anchor``."""
@@ -151,6 +188,19 @@ class Taker:
 
     def has(self, name: str, *aliases: str) -> bool:
         return any(self.prefix + n in self.weights for n in (name, *aliases))
+
+    def cat(self, *names: str) -> torch.Tensor:
+        """The tensors under ``names`` concatenated (one fused projection from several); a part that is
+        missing is recorded as such, parts that do not fit together are a ValueError naming their shapes."""
+        missing = len(self.missing)
+        parts = [self.take(n) for n in names]
+        if len(self.missing) > missing:  # finish() names them
+            return torch.empty(0)
+        try:
+            return torch.cat(parts)
+        except RuntimeError:
+            shapes = ", ".join(f"{self.prefix}{n} {tuple(p.shape)}" for n, p in zip(names, parts))
+            raise ValueError(f"cannot fuse {shapes} into one projection") from None
 
     def take(self, name: str, *aliases: str) -> torch.Tensor:
         """The tensor under ``prefix + name`` (or an alias); a missing one is recorded and a placeholder

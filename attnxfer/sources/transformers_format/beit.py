@@ -27,17 +27,11 @@ buffers, which some checkpoints carry, are recomputed by timm from the window si
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
-from timm.layers import LayerNorm
 
-from ._keymap import base_and_top, check_fits, head_classes, legacy_names, size_arg
+from ._common import Taker, base_prefix, head_classes, legacy_names, norm_layer, size_arg
 
 MODEL_TYPES: tuple[str, ...] = ("beit", "data2vec-vision")
-
-# transformers' base_model_prefix per model type: where a task model keeps the encoder
-_PREFIX = {"beit": "beit", "data2vec-vision": "data2vec_vision"}
 
 # config.json values a checkpoint may omit: the transformers config classes' defaults
 _DEFAULTS = dict(
@@ -56,8 +50,6 @@ _DEFAULTS = dict(
     layer_scale_init_value=0.1,
     use_mean_pooling=True,
 )
-
-_TIMM_EPS = 1e-6  # timm.layers.LayerNorm's default, what Beit builds without a norm_layer
 
 # transformers 5's in-memory names -> the names save_pretrained writes (a live model's state_dict())
 _RENAMES = (
@@ -116,9 +108,8 @@ def timm_arch(config: dict) -> tuple[str, dict]:
         global_pool="avg" if mean_pool else "token",
         use_fc_norm=mean_pool,
         num_classes=head_classes(config),
+        **norm_layer(c["layer_norm_eps"]),  # none at timm's 1e-6, what Beit builds without one
     )
-    if float(c["layer_norm_eps"]) != _TIMM_EPS:
-        kwargs["norm_layer"] = partial(LayerNorm, eps=float(c["layer_norm_eps"]))
     arch = "beit_large_patch16_224" if c["dim"] == 1024 else "beit_base_patch16_224"
     return arch, kwargs
 
@@ -126,56 +117,65 @@ def timm_arch(config: dict) -> tuple[str, dict]:
 def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers' BEiT / data2vec-vision state dict (base or task model, saved or in-memory names) ->
     (timm `Beit` state dict, the checkpoint keys deliberately dropped)."""
-    arch, kwargs = timm_arch(config)
-    kind = config.get("model_type", "beit")
-    base, top = base_and_top(legacy_names(weights, _RENAMES), _PREFIX.get(kind, "beit"))
-    out: dict[str, torch.Tensor | None] = {
-        "cls_token": base.get("embeddings.cls_token"),
-        "patch_embed.proj.weight": base.get("embeddings.patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": base.get("embeddings.patch_embeddings.projection.bias"),
+    _, kwargs = timm_arch(config)
+    weights = legacy_names(weights, _RENAMES)
+    t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "BEiT"))
+    out = {
+        "cls_token": t.take("embeddings.cls_token"),
+        "patch_embed.proj.weight": t.take("embeddings.patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": t.take("embeddings.patch_embeddings.projection.bias"),
     }
     if kwargs["use_abs_pos_emb"]:
-        out["pos_embed"] = base.get("embeddings.position_embeddings")
+        out["pos_embed"] = t.take("embeddings.position_embeddings")
     if kwargs["use_shared_rel_pos_bias"]:
-        out["rel_pos_bias.relative_position_bias_table"] = base.get(
+        out["rel_pos_bias.relative_position_bias_table"] = t.take(
             "encoder.relative_position_bias.relative_position_bias_table"
         )
     for i in range(kwargs["depth"]):
-        hf, tm = f"encoder.layer.{i}.", f"blocks.{i}."
-        attn = hf + "attention.attention."
-        out[tm + "attn.qkv.weight"] = base.cat(
-            [attn + "query.weight", attn + "key.weight", attn + "value.weight"]
-        )
-        out[tm + "attn.q_bias"] = base.get(attn + "query.bias")
-        out[tm + "attn.v_bias"] = base.get(attn + "value.bias")
-        if kwargs["use_rel_pos_bias"]:
-            out[tm + "attn.relative_position_bias_table"] = base.get(
-                attn + "relative_position_bias.relative_position_bias_table"
-            )
-        pairs = {
-            "attn.proj": "attention.output.dense",
-            "norm1": "layernorm_before",
-            "norm2": "layernorm_after",
-            "mlp.fc1": "intermediate.dense",
-            "mlp.fc2": "output.dense",
-        }
-        for t_name, h_name in pairs.items():
-            for p in ("weight", "bias"):
-                out[f"{tm}{t_name}.{p}"] = base.get(f"{hf}{h_name}.{p}")
-        if kwargs["init_values"]:
-            out[tm + "gamma_1"] = base.get(hf + "lambda_1")
-            out[tm + "gamma_2"] = base.get(hf + "lambda_2")
+        out.update(_block(t, i, kwargs))
     for p in ("weight", "bias"):
         if kwargs["use_fc_norm"]:
             # the pooler's LayerNorm, or the one transformers initialises for a pooler the folder lacks
-            found = base.has(f"pooler.layernorm.{p}")
             fill = torch.ones if p == "weight" else torch.zeros
-            out[f"fc_norm.{p}"] = base.get(f"pooler.layernorm.{p}") if found else fill(kwargs["embed_dim"])
+            found = t.has(f"pooler.layernorm.{p}")
+            out[f"fc_norm.{p}"] = t.take(f"pooler.layernorm.{p}") if found else fill(kwargs["embed_dim"])
         else:
-            out[f"norm.{p}"] = base.get(f"layernorm.{p}")
+            out[f"norm.{p}"] = t.take(f"layernorm.{p}")
         if kwargs["num_classes"]:
-            out[f"head.{p}"] = top.get(f"classifier.{p}")
-    base.drop(lambda k: k.endswith("relative_position_index"))
-    dropped = base.drop(lambda k: k == "embeddings.mask_token")
-    dropped += top.drop(lambda k: k.startswith(_TASK_HEADS))
-    return check_fits([base, top], out, arch, kwargs, f"transformers {kind}"), dropped
+            out[f"head.{p}"] = t.at("").take(f"classifier.{p}")
+    mask, heads = f"{t.prefix}embeddings.mask_token", () if not t.prefix else _TASK_HEADS
+    out, dropped = t.finish(out, lambda k: k == mask or k.startswith(heads) or k.endswith(_INDEX))
+    return out, [k for k in dropped if not k.endswith(_INDEX)]  # recomputed by timm, not dropped
+
+
+_INDEX = "relative_position_index"  # a buffer older checkpoints carry; timm rebuilds it from the window
+
+
+def _block(t: Taker, i: int, kwargs: dict) -> dict[str, torch.Tensor]:
+    """timm's ``blocks.i`` from transformers' ``encoder.layer.i``: q/k/v fused (no key bias in either
+    library), the relative-position table where each layer has one, layer scale where there is one."""
+    hf, tm = f"encoder.layer.{i}.", f"blocks.{i}."
+    attn = hf + "attention.attention."
+    out = {
+        tm + "attn.qkv.weight": t.cat(attn + "query.weight", attn + "key.weight", attn + "value.weight"),
+        tm + "attn.q_bias": t.take(attn + "query.bias"),
+        tm + "attn.v_bias": t.take(attn + "value.bias"),
+    }
+    if kwargs["use_rel_pos_bias"]:
+        out[tm + "attn.relative_position_bias_table"] = t.take(
+            attn + "relative_position_bias.relative_position_bias_table"
+        )
+    pairs = {
+        "attn.proj": "attention.output.dense",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+    }
+    for t_name, h_name in pairs.items():
+        for p in ("weight", "bias"):
+            out[f"{tm}{t_name}.{p}"] = t.take(f"{hf}{h_name}.{p}")
+    if kwargs["init_values"]:
+        out[tm + "gamma_1"] = t.take(hf + "lambda_1")
+        out[tm + "gamma_2"] = t.take(hf + "lambda_2")
+    return out

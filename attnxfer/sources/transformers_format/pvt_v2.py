@@ -23,12 +23,10 @@ student starts from these scaled weights and computes the same). The block and s
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
-from timm.layers import LayerNorm
 
-from ._keymap import base_and_top, check_fits, head_classes
+from ._common import Taker, base_prefix, head_classes, norm_layer
 
 MODEL_TYPES: tuple[str, ...] = ("pvt_v2",)
 
@@ -49,7 +47,6 @@ _DEFAULTS = dict(
 )
 
 _TIMM_PATCHES = ((7, 4), (3, 2))  # timm's (kernel, stride): the first stage's, then every later one's
-_TIMM_EPS = 1e-6  # timm.layers.LayerNorm's default: the block and stage norms
 _CONV_NORM_EPS = 1e-5  # nn.LayerNorm's default: timm's patch-embedding and spatial-reduction norms
 
 # timm's registered sizes, by (hidden sizes, depths, linear): the name only picks the pretrained_cfg family
@@ -95,27 +92,29 @@ def timm_arch(config: dict) -> tuple[str, dict]:
         linear=linear,
         global_pool="avg",
         num_classes=head_classes(config),
+        **norm_layer(c["layer_norm_eps"]),  # the block and stage norms; none at timm's 1e-6
     )
-    if float(c["layer_norm_eps"]) != _TIMM_EPS:
-        kwargs["norm_layer"] = partial(LayerNorm, eps=float(c["layer_norm_eps"]))
     return _NAMES.get((dims, depths, linear), "pvt_v2_b0"), kwargs
 
 
 def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers' PVTv2 state dict (base or task model) ->
-    (timm `PyramidVisionTransformerV2` state dict, the checkpoint keys deliberately dropped)."""
-    arch, kwargs = timm_arch(config)
-    base, top = base_and_top(weights, "pvt_v2")
+    (timm `PyramidVisionTransformerV2` state dict, the checkpoint keys deliberately dropped: none)."""
+    _, kwargs = timm_arch(config)
+    t = Taker(weights, base_prefix(weights, "encoder.layers.0.patch_embedding.proj.weight", "PVTv2"))
     # the conv in front of each eps-1e-5 norm, scaled so that the norm computes transformers' eps
     scale = math.sqrt(_CONV_NORM_EPS / float({**_DEFAULTS, **config}["layer_norm_eps"]))
-    out: dict[str, torch.Tensor | None] = {}
+    out: dict[str, torch.Tensor] = {}
 
-    def take(t_name: str, h_name: str, params=("weight", "bias"), factor: float = 1.0, reader=base) -> None:
+    def take(
+        t_name: str, h_name: str, params=("weight", "bias"), factor: float = 1.0, taker: Taker = t
+    ) -> None:
         for p in params:
-            v = reader.get(f"{h_name}.{p}")
-            out[f"{t_name}.{p}"] = v * factor if v is not None and factor != 1.0 else v
+            v = taker.take(f"{h_name}.{p}")
+            out[f"{t_name}.{p}"] = v * factor if factor != 1.0 else v
 
     linear = kwargs["linear"]
+    bias = ("weight", "bias") if kwargs["qkv_bias"] else ("weight",)
     for i, depth in enumerate(kwargs["depths"]):
         hf = f"encoder.layers.{i}."
         stem = "patch_embed" if i == 0 else f"stages.{i}.downsample"
@@ -124,10 +123,9 @@ def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[s
         for j in range(depth):
             hb, tb = f"{hf}blocks.{j}.", f"stages.{i}.blocks.{j}."
             take(tb + "norm1", hb + "layer_norm_1")
-            bias = ("weight", "bias") if kwargs["qkv_bias"] else ("weight",)
             take(tb + "attn.q", hb + "attention.query", params=bias)
             for p in bias:
-                out[f"{tb}attn.kv.{p}"] = base.cat([f"{hb}attention.key.{p}", f"{hb}attention.value.{p}"])
+                out[f"{tb}attn.kv.{p}"] = t.cat(f"{hb}attention.key.{p}", f"{hb}attention.value.{p}")
             take(tb + "attn.proj", hb + "attention.proj")
             if linear or kwargs["sr_ratios"][i] > 1:
                 take(tb + "attn.sr", hb + "attention.spatial_reduction", factor=scale)
@@ -138,5 +136,5 @@ def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[s
             take(tb + "mlp.fc2", hb + "mlp.dense2")
         take(f"stages.{i}.norm", hf + "layer_norm")
     if kwargs["num_classes"]:
-        take("head", "classifier", reader=top)
-    return check_fits([base, top], out, arch, kwargs, "transformers pvt_v2"), []
+        take("head", "classifier", taker=t.at(""))
+    return t.finish(out)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from ._keymap import base_and_top, check_fits, head_classes, legacy_names, pair, size_arg
+from ._common import Taker, base_prefix, head_classes, legacy_names, pair, size_arg
 
 MODEL_TYPES: tuple[str, ...] = ("swin",)
 
@@ -155,13 +155,14 @@ def timm_arch(config: dict) -> tuple[str, dict]:
 def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
     """transformers' Swin state dict (base or task model, saved or in-memory names) ->
     (timm `SwinTransformer` state dict, the checkpoint keys deliberately dropped)."""
-    arch, kwargs = timm_arch(config)
-    base, top = base_and_top(legacy_names(weights, _RENAMES), "swin")
-    out: dict[str, torch.Tensor | None] = {}
+    _, kwargs = timm_arch(config)
+    weights = legacy_names(weights, _RENAMES)
+    t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "Swin"))
+    out: dict[str, torch.Tensor] = {}
 
-    def linear(t_name: str, h_name: str, reader=base, bias: bool = True) -> None:
+    def linear(t_name: str, h_name: str, taker: Taker = t, bias: bool = True) -> None:
         for p in ("weight", "bias") if bias else ("weight",):
-            out[f"{t_name}.{p}"] = reader.get(f"{h_name}.{p}")
+            out[f"{t_name}.{p}"] = taker.take(f"{h_name}.{p}")
 
     linear("patch_embed.proj", "embeddings.patch_embeddings.projection")
     linear("patch_embed.norm", "embeddings.norm")
@@ -170,10 +171,10 @@ def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[s
         for j in range(depth):
             hf, tm = f"encoder.layers.{i}.blocks.{j}.", f"layers.{i}.blocks.{j}."
             qkv = [f"{hf}attention.self.{n}" for n in ("query", "key", "value")]
-            out[tm + "attn.qkv.weight"] = base.cat([n + ".weight" for n in qkv])
+            out[tm + "attn.qkv.weight"] = t.cat(*(n + ".weight" for n in qkv))
             if kwargs["qkv_bias"]:
-                out[tm + "attn.qkv.bias"] = base.cat([n + ".bias" for n in qkv])
-            out[tm + "attn.relative_position_bias_table"] = base.get(
+                out[tm + "attn.qkv.bias"] = t.cat(*(n + ".bias" for n in qkv))
+            out[tm + "attn.relative_position_bias_table"] = t.take(
                 hf + "attention.self.relative_position_bias_table"
             )
             linear(tm + "attn.proj", hf + "attention.output.dense")
@@ -188,8 +189,10 @@ def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[s
             )
     linear("norm", "layernorm")
     if kwargs["num_classes"]:
-        linear("head.fc", "classifier", reader=top)
-    base.drop(lambda k: k.endswith("relative_position_index"))
-    dropped = base.drop(lambda k: k == "embeddings.mask_token")
-    dropped += top.drop(lambda k: k.startswith(_TASK_HEADS))
-    return check_fits([base, top], out, arch, kwargs, "transformers swin"), dropped
+        linear("head.fc", "classifier", taker=t.at(""))
+    mask, heads = f"{t.prefix}embeddings.mask_token", () if not t.prefix else _TASK_HEADS
+    out, dropped = t.finish(out, lambda k: k == mask or k.startswith(heads) or k.endswith(_INDEX))
+    return out, [k for k in dropped if not k.endswith(_INDEX)]  # recomputed by timm, not dropped
+
+
+_INDEX = "relative_position_index"  # a buffer older checkpoints carry; timm rebuilds it from the window

@@ -19,11 +19,10 @@ from ._common import (
     Taker,
     activation,
     base_prefix,
-    has_head,
+    head_classes,
     linear,
     mlp_ratio,
     norm_layer,
-    num_labels,
     pair,
     timm_name,
     under,
@@ -70,9 +69,7 @@ def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _classes(config: dict[str, Any]) -> int:
-    if config["model_type"] == "deit":
-        return num_labels(config) if has_head(config, _DEIT_HEADS) else 0
-    return num_labels(config) if has_head(config) else 0
+    return head_classes(config, _DEIT_HEADS) if config["model_type"] == "deit" else head_classes(config)
 
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:

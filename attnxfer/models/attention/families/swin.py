@@ -118,7 +118,11 @@ class SwinSlot:
         return super().forward(x, attn_mask=keep)
 
     def attend(self, q, k, v, *, attn_mask=None, is_causal=False):
-        if attn_mask is None or (attn_mask.dtype == torch.bool and bool(attn_mask.all())):
+        # an all-kept mask is the plain core (a shortcut only: while torch.export traces, the restricted
+        # path below computes the same rows without a branch on the buffer's values)
+        if attn_mask is None or (
+            attn_mask.dtype == torch.bool and not torch.compiler.is_exporting() and bool(attn_mask.all())
+        ):
             return super().attend(q, k, v, is_causal=is_causal)
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"{type(self).__name__} takes a boolean region mask, got {attn_mask.dtype}")
