@@ -11,8 +11,9 @@ anywhere under ``root/train`` or ``root/val``: class folders optional, nesting f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -160,15 +161,10 @@ def build_folder(
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
     ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`)."""
-    from timm.data import (  # local import keeps `import attnxfer.data` light
-        ImageDataset,
-        create_dataset,
-        create_transform,
-        get_img_extensions,
-    )
+    from timm.data import create_transform  # local import keeps `import attnxfer.data` light
 
     classes = folder_classes(root) if labels else ()
-    split_dir = _split_dir(root, split)
+    _split_dir(root, split)  # a missing split folder is refused before anything is built
     default = folder_info(root, labels)
     img_size, in_chans = check_image_args("folder", img_size, in_chans, default)
     if in_chans not in (1, 3):
@@ -191,6 +187,24 @@ def build_folder(
         mean=mean,
         std=std,
     )
+    images = _split_images(split, root, classes, labels, in_chans, transform)
+    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+    dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
+    return dataset if labels else LabelFree(dataset)
+
+
+def _split_images(
+    split: str, root: str | None, classes: Sequence[str], labels: bool, in_chans: int, transform: Callable
+) -> Any:
+    """timm's dataset of the split's images: class folders mapped to train's indices (``labels``), else every
+    image under the split folder; a split with classes train lacks, or with no image, is refused here."""
+    from timm.data import (  # keeps `import attnxfer.data` light
+        ImageDataset,
+        create_dataset,
+        get_img_extensions,
+    )
+
+    split_dir = _split_dir(root, split)
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
     stray = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in class_map)
     if stray and labels:
@@ -202,7 +216,7 @@ def build_folder(
         )
     mode = "RGB" if in_chans == 3 else "L"
     if labels:
-        images = create_dataset(
+        return create_dataset(
             "",
             root=str(split_dir),
             split=split,
@@ -212,9 +226,6 @@ def build_folder(
             transform=transform,
         )
     else:
-        images = ImageDataset(
+        return ImageDataset(
             str(split_dir), reader=ImageFiles(split_dir, extensions), input_img_mode=mode, transform=transform
         )
-    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
-    dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
-    return dataset if labels else LabelFree(dataset)
