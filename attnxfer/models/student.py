@@ -271,39 +271,15 @@ def student_like(
     ``num_heads``, ``mlp_ratio``, ``num_classes`` (default: the teacher's) and any timm argument in
     ``overrides`` replace the teacher's. ``attn_layer`` chooses the student's attention.
     """
-    if not isinstance(teacher, VisionTransformer):
-        return _family_student(
-            teacher,
-            dict(
-                depth=depth,
-                embed_dim=embed_dim,
-                num_heads=num_heads,
-                mlp_ratio=mlp_ratio,
-                num_classes=num_classes,
-            ),
-            drop_path_rate,
-            attn_layer,
-            overrides,
-        )
-    t = vit_traits(teacher)
-    arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture") or "vit_base_patch16_224"
-    requested = dict(
+    sizes = dict(
         depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes
     )
-    requested = {k: v for k, v in requested.items() if v is not None}
-    args = {
-        **_recorded_args(teacher),
-        **timm_args_from_traits(t),
-        "num_classes": t["num_classes"],
-        **requested,
-        **overrides,
-    }
-    width, heads = args["embed_dim"], args["num_heads"]
-    if width % heads:
-        raise InputError(
-            f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
-            f"pick heads from {[h for h in range(1, min(width, 64) + 1) if width % h == 0]}"
-        )
+    if not isinstance(teacher, VisionTransformer):
+        return _family_student(teacher, sizes, drop_path_rate, attn_layer, overrides)
+    t = vit_traits(teacher)
+    arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture") or "vit_base_patch16_224"
+    requested = {k: v for k, v in sizes.items() if v is not None}
+    args = _vit_student_args(teacher, t, requested, overrides)
     cfg = _student_cfg(
         getattr(teacher, "pretrained_cfg", {}) or {},
         arch,
@@ -329,6 +305,27 @@ def student_like(
     )
     _check_traits(student, t, changed)
     return student
+
+
+def _vit_student_args(
+    teacher: nn.Module, traits: dict[str, Any], requested: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """timm arguments of a ViT student: the teacher's recorded ones and traits, then what the caller asks;
+    a width its heads do not divide is refused with the head counts that do."""
+    args = {
+        **_recorded_args(teacher),
+        **timm_args_from_traits(traits),
+        "num_classes": traits["num_classes"],
+        **requested,
+        **overrides,
+    }
+    width, heads = args["embed_dim"], args["num_heads"]
+    if width % heads:
+        raise InputError(
+            f"student_like: embed_dim={width} is not divisible by num_heads={heads}; "
+            f"pick heads from {[h for h in range(1, min(width, 64) + 1) if width % h == 0]}"
+        )
+    return args
 
 
 def _family_student(
