@@ -27,14 +27,16 @@ from ..checkpoints.store import atomic_write_json, atomic_write_text
 from ..config import TrainConfig, apply_overrides, dump_config
 from ..errors import InputError
 from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
+from ..models.image_input import image_input
 from ..train.devices import resolve_precision
 from ..train.distributed import DistributedInfo, backend_for, joined_process_group
-from ..train.measure import evaluate_top1, map_agreement, operation_counts, relative_speed
+from ..train.measure import evaluate_top1, map_agreement, operation_counts
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
 from ..transfer.plan import TransferPlan
 from .conversion_quality import QualityProbe, quality_probe
+from .conversion_speed import conversion_speed, sweep_sides
 from .conversion_stage1 import run_stage1
 from .conversion_stage2 import Stage2Objective, stage2_objective, student_head
 from .loaders import data_info
@@ -148,6 +150,7 @@ class _Conversion:
     log: Callable[[str], None]
     run_dir: Path
     labelled: bool  # the data hands out labels (the report's top-1 and k-NN read them)
+    sweep: tuple[list[int], float | None] = ([], None)  # the speed sweep's sides and budget (`sweep_sides`)
     device: torch.device = field(init=False)  # set by `_place`
     probe: list[torch.Tensor] = field(default_factory=list)
     quality: QualityProbe = field(init=False)  # set by `_place`
@@ -175,6 +178,8 @@ def _convert(
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
     run = _build(cfg, info, parts, log)
+    # a sweep side the teacher's family cannot run at stops here, before any work
+    run.sweep = sweep_sides(run.cfg, run.teacher, _run_side(run))
     _describe(run)
     _place(run)
     teacher_top1 = evaluate_top1(run.teacher, run.parts.val_loader, run.device) if run.labelled else None
@@ -251,6 +256,12 @@ def _student_builder(cfg: TrainConfig, labelled: bool) -> Callable[[nn.Module | 
         return set_drop_path(student, cfg.model.drop_path_rate)
 
     return make_student
+
+
+def _run_side(run: _Conversion) -> int:
+    """The side of the run's images: data.img_size, else the size stamped on the student (`parts_around`)."""
+    stamped = getattr(run.student, "pretrained_cfg", {}).get("input_size")
+    return int(run.cfg.data.img_size or (stamped[-1] if stamped else image_input(run.teacher).img_size[-1]))
 
 
 def _describe(run: _Conversion) -> None:
@@ -354,26 +365,27 @@ def _stage2(run: _Conversion) -> dict[str, Any]:
 
 
 def _speed(run: _Conversion) -> dict[str, Any]:
-    """Images/s of student and teacher at the run's resolution, in the precision the run trains in (bf16
-    autocast on GPU by default): a few forward batches of each, interleaved (convert.speed_repeats,
-    convert.speed_batch_size)."""
+    """Images/s of teacher, student and floor at the run's resolution, in the precision the run trains in
+    (bf16 autocast on GPU by default): a few forward batches of each, interleaved (convert.speed_repeats,
+    convert.speed_batch_size); then the break-even sweep (convert.speed_sweep), each side's student made as
+    the run's was (`_student_builder`)."""
     c = run.cfg.convert
     shape = (c.speed_batch_size, *run.probe[0].shape[1:])
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(run.device)
     precision = resolve_precision(run.cfg.precision, run.device)
-    speed = relative_speed(
+    make = _student_builder(run.cfg, run.labelled)
+    sides, budget_s = run.sweep
+    return conversion_speed(
+        run.cfg,
         run.teacher,
         run.student,
         x,
-        repeats=c.speed_repeats,
+        sides=sides,
+        budget_s=budget_s,
+        make_student=lambda teacher: make(teacher, run.parts.num_classes),
         autocast=precision.dtype if precision.autocasts else None,
+        log=run.log,
     )
-    run.log(
-        f"speed: student {speed['student_images_per_s']:.1f} images/s vs teacher "
-        f"{speed['teacher_images_per_s']:.1f} images/s (batch {speed['batch']}, {speed['precision']}) -> "
-        f"{speed['speedup']:.2f}x"
-    )
-    return speed
 
 
 def _report(

@@ -265,7 +265,9 @@ def _agreement_section(report: dict[str, Any], which: str, title: str) -> list[s
 
 
 def _speed_section(speed: dict[str, Any]) -> list[str]:
-    """The forward pass's time of student and teacher, and their images/s."""
+    """The forward pass's time of teacher, student and their floor at the run's resolution (the floor's
+    images/s is the ceiling of any attention there, student / floor the share of it reached), and the
+    break-even sweep."""
     lines = [
         "## Speed",
         "",
@@ -277,14 +279,93 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
     ]
     if "student_images_per_s" not in speed:  # reports written before images/s was measured lack it
         return lines
-    return [
-        *lines,
-        "| model | images/s | × teacher |",
-        "|---|---|---|",
-        f"| teacher (softmax) | {speed['teacher_images_per_s']:.1f} | 1.00 |",
-        f"| student | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} |",
+    floor = "floor_images_per_s" in speed
+    cpu = "student_over_teacher_cpu" in speed
+    head = "| model | ms | images/s | × teacher | of the floor |" + (" × teacher (CPU time) |" if cpu else "")
+    rule = "|---|---|---|---|---|" + ("---|" if cpu else "")
+    lines += [head, rule]
+    teacher_of_floor = 1.0 / speed["floor_over_teacher"] if floor else None
+    rows = [("teacher (softmax)", "teacher", 1.0, teacher_of_floor, 1.0 if cpu else None)]
+    if floor:
+        rows.append(
+            (
+                "floor (ceiling)",
+                "floor",
+                speed["floor_over_teacher"],
+                1.0,
+                speed.get("floor_over_teacher_cpu"),
+            )
+        )
+    rows.append(
+        (
+            "student",
+            "student",
+            speed["speedup"],
+            speed.get("student_over_floor"),
+            speed.get("student_over_teacher_cpu"),
+        )
+    )
+    for label, name, over_teacher, of_floor, cpu_ratio in rows:
+        cells = f"| {label} | {speed[f'{name}_ms']:.2f} | {speed[f'{name}_images_per_s']:.1f} | {over_teacher:.2f} | "
+        cells += f"{_ratio(of_floor)} |" + (f" {_ratio(cpu_ratio)} |" if cpu else "")
+        lines.append(cells)
+    lines.append("")
+    if floor:
+        lines += [
+            f"The floor is the teacher whose attention computes its projections but mixes no tokens (out = "
+            f"proj(v)): no attention can be faster at this resolution, so it is the ceiling "
+            f"({speed['floor_over_teacher']:.2f}x the teacher), and the student reaches "
+            f"**{speed['student_over_floor']:.2f}** of it.",
+            "",
+        ]
+    elif speed.get("floor_refused"):
+        lines += [f"No floor measured: {speed['floor_refused']}.", ""]
+    return [*lines, *_sweep_lines(speed)]
+
+
+def _sweep_lines(speed: dict[str, Any]) -> list[str]:
+    """The break-even sweep: teacher, student (and floor) at batch 1 at each side, and the break-even side."""
+    sweep = speed.get("sweep")
+    if sweep is None:  # reports written before the sweep was measured
+        return []
+    if sweep.get("off"):
+        return ["### Break-even resolution", "", f"Not measured: {sweep['off']}.", ""]
+    rows = sweep["rows"]
+    floor = any("floor_ms" in row for row in rows)
+    lines = [
+        "### Break-even resolution",
         "",
+        "Teacher and student rebuilt at each side with random weights (speed does not depend on them), batch 1, "
+        "on the run's device, median of interleaved repeats.",
+        "",
+        "| side (px) | tokens | teacher ms | student ms | student × teacher |"
+        + (" floor × teacher | student of the floor |" if floor else ""),
+        "|---|---|---|---|---|" + ("---|---|" if floor else ""),
     ]
+    for row in rows:
+        line = (
+            f"| {row['resolution']} | {row['tokens'] if row['tokens'] is not None else '—'} | "
+            f"{row['teacher_ms']:.2f} | {row['student_ms']:.2f} | {row['student_over_teacher']:.2f} |"
+        )
+        if floor:
+            line += f" {_ratio(row.get('floor_over_teacher'))} | {_ratio(row.get('student_over_floor'))} |"
+        lines.append(line)
+    lines.append("")
+    lines += [f"- {item['resolution']} px skipped: {item['reason']}" for item in sweep.get("skipped", [])]
+    top = max((row["resolution"] for row in rows), default=None)
+    if speed.get("break_even") is not None:
+        verdict = (
+            f"Break-even: **{speed['break_even']} px**, the smallest tested side where the student is faster."
+        )
+    elif top is None:
+        verdict = "Break-even: no side was measured."
+    else:
+        verdict = f"Break-even: none found; the student is not faster than the teacher up to {top} px."
+    return [*lines, *([""] if sweep.get("skipped") else []), verdict, ""]
+
+
+def _ratio(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
 
 
 def _precision(speed: dict[str, Any]) -> str:

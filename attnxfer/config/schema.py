@@ -280,6 +280,12 @@ class ConvertConfig:
     knn_bank_size: int | None = key(10_000, range=AT_LEAST_1, resumable=True)
     speed_batch_size: int = key(64, range=AT_LEAST_1, resumable=True)
     speed_repeats: int = key(20, range=AT_LEAST_1, resumable=True)
+    # image sides of the report's break-even sweep (teacher, student and floor at batch 1 on the run's device,
+    # rebuilt there with random weights: speed does not depend on weights): efficient attention pays only
+    # above some token count, and this finds the smallest side where the student beats the teacher. null: the
+    # run's side times 1, 2, 3 and 4 (each raised to the next side the family runs at), within a minute; []:
+    # no sweep; a list: exactly those sides, each one the teacher's family runs at (checked before any work)
+    speed_sweep: list[int] | None = key(None, range=AT_LEAST_1, resumable=True)
 
 
 @dataclass

@@ -32,6 +32,7 @@ __all__ = [
     "RATIOS",
     "break_even_resolution",
     "break_even_sweep",
+    "forward_speed",
     "interleaved_forward_seconds",
     "speed_against_floor",
 ]
@@ -110,6 +111,44 @@ def _tokens(model: nn.Module, x: torch.Tensor) -> int | None:
     return grid[0] * grid[1] + int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 
+def forward_speed(
+    models: Mapping[str, nn.Module],
+    x: torch.Tensor,
+    *,
+    warmup: int = 1,
+    repeats: int = 5,
+    autocast: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """One speed row of ``models`` (named ``teacher``, ``student`` and, where it can be built, ``floor``) on
+    ``x``, measured interleaved in one call: per model the median milliseconds, images/s and the rounds'
+    spread, and each of the `RATIOS` whose two models are present (on the CPU also of CPU time, ``..._cpu``).
+    The tokens are read off ``models["teacher"]``."""
+    times = interleaved_forward_seconds(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
+    batch = int(x.shape[0])
+    row: dict[str, Any] = {
+        "resolution": int(x.shape[-1]),
+        "tokens": _tokens(models["teacher"], x),
+        "batch": batch,
+        "repeats": repeats,
+        "device": x.device.type,
+        "threads": torch.get_num_threads(),
+        "precision": f"{str(autocast).removeprefix('torch.')} autocast" if autocast else "no autocast",
+    }
+    median = {name: statistics.median(t["wall"]) for name, t in times.items()}
+    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
+    for name in models:
+        row[f"{name}_ms"] = 1000.0 * median[name]
+        row[f"{name}_images_per_s"] = batch / median[name]
+        row[f"{name}_spread"] = _spread(times[name]["wall"])
+    for key, (top, bottom) in RATIOS.items():
+        if top not in models or bottom not in models:
+            continue
+        row[key] = median[bottom] / median[top]
+        if x.device.type == "cpu" and min(cpu[bottom], cpu[top]) > 0:
+            row[f"{key}_cpu"] = cpu[bottom] / cpu[top]
+    return row
+
+
 def speed_against_floor(
     teacher: nn.Module,
     student: nn.Module,
@@ -129,28 +168,7 @@ def speed_against_floor(
     """
     floor = floor_model(teacher) if floor is None else floor
     models = {"teacher": teacher, "student": student, "floor": floor}
-    times = interleaved_forward_seconds(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
-    batch = int(x.shape[0])
-    row: dict[str, Any] = {
-        "resolution": int(x.shape[-1]),
-        "tokens": _tokens(teacher, x),
-        "batch": batch,
-        "repeats": repeats,
-        "device": x.device.type,
-        "threads": torch.get_num_threads(),
-        "precision": f"{str(autocast).removeprefix('torch.')} autocast" if autocast else "no autocast",
-    }
-    median = {name: statistics.median(t["wall"]) for name, t in times.items()}
-    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
-    for name in models:
-        row[f"{name}_ms"] = 1000.0 * median[name]
-        row[f"{name}_images_per_s"] = batch / median[name]
-        row[f"{name}_spread"] = _spread(times[name]["wall"])
-    for key, (top, bottom) in RATIOS.items():
-        row[key] = median[bottom] / median[top]
-        if x.device.type == "cpu" and min(cpu[bottom], cpu[top]) > 0:
-            row[f"{key}_cpu"] = cpu[bottom] / cpu[top]
-    return row
+    return forward_speed(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
 
 
 def break_even_sweep(
@@ -163,32 +181,53 @@ def break_even_sweep(
     repeats: int = 3,
     autocast: torch.dtype | None = None,
     seed: int = 0,
+    floor: bool = True,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
     """`speed_against_floor` at each resolution, and the break-even resolution.
 
     ``build(resolution)`` returns (teacher, student) for that image size (the caller knows how its family
-    resizes); their device is the models' own unless ``device`` is given. Random images of the teacher's
-    channels are the input (speed does not depend on the pixels). Returns ``{"rows": [...], "break_even":
-    the smallest tested resolution where the student is faster than the teacher, or None}``; resolutions
-    are measured in increasing order, each in one interleaved call.
+    resizes); their device is the models' own unless ``device`` is given. A size ``build`` refuses
+    (`InputError`, e.g. one a Swin window cannot tile) is skipped with its message. Random images of the
+    teacher's channels are the input (speed does not depend on the pixels). ``floor=False`` measures teacher
+    and student only (a teacher `floor_model` cannot take). ``budget_s``: no further size is started once the
+    sweep has taken that long, or once the next one, at the growth of the last (time x side ratio squared),
+    would pass it: larger sizes cost ever more, and a report's sweep must stay short. Returns ``{"rows":
+    [...], "skipped": [{"resolution", "reason"}], "break_even": the smallest measured resolution where the
+    student is faster than the teacher, or None}``; resolutions are measured in increasing order, each in one
+    interleaved call.
     """
     if not resolutions:
         raise ValueError("break_even_sweep needs at least one resolution")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    start, last = time.monotonic(), None  # last: (resolution, seconds) of the last measured size
     for resolution in sorted(set(int(r) for r in resolutions)):
-        teacher, student = build(resolution)
+        spent = time.monotonic() - start
+        if budget_s is not None and last is not None:
+            expected = last[1] * (resolution / last[0]) ** 2
+            if spent + expected > budget_s:
+                reason = f"past the sweep's {budget_s:g} s budget (expected {expected:.0f} s more)"
+                skipped.append({"resolution": resolution, "reason": reason})
+                continue
+        began = time.monotonic()
+        try:
+            teacher, student = build(resolution)
+        except InputError as e:
+            skipped.append({"resolution": resolution, "reason": str(e)})
+            continue
         if device is not None:
             teacher, student = teacher.to(device), student.to(device)
         where = next(teacher.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, image_input(teacher).in_chans, resolution, resolution, generator=generator)
-        rows.append(
-            speed_against_floor(
-                teacher, student, x.to(where), warmup=warmup, repeats=repeats, autocast=autocast
-            )
-        )
-        del teacher, student
-    return {"rows": rows, "break_even": break_even_resolution(rows)}
+        models = {"teacher": teacher, "student": student}
+        if floor:
+            models["floor"] = floor_model(teacher)
+        rows.append(forward_speed(models, x.to(where), warmup=warmup, repeats=repeats, autocast=autocast))
+        del teacher, student, models
+        last = (resolution, time.monotonic() - began)
+    return {"rows": rows, "skipped": skipped, "break_even": break_even_resolution(rows)}
 
 
 def break_even_resolution(rows: Sequence[Mapping[str, Any]]) -> int | None:

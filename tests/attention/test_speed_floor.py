@@ -321,3 +321,22 @@ def test_break_even_sweep_builds_each_size_once_in_increasing_order():
     assert [row["resolution"] for row in sweep["rows"]] == [32, 48]
     assert [row["tokens"] for row in sweep["rows"]] == [17, 37]
     assert sweep["break_even"] == break_even_resolution(sweep["rows"])
+
+
+def test_break_even_sweep_skips_refused_sizes_and_keeps_to_its_budget():
+    def build(size: int):
+        if size == 40:
+            raise InputError("40 px: not a whole number of 16 px patches")
+        teacher = tiny_vit(depth=1, img_size=size, plain_timm=True).eval()
+        return teacher, build_efficient_student(teacher, "relu_linear")
+
+    sweep = break_even_sweep(build, [32, 40], warmup=0, repeats=1, floor=False)
+    assert [row["resolution"] for row in sweep["rows"]] == [32]
+    assert sweep["skipped"] == [{"resolution": 40, "reason": "40 px: not a whole number of 16 px patches"}]
+    assert "floor_ms" not in sweep["rows"][0] and "student_over_floor" not in sweep["rows"][0]
+    assert "student_over_teacher" in sweep["rows"][0]
+    # a zero budget: the first size is measured, every later one (it would cost more) is left out, saying so
+    sweep = break_even_sweep(build, [32, 48, 64], warmup=0, repeats=1, budget_s=0)
+    assert [row["resolution"] for row in sweep["rows"]] == [32]
+    assert [item["resolution"] for item in sweep["skipped"]] == [48, 64]
+    assert all("budget" in item["reason"] for item in sweep["skipped"])

@@ -140,6 +140,7 @@ MEANING: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "convert.agreement_batches": (NUM, False, False, None),
     "convert.speed_batch_size": (NUM, False, False, None),
     "convert.speed_repeats": (NUM, False, False, None),
+    "convert.speed_sweep": ("3", False, False, "[224, -32]"),  # image sides: positive, in a list
     "search.seeds": ("{a: 1}", None, None, None),
     "search.population": (NUM, False, False, "1"),
     "search.offspring": (NUM, False, False, None),

@@ -383,7 +383,10 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     md = (run / "report.md").read_text()
     assert "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |" in md
     assert "Recovered:" in md and "x** the teacher's speed" in md
-    assert f"| student | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} |" in md
+    assert (
+        f"| student | {speed['student_ms']:.2f} | {speed['student_images_per_s']:.1f} | {speed['speedup']:.2f} |"
+        in md
+    )
     # run again into the same run dir: stage 1 is picked up, not redone; stage 2 resumes its finished run
     from attnxfer.launch.cli import main
 
