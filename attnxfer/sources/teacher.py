@@ -31,14 +31,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from ..models.attention import ImageSizes, make_transfer_aware
-from ..models.image_input import as_pair, check_image_size, image_input
-from ..models.vit import create_vit
+from ..models.attention import make_transfer_aware
+from ..models.image_input import image_input
 from .resolve import (
     Origin,
     Resolved,
@@ -56,6 +54,15 @@ from .resolve import (
     registry_cfg,
     resolve,
     weights_digest,
+)
+from .teacher_build import (
+    SOURCE_KEYS,
+    OtherSize,
+    create_teacher_model,
+    other_size,
+    rebuilt,
+    record_size,
+    source_size,
 )
 
 _logger = logging.getLogger(__name__)
@@ -76,10 +83,6 @@ __all__ = [
     "parse_teacher_spec",
     "read_state_dict",
 ]
-
-
-# pretrained_cfg entries that say where weights live; a teacher's weights arrive as a state dict.
-_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,7 +288,7 @@ def load_teacher(
         res.weights, res.source = None, Origin.RANDOM_INIT
     _check_saved_attention(spec, res)
 
-    size = _other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
+    size = other_size(res, timm_kwargs, img_size)  # a size the family cannot run at stops here
     state_dict, checkpoint_key, dropped = _read_weights(spec, res) if res.weights else ({}, None, [])
     num_classes, dropped_head = _choose_head(spec, res, state_dict, num_classes)
     source_pos = tuple(state_dict["pos_embed"].shape) if "pos_embed" in state_dict else None
@@ -397,7 +400,7 @@ def _build(
     res: Resolved,
     state_dict: dict[str, torch.Tensor],
     num_classes: int,
-    size: _OtherSize | None,
+    size: OtherSize | None,
     timm_kwargs: dict[str, Any],
 ) -> nn.Module:
     """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter
@@ -406,7 +409,7 @@ def _build(
     At another ``size`` than the weights were made for, the family says how the model is rebuilt there
     (`attnxfer.models.attention.ImageSizes`): timm's filter resamples at creation, or the model is loaded at
     its own size and its weights fitted to a twin built at the new one."""
-    cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in _SOURCE_KEYS}
+    cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in SOURCE_KEYS}
     cfg["num_classes"] = num_classes  # equal to the model's: timm keeps the load strict
     kwargs = {**res.model_args, **timm_kwargs, "num_classes": num_classes}
     if res.model_args:
@@ -417,7 +420,7 @@ def _build(
     if res.weights:
         cfg["state_dict"] = state_dict
     try:
-        model = _create(res.architecture, bool(res.weights), cfg, kwargs)
+        model = create_teacher_model(res.architecture, bool(res.weights), cfg, kwargs)
     except RuntimeError as e:
         if "Error(s) in loading state_dict" not in str(e):
             raise
@@ -428,9 +431,9 @@ def _build(
     for attr in ("pretrained_cfg", "default_cfg"):
         getattr(model, attr, {}).pop("state_dict", None)
     if size is not None and resize is not None:
-        model = _rebuilt(model, res.architecture, cfg, {**kwargs, "img_size": size.side}, resize)
+        model = rebuilt(model, res.architecture, cfg, {**kwargs, "img_size": size.side}, resize)
     if size is not None:
-        _record_size(model, size.side)
+        record_size(model, size.side)
     _forget_unrecorded_args(model, res.unrecorded_args)
     try:
         make_transfer_aware(model)
@@ -441,69 +444,6 @@ def _build(
     return model
 
 
-def _create(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
-    """A ViT with `TransferAttention`, or a family with its own attention classes (EVA, BEiT, PVTv2, ...)
-    that its adapter makes transfer-aware afterwards."""
-    try:
-        return create_vit(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
-    except TypeError as e:
-        if "attn_layer" not in str(e) and "'img_size'" not in str(e):
-            raise
-        return _create_family(arch, pretrained, cfg, kwargs)
-
-
-@dataclass(frozen=True)
-class _OtherSize:
-    """A teacher asked for at another size than its weights were made for: the side, the weights' size and
-    how its family rebuilds it."""
-
-    side: int
-    native: tuple[int, int] | None
-    sizes: ImageSizes
-
-
-def _other_size(
-    res: Resolved, timm_kwargs: dict[str, Any], img_size: int | tuple[int, int] | None
-) -> _OtherSize | None:
-    """What building at ``img_size`` takes, None where it is the weights' own size (or not given); a size the
-    family cannot run at is refused here (`ImageSizeError`). The architecture at its own size is built on the
-    meta device to ask (no memory, no weights)."""
-    if img_size is None:
-        return None
-    pair = as_pair(img_size)
-    if pair is None or pair[0] != pair[1]:
-        raise InputError(f"img_size={img_size!r}: attnxfer runs square images; give one side in pixels")
-    cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in _SOURCE_KEYS}
-    with torch.device("meta"):  # the weights' own size: their recorded img_size, else the arch's
-        native = _create_family(res.architecture, False, cfg, {**res.model_args, **timm_kwargs})
-    own_size = image_input(native).img_size
-    if own_size == pair:
-        return None
-    return _OtherSize(pair[0], own_size, check_image_size(native, pair[0]))
-
-
-def _rebuilt(
-    model: nn.Module,
-    arch: str,
-    cfg: dict[str, Any],
-    kwargs: dict[str, Any],
-    resize: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]],
-) -> nn.Module:
-    """``model`` (loaded at its own size) rebuilt at ``kwargs["img_size"]``: the same architecture built
-    there, its weights fitted by the family's ``resize`` and loaded strictly."""
-    twin = _create(arch, False, cfg, kwargs)
-    twin.load_state_dict(resize(model.state_dict(), twin), strict=True)
-    twin.pretrained_cfg = dict(model.pretrained_cfg)
-    return twin
-
-
-def _record_size(model: nn.Module, side: int) -> None:
-    """The size a rebuilt teacher runs at, in its pretrained config (what `image_input` reads for a family that
-    records none, PVTv2; what a mirrored student and the run record inherit)."""
-    chans = image_input(model).in_chans
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": (chans, side, side)}
-
-
 def _forget_unrecorded_args(model: nn.Module, names: Sequence[str]) -> None:
     """Construction arguments no JSON value names (a transformers teacher's LayerNorm eps, which no timm norm
     name carries) built the teacher but are left out of its recorded arguments, which students are built
@@ -512,18 +452,6 @@ def _forget_unrecorded_args(model: nn.Module, names: Sequence[str]) -> None:
         return
     model._model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in names}
     model._teacher_only_args = tuple(names)
-
-
-def _create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
-    """``timm.create_model`` for a family with its own attention classes. A family whose constructor takes
-    no ``img_size`` (PVTv2: any input its strides divide) is built without it."""
-    try:
-        return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
-    except TypeError as e:
-        if "'img_size'" not in str(e) or "img_size" not in kwargs:
-            raise
-    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
-    return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
 
 
 def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
@@ -538,14 +466,6 @@ def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     return ", ".join(parts[:limit]) + (f", ... ({len(parts)} groups)" if len(parts) > limit else "")
 
 
-def _source_size(res: Resolved, size: _OtherSize | None) -> tuple[int, ...]:
-    """The (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
-    (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)."""
-    if size is None or size.native is None:
-        return ()
-    return tuple(size.native) if res.source.has_timm_metadata or res.model_args.get("img_size") else ()
-
-
 def _record(
     spec: str,
     res: Resolved,
@@ -553,7 +473,7 @@ def _record(
     checkpoint_key: str | None,
     dropped: list[str],
     source_pos: tuple[int, ...] | None,
-    size: _OtherSize | None = None,
+    size: OtherSize | None = None,
 ) -> TeacherRecord:
     from timm.models import get_model_input_config
 
@@ -589,7 +509,7 @@ def _record(
         num_classes=int(getattr(model, "num_classes", 0)),
         dropped_keys=list(dropped),
         resampled_pos_embed=bool(resampled),
-        source_img_size=_source_size(res, size),
+        source_img_size=source_size(res, size),
         resized_by=size.sizes.how if size is not None else None,
         model_args=_json_safe(model_args),
         source_format=res.source_format,
