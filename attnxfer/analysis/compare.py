@@ -350,7 +350,7 @@ def _student_result(
         attention_name_of(sig.attn),
         str(sig.attn.map_kind),
         sig.heads,
-        borrowed=subject.borrow.get(i, (0, ""))[1],
+        borrowed=str(subject.borrow.get(i, (0, ""))[1]),  # the letters (qk), as reports have always said it
         note=_signed_note(kind),
         name=sig.name,
         stage=stage_of(sig.name),
