@@ -29,6 +29,11 @@ __all__ = [
 ]
 
 
+# what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training
+# without them changes no weight's meaning; the scores that need them do)
+SCORING_KEYS = ("data.labels",)
+
+
 def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
 
@@ -69,12 +74,14 @@ def resume_source(cfg: TrainConfig) -> Path | None:
     return None if info is None else info.path
 
 
-def check_resume(cfg: TrainConfig, log=print, world: int | None = None) -> Path | None:
+def check_resume(cfg: TrainConfig, log=print, world: int | None = None, scoring: bool = False) -> Path | None:
     """Refuse a resume whose config changes what the checkpoint means; log the changes it may make.
 
     With ``world`` (this run's number of processes), the per-rank batch and accumulation steps may change
-    when they keep the recorded global batch (`attnxfer.apps.world_size`). Returns the checkpoint it
-    checked against (None: the run starts fresh). Writes nothing.
+    when they keep the recorded global batch (`attnxfer.apps.world_size`). ``scoring`` (`attnxfer eval`,
+    which trains nothing) may also turn ``data.labels`` on: a run trained without labels is scored by its
+    k-NN top-1 on the labelled split. Returns the checkpoint it checked against (None: the run starts
+    fresh). Writes nothing.
     """
     source = resume_source(cfg)
     if source is None:
@@ -88,7 +95,9 @@ def check_resume(cfg: TrainConfig, log=print, world: int | None = None) -> Path 
         return source  # a checkpoint written without its config: nothing to compare with
     resumable = RESUMABLE_KEYS
     if world is not None and keeps_global_batch(source, cfg, world):
-        resumable = (*RESUMABLE_KEYS, *BATCH_SPLIT_KEYS)
+        resumable = (*resumable, *BATCH_SPLIT_KEYS)
+    if scoring:
+        resumable = (*resumable, *SCORING_KEYS)
     allowed, refused = config_changes(recorded, cfg, resumable)
     allow_respelled_teacher(state.get("teacher"), allowed, refused)
     if refused:

@@ -332,7 +332,7 @@ def build_engine(
     log = print if runtime.is_main else lambda *_: None
     if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
         cfg = _fitted_to_world(cfg, runtime, parts, log)
-    resumed_from = check_resume(cfg, log=log, world=runtime.world)
+    resumed_from = check_resume(cfg, log=log, world=runtime.world, scoring=not write_run_files)
     if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank

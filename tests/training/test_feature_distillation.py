@@ -287,3 +287,19 @@ def test_eval_of_a_run_without_a_task_loss_reads_the_labels_its_knn_needs(tmp_pa
     metrics = evaluate_run(load_config(None, args)).metrics
     assert {"val_feat_cos_patch", "knn_top1", "knn_teacher_top1"} <= set(metrics), metrics
     assert "val_top1" not in metrics and 0 <= metrics["knn_top1"] <= 100
+
+
+@pytest.mark.slow  # trains a short run without labels, then scores it: ~4 s of CPU
+def test_eval_scores_a_run_trained_without_labels_by_knn_on_the_labelled_split(tmp_path, teacher_dir):
+    """A run trained on data.labels=false is scored with data.labels=true: eval trains nothing, so turning the
+    labels on is not a resume that changes the checkpoint's meaning, and k-NN top-1 needs them."""
+    args = [
+        a
+        for a in _train_args(tmp_path / "run", teacher_dir)
+        if not a.startswith(("data.dataset", "schedule"))
+    ]
+    args += ["data.dataset=synthetic", "schedule.warmup_epochs=0", "schedule.epochs=1"]
+    build_engine(load_config(None, [*args, "data.labels=false"])).run()
+    metrics = evaluate_run(load_config(None, [*args, "data.labels=true", "eval.metrics=[knn]"])).metrics
+    assert {"knn_top1", "knn_teacher_top1", "knn_share"} <= set(metrics), metrics
+    assert 0 <= metrics["knn_top1"] <= 100
