@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoints.resume_from import ResumeFrom
+from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
 from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
@@ -26,6 +27,7 @@ __all__ = [
     "check_teacher_content",
     "config_changes",
     "resume_source",
+    "student_as_trained",
 ]
 
 
@@ -155,3 +157,31 @@ def check_teacher_content(
         f"{saved}; nothing was written. To continue this run, point teacher.spec "
         "at the original weights; to train with this teacher, start a new run elsewhere (run_dir=...)"
     )
+
+
+def student_as_trained(run_dir: str | Path, built: dict[str, Any], *, scoring: bool) -> dict[str, Any] | None:
+    """The student spec run.json records where the config builds another student (another architecture or
+    attention), else None. Weights of one attention load into another's projections without a complaint
+    (a relu_linear student's qkv fits a softmax block), so this is checked before any checkpoint is read.
+
+    Scoring (`attnxfer eval`) returns the recorded spec, for the caller to rebuild the student it scores
+    (a conversion's stage 2 records ``convert.attention``, not ``model.attention``); resuming training
+    refuses in one line, since the config would train another model."""
+    run = RunDir(run_dir)
+    if not built or not run.is_run():  # parts a notebook built carry no spec to compare
+        return None
+    recorded = run.record().get("student")
+    if not recorded or _same_student(recorded, built):
+        return None
+    if scoring:
+        return recorded
+    raise ConfigError(
+        f"run_dir={run.path}: this config builds a student with {built.get('attention')!r} attention "
+        f"({built.get('architecture')}), but the run trained one with {recorded.get('attention')!r} "
+        f"({recorded.get('architecture')}); resume with the run's own config (-c {run.config_file}) or "
+        "choose another run_dir"
+    )
+
+
+def _same_student(recorded: dict[str, Any], built: dict[str, Any]) -> bool:
+    return all(recorded.get(k) == built.get(k) for k in ("architecture", "attention", "num_classes"))

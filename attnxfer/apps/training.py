@@ -24,6 +24,7 @@ from ..data import dataset_has_labels, require_labels
 from ..errors import InputError, PathExistsError
 from ..models.attention import attention_blocks
 from ..models.mae import MaskedAutoencoder
+from ..models.student import student_from_spec
 from ..train.compile import compile_blocks
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
@@ -39,7 +40,7 @@ from ..transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
 from .loaders import build_bank_loader, data_info
 from .pictures import class_token_pictures
-from .resume import check_resume, check_teacher_content, resume_source
+from .resume import check_resume, check_teacher_content, resume_source, student_as_trained
 from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
 
@@ -340,6 +341,8 @@ def build_engine(
     labels = None if write_run_files else cfg.data.labels
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world, labels=labels)
     check_teacher_content(resumed_from, parts.teacher_record, cfg.teacher.spec)
+    if resumed_from is not None:
+        parts = _the_trained_student(cfg, parts, scoring=not write_run_files, log=log)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
     pair = TeacherStudent(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(
@@ -558,3 +561,17 @@ def evaluate_run(
                     raise
                 raise type(plain)(f"{plain} (the scores: {json.dumps(metrics)})") from e
         return EvalResult(engine.step, str(engine.last_ckpt), metrics, path)
+
+
+def _the_trained_student(
+    cfg: TrainConfig, parts: RunParts, *, scoring: bool, log: Callable[..., None]
+) -> RunParts:
+    """``parts`` with the student the run trained, where its config builds another (`student_as_trained`):
+    eval scores the recorded one; resuming training with another student stops there."""
+    recorded = student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
+    if recorded is None:
+        return parts
+    log(
+        f"eval: scoring the student run.json records ({recorded.get('attention')} attention), not the config's"
+    )
+    return replace(parts, student=student_from_spec(recorded), student_spec=recorded)

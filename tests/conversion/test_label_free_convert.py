@@ -17,10 +17,12 @@ from timm.models import save_for_hf
 
 from attnxfer import load_student, load_teacher
 from attnxfer.apps.conversion_stage2 import stage2_objective, student_head
+from attnxfer.apps.training import build_engine, evaluate_run
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
+from attnxfer.models.student import attention_layout
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -179,6 +181,20 @@ def test_label_free_conversion_reads_no_label_and_exports_a_headless_encoder(tmp
     with torch.no_grad():
         assert torch.equal(exported.forward_features(x), rebuilt.forward_features(x))
         assert torch.equal(exported(x), rebuilt(x))  # headless: the output is the pooled feature
+    # eval of stage 2's config scores the converted (relu_linear) student the run trained, although that
+    # config records convert.attention and no model.attention: a softmax student would take its weights silently
+    built = {}
+
+    def build(cfg):
+        built["engine"] = build_engine(cfg, write_run_files=False)
+        return built["engine"]
+
+    with labels_raise_registered():  # the run's dataset; its labels stay unread here too
+        evaluate_run(load_config(str(run / "stage2" / "config.yaml"), []), build=build)
+    scored = built["engine"].student.eval()
+    assert attention_layout(scored) == ["relu_linear", "relu_linear"]
+    with torch.no_grad():
+        assert torch.equal(scored.forward_features(x), rebuilt.forward_features(x))
 
 
 @pytest.mark.slow  # a conversion without stage 1, k-NN at three stages, an export: ~4 s of CPU
