@@ -311,11 +311,14 @@ def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
         import json, torch
         from attnxfer.checkpoints.export import ModelCardInfo, export_student
         from attnxfer.models.student import student_like
-        import tests.test_export as t
-        student = student_like(t.teacher_model(), num_classes=10)
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests")!r})  # the tests' own modules, as pytest finds them
+        from helpers import card
+        from outputs.test_export import teacher_model
+        student = student_like(teacher_model(), num_classes=10)
         student.load_state_dict(torch.load({str(tmp_path / "student.pt")!r}, weights_only=True)["state"])
         try:
-            export_student(student, {str(tmp_path / "out")!r}, card=t.card(), push_to_hub="acme/student")
+            export_student(student, {str(tmp_path / "out")!r}, card=card(), push_to_hub="acme/student")
             print(json.dumps(dict(raised=None)))
         except RuntimeError as e:
             print(json.dumps(dict(raised=type(e).__name__, message=str(e))))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from helpers import tiny_vit
 from timm.data.random_erasing import RandomErasing
 
 from attnxfer.apps.run_parts import build_student
@@ -22,7 +23,6 @@ from attnxfer.config import ConfigError, load_config
 from attnxfer.data import build_dataset
 from attnxfer.train.optim import student_param_groups
 from attnxfer.transfer import build_plan
-from tests.helpers import tiny_vit
 
 GPUS = 64  # the reference's 8 nodes x 8 GPUs
 
