@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from helpers import MAE_TEACHER, PLAN, RECIPE, card
 from safetensors.torch import load_file, save_file
 from timm.layers import Attention
 
@@ -24,8 +25,6 @@ from attnxfer.models.attention import TransferAttention
 from attnxfer.models.efficient import efficient_student_from_teacher
 from attnxfer.models.student import student_like, student_spec
 from attnxfer.sources.exported_student import load_student
-from attnxfer.sources.teacher import TeacherRecord
-from helpers import MAE_TEACHER, PLAN, RECIPE, card
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
@@ -62,8 +61,6 @@ def trained_student(seed: int = 1, steps: int = 3, **kwargs) -> nn.Module:
         loss.backward()
         opt.step()
     return student.eval()
-
-
 
 
 def test_export_loads_in_plain_timm_with_bit_identical_logits(tmp_path):

@@ -15,9 +15,7 @@ import torch
 import torch.nn as nn
 import transformers
 from families.cases import build_hier, build_swin
-from helpers import fast_cells
-from helpers import card
-from outputs.test_export import efficient_student, fake_run, teacher_model, trained_student
+from helpers import card, fast_cells
 from teachers.test_transformers_teachers import save_tiny
 
 from attnxfer.checkpoints.export import export_run, export_student
@@ -29,6 +27,7 @@ from attnxfer.models.efficient import build_efficient_student
 from attnxfer.models.student import student_like
 from attnxfer.sources import load_student
 from attnxfer.sources.teacher import load_teacher
+from outputs.test_export import efficient_student, fake_run, teacher_model, trained_student
 
 transformers.utils.logging.set_verbosity_error()  # the wrapper's load report (an unused head) is not a failure
 transformers.utils.logging.disable_progress_bar()
