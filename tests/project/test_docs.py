@@ -67,7 +67,8 @@ def _python_blocks() -> list:
 
 
 @pytest.mark.parametrize(("where", "code"), _python_blocks(), ids=lambda v: v if "#" in v else "")
-def test_python_blocks_run(where, code, monkeypatch):
+def test_python_blocks_run(where, code, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # what a block writes (runs/...) lands here, not in the repository
     monkeypatch.setattr(timm, "create_model", _tiny_create_model)
     namespace = {"images": torch.randn(2, 3, 32, 32), "__name__": "__docs__"}
     exec(compile(code, where, "exec"), namespace)
