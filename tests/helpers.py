@@ -283,3 +283,20 @@ def card(**kwargs) -> ModelCardInfo:
         training_data="animal-mnist, 10 classes",
     )
     return ModelCardInfo(**{**base, **kwargs})
+
+
+# -- zoo attentions on a small layout --------------------------------------------------------------------
+
+#: A prefix token and a token grid the windows and agents do not divide evenly.
+ZOO_PREFIX, ZOO_GRID = 1, (4, 5)
+ZOO_TOKENS = ZOO_PREFIX + ZOO_GRID[0] * ZOO_GRID[1]
+#: Options that fit the zoo attentions to that layout (the rest take their defaults).
+ZOO_OPTIONS = {
+    "window": dict(window_size=2),
+    "window_linear": dict(window_size=2),
+    "agent": dict(agent_grid=(2, 3), bias_grid=3),
+    "nystrom": dict(num_landmarks=5),
+    "linformer": dict(seq_len=ZOO_TOKENS, proj_len=6),
+    "performer": dict(num_features=24, feature_seed=0),
+    "focused_linear": dict(kernel_size=3),
+}

@@ -14,6 +14,10 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from helpers import ZOO_GRID as GRID
+from helpers import ZOO_OPTIONS as OPTIONS
+from helpers import ZOO_PREFIX as PREFIX
+from helpers import ZOO_TOKENS as N
 from helpers import tiny_vit
 from timm.layers import set_fused_attn
 from timm.utils import AttentionExtract
@@ -34,17 +38,6 @@ from attnxfer.models import (
 from attnxfer.transfer import MapLoss, attention_distillation_loss, implicit_map_loss, map_distillation_loss
 
 ALL = list_attentions()
-PREFIX, GRID = 1, (4, 5)
-N = PREFIX + GRID[0] * GRID[1]
-OPTIONS = {
-    "window": dict(window_size=2),
-    "window_linear": dict(window_size=2),
-    "agent": dict(agent_grid=(2, 3), bias_grid=3),
-    "nystrom": dict(num_landmarks=5),
-    "linformer": dict(seq_len=N, proj_len=6),
-    "performer": dict(num_features=24, feature_seed=0),
-    "focused_linear": dict(kernel_size=3),
-}
 
 
 def build(name: str) -> TransferableAttention:

@@ -18,6 +18,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import ZOO_GRID as GRID
+from helpers import ZOO_OPTIONS as SMALL_OPTIONS
+from helpers import ZOO_PREFIX as PREFIX
+from helpers import ZOO_TOKENS as N_SMALL
 from timm.layers import Attention
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -36,18 +40,6 @@ from attnxfer.models.efficient import (
 )
 
 ALL = list_attentions()
-# A small layout with a prefix token and a grid the windows/agents do not divide evenly.
-PREFIX, GRID = 1, (4, 5)
-N_SMALL = PREFIX + GRID[0] * GRID[1]
-SMALL_OPTIONS = {
-    "window": dict(window_size=2),
-    "window_linear": dict(window_size=2),
-    "agent": dict(agent_grid=(2, 3), bias_grid=3),
-    "nystrom": dict(num_landmarks=5),
-    "linformer": dict(seq_len=N_SMALL, proj_len=6),
-    "performer": dict(num_features=24, feature_seed=0),
-    "focused_linear": dict(kernel_size=3),
-}
 
 
 def build(
