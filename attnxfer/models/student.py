@@ -395,6 +395,9 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
         for k in (*_DATA_CFG_KEYS, "input_size", "fixed_input_size")
         if cfg.get(k) is not None
     }
+    built = _built_input_size(student)
+    if built is not None:
+        data_cfg["input_size"] = list(built)
     spec = {
         "architecture": arch,
         "model_args": {k: _json_value(k, v) for k, v in sorted(args.items())},
@@ -408,6 +411,18 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
             attn.options() if hasattr(attn, "options") else {} for _, attn in attention_layers(student)
         ]
     return spec
+
+
+def _built_input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(channels, height, width) the model was built for, read from its patch embedding. timm keeps a
+    pretrained config's ``input_size`` when ``create_model(..., img_size=...)`` builds another size (a SAM
+    at 48 px still says 1024), and whoever loads the export runs at the size recorded, so the spec records
+    the built one. None where the model records no size."""
+    try:
+        found = image_input(model)
+    except InputError:
+        return None
+    return None if found.img_size is None else (found.in_chans, *found.img_size)
 
 
 def student_from_spec(

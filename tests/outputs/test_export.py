@@ -138,6 +138,19 @@ def test_non_commercial_teacher_licence_cannot_be_replaced(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_records_the_size_the_model_was_built_at_not_its_pretrained_default(tmp_path):
+    """timm keeps samvit's pretrained input_size (1024 px) when the model is built at 48 px; the export must
+    say 48, or whoever loads it (inspect, eval) runs a 48-px model's weights on 1024-px images."""
+    kw = dict(img_size=48, patch_size=8, depth=2, embed_dim=32, num_heads=2, window_size=4, neck_chans=16)
+    model = timm.create_model("samvit_base_patch16", pretrained=False, global_attn_indexes=(1,), **kw)
+    assert tuple(model.pretrained_cfg["input_size"]) == (3, 1024, 1024)  # the trap: timm's record
+    export_student(model, tmp_path / "sam", card=card())
+    recorded = json.loads((tmp_path / "sam" / "config.json").read_text())["attnxfer"]["student"]
+    assert recorded["pretrained_cfg"]["input_size"] == [3, 48, 48]
+    loaded = load_student(f"local-dir:{tmp_path / 'sam'}")
+    assert tuple(loaded.pretrained_cfg["input_size"]) == (3, 48, 48)
+
+
 def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
