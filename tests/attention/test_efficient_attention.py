@@ -495,6 +495,47 @@ def test_hydra_matches_its_formula():
     torch.testing.assert_close(module.attend(q, k, v), expected.reshape(B, N, H, d).transpose(1, 2))
 
 
+def test_attention_built_under_inference_mode_runs_there(name):
+    """Weights made under torch.inference_mode keep no version counter: the caches keyed on weight versions
+    (agent's position biases, hedgehog's folded projection) must rebuild instead of failing."""
+    x = torch.randn(2, N_SMALL, 32)
+    reference = build(name).eval()
+    with torch.inference_mode():
+        module = copy.deepcopy(reference)  # its tensors are inference tensors now
+        first, second = module(x), module(x)
+    with torch.no_grad():
+        torch.testing.assert_close(first, reference(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def fused_adamw_step(module: torch.nn.Module) -> None:
+    """One step of torch's fused AdamW on every parameter: it updates the weights in place without bumping
+    their version counters, so caches keyed on versions would go stale (as a conversion's stage 1 steps)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    versions = [p._version for p in params]
+    torch.optim.AdamW(params, lr=0.05, fused=True).step()
+    assert [p._version for p in params] == versions  # the trap this guards against
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+
+
+def test_agent_position_biases_follow_a_fused_optimizer_step():
+    """Agent keeps its resized position biases between inference calls; a fused AdamW step must refresh them."""
+    module = build("agent").eval()
+    randomise_new_parameters(module)
+    x = torch.randn(2, N_SMALL, 32)
+    with torch.no_grad():
+        module(x)  # fills the cache
+    fused_adamw_step(module)
+    with torch.no_grad():
+        cached = module(x)
+        module._bias_cache = None
+        fresh = module(x)
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+
+
 def test_performer_approximates_softmax_better_with_more_features():
     torch.manual_seed(0)
     teacher = Attention(32, num_heads=2, qkv_bias=True)

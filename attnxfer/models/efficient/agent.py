@@ -29,7 +29,7 @@ from ..attention.interface import MapKind, as_grid
 from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_fp32, matmul_split, matmul_split_left
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
-from .base import EfficientAttention
+from .base import EfficientAttention, snapshot, unchanged
 from .kernels import needs_autograd
 
 __all__ = ["AGENT_BF16", "AgentAttention"]
@@ -112,28 +112,24 @@ class AgentAttention(EfficientAttention):
         """The agents -> keys bias (H, n, N) and the queries -> agents bias (H, N, n), both contiguous.
 
         They depend on the parameters and the grid only, not on the batch: without autograd they are kept
-        for the next call (keyed by the parameters' storage and version, the token layout and the dtype),
-        since resizing them costs as much as the rest of the core at 64 x 64 tokens."""
+        for the next call (keyed by the token layout and the dtype, and rebuilt when the small bias tables
+        differ from the copies kept with them), since resizing them costs as much as the rest of the core at
+        64 x 64 tokens."""
         params = (self.agent_key_bias, self.query_agent_bias)
         if needs_autograd(self) or torch.compiler.is_compiling():  # a compiled graph recomputes them
             return (
                 self._position_bias(params[0].to(dtype), num_tokens),
                 self._position_bias(params[1].to(dtype), num_tokens).transpose(-2, -1),
             )
-        key = (
-            num_tokens,
-            self.token_layout(num_tokens),
-            dtype,
-            *((t.data_ptr(), t._version) for t in params),
-        )
+        key = (num_tokens, self.token_layout(num_tokens), dtype)
         cached = getattr(self, "_bias_cache", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != key or not unchanged(cached[1], params):
             biases = (
                 self._position_bias(params[0].to(dtype), num_tokens).contiguous(),
                 self._position_bias(params[1].to(dtype), num_tokens).transpose(-2, -1).contiguous(),
             )
-            self._bias_cache = cached = (key, biases)
-        return cached[1]
+            self._bias_cache = cached = (key, snapshot(params), biases)
+        return cached[2]
 
     def _relay(self, q, k):
         """softmax(q A^T s + b_qa) (B,H,N,n) and softmax(A k^T s + b_ak) (B,H,n,N), fp32 (float64 kept).

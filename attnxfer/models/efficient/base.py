@@ -35,6 +35,8 @@ __all__ = [
     "precision_policies",
     "rope_refusal",
     "rope_support",
+    "snapshot",
+    "unchanged",
 ]
 
 
@@ -197,6 +199,19 @@ class EfficientAttention(TransferableAttention):
         if self.num_prefix_tokens is not None:
             layout = f", num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
         return f"name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}"
+
+
+def snapshot(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Copies of small weights that a cache was derived from, for `unchanged`."""
+    return tuple(t.detach().clone() for t in tensors)
+
+
+def unchanged(kept: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether ``tensors`` still equal the `snapshot` ``kept``, compared by value: version counters miss fused
+    optimizers (torch's fused AdamW updates weights without bumping them) and ``.data`` edits."""
+    return len(kept) == len(tensors) and all(
+        a.shape == b.shape and a.device == b.device and torch.equal(a, b) for a, b in zip(kept, tensors)
+    )
 
 
 def rope_refusal(cls: type[TransferableAttention]) -> str:
