@@ -493,16 +493,20 @@ def test_fp32_attentions_ignore_bf16_devices(name):
     assert all(dtypes.count(torch.bfloat16) == 0 for _, dtypes, _, _ in log.calls)
 
 
-def test_elu_features_in_bf16_lose_the_tail_so_they_are_evaluated_in_fp32():
-    """elu(x) + 1 = e^x for x < 0, but bf16 first rounds elu(x) to about -1 (spacing 2^-8 there), so e^-6 =
-    0.0025 comes out as 0 or 0.0039. Evaluated in fp32 (the d^-1/4 scaling included) and rounded once, the
-    features are within u of the exact ones."""
+def test_elu_features_keep_the_tail_in_bf16():
+    """elu(x) + 1 = e^x for x < 0, but bf16 first rounds elu(x) to about -1 (spacing 2^-8 there), so the
+    textbook form gives e^-6 = 0.0025 as 0 or 0.0039. `ELUFeatures` computes e^min(x, 0) + max(x, 0): one
+    rounding, within u even in bf16; the attention evaluates it in fp32 (the d^-1/4 scaling included) and
+    rounds once, so its features are within u of the exact ones."""
     module = build("elu_linear", (4, 5))
     scale = module.head_dim**-0.25
     q = (torch.tensor([-6.0, -4.0, -2.0, 0.5]) / scale).bfloat16()  # the core's bf16 input
     exact = F.elu(q.double() * scale) + 1 + 1e-6
-    naive = ELUFeatures()((q * scale).bfloat16())  # scaling and feature map in bf16
-    assert ((naive.double() - exact).abs() / exact).max() > 0.25
+    scaled = (q * scale).bfloat16()  # the map's own error, on the input it is given:
+    exact_here = F.elu(scaled.double()) + 1 + 1e-6
+    textbook = F.elu(scaled) + 1 + 1e-6
+    assert ((textbook.double() - exact_here).abs() / exact_here).max() > 0.25
+    assert ((ELUFeatures()(scaled).double() - exact_here).abs() / exact_here).max() <= U
     with bf16_devices("cpu"):
         ours = module.query_features(q)
     assert ours.dtype == torch.bfloat16
