@@ -536,6 +536,50 @@ def test_agent_position_biases_follow_a_fused_optimizer_step():
     torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
 
 
+# Performer's fold recovers |k|^2 from u_k through its projection's orthogonal rows, which were drawn in fp32:
+# orthogonal to ~1e-7, so its float64 agreement is at that level, not float64's.
+FOLD_TOLERANCE = {"hedgehog": 1e-12, "performer": 1e-6}
+
+
+@pytest.mark.parametrize("name", sorted(FOLD_TOLERANCE))
+def test_inference_folds_the_feature_map_into_qkv_and_equals_the_plain_path(name):
+    """Without autograd, phi's linear map comes from one projection of x (qkv's q/k rows times the map): the
+    same function as q/k then the map, in whole batches and in head groups, and refreshed when a weight
+    changes in place (an optimizer step, a redraw of random features)."""
+    one_block = {"num_features": 16} if name == "performer" else {}  # head dim 16: m = d folds
+    module = build(name, **one_block).double().eval()
+    randomise_new_parameters(module)
+    x = torch.randn(2, N_SMALL, 32, dtype=torch.float64)
+    tol = FOLD_TOLERANCE[name]
+
+    def plain():
+        q, k, v = project_qkv(module, x)
+        return module.proj(module.attend(q, k, v).transpose(1, 2).reshape(2, N_SMALL, 32))
+
+    for chunk in (module.feature_chunk_elements, 64):  # one batched pass, then one (batch, head) pair a group
+        module.feature_chunk_elements = chunk
+        with torch.no_grad():
+            assert module._folds(x)
+            torch.testing.assert_close(module(x), plain(), rtol=tol, atol=tol)
+    fused_adamw_step(module)  # changes the weights without bumping their version counters
+    if name == "performer":
+        module.redraw(torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), plain(), rtol=tol, atol=tol)
+    assert not module._folds(x.requires_grad_())  # a graph takes the plain path (the maps' gradients)
+    with_norms = build(name, qk_norm=True, norm_layer=torch.nn.LayerNorm, **one_block)
+    assert with_norms.folds() and not with_norms._folds(
+        x.detach().float()
+    )  # a q/k norm sits between the projection and the maps
+
+
+def test_performer_folds_only_where_u_k_gives_back_the_key_norm():
+    """|k|^2 from u_k needs a square projection with orthogonal rows: i.i.d. rows or m != d run plainly."""
+    assert build("performer", num_features=16).folds()  # head dim 16: one orthogonal block
+    assert not build("performer", num_features=32).folds()
+    assert not build("performer", num_features=16, orthogonal=False).folds()
+
+
 def test_performer_approximates_softmax_better_with_more_features():
     torch.manual_seed(0)
     teacher = Attention(32, num_heads=2, qkv_bias=True)
@@ -582,15 +626,13 @@ def test_performer_map_matches_favor_plus_from_first_principles():
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 128])
-def test_performer_default_features_are_whole_orthogonal_blocks_near_d_ln_d(head_dim):
+def test_performer_default_features_are_one_orthogonal_block(head_dim):
+    """m = d by default: square, with orthogonal rows, so inference folds it into qkv (see performer.py)."""
     module = create_attention("performer", dim=2 * head_dim, num_heads=2)
-    m = module.num_features
-    assert m % head_dim == 0 and abs(m - head_dim * math.log(head_dim)) <= head_dim / 2, m
     w = module.feature_projection
-    for start in range(0, m, head_dim):
-        block = w[start : start + head_dim]
-        block = block / block.norm(dim=1, keepdim=True)
-        torch.testing.assert_close(block @ block.T, torch.eye(head_dim), atol=1e-4, rtol=0)
+    assert w.shape == (head_dim, head_dim) and module.folds()
+    directions = w / w.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(directions @ directions.T, torch.eye(head_dim), atol=1e-4, rtol=0)
 
 
 def test_performer_features_are_orthogonal_blocks_and_redraw_on_schedule():

@@ -31,6 +31,7 @@ from ..attention.registry import get_attention_class, list_attentions
 
 __all__ = [
     "COUNTERPART_MODULES",
+    "SNAPSHOT_WHOLE",
     "EfficientAttention",
     "precision_policies",
     "rope_refusal",
@@ -201,17 +202,40 @@ class EfficientAttention(TransferableAttention):
         return f"name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}"
 
 
-def snapshot(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """Copies of small weights that a cache was derived from, for `unchanged`."""
-    return tuple(t.detach().clone() for t in tensors)
+#: Tensors up to this many entries are kept whole by `snapshot`; larger ones as a fingerprint.
+SNAPSHOT_WHOLE = 1 << 16
 
 
-def unchanged(kept: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether ``tensors`` still equal the `snapshot` ``kept``, compared by value: version counters miss fused
-    optimizers (torch's fused AdamW updates weights without bumping them) and ``.data`` edits."""
-    return len(kept) == len(tensors) and all(
-        a.shape == b.shape and a.device == b.device and torch.equal(a, b) for a, b in zip(kept, tensors)
-    )
+def snapshot(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+    """What a cache derived from weights keeps to tell, by value, whether they changed (`unchanged`): small
+    tensors copied whole; larger ones as their rows' products with a fixed random vector, a fingerprint that
+    moves with any change of an entry above float rounding (and costs one matrix-vector product, not a copy).
+    Version counters cannot tell: torch's fused AdamW updates weights without bumping them."""
+    return tuple(None if t is None else _fingerprint(t) for t in tensors)
+
+
+def unchanged(kept: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor | None]) -> bool:
+    """Whether ``tensors`` still match their `snapshot` ``kept``."""
+    if len(kept) != len(tensors):
+        return False
+    for a, t in zip(kept, tensors):
+        if a is None or t is None:
+            if a is not t:
+                return False
+            continue
+        b = _fingerprint(t)
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a, b):
+            return False
+    return True
+
+
+def _fingerprint(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.numel() <= SNAPSHOT_WHOLE:
+        return t.clone()
+    generator = torch.Generator().manual_seed(t.shape[-1])
+    probe = torch.randn(t.shape[-1], generator=generator, dtype=torch.float64).to(t.device, t.dtype)
+    return t.reshape(-1, t.shape[-1]) @ probe
 
 
 def rope_refusal(cls: type[TransferableAttention]) -> str:

@@ -67,6 +67,11 @@ class FloorAttention(EfficientAttention):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v
 
+    def folds(self) -> bool:
+        """Never: a kernel attention's folded inference path (`KernelAttention`) skips ``attend``, and the
+        floor keeps the layer's own q/k/v projection, which costs what a folded one does."""
+        return False
+
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         return OpCounts()
 

@@ -41,7 +41,7 @@ from ..attention.numerics import (
     sum_fp32,
 )
 from ..attention.opcount import OpCounts, matmul_ops
-from .base import EfficientAttention
+from .base import EfficientAttention, snapshot, unchanged
 
 #: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
 FeatureBlocks = torch.Tensor | tuple[torch.Tensor, ...]
@@ -210,6 +210,15 @@ class KernelAttention(EfficientAttention):
 
     Subclasses give ``query_features`` and ``key_features`` (tensors, or tuples of blocks that
     the forward path never concatenates; the map path does).
+
+    Folding (inference): where phi starts with a linear map of q or k (Hedgehog's W, Performer's random
+    projection), that map is linear in the block's input x too, so a subclass may give it (`fold_maps`):
+    x -> [u_q, u_k] is then one linear layer whose rows are qkv's q/k rows times the map
+    (`folded_projection`), and `folded_query_features` / `folded_key_features` finish phi from u. A forward without autograd, in
+    fp32 or float64 without autocast, and with nothing between q/k and phi (no q/k norm, rope, mask or
+    transfer capture) then projects once, at the cost of ``qkv`` alone when u is as wide as q, and the
+    map's own (N, d) x (d, m) products are gone. Every other call takes the plain path, with which it agrees
+    to rounding.
     """
 
     map_kind = MapKind.ROW_STOCHASTIC
@@ -262,20 +271,34 @@ class KernelAttention(EfficientAttention):
         return counted[1] if counted is not None else self.head_dim
 
     def _attend(self, q, k, v):
+        graph = needs_autograd(self, q, k, v) or torch.compiler.is_compiling()  # a compiler fuses batched ops
+        query_features = self.query_features if graph else self.readout_query_features
+        return self._linear_core(q, k, v, self.key_features, query_features, graph=graph)
+
+    def _linear_core(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_features: Callable[[torch.Tensor, slice], FeatureBlocks],
+        query_features: Callable[[torch.Tensor, slice], FeatureBlocks],
+        *,
+        graph: bool,
+    ) -> torch.Tensor:
+        """The O(N) core on whatever ``key_features`` / ``query_features`` make of k and q (each called with a
+        slice of heads): one batched pass, or without a ``graph`` head groups (`head_groups`)."""
         # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
         # before the query features exist, so only one feature tensor is live.
-        graph = needs_autograd(self, q, k, v) or torch.compiler.is_compiling()  # a compiler fuses batched ops
         B, H, N, d = v.shape
         groups = [] if graph else head_groups(B, H, N * self.feature_width(), self.feature_chunk_elements)
         if len(groups) <= 1:  # one batched pass (whole-model runs were no faster with the buffer below here)
-            state = linear_state(self.key_features(k), v)
-            return linear_readout(self.query_features(q) if graph else self.readout_query_features(q), state)
+            state = linear_state(key_features(k, ALL_HEADS), v)
+            return linear_readout(query_features(q, ALL_HEADS), state)
         # (B, N, H, d) memory: the caller's head merge (transpose + reshape) is then a view
         out = v.new_empty(B, N, H, d, dtype=compute_dtype(v)).transpose(1, 2)
         for batch, heads in groups:
-            state = linear_state(self.key_features(k[batch, heads], heads), v[batch, heads])
-            phi_q = self.readout_query_features(q[batch, heads], heads)
-            linear_readout_into(phi_q, state, out[batch, heads])
+            state = linear_state(key_features(k[batch, heads], heads), v[batch, heads])
+            linear_readout_into(query_features(q[batch, heads], heads), state, out[batch, heads])
         return out
 
     def _map_context(self, q, k):
@@ -284,6 +307,90 @@ class KernelAttention(EfficientAttention):
     def _map_rows(self, context, rows):
         phi_q, phi_k = context
         return linear_map_rows(phi_q[:, :, rows], phi_k)
+
+    # ----------------------------------------------------------------- folded inference
+    def forward(self, x, attn_mask=None, is_causal=False, *, rope=None):
+        if rope is None and attn_mask is None and not is_causal and self._folds(x):
+            return self._output(x, self._folded_attend(x).to(x.dtype))
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
+
+    def folds(self) -> bool:
+        """Whether this attention has a folded path for plain inference calls (`fold_maps`; the subclass's
+        own conditions, e.g. that folding saves work); False unless a subclass gives one."""
+        return False
+
+    def fold_maps(self, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (H or 1, m, d) and c (H or 1, m) with u = A q + c per head: the linear start of phi for q
+        (``which`` 0) or k (1), which `folded_projection` multiplies into qkv's rows."""
+        raise NotImplementedError
+
+    def _folds(self, x: torch.Tensor) -> bool:
+        # the subclass's own check last: Performer's looks at its projection (tensor work a compiler would
+        # break its graph on, and the plain path is what a compiled graph runs anyway)
+        return (
+            not torch.compiler.is_compiling()
+            and self.io is None
+            and type(self.qkv) is nn.Linear
+            and isinstance(self.q_norm, nn.Identity)
+            and isinstance(self.k_norm, nn.Identity)
+            and x.dtype in (torch.float32, torch.float64)
+            and not torch.is_autocast_enabled(x.device.type)
+            and not needs_autograd(self, x)
+            and self.folds()
+        )
+
+    #: The folded layer and the `snapshot` of the weights it was made from.
+    _folded: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def fold_sources(self) -> tuple[torch.Tensor | None, ...]:
+        """The tensors `fold_maps` reads (the fold is remade when one of them changes)."""
+        return ()
+
+    def folded_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight (2 H m + H d, C), bias) of the layer x -> [u_q, u_k, v]: per head A W_q,k and A b_q,k + c,
+        then qkv's v rows. Kept between calls until qkv or a `fold_sources` tensor changes, compared by value
+        (`snapshot`: a fused AdamW step bumps no version counter, and a stale fold once gave a converted
+        student the features it had before stage 1)."""
+        sources = (self.qkv.weight, self.qkv.bias, *self.fold_sources())
+        if self._folded is not None and unchanged(self._folded[0], sources):
+            return self._folded[1]
+        H, d = self.num_heads, self.head_dim
+        weight = self.qkv.weight.detach().view(3, H, d, -1)
+        bias = self.qkv.bias.detach().view(3, H, d) if self.qkv.bias is not None else None
+        with torch.no_grad():
+            rows, biases = [], []
+            for which in (0, 1):
+                a, c = self.fold_maps(which)  # (H or 1, m, d), (H or 1, m)
+                rows.append(torch.matmul(a, weight[which]).flatten(0, 1))
+                folded_bias = c if bias is None else (a @ bias[which].unsqueeze(-1)).squeeze(-1) + c
+                biases.append(folded_bias.expand(H, -1).flatten())
+            rows.append(weight[2].flatten(0, 1))
+            biases.append(bias[2].flatten() if bias is not None else weight.new_zeros(H * d))
+            result = torch.cat(rows), torch.cat(biases)
+        self._folded = (snapshot(sources), result)
+        return result
+
+    def folded_query_features(self, u: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
+        """phi(q) (up to a positive factor per row, as `readout_query_features`) from the folded u_q."""
+        raise NotImplementedError
+
+    def folded_key_features(self, u: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
+        """phi(k) from the folded u_k."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _folded_attend(self, x: torch.Tensor) -> torch.Tensor:
+        # One layer for u_q, u_k and v, as qkv is one: at 4,097 tokens the core's head groups then read each
+        # head's u while it is in cache (separate contiguous outputs, activated whole, were 15 % slower there).
+        y = F.linear(x, *self.folded_projection())
+        width = (y.shape[-1] - self.attn_dim) // 2
+        u_q, u_k, v = (
+            t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+            for t in y.split((width, width, self.attn_dim), -1)
+        )
+        return self._linear_core(
+            u_q, u_k, v, self.folded_key_features, self.folded_query_features, graph=False
+        )
 
 
 class ReLUFeatures(nn.Module):
@@ -360,8 +467,18 @@ class HedgehogFeatures(nn.Module):
         # the features are rounded once to x's dtype.
         u = matmul_split(x, self.weight[heads])
         u = u + self.bias[heads].to(u.dtype)[:, None, :]  # (B, H, N, m)
-        blocks = add_scalar(u.softmax(dim=-1), eps), add_scalar((-u).softmax(dim=-1), eps)
-        return tuple(b.to(x.dtype) for b in blocks)
+        return self.activate(u, eps, x.dtype)
+
+    def activate(
+        self, u: torch.Tensor, eps: float = 0.0, dtype: torch.dtype | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two signs' softmaxes (+ eps) of the map's logits u = x W + b, rounded to ``dtype`` (two blocks:
+        one joined (N, 2m) tensor measured no faster in the kernel core). Without autograd u is negated in
+        place for the second sign (one (N, m) buffer fewer)."""
+        positive = add_scalar(u.softmax(dim=-1), eps)
+        negative = add_scalar((u.neg_() if not u.requires_grad else -u).softmax(dim=-1), eps)
+        dtype = dtype or u.dtype
+        return positive.to(dtype), negative.to(dtype)
 
 
 @dataclass(frozen=True)

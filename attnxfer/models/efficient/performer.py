@@ -8,10 +8,20 @@ cancel in the normalisation (up to the 1e-6 added to every feature). The project
 buffer: fixed in eval, redrawn by ``redraw()`` or every ``redraw_interval`` training forwards.
 Its error falls as 1/sqrt(num_features).
 
-The default m = d * round(ln d) (256 for d = 64, the count the Performer paper uses) is the
-multiple of d nearest the usual d ln d: whole orthogonal blocks, and a feature width that CPU
-GEMMs handle well (m = 266 ran ~1.6x slower per FLOP than 256 in our measurements).
+The default m = d (one orthogonal block) is set by speed where conversion pays. FAVOR+'s usual m = d ln d
+(256 for d = 64) costs about 4 N d m multiply-adds per head for the projections and the two kernel
+products, as many as the block's own projections at d = 64: a ViT-S/16 student at 512 and 1024 px then ran
+at 0.75-0.78 of its floor (the attention-free model, `floor_model`) on this CPU, and no implementation
+can pass ~0.82 there. With m = d and the projection folded into qkv (below) it runs at the floor's speed
+less its kernel products. The price is a noisier estimate (error ~ 1/sqrt(m)); measured on the demo's MAE
+encoder (head dim 32) converted without labels, m = d against m = 3d: map KL after stage 1 1.5-2.4x
+higher, k-NN top-1 65.3 against 65.9 (the teacher 64.9). ``num_features=256`` restores the paper's count.
 Exponentials are taken base 2 with log2(e) folded into the projection (exp2 is cheaper on CPU).
+
+Folded inference (`KernelAttention`): u = x' w is linear in the block's input, so plain inference calls
+project x straight to u_q, u_k. Keys also need |k|^2, which u_k gives back when the rows of the projection
+are orthogonal and m = d: w_f = n_f o_f with o_f an orthonormal basis, so |k|^2 = sum_f (u_f / (s n_f))^2
+(s the folded scale). Other projections (i.i.d. rows, m != d) take the plain path.
 
 Precision on GPU (`PERFORMER_BF16`): the exponent w.x' must not be rounded to bf16. Rounding the projection
 to bf16 moves an exponent of size |x'||w| (tens, for peaked maps) by about 2^-9 of that, i.e. 0.05-0.5, and
@@ -31,6 +41,7 @@ from ...errors import InputError
 from ..attention.numerics import PrecisionPolicy, compute_dtype, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops
 from ..attention.registry import register_attention
+from .base import snapshot, unchanged
 from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, add_scalar
 
 __all__ = ["PERFORMER_BF16", "PerformerAttention", "default_num_features", "gaussian_orthogonal_features"]
@@ -67,8 +78,8 @@ _LOG2E = 1.4426950408889634
 
 
 def default_num_features(head_dim: int) -> int:
-    """d * round(ln d): the multiple of the head dim nearest d ln d (at least d)."""
-    return head_dim * max(1, round(math.log(head_dim))) if head_dim > 1 else 1
+    """d: one orthogonal block (see the module docstring for why not d ln d)."""
+    return max(1, head_dim)
 
 
 def _stabilised_exp2(x: torch.Tensor, dims) -> torch.Tensor:
@@ -83,7 +94,7 @@ def _stabilised_exp2(x: torch.Tensor, dims) -> torch.Tensor:
 class PerformerAttention(KernelAttention):
     """FAVOR+ kernel attention.
 
-    Options: ``num_features`` (m, default d * round(ln d)), ``orthogonal`` (default True),
+    Options: ``num_features`` (m, default d), ``orthogonal`` (default True),
     ``redraw_interval`` (redraw every that many training forwards; None = never),
     ``feature_seed`` (seed of the first draw, for reproducible students).
     """
@@ -170,6 +181,40 @@ class PerformerAttention(KernelAttention):
         key_norm = OpCounts(mul=n * d + n, add=n * (d - 1) + n * m)
         stabilised = OpCounts(add=2 * n * m, other=n * (m - 1) + 2 * n * m) + OpCounts(other=n * m - 1)
         return projections + key_norm + stabilised + OpCounts(add=2 * n * m), m
+
+    # ----------------------------------------------------------------- folded inference
+    _key_scales: tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None = None
+
+    def folds(self) -> bool:
+        return self.num_features == self.head_dim and self._norm_scales() is not None
+
+    def _norm_scales(self) -> torch.Tensor | None:
+        """c_f with |k|^2 (0.5 / sqrt(d) log2 e) = sum_f (u_f c_f)^2 for u = k @ `_projection`, where the
+        projection's rows are orthogonal (W W^T diagonal to float tolerance); None otherwise. Kept until the
+        projection changes (a redraw, a load)."""
+        w = self.feature_projection
+        if self._key_scales is None or not unchanged(self._key_scales[0], (w,)):
+            gram = w @ w.T
+            norms_sq = gram.diagonal()
+            orthogonal = bool((gram - torch.diag(norms_sq)).abs().max() <= 1e-4 * norms_sq.max())
+            scale = self.head_dim**-0.25 * _LOG2E
+            half = 0.5 / self.head_dim**0.5 * _LOG2E
+            self._key_scales = (snapshot((w,)), half**0.5 / (scale * norms_sq.sqrt()) if orthogonal else None)
+        return self._key_scales[1]
+
+    def fold_sources(self):
+        return (self.feature_projection,)
+
+    def fold_maps(self, which):
+        projection = self._projection(self.qkv.weight.dtype)  # (d, m)
+        return projection.T[None], projection.new_zeros(1, projection.shape[1])
+
+    def folded_query_features(self, u, heads=ALL_HEADS):
+        return add_scalar(_stabilised_exp2(u, dims=(-1,)), self.eps)
+
+    def folded_key_features(self, u, heads=ALL_HEADS):
+        half_sq_norm = (u * self._norm_scales().to(u.dtype)).square_().sum(-1, keepdim=True)
+        return add_scalar(_stabilised_exp2(u.sub_(half_sq_norm), dims=(-2, -1)), self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}"
