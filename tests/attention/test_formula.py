@@ -288,7 +288,8 @@ def _definition_map(name, formula, q, k):
 
 @pytest.mark.parametrize("name", ["relu_linear", "elu_linear", "hedgehog", "cosformer", "focused_linear"])
 def test_hand_designed_kernel_formulas_equal_their_zoo_member_and_the_definition(name):
-    zoo, formula = _pair(name)
+    # the formula writes the paper's Hedgehog (m = d per sign); the zoo's default is m = d / 2
+    zoo, formula = _pair(name, {"feature_dim": DIM // HEADS} if name == "hedgehog" else None)
     assert formula.map_kind == zoo.map_kind and attention_name_of(formula) == HAND_DESIGNED[name]
     q, k, v = _qkv(65)
     with torch.no_grad():
@@ -430,7 +431,8 @@ def test_hand_designed_formulas_count_what_their_zoo_members_count(member):
     """Counted op by op from the program, a hand-designed formula costs what its zoo class counts from its
     own algorithm (window_linear's formula uses a 7x7 window, which the 5x5 test grid cannot hold)."""
     layout = dict(dim=48, num_heads=3, num_prefix_tokens=1, grid_size=5)
-    zoo = create_attention(member, **layout)
+    paper = {"feature_dim": 16} if member == "hedgehog" else {}  # the formula's m = d (head dim 16)
+    zoo = create_attention(member, **layout, **paper)
     formula = create_attention(HAND_DESIGNED[member], **layout)
     assert formula.operation_counts(26, batch=2) == zoo.operation_counts(26, batch=2)
 

@@ -479,7 +479,8 @@ def _is_valid(formula: Formula) -> bool:
     return True
 
 
-#: The hand-designed zoo members as formulas (numerically the same attention, given the same weights).
+#: The hand-designed zoo members as formulas (numerically the same attention, given the same weights). Hedgehog
+#: is written as its paper's (m = d per sign: ``proj`` keeps the head dim); the zoo's default is m = d / 2.
 HAND_DESIGNED: dict[str, str] = {
     "relu_linear": "formula:sum(relu)",
     "elu_linear": "formula:sum(scale.elu1)",
