@@ -4,7 +4,7 @@ Every zoo member is built from the teacher the way ``attnxfer convert`` builds i
 (`attnxfer.models.efficient.build_efficient_student`: the teacher's weights, the zoo attention in every
 block). Beside them runs the **floor** (`attnxfer.models.efficient.floor.floor_model`): the same model whose
 attention computes its q/k/v and output projections but mixes no tokens (out = proj(v)), the speed no
-converted student can pass. Per resolution, all models are built once and timed in ONE process with
+converted student that computes those projections can pass. Per resolution, all models are built once and timed in ONE process with
 interleaved rounds (`_measure.interleaved_timings`: each round runs every model and mode once, in a rotated
 order), so the ratios to the teacher and to the floor share the machine's state. Two modes per model:
 

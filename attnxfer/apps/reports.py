@@ -313,7 +313,7 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
     if floor:
         lines += [
             f"The floor is the teacher whose attention computes its projections but mixes no tokens (out = "
-            f"proj(v)): no attention can be faster at this resolution, so it is the ceiling "
+            f"proj(v)): no attention with these projections can be faster at this resolution, so it is the ceiling "
             f"({speed['floor_over_teacher']:.2f}x the teacher), and the student reaches "
             f"**{speed['student_over_floor']:.2f}** of it.",
             "",

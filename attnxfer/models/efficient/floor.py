@@ -4,8 +4,9 @@ Whatever an efficient attention does, it still computes the q/k/v projections (w
 a teacher's rotary embedding), the output norm and projection, and the whole model around attention
 (patch embedding, MLPs, norms, head). The floor computes exactly that and nothing more: each token
 "attends" only to itself, q and k are computed and dropped. Its speed is the ceiling of every converted
-student at that resolution, so a student's speed is read twice: against the teacher (what a user gains)
-and against the floor (how much of its own attention cost is left).
+student at that resolution that computes those projections, so a student's speed is read twice: against the
+teacher (what a user gains) and against the floor (how much of its own attention cost is left). (A feature map
+folded into qkv that is narrower than q and k, Hedgehog's default, projects less and can sit a hair above it.)
 
 The registered ``none`` attention is no floor: its branch adds nothing and it skips the projections
 too, which no attention that mixes tokens can.

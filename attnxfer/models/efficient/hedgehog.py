@@ -11,7 +11,7 @@ d = 128) is set by speed where conversion pays. The Hedgehog paper's m = d gives
 and twice relu_linear's kernel products, which kept a ViT-S/16 student at 0.83-0.87 of its floor (the
 attention-free model, `floor_model`) at 512 and 1024 px on this CPU; m = d / 2 runs at the floor's speed.
 Measured on the demo's MAE encoder (head dim 32) converted without labels, m = d / 2 against m = d: k-NN
-top-1 65.1 against 64.8 (the teacher 64.9), map KL after stage 1 1.4-1.8x higher. ``feature_dim=d`` restores
+top-1 65.1 against 64.8 (the teacher 64.9), map KL after stage 1 1.4-1.9x higher. ``feature_dim=d`` restores
 the paper's count.
 
 Speed (inference): u = q W + b is linear in the block's input x, so plain inference calls fold the maps into
