@@ -31,6 +31,11 @@ Presets (``--preset``; any option overrides the preset's value):
   spatial reduction 8 / 4 / 2 / 1) at 224 / 448 px, batch 2 / 1, 1 warm-up and 5 timed rounds, 1 thread.
   ``--model swin_tiny_patch4_window7_224`` times Swin the same way (zoo attentions inside its windows).
 
+``--processes K`` runs the whole measurement K times, each in a fresh process, and reports every ratio's median
+over them with its range: on the shared CPU one process can favour one model over another by a few per cent
+for its whole life (the floor of ViT-S/16 at 1024 px took 1.90 s an image in one process and 2.15 s in
+another, 11 %, while the teacher moved 2 %), which more rounds inside that process do not average away.
+
 Each row also gives the attention cores' multiplications, additions and energy per image, summed over the
 layers (`attnxfer.train.measure.operation_counts`; hierarchical models: each layer at its own tokens and
 windows). ``--attentions`` takes comma-separated lists for one attention per stage or layer
@@ -39,7 +44,7 @@ windows). ``--attentions`` takes comma-separated lists for one attention per sta
     python benchmarks/model_throughput.py --preset cpu --json runs/model_throughput_cpu.json
     python benchmarks/model_throughput.py --preset gpu --json runs/model_throughput_gpu.json
     python benchmarks/model_throughput.py --preset pvt_cpu --attentions hashing relu_linear none,none,hashing,hashing
-    python benchmarks/model_throughput.py --preset floor_cpu --json runs/model_throughput_floor_cpu.json
+    python benchmarks/model_throughput.py --preset floor_cpu --processes 3 --json runs/model_throughput_floor_cpu.json
 
 ``--onnx`` times the same teacher and students as the ONNX graphs ``attnxfer export --format onnx`` writes
 (`attnxfer.checkpoints.onnx_export.write_onnx`: torch.export, opset 18, each graph checked against its
@@ -57,6 +62,9 @@ import argparse
 import contextlib
 import functools
 import gc
+import json
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -343,6 +351,73 @@ def measure_onnx_resolution(
     return rows
 
 
+def _ratio_keys(rows: list[dict]) -> list[str]:
+    """The per-row ratios (``*_vs_teacher``, ``*_vs_floor``) whose medians a multi-process run reports."""
+    return sorted({key for row in rows for key in row if key.endswith(("_vs_teacher", "_vs_floor"))})
+
+
+def across_processes(runs: list[list[dict]]) -> list[dict]:
+    """One row per (resolution, model) from K runs' rows: each ratio's median over the runs, its ``_min`` /
+    ``_max`` and ``_runs`` (the K values in run order); other fields (sizes, counts) from the first run."""
+    merged = []
+    for i, first in enumerate(runs[0]):
+        same = [rows[i] for rows in runs]
+        if any((r["resolution"], r["model"]) != (first["resolution"], first["model"]) for r in same):
+            raise RuntimeError("the processes measured different rows; cannot combine them")
+        row = {k: v for k, v in first.items() if not k.endswith(("_times_s", "_spread"))}
+        for key in _ratio_keys(same):
+            values = [r[key] for r in same]
+            row.update({key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+            row[f"{key}_runs"] = values
+        merged.append(row)
+    return merged
+
+
+def run_processes(argv: list[str], count: int) -> tuple[list[dict], list[dict]]:
+    """This benchmark with ``argv`` run ``count`` times, one fresh process after the other (never two at once:
+    they would share the cores): (the merged rows, each process's JSON)."""
+    payloads = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(count):
+            out = Path(tmp) / f"process_{i}.json"
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--json", str(out)]
+            print(f"# process {i + 1} of {count}", file=sys.stderr)
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            payloads.append(json.loads(out.read_text()))
+    return across_processes([p["rows"] for p in payloads]), payloads
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """``argv`` without ``--processes`` and ``--json`` (with their values): what each process is given."""
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        name = item.split("=", 1)[0]
+        if name in ("--processes", "--json"):
+            skip = "=" not in item
+            continue
+        out.append(item)
+    return out
+
+
+RANGE_COLUMNS = {
+    "forward": [
+        ("forward_cpu_vs_teacher", "fwd × teacher (CPU time, median)", ".2f"),
+        ("forward_cpu_vs_floor", "fwd × floor (CPU time, median)", ".2f"),
+        ("forward_cpu_vs_floor_min", "min", ".2f"),
+        ("forward_cpu_vs_floor_max", "max", ".2f"),
+    ],
+    "train": [
+        ("train_cpu_vs_teacher", "train × teacher (CPU time, median)", ".2f"),
+        ("train_cpu_vs_floor", "train × floor (CPU time, median)", ".2f"),
+        ("train_cpu_vs_floor_min", "min", ".2f"),
+        ("train_cpu_vs_floor_max", "max", ".2f"),
+    ],
+}
+
+
 def resolve(args) -> Preset:
     preset = PRESETS[args.preset or ("onnx_cpu" if args.onnx else "cpu")]
     overrides = {
@@ -387,13 +462,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (Module.compile)")
     parser.add_argument("--json", type=Path, default=None, help="write rows, settings and machine facts here")
     parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the measurement this many times in fresh processes, one after the other, and report each "
+        "ratio's median and range over them",
+    )
+    parser.add_argument(
         "--onnx",
         action="store_true",
         help="time the models' ONNX graphs (attnxfer export --format onnx) in ONNX Runtime on the CPU instead",
     )
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
 
     preset = resolve(args)
+    if args.processes > 1:
+        if args.onnx:
+            parser.error("--processes times PyTorch models; run --onnx in one process")
+        return main_processes(args, preset, sys.argv[1:] if argv is None else argv)
     device = torch.device(preset.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--preset gpu needs CUDA; on this machine use --preset cpu (or --device cpu)")
@@ -425,6 +513,29 @@ def main(argv: list[str] | None = None) -> int:
                 "machine": info,
                 "seconds": total,
                 "rows": rows,
+            },
+        )
+    return 0
+
+
+def main_processes(args, preset: Preset, argv: list[str]) -> int:
+    """``--processes K``: the measurement in K fresh processes, each ratio's median and range over them."""
+    started = time.perf_counter()
+    rows, payloads = run_processes(_child_argv(argv), args.processes)
+    total = time.perf_counter() - started
+    cols = HEAD_COLUMNS + [c for mode in preset.modes for c in RANGE_COLUMNS[mode]]
+    print(format_table(rows, cols, markdown=True))
+    print(f"\n{preset.model}, {args.processes} processes, {total:.0f} s", file=sys.stderr)
+    if args.json:
+        write_json(
+            str(args.json),
+            {
+                "preset": asdict(preset),
+                "settings": vars(args) | {"json": str(args.json)},
+                "machine": payloads[0]["machine"],
+                "seconds": total,
+                "rows": rows,
+                "processes": payloads,
             },
         )
     return 0
