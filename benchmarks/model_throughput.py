@@ -255,6 +255,19 @@ MODE_COLUMNS = {
         ("train_spread", "train ±", ".0%"),
     ],
 }
+
+
+def range_columns(mode: str) -> list[tuple[str, str, str]]:
+    """A ``--processes`` table's columns for ``mode``: the CPU-time ratios' medians and the floor ratio's range."""
+    short = "fwd" if mode == "forward" else mode
+    return [
+        (f"{mode}_cpu_vs_teacher", f"{short} × teacher (CPU time, median)", ".2f"),
+        (f"{mode}_cpu_vs_floor", f"{short} × floor (CPU time, median)", ".2f"),
+        (f"{mode}_cpu_vs_floor_min", "min", ".2f"),
+        (f"{mode}_cpu_vs_floor_max", "max", ".2f"),
+    ]
+
+
 COUNT_COLUMNS = [
     ("mul_m", "#mul (M)", ".1f"),
     ("add_m", "#add (M)", ".1f"),
@@ -402,22 +415,6 @@ def _child_argv(argv: list[str]) -> list[str]:
     return out
 
 
-RANGE_COLUMNS = {
-    "forward": [
-        ("forward_cpu_vs_teacher", "fwd × teacher (CPU time, median)", ".2f"),
-        ("forward_cpu_vs_floor", "fwd × floor (CPU time, median)", ".2f"),
-        ("forward_cpu_vs_floor_min", "min", ".2f"),
-        ("forward_cpu_vs_floor_max", "max", ".2f"),
-    ],
-    "train": [
-        ("train_cpu_vs_teacher", "train × teacher (CPU time, median)", ".2f"),
-        ("train_cpu_vs_floor", "train × floor (CPU time, median)", ".2f"),
-        ("train_cpu_vs_floor_min", "min", ".2f"),
-        ("train_cpu_vs_floor_max", "max", ".2f"),
-    ],
-}
-
-
 def resolve(args) -> Preset:
     preset = PRESETS[args.preset or ("onnx_cpu" if args.onnx else "cpu")]
     overrides = {
@@ -523,7 +520,7 @@ def main_processes(args, preset: Preset, argv: list[str]) -> int:
     started = time.perf_counter()
     rows, payloads = run_processes(_child_argv(argv), args.processes)
     total = time.perf_counter() - started
-    cols = HEAD_COLUMNS + [c for mode in preset.modes for c in RANGE_COLUMNS[mode]]
+    cols = HEAD_COLUMNS + [c for mode in preset.modes for c in range_columns(mode)]
     print(format_table(rows, cols, markdown=True))
     print(f"\n{preset.model}, {args.processes} processes, {total:.0f} s", file=sys.stderr)
     if args.json:
