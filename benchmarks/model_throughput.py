@@ -503,17 +503,20 @@ def main(argv: list[str] | None = None) -> int:
     precision = "ONNX Runtime fp32" if args.onnx else "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"\n{preset.model}, {precision}, {info['torch_threads']} threads, {total:.0f} s", file=sys.stderr)
     if args.json:
-        write_json(
-            str(args.json),
-            {
-                "preset": asdict(preset),
-                "settings": vars(args) | {"json": str(args.json)},
-                "machine": info,
-                "seconds": total,
-                "rows": rows,
-            },
-        )
+        write_results(args, preset, info, total, rows)
     return 0
+
+
+def write_results(args, preset: Preset, machine: dict, seconds: float, rows: list[dict], **extra) -> None:
+    """The run's JSON at ``--json``: preset, settings, machine facts, seconds, rows (and ``extra`` fields)."""
+    payload = {
+        "preset": asdict(preset),
+        "settings": vars(args) | {"json": str(args.json)},
+        "machine": machine,
+        "seconds": seconds,
+        "rows": rows,
+    }
+    write_json(str(args.json), payload | extra)
 
 
 def main_processes(args, preset: Preset, argv: list[str]) -> int:
@@ -525,17 +528,7 @@ def main_processes(args, preset: Preset, argv: list[str]) -> int:
     print(format_table(rows, cols, markdown=True))
     print(f"\n{preset.model}, {args.processes} processes, {total:.0f} s", file=sys.stderr)
     if args.json:
-        write_json(
-            str(args.json),
-            {
-                "preset": asdict(preset),
-                "settings": vars(args) | {"json": str(args.json)},
-                "machine": payloads[0]["machine"],
-                "seconds": total,
-                "rows": rows,
-                "processes": payloads,
-            },
-        )
+        write_results(args, preset, payloads[0]["machine"], total, rows, processes=payloads)
     return 0
 
 
