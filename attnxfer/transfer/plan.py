@@ -205,7 +205,7 @@ def _pools_teacher_keys(spec: TransferMode, sa: nn.Module, ta: nn.Module, sp: di
         spec.distills_maps
         and not sp
         and callable(getattr(ta, "key_pooling", None))
-        and map_loss_rule(sa.map_kind).pooled is not None
+        and map_loss_rule(sa.map_kind).pooled
     )
 
 

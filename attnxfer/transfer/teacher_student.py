@@ -38,7 +38,7 @@ from ..models.attention.numerics import fp32_section
 from ..models.handover import Chunks, Signal
 from .feature_loss import feature_distill_loss, final_tokens, num_prefix_tokens
 from .losses import CEPath, ce_path_for, padding_from_mask
-from .map_losses import map_distillation_loss
+from .map_losses import LayerLogits, map_distillation_loss
 from .plan import TransferPlan, build_plan
 
 __all__ = ["TeacherStudent", "TransferOutput"]
@@ -343,19 +343,23 @@ class TeacherStudent(nn.Module):
             q_s, q_t = student_sig["q"], teacher_sig["q"]
             res = map_distillation_loss(
                 s_attn,
-                q_s,
-                student_sig["k"],
-                q_t,
-                teacher_sig["k"],
+                LayerLogits(
+                    q_s,
+                    student_sig["k"],
+                    scale=_scale_if_own(s_attn, q_s),
+                    bias=student_sig.get("bias"),
+                    valid=padding_from_mask(student_sig.get("mask"), q_s.shape[-2]),
+                    lse=lse_s,
+                ),
+                LayerLogits(
+                    q_t,
+                    teacher_sig["k"],
+                    scale=_scale_if_own(t_attn, q_t),
+                    bias=teacher_sig.get("bias"),
+                    key_pooling=_pooled_keys(teacher_sig, student_sig["k"]),
+                ),
                 with_metric=self.log_kl,
                 ce_path=ce_path,
-                lse_s=lse_s,
-                scale_t=_scale_if_own(t_attn, q_t),
-                bias_t=teacher_sig.get("bias"),
-                scale_s=_scale_if_own(s_attn, q_s),
-                bias_s=student_sig.get("bias"),
-                valid=padding_from_mask(student_sig.get("mask"), q_s.shape[-2]),
-                key_pooling=_pooled_keys(teacher_sig, student_sig["k"]),
             )
             out.terms[f"{res.kind.term}/{layer}"] = res.loss
             if res.metric is not None and res.kind.logged_metric:
