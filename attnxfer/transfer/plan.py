@@ -24,7 +24,7 @@ from ..models.handover import Signal
 from ..models.image_input import find_patch_embedding, image_input
 from .losses import group_heads_ok
 from .map_losses import map_loss_rule
-from .modes import MODES, PlanError, TransferMode, get_mode, register_mode
+from .modes import MODES, PlanError, TransferMode, get_mode
 
 __all__ = [
     "MODES",
@@ -34,7 +34,6 @@ __all__ = [
     "build_plan",
     "map_layers",
     "reduced_keys",
-    "register_mode",
     "select_layers",
 ]
 
