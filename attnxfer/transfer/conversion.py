@@ -24,7 +24,7 @@ from ..models.attention.bias_rows import full_bias
 from ..models.efficient import check_softmax_teacher
 from ..models.handover import Chunks, Signal
 from .map_losses import LayerLogits, MapLoss, check_map_loss, map_distillation_loss, output_mse
-from .plan import reduced_keys
+from .pairing import reduced_keys
 
 __all__ = [
     "STAGE1_TRAIN",

@@ -1,6 +1,6 @@
 """Transfer modes: what each config word (``copy``, ``distill``, ``distill_q``, ...) borrows from the teacher and
-distils into the student, as data in one table (`MODES`), so the plan and `TeacherStudent` read a mode's fields and never
-its name."""
+distils into the student, as data in one table (`MODES`), so the plan and `TeacherStudent` read a mode's fields and
+never its name. A mode's distillation becomes a `comparisons.Comparison` of the plan (`plan.build_plan`)."""
 
 from __future__ import annotations
 
@@ -60,21 +60,12 @@ class TransferMode:
         return self.borrow or Chunks(() if self.distill is None else (self.distill,))
 
     @property
-    def distills_maps(self) -> bool:
-        return self.distill is Signal.MAPS
-
-    @property
     def mixes_chunks(self) -> bool:
         """Teacher and student q/k/v meet inside one layer (copy of one chunk, or MSE on one): head dims must match.
         (Borrowing q and k together needs no equal head dim: the teacher's map is applied to the student's v.)"""
         return (self.is_copy and set(self.borrow) != set(Signal.MAPS.chunks)) or (
             self.distill is not None and self.distill.is_chunk
         )
-
-    @property
-    def needs_equal_heads(self) -> bool:
-        """Head by head pairing (copy, q/k/v distillation); map losses may group heads, per map kind."""
-        return self.is_copy or (self.distill is not None and self.distill.is_chunk)
 
     @property
     def teacher_at_eval(self) -> bool:
