@@ -125,10 +125,6 @@ class MetricsLogger:
         tmp.write_text(buf.getvalue(), encoding="utf-8")
         os.replace(tmp, path)  # atomic: a killed run leaves the old table or the new one
 
-    @property
-    def has_tensorboard(self) -> bool:
-        return self.trackers.tensorboard is not None
-
     def log_image(self, tag: str, step: int, image) -> Path | None:
         """A picture as ``pictures/<tag>-step<N>.png`` and a TensorBoard image: (C, H, W) floats in
         [0, 1], or (H, W, 3) uint8 as matplotlib renders it."""

@@ -18,7 +18,8 @@ from attnxfer.apps.run_parts import build_student
 from attnxfer.config import list_recipes, load_config
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
-from attnxfer.train.measure import map_agreement, relative_speed
+from attnxfer.train.measure import map_agreement
+from attnxfer.train.speed import forward_speed
 from attnxfer.train.stage1 import stage1_transfer
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 from attnxfer.transfer.conversion import ConversionPlan, build_conversion_plan
@@ -259,18 +260,19 @@ def test_clear_errors_for_bad_conversions():
     assert headless.num_classes == 7  # a headless (MAE-style) teacher's student gets a new head
 
 
-def test_relative_speed_reports_medians_and_ratio():
+def test_forward_speed_reports_medians_and_ratio():
     teacher = _teacher()
     student = build_efficient_student(teacher, "relu_linear")
-    speed = relative_speed(teacher, student, torch.randn(2, 3, 32, 32), repeats=3, warmup=1)
+    models = {"teacher": teacher, "student": student}
+    speed = forward_speed(models, torch.randn(2, 3, 32, 32), repeats=3, warmup=1)
     assert speed["tokens"] == 17 and speed["repeats"] == 3 and speed["student_ms"] > 0
-    assert speed["speedup"] == pytest.approx(speed["teacher_ms"] / speed["student_ms"])
+    assert speed["student_over_teacher"] == pytest.approx(speed["teacher_ms"] / speed["student_ms"])
     assert speed["student_images_per_s"] == pytest.approx(2 * 1000 / speed["student_ms"])
     assert speed["teacher_images_per_s"] == pytest.approx(2 * 1000 / speed["teacher_ms"])
     assert speed["precision"] == "no autocast"
 
 
-def test_relative_speed_runs_both_models_under_the_given_autocast():
+def test_forward_speed_runs_both_models_under_the_given_autocast():
     """On GPU the report measures in the run's precision (bf16 autocast): the forwards it times really run
     under it (the heads compute in bf16), and the models are left as they were."""
     teacher = _teacher()
@@ -278,8 +280,12 @@ def test_relative_speed_runs_both_models_under_the_given_autocast():
     seen = []
     for model in (teacher, student):
         model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    speed = relative_speed(
-        teacher, student, torch.randn(2, 3, 32, 32), repeats=2, warmup=0, autocast=torch.bfloat16
+    speed = forward_speed(
+        {"teacher": teacher, "student": student},
+        torch.randn(2, 3, 32, 32),
+        repeats=2,
+        warmup=0,
+        autocast=torch.bfloat16,
     )
     assert speed["precision"] == "bfloat16 autocast"
     assert seen and set(seen) == {torch.bfloat16}

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SyncCounter, peaked_teacher, tiny_vit
+from helpers import SyncCounter, is_compiled, peaked_teacher, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.pretrain import build_pretrain_engine
 from attnxfer.apps.training import build_engine, train
 from attnxfer.checkpoints.export import export_run
 from attnxfer.config import ConfigError, load_config
-from attnxfer.train.compile import RateAsInputDropPath, compile_blocks, is_compiled
+from attnxfer.train.compile import RateAsInputDropPath, compile_blocks
 from attnxfer.train.engine import NonFiniteLossError
 from attnxfer.train.optim import (
     AdamWImplementation,
