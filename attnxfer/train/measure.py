@@ -5,10 +5,7 @@ All three sum over the ranks of a joined process group, so every rank may call t
 
 from __future__ import annotations
 
-import contextlib
 import math
-import statistics
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,7 +31,6 @@ from .evaluation import classification_sums
 __all__ = [
     "attention_calls",
     "evaluate_top1",
-    "interleaved_median_ms",
     "layer_map_metric",
     "map_agreement",
     "operation_counts",
@@ -143,41 +139,6 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> f
     totals = classification_sums(model, loader, device, loss=False)
     correct, total = sum_over_ranks([totals[0].item(), totals[3].item()], device)
     return 100.0 * correct / max(1, total)
-
-
-@torch.no_grad()
-def interleaved_median_ms(
-    a: nn.Module,
-    b: nn.Module,
-    x: torch.Tensor,
-    repeats: int,
-    warmup: int,
-    autocast: torch.dtype | None = None,
-) -> tuple[float, float]:
-    """Median forward times (ms) of ``a`` and ``b`` on ``x``, run alternately (a b, b a, ...) after
-    ``warmup`` rounds, so that a machine whose load drifts slows both alike; under ``autocast`` (a dtype)
-    when given."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-
-    def timed(model: nn.Module) -> float:
-        sync()
-        start = time.perf_counter()
-        with (
-            torch.autocast(x.device.type, dtype=autocast)
-            if autocast is not None
-            else contextlib.nullcontext()
-        ):
-            model(x)
-        sync()
-        return 1000.0 * (time.perf_counter() - start)
-
-    for _ in range(warmup):
-        timed(a), timed(b)
-    times: tuple[list[float], list[float]] = ([], [])
-    for r in range(repeats):
-        for who in (0, 1) if r % 2 == 0 else (1, 0):
-            times[who].append(timed((a, b)[who]))
-    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _layer_counts(attn: nn.Module, tokens: int, batch: int):
