@@ -185,11 +185,10 @@ def test_a_tracker_whose_package_is_missing_names_the_pip_command():
         TrackerKind,
         TrackerMissingError,
         check_trackers,
-        register_tracker,
     )
 
-    register_tracker(
-        TrackerKind("absent", "attnxfer_no_such_package", "absent", lambda c: None, lambda t: {})
+    TRACKERS["absent"] = TrackerKind(
+        "absent", "attnxfer_no_such_package", "absent", lambda c: None, lambda t: {}
     )
     try:
         with pytest.raises(TrackerMissingError, match=r"pip install 'attnxfer\[absent\]'"):

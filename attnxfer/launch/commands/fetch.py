@@ -1,0 +1,24 @@
+"""``attnxfer fetch``: a teacher into the Hugging Face cache, on a machine with internet."""
+
+from __future__ import annotations
+
+from .base import register_command
+
+
+@register_command("fetch")
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "fetch", help="download a teacher into the Hugging Face cache (on a machine with internet)"
+    )
+    p.add_argument("spec", help="timm name (vit_large_patch16_224.mae) or hf-hub:ORG/NAME[@rev]")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: HF_HUB_CACHE / HF_HOME)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...sources.teacher import fetch_teacher
+
+    path = fetch_teacher(args.spec, cache_dir=args.cache_dir, revision=args.revision)
+    print(f"{args.spec} -> {path}")
+    return 0
