@@ -141,7 +141,7 @@ def run_config(mode: str, compiled: bool, preset: Preset, teacher: str, folder: 
         *source,
         "data.dataset=synthetic",
         f"data.batch_size={preset.batch}",
-        f"data.synthetic_length={(steps + k) * preset.batch}",  # one epoch covers every timed step
+        f"data.kwargs.length={(steps + k) * preset.batch}",  # one epoch covers every timed step
         f"data.num_workers={preset.num_workers}",
         f"data.pin_memory={str(preset.pin_memory).lower()}",
         f"model.num_classes={preset.num_classes}",

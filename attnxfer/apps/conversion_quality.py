@@ -5,7 +5,7 @@
 - Where the validation split has labels: k-NN top-1 of the teacher's and the student's embeddings
   (`attnxfer.analysis.knn`: DINO's weighted vote, ``eval.knn_k`` neighbours at ``eval.knn_temperature``), with
   Wilson intervals and the share of the teacher's top-1 the student recovers; the memory bank is
-  ``convert.knn_bank_size`` training images, evenly spaced and unaugmented.
+  ``eval.knn_bank_size`` training images, evenly spaced and unaugmented.
 
 Both sum over the ranks of a joined process group, as the other measurements do.
 """
@@ -78,7 +78,7 @@ def quality_probe(
     """The probe of a conversion: its val split, and its k-NN bank where the data has labels."""
     bank = None
     if labelled:
-        bank = build_bank_loader(cfg.data, val_loader.dataset, seed=cfg.seed, size=cfg.convert.knn_bank_size)
+        bank = build_bank_loader(cfg.data, val_loader.dataset, seed=cfg.seed, size=cfg.eval.knn_bank_size)
     return QualityProbe(teacher, val_loader, device, bank, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 

@@ -52,7 +52,6 @@ from .run_parts import RunParts, num_classes_of, parts_around
 from .training import (
     assemble_engine,
     engine_facts,
-    evaluate_run,
     loop_settings,
     prepare_trackers_from_config,
 )
@@ -218,10 +217,10 @@ def build_pretrain_engine(
     cfg: TrainConfig, runtime: Runtime | None = None, write_run_files: bool = True
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
-    nothing into the run dir (an eval-only run)."""
+    nothing into the run dir (scoring it: `attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
     runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
-    if not cfg.eval_only:  # another world size than the checkpoint's keeps its global batch (or stops)
+    if write_run_files:  # training: another world size keeps the checkpoint's global batch (or stops)
         log = print if runtime.is_main else lambda *_: None
         cfg = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
@@ -300,10 +299,7 @@ def _describe_pretraining(cfg: TrainConfig, mae: MaskedAutoencoder, init_note: s
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``.
-    ``eval_only: true`` scores the newest checkpoint instead, through `evaluate_run` as `attnxfer eval` does."""
-    if cfg.eval_only:
-        result = evaluate_run(cfg, build=lambda c: build_pretrain_engine(c, write_run_files=False))
-        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics, metric="val_loss")
+    Scoring its newest checkpoint is `attnxfer eval` (`evaluate_run` with `build_pretrain_engine`)."""
     main = DistributedInfo.from_environment().is_main_process
     with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
         engine = build_pretrain_engine(cfg)

@@ -17,7 +17,7 @@ from typing import Any
 from ..checkpoints.resume_from import ResumeFrom
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
-from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, to_dict
+from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
 __all__ = [
@@ -40,27 +40,20 @@ def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
 
 
-def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def config_changes(
     recorded: dict[str, Any], cfg: TrainConfig, resumable: Sequence[str] = RESUMABLE_KEYS
 ) -> tuple[list[str], list[str]]:
     """``(allowed, refused)`` differences between a recorded config dict and ``cfg``, as readable lines;
-    ``resumable`` lists the keys (and ``section.`` prefixes) a resumed run may change."""
+    ``resumable`` lists the keys (and ``section.`` prefixes) a resumed run may change. A key's old spelling
+    in the recorded config is read as its new one (`attnxfer.config.renamed`)."""
+    recorded = respell(recorded, note=False)
     new = to_dict(cfg)
     allowed, refused = [], []
     for key in config_keys():
-        known, old_value = _leaf(recorded, key)
+        known, old_value = find_key(recorded, key)
         if not known:
             continue  # recorded by an older attnxfer without this key
-        _, new_value = _leaf(new, key)
+        _, new_value = find_key(new, key)
         if old_value == new_value:
             continue
         line = f"{key} ({old_value!r} -> {new_value!r})"

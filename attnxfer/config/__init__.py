@@ -2,7 +2,8 @@
 and `attnxfer.run_layout`).
 
 `schema.py` declares every key once (`keys.py`: its range and resume rule are field metadata);
-`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes.
+`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes; `renamed.py` reads the
+old spellings of keys merged into others.
 """
 
 from .keys import Range
@@ -17,6 +18,7 @@ from .overrides import (
     to_dict,
     validate_config,
 )
+from .renamed import RENAMED_KEYS, RenamedKeyWarning, find_key, respell
 from .schema import (
     RANGES,
     RESUMABLE_KEYS,
@@ -42,6 +44,7 @@ from .schema import (
 __all__ = [
     "RANGES",
     "RECIPES",
+    "RENAMED_KEYS",
     "RESUMABLE_KEYS",
     "SEARCH_RESUMABLE_KEYS",
     "AugConfig",
@@ -56,6 +59,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "Range",
+    "RenamedKeyWarning",
     "ScheduleConfig",
     "SearchConfig",
     "TeacherConfig",
@@ -66,11 +70,13 @@ __all__ = [
     "config_keys",
     "describe_changes",
     "dump_config",
+    "find_key",
     "list_recipes",
     "load_config",
     "parse_overrides",
     "recipe_chain",
     "resolve_recipe",
+    "respell",
     "to_dict",
     "validate_config",
 ]

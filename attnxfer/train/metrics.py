@@ -41,7 +41,6 @@ class MetricsLogger:
     def __init__(
         self,
         run_dir: str | Path,
-        tensorboard: bool = True,
         enabled: bool = True,
         *,
         trackers: Sequence[str] = ("tensorboard",),
@@ -51,11 +50,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS
-        # log.tensorboard=false keeps its meaning: no TensorBoard whatever log.trackers says
-        names = [t for t in trackers if tensorboard or t != "tensorboard"]
-        self.tensorboard = "tensorboard" in names
         # rank 0 only: other ranks never import or start a tracker
-        self.trackers = TrackerSet(self.run_dir, names if enabled else [], project=project, hparams=hparams)
+        self.trackers = TrackerSet(
+            self.run_dir, trackers if enabled else [], project=project, hparams=hparams
+        )
 
     def truncate_after(self, step: int) -> None:
         """Forget records of steps after ``step`` (they are about to be trained again)."""

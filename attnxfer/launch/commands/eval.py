@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from .base import add_config_args, load, register_command
 
 
@@ -19,10 +21,16 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     cfg = load(args)
+    from ...apps.pretrain import MODE, build_pretrain_engine
     from ...apps.training import evaluate_run
     from ...apps.uncertainty import correct_count, format_top1
+    from ...checkpoints.run_dir import RunDir
 
-    result = evaluate_run(cfg)
+    run_dir = RunDir(cfg.run_dir)
+    if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
+        result = evaluate_run(cfg, build=partial(build_pretrain_engine, write_run_files=False))
+    else:
+        result = evaluate_run(cfg)
     for k, v in result.metrics.items():
         print(f"{k}: {v:.4f}")
     for prefix in ("val", "ema_val"):
