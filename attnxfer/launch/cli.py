@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"attnxfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add_parser in COMMANDS.values():  # in `HELP_ORDER`
-        add_parser(sub)
+    for command in COMMANDS.values():  # in `HELP_ORDER`
+        command.add_to(sub)
     return parser
 
 

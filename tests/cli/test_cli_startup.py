@@ -35,7 +35,7 @@ def test_every_command_module_is_the_command_of_its_name():
     from attnxfer.launch.commands import COMMANDS as REGISTERED
 
     files = {p.stem for p in (ROOT / "attnxfer" / "launch" / "commands").glob("*.py")} - {"__init__", "base"}
-    registered_by = {name: add.__module__.rsplit(".", 1)[-1] for name, add in REGISTERED.items()}
+    registered_by = {name: command.run.__module__.rsplit(".", 1)[-1] for name, command in REGISTERED.items()}
     assert registered_by == {name: name for name in files}
     assert list(REGISTERED) == COMMANDS  # in the order `attnxfer --help` lists them
 

@@ -1,9 +1,10 @@
 """What every ``attnxfer`` subcommand shares: its registration, and the config arguments of those that run one.
 
-A command module registers the function that adds its sub-parser (``@register_command("<name>")``); that
-parser's ``func`` default is the handler, which takes the parsed arguments and returns the exit code. A
-command that runs on a config takes ``-c CONFIG.yaml`` and dotted overrides (`add_config_args`) and reads
-them with `load` before it imports its app, so a config error answers at once.
+A command module registers its handler (``@register_command("<name>", help=..., arguments=...)``), which takes
+the parsed arguments and returns the exit code; the decorator's keywords are its parser's (``help``,
+``description``, ...) and ``arguments`` adds its arguments. A command that runs on a config takes
+``-c CONFIG.yaml`` and dotted overrides (``arguments=add_config_args``) and reads them with `load` before it
+imports its app, so a config error answers at once.
 """
 
 from __future__ import annotations
@@ -11,19 +12,45 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["COMMANDS", "add_config_args", "load", "print_config", "register_command"]
-
-#: each subcommand's name -> the function that adds its sub-parser (filled by the modules of this package)
-COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {}
+__all__ = ["COMMANDS", "Command", "add_config_args", "load", "print_config", "register_command"]
 
 
-def register_command(name: str):
-    """Register the decorated function as the one that adds subcommand ``name``'s parser."""
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
 
-    def deco(fn):
-        COMMANDS[name] = fn
-        return fn
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, its handler, what adds its arguments, and its parser's keywords."""
+
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    parser_options: dict[str, Any] = field(default_factory=dict)
+
+    def add_to(self, sub: argparse._SubParsersAction) -> None:
+        """Its sub-parser, which hands the parsed arguments to `run`."""
+        p = sub.add_parser(self.name, **self.parser_options)
+        self.arguments(p)
+        p.set_defaults(func=self.run)
+
+
+#: every subcommand by name (filled by the modules of this package)
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(
+    name: str, *, arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments, **parser_options
+):
+    """Register the decorated handler as subcommand ``name``; ``parser_options`` go to argparse's
+    ``add_parser`` (``help``, ``description``, ``epilog``, ``formatter_class``)."""
+
+    def deco(run):
+        COMMANDS[name] = Command(name, run, arguments, parser_options)
+        return run
 
     return deco
 

@@ -18,12 +18,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-@register_command("demo")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="MAE teacher (no labels), then scratch, fine-tuned MAE, copy and distill on animal-mnist (CPU)",
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="where runs, table and plot go (default runs/demo)")
     p.add_argument(
         "--budget-steps", type=_positive_int, default=None, help="optimiser steps per student (equal budget)"
@@ -43,9 +38,13 @@ def add_parser(sub) -> None:
         action="store_true",
         help="add a second table: copy/distillation from a teacher trained with labels (about +6 min)",
     )
-    p.set_defaults(func=run)
 
 
+@register_command(
+    "demo",
+    help="MAE teacher (no labels), then scratch, fine-tuned MAE, copy and distill on animal-mnist (CPU)",
+    arguments=_arguments,
+)
 def run(args) -> int:
     from ...apps.demo import run_demo
 

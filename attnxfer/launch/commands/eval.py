@@ -7,18 +7,13 @@ from functools import partial
 from .base import add_config_args, load, register_command
 
 
-@register_command("eval")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="evaluate a run's newest checkpoint on its validation set",
-        description="Score the run's newest checkpoint (or checkpoint.resume=PATH). Writes nothing into the "
-        "run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
-    )
-    add_config_args(p)
-    p.set_defaults(func=run)
-
-
+@register_command(
+    "eval",
+    help="evaluate a run's newest checkpoint on its validation set",
+    description="Score the run's newest checkpoint (or checkpoint.resume=PATH). Writes nothing into the "
+    "run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
+    arguments=add_config_args,
+)
 def run(args) -> int:
     cfg = load(args)
     from ...apps.pretrain import MODE, build_pretrain_engine

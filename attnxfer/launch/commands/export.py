@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from .base import register_command
 
 
-@register_command("export")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "export",
-        help="write a run's student in timm's Hub format or as ONNX, with a model card",
-        description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
-        "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
-        "pretrained=True) or transformers' AutoModelForImageClassification.from_pretrained(OUT_DIR); "
-        "any student, efficient attention included (e.g. the stage2/ "
-        "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR'). "
-        "--format onnx writes OUT_DIR/model.onnx instead (any student; opset 18, batch axis free), "
-        "checked in ONNX Runtime on CPU against the PyTorch forward (needs attnxfer[onnx]).",
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
@@ -37,9 +26,20 @@ def add_parser(sub) -> None:
         help="timm (default: config.json + model.safetensors), onnx (model.onnx, checked in ONNX Runtime), "
         "or both: --format timm onnx",
     )
-    p.set_defaults(func=run)
 
 
+@register_command(
+    "export",
+    help="write a run's student in timm's Hub format or as ONNX, with a model card",
+    description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
+    "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
+    "pretrained=True) or transformers' AutoModelForImageClassification.from_pretrained(OUT_DIR); "
+    "any student, efficient attention included (e.g. the stage2/ "
+    "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR'). "
+    "--format onnx writes OUT_DIR/model.onnx instead (any student; opset 18, batch axis free), "
+    "checked in ONNX Runtime on CPU against the PyTorch forward (needs attnxfer[onnx]).",
+    arguments=_arguments,
+)
 def run(args) -> int:
     from ...checkpoints.export import export_run
     from ...checkpoints.onnx_export import require_onnx

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
+
 from .base import register_command
 
 
-@register_command("fetch")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "fetch", help="download a teacher into the Hugging Face cache (on a machine with internet)"
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="timm name (vit_large_patch16_224.mae) or hf-hub:ORG/NAME[@rev]")
     p.add_argument("--revision", default=None)
     p.add_argument("--cache-dir", default=None, help="cache folder (default: HF_HUB_CACHE / HF_HOME)")
-    p.set_defaults(func=run)
 
 
+@register_command(
+    "fetch",
+    help="download a teacher into the Hugging Face cache (on a machine with internet)",
+    arguments=_arguments,
+)
 def run(args) -> int:
     from ...sources.teacher import fetch_teacher
 

@@ -3,23 +3,13 @@ pictures."""
 
 from __future__ import annotations
 
+import argparse
+
 from ...errors import InputError
 from .base import register_command
 
 
-@register_command("inspect")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="does a student attend like its teacher? per-layer/head agreement, head matching, pictures",
-        description="Compare STUDENT's attention maps (one or more; softmax or efficient attention, through "
-        "their implicit maps) with TEACHER's on images: KL, Jensen-Shannon, top-k overlap, rank correlation, "
-        "entropy, attention distance and class-token agreement per layer and head, beside a floor (the "
-        "teacher against itself on noisy inputs); the optimal teacher-student head assignment per layer; "
-        "class-token maps, rollout and per-layer curves. Writes OUT/metrics.json, report.md and PNGs. "
-        "Specs: timm names, hf-hub:ORG/NAME, local-dir:PATH, weight files (with --teacher-arch/--student-arch), "
-        "`attnxfer export` folders and RUN_DIRs (a copy-mode run needs its own teacher as TEACHER).",
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("teacher", metavar="TEACHER")
     p.add_argument("students", metavar="STUDENT", nargs="+")
     what = p.add_mutually_exclusive_group()
@@ -54,9 +44,20 @@ def add_parser(sub) -> None:
         help="image side every model runs at (teachers rebuilt there as their family allows; default: the "
         "size trained students were trained at, else the teacher's)",
     )
-    p.set_defaults(func=run)
 
 
+@register_command(
+    "inspect",
+    help="does a student attend like its teacher? per-layer/head agreement, head matching, pictures",
+    description="Compare STUDENT's attention maps (one or more; softmax or efficient attention, through "
+    "their implicit maps) with TEACHER's on images: KL, Jensen-Shannon, top-k overlap, rank correlation, "
+    "entropy, attention distance and class-token agreement per layer and head, beside a floor (the "
+    "teacher against itself on noisy inputs); the optimal teacher-student head assignment per layer; "
+    "class-token maps, rollout and per-layer curves. Writes OUT/metrics.json, report.md and PNGs. "
+    "Specs: timm names, hf-hub:ORG/NAME, local-dir:PATH, weight files (with --teacher-arch/--student-arch), "
+    "`attnxfer export` folders and RUN_DIRs (a copy-mode run needs its own teacher as TEACHER).",
+    arguments=_arguments,
+)
 def run(args) -> int:
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:

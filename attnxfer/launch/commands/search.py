@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
+
 from ..arguments import add_array_arguments
 from .base import add_config_args, load, register_command
 
 
-@register_command("search")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "search",
-        help="discover an efficient formula attention for a teacher (evolutionary, fit vs speed Pareto front)",
-        description="Evolutionary search over formula attentions (the search section), seeded with the "
-        "hand-designed zoo: each candidate is fitted to the teacher's maps by a short stage 1 and scored by its "
-        "held-out map KL and its speed at search.target_tokens. Writes RUN_DIR/candidates.jsonl, pareto.md, "
-        "pareto.png and the convert command of the winner; running the same command again continues. "
-        "With --array-tasks K each generation is evaluated as a SLURM job array of K tasks.",
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     add_array_arguments(p)
-    p.set_defaults(func=run)
 
 
+@register_command(
+    "search",
+    help="discover an efficient formula attention for a teacher (evolutionary, fit vs speed Pareto front)",
+    description="Evolutionary search over formula attentions (the search section), seeded with the "
+    "hand-designed zoo: each candidate is fitted to the teacher's maps by a short stage 1 and scored by its "
+    "held-out map KL and its speed at search.target_tokens. Writes RUN_DIR/candidates.jsonl, pareto.md, "
+    "pareto.png and the convert command of the winner; running the same command again continues. "
+    "With --array-tasks K each generation is evaluated as a SLURM job array of K tasks.",
+    arguments=_arguments,
+)
 def run(args) -> int:
     cfg = load(args)
     from ...apps.search import search

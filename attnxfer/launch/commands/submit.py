@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -16,15 +17,7 @@ SUBMITTABLE = {
 }
 
 
-@register_command("submit")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "submit",
-        help="run `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit",
-        description="Submit the same training as `attnxfer train` (or, with --command convert, the "
-        "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
-        "periodically, requeues itself on preemption/time limit and resumes.",
-    )
+def _arguments(p: argparse.ArgumentParser) -> None:
     add_config_args(p)
     p.add_argument(
         "--command",
@@ -35,9 +28,16 @@ def add_parser(sub) -> None:
         "checkpoints after a requeue; pretrain is MAE pre-training (`attnxfer pretrain`)",
     )
     add_slurm_arguments(p)
-    p.set_defaults(func=run)
 
 
+@register_command(
+    "submit",
+    help="run `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit",
+    description="Submit the same training as `attnxfer train` (or, with --command convert, the "
+    "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
+    "periodically, requeues itself on preemption/time limit and resumes.",
+    arguments=_arguments,
+)
 def run(args) -> int:
     cfg = load(args)
     from ..slurm import JobFailedError, submit_from_args

@@ -5,17 +5,12 @@ from __future__ import annotations
 from .base import add_config_args, load, register_command
 
 
-@register_command("train")
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a student by attention copy/distillation (or from scratch)",
-        description="Train (or resume: checkpoint.resume=auto) the run described by the config.",
-    )
-    add_config_args(p)
-    p.set_defaults(func=run)
-
-
+@register_command(
+    "train",
+    help="train a student by attention copy/distillation (or from scratch)",
+    description="Train (or resume: checkpoint.resume=auto) the run described by the config.",
+    arguments=add_config_args,
+)
 def run(args) -> int:
     cfg = load(args)  # before the app's import (torch): a config error answers at once
     from ...apps.training import train
