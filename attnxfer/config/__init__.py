@@ -2,7 +2,8 @@
 and `attnxfer.run_layout`).
 
 `schema.py` declares every key once (`keys.py`: its range and resume rule are field metadata);
-`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes.
+`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes, through
+`strict_yaml.py`, the one YAML reader for what users write (a key given twice is an error at its line).
 """
 
 from .keys import Range
