@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoints.resume_from import ResumeFrom
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
     STATE_NAME,
@@ -57,12 +57,19 @@ class CheckpointPolicy:
     every_minutes: float | None = None
     every_epoch: bool = True
     keep_last: int = 3
-    resume: ResumeFrom | str = (
-        "auto"  # parsed into a ResumeFrom: the config's auto | none | a checkpoint directory
-    )
+    # the config's auto | none | a checkpoint directory (parsed into a ResumeFrom), or the `ResumePoint` an app
+    # found and judged already (the checkpoint is then not looked for again)
+    resume: ResumeFrom | ResumePoint | str = "auto"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
+        if not isinstance(self.resume, ResumePoint):
+            object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
+
+    def resume_point(self, run_dir: Path) -> ResumePoint | None:
+        """The checkpoint a resume restores (found once: an app's point is taken as it is)."""
+        if isinstance(self.resume, ResumePoint):
+            return self.resume
+        return ResumePoint.find(run_dir, self.resume)
 
 
 @dataclass
@@ -71,6 +78,7 @@ class Resumed:
 
     path: str
     state: dict[str, Any]
+    restart_epoch: bool = False  # other data than the checkpoint's (checkpoint.allow_new_data): position 0
 
 
 class Checkpointing:
@@ -166,15 +174,20 @@ class Checkpointing:
 
     def has_checkpoint(self) -> bool:
         """Whether the policy's resume finds a checkpoint (hashes unchecked: a cheap look)."""
-        return self.policy.resume.checkpoint(self.manager, verify_hash=False) is not None
+        resume = self.policy.resume
+        if isinstance(resume, ResumePoint):
+            return True
+        return resume.checkpoint(self.manager, verify_hash=False) is not None
 
     def resume(self) -> Resumed | None:
         """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
-        policy picks; None for a fresh start. The loop's counters are in the returned state."""
-        info = self.policy.resume.checkpoint(self.manager)
-        if info is None:
+        policy picks (`CheckpointPolicy.resume_point`); None for a fresh start. The loop's counters are in
+        the returned state."""
+        point = self.policy.resume_point(self.run_dir)
+        if point is None:
             return None
-        tensors, state = self.manager.load(info)
+        info, state = point.checkpoint, point.state
+        tensors = point.load_tensors()
         try:
             self.trained.load_state_dict(tensors["model"])
         except RuntimeError as e:
@@ -197,4 +210,4 @@ class Checkpointing:
                 len(rng),
                 self.world,
             )
-        return Resumed(str(info), state)
+        return Resumed(str(info), state, restart_epoch=point.restart_epoch)
