@@ -267,8 +267,8 @@ def build_pretrain_engine(
         record={"teacher": None, "config": to_dict(cfg), "data": data},
         pictures=pictures,
     )
-    if write_run_files:
-        _write_run_files(cfg, engine, parts, mae)
+    if write_run_files and not (point is not None and point.step >= engine.total_steps):
+        _write_run_files(cfg, engine, parts, mae)  # (a finished run's files stay as they are)
     if engine.is_main:
         _describe_pretraining(cfg, mae, init_note)
     return engine
@@ -325,8 +325,10 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
-        if cfg.mae.export and engine.is_main:
-            out = export_run(cfg.run_dir, Path(cfg.run_dir) / "export", weights="raw", overwrite=True)
+        export = Path(cfg.run_dir) / "export"
+        # a finished run resumed again keeps its export (one is made if the run stopped before it)
+        if cfg.mae.export and engine.is_main and not (result.nothing_to_do and export.is_dir()):
+            out = export_run(cfg.run_dir, export, weights="raw", overwrite=True)
             print(f"encoder exported to {out}: teacher.spec=local-dir:{out}", flush=True)
         barrier()
         return result

@@ -123,7 +123,7 @@ def judge(
     point = point.judged(changes)
     if point.refused:
         run = Path(run_dir or cfg.run_dir)
-        config = run / "config.yaml" if (run / "config.yaml").is_file() else point.path / "state.json"
+        config = RunDir(run).config_file if RunDir(run).config_file.is_file() else point.path
         raise ConfigError(
             f"{run} already holds a {what} (checkpoint {point.name}) trained with different values for: "
             f"{'; '.join(map(str, point.refused))}. These cannot change when a {what} resumes; nothing was "

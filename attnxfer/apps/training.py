@@ -382,12 +382,17 @@ def build_engine(
         record=record,
         pictures=attention_pictures(cfg, pair, parts, runtime),
     )
-    if write_run_files:
+    if write_run_files and not _finished_before(point, engine):  # a finished run's files stay as they are
         _write_run_files(cfg, engine, parts, compiled, ce_record)
     barrier()
     if engine.is_main:
         print(plan.describe(), flush=True)
     return engine
+
+
+def _finished_before(point: ResumePoint | None, engine: Engine) -> bool:
+    """Whether the checkpoint resumed stands at (or past) the run's last step: nothing will be trained."""
+    return point is not None and point.step >= engine.total_steps
 
 
 def _fitted_to_world(

@@ -10,7 +10,6 @@ loop, its counters and its metrics stay the engine's.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +21,11 @@ import torch.nn as nn
 from ..checkpoints.resume_point import ResumeFrom, ResumePoint
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
-    STATE_NAME,
     CheckpointError,
     CheckpointManager,
     MetricMode,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
-    verify_checkpoint,
 )
 from .distributed import barrier
 from .ema import StudentEMA
@@ -156,11 +153,10 @@ class Checkpointing:
         if not existing.is_dir():
             return False
         try:
-            verify_checkpoint(existing)
-            old_state = json.loads((existing / STATE_NAME).read_text(encoding="utf-8"))
-        except (CheckpointError, OSError, ValueError):
+            old = ResumePoint.find(self.run_dir, existing)
+        except (CheckpointError, OSError):
             return False  # broken: the store moves it aside and writes a fresh one
-        if old_state.get("rank_checksums", [None])[0] == checksum:
+        if old.record("rank_checksums") and old.record("rank_checksums")[0] == checksum:
             return True
         aside = self.manager.set_aside(existing, "replaced")
         _log.warning("a different checkpoint for step %d existed; kept it as %s", step, aside)

@@ -261,9 +261,10 @@ class Engine:
             self.position, loss_sum, batches = 0, 0.0, 0
         self._epoch_loss = torch.tensor(float(loss_sum), dtype=torch.float64, device=self.accelerator.device)
         self._epoch_batches = int(batches)
-        if self.is_main:
+        if self.is_main and not self.finished:  # a finished run's records stay as they are
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
+        if self.is_main:
             print(
                 f"resumed from {resumed.path} (step {self.step}, epoch {self.epoch}, position {self.position})",
                 flush=True,
@@ -364,6 +365,11 @@ class Engine:
             metric=s.metric,
             nothing_to_do=None if self._final else self._nothing_to_do(),
         )
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run stands at (or past) its last step: a resume of it has nothing to do."""
+        return self.step >= self.total_steps
 
     def _nothing_to_do(self) -> str:
         """What a resume of a run already at (or past) its last step says instead of training."""
