@@ -227,6 +227,10 @@ class CheckpointConfig:
     keep_last: int = key(3, range=AT_LEAST_1)
     # auto | none | PATH of a checkpoint dir (checked when the run resumes)
     resume: str = key("auto", range=ANY)
+    # a resume on other training data than the checkpoint recorded (another file list, dataset or shard list;
+    # the same files under another data.root are the same data) stops in one line unless this is true: then the
+    # weights, optimiser and step resume and the epoch restarts on the new data
+    allow_new_data: bool = key(False, range=ANY)
 
 
 @dataclass
@@ -302,9 +306,9 @@ class MAEConfig:
     decoder_mlp_ratio: float = key(4.0, range=POSITIVE)
     norm_pix: bool = key(True, range=ANY)  # targets normalised per patch (mean 0, variance 1), as MAE
     # validation images in the reconstruction picture at each evaluation (0 = none)
-    pictures: int = key(8, range=NON_NEGATIVE)
+    pictures: int = key(8, range=NON_NEGATIVE, resumable=True)
     # write the encoder to RUN_DIR/export (timm layout: a local-dir: teacher) at the end
-    export: bool = key(True, range=ANY)
+    export: bool = key(True, range=ANY, resumable=True)
 
 
 @dataclass

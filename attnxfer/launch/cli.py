@@ -109,13 +109,23 @@ def _cmd_train(args) -> int:
     cfg = _load(args)  # before the app's import (torch): a config error answers at once
     from ..apps.training import train
 
-    result = train(cfg)
-    if result.best_top1 is not None:
+    print(_done_line(train(cfg)))
+    return 0
+
+
+def _done_line(result) -> str:
+    """How a training command ends: its steps and best score, or why it had nothing to do."""
+    if result.nothing_to_do:
+        return result.nothing_to_do
+    if result.best is None:
+        best = "no evaluation recorded"
+    elif result.best_top1 is not None:
         best = f"best val top1 {result.best_top1:.2f}"
+    elif result.metric == "val_loss":  # MAE pre-training
+        best = f"best val loss {result.best:.4f}"
     else:  # a run without a task loss: its final-feature cosine with the teacher
         best = f"best {result.metric.removeprefix('val_')} {result.best:.4g}"
-    print(f"done: {result.steps} steps, {best} -> {result.run_dir}")
-    return 0
+    return f"done: {result.steps} steps, {best} -> {result.run_dir}"
 
 
 @register_command("pretrain")
@@ -136,8 +146,7 @@ def _cmd_pretrain(args) -> int:
     cfg = _load(args)
     from ..apps.pretrain import pretrain
 
-    result = pretrain(cfg)
-    print(f"done: {result.steps} steps, best val loss {result.best:.4f} -> {result.run_dir}")
+    print(_done_line(pretrain(cfg)))
     return 0
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.launch import cli
 from attnxfer.launch.slurm import slurm_job_info
 
@@ -197,8 +198,7 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
         assert a["after_stage1"] == pytest.approx(b["after_stage1"], rel=1e-3)
     # weights: equal up to summation order, which AdamW's normalised steps (lr 1e-2 here, up to 4e-2 of
     # movement per weight) amplify for the few weights whose gradients are nearly zero
-    w_job = load_file(str(tmp_path / "job" / "stage1" / "student.safetensors"))
-    w_one = load_file(str(tmp_path / "one" / "stage1" / "student.safetensors"))
+    w_job, w_one = (ResumePoint.find(tmp_path / r / "stage1").load_tensors()["model"] for r in ("job", "one"))
     for k in w_one:
         torch.testing.assert_close(w_job[k], w_one[k], rtol=1e-3, atol=3e-4)
     name_j, w_job2, state = _final(tmp_path / "job" / "stage2")
