@@ -220,7 +220,9 @@ def build_pretrain_engine(
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
     nothing into the run dir (an eval-only run)."""
     _refuse_teacher_keys(cfg)
-    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    runtime = runtime or create_runtime(
+        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    )
     if not cfg.eval_only:  # another world size than the checkpoint's keeps its global batch (or stops)
         log = print if runtime.is_main else lambda *_: None
         cfg = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
@@ -305,7 +307,10 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         result = evaluate_run(cfg, build=lambda c: build_pretrain_engine(c, write_run_files=False))
         return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics, metric="val_loss")
     main = DistributedInfo.from_environment().is_main_process
-    with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
+    with (
+        run_lock(cfg.run_dir, "pretrain", enabled=main),
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
+    ):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
         if cfg.mae.export and engine.is_main:

@@ -329,7 +329,9 @@ def build_engine(
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     if write_run_files and not cfg.eval_only:
         require_task_labels(cfg)
-    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    runtime = runtime or create_runtime(
+        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    )
     log = print if runtime.is_main else lambda *_: None
     if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
         cfg = _fitted_to_world(cfg, runtime, parts, log)
@@ -413,7 +415,10 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
         return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
-    with run_lock(cfg.run_dir, "train", enabled=main), joined_process_group(backend_for(cfg.device)):
+    with (
+        run_lock(cfg.run_dir, "train", enabled=main),
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
+    ):
         return build_engine(cfg, parts).run()
 
 
@@ -538,7 +543,7 @@ def evaluate_run(
         raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
     if DistributedInfo.from_environment().is_main_process:
         check_writable(cfg.run_dir)
-    with joined_process_group(backend_for(cfg.device)):
+    with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
         if build is None:
             engine = build_engine(cfg, parts, write_run_files=False)
         else:  # another objective's engine (pretrain), built without writing into the run
