@@ -227,7 +227,9 @@ def build_pretrain_engine(
     (`attnxfer.apps.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
     ``found``: the checkpoint the caller already found (`attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
-    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    runtime = runtime or create_runtime(
+        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    )
     log = print if runtime.is_main else lambda *_: None
     training = write_run_files and not cfg.eval_only
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
@@ -322,7 +324,10 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         )
         return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics, metric="val_loss")
     main = DistributedInfo.from_environment().is_main_process
-    with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
+    with (
+        run_lock(cfg.run_dir, "pretrain", enabled=main),
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
+    ):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
         export = Path(cfg.run_dir) / "export"

@@ -335,7 +335,9 @@ def build_engine(
     training = write_run_files and not cfg.eval_only
     if training:
         require_task_labels(cfg)
-    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    runtime = runtime or create_runtime(
+        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    )
     log = print if runtime.is_main else lambda *_: None
     # found and read once, for every check below
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
@@ -434,7 +436,10 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
         return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
-    with run_lock(cfg.run_dir, "train", enabled=main), joined_process_group(backend_for(cfg.device)):
+    with (
+        run_lock(cfg.run_dir, "train", enabled=main),
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
+    ):
         return build_engine(cfg, parts).run()
 
 
@@ -558,7 +563,7 @@ def evaluate_run(
         )
     if DistributedInfo.from_environment().is_main_process:
         check_writable(cfg.run_dir)
-    with joined_process_group(backend_for(cfg.device)):
+    with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
         if build is None:
             engine = build_engine(cfg, parts, write_run_files=False, found=point)
         else:  # another objective's engine (pretrain), built without writing into the run

@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointConfig",
     "ConvertConfig",
     "DataConfig",
+    "DistConfig",
     "EMAConfig",
     "EvalConfig",
     "LogConfig",
@@ -349,6 +350,17 @@ class SearchConfig:
 
 
 @dataclass
+class DistConfig:
+    """How the ranks of a multi-process run (torchrun, `attnxfer submit`) wait for each other."""
+
+    # seconds a rank waits for a silent peer: a rank's heartbeat (a thread, so long phases of the main thread
+    # do not count) silent this long (a stopped or hung process) ends the others with one line naming it,
+    # and the process group's own timeout (a collective waiting) follows a few seconds later. Minutes, not
+    # torch's 10 (NCCL) or 30 (gloo). Resumable: how the run runs, not what it computes
+    timeout: float = key(300.0, range=POSITIVE, resumable=True, search_resumable=True)
+
+
+@dataclass
 class TrainConfig:
     # resumable: a checkpoint of another run may be given as checkpoint.resume=PATH
     run_dir: str = key("runs/default", range=ANY, resumable=True, search_resumable=True)
@@ -373,6 +385,7 @@ class TrainConfig:
     convert: ConvertConfig = section(ConvertConfig)
     mae: MAEConfig = section(MAEConfig)
     search: SearchConfig = section(SearchConfig)
+    dist: DistConfig = section(DistConfig)
 
     def __str__(self) -> str:
         return dump_config(self)
