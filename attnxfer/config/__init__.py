@@ -2,8 +2,9 @@
 and `attnxfer.run_layout`).
 
 `schema.py` declares every key once (`keys.py`: its range and resume rule are field metadata);
-`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes; `renamed.py` reads the
-old spellings of keys merged into others.
+`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes, through
+`strict_yaml.py`, the one YAML reader for what users write (a key given twice is an error at its line);
+`renamed.py` reads the old spellings of keys merged into others.
 """
 
 from .keys import Range
@@ -27,6 +28,7 @@ from .schema import (
     CheckpointConfig,
     ConvertConfig,
     DataConfig,
+    DistConfig,
     EMAConfig,
     EvalConfig,
     LogConfig,
@@ -52,6 +54,7 @@ __all__ = [
     "ConfigError",
     "ConvertConfig",
     "DataConfig",
+    "DistConfig",
     "EMAConfig",
     "EvalConfig",
     "LogConfig",

@@ -18,6 +18,7 @@ import yaml
 
 from .keys import ConfigError, Range, field_types, rule_of
 from .renamed import respell
+from .strict_yaml import describe_yaml_error, load_yaml
 
 __all__ = [
     "ConfigError",
@@ -237,9 +238,11 @@ def _parse_value(key: str, raw: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}={raw!r}: value is not valid YAML ({e.problem})") from None
+        raise ConfigError(
+            f"override {key}={raw!r}: value is not valid YAML ({describe_yaml_error(e)})"
+        ) from None
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointConfig",
     "ConvertConfig",
     "DataConfig",
+    "DistConfig",
     "EMAConfig",
     "EvalConfig",
     "LogConfig",
@@ -227,6 +228,10 @@ class CheckpointConfig:
     keep_last: int = key(3, range=AT_LEAST_1)
     # auto | none | PATH of a checkpoint dir (checked when the run resumes)
     resume: str = key("auto", range=ANY)
+    # a resume on other training data than the checkpoint recorded (another file list, dataset or shard list;
+    # the same files under another data.root are the same data) stops in one line unless this is true: then the
+    # weights, optimiser and step resume and the epoch restarts on the new data
+    allow_new_data: bool = key(False, range=ANY)
 
 
 @dataclass
@@ -300,9 +305,9 @@ class MAEConfig:
     decoder_mlp_ratio: float = key(4.0, range=POSITIVE)
     norm_pix: bool = key(True, range=ANY)  # targets normalised per patch (mean 0, variance 1), as MAE
     # validation images in the reconstruction picture at each evaluation (0 = none)
-    pictures: int = key(8, range=NON_NEGATIVE)
+    pictures: int = key(8, range=NON_NEGATIVE, resumable=True)
     # write the encoder to RUN_DIR/export (timm layout: a local-dir: teacher) at the end
-    export: bool = key(True, range=ANY)
+    export: bool = key(True, range=ANY, resumable=True)
 
 
 @dataclass
@@ -343,6 +348,17 @@ class SearchConfig:
 
 
 @dataclass
+class DistConfig:
+    """How the ranks of a multi-process run (torchrun, `attnxfer submit`) wait for each other."""
+
+    # seconds a rank waits for a silent peer: a rank's heartbeat (a thread, so long phases of the main thread
+    # do not count) silent this long (a stopped or hung process) ends the others with one line naming it,
+    # and the process group's own timeout (a collective waiting) follows a few seconds later. Minutes, not
+    # torch's 10 (NCCL) or 30 (gloo). Resumable: how the run runs, not what it computes
+    timeout: float = key(300.0, range=POSITIVE, resumable=True, search_resumable=True)
+
+
+@dataclass
 class TrainConfig:
     # resumable: a checkpoint of another run may be given as checkpoint.resume=PATH
     run_dir: str = key("runs/default", range=ANY, resumable=True, search_resumable=True)
@@ -366,6 +382,7 @@ class TrainConfig:
     convert: ConvertConfig = section(ConvertConfig)
     mae: MAEConfig = section(MAEConfig)
     search: SearchConfig = section(SearchConfig)
+    dist: DistConfig = section(DistConfig)
 
     def __str__(self) -> str:
         return dump_config(self)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import popen_interruptible
 from safetensors.torch import load_file
 
 from attnxfer.launch import cli
@@ -183,7 +184,7 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
 @pytest.mark.slow
 def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
     run = tmp_path / "r"
-    proc = subprocess.Popen(
+    proc = popen_interruptible(
         [
             sys.executable,
             "-m",

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from attnxfer.apps.world_size import fit_world_size, split_for_world
-from attnxfer.checkpoints.store import CheckpointManager
+from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import ConfigError, load_config
 from attnxfer.launch import cli
 
@@ -121,7 +121,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch_epoch_and_schedule(
 def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, capsys):
     run = tmp_path / "r"
     assert cli.main(["train", *S, "schedule.max_steps=1", f"run_dir={run}"]) == 0
-    source = CheckpointManager(run).latest().path
+    source = ResumePoint.find(run)
     cfg = load_config(str(run / "config.yaml"))
     with pytest.raises(ConfigError) as e:
         fit_world_size(cfg, 3, source)

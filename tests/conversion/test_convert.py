@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_plan_from_config
 from attnxfer.apps.run_parts import build_student
+from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import list_recipes, load_config
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
@@ -385,7 +386,7 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert speed["student_images_per_s"] == pytest.approx(4 * 1000 / speed["student_ms"])  # batch 4
     assert speed["precision"] == "no autocast"  # the CPU runs fp32
     assert report["stage1"]["steps"] == 6 and report["stage2"]["steps"] == 2
-    assert (run / "stage1" / "student.safetensors").is_file() and (run / "stage2" / "checkpoints").is_dir()
+    assert ResumePoint.find(run / "stage1").record("complete") and (run / "stage2" / "checkpoints").is_dir()
     md = (run / "report.md").read_text()
     assert "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |" in md
     assert "Recovered:" in md and "x** the teacher's speed" in md
@@ -484,7 +485,7 @@ def test_convert_with_a_formula_attention_and_an_unparsable_one(tmp_path, tiny_t
     report = json.loads((run / "report.json").read_text())
     rows = report["agreement"]["teacher_input"]
     assert sum(r["after_stage1"] for r in rows) < sum(r["before_stage1"] for r in rows)
-    assert (run / "stage1" / "student.safetensors").is_file()
+    assert ResumePoint.find(run / "stage1").record("complete")
     bad = tmp_path / "bad"
     assert (
         main(["convert", *_convert_args(bad, tiny_teacher_dir, "convert.attention=formula:sum(relu.)")]) == 2

@@ -185,8 +185,8 @@ def test_label_free_conversion_reads_no_label_and_exports_a_headless_encoder(tmp
     # config records convert.attention and no model.attention: a softmax student would take its weights silently
     built = {}
 
-    def build(cfg):
-        built["engine"] = build_engine(cfg, write_run_files=False)
+    def build(cfg, found):
+        built["engine"] = build_engine(cfg, write_run_files=False, found=found)
         return built["engine"]
 
     with labels_raise_registered():  # the run's dataset; its labels stay unread here too

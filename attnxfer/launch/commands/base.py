@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["COMMANDS", "Command", "add_config_args", "load", "print_config", "register_command"]
+__all__ = ["COMMANDS", "Command", "add_config_args", "done_line", "load", "print_config", "register_command"]
 
 
 def _no_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,3 +96,19 @@ def print_config(args) -> int:
     print(dump_config(cfg).rstrip())
     print("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
+
+
+def done_line(result) -> str:
+    """How a training command (`train`, `pretrain`) ends: its steps and best score, or why it had nothing to
+    do."""
+    if result.nothing_to_do:
+        return result.nothing_to_do
+    if result.best is None:
+        best = "no evaluation recorded"
+    elif result.best_top1 is not None:
+        best = f"best val top1 {result.best_top1:.2f}"
+    elif result.metric == "val_loss":  # MAE pre-training
+        best = f"best val loss {result.best:.4f}"
+    else:  # a run without a task loss: its final-feature cosine with the teacher
+        best = f"best {result.metric.removeprefix('val_')} {result.best:.4g}"
+    return f"done: {result.steps} steps, {best} -> {result.run_dir}"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from .base import add_config_args, load, register_command
 
 
@@ -23,7 +21,9 @@ def run(args) -> int:
 
     run_dir = RunDir(cfg.run_dir)
     if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
-        result = evaluate_run(cfg, build=partial(build_pretrain_engine, write_run_files=False))
+        result = evaluate_run(
+            cfg, build=lambda c, point: build_pretrain_engine(c, write_run_files=False, found=point)
+        )
     else:
         result = evaluate_run(cfg)
     for k, v in result.metrics.items():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import add_config_args, load, register_command
+from .base import add_config_args, done_line, load, register_command
 
 
 @register_command(
@@ -18,6 +18,5 @@ def run(args) -> int:
     cfg = load(args)
     from ...apps.pretrain import pretrain
 
-    result = pretrain(cfg)
-    print(f"done: {result.steps} steps, best val loss {result.best:.4f} -> {result.run_dir}")
+    print(done_line(pretrain(cfg)))
     return 0
