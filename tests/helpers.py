@@ -26,6 +26,11 @@ from attnxfer.sources.teacher import TeacherRecord
 from attnxfer.transfer import TeacherStudent, build_plan
 
 
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s own call is compiled (by `compile_blocks` / ``nn.Module.compile``)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
 def fast_cells(values, keep) -> list:
     """A parametrised matrix for the fast lane: the values in ``keep`` run in every lane, the others are marked
     ``slow`` (CI runs them all). Rotate ``keep`` across a file's tests so that every value still runs in

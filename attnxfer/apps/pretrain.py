@@ -53,7 +53,6 @@ from .run_parts import RunParts, num_classes_of, parts_around
 from .training import (
     assemble_engine,
     engine_facts,
-    evaluate_run,
     loop_settings,
     prepare_trackers_from_config,
 )
@@ -223,15 +222,15 @@ def build_pretrain_engine(
     found: ResumePoint | None = None,
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
-    nothing into the run dir (an eval-only run). A resume is judged by the same rule as `attnxfer train`'s
-    (`attnxfer.apps.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
+    nothing into the run dir (scoring it: `attnxfer eval`). A resume is judged by the same rule as `attnxfer
+    train`'s (`attnxfer.apps.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
     ``found``: the checkpoint the caller already found (`attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
     log = print if runtime.is_main else lambda *_: None
-    training = write_run_files and not cfg.eval_only
+    training = write_run_files
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     if training:  # another world size than the checkpoint's keeps its global batch (or stops)
         cfg = fit_world_size(cfg, runtime.world, point, log=log)
@@ -317,12 +316,7 @@ def _describe_pretraining(cfg: TrainConfig, mae: MaskedAutoencoder, init_note: s
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``.
-    ``eval_only: true`` scores the newest checkpoint instead, through `evaluate_run` as `attnxfer eval` does."""
-    if cfg.eval_only:
-        result = evaluate_run(
-            cfg, build=lambda c, point: build_pretrain_engine(c, write_run_files=False, found=point)
-        )
-        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics, metric="val_loss")
+    Scoring its newest checkpoint is `attnxfer eval` (`evaluate_run` with `build_pretrain_engine`)."""
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "pretrain", enabled=main),

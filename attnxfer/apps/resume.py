@@ -20,7 +20,7 @@ from typing import Any
 
 from ..checkpoints.resume_point import KeyChange, ResumePoint
 from ..checkpoints.run_dir import RunDir
-from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, to_dict
+from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
 # what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training
@@ -32,15 +32,6 @@ def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
 
 
-def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def config_changes(
     recorded: dict[str, Any],
     cfg: TrainConfig,
@@ -50,16 +41,17 @@ def config_changes(
     """Every key whose value in ``cfg`` differs from the recorded config dict, and whether ``resumable`` (keys
     and ``section.`` prefixes) lets a resume change it. ``compared`` (keys and prefixes) limits the comparison
     to what a saved state depends on (stage 1 of a conversion reads no stage-2 key). Keys an older attnxfer
-    did not record are skipped."""
+    did not record are skipped; a key's old spelling is read as its new one (`attnxfer.config.renamed`)."""
+    recorded = respell(recorded, note=False)
     new = to_dict(cfg)
     changes = []
     for key in config_keys():
         if compared is not None and not _may_change(key, compared):
             continue
-        known, old_value = _leaf(recorded, key)
+        known, old_value = find_key(recorded, key)
         if not known:
             continue
-        _, new_value = _leaf(new, key)
+        _, new_value = find_key(new, key)
         if old_value != new_value:
             changes.append(KeyChange(key, old_value, new_value, _may_change(key, resumable)))
     return changes

@@ -187,7 +187,6 @@ def loop_settings(cfg: TrainConfig, world: int, resume: ResumePoint | None = Non
         clip_grad=cfg.optim.clip_grad,
         accum_steps=cfg.optim.accum_steps,
         log_every=cfg.log.every_steps,
-        tensorboard=cfg.log.tensorboard,
         trackers=tuple(cfg.log.trackers),
         project=cfg.log.project,
         progress=cfg.log.progress,
@@ -204,8 +203,7 @@ def loop_settings(cfg: TrainConfig, world: int, resume: ResumePoint | None = Non
 def prepare_trackers_from_config(cfg: TrainConfig, run_dir: str | Path | None = None) -> None:
     """How ``log.trackers`` will log for ``run_dir`` (default the run's), decided and said on this process
     before the teacher and the data load: a tracker that cannot log from here stops the run at once."""
-    names = [t for t in cfg.log.trackers if cfg.log.tensorboard or t != "tensorboard"]
-    prepare_trackers(names, run_dir or cfg.run_dir)
+    prepare_trackers(cfg.log.trackers, run_dir or cfg.run_dir)
 
 
 def adamw_from_config(
@@ -236,9 +234,9 @@ def attention_pictures(
     cfg: TrainConfig, pair: TeacherStudent, parts: RunParts, runtime: Runtime
 ) -> list[Pictures]:
     """``log.attention_images`` validation images' class-token maps at each evaluation, where TensorBoard
-    shows them (``log.tensorboard`` with ``tensorboard`` among ``log.trackers``)."""
+    shows them (``tensorboard`` among ``log.trackers``)."""
     n = cfg.log.attention_images
-    if not (n > 0 and cfg.log.tensorboard and "tensorboard" in cfg.log.trackers):
+    if not (n > 0 and "tensorboard" in cfg.log.trackers):
         return []
     return [class_token_pictures(pair, parts.val_loader, n, runtime.device)]
 
@@ -332,7 +330,7 @@ def build_engine(
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
-    training = write_run_files and not cfg.eval_only
+    training = write_run_files
     if training:
         require_task_labels(cfg)
     runtime = runtime or create_runtime(
@@ -430,10 +428,7 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
 
     Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
     was the one to create it). Rank 0 holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout.
-    A config with ``eval_only: true`` only evaluates (see `evaluate_run`)."""
-    if cfg.eval_only:
-        result = evaluate_run(cfg, parts)
-        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
+    Scoring a trained run is `evaluate_run` (`attnxfer eval`)."""
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
     with (

@@ -152,7 +152,7 @@ class DataConfig:
     eval_batch_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
     num_workers: int = key(0, range=NON_NEGATIVE, resumable=True, search_resumable=True)
     pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)
-    synthetic_length: int = key(512, range=AT_LEAST_1)
+    # the dataset's own options, e.g. {length: 64} for synthetic (its builder's arguments)
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     # false: read images only, never a label (folder: every image under ROOT/train and ROOT/val, class
     # folders optional; hfds/ without a label column; wds/ without .cls); work that needs labels stops first
@@ -211,8 +211,8 @@ class EMAConfig:
 @dataclass
 class LogConfig:
     every_steps: int = key(20, range=AT_LEAST_1)
-    tensorboard: bool = key(True, range=ANY)  # false: no TensorBoard, whatever trackers says
-    # where metrics go besides metrics.jsonl: tensorboard | wandb | mlflow (pip install 'attnxfer[wandb]')
+    # where metrics go besides metrics.jsonl: tensorboard | wandb | mlflow (pip install 'attnxfer[wandb]');
+    # [] for none
     trackers: list[str] = key(factory=lambda: ["tensorboard"], choices=("tensorboard", "wandb", "mlflow"))
     project: str = key("attnxfer", range=ANY)  # the W&B project / MLflow experiment
     # validation images whose class-token maps go to TensorBoard at each eval (0: none)
@@ -236,7 +236,8 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """What `attnxfer eval` scores besides the run's own evaluation (never read by training)."""
+    """What `attnxfer eval` scores besides the run's own evaluation (never read by training; a conversion's
+    report scores its k-NN top-1 by the same rule)."""
 
     # auto: top1 where the data has labels, features where the run has a teacher, knn where the data has
     # labels; or a list of top1 | features | knn (each must be computable, else the eval stops first).
@@ -247,7 +248,7 @@ class EvalConfig:
     knn_k: int = key(20, range=AT_LEAST_1, resumable=True)  # neighbours that vote (DINO's k)
     knn_temperature: float = key(0.07, range=POSITIVE, resumable=True)  # vote weight exp(cos / T)
     # training images in the k-NN memory bank (evenly spaced through the split); null: all of them
-    knn_bank_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
+    knn_bank_size: int | None = key(10_000, range=AT_LEAST_1, resumable=True)
 
 
 @dataclass
@@ -280,9 +281,6 @@ class ConvertConfig:
     output_mse: float = key(0.0, range=NON_NEGATIVE)
     # validation batches for the per-layer map agreement
     agreement_batches: int = key(4, range=AT_LEAST_1, resumable=True)
-    # training images in the report's k-NN memory bank (evenly spaced through the split; where the data has
-    # labels); null: all of them
-    knn_bank_size: int | None = key(10_000, range=AT_LEAST_1, resumable=True)
     speed_batch_size: int = key(64, range=AT_LEAST_1, resumable=True)
     speed_repeats: int = key(20, range=AT_LEAST_1, resumable=True)
     # image sides of the report's break-even sweep (teacher, student and floor at batch 1 on the run's device,
@@ -370,7 +368,6 @@ class TrainConfig:
     # teacher.dtype says otherwise, so precision=fp32 is the one switch to the reference's fp32 training.
     precision: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"))
     deterministic: bool = key(False, range=ANY, resumable=True)
-    eval_only: bool = key(False, range=ANY, resumable=True)
     model: ModelConfig = section(ModelConfig)
     teacher: TeacherConfig = section(TeacherConfig)
     transfer: TransferConfig = section(TransferConfig)

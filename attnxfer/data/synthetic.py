@@ -93,7 +93,7 @@ def build_synthetic(
     std: Sequence[float] | None = None,
     seed: int = 0,
     num_classes: int = 10,
-    length: int = 256,
+    length: int = 512,
     noise: float = 0.1,
 ) -> SyntheticImages:
     """Synthetic split (``root`` is ignored): ``length`` samples of ``num_classes`` balanced classes."""

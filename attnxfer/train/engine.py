@@ -82,7 +82,6 @@ class LoopSettings:
     clip_grad: float | None = None
     accum_steps: int = 1
     log_every: int = 20
-    tensorboard: bool = True
     trackers: tuple[str, ...] = ("tensorboard",)  # train/trackers.py: tensorboard, wandb, mlflow
     project: str = "attnxfer"  # the W&B project / MLflow experiment the run is logged under
     progress: bool = True
@@ -180,7 +179,6 @@ class Engine:
         s = self.settings
         return MetricsLogger(
             self.run_dir,
-            tensorboard=s.tensorboard,
             enabled=self.is_main,
             trackers=s.trackers,
             project=s.project,

@@ -152,7 +152,7 @@ def _args(run_dir, teacher_dir, *extra):
         f"run_dir={run_dir}",
         f"teacher.spec=local-dir:{teacher_dir}",
         "data.dataset=synthetic",
-        "data.synthetic_length=64",
+        "data.kwargs.length=64",
         "data.batch_size=8",
         "search.population=4",
         "search.offspring=3",

@@ -29,6 +29,18 @@ CASES = [
 ]
 COMMANDS = ["train", "pretrain", "eval", "demo", "convert", "search", "submit", "export", "inspect", "fetch"]
 
+
+def test_every_command_module_is_the_command_of_its_name():
+    """One file per command: ``launch/commands/<name>.py`` registers ``attnxfer <name>``, and the startup
+    checks here cover every one."""
+    from attnxfer.launch.commands import COMMANDS as REGISTERED
+
+    files = {p.stem for p in (ROOT / "attnxfer" / "launch" / "commands").glob("*.py")} - {"__init__", "base"}
+    registered_by = {name: command.run.__module__.rsplit(".", 1)[-1] for name, command in REGISTERED.items()}
+    assert registered_by == {name: name for name in files}
+    assert list(REGISTERED) == COMMANDS  # in the order `attnxfer --help` lists them
+
+
 # One interpreter runs every case (each through `main`, as the `attnxfer` script does) and reports after
 # each which of the heavy modules are loaded: the first case that imports torch is named.
 _PROBE = """

@@ -24,11 +24,11 @@ from attnxfer.launch.slurm import SlurmOptions, parse_sweep
 S = [
     "data.dataset=synthetic",
     "data.batch_size=16",
-    "data.synthetic_length=64",
+    "data.kwargs.length=64",
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]

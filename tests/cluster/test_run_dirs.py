@@ -35,11 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 S = [
     "data.dataset=synthetic",
     "data.batch_size=16",
-    "data.synthetic_length=64",  # 4 steps an epoch
+    "data.kwargs.length=64",  # 4 steps an epoch
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]

@@ -273,9 +273,3 @@ def _ensure_job_logging() -> None:
 
 def requeue_record_path(job_folder: str | Path, job_id: str) -> Path:
     return Path(job_folder) / f"{job_id}_requeues.json"
-
-
-def requeue_count(job: submitit.Job) -> int:
-    """How many times ``job`` was requeued (0 when it never was)."""
-    path = requeue_record_path(job.paths.folder, job.job_id)
-    return json.loads(path.read_text())["requeues"] if path.exists() else 0
