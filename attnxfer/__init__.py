@@ -6,12 +6,14 @@ efficient-attention students; timm models throughout.
 
 The public names load on first use (PEP 562 module ``__getattr__``): ``import attnxfer`` alone imports
 neither torch nor timm (about 6 s and 1 GB on a 2-core machine), so ``attnxfer --help`` and every argument
-error answer at once; ``from attnxfer import build_plan`` imports what that name needs, as before.
+error answer at once; ``from attnxfer import build_plan`` imports what that name needs, as before. Names
+of earlier releases (``DualViT``) still resolve for a release, with a DeprecationWarning (``_RENAMED``).
 """
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from .version import __version__
@@ -33,6 +35,12 @@ _LAZY = {
     "TransferPlan": "transfer",
     "attention_distillation_loss": "transfer",
     "build_plan": "transfer",
+}
+
+#: a public name of an earlier release -> where it lives now (dotted, under attnxfer). Still read, with a
+#: DeprecationWarning that gives the new spelling, for a release; never in `__all__` nor `dir(attnxfer)`.
+_RENAMED = {
+    "DualViT": "TeacherStudent",  # it runs every family, not only ViTs
 }
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` below imports on demand
@@ -83,10 +91,27 @@ def __getattr__(name: str) -> Any:
     """Import a public name's subpackage (or a subpackage) the first time it is read, and keep the value."""
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
+    if name in _RENAMED:
+        return _renamed(name)
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
+    return value
+
+
+def _renamed(name: str) -> Any:
+    """An earlier release's name: the object at its new home, and a warning that names it. Not kept in
+    globals(), so that every use is warned (once per place, by Python's warning filters)."""
+    new = f"{__name__}.{_RENAMED[name]}"
+    warnings.warn(
+        f"{__name__}.{name} is deprecated and will be removed in a future release; use {new} (the same object)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    value: Any = importlib.import_module(__name__)
+    for part in _RENAMED[name].split("."):
+        value = getattr(value, part)
     return value
 
 

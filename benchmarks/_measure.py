@@ -1,8 +1,9 @@
-"""Measuring helpers shared by the benchmark scripts (timing, peak memory, machine facts, tables).
+"""Measuring helpers shared by the benchmark scripts (peak memory, machine facts, tables).
 
 Principles (docs/benchmarks.md): compare configurations *inside one run*
 (interleaved repeats, medians, ratios to a baseline), never absolute numbers
-across runs; say exactly what a memory figure counts.
+across runs; say exactly what a memory figure counts. Timing is the package's own
+(`attnxfer.train.timing.interleaved_timings`), the clock the conversion reports use too.
 
 Memory, as measured here:
 
@@ -32,20 +33,16 @@ import math
 import multiprocessing as mp
 import os
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 __all__ = [
     "FIXED_MMAP_THRESHOLD",
-    "Timing",
     "format_table",
-    "interleaved_timings",
     "isolated_rss_growth",
     "machine_info",
     "mib",
@@ -63,75 +60,6 @@ def mib(n_bytes: float | None) -> float | None:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# -- time ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Timing:
-    """Seconds per call of one configuration, from interleaved rounds after warm-up.
-
-    ``times`` are wall-clock seconds; ``cpu_times`` the CPU seconds the process
-    used in the same calls (all its threads), which a loaded machine distorts less.
-    """
-
-    times: list[float] = field(default_factory=list)
-    cpu_times: list[float] = field(default_factory=list)
-
-    @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu_times)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    @property
-    def spread(self) -> float:
-        """Half the interquartile range relative to the median (0.05 = ±5 %)."""
-        if len(self.times) < 4:
-            return (max(self.times) - min(self.times)) / (2 * self.median)
-        q1, _, q3 = statistics.quantiles(self.times, n=4)
-        return (q3 - q1) / (2 * self.median)
-
-
-def interleaved_timings(
-    fns: Mapping[str, Callable[[], Any]],
-    *,
-    device: torch.device,
-    warmup: int = 1,
-    repeats: int = 5,
-    min_seconds: float = 0.0,
-    max_repeats: int | None = None,
-) -> dict[str, Timing]:
-    """Time every function in rounds (one call of each per round, order rotated each round).
-
-    Interleaving puts every configuration under the same background load, so
-    ratios stay meaningful on a shared or throttling machine. After ``warmup``
-    untimed rounds, rounds continue until ``repeats`` are done and ``min_seconds``
-    have passed (at most ``max_repeats``, default ``4 * repeats``).
-    """
-    names = list(fns)
-    max_repeats = max(repeats, max_repeats if max_repeats is not None else 4 * repeats)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    _sync(device)
-    out = {name: Timing() for name in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < max_repeats):
-        shift = rounds % len(names)
-        for name in names[shift:] + names[:shift]:
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            fns[name]()
-            _sync(device)
-            out[name].times.append(time.perf_counter() - t0)
-            out[name].cpu_times.append(time.process_time() - c0)
-        rounds += 1
-    return out
 
 
 # -- memory ----------------------------------------------------------------------------------

@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -64,6 +63,7 @@ from _measure import step_peak_growth
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.attention.numerics import bf16_devices
 from attnxfer.models.efficient import create_attention, list_attentions
+from attnxfer.train.timing import interleaved_timings
 
 LINEAR_FAMILY = ("relu_linear", "elu_linear", "performer", "hedgehog", "cosformer", "focused_linear")
 REFERENCE = "softmax"
@@ -114,18 +114,14 @@ def build(entry: str, dim: int, heads: int, grid: int, device: torch.device) -> 
     return module.to(device).eval()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def with_grad(fn: Callable[[], object], enabled: bool) -> Callable[[], object]:
+    """``fn`` called with autograd on (a training step) or off (a forward)."""
 
+    def call():
+        with torch.set_grad_enabled(enabled):
+            return fn()
 
-def seconds(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
-    """(wall, process CPU) seconds of one call."""
-    synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return call
 
 
 def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
@@ -189,17 +185,13 @@ def measure(names: list[str], tokens: int, batch: int, args, device: torch.devic
             calls[n]["train"] = train_step(m, x)
         if args.compile:
             calls[n + COMPILED] = compiled_calls(m, x, q, k, v, args.train)
-    times = {n: {kind: [] for kind in c} for n, c in calls.items()}
-    first_round = {n: 0.0 for n in calls}
-    for repeat in range(args.warmup + args.repeats):
-        for n, kinds in calls.items():  # interleaved: one of each per round
-            for kind, fn in kinds.items():
-                with torch.set_grad_enabled(kind == "train"):
-                    elapsed = seconds(fn, device)
-                if repeat == 0:
-                    first_round[n] += elapsed[0]
-                if repeat >= args.warmup:
-                    times[n][kind].append(elapsed)
+    fns = {
+        (n, kind): with_grad(fn, kind == "train") for n, kinds in calls.items() for kind, fn in kinds.items()
+    }
+    # the first warm-up round on its own: the compiled calls compile in it, and its wall time is reported
+    first = interleaved_timings(fns, device=device, warmup=0, repeats=1) if args.warmup else {}
+    times = interleaved_timings(fns, device=device, warmup=max(0, args.warmup - 1), repeats=args.repeats)
+    first_round = {n: sum(first[n, kind].times[0] for kind in calls[n]) if first else 0.0 for n in calls}
     rows = []
     for n in calls:
         compiled = n.endswith(COMPILED)
@@ -207,8 +199,8 @@ def measure(names: list[str], tokens: int, batch: int, args, device: torch.devic
         for kind, fn in calls[n].items():
             with torch.set_grad_enabled(kind == "train"):
                 measures[kind] = dict(
-                    wall_ms=1e3 * statistics.median(t[0] for t in times[n][kind]),
-                    cpu_ms=1e3 * statistics.median(t[1] for t in times[n][kind]),
+                    wall_ms=1e3 * times[n, kind].median,
+                    cpu_ms=1e3 * times[n, kind].cpu_median,
                     peak_mib=peak_bytes(fn, device) / 2**20,
                     gflops=math.nan if compiled else flops(fn) / 1e9,
                 )

@@ -35,7 +35,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _measure import (  # noqa: E402
     format_table,
-    interleaved_timings,
     load_average,
     machine_info,
     mib,
@@ -43,6 +42,7 @@ from _measure import (  # noqa: E402
     write_json,
 )
 
+from attnxfer.train.timing import interleaved_timings  # noqa: E402
 from attnxfer.transfer.losses import CE_PATHS, attention_distillation_loss  # noqa: E402
 
 #: paths timed here: attention_lse's extra cost is P̄_t K_s beside the student's own attention kernel, which

@@ -5,7 +5,7 @@ Every zoo member is built from the teacher the way ``attnxfer convert`` builds i
 block). Beside them runs the **floor** (`attnxfer.models.efficient.floor.floor_model`): the same model whose
 attention computes its q/k/v and output projections but mixes no tokens (out = proj(v)), the speed no
 converted student that computes those projections can pass. Per resolution, all models are built once and timed in ONE process with
-interleaved rounds (`_measure.interleaved_timings`: each round runs every model and mode once, in a rotated
+interleaved rounds (`attnxfer.train.timing.interleaved_timings`: each round runs every model and mode once, in a rotated
 order), so the ratios to the teacher and to the floor share the machine's state. Two modes per model:
 
 * ``forward``: inference, ``eval()``, ``torch.no_grad()``;
@@ -80,12 +80,13 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _measure import format_table, interleaved_timings, machine_info, step_peak_growth, write_json
+from _measure import format_table, machine_info, step_peak_growth, write_json
 
 from attnxfer.checkpoints.onnx_export import write_onnx
 from attnxfer.models.efficient import build_efficient_student, list_attentions
 from attnxfer.models.efficient.floor import floor_model
 from attnxfer.train.measure import attention_calls, operation_counts
+from attnxfer.train.timing import interleaved_timings
 
 TEACHER = "softmax"
 FLOOR = "floor"

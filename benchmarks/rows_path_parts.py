@@ -28,9 +28,10 @@ sys.path[:0] = [p for p in (os.path.dirname(_HERE), _HERE) if p not in sys.path]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _measure import format_table, interleaved_timings, machine_info  # noqa: E402
+from _measure import format_table, machine_info  # noqa: E402
 
 from attnxfer.models.attention.numerics import row_slices  # noqa: E402
+from attnxfer.train.timing import interleaved_timings  # noqa: E402
 from attnxfer.transfer.losses import rows_path_chunk  # noqa: E402
 
 

@@ -37,11 +37,12 @@ _ROOT = os.path.dirname(_HERE)
 sys.path[:0] = [p for p in (_ROOT, _HERE) if p not in sys.path]
 
 import torch  # noqa: E402
-from _measure import format_table, interleaved_timings, load_average, machine_info, write_json  # noqa: E402
+from _measure import format_table, load_average, machine_info, write_json  # noqa: E402
 
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.models.efficient import build_efficient_student  # noqa: E402
 from attnxfer.train.stage1 import stage1_transfer  # noqa: E402
+from attnxfer.train.timing import interleaved_timings  # noqa: E402
 from attnxfer.transfer.conversion import build_conversion_plan  # noqa: E402
 
 

@@ -44,7 +44,6 @@ sys.path[:0] = [p for p in (os.path.dirname(_HERE), _HERE) if p not in sys.path]
 import torch  # noqa: E402
 from _measure import (  # noqa: E402
     format_table,
-    interleaved_timings,
     load_average,
     machine_info,
     mib,
@@ -58,6 +57,7 @@ from attnxfer.config import load_config  # noqa: E402
 from attnxfer.data.loader import build_loader  # noqa: E402
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.train.optim import optimizer_implementation, student_param_groups  # noqa: E402
+from attnxfer.train.timing import interleaved_timings  # noqa: E402
 
 MODES = ("none", "copy", "distill")
 RECIPES = {"none": "paper/vit_base_copy", "copy": "paper/vit_base_copy", "distill": "paper/vit_base_distill"}
@@ -141,7 +141,7 @@ def run_config(mode: str, compiled: bool, preset: Preset, teacher: str, folder: 
         *source,
         "data.dataset=synthetic",
         f"data.batch_size={preset.batch}",
-        f"data.synthetic_length={(steps + k) * preset.batch}",  # one epoch covers every timed step
+        f"data.kwargs.length={(steps + k) * preset.batch}",  # one epoch covers every timed step
         f"data.num_workers={preset.num_workers}",
         f"data.pin_memory={str(preset.pin_memory).lower()}",
         f"model.num_classes={preset.num_classes}",

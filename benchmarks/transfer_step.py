@@ -62,7 +62,6 @@ import torch.nn.functional as F  # noqa: E402
 from _measure import (  # noqa: E402
     FIXED_MMAP_THRESHOLD,
     format_table,
-    interleaved_timings,
     isolated_rss_growth,
     load_average,
     machine_info,
@@ -78,6 +77,7 @@ from attnxfer.train import student_param_groups  # noqa: E402
 from attnxfer.train.devices import Precision  # noqa: E402
 from attnxfer.train.devices import teacher_dtype as resolve_teacher_dtype  # noqa: E402
 from attnxfer.train.optim import build_adamw  # noqa: E402
+from attnxfer.train.timing import interleaved_timings  # noqa: E402
 from attnxfer.transfer import Compared, ComparisonLoss, Signal, TeacherStudent, build_plan, comparison_loss  # noqa: E402
 from attnxfer.transfer.ce_select import choose_ce_path  # noqa: E402
 from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference, ce_path_for  # noqa: E402

@@ -6,6 +6,8 @@ import contextlib
 import copy
 import multiprocessing
 import os
+import signal
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +24,11 @@ from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.sources.teacher import TeacherRecord
 from attnxfer.transfer import TeacherStudent, build_plan
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s own call is compiled (by `compile_blocks` / ``nn.Module.compile``)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def fast_cells(values, keep) -> list:
@@ -133,6 +140,21 @@ def fork_cli(argv: list[str], log: Path) -> multiprocessing.Process:
     proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(list(argv), str(log)))
     proc.start()
     return proc
+
+
+def _take_ctrl_c() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def popen_interruptible(argv: list[str], **kwargs) -> subprocess.Popen:
+    """`subprocess.Popen` for a child the test will send SIGINT (Ctrl-C) to: the child starts with SIGINT's
+    default action, as a terminal's foreground command does, however pytest was started. A background job
+    of a non-interactive shell (``cmd &``, nohup, some CI runners) runs with SIGINT (and SIGQUIT) ignored, as
+    POSIX wants, and its children inherit that: without this the test's Ctrl-C would do nothing. The
+    product keeps that inheritance on purpose (``attnxfer train &`` ignores a terminal's Ctrl-C, as any
+    background command does). ``preexec_fn`` runs between fork and exec; one sigaction takes no lock, so
+    the parent's threads are no hazard."""
+    return subprocess.Popen(argv, preexec_fn=_take_ctrl_c, **kwargs)
 
 
 # -- host reads (none on unlogged training steps) --------------------------------------------------------

@@ -130,17 +130,22 @@ def feature_agreement(
     teacher: nn.Module,
     images: Iterable[torch.Tensor],
     autocast: Autocast = nullcontext,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeatureAgreement:
-    """Final-feature agreement of ``student`` with ``teacher`` over batches of ``images`` (on the models'
-    device), both in eval mode (restored after)."""
+    """Final-feature agreement of ``student`` with ``teacher`` over batches of ``images`` (on the student's
+    device), both in eval mode (restored after). ``reduce`` sums the `feature_sums` over the ranks of a
+    process group (each rank passes its share of the images), before they become means."""
     modes = student.training, teacher.training
     student.eval()
     teacher.eval()
-    total = torch.zeros(len(TOKEN_GROUPS), _COLUMNS, dtype=torch.float64)
+    device = next(student.parameters()).device
+    total = torch.zeros(len(TOKEN_GROUPS), _COLUMNS, dtype=torch.float64, device=device)
     try:
         for x in images:
-            total += batch_feature_sums(student, teacher, x, autocast).cpu()
+            total += batch_feature_sums(student, teacher, x, autocast)
     finally:
         student.train(modes[0])
         teacher.train(modes[1])
-    return FeatureAgreement.from_sums(total)
+    if reduce is not None:
+        total = reduce(total)
+    return FeatureAgreement.from_sums(total.cpu())

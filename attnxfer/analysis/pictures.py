@@ -1,7 +1,7 @@
 """Pictures of attention (matplotlib's Agg canvas, no pyplot state): class-token maps over the image, rollout, per-layer curves.
 
 Each function returns a matplotlib ``Figure`` whose size in pixels is fixed by its arguments
-(``figure_pixels``), so callers save it as they like (`save_figure`) or turn it into an image array
+(inches × `DPI`), so callers save it as they like (`save_figure`) or turn it into an image array
 for TensorBoard (`figure_array`).
 """
 
@@ -27,7 +27,6 @@ __all__ = [
     "curves_figure",
     "display_image",
     "figure_array",
-    "figure_pixels",
     "head_matching_figure",
     "rollout_figure",
     "save_figure",
@@ -42,11 +41,6 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
-
-
-def figure_pixels(width: float, height: float) -> tuple[int, int]:
-    """(width, height) in pixels of a figure of that many inches."""
-    return round(width * DPI), round(height * DPI)
 
 
 def display_image(

@@ -8,14 +8,12 @@ bit-identical resume.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoints.store import STATE_NAME
+from ..checkpoints.resume_point import ResumePoint
 from ..config import TrainConfig
 from ..train.distributed import gather_objects, rank_and_world
 from ..train.runtime import Runtime
@@ -26,19 +24,15 @@ from ..transfer.teacher_student import TeacherStudent
 __all__ = ["ce_choice_for_run", "decided_on_rank0", "recorded_ce_choice"]
 
 
-def recorded_ce_choice(checkpoint: Path | None) -> CEChoice | None:
-    """The CE path a checkpoint was trained with (its state.json's ``ce_path``), or None."""
-    if checkpoint is None:
-        return None
-    try:
-        record = json.loads((checkpoint / STATE_NAME).read_text(encoding="utf-8")).get("ce_path")
-        return (
-            None
-            if not isinstance(record, dict)
-            else CEChoice.from_record(record, f"resumed from {checkpoint.name}")
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+def recorded_ce_choice(point: ResumePoint | None) -> CEChoice | None:
+    """The CE path a checkpoint was trained with (its state's ``ce_path``), or None."""
+    record = None if point is None else point.record("ce_path")
+    if not isinstance(record, dict):
         return None  # an older checkpoint without the record: measure again
+    try:
+        return CEChoice.from_record(record, f"resumed from {point.name}")
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def decided_on_rank0(decide: Callable[[], CEChoice | None]) -> CEChoice | None:
@@ -57,7 +51,7 @@ def ce_choice_for_run(
     cfg: TrainConfig,
     pair: TeacherStudent,
     runtime: Runtime,
-    resumed_from: Path | None,
+    resumed_from: ResumePoint | None,
     *,
     measure: bool = True,
     log: Callable[[str], Any] = print,

@@ -5,7 +5,7 @@
 - Where the validation split has labels: k-NN top-1 of the teacher's and the student's embeddings
   (`attnxfer.analysis.knn`: DINO's weighted vote, ``eval.knn_k`` neighbours at ``eval.knn_temperature``), with
   Wilson intervals and the share of the teacher's top-1 the student recovers; the memory bank is
-  ``convert.knn_bank_size`` training images, evenly spaced and unaugmented.
+  ``eval.knn_bank_size`` training images, evenly spaced and unaugmented.
 
 Both sum over the ranks of a joined process group, as the other measurements do.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..analysis.features import TOKEN_GROUPS, FeatureAgreement, batch_feature_sums
+from ..analysis.features import feature_agreement
 from ..analysis.knn import knn_comparison
 from ..config import TrainConfig
 from ..train.distributed import sum_over_ranks
@@ -44,16 +44,12 @@ class QualityProbe:
     def features(self, student: nn.Module) -> dict[str, float]:
         """``feat_cos_prefix``, ``feat_rel_err_prefix``, ``feat_cos_patch``, ``feat_rel_err_patch`` (groups with
         tokens only), both models in eval mode (restored after)."""
-        modes = student.training, self.teacher.training
-        student.eval(), self.teacher.eval()
-        total = torch.zeros(len(TOKEN_GROUPS), 4, dtype=torch.float64, device=self.device)
-        try:
-            for x, *_ in self.val_loader:
-                total += batch_feature_sums(student, self.teacher, x.to(self.device))
-        finally:
-            student.train(modes[0]), self.teacher.train(modes[1])
-        summed = torch.tensor(sum_over_ranks(total.flatten().tolist(), self.device), dtype=torch.float64)
-        return FeatureAgreement.from_sums(summed.view_as(total)).as_dict()
+        images = (x.to(self.device) for x, *_ in self.val_loader)
+        return feature_agreement(student, self.teacher, images, reduce=self._sum_over_ranks).as_dict()
+
+    def _sum_over_ranks(self, sums: torch.Tensor) -> torch.Tensor:
+        summed = sum_over_ranks(sums.flatten().tolist(), self.device)
+        return torch.tensor(summed, dtype=torch.float64).view_as(sums)
 
     def knn(self, student: nn.Module) -> dict[str, Any] | None:
         """k-NN top-1 of student and teacher (`KnnComparison.as_dict`) and the bank's size; None without
@@ -82,7 +78,7 @@ def quality_probe(
     """The probe of a conversion: its val split, and its k-NN bank where the data has labels."""
     bank = None
     if labelled:
-        bank = build_bank_loader(cfg.data, val_loader.dataset, seed=cfg.seed, size=cfg.convert.knn_bank_size)
+        bank = build_bank_loader(cfg.data, val_loader.dataset, seed=cfg.seed, size=cfg.eval.knn_bank_size)
     return QualityProbe(teacher, val_loader, device, bank, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 

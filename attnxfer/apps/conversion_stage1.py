@@ -1,36 +1,53 @@
-"""Stage 1 of `attnxfer convert` as a run: its batches, the result it saves, and picking it up again.
+"""Stage 1 of `attnxfer convert` as a run: its batches, the checkpoints it saves, and picking it up again.
 
-A finished stage 1 is kept in ``RUN_DIR/stage1`` (the student's weights and ``stage1.json``), so a second
-``attnxfer convert`` into the same run dir goes straight to stage 2; a stage 1 stopped by SIGTERM keeps its
-step (weights, optimiser state, progress; no pickle) in ``stage1/partial`` and continues there.
+Stage 1 saves through the same checkpoint store as every run (`attnxfer.checkpoints.store`: atomic, hashed,
+verified) in ``RUN_DIR/stage1/checkpoints``: every ``checkpoint.every_steps`` steps, on SIGTERM, and when it
+completes (the student's weights, the optimiser until it completes, and a JSON state: its step, seconds,
+history, plan, config, teacher and data). A second ``attnxfer convert`` into the same run dir resumes it
+through `attnxfer.apps.resume` like any run (the same rule for what may change, compared over the keys stage
+1 reads) and goes straight to stage 2 once it is complete.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
-from ..checkpoints.store import atomic_write_json, optimizer_state_from_tensors, optimizer_state_to_tensors
-from ..config import TrainConfig
-from ..data import ResumableSampler, build_loader
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ..checkpoints.store import CheckpointManager, optimizer_state_from_tensors, optimizer_state_to_tensors
+from ..config import TrainConfig, to_dict
+from ..data import ResumableSampler, build_loader, data_identity
 from ..errors import InputError
 from ..train.distributed import rank_and_world
 from ..train.stage1 import Stage1Result, stage1_transfer
 from ..transfer.conversion import ConversionPlan
+from .resume import check_same_data, check_teacher_content, judge
 from .run_parts import RunParts
 
-__all__ = ["PARTIAL", "run_stage1"]
-
-#: where a SIGTERM'd stage 1 keeps its step (weights, optimiser state, progress) until it completes
-PARTIAL = "partial"
+#: the config keys stage 1 reads: a change of any other (stage 2's, the report's) leaves its checkpoints valid
+STAGE1_KEYS = (
+    "seed",
+    "teacher.",
+    "data.",
+    "convert.attention",
+    "convert.attention_kwargs",
+    "convert.stage1_steps",
+    "convert.stage1_lr",
+    "convert.stage1_batch_size",
+    "convert.stage1_warmup_steps",
+    "convert.stage1_weight_decay",
+    "convert.stage1_clip_grad",
+    "convert.stage1_train",
+    "convert.map_loss",
+    "convert.output_mse",
+)
 
 
 def run_stage1(
@@ -43,50 +60,115 @@ def run_stage1(
     main: bool,
     log: Callable[[str], None],
 ) -> Stage1Result:
-    """Stage 1 into ``folder``, or what an earlier run left of it: its finished result, or the step a
-    SIGTERM stopped it at (unless ``checkpoint.resume=none``). Rank 0 (``main``) alone writes files."""
-    may_resume = ResumeFrom.parse(cfg.checkpoint.resume).policy is not ResumePolicy.FRESH
-    finished = _load_stage1(parts.student, folder, plan) if may_resume else None
-    if finished is not None:
-        log(f"stage 1: resumed from {folder} ({finished.steps} steps done earlier)")
-        return finished
-    partial = _load_stage1_partial(parts.student, folder, plan) if may_resume else None
-    if partial:
-        log(f"stage 1: resumed from {folder / PARTIAL} (step {partial['step']} of {plan.stage1_steps})")
-    stage1 = _fit(cfg, parts, plan, folder, device, partial, main=main, log=log)
-    if main:
-        _save_stage1(parts.student, folder, stage1, plan)
-        shutil.rmtree(folder / PARTIAL, ignore_errors=True)  # the complete result replaces it
+    """Stage 1 into ``folder``, or what an earlier run left of it: its complete result, or the step it was
+    stopped at (unless ``checkpoint.resume=none``). Rank 0 (``main``) alone writes files."""
+    saved = _Stage1Saves(cfg, parts, plan, folder, main)
+    point = saved.resume_point(log)
+    if point is not None and point.record("complete"):
+        parts.student.load_state_dict(point.load_tensors(str(device))["model"])
+        log(f"stage 1: resumed from {point.path} ({point.step} steps done earlier)")
+        return Stage1Result(
+            point.step, point.record("seconds"), point.record("history"), True, point.record("memory")
+        )
+    fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
+    legacy = _legacy_result(parts.student, folder, plan) if point is None and not fresh else None
+    if legacy is not None:
+        log(f"stage 1: resumed from {folder} ({legacy.steps} steps done earlier)")
+        return legacy
+    if point is not None:
+        log(f"stage 1: resumed from {point.path} (step {point.step} of {plan.stage1_steps})")
+    stage1 = _fit(cfg, parts, plan, device, saved, point, log=log)
+    saved.save(stage1.steps, None, stage1, complete=True)
     return stage1
+
+
+class _Stage1Saves:
+    """Where stage 1's checkpoints go and what each holds (rank 0 writes; every rank reads)."""
+
+    def __init__(self, cfg: TrainConfig, parts: RunParts, plan: ConversionPlan, folder: Path, main: bool):
+        self.cfg, self.parts, self.plan, self.folder, self.main = cfg, parts, plan, folder, main
+        self.data = data_identity(parts.train_loader.dataset)
+        self.manager = CheckpointManager(folder, keep_last=1)
+
+    def resume_point(self, log: Callable[[str], None]) -> ResumePoint | None:
+        """The stage-1 checkpoint to go on from, judged as any resume (over `STAGE1_KEYS`), its teacher by
+        content and its data by identity; None: stage 1 starts."""
+        cfg = self.cfg
+        # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
+        fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
+        found = None if fresh else ResumePoint.find(self.folder, "auto")
+        point = judge(found, cfg, compared=STAGE1_KEYS, run_dir=self.folder, what="stage 1", log=log)
+        if point is None:
+            return None
+        check_teacher_content(point, self.parts.teacher_record, cfg.teacher.spec, run=self.folder)
+        if point.record("plan") != json.loads(json.dumps(self.plan.to_dict())):
+            raise InputError(
+                f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
+                "checkpoint.resume=none to redo stage 1"
+            )
+        if not check_same_data(
+            point, self.data, cfg, log=log
+        ):  # the step and weights go on; the batches restart
+            return dataclasses.replace(point, restart_epoch=True)
+        return point
+
+    def save(
+        self,
+        step: int,
+        optimizer_state: dict[str, Any] | None,
+        result: Stage1Result,
+        *,
+        complete: bool = False,
+    ) -> str | None:
+        """Checkpoint ``step`` (the optimiser too while stage 1 is incomplete); returns where (rank 0)."""
+        if not self.main:
+            return None
+        tensors = {"model": self.parts.student.state_dict()}
+        state = {
+            "step": step,
+            "complete": complete,
+            "seconds": result.seconds,
+            "history": result.history,
+            "memory": result.memory,
+            "plan": self.plan.to_dict(),
+            "config": to_dict(self.cfg),
+            "teacher": self.parts.teacher_record,
+            "data": self.data,
+        }
+        if optimizer_state is not None:
+            tensors["optimizer"], state["optimizer_meta"] = optimizer_state_to_tensors(optimizer_state)
+        return str(self.manager.save(step, tensors, state, replace=True))
 
 
 def _fit(
     cfg: TrainConfig,
     parts: RunParts,
     plan: ConversionPlan,
-    folder: Path,
     device: torch.device,
-    partial: dict[str, Any] | None,
+    saved: _Stage1Saves,
+    point: ResumePoint | None,
     *,
-    main: bool,
     log: Callable[[str], None],
 ) -> Stage1Result:
-    """`stage1_transfer` from the step ``partial`` stopped at (or 0); its seconds count the earlier runs'."""
-    earlier = partial["seconds"] if partial else 0.0
-    done = partial["step"] if partial else 0
-    student = parts.student
+    """`stage1_transfer` from the step ``point`` saved (or 0); its seconds count the earlier runs'."""
+    earlier = point.record("seconds") if point else 0.0
+    done = point.step if point else 0
+    optimizer_state = None
+    if point is not None:
+        tensors = point.load_tensors(str(device))
+        parts.student.load_state_dict(tensors["model"])
+        optimizer_state = optimizer_state_from_tensors(tensors["optimizer"], point.record("optimizer_meta"))
 
-    def on_stop(step: int, optimizer_state: dict[str, Any], result: Stage1Result) -> str | None:
-        result.seconds += earlier
-        if not main:
-            return None
-        return _save_stage1_partial(student, folder, step, optimizer_state, result, plan)
+    def save(step: int, state: dict[str, Any], result: Stage1Result) -> str | None:
+        return saved.save(step, state, dataclasses.replace(result, seconds=result.seconds + earlier))
 
     c = cfg.convert
-    batches = _stage1_batches(cfg, parts, plan.stage1_batch_size, device, start=done)
+    start = 0 if point is not None and point.restart_epoch else done
+    batches = _stage1_batches(cfg, parts, plan.stage1_batch_size, device, start=start)
+    every = cfg.checkpoint.every_steps
     stage1 = stage1_transfer(
         parts.teacher,
-        student,
+        parts.student,
         plan,
         batches,
         warmup_steps=c.stage1_warmup_steps,
@@ -95,9 +177,10 @@ def _fit(
         log_every=cfg.log.every_steps,
         log=log,
         start_step=done,
-        optimizer_state=partial["optimizer"] if partial else None,
-        history=partial["history"] if partial else (),
-        on_stop=on_stop,
+        optimizer_state=optimizer_state,
+        history=point.record("history") if point else (),
+        on_save=save,
+        save_every=every,
     )
     stage1.seconds += earlier
     return stage1
@@ -141,58 +224,9 @@ def _stage1_batches(
     return (x.to(device, non_blocking=True) for x in _cycle(loader, sampler, start))
 
 
-def _save_stage1(student: nn.Module, folder: Path, result: Stage1Result, plan: ConversionPlan) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "student.safetensors.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "student.safetensors")
-    atomic_write_json(
-        folder / "stage1.json",
-        {
-            "steps": result.steps,
-            "seconds": result.seconds,
-            "history": result.history,
-            "memory": result.memory,
-            "plan": plan.to_dict(),
-        },
-    )
-
-
-def _save_stage1_partial(
-    student: nn.Module, folder: Path, step: int, optimizer_state: dict[str, Any], result: Stage1Result, plan
-) -> str:
-    """Stage 1 stopped at ``step`` (SIGTERM): keep everything it needs to continue there, no pickle."""
-    part = folder / PARTIAL
-    part.mkdir(parents=True, exist_ok=True)
-    tensors, meta = optimizer_state_to_tensors(optimizer_state)
-    for name, group in (("student", student.state_dict()), ("optimizer", tensors)):
-        tmp = part / f"{name}.safetensors.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp))
-        tmp.replace(part / f"{name}.safetensors")
-    progress = {"step": step, "seconds": result.seconds, "history": result.history, "optimizer": meta}
-    atomic_write_json(part / "progress.json", {**progress, "plan": plan.to_dict()})
-    return str(part)
-
-
-def _load_stage1_partial(student: nn.Module, folder: Path, plan: ConversionPlan) -> dict[str, Any] | None:
-    """The progress of a stage 1 stopped by SIGTERM (its weights loaded into ``student``), or None."""
-    part = folder / PARTIAL
-    if not (part / "progress.json").is_file():
-        return None
-    progress = json.loads((part / "progress.json").read_text())
-    if progress.get("plan") != json.loads(json.dumps(plan.to_dict())):
-        raise InputError(
-            f"{part} holds a stopped stage 1 of a different conversion plan; use a new run_dir or "
-            "checkpoint.resume=none to redo stage 1"
-        )
-    device = str(next(student.parameters()).device)
-    student.load_state_dict(load_file(str(part / "student.safetensors"), device=device))
-    tensors = load_file(str(part / "optimizer.safetensors"), device=device)
-    progress["optimizer"] = optimizer_state_from_tensors(tensors, progress["optimizer"])
-    return progress
-
-
-def _load_stage1(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stage1Result | None:
+def _legacy_result(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stage1Result | None:
+    """A complete stage 1 written before stage 1 saved through the checkpoint store (``student.safetensors``
+    and ``stage1.json`` in the folder), loaded into ``student``; None where there is none."""
     weights, info = folder / "student.safetensors", folder / "stage1.json"
     if not (weights.is_file() and info.is_file()):
         return None

@@ -122,7 +122,7 @@ def convert(
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "convert", enabled=main),
-        joined_process_group(backend_for(cfg.device)) as info,
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout) as info,
     ):
         return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts, log=log)
 

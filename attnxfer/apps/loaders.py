@@ -131,11 +131,9 @@ def _common(data: DataConfig, *, img_size, in_chans, mean, std, num_classes: int
         labels=data.labels,
         **data.kwargs,
     )
-    offered = {"length": data.synthetic_length}
     if num_classes:  # a run without labels has none: a dataset that needs a count keeps its own default
-        offered["num_classes"] = num_classes
-    for key, value in _accepted(data.dataset, offered).items():
-        common.setdefault(key, value)
+        for key, value in _accepted(data.dataset, {"num_classes": num_classes}).items():
+            common.setdefault(key, value)
     return common
 
 

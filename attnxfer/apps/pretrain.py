@@ -28,10 +28,11 @@ from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
 from ..checkpoints.export import export_run
+from ..checkpoints.resume_point import ResumePoint
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
 from ..config import TrainConfig, dump_config, to_dict
-from ..data import DatasetInfo
+from ..data import DatasetInfo, data_identity
 from ..errors import InputError
 from ..models.image_input import image_input
 from ..models.mae import MaskedAutoencoder
@@ -47,12 +48,11 @@ from ..train.objective import ModuleObjective, Pictures
 from ..train.optim import student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed
 from .loaders import data_info
-from .resume import resume_source
+from .resume import check_same_data, judge
 from .run_parts import RunParts, num_classes_of, parts_around
 from .training import (
     assemble_engine,
     engine_facts,
-    evaluate_run,
     loop_settings,
     prepare_trackers_from_config,
 )
@@ -185,6 +185,7 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: Mas
         "num_classes": 0,
         "mean": parts.mean,
         "std": parts.std,
+        "data": engine.record.get("data"),
         **engine_facts(engine),
     }
     run_dir.write_record(info)
@@ -215,16 +216,26 @@ def _pretrain_parts(
 
 
 def build_pretrain_engine(
-    cfg: TrainConfig, runtime: Runtime | None = None, write_run_files: bool = True
+    cfg: TrainConfig,
+    runtime: Runtime | None = None,
+    write_run_files: bool = True,
+    found: ResumePoint | None = None,
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
-    nothing into the run dir (an eval-only run)."""
+    nothing into the run dir (scoring it: `attnxfer eval`). A resume is judged by the same rule as `attnxfer
+    train`'s (`attnxfer.apps.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
+    ``found``: the checkpoint the caller already found (`attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
-    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
-    if not cfg.eval_only:  # another world size than the checkpoint's keeps its global batch (or stops)
-        log = print if runtime.is_main else lambda *_: None
-        cfg = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
+    runtime = runtime or create_runtime(
+        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    )
+    log = print if runtime.is_main else lambda *_: None
+    training = write_run_files
+    point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
+    if training:  # another world size than the checkpoint's keeps its global batch (or stops)
+        cfg = fit_world_size(cfg, runtime.world, point, log=log)
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
+    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, log=log)
     set_seed(cfg.seed)
     if runtime.is_main and write_run_files:
         prepare_trackers_from_config(cfg)  # before the data and the MAE's initial weights load
@@ -236,8 +247,13 @@ def build_pretrain_engine(
     init_note = init_mae(mae, cfg.model.init, d.img_size) if cfg.model.init else None
     # The loaders are the training ones (labels, if data.labels reads any, come along unread); no teacher.
     parts = _pretrain_parts(cfg, info, mae, runtime)
+    data = data_identity(parts.train_loader.dataset)
+    if training and not check_same_data(point, data, cfg, log=log):
+        point = dataclasses.replace(point, restart_epoch=True)
     mae.to(runtime.device)
-    settings = dataclasses.replace(loop_settings(cfg, runtime.world), metric="val_loss", metric_mode="min")
+    settings = dataclasses.replace(
+        loop_settings(cfg, runtime.world, resume=point), metric="val_loss", metric_mode="min"
+    )
     if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
@@ -249,11 +265,11 @@ def build_pretrain_engine(
         parts,
         groups,
         settings=settings,
-        record={"teacher": None, "config": to_dict(cfg)},
+        record={"teacher": None, "config": to_dict(cfg), "data": data},
         pictures=pictures,
     )
-    if write_run_files:
-        _write_run_files(cfg, engine, parts, mae)
+    if write_run_files and not (point is not None and point.step >= engine.total_steps):
+        _write_run_files(cfg, engine, parts, mae)  # (a finished run's files stay as they are)
     if engine.is_main:
         _describe_pretraining(cfg, mae, init_note)
     return engine
@@ -300,16 +316,18 @@ def _describe_pretraining(cfg: TrainConfig, mae: MaskedAutoencoder, init_note: s
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``.
-    ``eval_only: true`` scores the newest checkpoint instead, through `evaluate_run` as `attnxfer eval` does."""
-    if cfg.eval_only:
-        result = evaluate_run(cfg, build=lambda c: build_pretrain_engine(c, write_run_files=False))
-        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics, metric="val_loss")
+    Scoring its newest checkpoint is `attnxfer eval` (`evaluate_run` with `build_pretrain_engine`)."""
     main = DistributedInfo.from_environment().is_main_process
-    with run_lock(cfg.run_dir, "pretrain", enabled=main), joined_process_group(backend_for(cfg.device)):
+    with (
+        run_lock(cfg.run_dir, "pretrain", enabled=main),
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
+    ):
         engine = build_pretrain_engine(cfg)
         result = engine.run()
-        if cfg.mae.export and engine.is_main:
-            out = export_run(cfg.run_dir, Path(cfg.run_dir) / "export", weights="raw", overwrite=True)
+        export = Path(cfg.run_dir) / "export"
+        # a finished run resumed again keeps its export (one is made if the run stopped before it)
+        if cfg.mae.export and engine.is_main and not (result.nothing_to_do and export.is_dir()):
+            out = export_run(cfg.run_dir, export, weights="raw", overwrite=True)
             print(f"encoder exported to {out}: teacher.spec=local-dir:{out}", flush=True)
         barrier()
         return result

@@ -1,35 +1,27 @@
-"""What a resumed run may change: the new config is compared with the one its checkpoint recorded.
+"""Resuming, judged once: the checkpoint a command goes on from, and what its config may change.
 
-A run continues only as the run it is. How it is optimised, how long, how it logs and saves, and where
-it runs may change between attempts (the changes are printed); what the checkpoint's weights, optimiser
-state and data position mean (model, teacher, transfer plan, data, batch) may not: that stops before
-anything is written, naming the keys, and says how to start a new run instead. Which keys may change is
-declared with each key (``key(..., resumable=True)`` in `attnxfer/config/schema.py`): `RESUMABLE_KEYS`.
+Every command that resumes (train, pretrain, eval, convert's two stages, search, a study's students) calls
+`resume_point`: the checkpoint is found and its state read once (`ResumePoint.find`), then judged here by one
+rule. A run continues only as the run it is. How it is optimised, how long, how it logs and saves, and where
+it runs may change between attempts (the changes are printed); what the checkpoint's weights, optimiser state
+and data position mean (model, teacher, transfer plan, data, batch) may not: that stops before anything is
+written, naming the keys, and says how to start a new run instead. Which keys may change is declared with
+each key (``key(..., resumable=True)`` in `attnxfer/config/schema.py`: `RESUMABLE_KEYS`; a search's own
+column: `SEARCH_RESUMABLE_KEYS`), widened only by what this module knows of the context: the batch split on
+another world size (`attnxfer.apps.world_size`), scoring (`attnxfer eval` may read labels), a teacher spelled
+another way whose weights hash as recorded, and data that moved to another folder with the same files.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.resume_from import ResumeFrom
+from ..checkpoints.resume_point import KeyChange, ResumePoint
 from ..checkpoints.run_dir import RunDir
-from ..checkpoints.store import STATE_NAME, CheckpointError, CheckpointManager
-from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, to_dict
+from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
-
-__all__ = [
-    "RESUMABLE_KEYS",
-    "allow_respelled_teacher",
-    "check_resume",
-    "check_teacher_content",
-    "config_changes",
-    "resume_source",
-    "student_as_trained",
-]
-
 
 # what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training
 # without them changes no weight's meaning; the scores that need them do)
@@ -40,123 +32,170 @@ def _may_change(key: str, resumable: Sequence[str]) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in resumable)
 
 
-def _leaf(tree: dict[str, Any], key: str) -> tuple[bool, Any]:
-    node: Any = tree
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
 def config_changes(
-    recorded: dict[str, Any], cfg: TrainConfig, resumable: Sequence[str] = RESUMABLE_KEYS
-) -> tuple[list[str], list[str]]:
-    """``(allowed, refused)`` differences between a recorded config dict and ``cfg``, as readable lines;
-    ``resumable`` lists the keys (and ``section.`` prefixes) a resumed run may change."""
+    recorded: dict[str, Any],
+    cfg: TrainConfig,
+    resumable: Sequence[str] = RESUMABLE_KEYS,
+    compared: Sequence[str] | None = None,
+) -> list[KeyChange]:
+    """Every key whose value in ``cfg`` differs from the recorded config dict, and whether ``resumable`` (keys
+    and ``section.`` prefixes) lets a resume change it. ``compared`` (keys and prefixes) limits the comparison
+    to what a saved state depends on (stage 1 of a conversion reads no stage-2 key). Keys an older attnxfer
+    did not record are skipped; a key's old spelling is read as its new one (`attnxfer.config.renamed`)."""
+    recorded = respell(recorded, note=False)
     new = to_dict(cfg)
-    allowed, refused = [], []
+    changes = []
     for key in config_keys():
-        known, old_value = _leaf(recorded, key)
-        if not known:
-            continue  # recorded by an older attnxfer without this key
-        _, new_value = _leaf(new, key)
-        if old_value == new_value:
+        if compared is not None and not _may_change(key, compared):
             continue
-        line = f"{key} ({old_value!r} -> {new_value!r})"
-        (allowed if _may_change(key, resumable) else refused).append(line)
-    return allowed, refused
+        known, old_value = find_key(recorded, key)
+        if not known:
+            continue
+        _, new_value = find_key(new, key)
+        if old_value != new_value:
+            changes.append(KeyChange(key, old_value, new_value, _may_change(key, resumable)))
+    return changes
 
 
-def resume_source(cfg: TrainConfig) -> Path | None:
-    """The checkpoint dir ``cfg`` would resume from (cheap checks, no hashing), or None."""
-    info = ResumeFrom.parse(cfg.checkpoint.resume).checkpoint(
-        CheckpointManager(cfg.run_dir), verify_hash=False
+def resume_point(
+    cfg: TrainConfig,
+    *,
+    world: int | None = None,
+    scoring: bool = False,
+    resumable: Sequence[str] = RESUMABLE_KEYS,
+    compared: Sequence[str] | None = None,
+    run_dir: str | Path | None = None,
+    what: str = "run",
+    log: Callable[[str], Any] = print,
+) -> ResumePoint | None:
+    """The checkpoint ``cfg`` resumes from in ``run_dir`` (default ``cfg.run_dir``), judged (`judge`); None
+    for a fresh start."""
+    point = ResumePoint.find(run_dir or cfg.run_dir, cfg.checkpoint.resume)
+    return judge(
+        point,
+        cfg,
+        world=world,
+        scoring=scoring,
+        resumable=resumable,
+        compared=compared,
+        run_dir=run_dir,
+        what=what,
+        log=log,
     )
-    return None if info is None else info.path
 
 
-def check_resume(cfg: TrainConfig, log=print, world: int | None = None, scoring: bool = False) -> Path | None:
-    """Refuse a resume whose config changes what the checkpoint means; log the changes it may make.
+def judge(
+    point: ResumePoint | None,
+    cfg: TrainConfig,
+    *,
+    world: int | None = None,
+    scoring: bool = False,
+    resumable: Sequence[str] = RESUMABLE_KEYS,
+    compared: Sequence[str] | None = None,
+    run_dir: str | Path | None = None,
+    what: str = "run",
+    log: Callable[[str], Any] = print,
+) -> ResumePoint | None:
+    """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
+    written) a change that alters what the checkpoint means, and logs the changes a resume may make.
 
-    With ``world`` (this run's number of processes), the per-rank batch and accumulation steps may change
-    when they keep the recorded global batch (`attnxfer.apps.world_size`). ``scoring`` (`attnxfer eval`,
-    which trains nothing) may also turn ``data.labels`` on: a run trained without labels is scored by its
-    k-NN top-1 on the labelled split. Returns the checkpoint it checked against (None: the run starts
-    fresh). Writes nothing.
+    With ``world`` (this run's number of processes), the per-rank batch and accumulation steps may change when
+    they keep the recorded global batch. ``scoring`` (`attnxfer eval`, which trains nothing) may also turn
+    ``data.labels`` on: a run trained without labels is scored by its k-NN top-1 on the labelled split.
     """
-    source = resume_source(cfg)
-    if source is None:
-        return None
-    try:
-        state = json.loads((source / STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read the recorded state of {source}: {e}") from e
-    recorded = state.get("config")
-    if not isinstance(recorded, dict):
-        return source  # a checkpoint written without its config: nothing to compare with
-    resumable = RESUMABLE_KEYS
-    if world is not None and keeps_global_batch(source, cfg, world):
+    if (
+        point is None or point.config is None
+    ):  # nothing found, or saved without its config: nothing to compare
+        return point
+    if world is not None and keeps_global_batch(point, cfg, world):
         resumable = (*resumable, *BATCH_SPLIT_KEYS)
     if scoring:
         resumable = (*resumable, *SCORING_KEYS)
-    allowed, refused = config_changes(recorded, cfg, resumable)
-    allow_respelled_teacher(state.get("teacher"), allowed, refused)
-    if refused:
-        run = Path(cfg.run_dir)
+    changes = [_respelled_teacher(c, point) for c in config_changes(point.config, cfg, resumable, compared)]
+    point = point.judged(changes)
+    if point.refused:
+        run = Path(run_dir or cfg.run_dir)
+        config = RunDir(run).config_file if RunDir(run).config_file.is_file() else point.path
         raise ConfigError(
-            f"{run} already holds a run (checkpoint {source.name}) trained with different values for: "
-            f"{'; '.join(refused)}. These cannot change when a run resumes; nothing was written. To train "
-            "with the new values, start a new run elsewhere (run_dir=...); to continue this run, drop them "
-            f"(its config: {run / 'config.yaml'})"
+            f"{run} already holds a {what} (checkpoint {point.name}) trained with different values for: "
+            f"{'; '.join(map(str, point.refused))}. These cannot change when a {what} resumes; nothing was "
+            f"written. To train with the new values, start a new {what} elsewhere (run_dir=...); to continue "
+            f"this one, drop them (its config: {config})"
         )
-    if allowed:
-        log(f"resume: changed since {source.name}: {', '.join(allowed)}")
-    return source
+    if point.allowed:
+        log(f"resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
+    return point
 
 
-def allow_respelled_teacher(recorded: dict[str, Any] | None, allowed: list[str], refused: list[str]) -> None:
-    """Move a changed ``teacher.spec`` from ``refused`` to ``allowed`` when the saved state records the
-    teacher's weights hash: the teacher is then judged by content once loaded (`check_teacher_content`)."""
-    respelled = [r for r in refused if r.startswith("teacher.spec ")]
-    if respelled and (recorded or {}).get("sha256"):
-        refused.remove(respelled[0])
-        allowed.append(f"{respelled[0]} [the weights must hash as recorded]")
+def _respelled_teacher(change: KeyChange, point: ResumePoint) -> KeyChange:
+    """A changed ``teacher.spec`` is allowed when the saved state records the teacher's weights hash: the
+    teacher is then judged by content once loaded (`check_teacher_content`)."""
+    if change.key != "teacher.spec" or change.allowed or not (point.teacher or {}).get("sha256"):
+        return change
+    return KeyChange(change.key, change.old, change.new, True, "the weights must hash as recorded")
 
 
 def check_teacher_content(
-    source: Path | None, record: dict[str, Any] | None, spec: str, *, run: Path | None = None
+    point: ResumePoint | None, record: dict[str, Any] | None, spec: str, *, run: Path | str | None = None
 ) -> None:
     """Refuse a resume whose teacher's weights differ from the ones the checkpoint was trained with.
 
     Teachers are compared by content (the sha256 of the weights file the checkpoint records), not by the
     spelling of ``teacher.spec``: ``local-dir:teacher`` and ``local-dir:/abs/teacher``, or a teacher folder
     that moved, are the same teacher. Teachers without a hash (random weights) keep the spelling rule of
-    `check_resume`. ``source`` is a checkpoint dir of ``run`` (default: its grandparent) or, with ``run``
-    given, any dir holding a ``state.json`` with a ``teacher`` record (a search's run dir). Writes nothing.
+    `judge`. Writes nothing.
     """
-    if source is None:
+    if point is None:
         return
-    try:
-        state = json.loads((source / STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read the recorded state of {source}: {e}") from e
-    old = state.get("teacher") or {}
+    old = point.teacher or {}
     want, have = old.get("sha256"), (record or {}).get("sha256")
     if not want or want == have:
         return
-    saved = (
-        f"the checkpoint {source.name} learned from"
-        if run is None
-        else f"the one its saved state ({source / STATE_NAME}) records"
-    )
-    run = source.parent.parent if run is None else run
+    run = point.path.parent.parent if run is None else Path(run)
     raise ConfigError(
         f"{run} was trained with teacher {old.get('spec')!r} (weights sha256 {want}), but teacher.spec={spec!r} "
-        f"{'has random weights' if have is None else f'has weights sha256 {have}'}: another teacher than "
-        f"{saved}; nothing was written. To continue this run, point teacher.spec "
+        f"{'has random weights' if have is None else f'has weights sha256 {have}'}: another teacher than the "
+        f"one {point.name} learned from; nothing was written. To continue this run, point teacher.spec "
         "at the original weights; to train with this teacher, start a new run elsewhere (run_dir=...)"
     )
+
+
+def check_same_data(
+    point: ResumePoint | None,
+    identity: dict[str, Any] | None,
+    cfg: TrainConfig,
+    *,
+    log: Callable[[str], Any] = print,
+) -> bool:
+    """Whether a resume goes on with its data position: True where the training data is the data the checkpoint
+    recorded (the same files in another ``data.root`` are the same data), or nothing to compare. Other data
+    stops in one line, nothing written, unless ``checkpoint.allow_new_data`` says to go on: then the weights,
+    optimiser and step resume and the epoch restarts on the new data (False)."""
+    recorded = None if point is None else point.data
+    if recorded is None or identity is None or _same_data(recorded, identity):
+        return True
+    what = f"{_describe_data(recorded)} at {point.name}, {_describe_data(identity)} now"
+    if not cfg.checkpoint.allow_new_data:
+        raise ConfigError(
+            f"{cfg.run_dir}: the training data changed since the checkpoint was saved ({what}): its sampler "
+            "position means nothing in other data; nothing was written. To go on with the new data from the start "
+            "of an epoch, resume with checkpoint.allow_new_data=true; to continue on the recorded data, point "
+            "data.root/data.dataset back at it; or start a new run elsewhere (run_dir=...)"
+        )
+    log(
+        f"resume: the training data changed ({what}); checkpoint.allow_new_data=true: the epoch restarts on it"
+    )
+    return False
+
+
+def _same_data(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
+    return all(recorded.get(k) == identity.get(k) for k in ("samples", "fingerprint"))
+
+
+def _describe_data(identity: dict[str, Any]) -> str:
+    samples = identity.get("samples")
+    count = "an unknown number of" if samples is None else f"{samples:,}"
+    return f"{count} training samples, {identity.get('of', 'fingerprint')} {str(identity.get('fingerprint'))[:12]}"
 
 
 def student_as_trained(run_dir: str | Path, built: dict[str, Any], *, scoring: bool) -> dict[str, Any] | None:

@@ -150,10 +150,10 @@ def stamp_input_cfg(
 
 
 def reads_labels(cfg: TrainConfig) -> bool:
-    """Whether the run reads labels: the data has them (``data.labels``) and something uses them, a task loss
-    (``transfer.task_weight`` > 0; null is 1) or an evaluation (``eval_only``; `attnxfer eval` scores top-1
-    and k-NN where there are labels). A run without a task loss reads its images alone: no label is read."""
-    uses = cfg.eval_only or cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0
+    """Whether a training run reads labels: the data has them (``data.labels``) and its task loss uses them
+    (``transfer.task_weight`` > 0; null is 1). A run without a task loss reads its images alone: no label is
+    read (`attnxfer eval` asks for labels wherever the data has them, for its top-1 and k-NN)."""
+    uses = cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0
     return cfg.data.labels and uses
 
 

@@ -2,9 +2,10 @@
 
 Reads the teacher and data sections (as `attnxfer convert`) and the ``search`` section; writes into RUN_DIR:
 
-- ``state.json``: the search's state (every candidate, the population, the config, the teacher's record),
-  written atomically after each generation; running the same command again continues from it (a changed
-  config is refused; the teacher is compared by its weights' sha256, not by the spelling of its spec);
+- ``checkpoints/step-<generation>/state.json``: the search's state (every candidate, the population, the
+  config, the teacher's record), saved through the checkpoint store after each generation; running the same
+  command again continues from it as any run resumes (`attnxfer.apps.resume`: a changed config is refused;
+  the teacher is compared by its weights' sha256, not by the spelling of its spec);
 - ``candidates.jsonl``: every candidate (formula, origin, fit KL, speed, status and the rejection reason);
 - ``pareto.md`` + ``pareto.png``: the Pareto front (fit vs speed, the zoo members marked), the top formulas,
   and the `attnxfer convert` command for the winner.
@@ -28,8 +29,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from ..checkpoints.resume_point import ResumePoint
 from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import atomic_write_json, atomic_write_text
+from ..checkpoints.store import CheckpointManager, atomic_write_text
 from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, to_dict
 from ..errors import InputError
 from ..models.attention import transferable_attentions
@@ -49,13 +51,13 @@ from ..search import (
     run_search,
 )
 from ..train.runtime import resolve_device
-from .resume import allow_respelled_teacher, check_teacher_content, config_changes
+from .resume import check_teacher_content, resume_point
 from .run_parts import build_run_parts
 
 __all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "search_settings"]
 
-STATE = STATE_NAME  # the search's own state, at the run dir's top
 _VERSION = 1
+_KEEP = 2  # saved generations kept (the newest, and the one before it while a save is under way)
 
 
 @dataclass
@@ -156,34 +158,44 @@ def evaluate_batch(cfg: TrainConfig, names: list[str]) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def _load_state(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> SearchState | None:
-    path = run_dir / STATE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"cannot read {path}: {e}; move it away to start a new search") from None
-    allowed, refused = config_changes(data.get("config", {}), cfg, resumable=SEARCH_RESUMABLE_KEYS)
-    allow_respelled_teacher(data.get("teacher"), allowed, refused)  # by content: check_teacher_content
-    if refused:
-        raise ConfigError(
-            f"{run_dir} already holds a search (generation {data['state']['generation']}) run with different "
-            f"values for: {'; '.join(refused)}. These cannot change when a search resumes; nothing was "
-            "written. To search with the new values, use a new run_dir=...; to continue this search, drop them "
-            f"(its config is in {path})"
-        )
-    state = SearchState.from_dict(data["state"])
-    if allowed:
-        log(f"search: changed since generation {state.generation}: {', '.join(allowed)}")
-    log(f"search: resuming {path} after generation {state.generation} ({len(state.candidates)} candidates)")
+def _resume_point(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> ResumePoint | None:
+    """The search's newest saved generation, judged by the search's rule (`SEARCH_RESUMABLE_KEYS`:
+    `attnxfer.apps.resume`); None for a new search."""
+    _adopt_older_layout(run_dir)
+    return resume_point(cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", log=log)
+
+
+def _state_of(point: ResumePoint | None, log: Callable[[str], None]) -> SearchState:
+    """The saved search's state (a new search's, where there is none)."""
+    if point is None:
+        return SearchState()
+    state = SearchState.from_dict(point.record("state"))
+    log(
+        f"search: resuming {point.path} after generation {state.generation} ({len(state.candidates)} candidates)"
+    )
     return state
 
 
+def _adopt_older_layout(run_dir: Path) -> None:
+    """A search saved before searches saved through the checkpoint store kept its state in RUN_DIR/state.json:
+    save it as the store's checkpoint of its generation (the old file stays), so it resumes like any other."""
+    old = run_dir / STATE_NAME
+    manager = CheckpointManager(run_dir, keep_last=_KEEP)
+    if not old.is_file() or manager.latest(verify_hash=False) is not None:
+        return
+    try:
+        data = json.loads(old.read_text(encoding="utf-8"))
+        generation = int(data["state"]["generation"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"cannot read {old}: {e}; move it away to start a new search") from None
+    manager.save(max(generation, 0), {}, data)
+
+
 def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str, Any] | None) -> None:
-    """Write state.json (with the teacher's record: a resume compares its weights by hash) and the candidates."""
+    """Checkpoint the generation (the config, the teacher's record: a resume compares its weights by hash, the
+    state) and write the candidates."""
     data = {"version": _VERSION, "config": to_dict(cfg), "teacher": teacher, "state": state.to_dict()}
-    atomic_write_json(run_dir / STATE, data)
+    CheckpointManager(run_dir, keep_last=_KEEP).save(max(state.generation, 0), {}, data, replace=True)
     lines = [json.dumps(c, sort_keys=True) for c in state.candidates.values()]
     atomic_write_text(run_dir / "candidates.jsonl", "\n".join(lines) + "\n")
 
@@ -351,11 +363,11 @@ def _search(
     the generations (saved after each), the report."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    loaded = _load_state(cfg, run_dir, log)
-    state = loaded or SearchState()
+    point = _resume_point(cfg, run_dir, log)
+    state = _state_of(point, log)
     evaluator, parts = build_evaluator(cfg, log)
     # the same teacher under another spelling or path resumes; other weights are refused before any write
-    check_teacher_content(run_dir if loaded else None, parts.teacher_record, cfg.teacher.spec, run=run_dir)
+    check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
     settings = search_settings(cfg, parts.teacher)
     log(_describe_search(cfg, settings, evaluator))
     per_candidate = (

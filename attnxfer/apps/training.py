@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints.resume_from import ResumeFrom, ResumePolicy
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import check_writable, disk_error, run_lock
-from ..checkpoints.store import CheckpointError, CheckpointManager, atomic_write_json
+from ..checkpoints.store import CheckpointError, atomic_write_json
 from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
-from ..data import dataset_has_labels, require_labels
+from ..data import data_identity, dataset_has_labels, require_labels
 from ..errors import InputError, PathExistsError
 from ..models.attention import attention_blocks
 from ..models.mae import MaskedAutoencoder
@@ -40,7 +40,7 @@ from ..transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
 from .loaders import build_bank_loader, data_info
 from .pictures import class_token_pictures
-from .resume import check_resume, check_teacher_content, resume_source, student_as_trained
+from .resume import check_same_data, check_teacher_content, judge, student_as_trained
 from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
 
@@ -176,7 +176,9 @@ def base_lr(cfg: TrainConfig, world: int) -> float:
     return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
 
 
-def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
+def loop_settings(cfg: TrainConfig, world: int, resume: ResumePoint | None = None) -> LoopSettings:
+    """The ``schedule``/``optim``/``log``/``checkpoint`` sections as the loop's settings; ``resume`` is the
+    checkpoint the app found and judged (`attnxfer.apps.resume`), so the engine does not look again."""
     c = cfg.checkpoint
     return LoopSettings(
         run_dir=Path(cfg.run_dir),
@@ -188,7 +190,6 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
         clip_grad=cfg.optim.clip_grad,
         accum_steps=cfg.optim.accum_steps,
         log_every=cfg.log.every_steps,
-        tensorboard=cfg.log.tensorboard,
         trackers=tuple(cfg.log.trackers),
         project=cfg.log.project,
         progress=cfg.log.progress,
@@ -197,7 +198,7 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
             every_minutes=c.every_minutes,
             every_epoch=c.every_epoch,
             keep_last=c.keep_last,
-            resume=ResumeFrom.parse(c.resume),
+            resume=resume if resume is not None else ResumeFrom.parse(c.resume),
         ),
     )
 
@@ -205,8 +206,7 @@ def loop_settings(cfg: TrainConfig, world: int) -> LoopSettings:
 def prepare_trackers_from_config(cfg: TrainConfig, run_dir: str | Path | None = None) -> None:
     """How ``log.trackers`` will log for ``run_dir`` (default the run's), decided and said on this process
     before the teacher and the data load: a tracker that cannot log from here stops the run at once."""
-    names = [t for t in cfg.log.trackers if cfg.log.tensorboard or t != "tensorboard"]
-    prepare_trackers(names, run_dir or cfg.run_dir)
+    prepare_trackers(cfg.log.trackers, run_dir or cfg.run_dir)
 
 
 def adamw_from_config(
@@ -237,9 +237,9 @@ def attention_pictures(
     cfg: TrainConfig, pair: TeacherStudent, parts: RunParts, runtime: Runtime
 ) -> list[Pictures]:
     """``log.attention_images`` validation images' class-token maps at each evaluation, where TensorBoard
-    shows them (``log.tensorboard`` with ``tensorboard`` among ``log.trackers``)."""
+    shows them (``tensorboard`` among ``log.trackers``)."""
     n = cfg.log.attention_images
-    if not (n > 0 and cfg.log.tensorboard and "tensorboard" in cfg.log.trackers):
+    if not (n > 0 and "tensorboard" in cfg.log.trackers):
         return []
     return [class_token_pictures(pair, parts.val_loader, n, runtime.device)]
 
@@ -278,6 +278,7 @@ def _write_run_files(
         "mean": parts.mean,
         "std": parts.std,
         "compiled": compiled,
+        "data": engine.record.get("data"),  # what the training split was (a resume on other data says so)
         **engine_facts(engine),
     }
     if ce_choice is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
@@ -321,30 +322,40 @@ def build_engine(
     parts: RunParts | None = None,
     runtime: Runtime | None = None,
     write_run_files: bool = True,
+    found: ResumePoint | None = None,
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
     Nothing is written into the run dir before every check has passed (config ranges, the resume
     rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
+    ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
-    if write_run_files and not cfg.eval_only:
+    training = write_run_files
+    if training:
         require_task_labels(cfg)
-    runtime = runtime or create_runtime(cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic)
+    runtime = runtime or create_runtime(
+        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    )
     log = print if runtime.is_main else lambda *_: None
-    if write_run_files and not cfg.eval_only:  # training: keep the global batch on another world size
-        cfg = _fitted_to_world(cfg, runtime, parts, log)
-    resumed_from = check_resume(cfg, log=log, world=runtime.world, scoring=not write_run_files)
+    # found and read once, for every check below
+    point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
+    if training:  # keep the global batch on another world size
+        cfg = _fitted_to_world(cfg, runtime, parts, point, log)
+    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, log=log)
     if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
     labels = None if write_run_files else cfg.data.labels
     parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world, labels=labels)
-    check_teacher_content(resumed_from, parts.teacher_record, cfg.teacher.spec)
-    if resumed_from is not None:
+    check_teacher_content(point, parts.teacher_record, cfg.teacher.spec)
+    data = data_identity(parts.train_loader.dataset)
+    if training and not check_same_data(point, data, cfg, log=log):
+        point = replace(point, restart_epoch=True)
+    if point is not None:
         parts = _the_trained_student(cfg, parts, scoring=not write_run_files, log=log)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
@@ -352,14 +363,17 @@ def build_engine(
         runtime.device
     )
     # transfer.ce_path: forced, the resumed checkpoint's, or measured here (rank 0) before any step
-    choice = ce_choice_for_run(cfg, pair, runtime, resumed_from, measure=write_run_files, log=log)
+    choice = ce_choice_for_run(cfg, pair, runtime, point, measure=write_run_files, log=log)
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(pair.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, pair)  # after the EMA's copy: EMA weights are evaluated eagerly
     groups = _param_groups(cfg, pair)
     # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
     scoring = scoring_for(plan, parts)
-    settings = replace(loop_settings(cfg, runtime.world), metric=scoring.metric, metric_mode=scoring.mode)
+    settings = replace(
+        loop_settings(cfg, runtime.world, resume=point), metric=scoring.metric, metric_mode=scoring.mode
+    )
+    record = {"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record, "data": data}
     engine = assemble_engine(
         cfg,
         runtime,
@@ -368,10 +382,10 @@ def build_engine(
         groups,
         settings=settings,
         ema=ema,
-        record={"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record},
+        record=record,
         pictures=attention_pictures(cfg, pair, parts, runtime),
     )
-    if write_run_files:
+    if write_run_files and not _finished_before(point, engine):  # a finished run's files stay as they are
         _write_run_files(cfg, engine, parts, compiled, ce_record)
     barrier()
     if engine.is_main:
@@ -379,11 +393,18 @@ def build_engine(
     return engine
 
 
-def _fitted_to_world(cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, log) -> TrainConfig:
+def _finished_before(point: ResumePoint | None, engine: Engine) -> bool:
+    """Whether the checkpoint resumed stands at (or past) the run's last step: nothing will be trained."""
+    return point is not None and point.step >= engine.total_steps
+
+
+def _fitted_to_world(
+    cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, point: ResumePoint | None, log
+) -> TrainConfig:
     """The config on this world size: a resumed run keeps its global batch (`fit_world_size`), and the
     accelerator accumulates as the new split says. Loaders built by the caller (convert's stage 2, a
     notebook) keep their batch, so a split that would change it stops with the command to run instead."""
-    fitted = fit_world_size(cfg, runtime.world, resume_source(cfg), log=log)
+    fitted = fit_world_size(cfg, runtime.world, point, log=log)
     if parts is not None and fitted.data.batch_size != cfg.data.batch_size:
         raise ConfigError(
             f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
@@ -410,13 +431,13 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
 
     Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
     was the one to create it). Rank 0 holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout.
-    A config with ``eval_only: true`` only evaluates (see `evaluate_run`)."""
-    if cfg.eval_only:
-        result = evaluate_run(cfg, parts)
-        return TrainResult(cfg.run_dir, result.step, 0, None, result.metrics)
+    Scoring a trained run is `evaluate_run` (`attnxfer eval`)."""
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
-    with run_lock(cfg.run_dir, "train", enabled=main), joined_process_group(backend_for(cfg.device)):
+    with (
+        run_lock(cfg.run_dir, "train", enabled=main),
+        joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
+    ):
         return build_engine(cfg, parts).run()
 
 
@@ -517,7 +538,9 @@ def _same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
 
 
 def evaluate_run(
-    cfg: TrainConfig, parts: RunParts | None = None, build: Callable[[TrainConfig], Engine] | None = None
+    cfg: TrainConfig,
+    parts: RunParts | None = None,
+    build: Callable[[TrainConfig, ResumePoint], Engine] | None = None,
 ) -> EvalResult:
     """`attnxfer eval`: score the run's newest checkpoint (or ``checkpoint.resume=PATH``) on its val set.
 
@@ -528,24 +551,21 @@ def evaluate_run(
     teacher (``val_feat_*``) and k-NN top-1 (``knn_*``; memory bank: the training split, unaugmented).
     """
     wanted = eval_metrics(cfg, own_objective=build is not None)
-    resume = ResumeFrom.parse(cfg.checkpoint.resume)
-    if (
-        resume.policy is ResumePolicy.LATEST
-        and CheckpointManager(cfg.run_dir).latest(verify_hash=False) is None
-    ):
+    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+        raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
+    point = ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
+    if point is None:
         raise CheckpointError(
             f"{cfg.run_dir} has no checkpoint to evaluate (no intact {cfg.run_dir}/checkpoints/step-*); "
             "train it first, or point -c at the config.yaml of a run that has checkpoints"
         )
-    if resume.policy is ResumePolicy.FRESH:
-        raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
     if DistributedInfo.from_environment().is_main_process:
         check_writable(cfg.run_dir)
-    with joined_process_group(backend_for(cfg.device)):
+    with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
         if build is None:
-            engine = build_engine(cfg, parts, write_run_files=False)
+            engine = build_engine(cfg, parts, write_run_files=False, found=point)
         else:  # another objective's engine (pretrain), built without writing into the run
-            engine = build(cfg)
+            engine = build(cfg, point)
         metrics = engine.evaluate_checkpoint()
         metrics |= _quality_metrics(cfg, engine, wanted, metrics)
         path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"

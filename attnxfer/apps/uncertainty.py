@@ -44,10 +44,6 @@ class Paired:
     only_b: int
     p_value: float
 
-    @property
-    def discordant(self) -> int:
-        return self.only_a + self.only_b
-
 
 def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> Paired:
     """McNemar's exact test: under "A and B are equally accurate" each image that exactly one of them gets

@@ -15,13 +15,12 @@ printed.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.store import STATE_NAME
+from ..checkpoints.resume_point import ResumePoint
 from ..config import ConfigError, TrainConfig
 
 __all__ = ["BATCH_SPLIT_KEYS", "BatchSplit", "fit_world_size", "keeps_global_batch", "split_for_world"]
@@ -63,18 +62,14 @@ def split_for_world(global_batch: int, world: int, max_per_rank: int) -> BatchSp
     return None  # unreachable: accum = per_world gives a per-rank batch of 1
 
 
-def _recorded_split(source: Path | None) -> BatchSplit | None:
-    """The split recorded with checkpoint ``source`` (None: no checkpoint, or one without its config)."""
-    if source is None:
+def _recorded_split(point: ResumePoint | None) -> BatchSplit | None:
+    """The split recorded with the checkpoint (None: no checkpoint, or one without its config)."""
+    if point is None:
         return None
-    try:
-        state = json.loads((source / STATE_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None  # check_resume reports an unreadable state
-    config: Any = state.get("config")
+    config: Any = point.config
     try:
         return BatchSplit(
-            int(config["data"]["batch_size"]), int(state["world_size"]), int(config["optim"]["accum_steps"])
+            int(config["data"]["batch_size"]), int(point.world_size), int(config["optim"]["accum_steps"])
         )
     except (KeyError, TypeError, ValueError):
         return None
@@ -84,9 +79,9 @@ def _current_split(cfg: TrainConfig, world: int) -> BatchSplit:
     return BatchSplit(cfg.data.batch_size, world, cfg.optim.accum_steps)
 
 
-def keeps_global_batch(source: Path | None, cfg: TrainConfig, world: int) -> bool:
-    """Whether ``cfg`` on ``world`` ranks makes the global batch checkpoint ``source`` was trained with."""
-    recorded = _recorded_split(source)
+def keeps_global_batch(point: ResumePoint | None, cfg: TrainConfig, world: int) -> bool:
+    """Whether ``cfg`` on ``world`` ranks makes the global batch the checkpoint was trained with."""
+    recorded = _recorded_split(point)
     return recorded is not None and recorded.global_batch == _current_split(cfg, world).global_batch
 
 
@@ -95,19 +90,19 @@ def _divisors(n: int) -> list[int]:
 
 
 def fit_world_size(
-    cfg: TrainConfig, world: int, source: Path | None, log: Callable[[str], Any] = print
+    cfg: TrainConfig, world: int, point: ResumePoint | None, log: Callable[[str], Any] = print
 ) -> TrainConfig:
-    """``cfg`` for resuming checkpoint ``source`` on ``world`` ranks: the recorded global batch kept (see the
+    """``cfg`` for resuming the checkpoint ``point`` on ``world`` ranks: the recorded global batch kept (see the
     module's docstring), the changes logged; a `ConfigError` (exit code 2, nothing written) when it cannot
     be kept. A fresh run, or one on the recorded world size, comes back unchanged."""
-    recorded = _recorded_split(source)
+    recorded = _recorded_split(point)
     if recorded is None or recorded.world == world:
-        return cfg  # same ranks: check_resume judges any change of the batch keys
+        return cfg  # same ranks: apps.resume judges any change of the batch keys
     asked = _current_split(cfg, world)
     gb = recorded.global_batch
     where = (
         f"{Path(cfg.run_dir)} was trained by {recorded.world} process{'es' if recorded.world > 1 else ''} "
-        f"({source.name if source else 'its checkpoint'}: global batch {gb} = {recorded.describe()}) and "
+        f"({point.name}: global batch {gb} = {recorded.describe()}) and "
         f"this run has {world}"
     )
     if asked.global_batch == gb:

@@ -35,7 +35,6 @@ from ..models.student import student_from_spec
 from ..run_layout import (
     CHECKPOINTS_SUBDIR,
     EMA_WEIGHTS,
-    LOCK_NAME,
     METRICS,
     MODEL_WEIGHTS,
     RUN_CONFIG,
@@ -151,14 +150,6 @@ class RunDir:
     @property
     def metrics_file(self) -> Path:
         return self.path / METRICS
-
-    @property
-    def lock_file(self) -> Path:
-        return self.path / LOCK_NAME
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS_SUBDIR
 
     def is_run(self) -> bool:
         """Whether this is a training run's dir (its run.json was written: the run got past its checks)."""

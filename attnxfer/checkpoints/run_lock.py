@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PathExistsError
-from ..run_layout import LOCK_NAME
+from ..run_layout import LOCK_NAME, STAGE_DIRS
 from .processes import process_alive
 from .store import CheckpointError, CheckpointManager
 
@@ -54,6 +54,7 @@ __all__ = [
     "RunDirNotWritableError",
     "check_writable",
     "disk_error",
+    "last_checkpoint_note",
     "run_lock",
 ]
 
@@ -75,11 +76,17 @@ class RunDirNotWritableError(CheckpointError):
 # ------------------------------------------------------------------------------------ full / read-only
 
 
-def _intact(run_dir: Path) -> str:
+def last_checkpoint_note(run_dir: str | os.PathLike) -> str:
+    """Where a run can resume from, in words: its newest intact checkpoint (a conversion's: stage 2's)."""
+    run_dir = Path(run_dir)
     try:
-        info = CheckpointManager(run_dir).latest(verify_hash=False)
+        found = [
+            CheckpointManager(d).latest(verify_hash=False)
+            for d in (run_dir, *(run_dir / s for s in STAGE_DIRS))
+        ]
     except Exception:  # a damaged or unreadable checkpoints dir: say nothing rather than guess
         return "its checkpoints could not be listed"
+    info = next((i for i in reversed(found) if i is not None), None)
     if info is None:
         return "no checkpoint was saved in it yet"
     return f"last intact checkpoint: step {info.step} ({info.path})"
@@ -95,7 +102,7 @@ def disk_error(e: BaseException, run_dir: str | os.PathLike) -> RunDirNotWritabl
     where = e.filename or run_dir
     return RunDirNotWritableError(
         f"cannot write {where}: {e.strerror or os.strerror(e.errno)}. Nothing saved before was lost "
-        f"({run_dir}: {_intact(run_dir)}); free space or make {run_dir} writable, then run the same command "
+        f"({run_dir}: {last_checkpoint_note(run_dir)}); free space or make {run_dir} writable, then run the same command "
         "again to continue"
     )
 

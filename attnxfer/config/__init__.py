@@ -2,7 +2,9 @@
 and `attnxfer.run_layout`).
 
 `schema.py` declares every key once (`keys.py`: its range and resume rule are field metadata);
-`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes.
+`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes, through
+`strict_yaml.py`, the one YAML reader for what users write (a key given twice is an error at its line);
+`renamed.py` reads the old spellings of keys merged into others.
 """
 
 from .keys import Range
@@ -17,6 +19,7 @@ from .overrides import (
     to_dict,
     validate_config,
 )
+from .renamed import RENAMED_KEYS, RenamedKeyWarning, find_key, respell
 from .schema import (
     RANGES,
     RESUMABLE_KEYS,
@@ -25,6 +28,7 @@ from .schema import (
     CheckpointConfig,
     ConvertConfig,
     DataConfig,
+    DistConfig,
     EMAConfig,
     EvalConfig,
     LogConfig,
@@ -42,6 +46,7 @@ from .schema import (
 __all__ = [
     "RANGES",
     "RECIPES",
+    "RENAMED_KEYS",
     "RESUMABLE_KEYS",
     "SEARCH_RESUMABLE_KEYS",
     "AugConfig",
@@ -49,6 +54,7 @@ __all__ = [
     "ConfigError",
     "ConvertConfig",
     "DataConfig",
+    "DistConfig",
     "EMAConfig",
     "EvalConfig",
     "LogConfig",
@@ -56,6 +62,7 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "Range",
+    "RenamedKeyWarning",
     "ScheduleConfig",
     "SearchConfig",
     "TeacherConfig",
@@ -66,11 +73,13 @@ __all__ = [
     "config_keys",
     "describe_changes",
     "dump_config",
+    "find_key",
     "list_recipes",
     "load_config",
     "parse_overrides",
     "recipe_chain",
     "resolve_recipe",
+    "respell",
     "to_dict",
     "validate_config",
 ]

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InputError
+
 __all__ = [
     "ANY",
     "AT_LEAST_1",
@@ -23,6 +25,7 @@ __all__ = [
     "NON_NEGATIVE",
     "OPEN_FRACTION",
     "POSITIVE",
+    "ConfigError",
     "Leaf",
     "Range",
     "field_types",
@@ -37,6 +40,10 @@ __all__ = [
 
 _RANGE, _RESUMABLE, _SECTION = "attnxfer.range", "attnxfer.resumable", "attnxfer.section"
 _SEARCH_RESUMABLE = "attnxfer.search_resumable"
+
+
+class ConfigError(InputError):
+    """A config that cannot be used; the message says which key and what to write instead."""
 
 
 @dataclass(frozen=True)

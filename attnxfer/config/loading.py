@@ -9,11 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..run_layout import RUN_CONFIG, RUN_DIR_MARKERS
 from .overrides import ConfigError, apply_overrides, merge_values, parse_overrides, validate_config
 from .schema import TrainConfig
+from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
 
 __all__ = [
     "BASE_KEY",
@@ -57,12 +56,13 @@ def resolve_recipe(path: str | Path) -> Path:
 
 
 def _read_yaml(p: Path) -> Any:
+    """A config file's keys; a repeated key or bad YAML is one line naming the file and line."""
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        return load_yaml(p.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"config file {str(p)!r} is not a text YAML file (binary content?)") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    except YAMLError as e:
+        raise ConfigError(f"config file {str(p)!r}, {describe_yaml_error(e)}") from None
 
 
 def run_config_dir(path: Path) -> Path | None:

@@ -16,8 +16,9 @@ from typing import Any, Union
 
 import yaml
 
-from ..errors import InputError
-from .keys import Range, field_types, rule_of
+from .keys import ConfigError, Range, field_types, rule_of
+from .renamed import respell
+from .strict_yaml import describe_yaml_error, load_yaml
 
 __all__ = [
     "ConfigError",
@@ -31,10 +32,6 @@ __all__ = [
     "validate_config",
     "yaml_value",
 ]
-
-
-class ConfigError(InputError):
-    """A config that cannot be used; the message says which key and what to write instead."""
 
 
 def validate_config(cfg: Any, prefix: str = "") -> Any:
@@ -209,6 +206,8 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
     values is checked here, bounds by `validate_config`."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    if not prefix:  # a whole config's keys: old spellings move to their new keys first (`renamed.py`)
+        data = respell(data, obj)
     types = field_types(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     changes = {}
@@ -239,9 +238,11 @@ def _parse_value(key: str, raw: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return yaml.safe_load(raw)
+        return load_yaml(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {key}={raw!r}: value is not valid YAML ({e.problem})") from None
+        raise ConfigError(
+            f"override {key}={raw!r}: value is not valid YAML ({describe_yaml_error(e)})"
+        ) from None
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointConfig",
     "ConvertConfig",
     "DataConfig",
+    "DistConfig",
     "EMAConfig",
     "EvalConfig",
     "LogConfig",
@@ -130,7 +131,7 @@ class TransferConfig:
     # how a softmax student layer's exact CE is evaluated: auto (measured on the run's device and shapes
     # before the first step; a resumed run keeps its recorded choice) | rows | sdpa | attention_lse (the
     # student's attention kernel hands out its log-sum-exp: FlexAttention on CUDA) | triton (CUDA) |
-    # materialised (the reference's N×N maps): transfer.losses.CE_PATHS. Resumable: the same loss, evaluated
+    # materialised (the reference's N×N maps): attnxfer.transfer.losses.CE_PATHS. Resumable: the same loss, evaluated
     # another way
     ce_path: str = key(
         "auto", choices=("auto", "rows", "sdpa", "attention_lse", "triton", "materialised"), resumable=True
@@ -157,7 +158,7 @@ class DataConfig:
     eval_batch_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
     num_workers: int = key(0, range=NON_NEGATIVE, resumable=True, search_resumable=True)
     pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)
-    synthetic_length: int = key(512, range=AT_LEAST_1)
+    # the dataset's own options, e.g. {length: 64} for synthetic (its builder's arguments)
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     # false: read images only, never a label (folder: every image under ROOT/train and ROOT/val, class
     # folders optional; hfds/ without a label column; wds/ without .cls); work that needs labels stops first
@@ -216,8 +217,8 @@ class EMAConfig:
 @dataclass
 class LogConfig:
     every_steps: int = key(20, range=AT_LEAST_1)
-    tensorboard: bool = key(True, range=ANY)  # false: no TensorBoard, whatever trackers says
-    # where metrics go besides metrics.jsonl: tensorboard | wandb | mlflow (pip install 'attnxfer[wandb]')
+    # where metrics go besides metrics.jsonl: tensorboard | wandb | mlflow (pip install 'attnxfer[wandb]');
+    # [] for none
     trackers: list[str] = key(factory=lambda: ["tensorboard"], choices=("tensorboard", "wandb", "mlflow"))
     project: str = key("attnxfer", range=ANY)  # the W&B project / MLflow experiment
     # validation images whose class-token maps go to TensorBoard at each eval (0: none)
@@ -233,11 +234,16 @@ class CheckpointConfig:
     keep_last: int = key(3, range=AT_LEAST_1)
     # auto | none | PATH of a checkpoint dir (checked when the run resumes)
     resume: str = key("auto", range=ANY)
+    # a resume on other training data than the checkpoint recorded (another file list, dataset or shard list;
+    # the same files under another data.root are the same data) stops in one line unless this is true: then the
+    # weights, optimiser and step resume and the epoch restarts on the new data
+    allow_new_data: bool = key(False, range=ANY)
 
 
 @dataclass
 class EvalConfig:
-    """What `attnxfer eval` scores besides the run's own evaluation (never read by training)."""
+    """What `attnxfer eval` scores besides the run's own evaluation (never read by training; a conversion's
+    report scores its k-NN top-1 by the same rule)."""
 
     # auto: top1 where the data has labels, features where the run has a teacher, knn where the data has
     # labels; or a list of top1 | features | knn (each must be computable, else the eval stops first).
@@ -248,7 +254,7 @@ class EvalConfig:
     knn_k: int = key(20, range=AT_LEAST_1, resumable=True)  # neighbours that vote (DINO's k)
     knn_temperature: float = key(0.07, range=POSITIVE, resumable=True)  # vote weight exp(cos / T)
     # training images in the k-NN memory bank (evenly spaced through the split); null: all of them
-    knn_bank_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
+    knn_bank_size: int | None = key(10_000, range=AT_LEAST_1, resumable=True)
 
 
 @dataclass
@@ -281,9 +287,6 @@ class ConvertConfig:
     output_mse: float = key(0.0, range=NON_NEGATIVE)
     # validation batches for the per-layer map agreement
     agreement_batches: int = key(4, range=AT_LEAST_1, resumable=True)
-    # training images in the report's k-NN memory bank (evenly spaced through the split; where the data has
-    # labels); null: all of them
-    knn_bank_size: int | None = key(10_000, range=AT_LEAST_1, resumable=True)
     speed_batch_size: int = key(64, range=AT_LEAST_1, resumable=True)
     speed_repeats: int = key(20, range=AT_LEAST_1, resumable=True)
     # image sides of the report's break-even sweep (teacher, student and floor at batch 1 on the run's device,
@@ -308,9 +311,9 @@ class MAEConfig:
     decoder_mlp_ratio: float = key(4.0, range=POSITIVE)
     norm_pix: bool = key(True, range=ANY)  # targets normalised per patch (mean 0, variance 1), as MAE
     # validation images in the reconstruction picture at each evaluation (0 = none)
-    pictures: int = key(8, range=NON_NEGATIVE)
+    pictures: int = key(8, range=NON_NEGATIVE, resumable=True)
     # write the encoder to RUN_DIR/export (timm layout: a local-dir: teacher) at the end
-    export: bool = key(True, range=ANY)
+    export: bool = key(True, range=ANY, resumable=True)
 
 
 @dataclass
@@ -351,6 +354,17 @@ class SearchConfig:
 
 
 @dataclass
+class DistConfig:
+    """How the ranks of a multi-process run (torchrun, `attnxfer submit`) wait for each other."""
+
+    # seconds a rank waits for a silent peer: a rank's heartbeat (a thread, so long phases of the main thread
+    # do not count) silent this long (a stopped or hung process) ends the others with one line naming it,
+    # and the process group's own timeout (a collective waiting) follows a few seconds later. Minutes, not
+    # torch's 10 (NCCL) or 30 (gloo). Resumable: how the run runs, not what it computes
+    timeout: float = key(300.0, range=POSITIVE, resumable=True, search_resumable=True)
+
+
+@dataclass
 class TrainConfig:
     # resumable: a checkpoint of another run may be given as checkpoint.resume=PATH
     run_dir: str = key("runs/default", range=ANY, resumable=True, search_resumable=True)
@@ -360,7 +374,6 @@ class TrainConfig:
     # teacher.dtype says otherwise, so precision=fp32 is the one switch to the reference's fp32 training.
     precision: str = key("auto", choices=("auto", "fp32", "bf16", "fp16"))
     deterministic: bool = key(False, range=ANY, resumable=True)
-    eval_only: bool = key(False, range=ANY, resumable=True)
     model: ModelConfig = section(ModelConfig)
     teacher: TeacherConfig = section(TeacherConfig)
     transfer: TransferConfig = section(TransferConfig)
@@ -375,6 +388,7 @@ class TrainConfig:
     convert: ConvertConfig = section(ConvertConfig)
     mae: MAEConfig = section(MAEConfig)
     search: SearchConfig = section(SearchConfig)
+    dist: DistConfig = section(DistConfig)
 
     def __str__(self) -> str:
         return dump_config(self)

@@ -12,6 +12,7 @@ that needs them.
 
 from . import animal_mnist, folder, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
 from .cache import cache_dir
+from .identity import data_identity
 from .in_memory import InMemoryImageDataset
 from .label_free import LabelFree, dataset_has_labels, images_only, split_batch
 from .loader import build_loader
@@ -42,6 +43,7 @@ __all__ = [
     "build_dataset",
     "build_loader",
     "cache_dir",
+    "data_identity",
     "dataset_has_labels",
     "dataset_info",
     "images_only",

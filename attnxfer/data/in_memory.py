@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .identity import fingerprint_of
 from .registry import DatasetInfo
 from .seeding import key_epoch, sample_generator
 
@@ -55,6 +56,10 @@ class InMemoryImageDataset(Dataset):
         self.epoch = 0
         self._mean = torch.tensor(info.mean, dtype=torch.float32).view(-1, 1, 1)
         self._std = torch.tensor(info.std, dtype=torch.float32).view(-1, 1, 1)
+
+    def fingerprint(self) -> str:
+        """Its images and labels, hashed (`attnxfer.data.identity`)."""
+        return fingerprint_of([self.images.numpy().tobytes(), self.labels.numpy().tobytes()])
 
     def set_epoch(self, epoch: int) -> None:
         """Epoch for plain-int indices (SampleKey indices carry their own)."""

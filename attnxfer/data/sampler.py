@@ -36,7 +36,7 @@ class ResumableSampler(Sampler[int]):
     tail that does not divide evenly over ranks), not the DataLoader's partial-batch drop.
 
     The sampler cannot see what the training loop consumed (DataLoader workers prefetch ahead), so
-    the caller reports it: :meth:`advance` after each step, or :meth:`set_position` on resume.
+    the caller reports it with :meth:`set_position` (the samples all ranks consumed this epoch).
 
     ``exact=True`` (evaluation) gives each rank ``order[rank::world_size]``: no padding, no truncation,
     every sample exactly once over all ranks; the ranks' lengths may differ by one, so their loops must not
@@ -85,10 +85,6 @@ class ResumableSampler(Sampler[int]):
         starts right after them."""
         self._check_position(position, self.world_size)
         self.position = int(position)
-
-    def advance(self, num_samples: int) -> None:
-        """Record ``num_samples`` more consumed (global count, e.g. per-rank batch x world size)."""
-        self.set_position(self.position + num_samples)
 
     def _check_position(self, position: int, world_size: int) -> None:
         # A padded epoch has up to world_size - 1 repeated samples beyond `length`.

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .identity import fingerprint_of
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .seeding import sample_generator
 
@@ -53,6 +54,13 @@ class SyntheticImages(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def fingerprint(self) -> str:
+        """What defines its samples (`attnxfer.data.identity`): they are generated from these alone."""
+        i = self.info
+        return fingerprint_of(
+            [self.seed, self.length, self.noise, self._split_id, i.num_classes, i.in_chans, i.img_size]
+        )
+
     def label(self, index: int) -> int:
         return int(index) % self.info.num_classes
 
@@ -85,7 +93,7 @@ def build_synthetic(
     std: Sequence[float] | None = None,
     seed: int = 0,
     num_classes: int = 10,
-    length: int = 256,
+    length: int = 512,
     noise: float = 0.1,
 ) -> SyntheticImages:
     """Synthetic split (``root`` is ignored): ``length`` samples of ``num_classes`` balanced classes."""

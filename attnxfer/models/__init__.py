@@ -30,7 +30,6 @@ from .attention import (
 )
 from .handover import Chunks, Signal
 from .student import (
-    attention_kind,
     attention_layout,
     student_from_spec,
     student_like,
@@ -48,7 +47,6 @@ __all__ = [
     "TransferAttention",
     "TransferableAttention",
     "attention_io",
-    "attention_kind",
     "attention_layout",
     "attention_maps",
     "attention_name_of",

@@ -54,11 +54,6 @@ class ImageInput:
     patch_size: tuple[int, int]
     grid: tuple[int, ...]
 
-    @property
-    def num_patches(self) -> int:
-        """Patch tokens at ``img_size`` (0 when the grid is unknown)."""
-        return self.grid[0] * self.grid[1] if len(self.grid) == 2 else 0
-
 
 def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
     """(path, module) of ``model``'s patch embedding (`PATCH_EMBEDDINGS`), or None for a model without one."""

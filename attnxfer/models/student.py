@@ -32,7 +32,6 @@ from .image_input import image_input
 
 __all__ = [
     "SOFTMAX",
-    "attention_kind",
     "attention_layout",
     "per_block_attention",
     "student_from_spec",
@@ -98,14 +97,6 @@ def attention_layout(model: nn.Module) -> list[str]:
     """Per-block registered attention names (``"softmax"`` for timm's attention, transfer-aware or not;
     see `attention_name_of`), wherever the family keeps its blocks (``blocks``, ``encoder.blocks``)."""
     return [attention_name_of(attn) for _, attn in attention_layers(model)]
-
-
-def attention_kind(model: nn.Module) -> str:
-    """The one attention every block runs (see `attention_layout`); an error if blocks differ."""
-    kinds = sorted(set(attention_layout(model)))
-    if len(kinds) != 1:
-        raise ValueError(f"mixed attention kinds across blocks: {kinds}")
-    return kinds[0]
 
 
 def _attention_summary(model: nn.Module) -> str | list[str]:

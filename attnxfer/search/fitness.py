@@ -32,7 +32,8 @@ from ..models.attention.registry import get_attention_class
 from ..models.efficient import build_efficient_student
 from ..models.efficient.swap import teacher_token_layout
 from ..train.engine import NonFiniteLossError
-from ..train.measure import interleaved_median_ms, layer_map_metric
+from ..train.measure import layer_map_metric
+from ..train.speed import interleaved_forward_seconds
 from ..train.stage1 import stage1_transfer, teacher_signals
 from ..transfer.conversion import build_conversion_plan
 
@@ -239,7 +240,8 @@ def layer_speed(
         base = softmax_flops if softmax_flops is not None else _flops(softmax, x)
         own = _flops(candidate, x)
         return {"speed": base / max(own, 1.0), "flops": own, "softmax_flops": base}
-    own_ms, base_ms = interleaved_median_ms(candidate, softmax, x, speed.repeats, warmup=1)
+    times = interleaved_forward_seconds({"own": candidate, "softmax": softmax}, x, repeats=speed.repeats)
+    own_ms, base_ms = 1000.0 * times["own"].median, 1000.0 * times["softmax"].median
     return {"speed": base_ms / own_ms, "ms": own_ms, "softmax_ms": base_ms}
 
 

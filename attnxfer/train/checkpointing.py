@@ -10,7 +10,6 @@ loop, its counters and its metrics stay the engine's.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,16 +18,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoints.resume_from import ResumeFrom
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint
 from ..checkpoints.rng import capture_rng_state, restore_rng_state
 from ..checkpoints.store import (
-    STATE_NAME,
     CheckpointError,
     CheckpointManager,
     MetricMode,
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
-    verify_checkpoint,
 )
 from .distributed import barrier
 from .ema import StudentEMA
@@ -57,12 +54,19 @@ class CheckpointPolicy:
     every_minutes: float | None = None
     every_epoch: bool = True
     keep_last: int = 3
-    resume: ResumeFrom | str = (
-        "auto"  # parsed into a ResumeFrom: the config's auto | none | a checkpoint directory
-    )
+    # the config's auto | none | a checkpoint directory (parsed into a ResumeFrom), or the `ResumePoint` an app
+    # found and judged already (the checkpoint is then not looked for again)
+    resume: ResumeFrom | ResumePoint | str = "auto"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
+        if not isinstance(self.resume, ResumePoint):
+            object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
+
+    def resume_point(self, run_dir: Path) -> ResumePoint | None:
+        """The checkpoint a resume restores (found once: an app's point is taken as it is)."""
+        if isinstance(self.resume, ResumePoint):
+            return self.resume
+        return ResumePoint.find(run_dir, self.resume)
 
 
 @dataclass
@@ -71,6 +75,7 @@ class Resumed:
 
     path: str
     state: dict[str, Any]
+    restart_epoch: bool = False  # other data than the checkpoint's (checkpoint.allow_new_data): position 0
 
 
 class Checkpointing:
@@ -148,11 +153,10 @@ class Checkpointing:
         if not existing.is_dir():
             return False
         try:
-            verify_checkpoint(existing)
-            old_state = json.loads((existing / STATE_NAME).read_text(encoding="utf-8"))
-        except (CheckpointError, OSError, ValueError):
+            old = ResumePoint.find(self.run_dir, existing)
+        except (CheckpointError, OSError):
             return False  # broken: the store moves it aside and writes a fresh one
-        if old_state.get("rank_checksums", [None])[0] == checksum:
+        if old.record("rank_checksums") and old.record("rank_checksums")[0] == checksum:
             return True
         aside = self.manager.set_aside(existing, "replaced")
         _log.warning("a different checkpoint for step %d existed; kept it as %s", step, aside)
@@ -166,15 +170,20 @@ class Checkpointing:
 
     def has_checkpoint(self) -> bool:
         """Whether the policy's resume finds a checkpoint (hashes unchecked: a cheap look)."""
-        return self.policy.resume.checkpoint(self.manager, verify_hash=False) is not None
+        resume = self.policy.resume
+        if isinstance(resume, ResumePoint):
+            return True
+        return resume.checkpoint(self.manager, verify_hash=False) is not None
 
     def resume(self) -> Resumed | None:
         """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
-        policy picks; None for a fresh start. The loop's counters are in the returned state."""
-        info = self.policy.resume.checkpoint(self.manager)
-        if info is None:
+        policy picks (`CheckpointPolicy.resume_point`); None for a fresh start. The loop's counters are in
+        the returned state."""
+        point = self.policy.resume_point(self.run_dir)
+        if point is None:
             return None
-        tensors, state = self.manager.load(info)
+        info, state = point.checkpoint, point.state
+        tensors = point.load_tensors()
         try:
             self.trained.load_state_dict(tensors["model"])
         except RuntimeError as e:
@@ -197,4 +206,4 @@ class Checkpointing:
                 len(rng),
                 self.world,
             )
-        return Resumed(str(info), state)
+        return Resumed(str(info), state, restart_epoch=point.restart_epoch)

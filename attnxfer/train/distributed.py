@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ..errors import InputError
 from .devices import Device
+from .watchdog import HeartbeatWatchdog, collective_timeout, start_watchdog
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 #: Whether this process has created a process group of several ranks (process state, as torch.distributed's
 #: own): `attnxfer.launch.process_exit` then ends the program without interpreter finalization.
 _joined_a_group = False
+
+#: the heartbeat watchdog of the group this process created (`init_distributed` with a timeout)
+_watchdog: HeartbeatWatchdog | None = None
 
 
 @dataclass(frozen=True)
@@ -200,12 +204,16 @@ def _check_one_gpu_per_rank(info: DistributedInfo) -> None:
         )
 
 
-def init_distributed(backend: str | None = None, timeout: timedelta | None = None) -> DistributedInfo:
+def init_distributed(backend: str | None = None, timeout: float | timedelta | None = None) -> DistributedInfo:
     """Join the process group described by the environment (``env://`` rendezvous).
 
     A no-op for a single process and when a group already exists (so a submitted task may
     initialise it before calling a ``main`` that initialises it again). ``backend`` defaults to
     nccl when CUDA is available, gloo otherwise; on GPU the process binds ``cuda:LOCAL_RANK``.
+    ``timeout`` (seconds, or a timedelta) bounds how long a rank waits for its peers: a heartbeat
+    watchdog (`attnxfer.train.watchdog`) ends this process, naming the peer, once one has been silent
+    that long, and the group's own timeout follows a few beats later (`collective_timeout`). None:
+    torch's default timeouts (10 min NCCL, 30 min gloo) and no watchdog.
     """
     info = DistributedInfo.from_environment()
     if not info.is_distributed or dist.is_initialized():
@@ -216,11 +224,12 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
             raise RuntimeError("backend 'nccl' needs CUDA; use backend='gloo' on CPU")
         _check_one_gpu_per_rank(info)
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    kwargs = {"timeout": timeout} if timeout is not None else {}
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    kwargs = {} if seconds is None else {"timeout": timedelta(seconds=collective_timeout(seconds))}
     dist.init_process_group(
         backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size, **kwargs
     )
-    global _joined_a_group
+    global _joined_a_group, _watchdog
     _joined_a_group = True
     _logger.info(
         "joined process group: rank %d/%d (local %d/%d) via %s:%d, backend %s",
@@ -232,20 +241,25 @@ def init_distributed(backend: str | None = None, timeout: timedelta | None = Non
         info.master_port,
         backend,
     )
+    if seconds is not None:
+        _watchdog = start_watchdog(seconds)
     return info
 
 
 @contextlib.contextmanager
-def joined_process_group(backend: str | None = None) -> Iterator[DistributedInfo]:
+def joined_process_group(
+    backend: str | None = None, timeout: float | timedelta | None = None
+) -> Iterator[DistributedInfo]:
     """`init_distributed` for the span of one run; the call that created the group closes it again.
 
     A process that exits with its gloo group still open can abort in the group's destructors
     ("terminate called without an active exception"), after all its work is done. The group is
     closed only when the run ends normally: after an error it stays open, since closing it would
     make the other ranks fail before this rank's error is on record (the process exits anyway).
+    ``timeout``: how long a rank waits for a silent peer (see `init_distributed`).
     """
     owner = not (dist.is_available() and dist.is_initialized())
-    info = init_distributed(backend)
+    info = init_distributed(backend, timeout)
     yield info
     if owner and info.is_distributed:
         barrier()  # no rank closes its connections while a peer still finishes its last collective
@@ -273,7 +287,12 @@ def barrier() -> None:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group if one exists (safe to call always)."""
+    """Leave the process group if one exists (safe to call always); its watchdog first, so that no peer
+    takes this rank's leaving for a hang."""
+    global _watchdog
+    if _watchdog is not None:
+        _watchdog.stop()
+        _watchdog = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

@@ -59,6 +59,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     metric: str = "val_top1"
+    # set when a resume found the run already at (or past) its last step: one line saying so (nothing trained,
+    # nothing evaluated, nothing written)
+    nothing_to_do: str | None = None
 
     @property
     def best_top1(self) -> float | None:
@@ -79,7 +82,6 @@ class LoopSettings:
     clip_grad: float | None = None
     accum_steps: int = 1
     log_every: int = 20
-    tensorboard: bool = True
     trackers: tuple[str, ...] = ("tensorboard",)  # train/trackers.py: tensorboard, wandb, mlflow
     project: str = "attnxfer"  # the W&B project / MLflow experiment the run is logged under
     progress: bool = True
@@ -177,7 +179,6 @@ class Engine:
         s = self.settings
         return MetricsLogger(
             self.run_dir,
-            tensorboard=s.tensorboard,
             enabled=self.is_main,
             trackers=s.trackers,
             project=s.project,
@@ -254,11 +255,14 @@ class Engine:
         self.best = state.get("best", state.get("best_top1"))
         self.last_ckpt = resumed.path
         loss_sum, batches = state.get("epoch_train_loss") or (0.0, 0)
+        if resumed.restart_epoch and self.position:  # other data: the position counted samples of the old set
+            self.position, loss_sum, batches = 0, 0.0, 0
         self._epoch_loss = torch.tensor(float(loss_sum), dtype=torch.float64, device=self.accelerator.device)
         self._epoch_batches = int(batches)
-        if self.is_main:
+        if self.is_main and not self.finished:  # a finished run's records stay as they are
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
+        if self.is_main:
             print(
                 f"resumed from {resumed.path} (step {self.step}, epoch {self.epoch}, position {self.position})",
                 flush=True,
@@ -347,20 +351,35 @@ class Engine:
         with stop_on_signals():  # SIGTERM: save at the next step boundary, then StopRequested
             for _ in self.steps():
                 pass
-        final = self._final
-        if not final:  # resumed a finished run: report where it stands
-            final = self._evaluate_all()
-            final[self._best_key] = self.best if self.best is not None else final[s.metric]
         self.metrics.close()
         return TrainResult(
             str(self.run_dir),
             self.step,
             self.epoch,
             self.best,
-            final,
+            self._final,
             self.history,
             time.monotonic() - start,
             metric=s.metric,
+            nothing_to_do=None if self._final else self._nothing_to_do(),
+        )
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run stands at (or past) its last step: a resume of it has nothing to do."""
+        return self.step >= self.total_steps
+
+    def _nothing_to_do(self) -> str:
+        """What a resume of a run already at (or past) its last step says instead of training."""
+        s = self.settings
+        limit = (
+            f"schedule.max_steps={s.max_steps}" if s.max_steps is not None else f"schedule.epochs={s.epochs}"
+        )
+        where = "at" if self.step == self.total_steps else "past"
+        return (
+            f"nothing to do: {self.run_dir} is {where} step {self.step} of the {self.total_steps} this run trains "
+            f"({limit}); its checkpoint {Path(self.last_ckpt or '').name or '(none)'} is unchanged. To train "
+            "longer, raise schedule.max_steps or schedule.epochs"
         )
 
     def steps(self) -> Iterator[int]:

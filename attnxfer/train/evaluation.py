@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..analysis.features import TOKEN_GROUPS, FeatureAgreement, batch_feature_sums
+from ..analysis.features import feature_agreement
 from ..analysis.knn import knn_comparison
 from ..transfer.teacher_student import TransferOutput
 
@@ -105,19 +105,15 @@ def evaluate_features(model: nn.Module, loader, accelerator) -> dict[str, float]
     teacher = getattr(pair, "teacher", None)
     if teacher is None:
         raise ValueError("feature agreement needs the run's teacher")
-    device = accelerator.device
-    total = torch.zeros(len(TOKEN_GROUPS), 4, dtype=torch.float64, device=device)
-    modes = pair.student.training, teacher.training
-    pair.student.eval()
-    teacher.eval()
-    for x, *_ in loader:
-        total += batch_feature_sums(
-            pair.student, teacher, x.to(device, non_blocking=True), accelerator.autocast
-        )
-    pair.student.train(modes[0])
-    teacher.train(modes[1])
-    total = accelerator.reduce(total, reduction="sum")
-    return FeatureAgreement.from_sums(total.cpu()).as_dict()
+    images = (x.to(accelerator.device, non_blocking=True) for x, *_ in loader)
+    agreement = feature_agreement(
+        pair.student,
+        teacher,
+        images,
+        accelerator.autocast,
+        reduce=lambda sums: accelerator.reduce(sums, reduction="sum"),
+    )
+    return agreement.as_dict()
 
 
 @torch.no_grad()

@@ -1,14 +1,11 @@
-"""Measuring a student against its teacher: per-layer map agreement, top-1, relative speed, operation counts.
+"""Measuring a student against its teacher: per-layer map agreement, top-1, operation counts.
 
 All three sum over the ranks of a joined process group, so every rank may call them on its share.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import statistics
-import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -34,11 +31,9 @@ from .evaluation import classification_sums
 __all__ = [
     "attention_calls",
     "evaluate_top1",
-    "interleaved_median_ms",
     "layer_map_metric",
     "map_agreement",
     "operation_counts",
-    "relative_speed",
 ]
 
 
@@ -145,81 +140,6 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> f
     totals = classification_sums(model, loader, device, loss=False)
     correct, total = sum_over_ranks([totals[0].item(), totals[3].item()], device)
     return 100.0 * correct / max(1, total)
-
-
-@torch.no_grad()
-def interleaved_median_ms(
-    a: nn.Module,
-    b: nn.Module,
-    x: torch.Tensor,
-    repeats: int,
-    warmup: int,
-    autocast: torch.dtype | None = None,
-) -> tuple[float, float]:
-    """Median forward times (ms) of ``a`` and ``b`` on ``x``, run alternately (a b, b a, ...) after
-    ``warmup`` rounds, so that a machine whose load drifts slows both alike; under ``autocast`` (a dtype)
-    when given."""
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-
-    def timed(model: nn.Module) -> float:
-        sync()
-        start = time.perf_counter()
-        with (
-            torch.autocast(x.device.type, dtype=autocast)
-            if autocast is not None
-            else contextlib.nullcontext()
-        ):
-            model(x)
-        sync()
-        return 1000.0 * (time.perf_counter() - start)
-
-    for _ in range(warmup):
-        timed(a), timed(b)
-    times: tuple[list[float], list[float]] = ([], [])
-    for r in range(repeats):
-        for who in (0, 1) if r % 2 == 0 else (1, 0):
-            times[who].append(timed((a, b)[who]))
-    return statistics.median(times[0]), statistics.median(times[1])
-
-
-@torch.no_grad()
-def relative_speed(
-    teacher: nn.Module,
-    student: nn.Module,
-    x: torch.Tensor,
-    repeats: int = 20,
-    warmup: int = 3,
-    autocast: torch.dtype | None = None,
-) -> dict[str, Any]:
-    """Forward time of student and teacher on the same input, measured interleaved in one process (under
-    ``autocast``, e.g. bf16 on GPU as a run trains, when given).
-
-    Returns both medians (ms), both throughputs (images/s at this batch and resolution) and ``speedup`` =
-    teacher / student (> 1: the student is faster).
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    was = teacher.training, student.training
-    teacher.eval(), student.eval()
-    t_ms, s_ms = interleaved_median_ms(teacher, student, x, repeats, warmup, autocast)
-    teacher.train(was[0]), student.train(was[1])
-    batch = int(x.shape[0])
-    return {
-        "batch": batch,
-        "input": list(x.shape[1:]),
-        "tokens": _tokens(teacher),
-        "repeats": repeats,
-        "teacher_ms": t_ms,
-        "student_ms": s_ms,
-        "teacher_images_per_s": 1000.0 * batch / t_ms,
-        "student_images_per_s": 1000.0 * batch / s_ms,
-        "speedup": t_ms / s_ms,
-        "precision": f"{str(autocast).removeprefix('torch.')} autocast"
-        if autocast is not None
-        else "no autocast",
-        "device": x.device.type,
-        "threads": torch.get_num_threads(),
-    }
 
 
 def _layer_counts(attn: nn.Module, tokens: int, batch: int):

@@ -41,7 +41,6 @@ class MetricsLogger:
     def __init__(
         self,
         run_dir: str | Path,
-        tensorboard: bool = True,
         enabled: bool = True,
         *,
         trackers: Sequence[str] = ("tensorboard",),
@@ -51,11 +50,10 @@ class MetricsLogger:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS
-        # log.tensorboard=false keeps its meaning: no TensorBoard whatever log.trackers says
-        names = [t for t in trackers if tensorboard or t != "tensorboard"]
-        self.tensorboard = "tensorboard" in names
         # rank 0 only: other ranks never import or start a tracker
-        self.trackers = TrackerSet(self.run_dir, names if enabled else [], project=project, hparams=hparams)
+        self.trackers = TrackerSet(
+            self.run_dir, trackers if enabled else [], project=project, hparams=hparams
+        )
 
     def truncate_after(self, step: int) -> None:
         """Forget records of steps after ``step`` (they are about to be trained again)."""
@@ -124,10 +122,6 @@ class MetricsLogger:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(buf.getvalue(), encoding="utf-8")
         os.replace(tmp, path)  # atomic: a killed run leaves the old table or the new one
-
-    @property
-    def has_tensorboard(self) -> bool:
-        return self.trackers.tensorboard is not None
 
     def log_image(self, tag: str, step: int, image) -> Path | None:
         """A picture as ``pictures/<tag>-step<N>.png`` and a TensorBoard image: (C, H, W) floats in

@@ -65,14 +65,16 @@ def create_runtime(
     precision: Precision | str = Precision.AUTO,
     accum_steps: int = 1,
     deterministic: bool = False,
+    dist_timeout: float | None = None,
 ) -> Runtime:
     """Join the process group (gloo for device=cpu even on a GPU node; a clear error where ranks
-    would share a GPU), then let accelerate own devices, DDP and autocast."""
+    would share a GPU; ``dist_timeout``: how long a rank waits for a silent peer, `init_distributed`),
+    then let accelerate own devices, DDP and autocast (it finds the group made, and makes none)."""
     from accelerate import Accelerator  # heavy: imported only when a run starts
 
     target = resolve_device(device)
     precision = resolve_precision(precision, target)
-    init_distributed(backend_for(device))
+    init_distributed(backend_for(device), dist_timeout)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator(

@@ -6,19 +6,19 @@ user gains) and student / floor (how close the student comes to what its resolut
 / teacher ratio (the most any attention could gain there). Efficient attention pays only above some token
 count; `break_even_sweep` finds the smallest tested resolution where it does, on the device at hand.
 
-Times are compared only inside one process and one call: every model runs once per round, the order rotated
-each round, so a machine whose load drifts slows them alike; medians of the rounds are reported. On the CPU
-each row also gives the ratios of the process's CPU time per call, which other programs on a shared machine
-distort less than wall-clock time (they take the cores, not this process's cycles). Objects in (models, an
-input, a builder), rows out; no config, no files.
+Times are compared only inside one process and one call, taken by `attnxfer.train.timing.interleaved_timings`:
+every model runs once per round, the order rotated each round, so a machine whose load drifts slows them
+alike; medians of the rounds are reported. On the CPU each row also gives the ratios of the process's CPU time
+per call, which other programs on a shared machine distort less than wall-clock time (they take the cores,
+not this process's cycles). Objects in (models, an input, a builder), rows out; no config, no files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from torch import nn
 from ..errors import InputError
 from ..models.efficient.floor import floor_model
 from ..models.image_input import image_input
+from .timing import Timing, interleaved_timings
 
 __all__ = [
     "RATIOS",
@@ -57,46 +58,20 @@ def interleaved_forward_seconds(
     warmup: int = 1,
     repeats: int = 5,
     autocast: torch.dtype | None = None,
-) -> dict[str, dict[str, list[float]]]:
-    """Seconds of one forward of each model on ``x`` (in ``eval()``, without gradients), ``repeats`` rounds
-    after ``warmup`` untimed ones; each round calls every model once, its order rotated by one per round.
-    Per model ``{"wall": [...], "cpu": [...]}``: wall-clock and process CPU seconds of each timed call.
-    Models are put back in their training mode afterwards."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    names = list(models)
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+) -> dict[str, Timing]:
+    """The `Timing` of one forward of each model on ``x`` (in ``eval()``, without gradients, under ``autocast``
+    when given): ``repeats`` interleaved rounds after ``warmup`` untimed ones (`interleaved_timings`). Models
+    are put back in their training mode afterwards."""
     was = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
-    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in names}
     try:
         with _autocast(x.device, autocast):
-            for _ in range(warmup):
-                for name in names:
-                    models[name](x)
-            for r in range(repeats):
-                shift = r % len(names)
-                for name in names[shift:] + names[:shift]:
-                    sync()
-                    start, cpu = time.perf_counter(), time.process_time()
-                    models[name](x)
-                    sync()
-                    times[name]["wall"].append(time.perf_counter() - start)
-                    times[name]["cpu"].append(time.process_time() - cpu)
+            calls = {name: partial(model, x) for name, model in models.items()}
+            return interleaved_timings(calls, device=x.device, warmup=warmup, repeats=repeats)
     finally:
         for name, model in models.items():
             model.train(was[name])
-    return times
-
-
-def _spread(times: Sequence[float]) -> float:
-    """Half the interquartile range over the median (0.05 = ±5 %): how far one round strays."""
-    mid = statistics.median(times)
-    if len(times) < 4:
-        return (max(times) - min(times)) / (2 * mid)
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    return (q3 - q1) / (2 * mid)
 
 
 def _tokens(model: nn.Module, x: torch.Tensor) -> int | None:
@@ -134,12 +109,12 @@ def forward_speed(
         "threads": torch.get_num_threads(),
         "precision": f"{str(autocast).removeprefix('torch.')} autocast" if autocast else "no autocast",
     }
-    median = {name: statistics.median(t["wall"]) for name, t in times.items()}
-    cpu = {name: statistics.median(t["cpu"]) for name, t in times.items()}
+    median = {name: t.median for name, t in times.items()}
+    cpu = {name: t.cpu_median for name, t in times.items()}
     for name in models:
         row[f"{name}_ms"] = 1000.0 * median[name]
         row[f"{name}_images_per_s"] = batch / median[name]
-        row[f"{name}_spread"] = _spread(times[name]["wall"])
+        row[f"{name}_spread"] = times[name].spread
     for key, (top, bottom) in RATIOS.items():
         if top not in models or bottom not in models:
             continue

@@ -165,7 +165,8 @@ def stage1_transfer(
     start_step: int = 0,
     optimizer_state: Mapping[str, Any] | None = None,
     history: Sequence[dict[str, Any]] = (),
-    on_stop: Callable[[int, dict[str, Any], Stage1Result], str | None] | None = None,
+    on_save: Callable[[int, dict[str, Any], Stage1Result], str | None] | None = None,
+    save_every: int | None = None,
 ) -> Stage1Result:
     """Fit each efficient layer to the teacher's attention on the teacher's hidden inputs.
 
@@ -175,10 +176,11 @@ def stage1_transfer(
     teacher's signals per layer (``teacher_signals``'s result) that a caller computed once and reuses
     (`attnxfer.search` fits hundreds of candidates to the same teacher inputs).
 
-    With ``on_stop``, SIGTERM (`attnxfer.train.stop`) ends the loop at the next step boundary: the guard is
-    read (no non-finite weights are saved), ``on_stop(steps_done, optimizer_state, partial_result)`` saves
-    them and returns where, and `StopRequested` is raised. ``start_step``, ``optimizer_state`` and
-    ``history`` continue such a stop (``batches`` must then start at that step's batch).
+    With ``on_save``, every ``save_every`` steps and on SIGTERM (`attnxfer.train.stop`: the loop then ends at
+    the next step boundary and raises `StopRequested`) the guard is read (no non-finite weights are saved) and
+    ``on_save(steps_done, optimizer_state, partial_result)`` saves them and returns where. ``start_step``,
+    ``optimizer_state`` and ``history`` continue from such a save (``batches`` must then start at that step's
+    batch).
     """
 
     result = Stage1Result()
@@ -192,16 +194,20 @@ def stage1_transfer(
         fit = _Fit(Stage1Objective(teacher, student, plan), optimizer, device, steps, log, result)
         meter = PeakMemory(device).start()  # the teacher's maps are built a row chunk at a time: measured
         # SIGTERM only sets a flag while the loop can save on it
-        with stop_on_signals() if on_stop is not None else contextlib.nullcontext():
+        with stop_on_signals() if on_save is not None else contextlib.nullcontext():
             for step in range(start_step, steps):
                 lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
                 fit.step(next(batches), step, lr, clip_grad)
                 # the last step always logs: stage 1 never returns without reading the guard
                 if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
                     fit.log_step(step, lr)
-                signum = stop_signal() if on_stop is not None else None
+                if on_save is None:
+                    continue
+                signum = stop_signal()
                 if signum:  # SIGTERM: save this step (never weights after a non-finite loss), then stop
-                    raise fit.stopped(signum, step + 1, on_stop)
+                    raise fit.stopped(signum, step + 1, on_save)
+                if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+                    fit.saved(step + 1, on_save)
     result.steps, result.seconds = steps, time.monotonic() - fit.start
     result.memory = _memory(meter, fit.objective)
     log(describe_memory(result.memory))
@@ -310,14 +316,20 @@ class _Fit:
             f"{kinds}: {per_layer}"
         )
 
-    def stopped(
-        self, signum: int, done: int, on_stop: Callable[[int, dict[str, Any], Stage1Result], str | None]
-    ) -> StopRequested:
-        """SIGTERM after ``done`` steps: save them through ``on_stop`` (never weights after a non-finite
-        loss) and say where."""
+    def saved(
+        self, done: int, on_save: Callable[[int, dict[str, Any], Stage1Result], str | None]
+    ) -> str | None:
+        """Save the ``done`` steps through ``on_save`` (never weights after a non-finite loss: every rank reads
+        the guard first) and say where."""
         _stop_if_non_finite(self.guard, self.objective.watched)
         self.result.steps, self.result.seconds = done, time.monotonic() - self.start
-        where = on_stop(done, self.optimizer.state_dict(), self.result)
+        return on_save(done, self.optimizer.state_dict(), self.result)
+
+    def stopped(
+        self, signum: int, done: int, on_save: Callable[[int, dict[str, Any], Stage1Result], str | None]
+    ) -> StopRequested:
+        """SIGTERM after ``done`` steps: save them (`saved`) and say where."""
+        where = self.saved(done, on_save)
         stop = StopRequested(signum, done, where)
         self.log(f"stage 1: {stop} (step {done} of {self.steps})")
         return stop

@@ -1,7 +1,7 @@
 """Experiment trackers beside ``metrics.jsonl``: TensorBoard, Weights & Biases and MLflow, through accelerate's
 tracker classes (`accelerate.tracking`), on rank 0 only.
 
-Each tracker is one registered `TrackerKind`: its package (an optional extra, ``pip install 'attnxfer[wandb]'``),
+Each tracker is one `TrackerKind` in `TRACKERS`: its package (an optional extra, ``pip install 'attnxfer[wandb]'``),
 how to build it for a run directory, and which id lets a resumed run continue the same tracker run. The ids
 live in ``RUN_DIR/trackers.json`` (W&B's run ``id``, passed back with ``resume="allow"``; MLflow's ``run_id``
 with the tracking URI it belongs to), so a job that is killed, requeued or extended keeps one curve per run.
@@ -46,7 +46,6 @@ __all__ = [
     "check_trackers",
     "flat_hparams",
     "prepare_trackers",
-    "register_tracker",
 ]
 
 #: the tracker run ids of a run directory, read back on resume
@@ -113,14 +112,6 @@ class TrackerKind:
     takes_hparams: bool = True
     prepare: Callable[[Path], TrackerSetup] = _no_setup
     scope: Callable[[Mapping[str, Any]], AbstractContextManager] = _no_scope
-
-
-TRACKERS: dict[str, TrackerKind] = {}
-
-
-def register_tracker(kind: TrackerKind) -> TrackerKind:
-    TRACKERS[kind.name] = kind
-    return kind
 
 
 def _tensorboard(ctx: TrackerContext):
@@ -315,17 +306,23 @@ def _mlflow_record(tracker) -> dict[str, Any]:
     return {"run_id": tracker.active_run.info.run_id, "tracking_uri": mlflow.get_tracking_uri()}
 
 
-register_tracker(
-    TrackerKind("tensorboard", "tensorboard", None, _tensorboard, lambda t: {}, takes_hparams=False)
-)
-register_tracker(
-    TrackerKind("wandb", "wandb", "wandb", _wandb, lambda t: {"id": t.run.id}, prepare=_wandb_prepare)
-)
-register_tracker(
-    TrackerKind(
-        "mlflow", "mlflow", "mlflow", _mlflow, _mlflow_record, prepare=_mlflow_prepare, scope=_mlflow_scope
+#: every tracker ``log.trackers`` may name, by its name
+TRACKERS: dict[str, TrackerKind] = {
+    kind.name: kind
+    for kind in (
+        TrackerKind("tensorboard", "tensorboard", None, _tensorboard, lambda t: {}, takes_hparams=False),
+        TrackerKind("wandb", "wandb", "wandb", _wandb, lambda t: {"id": t.run.id}, prepare=_wandb_prepare),
+        TrackerKind(
+            "mlflow",
+            "mlflow",
+            "mlflow",
+            _mlflow,
+            _mlflow_record,
+            prepare=_mlflow_prepare,
+            scope=_mlflow_scope,
+        ),
     )
-)
+}
 
 
 def check_trackers(names: Sequence[str]) -> None:

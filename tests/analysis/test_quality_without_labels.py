@@ -218,10 +218,10 @@ def test_eval_prints_feature_agreement_and_knn_that_a_brute_force_recomputation_
     common = [
         f"teacher.spec=local-dir:{tiny_teacher_dir}",
         "data.dataset=synthetic",
-        "data.synthetic_length=40",
+        "data.kwargs.length=40",
         "data.batch_size=8",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "deterministic=true",
         "device=cpu",
     ]

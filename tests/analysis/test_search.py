@@ -18,6 +18,8 @@ import torch
 from helpers import peaked_teacher
 from safetensors.torch import load_file, save_file
 
+from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.checkpoints.store import CheckpointError
 from attnxfer.launch import cli
 from attnxfer.launch.search_array import split_batches
 from attnxfer.search import (
@@ -150,7 +152,7 @@ def _args(run_dir, teacher_dir, *extra):
         f"run_dir={run_dir}",
         f"teacher.spec=local-dir:{teacher_dir}",
         "data.dataset=synthetic",
-        "data.synthetic_length=64",
+        "data.kwargs.length=64",
         "data.batch_size=8",
         "search.population=4",
         "search.offspring=3",
@@ -171,6 +173,15 @@ def _deterministic(path: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "fit_seconds"} for r in rows]
 
 
+def _saved(run: Path) -> dict:
+    """The search's newest saved state (its checkpoint's state.json), {} where none is saved yet."""
+    try:
+        point = ResumePoint.find(run, verify_hash=False)
+    except CheckpointError:  # a generation being saved this very moment
+        return {}
+    return {} if point is None else point.state
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_teacher_dir):
     run = tmp_path_factory.mktemp("search") / "run"
@@ -181,10 +192,10 @@ def finished(tmp_path_factory, tiny_teacher_dir):
 @pytest.mark.slow
 def test_search_command_writes_every_output(finished, capsys):
     run = finished
-    for name in ("state.json", "candidates.jsonl", "pareto.md", "pareto.png"):
+    for name in ("candidates.jsonl", "pareto.md", "pareto.png"):
         assert (run / name).is_file(), name
     rows = [json.loads(line) for line in (run / "candidates.jsonl").read_text().splitlines()]
-    state = json.loads((run / "state.json").read_text())
+    state = _saved(run)
     assert state["state"]["generation"] == 2
     assert len(rows) == len({r["formula"] for r in rows}) >= 6  # the zoo, then children; no duplicates
     zoo = {r["origin"] for r in rows if r["origin"].startswith("zoo:")}
@@ -218,11 +229,11 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, 
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    state_file, deadline = run / "state.json", time.monotonic() + 240
+    deadline = time.monotonic() + 240
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
-        if state_file.is_file():
-            generation = json.loads(state_file.read_text())["state"]["generation"]
+        if _saved(run):
+            generation = _saved(run)["state"]["generation"]
             if generation >= 0:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = generation
@@ -234,17 +245,17 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, 
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
     assert f"after generation {killed_at}" in res.stdout
     assert _deterministic(run / "candidates.jsonl") == _deterministic(finished / "candidates.jsonl")
-    a, b = (json.loads((r / "state.json").read_text())["state"] for r in (run, finished))
+    a, b = (_saved(r)["state"] for r in (run, finished))
     assert a["population"] == b["population"] and a["duplicates"] == b["duplicates"]
 
 
 @pytest.mark.slow
 def test_changed_config_on_resume_is_refused(finished, tiny_teacher_dir, capsys):
-    before = (finished / "state.json").read_text()
+    before = _saved(finished)
     code = cli.main(_args(finished, tiny_teacher_dir, "search.fit_steps=5"))
     err = capsys.readouterr().err
     assert code == 2 and "search.fit_steps (3 -> 5)" in err and "run_dir=" in err and "Traceback" not in err
-    assert (finished / "state.json").read_text() == before
+    assert _saved(finished) == before
 
 
 def test_budget_that_cannot_fit_one_candidate_is_refused_before_starting(tmp_path, tiny_teacher_dir, capsys):
@@ -268,19 +279,19 @@ def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, 
 def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refused(
     tmp_path, tiny_teacher_dir, capsys, monkeypatch
 ):
-    """The teacher is judged by the sha256 state.json records, not by the spec's spelling."""
+    """The teacher is judged by the sha256 the saved state records, not by the spec's spelling."""
     monkeypatch.chdir(tiny_teacher_dir.parent)
     run = tmp_path / "run"
     relative = Path(tiny_teacher_dir.name)
     assert cli.main(_args(run, relative, "search.generations=0")) == 0
-    state = json.loads((run / "state.json").read_text())
+    state = _saved(run)
     assert state["config"]["teacher"]["spec"] == f"local-dir:{relative}"
     recorded = state["teacher"]["sha256"]
     capsys.readouterr()
     assert cli.main(_args(run, tiny_teacher_dir.resolve(), "search.generations=1")) == 0  # absolute spelling
     out = capsys.readouterr().out
     assert "resuming" in out and "after generation 0" in out and "teacher.spec (" in out
-    assert json.loads((run / "state.json").read_text())["state"]["generation"] == 1
+    assert _saved(run)["state"]["generation"] == 1
     # the same files with one weight changed: another teacher, refused before anything is written
     other = tmp_path / "other"
     shutil.copytree(tiny_teacher_dir, other)
@@ -288,13 +299,13 @@ def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refus
     name = next(iter(weights))
     weights[name] = weights[name] + 1
     save_file(weights, str(other / "model.safetensors"))
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     code = cli.main(_args(run, other, "search.generations=2"))
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert recorded in line and "another teacher" in line and "sha256" in line.split(recorded)[1]
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(
@@ -310,8 +321,8 @@ def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refus
 def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(tmp_path, override, accepted):
     """The search's resume rule is read off the schema (``key(..., search_resumable=True)``), not a table of
     its own, and is not the training run's rule (`RESUMABLE_KEYS`)."""
-    from attnxfer.apps.search import _load_state
-    from attnxfer.config import RESUMABLE_KEYS, SEARCH_RESUMABLE_KEYS, ConfigError, load_config, to_dict
+    from attnxfer.apps.search import _resume_point, _save
+    from attnxfer.config import RESUMABLE_KEYS, SEARCH_RESUMABLE_KEYS, ConfigError, load_config
     from attnxfer.search import SearchState
 
     name = override.split("=")[0]
@@ -319,19 +330,13 @@ def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(tmp_pa
         "search"
     )
     recorded = load_config(overrides=[f"run_dir={tmp_path}"])
-    state = {
-        "version": 1,
-        "config": to_dict(recorded),
-        "teacher": None,
-        "state": SearchState(generation=0).to_dict(),
-    }
-    (tmp_path / "state.json").write_text(json.dumps(state))
+    _save(recorded, tmp_path, SearchState(generation=0), None)
     changed = load_config(overrides=[f"run_dir={tmp_path}", override])
     lines: list[str] = []
     if accepted:
-        assert _load_state(changed, tmp_path, lines.append).generation == 0
-        assert lines[0].startswith("search: changed since generation 0: " + name)
+        assert _resume_point(changed, tmp_path, lines.append).record("state")["generation"] == 0
+        assert lines[0].startswith("resume: changed since step-00000000: " + name)
     else:
         with pytest.raises(ConfigError, match=f"different values for: {name} "):
-            _load_state(changed, tmp_path, lines.append)
+            _resume_point(changed, tmp_path, lines.append)
         assert not lines

@@ -81,13 +81,13 @@ def test_per_image_scoring_agrees_with_the_engine(tmp_path):
     again from the newest checkpoint (the copy student with its teacher's maps) gives the engine's top-1."""
     common = [
         "data.dataset=synthetic",
-        "data.synthetic_length=96",
+        "data.kwargs.length=96",
         "data.batch_size=32",
         "model.name=vit_nano_patch4_28",
         "schedule.max_steps=3",
         "schedule.epochs=1",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
     ]
     scratch = load_config(None, [*common, f"run_dir={tmp_path / 'a'}", "transfer.mode=none"])
     copy = load_config(

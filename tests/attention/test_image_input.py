@@ -47,7 +47,7 @@ def test_the_grid_is_the_patch_tokens_the_first_attention_layer_sees(name, where
     assert (got.where, got.in_chans, got.img_size, got.patch_size) == (where, chans, (side, side), (8, 8))
     assert got.grid == (side // 8, side // 8)
     x = torch.randn(1, chans, side, side)
-    assert _tokens_at_first_attention(model, x) == got.num_patches + _prefix(model)
+    assert _tokens_at_first_attention(model, x) == got.grid[0] * got.grid[1] + _prefix(model)
 
 
 def test_a_plain_vit_with_a_non_square_input():

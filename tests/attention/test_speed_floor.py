@@ -276,8 +276,8 @@ def test_interleaved_rounds_rotate_the_order_and_restore_training_modes():
     log: list[str] = []
     models = {n: Counting(n, log).train(n != "b") for n in "abc"}
     times = interleaved_forward_seconds(models, torch.randn(2, 4), warmup=1, repeats=4)
-    assert {n: (len(t["wall"]), len(t["cpu"])) for n, t in times.items()} == {n: (4, 4) for n in "abc"}
-    assert all(s > 0 for t in times.values() for s in t["wall"])
+    assert {n: (len(t.times), len(t.cpu_times)) for n, t in times.items()} == {n: (4, 4) for n in "abc"}
+    assert all(s > 0 for t in times.values() for s in t.times)
     rounds = [log[i : i + 3] for i in range(0, len(log), 3)]
     assert rounds == [
         list("abc"),

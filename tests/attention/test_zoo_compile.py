@@ -16,12 +16,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo as dynamo
-from helpers import fast_cells
+from helpers import fast_cells, is_compiled
 
 from attnxfer.models.attention.numerics import bf16_devices
 from attnxfer.models.efficient import create_attention, list_attentions
 from attnxfer.models.efficient.swap import build_efficient_student, set_drop_path
-from attnxfer.train.compile import compile_blocks, is_compiled
+from attnxfer.train.compile import compile_blocks
 from attnxfer.transfer import TeacherStudent, build_plan
 
 OPTIONS = {

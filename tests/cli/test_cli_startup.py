@@ -4,6 +4,7 @@ importing torch or timm (which take seconds and a gigabyte); the library's publi
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,18 @@ CASES = [
     (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
 ]
 COMMANDS = ["train", "pretrain", "eval", "demo", "convert", "search", "submit", "export", "inspect", "fetch"]
+
+
+def test_every_command_module_is_the_command_of_its_name():
+    """One file per command: ``launch/commands/<name>.py`` registers ``attnxfer <name>``, and the startup
+    checks here cover every one."""
+    from attnxfer.launch.commands import COMMANDS as REGISTERED
+
+    files = {p.stem for p in (ROOT / "attnxfer" / "launch" / "commands").glob("*.py")} - {"__init__", "base"}
+    registered_by = {name: command.run.__module__.rsplit(".", 1)[-1] for name, command in REGISTERED.items()}
+    assert registered_by == {name: name for name in files}
+    assert list(REGISTERED) == COMMANDS  # in the order `attnxfer --help` lists them
+
 
 # One interpreter runs every case (each through `main`, as the `attnxfer` script does) and reports after
 # each which of the heavy modules are loaded: the first case that imports torch is named.
@@ -99,3 +112,30 @@ def test_bare_import_is_light_and_every_public_name_still_imports():
         assert "no_such_name" in str(e)
     else:
         raise AssertionError("an unknown attribute must raise AttributeError")
+
+
+def test_names_of_earlier_releases_still_resolve_with_one_warning_naming_the_new_spelling():
+    """Code written against an earlier release keeps working for one more: each dropped top-level name is the
+    same object as its new home, read with a DeprecationWarning (attributed to the reader's line) that says
+    what to write instead; `dir` and `__all__` do not offer the old names, and unknown names still fail."""
+    from attnxfer.transfer import TeacherStudent
+
+    assert attnxfer._RENAMED.get("DualViT") == "TeacherStudent"  # renamed when it ran every family
+    for old, new in attnxfer._RENAMED.items():
+        home = attnxfer
+        for part in new.split("."):
+            home = getattr(home, part)
+        with pytest.warns(DeprecationWarning) as caught:
+            value = getattr(attnxfer, old)
+        assert value is home, old
+        assert len(caught) == 1 and caught[0].filename == __file__, [str(w.message) for w in caught]
+        assert f"attnxfer.{old} is deprecated" in str(caught[0].message)
+        assert f"use attnxfer.{new} " in str(caught[0].message)
+        assert old not in dir(attnxfer) and old not in attnxfer.__all__
+    with pytest.warns(DeprecationWarning, match="use attnxfer.TeacherStudent "):
+        from attnxfer import DualViT
+    assert DualViT is TeacherStudent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unknown name warns nothing: it fails as any module's would
+        with pytest.raises(AttributeError, match=r"^module 'attnxfer' has no attribute 'DualVit'$"):
+            attnxfer.DualVit  # noqa: B018

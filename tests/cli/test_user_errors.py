@@ -13,10 +13,10 @@ from attnxfer.launch.cli import main
 
 _TINY_RUN = [
     "data.dataset=synthetic",
-    "data.synthetic_length=16",
+    "data.kwargs.length=16",
     "data.batch_size=8",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "schedule.epochs=1",
     "schedule.max_steps=1",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import popen_interruptible
 from safetensors.torch import load_file
 
 from attnxfer.launch import cli
@@ -23,11 +24,11 @@ from attnxfer.launch.slurm import SlurmOptions, parse_sweep
 S = [
     "data.dataset=synthetic",
     "data.batch_size=16",
-    "data.synthetic_length=64",
+    "data.kwargs.length=64",
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]
@@ -183,7 +184,7 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
 @pytest.mark.slow
 def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
     run = tmp_path / "r"
-    proc = subprocess.Popen(
+    proc = popen_interruptible(
         [
             sys.executable,
             "-m",

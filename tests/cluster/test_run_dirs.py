@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import popen_interruptible
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.run_lock import (
@@ -34,11 +35,11 @@ REPO = Path(__file__).resolve().parents[2]
 S = [
     "data.dataset=synthetic",
     "data.batch_size=16",
-    "data.synthetic_length=64",  # 4 steps an epoch
+    "data.kwargs.length=64",  # 4 steps an epoch
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]
@@ -110,7 +111,7 @@ def test_two_trains_started_together_one_trains_and_the_other_refuses_naming_it(
     argv += ["schedule.epochs=100000", "checkpoint.every_steps=50", f"run_dir={run}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [
-        subprocess.Popen(
+        popen_interruptible(
             argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         for _ in range(2)

@@ -20,15 +20,17 @@ import torch
 from helpers import fork_cli
 from safetensors.torch import load_file
 
+from attnxfer.checkpoints.resume_point import ResumePoint
+
 STEPS = 40
 ARGS = [
     "data.dataset=synthetic",
     "data.batch_size=8",
-    "data.synthetic_length=512",  # 64 steps an epoch: one evaluation, at the end
+    "data.kwargs.length=512",  # 64 steps an epoch: one evaluation, at the end
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
     f"schedule.max_steps={STEPS}",
@@ -135,14 +137,14 @@ def _convert(run_dir: Path, teacher: Path) -> list[str]:
         f"run_dir={run_dir}",
         f"teacher.spec=local-dir:{teacher}",
         "data.dataset=synthetic",
-        "data.synthetic_length=64",  # 8 stage-1 batches an epoch: the stop lands mid-epoch or later
+        "data.kwargs.length=64",  # 8 stage-1 batches an epoch: the stop lands mid-epoch or later
         "data.batch_size=8",
         "convert.attention=hedgehog",
         f"convert.stage1_steps={S1_STEPS}",
         "schedule.max_steps=1",
         "transfer.mode=none",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "log.every_steps=1",
         "deterministic=true",
         "convert.agreement_batches=1",
@@ -163,9 +165,10 @@ def test_sigterm_in_convert_stage1_saves_its_step_and_the_same_command_continues
         proc, log, lambda: log.exists() and "stage 1 step 3/" in log.read_text(), "convert"
     )
     assert 3 <= step < S1_STEPS and "Traceback" not in text
-    assert saved_at == run_dir / "stage1" / "partial"
-    assert json.loads((run_dir / "stage1/partial/progress.json").read_text())["step"] == step
-    assert not (run_dir / "stage1" / "student.safetensors").exists()  # stage 1 is not complete
+    # saved through the checkpoint store, as any run: the step, its optimiser, not marked complete
+    saved = ResumePoint.find(run_dir / "stage1")
+    assert saved_at == saved.path and saved.step == step and not saved.record("complete")
+    assert {"model", "optimizer"} <= set(saved.checkpoint.groups)
     assert not (run_dir / "stage2").exists()
 
     again = cli_run(_convert(run_dir, teacher), log)  # the same command
@@ -173,15 +176,15 @@ def test_sigterm_in_convert_stage1_saves_its_step_and_the_same_command_continues
     ref.join(180)
     text = log.read_text()
     assert again.exitcode == 0 and ref.exitcode == 0, text[-3000:]
-    assert f"stage 1: resumed from {run_dir / 'stage1' / 'partial'} (step {step} of {S1_STEPS})" in text
+    assert f"stage 1: resumed from {saved.path} (step {step} of {S1_STEPS})" in text
     assert f"stage 1 step {step + 1}/{S1_STEPS}" in text.split("resumed from")[-1]
     assert f"stage 1 step {step}/{S1_STEPS}" not in text.split("resumed from")[-1]  # no step redone
-    assert not (run_dir / "stage1" / "partial").exists()
     # continuing from the saved step gives the very stage-1 weights of an uninterrupted conversion
-    expected, got = (
-        load_file(str(r / "stage1" / "student.safetensors")) for r in (tmp_path / "ref", run_dir)
-    )
+    done = [ResumePoint.find(r / "stage1") for r in (tmp_path / "ref", run_dir)]
+    assert all(p.record("complete") and p.step == S1_STEPS for p in done)
+    assert not saved.path.exists()  # the complete checkpoint replaced the partial one (keep_last=1)
+    expected, got = (p.load_tensors()["model"] for p in done)
     assert_same_tensors(got, expected)
-    a, b = (json.loads((r / "stage1" / "stage1.json").read_text()) for r in (tmp_path / "ref", run_dir))
+    a, b = (p.state for p in done)
     assert [h["step"] for h in b["history"]] == [h["step"] for h in a["history"]]
     assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from attnxfer.apps.world_size import fit_world_size, split_for_world
-from attnxfer.checkpoints.store import CheckpointManager
+from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import ConfigError, load_config
 from attnxfer.launch import cli
 
@@ -27,7 +27,7 @@ VAL_SIZE = 61  # odd: 2 ranks cannot split it evenly (a padding sampler scores 6
 S = [
     "data.dataset=synthetic",
     "data.batch_size=16",
-    f"data.synthetic_length={VAL_SIZE}",
+    f"data.kwargs.length={VAL_SIZE}",
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
     "model.drop_path_rate=0.0",
@@ -37,7 +37,7 @@ S = [
     "checkpoint.every_steps=1",
     "checkpoint.keep_last=20",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
     "device=cpu",
@@ -121,7 +121,7 @@ def test_resume_on_another_world_size_keeps_the_global_batch_epoch_and_schedule(
 def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, capsys):
     run = tmp_path / "r"
     assert cli.main(["train", *S, "schedule.max_steps=1", f"run_dir={run}"]) == 0
-    source = CheckpointManager(run).latest().path
+    source = ResumePoint.find(run)
     cfg = load_config(str(run / "config.yaml"))
     with pytest.raises(ConfigError) as e:
         fit_world_size(cfg, 3, source)

@@ -15,10 +15,12 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_plan_from_config
 from attnxfer.apps.run_parts import build_student
+from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import list_recipes, load_config
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
-from attnxfer.train.measure import map_agreement, relative_speed
+from attnxfer.train.measure import map_agreement
+from attnxfer.train.speed import forward_speed
 from attnxfer.train.stage1 import stage1_transfer
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 from attnxfer.transfer.conversion import ConversionPlan, build_conversion_plan
@@ -259,18 +261,19 @@ def test_clear_errors_for_bad_conversions():
     assert headless.num_classes == 7  # a headless (MAE-style) teacher's student gets a new head
 
 
-def test_relative_speed_reports_medians_and_ratio():
+def test_forward_speed_reports_medians_and_ratio():
     teacher = _teacher()
     student = build_efficient_student(teacher, "relu_linear")
-    speed = relative_speed(teacher, student, torch.randn(2, 3, 32, 32), repeats=3, warmup=1)
+    models = {"teacher": teacher, "student": student}
+    speed = forward_speed(models, torch.randn(2, 3, 32, 32), repeats=3, warmup=1)
     assert speed["tokens"] == 17 and speed["repeats"] == 3 and speed["student_ms"] > 0
-    assert speed["speedup"] == pytest.approx(speed["teacher_ms"] / speed["student_ms"])
+    assert speed["student_over_teacher"] == pytest.approx(speed["teacher_ms"] / speed["student_ms"])
     assert speed["student_images_per_s"] == pytest.approx(2 * 1000 / speed["student_ms"])
     assert speed["teacher_images_per_s"] == pytest.approx(2 * 1000 / speed["teacher_ms"])
     assert speed["precision"] == "no autocast"
 
 
-def test_relative_speed_runs_both_models_under_the_given_autocast():
+def test_forward_speed_runs_both_models_under_the_given_autocast():
     """On GPU the report measures in the run's precision (bf16 autocast): the forwards it times really run
     under it (the heads compute in bf16), and the models are left as they were."""
     teacher = _teacher()
@@ -278,8 +281,12 @@ def test_relative_speed_runs_both_models_under_the_given_autocast():
     seen = []
     for model in (teacher, student):
         model.head.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    speed = relative_speed(
-        teacher, student, torch.randn(2, 3, 32, 32), repeats=2, warmup=0, autocast=torch.bfloat16
+    speed = forward_speed(
+        {"teacher": teacher, "student": student},
+        torch.randn(2, 3, 32, 32),
+        repeats=2,
+        warmup=0,
+        autocast=torch.bfloat16,
     )
     assert speed["precision"] == "bfloat16 autocast"
     assert seen and set(seen) == {torch.bfloat16}
@@ -329,7 +336,7 @@ def _convert_args(run_dir, teacher_dir, *extra):
         f"run_dir={run_dir}",
         f"teacher.spec=local-dir:{teacher_dir}",
         "data.dataset=synthetic",
-        "data.synthetic_length=64",
+        "data.kwargs.length=64",
         "data.batch_size=16",
         "convert.attention=hedgehog",
         "convert.stage1_steps=6",
@@ -339,7 +346,7 @@ def _convert_args(run_dir, teacher_dir, *extra):
         "transfer.logit_distill=1.0",
         "transfer.logit_temperature=2.0",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "convert.agreement_batches=1",
         "convert.speed_repeats=2",
         "convert.speed_batch_size=4",
@@ -379,7 +386,7 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert speed["student_images_per_s"] == pytest.approx(4 * 1000 / speed["student_ms"])  # batch 4
     assert speed["precision"] == "no autocast"  # the CPU runs fp32
     assert report["stage1"]["steps"] == 6 and report["stage2"]["steps"] == 2
-    assert (run / "stage1" / "student.safetensors").is_file() and (run / "stage2" / "checkpoints").is_dir()
+    assert ResumePoint.find(run / "stage1").record("complete") and (run / "stage2" / "checkpoints").is_dir()
     md = (run / "report.md").read_text()
     assert "| block | attention | metric | before stage 1 | after stage 1 | after stage 2 |" in md
     assert "Recovered:" in md and "x** the teacher's speed" in md
@@ -478,7 +485,7 @@ def test_convert_with_a_formula_attention_and_an_unparsable_one(tmp_path, tiny_t
     report = json.loads((run / "report.json").read_text())
     rows = report["agreement"]["teacher_input"]
     assert sum(r["after_stage1"] for r in rows) < sum(r["before_stage1"] for r in rows)
-    assert (run / "stage1" / "student.safetensors").is_file()
+    assert ResumePoint.find(run / "stage1").record("complete")
     bad = tmp_path / "bad"
     assert (
         main(["convert", *_convert_args(bad, tiny_teacher_dir, "convert.attention=formula:sum(relu.)")]) == 2

@@ -28,7 +28,7 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
         f"run_dir={run}",
         f"teacher.spec=local-dir:{headless_teacher_dir}",
         "data.dataset=synthetic",
-        "data.synthetic_length=32",
+        "data.kwargs.length=32",
         "data.batch_size=16",
         "convert.attention=hedgehog",
         "convert.stage1_steps=2",
@@ -38,7 +38,7 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
         "transfer.logit_distill=0",
         "model.num_classes=10",  # a new head: the labelled stage 2 (without it, the student stays headless)
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "convert.agreement_batches=1",
         "convert.speed_repeats=1",
         "convert.speed_batch_size=2",

@@ -56,10 +56,10 @@ def test_the_micro_teacher_is_a_full_attention_pvt_v2_at_56_px():
 _TINY = [
     "data.dataset=synthetic",
     "data.in_chans=1",
-    "data.synthetic_length=16",
+    "data.kwargs.length=16",
     "data.batch_size=8",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "schedule.max_steps=2",
     "device=cpu",
 ]

@@ -106,13 +106,13 @@ def _convert_args(run, teacher_dir, *extra: str) -> list[str]:
         "convert.agreement_batches=1",
         "convert.speed_repeats=1",
         "convert.speed_batch_size=2",
-        "convert.knn_bank_size=16",
+        "eval.knn_bank_size=16",
         "transfer.mode=none",
         "schedule.epochs=1",
         "schedule.max_steps=2",
         "model.drop_path_rate=0",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         *extra,
     ]
 
@@ -185,8 +185,8 @@ def test_label_free_conversion_reads_no_label_and_exports_a_headless_encoder(tmp
     # config records convert.attention and no model.attention: a softmax student would take its weights silently
     built = {}
 
-    def build(cfg):
-        built["engine"] = build_engine(cfg, write_run_files=False)
+    def build(cfg, found):
+        built["engine"] = build_engine(cfg, write_run_files=False, found=found)
         return built["engine"]
 
     with labels_raise_registered():  # the run's dataset; its labels stay unread here too
@@ -202,7 +202,7 @@ def test_labelled_val_split_gives_knn_rows_and_a_softmax_encoder_exports_to_plai
     tmp_path, headless_dir, capsys
 ):
     run, out = tmp_path / "run", tmp_path / "export"
-    args = _convert_args(run, headless_dir, "data.dataset=synthetic", "data.synthetic_length=48")
+    args = _convert_args(run, headless_dir, "data.dataset=synthetic", "data.kwargs.length=48")
     code, _, err = _cli(capsys, "convert", *args, "convert.attention=softmax", "--skip-stage1")
     assert code == 0, err
     report = json.loads((run / "report.json").read_text())

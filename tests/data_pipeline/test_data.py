@@ -266,7 +266,7 @@ def test_sampler_resume_on_another_world_size_yields_the_rest():
     ]
     for s in before:
         s.set_epoch(1)
-        s.advance(3 * 2 * 2)  # three steps of per-rank batch 2 on 2 ranks
+        s.set_position(3 * 2 * 2)  # three steps of per-rank batch 2 on 2 ranks
     consumed = set()
     for r in range(2):  # each old rank's first three batches of epoch 1
         fresh = ResumableSampler(50, shuffle=True, seed=2, rank=r, world_size=2, drop_last=False)
@@ -312,7 +312,7 @@ def test_exact_sampler_scores_every_sample_once_at_every_world_size(length, worl
 def test_sampler_state_is_checked():
     s = ResumableSampler(20, shuffle=True, seed=0)
     s.set_epoch(2)
-    s.advance(8)
+    s.set_position(8)
     state = s.state_dict()
     assert json.loads(json.dumps(state)) == state
     other = ResumableSampler(20, shuffle=True, seed=1)
@@ -322,7 +322,7 @@ def test_sampler_state_is_checked():
         s.set_position(500)
     s.set_epoch(3)  # a new epoch restarts at 0; setting the same epoch keeps the position
     assert s.position == 0
-    s.advance(4)
+    s.set_position(s.position + 4)
     s.set_epoch(3)
     assert s.position == 4
 

@@ -6,6 +6,7 @@ end to end, and work that needs labels stops in one line before it starts."""
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -226,7 +227,7 @@ _TINY_MAE = [
     "schedule.epochs=1",
     "schedule.max_steps=2",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "checkpoint.every_epoch=false",
     "checkpoint.every_steps=2",
@@ -243,10 +244,11 @@ def test_mae_pretraining_without_labels_never_reads_one(tmp_path):
     result = pretrain(load_config(None, [*_TINY_MAE, "data.labels=false", f"run_dir={run}"]))
     assert result.steps == 2 and (run / "export" / "model.safetensors").is_file()
     assert list((run / "pictures").glob("*.png"))
-    scored = pretrain(
-        load_config(None, [*_TINY_MAE, "data.labels=false", f"run_dir={run}", "eval_only=true"])
-    )
-    assert "val_loss" in scored.final and not any(k.startswith("knn") for k in scored.final)
+    assert (
+        cli.main(["eval", *_TINY_MAE, "data.labels=false", f"run_dir={run}"]) == 0
+    )  # scored by its val loss
+    [scored] = [json.loads(p.read_text())["metrics"] for p in run.glob("eval-*.json")]
+    assert "val_loss" in scored and not any(k.startswith("knn") for k in scored)
 
 
 def test_convert_stage1_on_data_without_labels_never_reads_one(tiny_teacher_dir):

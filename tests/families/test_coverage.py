@@ -26,12 +26,17 @@ from .cases import CASES
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _planned(row) -> int:
+    """Archs of a coverage row that plan both a copy and a distillation."""
+    return min(row.copy, row.distill)
+
+
 def test_table_covers_exactly_the_declared_modules_with_timms_arch_counts():
     archs = module_archs()
     assert tuple(COVERAGE) == TIMM_MODULES
     assert {m: len(a) for m, a in archs.items()} == {m: r.archs for m, r in COVERAGE.items()}
     for row in COVERAGE.values():
-        assert 0 <= row.planned <= row.archs
+        assert 0 <= _planned(row) <= row.archs
 
 
 def test_every_family_file_covers_a_timm_module_and_no_module_twice():
@@ -47,9 +52,9 @@ def test_every_family_has_cases_in_the_table():
 
 def test_goal_at_least_95_percent_of_the_families_plan_a_transfer():
     total = sum(r.archs for r in COVERAGE.values())
-    planned = sum(r.planned for r in COVERAGE.values())
+    planned = sum(_planned(r) for r in COVERAGE.values())
     assert planned / total >= 0.95, (planned, total)
-    assert all(r.planned > 0 for r in COVERAGE.values())
+    assert all(_planned(r) > 0 for r in COVERAGE.values())
 
 
 @pytest.mark.parametrize("module", TIMM_MODULES)
@@ -59,9 +64,9 @@ def test_first_arch_of_each_module_plans_as_the_table_says(module):
     row = COVERAGE[module]
     arch = module_archs([module])[module][0]
     errors = plan_error(arch)
-    if row.planned == row.archs:
+    if _planned(row) == row.archs:
         assert errors == {"copy": None, "distill": None}, errors
-    elif row.planned == 0:
+    elif _planned(row) == 0:
         assert all(errors.values()), errors
 
 

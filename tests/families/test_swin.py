@@ -170,9 +170,9 @@ def test_train_checkpoint_resume_and_export_with_a_swin_teacher(mode, swin_teach
             f"transfer.mode={mode}",
             "data.dataset=synthetic",
             "data.batch_size=4",
-            "data.synthetic_length=16",
+            "data.kwargs.length=16",
             "log.progress=false",
-            "log.tensorboard=false",
+            "log.trackers=[]",
             "checkpoint.every_epoch=false",
             "transfer.ce_path=rows",  # no path measurement before the first step: seconds saved
             "checkpoint.every_steps=1",

@@ -159,11 +159,11 @@ def test_convert_on_a_pvt_v2_teacher_runs_with_the_default_stage_2(pvt_teacher_d
             "convert.speed_repeats=1",
             "data.dataset=synthetic",
             "data.batch_size=4",
-            "data.synthetic_length=8",
+            "data.kwargs.length=8",
             "schedule.max_steps=1",
             "log.every_steps=1",
             "log.progress=false",
-            "log.tensorboard=false",
+            "log.trackers=[]",
         ]
     )
     out = capsys.readouterr().out

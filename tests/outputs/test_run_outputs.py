@@ -21,11 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 TINY = [
     "data.dataset=synthetic",
     "data.batch_size=16",
-    "data.synthetic_length=64",
+    "data.kwargs.length=64",
     "model.kwargs={depth: 2, embed_dim: 48}",
     "transfer.mode=none",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "log.attention_images=0",
     "checkpoint.every_epoch=false",
@@ -146,7 +146,6 @@ def test_trackers_write_real_files_and_a_resumed_run_continues_the_same_tracker_
     common = [
         f"run_dir={run}",
         *TINY,
-        "log.tensorboard=true",
         "log.trackers=[tensorboard, wandb, mlflow]",
         "log.project=attnxfer-test",
     ]
@@ -185,11 +184,10 @@ def test_a_tracker_whose_package_is_missing_names_the_pip_command():
         TrackerKind,
         TrackerMissingError,
         check_trackers,
-        register_tracker,
     )
 
-    register_tracker(
-        TrackerKind("absent", "attnxfer_no_such_package", "absent", lambda c: None, lambda t: {})
+    TRACKERS["absent"] = TrackerKind(
+        "absent", "attnxfer_no_such_package", "absent", lambda c: None, lambda t: {}
     )
     try:
         with pytest.raises(TrackerMissingError, match=r"pip install 'attnxfer\[absent\]'"):

@@ -45,6 +45,18 @@ def test_no_function_local_imports_below_launch():
     assert not offenders, "function-local imports of attnxfer modules:\n" + "\n".join(offenders)
 
 
+#: the most lines one module of the package may have: past it, a file holds more than one job
+MAX_LINES = 600
+
+
+def test_no_module_of_the_package_is_over_the_line_limit():
+    """Files under 600 lines: a module that grows past it splits by job (as the CLI's commands went one file
+    each into launch/commands/)."""
+    sizes = {path: len(path.read_text().splitlines()) for path in sorted(PACKAGE.rglob("*.py"))}
+    long = [f"{path.relative_to(ROOT)}: {n} lines" for path, n in sizes.items() if n > MAX_LINES]
+    assert not long, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(long)
+
+
 def test_bare_import_loads_no_config_apps_or_launch():
     """`import attnxfer` gives the library (models, algorithm, sources, export), not the config schema,
     the apps or the CLI."""

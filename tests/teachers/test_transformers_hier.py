@@ -463,10 +463,10 @@ def test_the_refused_swin_layouts_really_compute_differently(tmp_path, monkeypat
 TRAIN = [
     "transfer.mode=distill",
     "data.dataset=synthetic",
-    "data.synthetic_length=16",
+    "data.kwargs.length=16",
     "data.batch_size=8",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "schedule.epochs=1",
     "schedule.max_steps=2",
 ]

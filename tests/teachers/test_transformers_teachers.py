@@ -446,7 +446,7 @@ def test_the_cli_refuses_an_unreadable_folder_in_one_line_before_any_work(tmp_pa
         f"teacher.spec=local-dir:{folder}",
         "transfer.mode=distill",
         "data.dataset=synthetic",
-        "data.synthetic_length=16",
+        "data.kwargs.length=16",
         "data.batch_size=8",
         "log.progress=false",
         "schedule.max_steps=1",
@@ -464,10 +464,10 @@ def test_the_cli_refuses_an_unreadable_folder_in_one_line_before_any_work(tmp_pa
 TRAIN = [
     "transfer.mode=distill",
     "data.dataset=synthetic",
-    "data.synthetic_length=16",
+    "data.kwargs.length=16",
     "data.batch_size=8",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "schedule.epochs=1",
     "schedule.max_steps=2",
 ]

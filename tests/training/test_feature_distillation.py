@@ -183,7 +183,7 @@ def _train_args(run, teacher_dir, *extra: str) -> list[str]:
         "schedule.epochs=3",
         "log.every_steps=1",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "ema.decay=0.9",
         *extra,
     ]

@@ -60,7 +60,7 @@ def test_fresh_hedgehog_student_distils_through_the_cli_and_round_trips_through_
         "model.attention=hedgehog",
         "data.dataset=synthetic",
         "data.batch_size=16",
-        "data.synthetic_length=16",  # one batch, the same images every step: the loss is a function of weights
+        "data.kwargs.length=16",  # one batch, the same images every step: the loss is a function of weights
         "schedule.max_steps=10",
         "schedule.warmup_epochs=0",
         "optim.lr=1e-2",
@@ -68,7 +68,7 @@ def test_fresh_hedgehog_student_distils_through_the_cli_and_round_trips_through_
         "model.drop_path_rate=0",
         "log.every_steps=1",
         "log.progress=false",
-        "log.tensorboard=false",
+        "log.trackers=[]",
         "checkpoint.every_epoch=false",
         "deterministic=true",
     ]

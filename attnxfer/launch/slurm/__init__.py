@@ -64,7 +64,6 @@ from .task import (
     TIMEOUT_SLACK_S,
     RequeueLimitReached,
     TrainingTask,
-    requeue_count,
     requeue_record_path,
 )
 
@@ -96,7 +95,6 @@ __all__ = [
     "parse_sweep",
     "parse_time_minutes",
     "render_dry_run",
-    "requeue_count",
     "requeue_record_path",
     "sbatch_error",
     "sbatch_parameters",

@@ -9,8 +9,10 @@ from typing import Any
 
 import submitit
 
+from ...checkpoints.run_lock import last_checkpoint_note
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 from .monitor import (  # moved to monitor.py
+    JobFailedError,
     wait,
 )
 from .options import (  # moved to options.py
@@ -21,6 +23,7 @@ from .options import (  # moved to options.py
 )
 from .submission import (  # moved to submission.py
     submit,
+    sweep_points,
 )
 
 
@@ -36,15 +39,18 @@ def options_from_args(ns: argparse.Namespace) -> SlurmOptions:
 def submit_from_args(
     main_fn: Callable[[Any], Any], cfg: RunConfig, ns: argparse.Namespace, echo: Callable[[str], None] = print
 ) -> list[submitit.Job]:
-    """``attnxfer submit`` in one call: options, sweep, dry run and ``--wait`` from parsed flags."""
+    """``attnxfer submit`` in one call: options, sweep, dry run and ``--wait`` from parsed flags. A job that
+    fails under ``--wait`` raises `JobFailedError`, which says where its run can resume from."""
+    sweep = parse_sweep(getattr(ns, "sweep", None))
     jobs = submit(
-        main_fn,
-        cfg,
-        options_from_args(ns),
-        sweep=parse_sweep(getattr(ns, "sweep", None)),
-        dry_run=getattr(ns, "dry_run", False),
-        echo=echo,
+        main_fn, cfg, options_from_args(ns), sweep=sweep, dry_run=getattr(ns, "dry_run", False), echo=echo
     )
     if jobs and getattr(ns, "wait", False):
-        wait(jobs)
+        try:
+            wait(jobs)
+        except JobFailedError as e:
+            run_dirs = {job.job_id: point.run_dir for job, point in zip(jobs, sweep_points(cfg, sweep))}
+            if e.job_id in run_dirs:
+                e.resume_note = last_checkpoint_note(run_dirs[e.job_id])
+            raise
     return jobs

@@ -13,6 +13,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import pickle_load
 
+from ...train.watchdog import SILENCE_LINE
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
 
@@ -22,16 +23,27 @@ from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home b
 class JobFailedError(RuntimeError):
     """A rank of a submitted job raised (or the job died); carries the rank's log tail."""
 
-    def __init__(self, message: str, job_id: str, rank: int | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        message: str,
+        job_id: str,
+        rank: int | None = None,
+        log_path: Path | None = None,
+        reason: str | None = None,
+    ):
         super().__init__(message)
         self.job_id, self.rank, self.log_path = job_id, rank, log_path
-        self.reason = message.splitlines()[0]  # one line for a command line to print
+        self.reason = reason or message.splitlines()[0]  # one line for a command line to print
+        #: where the run can resume from, in words (set by whoever knows the job's run dir)
+        self.resume_note: str | None = None
 
     def summary(self) -> str:
-        """One line: the job, the rank, its error message and where its log is."""
-        where = f" on rank {self.rank}" if self.rank is not None else ""
+        """One line: the job, the rank, its error message, where the run can resume from and where its log is."""
+        named = self.rank is None or re.match(rf"(?:\S+ )?rank {self.rank}\b", self.reason)
+        where = "" if named else f" on rank {self.rank}"
+        resume = f"; {self.resume_note}" if self.resume_note else ""
         log = f" (log: {self.log_path})" if self.log_path else ""
-        return f"job {self.job_id} failed{where}: {self.reason}{log}"
+        return f"job {self.job_id} failed{where}: {self.reason}{resume}{log}"
 
 
 class JobTimeoutError(TimeoutError):
@@ -192,14 +204,14 @@ def _stop_if_died(
     job: submitit.Job, state: str | None, ended_at: float, grace_s: float, log_lines: int
 ) -> None:
     """A job that ended ``grace_s`` ago and still has no result from every rank died (killed, out of memory,
-    a requeue limit): `JobFailedError` with every rank's log tail. Within the grace its results may still be
-    landing on a shared filesystem."""
-    if time.monotonic() - ended_at <= grace_s:
+    a requeue limit, a rank's watchdog): `JobFailedError` with every rank's log tail. Within the grace its
+    results may still be landing on a shared filesystem, unless a rank's watchdog ended the job."""
+    # a rank's watchdog that ended the job needs no grace: no result is on its way
+    if time.monotonic() - ended_at <= grace_s and _watchdog_report(job, "") is None:
         return
     logs = "\n".join(_rank_logs(t, log_lines) for t in _tasks(job))
-    raise JobFailedError(
-        f"job {job.job_id} ended ({state or job.state}) without a result from every rank:\n{logs}", job.job_id
-    )
+    message = f"job {job.job_id} ended ({state or job.state}) without a result from every rank:\n{logs}"
+    raise _died(job, message) or JobFailedError(message, job.job_id)
 
 
 def _timed_out(
@@ -246,6 +258,55 @@ _PEER_GONE = re.compile(
 )
 
 
+# srun's report of a task that ended badly, in the batch log: "srun: error: node2: task 1: Killed",
+# "srun: error: node1: tasks 0-1: Exited with exit code 3"
+_SRUN_TASK_END = re.compile(
+    r"^srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,-]+): (?P<how>.+)$", re.MULTILINE
+)
+
+
+def _died(job: submitit.Job, message: str) -> JobFailedError | None:
+    """The rank that ended a job which left no error of its own, in one line, or None where nothing says:
+    a rank's watchdog line (`_watchdog_report`), else srun's first report of a task that ended badly
+    (``--kill-on-bad-exit`` then ended the others: their reports follow it). ``message``: the error's
+    full text (logs follow)."""
+    report = _watchdog_report(job, message)
+    if report is not None:
+        return report
+    tasks = _tasks(job)
+    batch_log = tasks[0].paths.stderr
+    srun = _SRUN_TASK_END.search(batch_log.read_text(errors="replace")) if batch_log.exists() else None
+    if srun is None:
+        return None
+    first = re.match(r"\d+", srun.group("tasks"))
+    rank = int(first.group(0)) if first else None
+    return JobFailedError(
+        f"{message}\n--- last 10 lines of {batch_log} (srun) ---\n{_tail(batch_log, 10)}",
+        job.job_id,
+        rank,
+        tasks[rank].paths.stderr if rank is not None and rank < len(tasks) else batch_log,
+        reason=f"rank {rank} died ({srun.group(0).strip()})" if rank is not None else srun.group(0).strip(),
+    )
+
+
+def _watchdog_report(job: submitit.Job, message: str) -> JobFailedError | None:
+    """A rank's watchdog line (`attnxfer.train.watchdog`), which names the peer that stopped answering: the
+    rank that printed it ended its own process, and no result will come from the job."""
+    for task in _tasks(job):
+        path = task.paths.stderr
+        line = SILENCE_LINE.search(path.read_text(errors="replace")) if path.exists() else None
+        if line:
+            named = re.match(r"rank (\d+)", line.group(0))
+            return JobFailedError(
+                f"{message}\n{_tail(path, 20)}",
+                job.job_id,
+                int(named.group(1)) if named else None,
+                path,
+                reason=line.group(0),
+            )
+    return None
+
+
 def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list[Any] | None:
     """Every rank's result once all are in; raises for the rank whose error caused the others.
 
@@ -254,15 +315,22 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
     """
     tasks = _tasks(job)
     outcomes = [_task_outcome(task, not_before) for task in tasks]
-    failed = [rank for rank, o in enumerate(outcomes) if o is not None and o[0] == "error"]
-    if failed:
+    if any(o is not None and o[0] == "error" for o in outcomes):
+        _stop_unless_ending(job)
+        outcomes = [_task_outcome(task, not_before) for task in tasks]  # the job has ended: every error is in
+        failed = [rank for rank, o in enumerate(outcomes) if o is not None and o[0] == "error"]
 
         def cause_first(r: int) -> tuple[bool, float]:
             secondary = bool(_PEER_GONE.search(str(outcomes[r][1])))
             return secondary, tasks[r].paths.result_pickle.stat().st_mtime
 
         rank = min(failed, key=cause_first)
-        _stop_unless_ending(job)
+        if cause_first(rank)[0]:  # every error is a peer gone: the job's own logs may say which rank died
+            died = _died(
+                job, f"job {job.job_id}: rank {rank} failed because a peer left:\n{outcomes[rank][1]}"
+            )
+            if died is not None:
+                raise died
         others = [r for r in failed if r != rank]
         also = f" (then ranks {others}, most likely as a consequence)" if others else ""
         batch_log = (

@@ -106,7 +106,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
                     f"max_preemptions={self.max_preemptions}; raise --max-preemptions or use another partition"
                 )
         _watch_stop_signals()
-        info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")))
+        # the config's dist.timeout (a run's config; another callable's config may have none: torch's defaults)
+        timeout = getattr(getattr(self.cfg, "dist", None), "timeout", None)
+        info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")), timeout)
         try:
             result = self.main_fn(self.cfg)
         except StopRequested as stop:  # SIGTERM: the step is saved; requeue (rank 0), then every rank leaves
@@ -271,9 +273,3 @@ def _ensure_job_logging() -> None:
 
 def requeue_record_path(job_folder: str | Path, job_id: str) -> Path:
     return Path(job_folder) / f"{job_id}_requeues.json"
-
-
-def requeue_count(job: submitit.Job) -> int:
-    """How many times ``job`` was requeued (0 when it never was)."""
-    path = requeue_record_path(job.paths.folder, job.job_id)
-    return json.loads(path.read_text())["requeues"] if path.exists() else 0

@@ -47,11 +47,6 @@ class ModuleCoverage:
     distill: int
     workflows: tuple[str, ...] = ()
 
-    @property
-    def planned(self) -> int:
-        """Archs that plan both a copy and a distillation."""
-        return min(self.copy, self.distill)
-
 
 @dataclass(frozen=True)
 class Tiling:

@@ -62,7 +62,6 @@ __all__ = [
     "evaluate_features",
     "feature_map_kind",
     "head_groups",
-    "linear_attend",
     "linear_map_rows",
     "linear_readout",
     "linear_readout_into",
@@ -143,15 +142,6 @@ def linear_readout_into(phi_q: FeatureBlocks, state, out: torch.Tensor) -> torch
         numerator = _accumulate(numerator, matmul_fp32(block_q, kv.to(block_q.dtype)))
         denominator = _accumulate(denominator, matmul_fp32(block_q, normaliser.to(block_q.dtype)))
     return torch.div(numerator, denominator, out=out)
-
-
-def linear_attend(phi_q: FeatureBlocks, phi_k: FeatureBlocks, v: torch.Tensor) -> torch.Tensor:
-    """(B,H,N,m), (B,H,N,m), (B,H,N,d) -> (B,H,N,d) in O(N m d).
-
-    phi_q / phi_k may also be tuples of blocks whose concatenation is the feature vector
-    (e.g. Hedgehog's two signs): the block sums are added, and no concatenated copy is made.
-    """
-    return linear_readout(phi_q, linear_state(phi_k, v))
 
 
 def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
@@ -459,7 +449,7 @@ class HedgehogFeatures(nn.Module):
     def blocks(
         self, x: torch.Tensor, eps: float = 0.0, heads: slice = ALL_HEADS
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two signs as separate blocks (+ eps), for ``linear_attend`` without a concatenation; ``x``
+        """The two signs as separate blocks (+ eps), for `linear_state` / `linear_readout` without a concatenation; ``x``
         holds the heads ``heads``. (One product with [W, -W] and one softmax over a (2, m) view ran 1.1-1.2x
         slower here: two m-wide products beat one 2m-wide one on this CPU.)"""
         # bf16 x: u feeds the softmaxes' exponentials, so it is computed at fp32 accuracy (W split into two

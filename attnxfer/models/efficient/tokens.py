@@ -6,13 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["grid_to_image", "image_to_grid", "window_ids", "window_merge", "window_partition", "window_valid"]
-
-
-def grid_to_image(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, H, G, c) grid tokens -> (B*H, c, gh, gw) for 2-D ops."""
-    B, H, _G, c = x.shape
-    return x.reshape(B * H, grid[0], grid[1], c).permute(0, 3, 1, 2)
+__all__ = ["image_to_grid", "window_ids", "window_merge", "window_partition", "window_valid"]
 
 
 def image_to_grid(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:

@@ -44,7 +44,7 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
             f"run_dir={run}",
             f"teacher.spec=local-dir:{teacher}",
             "data.dataset=synthetic",
-            "data.synthetic_length=64",
+            "data.kwargs.length=64",
             "data.batch_size=8",
             "search.population=4",
             "search.offspring=3",

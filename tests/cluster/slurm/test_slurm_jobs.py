@@ -23,7 +23,7 @@ from toy_training import ToyConfig, final_weights, read_checkpoint_step, referen
 from attnxfer.launch.slurm import (
     JobFailedError,
     SlurmOptions,
-    requeue_count,
+    requeue_record_path,
     sbatch_script,
     slurm_job_info,
     submit,
@@ -110,8 +110,8 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm, tmp_path,
         assert r["resumed_from"] + r["steps_run"] == cfg.steps, r
     # the run resumed bit-for-bit where it stopped: same weights as an uninterrupted run
     _assert_matches_reference(cfg.run_dir, cfg, world_size=2)
-    assert requeue_count(job) == 1
-    record = json.loads((Path(cfg.run_dir) / "submitit" / f"{job.job_id}_requeues.json").read_text())
+    record = json.loads(requeue_record_path(Path(cfg.run_dir) / "submitit", job.job_id).read_text())
+    assert record["requeues"] == 1
     expected = ["requeued", "restarted"] if how == "signal" else ["restarted"]
     assert [e["event"] for e in record["events"]] == expected
     assert record["timeouts"] == 0 and record["preemptions"] == 1, record

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.checkpoints.verify import verify_checkpoint
 from attnxfer.launch import cli
 from attnxfer.launch.slurm import slurm_job_info
 
@@ -28,7 +32,7 @@ TINY = [
     "model.kwargs={depth: 2, embed_dim: 48}",
     "model.drop_path_rate=0.0",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "log.every_steps=1",
     "checkpoint.every_epoch=false",
     "deterministic=true",
@@ -154,7 +158,7 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
             f"run_dir={run}",
             f"teacher.spec=local-dir:{teacher}",
             "data.dataset=synthetic",
-            "data.synthetic_length=64",
+            "data.kwargs.length=64",
             f"data.batch_size={batch}",
             f"convert.stage1_batch_size={batch}",
             "convert.attention=hedgehog",
@@ -164,7 +168,7 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
             "transfer.mode=none",
             "transfer.logit_distill=1.0",
             "log.progress=false",
-            "log.tensorboard=false",
+            "log.trackers=[]",
             "log.every_steps=1",
             "convert.agreement_batches=1",
             "convert.speed_repeats=2",
@@ -197,8 +201,7 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
         assert a["after_stage1"] == pytest.approx(b["after_stage1"], rel=1e-3)
     # weights: equal up to summation order, which AdamW's normalised steps (lr 1e-2 here, up to 4e-2 of
     # movement per weight) amplify for the few weights whose gradients are nearly zero
-    w_job = load_file(str(tmp_path / "job" / "stage1" / "student.safetensors"))
-    w_one = load_file(str(tmp_path / "one" / "stage1" / "student.safetensors"))
+    w_job, w_one = (ResumePoint.find(tmp_path / r / "stage1").load_tensors()["model"] for r in ("job", "one"))
     for k in w_one:
         torch.testing.assert_close(w_job[k], w_one[k], rtol=1e-3, atol=3e-4)
     name_j, w_job2, state = _final(tmp_path / "job" / "stage2")
@@ -302,3 +305,114 @@ def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
         ("restarted", None),
     ]
     assert record["timeouts"] == 0 and record["preemptions"] == 1
+
+
+# ---- a rank that dies or hangs: the job ends in bounded time, with one line naming it -----------------
+RANK_FAILURE = [
+    *TINY,
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.synthetic_length=32",
+    "schedule.epochs=1000",
+    "schedule.max_steps=5000",  # far beyond the end: the job is mid-run whenever the signal lands
+    "checkpoint.every_steps=5",
+]
+
+
+def _job_pids(job_id: str, rank: int | None = None) -> list[int]:
+    """The job's Python tasks on this machine (all of them, or rank ``rank``'s), found by their environment."""
+    pids = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            env = dict(
+                item.split("=", 1)
+                for item in environ.read_bytes().decode(errors="replace").split("\0")
+                if "=" in item
+            )
+            command = (environ.parent / "cmdline").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if env.get("SLURM_JOB_ID") != job_id or b"submitit" not in command:
+            continue
+        if rank is None or env.get("SLURM_PROCID") == str(rank):
+            pids.append(int(environ.parent.name))
+    return pids
+
+
+def _submit_then_signal(
+    run: Path, signum: int, *overrides: str
+) -> tuple[subprocess.CompletedProcess, str, int]:
+    """``attnxfer submit --wait`` of a 2-task training job; once its first checkpoint is saved, ``signum``
+    goes to task 1's process. Returns how submit ended, the job id and the pid that got the signal; the
+    signalled process is killed and the job cancelled whatever happens."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [f"run_dir={run}", *RANK_FAILURE, *overrides]
+    slurm = ["--tasks-per-node", "2", "--cpus-per-task", "1", "--time", "5", "--wait"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "attnxfer", "submit", *args, *slurm],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    job_id, pid = "", 0
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not list((run / "checkpoints").glob("step-*")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint was saved"
+            time.sleep(0.1)
+        job_id = next((run / "submitit").glob("*_0_log.out")).name.split("_")[0]
+        [pid] = _job_pids(job_id, rank=1)
+        os.kill(pid, signum)
+        out, err = proc.communicate(timeout=WAIT_S)  # a hang guard: a job that hangs fails the test here
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # ends a stopped process too
+        if job_id:
+            subprocess.run(["scancel", job_id], check=False, capture_output=True)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), job_id, pid
+
+
+def _assert_job_ended_on_intact_checkpoint(line: str, job_id: str) -> None:
+    """The job is over (FAILED, no task left on the node), and the checkpoint its line names is intact."""
+    deadline = time.monotonic() + WAIT_S
+    while _job_pids(job_id) or (slurm_job_info(job_id) or {}).get("JobState") in ("RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline, f"job {job_id} still has tasks: {_job_pids(job_id)}"
+        time.sleep(0.2)
+    assert slurm_job_info(job_id)["JobState"] == "FAILED"
+    m = re.search(r"last intact checkpoint: step (\d+) \((\S+)\)", line)
+    assert m, line
+    info = verify_checkpoint(m.group(2), verify_hash=True)  # every file's sha256 against its manifest
+    assert info.step == int(m.group(1)) >= 5
+
+
+def test_a_killed_rank_ends_the_job_with_one_line_naming_it(slurm, tmp_path):
+    """SIGKILL of one task: srun (--kill-on-bad-exit) ends the other at once, and submit --wait says which
+    task died, how, and where the run can resume from."""
+    res, job_id, _ = _submit_then_signal(tmp_path / "job", signal.SIGKILL)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith(f"attnxfer submit: error: job {job_id} failed: rank 1 died "), line
+    assert "(srun: error: node1: task 1: Killed)" in line
+    _assert_job_ended_on_intact_checkpoint(line, job_id)
+
+
+def test_a_stopped_rank_ends_the_job_after_dist_timeout_with_one_line_naming_it(slurm, tmp_path):
+    """SIGSTOP of one task: the other's watchdog names it after dist.timeout and ends its own process; srun
+    then ends the stopped one, and submit --wait prints the watchdog's line."""
+    res, job_id, pid = _submit_then_signal(tmp_path / "job", signal.SIGSTOP, "dist.timeout=10")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    line = lines[0]
+    assert line.startswith(f"attnxfer submit: error: job {job_id} failed: rank 1 on node1 (pid {pid}) "), line
+    assert re.search(r"has not answered for 1\d s \(stopped or hung; dist.timeout=10\): stopping", line), line
+    _assert_job_ended_on_intact_checkpoint(line, job_id)

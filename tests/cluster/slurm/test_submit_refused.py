@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parents[3]
 TINY = [
     "data.dataset=synthetic",
     "data.batch_size=8",
-    "data.synthetic_length=16",
+    "data.kwargs.length=16",
     "model.kwargs={depth: 2, embed_dim: 48}",
     "transfer.mode=none",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "schedule.max_steps=2",
     "checkpoint.every_epoch=false",
 ]

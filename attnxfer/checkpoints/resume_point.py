@@ -1,0 +1,178 @@
+"""What a run goes on from: the config's ``checkpoint.resume`` (auto | none | PATH) and the checkpoint it finds.
+
+Every command that resumes (train, pretrain, eval, convert's two stages, search, a study's students) asks
+`ResumePoint.find` once: it picks the checkpoint (the newest intact one, a given one, or none), verifies it
+and parses its ``state.json`` a single time. Everything later that needs the saved state (the config it was
+trained with, its world size, its teacher, its data, its CE path, its loop position) reads the point, never
+the files again. Which recorded keys changed, and whether that is allowed, is judged by the apps (they know
+the config's rule) and kept on the point as `KeyChange`s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, MissingPathError
+from ..run_layout import STATE_NAME
+from .store import CheckpointError, CheckpointInfo, CheckpointManager, load_checkpoint, verify_checkpoint
+
+__all__ = ["KeyChange", "ResumeFrom", "ResumePoint", "ResumePolicy"]
+
+
+class ResumePolicy(StrEnum):
+    LATEST = "auto"  # the run's newest intact checkpoint, if it has one
+    FRESH = "none"  # start over (records of an earlier attempt are dropped)
+    PATH = "path"  # a given checkpoint directory
+
+
+@dataclass(frozen=True)
+class ResumeFrom:
+    """The config's ``checkpoint.resume`` as data."""
+
+    policy: ResumePolicy = ResumePolicy.LATEST
+    path: Path | None = None
+
+    @classmethod
+    def parse(cls, value: ResumeFrom | str | os.PathLike) -> ResumeFrom:
+        """``auto``, ``none`` or a checkpoint directory (the config's words) as a `ResumeFrom`."""
+        if isinstance(value, ResumeFrom):
+            return value
+        try:
+            policy = ResumePolicy(str(value))
+        except ValueError:
+            return cls(ResumePolicy.PATH, Path(value))
+        if policy is ResumePolicy.PATH:  # the word itself is not a directory name anyone means
+            raise InputError("checkpoint.resume: use auto, none, or a checkpoint directory")
+        return cls(policy)
+
+    def checkpoint(
+        self, manager: CheckpointManager, verify_hash: bool | None = None
+    ) -> CheckpointInfo | None:
+        """The checkpoint to resume from, or None for a fresh start (``none``, or ``auto`` in a new run)."""
+        if self.policy is ResumePolicy.FRESH:
+            return None
+        if self.policy is ResumePolicy.LATEST:
+            return manager.latest(verify_hash=verify_hash)
+        if not self.path.exists():
+            raise MissingPathError(
+                f"checkpoint.resume={str(self.path)!r} does not exist; use auto, none, or a "
+                "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
+            )
+        return verify_checkpoint(self.path, verify_hash=True if verify_hash is None else verify_hash)
+
+    def __str__(self) -> str:
+        return str(self.path) if self.policy is ResumePolicy.PATH else self.policy.value
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """One config key whose value differs from the one a checkpoint recorded, and whether a resume may
+    change it (the rule is the apps': `attnxfer.apps.resume`)."""
+
+    key: str
+    old: Any
+    new: Any
+    allowed: bool
+    note: str = (
+        ""  # why it is allowed where the key alone would not be (e.g. "the weights must hash as recorded")
+    )
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.old!r} -> {self.new!r}){f' [{self.note}]' if self.note else ''}"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """A checkpoint found, verified and read once: where it is, its parsed state, and (once judged by the
+    apps) the config keys that changed since it was written."""
+
+    checkpoint: CheckpointInfo
+    state: dict[str, Any]
+    changes: tuple[KeyChange, ...] = field(default=())
+    # the training data is not what the checkpoint recorded and the user asked to go on: the epoch restarts
+    restart_epoch: bool = False
+
+    @classmethod
+    def find(
+        cls, run_dir: str | os.PathLike, resume: ResumeFrom | str = "auto", *, verify_hash: bool | None = None
+    ) -> ResumePoint | None:
+        """The checkpoint ``resume`` picks under ``run_dir`` (``none``: None; ``auto`` in a run without one:
+        None), verified (with its files' hashes unless ``verify_hash=False``) and its state parsed."""
+        info = ResumeFrom.parse(resume).checkpoint(CheckpointManager(run_dir), verify_hash=verify_hash)
+        if info is None:
+            return None
+        try:
+            state = json.loads((info.path / STATE_NAME).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"cannot read the recorded state of {info.path}: {e}") from e
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{info.path / STATE_NAME} is not a JSON object; not an attnxfer checkpoint?"
+            )
+        return cls(info, state)
+
+    # ---------------------------------------------------------------- what the state records
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.path
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.path.name
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", self.checkpoint.step))
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The config (as a dict) the checkpoint was trained with; None for a checkpoint written without one."""
+        config = self.state.get("config")
+        return config if isinstance(config, dict) else None
+
+    @property
+    def world_size(self) -> int | None:
+        world = self.state.get("world_size")
+        return world if isinstance(world, int) else None
+
+    @property
+    def teacher(self) -> dict[str, Any] | None:
+        """The teacher's record (spec, weights sha256) the checkpoint learned from."""
+        teacher = self.state.get("teacher")
+        return teacher if isinstance(teacher, dict) else None
+
+    @property
+    def data(self) -> dict[str, Any] | None:
+        """What its training data was (`attnxfer.data.identity`): None for a checkpoint that did not record it."""
+        data = self.state.get("data")
+        return data if isinstance(data, dict) else None
+
+    def record(self, key: str) -> Any:
+        """Any other entry of the state (None where absent)."""
+        return self.state.get(key)
+
+    # ---------------------------------------------------------------- the judgement
+    @property
+    def allowed(self) -> tuple[KeyChange, ...]:
+        return tuple(c for c in self.changes if c.allowed)
+
+    @property
+    def refused(self) -> tuple[KeyChange, ...]:
+        return tuple(c for c in self.changes if not c.allowed)
+
+    def judged(self, changes: tuple[KeyChange, ...] | list[KeyChange]) -> ResumePoint:
+        return dataclasses.replace(self, changes=tuple(changes))
+
+    # ---------------------------------------------------------------- the tensors
+    def load_tensors(self, map_location: str = "cpu") -> dict[str, dict[str, Any]]:
+        """Its tensor groups. Files hash-verified when the point was found get only the cheap checks again
+        (sizes, headers: a file that changed since is still caught)."""
+        verify = not self.checkpoint.hash_verified
+        tensors, _ = load_checkpoint(self.checkpoint, map_location, verify_hash=verify)
+        return tensors

@@ -1,0 +1,174 @@
+"""Keys merged into others: the one table of their old spellings, and how a config that still uses one loads.
+
+An old spelling keeps being read wherever a config comes from: a YAML recipe, a dotted override, a run's
+recorded ``config.yaml`` and the config its checkpoints record (so a run trained with the old spelling
+resumes without a spurious change). Each one read says the new spelling in a one-line `RenamedKeyWarning` (a
+`FutureWarning`: meant for the user, shown by default; once per process). A value the old key held by default says nothing the
+new key's default does not, and is dropped; any other value moves where its row says. An old spelling whose
+value the new one cannot express stops with a `ConfigError` that says what to do instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .keys import ConfigError
+
+__all__ = ["RENAMED_KEYS", "RenamedKey", "RenamedKeyWarning", "find_key", "respell"]
+
+
+class RenamedKeyWarning(FutureWarning):
+    """A config used a key's old spelling; the message says the new one."""
+
+
+#: how an old key's value moves into the nested config data: (value, data, config so far or None)
+Move = Callable[[Any, dict, Any], None]
+
+
+def _current(cfg: Any, dotted: str) -> Any:
+    """The value at ``dotted`` in a config (sections are dataclasses, mapping keys are dicts), or None."""
+    node = cfg
+    for part in dotted.split("."):
+        if dataclasses.is_dataclass(node):
+            node = getattr(node, part, None)
+        elif isinstance(node, Mapping):
+            node = node.get(part)
+        else:
+            return None
+    return node
+
+
+def find_key(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    """Whether the nested config mapping ``data`` (a YAML file's keys, a recorded config) holds the dotted
+    key, and its value there."""
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _parent(data: dict, dotted: str, cfg: Any) -> dict:
+    """The dict that holds ``dotted``'s last part, made where missing; a mapping-valued key (``data.kwargs``)
+    starts from the config's current value, so setting one entry keeps the others."""
+    node, parts = data, dotted.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            now = _current(cfg, ".".join(parts[: depth + 1]))
+            node[part] = dict(now) if isinstance(now, Mapping) else {}
+        node = node[part]
+    return node
+
+
+def moved_to(new: str) -> Move:
+    """The value moves to the key ``new`` (which may be an entry of a mapping key), unless the same source
+    sets ``new`` itself: then the new spelling wins."""
+
+    def move(value: Any, data: dict, cfg: Any) -> None:
+        if not find_key(data, new)[0]:
+            _parent(data, new, cfg)[new.rsplit(".", 1)[-1]] = value
+
+    return move
+
+
+def dropped_from(key: str, item: str) -> Move:
+    """``false`` means ``item`` is left out of the list ``key`` (the source's list, else the config's)."""
+
+    def move(value: Any, data: dict, cfg: Any) -> None:
+        found, items = find_key(data, key)
+        items = items if found else _current(cfg, key)
+        if value is False and items is not None:
+            _parent(data, key, cfg)[key.rsplit(".", 1)[-1]] = [x for x in items if x != item]
+
+    return move
+
+
+def refused(why: str) -> Move:
+    """A value the new spelling cannot hold: a `ConfigError` saying ``why`` (what to do instead)."""
+
+    def move(value: Any, data: dict, cfg: Any) -> None:
+        raise ConfigError(why)
+
+    return move
+
+
+@dataclass(frozen=True)
+class RenamedKey:
+    """One merged key: its old dotted spelling and default, what to write now, and how its value moves."""
+
+    old: str
+    default: Any
+    new: str
+    move: Move
+
+    @property
+    def note(self) -> str:
+        return f"{self.old} is now {self.new}"
+
+
+#: every key that was merged into another, by its old spelling
+RENAMED_KEYS: tuple[RenamedKey, ...] = (
+    RenamedKey(
+        "log.tensorboard",
+        True,
+        "log.trackers: TensorBoard is on where tensorboard is among them (log.trackers=[] logs to none)",
+        dropped_from("log.trackers", "tensorboard"),
+    ),
+    RenamedKey(
+        "eval_only",
+        False,
+        "the command `attnxfer eval -c RUN_DIR/config.yaml`",
+        refused(
+            "eval_only: true is gone: score the run with `attnxfer eval -c "
+            "RUN_DIR/config.yaml` (attnxfer.apps.training.evaluate_run in Python) and drop eval_only"
+        ),
+    ),
+    RenamedKey(
+        "convert.knn_bank_size",
+        10_000,
+        "eval.knn_bank_size (attnxfer eval's and conversion reports' k-NN bank)",
+        moved_to("eval.knn_bank_size"),
+    ),
+    RenamedKey(
+        "data.synthetic_length",
+        512,
+        "data.kwargs.length (the synthetic dataset's own option)",
+        moved_to("data.kwargs.length"),
+    ),
+)
+
+
+def _pop(data: dict, dotted: str) -> tuple[bool, Any]:
+    *path, last = dotted.split(".")
+    node: Any = data
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+#: the notes said so far (`warnings`' registry: each is shown once per process under the default filter)
+_SAID: dict = {}
+
+
+def respell(data: Mapping[str, Any], cfg: Any = None, *, note: bool = True) -> dict[str, Any]:
+    """``data`` (a config's nested keys: a YAML file, nested overrides, a recorded config) with every old
+    spelling of `RENAMED_KEYS` moved where its row says; ``cfg`` is the config the data is applied to (None:
+    the data is a whole recorded config). Each old spelling read is said once (``note``)."""
+    out = copy.deepcopy(dict(data))
+    for renamed in RENAMED_KEYS:
+        found, value = _pop(out, renamed.old)
+        if not found:
+            continue
+        if value != renamed.default:
+            renamed.move(value, out, cfg)
+        if note:  # one line, once per process: "config:0: RenamedKeyWarning: <old> is now <new>"
+            warnings.warn_explicit(renamed.note, RenamedKeyWarning, "config", 0, __name__, _SAID)
+    return out

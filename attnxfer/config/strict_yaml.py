@@ -1,0 +1,109 @@
+"""The one YAML reader for what users write (recipes, ``-c`` files, a run's config.yaml, override values).
+
+Why not ``yaml.safe_load``: it keeps the last of two equal keys without a word, so a file that says
+``max_steps`` twice trains with whichever came last. Here a repeated key is an error at its line, and
+every YAML error becomes one line that says where (``describe_yaml_error``), not pyyaml's multi-line
+report.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+from yaml import YAMLError
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode, Node, SequenceNode
+
+__all__ = ["DuplicateKeyError", "YAMLError", "describe_yaml_error", "load_yaml"]
+
+_HINTS = {  # pyyaml's words for the two most common slips, and what they mean
+    "'\\t'": "YAML indents with spaces, not tabs",
+    "<block end>": "check this line's indentation against the lines above it",
+}
+_MERGE_TAG = "tag:yaml.org,2002:merge"  # ``<<: *anchor``: its keys may be restated on purpose
+
+
+class DuplicateKeyError(ConstructorError):
+    """A mapping that gives the same key twice; ``problem_mark`` is the second one."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a mapping giving one key twice (keys compared as the dict would)."""
+
+    def get_single_node(self) -> Node | None:
+        self._root = super().get_single_node()  # kept to name a repeated key by its dotted path
+        return self._root
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, MappingNode):
+            seen: dict[Any, Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeConstructor's own error says so
+                    continue
+                if first is not key_node:
+                    path = ".".join([*_path_to(self._root, node), str(key)]).replace(".[", "[")
+                    at = first.start_mark
+                    first_at = f"line {at.line + 1}" + (
+                        f", column {at.column + 1}" if at.line == key_node.start_mark.line else ""
+                    )
+                    raise DuplicateKeyError(
+                        None,
+                        None,
+                        f"key {path!r} is given twice (first on {first_at}); keep one of them",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _path_to(root: Node | None, target: Node) -> list[str]:
+    """The keys (and list indices) from the document's root down to ``target``; [] when it is the root."""
+    stack: list[tuple[Node, list[str]]] = [(root, [])] if root is not None else []
+    while stack:
+        node, path = stack.pop()
+        if node is target:
+            return path
+        if isinstance(node, MappingNode):
+            stack.extend((value, [*path, str(key.value)]) for key, value in node.value)
+        elif isinstance(node, SequenceNode):
+            stack.extend((item, [*path, f"[{i}]"]) for i, item in enumerate(node.value))
+    return []
+
+
+def load_yaml(text: str) -> Any:
+    """``text`` parsed as safe YAML; a repeated key raises `DuplicateKeyError`, bad YAML a `YAMLError`."""
+    try:
+        loader = _UniqueKeyLoader(text)  # the reader checks every character here, before any parsing
+    except yaml.reader.ReaderError as e:  # marked by its offset alone: say its line and column instead
+        line_start = text.rfind("\n", 0, e.position) + 1
+        mark = yaml.Mark(
+            "<text>", e.position, text.count("\n", 0, e.position), e.position - line_start, None, None
+        )
+        problem = (
+            f"character U+{e.character:04X} is not allowed in YAML"
+            if isinstance(e.character, int)
+            else e.reason
+        )
+        raise yaml.MarkedYAMLError(problem=problem, problem_mark=mark) from None
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def describe_yaml_error(e: YAMLError) -> str:
+    """One line: where in the text (line and column, 1-based) and what is wrong there."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = e.problem or e.context or "not valid YAML"
+        if e.context and e.problem and e.context_mark and mark and e.context_mark.line != mark.line:
+            what += f" ({e.context} on line {e.context_mark.line + 1})"
+        what += "".join(f"; {hint}" for sign, hint in _HINTS.items() if sign in what)
+        return where + " ".join(what.split())
+    return " ".join(str(e).split())

@@ -1,0 +1,114 @@
+"""What every ``attnxfer`` subcommand shares: its registration, and the config arguments of those that run one.
+
+A command module registers its handler (``@register_command("<name>", help=..., arguments=...)``), which takes
+the parsed arguments and returns the exit code; the decorator's keywords are its parser's (``help``,
+``description``, ...) and ``arguments`` adds its arguments. A command that runs on a config takes
+``-c CONFIG.yaml`` and dotted overrides (``arguments=add_config_args``) and reads them with `load` before it
+imports its app, so a config error answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["COMMANDS", "Command", "add_config_args", "done_line", "load", "print_config", "register_command"]
+
+
+def _no_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its name, its handler, what adds its arguments, and its parser's keywords."""
+
+    name: str
+    run: Callable[[argparse.Namespace], int]
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    parser_options: dict[str, Any] = field(default_factory=dict)
+
+    def add_to(self, sub: argparse._SubParsersAction) -> None:
+        """Its sub-parser, which hands the parsed arguments to `run`."""
+        p = sub.add_parser(self.name, **self.parser_options)
+        self.arguments(p)
+        p.set_defaults(func=self.run)
+
+
+#: every subcommand by name (filled by the modules of this package)
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(
+    name: str, *, arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments, **parser_options
+):
+    """Register the decorated handler as subcommand ``name``; ``parser_options`` go to argparse's
+    ``add_parser`` (``help``, ``description``, ``epilog``, ``formatter_class``)."""
+
+    def deco(run):
+        COMMANDS[name] = Command(name, run, arguments, parser_options)
+        return run
+
+    return deco
+
+
+def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument(
+        "-c", "--config", required=required, help="YAML config (see cfgs/); defaults apply otherwise"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. transfer.mode=copy optim.lr=1e-3 transfer.layers=[0,1]",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and every value that differs from the recipe, then exit",
+    )
+
+
+def _changes(args, cfg) -> str:
+    from ...config import describe_changes, load_config
+
+    return describe_changes(load_config(args.config), cfg, args.config)
+
+
+def load(args):
+    """The config, and (on the main process) what it changes from its recipe, printed at start-up."""
+    from ...config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if os.environ.get("RANK", "0") == "0" and not getattr(args, "print_config", False):
+        print(_changes(args, cfg), flush=True)
+    return cfg
+
+
+def print_config(args) -> int:
+    """``--print-config``: the resolved config, then what it changes from its recipe (as YAML comments)."""
+    from ...config import dump_config, load_config
+
+    cfg = load_config(args.config, args.overrides)
+    print(dump_config(cfg).rstrip())
+    print("# " + _changes(args, cfg).replace("\n", "\n# "))
+    return 0
+
+
+def done_line(result) -> str:
+    """How a training command (`train`, `pretrain`) ends: its steps and best score, or why it had nothing to
+    do."""
+    if result.nothing_to_do:
+        return result.nothing_to_do
+    if result.best is None:
+        best = "no evaluation recorded"
+    elif result.best_top1 is not None:
+        best = f"best val top1 {result.best_top1:.2f}"
+    elif result.metric == "val_loss":  # MAE pre-training
+        best = f"best val loss {result.best:.4f}"
+    else:  # a run without a task loss: its final-feature cosine with the teacher
+        best = f"best {result.metric.removeprefix('val_')} {result.best:.4g}"
+    return f"done: {result.steps} steps, {best} -> {result.run_dir}"

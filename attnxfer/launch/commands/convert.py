@@ -1,0 +1,42 @@
+"""``attnxfer convert``: a softmax teacher into an efficient-attention student (stage 1, stage 2, report)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..rope_help import ROPE_EPILOG, RopeHelpFormatter
+from .base import add_config_args, load, register_command
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    p.add_argument(
+        "--skip-stage1",
+        action="store_true",
+        help="no layer-parallel transfer (the ablation); same as convert.stage1_steps=0",
+    )
+
+
+@register_command(
+    "convert",
+    help="turn a softmax teacher into an efficient-attention student (stage 1 + stage 2 + report)",
+    description="Copy the teacher into a student with efficient attention (convert.attention), fit each "
+    "attention layer to the teacher's on the teacher's hidden inputs (stage 1), fine-tune end to end "
+    "with logit distillation (stage 2: the schedule/optim/transfer sections), and write "
+    "RUN_DIR/report.json and report.md.",
+    epilog=ROPE_EPILOG,
+    formatter_class=RopeHelpFormatter,
+    arguments=_arguments,
+)
+def run(args) -> int:
+    cfg = load(args)
+    from ...apps.convert import convert
+    from ...train.distributed import DistributedInfo
+
+    result = convert(cfg, skip_stage1=args.skip_stage1)
+    if not DistributedInfo.from_environment().is_main_process:
+        return 0
+    from ...apps.reports import conversion_summary
+
+    print(conversion_summary(result.report))
+    return 0

@@ -1,0 +1,48 @@
+"""``attnxfer eval``: score a run's newest checkpoint, with Wilson intervals for its top-1 and k-NN top-1."""
+
+from __future__ import annotations
+
+from .base import add_config_args, load, register_command
+
+
+@register_command(
+    "eval",
+    help="evaluate a run's newest checkpoint on its validation set",
+    description="Score the run's newest checkpoint (or checkpoint.resume=PATH). Writes nothing into the "
+    "run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
+    arguments=add_config_args,
+)
+def run(args) -> int:
+    cfg = load(args)
+    from ...apps.pretrain import MODE, build_pretrain_engine
+    from ...apps.training import evaluate_run
+    from ...apps.uncertainty import correct_count, format_top1
+    from ...checkpoints.run_dir import RunDir
+
+    run_dir = RunDir(cfg.run_dir)
+    if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
+        result = evaluate_run(
+            cfg, build=lambda c, point: build_pretrain_engine(c, write_run_files=False, found=point)
+        )
+    else:
+        result = evaluate_run(cfg)
+    for k, v in result.metrics.items():
+        print(f"{k}: {v:.4f}")
+    for prefix in ("val", "ema_val"):
+        top1, n = result.metrics.get(f"{prefix}_top1"), int(result.metrics.get(f"{prefix}_count", 0))
+        if top1 is not None and n:
+            interval = format_top1(correct_count(top1, n), n)
+            print(f"{prefix}_top1 (%) [95% Wilson interval, {n} images]: {interval}")
+    m, n = result.metrics, int(result.metrics.get("knn_count", 0))
+    for who in ("knn_teacher", "knn"):  # k-NN top-1 of the embeddings (teacher's, then student's)
+        if f"{who}_top1" in m:
+            interval = format_top1(correct_count(m[f"{who}_top1"], n), n)
+            rule = f"k={m['knn_k']:.0f}, T={m['knn_temperature']:g}"
+            print(f"{who}_top1 (%) [95% Wilson interval, {n} images, {rule}]: {interval}")
+    if "knn_share" in m:
+        low, high = m["knn_share_low"], m["knn_share_high"]
+        print(
+            f"knn_share (student / teacher) [95% paired bootstrap]: {m['knn_share']:.4f} [{low:.4f}, {high:.4f}]"
+        )
+    print(f"step {result.step} ({result.checkpoint}) -> {result.path}")
+    return 0

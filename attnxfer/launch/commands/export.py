@@ -1,0 +1,81 @@
+"""``attnxfer export``: a run's student in timm's Hub format or as ONNX, with a model card."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .base import register_command
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to the Hub as REPO")
+    p.add_argument(
+        "--format",
+        dest="formats",
+        nargs="+",
+        choices=("timm", "onnx"),
+        default=["timm"],
+        metavar="FORMAT",
+        help="timm (default: config.json + model.safetensors), onnx (model.onnx, checked in ONNX Runtime), "
+        "or both: --format timm onnx",
+    )
+
+
+@register_command(
+    "export",
+    help="write a run's student in timm's Hub format or as ONNX, with a model card",
+    description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
+    "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
+    "pretrained=True) or transformers' AutoModelForImageClassification.from_pretrained(OUT_DIR); "
+    "any student, efficient attention included (e.g. the stage2/ "
+    "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR'). "
+    "--format onnx writes OUT_DIR/model.onnx instead (any student; opset 18, batch axis free), "
+    "checked in ONNX Runtime on CPU against the PyTorch forward (needs attnxfer[onnx]).",
+    arguments=_arguments,
+)
+def run(args) -> int:
+    from ...checkpoints.export import export_run
+    from ...checkpoints.onnx_export import require_onnx
+    from ...checkpoints.run_dir import RunDir
+
+    if "onnx" in args.formats:
+        require_onnx()  # a missing package stops before the run is read
+    weights = args.weights
+    if weights == "ema":  # a run without EMA has raw weights only: say so and use them
+        info = RunDir(args.run_dir).latest()
+        if info is not None and "ema" not in info.groups:
+            print("attnxfer export: the run kept no EMA weights; exporting the raw weights", file=sys.stderr)
+            weights = "raw"
+    out = export_run(
+        args.run_dir,
+        args.out_dir,
+        weights=weights,
+        checkpoint=args.checkpoint,
+        push_to_hub=args.push_to_hub,
+        overwrite=args.overwrite,
+        formats=args.formats,
+    )
+    lines = [f"exported to {out}"]
+    if "timm" in args.formats:
+        plain = json.loads((out / "config.json").read_text())["attnxfer"]["loads_in_plain_timm"]
+        how = (
+            f"timm.create_model('local-dir:{out}', pretrained=True)  (or attnxfer.load_student)"
+            if plain
+            else f"attnxfer.load_student('local-dir:{out}')  (efficient attention: timm alone cannot build it)"
+        )
+        lines.append(f"load with: {how}")
+    if "onnx" in args.formats:
+        onnx = json.loads((out / "export_report.json").read_text())["onnx"]
+        lines.append(
+            f"ONNX: {out / onnx['file']} (opset {onnx['opset']}); ONNX Runtime vs PyTorch max |diff| "
+            f"{onnx['max_abs_diff']:.3g}: run with onnxruntime.InferenceSession('{out / onnx['file']}')"
+        )
+    print("\n".join(lines))
+    return 0

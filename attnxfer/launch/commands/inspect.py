@@ -1,0 +1,94 @@
+"""``attnxfer inspect``: does a student attend like its teacher? Per layer and head, beside a floor, with
+pictures."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...errors import InputError
+from .base import register_command
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("teacher", metavar="TEACHER")
+    p.add_argument("students", metavar="STUDENT", nargs="+")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--images", nargs="+", metavar="FILE", default=(), help="image files to inspect on")
+    what.add_argument(
+        "--data", metavar="DATASET", help="a registered dataset (animal_mnist, folder, synthetic)"
+    )
+    p.add_argument("--data-root", default=None, help="dataset root (folder datasets)")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--num-images", type=int, default=64, help="images taken from --data (default 64)")
+    p.add_argument("--out", default="runs/inspect", help="report folder (default runs/inspect)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="timm names with random weights (no download; smoke tests)",
+    )
+    p.add_argument("--teacher-arch", default=None, help="timm architecture of a TEACHER weight file")
+    p.add_argument("--student-arch", default=None, help="timm architecture of STUDENT weight files")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--topk", type=int, default=5, help="k of the top-k overlap of rows (default 5)")
+    p.add_argument("--noise", type=float, default=0.1, help="input noise std of the floor (normalised units)")
+    p.add_argument(
+        "--floor-images", type=int, default=16, help="images the floor is measured on (default 16)"
+    )
+    p.add_argument("--pictures", type=int, default=1, help="images drawn as class-token grids (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="image side every model runs at (teachers rebuilt there as their family allows; default: the "
+        "size trained students were trained at, else the teacher's)",
+    )
+
+
+@register_command(
+    "inspect",
+    help="does a student attend like its teacher? per-layer/head agreement, head matching, pictures",
+    description="Compare STUDENT's attention maps (one or more; softmax or efficient attention, through "
+    "their implicit maps) with TEACHER's on images: KL, Jensen-Shannon, top-k overlap, rank correlation, "
+    "entropy, attention distance and class-token agreement per layer and head, beside a floor (the "
+    "teacher against itself on noisy inputs); the optimal teacher-student head assignment per layer; "
+    "class-token maps, rollout and per-layer curves. Writes OUT/metrics.json, report.md and PNGs. "
+    "Specs: timm names, hf-hub:ORG/NAME, local-dir:PATH, weight files (with --teacher-arch/--student-arch), "
+    "`attnxfer export` folders and RUN_DIRs (a copy-mode run needs its own teacher as TEACHER).",
+    arguments=_arguments,
+)
+def run(args) -> int:
+    for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    from ...apps.inspect import inspect_attention  # after the checks: a bad flag answers without torch
+
+    result = inspect_attention(
+        args.teacher,
+        args.students,
+        images=args.images,
+        data=args.data,
+        data_root=args.data_root,
+        split=args.split,
+        num_images=args.num_images,
+        out=args.out,
+        overwrite=args.overwrite,
+        pretrained=not args.random_weights,
+        teacher_arch=args.teacher_arch,
+        student_arch=args.student_arch,
+        batch_size=args.batch_size,
+        picture_images=args.pictures,
+        seed=args.seed,
+        img_size=args.img_size,
+        topk=args.topk,
+        noise=args.noise,
+        floor_images=args.floor_images,
+        progress=True,
+    )
+    for name, layers in result["students"].items():
+        js = [r["mean"].get("js") for r in layers if r["mean"].get("js") is not None]
+        mean_js = sum(js) / len(js) if js else float("nan")
+        print(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(layers)} layers")
+    print(f"report: {args.out}/report.md (metrics.json, PNGs beside it)")
+    return 0

@@ -1,0 +1,38 @@
+"""``attnxfer search``: discover a formula attention for a teacher (evolution, fit against speed)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..arguments import add_array_arguments
+from .base import add_config_args, load, register_command
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    add_array_arguments(p)
+
+
+@register_command(
+    "search",
+    help="discover an efficient formula attention for a teacher (evolutionary, fit vs speed Pareto front)",
+    description="Evolutionary search over formula attentions (the search section), seeded with the "
+    "hand-designed zoo: each candidate is fitted to the teacher's maps by a short stage 1 and scored by its "
+    "held-out map KL and its speed at search.target_tokens. Writes RUN_DIR/candidates.jsonl, pareto.md, "
+    "pareto.png and the convert command of the winner; running the same command again continues. "
+    "With --array-tasks K each generation is evaluated as a SLURM job array of K tasks.",
+    arguments=_arguments,
+)
+def run(args) -> int:
+    cfg = load(args)
+    from ...apps.search import search
+
+    evaluate = None
+    if args.array_tasks:
+        from ..search_array import array_evaluator
+
+        evaluate = array_evaluator(cfg, args)
+    result = search(cfg, evaluate=evaluate)
+    n = len(result.state.candidates)
+    print(f"done: {n} candidates, {len(result.front)} on the Pareto front -> {result.run_dir}/pareto.md")
+    return 0

@@ -1,0 +1,246 @@
+"""A heartbeat between the ranks of a process group: a stopped or hung rank ends the job in bounded time,
+with one line that names it.
+
+Why: when one rank's process stops (SIGSTOP, a frozen node or container), the others wait in their next
+collective until the process group's timeout, and the error that comes then says "timed out", not who. Here every rank's background thread adds to its own counter in the group's store every few
+seconds and reads one peer's (the next rank's, a ring: two store operations a beat whatever the world
+size). A peer whose counter has not moved for ``timeout`` seconds is named in one line on stderr, and this
+process ends (exit code `EXIT_CODE`); ``srun --kill-on-bad-exit`` or torchrun's agent then end the others.
+
+The beat comes from a thread, not from the training loop, so the main thread's long phases (a teacher
+loading, an evaluation, rank 0 writing a checkpoint) never look like a hang; a main thread stuck while its
+process lives (a read wedged on a filesystem) is left to the process group's own timeout
+(`collective_timeout`, set just after this one's so that the watchdog, which can name the rank, speaks
+first where it can).
+
+The store is served by rank 0 (``env://``) or by torchrun's agent: while it does not answer, every store
+call blocks, so the calls run in a thread of their own and a second thread, which does no I/O, judges the
+silence. A store silent for ``timeout`` seconds is named instead (rank 0, when it hosts it). Nothing is
+saved on the way out, and no collective runs: the last checkpoint, written atomically, stays the one to
+resume from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch.distributed as dist
+
+__all__ = [
+    "EXIT_CODE",
+    "SILENCE_LINE",
+    "HeartbeatWatchdog",
+    "beat_interval",
+    "collective_timeout",
+    "default_store",
+    "silence_line",
+    "start_watchdog",
+]
+
+_logger = logging.getLogger(__name__)
+
+#: how a process that the watchdog ends exits: timeout(1)'s "timed out"
+EXIT_CODE = 124
+
+#: the watchdog's one line, as `attnxfer submit --wait` finds it in a rank's log
+SILENCE_LINE = re.compile(r"(?:rank \d+|the process group's store) .*has not answered for .*: stopping")
+
+#: a counter value no beat reaches: the rank left the group cleanly (its silence from then on is expected)
+_LEFT = 1 << 60
+
+
+def beat_interval(timeout_s: float) -> float:
+    """Seconds between two beats: a fifth of the timeout, between half a second and five seconds."""
+    return min(5.0, max(0.5, timeout_s / 5))
+
+
+def collective_timeout(timeout_s: float) -> float:
+    """The process group's timeout for a watchdog bound of ``timeout_s``: two beats and five seconds later,
+    so that a stopped peer is named by the watchdog before a collective's timeout reports it without a name."""
+    return timeout_s + 2 * beat_interval(timeout_s) + 5.0
+
+
+def silence_line(who: str, silent_s: float, timeout_s: float, note: str = "") -> str:
+    """The one line the watchdog prints: ``rank 1 on node2 (pid 1234) has not answered for 300 s (stopped or
+    hung; dist.timeout=300): stopping``."""
+    return f"{who} has not answered for {silent_s:.0f} s (stopped or hung{note}; dist.timeout={timeout_s:g}): stopping"
+
+
+def _node_name() -> str:
+    """This node as the scheduler names it (SLURM's node name), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+class HeartbeatWatchdog:
+    """Beats for this rank in ``store`` and ends this process when the watched peer (or the store) falls silent.
+
+    ``store``: the process group's store (`default_store` gives it); the watchdog uses a clone of it (a
+    connection of its own). ``store_host``: the rank that serves the store, or None when another process
+    serves it (torchrun's agent). ``exit``: what ends the process (``os._exit``; tests may pass another).
+    """
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        timeout_s: float,
+        store_host: int | None = 0,
+        store_address: str = "",
+        exit: Callable[[int], object] = os._exit,
+    ) -> None:
+        if world_size < 2:
+            raise ValueError("a watchdog needs at least two ranks")
+        self.rank, self.world_size, self.timeout_s = rank, world_size, float(timeout_s)
+        self.peer = (rank + 1) % world_size
+        self.store_host, self.store_address = store_host, store_address
+        self.interval = beat_interval(self.timeout_s)
+        self._store = store
+        self._exit = exit
+        self._stopping = threading.Event()
+        now = time.monotonic()
+        # written by the beating thread, read by the judging one (plain attribute stores: atomic under the GIL)
+        self._last_exchange = now  # the store last answered
+        self._peer_value = -1
+        self._peer_moved = now  # the peer's counter last changed
+        self._peer_left = False
+        self._who: dict[int, str] = {}
+        self._threads = [
+            threading.Thread(target=self._beat, name=f"attnxfer-heartbeat-{rank}", daemon=True),
+            threading.Thread(target=self._judge, name=f"attnxfer-watchdog-{rank}", daemon=True),
+        ]
+
+    # ---- life cycle ----------------------------------------------------------------------------
+    def start(self) -> HeartbeatWatchdog:
+        """Say where this rank runs (in the caller's thread: the store has just answered the rendezvous),
+        then beat and judge in the background."""
+        self._store.set(self._key("who", self.rank), f"{_node_name()} (pid {os.getpid()})")
+        for thread in self._threads:
+            thread.start()
+        _logger.info(
+            "watchdog: rank %d watches rank %d (silent for %g s: stop)", self.rank, self.peer, self.timeout_s
+        )
+        return self
+
+    def stop(self) -> None:
+        """This rank leaves cleanly: its peers stop expecting beats; waits a little for the last one."""
+        self._stopping.set()
+        self._threads[0].join(timeout=2 * self.interval)
+
+    # ---- the beating thread (store I/O, may block while the store's host is stopped) -------------
+    def _key(self, what: str, rank: int) -> str:
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's agent keeps its store
+        return f"attnxfer_watchdog/{restart}/{what}/{rank}"
+
+    def _connect(self) -> dist.Store:
+        clone = getattr(self._store, "clone", None)  # a connection of its own (torch >= 2.6)
+        return clone() if clone is not None else self._store
+
+    def _beat(self) -> None:
+        store = None
+        while not self._stopping.is_set():
+            try:
+                if store is None:
+                    store = self._connect()
+                store.add(self._key("beat", self.rank), 1)
+                value = store.add(self._key("beat", self.peer), 0)
+                self._learn_who(store)
+            except Exception as e:  # the store's host is gone or restarting: the judge counts the silence
+                _logger.debug("watchdog: store call failed: %s", e)
+                store = None
+            else:
+                now = time.monotonic()
+                if value != self._peer_value:
+                    self._peer_value, self._peer_moved = value, now
+                self._peer_left = value >= _LEFT
+                self._last_exchange = now
+            self._stopping.wait(self.interval)
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.add(self._key("beat", self.rank), _LEFT)
+
+    def _learn_who(self, store: dist.Store) -> None:
+        """Where the watched peer and the store's host run (each wrote it when it started watching)."""
+        for rank in {self.peer, self.store_host} - {None, *self._who}:
+            key = self._key("who", rank)
+            if store.check([key]):
+                self._who[rank] = store.get(key).decode()
+
+    # ---- the judging thread (no I/O) ------------------------------------------------------------
+    def _judge(self) -> None:
+        """Every half beat: a silence longer than the timeout stops this process. Silences are counted from
+        this process's own last freeze at the earliest: a process that was itself stopped (or starved of
+        CPU) for a while wakes up with every clock stale, and must not blame its peers for it."""
+        awake_since = last_tick = time.monotonic()
+        while not self._stopping.wait(self.interval / 2):
+            if self._peer_left:
+                return  # the job is ending; the process group's timeout still bounds what is left
+            now = time.monotonic()
+            if now - last_tick > 2 * self.interval:
+                awake_since = now
+            last_tick = now
+            store_silent = now - max(self._last_exchange, awake_since)
+            if store_silent > self.timeout_s:
+                self._stop_process(self._store_name(), store_silent, self._store_note())
+            peer_silent = now - max(self._peer_moved, awake_since)
+            if peer_silent > self.timeout_s:
+                self._stop_process(self._rank_name(self.peer), peer_silent)
+
+    def _rank_name(self, rank: int) -> str:
+        where = self._who.get(rank)
+        return f"rank {rank} on {where}" if where else f"rank {rank}"
+
+    def _store_name(self) -> str:
+        if self.store_host is None:
+            return f"the process group's store{' at ' + self.store_address if self.store_address else ''}"
+        if self.store_host not in self._who and self.store_address:  # its host, from the store's address
+            return f"rank {self.store_host} on {self.store_address.rsplit(':', 1)[0]}"
+        return self._rank_name(self.store_host)
+
+    def _store_note(self) -> str:
+        return "; it serves the process group's store" if self.store_host is not None else ""
+
+    def _stop_process(self, who: str, silent_s: float, note: str = "") -> None:
+        """One line, flushed, then the process ends: no collective, nothing saved."""
+        if self._stopping.is_set():
+            return
+        line = silence_line(who, silent_s, self.timeout_s, note)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        with contextlib.suppress(Exception):
+            print(line, file=sys.stderr, flush=True)
+        self._exit(EXIT_CODE)
+        self._stopping.set()  # an ``exit`` that returns (a test's): fire once
+
+
+def default_store() -> tuple[dist.Store, int | None, str]:
+    """The default process group's store, the rank that serves it (None: torchrun's agent does) and its
+    address (host:port, where known)."""
+    store = dist.distributed_c10d._get_default_store()
+    base = store
+    while isinstance(base, dist.PrefixStore):
+        base = base.underlying_store
+    address = f"{base.host}:{base.port}" if isinstance(base, dist.TCPStore) else ""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return store, (None if agent else 0), address
+
+
+def start_watchdog(timeout: float | timedelta) -> HeartbeatWatchdog | None:
+    """A started watchdog for the joined group (None for a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    store, host, address = default_store()
+    return HeartbeatWatchdog(
+        store, dist.get_rank(), dist.get_world_size(), seconds, store_host=host, store_address=address
+    ).start()

@@ -1,0 +1,81 @@
+"""Keys merged into others keep reading their old spelling (`attnxfer/config/renamed.py`): in a YAML recipe, a
+dotted override and a run's recorded config, each with a note that says the new spelling, and a run recorded
+with the old spellings resumes without a change to refuse."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from attnxfer.apps.resume import config_changes
+from attnxfer.config import RENAMED_KEYS, ConfigError, RenamedKeyWarning, config_keys, load_config, to_dict
+
+
+def _load(*overrides: str, path=None):
+    with pytest.warns(RenamedKeyWarning) as said:
+        cfg = load_config(path, list(overrides))
+    return cfg, [str(w.message) for w in said if w.category is RenamedKeyWarning]
+
+
+def test_every_old_spelling_is_gone_from_the_schema_and_names_its_new_one():
+    keys = set(config_keys())
+    for renamed in RENAMED_KEYS:
+        assert renamed.old not in keys
+        assert renamed.note.startswith(f"{renamed.old} is now ")
+
+
+def test_log_tensorboard_false_is_trackers_without_tensorboard(tmp_path):
+    cfg, said = _load("log.tensorboard=false")
+    assert cfg.log.trackers == [] and said == [
+        next(r.note for r in RENAMED_KEYS if r.old == "log.tensorboard")
+    ]
+    assert "log.trackers" in said[0]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"log": {"tensorboard": False, "trackers": ["tensorboard", "wandb"]}}))
+    cfg, _ = _load(path=recipe)
+    assert cfg.log.trackers == ["wandb"]
+    cfg, _ = _load("log.tensorboard=true")  # TensorBoard on: what log.trackers says
+    assert cfg.log.trackers == ["tensorboard"]
+
+
+def test_eval_only_false_loads_and_true_says_to_use_attnxfer_eval():
+    cfg, said = _load("eval_only=false")
+    assert cfg == load_config(None) and "attnxfer eval" in said[0]
+    with pytest.raises(ConfigError, match=r"eval_only: true .*attnxfer eval -c RUN_DIR/config.yaml"):
+        load_config(None, ["eval_only=true"])
+
+
+def test_convert_knn_bank_size_is_eval_knn_bank_size():
+    cfg, said = _load("convert.knn_bank_size=16")
+    assert cfg.eval.knn_bank_size == 16 and "eval.knn_bank_size" in said[0]
+    cfg, _ = _load("convert.knn_bank_size=16", "eval.knn_bank_size=32")  # the new spelling wins
+    assert cfg.eval.knn_bank_size == 32
+
+
+def test_data_synthetic_length_is_the_synthetic_datasets_own_length(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"dataset": "synthetic", "kwargs": {"noise": 0.2}}}))
+    cfg, said = _load("data.synthetic_length=64", path=recipe)
+    assert cfg.data.kwargs == {"noise": 0.2, "length": 64} and "data.kwargs.length" in said[0]
+    cfg, _ = _load("data.synthetic_length=512", path=recipe)  # its old default: the dataset's own default
+    assert cfg.data.kwargs == {"noise": 0.2}
+
+
+def test_a_run_recorded_with_old_spellings_resumes_without_a_change(tmp_path):
+    """What an older attnxfer wrote: every old key beside the new ones, in config.yaml and in the checkpoints'
+    state. Resuming from that config.yaml compares equal with the recorded config, key by key."""
+    cfg = load_config(None, ["data.dataset=synthetic", "data.kwargs={length: 64}", "log.trackers=[]"])
+    recorded = to_dict(cfg)
+    recorded["eval_only"] = False
+    recorded["data"]["kwargs"], recorded["data"]["synthetic_length"] = {}, 64
+    recorded["log"]["tensorboard"], recorded["log"]["trackers"] = False, ["tensorboard"]
+    recorded["convert"]["knn_bank_size"], recorded["eval"]["knn_bank_size"] = 10_000, None
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    resumed, said = _load(path=tmp_path / "config.yaml")
+    assert len(said) == len(RENAMED_KEYS)
+    assert (resumed.data.kwargs, resumed.log.trackers, resumed.eval.knn_bank_size) == (
+        {"length": 64},
+        [],
+        None,
+    )
+    assert config_changes(recorded, resumed) == []  # no key changed, none to refuse

@@ -1,0 +1,97 @@
+"""A YAML file that says one key twice, or cannot be read, is refused before any work: one `error:` line
+naming the file, the line and column (and the key), exit code 2, nothing written. pyyaml alone would keep the
+last of two equal keys silently, and print a multi-line traceback for a syntax error."""
+
+from __future__ import annotations
+
+import pytest
+
+from attnxfer.config import load_config
+from attnxfer.launch.cli import main
+
+
+def _refused(tmp_path, monkeypatch, capsys, text: str, *extra: str) -> str:
+    """``attnxfer train -c FILE`` in this process: exit code 2, one stderr line, no run dir, nothing written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    config = tmp_path / "bad.yaml"
+    config.write_text(text, encoding="utf-8")
+    code = main(["train", "-c", str(config), f"run_dir={work / 'run'}", *extra])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("attnxfer train: error: "), err
+    assert "Traceback" not in err
+    assert f"config file {str(config)!r}" in lines[0], lines[0]
+    assert list(work.iterdir()) == []
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "key", "first"),
+    [
+        ("schedule:\n  max_steps: 2\n  max_steps: 3\n", "line 3, column 3", "'schedule.max_steps'", "2"),
+        ("data:\n  dataset: synthetic\nseed: 1\ndata:\n  batch_size: 4\n", "line 4, column 1", "'data'", "1"),
+        ("transfer: {mode: copy, mode: distill}\n", "line 1, column 24", "'transfer.mode'", "1, column 12"),
+    ],
+    ids=["nested", "top-level", "flow-mapping"],
+)
+def test_a_key_given_twice_names_the_file_line_and_key(
+    tmp_path, monkeypatch, capsys, text, where, key, first
+):
+    err = _refused(tmp_path, monkeypatch, capsys, text)
+    assert f"{where}: key {key} is given twice (first on line {first}); keep one of them" in err, err
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "says"),
+    [
+        ("schedule:\n\tmax_steps: 2\n", "line 2, column 1", "YAML indents with spaces, not tabs"),
+        ("schedule:\n  max_steps: 2\n epochs: 1\n", "line 3, column 2", "check this line's indentation"),
+        ("transfer:\n  layers: [0, 1\nseed: 1\n", "line 3, column 5", "expected ',' or ']'"),
+        ("seed: 1\nrun_dir: \x07\n", "line 2, column 10", "character U+0007 is not allowed in YAML"),
+    ],
+    ids=["tab", "indentation", "unclosed-bracket", "control-character"],
+)
+def test_a_yaml_syntax_error_is_one_line_with_the_file_and_line(
+    tmp_path, monkeypatch, capsys, text, where, says
+):
+    err = _refused(tmp_path, monkeypatch, capsys, text)
+    assert f"{where}: " in err and says in err, err
+
+
+def test_a_key_given_twice_in_a_recipe_it_starts_from_names_that_recipe(tmp_path, monkeypatch, capsys):
+    parent = tmp_path / "parent.yaml"
+    parent.write_text("optim:\n  lr: 1.0e-3\n  lr: 1.0e-4\n", encoding="utf-8")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    child = tmp_path / "child.yaml"
+    child.write_text("base: parent.yaml\nseed: 1\n", encoding="utf-8")
+    assert main(["train", "-c", str(child), f"run_dir={work / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"attnxfer train: error: config file {str(parent)!r}, line 3, column 3: "
+        "key 'optim.lr' is given twice (first on line 2); keep one of them"
+    )
+    assert list(work.iterdir()) == []
+
+
+def test_a_key_given_twice_in_an_override_value_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "convert.attention_kwargs={rank: 4, rank: 8}", "run_dir=run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attnxfer train: error: override convert.attention_kwargs=")
+    assert "key 'rank' is given twice" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_merge_key_may_restate_what_it_merged(tmp_path):
+    """``<<: *anchor`` then a key of the anchor is YAML's own way to override it, not a key given twice."""
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        "log: &every {every_steps: 5}\ncheckpoint:\n  <<: *every\n  every_steps: 7\n", encoding="utf-8"
+    )
+    cfg = load_config(config)
+    assert (cfg.log.every_steps, cfg.checkpoint.every_steps) == (5, 7)

@@ -1,0 +1,167 @@
+"""One resume path, through the CLI: every command finds and judges its checkpoint the same way.
+
+What a resume may change is one rule (the keys declared resumable), for `pretrain` as for `train`; a resume
+with nothing left to do ends in one line; a resume on other data than the checkpoint recorded stops, unless
+asked to go on (then its epoch restarts), while the same files at another ``data.root`` resume as before.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.launch import cli
+
+PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
+
+# a 1-block model on synthetic data: 8 steps an epoch at batch 8
+TINY = [
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.synthetic_length=64",
+    "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "deterministic=true",
+]
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _files(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_no_module_but_the_resume_point_parses_a_checkpoint_state():
+    """The state a checkpoint saved is read in one place (`ResumePoint`): apps ask the point, never the file."""
+    # a search saved by an older attnxfer kept its state at the run's top: the search adopts it into the store
+    older_layout = {"apps/search.py"}
+    readers = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "checkpoints" or path.name == "run_layout.py":
+            continue  # the store, its verification and the point itself
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        strings = {
+            n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+        }
+        if "STATE_NAME" in names or "state.json" in strings:
+            readers.append(str(path.relative_to(PACKAGE)))
+    assert sorted(readers) == sorted(older_layout)
+
+
+@pytest.mark.slow
+def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_path, capsys):
+    run = tmp_path / "mae"
+    code, _, err = _run(capsys, "pretrain", *TINY, "schedule.max_steps=2", "mae.pictures=0", f"run_dir={run}")
+    assert code == 0, err
+    before = _files(run)
+    code, _, err = _run(
+        capsys,
+        "pretrain",
+        *TINY,
+        "mae.mask_ratio=0.5",
+        "model.drop_path_rate=0.3",
+        "schedule.max_steps=4",
+        "mae.pictures=0",
+        f"run_dir={run}",
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "mae.mask_ratio (0.75 -> 0.5)" in lines[0] and "model.drop_path_rate (0.1 -> 0.3)" in lines[0]
+    assert "nothing was written" in lines[0] and "run_dir=" in lines[0]
+    assert _files(run) == before
+    # what may change (how long it trains) still resumes, and says so
+    code, out, err = _run(
+        capsys, "pretrain", *TINY, "schedule.max_steps=3", "mae.pictures=0", f"run_dir={run}"
+    )
+    assert code == 0, err
+    assert "schedule.max_steps (2 -> 3)" in out and "resumed from checkpoint step 2" in out
+
+
+@pytest.mark.slow
+def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", *TINY, "transfer.mode=none", "checkpoint.every_steps=5", f"run_dir={run}"]
+    code, _, err = _run(capsys, *args, "schedule.max_steps=8")
+    assert code == 0, err
+    mid_epoch = run / "checkpoints" / "step-00000005"  # a periodic save: no evaluation had run yet
+    assert ResumePoint.find(run, mid_epoch).state["best"] is None
+    before = _files(run)
+    for steps, where in ((4, "past"), (5, "at")):
+        code, out, err = _run(capsys, *args, f"schedule.max_steps={steps}", f"checkpoint.resume={mid_epoch}")
+        assert code == 0 and err == ""
+        last = out.strip().splitlines()[-1]
+        assert last.startswith(f"nothing to do: {run} is {where} step 5 of the {steps}")
+        assert f"schedule.max_steps={steps}" in last and "step-00000005 is unchanged" in last
+        assert "done:" not in out and "val top1" not in out  # nothing trained, nothing evaluated
+    # a finished run run again: nothing to do either, and nothing rewritten
+    code, out, _ = _run(capsys, *args, "schedule.max_steps=8")
+    assert code == 0 and out.strip().splitlines()[-1].startswith(
+        f"nothing to do: {run} is at step 8 of the 8"
+    )
+    assert _files(run) == before
+
+
+def _image_folder(root: Path, per_class: int, start: int = 0) -> None:
+    """``root/{train,val}/{a,b}/NNN.png``: small RGB images of two classes (more calls add more images)."""
+    rng = np.random.default_rng(start)
+    for split, n in (("train", per_class), ("val", 4)):
+        for label in ("a", "b"):
+            folder = root / split / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(start, start + n):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+@pytest.mark.slow
+def test_a_resume_on_data_that_changed_stops_unless_asked_and_a_moved_copy_resumes(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    _image_folder(data, per_class=12)  # 24 training images: 3 steps an epoch at batch 8
+    args = [
+        "train",
+        *TINY,
+        "data.dataset=folder",
+        "data.img_size=16",
+        "transfer.mode=none",
+        "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2, patch_size: 4}",
+        "checkpoint.every_steps=2",
+        f"run_dir={run}",
+    ]
+    code, _, err = _run(capsys, *args, f"data.root={data}", "schedule.max_steps=2")  # saved mid-epoch
+    assert code == 0, err
+    saved = ResumePoint.find(run)
+    assert saved.state["position"] == 16 and saved.data["samples"] == 24 and saved.data["of"] == "file list"
+    # the same files at another root (a node-local copy) are the same data: the run resumes where it stood
+    local = tmp_path / "local-copy"
+    shutil.copytree(data, local)
+    code, out, err = _run(capsys, *args, f"data.root={local}", "schedule.max_steps=3")
+    assert code == 0, err
+    assert "position 16" in out and "data.root" in out
+    # the folder grows: its sampler position would point at other images
+    _image_folder(local, per_class=10, start=100)
+    before = _files(run)
+    code, out, err = _run(capsys, *args, f"data.root={local}", "schedule.max_steps=5")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err
+    assert "training data changed" in lines[0] and "24 training samples" in lines[0]
+    assert "44 training samples" in lines[0] and "checkpoint.allow_new_data=true" in lines[0]
+    assert _files(run) == before
+    # asked for explicitly: the weights and the step go on, the epoch restarts on the new data
+    code, out, err = _run(
+        capsys, *args, f"data.root={local}", "schedule.max_steps=5", "checkpoint.allow_new_data=true"
+    )
+    assert code == 0, err
+    assert "the epoch restarts" in out and "position 0" in out
+    assert ResumePoint.find(run).data["samples"] == 44

@@ -1,0 +1,91 @@
+"""Under torchrun, a rank killed mid-run ends the job at once, and the same command resumes the run.
+
+torchrun's elastic agent watches its workers: one that dies takes the others down (no collective waits for
+it), and the run dir keeps the last checkpoint, written atomically, for the rerun to pick up.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from attnxfer.checkpoints.store import CheckpointManager
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 100
+ARGS = [
+    "device=cpu",
+    "transfer.mode=none",
+    "model.kwargs={depth: 2, embed_dim: 48}",
+    "model.drop_path_rate=0.0",
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.synthetic_length=32",
+    "log.progress=false",
+    "log.tensorboard=false",
+    "checkpoint.every_epoch=false",
+    "checkpoint.every_steps=5",
+    "schedule.epochs=1000",
+    f"schedule.max_steps={STEPS}",
+]
+
+
+def _torchrun(run: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.Popen(
+        [*cmd, "-m", "attnxfer", "train", f"run_dir={run}", *ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its workers can be ended as one group if the test fails
+    )
+
+
+def _worker(agent: int, rank: int) -> int:
+    """The pid of torchrun's worker of ``rank`` (a child of the agent, found by its RANK)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == agent and f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    raise AssertionError(f"no worker of rank {rank} under torchrun (pid {agent})")
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_a_torchrun_job_and_the_same_command_resumes(tmp_path):
+    run = tmp_path / "run"
+    job = _torchrun(run)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run / "checkpoints").glob("step-*")):
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no checkpoint was saved"
+            time.sleep(0.05)
+        os.kill(_worker(job.pid, 1), signal.SIGKILL)
+        _, err = job.communicate(timeout=120)  # a hang guard: the agent ends the job within a second
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+    assert job.returncode != 0
+    assert "rank      : 1 (local_rank: 1)" in err and "Signal 9 (SIGKILL)" in err, err[-3000:]
+    last = CheckpointManager(run).latest(verify_hash=True)
+    assert last is not None and last.step < STEPS, "the rank died after the run's end"
+
+    again = _torchrun(run)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resumed from checkpoint step {last.step}" in out, out[-3000:]
+    assert CheckpointManager(run).latest(verify_hash=True).step == STEPS
