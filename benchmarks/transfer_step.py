@@ -78,7 +78,7 @@ from attnxfer.train.devices import Precision  # noqa: E402
 from attnxfer.train.devices import teacher_dtype as resolve_teacher_dtype  # noqa: E402
 from attnxfer.train.optim import build_adamw  # noqa: E402
 from attnxfer.train.timing import interleaved_timings  # noqa: E402
-from attnxfer.transfer import TeacherStudent, TransferOutput  # noqa: E402
+from attnxfer.transfer import Compared, ComparisonLoss, Signal, TeacherStudent, build_plan, comparison_loss  # noqa: E402
 from attnxfer.transfer.ce_select import choose_ce_path  # noqa: E402
 from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference, ce_path_for  # noqa: E402
 
@@ -136,23 +136,16 @@ PAIRS: dict[str, tuple] = {
 }
 
 
-class MaterialisedDistillViT(TeacherStudent):
-    """TeacherStudent whose distillation loss builds both N×N maps per layer: the reference ("slow") path."""
+@comparison_loss("materialised_ce")
+class MaterialisedCE(ComparisonLoss):
+    """A layer's attention CE built from both N×N maps: the reference ("slow") path of ``distill_ref``."""
 
-    def _layer_loss(
-        self,
-        layer: int,
-        teacher_sig: dict[str, torch.Tensor],
-        student_sig: dict[str, torch.Tensor],
-        out: TransferOutput,
-        *_path_and_lse,
-    ) -> torch.Tensor:
-        if self.plan.mode.distill != "maps":
-            return super()._layer_loss(layer, teacher_sig, student_sig, out)
-        res = _materialised_ce(teacher_sig, student_sig)
-        out.terms[f"attn_ce/{layer}"] = res.ce
-        out.logs[f"attn_kl/{layer}"] = res.kl
-        return res.ce
+    signals = (Signal.MAPS,)
+
+    def compare_layer(self, comparison, pair, step) -> Compared:
+        res = _materialised_ce(pair.teacher, pair.student)
+        layer = pair.student_layer
+        return Compared(res.ce, {f"attn_ce/{layer}": res.ce}, {f"attn_kl/{layer}": res.kl})
 
 
 #: --arch -> the timm architecture both models are built from (shapes from the pair)
@@ -227,12 +220,14 @@ class TrainStep:
         student = build_vit(student_shape, tokens, seed=0, arch=arch)
         if mode == "none":
             teacher = None
-        wrapper = MaterialisedDistillViT if mode == "distill_ref" else TeacherStudent
-        transfer = "distill" if is_distill(mode) or mode == "distill_ref" else mode
-        self.model = wrapper(
+        transfer = "distill" if is_distill(mode) else mode
+        # distill_ref: each layer's map compared by the materialised CE (MaterialisedCE), nothing borrowed
+        reference = [{"name": "materialised_ce"}] if mode == "distill_ref" else []
+        plan = build_plan(teacher, student, "none" if reference else transfer, losses=reference)
+        self.model = TeacherStudent(
             teacher,
             student,
-            mode=transfer,
+            plan,
             ce_path=None if path == "auto" else path,
             teacher_dtype=teacher_dtype,
         ).to(device)

@@ -101,7 +101,9 @@ def feature_weight_of(cfg: TrainConfig) -> float:
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
-    """The transfer plan the ``transfer`` section asks for, validated against the two models."""
+    """The transfer plan the ``transfer`` section asks for, validated against the two models: the mode, and what
+    the student is compared on (the mode's distillation at ``atd_weight``, ``logit_distill``, ``feature_distill``
+    and each ``losses`` entry)."""
     t = cfg.transfer
     return build_plan(
         parts.teacher,
@@ -115,6 +117,7 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
         logit_temperature=t.logit_temperature,
         feature_weight=feature_weight_of(cfg),
         task_weight=task_weight_of(cfg),
+        losses=t.losses,
     )
 
 

@@ -122,10 +122,16 @@ class TransferConfig:
     # the teacher. null: 1 in train; in convert, 1 where the student has a head to train (the teacher's, or
     # model.num_classes) and the data has labels, else 0. Not resumable: it is what the run optimises
     task_weight: float | None = key(None, range=NON_NEGATIVE)
+    # more comparisons of the student with its teacher, each a registered comparison loss
+    # (attnxfer.transfer.comparisons): {name: NAME, weight: W, signal: SIGNAL, <its options>}, e.g.
+    # [{name: logit_kd, weight: 0.5, temperature: 2.0}, {name: mse, signal: v, weight: 1.0}]; a layer signal
+    # (maps, q, k, v) is compared at the transfer's layers (layers / end_layer). Built in: map, mse,
+    # feature_distill, logit_kd. Not resumable: it is what the run optimises
+    losses: list[dict[str, Any]] = key(factory=list, range=ANY)
     # how a softmax student layer's exact CE is evaluated: auto (measured on the run's device and shapes
     # before the first step; a resumed run keeps its recorded choice) | rows | sdpa | attention_lse (the
     # student's attention kernel hands out its log-sum-exp: FlexAttention on CUDA) | triton (CUDA) |
-    # materialised (the reference's N×N maps): transfer.losses.CE_PATHS. Resumable: the same loss, evaluated
+    # materialised (the reference's N×N maps): attnxfer.transfer.losses.CE_PATHS. Resumable: the same loss, evaluated
     # another way
     ce_path: str = key(
         "auto", choices=("auto", "rows", "sdpa", "attention_lse", "triton", "materialised"), resumable=True

@@ -1,7 +1,17 @@
 """The algorithm: transfer plans, the teacher–student wrapper and the losses (no config, no I/O)."""
 
 from ..models.handover import Chunks, Signal
+from .comparisons import (
+    COMPARISON_LOSSES,
+    Compared,
+    Comparison,
+    ComparisonLoss,
+    LayerPair,
+    Step,
+    comparison_loss,
+)
 from .conversion import ConversionPlan, LayerConversion, Stage1Train, build_conversion_plan
+from .logit_loss import logit_distillation_loss
 from .losses import (
     AttentionLoss,
     attention_ce_reference,
@@ -9,24 +19,34 @@ from .losses import (
     row_logsumexp,
     teacher_entropy,
 )
-from .map_losses import MapLoss, implicit_map_loss, map_distillation_loss
+from .map_losses import LayerLogits, MapLoss, implicit_map_loss, map_distillation_loss
 from .plan import MODES, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
-from .teacher_student import TeacherStudent, TransferOutput, logit_distillation_loss
+from .teacher_pass import TeacherHandover, TeacherNeeds, run_teacher
+from .teacher_student import TeacherStudent, TransferOutput
 
 #: The name `TeacherStudent` had in earlier releases (it runs every family, not only ViTs); kept for code written against them.
 DualViT = TeacherStudent
 
 __all__ = [
+    "COMPARISON_LOSSES",
     "MODES",
     "AttentionLoss",
     "Chunks",
+    "Compared",
+    "Comparison",
+    "ComparisonLoss",
     "ConversionPlan",
     "DualViT",
     "LayerConversion",
+    "LayerLogits",
+    "LayerPair",
     "MapLoss",
     "PlanError",
     "Signal",
     "Stage1Train",
+    "Step",
+    "TeacherHandover",
+    "TeacherNeeds",
     "TeacherStudent",
     "TransferMode",
     "TransferOutput",
@@ -35,11 +55,13 @@ __all__ = [
     "attention_distillation_loss",
     "build_conversion_plan",
     "build_plan",
+    "comparison_loss",
     "implicit_map_loss",
     "logit_distillation_loss",
     "map_distillation_loss",
     "map_layers",
     "row_logsumexp",
+    "run_teacher",
     "select_layers",
     "teacher_entropy",
 ]

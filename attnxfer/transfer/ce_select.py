@@ -138,10 +138,15 @@ def layer_shapes(
     TeacherStudent's, bf16 on CUDA unless told otherwise); None when its plan distils no softmax maps (then no
     CE path is used at all). Batch, tokens, heads and head dims are the q/k the layer pair hands out on one
     probe image (`_probe_qk`), so a family's own layout (talking heads' H·d, windows) is what is timed."""
-    plan = pair.plan
-    if not plan.mode.distills_maps or pair.teacher is None:
+    if pair.teacher is None:
         return None
-    softmax = [(s, t) for s, t in plan.pairs if pair._student_attn[s].map_kind is MapKind.SOFTMAX]
+    softmax = [
+        (s, t)
+        for c in pair.plan.comparisons
+        if c.loss_fn.uses_ce_path
+        for s, t in c.pairs
+        if pair._student_attn[s].map_kind is MapKind.SOFTMAX
+    ]
     if not softmax:
         return None
     s, t = softmax[0]

@@ -23,8 +23,8 @@ from ..models.attention import MapKind, TransferableAttention, attention_layers,
 from ..models.attention.bias_rows import full_bias
 from ..models.efficient import check_softmax_teacher
 from ..models.handover import Chunks, Signal
-from .map_losses import MapLoss, check_map_loss, map_distillation_loss, output_mse
-from .plan import reduced_keys
+from .map_losses import LayerLogits, MapLoss, check_map_loss, map_distillation_loss, output_mse
+from .pairing import reduced_keys
 
 __all__ = [
     "STAGE1_TRAIN",
@@ -310,17 +310,14 @@ def _call(signals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch.Tensor, signals):
     """The layer's map loss of the student's q, k against the teacher's signals: with the teacher's logit bias
     where it has one, pooled onto its reduced keys where it has those, at the teacher's logit scale."""
-    return map_distillation_loss(
-        attn,
-        q,
-        k,
+    teacher = LayerLogits(
         signals[Signal.Q],
         signals[Signal.K],
-        layer.loss,
-        bias_t=signals.get("bias"),
+        scale=getattr(attn, "teacher_logit_scale", None),  # Gemma4: 1 (the student folds it into q, k)
+        bias=signals.get("bias"),
         key_pooling=signals.get("key_pooling"),
-        scale_t=getattr(attn, "teacher_logit_scale", None),  # Gemma4: 1 (the student folds it into q, k)
     )
+    return map_distillation_loss(attn, LayerLogits(q, k), teacher, layer.loss)
 
 
 def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> torch.Tensor:

@@ -28,7 +28,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["FeatureLoss", "feature_distill_loss", "final_tokens", "num_prefix_tokens"]
+from ..models.handover import Signal
+from .comparisons import (
+    Compared,
+    Comparison,
+    ComparisonLoss,
+    PlanModels,
+    Step,
+    asked_by,
+    comparison_loss,
+    drop_hint,
+)
+from .modes import PlanError
+from .pairing import check_token_layouts
+
+__all__ = ["FeatureDistillation", "FeatureLoss", "feature_distill_loss", "final_tokens", "num_prefix_tokens"]
 
 
 @dataclass
@@ -97,3 +111,43 @@ def feature_distill_loss(
                 terms[f"feat_cos/{group}"] = cos[:, part].mean().detach()
                 terms[f"feat_smooth_l1/{group}"] = l1[:, part].mean().detach()
     return FeatureLoss(loss, terms)
+
+
+@comparison_loss("feature_distill")
+class FeatureDistillation(ComparisonLoss):
+    """`feature_distill_loss` between the two models' final tokens (``forward_features``), one for one: the
+    same tokens, the same width."""
+
+    signals = (Signal.FEATURES,)
+
+    def check(self, comparison: Comparison, models: PlanModels) -> None:
+        teacher, student, drop = models.teacher, models.student, drop_hint(comparison)
+        if teacher is None:
+            raise PlanError(
+                f"feature distillation ({asked_by(comparison)}) needs a teacher; set teacher.spec or {drop}"
+            )
+        check_token_layouts(teacher, student)
+        t_width, s_width = getattr(teacher, "num_features", None), getattr(student, "num_features", None)
+        if t_width != s_width:
+            raise PlanError(
+                f"feature distillation compares final tokens channel by channel: the teacher's have "
+                f"{t_width} channels, the student's {s_width}; give the student the teacher's embed_dim "
+                f"({t_width}) or set {drop}"
+            )
+
+    def describe(self, comparison: Comparison) -> list[str]:
+        return [
+            f"  feature distillation: weight {comparison.weight:g}, final token features after the final "
+            "norm (prefix and patch tokens): cosine distance + smooth-L1 on tokens standardised by the "
+            "teacher's"
+        ]
+
+    def compare(
+        self, comparison: Comparison, student: torch.Tensor, teacher: torch.Tensor, step: Step
+    ) -> Compared:
+        res = feature_distill_loss(
+            final_tokens(student, step.student),
+            final_tokens(teacher, step.teacher),
+            num_prefix_tokens(step.teacher),
+        )
+        return Compared(res.loss, dict(res.terms))

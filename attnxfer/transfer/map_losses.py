@@ -30,10 +30,8 @@ stays finite and large where the student cannot put weight that the teacher does
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -52,6 +50,7 @@ __all__ = [
     "DEFAULT_MAP_LOSS",
     "MAP_LOSSES",
     "MAP_LOSS_RULES",
+    "LayerLogits",
     "MapAgreement",
     "MapLoss",
     "MapLossRule",
@@ -108,18 +107,34 @@ class MapAgreement(NamedTuple):
     kind: MapLoss = MapLoss.CE
 
 
+@dataclass(frozen=True)
+class LayerLogits:
+    """What one side of a map loss hands over: q and k (B, H, N, d) as they enter the layer's logits, and what
+    else makes its map. One per side: the student's may carry ``valid`` and ``lse``, the teacher's
+    ``key_pooling``; ``scale`` and ``bias`` belong to either."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    #: the layer's logit scale where it is not timm's d^-0.5 (None: d^-0.5)
+    scale: float | None = None
+    #: the additive logit bias (an adapter's ``logit_bias``: relative positions, a shift mask), or None
+    bias: torch.Tensor | BiasRows | None = None
+    #: (B, N) the real tokens of a padded batch (`losses.padding_from_mask`); None: every token is real
+    valid: torch.Tensor | None = None
+    #: the teacher's keys as a pooling of the student's tokens (PVTv2's spatial reduction, captured with its
+    #: q and k): the student's rows are pooled onto them (`MapLossRule.pooled`); None: the same keys
+    key_pooling: KeyPooling | None = None
+    #: the student's rows' log-sum-exp from its own attention kernel (``CEPath.ATTENTION_LSE``), or None
+    lse: torch.Tensor | None = None
+
+
 # --------------------------------------------------------------------------------------- the computations
-def _teacher_rows(
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    rows: slice,
-    scale_t: float | None = None,
-    bias_t: torch.Tensor | BiasRows | None = None,
-) -> torch.Tensor:
-    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
+def _teacher_rows(teacher: LayerLogits, rows: slice) -> torch.Tensor:
+    q_t, k_t = teacher.q, teacher.k
+    scale_t = q_t.shape[-1] ** -0.5 if teacher.scale is None else teacher.scale
     z = (q_t[..., rows, :] * scale_t) @ k_t.transpose(-2, -1)
-    if bias_t is not None:
-        z = z + bias_block(bias_t, rows).to(z.dtype)
+    if teacher.bias is not None:
+        z = z + bias_block(teacher.bias, rows).to(z.dtype)
     return z.softmax(dim=-1)
 
 
@@ -155,23 +170,24 @@ def _student_log_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -
     return torch.log(a_s.clamp_min(torch.finfo(a_s.dtype).tiny))
 
 
-def _ce_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None, pooling=None):
+def _ce_chunk(attn, q_s, k_s, teacher: LayerLogits, start: int, stop: int):
     """Sums over the chunk of −Σ_j P_t log A_s and of the teacher's entropy (no gradient)."""
     rows = slice(start, stop)
-    log_a = _student_log_rows(attn, q_s, k_s, rows, pooling)
-    p_t = _teacher_rows(q_t, k_t, rows, scale_t, bias_t)
+    log_a = _student_log_rows(attn, q_s, k_s, rows, teacher.key_pooling)
+    p_t = _teacher_rows(teacher, rows)
     ce = -(p_t * log_a).sum()
     entropy = -torch.special.xlogy(p_t, p_t).sum()
     return ce, entropy
 
 
-def _mse_chunk(attn, q_s, k_s, q_t, k_t, start: int, stop: int, scale_t=None, bias_t=None, pooling=None):
+def _mse_chunk(attn, q_s, k_s, teacher: LayerLogits, start: int, stop: int):
     rows = slice(start, stop)
-    diff = _student_rows(attn, q_s, k_s, rows, pooling) - _teacher_rows(q_t, k_t, rows, scale_t, bias_t)
+    diff = _student_rows(attn, q_s, k_s, rows, teacher.key_pooling) - _teacher_rows(teacher, rows)
     return diff.pow(2).sum(), diff.new_zeros(())
 
 
-def _check_equal_shapes(q_s, k_s, q_t, k_t, pooling: KeyPooling | None = None) -> None:
+def _check_equal_shapes(student: LayerLogits, teacher: LayerLogits) -> None:
+    q_s, k_s, q_t, k_t, pooling = student.q, student.k, teacher.q, teacher.k, teacher.key_pooling
     if pooling is not None:
         if q_s.shape[:3] != q_t.shape[:3]:
             raise InputError(
@@ -192,20 +208,20 @@ def _check_equal_shapes(q_s, k_s, q_t, k_t, pooling: KeyPooling | None = None) -
         )
 
 
-def _refuse_student_bias_and_padding(bias_s, valid) -> None:
+def _refuse_student_bias_and_padding(student: LayerLogits) -> None:
     """What the implicit-map loss cannot take: a student's own logit bias, a padded batch."""
-    if bias_s is not None:
+    if student.bias is not None:
         raise InputError(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
         )
-    if valid is not None:
+    if student.valid is not None:
         raise InputError(
             "padded batches (a padding mask over their patches) are distilled into softmax students only: the "
             "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
         )
 
 
-def _summed_chunks(fn, attn, q_s, k_s, q_t, k_t, step: int, scale_t, bias_t, key_pooling):
+def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
     """``fn``'s (loss sum, entropy sum) over query-row chunks of ``step`` rows; under autograd each chunk
     is checkpointed, so its rows are rebuilt in backward instead of kept."""
     N = q_s.shape[2]
@@ -214,7 +230,7 @@ def _summed_chunks(fn, attn, q_s, k_s, q_t, k_t, step: int, scale_t, bias_t, key
     )
     total = entropy = q_s.new_zeros(())
     for start in range(0, N, step):
-        args = (attn, q_s, k_s, q_t, k_t, start, min(start + step, N), scale_t, bias_t, key_pooling)
+        args = (attn, q_s, k_s, teacher, start, min(start + step, N))
         part, ent = checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args)
         total = total + part
         entropy = entropy + ent.detach()
@@ -222,40 +238,28 @@ def _summed_chunks(fn, attn, q_s, k_s, q_t, k_t, step: int, scale_t, bias_t, key
 
 
 def _implicit_loss(
-    loss: MapLoss,
-    attn: TransferableAttention,
-    q_s,
-    k_s,
-    q_t,
-    k_t,
-    *,
-    with_metric: bool = True,
-    chunk: int | None = None,
-    ce_path: CEPath | str | None = None,
-    lse_s: torch.Tensor | None = None,
-    scale_t: float | None = None,
-    bias_t: torch.Tensor | BiasRows | None = None,
-    scale_s: float | None = None,
-    bias_s: torch.Tensor | BiasRows | None = None,
-    valid: torch.Tensor | None = None,
-    key_pooling: KeyPooling | None = None,
+    loss: MapLoss, attn: TransferableAttention, student: LayerLogits, teacher: LayerLogits, chunk: int | None
 ) -> MapAgreement:
-    """CE or MSE from the layer's rows (`attention_map`), in checkpointed row chunks; the metric is free.
-    (``ce_path``/``lse_s`` concern softmax layers' exact CE only; the teacher's logits take ``scale_t`` and
-    ``bias_t``; a student with a logit bias of its own is refused here: its map is not ``attention_map``.)
-    With ``key_pooling`` the student's rows are pooled onto the teacher's reduced keys first."""
-    _refuse_student_bias_and_padding(bias_s, valid)
-    _check_equal_shapes(q_s, k_s, q_t, k_t, key_pooling)
+    """CE or MSE from the layer's rows (`attention_map`, which knows the layer's own scale), in checkpointed
+    row chunks; the metric is free. The teacher's logits take its scale and bias; a student with a logit bias
+    of its own is refused here (its map is not ``attention_map``). With the teacher's ``key_pooling`` the
+    student's rows are pooled onto its reduced keys first."""
+    _refuse_student_bias_and_padding(student)
+    _check_equal_shapes(student, teacher)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
+    q_s, k_s = student.q, student.k
     B, H, N, _ = q_s.shape
-    compared = k_t.shape[-2]  # the teacher's keys: a row's entries the loss compares
+    compared = teacher.k.shape[-2]  # the teacher's keys: a row's entries the loss compares
     # a chunk keeps a few (B, H, rows, M) tensors alive: student rows, teacher rows, their product
     step = row_chunk(q_s, k_s.shape[-2], chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
-        q_t, k_t = q_t.detach().float(), k_t.detach().float()
-        bias_t = bias_t.detach() if bias_t is not None else None
-        q_s, k_s = q_s.float(), k_s.float()
-        total, entropy = _summed_chunks(fn, attn, q_s, k_s, q_t, k_t, step, scale_t, bias_t, key_pooling)
+        teacher = replace(
+            teacher,
+            q=teacher.q.detach().float(),
+            k=teacher.k.detach().float(),
+            bias=teacher.bias.detach() if teacher.bias is not None else None,
+        )
+        total, entropy = _summed_chunks(fn, attn, q_s.float(), k_s.float(), teacher, step)
         if loss is MapLoss.CE:
             value = total / (B * H * N)
             metric = value.detach() - entropy / (B * H * N)
@@ -266,56 +270,48 @@ def _implicit_loss(
 
 
 def _exact_softmax_ce(
-    attn: TransferableAttention,
-    q_s,
-    k_s,
-    q_t,
-    k_t,
+    student: LayerLogits,
+    teacher: LayerLogits,
     *,
-    with_metric: bool = True,
-    chunk: int | None = None,
-    ce_path: CEPath | str | None = None,
-    lse_s: torch.Tensor | None = None,
-    scale_t: float | None = None,
-    bias_t: torch.Tensor | BiasRows | None = None,
-    scale_s: float | None = None,
-    bias_s: torch.Tensor | BiasRows | None = None,
-    valid: torch.Tensor | None = None,
+    with_metric: bool,
+    chunk: int | None,
+    ce_path: CEPath | str | None,
 ) -> MapAgreement:
     """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
     identity for plain q·kᵀ logits, also where the key set differs from the queries (CaiT's class
     attention: one query row; spatially reduced keys), and the chunked biased path
     (`biased_attention_ce`) when either side's logits carry a bias (relative-position tables) or the
-    batch is padded (``valid``). The ``triton`` kernels take square maps only: other shapes take the
+    batch is padded (``student.valid``). The ``triton`` kernels take square maps only: other shapes take the
     device's default path."""
+    q_s, k_s = student.q, student.k
     if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
         ce_path = ce_path_for(q_s.device)
-    if bias_t is not None or bias_s is not None or valid is not None:
+    if teacher.bias is not None or student.bias is not None or student.valid is not None:
         res = biased_attention_ce(
-            q_t,
-            k_t,
+            teacher.q,
+            teacher.k,
             q_s,
             k_s,
-            bias_t=bias_t,
-            bias_s=bias_s,
-            scale_t=scale_t,
-            scale_s=scale_s,
+            bias_t=teacher.bias,
+            bias_s=student.bias,
+            scale_t=teacher.scale,
+            scale_s=student.scale,
             chunk=chunk,
             with_kl=with_metric,
-            valid=valid,
+            valid=student.valid,
         )
         return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
     res = attention_distillation_loss(
-        q_t,
-        k_t,
+        teacher.q,
+        teacher.k,
         q_s,
         k_s,
-        scale_t=scale_t,
-        scale_s=scale_s,
+        scale_t=teacher.scale,
+        scale_s=student.scale,
         chunk=chunk,
         with_kl=with_metric,
         path=ce_path,
-        lse_s=lse_s,
+        lse_s=student.lse,
     )
     return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
 
@@ -324,43 +320,37 @@ def _exact_softmax_ce(
 class MapLossRule:
     """How one (student map kind, loss) pair is computed, and what it allows."""
 
-    compute: Callable[..., MapAgreement]
+    loss: MapLoss
+    #: the exact O(N) row CE of a softmax layer (`_exact_softmax_ce`); else the layer's implicit rows, chunked
+    exact: bool = False
     #: the teacher may have a whole multiple of the student's heads (its maps averaged in groups)
     groups_heads: bool = False
-    #: how the pair is computed when the teacher's keys pool the student's (a `KeyPooling`: PVTv2's spatial
-    #: reduction); None: refused
-    pooled: Callable[..., MapAgreement] | None = None
+    #: whether the pair can be computed where the teacher's keys pool the student's (a `KeyPooling`: PVTv2's
+    #: spatial reduction), from the student's rows pooled onto them
+    pooled: bool = True
     #: what the loss compares, in words (what a transfer plan prints for the layer)
     describe: str = ""
 
 
-_POOLED_CE = partial(_implicit_loss, MapLoss.CE)
-_POOLED_MSE = partial(_implicit_loss, MapLoss.MSE)
 MAP_LOSS_RULES: dict[tuple[MapKind, MapLoss], MapLossRule] = {
     (MapKind.SOFTMAX, MapLoss.CE): MapLossRule(
-        _exact_softmax_ce,
+        MapLoss.CE,
+        exact=True,
         groups_heads=True,
-        pooled=_POOLED_CE,
         describe="CE between teacher and student attention rows (exact, no N x N map)",
     ),
     (MapKind.ROW_STOCHASTIC, MapLoss.CE): MapLossRule(
-        partial(_implicit_loss, MapLoss.CE),
-        pooled=_POOLED_CE,
+        MapLoss.CE,
         describe="CE between the teacher's attention rows and the rows of the student's row-stochastic map",
     ),
     (MapKind.SOFTMAX, MapLoss.MSE): MapLossRule(
-        partial(_implicit_loss, MapLoss.MSE),
-        pooled=_POOLED_MSE,
-        describe="MSE between teacher and student attention maps",
+        MapLoss.MSE, describe="MSE between teacher and student attention maps"
     ),
     (MapKind.ROW_STOCHASTIC, MapLoss.MSE): MapLossRule(
-        partial(_implicit_loss, MapLoss.MSE),
-        pooled=_POOLED_MSE,
-        describe="MSE between the teacher's attention map and the student's row-stochastic map",
+        MapLoss.MSE, describe="MSE between the teacher's attention map and the student's row-stochastic map"
     ),
     (MapKind.SIGNED, MapLoss.MSE): MapLossRule(
-        partial(_implicit_loss, MapLoss.MSE),
-        pooled=_POOLED_MSE,
+        MapLoss.MSE,
         describe="MSE between the teacher's attention map and the student's signed map (no log: its rows "
         "may go negative)",
     ),
@@ -419,55 +409,36 @@ def map_loss_rule(kind: MapKind | str, loss: MapLoss | str = "auto") -> MapLossR
 
 def map_distillation_loss(
     attn: TransferableAttention,
-    q_s: torch.Tensor,
-    k_s: torch.Tensor,
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
+    student: LayerLogits,
+    teacher: LayerLogits,
     loss: MapLoss | str = "auto",
     *,
     with_metric: bool = True,
     chunk: int | None = None,
     ce_path: CEPath | str | None = None,
-    lse_s: torch.Tensor | None = None,
-    scale_t: float | None = None,
-    bias_t: torch.Tensor | BiasRows | None = None,
-    scale_s: float | None = None,
-    bias_s: torch.Tensor | BiasRows | None = None,
-    valid: torch.Tensor | None = None,
-    key_pooling: KeyPooling | None = None,
 ) -> MapAgreement:
-    """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on (q_s, k_s) and the
-    softmax map of the teacher's (q_t, k_t), dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
+    """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on ``student``'s q and k
+    and the softmax map of ``teacher``'s, dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
 
-    q/k are (B, H, N, d); ``q_t``/``k_t`` get no gradient. Returns the loss (mean over rows for CE, over
-    entries for MSE) and the detached metric: KL for CE (for softmax layers only ``with_metric``, as it
-    costs a teacher pass), the loss itself for MSE. A softmax layer's exact CE takes ``ce_path`` (default:
-    by device) and, for ``attention_lse``, the layer's own log-sum-exp ``lse_s``. ``scale_*``/``bias_*``:
-    the layers' logit scales (default d^-0.5) and additive logit biases (adapters' ``logit_bias``).
-    ``valid`` (B, N): a padded batch's real tokens (`losses.padding_from_mask`): padded keys and rows are
-    left out (softmax students). ``key_pooling``: the teacher's keys are a reduction of the student's (PVTv2's
-    spatial reduction, captured with the teacher's q and k): the student's rows are pooled onto them
+    q/k are (B, H, N, d); the teacher's get no gradient. Returns the loss (mean over rows for CE, over entries
+    for MSE) and the detached metric: KL for CE (for softmax layers only ``with_metric``, as it costs a
+    teacher pass), the loss itself for MSE. A softmax layer's exact CE takes ``ce_path`` (default: by device)
+    and, for ``attention_lse``, the student's ``lse``. Padded tokens (``student.valid``) are left out (softmax
+    students). With the teacher's ``key_pooling`` the student's rows are pooled onto its reduced keys
     (`MapLossRule.pooled`).
     """
     rule = map_loss_rule(attn.map_kind, loss)
-    extra = {
-        k: v
-        for k, v in dict(scale_t=scale_t, bias_t=bias_t, scale_s=scale_s, bias_s=bias_s, valid=valid).items()
-        if v is not None
-    }
-    compute = rule.compute
-    if key_pooling is not None:
-        if rule.pooled is None:
+    if teacher.key_pooling is not None:
+        if not rule.pooled:
             raise InputError(
                 f"map loss {check_map_loss(loss, attn.map_kind).value!r} on a {attn.map_kind.value!r} "
                 "attention cannot compare maps over the teacher's reduced keys"
             )
-        if scale_s is not None or bias_s is not None:
+        if student.scale is not None or student.bias is not None:
             raise InputError("a pooled map loss takes the student's own logit scale and no student bias")
-        compute, extra = rule.pooled, {**extra, "key_pooling": key_pooling}
-    return compute(
-        attn, q_s, k_s, q_t, k_t, with_metric=with_metric, chunk=chunk, ce_path=ce_path, lse_s=lse_s, **extra
-    )
+    elif rule.exact:
+        return _exact_softmax_ce(student, teacher, with_metric=with_metric, chunk=chunk, ce_path=ce_path)
+    return _implicit_loss(rule.loss, attn, student, teacher, chunk)
 
 
 def implicit_map_loss(
@@ -484,7 +455,7 @@ def implicit_map_loss(
     loss = check_map_loss(loss, attn.map_kind)
     if loss is MapLoss.OUTPUT:
         raise InputError("the 'output' loss compares attention outputs, not maps: use output_mse()")
-    return _implicit_loss(loss, attn, q_s, k_s, q_t, k_t, chunk=chunk)
+    return _implicit_loss(loss, attn, LayerLogits(q_s, k_s), LayerLogits(q_t, k_t), chunk)
 
 
 def output_mse(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Transfer modes: what each config word (``copy``, ``distill``, ``distill_q``, ...) borrows from the teacher and
-distils into the student, as data in one registry, so the plan and `TeacherStudent` read a mode's fields and never
-its name."""
+distils into the student, as data in one table (`MODES`), so the plan and `TeacherStudent` read a mode's fields and
+never its name. A mode's distillation becomes a `comparisons.Comparison` of the plan (`plan.build_plan`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from ..models.handover import Chunks, Signal
 
-__all__ = ["MODES", "PlanError", "TransferMode", "get_mode", "register_mode"]
+__all__ = ["MODES", "PlanError", "TransferMode", "get_mode"]
 
 
 class PlanError(InputError):
@@ -60,10 +60,6 @@ class TransferMode:
         return self.borrow or Chunks(() if self.distill is None else (self.distill,))
 
     @property
-    def distills_maps(self) -> bool:
-        return self.distill is Signal.MAPS
-
-    @property
     def mixes_chunks(self) -> bool:
         """Teacher and student q/k/v meet inside one layer (copy of one chunk, or MSE on one): head dims must match.
         (Borrowing q and k together needs no equal head dim: the teacher's map is applied to the student's v.)"""
@@ -72,48 +68,34 @@ class TransferMode:
         )
 
     @property
-    def needs_equal_heads(self) -> bool:
-        """Head by head pairing (copy, q/k/v distillation); map losses may group heads, per map kind."""
-        return self.is_copy or (self.distill is not None and self.distill.is_chunk)
-
-    @property
     def teacher_at_eval(self) -> bool:
         """Copied layers need the teacher at inference too; distilled students stand alone."""
         return self.is_copy
 
 
-#: every transfer mode by its config word: the one place that says what each mode borrows and distils
-MODES: dict[str, TransferMode] = {}
-
-
-def register_mode(mode: TransferMode) -> TransferMode:
-    MODES[mode.name] = mode
-    return mode
-
-
-# "none" moves no attention: a from-scratch baseline, an MAE fine-tune, plain feature or logit distillation,
-# or convert's stage 2 (which fine-tunes the converted student); the description says only what is true of all.
-register_mode(TransferMode("none", description="no attention transfer"))
-register_mode(
-    TransferMode(
-        "copy", borrow=Signal.MAPS, description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)"
+#: every transfer mode by its config word: the one place that says what each mode borrows and distils.
+#: "none" moves no attention: a from-scratch baseline, an MAE fine-tune, plain feature or logit distillation,
+#: or convert's stage 2 (which fine-tunes the converted student); its description says only what is true of all.
+MODES: dict[str, TransferMode] = {
+    mode.name: mode
+    for mode in (
+        TransferMode("none", description="no attention transfer"),
+        TransferMode(
+            "copy", borrow=Signal.MAPS, description="student uses the teacher's maps: SDPA(q_t, k_t, v_s)"
+        ),
+        TransferMode("copy_q", borrow=Signal.Q, description="teacher queries with student keys"),
+        TransferMode("copy_k", borrow=Signal.K, description="student queries with teacher keys"),
+        TransferMode("copy_v", borrow=Signal.V, description="student maps applied to the teacher's values"),
+        TransferMode(
+            "distill",
+            distill=Signal.MAPS,
+            description="student attention maps learn the teacher's, each layer by the loss of its map kind",
+        ),
+        TransferMode("distill_q", distill=Signal.Q, description="MSE between queries"),
+        TransferMode("distill_k", distill=Signal.K, description="MSE between keys"),
+        TransferMode("distill_v", distill=Signal.V, description="MSE between values"),
     )
-)
-register_mode(TransferMode("copy_q", borrow=Signal.Q, description="teacher queries with student keys"))
-register_mode(TransferMode("copy_k", borrow=Signal.K, description="student queries with teacher keys"))
-register_mode(
-    TransferMode("copy_v", borrow=Signal.V, description="student maps applied to the teacher's values")
-)
-register_mode(
-    TransferMode(
-        "distill",
-        distill=Signal.MAPS,
-        description="student attention maps learn the teacher's, each layer by the loss of its map kind",
-    )
-)
-register_mode(TransferMode("distill_q", distill=Signal.Q, description="MSE between queries"))
-register_mode(TransferMode("distill_k", distill=Signal.K, description="MSE between keys"))
-register_mode(TransferMode("distill_v", distill=Signal.V, description="MSE between values"))
+}
 
 
 def get_mode(name: str) -> TransferMode:

@@ -1,12 +1,14 @@
 """`TeacherStudent`: a frozen teacher and a trainable student, each running its own timm forward.
 
-The teacher runs first, its own ``forward_features`` (any family: rope passed to blocks, relative
-position biases, class-attention blocks are timm's business), with a per-layer `AttentionIO` on each
-transferred layer that captures q/k(/v) as they enter the logits (and the logit bias); the last one
-raises `StopForward` once it has captured, so the teacher runs only as deep as the plan needs. Then the
-student runs its own forward with per-layer `AttentionIO`s that consume the teacher's signals (copy)
-or capture its own (distill). Shared drop path swaps both models' drop-path modules for the student's
-per-sample masks around the two passes.
+A step has two halves. The teacher's pass (`teacher_pass`, `run_teacher`): its own ``forward_features``
+(any family: rope passed to blocks, relative position biases, class-attention blocks are timm's business)
+with a capturing `AttentionIO` on each layer the plan needs (`teacher_needs`), stopping once the last one
+has captured unless its final features or logits are compared. Then the student's: its own forward with
+per-layer `AttentionIO`s that consume the teacher's q/k/v (copy, as the mode borrows them) or capture its
+own for the plan's comparisons, whose weighted losses it sums (`plan.comparisons`). ``forward(x)`` runs both;
+``forward(x, handover)`` takes a teacher pass run once for several pairs that share the teacher (a study).
+Shared drop path swaps both models' drop-path modules for the student's per-sample masks around the two
+passes: such a pair's teacher pass is its own (`owns_teacher_pass`).
 
 The teacher is a guest: frozen, ``eval()``, under ``torch.no_grad()`` (not
 ``inference_mode``: copied q/k are saved for the student's backward), bf16 on
@@ -17,29 +19,26 @@ GPU, and not a registered submodule, so it never reaches the optimizer, EMA,
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..models.attention import (
-    AttentionIO,
-    MapKind,
-    StopForward,
-    attached_ios,
-    attention_io,
-    attention_layers,
-    make_transfer_aware,
-)
-from ..models.attention.key_pooling import KeyPooling
-from ..models.attention.numerics import fp32_section
+from ..models.attention import AttentionIO, attention_io, attention_layers, make_transfer_aware
 from ..models.handover import Chunks, Signal
-from .feature_loss import feature_distill_loss, final_tokens, num_prefix_tokens
-from .losses import CEPath, ce_path_for, padding_from_mask
-from .map_losses import map_distillation_loss
+from .comparisons import Compared, Comparison, LayerPair, Step
+from .losses import CEPath, ce_path_for
 from .plan import TransferPlan, build_plan
+from .teacher_pass import (
+    TeacherHandover,
+    TeacherNeeds,
+    batch_size,
+    block_of,
+    features_and_logits,
+    run_teacher,
+)
 
 __all__ = ["TeacherStudent", "TransferOutput"]
 
@@ -60,6 +59,13 @@ class TransferOutput:
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def add(self, weight: float, compared: Compared) -> None:
+        """A comparison's terms and logs, and its loss at ``weight`` into the sum."""
+        self.terms.update(compared.terms)
+        self.logs.update(compared.logs)
+        weighted = weight * compared.loss
+        self.loss = weighted if self.loss is None else self.loss + weighted
+
 
 class _FixedDropPath(nn.Module):
     """Applies a given per-sample keep mask: shares one drop-path draw between two blocks."""
@@ -72,6 +78,12 @@ class _FixedDropPath(nn.Module):
         return x * self.mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))  # (B, N, C) or NHWC stages
 
 
+def _drop_rates(block: nn.Module) -> Iterator[tuple[str, float]]:
+    """(name, rate) of the block's drop-path modules."""
+    for name in ("drop_path1", "drop_path2"):
+        yield name, float(getattr(getattr(block, name, None), "drop_prob", 0.0))
+
+
 @contextlib.contextmanager
 def _shared_drop_path(
     pairs: list[tuple[nn.Module, nn.Module]], batch: int, device: torch.device
@@ -81,8 +93,7 @@ def _shared_drop_path(
     saved = []
     try:
         for student_blk, teacher_blk in pairs:
-            for name in ("drop_path1", "drop_path2"):
-                rate = float(getattr(getattr(student_blk, name, None), "drop_prob", 0.0))
+            for name, rate in _drop_rates(student_blk):
                 if rate <= 0.0:
                     continue
                 keep = 1.0 - rate
@@ -96,44 +107,13 @@ def _shared_drop_path(
             setattr(blk, name, mod)
 
 
-@contextlib.contextmanager
-def _eager(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` uncompiled for the duration (``nn.Module.compile`` keeps its compiled call in
-    ``_compiled_call_impl``); its other calls stay compiled."""
-    compiled = module.__dict__.get("_compiled_call_impl")
-    if compiled is None:
-        yield
-        return
-    module._compiled_call_impl = None
-    try:
-        yield
-    finally:
-        module._compiled_call_impl = compiled
-
-
-def _parent(model: nn.Module, name: str) -> nn.Module:
-    """The module that holds the attention called ``name`` (its block)."""
-    return model.get_submodule(name.rpartition(".")[0])
-
-
-def logit_distillation_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """T² · KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch, in fp32 (Hinton et al.'s scaling keeps
-    the gradient's size independent of T)."""
-    with fp32_section(student_logits.device.type):
-        t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-        s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
-
-
 class TeacherStudent(nn.Module):
     """Teacher and student in lock-step; returns student logits and the transfer loss.
 
     Args:
         teacher: a timm vision transformer of any family with adapters (ViT/DeiT, EVA/DINOv3/PE, BEiT,
             ...: `attnxfer.models.attention.families`; made transfer-aware in place). May be None only
-            for ``mode=none`` without logit distillation.
+            for a plan that compares nothing with a teacher.
         student: the timm model to train (made transfer-aware in place): the teacher's family, a plain
             ViT with the teacher's token layout, or zoo attentions (`attnxfer.models.efficient`), for
             the modes their map kind supports.
@@ -167,10 +147,10 @@ class TeacherStudent(nn.Module):
         # KL = CE − H(P_t) costs one more teacher pass per layer and is only logged: the engine
         # switches it on for the steps it logs.
         self.log_kl = True
-        self._student_names, self._student_attn = _unzip(attention_layers(student))
-        self._teacher_names, self._teacher_attn = (
-            _unzip(attention_layers(teacher)) if teacher is not None else ([], [])
-        )
+        self._student_layers = attention_layers(student)
+        self._teacher_layers = attention_layers(teacher) if teacher is not None else []
+        self._student_attn = [m for _, m in self._student_layers]
+        self._teacher_attn = [m for _, m in self._teacher_layers]
         if self.plan.mode.borrow:
             for s_layer, _ in self.plan.pairs:
                 self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
@@ -182,230 +162,156 @@ class TeacherStudent(nn.Module):
             self.teacher.eval()
         return self
 
+    def _teacher_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype the teacher runs in next to ``device`` (bf16 on CUDA unless told otherwise)."""
+        return self.teacher_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
     def _teacher_ready(self, device: torch.device) -> torch.dtype:
-        """Move the teacher next to the input on first use (bf16 on CUDA unless told otherwise)."""
-        dtype = self.teacher_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        """Move the teacher next to the input on first use, in its dtype."""
+        dtype = self._teacher_dtype(device)
         p = next(self.teacher.parameters())
         if p.device != device or p.dtype != dtype:
             self.teacher.to(device=device, dtype=dtype)
         return dtype
 
-    # -- forward ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]) -> TransferOutput:
-        """``x``: images, or a NaFlexViT batch (``patches``, ``patch_coord``, ``patch_valid``) whose samples
-        have different numbers of patches: padded tokens are left out of the maps' CE."""
-        mode = self.plan.mode
-        if not self.training and not mode.teacher_at_eval:
-            return TransferOutput(self.student(x))
-        if not self.plan.pairs and not self._wants_features:
-            out = TransferOutput(self.student(x))
-            if self.training and self.plan.logit_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = self.teacher(_cast(x, self._teacher_ready(_device(x))))
-                self._add_logit_loss(out, teacher_logits)
-            return out
-        return self._teacher_then_student(x)
-
-    def _add_logit_loss(self, out: TransferOutput, teacher_logits: torch.Tensor) -> None:
-        kd = logit_distillation_loss(out.logits, teacher_logits, self.plan.logit_temperature)
-        out.terms["logit_kd"] = kd
-        weighted = self.plan.logit_weight * kd
-        out.loss = weighted if out.loss is None else out.loss + weighted
-
-    def _drop_path_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(student block, teacher block) of the layers up to the last transferred one (equal depths)."""
-        last = self.plan.last_teacher_layer
-        return [
-            (_parent(self.student, s), _parent(self.teacher, t))
-            for s, t in zip(self._student_names[: last + 1], self._teacher_names[: last + 1])
-        ]
+    # -- what the teacher hands over -------------------------------------------------------------
+    def teacher_needs(self) -> TeacherNeeds:
+        """What a step in the current mode (training or eval) needs of the teacher: the q/k/v of the layers the
+        mode borrows from and (training) those its layer comparisons compare, and its final features or
+        logits where they are compared. Empty where the teacher need not run."""
+        plan, mode = self.plan, self.plan.mode
+        if self.teacher is None or not (self.training or mode.teacher_at_eval):
+            return TeacherNeeds()
+        layers: dict[int, set[Signal]] = {}
+        for _, t in plan.pairs if mode.is_copy else ():
+            layers.setdefault(t, set()).update(mode.borrow)
+        signals = set()
+        for c in plan.comparisons if self.training else ():
+            if not c.signal.of_layer:
+                signals.add(c.signal)
+            for _, t in c.pairs:
+                layers.setdefault(t, set()).update(c.chunks)
+        return TeacherNeeds({t: Chunks(c) for t, c in layers.items()}, frozenset(signals))
 
     @property
-    def _wants_features(self) -> bool:
-        """Training compares the final token features (feature distillation)."""
-        return self.training and Signal.FEATURES in self.plan.compares
+    def owns_teacher_pass(self) -> bool:
+        """Whether this pair's teacher pass can be no other pair's: with shared drop path in training and a
+        student that drops paths, the teacher's blocks take the student's drop-path masks of the step."""
+        if not (self.plan.share_drop_path and self.training):
+            return False
+        pairs = self._drop_path_pairs(self.teacher_needs().last_layer)
+        return any(rate > 0 for student_blk, _ in pairs for _, rate in _drop_rates(student_blk))
 
-    def _teacher_pass(
-        self, x: torch.Tensor, wanted: Chunks, model_signals: frozenset[Signal]
-    ) -> tuple[dict[int, dict[str, torch.Tensor]], dict[Signal, torch.Tensor]]:
-        """The teacher's own forward with a capturing `AttentionIO` on each transferred layer: the
-        captured ``wanted`` q/k/v (and logit bias) per teacher layer, and the whole model's
-        ``model_signals`` (its final token features, its logits: one forward for both). Without those the
-        last transferred layer stops the forward (`StopForward`) once it has captured: its attention core,
-        output projection, MLP and every later block would be computed for nothing."""
-        plan, teacher = self.plan, self.teacher
-        ios = {t: AttentionIO(capture=wanted) for t in sorted(plan.teacher_layers)}
-        stop = not model_signals
-        if stop:
-            ios[plan.last_teacher_layer].stop = True
-        whole: dict[Signal, torch.Tensor] = {}
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            if stop:  # the stopping block runs eagerly: a raise inside a compiled graph would break it
-                stack.enter_context(_eager(_parent(teacher, self._teacher_names[plan.last_teacher_layer])))
-            stack.enter_context(attached_ios(self._teacher_attn, ios))
-            with contextlib.suppress(StopForward):
-                if Signal.FEATURES in model_signals:
-                    whole = _features_and_logits(teacher, x, Signal.LOGITS in model_signals)
-                elif Signal.LOGITS in model_signals:
-                    whole = {Signal.LOGITS: teacher(x)}
-                else:
-                    _features(teacher, x)
-        return {t: io.captured for t, io in ios.items()}, whole
+    def teacher_pass(
+        self, x: torch.Tensor | dict[str, torch.Tensor], needs: TeacherNeeds | None = None
+    ) -> TeacherHandover:
+        """The teacher's forward on ``x`` for ``needs`` (default: this pair's, `teacher_needs`), once: the
+        teacher moved next to the input in its dtype, the batch cast to it, no gradient (`run_teacher`). For
+        several pairs sharing this teacher, pass the union of their needs (`TeacherNeeds.union`)."""
+        needs = self.teacher_needs() if needs is None else needs
+        dtype = self._teacher_ready(_device(x))
+        return run_teacher(self.teacher, _cast(x, dtype), needs, self._teacher_layers)
 
-    def _student_io(
-        self, layer: int, signals: dict[int, dict[str, torch.Tensor]], ce_path: CEPath
-    ) -> AttentionIO:
-        """Copy: the teacher's chunks (q and k together bring the teacher's logit bias); distill: capture."""
-        mode = self.plan.mode
-        if mode.is_copy:
-            borrowed = signals[self.plan.teacher_for[layer]]
-            io = AttentionIO(**{str(c): borrowed[c] for c in mode.borrow})
-            if set(Signal.MAPS.chunks) <= set(mode.borrow):  # the maps whole: their logit bias comes along
-                io.bias = borrowed.get("bias")
-                io.q = _in_student_scale(
-                    io.q, self._teacher_attn[self.plan.teacher_for[layer]], self._student_attn[layer]
+    # -- forward ---------------------------------------------------------------------------
+    def forward(
+        self, x: torch.Tensor | dict[str, torch.Tensor], handover: TeacherHandover | None = None
+    ) -> TransferOutput:
+        """``x``: images, or a NaFlexViT batch (``patches``, ``patch_coord``, ``patch_valid``) whose samples
+        have different numbers of patches: padded tokens are left out of the maps' CE. ``handover``: the
+        teacher's pass on ``x`` run for this pair and others (`teacher_pass`); None: this pair runs it. Given
+        or not, the logits, loss, terms and gradients are the same."""
+        if not self.training and not self.plan.mode.teacher_at_eval:
+            return TransferOutput(self.student(x))
+        needs = self.teacher_needs()
+        if needs.empty:
+            return TransferOutput(self.student(x))
+        if handover is not None:
+            if self.owns_teacher_pass:
+                raise ValueError(
+                    "this pair's teacher takes the student's drop-path masks (share_drop_path with drop path in "
+                    "training), so its teacher pass is its own: call it without a hand-over"
                 )
-            return io
-        return AttentionIO(capture=mode.chunks, return_lse=self._wants_lse(layer, ce_path))
-
-    def _teacher_then_student(self, x: torch.Tensor) -> TransferOutput:
-        mode, plan = self.plan.mode, self.plan
-        tdtype = self._teacher_ready(_device(x))
-        share = plan.share_drop_path and self.training
-        # what the whole models hand over besides their layers' signals (training only)
-        whole = frozenset(s for s in plan.compares if not s.of_layer) if self.training else frozenset()
-        ce_path = self.ce_path or ce_path_for(_device(x))
-
+            handover.check(self.teacher, needs, batch_size(x), self._teacher_dtype(_device(x)))
+            return self._student_pass(x, handover)
+        share = self.plan.share_drop_path and self.training
         drop = (
-            _shared_drop_path(self._drop_path_pairs(), _batch(x), _device(x))
+            _shared_drop_path(self._drop_path_pairs(needs.last_layer), batch_size(x), _device(x))
             if share
             else contextlib.nullcontext()
         )
         with drop:
-            signals, teacher_whole = self._teacher_pass(_cast(x, tdtype), mode.chunks, whole)
-            ios = {s: self._student_io(s, signals, ce_path) for s, _ in plan.pairs}
-            with contextlib.ExitStack() as stack:
-                for s, io in ios.items():
-                    stack.enter_context(attention_io(self._student_attn[s], io))
-                if Signal.FEATURES in whole:  # the features and the logits of one student forward
-                    student_whole = _features_and_logits(self.student, x, logits=True)
-                    out = TransferOutput(logits=student_whole[Signal.LOGITS])
-                else:
-                    out = TransferOutput(logits=self.student(x))
-        if mode.is_distill and plan.pairs:
-            losses = [
-                self._layer_loss(s, signals[t], ios[s].captured, out, ce_path, ios[s].lse)
-                for s, t in plan.pairs
-            ]
-            out.loss = plan.weight * torch.stack(losses).sum()
-        if Signal.LOGITS in teacher_whole:
-            self._add_logit_loss(out, teacher_whole[Signal.LOGITS])
-        if Signal.FEATURES in whole:
-            self._add_feature_loss(out, student_whole[Signal.FEATURES], teacher_whole[Signal.FEATURES])
+            return self._student_pass(x, self.teacher_pass(x, needs))
+
+    def _drop_path_pairs(self, last: int) -> list[tuple[nn.Module, nn.Module]]:
+        """(student block, teacher block) of the layers up to teacher layer ``last`` (equal depths)."""
+        layers = zip(self._student_layers[: last + 1], self._teacher_layers[: last + 1])
+        return [(block_of(self.student, s), block_of(self.teacher, t)) for (s, _), (t, _) in layers]
+
+    def _student_pass(self, x: torch.Tensor | dict, handover: TeacherHandover) -> TransferOutput:
+        """The student's forward with the teacher's hand-over: borrowing what the mode borrows, capturing what
+        the comparisons compare; then each comparison's weighted loss, in the plan's order."""
+        compared = self.plan.comparisons if self.training else ()
+        ce_path = self.ce_path or ce_path_for(_device(x))
+        ios = self._student_ios(handover, compared, ce_path)
+        with contextlib.ExitStack() as stack:
+            for s, io in ios.items():
+                stack.enter_context(attention_io(self._student_attn[s], io))
+            if any(c.signal is Signal.FEATURES for c in compared):  # the features and logits of one forward
+                student_whole = features_and_logits(self.student, x, logits=True)
+            else:
+                student_whole = {Signal.LOGITS: self.student(x)}
+        out = TransferOutput(logits=student_whole[Signal.LOGITS])
+        step = Step(self.student, self.teacher, ce_path, self.log_kl)
+        for c in compared:
+            if c.signal.of_layer:
+                out.add(c.weight, self._layer_loss(c, ios, handover, step))
+            else:
+                out.add(
+                    c.weight, c.loss_fn.compare(c, student_whole[c.signal], handover.signals[c.signal], step)
+                )
         return out
 
-    def _add_feature_loss(self, out: TransferOutput, student: torch.Tensor, teacher: torch.Tensor) -> None:
-        """Feature distillation between the two final token sets (`feature_distill_loss`), weighted."""
-        res = feature_distill_loss(
-            final_tokens(student, self.student),
-            final_tokens(teacher, self.teacher),
-            num_prefix_tokens(self.teacher),
-        )
-        out.terms.update(res.terms)
-        weighted = self.plan.feature_weight * res.loss
-        out.loss = weighted if out.loss is None else out.loss + weighted
-
-    def _wants_lse(self, layer: int, ce_path: CEPath) -> bool:
-        """Whether student ``layer`` hands out its log-sum-exp: distilled maps, a softmax layer, a path
-        that takes the log-sum-exp from the attention kernel."""
-        return (
-            ce_path.needs_student_lse
-            and self.plan.mode.distills_maps
-            and self._student_attn[layer].map_kind is MapKind.SOFTMAX
-            and not self._student_attn[layer].has_logit_bias
-            and not self._teacher_attn[self.plan.teacher_for[layer]].has_logit_bias
-        )
+    def _student_ios(
+        self, handover: TeacherHandover, compared: Sequence[Comparison], ce_path: CEPath
+    ) -> dict[int, AttentionIO]:
+        """Per student layer, one `AttentionIO`: the teacher's q/k/v where the mode borrows them (q and k
+        together bring the teacher's logit bias), and a capture of what the layer comparisons compare."""
+        mode, ios = self.plan.mode, {}
+        for s, t in self.plan.pairs if mode.is_copy else ():
+            borrowed = handover.layers[t]
+            io = ios[s] = AttentionIO(**{str(c): borrowed[c] for c in mode.borrow})
+            if set(Signal.MAPS.chunks) <= set(mode.borrow):  # the maps whole: their logit bias comes along
+                io.bias = borrowed.get("bias")
+                io.q = _in_student_scale(io.q, self._teacher_attn[t], self._student_attn[s])
+        for c in compared:
+            for s, t in c.pairs:
+                io = ios.setdefault(s, AttentionIO())
+                io.capture = Chunks((*io.capture, *c.chunks))
+                io.return_lse = io.return_lse or c.loss_fn.wants_lse(self._pair(s, t), ce_path)
+        return ios
 
     def _layer_loss(
-        self,
-        layer: int,
-        teacher_sig: dict[str, torch.Tensor],
-        student_sig: dict[str, torch.Tensor],
-        out: TransferOutput,
-        ce_path: CEPath | None = None,
-        lse_s: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        mode = self.plan.mode
-        if mode.distills_maps:
-            # the student layer's map kind picks the loss (softmax: the exact O(N) CE; see map_losses)
-            s_attn = self._student_attn[layer]
-            t_attn = self._teacher_attn[self.plan.teacher_for[layer]]
-            q_s, q_t = student_sig["q"], teacher_sig["q"]
-            res = map_distillation_loss(
-                s_attn,
-                q_s,
-                student_sig["k"],
-                q_t,
-                teacher_sig["k"],
-                with_metric=self.log_kl,
-                ce_path=ce_path,
-                lse_s=lse_s,
-                scale_t=_scale_if_own(t_attn, q_t),
-                bias_t=teacher_sig.get("bias"),
-                scale_s=_scale_if_own(s_attn, q_s),
-                bias_s=student_sig.get("bias"),
-                valid=padding_from_mask(student_sig.get("mask"), q_s.shape[-2]),
-                key_pooling=_pooled_keys(teacher_sig, student_sig["k"]),
-            )
-            out.terms[f"{res.kind.term}/{layer}"] = res.loss
-            if res.metric is not None and res.kind.logged_metric:
-                out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric
-            return res.loss
-        c = mode.distill
-        with fp32_section(student_sig[c].device.type):
-            loss = F.mse_loss(student_sig[c].float(), teacher_sig[c].detach().float())
-        out.terms[f"{c}_mse/{layer}"] = loss
-        return loss
+        self, c: Comparison, ios: dict[int, AttentionIO], handover: TeacherHandover, step: Step
+    ) -> Compared:
+        """A layer comparison over its pairs: the sum of the layers' losses, every layer's terms and logs."""
+        losses, terms, logs = [], {}, {}
+        for s, t in c.pairs:
+            io = ios[s]
+            student = io.captured if io.lse is None else {**io.captured, "lse": io.lse}
+            res = c.loss_fn.compare_layer(c, self._pair(s, t, student, handover.layers[t]), step)
+            losses.append(res.loss)
+            terms.update(res.terms)
+            logs.update(res.logs)
+        return Compared(torch.stack(losses).sum(), terms, logs)
 
-
-def _pooled_keys(teacher_sig: dict, k_s: torch.Tensor) -> KeyPooling | None:
-    """The teacher layer's `KeyPooling` where its keys reduce the tokens the student layer keys (a PVTv2
-    teacher's spatial reduction, a zoo student over every token: the plan's pooled pairs), else None."""
-    pooling = teacher_sig.get("key_pooling")
-    if pooling is None or k_s.shape[-2] != pooling.num_tokens or teacher_sig["k"].shape[-2] == k_s.shape[-2]:
-        return None
-    return pooling
+    def _pair(self, s: int, t: int, *signals: Mapping[str, Any]) -> LayerPair:
+        """Student layer ``s`` and teacher layer ``t``, with what they handed over (student's, teacher's)."""
+        return LayerPair(s, t, self._student_attn[s], self._teacher_attn[t], *signals)
 
 
 def _device(x: torch.Tensor | dict) -> torch.device:
     """The device of a batch: an image tensor, or NaFlexViT's dict (patches, coordinates, validity)."""
     return x["patches"].device if isinstance(x, dict) else x.device
-
-
-def _batch(x: torch.Tensor | dict) -> int:
-    return x["patches"].shape[0] if isinstance(x, dict) else x.shape[0]
-
-
-def _features(model: nn.Module, x: torch.Tensor | dict) -> torch.Tensor:
-    """``model.forward_features`` of a batch (NaFlexViT takes a dict's entries as arguments)."""
-    if isinstance(x, dict):
-        keys = ("patch_coord", "patch_valid", "attn_mask")
-        return model.forward_features(x["patches"], **{k: x[k] for k in keys if k in x})
-    return model.forward_features(x)
-
-
-def _features_and_logits(
-    model: nn.Module, x: torch.Tensor | dict, logits: bool
-) -> dict[Signal, torch.Tensor]:
-    """The model's final token features (``forward_features``) and, with ``logits``, its head's output on
-    them: what ``model(x)`` computes, in one forward, with the features kept."""
-    if isinstance(x, dict):
-        raise ValueError(
-            "feature distillation compares final tokens of image batches; a patch batch (a dict of patches, "
-            "coordinates and validity) has per-sample token counts: set transfer.feature_distill=0"
-        )
-    features = model.forward_features(x)
-    return {Signal.FEATURES: features, **({Signal.LOGITS: model.forward_head(features)} if logits else {})}
 
 
 def _cast(x: torch.Tensor | dict, dtype: torch.dtype) -> torch.Tensor | dict:
@@ -416,18 +322,8 @@ def _cast(x: torch.Tensor | dict, dtype: torch.dtype) -> torch.Tensor | dict:
     return x.to(dtype)
 
 
-def _unzip(layers: list[tuple[str, nn.Module]]) -> tuple[list[str], list[nn.Module]]:
-    return [n for n, _ in layers], [m for _, m in layers]
-
-
 def _in_student_scale(q_t: torch.Tensor, teacher_attn: nn.Module, student_attn: nn.Module) -> torch.Tensor:
     """Borrowed logits keep the teacher's scale: the teacher's q rescaled by s_t / s_s, where the two layers
     scale q·kᵀ differently (a Swin V2 or Gemma4 layer's scale 1 against d^-0.5)."""
     ratio = teacher_attn.logit_scale(q_t) / student_attn.logit_scale(q_t)
     return q_t if ratio == 1 else q_t * ratio
-
-
-def _scale_if_own(attn: nn.Module, q: torch.Tensor) -> float | None:
-    """The layer's logit scale where it is not timm's default d^-0.5 (None: the default)."""
-    scale = attn.logit_scale(q)
-    return None if scale == q.shape[-1] ** -0.5 else scale

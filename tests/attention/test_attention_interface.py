@@ -36,6 +36,7 @@ from attnxfer.models import (
     make_transfer_aware,
 )
 from attnxfer.transfer import MapLoss, attention_distillation_loss, implicit_map_loss, map_distillation_loss
+from attnxfer.transfer.map_losses import LayerLogits
 
 ALL = list_attentions()
 
@@ -197,9 +198,9 @@ def test_map_losses_dispatch_on_the_student_layers_kind():
         q, k = (t.detach().requires_grad_() for t in attn.project(inputs().float(), "qk").values())
         if not attn.map_kind.has_map:
             with pytest.raises(ValueError, match="'output' loss compares attention outputs"):
-                map_distillation_loss(attn, q, k, q_t, k_t)
+                map_distillation_loss(attn, LayerLogits(q, k), LayerLogits(q_t, k_t))
             continue
-        res = map_distillation_loss(attn, q, k, q_t, k_t)
+        res = map_distillation_loss(attn, LayerLogits(q, k), LayerLogits(q_t, k_t))
         kinds[attn.map_kind] = res.kind
         assert res.metric is not None and res.loss.requires_grad
         if attn.map_kind is MapKind.SOFTMAX:  # the exact O(N) CE, equal to the chunked CE on explicit rows

@@ -18,7 +18,7 @@ from attnxfer.models.attention.key_pooling import KeyPooling
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer.conversion import build_conversion_plan
-from attnxfer.transfer.map_losses import map_distillation_loss
+from attnxfer.transfer.map_losses import LayerLogits, map_distillation_loss
 
 IMG = 36  # stage grids 9x9 and 5x5: not divisible by the reductions 4 and 2 (timm's conv floors them)
 
@@ -133,7 +133,8 @@ def test_pooled_map_loss_is_the_loss_of_the_materialised_pooled_map(kind, studen
         own = attns[i].project(sig["input"], "qk")
         q = own["q"].detach().requires_grad_(True)
         k = own["k"].detach().requires_grad_(True)
-        res = map_distillation_loss(attns[i], q, k, sig["q"], sig["k"], loss, key_pooling=sig["key_pooling"])
+        pooled_keys = LayerLogits(sig["q"], sig["k"], key_pooling=sig["key_pooling"])
+        res = map_distillation_loss(attns[i], LayerLogits(q, k), pooled_keys, loss)
         grads = torch.autograd.grad(res.loss, (q, k))
 
         q_r = q.detach().requires_grad_(True)

@@ -20,7 +20,7 @@ from attnxfer.models.efficient import build_efficient_student
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
 from attnxfer.transfer.losses import attention_distillation_loss
-from attnxfer.transfer.map_losses import map_distillation_loss
+from attnxfer.transfer.map_losses import LayerLogits, map_distillation_loss
 
 SIDE, PATCH = 512, 16
 N = (SIDE // PATCH) ** 2 + 1  # 1,025 tokens: 32x32 patches and the class token
@@ -124,7 +124,9 @@ def test_the_map_losses_never_build_a_whole_map_and_match_the_oracle_in_row_chun
     whole = q_t.shape[0] * HEADS * N * N
 
     with _LargestTensor() as seen:
-        implicit = map_distillation_loss(relu_linear, q_s, k_s, q_t, k_t, chunk=chunk).loss
+        implicit = map_distillation_loss(
+            relu_linear, LayerLogits(q_s, k_s), LayerLogits(q_t, k_t), chunk=chunk
+        ).loss
         implicit.backward()
     assert seen.numel <= q_t.shape[0] * HEADS * chunk * N < whole / 16
     grads = (q_s.grad.clone(), k_s.grad.clone())

@@ -226,7 +226,7 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
     """The plan's last teacher layer only hands over q/k: its attention core, projection and MLP are not
     run, and logits, loss and gradients are exactly those of running the whole block. Logit distillation
     needs the teacher's head, so there the whole teacher runs."""
-    import attnxfer.transfer.teacher_student as teacher_student_module
+    import attnxfer.transfer.teacher_pass as teacher_pass_module
 
     teacher, x = peaked_teacher(depth=3), torch.randn(2, 3, 32, 32)
     results, mlp_calls = {}, []
@@ -234,7 +234,7 @@ def test_teacher_stops_at_the_projection_of_its_last_transferred_layer(mode, mon
         block.mlp.register_forward_hook(lambda *a: mlp_calls.append(1))
     for stops in (True, False):
         if not stops:
-            monkeypatch.setattr(teacher_student_module, "AttentionIO", _NeverStops)
+            monkeypatch.setattr(teacher_pass_module, "AttentionIO", _NeverStops)
         mlp_calls.clear()
         student = tiny_vit(seed=2, depth=3)
         pair = TeacherStudent(teacher, student, build_plan(teacher, student, mode, end_layer=-1)).train()

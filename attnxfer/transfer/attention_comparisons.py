@@ -1,0 +1,184 @@
+"""The comparison losses of attention layers: ``map`` (a layer's attention map against its teacher layer's, by
+the loss of the student layer's map kind, `map_losses`) and ``mse`` (a layer's q, k or v against the
+teacher's, element-wise). ``transfer.mode=distill`` is a ``map`` comparison of the plan's layers,
+``distill_q``/``distill_k``/``distill_v`` an ``mse`` one, at ``transfer.atd_weight``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.attention import MapKind, attention_name_of
+from ..models.attention.key_pooling import KeyPooling
+from ..models.attention.numerics import fp32_section
+from ..models.handover import Signal
+from .comparisons import Compared, Comparison, ComparisonLoss, LayerPair, PlanModels, Step, comparison_loss
+from .losses import CEPath, group_heads_ok, padding_from_mask
+from .map_losses import LayerLogits, map_distillation_loss, map_loss_rule
+from .modes import PlanError
+from .pairing import reduced_keys
+
+__all__ = ["MapComparison", "ProjectionMSE"]
+
+
+def _by_mode(comparison: Comparison) -> bool:
+    """The comparison is the mode's distillation (its messages say which mode to pick instead)."""
+    return comparison.origin.startswith("mode ")
+
+
+@comparison_loss("map")
+class MapComparison(ComparisonLoss):
+    """The student layer's attention map against the teacher layer's softmax map, by the loss of the student
+    layer's map kind (`map_losses.MAP_LOSS_RULES`: the exact O(N) row CE for softmax, the implicit rows'
+    CE or MSE for zoo attentions), pooled onto the teacher's reduced keys where they reduce the student's."""
+
+    signals = (Signal.MAPS,)
+    uses_ce_path = True
+
+    def check_pair(self, comparison: Comparison, models: PlanModels, s: int, t: int, where: str) -> None:
+        sa, ta = models.student_attn[s], models.teacher_attn[t]
+        name = attention_name_of(sa)
+        if not sa.map_kind.has_map:
+            fix = (
+                "set transfer.mode=none (logit distillation still applies)"
+                if _by_mode(comparison)
+                else f"remove {comparison.origin}"
+            )
+            raise PlanError(
+                f"{where}: {name!r} attention has no attention map to distil (map kind 'none'); {fix} or "
+                "pick a row-stochastic/signed attention"
+            )
+        groups_heads = map_loss_rule(sa.map_kind).groups_heads
+        if not groups_heads and ta.num_heads != sa.num_heads:
+            raise PlanError(
+                f"{where}: map distillation into {name!r} attention needs equal head counts (teacher "
+                f"{ta.num_heads}, student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
+            )
+        if groups_heads and not group_heads_ok(ta.num_heads, sa.num_heads):
+            raise PlanError(
+                f"{where}: teacher has {ta.num_heads} heads, student {sa.num_heads}; distillation needs "
+                "the teacher's head count to equal or be a whole multiple of the student's "
+                f"(e.g. student num_heads={ta.num_heads})"
+            )
+
+    def pools_teacher_keys(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> bool:
+        """A student layer that keys every token of its stage (it declares no partition of its own: a zoo
+        attention) against a teacher layer that says which tokens each of its keys was made from
+        (``key_pooling``: PVTv2's spatial reduction): the student's rows are pooled onto the teacher's keys,
+        as stage 1 of a conversion does."""
+        sa, ta = models.student_attn[s], models.teacher_attn[t]
+        return (
+            not models.student_parts[s]
+            and callable(getattr(ta, "key_pooling", None))
+            and map_loss_rule(sa.map_kind).pooled
+        )
+
+    def note(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> str:
+        """What the layer's loss compares, as the map-loss table says for its map kind (pooled onto the
+        teacher's reduced keys where they differ from the student's)."""
+        sa, ta = models.student_attn[s], models.teacher_attn[t]
+        text = f"{attention_name_of(sa)}: {map_loss_rule(sa.map_kind).describe}"
+        reduced = reduced_keys(ta)
+        if models.student_parts[s] != models.teacher_parts[t] and reduced is not None:
+            text += f", pooled onto the teacher's reduced keys ({reduced} of tokens)"
+        return text
+
+    def wants_lse(self, pair: LayerPair, ce_path: CEPath) -> bool:
+        """A softmax layer without a logit bias on either side, on a path that takes the log-sum-exp from the
+        student's attention kernel."""
+        return (
+            ce_path.needs_student_lse
+            and pair.student_attn.map_kind is MapKind.SOFTMAX
+            and not pair.student_attn.has_logit_bias
+            and not pair.teacher_attn.has_logit_bias
+        )
+
+    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Compared:
+        s_attn, t_attn, student, teacher = pair.student_attn, pair.teacher_attn, pair.student, pair.teacher
+        q_s, q_t = student["q"], teacher["q"]
+        res = map_distillation_loss(
+            s_attn,
+            LayerLogits(
+                q_s,
+                student["k"],
+                scale=_scale_if_own(s_attn, q_s),
+                bias=student.get("bias"),
+                valid=padding_from_mask(student.get("mask"), q_s.shape[-2]),
+                lse=student.get("lse"),
+            ),
+            LayerLogits(
+                q_t,
+                teacher["k"],
+                scale=_scale_if_own(t_attn, q_t),
+                bias=teacher.get("bias"),
+                key_pooling=_pooled_keys(teacher, student["k"]),
+            ),
+            with_metric=step.with_metric,
+            ce_path=step.ce_path,
+        )
+        layer = pair.student_layer
+        out = Compared(res.loss, {f"{res.kind.term}/{layer}": res.loss})
+        if res.metric is not None and res.kind.logged_metric:
+            out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric
+        return out
+
+
+@comparison_loss("mse")
+class ProjectionMSE(ComparisonLoss):
+    """MSE between the student layer's q, k or v and the teacher layer's, head by head (equal heads and head
+    dims)."""
+
+    signals = (Signal.Q, Signal.K, Signal.V)
+
+    def check_pair(self, comparison: Comparison, models: PlanModels, s: int, t: int, where: str) -> None:
+        check_heads_match(comparison.origin, where, models.teacher_attn[t], models.student_attn[s])
+        check_head_dims_match(comparison.origin, where, models.teacher_attn[t], models.student_attn[s])
+
+    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Compared:
+        c = comparison.signal
+        with fp32_section(pair.student[c].device.type):
+            loss = F.mse_loss(pair.student[c].float(), pair.teacher[c].detach().float())
+        return Compared(loss, {f"{c}_mse/{pair.student_layer}": loss})
+
+
+def check_heads_match(who: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
+    """Head-by-head pairing (copy, q/k/v distillation) needs equal head counts."""
+    if ta.num_heads != sa.num_heads:
+        raise PlanError(
+            f"{where}: {who} needs equal head counts (teacher {ta.num_heads}, "
+            f"student {sa.num_heads}); set the student's num_heads={ta.num_heads}"
+            + (
+                " or use mode=distill, which averages teacher heads in groups"
+                if group_heads_ok(ta.num_heads, sa.num_heads)
+                else ""
+            )
+        )
+
+
+def check_head_dims_match(who: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
+    """Teacher and student q/k/v meeting inside one layer or one loss need equal head dims."""
+    if ta.head_dim != sa.head_dim:
+        raise PlanError(
+            f"{where}: {who} mixes teacher and student q/k/v, so head dims must match "
+            f"(teacher {ta.head_dim}, student {sa.head_dim}); set the student's embed_dim to "
+            f"{ta.num_heads * ta.head_dim}"
+        )
+
+
+def _pooled_keys(teacher_sig: Mapping[str, Any], k_s: torch.Tensor) -> KeyPooling | None:
+    """The teacher layer's `KeyPooling` where its keys reduce the tokens the student layer keys (a PVTv2
+    teacher's spatial reduction, a zoo student over every token: the plan's pooled pairs), else None."""
+    pooling = teacher_sig.get("key_pooling")
+    if pooling is None or k_s.shape[-2] != pooling.num_tokens or teacher_sig["k"].shape[-2] == k_s.shape[-2]:
+        return None
+    return pooling
+
+
+def _scale_if_own(attn: nn.Module, q: torch.Tensor) -> float | None:
+    """The layer's logit scale where it is not timm's default d^-0.5 (None: the default)."""
+    scale = attn.logit_scale(q)
+    return None if scale == q.shape[-1] ** -0.5 else scale

@@ -1,0 +1,274 @@
+"""What a transfer plan compares: `Comparison` entries, and the registry of the losses they name.
+
+A plan compares the student with its teacher on typed signals (`models.handover.Signal`): a layer's maps, q, k
+or v, the final token features, the logits. Each comparison is data: which signal, which loss (a name in
+`COMPARISON_LOSSES`), at which weight, with the loss's own options, and for a layer signal which (student,
+teacher) layer pairs. `TeacherStudent` loops over them: it asks them what the teacher must hand over, runs the
+teacher once, runs the student capturing what they need and sums their weighted losses.
+
+A new loss is one class meeting `ComparisonLoss`, registered by name, in any file::
+
+    @comparison_loss("feat_l2")
+    class FeatureL2(ComparisonLoss):
+        signals = (Signal.FEATURES,)
+
+        def compare(self, comparison, student, teacher, step):
+            loss = (student - teacher).pow(2).mean()
+            return Compared(loss, {"feat_l2": loss})
+
+and a config asks for it with ``transfer.losses: [{name: feat_l2, weight: 0.5}]`` (`comparison_from_entry`).
+The built-in ones are ``map`` and ``mse`` (`attention_comparisons`), ``feature_distill`` (`feature_loss`) and
+``logit_kd`` (`logit_loss`); ``transfer.mode``'s distillation, ``transfer.feature_distill`` and
+``transfer.logit_distill`` are entries of them (`plan.build_plan`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+import torch.nn as nn
+
+from ..models.handover import Chunks, Signal
+from .losses import CEPath
+from .modes import PlanError
+
+__all__ = [
+    "COMPARISON_LOSSES",
+    "Compared",
+    "Comparison",
+    "ComparisonLoss",
+    "LayerPair",
+    "PlanModels",
+    "Step",
+    "asked_by",
+    "comparison_from_entry",
+    "comparison_loss",
+    "drop_hint",
+    "get_comparison_loss",
+]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One thing a plan compares: the student's ``signal`` against its teacher's, by the registered ``loss``,
+    at ``weight``, with the loss's ``options``; for a layer signal, at each (student, teacher) layer of
+    ``pairs``."""
+
+    signal: Signal
+    loss: str
+    weight: float = 1.0
+    options: Mapping[str, Any] = field(default_factory=dict)
+    pairs: tuple[tuple[int, int], ...] = ()
+    #: per pair, what the loss compares there, in words (printed with the plan; empty where it says nothing)
+    notes: tuple[str, ...] = ()
+    #: who asked for it, in the config's words ("mode 'distill'", "transfer.logit_distill",
+    #: "transfer.losses[0]"): what a message about it names
+    origin: str = ""
+
+    @property
+    def loss_fn(self) -> ComparisonLoss:
+        return get_comparison_loss(self.loss)
+
+    def option(self, name: str) -> Any:
+        """The loss's option ``name``: as the entry set it, else the loss's default."""
+        return self.options.get(name, self.loss_fn.options[name])
+
+    @property
+    def chunks(self) -> Chunks:
+        """The q/k/v each of its teacher layers hands over and each of its student layers captures."""
+        return self.loss_fn.chunks(self)
+
+
+@dataclass
+class Compared:
+    """What a comparison computed on one step (one layer pair, for a layer signal): ``loss``, unweighted and
+    differentiable; ``terms``, the step's logged terms (``attn_ce/3``, ``logit_kd``, ...); ``logs``, detached
+    extras (``attn_kl/3``)."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PlanModels:
+    """The two models as a plan checks a comparison against them: each one's attention layers in forward
+    order and each layer's token partition (`TransferableAttention.token_partition`); empty where the plan
+    pairs no layers."""
+
+    teacher: nn.Module | None
+    student: nn.Module
+    teacher_attn: Sequence[nn.Module] = ()
+    student_attn: Sequence[nn.Module] = ()
+    teacher_parts: Sequence[dict] = ()
+    student_parts: Sequence[dict] = ()
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """One (student layer, teacher layer) pair of a layer comparison as it runs: the two attention layers and,
+    once the models have run, what the student layer captured (``student``: q/k/v, ``bias``, ``mask``,
+    ``lse``) and what the teacher layer handed over (``teacher``: q/k/v, ``bias``, ``mask``,
+    ``key_pooling``)."""
+
+    student_layer: int
+    teacher_layer: int
+    student_attn: nn.Module
+    teacher_attn: nn.Module
+    student: Mapping[str, Any] = field(default_factory=dict)
+    teacher: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a loss may read on a step beside the two signals: the models, the CE path of softmax students'
+    exact CE, and whether the step logs its diagnostics (KL beside CE costs a teacher pass per layer)."""
+
+    student: nn.Module
+    teacher: nn.Module | None
+    ce_path: CEPath
+    with_metric: bool
+
+
+class ComparisonLoss:
+    """One way to compare a student's signal with its teacher's. Subclass, register with `comparison_loss`,
+    and override `compare` (features, logits) or `compare_layer` (maps, q, k, v); the plan-time hooks refuse
+    what cannot be compared (a `PlanError` saying what to change) and say what is compared."""
+
+    #: the name it is registered under (set by `comparison_loss`)
+    name: str = ""
+    #: the signals it compares; a ``transfer.losses`` entry that names none takes the first
+    signals: ClassVar[tuple[Signal, ...]] = ()
+    #: its options and their defaults: a ``transfer.losses`` entry may set these, and no others
+    options: ClassVar[Mapping[str, Any]] = {}
+    #: it computes softmax students' exact CE on the run's ``transfer.ce_path`` (what `ce_select` times)
+    uses_ce_path: ClassVar[bool] = False
+
+    # -- when the plan is built
+    def check(self, comparison: Comparison, models: PlanModels) -> None:
+        """Refuse a comparison these models cannot make (before its layer pairs are checked one by one)."""
+        if models.teacher is None:
+            raise PlanError(f"{comparison.origin or self.name} compares with a teacher; set teacher.spec")
+
+    def check_pair(self, comparison: Comparison, models: PlanModels, s: int, t: int, where: str) -> None:
+        """Refuse a (student layer ``s``, teacher layer ``t``) pair this loss cannot compare."""
+
+    def pools_teacher_keys(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> bool:
+        """Whether the pair may partition its tokens otherwise, the student's rows pooled onto the teacher's
+        reduced keys."""
+        return False
+
+    def note(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> str:
+        """What the pair's loss compares, in words, for the plan's table (empty: nothing to say)."""
+        return ""
+
+    def describe(self, comparison: Comparison) -> list[str]:
+        """The plan's lines for it."""
+        options = "".join(f", {k} {v}" for k, v in comparison.options.items())
+        line = f"  {self.name} of {comparison.signal}: weight {comparison.weight:g}{options}"
+        if comparison.pairs:
+            line += ", student layers " + ", ".join(f"{s}<-{t}" for s, t in comparison.pairs)
+        return [line]
+
+    # -- when it runs
+    def chunks(self, comparison: Comparison) -> Chunks:
+        """What each teacher layer hands over and each student layer captures: what the signal is made of."""
+        return Chunks(comparison.signal) if comparison.signal.chunks else Chunks()
+
+    def wants_lse(self, pair: LayerPair, ce_path: CEPath) -> bool:
+        """Whether the student layer hands out its rows' log-sum-exp (``pair.student["lse"]``); asked before the
+        models run (``pair`` without signals)."""
+        return False
+
+    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Compared:
+        """One layer pair, with what its two layers handed over (``pair.student``, ``pair.teacher``)."""
+        raise NotImplementedError(f"comparison loss {self.name!r} compares no layer signal")
+
+    def compare(
+        self, comparison: Comparison, student: torch.Tensor, teacher: torch.Tensor, step: Step
+    ) -> Compared:
+        """A whole-model signal: the student's (with its gradient) against the teacher's."""
+        raise NotImplementedError(f"comparison loss {self.name!r} compares no whole-model signal")
+
+
+#: every comparison loss by its name: filled by `comparison_loss`, in this package and in any other file
+COMPARISON_LOSSES: dict[str, ComparisonLoss] = {}
+
+_L = TypeVar("_L", bound=type[ComparisonLoss])
+
+
+def comparison_loss(name: str) -> Callable[[_L], _L]:
+    """Class decorator: register the `ComparisonLoss` under ``name`` (what ``transfer.losses`` entries say)."""
+
+    def register(cls: _L) -> _L:
+        held = COMPARISON_LOSSES.get(name)
+        if held is not None and (type(held).__module__, type(held).__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
+            raise ValueError(f"comparison loss {name!r} is already registered by {type(held).__qualname__}")
+        if not cls.signals:
+            raise ValueError(f"comparison loss {name!r}: say which signals it compares (signals = (...))")
+        loss = cls()
+        loss.name = name
+        COMPARISON_LOSSES[name] = loss
+        return cls
+
+    return register
+
+
+def get_comparison_loss(name: str) -> ComparisonLoss:
+    if name not in COMPARISON_LOSSES:
+        raise PlanError(
+            f"unknown comparison loss {name!r}; choose one of: {', '.join(sorted(COMPARISON_LOSSES))}"
+        )
+    return COMPARISON_LOSSES[name]
+
+
+#: the keys of a ``transfer.losses`` entry that are not the loss's options
+ENTRY_KEYS = ("name", "weight", "signal")
+
+
+def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
+    """One ``transfer.losses`` entry (``{name: ..., weight: ..., signal: ..., <the loss's options>}``) as a
+    `Comparison`; a missing or unknown name, a signal the loss does not compare, a negative weight or an
+    option it does not take is a `PlanError` naming ``origin``."""
+    if not isinstance(entry, Mapping) or "name" not in entry:
+        raise PlanError(
+            f"{origin}: write a mapping with the loss's name, e.g. {{name: logit_kd, weight: 1.0}}"
+        )
+    loss = get_comparison_loss(str(entry["name"]))
+    words = ", ".join(str(s) for s in loss.signals)
+    try:
+        signal = Signal(entry.get("signal", loss.signals[0]))
+    except ValueError:
+        signal = None
+    if signal not in loss.signals:
+        raise PlanError(f"{origin}: {loss.name} compares {words}, not {entry.get('signal')!r}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        raise PlanError(f"{origin}: weight must be a number >= 0, got {weight!r}")
+    options = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
+    unknown = sorted(set(options) - set(loss.options))
+    if unknown:
+        takes = ", ".join(sorted(loss.options)) or "no options"
+        raise PlanError(f"{origin}: {loss.name} takes {takes}; not {', '.join(unknown)}")
+    return Comparison(signal, loss.name, float(weight), options, origin=origin)
+
+
+def drop_hint(comparison: Comparison) -> str:
+    """How the user leaves ``comparison`` out, in the config's words: its entry removed from ``transfer.losses``,
+    or its weight key (``transfer.logit_distill``, ``transfer.feature_distill``) at 0."""
+    if comparison.origin.startswith("transfer.losses"):
+        return f"remove {comparison.origin} ({comparison.loss})"
+    return f"{comparison.origin}=0"
+
+
+def asked_by(comparison: Comparison) -> str:
+    """What in the config asked for ``comparison``: ``transfer.losses[i]``, or its weight key above 0."""
+    if comparison.origin.startswith("transfer.losses"):
+        return comparison.origin
+    return f"{comparison.origin} > 0"

@@ -1,0 +1,200 @@
+"""The teacher's forward on a batch, run once for whatever the pairs that share it need.
+
+A `TeacherStudent` says what it needs of its teacher on a step (`TeacherStudent.teacher_needs`: a
+`TeacherNeeds`: the q/k/v of which teacher layers, the whole model's final features or logits, whether the
+pass may stop early); the needs of several pairs that share one teacher object unite (`TeacherNeeds.union`);
+`run_teacher` runs the teacher's own timm forward once for them, under ``torch.no_grad()``, with a capturing
+`AttentionIO` on each needed layer, and stops after the last one where every pair allows it and none wants a
+whole-model signal; each pair then takes the `TeacherHandover` (`TeacherStudent.forward(x, handover)`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..models.attention import AttentionIO, StopForward, attached_ios, attention_layers
+from ..models.handover import Chunks, Signal
+
+__all__ = ["TeacherHandover", "TeacherNeeds", "batch_size", "block_of", "features_and_logits", "run_teacher"]
+
+
+@dataclass(frozen=True)
+class TeacherNeeds:
+    """What a step needs of the teacher's forward.
+
+    ``layers``: teacher attention layer (its index in forward order) -> the q/k/v it hands over (`Chunks`);
+    with q and k together it also hands over its logit bias (``bias``), the call's padding mask (``mask``) and
+    a PVTv2 layer's ``key_pooling``. ``signals``: the whole model's ``Signal.FEATURES`` (``forward_features``)
+    and ``Signal.LOGITS``. ``may_stop``: the pass may end after the last needed layer (it does only where no
+    whole-model signal is wanted).
+    """
+
+    layers: Mapping[int, Chunks] = field(default_factory=dict)
+    signals: frozenset[Signal] = frozenset()
+    may_stop: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", {int(t): Chunks(c) for t, c in sorted(self.layers.items())})
+        object.__setattr__(self, "signals", frozenset(Signal(s) for s in self.signals))
+        model_signals = {s for s in self.signals if s.of_layer}
+        if model_signals:
+            raise ValueError(f"TeacherNeeds.signals are whole-model signals, not {sorted(model_signals)}")
+
+    @property
+    def empty(self) -> bool:
+        """Nothing of the teacher is needed: it need not run."""
+        return not self.layers and not self.signals
+
+    @property
+    def last_layer(self) -> int:
+        return max(self.layers, default=-1)
+
+    @property
+    def stops(self) -> bool:
+        """The pass ends right after the last needed layer has handed over."""
+        return self.may_stop and not self.signals and bool(self.layers)
+
+    def brings_bias(self, layer: int) -> bool:
+        """Whether ``layer`` hands over its logit bias (q and k are both wanted)."""
+        return {Signal.Q, Signal.K} <= set(self.layers.get(layer, ()))
+
+    def union(self, *others: TeacherNeeds) -> TeacherNeeds:
+        """What a pass must give for this step and ``others`` alike: every layer's chunks united, every
+        whole-model signal, an early stop only where all allow one."""
+        layers: dict[int, set[Signal]] = {}
+        for needs in (self, *others):
+            for t, chunks in needs.layers.items():
+                layers.setdefault(t, set()).update(chunks)
+        return TeacherNeeds(
+            {t: Chunks(c) for t, c in layers.items()},
+            frozenset().union(*(n.signals for n in (self, *others))),
+            all(n.may_stop for n in (self, *others)),
+        )
+
+    def missing(self, given: TeacherNeeds) -> list[str]:
+        """What these needs want that a pass run for ``given`` does not hand over, in words."""
+        out = []
+        for t, chunks in self.layers.items():
+            lacking = [c for c in chunks if c not in given.layers.get(t, ())]
+            if lacking:
+                out.append(f"teacher layer {t}: {Chunks(lacking)}")
+        out += [f"the teacher's {s}" for s in sorted(self.signals - given.signals)]
+        return out
+
+
+@dataclass(frozen=True)
+class TeacherHandover:
+    """What one teacher forward on one batch handed over: per needed layer what it captured (``"q"``, ``"k"``,
+    ``"v"``; with q and k its ``"bias"``, ``"mask"``, ``"key_pooling"``), and the whole model's signals. It
+    records the teacher, the needs it was run for, the batch size and the teacher's dtype, so a pair can check
+    that it is its own teacher's pass on its batch (`check`)."""
+
+    teacher: nn.Module
+    needs: TeacherNeeds
+    layers: Mapping[int, Mapping[str, Any]]
+    signals: Mapping[Signal, torch.Tensor]
+    batch: int
+    dtype: torch.dtype
+
+    def check(self, teacher: nn.Module, needs: TeacherNeeds, batch: int, dtype: torch.dtype) -> None:
+        """A `ValueError` unless this is ``teacher``'s pass on a batch of ``batch`` in ``dtype`` that hands
+        over all of ``needs``, naming what is missing."""
+        if teacher is not self.teacher:
+            raise ValueError("the hand-over is another teacher's pass: a pair takes its own teacher's")
+        if batch != self.batch or dtype != self.dtype:
+            raise ValueError(
+                f"the hand-over is of a batch of {self.batch} in {self.dtype}; this pair runs a batch of {batch} "
+                f"with its teacher in {dtype}"
+            )
+        missing = needs.missing(self.needs)
+        if missing:
+            raise ValueError(
+                f"the teacher's hand-over lacks what this pair needs: {'; '.join(missing)}; run the teacher for "
+                "the union of the pairs' needs (TeacherNeeds.union)"
+            )
+
+
+def run_teacher(
+    teacher: nn.Module,
+    x: torch.Tensor | dict[str, torch.Tensor],
+    needs: TeacherNeeds,
+    layers: Sequence[tuple[str, nn.Module]] | None = None,
+) -> TeacherHandover:
+    """``teacher``'s own forward on ``x`` (a batch already in the teacher's dtype and on its device) for
+    ``needs``, under ``torch.no_grad()`` (not ``inference_mode``: copy saves the teacher's q/k for the
+    student's backward). Without whole-model signals the last needed layer stops the forward (`StopForward`)
+    once it has captured, where ``needs`` allow: its attention core, output projection, MLP and every later
+    block would be computed for nothing. ``layers``: ``attention_layers(teacher)``, if the caller keeps them."""
+    layers = list(layers if layers is not None else attention_layers(teacher))
+    names, attns = [n for n, _ in layers], [m for _, m in layers]
+    ios = {t: AttentionIO(capture=chunks) for t, chunks in needs.layers.items()}
+    stop = needs.stops
+    if stop:
+        ios[needs.last_layer].stop = True
+    whole: dict[Signal, torch.Tensor] = {}
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        if stop:  # the stopping block runs eagerly: a raise inside a compiled graph would break it
+            stack.enter_context(_eager(block_of(teacher, names[needs.last_layer])))
+        stack.enter_context(attached_ios(attns, ios))
+        with contextlib.suppress(StopForward):
+            if Signal.FEATURES in needs.signals:
+                whole = features_and_logits(teacher, x, Signal.LOGITS in needs.signals)
+            elif Signal.LOGITS in needs.signals:
+                whole = {Signal.LOGITS: teacher(x)}
+            else:
+                _features(teacher, x)
+    dtype = next(teacher.parameters()).dtype
+    return TeacherHandover(
+        teacher, needs, {t: io.captured for t, io in ios.items()}, whole, batch_size(x), dtype
+    )
+
+
+def batch_size(x: torch.Tensor | dict) -> int:
+    """The number of samples in a batch: an image tensor, or NaFlexViT's dict (patches, coordinates, validity)."""
+    return x["patches"].shape[0] if isinstance(x, dict) else x.shape[0]
+
+
+def block_of(model: nn.Module, name: str) -> nn.Module:
+    """The module that holds the attention called ``name`` (its block)."""
+    return model.get_submodule(name.rpartition(".")[0])
+
+
+@contextlib.contextmanager
+def _eager(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` uncompiled for the duration (``nn.Module.compile`` keeps its compiled call in
+    ``_compiled_call_impl``); its other calls stay compiled."""
+    compiled = module.__dict__.get("_compiled_call_impl")
+    if compiled is None:
+        yield
+        return
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
+def _features(model: nn.Module, x: torch.Tensor | dict) -> torch.Tensor:
+    """``model.forward_features`` of a batch (NaFlexViT takes a dict's entries as arguments)."""
+    if isinstance(x, dict):
+        keys = ("patch_coord", "patch_valid", "attn_mask")
+        return model.forward_features(x["patches"], **{k: x[k] for k in keys if k in x})
+    return model.forward_features(x)
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor | dict, logits: bool) -> dict[Signal, torch.Tensor]:
+    """The model's final token features (``forward_features``) and, with ``logits``, its head's output on
+    them: what ``model(x)`` computes, in one forward, with the features kept."""
+    if isinstance(x, dict):
+        raise ValueError(
+            "feature distillation compares final tokens of image batches; a patch batch (a dict of patches, "
+            "coordinates and validity) has per-sample token counts: set transfer.feature_distill=0"
+        )
+    features = model.forward_features(x)
+    return {Signal.FEATURES: features, **({Signal.LOGITS: model.forward_head(features)} if logits else {})}

@@ -1,0 +1,181 @@
+"""A new comparison loss is one file and its registry entry: this file registers ``feat_l2`` (a mean squared
+difference of the two models' final tokens) and nothing else in the package knows it, yet a run asks for it
+through the config alone (``transfer.losses``), logs its term and trains on its gradient. The config's own
+distillation keys (``transfer.mode`` / ``atd_weight``, ``logit_distill`` / ``logit_temperature``,
+``feature_distill``) are entries of the built-in losses: spelled either way, the same plan and the same step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import peaked_teacher, tiny_vit
+
+from attnxfer.apps.training import train
+from attnxfer.config import load_config
+from attnxfer.transfer import (
+    Compared,
+    ComparisonLoss,
+    PlanError,
+    Signal,
+    TeacherStudent,
+    build_plan,
+    comparison_loss,
+)
+
+
+@comparison_loss("feat_l2")
+class FeatureL2(ComparisonLoss):
+    """Mean squared difference of the final tokens (``forward_features``)."""
+
+    signals = (Signal.FEATURES,)
+
+    def compare(self, comparison, student, teacher, step) -> Compared:
+        loss = (student.float() - teacher.float()).pow(2).mean()
+        return Compared(loss, {"feat_l2": loss})
+
+
+@pytest.mark.slow
+def test_a_loss_registered_in_a_test_file_trains_through_the_config(tmp_path, tiny_teacher_dir):
+    """Two steps of ``attnxfer.apps.training.train`` with ``transfer.losses=[{name: feat_l2, weight: 0.5}]``:
+    the plan says so, each logged step has the term, and the transfer loss is half of it."""
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={tmp_path / 'run'}",
+            f"teacher.spec=local-dir:{tiny_teacher_dir}",
+            "data.dataset=synthetic",
+            "data.batch_size=4",
+            "data.synthetic_length=8",
+            "transfer.mode=none",
+            "transfer.losses=[{name: feat_l2, weight: 0.5}]",
+            "schedule.max_steps=2",
+            "log.every_steps=1",
+            "log.progress=false",
+            "log.tensorboard=false",
+        ],
+    )
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:
+        assert r["feat_l2"] > 0 and r["attn"] == pytest.approx(0.5 * r["feat_l2"], rel=1e-6)
+        assert r["total"] == pytest.approx(r["task"] + r["attn"], rel=1e-6)
+
+
+def test_the_registered_loss_adds_its_gradient_to_the_step():
+    """The student's gradient with the entry is the gradient without it plus 0.5 × the gradient of the L2
+    written out by hand."""
+    teacher, x = (
+        peaked_teacher(depth=2),
+        torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+    )
+    grads = {}
+    for losses in ([], [{"name": "feat_l2", "weight": 0.5}]):
+        student = tiny_vit(depth=2, seed=2)
+        plan = build_plan(teacher, student, "distill", losses=losses)
+        out = TeacherStudent(teacher, student, plan).train()(x)
+        assert ("feat_l2" in out.terms) == bool(losses)
+        params = [p for p in student.parameters() if p.requires_grad]
+        grads[bool(losses)] = torch.autograd.grad(out.loss + out.logits.square().mean(), params)
+    student = tiny_vit(depth=2, seed=2)
+    with torch.no_grad():
+        target = teacher.forward_features(x)
+    by_hand = (student.forward_features(x) - target).pow(2).mean()
+    params = [p for p in student.parameters() if p.requires_grad]
+    added = torch.autograd.grad(0.5 * by_hand, params, allow_unused=True)  # the head is not in it
+    added = [torch.zeros_like(p) if a is None else a for a, p in zip(added, params)]
+    assert sum(a.abs().sum() > 0 for a in added) > len(added) // 2
+    for with_it, without, extra in zip(grads[True], grads[False], added):
+        torch.testing.assert_close(with_it, without + extra, rtol=1e-5, atol=1e-7)
+
+
+def test_the_config_keys_are_entries_of_the_built_in_losses():
+    """``mode=distill, atd_weight=2, logit_distill=0.5, logit_temperature=2, feature_distill=0.3`` and the same
+    three entries of ``transfer.losses`` (beside mode=none) make the same comparisons and the same step,
+    bit for bit."""
+    teacher, x = (
+        peaked_teacher(depth=3),
+        torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
+    )
+    keys = dict(weight=2.0, logit_weight=0.5, logit_temperature=2.0, feature_weight=0.3)
+    entries = [
+        {"name": "map", "weight": 2.0},
+        {"name": "logit_kd", "weight": 0.5, "temperature": 2.0},
+        {"name": "feature_distill", "weight": 0.3},
+    ]
+    plans = {
+        "keys": build_plan(teacher, tiny_vit(depth=3, seed=2), "distill", end_layer=-1, **keys),
+        "entries": build_plan(teacher, tiny_vit(depth=3, seed=2), "none", end_layer=-1, losses=entries),
+    }
+    what = {k: [(c.signal, c.loss, c.weight, c.pairs) for c in p.comparisons] for k, p in plans.items()}
+    assert (
+        what["keys"]
+        == what["entries"]
+        == [
+            (Signal.MAPS, "map", 2.0, ((0, 0), (1, 1))),
+            (Signal.LOGITS, "logit_kd", 0.5, ()),
+            (Signal.FEATURES, "feature_distill", 0.3, ()),
+        ]
+    )
+    assert plans["keys"].comparisons[1].option("temperature") == 2.0
+    said = plans["entries"].describe()
+    assert "map of maps: weight 2, student layers 0<-0, 1<-1" in said
+    assert "loss, layers 0-1: softmax: CE between teacher and student attention rows" in said
+    assert (
+        "logit distillation: weight 0.5, temperature 2" in said and "feature distillation: weight 0.3" in said
+    )
+    outs = {k: TeacherStudent(teacher, tiny_vit(depth=3, seed=2), p).train()(x) for k, p in plans.items()}
+    assert torch.equal(outs["keys"].loss, outs["entries"].loss)
+    assert outs["keys"].terms.keys() == outs["entries"].terms.keys() >= {"attn_ce/0", "logit_kd", "feat_cos"}
+    for key, value in outs["keys"].terms.items():
+        assert torch.equal(value, outs["entries"].terms[key]), key
+
+
+def test_a_layer_entry_compares_at_the_transfer_layers_beside_copy():
+    """``mode=copy`` borrows q and k; an ``mse`` entry on v compares the student's own v at the same layers."""
+    teacher, x = peaked_teacher(depth=2), torch.randn(2, 3, 32, 32)
+    student = tiny_vit(depth=2, seed=2)
+    plan = build_plan(teacher, student, "copy", losses=[{"name": "mse", "signal": "v", "weight": 0.25}])
+    assert "mse of v: weight 0.25, student layers 0<-0, 1<-1" in plan.describe()
+    out = TeacherStudent(teacher, student, plan).train()(x)
+    assert set(out.terms) == {"v_mse/0", "v_mse/1"}
+    with torch.no_grad():  # layer 0's input is the same with or without borrowed maps
+        v_s, v_t = (_first_block_v(m, x) for m in (student, teacher))
+    torch.testing.assert_close(out.terms["v_mse/0"], (v_s - v_t).pow(2).mean(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss, 0.25 * (out.terms["v_mse/0"] + out.terms["v_mse/1"]))
+
+
+def _first_block_v(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The first block's v, from its input as timm's VisionTransformer makes it."""
+    h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    return model.blocks[0].attn.project(model.blocks[0].norm1(h), "v")["v"]
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"name": "nope"}, r"unknown comparison loss 'nope'; choose one of: .*feat_l2.*logit_kd"),
+        ({"weight": 1.0}, r"transfer.losses\[0\]: write a mapping with the loss's name"),
+        ({"name": "logit_kd", "temperatur": 2}, r"logit_kd takes temperature; not temperatur"),
+        ({"name": "mse", "signal": "maps"}, r"mse compares q, k, v, not 'maps'"),
+        ({"name": "map", "weight": -1}, r"weight must be a number >= 0, got -1"),
+        ({"name": "logit_kd", "temperature": 0}, r"temperature > 0, got weight 1.0, temperature 0"),
+        ({"name": "feat_l2"}, r"transfer.losses\[0\] compares with a teacher; set teacher.spec"),
+        ({"name": "mse", "signal": "v"}, r"transfer.losses\[0\] compares with a teacher; set teacher.spec"),
+    ],
+)
+def test_a_bad_entry_is_one_plan_error_that_names_it(entry, message):
+    teacher = None if "compares with a teacher" in message else tiny_vit(depth=2, seed=1)
+    with pytest.raises(PlanError, match=message):
+        build_plan(teacher, tiny_vit(depth=2, seed=2), "none", losses=[entry])
+
+
+def test_a_second_loss_under_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="'feat_l2' is already registered by FeatureL2"):
+
+        @comparison_loss("feat_l2")
+        class Other(ComparisonLoss):
+            signals = (Signal.FEATURES,)
