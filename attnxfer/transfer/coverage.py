@@ -6,7 +6,7 @@ module. `measure_coverage` builds every arch of ``timm.list_models(pretrained=Tr
 ``torch.device("meta")`` (no weights, no memory: a second per arch at most) twice, as teacher and as its
 mirrored student (the same arch, freshly initialised), and asks `build_plan` for a ``copy`` and a ``distill``
 plan. ``tests/families/test_coverage.py`` checks that timm still gives the declared counts, and that the
-tables in README.md and docs/architecture.md are `coverage_markdown` of them. Run
+table in docs/families.md is `coverage_markdown` of them. Run
 ``python -m attnxfer.transfer.coverage`` to measure and print the table.
 """
 
@@ -136,7 +136,7 @@ def measure_coverage(
 
 
 def coverage_markdown(table: dict[str, ModuleCoverage] | None = None) -> str:
-    """The timm module × workflow table in Markdown (README.md and docs/architecture.md hold it verbatim)."""
+    """The timm module × workflow table in Markdown (docs/families.md holds it verbatim)."""
     table = COVERAGE if table is None else table
     lines = [
         "| timm module | family | pretrained archs | copy | distill | " + " | ".join(WORKFLOWS) + " |",

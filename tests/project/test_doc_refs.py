@@ -1,4 +1,4 @@
-"""README.md and docs/*.md name only files, folders, recipes, modules and names that exist.
+"""README.md and the documentation site's pages (docs/) name only files, folders, recipes, modules and names that exist.
 
 Modules move, and prose does not follow them by itself. Checked here, without running anything:
 every repository path the docs write (``attnxfer/...py``, ``tests/...py``, ``benchmarks/...py``,
@@ -27,8 +27,9 @@ import pytest
 
 from attnxfer.config import ConfigError, config_keys, resolve_recipe
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+from .doc_pages import PAGES, ROOT, page_name
+
+DOCS = PAGES
 
 #: dotted words that name something else than a module: the dataset plugins' entry-point group
 NOT_MODULES = {"attnxfer.datasets"}
@@ -84,7 +85,7 @@ def _resolve(path: str) -> str | None:
 
 
 def _found(pattern: re.Pattern, group: int = 1) -> list[tuple[str, str]]:
-    return sorted({(doc.name, m.group(group)) for doc in DOCS for m in pattern.finditer(_text(doc))})
+    return sorted({(page_name(doc), m.group(group)) for doc in DOCS for m in pattern.finditer(_text(doc))})
 
 
 def _paths() -> list[tuple[str, str]]:
@@ -98,7 +99,7 @@ def _in_file() -> list[tuple[str, str, str]]:
             for m in pattern.finditer(_text(doc)):
                 path = m.group("path") if m.group("path").endswith(".py") else m.group("path") + ".py"
                 if _ours(path) if "/" in path else not skip_bare:
-                    out.add((doc.name, path, m.group("name")))
+                    out.add((page_name(doc), path, m.group("name")))
     return sorted(out)
 
 
@@ -152,10 +153,10 @@ def test_the_checks_see_the_docs_references():
     for prefix in ("attnxfer/", "tests/", "benchmarks/", "cfgs/", "scripts/", "docs/figures/"):
         assert any(p.startswith(prefix) for p in paths), prefix
     assert "checkpoints/run_dir.py" in paths  # relative to the package
-    assert ("architecture.md", "launch/slurm/") in _found(_FOLDER)
+    assert ("docs/architecture.md", "launch/slurm/") in _found(_FOLDER)
     assert ("README.md", "paper/vit_large_copy") in _found(_RECIPE)
     assert len(_found(_DOTTED, 0)) > 10
-    assert ("architecture.md", "train/optim.py", "build_adamw") in _in_file()
+    assert ("docs/architecture.md", "train/optim.py", "build_adamw") in _in_file()
 
 
 @pytest.mark.parametrize(
@@ -222,7 +223,9 @@ def test_every_config_key_in_the_docs_is_declared():
         and not name.endswith((".safetensors", ".json", ".yaml", ".py", ".md"))
         and not _importable(f"attnxfer.{name}")
     ]
-    assert len(_found(_CONFIG_KEY)) > 50 and ("README.md", "transfer.ce_path") in _found(_CONFIG_KEY)
+    assert len(_found(_CONFIG_KEY)) > 50 and ("docs/distillation.md", "transfer.ce_path") in _found(
+        _CONFIG_KEY
+    )
     assert not missing, "config keys the docs write that the schema does not declare:\n" + "\n".join(missing)
 
 

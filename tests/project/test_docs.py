@@ -1,4 +1,4 @@
-"""Every code block in README.md and docs/*.md runs as written.
+"""Every code block in README.md and every page of the documentation site (docs/) runs as written.
 
 Python blocks are executed (a pretrained or full-size ViT is swapped for a tiny randomly initialised
 one, since nothing can be downloaded or trained at full size here, and ``images`` is defined). Shell
@@ -17,7 +17,6 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
@@ -26,17 +25,21 @@ import torch
 from attnxfer.config import ConfigError, resolve_recipe
 from attnxfer.launch.cli import build_parser, main
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+from .doc_pages import PAGES, ROOT, page_name
+
+DOCS = PAGES
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.M | re.S)
 
 
 def _blocks(lang: set[str]) -> list[tuple[str, str]]:
-    out = []
+    """(where, code) of every block in ``lang``; a block repeated word for word on another page (README's
+    example on its guide page) runs once, where it first appears."""
+    out, seen = [], set()
     for path in DOCS:
         for i, m in enumerate(_FENCE.finditer(path.read_text())):
-            if m.group(1) in lang:
-                out.append((f"{path.name}#{i}", m.group(2)))
+            if m.group(1) in lang and m.group(2) not in seen:
+                seen.add(m.group(2))
+                out.append((f"{page_name(path)}#{i}", m.group(2)))
     return out
 
 
@@ -220,7 +223,7 @@ def test_gpu_suite_commands_parse():
 
 
 def test_every_attnxfer_command_in_the_docs_is_checked():
-    """The shell blocks hold attnxfer commands of every kind the README shows (the test is not vacuous)."""
+    """The shell blocks hold attnxfer commands of every kind the docs show (the test is not vacuous)."""
     seen = {
         argv[0]
         for _, code in _SHELL

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Make the pictures the documentation shows (docs/figures/*.png) again, each from a real run of the project's
+# own commands on this machine (CPU is enough), then copy it into docs/figures. Runs go under runs/docs/
+# (git-ignored) and are reused where their config is unchanged (the demo's runs are keyed by their config).
+#
+#   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|all]...     (default: all)
+#
+#   demo     attnxfer demo        -> demo_curves.png, demo_attention.png, demo_agreement.png, mae_reconstructions.png
+#   convert  the demo's MAE teacher converted into a ReLU-linear encoder without labels, then attnxfer inspect
+#                                                 -> convert_cls_maps.png
+#   slurm    a two-point attnxfer submit --sweep on a loopback SLURM cluster (root: the tests' fixture
+#            installs and starts it), then attnxfer inspect of the two students -> slurm_sweep_agreement.png
+#   inspect  attnxfer inspect's per-stage query pictures on the tiny Swin, PVTv2 and Hiera models of
+#            tests/families, on an animal-mnist image at 32 px -> inspect_*_stage*.png
+#   search   the demo's supervised teacher, then attnxfer search -c search/demo -> search_demo_pareto.png
+#
+# convert and slurm use the demo's MAE teacher: run demo first (or together: `all` runs them in order).
+# tests/project/test_docs_site.py checks that every figure the pages show is made here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AX=${ATTNXFER:-.venv/bin/attnxfer}
+PY=${PYTHON:-.venv/bin/python}
+RUNS=runs/docs
+FIG=docs/figures
+mkdir -p "$RUNS"
+
+mae_teacher() { # the demo's MAE encoder (recipe demo/mae_pretrain), exported in timm's layout
+    local found
+    found=$(ls -d "$RUNS"/demo/mae-*/export 2>/dev/null | head -n 1)
+    [ -n "$found" ] || { echo "no MAE teacher in $RUNS/demo: run \`bash $0 demo\` first" >&2; exit 1; }
+    echo "$found"
+}
+
+demo() {
+    "$AX" demo --out "$RUNS/demo"
+    cp "$RUNS/demo/curves.png" "$FIG/demo_curves.png"
+    cp "$RUNS/demo/attention.png" "$FIG/demo_attention.png"
+    cp "$RUNS/demo/agreement.png" "$FIG/demo_agreement.png"
+    cp "$(ls "$RUNS"/demo/mae-*/pictures/val-reconstruction-step*.png | tail -n 1)" "$FIG/mae_reconstructions.png"
+}
+
+convert() {
+    local teacher
+    teacher=$(mae_teacher)
+    "$AX" convert -c convert/demo_relu_linear "teacher.spec=local-dir:$teacher" data.labels=false \
+        transfer.logit_distill=0 "run_dir=$RUNS/convert_mae_relu_linear"
+    "$AX" inspect "local-dir:$teacher" "$RUNS/convert_mae_relu_linear/stage2" --data animal_mnist \
+        --out "$RUNS/inspect_convert" --overwrite
+    cp "$(ls "$RUNS"/inspect_convert/cls_maps_*_img0.png | head -n 1)" "$FIG/convert_cls_maps.png"
+}
+
+slurm() {
+    local teacher cluster="$RUNS/slurm-cluster"
+    teacher=$(mae_teacher)
+    eval "$("$PY" tests/cluster/slurm/loopback_cluster.py start "$cluster" 2 | grep '^export ')"
+    trap '"$PY" tests/cluster/slurm/loopback_cluster.py stop "$cluster"' RETURN
+    rm -rf "$RUNS/sweep-atd"
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} # two jobs share the machine: a thread each (the jobs inherit it)
+    "$AX" submit -c demo/distill "teacher.spec=local-dir:$teacher" "run_dir=$RUNS/sweep-atd" \
+        --sweep transfer.atd_weight=0.3,3 --time 120 --wait
+    "$AX" inspect "local-dir:$teacher" "$RUNS"/sweep-atd/000_* "$RUNS"/sweep-atd/001_* --data animal_mnist \
+        --out "$RUNS/inspect_sweep" --overwrite
+    cp "$RUNS/inspect_sweep/curves.png" "$FIG/slurm_sweep_agreement.png"
+}
+
+inspect() {
+    "$PY" - "$RUNS/inspect_hier" <<'EOF'
+import shutil, sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path[:0] = [".", "tests"]  # the tests import their helpers as top-level modules
+from attnxfer.apps.inspect import LoadedModel, write_report
+from attnxfer.analysis.compare import compare_attention
+from attnxfer.data import build_dataset
+from tests.families.test_inspect_hier import _models
+
+out = Path(sys.argv[1])
+image = build_dataset("animal_mnist", "val")[0][0]  # one real image, 28 px, one channel
+x = F.interpolate(image[None], size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+for family, picture, figure in (
+    ("swin", "queries_student_stage0_img0.png", "inspect_swin_stage0.png"),
+    ("pvt_v2", "queries_student_stage0_img0.png", "inspect_pvt_v2_stage0.png"),
+    ("hiera", "queries_student_stage1_img0.png", "inspect_hiera_stage1.png"),
+):
+    teacher, student = _models(family, 0), _models(family, 1)
+    insp = compare_attention(teacher, {"student": student}, [x], floor_images=1)
+    t, s = LoadedModel("teacher", teacher, "tests/families"), LoadedModel("student", student, "tests/families")
+    write_report(out / family, insp, t, {"student": s}, x)
+    shutil.copy(out / family / picture, Path("docs/figures") / figure)
+EOF
+}
+
+search() {
+    "$AX" train -c demo/teacher "run_dir=$RUNS/teacher"
+    [ -f "$RUNS/teacher/export/model.safetensors" ] ||
+        "$AX" export "$RUNS/teacher" "$RUNS/teacher/export" --weights raw
+    OMP_NUM_THREADS=1 "$AX" search -c search/demo "teacher.spec=local-dir:$RUNS/teacher/export" \
+        "run_dir=$RUNS/search"
+    cp "$RUNS/search/pareto.png" "$FIG/search_demo_pareto.png"
+}
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] && [ "${targets[0]}" != all ] || targets=(demo convert slurm inspect search)
+for target in "${targets[@]}"; do
+    case "$target" in
+    demo | convert | slurm | inspect | search) echo "== $target" && "$target" ;;
+    *) echo "unknown target $target (demo, convert, slurm, inspect, search, all)" >&2 && exit 2 ;;
+    esac
+done
