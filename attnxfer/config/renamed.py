@@ -89,6 +89,20 @@ def dropped_from(key: str, item: str) -> Move:
     return move
 
 
+def synthetic_option(new: str) -> Move:
+    """The value moves to ``new`` where the dataset is the synthetic one (whose option it was) and is dropped
+    for any other dataset, as the old key was ignored there (an old config of a folder run still loads)."""
+    to_new = moved_to(new)
+
+    def move(value: Any, data: dict, cfg: Any) -> None:
+        found, dataset = find_key(data, "data.dataset")
+        dataset = dataset if found else _current(cfg, "data.dataset")
+        if dataset in (None, "synthetic"):
+            to_new(value, data, cfg)
+
+    return move
+
+
 def refused(why: str) -> Move:
     """A value the new spelling cannot hold: a `ConfigError` saying ``why`` (what to do instead)."""
 
@@ -139,7 +153,7 @@ RENAMED_KEYS: tuple[RenamedKey, ...] = (
         "data.synthetic_length",
         512,
         "data.kwargs.length (the synthetic dataset's own option)",
-        moved_to("data.kwargs.length"),
+        synthetic_option("data.kwargs.length"),
     ),
 )
 

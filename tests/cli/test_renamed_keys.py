@@ -61,6 +61,17 @@ def test_data_synthetic_length_is_the_synthetic_datasets_own_length(tmp_path):
     assert cfg.data.kwargs == {"noise": 0.2}
 
 
+def test_data_synthetic_length_is_dropped_for_a_dataset_that_ignored_it(tmp_path):
+    """An old folder recipe that set it (the key did nothing there) still loads: the folder dataset has no
+    ``length`` option, so moving it would make the recipe an error."""
+    cfg, said = _load("data.dataset=folder", "data.root=/data", "data.synthetic_length=64")
+    assert cfg.data.kwargs == {} and "data.kwargs.length" in said[0]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"dataset": "folder", "root": "/data"}}))
+    cfg, _ = _load("data.synthetic_length=64", path=recipe)
+    assert cfg.data.kwargs == {}
+
+
 def test_a_run_recorded_with_old_spellings_resumes_without_a_change(tmp_path):
     """What an older attnxfer wrote: every old key beside the new ones, in config.yaml and in the checkpoints'
     state. Resuming from that config.yaml compares equal with the recorded config, key by key."""

@@ -24,10 +24,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 TINY = [
     "data.dataset=synthetic",
     "data.batch_size=8",
-    "data.synthetic_length=64",
+    "data.kwargs.length=64",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
     "log.progress=false",
-    "log.tensorboard=false",
+    "log.trackers=[]",
     "deterministic=true",
 ]
 
@@ -131,7 +131,7 @@ def test_a_resume_on_data_that_changed_stops_unless_asked_and_a_moved_copy_resum
     _image_folder(data, per_class=12)  # 24 training images: 3 steps an epoch at batch 8
     args = [
         "train",
-        *TINY,
+        *(a for a in TINY if not a.startswith("data.kwargs")),  # the length is the synthetic dataset's option
         "data.dataset=folder",
         "data.img_size=16",
         "transfer.mode=none",

@@ -47,13 +47,13 @@ def test_a_loss_registered_in_a_test_file_trains_through_the_config(tmp_path, ti
             f"teacher.spec=local-dir:{tiny_teacher_dir}",
             "data.dataset=synthetic",
             "data.batch_size=4",
-            "data.synthetic_length=8",
+            "data.kwargs.length=8",
             "transfer.mode=none",
             "transfer.losses=[{name: feat_l2, weight: 0.5}]",
             "schedule.max_steps=2",
             "log.every_steps=1",
             "log.progress=false",
-            "log.tensorboard=false",
+            "log.trackers=[]",
         ],
     )
     train(cfg)

@@ -312,7 +312,7 @@ RANK_FAILURE = [
     *TINY,
     "data.dataset=synthetic",
     "data.batch_size=8",
-    "data.synthetic_length=32",
+    "data.kwargs.length=32",
     "schedule.epochs=1000",
     "schedule.max_steps=5000",  # far beyond the end: the job is mid-run whenever the signal lands
     "checkpoint.every_steps=5",
