@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.launch import cli
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -88,7 +89,7 @@ def test_search_generations_as_job_arrays_match_a_local_run(slurm, tmp_path, tin
             assert x["kl"] == pytest.approx(y["kl"], rel=1e-5)
             assert x["kl_per_layer"] == pytest.approx(y["kl_per_layer"], rel=1e-5)
             assert x["flops"] == y["flops"] and x["speed"] == y["speed"]
-    sa, sb = (json.loads((tmp_path / r / "state.json").read_text())["state"] for r in ("array", "local"))
+    sa, sb = (ResumePoint.find(tmp_path / r).state["state"] for r in ("array", "local"))  # newest generation
     assert sa["population"] == sb["population"]
     logs = list((tmp_path / "array" / "submitit").glob("*_log.out"))
     assert len(logs) == 4  # 2 generations x 2 tasks
