@@ -357,8 +357,10 @@ class CheckpointManager:
         metric: float | None = None,
         exist_ok: bool = False,
         replace: bool = False,
+        prune: bool = True,
     ) -> Path:
-        """Write checkpoint ``step`` atomically, then prune and clean up crashed saves.
+        """Write checkpoint ``step`` atomically, then prune (``prune=False``: the caller prunes later, e.g. once
+        every run of a study has saved the same step) and clean up crashed saves.
 
         An intact checkpoint for ``step`` is never overwritten: ``CheckpointExistsError``, or with
         ``exist_ok=True`` the existing one is kept and its path returned (e.g. a preemption
@@ -389,7 +391,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.dir)
-        self.prune(protect=(final,))
+        if prune:
+            self.prune(protect=(final,))
         self.clean_temp()
         return final
 

@@ -28,7 +28,7 @@ from timm.layers import DropPath
 
 from ..errors import InputError
 
-__all__ = ["COMPILE_MODES", "CompileMode", "RateAsInputDropPath", "compile_blocks"]
+__all__ = ["COMPILE_MODES", "CompileMode", "RateAsInputDropPath", "compile_blocks", "is_compiled"]
 
 
 class CompileMode(StrEnum):
@@ -100,3 +100,9 @@ def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = Compil
     for block in blocks:
         block.compile(mode=mode.value)
     return len(blocks)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module``'s own call is compiled (by `compile_blocks` / ``nn.Module.compile``): a teacher that
+    a study's students share is compiled once."""
+    return getattr(module, "_compiled_call_impl", None) is not None

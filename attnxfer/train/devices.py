@@ -49,6 +49,10 @@ class Precision(StrEnum):
         """Whether forwards run under a lower-precision autocast."""
         return self in (Precision.BF16, Precision.FP16)
 
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """A fresh autocast context for a forward on ``device`` in this precision (off for fp32)."""
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.autocasts)
+
 
 #: names a user writes for dtypes (config: teacher.dtype, precision); "auto" is decided by the device
 TORCH_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
