@@ -7,20 +7,6 @@ must recognise a run's own ``config.yaml``. Nothing else spells these file names
 
 from __future__ import annotations
 
-__all__ = [
-    "CHECKPOINTS_SUBDIR",
-    "EMA_WEIGHTS",
-    "LOCK_NAME",
-    "METRICS",
-    "MODEL_WEIGHTS",
-    "RUN_CONFIG",
-    "RUN_DIR_MARKERS",
-    "RUN_RECORD",
-    "STAGE_DIRS",
-    "STATE_NAME",
-    "STUDY_RECORD",
-]
-
 #: what was trained, from what (the student spec, the teacher record, the plan, how it ran)
 RUN_RECORD = "run.json"
 #: the resolved config: re-run with ``-c RUN_DIR/config.yaml``

@@ -28,17 +28,6 @@ import torch.nn.functional as F
 
 from .intervals import top1_interval
 
-__all__ = [
-    "KnnComparison",
-    "embed",
-    "embedding",
-    "knn_comparison",
-    "knn_correct",
-    "knn_hits",
-    "knn_predict",
-    "paired_counts",
-]
-
 Autocast = Callable[[], AbstractContextManager]
 
 

@@ -23,8 +23,6 @@ from ..errors import InputError, MissingPathError
 from ..run_layout import STUDY_RECORD
 from .reports import STAGE_ROWS, final_stage, ratio_text, top1_interval_text, value_text
 
-__all__ = ["COMPARISON_DATA", "COMPARISON_REPORT", "comparison_rows", "write_conversion_comparison"]
-
 COMPARISON_REPORT = "conversion_study.md"
 COMPARISON_DATA = "conversion_study.json"
 #: the stages as a row names them: "weights swapped in", "after stage 1", "after stage 2"

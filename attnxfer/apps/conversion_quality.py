@@ -25,8 +25,6 @@ from ..config import TrainConfig
 from ..train.distributed import sum_over_ranks
 from .loaders import build_bank_loader, data_seed
 
-__all__ = ["QualityProbe", "quality_probe"]
-
 
 @dataclass
 class QualityProbe:

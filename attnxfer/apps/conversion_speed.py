@@ -27,8 +27,6 @@ from ..models.image_input import ImageSizeError, check_image_size, sizes_that_fi
 from ..sources.teacher import load_teacher
 from ..train.speed import break_even_sweeps, forward_speeds
 
-__all__ = ["DEFAULT_SWEEP_MULTIPLES", "SWEEP_BUDGET_S", "conversion_speeds", "speed_lines", "sweep_sides"]
-
 #: The default sweep: the run's side times these (each raised to the next side the family runs at).
 DEFAULT_SWEEP_MULTIPLES = (1, 2, 3, 4)
 #: The default sweep starts no side that would take it past this many seconds (a 4x side on a large model,

@@ -53,8 +53,6 @@ from .training import (
     train,
 )
 
-__all__ = ["ConvertResult", "conversion_plan_from_config", "convert", "convert_main"]
-
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
 
 

@@ -58,8 +58,6 @@ from .convert import (
 from .study import check_study, lockstep_study, write_study_files
 from .training import prepare_trackers_from_config
 
-__all__ = ["ConvertStudyResult", "ConvertedStudent", "convert_study"]
-
 
 @dataclass
 class ConvertedStudent:

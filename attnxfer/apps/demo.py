@@ -47,8 +47,6 @@ from .study import study
 from .training import train
 from .val_curves import draw_val_curves, val_series
 
-__all__ = ["PAIRS", "ROWS", "TABLES", "TEACHERS", "RowSpec", "TeacherSpec", "run_demo", "table_pairs"]
-
 #: paired comparisons the demo reports in each table (McNemar on the same validation images), by the rows'
 #: ``kind``: every table compares its copy and distillation rows with each other and with scratch
 PAIRS = (("copy", "distill"), ("copy", "scratch"), ("distill", "scratch"), ("copy", "finetune"))

@@ -42,17 +42,6 @@ from ..transfer.plan import build_plan
 from .inspect_pictures import draw_pictures
 from .inspect_report import agreement_sentence, json_safe, render_report
 
-__all__ = [
-    "LoadedModel",
-    "demo_agreement",
-    "inspect_attention",
-    "inspect_models",
-    "load_images",
-    "load_model",
-    "trained_size",
-    "write_report",
-]
-
 
 @dataclass
 class LoadedModel:

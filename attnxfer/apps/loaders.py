@@ -29,8 +29,6 @@ from ..data import (
 )
 from ..data.registry import dataset_options
 
-__all__ = ["Loaders", "build_bank_loader", "build_loaders", "data_info"]
-
 
 def data_info(data: DataConfig) -> DatasetInfo:
     """The ``data`` section's dataset as the run reads it (``data.labels: false``: without labels or classes)."""

@@ -6,18 +6,6 @@ from typing import Any
 
 from .uncertainty import correct_count, top1_interval
 
-__all__ = [
-    "HEADLESS_TEACHER",
-    "STAGE_ROWS",
-    "conversion_summary",
-    "final_stage",
-    "ratio_text",
-    "render_conversion_report",
-    "teacher_top1_line",
-    "top1_interval_text",
-    "value_text",
-]
-
 #: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
 HEADLESS_TEACHER = (
     "the teacher has no classifier head (e.g. an MAE encoder), so it has no top-1 to compare with"

@@ -20,19 +20,6 @@ from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
 from .loaders import build_loaders, data_info, data_seed
 
-__all__ = [
-    "RunParts",
-    "build_run_parts",
-    "build_student",
-    "init_from_pretrained",
-    "num_classes_of",
-    "parts_around",
-    "pooling_args",
-    "reads_labels",
-    "stamp_input_cfg",
-    "student_attention",
-]
-
 
 @dataclass
 class RunParts:

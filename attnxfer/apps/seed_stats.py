@@ -24,8 +24,6 @@ from .run_parts import RunParts, build_run_parts
 from .training import plan_from_config
 from .uncertainty import format_p, format_top1, mcnemar, mean_std
 
-__all__ = ["paired_table", "per_image_correct", "results_table", "student_correct"]
-
 _CACHE = "val_correct.json"
 
 

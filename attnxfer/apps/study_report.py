@@ -46,16 +46,6 @@ from .study_report_text import StudentScore, render_study
 from .training import task_weight_of
 from .val_curves import draw_val_curves, val_series
 
-__all__ = [
-    "STUDY_AGREEMENT",
-    "STUDY_CURVES",
-    "STUDY_REPORT",
-    "STUDY_SCORES",
-    "StudentScore",
-    "study_curves_figure",
-    "write_study_report",
-]
-
 STUDY_REPORT = "study.md"
 STUDY_SCORES = "study_report.json"  # what the report shows, as data
 STUDY_CURVES = "study.png"

@@ -20,8 +20,6 @@ from .inspect_report import agreement_sentence
 from .uncertainty import format_p, format_top1, mcnemar, top1_interval
 from .val_curves import Series
 
-__all__ = ["StudentScore", "render_study"]
-
 
 @dataclass
 class StudentScore:

@@ -40,22 +40,6 @@ from .resume import check_same_data, check_teacher_content, judge, student_as_tr
 from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
 
-__all__ = [
-    "adamw_from_config",
-    "assemble_engine",
-    "build_engine",
-    "compile_from_config",
-    "loop_settings",
-    "plan_from_config",
-    "prepare_trackers_from_config",
-    "require_metric_labels",
-    "require_task_labels",
-    "same_tokens",
-    "scoring_for",
-    "task_loss_from_config",
-    "train",
-]
-
 
 def require_task_labels(cfg: TrainConfig) -> None:
     """A run with a task loss reads labels: data read without them (``data.labels: false``) stops here, saying

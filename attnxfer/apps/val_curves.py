@@ -9,8 +9,6 @@ from typing import Any
 
 from ..train.metrics import read_metrics
 
-__all__ = ["draw_val_curves", "val_series"]
-
 #: a curve: (steps, values)
 Series = tuple[list[int], list[float]]
 

@@ -14,16 +14,6 @@ from .overrides import ConfigError, apply_overrides, merge_values, parse_overrid
 from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
 
-__all__ = [
-    "BASE_KEY",
-    "RECIPES",
-    "list_recipes",
-    "load_config",
-    "recipe_chain",
-    "resolve_recipe",
-    "run_config_dir",
-]
-
 RECIPES = Path(__file__).resolve().parent.parent / "cfgs"  # the built-in recipes, installed with the package
 
 

@@ -28,30 +28,6 @@ from .keys import (
 )
 from .overrides import apply_overrides, dump_config
 
-__all__ = [
-    "RANGES",
-    "RESUMABLE_KEYS",
-    "SEARCH_RESUMABLE_KEYS",
-    "AugConfig",
-    "CheckpointConfig",
-    "ConvertConfig",
-    "DataConfig",
-    "DistConfig",
-    "EMAConfig",
-    "EvalConfig",
-    "LogConfig",
-    "MAEConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "Range",
-    "ScheduleConfig",
-    "SearchConfig",
-    "TeacherConfig",
-    "TrainConfig",
-    "TransferConfig",
-    "config_keys",
-]
-
 
 @dataclass
 class ModelConfig:

@@ -23,8 +23,6 @@ from ..errors import UserError
 from .commands import COMMANDS, load
 from .process_exit import end_program
 
-__all__ = ["build_parser", "main", "run"]
-
 EXAMPLES = """\
 examples:
   attnxfer demo                                   # the animal-mnist demo (MAE teacher, 3 students)

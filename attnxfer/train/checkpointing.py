@@ -30,8 +30,6 @@ from ..checkpoints.store import (
 from .distributed import barrier
 from .ema import StudentEMA
 
-__all__ = ["CheckpointPolicy", "Checkpointing", "Resumed"]
-
 _log = logging.getLogger("attnxfer")
 
 

@@ -28,8 +28,6 @@ from timm.layers import DropPath
 
 from ..errors import InputError
 
-__all__ = ["COMPILE_MODES", "CompileMode", "RateAsInputDropPath", "compile_blocks", "is_compiled"]
-
 
 class CompileMode(StrEnum):
     """torch.compile's ``mode`` for blocks. The CUDA-graph modes (``reduce-overhead``, ``max-autotune``)

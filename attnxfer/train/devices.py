@@ -12,8 +12,6 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["TORCH_DTYPES", "Device", "Precision", "resolve_device", "resolve_precision", "teacher_dtype"]
-
 
 class Device(StrEnum):
     """The config's ``device``: ``auto`` is CUDA when one is visible, else CPU."""

@@ -27,27 +27,14 @@ from ..errors import InputError
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .distributed import min_over_ranks
 from .ema import StudentEMA
-from .evaluation import evaluate, evaluate_loss
+from .evaluation import evaluate as evaluate, evaluate_loss as evaluate_loss
 from .metrics import MetricsLogger, progress_bar
-from .objective import Objective, Pictures, TaskLoss
+from .objective import Objective, Pictures, TaskLoss as TaskLoss
 from .runtime import Runtime
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 from .trackers import flat_hparams
-
-__all__ = [
-    "CheckpointPolicy",
-    "Engine",
-    "LoopSettings",
-    "NonFiniteLossError",
-    "StopRequested",
-    "TaskLoss",
-    "TrainResult",
-    "evaluate",
-    "evaluate_loss",
-    "lr_at",
-]
 
 
 @dataclass

@@ -16,15 +16,6 @@ from ..analysis.features import feature_agreement
 from ..analysis.knn import knn_comparison
 from ..transfer.teacher_student import TransferOutput
 
-__all__ = [
-    "classification_sums",
-    "evaluate",
-    "evaluate_features",
-    "evaluate_knn",
-    "evaluate_loss",
-    "per_image_top1",
-]
-
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:

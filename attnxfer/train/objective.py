@@ -31,17 +31,6 @@ from ..data.seeding import seeded_global_rngs
 from ..transfer.teacher_student import TeacherStudent
 from .evaluation import evaluate, evaluate_features
 
-__all__ = [
-    "Autocast",
-    "Evaluator",
-    "ModuleObjective",
-    "Objective",
-    "ObjectiveLoss",
-    "Pictures",
-    "TaskLoss",
-    "TransferObjective",
-]
-
 Evaluator = Callable[[nn.Module, Any, Any], dict[str, float]]
 #: pictures drawn after an evaluation (rank 0): the trained module -> {tag: (C, H, W) in [0, 1] or (H, W, 3) uint8}
 Pictures = Callable[[nn.Module], dict[str, Any]]

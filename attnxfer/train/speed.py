@@ -29,17 +29,6 @@ from ..models.efficient.floor import floor_model
 from ..models.image_input import image_input
 from .timing import Timing, interleaved_timings
 
-__all__ = [
-    "RATIOS",
-    "break_even_resolution",
-    "break_even_sweep",
-    "break_even_sweeps",
-    "forward_speed",
-    "forward_speeds",
-    "interleaved_forward_seconds",
-    "speed_against_floor",
-]
-
 #: The ratios of images/s a speed row carries, each (numerator model, denominator model).
 RATIOS: dict[str, tuple[str, str]] = {
     "student_over_teacher": ("student", "teacher"),

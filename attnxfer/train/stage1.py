@@ -41,8 +41,6 @@ from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
-__all__ = ["Stage1Fit", "Stage1Objective", "Stage1Result", "stage1_transfer", "teacher_signals"]
-
 
 @dataclass
 class Stage1Result:

@@ -32,8 +32,6 @@ from .engine import Engine, TrainResult
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NonFiniteLossError
 
-__all__ = ["Lockstep", "Member", "SharedBatches", "SharedFeed", "StudentStreams"]
-
 
 @dataclass
 class StudentStreams:

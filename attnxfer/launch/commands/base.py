@@ -15,18 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = [
-    "COMMANDS",
-    "Command",
-    "add_config_args",
-    "add_vary",
-    "done_line",
-    "load",
-    "load_study",
-    "print_config",
-    "register_command",
-]
-
 
 def _no_arguments(p: argparse.ArgumentParser) -> None:
     pass
