@@ -6,8 +6,6 @@ The bottom of the layers: every package may import it, it imports nothing.
 
 from __future__ import annotations
 
-__all__ = ["InputError", "MissingPathError", "PathExistsError", "UserError"]
-
 
 class UserError(Exception):
     """A refusal the user can act on: the message says what to change (a key, a path, a flag). Subclass it

@@ -7,19 +7,6 @@ must recognise a run's own ``config.yaml``. Nothing else spells these file names
 
 from __future__ import annotations
 
-__all__ = [
-    "CHECKPOINTS_SUBDIR",
-    "EMA_WEIGHTS",
-    "LOCK_NAME",
-    "METRICS",
-    "MODEL_WEIGHTS",
-    "RUN_CONFIG",
-    "RUN_DIR_MARKERS",
-    "RUN_RECORD",
-    "STAGE_DIRS",
-    "STATE_NAME",
-]
-
 #: what was trained, from what (the student spec, the teacher record, the plan, how it ran)
 RUN_RECORD = "run.json"
 #: the resolved config: re-run with ``-c RUN_DIR/config.yaml``
@@ -35,7 +22,9 @@ METRICS = "metrics.jsonl"
 #: a checkpoint's student weights: the raw ones and the EMA's
 MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
+#: a study's record: its students (name, overrides, folder) and how each stands
+STUDY_RECORD = "study.json"
 #: convert's stage folders
 STAGE_DIRS = ("stage1", "stage2")
 #: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
-RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME)
+RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)

@@ -40,18 +40,6 @@ from typing import Any
 
 import torch
 
-__all__ = [
-    "FIXED_MMAP_THRESHOLD",
-    "format_table",
-    "isolated_rss_growth",
-    "machine_info",
-    "mib",
-    "rss_kib",
-    "static_bytes",
-    "step_peak_growth",
-    "write_json",
-]
-
 
 def mib(n_bytes: float | None) -> float | None:
     return None if n_bytes is None else n_bytes / 2**20

@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_suite.sh models     # whole-model images/s: ViT-B teacher vs converted students
 #   bash benchmarks/gpu_suite.sh train      # `attnxfer train` images/s: plain fine-tune, copy, distill
 #   bash benchmarks/gpu_suite.sh stage1     # conversion's stage-1 steps/s and CUDA syncs, before/after (~2 min)
+#   bash benchmarks/gpu_suite.sh study      # a study of 4 ViT-Ti students from a ViT-B teacher vs their solo steps
 #   bash benchmarks/gpu_suite.sh compiled   # the zoo and the models again under torch.compile (optional)
 #
 # In that order of priority: the first six answer the GPU targets; `compiled` says whether compiling
@@ -20,8 +21,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART=${1:-}
-case "$PART" in check | transfer | zoo | models | train | stage1 | compiled) ;; *)
-    echo "usage: bash benchmarks/gpu_suite.sh check|transfer|zoo|models|train|stage1|compiled" >&2
+case "$PART" in check | transfer | zoo | models | train | stage1 | study | compiled) ;; *)
+    echo "usage: bash benchmarks/gpu_suite.sh check|transfer|zoo|models|train|stage1|study|compiled" >&2
     exit 2
     ;;
 esac
@@ -94,6 +95,11 @@ stage1)
     [ -f stage1_before.py ] && baseline=(--baseline stage1_before.py)
     run stage1_throughput "$PY" benchmarks/stage1_throughput.py --preset gpu "${baseline[@]}" \
         --json "$OUT/stage1_throughput.json"
+    ;;
+study)
+    # the CPU table's setting (ViT-B/16 teacher, 4 ViT-Ti/16 students, 224 px) at a GPU batch, in bf16
+    run study_step "$PY" benchmarks/study_step.py --device cuda --precision bf16 --batch 64 --repeats 5 \
+        --ce-path auto --json "$OUT/study_step.json"
     ;;
 compiled)
     linear="relu_linear elu_linear linformer hydra hedgehog performer cosformer"

@@ -74,8 +74,7 @@ from _measure import (  # noqa: E402
 from attnxfer.models import create_vit  # noqa: E402
 from attnxfer.models.attention.bias_rows import full_bias  # noqa: E402
 from attnxfer.train import student_param_groups  # noqa: E402
-from attnxfer.train.devices import Precision  # noqa: E402
-from attnxfer.train.devices import teacher_dtype as resolve_teacher_dtype  # noqa: E402
+from attnxfer.train.devices import Precision, teacher_dtype as resolve_teacher_dtype  # noqa: E402
 from attnxfer.train.optim import build_adamw  # noqa: E402
 from attnxfer.train.timing import interleaved_timings  # noqa: E402
 from attnxfer.transfer import Compared, ComparisonLoss, Signal, TeacherStudent, build_plan, comparison_loss  # noqa: E402

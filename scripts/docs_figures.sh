@@ -5,7 +5,8 @@
 #
 #   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|all]...     (default: all)
 #
-#   demo     attnxfer demo        -> demo_curves.png, demo_attention.png, demo_agreement.png, mae_reconstructions.png
+#   demo     attnxfer demo        -> demo_curves.png, demo_attention.png, demo_agreement.png, mae_reconstructions.png,
+#                                    study_curves.png (its copy and distillation students are one study)
 #   convert  the demo's MAE teacher converted into a ReLU-linear encoder without labels, then attnxfer inspect
 #                                                 -> convert_cls_maps.png
 #   slurm    a two-point attnxfer submit --sweep on a loopback SLURM cluster (root: the tests' fixture
@@ -37,6 +38,7 @@ demo() {
     cp "$RUNS/demo/attention.png" "$FIG/demo_attention.png"
     cp "$RUNS/demo/agreement.png" "$FIG/demo_agreement.png"
     cp "$(ls "$RUNS"/demo/mae-*/pictures/val-reconstruction-step*.png | tail -n 1)" "$FIG/mae_reconstructions.png"
+    cp "$(ls -d "$RUNS"/demo/mae_study-* | head -n 1)/study.png" "$FIG/study_curves.png"
 }
 
 convert() {

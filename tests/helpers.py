@@ -23,12 +23,8 @@ from attnxfer.data.registry import check_image_args, resolve_norm, with_settings
 from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.sources.teacher import TeacherRecord
+from attnxfer.train.compile import is_compiled as is_compiled  # the tests' import of it
 from attnxfer.transfer import TeacherStudent, build_plan
-
-
-def is_compiled(module: torch.nn.Module) -> bool:
-    """Whether ``module``'s own call is compiled (by `compile_blocks` / ``nn.Module.compile``)."""
-    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def fast_cells(values, keep) -> list:
@@ -118,6 +114,13 @@ def assert_same_distill_step(got, want, layers: int = 2) -> None:
 
 
 # -- the CLI in a forked child (signals from outside, by process id) ---------------------------------------
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], where: str) -> None:
+    """Two state dicts (a checkpoint's tensors) with the same keys and bit-identical tensors."""
+    assert a.keys() == b.keys(), where
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{where}: {k} differs"
 
 
 def _cli_child(argv: list[str], log: str) -> None:

@@ -13,9 +13,6 @@ from ..models.attention.numerics import row_chunk, row_slices
 from .metrics import grouped_heads, row_kl, row_squared_error
 from .signals import LayerSignals
 
-__all__ = ["AGREEMENT_METRICS", "layer_agreement"]
-
-
 #: per-row agreement of teacher rows ``p`` with student rows ``a`` over ``n`` keys, by name
 AGREEMENT_METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]] = {
     "kl": lambda p, a, n: row_kl(p, a),

@@ -36,15 +36,6 @@ from .metrics import finite_mean, head_assignment
 from .positions import RowPositions, cell_distances, row_positions
 from .signals import LayerSignals, borrowed_signals, layer_qk
 
-__all__ = [
-    "PAIR_METRICS",
-    "InspectedStudent",
-    "Inspection",
-    "LayerComparison",
-    "TeacherLayer",
-    "compare_attention",
-]
-
 #: Per-head metrics of a (teacher, other) pair of maps: divergences, agreement of rows and of class-token maps.
 PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
 

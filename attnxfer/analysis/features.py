@@ -24,15 +24,6 @@ import torch.nn as nn
 
 from ..transfer.feature_loss import final_tokens, num_prefix_tokens
 
-__all__ = [
-    "TOKEN_GROUPS",
-    "FeatureAgreement",
-    "GroupAgreement",
-    "batch_feature_sums",
-    "feature_agreement",
-    "feature_sums",
-]
-
 #: the token groups, in the order of `feature_sums`'s rows
 TOKEN_GROUPS = ("prefix", "patch")
 _COLUMNS = 4  # per group: sum of cosines, tokens, sum of squared errors, sum of squared teacher norms

@@ -13,8 +13,6 @@ from typing import Any
 
 from .signals import LayerSignals
 
-__all__ = ["LayerGeometry", "layer_geometry"]
-
 
 @dataclass(frozen=True)
 class LayerGeometry:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from scipy.stats import binomtest
 
-__all__ = ["correct_count", "top1_interval"]
-
 
 def top1_interval(
     correct: int, total: int, confidence: float = 0.95, method: str = "wilson"

@@ -28,16 +28,6 @@ import torch.nn.functional as F
 
 from .intervals import top1_interval
 
-__all__ = [
-    "KnnComparison",
-    "embed",
-    "embedding",
-    "knn_comparison",
-    "knn_correct",
-    "knn_predict",
-    "paired_counts",
-]
-
 Autocast = Callable[[], AbstractContextManager]
 
 
@@ -221,6 +211,26 @@ class KnnComparison:
         return out
 
 
+def knn_hits(
+    models: Sequence[nn.Module],
+    bank: Iterable[Sequence[torch.Tensor]],
+    queries: Iterable[Sequence[torch.Tensor]],
+    device: torch.device | str,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
+    autocast: Autocast = nullcontext,
+) -> list[torch.Tensor]:
+    """Per model, one bool per query image (in the order of ``queries``): is its k-NN prediction its label?
+    Each model has its own memory bank (its embeddings of ``bank``); one pass over each loader for all models."""
+    banks, bank_labels = embed(models, bank, device, autocast=autocast)
+    feats, labels = embed(models, queries, device, autocast=autocast)
+    return [
+        knn_correct(b.to(device), bank_labels, q.to(device), labels, k=k, temperature=temperature)
+        for b, q in zip(banks, feats, strict=True)
+    ]
+
+
 def knn_comparison(
     student: nn.Module,
     teacher: nn.Module | None,
@@ -237,12 +247,7 @@ def knn_comparison(
     memory and those of ``queries`` scored, one pass over each for both models. ``reduce``: sums the
     paired counts over ranks (each rank holding the whole bank and its own shard of the queries)."""
     models = [student] if teacher is None else [student, teacher]
-    banks, bank_labels = embed(models, bank, device, autocast=autocast)
-    feats, labels = embed(models, queries, device, autocast=autocast)
-    right = [
-        knn_correct(b.to(device), bank_labels, q.to(device), labels, k=k, temperature=temperature)
-        for b, q in zip(banks, feats, strict=True)
-    ]
+    right = knn_hits(models, bank, queries, device, k=k, temperature=temperature, autocast=autocast)
     counts = paired_counts(right[-1], right[0])  # (teacher, student); a student alone pairs with itself
     if reduce is not None:
         counts = reduce(counts.to(device)).cpu()

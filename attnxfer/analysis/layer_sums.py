@@ -27,8 +27,6 @@ from .metrics import (
 )
 from .signals import LayerSignals
 
-__all__ = ["LayerWork", "RowLayout", "StudentSums", "TeacherSums", "walk_layer"]
-
 
 class HeadSums:
     """Per-head sums and counts of per-row values (NaN rows, e.g. constant rows in a rank correlation, skipped)."""

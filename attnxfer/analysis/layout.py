@@ -18,8 +18,6 @@ from ..errors import InputError
 from ..models.attention import TransferableAttention, attention_layers
 from ..models.image_input import as_pair, find_patch_embedding
 
-__all__ = ["NotInspectable", "input_size", "inspectable_layers", "token_layout"]
-
 
 class NotInspectable(InputError, TypeError):
     """A model (or a teacher/student pair) that cannot be inspected: the message says why and what to do."""

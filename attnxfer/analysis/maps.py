@@ -17,8 +17,6 @@ from .layout import token_layout
 from .metrics import attention_rollout, renormalise
 from .signals import LayerSignals, layer_qk
 
-__all__ = ["class_token_maps", "has_rollout", "rollout_class_maps", "token_maps"]
-
 
 def _signals(
     model: nn.Module,

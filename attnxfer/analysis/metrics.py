@@ -21,23 +21,6 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import rankdata
 
-__all__ = [
-    "attention_distance",
-    "attention_rollout",
-    "finite_mean",
-    "grouped_heads",
-    "head_assignment",
-    "patch_distances",
-    "pearson",
-    "renormalise",
-    "row_entropy",
-    "row_js",
-    "row_kl",
-    "row_squared_error",
-    "spearman_rows",
-    "topk_overlap",
-]
-
 
 def _floor(q: torch.Tensor) -> torch.Tensor:
     return q.clamp_min(torch.finfo(q.dtype).tiny)

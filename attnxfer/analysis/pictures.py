@@ -19,19 +19,6 @@ from matplotlib.figure import Figure
 
 from .compare import Inspection, LayerComparison
 
-__all__ = [
-    "DPI",
-    "agreement_figure",
-    "class_token_figure",
-    "class_token_figure_size",
-    "curves_figure",
-    "display_image",
-    "figure_array",
-    "head_matching_figure",
-    "rollout_figure",
-    "save_figure",
-]
-
 #: Dots per inch of every figure: sizes in pixels are inches × DPI.
 DPI = 100
 

@@ -23,8 +23,6 @@ import torch.nn as nn
 from ..models.attention import RowPlacement, TokenWalk, attention_blocks, attention_layers
 from .signals import LayerSignals
 
-__all__ = ["RowPositions", "cell_distances", "query_maps", "query_points", "row_positions"]
-
 
 @dataclass(frozen=True)
 class RowPositions(RowPlacement):

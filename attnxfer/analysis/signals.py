@@ -22,8 +22,6 @@ from ..models.attention.bias_rows import BiasRows, bias_block
 from ..models.attention.numerics import fp32_section, upcast
 from .metrics import renormalise
 
-__all__ = ["LayerSignals", "borrowed_signals", "layer_qk"]
-
 
 @dataclass
 class LayerSignals:

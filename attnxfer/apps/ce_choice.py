@@ -21,8 +21,6 @@ from ..transfer.ce_select import CEChoice, budget_from_gib, choose_ce_path, laye
 from ..transfer.losses import CEPath, ce_path_for
 from ..transfer.teacher_student import TeacherStudent
 
-__all__ = ["ce_choice_for_run", "decided_on_rank0", "recorded_ce_choice"]
-
 
 def recorded_ce_choice(point: ResumePoint | None) -> CEChoice | None:
     """The CE path a checkpoint was trained with (its state's ``ce_path``), or None."""

@@ -23,9 +23,7 @@ from ..analysis.features import feature_agreement
 from ..analysis.knn import knn_comparison
 from ..config import TrainConfig
 from ..train.distributed import sum_over_ranks
-from .loaders import build_bank_loader
-
-__all__ = ["QualityProbe", "quality_probe"]
+from .loaders import build_bank_loader, data_seed
 
 
 @dataclass
@@ -78,7 +76,9 @@ def quality_probe(
     """The probe of a conversion: its val split, and its k-NN bank where the data has labels."""
     bank = None
     if labelled:
-        bank = build_bank_loader(cfg.data, val_loader.dataset, seed=cfg.seed, size=cfg.eval.knn_bank_size)
+        bank = build_bank_loader(
+            cfg.data, val_loader.dataset, seed=data_seed(cfg), size=cfg.eval.knn_bank_size
+        )
     return QualityProbe(teacher, val_loader, device, bank, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 

@@ -6,14 +6,15 @@ the ceiling of every efficient attention there) and how much of it the student r
 short sweep over larger sides (``convert.speed_sweep``) then finds the smallest one where the student beats the
 teacher on the run's device. Speed does not depend on weights, so each side's teacher is the run's teacher
 rebuilt there with random weights (`load_teacher`, as its family builds it at another size) and its student is
-made from it as the run made its own. The measuring is `attnxfer.train.speed`'s; this module picks the sides
+made from it as the run made its own. A convert study's students are timed in the same calls as one
+teacher and one floor (`conversion_speeds`). The measuring is `attnxfer.train.speed`'s; this module picks the sides
 and reads the config.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -24,9 +25,7 @@ from ..errors import InputError
 from ..models.efficient.floor import floor_model
 from ..models.image_input import ImageSizeError, check_image_size, sizes_that_fit
 from ..sources.teacher import load_teacher
-from ..train.speed import break_even_sweep, forward_speed
-
-__all__ = ["DEFAULT_SWEEP_MULTIPLES", "SWEEP_BUDGET_S", "conversion_speed", "sweep_sides"]
+from ..train.speed import break_even_sweeps, forward_speeds
 
 #: The default sweep: the run's side times these (each raised to the next side the family runs at).
 DEFAULT_SWEEP_MULTIPLES = (1, 2, 3, 4)
@@ -72,49 +71,61 @@ def _floor_or_why(teacher: nn.Module) -> tuple[nn.Module | None, str | None]:
         return None, str(e)
 
 
-def conversion_speed(
+def conversion_speeds(
     cfg: TrainConfig,
     teacher: nn.Module,
-    student: nn.Module,
+    students: Mapping[str, nn.Module],
     x: torch.Tensor,
     *,
     sides: list[int],
     budget_s: float | None,
-    make_student: Callable[[nn.Module], nn.Module],
+    make_students: Callable[[nn.Module], Mapping[str, nn.Module]],
     autocast: torch.dtype | None,
     log: Callable[[str], None],
-) -> dict[str, Any]:
-    """The report's ``speed`` section: teacher, student and floor on ``x`` (the run's size and
-    ``convert.speed_batch_size``; ``speedup`` = student / teacher images/s), ``floor_refused`` (why there is
-    no floor, or None), the ``sweep`` over ``sides`` at batch 1 (rows, skipped sides with the reason, or
-    ``off`` saying why there is none) and ``break_even``."""
+) -> dict[str, dict[str, Any]]:
+    """The report's ``speed`` section of each student (by name) of one teacher: teacher, student and floor on
+    ``x`` (the run's size and ``convert.speed_batch_size``; ``speedup`` = student / teacher images/s),
+    ``floor_refused`` (why there is no floor, or None), the ``sweep`` over ``sides`` at batch 1 (rows, skipped
+    sides with the reason, or ``off`` saying why there is none; ``make_students`` makes every student from the
+    teacher rebuilt at a side) and ``break_even``. The teacher and the floor are timed once for all students,
+    in the same interleaved calls (`forward_speeds`): one student is a conversion's, several a convert
+    study's. The log says why a floor is missing; `speed_lines` says the rest."""
     floor, refused = _floor_or_why(teacher)
-    models = {"teacher": teacher, "student": student, **({"floor": floor} if floor is not None else {})}
     if refused:
         log(f"speed: no floor measured ({refused})")
-    row = forward_speed(models, x, repeats=cfg.convert.speed_repeats, autocast=autocast)
-    del floor, models
-    speed = {
-        **row,
-        "input": list(x.shape[1:]),
-        "speedup": row["student_over_teacher"],
-        "floor_refused": refused,
+    rows = forward_speeds(
+        teacher, students, x, floor=floor, repeats=cfg.convert.speed_repeats, autocast=autocast
+    )
+    del floor
+    sweeps = _sweep(cfg, x.device, sides, budget_s, make_students, list(students), autocast, refused is None)
+    return {
+        name: {
+            **row,
+            "input": list(x.shape[1:]),
+            "speedup": row["student_over_teacher"],
+            "floor_refused": refused,
+            "sweep": sweeps[name],
+            "break_even": sweeps[name].get("break_even"),
+        }
+        for name, row in rows.items()
     }
+
+
+def speed_lines(speed: dict[str, Any]) -> list[str]:
+    """What the log says of a student's ``speed`` section: its images/s against the teacher's (and the floor's),
+    and the break-even side."""
     ceiling = (
-        f"; floor {row['floor_over_teacher']:.2f}x the teacher, the student reaches "
-        f"{row['student_over_floor']:.2f} of it"
-        if refused is None
+        f"; floor {speed['floor_over_teacher']:.2f}x the teacher, the student reaches "
+        f"{speed['student_over_floor']:.2f} of it"
+        if speed["floor_refused"] is None
         else ""
     )
-    log(
-        f"speed: student {row['student_images_per_s']:.1f} images/s vs teacher "
-        f"{row['teacher_images_per_s']:.1f} images/s (batch {row['batch']}, {row['precision']}) -> "
-        f"{speed['speedup']:.2f}x{ceiling}"
-    )
-    speed["sweep"] = _sweep(cfg, x.device, sides, budget_s, make_student, autocast, refused is None)
-    speed["break_even"] = speed["sweep"].get("break_even")
-    log(_break_even_line(speed))
-    return speed
+    return [
+        f"speed: student {speed['student_images_per_s']:.1f} images/s vs teacher "
+        f"{speed['teacher_images_per_s']:.1f} images/s (batch {speed['batch']}, {speed['precision']}) -> "
+        f"{speed['speedup']:.2f}x{ceiling}",
+        _break_even_line(speed),
+    ]
 
 
 def _sweep(
@@ -122,35 +133,37 @@ def _sweep(
     device: torch.device,
     sides: list[int],
     budget_s: float | None,
-    make_student: Callable[[nn.Module], nn.Module],
+    make_students: Callable[[nn.Module], Mapping[str, nn.Module]],
+    names: list[str],
     autocast: torch.dtype | None,
     with_floor: bool,
-) -> dict[str, Any]:
-    """`break_even_sweep` over ``sides``, each teacher rebuilt from ``teacher.spec`` with random weights."""
-    if not sides:
-        return {"sides": [], "rows": [], "skipped": [], "off": f"{_SWEEP_KEY} is []"}
+) -> dict[str, dict[str, Any]]:
+    """`break_even_sweeps` over ``sides``, each teacher rebuilt from ``teacher.spec`` with random weights; the
+    same section for every student where there is no sweep."""
     spec = cfg.teacher.spec
-    if not spec:
-        return {
-            "sides": sides,
-            "rows": [],
-            "skipped": [],
-            "off": "the teacher was passed in, not named by teacher.spec",
-        }
+    off = f"{_SWEEP_KEY} is []" if not sides else None
+    if off is None and not spec:
+        off = "the teacher was passed in, not named by teacher.spec"
+    if off is not None:
+        return {name: {"sides": sides, "rows": [], "skipped": [], "off": off} for name in names}
     t = cfg.teacher
 
-    def build(side: int) -> tuple[nn.Module, nn.Module]:
+    def build(side: int) -> tuple[nn.Module, dict[str, nn.Module]]:
         teacher, _ = load_teacher(
             spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
         )
         teacher = teacher.to(device=device, dtype=torch.float32).eval()
-        return teacher, make_student(teacher).to(device)
+        return teacher, {name: student.to(device) for name, student in make_students(teacher).items()}
 
     start = time.monotonic()
-    sweep = break_even_sweep(
-        build, sides, device=device, autocast=autocast, floor=with_floor, budget_s=budget_s
+    sweeps = break_even_sweeps(
+        build, sides, names, device=device, autocast=autocast, floor=with_floor, budget_s=budget_s
     )
-    return {"sides": sides, "budget_s": budget_s, "off": None, **sweep, "seconds": time.monotonic() - start}
+    seconds = time.monotonic() - start
+    return {
+        name: {"sides": sides, "budget_s": budget_s, "off": None, **sweep, "seconds": seconds}
+        for name, sweep in sweeps.items()
+    }
 
 
 def _break_even_line(speed: dict[str, Any]) -> str:

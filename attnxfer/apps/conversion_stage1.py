@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from ..config import TrainConfig, to_dict
 from ..data import ResumableSampler, build_loader, data_identity
 from ..errors import InputError
 from ..train.distributed import rank_and_world
-from ..train.stage1 import Stage1Result, stage1_transfer
+from ..train.stage1 import Stage1Fit, Stage1Result, stage1_transfer
 from ..transfer.conversion import ConversionPlan
+from .loaders import data_seed
 from .resume import check_same_data, check_teacher_content, judge
 from .run_parts import RunParts
 
@@ -50,7 +52,55 @@ STAGE1_KEYS = (
 )
 
 
-def run_stage1(
+def run_stage1(*args: Any, **kwargs: Any) -> Stage1Result:
+    """Stage 1 into its folder, alone: `open_stage1` (the same arguments), then `Stage1Job.run` (what an
+    earlier run completed, else the fit to its end)."""
+    return open_stage1(*args, **kwargs).run()
+
+
+@dataclass
+class Stage1Job:
+    """One student's stage 1 as a run, opened (`open_stage1`): ``done``, the complete result an earlier run
+    left (loaded into the student), or where the fit goes on: the `Stage1Fit` options (its optimiser, step
+    and history from a stopped run, its saves) and ``first_batch``, the place in `stage1_batches` of the
+    batch its next step reads. `run` drives it alone; a convert study drives several on one stream."""
+
+    saved: _Stage1Saves
+    device: torch.device
+    done: Stage1Result | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    first_batch: int = 0
+    earlier: float = 0.0  # seconds spent by the runs it goes on from
+
+    def run(self) -> Stage1Result:
+        """Stage 1 alone: what an earlier run completed, else the fit to its end on its own batches
+        (`stage1_transfer`), saved as complete."""
+        if self.done is not None:
+            return self.done
+        s = self.saved
+        batches = stage1_batches(
+            s.cfg, s.parts, s.plan.stage1_batch_size, self.device, start=self.first_batch
+        )
+        return self.finish(stage1_transfer(s.parts.teacher, s.parts.student, s.plan, batches, **self.options))
+
+    def fit(self) -> Stage1Fit:
+        """The step-at-a-time fit (enter it before stepping)."""
+        parts = self.saved.parts
+        return Stage1Fit(parts.teacher, parts.student, self.saved.plan, **self.options)
+
+    @property
+    def batch_offset(self) -> int:
+        """Place in the batch stream minus steps done (non-zero where a resume on other data restarts it)."""
+        return self.first_batch - self.options.get("start_step", 0)
+
+    def finish(self, stage1: Stage1Result) -> Stage1Result:
+        """The fit's result with the earlier runs' seconds, saved as complete."""
+        stage1.seconds += self.earlier
+        self.saved.save(stage1.steps, None, stage1, complete=True)
+        return stage1
+
+
+def open_stage1(
     cfg: TrainConfig,
     parts: RunParts,
     plan: ConversionPlan,
@@ -59,27 +109,27 @@ def run_stage1(
     *,
     main: bool,
     log: Callable[[str], None],
-) -> Stage1Result:
-    """Stage 1 into ``folder``, or what an earlier run left of it: its complete result, or the step it was
-    stopped at (unless ``checkpoint.resume=none``). Rank 0 (``main``) alone writes files."""
+) -> Stage1Job:
+    """Stage 1 into ``folder``, as far as an earlier run left it: complete (its weights loaded into the
+    student), stopped at a step (weights and optimiser loaded; unless ``checkpoint.resume=none``), or not
+    started. Rank 0 (``main``) alone writes files."""
     saved = _Stage1Saves(cfg, parts, plan, folder, main)
     point = saved.resume_point(log)
     if point is not None and point.record("complete"):
         parts.student.load_state_dict(point.load_tensors(str(device))["model"])
         log(f"stage 1: resumed from {point.path} ({point.step} steps done earlier)")
-        return Stage1Result(
+        done = Stage1Result(
             point.step, point.record("seconds"), point.record("history"), True, point.record("memory")
         )
+        return Stage1Job(saved, device, done)
     fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
     legacy = _legacy_result(parts.student, folder, plan) if point is None and not fresh else None
     if legacy is not None:
         log(f"stage 1: resumed from {folder} ({legacy.steps} steps done earlier)")
-        return legacy
+        return Stage1Job(saved, device, legacy)
     if point is not None:
         log(f"stage 1: resumed from {point.path} (step {point.step} of {plan.stage1_steps})")
-    stage1 = _fit(cfg, parts, plan, device, saved, point, log=log)
-    saved.save(stage1.steps, None, stage1, complete=True)
-    return stage1
+    return _continued(cfg, saved, device, point, log)
 
 
 class _Stage1Saves:
@@ -140,50 +190,40 @@ class _Stage1Saves:
         return str(self.manager.save(step, tensors, state, replace=True))
 
 
-def _fit(
+def _continued(
     cfg: TrainConfig,
-    parts: RunParts,
-    plan: ConversionPlan,
-    device: torch.device,
     saved: _Stage1Saves,
+    device: torch.device,
     point: ResumePoint | None,
-    *,
     log: Callable[[str], None],
-) -> Stage1Result:
-    """`stage1_transfer` from the step ``point`` saved (or 0); its seconds count the earlier runs'."""
+) -> Stage1Job:
+    """The fit from the step ``point`` saved (or 0), its saves counting the earlier runs' seconds."""
     earlier = point.record("seconds") if point else 0.0
     done = point.step if point else 0
     optimizer_state = None
     if point is not None:
         tensors = point.load_tensors(str(device))
-        parts.student.load_state_dict(tensors["model"])
+        saved.parts.student.load_state_dict(tensors["model"])
         optimizer_state = optimizer_state_from_tensors(tensors["optimizer"], point.record("optimizer_meta"))
 
     def save(step: int, state: dict[str, Any], result: Stage1Result) -> str | None:
         return saved.save(step, state, dataclasses.replace(result, seconds=result.seconds + earlier))
 
     c = cfg.convert
-    start = 0 if point is not None and point.restart_epoch else done
-    batches = _stage1_batches(cfg, parts, plan.stage1_batch_size, device, start=start)
-    every = cfg.checkpoint.every_steps
-    stage1 = stage1_transfer(
-        parts.teacher,
-        parts.student,
-        plan,
-        batches,
-        warmup_steps=c.stage1_warmup_steps,
-        weight_decay=c.stage1_weight_decay,
-        clip_grad=c.stage1_clip_grad,
-        log_every=cfg.log.every_steps,
-        log=log,
-        start_step=done,
-        optimizer_state=optimizer_state,
-        history=point.record("history") if point else (),
-        on_save=save,
-        save_every=every,
-    )
-    stage1.seconds += earlier
-    return stage1
+    options = {
+        "warmup_steps": c.stage1_warmup_steps,
+        "weight_decay": c.stage1_weight_decay,
+        "clip_grad": c.stage1_clip_grad,
+        "log_every": cfg.log.every_steps,
+        "log": log,
+        "start_step": done,
+        "optimizer_state": optimizer_state,
+        "history": point.record("history") if point else (),
+        "on_save": save,
+        "save_every": cfg.checkpoint.every_steps,
+    }
+    first = 0 if point is not None and point.restart_epoch else done
+    return Stage1Job(saved, device, None, options, first, earlier)
 
 
 def _cycle(loader, sampler, start: int = 0) -> Iterator[torch.Tensor]:
@@ -199,7 +239,7 @@ def _cycle(loader, sampler, start: int = 0) -> Iterator[torch.Tensor]:
         epoch += 1
 
 
-def _stage1_batches(
+def stage1_batches(
     cfg: TrainConfig, parts: RunParts, batch_size: int, device: torch.device, start: int = 0
 ) -> Iterator[torch.Tensor]:
     """This rank's share of the training images (labels unused), shuffled with its own seed."""
@@ -211,7 +251,7 @@ def _stage1_batches(
             f"the training set ({len(dataset)})"
         )
     sampler = ResumableSampler(
-        len(dataset), shuffle=True, seed=cfg.seed + 1, rank=rank, world_size=world, drop_last=True
+        len(dataset), shuffle=True, seed=data_seed(cfg) + 1, rank=rank, world_size=world, drop_last=True
     )
     loader = build_loader(
         dataset,
@@ -219,7 +259,7 @@ def _stage1_batches(
         sampler=sampler,
         num_workers=cfg.data.num_workers,
         drop_last=True,
-        seed=cfg.seed + 1,
+        seed=data_seed(cfg) + 1,
     )
     return (x.to(device, non_blocking=True) for x in _cycle(loader, sampler, start))
 

@@ -17,8 +17,6 @@ import torch.nn as nn
 from ..config import TrainConfig
 from ..errors import InputError
 
-__all__ = ["Stage2Objective", "stage2_objective", "student_head"]
-
 
 @dataclass(frozen=True)
 class Stage2Objective:

@@ -1,6 +1,7 @@
 """`attnxfer convert`: a pretrained softmax teacher becomes an efficient-attention student.
 
-The config becomes objects here, in steps that `_convert` runs one after another: the student
+The config becomes objects here, in steps that `_convert` runs one after another (those after the build in
+`convert_runs`, which a convert study, `attnxfer.apps.convert_study`, runs for its students too): the student
 (`build_efficient_student`) and the conversion plan (`attnxfer.transfer.conversion`), the measurements
 (`attnxfer.train.measure`) before and after each stage, stage 1 (`attnxfer.train.stage1`, run, saved and
 resumed by `attnxfer.apps.conversion_stage1`), stage 2 (an ordinary training run through
@@ -12,6 +13,7 @@ measurement is one more step function and one more line there.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -30,13 +32,14 @@ from ..models.efficient import build_efficient_student, new_parameters, set_drop
 from ..models.image_input import image_input
 from ..train.devices import resolve_precision
 from ..train.distributed import DistributedInfo, backend_for, joined_process_group
+from ..train.engine import TrainResult
 from ..train.measure import evaluate_top1, map_agreement, operation_counts
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
 from ..transfer.plan import TransferPlan
 from .conversion_quality import QualityProbe, quality_probe
-from .conversion_speed import conversion_speed, sweep_sides
+from .conversion_speed import conversion_speeds, speed_lines, sweep_sides
 from .conversion_stage1 import run_stage1
 from .conversion_stage2 import Stage2Objective, stage2_objective, student_head
 from .loaders import data_info
@@ -49,8 +52,6 @@ from .training import (
     require_task_labels,
     train,
 )
-
-__all__ = ["ConvertResult", "conversion_plan_from_config", "convert", "convert_main"]
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
 
@@ -136,8 +137,8 @@ _STAGES = {
 
 
 @dataclass
-class _Conversion:
-    """What the steps of one conversion share: built by `_build`, placed by `_place`, and what has been
+class Conversion:
+    """What the steps of one conversion share: built by `build_conversion`, placed by `_place`, and what has been
     measured so far (per stage, None where a stage did not run; seconds per step)."""
 
     cfg: TrainConfig
@@ -156,6 +157,7 @@ class _Conversion:
     quality: QualityProbe = field(init=False)  # set by `_place`
     measured: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    stopped: str | None = None  # why a convert study's student stopped early (a non-finite loss)
 
     @property
     def teacher(self) -> nn.Module:
@@ -169,33 +171,64 @@ class _Conversion:
 def _convert(
     cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]
 ) -> ConvertResult:
-    """The conversion, one step after another: build, measure, stage 1, stage 2, speed, report."""
-    cfg = _checked_config(cfg, skip_stage1)
+    """The conversion, one step after another: build, then `convert_runs` (measure, stage 1, stage 2, speed,
+    report)."""
+    cfg = checked_config(cfg, skip_stage1)
     if not info.is_main_process:
         log = _silent
     else:  # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
         prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
-    run = _build(cfg, info, parts, log)
-    # a sweep side the teacher's family cannot run at stops here, before any work
-    run.sweep = sweep_sides(run.cfg, run.teacher, _run_side(run))
-    _describe(run)
-    _place(run)
-    teacher_top1 = evaluate_top1(run.teacher, run.parts.val_loader, run.device) if run.labelled else None
-    log(teacher_top1_line(teacher_top1, labelled=run.labelled))
-    _measure(run, "before_stage1")
-    stage1 = _stage1(run)
-    stage2 = _stage2(run)
-    speed = _speed(run)
-    operations = operation_counts(run.teacher, run.student, batch=1)
-    run.seconds["total"] = time.monotonic() - t0
-    report = _report(run, teacher_top1, stage1, stage2, speed, operations)
-    _write_report(run, report)
+    run = build_conversion(cfg, info, parts, log)
+    (report,) = convert_runs([run], t0, stage1=_each(_stage1), stage2=_each(_stage2), log=log)
     return ConvertResult(str(run.run_dir), report)
 
 
-def _checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
+def convert_runs(
+    runs: list[Conversion],
+    t0: float,
+    *,
+    stage1: Callable[[list[Conversion]], list[Stage1Result]],
+    stage2: Callable[[list[Conversion]], list[dict[str, Any]]],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
+    """Built conversions of one teacher on one data (one conversion, or a convert study's students), step by
+    step: the speed sweep's sides checked, the plans printed, the teacher's top-1 once, each student measured
+    before stage 1, ``stage1`` and ``stage2`` (each measures the students after it), the speed of all at once
+    (the teacher timed once), and each student's report. Returns the reports, in order."""
+    first = runs[0]
+    # a sweep side the teacher's family cannot run at stops here, before any work
+    sweep = sweep_sides(first.cfg, first.teacher, _run_side(first))
+    for run in runs:
+        run.sweep = sweep
+        _describe(run)
+        _place(run, first)
+    teacher_top1 = (
+        evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
+    )
+    log(teacher_top1_line(teacher_top1, labelled=first.labelled))
+    for run in runs:
+        measure(run, "before_stage1")
+    stage1s = stage1(runs)
+    stage2s = stage2(runs)
+    speeds = _speeds(runs, log)
+    reports = []
+    for run, s1, s2, speed in zip(runs, stage1s, stage2s, speeds, strict=True):
+        operations = operation_counts(run.teacher, run.student, batch=1)
+        run.seconds["total"] = time.monotonic() - t0
+        report = _report(run, teacher_top1, s1, s2, speed, operations)
+        _write_report(run, report)
+        reports.append(report)
+    return reports
+
+
+def _each(step: Callable[[Conversion], Any]) -> Callable[[list[Conversion]], list[Any]]:
+    """A stage of one conversion as a stage of several, one after another."""
+    return lambda runs: [step(run) for run in runs]
+
+
+def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
     """Refuse a fresh student's attention key; ``--skip-stage1`` is ``convert.stage1_steps=0``."""
     if cfg.model.attention:
         raise InputError(
@@ -205,15 +238,28 @@ def _checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
     return apply_overrides(cfg, {"convert.stage1_steps": 0}) if skip_stage1 else cfg
 
 
-def _build(cfg: TrainConfig, info, parts: RunParts | None, log: Callable[[str], None]) -> _Conversion:
+def build_conversion(
+    cfg: TrainConfig,
+    info,
+    parts: RunParts | None,
+    log: Callable[[str], None],
+    *,
+    shared: RunParts | None = None,
+) -> Conversion:
     """The teacher, the student (the teacher's weights with the new attention, and the head stage 2 needs),
-    the data and both stages' plans; ``parts`` built by the caller are used as they are. Stage 2's weights,
-    chosen here (`stage2_objective`), go into the run's config."""
+    the data and both stages' plans; ``parts`` built by the caller are used as they are, ``shared``: another
+    conversion's teacher and loaders, around which only the student is built (a convert study's). Stage 2's
+    weights, chosen here (`stage2_objective`), go into the run's config."""
     labelled = data_info(cfg.data).has_labels
     if parts is None:
         student_fn = _student_builder(cfg, labelled)
         parts = build_run_parts(
-            cfg, rank=info.rank, world_size=info.world_size, student_fn=student_fn, labels=True
+            cfg,
+            rank=info.rank,
+            world_size=info.world_size,
+            student_fn=student_fn,
+            labels=True,
+            shared=shared,
         )
     if parts.teacher is None:
         raise InputError(_NO_TEACHER)
@@ -229,7 +275,7 @@ def _build(cfg: TrainConfig, info, parts: RunParts | None, log: Callable[[str], 
     plan = conversion_plan_from_config(cfg, parts.teacher, parts.student)
     stage2_plan = plan_from_config(cfg, parts)
     stage2_steps = _stage2_steps(cfg, parts)
-    return _Conversion(
+    return Conversion(
         cfg,
         parts,
         plan,
@@ -258,13 +304,13 @@ def _student_builder(cfg: TrainConfig, labelled: bool) -> Callable[[nn.Module | 
     return make_student
 
 
-def _run_side(run: _Conversion) -> int:
+def _run_side(run: Conversion) -> int:
     """The side of the run's images: data.img_size, else the size stamped on the student (`parts_around`)."""
     stamped = getattr(run.student, "pretrained_cfg", {}).get("input_size")
     return int(run.cfg.data.img_size or (stamped[-1] if stamped else image_input(run.teacher).img_size[-1]))
 
 
-def _describe(run: _Conversion) -> None:
+def _describe(run: Conversion) -> None:
     """Print both stages' plans before any work."""
     run.log(run.plan.describe())
     if not run.stage2_steps:
@@ -278,9 +324,10 @@ def _describe(run: _Conversion) -> None:
     )
 
 
-def _place(run: _Conversion) -> None:
+def _place(run: Conversion, like: Conversion) -> None:
     """Write the run's config, put both models on the device and take the probe images every
-    measurement uses."""
+    measurement uses (``like``'s, where it took them already: the students of a study are measured on the same
+    images)."""
     if run.main:
         RunDir(run.run_dir).write_config(dump_config(run.cfg))
     run.device = resolve_device(run.cfg.device)
@@ -288,13 +335,16 @@ def _place(run: _Conversion) -> None:
     # compares stages in one precision. Stage 2 runs it in teacher.dtype (bf16 on GPU by default).
     run.teacher.to(device=run.device, dtype=torch.float32).eval()
     run.student.to(run.device)
+    if like is not run:
+        run.probe, run.quality = like.probe, like.quality
+        return
     run.probe = [x.to(run.device) for x, *_ in _take(run.parts.val_loader, run.cfg.convert.agreement_batches)]
     if not run.probe:
         raise InputError("the validation set is empty: convert measures map agreement on it")
     run.quality = quality_probe(run.cfg, run.teacher, run.parts.val_loader, run.device, run.labelled)
 
 
-def _measure(run: _Conversion, stage: str) -> None:
+def measure(run: Conversion, stage: str) -> None:
     """The student at ``stage``: map agreement with the teacher (on the teacher's hidden inputs and on its
     own), final-feature agreement, and where the data has labels k-NN top-1 and (with a head) val top-1."""
     start = time.monotonic()
@@ -321,22 +371,42 @@ def _measure(run: _Conversion, stage: str) -> None:
     run.measured[stage] = res
 
 
-def _stage1(run: _Conversion) -> Stage1Result:
+def _stage1(run: Conversion) -> Stage1Result:
     """Stage 1: each new attention fitted to the teacher's (`conversion_stage1`), then measured."""
     if run.plan.stage1_steps <= 0:
-        run.measured["after_stage1"] = None
-        return Stage1Result()
+        return stage1_done(run, None)
     stage1 = run_stage1(
         run.cfg, run.parts, run.plan, run.run_dir / "stage1", run.device, main=run.main, log=run.log
     )
+    return stage1_done(run, stage1)
+
+
+def stage1_done(run: Conversion, stage1: Stage1Result | None) -> Stage1Result:
+    """After stage 1 (None: it was skipped, or it stopped): its seconds, and the student measured."""
+    if stage1 is None:
+        run.measured["after_stage1"] = None
+        return Stage1Result()
     run.seconds["stage1"] = stage1.seconds
-    _measure(run, "after_stage1")
+    measure(run, "after_stage1")
     return stage1
 
 
-def _stage2(run: _Conversion) -> dict[str, Any]:
+def _stage2(run: Conversion) -> dict[str, Any]:
     """Stage 2: the converted student fine-tuned end to end (an ordinary training run in ``stage2/``),
     then measured. Returns the report's ``stage2`` section."""
+    if run.stage2_steps <= 0:
+        return stage2_done(run, None)
+    return stage2_done(run, train(stage2_config(run), run.parts))
+
+
+def stage2_config(run: Conversion) -> TrainConfig:
+    """Stage 2's run: the conversion's config in its folder ``stage2/``."""
+    return apply_overrides(run.cfg, {"run_dir": str(run.run_dir / "stage2")})
+
+
+def stage2_done(run: Conversion, result: TrainResult | None, stopped: str | None = None) -> dict[str, Any]:
+    """The report's ``stage2`` section after stage 2 trained ``result`` (None: it did not run, or it
+    ``stopped`` early, saying why), and the student measured where it trained."""
     stage2: dict[str, Any] = {
         "steps": run.stage2_steps,
         "plan": run.stage2_plan.describe(),
@@ -344,13 +414,14 @@ def _stage2(run: _Conversion) -> dict[str, Any]:
         "task_weight": run.stage2.task_weight,
         "feature_distill": run.stage2.feature_distill,
     }
-    if run.stage2_steps <= 0:
+    if stopped is not None:
+        stage2["stopped"] = stopped
+    if result is None:
         run.measured["after_stage2"] = None
         return stage2
-    result = train(apply_overrides(run.cfg, {"run_dir": str(run.run_dir / "stage2")}), run.parts)
     run.teacher.to(device=run.device, dtype=torch.float32)  # stage 2 may have cast it to teacher.dtype
     run.student.to(run.device)
-    stage2.update(
+    trained = dict(
         run_dir=result.run_dir,
         seconds=result.seconds,
         final=result.final,
@@ -359,37 +430,56 @@ def _stage2(run: _Conversion) -> dict[str, Any]:
         best_metric=result.metric,
         best=result.best,
     )
-    run.seconds["stage2"] = result.seconds
-    _measure(run, "after_stage2")
+    if result.nothing_to_do:  # a finished stage 2 found again: what it trained is in the earlier report
+        trained |= {k: v for k, v in _earlier_report(run).get("stage2", {}).items() if k in trained}
+    stage2.update(trained)
+    run.seconds["stage2"] = stage2["seconds"]
+    measure(run, "after_stage2")
     return stage2
 
 
-def _speed(run: _Conversion) -> dict[str, Any]:
-    """Images/s of teacher, student and floor at the run's resolution, in the precision the run trains in
-    (bf16 autocast on GPU by default): a few forward batches of each, interleaved (convert.speed_repeats,
-    convert.speed_batch_size); then the break-even sweep (convert.speed_sweep), each side's student made as
-    the run's was (`_student_builder`)."""
-    c = run.cfg.convert
-    shape = (c.speed_batch_size, *run.probe[0].shape[1:])
-    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(run.device)
-    precision = resolve_precision(run.cfg.precision, run.device)
-    make = _student_builder(run.cfg, run.labelled)
-    sides, budget_s = run.sweep
-    return conversion_speed(
-        run.cfg,
-        run.teacher,
-        run.student,
+def _earlier_report(run: Conversion) -> dict[str, Any]:
+    """The run's report.json as an earlier run wrote it ({} where there is none)."""
+    try:
+        return json.loads((run.run_dir / "report.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _speeds(runs: list[Conversion], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Images/s of teacher, each student and the floor at the run's resolution, in the precision the run
+    trains in (bf16 autocast on GPU by default): a few forward batches of each, interleaved in one call
+    (convert.speed_repeats, convert.speed_batch_size); then the break-even sweep (convert.speed_sweep), each
+    side's students made as the runs' were (`_student_builder`). The teacher is timed once for all."""
+    first = runs[0]
+    c = first.cfg.convert
+    shape = (c.speed_batch_size, *first.probe[0].shape[1:])
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(first.device)
+    precision = resolve_precision(first.cfg.precision, first.device)
+    by_key = {str(i): run for i, run in enumerate(runs)}  # students by place (their names may repeat)
+    makers = {
+        k: (_student_builder(run.cfg, run.labelled), run.parts.num_classes) for k, run in by_key.items()
+    }
+    sides, budget_s = first.sweep
+    speeds = conversion_speeds(
+        first.cfg,
+        first.teacher,
+        {k: run.student for k, run in by_key.items()},
         x,
         sides=sides,
         budget_s=budget_s,
-        make_student=lambda teacher: make(teacher, run.parts.num_classes),
+        make_students=lambda teacher: {k: make(teacher, classes) for k, (make, classes) in makers.items()},
         autocast=precision.dtype if precision.autocasts else None,
-        log=run.log,
+        log=log,
     )
+    for k, run in by_key.items():
+        for line in speed_lines(speeds[k]):
+            run.log(line)
+    return [speeds[k] for k in by_key]
 
 
 def _report(
-    run: _Conversion,
+    run: Conversion,
     teacher_top1: float | None,
     stage1: Stage1Result,
     stage2: dict[str, Any],
@@ -448,10 +538,11 @@ def _report(
         "speed": speed,
         "operations": operations,
         "seconds": run.seconds,
+        **({"stopped": run.stopped} if run.stopped else {}),
     }
 
 
-def _write_report(run: _Conversion, report: dict[str, Any]) -> None:
+def _write_report(run: Conversion, report: dict[str, Any]) -> None:
     """report.json and report.md (rank 0)."""
     if not run.main:
         return

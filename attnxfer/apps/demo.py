@@ -29,22 +29,23 @@ from pathlib import Path
 from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import CheckpointManager, atomic_write_json
-from ..config import TrainConfig, dump_config, load_config
+from ..config import TrainConfig, config_keys, dump_config, find_key, load_config, to_dict
+from ..config.study import Student, StudySpec
 from ..data import build_dataset
 from ..errors import InputError
 from ..models import attention_maps, make_transfer_aware
 from ..models.image_input import image_input
+from ..run_layout import STUDY_RECORD
 from ..sources.teacher import load_teacher
 from ..train.engine import TrainResult
-from ..train.metrics import read_metrics
 from ..transfer.modes import MODES
 from .inspect import demo_agreement
 from .pretrain import pretrain
 from .run_parts import build_student
 from .seed_stats import paired_table, per_image_correct, results_table
+from .study import study
 from .training import train
-
-__all__ = ["PAIRS", "ROWS", "TABLES", "TEACHERS", "RowSpec", "TeacherSpec", "run_demo", "table_pairs"]
+from .val_curves import draw_val_curves, val_series
 
 #: paired comparisons the demo reports in each table (McNemar on the same validation images), by the rows'
 #: ``kind``: every table compares its copy and distillation rows with each other and with scratch
@@ -156,9 +157,16 @@ def _run(cfg: TrainConfig, label: str, trainer=train, metric: str = "val_top1") 
             return {**cached, "label": label}
     print(f"[demo] {label}: training -> {cfg.run_dir}", flush=True)
     start = time.monotonic()
-    res = trainer(cfg)
-    seconds = time.monotonic() - start
-    out = {
+    out = _result_of(trainer(cfg), cfg, label, time.monotonic() - start, metric)
+    atomic_write_json(result_path, out)
+    return out
+
+
+def _result_of(
+    res: TrainResult, cfg: TrainConfig, label: str, seconds: float, metric: str = "val_top1"
+) -> dict:
+    """What the demo keeps of one run (result.json): its score, steps, time and config digest."""
+    return {
         "label": label,
         "metric": metric,
         "val": res.final.get(metric),
@@ -167,11 +175,9 @@ def _run(cfg: TrainConfig, label: str, trainer=train, metric: str = "val_top1") 
         "best_top1": res.best_top1,
         "steps": res.steps,
         "seconds": round(seconds, 1),
-        "config_digest": digest,
+        "config_digest": _digest(cfg),
         "run_dir": cfg.run_dir,
     }
-    atomic_write_json(result_path, out)
-    return out
 
 
 def _fmt(v) -> str:
@@ -200,10 +206,7 @@ def _plot_curves(
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, run_dir in runs.items():
-        recs = read_metrics(run_dir, "val")
-        if recs:
-            ax.plot([r["step"] for r in recs], [r["val_top1"] for r in recs], marker="o", label=label)
+    draw_val_curves(ax, {label: val_series(run_dir, "val_top1") for label, run_dir in runs.items()})
     if teacher_top1 is not None:
         ax.axhline(teacher_top1, color="gray", linestyle="--", label=f"teacher ({teacher_top1:.1f}%)")
     ax.set_xlabel("optimiser step")
@@ -342,28 +345,90 @@ def _train_students(
     budget_steps: int | None,
     progress: list[str],
 ) -> _Students:
-    """Every `ROWS` run the tables need, once per seed, in the order of `ROWS` (each reused when done)."""
+    """Every `ROWS` run the tables need, once per seed, each reused when done: the rows without a teacher one
+    run each, the rows of one teacher (copy, distillation) one study per seed, which pays for the teacher's
+    forward once a batch and ends each student where it ends trained alone."""
     students = _Students(runs_by_table={t: {} for t in tables})
-    for row in ROWS:
-        wanted = [t for t in tables if row.table in (None, t)]
-        if not wanted:
-            continue
-        for k in range(seeds):
-            over = [*progress, f"seed={load_config(row.recipe).seed + k}"]
+    for k in range(seeds):
+        studies: dict[str, list[tuple[RowSpec, TrainConfig]]] = {}
+        for row in ROWS:
+            wanted = [t for t in tables if row.table in (None, t)]
+            if not wanted:
+                continue
+            cfg = _keyed(
+                out_dir, row.key, row.recipe, _row_overrides(row, k, exports, budget_steps, progress)
+            )
             if row.teacher:
-                over.append(f"teacher.spec=local-dir:{exports[row.teacher]}")
-            if row.init:
-                over.append(f"model.init=local-dir:{exports[row.init]}")
-            if budget_steps:
-                over.append(f"schedule.max_steps={budget_steps}")
-            cfg = _keyed(out_dir, row.key, row.recipe, over)
+                studies.setdefault(row.teacher, []).append((row, cfg))
+                continue
             res = _run(cfg, row.label if seeds == 1 else f"{row.label} (seed {k + 1})")
-            students.results.setdefault(row.key, []).append({**res, "label": row.label})
-            students.correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
-            if k == 0:
-                for t in wanted:
-                    students.runs_by_table[t][row.label] = cfg.run_dir
+            _add(students, row, cfg, res, k, wanted)
+        for teacher, rows in studies.items():
+            for (row, _), (cfg, res) in zip(rows, _run_study(out_dir, teacher, rows, k, seeds), strict=True):
+                _add(students, row, cfg, res, k, [t for t in tables if row.table in (None, t)])
     return students
+
+
+def _row_overrides(
+    row: RowSpec, k: int, exports: dict[str, Path], budget_steps: int | None, progress: list[str]
+) -> list[str]:
+    """The keys the demo sets on a row's recipe: its seed, its teacher or initial weights, the budget."""
+    over = [*progress, f"seed={load_config(row.recipe).seed + k}"]
+    if row.teacher:
+        over.append(f"teacher.spec=local-dir:{exports[row.teacher]}")
+    if row.init:
+        over.append(f"model.init=local-dir:{exports[row.init]}")
+    if budget_steps:
+        over.append(f"schedule.max_steps={budget_steps}")
+    return over
+
+
+def _add(students: _Students, row: RowSpec, cfg: TrainConfig, res: dict, k: int, tables: list[str]) -> None:
+    """A row's result, its per-image correctness and (first seed) its run folder, into ``students``."""
+    students.results.setdefault(row.key, []).append({**res, "label": row.label})
+    students.correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
+    if k == 0:
+        for t in tables:
+            students.runs_by_table[t][row.label] = cfg.run_dir
+
+
+def _run_study(
+    out_dir: Path, teacher: str, rows: list[tuple[RowSpec, TrainConfig]], k: int, seeds: int
+) -> list[tuple[TrainConfig, dict]]:
+    """The rows of one teacher as one study (`attnxfer study`), reused when done: each row a student whose keys
+    are what its recipe changes from the first row's (the study's base). Returns each student's config and
+    result; its time is its own share of the study plus an equal share of what the study paid once for all."""
+    base = rows[0][1]
+    students = tuple(Student(row.key, _differences(base, cfg)) for row, cfg in rows)
+    digest = hashlib.sha256(
+        str(StudySpec(dataclasses.replace(base, run_dir=""), students)).encode()
+    ).hexdigest()
+    spec = StudySpec(
+        dataclasses.replace(base, run_dir=str(out_dir / f"{teacher}_study-{digest[:8]}")), students
+    )
+    configs = [cfg for _, cfg in spec.configs()]
+    labels = ", ".join(row.label for row, _ in rows) + ("" if seeds == 1 else f" (seed {k + 1})")
+    cached = Path(spec.run_dir) / "result.json"
+    if cached.exists() and json.loads(cached.read_text()).get("config_digest") == digest:
+        print(f"[demo] {labels}: reusing {spec.run_dir} (same config hash; delete it to rebuild)", flush=True)
+        return list(zip(configs, json.loads(cached.read_text())["students"], strict=True))
+    print(f"[demo] {labels}: one study from the {teacher} teacher -> {spec.run_dir}", flush=True)
+    outcome = study(spec)
+    record = json.loads((Path(spec.run_dir) / STUDY_RECORD).read_text())
+    shared = (record.get("shared_seconds") or 0.0) / len(configs)
+    results = [
+        _result_of(o.result, cfg, row.label, entry["seconds"] + shared)
+        for o, cfg, (row, _), entry in zip(outcome.students, configs, rows, record["students"], strict=True)
+    ]
+    atomic_write_json(cached, {"config_digest": digest, "students": results})
+    return list(zip(configs, results, strict=True))
+
+
+def _differences(base: TrainConfig, cfg: TrainConfig) -> dict[str, object]:
+    """The dotted keys whose values ``cfg`` changes from ``base`` (run_dir aside)."""
+    a, b = to_dict(base), to_dict(cfg)
+    keys = [key for key in config_keys() if key != "run_dir"]
+    return {key: find_key(b, key)[1] for key in keys if find_key(a, key) != find_key(b, key)}
 
 
 def _write_tables(

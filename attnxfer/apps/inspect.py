@@ -42,17 +42,6 @@ from ..transfer.plan import build_plan
 from .inspect_pictures import draw_pictures
 from .inspect_report import agreement_sentence, json_safe, render_report
 
-__all__ = [
-    "LoadedModel",
-    "demo_agreement",
-    "inspect_attention",
-    "inspect_models",
-    "load_images",
-    "load_model",
-    "trained_size",
-    "write_report",
-]
-
 
 @dataclass
 class LoadedModel:
@@ -67,6 +56,7 @@ class LoadedModel:
     sha256: str | None = None
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    checkpoint: Path | None = None  # a RUN_DIR's: the checkpoint folder its weights came from
 
     @property
     def subject(self) -> InspectedStudent:
@@ -91,6 +81,7 @@ def _load_run(spec: str, teacher: LoadedModel | None) -> LoadedModel:
         spec, student, f"run {loaded.why}, {weights.stem} weights", mode, mean=tuple(run.get("mean") or ())
     )
     model.std = tuple(run.get("std") or ())
+    model.checkpoint = loaded.checkpoint
     if mode in MODES and MODES[mode].is_copy:
         model.borrow = _copy_layers(run_dir.path, run, student, teacher)
     return model

@@ -35,8 +35,6 @@ from ..analysis.pictures import (
 from ..analysis.positions import RowPositions, query_maps, query_points, row_positions
 from ..models.attention import attention_stages
 
-__all__ = ["draw_pictures", "slug"]
-
 
 def draw_pictures(
     out: Path,

@@ -10,8 +10,6 @@ from typing import Any
 from ..analysis import Inspection, LayerComparison, TeacherLayer
 from ..analysis.metrics import finite_mean
 
-__all__ = ["agreement_sentence", "json_safe", "render_report"]
-
 
 def json_safe(value: Any) -> Any:
     """NaN/inf -> None (JSON has neither), recursively."""

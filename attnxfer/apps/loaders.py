@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config import AugConfig, DataConfig
+from ..config import AugConfig, DataConfig, TrainConfig
 from ..data import (
     DatasetInfo,
     ResumableSampler,
@@ -28,8 +28,6 @@ from ..data import (
     dataset_info,
 )
 from ..data.registry import dataset_options
-
-__all__ = ["Loaders", "build_bank_loader", "build_loaders", "data_info"]
 
 
 def data_info(data: DataConfig) -> DatasetInfo:
@@ -117,6 +115,11 @@ def build_loaders(
         drop_last=False,
     )
     return Loaders(train_loader, val_loader, sampler)
+
+
+def data_seed(cfg: TrainConfig) -> int:
+    """The seed of the data order and augmentation: ``data.seed``, else the run's ``seed``."""
+    return cfg.seed if cfg.data.seed is None else cfg.data.seed
 
 
 def _common(data: DataConfig, *, img_size, in_chans, mean, std, num_classes: int | None, seed: int) -> dict:

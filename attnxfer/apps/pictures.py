@@ -14,8 +14,6 @@ from ..analysis.pictures import class_token_figure, display_image, figure_array
 from ..train.objective import Pictures
 from ..transfer.teacher_student import TeacherStudent
 
-__all__ = ["class_token_pictures"]
-
 
 def class_token_pictures(pair: TeacherStudent, val_loader: Any, n: int, device: torch.device) -> Pictures:
     """Class-token maps (layer × head) of the first ``n`` validation images, the teacher's beside the

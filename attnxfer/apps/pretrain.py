@@ -58,8 +58,6 @@ from .training import (
 )
 from .world_size import fit_world_size
 
-__all__ = ["MODE", "build_mae", "build_pretrain_engine", "init_mae", "pretrain", "reconstruction_pictures"]
-
 #: what run.json says this run trained (export and the demo read it)
 MODE = "mae-pretrain"
 

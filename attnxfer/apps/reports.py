@@ -6,8 +6,6 @@ from typing import Any
 
 from .uncertainty import correct_count, top1_interval
 
-__all__ = ["HEADLESS_TEACHER", "conversion_summary", "render_conversion_report", "teacher_top1_line"]
-
 #: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
 HEADLESS_TEACHER = (
     "the teacher has no classifier head (e.g. an MAE encoder), so it has no top-1 to compare with"
@@ -16,14 +14,15 @@ HEADLESS_TEACHER = (
 NO_LABELS = "the data has no labels (data.labels=false), so there is no top-1"
 
 #: the measured stages of a conversion, as the report's tables name them
-_STAGE_ROWS = (
+STAGE_ROWS = (
     ("before_stage1", "student, weights swapped in"),
     ("after_stage1", "student after stage 1"),
     ("after_stage2", "student after stage 2"),
 )
 
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def value_text(v: Any, digits: int = 4) -> str:
+    """A measured value as the reports show it: floats to ``digits`` significant digits, a dash for none."""
     if v is None:
         return "—"
     if isinstance(v, float):
@@ -31,7 +30,8 @@ def _fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
-def _interval(top1: float | None, n: int | None) -> str:
+def top1_interval_text(top1: float | None, n: int | None) -> str:
+    """``[lo, hi]``: the 95 % Wilson interval of a top-1 (%) on ``n`` images; a dash without either."""
     if top1 is None or not n:
         return "—"
     lo, hi = top1_interval(correct_count(top1, n), n)
@@ -47,16 +47,16 @@ def teacher_top1_line(top1: float | None, labelled: bool = True) -> str:
     )
 
 
-def _final_stage(report: dict[str, Any]) -> str | None:
-    """The last stage measured (None in a report without per-stage features)."""
+def final_stage(report: dict[str, Any]) -> str | None:
+    """The last stage measured (None in a report without per-stage features): its report key."""
     features = report.get("features") or {}
-    return next((s for s, _ in reversed(_STAGE_ROWS) if features.get(s)), None)
+    return next((s for s, _ in reversed(STAGE_ROWS) if features.get(s)), None)
 
 
 def _label_free_summary(report: dict[str, Any]) -> str:
     """The student's quality without a head: k-NN top-1 against the teacher's where the data has labels,
     and the final-feature cosine (patch tokens)."""
-    stage = _final_stage(report)
+    stage = final_stage(report)
     if stage is None:
         return "student top-1 n/a"
     parts = []
@@ -131,6 +131,7 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
         + (f" ({stage2.get('seconds', 0):.0f} s)" if stage2["steps"] else " (skipped)")
         + (f", {stage2['objective']}" if stage2.get("objective") else ""),
         *_student_line(report),
+        *([f"- stopped early (in a convert study): {report['stopped']}"] if report.get("stopped") else []),
         "",
     ]
 
@@ -170,14 +171,19 @@ def _top1_section(report: dict[str, Any]) -> list[str]:
     ]
     teacher = top1["teacher"]
     n_val = report["data"].get("val_size")
-    for key, label in (("teacher", "teacher (softmax)"), *_STAGE_ROWS):
+    for key, label in (("teacher", "teacher (softmax)"), *STAGE_ROWS):
         v = top1.get(key)
         share = f"{100 * v / teacher:.1f}%" if v is not None and teacher else "—"
-        shown = "none (no classifier head)" if key == "teacher" and v is None else _fmt(v, 4)
-        lines.append(f"| {label} | {shown} | {_interval(v, n_val)} | {share} |")
+        shown = "none (no classifier head)" if key == "teacher" and v is None else value_text(v, 4)
+        lines.append(f"| {label} | {shown} | {top1_interval_text(v, n_val)} | {share} |")
     if teacher is None:
         return [*lines, "", f"Recovered: not defined: {HEADLESS_TEACHER}.", ""]
-    return [*lines, "", f"Recovered: **{_fmt(report['recovered_pct'], 4)}%** of the teacher's top-1.", ""]
+    return [
+        *lines,
+        "",
+        f"Recovered: **{value_text(report['recovered_pct'], 4)}%** of the teacher's top-1.",
+        "",
+    ]
 
 
 def _pct(v: float | None) -> str:
@@ -205,7 +211,7 @@ def _knn_section(report: dict[str, Any]) -> list[str]:
         f"| teacher (softmax) | {_pct(first['knn_teacher_top1'])} | "
         f"[{first['knn_teacher_top1_low']:.1f}, {first['knn_teacher_top1_high']:.1f}] | | |",
     ]
-    for key, label in _STAGE_ROWS:
+    for key, label in STAGE_ROWS:
         v = stages.get(key)
         if not v:
             lines.append(f"| {label} | — | — | — | — |")
@@ -236,11 +242,11 @@ def _features_section(report: dict[str, Any]) -> list[str]:
         "| model | prefix cosine | prefix rel. error | patch cosine | patch rel. error |",
         "|---|---|---|---|---|",
     ]
-    for key, label in _STAGE_ROWS:
+    for key, label in STAGE_ROWS:
         v = stages.get(key) or {}
         lines.append(
-            f"| {label} | {_fmt(v.get('feat_cos_prefix'))} | {_fmt(v.get('feat_rel_err_prefix'))} | "
-            f"{_fmt(v.get('feat_cos_patch'))} | {_fmt(v.get('feat_rel_err_patch'))} |"
+            f"| {label} | {value_text(v.get('feat_cos_prefix'))} | {value_text(v.get('feat_rel_err_prefix'))} | "
+            f"{value_text(v.get('feat_cos_patch'))} | {value_text(v.get('feat_rel_err_patch'))} |"
         )
     return [*lines, ""]
 
@@ -258,8 +264,8 @@ def _agreement_section(report: dict[str, Any], which: str, title: str) -> list[s
     ]
     for row in report["agreement"][which]:
         lines.append(
-            f"| {row['layer']} | {row['attention']} | {row['metric']} | {_fmt(row['before_stage1'])} | "
-            f"{_fmt(row['after_stage1'])} | {_fmt(row['after_stage2'])} |"
+            f"| {row['layer']} | {row['attention']} | {row['metric']} | {value_text(row['before_stage1'])} | "
+            f"{value_text(row['after_stage1'])} | {value_text(row['after_stage2'])} |"
         )
     return [*lines, ""]
 
@@ -307,7 +313,7 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
     )
     for label, name, over_teacher, of_floor, cpu_ratio in rows:
         cells = f"| {label} | {speed[f'{name}_ms']:.2f} | {speed[f'{name}_images_per_s']:.1f} | {over_teacher:.2f} | "
-        cells += f"{_ratio(of_floor)} |" + (f" {_ratio(cpu_ratio)} |" if cpu else "")
+        cells += f"{ratio_text(of_floor)} |" + (f" {ratio_text(cpu_ratio)} |" if cpu else "")
         lines.append(cells)
     lines.append("")
     if floor:
@@ -348,7 +354,7 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
             f"{row['teacher_ms']:.2f} | {row['student_ms']:.2f} | {row['student_over_teacher']:.2f} |"
         )
         if floor:
-            line += f" {_ratio(row.get('floor_over_teacher'))} | {_ratio(row.get('student_over_floor'))} |"
+            line += f" {ratio_text(row.get('floor_over_teacher'))} | {ratio_text(row.get('student_over_floor'))} |"
         lines.append(line)
     lines.append("")
     lines += [f"- {item['resolution']} px skipped: {item['reason']}" for item in sweep.get("skipped", [])]
@@ -364,7 +370,8 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
     return [*lines, *([""] if sweep.get("skipped") else []), verdict, ""]
 
 
-def _ratio(v: float | None) -> str:
+def ratio_text(v: float | None) -> str:
+    """A ratio with two decimals; a dash for none."""
     return "—" if v is None else f"{v:.2f}"
 
 

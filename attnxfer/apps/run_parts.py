@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..config import TrainConfig
@@ -17,20 +18,7 @@ from ..models.image_input import ImageSizeError, image_input
 from ..models.student import student_like, student_spec
 from ..models.vit import create_vit
 from ..sources.teacher import load_teacher
-from .loaders import build_loaders, data_info
-
-__all__ = [
-    "RunParts",
-    "build_run_parts",
-    "build_student",
-    "init_from_pretrained",
-    "num_classes_of",
-    "parts_around",
-    "pooling_args",
-    "reads_labels",
-    "stamp_input_cfg",
-    "student_attention",
-]
+from .loaders import build_loaders, data_info, data_seed
 
 
 @dataclass
@@ -48,6 +36,8 @@ class RunParts:
     std: Sequence[float] = ()
     teacher_record: dict[str, Any] | None = None
     student_spec: dict[str, Any] = field(default_factory=dict)
+    img_size: int | None = None  # the side and channels of the images the loaders make
+    in_chans: int | None = None
 
 
 def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any]:
@@ -179,26 +169,34 @@ def build_run_parts(
     student_fn: StudentFn | None = None,
     *,
     labels: bool | None = None,
+    shared: RunParts | None = None,
 ) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
     student (e.g. `attnxfer convert` builds it from the teacher's weights). ``labels``: whether the loaders
     hand out labels (default `reads_labels`; `attnxfer convert` reads them wherever the data has them, for
-    its report's top-1 and k-NN)."""
+    its report's top-1 and k-NN). ``shared``: the parts of another run whose teacher and loaders this one
+    reads too (a study's students): only the student is built here, and it must take the same images."""
     labels = reads_labels(cfg) if labels is None else labels and cfg.data.labels
     if labels != cfg.data.labels:  # the run reads its images alone
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=False))
     d = cfg.data
     info = data_info(d)
     teacher, record = None, None
-    if cfg.teacher.spec:
+    if shared is not None:
+        teacher, record = shared.teacher, shared.teacher_record
+    elif cfg.teacher.spec:
+        # the teacher is built aside from the run's random streams (its random initialisation is overwritten
+        # by its weights anyway): the student's initial weights depend on the seed alone, not on which teacher,
+        # stored in which format, was loaded first — and a study builds its shared teacher once
         try:  # at data.img_size: rebuilt there as its family says, or refused with the sizes that work
-            teacher, rec = load_teacher(
-                cfg.teacher.spec,
-                arch=cfg.teacher.arch,
-                revision=cfg.teacher.revision,
-                cache_dir=cfg.teacher.cache_dir,
-                img_size=d.img_size,
-            )
+            with torch.random.fork_rng(devices=[]):
+                teacher, rec = load_teacher(
+                    cfg.teacher.spec,
+                    arch=cfg.teacher.arch,
+                    revision=cfg.teacher.revision,
+                    cache_dir=cfg.teacher.cache_dir,
+                    img_size=d.img_size,
+                )
         except ImageSizeError as e:
             raise e.restated("data.img_size") from None
         record = dataclasses.asdict(rec) if dataclasses.is_dataclass(rec) else dict(rec)
@@ -221,6 +219,8 @@ def build_run_parts(
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
     std = d.std or (record or {}).get("std") or info.std
+    if shared is not None:
+        return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     return parts_around(
         cfg,
         info,
@@ -263,7 +263,7 @@ def parts_around(
         mean=mean,
         std=std,
         num_classes=num_classes,
-        seed=cfg.seed,
+        seed=data_seed(cfg),
         rank=rank,
         world_size=world_size,
     )
@@ -279,7 +279,31 @@ def parts_around(
         std=list(std),
         teacher_record=teacher_record,
         student_spec=student_spec(student),
+        img_size=img_size,
+        in_chans=in_chans,
     )
+
+
+def _around_shared(
+    shared: RunParts,
+    student: nn.Module,
+    *,
+    img_size: int,
+    in_chans: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> RunParts:
+    """``shared``'s teacher and loaders around another student, which must take the images they make."""
+    have = (img_size, in_chans)
+    want = (shared.img_size, shared.in_chans)
+    if have != want:
+        raise InputError(
+            f"this student takes {have[1]}-channel {have[0]} px images and the study's loaders make {want[1]}-channel "
+            f"{want[0]} px ones (students of a study read one stream of batches): set data.img_size / data.in_chans "
+            "for the whole study"
+        )
+    stamp_input_cfg(student, mean, std, in_chans, img_size)
+    return dataclasses.replace(shared, student=student, student_spec=student_spec(student))
 
 
 def _input_size(model: nn.Module) -> int:

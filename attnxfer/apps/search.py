@@ -54,8 +54,6 @@ from ..train.runtime import resolve_device
 from .resume import check_teacher_content, resume_point
 from .run_parts import build_run_parts
 
-__all__ = ["SearchResult", "build_evaluator", "evaluate_batch", "search", "search_settings"]
-
 _VERSION = 1
 _KEEP = 2  # saved generations kept (the newest, and the one before it while a save is under way)
 

@@ -1,8 +1,8 @@
 """Runs over several seeds, scored image by image: the demo's table with intervals and paired tests.
 
 `per_image_correct` rebuilds a finished run (teacher, student, plan) from its config and newest
-checkpoint and scores it on the validation set image by image, so two runs can be compared on the same
-images (`uncertainty.mcnemar`). `results_table` and `paired_table` render what the demo reports.
+checkpoint and scores it on the validation set image by image (`student_correct`, which a study's report
+calls on the students it loads), so two runs can be compared on the same images (`uncertainty.mcnemar`). `results_table` and `paired_table` render what the demo reports.
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import torch
 from ..checkpoints.store import CheckpointManager, atomic_write_json
 from ..config import TrainConfig
 from ..errors import MissingPathError
+from ..train.evaluation import per_image_top1
 from ..train.runtime import resolve_device, resolve_precision, teacher_dtype
-from ..transfer.teacher_student import TeacherStudent, TransferOutput
-from .run_parts import build_run_parts
+from ..transfer.teacher_student import TeacherStudent
+from .run_parts import RunParts, build_run_parts
 from .training import plan_from_config
 from .uncertainty import format_p, format_top1, mcnemar, mean_std
-
-__all__ = ["paired_table", "per_image_correct", "results_table"]
 
 _CACHE = "val_correct.json"
 
@@ -45,7 +44,16 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
     parts = build_run_parts(cfg)
     tensors, _ = CheckpointManager(run_dir).load(info)
     parts.student.load_state_dict(tensors["model"])
-    device = resolve_device(cfg.device)
+    correct = student_correct(cfg, parts, resolve_device(cfg.device))
+    if digest:
+        atomic_write_json(cache, {"config_digest": digest, "correct": correct.astype(int).tolist()})
+    return correct
+
+
+@torch.no_grad()
+def student_correct(cfg: TrainConfig, parts: RunParts, device: torch.device) -> np.ndarray:
+    """One bool per image of ``parts.val_loader``: is ``parts.student``'s top-1 right, scored as its run scores
+    it (with the teacher where its transfer mode attends with the teacher's maps), at ``cfg``'s precision?"""
     precision = resolve_precision(cfg.precision, device)
     model = TeacherStudent(
         parts.teacher,
@@ -53,18 +61,7 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
         plan_from_config(cfg, parts),
         teacher_dtype=teacher_dtype(cfg.teacher.dtype, precision),
     ).to(device)
-    model.eval()
-    flags = []
-    autocast = torch.autocast(device.type, dtype=precision.dtype, enabled=precision.autocasts)
-    for x, y in parts.val_loader:
-        with autocast:
-            out = model(x.to(device))
-        logits = out.logits if isinstance(out, TransferOutput) else out
-        flags.append((logits.float().argmax(-1).cpu() == y).numpy())
-    correct = np.concatenate(flags)
-    if digest:
-        atomic_write_json(cache, {"config_digest": digest, "correct": correct.astype(int).tolist()})
-    return correct
+    return per_image_top1(model, parts.val_loader, device, lambda: precision.autocast(device)).numpy()
 
 
 def results_table(runs: dict[str, list[dict]], correct: dict[str, list[np.ndarray]]) -> str:

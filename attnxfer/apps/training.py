@@ -6,7 +6,6 @@ does for its engine): the engine below takes only what is built here.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,52 +14,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint
 from ..checkpoints.run_dir import RunDir
-from ..checkpoints.run_lock import check_writable, disk_error, run_lock
-from ..checkpoints.store import CheckpointError, atomic_write_json
+from ..checkpoints.run_lock import run_lock
 from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
 from ..data import data_identity, dataset_has_labels, require_labels
 from ..errors import InputError, PathExistsError
 from ..models.attention import attention_blocks
-from ..models.mae import MaskedAutoencoder
 from ..models.student import student_from_spec
-from ..train.compile import compile_blocks
+from ..train.compile import compile_blocks, is_compiled
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ..train.ema import StudentEMA
 from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
-from ..train.evaluation import evaluate, evaluate_features, evaluate_knn
+from ..train.evaluation import evaluate, evaluate_features
 from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
 from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
 from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
 from ..train.trackers import prepare_trackers
-from ..transfer.modes import get_mode
 from ..transfer.plan import TransferPlan, build_plan
 from ..transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
-from .loaders import build_bank_loader, data_info
+from .loaders import data_info, data_seed
 from .pictures import class_token_pictures
 from .resume import check_same_data, check_teacher_content, judge, student_as_trained
 from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
-
-__all__ = [
-    "EvalResult",
-    "adamw_from_config",
-    "assemble_engine",
-    "build_engine",
-    "compile_from_config",
-    "eval_metrics",
-    "evaluate_run",
-    "loop_settings",
-    "plan_from_config",
-    "prepare_trackers_from_config",
-    "require_metric_labels",
-    "require_task_labels",
-    "scoring_for",
-    "task_loss_from_config",
-    "train",
-]
 
 
 def require_task_labels(cfg: TrainConfig) -> None:
@@ -141,7 +119,7 @@ def scoring_for(plan: TransferPlan, parts: RunParts) -> Scoring:
     the teacher (which needs one, with the student's final tokens: one `InputError` says what to set)."""
     if plan.task_weight > 0 and dataset_has_labels(parts.val_loader.dataset):
         return TOP1_SCORING
-    if parts.teacher is None or not _same_tokens(parts.student, parts.teacher):
+    if parts.teacher is None or not same_tokens(parts.student, parts.teacher):
         raise InputError(
             "a run without a task loss (transfer.task_weight=0, or data without labels) is scored by its final "
             "features' agreement with the teacher's, so it needs a teacher (teacher.spec) whose final tokens "
@@ -176,7 +154,9 @@ def base_lr(cfg: TrainConfig, world: int) -> float:
     return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
 
 
-def loop_settings(cfg: TrainConfig, world: int, resume: ResumePoint | None = None) -> LoopSettings:
+def loop_settings(
+    cfg: TrainConfig, world: int, resume: ResumePoint | None = None, prune_on_save: bool = True
+) -> LoopSettings:
     """The ``schedule``/``optim``/``log``/``checkpoint`` sections as the loop's settings; ``resume`` is the
     checkpoint the app found and judged (`attnxfer.apps.resume`), so the engine does not look again."""
     c = cfg.checkpoint
@@ -193,12 +173,14 @@ def loop_settings(cfg: TrainConfig, world: int, resume: ResumePoint | None = Non
         trackers=tuple(cfg.log.trackers),
         project=cfg.log.project,
         progress=cfg.log.progress,
+        seed=data_seed(cfg),
         checkpoint=CheckpointPolicy(
             every_steps=c.every_steps,
             every_minutes=c.every_minutes,
             every_epoch=c.every_epoch,
             keep_last=c.keep_last,
             resume=resume if resume is not None else ResumeFrom.parse(c.resume),
+            prune_on_save=prune_on_save,
         ),
     )
 
@@ -227,9 +209,12 @@ def compile_from_config(cfg: TrainConfig, pair: TeacherStudent) -> dict[str, int
             "remove teacher.compile"
         )
     mode = cfg.model.compile_mode
+    teacher = attention_blocks(pair.teacher) if cfg.teacher.compile else []
+    # a teacher that a study's students share is compiled once, by the first
+    compile_blocks([b for b in teacher if not is_compiled(b)], mode)
     return {
         "student_blocks": compile_blocks(attention_blocks(pair.student), mode) if cfg.model.compile else 0,
-        "teacher_blocks": compile_blocks(attention_blocks(pair.teacher), mode) if cfg.teacher.compile else 0,
+        "teacher_blocks": len(teacher),
     }
 
 
@@ -323,12 +308,16 @@ def build_engine(
     runtime: Runtime | None = None,
     write_run_files: bool = True,
     found: ResumePoint | None = None,
+    shared: RunParts | None = None,
+    prune_on_save: bool = True,
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
     Nothing is written into the run dir before every check has passed (config ranges, the resume
     rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
     ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
+    ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
+    is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller.
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
@@ -343,14 +332,16 @@ def build_engine(
     # found and read once, for every check below
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     if training:  # keep the global batch on another world size
-        cfg = _fitted_to_world(cfg, runtime, parts, point, log)
+        cfg = _fitted_to_world(cfg, runtime, parts or shared, point, log)
     point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, log=log)
     if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
     labels = None if write_run_files else cfg.data.labels
-    parts = parts or build_run_parts(cfg, rank=runtime.rank, world_size=runtime.world, labels=labels)
+    parts = parts or build_run_parts(
+        cfg, rank=runtime.rank, world_size=runtime.world, labels=labels, shared=shared
+    )
     check_teacher_content(point, parts.teacher_record, cfg.teacher.spec)
     data = data_identity(parts.train_loader.dataset)
     if training and not check_same_data(point, data, cfg, log=log):
@@ -370,9 +361,8 @@ def build_engine(
     groups = _param_groups(cfg, pair)
     # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
     scoring = scoring_for(plan, parts)
-    settings = replace(
-        loop_settings(cfg, runtime.world, resume=point), metric=scoring.metric, metric_mode=scoring.mode
-    )
+    settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
+    settings = replace(settings, metric=scoring.metric, metric_mode=scoring.mode)
     record = {"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record, "data": data}
     engine = assemble_engine(
         cfg,
@@ -441,149 +431,11 @@ def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
         return build_engine(cfg, parts).run()
 
 
-@dataclass
-class EvalResult:
-    step: int
-    checkpoint: str
-    metrics: dict[str, float]
-    path: Path  # the result file: RUN_DIR/eval-<step>.json
-
-
-def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[str]:
-    """What `attnxfer eval` scores besides the engine's own evaluation (``eval.metrics``): ``features``
-    (final-feature agreement with the teacher) and ``knn`` (k-NN top-1 of the embeddings); ``top1`` is the
-    engine's own. ``auto`` takes what the run can give: top1 and knn where the data has labels, features
-    where it has a teacher. A metric asked for by name that the run cannot give stops here, in one line,
-    before any work. ``own_objective``: the engine scores an objective of its own (MAE pre-training's
-    val loss), so a run without labels or teacher still has something to score."""
-    asked = set(cfg.eval.metrics)
-    info = data_info(cfg.data)
-    labelled = info.has_labels
-    teacher = bool(cfg.teacher.spec)
-    # copy modes: the student alone is not the model (it attends with the teacher's maps)
-    with_teacher = not own_objective and get_mode(cfg.transfer.mode).teacher_at_eval
-    if "auto" in asked:
-        asked.discard("auto")
-        asked |= {"top1", "knn"} if labelled else set()
-        asked |= {"features"} if teacher and not with_teacher and not own_objective else set()
-        if with_teacher:
-            asked -= {"knn", "features"}
-    for name in sorted(asked & LABEL_METRICS):
-        require_labels(info, f"eval.metrics={name}")
-    if task_weight_of(cfg) == 0 and not own_objective:  # scored by feature agreement: no head was trained
-        if "top1" in cfg.eval.metrics:
-            raise InputError(
-                "eval.metrics=top1: this run has no task loss (transfer.task_weight=0), so no head was trained "
-                "to score; drop top1 from eval.metrics (features and knn need no head)"
-            )
-        asked.discard("top1")
-    if "features" in asked and (not teacher or own_objective):
-        raise InputError(
-            "eval.metrics=features compares the student's final features with its teacher's, and this run has "
-            "no teacher (teacher.spec); drop features from eval.metrics"
-        )
-    if with_teacher and asked & {"knn", "features"}:
-        raise InputError(
-            f"eval.metrics={sorted(asked & {'knn', 'features'})}: a transfer.mode={cfg.transfer.mode} student "
-            "attends with its teacher's maps, so its features alone are not the model; drop them from eval.metrics"
-        )
-    if not asked and not own_objective:
-        raise InputError(
-            "nothing to score: top-1 and k-NN need labels (data.labels=true) and feature agreement a teacher "
-            "(teacher.spec)"
-        )
-    return frozenset(asked)
-
-
-def _quality_metrics(
-    cfg: TrainConfig, engine: Engine, wanted: frozenset[str], have: dict
-) -> dict[str, float]:
-    """Feature agreement and k-NN top-1 of the loaded checkpoint's student (its raw weights, not the EMA's)."""
-    pair, student, teacher = engine.module, engine.student, None
-    if isinstance(pair, TeacherStudent):
-        teacher = pair.teacher
-    elif isinstance(student, MaskedAutoencoder):  # pre-training: its encoder is the model
-        student = student.encoder
-    out: dict[str, float] = {}
-    if "features" in wanted and not _same_tokens(student, teacher):
-        if "features" in cfg.eval.metrics:
-            raise InputError(
-                "eval.metrics=features: the student's final tokens differ from the teacher's (width or prefix "
-                "tokens), so they cannot be compared token for token; drop features from eval.metrics"
-            )
-        wanted = wanted - {"features"}  # auto: a student of another shape has no feature agreement
-    if "features" in wanted and "val_feat_cos_patch" not in have:  # a run without labels scored them already
-        scores = evaluate_features(engine.model, engine.val_loader, engine.accelerator)
-        out |= {f"val_{k}": v for k, v in scores.items()}
-    if "knn" in wanted:
-        e = cfg.eval
-        bank = build_bank_loader(cfg.data, engine.val_loader.dataset, seed=cfg.seed, size=e.knn_bank_size)
-        out |= evaluate_knn(
-            student,
-            teacher,
-            bank,
-            engine.val_loader,
-            engine.accelerator,
-            k=e.knn_k,
-            temperature=e.knn_temperature,
-        )
-    return out
-
-
-def _same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
+def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
     """Whether two models' final tokens can be compared one for one (same width and prefix tokens)."""
     return teacher is not None and all(
         getattr(student, a, None) == getattr(teacher, a, None) for a in ("num_features", "num_prefix_tokens")
     )
-
-
-def evaluate_run(
-    cfg: TrainConfig,
-    parts: RunParts | None = None,
-    build: Callable[[TrainConfig, ResumePoint], Engine] | None = None,
-) -> EvalResult:
-    """`attnxfer eval`: score the run's newest checkpoint (or ``checkpoint.resume=PATH``) on its val set.
-
-    Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
-    a checkpoint is refused (there is nothing trained to score), and so is a run dir that cannot take that
-    file (read-only, full), before anything is computed. It takes no lock: scoring a run that trains is fine.
-    Besides the engine's evaluation it scores what `eval_metrics` says: final-feature agreement with the
-    teacher (``val_feat_*``) and k-NN top-1 (``knn_*``; memory bank: the training split, unaugmented).
-    """
-    wanted = eval_metrics(cfg, own_objective=build is not None)
-    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
-        raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
-    point = ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
-    if point is None:
-        raise CheckpointError(
-            f"{cfg.run_dir} has no checkpoint to evaluate (no intact {cfg.run_dir}/checkpoints/step-*); "
-            "train it first, or point -c at the config.yaml of a run that has checkpoints"
-        )
-    if DistributedInfo.from_environment().is_main_process:
-        check_writable(cfg.run_dir)
-    with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
-        if build is None:
-            engine = build_engine(cfg, parts, write_run_files=False, found=point)
-        else:  # another objective's engine (pretrain), built without writing into the run
-            engine = build(cfg, point)
-        metrics = engine.evaluate_checkpoint()
-        metrics |= _quality_metrics(cfg, engine, wanted, metrics)
-        path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"
-        if engine.is_main:
-            record = {
-                "step": engine.step,
-                "checkpoint": engine.last_ckpt,
-                "metrics": metrics,
-                "config": to_dict(cfg),
-            }
-            try:
-                atomic_write_json(path, record)
-            except OSError as e:  # filled up while scoring: say so in one line, with the scores
-                plain = disk_error(e, cfg.run_dir)
-                if plain is None:
-                    raise
-                raise type(plain)(f"{plain} (the scores: {json.dumps(metrics)})") from e
-        return EvalResult(engine.step, str(engine.last_ckpt), metrics, path)
 
 
 def _the_trained_student(

@@ -23,8 +23,6 @@ from typing import Any
 from ..checkpoints.resume_point import ResumePoint
 from ..config import ConfigError, TrainConfig
 
-__all__ = ["BATCH_SPLIT_KEYS", "BatchSplit", "fit_world_size", "keeps_global_batch", "split_for_world"]
-
 #: the config keys a resume may change when the global batch stays the same
 BATCH_SPLIT_KEYS: tuple[str, ...] = ("data.batch_size", "optim.accum_steps")
 

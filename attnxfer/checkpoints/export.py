@@ -48,22 +48,8 @@ from .model_card import (  # moved to model_card.py
     render_model_card,
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
-from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint
+from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
 from .store import _owner_is_alive, _owner_tag
-
-__all__ = [
-    "EXPORT_FILES",
-    "FORMATS",
-    "CheckpointChoice",
-    "ExportWeights",
-    "ModelCardInfo",
-    "card_license",
-    "export_run",
-    "export_student",
-    "push_export",
-    "render_model_card",
-    "select_checkpoint",
-]
 
 _logger = logging.getLogger(__name__)
 

@@ -39,19 +39,6 @@ import torch.nn as nn
 from ..errors import UserError
 from ..models.student import attention_layout
 
-__all__ = [
-    "CHECK_BATCHES",
-    "INPUT_NAME",
-    "ONNX_DATA_FILE",
-    "ONNX_FILE",
-    "OPSET",
-    "OnnxExportError",
-    "OnnxReport",
-    "missing_onnx_packages",
-    "require_onnx",
-    "write_onnx",
-]
-
 _logger = logging.getLogger(__name__)
 
 OPSET = 18

@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["process_alive"]
-
 
 def process_alive(pid: int) -> bool:
     """True while process ``pid`` of this host exists and has not exited. One this user may not signal

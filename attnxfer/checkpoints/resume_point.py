@@ -22,8 +22,6 @@ from ..errors import InputError, MissingPathError
 from ..run_layout import STATE_NAME
 from .store import CheckpointError, CheckpointInfo, CheckpointManager, load_checkpoint, verify_checkpoint
 
-__all__ = ["KeyChange", "ResumeFrom", "ResumePoint", "ResumePolicy"]
-
 
 class ResumePolicy(StrEnum):
     LATEST = "auto"  # the run's newest intact checkpoint, if it has one

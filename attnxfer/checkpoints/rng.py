@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
-
 RNG_FORMAT = "attnxfer.rng/1"
 
 

@@ -51,8 +51,6 @@ from .store import (
     atomic_write_text,
 )
 
-__all__ = ["CheckpointChoice", "ExportWeights", "LoadedRunStudent", "RunDir", "select_checkpoint"]
-
 _logger = logging.getLogger(__name__)
 
 

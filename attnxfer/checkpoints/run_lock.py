@@ -46,18 +46,6 @@ from ..run_layout import LOCK_NAME, STAGE_DIRS
 from .processes import process_alive
 from .store import CheckpointError, CheckpointManager
 
-__all__ = [
-    "HEARTBEAT_S",
-    "LOCK_NAME",
-    "STALE_AFTER_S",
-    "RunDirInUseError",
-    "RunDirNotWritableError",
-    "check_writable",
-    "disk_error",
-    "last_checkpoint_note",
-    "run_lock",
-]
-
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 

@@ -64,22 +64,22 @@ from .atomic_io import (  # moved to atomic_io.py
     _fsync_dir,
     _fsync_file,
     _write_file_synced,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
+    atomic_write_bytes as atomic_write_bytes,
+    atomic_write_json as atomic_write_json,
+    atomic_write_text as atomic_write_text,
 )
 from .processes import process_alive
 from .tensor_codec import (  # moved to tensor_codec.py
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
-    state_dict_from_tensors,
-    state_dict_to_tensors,
+    optimizer_state_from_tensors as optimizer_state_from_tensors,
+    optimizer_state_to_tensors as optimizer_state_to_tensors,
+    state_dict_from_tensors as state_dict_from_tensors,
+    state_dict_to_tensors as state_dict_to_tensors,
 )
 from .verify import (  # reading one checkpoint dir back
     CHECKPOINT_FORMAT,
     MANIFEST_NAME,
     STEP_DIR_RE,
-    CheckpointError,
+    CheckpointError as CheckpointError,
     CheckpointExistsError,
     CheckpointInfo,
     CorruptCheckpointError,
@@ -88,26 +88,6 @@ from .verify import (  # reading one checkpoint dir back
     step_dir_name,
     verify_checkpoint,
 )
-
-__all__ = [
-    "CheckpointError",
-    "CheckpointExistsError",
-    "CheckpointInfo",
-    "CheckpointManager",
-    "CorruptCheckpointError",
-    "CorruptCheckpointWarning",
-    "MetricMode",
-    "atomic_write_bytes",
-    "atomic_write_json",
-    "atomic_write_text",
-    "load_checkpoint",
-    "optimizer_state_from_tensors",
-    "optimizer_state_to_tensors",
-    "state_dict_from_tensors",
-    "state_dict_to_tensors",
-    "verify_checkpoint",
-]
-
 
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TEMP_PREFIX = ".tmp-"
@@ -357,8 +337,10 @@ class CheckpointManager:
         metric: float | None = None,
         exist_ok: bool = False,
         replace: bool = False,
+        prune: bool = True,
     ) -> Path:
-        """Write checkpoint ``step`` atomically, then prune and clean up crashed saves.
+        """Write checkpoint ``step`` atomically, then prune (``prune=False``: the caller prunes later, e.g. once
+        every run of a study has saved the same step) and clean up crashed saves.
 
         An intact checkpoint for ``step`` is never overwritten: ``CheckpointExistsError``, or with
         ``exist_ok=True`` the existing one is kept and its path returned (e.g. a preemption
@@ -389,7 +371,8 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.dir)
-        self.prune(protect=(final,))
+        if prune:
+            self.prune(protect=(final,))
         self.clean_temp()
         return final
 

@@ -26,20 +26,6 @@ from ..errors import UserError
 from ..run_layout import STATE_NAME
 from ..sources.resolve import sha256_file
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "MANIFEST_NAME",
-    "STEP_DIR_RE",
-    "CheckpointError",
-    "CheckpointExistsError",
-    "CheckpointInfo",
-    "CorruptCheckpointError",
-    "CorruptCheckpointWarning",
-    "load_checkpoint",
-    "step_dir_name",
-    "verify_checkpoint",
-]
-
 CHECKPOINT_FORMAT = "attnxfer.checkpoint/1"
 MANIFEST_NAME = "MANIFEST.json"
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")

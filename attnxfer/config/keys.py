@@ -18,26 +18,6 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = [
-    "ANY",
-    "AT_LEAST_1",
-    "FRACTION",
-    "NON_NEGATIVE",
-    "OPEN_FRACTION",
-    "POSITIVE",
-    "ConfigError",
-    "Leaf",
-    "Range",
-    "field_types",
-    "key",
-    "leaves",
-    "ranges",
-    "resumable_keys",
-    "rule_of",
-    "search_resumable_keys",
-    "section",
-]
-
 _RANGE, _RESUMABLE, _SECTION = "attnxfer.range", "attnxfer.resumable", "attnxfer.section"
 _SEARCH_RESUMABLE = "attnxfer.search_resumable"
 

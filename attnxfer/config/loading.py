@@ -14,16 +14,6 @@ from .overrides import ConfigError, apply_overrides, merge_values, parse_overrid
 from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
 
-__all__ = [
-    "BASE_KEY",
-    "RECIPES",
-    "list_recipes",
-    "load_config",
-    "recipe_chain",
-    "resolve_recipe",
-    "run_config_dir",
-]
-
 RECIPES = Path(__file__).resolve().parent.parent / "cfgs"  # the built-in recipes, installed with the package
 
 
@@ -87,6 +77,8 @@ def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
 
 
 BASE_KEY = "base"
+#: the key under which a study's YAML lists its students (`attnxfer.config.study`); not a run's key
+STUDENTS_KEY = "students"
 
 
 def _resolve_base(name: Any, child: Path) -> Path:
@@ -145,7 +137,12 @@ def load_config(
     cfg = base or TrainConfig()
     if path is not None:
         p = resolve_recipe(path)
-        for _, data in recipe_chain(p):
+        for file, data in recipe_chain(p):
+            if STUDENTS_KEY in data:
+                raise ConfigError(
+                    f"config file {str(file)!r} lists students: it describes a study of several students; run "
+                    f"it with attnxfer study -c {path} (a single run takes one student's keys, without students:)"
+                )
             cfg = merge_values(cfg, data)
         cfg = _own_run_dir(cfg, p)
     if overrides:

@@ -20,19 +20,6 @@ from .keys import ConfigError, Range, field_types, rule_of
 from .renamed import respell
 from .strict_yaml import describe_yaml_error, load_yaml
 
-__all__ = [
-    "ConfigError",
-    "apply_overrides",
-    "config_changes",
-    "describe_changes",
-    "dump_config",
-    "merge_values",
-    "parse_overrides",
-    "to_dict",
-    "validate_config",
-    "yaml_value",
-]
-
 
 def validate_config(cfg: Any, prefix: str = "") -> Any:
     """Check every value against its key's declared range; the first one out of range is a `ConfigError`

@@ -22,8 +22,6 @@ from . import schema
 from .keys import Leaf, Range, leaves
 from .schema import TrainConfig
 
-__all__ = ["field_comments", "reference_markdown"]
-
 _INTRO = """\
 # Configuration reference
 

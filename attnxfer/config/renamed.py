@@ -19,8 +19,6 @@ from typing import Any
 
 from .keys import ConfigError
 
-__all__ = ["RENAMED_KEYS", "RenamedKey", "RenamedKeyWarning", "find_key", "respell"]
-
 
 class RenamedKeyWarning(FutureWarning):
     """A config used a key's old spelling; the message says the new one."""

@@ -28,30 +28,6 @@ from .keys import (
 )
 from .overrides import apply_overrides, dump_config
 
-__all__ = [
-    "RANGES",
-    "RESUMABLE_KEYS",
-    "SEARCH_RESUMABLE_KEYS",
-    "AugConfig",
-    "CheckpointConfig",
-    "ConvertConfig",
-    "DataConfig",
-    "DistConfig",
-    "EMAConfig",
-    "EvalConfig",
-    "LogConfig",
-    "MAEConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "Range",
-    "ScheduleConfig",
-    "SearchConfig",
-    "TeacherConfig",
-    "TrainConfig",
-    "TransferConfig",
-    "config_keys",
-]
-
 
 @dataclass
 class ModelConfig:
@@ -159,6 +135,9 @@ class DataConfig:
     num_workers: int = key(0, range=NON_NEGATIVE, resumable=True, search_resumable=True)
     pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)
     # the dataset's own options, e.g. {length: 64} for synthetic (its builder's arguments)
+    # the seed of the data order and augmentation (sampler, random crops and flips, mixup); null: the run's
+    # seed. A study's students share it whatever seeds their initialisation
+    seed: int | None = key(None, range=Range(0, 2**32 - 1))
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     # false: read images only, never a label (folder: every image under ROOT/train and ROOT/val, class
     # folders optional; hfds/ without a label column; wds/ without .cls); work that needs labels stops first

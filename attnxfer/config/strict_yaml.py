@@ -15,8 +15,6 @@ from yaml import YAMLError
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, SequenceNode
 
-__all__ = ["DuplicateKeyError", "YAMLError", "describe_yaml_error", "load_yaml"]
-
 _HINTS = {  # pyyaml's words for the two most common slips, and what they mean
     "'\\t'": "YAML indents with spaces, not tabs",
     "<block end>": "check this line's indentation against the lines above it",

@@ -28,8 +28,6 @@ from .in_memory import InMemoryImageDataset
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .safe_pickle import load_numpy_pickle
 
-__all__ = ["ANIMAL_MNIST_INFO", "AnimalMnistArrays", "find_animal_mnist_files", "load_animal_mnist_arrays"]
-
 CLASS_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 INSTALL_HINT = "pip install --no-deps animal-mnist==0.4"
 VAL_PER_CLASS = 100

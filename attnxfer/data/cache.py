@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["cache_dir", "save_npz_atomic"]
-
 
 def cache_dir() -> Path:
     """``$ATTNXFER_CACHE`` if set, else ``$XDG_CACHE_HOME/attnxfer``, else ``~/.cache/attnxfer``.

@@ -22,8 +22,6 @@ from .label_free import LabelFree
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
-__all__ = ["FolderDataset", "ImageFiles", "folder_classes", "folder_info"]
-
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
 _LAYOUT = "root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN / _STD

@@ -10,8 +10,6 @@ from .identity import fingerprint_of
 from .registry import DatasetInfo
 from .seeding import key_epoch, sample_generator
 
-__all__ = ["InMemoryImageDataset"]
-
 
 class InMemoryImageDataset(Dataset):
     """Images (N, H, W) or (N, C, H, W) uint8 in memory -> normalised float (in_chans, S, S), label.

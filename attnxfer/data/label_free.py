@@ -22,8 +22,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["LabelFree", "dataset_has_labels", "images_only", "split_batch", "without_labels"]
-
 
 def without_labels(info: Any) -> Any:
     """A `DatasetInfo` as a run that reads no labels sees it: no labels, hence no classes."""

@@ -7,8 +7,6 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["build_loader"]
-
 
 def build_loader(
     dataset: Dataset,

@@ -22,19 +22,6 @@ from torch.utils.data import Dataset
 from ..errors import InputError
 from .label_free import images_only, without_labels
 
-__all__ = [
-    "ENTRY_POINT_GROUP",
-    "SPLITS",
-    "DatasetInfo",
-    "build_dataset",
-    "dataset_info",
-    "list_datasets",
-    "register_dataset",
-    "register_prefix",
-    "require_labels",
-    "resolve_norm",
-]
-
 SPLITS = ("train", "val")
 _BUILDER_ARGS = ("split", "root", "img_size", "in_chans", "mean", "std", "seed")
 

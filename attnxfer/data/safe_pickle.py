@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NumpyOnlyUnpickler", "UnsafePickleError", "load_numpy_pickle"]
-
 _GZIP_MAGIC = b"\x1f\x8b"
 
 

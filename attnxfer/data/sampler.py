@@ -23,8 +23,6 @@ from torch.utils.data import Sampler
 from ..errors import InputError
 from .seeding import SampleKey
 
-__all__ = ["ResumableSampler"]
-
 _CONFIG_KEYS = ("length", "shuffle", "seed", "drop_last")
 
 

@@ -16,8 +16,6 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-__all__ = ["SampleKey", "key_epoch", "sample_generator", "sample_seed", "seeded_global_rngs"]
-
 _MASK64 = (1 << 64) - 1
 
 

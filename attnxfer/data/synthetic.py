@@ -17,8 +17,6 @@ from .identity import fingerprint_of
 from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
 from .seeding import sample_generator
 
-__all__ = ["SYNTHETIC_INFO", "SyntheticImages"]
-
 SYNTHETIC_INFO = DatasetInfo(
     name="synthetic", num_classes=10, class_names=None, mean=(0.5,), std=(0.25,), in_chans=3, img_size=32
 )

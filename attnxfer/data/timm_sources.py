@@ -28,16 +28,6 @@ from .folder import FolderDataset
 from .label_free import LabelFree, without_labels
 from .registry import DatasetInfo, check_image_args, register_prefix, resolve_norm, with_settings
 
-__all__ = [
-    "STREAM_PREFIXES",
-    "HfImages",
-    "StreamDataset",
-    "StreamPosition",
-    "WdsImages",
-    "hf_info",
-    "stream_info",
-]
-
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["CLUSTERS", "add_array_arguments", "add_slurm_arguments"]
-
 #: where a job runs: a SLURM cluster, local processes, or this process (submitit's executors)
 CLUSTERS = ("slurm", "local", "debug")
 

@@ -20,10 +20,8 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..errors import UserError
-from .commands import COMMANDS, load, print_config
+from .commands import COMMANDS, load
 from .process_exit import end_program
-
-__all__ = ["build_parser", "main", "run"]
 
 EXAMPLES = """\
 examples:
@@ -110,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if getattr(args, "print_config", False):
-            return print_config(args)
+            return args.show_config(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", file=sys.stderr)

@@ -22,8 +22,6 @@ import sys
 import threading
 from typing import NoReturn
 
-__all__ = ["end_program", "skips_finalization"]
-
 
 def skips_finalization() -> bool:
     """Whether `end_program` will skip interpreter finalization: this process created a process group of

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-__all__ = ["ROPE_EPILOG", "RopeHelpFormatter", "rope_epilog", "rope_families", "rope_support_from_source"]
-
 _MODELS = Path(__file__).resolve().parents[1] / "models"
 #: The epilog a parser names to get the rope table when its help is printed (`RopeHelpFormatter`).
 ROPE_EPILOG = "{rope table: attnxfer.launch.rope_help}"

@@ -19,8 +19,6 @@ from ..errors import InputError
 from .arguments import add_array_arguments as add_array_arguments  # its home before arguments.py
 from .slurm import SlurmOptions, build_executor, parse_key_values, undone_if_refused, wait
 
-__all__ = ["add_array_arguments", "array_evaluator", "split_batches"]
-
 
 def split_batches(names: list[str], tasks: int) -> list[list[str]]:
     """``names`` in at most ``tasks`` contiguous batches of near-equal size (none empty)."""

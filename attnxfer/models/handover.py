@@ -30,8 +30,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from enum import StrEnum
 
-__all__ = ["QKV_SIGNALS", "Chunks", "Signal"]
-
 
 class Signal(StrEnum):
     """One thing a teacher hands over or a student is compared on (the table in the module docstring)."""

@@ -24,19 +24,6 @@ from ..errors import InputError
 from .attention import families, patch_embeddings
 from .attention.family import ImageSizes, Tiling, family_of
 
-__all__ = [
-    "PATCH_EMBEDDINGS",
-    "ImageInput",
-    "ImageSizeError",
-    "as_pair",
-    "check_image_size",
-    "find_patch_embedding",
-    "image_input",
-    "image_sizes",
-    "size_tilings",
-    "sizes_that_fit",
-]
-
 #: Where the families keep the patch embedding, looked up in this order (``patch_embed`` first).
 PATCH_EMBEDDINGS = patch_embeddings()
 

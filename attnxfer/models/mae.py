@@ -25,16 +25,6 @@ from timm.models.vision_transformer import Block
 
 from ..errors import InputError
 
-__all__ = [
-    "MAEOutput",
-    "MaskedAutoencoder",
-    "masked_patch_loss",
-    "patchify",
-    "random_masking",
-    "sincos_pos_embed_2d",
-    "unpatchify",
-]
-
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): half the channels encode the row,

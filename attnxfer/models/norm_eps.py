@@ -17,8 +17,6 @@ import torch
 from timm.models import get_model_args
 from torch import nn
 
-__all__ = ["norms_as_recorded"]
-
 # create_model arguments that are runtime settings, not architecture (and would not build on meta)
 _RUNTIME = ("pretrained_model_args", "pretrained_strict", "device", "dtype", "features_only", "out_indices")
 

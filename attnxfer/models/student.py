@@ -30,16 +30,6 @@ from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hi
 from .efficient.swap import flat_blocks, swap_attentions
 from .image_input import image_input
 
-__all__ = [
-    "SOFTMAX",
-    "attention_layout",
-    "per_block_attention",
-    "student_from_spec",
-    "student_like",
-    "student_spec",
-    "vit_traits",
-]
-
 # Construction arguments that are training or runtime settings, not architecture.
 _NOT_ARCHITECTURE = (
     "attn_layer",

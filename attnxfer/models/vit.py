@@ -16,8 +16,6 @@ from timm.models.vision_transformer import _create_vision_transformer
 
 from .attention import TransferAttention
 
-__all__ = ["create_vit", "pvt_v2_micro_56", "vit_micro_patch4_28", "vit_nano_patch4_28"]
-
 
 def create_vit(
     name: str, pretrained: bool = False, optional: tuple[str, ...] = (), **kwargs: Any

@@ -36,8 +36,6 @@ from ..models.efficient.formula import (
 )
 from .pareto import pareto_ranks, select_survivors, tournament_key
 
-__all__ = ["PREFIX", "SearchSettings", "SearchState", "objectives", "pareto_front", "precheck", "run_search"]
-
 PREFIX = "formula:"
 
 #: evaluate(attention names) -> one result record per name (status ok with kl/speed, or rejected + reason)

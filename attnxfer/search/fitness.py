@@ -37,20 +37,6 @@ from ..train.speed import interleaved_forward_seconds
 from ..train.stage1 import stage1_transfer, teacher_signals
 from ..transfer.conversion import build_conversion_plan
 
-__all__ = [
-    "SPEED_MODES",
-    "CandidateEvaluator",
-    "FitSettings",
-    "SpeedMode",
-    "SpeedSettings",
-    "TeacherCache",
-    "cache_teacher",
-    "fit_candidate",
-    "fit_student",
-    "held_out_kl",
-    "layer_speed",
-]
-
 
 class SpeedMode(StrEnum):
     """How a candidate's speed is scored against softmax."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["crowding_distance", "dominates", "pareto_ranks", "select_survivors", "tournament_key"]
-
 Point = Sequence[float]
 
 

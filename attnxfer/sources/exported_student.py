@@ -18,8 +18,6 @@ from ..errors import InputError
 from ..models.student import student_from_spec
 from .resolve import parse_teacher_spec, read_state_dict, resolve
 
-__all__ = ["load_student"]
-
 
 def load_student(
     spec: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None

@@ -35,40 +35,17 @@ from .hub import (  # moved to hub.py
     _hub_weights,
     _readme_license,
     _snapshot_commit,
-    fetch_instructions,
-    hub_cache_dir,
-    hub_reachable,
-    offline_reason,
+    fetch_instructions as fetch_instructions,
+    hub_cache_dir as hub_cache_dir,
+    hub_reachable as hub_reachable,
+    offline_reason as offline_reason,
 )
 from .load_errors import (  # moved to load_errors.py
     TeacherLoadError,
     TeacherNotAvailable,
     UnsafeCheckpointError,
 )
-from .transformers_format import describe as describe_transformers
-from .transformers_format import is_transformers_config, unreadable_config
-
-__all__ = [
-    "RESOLVERS",
-    "WEIGHT_SUFFIXES",
-    "Origin",
-    "Resolved",
-    "Source",
-    "TeacherLoadError",
-    "TeacherNotAvailable",
-    "TeacherSpec",
-    "UnsafeCheckpointError",
-    "fetch_instructions",
-    "hub_cache_dir",
-    "hub_reachable",
-    "offline_reason",
-    "parse_teacher_spec",
-    "read_state_dict",
-    "registry_cfg",
-    "resolve",
-    "sha256_file",
-    "weights_digest",
-]
+from .transformers_format import describe as describe_transformers, is_transformers_config, unreadable_config
 
 _logger = logging.getLogger(__name__)
 

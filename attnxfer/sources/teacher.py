@@ -43,11 +43,11 @@ from .resolve import (
     Source,
     TeacherLoadError,
     TeacherNotAvailable,
-    TeacherSpec,
-    UnsafeCheckpointError,
+    TeacherSpec as TeacherSpec,
+    UnsafeCheckpointError as UnsafeCheckpointError,
     fetch_instructions,
-    hub_cache_dir,
-    hub_reachable,
+    hub_cache_dir as hub_cache_dir,
+    hub_reachable as hub_reachable,
     offline_reason,
     parse_teacher_spec,
     read_state_dict,
@@ -66,23 +66,6 @@ from .teacher_build import (
 )
 
 _logger = logging.getLogger(__name__)
-
-__all__ = [
-    "DROP_RULES",
-    "KeyDropRule",
-    "TeacherLoadError",
-    "TeacherNotAvailable",
-    "TeacherRecord",
-    "TeacherSpec",
-    "UnsafeCheckpointError",
-    "drop_unused_entries",
-    "fetch_teacher",
-    "hub_cache_dir",
-    "hub_reachable",
-    "load_teacher",
-    "parse_teacher_spec",
-    "read_state_dict",
-]
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ from ..checkpoints.store import (
 from .distributed import barrier
 from .ema import StudentEMA
 
-__all__ = ["CheckpointPolicy", "Checkpointing", "Resumed"]
-
 _log = logging.getLogger("attnxfer")
 
 
@@ -57,6 +55,9 @@ class CheckpointPolicy:
     # the config's auto | none | a checkpoint directory (parsed into a ResumeFrom), or the `ResumePoint` an app
     # found and judged already (the checkpoint is then not looked for again)
     resume: ResumeFrom | ResumePoint | str = "auto"
+    # False: a save leaves older checkpoints in place, for the caller to prune once it is safe (a study prunes
+    # its students only after every one of them saved the step)
+    prune_on_save: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.resume, ResumePoint):
@@ -136,7 +137,12 @@ class Checkpointing:
                 **extra,
             }
             info = self.manager.save(
-                step, tensors, state, metric=metric, replace=self._make_room(step, checksum)
+                step,
+                tensors,
+                state,
+                metric=metric,
+                replace=self._make_room(step, checksum),
+                prune=self.policy.prune_on_save,
             )
             where = str(info)
         barrier()

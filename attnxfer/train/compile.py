@@ -28,8 +28,6 @@ from timm.layers import DropPath
 
 from ..errors import InputError
 
-__all__ = ["COMPILE_MODES", "CompileMode", "RateAsInputDropPath", "compile_blocks"]
-
 
 class CompileMode(StrEnum):
     """torch.compile's ``mode`` for blocks. The CUDA-graph modes (``reduce-overhead``, ``max-autotune``)
@@ -100,3 +98,9 @@ def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = Compil
     for block in blocks:
         block.compile(mode=mode.value)
     return len(blocks)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module``'s own call is compiled (by `compile_blocks` / ``nn.Module.compile``): a teacher that
+    a study's students share is compiled once."""
+    return getattr(module, "_compiled_call_impl", None) is not None

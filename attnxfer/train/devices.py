@@ -12,8 +12,6 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["TORCH_DTYPES", "Device", "Precision", "resolve_device", "resolve_precision", "teacher_dtype"]
-
 
 class Device(StrEnum):
     """The config's ``device``: ``auto`` is CUDA when one is visible, else CPU."""
@@ -48,6 +46,10 @@ class Precision(StrEnum):
     def autocasts(self) -> bool:
         """Whether forwards run under a lower-precision autocast."""
         return self in (Precision.BF16, Precision.FP16)
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        """A fresh autocast context for a forward on ``device`` in this precision (off for fp32)."""
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.autocasts)
 
 
 #: names a user writes for dtypes (config: teacher.dtype, precision); "auto" is decided by the device

@@ -19,8 +19,6 @@ from timm.utils.model_ema import ModelEmaV3
 
 from ..errors import InputError
 
-__all__ = ["StudentEMA"]
-
 
 class StudentEMA:
     """EMA weights of a student: ``ema = decay·ema + (1 − decay)·student`` after each optimiser step.

@@ -22,31 +22,19 @@ import torch
 
 from ..checkpoints.store import CheckpointError, MetricMode
 from ..data.label_free import split_batch
+from ..data.seeding import sample_seed
 from ..errors import InputError
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .distributed import min_over_ranks
 from .ema import StudentEMA
-from .evaluation import evaluate, evaluate_loss
+from .evaluation import evaluate as evaluate, evaluate_loss as evaluate_loss
 from .metrics import MetricsLogger, progress_bar
-from .objective import Objective, Pictures, TaskLoss
+from .objective import Objective, Pictures, TaskLoss as TaskLoss
 from .runtime import Runtime
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 from .trackers import flat_hparams
-
-__all__ = [
-    "CheckpointPolicy",
-    "Engine",
-    "LoopSettings",
-    "NonFiniteLossError",
-    "StopRequested",
-    "TaskLoss",
-    "TrainResult",
-    "evaluate",
-    "evaluate_loss",
-    "lr_at",
-]
 
 
 @dataclass
@@ -88,6 +76,7 @@ class LoopSettings:
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     metric: str = "val_top1"  # what "best" means: a key of the evaluation's results...
     metric_mode: MetricMode | str = MetricMode.MAX  # ...and whether higher (max) or lower (min) is better
+    seed: int = 0  # the data's seed: with a batch's epoch and place, the seed of its transform (mixup)
 
 
 def _schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
@@ -151,6 +140,8 @@ class Engine:
         self.guard = NonFiniteGuard()
         self._last_save_time = time.monotonic()
         self._saved_step: int | None = None  # the step of this process's last save (a stop needs no second)
+        # whether the loop reads the stop signal after each step (a study reads it once per round, for all)
+        self.checks_stop_signal = True
         self._final: dict[str, float] = {}
         # summary.csv's train_loss: the epoch's summed `total` and micro-batch count (saved in checkpoints,
         # so a run resumed mid-epoch reports the whole epoch), and the lr of the last step
@@ -225,14 +216,25 @@ class Engine:
         self._last_save_time = time.monotonic()
         self._saved_step = self.step
 
+    @property
+    def saved_step(self) -> int | None:
+        """The step this process last saved (None: none saved since it started)."""
+        return self._saved_step
+
+    def save_unless_saved(self) -> None:
+        """Save this step, unless it was just saved (a stop saves the step it stopped at)."""
+        if self._saved_step != self.step:
+            self.save()
+
     def _stop_if_signalled(self) -> None:
         """After SIGTERM on any rank (`stop_on_signals`): save this step unless it was just saved, say so,
         and raise `StopRequested`. Every rank calls it after every optimiser step (one small CPU collective)."""
+        if not self.checks_stop_signal:
+            return
         signum = stop_signal()
         if signum is None:
             return
-        if self._saved_step != self.step:
-            self.save()
+        self.save_unless_saved()
         stop = StopRequested(signum, self.step, self.last_ckpt)
         if self.is_main:
             print(f"{stop} (step {self.step} of {self.total_steps})", flush=True)
@@ -293,10 +295,24 @@ class Engine:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+    def feed(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """A loaded batch as the objective takes it: on the device, prepared (mixup, seeded by the batch's
+        epoch and place in the data), and the teacher's hand-over for it (None here: the objective runs its
+        teacher; a study replaces this method to share one teacher pass between its students)."""
+        device = self.accelerator.device
+        x = x.to(device, non_blocking=True)
+        y = None if y is None else y.to(device, non_blocking=True)
+        # a negative index: a batch's seed is never one of its samples' (their augmentation's, data.seeding)
+        seed = sample_seed(self.settings.seed, self.epoch, -1 - self.position)
+        x, y = self.objective.prepare(x, y, seed)
+        return x, y, None
+
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor | None, handover: Any = None
+    ) -> tuple[dict[str, torch.Tensor], bool]:
         acc, clip = self.accelerator, self.settings.clip_grad
         with acc.accumulate(self.model):
-            out = self.objective.loss(self.model, x, y, acc.autocast)
+            out = self.objective.loss(self.model, x, y, acc.autocast, handover)
             terms, total = out.terms, out.total
             self.guard.watch(terms, self.step, self.epoch)  # read at log steps, saves, evaluations
             acc.backward(total)
@@ -346,11 +362,15 @@ class Engine:
 
     def run(self) -> TrainResult:
         """Train to ``total_steps`` (resuming first), evaluating and saving as the settings say."""
-        s = self.settings
         start = time.monotonic()
         with stop_on_signals():  # SIGTERM: save at the next step boundary, then StopRequested
             for _ in self.steps():
                 pass
+        return self.result(time.monotonic() - start)
+
+    def result(self, seconds: float) -> TrainResult:
+        """Where the run stands after `steps` ran out (its metrics files closed)."""
+        s = self.settings
         self.metrics.close()
         return TrainResult(
             str(self.run_dir),
@@ -359,7 +379,7 @@ class Engine:
             self.best,
             self._final,
             self.history,
-            time.monotonic() - start,
+            seconds,
             metric=s.metric,
             nothing_to_do=None if self._final else self._nothing_to_do(),
         )
@@ -455,13 +475,12 @@ class Engine:
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor | None, progress) -> tuple[float, bool]:
         """One micro-batch through the objective (an optimiser step when accumulation completes): (lr,
         whether the optimiser stepped). Its terms are summed on the device, read on log steps only."""
-        acc, s = self.accelerator, self.settings
-        x = x.to(acc.device, non_blocking=True)
-        y = None if y is None else y.to(acc.device, non_blocking=True)
+        s = self.settings
+        x, y, handover = self.feed(x, y)
         lr = self._set_lr()
         upcoming = self.step + 1
         self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)
-        logs, stepped = self._train_step(x, y)
+        logs, stepped = self._train_step(x, y, handover)
         self._add_epoch_loss(logs)
         self._last_lr = lr
         self.position += self._global_batch  # global count: what every rank consumed together

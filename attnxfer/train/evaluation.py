@@ -6,7 +6,7 @@ runs call the same one and `attnxfer eval` the others."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -15,8 +15,6 @@ import torch.nn.functional as F
 from ..analysis.features import feature_agreement
 from ..analysis.knn import knn_comparison
 from ..transfer.teacher_student import TransferOutput
-
-__all__ = ["classification_sums", "evaluate", "evaluate_features", "evaluate_knn", "evaluate_loss"]
 
 
 @torch.no_grad()
@@ -53,24 +51,58 @@ def classification_sums(
     mode for the duration) over ``loader``, float64 on ``device``: the one count of correct predictions
     that every top-1 reads. ``loss=False`` leaves the cross-entropy at 0, for labels the head may not
     cover."""
-    was_training = model.training
-    model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
-    for i, (x, y) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast():
-            out = model(x)
-        logits = (out.logits if isinstance(out, TransferOutput) else out).float()
-        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    for logits, y in _scored_batches(model, loader, device, autocast, max_batches):
+        top5 = _top5(logits)
         totals[0] += (top5[:, 0] == y).sum()
         totals[1] += (top5 == y[:, None]).any(-1).sum()
         if loss:
             totals[2] += F.cross_entropy(logits, y, reduction="sum")
         totals[3] += y.numel()
-    model.train(was_training)
     return totals
+
+
+@torch.no_grad()
+def per_image_top1(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """One bool per image of ``loader`` (in its order, on the CPU): is ``model``'s top-1 its label? The same
+    prediction `classification_sums` counts, kept image by image so that two models scored on the same images
+    can be compared pairwise (McNemar)."""
+    hits = [
+        (_top5(logits)[:, 0] == y).cpu() for logits, y in _scored_batches(model, loader, device, autocast)
+    ]
+    return torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+
+
+def _top5(logits: torch.Tensor) -> torch.Tensor:
+    """The (up to) 5 highest classes per row, best first: what top-1 and top-5 read."""
+    return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+
+
+def _scored_batches(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    max_batches: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(fp32 logits, labels) of ``model`` (in eval mode for the duration) per batch of ``loader``."""
+    was_training = model.training
+    model.eval()
+    try:
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                out = model(x)
+            yield (out.logits if isinstance(out, TransferOutput) else out).float(), y
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()

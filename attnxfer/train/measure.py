@@ -28,14 +28,6 @@ from ..transfer.map_losses import LayerLogits, default_map_loss, map_distillatio
 from .distributed import sum_over_ranks
 from .evaluation import classification_sums
 
-__all__ = [
-    "attention_calls",
-    "evaluate_top1",
-    "layer_map_metric",
-    "map_agreement",
-    "operation_counts",
-]
-
 
 def layer_map_metric(
     t_attn: nn.Module, t_signals: Mapping[str, Any], s_attn: nn.Module, s_qk: Mapping[str, torch.Tensor]

@@ -25,8 +25,6 @@ from tqdm.auto import tqdm
 from ..run_layout import METRICS
 from .trackers import TrackerSet
 
-__all__ = ["SUMMARY_CSV", "LineProgress", "MetricsLogger", "progress_bar", "read_metrics", "read_summary"]
-
 #: the per-epoch table beside the checkpoints, as timm's train.py writes it
 SUMMARY_CSV = "summary.csv"
 

@@ -27,19 +27,9 @@ from typing import Any, Protocol
 import torch
 import torch.nn as nn
 
+from ..data.seeding import seeded_global_rngs
 from ..transfer.teacher_student import TeacherStudent
 from .evaluation import evaluate, evaluate_features
-
-__all__ = [
-    "Autocast",
-    "Evaluator",
-    "ModuleObjective",
-    "Objective",
-    "ObjectiveLoss",
-    "Pictures",
-    "TaskLoss",
-    "TransferObjective",
-]
 
 Evaluator = Callable[[nn.Module, Any, Any], dict[str, float]]
 #: pictures drawn after an evaluation (rank 0): the trained module -> {tag: (C, H, W) in [0, 1] or (H, W, 3) uint8}
@@ -53,6 +43,14 @@ class TaskLoss:
 
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     mixup: Callable | None = None
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch mixed (timm's Mixup draws from the global RNGs: seeded by ``seed`` for this call and put
+        back after, so the mix is a function of the batch's place in the data, never of a model's streams)."""
+        if self.mixup is None:
+            return x, y
+        with seeded_global_rngs(seed):
+            return self.mixup(x, y)
 
 
 @dataclass
@@ -75,11 +73,24 @@ class Objective(Protocol):
     #: a printed description for the trackers' hyper-parameters (the transfer plan), or None
     description: str | None
 
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor | None, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch as the loss takes it (mixup); ``seed`` is the batch's own (its epoch and place in the data),
+        so the same batch is prepared the same way by every run that reads it."""
+        ...
+
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, autocast: Autocast
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        autocast: Autocast,
+        handover: Any = None,
     ) -> ObjectiveLoss:
-        """The loss of one batch (``y`` None: data without labels); ``model`` is `module` as the engine wrapped
-        it, called under ``autocast``."""
+        """The loss of one prepared batch (``y`` None: data without labels); ``model`` is `module` as the
+        engine wrapped it, called under ``autocast``; ``handover``: the teacher's pass for this batch where a
+        study computed it once for several students (None: the objective runs its own)."""
         ...
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
@@ -107,18 +118,27 @@ class TransferObjective:
         self.task, self.evaluator = task, evaluator
         self.description = pair.plan.describe()
 
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor | None, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mixup/CutMix where the run has a task loss (it mixes the labels too)."""
+        return self.task.mix(x, y, seed) if self.plan.task_weight > 0 and y is not None else (x, y)
+
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, autocast: Autocast
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        autocast: Autocast,
+        handover: Any = None,
     ) -> ObjectiveLoss:
         weight = self.plan.task_weight
         if weight > 0 and y is None:
             raise ValueError(
                 "the task loss needs labels, and this batch has none (set transfer.task_weight=0)"
             )
-        if weight > 0 and self.task.mixup is not None:
-            x, y = self.task.mixup(x, y)
         with autocast():
-            out = model(x)
+            out = model(x) if handover is None else model(x, handover)
         terms: dict[str, torch.Tensor] = {}
         total = out.loss
         if weight > 0:
@@ -154,8 +174,18 @@ class ModuleObjective:
         self.module = self.trained = module
         self.evaluator, self.description = evaluator, description
 
+    def prepare(
+        self, x: torch.Tensor, y: torch.Tensor | None, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return x, y
+
     def loss(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, autocast: Autocast
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor | None,
+        autocast: Autocast,
+        handover: Any = None,
     ) -> ObjectiveLoss:
         with autocast():
             out = model(x)

@@ -39,17 +39,6 @@ from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
 from ..errors import InputError
 
-__all__ = [
-    "FUSED_ADAMW_DEVICES",
-    "LAYER_DECAY_RULES",
-    "AdamWImplementation",
-    "LayerDecayRule",
-    "adamw_implementation",
-    "build_adamw",
-    "optimizer_implementation",
-    "student_param_groups",
-]
-
 
 class LayerDecayRule(StrEnum):
     """Who gets which power of the layer decay (see the module docstring)."""

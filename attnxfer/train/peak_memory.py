@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-__all__ = ["PeakMemory", "describe_memory", "map_bytes", "memory_record"]
-
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _MIB = 2**20

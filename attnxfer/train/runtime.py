@@ -13,20 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .devices import TORCH_DTYPES, Device, Precision, resolve_device, resolve_precision, teacher_dtype
+from .devices import (
+    TORCH_DTYPES as TORCH_DTYPES,
+    Device,
+    Precision,
+    resolve_device,
+    resolve_precision,
+    teacher_dtype as teacher_dtype,
+)
 from .distributed import backend_for, init_distributed
-
-__all__ = [
-    "TORCH_DTYPES",
-    "Device",
-    "Precision",
-    "Runtime",
-    "create_runtime",
-    "resolve_device",
-    "resolve_precision",
-    "set_seed",
-    "teacher_dtype",
-]
 
 
 def set_seed(seed: int) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["lr_at"]
-
 
 def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
     """Per-iteration linear warmup then half-cosine to ``minimum``."""

@@ -29,15 +29,6 @@ from ..models.efficient.floor import floor_model
 from ..models.image_input import image_input
 from .timing import Timing, interleaved_timings
 
-__all__ = [
-    "RATIOS",
-    "break_even_resolution",
-    "break_even_sweep",
-    "forward_speed",
-    "interleaved_forward_seconds",
-    "speed_against_floor",
-]
-
 #: The ratios of images/s a speed row carries, each (numerator model, denominator model).
 RATIOS: dict[str, tuple[str, str]] = {
     "student_over_teacher": ("student", "teacher"),
@@ -99,10 +90,44 @@ def forward_speed(
     spread, and each of the `RATIOS` whose two models are present (on the CPU also of CPU time, ``..._cpu``).
     The tokens are read off ``models["teacher"]``."""
     times = interleaved_forward_seconds(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
+    return _speed_row(times, models["teacher"], x, repeats, autocast)
+
+
+def forward_speeds(
+    teacher: nn.Module,
+    students: Mapping[str, nn.Module],
+    x: torch.Tensor,
+    *,
+    floor: nn.Module | None = None,
+    warmup: int = 1,
+    repeats: int = 5,
+    autocast: torch.dtype | None = None,
+) -> dict[str, dict[str, Any]]:
+    """One `forward_speed` row per student (its student named ``student``) from ONE interleaved call over the
+    teacher, the ``floor`` where given and every student: the teacher and the floor are timed once for all the
+    rows, so the students' ratios share one denominator (a convert study's comparison)."""
+    models = {"teacher": teacher, **({"floor": floor} if floor is not None else {})}
+    models |= {f"student:{name}": model for name, model in students.items()}
+    times = interleaved_forward_seconds(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
+    shared = {name: times[name] for name in ("teacher", "floor") if name in times}
+    return {
+        name: _speed_row({**shared, "student": times[f"student:{name}"]}, teacher, x, repeats, autocast)
+        for name in students
+    }
+
+
+def _speed_row(
+    times: Mapping[str, Timing],
+    teacher: nn.Module,
+    x: torch.Tensor,
+    repeats: int,
+    autocast: torch.dtype | None,
+) -> dict[str, Any]:
+    """The row of `forward_speed` from the `Timing` of each named model."""
     batch = int(x.shape[0])
     row: dict[str, Any] = {
         "resolution": int(x.shape[-1]),
-        "tokens": _tokens(models["teacher"], x),
+        "tokens": _tokens(teacher, x),
         "batch": batch,
         "repeats": repeats,
         "device": x.device.type,
@@ -111,12 +136,12 @@ def forward_speed(
     }
     median = {name: t.median for name, t in times.items()}
     cpu = {name: t.cpu_median for name, t in times.items()}
-    for name in models:
+    for name in times:
         row[f"{name}_ms"] = 1000.0 * median[name]
         row[f"{name}_images_per_s"] = batch / median[name]
         row[f"{name}_spread"] = times[name].spread
     for key, (top, bottom) in RATIOS.items():
-        if top not in models or bottom not in models:
+        if top not in times or bottom not in times:
             continue
         row[key] = median[bottom] / median[top]
         if x.device.type == "cpu" and min(cpu[bottom], cpu[top]) > 0:
@@ -147,8 +172,27 @@ def speed_against_floor(
 
 
 def break_even_sweep(
-    build: Callable[[int], tuple[nn.Module, nn.Module]],
+    build: Callable[[int], tuple[nn.Module, nn.Module]], resolutions: Sequence[int], **options: Any
+) -> dict[str, Any]:
+    """`speed_against_floor` at each resolution, and the break-even resolution: `break_even_sweeps` (its
+    keyword ``options``) of one student.
+
+    ``build(resolution)`` returns (teacher, student) for that image size (the caller knows how its family
+    resizes). Returns ``{"rows": [...], "skipped": [{"resolution", "reason"}], "break_even": the smallest
+    measured resolution where the student is faster than the teacher, or None}``.
+    """
+
+    def one(resolution: int) -> tuple[nn.Module, dict[str, nn.Module]]:
+        teacher, student = build(resolution)
+        return teacher, {"student": student}
+
+    return break_even_sweeps(one, resolutions, ["student"], **options)["student"]
+
+
+def break_even_sweeps(
+    build: Callable[[int], tuple[nn.Module, Mapping[str, nn.Module]]],
     resolutions: Sequence[int],
+    names: Sequence[str],
     *,
     batch: int = 1,
     device: torch.device | str | None = None,
@@ -158,23 +202,22 @@ def break_even_sweep(
     seed: int = 0,
     floor: bool = True,
     budget_s: float | None = None,
-) -> dict[str, Any]:
-    """`speed_against_floor` at each resolution, and the break-even resolution.
-
-    ``build(resolution)`` returns (teacher, student) for that image size (the caller knows how its family
-    resizes); their device is the models' own unless ``device`` is given. A size ``build`` refuses
-    (`InputError`, e.g. one a Swin window cannot tile) is skipped with its message. Random images of the
-    teacher's channels are the input (speed does not depend on the pixels). ``floor=False`` measures teacher
-    and student only (a teacher `floor_model` cannot take). ``budget_s``: no further size is started once the
-    sweep has taken that long, or once the next one, at the growth of the last (time x side ratio squared),
-    would pass it: larger sizes cost ever more, and a report's sweep must stay short. Returns ``{"rows":
-    [...], "skipped": [{"resolution", "reason"}], "break_even": the smallest measured resolution where the
-    student is faster than the teacher, or None}``; resolutions are measured in increasing order, each in one
-    interleaved call.
-    """
+) -> dict[str, dict[str, Any]]:
+    """Forward speed of teacher, students (and floor) at each resolution, and each student's break-even
+    resolution. ``build(resolution)`` returns (teacher, {name: student}) for every name of ``names`` at that
+    image size (the caller knows how its family resizes); their device is the models' own unless ``device``
+    is given. A size ``build`` refuses (`InputError`, e.g. one a Swin window cannot tile) is skipped with its
+    message. Random images of the teacher's channels are the input (speed does not depend on the pixels).
+    ``floor=False`` measures teacher and students only (a teacher `floor_model` cannot take). ``budget_s``:
+    no further size is started once the sweep has taken that long, or once the next one, at the growth of
+    the last (time x side ratio squared), would pass it: larger sizes cost ever more, and a report's sweep
+    must stay short. Resolutions are measured in increasing order, each in one interleaved call that times
+    the teacher and the floor once for every student (`forward_speeds`). Returns per name ``{"rows": [...],
+    "skipped": [{"resolution", "reason"}], "break_even": the smallest measured resolution where that student
+    is faster than the teacher, or None}``."""
     if not resolutions:
         raise ValueError("break_even_sweep needs at least one resolution")
-    rows: list[dict[str, Any]] = []
+    rows: dict[str, list[dict[str, Any]]] = {}
     skipped: list[dict[str, Any]] = []
     start, last = time.monotonic(), None  # last: (resolution, seconds) of the last measured size
     for resolution in sorted(set(int(r) for r in resolutions)):
@@ -187,22 +230,36 @@ def break_even_sweep(
                 continue
         began = time.monotonic()
         try:
-            teacher, student = build(resolution)
+            teacher, students = build(resolution)
         except InputError as e:
             skipped.append({"resolution": resolution, "reason": str(e)})
             continue
         if device is not None:
-            teacher, student = teacher.to(device), student.to(device)
+            teacher, students = teacher.to(device), {n: s.to(device) for n, s in students.items()}
         where = next(teacher.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, image_input(teacher).in_chans, resolution, resolution, generator=generator)
-        models = {"teacher": teacher, "student": student}
-        if floor:
-            models["floor"] = floor_model(teacher)
-        rows.append(forward_speed(models, x.to(where), warmup=warmup, repeats=repeats, autocast=autocast))
-        del teacher, student, models
+        measured = forward_speeds(
+            teacher,
+            students,
+            x.to(where),
+            floor=floor_model(teacher) if floor else None,
+            warmup=warmup,
+            repeats=repeats,
+            autocast=autocast,
+        )
+        for name, row in measured.items():
+            rows.setdefault(name, []).append(row)
+        del teacher, students
         last = (resolution, time.monotonic() - began)
-    return {"rows": rows, "skipped": skipped, "break_even": break_even_resolution(rows)}
+    return {
+        name: {
+            "rows": rows.get(name, []),
+            "skipped": list(skipped),
+            "break_even": break_even_resolution(rows.get(name, [])),
+        }
+        for name in names
+    }
 
 
 def break_even_resolution(rows: Sequence[Mapping[str, Any]]) -> int | None:

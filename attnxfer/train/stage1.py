@@ -41,8 +41,6 @@ from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 
-__all__ = ["Stage1Objective", "Stage1Result", "stage1_transfer", "teacher_signals"]
-
 
 @dataclass
 class Stage1Result:
@@ -156,62 +154,132 @@ def stage1_transfer(
     student: nn.Module,
     plan: ConversionPlan,
     batches: Iterator[torch.Tensor] | Iterator[Mapping[int, Mapping[str, torch.Tensor]]],
-    *,
-    warmup_steps: int = 0,
-    weight_decay: float = 0.0,
-    clip_grad: float | None = None,
-    log_every: int = 20,
-    log: Callable[[str], None] = print,
-    start_step: int = 0,
-    optimizer_state: Mapping[str, Any] | None = None,
-    history: Sequence[dict[str, Any]] = (),
-    on_save: Callable[[int, dict[str, Any], Stage1Result], str | None] | None = None,
-    save_every: int | None = None,
+    **options: Any,
 ) -> Stage1Result:
-    """Fit each efficient layer to the teacher's attention on the teacher's hidden inputs.
+    """Fit each efficient layer to the teacher's attention on the teacher's hidden inputs: `Stage1Fit` (its
+    keyword ``options``: warm-up, weight decay, clipping, logging, where a stopped run goes on from, saving)
+    stepped to its end, one batch of ``batches`` a step.
 
     Only the tensors the plan names get gradients (q/k rows of a fused qkv through a row mask, with no
     weight decay, so the v rows stay bit-identical); the student runs in eval mode (fixed random
     features, no dropout). ``batches`` yields input images (already on the models' device), or the
     teacher's signals per layer (``teacher_signals``'s result) that a caller computed once and reuses
-    (`attnxfer.search` fits hundreds of candidates to the same teacher inputs).
-
-    With ``on_save``, every ``save_every`` steps and on SIGTERM (`attnxfer.train.stop`: the loop then ends at
-    the next step boundary and raises `StopRequested`) the guard is read (no non-finite weights are saved) and
-    ``on_save(steps_done, optimizer_state, partial_result)`` saves them and returns where. ``start_step``,
-    ``optimizer_state`` and ``history`` continue from such a save (``batches`` must then start at that step's
-    batch).
+    (`attnxfer.search` fits hundreds of candidates to the same teacher inputs). With ``on_save``, a SIGTERM
+    (`attnxfer.train.stop`) ends the loop at the next step boundary: that step is saved, then `StopRequested`.
     """
+    if plan.stage1_steps <= 0 or not plan.active:
+        return Stage1Result()
+    fit = Stage1Fit(teacher, student, plan, **options)
+    saves = fit.on_save is not None
+    # SIGTERM only sets a flag while the loop can save on it
+    with fit, stop_on_signals() if saves else contextlib.nullcontext():
+        while not fit.finished:
+            fit.step(next(batches))
+            signum = stop_signal() if saves else None
+            if signum:  # SIGTERM: save this step (never weights after a non-finite loss), then stop
+                raise fit.stopped(signum)
+        return fit.finish()
 
-    result = Stage1Result()
-    steps = plan.stage1_steps
-    if steps <= 0 or not plan.active:
-        return result
-    result.history = list(history)
-    device = next(student.parameters()).device
-    with _fitting_only(student, plan, weight_decay) as groups:
-        optimizer = _stage1_optimizer(groups, plan.stage1_lr, device, optimizer_state)
-        fit = _Fit(Stage1Objective(teacher, student, plan), optimizer, device, steps, log, result)
-        meter = PeakMemory(device).start()  # the teacher's maps are built a row chunk at a time: measured
-        # SIGTERM only sets a flag while the loop can save on it
-        with stop_on_signals() if on_save is not None else contextlib.nullcontext():
-            for step in range(start_step, steps):
-                lr = lr_at(step, steps, warmup_steps, plan.stage1_lr, plan.stage1_lr * 0.01)
-                fit.step(next(batches), step, lr, clip_grad)
-                # the last step always logs: stage 1 never returns without reading the guard
-                if (step + 1) % max(1, log_every) == 0 or step + 1 == steps or step == 0:
-                    fit.log_step(step, lr)
-                if on_save is None:
-                    continue
-                signum = stop_signal()
-                if signum:  # SIGTERM: save this step (never weights after a non-finite loss), then stop
-                    raise fit.stopped(signum, step + 1, on_save)
-                if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
-                    fit.saved(step + 1, on_save)
-    result.steps, result.seconds = steps, time.monotonic() - fit.start
-    result.memory = _memory(meter, fit.objective)
-    log(describe_memory(result.memory))
-    return result
+
+class Stage1Fit:
+    """Stage 1 of one student, one step at a time: `stage1_transfer` drives one to its end; a convert study
+    (`attnxfer.apps.convert_study`) drives several in lock step, each step on signals of one teacher pass.
+
+    Entered (``with``), the student is in eval mode with gradients only for the tensors the plan fits and
+    the optimiser is built (from ``optimizer_state`` where given); left, the student's modes and flags are
+    restored. `step` takes one batch (images, or the teacher's signals per layer: a mapping holding at least
+    the layers and fields of `objective`), logs every ``log_every`` steps (reading the non-finite guard there)
+    and saves every ``save_every`` steps through ``on_save``; `stopped` saves the step reached after a stop
+    signal; `finish` closes the result (its steps, seconds and peak memory).
+
+    With ``on_save``, every save reads the guard first (no non-finite weights are saved) and
+    ``on_save(steps_done, optimizer_state, partial_result)`` saves them and returns where. ``start_step``,
+    ``optimizer_state`` and ``history`` continue from such a save (the batches must then start at that step's
+    batch)."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        plan: ConversionPlan,
+        *,
+        warmup_steps: int = 0,
+        weight_decay: float = 0.0,
+        clip_grad: float | None = None,
+        log_every: int = 20,
+        log: Callable[[str], None] = print,
+        start_step: int = 0,
+        optimizer_state: Mapping[str, Any] | None = None,
+        history: Sequence[dict[str, Any]] = (),
+        on_save: Callable[[int, dict[str, Any], Stage1Result], str | None] | None = None,
+        save_every: int | None = None,
+    ) -> None:
+        self.teacher, self.student, self.plan = teacher, student, plan
+        self.warmup_steps, self.weight_decay, self.clip_grad = warmup_steps, weight_decay, clip_grad
+        self.log_every, self.log = max(1, log_every), log
+        self.optimizer_state, self.on_save, self.save_every = optimizer_state, on_save, save_every
+        self.done = start_step  # optimiser steps taken (an earlier run's included)
+        self.result = Stage1Result(history=list(history))
+        self.objective = Stage1Objective(teacher, student, plan)
+        self._stack = contextlib.ExitStack()
+        self._fit: _Fit | None = None
+        self._meter: PeakMemory | None = None
+        self._saved: tuple[int, str | None] | None = None  # (step, where) of the last save
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= self.plan.stage1_steps
+
+    def __enter__(self) -> Stage1Fit:
+        device = next(self.student.parameters()).device
+        groups = self._stack.enter_context(_fitting_only(self.student, self.plan, self.weight_decay))
+        optimizer = _stage1_optimizer(groups, self.plan.stage1_lr, device, self.optimizer_state)
+        steps = self.plan.stage1_steps
+        self._fit = _Fit(self.objective, optimizer, device, steps, self.log, self.result)
+        self._meter = PeakMemory(
+            device
+        ).start()  # the teacher's maps are built a row chunk at a time: measured
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    def step(self, x: Any) -> int:
+        """One optimiser step on batch ``x`` (nothing read on the host but on log steps); returns the steps
+        done. The last step always logs: stage 1 never ends without reading the guard."""
+        assert self._fit is not None, "enter the Stage1Fit (with ...) before stepping it"
+        step, steps, lr0 = self.done, self.plan.stage1_steps, self.plan.stage1_lr
+        lr = lr_at(step, steps, self.warmup_steps, lr0, lr0 * 0.01)
+        self._fit.step(x, step, lr, self.clip_grad)
+        if (step + 1) % self.log_every == 0 or step + 1 == steps or step == 0:
+            self._fit.log_step(step, lr)
+        self.done = step + 1
+        if self.on_save and self.save_every and self.done % self.save_every == 0 and self.done < steps:
+            self._save()
+        return self.done
+
+    def _save(self) -> str | None:
+        assert self._fit is not None and self.on_save is not None
+        where = self._fit.saved(self.done, self.on_save)
+        self._saved = (self.done, where)
+        return where
+
+    def stopped(self, signum: int) -> StopRequested:
+        """A stop signal after `done` steps: save them (unless just saved; never weights after a non-finite
+        loss) and say where."""
+        where = self._saved[1] if self._saved and self._saved[0] == self.done else self._save()
+        stop = StopRequested(signum, self.done, where)
+        self.log(f"stage 1: {stop} (step {self.done} of {self.plan.stage1_steps})")
+        return stop
+
+    def finish(self) -> Stage1Result:
+        """The result of the whole stage 1 (call once `finished`): its steps, seconds and peak memory."""
+        assert self._fit is not None and self._meter is not None
+        self.result.steps = self.plan.stage1_steps
+        self.result.seconds = time.monotonic() - self._fit.start
+        self.result.memory = _memory(self._meter, self.objective)
+        self.log(describe_memory(self.result.memory))
+        return self.result
 
 
 def _memory(meter: PeakMemory, objective: Stage1Objective) -> dict[str, Any]:
@@ -324,15 +392,6 @@ class _Fit:
         _stop_if_non_finite(self.guard, self.objective.watched)
         self.result.steps, self.result.seconds = done, time.monotonic() - self.start
         return on_save(done, self.optimizer.state_dict(), self.result)
-
-    def stopped(
-        self, signum: int, done: int, on_save: Callable[[int, dict[str, Any], Stage1Result], str | None]
-    ) -> StopRequested:
-        """SIGTERM after ``done`` steps: save them (`saved`) and say where."""
-        where = self.saved(done, on_save)
-        stop = StopRequested(signum, done, where)
-        self.log(f"stage 1: {stop} (step {done} of {self.steps})")
-        return stop
 
 
 def _stop_if_non_finite(guard: NonFiniteGuard, watched: Mapping[str, LayerConversion]) -> None:

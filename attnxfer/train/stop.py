@@ -23,8 +23,6 @@ import torch.distributed as dist
 
 from .distributed import rank_and_world
 
-__all__ = ["STOP_SIGNALS", "StopRequested", "stop_on_signals", "stop_signal"]
-
 #: what a cluster or a user sends to end a process politely
 STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM,)
 

@@ -22,8 +22,6 @@ import torch
 
 from ..errors import UserError
 
-__all__ = ["NO_STEP", "NonFinite", "NonFiniteGuard", "NonFiniteLossError", "TermWindow"]
-
 #: what `NonFiniteGuard.earliest` holds while every watched term was finite (larger than any step)
 NO_STEP = 2**62
 

@@ -17,8 +17,6 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["Timing", "interleaved_timings"]
-
 Name = TypeVar("Name", bound=Hashable)
 
 

@@ -35,19 +35,6 @@ from typing import Any
 
 from ..errors import InputError
 
-__all__ = [
-    "TRACKERS",
-    "TRACKERS_JSON",
-    "TrackerKind",
-    "TrackerMissingError",
-    "TrackerSet",
-    "TrackerSetup",
-    "TrackerUnavailableError",
-    "check_trackers",
-    "flat_hparams",
-    "prepare_trackers",
-]
-
 #: the tracker run ids of a run directory, read back on resume
 TRACKERS_JSON = "trackers.json"
 

@@ -35,17 +35,6 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-__all__ = [
-    "EXIT_CODE",
-    "SILENCE_LINE",
-    "HeartbeatWatchdog",
-    "beat_interval",
-    "collective_timeout",
-    "default_store",
-    "silence_line",
-    "start_watchdog",
-]
-
 _logger = logging.getLogger(__name__)
 
 #: how a process that the watchdog ends exits: timeout(1)'s "timed out"

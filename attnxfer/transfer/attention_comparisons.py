@@ -22,8 +22,6 @@ from .map_losses import LayerLogits, map_distillation_loss, map_loss_rule
 from .modes import PlanError
 from .pairing import reduced_keys
 
-__all__ = ["MapComparison", "ProjectionMSE"]
-
 
 def _by_mode(comparison: Comparison) -> bool:
     """The comparison is the mode's distillation (its messages say which mode to pick instead)."""

@@ -34,18 +34,6 @@ from ..models.attention import AttentionIO, MapKind, attention_with_lse, run_wit
 from ..models.image_input import image_input
 from .losses import CE_PATHS, CEPath, attention_distillation_loss, ce_path_for, materialised_bytes
 
-__all__ = [
-    "CALIBRATION_ROUNDS",
-    "MEMORY_FRACTION",
-    "CEChoice",
-    "LayerShapes",
-    "candidate_paths",
-    "choose_ce_path",
-    "default_memory_budget",
-    "layer_shapes",
-    "measure_ce_paths",
-]
-
 #: timed rounds per path after one untimed warm-up call (kernels compiled, caches warm); the median counts
 CALIBRATION_ROUNDS = 5
 #: share of the device's free memory the materialised maps may take when no budget is configured

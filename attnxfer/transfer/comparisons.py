@@ -35,21 +35,6 @@ from ..models.handover import Chunks, Signal
 from .losses import CEPath
 from .modes import PlanError
 
-__all__ = [
-    "COMPARISON_LOSSES",
-    "Compared",
-    "Comparison",
-    "ComparisonLoss",
-    "LayerPair",
-    "PlanModels",
-    "Step",
-    "asked_by",
-    "comparison_from_entry",
-    "comparison_loss",
-    "drop_hint",
-    "get_comparison_loss",
-]
-
 
 @dataclass(frozen=True)
 class Comparison:

@@ -26,16 +26,6 @@ from ..models.handover import Chunks, Signal
 from .map_losses import LayerLogits, MapLoss, check_map_loss, map_distillation_loss, output_mse
 from .pairing import reduced_keys
 
-__all__ = [
-    "STAGE1_TRAIN",
-    "ConversionPlan",
-    "LayerConversion",
-    "Stage1Train",
-    "build_conversion_plan",
-    "layer_fit_loss",
-    "layer_tensors",
-]
-
 #: the projections a layer's map is made of, as ``project`` takes them ("qk")
 _MAP_CHUNKS = str(Chunks(Signal.MAPS))
 

@@ -25,19 +25,6 @@ from ..models.attention import families
 from ..models.attention.family import WORKFLOWS, ModuleCoverage
 from .plan import build_plan
 
-__all__ = [
-    "COVERAGE",
-    "TIMM_MODULES",
-    "ModuleCoverage",
-    "arch_module",
-    "coverage_markdown",
-    "family_of_module",
-    "measure_coverage",
-    "module_archs",
-    "on_meta",
-    "plan_error",
-]
-
 #: Every timm module a family covers, in the table's order (the families' order: flat, then hierarchical).
 COVERAGE: dict[str, ModuleCoverage] = {m.module: m for f in families() for m in f.modules}
 TIMM_MODULES: tuple[str, ...] = tuple(COVERAGE)

@@ -42,8 +42,6 @@ from .comparisons import (
 from .modes import PlanError
 from .pairing import check_token_layouts
 
-__all__ = ["FeatureDistillation", "FeatureLoss", "feature_distill_loss", "final_tokens", "num_prefix_tokens"]
-
 
 @dataclass
 class FeatureLoss:

@@ -24,8 +24,6 @@ from .comparisons import (
 )
 from .modes import PlanError
 
-__all__ = ["LogitDistillation", "logit_distillation_loss"]
-
 
 def logit_distillation_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0

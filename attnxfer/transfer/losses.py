@@ -52,27 +52,10 @@ from ..models.attention.bias_rows import BiasRows
 from ..models.attention.lse import row_logsumexp
 
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
-from ..models.attention.numerics import compute_dtype
-from ..models.attention.numerics import fp32_section as _fp32
-from ..models.attention.numerics import row_chunk as _auto_chunk
-from .materialised_ce import half_on_accelerator, materialised_bytes, materialised_ce
+from ..models.attention.numerics import compute_dtype, fp32_section as _fp32, row_chunk as _auto_chunk
+from .materialised_ce import half_on_accelerator, materialised_bytes as materialised_bytes, materialised_ce
 from .row_ce import FusedBiasedRowCE, FusedRowCE, rows_path_chunk
 from .triton_ce import triton_row_ce
-
-__all__ = [
-    "CE_PATHS",
-    "AttentionLoss",
-    "CEPath",
-    "attention_ce_reference",
-    "attention_distillation_loss",
-    "biased_attention_ce",
-    "ce_path_for",
-    "group_heads_ok",
-    "materialised_bytes",
-    "padding_from_mask",
-    "row_logsumexp",
-    "teacher_entropy",
-]
 
 
 class CEPath(StrEnum):

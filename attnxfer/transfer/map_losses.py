@@ -46,22 +46,6 @@ from ..models.attention.numerics import fp32_section, row_chunk
 from ..models.efficient.kernels import KernelAttention
 from .losses import CEPath, attention_distillation_loss, biased_attention_ce, ce_path_for
 
-__all__ = [
-    "DEFAULT_MAP_LOSS",
-    "MAP_LOSSES",
-    "MAP_LOSS_RULES",
-    "LayerLogits",
-    "MapAgreement",
-    "MapLoss",
-    "MapLossRule",
-    "check_map_loss",
-    "default_map_loss",
-    "implicit_map_loss",
-    "map_distillation_loss",
-    "map_loss_rule",
-    "output_mse",
-]
-
 
 class MapLoss(StrEnum):
     """A way to compare a student layer with its teacher; its value is the config's name for it."""

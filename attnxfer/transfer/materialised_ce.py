@@ -8,17 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..models.attention.numerics import compute_dtype, matmul_fp32
-from ..models.attention.numerics import fp32_section as _fp32
+from ..models.attention.numerics import compute_dtype, fp32_section as _fp32, matmul_fp32
 from .row_ce import grouped_mean
-
-__all__ = [
-    "MAPS_KEPT_PER_LAYER",
-    "MAPS_TRANSIENT",
-    "half_on_accelerator",
-    "materialised_bytes",
-    "materialised_ce",
-]
 
 
 def half_on_accelerator(*tensors: torch.Tensor) -> bool:

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from ..models.handover import Chunks, Signal
 
-__all__ = ["MODES", "PlanError", "TransferMode", "get_mode"]
-
 
 class PlanError(InputError):
     """A teacher/student/config combination that cannot be transferred; the message says what to change."""

@@ -19,19 +19,6 @@ from ..models.attention import (
 from ..models.image_input import find_patch_embedding, image_input
 from .modes import PlanError
 
-__all__ = [
-    "block_attentions",
-    "check_partitions",
-    "check_token_layouts",
-    "layer_names",
-    "map_layers",
-    "pair_within_stages",
-    "partitions",
-    "reduced_keys",
-    "select_layers",
-    "token_layout",
-]
-
 
 def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None = None) -> tuple[int, ...]:
     """Student layers that take part.

@@ -22,28 +22,18 @@ from ..models.handover import Signal
 from . import attention_comparisons, feature_loss, logit_loss  # noqa: F401  the built-in comparison losses
 from .attention_comparisons import check_head_dims_match, check_heads_match
 from .comparisons import Comparison, PlanModels, comparison_from_entry
-from .modes import MODES, PlanError, TransferMode, get_mode
+from .modes import MODES as MODES, PlanError, TransferMode, get_mode
 from .pairing import (
     block_attentions,
     check_partitions,
     check_token_layouts,
     layer_names,
-    map_layers,
+    map_layers as map_layers,
     pair_within_stages,
     partitions,
     select_layers,
     token_layout,
 )
-
-__all__ = [
-    "MODES",
-    "PlanError",
-    "TransferMode",
-    "TransferPlan",
-    "build_plan",
-    "map_layers",
-    "select_layers",
-]
 
 #: the comparison loss a mode's distilled signal takes (at ``transfer.atd_weight``)
 MODE_LOSSES: dict[Signal, str] = {Signal.MAPS: "map", Signal.Q: "mse", Signal.K: "mse", Signal.V: "mse"}

@@ -12,17 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..models.attention.bias_rows import BiasRows
-from ..models.attention.numerics import compute_dtype, matmul_fp32, row_slices
-from ..models.attention.numerics import row_chunk as _auto_chunk
-
-__all__ = [
-    "ROWS_PATH_ELEMENTS",
-    "FusedBiasedRowCE",
-    "FusedRowCE",
-    "grouped_mean",
-    "rows_path_chunk",
-    "scaled_contiguous",
-]
+from ..models.attention.numerics import compute_dtype, matmul_fp32, row_chunk as _auto_chunk, row_slices
 
 
 def grouped_mean(p: torch.Tensor, groups: int) -> torch.Tensor:

@@ -21,8 +21,6 @@ import torch.nn as nn
 from ..models.attention import AttentionIO, StopForward, attached_ios, attention_layers
 from ..models.handover import Chunks, Signal
 
-__all__ = ["TeacherHandover", "TeacherNeeds", "batch_size", "block_of", "features_and_logits", "run_teacher"]
-
 
 @dataclass(frozen=True)
 class TeacherNeeds:

@@ -40,8 +40,6 @@ from .teacher_pass import (
     run_teacher,
 )
 
-__all__ = ["TeacherStudent", "TransferOutput"]
-
 
 @dataclass
 class TransferOutput:

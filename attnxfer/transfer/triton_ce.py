@@ -52,8 +52,6 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
-__all__ = ["TritonBackend", "triton_backend", "triton_row_ce"]
-
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.0 / math.log(2.0)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from attnxfer.train.evaluation import classification_sums
+from attnxfer.train.evaluation import classification_sums, per_image_top1
 from attnxfer.train.measure import evaluate_top1
 
 
@@ -47,6 +47,11 @@ def test_counts_equal_a_hand_count_and_the_mode_comes_back():
     assert sums[:2].tolist() == [top1, top5] and sums[3].item() == 10
     assert sums[2].item() == pytest.approx(loss, rel=1e-6)
     assert model.modes == [False, False] and model.training  # scored in eval mode, handed back training
+    hits = per_image_top1(model, loader, torch.device("cpu"))  # the same count, image by image (McNemar)
+    assert hits.tolist() == [
+        max(range(8), key=lambda c: row[c]) == label for row, label in zip(logits.tolist(), y.tolist())
+    ]
+    assert model.modes == [False] * 4 and model.training
     assert evaluate_top1(model, loader, torch.device("cpu")) == pytest.approx(100.0 * top1 / 10)
     assert 0 < top1 < top5 < 10  # the draw tells the two counts apart
 

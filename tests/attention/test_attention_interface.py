@@ -14,11 +14,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from helpers import ZOO_GRID as GRID
-from helpers import ZOO_OPTIONS as OPTIONS
-from helpers import ZOO_PREFIX as PREFIX
-from helpers import ZOO_TOKENS as N
-from helpers import tiny_vit
+from helpers import ZOO_GRID as GRID, ZOO_OPTIONS as OPTIONS, ZOO_PREFIX as PREFIX, ZOO_TOKENS as N, tiny_vit
 from timm.layers import set_fused_attn
 from timm.utils import AttentionExtract
 

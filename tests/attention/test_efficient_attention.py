@@ -18,10 +18,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import ZOO_GRID as GRID
-from helpers import ZOO_OPTIONS as SMALL_OPTIONS
-from helpers import ZOO_PREFIX as PREFIX
-from helpers import ZOO_TOKENS as N_SMALL
+from helpers import (
+    ZOO_GRID as GRID,
+    ZOO_OPTIONS as SMALL_OPTIONS,
+    ZOO_PREFIX as PREFIX,
+    ZOO_TOKENS as N_SMALL,
+)
 from timm.layers import Attention
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves

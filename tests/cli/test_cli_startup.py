@@ -27,7 +27,19 @@ CASES = [
     (["inspect", "t", "s", "--num-images", "0"], 2, "--num-images must be at least 1, got 0"),
     (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
 ]
-COMMANDS = ["train", "pretrain", "eval", "demo", "convert", "search", "submit", "export", "inspect", "fetch"]
+COMMANDS = [
+    "train",
+    "study",
+    "pretrain",
+    "eval",
+    "demo",
+    "convert",
+    "search",
+    "submit",
+    "export",
+    "inspect",
+    "fetch",
+]
 
 
 def test_every_command_module_is_the_command_of_its_name():

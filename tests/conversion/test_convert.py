@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import peaked_teacher, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_plan_from_config
 from attnxfer.apps.run_parts import build_student
 from attnxfer.checkpoints.resume_point import ResumePoint
-from attnxfer.config import list_recipes, load_config
+from attnxfer.config import list_recipes, load_config, resolve_recipe
+from attnxfer.config.study import load_study
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
 from attnxfer.train.measure import map_agreement
@@ -309,8 +311,15 @@ def test_recipes_load_and_validate():
     pvt = build_student(
         load_config("demo/hier_teacher"), None, num_classes=10, in_chans=1, img_size=56
     ).eval()
-    for name in names:
-        cfg = load_config(name)
+    configs = []
+    for name in names:  # a study recipe (students:) holds one conversion per student
+        if "students" in yaml.safe_load(resolve_recipe(name).read_text()):
+            study = load_study(name)
+            assert study.command == "convert" and len(study.students) > 1, name
+            configs += [cfg for _, cfg in study.configs()]
+        else:
+            configs.append(load_config(name))
+    for cfg in configs:
         spec = cfg.teacher.spec
         if spec.startswith("local-dir:runs/demo/hier_teacher"):
             teacher = pvt

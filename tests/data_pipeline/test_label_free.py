@@ -254,7 +254,7 @@ def test_mae_pretraining_without_labels_never_reads_one(tmp_path):
 def test_convert_stage1_on_data_without_labels_never_reads_one(tiny_teacher_dir):
     """convert's own pieces: the run's parts (teacher, efficient student, label-free loaders) and stage 1's
     batches, fitted for two steps."""
-    from attnxfer.apps.conversion_stage1 import _stage1_batches
+    from attnxfer.apps.conversion_stage1 import stage1_batches
     from attnxfer.apps.convert import conversion_plan_from_config
     from attnxfer.apps.run_parts import build_run_parts
     from attnxfer.models.efficient import build_efficient_student
@@ -282,7 +282,7 @@ def test_convert_stage1_on_data_without_labels_never_reads_one(tiny_teacher_dir)
         parts.teacher.eval(),
         parts.student,
         plan,
-        _stage1_batches(cfg, parts, 4, torch.device("cpu")),
+        stage1_batches(cfg, parts, 4, torch.device("cpu")),
         log=str,
     )
     assert result.steps == 2 and all(

@@ -30,9 +30,7 @@ from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer import TeacherStudent
 from attnxfer.transfer.conversion import build_conversion_plan, layer_fit_loss
 
-from .cases import SMALL_KW as TINY
-from .cases import TINY as FLAT
-from .cases import build, peaked
+from .cases import SMALL_KW as TINY, TINY as FLAT, build, peaked
 
 #: interleaved / half rope, 1 or 5 prefix tokens, fused qkv + q_bias/v_bias, q/k/v_proj (k unbiased), GQA
 ROPE = ["eva02", "dinov3", "pe", "pe_gqa", "eva02_proj"]

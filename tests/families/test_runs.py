@@ -30,9 +30,7 @@ from attnxfer.checkpoints.export import export_run
 from attnxfer.config import load_config
 from attnxfer.models import student_from_spec
 
-from .cases import TINY as FLAT
-from .cases import build as build_rope_or_beit
-from .cases import peaked
+from .cases import TINY as FLAT, build as build_rope_or_beit, peaked
 from .oracles import attention_modules, map_ce, oracle_maps
 
 #: family -> (builder of the tiny teacher with 10 classes, its image size)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from families.cases import SMALL_KW as TINY
-from families.cases import build, peaked
+from families.cases import SMALL_KW as TINY, build, peaked
 
 from attnxfer.models.efficient import with_attention
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan

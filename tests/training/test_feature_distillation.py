@@ -20,7 +20,8 @@ import torch
 from helpers import LABEL_TRAP, labels_raise_registered, peaked_teacher, tiny_vit
 from timm.models import save_for_hf
 
-from attnxfer.apps.training import build_engine, eval_metrics, evaluate_run
+from attnxfer.apps.evaluation import eval_metrics, evaluate_run
+from attnxfer.apps.training import build_engine
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
@@ -130,9 +131,9 @@ def test_an_objective_without_a_task_loss_never_touches_the_labels():
         teacher, student, build_plan(teacher, student, "none", feature_weight=1.0, task_weight=0.0)
     )
     never = TaskLoss(lambda *_: pytest.fail("the task loss ran"), mixup=lambda *_: pytest.fail("mixup ran"))
-    out = TransferObjective(pair.train(), never).loss(
-        pair, torch.randn(2, 3, 32, 32), None, contextlib.nullcontext
-    )
+    objective = TransferObjective(pair.train(), never)
+    x, y = objective.prepare(torch.randn(2, 3, 32, 32), None, seed=0)
+    out = objective.loss(pair, x, y, contextlib.nullcontext)
     assert "task" not in out.terms and out.total is out.terms["attn"] and out.total.requires_grad
     labelled = build_plan(teacher, tiny_vit(depth=2, seed=2), "none", feature_weight=1.0)
     objective = TransferObjective(TeacherStudent(teacher, tiny_vit(depth=2, seed=2), labelled), never)

@@ -18,6 +18,7 @@ from .base import COMMANDS, Command, add_config_args, load, print_config, regist
 #: the order ``attnxfer --help`` lists the commands in (a run's course); a command not named here comes after
 HELP_ORDER = (
     "train",
+    "study",
     "pretrain",
     "eval",
     "demo",

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["COMMANDS", "Command", "add_config_args", "done_line", "load", "print_config", "register_command"]
-
 
 def _no_arguments(p: argparse.ArgumentParser) -> None:
     pass
@@ -30,12 +28,14 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
     parser_options: dict[str, Any] = field(default_factory=dict)
+    # what ``--print-config`` prints (default `print_config`: the one config a run reads)
+    show_config: Callable[[argparse.Namespace], int] | None = None
 
     def add_to(self, sub: argparse._SubParsersAction) -> None:
-        """Its sub-parser, which hands the parsed arguments to `run`."""
+        """Its sub-parser, which hands the parsed arguments to `run` (``--print-config`` to `show_config`)."""
         p = sub.add_parser(self.name, **self.parser_options)
         self.arguments(p)
-        p.set_defaults(func=self.run)
+        p.set_defaults(func=self.run, show_config=self.show_config or print_config)
 
 
 #: every subcommand by name (filled by the modules of this package)
@@ -43,13 +43,18 @@ COMMANDS: dict[str, Command] = {}
 
 
 def register_command(
-    name: str, *, arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments, **parser_options
+    name: str,
+    *,
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments,
+    show_config: Callable[[argparse.Namespace], int] | None = None,
+    **parser_options,
 ):
     """Register the decorated handler as subcommand ``name``; ``parser_options`` go to argparse's
-    ``add_parser`` (``help``, ``description``, ``epilog``, ``formatter_class``)."""
+    ``add_parser`` (``help``, ``description``, ``epilog``, ``formatter_class``); ``show_config`` answers
+    ``--print-config`` where the command reads more than one config (a study)."""
 
     def deco(run):
-        COMMANDS[name] = Command(name, run, arguments, parser_options)
+        COMMANDS[name] = Command(name, run, arguments, parser_options, show_config)
         return run
 
     return deco
@@ -96,6 +101,23 @@ def print_config(args) -> int:
     print(dump_config(cfg).rstrip())
     print("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
+
+
+def add_vary(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--vary",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="a key a study's students differ in, one student per value (repeated: the cartesian product)",
+    )
+
+
+def load_study(args):
+    """A study's spec (`attnxfer.config.study`): ``-c``'s base keys and ``students:``, the overrides, ``--vary``."""
+    from ...config.study import load_study as load
+    from ..slurm import parse_sweep
+
+    return load(args.config, args.overrides, parse_sweep(args.vary), getattr(args, "study_command", None))
 
 
 def done_line(result) -> str:

@@ -6,15 +6,19 @@ import argparse
 import importlib
 import sys
 
+from ...errors import InputError
 from ..arguments import add_slurm_arguments
-from .base import add_config_args, load, register_command
+from .base import add_config_args, add_vary, load, load_study, register_command
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
 SUBMITTABLE = {
     "train": "attnxfer.apps.training:train",
     "convert": "attnxfer.apps.convert:convert_main",
     "pretrain": "attnxfer.apps.pretrain:pretrain",
+    "study": "attnxfer.apps.study:study",
 }
+#: what ``--command study`` runs for a convert study (``command: convert`` in its YAML)
+CONVERT_STUDY = "attnxfer.apps.convert_study:convert_study"
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -25,8 +29,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         choices=sorted(SUBMITTABLE),
         default="train",
         help="what the job runs (default train); convert resumes a finished stage 1 and stage 2's "
-        "checkpoints after a requeue; pretrain is MAE pre-training (`attnxfer pretrain`)",
+        "checkpoints after a requeue; pretrain is MAE pre-training (`attnxfer pretrain`); study trains "
+        "the students of `attnxfer study` (a students: list in -c, and/or --vary) from one teacher pass, or "
+        "converts them where its YAML says command: convert",
     )
+    add_vary(p)
     add_slurm_arguments(p)
 
 
@@ -39,10 +46,15 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     arguments=_arguments,
 )
 def run(args) -> int:
-    cfg = load(args)
+    if args.vary and args.job_command != "study":
+        raise InputError("--vary names what a study's students differ in: use it with --command study")
+    cfg = load_study(args) if args.job_command == "study" else load(args)
     from ..slurm import JobFailedError, submit_from_args
 
-    module, name = SUBMITTABLE[args.job_command].split(":")
+    target = SUBMITTABLE[args.job_command]
+    if args.job_command == "study" and cfg.command == "convert":
+        target = CONVERT_STUDY
+    module, name = target.split(":")
     try:
         submit_from_args(getattr(importlib.import_module(module), name), cfg, args)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names

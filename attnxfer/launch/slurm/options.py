@@ -14,8 +14,10 @@ from typing import Any, Protocol, runtime_checkable
 import submitit
 
 from ...errors import InputError, UserError
-from ..arguments import CLUSTERS
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
+from ..arguments import (
+    CLUSTERS,
+    add_slurm_arguments as add_slurm_arguments,  # its home before arguments.py
+)
 
 RUN_DIR_KEY = "run_dir"
 

@@ -21,18 +21,6 @@ import torch.nn as nn
 
 from .interface import TransferableAttention
 
-__all__ = [
-    "adapter_for",
-    "attention_blocks",
-    "attention_layers",
-    "attention_stages",
-    "group_stages",
-    "list_adapters",
-    "refuse_attention",
-    "register_adapter",
-    "stage_of",
-]
-
 _ADAPTERS: dict[type[nn.Module], type[TransferableAttention]] = {}
 _REFUSED: dict[type[nn.Module], str] = {}
 

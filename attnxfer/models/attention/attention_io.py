@@ -18,8 +18,6 @@ from torch import nn
 from ..handover import Chunks, Signal
 from .bias_rows import BiasRows
 
-__all__ = ["AttentionIO", "StopForward", "attention_io"]
-
 
 @dataclass
 class AttentionIO:

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BiasRows", "bias_block", "full_bias", "gathered_bias_rows"]
-
 
 @dataclass(frozen=True)
 class BiasRows:

@@ -18,15 +18,6 @@ from . import families  # noqa: F401  (registers every family's adapter)
 from .adapters import attention_layers
 from .interface import AttentionIO, StopForward, TransferableAttention, attention_io
 
-__all__ = [
-    "CAPTURE_FIELDS",
-    "attached_ios",
-    "attention_maps",
-    "capture_attention",
-    "run_with_ios",
-    "transferable_attentions",
-]
-
 #: What `capture_attention` can record per layer: the `Signal`s one attention layer gives.
 CAPTURE_FIELDS: tuple[Signal, ...] = (Signal.INPUT, Signal.Q, Signal.K, Signal.V, Signal.OUTPUT)
 

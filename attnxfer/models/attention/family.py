@@ -19,17 +19,6 @@ if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
-__all__ = [
-    "Family",
-    "ImageSizes",
-    "ModuleCoverage",
-    "Tiling",
-    "families",
-    "family_of",
-    "patch_embeddings",
-    "register_family",
-    "tilings_of",
-]
 
 #: The workflows beside copy and distill that a family's tests cover (the coverage table's last columns).
 WORKFLOWS = ("inspect", "convert", "export")

@@ -32,26 +32,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention_io import AttentionIO, StopForward, attention_io
+from .attention_io import AttentionIO, StopForward, attention_io as attention_io
 from .bias_rows import BiasRows, full_bias
 from .map_kind import MapKind
 from .numerics import fp32_section, row_chunk, row_slices, upcast
 from .opcount import OpCounts
 from .partial_qkv import QKV, PartialQKV
 from .placement import RowPlacement, TokenWalk
-
-__all__ = [
-    "BASE_OPTIONS",
-    "COUNTERPART_MODULES",
-    "QKV",
-    "AttentionIO",
-    "MapKind",
-    "PartialQKV",
-    "StopForward",
-    "TransferableAttention",
-    "as_grid",
-    "attention_io",
-]
 
 #: Child modules that have a counterpart in timm's ``Attention`` (copied from a teacher).
 COUNTERPART_MODULES: tuple[str, ...] = ("qkv", "q_norm", "k_norm", "norm", "proj")

@@ -20,8 +20,6 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["KeyPooling"]
-
 
 @lru_cache(maxsize=64)
 def _strided(length: int, sr: int) -> torch.Tensor:

@@ -30,14 +30,6 @@ import torch
 
 from .numerics import compute_dtype, fp32_section, matmul_fp32, row_chunk, row_slices
 
-__all__ = [
-    "LSEBackend",
-    "flex_attention_available",
-    "flex_attention_with_lse",
-    "lse_backend_for",
-    "row_logsumexp",
-]
-
 
 class _RowLogSumExp(torch.autograd.Function):
     """lse_i = log Σ_j exp(scale · q_i·k_j), chunked over queries, recomputed in backward."""

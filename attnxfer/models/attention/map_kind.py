@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["MapKind"]
-
 
 class MapKind(StrEnum):
     """What an attention's N×N map is, and so how it is distilled.

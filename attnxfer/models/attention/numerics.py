@@ -23,26 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = [
-    "FP32_CORE",
-    "ROW_CHUNK_ELEMENTS",
-    "PrecisionPolicy",
-    "bf16_devices",
-    "bmm_fp32_out",
-    "compute_dtype",
-    "fp32_section",
-    "in_compute_dtype",
-    "matmul_fp32",
-    "matmul_split",
-    "matmul_split_left",
-    "operand_dtype",
-    "row_chunk",
-    "row_slices",
-    "split_bf16",
-    "sum_fp32",
-    "upcast",
-]
-
 #: Elements of one (B, H, rows, N) tensor in a row chunk: 16M fp32 = 64 MiB.
 ROW_CHUNK_ELEMENTS = 1 << 24
 

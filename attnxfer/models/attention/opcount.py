@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ADD_PJ", "MUL_PJ", "OpCounts", "matmul_ops", "sign_matmul_ops", "softmax_ops"]
-
 #: 45 nm fp32 energy per operation (Horowitz 2014), in picojoules.
 MUL_PJ, ADD_PJ = 3.7, 0.9
 

@@ -9,8 +9,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["QKV", "PartialQKV"]
-
 #: The three projections of a fused qkv, in timm's row order.
 QKV = ("q", "k", "v")
 

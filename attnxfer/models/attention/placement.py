@@ -15,8 +15,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["RowPlacement", "TokenWalk", "grid_argument", "raster_cells", "window_cells"]
-
 
 @dataclass(frozen=True)
 class RowPlacement:

@@ -16,16 +16,6 @@ from torch import nn
 
 from .interface import MapKind
 
-__all__ = [
-    "attention_layer",
-    "attention_name_of",
-    "create_attention",
-    "get_attention_class",
-    "list_attentions",
-    "register_attention",
-    "register_parametric_attention",
-]
-
 _ATTENTIONS: dict[str, type[nn.Module]] = {}
 #: Parametric names "<prefix>:<spec>" (e.g. "formula:sum(relu)"): prefix -> resolver(full name) -> class.
 _PARAMETRIC: dict[str, Callable[[str], type[nn.Module]]] = {}

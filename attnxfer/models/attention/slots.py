@@ -22,8 +22,6 @@ from torch import nn
 from .adapters import adapter_for
 from .interface import COUNTERPART_MODULES, TransferableAttention
 
-__all__ = ["ConversionSlot", "TokenLayout", "attention_config", "fused_qkv", "slot_of", "stacked_linear"]
-
 
 @dataclass(frozen=True)
 class TokenLayout:

@@ -25,16 +25,6 @@ from .opcount import OpCounts, matmul_ops, softmax_ops
 from .registry import register_attention
 from .slots import ConversionSlot
 
-__all__ = [
-    "SOFTMAX",
-    "SoftmaxCore",
-    "TransferAttention",
-    "attention_with_lse",
-    "explicit_attention_map",
-    "make_transfer_aware",
-    "sdpa",
-]
-
 #: The registry name of softmax attention (`TransferAttention`; plain timm ``Attention`` is softmax too).
 SOFTMAX = "softmax"
 

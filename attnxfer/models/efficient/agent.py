@@ -32,8 +32,6 @@ from ..attention.registry import register_attention
 from .base import EfficientAttention, snapshot, unchanged
 from .kernels import needs_autograd
 
-__all__ = ["AGENT_BF16", "AgentAttention"]
-
 AGENT_BF16 = PrecisionPolicy(
     bf16=(
         "q, k (logits, against the scaled agents as hi + lo halves)",

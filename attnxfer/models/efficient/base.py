@@ -25,20 +25,9 @@ from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from ...errors import InputError
-from ..attention.interface import COUNTERPART_MODULES, MapKind, TransferableAttention
+from ..attention.interface import COUNTERPART_MODULES as COUNTERPART_MODULES, MapKind, TransferableAttention
 from ..attention.numerics import FP32_CORE, PrecisionPolicy, fp32_section, operand_dtype, upcast
 from ..attention.registry import get_attention_class, list_attentions
-
-__all__ = [
-    "COUNTERPART_MODULES",
-    "SNAPSHOT_WHOLE",
-    "EfficientAttention",
-    "precision_policies",
-    "rope_refusal",
-    "rope_support",
-    "snapshot",
-    "unchanged",
-]
 
 
 class EfficientAttention(TransferableAttention):

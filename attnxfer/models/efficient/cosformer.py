@@ -23,8 +23,6 @@ from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, add_scalar
 
-__all__ = ["CosFormerAttention"]
-
 
 @register_attention("cosformer")
 class CosFormerAttention(KernelAttention):

@@ -32,8 +32,6 @@ from .base import EfficientAttention
 from .hierarchical import hierarchical_slots, is_hierarchical
 from .swap import check_softmax_teacher, flat_blocks, with_attention
 
-__all__ = ["FloorAttention", "floor_class", "floor_model"]
-
 #: The zoo attention a softmax teacher's layers are swapped to before they become floors: no parameters of
 #: its own, accepted by every family the swap knows (rope and Gemma4 included), so the floor keeps exactly
 #: the projections, norms, rope and block calls a converted student of that teacher has.

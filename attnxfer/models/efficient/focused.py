@@ -28,8 +28,6 @@ from ..attention.registry import register_attention
 from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, needs_autograd
 from .tokens import image_to_grid
 
-__all__ = ["FOCUSED_BF16", "FocusedLinearAttention", "depthwise_grid_conv"]
-
 FOCUSED_BF16 = PrecisionPolicy(
     bf16=KERNEL_BF16.bf16,
     fp32=("focusing function (norms, x / max, x^p)", *KERNEL_BF16.fp32, "depthwise conv of v"),

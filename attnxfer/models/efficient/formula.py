@@ -34,37 +34,18 @@ from .formula_grammar import (
     HAND_DESIGNED,
     PREFIX,
     Cat,
-    Formula,
-    FormulaSyntaxError,
-    InvalidFormula,
+    Formula as Formula,
+    FormulaSyntaxError as FormulaSyntaxError,
+    InvalidFormula as InvalidFormula,
     Op,
     Step,
     check_formula,
     parse_formula,
     step_width,
 )
-from .formula_search import crossover, mutate, random_formula
+from .formula_search import crossover as crossover, mutate as mutate, random_formula as random_formula
 from .kernels import add_scalar, kernel_core_counts, linear_readout, linear_state, scaled_for_kernel
 from .window import WindowAttention, WindowLinearAttention
-
-__all__ = [
-    "FIXED_OPS",
-    "HAND_DESIGNED",
-    "LEARNED_OPS",
-    "STEP_COUNTS",
-    "FeatureChain",
-    "Formula",
-    "FormulaAttention",
-    "FormulaSyntaxError",
-    "InvalidFormula",
-    "chain_counts",
-    "check_formula",
-    "crossover",
-    "formula_attention_class",
-    "mutate",
-    "parse_formula",
-    "random_formula",
-]
 
 Blocks = tuple[torch.Tensor, ...]
 EPS = 1e-6

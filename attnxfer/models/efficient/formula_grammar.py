@@ -49,28 +49,6 @@ from dataclasses import dataclass, field
 
 from ...errors import InputError
 
-__all__ = [
-    "CONV_SIZES",
-    "HAND_DESIGNED",
-    "MAX_FEATURE_FACTOR",
-    "NORMS",
-    "OPS",
-    "PREFIX",
-    "WINDOW_SIZES",
-    "Cat",
-    "Formula",
-    "FormulaSyntaxError",
-    "InvalidFormula",
-    "Op",
-    "OpSpec",
-    "Sign",
-    "Step",
-    "check_formula",
-    "feature_shape",
-    "parse_formula",
-    "step_width",
-]
-
 #: How a formula is named where an attention name is expected.
 PREFIX = "formula:"
 #: Normalisations: ``sum`` is row-stochastic, ``len`` (divide by N) is signed.

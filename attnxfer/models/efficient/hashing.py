@@ -44,8 +44,6 @@ from ..attention.opcount import OpCounts, matmul_ops, sign_matmul_ops
 from ..attention.registry import register_attention
 from .kernels import ALL_HEADS, KernelAttention
 
-__all__ = ["HASHING_FP32", "SIMILARITY_TARGETS", "HashingAttention", "hash_codes"]
-
 HASHING_FP32 = PrecisionPolicy(
     fp32=("the whole core",),
     why="codes are signs of x W: a bf16 product flips every bit whose |x w| is within its rounding of zero, "

@@ -25,8 +25,6 @@ from ..attention.numerics import PrecisionPolicy
 from ..attention.registry import register_attention
 from .kernels import ALL_HEADS, FEATURE_MAPS, KERNEL_BF16, HedgehogFeatures, KernelAttention
 
-__all__ = ["HEDGEHOG_BF16", "HedgehogAttention"]
-
 HEDGEHOG_BF16 = PrecisionPolicy(
     bf16=("projection operands x and W as hi + lo halves", *KERNEL_BF16.bf16),
     fp32=("projection accumulation", "the two softmaxes over features", *KERNEL_BF16.fp32),

@@ -22,16 +22,6 @@ from ..attention.interface import TransferableAttention
 from ..attention.registry import get_attention_class
 from ..attention.slots import ConversionSlot, slot_of
 
-__all__ = [
-    "build_hierarchical_student",
-    "expand_attention_names",
-    "flat_blocks",
-    "hierarchical_slots",
-    "is_hierarchical",
-    "stage_of_layers",
-    "swap_hierarchical",
-]
-
 
 def flat_blocks(model: nn.Module) -> nn.ModuleList | None:
     """The one flat sequence of blocks of a ViT-like model: ``blocks``, or ``encoder.blocks`` where the

@@ -22,8 +22,6 @@ from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
-__all__ = ["HYDRA_BF16", "HydraAttention"]
-
 HYDRA_BF16 = PrecisionPolicy(
     bf16=("q, k, v in, output out",),
     fp32=("L2 norms over the C channels", "the global context sum over N tokens", "the output product"),

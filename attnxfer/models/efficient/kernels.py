@@ -46,29 +46,6 @@ from .base import EfficientAttention, snapshot, unchanged
 #: A feature tensor (B, H, N, m), or a tuple of blocks whose concatenation along m is one.
 FeatureBlocks = torch.Tensor | tuple[torch.Tensor, ...]
 
-__all__ = [
-    "ALL_HEADS",
-    "FEATURE_CHUNK_ELEMENTS",
-    "FEATURE_MAPS",
-    "KERNEL_BF16",
-    "ELUFeatures",
-    "FeatureBlocks",
-    "FeatureMapKind",
-    "HedgehogFeatures",
-    "KernelAttention",
-    "ReLUFeatures",
-    "add_scalar",
-    "build_feature_map",
-    "evaluate_features",
-    "feature_map_kind",
-    "head_groups",
-    "linear_map_rows",
-    "linear_readout",
-    "linear_readout_into",
-    "linear_state",
-    "needs_autograd",
-    "scaled_for_kernel",
-]
 
 #: Every head: the default of the feature maps' ``heads`` (which heads' parameters a slice of q / k takes).
 ALL_HEADS = slice(None)

@@ -21,8 +21,6 @@ from .kernels import (
     scaled_for_kernel,
 )
 
-__all__ = ["ELULinearAttention", "ReLULinearAttention"]
-
 
 @register_attention("relu_linear")
 class ReLULinearAttention(KernelAttention):

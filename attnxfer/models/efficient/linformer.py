@@ -24,8 +24,6 @@ from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
-__all__ = ["LINFORMER_BF16", "LinformerAttention", "project_sequence", "segment_mean_matrix"]
-
 LINFORMER_BF16 = PrecisionPolicy(
     bf16=(
         "E, k and F, v (sequence projections)",

@@ -17,8 +17,6 @@ from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
-__all__ = ["NoAttention"]
-
 
 @register_attention("none")
 class NoAttention(EfficientAttention):

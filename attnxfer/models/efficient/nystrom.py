@@ -24,8 +24,6 @@ from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
 
-__all__ = ["NYSTROM_FP32", "NystromAttention", "iterative_pinv"]
-
 NYSTROM_FP32 = PrecisionPolicy(
     fp32=("the whole core",),
     why="Newton-Schulz pseudo-inverse of the landmark kernel: bf16 rounding is amplified by its condition "

@@ -44,8 +44,6 @@ from ..attention.registry import register_attention
 from .base import snapshot, unchanged
 from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, add_scalar
 
-__all__ = ["PERFORMER_BF16", "PerformerAttention", "default_num_features", "gaussian_orthogonal_features"]
-
 #: Kernel products in bf16 as `KERNEL_BF16`; the random projection at fp32 accuracy (two bf16 halves).
 PERFORMER_BF16 = PrecisionPolicy(
     bf16=("projection operands, as hi + lo bf16 halves of w", *KERNEL_BF16.bf16[1:], "features (stored)"),

@@ -41,19 +41,6 @@ from .hierarchical import (
     swap_hierarchical,
 )
 
-__all__ = [
-    "build_efficient_student",
-    "check_softmax_teacher",
-    "configure_token_layout",
-    "efficient_student_from_teacher",
-    "flat_blocks",
-    "new_parameters",
-    "set_drop_path",
-    "swap_attentions",
-    "teacher_token_layout",
-    "with_attention",
-]
-
 
 def teacher_token_layout(model: nn.Module) -> tuple[int, tuple[int, int] | None]:
     """(num_prefix_tokens, grid_size) of a timm ViT-like model; grid None when the model resizes its grid.

@@ -6,8 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["image_to_grid", "window_ids", "window_merge", "window_partition", "window_valid"]
-
 
 def image_to_grid(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     """(B*H, c, h, w) -> (B, H, h*w, c)."""

@@ -42,8 +42,6 @@ from .base import EfficientAttention
 from .kernels import build_feature_map, feature_map_kind, scaled_for_kernel
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
-__all__ = ["WINDOW_BF16", "WINDOW_LINEAR_BF16", "WindowAttention", "WindowLinearAttention"]
-
 WINDOW_BF16 = PrecisionPolicy(
     bf16=("q, k, v of every window and of the prefix rows (SDPA)",),
     fp32=("SDPA's running max, row sums and accumulator (its own, as for the softmax teacher)",),

@@ -22,27 +22,6 @@ import timm
 import torch
 from timm.layers import LayerNorm
 
-__all__ = [
-    "Taker",
-    "activation",
-    "architectures",
-    "base_prefix",
-    "clip_layer",
-    "fused_qkv",
-    "has_head",
-    "head_classes",
-    "legacy_names",
-    "linear",
-    "mlp_ratio",
-    "norm_layer",
-    "num_labels",
-    "pair",
-    "size_arg",
-    "timm_name",
-    "under",
-    "vit_layer",
-]
-
 # transformers' hidden_act (activations.ACT2CLS) -> timm's act_layer name for the same function.
 _ACTIVATIONS = {
     "gelu": "gelu",

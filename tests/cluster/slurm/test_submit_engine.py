@@ -71,6 +71,31 @@ def _final(run_dir: Path):
     )
 
 
+def _job_id(sub: subprocess.CompletedProcess) -> str:
+    """The id of the job ``attnxfer submit`` (without --wait) says it submitted."""
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    return next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
+
+
+def _wait_until(ready, what: str) -> None:
+    """Poll ``ready()`` until it holds (bounded by WAIT_S)."""
+    deadline = time.monotonic() + WAIT_S
+    while not ready():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def _ended(job_id: str) -> dict:
+    """The job's record once it has ended (requeues included)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        info = slurm_job_info(job_id)
+        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            return info
+        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
+        time.sleep(0.5)
+
+
 COMMON = [*TINY, "schedule.max_steps=4", "checkpoint.every_steps=2"]
 
 
@@ -125,20 +150,10 @@ def test_requeued_training_job_resumes_and_finishes(slurm, tmp_path):
         "--time",
         "5",
     )
-    assert sub.returncode == 0, sub.stderr[-2000:]
-    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
-    deadline = time.monotonic() + WAIT_S
-    while not (run / "checkpoints" / "step-00000010").exists():
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.1)
+    job_id = _job_id(sub)
+    _wait_until((run / "checkpoints" / "step-00000010").exists, "no checkpoint appeared")
     subprocess.run(["scontrol", "requeue", job_id], check=True)
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        info = slurm_job_info(job_id)
-        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
-        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
-        time.sleep(0.5)
+    info = _ended(job_id)
     assert info["JobState"] == "COMPLETED", info
     assert int(info.get("Restarts", 0)) >= 1
     name, _, state = _final(run)
@@ -271,21 +286,13 @@ def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
         "--max-requeues",
         "0",  # a preemption is not a time limit
     )
-    assert sub.returncode == 0, sub.stderr[-2000:]
-    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
+    job_id = _job_id(sub)
     metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + WAIT_S
-    while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
-        assert time.monotonic() < deadline, "training did not start"
-        time.sleep(0.05)
+    _wait_until(
+        lambda: metrics.exists() and metrics.read_text().count('"train"') >= 3, "training did not start"
+    )
     subprocess.run(["scancel", "--signal=TERM", job_id], check=True)
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        info = slurm_job_info(job_id)
-        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
-        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
-        time.sleep(0.5)
+    info = _ended(job_id)
     logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
     assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
     assert int(info.get("Restarts", 0)) == 1

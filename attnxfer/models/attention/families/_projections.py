@@ -20,8 +20,6 @@ from timm.layers import apply_rot_embed_cat
 
 from ..interface import QKV, PartialQKV
 
-__all__ = ["FusedQKVDims", "apply_rope", "freeze_chunks", "freeze_fused", "fused_rows", "project_heads"]
-
 
 class FusedQKVDims:
     """``head_dim`` and ``attn_dim`` read off a fused ``qkv`` linear (3·H·d outputs), for the timm attentions

@@ -22,8 +22,6 @@ from ..interface import QKV
 from ..placement import RowPlacement, TokenWalk, raster_cells
 from ._projections import _to_buffer, freeze_fused, fused_rows
 
-__all__ = ["KV_CHUNKS", "ReducedKeys", "freeze_q_kv", "project_q_kv"]
-
 #: The row blocks of a fused ``kv`` linear, in timm's order.
 KV_CHUNKS = ("k", "v")
 

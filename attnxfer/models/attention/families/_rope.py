@@ -12,8 +12,6 @@ from torch import nn
 from ..map_kind import MapKind
 from ..slots import ConversionSlot
 
-__all__ = ["RopeSlot"]
-
 
 class RopeSlot(ConversionSlot):
     """The conversion slot of a layer whose block passes a rotary embedding (see the module docstring)."""

@@ -20,8 +20,6 @@ from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
-__all__ = ["FAMILY", "TransferBeitAttention"]
-
 
 @register_adapter(BeitAttention)
 class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):

@@ -37,8 +37,6 @@ from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore, sdpa
 from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, project_heads
 
-__all__ = ["FAMILY", "TransferClassAttn", "TransferTalkingHeadAttn"]
-
 
 @register_adapter(TalkingHeadAttn)
 class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):

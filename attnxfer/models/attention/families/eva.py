@@ -34,8 +34,6 @@ from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import apply_rope, freeze_chunks, project_heads
 from ._rope import RopeSlot
 
-__all__ = ["FAMILY", "EvaRopeSlot", "RopeProjection", "TransferAttentionRope", "TransferEvaAttention"]
-
 
 class EvaRopeSlot(RopeSlot):
     """A zoo attention in an EVA-style rope layer: the base slot's projections and token layout, plus timm's

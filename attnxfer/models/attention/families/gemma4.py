@@ -30,8 +30,6 @@ from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import _to_buffer
 from ._rope import RopeSlot
 
-__all__ = ["FAMILY", "Gemma4Conversion", "Gemma4Slot", "TransferGemma4Attention", "gemma4_heads"]
-
 
 def _rope_call(args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The rope of a call ``attn(x, cos, sin)`` (Gemma4's block) as one tensor, ``rope``: cos and sin stacked,

@@ -28,8 +28,6 @@ from ..placement import RowPlacement, TokenWalk
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
-__all__ = ["FAMILY", "TransferMaskUnitAttention"]
-
 
 @register_adapter(MaskUnitAttention)
 class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 
-__all__ = ["FAMILY"]
-
 FAMILY = register_family(
     Family(
         name="naflexvit",

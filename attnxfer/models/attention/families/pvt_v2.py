@@ -35,8 +35,6 @@ from ..slots import ConversionSlot, TokenLayout, stacked_linear
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
-__all__ = ["FAMILY", "PvtSlot", "PvtV2Conversion", "TransferPvtV2Attention"]
-
 
 class PvtSlot:
     """Before a zoo attention class: PVTv2's call ``attn(x, feat_size)``, the zoo attention over every token of

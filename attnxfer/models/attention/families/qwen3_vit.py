@@ -9,8 +9,6 @@ import torch.nn as nn
 
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 
-__all__ = ["FAMILY"]
-
 
 def qwen3_tilings(model: nn.Module) -> tuple[Tiling, ...]:
     """Whole patches; with its projector (``merger``), a patch grid of whole merge cells (2x2 patches)."""

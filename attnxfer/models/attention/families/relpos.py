@@ -23,8 +23,6 @@ from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 
-__all__ = ["FAMILY", "TransferRelPosAttention"]
-
 
 @register_adapter(RelPosAttention)
 class TransferRelPosAttention(SoftmaxCore, RelPosAttention):

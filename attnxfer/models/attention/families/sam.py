@@ -21,15 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat, resample_abs_pos_embed_nhwc
-from timm.models.vision_transformer_sam import Attention as SamAttention
-from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+from timm.models.vision_transformer_sam import Attention as SamAttention, get_decomposed_rel_pos_bias
 
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
-
-__all__ = ["FAMILY", "TransferSamAttention"]
 
 
 @register_adapter(SamAttention)

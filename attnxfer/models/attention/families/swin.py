@@ -37,18 +37,6 @@ from ..slots import ConversionSlot, TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import FusedQKVDims, freeze_chunks, project_heads
 
-__all__ = [
-    "FAMILY",
-    "SWIN_SIZES",
-    "SwinConversion",
-    "SwinSlot",
-    "SwinWindowParts",
-    "TransferSwinAttention",
-    "swin_partition",
-    "swin_tilings",
-    "with_window_mask",
-]
-
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
     """A (1, H, N, N) logit bias plus a block's shifted-window mask (nW, N, N), as (windows, H, N, N) with

@@ -29,8 +29,6 @@ from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import project_heads
 from .swin import SWIN_SIZES, SwinWindowParts
 
-__all__ = ["FAMILY", "CosineWindowCore", "TransferSwinV2Attention"]
-
 #: timm's clamp of the learned log scale: τ ≤ 1 / 0.01.
 _MAX_LOG_SCALE = math.log(1.0 / 0.01)
 

@@ -20,8 +20,6 @@ from ..family import Family, ModuleCoverage, register_family
 from .swin import SWIN_SIZES
 from .swin_v2 import CosineWindowCore
 
-__all__ = ["FAMILY", "TransferSwinV2CrAttention"]
-
 
 @register_adapter(WindowMultiHeadAttention)
 class TransferSwinV2CrAttention(CosineWindowCore, WindowMultiHeadAttention):

@@ -28,8 +28,6 @@ from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import freeze_chunks, project_heads
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
-__all__ = ["FAMILY", "TransferGlobalSubSampleAttn", "TransferLocallyGroupedAttn"]
-
 
 class _TwinsHeads:
     """Head sizes of Twins' attentions (timm keeps only ``dim`` and ``num_heads``)."""

@@ -19,8 +19,6 @@ from ..adapters import refuse_attention, register_adapter
 from ..family import Family, ModuleCoverage, register_family
 from ..softmax import TransferAttention
 
-__all__ = ["DIFF_ATTENTION_REASON", "FAMILY"]
-
 register_adapter(Attention)(TransferAttention)
 
 DIFF_ATTENTION_REASON = (

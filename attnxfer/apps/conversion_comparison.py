@@ -1,0 +1,272 @@
+"""A convert study's comparison: its students (one efficient attention each, from one teacher) side by side.
+
+Read from the study's files, nothing measured again: ``study.json`` (the students, in order) and each
+student's ``report.json`` (`attnxfer.apps.convert`: every student measured on the same probe and validation
+images, and timed in the same interleaved calls as one teacher and one floor). One row per student: its
+quality at its last stage (top-1 with its Wilson interval where it has a head and the data labels; k-NN top-1
+with its interval where the data has labels; the final features' cosine with the teacher's, always), its
+per-layer map agreement with the teacher (end to end, and on the teacher's hidden inputs: what stage 1 fits),
+and its speed against the teacher and against the floor (the model whose attention mixes no tokens: the
+ceiling of any attention at that resolution). Writes ``conversion_study.md`` and ``conversion_study.json``
+(the same rows, as data).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..checkpoints.atomic_io import atomic_write_json, atomic_write_text
+from ..errors import InputError, MissingPathError
+from ..run_layout import STUDY_RECORD
+from .reports import STAGE_ROWS, final_stage, ratio_text, top1_interval_text, value_text
+
+COMPARISON_REPORT = "conversion_study.md"
+COMPARISON_DATA = "conversion_study.json"
+#: the stages as a row names them: "weights swapped in", "after stage 1", "after stage 2"
+_STAGE_NAMES = {key: label.removeprefix("student").lstrip(", ") for key, label in STAGE_ROWS}
+
+
+def write_conversion_comparison(study_dir: str | Path, *, log: Callable[[str], None] = print) -> Path:
+    """Write the comparison of the convert study in ``study_dir`` (``conversion_study.md`` and ``.json``)
+    from its students' reports; returns the path of the markdown. A student without a report yet (a study
+    that has not reached its reports) is a row saying so."""
+    study_dir = Path(study_dir)
+    path = study_dir / STUDY_RECORD
+    if not path.is_file():
+        raise MissingPathError(f"{study_dir} has no {STUDY_RECORD}: give the run_dir of an `attnxfer study`")
+    try:
+        students = json.loads(path.read_text(encoding="utf-8"))["students"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path} is not a study's record ({e})") from None
+    reports = {s["name"]: _report(study_dir / s.get("folder", s["name"]) / "report.json") for s in students}
+    rows = comparison_rows(reports)
+    atomic_write_json(study_dir / COMPARISON_DATA, {"study": study_dir.resolve().name, "students": rows})
+    out = atomic_write_text(study_dir / COMPARISON_REPORT, _render(study_dir.resolve().name, reports, rows))
+    log(f"conversion study report -> {out}")
+    return out
+
+
+def _report(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except ValueError as e:
+        raise InputError(f"{path} is not valid JSON ({e}): is it a conversion's report?") from None
+
+
+def comparison_rows(reports: Mapping[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """One row per student (in order): what the comparison shows of its report (None where it has none)."""
+    return [_row(name, report) for name, report in reports.items()]
+
+
+def _row(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
+    if report is None:
+        return {"name": name, "report": None}
+    stage = final_stage(report)
+    knn = ((report.get("knn") or {}).get(stage) or {}) if stage else {}
+    features = ((report.get("features") or {}).get(stage) or {}) if stage else {}
+    speed = report["speed"]
+    names = report["student"]["attention"]
+    return {
+        "name": name,
+        "report": str(Path(report["run_dir"]) / "report.md"),
+        "attention": names[0] if len(set(names)) == 1 else ", ".join(names),
+        "stage": stage,
+        "stopped": report.get("stopped"),
+        "top1": (report.get("top1") or {}).get(stage) if stage else None,
+        "val_size": report["data"].get("val_size"),
+        "knn_top1": knn.get("knn_top1"),
+        "knn_interval": [knn["knn_top1_low"], knn["knn_top1_high"]] if "knn_top1_low" in knn else None,
+        "knn_count": knn.get("knn_count"),
+        "feat_cos_patch": features.get("feat_cos_patch"),
+        "agreement": {
+            which: [(r["layer"], r["metric"], r.get(stage) if stage else None) for r in rows]
+            for which, rows in report["agreement"].items()
+        },
+        "after_stage1": [r.get("after_stage1") for r in report["agreement"]["teacher_input"]],
+        "speed": {k: speed.get(k) for k in _SPEED_KEYS},
+    }
+
+
+_SPEED_KEYS = (
+    "student_ms",
+    "student_images_per_s",
+    "speedup",
+    "student_over_floor",
+    "teacher_ms",
+    "teacher_images_per_s",
+    "floor_ms",
+    "floor_images_per_s",
+    "floor_over_teacher",
+    "break_even",
+)
+
+
+# --------------------------------------------------------------------------------------------- the text
+def _render(study: str, reports: Mapping[str, dict[str, Any] | None], rows: list[dict[str, Any]]) -> str:
+    first = next((r for r in reports.values() if r is not None), None)
+    lines = [f"# Conversion study `{study}`: {len(rows)} efficient attentions from one teacher", ""]
+    if first is None:
+        return "\n".join([*lines, "No student has a report yet.", ""])
+    return "\n".join(
+        [
+            *lines,
+            *_shared_lines(first, max(r["seconds"]["total"] for r in reports.values() if r is not None)),
+            *_quality_section(first, rows),
+            *_agreement_section(rows, "end_to_end", "end to end (each model on its own hidden states)"),
+            *_stage1_section(rows),
+            *_speed_section(first, rows),
+        ]
+    )
+
+
+def _shared_lines(report: dict[str, Any], seconds: float) -> list[str]:
+    """What every student shared: the teacher, the data, both stages' lengths and the single teacher pass."""
+    data, stage1, stage2 = report["data"], report["stage1"], report["stage2"]
+    return [
+        f"- teacher: `{report['teacher']['spec']}`",
+        f"- data: {data['dataset']} (val {data['val_size']} images; map agreement on {data['agreement_images']} "
+        "images)",
+        f"- stage 1: {stage1['steps']} steps of batch {stage1['batch_size']}; stage 2: {stage2['steps']} steps; "
+        "each batch read once and the teacher run once per batch for every student",
+        f"- time: {seconds:.0f} s for the whole study",
+        "- each student's own report: `<student>/report.md` (its stages, per-layer tables, break-even sweep)",
+        "",
+    ]
+
+
+def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Top-1 and k-NN top-1 with Wilson intervals, and final-feature cosine, at each student's last stage."""
+    teacher_top1 = first["top1"]["teacher"]
+    knn0 = next((s for s in (first.get("knn") or {}).values() if s and "knn_top1" in s), {})
+    n = first["data"].get("val_size")
+    lines = [
+        "## Quality (validation, at each student's last stage)",
+        "",
+        f"95 % intervals: Wilson, on {n or '?'} validation images"
+        + (f" (k-NN: k = {knn0['knn_k']}, {knn0['knn_count']} images)" if knn0 else "")
+        + "; feature cosine: the final patch tokens' mean cosine with the teacher's (no label read).",
+        "",
+        "| student | attention | stage | top-1 (%) | 95 % interval | of teacher's | k-NN top-1 (%) | 95 % interval "
+        "| feature cosine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    knn_t = knn0.get("knn_teacher_top1")
+    knn_t_band = (
+        f"[{knn0['knn_teacher_top1_low']:.1f}, {knn0['knn_teacher_top1_high']:.1f}]"
+        if knn_t is not None
+        else "—"
+    )
+    lines.append(
+        f"| teacher | softmax | | {_pct(teacher_top1)} | {top1_interval_text(teacher_top1, n)} | | {_pct(knn_t)} | "
+        f"{knn_t_band} | 1 |"
+    )
+    for row in rows:
+        if row["report"] is None or row["stage"] is None:
+            lines.append(f"| {row['name']} | | no report yet | | | | | | |")
+            continue
+        top1, band = row["top1"], row["knn_interval"]
+        share = f"{100 * top1 / teacher_top1:.1f}%" if top1 is not None and teacher_top1 else "—"
+        stage = _STAGE_NAMES[row["stage"]] + (" (stopped)" if row["stopped"] else "")
+        lines.append(
+            f"| {row['name']} | {row['attention']} | {stage} | {_pct(top1)} | {top1_interval_text(top1, row['val_size'])} "
+            f"| {share} | {_pct(row['knn_top1'])} | {f'[{band[0]:.1f}, {band[1]:.1f}]' if band else '—'} | "
+            f"{value_text(row['feat_cos_patch'])} |"
+        )
+    stopped = [f"- {r['name']} stopped early: {r['stopped']}" for r in rows if r.get("stopped")]
+    return [*lines, "", *stopped, *([""] if stopped else [])]
+
+
+def _agreement_section(rows: list[dict[str, Any]], which: str, title: str) -> list[str]:
+    """Per-layer map agreement of every student at its last stage, one column each (and their mean)."""
+    measured = [r for r in rows if r["report"] is not None and r["stage"] is not None]
+    if not measured:
+        return []
+    return [
+        f"## Per-layer map agreement, {title}",
+        "",
+        "At each student's last stage: KL(P_teacher ‖ A_student) for row-stochastic maps (nats per row), mean "
+        "squared map difference for signed maps, attention-output MSE for attentions without a map.",
+        "",
+        *_layer_table(
+            measured, [[(layer, metric, v) for layer, metric, v in r["agreement"][which]] for r in measured]
+        ),
+    ]
+
+
+def _stage1_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Per-layer agreement on the teacher's hidden inputs right after stage 1 (what stage 1 fits)."""
+    measured = [r for r in rows if r["report"] is not None and any(v is not None for v in r["after_stage1"])]
+    if not measured:
+        return []
+    tables = [
+        [
+            (layer, metric, v)
+            for (layer, metric, _), v in zip(r["agreement"]["teacher_input"], r["after_stage1"], strict=True)
+        ]
+        for r in measured
+    ]
+    return [
+        "## Per-layer map agreement after stage 1, on the teacher's hidden inputs (what stage 1 fits)",
+        "",
+        *_layer_table(measured, tables),
+    ]
+
+
+def _layer_table(
+    rows: list[dict[str, Any]], tables: Sequence[list[tuple[int, str, float | None]]]
+) -> list[str]:
+    header = "| block | " + " | ".join(f"{r['name']} ({r['attention']})" for r in rows) + " |"
+    lines = [header, "|---|" + "---|" * len(rows)]
+    for i, (layer, *_) in enumerate(tables[0]):
+        cells = [f"{value_text(t[i][2])} {t[i][1]}" if t[i][2] is not None else "—" for t in tables]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    means = []
+    for t in tables:
+        values = [v for *_, v in t if v is not None]
+        means.append(value_text(sum(values) / len(values)) if values else "—")
+    lines.append("| mean | " + " | ".join(means) + " |")
+    return [*lines, ""]
+
+
+def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """Teacher, floor and every student from one interleaved measurement (the teacher timed once)."""
+    speed = first["speed"]
+    floor = speed.get("floor_ms") is not None
+    lines = [
+        "## Speed (one measurement: the teacher and the floor timed once, in the same calls as every student)",
+        "",
+        f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']} "
+        f"({speed['threads']} threads, {speed['precision']}), median of {speed['repeats']} interleaved repeats. The "
+        "floor is the teacher whose attention projects but mixes no tokens: no attention is faster at this "
+        "resolution. Break-even: the smallest side of each student's sweep (batch 1) where it beats the teacher.",
+        "",
+        "| model | ms | images/s | × teacher | of the floor | break-even (px) |",
+        "|---|---|---|---|---|---|",
+        f"| teacher (softmax) | {speed['teacher_ms']:.2f} | {speed['teacher_images_per_s']:.1f} | 1.00 | "
+        f"{ratio_text(1 / speed['floor_over_teacher']) if floor else '—'} | |",
+    ]
+    if floor:
+        lines.append(
+            f"| floor (ceiling) | {speed['floor_ms']:.2f} | {speed['floor_images_per_s']:.1f} | "
+            f"{speed['floor_over_teacher']:.2f} | 1.00 | |"
+        )
+    elif speed.get("floor_refused"):
+        lines.insert(-3, f"No floor measured: {speed['floor_refused']}.\n")
+    for row in rows:
+        if row["report"] is None:
+            continue
+        s = row["speed"]
+        lines.append(
+            f"| {row['name']} ({row['attention']}) | {s['student_ms']:.2f} | {s['student_images_per_s']:.1f} | "
+            f"{s['speedup']:.2f} | {ratio_text(s['student_over_floor'])} | {s['break_even'] or '—'} |"
+        )
+    return [*lines, ""]
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"

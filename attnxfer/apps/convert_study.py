@@ -1,0 +1,274 @@
+"""`attnxfer study --command convert`: K efficient attentions converted from one teacher in one job.
+
+Each student is an `attnxfer convert` of its own config (`attnxfer.apps.convert`: built with its own seed first,
+measured, stage 1, stage 2, speed, its report), all around ONE teacher and ONE pair of loaders, and the steps
+after the build are `convert_runs`, the very sequence a single conversion runs. What the study changes is how
+the two stages are driven:
+
+- stage 1 in lock step (`_Stage1Lockstep`): each student's stage 1 is opened as it would be alone
+  (`open_stage1`: resumed from its own checkpoints in ``RUN_DIR/<name>/stage1``) and stepped as a `Stage1Fit`;
+  each batch is read once and the teacher runs once for the union of what the students' plans need (layers x
+  fields), every student then stepping on those signals under its own random streams. A student resumed
+  further than another waits for the stream to reach its batch.
+- stage 2 as a training study (`attnxfer.apps.study.lockstep_study`): the converted students trained in lock
+  step, one teacher pass a batch, each in ``RUN_DIR/<name>/stage2``, committed and resumed as a training
+  study's students are.
+
+Speed is measured once for all (the teacher and the floor timed once, in the same interleaved calls). Each
+student's folder is laid out as its solo conversion's (``config.yaml``, ``stage1/``, ``stage2/``,
+``report.md``, ``report.json``), so `attnxfer convert -c RUN_DIR/<name>/config.yaml` finds it done, and
+`attnxfer eval`/`export`/`inspect` take its ``stage2/``. The study's folder holds ``study.json`` and
+``study.yaml`` (``attnxfer study -c RUN_DIR/study.yaml`` resumes it), stage 2's commits (``checkpoints/``) and
+the comparison of the students (``conversion_study.md``, `attnxfer.apps.conversion_comparison`). A student
+whose loss turns non-finite stops alone, with one line; the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints.run_lock import run_lock
+from ..config.study import StudySpec
+from ..errors import UserError
+from ..models.handover import Signal
+from ..run_layout import STUDY_RECORD
+from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ..train.stage1 import Stage1Fit, Stage1Result, teacher_signals
+from ..train.stop import StopRequested, stop_on_signals, stop_signal
+from ..train.study import StudentStreams
+from ..train.terms import NonFiniteLossError
+from .conversion_comparison import write_conversion_comparison
+from .conversion_stage1 import Stage1Job, open_stage1, stage1_batches
+from .convert import (
+    Conversion,
+    build_conversion,
+    checked_config,
+    convert_runs,
+    stage1_done,
+    stage2_config,
+    stage2_done,
+)
+from .study import check_study, lockstep_study, write_study_files
+from .training import prepare_trackers_from_config
+
+
+@dataclass
+class ConvertedStudent:
+    """How one student of a convert study ended: its report (report.json's content) and, where it stopped
+    early, why."""
+
+    name: str
+    run_dir: str
+    report: dict[str, Any]
+    stopped: str | None = None
+
+
+@dataclass
+class ConvertStudyResult:
+    run_dir: str
+    students: list[ConvertedStudent] = field(default_factory=list)
+    report: Path | None = None  # conversion_study.md (rank 0)
+
+
+def convert_study(spec: StudySpec, *, log: Callable[[str], None] = print) -> ConvertStudyResult:
+    """Convert (or resume converting) every student of ``spec`` in one job; the library function behind
+    `attnxfer study --command convert`. Rank 0 holds the study's lock and each student's folders'; under
+    torchrun or a submitted job every rank runs this (each stage data parallel over the ranks, as a conversion
+    alone is), and rank 0 writes the comparison."""
+    main = DistributedInfo.from_environment().is_main_process
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(run_lock(spec.run_dir, "study", enabled=main))
+        for _, cfg in spec.configs():
+            stack.enter_context(run_lock(cfg.run_dir, "convert", enabled=main))
+            stack.enter_context(run_lock(Path(cfg.run_dir) / "stage2", "train", enabled=main))
+        info = stack.enter_context(
+            joined_process_group(backend_for(spec.base.device), spec.base.dist.timeout)
+        )
+        study = _ConvertStudy.build(spec, info, log if main else _silent)
+        reports = convert_runs(
+            study.runs, study.start, stage1=study.stage1, stage2=study.stage2, log=study.say
+        )
+        result = ConvertStudyResult(spec.run_dir)
+        for name, run, report in zip(study.names, study.runs, reports, strict=True):
+            result.students.append(ConvertedStudent(name, str(run.run_dir), report, study.stopped.get(name)))
+        if main:
+            result.report = write_conversion_comparison(spec.run_dir, log=log)
+        barrier()
+        return result
+
+
+@dataclass
+class _ConvertStudy:
+    """The study's students, built (`build`), and how its two stages are driven (`stage1`, `stage2`: what
+    `convert_runs` calls)."""
+
+    spec: StudySpec
+    runs: list[Conversion]
+    streams: list[StudentStreams]  # each student's random streams since it was built
+    main: bool
+    say: Callable[[str], None]
+    start: float
+    stopped: dict[str, str] = field(default_factory=dict)  # who stopped early, and why
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.spec.students]
+
+    @classmethod
+    def build(cls, spec: StudySpec, info, say: Callable[[str], None]) -> _ConvertStudy:
+        """Each student built as `attnxfer convert` builds it alone (its seed, then the student from the
+        teacher's weights), around one teacher and one pair of loaders; the study's checks and files."""
+        start = time.monotonic()
+        configs = [(s, checked_config(cfg, skip_stage1=False)) for s, cfg in spec.configs()]
+        if info.is_main_process:  # stage 2's trackers, decided before the teacher loads
+            for _, cfg in configs:
+                prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
+        # the shared parts (the first student's teacher and loaders) draw nothing from the students' streams
+        with torch.random.fork_rng(devices=[]), _naming(configs[0][0].name):
+            shared = build_conversion(configs[0][1], info, None, _silent).parts
+        runs, streams = [], []
+        for student, cfg in configs:
+            torch.manual_seed(cfg.seed)
+            with _naming(student.name):
+                runs.append(build_conversion(cfg, info, None, _prefixed(say, student.name), shared=shared))
+            streams.append(StudentStreams.current())
+        # what one batch and one teacher pass for all needs, on stage 2's configs, before any work
+        check_study(spec, [(s, stage2_config(run)) for (s, _), run in zip(configs, runs, strict=True)])
+        if info.is_main_process and not (Path(spec.run_dir) / STUDY_RECORD).is_file():
+            write_study_files(spec, [], {})  # study.yaml resumes the study from now on
+        barrier()
+        return cls(spec, runs, streams, info.is_main_process, say, start)
+
+    def stage1(self, runs: list[Conversion]) -> list[Stage1Result]:
+        """Each student's stage 1, opened as alone (resumed from its own checkpoints), the unfinished ones
+        fitted in lock step; then each measured."""
+        jobs: dict[int, Stage1Job] = {}
+        results: dict[int, Stage1Result | None] = {}
+        for i, run in enumerate(runs):
+            if run.plan.stage1_steps <= 0:
+                results[i] = None
+                continue
+            jobs[i] = open_stage1(
+                run.cfg, run.parts, run.plan, run.run_dir / "stage1", run.device, main=run.main, log=run.log
+            )
+            results[i] = jobs[i].done
+        for i, job in jobs.items():
+            if job.done is None and not runs[i].plan.active:  # nothing to fit: complete at once, as alone
+                results[i] = job.finish(Stage1Result())
+        pending = {i: job for i, job in jobs.items() if results[i] is None}
+        if pending:
+            results |= _Stage1Lockstep(self, pending).run()
+        return [stage1_done(run, results[i]) for i, run in enumerate(runs)]
+
+    def stage2(self, runs: list[Conversion]) -> list[dict[str, Any]]:
+        """Stage 2 of every student that did not stop, as a training study (`lockstep_study`); then each
+        measured."""
+        if runs[0].stage2_steps <= 0:  # the schedule's length is every student's
+            return [stage2_done(run, None) for run in runs]
+        configs = [(s, stage2_config(run)) for s, run in zip(self.spec.students, runs, strict=True)]
+        parts = {
+            name: run.parts for name, run in zip(self.names, runs, strict=True) if name not in self.stopped
+        }
+        outcomes = {}
+        if parts:
+            studied = lockstep_study(
+                self.spec, self.main, self.say, configs=configs, parts=parts, stopped_before=self.stopped
+            )
+            outcomes = {o.name: o for o in studied.students}
+        sections = []
+        for name, run in zip(self.names, runs, strict=True):
+            outcome = outcomes.get(name)
+            stopped = self.stopped.get(name) or (outcome.stopped if outcome else None)
+            if stopped:
+                self.stopped[name] = run.stopped = stopped
+            sections.append(stage2_done(run, None if stopped or outcome is None else outcome.result, stopped))
+        return sections
+
+
+class _Stage1Lockstep:
+    """The students' unfinished stage-1 fits, one step each per batch of one stream (`stage1_batches`, from the
+    batch the furthest-behind student reads next): the teacher's signals computed once a batch for the
+    students that step on it, each student stepping under its own random streams. A stop signal is read once
+    a round for all: every fit saves its step, then `StopRequested`."""
+
+    def __init__(self, study: _ConvertStudy, jobs: dict[int, Stage1Job]) -> None:
+        self.study, self.jobs = study, jobs
+
+    def run(self) -> dict[int, Stage1Result | None]:
+        """Every fit to its end (None: the student stopped); by the student's place in the study."""
+        first = self.study.runs[next(iter(self.jobs))]
+        start = min(job.first_batch for job in self.jobs.values())
+        batches = stage1_batches(
+            first.cfg, first.parts, first.plan.stage1_batch_size, first.device, start=start
+        )
+        results: dict[int, Stage1Result | None] = {}
+        with contextlib.ExitStack() as stack:
+            fits = {i: stack.enter_context(job.fit()) for i, job in self.jobs.items()}
+            stack.enter_context(stop_on_signals())
+            index = start
+            while active := [i for i, fit in fits.items() if not fit.finished and i not in results]:
+                x = next(batches)
+                stepping = [i for i in active if fits[i].done + self.jobs[i].batch_offset == index]
+                if stepping:
+                    signals = _union_signals(first.teacher, x, [fits[i] for i in stepping])
+                    for i in stepping:
+                        results |= self._turn(i, fits[i], signals)
+                index += 1
+                signum = stop_signal()
+                if signum:
+                    raise self._stopped(signum, [fits[i] for i in active if i not in results])
+            for i, fit in fits.items():
+                if i not in results:
+                    results[i] = self.jobs[i].finish(fit.finish())
+        return results
+
+    def _turn(self, i: int, fit: Stage1Fit, signals: Any) -> dict[int, None]:
+        """One step of student ``i``; a non-finite loss stops it alone (``{i: None}``)."""
+        study = self.study
+        try:
+            with study.streams[i].active():
+                fit.step(signals)
+            return {}
+        except NonFiniteLossError as e:
+            name = study.names[i]
+            study.stopped[name] = study.runs[i].stopped = str(e)
+            study.say(f"study: student {name!r} stopped: {e}; the others go on")
+            return {i: None}
+
+    def _stopped(self, signum: int, fits: list[Stage1Fit]) -> StopRequested:
+        """A stop signal: every fit still running saves its step; the first one's stop is the study's."""
+        stops = [fit.stopped(signum) for fit in fits]
+        return stops[0]
+
+
+def _union_signals(teacher: torch.nn.Module, x: torch.Tensor, fits: list[Stage1Fit]) -> Any:
+    """The teacher's signals for every layer and field any of ``fits`` needs, from one forward pass."""
+    layers = sorted({layer.layer for fit in fits for layer in fit.plan.active})
+    fields: list[Signal] = list(dict.fromkeys(f for fit in fits for f in fit.objective.fields))
+    return teacher_signals(teacher, x, layers, fields)
+
+
+@contextlib.contextmanager
+def _naming(name: str) -> Iterator[None]:
+    """A refusal while building a student names the student (its keys come from the base and its own)."""
+    try:
+        yield
+    except UserError as e:
+        e.args = (f"student {name!r}: {e.args[0] if e.args else e}", *e.args[1:])
+        raise
+
+
+def _prefixed(log: Callable[[str], None], name: str) -> Callable[[str], None]:
+    """A student's log: its lines start with its name."""
+    return lambda line: log(f"{name}: {line}")
+
+
+def _silent(*_: Any) -> None:
+    pass

@@ -1,0 +1,169 @@
+"""`attnxfer eval`: score a run's checkpoint on its validation set, and what else the ``eval`` section asks.
+
+Scoring builds the run's engine exactly as training would (`attnxfer.apps.training.build_engine`, writing
+nothing), loads the checkpoint the resume rules pick, and adds what `eval_metrics` says: final-feature agreement
+with the teacher and k-NN top-1. Its one file of output is ``RUN_DIR/eval-<step>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ..checkpoints.run_lock import check_writable, disk_error
+from ..checkpoints.store import CheckpointError, atomic_write_json
+from ..config import TrainConfig, to_dict
+from ..data import require_labels
+from ..errors import InputError
+from ..models.mae import MaskedAutoencoder
+from ..train.distributed import DistributedInfo, backend_for, joined_process_group
+from ..train.engine import Engine
+from ..train.evaluation import evaluate_features, evaluate_knn
+from ..transfer.modes import get_mode
+from ..transfer.teacher_student import TeacherStudent
+from .loaders import build_bank_loader, data_info, data_seed
+from .run_parts import RunParts
+from .training import LABEL_METRICS, build_engine, same_tokens, task_weight_of
+
+
+@dataclass
+class EvalResult:
+    step: int
+    checkpoint: str
+    metrics: dict[str, float]
+    path: Path  # the result file: RUN_DIR/eval-<step>.json
+
+
+def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[str]:
+    """What `attnxfer eval` scores besides the engine's own evaluation (``eval.metrics``): ``features``
+    (final-feature agreement with the teacher) and ``knn`` (k-NN top-1 of the embeddings); ``top1`` is the
+    engine's own. ``auto`` takes what the run can give: top1 and knn where the data has labels, features
+    where it has a teacher. A metric asked for by name that the run cannot give stops here, in one line,
+    before any work. ``own_objective``: the engine scores an objective of its own (MAE pre-training's
+    val loss), so a run without labels or teacher still has something to score."""
+    asked = set(cfg.eval.metrics)
+    info = data_info(cfg.data)
+    labelled = info.has_labels
+    teacher = bool(cfg.teacher.spec)
+    # copy modes: the student alone is not the model (it attends with the teacher's maps)
+    with_teacher = not own_objective and get_mode(cfg.transfer.mode).teacher_at_eval
+    if "auto" in asked:
+        asked.discard("auto")
+        asked |= {"top1", "knn"} if labelled else set()
+        asked |= {"features"} if teacher and not with_teacher and not own_objective else set()
+        if with_teacher:
+            asked -= {"knn", "features"}
+    for name in sorted(asked & LABEL_METRICS):
+        require_labels(info, f"eval.metrics={name}")
+    if task_weight_of(cfg) == 0 and not own_objective:  # scored by feature agreement: no head was trained
+        if "top1" in cfg.eval.metrics:
+            raise InputError(
+                "eval.metrics=top1: this run has no task loss (transfer.task_weight=0), so no head was trained "
+                "to score; drop top1 from eval.metrics (features and knn need no head)"
+            )
+        asked.discard("top1")
+    if "features" in asked and (not teacher or own_objective):
+        raise InputError(
+            "eval.metrics=features compares the student's final features with its teacher's, and this run has "
+            "no teacher (teacher.spec); drop features from eval.metrics"
+        )
+    if with_teacher and asked & {"knn", "features"}:
+        raise InputError(
+            f"eval.metrics={sorted(asked & {'knn', 'features'})}: a transfer.mode={cfg.transfer.mode} student "
+            "attends with its teacher's maps, so its features alone are not the model; drop them from eval.metrics"
+        )
+    if not asked and not own_objective:
+        raise InputError(
+            "nothing to score: top-1 and k-NN need labels (data.labels=true) and feature agreement a teacher "
+            "(teacher.spec)"
+        )
+    return frozenset(asked)
+
+
+def _quality_metrics(
+    cfg: TrainConfig, engine: Engine, wanted: frozenset[str], have: dict
+) -> dict[str, float]:
+    """Feature agreement and k-NN top-1 of the loaded checkpoint's student (its raw weights, not the EMA's)."""
+    pair, student, teacher = engine.module, engine.student, None
+    if isinstance(pair, TeacherStudent):
+        teacher = pair.teacher
+    elif isinstance(student, MaskedAutoencoder):  # pre-training: its encoder is the model
+        student = student.encoder
+    out: dict[str, float] = {}
+    if "features" in wanted and not same_tokens(student, teacher):
+        if "features" in cfg.eval.metrics:
+            raise InputError(
+                "eval.metrics=features: the student's final tokens differ from the teacher's (width or prefix "
+                "tokens), so they cannot be compared token for token; drop features from eval.metrics"
+            )
+        wanted = wanted - {"features"}  # auto: a student of another shape has no feature agreement
+    if "features" in wanted and "val_feat_cos_patch" not in have:  # a run without labels scored them already
+        scores = evaluate_features(engine.model, engine.val_loader, engine.accelerator)
+        out |= {f"val_{k}": v for k, v in scores.items()}
+    if "knn" in wanted:
+        e = cfg.eval
+        bank = build_bank_loader(
+            cfg.data, engine.val_loader.dataset, seed=data_seed(cfg), size=e.knn_bank_size
+        )
+        out |= evaluate_knn(
+            student,
+            teacher,
+            bank,
+            engine.val_loader,
+            engine.accelerator,
+            k=e.knn_k,
+            temperature=e.knn_temperature,
+        )
+    return out
+
+
+def evaluate_run(
+    cfg: TrainConfig,
+    parts: RunParts | None = None,
+    build: Callable[[TrainConfig, ResumePoint], Engine] | None = None,
+) -> EvalResult:
+    """`attnxfer eval`: score the run's newest checkpoint (or ``checkpoint.resume=PATH``) on its val set.
+
+    Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
+    a checkpoint is refused (there is nothing trained to score), and so is a run dir that cannot take that
+    file (read-only, full), before anything is computed. It takes no lock: scoring a run that trains is fine.
+    Besides the engine's evaluation it scores what `eval_metrics` says: final-feature agreement with the
+    teacher (``val_feat_*``) and k-NN top-1 (``knn_*``; memory bank: the training split, unaugmented).
+    """
+    wanted = eval_metrics(cfg, own_objective=build is not None)
+    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
+        raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")
+    point = ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
+    if point is None:
+        raise CheckpointError(
+            f"{cfg.run_dir} has no checkpoint to evaluate (no intact {cfg.run_dir}/checkpoints/step-*); "
+            "train it first, or point -c at the config.yaml of a run that has checkpoints"
+        )
+    if DistributedInfo.from_environment().is_main_process:
+        check_writable(cfg.run_dir)
+    with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
+        if build is None:
+            engine = build_engine(cfg, parts, write_run_files=False, found=point)
+        else:  # another objective's engine (pretrain), built without writing into the run
+            engine = build(cfg, point)
+        metrics = engine.evaluate_checkpoint()
+        metrics |= _quality_metrics(cfg, engine, wanted, metrics)
+        path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"
+        if engine.is_main:
+            record = {
+                "step": engine.step,
+                "checkpoint": engine.last_ckpt,
+                "metrics": metrics,
+                "config": to_dict(cfg),
+            }
+            try:
+                atomic_write_json(path, record)
+            except OSError as e:  # filled up while scoring: say so in one line, with the scores
+                plain = disk_error(e, cfg.run_dir)
+                if plain is None:
+                    raise
+                raise type(plain)(f"{plain} (the scores: {json.dumps(metrics)})") from e
+        return EvalResult(engine.step, str(engine.last_ckpt), metrics, path)

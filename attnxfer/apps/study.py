@@ -1,0 +1,340 @@
+"""`attnxfer study`: one teacher, K students, one job that pays for the teacher's forward once per batch.
+
+A `StudySpec` (`attnxfer.config.study`: the base config and each student's overrides) becomes K engines, each
+built exactly as `attnxfer train` builds that student alone (its own seed, model, plan, optimiser, EMA, run
+folder ``RUN_DIR/<name>``), around one teacher and one pair of loaders (`build_run_parts(shared=...)`); the
+loop is `attnxfer.train.study.Lockstep`. The study's folder holds ``study.json`` (each student's name,
+overrides and folder, and where it ended), ``study.yaml`` (``attnxfer study -c RUN_DIR/study.yaml`` runs it
+again: it resumes), the students' folders, and the study's own checkpoints: one per step that every student
+has saved (a tensor-less checkpoint through the same store, found on resume by `ResumePoint` like any run's).
+A resume goes on from that step for every student; checkpoints a student wrote after it (a save round that a
+kill cut short) are set aside, never loaded or deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ..checkpoints.run_lock import run_lock
+from ..checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text
+from ..config import ConfigError, TrainConfig, to_dict
+from ..config.study import Student, StudySpec
+from ..run_layout import STUDY_RECORD
+from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ..train.engine import TrainResult
+from ..train.runtime import Runtime, create_runtime, resolve_device
+from ..train.study import Lockstep, Member, SharedBatches, SharedFeed, StudentStreams
+from ..transfer.teacher_pass import TeacherHandover, TeacherNeeds
+from ..transfer.teacher_student import TeacherStudent
+from .resume import judge
+from .run_parts import RunParts, build_run_parts
+from .study_report import write_study_report
+from .training import build_engine, require_task_labels, task_weight_of
+
+#: the YAML that runs the study again (its base keys and its students)
+STUDY_YAML = "study.yaml"
+
+
+@dataclass
+class StudentOutcome:
+    """How one student of a study ended: its training result, or why it stopped early."""
+
+    name: str
+    run_dir: str
+    result: TrainResult | None
+    stopped: str | None = None
+
+
+@dataclass
+class StudyResult:
+    run_dir: str
+    students: list[StudentOutcome] = field(default_factory=list)
+    report: Path | None = None  # study.md (None: not written by this process, see `study`)
+
+
+def study(spec: StudySpec, *, log: Callable[[str], None] = print) -> StudyResult:
+    """Train (or resume) every student of ``spec`` in one job (the library function behind `attnxfer study`).
+
+    Rank 0 holds the study's lock and each student's folder's; under torchrun or a submitted job every rank
+    runs this, each student data-parallel over the ranks. A study of one process ends with its report
+    (`attnxfer.apps.study_report`: every student scored on the same images, paired with the first); a study of
+    several ranks says how to write it (``attnxfer study --report``: scoring is one process's work, which the
+    other ranks would wait for in a collective)."""
+    info = DistributedInfo.from_environment()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(run_lock(spec.run_dir, "study", enabled=info.is_main_process))
+        for _, cfg in spec.configs():
+            stack.enter_context(run_lock(cfg.run_dir, "study", enabled=info.is_main_process))
+        stack.enter_context(joined_process_group(backend_for(spec.base.device), spec.base.dist.timeout))
+        result = _study(spec, info.is_main_process, log)
+        if info.world_size == 1:
+            result.report = write_study_report(spec.run_dir, device=resolve_device(spec.base.device), log=log)
+        elif info.is_main_process:
+            log(
+                f"study: its report, from one process: attnxfer study -c {Path(spec.run_dir) / STUDY_YAML} --report"
+            )
+        return result
+
+
+def _study(spec: StudySpec, main: bool, log: Callable[[str], None]) -> StudyResult:
+    """The study: its checks, then its students trained in lock step (`lockstep_study`)."""
+    check_study(spec)
+    return lockstep_study(spec, main, log)
+
+
+def lockstep_study(
+    spec: StudySpec,
+    main: bool,
+    log: Callable[[str], None],
+    *,
+    configs: list[tuple[Student, TrainConfig]] | None = None,
+    parts: Mapping[str, RunParts] | None = None,
+    stopped_before: Mapping[str, str] | None = None,
+) -> StudyResult:
+    """The students trained in lock step, step by step: where the study stands, the shared parts, the students,
+    the loop, the record. ``configs``: each student's run config (default the spec's: `attnxfer train`'s);
+    ``parts``: each student's own parts, built by the caller around one teacher and one pair of loaders (a
+    convert study's converted students), instead of students built from their configs; ``stopped_before``:
+    students that stopped before this loop (name -> why), left out of it (a convert study's stage 1)."""
+    configs = configs or spec.configs()
+    base = spec.base
+    runtime = create_runtime(
+        base.device, base.precision, base.optim.accum_steps, base.deterministic, base.dist.timeout
+    )
+    say = log if runtime.is_main else _silent
+    standing = _where_it_stands(spec, runtime.world, say, configs)
+    standing.stopped.update(stopped_before or {})
+    stopped = dict(standing.stopped)
+    members, batches, feed = build_members(spec, runtime, standing, say, configs=configs, parts=parts)
+    if main:
+        write_study_files(spec, members, stopped, standing.shared_seconds)
+    barrier()
+    commit = _Commit(spec, members, stopped, main)
+    loop = Lockstep(members, batches, feed, on_saved=commit, log=say, shared_before=standing.shared_seconds)
+    results = loop.run()
+    outcomes = [
+        StudentOutcome(m.name, str(m.engine.run_dir), r, m.stopped)
+        for m, r in zip(members, results, strict=True)
+    ]
+    outcomes += [
+        StudentOutcome(s.name, cfg.run_dir, None, stopped[s.name]) for s, cfg in configs if s.name in stopped
+    ]
+    if main:
+        stopped |= {o.name: o.stopped for o in outcomes if o.stopped}
+        write_study_files(spec, members, stopped, shared_seconds=loop.shared_seconds)
+    barrier()
+    order = [s.name for s in spec.students]
+    return StudyResult(spec.run_dir, sorted(outcomes, key=lambda o: order.index(o.name)))
+
+
+def build_members(
+    spec: StudySpec,
+    runtime: Runtime,
+    standing: _Standing | None = None,
+    say: Callable[[str], None] = print,
+    *,
+    configs: list[tuple[Student, TrainConfig]] | None = None,
+    parts: Mapping[str, RunParts] | None = None,
+) -> tuple[list[Member], SharedBatches, SharedFeed]:
+    """The study's students as loop members, each built as `attnxfer train` builds it alone (its own seed
+    first), around one teacher and one stream of batches, and the feed that runs the teacher once a batch for
+    all. Students that stopped earlier (``standing``) are left out. ``configs`` and ``parts``: as
+    `lockstep_study` takes them (each engine then built around its own parts, as `train(cfg, parts)` builds
+    it)."""
+    standing = standing or _Standing()
+    configs = configs or spec.configs()
+    if parts:  # the caller's students around one teacher and one pair of loaders
+        shared = next(iter(parts.values()))
+    else:
+        with torch.random.fork_rng(devices=[]):  # the shared parts draw nothing from the students' streams
+            shared = build_run_parts(configs[0][1], rank=runtime.rank, world_size=runtime.world)
+    batches, feed, members = SharedBatches(shared.train_loader, shared.train_sampler), SharedFeed(), []
+    for student, cfg in configs:
+        if student.name in standing.stopped:
+            say(
+                f"study: student {student.name!r} stopped earlier ({standing.stopped[student.name]}); it stays stopped"
+            )
+            continue
+        view = batches.view()
+        if parts:
+            own = dataclasses.replace(parts[student.name], train_loader=view)
+            engine = build_engine(cfg, own, runtime=runtime, prune_on_save=False)
+        else:
+            around = dataclasses.replace(shared, train_loader=view)
+            engine = build_engine(cfg, runtime=runtime, shared=around, prune_on_save=False)
+        streams = StudentStreams.current(runtime.accelerator)
+        members.append(
+            Member(student.name, engine, streams, view, seconds=standing.seconds.get(student.name, 0.0))
+        )
+        feed.attach(engine)
+    feed.teacher_pass = shared_teacher_pass(
+        [m.engine.objective.module for m in members], [m.name for m in members]
+    )
+    return members, batches, feed
+
+
+def shared_teacher_pass(
+    pairs: list[TeacherStudent], names: list[str]
+) -> Callable[[Any], TeacherHandover | None]:
+    """One teacher forward per batch for every student: the union of what their pairs need of it this step
+    (`TeacherNeeds.union`), run once and handed to each (a pair without a teacher needs nothing). A student
+    whose teacher pass is its own (the teacher takes its drop-path masks) is refused here, before any step."""
+    for pair, name in zip(pairs, names, strict=True):
+        if pair.train().owns_teacher_pass:
+            raise ConfigError(
+                f"student {name!r}: transfer.share_drop_path=true gives the teacher this student's drop-path "
+                "masks, so its teacher pass is its own and a study shares one: set transfer.share_drop_path=false "
+                "(the default) or model.drop_path_rate=0 for it"
+            )
+    with_teacher = [p for p in pairs if p.teacher is not None]
+
+    def teacher_pass(x: Any) -> TeacherHandover | None:
+        needs = TeacherNeeds().union(*(p.teacher_needs() for p in with_teacher))
+        return None if needs.empty else with_teacher[0].teacher_pass(x, needs)
+
+    return teacher_pass
+
+
+def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | None = None) -> None:
+    """What one batch and one teacher pass for all needs beyond the shared keys, checked before any work: the
+    same batch transform, a teacher pass that is the teacher's alone, and one loss scaler per student
+    (``configs``: the students' run configs, default the spec's)."""
+    configs = configs or spec.configs()
+    base = spec.base
+    if ResumeFrom.parse(base.checkpoint.resume).policy is ResumePolicy.PATH:
+        raise ConfigError(
+            "checkpoint.resume: a study goes on from the last step every student saved (auto) or starts over "
+            "(none); it takes no checkpoint path"
+        )
+    if base.precision == "fp16":
+        raise ConfigError(
+            "precision=fp16 scales losses with one scaler per process, which a study's students would share: use "
+            "precision=bf16 (the GPU default) or fp32"
+        )
+    for _, cfg in configs:
+        require_task_labels(cfg)
+    mixes = {name: task_weight_of(cfg) > 0 for name, cfg in ((s.name, c) for s, c in configs)}
+    if (base.aug.mixup > 0 or base.aug.cutmix > 0) and len(set(mixes.values())) > 1:
+        without = sorted(n for n, m in mixes.items() if not m)
+        raise ConfigError(
+            f"aug.mixup/cutmix mix the batch of students with a task loss, and {', '.join(without)} has none "
+            "(transfer.task_weight=0): students of a study read one batch, so give all of them a task loss or "
+            "none, or turn mixup off"
+        )
+
+
+@dataclass
+class _Standing:
+    """Where a study stands at its last committed step: who stopped early (name -> why) and the seconds spent
+    so far (each student's own, and those spent once for all)."""
+
+    stopped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    shared_seconds: float = 0.0
+
+
+def _where_it_stands(
+    spec: StudySpec, world: int, say: Callable[[str], None], configs: list[tuple[Student, TrainConfig]]
+) -> _Standing:
+    """The study's last committed step, judged as any resume; the students' checkpoints after that step (a
+    save round a kill cut short) set aside. A fresh study stands nowhere."""
+    point = judge(
+        ResumePoint.find(spec.run_dir, spec.base.checkpoint.resume),
+        spec.base,
+        world=world,
+        what="study",
+        log=say,
+    )
+    if point is not None and point.record("students") != spec.record():
+        raise ConfigError(
+            f"{spec.run_dir} holds a study (checkpoint {point.name}) of other students "
+            f"({', '.join(s['name'] for s in point.record('students'))}): a study goes on with the students it "
+            "started with; to train these, start a new study elsewhere (run_dir=...)"
+        )
+    if DistributedInfo.from_environment().is_main_process:
+        for _, cfg in configs:
+            _set_aside_after(Path(cfg.run_dir), None if point is None else point.step)
+    barrier()
+    if point is None:
+        return _Standing()
+    say(f"study: resuming every student from step {point.step} ({point.path})")
+    return _Standing(
+        dict(point.record("stopped") or {}),
+        dict(point.record("seconds") or {}),
+        point.record("shared_seconds") or 0.0,
+    )
+
+
+def _set_aside_after(run_dir: Path, step: int | None) -> None:
+    """Set aside a student's checkpoints after ``step`` (all of them when None): saved in a round that did not
+    complete, so the other students have no checkpoint of that step."""
+    manager = CheckpointManager(run_dir)
+    for info in manager.list(verify_hash=False):
+        if step is None or info.step > step:
+            aside = manager.set_aside(info.path, "uncommitted")
+            print(
+                f"study: {info.path} was saved after the study's last complete step; kept as {aside}",
+                flush=True,
+            )
+
+
+@dataclass
+class _Commit:
+    """What the study does once every student still training has saved a step: record the step (a checkpoint
+    of the study's own) and only then let each student prune its older checkpoints."""
+
+    spec: StudySpec
+    members: list[Member]
+    stopped: dict[str, str]  # who stopped in an earlier attempt
+    main: bool
+
+    def __call__(self, step: int, training: list[Member], shared_seconds: float) -> None:
+        if self.main:
+            state = {
+                "step": step,
+                "students": self.spec.record(),
+                "checkpoints": {
+                    m.name: os.path.relpath(m.engine.last_ckpt, self.spec.run_dir) for m in training
+                },
+                "stopped": {**self.stopped, **{m.name: m.stopped for m in self.members if m.stopped}},
+                "seconds": {m.name: m.seconds for m in self.members},
+                "shared_seconds": shared_seconds,
+                "config": to_dict(self.spec.base),
+            }
+            CheckpointManager(self.spec.run_dir, keep_last=1).save(step, {}, state, replace=True)
+            for m in training:
+                m.engine.ckpt.prune()
+        barrier()
+
+
+def write_study_files(
+    spec: StudySpec, members: list[Member], stopped: dict[str, str], shared_seconds: float | None = None
+) -> None:
+    """study.json (the students: name, overrides, folder, how each stands and its own seconds; the seconds
+    spent once for all) and study.yaml (``attnxfer study -c`` it: the study resumes)."""
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    by_name = {m.name: m for m in members}
+    students = []
+    for entry in spec.record():
+        m = by_name.get(entry["name"])
+        state = (
+            {"step": m.engine.step, "seconds": round(m.seconds, 3)} if m else {"step": None, "seconds": None}
+        )
+        students.append({**entry, **state, "stopped": stopped.get(entry["name"])})
+    record = {"students": students, "shared_seconds": shared_seconds, "base": to_dict(spec.base)}
+    atomic_write_json(run_dir / STUDY_RECORD, record)
+    atomic_write_text(run_dir / STUDY_YAML, str(spec))
+
+
+def _silent(*_: Any) -> None:
+    pass

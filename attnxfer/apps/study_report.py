@@ -1,0 +1,325 @@
+"""A study's report: its students scored on the same validation images, each compared with the first.
+
+Every student of a study (`attnxfer study`) read the same batches in the same order and is scored here on
+the same validation images, so any two are *paired*: McNemar's exact test on the images exactly one of them
+gets right tells them apart where two overlapping 95 % intervals cannot (`uncertainty.mcnemar`). Each student
+is scored at its best checkpoint with its EMA weights where its run kept them (`RunDir.load_student`, the
+rule `attnxfer inspect` and `export` follow): top-1 where it trained a head, k-NN top-1 of its embeddings
+where it trained none (``transfer.task_weight=0``, or data read without labels). Its attention is compared
+with the teacher's layer by layer on the first validation images (`compare_attention`, as `attnxfer inspect`
+measures it). The teacher and the loaders are built once for all students, from the first student's config,
+as the study built them. What the report says is `study_report_text.py`'s; this module loads, measures and
+writes ``study.md``, ``study_report.json``, ``study.png`` (validation curves) and ``study_agreement.png``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+
+from ..analysis import Inspection
+from ..analysis.knn import knn_hits
+from ..analysis.pictures import DPI, agreement_figure
+from ..checkpoints.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..checkpoints.run_dir import RunDir
+from ..config import TrainConfig, load_config
+from ..data import dataset_info
+from ..errors import InputError, MissingPathError
+from ..run_layout import STUDY_RECORD
+from ..train.runtime import resolve_device, resolve_precision
+from ..transfer.modes import get_mode
+from .inspect import LoadedModel, inspect_models, load_model
+from .inspect_report import json_safe
+from .loaders import build_bank_loader, data_seed
+from .run_parts import RunParts, build_run_parts
+from .seed_stats import student_correct
+from .study_report_text import StudentScore, render_study
+from .training import task_weight_of
+from .val_curves import draw_val_curves, val_series
+
+STUDY_REPORT = "study.md"
+STUDY_SCORES = "study_report.json"  # what the report shows, as data
+STUDY_CURVES = "study.png"
+STUDY_AGREEMENT = "study_agreement.png"
+TOP1, KNN = "top-1", "k-NN top-1"
+
+
+def write_study_report(
+    study_dir: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    log: Callable[[str], None] = print,
+    agreement_images: int = 64,
+) -> Path:
+    """Score every student of the study in ``study_dir`` and write its report there (``study.md``, with
+    ``study_report.json``, ``study.png`` and ``study_agreement.png``); returns the path of ``study.md``.
+
+    ``device``: where the students are scored (``cpu``, ``cuda``, ``auto``, or a torch device); the
+    attention comparison reads the first ``agreement_images`` validation images. Draws nothing from the
+    caller's random streams; writes nothing but those four files (and replaces an earlier report's)."""
+    study_dir = Path(study_dir)
+    record = _read_record(study_dir)
+    students = [_student(study_dir, entry) for entry in record["students"]]
+    at = device if isinstance(device, torch.device) else resolve_device(device)
+    insp, images = None, 0
+    with torch.random.fork_rng(devices=[]):
+        scoring = _Scoring.build(students, at)
+        if scoring is not None:
+            loaded = scoring.load_students(students, log)
+            insp = scoring.agreement(loaded, agreement_images)
+            scoring.score(students, loaded, log)
+            images = scoring.images
+    for s in students:
+        s.curve = val_series(s.folder, s.metric)
+    _save_png(study_curves_figure(students), study_dir / STUDY_CURVES)
+    if insp is not None:
+        title = "students against the teacher, per layer (study validation images)"
+        _save_png(agreement_figure(insp, title=title), study_dir / STUDY_AGREEMENT)
+    else:  # an earlier report's picture would describe students this one could not measure
+        (study_dir / STUDY_AGREEMENT).unlink(missing_ok=True)
+    shared = _Shared.of(study_dir, record, students, scoring, images)
+    text, data = render_study(students, insp, shared.facts())
+    atomic_write_json(study_dir / STUDY_SCORES, json_safe(data))
+    path = atomic_write_text(study_dir / STUDY_REPORT, text)
+    log(f"study report -> {path}")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- reading
+def _read_record(study_dir: Path) -> dict[str, Any]:
+    path = study_dir / STUDY_RECORD
+    if not path.is_file():
+        raise MissingPathError(f"{study_dir} has no {STUDY_RECORD}: give the run_dir of an `attnxfer study`")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"{path} is not valid JSON ({e}): is it a study's record?") from None
+    students = record.get("students") if isinstance(record, dict) else None
+    if not isinstance(students, list) or not students or not all(isinstance(s, dict) for s in students):
+        raise InputError(f"{path} lists no students: is it a study's record?")
+    return record
+
+
+def _student(study_dir: Path, entry: Mapping[str, Any]) -> StudentScore:
+    """A study.json entry as a row; its config and metric read from its folder where it got that far."""
+    s = StudentScore(
+        name=str(entry["name"]),
+        overrides=dict(entry.get("overrides") or {}),
+        folder=study_dir / str(entry.get("folder", entry["name"])),
+        step=entry.get("step"),
+        stopped=entry.get("stopped"),
+        seconds=entry.get("seconds"),
+    )
+    config = s.folder / "config.yaml"
+    if config.is_file():
+        s.config = load_config(str(config))
+    with contextlib.suppress(MissingPathError):  # a student stopped before its run was recorded
+        s.metric = RunDir(s.folder).record().get("best_metric") or s.metric
+    return s
+
+
+# ------------------------------------------------------------------------------------------- measuring
+@dataclass
+class _Scoring:
+    """What every student is scored with, built once: the shared teacher and loaders (from the first student's
+    config, as the study built them, with labels where the data has them) and the device."""
+
+    config: TrainConfig
+    parts: RunParts
+    teacher: LoadedModel | None
+    labelled: bool
+    device: torch.device
+
+    @classmethod
+    def build(cls, students: list[StudentScore], device: torch.device) -> _Scoring | None:
+        configs = [s.config for s in students if s.config is not None]
+        if not any(s.config is not None and not s.stopped for s in students):
+            return None  # nothing to score
+        cfg = configs[0]
+        labelled = dataset_info(cfg.data.dataset, root=cfg.data.root).has_labels
+        if labelled and not cfg.data.labels:  # trained without reading them; scored with them
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=True))
+        parts = build_run_parts(cfg, labels=labelled)
+        teacher = None
+        if parts.teacher is not None:
+            rec = parts.teacher_record or {}
+            teacher = LoadedModel(
+                cfg.teacher.spec,
+                parts.teacher.to(device),
+                str(rec.get("source", "")),
+                sha256=rec.get("sha256"),
+                mean=tuple(parts.mean),
+                std=tuple(parts.std),
+            )
+        return cls(cfg, parts, teacher, labelled, device)
+
+    @property
+    def images(self) -> int:
+        return len(self.parts.val_loader.dataset)
+
+    def load_students(
+        self, students: list[StudentScore], log: Callable[[str], None]
+    ) -> dict[str, LoadedModel]:
+        """Each student that did not stop, at its best checkpoint (EMA weights where kept), on the device."""
+        loaded = {}
+        for s in students:
+            if s.stopped or s.config is None:
+                continue
+            try:
+                model = load_model(str(s.folder), teacher=self.teacher)
+            except MissingPathError:
+                s.unscored = "no checkpoint to score yet"
+                continue
+            model.model.to(self.device)
+            s.checkpoint = model.source.removeprefix("run ")
+            s.checkpoint_step = RunDir(s.folder).checkpoint_state(model.checkpoint).get("step")
+            loaded[s.name] = model
+            log(f"study report: {s.name}: {s.checkpoint}")
+        return loaded
+
+    def agreement(self, loaded: Mapping[str, LoadedModel], num_images: int) -> Inspection | None:
+        """Each student's maps against the teacher's, layer by layer, on the first validation images (one
+        teacher pass per batch for all students)."""
+        if self.teacher is None or not loaded or num_images < 1:
+            return None
+        images = _first_images(self.parts.val_loader, num_images)
+        subjects = {name: m.subject for name, m in loaded.items()}
+        return inspect_models(self.teacher.model, subjects, images)
+
+    def score(
+        self, students: list[StudentScore], loaded: Mapping[str, LoadedModel], log: Callable[[str], None]
+    ) -> None:
+        """Per-image correctness: top-1 of those that trained a head, k-NN top-1 (one pass for all) of the
+        others."""
+        knn: list[StudentScore] = []
+        for s in students:
+            if s.name not in loaded:
+                continue
+            assert s.config is not None
+            if not self.labelled:
+                s.unscored = "the data has no labels: no top-1 or k-NN"
+            elif task_weight_of(s.config) > 0 and s.config.data.labels:
+                parts = dataclasses.replace(self.parts, student=loaded[s.name].model)
+                s.score, s.correct = TOP1, student_correct(s.config, parts, self.device)
+            elif get_mode(s.config.transfer.mode).teacher_at_eval:
+                s.unscored = (
+                    f"no head trained, and a transfer.mode={s.config.transfer.mode} student's features alone are "
+                    "not the model: no top-1 or k-NN"
+                )
+            else:
+                knn.append(s)
+        if knn:
+            log(f"study report: k-NN top-1 of {', '.join(s.name for s in knn)}")
+            e = self.config.eval
+            bank = build_bank_loader(
+                self.config.data,
+                self.parts.val_loader.dataset,
+                seed=data_seed(self.config),
+                size=e.knn_bank_size,
+            )
+            precision = resolve_precision(self.config.precision, self.device)
+            hits = knn_hits(
+                [loaded[s.name].model for s in knn],
+                bank,
+                self.parts.val_loader,
+                self.device,
+                k=e.knn_k,
+                temperature=e.knn_temperature,
+                autocast=lambda: precision.autocast(self.device),
+            )
+            for s, h in zip(knn, hits, strict=True):
+                s.score, s.correct = KNN, h.numpy()
+
+
+def _first_images(loader: Any, n: int) -> torch.Tensor:
+    """The first ``n`` images of a loader of ``(x, ...)`` batches."""
+    out, have = [], 0
+    for x, *_ in loader:
+        out.append(x[: n - have])
+        have += out[-1].shape[0]
+        if have >= n:
+            break
+    return torch.cat(out)
+
+
+@dataclass
+class _Shared:
+    """What the study's students shared, for the report's first lines."""
+
+    study: str
+    teacher: str | None
+    dataset: str
+    batch_size: int | None
+    steps: int | None
+    shared_seconds: float | None
+    images: int
+    knn: dict[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        study_dir: Path,
+        record: Mapping[str, Any],
+        students: list[StudentScore],
+        scoring: _Scoring | None,
+        images: int,
+    ) -> _Shared:
+        base = record.get("base") or {}
+        data = base.get("data") or {}
+        steps = [s.step for s in students if isinstance(s.step, int)]
+        e = scoring.config.eval if scoring is not None else None
+        return cls(
+            study=study_dir.resolve().name,
+            teacher=(base.get("teacher") or {}).get("spec"),
+            dataset=str(data.get("dataset", "?")),
+            batch_size=data.get("batch_size"),
+            steps=max(steps) if steps else None,
+            shared_seconds=record.get("shared_seconds"),
+            images=images,
+            knn={} if e is None else {"k": e.knn_k, "temperature": e.knn_temperature},
+        )
+
+    def facts(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------- pictures
+_METRIC_LABELS = {
+    "val_top1": "val top-1 (%)",
+    "val_feat_cos_patch": "val feature cosine with the teacher",
+    "val_loss": "val loss",
+}
+
+
+def study_curves_figure(students: list[StudentScore]) -> Figure:
+    """The students' validation curves, one panel per metric their runs score by (top-1; feature cosine for
+    students without a task loss), one line per student."""
+    metrics = list(dict.fromkeys(s.metric for s in students)) or ["val_top1"]
+    fig = Figure(figsize=(6 * len(metrics), 4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        drawn = draw_val_curves(ax, {s.name: s.curve for s in students if s.metric == metric})
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(_METRIC_LABELS.get(metric, metric))
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+    fig.suptitle("study: every student on the same batches and validation images", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _save_png(fig: Figure, path: Path) -> None:
+    """The figure as a PNG at ``path``, written atomically (a reader never sees half a picture)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI)
+    atomic_write_bytes(path, buf.getvalue())

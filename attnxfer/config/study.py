@@ -1,0 +1,302 @@
+"""A study's configuration: one base config and K students, each a name and the keys it changes.
+
+A study trains several students from one teacher on one stream of batches (`attnxfer study`): what the
+students share is the base config (``-c BASE`` and its overrides), what each changes is its own overrides.
+Students come from a ``students:`` list in the YAML (each entry a ``name`` and its keys, dotted or nested)
+and/or from ``--vary KEY=V1,V2`` (the cartesian product, spelled as ``attnxfer submit --sweep``); both
+together cross every listed student with every combination. A key that every student must share (the data,
+the batch, the image size, the teacher, the schedule's length, the augmentation, how the study saves and
+logs) is refused when a student changes it, before any work. A study trains its students (``attnxfer train``,
+the default) or converts them (``command: convert`` in the YAML, ``--command convert``: each student an
+``attnxfer convert``, its stage-1 batch, probe images and speed measurement shared too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..run_layout import STUDY_RECORD
+from .loading import STUDENTS_KEY, recipe_chain, resolve_recipe
+from .overrides import (
+    ConfigError,
+    apply_overrides,
+    dump_config,
+    merge_values,
+    parse_overrides,
+    validate_config,
+)
+from .schema import TrainConfig, config_keys
+
+#: what every student of a study shares (keys, and ``section.`` prefixes): one batch and one teacher pass per
+#: step need one data stream, batch, image size, augmentation and teacher; one step for all needs one schedule
+#: length and one way of saving; the study's folder holds them all
+SHARED_KEYS: tuple[str, ...] = (
+    "run_dir",
+    "device",
+    "precision",
+    "deterministic",
+    "teacher.",
+    "data.",
+    "aug.",
+    "schedule.epochs",
+    "schedule.max_steps",
+    "optim.accum_steps",
+    "checkpoint.",
+    "log.",
+    "eval.",
+    "dist.",
+)
+
+#: what the students of a convert study (``command: convert``) share besides: one stage-1 batch and one teacher
+#: pass per stage-1 step, one set of probe images for the measurements, one speed measurement for all
+CONVERT_SHARED_KEYS: tuple[str, ...] = (
+    "convert.stage1_batch_size",
+    "convert.agreement_batches",
+    "convert.speed_batch_size",
+    "convert.speed_repeats",
+    "convert.speed_sweep",
+)
+
+#: what a study runs for each student: `attnxfer train` (the default) or `attnxfer convert`
+COMMANDS: tuple[str, ...] = ("train", "convert")
+#: the key of a study's YAML that names its command (beside ``students:``); not a run's key
+COMMAND_KEY = "command"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,-]*$")
+
+
+def is_shared(key: str, command: str = "train") -> bool:
+    """Whether every student of a study of ``command`` must have the same value for ``key``."""
+    keys = SHARED_KEYS + (CONVERT_SHARED_KEYS if command == "convert" else ())
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
+@dataclass(frozen=True)
+class Student:
+    """One student of a study: its name (its folder in the study's run dir) and the keys it changes."""
+
+    name: str
+    overrides: Mapping[str, Any]
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.overrides.items()) or "the base config"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """A study: its base config (``run_dir`` is the study's folder), its students, in order (the first is
+    the one the report compares the others with), and what it runs for each (`COMMANDS`)."""
+
+    base: TrainConfig
+    students: tuple[Student, ...]
+    command: str = "train"
+
+    @property
+    def run_dir(self) -> str:
+        return self.base.run_dir
+
+    @property
+    def device(self) -> str:
+        return self.base.device
+
+    @property
+    def dist(self) -> Any:
+        """The base's ``dist`` section (a submitted study's process group reads its timeout)."""
+        return self.base.dist
+
+    def config_of(self, student: Student) -> TrainConfig:
+        """The student's whole config, as `attnxfer train` would run it alone: the base with its overrides,
+        its own folder, and the data's seed written out (students that seed their initialisation differently
+        still read the study's batches)."""
+        cfg = apply_overrides(self.base, dict(student.overrides)) if student.overrides else self.base
+        seed = self.base.data.seed if self.base.data.seed is not None else self.base.seed
+        return dataclasses.replace(
+            cfg,
+            run_dir=str(Path(self.base.run_dir) / student.name),
+            data=dataclasses.replace(cfg.data, seed=seed),
+        )
+
+    def configs(self) -> list[tuple[Student, TrainConfig]]:
+        return [(s, self.config_of(s)) for s in self.students]
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> StudySpec:
+        """The study with base keys set (what `attnxfer submit --sweep` does to a config)."""
+        return dataclasses.replace(self, base=apply_overrides(self.base, overrides))
+
+    def __str__(self) -> str:
+        """The study as YAML: its base config and its students (``attnxfer study -c`` reads it back)."""
+        listed = "\n".join(
+            f"  - name: {s.name}" + "".join(f"\n    {k}: {json.dumps(v)}" for k, v in s.overrides.items())
+            for s in self.students
+        )
+        command = f"{COMMAND_KEY}: {self.command}\n" if self.command != "train" else ""
+        return f"{dump_config(self.base).rstrip()}\n{command}{STUDENTS_KEY}:\n{listed}\n"
+
+    def record(self) -> list[dict[str, Any]]:
+        """``study.json``'s students: each name, its overrides and its folder (relative to the study)."""
+        return [{"name": s.name, "overrides": dict(s.overrides), "folder": s.name} for s in self.students]
+
+
+def load_study(
+    path: str | Path | None,
+    overrides: Sequence[str] = (),
+    vary: Mapping[str, Sequence[str]] | None = None,
+    command: str | None = None,
+) -> StudySpec:
+    """The study a YAML file (its ``students:`` list and ``command:`` beside the base keys), base overrides,
+    ``--vary`` and ``command`` (``--command``; it must agree with the YAML's) describe; every student checked (a
+    name that is a folder name, once each; no shared key changed; every value valid) before any work."""
+    base, listed, written = _base_and_students(path)
+    command = _command(command, written, path)
+    if overrides:
+        base = apply_overrides(base, parse_overrides(overrides))
+    base = validate_config(base)
+    students = _cross(listed, _combinations(vary))
+    check_names(students)
+    if not students:
+        raise ConfigError(
+            "a study needs students: list them under students: in the YAML (each a name and the keys it "
+            "changes) or vary keys with --vary KEY=V1,V2"
+        )
+    spec = StudySpec(base, tuple(students), command)
+    for student in spec.students:
+        _check_student(student, command)
+        try:
+            spec.config_of(student)
+        except ConfigError as e:
+            raise ConfigError(f"student {student.name!r}: {e}") from None
+    return spec
+
+
+def study_base(path: str | Path | None) -> TrainConfig:
+    """The base config a study's YAML (and the recipes it starts from) writes, its students set aside: what
+    ``--print-config`` compares the study's base with."""
+    return _base_and_students(path)[0]
+
+
+def _base_and_students(path: str | Path | None) -> tuple[TrainConfig, list[Student], str | None]:
+    """The base config of a study's YAML (its recipes' keys, ``students:`` and ``command:`` set aside), its
+    listed students (the nearest file's list: a recipe's own list replaces the one of the recipe it starts
+    from) and the command it names (the nearest file's; None: none)."""
+    cfg, listed, command = TrainConfig(), None, None
+    if path is None:
+        return cfg, [], None
+    p = resolve_recipe(path)
+    for file, data in recipe_chain(p):
+        data = dict(data)
+        if STUDENTS_KEY in data:
+            listed = (file, data.pop(STUDENTS_KEY))
+        if COMMAND_KEY in data:
+            command = str(data.pop(COMMAND_KEY))
+        cfg = merge_values(cfg, data)
+    if (p.parent / STUDY_RECORD).is_file():  # a study's own study.yaml: the study is the folder it sits in
+        cfg = dataclasses.replace(cfg, run_dir=str(p.parent.absolute()))
+    return cfg, [] if listed is None else _listed(*listed), command
+
+
+def _command(flag: str | None, written: str | None, path: str | Path | None) -> str:
+    """The study's command: ``--command``, the YAML's ``command:``, else train; the two must agree (a study's
+    study.yaml names the command its students were made by)."""
+    for value in (flag, written):
+        if value is not None and value not in COMMANDS:
+            raise ConfigError(
+                f"{COMMAND_KEY}: {value!r} is not a study's command; choose one of {', '.join(COMMANDS)}"
+            )
+    if flag is not None and written is not None and flag != written:
+        raise ConfigError(
+            f"config file {str(path)!r} is a study of {COMMAND_KEY}: {written}, and --command says {flag}: drop "
+            "--command, or run the other command's study elsewhere (run_dir=...)"
+        )
+    return flag or written or "train"
+
+
+def _listed(file: Path, entries: Any) -> list[Student]:
+    where = f"config file {str(file)!r}: students"
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where} must be a list, each entry a name and its keys (- name: copy ...)")
+    students = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or "name" not in entry:
+            raise ConfigError(f"{where}[{i}] must be a mapping with a name and the keys it changes")
+        keys = dict(entry)
+        name = keys.pop("name")
+        students.append(Student(str(name), _flat(keys)))
+    return students
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys (``{transfer: {mode: copy}}`` -> ``{"transfer.mode": "copy"}``); a
+    section's mapping-valued key (``model.kwargs``) stays one value."""
+    sections = {k.rstrip(".") for k in config_keys() for k in _prefixes(k)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and dotted in sections:
+            out |= _flat(value, f"{dotted}.")
+        else:
+            out[dotted] = value
+    return out
+
+
+def _prefixes(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
+    """The cartesian product of ``--vary``'s values, each a student named by what it sets."""
+    if not vary:
+        return []
+    keys = list(vary)
+    students = []
+    for combo in itertools.product(*(vary[k] for k in keys)):
+        label = "_".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True))
+        students.append(
+            Student(re.sub(r"[^A-Za-z0-9._=+,-]", "-", label), dict(zip(keys, combo, strict=True)))
+        )
+    return students
+
+
+def _cross(listed: list[Student], varied: list[Student]) -> list[Student]:
+    if not listed or not varied:
+        return listed or varied
+    out = []
+    for a, b in itertools.product(listed, varied):
+        both = sorted(set(a.overrides) & set(b.overrides))
+        if both:
+            raise ConfigError(
+                f"student {a.name!r} sets {', '.join(both)}, which --vary varies too: drop it from one of them"
+            )
+        out.append(Student(f"{a.name}_{b.name}", {**a.overrides, **b.overrides}))
+    return out
+
+
+def _check_student(student: Student, command: str) -> None:
+    safe = re.sub(r"[^A-Za-z0-9._=+,-]", "-", student.name)
+    if not _NAME.match(student.name) or student.name in (".", ".."):
+        raise ConfigError(
+            f"student name {student.name!r} must be a folder name (letters, digits, . _ = + , -; e.g. {safe!r})"
+        )
+    shared = [k for k in student.overrides if is_shared(k, command)]
+    if shared:
+        raise ConfigError(
+            f"student {student.name!r} sets {', '.join(shared)}, which every student of a study shares (one "
+            "batch, one teacher pass and one schedule for all): set it once for the study (-c BASE or a "
+            "key=value before --vary), or run another study"
+        )
+
+
+def check_names(students: Sequence[Student]) -> None:
+    """Each student once: two with one name would share a folder."""
+    seen: set[str] = set()
+    for s in students:
+        if s.name in seen:
+            raise ConfigError(f"two students are named {s.name!r}: give each student its own name")
+        seen.add(s.name)

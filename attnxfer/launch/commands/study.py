@@ -1,0 +1,98 @@
+"""``attnxfer study``: several students from one teacher in one job, one batch and one teacher pass a step;
+trained (`attnxfer train`'s students) or converted (``--command convert``: `attnxfer convert`'s)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...config.study import COMMANDS
+from .base import add_config_args, add_vary, done_line, load_study, register_command
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p)
+    add_vary(p)
+    p.add_argument(
+        "--command",
+        dest="study_command",  # not `command`: that names the subcommand in error messages
+        choices=COMMANDS,
+        default=None,
+        help="what each student is: train (default; `attnxfer train`) or convert (`attnxfer convert`: "
+        "stage 1 and stage 2 of each efficient attention, and conversion_study.md comparing them); a "
+        "study's own study.yaml names it (command: convert)",
+    )
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="write the study's report (study.md, study.png; a convert study's conversion_study.md) from its "
+        "students' folders and exit, training nothing (a study of one process writes it when it ends)",
+    )
+
+
+def show_config(args) -> int:
+    """``--print-config``: the study's base, then each student's resolved config (a YAML document each) with
+    what it changes from the base."""
+    from ...config import describe_changes, dump_config
+    from ...config.study import study_base
+
+    spec = load_study(args)
+    print("# " + describe_changes(study_base(args.config), spec.base, args.config).replace("\n", "\n# "))
+    for student, cfg in spec.configs():
+        changes = describe_changes(spec.base, cfg, "the study's base").replace("\n", "\n# ")
+        print(f"---\n# student {student.name}: {changes}")
+        print(dump_config(cfg).rstrip())
+    return 0
+
+
+@register_command(
+    "study",
+    help="train (or convert) several students from one teacher in one job: one batch and one teacher forward "
+    "per step",
+    description="A study: the students listed under students: in the YAML (each a name and the keys it "
+    "changes) and/or --vary KEY=V1,V2 (the cartesian product), all reading one stream of batches and one "
+    "teacher pass per step, each into RUN_DIR/<name> laid out as a train run (eval, export and inspect take "
+    "it); with --command convert, each an `attnxfer convert` of its own convert.* keys (stage 1 and stage 2 "
+    "in lock step, RUN_DIR/<name> laid out as a conversion) and RUN_DIR/conversion_study.md comparing them. "
+    "What every student must share (data, batch, image size, teacher, schedule length, augmentation; a "
+    "convert study's stage-1 batch, probe and speed settings too) is refused in a student's keys before any "
+    "work. Each student ends where it would alone.",
+    arguments=_arguments,
+    show_config=show_config,
+)
+def run(args) -> int:
+    spec = load_study(args)  # before the app's import (torch): a config error answers at once
+    if spec.command == "convert":
+        return _convert_study(spec, args.report)
+    if args.report:
+        from ...apps.study_report import write_study_report
+        from ...train.runtime import resolve_device
+
+        print(f"report -> {write_study_report(spec.run_dir, device=resolve_device(spec.base.device))}")
+        return 0
+    from ...apps.study import study
+
+    result = study(spec)
+    for s in result.students:
+        print(f"{s.name}: {s.stopped if s.stopped else done_line(s.result)}")
+    print(f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''})")
+    return 0
+
+
+def _convert_study(spec, report_only: bool) -> int:
+    """A convert study: its comparison alone (``--report``), or the study and one line per student."""
+    from ...apps.conversion_comparison import write_conversion_comparison
+
+    if report_only:
+        write_conversion_comparison(spec.run_dir)
+        return 0
+    from ...apps.convert_study import convert_study
+    from ...apps.reports import conversion_summary
+    from ...train.distributed import DistributedInfo
+
+    result = convert_study(spec)
+    if not DistributedInfo.from_environment().is_main_process:
+        return 0
+    for s in result.students:
+        print(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
+    print(f"study -> {result.run_dir} (study.json, {result.report and result.report.name})")
+    return 0

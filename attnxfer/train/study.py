@@ -1,0 +1,302 @@
+"""A study's loop: K engines, one stream of batches, one teacher pass per batch, each student in turn.
+
+Each student is an ordinary `Engine` (its own model, optimiser, EMA, schedule, metrics, checkpoints, run
+folder); the study advances their `Engine.steps` in lock step, one optimiser step each per round. What they
+share is read once per batch: the loader's batch (`SharedBatches`: every engine reads the same batch object),
+its preparation on the device, and the teacher's pass (`SharedFeed`, the engines' `feed`). What each keeps to
+itself is swapped in around its turn (`StudentStreams`): its random streams (initialisation, drop path,
+dropout) and its place in gradient accumulation, so a student of a study computes exactly what it computes
+trained alone.
+
+Saving is the study's too: students save as their policy says (all at the same steps) without pruning; once
+every student still training has saved a step, ``on_saved(step, members, shared_seconds)`` commits it (the
+app records the step and then prunes), so a kill at any instant leaves a step that every student has. A stop signal is read once per
+round for all of them (every student saves that step, then `StopRequested`); a student whose loss turns
+non-finite stops alone, with one line, and the others go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .engine import Engine, TrainResult
+from .stop import StopRequested, stop_on_signals, stop_signal
+from .terms import NonFiniteLossError
+
+
+@dataclass
+class StudentStreams:
+    """What a student keeps to itself between its turns: the global random streams (python, numpy, torch CPU
+    and CUDA) and the accelerator's micro-step count (gradient accumulation is counted per accelerator; a loop
+    without one, a convert study's stage 1, passes None)."""
+
+    python: Any = None
+    numpy: Any = None
+    torch_cpu: torch.Tensor | None = None
+    torch_cuda: list[torch.Tensor] = field(default_factory=list)
+    accumulation_step: int = 0
+
+    @classmethod
+    def current(cls, accelerator: Any = None) -> StudentStreams:
+        """The streams as they stand now (after a student was built: its own from then on)."""
+        streams = cls()
+        streams._capture(accelerator)
+        return streams
+
+    def _capture(self, accelerator: Any) -> None:
+        self.python, self.numpy, self.torch_cpu = (
+            random.getstate(),
+            np.random.get_state(),
+            torch.get_rng_state(),
+        )
+        self.torch_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        self.accumulation_step = accelerator.step if accelerator is not None else 0
+
+    @contextlib.contextmanager
+    def active(self, accelerator: Any = None) -> Iterator[None]:
+        """The student's streams in place for the duration, saved back after (whatever happened)."""
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda:
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+        if accelerator is not None:
+            accelerator.step = self.accumulation_step
+        try:
+            yield
+        finally:
+            self._capture(accelerator)
+
+
+class SharedBatches:
+    """One loader read once for several engines: each engine iterates its own view and gets the very batch
+    objects the others get. Views of one epoch share one pass of the loader (keyed by the sampler's epoch and
+    position when the view starts it); batches are kept until every view still reading has taken them."""
+
+    def __init__(self, loader: Any, sampler: Any) -> None:
+        self.loader, self.sampler = loader, sampler
+        self._views: list[_View] = []
+        self._key: tuple[int, int] | None = None
+        self._source: Iterator[Any] | None = None
+        self._buffer: collections.deque = collections.deque()
+        self._taken = 0  # how many batches of this pass the buffer has dropped
+        self.seconds = 0.0  # spent loading batches (for every member at once)
+
+    def view(self) -> _View:
+        view = _View(self)
+        self._views.append(view)
+        return view
+
+    def leave(self, view: _View) -> None:
+        """A view that reads no more (its student stopped): the others' batches no longer wait for it."""
+        if view in self._views:
+            self._views.remove(view)
+        self._trim()
+
+    def _start(self, view: _View) -> None:
+        """A view starts reading a pass (an epoch from a position): the first to start it opens the loader."""
+        key = (getattr(self.sampler, "epoch", 0), getattr(self.sampler, "position", 0))
+        if key != self._key or self._source is None:
+            self._key, self._source = key, iter(self.loader)
+            self._buffer.clear()
+            self._taken = 0
+        view.index, view.key = 0, key
+
+    def _next(self, view: _View) -> Any:
+        if view.key != self._key:  # another pass started: this view's epoch is over
+            raise StopIteration
+        while view.index - self._taken >= len(self._buffer):
+            start = time.monotonic()
+            try:
+                self._buffer.append(next(self._source))
+            finally:
+                self.seconds += time.monotonic() - start
+        batch = self._buffer[view.index - self._taken]
+        view.index += 1
+        self._trim()
+        return batch
+
+    def _trim(self) -> None:
+        """Drop the batches every view has taken (a view that has not started this pass yet needs them all)."""
+        low = min(
+            (v.index if v.key == self._key else 0 for v in self._views),
+            default=self._taken + len(self._buffer),
+        )
+        while self._taken < low and self._buffer:
+            self._buffer.popleft()
+            self._taken += 1
+
+
+class _View:
+    """One engine's loader: the shared batches, in the loader's order (len and batch size as the loader's)."""
+
+    def __init__(self, shared: SharedBatches) -> None:
+        self.shared = shared
+        self.index, self.key = 0, None
+
+    def __iter__(self) -> Iterator[Any]:
+        self.shared._start(self)
+        while True:
+            try:
+                yield self.shared._next(self)
+            except StopIteration:
+                return
+
+    def __len__(self) -> int:
+        return len(self.shared.loader)
+
+    @property
+    def batch_size(self) -> int:
+        return self.shared.loader.batch_size
+
+    @property
+    def dataset(self) -> Any:
+        return self.shared.loader.dataset
+
+
+class SharedFeed:
+    """The engines' `Engine.feed`, shared: the first engine to feed a batch moves it to the device and prepares
+    it (mixup, seeded by the batch's place: the same for every student) and computes the teacher's pass for
+    every student at once (``teacher_pass``); the others take the same tensors. Keyed by the loaded batch
+    object, which `SharedBatches` hands every engine."""
+
+    def __init__(self, teacher_pass: Callable[[torch.Tensor], Any] | None = None) -> None:
+        self.teacher_pass = teacher_pass
+        self._raw: Any = None  # the loaded batch fed last, kept so that no other batch can take its id
+        self._fed: tuple[Any, Any, Any] | None = None
+        self.seconds = 0.0  # spent preparing batches and in the teacher's pass (for every member at once)
+
+    def attach(self, engine: Engine) -> None:
+        own = engine.feed
+
+        def feed(x: torch.Tensor, y: torch.Tensor | None) -> tuple[Any, Any, Any]:
+            if x is not self._raw:
+                start = time.monotonic()
+                self._raw = self._fed = None  # the previous batch's tensors go before this one's are made
+                x_fed, y_fed, _ = own(x, y)
+                handover = None if self.teacher_pass is None else self.teacher_pass(x_fed)
+                self._raw, self._fed = x, (x_fed, y_fed, handover)
+                self.seconds += time.monotonic() - start
+            return self._fed
+
+        engine.feed = feed
+
+
+@dataclass
+class Member:
+    """One student in the loop: its name, its engine, its streams and its view of the shared batches."""
+
+    name: str
+    engine: Engine
+    streams: StudentStreams
+    view: _View | None = None
+    steps: Iterator[int] | None = None
+    stopped: str | None = None  # why it stopped early (a non-finite loss), None while it trains or finished
+    done: bool = False  # it trained its last step
+    seconds: float = 0.0  # its own time: its turns less what it loaded and fed for every member
+
+
+class Lockstep:
+    """Advances every member's `Engine.steps` one optimiser step per round (see the module docstring)."""
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        batches: SharedBatches,
+        feed: SharedFeed,
+        *,
+        on_saved: Callable[[int, list[Member], float], None],
+        log: Callable[[str], None] = print,
+        shared_before: float = 0.0,
+    ) -> None:
+        self.members, self.batches, self.feed = list(members), batches, feed
+        self.on_saved, self.log = on_saved, log
+        self.shared_before = shared_before  # what earlier attempts of the study spent once for all
+        self._committed: int | None = None
+        for m in self.members:
+            m.engine.checks_stop_signal = False  # the study reads it once per round, for all
+
+    @property
+    def accelerator(self) -> Any:
+        return self.members[0].engine.accelerator
+
+    def run(self) -> list[TrainResult | None]:
+        """Train every member to its end (or until it stops); results in the members' order (None: stopped)."""
+        with stop_on_signals():
+            while self.round():
+                signum = stop_signal()
+                if signum:
+                    self._stop(signum, self.active)
+        return [None if m.stopped else m.engine.result(m.seconds) for m in self.members]
+
+    @property
+    def active(self) -> list[Member]:
+        """The members still training."""
+        return [m for m in self.members if m.stopped is None and not m.done]
+
+    def round(self) -> int:
+        """One optimiser step of every member still training, in turn, then commit what all have saved;
+        returns how many still train."""
+        for m in self.active:
+            if m.steps is None:
+                m.steps = m.engine.steps()
+            m.done = not self._turn(m)
+        self._commit([m for m in self.members if m.stopped is None])
+        return len(self.active)
+
+    @property
+    def shared_seconds(self) -> float:
+        """Time spent loading and feeding batches (and the teacher's pass), once for every member."""
+        return self.shared_before + self.batches.seconds + self.feed.seconds
+
+    def _turn(self, m: Member) -> bool:
+        """One optimiser step of ``m`` (under its streams); False when it has no more to do."""
+        start, shared = time.monotonic(), self.shared_seconds
+        try:
+            with m.streams.active(self.accelerator):
+                next(m.steps)
+            return True
+        except StopIteration:
+            self.batches.leave(m.view)
+            return False
+        except NonFiniteLossError as e:
+            m.stopped = str(e)
+            m.engine.metrics.close()
+            self.batches.leave(m.view)
+            self.log(f"study: student {m.name!r} stopped: {e}; the others go on")
+            return False
+        finally:
+            m.seconds += time.monotonic() - start - (self.shared_seconds - shared)
+
+    def _commit(self, training: list[Member]) -> None:
+        """Commit the newest step every training member has saved (once each)."""
+        saved = [m.engine.saved_step for m in training]
+        if not training or any(s is None for s in saved):
+            return
+        step = min(saved)
+        if step != self._committed:
+            self._committed = step
+            self.on_saved(step, training, self.shared_seconds)
+
+    def _stop(self, signum: int, active: list[Member]) -> None:
+        """A stop signal: every member still training saves this step, the study commits it, then stops."""
+        for m in active:
+            with m.streams.active(self.accelerator):
+                m.engine.save_unless_saved()
+        self._commit([m for m in self.members if m.stopped is None])
+        engine = active[0].engine
+        stop = StopRequested(signum, engine.step, engine.last_ckpt)
+        if engine.is_main:
+            print(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)", flush=True)
+        for m in self.members:
+            m.engine.metrics.close()
+        raise stop

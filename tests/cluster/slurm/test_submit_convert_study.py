@@ -1,0 +1,73 @@
+"""`attnxfer submit --command study` of a convert study (``command: convert`` in its YAML) on the loopback SLURM
+cluster: the job runs the conversions, not a training study, each stage of each student data-parallel over
+the job's ranks."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from test_submit_engine import WAIT_S, _attnxfer
+
+from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.launch.slurm import slurm_job_info
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def test_a_submitted_convert_study_converts_every_student_on_two_ranks(slurm, tmp_path, tiny_teacher_dir):
+    yaml = tmp_path / "study.yaml"
+    yaml.write_text(
+        f"command: convert\nteacher:\n  spec: local-dir:{tiny_teacher_dir}\nstudents:\n"
+        "  - name: hedgehog\n    convert.attention: hedgehog\n"
+        "  - name: performer\n    convert: {attention: performer, stage1_train: qk}\n"
+    )
+    run = tmp_path / "job"
+    args = [
+        "data.dataset=synthetic",
+        "data.kwargs.length=64",
+        "data.batch_size=8",
+        "convert.stage1_steps=3",
+        "schedule.max_steps=2",
+        "log.progress=false",
+        "log.trackers=[]",
+        "convert.agreement_batches=1",
+        "convert.speed_repeats=2",
+        "convert.speed_batch_size=4",
+        "convert.speed_sweep=[]",
+    ]
+    sub = _attnxfer(
+        "submit",
+        "--command",
+        "study",
+        "-c",
+        str(yaml),
+        f"run_dir={run}",
+        *args,
+        "--tasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "10",
+        "--max-requeues",
+        "0",
+    )
+    assert sub.returncode == 0, sub.stderr[-2000:]
+    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        info = slurm_job_info(job_id)
+        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            break
+        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
+        time.sleep(0.5)
+    logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
+    assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
+    assert (run / "conversion_study.md").is_file() and "hedgehog: stage 1 step 3/3" in logs
+    for name in ("hedgehog", "performer"):
+        report = json.loads((run / name / "report.json").read_text())
+        assert report["stage1"]["steps"] == 3 and report["stage2"]["steps"] == 2
+        state = ResumePoint.find(run / name / "stage2").state
+        assert state["step"] == 2 and state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1

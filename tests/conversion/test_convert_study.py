@@ -1,0 +1,323 @@
+"""A convert study: K efficient attentions converted from one teacher in one job (stage 1 in lock step on one
+teacher pass a batch, stage 2 as a training study), each student ending with exactly the stage-1 and stage-2
+weights `attnxfer convert` gives it alone; its folder laid out as a conversion's; a comparison of the students;
+a re-run with nothing left to do; a study cut short in stage 1 with its students at different steps going on
+to the same weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same_tensors
+from safetensors.torch import load_file
+
+from attnxfer.apps import convert_study as study_app
+from attnxfer.apps.convert_study import convert_study
+from attnxfer.config import ConfigError
+from attnxfer.config.study import load_study
+from attnxfer.launch import cli
+from attnxfer.train import stage1
+from attnxfer.train.stop import StopRequested
+
+ROOT = Path(__file__).resolve().parents[2]
+
+STAGE1, STAGE2 = 4, 3
+BASE = [
+    "data.dataset=synthetic",
+    "data.kwargs.length=64",
+    "data.batch_size=16",
+    f"convert.stage1_steps={STAGE1}",
+    f"schedule.max_steps={STAGE2}",
+    "transfer.mode=distill",
+    "transfer.logit_distill=1.0",
+    "transfer.ce_path=rows",
+    "deterministic=true",
+    "log.progress=false",
+    "log.trackers=[]",
+    "log.every_steps=1",
+    "checkpoint.every_steps=2",
+    "convert.agreement_batches=1",
+    "convert.speed_repeats=2",
+    "convert.speed_batch_size=4",
+    "convert.speed_sweep=[]",
+]
+#: two attentions that differ in what stage 1 fits (new feature maps; q/k rows with an output loss, which
+#: widens the teacher's shared pass by its attention outputs) and in their seed
+STUDENTS = """
+students:
+  - name: hedgehog
+    convert.attention: hedgehog
+  - name: performer
+    convert: {attention: performer, stage1_train: qk, output_mse: 0.1}
+    seed: 3
+"""
+NAMES = ("hedgehog", "performer")
+# hundreds of tiny ops a step: a second intra-op thread only waits for a core on a busy machine
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def _study_args(folder: Path, teacher: Path, run: Path) -> list[str]:
+    yaml = folder / "study.in.yaml"
+    yaml.write_text(f"teacher:\n  spec: local-dir:{teacher}\n{STUDENTS}")
+    return ["study", "--command", "convert", "-c", str(yaml), *BASE, f"run_dir={run}"]
+
+
+def _weights(run: Path, stage: str, group: str = "model") -> dict[str, torch.Tensor]:
+    step = STAGE1 if stage == "stage1" else STAGE2
+    return load_file(str(run / stage / "checkpoints" / f"step-{step:08d}" / f"{group}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, tiny_teacher_dir):
+    folder = tmp_path_factory.mktemp("convert-study")
+    assert cli.main(_study_args(folder, tiny_teacher_dir, folder / "study")) == 0
+    return folder / "study"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_each_student_ends_with_the_weights_it_converts_to_alone(study, name, tmp_path):
+    """Bit for bit (fp32 CPU): stage 1 on the study's shared teacher pass, stage 2 in the training study; the
+    student's folder is a conversion's, which `attnxfer convert` of its config.yaml reproduces."""
+    student = study / name
+    assert {"config.yaml", "report.json", "report.md", "stage1", "stage2"} <= {
+        p.name for p in student.iterdir()
+    }
+    alone = tmp_path / "alone"
+    assert cli.main(["convert", "-c", str(student / "config.yaml"), f"run_dir={alone}"]) == 0
+    assert_same_tensors(_weights(student, "stage1"), _weights(alone, "stage1"), f"{name} stage 1")
+    for group in ("model", "optimizer"):
+        assert_same_tensors(
+            _weights(student, "stage2", group), _weights(alone, "stage2", group), f"{name} stage 2"
+        )
+    ours, theirs = (json.loads((p / "report.json").read_text()) for p in (student, alone))
+    assert ours["stage1"]["history"] == theirs["stage1"]["history"]
+    assert ours["top1"] == theirs["top1"] and ours["agreement"] == theirs["agreement"]
+
+
+@pytest.mark.slow
+def test_the_comparison_has_a_row_per_attention_with_one_teacher_timing(study):
+    rows = json.loads((study / "conversion_study.json").read_text())["students"]
+    reports = {n: json.loads((study / n / "report.json").read_text()) for n in NAMES}
+    assert [(r["name"], r["attention"], r["stage"]) for r in rows] == [
+        ("hedgehog", "hedgehog", "after_stage2"),
+        ("performer", "performer", "after_stage2"),
+    ]
+    for row in rows:
+        report = reports[row["name"]]
+        assert row["top1"] == report["top1"]["after_stage2"] and row["val_size"] == 64
+        assert row["knn_top1"] == report["knn"]["after_stage2"]["knn_top1"]
+        assert row["feat_cos_patch"] == report["features"]["after_stage2"]["feat_cos_patch"]
+        assert [v for *_, v in row["agreement"]["end_to_end"]] == [
+            r["after_stage2"] for r in report["agreement"]["end_to_end"]
+        ]
+        assert row["speed"]["speedup"] == report["speed"]["speedup"]
+    # the teacher and the floor were timed once, in the same calls as both students
+    teacher = {r["speed"]["teacher_ms"] for r in rows} | {r["speed"]["teacher_ms"] for r in reports.values()}
+    floor = {r["speed"]["floor_ms"] for r in rows}
+    assert len(teacher) == 1 and len(floor) == 1
+    md = (study / "conversion_study.md").read_text()
+    for row in rows:
+        s = row["speed"]
+        assert (
+            f"| {row['name']} ({row['attention']}) | {s['student_ms']:.2f} | {s['student_images_per_s']:.1f} |"
+            in md
+        )
+        assert f"| {row['name']} | {row['attention']} | after stage 2 | {row['top1']:.2f} |" in md
+    assert "| floor (ceiling) |" in md and "| block | hedgehog (hedgehog) | performer (performer) |" in md
+    # --report writes it again from the students' reports alone, training and measuring nothing
+    (study / "conversion_study.md").unlink()
+    assert cli.main(["study", "-c", str(study / "study.yaml"), "--report"]) == 0
+    assert (study / "conversion_study.md").read_text() == md
+
+
+@pytest.mark.slow
+def test_a_finished_study_run_again_has_nothing_to_do(study, capsys):
+    """study.yaml runs it again as a convert study: stage 1 resumed complete, stage 2 at its last step; no
+    checkpoint written, and the reports keep what stage 2 trained."""
+    checkpoints = sorted(p for p in study.rglob("*.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in checkpoints}
+    history = json.loads((study / "hedgehog" / "report.json").read_text())["stage2"]["history"]
+    capsys.readouterr()
+    assert cli.main(["study", "-c", str(study / "study.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("stage 1: resumed from") == 2 and "stage 1 step" not in out
+    assert "study: resuming every student from step 3" in out and "val top1" not in out
+    assert sorted(study.rglob("*.safetensors")) == checkpoints
+    assert {p: p.stat().st_mtime_ns for p in checkpoints} == before
+    again = json.loads((study / "hedgehog" / "report.json").read_text())
+    assert again["stage2"]["history"] == history and again["stage1"]["resumed"]
+
+
+@pytest.mark.slow
+def test_a_study_cut_short_in_stage_1_goes_on_to_the_same_weights(study, tmp_path, tiny_teacher_dir, capsys):
+    """Cut short after hedgehog saved stage 1's step 2 and before performer did: the re-run fits performer
+    from step 0 alone until the stream reaches hedgehog's batch, then both together; both end as the
+    uninterrupted study's students."""
+
+    class Cut(Exception):
+        pass
+
+    def log(line: str) -> None:
+        if line.startswith(f"performer: stage 1 step 2/{STAGE1}"):
+            raise Cut(line)
+
+    run = tmp_path / "study"
+    args = _study_args(tmp_path, tiny_teacher_dir, run)
+    spec = load_study(args[4], [*BASE, f"run_dir={run}"], command="convert")
+    with pytest.raises(Cut):
+        convert_study(spec, log=log)
+    assert (run / "hedgehog" / "stage1" / "checkpoints" / "step-00000002").is_dir()
+    assert not (run / "performer" / "stage1" / "checkpoints").exists()
+    capsys.readouterr()
+    assert cli.main(["study", "-c", str(run / "study.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert f"hedgehog: stage 1: resumed from {run / 'hedgehog' / 'stage1'}" in out and "(step 2 of 4)" in out
+    assert "performer: stage 1 step 1/4" in out and "hedgehog: stage 1 step 3/4" in out
+    for name in NAMES:
+        for stage in ("stage1", "stage2"):
+            assert_same_tensors(_weights(run / name, stage), _weights(study / name, stage), f"{name} {stage}")
+
+
+@pytest.mark.slow
+def test_a_stop_signal_in_stage_1_saves_every_student_and_the_study_goes_on(
+    study, tmp_path, tiny_teacher_dir
+):
+    """SIGTERM during stage 1 (as SLURM sends before a preemption): the round ends, every student saves the
+    step it reached, the study stops; run again, it ends as the uninterrupted study."""
+
+    def log(line: str) -> None:
+        if line.startswith("hedgehog: stage 1 step 1/"):
+            os.kill(os.getpid(), signal.SIGTERM)  # read once the round is over
+
+    run = tmp_path / "study"
+    args = _study_args(tmp_path, tiny_teacher_dir, run)
+    spec = load_study(args[4], [*BASE, f"run_dir={run}"], command="convert")
+    with pytest.raises(StopRequested) as stop:
+        convert_study(spec, log=log)
+    assert stop.value.step == 1
+    for name in NAMES:
+        assert (run / name / "stage1" / "checkpoints" / "step-00000001").is_dir()
+    assert cli.main(["study", "-c", str(run / "study.yaml")]) == 0
+    for name in NAMES:
+        for stage in ("stage1", "stage2"):
+            assert_same_tensors(_weights(run / name, stage), _weights(study / name, stage), f"{name} {stage}")
+
+
+@pytest.mark.slow
+def test_a_student_whose_stage_1_diverges_stops_alone_and_the_others_go_on(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(
+        f"teacher:\n  spec: local-dir:{tiny_teacher_dir}\nstudents:\n  - name: fine\n"
+        "  - name: diverges\n    convert.output_mse: 1.0e+300\n"  # inf in fp32: a non-finite stage-1 loss
+    )
+    run = tmp_path / "study"
+    base = [*BASE, "convert.stage1_steps=2", "schedule.max_steps=1", "convert.attention=hedgehog"]
+    assert cli.main(["study", "--command", "convert", "-c", str(yaml), *base, f"run_dir={run}"]) == 0
+    out = capsys.readouterr().out
+    stopped = [line for line in out.splitlines() if line.startswith("study: student 'diverges' stopped:")]
+    assert len(stopped) == 1 and "non-finite" in stopped[0] and "the others go on" in stopped[0]
+    fine, diverges = (json.loads((run / n / "report.json").read_text()) for n in ("fine", "diverges"))
+    assert "stopped" not in fine and isinstance(fine["top1"]["after_stage2"], float)
+    assert "non-finite" in diverges["stopped"] and diverges["stage2"]["stopped"] == diverges["stopped"]
+    assert diverges["top1"]["after_stage1"] is None and diverges["top1"]["after_stage2"] is None
+    assert not (run / "diverges" / "stage2" / "checkpoints").exists()
+    rows = json.loads((run / "conversion_study.json").read_text())["students"]
+    assert [(r["name"], r["stage"], r["stopped"] is None) for r in rows] == [
+        ("fine", "after_stage2", True),
+        ("diverges", "before_stage1", False),
+    ]
+    assert "- diverges stopped early: stage 1: non-finite" in (run / "conversion_study.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_teacher_runs_once_a_stage_1_batch_for_every_student(tmp_path, tiny_teacher_dir, monkeypatch):
+    """Stage 1 of two students: one teacher pass a batch, for both (and none of their own)."""
+    passes: dict[str, list[tuple[int, ...]]] = {"study": [], "own": []}
+
+    def counted(where, real):
+        def teacher_signals(teacher, x, layers, fields):
+            passes[where].append((len(layers), len(fields)))
+            return real(teacher, x, layers, fields)
+
+        return teacher_signals
+
+    monkeypatch.setattr(study_app, "teacher_signals", counted("study", study_app.teacher_signals))
+    monkeypatch.setattr(stage1, "teacher_signals", counted("own", stage1.teacher_signals))
+    args = _study_args(tmp_path, tiny_teacher_dir, tmp_path / "study")
+    assert cli.main([*args, "schedule.max_steps=1"]) == 0
+    # both blocks; the input, q and k for both, the attention's output for performer's output loss
+    assert passes == {"study": [(2, 4)] * STAGE1, "own": []}
+
+
+@pytest.mark.slow
+def test_a_study_under_torchrun_converts_each_student_as_it_converts_alone_there(
+    study, tmp_path, tiny_teacher_dir
+):
+    """Two ranks, each stage of each student data parallel over them: a student ends bit for bit as
+    `attnxfer convert` of it alone under torchrun, and its stage 1 as in the one-process study on the same global
+    batch (the fixture) up to the order of the gradient sums."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "attnxfer",
+    ]
+    run, alone = tmp_path / "two", tmp_path / "alone"
+    commands = [
+        [*_study_args(tmp_path, tiny_teacher_dir, run), "data.batch_size=8", "device=cpu"],
+        ["convert", "-c", str(run / "hedgehog" / "config.yaml"), f"run_dir={alone}"],
+    ]
+    for command in commands:
+        res = subprocess.run([*launch, *command], capture_output=True, text=True, env=env, timeout=600)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for stage in ("stage1", "stage2"):
+        assert_same_tensors(_weights(run / "hedgehog", stage), _weights(alone, stage), f"hedgehog {stage}")
+    for name in NAMES:
+        got, want = _weights(run / name, "stage1"), _weights(study / name, "stage1")
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=f"{name} stage 1 {k}")
+    assert (run / "conversion_study.md").is_file()
+
+
+def test_a_key_every_convert_student_shares_is_refused_before_any_work(tmp_path, capsys):
+    run = tmp_path / "study"
+    for vary in ("convert.stage1_batch_size=8,16", "convert.speed_repeats=2,3", "data.batch_size=8,16"):
+        argv = ["study", "--command", "convert", *BASE, f"run_dir={run}", "--vary", "convert.attention=a,b"]
+        code = cli.main([*argv, "--vary", vary])
+        err = capsys.readouterr().err.strip().splitlines()
+        key = vary.split("=")[0]
+        assert code == 2 and len(err) == 1 and key in err[0] and "every student of a study shares" in err[0]
+        assert not run.exists()
+    # a training study does not read the convert section: its students may set those keys
+    spec = load_study(None, [f"run_dir={run}"], {"convert.stage1_batch_size": ["8", "16"]})
+    assert spec.command == "train"
+
+
+def test_a_study_yaml_names_its_command_and_a_flag_that_disagrees_is_refused(tmp_path):
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text("command: convert\nstudents:\n  - name: a\n    convert.attention: hedgehog\n")
+    spec = load_study(yaml)
+    assert spec.command == "convert" and "command: convert\nstudents:" in str(spec)
+    again = tmp_path / "again.yaml"
+    again.write_text(str(spec))
+    assert load_study(again).command == "convert"
+    with pytest.raises(ConfigError, match="drop --command"):
+        load_study(yaml, command="train")
+    yaml.write_text("command: pretrain\nstudents:\n  - name: a\n")
+    with pytest.raises(ConfigError, match="not a study's command"):
+        load_study(yaml)

@@ -1,0 +1,346 @@
+"""A study: K students from one teacher, one batch and one teacher pass per step, each student ending exactly
+where it ends trained alone; what must be shared refused before any work; a kill at any instant resumed to the
+same weights; a student that diverges stopping alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_same_tensors, fork_cli
+from safetensors.torch import load_file
+
+from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.config import ConfigError
+from attnxfer.config.study import load_study
+from attnxfer.launch import cli
+from attnxfer.transfer import teacher_student as pairs
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 4
+# 8 steps an epoch at batch 8: a periodic save mid-epoch, every student in lock step
+BASE = [
+    "data.dataset=synthetic",
+    "data.batch_size=8",
+    "data.kwargs.length=64",
+    "log.progress=false",
+    "log.trackers=[]",
+    "log.every_steps=1",
+    "deterministic=true",
+    "transfer.ce_path=rows",
+    f"schedule.max_steps={STEPS}",
+    "checkpoint.every_steps=2",
+]
+
+#: one student per family of what a student can learn from its teacher (and an EMA, a seed of its own)
+FAMILIES = """
+students:
+  - name: copy
+    transfer.mode: copy
+  - name: distill
+    transfer: {mode: distill, atd_weight: 3.0, end_layer: -1}
+    ema.decay: 0.9
+  - name: feature
+    transfer: {mode: none, feature_distill: 1.0}
+    seed: 7
+  - name: logit
+    transfer: {mode: none, logit_distill: 1.0, logit_temperature: 2.0}
+  - name: zoo
+    model.attention: relu_linear
+    transfer.mode: distill
+"""
+
+
+def _study_yaml(folder: Path, teacher: Path, students: str) -> Path:
+    path = folder / "study.in.yaml"
+    path.write_text(f"teacher:\n  spec: local-dir:{teacher}\n{students}")
+    return path
+
+
+def _final(run: Path, group: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step-{STEPS:08d}" / f"{group}.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, tiny_teacher_dir):
+    """A study of every family of student (copy, distill with EMA, feature, logit, a zoo attention)."""
+    folder = tmp_path_factory.mktemp("study")
+    yaml = _study_yaml(folder, tiny_teacher_dir, FAMILIES)
+    assert cli.main(["study", "-c", str(yaml), *BASE, f"run_dir={folder / 'study'}"]) == 0
+    return folder / "study"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["copy", "distill", "feature", "logit", "zoo"])
+def test_each_student_of_a_study_ends_where_it_ends_trained_alone(families, name, tmp_path, capsys):
+    """Bit for bit (fp32 CPU): its own random streams (initialisation, drop path), nothing of another student
+    in its graph, its own optimiser, clipping, schedule and EMA; the run folder is a train run's."""
+    student = families / name
+    alone = tmp_path / "alone"
+    assert cli.main(["train", "-c", str(student / "config.yaml"), f"run_dir={alone}"]) == 0
+    groups = ["model", "optimizer", *(["ema"] if name == "distill" else [])]
+    for group in groups:
+        assert_same_tensors(_final(student, group), _final(alone, group), f"{name} {group}")
+    rows = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    alone_rows = [json.loads(line) for line in (alone / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda r: {k: v for k, v in r.items() if k != "time"}
+    assert [strip(r) for r in rows] == [strip(r) for r in alone_rows]
+    # eval takes a student's folder unchanged
+    capsys.readouterr()
+    assert cli.main(["eval", "-c", str(student / "config.yaml")]) == 0
+    assert f"step {STEPS}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_study_records_its_students_and_the_step_all_of_them_saved(families):
+    record = json.loads((families / "study.json").read_text())
+    assert [s["name"] for s in record["students"]] == ["copy", "distill", "feature", "logit", "zoo"]
+    assert all(
+        s["folder"] == s["name"] and s["step"] == STEPS and s["stopped"] is None for s in record["students"]
+    )
+    assert record["students"][1]["overrides"] == {
+        "transfer.atd_weight": 3.0,
+        "transfer.end_layer": -1,
+        "transfer.mode": "distill",
+        "ema.decay": 0.9,
+    }
+    committed = ResumePoint.find(families)
+    assert committed.step == STEPS and set(committed.record("checkpoints")) == {
+        s["name"] for s in record["students"]
+    }
+    # the students' older checkpoints were pruned only after every student saved the step
+    for s in record["students"]:
+        steps = sorted(p.name for p in (families / s["name"] / "checkpoints").glob("step-*"))
+        assert steps[-1] == f"step-{STEPS:08d}"
+    # study.yaml runs it again: it has nothing left to do, and says so for each student
+    code = cli.main(["study", "-c", str(families / "study.yaml")])
+    assert code == 0
+
+
+def test_a_key_every_student_shares_is_refused_before_any_work(tmp_path, capsys):
+    run = tmp_path / "study"
+    for vary in ("data.batch_size=8,16", "teacher.spec=a,b", "schedule.max_steps=2,4", "aug.mixup=0,0.8"):
+        code = cli.main(["study", *BASE, f"run_dir={run}", "--vary", "seed=1,2", "--vary", vary])
+        err = capsys.readouterr().err.strip().splitlines()
+        key = vary.split("=")[0]
+        assert code == 2 and len(err) == 1 and key in err[0] and "every student of a study shares" in err[0]
+        assert not run.exists()
+
+
+def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text(
+        "run_dir: somewhere\nstudents:\n  - name: copy\n    transfer.mode: copy\n"
+        "  - name: distill\n    transfer: {mode: distill, atd_weight: 3.0}\n"
+    )
+    spec = load_study(yaml, ["seed=5"], {"optim.lr": ["1e-3", "2e-3"]})
+    assert [s.name for s in spec.students] == [
+        "copy_optim.lr=1e-3",
+        "copy_optim.lr=2e-3",
+        "distill_optim.lr=1e-3",
+        "distill_optim.lr=2e-3",
+    ]
+    cfg = spec.config_of(spec.students[2])
+    assert (cfg.transfer.mode, cfg.transfer.atd_weight, cfg.optim.lr) == ("distill", 3.0, 1e-3)
+    # the data's seed is the study's: students that seed their initialisation otherwise read the same batches
+    assert cfg.run_dir == str(Path("somewhere") / "distill_optim.lr=1e-3") and (cfg.seed, cfg.data.seed) == (
+        5,
+        5,
+    )
+    with pytest.raises(ConfigError, match="which --vary varies too"):
+        load_study(yaml, [], {"transfer.mode": ["copy"]})
+    yaml.write_text("students:\n  - name: a\n  - name: a\n    seed: 2\n")
+    with pytest.raises(ConfigError, match="two students are named 'a'"):
+        load_study(yaml)
+    yaml.write_text("students:\n  - name: ../up\n")
+    with pytest.raises(ConfigError, match="must be a folder name"):
+        load_study(yaml)
+
+
+def test_a_study_yaml_is_not_a_run_config(tmp_path, capsys):
+    yaml = tmp_path / "s.yaml"
+    yaml.write_text("students:\n  - name: copy\n    transfer.mode: copy\n")
+    code = cli.main(["train", "-c", str(yaml)])
+    err = capsys.readouterr().err
+    assert code == 2 and "attnxfer study -c" in err and "Traceback" not in err
+
+
+def test_print_config_shows_each_student_and_what_it_changes(tmp_path, capsys):
+    code = cli.main(
+        [
+            "study",
+            *BASE,
+            f"run_dir={tmp_path / 's'}",
+            "--vary",
+            "transfer.mode=copy,distill",
+            "--print-config",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and out.count("\n---\n") == 2 and not (tmp_path / "s").exists()
+    assert "# student transfer.mode=copy" in out and "transfer.mode: distill -> copy" in out
+    assert f"run_dir: {tmp_path / 's' / 'transfer.mode=distill'}" in out
+
+
+@pytest.mark.slow
+def test_a_student_that_diverges_stops_alone_and_the_others_go_on(tmp_path, tiny_teacher_dir, capsys):
+    run = tmp_path / "study"
+    yaml = _study_yaml(
+        tmp_path,
+        tiny_teacher_dir,
+        "students:\n  - name: fine\n  - name: diverges\n    optim.lr: 1.0e+30\n    transfer.atd_weight: 1.0e+30\n",
+    )
+    code = cli.main(["study", "-c", str(yaml), *BASE, f"run_dir={run}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    stopped = [line for line in out.splitlines() if line.startswith("study: student 'diverges' stopped")]
+    assert len(stopped) == 1 and "non-finite loss" in stopped[0] and "the others go on" in stopped[0]
+    record = {s["name"]: s for s in json.loads((run / "study.json").read_text())["students"]}
+    assert record["fine"]["step"] == STEPS and record["fine"]["stopped"] is None
+    assert "non-finite" in record["diverges"]["stopped"]
+    assert ResumePoint.find(run / "fine").step == STEPS
+    # its last checkpoint holds no weights trained after the bad step
+    kept = ResumePoint.find(run / "diverges")
+    assert kept is None or all(torch.isfinite(t).all() for t in kept.load_tensors()["model"].values())
+
+
+@pytest.mark.slow
+def test_a_study_killed_at_any_instant_resumes_to_the_uninterrupted_weights(tmp_path, tiny_teacher_dir):
+    """SIGKILL at random instants (inside saves too): the same command goes on from the last step every student
+    saved, and every student ends bit-identical to the uninterrupted study's."""
+    yaml = _study_yaml(
+        tmp_path, tiny_teacher_dir, "students:\n  - name: copy\n    transfer.mode: copy\n  - name: distill\n"
+    )
+    args = ["study", "-c", str(yaml), *BASE, "checkpoint.every_steps=1", "checkpoint.keep_last=1"]
+    ref, t0 = tmp_path / "ref", time.monotonic()
+    proc = fork_cli([*args, f"run_dir={ref}"], tmp_path / "ref.log")
+    proc.join(180)
+    seconds = time.monotonic() - t0
+    assert proc.exitcode == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    rng, resumed = random.Random(3), 0
+    for trial in range(3):
+        run, log = tmp_path / f"t{trial}", tmp_path / f"t{trial}.log"
+        victim = fork_cli([*args, f"run_dir={run}"], log)
+        victim.join(rng.uniform(0.3, seconds))
+        if victim.is_alive():
+            os.kill(victim.pid, signal.SIGKILL)
+        victim.join()
+        again = fork_cli([*args, f"run_dir={run}"], log)
+        again.join(180)
+        assert again.exitcode == 0, log.read_text()[-3000:]
+        resumed += "resuming every student from step" in log.read_text()
+        for name in ("copy", "distill"):
+            assert_same_tensors(_final(run / name), _final(ref / name), f"trial {trial} {name}")
+    assert resumed >= 1  # at least one kill landed after a committed step
+
+
+@pytest.mark.slow
+def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_process(
+    tmp_path, tiny_teacher_dir
+):
+    """Two ranks, each student's DDP over them: the same global batch as one process, the same weights up to
+    the order of the gradient sums, and an evaluation that counts every image once."""
+    args = [
+        *BASE,
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "model.drop_path_rate=0",
+        "--vary",
+        "transfer.mode=copy,distill",
+    ]
+    one = tmp_path / "one"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["study", f"run_dir={one}", *args, "data.batch_size=16"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = tmp_path / "two"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "attnxfer",
+    ]
+    res = subprocess.run(
+        [*launch, "study", f"run_dir={run}", *args, "data.batch_size=8", "device=cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for name in ("transfer.mode=copy", "transfer.mode=distill"):
+        state = ResumePoint.find(run / name).state
+        assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
+        got, want = _final(run / name), _final(one / name)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+        last, ref = (
+            json.loads((r / name / "metrics.jsonl").read_text().splitlines()[-1]) for r in (run, one)
+        )
+        assert last["val_count"] == ref["val_count"] and last["val_top1"] == pytest.approx(ref["val_top1"])
+
+
+@pytest.mark.slow
+def test_a_study_runs_its_teacher_once_a_batch_for_all_its_students(tmp_path, tiny_teacher_dir, monkeypatch):
+    """Three students that each need the teacher (its maps, its logits) pay for one teacher forward per batch;
+    each alone pays one per batch too."""
+    passes: list[int] = []
+    real = pairs.run_teacher
+
+    def counted(teacher, x, needs, layers=None):
+        passes.append(x.shape[0])
+        return real(teacher, x, needs, layers)
+
+    monkeypatch.setattr(pairs, "run_teacher", counted)
+    args = [*BASE, f"teacher.spec=local-dir:{tiny_teacher_dir}", "--vary", "transfer.atd_weight=1,3"]
+    assert (
+        cli.main(["study", f"run_dir={tmp_path / 's'}", *args, "--vary", "transfer.logit_distill=0,1"]) == 0
+    )
+    assert len(passes) == STEPS  # 4 students, one teacher forward a step
+    passes.clear()
+    one = tmp_path / "s" / "transfer.atd_weight=1_transfer.logit_distill=1"
+    assert cli.main(["train", "-c", str(one / "config.yaml"), f"run_dir={tmp_path / 'alone'}"]) == 0
+    assert len(passes) == STEPS
+
+
+@pytest.mark.slow
+def test_the_study_benchmark_measures_its_ratios_in_one_run(tmp_path):
+    """benchmarks/study_step.py on tiny models: every step it times ran, and its ratios are the medians'."""
+    out = tmp_path / "bench.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "study_step.py"),
+            "--quick",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    record = json.loads(out.read_text())
+    s = record["seconds"]
+    assert set(s) == {"solo_1", "solo_2", "solo_3", "solo_4", "study", "teacher", "train_1", "study_1"}
+    solo = sum(s[f"solo_{i}"] for i in range(1, 5))
+    assert record["ratios"]["study / solo steps"] == pytest.approx(s["study"] / solo)
+    assert record["floor"] == pytest.approx(solo - 3 * s["teacher"])
+    assert "study / floor" in res.stdout and record["peak_bytes"]["study"] > 0
