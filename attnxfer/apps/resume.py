@@ -1,7 +1,7 @@
 """Resuming, judged once: the checkpoint a command goes on from, and what its config may change.
 
-Every command that resumes (train, pretrain, eval, convert's two stages, search, a study's students) calls
-`resume_point`: the checkpoint is found and its state read once (`ResumePoint.find`), then judged here by one
+Every command that resumes (train, pretrain, eval, convert's two stages, search, a study's students) finds
+its checkpoint and reads its state once (`ResumePoint.find`), then has it judged here (`judge`) by one
 rule. A run continues only as the run it is. How it is optimised, how long, how it logs and saves, and where
 it runs may change between attempts (the changes are printed); what the checkpoint's weights, optimiser state
 and data position mean (model, teacher, transfer plan, data, batch) may not: that stops before anything is
@@ -55,33 +55,6 @@ def config_changes(
         if old_value != new_value:
             changes.append(KeyChange(key, old_value, new_value, _may_change(key, resumable)))
     return changes
-
-
-def resume_point(
-    cfg: TrainConfig,
-    *,
-    world: int | None = None,
-    scoring: bool = False,
-    resumable: Sequence[str] = RESUMABLE_KEYS,
-    compared: Sequence[str] | None = None,
-    run_dir: str | Path | None = None,
-    what: str = "run",
-    log: Callable[[str], Any] = print,
-) -> ResumePoint | None:
-    """The checkpoint ``cfg`` resumes from in ``run_dir`` (default ``cfg.run_dir``), judged (`judge`); None
-    for a fresh start."""
-    point = ResumePoint.find(run_dir or cfg.run_dir, cfg.checkpoint.resume)
-    return judge(
-        point,
-        cfg,
-        world=world,
-        scoring=scoring,
-        resumable=resumable,
-        compared=compared,
-        run_dir=run_dir,
-        what=what,
-        log=log,
-    )
 
 
 def judge(

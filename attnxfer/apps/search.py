@@ -51,7 +51,7 @@ from ..search import (
     run_search,
 )
 from ..train.runtime import resolve_device
-from .resume import check_teacher_content, resume_point
+from .resume import check_teacher_content, judge
 from .run_parts import build_run_parts
 
 _VERSION = 1
@@ -160,7 +160,8 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -
     """The search's newest saved generation, judged by the search's rule (`SEARCH_RESUMABLE_KEYS`:
     `attnxfer.apps.resume`); None for a new search."""
     _adopt_older_layout(run_dir)
-    return resume_point(cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", log=log)
+    point = ResumePoint.find(run_dir, cfg.checkpoint.resume)
+    return judge(point, cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", log=log)
 
 
 def _state_of(point: ResumePoint | None, log: Callable[[str], None]) -> SearchState:
