@@ -325,3 +325,17 @@ ZOO_OPTIONS = {
     "performer": dict(num_features=24, feature_seed=0),
     "focused_linear": dict(kernel_size=3),
 }
+
+
+def torchrun_attnxfer(*args: str, ranks: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``attnxfer ARGS`` under torchrun on this machine (``ranks`` processes, one thread each), outside any
+    SLURM job the tests themselves run in; asserts it succeeded."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    res = subprocess.run(
+        [*launch, "-m", "attnxfer", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res

@@ -9,13 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors
+from helpers import assert_same_tensors, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.apps import convert_study as study_app
@@ -266,25 +264,9 @@ def test_a_study_under_torchrun_converts_each_student_as_it_converts_alone_there
     """Two ranks, each stage of each student data parallel over them: a student ends bit for bit as
     `attnxfer convert` of it alone under torchrun, and its stage 1 as in the one-process study on the same global
     batch (the fixture) up to the order of the gradient sums."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "attnxfer",
-    ]
     run, alone = tmp_path / "two", tmp_path / "alone"
-    commands = [
-        [*_study_args(tmp_path, tiny_teacher_dir, run), "data.batch_size=8", "device=cpu"],
-        ["convert", "-c", str(run / "hedgehog" / "config.yaml"), f"run_dir={alone}"],
-    ]
-    for command in commands:
-        res = subprocess.run([*launch, *command], capture_output=True, text=True, env=env, timeout=600)
-        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    torchrun_attnxfer(*_study_args(tmp_path, tiny_teacher_dir, run), "data.batch_size=8", "device=cpu")
+    torchrun_attnxfer("convert", "-c", str(run / "hedgehog" / "config.yaml"), f"run_dir={alone}")
     for stage in ("stage1", "stage2"):
         assert_same_tensors(_weights(run / "hedgehog", stage), _weights(alone, stage), f"hedgehog {stage}")
     for name in NAMES:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, fork_cli
+from helpers import assert_same_tensors, fork_cli, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -263,25 +263,7 @@ def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_proce
     finally:
         torch.set_num_threads(threads)
     run = tmp_path / "two"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "attnxfer",
-    ]
-    res = subprocess.run(
-        [*launch, "study", f"run_dir={run}", *args, "data.batch_size=8", "device=cpu"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    torchrun_attnxfer("study", f"run_dir={run}", *args, "data.batch_size=8", "device=cpu")
     for name in ("transfer.mode=copy", "transfer.mode=distill"):
         state = ResumePoint.find(run / name).state
         assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1

@@ -5,13 +5,11 @@ the job's ranks."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-from test_submit_engine import WAIT_S, _attnxfer
+from test_submit_engine import _attnxfer, _ended, _job_id
 
 from attnxfer.checkpoints.resume_point import ResumePoint
-from attnxfer.launch.slurm import slurm_job_info
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -54,15 +52,7 @@ def test_a_submitted_convert_study_converts_every_student_on_two_ranks(slurm, tm
         "--max-requeues",
         "0",
     )
-    assert sub.returncode == 0, sub.stderr[-2000:]
-    job_id = next(line.split()[1].rstrip(":") for line in sub.stdout.splitlines() if line.startswith("job "))
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        info = slurm_job_info(job_id)
-        if info and info["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-            break
-        assert time.monotonic() < deadline, f"job still {info and info['JobState']}"
-        time.sleep(0.5)
+    info = _ended(_job_id(sub))
     logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
     assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
     assert (run / "conversion_study.md").is_file() and "hedgehog: stage 1 step 3/3" in logs
