@@ -50,7 +50,7 @@ class ModelConfig:
     # The student's attention: null = softmax (timm's); a registered zoo attention (performer, hedgehog, ...)
     # for every block, or a list with one name per block. A fresh student with it is distilled like any other
     # (transfer.mode: distill picks the map loss of each student layer's map kind). Names are checked against
-    # attnxfer.models' registry when the student is built.
+    # attnxfer.models' registry as the CLI loads the config, before any model is built.
     attention: str | list[str] | None = key(None, range=ANY)
     attention_kwargs: dict[str, Any] = key(factory=dict, range=ANY)  # its options, e.g. {num_features: 64}
     # torch.compile of the student's blocks (as timm's --torchcompile; names and checkpoints unchanged)
@@ -78,8 +78,22 @@ class TeacherConfig:
 class TransferConfig:
     """How attention moves from teacher to student (see attnxfer.transfer.plan)."""
 
-    # a registry of attnxfer.transfer: checked by the plan, which knows the modes
-    mode: str = key("distill", range=ANY)
+    # what the student borrows from or learns of the teacher: attnxfer.transfer.modes.MODES, whose keys these
+    # choices are (tests/cli/test_config_validation.py holds the two equal), so a typo stops as the config loads
+    mode: str = key(
+        "distill",
+        choices=(
+            "none",
+            "copy",
+            "copy_q",
+            "copy_k",
+            "copy_v",
+            "distill",
+            "distill_q",
+            "distill_k",
+            "distill_v",
+        ),
+    )
     end_layer: int = key(0, range=ANY)  # the paper's meaning: 0 = all, -k = all but the last k
     layers: list[int] | None = key(None, range=NON_NEGATIVE)  # explicit student layers (wins over end_layer)
     atd_weight: float = key(1.0, range=NON_NEGATIVE)
@@ -248,7 +262,8 @@ class ConvertConfig:
     distillation; ``mode: none`` without it).
     """
 
-    # a registered zoo attention (attnxfer.models.efficient's registry), or one name per block
+    # a registered zoo attention (attnxfer.models.efficient's registry), or one name per block (or per stage of
+    # a hierarchical teacher); names are checked as the CLI loads the config
     attention: str | list[str] = key("hedgehog", range=ANY)
     # e.g. {num_features: 128, window_size: 4}
     attention_kwargs: dict[str, Any] = key(factory=dict, range=ANY)

@@ -7,6 +7,9 @@ building the CLI's parser, for ``--help`` and for argument errors, loads neither
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
+
+from ..errors import InputError
 
 #: where a job runs: a SLURM cluster, local processes, or this process (submitit's executors)
 CLUSTERS = ("slurm", "local", "debug")
@@ -96,3 +99,54 @@ def add_array_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--wait-timeout", type=float, default=None, help="give up on a generation after this many s"
     )
+
+
+# -- KEY=VALUE lists (`--slurm`, `--sweep`, a study's `--vary`): parsed without importing submitit --
+
+
+def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict[str, str]:
+    """``["KEY=VALUE", ...]`` to a dict; a missing ``=`` or a repeated key is an error."""
+    out: dict[str, str] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InputError(f"{what} expects KEY=VALUE, got {item!r}")
+        if key in out:
+            raise InputError(f"{what} sets {key!r} twice")
+        out[key] = value
+    return out
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets and braces: ``[0,1],[2,3]`` -> ``["[0,1]", "[2,3]"]``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return parts
+
+
+def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
+    """``["optim.lr=1e-3,1e-4", "seed=0,1"]`` to ``{"optim.lr": ["1e-3", "1e-4"], "seed": ["0", "1"]}``.
+
+    Values stay strings, exactly like plain ``key=value`` overrides: the config parses them. Commas
+    inside brackets belong to the value, so list values sweep too: ``transfer.layers=[0,1],[2,3]``.
+    """
+    if not items:
+        return None
+    sweep: dict[str, list[str]] = {}
+    for key, values in parse_key_values(items, what="--sweep").items():
+        vals = [v.strip() for v in split_top_level(values)]
+        if not vals or any(v == "" for v in vals):
+            raise InputError(
+                f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}"
+            )
+        sweep[key] = vals
+    return sweep

@@ -26,6 +26,28 @@ CASES = [
     (["submit", "--nodes", "two"], 2, "invalid int value: 'two'"),
     (["inspect", "t", "s", "--num-images", "0"], 2, "--num-images must be at least 1, got 0"),
     (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
+    # a value outside a registry's names, whatever else is wrong (demo/distill's teacher folder need not exist)
+    (
+        ["train", "-c", "demo/distill", "transfer.mode=distil"],
+        2,
+        "transfer.mode: 'distil' is not one of none, copy, copy_q, copy_k, copy_v, distill, distill_q, "
+        "distill_k, distill_v; did you mean 'distill'?",
+    ),
+    (
+        ["train", "-c", "demo/distill", "model.attention=[performer,perfromer]"],
+        2,
+        "model.attention[1]: 'perfromer' is not a registered attention; did you mean 'performer'? (one of agent,",
+    ),
+    (
+        ["convert", "convert.attention=hedgehgo"],
+        2,
+        "convert.attention: 'hedgehgo' is not a registered attention",
+    ),
+    (
+        ["study", "-c", "demo/distill", "--vary", "model.attention=hedgehog,hedgehgo"],
+        2,
+        "did you mean 'hedgehog'",
+    ),
 ]
 COMMANDS = [
     "train",

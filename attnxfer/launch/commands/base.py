@@ -86,8 +86,9 @@ def _changes(args, cfg) -> str:
 def load(args):
     """The config, and (on the main process) what it changes from its recipe, printed at start-up."""
     from ...config import load_config
+    from ..value_checks import check_values
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = check_values(load_config(args.config, args.overrides))
     if os.environ.get("RANK", "0") == "0" and not getattr(args, "print_config", False):
         print(_changes(args, cfg), flush=True)
     return cfg
@@ -96,8 +97,9 @@ def load(args):
 def print_config(args) -> int:
     """``--print-config``: the resolved config, then what it changes from its recipe (as YAML comments)."""
     from ...config import dump_config, load_config
+    from ..value_checks import check_values
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = check_values(load_config(args.config, args.overrides))
     print(dump_config(cfg).rstrip())
     print("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
@@ -114,10 +116,18 @@ def add_vary(p: argparse.ArgumentParser) -> None:
 
 def load_study(args):
     """A study's spec (`attnxfer.config.study`): ``-c``'s base keys and ``students:``, the overrides, ``--vary``."""
+    from ...config import ConfigError
     from ...config.study import load_study as load
-    from ..slurm import parse_sweep
+    from ..arguments import parse_sweep
+    from ..value_checks import check_values
 
-    return load(args.config, args.overrides, parse_sweep(args.vary), getattr(args, "study_command", None))
+    spec = load(args.config, args.overrides, parse_sweep(args.vary), getattr(args, "study_command", None))
+    for student in spec.students:
+        try:
+            check_values(spec.config_of(student))
+        except ConfigError as e:
+            raise ConfigError(f"student {student.name!r}: {e}") from None
+    return spec
 
 
 def done_line(result) -> str:

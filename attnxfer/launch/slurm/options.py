@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -17,6 +17,9 @@ from ...errors import InputError, UserError
 from ..arguments import (
     CLUSTERS,
     add_slurm_arguments as add_slurm_arguments,  # its home before arguments.py
+    parse_key_values as parse_key_values,  # the same: `attnxfer study --vary` reads them without submitit
+    parse_sweep as parse_sweep,
+    split_top_level,
 )
 
 RUN_DIR_KEY = "run_dir"
@@ -135,59 +138,11 @@ def check_script_value(flag: str, value: Any) -> None:
 def check_name_list(flag: str, value: str, what: str) -> None:
     """A comma-separated list of SLURM names (partitions, accounts, QOS, node lists): no blanks inside."""
     check_script_value(flag, value)
-    items = _split_top_level(value)
+    items = split_top_level(value)
     if any(not item or any(c.isspace() for c in item) for item in items):
         raise InputError(
             f"{flag} {value!r}: {what} have no spaces and no empty items (a list is comma-separated, e.g. a,b)"
         )
-
-
-def parse_key_values(items: Sequence[str] | None, what: str = "--slurm") -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` to a dict; a missing ``=`` or a repeated key is an error."""
-    out: dict[str, str] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise InputError(f"{what} expects KEY=VALUE, got {item!r}")
-        if key in out:
-            raise InputError(f"{what} sets {key!r} twice")
-        out[key] = value
-    return out
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets and braces: ``[0,1],[2,3]`` -> ``["[0,1]", "[2,3]"]``."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        if ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth = max(0, depth - 1)
-        elif ch == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
-    return parts
-
-
-def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
-    """``["optim.lr=1e-3,1e-4", "seed=0,1"]`` to ``{"optim.lr": ["1e-3", "1e-4"], "seed": ["0", "1"]}``.
-
-    Values stay strings, exactly like plain ``key=value`` overrides: the config parses them. Commas
-    inside brackets belong to the value, so list values sweep too: ``transfer.layers=[0,1],[2,3]``.
-    """
-    if not items:
-        return None
-    sweep: dict[str, list[str]] = {}
-    for key, values in parse_key_values(items, what="--sweep").items():
-        vals = [v.strip() for v in _split_top_level(values)]
-        if not vals or any(v == "" for v in vals):
-            raise InputError(
-                f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}"
-            )
-        sweep[key] = vals
-    return sweep
 
 
 @dataclass

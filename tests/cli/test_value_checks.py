@@ -1,0 +1,60 @@
+"""Config values a registry holds are checked as the config loads, from names read without torch; these tests
+hold those names equal to the registries' own (tests/cli/test_cli_startup.py runs the refusals through the CLI
+and checks that they import no torch)."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from attnxfer.config import ConfigError, TrainConfig, load_config
+from attnxfer.config.keys import leaves
+from attnxfer.launch import value_checks
+from attnxfer.launch.value_checks import check_values
+from attnxfer.models.attention import registry
+from attnxfer.transfer.modes import MODES
+
+
+def test_the_schema_offers_exactly_the_transfer_modes():
+    (mode,) = [leaf for leaf in leaves(TrainConfig) if leaf.name == "transfer.mode"]
+    assert mode.range.choices == tuple(MODES)
+
+
+def test_attention_names_read_from_the_source_are_the_registrys():
+    names, prefixes = value_checks._registered_by_text()
+    assert names == set(registry._ATTENTIONS) and prefixes == set(registry._PARAMETRIC)
+    assert {"softmax", "performer", "hedgehog"} <= names and prefixes == {"formula"}
+
+
+@pytest.mark.parametrize(
+    "overrides,refusal",
+    [
+        (
+            ["model.attention=perfromer"],
+            "model.attention: 'perfromer' is not a registered attention; did you mean",
+        ),
+        (["model.attention=[softmax,softmaks]"], "model.attention[1]: 'softmaks'"),
+        (["convert.attention=[hedgehog,Hedgehog]"], "convert.attention[1]: 'Hedgehog'"),
+        (["convert.attention=formulas:sum(relu)"], "convert.attention: 'formulas:sum(relu)'"),
+    ],
+)
+def test_an_unknown_attention_name_is_refused_naming_the_key_and_the_choices(overrides, refusal):
+    with pytest.raises(ConfigError, match="one of agent, ") as e:
+        check_values(load_config(None, overrides))
+    assert str(e.value).startswith(refusal) and "formula:<spec>" in str(e.value)
+
+
+def test_registered_names_a_parametric_name_and_an_own_registration_pass():
+    ok = ["model.attention=[softmax,performer]", "convert.attention=formula:sum(relu)"]
+    assert check_values(load_config(None, ok)).model.attention == ["softmax", "performer"]
+
+    @registry.register_attention("test_value_checks_own")
+    class Own(nn.Module):
+        pass
+
+    try:  # a session's own attention is a name once registered: the imported registry is asked
+        check_values(load_config(None, ["model.attention=test_value_checks_own"]))
+    finally:
+        del registry._ATTENTIONS["test_value_checks_own"]
+    with pytest.raises(ConfigError, match="test_value_checks_own"):
+        check_values(load_config(None, ["model.attention=test_value_checks_own"]))
