@@ -39,6 +39,7 @@ from ..run_layout import (
     MODEL_WEIGHTS,
     RUN_CONFIG,
     RUN_RECORD,
+    STAGE_DIRS,
     STATE_NAME,
 )
 from ..sources.teacher import drop_unused_entries
@@ -153,6 +154,26 @@ class RunDir:
         """Whether this is a training run's dir (its run.json was written: the run got past its checks)."""
         return self.path.is_dir() and self.record_file.is_file()
 
+    def is_conversion(self) -> bool:
+        """Whether this is `attnxfer convert`'s run folder (its stages' folders inside, no run.json of its own)."""
+        return not self.record_file.is_file() and any((self.path / s).is_dir() for s in STAGE_DIRS)
+
+    def final_student(self) -> RunDir:
+        """The training run that holds this folder's final student: itself, or a conversion's stage 2 (the
+        run that fine-tunes the converted student last). A conversion whose stage 2 has not run is refused
+        with where its student is."""
+        if not self.is_conversion():
+            return self
+        stage2 = RunDir(self.path / STAGE_DIRS[-1])
+        if stage2.is_run():
+            return stage2
+        stage1 = self.path / STAGE_DIRS[0] / CHECKPOINTS_SUBDIR
+        raise MissingPathError(
+            f"{self.path} is a conversion whose stage 2 has not run (no {stage2.record_file}); its student "
+            f"after stage 1 is in {stage1}, which export does not read: finish the conversion "
+            f"(attnxfer convert -c {self.config_file}) and export again"
+        )
+
     # ---------------------------------------------------------------- writing (rank 0)
     def write_config(self, text: str) -> None:
         """The resolved config (re-run with ``-c RUN_DIR/config.yaml``)."""
@@ -170,6 +191,11 @@ class RunDir:
         if not self.path.is_dir():
             raise MissingPathError(
                 f"run dir {str(self.path)!r} does not exist; give the run_dir of a training run"
+            )
+        if self.is_conversion():
+            raise MissingPathError(
+                f"{self.path} is a conversion's run folder: its final student is the training run in "
+                f"{self.path / STAGE_DIRS[-1]} (`attnxfer export {self.path} OUT` exports it)"
             )
         if not self.record_file.is_file():
             raise MissingPathError(

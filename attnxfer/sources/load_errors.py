@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import InputError, UserError
+from ..run_layout import CHECKPOINTS_SUBDIR, RUN_RECORD, STAGE_DIRS, STATE_NAME, STUDY_RECORD
 
 
 class TeacherNotAvailable(UserError, RuntimeError):
@@ -22,3 +24,40 @@ class TeacherLoadError(InputError):
 
 class UnsafeCheckpointError(InputError):
     """A checkpoint that can only be read by unpickling arbitrary Python objects."""
+
+
+def run_folder_hint(folder: Path) -> str | None:
+    """What a folder attnxfer wrote is, where a model's folder was expected, and where its model is: a
+    student's run folder (its model is its export), a conversion's (its final student's export is under
+    stage2/), a study's or a search's; None for any other folder."""
+    if (folder / STUDY_RECORD).is_file():
+        return f"{folder} is a study's folder; each student is a run folder in it, with its export in STUDENT/export"
+    if any((folder / stage).is_dir() for stage in STAGE_DIRS):
+        run, what = folder / STAGE_DIRS[-1], "a conversion's run folder"
+    elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():
+        run, what = folder, "a student's run folder"
+    elif (folder / STATE_NAME).is_file():
+        return (
+            f"{folder} is a search's folder: it holds attention formulas, not a model (its report prints the "
+            "convert command that makes a student of its winner)"
+        )
+    else:
+        return None
+    export = run / "export"
+    if (export / "config.json").is_file():
+        return f"this is {what}; its export is {export}: use local-dir:{export}"
+    return (
+        f"this is {what}; its export would be {export}, which does not exist yet: write it with "
+        f"`attnxfer export {folder} {export}`, then use local-dir:{export}"
+    )
+
+
+def missing_path(path: Path) -> str:
+    """``PATH does not exist``, with what the nearest folder above it that exists holds (a mistyped or
+    renamed folder shows beside the name that was given)."""
+    above = next((a for a in path.absolute().parents if a.is_dir()), None)
+    if above is None or above == Path.cwd() or above.parent == above:
+        return f"{path} does not exist"
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in above.iterdir())
+    held = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "") or "nothing"
+    return f"{path} does not exist ({above} holds: {held})"

@@ -44,6 +44,8 @@ from .load_errors import (  # moved to load_errors.py
     TeacherLoadError,
     TeacherNotAvailable,
     UnsafeCheckpointError,
+    missing_path,
+    run_folder_hint,
 )
 from .transformers_format import describe as describe_transformers, is_transformers_config, unreadable_config
 
@@ -124,6 +126,7 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     arch, _ = split_model_name_tag(spec)
     if timm.is_model(arch):
         return TeacherSpec(Source.TIMM, spec, revision)
+    _refuse_path(spec)
     hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
     raise InputError(
         f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
@@ -131,6 +134,26 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
         f"'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
         f"({', '.join(WEIGHT_SUFFIXES)}) together with arch="
     )
+
+
+def _refuse_path(spec: str) -> None:
+    """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``, ``~/x``), is refused with what is
+    true of that path: a model's folder needs ``local-dir:``, a run's folder holds its model elsewhere, a path
+    that does not exist says so. A name like ``ORG/NAME`` that is no folder may be a Hub repo: left to the
+    caller's hint."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        hint = run_folder_hint(path)
+        if hint is not None:
+            raise InputError(f"teacher {spec!r}: {hint}")
+        if (path / "config.json").is_file():
+            raise InputError(f"teacher {spec!r}: the folder exists; use local-dir:{spec}")
+        raise InputError(
+            f"teacher {spec!r}: the folder exists but holds no config.json; a model's folder is timm's Hub "
+            "layout (config.json + model.safetensors, as `attnxfer export` writes it), given as local-dir:PATH"
+        )
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise MissingPathError(f"teacher {spec!r}: {missing_path(path)}")
 
 
 def _unsafe_message(path: Path, why: str) -> str:
@@ -438,7 +461,12 @@ def _resolve_local_dir(
     spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
 ) -> Resolved:
     folder = Path(spec.name)
+    if not folder.exists():
+        raise MissingPathError(f"local-dir:{folder}: {missing_path(folder)}")
     if not (folder / "config.json").is_file():
+        hint = run_folder_hint(folder)
+        if hint is not None:
+            raise InputError(f"local-dir:{folder}: {hint}")
         raise MissingPathError(
             f"local-dir:{folder}: no config.json there (timm's Hub layout is config.json + "
             "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`; transformers' "

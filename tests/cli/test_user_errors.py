@@ -108,3 +108,46 @@ def test_an_mae_decoder_width_the_sin_cos_embedding_cannot_take(tmp_path, capsys
         capsys,
     )
     assert "needs a width divisible by 4, got 30" in err
+
+
+# -- teacher paths: what is true of the path given -------------------------------------------------------
+
+
+def _teacher_refused(spec: str, tmp_path, capsys) -> str:
+    return _refused(["train", f"run_dir={tmp_path / 'run'}", f"teacher.spec={spec}", *_TINY_RUN], capsys)
+
+
+def test_a_teacher_path_that_does_not_exist_says_so_and_shows_what_is_there(tmp_path, capsys, monkeypatch):
+    (tmp_path / "runs" / "demo" / "mae-1a2b3c" / "export").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for spec in ("local-dir:runs/demo/mae/export", "runs/demo/mae/export", "./runs/demo/mae"):
+        path = spec.removeprefix("local-dir:").removeprefix("./")
+        err = _teacher_refused(spec, tmp_path, capsys)
+        assert f"{path} does not exist ({tmp_path / 'runs' / 'demo'} holds: mae-1a2b3c/)" in err, err
+        assert "hf-hub" not in err and "config.json" not in err
+
+
+def test_a_model_folder_given_without_local_dir_is_told_to_use_it(tiny_teacher_dir, tmp_path, capsys):
+    err = _teacher_refused(str(tiny_teacher_dir), tmp_path, capsys)
+    assert err.endswith(f"the folder exists; use local-dir:{tiny_teacher_dir}"), err
+    (tmp_path / "empty").mkdir()
+    err = _teacher_refused(str(tmp_path / "empty"), tmp_path, capsys)
+    assert "the folder exists but holds no config.json" in err and "hf-hub" not in err
+
+
+@pytest.mark.slow
+def test_a_students_run_folder_given_as_a_teacher_names_its_export(tiny_teacher_dir, tmp_path, capsys):
+    student = tmp_path / "student"
+    assert main(["train", f"run_dir={student}", "transfer.mode=none", *_TINY_RUN]) == 0
+    capsys.readouterr()
+    for spec in (str(student), f"local-dir:{student}"):
+        err = _teacher_refused(spec, tmp_path, capsys)
+        assert f"this is a student's run folder; its export would be {student / 'export'}" in err, err
+        assert f"attnxfer export {student} {student / 'export'}" in err and "unknown teacher" not in err
+    assert main(["export", str(student), str(student / "export"), "--checkpoint", "latest"]) == 0
+    capsys.readouterr()
+    err = _teacher_refused(str(student), tmp_path, capsys)
+    assert err.endswith(
+        f"this is a student's run folder; its export is {student / 'export'}: use "
+        f"local-dir:{student / 'export'}"
+    ), err

@@ -364,7 +364,7 @@ def _convert_args(run_dir, teacher_dir, *extra):
 
 
 @pytest.mark.slow
-def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir):
+def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "run"
     res = subprocess.run(
         [PY, "-m", "attnxfer", "convert", *_convert_args(run, tiny_teacher_dir)],
@@ -410,9 +410,21 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     again = json.loads((run / "report.json").read_text())
     assert again["stage1"]["resumed"] and again["stage1"]["history"] == report["stage1"]["history"]
     assert again["top1"] == report["top1"]
-    # the converted student exports from its stage-2 run and loads back with its attention and options
+    # the conversion's folder exports its final student (its stage-2 run), which loads back with its attention
+    # and options; given as a teacher, the folder is named for what it is
     out = tmp_path / "export"
-    assert main(["export", str(run / "stage2"), str(out), "--checkpoint", "latest", "--weights", "raw"]) == 0
+    assert main(["export", str(run), str(out), "--checkpoint", "latest", "--weights", "raw"]) == 0
+    assert f"{run} is a conversion; exporting its final student, {run / 'stage2'}" in capsys.readouterr().out
+    (run / "stage2" / "run.json").rename(tmp_path / "stage2-run.json")  # as if stage 2 had not started
+    assert main(["export", str(run), str(tmp_path / "export2")]) == 2
+    assert f"{run} is a conversion whose stage 2 has not run" in capsys.readouterr().err
+    (tmp_path / "stage2-run.json").rename(run / "stage2" / "run.json")
+    bad = _convert_args(tmp_path / "bad", run)
+    assert main(["convert", *bad]) == 2
+    assert (
+        f"local-dir:{run}: this is a conversion's run folder; its export would be {run / 'stage2' / 'export'}"
+        in (capsys.readouterr().err)
+    )
     from attnxfer import load_student, load_teacher
 
     loaded = load_student(f"local-dir:{out}")
@@ -463,7 +475,8 @@ def test_convert_skip_stage1_and_bad_names_through_the_cli(tmp_path, tiny_teache
         == 2
     )
     err = capsys.readouterr().err
-    assert "unknown attention 'performr'" in err and "performer" in err and "Traceback" not in err
+    assert "convert.attention: 'performr' is not a registered attention; did you mean 'performer'?" in err
+    assert "Traceback" not in err
     assert (
         main(
             [

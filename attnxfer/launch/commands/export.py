@@ -34,8 +34,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     description="Export RUN_DIR's student to OUT_DIR (config.json, model.safetensors, README.md). "
     "A softmax student then loads with timm.create_model('local-dir:OUT_DIR', "
     "pretrained=True) or transformers' AutoModelForImageClassification.from_pretrained(OUT_DIR); "
-    "any student, efficient attention included (e.g. the stage2/ "
-    "run of `attnxfer convert`), with attnxfer.load_student('local-dir:OUT_DIR'). "
+    "any student, efficient attention included (a conversion's folder "
+    "exports its final student, RUN_DIR/stage2), with attnxfer.load_student('local-dir:OUT_DIR'). "
     "--format onnx writes OUT_DIR/model.onnx instead (any student; opset 18, batch axis free), "
     "checked in ONNX Runtime on CPU against the PyTorch forward (needs attnxfer[onnx]).",
     arguments=_arguments,
@@ -47,14 +47,17 @@ def run(args) -> int:
 
     if "onnx" in args.formats:
         require_onnx()  # a missing package stops before the run is read
+    run = RunDir(args.run_dir).final_student()  # a conversion's folder: its stage-2 run
+    if run.path != RunDir(args.run_dir).path:
+        print(f"attnxfer export: {args.run_dir} is a conversion; exporting its final student, {run.path}")
     weights = args.weights
     if weights == "ema":  # a run without EMA has raw weights only: say so and use them
-        info = RunDir(args.run_dir).latest()
+        info = run.latest()
         if info is not None and "ema" not in info.groups:
             print("attnxfer export: the run kept no EMA weights; exporting the raw weights", file=sys.stderr)
             weights = "raw"
     out = export_run(
-        args.run_dir,
+        run.path,
         args.out_dir,
         weights=weights,
         checkpoint=args.checkpoint,
