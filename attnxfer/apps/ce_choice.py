@@ -17,7 +17,7 @@ from ..checkpoints.resume_point import ResumePoint
 from ..config import TrainConfig
 from ..train.distributed import gather_objects, rank_and_world
 from ..train.runtime import Runtime
-from ..transfer.ce_select import CEChoice, budget_from_gib, choose_ce_path, layer_shapes
+from ..transfer.ce_select import CEChoice, budget_from_gib, check_forced, choose_ce_path, layer_shapes
 from ..transfer.losses import CEPath, ce_path_for
 from ..transfer.teacher_student import TeacherStudent
 
@@ -57,9 +57,11 @@ def ce_choice_for_run(
     """How ``pair``'s softmax layers evaluate their CE in this run, set on ``pair`` (every rank) and
     returned for run.json and the checkpoints; None when the run distils no softmax maps. ``measure=False``
     (evaluation) keeps the recorded or device-default path without timing anything."""
-    if layer_shapes(pair, cfg.data.batch_size, runtime.device) is None:
+    shapes = layer_shapes(pair, cfg.data.batch_size, runtime.device)
+    if shapes is None:
         return None
     if cfg.transfer.ce_path != "auto":
+        check_forced(cfg.transfer.ce_path, runtime.device, shapes)  # refused with why, never replaced
         choice = CEChoice(
             CEPath(cfg.transfer.ce_path), "forced by transfer.ce_path", device=str(runtime.device)
         )

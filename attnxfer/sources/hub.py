@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import ssl
@@ -11,6 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..errors import InputError
 from .load_errors import (  # moved to load_errors.py
     TeacherLoadError,
     TeacherNotAvailable,
@@ -51,6 +53,7 @@ def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
     if cached and now - cached[0] < ttl:
         return cached[1]
     answer: list[bool] = []
+    bad_endpoint: list[ValueError] = []
 
     def probe() -> None:
         try:
@@ -61,12 +64,19 @@ def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
         except urllib.error.URLError as e:
             # A TLS complaint means something answered: let huggingface_hub (its own CA settings) decide.
             answer.append(isinstance(e.reason, ssl.SSLError))
-        except Exception:
+        except (OSError, http.client.HTTPException):  # timed out, reset, refused, or a garbled reply
             answer.append(False)
+        except ValueError as e:  # no URL at all (urllib's "unknown url type"): the setting is wrong
+            bad_endpoint.append(e)
 
     t = threading.Thread(target=probe, name="attnxfer-hub-probe", daemon=True)
     t.start()
     t.join(timeout + 0.5)
+    if bad_endpoint:
+        raise InputError(
+            f"the Hugging Face Hub endpoint {endpoint!r} (HF_ENDPOINT) is not a URL ({bad_endpoint[0]}); "
+            "unset HF_ENDPOINT or set it to e.g. https://huggingface.co"
+        )
     ok = bool(answer and answer[0])
     _REACHABLE[endpoint] = (now, ok)
     if not ok:

@@ -3,9 +3,12 @@
 The five `CEPath`s compute the same loss; which is fastest depends on the device, N, the head dims and
 the dtype (an H100 ran the materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows``
 fastest at large N). So before the first step `choose_ce_path` times every path whose requirements hold
-(``triton`` needs CUDA and one teacher head per student head; ``materialised`` needs its maps to fit a
-memory budget, `materialised_bytes`), a few interleaved rounds each, and keeps the fastest; a path that
-raises is skipped with one log line.
+(``triton`` needs CUDA, one teacher head per student head and square maps in every distilled layer;
+``materialised`` needs its maps to fit a memory budget, `materialised_bytes`), a few interleaved rounds each,
+and keeps the fastest. A path that turns out unable to run here (`CANNOT_RUN`: a missing package, the
+device's memory or resources) is skipped, and why goes into the record (run.json) and the start-up line; any
+other exception is a bug in that path and stops the run. A forced path (``transfer.ce_path: triton`` ...)
+whose requirements fail here is refused with why (`check_forced`), never replaced by another.
 
 What is timed is one distilled layer alone on the run's real shapes (batch per rank, tokens, heads, head
 dims, the dtypes of the run's precision): the student's attention core (SDPA, or for ``attention_lse``
@@ -23,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +37,7 @@ import torch
 from ..models.attention import AttentionIO, MapKind, attention_with_lse, run_with_ios, sdpa
 from ..models.image_input import image_input
 from .losses import CE_PATHS, CEPath, attention_distillation_loss, ce_path_for, materialised_bytes
+from .triton_ce import CEPathUnavailable, check_triton_runs
 
 #: timed rounds per path after one untimed warm-up call (kernels compiled, caches warm); the median counts
 CALIBRATION_ROUNDS = 5
@@ -55,6 +60,8 @@ class LayerShapes:
     teacher_dtype: str = "float32"
     #: keys per query row where they are fewer than the tokens (spatial-reduction attention); None: ``tokens``
     key_tokens: int | None = None
+    #: distilled layers whose maps are not square, queries x keys (CaiT's class attention: one query row)
+    non_square_layers: int = 0
 
     @property
     def keys(self) -> int:
@@ -76,7 +83,7 @@ class CEChoice:
     path: CEPath
     how: str  # "measured", "forced", "device default", "resumed from step-…", "measured on rank 0"
     timings_ms: dict[str, float] = field(default_factory=dict)  # median of the rounds, per path timed
-    skipped: dict[str, str] = field(default_factory=dict)  # raised while timed: the error
+    skipped: dict[str, str] = field(default_factory=dict)  # could not run while timed: the error
     unavailable: dict[str, str] = field(default_factory=dict)  # requirement unmet: why
     shapes: dict[str, Any] = field(default_factory=dict)
     device: str = ""
@@ -111,7 +118,9 @@ class CEChoice:
         if self.unavailable:
             line += "; not tried: " + "; ".join(f"{p} ({why})" for p, why in self.unavailable.items())
         if self.skipped:
-            line += "; failed: " + ", ".join(self.skipped)
+            line += "; skipped, cannot run here: " + "; ".join(
+                f"{p} ({why})" for p, why in self.skipped.items()
+            )
         return line
 
 
@@ -142,8 +151,9 @@ def layer_shapes(
         torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     )
     image = _input_shape(pair.student)  # both models see the student's images
-    q_s, k_s = _probe_qk(pair.student, s, image)
-    q_t, _ = _probe_qk(pair.teacher, t, image)
+    student = _probe_qk(pair.student, sorted({layer for layer, _ in softmax}), image)
+    q_s, k_s = student[s]
+    q_t, _ = _probe_qk(pair.teacher, [t], image)[t]
     return LayerShapes(
         batch=batch * q_s[0],
         tokens=q_s[2],
@@ -155,24 +165,26 @@ def layer_shapes(
         student_dtype=str(student_dtype).removeprefix("torch."),
         teacher_dtype=str(teacher_dtype).removeprefix("torch."),
         key_tokens=k_s[2] if k_s[2] != q_s[2] else None,
+        non_square_layers=sum(q[2] != k[2] for q, k in student.values()),
     )
 
 
 def _probe_qk(
-    model: torch.nn.Module, layer: int, image_shape: tuple[int, int, int]
-) -> tuple[torch.Size, torch.Size]:
-    """The (B, H, N, d) shapes of the q and k attention layer ``layer`` hands the loss, per image: one image
-    of the model's size through its own forward up to that layer, with the RNGs forked (a training-mode
-    student draws dropout). Read, not computed from attributes: an adapter's q/k need not be one head of
-    ``head_dim`` over the patch tokens (CaiT's talking heads mix heads into q' of H·d; windows and mask units
-    are rows of the batch; spatial reduction shortens the keys)."""
+    model: torch.nn.Module, layers: Sequence[int], image_shape: tuple[int, int, int]
+) -> dict[int, tuple[torch.Size, torch.Size]]:
+    """The (B, H, N, d) shapes of the q and k each attention layer in ``layers`` hands the loss, per image:
+    one image of the model's size through its own forward up to the last of them, with the RNGs forked (a
+    training-mode student draws dropout). Read, not computed from attributes: an adapter's q/k need not be
+    one head of ``head_dim`` over the patch tokens (CaiT's talking heads mix heads into q' of H·d; windows
+    and mask units are rows of the batch; spatial reduction shortens the keys; class attention has one
+    query row)."""
     weight = next(model.parameters())
     image = torch.zeros(1, *image_shape, dtype=weight.dtype, device=weight.device)
-    io = AttentionIO(capture="qk", stop=True)
+    ios = {layer: AttentionIO(capture="qk", stop=layer == max(layers)) for layer in layers}
     forked = [weight.device] if weight.device.type == "cuda" else []
     with torch.no_grad(), torch.random.fork_rng(devices=forked):
-        run_with_ios(model, image, {layer: io})
-    return io.captured["q"].shape, io.captured["k"].shape
+        run_with_ios(model, image, ios)
+    return {layer: (io.captured["q"].shape, io.captured["k"].shape) for layer, io in ios.items()}
 
 
 def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -231,11 +243,44 @@ def candidate_paths(
         if not named and path is CEPath.TRITON and shapes.teacher_heads != shapes.student_heads:
             unavailable[str(path)] = "needs one teacher head per student head"
             continue
-        if path is CEPath.TRITON and shapes.keys != shapes.tokens:
-            unavailable[str(path)] = "needs as many keys as queries"
+        if path is CEPath.TRITON and _not_square(shapes):
+            unavailable[str(path)] = _not_square(shapes)
             continue
         out.append(path)
     return out, unavailable
+
+
+def _not_square(shapes: LayerShapes) -> str:
+    """Why the triton kernels cannot take the layers' maps ("" where every distilled map is square)."""
+    if shapes.keys != shapes.tokens:
+        return "needs as many keys as queries"
+    if shapes.non_square_layers:
+        return f"needs square maps, and {shapes.non_square_layers} distilled layer(s) have fewer queries than keys"
+    return ""
+
+
+def check_forced(path: CEPath | str, device: torch.device | str, shapes: LayerShapes) -> None:
+    """A forced path (``transfer.ce_path`` other than auto) that cannot run on ``device`` for these layers is a
+    `CEPathUnavailable` saying why, before the first step; nothing else is put in its place."""
+    path = CEPath(path)
+    if path is not CEPath.TRITON:
+        return
+    try:
+        check_triton_runs(device)
+        if _not_square(shapes):
+            raise CEPathUnavailable(f"the triton CE path {_not_square(shapes)}")
+    except CEPathUnavailable as e:
+        raise CEPathUnavailable(f"transfer.ce_path=triton cannot run here: {e}") from None
+
+
+def _cannot_run() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "this path cannot run here" (`CEPathUnavailable`, the device's memory, Triton
+    out of shared memory or registers); any other exception of a timed path is a bug and propagates."""
+    kinds: list[type[BaseException]] = [CEPathUnavailable, torch.OutOfMemoryError]
+    errors = sys.modules.get("triton.runtime.errors")  # loaded where the triton path ran at all
+    if errors is not None and hasattr(errors, "OutOfResources"):
+        kinds.append(errors.OutOfResources)
+    return tuple(kinds)
 
 
 def _gib(n: int) -> str:
@@ -297,8 +342,9 @@ def measure_ce_paths(
     log: Callable[[str], Any] = print,
 ) -> CEChoice:
     """Time ``paths`` on ``shapes``: one warm-up call each, then ``rounds`` interleaved rounds (order rotated
-    every round, so every path sees the same background load); the fastest median wins. A path that
-    raises is dropped with one ``log`` line. If every path fails the device's default is kept."""
+    every round, so every path sees the same background load); the fastest median wins. A path that cannot
+    run here (`_cannot_run`) is dropped with one ``log`` line and recorded in ``skipped``; any other exception
+    propagates. If no path runs the device's default is kept."""
     device = torch.device(device)
     started = time.perf_counter()
     timer = _PathTimer(device, log)
@@ -340,7 +386,7 @@ class _PathTimer:
                 step = _layer_step(path, shapes, self.device, gen)
                 step()
                 _sync(self.device)
-            except Exception as err:
+            except _cannot_run() as err:
                 self._failed(path, err)
                 continue
             self.steps[path], self.times[path] = step, []
@@ -358,7 +404,7 @@ class _PathTimer:
             try:
                 self.steps[path]()
                 _sync(self.device)
-            except Exception as err:
+            except _cannot_run() as err:
                 self._failed(path, err)
                 continue
             self.times[path].append(time.perf_counter() - t0)
@@ -369,9 +415,9 @@ class _PathTimer:
         _free(self.device)
         return {str(p): 1e3 * statistics.median(ts) for p, ts in self.times.items() if ts}
 
-    def _failed(self, path: CEPath, err: Exception) -> None:
+    def _failed(self, path: CEPath, err: BaseException) -> None:
         self.skipped[str(path)] = _reason(err)
-        self.log(f"ce_path auto: skipping {path}, it failed: {self.skipped[str(path)]}")
+        self.log(f"ce_path auto: skipping {path}, it cannot run here: {self.skipped[str(path)]}")
         self.steps.pop(path, None)
         self.times.pop(path, None)
         _free(self.device)
@@ -382,6 +428,8 @@ def _record_shapes(shapes: LayerShapes) -> dict[str, Any]:
     record = asdict(shapes)
     if record["key_tokens"] is None:
         del record["key_tokens"]
+    if not record["non_square_layers"]:
+        del record["non_square_layers"]
     return record
 
 

@@ -55,7 +55,7 @@ from ..models.attention.lse import row_logsumexp
 from ..models.attention.numerics import compute_dtype, fp32_section as _fp32, row_chunk as _auto_chunk
 from .materialised_ce import half_on_accelerator, materialised_bytes as materialised_bytes, materialised_ce
 from .row_ce import FusedBiasedRowCE, FusedRowCE, rows_path_chunk
-from .triton_ce import triton_row_ce
+from .triton_ce import CEPathUnavailable as CEPathUnavailable, triton_row_ce
 
 
 class CEPath(StrEnum):

@@ -44,7 +44,8 @@ from ..models.attention.bias_rows import BiasRows, bias_block
 from ..models.attention.key_pooling import KeyPooling
 from ..models.attention.numerics import fp32_section, row_chunk
 from ..models.efficient.kernels import KernelAttention
-from .losses import CEPath, attention_distillation_loss, biased_attention_ce, ce_path_for
+from .losses import CEPath, attention_distillation_loss, biased_attention_ce
+from .triton_ce import CEPathUnavailable
 
 
 class MapLoss(StrEnum):
@@ -265,11 +266,15 @@ def _exact_softmax_ce(
     identity for plain q·kᵀ logits, also where the key set differs from the queries (CaiT's class
     attention: one query row; spatially reduced keys), and the chunked biased path
     (`biased_attention_ce`) when either side's logits carry a bias (relative-position tables) or the
-    batch is padded (``student.valid``). The ``triton`` kernels take square maps only: other shapes take the
-    device's default path."""
+    batch is padded (``student.valid``). The ``triton`` kernels take square maps only: another shape on that
+    path is a `CEPathUnavailable` (``transfer.ce_path: auto`` never picks it for such a student,
+    `attnxfer.transfer.ce_select`)."""
     q_s, k_s = student.q, student.k
     if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
-        ce_path = ce_path_for(q_s.device)
+        raise CEPathUnavailable(
+            f"the triton CE path takes square maps only, and this student layer's are {q_s.shape[-2]} queries x "
+            f"{k_s.shape[-2]} keys (class attention or reduced keys): use transfer.ce_path=auto, rows or sdpa"
+        )
     if teacher.bias is not None or student.bias is not None or student.valid is not None:
         res = biased_attention_ce(
             teacher.q,

@@ -52,8 +52,15 @@ from types import ModuleType
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..errors import UserError
+
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.0 / math.log(2.0)
+
+
+class CEPathUnavailable(UserError, RuntimeError):
+    """A CE path that cannot run here (its device, a package it needs, the layer's shapes): the message says
+    why and what to use instead. ``transfer.ce_path: auto`` skips such a path; a forced one stops the run."""
 
 
 class TritonBackend(StrEnum):
@@ -70,7 +77,7 @@ def triton_backend(device: torch.device | str) -> TritonBackend:
         return TritonBackend.INTERPRETED
     if torch.device(device).type == "cuda":
         return TritonBackend.COMPILED
-    raise RuntimeError(
+    raise CEPathUnavailable(
         f"the triton CE path runs compiled Triton kernels on CUDA tensors, and these are on {device}: "
         "use transfer.ce_path=auto (rows on CPU) or path='rows'; to run the kernels on the CPU through "
         "Triton's interpreter (slow, for tests) set TRITON_INTERPRET=1"
@@ -81,10 +88,17 @@ def _require_triton() -> None:
     try:
         importlib.import_module("triton")
     except ImportError as err:
-        raise RuntimeError(
+        raise CEPathUnavailable(
             f"the triton CE path needs the `triton` package, which does not import here ({err}); Linux CUDA "
             "builds of torch ship it, macOS and CPU-only builds do not: use transfer.ce_path=auto"
         ) from err
+
+
+def check_triton_runs(device: torch.device | str) -> None:
+    """A `CEPathUnavailable` saying why, where the triton path cannot run on ``device`` (no ``triton``
+    package, no CUDA and no interpreter): a forced path is refused before the run's first step."""
+    _require_triton()
+    triton_backend(device)
 
 
 @functools.cache
@@ -111,7 +125,7 @@ def _kernels_for(backend: TritonBackend) -> ModuleType:
     wanted = backend is TritonBackend.INTERPRETED
     if any(interpreted != wanted for interpreted in modes.values()):
         found = ", ".join(f"{what} {'interpreted' if i else 'compiled'}" for what, i in modes.items())
-        raise RuntimeError(
+        raise CEPathUnavailable(
             f"the triton CE path needs its kernels {backend} here, but {found}: TRITON_INTERPRET=1 must be "
             "set before the process imports triton (triton decorates its kernels and its own library at "
             "import), and not changed afterwards"

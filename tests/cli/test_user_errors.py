@@ -5,6 +5,8 @@ conversion's per-stage names, the mirrored student's construction, the MAE's dec
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import timm
 from timm.models import save_for_hf
@@ -151,3 +153,23 @@ def test_a_students_run_folder_given_as_a_teacher_names_its_export(tiny_teacher_
         f"this is a student's run folder; its export is {student / 'export'}: use "
         f"local-dir:{student / 'export'}"
     ), err
+
+
+def test_a_forced_ce_path_that_cannot_run_here_is_refused_with_why(tiny_teacher_dir, tmp_path, capsys):
+    """transfer.ce_path=triton on a CPU without Triton's interpreter: one line that says why, before the first
+    step, rather than a run on another path."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("Triton's interpreter makes the triton path run on the CPU")
+    err = _refused(
+        [
+            "train",
+            f"run_dir={tmp_path / 'run'}",
+            f"teacher.spec=local-dir:{tiny_teacher_dir}",
+            *_TINY_RUN,
+            "transfer.ce_path=triton",
+        ],
+        capsys,
+    )
+    assert "transfer.ce_path=triton cannot run here: the triton CE path " in err
+    assert "on cpu: use transfer.ce_path=auto" in err or "needs the `triton` package" in err
+    assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))

@@ -15,8 +15,17 @@ import torch
 from helpers import tiny_vit
 
 from attnxfer.transfer import TeacherStudent, build_plan
-from attnxfer.transfer.ce_select import CEChoice, choose_ce_path, layer_shapes
-from attnxfer.transfer.losses import CEPath, materialised_bytes
+from attnxfer.transfer.ce_select import (
+    CEChoice,
+    LayerShapes,
+    candidate_paths,
+    check_forced,
+    choose_ce_path,
+    layer_shapes,
+    measure_ce_paths,
+)
+from attnxfer.transfer.losses import CEPath, CEPathUnavailable, materialised_bytes
+from attnxfer.transfer.map_losses import LayerLogits, map_distillation_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,13 +82,70 @@ def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budg
         pair, 2, "cpu", paths=["materialised", "triton", "rows"], budget_bytes=0, rounds=1, log=lines.append
     )
     assert choice.path is CEPath.ROWS and set(choice.timings_ms) == {"rows"}
-    assert len(lines) == 1 and lines[0].startswith("ce_path auto: skipping triton, it failed: RuntimeError")
+    assert len(lines) == 1
+    assert lines[0].startswith("ce_path auto: skipping triton, it cannot run here: CEPathUnavailable")
     assert set(choice.skipped) == {"triton"} and "TRITON_INTERPRET" in choice.skipped["triton"]
+    # the start-up line and the record (run.json) say why, not only which
+    assert f"skipped, cannot run here: triton ({choice.skipped['triton']})" in choice.describe()
+    assert CEChoice.from_record(json.loads(json.dumps(choice.record()))).skipped == choice.skipped
     need = materialised_bytes(2, 17, 3, 3, 2)
     assert choice.unavailable == {"materialised": f"maps need {need / 2**30:.3g} GiB, budget 0 GiB"}
     # a budget that holds the maps lets materialised be timed
     fits = choose_ce_path(pair, 2, "cpu", paths=["materialised"], budget_bytes=need, rounds=1)
     assert set(fits.timings_ms) == {"materialised"} and fits.path is CEPath.MATERIALISED
+
+
+def test_a_path_that_raises_for_another_reason_stops_the_calibration():
+    """Only "cannot run here" is skipped: a layer shape every path rejects (2 teacher heads for 3 student heads)
+    is an error in the caller or a path, and it surfaces instead of becoming a skip line per path."""
+    odd = LayerShapes(
+        batch=2, tokens=17, student_heads=3, student_dim=16, teacher_heads=2, teacher_dim=16, layers=1
+    )
+    lines: list[str] = []
+    with pytest.raises(ValueError, match="teacher has 2 heads, student 3"):
+        measure_ce_paths(odd, "cpu", [CEPath.ROWS, CEPath.SDPA], rounds=1, log=lines.append)
+    assert lines == []
+
+
+def test_triton_needs_square_maps_in_every_distilled_layer_and_a_forced_path_is_never_replaced(pair):
+    """A student with a class-attention layer (one query row, 17 keys): auto does not try triton and says why;
+    forced, triton is refused before the first step, and on the layer itself it raises rather than quietly
+    taking another path."""
+    shapes = LayerShapes(
+        batch=2,
+        tokens=17,
+        student_heads=3,
+        student_dim=16,
+        teacher_heads=3,
+        teacher_dim=16,
+        layers=3,
+        non_square_layers=1,
+    )
+    todo, unavailable = candidate_paths("cpu", shapes, 2**30, paths=["triton", "rows"])
+    assert todo == [CEPath.ROWS]
+    assert unavailable == {
+        "triton": "needs square maps, and 1 distilled layer(s) have fewer queries than keys"
+    }
+    with pytest.raises(CEPathUnavailable, match="^transfer.ce_path=triton cannot run here: "):
+        check_forced("triton", "cpu", shapes)
+    check_forced("rows", "cpu", shapes)  # the other paths take any shape
+    g = torch.Generator().manual_seed(0)
+    q_cls, k = torch.randn(2, 3, 1, 16, generator=g), torch.randn(2, 3, 17, 16, generator=g)
+    layer = LayerLogits(q_cls, k)
+    attn = pair.student.blocks[0].attn
+    with pytest.raises(
+        CEPathUnavailable, match="takes square maps only, and this student layer's are 1 queries x 17"
+    ):
+        map_distillation_loss(attn, layer, layer, "ce", ce_path="triton")
+    rows = map_distillation_loss(attn, layer, layer, "ce", ce_path="rows")
+    assert torch.isfinite(rows.loss)
+
+
+def test_the_probe_counts_every_distilled_layer_whose_maps_are_not_square(pair):
+    """The shapes auto times are read from every distilled layer: a plain ViT's are all square."""
+    shapes = layer_shapes(pair, 2)
+    assert shapes.layers == 2 and shapes.non_square_layers == 0
+    assert "non_square_layers" not in choose_ce_path(pair, 2, "cpu", paths=["rows"], rounds=1).shapes
 
 
 def test_materialised_bytes_counts_the_maps_autograd_keeps():

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,38 @@ def test_unreachable_hub_uses_cache_and_fails_fast_without_offline_flag(tmp_path
     assert out["uncached"]["raised"] == "TeacherNotAvailable" and out["uncached"]["elapsed"] < 15
     assert "cannot be reached" in out["uncached"]["message"]
     assert "huggingface-cli download acme/not-cached" in out["uncached"]["message"]
+
+
+def test_the_reachability_probe_reads_network_failures_as_unreachable_and_a_bad_endpoint_as_an_error(
+    monkeypatch,
+):
+    """An endpoint that hangs up at once is unreachable (the cache is used); an HF_ENDPOINT that is no URL is
+    the user's setting to fix, said in one line, not a quiet "unreachable"."""
+    from huggingface_hub import constants
+
+    from attnxfer.errors import InputError
+    from attnxfer.sources import hub
+
+    rude = socket.socket()
+    rude.bind(("127.0.0.1", 0))
+    rude.listen(8)
+
+    def hang_up() -> None:
+        for _ in range(2):
+            conn, _ = rude.accept()
+            conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        monkeypatch.setattr(hub, "_REACHABLE", {})
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{rude.getsockname()[1]}")
+        assert hub.hub_reachable(timeout=5) is False
+    finally:
+        rude.close()
+    monkeypatch.setattr(hub, "_REACHABLE", {})
+    monkeypatch.setattr(constants, "ENDPOINT", "huggingface.co")
+    with pytest.raises(InputError, match="endpoint 'huggingface.co' \\(HF_ENDPOINT\\) is not a URL"):
+        hub.hub_reachable()
 
 
 # ---------------------------------------------------------------------------------------------
