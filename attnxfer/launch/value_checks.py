@@ -1,18 +1,21 @@
-"""The config values a registry checks (attention names), checked as the config loads, before torch is imported.
+"""The config values a registry checks (attention names, timm architectures), checked as the config loads,
+before torch is imported.
 
 A closed set of values is a ``choices=`` key and the loader checks it (`attnxfer.config.keys`). The attention
 names of ``model.attention`` and ``convert.attention`` are a registry's (`attnxfer.models.attention.registry`),
-which takes torch and timm (seconds) to import: without this check a typo is found only after the teacher and
-the data are built, or never, if one of them fails first. So the names are read by text from the decorators
-that register them (``@register_attention("performer")``, ``register_parametric_attention(...)``) in
-``attnxfer/models/``, in about a millisecond; where the registry is already imported (a Python session that
-registered attentions of its own) it is asked instead. tests/cli/test_value_checks.py holds the text reading
-equal to the imported registry.
+and ``model.name`` / ``teacher.arch`` are timm's; both take torch and timm (seconds) to import: without this
+check a typo is found only after the teacher and the data are built, or never, if one of them fails first. So
+the names are read by text from the decorators that register them (``@register_attention("performer")``,
+``register_parametric_attention(...)`` in ``attnxfer/models/``; ``@register_model`` and
+``register_model_deprecations`` in timm's and attnxfer's model files), in milliseconds, without importing
+timm; where a registry is already imported (a Python session that registered names of its own) it is asked
+too. tests/cli/test_value_checks.py holds the text reading equal to the imported registries.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import re
 import sys
 from functools import cache
@@ -59,6 +62,56 @@ def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
     return _registered_by_text()
 
 
+_MODEL_DEF = re.compile(r"@register_model\s*\n\s*def\s+(\w+)")
+_DEPRECATIONS = re.compile(r"register_model_deprecations\(\s*__name__\s*,\s*\{(.*?)\}", re.DOTALL)
+_DEPRECATED_NAME = re.compile(r"[\'\"](\w+)[\'\"]\s*:")
+
+
+def _model_names(folder: Path) -> frozenset[str]:
+    """The architectures the model files in ``folder`` register, deprecated aliases included."""
+    names: set[str] = set()
+    for path in sorted(folder.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        names.update(_MODEL_DEF.findall(text))
+        for block in _DEPRECATIONS.findall(text):
+            names.update(_DEPRECATED_NAME.findall(block))
+    return frozenset(names)
+
+
+@cache
+def _timm_names() -> frozenset[str]:
+    """timm's architectures, read from its model files (found without importing timm); empty where they are
+    not plain files beside it."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    return _model_names(Path(spec.origin).parent / "models")
+
+
+def is_architecture(name: str) -> bool | None:
+    """Whether ``name`` (a timm architecture, optionally with a ``.tag``) is one timm builds, attnxfer's own
+    micro models included; None where that cannot be told without importing timm (its files not found)."""
+    arch = name.split(".", 1)[0]
+    if arch in _model_names(_MODELS):
+        return True
+    timm = sys.modules.get("timm")
+    if timm is not None and timm.is_model(arch):  # a session's own registrations
+        return True
+    return arch in _timm_names() if _timm_names() else None
+
+
+def _check_architecture(key: str, value: Any) -> None:
+    if not isinstance(value, str) or ":" in value or is_architecture(value) is not False:
+        return  # hf-hub: and local-dir: names are resolved where the model is built
+    arch = value.split(".", 1)[0]
+    close = difflib.get_close_matches(arch, sorted(_timm_names() | _model_names(_MODELS)), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"{key}: {value!r} is not a timm architecture{hint} (timm.list_models() lists them; attnxfer adds "
+        f"{', '.join(sorted(_model_names(_MODELS)))})"
+    )
+
+
 def _check_attention(key: str, value: Any) -> None:
     names, prefixes = registered_attentions()
     if not names:  # the source is not beside the package (a frozen install): the registry checks later
@@ -80,6 +133,8 @@ def _check_attention(key: str, value: Any) -> None:
 def check_values(cfg: Any) -> Any:
     """``cfg`` (a `TrainConfig`) once the values its registries hold are known names; else a `ConfigError`
     naming the key, the value, the nearest name and the choices."""
+    _check_architecture("model.name", cfg.model.name)
+    _check_architecture("teacher.arch", cfg.teacher.arch)
     if cfg.model.attention:
         _check_attention("model.attention", cfg.model.attention)
     _check_attention("convert.attention", cfg.convert.attention)

@@ -38,6 +38,7 @@ CASES = [
         2,
         "model.attention[1]: 'perfromer' is not a registered attention; did you mean 'performer'? (one of agent,",
     ),
+    (["train", "model.name=vit_mirco_patch4_28"], 2, "did you mean 'vit_micro_patch4_28'?"),
     (
         ["convert", "convert.attention=hedgehgo"],
         2,

@@ -5,12 +5,13 @@ and checks that they import no torch)."""
 from __future__ import annotations
 
 import pytest
+import timm
 from torch import nn
 
 from attnxfer.config import ConfigError, TrainConfig, load_config
 from attnxfer.config.keys import leaves
 from attnxfer.launch import value_checks
-from attnxfer.launch.value_checks import check_values
+from attnxfer.launch.value_checks import check_values, is_architecture
 from attnxfer.models.attention import registry
 from attnxfer.transfer.modes import MODES
 
@@ -58,3 +59,23 @@ def test_registered_names_a_parametric_name_and_an_own_registration_pass():
         del registry._ATTENTIONS["test_value_checks_own"]
     with pytest.raises(ConfigError, match="test_value_checks_own"):
         check_values(load_config(None, ["model.attention=test_value_checks_own"]))
+
+
+def test_architecture_names_read_from_the_source_are_timms():
+    """Every architecture timm lists (attnxfer's micro models among them) and every deprecated alias timm
+    still builds, read from the files without importing timm."""
+    import attnxfer.models  # noqa: F401  (registers attnxfer's micro models with timm)
+
+    read = value_checks._timm_names() | value_checks._model_names(value_checks._MODELS)
+    assert read == set(timm.list_models()) | set(timm.models._registry._deprecated_models)
+    assert is_architecture("vit_base_patch16_224.mae") and is_architecture("vit_tiny_patch16_224_in21k")
+    assert is_architecture("vit_micro_patch4_28") and is_architecture("vit_mirco_patch4_28") is False
+
+
+@pytest.mark.parametrize("key", ["model.name", "teacher.arch"])
+def test_an_unknown_architecture_is_refused_with_the_nearest(key):
+    with pytest.raises(
+        ConfigError, match=f"^{key}: 'vit_base_patch16_244.mae' is not a timm architecture; did"
+    ):
+        check_values(load_config(None, [f"{key}=vit_base_patch16_244.mae"]))
+    check_values(load_config(None, [f"{key}=hf-hub:acme/any"]))  # resolved where the model is built
