@@ -62,6 +62,38 @@ def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
     return _registered_by_text()
 
 
+_COMPARISON = re.compile(r'^@comparison_loss\(\s*"([^"]+)"', re.MULTILINE)
+_COMPARISONS_MODULE = "attnxfer.transfer.comparisons"
+
+
+@cache
+def _comparisons_by_text() -> frozenset[str]:
+    """The comparison losses ``@comparison_loss("name")`` registers in attnxfer/transfer/ (a decorator at a
+    line's start: the docstring's example is indented)."""
+    folder = Path(__file__).resolve().parents[1] / "transfer"
+    return frozenset(n for path in sorted(folder.glob("*.py")) for n in _COMPARISON.findall(path.read_text()))
+
+
+def registered_comparisons() -> frozenset[str]:
+    """The names ``transfer.losses`` entries may give: the imported registry's where it is loaded (a session's
+    own losses), else what the source declares."""
+    module = sys.modules.get(_COMPARISONS_MODULE)
+    return frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()
+
+
+def _check_comparisons(entries: Any) -> None:
+    names = registered_comparisons()
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or name in names or not names:
+            continue  # a malformed entry is refused, with its own message, where the plan is built
+        close = difflib.get_close_matches(name, sorted(names), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"transfer.losses[{i}].name: {name!r} is not a comparison loss{hint} (one of {', '.join(sorted(names))})"
+        )
+
+
 _MODEL_DEF = re.compile(r"@register_model\s*\n\s*def\s+(\w+)")
 _DEPRECATIONS = re.compile(r"register_model_deprecations\(\s*__name__\s*,\s*\{(.*?)\}", re.DOTALL)
 _DEPRECATED_NAME = re.compile(r"[\'\"](\w+)[\'\"]\s*:")
@@ -138,4 +170,5 @@ def check_values(cfg: Any) -> Any:
     if cfg.model.attention:
         _check_attention("model.attention", cfg.model.attention)
     _check_attention("convert.attention", cfg.convert.attention)
+    _check_comparisons(cfg.transfer.losses)
     return cfg

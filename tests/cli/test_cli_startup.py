@@ -40,6 +40,11 @@ CASES = [
     ),
     (["train", "model.name=vit_mirco_patch4_28"], 2, "did you mean 'vit_micro_patch4_28'?"),
     (
+        ["train", "transfer.losses=[{name: logit_kdd}]"],
+        2,
+        "'logit_kdd' is not a comparison loss; did you mean",
+    ),
+    (
         ["convert", "convert.attention=hedgehgo"],
         2,
         "convert.attention: 'hedgehgo' is not a registered attention",

@@ -13,6 +13,7 @@ from attnxfer.config.keys import leaves
 from attnxfer.launch import value_checks
 from attnxfer.launch.value_checks import check_values, is_architecture
 from attnxfer.models.attention import registry
+from attnxfer.transfer.comparisons import COMPARISON_LOSSES
 from attnxfer.transfer.modes import MODES
 
 
@@ -79,3 +80,12 @@ def test_an_unknown_architecture_is_refused_with_the_nearest(key):
     ):
         check_values(load_config(None, [f"{key}=vit_base_patch16_244.mae"]))
     check_values(load_config(None, [f"{key}=hf-hub:acme/any"]))  # resolved where the model is built
+
+
+def test_comparison_loss_names_read_from_the_source_are_the_registrys():
+    assert value_checks._comparisons_by_text() == set(COMPARISON_LOSSES) >= {"map", "mse", "logit_kd"}
+    with pytest.raises(
+        ConfigError, match=r"^transfer.losses\[1\].name: 'logit_kdd' is not a comparison loss; did"
+    ):
+        check_values(load_config(None, ["transfer.losses=[{name: mse, signal: v}, {name: logit_kdd}]"]))
+    check_values(load_config(None, ["transfer.losses=[{name: logit_kd, weight: 0.5}]"]))
