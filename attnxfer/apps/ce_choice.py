@@ -61,7 +61,8 @@ def ce_choice_for_run(
     if shapes is None:
         return None
     if cfg.transfer.ce_path != "auto":
-        check_forced(cfg.transfer.ce_path, runtime.device, shapes)  # refused with why, never replaced
+        if measure:  # training: refused with why, never replaced (scoring a run computes no distillation CE)
+            check_forced(cfg.transfer.ce_path, runtime.device, shapes)
         choice = CEChoice(
             CEPath(cfg.transfer.ce_path), "forced by transfer.ce_path", device=str(runtime.device)
         )
