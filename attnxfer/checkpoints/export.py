@@ -277,7 +277,14 @@ def _config_block(
     """What config.json holds beside timm's keys: the card's licence, and the ``attnxfer`` block
     (`load_student` rebuilds the student from it; the teacher by id, never its weights)."""
     teacher = card.teacher or {}
+    names = list(card.class_names or ())
+    if names and len(names) != spec["num_classes"]:
+        raise InputError(
+            f"{len(names)} class names for a student of {spec['num_classes']} classes: give one name per class"
+        )
+    labels = {"label_names": names} if names else {}  # timm's field: index -> class name
     return {
+        **labels,
         "pretrained_cfg": {"license": license_id},  # the card's licence, in timm's config too
         "attnxfer": {
             "version": _version(),
@@ -492,6 +499,7 @@ def export_run(
         repo_id=push_to_hub,
         dataset=_dataset_id(recipe),
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
+        class_names=record.get("class_names") if record.get("num_classes") == student.num_classes else None,
     )
     return export_student(
         student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats

@@ -47,6 +47,8 @@ class ModelCardInfo:
     dataset: str | None = None
     #: which metrics score the exported weights: ``val`` (raw) or ``ema_val`` (``{prefix}_top1``, ``_count``)
     eval_prefix: str = "val"
+    #: the classifier's class names by index (config.json's ``label_names``, as timm's ``save_for_hf`` writes)
+    class_names: Sequence[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.teacher, TeacherRecord):
