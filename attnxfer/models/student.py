@@ -447,3 +447,46 @@ def student_from_spec(
         # another family (EVA, BEiT, ...): timm's own attention classes, which its adapters make
         # transfer-aware when a model walk meets them
         return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, **args)
+
+
+# Model classes as a card names their family (anything else: timm's class name).
+_FAMILY_NAMES = {
+    "VisionTransformer": "ViT",
+    "Eva": "EVA",
+    "Beit": "BEiT",
+    "VisionTransformerRelPos": "ViT (relative position)",
+    "VisionTransformerSAM": "SAM ViT",
+    "Cait": "CaiT",
+    "NaFlexVit": "NaFlexViT",
+    "SwinTransformer": "Swin",
+    "PyramidVisionTransformerV2": "PVTv2",
+    "Twins": "Twins",
+    "Hiera": "Hiera",
+}
+
+
+def student_shape(model: nn.Module) -> dict[str, Any]:
+    """What the model is, read off its modules (not off the architecture name it was derived from): family,
+    width, attention layers, heads, patch, image size and channels; a value the model does not record is
+    left out."""
+    blocks = flat_blocks(model)
+    layers = len(blocks) if blocks is not None else len(hierarchical_slots(model))
+    width = getattr(model, "embed_dim", None)
+    heads = next(
+        (int(m.num_heads) for m in model.modules() if isinstance(getattr(m, "num_heads", None), int)), None
+    )
+    shape: dict[str, Any] = {
+        "family": _FAMILY_NAMES.get(type(model).__name__, type(model).__name__),
+        "width": int(width) if isinstance(width, int) else int(getattr(model, "num_features", 0)) or None,
+        "blocks": layers or None,
+        "heads": heads,
+    }
+    try:
+        found = image_input(model)
+    except InputError:
+        found = None
+    if found is not None:
+        shape.update(patch=list(found.patch_size), in_chans=found.in_chans)
+        if found.img_size is not None:
+            shape["img_size"] = list(found.img_size)
+    return {k: v for k, v in shape.items() if v is not None}
