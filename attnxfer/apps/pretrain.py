@@ -53,6 +53,7 @@ from .run_parts import RunParts, num_classes_of, parts_around
 from .training import (
     assemble_engine,
     engine_facts,
+    few_steps_warning,
     loop_settings,
     prepare_trackers_from_config,
 )
@@ -268,6 +269,8 @@ def build_pretrain_engine(
     )
     if write_run_files and not (point is not None and point.step >= engine.total_steps):
         _write_run_files(cfg, engine, parts, mae)  # (a finished run's files stay as they are)
+        if warning := few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps):
+            log(warning)
     if engine.is_main:
         _describe_pretraining(cfg, mae, init_note)
     return engine

@@ -64,7 +64,7 @@ def test_class_names_that_do_not_fit_the_head_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_timm_pipeline_on_the_export_scores_the_runs_val_top1_and_the_cards_figure(
-    tmp_path, tiny_teacher_dir
+    tmp_path, tiny_teacher_dir, capsys
 ):
     """A run on an image folder (EMA kept: the export and its card are the EMA's), exported by the CLI;
     timm alone, on the val folder, scores the card's figure and the run's own val top-1."""
@@ -82,6 +82,11 @@ def test_timm_pipeline_on_the_export_scores_the_runs_val_top1_and_the_cards_figu
         f"run_dir={run}",
     ]
     assert cli.main(["train", *args]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert said == [
+        "warning: this run takes 12 optimiser steps, fewer than 100 (schedule.max_steps=12): raise "
+        "schedule.max_steps for a student that learns"
+    ]
     assert cli.main(["export", str(run), str(tmp_path / "export")]) == 0
 
     model, transform = _timm_pipeline(tmp_path / "export")
