@@ -132,8 +132,18 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
         + (f", {stage2['objective']}" if stage2.get("objective") else ""),
         *_student_line(report),
         *([f"- stopped early (in a convert study): {report['stopped']}"] if report.get("stopped") else []),
+        *_stage2_worse_lines(report),
         "",
     ]
+
+
+def _stage2_worse_lines(report: dict[str, Any]) -> list[str]:
+    """Where stage 2 left the student worse than stage 1 did: what fell, by how much, and what to change."""
+    worse = report.get("stage2_worse")
+    if not worse:
+        return []
+    message = worse["message"]
+    return ["", f"**Warning: {message[0].upper()}{message[1:]}.**"]
 
 
 def _student_line(report: dict[str, Any]) -> list[str]:
