@@ -76,6 +76,8 @@ def test_summary_with_a_classifier_teacher_gives_the_share():
         "done: teacher top-1 80.00, student top-1 72.00 (90.00% of the teacher's), speed 1.50x -> runs/x/report.md"
     )
     assert teacher_top1_line(80.0) == "teacher val top-1 80.00"
+    withheld = {**report, "speed": {"speedup": 1.5, "speedup_withheld": "rounds on both sides of 1"}}
+    assert conversion_summary(withheld).endswith(", speed withheld (see the report) -> runs/x/report.md")
 
 
 def _measured(top1=None, cos=None, knn=None) -> dict:
