@@ -378,9 +378,25 @@ def _loading_section(
         + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
         "cfg = timm.data.resolve_model_data_config(model)\n"
         "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-        f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
-        "(the teacher's).\n" + _transformers_snippet(spec, load_ref, pre)
+        + _inputs_sentence(data_cfg)
+        + _transformers_snippet(spec, load_ref, pre)
     )
+
+
+def _inputs_sentence(data_cfg: dict[str, Any]) -> str:
+    """How the run prepared its validation images (what config.json's pretrained_cfg holds, and so what the
+    transform above makes)."""
+    size, pct = data_cfg.get("input_size"), data_cfg.get("crop_pct")
+    steps = []
+    if size and pct is not None:
+        steps.append(
+            f"resized ({data_cfg.get('interpolation', 'bilinear')}) to {size[-1]} / {pct:g} px on the short side, "
+            f"then a {data_cfg.get('crop_mode', 'center')} crop of {size[-2]} x {size[-1]} px (crop_pct {pct:g})"
+        )
+    elif size:
+        steps.append(f"{size[-2]} x {size[-1]} px")
+    steps.append(f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}")
+    return "\nImages as the run validated them: " + ", ".join(steps) + ".\n"
 
 
 def _transformers_snippet(spec: dict[str, Any], load_ref: str, pre: str) -> str:

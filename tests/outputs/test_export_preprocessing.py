@@ -49,6 +49,9 @@ def test_timm_prepares_images_as_the_run_validated_them_and_names_the_classes(tm
         0.8,
         "bilinear",
     )
+    readme = (out / "README.md").read_text()
+    assert "resized (bilinear) to 32 / 0.8 px on the short side, then a center crop of 32 x 32 px" in readme
+    assert "- classes: 3 (class0, class1, class2)" in readme
     timm_val = ImageDataset(str(root / "val"), transform=transform)
     assert len(timm_val) == len(val) == 6
     for i in range(len(val)):
