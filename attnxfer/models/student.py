@@ -25,7 +25,7 @@ from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import InputError
-from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of
+from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of, family_of
 from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
 from .efficient.swap import flat_blocks, swap_attentions
 from .image_input import image_input
@@ -449,22 +449,6 @@ def student_from_spec(
         return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, **args)
 
 
-# Model classes as a card names their family (anything else: timm's class name).
-_FAMILY_NAMES = {
-    "VisionTransformer": "ViT",
-    "Eva": "EVA",
-    "Beit": "BEiT",
-    "VisionTransformerRelPos": "ViT (relative position)",
-    "VisionTransformerSAM": "SAM ViT",
-    "Cait": "CaiT",
-    "NaFlexVit": "NaFlexViT",
-    "SwinTransformer": "Swin",
-    "PyramidVisionTransformerV2": "PVTv2",
-    "Twins": "Twins",
-    "Hiera": "Hiera",
-}
-
-
 def student_shape(model: nn.Module) -> dict[str, Any]:
     """What the model is, read off its modules (not off the architecture name it was derived from): family,
     width, attention layers, heads, patch, image size and channels; a value the model does not record is
@@ -476,7 +460,7 @@ def student_shape(model: nn.Module) -> dict[str, Any]:
         (int(m.num_heads) for m in model.modules() if isinstance(getattr(m, "num_heads", None), int)), None
     )
     shape: dict[str, Any] = {
-        "family": _FAMILY_NAMES.get(type(model).__name__, type(model).__name__),
+        "family": _family_word(model),
         "width": int(width) if isinstance(width, int) else int(getattr(model, "num_features", 0)) or None,
         "blocks": layers or None,
         "heads": heads,
@@ -490,3 +474,10 @@ def student_shape(model: nn.Module) -> dict[str, Any]:
         if found.img_size is not None:
             shape["img_size"] = list(found.img_size)
     return {k: v for k, v in shape.items() if v is not None}
+
+
+def _family_word(model: nn.Module) -> str:
+    """The model's family as its adapter file titles it, first name only ("ViT/DeiT" -> "ViT"); timm's class
+    name for a model of no registered family."""
+    family = family_of(model)
+    return family.title.split("/")[0].strip() if family is not None else type(model).__name__
