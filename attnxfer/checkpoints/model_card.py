@@ -226,6 +226,7 @@ def shape_phrase(shape: dict[str, Any] | None, attention: str | list[str] = SOFT
 
     parts = [
         f"width {shape['width']}" if "width" in shape else None,
+        f"stage widths {'-'.join(map(str, shape['widths']))}" if "widths" in shape else None,
         f"{shape['blocks']} blocks" if "blocks" in shape else None,
         f"{shape['heads']} heads" if "heads" in shape else None,
         f"patch {pair(shape['patch'])}" if "patch" in shape else None,
@@ -235,7 +236,8 @@ def shape_phrase(shape: dict[str, Any] | None, attention: str | list[str] = SOFT
         else None,
     ]
     kind = attention_label(attention)
-    phrase = f"a {shape['family']} of " + ", ".join(p for p in parts if p)
+    article = "an" if shape["family"][:1].upper() in "AEIOU" else "a"
+    phrase = f"{article} {shape['family']} of " + ", ".join(p for p in parts if p)
     return phrase + ("" if kind == SOFTMAX else f", with {kind} attention")
 
 

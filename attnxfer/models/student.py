@@ -451,20 +451,21 @@ def student_from_spec(
 
 def student_shape(model: nn.Module) -> dict[str, Any]:
     """What the model is, read off its modules (not off the architecture name it was derived from): family,
-    width, attention layers, heads, patch, image size and channels; a value the model does not record is
-    left out."""
+    width (a hierarchical model's ``widths``, stage by stage), attention blocks, heads (a flat model's),
+    patch, image size and channels; a value the model does not record is left out."""
     blocks = flat_blocks(model)
-    layers = len(blocks) if blocks is not None else len(hierarchical_slots(model))
-    width = getattr(model, "embed_dim", None)
-    heads = next(
-        (int(m.num_heads) for m in model.modules() if isinstance(getattr(m, "num_heads", None), int)), None
-    )
-    shape: dict[str, Any] = {
-        "family": _family_word(model),
-        "width": int(width) if isinstance(width, int) else int(getattr(model, "num_features", 0)) or None,
-        "blocks": layers or None,
-        "heads": heads,
-    }
+    shape: dict[str, Any] = {"family": _family_word(model)}
+    if blocks is not None:
+        width = getattr(model, "embed_dim", None)
+        heads = (int(m.num_heads) for m in blocks.modules() if isinstance(getattr(m, "num_heads", None), int))
+        shape.update(
+            width=int(width) if isinstance(width, int) else getattr(model, "num_features", None),
+            blocks=len(blocks),
+            heads=next(heads, None),
+        )
+    else:
+        stages = [int(f["num_chs"]) for f in getattr(model, "feature_info", None) or [] if "num_chs" in f]
+        shape.update(widths=stages or None, blocks=len(hierarchical_slots(model)) or None)
     try:
         found = image_input(model)
     except InputError:

@@ -421,3 +421,16 @@ def test_card_and_config_name_the_students_real_shape_which_plain_timm_builds(tm
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(plain(x), student(x))
+
+
+def test_a_hierarchical_students_shape_names_its_stage_widths():
+    from attnxfer.checkpoints.model_card import shape_phrase
+    from attnxfer.models import create_vit
+    from attnxfer.models.student import student_shape
+
+    model = create_vit("pvt_v2_micro_56", num_classes=10)
+    shape = student_shape(model)
+    widths = [f["num_chs"] for f in model.feature_info]
+    assert shape["family"] == "PVTv2" and shape["widths"] == widths and "heads" not in shape
+    assert shape_phrase(shape).startswith(f"a PVTv2 of stage widths {'-'.join(map(str, widths))}, ")
+    assert shape_phrase(dict(shape, family="EVA-02")).startswith("an EVA-02 of ")
