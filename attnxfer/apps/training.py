@@ -310,6 +310,7 @@ def build_engine(
     found: ResumePoint | None = None,
     shared: RunParts | None = None,
     prune_on_save: bool = True,
+    warn_few_steps: bool = True,
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
@@ -317,7 +318,8 @@ def build_engine(
     rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
     ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
     ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
-    is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller.
+    is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;
+    ``warn_few_steps=False`` leaves the few-steps warning to the caller (a study says it once for all).
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
@@ -378,7 +380,7 @@ def build_engine(
     if write_run_files and not _finished_before(point, engine):  # a finished run's files stay as they are
         _write_run_files(cfg, engine, parts, compiled, ce_record)
         warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
-        if warning and shared is None:  # a study's students share one schedule: its first student says it
+        if warning and warn_few_steps:
             log(warning)
     barrier()
     if engine.is_main:
