@@ -339,3 +339,24 @@ def torchrun_attnxfer(*args: str, ranks: int = 2, timeout: float = 600) -> subpr
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return res
+
+
+def image_folder(
+    root: Path, classes: int = 3, per_class: dict[str, int] | None = None, seed: int = 0
+) -> Path:
+    """An ImageNet-style folder (``root/{train,val}/classK/*.png``) of RGB noise pictures, 40 x 48 px (not
+    square, not the model's size: resizing and cropping matter), class K brighter in channel K so that a few
+    steps learn something."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (per_class or {"train": 16, "val": 12}).items():
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                a = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                a[..., c % 3] = np.clip(a[..., c % 3].astype(int) + 110, 0, 255)
+                Image.fromarray(a).save(folder / f"{i}.png")
+    return root

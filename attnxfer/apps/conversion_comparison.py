@@ -103,6 +103,9 @@ _SPEED_KEYS = (
     "floor_images_per_s",
     "floor_over_teacher",
     "break_even",
+    "speedup_range",
+    "speedup_withheld",
+    "break_even_withheld",
 )
 
 
@@ -263,9 +266,23 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
         s = row["speed"]
         lines.append(
             f"| {row['name']} ({row['attention']}) | {s['student_ms']:.2f} | {s['student_images_per_s']:.1f} | "
-            f"{s['speedup']:.2f} | {ratio_text(s['student_over_floor'])} | {s['break_even'] or '—'} |"
+            f"{_speedup_cell(s)} | {ratio_text(s['student_over_floor'])} | {_break_even_cell(s)} |"
         )
     return [*lines, ""]
+
+
+def _speedup_cell(speed: dict[str, Any]) -> str:
+    """× teacher with its [min, max] over the rounds; withheld where the rounds disagree about which is faster."""
+    if speed.get("speedup_withheld"):
+        return "withheld (rounds on both sides of 1)"
+    span = speed.get("speedup_range")
+    return f"{speed['speedup']:.2f}" + (f" [{span[0]:.2f}, {span[1]:.2f}]" if span else "")
+
+
+def _break_even_cell(speed: dict[str, Any]) -> str:
+    if speed.get("break_even_withheld"):
+        return "withheld (measurements disagree: see its report)"
+    return str(speed["break_even"] or "—")
 
 
 def _pct(v: float | None) -> str:

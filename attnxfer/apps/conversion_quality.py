@@ -87,3 +87,37 @@ def _size(loader: Any) -> int | None:
         return len(loader.dataset)
     except TypeError:
         return None
+
+
+def stage2_worse(measured: dict[str, dict[str, Any] | None], steps: int) -> dict[str, Any] | None:
+    """Whether stage 2 left the student worse than stage 1 did, by the conversion's own quality measure: val
+    top-1 where the student is scored by labels, else the final-feature cosine with the teacher (patch
+    tokens: what label-free stage 2 trains), with k-NN top-1 beside it where there are labels. None: not
+    worse, or a stage not measured. Else the report's field: the measure, both values, the steps and a
+    sentence saying what to change."""
+    before, after = measured.get("after_stage1"), measured.get("after_stage2")
+    if not before or not after:
+        return None
+    if before.get("val_top1") is not None and after.get("val_top1") is not None:
+        metric, name, a, b = "val_top1", "val top-1", before["val_top1"], after["val_top1"]
+        shown = f"{a:.2f} -> {b:.2f}"
+    else:
+        metric, name = "feat_cos_patch", "final-feature cosine with the teacher (patch tokens)"
+        a, b = before["features"].get("feat_cos_patch"), after["features"].get("feat_cos_patch")
+        shown = f"{a:.4f} -> {b:.4f}" if a is not None and b is not None else ""
+        knn_a, knn_b = ((m.get("knn") or {}).get("knn_top1") for m in (before, after))
+        if knn_a is not None and knn_b is not None:
+            shown += f"; k-NN top-1 {knn_a:.2f} -> {knn_b:.2f}"
+    if a is None or b is None or b >= a:
+        return None
+    return {
+        "metric": metric,
+        "after_stage1": a,
+        "after_stage2": b,
+        "steps": steps,
+        "message": (
+            f"stage 2 made the student worse than stage 1 left it: {name} {shown} (after stage 1 -> after "
+            f"stage 2, {steps} step{'s' if steps != 1 else ''}); train stage 2 longer (schedule.epochs, "
+            "schedule.max_steps) or with a lower learning rate (optim.blr)"
+        ),
+    }

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..models.efficient.floor import floor_model
 from ..models.image_input import ImageSizeError, check_image_size, sizes_that_fit
 from ..sources.teacher import load_teacher
-from ..train.speed import break_even_sweeps, forward_speeds
+from ..train.speed import break_even_sweeps, forward_speeds, ratio_contradicts
 
 #: The default sweep: the run's side times these (each raised to the next side the family runs at).
 DEFAULT_SWEEP_MULTIPLES = (1, 2, 3, 4)
@@ -103,12 +103,50 @@ def conversion_speeds(
             **row,
             "input": list(x.shape[1:]),
             "speedup": row["student_over_teacher"],
+            "speedup_range": row.get("student_over_teacher_range"),
+            # why the speed-up is not claimed (its rounds disagree), or None
+            "speedup_withheld": _withheld(ratio_contradicts(row)),
             "floor_refused": refused,
             "sweep": sweeps[name],
-            "break_even": sweeps[name].get("break_even"),
+            **checked_break_even(row, sweeps[name]),
         }
         for name, row in rows.items()
     }
+
+
+def _withheld(why: str | None) -> str | None:
+    """The sentence that withholds a speed claim (None: nothing to withhold)."""
+    if why is None:
+        return None
+    return f"{why}: rerun on an idle machine, or with more rounds (convert.speed_repeats)"
+
+
+def checked_break_even(main: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
+    """``break_even`` (the sweep's smallest side where the student beats the teacher) where the measurements
+    agree with it, else None and ``break_even_withheld`` saying why: the rounds at that side put the student on
+    both sides of 1, or a side at least as large (a sweep row, or the main measurement at the run's side) has
+    the student slower than the teacher."""
+    side = sweep.get("break_even")
+    if side is None:
+        return {"break_even": None, "break_even_withheld": None}
+    rows = sweep.get("rows", [])
+    at = next(row for row in rows if row["resolution"] == side)
+    why = ratio_contradicts(at)
+    if why is None:
+        slower = [
+            f"{row['resolution']} px{' (the main table, batch ' + str(row['batch']) + ')' if row is main else ''}"
+            f" measures {row['student_over_teacher']:.2f}x"
+            for row in [*rows, main]
+            if row["resolution"] >= side and row["student_over_teacher"] < 1.0
+        ]
+        if slower:
+            why = (
+                f"the sweep has the student faster from {side} px ({at['student_over_teacher']:.2f}x), but "
+                + ", ".join(slower)
+            )
+    if why is None:
+        return {"break_even": side, "break_even_withheld": None}
+    return {"break_even": None, "break_even_withheld": f"{why}; the measurements contradict each other"}
 
 
 def speed_lines(speed: dict[str, Any]) -> list[str]:
@@ -123,9 +161,19 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
     return [
         f"speed: student {speed['student_images_per_s']:.1f} images/s vs teacher "
         f"{speed['teacher_images_per_s']:.1f} images/s (batch {speed['batch']}, {speed['precision']}) -> "
-        f"{speed['speedup']:.2f}x{ceiling}",
+        f"{speedup_text(speed)}{ceiling}",
         _break_even_line(speed),
     ]
+
+
+def speedup_text(speed: dict[str, Any]) -> str:
+    """The student's speed over the teacher's with its spread over the rounds (``1.67x (1.52x-1.80x over 20
+    rounds)``), or that it is withheld and why."""
+    if speed.get("speedup_withheld"):
+        return f"speed-up withheld: {speed['speedup_withheld']}"
+    span = speed.get("speedup_range")
+    spread = f" ({span[0]:.2f}x-{span[1]:.2f}x over {speed['repeats']} rounds)" if span else ""
+    return f"{speed['speedup']:.2f}x{spread}"
 
 
 def _sweep(
@@ -170,6 +218,8 @@ def _break_even_line(speed: dict[str, Any]) -> str:
     sweep = speed["sweep"]
     if sweep.get("off"):
         return f"speed: no break-even sweep ({sweep['off']})"
+    if speed.get("break_even_withheld"):
+        return f"speed: break-even withheld: {speed['break_even_withheld']}"
     measured = [row["resolution"] for row in sweep["rows"]]
     if speed["break_even"] is not None:
         return f"speed: break-even at {speed['break_even']} px (sweep over {measured} px, batch 1)"

@@ -38,7 +38,7 @@ from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
 from ..transfer.plan import TransferPlan
-from .conversion_quality import QualityProbe, quality_probe
+from .conversion_quality import QualityProbe, quality_probe, stage2_worse
 from .conversion_speed import conversion_speeds, speed_lines, sweep_sides
 from .conversion_stage1 import run_stage1
 from .conversion_stage2 import Stage2Objective, stage2_objective, student_head
@@ -218,6 +218,8 @@ def convert_runs(
         operations = operation_counts(run.teacher, run.student, batch=1)
         run.seconds["total"] = time.monotonic() - t0
         report = _report(run, teacher_top1, s1, s2, speed, operations)
+        if report["stage2_worse"]:
+            run.log(f"warning: {report['stage2_worse']['message']}")
         _write_report(run, report)
         reports.append(report)
     return reports
@@ -535,6 +537,8 @@ def _report(
         "features": {s: (m["features"] if m else None) for s, m in measured.items()},
         # k-NN top-1 of student and teacher per stage (None: no labels), with intervals and the share recovered
         "knn": knn if run.labelled else None,
+        # stage 2 left the student worse than stage 1 by its quality measure (None: it did not)
+        "stage2_worse": stage2_worse(measured, stage2["steps"]),
         "speed": speed,
         "operations": operations,
         "seconds": run.seconds,

@@ -43,6 +43,7 @@ class Loaders:
     train_loader: Any
     val_loader: Any
     train_sampler: Any
+    val_info: DatasetInfo | None = None  # the val split as built (its size, normalisation, resize and crop)
 
 
 def _accepted(name: str, offered: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +115,7 @@ def build_loaders(
         pin_memory=pin,
         drop_last=False,
     )
-    return Loaders(train_loader, val_loader, sampler)
+    return Loaders(train_loader, val_loader, sampler, getattr(val_set, "info", None))
 
 
 def data_seed(cfg: TrainConfig) -> int:

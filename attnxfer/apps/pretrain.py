@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
 from ..checkpoints.export import export_run
+from ..checkpoints.model_card import shape_phrase
 from ..checkpoints.resume_point import ResumePoint
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.run_lock import run_lock
@@ -36,7 +37,7 @@ from ..data import DatasetInfo, data_identity
 from ..errors import InputError
 from ..models.image_input import image_input
 from ..models.mae import MaskedAutoencoder
-from ..models.student import student_spec
+from ..models.student import student_shape, student_spec
 from ..models.vit import create_vit
 from ..sources import load_teacher
 from ..sources.resolve import TeacherLoadError, read_state_dict
@@ -53,6 +54,7 @@ from .run_parts import RunParts, num_classes_of, parts_around
 from .training import (
     assemble_engine,
     engine_facts,
+    few_steps_warning,
     loop_settings,
     prepare_trackers_from_config,
 )
@@ -169,13 +171,15 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: Mas
     run_dir = RunDir(cfg.run_dir)
     run_dir.write_config(dump_config(cfg))
     a = cfg.mae
+    what = shape_phrase(student_shape(mae.encoder))  # its real shape, not only the name it was built from
     info = {
         "objective": "mae",
         "mode": MODE,
         "teacher": None,
         "student": student_spec(mae.encoder),
         "description": (
-            f"A {cfg.model.name} encoder pre-trained as a masked autoencoder (mask ratio {a.mask_ratio}, "
+            f"{what[0].upper()}{what[1:]} (built as {cfg.model.name}), an encoder pre-trained as a masked "
+            f"autoencoder (mask ratio {a.mask_ratio}, "
             f"{'normalised' if a.norm_pix else 'raw'} pixel targets, decoder {a.decoder_depth}x{a.decoder_dim} "
             f"dropped at export) on {cfg.data.dataset} without labels, with attnxfer."
         ),
@@ -268,6 +272,8 @@ def build_pretrain_engine(
     )
     if write_run_files and not (point is not None and point.step >= engine.total_steps):
         _write_run_files(cfg, engine, parts, mae)  # (a finished run's files stay as they are)
+        if warning := few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps):
+            log(warning)
     if engine.is_main:
         _describe_pretraining(cfg, mae, init_note)
     return engine

@@ -90,7 +90,9 @@ def conversion_summary(report: dict[str, Any]) -> str:
             f"teacher top-1 {teacher:.2f}, student top-1 {student_text} "
             f"({report['recovered_pct']:.2f}% of the teacher's)"
         )
-    return f"done: {accuracy}, speed {report['speed']['speedup']:.2f}x -> {report['run_dir']}/report.md"
+    speed = report["speed"]
+    shown = "withheld (see the report)" if speed.get("speedup_withheld") else f"{speed['speedup']:.2f}x"
+    return f"done: {accuracy}, speed {shown} -> {report['run_dir']}/report.md"
 
 
 def render_conversion_report(report: dict[str, Any]) -> str:
@@ -132,8 +134,18 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
         + (f", {stage2['objective']}" if stage2.get("objective") else ""),
         *_student_line(report),
         *([f"- stopped early (in a convert study): {report['stopped']}"] if report.get("stopped") else []),
+        *_stage2_worse_lines(report),
         "",
     ]
+
+
+def _stage2_worse_lines(report: dict[str, Any]) -> list[str]:
+    """Where stage 2 left the student worse than stage 1 did: what fell, by how much, and what to change."""
+    worse = report.get("stage2_worse")
+    if not worse:
+        return []
+    message = worse["message"]
+    return ["", f"**Warning: {message[0].upper()}{message[1:]}.**"]
 
 
 def _student_line(report: dict[str, Any]) -> list[str]:
@@ -279,8 +291,7 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
         "",
         f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']}"
         f" ({speed['threads']} threads{_precision(speed)}), median of {speed['repeats']} interleaved repeats: "
-        f"student {speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: the student runs at "
-        f"**{speed['speedup']:.2f}x** the teacher's speed.",
+        f"student {speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: {_speedup_claim(speed)}",
         "",
     ]
     if "student_images_per_s" not in speed:  # reports written before images/s was measured lack it
@@ -306,13 +317,16 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
         (
             "student",
             "student",
-            speed["speedup"],
+            _with_range(speed, "student_over_teacher")
+            if "student_over_teacher" in speed
+            else speed["speedup"],
             speed.get("student_over_floor"),
             speed.get("student_over_teacher_cpu"),
         )
     )
     for label, name, over_teacher, of_floor, cpu_ratio in rows:
-        cells = f"| {label} | {speed[f'{name}_ms']:.2f} | {speed[f'{name}_images_per_s']:.1f} | {over_teacher:.2f} | "
+        shown = over_teacher if isinstance(over_teacher, str) else f"{over_teacher:.2f}"
+        cells = f"| {label} | {speed[f'{name}_ms']:.2f} | {speed[f'{name}_images_per_s']:.1f} | {shown} | "
         cells += f"{ratio_text(of_floor)} |" + (f" {ratio_text(cpu_ratio)} |" if cpu else "")
         lines.append(cells)
     lines.append("")
@@ -329,6 +343,22 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
     return [*lines, *_sweep_lines(speed)]
 
 
+def _speedup_claim(speed: dict[str, Any]) -> str:
+    """The student's speed over the teacher's with its spread over the rounds, or why it is withheld."""
+    if speed.get("speedup_withheld"):
+        return f"no speed-up is claimed: {speed['speedup_withheld']}."
+    span = speed.get("speedup_range")
+    spread = f" (each round: {span[0]:.2f}x to {span[1]:.2f}x)" if span else ""
+    return f"the student runs at **{speed['speedup']:.2f}x** the teacher's speed{spread}."
+
+
+def _with_range(row: dict[str, Any], key: str) -> str:
+    """A ratio and, where kept, its [min, max] over the rounds: ``1.67 [1.52, 1.80]``."""
+    span = row.get(f"{key}_range")
+    value = ratio_text(row.get(key))
+    return f"{value} [{span[0]:.2f}, {span[1]:.2f}]" if span and row.get(key) is not None else value
+
+
 def _sweep_lines(speed: dict[str, Any]) -> list[str]:
     """The break-even sweep: teacher, student (and floor) at batch 1 at each side, and the break-even side."""
     sweep = speed.get("sweep")
@@ -342,7 +372,7 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
         "### Break-even resolution",
         "",
         "Teacher and student rebuilt at each side with random weights (speed does not depend on them), batch 1, "
-        "on the run's device, median of interleaved repeats.",
+        "on the run's device, median of interleaved repeats ([min, max] over the rounds in brackets).",
         "",
         "| side (px) | tokens | teacher ms | student ms | student × teacher |"
         + (" floor × teacher | student of the floor |" if floor else ""),
@@ -351,7 +381,7 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
     for row in rows:
         line = (
             f"| {row['resolution']} | {row['tokens'] if row['tokens'] is not None else '—'} | "
-            f"{row['teacher_ms']:.2f} | {row['student_ms']:.2f} | {row['student_over_teacher']:.2f} |"
+            f"{row['teacher_ms']:.2f} | {row['student_ms']:.2f} | {_with_range(row, 'student_over_teacher')} |"
         )
         if floor:
             line += f" {ratio_text(row.get('floor_over_teacher'))} | {ratio_text(row.get('student_over_floor'))} |"
@@ -359,7 +389,9 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
     lines.append("")
     lines += [f"- {item['resolution']} px skipped: {item['reason']}" for item in sweep.get("skipped", [])]
     top = max((row["resolution"] for row in rows), default=None)
-    if speed.get("break_even") is not None:
+    if speed.get("break_even_withheld"):
+        verdict = f"Break-even: withheld: {speed['break_even_withheld']}."
+    elif speed.get("break_even") is not None:
         verdict = (
             f"Break-even: **{speed['break_even']} px**, the smallest tested side where the student is faster."
         )

@@ -38,6 +38,8 @@ class RunParts:
     student_spec: dict[str, Any] = field(default_factory=dict)
     img_size: int | None = None  # the side and channels of the images the loaders make
     in_chans: int | None = None
+    # how the val loader resizes and crops decoded images (crop_pct, crop_mode, interpolation); {}: tensors
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
 def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any]:
@@ -127,12 +129,20 @@ StudentFn = Callable[[nn.Module | None, int], nn.Module]
 
 
 def stamp_input_cfg(
-    student: nn.Module, mean: Sequence[float], std: Sequence[float], in_chans: int, img_size: int
+    student: nn.Module,
+    mean: Sequence[float],
+    std: Sequence[float],
+    in_chans: int,
+    img_size: int,
+    preprocessing: dict[str, Any] | None = None,
 ) -> None:
-    """The student is trained on inputs normalised this way: its pretrained config (what export writes,
-    and what a later run reads when this student becomes a teacher) must say so."""
+    """The student is trained and validated on inputs prepared this way: its pretrained config (what export
+    writes, what timm's ``resolve_data_config`` reads back, and what a later run reads when this student
+    becomes a teacher) must say so. ``preprocessing``: the val loader's resize and crop (crop_pct,
+    crop_mode, interpolation), replacing what the student inherited from its teacher."""
     student.pretrained_cfg = {
         **getattr(student, "pretrained_cfg", {}),
+        **(preprocessing or {}),
         "mean": tuple(mean),
         "std": tuple(std),
         "input_size": (in_chans, img_size, img_size),
@@ -254,7 +264,6 @@ def parts_around(
 ) -> RunParts:
     """A run's parts around its student (train, convert, pretrain alike): the input config stamped on the
     student, the loaders at its size and normalisation, and the record of it all."""
-    stamp_input_cfg(student, mean, std, in_chans, img_size)
     loaders = build_loaders(
         cfg.data,
         cfg.aug,
@@ -267,6 +276,8 @@ def parts_around(
         rank=rank,
         world_size=world_size,
     )
+    preprocessing = loaders.val_info.eval_preprocessing() if loaders.val_info is not None else {}
+    stamp_input_cfg(student, mean, std, in_chans, img_size, preprocessing)
     return RunParts(
         student=student,
         teacher=teacher,
@@ -281,6 +292,7 @@ def parts_around(
         student_spec=student_spec(student),
         img_size=img_size,
         in_chans=in_chans,
+        preprocessing=preprocessing,
     )
 
 
@@ -302,7 +314,7 @@ def _around_shared(
             f"{want[0]} px ones (students of a study read one stream of batches): set data.img_size / data.in_chans "
             "for the whole study"
         )
-    stamp_input_cfg(student, mean, std, in_chans, img_size)
+    stamp_input_cfg(student, mean, std, in_chans, img_size, shared.preprocessing)
     return dataclasses.replace(shared, student=student, student_spec=student_spec(student))
 
 

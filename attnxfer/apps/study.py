@@ -38,7 +38,7 @@ from ..transfer.teacher_student import TeacherStudent
 from .resume import judge
 from .run_parts import RunParts, build_run_parts
 from .study_report import write_study_report
-from .training import build_engine, require_task_labels, task_weight_of
+from .training import build_engine, few_steps_warning, require_task_labels, task_weight_of
 
 #: the YAML that runs the study again (its base keys and its students)
 STUDY_YAML = "study.yaml"
@@ -167,15 +167,22 @@ def build_members(
         view = batches.view()
         if parts:
             own = dataclasses.replace(parts[student.name], train_loader=view)
-            engine = build_engine(cfg, own, runtime=runtime, prune_on_save=False)
+            engine = build_engine(cfg, own, runtime=runtime, prune_on_save=False, warn_few_steps=False)
         else:
             around = dataclasses.replace(shared, train_loader=view)
-            engine = build_engine(cfg, runtime=runtime, shared=around, prune_on_save=False)
+            engine = build_engine(
+                cfg, runtime=runtime, shared=around, prune_on_save=False, warn_few_steps=False
+            )
         streams = StudentStreams.current(runtime.accelerator)
         members.append(
             Member(student.name, engine, streams, view, seconds=standing.seconds.get(student.name, 0.0))
         )
         feed.attach(engine)
+    first = members[0].engine if members else None  # the students share one schedule: said once, for all
+    if first is not None and (
+        warning := few_steps_warning(first.settings, first.steps_per_epoch, first.total_steps)
+    ):
+        say(f"{warning} (every student of the study)")
     feed.teacher_pass = shared_teacher_pass(
         [m.engine.objective.module for m in members], [m.name for m in members]
     )

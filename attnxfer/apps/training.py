@@ -310,6 +310,7 @@ def build_engine(
     found: ResumePoint | None = None,
     shared: RunParts | None = None,
     prune_on_save: bool = True,
+    warn_few_steps: bool = True,
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
@@ -317,7 +318,8 @@ def build_engine(
     rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
     ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
     ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
-    is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller.
+    is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;
+    ``warn_few_steps=False`` leaves the few-steps warning to the caller (a study says it once for all).
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
@@ -377,10 +379,43 @@ def build_engine(
     )
     if write_run_files and not _finished_before(point, engine):  # a finished run's files stay as they are
         _write_run_files(cfg, engine, parts, compiled, ce_record)
+        warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
+        if warning and warn_few_steps:
+            log(warning)
     barrier()
     if engine.is_main:
         print(plan.describe(), flush=True)
     return engine
+
+
+#: fewer optimiser steps than this and a run says so at start: too few for most students to learn anything
+FEW_STEPS = 100
+
+
+def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None:
+    """One line, where a run of ``total`` optimiser steps (``per_epoch`` an epoch, by the settings ``s``) takes
+    fewer than `FEW_STEPS`: how many, why (epochs x steps an epoch, or the ``schedule.max_steps`` cap) and the
+    schedule key that gives it more."""
+    if total >= FEW_STEPS:
+        return None
+    head = (
+        f"warning: this run takes {total} optimiser step{'s' if total != 1 else ''}, fewer than {FEW_STEPS}"
+    )
+    if s.max_steps is not None and total == s.max_steps < per_epoch * s.epochs:
+        return (
+            f"{head} (schedule.max_steps={s.max_steps}): raise schedule.max_steps for a student that learns"
+        )
+    epochs = -(-FEW_STEPS // per_epoch)
+    return (
+        f"{head} ({s.epochs} epoch{'s' if s.epochs != 1 else ''} of {per_epoch} steps: the training split in "
+        f"batches of data.batch_size x the processes x optim.accum_steps): raise schedule.epochs (at least "
+        f"{epochs} for {FEW_STEPS} steps), or lower data.batch_size"
+        + (
+            f", and schedule.max_steps={s.max_steps}"
+            if s.max_steps is not None and s.max_steps < FEW_STEPS
+            else ""
+        )
+    )
 
 
 def _finished_before(point: ResumePoint | None, engine: Engine) -> bool:

@@ -32,6 +32,7 @@ from ..errors import InputError, PathExistsError
 from ..models.student import (
     SOFTMAX,
     student_from_spec,
+    student_shape,
     student_spec,
     timm_args_from_traits,
     vit_traits,
@@ -46,6 +47,7 @@ from .model_card import (  # moved to model_card.py
     attention_label,
     card_license,
     render_model_card,
+    shape_phrase,
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
@@ -209,7 +211,7 @@ def export_student(
     so ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` and transformers'
     ``AutoModelForImageClassification.from_pretrained(OUT_DIR)`` rebuild them without attnxfer.
     Efficient-attention students cannot be built by timm: config.json says so (``attnxfer`` block, and an
-    ``attn_layer`` timm refuses) and so does the card. ``formats`` names what is written: ``timm`` (the
+    ``architecture`` timm refuses with a message naming `load_student`) and so does the card. ``formats`` names what is written: ``timm`` (the
     above), ``onnx`` (model.onnx, checked in ONNX Runtime against the student, and export_report.json),
     or both. ``out_dir`` must be new or empty unless ``overwrite``.
     ``push_to_hub="ORG/NAME"`` uploads the folder afterwards (`push_export`).
@@ -220,8 +222,7 @@ def export_student(
         card.repo_id = push_to_hub
     license_id, _ = card_license(card)  # a licence conflict fails before anything is written
     spec, native = _export_spec(student)
-    kind = attention_label(spec["attention"])
-    meta = _config_block(card, spec, license_id, native=native)
+    meta = _config_block(card, spec, license_id, native=native, shape=student_shape(student))
     _check_out_dir(out_dir, overwrite)
     tmp = _fresh_staging(out_dir)
     try:
@@ -230,11 +231,20 @@ def export_student(
         reports = {name: r for name, r in reports.items() if r is not None}
         if reports:
             _write_report(meta, formats, reports, tmp)
-        _write_model_card(card, spec, tmp, out_dir, native=native, formats=formats, reports=reports)
+        _write_model_card(
+            card,
+            spec,
+            tmp,
+            out_dir,
+            shape=meta["attnxfer"]["shape"],
+            native=native,
+            formats=formats,
+            reports=reports,
+        )
         _install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _logger.info("exported %s student (%s attention, %s) to %s", spec["architecture"], kind, formats, out_dir)
+    _logger.info("exported %s (%s) to %s", meta["attnxfer"]["description"], formats, out_dir)
     if push_to_hub:
         push_export(out_dir, push_to_hub)
     return out_dir
@@ -272,15 +282,25 @@ def _export_spec(student: nn.Module) -> tuple[dict[str, Any], bool]:
 
 
 def _config_block(
-    card: ModelCardInfo, spec: dict[str, Any], license_id: str, *, native: bool
+    card: ModelCardInfo, spec: dict[str, Any], license_id: str, *, native: bool, shape: dict[str, Any]
 ) -> dict[str, Any]:
-    """What config.json holds beside timm's keys: the card's licence, and the ``attnxfer`` block
-    (`load_student` rebuilds the student from it; the teacher by id, never its weights)."""
+    """What config.json holds beside timm's keys: the card's licence, the class names, and the ``attnxfer``
+    block (what the student is, in words and numbers; `load_student` rebuilds it from ``student``; the
+    teacher by id, never its weights)."""
     teacher = card.teacher or {}
+    names = list(card.class_names or ())
+    if names and len(names) != spec["num_classes"]:
+        raise InputError(
+            f"{len(names)} class names for a student of {spec['num_classes']} classes: give one name per class"
+        )
+    labels = {"label_names": names} if names else {}  # timm's field: index -> class name
     return {
+        **labels,
         "pretrained_cfg": {"license": license_id},  # the card's licence, in timm's config too
         "attnxfer": {
             "version": _version(),
+            "description": shape_phrase(shape, spec["attention"]),
+            "shape": shape,
             "attention": spec["attention"],
             "loads_in_plain_timm": attention_label(spec["attention"]) == SOFTMAX and native,
             "architecture_registered_by": "timm" if native else "attnxfer",
@@ -306,7 +326,8 @@ def _write_timm_format(
     student: nn.Module, spec: dict[str, Any], meta: dict[str, Any], folder: Path, *, verify: bool
 ) -> None:
     """config.json + model.safetensors as ``timm.models.save_for_hf`` writes them. A softmax student is
-    saved from its plain-timm twin; an efficient one as itself, with an ``attn_layer`` timm refuses.
+    saved from its plain-timm twin; an efficient one as itself, under an architecture name timm refuses with
+    a message naming `load_student` (and ``attn_layer: attnxfer:KIND``, which `load_teacher` refuses).
     ``verify``: the model that will be rebuilt from these files gives the student's logits bit for bit."""
     from timm.models import save_for_hf
 
@@ -326,7 +347,23 @@ def _write_timm_format(
             safe_serialization=True,
             model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
         )
+        _name_the_loader(folder / "config.json", kind)
     _fit_timm_wrapper(folder / "config.json")
+
+
+def efficient_architecture(kind: str) -> str:
+    """config.json's ``architecture`` for a student timm cannot build: timm prints an unknown architecture
+    verbatim (``RuntimeError: Unknown model (...)``), so the name is the instruction. (An ``attn_layer`` timm
+    does not know only gets ``Unknown attn_layer: None``.)"""
+    return f"attnxfer student with {kind} attention, not a timm model: load it with attnxfer.load_student"
+
+
+def _name_the_loader(config_file: Path, kind: str) -> None:
+    """An efficient student's config.json: plain timm (and transformers' wrapper) stop at once with a message
+    naming `attnxfer.load_student`; its timm base architecture stays in ``attnxfer.student``."""
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["architecture"] = efficient_architecture(kind)
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def _fit_timm_wrapper(config_file: Path) -> None:
@@ -374,6 +411,7 @@ def _write_model_card(
     folder: Path,
     out_dir: Path,
     *,
+    shape: dict[str, Any],
     native: bool,
     formats: Sequence[str] = ("timm",),
     reports: dict[str, Any] | None = None,
@@ -384,6 +422,7 @@ def _write_model_card(
     readme = render_model_card(
         card,
         spec,
+        shape=shape,
         loads_in_plain_timm=plain,
         load_ref=load_ref,
         native_arch=native,
@@ -492,6 +531,7 @@ def export_run(
         repo_id=push_to_hub,
         dataset=_dataset_id(recipe),
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
+        class_names=record.get("class_names") if record.get("num_classes") == student.num_classes else None,
     )
     return export_student(
         student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats

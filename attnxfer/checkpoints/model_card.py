@@ -47,6 +47,8 @@ class ModelCardInfo:
     dataset: str | None = None
     #: which metrics score the exported weights: ``val`` (raw) or ``ema_val`` (``{prefix}_top1``, ``_count``)
     eval_prefix: str = "val"
+    #: the classifier's class names by index (config.json's ``label_names``, as timm's ``save_for_hf`` writes)
+    class_names: Sequence[str] | None = None
 
     def __post_init__(self):
         if isinstance(self.teacher, TeacherRecord):
@@ -170,6 +172,7 @@ def render_model_card(
     card: ModelCardInfo,
     spec: dict[str, Any],
     *,
+    shape: dict[str, Any] | None = None,
     loads_in_plain_timm: bool,
     load_ref: str,
     native_arch: bool = True,
@@ -177,7 +180,8 @@ def render_model_card(
     onnx: dict[str, Any] | None = None,
 ) -> str:
     """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load
-    (each format written: ``timm`` files, ``onnx`` with ``onnx`` the ONNX export's report)."""
+    (each format written: ``timm`` files, ``onnx`` with ``onnx`` the ONNX export's report). ``shape``: what
+    the student is (`student_shape`), which the card names rather than the architecture it came from."""
     license_id, license_text = card_license(card)
     tags = _card_tags(card) + (["onnx"] if "onnx" in formats else [])
     data = _card_data(card, license_id, tags, library="timm" if "timm" in formats else "onnx")
@@ -189,11 +193,11 @@ def render_model_card(
     if onnx is not None:
         loading += _onnx_section(onnx, load_ref, spec.get("pretrained_cfg", {}))
     sections = [
-        _intro(card, spec),
+        _intro(card, spec, shape),
         "\n## License\n\n" + license_text + "\n",
         _teacher_section(card.teacher or {}),
         _transfer_section(card),
-        _student_section(card, spec),
+        _student_section(card, spec, shape, native_arch=native_arch),
         "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
         _metrics_section(card, data),
         _recipe_section(card),
@@ -211,10 +215,39 @@ def _card_tags(card: ModelCardInfo) -> list[str]:
     return list(dict.fromkeys(tags))
 
 
-def _intro(card: ModelCardInfo, spec: dict[str, Any]) -> str:
+def shape_phrase(shape: dict[str, Any] | None, attention: str | list[str] = SOFTMAX) -> str:
+    """The student in words, from `student_shape`: "a ViT of width 96, 6 blocks, 3 heads, patch 4, 28 px,
+    1 channel" (and its attention where it is not softmax)."""
+    if not shape:
+        return "a student"
+
+    def pair(v: list[int]) -> str:
+        return str(v[0]) if len(set(v)) == 1 else "x".join(map(str, v))
+
+    parts = [
+        f"width {shape['width']}" if "width" in shape else None,
+        f"stage widths {'-'.join(map(str, shape['widths']))}" if "widths" in shape else None,
+        f"{shape['blocks']} blocks" if "blocks" in shape else None,
+        f"{shape['heads']} heads" if "heads" in shape else None,
+        f"patch {pair(shape['patch'])}" if "patch" in shape else None,
+        f"{pair(shape['img_size'])} px" if "img_size" in shape else None,
+        f"{shape['in_chans']} channel{'s' if shape['in_chans'] != 1 else ''}"
+        if shape.get("in_chans") != 3 and "in_chans" in shape
+        else None,
+    ]
+    kind = attention_label(attention)
+    article = "an" if shape["family"][:1].upper() in "AEIOU" else "a"
+    phrase = f"{article} {shape['family']} of " + ", ".join(p for p in parts if p)
+    return phrase + ("" if kind == SOFTMAX else f", with {kind} attention")
+
+
+def _intro(card: ModelCardInfo, spec: dict[str, Any], shape: dict[str, Any] | None) -> str:
     """The title and one sentence: the card's own description, else what the student is and came from."""
+    what = (
+        shape_phrase(shape, spec.get("attention", SOFTMAX)) if shape else f"a {spec['architecture']} student"
+    )
     description = card.description or (
-        f"A {spec['architecture']} student trained by attention transfer "
+        f"{what[0].upper()}{what[1:]}, trained by attention transfer "
         f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(card.teacher)}, with attnxfer."
     )
     return f"# {card.model_name}\n\n" + description
@@ -247,12 +280,29 @@ def _transfer_section(card: ModelCardInfo) -> str:
     return out
 
 
-def _student_section(card: ModelCardInfo, spec: dict[str, Any]) -> str:
-    """Architecture, attention (per block where blocks differ or take options), classes, timm's arguments."""
+def _student_section(
+    card: ModelCardInfo,
+    spec: dict[str, Any],
+    shape: dict[str, Any] | None = None,
+    *,
+    native_arch: bool = True,
+) -> str:
+    """What the student is, how timm builds it (architecture + arguments), attention (per block where blocks
+    differ or take options), classes."""
     kind = attention_label(spec.get("attention", SOFTMAX))
-    out = (
-        f"\n## Student\n\n- architecture: `{spec['architecture']}`\n- attention: `{kind}`\n"
-        f"- classes: {spec.get('num_classes')}\n"
+    out = "\n## Student\n\n"
+    if shape:
+        out += f"- model: {shape_phrase(shape)}\n"
+    built = "timm builds it from" if kind == SOFTMAX else "attnxfer builds it on"
+    out += f"- {built}: `{spec['architecture']}` with the construction arguments below (they replace the name's own sizes)\n"
+    if spec.get("registered_as"):
+        out += f"- trained as: `{spec['registered_as']}` (registered by attnxfer)\n"
+    names = list(card.class_names or ())
+    shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+    out += (
+        f"- attention: `{kind}`\n- classes: {spec.get('num_classes')}"
+        + (f" ({shown})" if names else "")
+        + "\n"
     )
     if card.checkpoint:
         out += f"- weights: {card.checkpoint}\n"
@@ -304,8 +354,9 @@ def _loading_section(
         kind = attention_label(spec.get("attention", SOFTMAX))
         return out + (
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
-            f'cannot build it (config.json names `attn_layer: "attnxfer:{kind}"`, so timm stops with an error '
-            "instead of loading these weights into softmax attention), and neither can transformers' timm "
+            "cannot build it (config.json's `architecture` is no timm model, so timm stops with an error naming "
+            "`attnxfer.load_student` instead of loading these weights into softmax attention), and neither can "
+            "transformers' timm "
             "wrapper, which builds through timm. Load it with attnxfer, which rebuilds "
             'the student from `config.json["attnxfer"]["student"]` with its attention classes and options:\n\n'
             "```python\nimport timm\nfrom attnxfer import load_student\n\n"
@@ -329,9 +380,25 @@ def _loading_section(
         + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
         "cfg = timm.data.resolve_model_data_config(model)\n"
         "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-        f"\nInputs are normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')} "
-        "(the teacher's).\n" + _transformers_snippet(spec, load_ref, pre)
+        + _inputs_sentence(data_cfg)
+        + _transformers_snippet(spec, load_ref, pre)
     )
+
+
+def _inputs_sentence(data_cfg: dict[str, Any]) -> str:
+    """How the run prepared its validation images (what config.json's pretrained_cfg holds, and so what the
+    transform above makes)."""
+    size, pct = data_cfg.get("input_size"), data_cfg.get("crop_pct")
+    steps = []
+    if size and pct is not None:
+        steps.append(
+            f"resized ({data_cfg.get('interpolation', 'bilinear')}) to {size[-1]} / {pct:g} px on the short side, "
+            f"then a {data_cfg.get('crop_mode', 'center')} crop of {size[-2]} x {size[-1]} px (crop_pct {pct:g})"
+        )
+    elif size:
+        steps.append(f"{size[-2]} x {size[-1]} px")
+    steps.append(f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}")
+    return "\nImages as the run validated them: " + ", ".join(steps) + ".\n"
 
 
 def _transformers_snippet(spec: dict[str, Any], load_ref: str, pre: str) -> str:

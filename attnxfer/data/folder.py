@@ -19,7 +19,14 @@ from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError
 from .label_free import LabelFree
-from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
+from .registry import (
+    DatasetInfo,
+    check_image_args,
+    register_dataset,
+    resolve_norm,
+    timm_eval_settings,
+    with_settings,
+)
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
@@ -186,7 +193,8 @@ def build_folder(
         std=std,
     )
     images = _split_images(split, root, classes, labels, in_chans, transform)
-    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+    eval_settings = timm_eval_settings(crop_pct, interpolation)
+    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std, **eval_settings)
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 

@@ -29,7 +29,10 @@ _BUILDER_ARGS = ("split", "root", "img_size", "in_chans", "mean", "std", "seed")
 @dataclass(frozen=True)
 class DatasetInfo:
     """What a model and a report need to know about a dataset. ``has_labels``: whether its samples carry a
-    label as the run reads them (False: samples are ``(x,)``, see `attnxfer.data.label_free`)."""
+    label as the run reads them (False: samples are ``(x,)``, see `attnxfer.data.label_free`).
+    ``crop_pct``, ``crop_mode``, ``interpolation``: how its eval split resizes and crops decoded images, in
+    timm's pretrained_cfg terms (what an export declares, so timm's ``create_transform`` prepares images the
+    way the run validated them); None where images never pass through such a transform (tensor datasets)."""
 
     name: str
     num_classes: int | None
@@ -39,6 +42,14 @@ class DatasetInfo:
     in_chans: int
     img_size: int
     has_labels: bool = True
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+    interpolation: str | None = None
+
+    def eval_preprocessing(self) -> dict[str, float | str]:
+        """The eval transform's resize and crop as pretrained_cfg entries ({} where none is recorded)."""
+        keys = ("crop_pct", "crop_mode", "interpolation")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 InfoSource = DatasetInfo | Callable[[str | None], DatasetInfo]
@@ -258,6 +269,20 @@ def resolve_norm(
 def with_settings(info: DatasetInfo, **changes) -> DatasetInfo:
     """A copy of ``info`` describing a built dataset (its real size, channels, mean/std)."""
     return replace(info, **changes)
+
+
+def timm_eval_settings(
+    crop_pct: float | None = None, interpolation: str = "bilinear", crop_mode: str | None = None, **_
+) -> dict[str, float | str]:
+    """How timm's ``create_transform(..., is_training=False)`` resizes and crops with these options (its own
+    defaults filled in: crop_pct 0.875, centre crop), as `DatasetInfo` fields."""
+    from timm.data import DEFAULT_CROP_PCT
+
+    return dict(
+        crop_pct=DEFAULT_CROP_PCT if crop_pct is None else float(crop_pct),
+        crop_mode=crop_mode or "center",
+        interpolation=interpolation,
+    )
 
 
 def check_image_args(

@@ -26,7 +26,14 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..errors import InputError
 from .folder import FolderDataset
 from .label_free import LabelFree, without_labels
-from .registry import DatasetInfo, check_image_args, register_prefix, resolve_norm, with_settings
+from .registry import (
+    DatasetInfo,
+    check_image_args,
+    register_prefix,
+    resolve_norm,
+    timm_eval_settings,
+    with_settings,
+)
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -223,6 +230,7 @@ def build_hfds(
     img_size, in_chans, mean, std = _settings(f"hfds/{name}", img_size, in_chans, mean, std, default)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
     augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **aug)
+    settings = timm_eval_settings(**aug)
     mode = "RGB" if in_chans == 3 else "L"
     if labels:
         images = create_dataset(
@@ -238,7 +246,7 @@ def build_hfds(
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
-    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std, **settings)
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 
@@ -315,6 +323,7 @@ def _build_stream(
     default = stream_info(f"{prefix}/{name}", root)
     img_size, in_chans, mean, std = _settings(f"{prefix}/{name}", img_size, in_chans, mean, std, default)
     augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **kw)
+    settings = timm_eval_settings(**kw)
     try:
         stream = create_dataset(
             f"{prefix}/{name}",
@@ -334,7 +343,7 @@ def _build_stream(
         raise ImportError(
             f"data.dataset={prefix}/{name} needs {e.name or e}: pip install 'attnxfer[{extra}]'"
         ) from e
-    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
+    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std, **settings)
     per_rank = None
     if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
         per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size

@@ -25,7 +25,7 @@ from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
 from ..errors import InputError
-from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of
+from .attention import SOFTMAX, TransferAttention, attention_layers, attention_name_of, family_of
 from .efficient.hierarchical import hierarchical_slots, is_hierarchical, swap_hierarchical
 from .efficient.swap import flat_blocks, swap_attentions
 from .image_input import image_input
@@ -447,3 +447,38 @@ def student_from_spec(
         # another family (EVA, BEiT, ...): timm's own attention classes, which its adapters make
         # transfer-aware when a model walk meets them
         return timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, **args)
+
+
+def student_shape(model: nn.Module) -> dict[str, Any]:
+    """What the model is, read off its modules (not off the architecture name it was derived from): family,
+    width (a hierarchical model's ``widths``, stage by stage), attention blocks, heads (a flat model's),
+    patch, image size and channels; a value the model does not record is left out."""
+    blocks = flat_blocks(model)
+    shape: dict[str, Any] = {"family": _family_word(model)}
+    if blocks is not None:
+        width = getattr(model, "embed_dim", None)
+        heads = (int(m.num_heads) for m in blocks.modules() if isinstance(getattr(m, "num_heads", None), int))
+        shape.update(
+            width=int(width) if isinstance(width, int) else getattr(model, "num_features", None),
+            blocks=len(blocks),
+            heads=next(heads, None),
+        )
+    else:
+        stages = [int(f["num_chs"]) for f in getattr(model, "feature_info", None) or [] if "num_chs" in f]
+        shape.update(widths=stages or None, blocks=len(hierarchical_slots(model)) or None)
+    try:
+        found = image_input(model)
+    except InputError:
+        found = None
+    if found is not None:
+        shape.update(patch=list(found.patch_size), in_chans=found.in_chans)
+        if found.img_size is not None:
+            shape["img_size"] = list(found.img_size)
+    return {k: v for k, v in shape.items() if v is not None}
+
+
+def _family_word(model: nn.Module) -> str:
+    """The model's family as its adapter file titles it, first name only ("ViT/DeiT" -> "ViT"); timm's class
+    name for a model of no registered family."""
+    family = family_of(model)
+    return family.title.split("/")[0].strip() if family is not None else type(model).__name__

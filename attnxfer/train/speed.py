@@ -144,9 +144,29 @@ def _speed_row(
         if top not in times or bottom not in times:
             continue
         row[key] = median[bottom] / median[top]
+        row[f"{key}_range"] = ratio_range(times[top], times[bottom])
         if x.device.type == "cpu" and min(cpu[bottom], cpu[top]) > 0:
             row[f"{key}_cpu"] = cpu[bottom] / cpu[top]
     return row
+
+
+def ratio_range(top: Timing, bottom: Timing) -> list[float]:
+    """[min, max] over the rounds of one interleaved call of ``top``'s speed over ``bottom``'s (bottom's seconds
+    / top's, round by round): how far the ratio strays while the machine's load drifts."""
+    ratios = [b / t for t, b in zip(top.times, bottom.times, strict=True) if t > 0]
+    return [min(ratios), max(ratios)] if ratios else []
+
+
+def ratio_contradicts(row: Mapping[str, Any], key: str = "student_over_teacher") -> str | None:
+    """Why a row's ratio ``key`` cannot be claimed: its rounds put it on both sides of 1 (faster in some, slower
+    in others); None where they agree (or a row from before ranges were kept)."""
+    lo, hi = (row.get(f"{key}_range") or [None, None])[:2]
+    if lo is None or not lo < 1.0 < hi:
+        return None
+    return (
+        f"over {row.get('repeats', '?')} interleaved rounds at {row['resolution']} px the student ran at "
+        f"{lo:.2f}x to {hi:.2f}x the teacher's speed, on both sides of 1"
+    )
 
 
 def speed_against_floor(

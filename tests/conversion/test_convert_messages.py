@@ -76,3 +76,68 @@ def test_summary_with_a_classifier_teacher_gives_the_share():
         "done: teacher top-1 80.00, student top-1 72.00 (90.00% of the teacher's), speed 1.50x -> runs/x/report.md"
     )
     assert teacher_top1_line(80.0) == "teacher val top-1 80.00"
+    withheld = {**report, "speed": {"speedup": 1.5, "speedup_withheld": "rounds on both sides of 1"}}
+    assert conversion_summary(withheld).endswith(", speed withheld (see the report) -> runs/x/report.md")
+
+
+def _measured(top1=None, cos=None, knn=None) -> dict:
+    return {"val_top1": top1, "features": {"feat_cos_patch": cos}, "knn": {"knn_top1": knn} if knn else None}
+
+
+def test_stage2_that_makes_the_student_worse_is_named_by_the_conversions_own_measure():
+    """Labelled: val top-1; label-free: the final-feature cosine (k-NN top-1 beside it); no fall, no word."""
+    from attnxfer.apps.conversion_quality import stage2_worse
+
+    labelled = {"after_stage1": _measured(top1=45.2, cos=0.9), "after_stage2": _measured(top1=43.0, cos=0.95)}
+    worse = stage2_worse(labelled, steps=3)
+    assert (worse["metric"], worse["after_stage1"], worse["after_stage2"], worse["steps"]) == (
+        "val_top1",
+        45.2,
+        43.0,
+        3,
+    )
+    assert "val top-1 45.20 -> 43.00 (after stage 1 -> after stage 2, 3 steps)" in worse["message"]
+    assert "schedule.epochs" in worse["message"]
+    label_free = {
+        "after_stage1": _measured(cos=0.9996, knn=40.0),
+        "after_stage2": _measured(cos=0.9894, knn=38.5),
+    }
+    worse = stage2_worse(label_free, steps=3)
+    assert worse["metric"] == "feat_cos_patch"
+    assert "(patch tokens) 0.9996 -> 0.9894; k-NN top-1 40.00 -> 38.50" in worse["message"]
+    assert stage2_worse({**labelled, "after_stage2": _measured(top1=45.2)}, steps=3) is None
+    assert stage2_worse({**label_free, "after_stage2": _measured(cos=0.9997)}, steps=3) is None
+    assert stage2_worse({**labelled, "after_stage2": None}, steps=0) is None  # stage 2 did not run
+
+
+@pytest.mark.slow  # a whole conversion (2 stage-1 steps, 2 stage-2 steps at a learning rate that wrecks it)
+def test_a_stage2_that_made_the_student_worse_says_so_in_its_report(tmp_path, headless_teacher_dir, capsys):
+    run = tmp_path / "run"
+    args = [
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{headless_teacher_dir}",
+        "data.dataset=synthetic",
+        "data.kwargs.length=32",
+        "data.batch_size=16",
+        "convert.attention=relu_linear",
+        "convert.stage1_train=qk",
+        "convert.stage1_steps=2",
+        "schedule.max_steps=2",
+        "schedule.warmup_epochs=0",
+        "optim.lr=3.0",  # label-free feature distillation at this rate pulls the features apart
+        "transfer.mode=none",
+        "log.progress=false",
+        "log.trackers=[]",
+        "convert.agreement_batches=1",
+        "convert.speed_repeats=1",
+        "convert.speed_batch_size=2",
+        "convert.speed_sweep=[]",
+    ]
+    assert main(["convert", *args]) == 0
+    report = json.loads((run / "report.json").read_text())
+    worse = report["stage2_worse"]
+    features = report["features"]
+    assert worse["metric"] == "feat_cos_patch" and worse["steps"] == 2
+    assert worse["after_stage2"] == features["after_stage2"]["feat_cos_patch"] < worse["after_stage1"]
+    assert "**Warning: Stage 2 made the student worse than stage 1 left it" in (run / "report.md").read_text()
+    assert f"warning: {worse['message']}" in capsys.readouterr().out.splitlines()

@@ -70,16 +70,22 @@ def test_conversion_report_measures_the_floor_and_the_break_even_sweep(tmp_path,
     for row in sweep["rows"]:
         assert row["batch"] == 1
         _check_row(row, ("teacher", "student", "floor"))
-    assert speed["break_even"] == break_even_resolution(sweep["rows"])
+    # the sweep's break-even side, unless the measurements contradict it (then withheld, saying why)
+    assert speed["break_even"] == (
+        None if speed["break_even_withheld"] else break_even_resolution(sweep["rows"])
+    )
+    lo, hi = speed["speedup_range"]
+    assert lo <= speed["speedup"] <= hi and speed["speedup_range"] == speed["student_over_teacher_range"]
     md = (run / "report.md").read_text()
     assert f"| floor (ceiling) | {speed['floor_ms']:.2f} | {speed['floor_images_per_s']:.1f} |" in md
     assert f"the student reaches **{speed['student_over_floor']:.2f}** of it" in md
     assert f"| 48 | 37 | {sweep['rows'][1]['teacher_ms']:.2f} |" in md
-    verdict = (
-        f"Break-even: **{speed['break_even']} px**"
-        if speed["break_even"]
-        else "Break-even: none found; the student is not faster than the teacher up to 48 px."
-    )
+    if speed["break_even_withheld"]:
+        verdict = f"Break-even: withheld: {speed['break_even_withheld']}."
+    elif speed["break_even"]:
+        verdict = f"Break-even: **{speed['break_even']} px**"
+    else:
+        verdict = "Break-even: none found; the student is not faster than the teacher up to 48 px."
     assert verdict in md
 
 
@@ -118,3 +124,94 @@ def test_a_report_without_a_floor_says_why_and_keeps_teacher_and_student():
     assert f"No floor measured: {why}." in md and "floor (ceiling)" not in md
     assert f"| student | {row['student_ms']:.2f} | {row['student_images_per_s']:.1f} | " in md
     assert "Not measured: convert.speed_sweep is []." in md
+
+
+def _row(resolution: int, ratio: float, lo: float, hi: float, batch: int = 1) -> dict:
+    """A speed row as `forward_speed` writes it, reduced to what the verdicts read."""
+    return {
+        "resolution": resolution,
+        "batch": batch,
+        "repeats": 3,
+        "student_over_teacher": ratio,
+        "student_over_teacher_range": [lo, hi],
+    }
+
+
+def test_a_ratio_carries_its_spread_over_the_rounds_and_one_on_both_sides_of_1_is_not_claimed():
+    from attnxfer.train.speed import ratio_contradicts, ratio_range
+    from attnxfer.train.timing import Timing
+
+    teacher, student = Timing(times=[2.0, 2.0, 3.0]), Timing(times=[1.0, 2.5, 1.5])
+    assert ratio_range(student, teacher) == [0.8, 2.0]  # teacher's seconds over the student's, round by round
+    assert ratio_contradicts(_row(32, 1.4, 0.8, 2.0)) == (
+        "over 3 interleaved rounds at 32 px the student ran at 0.80x to 2.00x the teacher's speed, on both sides of 1"
+    )
+    assert ratio_contradicts(_row(32, 1.4, 1.1, 2.0)) is None
+    assert ratio_contradicts({"resolution": 32, "student_over_teacher": 1.4}) is None  # an older report
+
+
+def test_a_break_even_the_measurements_contradict_is_withheld_with_the_reason():
+    from attnxfer.apps.conversion_speed import checked_break_even
+
+    def sweep(*rows):
+        return {"rows": list(rows), "break_even": break_even_resolution(rows)}
+
+    agreed = sweep(_row(28, 0.9, 0.85, 0.95), _row(56, 1.6, 1.5, 1.7))
+    assert checked_break_even(_row(28, 0.9, 0.8, 0.95, batch=64), agreed) == {
+        "break_even": 56,
+        "break_even_withheld": None,
+    }
+    # faster at 28 px in the sweep, slower in the main table at 32 px: the issue's "1.67x beside 0.71x"
+    main_slower = checked_break_even(_row(32, 0.71, 0.6, 0.8, batch=64), sweep(_row(28, 1.67, 1.5, 1.8)))
+    assert main_slower["break_even"] is None
+    assert main_slower["break_even_withheld"] == (
+        "the sweep has the student faster from 28 px (1.67x), but 32 px (the main table, batch 64) measures "
+        "0.71x; the measurements contradict each other"
+    )
+    straddles = checked_break_even(
+        _row(28, 1.2, 1.1, 1.3), sweep(_row(28, 1.1, 0.9, 1.4), _row(56, 1.5, 1.4, 1.6))
+    )
+    assert straddles["break_even"] is None and "0.90x to 1.40x" in straddles["break_even_withheld"]
+    slower_above = checked_break_even(
+        _row(28, 1.2, 1.1, 1.3), sweep(_row(28, 1.3, 1.2, 1.4), _row(56, 0.9, 0.8, 0.95))
+    )
+    assert (
+        slower_above["break_even"] is None and "56 px measures 0.90x" in slower_above["break_even_withheld"]
+    )
+
+
+def test_report_shows_each_ratio_with_its_spread_and_withholds_what_contradicts_itself():
+    teacher = tiny_vit(depth=1, plain_timm=True).eval()
+    student = build_efficient_student(teacher, "relu_linear")
+    row = forward_speed({"teacher": teacher, "student": student}, torch.randn(2, 3, 32, 32), repeats=3)
+    lo, hi = row["student_over_teacher_range"]
+    assert lo <= row["student_over_teacher"] <= hi
+    speed = {**row, "input": [3, 32, 32], "speedup": row["student_over_teacher"], "floor_refused": "none"}
+    speed |= {
+        "speedup_range": [lo, hi],
+        "sweep": {"sides": [32], "rows": [row], "skipped": []},
+        "break_even": None,
+    }
+    md = "\n".join(_speed_section(speed))
+    assert f"the teacher's speed (each round: {lo:.2f}x to {hi:.2f}x)" in md
+    assert (
+        f"| student | {row['student_ms']:.2f} | {row['student_images_per_s']:.1f} | {row['student_over_teacher']:.2f} [{lo:.2f}, {hi:.2f}] |"
+        in md
+    )
+    withheld = {
+        **speed,
+        "speedup_withheld": "over 3 rounds ... on both sides of 1: rerun",
+        "break_even_withheld": "it disagrees",
+    }
+    md = "\n".join(_speed_section(withheld))
+    assert (
+        "no speed-up is claimed: over 3 rounds ... on both sides of 1: rerun." in md
+        and "**" not in md.split("### ")[0]
+    )
+    assert "Break-even: withheld: it disagrees." in md
+    from attnxfer.apps.conversion_speed import speed_lines
+
+    assert speed_lines(speed)[0].endswith(f"-> {speed['speedup']:.2f}x ({lo:.2f}x-{hi:.2f}x over 3 rounds)")
+    said = speed_lines(withheld)
+    assert said[0].endswith("-> speed-up withheld: over 3 rounds ... on both sides of 1: rerun")
+    assert said[1] == "speed: break-even withheld: it disagrees"

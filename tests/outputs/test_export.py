@@ -191,10 +191,12 @@ def test_efficient_student_export_needs_attnxfer_and_load_student_rebuilds_it(tm
     assert config["model_args"]["attn_layer"] == "attnxfer:relu_linear"
     readme = (out / "README.md").read_text()
     assert "timm does not provide" in readme and f'load_student("local-dir:{out}")' in readme
-    with pytest.raises(
-        AssertionError, match="attn_layer"
-    ):  # plain timm refuses instead of loading into softmax
+    # plain timm refuses instead of loading into softmax, and says what loads it
+    with pytest.raises(RuntimeError, match=r"relu_linear attention.*load it with attnxfer\.load_student"):
         timm.create_model(f"local-dir:{out}", pretrained=True)
+    assert (
+        config["attnxfer"]["student"]["architecture"] == "vit_tiny_patch16_224"
+    )  # what load_student builds on
     saved = load_file(str(out / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in student.state_dict().items())
     loaded = load_student(f"local-dir:{out}")
@@ -390,3 +392,48 @@ def test_load_student_from_the_hub_cache_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "['HedgehogAttention', 'TransferAttention']" in proc.stdout
     assert "NOT CACHED:" in proc.stdout and "acme/not-cached" in proc.stdout
+
+
+def test_card_and_config_name_the_students_real_shape_which_plain_timm_builds(tmp_path):
+    """A 48-wide, 3-block, patch-4, 28-px grayscale student derived from an architecture only attnxfer
+    registers: the card and config.json say what it is (not the timm name config.json builds it on), and
+    plain timm builds exactly that from config.json's architecture + model_args."""
+    from attnxfer.models import create_vit
+
+    teacher = create_vit("vit_micro_patch4_28", num_classes=10)
+    student = student_like(teacher, embed_dim=48, depth=3, num_heads=3).eval()
+    out = export_student(student, tmp_path / "out", card=card(description=None))
+    what = "a ViT of width 48, 3 blocks, 3 heads, patch 4, 28 px, 1 channel"
+    config = json.loads((out / "config.json").read_text())
+    assert config["attnxfer"]["description"] == what
+    assert config["attnxfer"]["shape"] == dict(
+        family="ViT", width=48, blocks=3, heads=3, patch=[4, 4], in_chans=1, img_size=[28, 28]
+    )
+    readme = (out / "README.md").read_text()
+    assert f"\n{what[0].upper()}{what[1:]}, trained by attention transfer (distill)" in readme
+    assert f"- model: {what}\n" in readme and "trained as: `vit_micro_patch4_28`" in readme
+    assert f"A {config['architecture']} student" not in readme
+
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert (plain.embed_dim, len(plain.blocks), plain.blocks[0].attn.num_heads) == (48, 3, 3)
+    assert (plain.patch_embed.patch_size, plain.patch_embed.img_size, plain.patch_embed.proj.in_channels) == (
+        (4, 4),
+        (28, 28),
+        1,
+    )
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(x), student(x))
+
+
+def test_a_hierarchical_students_shape_names_its_stage_widths():
+    from attnxfer.checkpoints.model_card import shape_phrase
+    from attnxfer.models import create_vit
+    from attnxfer.models.student import student_shape
+
+    model = create_vit("pvt_v2_micro_56", num_classes=10)
+    shape = student_shape(model)
+    widths = [f["num_chs"] for f in model.feature_info]
+    assert shape["family"] == "PVTv2" and shape["widths"] == widths and "heads" not in shape
+    assert shape_phrase(shape).startswith(f"a PVTv2 of stage widths {'-'.join(map(str, widths))}, ")
+    assert shape_phrase(dict(shape, family="EVA-02")).startswith("an EVA-02 of ")

@@ -101,7 +101,7 @@ def test_headless_export_loads_in_transformers_as_features(tmp_path):
 
 def test_an_efficient_export_is_refused_by_transformers_and_the_card_points_to_onnx(tmp_path):
     out = export_student(efficient_student("relu_linear"), tmp_path / "out", card=card())
-    with pytest.raises(Exception, match="attn_layer"):  # timm, under the wrapper, refuses the attention
+    with pytest.raises(Exception, match="attnxfer.load_student"):  # timm, under the wrapper, names the loader
         transformers.AutoModelForImageClassification.from_pretrained(out)
     readme = (out / "README.md").read_text()
     assert "neither can transformers' timm wrapper" in readme and "--format onnx" in readme

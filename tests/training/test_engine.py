@@ -247,3 +247,25 @@ def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path)
 
     _, record = load_teacher(f"local-dir:{tmp_path / 'export'}")
     assert list(record.mean) == list(info.mean) and list(record.std) == list(info.std)
+
+
+def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
+    """12 steps (2 epochs of 6 batches) name schedule.epochs and how many epochs reach 100 steps; a
+    max_steps cap names schedule.max_steps; 120 steps say nothing."""
+    from dataclasses import replace
+
+    from attnxfer.apps.training import few_steps_warning
+    from attnxfer.train.engine import LoopSettings, _schedule_steps
+
+    def warning(s: LoopSettings, batches: int = 6) -> str | None:
+        per_epoch, total, _ = _schedule_steps(batches, s)
+        return few_steps_warning(s, per_epoch, total)
+
+    s = LoopSettings(run_dir=Path("run"), epochs=2)
+    said = warning(s)
+    assert said.startswith("warning: this run takes 12 optimiser steps, fewer than 100 (2 epochs of 6 steps")
+    assert "raise schedule.epochs (at least 17 for 100 steps)" in said and "\n" not in said
+    capped = warning(replace(s, epochs=50, max_steps=30))
+    assert "30 optimiser steps" in capped and "raise schedule.max_steps" in capped
+    assert "schedule.epochs" not in capped
+    assert warning(replace(s, epochs=20)) is None

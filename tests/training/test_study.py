@@ -202,6 +202,12 @@ def test_a_student_that_diverges_stops_alone_and_the_others_go_on(tmp_path, tiny
     out = capsys.readouterr().out
     assert code == 0
     stopped = [line for line in out.splitlines() if line.startswith("study: student 'diverges' stopped")]
+    # the students share one 4-step schedule: the study says it once, for all of them
+    warned = [line for line in out.splitlines() if line.startswith("warning: this run takes")]
+    assert warned == [
+        f"warning: this run takes {STEPS} optimiser steps, fewer than 100 (schedule.max_steps={STEPS}): raise "
+        "schedule.max_steps for a student that learns (every student of the study)"
+    ]
     assert len(stopped) == 1 and "non-finite loss" in stopped[0] and "the others go on" in stopped[0]
     record = {s["name"]: s for s in json.loads((run / "study.json").read_text())["students"]}
     assert record["fine"]["step"] == STEPS and record["fine"]["stopped"] is None

@@ -1,0 +1,106 @@
+"""An export carries the preprocessing its student was validated with and its class names: timm's own
+``resolve_data_config`` + ``create_transform`` on the export, loaded in plain timm, prepare images exactly as
+the run's val loader did, and score what the model card says."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from helpers import card, image_folder
+from huggingface_hub import ModelCard
+from timm.data import ImageDataset, create_transform, resolve_data_config
+
+from attnxfer.apps.run_parts import stamp_input_cfg
+from attnxfer.checkpoints.export import export_student
+from attnxfer.data import build_dataset
+from attnxfer.launch import cli
+from attnxfer.models.student import student_like
+
+from .test_export import teacher_model
+
+
+def _timm_pipeline(export) -> tuple[torch.nn.Module, object]:
+    """The export as a newcomer loads it: plain timm, timm's data config, timm's eval transform."""
+    model = timm.create_model(f"local-dir:{export}", pretrained=True).eval()
+    return model, create_transform(**resolve_data_config({}, model=model))
+
+
+def test_timm_prepares_images_as_the_run_validated_them_and_names_the_classes(tmp_path):
+    """The teacher's config says crop_pct 0.9 / bicubic; the folder validates at 0.8 / bilinear: the export
+    declares the folder's, so timm's transform gives the val loader's tensors bit for bit."""
+    root = image_folder(tmp_path / "images", per_class={"train": 1, "val": 2})
+    val = build_dataset("folder", "val", root=root, img_size=32, crop_pct=0.8, interpolation="bilinear")
+    teacher = teacher_model()
+    teacher.pretrained_cfg.update(crop_pct=0.9, interpolation="bicubic")
+    student = student_like(teacher, num_classes=3).eval()
+    info = val.info
+    stamp_input_cfg(student, info.mean, info.std, info.in_chans, info.img_size, info.eval_preprocessing())
+    names = list(info.class_names)
+    out = export_student(student, tmp_path / "out", card=card(class_names=names))
+
+    model, transform = _timm_pipeline(out)
+    assert model.pretrained_cfg["label_names"] == names == ["class0", "class1", "class2"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["label_names"] == names  # where timm's save_for_hf writes them
+    assert (config["pretrained_cfg"]["crop_pct"], config["pretrained_cfg"]["interpolation"]) == (
+        0.8,
+        "bilinear",
+    )
+    readme = (out / "README.md").read_text()
+    assert "resized (bilinear) to 32 / 0.8 px on the short side, then a center crop of 32 x 32 px" in readme
+    assert "- classes: 3 (class0, class1, class2)" in readme
+    timm_val = ImageDataset(str(root / "val"), transform=transform)
+    assert len(timm_val) == len(val) == 6
+    for i in range(len(val)):
+        assert timm_val[i][1] == val[i][1]
+        assert torch.equal(timm_val[i][0], val[i][0])
+
+
+def test_class_names_that_do_not_fit_the_head_are_refused(tmp_path):
+    student = student_like(teacher_model(), num_classes=3).eval()
+    with pytest.raises(ValueError, match="2 class names for a student of 3 classes"):
+        export_student(student, tmp_path / "out", card=card(class_names=["a", "b"]))
+
+
+@pytest.mark.slow
+def test_timm_pipeline_on_the_export_scores_the_runs_val_top1_and_the_cards_figure(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """A run on an image folder (EMA kept: the export and its card are the EMA's), exported by the CLI;
+    timm alone, on the val folder, scores the card's figure and the run's own val top-1."""
+    root = image_folder(tmp_path / "images", per_class={"train": 24, "val": 20})
+    run = tmp_path / "run"
+    args = [
+        f"teacher.spec=local-dir:{tiny_teacher_dir}",
+        "data.dataset=folder",
+        f"data.root={root}",
+        "data.batch_size=8",
+        "schedule.max_steps=12",
+        "ema.decay=0.5",
+        "log.progress=false",
+        "log.trackers=[]",
+        f"run_dir={run}",
+    ]
+    assert cli.main(["train", *args]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert said == [
+        "warning: this run takes 12 optimiser steps, fewer than 100 (schedule.max_steps=12): raise "
+        "schedule.max_steps for a student that learns"
+    ]
+    assert cli.main(["export", str(run), str(tmp_path / "export")]) == 0
+
+    model, transform = _timm_pipeline(tmp_path / "export")
+    images = ImageDataset(str(root / "val"), transform=transform)
+    loader = torch.utils.data.DataLoader(images, batch_size=32)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(-1) == y).sum()) for x, y in loader)
+    timm_top1 = 100.0 * correct / len(images)
+
+    card_figure = ModelCard.load(tmp_path / "export" / "README.md").data.eval_results[0].metric_value
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    ema_top1 = [r["ema_val_top1"] for r in rows if "ema_val_top1" in r][-1]
+    assert abs(timm_top1 - card_figure) <= 0.5 and abs(timm_top1 - ema_top1) <= 0.5
+    assert model.pretrained_cfg["label_names"] == ["class0", "class1", "class2"]
