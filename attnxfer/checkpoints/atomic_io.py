@@ -69,6 +69,26 @@ def _write_file_synced(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_normal_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain ``open(path, "w")`` would (0o666 less the umask: 0644 as a rule). Writers
+    that go through a private temporary file (safetensors writes 0600) leave it readable by its owner only,
+    unlike the files beside it."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
 

@@ -49,6 +49,7 @@ from .model_card import (  # moved to model_card.py
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
+from .atomic_io import give_normal_mode
 from .store import _owner_is_alive, _owner_tag
 
 _logger = logging.getLogger(__name__)
@@ -190,6 +191,8 @@ def _install(staging: Path, out_dir: Path) -> None:
     for name in EXPORT_FILES:
         (out_dir / name).unlink(missing_ok=True)
     for f in staging.iterdir():
+        if f.is_file():
+            give_normal_mode(f)  # every file as its neighbours: safetensors writes its own 0600
         os.replace(f, out_dir / f.name)
 
 
