@@ -39,6 +39,7 @@ from ..models.student import (
 from ..sources.teacher import hub_reachable
 from ..transfer.modes import MODES
 from ..version import __version__
+from .atomic_io import give_normal_mode
 from .model_card import (  # moved to model_card.py
     ModelCardInfo,
     _dataset_id,
@@ -49,7 +50,6 @@ from .model_card import (  # moved to model_card.py
 )
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
-from .atomic_io import give_normal_mode
 from .store import _owner_is_alive, _owner_tag
 
 _logger = logging.getLogger(__name__)

@@ -63,7 +63,9 @@ def test_every_command_says_what_it_does_in_a_line_and_in_its_own_help():
     assert sorted(lines) == sorted(COMMANDS)
     assert all(text and len(text) <= 110 for text in lines.values()), lines
     described = {name: parser.description for name, parser in sub.choices.items()}
-    assert all(text and len(text) > 20 for text in described.values()), [n for n, t in described.items() if not t]
+    assert all(text and len(text) > 20 for text in described.values()), [
+        n for n, t in described.items() if not t
+    ]
 
 
 # One interpreter runs every case (each through `main`, as the `attnxfer` script does) and reports after

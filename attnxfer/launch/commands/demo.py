@@ -26,7 +26,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher-steps", type=_positive_int, default=None, help="optimiser steps for the teacher"
     )
-    p.add_argument("--quick", action="store_true", help="a smoke version (tiny budgets: a few minutes on 2 CPU cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke version (tiny budgets: a few minutes on 2 CPU cores)"
+    )
     p.add_argument(
         "--seeds",
         type=int,
