@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoints.atomic_io import current_umask, replace_dir
+from ..checkpoints.atomic_io import current_umask, give_normal_mode, replace_dir
 from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import CheckpointManager, atomic_write_json
@@ -308,6 +308,7 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
         for f in export_dir.iterdir():
             if f.is_file() and f.name != stamp.name:
                 shutil.copy2(f, staging / f.name)
+                give_normal_mode(staging / f.name)  # an export made by an older attnxfer kept weights 0600
         atomic_write_json(
             staging / stamp.name, {"config_digest": row["config_digest"], "run_dir": row["run_dir"]}
         )
@@ -358,8 +359,9 @@ def run_demo(
         flush=True,
     )
     for key, path in stable.items():
+        which = "MAE" if key == "mae" else key
         print(
-            f"[demo] the {key} teacher's export: {path} (teacher.spec=local-dir:{path}, the path the demo "
+            f"[demo] the {which} teacher's export: {path} (teacher.spec=local-dir:{path}, the path the demo "
             "recipes and the documentation's examples use)",
             flush=True,
         )
