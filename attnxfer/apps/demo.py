@@ -43,6 +43,7 @@ from ..errors import InputError
 from ..models import attention_maps, make_transfer_aware
 from ..models.image_input import image_input
 from ..run_layout import DEMO_EXPORTS, STUDY_RECORD
+from ..sources.resolve import sha256_file
 from ..sources.teacher import load_teacher
 from ..train.engine import TrainResult
 from ..transfer.modes import MODES
@@ -300,7 +301,8 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
     (other settings, an `attnxfer pretrain` of the recipe) is replaced, and the demo says so."""
     stamp = stable / "attnxfer_source.json"
     held = json.loads(stamp.read_text()) if stamp.is_file() else {}
-    if held.get("config_digest") == row["config_digest"] and (stable / "config.json").is_file():
+    ours = held.get("config_digest") == row["config_digest"]
+    if ours and _same_weights(export_dir, stable) and (stable / "config.json").is_file():
         return stable
     stable.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{stable.name}.", dir=stable.parent))
@@ -314,12 +316,23 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
         )
         os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's folder is private; the export is not
         if stable.exists():
-            was = held.get("run_dir") or "a teacher made otherwise"
-            print(f"[demo] {stable}: replacing the export of {was} with that of {row['run_dir']}", flush=True)
+            was = (
+                f"the export of {held['run_dir']}"
+                if held.get("run_dir") and not ours
+                else "a teacher made otherwise"
+            )
+            print(f"[demo] {stable}: replacing {was} with the export of {row['run_dir']}", flush=True)
         replace_dir(staging, stable)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return stable
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Both folders hold the same weights (an `attnxfer pretrain -c demo/mae_pretrain` exports to the demo's
+    stable path too, leaving the demo's stamp beside its own files)."""
+    wa, wb = a / "model.safetensors", b / "model.safetensors"
+    return wa.is_file() and wb.is_file() and sha256_file(wa) == sha256_file(wb)
 
 
 def run_demo(

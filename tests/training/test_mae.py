@@ -417,8 +417,13 @@ def test_the_demo_leaves_its_teacher_at_one_path_and_replaces_it_only_for_anothe
     publish_export(export("mae-bbbb", "second"), stable, second)
     assert (stable / "config.json").read_text() == "second"
     assert (
-        f"replacing the export of {first['run_dir']} with that of {second['run_dir']}"
+        f"replacing the export of {first['run_dir']} with the export of {second['run_dir']}"
         in capsys.readouterr().out
     )
     assert sorted(p.name for p in stable.parent.iterdir()) == ["export"]  # no staging or old folder left
+    # `attnxfer pretrain -c demo/mae_pretrain` exports there too, keeping the demo's stamp: the weights decide
+    (stable / "model.safetensors").write_bytes(b"a pretrain's own")
+    publish_export(tmp_path / "mae-bbbb" / "export", stable, second)
+    assert (stable / "model.safetensors").read_bytes() == b"second"
+    assert "replacing a teacher made otherwise" in capsys.readouterr().out
     assert (tmp_path / "mae-aaaa" / "export" / "config.json").read_text() == "first"  # the hashed one stays
