@@ -7,8 +7,11 @@ block run there, README first and then the site's pages in their navigation orde
 schedule put before its own keys (a few optimiser and stage-1 steps, one timed repeat, a small k-NN bank),
 so that a command that needs what an earlier one made (an export, a stage-2 run, the demo's teacher) finds
 it. The first command of each kind (subcommand and recipe, or subcommand and paths) runs; a later one that
-only changes keys is already parsed and resolved by `test_docs.py`. A command that cannot run here says why
-in `NOT_HERE` (a SLURM cluster, a download, a dataset on /data, a placeholder such as ``runs/my-run``).
+only changes keys is already parsed and resolved by `test_docs.py`. A conversion or a search costs minutes
+however short its schedule (every stage evaluates the 1,000 validation images with both models), so only the
+first of them runs, and a later one whose folder a later example reads. A command that cannot run here says
+why in `NOT_HERE` (a SLURM cluster, a download, a dataset on /data, a placeholder such as ``runs/my-run``, a
+teacher of its own that takes its page's other commands to train).
 """
 
 from __future__ import annotations
@@ -274,4 +277,4 @@ def test_each_example_runs_after_the_quickstart_in_reading_order(after_quickstar
                 code = main(_globbed(argv))
                 assert code == 0, f"{where}: attnxfer {shlex.join(argv)} failed (after {len(done)} that ran)"
             done.append(where)
-    assert len(done) > 15
+    assert len(done) >= 10
