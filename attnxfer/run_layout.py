@@ -28,3 +28,9 @@ STUDY_RECORD = "study.json"
 STAGE_DIRS = ("stage1", "stage2")
 #: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
 RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)
+
+#: where `attnxfer demo` writes by default (``--out``), and where it leaves each teacher's export (real files,
+#: replaced whole when the teacher changes) beside its hashed run folders ``<key>-<hash>``: the paths the demo
+#: recipes and the documentation's examples name (``teacher.spec=local-dir:runs/demo/mae/export``)
+DEMO_OUT = "runs/demo"
+DEMO_EXPORTS = {"mae": "mae/export", "supervised": "teacher/export"}

@@ -14,6 +14,9 @@
 
 The runs are data (`ROWS`): each row names its recipe, its teacher and its table. Every run is an ordinary
 attnxfer run directory (resumable, exportable), ``OUT/<row>-<hash>``, reused when its config is unchanged.
+Each teacher's export is also left at one path that does not change with its settings, ``OUT/mae/export``
+(``OUT/teacher/export`` with ``supervised``; `DEMO_EXPORTS`): what the demo recipes and the documentation's
+examples name. The students read the hashed one, so that a new teacher makes new students.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoints.atomic_io import current_umask, give_normal_mode, replace_dir
 from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import CheckpointManager, atomic_write_json
@@ -35,7 +42,8 @@ from ..data import build_dataset
 from ..errors import InputError
 from ..models import attention_maps, make_transfer_aware
 from ..models.image_input import image_input
-from ..run_layout import STUDY_RECORD
+from ..run_layout import DEMO_EXPORTS, STUDY_RECORD
+from ..sources.resolve import sha256_file
 from ..sources.teacher import load_teacher
 from ..train.engine import TrainResult
 from ..transfer.modes import MODES
@@ -287,6 +295,46 @@ def _build_teacher(out_dir: Path, key: str, steps: int | None, progress: list[st
     return row, export_dir
 
 
+def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
+    """Copy a teacher's export to its stable path ``stable`` (real files, the folder replaced whole: a reader
+    sees the old teacher or the new one), unless it already holds this teacher; a different teacher there
+    (other settings, an `attnxfer pretrain` of the recipe) is replaced, and the demo says so."""
+    stamp = stable / "attnxfer_source.json"
+    held = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    ours = held.get("config_digest") == row["config_digest"]
+    if ours and _same_weights(export_dir, stable) and (stable / "config.json").is_file():
+        return stable
+    stable.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{stable.name}.", dir=stable.parent))
+    try:
+        for f in export_dir.iterdir():
+            if f.is_file() and f.name != stamp.name:
+                shutil.copy2(f, staging / f.name)
+                give_normal_mode(staging / f.name)  # an export made by an older attnxfer kept weights 0600
+        atomic_write_json(
+            staging / stamp.name, {"config_digest": row["config_digest"], "run_dir": row["run_dir"]}
+        )
+        os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's folder is private; the export is not
+        if stable.exists():
+            was = (
+                f"the export of {held['run_dir']}"
+                if held.get("run_dir") and not ours
+                else "a teacher made otherwise"
+            )
+            print(f"[demo] {stable}: replacing {was} with the export of {row['run_dir']}", flush=True)
+        replace_dir(staging, stable)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return stable
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Both folders hold the same weights (an `attnxfer pretrain -c demo/mae_pretrain` exports to the demo's
+    stable path too, leaving the demo's stamp beside its own files)."""
+    wa, wb = a / "model.safetensors", b / "model.safetensors"
+    return wa.is_file() and wb.is_file() and sha256_file(wa) == sha256_file(wb)
+
+
 def run_demo(
     out: str = "runs/demo",
     budget_steps: int | None = None,
@@ -309,9 +357,10 @@ def run_demo(
     progress = ["log.progress=false"] if quick else []
     tables = ["mae", "supervised"] if supervised else ["mae"]
 
-    teachers, exports = {}, {}
+    teachers, exports, stable = {}, {}, {}
     for key in tables:
         teachers[key], exports[key] = _build_teacher(out_dir, key, teacher_steps, progress)
+        stable[key] = publish_export(exports[key], out_dir / DEMO_EXPORTS[key], teachers[key])
     students = _train_students(out_dir, tables, exports, seeds, budget_steps, progress)
     _write_tables(out_dir, tables, teachers, students, seeds)
     pictures = _draw_pictures(out_dir, tables, teachers, exports, students)
@@ -322,6 +371,13 @@ def run_demo(
         "later demos reuse it; delete that folder to pre-train again",
         flush=True,
     )
+    for key, path in stable.items():
+        which = "MAE" if key == "mae" else key
+        print(
+            f"[demo] the {which} teacher's export: {path} (teacher.spec=local-dir:{path}, the path the demo "
+            "recipes and the documentation's examples use)",
+            flush=True,
+        )
     labels = {row.key: row.label for row in ROWS}
     first_seed = {labels[k]: v[0] for k, v in students.results.items()}
     return {**{v["label"]: v for v in teachers.values()}, **first_seed}

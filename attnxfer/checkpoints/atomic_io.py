@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,26 @@ def _write_file_synced(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_normal_mode(path: str | os.PathLike) -> None:
+    """Give a file the mode a plain ``open(path, "w")`` would (0o666 less the umask: 0644 as a rule). Writers
+    that go through a private temporary file (safetensors writes 0600) leave it readable by its owner only,
+    unlike the files beside it."""
+    os.chmod(path, 0o666 & ~current_umask())
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -138,3 +159,19 @@ def _dump_json(obj: Any, what: str) -> str:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Strict JSON (no NaN/inf), indented, written atomically."""
     return atomic_write_text(path, _dump_json(obj, f"content for {path}"))
+
+
+def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the complete folder ``new`` at ``final`` in one step (readers see the old folder or the new one,
+    never a mix), then delete the old one. Both must be on one filesystem (``new`` beside ``final``)."""
+    new, final = Path(new), Path(final)
+    if not final.exists():
+        os.rename(new, final)
+    elif _exchange(new, final):
+        shutil.rmtree(new, ignore_errors=True)  # the exchange left the old folder under the new one's name
+    else:
+        old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+        os.rename(final, old)
+        os.rename(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)

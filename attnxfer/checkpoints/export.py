@@ -40,6 +40,7 @@ from ..models.student import (
 from ..sources.teacher import hub_reachable
 from ..transfer.modes import MODES
 from ..version import __version__
+from .atomic_io import give_normal_mode
 from .model_card import (  # moved to model_card.py
     ModelCardInfo,
     _dataset_id,
@@ -192,6 +193,8 @@ def _install(staging: Path, out_dir: Path) -> None:
     for name in EXPORT_FILES:
         (out_dir / name).unlink(missing_ok=True)
     for f in staging.iterdir():
+        if f.is_file():
+            give_normal_mode(f)  # every file as its neighbours: safetensors writes its own 0600
         os.replace(f, out_dir / f.name)
 
 

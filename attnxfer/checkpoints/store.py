@@ -67,6 +67,7 @@ from .atomic_io import (  # moved to atomic_io.py
     atomic_write_bytes as atomic_write_bytes,
     atomic_write_json as atomic_write_json,
     atomic_write_text as atomic_write_text,
+    give_normal_mode,
 )
 from .processes import process_alive
 from .tensor_codec import (  # moved to tensor_codec.py
@@ -214,6 +215,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     come back as the `OSError` they are, naming ``path``, so callers can tell a full disk from a bug."""
     try:
         save_file(tensors, path, metadata={"format": "pt"})
+        give_normal_mode(path)  # safetensors writes 0600; its neighbours (state.json, MANIFEST.json) are 0644
     except SafetensorError as e:
         code = _OS_ERROR_RE.search(str(e))
         if code is None:

@@ -158,7 +158,7 @@ def load_study(
     if overrides:
         base = apply_overrides(base, parse_overrides(overrides))
     base = validate_config(base)
-    students = _cross(listed, _combinations(vary))
+    students = names_on_record(base.run_dir, _cross(listed, _combinations(vary)))
     check_names(students)
     if not students:
         raise ConfigError(
@@ -251,17 +251,45 @@ def _prefixes(key: str) -> list[str]:
 
 
 def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
-    """The cartesian product of ``--vary``'s values, each a student named by what it sets."""
+    """The cartesian product of ``--vary``'s values, each a student named by what it sets, readably: a key
+    whose values are words gives its value (``copy``, ``distill``), any other its last part and value
+    (``atd_weight=3``); ``_`` joins the keys. Names that would not be unique spell every key out whole."""
     if not vary:
         return []
     keys = list(vary)
-    students = []
-    for combo in itertools.product(*(vary[k] for k in keys)):
-        label = "_".join(f"{k}={v}" for k, v in zip(keys, combo, strict=True))
-        students.append(
-            Student(re.sub(r"[^A-Za-z0-9._=+,-]", "-", label), dict(zip(keys, combo, strict=True)))
-        )
-    return students
+    leaves = [k.rsplit(".", 1)[-1] for k in keys]
+    short = {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(keys, leaves, strict=True)}
+    alone = {k: all(_WORD.match(v) and v.lower() not in _NOT_NAMES for v in vary[k]) for k in keys}
+    combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(vary[k] for k in keys))]
+    names = ["_".join(v if alone[k] else f"{short[k]}={v}" for k, v in c.items()) for c in combos]
+    if len(set(names)) < len(names):
+        names = ["_".join(f"{k}={v}" for k, v in c.items()) for c in combos]
+    return [Student(_folder_name(n), c) for n, c in zip(names, combos, strict=True)]
+
+
+#: a value that names a student alone (``copy``, ``hedgehog``); numbers and switches need their key beside them
+_WORD = re.compile(r"^[A-Za-z][A-Za-z0-9._+-]*$")
+_NOT_NAMES = frozenset({"true", "false", "null", "none", "yes", "no", "on", "off"})
+
+
+def _folder_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=+,-]", "-", label)
+
+
+def names_on_record(run_dir: str | Path, students: Sequence[Student]) -> list[Student]:
+    """``students`` under the names a study already in ``run_dir`` gave them, where its ``study.json`` lists the
+    same students (the same keys, in order) under other names: a study started when ``--vary`` named folders
+    ``transfer.mode=copy`` goes on in them."""
+    record = Path(run_dir) / STUDY_RECORD
+    try:
+        listed = json.loads(record.read_text())["students"]
+        recorded = [(str(e["name"]), json.dumps(e["overrides"], sort_keys=True)) for e in listed]
+    except (OSError, ValueError, KeyError, TypeError):
+        return list(students)
+    ours = [json.dumps(json.loads(json.dumps(dict(s.overrides))), sort_keys=True) for s in students]
+    if [keys for _, keys in recorded] != ours:
+        return list(students)
+    return [Student(name, s.overrides) for (name, _), s in zip(recorded, students, strict=True)]
 
 
 def _cross(listed: list[Student], varied: list[Student]) -> list[Student]:
@@ -279,7 +307,7 @@ def _cross(listed: list[Student], varied: list[Student]) -> list[Student]:
 
 
 def _check_student(student: Student, command: str) -> None:
-    safe = re.sub(r"[^A-Za-z0-9._=+,-]", "-", student.name)
+    safe = _folder_name(student.name)
     if not _NAME.match(student.name) or student.name in (".", ".."):
         raise ConfigError(
             f"student name {student.name!r} must be a folder name (letters, digits, . _ = + , -; e.g. {safe!r})"

@@ -32,7 +32,7 @@ examples:
   attnxfer pretrain -c demo/mae_pretrain                  # MAE pre-training, no labels -> RUN_DIR/export
   attnxfer convert -c convert/demo_hedgehog                # softmax teacher -> Hedgehog student + report
   attnxfer search -c search/demo                          # discover a formula attention for the teacher
-  attnxfer inspect local-dir:runs/demo/teacher/export runs/demo/distill --data animal_mnist
+  attnxfer inspect local-dir:runs/demo/mae/export runs/demo/mae_study-*/distill --data animal_mnist
   attnxfer submit -c paper/vit_large_distill data.root=/data/imagenet --nodes 8 --gpus-per-node 8
   attnxfer submit --command convert -c convert/vit_base_mae_performer data.root=/data/imagenet --gpus-per-node 8
 """

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError, MissingPathError
+from ..run_layout import DEMO_EXPORTS, DEMO_OUT
 from .hub import (  # moved to hub.py
     _HUB_WEIGHT_FILES,
     _SHARD_INDEX,
@@ -563,4 +564,33 @@ def resolve(
     parsed: TeacherSpec, *, arch: str | None = None, cache_dir: str | None = None, pretrained: bool = True
 ) -> Resolved:
     """``parsed`` resolved to files by its source's resolver (timm registry, Hub cache, folder, file)."""
-    return RESOLVERS[parsed.source](parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
+    try:
+        return RESOLVERS[parsed.source](parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
+    except MissingPathError as err:
+        hint = demo_hint(parsed.name) if parsed.source in (Source.LOCAL_DIR, Source.FILE) else None
+        if hint is None:
+            raise
+        raise MissingPathError(f"{err}; {hint}") from None
+
+
+def demo_hint(path: str | os.PathLike) -> str | None:
+    """What to run first when a missing teacher path lies in the demo's folder (``runs/demo/...``, the paths
+    the demo recipes and the docs' examples name): `attnxfer demo`, which writes its teachers there. None
+    for any other path."""
+    parts, demo = Path(path).parts, Path(DEMO_OUT).parts
+    if not any(parts[i : i + len(demo)] == demo for i in range(len(parts))):
+        return None
+    first = "first, in the folder that holds runs/"
+    written = {key: (*demo, *Path(rel).parts) for key, rel in DEMO_EXPORTS.items()}
+    if parts[-len(written["mae"]) :] == written["mae"]:
+        return f"`attnxfer demo` writes its MAE teacher there: run `attnxfer demo` (or `attnxfer demo --quick`) {first}"
+    if parts[-len(written["supervised"]) :] == written["supervised"]:
+        return (
+            "`attnxfer demo --supervised` writes its supervised teacher there: run it (or `attnxfer demo "
+            f"--quick --supervised`) {first}"
+        )
+    mae = "/".join(written["mae"])
+    return (
+        f"`attnxfer demo` writes its MAE teacher to {mae}, not there: name that one (after `attnxfer demo`, or "
+        "`attnxfer demo --quick`), or make this one first"
+    )

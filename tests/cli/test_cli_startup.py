@@ -81,6 +81,21 @@ def test_every_command_module_is_the_command_of_its_name():
     assert list(REGISTERED) == COMMANDS  # in the order `attnxfer --help` lists them
 
 
+def test_every_command_says_what_it_does_in_a_line_and_in_its_own_help():
+    """`attnxfer --help` gives each command a line, and `attnxfer CMD --help` a description above its
+    options: a newcomer reading either learns what the command is for."""
+    from attnxfer.launch.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.choices and "train" in a.choices)
+    lines = {a.dest: a.help for a in sub._choices_actions}
+    assert sorted(lines) == sorted(COMMANDS)
+    assert all(text and len(text) <= 110 for text in lines.values()), lines
+    described = {name: parser.description for name, parser in sub.choices.items()}
+    assert all(text and len(text) > 20 for text in described.values()), [
+        n for n, t in described.items() if not t
+    ]
+
+
 # One interpreter runs every case (each through `main`, as the `attnxfer` script does) and reports after
 # each which of the heavy modules are loaded: the first case that imports torch is named.
 _PROBE = """

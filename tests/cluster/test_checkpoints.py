@@ -117,6 +117,10 @@ def test_round_trip_tensors_state_and_manifest(tmp_path):
         "optimizer.safetensors",
         "state.json",
     ]
+    modes = {(path / n).stat().st_mode & 0o777 for n in os.listdir(path)}
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert modes == {0o666 & ~umask}  # safetensors' own 0600 is not left on the weights
 
     manifest = json.loads((path / "MANIFEST.json").read_text())
     assert manifest["step"] == 12 and manifest["metric"] == 0.5

@@ -324,7 +324,11 @@ def test_recipes_load_and_validate():
         if spec.startswith("local-dir:runs/demo/hier_teacher"):
             teacher = pvt
         else:
-            teacher = micro if spec.startswith("local-dir:runs/demo/teacher") else mae_like
+            teacher = (
+                micro
+                if spec.startswith(("local-dir:runs/demo/teacher", "local-dir:runs/demo/mae"))
+                else mae_like
+            )
         student = build_efficient_student(
             teacher, cfg.convert.attention, num_classes=10, **cfg.convert.attention_kwargs
         )

@@ -67,6 +67,10 @@ def test_export_loads_in_plain_timm_with_bit_identical_logits(tmp_path):
     student = trained_student()
     out = export_student(student, tmp_path / "out", card=card())
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes  # the weights as readable as the card
 
     plain = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert all(type(b.attn) is Attention for b in plain.blocks)  # timm's own attention

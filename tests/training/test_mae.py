@@ -388,3 +388,48 @@ def test_every_demo_table_compares_its_copy_and_distillation_rows_with_each_othe
     ]
     assert set(TABLES) == {"mae", "supervised"}
     assert table_pairs("supervised", keys=["scratch", "sup_copy"]) == [("sup_copy", "scratch")]
+
+
+def test_the_demo_leaves_its_teacher_at_one_path_and_replaces_it_only_for_another_teacher(tmp_path, capsys):
+    """`runs/demo/mae/export` is what the recipes and the docs name: real files (not a link to a hashed run
+    folder, which a new teacher would leave behind), the same teacher kept as it is, another one replacing it
+    whole and said so."""
+    from attnxfer.apps.demo import publish_export
+    from attnxfer.checkpoints.atomic_io import current_umask
+    from attnxfer.run_layout import DEMO_EXPORTS
+
+    assert DEMO_EXPORTS["mae"] == "mae/export"
+
+    def export(name: str, text: str) -> Path:
+        folder = tmp_path / name / "export"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(text)
+        (folder / "model.safetensors").write_bytes(text.encode())
+        (folder / "attnxfer_source.json").write_text('{"config_digest": "its own stamp"}')
+        return folder
+
+    stable = tmp_path / "demo" / "mae" / "export"
+    first = {"config_digest": "a" * 16, "run_dir": str(tmp_path / "mae-aaaa")}
+    assert publish_export(export("mae-aaaa", "first"), stable, first) == stable
+    assert (stable / "config.json").read_text() == "first" and not stable.is_symlink()
+    assert json.loads((stable / "attnxfer_source.json").read_text()) == first
+    assert oct(stable.stat().st_mode & 0o777) == oct(0o777 & ~current_umask())  # readable as any folder
+    inode = (stable / "model.safetensors").stat().st_ino
+    publish_export(tmp_path / "mae-aaaa" / "export", stable, first)
+    assert (stable / "model.safetensors").stat().st_ino == inode  # the same teacher: nothing copied
+    assert "replacing" not in capsys.readouterr().out
+
+    second = {"config_digest": "b" * 16, "run_dir": str(tmp_path / "mae-bbbb")}
+    publish_export(export("mae-bbbb", "second"), stable, second)
+    assert (stable / "config.json").read_text() == "second"
+    assert (
+        f"replacing the export of {first['run_dir']} with the export of {second['run_dir']}"
+        in capsys.readouterr().out
+    )
+    assert sorted(p.name for p in stable.parent.iterdir()) == ["export"]  # no staging or old folder left
+    # `attnxfer pretrain -c demo/mae_pretrain` exports there too, keeping the demo's stamp: the weights decide
+    (stable / "model.safetensors").write_bytes(b"a pretrain's own")
+    publish_export(tmp_path / "mae-bbbb" / "export", stable, second)
+    assert (stable / "model.safetensors").read_bytes() == b"second"
+    assert "replacing a teacher made otherwise" in capsys.readouterr().out
+    assert (tmp_path / "mae-aaaa" / "export" / "config.json").read_text() == "first"  # the hashed one stays

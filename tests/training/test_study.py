@@ -143,15 +143,15 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     )
     spec = load_study(yaml, ["seed=5"], {"optim.lr": ["1e-3", "2e-3"]})
     assert [s.name for s in spec.students] == [
-        "copy_optim.lr=1e-3",
-        "copy_optim.lr=2e-3",
-        "distill_optim.lr=1e-3",
-        "distill_optim.lr=2e-3",
+        "copy_lr=1e-3",
+        "copy_lr=2e-3",
+        "distill_lr=1e-3",
+        "distill_lr=2e-3",
     ]
     cfg = spec.config_of(spec.students[2])
     assert (cfg.transfer.mode, cfg.transfer.atd_weight, cfg.optim.lr) == ("distill", 3.0, 1e-3)
     # the data's seed is the study's: students that seed their initialisation otherwise read the same batches
-    assert cfg.run_dir == str(Path("somewhere") / "distill_optim.lr=1e-3") and (cfg.seed, cfg.data.seed) == (
+    assert cfg.run_dir == str(Path("somewhere") / "distill_lr=1e-3") and (cfg.seed, cfg.data.seed) == (
         5,
         5,
     )
@@ -163,6 +163,66 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     yaml.write_text("students:\n  - name: ../up\n")
     with pytest.raises(ConfigError, match="must be a folder name"):
         load_study(yaml)
+
+
+@pytest.mark.parametrize(
+    ("vary", "names"),
+    [
+        ({"transfer.mode": ["copy", "distill"]}, ["copy", "distill"]),
+        ({"model.attention": ["hedgehog", "relu_linear"]}, ["hedgehog", "relu_linear"]),
+        (
+            {"transfer.end_layer": ["0", "-2"], "transfer.atd_weight": ["1", "3"]},
+            [
+                "end_layer=0_atd_weight=1",
+                "end_layer=0_atd_weight=3",
+                "end_layer=-2_atd_weight=1",
+                "end_layer=-2_atd_weight=3",
+            ],
+        ),
+        (
+            {"transfer.mode": ["copy", "distill"], "seed": ["0", "1"]},
+            ["copy_seed=0", "copy_seed=1", "distill_seed=0", "distill_seed=1"],
+        ),
+        ({"transfer.share_drop_path": ["true", "false"]}, ["share_drop_path=true", "share_drop_path=false"]),
+        # two keys of one last part: each spelt out whole
+        ({"optim.lr": ["1e-3"], "convert.stage1_lr": ["1e-2"], "model.kwargs.lr": ["1"]}, None),
+    ],
+)
+def test_varied_students_are_named_by_their_values_readably(vary, names, tmp_path):
+    """A student's folder is what a reader looks for: ``copy``, not ``transfer.mode=copy``; a number or a switch
+    keeps its key's last part beside it."""
+    if names is None:  # model.kwargs.lr only names: _combinations does not check keys
+        from attnxfer.config.study import _combinations
+
+        assert [s.name for s in _combinations(vary)] == ["optim.lr=1e-3_stage1_lr=1e-2_model.kwargs.lr=1"]
+        return
+    assert [s.name for s in load_study(None, [f"run_dir={tmp_path}"], vary).students] == names
+
+
+def test_a_study_started_under_the_old_folder_names_goes_on_in_them(tmp_path):
+    """A study whose study.json names its students ``transfer.mode=copy`` (as --vary once named them) keeps
+    those names, folders and all, when the same command runs again; other students keep the new names."""
+    run = tmp_path / "study"
+    run.mkdir()
+    old = [
+        {
+            "name": "transfer.mode=copy",
+            "overrides": {"transfer.mode": "copy"},
+            "folder": "transfer.mode=copy",
+        },
+        {
+            "name": "transfer.mode=distill",
+            "overrides": {"transfer.mode": "distill"},
+            "folder": "transfer.mode=distill",
+        },
+    ]
+    (run / "study.json").write_text(json.dumps({"students": old}))
+    spec = load_study(None, [f"run_dir={run}"], {"transfer.mode": ["copy", "distill"]})
+    assert [s.name for s in spec.students] == ["transfer.mode=copy", "transfer.mode=distill"]
+    assert spec.record() == old
+    assert spec.config_of(spec.students[1]).run_dir == str(run / "transfer.mode=distill")
+    other = load_study(None, [f"run_dir={run}"], {"transfer.mode": ["distill", "copy"]})
+    assert [s.name for s in other.students] == ["distill", "copy"]  # not the recorded study: its own names
 
 
 def test_a_study_yaml_is_not_a_run_config(tmp_path, capsys):
@@ -186,8 +246,8 @@ def test_print_config_shows_each_student_and_what_it_changes(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0 and out.count("\n---\n") == 2 and not (tmp_path / "s").exists()
-    assert "# student transfer.mode=copy" in out and "transfer.mode: distill -> copy" in out
-    assert f"run_dir: {tmp_path / 's' / 'transfer.mode=distill'}" in out
+    assert "# student copy" in out and "transfer.mode: distill -> copy" in out
+    assert f"run_dir: {tmp_path / 's' / 'distill'}" in out
 
 
 @pytest.mark.slow
@@ -270,7 +330,7 @@ def test_a_study_under_torchrun_trains_each_student_data_parallel_like_one_proce
         torch.set_num_threads(threads)
     run = tmp_path / "two"
     torchrun_attnxfer("study", f"run_dir={run}", *args, "data.batch_size=8", "device=cpu")
-    for name in ("transfer.mode=copy", "transfer.mode=distill"):
+    for name in ("copy", "distill"):
         state = ResumePoint.find(run / name).state
         assert state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
         got, want = _final(run / name), _final(one / name)

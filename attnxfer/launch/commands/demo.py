@@ -26,7 +26,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--teacher-steps", type=_positive_int, default=None, help="optimiser steps for the teacher"
     )
-    p.add_argument("--quick", action="store_true", help="a 1-minute smoke version (tiny budgets)")
+    p.add_argument(
+        "--quick", action="store_true", help="a smoke version (tiny budgets: a few minutes on 2 CPU cores)"
+    )
     p.add_argument(
         "--seeds",
         type=int,
@@ -43,6 +45,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 @register_command(
     "demo",
     help="MAE teacher (no labels), then scratch, fine-tuned MAE, copy and distill on animal-mnist (CPU)",
+    description="The paper's table at toy scale on animal-mnist, on a CPU: pre-train a micro-ViT as a masked "
+    "autoencoder without labels, then train students from scratch, by fine-tuning it, by attention copy and "
+    "by attention distillation from it. Leaves the teacher's export at OUT/mae/export (runs/demo/mae/export), "
+    "where the demo recipes and the documentation's examples look for it.",
     arguments=_arguments,
 )
 def run(args) -> int:

@@ -16,6 +16,8 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 @register_command(
     "fetch",
     help="download a teacher into the Hugging Face cache (on a machine with internet)",
+    description="Download a teacher's files into the Hugging Face cache on a machine with internet, so that "
+    "runs where there is none (HF_HUB_OFFLINE=1) find them there; prints the folder they are in.",
     arguments=_arguments,
 )
 def run(args) -> int:

@@ -62,7 +62,7 @@ def test_a_submitted_study_trains_each_student_on_two_ranks_and_survives_a_preem
         "0",
     )
     job_id = _job_id(sub)
-    metrics = run / "transfer.mode=distill" / "metrics.jsonl"
+    metrics = run / "distill" / "metrics.jsonl"
     _wait_until(
         lambda: metrics.exists() and metrics.read_text().count('"train"') >= 3, "the study did not start"
     )
@@ -72,7 +72,7 @@ def test_a_submitted_study_trains_each_student_on_two_ranks_and_survives_a_preem
     assert info["JobState"] == "COMPLETED" and int(info.get("Restarts", 0)) == 1, (info, logs[-3000:])
     stopped = int(re.search(r"study: stopped by SIGTERM at step (\d+)", logs).group(1))
     assert 3 <= stopped < STEPS and f"resuming every student from step {stopped}" in logs
-    for name in ("transfer.mode=copy", "transfer.mode=distill"):
+    for name in ("copy", "distill"):
         state = ResumePoint.find(run / name).state
         assert state["step"] == STEPS and state["world_size"] == 2 and len(set(state["rank_checksums"])) == 1
         got, want = _final(run / name), _final(one / name)
