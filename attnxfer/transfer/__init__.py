@@ -3,7 +3,6 @@
 from ..models.handover import Chunks, Signal
 from .comparisons import (
     COMPARISON_LOSSES,
-    Compared,
     Comparison,
     ComparisonLoss,
     LayerPair,
@@ -21,6 +20,7 @@ from .losses import (
 )
 from .map_losses import LayerLogits, MapLoss, implicit_map_loss, map_distillation_loss
 from .plan import MODES, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
+from .step_loss import Loss, compose_loss
 from .teacher_pass import TeacherHandover, TeacherNeeds, run_teacher
 from .teacher_student import TeacherStudent, TransferOutput
 
@@ -32,7 +32,6 @@ __all__ = [
     "MODES",
     "AttentionLoss",
     "Chunks",
-    "Compared",
     "Comparison",
     "ComparisonLoss",
     "ConversionPlan",
@@ -40,6 +39,7 @@ __all__ = [
     "LayerConversion",
     "LayerLogits",
     "LayerPair",
+    "Loss",
     "MapLoss",
     "PlanError",
     "Signal",
@@ -56,6 +56,7 @@ __all__ = [
     "build_conversion_plan",
     "build_plan",
     "comparison_loss",
+    "compose_loss",
     "implicit_map_loss",
     "logit_distillation_loss",
     "map_distillation_loss",
