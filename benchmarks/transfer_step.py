@@ -144,7 +144,7 @@ class MaterialisedCE(ComparisonLoss):
     def compare_layer(self, comparison, pair, step) -> Loss:
         res = _materialised_ce(pair.teacher, pair.student)
         layer = pair.student_layer
-        return Loss(res.ce, {f"attn_ce/{layer}": res.ce}, {f"attn_kl/{layer}": res.kl})
+        return Loss(res.total, {f"attn_ce/{layer}": res.total}, {f"attn_kl/{layer}": res.logs["kl"]})
 
 
 #: --arch -> the timm architecture both models are built from (shapes from the pair)
@@ -167,7 +167,7 @@ def _materialised_ce(teacher_sig: dict[str, torch.Tensor], student_sig: dict[str
         )
         ce = -(log_t.exp() * log_map(student_sig)).sum(-1).mean()
         kl = ce.detach() + (log_t.exp() * log_t).sum(-1).mean()
-    return type("Res", (), {"ce": ce, "kl": kl})
+    return Loss(ce, {}, {"kl": kl})
 
 
 def image_geometry(tokens: int, patch: int = PATCH) -> tuple:

@@ -12,7 +12,6 @@ from .comparisons import (
 from .conversion import ConversionPlan, LayerConversion, Stage1Train, build_conversion_plan
 from .logit_loss import logit_distillation_loss
 from .losses import (
-    AttentionLoss,
     attention_ce_reference,
     attention_distillation_loss,
     row_logsumexp,
@@ -30,7 +29,6 @@ DualViT = TeacherStudent
 __all__ = [
     "COMPARISON_LOSSES",
     "MODES",
-    "AttentionLoss",
     "Chunks",
     "Comparison",
     "ComparisonLoss",

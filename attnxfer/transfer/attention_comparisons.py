@@ -18,7 +18,7 @@ from ..models.attention.numerics import fp32_section
 from ..models.handover import Signal
 from .comparisons import Comparison, ComparisonLoss, LayerPair, PlanModels, Step, comparison_loss
 from .losses import CEPath, group_heads_ok, padding_from_mask
-from .map_losses import LayerLogits, map_distillation_loss, map_loss_rule
+from .map_losses import LayerLogits, MapLoss, map_distillation_loss, map_loss_rule
 from .modes import PlanError
 from .pairing import reduced_keys
 from .step_loss import Loss
@@ -120,10 +120,9 @@ class MapComparison(ComparisonLoss):
             ce_path=step.ce_path,
         )
         layer = pair.student_layer
-        out = Loss(res.loss, {f"{res.kind.term}/{layer}": res.loss})
-        if res.metric is not None and res.kind.logged_metric:
-            out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric
-        return out
+        kl = res.logs.get(MapLoss.CE.metric)  # logged beside CE (an MSE's metric is the loss itself)
+        logs = {} if kl is None else {f"{MapLoss.CE.logged_metric}/{layer}": kl}
+        return Loss(res.total, {f"{term}/{layer}": value for term, value in res.terms.items()}, logs)
 
 
 @comparison_loss("mse")
