@@ -18,15 +18,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .comparisons import Comparison
-
 #: logged names of earlier releases -> today's (metrics files of old runs keep theirs)
 OLD_TERM_NAMES = {"attn": "transfer"}
+
+
+class Weighed(Protocol):
+    """What the sum reads of a comparison (`comparisons.Comparison`): its logged name and its weight."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def weight(self) -> float: ...
 
 
 @dataclass
@@ -41,7 +48,7 @@ class Loss:
 
 
 def compose_loss(
-    compared: Sequence[tuple[Comparison, Loss]],
+    compared: Sequence[tuple[Weighed, Loss]],
     task: torch.Tensor | None = None,
     task_weight: float = 1.0,
 ) -> Loss:
