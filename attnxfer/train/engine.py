@@ -1,10 +1,12 @@
 """The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task.
 
-It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`), never a config:
+It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`, and what varies between loops: a
+`Drive` of `attnxfer.train.drive`, the feed, the stop check and the random streams), never a config:
 `attnxfer.apps.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
-The objective (`attnxfer.train.objective`) is attention transfer (a `TeacherStudent` plus the task loss, scored by
-val top-1) or a module whose forward returns its own loss (MAE pre-training, scored by val reconstruction
-loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
+Each step's loss is the objective's (`Objective.loss`; for attention transfer, composed in
+`attnxfer.transfer.step_loss.compose_loss`). The objective (`attnxfer.train.objective`) is attention
+transfer (a `TeacherStudent` plus the task loss, scored by val top-1) or a module whose forward returns its
+own loss (MAE pre-training, scored by val reconstruction loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
 sampler), the schedule (`attnxfer.train.schedule`), logging, evaluation and when to save. What a save holds
 and what a resume restores is its `Checkpointing` (`attnxfer.train.checkpointing`).
 """
