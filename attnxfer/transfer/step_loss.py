@@ -1,7 +1,9 @@
 """A training step's loss: the one type that carries a loss (`Loss`) and the one place it is summed
 (`compose_loss`).
 
-Every comparison of a plan (`attnxfer.transfer.comparisons`) returns a `Loss` (unweighted); a `TeacherStudent`
+Every comparison of a plan (`attnxfer.transfer.comparisons`) returns a `Loss` (unweighted; the attention CE of
+`losses` and the map losses of `map_losses` under it return one too, their KL or agreement metric in
+``logs``); a `TeacherStudent`
 hands them over with the student's logits (`TransferOutput.compared`); the objective
 (`attnxfer.train.objective.TransferObjective.loss`, what the engine calls each step) adds the task loss and
 composes the step's loss here::
@@ -11,7 +13,7 @@ composes the step's loss here::
 The logged terms say what they sum: ``task``, ``transfer`` (the weighted sum of every comparison), each
 comparison's unweighted loss by its name (``map``, ``logit_kd``, ``feature_distill``, ``mse_q``, ...), the
 comparisons' own parts (``attn_ce/3``, ``feat_cos``, ...) and ``total``. Runs logged before ``transfer`` had
-its name called it ``attn`` (`OLD_TERM_NAMES`).
+its name call it ``attn`` in their metrics files; nothing reads either name back.
 """
 
 from __future__ import annotations
@@ -21,9 +23,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-
-#: logged names of earlier releases -> today's (metrics files of old runs keep theirs)
-OLD_TERM_NAMES = {"attn": "transfer"}
 
 
 class Weighed(Protocol):
