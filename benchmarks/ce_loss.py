@@ -82,7 +82,7 @@ class Case:
         def run() -> None:
             q_t, k_t, _ = _qkv(self.teacher)
             q_s, k_s, _ = _qkv(self.student)
-            attention_distillation_loss(q_t, k_t, q_s, k_s, path=path, with_kl=False).ce.backward()
+            attention_distillation_loss(q_t, k_t, q_s, k_s, path=path, with_kl=False).total.backward()
             self.student.grad = None
 
         return run

@@ -77,7 +77,7 @@ from attnxfer.train import student_param_groups  # noqa: E402
 from attnxfer.train.devices import Precision, teacher_dtype as resolve_teacher_dtype  # noqa: E402
 from attnxfer.train.optim import build_adamw  # noqa: E402
 from attnxfer.train.timing import interleaved_timings  # noqa: E402
-from attnxfer.transfer import Compared, ComparisonLoss, Signal, TeacherStudent, build_plan, comparison_loss  # noqa: E402
+from attnxfer.transfer import ComparisonLoss, Loss, Signal, TeacherStudent, build_plan, comparison_loss  # noqa: E402
 from attnxfer.transfer.ce_select import choose_ce_path  # noqa: E402
 from attnxfer.transfer.losses import CE_PATHS, attention_ce_reference, ce_path_for  # noqa: E402
 
@@ -141,10 +141,10 @@ class MaterialisedCE(ComparisonLoss):
 
     signals = (Signal.MAPS,)
 
-    def compare_layer(self, comparison, pair, step) -> Compared:
+    def compare_layer(self, comparison, pair, step) -> Loss:
         res = _materialised_ce(pair.teacher, pair.student)
         layer = pair.student_layer
-        return Compared(res.ce, {f"attn_ce/{layer}": res.ce}, {f"attn_kl/{layer}": res.kl})
+        return Loss(res.total, {f"attn_ce/{layer}": res.total}, {f"attn_kl/{layer}": res.logs["kl"]})
 
 
 #: --arch -> the timm architecture both models are built from (shapes from the pair)
@@ -167,7 +167,7 @@ def _materialised_ce(teacher_sig: dict[str, torch.Tensor], student_sig: dict[str
         )
         ce = -(log_t.exp() * log_map(student_sig)).sum(-1).mean()
         kl = ce.detach() + (log_t.exp() * log_t).sum(-1).mean()
-    return type("Res", (), {"ce": ce, "kl": kl})
+    return Loss(ce, {}, {"kl": kl})
 
 
 def image_geometry(tokens: int, patch: int = PATCH) -> tuple:

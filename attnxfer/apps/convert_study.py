@@ -40,9 +40,9 @@ from ..errors import UserError
 from ..models.handover import Signal
 from ..run_layout import STUDY_RECORD
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ..train.drive import StudentStreams
 from ..train.stage1 import Stage1Fit, Stage1Result, teacher_signals
 from ..train.stop import StopRequested, stop_on_signals, stop_signal
-from ..train.study import StudentStreams
 from ..train.terms import NonFiniteLossError
 from .conversion_comparison import write_conversion_comparison
 from .conversion_stage1 import Stage1Job, open_stage1, stage1_batches

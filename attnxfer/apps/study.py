@@ -30,9 +30,10 @@ from ..config import ConfigError, TrainConfig, to_dict
 from ..config.study import Student, StudySpec
 from ..run_layout import STUDY_RECORD
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ..train.drive import Drive, StudentStreams, never_stop
 from ..train.engine import TrainResult
 from ..train.runtime import Runtime, create_runtime, resolve_device
-from ..train.study import Lockstep, Member, SharedBatches, SharedFeed, StudentStreams
+from ..train.study import Lockstep, Member, SharedBatches, SharedFeed
 from ..transfer.teacher_pass import TeacherHandover, TeacherNeeds
 from ..transfer.teacher_student import TeacherStudent
 from .resume import judge
@@ -165,19 +166,21 @@ def build_members(
             )
             continue
         view = batches.view()
+        # the shared feed, the study's stop check (once a round, for all) and the student's own streams
+        streams = StudentStreams()
+        drive = Drive(feed=feed, stop=never_stop, streams=streams)
         if parts:
             own = dataclasses.replace(parts[student.name], train_loader=view)
-            engine = build_engine(cfg, own, runtime=runtime, prune_on_save=False, warn_few_steps=False)
+            engine = build_engine(
+                cfg, own, runtime=runtime, prune_on_save=False, warn_few_steps=False, drive=drive
+            )
         else:
             around = dataclasses.replace(shared, train_loader=view)
             engine = build_engine(
-                cfg, runtime=runtime, shared=around, prune_on_save=False, warn_few_steps=False
+                cfg, runtime=runtime, shared=around, prune_on_save=False, warn_few_steps=False, drive=drive
             )
-        streams = StudentStreams.current(runtime.accelerator)
-        members.append(
-            Member(student.name, engine, streams, view, seconds=standing.seconds.get(student.name, 0.0))
-        )
-        feed.attach(engine)
+        streams.start(runtime.accelerator)  # what building it left are its streams from now on
+        members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
     first = members[0].engine if members else None  # the students share one schedule: said once, for all
     if first is not None and (
         warning := few_steps_warning(first.settings, first.steps_per_epoch, first.total_steps)

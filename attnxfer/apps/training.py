@@ -24,6 +24,7 @@ from ..models.attention import attention_blocks
 from ..models.student import student_from_spec
 from ..train.compile import compile_blocks, is_compiled
 from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ..train.drive import Drive
 from ..train.ema import StudentEMA
 from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
 from ..train.evaluation import evaluate, evaluate_features
@@ -283,9 +284,11 @@ def assemble_engine(
     ema: StudentEMA | None = None,
     record: dict | None = None,
     pictures: Sequence[Pictures] = (),
+    drive: Drive | None = None,
 ) -> Engine:
     """The optimiser (AdamW over ``groups``) and the `Engine` driving ``objective`` on ``parts``' loaders:
-    the one assembly that train, pretrain and convert's stage 2 (through `train`) share."""
+    the one assembly that train, pretrain and convert's stage 2 (through `train`) share; ``drive``: a study's
+    feed, stop check and streams for this student (default: a run trained alone)."""
     settings = settings or loop_settings(cfg, runtime.world)
     optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
     return Engine(
@@ -299,6 +302,7 @@ def assemble_engine(
         ema=ema,
         record=record,
         pictures=pictures,
+        drive=drive,
     )
 
 
@@ -311,6 +315,7 @@ def build_engine(
     shared: RunParts | None = None,
     prune_on_save: bool = True,
     warn_few_steps: bool = True,
+    drive: Drive | None = None,
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
@@ -320,6 +325,7 @@ def build_engine(
     ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
     is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;
     ``warn_few_steps=False`` leaves the few-steps warning to the caller (a study says it once for all).
+    ``drive``: the engine's feed, stop check and random streams where a study drives it (`Engine`).
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
@@ -376,6 +382,7 @@ def build_engine(
         ema=ema,
         record=record,
         pictures=attention_pictures(cfg, pair, parts, runtime),
+        drive=drive,
     )
     if write_run_files and not _finished_before(point, engine):  # a finished run's files stay as they are
         _write_run_files(cfg, engine, parts, compiled, ce_record)

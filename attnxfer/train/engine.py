@@ -1,10 +1,12 @@
 """The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task.
 
-It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`), never a config:
+It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`, and what varies between loops: a
+`Drive` of `attnxfer.train.drive`, the feed, the stop check and the random streams), never a config:
 `attnxfer.apps.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
-The objective (`attnxfer.train.objective`) is attention transfer (a `TeacherStudent` plus the task loss, scored by
-val top-1) or a module whose forward returns its own loss (MAE pre-training, scored by val reconstruction
-loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
+Each step's loss is the objective's (`Objective.loss`; for attention transfer, composed in
+`attnxfer.transfer.step_loss.compose_loss`). The objective (`attnxfer.train.objective`) is attention
+transfer (a `TeacherStudent` plus the task loss, scored by val top-1) or a module whose forward returns its
+own loss (MAE pre-training, scored by val reconstruction loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
 sampler), the schedule (`attnxfer.train.schedule`), logging, evaluation and when to save. What a save holds
 and what a resume restores is its `Checkpointing` (`attnxfer.train.checkpointing`).
 """
@@ -26,13 +28,14 @@ from ..data.seeding import sample_seed
 from ..errors import InputError
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .distributed import min_over_ranks
+from .drive import BatchPlace, Drive
 from .ema import StudentEMA
 from .evaluation import evaluate as evaluate, evaluate_loss as evaluate_loss
 from .metrics import MetricsLogger, progress_bar
 from .objective import Objective, Pictures, TaskLoss as TaskLoss
 from .runtime import Runtime
 from .schedule import lr_at
-from .stop import StopRequested, stop_on_signals, stop_signal
+from .stop import StopRequested, stop_on_signals
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
 from .trackers import flat_hparams
 
@@ -95,7 +98,9 @@ def _schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
 
 class Engine:
     """One run's state and loop. ``record`` is what checkpoints carry besides tensors (the run's
-    config as a dict, the teacher's record): plain JSON, opaque to the engine."""
+    config as a dict, the teacher's record): plain JSON, opaque to the engine. ``drive``: what varies
+    between the loops it runs (the feed, the stop check, the random streams: `attnxfer.train.drive`),
+    a run trained alone by default."""
 
     def __init__(
         self,
@@ -110,8 +115,10 @@ class Engine:
         ema: StudentEMA | None = None,
         record: dict[str, Any] | None = None,
         pictures: Sequence[Pictures] = (),
+        drive: Drive | None = None,
     ):
         self.runtime = runtime
+        self.drive = drive or Drive()
         self.accelerator = acc = runtime.accelerator
         self.rank, self.world, self.is_main = runtime.rank, runtime.world, runtime.is_main
         self.settings = s = settings
@@ -140,8 +147,6 @@ class Engine:
         self.guard = NonFiniteGuard()
         self._last_save_time = time.monotonic()
         self._saved_step: int | None = None  # the step of this process's last save (a stop needs no second)
-        # whether the loop reads the stop signal after each step (a study reads it once per round, for all)
-        self.checks_stop_signal = True
         self._final: dict[str, float] = {}
         # summary.csv's train_loss: the epoch's summed `total` and micro-batch count (saved in checkpoints,
         # so a run resumed mid-epoch reports the whole epoch), and the lr of the last step
@@ -228,10 +233,9 @@ class Engine:
 
     def _stop_if_signalled(self) -> None:
         """After SIGTERM on any rank (`stop_on_signals`): save this step unless it was just saved, say so,
-        and raise `StopRequested`. Every rank calls it after every optimiser step (one small CPU collective)."""
-        if not self.checks_stop_signal:
-            return
-        signum = stop_signal()
+        and raise `StopRequested`. Every rank calls it after every optimiser step (the drive's stop check:
+        one small CPU collective; a study's engines check nothing here, the study checks once a round)."""
+        signum = self.drive.stop()
         if signum is None:
             return
         self.save_unless_saved()
@@ -295,17 +299,12 @@ class Engine:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
-    def feed(self, x: torch.Tensor, y: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        """A loaded batch as the objective takes it: on the device, prepared (mixup, seeded by the batch's
-        epoch and place in the data), and the teacher's hand-over for it (None here: the objective runs its
-        teacher; a study replaces this method to share one teacher pass between its students)."""
-        device = self.accelerator.device
-        x = x.to(device, non_blocking=True)
-        y = None if y is None else y.to(device, non_blocking=True)
+    def _place(self) -> BatchPlace:
+        """What the feed needs for the batch at the loop's position: the device, the batch's seed (from its
+        epoch and place in the data) and the objective's preparation (mixup)."""
         # a negative index: a batch's seed is never one of its samples' (their augmentation's, data.seeding)
         seed = sample_seed(self.settings.seed, self.epoch, -1 - self.position)
-        x, y = self.objective.prepare(x, y, seed)
-        return x, y, None
+        return BatchPlace(self.accelerator.device, seed, self.objective.prepare)
 
     def _train_step(
         self, x: torch.Tensor, y: torch.Tensor | None, handover: Any = None
@@ -402,14 +401,28 @@ class Engine:
             "longer, raise schedule.max_steps or schedule.epochs"
         )
 
+    def own_streams(self):
+        """The drive's random streams in place (a study's student's own; alone, the process's as they are)."""
+        return self.drive.streams.active(self.accelerator)
+
     def steps(self) -> Iterator[int]:
         """The training loop, yielding the step count after every optimiser step (the last one after its
-        evaluation and save).
+        evaluation and save), each step run under the drive's random streams (`own_streams`).
 
-        `run` drains it; a benchmark can advance several engines step by step (interleaved timing of the
-        real loop: data, step, EMA, logging, checkpoints). Resumes first; evaluates and saves at the
-        epoch ends and at the last step, as `run` does.
+        `run` drains it; a study advances its engines one step each in turn; a benchmark can advance several
+        engines step by step (interleaved timing of the real loop: data, step, EMA, logging, checkpoints).
+        Resumes first; evaluates and saves at the epoch ends and at the last step, as `run` does.
         """
+        loop = self._loop()
+        while True:
+            with self.own_streams():
+                step = next(loop, None)
+            if step is None:
+                return
+            yield step
+
+    def _loop(self) -> Iterator[int]:
+        """`steps`, under whatever streams are in place."""
         s, sampler = self.settings, self.train_sampler
         self._last_save_time = time.monotonic()
         self.resume()
@@ -476,7 +489,7 @@ class Engine:
         """One micro-batch through the objective (an optimiser step when accumulation completes): (lr,
         whether the optimiser stepped). Its terms are summed on the device, read on log steps only."""
         s = self.settings
-        x, y, handover = self.feed(x, y)
+        x, y, handover = self.drive.feed(x, y, self._place())
         lr = self._set_lr()
         upcoming = self.step + 1
         self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)

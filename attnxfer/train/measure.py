@@ -24,7 +24,7 @@ from ..models.attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..models.efficient import check_softmax_teacher
 from ..models.efficient.swap import flat_blocks
 from ..models.image_input import find_patch_embedding, image_input
-from ..transfer.map_losses import LayerLogits, default_map_loss, map_distillation_loss, output_mse
+from ..transfer.map_losses import LayerLogits, agreement, default_map_loss, map_distillation_loss, output_mse
 from .distributed import sum_over_ranks
 from .evaluation import classification_sums
 
@@ -42,7 +42,7 @@ def layer_map_metric(
     if pooling is not None and k.shape[-2] == pooling.num_tokens:
         teacher = LayerLogits(t_signals["q"], t_signals["k"], key_pooling=pooling)
         res = map_distillation_loss(s_attn, LayerLogits(q, k), teacher)
-        return float(res.metric)
+        return float(agreement(res))
     metric = default_map_loss(s_attn.map_kind).metric
     return layer_agreement(t_attn, t_signals, s_attn, s_qk, metric)
 

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..data.seeding import seeded_global_rngs
+from ..transfer.step_loss import Loss, compose_loss
 from ..transfer.teacher_student import TeacherStudent
 from .evaluation import evaluate, evaluate_features
 
@@ -51,16 +52,6 @@ class TaskLoss:
             return x, y
         with seeded_global_rngs(seed):
             return self.mixup(x, y)
-
-
-@dataclass
-class ObjectiveLoss:
-    """One batch's loss: ``total`` (what backpropagates), the terms watched for NaN/inf and logged
-    (``total`` among them), and extra logs (detached diagnostics)."""
-
-    total: torch.Tensor
-    terms: dict[str, torch.Tensor]
-    logs: dict[str, torch.Tensor]
 
 
 class Objective(Protocol):
@@ -87,8 +78,9 @@ class Objective(Protocol):
         y: torch.Tensor | None,
         autocast: Autocast,
         handover: Any = None,
-    ) -> ObjectiveLoss:
-        """The loss of one prepared batch (``y`` None: data without labels); ``model`` is `module` as the
+    ) -> Loss:
+        """The loss of one prepared batch (its ``total``, the terms watched for NaN/inf and logged with
+        ``total`` among them, and detached logs) (``y`` None: data without labels); ``model`` is `module` as the
         engine wrapped it, called under ``autocast``; ``handover``: the teacher's pass for this batch where a
         study computed it once for several students (None: the objective runs its own)."""
         ...
@@ -131,7 +123,9 @@ class TransferObjective:
         y: torch.Tensor | None,
         autocast: Autocast,
         handover: Any = None,
-    ) -> ObjectiveLoss:
+    ) -> Loss:
+        """The step's loss: the pair's forward (the student's logits and each comparison's loss), the task loss
+        on the logits, both composed in `compose_loss` (``task_weight * task + sum of weight * comparison``)."""
         weight = self.plan.task_weight
         if weight > 0 and y is None:
             raise ValueError(
@@ -139,18 +133,8 @@ class TransferObjective:
             )
         with autocast():
             out = model(x) if handover is None else model(x, handover)
-        terms: dict[str, torch.Tensor] = {}
-        total = out.loss
-        if weight > 0:
-            task = self.task.loss_fn(out.logits.float(), y)
-            terms["task"] = task
-            task = task if weight == 1.0 else weight * task
-            total = task if total is None else task + total
-        terms.update(out.terms)
-        if out.loss is not None:
-            terms["attn"] = out.loss
-        terms["total"] = total
-        return ObjectiveLoss(total, terms, dict(out.logs))
+        task = self.task.loss_fn(out.logits.float(), y) if weight > 0 else None
+        return compose_loss(out.compared, task, weight)
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         return self.evaluator(model, loader, accelerator)
@@ -186,11 +170,10 @@ class ModuleObjective:
         y: torch.Tensor | None,
         autocast: Autocast,
         handover: Any = None,
-    ) -> ObjectiveLoss:
+    ) -> Loss:
         with autocast():
             out = model(x)
-        terms = {**out.terms, "total": out.loss}
-        return ObjectiveLoss(out.loss, terms, dict(out.logs))
+        return Loss(out.loss, {**out.terms, "total": out.loss}, dict(out.logs))
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         return self.evaluator(model, loader, accelerator)

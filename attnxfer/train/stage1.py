@@ -33,8 +33,9 @@ import torch.nn as nn
 from ..models.attention import StopForward, attention_layers, capture_attention
 from ..models.handover import Signal
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
+from ..transfer.step_loss import Loss
 from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
-from .objective import Autocast, ObjectiveLoss
+from .objective import Autocast
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
 from .peak_memory import PeakMemory, describe_memory, map_bytes, memory_record
 from .schedule import lr_at
@@ -107,7 +108,7 @@ class Stage1Objective:
 
     def loss(
         self, model: nn.Module, x: Any, y: Any = None, autocast: Autocast = contextlib.nullcontext
-    ) -> ObjectiveLoss:
+    ) -> Loss:
         """The batch's summed fit loss; ``model`` is the student (its attention layers were listed once)."""
         signals = self.signals(x)
         if self.map_shapes is None:
@@ -126,7 +127,7 @@ class Stage1Objective:
                 if metric is not None:
                     metrics[f"metric/{layer.layer}"] = metric
         total = sum(losses.values())
-        return ObjectiveLoss(total, {**losses, "total": total}, metrics)
+        return Loss(total, {**losses, "total": total}, metrics)
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any = None) -> dict[str, float]:
         """``loss``: the mean summed fit loss over a loader of images (``(x, y)`` batches) or of signals,

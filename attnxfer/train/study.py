@@ -3,10 +3,11 @@
 Each student is an ordinary `Engine` (its own model, optimiser, EMA, schedule, metrics, checkpoints, run
 folder); the study advances their `Engine.steps` in lock step, one optimiser step each per round. What they
 share is read once per batch: the loader's batch (`SharedBatches`: every engine reads the same batch object),
-its preparation on the device, and the teacher's pass (`SharedFeed`, the engines' `feed`). What each keeps to
-itself is swapped in around its turn (`StudentStreams`): its random streams (initialisation, drop path,
+its preparation on the device, and the teacher's pass (`SharedFeed`, the engines' feed). What each keeps to
+itself is swapped in around its steps (`StudentStreams`): its random streams (initialisation, drop path,
 dropout) and its place in gradient accumulation, so a student of a study computes exactly what it computes
-trained alone.
+trained alone. Feed, streams and the stop check (`never_stop`: the study reads the signal) are each engine's
+`Drive` (`attnxfer.train.drive`), given when the engine is built.
 
 Saving is the study's too: students save as their policy says (all at the same steps) without pruning; once
 every student still training has saved a step, ``on_saved(step, members, shared_seconds)`` commits it (the
@@ -18,63 +19,19 @@ non-finite stops alone, with one line, and the others go on.
 from __future__ import annotations
 
 import collections
-import contextlib
-import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
+from .drive import BatchPlace, Fed, StudentStreams, own_feed
 from .engine import Engine, TrainResult
 from .stop import StopRequested, stop_on_signals, stop_signal
+
+__all__ = ["Lockstep", "Member", "SharedBatches", "SharedFeed", "StudentStreams"]
 from .terms import NonFiniteLossError
-
-
-@dataclass
-class StudentStreams:
-    """What a student keeps to itself between its turns: the global random streams (python, numpy, torch CPU
-    and CUDA) and the accelerator's micro-step count (gradient accumulation is counted per accelerator; a loop
-    without one, a convert study's stage 1, passes None)."""
-
-    python: Any = None
-    numpy: Any = None
-    torch_cpu: torch.Tensor | None = None
-    torch_cuda: list[torch.Tensor] = field(default_factory=list)
-    accumulation_step: int = 0
-
-    @classmethod
-    def current(cls, accelerator: Any = None) -> StudentStreams:
-        """The streams as they stand now (after a student was built: its own from then on)."""
-        streams = cls()
-        streams._capture(accelerator)
-        return streams
-
-    def _capture(self, accelerator: Any) -> None:
-        self.python, self.numpy, self.torch_cpu = (
-            random.getstate(),
-            np.random.get_state(),
-            torch.get_rng_state(),
-        )
-        self.torch_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        self.accumulation_step = accelerator.step if accelerator is not None else 0
-
-    @contextlib.contextmanager
-    def active(self, accelerator: Any = None) -> Iterator[None]:
-        """The student's streams in place for the duration, saved back after (whatever happened)."""
-        random.setstate(self.python)
-        np.random.set_state(self.numpy)
-        torch.set_rng_state(self.torch_cpu)
-        if self.torch_cuda:
-            torch.cuda.set_rng_state_all(self.torch_cuda)
-        if accelerator is not None:
-            accelerator.step = self.accumulation_step
-        try:
-            yield
-        finally:
-            self._capture(accelerator)
 
 
 class SharedBatches:
@@ -164,40 +121,35 @@ class _View:
 
 
 class SharedFeed:
-    """The engines' `Engine.feed`, shared: the first engine to feed a batch moves it to the device and prepares
-    it (mixup, seeded by the batch's place: the same for every student) and computes the teacher's pass for
-    every student at once (``teacher_pass``); the others take the same tensors. Keyed by the loaded batch
-    object, which `SharedBatches` hands every engine."""
+    """The study's engines' feed (a `Feed`), shared: the first engine to feed a batch moves it to the device and
+    prepares it (`own_feed`: mixup, seeded by the batch's place, the same for every student) and computes the
+    teacher's pass for every student at once (``teacher_pass``, set once the students are built); the others
+    take the same tensors. Keyed by the loaded batch object, which `SharedBatches` hands every engine."""
 
     def __init__(self, teacher_pass: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.teacher_pass = teacher_pass
         self._raw: Any = None  # the loaded batch fed last, kept so that no other batch can take its id
-        self._fed: tuple[Any, Any, Any] | None = None
+        self._fed: Fed | None = None
         self.seconds = 0.0  # spent preparing batches and in the teacher's pass (for every member at once)
 
-    def attach(self, engine: Engine) -> None:
-        own = engine.feed
-
-        def feed(x: torch.Tensor, y: torch.Tensor | None) -> tuple[Any, Any, Any]:
-            if x is not self._raw:
-                start = time.monotonic()
-                self._raw = self._fed = None  # the previous batch's tensors go before this one's are made
-                x_fed, y_fed, _ = own(x, y)
-                handover = None if self.teacher_pass is None else self.teacher_pass(x_fed)
-                self._raw, self._fed = x, (x_fed, y_fed, handover)
-                self.seconds += time.monotonic() - start
-            return self._fed
-
-        engine.feed = feed
+    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, place: BatchPlace) -> Fed:
+        if x is not self._raw:
+            start = time.monotonic()
+            self._raw = self._fed = None  # the previous batch's tensors go before this one's are made
+            x_fed, y_fed, _ = own_feed(x, y, place)
+            handover = None if self.teacher_pass is None else self.teacher_pass(x_fed)
+            self._raw, self._fed = x, (x_fed, y_fed, handover)
+            self.seconds += time.monotonic() - start
+        return self._fed
 
 
 @dataclass
 class Member:
-    """One student in the loop: its name, its engine, its streams and its view of the shared batches."""
+    """One student in the loop: its name, its engine (its streams in its drive) and its view of the shared
+    batches."""
 
     name: str
     engine: Engine
-    streams: StudentStreams
     view: _View | None = None
     steps: Iterator[int] | None = None
     stopped: str | None = None  # why it stopped early (a non-finite loss), None while it trains or finished
@@ -222,12 +174,6 @@ class Lockstep:
         self.on_saved, self.log = on_saved, log
         self.shared_before = shared_before  # what earlier attempts of the study spent once for all
         self._committed: int | None = None
-        for m in self.members:
-            m.engine.checks_stop_signal = False  # the study reads it once per round, for all
-
-    @property
-    def accelerator(self) -> Any:
-        return self.members[0].engine.accelerator
 
     def run(self) -> list[TrainResult | None]:
         """Train every member to its end (or until it stops); results in the members' order (None: stopped)."""
@@ -259,11 +205,10 @@ class Lockstep:
         return self.shared_before + self.batches.seconds + self.feed.seconds
 
     def _turn(self, m: Member) -> bool:
-        """One optimiser step of ``m`` (under its streams); False when it has no more to do."""
+        """One optimiser step of ``m`` (its engine steps under its own streams); False when it has no more to do."""
         start, shared = time.monotonic(), self.shared_seconds
         try:
-            with m.streams.active(self.accelerator):
-                next(m.steps)
+            next(m.steps)
             return True
         except StopIteration:
             self.batches.leave(m.view)
@@ -290,7 +235,7 @@ class Lockstep:
     def _stop(self, signum: int, active: list[Member]) -> None:
         """A stop signal: every member still training saves this step, the study commits it, then stops."""
         for m in active:
-            with m.streams.active(self.accelerator):
+            with m.engine.own_streams():  # a save gathers the RNG states: the student's own
                 m.engine.save_unless_saved()
         self._commit([m for m in self.members if m.stopped is None])
         engine = active[0].engine

@@ -3,7 +3,6 @@
 from ..models.handover import Chunks, Signal
 from .comparisons import (
     COMPARISON_LOSSES,
-    Compared,
     Comparison,
     ComparisonLoss,
     LayerPair,
@@ -13,7 +12,6 @@ from .comparisons import (
 from .conversion import ConversionPlan, LayerConversion, Stage1Train, build_conversion_plan
 from .logit_loss import logit_distillation_loss
 from .losses import (
-    AttentionLoss,
     attention_ce_reference,
     attention_distillation_loss,
     row_logsumexp,
@@ -21,6 +19,7 @@ from .losses import (
 )
 from .map_losses import LayerLogits, MapLoss, implicit_map_loss, map_distillation_loss
 from .plan import MODES, PlanError, TransferMode, TransferPlan, build_plan, map_layers, select_layers
+from .step_loss import Loss, compose_loss
 from .teacher_pass import TeacherHandover, TeacherNeeds, run_teacher
 from .teacher_student import TeacherStudent, TransferOutput
 
@@ -30,9 +29,7 @@ DualViT = TeacherStudent
 __all__ = [
     "COMPARISON_LOSSES",
     "MODES",
-    "AttentionLoss",
     "Chunks",
-    "Compared",
     "Comparison",
     "ComparisonLoss",
     "ConversionPlan",
@@ -40,6 +37,7 @@ __all__ = [
     "LayerConversion",
     "LayerLogits",
     "LayerPair",
+    "Loss",
     "MapLoss",
     "PlanError",
     "Signal",
@@ -56,6 +54,7 @@ __all__ = [
     "build_conversion_plan",
     "build_plan",
     "comparison_loss",
+    "compose_loss",
     "implicit_map_loss",
     "logit_distillation_loss",
     "map_distillation_loss",

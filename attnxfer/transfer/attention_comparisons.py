@@ -16,11 +16,12 @@ from ..models.attention import MapKind, attention_name_of
 from ..models.attention.key_pooling import KeyPooling
 from ..models.attention.numerics import fp32_section
 from ..models.handover import Signal
-from .comparisons import Compared, Comparison, ComparisonLoss, LayerPair, PlanModels, Step, comparison_loss
+from .comparisons import Comparison, ComparisonLoss, LayerPair, PlanModels, Step, comparison_loss
 from .losses import CEPath, group_heads_ok, padding_from_mask
-from .map_losses import LayerLogits, map_distillation_loss, map_loss_rule
+from .map_losses import LayerLogits, MapLoss, map_distillation_loss, map_loss_rule
 from .modes import PlanError
 from .pairing import reduced_keys
+from .step_loss import Loss
 
 
 def _by_mode(comparison: Comparison) -> bool:
@@ -95,7 +96,7 @@ class MapComparison(ComparisonLoss):
             and not pair.teacher_attn.has_logit_bias
         )
 
-    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Compared:
+    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Loss:
         s_attn, t_attn, student, teacher = pair.student_attn, pair.teacher_attn, pair.student, pair.teacher
         q_s, q_t = student["q"], teacher["q"]
         res = map_distillation_loss(
@@ -119,10 +120,9 @@ class MapComparison(ComparisonLoss):
             ce_path=step.ce_path,
         )
         layer = pair.student_layer
-        out = Compared(res.loss, {f"{res.kind.term}/{layer}": res.loss})
-        if res.metric is not None and res.kind.logged_metric:
-            out.logs[f"{res.kind.logged_metric}/{layer}"] = res.metric
-        return out
+        kl = res.logs.get(MapLoss.CE.metric)  # logged beside CE (an MSE's metric is the loss itself)
+        logs = {} if kl is None else {f"{MapLoss.CE.logged_metric}/{layer}": kl}
+        return Loss(res.total, {f"{term}/{layer}": value for term, value in res.terms.items()}, logs)
 
 
 @comparison_loss("mse")
@@ -136,11 +136,11 @@ class ProjectionMSE(ComparisonLoss):
         check_heads_match(comparison.origin, where, models.teacher_attn[t], models.student_attn[s])
         check_head_dims_match(comparison.origin, where, models.teacher_attn[t], models.student_attn[s])
 
-    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Compared:
+    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Loss:
         c = comparison.signal
         with fp32_section(pair.student[c].device.type):
             loss = F.mse_loss(pair.student[c].float(), pair.teacher[c].detach().float())
-        return Compared(loss, {f"{c}_mse/{pair.student_layer}": loss})
+        return Loss(loss, {f"{c}_mse/{pair.student_layer}": loss})
 
 
 def check_heads_match(who: str, where: str, ta: nn.Module, sa: nn.Module) -> None:

@@ -316,7 +316,7 @@ def _layer_step(
             out, lse = attention_with_lse(q_s, k_s, v_s)
         else:
             out, lse = sdpa(q_s, k_s, v_s), None
-        ce = attention_distillation_loss(q_t, k_t, q_s, k_s, path=path, with_kl=False, lse_s=lse).ce
+        ce = attention_distillation_loss(q_t, k_t, q_s, k_s, path=path, with_kl=False, lse_s=lse).total
         (ce + out.float().mean()).backward()
         qkv.grad = None
 

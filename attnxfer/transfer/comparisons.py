@@ -14,12 +14,13 @@ A new loss is one class meeting `ComparisonLoss`, registered by name, in any fil
 
         def compare(self, comparison, student, teacher, step):
             loss = (student - teacher).pow(2).mean()
-            return Compared(loss, {"feat_l2": loss})
+            return Loss(loss, {"feat_l2": loss})
 
 and a config asks for it with ``transfer.losses: [{name: feat_l2, weight: 0.5}]`` (`comparison_from_entry`).
 The built-in ones are ``map`` and ``mse`` (`attention_comparisons`), ``feature_distill`` (`feature_loss`) and
 ``logit_kd`` (`logit_loss`); ``transfer.mode``'s distillation, ``transfer.feature_distill`` and
-``transfer.logit_distill`` are entries of them (`plan.build_plan`).
+``transfer.logit_distill`` are entries of them (`plan.build_plan`). A comparison returns its loss unweighted
+(a `Loss`); the step's loss weighs and sums them in one place (`step_loss.compose_loss`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.nn as nn
 from ..models.handover import Chunks, Signal
 from .losses import CEPath
 from .modes import PlanError
+from .step_loss import Loss
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,12 @@ class Comparison:
     def loss_fn(self) -> ComparisonLoss:
         return get_comparison_loss(self.loss)
 
+    @property
+    def name(self) -> str:
+        """Its logged term (its unweighted loss): the loss's name, with the signal where the loss compares
+        several (``map``, ``logit_kd``, ``feature_distill``, ``mse_q``)."""
+        return self.loss if len(self.loss_fn.signals) == 1 else f"{self.loss}_{self.signal}"
+
     def option(self, name: str) -> Any:
         """The loss's option ``name``: as the entry set it, else the loss's default."""
         return self.options.get(name, self.loss_fn.options[name])
@@ -65,17 +73,6 @@ class Comparison:
     def chunks(self) -> Chunks:
         """The q/k/v each of its teacher layers hands over and each of its student layers captures."""
         return self.loss_fn.chunks(self)
-
-
-@dataclass
-class Compared:
-    """What a comparison computed on one step (one layer pair, for a layer signal): ``loss``, unweighted and
-    differentiable; ``terms``, the step's logged terms (``attn_ce/3``, ``logit_kd``, ...); ``logs``, detached
-    extras (``attn_kl/3``)."""
-
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,13 +165,13 @@ class ComparisonLoss:
         models run (``pair`` without signals)."""
         return False
 
-    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Compared:
+    def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Loss:
         """One layer pair, with what its two layers handed over (``pair.student``, ``pair.teacher``)."""
         raise NotImplementedError(f"comparison loss {self.name!r} compares no layer signal")
 
     def compare(
         self, comparison: Comparison, student: torch.Tensor, teacher: torch.Tensor, step: Step
-    ) -> Compared:
+    ) -> Loss:
         """A whole-model signal: the student's (with its gradient) against the teacher's."""
         raise NotImplementedError(f"comparison loss {self.name!r} compares no whole-model signal")
 

@@ -23,7 +23,7 @@ from ..models.attention import MapKind, TransferableAttention, attention_layers,
 from ..models.attention.bias_rows import full_bias
 from ..models.efficient import check_softmax_teacher
 from ..models.handover import Chunks, Signal
-from .map_losses import LayerLogits, MapLoss, check_map_loss, map_distillation_loss, output_mse
+from .map_losses import LayerLogits, MapLoss, agreement, check_map_loss, map_distillation_loss, output_mse
 from .pairing import reduced_keys
 
 #: the projections a layer's map is made of, as ``project`` takes them ("qk")
@@ -280,7 +280,7 @@ def layer_fit_loss(
     # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over; one
     # with reduced keys (PVTv2, sr > 1) its `KeyPooling`, onto which the student's rows are pooled
     res = _map_loss(attn, layer, own[Signal.Q], own[Signal.K], signals)
-    loss, metric = res.loss, res.metric
+    loss, metric = res.total, agreement(res)
     region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
     if region is not None and signals.get("bias") is not None and layer.loss is MapLoss.CE:
         correction = region(own[Signal.Q], own[Signal.K], full_bias(signals["bias"]))
@@ -314,8 +314,7 @@ def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> 
     """The map agreement logged beside an attention's own objective (no gradient)."""
     if layer.loss is MapLoss.OUTPUT:
         return output_mse(attn(signals[Signal.INPUT], **_call(signals)), signals[Signal.OUTPUT]).detach()
-    res = _map_loss(attn, layer, own[Signal.Q].detach(), own[Signal.K].detach(), signals)
-    return res.metric
+    return agreement(_map_loss(attn, layer, own[Signal.Q].detach(), own[Signal.K].detach(), signals))
 
 
 def _keys_per_token(signals: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -22,15 +22,12 @@ matches the teacher's scale.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.handover import Signal
 from .comparisons import (
-    Compared,
     Comparison,
     ComparisonLoss,
     PlanModels,
@@ -41,17 +38,7 @@ from .comparisons import (
 )
 from .modes import PlanError
 from .pairing import check_token_layouts
-
-
-@dataclass
-class FeatureLoss:
-    """``loss`` (scalar, what backpropagates) and ``terms``: the detached parts to log — ``feat_cos`` (mean
-    cosine distance), ``feat_smooth_l1`` (mean smooth-L1 on standardised features), and both per token group
-    (``feat_cos/prefix``, ``feat_cos/patch``, ``feat_smooth_l1/prefix``, ``feat_smooth_l1/patch``; a group
-    with no tokens is left out)."""
-
-    loss: torch.Tensor
-    terms: dict[str, torch.Tensor]
+from .step_loss import Loss
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
@@ -84,11 +71,14 @@ def feature_distill_loss(
     *,
     beta: float = 1.0,
     eps: float = 1e-6,
-) -> FeatureLoss:
+) -> Loss:
     """The loss above between ``student`` and ``teacher`` final tokens (B, N, C), the first ``num_prefix``
     tokens being prefix tokens. ``beta``: smooth-L1's switch from quadratic to linear, in teacher standard
     deviations; ``eps``: added to the teacher token's variance and to the cosine's norms. No gradient reaches
-    ``teacher``."""
+    ``teacher``. Its `Loss` terms are the detached parts to log: ``feat_cos`` (mean cosine distance),
+    ``feat_smooth_l1`` (mean smooth-L1 on standardised features), and both per token group (``feat_cos/prefix``,
+    ``feat_cos/patch``, ``feat_smooth_l1/prefix``, ``feat_smooth_l1/patch``; a group with no tokens is left
+    out)."""
     if student.shape != teacher.shape or student.ndim != 3:
         raise ValueError(
             f"student and teacher final tokens must be the same (B, N, C); got {tuple(student.shape)} and "
@@ -108,7 +98,7 @@ def feature_distill_loss(
             if cos[:, part].numel():
                 terms[f"feat_cos/{group}"] = cos[:, part].mean().detach()
                 terms[f"feat_smooth_l1/{group}"] = l1[:, part].mean().detach()
-    return FeatureLoss(loss, terms)
+    return Loss(loss, terms)
 
 
 @comparison_loss("feature_distill")
@@ -142,10 +132,9 @@ class FeatureDistillation(ComparisonLoss):
 
     def compare(
         self, comparison: Comparison, student: torch.Tensor, teacher: torch.Tensor, step: Step
-    ) -> Compared:
-        res = feature_distill_loss(
+    ) -> Loss:
+        return feature_distill_loss(
             final_tokens(student, step.student),
             final_tokens(teacher, step.teacher),
             num_prefix_tokens(step.teacher),
         )
-        return Compared(res.loss, dict(res.terms))

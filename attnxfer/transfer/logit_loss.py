@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from ..models.attention.numerics import fp32_section
 from ..models.handover import Signal
 from .comparisons import (
-    Compared,
     Comparison,
     ComparisonLoss,
     PlanModels,
@@ -23,6 +22,7 @@ from .comparisons import (
     drop_hint,
 )
 from .modes import PlanError
+from .step_loss import Loss
 
 
 def logit_distillation_loss(
@@ -76,6 +76,6 @@ class LogitDistillation(ComparisonLoss):
 
     def compare(
         self, comparison: Comparison, student: torch.Tensor, teacher: torch.Tensor, step: Step
-    ) -> Compared:
+    ) -> Loss:
         kd = logit_distillation_loss(student, teacher, float(comparison.option("temperature")))
-        return Compared(kd, {"logit_kd": kd})
+        return Loss(kd, {"logit_kd": kd})

@@ -42,7 +42,6 @@ memory estimate in `attnxfer.transfer.materialised_ce`, the Triton kernels in `a
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +54,7 @@ from ..models.attention.lse import row_logsumexp
 from ..models.attention.numerics import compute_dtype, fp32_section as _fp32, row_chunk as _auto_chunk
 from .materialised_ce import half_on_accelerator, materialised_bytes as materialised_bytes, materialised_ce
 from .row_ce import FusedBiasedRowCE, FusedRowCE, rows_path_chunk
+from .step_loss import Loss
 from .triton_ce import CEPathUnavailable as CEPathUnavailable, triton_row_ce
 
 
@@ -93,11 +93,10 @@ def ce_path_for(device: torch.device | str) -> CEPath:
     return CEPath.ROWS if torch.device(device).type == "cpu" else CEPath.SDPA
 
 
-class AttentionLoss(NamedTuple):
-    """One layer's attention-distillation loss (CE, differentiable) and KL (detached, for logging)."""
-
-    ce: torch.Tensor
-    kl: torch.Tensor | None
+def _ce_loss(ce: torch.Tensor, kl: torch.Tensor | None) -> Loss:
+    """One layer's attention-distillation loss as a `Loss`: ``total`` the CE (differentiable), ``logs["kl"]``
+    the KL beside it (detached; absent where not asked for)."""
+    return Loss(ce, {}, {} if kl is None else {"kl": kl})
 
 
 def group_heads_ok(teacher_heads: int, student_heads: int) -> bool:
@@ -177,7 +176,7 @@ def attention_distillation_loss(
     with_kl: bool = True,
     path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
-) -> AttentionLoss:
+) -> Loss:
     """Mean row cross-entropy −Σ_j P_t log P_s over (batch, head, query), O(N) memory.
 
     Args:
@@ -186,7 +185,7 @@ def attention_distillation_loss(
             (teacher heads ``h·g … h·g+g−1`` are averaged into student head ``h``).
         scale_t, scale_s: logit scales, default ``d^-0.5`` (timm's).
         chunk: query rows per chunk (default: `rows_path_chunk` / the shared 64 MiB budget).
-        with_kl: also return the detached KL = CE − H(P̄_t).
+        with_kl: also give the detached KL = CE − H(P̄_t) (the result's ``logs["kl"]``; its ``total`` is the CE).
         path: one of `CE_PATHS`; default `ce_path_for` the inputs' device.
         lse_s: the student's row log-sum-exp (B, H_s, N) with its gradient, from the student's own
             attention kernel (`AttentionIO(return_lse=True)`): required by ``attention_lse``, used by
@@ -217,10 +216,10 @@ def _checked_path(path: CEPath | str | None, device: torch.device, lse_s: torch.
 
 
 # Each path evaluates the same loss: (q_t, k_t (detached), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s)
-# -> AttentionLoss, inside the caller's fp32 section.
+# -> Loss (`_ce_loss`), inside the caller's fp32 section.
 
 
-def _rows_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> AttentionLoss:
+def _rows_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
     """``rows``: `FusedRowCE`, the CE and its gradient in one pass over cache-sized row chunks."""
     grad = torch.is_grad_enabled()
     ce, ent = FusedRowCE.apply(
@@ -236,24 +235,24 @@ def _rows_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Att
         grad and k_s.requires_grad,
         half_on_accelerator(q_t, k_t, q_s, k_s),
     )
-    return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
+    return _ce_loss(ce, ce.detach() - ent if with_kl else None)
 
 
-def _materialised(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> AttentionLoss:
+def _materialised(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
     """``materialised``: both N×N maps, autograd through them (`materialised_ce`)."""
-    return AttentionLoss(*materialised_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, with_kl))
+    return _ce_loss(*materialised_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, with_kl))
 
 
-def _triton_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> AttentionLoss:
+def _triton_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
     """``triton``: the fused kernels' per-row CE and entropy (`triton_row_ce`), averaged."""
     ce_rows, ent_rows = triton_row_ce(
         q_t, k_t, q_s, k_s, scale_t=scale_t, scale_s=scale_s, with_entropy=with_kl
     )
     ce = ce_rows.mean()
-    return AttentionLoss(ce, ce.detach() - ent_rows.mean() if with_kl else None)
+    return _ce_loss(ce, ce.detach() - ent_rows.mean() if with_kl else None)
 
 
-def _sdpa_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> AttentionLoss:
+def _sdpa_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
     """``sdpa`` and ``attention_lse``: CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩, P̄_t K_s by SDPA; lse_s given
     (the student's attention kernel) or by the chunked `row_logsumexp`."""
     if not half_on_accelerator(q_t, k_t, q_s, k_s):
@@ -268,7 +267,7 @@ def _sdpa_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Att
     kl = None
     if with_kl:
         kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean()
-    return AttentionLoss(ce, kl)
+    return _ce_loss(ce, kl)
 
 
 _CE_BY_PATH = {
@@ -293,7 +292,7 @@ def biased_attention_ce(
     chunk: int | None = None,
     with_kl: bool = True,
     valid: torch.Tensor | None = None,
-) -> AttentionLoss:
+) -> Loss:
     """The row CE of logits with an additive bias, z = s·q kᵀ + B (relative-position tables), exact:
     CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij, in one pass over query-row chunks that also computes the gradient
     (`FusedBiasedRowCE`), so no more than a chunk of the N_q×N_k logits is alive. A bias is a tensor
@@ -331,7 +330,7 @@ def biased_attention_ce(
             grad and k_s.requires_grad,
             *(bias_s.inputs if bias_s is not None else ()),
         )
-    return AttentionLoss(ce, ce.detach() - ent if with_kl else None)
+    return _ce_loss(ce, ce.detach() - ent if with_kl else None)
 
 
 def _padding(valid: torch.Tensor | None, q_s: torch.Tensor, k_s: torch.Tensor):
@@ -390,7 +389,7 @@ def attention_ce_reference(
     *,
     scale_t: float | None = None,
     scale_s: float | None = None,
-) -> AttentionLoss:
+) -> Loss:
     """The same loss with both N×N maps materialised: the oracle (and the slow path)."""
     _check_shapes(q_t, k_t, q_s, k_s)
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
@@ -405,4 +404,4 @@ def attention_ce_reference(
         log_p_s = torch.log_softmax((q_s @ k_s.transpose(-2, -1)) * scale_s, dim=-1)
         ce = -(p_t * log_p_s).sum(-1).mean()
         entropy = -(p_t * torch.log(p_t.clamp_min(torch.finfo(p_t.dtype).tiny))).sum(-1).mean()
-    return AttentionLoss(ce, ce.detach() - entropy)
+    return _ce_loss(ce, ce.detach() - entropy)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +44,7 @@ from ..models.attention.key_pooling import KeyPooling
 from ..models.attention.numerics import fp32_section, row_chunk
 from ..models.efficient.kernels import KernelAttention
 from .losses import CEPath, attention_distillation_loss, biased_attention_ce
+from .step_loss import Loss
 from .triton_ce import CEPathUnavailable
 
 
@@ -82,14 +82,16 @@ _METRICS = {MapLoss.CE: "kl", MapLoss.MSE: "map_mse", MapLoss.OUTPUT: "output_ms
 _TERMS = {MapLoss.CE: "attn_ce", MapLoss.MSE: "attn_mse", MapLoss.OUTPUT: "attn_output_mse"}
 
 
-class MapAgreement(NamedTuple):
-    """One layer's loss (differentiable w.r.t. the student) and its detached agreement metric (None when
-    not asked for and not free)."""
+def map_agreement(loss: MapLoss, value: torch.Tensor, metric: torch.Tensor | None) -> Loss:
+    """One layer's map loss as a `Loss`: ``total`` the loss (differentiable w.r.t. the student), one term named
+    by its kind (``attn_ce``, ``attn_mse``), and its detached agreement metric in ``logs`` under the kind's
+    metric name (``kl``, ``map_mse``; absent when not asked for and not free: `agreement` reads it)."""
+    return Loss(value, {loss.term: value}, {} if metric is None else {loss.metric: metric})
 
-    loss: torch.Tensor
-    metric: torch.Tensor | None
-    metric_name: str
-    kind: MapLoss = MapLoss.CE
+
+def agreement(res: Loss) -> torch.Tensor | None:
+    """The detached agreement metric beside a map loss (`map_agreement`), or None."""
+    return next(iter(res.logs.values()), None)
 
 
 @dataclass(frozen=True)
@@ -224,7 +226,7 @@ def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
 
 def _implicit_loss(
     loss: MapLoss, attn: TransferableAttention, student: LayerLogits, teacher: LayerLogits, chunk: int | None
-) -> MapAgreement:
+) -> Loss:
     """CE or MSE from the layer's rows (`attention_map`, which knows the layer's own scale), in checkpointed
     row chunks; the metric is free. The teacher's logits take its scale and bias; a student with a logit bias
     of its own is refused here (its map is not ``attention_map``). With the teacher's ``key_pooling`` the
@@ -251,7 +253,7 @@ def _implicit_loss(
         else:
             value = total / (B * H * N * compared)
             metric = value.detach()
-    return MapAgreement(value, metric, loss.metric, loss)
+    return map_agreement(loss, value, metric)
 
 
 def _exact_softmax_ce(
@@ -261,7 +263,7 @@ def _exact_softmax_ce(
     with_metric: bool,
     chunk: int | None,
     ce_path: CEPath | str | None,
-) -> MapAgreement:
+) -> Loss:
     """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
     identity for plain q·kᵀ logits, also where the key set differs from the queries (CaiT's class
     attention: one query row; spatially reduced keys), and the chunked biased path
@@ -289,7 +291,7 @@ def _exact_softmax_ce(
             with_kl=with_metric,
             valid=student.valid,
         )
-        return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
+        return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
     res = attention_distillation_loss(
         teacher.q,
         teacher.k,
@@ -302,7 +304,7 @@ def _exact_softmax_ce(
         path=ce_path,
         lse_s=student.lse,
     )
-    return MapAgreement(res.ce, res.kl, MapLoss.CE.metric, MapLoss.CE)
+    return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
 
 
 @dataclass(frozen=True)
@@ -405,7 +407,7 @@ def map_distillation_loss(
     with_metric: bool = True,
     chunk: int | None = None,
     ce_path: CEPath | str | None = None,
-) -> MapAgreement:
+) -> Loss:
     """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on ``student``'s q and k
     and the softmax map of ``teacher``'s, dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
 
@@ -438,7 +440,7 @@ def implicit_map_loss(
     k_t: torch.Tensor,
     loss: MapLoss | str = "auto",
     chunk: int | None = None,
-) -> MapAgreement:
+) -> Loss:
     """The ``loss`` ('ce' or 'mse'; 'auto' by map kind) computed from ``attn``'s rows (`attention_map`),
     whatever its kind: the chunked path (for softmax layers too), equal heads and tokens."""
     loss = check_map_loss(loss, attn.map_kind)

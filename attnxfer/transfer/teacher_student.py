@@ -5,7 +5,8 @@ A step has two halves. The teacher's pass (`teacher_pass`, `run_teacher`): its o
 with a capturing `AttentionIO` on each layer the plan needs (`teacher_needs`), stopping once the last one
 has captured unless its final features or logits are compared. Then the student's: its own forward with
 per-layer `AttentionIO`s that consume the teacher's q/k/v (copy, as the mode borrows them) or capture its
-own for the plan's comparisons, whose weighted losses it sums (`plan.comparisons`). ``forward(x)`` runs both;
+own for the plan's comparisons (`plan.comparisons`), whose losses it hands over with the logits (their
+weighted sum, with the task loss, is composed in `step_loss.compose_loss`). ``forward(x)`` runs both;
 ``forward(x, handover)`` takes a teacher pass run once for several pairs that share the teacher (a study).
 Shared drop path swaps both models' drop-path modules for the student's per-sample masks around the two
 passes: such a pair's teacher pass is its own (`owns_teacher_pass`).
@@ -19,6 +20,7 @@ GPU, and not a registered submodule, so it never reaches the optimizer, EMA,
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +30,10 @@ import torch.nn as nn
 
 from ..models.attention import AttentionIO, attention_io, attention_layers, make_transfer_aware
 from ..models.handover import Chunks, Signal
-from .comparisons import Compared, Comparison, LayerPair, Step
+from .comparisons import Comparison, LayerPair, Step
 from .losses import CEPath, ce_path_for
 from .plan import TransferPlan, build_plan
+from .step_loss import Loss, compose_loss
 from .teacher_pass import (
     TeacherHandover,
     TeacherNeeds,
@@ -43,26 +46,29 @@ from .teacher_pass import (
 
 @dataclass
 class TransferOutput:
-    """Student logits plus the transfer loss.
+    """The student's logits and what each comparison of the plan computed on the step (``compared``: each
+    `Comparison` with its unweighted `Loss`, in the plan's order; empty when nothing is compared).
 
-    ``loss`` is the weighted sum the optimiser sees (None when nothing is
-    distilled); ``terms`` holds each layer's unweighted differentiable term
-    (e.g. ``"attn_ce/3"``), the logit and feature distillation terms (``logit_kd``;
-    ``feat_cos``, ``feat_smooth_l1`` and both per token group, detached), and ``logs``
-    detached extras such as per-layer KL.
+    ``loss`` is their weighted sum (`compose_loss`; None when nothing is compared); ``terms`` the comparisons'
+    own terms (each layer's ``attn_ce/3``, ``logit_kd``, ``feat_cos``, ...), ``logs`` their detached extras
+    (per-layer KL). A training step composes its loss from ``compared`` and its task loss
+    (`TransferObjective.loss`).
     """
 
     logits: torch.Tensor
-    loss: torch.Tensor | None = None
-    terms: dict[str, torch.Tensor] = field(default_factory=dict)
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    compared: list[tuple[Comparison, Loss]] = field(default_factory=list)
 
-    def add(self, weight: float, compared: Compared) -> None:
-        """A comparison's terms and logs, and its loss at ``weight`` into the sum."""
-        self.terms.update(compared.terms)
-        self.logs.update(compared.logs)
-        weighted = weight * compared.loss
-        self.loss = weighted if self.loss is None else self.loss + weighted
+    @functools.cached_property
+    def loss(self) -> torch.Tensor | None:
+        return compose_loss(self.compared).total if self.compared else None
+
+    @property
+    def terms(self) -> dict[str, torch.Tensor]:
+        return {k: v for _, res in self.compared for k, v in res.terms.items()}
+
+    @property
+    def logs(self) -> dict[str, torch.Tensor]:
+        return {k: v for _, res in self.compared for k, v in res.logs.items()}
 
 
 class _FixedDropPath(nn.Module):
@@ -247,7 +253,7 @@ class TeacherStudent(nn.Module):
 
     def _student_pass(self, x: torch.Tensor | dict, handover: TeacherHandover) -> TransferOutput:
         """The student's forward with the teacher's hand-over: borrowing what the mode borrows, capturing what
-        the comparisons compare; then each comparison's weighted loss, in the plan's order."""
+        the comparisons compare; then each comparison's (unweighted) loss, in the plan's order."""
         compared = self.plan.comparisons if self.training else ()
         ce_path = self.ce_path or ce_path_for(_device(x))
         ios = self._student_ios(handover, compared, ce_path)
@@ -262,11 +268,10 @@ class TeacherStudent(nn.Module):
         step = Step(self.student, self.teacher, ce_path, self.log_kl)
         for c in compared:
             if c.signal.of_layer:
-                out.add(c.weight, self._layer_loss(c, ios, handover, step))
+                res = self._layer_loss(c, ios, handover, step)
             else:
-                out.add(
-                    c.weight, c.loss_fn.compare(c, student_whole[c.signal], handover.signals[c.signal], step)
-                )
+                res = c.loss_fn.compare(c, student_whole[c.signal], handover.signals[c.signal], step)
+            out.compared.append((c, res))
         return out
 
     def _student_ios(
@@ -290,17 +295,17 @@ class TeacherStudent(nn.Module):
 
     def _layer_loss(
         self, c: Comparison, ios: dict[int, AttentionIO], handover: TeacherHandover, step: Step
-    ) -> Compared:
+    ) -> Loss:
         """A layer comparison over its pairs: the sum of the layers' losses, every layer's terms and logs."""
         losses, terms, logs = [], {}, {}
         for s, t in c.pairs:
             io = ios[s]
             student = io.captured if io.lse is None else {**io.captured, "lse": io.lse}
             res = c.loss_fn.compare_layer(c, self._pair(s, t, student, handover.layers[t]), step)
-            losses.append(res.loss)
+            losses.append(res.total)
             terms.update(res.terms)
             logs.update(res.logs)
-        return Compared(torch.stack(losses).sum(), terms, logs)
+        return Loss(torch.stack(losses).sum(), terms, logs)
 
     def _pair(self, s: int, t: int, *signals: Mapping[str, Any]) -> LayerPair:
         """Student layer ``s`` and teacher layer ``t``, with what they handed over (student's, teacher's)."""

@@ -66,10 +66,10 @@ def test_bias_rows_ce_and_gradients_equal_explicit_maps(case):
     if case == "shared":
         bias_s = bias_s + shared.double().unsqueeze(0)
     want = _oracle_ce(q_t, k_t, q_s, k_s, bias_t, bias_s)
-    torch.testing.assert_close(got.ce.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.total.double(), want, rtol=1e-5, atol=1e-6)
 
     inputs = [q_s, k_s] + ([table_s] if rows_s is not None else []) + ([shared] if case == "shared" else [])
-    grads = torch.autograd.grad(got.ce, inputs)
+    grads = torch.autograd.grad(got.total, inputs)
     wants = torch.autograd.grad(want, inputs)
     for g_, w in zip(grads, wants):
         assert w.abs().max() > 0
@@ -101,7 +101,7 @@ def test_nothing_n_by_n_is_kept_for_backward():
             bias_t=gathered_bias_rows(table, index, n),
             bias_s=gathered_bias_rows(table_s, index, n),
             chunk=8,
-        ).ce
+        ).total
     ce.backward()
     assert saved and max(saved) <= q_s.numel()  # dq, dk, the table's gradient
     assert table_s.grad.abs().max() > 0

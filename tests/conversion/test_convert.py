@@ -26,7 +26,7 @@ from attnxfer.train.speed import forward_speed
 from attnxfer.train.stage1 import stage1_transfer
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 from attnxfer.transfer.conversion import ConversionPlan, build_conversion_plan
-from attnxfer.transfer.map_losses import implicit_map_loss
+from attnxfer.transfer.map_losses import agreement, implicit_map_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -80,7 +80,7 @@ def test_implicit_map_loss_matches_the_materialised_oracle(name, loss):
     sig = _teacher_qk_input(teacher, x, 0)
     q, k = attn.project(sig["input"], "qk").values()
     res = implicit_map_loss(attn, q, k, sig["q"], sig["k"], loss, chunk=5)  # 17 rows: chunks of 5, 5, 5, 2
-    grads = torch.autograd.grad(res.loss, [q, k, *attn.parameters()], allow_unused=True, retain_graph=True)
+    grads = torch.autograd.grad(res.total, [q, k, *attn.parameters()], allow_unused=True, retain_graph=True)
 
     p_t = attention_maps(teacher, x)[0]  # the teacher's oracle: explicit softmax maps
     a_s = attn.attention_map(q, k)  # the whole implicit map at once
@@ -90,8 +90,8 @@ def test_implicit_map_loss_matches_the_materialised_oracle(name, loss):
     else:
         ref = ref_metric = (a_s - p_t).pow(2).mean()
     ref_grads = torch.autograd.grad(ref, [q, k, *attn.parameters()], allow_unused=True)
-    torch.testing.assert_close(res.loss, ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(res.metric, ref_metric.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.total, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(agreement(res), ref_metric.detach(), rtol=1e-4, atol=1e-6)
     for g, r in zip(grads, ref_grads):
         assert (g is None) == (r is None)
         if g is not None:

@@ -18,7 +18,7 @@ from attnxfer.models.attention.key_pooling import KeyPooling
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.train.stage1 import stage1_transfer, teacher_signals
 from attnxfer.transfer.conversion import build_conversion_plan
-from attnxfer.transfer.map_losses import LayerLogits, map_distillation_loss
+from attnxfer.transfer.map_losses import LayerLogits, agreement, map_distillation_loss
 
 IMG = 36  # stage grids 9x9 and 5x5: not divisible by the reductions 4 and 2 (timm's conv floors them)
 
@@ -135,7 +135,7 @@ def test_pooled_map_loss_is_the_loss_of_the_materialised_pooled_map(kind, studen
         k = own["k"].detach().requires_grad_(True)
         pooled_keys = LayerLogits(sig["q"], sig["k"], key_pooling=sig["key_pooling"])
         res = map_distillation_loss(attns[i], LayerLogits(q, k), pooled_keys, loss)
-        grads = torch.autograd.grad(res.loss, (q, k))
+        grads = torch.autograd.grad(res.total, (q, k))
 
         q_r = q.detach().requires_grad_(True)
         k_r = k.detach().requires_grad_(True)
@@ -148,10 +148,10 @@ def test_pooled_map_loss_is_the_loss_of_the_materialised_pooled_map(kind, studen
         if loss == "ce":
             ref = -(p_t * pooled.log()).sum(-1).mean()
             kl = ref - (-(p_t * p_t.log()).sum(-1).mean())
-            torch.testing.assert_close(res.metric, kl.detach(), rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(agreement(res), kl.detach(), rtol=1e-4, atol=1e-6)
         else:
             ref = (pooled - p_t).pow(2).mean()
-        torch.testing.assert_close(res.loss, ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(res.total, ref, rtol=1e-5, atol=1e-7)
         for got, want in zip(grads, torch.autograd.grad(ref, (q_r, k_r))):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
 

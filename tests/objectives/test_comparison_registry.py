@@ -15,8 +15,8 @@ from helpers import peaked_teacher, tiny_vit
 from attnxfer.apps.training import train
 from attnxfer.config import load_config
 from attnxfer.transfer import (
-    Compared,
     ComparisonLoss,
+    Loss,
     PlanError,
     Signal,
     TeacherStudent,
@@ -31,9 +31,9 @@ class FeatureL2(ComparisonLoss):
 
     signals = (Signal.FEATURES,)
 
-    def compare(self, comparison, student, teacher, step) -> Compared:
+    def compare(self, comparison, student, teacher, step) -> Loss:
         loss = (student.float() - teacher.float()).pow(2).mean()
-        return Compared(loss, {"feat_l2": loss})
+        return Loss(loss, {"feat_l2": loss})
 
 
 @pytest.mark.slow
@@ -61,8 +61,8 @@ def test_a_loss_registered_in_a_test_file_trains_through_the_config(tmp_path, ti
     steps = [r for r in rows if r["split"] == "train"]
     assert [r["step"] for r in steps] == [1, 2]
     for r in steps:
-        assert r["feat_l2"] > 0 and r["attn"] == pytest.approx(0.5 * r["feat_l2"], rel=1e-6)
-        assert r["total"] == pytest.approx(r["task"] + r["attn"], rel=1e-6)
+        assert r["feat_l2"] > 0 and r["transfer"] == pytest.approx(0.5 * r["feat_l2"], rel=1e-6)
+        assert r["total"] == pytest.approx(r["task"] + r["transfer"], rel=1e-6)
 
 
 def test_the_registered_loss_adds_its_gradient_to_the_step():

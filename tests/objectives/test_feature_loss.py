@@ -62,7 +62,7 @@ def test_values_and_logged_terms_match_the_hand_computed_reference(beta):
     s, t = _tokens(0), _tokens(1) * 3 + 0.5
     out = feature_distill_loss(s, t, PREFIX, beta=beta)
     want = _reference(s, t, beta)
-    assert out.loss.item() == pytest.approx(want.pop("loss"), rel=1e-12)
+    assert out.total.item() == pytest.approx(want.pop("loss"), rel=1e-12)
     assert set(out.terms) == set(want)
     for key, value in want.items():
         assert out.terms[key].item() == pytest.approx(value, rel=1e-12), key
@@ -71,8 +71,8 @@ def test_values_and_logged_terms_match_the_hand_computed_reference(beta):
 
 def test_gradient_matches_gradcheck_and_never_reaches_the_teacher():
     s, t = _tokens(2).requires_grad_(True), _tokens(3).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: feature_distill_loss(x, t, PREFIX, beta=0.5).loss, (s,))
-    feature_distill_loss(s, t, PREFIX).loss.backward()
+    assert torch.autograd.gradcheck(lambda x: feature_distill_loss(x, t, PREFIX, beta=0.5).total, (s,))
+    feature_distill_loss(s, t, PREFIX).total.backward()
     assert t.grad is None and s.grad is not None and s.grad.abs().sum() > 0
 
 
@@ -81,11 +81,11 @@ def test_gradient_of_the_cosine_term_is_the_explicit_formula():
     d(1 - cos)/ds = -(t/|t| - cos * s/|s|) / |s|, divided by the B*N tokens of the mean."""
     t = _tokens(4)
     s = (t * 1.0).requires_grad_(True)
-    feature_distill_loss(s, t, PREFIX).loss.backward()
+    feature_distill_loss(s, t, PREFIX).total.backward()
     torch.testing.assert_close(s.grad, torch.zeros_like(s), atol=1e-12, rtol=0)  # s = t: both terms at 0
     s = (t + 0.01 * _tokens(5)).requires_grad_(True)
     beta = 1e3  # quadratic everywhere: d/ds of 0.5 d²/beta is tiny and known; check it separately below
-    feature_distill_loss(s, t, PREFIX, beta=beta).loss.backward()
+    feature_distill_loss(s, t, PREFIX, beta=beta).total.backward()
     sd, td = s.detach(), t
     ns, nt = sd.norm(dim=-1, keepdim=True), td.norm(dim=-1, keepdim=True)
     cos = (sd * td).sum(-1, keepdim=True) / (ns * nt)
@@ -100,10 +100,10 @@ def test_loss_is_fp32_under_bf16_autocast_and_equals_the_upcast_computation():
     sb, tb = s.bfloat16().requires_grad_(True), t.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = feature_distill_loss(sb, tb, PREFIX)
-    assert out.loss.dtype == torch.float32
-    want = feature_distill_loss(sb.detach().float(), tb.float(), PREFIX).loss
-    torch.testing.assert_close(out.loss, want, rtol=0, atol=0)
-    out.loss.backward()
+    assert out.total.dtype == torch.float32
+    want = feature_distill_loss(sb.detach().float(), tb.float(), PREFIX).total
+    torch.testing.assert_close(out.total, want, rtol=0, atol=0)
+    out.total.backward()
     assert sb.grad.dtype == torch.bfloat16 and torch.isfinite(sb.grad.float()).all()
 
 
@@ -116,7 +116,7 @@ def test_a_huge_norm_token_counts_like_any_other():
     scaled_t[0, 2] *= 1000.0
     a = feature_distill_loss(s, t, PREFIX, eps=0.0)
     b = feature_distill_loss(scaled_s, scaled_t, PREFIX, eps=0.0)
-    assert b.loss.item() == pytest.approx(a.loss.item(), rel=1e-10)
+    assert b.total.item() == pytest.approx(a.total.item(), rel=1e-10)
     mse_share = ((scaled_s - scaled_t)[0, 2].pow(2).sum() / (scaled_s - scaled_t).pow(2).sum()).item()
     assert mse_share > 0.999  # what a raw MSE would have looked at
 

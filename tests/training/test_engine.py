@@ -13,8 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from attnxfer.apps.training import build_engine
 from attnxfer.config import ConfigError, load_config
 from attnxfer.launch import cli
+from attnxfer.train.drive import Drive, StudentStreams, own_feed
+from attnxfer.train.stop import StopRequested
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -269,3 +272,32 @@ def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
     assert "30 optimiser steps" in capped and "raise schedule.max_steps" in capped
     assert "schedule.epochs" not in capped
     assert warning(replace(s, epochs=20)) is None
+
+
+@pytest.mark.slow  # two tiny engines, two steps each
+def test_the_engine_steps_as_its_drive_says_feed_stop_check_and_streams(tmp_path):
+    """What varies between loops is given to the engine when it is built: its feed prepares every batch, its
+    stop check is read after every step (a stop saves that step), and each step runs under its streams."""
+    cfg = load_config(
+        None, [f"run_dir={tmp_path / 'a'}", *TINY, "transfer.mode=none", "schedule.max_steps=2"]
+    )
+    fed, asked = [], []
+
+    def feed(x, y, place):
+        fed.append(place.seed)
+        return own_feed(x, y, place)
+
+    def stop():
+        asked.append(1)
+        return signal.SIGTERM if len(asked) == 1 else None
+
+    streams = StudentStreams()
+    engine = build_engine(cfg, drive=Drive(feed=feed, stop=stop, streams=streams))
+    streams.start(engine.accelerator)
+    before = streams.torch_cpu.clone()
+    with pytest.raises(StopRequested):
+        engine.run()
+    assert len(fed) == 1 and asked == [1] and engine.saved_step == 1  # the stop saved the step it stopped at
+    assert not torch.equal(
+        streams.torch_cpu, before
+    )  # the step drew from the engine's own streams (drop path)

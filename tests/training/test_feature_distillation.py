@@ -115,14 +115,14 @@ def test_feature_distillation_is_the_loss_of_both_models_own_final_tokens(mode):
         out.terms
     )
     if mode == "none":
-        torch.testing.assert_close(out.loss, 0.5 * ref.loss)
+        torch.testing.assert_close(out.loss, 0.5 * ref.total)
         return
     alone = TeacherStudent(teacher, copy.deepcopy(student), build_plan(teacher, student, mode)).train()(x)
     attention = [k for k in out.terms if k.startswith("attn_ce/")]
     assert attention == ["attn_ce/0", "attn_ce/1"]
     for key in attention:
         torch.testing.assert_close(out.terms[key], alone.terms[key])
-    torch.testing.assert_close(out.loss, alone.loss + 0.5 * ref.loss)
+    torch.testing.assert_close(out.loss, alone.loss + 0.5 * ref.total)
 
 
 def test_an_objective_without_a_task_loss_never_touches_the_labels():
@@ -134,7 +134,7 @@ def test_an_objective_without_a_task_loss_never_touches_the_labels():
     objective = TransferObjective(pair.train(), never)
     x, y = objective.prepare(torch.randn(2, 3, 32, 32), None, seed=0)
     out = objective.loss(pair, x, y, contextlib.nullcontext)
-    assert "task" not in out.terms and out.total is out.terms["attn"] and out.total.requires_grad
+    assert "task" not in out.terms and out.total is out.terms["transfer"] and out.total.requires_grad
     labelled = build_plan(teacher, tiny_vit(depth=2, seed=2), "none", feature_weight=1.0)
     objective = TransferObjective(TeacherStudent(teacher, tiny_vit(depth=2, seed=2), labelled), never)
     with pytest.raises(ValueError, match="needs labels"):
@@ -209,12 +209,12 @@ def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
     assert train_rows[0]["step"] == 1 and "task" not in train_rows[0]
     for key, value in first.terms.items():
         assert train_rows[0][key] == pytest.approx(value.item(), rel=1e-5), key
-    assert train_rows[0]["total"] == pytest.approx(first.loss.item(), rel=1e-5)
+    assert train_rows[0]["total"] == pytest.approx(first.total.item(), rel=1e-5)
     probe = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         t = teacher.float().forward_features(probe)
-        start = feature_distill_loss(before.forward_features(probe), t, 1).loss
-        end = feature_distill_loss(engine.student.eval().forward_features(probe), t, 1).loss
+        start = feature_distill_loss(before.forward_features(probe), t, 1).total
+        end = feature_distill_loss(engine.student.eval().forward_features(probe), t, 1).total
     assert end < 0.8 * start, (start, end)
     evals = [r for r in rows if r["split"] == "val"]
     assert len(evals) == 3 and all("val_feat_cos_patch" in r and "ema_val_feat_cos_patch" in r for r in evals)

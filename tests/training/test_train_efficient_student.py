@@ -75,7 +75,7 @@ def test_fresh_hedgehog_student_distils_through_the_cli_and_round_trips_through_
     assert main(["train", *args]) == 0
     assert "mode=distill" in capsys.readouterr().out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    attn = [r["attn"] for r in rows if r.get("split") == "train"]
+    attn = [r["transfer"] for r in rows if r.get("split") == "train"]
     assert len(attn) == 10 and attn[-1] < 0.95 * attn[0], attn  # the distillation loss decreases
     assert {k for k in rows[0] if k.startswith("attn_ce/")} == {"attn_ce/0", "attn_ce/1"}
     spec = json.loads((run / "run.json").read_text())["student"]
