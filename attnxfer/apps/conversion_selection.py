@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import weakref
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -173,6 +174,22 @@ def _recorded(cfg: TrainConfig, path: Path, log: Callable[[str], None]) -> dict[
     return record
 
 
+#: measurements already taken in this process, per teacher and per what they read (a convert study's students
+#: differing only in convert.speedup are measured once and choose from the same numbers)
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _memo(teacher: nn.Module, what: str, cfg: TrainConfig, measure: Callable[[], Any]) -> Any:
+    d = to_dict(cfg)
+    reads = {k: d[k] for k in ("seed", "precision", "device", "teacher", "data")}
+    reads["convert"] = {k: v for k, v in d["convert"].items() if k != "speedup"}
+    key = what + json.dumps(reads, sort_keys=True, default=str)
+    done = _MEASURED.setdefault(teacher, {})
+    if key not in done:
+        done[key] = measure()
+    return done[key]
+
+
 def measure_selection(
     cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor, log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -186,16 +203,21 @@ def measure_selection(
         )
     teacher.to(device=device, dtype=torch.float32).eval()
     start = time.monotonic()
-    timing = time_candidates(cfg, parts, device)
+    timing = _memo(teacher, "time", cfg, lambda: time_candidates(cfg, parts, device))
     depth = len(flat_blocks(teacher))
     ms = {n: timing["ms"][n] for n in c.candidates}
     soft, whole = timing["ms"][SOFTMAX], timing["ms"]["teacher"]
     top = fastest([dict.fromkeys(ms, 0.0)] * depth, ms, soft, whole)
     if top.speedup < c.speedup:
+        which = (
+            f"all layers {top.names[0]}"
+            if top.names[0] != SOFTMAX
+            else "the teacher itself: no candidate is faster than softmax there"
+        )
         raise InputError(
             f"convert.speedup={c.speedup:g} cannot be met: the fastest student of these candidates at "
-            f"{timing['tokens']:,} tokens is {top.speedup:.2f}x (all layers {top.names[0]}); lower "
-            "convert.speedup, add faster convert.candidates, or measure at more tokens (convert.speed_tokens)"
+            f"{timing['tokens']:,} tokens is {top.speedup:.2f}x ({which}); lower convert.speedup, add faster "
+            "convert.candidates, or measure at more tokens (convert.speed_tokens)"
         )
     log(
         f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
@@ -203,17 +225,9 @@ def measure_selection(
     )
     timed = time.monotonic()
     steps = c.selection_steps or c.stage1_steps
-    fitted, failed = {}, {}
-    for name in c.candidates:
-        try:
-            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for)
-        except NonFiniteLossError as e:
-            failed[name] = str(e)
-            log(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
-    batches = [x.to(device) for x, *_ in _take(parts.val_loader, c.selection_batches)]
-    metric, sensitivity = sensitivities(teacher, fitted, batches)
-    for row in sensitivity:
-        row.update(dict.fromkeys(failed, math.inf))
+    metric, sensitivity, failed = _memo(
+        teacher, "sensitivity", cfg, lambda: _measured_sensitivities(cfg, parts, steps, device, plan_for, log)
+    )
     try:
         chosen = select(sensitivity, ms, soft, whole, c.speedup)
     except InfeasibleBudget as e:  # candidates left out of the fits can make a met budget unmet
@@ -239,6 +253,30 @@ def measure_selection(
         "seconds": {"timing": timed - start, "fits_and_sensitivity": time.monotonic() - timed},
         "config": to_dict(cfg),
     }
+
+
+def _measured_sensitivities(
+    cfg: TrainConfig,
+    parts: RunParts,
+    steps: int,
+    device: torch.device,
+    plan_for: PlanFor,
+    log: Callable[[str], None],
+) -> tuple[str, list[dict[str, float]], dict[str, str]]:
+    """Each candidate fitted in every block (a fit that diverges leaves it out: infinite sensitivity), then
+    `sensitivities` on the first ``convert.selection_batches`` validation batches; (metric, rows, failed)."""
+    fitted, failed = {}, {}
+    for name in cfg.convert.candidates:
+        try:
+            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for)
+        except NonFiniteLossError as e:
+            failed[name] = str(e)
+            log(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
+    batches = [x.to(device) for x, *_ in _take(parts.val_loader, cfg.convert.selection_batches)]
+    metric, rows = sensitivities(parts.teacher, fitted, batches)
+    for row in rows:
+        row.update(dict.fromkeys(failed, math.inf))
+    return metric, rows, failed
 
 
 def speed_geometry(cfg: TrainConfig, teacher: nn.Module, run_side: int) -> tuple[int, int]:
