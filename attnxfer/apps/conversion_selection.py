@@ -203,7 +203,8 @@ def measure_selection(
         )
     teacher.to(device=device, dtype=torch.float32).eval()
     start = time.monotonic()
-    timing = _memo(teacher, "time", cfg, lambda: time_candidates(cfg, parts, device))
+    # every rank judges the budget on rank 0's times (one verdict: no rank stops alone)
+    timing = gather_objects(_memo(teacher, "time", cfg, lambda: time_candidates(cfg, parts, device)))[0]
     depth = len(flat_blocks(teacher))
     ms = {n: timing["ms"][n] for n in c.candidates}
     soft, whole = timing["ms"][SOFTMAX], timing["ms"]["teacher"]
@@ -267,8 +268,12 @@ def _measured_sensitivities(
     `sensitivities` on the first ``convert.selection_batches`` validation batches; (metric, rows, failed)."""
     fitted, failed = {}, {}
     for name in cfg.convert.candidates:
+        start = time.monotonic()
         try:
             fitted[name] = _fit(cfg, parts, name, steps, device, plan_for)
+            log(
+                f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
+            )
         except NonFiniteLossError as e:
             failed[name] = str(e)
             log(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
