@@ -430,6 +430,7 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
     section = {k: v for k, v in record.items() if k != "config"}
     if record["side"] == speed["input"][-1] and record["batch"] == speed["batch"]:
         section["measured_speedup"] = speed["speedup"]
+        section["measured_speedup_cpu"] = speed.get("student_over_teacher_cpu")
     else:
         teacher = _teacher_at(cfg, parts.teacher, record["side"], -1, run.device)
         student = build_efficient_student(teacher, record["attention"], **cfg.convert.attention_kwargs)
@@ -442,9 +443,13 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
             autocast=precision.dtype if precision.autocasts else None,
         )
         section["measured_speedup"] = row["student_over_teacher"]
+        section["measured_speedup_cpu"] = row.get("student_over_teacher_cpu")
+    cpu = section["measured_speedup_cpu"]
     run.log(
         f"convert.attention=auto: predicted {record['predicted_speedup']:.2f}x, measured "
-        f"{section['measured_speedup']:.2f}x the teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x)"
+        f"{section['measured_speedup']:.2f}x"
+        + (f" ({cpu:.2f}x in CPU time)" if cpu else "")
+        + f" the teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x)"
     )
     return section
 

@@ -341,7 +341,8 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         "## Attention per block (convert.attention=auto)",
         "",
         f"Budget **{selection['speedup']:g}x** the teacher at {selection['tokens']:,} tokens: predicted "
-        f"**{selection['predicted_speedup']:.2f}x**, measured **{ratio_text(measured)}x** (fastest student of "
+        f"**{selection['predicted_speedup']:.2f}x**, measured **{ratio_text(measured)}x**{_cpu_time(selection)} "
+        "(fastest student of "
         f"these candidates: {selection['fastest']['speedup']:.2f}x, all blocks {selection['fastest']['attention']}).",
         "",
         f"Times (ms, batch {selection['batch']}, {selection['device']}, {selection['precision']}): teacher "
@@ -359,6 +360,13 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         cells = " | ".join(value_text(row.get(n), 3) for n in names)
         lines.append(f"| {i} | **{name}** | {cells} | {why} |")
     return [*lines, ""]
+
+
+def _cpu_time(selection: dict[str, Any]) -> str:
+    """The measured speedup in process CPU time (CPU runs), which other programs on a shared machine distort
+    less than wall-clock time."""
+    cpu = selection.get("measured_speedup_cpu")
+    return f" ({cpu:.2f}x in CPU time)" if cpu else ""
 
 
 def _sweep_lines(speed: dict[str, Any]) -> list[str]:
