@@ -270,7 +270,7 @@ def _measured_sensitivities(
     for name in cfg.convert.candidates:
         start = time.monotonic()
         try:
-            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for)
+            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for, log)
             log(
                 f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
             )
@@ -358,7 +358,13 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
 
 
 def _fit(
-    cfg: TrainConfig, parts: RunParts, name: str, steps: int, device: torch.device, plan_for: PlanFor
+    cfg: TrainConfig,
+    parts: RunParts,
+    name: str,
+    steps: int,
+    device: torch.device,
+    plan_for: PlanFor,
+    log: Callable[[str], None],
 ) -> nn.Module:
     """A student with ``name`` in every block after ``steps`` of stage 1 (as the run's stage 1 would fit it)."""
     torch.manual_seed(cfg.seed)
@@ -366,6 +372,11 @@ def _fit(
     student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
     plan = plan_for(fit_cfg, student)
     c = cfg.convert
+    if not plan.active:
+        log(
+            f"convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
+            "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
+        )
     stage1_transfer(
         parts.teacher,
         student,

@@ -12,7 +12,8 @@ import pytest
 import torch
 from helpers import randomize_qkv_rows, tiny_vit
 
-from attnxfer.apps.conversion_selection import SELECTION_FILE, sensitivities
+from attnxfer.apps.conversion_selection import SELECTION_FILE, _recorded, sensitivities
+from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, brute_force, reasons, select
@@ -94,6 +95,27 @@ def test_softmax_stays_where_the_measured_sensitivity_is_largest():
     metric, rows = sensitivities(teacher, {"relu_linear": student}, [x])
     assert metric == "feature_error"
     assert max(range(3), key=lambda i: rows[i]["relu_linear"]) == 1
+
+
+def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tmp_path):
+    """The resume rule over the keys the choice read: the same config reads the record back (nothing
+    measured); another budget is refused in one line, naming the key; checkpoint.resume=none chooses again."""
+    cfg = apply_overrides(
+        TrainConfig(),
+        {"run_dir": str(tmp_path), "convert.attention": "auto", "convert.speedup": 1.5},
+    )
+    record = {"attention": ["softmax", "relu_linear"], "config": to_dict(cfg)}
+    path = tmp_path / SELECTION_FILE
+    path.write_text(json.dumps(record))
+    said = []
+    assert _recorded(cfg, path, said.append) == record and "nothing measured again" in said[0]
+    other = apply_overrides(cfg, {"convert.speedup": 2.0})
+    with pytest.raises(ConfigError, match=r"convert\.speedup.*nothing was written") as e:
+        _recorded(other, path, said.append)
+    assert "\n" not in str(e.value)
+    assert _recorded(apply_overrides(other, {"checkpoint.resume": "none"}), path, said.append) is None
+    # keys the choice does not read may change (stage 2's schedule)
+    assert _recorded(apply_overrides(cfg, {"schedule.epochs": 3}), path, said.append) == record
 
 
 # ------------------------------------------------------------------------------------------- the command
