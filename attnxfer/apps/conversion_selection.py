@@ -26,6 +26,9 @@ report, and the resolved ``convert.attention`` list into the run's config. A res
 choice and measures nothing (timings on a loaded machine would differ), its config judged by the one resume
 rule (`attnxfer.apps.resume.config_changes`) over the keys the choice read. The fits are measurement only:
 stage 1 then fits the chosen blocks from scratch as in any conversion (and resumes from its own checkpoints).
+Reusing them would save one fit in C + 1 (C candidates) but would hand stage 2 weights that no stage-1
+checkpoint, history or resume accounts for (and that the fits' shared gradient clipping coupled to blocks the
+student does not have).
 """
 
 from __future__ import annotations
