@@ -137,9 +137,10 @@ def choose_attentions(
     """``cfg`` with ``convert.attention=auto`` resolved to one name per block, and the selection's record
     (the run's recorded choice where there is one, else measured now and recorded); other configs as they
     are, with None. Under several ranks every rank takes rank 0's choice."""
-    if cfg.convert.attention != AUTO:
-        return cfg, None
     path = Path(cfg.run_dir) / SELECTION_FILE
+    if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return cfg, (record if record and record["attention"] == cfg.convert.attention else None)
     record = _recorded(cfg, path, log)
     if record is None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -214,6 +214,10 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     assert "the choice recorded in" in out and "teacher takes" not in out
     assert (run / SELECTION_FILE).read_text() == before
     assert json.loads((run / "report.json").read_text())["stage1"]["resumed"]
+    # the run's own config.yaml (the chosen list) converts the same student, and its report keeps the choice
+    assert cli.main(["convert", "-c", str(run / "config.yaml")]) == 0
+    assert json.loads((run / "report.json").read_text())["selection"]["attention"] == names
+    capsys.readouterr()
     # another budget is another choice: refused, nothing written
     assert cli.main([*args, "convert.speedup=1.2"]) == 2
     assert "convert.speedup" in capsys.readouterr().err and (run / SELECTION_FILE).read_text() == before
