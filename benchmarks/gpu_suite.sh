@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_suite.sh check      # CUDA-only tests and the CE paths in smoke mode (~3 min)
 #   bash benchmarks/gpu_suite.sh transfer   # distillation step and loss: every CE path, N = 197 / 785 / 3137
 #   bash benchmarks/gpu_suite.sh zoo        # efficient attentions vs flash SDPA, bf16, N = 197 / 785 / 3137
-#   bash benchmarks/gpu_suite.sh models     # whole-model images/s: ViT-B teacher vs converted students
+#   bash benchmarks/gpu_suite.sh models     # whole-model images/s: ViT-B teacher vs converted students, hybrids
 #   bash benchmarks/gpu_suite.sh train      # `attnxfer train` images/s: plain fine-tune, copy, distill
 #   bash benchmarks/gpu_suite.sh stage1     # conversion's stage-1 steps/s and CUDA syncs, before/after (~2 min)
 #   bash benchmarks/gpu_suite.sh study      # a study of 4 ViT-Ti students from a ViT-B teacher vs their solo steps
@@ -80,6 +80,9 @@ zoo)
     ;;
 models)
     run model_throughput "$PY" benchmarks/model_throughput.py --preset gpu --json "$OUT/model_throughput.json"
+    # what convert.attention=auto decides from: zoo and hybrids at 1,025 / 4,097 tokens, measured and predicted
+    run hybrid_speed "$PY" benchmarks/hybrid_speed.py --device cuda --tokens 1025 4097 --batch 16 --repeats 10 \
+        --json "$OUT/hybrid_speed.json"
     ;;
 train)
     # eager and compiled in separate processes: each fits a call on its own if the pair does not

@@ -39,12 +39,13 @@ from ..train.stage1 import Stage1Result
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
 from ..transfer.plan import TransferPlan
 from .conversion_quality import QualityProbe, quality_probe, stage2_worse
+from .conversion_selection import AUTO, check_auto, choose_attentions, measured_section, stand_in
 from .conversion_speed import conversion_speeds, speed_lines, sweep_sides
 from .conversion_stage1 import run_stage1
 from .conversion_stage2 import Stage2Objective, stage2_objective, student_head
 from .loaders import data_info
 from .reports import render_conversion_report, teacher_top1_line
-from .run_parts import RunParts, build_run_parts
+from .run_parts import RunParts, build_run_parts, with_student
 from .training import (
     plan_from_config,
     prepare_trackers_from_config,
@@ -158,6 +159,7 @@ class Conversion:
     measured: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None  # why a convert study's student stopped early (a non-finite loss)
+    selection: dict[str, Any] | None = None  # convert.attention=auto's choice (`conversion_selection`)
 
     @property
     def teacher(self) -> nn.Module:
@@ -232,6 +234,7 @@ def _each(step: Callable[[Conversion], Any]) -> Callable[[list[Conversion]], lis
 
 def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
     """Refuse a fresh student's attention key; ``--skip-stage1`` is ``convert.stage1_steps=0``."""
+    check_auto(cfg)
     if cfg.model.attention:
         raise InputError(
             f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
@@ -252,9 +255,13 @@ def build_conversion(
     the data and both stages' plans; ``parts`` built by the caller are used as they are, ``shared``: another
     conversion's teacher and loaders, around which only the student is built (a convert study's). Stage 2's
     weights, chosen here (`stage2_objective`), go into the run's config."""
-    labelled = data_info(cfg.data).has_labels
-    if parts is None:
-        student_fn = _student_builder(cfg, labelled)
+    labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
+    if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen (on its own seed)
+        student_fn = (
+            stand_in(_student_builder(apply_overrides(cfg, {"convert.attention": "softmax"}), labelled))
+            if auto
+            else _student_builder(cfg, labelled)
+        )
         parts = build_run_parts(
             cfg,
             rank=info.rank,
@@ -265,6 +272,16 @@ def build_conversion(
         )
     if parts.teacher is None:
         raise InputError(_NO_TEACHER)
+    cfg, selection = choose_attentions(
+        cfg,
+        parts,
+        resolve_device(cfg.device),
+        main=info.is_main_process,
+        plan_for=lambda c, student: conversion_plan_from_config(c, parts.teacher, student),
+        log=log,
+    )
+    if auto:
+        parts = with_student(parts, _student_builder(cfg, labelled)(parts.teacher, parts.num_classes))
     stage2 = stage2_objective(cfg, parts.teacher, labelled)
     student_head(cfg, parts.teacher, stage2, parts.num_classes)  # a task loss without a head stops here
     if stage2.task_weight > 0 and not getattr(parts.student, "num_classes", 0):
@@ -288,6 +305,7 @@ def build_conversion(
         log,
         Path(cfg.run_dir),
         labelled,
+        selection=selection,
     )
 
 
@@ -543,6 +561,7 @@ def _report(
         "operations": operations,
         "seconds": run.seconds,
         **({"stopped": run.stopped} if run.stopped else {}),
+        **({"selection": measured_section(run, speed)} if run.selection else {}),
     }
 
 

@@ -105,6 +105,7 @@ def render_conversion_report(report: dict[str, Any]) -> str:
         *_agreement_section(report, "teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
         *_agreement_section(report, "end_to_end", "end to end (each model on its own hidden states)"),
         *_speed_section(report["speed"]),
+        *_selection_section(report.get("selection")),
     ]
     if report.get("operations"):
         lines += _operations_section(report["operations"])
@@ -357,6 +358,45 @@ def _with_range(row: dict[str, Any], key: str) -> str:
     span = row.get(f"{key}_range")
     value = ratio_text(row.get(key))
     return f"{value} [{span[0]:.2f}, {span[1]:.2f}]" if span and row.get(key) is not None else value
+
+
+def _selection_section(selection: dict[str, Any] | None) -> list[str]:
+    """``convert.attention=auto``'s choice: the budget, predicted and measured speedup, the times it was made
+    from, and per block the attention, each candidate's sensitivity and why."""
+    if not selection:
+        return []
+    names, metric, ms = selection["candidates"], selection["metric"], selection["ms"]
+    measured = selection.get("measured_speedup")
+    lines = [
+        "## Attention per block (convert.attention=auto)",
+        "",
+        f"Budget **{selection['speedup']:g}x** the teacher at {selection['tokens']:,} tokens: predicted "
+        f"**{selection['predicted_speedup']:.2f}x**, measured **{ratio_text(measured)}x**{_cpu_time(selection)} "
+        "(fastest student of "
+        f"these candidates: {selection['fastest']['speedup']:.2f}x, all blocks {selection['fastest']['attention']}).",
+        "",
+        f"Times (ms, batch {selection['batch']}, {selection['device']}, {selection['precision']}): teacher "
+        f"{ms['teacher']:.3g}, one softmax attention block {ms['softmax']:.3g}, "
+        + ", ".join(f"{n} {ms[n]:.3g}" for n in names)
+        + f". Sensitivity: {metric} of the teacher with only that block swapped to the candidate after "
+        f"{selection['fit_steps']} stage-1 steps (lower: the block can lose softmax).",
+        "",
+        "| block | attention | " + " | ".join(names) + " | why |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for i, (name, row, why) in enumerate(
+        zip(selection["attention"], selection["sensitivity"], selection["reasons"])
+    ):
+        cells = " | ".join(value_text(row.get(n), 3) for n in names)
+        lines.append(f"| {i} | **{name}** | {cells} | {why} |")
+    return [*lines, ""]
+
+
+def _cpu_time(selection: dict[str, Any]) -> str:
+    """The measured speedup in process CPU time (CPU runs), which other programs on a shared machine distort
+    less than wall-clock time."""
+    cpu = selection.get("measured_speedup_cpu")
+    return f" ({cpu:.2f}x in CPU time)" if cpu else ""
 
 
 def _sweep_lines(speed: dict[str, Any]) -> list[str]:

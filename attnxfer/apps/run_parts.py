@@ -318,6 +318,13 @@ def _around_shared(
     return dataclasses.replace(shared, student=student, student_spec=student_spec(student))
 
 
+def with_student(parts: RunParts, student: nn.Module) -> RunParts:
+    """``parts`` around another student of the same input (`attnxfer convert`'s, once its attentions are
+    chosen), stamped and recorded as `parts_around` does."""
+    stamp_input_cfg(student, parts.mean, parts.std, parts.in_chans, parts.img_size)
+    return dataclasses.replace(parts, student=student, student_spec=student_spec(student))
+
+
 def _input_size(model: nn.Module) -> int:
     """The image side a model is built for (`image_input`: its patch embedding's, else the size timm built it
     for, else its pretrained config's); the data pipeline makes square images of that side."""

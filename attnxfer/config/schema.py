@@ -262,9 +262,24 @@ class ConvertConfig:
     distillation; ``mode: none`` without it).
     """
 
-    # a registered zoo attention (attnxfer.models.efficient's registry), or one name per block (or per stage of
-    # a hierarchical teacher); names are checked as the CLI loads the config
+    # a registered zoo attention (attnxfer.models.efficient's registry), one name per block, or auto: each block
+    # softmax or one of convert.candidates, chosen by measured sensitivity and measured speed so that the
+    # student is convert.speedup times faster than the teacher (attnxfer.apps.conversion_selection);
+    # names are checked as the CLI loads the config
     attention: str | list[str] = key("hedgehog", range=ANY)
+    # attention=auto: the predicted speedup over the teacher the student must reach (> 1)
+    speedup: float | None = key(None, range=POSITIVE)
+    # attention=auto: the token count the speed is measured at (prefix + a square grid); null: the run's
+    speed_tokens: int | None = key(None, range=AT_LEAST_1)
+    # attention=auto: the zoo attentions a block may get instead of softmax
+    candidates: list[str] = key(
+        factory=lambda: ["relu_linear", "hedgehog", "performer", "cosformer"], range=ANY
+    )
+    # attention=auto: stage-1 steps of each candidate's fit before its sensitivity is measured; null:
+    # convert.stage1_steps
+    selection_steps: int | None = key(None, range=AT_LEAST_1)
+    # attention=auto: validation batches the sensitivity (output KL, or final-feature error) is measured on
+    selection_batches: int = key(2, range=AT_LEAST_1)
     # e.g. {num_features: 128, window_size: 4}
     attention_kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     stage1_steps: int = key(200, range=NON_NEGATIVE)  # 0 = skip stage 1 (the ablation)

@@ -169,6 +169,8 @@ def check_values(cfg: Any) -> Any:
     _check_architecture("teacher.arch", cfg.teacher.arch)
     if cfg.model.attention:
         _check_attention("model.attention", cfg.model.attention)
-    _check_attention("convert.attention", cfg.convert.attention)
+    if cfg.convert.attention != "auto":  # auto: each block chosen among convert.candidates
+        _check_attention("convert.attention", cfg.convert.attention)
+    _check_attention("convert.candidates", list(cfg.convert.candidates))
     _check_comparisons(cfg.transfer.losses)
     return cfg

@@ -1,0 +1,489 @@
+"""``convert.attention=auto``: each block softmax or a candidate attention, chosen under a speed budget.
+
+Before the student is built, three measurements on the run's device decide the per-block list that the
+conversion then runs as any hybrid conversion (stage 1 fits only the efficient blocks, stage 2 as ever):
+
+1. **Time** (first, so an infeasible budget stops before any training): the teacher's forward, one softmax
+   attention block and one block of each candidate at the speed's token count (the run's, or
+   ``convert.speed_tokens``), interleaved in one call (`interleaved_timings`), ``convert.speed_batch_size``
+   images, in the run's precision. The student's time is predicted as the teacher's minus the attention
+   time the swapped blocks save.
+2. **Sensitivity**: each candidate is fitted in every block at once by stage 1 (``convert.selection_steps``;
+   stage 1 fits every block on the teacher's hidden input, so the blocks are independent fits), then for
+   every (block, candidate) the teacher with *only that block* swapped to its fitted candidate is compared
+   with the teacher on ``convert.selection_batches`` validation batches: the KL of its class probabilities
+   (a headless teacher: the relative squared error of its final features). Why this and not "an
+   all-candidate student with one block given softmax back": the knapsack adds sensitivities, which holds to
+   first order around the model they were measured at; the teacher is the one model every assignment is
+   near (under a budget of 1.25-2x most blocks keep softmax), it needs no choice of which candidate fills
+   the other blocks, and it charges each block only its own error (an all-efficient student's compounding
+   errors would be charged to whichever block is measured).
+3. **Choice** (`attnxfer.transfer.selection.select`): the exact multiple-choice knapsack that minimises the
+   summed sensitivity with predicted time <= teacher time / ``convert.speedup``.
+
+The choice, its measurements and one reason per block go to ``RUN_DIR/selection.json`` (atomic), into the
+report, and the resolved ``convert.attention`` list into the run's config. A resumed run reads the recorded
+choice and measures nothing (timings on a loaded machine would differ), its config judged by the one resume
+rule (`attnxfer.apps.resume.config_changes`) over the keys the choice read. The fits are measurement only:
+stage 1 then fits the chosen blocks from scratch as in any conversion (and resumes from its own checkpoints).
+Reusing them would save one fit in C + 1 (C candidates) but would hand stage 2 weights that no stage-1
+checkpoint, history or resume accounts for (and that the fits' shared gradient clipping coupled to blocks the
+student does not have).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import weakref
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoints.atomic_io import atomic_write_json
+from ..checkpoints.resume_point import ResumeFrom, ResumePolicy
+from ..config import ConfigError, TrainConfig, apply_overrides, to_dict
+from ..errors import InputError
+from ..models.attention.registry import get_attention_class
+from ..models.efficient import build_efficient_student
+from ..models.efficient.hierarchical import flat_blocks
+from ..models.efficient.swap import teacher_token_layout
+from ..models.image_input import ImageSizeError, check_image_size, image_input
+from ..sources.teacher import load_teacher
+from ..train.devices import resolve_precision
+from ..train.distributed import gather_objects
+from ..train.speed import forward_speed
+from ..train.stage1 import stage1_transfer
+from ..train.terms import NonFiniteLossError
+from ..train.timing import interleaved_timings
+from ..transfer.conversion import ConversionPlan
+from ..transfer.selection import SOFTMAX, InfeasibleBudget, fastest, reasons, select
+from .conversion_stage1 import STAGE1_KEYS, stage1_batches
+from .resume import config_changes
+from .run_parts import RunParts
+
+SELECTION_FILE = "selection.json"
+AUTO = "auto"
+#: the config keys the choice reads: a resume that changes one (unless the key is resumable) is refused
+SELECTION_KEYS = (
+    *STAGE1_KEYS,
+    "convert.speedup",
+    "convert.speed_tokens",
+    "convert.candidates",
+    "convert.selection_steps",
+    "convert.selection_batches",
+)
+
+PlanFor = Callable[[TrainConfig, nn.Module], ConversionPlan]
+
+
+def check_auto(cfg: TrainConfig) -> None:
+    """``convert.attention=auto`` needs a budget above 1 and candidates the zoo knows: refused before any work."""
+    c = cfg.convert
+    if c.attention != AUTO:
+        return
+    if c.speedup is None:
+        raise InputError(
+            "convert.attention=auto chooses each block's attention to meet a speed budget, and none was given: "
+            "set convert.speedup=S (the student S times faster than the teacher, S > 1)"
+        )
+    if c.speedup <= 1:
+        raise InputError(
+            f"convert.speedup={c.speedup:g}: the budget is a speedup over the teacher and must be > 1 (the "
+            "teacher itself is 1)"
+        )
+    if not c.candidates:
+        raise InputError(
+            "convert.candidates is empty: list the zoo attentions a block may get, e.g. [relu_linear]"
+        )
+    for name in c.candidates:
+        if name in (SOFTMAX, AUTO):
+            raise InputError(
+                f"convert.candidates lists {name!r}: list zoo attentions only (softmax is always one)"
+            )
+        try:
+            get_attention_class(name)
+        except (KeyError, ValueError) as e:
+            raise InputError(f"convert.candidates: {e.args[0]}") from None
+    unused = [k for k in c.attention_kwargs if not any(_accepts(n, k) for n in c.candidates)]
+    if unused:
+        raise InputError(f"convert.attention_kwargs: no candidate in convert.candidates accepts {unused}")
+
+
+def _accepts(name: str, option: str) -> bool:
+    return get_attention_class(name).accepts_option(option)
+
+
+def _options(cfg: TrainConfig, name: str) -> dict[str, Any]:
+    """The ``convert.attention_kwargs`` candidate ``name`` accepts."""
+    return {k: v for k, v in cfg.convert.attention_kwargs.items() if _accepts(name, k)}
+
+
+def choose_attentions(
+    cfg: TrainConfig,
+    parts: RunParts,
+    device: torch.device,
+    *,
+    main: bool,
+    plan_for: PlanFor,
+    log: Callable[[str], None],
+) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """``cfg`` with ``convert.attention=auto`` resolved to one name per block, and the selection's record
+    (the run's recorded choice where there is one, else measured now and recorded); other configs as they
+    are, with None. Under several ranks every rank takes rank 0's choice."""
+    path = Path(cfg.run_dir) / SELECTION_FILE
+    if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return cfg, (record if record and record["attention"] == cfg.convert.attention else None)
+    record = _recorded(cfg, path, log)
+    if record is None:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            record = measure_selection(cfg, parts, device, plan_for, log)
+        record = gather_objects(record)[0]
+        if main:
+            atomic_write_json(path, record)
+    log(selection_line(record))
+    return apply_overrides(cfg, {"convert.attention": record["attention"]}), record
+
+
+def selection_line(record: dict[str, Any]) -> str:
+    names = ", ".join(f"{i}:{n}" for i, n in enumerate(record["attention"]))
+    return (
+        f"convert.attention=auto: blocks {names}; predicted {record['predicted_speedup']:.2f}x the teacher "
+        f"at {record['tokens']:,} tokens (budget {record['speedup']:g}x), summed {record['metric']} "
+        f"{record['total_sensitivity']:.3g}"
+    )
+
+
+def _recorded(cfg: TrainConfig, path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+    """The choice an earlier attempt of this run recorded, judged against ``cfg``; None: choose now."""
+    if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    refused = [c for c in config_changes(record["config"], cfg, compared=SELECTION_KEYS) if not c.allowed]
+    if refused:
+        raise ConfigError(
+            f"{path.parent} already holds a choice of attentions ({path.name}) made with different values for: "
+            f"{'; '.join(map(str, refused))}. These cannot change when a run resumes; nothing was written. To "
+            "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
+            "this one, drop them"
+        )
+    log(f"convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
+    return record
+
+
+#: measurements already taken in this process, per teacher and per what they read (a convert study's students
+#: differing only in convert.speedup are measured once and choose from the same numbers)
+_MEASURED: weakref.WeakKeyDictionary[nn.Module, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _memo(teacher: nn.Module, what: str, cfg: TrainConfig, measure: Callable[[], Any]) -> Any:
+    d = to_dict(cfg)
+    reads = {k: d[k] for k in ("seed", "precision", "device", "teacher", "data")}
+    reads["convert"] = {k: v for k, v in d["convert"].items() if k != "speedup"}
+    key = what + json.dumps(reads, sort_keys=True, default=str)
+    done = _MEASURED.setdefault(teacher, {})
+    if key not in done:
+        done[key] = measure()
+    return done[key]
+
+
+def measure_selection(
+    cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Time the candidates, refuse an infeasible budget, fit and measure the sensitivities, choose (the
+    module's steps 1-3); the record `selection.json` holds."""
+    c, teacher = cfg.convert, parts.teacher
+    if flat_blocks(teacher) is None:
+        raise InputError(
+            "convert.attention=auto chooses per block of a flat ViT, and this teacher's attention layers sit in "
+            "stages: list convert.attention per stage or per layer instead"
+        )
+    teacher.to(device=device, dtype=torch.float32).eval()
+    start = time.monotonic()
+    # every rank judges the budget on rank 0's times (one verdict: no rank stops alone)
+    timing = gather_objects(_memo(teacher, "time", cfg, lambda: time_candidates(cfg, parts, device)))[0]
+    depth = len(flat_blocks(teacher))
+    ms = {n: timing["ms"][n] for n in c.candidates}
+    soft, whole = timing["ms"][SOFTMAX], timing["ms"]["teacher"]
+    top = fastest([dict.fromkeys(ms, 0.0)] * depth, ms, soft, whole)
+    if top.speedup < c.speedup:
+        which = (
+            f"all layers {top.names[0]}"
+            if top.names[0] != SOFTMAX
+            else "the teacher itself: no candidate is faster than softmax there"
+        )
+        raise InputError(
+            f"convert.speedup={c.speedup:g} cannot be met: the fastest student of these candidates at "
+            f"{timing['tokens']:,} tokens is {top.speedup:.2f}x ({which}); lower convert.speedup, add faster "
+            "convert.candidates, or measure at more tokens (convert.speed_tokens)"
+        )
+    log(
+        f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
+        f"block's attention {soft:.3g} ms; " + ", ".join(f"{n} {t:.3g} ms" for n, t in ms.items())
+    )
+    timed = time.monotonic()
+    steps = c.selection_steps or c.stage1_steps
+    metric, sensitivity, failed = _memo(
+        teacher, "sensitivity", cfg, lambda: _measured_sensitivities(cfg, parts, steps, device, plan_for, log)
+    )
+    try:
+        chosen = select(sensitivity, ms, soft, whole, c.speedup)
+    except InfeasibleBudget as e:  # candidates left out of the fits can make a met budget unmet
+        raise InputError(f"convert.speedup={c.speedup:g} cannot be met: {e}") from None
+    return {
+        "version": 1,
+        "attention": chosen.names,
+        "candidates": list(c.candidates),
+        "speedup": c.speedup,
+        "metric": metric,
+        "sensitivity": [
+            {n: (v if math.isfinite(v) else None) for n, v in row.items()} for row in sensitivity
+        ],
+        "failed": failed,
+        "total_sensitivity": chosen.sensitivity,
+        "reasons": reasons(chosen, sensitivity, ms, soft, metric),
+        "predicted_ms": chosen.predicted_ms,
+        "predicted_speedup": chosen.speedup,
+        "budget_ms": whole / c.speedup,
+        "fastest": {"attention": top.names[0], "speedup": top.speedup},
+        **timing,
+        "fit_steps": steps,
+        "seconds": {"timing": timed - start, "fits_and_sensitivity": time.monotonic() - timed},
+        "config": to_dict(cfg),
+    }
+
+
+def _measured_sensitivities(
+    cfg: TrainConfig,
+    parts: RunParts,
+    steps: int,
+    device: torch.device,
+    plan_for: PlanFor,
+    log: Callable[[str], None],
+) -> tuple[str, list[dict[str, float]], dict[str, str]]:
+    """Each candidate fitted in every block (a fit that diverges leaves it out: infinite sensitivity), then
+    `sensitivities` on the first ``convert.selection_batches`` validation batches; (metric, rows, failed)."""
+    fitted, failed = {}, {}
+    for name in cfg.convert.candidates:
+        start = time.monotonic()
+        try:
+            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for, log)
+            log(
+                f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
+            )
+        except NonFiniteLossError as e:
+            failed[name] = str(e)
+            log(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
+    batches = [x.to(device) for x, *_ in _take(parts.val_loader, cfg.convert.selection_batches)]
+    metric, rows = sensitivities(parts.teacher, fitted, batches)
+    for row in rows:
+        row.update(dict.fromkeys(failed, math.inf))
+    return metric, rows, failed
+
+
+def speed_geometry(cfg: TrainConfig, teacher: nn.Module, run_side: int) -> tuple[int, int]:
+    """(tokens, image side) the speed is measured at: the run's, or ``convert.speed_tokens`` (a prefix and a
+    square grid the teacher's family runs at)."""
+    prefix, _ = teacher_token_layout(teacher)
+    patch = image_input(teacher).patch_size[-1]
+    tokens = cfg.convert.speed_tokens
+    if tokens is None:
+        return prefix + (run_side // patch) ** 2, run_side
+    grid = math.isqrt(max(tokens - prefix, 0))
+    if grid * grid != tokens - prefix or grid == 0:
+        near = sorted({prefix + g * g for g in (max(grid, 1), grid + 1)})
+        raise InputError(
+            f"convert.speed_tokens={tokens}: this teacher's sequence is {prefix} prefix token(s) + a square grid "
+            f"of {patch} px patches; choose e.g. {' or '.join(map(str, near))}"
+        )
+    try:
+        check_image_size(teacher, grid * patch)
+    except ImageSizeError as e:
+        raise e.restated("convert.speed_tokens") from None
+    if not cfg.teacher.spec and grid * patch != run_side:
+        raise InputError(
+            "convert.speed_tokens other than the run's needs teacher.spec (the teacher is rebuilt at that size)"
+        )
+    return tokens, grid * patch
+
+
+def _teacher_at(
+    cfg: TrainConfig, teacher: nn.Module, side: int, run_side: int, device: torch.device
+) -> nn.Module:
+    """The teacher at ``side``: the run's own, or rebuilt there with random weights (speed does not depend on
+    them)."""
+    if side == run_side:
+        return teacher
+    t = cfg.teacher
+    rebuilt, _ = load_teacher(
+        t.spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
+    )
+    return rebuilt.to(device=device, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> dict[str, Any]:
+    """Milliseconds of the teacher's forward, one softmax attention block and one block of each candidate at
+    the speed's token count, interleaved in one call (medians of ``convert.speed_repeats`` rounds)."""
+    c = cfg.convert
+    tokens, side = speed_geometry(cfg, parts.teacher, parts.img_size)
+    teacher = _teacher_at(cfg, parts.teacher, side, parts.img_size, device)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(c.speed_batch_size, parts.in_chans, side, side, generator=g).to(device)
+    soft = flat_blocks(teacher)[0].attn
+    dim = soft.proj.out_features
+    seq = torch.randn(c.speed_batch_size, tokens, dim, generator=g).to(device)
+    attns = {
+        name: flat_blocks(build_efficient_student(teacher, name, **_options(cfg, name)))[0]
+        .attn.to(device)
+        .eval()
+        for name in c.candidates
+    }
+    calls = {"teacher": partial(teacher, images), SOFTMAX: partial(soft, seq)}
+    calls |= {name: partial(attn, seq) for name, attn in attns.items()}
+    precision = resolve_precision(cfg.precision, device)
+    with precision.autocast(device):
+        times = interleaved_timings(calls, device=device, warmup=1, repeats=c.speed_repeats)
+    return {
+        "tokens": tokens,
+        "side": side,
+        "batch": c.speed_batch_size,
+        "device": device.type,
+        "precision": f"{precision.value} autocast" if precision.autocasts else "fp32",
+        "ms": {name: 1000.0 * t.median for name, t in times.items()},
+    }
+
+
+def _fit(
+    cfg: TrainConfig,
+    parts: RunParts,
+    name: str,
+    steps: int,
+    device: torch.device,
+    plan_for: PlanFor,
+    log: Callable[[str], None],
+) -> nn.Module:
+    """A student with ``name`` in every block after ``steps`` of stage 1 (as the run's stage 1 would fit it)."""
+    torch.manual_seed(cfg.seed)
+    fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
+    student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
+    plan = plan_for(fit_cfg, student)
+    c = cfg.convert
+    if not plan.active:
+        log(
+            f"convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
+            "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
+        )
+    stage1_transfer(
+        parts.teacher,
+        student,
+        plan,
+        stage1_batches(cfg, parts, plan.stage1_batch_size, device),
+        warmup_steps=c.stage1_warmup_steps,
+        weight_decay=c.stage1_weight_decay,
+        clip_grad=c.stage1_clip_grad,
+        log_every=steps,
+        log=lambda _: None,
+    )
+    return student.eval()
+
+
+@torch.no_grad()
+def sensitivities(
+    teacher: nn.Module, fitted: dict[str, nn.Module], batches: list[torch.Tensor]
+) -> tuple[str, list[dict[str, float]]]:
+    """Per block, per fitted candidate: how far the teacher moves with only that block swapped to the
+    candidate's fitted attention (`output_distance`); and the metric's name."""
+    headless = not getattr(teacher, "num_classes", 0)
+    reference = [_output(teacher, x, headless) for x in batches]
+    blocks = flat_blocks(teacher)
+    rows: list[dict[str, float]] = [{} for _ in blocks]
+    for name, student in fitted.items():
+        for i, (block, swapped) in enumerate(zip(blocks, flat_blocks(student), strict=True)):
+            own = block.attn
+            block.attn = swapped.attn
+            try:
+                total = sum(
+                    x.shape[0] * output_distance(ref, _output(teacher, x, headless), headless)
+                    for ref, x in zip(reference, batches, strict=True)
+                )
+            finally:
+                block.attn = own
+            rows[i][name] = total / sum(x.shape[0] for x in batches)
+    return ("feature_error" if headless else "kl"), rows
+
+
+def _output(model: nn.Module, x: torch.Tensor, headless: bool) -> torch.Tensor:
+    return (model.forward_features(x) if headless else model(x)).float()
+
+
+def output_distance(reference: torch.Tensor, other: torch.Tensor, headless: bool) -> float:
+    """KL(teacher ‖ other) of class probabilities, mean over images; headless: ||other - teacher||² /
+    ||teacher||² of the final features, mean over images."""
+    if headless:
+        ref, out = reference.flatten(1), other.flatten(1)
+        return float(((out - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-12)).mean())
+    return float(
+        F.kl_div(
+            F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"
+        )
+    )
+
+
+def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``selection`` of a `Conversion` ``run``: its record (less the config) and the student's
+    measured speedup at the selection's token count (the report's own speed where that is the run's; else
+    teacher and student rebuilt there and timed as the report times them)."""
+    cfg, record, parts = run.cfg, run.selection, run.parts
+    section = {k: v for k, v in record.items() if k != "config"}
+    if record["side"] == speed["input"][-1] and record["batch"] == speed["batch"]:
+        section["measured_speedup"] = speed["speedup"]
+        section["measured_speedup_cpu"] = speed.get("student_over_teacher_cpu")
+    else:
+        teacher = _teacher_at(cfg, parts.teacher, record["side"], -1, run.device)
+        student = build_efficient_student(teacher, record["attention"], **cfg.convert.attention_kwargs)
+        x = torch.randn(record["batch"], parts.in_chans, record["side"], record["side"]).to(run.device)
+        precision = resolve_precision(cfg.precision, run.device)
+        row = forward_speed(
+            {"teacher": teacher, "student": student.to(run.device)},
+            x,
+            repeats=cfg.convert.speed_repeats,
+            autocast=precision.dtype if precision.autocasts else None,
+        )
+        section["measured_speedup"] = row["student_over_teacher"]
+        section["measured_speedup_cpu"] = row.get("student_over_teacher_cpu")
+    cpu = section["measured_speedup_cpu"]
+    run.log(
+        f"convert.attention=auto: predicted {record['predicted_speedup']:.2f}x, measured "
+        f"{section['measured_speedup']:.2f}x"
+        + (f" ({cpu:.2f}x in CPU time)" if cpu else "")
+        + f" the teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x)"
+    )
+    return section
+
+
+def stand_in(
+    make: Callable[[nn.Module | None, int], nn.Module],
+) -> Callable[[nn.Module | None, int], nn.Module]:
+    """``make`` (a student builder) drawing nothing from the run's random streams: the student that stands
+    in while the attentions are chosen leaves the chosen student's initialisation to the seed alone."""
+
+    def build(teacher: nn.Module | None, num_classes: int) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            return make(teacher, num_classes)
+
+    return build
+
+
+def _take(loader, n: int):
+    for i, batch in enumerate(loader):
+        if i >= n:
+            break
+        yield batch

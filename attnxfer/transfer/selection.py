@@ -1,0 +1,184 @@
+"""A hybrid student chosen under a speed budget: per block softmax or one candidate attention (no I/O, no config).
+
+Each block l may keep softmax (sensitivity 0, no time saved) or take candidate c, which costs its measured
+sensitivity s[l][c] and saves ``softmax_ms - ms[c]`` of the model's time (a flat ViT's blocks all have one
+width, so an attention's time is the same in every block). The model's predicted time is the teacher's minus
+what the swapped blocks save; a budget of speedup S asks for predicted time <= teacher time / S, i.e. the
+saved time must reach ``teacher_ms * (1 - 1/S)``. Minimising the summed sensitivity under that is a
+multiple-choice knapsack, solved exactly here by dynamic programming over blocks on the saved time
+discretised into `RESOLUTION` units of the required saving. Each option's saving is rounded *down* to whole
+units, so every assignment the program accepts meets the budget in real time too (its optimality is exact
+on the discretised savings: `brute_force` checks it in the tests).
+
+Summing per-block sensitivities assumes they add up, which holds to first order around the model they were
+measured on: the apps measure each block's swap into the teacher (`attnxfer.apps.conversion_selection`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+SOFTMAX = "softmax"
+#: units the required saving is cut into: fine enough that rounding each option down costs < 0.05 % of it
+#: per block, coarse enough that the program (blocks x options x units) runs in milliseconds
+RESOLUTION = 4000
+
+
+class InfeasibleBudget(ValueError):
+    """Even the fastest candidate in every block misses the budget; ``fastest`` is that student."""
+
+    def __init__(self, speedup: float, fastest: Assignment) -> None:
+        super().__init__(f"speedup {speedup:g} cannot be met: the fastest student is {fastest.speedup:.3g}x")
+        self.speedup, self.fastest = speedup, fastest
+
+
+@dataclass
+class Assignment:
+    """One attention per block, its summed sensitivity, and the teacher's time against its predicted time."""
+
+    names: list[str]
+    sensitivity: float
+    teacher_ms: float
+    predicted_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.teacher_ms / self.predicted_ms
+
+
+def saving_ms(ms: Mapping[str, float], softmax_ms: float) -> dict[str, float]:
+    """What each candidate saves in one block against softmax (negative: it is slower there)."""
+    return {name: softmax_ms - t for name, t in ms.items()}
+
+
+def assignment_of(
+    names: Sequence[str],
+    sensitivity: Sequence[Mapping[str, float]],
+    ms: Mapping[str, float],
+    softmax_ms: float,
+    teacher_ms: float,
+) -> Assignment:
+    """``names`` (one per block) with its summed sensitivity and predicted time."""
+    saved = sum(softmax_ms - ms[n] for n in names if n != SOFTMAX)
+    total = sum(sensitivity[i][n] for i, n in enumerate(names) if n != SOFTMAX)
+    return Assignment(list(names), total, teacher_ms, teacher_ms - saved)
+
+
+def fastest(
+    sensitivity: Sequence[Mapping[str, float]], ms: Mapping[str, float], softmax_ms: float, teacher_ms: float
+) -> Assignment:
+    """The fastest student: every block the fastest of softmax and the candidates."""
+    best = min([*ms, SOFTMAX], key=lambda n: (ms.get(n, softmax_ms), n != SOFTMAX))
+    return assignment_of([best] * len(sensitivity), sensitivity, ms, softmax_ms, teacher_ms)
+
+
+def select(
+    sensitivity: Sequence[Mapping[str, float]],
+    ms: Mapping[str, float],
+    softmax_ms: float,
+    teacher_ms: float,
+    speedup: float,
+    resolution: int = RESOLUTION,
+) -> Assignment:
+    """The assignment of least summed sensitivity whose predicted time is at most ``teacher_ms / speedup``.
+
+    ``sensitivity[l][c]``: block l's sensitivity with candidate c (every candidate of ``ms``); ``ms[c]``: one
+    block of c in milliseconds, ``softmax_ms`` one softmax block's. Raises `InfeasibleBudget` naming the
+    fastest student when even that misses the budget."""
+    if speedup <= 1:
+        raise ValueError(f"speedup must be > 1, got {speedup:g}")
+    need = teacher_ms * (1.0 - 1.0 / speedup)  # the time the swapped blocks must save
+    top = fastest(sensitivity, ms, softmax_ms, teacher_ms)
+    if teacher_ms - top.predicted_ms < need:
+        raise InfeasibleBudget(speedup, top)
+    unit = need / resolution
+    saves = saving_ms(ms, softmax_ms)
+    # per block: (units saved, sensitivity, name); an option that saves nothing is never better than softmax
+    options = [
+        [(0, 0.0, SOFTMAX)]
+        + [(math.floor(saves[c] / unit), row[c], c) for c in ms if saves[c] > 0 and math.isfinite(row[c])]
+        for row in sensitivity
+    ]
+    best = _knapsack(options, resolution)
+    if best is None:  # feasible only through the rounding's last units: the fastest student meets it
+        return top
+    return assignment_of(best, sensitivity, ms, softmax_ms, teacher_ms)
+
+
+def _knapsack(options: list[list[tuple[int, float, str]]], need: int) -> list[str] | None:
+    """Least summed sensitivity with summed units >= ``need`` (units capped at ``need``): one option a block."""
+    inf = math.inf
+    cost = [0.0] + [inf] * need  # cost[u]: least sensitivity reaching u units (u == need: at least need)
+    choice: list[list[tuple[int, str]]] = []  # per block, per reached u: (previous u, option)
+    for block in options:
+        new, back = [inf] * (need + 1), [(-1, SOFTMAX)] * (need + 1)
+        for u, c in enumerate(cost):
+            if c == inf:
+                continue
+            for units, s, name in block:
+                v = min(need, u + units)
+                if c + s < new[v]:
+                    new[v], back[v] = c + s, (u, name)
+        cost = new
+        choice.append(back)
+    if cost[need] == inf:
+        return None
+    names, u = [], need
+    for back in reversed(choice):
+        u, name = back[u]
+        names.append(name)
+    return names[::-1]
+
+
+def brute_force(
+    sensitivity: Sequence[Mapping[str, float]],
+    ms: Mapping[str, float],
+    softmax_ms: float,
+    teacher_ms: float,
+    speedup: float,
+) -> Assignment | None:
+    """Every assignment tried (small instances only: the tests' reference for `select`); None: none fits."""
+    fits = [
+        assignment_of(names, sensitivity, ms, softmax_ms, teacher_ms)
+        for names in itertools.product([SOFTMAX, *ms], repeat=len(sensitivity))
+    ]
+    fits = [a for a in fits if a.predicted_ms <= teacher_ms / speedup * (1 + 1e-12)]
+    return min(fits, key=lambda a: a.sensitivity, default=None)
+
+
+def reasons(
+    chosen: Assignment,
+    sensitivity: Sequence[Mapping[str, float]],
+    ms: Mapping[str, float],
+    softmax_ms: float,
+    metric: str,
+) -> list[str]:
+    """One line per block saying why it got what it got, against the other blocks and candidates."""
+    best = [min(row, key=row.get) for row in sensitivity]
+    median = statistics.median(row[b] for row, b in zip(sensitivity, best))
+    saves = saving_ms(ms, softmax_ms)
+    lines = []
+    for row, low, name in zip(sensitivity, best, chosen.names):
+        if name == SOFTMAX:
+            rank = sorted((r[b] for r, b in zip(sensitivity, best)), reverse=True).index(row[low]) + 1
+            lines.append(
+                f"softmax: {'largest' if rank == 1 else f'#{rank} largest'} sensitivity ({metric} {row[low]:.3g} "
+                f"with its best candidate {low} vs {median:.3g} median); the budget is met without swapping it"
+            )
+        elif name == low:
+            others = sorted((v, c) for c, v in row.items() if c != name)
+            vs = f" vs {others[0][1]} {others[0][0]:.3g}" if others else ""
+            lines.append(
+                f"{name}: least sensitive candidate here ({metric} {row[name]:.3g}{vs}), saves "
+                f"{saves[name]:.3g} ms of {softmax_ms:.3g}"
+            )
+        else:
+            lines.append(
+                f"{name}: faster than the least sensitive {low} (saves {saves[name]:.3g} ms vs {saves[low]:.3g}) "
+                f"at {metric} {row[name]:.3g} vs {row[low]:.3g}: the budget needs the time"
+            )
+    return lines

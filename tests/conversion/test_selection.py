@@ -1,0 +1,279 @@
+"""convert.attention=auto: the knapsack meets its budget and is optimal (against every assignment of small
+instances), softmax stays where the measured sensitivity is largest, an infeasible budget is one line before
+any training, and a resumed run keeps its recorded choice (the CLI end to end, a convert study)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import randomize_qkv_rows, tiny_vit
+
+from attnxfer.apps.conversion_selection import SELECTION_FILE, _recorded, sensitivities
+from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
+from attnxfer.launch import cli
+from attnxfer.models.efficient import build_efficient_student
+from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, brute_force, reasons, select
+
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
+
+def _instance(rng: random.Random, depth: int, names: list[str]):
+    softmax_ms = 10.0
+    ms = {n: rng.uniform(1.0, 12.0) for n in names}  # some candidates slower than softmax: never chosen
+    sensitivity = [{n: rng.uniform(0.0, 1.0) for n in names} for _ in range(depth)]
+    return sensitivity, ms, softmax_ms, depth * softmax_ms + rng.uniform(5.0, 30.0)
+
+
+def test_the_knapsack_meets_its_budget_with_the_least_sensitivity_of_all_assignments():
+    """On random instances (4 blocks, 3 candidates: 256 assignments each) the program's choice is as
+    sensitive as the best of every assignment that meets the budget, and meets it."""
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(40):
+        sensitivity, ms, softmax_ms, teacher_ms = _instance(rng, 4, ["a", "b", "c"])
+        speedup = rng.uniform(1.05, 2.5)
+        best = brute_force(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+        if best is None:
+            with pytest.raises(InfeasibleBudget):
+                select(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+            continue
+        chosen = select(sensitivity, ms, softmax_ms, teacher_ms, speedup)
+        assert chosen.predicted_ms <= teacher_ms / speedup
+        assert chosen.speedup >= speedup
+        assert chosen.sensitivity == pytest.approx(best.sensitivity, rel=1e-9, abs=1e-12)
+        checked += 1
+    assert checked >= 20  # most instances are feasible: the comparison ran
+
+
+def test_an_infeasible_budget_names_the_fastest_student():
+    sensitivity = [{"fast": 0.1, "slow": 0.0}] * 3
+    ms = {"fast": 2.0, "slow": 8.0}
+    with pytest.raises(InfeasibleBudget) as e:
+        select(sensitivity, ms, softmax_ms=10.0, teacher_ms=50.0, speedup=2.5)
+    assert e.value.fastest.names == ["fast"] * 3
+    assert e.value.fastest.speedup == pytest.approx(50.0 / 26.0)
+    # exactly at the fastest student's speed the budget is met, by it
+    met = select(sensitivity, ms, softmax_ms=10.0, teacher_ms=50.0, speedup=50.0 / 26.0)
+    assert met.names == ["fast"] * 3
+
+
+def _one_peaked_layer_teacher() -> torch.nn.Module:
+    """Three blocks: 0 and 2 with q = k = 0 (uniform maps, which relu-linear attention makes exactly too) and
+    block 1 with sharp maps, which it cannot imitate."""
+    teacher = randomize_qkv_rows(tiny_vit(depth=3, seed=0, qkv_bias=True), [1], "qk", seed=5, std=1.0)
+    with torch.no_grad():
+        for i in (0, 2):
+            attn = teacher.blocks[i].attn
+            attn.qkv.weight[: 2 * attn.attn_dim] = 0
+            attn.qkv.bias[: 2 * attn.attn_dim] = 0
+        teacher.head.weight.mul_(30.0)  # class probabilities that move when the features do
+    return teacher.eval().requires_grad_(False)
+
+
+def test_softmax_stays_where_the_measured_sensitivity_is_largest():
+    teacher = _one_peaked_layer_teacher()
+    student = build_efficient_student(teacher, "relu_linear").eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    metric, rows = sensitivities(teacher, {"relu_linear": student}, [x])
+    assert metric == "kl"
+    per_block = [row["relu_linear"] for row in rows]
+    assert max(range(3), key=per_block.__getitem__) == 1
+    assert per_block[1] > 5 * max(per_block[0], per_block[2])
+    # swapping two of three blocks is needed: the program keeps softmax in the block that matters
+    ms, softmax_ms, teacher_ms = {"relu_linear": 1.0}, 10.0, 40.0
+    chosen = select(rows, ms, softmax_ms, teacher_ms, speedup=1.8)
+    assert chosen.names == ["relu_linear", SOFTMAX, "relu_linear"]
+    why = reasons(chosen, rows, ms, softmax_ms, metric)
+    assert why[1].startswith("softmax: largest sensitivity (kl ")
+    assert why[0].startswith("relu_linear: least sensitive candidate here")
+    # a headless teacher (an encoder) is measured by its final features, and ranks the blocks alike
+    teacher.reset_classifier(0)
+    metric, rows = sensitivities(teacher, {"relu_linear": student}, [x])
+    assert metric == "feature_error"
+    assert max(range(3), key=lambda i: rows[i]["relu_linear"]) == 1
+
+
+def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tmp_path):
+    """The resume rule over the keys the choice read: the same config reads the record back (nothing
+    measured); another budget is refused in one line, naming the key; checkpoint.resume=none chooses again."""
+    cfg = apply_overrides(
+        TrainConfig(),
+        {"run_dir": str(tmp_path), "convert.attention": "auto", "convert.speedup": 1.5},
+    )
+    record = {"attention": ["softmax", "relu_linear"], "config": to_dict(cfg)}
+    path = tmp_path / SELECTION_FILE
+    path.write_text(json.dumps(record))
+    said = []
+    assert _recorded(cfg, path, said.append) == record and "nothing measured again" in said[0]
+    other = apply_overrides(cfg, {"convert.speedup": 2.0})
+    with pytest.raises(ConfigError, match=r"convert\.speedup.*nothing was written") as e:
+        _recorded(other, path, said.append)
+    assert "\n" not in str(e.value)
+    assert _recorded(apply_overrides(other, {"checkpoint.resume": "none"}), path, said.append) is None
+    # keys the choice does not read may change (stage 2's schedule)
+    assert _recorded(apply_overrides(cfg, {"schedule.epochs": 3}), path, said.append) == record
+
+
+# ------------------------------------------------------------------------------------------- the command
+def _args(run: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        "convert",
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{teacher}",
+        "data.dataset=synthetic",
+        "data.kwargs.length=64",
+        "data.batch_size=16",
+        "convert.attention=auto",
+        "convert.stage1_steps=4",
+        "convert.stage1_train=new+qk",
+        "schedule.epochs=1",
+        "schedule.max_steps=2",
+        "transfer.mode=none",
+        "log.progress=false",
+        "log.trackers=[]",
+        "convert.agreement_batches=1",
+        "convert.selection_batches=1",
+        "convert.speed_repeats=2",
+        "convert.speed_batch_size=2",
+        "convert.speed_sweep=[]",
+        *extra,
+    ]
+
+
+def test_auto_without_a_budget_or_with_one_below_1_is_refused(tmp_path, tiny_teacher_dir, capsys):
+    assert cli.main(_args(tmp_path / "a", tiny_teacher_dir)) == 2
+    assert (
+        "convert.attention=auto chooses each block's attention to meet a speed budget"
+        in capsys.readouterr().err
+    )
+    assert cli.main(_args(tmp_path / "b", tiny_teacher_dir, "convert.speedup=1")) == 2
+    assert (
+        "convert.speedup=1: the budget is a speedup over the teacher and must be > 1"
+        in capsys.readouterr().err
+    )
+    assert (
+        cli.main(_args(tmp_path / "c", tiny_teacher_dir, "convert.speedup=2", "convert.candidates=[softmx]"))
+        == 2
+    )
+    assert "convert.candidates: " in capsys.readouterr().err
+
+
+def test_an_infeasible_budget_is_one_line_before_any_training(tmp_path, tiny_teacher_dir, capsys):
+    run = tmp_path / "run"
+    assert cli.main(_args(run, tiny_teacher_dir, "convert.speedup=50")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(
+        "attnxfer convert: error: convert.speedup=50 cannot be met: the fastest student of these candidates at "
+        "17 tokens is "
+    )
+    assert (
+        "x (all layers " in err[0]
+        or "x (the teacher itself: no candidate is faster than softmax there)" in err[0]
+    )
+    assert not (run / "stage1").exists() and not (run / "stage2").exists()
+    assert not (run / SELECTION_FILE).exists()
+
+
+@pytest.mark.slow
+def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, tiny_teacher_dir, capsys):
+    """At 1,025 tokens (the teacher rebuilt there for the timing) a 1.1x budget is met as predicted; the
+    report shows the choice; a second run reuses the recorded choice (nothing measured), another budget is
+    refused; the exported student loads with `attnxfer.load_student`."""
+    run = tmp_path / "run"
+    args = _args(run, tiny_teacher_dir, "convert.speedup=1.1", "convert.speed_tokens=1025")
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    record = json.loads((run / SELECTION_FILE).read_text())
+    names = record["attention"]
+    assert len(names) == 2 and set(names) <= {SOFTMAX, *record["candidates"]}
+    assert record["tokens"] == 1025 and record["predicted_speedup"] >= 1.1
+    assert record["predicted_ms"] <= record["budget_ms"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["student"]["attention"] == names
+    section = report["selection"]
+    assert section["attention"] == names and section["measured_speedup"] > 0
+    assert len(section["reasons"]) == 2 and "config" not in section
+    md = (run / "report.md").read_text()
+    assert "## Attention per block (convert.attention=auto)" in md
+    assert f"predicted **{record['predicted_speedup']:.2f}x**" in md
+    assert "conversion plan: softmax teacher -> " in out and "measured" in out
+    # stage 1 fitted only the efficient blocks
+    plan = report["plan"]["layers"]
+    assert [layer["attention"] for layer in plan] == names
+    assert all((layer["num_trainable"] > 0) == (name != SOFTMAX) for layer, name in zip(plan, names))
+
+    # again into the same run: the recorded choice, nothing measured, stage 1 picked up
+    before = (run / SELECTION_FILE).read_text()
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "the choice recorded in" in out and "teacher takes" not in out
+    assert (run / SELECTION_FILE).read_text() == before
+    assert json.loads((run / "report.json").read_text())["stage1"]["resumed"]
+    # the run's own config.yaml (the chosen list) converts the same student, and its report keeps the choice
+    assert cli.main(["convert", "-c", str(run / "config.yaml")]) == 0
+    assert json.loads((run / "report.json").read_text())["selection"]["attention"] == names
+    capsys.readouterr()
+    # another budget is another choice: refused, nothing written
+    assert cli.main([*args, "convert.speedup=1.2"]) == 2
+    assert "convert.speedup" in capsys.readouterr().err and (run / SELECTION_FILE).read_text() == before
+
+    out_dir = tmp_path / "export"
+    assert (
+        cli.main(["export", str(run / "stage2"), str(out_dir), "--checkpoint", "latest", "--weights", "raw"])
+        == 0
+    )
+    from attnxfer import load_student
+    from attnxfer.models import attention_name_of, transferable_attentions
+
+    loaded = load_student(f"local-dir:{out_dir}").eval()
+    assert [attention_name_of(a) for a in transferable_attentions(loaded)] == names
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert loaded(x).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_a_convert_study_of_budgets_measures_once_and_records_each_choice(tmp_path, tiny_teacher_dir, capsys):
+    spec = tmp_path / "study.yaml"
+    spec.write_text(
+        f"teacher:\n  spec: local-dir:{tiny_teacher_dir}\nstudents:\n"
+        "  - name: s11\n    convert.speedup: 1.1\n  - name: s13\n    convert.speedup: 1.3\n"
+    )
+    base = [
+        a
+        for a in _args(tmp_path / "unused", tiny_teacher_dir)[1:]
+        if not a.startswith(("run_dir", "teacher"))
+    ]
+    run = tmp_path / "study"
+    assert (
+        cli.main(
+            [
+                "study",
+                "--command",
+                "convert",
+                "-c",
+                str(spec),
+                *base,
+                "convert.speed_tokens=1025",
+                f"run_dir={run}",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("the teacher takes") == 1  # the timing (and the fits) shared by both students
+    records = {name: json.loads((run / name / SELECTION_FILE).read_text()) for name in ("s11", "s13")}
+    assert records["s11"]["ms"] == records["s13"]["ms"]
+    assert records["s11"]["sensitivity"] == records["s13"]["sensitivity"]
+    for name, budget in (("s11", 1.1), ("s13", 1.3)):
+        assert records[name]["predicted_speedup"] >= budget
+        report = json.loads((run / name / "report.json").read_text())
+        assert (
+            report["selection"]["attention"] == report["student"]["attention"] == records[name]["attention"]
+        )
+    # the tighter budget is never less sensitive
+    assert records["s13"]["total_sensitivity"] >= records["s11"]["total_sensitivity"]
