@@ -10,7 +10,7 @@ batches ``[x]`` (`attnxfer.data.label_free`); `require_labels` is the one check 
 that needs them.
 """
 
-from . import animal_mnist, folder, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
+from . import animal_mnist, folder, recall, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
 from .cache import cache_dir
 from .identity import data_identity
 from .in_memory import InMemoryImageDataset
