@@ -38,6 +38,7 @@ _BACKGROUND = 0.5  # blank pixels; code bits are 0 or 1, so (x - 0.5) / 0.5 is 0
 class RecallLayout:
     """Where every glyph of one sample is and what it says (cells are (row, col) in the glyph grid)."""
 
+    img_size: int
     query_cell: tuple[int, int]
     query_key: int
     pair_cells: tuple[tuple[int, int], ...]
@@ -72,8 +73,34 @@ def _distinct_codes(count: int, shape: tuple[int, ...], g: torch.Generator) -> t
     return torch.stack(codes).float()
 
 
+@dataclass(frozen=True)
+class RecallStage:
+    """The knobs of one stage of the task (the whole task, without a curriculum)."""
+
+    img_size: int
+    pairs: int
+    num_keys: int
+    distractors: int
+    distance: int
+
+
+class _Grid:
+    """A stage's glyph grid: its cells and the cells a query may sit in (some cell is ``distance`` away)."""
+
+    def __init__(self, img_size: int, glyph: int, distance: int):
+        self.size = img_size // glyph
+        rows, cols = torch.meshgrid(torch.arange(self.size), torch.arange(self.size), indexing="ij")
+        self.cells = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (G*G, 2)
+        edge = torch.stack([self.cells, self.size - 1 - self.cells], dim=1).flatten(1).amax(dim=1)
+        self.query_cells = (edge >= distance).nonzero().flatten()
+        self.tuples = [tuple(c) for c in self.cells.tolist()]
+
+
 class RecallImages(Dataset):
-    """``length`` samples (x, label): x is (in_chans, img_size, img_size) normalised by mean/std."""
+    """``length`` samples (x, label): x is (in_chans, img_size, img_size) normalised by mean/std.
+
+    ``curriculum``: (last epoch, stage) pairs the train split walks through before ``stage`` (the task's own
+    knobs, which val always has); glyph, classes and channels stay, so one model sees every stage."""
 
     def __init__(
         self,
@@ -83,36 +110,43 @@ class RecallImages(Dataset):
         length: int,
         seed: int,
         glyph: int,
-        pairs: int,
-        num_keys: int,
-        distractors: int,
-        distance: int,
+        stage: RecallStage,
+        curriculum: Sequence[tuple[int, RecallStage]] = (),
     ):
         self.info = info
         self.length = length
         self.seed = seed
         self.glyph = glyph
-        self.pairs = pairs
-        self.num_keys = num_keys
-        self.distractors = distractors
-        self.distance = distance
-        self.grid = info.img_size // glyph
+        self.stage = stage
+        self.pairs, self.num_keys = stage.pairs, stage.num_keys
+        self.distractors, self.distance = stage.distractors, stage.distance
         self._split_id = _SPLIT_IDS[split]
+        self.curriculum = tuple(curriculum) if self._split_id == 0 else ()
+        self._grids = {
+            st: _Grid(st.img_size, glyph, st.distance) for st in {stage, *(s for _, s in self.curriculum)}
+        }
+        self.grid = self._grids[stage].size
         half = (info.in_chans, glyph, glyph // 2)
-        g = sample_generator(seed, -1, -1)  # the codes: shared by both splits
-        codes = _distinct_codes(num_keys + info.num_classes + 1, half, g)
-        self.key_codes = codes[:num_keys]  # (num_keys, C, glyph, glyph/2) of 0/1
-        self.value_codes = codes[num_keys : num_keys + info.num_classes]
-        self.marker = codes[-1]
+        g = sample_generator(seed, -1, -1)  # the codes: shared by both splits and every stage
+        most_keys = max(st.num_keys for st in self._grids)
+        codes = _distinct_codes(
+            info.num_classes + 1 + most_keys, half, g
+        )  # key i's code: the same for any count
+        self.value_codes = codes[: info.num_classes]  # (num_classes, C, glyph, glyph/2) of 0/1
+        self.marker = codes[info.num_classes]
+        self.key_codes = codes[info.num_classes + 1 :]
         tags = [code.to(torch.uint8).numpy().tobytes() for code in codes]
-        self._left_codes = set(tags[:num_keys])  # what a distractor's halves must not be
-        self._right_codes = set(tags[num_keys:])
+        self._right_codes = set(tags[: info.num_classes + 1])  # what a distractor's halves must not be
+        self._left_codes = set(tags[info.num_classes + 1 :])
         self._mean = torch.tensor(info.mean).view(-1, 1, 1)
         self._std = torch.tensor(info.std).view(-1, 1, 1)
-        rows, cols = torch.meshgrid(torch.arange(self.grid), torch.arange(self.grid), indexing="ij")
-        self._cells = torch.stack([rows.flatten(), cols.flatten()], dim=1)  # (G*G, 2)
-        edge = torch.stack([self._cells, self.grid - 1 - self._cells], dim=1).flatten(1).amax(dim=1)
-        self._query_cells = (edge >= distance).nonzero().flatten()  # cells with some cell `distance` away
+
+    def stage_of(self, epoch: int) -> RecallStage:
+        """The stage a train epoch draws from (val: always the task's own)."""
+        for last, st in self.curriculum:
+            if epoch <= last:
+                return st
+        return self.stage
 
     def __len__(self) -> int:
         return self.length
@@ -130,10 +164,8 @@ class RecallImages(Dataset):
                 i.in_chans,
                 i.img_size,
                 self.glyph,
-                self.pairs,
-                self.num_keys,
-                self.distractors,
-                self.distance,
+                self.stage,
+                self.curriculum,
             ]
         )
 
@@ -143,33 +175,36 @@ class RecallImages(Dataset):
         if not 0 <= idx < self.length:
             raise IndexError(f"index {idx} out of range for {self.length} samples")
         epoch = key_epoch(index, 0) if self._split_id == 0 else 0
+        st = self.stage_of(epoch)
+        grid = self._grids[st]
         g = sample_generator(self.seed, (self._split_id << 32) + epoch, idx)
-        q = self._query_cells[torch.randint(len(self._query_cells), (1,), generator=g)].item()
-        far = ((self._cells - self._cells[q]).abs().amax(dim=1) >= self.distance).nonzero().flatten()
+        q = grid.query_cells[torch.randint(len(grid.query_cells), (1,), generator=g)].item()
+        far = ((grid.cells - grid.cells[q]).abs().amax(dim=1) >= st.distance).nonzero().flatten()
         m = far[torch.randint(len(far), (1,), generator=g)].item()
-        free = torch.ones(len(self._cells), dtype=torch.bool)
+        free = torch.ones(len(grid.cells), dtype=torch.bool)
         free[[q, m]] = False
         rest = free.nonzero().flatten()
-        rest = rest[torch.randperm(len(rest), generator=g)[: self.pairs - 1 + self.distractors]]
-        keys = torch.randperm(self.num_keys, generator=g)[: self.pairs].tolist()
-        values = torch.randperm(self.info.num_classes, generator=g)[: self.pairs].tolist()
-        which = torch.randint(self.pairs, (1,), generator=g).item()  # which pair the query asks for
-        pair_idx = rest[: self.pairs - 1].tolist()
+        rest = rest[torch.randperm(len(rest), generator=g)[: st.pairs - 1 + st.distractors]]
+        keys = torch.randperm(st.num_keys, generator=g)[: st.pairs].tolist()
+        values = torch.randperm(self.info.num_classes, generator=g)[: st.pairs].tolist()
+        which = torch.randint(st.pairs, (1,), generator=g).item()  # which pair the query asks for
+        pair_idx = rest[: st.pairs - 1].tolist()
         pair_idx.insert(which, m)
-        cell = [tuple(c) for c in self._cells.tolist()]
+        cell = grid.tuples
         return RecallLayout(
+            img_size=st.img_size,
             query_cell=cell[q],
             query_key=keys[which],
             pair_cells=tuple(cell[i] for i in pair_idx),
             pair_keys=tuple(keys),
             pair_values=tuple(values),
-            distractor_cells=tuple(cell[i] for i in rest[self.pairs - 1 :].tolist()),
+            distractor_cells=tuple(cell[i] for i in rest[st.pairs - 1 :].tolist()),
             distractor_seed=int(torch.randint(2**62, (1,), generator=g).item()),
         )
 
     def render(self, layout: RecallLayout) -> torch.Tensor:
         """The normalised image of ``layout`` (any layout: tests build counterfactuals with it)."""
-        c, gl, s = self.info.in_chans, self.glyph, self.info.img_size
+        c, gl, s = self.info.in_chans, self.glyph, layout.img_size
         half = gl // 2
         pixels = torch.full((c, s, s), _BACKGROUND)
 
@@ -206,51 +241,76 @@ class RecallImages(Dataset):
         return self.render(layout), layout.label
 
 
-def _check(img_size: int, in_chans: int, num_classes: int, glyph: int, pairs: int, num_keys: int,
-           distractors: int, distance: int, length: int) -> None:  # fmt: skip
-    """One `error:` line per impossible setting, saying what to change."""
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise InputError(f"recall: {what}")
 
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise InputError(f"recall: {what}")
 
-    need(
-        isinstance(glyph, int) and glyph >= 2 and glyph % 2 == 0,
-        f"glyph must be an even int >= 2 px, got {glyph!r}",
-    )
-    need(
-        isinstance(num_classes, int) and num_classes >= 2,
-        f"num_classes must be >= 2 (the values), got {num_classes!r}",
-    )
-    need(
+def _check(st: RecallStage, in_chans: int, num_classes: int, glyph: int, where: str = "") -> None:
+    """One `error:` line per impossible setting, saying what to change (``where``: which curriculum stage)."""
+    pairs, num_keys, distance, distractors = st.pairs, st.num_keys, st.distance, st.distractors
+    _need(
         isinstance(pairs, int) and 1 <= pairs <= num_classes,
-        f"pairs must be in [1, num_classes={num_classes}] (values are distinct in an image), got {pairs!r}",
+        f"{where}pairs must be in [1, num_classes={num_classes}] (values are distinct in an image), got {pairs!r}",
     )
-    need(
+    _need(
         isinstance(num_keys, int) and num_keys >= pairs,
-        f"num_keys must be >= pairs={pairs} (keys are distinct in an image), got {num_keys!r}",
+        f"{where}num_keys must be >= pairs={pairs} (keys are distinct in an image), got {num_keys!r}",
     )
-    need(
+    _need(
         isinstance(distractors, int) and distractors >= 0,
-        f"distractors must be an int >= 0, got {distractors!r}",
+        f"{where}distractors must be an int >= 0, got {distractors!r}",
     )
-    need(isinstance(distance, int) and distance >= 1, f"distance must be an int >= 1 cell, got {distance!r}")
-    need(isinstance(length, int) and length >= 0, f"length must be an int >= 0, got {length!r}")
+    _need(
+        isinstance(distance, int) and distance >= 1,
+        f"{where}distance must be an int >= 1 cell, got {distance!r}",
+    )
+    _need(
+        isinstance(st.img_size, int) and st.img_size > 0,
+        f"{where}img_size must be a positive int, got {st.img_size!r}",
+    )
     bits = in_chans * glyph * glyph // 2
-    need(
+    _need(
         2**bits - 2 >= num_keys + num_classes + 1,
-        f"a half glyph of {in_chans}x{glyph}x{glyph // 2} bits cannot code {num_keys} keys, {num_classes} "
+        f"{where}a half glyph of {in_chans}x{glyph}x{glyph // 2} bits cannot code {num_keys} keys, {num_classes} "
         f"values and the marker; raise glyph or in_chans, or lower num_keys",
     )
-    grid = img_size // glyph
-    need(
+    grid = st.img_size // glyph
+    _need(
         grid > distance,
-        f"img_size={img_size} holds a {grid}x{grid} grid of {glyph}-px glyphs, too small for distance={distance}: "
-        f"need img_size >= {(distance + 1) * glyph} or a smaller distance",
+        f"{where}img_size={st.img_size} holds a {grid}x{grid} grid of {glyph}-px glyphs, too small for "
+        f"distance={distance}: need img_size >= {(distance + 1) * glyph} or a smaller distance",
     )
-    need(grid * grid >= pairs + 1 + distractors,
-         f"a {grid}x{grid} grid holds {grid * grid} glyphs, fewer than pairs + query + distractors = "
-         f"{pairs + 1 + distractors}; raise img_size or lower pairs/distractors")  # fmt: skip
+    _need(
+        grid * grid >= pairs + 1 + distractors,
+        f"{where}a {grid}x{grid} grid holds {grid * grid} glyphs, fewer than pairs + query + distractors = "
+        f"{pairs + 1 + distractors}; raise img_size or lower pairs/distractors",
+    )
+
+
+_STAGE_KEYS = ("epochs", "img_size", "pairs", "num_keys", "distractors", "distance")
+
+
+def _curriculum(
+    stages: Sequence[dict] | None, final: RecallStage, in_chans: int, num_classes: int, glyph: int
+) -> list[tuple[int, RecallStage]]:
+    """(last epoch, stage) for each ``{epochs: n, KNOB: value, ...}`` (knobs not named: the task's own)."""
+    out: list[tuple[int, RecallStage]] = []
+    last = -1
+    for i, raw in enumerate(stages or ()):
+        where = f"curriculum[{i}]: "
+        _need(
+            isinstance(raw, dict), f"{where}each stage is a mapping like {{epochs: 2, pairs: 2}}, got {raw!r}"
+        )
+        unknown = sorted(set(raw) - set(_STAGE_KEYS))
+        _need(not unknown, f"{where}unknown key(s) {unknown}; a stage takes {', '.join(_STAGE_KEYS)}")
+        epochs = raw.get("epochs")
+        _need(isinstance(epochs, int) and epochs >= 1, f"{where}epochs must be an int >= 1, got {epochs!r}")
+        st = RecallStage(**{**final.__dict__, **{k: v for k, v in raw.items() if k != "epochs"}})
+        _check(st, in_chans, num_classes, glyph, where)
+        last += epochs
+        out.append((last, st))
+    return out
 
 
 @register_dataset("recall", info=RECALL_INFO)
@@ -271,25 +331,29 @@ def build_recall(
     num_keys: int = 16,
     distractors: int = 0,
     distance: int = 4,
+    curriculum: Sequence[dict] | None = None,
 ) -> RecallImages:
-    """Recall split (``root`` is ignored): ``length`` train samples a epoch (new each epoch), ``val_length``
-    val samples. ``pairs`` defaults to ``num_classes`` (values without keys are then worth chance)."""
+    """Recall split (``root`` is ignored): ``length`` train samples an epoch (new each epoch), ``val_length``
+    val samples. ``pairs`` defaults to ``num_classes`` (values without keys are then worth chance).
+    ``curriculum``: train stages before the task itself, e.g. ``[{epochs: 3, img_size: 32, pairs: 2,
+    num_keys: 2}]`` (a model without position embedding runs at every size)."""
     img_size, in_chans = check_image_args("recall", img_size, in_chans, RECALL_INFO)
     mean, std = resolve_norm(mean, std, in_chans, RECALL_INFO)
     pairs = num_classes if pairs is None else pairs
     n = length if split == "train" else val_length
-    _check(img_size, in_chans, num_classes, glyph, pairs, num_keys, distractors, distance, n)
+    _need(
+        isinstance(glyph, int) and glyph >= 2 and glyph % 2 == 0,
+        f"glyph must be an even int >= 2 px, got {glyph!r}",
+    )
+    _need(
+        isinstance(num_classes, int) and num_classes >= 2,
+        f"num_classes must be >= 2 (the values), got {num_classes!r}",
+    )
+    _need(isinstance(n, int) and n >= 0, f"length and val_length must be ints >= 0, got {n!r}")
+    stage = RecallStage(img_size, pairs, num_keys, distractors, distance)
+    _check(stage, in_chans, num_classes, glyph)
+    stages = _curriculum(curriculum, stage, in_chans, num_classes, glyph)
     info = with_settings(
         RECALL_INFO, num_classes=num_classes, img_size=img_size, in_chans=in_chans, mean=mean, std=std
     )
-    return RecallImages(
-        info,
-        split=split,
-        length=n,
-        seed=seed,
-        glyph=glyph,
-        pairs=pairs,
-        num_keys=num_keys,
-        distractors=distractors,
-        distance=distance,
-    )
+    return RecallImages(info, split=split, length=n, seed=seed, glyph=glyph, stage=stage, curriculum=stages)

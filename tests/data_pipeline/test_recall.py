@@ -137,3 +137,32 @@ def test_values_are_distinct_so_reading_them_without_keys_is_chance():
 def test_impossible_settings_are_one_clear_error(bad, says):
     with pytest.raises(InputError, match=says):
         _ds(**bad)
+
+
+def test_a_curriculum_walks_train_epochs_through_its_stages_and_val_stays_the_task():
+    stages = [
+        {"epochs": 2, "img_size": 16, "pairs": 2, "num_keys": 2, "distance": 2},
+        {"epochs": 1, "pairs": 3},
+    ]
+    train, val = _ds(curriculum=stages), _ds("val", curriculum=stages)
+    assert [train.stage_of(e).pairs for e in range(5)] == [2, 2, 3, 6, 6]
+    x, y = train[SampleKey(0, 1)]
+    assert x.shape[-1] == 16 and _decode(train, x) == y  # a stage's image, labelled as any other
+    assert all(set(train.layout(SampleKey(i, 0)).pair_keys) <= {0, 1} for i in range(8))
+    x, y = train[SampleKey(0, 2)]
+    assert x.shape[-1] == 32 and _decode(train, x) == y
+    assert val.layout(SampleKey(0, 0)).img_size == 32 and len(val.layout(0).pair_keys) == 6
+    assert train.fingerprint() != _ds().fingerprint()
+
+
+@pytest.mark.parametrize(
+    "stage,says",
+    [
+        ({"pairs": 2}, r"curriculum\[0\]: epochs must be"),
+        ({"epochs": 1, "glyph": 2}, r"curriculum\[0\]: unknown key\(s\) \['glyph'\]"),
+        ({"epochs": 1, "img_size": 16, "distance": 4}, r"curriculum\[0\]: img_size=16 .* too small"),
+    ],
+)
+def test_a_bad_curriculum_stage_is_one_clear_error(stage, says):
+    with pytest.raises(InputError, match=says):
+        _ds(curriculum=[stage])
