@@ -1,7 +1,8 @@
 """Datasets, a resumable distributed sampler and loaders for attnxfer.
 
 Built-in datasets: ``animal_mnist`` (real 28x28 silhouettes from the animal-mnist package),
-``synthetic`` (learnable random patterns of any shape), ``folder`` (ImageNet-style folders via
+``synthetic`` (learnable random patterns of any shape), ``recall`` (visual associative recall: a label only
+attention across the image reads), ``folder`` (ImageNet-style folders via
 timm) and timm's prefixes ``hfds/NAME``, ``hfids/NAME``, ``wds/NAME`` (Hugging Face datasets, webdataset
 shards). Installed distributions add theirs through ``attnxfer.datasets`` entry points. Build them with :func:`build_dataset`; add more with :func:`register_dataset`.
 
@@ -10,7 +11,7 @@ batches ``[x]`` (`attnxfer.data.label_free`); `require_labels` is the one check 
 that needs them.
 """
 
-from . import animal_mnist, folder, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
+from . import animal_mnist, folder, recall, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
 from .cache import cache_dir
 from .identity import data_identity
 from .in_memory import InMemoryImageDataset

@@ -467,7 +467,7 @@ def test_folder_missing_paths_are_explained(tmp_path):
 def test_registry_errors_name_the_choices():
     with pytest.raises(
         ValueError,
-        match=r"unknown dataset 'animal_mnst'.*animal_mnist, folder, synthetic.*Did you mean 'animal_mnist'",
+        match=r"unknown dataset 'animal_mnst'.*animal_mnist, folder, recall, synthetic.*Did you mean 'animal_mnist'",
     ):
         build_dataset("animal_mnst", "train")
     with pytest.raises(TypeError, match=r"no option\(s\) lenght.*length"):

@@ -1,0 +1,168 @@
+"""The recall dataset: deterministic, labelled by construction, and unanswerable from any one local window."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from attnxfer.data import SampleKey, build_dataset, dataset_info, list_datasets
+from attnxfer.data.recall import RecallImages
+from attnxfer.errors import InputError
+
+KW = dict(img_size=32, glyph=4, pairs=6, num_keys=12, distractors=3, distance=4, length=64, val_length=32)
+
+
+def _ds(split="train", **kw) -> RecallImages:
+    return build_dataset("recall", split, **{**KW, **kw})
+
+
+def _cells(x: torch.Tensor, glyph: int) -> torch.Tensor:
+    """(rows, cols, C, glyph, glyph) glyph cells of a normalised image, as 0/1 bits (blank: 0.5)."""
+    c, s, _ = x.shape
+    g = s // glyph
+    pixels = x[:, : g * glyph, : g * glyph] * 0.5 + 0.5
+    return pixels.reshape(c, g, glyph, g, glyph).permute(1, 3, 0, 2, 4)
+
+
+def _decode(ds: RecallImages, x: torch.Tensor) -> int:
+    """Read the answer from the pixels alone: find the marker, read its key, find that key's pair, read its
+    value."""
+    cells = _cells(x, ds.glyph)
+    half = ds.glyph // 2
+    left, right = cells[..., :half], cells[..., half:]
+    is_query = (right == ds.marker).flatten(2).all(-1)
+    assert is_query.sum() == 1, "exactly one query glyph"
+    qr, qc = is_query.nonzero()[0].tolist()
+    key = left[qr, qc]
+    matches = [(r, c) for r, c in (left == key).flatten(2).all(-1).nonzero().tolist() if (r, c) != (qr, qc)]
+    assert len(matches) == 1, "exactly one pair carries the query's key"
+    value = right[matches[0][0], matches[0][1]]
+    found = [v for v in range(len(ds.value_codes)) if torch.equal(value, ds.value_codes[v])]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_registered_with_its_defaults():
+    assert "recall" in list_datasets()
+    info = dataset_info("recall")
+    assert (info.num_classes, info.in_chans, info.img_size) == (10, 3, 64)
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    a, b, other = _ds(), _ds(), _ds(seed=1)
+    assert all(torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1] for i in range(0, 64, 9))
+    assert not torch.equal(a[0][0], other[0][0])
+    assert not torch.equal(a[0][0], _ds("val")[0][0])  # val is not train
+    assert len(_ds("val")) == 32 and len(a) == 64
+
+
+def test_train_samples_are_new_each_epoch_and_val_fixed():
+    train, val = _ds(), _ds("val")
+    assert not torch.equal(train[SampleKey(3, 0)][0], train[SampleKey(3, 1)][0])
+    assert torch.equal(train[SampleKey(3, 1)][0], train[SampleKey(3, 1)][0])
+    assert torch.equal(val[SampleKey(3, 0)][0], val[SampleKey(3, 5)][0])
+
+
+@pytest.mark.parametrize("img_size,glyph,in_chans", [(32, 4, 3), (37, 2, 3), (64, 8, 1)])
+def test_labels_are_the_query_keys_value_read_from_the_pixels(img_size, glyph, in_chans):
+    ds = _ds(img_size=img_size, glyph=glyph, in_chans=in_chans)
+    labels = []
+    for i in range(24):
+        x, y = ds[i]
+        assert x.shape == (in_chans, img_size, img_size)
+        assert _decode(ds, x) == y
+        labels.append(y)
+    assert len(set(labels)) > 3  # the answer varies
+
+
+def test_query_and_its_pair_never_share_a_window_of_the_distance():
+    ds = _ds(img_size=48, distance=5)
+    for i in range(64):
+        lay = ds.layout(i)
+        (qr, qc), (mr, mc) = lay.query_cell, lay.match_cell
+        assert max(abs(qr - mr), abs(qc - mc)) >= 5
+
+
+def _window(x: torch.Tensor, glyph: int, r0: int, c0: int, side: int) -> torch.Tensor:
+    return x[:, r0 * glyph : (r0 + side) * glyph, c0 * glyph : (c0 + side) * glyph]
+
+
+def _inside(cell, r0, c0, side) -> bool:
+    return r0 <= cell[0] < r0 + side and c0 <= cell[1] < c0 + side
+
+
+def test_no_window_of_the_distance_determines_the_label():
+    """For every window position: a second image that agrees with it on that window has another label
+    (change the pair's value outside the window, or ask the query outside the window for another key)."""
+    ds = _ds(img_size=32, distance=4, distractors=0)
+    side, g = ds.distance, ds.grid
+    for i in range(4):
+        lay = ds.layout(i)
+        x = ds.render(lay)
+        for r0 in range(g - side + 1):
+            for c0 in range(g - side + 1):
+                if not _inside(lay.match_cell, r0, c0, side):
+                    j = lay.pair_keys.index(lay.query_key)
+                    new = (set(range(ds.info.num_classes)) - set(lay.pair_values)).pop()
+                    values = lay.pair_values[:j] + (new,) + lay.pair_values[j + 1 :]
+                    other = replace(lay, pair_values=values)
+                else:
+                    assert not _inside(lay.query_cell, r0, c0, side)
+                    k = next(k for k, v in zip(lay.pair_keys, lay.pair_values) if v != lay.label)
+                    other = replace(lay, query_key=k)
+                y = ds.render(other)
+                assert torch.equal(_window(x, ds.glyph, r0, c0, side), _window(y, ds.glyph, r0, c0, side))
+                assert other.label != lay.label and _decode(ds, y) == other.label
+
+
+def test_values_are_distinct_so_reading_them_without_keys_is_chance():
+    ds = _ds(pairs=10, num_keys=10)
+    for i in range(16):
+        lay = ds.layout(i)
+        assert sorted(lay.pair_values) == list(range(10)) and len(set(lay.pair_keys)) == 10
+
+
+@pytest.mark.parametrize(
+    "bad,says",
+    [
+        (dict(glyph=3), "glyph must be an even int"),
+        (dict(pairs=11), "pairs must be in"),
+        (dict(num_keys=4), "num_keys must be >= pairs"),
+        (dict(distance=8), "too small for distance=8"),
+        (dict(distractors=60), "fewer than pairs"),
+        (dict(glyph=2, in_chans=1, num_keys=6), "cannot code"),
+        (dict(distance=0), "distance must be"),
+    ],
+)
+def test_impossible_settings_are_one_clear_error(bad, says):
+    with pytest.raises(InputError, match=says):
+        _ds(**bad)
+
+
+def test_a_curriculum_walks_train_epochs_through_its_stages_and_val_stays_the_task():
+    stages = [
+        {"epochs": 2, "img_size": 16, "pairs": 2, "num_keys": 2, "distance": 2},
+        {"epochs": 1, "pairs": 3},
+    ]
+    train, val = _ds(curriculum=stages), _ds("val", curriculum=stages)
+    assert [train.stage_of(e).pairs for e in range(5)] == [2, 2, 3, 6, 6]
+    x, y = train[SampleKey(0, 1)]
+    assert x.shape[-1] == 16 and _decode(train, x) == y  # a stage's image, labelled as any other
+    assert all(set(train.layout(SampleKey(i, 0)).pair_keys) <= {0, 1} for i in range(8))
+    x, y = train[SampleKey(0, 2)]
+    assert x.shape[-1] == 32 and _decode(train, x) == y
+    assert val.layout(SampleKey(0, 0)).img_size == 32 and len(val.layout(0).pair_keys) == 6
+    assert train.fingerprint() != _ds().fingerprint()
+
+
+@pytest.mark.parametrize(
+    "stage,says",
+    [
+        ({"pairs": 2}, r"curriculum\[0\]: epochs must be"),
+        ({"epochs": 1, "glyph": 2}, r"curriculum\[0\]: unknown key\(s\) \['glyph'\]"),
+        ({"epochs": 1, "img_size": 16, "distance": 4}, r"curriculum\[0\]: img_size=16 .* too small"),
+    ],
+)
+def test_a_bad_curriculum_stage_is_one_clear_error(stage, says):
+    with pytest.raises(InputError, match=says):
+        _ds(curriculum=[stage])
