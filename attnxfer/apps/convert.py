@@ -13,6 +13,7 @@ measurement is one more step function and one more line there.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -584,10 +585,7 @@ def _silent(_: str) -> None:
 
 
 def _take(loader, n: int):
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        yield batch
+    yield from itertools.islice(loader, n)
 
 
 def _dataset_size(loader) -> int | None:

@@ -83,7 +83,9 @@ def test_an_unknown_architecture_is_refused_with_the_nearest(key):
 
 
 def test_comparison_loss_names_read_from_the_source_are_the_registrys():
-    assert value_checks._comparisons_by_text() == set(COMPARISON_LOSSES) >= {"map", "mse", "logit_kd"}
+    # the package's own entries (a test elsewhere registers one of its own in this process)
+    own = {name for name, fn in COMPARISON_LOSSES.items() if fn.__module__.startswith("attnxfer.")}
+    assert value_checks._comparisons_by_text() == own >= {"map", "mse", "logit_kd"}
     with pytest.raises(
         ConfigError, match=r"^transfer.losses\[1\].name: 'logit_kdd' is not a comparison loss; did"
     ):

@@ -159,7 +159,7 @@ def test_auto_without_a_budget_or_with_one_below_1_is_refused(tmp_path, tiny_tea
         cli.main(_args(tmp_path / "c", tiny_teacher_dir, "convert.speedup=2", "convert.candidates=[softmx]"))
         == 2
     )
-    assert "convert.candidates: " in capsys.readouterr().err
+    assert "convert.candidates[0]: 'softmx' is not a registered attention" in capsys.readouterr().err
 
 
 def test_an_infeasible_budget_is_one_line_before_any_training(tmp_path, tiny_teacher_dir, capsys):
