@@ -234,11 +234,13 @@ def break_even_sweeps(
     must stay short. Resolutions are measured in increasing order, each in one interleaved call that times
     the teacher and the floor once for every student (`forward_speeds`). Returns per name ``{"rows": [...],
     "skipped": [{"resolution", "reason"}], "break_even": the smallest measured resolution where that student
-    is faster than the teacher, or None}``."""
+    is faster than the teacher, or None}``. A student that refuses one size (`InputError` from its forward,
+    e.g. a Linformer's fixed sequence length) is skipped at that size alone, with its reason."""
     if not resolutions:
         raise ValueError("break_even_sweep needs at least one resolution")
     rows: dict[str, list[dict[str, Any]]] = {}
-    skipped: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []  # sizes no model was built at
+    own_skips: dict[str, list[dict[str, Any]]] = {}  # sizes one student cannot run at (a fixed length)
     start, last = time.monotonic(), None  # last: (resolution, seconds) of the last measured size
     for resolution in sorted(set(int(r) for r in resolutions)):
         spent = time.monotonic() - start
@@ -259,6 +261,10 @@ def break_even_sweeps(
         where = next(teacher.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, image_input(teacher).in_chans, resolution, resolution, generator=generator)
+        refused = _students_refusing(students, x.to(where))
+        for name, reason in refused.items():
+            own_skips.setdefault(name, []).append({"resolution": resolution, "reason": reason})
+        students = {n: s for n, s in students.items() if n not in refused}
         measured = forward_speeds(
             teacher,
             students,
@@ -275,7 +281,7 @@ def break_even_sweeps(
     return {
         name: {
             "rows": rows.get(name, []),
-            "skipped": list(skipped),
+            "skipped": sorted([*skipped, *own_skips.get(name, [])], key=lambda row: row["resolution"]),
             "break_even": break_even_resolution(rows.get(name, [])),
         }
         for name in names
@@ -286,3 +292,15 @@ def break_even_resolution(rows: Sequence[Mapping[str, Any]]) -> int | None:
     """The smallest ``resolution`` among speed rows whose student is faster than its teacher, or None."""
     faster = [int(row["resolution"]) for row in rows if row["student_over_teacher"] > 1.0]
     return min(faster) if faster else None
+
+
+def _students_refusing(students: Mapping[str, nn.Module], x: torch.Tensor) -> dict[str, str]:
+    """{name: why} of each student whose forward refuses ``x`` (`InputError`); one image each, no grad."""
+    refused = {}
+    for name, student in students.items():
+        try:
+            with torch.no_grad():
+                student.eval()(x[:1])
+        except InputError as e:
+            refused[name] = str(e)
+    return refused

@@ -27,6 +27,7 @@ from attnxfer.train.speed import (
     RATIOS,
     break_even_resolution,
     break_even_sweep,
+    break_even_sweeps,
     interleaved_forward_seconds,
     speed_against_floor,
 )
@@ -321,6 +322,25 @@ def test_break_even_sweep_builds_each_size_once_in_increasing_order():
     assert [row["resolution"] for row in sweep["rows"]] == [32, 48]
     assert [row["tokens"] for row in sweep["rows"]] == [17, 37]
     assert sweep["break_even"] == break_even_resolution(sweep["rows"])
+
+
+def test_a_student_of_fixed_length_is_skipped_at_other_sizes_and_the_others_are_measured():
+    def build(size: int):
+        teacher = tiny_vit(depth=1, img_size=size, plain_timm=True).eval()
+        return teacher, {
+            "relu_linear": build_efficient_student(teacher, "relu_linear"),
+            # built for the 32 px grid (16 patches + the class token) at every size
+            "linformer": build_efficient_student(teacher, "linformer", seq_len=17),
+        }
+
+    sweeps = break_even_sweeps(
+        build, [32, 48], ["relu_linear", "linformer"], warmup=0, repeats=1, floor=False
+    )
+    assert [row["resolution"] for row in sweeps["relu_linear"]["rows"]] == [32, 48]
+    assert sweeps["relu_linear"]["skipped"] == []
+    assert [row["resolution"] for row in sweeps["linformer"]["rows"]] == [32]
+    (skip,) = sweeps["linformer"]["skipped"]
+    assert skip["resolution"] == 48 and "seq_len=17" in skip["reason"]
 
 
 def test_break_even_sweep_skips_refused_sizes_and_keeps_to_its_budget():

@@ -360,7 +360,7 @@ def test_a_study_runs_its_teacher_once_a_batch_for_all_its_students(tmp_path, ti
     )
     assert len(passes) == STEPS  # 4 students, one teacher forward a step
     passes.clear()
-    one = tmp_path / "s" / "transfer.atd_weight=1_transfer.logit_distill=1"
+    one = tmp_path / "s" / "atd_weight=1_logit_distill=1"
     assert cli.main(["train", "-c", str(one / "config.yaml"), f"run_dir={tmp_path / 'alone'}"]) == 0
     assert len(passes) == STEPS
 
