@@ -22,6 +22,7 @@ from ..checkpoints.atomic_io import atomic_write_json, atomic_write_text
 from ..errors import InputError, MissingPathError
 from ..run_layout import STUDY_RECORD
 from .reports import STAGE_ROWS, final_stage, ratio_text, top1_interval_text, value_text
+from .uncertainty import format_p, mcnemar
 
 COMPARISON_REPORT = "conversion_study.md"
 COMPARISON_DATA = "conversion_study.json"
@@ -78,6 +79,7 @@ def _row(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
         "stage": stage,
         "stopped": report.get("stopped"),
         "top1": (report.get("top1") or {}).get(stage) if stage else None,
+        "val_hits": (report.get("val_hits") or {}).get(stage) if stage else None,
         "val_size": report["data"].get("val_size"),
         "knn_top1": knn.get("knn_top1"),
         "knn_interval": [knn["knn_top1_low"], knn["knn_top1_high"]] if "knn_top1_low" in knn else None,
@@ -89,6 +91,14 @@ def _row(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
         },
         "after_stage1": [r.get("after_stage1") for r in report["agreement"]["teacher_input"]],
         "speed": {k: speed.get(k) for k in _SPEED_KEYS},
+        # the break-even sweep (batch 1): {side: (tokens, x teacher, floor x teacher)}, or why a side is missing
+        "sweep": {
+            **{
+                r["resolution"]: (r.get("tokens"), r["student_over_teacher"], r.get("floor_over_teacher"))
+                for r in (speed.get("sweep") or {}).get("rows", [])
+            },
+            **{r["resolution"]: r["reason"] for r in (speed.get("sweep") or {}).get("skipped", [])},
+        },
     }
 
 
@@ -123,6 +133,7 @@ def _render(study: str, reports: Mapping[str, dict[str, Any] | None], rows: list
             *_agreement_section(rows, "end_to_end", "end to end (each model on its own hidden states)"),
             *_stage1_section(rows),
             *_speed_section(first, rows),
+            *_sweep_section(rows),
         ]
     )
 
@@ -147,16 +158,23 @@ def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[
     teacher_top1 = first["top1"]["teacher"]
     knn0 = next((s for s in (first.get("knn") or {}).values() if s and "knn_top1" in s), {})
     n = first["data"].get("val_size")
+    paired = paired_with_best(rows)
     lines = [
         "## Quality (validation, at each student's last stage)",
         "",
         f"95 % intervals: Wilson, on {n or '?'} validation images"
         + (f" (k-NN: k = {knn0['knn_k']}, {knn0['knn_count']} images)" if knn0 else "")
-        + "; feature cosine: the final patch tokens' mean cosine with the teacher's (no label read).",
+        + "; feature cosine: the final patch tokens' mean cosine with the teacher's (no label read)."
+        + (
+            f" Against the best: McNemar's exact test against {paired['best']} (the best top-1) on the same "
+            "images, `only this / only the best` right, and p."
+            if paired
+            else ""
+        ),
         "",
-        "| student | attention | stage | top-1 (%) | 95 % interval | of teacher's | k-NN top-1 (%) | 95 % interval "
-        "| feature cosine |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| student | attention | stage | top-1 (%) | 95 % interval | of teacher's | against the best "
+        "| k-NN top-1 (%) | 95 % interval | feature cosine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     knn_t = knn0.get("knn_teacher_top1")
     knn_t_band = (
@@ -165,23 +183,40 @@ def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[
         else "—"
     )
     lines.append(
-        f"| teacher | softmax | | {_pct(teacher_top1)} | {top1_interval_text(teacher_top1, n)} | | {_pct(knn_t)} | "
+        f"| teacher | softmax | | {_pct(teacher_top1)} | {top1_interval_text(teacher_top1, n)} | | | {_pct(knn_t)} | "
         f"{knn_t_band} | 1 |"
     )
     for row in rows:
         if row["report"] is None or row["stage"] is None:
-            lines.append(f"| {row['name']} | | no report yet | | | | | | |")
+            lines.append(f"| {row['name']} | | no report yet | | | | | | | |")
             continue
         top1, band = row["top1"], row["knn_interval"]
         share = f"{100 * top1 / teacher_top1:.1f}%" if top1 is not None and teacher_top1 else "—"
         stage = _STAGE_NAMES[row["stage"]] + (" (stopped)" if row["stopped"] else "")
         lines.append(
             f"| {row['name']} | {row['attention']} | {stage} | {_pct(top1)} | {top1_interval_text(top1, row['val_size'])} "
-            f"| {share} | {_pct(row['knn_top1'])} | {f'[{band[0]:.1f}, {band[1]:.1f}]' if band else '—'} | "
+            f"| {share} | {(paired or {}).get(row['name'], '—')} | {_pct(row['knn_top1'])} | "
+            f"{f'[{band[0]:.1f}, {band[1]:.1f}]' if band else '—'} | "
             f"{value_text(row['feat_cos_patch'])} |"
         )
     stopped = [f"- {r['name']} stopped early: {r['stopped']}" for r in rows if r.get("stopped")]
     return [*lines, "", *stopped, *([""] if stopped else [])]
+
+
+def paired_with_best(rows: list[dict[str, Any]]) -> dict[str, str] | None:
+    """McNemar's exact test of every student against the one with the best top-1, on the images both were
+    scored on: ``{"best": name, name: "only this / only the best, p"}``; None where fewer than two students
+    recorded which images they got right (reports written before they did)."""
+    scored = [r for r in rows if r.get("val_hits") and r.get("top1") is not None]
+    if len(scored) < 2:
+        return None
+    best = max(scored, key=lambda r: r["top1"])
+    out = {"best": best["name"], best["name"]: "the best"}
+    for row in scored:
+        if row is not best and len(row["val_hits"]) == len(best["val_hits"]):
+            t = mcnemar([c == "1" for c in row["val_hits"]], [c == "1" for c in best["val_hits"]])
+            out[row["name"]] = f"{t.only_a} / {t.only_b}, p {format_p(t.p_value)}"
+    return out
 
 
 def _agreement_section(rows: list[dict[str, Any]], which: str, title: str) -> list[str]:
@@ -269,6 +304,44 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
             f"{_speedup_cell(s)} | {ratio_text(s['student_over_floor'])} | {_break_even_cell(s)} |"
         )
     return [*lines, ""]
+
+
+def _sweep_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Each student's speed against the teacher at every side of the sweep (batch 1), the floor beside it:
+    how the ranking moves with the token count."""
+    sides = sorted({side for r in rows if r["report"] is not None for side in r["sweep"]}, key=int)
+    if not sides:
+        return []
+    tokens = {
+        side: next(
+            (r["sweep"][side][0] for r in rows if isinstance(r.get("sweep", {}).get(side), tuple)), None
+        )
+        for side in sides
+    }
+    head = " | ".join(f"{side} px ({tokens[side] or '?'} tokens)" for side in sides)
+    lines = [
+        "## Speed against the teacher over the sweep (batch 1, × teacher)",
+        "",
+        f"| model | {head} |",
+        "|---|" + "---|" * len(sides),
+    ]
+    floors = []
+    for side in sides:
+        found = next(
+            (r["sweep"][side] for r in rows if isinstance(r.get("sweep", {}).get(side), tuple)), None
+        )
+        floors.append(ratio_text(found[2]) if found and found[2] is not None else "—")
+    lines.append("| floor (ceiling) | " + " | ".join(floors) + " |")
+    for row in rows:
+        if row["report"] is None:
+            continue
+        cells = []
+        for side in sides:
+            got = row["sweep"].get(side)
+            cells.append(f"{got[1]:.2f}" if isinstance(got, tuple) else "not run" if got else "—")
+        lines.append(f"| {row['name']} ({row['attention']}) | " + " | ".join(cells) + " |")
+    notes = sorted({got for r in rows for got in r.get("sweep", {}).values() if isinstance(got, str)})
+    return [*lines, "", *(f"- not run: {why}" for why in notes), *([""] if notes else [])]
 
 
 def _speedup_cell(speed: dict[str, Any]) -> str:

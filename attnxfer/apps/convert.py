@@ -34,7 +34,7 @@ from ..models.image_input import image_input
 from ..train.devices import resolve_precision
 from ..train.distributed import DistributedInfo, backend_for, joined_process_group
 from ..train.engine import TrainResult
-from ..train.measure import evaluate_top1, map_agreement, operation_counts
+from ..train.measure import evaluate_top1, map_agreement, operation_counts, top1_and_hits
 from ..train.runtime import resolve_device
 from ..train.stage1 import Stage1Result
 from ..transfer.conversion import ConversionPlan, build_conversion_plan
@@ -359,7 +359,10 @@ def _place(run: Conversion, like: Conversion) -> None:
     if like is not run:
         run.probe, run.quality = like.probe, like.quality
         return
-    run.probe = [x.to(run.device) for x, *_ in _take(run.parts.val_loader, run.cfg.convert.agreement_batches)]
+    run.probe = [
+        x.to(run.device)
+        for x, *_ in itertools.islice(run.parts.val_loader, run.cfg.convert.agreement_batches)
+    ]
     if not run.probe:
         raise InputError("the validation set is empty: convert measures map agreement on it")
     run.quality = quality_probe(run.cfg, run.teacher, run.parts.val_loader, run.device, run.labelled)
@@ -369,12 +372,16 @@ def measure(run: Conversion, stage: str) -> None:
     """The student at ``stage``: map agreement with the teacher (on the teacher's hidden inputs and on its
     own), final-feature agreement, and where the data has labels k-NN top-1 and (with a head) val top-1."""
     start = time.monotonic()
+    top1, hits = (
+        top1_and_hits(run.student, run.parts.val_loader, run.device) if run.labelled else (None, None)
+    )
     res = {
         "teacher_input": map_agreement(run.teacher, run.student, run.probe, inputs="teacher"),
         "end_to_end": map_agreement(run.teacher, run.student, run.probe, inputs="own"),
         "features": run.quality.features(run.student),
         "knn": run.quality.knn(run.student),
-        "val_top1": evaluate_top1(run.student, run.parts.val_loader, run.device) if run.labelled else None,
+        "val_top1": top1,
+        "val_hits": hits,  # one 0/1 per val image, in the loader's order: paired tests between students
     }
     name = _STAGES[stage]
     run.seconds[f"measure_{name}"] = time.monotonic() - start
@@ -522,7 +529,7 @@ def _report(
             "attention_kwargs": plan.attention_kwargs,
             "spec": parts.student_spec,
             "num_classes": int(getattr(run.student, "num_classes", 0) or 0),  # 0: a headless encoder
-            "new_parameters": _count_new(run.student),
+            "new_parameters": sum(p.numel() for _, p in new_parameters(run.student)),
         },
         "data": {
             "dataset": cfg.data.dataset,
@@ -544,6 +551,7 @@ def _report(
         },
         "stage2": stage2,
         "top1": top1,
+        "val_hits": {s: (m.get("val_hits") if m else None) for s, m in measured.items()},
         "student_top1": student_top1,
         "recovered_pct": (
             100.0 * student_top1 / teacher_top1 if teacher_top1 and student_top1 is not None else None
@@ -584,16 +592,8 @@ def _silent(_: str) -> None:
     """The log of ranks other than 0."""
 
 
-def _take(loader, n: int):
-    yield from itertools.islice(loader, n)
-
-
 def _dataset_size(loader) -> int | None:
     try:
         return len(loader.dataset)
     except TypeError:
         return None
-
-
-def _count_new(student: nn.Module) -> int:
-    return sum(p.numel() for _, p in new_parameters(student))

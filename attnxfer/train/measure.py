@@ -25,8 +25,8 @@ from ..models.efficient import check_softmax_teacher
 from ..models.efficient.swap import flat_blocks
 from ..models.image_input import find_patch_embedding, image_input
 from ..transfer.map_losses import LayerLogits, agreement, default_map_loss, map_distillation_loss, output_mse
-from .distributed import sum_over_ranks
-from .evaluation import classification_sums
+from .distributed import gather_objects, sum_over_ranks
+from .evaluation import classification_sums, per_image_top1
 
 
 def layer_map_metric(
@@ -132,6 +132,20 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> f
     totals = classification_sums(model, loader, device, loss=False)
     correct, total = sum_over_ranks([totals[0].item(), totals[3].item()], device)
     return 100.0 * correct / max(1, total)
+
+
+def top1_and_hits(
+    model: nn.Module, loader: Iterable, device: torch.device
+) -> tuple[float | None, str | None]:
+    """`evaluate_top1` and which images it got right: one ``0``/``1`` per image of ``loader``, every rank's in
+    rank order (a string, so that a report's JSON stays readable); (None, None) without a classifier head.
+    Two models scored through the same loader are paired image by image (McNemar)."""
+    if not getattr(model, "num_classes", 0):
+        return None, None
+    hits = "".join(
+        gather_objects("".join("1" if h else "0" for h in per_image_top1(model, loader, device).tolist()))
+    )
+    return 100.0 * hits.count("1") / max(1, len(hits)), hits
 
 
 def _layer_counts(attn: nn.Module, tokens: int, batch: int):

@@ -117,6 +117,9 @@ def test_the_comparison_has_a_row_per_attention_with_one_teacher_timing(study):
             r["after_stage2"] for r in report["agreement"]["end_to_end"]
         ]
         assert row["speed"]["speedup"] == report["speed"]["speedup"]
+        # which val images it got right, recorded so that students can be paired: they add up to its top-1
+        hits = report["val_hits"]["after_stage2"]
+        assert len(hits) == 64 and 100 * hits.count("1") / 64 == pytest.approx(row["top1"])
     # the teacher and the floor were timed once, in the same calls as both students
     teacher = {r["speed"]["teacher_ms"] for r in rows} | {r["speed"]["teacher_ms"] for r in reports.values()}
     floor = {r["speed"]["floor_ms"] for r in rows}
@@ -130,6 +133,8 @@ def test_the_comparison_has_a_row_per_attention_with_one_teacher_timing(study):
         )
         assert f"| {row['name']} | {row['attention']} | after stage 2 | {row['top1']:.2f} |" in md
     assert "| floor (ceiling) |" in md and "| block | hedgehog (hedgehog) | performer (performer) |" in md
+    best = max(rows, key=lambda r: r["top1"])["name"]
+    assert f"McNemar's exact test against {best}" in md and "| the best |" in md
     # --report writes it again from the students' reports alone, training and measuring nothing
     (study / "conversion_study.md").unlink()
     assert cli.main(["study", "-c", str(study / "study.yaml"), "--report"]) == 0
@@ -303,3 +308,24 @@ def test_a_study_yaml_names_its_command_and_a_flag_that_disagrees_is_refused(tmp
     yaml.write_text("command: pretrain\nstudents:\n  - name: a\n")
     with pytest.raises(ConfigError, match="not a study's command"):
         load_study(yaml)
+
+
+def test_each_student_is_paired_with_the_best_on_the_images_exactly_one_of_them_got_right():
+    """The comparison's McNemar column, against counts made by hand; reports without per-image hits (written
+    before they were recorded) give no column rather than a wrong one."""
+    from scipy.stats import binomtest
+
+    from attnxfer.apps.conversion_comparison import paired_with_best
+
+    rows = [
+        {"name": "a", "top1": 50.0, "val_hits": "1100110000"},
+        {"name": "b", "top1": 70.0, "val_hits": "1111110100"},
+        {"name": "c", "top1": 40.0, "val_hits": "0011000011"},
+    ]
+    paired = paired_with_best(rows)
+    assert paired["best"] == "b" and paired["b"] == "the best"
+    # a vs b: a alone right on none, b alone on images 2, 3, 7 -> 0 / 3
+    assert paired["a"] == f"0 / 3, p {binomtest(0, 3, 0.5).pvalue:.3f}"
+    # c vs b: c alone right on images 8, 9; b alone on 0, 1, 4, 5, 7 -> 2 / 5
+    assert paired["c"] == f"2 / 5, p {binomtest(2, 7, 0.5).pvalue:.3f}"
+    assert paired_with_best([{**r, "val_hits": None} for r in rows]) is None
