@@ -114,15 +114,25 @@ def fit_candidate(
     return {"kl": kl, "kl_per_layer": per_layer, "fit_seconds": time.monotonic() - start}
 
 
-def fit_student(teacher: nn.Module, attention: str, cache: TeacherCache, fit: FitSettings) -> nn.Module:
-    """A copy of ``teacher`` with ``attention`` in the cached layers, after ``fit.steps`` of stage 1 on the
-    cached fit batches (in eval mode); errors as `fit_candidate`."""
+def fit_student(
+    teacher: nn.Module,
+    attention: str,
+    cache: TeacherCache,
+    fit: FitSettings,
+    *,
+    check_map: bool = True,
+    **options: Any,
+) -> nn.Module:
+    """A copy of ``teacher`` with ``attention`` (built with ``options``) in the cached layers, after
+    ``fit.steps`` of stage 1 on the cached fit batches (in eval mode); errors as `fit_candidate`.
+    ``check_map=False`` fits an attention without a row-stochastic map too (its KL is undefined, but its
+    end-to-end output is not: `benchmarks/zoo_proxy.py` compares the whole zoo)."""
     torch.manual_seed(fit.seed)
     depth = len(transferable_attentions(teacher))  # blocks.* of a ViT; every stage's layers of PVTv2 / Swin
     names = [attention if i in cache.layers else "softmax" for i in range(depth)]
-    student = build_efficient_student(teacher, names)
+    student = build_efficient_student(teacher, names, **options)
     kind = transferable_attentions(student)[cache.layers[0]].map_kind
-    if kind is not MapKind.ROW_STOCHASTIC:
+    if check_map and kind is not MapKind.ROW_STOCHASTIC:
         raise ValueError(
             f"its map is {kind}, not row-stochastic: KL to the teacher's maps is undefined (a formula "
             "normalised by len(...) is signed)"
