@@ -9,6 +9,9 @@ docs/configuration.md``.
 
 from __future__ import annotations
 
+import importlib
+import re
+
 from attnxfer.config import RESUMABLE_KEYS, TrainConfig, config_keys
 from attnxfer.config.keys import leaves
 from attnxfer.config.reference import field_comments, reference_markdown
@@ -69,6 +72,33 @@ def test_every_comment_of_the_schema_reaches_its_row():
     )
     assert "decay^1 under timm, 1.0 under attention_transfer" in comments[("OptimConfig", "layer_decay_rule")]
     assert comments[("DataConfig", "batch_size")] == "per process"
+
+
+def _exists(dotted: str) -> bool:
+    """A dotted name is a module, or an attribute path inside the longest module prefix that imports."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_attnxfer_name_the_config_points_to_exists():
+    """The schema's comments (the reference page) and the renamed keys' messages (what a user with an old
+    config reads) send readers to attnxfer modules and functions: each name given still exists there."""
+    config = ROOT / "attnxfer" / "config"
+    names = set()
+    for source in ("schema.py", "renamed.py"):
+        names |= set(re.findall(r"\battnxfer(?:\.[A-Za-z_]\w*)+", (config / source).read_text()))
+    assert "attnxfer.apps.evaluation.evaluate_run" in names  # the scan is not vacuous
+    assert [n for n in sorted(names) if not _exists(n)] == []
 
 
 def test_comments_belong_to_the_field_below_them_only():
