@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import timm
@@ -34,6 +36,19 @@ def fast_cells(values, keep) -> list:
     missing = set(keep) - set(values)
     assert not missing, f"fast_cells: {sorted(missing)} not among {list(values)}"
     return [v if v in keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
+def script_module(name: str) -> ModuleType:
+    """``scripts/NAME.py`` as a module (imported once): the scripts that make docs (the configuration
+    reference, the families' coverage table) are no part of the package, and the tests that hold the docs
+    to them call their functions."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def tiny_vit(

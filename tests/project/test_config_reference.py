@@ -1,9 +1,9 @@
-"""docs/configuration.md is generated from the schema (`attnxfer.config.reference`) and stays so.
+"""docs/configuration.md is generated from the schema (`scripts/config_reference.py`) and stays so.
 
 The page lists every key with its type, default, accepted values, resume rules and the comment the schema
 writes above (or beside) it. It is committed, so that the site and a reader on GitHub see it; these tests
 fail while it differs from what the generator writes for the schema of the same commit, and while the
-generator leaves out a key or a comment. Regenerate with ``python -m attnxfer.config.reference
+generator leaves out a key or a comment. Regenerate with ``python scripts/config_reference.py
 docs/configuration.md``.
 """
 
@@ -12,11 +12,15 @@ from __future__ import annotations
 import importlib
 import re
 
+from helpers import script_module
+
 from attnxfer.config import RESUMABLE_KEYS, TrainConfig, config_keys
 from attnxfer.config.keys import leaves
-from attnxfer.config.reference import field_comments, reference_markdown
 
 from .doc_pages import ROOT
+
+_reference = script_module("config_reference")
+field_comments, reference_markdown = _reference.field_comments, _reference.reference_markdown
 
 PAGE = ROOT / "docs" / "configuration.md"
 
@@ -33,7 +37,7 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 def test_the_committed_page_is_what_the_generator_writes():
     assert PAGE.read_text() == reference_markdown(), (
-        "docs/configuration.md is stale: run `python -m attnxfer.config.reference docs/configuration.md`"
+        "docs/configuration.md is stale: run `python scripts/config_reference.py docs/configuration.md`"
     )
 
 
