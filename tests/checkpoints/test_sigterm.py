@@ -2,7 +2,7 @@
 
 The run saves the step it stopped at, says so, exits 143 (128 + SIGTERM), and the same command resumes
 it to the very weights of an uninterrupted run. Each run is a forked child running the CLI's own `main`
-(`helpers.fork_cli`, as in tests/cluster/test_crash_resume.py); the signal comes from outside, by process id.
+(`helpers.fork_cli`, as in tests/checkpoints/test_crash_resume.py); the signal comes from outside, by process id.
 """
 
 from __future__ import annotations
