@@ -128,6 +128,17 @@ def assert_same_distill_step(got, want, layers: int = 2) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+# -- the CLI in this process ----------------------------------------------------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``attnxfer ARGV`` in this process, through the CLI's own `main` (no interpreter start-up): its exit
+    code, then the stdout and stderr that pytest's ``capsys`` holds (all since its last read)."""
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 # -- the CLI in a forked child (signals from outside, by process id) ---------------------------------------
 
 

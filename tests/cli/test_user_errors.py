@@ -9,6 +9,7 @@ import os
 
 import pytest
 import timm
+from helpers import run_cli
 from timm.models import save_for_hf
 
 from attnxfer.launch.cli import main
@@ -26,8 +27,9 @@ _TINY_RUN = [
 
 def _refused(argv: list[str], capsys) -> str:
     """Run the CLI in this process; the refusal must be exit code 2 and one line on stderr."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"attnxfer {argv[0]}: error: "), err
     return err

@@ -5,6 +5,7 @@ count only up to the first command."""
 from __future__ import annotations
 
 import pytest
+from helpers import run_cli
 
 from attnxfer.launch.cli import main
 
@@ -12,9 +13,7 @@ INJECTION = "x\necho INJECTED\n#"
 
 
 def _dry_run(capsys, tmp_path, *flags: str) -> tuple[int, str, str]:
-    code = main(["submit", f"run_dir={tmp_path / 'run'}", "--dry-run", *flags])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "submit", f"run_dir={tmp_path / 'run'}", "--dry-run", *flags)
 
 
 def _sbatch_header(text: str) -> tuple[list[str], list[str]]:
