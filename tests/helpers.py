@@ -128,6 +128,28 @@ def assert_same_distill_step(got, want, layers: int = 2) -> None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+# -- a tiny run's overrides ---------------------------------------------------------------------------------
+
+#: A test run draws no progress bar and writes to no tracker (TensorBoard is on by default).
+QUIET = ("log.progress=false", "log.trackers=[]")
+
+
+def tiny_run(length: int, batch: int) -> list[str]:
+    """The overrides most CLI tests start from: the synthetic dataset, ``length`` images a split, ``batch``
+    a batch, and `QUIET`. The test's own keys follow them (a later key wins)."""
+    return ["data.dataset=synthetic", f"data.kwargs.length={length}", f"data.batch_size={batch}", *QUIET]
+
+
+def tiny_convert_report(repeats: int, batch: int) -> list[str]:
+    """A conversion report measured on the least that still runs every part: one batch of map agreement,
+    ``repeats`` timed passes of ``batch`` images."""
+    return [
+        "convert.agreement_batches=1",
+        f"convert.speed_repeats={repeats}",
+        f"convert.speed_batch_size={batch}",
+    ]
+
+
 # -- the CLI in this process ----------------------------------------------------------------------------------
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import popen_interruptible, run_cli
+from helpers import popen_interruptible, run_cli, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.launch import cli
@@ -22,13 +22,9 @@ from attnxfer.launch.slurm import SlurmOptions, parse_sweep
 
 # 4 steps an epoch on synthetic data, a 1-block model: about a second a run
 S = [
-    "data.dataset=synthetic",
-    "data.batch_size=16",
-    "data.kwargs.length=64",
+    *tiny_run(64, 16),
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]
@@ -164,8 +160,7 @@ def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tm
     code, _, err = run_cli(
         capsys,
         "train",
-        *S[:3],
-        *S[5:],
+        *(a for a in S if a.split("=")[0] not in ("transfer.mode", "model.kwargs")),
         "transfer.mode=copy",
         f"teacher.spec=local-dir:{tmp_path / 'exported'}",
         "schedule.max_steps=1",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_cli
+from helpers import run_cli, tiny_run
 from PIL import Image
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -22,12 +22,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 
 # a 1-block model on synthetic data: 8 steps an epoch at batch 8
 TINY = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=64",
+    *tiny_run(64, 8),
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "deterministic=true",
 ]
 

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import popen_interruptible, run_cli
+from helpers import popen_interruptible, run_cli, tiny_run
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.run_lock import (
@@ -33,13 +33,9 @@ from attnxfer.launch import cli
 REPO = Path(__file__).resolve().parents[2]
 
 S = [
-    "data.dataset=synthetic",
-    "data.batch_size=16",
-    "data.kwargs.length=64",  # 4 steps an epoch
+    *tiny_run(64, 16),  # 4 steps an epoch
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]
@@ -154,7 +150,14 @@ def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_
     with _live_process() as pid:
         _write_lock(run, pid=pid, pid_started=_start_time(pid), slurm_job="4242", command="convert")
         before = sorted(p.name for p in run.iterdir())
-        code, _, err = run_cli(capsys, command, *S[:3], *extra, "log.progress=false", f"run_dir={run}")
+        code, _, err = run_cli(
+            capsys,
+            command,
+            *(a for a in S if a.startswith("data.")),
+            *extra,
+            "log.progress=false",
+            f"run_dir={run}",
+        )
     assert code == 2
     line = _error_line(err)
     assert f"pid {pid}" in line and "SLURM job 4242" in line and "scancel 4242" in line

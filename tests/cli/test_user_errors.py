@@ -9,17 +9,13 @@ import os
 
 import pytest
 import timm
-from helpers import run_cli
+from helpers import run_cli, tiny_run
 from timm.models import save_for_hf
 
 from attnxfer.launch.cli import main
 
 _TINY_RUN = [
-    "data.dataset=synthetic",
-    "data.kwargs.length=16",
-    "data.batch_size=8",
-    "log.progress=false",
-    "log.trackers=[]",
+    *tiny_run(16, 8),
     "schedule.epochs=1",
     "schedule.max_steps=1",
 ]

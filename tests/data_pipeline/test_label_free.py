@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import QUIET, run_cli
 from PIL import Image
 
 from attnxfer.apps.loaders import build_loaders, data_info
@@ -227,8 +227,7 @@ _TINY_MAE = [
     "data.batch_size=8",
     "schedule.epochs=1",
     "schedule.max_steps=2",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=1",
     "checkpoint.every_epoch=false",
     "checkpoint.every_steps=2",

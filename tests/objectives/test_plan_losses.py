@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import tiny_vit
+from helpers import tiny_convert_report, tiny_run, tiny_vit
 from timm.models import save_for_hf
 
 from attnxfer.launch.cli import main
@@ -154,16 +154,10 @@ def test_convert_on_a_pvt_v2_teacher_runs_with_the_default_stage_2(pvt_teacher_d
             "convert.attention=relu_linear",
             "convert.stage1_train=qk",
             "convert.stage1_steps=1",
-            "convert.agreement_batches=1",
-            "convert.speed_batch_size=2",
-            "convert.speed_repeats=1",
-            "data.dataset=synthetic",
-            "data.batch_size=4",
-            "data.kwargs.length=8",
+            *tiny_convert_report(1, 2),
+            *tiny_run(8, 4),
             "schedule.max_steps=1",
             "log.every_steps=1",
-            "log.progress=false",
-            "log.trackers=[]",
         ]
     )
     out = capsys.readouterr().out

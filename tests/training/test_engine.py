@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUIET
 from safetensors.torch import load_file
 
 from attnxfer.apps.training import build_engine
@@ -26,8 +27,7 @@ TINY = [
     "model.name=vit_micro_patch4_28",
     "model.kwargs={depth: 2, embed_dim: 48}",
     "data.batch_size=32",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=2",
     "model.drop_path_rate=0.1",
     "checkpoint.every_epoch=false",

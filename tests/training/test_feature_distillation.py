@@ -17,7 +17,7 @@ import re
 
 import pytest
 import torch
-from helpers import LABEL_TRAP, labels_raise_registered, peaked_teacher, run_cli, tiny_vit
+from helpers import LABEL_TRAP, QUIET, labels_raise_registered, peaked_teacher, run_cli, tiny_vit
 from timm.models import save_for_hf
 
 from attnxfer.apps.evaluation import eval_metrics, evaluate_run
@@ -182,8 +182,7 @@ def _train_args(run, teacher_dir, *extra: str) -> list[str]:
         "schedule.warmup_epochs=0",
         "schedule.epochs=3",
         "log.every_steps=1",
-        "log.progress=false",
-        "log.trackers=[]",
+        *QUIET,
         "ema.decay=0.9",
         *extra,
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, fork_cli, torchrun_attnxfer
+from helpers import assert_same_tensors, fork_cli, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -28,11 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 # 8 steps an epoch at batch 8: a periodic save mid-epoch, every student in lock step
 BASE = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=64",
-    "log.progress=false",
-    "log.trackers=[]",
+    *tiny_run(64, 8),
     "log.every_steps=1",
     "deterministic=true",
     "transfer.ce_path=rows",
