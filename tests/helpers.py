@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import timm
@@ -34,6 +36,19 @@ def fast_cells(values, keep) -> list:
     missing = set(keep) - set(values)
     assert not missing, f"fast_cells: {sorted(missing)} not among {list(values)}"
     return [v if v in keep else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
+def script_module(name: str) -> ModuleType:
+    """``scripts/NAME.py`` as a module (imported once): the scripts that make docs (the configuration
+    reference, the families' coverage table) are no part of the package, and the tests that hold the docs
+    to them call their functions."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def tiny_vit(
@@ -111,6 +126,39 @@ def assert_same_distill_step(got, want, layers: int = 2) -> None:
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# -- a tiny run's overrides ---------------------------------------------------------------------------------
+
+#: A test run draws no progress bar and writes to no tracker (TensorBoard is on by default).
+QUIET = ("log.progress=false", "log.trackers=[]")
+
+
+def tiny_run(length: int, batch: int) -> list[str]:
+    """The overrides most CLI tests start from: the synthetic dataset, ``length`` images a split, ``batch``
+    a batch, and `QUIET`. The test's own keys follow them (a later key wins)."""
+    return ["data.dataset=synthetic", f"data.kwargs.length={length}", f"data.batch_size={batch}", *QUIET]
+
+
+def tiny_convert_report(repeats: int, batch: int) -> list[str]:
+    """A conversion report measured on the least that still runs every part: one batch of map agreement,
+    ``repeats`` timed passes of ``batch`` images."""
+    return [
+        "convert.agreement_batches=1",
+        f"convert.speed_repeats={repeats}",
+        f"convert.speed_batch_size={batch}",
+    ]
+
+
+# -- the CLI in this process ----------------------------------------------------------------------------------
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """``attnxfer ARGV`` in this process, through the CLI's own `main` (no interpreter start-up): its exit
+    code, then the stdout and stderr that pytest's ``capsys`` holds (all since its last read)."""
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 # -- the CLI in a forked child (signals from outside, by process id) ---------------------------------------

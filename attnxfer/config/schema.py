@@ -143,15 +143,15 @@ class DataConfig:
     in_chans: int | None = key(None, range=AT_LEAST_1)
     # default: the teacher's (pretrained cfg), else the dataset's
     mean: list[float] | None = key(None, range=ANY)
-    std: list[float] | None = key(None, range=POSITIVE)
+    std: list[float] | None = key(None, range=POSITIVE)  # default: as data.mean
     batch_size: int = key(128, range=AT_LEAST_1)  # per process
     eval_batch_size: int | None = key(None, range=AT_LEAST_1, resumable=True)
     num_workers: int = key(0, range=NON_NEGATIVE, resumable=True, search_resumable=True)
     pin_memory: bool = key(False, range=ANY, resumable=True, search_resumable=True)
-    # the dataset's own options, e.g. {length: 64} for synthetic (its builder's arguments)
     # the seed of the data order and augmentation (sampler, random crops and flips, mixup); null: the run's
     # seed. A study's students share it whatever seeds their initialisation
     seed: int | None = key(None, range=Range(0, 2**32 - 1))
+    # the dataset's own options, e.g. {length: 64} for synthetic (its builder's arguments)
     kwargs: dict[str, Any] = key(factory=dict, range=ANY)
     # false: read images only, never a label (folder: every image under ROOT/train and ROOT/val, class
     # folders optional; hfds/ without a label column; wds/ without .cls); work that needs labels stops first
@@ -375,7 +375,8 @@ class DistConfig:
 
 @dataclass
 class TrainConfig:
-    # resumable: a checkpoint of another run may be given as checkpoint.resume=PATH
+    # the run's folder (config.yaml, run.json, metrics.jsonl, checkpoints/); resumable: a checkpoint of
+    # another run may be given as checkpoint.resume=PATH
     run_dir: str = key("runs/default", range=ANY, resumable=True, search_resumable=True)
     seed: int = key(0, range=Range(0, 2**32 - 1))
     device: str = key("auto", choices=("auto", "cpu", "cuda"), resumable=True)  # auto | cpu | cuda

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_vit
+from helpers import tiny_run, tiny_vit
 
 from attnxfer.analysis.features import FeatureAgreement, feature_agreement, feature_sums
 from attnxfer.analysis.knn import (
@@ -217,11 +217,7 @@ def test_eval_prints_feature_agreement_and_knn_that_a_brute_force_recomputation_
     run = tmp_path / "run"
     common = [
         f"teacher.spec=local-dir:{tiny_teacher_dir}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=40",
-        "data.batch_size=8",
-        "log.progress=false",
-        "log.trackers=[]",
+        *tiny_run(40, 8),
         "deterministic=true",
         "device=cpu",
     ]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import peaked_teacher
+from helpers import peaked_teacher, run_cli
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -252,16 +252,14 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, 
 @pytest.mark.slow
 def test_changed_config_on_resume_is_refused(finished, tiny_teacher_dir, capsys):
     before = _saved(finished)
-    code = cli.main(_args(finished, tiny_teacher_dir, "search.fit_steps=5"))
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, *_args(finished, tiny_teacher_dir, "search.fit_steps=5"))
     assert code == 2 and "search.fit_steps (3 -> 5)" in err and "run_dir=" in err and "Traceback" not in err
     assert _saved(finished) == before
 
 
 def test_budget_that_cannot_fit_one_candidate_is_refused_before_starting(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "run"
-    code = cli.main(_args(run, tiny_teacher_dir, "search.time_budget_min=0.00001"))
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.time_budget_min=0.00001"))
     assert code == 2 and err.startswith("attnxfer search: error: search.time_budget_min=1e-05")
     assert "cannot fit one candidate" in err and "Raise search.time_budget_min" in err
     assert not run.exists()
@@ -269,8 +267,7 @@ def test_budget_that_cannot_fit_one_candidate_is_refused_before_starting(tmp_pat
 
 def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "run"
-    code = cli.main(_args(run, tiny_teacher_dir, "search.seeds=['sum(relu)', 'sum(relu.)']"))
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.seeds=['sum(relu)', 'sum(relu.)']"))
     assert code == 2 and "search.seeds[1]" in err and "position 9" in err and "expected" in err
     assert "Traceback" not in err and not run.exists()
 
@@ -300,8 +297,7 @@ def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refus
     weights[name] = weights[name] + 1
     save_file(weights, str(other / "model.safetensors"))
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    code = cli.main(_args(run, other, "search.generations=2"))
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, *_args(run, other, "search.generations=2"))
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert recorded in line and "another teacher" in line and "sha256" in line.split(recorded)[1]

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import tiny_run
 from scipy.stats import binomtest
 
 from attnxfer.apps.seed_stats import paired_table, per_image_correct, results_table
@@ -80,14 +81,10 @@ def test_per_image_scoring_agrees_with_the_engine(tmp_path):
     """A scratch run, then a copy run whose teacher is that run: scoring each image of the validation set
     again from the newest checkpoint (the copy student with its teacher's maps) gives the engine's top-1."""
     common = [
-        "data.dataset=synthetic",
-        "data.kwargs.length=96",
-        "data.batch_size=32",
+        *tiny_run(96, 32),
         "model.name=vit_nano_patch4_28",
         "schedule.max_steps=3",
         "schedule.epochs=1",
-        "log.progress=false",
-        "log.trackers=[]",
     ]
     scratch = load_config(None, [*common, f"run_dir={tmp_path / 'a'}", "transfer.mode=none"])
     copy = load_config(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
+from helpers import run_cli
 
 from attnxfer.config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, load_config
 from attnxfer.config.keys import (
@@ -31,7 +32,6 @@ from attnxfer.config.keys import (
     search_resumable_keys,
     section,
 )
-from attnxfer.launch import cli
 
 STR, NUM, BOOL = "[1, 2]", "abc", "maybe"  # a wrong type for strings, numbers, booleans
 
@@ -345,12 +345,8 @@ def test_invalid_values_are_one_line_cli_errors(tmp_path, monkeypatch, capsys):
     assert set(one_each) == set(config_keys())
     for name, value in one_each.items():
         cfg = _config_file(configs, name, value)
-        code = cli.main(
-            ["train", "-c", str(cfg), f"run_dir={work / 'run'}"]
-            if name != "run_dir"
-            else ["train", "-c", str(cfg)]
-        )
-        err = capsys.readouterr().err
+        run_dir = [f"run_dir={work / 'run'}"] if name != "run_dir" else []
+        code, _, err = run_cli(capsys, "train", "-c", str(cfg), *run_dir)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2, (name, value, err)
         assert len(lines) == 1 and lines[0].startswith("attnxfer train: error: "), (name, value, err)

@@ -9,16 +9,13 @@ import os
 
 import pytest
 import timm
+from helpers import run_cli, tiny_run
 from timm.models import save_for_hf
 
 from attnxfer.launch.cli import main
 
 _TINY_RUN = [
-    "data.dataset=synthetic",
-    "data.kwargs.length=16",
-    "data.batch_size=8",
-    "log.progress=false",
-    "log.trackers=[]",
+    *tiny_run(16, 8),
     "schedule.epochs=1",
     "schedule.max_steps=1",
 ]
@@ -26,8 +23,9 @@ _TINY_RUN = [
 
 def _refused(argv: list[str], capsys) -> str:
     """Run the CLI in this process; the refusal must be exit code 2 and one line on stderr."""
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    err = err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"attnxfer {argv[0]}: error: "), err
     return err

@@ -5,6 +5,7 @@ last of two equal keys silently, and print a multi-line traceback for a syntax e
 from __future__ import annotations
 
 import pytest
+from helpers import run_cli
 
 from attnxfer.config import load_config
 from attnxfer.launch.cli import main
@@ -17,8 +18,7 @@ def _refused(tmp_path, monkeypatch, capsys, text: str, *extra: str) -> str:
     monkeypatch.chdir(work)
     config = tmp_path / "bad.yaml"
     config.write_text(text, encoding="utf-8")
-    code = main(["train", "-c", str(config), f"run_dir={work / 'run'}", *extra])
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, "train", "-c", str(config), f"run_dir={work / 'run'}", *extra)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("attnxfer train: error: "), err

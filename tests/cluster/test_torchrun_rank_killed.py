@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run
 
 from attnxfer.checkpoints.store import CheckpointManager
 
@@ -24,11 +25,7 @@ ARGS = [
     "transfer.mode=none",
     "model.kwargs={depth: 2, embed_dim: 48}",
     "model.drop_path_rate=0.0",
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=32",
-    "log.progress=false",
-    "log.trackers=[]",
+    *tiny_run(32, 8),
     "checkpoint.every_epoch=false",
     "checkpoint.every_steps=5",
     "schedule.epochs=1000",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUIET
 from safetensors.torch import load_file
 
 from attnxfer.apps.world_size import fit_world_size, split_for_world
@@ -36,8 +37,7 @@ S = [
     "schedule.warmup_epochs=0",
     "checkpoint.every_steps=1",
     "checkpoint.keep_last=20",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=1",
     "deterministic=true",
     "device=cpu",

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import peaked_teacher, tiny_vit
+from helpers import peaked_teacher, tiny_convert_report, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_plan_from_config
@@ -348,9 +348,7 @@ def _convert_args(run_dir, teacher_dir, *extra):
     return [
         f"run_dir={run_dir}",
         f"teacher.spec=local-dir:{teacher_dir}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=64",
-        "data.batch_size=16",
+        *tiny_run(64, 16),
         "convert.attention=hedgehog",
         "convert.stage1_steps=6",
         "schedule.epochs=1",
@@ -358,11 +356,7 @@ def _convert_args(run_dir, teacher_dir, *extra):
         "transfer.mode=distill",
         "transfer.logit_distill=1.0",
         "transfer.logit_temperature=2.0",
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=2",
-        "convert.speed_batch_size=4",
+        *tiny_convert_report(2, 4),
         *extra,
     ]
 

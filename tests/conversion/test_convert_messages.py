@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import peaked_teacher
+from helpers import peaked_teacher, tiny_convert_report, tiny_run
 from timm.models import save_for_hf
 
 from attnxfer.apps.reports import conversion_summary, teacher_top1_line
@@ -27,9 +27,7 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     args = [
         f"run_dir={run}",
         f"teacher.spec=local-dir:{headless_teacher_dir}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=32",
-        "data.batch_size=16",
+        *tiny_run(32, 16),
         "convert.attention=hedgehog",
         "convert.stage1_steps=2",
         "schedule.epochs=1",
@@ -37,11 +35,7 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
         "transfer.mode=none",
         "transfer.logit_distill=0",
         "model.num_classes=10",  # a new head: the labelled stage 2 (without it, the student stays headless)
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=1",
-        "convert.speed_batch_size=2",
+        *tiny_convert_report(1, 2),
     ]
     assert main(["convert", *args]) == 0
     out = capsys.readouterr().out
@@ -122,9 +116,7 @@ def test_a_stage2_that_made_the_student_worse_says_so_in_its_report(tmp_path, he
     args = [
         f"run_dir={run}",
         f"teacher.spec=local-dir:{headless_teacher_dir}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=32",
-        "data.batch_size=16",
+        *tiny_run(32, 16),
         "convert.attention=relu_linear",
         "convert.stage1_train=qk",
         "convert.stage1_steps=2",
@@ -132,11 +124,7 @@ def test_a_stage2_that_made_the_student_worse_says_so_in_its_report(tmp_path, he
         "schedule.warmup_epochs=0",
         "optim.lr=3.0",  # label-free feature distillation at this rate pulls the features apart
         "transfer.mode=none",
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=1",
-        "convert.speed_batch_size=2",
+        *tiny_convert_report(1, 2),
         "convert.speed_sweep=[]",
     ]
     assert main(["convert", *args]) == 0

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_vit
+from helpers import tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.conversion_speed import DEFAULT_SWEEP_MULTIPLES, SWEEP_BUDGET_S, sweep_sides
 from attnxfer.apps.reports import _speed_section
@@ -26,18 +26,12 @@ def _args(run, teacher_dir, *extra):
     return [
         f"run_dir={run}",
         f"teacher.spec=local-dir:{teacher_dir}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=32",
-        "data.batch_size=16",
+        *tiny_run(32, 16),
         "convert.attention=relu_linear",
         "convert.stage1_steps=0",
         "schedule.epochs=1",
         "schedule.max_steps=1",
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=2",
-        "convert.speed_batch_size=4",
+        *tiny_convert_report(2, 4),
         *extra,
     ]
 

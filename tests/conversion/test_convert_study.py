@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, torchrun_attnxfer
+from helpers import assert_same_tensors, tiny_convert_report, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.apps import convert_study as study_app
@@ -28,22 +28,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 STAGE1, STAGE2 = 4, 3
 BASE = [
-    "data.dataset=synthetic",
-    "data.kwargs.length=64",
-    "data.batch_size=16",
+    *tiny_run(64, 16),
     f"convert.stage1_steps={STAGE1}",
     f"schedule.max_steps={STAGE2}",
     "transfer.mode=distill",
     "transfer.logit_distill=1.0",
     "transfer.ce_path=rows",
     "deterministic=true",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "checkpoint.every_steps=2",
-    "convert.agreement_batches=1",
-    "convert.speed_repeats=2",
-    "convert.speed_batch_size=4",
+    *tiny_convert_report(2, 4),
     "convert.speed_sweep=[]",
 ]
 #: two attentions that differ in what stage 1 fits (new feature maps; q/k rows with an output loss, which

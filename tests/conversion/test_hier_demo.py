@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_run
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
 from attnxfer.apps.run_parts import build_student
@@ -54,12 +55,8 @@ def test_the_micro_teacher_is_a_full_attention_pvt_v2_at_56_px():
 
 
 _TINY = [
-    "data.dataset=synthetic",
+    *tiny_run(16, 8),
     "data.in_chans=1",
-    "data.kwargs.length=16",
-    "data.batch_size=8",
-    "log.progress=false",
-    "log.trackers=[]",
     "schedule.max_steps=2",
     "device=cpu",
 ]

@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from helpers import LABEL_TRAP, labels_raise_registered, peaked_teacher
+from helpers import LABEL_TRAP, QUIET, labels_raise_registered, peaked_teacher, run_cli, tiny_convert_report
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
@@ -90,10 +90,9 @@ def test_a_headless_teacher_with_a_task_loss_and_no_head_says_the_two_ways_out()
 
 
 def _cli(capsys, *argv: str) -> tuple[int, str, list[str]]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err and LABEL_TRAP not in out.err, out.err
-    return code, out.out, [line for line in out.err.splitlines() if line.strip()]
+    code, out, err = run_cli(capsys, *argv)
+    assert "Traceback" not in err and LABEL_TRAP not in err, err
+    return code, out, [line for line in err.splitlines() if line.strip()]
 
 
 def _convert_args(run, teacher_dir, *extra: str) -> list[str]:
@@ -104,16 +103,13 @@ def _convert_args(run, teacher_dir, *extra: str) -> list[str]:
         "convert.attention=relu_linear",
         "convert.stage1_train=qk",
         "convert.stage1_steps=2",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=1",
-        "convert.speed_batch_size=2",
+        *tiny_convert_report(1, 2),
         "eval.knn_bank_size=16",
         "transfer.mode=none",
         "schedule.epochs=1",
         "schedule.max_steps=2",
         "model.drop_path_rate=0",
-        "log.progress=false",
-        "log.trackers=[]",
+        *QUIET,
         *extra,
     ]
 

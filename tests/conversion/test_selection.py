@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_qkv_rows, tiny_vit
+from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.conversion_selection import SELECTION_FILE, _recorded, sensitivities
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
@@ -124,21 +124,15 @@ def _args(run: Path, teacher: Path, *extra: str) -> list[str]:
         "convert",
         f"run_dir={run}",
         f"teacher.spec=local-dir:{teacher}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=64",
-        "data.batch_size=16",
+        *tiny_run(64, 16),
         "convert.attention=auto",
         "convert.stage1_steps=4",
         "convert.stage1_train=new+qk",
         "schedule.epochs=1",
         "schedule.max_steps=2",
         "transfer.mode=none",
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
+        *tiny_convert_report(2, 2),
         "convert.selection_batches=1",
-        "convert.speed_repeats=2",
-        "convert.speed_batch_size=2",
         "convert.speed_sweep=[]",
         *extra,
     ]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import QUIET
 from PIL import Image
 
 from attnxfer.apps.run_parts import build_run_parts
@@ -96,8 +97,7 @@ def test_hfds_trains_through_the_resumable_sampler(hf_dir, tmp_path):
             "data.batch_size=8",
             "model.kwargs={depth: 1, embed_dim: 48}",
             "transfer.mode=none",
-            "log.progress=false",
-            "log.trackers=[]",
+            *QUIET,
             "log.attention_images=0",
             "schedule.epochs=1",
             "device=cpu",
@@ -156,8 +156,7 @@ WDS = [
     "model.num_classes=10",
     "model.kwargs={depth: 1, embed_dim: 48}",
     "transfer.mode=none",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=1",
     "log.attention_images=0",
     "checkpoint.every_epoch=false",

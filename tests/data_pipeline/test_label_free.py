@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import QUIET, run_cli
 from PIL import Image
 
 from attnxfer.apps.loaders import build_loaders, data_info
@@ -226,8 +227,7 @@ _TINY_MAE = [
     "data.batch_size=8",
     "schedule.epochs=1",
     "schedule.max_steps=2",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=1",
     "checkpoint.every_epoch=false",
     "checkpoint.every_steps=2",
@@ -302,12 +302,6 @@ def test_loaders_without_labels_yield_images_alone():
 
 
 # -- work that needs labels stops before it starts ------------------------------------------------------------
-def _run(capsys, *argv):
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize(
     "command,more,needs",
     [
@@ -328,7 +322,7 @@ def _run(capsys, *argv):
 )
 def test_work_that_needs_labels_stops_in_one_line_before_it_starts(command, more, needs, tmp_path, capsys):
     run = tmp_path / "run"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys, command, "data.dataset=labels_raise", "data.labels=false", f"run_dir={run}", *more
     )
     lines = [line for line in err.splitlines() if line.strip()]
@@ -338,14 +332,14 @@ def test_work_that_needs_labels_stops_in_one_line_before_it_starts(command, more
 
 
 def test_eval_without_labels_or_teacher_has_nothing_to_score(tmp_path, capsys):
-    code, _, err = _run(capsys, "eval", "data.dataset=labels_raise", "data.labels=false", "transfer.mode=none",
+    code, _, err = run_cli(capsys, "eval", "data.dataset=labels_raise", "data.labels=false", "transfer.mode=none",
                         f"run_dir={tmp_path / 'run'}")  # fmt: skip
     assert code == 2 and "nothing to score" in err and "Traceback" not in err
 
 
 @pytest.mark.slow  # a one-generation search: ~11 s of CPU
 def test_search_without_labels_never_reads_one(tiny_teacher_dir, tmp_path, capsys):
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "search", f"run_dir={tmp_path / 'run'}", f"teacher.spec=local-dir:{tiny_teacher_dir}",
         "data.dataset=labels_raise", "data.labels=false", "data.batch_size=8", "search.population=4",
         "search.offspring=3", "search.generations=1", "search.fit_steps=3", "search.fit_batches=2",

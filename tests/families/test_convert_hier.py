@@ -14,6 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import tiny_convert_report, tiny_run
 from timm.models import save_for_hf
 
 from attnxfer.models.efficient import build_efficient_student
@@ -210,9 +211,7 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
     args = [
         f"run_dir={tmp_path / 'run'}",
         f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=32",
-        "data.batch_size=8",
+        *tiny_run(32, 8),
         f"convert.attention={attention}",
         "convert.stage1_steps=3",
         "convert.stage1_batch_size=8",
@@ -220,11 +219,7 @@ def test_convert_command_on_a_hierarchical_teacher(family, tmp_path):
         "schedule.epochs=1",
         "schedule.max_steps=2",
         "transfer.mode=none",
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=2",
-        "convert.speed_batch_size=4",
+        *tiny_convert_report(2, 4),
     ]
     assert main(["convert", *args]) == 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())

@@ -15,6 +15,7 @@ import json
 import pytest
 import timm
 import torch
+from helpers import tiny_convert_report, tiny_run
 from timm.models import save_for_hf
 
 from attnxfer.models.attention import capture_attention
@@ -185,19 +186,13 @@ def test_convert_a_rope_teacher_through_the_cli_and_load_the_student(tmp_path, x
         "convert",
         f"run_dir={run}",
         f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=16",
-        "data.batch_size=8",
+        *tiny_run(16, 8),
         "convert.attention=hedgehog",
         "convert.stage1_steps=3",
         "schedule.epochs=1",
         "schedule.max_steps=2",
         "transfer.mode=distill",
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=1",
-        "convert.speed_batch_size=2",
+        *tiny_convert_report(1, 2),
     ]
     assert main(args) == 0
     report = json.loads((run / "report.json").read_text())

@@ -1,7 +1,7 @@
 """The coverage table: which of timm's pretrained transformers (flat and hierarchical) plan a transfer (meta
 device, no weights), one row per timm module, declared by the family file that covers it.
 
-`attnxfer.transfer.coverage.COVERAGE` gathers the families' declared rows; the slow test re-measures them from
+`scripts/family_coverage.py`'s `COVERAGE` gathers the families' declared rows; the slow test re-measures them from
 timm's registry and must find exactly them, the fast ones check a sample arch per module and the docs.
 """
 
@@ -10,18 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import script_module
 
 from attnxfer.models.attention import families
-from attnxfer.transfer.coverage import (
-    COVERAGE,
-    TIMM_MODULES,
-    coverage_markdown,
-    measure_coverage,
-    module_archs,
-    plan_error,
-)
 
 from .cases import CASES
+
+_coverage = script_module("family_coverage")
+COVERAGE, TIMM_MODULES = _coverage.COVERAGE, _coverage.TIMM_MODULES
+coverage_markdown, measure_coverage = _coverage.coverage_markdown, _coverage.measure_coverage
+module_archs, plan_error = _coverage.module_archs, _coverage.plan_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,5 +80,5 @@ def test_docs_hold_the_table_generated_from_the_data():
     """The families page of the documentation site holds the table, generated from the families' declarations."""
     doc = "docs/families.md"
     assert coverage_markdown() in (ROOT / doc).read_text(), (
-        f"{doc}: paste coverage_markdown() (python -m attnxfer.transfer.coverage)"
+        f"{doc}: paste coverage_markdown() (python scripts/family_coverage.py)"
     )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import card, fast_cells
+from helpers import card, fast_cells, tiny_run
 
 from attnxfer.apps.training import train
 from attnxfer.checkpoints import export_student
@@ -115,12 +115,8 @@ def test_train_runs_copy_and_distill_steps_on_a_pvt_v2_teacher(tmp_path):
                 f"run_dir={tmp_path / mode}",
                 f"teacher.spec={spec}",
                 f"transfer.mode={mode}",
-                "data.dataset=synthetic",
+                *tiny_run(8, 4),
                 "data.img_size=32",
-                "data.batch_size=4",
-                "data.kwargs.length=8",
-                "log.progress=false",
-                "log.trackers=[]",
                 "checkpoint.every_epoch=false",
                 "schedule.max_steps=2",
                 "device=cpu",

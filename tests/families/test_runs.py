@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from helpers import fast_cells
+from helpers import fast_cells, tiny_run
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
@@ -55,12 +55,8 @@ def _run_cfg(tmp: Path, teacher_dir: Path, img: int, mode: str, name: str, steps
             f"teacher.spec=local-dir:{teacher_dir}",
             f"transfer.mode={mode}",
             "ema.decay=0.9",
-            "data.dataset=synthetic",
+            *tiny_run(4, 2),
             f"data.img_size={img}",
-            "data.batch_size=2",
-            "data.kwargs.length=4",
-            "log.progress=false",
-            "log.trackers=[]",
             "checkpoint.every_epoch=false",
             "checkpoint.every_steps=1",
             "checkpoint.keep_last=5",

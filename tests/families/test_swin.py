@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from helpers import fast_cells
+from helpers import fast_cells, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer import load_student
@@ -168,11 +168,7 @@ def test_train_checkpoint_resume_and_export_with_a_swin_teacher(mode, swin_teach
             f"run_dir={tmp_path / 'run'}",
             f"teacher.spec=local-dir:{swin_teacher_dir}",
             f"transfer.mode={mode}",
-            "data.dataset=synthetic",
-            "data.batch_size=4",
-            "data.kwargs.length=16",
-            "log.progress=false",
-            "log.trackers=[]",
+            *tiny_run(16, 4),
             "checkpoint.every_epoch=false",
             "transfer.ce_path=rows",  # no path measurement before the first step: seconds saved
             "checkpoint.every_steps=1",

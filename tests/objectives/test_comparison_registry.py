@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from helpers import peaked_teacher, tiny_vit
+from helpers import peaked_teacher, tiny_run, tiny_vit
 
 from attnxfer.apps.training import train
 from attnxfer.config import load_config
@@ -45,15 +45,11 @@ def test_a_loss_registered_in_a_test_file_trains_through_the_config(tmp_path, ti
         [
             f"run_dir={tmp_path / 'run'}",
             f"teacher.spec=local-dir:{tiny_teacher_dir}",
-            "data.dataset=synthetic",
-            "data.batch_size=4",
-            "data.kwargs.length=8",
+            *tiny_run(8, 4),
             "transfer.mode=none",
             "transfer.losses=[{name: feat_l2, weight: 0.5}]",
             "schedule.max_steps=2",
             "log.every_steps=1",
-            "log.progress=false",
-            "log.trackers=[]",
         ],
     )
     train(cfg)

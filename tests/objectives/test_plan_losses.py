@@ -15,10 +15,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from helpers import tiny_vit
+from helpers import run_cli, tiny_convert_report, tiny_run, tiny_vit
 from timm.models import save_for_hf
 
-from attnxfer.launch.cli import main
 from attnxfer.models.attention import attention_layers
 from attnxfer.models.efficient import build_efficient_student
 from attnxfer.transfer import TeacherStudent
@@ -146,27 +145,19 @@ def test_convert_on_a_pvt_v2_teacher_runs_with_the_default_stage_2(pvt_teacher_d
     stage 2 (transfer.mode=distill, the default) distils every layer, the first six over the teacher's
     reduced keys; its logged CE of layer 0 is over the 2x2 = 4 keys of the teacher's 8x8 blocks."""
     run = tmp_path / "run"
-    code = main(
-        [
-            "convert",
-            f"run_dir={run}",
-            f"teacher.spec=local-dir:{pvt_teacher_dir}",
-            "convert.attention=relu_linear",
-            "convert.stage1_train=qk",
-            "convert.stage1_steps=1",
-            "convert.agreement_batches=1",
-            "convert.speed_batch_size=2",
-            "convert.speed_repeats=1",
-            "data.dataset=synthetic",
-            "data.batch_size=4",
-            "data.kwargs.length=8",
-            "schedule.max_steps=1",
-            "log.every_steps=1",
-            "log.progress=false",
-            "log.trackers=[]",
-        ]
+    code, out, _ = run_cli(
+        capsys,
+        "convert",
+        f"run_dir={run}",
+        f"teacher.spec=local-dir:{pvt_teacher_dir}",
+        "convert.attention=relu_linear",
+        "convert.stage1_train=qk",
+        "convert.stage1_steps=1",
+        *tiny_convert_report(1, 2),
+        *tiny_run(8, 4),
+        "schedule.max_steps=1",
+        "log.every_steps=1",
     )
-    out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     assert "(8x8 blocks of tokens)" in out and "loss, layers 6-7: relu_linear: CE between" in out
     record = json.loads((run / "stage2" / "metrics.jsonl").read_text().splitlines()[0])

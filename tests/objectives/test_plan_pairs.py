@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from families.cases import SMALL_KW as TINY, build, peaked
+from helpers import script_module
 
 from attnxfer.models.efficient import with_attention
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
@@ -97,10 +98,9 @@ def test_family_recipes_plan_with_their_real_teacher_architecture(recipe):
     from attnxfer.apps.run_parts import build_student
     from attnxfer.config import load_config
     from attnxfer.models.efficient import build_efficient_student
-    from attnxfer.transfer.coverage import on_meta
 
     cfg = load_config(recipe)
-    with on_meta():
+    with script_module("family_coverage").on_meta():
         teacher = timm.create_model(cfg.teacher.spec.split(".")[0], pretrained=False)
         if recipe.startswith("convert/"):
             student = build_efficient_student(

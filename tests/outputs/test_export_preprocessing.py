@@ -9,7 +9,7 @@ import json
 import pytest
 import timm
 import torch
-from helpers import card, image_folder
+from helpers import QUIET, card, image_folder
 from huggingface_hub import ModelCard
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
@@ -80,8 +80,7 @@ def test_timm_pipeline_on_the_export_scores_the_runs_val_top1_and_the_cards_figu
         "data.batch_size=8",
         "schedule.max_steps=12",
         "ema.decay=0.5",
-        "log.progress=false",
-        "log.trackers=[]",
+        *QUIET,
         f"run_dir={run}",
     ]
     assert cli.main(["train", *args]) == 0

@@ -10,6 +10,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run
 
 from attnxfer.apps.training import build_engine, train
 from attnxfer.config import load_config
@@ -19,13 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # 2 blocks, 48 wide, 32-px synthetic images: 4 steps an epoch, milliseconds a step.
 TINY = [
-    "data.dataset=synthetic",
-    "data.batch_size=16",
-    "data.kwargs.length=64",
+    *tiny_run(64, 16),
     "model.kwargs={depth: 2, embed_dim: 48}",
     "transfer.mode=none",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "log.attention_images=0",
     "checkpoint.every_epoch=false",

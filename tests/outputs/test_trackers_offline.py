@@ -18,18 +18,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run
 
 from attnxfer.train.trackers import TrackerUnavailableError, prepare_trackers, server_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=16",
+    *tiny_run(16, 8),
     "model.kwargs={depth: 2, embed_dim: 48}",
     "transfer.mode=none",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "schedule.max_steps=2",
     "checkpoint.every_epoch=false",

@@ -1,19 +1,26 @@
-"""docs/configuration.md is generated from the schema (`attnxfer.config.reference`) and stays so.
+"""docs/configuration.md is generated from the schema (`scripts/config_reference.py`) and stays so.
 
 The page lists every key with its type, default, accepted values, resume rules and the comment the schema
 writes above (or beside) it. It is committed, so that the site and a reader on GitHub see it; these tests
 fail while it differs from what the generator writes for the schema of the same commit, and while the
-generator leaves out a key or a comment. Regenerate with ``python -m attnxfer.config.reference
+generator leaves out a key or a comment. Regenerate with ``python scripts/config_reference.py
 docs/configuration.md``.
 """
 
 from __future__ import annotations
 
+import importlib
+import re
+
+from helpers import script_module
+
 from attnxfer.config import RESUMABLE_KEYS, TrainConfig, config_keys
 from attnxfer.config.keys import leaves
-from attnxfer.config.reference import field_comments, reference_markdown
 
 from .doc_pages import ROOT
+
+_reference = script_module("config_reference")
+field_comments, reference_markdown = _reference.field_comments, _reference.reference_markdown
 
 PAGE = ROOT / "docs" / "configuration.md"
 
@@ -30,7 +37,7 @@ def _rows(text: str) -> dict[str, list[str]]:
 
 def test_the_committed_page_is_what_the_generator_writes():
     assert PAGE.read_text() == reference_markdown(), (
-        "docs/configuration.md is stale: run `python -m attnxfer.config.reference docs/configuration.md`"
+        "docs/configuration.md is stale: run `python scripts/config_reference.py docs/configuration.md`"
     )
 
 
@@ -69,6 +76,33 @@ def test_every_comment_of_the_schema_reaches_its_row():
     )
     assert "decay^1 under timm, 1.0 under attention_transfer" in comments[("OptimConfig", "layer_decay_rule")]
     assert comments[("DataConfig", "batch_size")] == "per process"
+
+
+def _exists(dotted: str) -> bool:
+    """A dotted name is a module, or an attribute path inside the longest module prefix that imports."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
+def test_every_attnxfer_name_the_config_points_to_exists():
+    """The schema's comments (the reference page) and the renamed keys' messages (what a user with an old
+    config reads) send readers to attnxfer modules and functions: each name given still exists there."""
+    config = ROOT / "attnxfer" / "config"
+    names = set()
+    for source in ("schema.py", "renamed.py"):
+        names |= set(re.findall(r"\battnxfer(?:\.[A-Za-z_]\w*)+", (config / source).read_text()))
+    assert "attnxfer.apps.evaluation.evaluate_run" in names  # the scan is not vacuous
+    assert [n for n in sorted(names) if not _exists(n)] == []
 
 
 def test_comments_belong_to_the_field_below_them_only():

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import QUIET, tiny_convert_report
 
 from attnxfer.config import ConfigError, load_config
 from attnxfer.launch.cli import main
@@ -64,19 +65,16 @@ COSTLY = ("convert", "search")
 RUN = ("train", "study", "pretrain", "eval", "convert", "search", "export", "inspect")
 #: keys put before an example's own: a few steps of everything, one timed repeat, a small k-NN bank
 SHORT = {
-    "train": ["schedule.max_steps=2", "log.progress=false", "log.trackers=[]", "eval.knn_bank_size=100"],
-    "study": ["schedule.max_steps=2", "log.progress=false", "log.trackers=[]", "eval.knn_bank_size=100"],
-    "pretrain": ["schedule.max_steps=2", "log.progress=false", "log.trackers=[]", "mae.pictures=2"],
+    "train": ["schedule.max_steps=2", *QUIET, "eval.knn_bank_size=100"],
+    "study": ["schedule.max_steps=2", *QUIET, "eval.knn_bank_size=100"],
+    "pretrain": ["schedule.max_steps=2", *QUIET, "mae.pictures=2"],
     "convert": [
         "schedule.max_steps=2",
         "convert.stage1_steps=2",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=1",
-        "convert.speed_batch_size=8",
+        *tiny_convert_report(1, 8),
         "convert.speed_sweep=[]",
         "eval.knn_bank_size=100",
-        "log.progress=false",
-        "log.trackers=[]",
+        *QUIET,
     ],
     "search": [
         "search.population=2",

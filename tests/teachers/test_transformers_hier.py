@@ -23,7 +23,7 @@ import timm
 import torch
 import torch.nn as nn
 import transformers
-from helpers import fast_cells
+from helpers import fast_cells, tiny_run
 from safetensors.torch import load_file, save_file
 from timm.utils import AttentionExtract
 
@@ -462,11 +462,7 @@ def test_the_refused_swin_layouts_really_compute_differently(tmp_path, monkeypat
 
 TRAIN = [
     "transfer.mode=distill",
-    "data.dataset=synthetic",
-    "data.kwargs.length=16",
-    "data.batch_size=8",
-    "log.progress=false",
-    "log.trackers=[]",
+    *tiny_run(16, 8),
     "schedule.epochs=1",
     "schedule.max_steps=2",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from helpers import fast_cells
+from helpers import fast_cells, tiny_convert_report, tiny_run
 from safetensors.torch import save_file
 
 import attnxfer.sources.transformers_format as tf
@@ -463,11 +463,7 @@ def test_the_cli_refuses_an_unreadable_folder_in_one_line_before_any_work(tmp_pa
 
 TRAIN = [
     "transfer.mode=distill",
-    "data.dataset=synthetic",
-    "data.kwargs.length=16",
-    "data.batch_size=8",
-    "log.progress=false",
-    "log.trackers=[]",
+    *tiny_run(16, 8),
     "schedule.epochs=1",
     "schedule.max_steps=2",
 ]
@@ -516,9 +512,7 @@ def test_copy_convert_inspect_and_export_run_from_a_transformers_folder(name, tm
         *TRAIN,
         "convert.attention=hedgehog",
         "convert.stage1_steps=2",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=1",
-        "convert.speed_batch_size=2",
+        *tiny_convert_report(1, 2),
     ]
     assert main(["convert", *convert]) == 0, capsys.readouterr().err[-2000:]
     out = tmp_path / "inspect"

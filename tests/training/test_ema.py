@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import peaked_teacher, tiny_vit
+from helpers import peaked_teacher, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.training import train
@@ -68,11 +68,7 @@ def test_resumed_copy_run_ends_with_a_bit_identical_ema(tmp_path, capsys):
             f"teacher.spec=local-dir:{teacher_dir}",
             "transfer.mode=copy",
             "ema.decay=0.9",
-            "data.dataset=synthetic",
-            "data.batch_size=8",
-            "data.kwargs.length=64",
-            "log.progress=false",
-            "log.trackers=[]",
+            *tiny_run(64, 8),
             "checkpoint.every_epoch=false",
             "checkpoint.every_steps=2",
             "checkpoint.keep_last=5",

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUIET, run_cli
 from safetensors.torch import load_file
 
 from attnxfer.apps.training import build_engine
 from attnxfer.config import ConfigError, load_config
-from attnxfer.launch import cli
 from attnxfer.train.drive import Drive, StudentStreams, own_feed
 from attnxfer.train.stop import StopRequested
 
@@ -26,8 +26,7 @@ TINY = [
     "model.name=vit_micro_patch4_28",
     "model.kwargs={depth: 2, embed_dim: 48}",
     "data.batch_size=32",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=2",
     "model.drop_path_rate=0.1",
     "checkpoint.every_epoch=false",
@@ -66,8 +65,7 @@ def _weights(run_dir):
 )
 def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):
     """Through the CLI's own main, in this process (the tests below run ``attnxfer train`` as a real process)."""
-    code = cli.main(["train", f"run_dir={tmp_path / 'r'}", *args])
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, "train", f"run_dir={tmp_path / 'r'}", *args)
     assert code == 2, err[-2000:]
     assert needle in err
     assert "Traceback" not in err

@@ -17,7 +17,7 @@ import re
 
 import pytest
 import torch
-from helpers import LABEL_TRAP, labels_raise_registered, peaked_teacher, tiny_vit
+from helpers import LABEL_TRAP, QUIET, labels_raise_registered, peaked_teacher, run_cli, tiny_vit
 from timm.models import save_for_hf
 
 from attnxfer.apps.evaluation import eval_metrics, evaluate_run
@@ -25,7 +25,6 @@ from attnxfer.apps.training import build_engine
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
-from attnxfer.launch import cli
 from attnxfer.models import AttentionIO, Chunks, Signal
 from attnxfer.train.objective import TaskLoss, TransferObjective
 from attnxfer.transfer import MODES, PlanError, TeacherStudent, build_plan
@@ -183,8 +182,7 @@ def _train_args(run, teacher_dir, *extra: str) -> list[str]:
         "schedule.warmup_epochs=0",
         "schedule.epochs=3",
         "log.every_steps=1",
-        "log.progress=false",
-        "log.trackers=[]",
+        *QUIET,
         "ema.decay=0.9",
         *extra,
     ]
@@ -235,8 +233,7 @@ def test_train_distils_features_without_reading_a_label(tmp_path, teacher_dir):
 
 
 def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
-    code = cli.main(list(argv))
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, *argv)
     assert "Traceback" not in err and LABEL_TRAP not in err, err
     return code, [line for line in err.splitlines() if line.strip()]
 

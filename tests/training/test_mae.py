@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from helpers import run_cli
 from safetensors.torch import load_file
 
 from attnxfer.apps.pretrain import pretrain
 from attnxfer.config import load_config
-from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.models.mae import (
     MaskedAutoencoder,
@@ -320,8 +320,7 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
 )
 def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):
     """Through the CLI's own main, in this process (the real process: the test below)."""
-    code = cli.main(["pretrain", "-c", "demo/mae_pretrain", f"run_dir={tmp_path}", *args])
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, "pretrain", "-c", "demo/mae_pretrain", f"run_dir={tmp_path}", *args)
     assert code == 2, err[-2000:]
     assert needle in err and "Traceback" not in err
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, fork_cli, torchrun_attnxfer
+from helpers import assert_same_tensors, fork_cli, run_cli, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -28,11 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 # 8 steps an epoch at batch 8: a periodic save mid-epoch, every student in lock step
 BASE = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=64",
-    "log.progress=false",
-    "log.trackers=[]",
+    *tiny_run(64, 8),
     "log.every_steps=1",
     "deterministic=true",
     "transfer.ce_path=rows",
@@ -228,23 +224,20 @@ def test_a_study_started_under_the_old_folder_names_goes_on_in_them(tmp_path):
 def test_a_study_yaml_is_not_a_run_config(tmp_path, capsys):
     yaml = tmp_path / "s.yaml"
     yaml.write_text("students:\n  - name: copy\n    transfer.mode: copy\n")
-    code = cli.main(["train", "-c", str(yaml)])
-    err = capsys.readouterr().err
+    code, _, err = run_cli(capsys, "train", "-c", str(yaml))
     assert code == 2 and "attnxfer study -c" in err and "Traceback" not in err
 
 
 def test_print_config_shows_each_student_and_what_it_changes(tmp_path, capsys):
-    code = cli.main(
-        [
-            "study",
-            *BASE,
-            f"run_dir={tmp_path / 's'}",
-            "--vary",
-            "transfer.mode=copy,distill",
-            "--print-config",
-        ]
+    code, out, _ = run_cli(
+        capsys,
+        "study",
+        *BASE,
+        f"run_dir={tmp_path / 's'}",
+        "--vary",
+        "transfer.mode=copy,distill",
+        "--print-config",
     )
-    out = capsys.readouterr().out
     assert code == 0 and out.count("\n---\n") == 2 and not (tmp_path / "s").exists()
     assert "# student copy" in out and "transfer.mode: distill -> copy" in out
     assert f"run_dir: {tmp_path / 's' / 'distill'}" in out
@@ -258,8 +251,7 @@ def test_a_student_that_diverges_stops_alone_and_the_others_go_on(tmp_path, tiny
         tiny_teacher_dir,
         "students:\n  - name: fine\n  - name: diverges\n    optim.lr: 1.0e+30\n    transfer.atd_weight: 1.0e+30\n",
     )
-    code = cli.main(["study", "-c", str(yaml), *BASE, f"run_dir={run}"])
-    out = capsys.readouterr().out
+    code, out, _ = run_cli(capsys, "study", "-c", str(yaml), *BASE, f"run_dir={run}")
     assert code == 0
     stopped = [line for line in out.splitlines() if line.startswith("study: student 'diverges' stopped")]
     # the students share one 4-step schedule: the study says it once, for all of them

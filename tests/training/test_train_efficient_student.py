@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import peaked_teacher, tiny_vit
+from helpers import peaked_teacher, tiny_run, tiny_vit
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
@@ -58,17 +58,13 @@ def test_fresh_hedgehog_student_distils_through_the_cli_and_round_trips_through_
         f"teacher.spec=local-dir:{teacher_dir}",
         "transfer.mode=distill",
         "model.attention=hedgehog",
-        "data.dataset=synthetic",
-        "data.batch_size=16",
-        "data.kwargs.length=16",  # one batch, the same images every step: the loss is a function of weights
+        *tiny_run(16, 16),  # one batch, the same images every step: the loss is a function of weights
         "schedule.max_steps=10",
         "schedule.warmup_epochs=0",
         "optim.lr=1e-2",
         "transfer.atd_weight=10",
         "model.drop_path_rate=0",
         "log.every_steps=1",
-        "log.progress=false",
-        "log.trackers=[]",
         "checkpoint.every_epoch=false",
         "deterministic=true",
     ]

@@ -27,7 +27,7 @@ WORKFLOWS = ("inspect", "convert", "export")
 @dataclass(frozen=True)
 class ModuleCoverage:
     """One timm module's row of the coverage table: its pretrained archs, how many plan a copy and a distill
-    (measured on the meta device, `attnxfer.transfer.coverage`), and the workflows (`WORKFLOWS`) its family's
+    (measured on the meta device, scripts/family_coverage.py), and the workflows (`WORKFLOWS`) its family's
     tests cover on tiny models."""
 
     module: str

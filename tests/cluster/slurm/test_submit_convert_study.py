@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import tiny_convert_report, tiny_run
 from test_submit_engine import _attnxfer, _ended, _job_id
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -23,16 +24,10 @@ def test_a_submitted_convert_study_converts_every_student_on_two_ranks(slurm, tm
     )
     run = tmp_path / "job"
     args = [
-        "data.dataset=synthetic",
-        "data.kwargs.length=64",
-        "data.batch_size=8",
+        *tiny_run(64, 8),
         "convert.stage1_steps=3",
         "schedule.max_steps=2",
-        "log.progress=false",
-        "log.trackers=[]",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=2",
-        "convert.speed_batch_size=4",
+        *tiny_convert_report(2, 4),
         "convert.speed_sweep=[]",
     ]
     sub = _attnxfer(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUIET, tiny_convert_report
 from safetensors.torch import load_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
@@ -31,8 +32,7 @@ TINY = [
     "transfer.mode=none",
     "model.kwargs={depth: 2, embed_dim: 48}",
     "model.drop_path_rate=0.0",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=1",
     "checkpoint.every_epoch=false",
     "deterministic=true",
@@ -182,12 +182,9 @@ def test_submitted_conversion_on_two_ranks_matches_one_process(slurm, tmp_path, 
             "schedule.max_steps=2",
             "transfer.mode=none",
             "transfer.logit_distill=1.0",
-            "log.progress=false",
-            "log.trackers=[]",
+            *QUIET,
             "log.every_steps=1",
-            "convert.agreement_batches=1",
-            "convert.speed_repeats=2",
-            "convert.speed_batch_size=4",
+            *tiny_convert_report(2, 4),
             "deterministic=true",
         ]
 

@@ -5,16 +5,13 @@ count only up to the first command."""
 from __future__ import annotations
 
 import pytest
-
-from attnxfer.launch.cli import main
+from helpers import run_cli
 
 INJECTION = "x\necho INJECTED\n#"
 
 
 def _dry_run(capsys, tmp_path, *flags: str) -> tuple[int, str, str]:
-    code = main(["submit", f"run_dir={tmp_path / 'run'}", "--dry-run", *flags])
-    out, err = capsys.readouterr()
-    return code, out, err
+    return run_cli(capsys, "submit", f"run_dir={tmp_path / 'run'}", "--dry-run", *flags)
 
 
 def _sbatch_header(text: str) -> tuple[list[str], list[str]]:
@@ -55,8 +52,7 @@ def test_control_characters_in_any_script_value_are_refused(capsys, tmp_path, fl
 
 
 def test_run_dir_with_a_line_break_is_refused_before_it_reaches_the_script(capsys, tmp_path):
-    code = main(["submit", f"run_dir={tmp_path}/a\necho INJECTED", "--dry-run"])
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(capsys, "submit", f"run_dir={tmp_path}/a\necho INJECTED", "--dry-run")
     assert code == 2 and "#SBATCH" not in out and "run_dir" in err  # (the config summary echoes it)
 
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import tiny_run
 from loopback_cluster import ClusterUnavailable, ensure_installed
 
 from attnxfer.launch.cli import main
@@ -20,13 +21,9 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=16",
+    *tiny_run(16, 8),
     "model.kwargs={depth: 2, embed_dim: 48}",
     "transfer.mode=none",
-    "log.progress=false",
-    "log.trackers=[]",
     "schedule.max_steps=2",
     "checkpoint.every_epoch=false",
 ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import QUIET
 from safetensors.torch import load_file
 from test_submit_engine import _attnxfer, _ended, _in_process, _job_id, _wait_until
 
@@ -23,8 +24,7 @@ STUDY = [
     "data.kwargs.length=256",
     "model.kwargs={depth: 2, embed_dim: 48}",
     "model.drop_path_rate=0.0",
-    "log.progress=false",
-    "log.trackers=[]",
+    *QUIET,
     "log.every_steps=1",
     "deterministic=true",
     "transfer.ce_path=rows",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import popen_interruptible
+from helpers import popen_interruptible, run_cli, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.launch import cli
@@ -22,22 +22,12 @@ from attnxfer.launch.slurm import SlurmOptions, parse_sweep
 
 # 4 steps an epoch on synthetic data, a 1-block model: about a second a run
 S = [
-    "data.dataset=synthetic",
-    "data.batch_size=16",
-    "data.kwargs.length=64",
+    *tiny_run(64, 16),
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]
-
-
-def _run(capsys, *argv):
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _steps(run: Path) -> list[str]:
@@ -54,11 +44,11 @@ def _one_record_per_step(run: Path) -> None:
 def test_periodic_save_on_an_epoch_end_and_extending_a_finished_run(tmp_path, capsys):
     run = tmp_path / "every2"
     args = ["train", *S, "checkpoint.every_steps=2", f"run_dir={run}"]
-    code, _, err = _run(capsys, *args, "schedule.max_steps=6")
+    code, _, err = run_cli(capsys, *args, "schedule.max_steps=6")
     assert code == 0, err  # step 4 is both a periodic save and the epoch's save
-    code, _, err = _run(capsys, *args, "schedule.max_steps=6")  # re-running a finished run
+    code, _, err = run_cli(capsys, *args, "schedule.max_steps=6")  # re-running a finished run
     assert code == 0, err
-    code, out, err = _run(capsys, *args, "schedule.max_steps=10")  # extending it
+    code, out, err = run_cli(capsys, *args, "schedule.max_steps=10")  # extending it
     assert code == 0, err
     assert "resumed from checkpoint step 6" in out and "schedule.max_steps (6 -> 10)" in out
     assert _steps(run)[-1] == "step-00000010"
@@ -74,7 +64,7 @@ def trained(tmp_path_factory):
 
 def test_eval_writes_only_its_result_file(trained, capsys):
     before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
-    code, _, err = _run(capsys, "eval", "-c", str(trained / "config.yaml"), "log.every_steps=3")
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "log.every_steps=3")
     assert code == 0, err
     result = json.loads((trained / "eval-00000004.json").read_text())
     assert result["step"] == 4 and "val_top1" in result["metrics"]
@@ -88,7 +78,7 @@ def test_eval_writes_only_its_result_file(trained, capsys):
 
 
 def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
-    code, _, err = _run(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
+    code, _, err = run_cli(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
     assert code == 2 and "no checkpoint to evaluate" in err and "Traceback" not in err
     assert not (tmp_path / "never").exists()
 
@@ -103,7 +93,7 @@ def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
 )
 def test_resume_refuses_a_config_that_changes_what_the_checkpoint_means(trained, capsys, change, keys):
     before = {p.name: p.read_bytes() for p in trained.iterdir() if p.is_file()}
-    code, _, err = _run(capsys, "train", *S, "schedule.max_steps=6", f"run_dir={trained}", *change)
+    code, _, err = run_cli(capsys, "train", *S, "schedule.max_steps=6", f"run_dir={trained}", *change)
     assert code == 2 and "Traceback" not in err
     line = err.strip().splitlines()
     assert len(line) == 1 and all(k in line[0] for k in keys) and "run_dir=" in line[0]
@@ -112,7 +102,7 @@ def test_resume_refuses_a_config_that_changes_what_the_checkpoint_means(trained,
 
 
 def test_a_run_trained_after_eval_trains(trained, capsys):
-    code, _, err = _run(capsys, "train", "-c", str(trained / "config.yaml"), "schedule.max_steps=5")
+    code, _, err = run_cli(capsys, "train", "-c", str(trained / "config.yaml"), "schedule.max_steps=5")
     assert code == 0, err
     assert "step-00000005" in _steps(trained)
 
@@ -138,7 +128,7 @@ def test_bad_input_names_the_real_problem(tmp_path, capsys, monkeypatch, argv, n
     (tmp_path / "binary").write_bytes(bytes(range(256)))
     (tmp_path / "afile").write_text("x")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "binary"]  # nothing left behind
@@ -161,17 +151,16 @@ def test_sweeps_over_list_values_and_safe_slurm_keys():
 
 
 def test_a_teacher_exported_from_a_micro_vit_is_recorded_by_its_name(trained, tmp_path, capsys):
-    code, _, err = _run(capsys, "export", str(trained), str(tmp_path / "exported"))
+    code, _, err = run_cli(capsys, "export", str(trained), str(tmp_path / "exported"))
     assert code == 0, err
     assert (
         json.loads((tmp_path / "exported/config.json").read_text())["architecture"] != "vit_micro_patch4_28"
     )
     run = tmp_path / "copy"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "train",
-        *S[:3],
-        *S[5:],
+        *(a for a in S if a.split("=")[0] not in ("transfer.mode", "model.kwargs")),
         "transfer.mode=copy",
         f"teacher.spec=local-dir:{tmp_path / 'exported'}",
         "schedule.max_steps=1",
@@ -214,17 +203,17 @@ def test_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tmp_path):
 def test_saves_over_existing_steps_replace_same_weights_and_keep_other_weights(tmp_path, capsys):
     run = tmp_path / "r"
     args = ["train", *S, "schedule.max_steps=3", "checkpoint.every_steps=1", "checkpoint.keep_last=5"]
-    assert _run(capsys, *args, f"run_dir={run}")[0] == 0
+    assert run_cli(capsys, *args, f"run_dir={run}")[0] == 0
     first = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
     step1 = str(run / "checkpoints/step-00000001")
     # the same history again from step 1: same weights, each save replaces its twin
-    code, _, err = _run(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}")
+    code, _, err = run_cli(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}")
     assert code == 0, err
     assert _steps(run) == ["step-00000001", "step-00000002", "step-00000003"]
     again = load_file(str(run / "checkpoints/step-00000003/model.safetensors"))
     assert all(torch.equal(first[k], again[k]) for k in first)
     # another history from step 1 (a changed lr): the old checkpoints are set aside, not lost
-    code, _, err = _run(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}", "optim.lr=0.01")
+    code, _, err = run_cli(capsys, *args, f"run_dir={run}", f"checkpoint.resume={step1}", "optim.lr=0.01")
     assert code == 0, err
     aside = sorted(p.name.split(".")[0] for p in (run / "checkpoints").glob("step-*.replaced-*"))
     assert aside == ["step-00000002", "step-00000003"]
@@ -248,7 +237,7 @@ def test_the_ce_path_is_chosen_by_config_and_recorded(ce_path, exported, tmp_pat
     log-sum-exp, or the loss refuses to run) and run.json records the path used and how it was chosen
     (auto: measured here, every path that runs on a CPU timed; a forced path: nothing timed)."""
     run = tmp_path / "distill"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "train",
         *[a for a in S if a != "transfer.mode=none"],
@@ -291,14 +280,16 @@ def test_a_resumed_auto_run_reuses_the_recorded_ce_path_and_stays_bit_identical(
     ]
     run = tmp_path / "auto"
     assert (
-        _run(capsys, "train", *distill, "transfer.ce_path=auto", "schedule.max_steps=1", f"run_dir={run}")[0]
+        run_cli(capsys, "train", *distill, "transfer.ce_path=auto", "schedule.max_steps=1", f"run_dir={run}")[
+            0
+        ]
         == 0
     )
     first = json.loads((run / "run.json").read_text())["ce_path_choice"]
     assert first["how"] == "measured"
     state = json.loads((run / "checkpoints/step-00000001/state.json").read_text())
     assert state["ce_path"] == first
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "train", *distill, "transfer.ce_path=auto", "schedule.max_steps=3", f"run_dir={run}"
     )
     assert code == 0, err
@@ -306,7 +297,7 @@ def test_a_resumed_auto_run_reuses_the_recorded_ce_path_and_stays_bit_identical(
     assert again == {**first, "how": "resumed from step-00000001"}  # the same timings: nothing re-measured
     assert f"ce_path: {first['path']} (resumed from step-00000001" in out
     told = tmp_path / "told"
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "train",
         *distill,

@@ -6,24 +6,32 @@ module. `measure_coverage` builds every arch of ``timm.list_models(pretrained=Tr
 ``torch.device("meta")`` (no weights, no memory: a second per arch at most) twice, as teacher and as its
 mirrored student (the same arch, freshly initialised), and asks `build_plan` for a ``copy`` and a ``distill``
 plan. ``tests/families/test_coverage.py`` checks that timm still gives the declared counts, and that the
-table in docs/families.md is `coverage_markdown` of them. Run
-``python -m attnxfer.transfer.coverage`` to measure and print the table.
+table in docs/families.md is `coverage_markdown` of them. It makes docs and tests only, so it lives here and
+not in the package.
+
+    python scripts/family_coverage.py [TIMM_MODULE ...] [--errors]    # measure and print the table
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 
 import timm
 import torch
 from timm.models._registry import _model_to_module
 from torch.overrides import TorchFunctionMode
 
-from ..models.attention import families
-from ..models.attention.family import WORKFLOWS, ModuleCoverage
-from .plan import build_plan
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # this checkout's attnxfer, whatever is installed
+
+from attnxfer.models.attention import families
+from attnxfer.models.attention.family import WORKFLOWS, ModuleCoverage
+from attnxfer.transfer import build_plan
 
 #: Every timm module a family covers, in the table's order (the families' order: flat, then hierarchical).
 COVERAGE: dict[str, ModuleCoverage] = {m.module: m for f in families() for m in f.modules}

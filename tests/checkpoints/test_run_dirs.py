@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import popen_interruptible
+from helpers import popen_interruptible, run_cli, tiny_run
 from safetensors.torch import load_file, save_file
 
 from attnxfer.checkpoints.run_lock import (
@@ -33,22 +33,12 @@ from attnxfer.launch import cli
 REPO = Path(__file__).resolve().parents[2]
 
 S = [
-    "data.dataset=synthetic",
-    "data.batch_size=16",
-    "data.kwargs.length=64",  # 4 steps an epoch
+    *tiny_run(64, 16),  # 4 steps an epoch
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
 ]
-
-
-def _run(capsys, *argv):
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _error_line(err: str) -> str:
@@ -144,7 +134,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_and_released(trained, tmp
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     _write_lock(run, pid=_dead_pid(), slurm_job=None)
-    code, out, err = _run(capsys, "train", *S, "schedule.max_steps=3", f"run_dir={run}")
+    code, out, err = run_cli(capsys, "train", *S, "schedule.max_steps=3", f"run_dir={run}")
     assert code == 0, err
     assert "taking over the lock" in out and "is gone" in out
     assert (run / "checkpoints" / "step-00000003").is_dir()
@@ -160,7 +150,14 @@ def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_
     with _live_process() as pid:
         _write_lock(run, pid=pid, pid_started=_start_time(pid), slurm_job="4242", command="convert")
         before = sorted(p.name for p in run.iterdir())
-        code, _, err = _run(capsys, command, *S[:3], *extra, "log.progress=false", f"run_dir={run}")
+        code, _, err = run_cli(
+            capsys,
+            command,
+            *(a for a in S if a.startswith("data.")),
+            *extra,
+            "log.progress=false",
+            f"run_dir={run}",
+        )
     assert code == 2
     line = _error_line(err)
     assert f"pid {pid}" in line and "SLURM job 4242" in line and "scancel 4242" in line
@@ -221,7 +218,7 @@ def test_a_runs_own_config_resumes_and_scores_that_run_from_any_directory(
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    code, out, err = _run(capsys, "train", "-c", str(run / "config.yaml"), "schedule.max_steps=3")
+    code, out, err = run_cli(capsys, "train", "-c", str(run / "config.yaml"), "schedule.max_steps=3")
     assert code == 0, err
     assert "resumed from checkpoint step 2" in out
     assert (run / "checkpoints" / "step-00000003").is_dir() and not (elsewhere / "runs").exists()
@@ -229,7 +226,7 @@ def test_a_runs_own_config_resumes_and_scores_that_run_from_any_directory(
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     monkeypatch.chdir(trained.parent.parent)  # where the recorded runs/x names the original
-    code, out, err = _run(capsys, "eval", "-c", str(copy / "config.yaml"))
+    code, out, err = run_cli(capsys, "eval", "-c", str(copy / "config.yaml"))
     assert code == 0, err
     assert (copy / "eval-00000003.json").is_file()
     assert not list(trained.glob("eval-*.json")) and not list(run.glob("eval-*.json"))
@@ -237,7 +234,7 @@ def test_a_runs_own_config_resumes_and_scores_that_run_from_any_directory(
 
 def test_an_empty_run_dir_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = _run(capsys, "train", *S, "run_dir=")
+    code, _, err = run_cli(capsys, "train", *S, "run_dir=")
     assert code == 2 and "run_dir is empty" in _error_line(err)
     assert list(tmp_path.iterdir()) == []
 
@@ -254,11 +251,11 @@ def test_a_teacher_under_another_path_resumes_and_other_weights_are_refused(
     capsys.readouterr()
     monkeypatch.chdir(tmp_path)
     args = ["train", *[a for a in S if a != "transfer.mode=none"], "transfer.mode=distill", "run_dir=d"]
-    code, _, err = _run(capsys, *args, "teacher.spec=local-dir:teacher", "schedule.max_steps=1")
+    code, _, err = run_cli(capsys, *args, "teacher.spec=local-dir:teacher", "schedule.max_steps=1")
     assert code == 0, err
     moved = tmp_path / "moved" / "teacher"
     shutil.move(teacher, moved)
-    code, out, err = _run(capsys, *args, f"teacher.spec=local-dir:{moved}", "schedule.max_steps=2")
+    code, out, err = run_cli(capsys, *args, f"teacher.spec=local-dir:{moved}", "schedule.max_steps=2")
     assert code == 0, err
     assert "resumed from checkpoint step 1" in out and (tmp_path / "d/checkpoints/step-00000002").is_dir()
     weights = load_file(str(moved / "model.safetensors"))
@@ -268,7 +265,7 @@ def test_a_teacher_under_another_path_resumes_and_other_weights_are_refused(
     shutil.copytree(moved, other)
     save_file(weights, str(other / "model.safetensors"))
     recorded = json.loads((tmp_path / "d/run.json").read_text())["teacher"]["sha256"]
-    code, _, err = _run(capsys, *args, f"teacher.spec=local-dir:{other}", "schedule.max_steps=3")
+    code, _, err = run_cli(capsys, *args, f"teacher.spec=local-dir:{other}", "schedule.max_steps=3")
     assert code == 2
     line = _error_line(err)
     assert recorded in line and "another teacher" in line
@@ -298,7 +295,7 @@ def test_a_read_only_run_dir_stops_train_and_eval_in_one_line(trained, tmp_path,
         shutil.copytree(trained, run)
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         for command, more in (("train", ["schedule.max_steps=4"]), ("eval", [])):
-            code, out, err = _run(capsys, command, "-c", str(run / "config.yaml"), *more)
+            code, out, err = run_cli(capsys, command, "-c", str(run / "config.yaml"), *more)
             assert code == 2
             line = _error_line(err)
             assert str(run) in line and "Read-only file system" in line
@@ -312,7 +309,7 @@ def test_a_full_disk_ends_in_one_line_naming_the_last_intact_checkpoint(trained,
     with _tmpfs(tmp_path / "mnt", f"{int(size * 2.5) // 1024}k") as mnt:
         run = mnt / "run"
         argv = ["train", *S, "schedule.max_steps=12", "checkpoint.every_steps=1", "checkpoint.keep_last=20"]
-        code, _, err = _run(capsys, *argv, f"run_dir={run}")
+        code, _, err = run_cli(capsys, *argv, f"run_dir={run}")
         assert code == 2
         line = _error_line(err)
         assert "No space left on device" in line
@@ -325,7 +322,7 @@ def test_a_full_disk_ends_in_one_line_naming_the_last_intact_checkpoint(trained,
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        code, out, err = _run(capsys, "eval", "-c", str(run / "config.yaml"))
+        code, out, err = run_cli(capsys, "eval", "-c", str(run / "config.yaml"))
         assert code == 2 and "No space left on device" in _error_line(err) and "val_top1" not in out
 
 
@@ -341,7 +338,7 @@ def test_an_export_removes_the_staging_folders_killed_exports_left(trained, tmp_
         (folder / "config.json").write_text("{}")
     keep = tmp_path / ".export.notes"  # not an export's staging folder
     keep.mkdir()
-    code, _, err = _run(capsys, "export", str(trained), str(out))
+    code, _, err = run_cli(capsys, "export", str(trained), str(out))
     assert code == 0, err
     assert not dead.exists() and not legacy.exists() and keep.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".export.notes"]

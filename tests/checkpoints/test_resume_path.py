@@ -13,29 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import run_cli, tiny_run
 from PIL import Image
 
 from attnxfer.checkpoints.resume_point import ResumePoint
-from attnxfer.launch import cli
 
 PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 
 # a 1-block model on synthetic data: 8 steps an epoch at batch 8
 TINY = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=64",
+    *tiny_run(64, 8),
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "deterministic=true",
 ]
-
-
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = cli.main(list(argv))
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -64,10 +54,12 @@ def test_no_module_but_the_resume_point_parses_a_checkpoint_state():
 @pytest.mark.slow
 def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_path, capsys):
     run = tmp_path / "mae"
-    code, _, err = _run(capsys, "pretrain", *TINY, "schedule.max_steps=2", "mae.pictures=0", f"run_dir={run}")
+    code, _, err = run_cli(
+        capsys, "pretrain", *TINY, "schedule.max_steps=2", "mae.pictures=0", f"run_dir={run}"
+    )
     assert code == 0, err
     before = _files(run)
-    code, _, err = _run(
+    code, _, err = run_cli(
         capsys,
         "pretrain",
         *TINY,
@@ -83,7 +75,7 @@ def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_pa
     assert "nothing was written" in lines[0] and "run_dir=" in lines[0]
     assert _files(run) == before
     # what may change (how long it trains) still resumes, and says so
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, "pretrain", *TINY, "schedule.max_steps=3", "mae.pictures=0", f"run_dir={run}"
     )
     assert code == 0, err
@@ -94,20 +86,22 @@ def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_pa
 def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", *TINY, "transfer.mode=none", "checkpoint.every_steps=5", f"run_dir={run}"]
-    code, _, err = _run(capsys, *args, "schedule.max_steps=8")
+    code, _, err = run_cli(capsys, *args, "schedule.max_steps=8")
     assert code == 0, err
     mid_epoch = run / "checkpoints" / "step-00000005"  # a periodic save: no evaluation had run yet
     assert ResumePoint.find(run, mid_epoch).state["best"] is None
     before = _files(run)
     for steps, where in ((4, "past"), (5, "at")):
-        code, out, err = _run(capsys, *args, f"schedule.max_steps={steps}", f"checkpoint.resume={mid_epoch}")
+        code, out, err = run_cli(
+            capsys, *args, f"schedule.max_steps={steps}", f"checkpoint.resume={mid_epoch}"
+        )
         assert code == 0 and err == ""
         last = out.strip().splitlines()[-1]
         assert last.startswith(f"nothing to do: {run} is {where} step 5 of the {steps}")
         assert f"schedule.max_steps={steps}" in last and "step-00000005 is unchanged" in last
         assert "done:" not in out and "val top1" not in out  # nothing trained, nothing evaluated
     # a finished run run again: nothing to do either, and nothing rewritten
-    code, out, _ = _run(capsys, *args, "schedule.max_steps=8")
+    code, out, _ = run_cli(capsys, *args, "schedule.max_steps=8")
     assert code == 0 and out.strip().splitlines()[-1].startswith(
         f"nothing to do: {run} is at step 8 of the 8"
     )
@@ -140,27 +134,27 @@ def test_a_resume_on_data_that_changed_stops_unless_asked_and_a_moved_copy_resum
         "checkpoint.every_steps=2",
         f"run_dir={run}",
     ]
-    code, _, err = _run(capsys, *args, f"data.root={data}", "schedule.max_steps=2")  # saved mid-epoch
+    code, _, err = run_cli(capsys, *args, f"data.root={data}", "schedule.max_steps=2")  # saved mid-epoch
     assert code == 0, err
     saved = ResumePoint.find(run)
     assert saved.state["position"] == 16 and saved.data["samples"] == 24 and saved.data["of"] == "file list"
     # the same files at another root (a node-local copy) are the same data: the run resumes where it stood
     local = tmp_path / "local-copy"
     shutil.copytree(data, local)
-    code, out, err = _run(capsys, *args, f"data.root={local}", "schedule.max_steps=3")
+    code, out, err = run_cli(capsys, *args, f"data.root={local}", "schedule.max_steps=3")
     assert code == 0, err
     assert "position 16" in out and "data.root" in out
     # the folder grows: its sampler position would point at other images
     _image_folder(local, per_class=10, start=100)
     before = _files(run)
-    code, out, err = _run(capsys, *args, f"data.root={local}", "schedule.max_steps=5")
+    code, out, err = run_cli(capsys, *args, f"data.root={local}", "schedule.max_steps=5")
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err
     assert "training data changed" in lines[0] and "24 training samples" in lines[0]
     assert "44 training samples" in lines[0] and "checkpoint.allow_new_data=true" in lines[0]
     assert _files(run) == before
     # asked for explicitly: the weights and the step go on, the epoch restarts on the new data
-    code, out, err = _run(
+    code, out, err = run_cli(
         capsys, *args, f"data.root={local}", "schedule.max_steps=5", "checkpoint.allow_new_data=true"
     )
     assert code == 0, err

@@ -2,7 +2,7 @@
 
 The run saves the step it stopped at, says so, exits 143 (128 + SIGTERM), and the same command resumes
 it to the very weights of an uninterrupted run. Each run is a forked child running the CLI's own `main`
-(`helpers.fork_cli`, as in tests/cluster/test_crash_resume.py); the signal comes from outside, by process id.
+(`helpers.fork_cli`, as in tests/checkpoints/test_crash_resume.py); the signal comes from outside, by process id.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fork_cli
+from helpers import fork_cli, tiny_convert_report, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer.checkpoints.resume_point import ResumePoint
 
 STEPS = 40
 ARGS = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=512",  # 64 steps an epoch: one evaluation, at the end
+    *tiny_run(512, 8),  # 64 steps an epoch: one evaluation, at the end
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
     f"schedule.max_steps={STEPS}",
@@ -136,20 +132,14 @@ def _convert(run_dir: Path, teacher: Path) -> list[str]:
         "convert",
         f"run_dir={run_dir}",
         f"teacher.spec=local-dir:{teacher}",
-        "data.dataset=synthetic",
-        "data.kwargs.length=64",  # 8 stage-1 batches an epoch: the stop lands mid-epoch or later
-        "data.batch_size=8",
+        *tiny_run(64, 8),  # 8 stage-1 batches an epoch: the stop lands mid-epoch or later
         "convert.attention=hedgehog",
         f"convert.stage1_steps={S1_STEPS}",
         "schedule.max_steps=1",
         "transfer.mode=none",
-        "log.progress=false",
-        "log.trackers=[]",
         "log.every_steps=1",
         "deterministic=true",
-        "convert.agreement_batches=1",
-        "convert.speed_repeats=1",
-        "convert.speed_batch_size=2",
+        *tiny_convert_report(1, 2),
     ]
 
 

@@ -1,10 +1,12 @@
 """The configuration reference (docs/configuration.md), generated from the schema.
 
-Every key is declared once, in `schema.py`: its type, default, range and resume rules are the field, and what
-it means is the comment written above it (or beside it). This module reads both, the field through
-`keys.leaves` and the comments from the schema's source, so the reference cannot say something the schema
-does not. ``python -m attnxfer.config.reference docs/configuration.md`` rewrites the page;
+Every key is declared once, in `attnxfer/config/schema.py`: its type, default, range and resume rules are the
+field, and what it means is the comment written above it (or beside it). This script reads both, the field
+through `attnxfer.config.keys.leaves` and the comments from the schema's source, so the reference cannot say
+something the schema does not. It makes docs only, so it lives here and not in the package.
 tests/project/test_config_reference.py fails while the committed page differs from what this writes.
+
+    python scripts/config_reference.py docs/configuration.md     # rewrite the page (no path: print it)
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
-from . import schema
-from .keys import Leaf, Range, leaves
-from .schema import TrainConfig
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # this checkout's attnxfer, whatever is installed
+
+from attnxfer.config import schema
+from attnxfer.config.keys import Leaf, Range, leaves
+from attnxfer.config.schema import TrainConfig
 
 _INTRO = """\
 # Configuration reference
 
-<!-- Generated from attnxfer/config/schema.py by `python -m attnxfer.config.reference docs/configuration.md`:
+<!-- Generated from attnxfer/config/schema.py by `python scripts/config_reference.py docs/configuration.md`:
 edit the schema's comments, not this page (tests/project/test_config_reference.py compares them). -->
 
 Every key a run reads, section by section, as `attnxfer/config/schema.py` declares it: its type, its default,
@@ -155,7 +161,7 @@ def reference_markdown(config: type = TrainConfig, source: str | None = None) ->
 
 
 def main(argv: list[str]) -> int:
-    """``python -m attnxfer.config.reference [PATH]``: write the page to PATH, or print it."""
+    """``python scripts/config_reference.py [PATH]``: write the page to PATH, or print it."""
     text = reference_markdown()
     if argv:
         Path(argv[0]).write_text(text, encoding="utf-8")

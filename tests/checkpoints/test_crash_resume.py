@@ -20,19 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fork_cli
+from helpers import fork_cli, tiny_run
 from safetensors.torch import load_file
 
 TRIALS = 8
 
 ARGS = [
-    "data.dataset=synthetic",
-    "data.batch_size=8",
-    "data.kwargs.length=32",  # 4 steps an epoch
+    *tiny_run(32, 8),  # 4 steps an epoch
     "transfer.mode=none",
     "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
-    "log.progress=false",
-    "log.trackers=[]",
     "log.every_steps=1",
     "deterministic=true",
     "schedule.max_steps=6",
