@@ -3,7 +3,7 @@
 # own commands on this machine (CPU is enough), then copy it into docs/figures. Runs go under runs/docs/
 # (git-ignored) and are reused where their config is unchanged (the demo's runs are keyed by their config).
 #
-#   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|all]...     (default: all)
+#   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|recall|all]...     (default: all)
 #
 #   demo     attnxfer demo        -> demo_curves.png, demo_attention.png, demo_agreement.png, mae_reconstructions.png,
 #                                    study_curves.png (its copy and distillation students are one study)
@@ -14,6 +14,9 @@
 #   inspect  attnxfer inspect's per-stage query pictures on the tiny Swin, PVTv2 and Hiera models of
 #            tests/families, on an animal-mnist image at 32 px -> inspect_*_stage*.png
 #   search   the demo's supervised teacher, then attnxfer search -c search/demo -> search_demo_pareto.png
+#   recall   the recall teacher (recall/teacher, exported), the zoo converted from it in one study
+#            (recall/convert_zoo), the selector's hybrids under budgets 1.25x-3x (recall/convert_budgets) and the
+#            search's proxy against the zoo (benchmarks/zoo_proxy.py) -> recall_pareto.png (about 2 hours here)
 #
 # convert and slurm use the demo's MAE teacher: run demo first (or together: `all` runs them in order).
 # tests/project/test_docs_site.py checks that every figure the pages show is made here.
@@ -104,11 +107,24 @@ search() {
     cp "$RUNS/search/pareto.png" "$FIG/search_demo_pareto.png"
 }
 
+recall() {
+    local out=runs/recall # the recipes' own run_dir: the page's commands name these folders
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+    [ -f "$out/teacher/export/model.safetensors" ] || {
+        "$AX" train -c recall/teacher && "$AX" export "$out/teacher" "$out/teacher/export"
+    }
+    "$AX" study -c recall/convert_zoo
+    "$AX" study -c recall/convert_budgets
+    "$PY" benchmarks/zoo_proxy.py "$out/convert_zoo" --out "$out/zoo_proxy" search.fit_steps=40 \
+        search.fit_batches=4 search.held_out_images=256
+    "$PY" scripts/recall_pareto.py "$out/convert_zoo" "$out/convert_budgets" --out "$FIG/recall_pareto.png"
+}
+
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] && [ "${targets[0]}" != all ] || targets=(demo convert slurm inspect search)
+[ ${#targets[@]} -gt 0 ] && [ "${targets[0]}" != all ] || targets=(demo convert slurm inspect search recall)
 for target in "${targets[@]}"; do
     case "$target" in
-    demo | convert | slurm | inspect | search) echo "== $target" && "$target" ;;
-    *) echo "unknown target $target (demo, convert, slurm, inspect, search, all)" >&2 && exit 2 ;;
+    demo | convert | slurm | inspect | search | recall) echo "== $target" && "$target" ;;
+    *) echo "unknown target $target (demo, convert, slurm, inspect, search, recall, all)" >&2 && exit 2 ;;
     esac
 done

@@ -94,10 +94,14 @@ def _row(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
         # the break-even sweep (batch 1): {side: (tokens, x teacher, floor x teacher)}, or why a side is missing
         "sweep": {
             **{
-                r["resolution"]: (r.get("tokens"), r["student_over_teacher"], r.get("floor_over_teacher"))
+                str(r["resolution"]): (
+                    r.get("tokens"),
+                    r["student_over_teacher"],
+                    r.get("floor_over_teacher"),
+                )
                 for r in (speed.get("sweep") or {}).get("rows", [])
             },
-            **{r["resolution"]: r["reason"] for r in (speed.get("sweep") or {}).get("skipped", [])},
+            **{str(r["resolution"]): r["reason"] for r in (speed.get("sweep") or {}).get("skipped", [])},
         },
     }
 
@@ -314,7 +318,8 @@ def _sweep_section(rows: list[dict[str, Any]]) -> list[str]:
         return []
     tokens = {
         side: next(
-            (r["sweep"][side][0] for r in rows if isinstance(r.get("sweep", {}).get(side), tuple)), None
+            (r["sweep"][side][0] for r in rows if isinstance(r.get("sweep", {}).get(side), (tuple, list))),
+            None,
         )
         for side in sides
     }
@@ -328,7 +333,7 @@ def _sweep_section(rows: list[dict[str, Any]]) -> list[str]:
     floors = []
     for side in sides:
         found = next(
-            (r["sweep"][side] for r in rows if isinstance(r.get("sweep", {}).get(side), tuple)), None
+            (r["sweep"][side] for r in rows if isinstance(r.get("sweep", {}).get(side), (tuple, list))), None
         )
         floors.append(ratio_text(found[2]) if found and found[2] is not None else "—")
     lines.append("| floor (ceiling) | " + " | ".join(floors) + " |")
@@ -338,7 +343,7 @@ def _sweep_section(rows: list[dict[str, Any]]) -> list[str]:
         cells = []
         for side in sides:
             got = row["sweep"].get(side)
-            cells.append(f"{got[1]:.2f}" if isinstance(got, tuple) else "not run" if got else "—")
+            cells.append(f"{got[1]:.2f}" if isinstance(got, (tuple, list)) else "not run" if got else "—")
         lines.append(f"| {row['name']} ({row['attention']}) | " + " | ".join(cells) + " |")
     notes = sorted({got for r in rows for got in r.get("sweep", {}).values() if isinstance(got, str)})
     return [*lines, "", *(f"- not run: {why}" for why in notes), *([""] if notes else [])]

@@ -323,3 +323,53 @@ def test_each_student_is_paired_with_the_best_on_the_images_exactly_one_of_them_
     # c vs b: c alone right on images 8, 9; b alone on 0, 1, 4, 5, 7 -> 2 / 5
     assert paired["c"] == f"2 / 5, p {binomtest(2, 7, 0.5).pvalue:.3f}"
     assert paired_with_best([{**r, "val_hits": None} for r in rows]) is None
+
+
+def test_the_comparison_shows_each_students_speed_over_the_sweep_and_says_why_a_side_is_missing(tmp_path):
+    """Sides whose speed was measured, a side one student cannot run at (a fixed-length attention) named
+    with its reason; the rows go into conversion_study.json as they are (JSON keys are strings)."""
+    from attnxfer.apps.conversion_comparison import COMPARISON_DATA, write_conversion_comparison
+
+    def report(name: str, rows, skipped) -> dict:
+        speed = {"speedup": 2.0, "student_ms": 1.0, "student_images_per_s": 8.0, "student_over_floor": 0.5}
+        speed |= {"teacher_ms": 2.0, "teacher_images_per_s": 4.0, "floor_ms": 0.5, "floor_images_per_s": 16.0}
+        speed |= {"floor_over_teacher": 4.0, "break_even": 128, "batch": 8, "input": [3, 128, 128]}
+        speed |= {"tokens": 1024, "device": "cpu", "threads": 1, "precision": "fp32", "repeats": 1}
+        speed["sweep"] = {"rows": rows, "skipped": skipped}
+        return {
+            "run_dir": str(tmp_path / name),
+            "teacher": {"spec": "local-dir:teacher"},
+            "student": {"attention": [name, name]},
+            "top1": {"teacher": 99.0, "after_stage2": 90.0},
+            "data": {"val_size": 10, "dataset": "recall", "agreement_images": 4},
+            "features": {"after_stage2": {"feat_cos_patch": 0.9}},
+            "agreement": {"teacher_input": [], "end_to_end": []},
+            "stage1": {"steps": 1, "batch_size": 4},
+            "stage2": {"steps": 1},
+            "seconds": {"total": 1.0},
+            "speed": speed,
+        }
+
+    def row(side: int, tokens: int, ratio: float) -> dict:
+        return {
+            "resolution": side,
+            "tokens": tokens,
+            "student_over_teacher": ratio,
+            "floor_over_teacher": 5.0,
+        }
+
+    why = "linformer was built for seq_len=1024 tokens but got 4096"
+    reports = {
+        "relu_linear": report("relu_linear", [row(128, 1024, 1.6), row(256, 4096, 6.6)], []),
+        "linformer": report("linformer", [row(128, 1024, 1.7)], [{"resolution": 256, "reason": why}]),
+    }
+    (tmp_path / "study.json").write_text(json.dumps({"students": [{"name": n} for n in reports]}))
+    for name, r in reports.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "report.json").write_text(json.dumps(r))
+    md = write_conversion_comparison(tmp_path, log=lambda _: None).read_text()
+    assert "| model | 128 px (1024 tokens) | 256 px (4096 tokens) |" in md
+    assert "| relu_linear (relu_linear) | 1.60 | 6.60 |" in md
+    assert "| linformer (linformer) | 1.70 | not run |" in md and f"- not run: {why}" in md
+    rows = json.loads((tmp_path / COMPARISON_DATA).read_text())["students"]
+    assert rows[1]["sweep"] == {"128": [1024, 1.7, 5.0], "256": why}
