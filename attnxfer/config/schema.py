@@ -395,9 +395,10 @@ class TrainConfig:
     log: LogConfig = section(LogConfig, resumable=True, search_resumable=True)
     checkpoint: CheckpointConfig = section(CheckpointConfig, resumable=True)
     eval: EvalConfig = section(EvalConfig, resumable=True, search_resumable=True)
-    convert: ConvertConfig = section(ConvertConfig)
-    mae: MAEConfig = section(MAEConfig)
-    search: SearchConfig = section(SearchConfig)
+    # the sections one command alone reads: another command's config.yaml and --print-config leave them out
+    convert: ConvertConfig = section(ConvertConfig, command="convert")
+    mae: MAEConfig = section(MAEConfig, command="pretrain")
+    search: SearchConfig = section(SearchConfig, command="search")
     dist: DistConfig = section(DistConfig)
 
     def __str__(self) -> str:
