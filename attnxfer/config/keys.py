@@ -114,13 +114,16 @@ def section(
     return dataclasses.field(default_factory=cls, metadata=metadata)
 
 
+def section_command(f: dataclasses.Field) -> str | None:
+    """The one command that reads the section ``f`` (None: every command that runs a config)."""
+    return f.metadata.get(_COMMAND)
+
+
 def sections_of(cls: type, command: str | None) -> list[str]:
     """The top-level fields of ``cls`` that ``command``'s config holds: every one but the sections another
     command alone reads (None: every one)."""
     return [
-        f.name
-        for f in dataclasses.fields(cls)
-        if command is None or f.metadata.get(_COMMAND) in (None, command)
+        f.name for f in dataclasses.fields(cls) if command is None or section_command(f) in (None, command)
     ]
 
 

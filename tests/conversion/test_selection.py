@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.conversion_selection import SELECTION_FILE, _recorded, sensitivities
@@ -190,6 +191,12 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     out = capsys.readouterr().out
     record = json.loads((run / SELECTION_FILE).read_text())
     assert record["fit_steps"] == 2  # each candidate's fit is selection_steps long, not stage1_steps (4)
+    for folder in (
+        run,
+        run / "stage2",
+    ):  # a conversion's records hold convert's sections, not pretrain's or search's
+        recorded = yaml.safe_load((folder / "config.yaml").read_text())
+        assert "convert" in recorded and not {"mae", "search"} & set(recorded), folder
     names = record["attention"]
     assert len(names) == 2 and set(names) <= {SOFTMAX, *record["candidates"]}
     assert record["tokens"] == 1025 and record["predicted_speedup"] >= 1.1
