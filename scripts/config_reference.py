@@ -25,7 +25,7 @@ sys.path.insert(
 )  # this checkout's attnxfer, whatever is installed
 
 from attnxfer.config import schema
-from attnxfer.config.keys import Leaf, Range, leaves
+from attnxfer.config.keys import Leaf, Range, leaves, section_command
 from attnxfer.config.schema import TrainConfig
 
 _INTRO = """\
@@ -38,7 +38,10 @@ Every key a run reads, section by section, as `attnxfer/config/schema.py` declar
 the values it accepts (a value outside them stops the command before any work, naming the key), whether a
 resumed run may change it, and what it means. Set keys in a YAML file (`-c my.yaml`, or a built-in recipe
 such as `-c demo/copy`) or as dotted overrides after it (`optim.lr=1e-3`); `--print-config` prints the
-resolved config and exits. How configs, overrides and resumes work: [Runs and configs](training.md).
+resolved config and exits. A section that one command alone reads (`convert`, `mae`, `search`) is in that
+command's config only: a run's `config.yaml` and `--print-config` hold the sections its command reads (a
+config that holds another command's section still loads). How configs, overrides and resumes work: [Runs
+and configs](training.md).
 
 **Resume** says whether a run resumed from its checkpoint may change the key (`yes`: each change is printed;
 `no`: the run stops and names the key, since the checkpoint's weights, optimiser state or data position mean
@@ -154,6 +157,11 @@ def reference_markdown(config: type = TrainConfig, source: str | None = None) ->
             doc = "" if doc.startswith(f"{sections[name].default_factory.__name__}(") else doc
             if doc:
                 parts.append(re.sub(r"\s+", " ", doc).strip().replace("``", "`") + "\n")
+            if command := section_command(sections[name]):
+                parts.append(
+                    f"Read by `attnxfer {command}` alone: only its config.yaml and `--print-config` hold this "
+                    "section.\n"
+                )
             if all(leaf.resumable for leaf in keys):
                 parts.append("A resumed run may change every key of this section.\n")
         parts.append("\n".join(_section_rows(name, keys, comments)) + "\n")

@@ -166,7 +166,11 @@ def _recorded(cfg: TrainConfig, path: Path, log: Callable[[str], None]) -> dict[
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    refused = [c for c in config_changes(record["config"], cfg, compared=SELECTION_KEYS) if not c.allowed]
+    refused = [
+        c
+        for c in config_changes(record["config"], cfg, compared=SELECTION_KEYS, command="convert")
+        if not c.allowed
+    ]
     if refused:
         raise ConfigError(
             f"{path.parent} already holds a choice of attentions ({path.name}) made with different values for: "
@@ -256,7 +260,7 @@ def measure_selection(
         **timing,
         "fit_steps": steps,
         "seconds": {"timing": timed - start, "fits_and_sensitivity": time.monotonic() - timed},
-        "config": to_dict(cfg),
+        "config": to_dict(cfg, "convert"),
     }
 
 

@@ -147,7 +147,9 @@ class _Stage1Saves:
         # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
         fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
         found = None if fresh else ResumePoint.find(self.folder, "auto")
-        point = judge(found, cfg, compared=STAGE1_KEYS, run_dir=self.folder, what="stage 1", log=log)
+        point = judge(
+            found, cfg, compared=STAGE1_KEYS, run_dir=self.folder, what="stage 1", command="convert", log=log
+        )
         if point is None:
             return None
         check_teacher_content(point, self.parts.teacher_record, cfg.teacher.spec, run=self.folder)
@@ -181,7 +183,7 @@ class _Stage1Saves:
             "history": result.history,
             "memory": result.memory,
             "plan": self.plan.to_dict(),
-            "config": to_dict(self.cfg),
+            "config": to_dict(self.cfg, "convert"),
             "teacher": self.parts.teacher_record,
             "data": self.data,
         }

@@ -350,7 +350,7 @@ def _place(run: Conversion, like: Conversion) -> None:
     measurement uses (``like``'s, where it took them already: the students of a study are measured on the same
     images)."""
     if run.main:
-        RunDir(run.run_dir).write_config(dump_config(run.cfg))
+        RunDir(run.run_dir).write_config(dump_config(run.cfg, "convert"))
     run.device = resolve_device(run.cfg.device)
     # Stage 1 and every measurement run the teacher in fp32: its maps are regression targets and the report
     # compares stages in one precision. Stage 2 runs it in teacher.dtype (bf16 on GPU by default).
@@ -424,7 +424,7 @@ def _stage2(run: Conversion) -> dict[str, Any]:
     then measured. Returns the report's ``stage2`` section."""
     if run.stage2_steps <= 0:
         return stage2_done(run, None)
-    return stage2_done(run, train(stage2_config(run), run.parts))
+    return stage2_done(run, train(stage2_config(run), run.parts, command="convert"))
 
 
 def stage2_config(run: Conversion) -> TrainConfig:

@@ -157,7 +157,7 @@ def evaluate_run(
                 "step": engine.step,
                 "checkpoint": engine.last_ckpt,
                 "metrics": metrics,
-                "config": to_dict(cfg),
+                "config": to_dict(cfg, "eval"),  # the sections every command reads
             }
             try:
                 atomic_write_json(path, record)

@@ -169,7 +169,7 @@ def _write_run_files(cfg: TrainConfig, engine: Engine, parts: RunParts, mae: Mas
     if not engine.is_main:
         return
     run_dir = RunDir(cfg.run_dir)
-    run_dir.write_config(dump_config(cfg))
+    run_dir.write_config(dump_config(cfg, "pretrain"))
     a = cfg.mae
     what = shape_phrase(student_shape(mae.encoder))  # its real shape, not only the name it was built from
     info = {
@@ -237,7 +237,7 @@ def build_pretrain_engine(
     if training:  # another world size than the checkpoint's keeps its global batch (or stops)
         cfg = fit_world_size(cfg, runtime.world, point, log=log)
         runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
-    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, log=log)
+    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, command="pretrain", log=log)
     set_seed(cfg.seed)
     if runtime.is_main and write_run_files:
         prepare_trackers_from_config(cfg)  # before the data and the MAE's initial weights load
@@ -267,7 +267,7 @@ def build_pretrain_engine(
         parts,
         groups,
         settings=settings,
-        record={"teacher": None, "config": to_dict(cfg), "data": data},
+        record={"teacher": None, "config": to_dict(cfg, "pretrain"), "data": data},
         pictures=pictures,
     )
     if write_run_files and not (point is not None and point.step >= engine.total_steps):

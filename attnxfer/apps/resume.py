@@ -37,16 +37,19 @@ def config_changes(
     cfg: TrainConfig,
     resumable: Sequence[str] = RESUMABLE_KEYS,
     compared: Sequence[str] | None = None,
+    command: str = "train",
 ) -> list[KeyChange]:
     """Every key whose value in ``cfg`` differs from the recorded config dict, and whether ``resumable`` (keys
     and ``section.`` prefixes) lets a resume change it. ``compared`` (keys and prefixes) limits the comparison
-    to what a saved state depends on (stage 1 of a conversion reads no stage-2 key). Keys an older attnxfer
-    did not record are skipped; a key's old spelling is read as its new one (`attnxfer.config.renamed`)."""
+    to what a saved state depends on (stage 1 of a conversion reads no stage-2 key). Only the sections
+    ``command`` reads are compared: a run recorded with every section (as before sections belonged to their
+    command) resumes whatever another command's section says. Keys an older attnxfer did not record are
+    skipped; a key's old spelling is read as its new one (`attnxfer.config.renamed`)."""
     recorded = respell(recorded, note=False)
-    new = to_dict(cfg)
+    new = to_dict(cfg, command)
     changes = []
     for key in config_keys():
-        if compared is not None and not _may_change(key, compared):
+        if key.split(".", 1)[0] not in new or (compared is not None and not _may_change(key, compared)):
             continue
         known, old_value = find_key(recorded, key)
         if not known:
@@ -67,13 +70,14 @@ def judge(
     compared: Sequence[str] | None = None,
     run_dir: str | Path | None = None,
     what: str = "run",
+    command: str = "train",
     log: Callable[[str], Any] = print,
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
     written) a change that alters what the checkpoint means, and logs the changes a resume may make.
 
     With ``world`` (this run's number of processes), the per-rank batch and accumulation steps may change when
-    they keep the recorded global batch. ``scoring`` (`attnxfer eval`, which trains nothing) may also turn
+    they keep the recorded global batch. ``command``: whose sections are compared (`config_changes`). ``scoring`` (`attnxfer eval`, which trains nothing) may also turn
     ``data.labels`` on: a run trained without labels is scored by its k-NN top-1 on the labelled split.
     """
     if (
@@ -84,7 +88,9 @@ def judge(
         resumable = (*resumable, *BATCH_SPLIT_KEYS)
     if scoring:
         resumable = (*resumable, *SCORING_KEYS)
-    changes = [_respelled_teacher(c, point) for c in config_changes(point.config, cfg, resumable, compared)]
+    changes = [
+        _respelled_teacher(c, point) for c in config_changes(point.config, cfg, resumable, compared, command)
+    ]
     point = point.judged(changes)
     if point.refused:
         run = Path(run_dir or cfg.run_dir)

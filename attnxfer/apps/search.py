@@ -161,7 +161,9 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -
     `attnxfer.apps.resume`); None for a new search."""
     _adopt_older_layout(run_dir)
     point = ResumePoint.find(run_dir, cfg.checkpoint.resume)
-    return judge(point, cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", log=log)
+    return judge(
+        point, cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", command="search", log=log
+    )
 
 
 def _state_of(point: ResumePoint | None, log: Callable[[str], None]) -> SearchState:
@@ -193,7 +195,12 @@ def _adopt_older_layout(run_dir: Path) -> None:
 def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str, Any] | None) -> None:
     """Checkpoint the generation (the config, the teacher's record: a resume compares its weights by hash, the
     state) and write the candidates."""
-    data = {"version": _VERSION, "config": to_dict(cfg), "teacher": teacher, "state": state.to_dict()}
+    data = {
+        "version": _VERSION,
+        "config": to_dict(cfg, "search"),
+        "teacher": teacher,
+        "state": state.to_dict(),
+    }
     CheckpointManager(run_dir, keep_last=_KEEP).save(max(state.generation, 0), {}, data, replace=True)
     lines = [json.dumps(c, sort_keys=True) for c in state.candidates.values()]
     atomic_write_text(run_dir / "candidates.jsonl", "\n".join(lines) + "\n")

@@ -172,12 +172,24 @@ def build_members(
         if parts:
             own = dataclasses.replace(parts[student.name], train_loader=view)
             engine = build_engine(
-                cfg, own, runtime=runtime, prune_on_save=False, warn_few_steps=False, drive=drive
+                cfg,
+                own,
+                runtime=runtime,
+                prune_on_save=False,
+                warn_few_steps=False,
+                drive=drive,
+                command=spec.command,
             )
         else:
             around = dataclasses.replace(shared, train_loader=view)
             engine = build_engine(
-                cfg, runtime=runtime, shared=around, prune_on_save=False, warn_few_steps=False, drive=drive
+                cfg,
+                runtime=runtime,
+                shared=around,
+                prune_on_save=False,
+                warn_few_steps=False,
+                drive=drive,
+                command=spec.command,
             )
         streams.start(runtime.accelerator)  # what building it left are its streams from now on
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
@@ -262,6 +274,7 @@ def _where_it_stands(
         spec.base,
         world=world,
         what="study",
+        command=spec.command,
         log=say,
     )
     if point is not None and point.record("students") != spec.record():
@@ -318,7 +331,7 @@ class _Commit:
                 "stopped": {**self.stopped, **{m.name: m.stopped for m in self.members if m.stopped}},
                 "seconds": {m.name: m.seconds for m in self.members},
                 "shared_seconds": shared_seconds,
-                "config": to_dict(self.spec.base),
+                "config": to_dict(self.spec.base, self.spec.command),
             }
             CheckpointManager(self.spec.run_dir, keep_last=1).save(step, {}, state, replace=True)
             for m in training:
@@ -341,7 +354,11 @@ def write_study_files(
             {"step": m.engine.step, "seconds": round(m.seconds, 3)} if m else {"step": None, "seconds": None}
         )
         students.append({**entry, **state, "stopped": stopped.get(entry["name"])})
-    record = {"students": students, "shared_seconds": shared_seconds, "base": to_dict(spec.base)}
+    record = {
+        "students": students,
+        "shared_seconds": shared_seconds,
+        "base": to_dict(spec.base, spec.command),
+    }
     atomic_write_json(run_dir / STUDY_RECORD, record)
     atomic_write_text(run_dir / STUDY_YAML, str(spec))
 

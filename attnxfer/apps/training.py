@@ -244,13 +244,19 @@ def engine_facts(engine: Engine) -> dict:
 
 
 def _write_run_files(
-    cfg: TrainConfig, engine: Engine, parts: RunParts, compiled: dict[str, int], ce_choice: dict | None
+    cfg: TrainConfig,
+    engine: Engine,
+    parts: RunParts,
+    compiled: dict[str, int],
+    ce_choice: dict | None,
+    command: str,
 ) -> None:
-    """config.yaml (re-run with -c RUN_DIR/config.yaml) and run.json (what was trained, from what)."""
+    """config.yaml (re-run with -c RUN_DIR/config.yaml; the sections ``command`` reads) and run.json (what was
+    trained, from what)."""
     if not engine.is_main:
         return
     run_dir = RunDir(cfg.run_dir)
-    run_dir.write_config(dump_config(cfg))
+    run_dir.write_config(dump_config(cfg, command))
     info = {
         "teacher": parts.teacher_record,
         "student": parts.student_spec,
@@ -316,6 +322,7 @@ def build_engine(
     prune_on_save: bool = True,
     warn_few_steps: bool = True,
     drive: Drive | None = None,
+    command: str = "train",
 ) -> Engine:
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
@@ -326,6 +333,8 @@ def build_engine(
     is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;
     ``warn_few_steps=False`` leaves the few-steps warning to the caller (a study says it once for all).
     ``drive``: the engine's feed, stop check and random streams where a study drives it (`Engine`).
+    ``command``: whose run it is (``convert``: a conversion's stage 2), so its records hold that command's
+    config sections.
     """
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
@@ -341,7 +350,7 @@ def build_engine(
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     if training:  # keep the global batch on another world size
         cfg = _fitted_to_world(cfg, runtime, parts or shared, point, log)
-    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, log=log)
+    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, command=command, log=log)
     if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank
@@ -371,7 +380,12 @@ def build_engine(
     scoring = scoring_for(plan, parts)
     settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
     settings = replace(settings, metric=scoring.metric, metric_mode=scoring.mode)
-    record = {"teacher": parts.teacher_record, "config": to_dict(cfg), "ce_path": ce_record, "data": data}
+    record = {
+        "teacher": parts.teacher_record,
+        "config": to_dict(cfg, command),
+        "ce_path": ce_record,
+        "data": data,
+    }
     engine = assemble_engine(
         cfg,
         runtime,
@@ -385,7 +399,7 @@ def build_engine(
         drive=drive,
     )
     if write_run_files and not _finished_before(point, engine):  # a finished run's files stay as they are
-        _write_run_files(cfg, engine, parts, compiled, ce_record)
+        _write_run_files(cfg, engine, parts, compiled, ce_record, command)
         warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
         if warning and warn_few_steps:
             log(warning)
@@ -458,19 +472,19 @@ def _param_groups(cfg: TrainConfig, pair: TeacherStudent) -> list[dict]:
     )
 
 
-def train(cfg: TrainConfig, parts: RunParts | None = None) -> TrainResult:
+def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train") -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
 
     Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
     was the one to create it). Rank 0 holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout.
-    Scoring a trained run is `evaluate_run` (`attnxfer eval`)."""
+    Scoring a trained run is `evaluate_run` (`attnxfer eval`); ``command``: as `build_engine`."""
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "train", enabled=main),
         joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
     ):
-        return build_engine(cfg, parts).run()
+        return build_engine(cfg, parts, command=command).run()
 
 
 def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:

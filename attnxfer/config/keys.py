@@ -20,6 +20,7 @@ from ..errors import InputError
 
 _RANGE, _RESUMABLE, _SECTION = "attnxfer.range", "attnxfer.resumable", "attnxfer.section"
 _SEARCH_RESUMABLE = "attnxfer.search_resumable"
+_COMMAND = "attnxfer.command"
 
 
 class ConfigError(InputError):
@@ -97,11 +98,33 @@ def key(
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def section(cls: type, *, resumable: bool = False, search_resumable: bool = False) -> Any:
+def section(
+    cls: type, *, resumable: bool = False, search_resumable: bool = False, command: str | None = None
+) -> Any:
     """A section of the config (a nested dataclass); ``resumable=True``: a resumed run may change every key
-    in it (how long it trains, how it logs and saves); ``search_resumable=True``: a resumed search may."""
-    metadata = {_SECTION: True, _RESUMABLE: bool(resumable), _SEARCH_RESUMABLE: bool(search_resumable)}
+    in it (how long it trains, how it logs and saves); ``search_resumable=True``: a resumed search may.
+    ``command``: the one command that reads it (``convert``, ``pretrain``, ``search``); the config another
+    command writes or prints leaves it out (`sections_of`)."""
+    metadata = {
+        _SECTION: True,
+        _RESUMABLE: bool(resumable),
+        _SEARCH_RESUMABLE: bool(search_resumable),
+        _COMMAND: command,
+    }
     return dataclasses.field(default_factory=cls, metadata=metadata)
+
+
+def section_command(f: dataclasses.Field) -> str | None:
+    """The one command that reads the section ``f`` (None: every command that runs a config)."""
+    return f.metadata.get(_COMMAND)
+
+
+def sections_of(cls: type, command: str | None) -> list[str]:
+    """The top-level fields of ``cls`` that ``command``'s config holds: every one but the sections another
+    command alone reads (None: every one)."""
+    return [
+        f.name for f in dataclasses.fields(cls) if command is None or section_command(f) in (None, command)
+    ]
 
 
 @functools.cache

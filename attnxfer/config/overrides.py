@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import yaml
 
-from .keys import ConfigError, Range, field_types, rule_of
+from .keys import ConfigError, Range, field_types, rule_of, sections_of
 from .renamed import respell
 from .strict_yaml import describe_yaml_error, load_yaml
 
@@ -43,12 +43,17 @@ def validate_config(cfg: Any, prefix: str = "") -> Any:
 # -- (de)serialisation ---------------------------------------------------------------------
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: Any, command: str | None = None) -> dict[str, Any]:
+    """The config as nested dicts; with ``command`` (train, convert, pretrain, search, ...) only the sections
+    that command reads: a train run's record lists no ``convert``/``mae``/``search`` key it never reads."""
+    full = dataclasses.asdict(cfg)
+    return {name: full[name] for name in sections_of(type(cfg), command)}
 
 
-def dump_config(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_config(cfg: Any, command: str | None = None) -> str:
+    """The config as YAML (``-c`` reads it back); ``command`` as `to_dict`. A config written with every
+    section (before sections belonged to their command) loads the same: an unread section is only unread."""
+    return yaml.safe_dump(to_dict(cfg, command), sort_keys=False)
 
 
 # `X | None` (types.UnionType) and `Optional[X]` (typing.Union) are both unions

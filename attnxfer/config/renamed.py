@@ -110,14 +110,78 @@ def refused(why: str) -> Move:
     return move
 
 
+def _pop(data: dict, dotted: str) -> tuple[bool, Any]:
+    *path, last = dotted.split(".")
+    node: Any = data
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return False, None
+    return True, node.pop(last)
+
+
+#: how an old spelling is taken out of the nested config data: (whether it was there, its value)
+Take = Callable[[dict], tuple[bool, Any]]
+
+
+def losses_entries(name: str) -> Take:
+    """The ``transfer.losses`` entries named ``name``, taken out of the list (the other entries stay)."""
+
+    def take(data: dict) -> tuple[bool, Any]:
+        found, entries = find_key(data, "transfer.losses")
+        if not found or not isinstance(entries, list):
+            return False, None
+        named = [e for e in entries if isinstance(e, Mapping) and e.get("name") == name]
+        if not named:
+            return False, None
+        data["transfer"]["losses"] = [
+            e for e in entries if not (isinstance(e, Mapping) and e.get("name") == name)
+        ]
+        return True, named
+
+    return take
+
+
+_LOGIT_KD_HOW = (
+    "write one logit distillation as transfer.logit_distill: WEIGHT (and transfer.logit_temperature: T)"
+)
+
+
+def logit_distillation_entry(entries: list[Mapping[str, Any]], data: dict, cfg: Any) -> None:
+    """A ``{name: logit_kd, weight: W, temperature: T}`` entry is ``transfer.logit_distill: W`` and
+    ``transfer.logit_temperature: T`` (the entry's defaults: 1 and 1), the one spelling of logit distillation."""
+    if len(entries) > 1:
+        raise ConfigError(f"transfer.losses lists logit_kd {len(entries)} times; {_LOGIT_KD_HOW}")
+    (entry,) = entries
+    if set(entry) - {"name", "weight", "temperature", "signal"} or entry.get("signal", "logits") != "logits":
+        raise ConfigError(
+            f"transfer.losses entry {dict(entry)}: logit_kd takes weight and temperature; {_LOGIT_KD_HOW}"
+        )
+    found, weight = find_key(data, "transfer.logit_distill")
+    if found and weight:
+        raise ConfigError(
+            f"transfer.logit_distill={weight} and a transfer.losses entry logit_kd ask for logit distillation "
+            f"twice; {_LOGIT_KD_HOW}"
+        )
+    transfer = _parent(data, "transfer.logit_distill", cfg)
+    transfer["logit_distill"] = entry.get("weight", 1.0)
+    transfer["logit_temperature"] = entry.get("temperature", 1.0)
+
+
 @dataclass(frozen=True)
 class RenamedKey:
-    """One merged key: its old dotted spelling and default, what to write now, and how its value moves."""
+    """One merged key: its old dotted spelling and default, what to write now, and how its value moves
+    (``take``: how the old spelling is found, where it is not a dotted key; default: the dotted key ``old``)."""
 
     old: str
     default: Any
     new: str
     move: Move
+    take: Take | None = None
+
+    def taken(self, data: dict) -> tuple[bool, Any]:
+        """Whether ``data`` spells it the old way, and the old value (taken out of ``data``)."""
+        return self.take(data) if self.take is not None else _pop(data, self.old)
 
     @property
     def note(self) -> str:
@@ -153,17 +217,14 @@ RENAMED_KEYS: tuple[RenamedKey, ...] = (
         "data.kwargs.length (the synthetic dataset's own option)",
         synthetic_option("data.kwargs.length"),
     ),
+    RenamedKey(
+        "transfer.losses entry {name: logit_kd}",
+        None,
+        "transfer.logit_distill (its weight) and transfer.logit_temperature (its temperature)",
+        logit_distillation_entry,
+        take=losses_entries("logit_kd"),
+    ),
 )
-
-
-def _pop(data: dict, dotted: str) -> tuple[bool, Any]:
-    *path, last = dotted.split(".")
-    node: Any = data
-    for part in path:
-        node = node.get(part) if isinstance(node, dict) else None
-    if not isinstance(node, dict) or last not in node:
-        return False, None
-    return True, node.pop(last)
 
 
 #: the notes said so far (`warnings`' registry: each is shown once per process under the default filter)
@@ -176,7 +237,7 @@ def respell(data: Mapping[str, Any], cfg: Any = None, *, note: bool = True) -> d
     the data is a whole recorded config). Each old spelling read is said once (``note``)."""
     out = copy.deepcopy(dict(data))
     for renamed in RENAMED_KEYS:
-        found, value = _pop(out, renamed.old)
+        found, value = renamed.taken(out)
         if not found:
             continue
         if value != renamed.default:

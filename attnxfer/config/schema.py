@@ -99,7 +99,8 @@ class TransferConfig:
     atd_weight: float = key(1.0, range=NON_NEGATIVE)
     # False: teacher deterministic (default); True: the paper's shared masks
     share_drop_path: bool = key(False, range=ANY)
-    # weight of KL(teacher logits || student logits) beside the task loss
+    # weight of KL(teacher logits || student logits) beside the task loss: logit distillation's one spelling (a
+    # transfer.losses entry {name: logit_kd, weight: W, temperature: T} is read as this and logit_temperature)
     logit_distill: float = key(0.0, range=NON_NEGATIVE)
     logit_temperature: float = key(1.0, range=POSITIVE)  # softening temperature T of that KL (scaled by T^2)
     # weight of feature distillation: cosine distance + smooth-L1 between the student's and the teacher's final
@@ -114,9 +115,9 @@ class TransferConfig:
     task_weight: float | None = key(None, range=NON_NEGATIVE)
     # more comparisons of the student with its teacher, each a registered comparison loss
     # (attnxfer.transfer.comparisons): {name: NAME, weight: W, signal: SIGNAL, <its options>}, e.g.
-    # [{name: logit_kd, weight: 0.5, temperature: 2.0}, {name: mse, signal: v, weight: 1.0}]; a layer signal
-    # (maps, q, k, v) is compared at the transfer's layers (layers / end_layer). Built in: map, mse,
-    # feature_distill, logit_kd. Not resumable: it is what the run optimises
+    # [{name: mse, signal: v, weight: 1.0}, {name: mse, signal: q, weight: 0.5}]; a layer signal (maps, q,
+    # k, v) is compared at the transfer's layers (layers / end_layer). Built in: map, mse, feature_distill
+    # (logit distillation is logit_distill above). Not resumable: it is what the run optimises
     losses: list[dict[str, Any]] = key(factory=list, range=ANY)
     # how a softmax student layer's exact CE is evaluated: auto (measured on the run's device and shapes
     # before the first step; a resumed run keeps its recorded choice) | rows | sdpa | attention_lse (the
@@ -343,9 +344,14 @@ class SearchConfig:
     crossover_prob: float = key(0.5, range=FRACTION)  # else mutation
     # layers the candidate replaces and is scored on; null = all
     layers: list[int] | None = key(None, range=NON_NEGATIVE)
-    fit_steps: int = key(40, range=AT_LEAST_1)  # stage-1 steps per candidate
-    fit_lr: float = key(1e-2, range=POSITIVE)
-    # what stage 1 trains (as convert.stage1_train)
+    # stage-1 steps per candidate: a short stage 1 of the search's own (hundreds of candidates are fitted), not
+    # the conversion's convert.stage1_steps, which the winner's convert command reads from its recipe
+    fit_steps: int = key(40, range=AT_LEAST_1)
+    fit_lr: float = key(
+        1e-2, range=POSITIVE
+    )  # each candidate's stage-1 learning rate (as fit_steps, its own)
+    # what each candidate's stage 1 trains: new | qk | new+qk (new+qk: a formula without learned feature maps
+    # has only q/k to fit); the winner's convert command is given it as convert.stage1_train
     fit_train: str = key("new+qk", choices=("new", "qk", "new+qk"))
     fit_batches: int = key(4, range=AT_LEAST_1)  # distinct training batches cached (cycled through fit_steps)
     held_out_images: int = key(128, range=AT_LEAST_1)  # validation images the KL is measured on
@@ -395,9 +401,10 @@ class TrainConfig:
     log: LogConfig = section(LogConfig, resumable=True, search_resumable=True)
     checkpoint: CheckpointConfig = section(CheckpointConfig, resumable=True)
     eval: EvalConfig = section(EvalConfig, resumable=True, search_resumable=True)
-    convert: ConvertConfig = section(ConvertConfig)
-    mae: MAEConfig = section(MAEConfig)
-    search: SearchConfig = section(SearchConfig)
+    # the sections one command alone reads: another command's config.yaml and --print-config leave them out
+    convert: ConvertConfig = section(ConvertConfig, command="convert")
+    mae: MAEConfig = section(MAEConfig, command="pretrain")
+    search: SearchConfig = section(SearchConfig, command="search")
     dist: DistConfig = section(DistConfig)
 
     def __str__(self) -> str:

@@ -137,7 +137,7 @@ class StudySpec:
             for s in self.students
         )
         command = f"{COMMAND_KEY}: {self.command}\n" if self.command != "train" else ""
-        return f"{dump_config(self.base).rstrip()}\n{command}{STUDENTS_KEY}:\n{listed}\n"
+        return f"{dump_config(self.base, self.command).rstrip()}\n{command}{STUDENTS_KEY}:\n{listed}\n"
 
     def record(self) -> list[dict[str, Any]]:
         """``study.json``'s students: each name, its overrides and its folder (relative to the study)."""

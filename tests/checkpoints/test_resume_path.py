@@ -8,15 +8,20 @@ asked to go on (then its epoch restarts), while the same files at another ``data
 from __future__ import annotations
 
 import ast
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import run_cli, tiny_run
 from PIL import Image
 
+from attnxfer.apps.resume import config_changes
 from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.config import TrainConfig, load_config, to_dict
 
 PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 
@@ -160,3 +165,46 @@ def test_a_resume_on_data_that_changed_stops_unless_asked_and_a_moved_copy_resum
     assert code == 0, err
     assert "the epoch restarts" in out and "position 0" in out
     assert ResumePoint.find(run).data["samples"] == 44
+
+
+def _record_every_section(run: Path, unread: dict) -> None:
+    """``run`` as an attnxfer that recorded every section in every run wrote it: config.yaml and each
+    checkpoint's state also hold the convert, mae and search sections (``unread``: values a later default
+    may no longer match). The checkpoint's manifest is rewritten with the state's new size and hash."""
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (run / "config.yaml").write_text(yaml.safe_dump({**config, **unread}, sort_keys=False))
+    for state_file in run.glob("checkpoints/step-*/state.json"):
+        state = json.loads(state_file.read_text())
+        state["config"].update(unread)
+        text = json.dumps(state).encode()
+        state_file.write_bytes(text)
+        manifest_file = state_file.with_name("MANIFEST.json")
+        manifest = json.loads(manifest_file.read_text())
+        manifest["files"]["state.json"] = {"size": len(text), "sha256": hashlib.sha256(text).hexdigest()}
+        manifest_file.write_text(json.dumps(manifest))
+
+
+def test_a_run_recorded_with_every_section_resumes_from_its_config_and_from_its_recipe(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", *TINY, "transfer.mode=none", "checkpoint.every_steps=2", f"run_dir={run}"]
+    code, _, err = run_cli(capsys, *args, "schedule.max_steps=2")
+    assert code == 0, err
+    state = json.loads((run / "checkpoints" / "step-00000002" / "state.json").read_text())
+    for recorded in (yaml.safe_load((run / "config.yaml").read_text()), state["config"]):  # what train reads
+        assert "model" in recorded and not {"convert", "mae", "search"} & set(recorded)
+    unread = to_dict(TrainConfig())
+    unread = {name: unread[name] for name in ("convert", "mae", "search")}
+    unread["convert"]["stage1_steps"], unread["mae"]["mask_ratio"], unread["search"]["fit_steps"] = 9, 0.5, 3
+    _record_every_section(run, unread)
+    # its own config.yaml (sections train never reads included) loads and compares equal with the checkpoint
+    own = load_config(str(run / "config.yaml"))
+    assert own.convert.stage1_steps == 9 and config_changes(ResumePoint.find(run, "auto").config, own) == []
+    # the same run from its recipe's words, whose unread sections hold other values, resumes
+    code, out, err = run_cli(capsys, *args, "schedule.max_steps=3")
+    assert code == 0, err
+    assert (
+        "resume: changed since step-00000002: schedule.max_steps (2 -> 3)" in out and "done: 3 steps" in out
+    )
+    assert "convert." not in out and "mae." not in out and "search." not in out
+    # and writes its config.yaml as train's own again
+    assert not {"convert", "mae", "search"} & set(yaml.safe_load((run / "config.yaml").read_text()))

@@ -353,3 +353,16 @@ def test_invalid_values_are_one_line_cli_errors(tmp_path, monkeypatch, capsys):
         assert name in lines[0], (name, value, lines[0])
         assert "Traceback" not in err
         assert list(work.iterdir()) == [], (name, value)
+
+
+@pytest.mark.parametrize(
+    "command,own", [("train", set()), ("convert", {"convert"}), ("pretrain", {"mae"}), ("search", {"search"})]
+)
+def test_print_config_holds_the_sections_its_command_reads(command, own, capsys):
+    """`convert`, `mae` and `search` are each read by one command: another command's config leaves them out."""
+    code, out, err = run_cli(capsys, command, "--print-config")
+    printed = yaml.safe_load(out)  # the YAML, then what changed as comments
+    assert code == 0, err
+    assert {"convert", "mae", "search"} & set(printed) == own and {"model", "transfer", "dist"} <= set(
+        printed
+    )

@@ -72,6 +72,28 @@ def test_data_synthetic_length_is_dropped_for_a_dataset_that_ignored_it(tmp_path
     assert cfg.data.kwargs == {}
 
 
+def test_a_logit_kd_entry_of_transfer_losses_is_transfer_logit_distill(tmp_path):
+    """Logit distillation has one spelling; the comparison list's entry for it moves there, the other
+    entries stay, and an entry the key cannot hold (twice, or beside the key) stops with what to write."""
+    cfg, said = _load(
+        "transfer.losses=[{name: logit_kd, weight: 0.5, temperature: 2}, {name: mse, signal: v}]"
+    )
+    assert (cfg.transfer.logit_distill, cfg.transfer.logit_temperature) == (0.5, 2.0)
+    assert cfg.transfer.losses == [{"name": "mse", "signal": "v"}] and "transfer.logit_distill" in said[0]
+    recipe = tmp_path / "r.yaml"  # the entry's own temperature (default 1), not the key's from the same file
+    recipe.write_text(
+        yaml.safe_dump({"transfer": {"logit_temperature": 3.0, "losses": [{"name": "logit_kd"}]}})
+    )
+    cfg, _ = _load(path=recipe)
+    assert (cfg.transfer.logit_distill, cfg.transfer.logit_temperature, cfg.transfer.losses) == (1.0, 1.0, [])
+    for overrides in (
+        ["transfer.losses=[{name: logit_kd}, {name: logit_kd, weight: 2}]"],
+        ["transfer.logit_distill=1", "transfer.losses=[{name: logit_kd}]"],
+    ):
+        with pytest.raises(ConfigError, match="write one logit distillation as transfer.logit_distill"):
+            load_config(None, overrides)
+
+
 def test_a_run_recorded_with_old_spellings_resumes_without_a_change(tmp_path):
     """What an older attnxfer wrote: every old key beside the new ones, in config.yaml and in the checkpoints'
     state. Resuming from that config.yaml compares equal with the recorded config, key by key."""
@@ -81,6 +103,7 @@ def test_a_run_recorded_with_old_spellings_resumes_without_a_change(tmp_path):
     recorded["data"]["kwargs"], recorded["data"]["synthetic_length"] = {}, 64
     recorded["log"]["tensorboard"], recorded["log"]["trackers"] = False, ["tensorboard"]
     recorded["convert"]["knn_bank_size"], recorded["eval"]["knn_bank_size"] = 10_000, None
+    recorded["transfer"]["losses"] = [{"name": "logit_kd", "weight": 0.5}]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
     resumed, said = _load(path=tmp_path / "config.yaml")
     assert len(said) == len(RENAMED_KEYS)
@@ -89,4 +112,5 @@ def test_a_run_recorded_with_old_spellings_resumes_without_a_change(tmp_path):
         [],
         None,
     )
+    assert (resumed.transfer.logit_distill, resumed.transfer.losses) == (0.5, [])
     assert config_changes(recorded, resumed) == []  # no key changed, none to refuse

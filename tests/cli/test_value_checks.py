@@ -90,4 +90,4 @@ def test_comparison_loss_names_read_from_the_source_are_the_registrys():
         ConfigError, match=r"^transfer.losses\[1\].name: 'logit_kdd' is not a comparison loss; did"
     ):
         check_values(load_config(None, ["transfer.losses=[{name: mse, signal: v}, {name: logit_kdd}]"]))
-    check_values(load_config(None, ["transfer.losses=[{name: logit_kd, weight: 0.5}]"]))
+    check_values(load_config(None, ["transfer.losses=[{name: feature_distill, weight: 0.5}]"]))

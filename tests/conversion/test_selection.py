@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
 from attnxfer.apps.conversion_selection import SELECTION_FILE, _recorded, sensitivities
@@ -114,6 +115,10 @@ def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tm
         _recorded(other, path, said.append)
     assert "\n" not in str(e.value)
     assert _recorded(apply_overrides(other, {"checkpoint.resume": "none"}), path, said.append) is None
+    with pytest.raises(
+        ConfigError, match=r"convert\.selection_steps \(None -> 3\)"
+    ):  # fits of another length
+        _recorded(apply_overrides(cfg, {"convert.selection_steps": 3}), path, said.append)
     # keys the choice does not read may change (stage 2's schedule)
     assert _recorded(apply_overrides(cfg, {"schedule.epochs": 3}), path, said.append) == record
 
@@ -179,10 +184,19 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     report shows the choice; a second run reuses the recorded choice (nothing measured), another budget is
     refused; the exported student loads with `attnxfer.load_student`."""
     run = tmp_path / "run"
-    args = _args(run, tiny_teacher_dir, "convert.speedup=1.1", "convert.speed_tokens=1025")
+    args = _args(
+        run, tiny_teacher_dir, "convert.speedup=1.1", "convert.speed_tokens=1025", "convert.selection_steps=2"
+    )
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     record = json.loads((run / SELECTION_FILE).read_text())
+    assert record["fit_steps"] == 2  # each candidate's fit is selection_steps long, not stage1_steps (4)
+    for folder in (
+        run,
+        run / "stage2",
+    ):  # a conversion's records hold convert's sections, not pretrain's or search's
+        recorded = yaml.safe_load((folder / "config.yaml").read_text())
+        assert "convert" in recorded and not {"mae", "search"} & set(recorded), folder
     names = record["attention"]
     assert len(names) == 2 and set(names) <= {SOFTMAX, *record["candidates"]}
     assert record["tokens"] == 1025 and record["predicted_speedup"] >= 1.1

@@ -162,3 +162,11 @@ class ProbeConfig:
         ]
     }
     assert "A resumed run may change every key of this section." in page
+
+
+def test_a_section_one_command_reads_says_which():
+    page = reference_markdown()
+    for section, command in (("convert", "convert"), ("mae", "pretrain"), ("search", "search")):
+        body = page.split(f"## `{section}`\n", 1)[1].split("\n## ", 1)[0]
+        assert f"Read by `attnxfer {command}` alone" in body, section
+    assert page.count("Read by `attnxfer") == 3

@@ -18,6 +18,7 @@ import torch
 from helpers import assert_same_tensors, fork_cli, run_cli, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
+from attnxfer.apps.loaders import data_seed
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import ConfigError
 from attnxfer.config.study import load_study
@@ -151,6 +152,9 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
         5,
         5,
     )
+    # data.seed set: it orders every student's data, whatever seeds the student's initialisation
+    seeded = load_study(yaml, ["seed=5", "data.seed=9"], {"seed": ["1", "2"]})
+    assert {(c.seed, c.data.seed, data_seed(c)) for _, c in seeded.configs()} == {(1, 9, 9), (2, 9, 9)}
     with pytest.raises(ConfigError, match="which --vary varies too"):
         load_study(yaml, [], {"transfer.mode": ["copy"]})
     yaml.write_text("students:\n  - name: a\n  - name: a\n    seed: 2\n")

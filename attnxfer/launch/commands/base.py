@@ -95,12 +95,13 @@ def load(args):
 
 
 def print_config(args) -> int:
-    """``--print-config``: the resolved config, then what it changes from its recipe (as YAML comments)."""
+    """``--print-config``: the resolved config (the sections the command reads), then what it changes from
+    its recipe (as YAML comments)."""
     from ...config import dump_config, load_config
     from ..value_checks import check_values
 
     cfg = check_values(load_config(args.config, args.overrides))
-    print(dump_config(cfg).rstrip())
+    print(dump_config(cfg, args.command).rstrip())
     print("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
 

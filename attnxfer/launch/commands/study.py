@@ -40,7 +40,7 @@ def show_config(args) -> int:
     for student, cfg in spec.configs():
         changes = describe_changes(spec.base, cfg, "the study's base").replace("\n", "\n# ")
         print(f"---\n# student {student.name}: {changes}")
-        print(dump_config(cfg).rstrip())
+        print(dump_config(cfg, spec.command).rstrip())
     return 0
 
 
