@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("study", type=Path, help="a finished convert study's folder")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("overrides", nargs="*", help="search.* keys of the fit, e.g. search.fit_steps=40")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     students = students_of(args.study)
     if len(students) < 3:
         sys.exit(f"{args.study}: {len(students)} students with a report; rho needs at least 3")

@@ -29,6 +29,7 @@ import pytest
 from helpers import QUIET, tiny_convert_report
 
 from attnxfer.config import ConfigError, load_config
+from attnxfer.config.loading import resolve_recipe
 from attnxfer.launch.cli import main
 from attnxfer.run_layout import DEMO_EXPORTS, DEMO_OUT
 
@@ -165,7 +166,18 @@ def _schedule_of(argv: list[str]) -> str:
     if argv[0] != "study":
         return argv[0]
     config = argv[argv.index("-c") + 1] if "-c" in argv else ""
-    return "convert" if "convert" in argv or config.startswith("convert/") else "study"
+    return "convert" if "convert" in argv or _study_command(config) == "convert" else "study"
+
+
+def _study_command(config: str) -> str | None:
+    """The ``command:`` a study recipe names (``recall/convert_zoo``: convert), or None."""
+    try:
+        text = resolve_recipe(config).read_text()
+    except (OSError, ConfigError):
+        return None
+    return next(
+        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("command:")), None
+    )
 
 
 @contextlib.contextmanager
