@@ -86,9 +86,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study", type=Path, help="a finished convert study's folder")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--only", nargs="+", help="these students alone, in this order (a second process's share)"
+    )
     parser.add_argument("overrides", nargs="*", help="search.* keys of the fit, e.g. search.fit_steps=40")
     args = parser.parse_intermixed_args()
     students = students_of(args.study)
+    if args.only:
+        by_name = {s["name"]: s for s in students}
+        students = [by_name[name] for name in args.only if name in by_name]
     if len(students) < 3:
         sys.exit(f"{args.study}: {len(students)} students with a report; rho needs at least 3")
     first = args.study / json.loads((args.study / "study.json").read_text())["students"][0]["folder"]

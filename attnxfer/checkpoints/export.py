@@ -534,8 +534,16 @@ def export_run(
         repo_id=push_to_hub,
         dataset=_dataset_id(recipe),
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
-        class_names=record.get("class_names") if record.get("num_classes") == student.num_classes else None,
+        class_names=_class_names(record, student),
     )
     return export_student(
         student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats
     )
+
+
+def _class_names(record: dict[str, Any], student: nn.Module) -> list[str] | None:
+    """The run's class names where they name the student's outputs: one per class of its head. A headless
+    student (an encoder converted on labelled images) has none to name, whatever its data had."""
+    names = record.get("class_names")
+    classes = getattr(student, "num_classes", 0)
+    return names if names and classes and len(names) == classes == record.get("num_classes") else None

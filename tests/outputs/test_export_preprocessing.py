@@ -103,3 +103,19 @@ def test_timm_pipeline_on_the_export_scores_the_runs_val_top1_and_the_cards_figu
     ema_top1 = [r["ema_val_top1"] for r in rows if "ema_val_top1" in r][-1]
     assert abs(timm_top1 - card_figure) <= 0.5 and abs(timm_top1 - ema_top1) <= 0.5
     assert model.pretrained_cfg["label_names"] == ["class0", "class1", "class2"]
+
+
+def test_class_names_go_into_the_export_only_where_they_name_the_students_outputs():
+    """A headless student (an encoder converted on labelled images) exports without class names instead of
+    failing on "10 class names for a student of 0 classes"; a head of as many classes gets them."""
+    from torch import nn
+
+    from attnxfer.checkpoints.export import _class_names
+
+    names = [f"c{i}" for i in range(10)]
+    headless, head = nn.Module(), nn.Module()
+    headless.num_classes, head.num_classes = 0, 10
+    assert _class_names({"class_names": names, "num_classes": 0}, headless) is None
+    assert _class_names({"class_names": names, "num_classes": 10}, head) == names
+    assert _class_names({"class_names": names[:3], "num_classes": 10}, head) is None
+    assert _class_names({"num_classes": 10}, head) is None
