@@ -1,12 +1,12 @@
-"""Stage 1 of conversion, layer-parallel attention transfer: a sibling of the engine's loop.
+"""Stage 1 of conversion, layer-parallel attention transfer: its own schedule and saves, the engine's step.
 
 Every efficient student layer receives the teacher's hidden input for that layer and is fitted to the
 teacher's attention there (`attnxfer.transfer.conversion` says with which loss and which tensors); the
 layers train at once and independently. Its loss is an `Objective` (`Stage1Objective`: the per-layer
 fit losses and their agreement metrics, `attnxfer.train.objective`'s protocol, as the engine's objectives
-are); it shares the engine's schedule (`attnxfer.train.schedule`), its optimiser (`build_adamw`: fused on
-CUDA and CPU), its step contracts and the process-group helpers (data parallel: each rank its batches,
-gradients averaged).
+are); it shares the engine's optimiser step (`attnxfer.train.engine.train_step`, with `RankAverage` as its
+gradients: data parallel, each rank its batches, gradients averaged), schedule (`attnxfer.train.schedule`),
+optimiser (`build_adamw`: fused on CUDA and CPU) and step contracts.
 
 The step contracts: nothing is read on the host on unlogged steps. The per-layer losses and
 metrics are summed on the device (`TermWindow`) and read at log steps; the per-layer losses go through a
