@@ -9,7 +9,8 @@ prints two lists:
   optimiser's step, the model's own forward (``attnxfer/models/``) counted apart;
 
 and the loss's carriers: the attnxfer classes made during the step with a field that holds a loss
-(``total``, ``loss`` or ``ce``).
+(``total``, ``loss`` or ``ce``). Then it runs ``attnxfer convert`` on the same teacher (one stage-1 step) and
+prints the call chain at stage 1's first optimiser step: it ends in the engine's ``train_step`` too.
 
     python scripts/step_files.py            # the lists and the counts docs/architecture.md states
 """
@@ -52,6 +53,59 @@ def _relative(filename: str) -> str:
     return os.path.relpath(filename, ROOT)
 
 
+def _is_optimiser_step(frame) -> bool:
+    return frame.f_code.co_name == "step" and os.path.join("torch", "optim") in frame.f_code.co_filename
+
+
+def _package_stack(frame) -> list[str]:
+    """``file:function`` of the attnxfer frames on the stack, the innermost first."""
+    stack = []
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(PACKAGE):
+            stack.append(f"{_relative(frame.f_code.co_filename)}:{frame.f_code.co_name}")
+        frame = frame.f_back
+    return stack
+
+
+def _stage1_chain(tmp: Path, teacher: Path) -> list[str]:
+    """The attnxfer files and functions on the stack when conversion's stage 1 first steps its optimiser
+    (``attnxfer convert``, one stage-1 step, one stage-2 step), the CLI first."""
+    from attnxfer.launch.cli import main as cli
+
+    found: list[str] = []
+
+    def profile(frame, event, arg):
+        if not found and event == "call" and _is_optimiser_step(frame):
+            found.extend(reversed(_package_stack(frame)))
+
+    argv = [
+        "convert",
+        f"run_dir={tmp / 'convert'}",
+        f"teacher.spec=local-dir:{teacher}",
+        "convert.attention=hedgehog",
+        "convert.stage1_steps=1",
+        "convert.agreement_batches=1",
+        "convert.speed_repeats=1",
+        "convert.speed_batch_size=2",
+        "data.dataset=synthetic",
+        "data.kwargs.length=16",
+        "data.img_size=32",
+        "data.batch_size=4",
+        "schedule.max_steps=1",
+        "device=cpu",
+        "log.progress=false",
+        "log.trackers=[]",
+    ]
+    sys.setprofile(profile)
+    try:
+        code = cli(argv)
+    finally:
+        sys.setprofile(None)
+    if code != 0 or not found:
+        raise SystemExit(f"the tiny conversion failed (exit {code}) or never stepped its optimiser")
+    return list(dict.fromkeys(found))
+
+
 def main() -> None:
     import torch
 
@@ -71,12 +125,8 @@ def main() -> None:
             state["in_step"] = True
         if not state["in_step"]:
             return
-        if code.co_name == "step" and os.path.join("torch", "optim") in name:  # the optimiser's step
-            f = frame
-            while f is not None:
-                if f.f_code.co_filename.startswith(PACKAGE):
-                    chain.append(_relative(f.f_code.co_filename))
-                f = f.f_back
+        if _is_optimiser_step(frame):
+            chain.extend(where.split(":")[0] for where in _package_stack(frame))
             state["done"] = True
             return
         if name.startswith(PACKAGE):
@@ -119,6 +169,7 @@ def main() -> None:
             code = cli(argv)
         finally:
             sys.setprofile(None)
+        stage1 = _stage1_chain(Path(tmp), teacher) if code == 0 else []
     if code != 0 or not chain:
         raise SystemExit(f"the tiny run failed (exit {code}) or never stepped its optimiser")
     chain_files = list(dict.fromkeys(reversed(chain)))
@@ -132,6 +183,8 @@ def main() -> None:
     between = list(dict.fromkeys([*chain_files, *outside]))
     print(f"files from the CLI to optimizer.step, the model's forward apart: {len(between)}")
     print(f"types carrying the loss: {len(carriers)} ({', '.join(carriers)})")
+    print("conversion's stage 1: the call chain at its optimiser step (CLI first):")
+    print("".join(f"  {f}\n" for f in stage1), end="")
 
 
 if __name__ == "__main__":

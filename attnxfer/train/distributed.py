@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -326,6 +326,28 @@ def average_gradients(optimizer: torch.optim.Optimizer, flags: torch.Tensor | No
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+class RankAverage:
+    """The gradients of a loop without accelerate (conversion's stage 1), in the accelerator's terms that
+    `attnxfer.train.engine.train_step` uses: a plain backward, then every rank's gradients averaged
+    (`average_gradients`, the optimiser's fused-AdamW ``found_inf`` riding in the same all-reduce); every
+    step synchronises, nothing accumulates."""
+
+    sync_gradients = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def accumulate(self, *models: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        average_gradients(self.optimizer, getattr(self.optimizer, "found_inf", None))
+
+    def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+        return torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
 
 
 def gather_objects(obj: object) -> list[object]:

@@ -1,12 +1,13 @@
-"""The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task.
+"""The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task, and `train_step`, the
+one optimiser step of attnxfer (the engine's, and conversion's stage 1's: `attnxfer.train.stage1`).
 
 It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`, and what varies between loops: a
 `Drive` of `attnxfer.train.drive`, the feed, the stop check and the random streams), never a config:
 `attnxfer.apps.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
 Each step's loss is the objective's (`Objective.loss`; for attention transfer, composed in
-`attnxfer.transfer.step_loss.compose_loss`). The objective (`attnxfer.train.objective`) is attention
-transfer (a `TeacherStudent` plus the task loss, scored by val top-1) or a module whose forward returns its
-own loss (MAE pre-training, scored by val reconstruction loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
+`attnxfer.transfer.step_loss.compose_loss`): attention transfer (a `TeacherStudent` plus the task loss, scored
+by val top-1) or a module whose forward returns its own loss (MAE pre-training, scored by val reconstruction
+loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
 sampler), the schedule (`attnxfer.train.schedule`), logging, evaluation and when to save. What a save holds
 and what a resume restores is its `Checkpointing` (`attnxfer.train.checkpointing`).
 """
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -26,6 +28,7 @@ from ..checkpoints.store import CheckpointError, MetricMode
 from ..data.label_free import split_batch
 from ..data.seeding import sample_seed
 from ..errors import InputError
+from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .distributed import min_over_ranks
 from .drive import BatchPlace, Drive
@@ -94,6 +97,51 @@ def _schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
     if s.max_steps is not None:
         total_steps = min(total_steps, s.max_steps)
     return steps_per_epoch, total_steps, round(s.warmup_epochs * steps_per_epoch)
+
+
+class Gradients(Protocol):
+    """How `train_step` makes, synchronises and clips the gradients: accelerate's `Accelerator` (the engine's
+    loop: DDP, autocast's scaler, accumulation), or `attnxfer.train.distributed.RankAverage` (stage 1)."""
+
+    sync_gradients: bool  # False while micro-batches accumulate: no clipping (the optimiser skips too)
+
+    def accumulate(self, *models: torch.nn.Module) -> AbstractContextManager: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def clip_grad_norm_(self, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor: ...
+
+
+def train_step(
+    loss: Callable[[], Loss],
+    optimizer: torch.optim.Optimizer,
+    gradients: Gradients,
+    guard: NonFiniteGuard,
+    at: tuple[int, int],
+    *,
+    model: torch.nn.Module,
+    params: Iterable[torch.Tensor],
+    clip_grad: float | None = None,
+    watched: Sequence[str] | None = None,
+) -> Loss:
+    """One optimiser step, the only one in attnxfer (the engine's; stage 1's, so the convert study's and the
+    search's fits): ``loss()`` (one `Loss`), its terms (``watched`` ones, or all) to the non-finite guard at
+    ``at`` (step, epoch), backward, clipping ``params`` (norm logged as ``grad_norm``), ``optimizer.step()``,
+    ``zero_grad``. A fused AdamW given a ``found_inf`` flag (`attnxfer.train.stage1`) takes the guard's:
+    it skips every step from the first non-finite one on. Nothing is read on the host."""
+    with gradients.accumulate(model):
+        out = loss()
+        terms = out.terms if watched is None else {name: out.terms[name] for name in watched}
+        guard.watch(terms, *at)
+        found_inf = getattr(optimizer, "found_inf", None)
+        if found_inf is not None:
+            found_inf.copy_(guard.tripped())
+        gradients.backward(out.total)
+        if gradients.sync_gradients and clip_grad:
+            out.terms["grad_norm"] = gradients.clip_grad_norm_(params, clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return out
 
 
 class Engine:
@@ -306,23 +354,6 @@ class Engine:
         seed = sample_seed(self.settings.seed, self.epoch, -1 - self.position)
         return BatchPlace(self.accelerator.device, seed, self.objective.prepare)
 
-    def _train_step(
-        self, x: torch.Tensor, y: torch.Tensor | None, handover: Any = None
-    ) -> tuple[dict[str, torch.Tensor], bool]:
-        acc, clip = self.accelerator, self.settings.clip_grad
-        with acc.accumulate(self.model):
-            out = self.objective.loss(self.model, x, y, acc.autocast, handover)
-            terms, total = out.terms, out.total
-            self.guard.watch(terms, self.step, self.epoch)  # read at log steps, saves, evaluations
-            acc.backward(total)
-            if acc.sync_gradients and clip:
-                terms["grad_norm"] = acc.clip_grad_norm_(self.student.parameters(), clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        logs = {k: v.detach() for k, v in terms.items()}
-        logs.update({k: v.detach() for k, v in out.logs.items()})
-        return logs, acc.sync_gradients
-
     def _should_checkpoint_now(self) -> bool:
         c = self.settings.checkpoint
         if c.every_steps and self.step % c.every_steps == 0:
@@ -493,14 +524,25 @@ class Engine:
         lr = self._set_lr()
         upcoming = self.step + 1
         self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)
-        logs, stepped = self._train_step(x, y, handover)
+        acc = self.accelerator
+        out = train_step(  # the forward, backward and optimiser step
+            lambda: self.objective.loss(self.model, x, y, acc.autocast, handover),
+            self.optimizer,
+            acc,
+            self.guard,
+            (self.step, self.epoch),
+            model=self.model,
+            params=self.student.parameters(),
+            clip_grad=s.clip_grad,
+        )
+        logs = {k: v.detach() for k, v in (out.terms | out.logs).items()}
         self._add_epoch_loss(logs)
         self._last_lr = lr
         self.position += self._global_batch  # global count: what every rank consumed together
         if progress is not None:
             progress.update(1)
         self.window.add(logs)
-        return lr, stepped
+        return lr, acc.sync_gradients
 
     def _after_step(self, lr: float, progress) -> None:
         """Count the optimiser step, update the EMA, and on log steps read the guard and log the terms."""

@@ -1,12 +1,12 @@
-"""Stage 1 of conversion, layer-parallel attention transfer: a sibling of the engine's loop.
+"""Stage 1 of conversion, layer-parallel attention transfer: its own schedule and saves, the engine's step.
 
 Every efficient student layer receives the teacher's hidden input for that layer and is fitted to the
 teacher's attention there (`attnxfer.transfer.conversion` says with which loss and which tensors); the
 layers train at once and independently. Its loss is an `Objective` (`Stage1Objective`: the per-layer
 fit losses and their agreement metrics, `attnxfer.train.objective`'s protocol, as the engine's objectives
-are); it shares the engine's schedule (`attnxfer.train.schedule`), its optimiser (`build_adamw`: fused on
-CUDA and CPU), its step contracts and the process-group helpers (data parallel: each rank its batches,
-gradients averaged).
+are); it shares the engine's optimiser step (`attnxfer.train.engine.train_step`, with `RankAverage` as its
+gradients: data parallel, each rank its batches, gradients averaged), schedule (`attnxfer.train.schedule`),
+optimiser (`build_adamw`: fused on CUDA and CPU) and step contracts.
 
 The step contracts: nothing is read on the host on unlogged steps. The per-layer losses and
 metrics are summed on the device (`TermWindow`) and read at log steps; the per-layer losses go through a
@@ -34,7 +34,8 @@ from ..models.attention import StopForward, attention_layers, capture_attention
 from ..models.handover import Signal
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.step_loss import Loss
-from .distributed import average_gradients, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
+from .distributed import RankAverage, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
+from .engine import train_step
 from .objective import Autocast
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
 from .peak_memory import PeakMemory, describe_memory, map_bytes, memory_record
@@ -349,24 +350,27 @@ class _Fit:
     window: TermWindow = field(default_factory=TermWindow)
     start: float = field(default_factory=time.monotonic)
 
+    def __post_init__(self) -> None:
+        self.gradients = RankAverage(self.optimizer)
+
     def step(self, x: Any, step: int, lr: float, clip_grad: float | None) -> None:
-        """One optimiser step at ``lr`` on batch ``x``; nothing is read on the host."""
-        optimizer, watched = self.optimizer, self.objective.watched
+        """One optimiser step at ``lr`` on batch ``x``, the engine's (`train_step`, its gradients averaged
+        over ranks with the guard's ``found_inf``: every rank skips once any rank's guard tripped); only the
+        per-layer losses go to the guard. Nothing is read on the host."""
+        optimizer, objective = self.optimizer, self.objective
         for g in optimizer.param_groups:
             g["lr"] = lr
-        out = self.objective.loss(self.objective.module, x)
-        self.guard.watch({name: out.terms[name] for name in watched}, step, epoch=0)  # read at log steps
-        found_inf = getattr(optimizer, "found_inf", None)
-        if found_inf is not None:
-            found_inf.copy_(self.guard.tripped())
-        optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        average_gradients(optimizer, found_inf)  # every rank skips once any rank's guard tripped
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], clip_grad
-            )
-        optimizer.step()
+        out = train_step(
+            lambda: objective.loss(objective.module, x),
+            optimizer,
+            self.gradients,
+            self.guard,
+            (step, 0),
+            model=objective.module,
+            params=[p for g in optimizer.param_groups for p in g["params"]],
+            clip_grad=clip_grad,
+            watched=list(objective.watched),
+        )
         self.window.add({"loss": out.total, **out.logs})
 
     def log_step(self, step: int, lr: float) -> None:

@@ -120,6 +120,18 @@ def test_logged_means_equal_the_per_step_values_read_on_the_host(monkeypatch):
     assert result.history[-1]["loss"] < result.history[0]["loss"]  # it trains
 
 
+def test_stage1_leaves_no_gradients_for_the_next_stage():
+    """Stage 1 steps through the engine's `train_step`, which clears the gradients after each step: stage 2's
+    first step (an engine that accumulates into ``.grad``) sees only its own batch's gradients, as a
+    conversion resumed between the stages does, never the last stage-1 batch's."""
+    teacher = _teacher()
+    student, plan = _student_and_plan(teacher, steps=2)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    stage1_transfer(teacher, student, plan, itertools.cycle(_signals(teacher, 1)), log=str)
+    assert any(not torch.equal(p, before[name]) for name, p in student.named_parameters())  # it stepped
+    assert [name for name, p in student.named_parameters() if p.grad is not None] == []
+
+
 class _Halt(Exception):
     """Stops the reference run when it draws the batch of the bad step."""
 

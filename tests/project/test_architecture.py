@@ -77,3 +77,34 @@ def test_style_is_ruffs():
         [*ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
     )
     assert fmt.returncode == 0, "run `ruff format .`:\n" + fmt.stdout[-4000:] + fmt.stderr[-2000:]
+
+
+#: the one module whose code steps an optimiser (`train_step`: the engine's loop and conversion's stage 1)
+STEPPING_MODULE = PACKAGE / "train" / "engine.py"
+
+
+def _optimiser_steps(path: Path) -> list[int]:
+    """Lines of ``X.step(...)`` calls whose receiver is named as an optimiser or a grad scaler (``optimizer``,
+    ``self.optimizer``, ``opt``, ``optim``, ``scaler``, ...)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step":
+            receiver = ast.unparse(node.func.value).rsplit(".", 1)[-1].lower()
+            if "optim" in receiver or receiver in ("opt", "scaler", "grad_scaler"):
+                lines.append(node.lineno)
+    return lines
+
+
+def test_no_optimiser_step_outside_the_engine():
+    """Every loop that trains (train, pretrain, convert's stages 1 and 2, studies, the search's fits) steps its
+    optimiser through `attnxfer.train.engine.train_step`: a new loss or a new loop changes what is stepped,
+    never how. A second ``optimizer.step()`` anywhere else in the package would be a loop of its own."""
+    elsewhere = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != STEPPING_MODULE
+        for line in _optimiser_steps(path)
+    ]
+    assert not elsewhere, "optimiser steps outside train/engine.py's train_step:\n" + "\n".join(elsewhere)
+    assert len(_optimiser_steps(STEPPING_MODULE)) == 1, "train/engine.py steps an optimiser in one place"

@@ -28,3 +28,7 @@ def test_the_step_files_and_loss_carriers_docs_state_are_measured():
     files = int(re.search(r"files from the CLI to optimizer.step, the model's forward apart: (\d+)", out)[1])
     docs = (ROOT / "docs" / "architecture.md").read_text()
     assert f"runs {files} attnxfer files from the CLI to `optimizer.step`" in " ".join(docs.split())
+    # conversion's stage 1 steps through the same function (no optimiser step of its own)
+    stage1 = out.split("conversion's stage 1: the call chain at its optimiser step (CLI first):\n")[1].split()
+    assert stage1[0] == "attnxfer/launch/cli.py:main", stage1
+    assert stage1[-2:] == ["attnxfer/train/stage1.py:step", "attnxfer/train/engine.py:train_step"], stage1
