@@ -14,9 +14,9 @@ from .base import add_config_args, load, register_command
 )
 def run(args) -> int:
     cfg = load(args)
-    from ...apps.evaluation import evaluate_run
-    from ...apps.pretrain import MODE, build_pretrain_engine
-    from ...apps.uncertainty import correct_count, format_top1
+    from ...apps.run.evaluation import evaluate_run
+    from ...apps.run.pretrain import MODE, build_pretrain_engine
+    from ...apps.run.uncertainty import correct_count, format_top1
     from ...checkpoints.run_dir import RunDir
 
     run_dir = RunDir(cfg.run_dir)

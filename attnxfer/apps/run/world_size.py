@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.resume_point import ResumePoint
-from ..config import ConfigError, TrainConfig
+from ...checkpoints.resume_point import ResumePoint
+from ...config import ConfigError, TrainConfig
 
 #: the config keys a resume may change when the global batch stays the same
 BATCH_SPLIT_KEYS: tuple[str, ...] = ("data.batch_size", "optim.accum_steps")

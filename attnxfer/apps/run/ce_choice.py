@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.resume_point import ResumePoint
-from ..config import TrainConfig
-from ..train.distributed import gather_objects, rank_and_world
-from ..train.runtime import Runtime
-from ..transfer.ce_select import CEChoice, budget_from_gib, check_forced, choose_ce_path, layer_shapes
-from ..transfer.losses import CEPath, ce_path_for
-from ..transfer.teacher_student import TeacherStudent
+from ...checkpoints.resume_point import ResumePoint
+from ...config import TrainConfig
+from ...train.distributed import gather_objects, rank_and_world
+from ...train.runtime import Runtime
+from ...transfer.ce_select import CEChoice, budget_from_gib, check_forced, choose_ce_path, layer_shapes
+from ...transfer.losses import CEPath, ce_path_for
+from ...transfer.teacher_student import TeacherStudent
 
 
 def recorded_ce_choice(point: ResumePoint | None) -> CEChoice | None:

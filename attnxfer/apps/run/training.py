@@ -14,31 +14,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints.resume_point import ResumeFrom, ResumePoint
-from ..checkpoints.run_dir import RunDir
-from ..checkpoints.run_lock import run_lock
-from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
-from ..data import data_identity, dataset_has_labels, require_labels
-from ..errors import InputError, PathExistsError
-from ..models.attention import attention_blocks
-from ..models.student import student_from_spec
-from ..train.compile import compile_blocks, is_compiled
-from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.drive import Drive
-from ..train.ema import StudentEMA
-from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
-from ..train.evaluation import evaluate, evaluate_features
-from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
-from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
-from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
-from ..train.trackers import prepare_trackers
-from ..transfer.plan import TransferPlan, build_plan
-from ..transfer.teacher_student import TeacherStudent
+from ...checkpoints.resume_point import ResumeFrom, ResumePoint
+from ...checkpoints.run_dir import RunDir
+from ...checkpoints.run_lock import run_lock
+from ...config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
+from ...data import data_identity, dataset_has_labels, require_labels
+from ...errors import InputError, PathExistsError
+from ...models.attention import attention_blocks
+from ...models.student import student_from_spec
+from ...train.compile import compile_blocks, is_compiled
+from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ...train.drive import Drive
+from ...train.ema import StudentEMA
+from ...train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
+from ...train.evaluation import evaluate, evaluate_features
+from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
+from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
+from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
+from ...train.trackers import prepare_trackers
+from ...transfer.plan import TransferPlan, build_plan
+from ...transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
 from .loaders import data_info, data_seed
+from .parts import RunParts, build_run_parts
 from .pictures import class_token_pictures
 from .resume import check_same_data, check_teacher_content, judge, student_as_trained
-from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
 
 
@@ -159,7 +159,7 @@ def loop_settings(
     cfg: TrainConfig, world: int, resume: ResumePoint | None = None, prune_on_save: bool = True
 ) -> LoopSettings:
     """The ``schedule``/``optim``/``log``/``checkpoint`` sections as the loop's settings; ``resume`` is the
-    checkpoint the app found and judged (`attnxfer.apps.resume`), so the engine does not look again."""
+    checkpoint the app found and judged (`attnxfer.apps.run.resume`), so the engine does not look again."""
     c = cfg.checkpoint
     return LoopSettings(
         run_dir=Path(cfg.run_dir),
@@ -327,7 +327,7 @@ def build_engine(
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
     Nothing is written into the run dir before every check has passed (config ranges, the resume
-    rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
+    rules of `attnxfer.apps.run.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
     ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
     ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
     is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;

@@ -27,30 +27,30 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
-from ..checkpoints.export import export_run
-from ..checkpoints.model_card import shape_phrase
-from ..checkpoints.resume_point import ResumePoint
-from ..checkpoints.run_dir import RunDir
-from ..checkpoints.run_lock import run_lock
-from ..config import TrainConfig, dump_config, to_dict
-from ..data import DatasetInfo, data_identity
-from ..errors import InputError
-from ..models.image_input import image_input
-from ..models.mae import MaskedAutoencoder
-from ..models.student import student_shape, student_spec
-from ..models.vit import create_vit
-from ..sources import load_teacher
-from ..sources.resolve import TeacherLoadError, read_state_dict
-from ..train.compile import compile_blocks
-from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.engine import Engine, TrainResult
-from ..train.evaluation import evaluate_loss
-from ..train.objective import ModuleObjective, Pictures
-from ..train.optim import student_param_groups
-from ..train.runtime import Runtime, create_runtime, set_seed
+from ...checkpoints.export import export_run
+from ...checkpoints.model_card import shape_phrase
+from ...checkpoints.resume_point import ResumePoint
+from ...checkpoints.run_dir import RunDir
+from ...checkpoints.run_lock import run_lock
+from ...config import TrainConfig, dump_config, to_dict
+from ...data import DatasetInfo, data_identity
+from ...errors import InputError
+from ...models.image_input import image_input
+from ...models.mae import MaskedAutoencoder
+from ...models.student import student_shape, student_spec
+from ...models.vit import create_vit
+from ...sources import load_teacher
+from ...sources.resolve import TeacherLoadError, read_state_dict
+from ...train.compile import compile_blocks
+from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ...train.engine import Engine, TrainResult
+from ...train.evaluation import evaluate_loss
+from ...train.objective import ModuleObjective, Pictures
+from ...train.optim import student_param_groups
+from ...train.runtime import Runtime, create_runtime, set_seed
 from .loaders import data_info
+from .parts import RunParts, num_classes_of, parts_around
 from .resume import check_same_data, judge
-from .run_parts import RunParts, num_classes_of, parts_around
 from .training import (
     assemble_engine,
     engine_facts,
@@ -225,7 +225,7 @@ def build_pretrain_engine(
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
     nothing into the run dir (scoring it: `attnxfer eval`). A resume is judged by the same rule as `attnxfer
-    train`'s (`attnxfer.apps.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
+    train`'s (`attnxfer.apps.run.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
     ``found``: the checkpoint the caller already found (`attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
     runtime = runtime or create_runtime(
