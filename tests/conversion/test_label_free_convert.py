@@ -183,7 +183,7 @@ def test_label_free_conversion_reads_no_label_and_exports_a_headless_encoder(tmp
     built = {}
 
     def build(cfg, found):
-        built["engine"] = build_engine(cfg, write_run_files=False, found=found)
+        built["engine"] = build_engine(cfg, scoring=True, found=found)
         return built["engine"]
 
     with labels_raise_registered():  # the run's dataset; its labels stay unread here too

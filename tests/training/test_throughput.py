@@ -263,7 +263,7 @@ def test_compile_settings_are_checked_and_may_change_on_resume(tmp_path):
         load_config(None, ["model.compile_mode=reduce-overhead"])
     cfg = load_config(None, [f"run_dir={tmp_path}", *TINY, "transfer.mode=none", "teacher.compile=true"])
     with pytest.raises(ValueError, match="remove teacher.compile"):
-        build_engine(cfg, write_run_files=False)
+        build_engine(cfg, scoring=True)
     from attnxfer.apps.run.resume import config_changes
     from attnxfer.config import to_dict
 

@@ -146,7 +146,7 @@ def evaluate_run(
         check_writable(cfg.run_dir)
     with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
         if build is None:
-            engine = build_engine(cfg, parts, write_run_files=False, found=point)
+            engine = build_engine(cfg, parts, scoring=True, found=point)
         else:  # another objective's engine (pretrain), built without writing into the run
             engine = build(cfg, point)
         metrics = engine.evaluate_checkpoint()

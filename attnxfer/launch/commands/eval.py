@@ -21,9 +21,7 @@ def run(args) -> int:
 
     run_dir = RunDir(cfg.run_dir)
     if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
-        result = evaluate_run(
-            cfg, build=lambda c, point: build_pretrain_engine(c, write_run_files=False, found=point)
-        )
+        result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
     else:
         result = evaluate_run(cfg)
     for k, v in result.metrics.items():
