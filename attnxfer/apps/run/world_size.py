@@ -95,7 +95,7 @@ def fit_world_size(
     be kept. A fresh run, or one on the recorded world size, comes back unchanged."""
     recorded = _recorded_split(point)
     if recorded is None or recorded.world == world:
-        return cfg  # same ranks: apps.resume judges any change of the batch keys
+        return cfg  # same ranks: apps.run.resume judges any change of the batch keys
     asked = _current_split(cfg, world)
     gb = recorded.global_batch
     where = (
