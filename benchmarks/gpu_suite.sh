@@ -38,7 +38,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ! "$PY" -c "import attnxfer.models, attnxfer.transfer, attnxfer.apps.training" 2>"$OUT/import.log"; then
+if ! "$PY" -c "import attnxfer.models, attnxfer.transfer, attnxfer.apps.run.training" 2>"$OUT/import.log"; then
     tail -3 "$OUT/import.log" >&2
     echo "attnxfer does not import with this machine's packages (timm >= 1.0.31 is needed): carry wheels," \
         "docs/benchmarks.md 'The GPU measurements: what to run'" >&2

@@ -33,8 +33,8 @@ from scipy.stats import spearmanr
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (os.path.dirname(_HERE),) if p not in sys.path]  # attnxfer from this checkout
 
+from attnxfer.apps.run.uncertainty import correct_count, format_top1  # noqa: E402
 from attnxfer.apps.search import winner_of  # noqa: E402
-from attnxfer.apps.uncertainty import correct_count, format_top1  # noqa: E402
 from attnxfer.search import SearchState, objectives, pareto_ranks  # noqa: E402
 
 

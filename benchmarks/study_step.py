@@ -42,11 +42,11 @@ import torch  # noqa: E402
 from _measure import format_table, machine_info, mib, step_peak_growth, write_json  # noqa: E402
 from timm.models import save_for_hf  # noqa: E402
 
-from attnxfer.apps.study import build_members  # noqa: E402
-from attnxfer.apps.training import build_engine  # noqa: E402
-from attnxfer.config.study import load_study  # noqa: E402
+from attnxfer.apps.run.training import build_engine  # noqa: E402
+from attnxfer.apps.study.study import build_members  # noqa: E402
+from attnxfer.config.study_spec import load_study  # noqa: E402
+from attnxfer.train.lockstep import Lockstep  # noqa: E402
 from attnxfer.train.runtime import create_runtime  # noqa: E402
-from attnxfer.train.study import Lockstep  # noqa: E402
 from attnxfer.train.timing import interleaved_timings  # noqa: E402
 
 FULL = {"teacher": "vit_base_patch16_224", "student": "vit_tiny_patch16_224", "img": 224, "batch": 8}

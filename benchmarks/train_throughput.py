@@ -1,6 +1,6 @@
 """Images/s of `attnxfer train` for plain fine-tuning, attention copy and attention distillation.
 
-The real training path: each configuration is an `Engine` built by `attnxfer.apps.training.build_engine`
+The real training path: each configuration is an `Engine` built by `attnxfer.apps.run.training.build_engine`
 from the paper's ViT recipes (`paper/vit_base_copy`, `paper/vit_base_distill`) with synthetic data; its
 loop (`Engine.steps`: the loader, the step, EMA, logging) is advanced a round of ``--steps-per-round``
 optimiser steps at a time. Every round runs each configuration once, in an order rotated each round
@@ -51,7 +51,7 @@ from _measure import (  # noqa: E402
     write_json,
 )
 
-from attnxfer.apps.training import build_engine  # noqa: E402
+from attnxfer.apps.run.training import build_engine  # noqa: E402
 from attnxfer.checkpoints.export import ModelCardInfo, export_student  # noqa: E402
 from attnxfer.config import load_config  # noqa: E402
 from attnxfer.data.loader import build_loader  # noqa: E402

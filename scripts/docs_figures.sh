@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path[:0] = [".", "tests"]  # the tests import their helpers as top-level modules
-from attnxfer.apps.inspect import LoadedModel, write_report
+from attnxfer.apps.inspect.inspect import LoadedModel, write_report
 from attnxfer.analysis.compare import compare_attention
 from attnxfer.data import build_dataset
 from tests.families.test_inspect_hier import _models

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch.distributed as dist
 from helpers import tiny_vit
 
-from attnxfer.apps.ce_choice import decided_on_rank0
+from attnxfer.apps.run.ce_choice import decided_on_rank0
 from attnxfer.train.distributed import cleanup_distributed, init_distributed
 from attnxfer.transfer import TeacherStudent, build_plan
 from attnxfer.transfer.ce_select import choose_ce_path

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from attnxfer.apps.training import build_engine
+from attnxfer.apps.run.training import build_engine
 from attnxfer.config import load_config
 from attnxfer.launch.process_exit import end_program
 from attnxfer.train.distributed import barrier, cleanup_distributed

@@ -37,7 +37,7 @@ from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
 from ..checkpoints.store import CheckpointManager, atomic_write_json
 from ..config import TrainConfig, config_keys, dump_config, find_key, load_config, to_dict
-from ..config.study import Student, StudySpec
+from ..config.study_spec import Student, StudySpec
 from ..data import build_dataset
 from ..errors import InputError
 from ..models import attention_maps, make_transfer_aware
@@ -47,13 +47,13 @@ from ..sources.resolve import sha256_file
 from ..sources.teacher import load_teacher
 from ..train.engine import TrainResult
 from ..transfer.modes import MODES
-from .inspect import demo_agreement
-from .pretrain import pretrain
-from .run_parts import build_student
-from .seed_stats import paired_table, per_image_correct, results_table
-from .study import study
-from .training import train
-from .val_curves import draw_val_curves, val_series
+from .inspect.inspect import demo_agreement
+from .run.parts import build_student
+from .run.pretrain import pretrain
+from .run.training import train
+from .run.val_curves import draw_val_curves, val_series
+from .study.seed_stats import paired_table, per_image_correct, results_table
+from .study.study import study
 
 #: paired comparisons the demo reports in each table (McNemar on the same validation images), by the rows'
 #: ``kind``: every table compares its copy and distillation rows with each other and with scratch

@@ -4,7 +4,7 @@ Reads the teacher and data sections (as `attnxfer convert`) and the ``search`` s
 
 - ``checkpoints/step-<generation>/state.json``: the search's state (every candidate, the population, the
   config, the teacher's record), saved through the checkpoint store after each generation; running the same
-  command again continues from it as any run resumes (`attnxfer.apps.resume`: a changed config is refused;
+  command again continues from it as any run resumes (`attnxfer.apps.run.resume`: a changed config is refused;
   the teacher is compared by its weights' sha256, not by the spelling of its spec);
 - ``candidates.jsonl``: every candidate (formula, origin, fit KL, speed, status and the rejection reason);
 - ``pareto.md`` + ``pareto.png``: the Pareto front (fit vs speed, the zoo members marked), the top formulas,
@@ -51,8 +51,8 @@ from ..search import (
     run_search,
 )
 from ..train.runtime import resolve_device
-from .resume import check_teacher_content, judge
-from .run_parts import build_run_parts
+from .run.parts import build_run_parts
+from .run.resume import check_teacher_content, judge
 
 _VERSION = 1
 _KEEP = 2  # saved generations kept (the newest, and the one before it while a save is under way)
@@ -158,7 +158,7 @@ def evaluate_batch(cfg: TrainConfig, names: list[str]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------- resume
 def _resume_point(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> ResumePoint | None:
     """The search's newest saved generation, judged by the search's rule (`SEARCH_RESUMABLE_KEYS`:
-    `attnxfer.apps.resume`); None for a new search."""
+    `attnxfer.apps.run.resume`); None for a new search."""
     _adopt_older_layout(run_dir)
     point = ResumePoint.find(run_dir, cfg.checkpoint.resume)
     return judge(

@@ -71,7 +71,7 @@ class ResumeFrom:
 @dataclass(frozen=True)
 class KeyChange:
     """One config key whose value differs from the one a checkpoint recorded, and whether a resume may
-    change it (the rule is the apps': `attnxfer.apps.resume`)."""
+    change it (the rule is the apps': `attnxfer.apps.run.resume`)."""
 
     key: str
     old: Any

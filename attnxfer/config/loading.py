@@ -77,7 +77,7 @@ def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
 
 
 BASE_KEY = "base"
-#: the key under which a study's YAML lists its students (`attnxfer.config.study`); not a run's key
+#: the key under which a study's YAML lists its students (`attnxfer.config.study_spec`); not a run's key
 STUDENTS_KEY = "students"
 
 

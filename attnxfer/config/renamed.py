@@ -202,7 +202,7 @@ RENAMED_KEYS: tuple[RenamedKey, ...] = (
         "the command `attnxfer eval -c RUN_DIR/config.yaml`",
         refused(
             "eval_only: true is gone: score the run with `attnxfer eval -c "
-            "RUN_DIR/config.yaml` (attnxfer.apps.evaluation.evaluate_run in Python) and drop eval_only"
+            "RUN_DIR/config.yaml` (attnxfer.apps.run.evaluation.evaluate_run in Python) and drop eval_only"
         ),
     ),
     RenamedKey(

@@ -265,7 +265,7 @@ class ConvertConfig:
 
     # a registered zoo attention (attnxfer.models.efficient's registry), one name per block, or auto: each block
     # softmax or one of convert.candidates, chosen by measured sensitivity and measured speed so that the
-    # student is convert.speedup times faster than the teacher (attnxfer.apps.conversion_selection);
+    # student is convert.speedup times faster than the teacher (attnxfer.apps.convert.selection);
     # names are checked as the CLI loads the config
     attention: str | list[str] = key("hedgehog", range=ANY)
     # attention=auto: the predicted speedup over the teacher the student must reach (> 1)
@@ -420,7 +420,7 @@ class TrainConfig:
 #: every config key and what it accepts; numbers out of range fail with the key named
 RANGES: dict[str, Range] = ranges(TrainConfig)
 
-#: the dotted keys a resumed run may change (`attnxfer.apps.resume`); everything else names what the
+#: the dotted keys a resumed run may change (`attnxfer.apps.run.resume`); everything else names what the
 #: checkpoint's weights, optimiser state and data position mean
 RESUMABLE_KEYS: tuple[str, ...] = resumable_keys(TrainConfig)
 

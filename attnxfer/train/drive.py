@@ -1,7 +1,7 @@
 """What varies between the loops one `Engine` runs, handed to it whole when it is built (`Drive`).
 
 One engine trains a run alone (`attnxfer train`, pretrain, convert's stage 2) or as one student of a study
-(`attnxfer.train.study`). Three things differ, and each is a collaborator with one obvious default:
+(`attnxfer.train.lockstep`). Three things differ, and each is a collaborator with one obvious default:
 
 - the feed (`Feed`): how a loaded batch becomes what the objective takes. Alone, `own_feed` moves it to the
   device and prepares it (mixup); a study's `SharedFeed` does that once a batch for every student and adds the

@@ -3,7 +3,7 @@ one optimiser step of attnxfer (the engine's, and conversion's stage 1's: `attnx
 
 It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`, and what varies between loops: a
 `Drive` of `attnxfer.train.drive`, the feed, the stop check and the random streams), never a config:
-`attnxfer.apps.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
+`attnxfer.apps.run.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
 Each step's loss is the objective's (`Objective.loss`; for attention transfer, composed in
 `attnxfer.transfer.step_loss.compose_loss`): attention transfer (a `TeacherStudent` plus the task loss, scored
 by val top-1) or a module whose forward returns its own loss (MAE pre-training, scored by val reconstruction
@@ -504,7 +504,7 @@ class Engine:
         """Whole optimiser steps only: a tail of micro-batches shorter than accum_steps would leave its
         gradient (and accelerate's accumulation count) to the next epoch's first step. Per epoch this is
         steps_per_epoch x accum_steps batches at every world size (what keeps a resume on another number
-        of ranks on the same schedule, apps/world_size.py)."""
+        of ranks on the same schedule, apps/run/world_size.py)."""
         accum = self.settings.accum_steps
         return len(self.train_loader) // accum * accum
 

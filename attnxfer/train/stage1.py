@@ -185,7 +185,7 @@ def stage1_transfer(
 
 class Stage1Fit:
     """Stage 1 of one student, one step at a time: `stage1_transfer` drives one to its end; a convert study
-    (`attnxfer.apps.convert_study`) drives several in lock step, each step on signals of one teacher pass.
+    (`attnxfer.apps.convert.conversion_study`) drives several in lock step, each step on signals of one teacher pass.
 
     Entered (``with``), the student is in eval mode with gradients only for the tensors the plan fits and
     the optimiser is built (from ``optimizer_state`` where given); left, the student's modes and flags are

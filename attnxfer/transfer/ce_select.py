@@ -190,7 +190,7 @@ def _probe_qk(
 def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
     """(channels, height, width) of the images ``model`` was built for (`image_input`: its patch embedding,
     else the size timm recorded at build time, else ``pretrained_cfg``, which a run stamps with its input
-    size in `apps.run_parts.stamp_input_cfg`)."""
+    size in `apps.run.parts.stamp_input_cfg`)."""
     info = image_input(model)
     return int(info.in_chans), int(info.img_size[0]), int(info.img_size[1])
 

@@ -11,7 +11,7 @@ units, so every assignment the program accepts meets the budget in real time too
 on the discretised savings: `brute_force` checks it in the tests).
 
 Summing per-block sensitivities assumes they add up, which holds to first order around the model they were
-measured on: the apps measure each block's swap into the teacher (`attnxfer.apps.conversion_selection`).
+measured on: the apps measure each block's swap into the teacher (`attnxfer.apps.convert.selection`).
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ from attnxfer.analysis import (
     topk_overlap,
 )
 from attnxfer.analysis.pictures import class_token_figure_size
-from attnxfer.apps.inspect import LoadedModel, inspect_models, load_model, write_report
-from attnxfer.apps.inspect_report import agreement_sentence
+from attnxfer.apps.inspect.inspect import LoadedModel, inspect_models, load_model, write_report
+from attnxfer.apps.inspect.report_text import agreement_sentence
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models import attention_maps, create_vit
@@ -442,7 +442,7 @@ def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
     micro_teacher, tmp_path, capsys, monkeypatch
 ):
     """Ctrl-C while the pictures are drawn (after metrics.json, before the rest): nothing reaches --out."""
-    import attnxfer.apps.inspect_pictures as pictures_app
+    import attnxfer.apps.inspect.drawings as pictures_app
 
     drawn = []
     real_save = pictures_app.save_figure

@@ -277,7 +277,7 @@ def test_eval_prints_feature_agreement_and_knn_that_a_brute_force_recomputation_
     ],
 )
 def test_eval_metrics_auto_takes_what_the_run_can_give(overrides, own_objective, want):
-    from attnxfer.apps.evaluation import eval_metrics
+    from attnxfer.apps.run.evaluation import eval_metrics
     from attnxfer.config import load_config
 
     cfg = load_config(None, ["data.dataset=synthetic", *overrides])
@@ -293,7 +293,7 @@ def test_eval_metrics_auto_takes_what_the_run_can_give(overrides, own_objective,
     ],
 )
 def test_eval_metrics_asked_for_by_name_that_the_run_cannot_give_are_refused(overrides, message):
-    from attnxfer.apps.evaluation import eval_metrics
+    from attnxfer.apps.run.evaluation import eval_metrics
     from attnxfer.config import load_config
     from attnxfer.errors import InputError
 

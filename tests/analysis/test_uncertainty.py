@@ -9,9 +9,9 @@ import pytest
 from helpers import tiny_run
 from scipy.stats import binomtest
 
-from attnxfer.apps.seed_stats import paired_table, per_image_correct, results_table
-from attnxfer.apps.training import train
-from attnxfer.apps.uncertainty import format_top1, mcnemar, mean_std, top1_interval
+from attnxfer.apps.run.training import train
+from attnxfer.apps.run.uncertainty import format_top1, mcnemar, mean_std, top1_interval
+from attnxfer.apps.study.seed_stats import paired_table, per_image_correct, results_table
 from attnxfer.checkpoints.export import export_run
 from attnxfer.config import load_config
 

@@ -19,7 +19,7 @@ import yaml
 from helpers import run_cli, tiny_run
 from PIL import Image
 
-from attnxfer.apps.resume import config_changes
+from attnxfer.apps.run.resume import config_changes
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import TrainConfig, load_config, to_dict
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from attnxfer.apps.resume import config_changes
+from attnxfer.apps.run.resume import config_changes
 from attnxfer.config import RENAMED_KEYS, ConfigError, RenamedKeyWarning, config_keys, load_config, to_dict
 
 

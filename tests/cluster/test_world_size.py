@@ -15,7 +15,7 @@ import torch
 from helpers import QUIET
 from safetensors.torch import load_file
 
-from attnxfer.apps.world_size import fit_world_size, split_for_world
+from attnxfer.apps.run.world_size import fit_world_size, split_for_world
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import ConfigError, load_config
 from attnxfer.launch import cli

@@ -14,11 +14,11 @@ import yaml
 from helpers import peaked_teacher, tiny_convert_report, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
-from attnxfer.apps.convert import conversion_plan_from_config
-from attnxfer.apps.run_parts import build_student
+from attnxfer.apps.convert.convert import conversion_plan_from_config
+from attnxfer.apps.run.parts import build_student
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import list_recipes, load_config, resolve_recipe
-from attnxfer.config.study import load_study
+from attnxfer.config.study_spec import load_study
 from attnxfer.models import attention_maps, capture_attention
 from attnxfer.models.efficient import build_efficient_student, check_softmax_teacher, new_parameters
 from attnxfer.train.measure import map_agreement

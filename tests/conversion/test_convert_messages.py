@@ -10,7 +10,7 @@ import pytest
 from helpers import peaked_teacher, tiny_convert_report, tiny_run
 from timm.models import save_for_hf
 
-from attnxfer.apps.reports import conversion_summary, teacher_top1_line
+from attnxfer.apps.convert.report import conversion_summary, teacher_top1_line
 from attnxfer.launch.cli import main
 
 
@@ -81,7 +81,7 @@ def _measured(top1=None, cos=None, knn=None) -> dict:
 def test_stage2_that_makes_the_student_worse_is_named_by_the_conversions_own_measure():
     """Labelled: val top-1; label-free: the final-feature cosine (k-NN top-1 beside it); no fall (at the digits
     the report prints), no word."""
-    from attnxfer.apps.conversion_quality import stage2_worse
+    from attnxfer.apps.convert.quality import stage2_worse
 
     labelled = {"after_stage1": _measured(top1=45.2, cos=0.9), "after_stage2": _measured(top1=43.0, cos=0.95)}
     worse = stage2_worse(labelled, steps=3)

@@ -13,8 +13,8 @@ import pytest
 import torch
 from helpers import tiny_convert_report, tiny_run, tiny_vit
 
-from attnxfer.apps.conversion_speed import DEFAULT_SWEEP_MULTIPLES, SWEEP_BUDGET_S, sweep_sides
-from attnxfer.apps.reports import _speed_section
+from attnxfer.apps.convert.report import _speed_section
+from attnxfer.apps.convert.speed import DEFAULT_SWEEP_MULTIPLES, SWEEP_BUDGET_S, sweep_sides
 from attnxfer.config import TrainConfig, apply_overrides
 from attnxfer.errors import InputError
 from attnxfer.launch.cli import main
@@ -145,7 +145,7 @@ def test_a_ratio_carries_its_spread_over_the_rounds_and_one_on_both_sides_of_1_i
 
 
 def test_a_break_even_the_measurements_contradict_is_withheld_with_the_reason():
-    from attnxfer.apps.conversion_speed import checked_break_even
+    from attnxfer.apps.convert.speed import checked_break_even
 
     def sweep(*rows):
         return {"rows": list(rows), "break_even": break_even_resolution(rows)}
@@ -203,7 +203,7 @@ def test_report_shows_each_ratio_with_its_spread_and_withholds_what_contradicts_
         and "**" not in md.split("### ")[0]
     )
     assert "Break-even: withheld: it disagrees." in md
-    from attnxfer.apps.conversion_speed import speed_lines
+    from attnxfer.apps.convert.speed import speed_lines
 
     assert speed_lines(speed)[0].endswith(f"-> {speed['speedup']:.2f}x ({lo:.2f}x-{hi:.2f}x over 3 rounds)")
     said = speed_lines(withheld)

@@ -16,10 +16,10 @@ import torch
 from helpers import assert_same_tensors, tiny_convert_report, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
-from attnxfer.apps import convert_study as study_app
-from attnxfer.apps.convert_study import convert_study
+from attnxfer.apps.convert import conversion_study as study_app
+from attnxfer.apps.convert.conversion_study import convert_study
 from attnxfer.config import ConfigError
-from attnxfer.config.study import load_study
+from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
 from attnxfer.train import stage1
 from attnxfer.train.stop import StopRequested
@@ -309,7 +309,7 @@ def test_each_student_is_paired_with_the_best_on_the_images_exactly_one_of_them_
     before they were recorded) give no column rather than a wrong one."""
     from scipy.stats import binomtest
 
-    from attnxfer.apps.conversion_comparison import paired_with_best
+    from attnxfer.apps.convert.comparison import paired_with_best
 
     rows = [
         {"name": "a", "top1": 50.0, "val_hits": "1100110000"},
@@ -328,7 +328,7 @@ def test_each_student_is_paired_with_the_best_on_the_images_exactly_one_of_them_
 def test_the_comparison_shows_each_students_speed_over_the_sweep_and_says_why_a_side_is_missing(tmp_path):
     """Sides whose speed was measured, a side one student cannot run at (a fixed-length attention) named
     with its reason; the rows go into conversion_study.json as they are (JSON keys are strings)."""
-    from attnxfer.apps.conversion_comparison import COMPARISON_DATA, write_conversion_comparison
+    from attnxfer.apps.convert.comparison import COMPARISON_DATA, write_conversion_comparison
 
     def report(name: str, rows, skipped) -> dict:
         speed = {"speedup": 2.0, "student_ms": 1.0, "student_images_per_s": 8.0, "student_over_floor": 0.5}

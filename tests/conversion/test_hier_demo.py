@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_run
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 
-from attnxfer.apps.run_parts import build_student
+from attnxfer.apps.run.parts import build_student
 from attnxfer.config import load_config
 
 STUDENTS = ("hier_scratch", "hier_copy", "hier_distill")
@@ -64,7 +64,7 @@ _TINY = [
 
 @pytest.mark.slow
 def test_the_chain_runs_at_a_few_steps(tmp_path, monkeypatch):
-    from attnxfer.apps.training import train
+    from attnxfer.apps.run.training import train
     from attnxfer.checkpoints.export import export_run
     from attnxfer.launch.cli import main
 

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 from attnxfer import load_student, load_teacher
-from attnxfer.apps.conversion_stage2 import stage2_objective, student_head
-from attnxfer.apps.evaluation import evaluate_run
-from attnxfer.apps.training import build_engine
+from attnxfer.apps.convert.stage2 import stage2_objective, student_head
+from attnxfer.apps.run.evaluation import evaluate_run
+from attnxfer.apps.run.training import build_engine
 from attnxfer.config import load_config
 from attnxfer.errors import InputError
 from attnxfer.launch import cli
@@ -183,7 +183,7 @@ def test_label_free_conversion_reads_no_label_and_exports_a_headless_encoder(tmp
     built = {}
 
     def build(cfg, found):
-        built["engine"] = build_engine(cfg, write_run_files=False, found=found)
+        built["engine"] = build_engine(cfg, scoring=True, found=found)
         return built["engine"]
 
     with labels_raise_registered():  # the run's dataset; its labels stay unread here too

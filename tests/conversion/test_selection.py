@@ -13,7 +13,7 @@ import torch
 import yaml
 from helpers import randomize_qkv_rows, tiny_convert_report, tiny_run, tiny_vit
 
-from attnxfer.apps.conversion_selection import SELECTION_FILE, _recorded, sensitivities
+from attnxfer.apps.convert.selection import SELECTION_FILE, _recorded, sensitivities
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student

@@ -16,8 +16,8 @@ import torch
 from helpers import QUIET
 from PIL import Image
 
-from attnxfer.apps.run_parts import build_run_parts
-from attnxfer.apps.training import build_engine, train
+from attnxfer.apps.run.parts import build_run_parts
+from attnxfer.apps.run.training import build_engine, train
 from attnxfer.config import load_config
 from attnxfer.data import ResumableSampler, StreamPosition, build_dataset, dataset_info, list_datasets
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays

@@ -16,8 +16,8 @@ import torch
 from helpers import QUIET, run_cli
 from PIL import Image
 
-from attnxfer.apps.loaders import build_loaders, data_info
-from attnxfer.apps.pretrain import pretrain
+from attnxfer.apps.run.loaders import build_loaders, data_info
+from attnxfer.apps.run.pretrain import pretrain
 from attnxfer.config import load_config
 from attnxfer.data import (
     DatasetInfo,
@@ -254,9 +254,9 @@ def test_mae_pretraining_without_labels_never_reads_one(tmp_path):
 def test_convert_stage1_on_data_without_labels_never_reads_one(tiny_teacher_dir):
     """convert's own pieces: the run's parts (teacher, efficient student, label-free loaders) and stage 1's
     batches, fitted for two steps."""
-    from attnxfer.apps.conversion_stage1 import stage1_batches
-    from attnxfer.apps.convert import conversion_plan_from_config
-    from attnxfer.apps.run_parts import build_run_parts
+    from attnxfer.apps.convert.convert import conversion_plan_from_config
+    from attnxfer.apps.convert.stage1 import stage1_batches
+    from attnxfer.apps.run.parts import build_run_parts
     from attnxfer.models.efficient import build_efficient_student
     from attnxfer.train.stage1 import stage1_transfer
 

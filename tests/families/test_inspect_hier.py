@@ -19,7 +19,7 @@ from timm.models.swin_transformer import window_partition
 
 from attnxfer.analysis import compare_attention, layer_qk
 from attnxfer.analysis.positions import query_maps, query_points, row_positions
-from attnxfer.apps.inspect import LoadedModel, write_report
+from attnxfer.apps.inspect.inspect import LoadedModel, write_report
 from attnxfer.checkpoints import export_student
 from attnxfer.launch.cli import main as cli_main
 from attnxfer.models.attention.bias_rows import BiasRows

@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import card, fast_cells, tiny_run
 
-from attnxfer.apps.training import train
+from attnxfer.apps.run.training import train
 from attnxfer.checkpoints import export_student
 from attnxfer.config import load_config
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan

@@ -24,7 +24,7 @@ from timm.layers import resample_abs_pos_embed
 from timm.models import get_model_args, save_for_hf
 
 from attnxfer import load_student
-from attnxfer.apps.inspect import inspect_attention
+from attnxfer.apps.inspect.inspect import inspect_attention
 from attnxfer.checkpoints import export_student
 from attnxfer.errors import InputError
 from attnxfer.models.attention import attention_layers

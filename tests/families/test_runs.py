@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from timm.models import save_for_hf
 
 from attnxfer import load_student
-from attnxfer.apps.training import build_engine, train
+from attnxfer.apps.run.training import build_engine, train
 from attnxfer.checkpoints.export import export_run
 from attnxfer.config import load_config
 from attnxfer.models import student_from_spec

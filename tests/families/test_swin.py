@@ -22,7 +22,7 @@ from helpers import fast_cells, tiny_run
 from safetensors.torch import load_file
 
 from attnxfer import load_student
-from attnxfer.apps.training import train
+from attnxfer.apps.run.training import train
 from attnxfer.checkpoints import export_student
 from attnxfer.checkpoints.export import ModelCardInfo, export_run
 from attnxfer.config import load_config

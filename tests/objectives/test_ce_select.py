@@ -190,7 +190,7 @@ def test_two_gloo_ranks_use_rank_0s_choice(tmp_path):
 def test_a_deterministic_run_takes_the_device_default_without_timing(pair):
     """Timings may rank two close paths either way from run to run; ``deterministic: true`` asks for
     repeated runs to be identical, so auto takes the device's fixed default instead of measuring."""
-    from attnxfer.apps.ce_choice import ce_choice_for_run
+    from attnxfer.apps.run.ce_choice import ce_choice_for_run
     from attnxfer.config import load_config
     from attnxfer.train.runtime import create_runtime
     from attnxfer.transfer.losses import ce_path_for

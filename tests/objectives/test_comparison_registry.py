@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import peaked_teacher, tiny_run, tiny_vit
 
-from attnxfer.apps.training import train
+from attnxfer.apps.run.training import train
 from attnxfer.config import load_config
 from attnxfer.transfer import (
     ComparisonLoss,
@@ -38,7 +38,7 @@ class FeatureL2(ComparisonLoss):
 
 @pytest.mark.slow
 def test_a_loss_registered_in_a_test_file_trains_through_the_config(tmp_path, tiny_teacher_dir):
-    """Two steps of ``attnxfer.apps.training.train`` with ``transfer.losses=[{name: feat_l2, weight: 0.5}]``:
+    """Two steps of ``attnxfer.apps.run.training.train`` with ``transfer.losses=[{name: feat_l2, weight: 0.5}]``:
     the plan says so, each logged step has the term, and the transfer loss is half of it."""
     cfg = load_config(
         None,

@@ -95,7 +95,7 @@ def _with_foreign_attention(model: torch.nn.Module) -> torch.nn.Module:
 def test_family_recipes_plan_with_their_real_teacher_architecture(recipe):
     """The family recipes validate and plan against their teacher's real architecture (built on the meta
     device, no weights): a plain ViT-S with 4 registers for DINOv3, a rope Performer student for EVA-02."""
-    from attnxfer.apps.run_parts import build_student
+    from attnxfer.apps.run.parts import build_student
     from attnxfer.config import load_config
     from attnxfer.models.efficient import build_efficient_student
 

@@ -13,7 +13,7 @@ from helpers import QUIET, card, image_folder
 from huggingface_hub import ModelCard
 from timm.data import ImageDataset, create_transform, resolve_data_config
 
-from attnxfer.apps.run_parts import stamp_input_cfg
+from attnxfer.apps.run.parts import stamp_input_cfg
 from attnxfer.checkpoints.export import export_student
 from attnxfer.data import build_dataset
 from attnxfer.launch import cli

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import tiny_run
 
-from attnxfer.apps.training import build_engine, train
+from attnxfer.apps.run.training import build_engine, train
 from attnxfer.config import load_config
 from attnxfer.train.metrics import read_summary
 

@@ -101,7 +101,7 @@ def test_every_attnxfer_name_the_config_points_to_exists():
     names = set()
     for source in ("schema.py", "renamed.py"):
         names |= set(re.findall(r"\battnxfer(?:\.[A-Za-z_]\w*)+", (config / source).read_text()))
-    assert "attnxfer.apps.evaluation.evaluate_run" in names  # the scan is not vacuous
+    assert "attnxfer.apps.run.evaluation.evaluate_run" in names  # the scan is not vacuous
     assert [n for n in sorted(names) if not _exists(n)] == []
 
 

@@ -21,7 +21,7 @@ def test_the_step_files_and_loss_carriers_docs_state_are_measured():
     assert chain.split() == [
         "attnxfer/launch/cli.py",
         "attnxfer/launch/commands/train.py",
-        "attnxfer/apps/training.py",
+        "attnxfer/apps/run/training.py",
         "attnxfer/train/engine.py",
     ]
     assert "types carrying the loss: 1 (Loss)" in out  # one type from the CE kernels to backward

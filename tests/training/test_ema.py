@@ -11,7 +11,7 @@ import torch
 from helpers import peaked_teacher, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
-from attnxfer.apps.training import train
+from attnxfer.apps.run.training import train
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.config import load_config
 from attnxfer.models import PartialQKV

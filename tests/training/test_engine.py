@@ -14,7 +14,7 @@ import torch
 from helpers import QUIET, run_cli
 from safetensors.torch import load_file
 
-from attnxfer.apps.training import build_engine
+from attnxfer.apps.run.training import build_engine
 from attnxfer.config import ConfigError, load_config
 from attnxfer.train.drive import Drive, StudentStreams, own_feed
 from attnxfer.train.stop import StopRequested
@@ -255,7 +255,7 @@ def test_a_run_of_few_steps_says_how_many_and_which_schedule_key_gives_more():
     max_steps cap names schedule.max_steps; 120 steps say nothing."""
     from dataclasses import replace
 
-    from attnxfer.apps.training import few_steps_warning
+    from attnxfer.apps.run.training import few_steps_warning
     from attnxfer.train.engine import LoopSettings, _schedule_steps
 
     def warning(s: LoopSettings, batches: int = 6) -> str | None:

@@ -20,8 +20,8 @@ import torch
 from helpers import LABEL_TRAP, QUIET, labels_raise_registered, peaked_teacher, run_cli, tiny_vit
 from timm.models import save_for_hf
 
-from attnxfer.apps.evaluation import eval_metrics, evaluate_run
-from attnxfer.apps.training import build_engine
+from attnxfer.apps.run.evaluation import eval_metrics, evaluate_run
+from attnxfer.apps.run.training import build_engine
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError

@@ -18,7 +18,7 @@ import torch
 from helpers import run_cli
 from safetensors.torch import load_file
 
-from attnxfer.apps.pretrain import pretrain
+from attnxfer.apps.run.pretrain import pretrain
 from attnxfer.config import load_config
 from attnxfer.models import create_vit
 from attnxfer.models.mae import (
@@ -235,7 +235,7 @@ def test_resume_mid_pretraining_is_bit_identical(pretrained_run, tmp_path, capsy
 
 @pytest.mark.slow
 def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
-    from attnxfer.apps.run_parts import init_from_pretrained
+    from attnxfer.apps.run.parts import init_from_pretrained
 
     student = init_from_pretrained(f"local-dir:{pretrained_run / 'export'}", 10, 0.0, None)
     ckpt = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
@@ -255,7 +255,7 @@ def _maes_full_checkpoint(pretrained_run: Path, path: Path, **extra) -> dict[str
 
 @pytest.mark.slow
 def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pretrained_run, tmp_path):
-    from attnxfer.apps.pretrain import build_pretrain_engine
+    from attnxfer.apps.run.pretrain import build_pretrain_engine
 
     full = tmp_path / "mae_pretrain_vit_micro_full.pth"
     state = _maes_full_checkpoint(pretrained_run, full, epoch=799)
@@ -276,7 +276,7 @@ def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pre
             "mae.decoder_heads=2",
         ],
     )
-    from attnxfer.apps.pretrain import build_mae, init_mae
+    from attnxfer.apps.run.pretrain import build_mae, init_mae
 
     fresh = build_mae(other, in_chans=1, img_size=None)
     note = init_mae(fresh, str(full))
@@ -293,7 +293,7 @@ def test_pretraining_continues_from_maes_full_checkpoint_encoder_and_decoder(pre
 def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused(pretrained_run, tmp_path):
     import argparse
 
-    from attnxfer.apps.pretrain import build_mae, init_mae
+    from attnxfer.apps.run.pretrain import build_mae, init_mae
     from attnxfer.sources import UnsafeCheckpointError
     from attnxfer.sources.resolve import TeacherLoadError
 

@@ -17,8 +17,8 @@ import torch
 from helpers import tiny_vit
 from timm.data.random_erasing import RandomErasing
 
-from attnxfer.apps.run_parts import build_student
-from attnxfer.apps.training import base_lr
+from attnxfer.apps.run.parts import build_student
+from attnxfer.apps.run.training import base_lr
 from attnxfer.config import ConfigError, load_config
 from attnxfer.data import build_dataset
 from attnxfer.train.optim import student_param_groups

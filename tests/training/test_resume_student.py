@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from attnxfer.apps.resume import student_as_trained
+from attnxfer.apps.run.resume import student_as_trained
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import ConfigError
 

@@ -18,10 +18,10 @@ import torch
 from helpers import assert_same_tensors, fork_cli, run_cli, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
-from attnxfer.apps.loaders import data_seed
+from attnxfer.apps.run.loaders import data_seed
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.config import ConfigError
-from attnxfer.config.study import load_study
+from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
 from attnxfer.transfer import teacher_student as pairs
 
@@ -192,7 +192,7 @@ def test_varied_students_are_named_by_their_values_readably(vary, names, tmp_pat
     """A student's folder is what a reader looks for: ``copy``, not ``transfer.mode=copy``; a number or a switch
     keeps its key's last part beside it."""
     if names is None:  # model.kwargs.lr only names: _combinations does not check keys
-        from attnxfer.config.study import _combinations
+        from attnxfer.config.study_spec import _combinations
 
         assert [s.name for s in _combinations(vary)] == ["optim.lr=1e-3_stage1_lr=1e-2_model.kwargs.lr=1"]
         return

@@ -1,4 +1,4 @@
-"""A study's report (`attnxfer.apps.study_report`): one row per student, scored on the same validation images
+"""A study's report (`attnxfer.apps.study.report`): one row per student, scored on the same validation images
 and paired with the first student by McNemar's exact test; checked against a recount from per-image
 predictions made here, the engine's own top-1, `attnxfer eval`'s k-NN top-1 and the runs' metrics files."""
 
@@ -13,16 +13,16 @@ import torch
 from PIL import Image
 from scipy.stats import binomtest
 
-from attnxfer.apps.evaluation import evaluate_run
-from attnxfer.apps.run_parts import build_run_parts
-from attnxfer.apps.study_report import (
+from attnxfer.apps.run.evaluation import evaluate_run
+from attnxfer.apps.run.parts import build_run_parts
+from attnxfer.apps.study.report import (
     STUDY_CURVES,
     STUDY_SCORES,
     StudentScore,
     study_curves_figure,
     write_study_report,
 )
-from attnxfer.apps.study_report_text import render_study
+from attnxfer.apps.study.report_text import render_study
 from attnxfer.checkpoints.run_dir import RunDir
 from attnxfer.config import load_config
 from attnxfer.errors import InputError, MissingPathError

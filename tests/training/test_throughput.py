@@ -14,8 +14,8 @@ import torch
 from helpers import SyncCounter, is_compiled, peaked_teacher, tiny_vit
 from safetensors.torch import load_file
 
-from attnxfer.apps.pretrain import build_pretrain_engine
-from attnxfer.apps.training import build_engine, train
+from attnxfer.apps.run.pretrain import build_pretrain_engine
+from attnxfer.apps.run.training import build_engine, train
 from attnxfer.checkpoints.export import export_run
 from attnxfer.config import ConfigError, load_config
 from attnxfer.train.compile import RateAsInputDropPath, compile_blocks
@@ -263,8 +263,8 @@ def test_compile_settings_are_checked_and_may_change_on_resume(tmp_path):
         load_config(None, ["model.compile_mode=reduce-overhead"])
     cfg = load_config(None, [f"run_dir={tmp_path}", *TINY, "transfer.mode=none", "teacher.compile=true"])
     with pytest.raises(ValueError, match="remove teacher.compile"):
-        build_engine(cfg, write_run_files=False)
-    from attnxfer.apps.resume import config_changes
+        build_engine(cfg, scoring=True)
+    from attnxfer.apps.run.resume import config_changes
     from attnxfer.config import to_dict
 
     recorded = to_dict(load_config(None, []))

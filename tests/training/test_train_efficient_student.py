@@ -11,7 +11,7 @@ from helpers import peaked_teacher, tiny_run, tiny_vit
 from safetensors.torch import load_file
 from timm.models import save_for_hf
 
-from attnxfer.apps.run_parts import student_attention
+from attnxfer.apps.run.parts import student_attention
 from attnxfer.checkpoints.export import export_run
 from attnxfer.launch.cli import main
 from attnxfer.models.attention import TransferAttention

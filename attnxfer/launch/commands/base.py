@@ -116,9 +116,9 @@ def add_vary(p: argparse.ArgumentParser) -> None:
 
 
 def load_study(args):
-    """A study's spec (`attnxfer.config.study`): ``-c``'s base keys and ``students:``, the overrides, ``--vary``."""
+    """A study's spec (`attnxfer.config.study_spec`): ``-c``'s base keys and ``students:``, the overrides, ``--vary``."""
     from ...config import ConfigError
-    from ...config.study import load_study as load
+    from ...config.study_spec import load_study as load
     from ..arguments import parse_sweep
     from ..value_checks import check_values
 

@@ -30,13 +30,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 )
 def run(args) -> int:
     cfg = load(args)
-    from ...apps.convert import convert
+    from ...apps.convert.convert import convert
     from ...train.distributed import DistributedInfo
 
     result = convert(cfg, skip_stage1=args.skip_stage1)
     if not DistributedInfo.from_environment().is_main_process:
         return 0
-    from ...apps.reports import conversion_summary
+    from ...apps.convert.report import conversion_summary
 
     print(conversion_summary(result.report))
     return 0

@@ -14,16 +14,14 @@ from .base import add_config_args, load, register_command
 )
 def run(args) -> int:
     cfg = load(args)
-    from ...apps.evaluation import evaluate_run
-    from ...apps.pretrain import MODE, build_pretrain_engine
-    from ...apps.uncertainty import correct_count, format_top1
+    from ...apps.run.evaluation import evaluate_run
+    from ...apps.run.pretrain import MODE, build_pretrain_engine
+    from ...apps.run.uncertainty import correct_count, format_top1
     from ...checkpoints.run_dir import RunDir
 
     run_dir = RunDir(cfg.run_dir)
     if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
-        result = evaluate_run(
-            cfg, build=lambda c, point: build_pretrain_engine(c, write_run_files=False, found=point)
-        )
+        result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
     else:
         result = evaluate_run(cfg)
     for k, v in result.metrics.items():

@@ -62,7 +62,9 @@ def run(args) -> int:
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    from ...apps.inspect import inspect_attention  # after the checks: a bad flag answers without torch
+    from ...apps.inspect.inspect import (
+        inspect_attention,  # after the checks: a bad flag answers without torch
+    )
 
     result = inspect_attention(
         args.teacher,

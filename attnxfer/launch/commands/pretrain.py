@@ -16,7 +16,7 @@ from .base import add_config_args, done_line, load, register_command
 )
 def run(args) -> int:
     cfg = load(args)
-    from ...apps.pretrain import pretrain
+    from ...apps.run.pretrain import pretrain
 
     print(done_line(pretrain(cfg)))
     return 0

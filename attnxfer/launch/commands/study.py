@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ...config.study import COMMANDS
+from ...config.study_spec import COMMANDS
 from .base import add_config_args, add_vary, done_line, load_study, register_command
 
 
@@ -33,7 +33,7 @@ def show_config(args) -> int:
     """``--print-config``: the study's base, then each student's resolved config (a YAML document each) with
     what it changes from the base."""
     from ...config import describe_changes, dump_config
-    from ...config.study import study_base
+    from ...config.study_spec import study_base
 
     spec = load_study(args)
     print("# " + describe_changes(study_base(args.config), spec.base, args.config).replace("\n", "\n# "))
@@ -64,12 +64,12 @@ def run(args) -> int:
     if spec.command == "convert":
         return _convert_study(spec, args.report)
     if args.report:
-        from ...apps.study_report import write_study_report
+        from ...apps.study.report import write_study_report
         from ...train.runtime import resolve_device
 
         print(f"report -> {write_study_report(spec.run_dir, device=resolve_device(spec.base.device))}")
         return 0
-    from ...apps.study import study
+    from ...apps.study.study import study
 
     result = study(spec)
     for s in result.students:
@@ -80,13 +80,13 @@ def run(args) -> int:
 
 def _convert_study(spec, report_only: bool) -> int:
     """A convert study: its comparison alone (``--report``), or the study and one line per student."""
-    from ...apps.conversion_comparison import write_conversion_comparison
+    from ...apps.convert.comparison import write_conversion_comparison
 
     if report_only:
         write_conversion_comparison(spec.run_dir)
         return 0
-    from ...apps.convert_study import convert_study
-    from ...apps.reports import conversion_summary
+    from ...apps.convert.conversion_study import convert_study
+    from ...apps.convert.report import conversion_summary
     from ...train.distributed import DistributedInfo
 
     result = convert_study(spec)

@@ -12,13 +12,13 @@ from .base import add_config_args, add_vary, load, load_study, register_command
 
 #: what `attnxfer submit --command` can run: module-level functions of a config (submitit pickles them)
 SUBMITTABLE = {
-    "train": "attnxfer.apps.training:train",
-    "convert": "attnxfer.apps.convert:convert_main",
-    "pretrain": "attnxfer.apps.pretrain:pretrain",
-    "study": "attnxfer.apps.study:study",
+    "train": "attnxfer.apps.run.training:train",
+    "convert": "attnxfer.apps.convert.convert:convert_main",
+    "pretrain": "attnxfer.apps.run.pretrain:pretrain",
+    "study": "attnxfer.apps.study.study:study",
 }
 #: what ``--command study`` runs for a convert study (``command: convert`` in its YAML)
-CONVERT_STUDY = "attnxfer.apps.convert_study:convert_study"
+CONVERT_STUDY = "attnxfer.apps.convert.conversion_study:convert_study"
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:

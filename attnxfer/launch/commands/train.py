@@ -13,7 +13,7 @@ from .base import add_config_args, done_line, load, register_command
 )
 def run(args) -> int:
     cfg = load(args)  # before the app's import (torch): a config error answers at once
-    from ...apps.training import train
+    from ...apps.run.training import train
 
     print(done_line(train(cfg)))
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ._common import Taker, base_prefix, has_head, linear, num_labels, pair, timm_name, under
-from .vit import embeddings, encoder, vit_kwargs
+from .vit_deit import embeddings, encoder, vit_kwargs
 
 MODEL_TYPES: tuple[str, ...] = ("ijepa",)
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ._common import Taker, base_prefix, pair, timm_name
-from .vit import embeddings, encoder, vit_kwargs
+from .vit_deit import embeddings, encoder, vit_kwargs
 
 MODEL_TYPES: tuple[str, ...] = ("vit_mae",)
 

@@ -1,7 +1,7 @@
 """A convert study's comparison: its students (one efficient attention each, from one teacher) side by side.
 
 Read from the study's files, nothing measured again: ``study.json`` (the students, in order) and each
-student's ``report.json`` (`attnxfer.apps.convert`: every student measured on the same probe and validation
+student's ``report.json`` (`attnxfer.apps.convert.convert`: every student measured on the same probe and validation
 images, and timed in the same interleaved calls as one teacher and one floor). One row per student: its
 quality at its last stage (top-1 with its Wilson interval where it has a head and the data labels; k-NN top-1
 with its interval where the data has labels; the final features' cosine with the teacher's, always), its
@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.atomic_io import atomic_write_json, atomic_write_text
-from ..errors import InputError, MissingPathError
-from ..run_layout import STUDY_RECORD
-from .reports import STAGE_ROWS, final_stage, ratio_text, top1_interval_text, value_text
-from .uncertainty import format_p, mcnemar
+from ...checkpoints.atomic_io import atomic_write_json, atomic_write_text
+from ...errors import InputError, MissingPathError
+from ...run_layout import STUDY_RECORD
+from ..run.uncertainty import format_p, mcnemar
+from .report import STAGE_ROWS, final_stage, ratio_text, top1_interval_text, value_text
 
 COMPARISON_REPORT = "conversion_study.md"
 COMPARISON_DATA = "conversion_study.json"

@@ -24,7 +24,7 @@ conversion then runs as any hybrid conversion (stage 1 fits only the efficient b
 The choice, its measurements and one reason per block go to ``RUN_DIR/selection.json`` (atomic), into the
 report, and the resolved ``convert.attention`` list into the run's config. A resumed run reads the recorded
 choice and measures nothing (timings on a loaded machine would differ), its config judged by the one resume
-rule (`attnxfer.apps.resume.config_changes`) over the keys the choice read. The fits are measurement only:
+rule (`attnxfer.apps.run.resume.config_changes`) over the keys the choice read. The fits are measurement only:
 stage 1 then fits the chosen blocks from scratch as in any conversion (and resumes from its own checkpoints).
 Reusing them would save one fit in C + 1 (C candidates) but would hand stage 2 weights that no stage-1
 checkpoint, history or resume accounts for (and that the fits' shared gradient clipping coupled to blocks the
@@ -46,27 +46,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.atomic_io import atomic_write_json
-from ..checkpoints.resume_point import ResumeFrom, ResumePolicy
-from ..config import ConfigError, TrainConfig, apply_overrides, to_dict
-from ..errors import InputError
-from ..models.attention.registry import get_attention_class
-from ..models.efficient import build_efficient_student
-from ..models.efficient.hierarchical import flat_blocks
-from ..models.efficient.swap import teacher_token_layout
-from ..models.image_input import ImageSizeError, check_image_size, image_input
-from ..sources.teacher import load_teacher
-from ..train.devices import resolve_precision
-from ..train.distributed import gather_objects
-from ..train.speed import forward_speed
-from ..train.stage1 import stage1_transfer
-from ..train.terms import NonFiniteLossError
-from ..train.timing import interleaved_timings
-from ..transfer.conversion import ConversionPlan
-from ..transfer.selection import SOFTMAX, InfeasibleBudget, fastest, reasons, select
-from .conversion_stage1 import STAGE1_KEYS, stage1_batches
-from .resume import config_changes
-from .run_parts import RunParts
+from ...checkpoints.atomic_io import atomic_write_json
+from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
+from ...config import ConfigError, TrainConfig, apply_overrides, to_dict
+from ...errors import InputError
+from ...models.attention.registry import get_attention_class
+from ...models.efficient import build_efficient_student
+from ...models.efficient.hierarchical import flat_blocks
+from ...models.efficient.swap import teacher_token_layout
+from ...models.image_input import ImageSizeError, check_image_size, image_input
+from ...sources.teacher import load_teacher
+from ...train.devices import resolve_precision
+from ...train.distributed import gather_objects
+from ...train.speed import forward_speed
+from ...train.stage1 import stage1_transfer
+from ...train.terms import NonFiniteLossError
+from ...train.timing import interleaved_timings
+from ...transfer.conversion import ConversionPlan
+from ...transfer.selection import SOFTMAX, InfeasibleBudget, fastest, reasons, select
+from ..run.parts import RunParts
+from ..run.resume import config_changes
+from .stage1 import STAGE1_KEYS, stage1_batches
 
 SELECTION_FILE = "selection.json"
 AUTO = "auto"

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..train.metrics import read_metrics
+from ...train.metrics import read_metrics
 
 #: a curve: (steps, values)
 Series = tuple[list[int], list[float]]

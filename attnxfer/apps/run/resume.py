@@ -8,7 +8,7 @@ and data position mean (model, teacher, transfer plan, data, batch) may not: tha
 written, naming the keys, and says how to start a new run instead. Which keys may change is declared with
 each key (``key(..., resumable=True)`` in `attnxfer/config/schema.py`: `RESUMABLE_KEYS`; a search's own
 column: `SEARCH_RESUMABLE_KEYS`), widened only by what this module knows of the context: the batch split on
-another world size (`attnxfer.apps.world_size`), scoring (`attnxfer eval` may read labels), a teacher spelled
+another world size (`attnxfer.apps.run.world_size`), scoring (`attnxfer eval` may read labels), a teacher spelled
 another way whose weights hash as recorded, and data that moved to another folder with the same files.
 """
 
@@ -18,9 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.resume_point import KeyChange, ResumePoint
-from ..checkpoints.run_dir import RunDir
-from ..config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
+from ...checkpoints.resume_point import KeyChange, ResumePoint
+from ...checkpoints.run_dir import RunDir
+from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
 # what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training

@@ -1,6 +1,6 @@
 """Pictures a training run draws after each evaluation, as callbacks for the engine (`Engine(pictures=)`):
 the engine calls them on rank 0 and logs what they return; it draws nothing itself (and imports no
-matplotlib). MAE's reconstructions are `attnxfer.apps.pretrain.reconstruction_pictures`."""
+matplotlib). MAE's reconstructions are `attnxfer.apps.run.pretrain.reconstruction_pictures`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..analysis import class_token_maps, layer_qk
-from ..analysis.pictures import class_token_figure, display_image, figure_array
-from ..train.objective import Pictures
-from ..transfer.teacher_student import TeacherStudent
+from ...analysis import class_token_maps, layer_qk
+from ...analysis.pictures import class_token_figure, display_image, figure_array
+from ...train.objective import Pictures
+from ...transfer.teacher_student import TeacherStudent
 
 
 def class_token_pictures(pair: TeacherStudent, val_loader: Any, n: int, device: torch.device) -> Pictures:

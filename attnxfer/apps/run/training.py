@@ -14,31 +14,31 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoints.resume_point import ResumeFrom, ResumePoint
-from ..checkpoints.run_dir import RunDir
-from ..checkpoints.run_lock import run_lock
-from ..config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
-from ..data import data_identity, dataset_has_labels, require_labels
-from ..errors import InputError, PathExistsError
-from ..models.attention import attention_blocks
-from ..models.student import student_from_spec
-from ..train.compile import compile_blocks, is_compiled
-from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.drive import Drive
-from ..train.ema import StudentEMA
-from ..train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
-from ..train.evaluation import evaluate, evaluate_features
-from ..train.objective import Objective, Pictures, TaskLoss, TransferObjective
-from ..train.optim import build_adamw, optimizer_implementation, student_param_groups
-from ..train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
-from ..train.trackers import prepare_trackers
-from ..transfer.plan import TransferPlan, build_plan
-from ..transfer.teacher_student import TeacherStudent
+from ...checkpoints.resume_point import ResumeFrom, ResumePoint
+from ...checkpoints.run_dir import RunDir
+from ...checkpoints.run_lock import run_lock
+from ...config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
+from ...data import data_identity, dataset_has_labels, require_labels
+from ...errors import InputError, PathExistsError
+from ...models.attention import attention_blocks
+from ...models.student import student_from_spec
+from ...train.compile import compile_blocks, is_compiled
+from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ...train.drive import Drive
+from ...train.ema import StudentEMA
+from ...train.engine import CheckpointPolicy, Engine, LoopSettings, TrainResult
+from ...train.evaluation import evaluate, evaluate_features
+from ...train.objective import Objective, Pictures, TaskLoss, TransferObjective
+from ...train.optim import build_adamw, optimizer_implementation, student_param_groups
+from ...train.runtime import Runtime, create_runtime, set_seed, teacher_dtype
+from ...train.trackers import prepare_trackers
+from ...transfer.plan import TransferPlan, build_plan
+from ...transfer.teacher_student import TeacherStudent
 from .ce_choice import ce_choice_for_run
 from .loaders import data_info, data_seed
+from .parts import RunParts, build_run_parts
 from .pictures import class_token_pictures
 from .resume import check_same_data, check_teacher_content, judge, student_as_trained
-from .run_parts import RunParts, build_run_parts
 from .world_size import fit_world_size
 
 
@@ -159,7 +159,7 @@ def loop_settings(
     cfg: TrainConfig, world: int, resume: ResumePoint | None = None, prune_on_save: bool = True
 ) -> LoopSettings:
     """The ``schedule``/``optim``/``log``/``checkpoint`` sections as the loop's settings; ``resume`` is the
-    checkpoint the app found and judged (`attnxfer.apps.resume`), so the engine does not look again."""
+    checkpoint the app found and judged (`attnxfer.apps.run.resume`), so the engine does not look again."""
     c = cfg.checkpoint
     return LoopSettings(
         run_dir=Path(cfg.run_dir),
@@ -312,11 +312,40 @@ def assemble_engine(
     )
 
 
+def start_run(
+    cfg: TrainConfig,
+    runtime: Runtime | None,
+    found: ResumePoint | None,
+    *,
+    scoring: bool,
+    command: str,
+    built: RunParts | None = None,
+) -> tuple[TrainConfig, Runtime, ResumePoint | None, Callable[..., None]]:
+    """What every run does before it builds a model or reads data (`attnxfer train`, `pretrain`, convert's
+    stage 2, `attnxfer eval` scoring one: ``scoring=True``): its runtime, the checkpoint it resumes from, found
+    once (or ``found`` by the caller) and judged by `attnxfer.apps.run.resume`'s rules; a run that trains keeps
+    its global batch on another world size (``built``: loaders the caller built, whose batch cannot change) and
+    says how its trackers log; the seed is set on every rank. Returns the config on this world size, the
+    runtime, the judged checkpoint and the run's ``log`` (silent off rank 0)."""
+    runtime = runtime or create_runtime(
+        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    )
+    log = print if runtime.is_main else lambda *_: None
+    point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
+    if not scoring:  # keep the global batch on another world size
+        cfg = _fitted_to_world(cfg, runtime, built, point, log)
+    point = judge(point, cfg, world=runtime.world, scoring=scoring, command=command, log=log)
+    if not scoring and runtime.is_main:  # before the teacher and the data: how the trackers log
+        prepare_trackers_from_config(cfg)
+    set_seed(cfg.seed)  # same init on every rank
+    return cfg, runtime, point, log
+
+
 def build_engine(
     cfg: TrainConfig,
     parts: RunParts | None = None,
     runtime: Runtime | None = None,
-    write_run_files: bool = True,
+    scoring: bool = False,
     found: ResumePoint | None = None,
     shared: RunParts | None = None,
     prune_on_save: bool = True,
@@ -327,7 +356,8 @@ def build_engine(
     """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
 
     Nothing is written into the run dir before every check has passed (config ranges, the resume
-    rules of `attnxfer.apps.resume`, models, data and plan); ``write_run_files=False`` writes nothing.
+    rules of `attnxfer.apps.run.resume`, models, data and plan); ``scoring=True`` (`attnxfer eval` scoring a
+    run) writes nothing.
     ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
     ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
     is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;
@@ -339,47 +369,37 @@ def build_engine(
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
-    training = write_run_files
-    if training:
+    if not scoring:
         require_task_labels(cfg)
-    runtime = runtime or create_runtime(
-        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
+    cfg, runtime, point, log = start_run(
+        cfg, runtime, found, scoring=scoring, command=command, built=parts or shared
     )
-    log = print if runtime.is_main else lambda *_: None
-    # found and read once, for every check below
-    point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
-    if training:  # keep the global batch on another world size
-        cfg = _fitted_to_world(cfg, runtime, parts or shared, point, log)
-    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, command=command, log=log)
-    if write_run_files and runtime.is_main:  # before the teacher and the data: how the trackers log
-        prepare_trackers_from_config(cfg)
-    set_seed(cfg.seed)  # same init on every rank
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
-    labels = None if write_run_files else cfg.data.labels
+    labels = cfg.data.labels if scoring else None
     parts = parts or build_run_parts(
         cfg, rank=runtime.rank, world_size=runtime.world, labels=labels, shared=shared
     )
     check_teacher_content(point, parts.teacher_record, cfg.teacher.spec)
     data = data_identity(parts.train_loader.dataset)
-    if training and not check_same_data(point, data, cfg, log=log):
+    if not scoring and not check_same_data(point, data, cfg, log=log):
         point = replace(point, restart_epoch=True)
     if point is not None:
-        parts = _the_trained_student(cfg, parts, scoring=not write_run_files, log=log)
+        parts = _the_trained_student(cfg, parts, scoring=scoring, log=log)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
     pair = TeacherStudent(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(
         runtime.device
     )
     # transfer.ce_path: forced, the resumed checkpoint's, or measured here (rank 0) before any step
-    choice = ce_choice_for_run(cfg, pair, runtime, point, measure=write_run_files, log=log)
+    choice = ce_choice_for_run(cfg, pair, runtime, point, scoring=scoring, log=log)
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(pair.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, pair)  # after the EMA's copy: EMA weights are evaluated eagerly
     groups = _param_groups(cfg, pair)
     # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
-    scoring = scoring_for(plan, parts)
+    score_by = scoring_for(plan, parts)
     settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
-    settings = replace(settings, metric=scoring.metric, metric_mode=scoring.mode)
+    settings = replace(settings, metric=score_by.metric, metric_mode=score_by.mode)
     record = {
         "teacher": parts.teacher_record,
         "config": to_dict(cfg, command),
@@ -389,7 +409,7 @@ def build_engine(
     engine = assemble_engine(
         cfg,
         runtime,
-        TransferObjective(pair, task_loss_from_config(cfg, parts.num_classes), scoring.evaluator),
+        TransferObjective(pair, task_loss_from_config(cfg, parts.num_classes), score_by.evaluator),
         parts,
         groups,
         settings=settings,
@@ -398,7 +418,7 @@ def build_engine(
         pictures=attention_pictures(cfg, pair, parts, runtime),
         drive=drive,
     )
-    if write_run_files and not _finished_before(point, engine):  # a finished run's files stay as they are
+    if not scoring and not _finished_before(point, engine):  # a finished run's files stay as they are
         _write_run_files(cfg, engine, parts, compiled, ce_record, command)
         warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
         if warning and warn_few_steps:

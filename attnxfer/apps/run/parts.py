@@ -10,14 +10,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..config import TrainConfig
-from ..data import DatasetInfo
-from ..errors import InputError
-from ..models.efficient import with_attention
-from ..models.image_input import ImageSizeError, image_input
-from ..models.student import student_like, student_spec
-from ..models.vit import create_vit
-from ..sources.teacher import load_teacher
+from ...config import TrainConfig
+from ...data import DatasetInfo
+from ...errors import InputError
+from ...models.efficient import with_attention
+from ...models.image_input import ImageSizeError, image_input
+from ...models.student import student_like, student_spec
+from ...models.vit import create_vit
+from ...sources.teacher import load_teacher
 from .loaders import build_loaders, data_info, data_seed
 
 

@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoints.store import CheckpointManager, atomic_write_json
-from ..config import TrainConfig
-from ..errors import MissingPathError
-from ..train.evaluation import per_image_top1
-from ..train.runtime import resolve_device, resolve_precision, teacher_dtype
-from ..transfer.teacher_student import TeacherStudent
-from .run_parts import RunParts, build_run_parts
-from .training import plan_from_config
-from .uncertainty import format_p, format_top1, mcnemar, mean_std
+from ...checkpoints.store import CheckpointManager, atomic_write_json
+from ...config import TrainConfig
+from ...errors import MissingPathError
+from ...train.evaluation import per_image_top1
+from ...train.runtime import resolve_device, resolve_precision, teacher_dtype
+from ...transfer.teacher_student import TeacherStudent
+from ..run.parts import RunParts, build_run_parts
+from ..run.training import plan_from_config
+from ..run.uncertainty import format_p, format_top1, mcnemar, mean_std
 
 _CACHE = "val_correct.json"
 

@@ -8,7 +8,7 @@ rule `attnxfer inspect` and `export` follow): top-1 where it trained a head, k-N
 where it trained none (``transfer.task_weight=0``, or data read without labels). Its attention is compared
 with the teacher's layer by layer on the first validation images (`compare_attention`, as `attnxfer inspect`
 measures it). The teacher and the loaders are built once for all students, from the first student's config,
-as the study built them. What the report says is `study_report_text.py`'s; this module loads, measures and
+as the study built them. What the report says is `study/report_text.py`'s; this module loads, measures and
 writes ``study.md``, ``study_report.json``, ``study.png`` (validation curves) and ``study_agreement.png``.
 """
 
@@ -26,25 +26,25 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from ..analysis import Inspection
-from ..analysis.knn import knn_hits
-from ..analysis.pictures import DPI, agreement_figure
-from ..checkpoints.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from ..checkpoints.run_dir import RunDir
-from ..config import TrainConfig, load_config
-from ..data import dataset_info
-from ..errors import InputError, MissingPathError
-from ..run_layout import STUDY_RECORD
-from ..train.runtime import resolve_device, resolve_precision
-from ..transfer.modes import get_mode
-from .inspect import LoadedModel, inspect_models, load_model
-from .inspect_report import json_safe
-from .loaders import build_bank_loader, data_seed
-from .run_parts import RunParts, build_run_parts
+from ...analysis import Inspection
+from ...analysis.knn import knn_hits
+from ...analysis.pictures import DPI, agreement_figure
+from ...checkpoints.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ...checkpoints.run_dir import RunDir
+from ...config import TrainConfig, load_config
+from ...data import dataset_info
+from ...errors import InputError, MissingPathError
+from ...run_layout import STUDY_RECORD
+from ...train.runtime import resolve_device, resolve_precision
+from ...transfer.modes import get_mode
+from ..inspect.inspect import LoadedModel, inspect_models, load_model
+from ..inspect.report_text import json_safe
+from ..run.loaders import build_bank_loader, data_seed
+from ..run.parts import RunParts, build_run_parts
+from ..run.training import task_weight_of
+from ..run.val_curves import draw_val_curves, val_series
+from .report_text import StudentScore, render_study
 from .seed_stats import student_correct
-from .study_report_text import StudentScore, render_study
-from .training import task_weight_of
-from .val_curves import draw_val_curves, val_series
 
 STUDY_REPORT = "study.md"
 STUDY_SCORES = "study_report.json"  # what the report shows, as data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .uncertainty import correct_count, top1_interval
+from ..run.uncertainty import correct_count, top1_interval
 
 #: what a conversion says where a teacher accuracy would stand, for a teacher without a classifier (MAE)
 HEADLESS_TEACHER = (

@@ -4,7 +4,7 @@ Stage 1 saves through the same checkpoint store as every run (`attnxfer.checkpoi
 verified) in ``RUN_DIR/stage1/checkpoints``: every ``checkpoint.every_steps`` steps, on SIGTERM, and when it
 completes (the student's weights, the optimiser until it completes, and a JSON state: its step, seconds,
 history, plan, config, teacher and data). A second ``attnxfer convert`` into the same run dir resumes it
-through `attnxfer.apps.resume` like any run (the same rule for what may change, compared over the keys stage
+through `attnxfer.apps.run.resume` like any run (the same rule for what may change, compared over the keys stage
 1 reads) and goes straight to stage 2 once it is complete.
 """
 
@@ -21,17 +21,21 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
-from ..checkpoints.store import CheckpointManager, optimizer_state_from_tensors, optimizer_state_to_tensors
-from ..config import TrainConfig, to_dict
-from ..data import ResumableSampler, build_loader, data_identity
-from ..errors import InputError
-from ..train.distributed import rank_and_world
-from ..train.stage1 import Stage1Fit, Stage1Result, stage1_transfer
-from ..transfer.conversion import ConversionPlan
-from .loaders import data_seed
-from .resume import check_same_data, check_teacher_content, judge
-from .run_parts import RunParts
+from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ...checkpoints.store import (
+    CheckpointManager,
+    optimizer_state_from_tensors,
+    optimizer_state_to_tensors,
+)
+from ...config import TrainConfig, to_dict
+from ...data import ResumableSampler, build_loader, data_identity
+from ...errors import InputError
+from ...train.distributed import rank_and_world
+from ...train.stage1 import Stage1Fit, Stage1Result, stage1_transfer
+from ...transfer.conversion import ConversionPlan
+from ..run.loaders import data_seed
+from ..run.parts import RunParts
+from ..run.resume import check_same_data, check_teacher_content, judge
 
 #: the config keys stage 1 reads: a change of any other (stage 2's, the report's) leaves its checkpoints valid
 STAGE1_KEYS = (

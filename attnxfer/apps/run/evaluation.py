@@ -1,6 +1,6 @@
 """`attnxfer eval`: score a run's checkpoint on its validation set, and what else the ``eval`` section asks.
 
-Scoring builds the run's engine exactly as training would (`attnxfer.apps.training.build_engine`, writing
+Scoring builds the run's engine exactly as training would (`attnxfer.apps.run.training.build_engine`, writing
 nothing), loads the checkpoint the resume rules pick, and adds what `eval_metrics` says: final-feature agreement
 with the teacher and k-NN top-1. Its one file of output is ``RUN_DIR/eval-<step>.json``.
 """
@@ -12,20 +12,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
-from ..checkpoints.run_lock import check_writable, disk_error
-from ..checkpoints.store import CheckpointError, atomic_write_json
-from ..config import TrainConfig, to_dict
-from ..data import require_labels
-from ..errors import InputError
-from ..models.mae import MaskedAutoencoder
-from ..train.distributed import DistributedInfo, backend_for, joined_process_group
-from ..train.engine import Engine
-from ..train.evaluation import evaluate_features, evaluate_knn
-from ..transfer.modes import get_mode
-from ..transfer.teacher_student import TeacherStudent
+from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ...checkpoints.run_lock import check_writable, disk_error
+from ...checkpoints.store import CheckpointError, atomic_write_json
+from ...config import TrainConfig, to_dict
+from ...data import require_labels
+from ...errors import InputError
+from ...models.mae import MaskedAutoencoder
+from ...train.distributed import DistributedInfo, backend_for, joined_process_group
+from ...train.engine import Engine
+from ...train.evaluation import evaluate_features, evaluate_knn
+from ...transfer.modes import get_mode
+from ...transfer.teacher_student import TeacherStudent
 from .loaders import build_bank_loader, data_info, data_seed
-from .run_parts import RunParts
+from .parts import RunParts
 from .training import LABEL_METRICS, build_engine, same_tokens, task_weight_of
 
 
@@ -146,7 +146,7 @@ def evaluate_run(
         check_writable(cfg.run_dir)
     with joined_process_group(backend_for(cfg.device), cfg.dist.timeout):
         if build is None:
-            engine = build_engine(cfg, parts, write_run_files=False, found=point)
+            engine = build_engine(cfg, parts, scoring=True, found=point)
         else:  # another objective's engine (pretrain), built without writing into the run
             engine = build(cfg, point)
         metrics = engine.evaluate_checkpoint()

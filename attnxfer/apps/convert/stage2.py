@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-from ..config import TrainConfig
-from ..errors import InputError
+from ...config import TrainConfig
+from ...errors import InputError
 
 
 @dataclass(frozen=True)

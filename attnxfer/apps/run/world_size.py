@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..checkpoints.resume_point import ResumePoint
-from ..config import ConfigError, TrainConfig
+from ...checkpoints.resume_point import ResumePoint
+from ...config import ConfigError, TrainConfig
 
 #: the config keys a resume may change when the global batch stays the same
 BATCH_SPLIT_KEYS: tuple[str, ...] = ("data.batch_size", "optim.accum_steps")
@@ -95,7 +95,7 @@ def fit_world_size(
     be kept. A fresh run, or one on the recorded world size, comes back unchanged."""
     recorded = _recorded_split(point)
     if recorded is None or recorded.world == world:
-        return cfg  # same ranks: apps.resume judges any change of the batch keys
+        return cfg  # same ranks: apps.run.resume judges any change of the batch keys
     asked = _current_split(cfg, world)
     gb = recorded.global_batch
     where = (

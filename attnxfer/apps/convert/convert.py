@@ -1,13 +1,13 @@
 """`attnxfer convert`: a pretrained softmax teacher becomes an efficient-attention student.
 
 The config becomes objects here, in steps that `_convert` runs one after another (those after the build in
-`convert_runs`, which a convert study, `attnxfer.apps.convert_study`, runs for its students too): the student
+`convert_runs`, which a convert study, `attnxfer.apps.convert.conversion_study`, runs for its students too): the student
 (`build_efficient_student`) and the conversion plan (`attnxfer.transfer.conversion`), the measurements
 (`attnxfer.train.measure`) before and after each stage, stage 1 (`attnxfer.train.stage1`, run, saved and
-resumed by `attnxfer.apps.conversion_stage1`), stage 2 (an ordinary training run through
-`attnxfer.apps.training`; what it optimises, labelled or label-free, is `attnxfer.apps.conversion_stage2`'s
-choice), the quality without labels (`attnxfer.apps.conversion_quality`: final-feature agreement, k-NN top-1),
-the speed, and the report (`report.json` + `report.md`, rendered by `attnxfer.apps.reports`). A new stage or
+resumed by `attnxfer.apps.convert.stage1`), stage 2 (an ordinary training run through
+`attnxfer.apps.run.training`; what it optimises, labelled or label-free, is `attnxfer.apps.convert.stage2`'s
+choice), the quality without labels (`attnxfer.apps.convert.quality`: final-feature agreement, k-NN top-1),
+the speed, and the report (`report.json` + `report.md`, rendered by `attnxfer.apps.convert.report`). A new stage or
 measurement is one more step function and one more line there.
 """
 
@@ -24,36 +24,36 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..checkpoints.run_dir import RunDir
-from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import atomic_write_json, atomic_write_text
-from ..config import TrainConfig, apply_overrides, dump_config
-from ..errors import InputError
-from ..models.efficient import build_efficient_student, new_parameters, set_drop_path
-from ..models.image_input import image_input
-from ..train.devices import resolve_precision
-from ..train.distributed import DistributedInfo, backend_for, joined_process_group
-from ..train.engine import TrainResult
-from ..train.measure import evaluate_top1, map_agreement, operation_counts, top1_and_hits
-from ..train.runtime import resolve_device
-from ..train.stage1 import Stage1Result
-from ..transfer.conversion import ConversionPlan, build_conversion_plan
-from ..transfer.plan import TransferPlan
-from .conversion_quality import QualityProbe, quality_probe, stage2_worse
-from .conversion_selection import AUTO, check_auto, choose_attentions, measured_section, stand_in
-from .conversion_speed import conversion_speeds, speed_lines, sweep_sides
-from .conversion_stage1 import run_stage1
-from .conversion_stage2 import Stage2Objective, stage2_objective, student_head
-from .loaders import data_info
-from .reports import render_conversion_report, teacher_top1_line
-from .run_parts import RunParts, build_run_parts, with_student
-from .training import (
+from ...checkpoints.run_dir import RunDir
+from ...checkpoints.run_lock import run_lock
+from ...checkpoints.store import atomic_write_json, atomic_write_text
+from ...config import TrainConfig, apply_overrides, dump_config
+from ...errors import InputError
+from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
+from ...models.image_input import image_input
+from ...train.devices import resolve_precision
+from ...train.distributed import DistributedInfo, backend_for, joined_process_group
+from ...train.engine import TrainResult
+from ...train.measure import evaluate_top1, map_agreement, operation_counts, top1_and_hits
+from ...train.runtime import resolve_device
+from ...train.stage1 import Stage1Result
+from ...transfer.conversion import ConversionPlan, build_conversion_plan
+from ...transfer.plan import TransferPlan
+from ..run.loaders import data_info
+from ..run.parts import RunParts, build_run_parts, with_student
+from ..run.training import (
     plan_from_config,
     prepare_trackers_from_config,
     require_metric_labels,
     require_task_labels,
     train,
 )
+from .quality import QualityProbe, quality_probe, stage2_worse
+from .report import render_conversion_report, teacher_top1_line
+from .selection import AUTO, check_auto, choose_attentions, measured_section, stand_in
+from .speed import conversion_speeds, speed_lines, sweep_sides
+from .stage1 import run_stage1
+from .stage2 import Stage2Objective, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
 

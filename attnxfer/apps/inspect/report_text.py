@@ -7,8 +7,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..analysis import Inspection, LayerComparison, TeacherLayer
-from ..analysis.metrics import finite_mean
+from ...analysis import Inspection, LayerComparison, TeacherLayer
+from ...analysis.metrics import finite_mean
 
 
 def json_safe(value: Any) -> Any:

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..analysis.features import feature_agreement
-from ..analysis.knn import knn_comparison
-from ..config import TrainConfig
-from ..train.distributed import sum_over_ranks
-from .loaders import build_bank_loader, data_seed
+from ...analysis.features import feature_agreement
+from ...analysis.knn import knn_comparison
+from ...config import TrainConfig
+from ...train.distributed import sum_over_ranks
+from ..run.loaders import build_bank_loader, data_seed
 
 
 @dataclass

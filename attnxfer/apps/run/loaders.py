@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..config import AugConfig, DataConfig, TrainConfig
-from ..data import (
+from ...config import AugConfig, DataConfig, TrainConfig
+from ...data import (
     DatasetInfo,
     ResumableSampler,
     StreamDataset,
@@ -27,7 +27,7 @@ from ..data import (
     build_loader,
     dataset_info,
 )
-from ..data.registry import dataset_options
+from ...data.registry import dataset_options
 
 
 def data_info(data: DataConfig) -> DatasetInfo:

@@ -1,6 +1,6 @@
 """The text of a study's report (``study.md``) and the same as data (``study_report.json``): one row per
 student with its score, its paired test against the first student, its attention against the teacher per
-layer and its time per step; then the per-layer table. A row is a `StudentScore`, which `study_report.py`
+layer and its time per step; then the per-layer table. A row is a `StudentScore`, which `study/report.py`
 fills in (loading, scoring, measuring) and these functions render."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from ..analysis import Inspection, LayerComparison
-from ..config import TrainConfig
-from ..config.study import Student
-from .inspect_report import agreement_sentence
-from .uncertainty import format_p, format_top1, mcnemar, top1_interval
-from .val_curves import Series
+from ...analysis import Inspection, LayerComparison
+from ...config import TrainConfig
+from ...config.study_spec import Student
+from ..inspect.report_text import agreement_sentence
+from ..run.uncertainty import format_p, format_top1, mcnemar, top1_interval
+from ..run.val_curves import Series
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`attnxfer study --command convert`: K efficient attentions converted from one teacher in one job.
 
-Each student is an `attnxfer convert` of its own config (`attnxfer.apps.convert`: built with its own seed first,
+Each student is an `attnxfer convert` of its own config (`attnxfer.apps.convert.convert`: built with its own seed first,
 measured, stage 1, stage 2, speed, its report), all around ONE teacher and ONE pair of loaders, and the steps
 after the build are `convert_runs`, the very sequence a single conversion runs. What the study changes is how
 the two stages are driven:
@@ -10,7 +10,7 @@ the two stages are driven:
   each batch is read once and the teacher runs once for the union of what the students' plans need (layers x
   fields), every student then stepping on those signals under its own random streams. A student resumed
   further than another waits for the stream to reach its batch.
-- stage 2 as a training study (`attnxfer.apps.study.lockstep_study`): the converted students trained in lock
+- stage 2 as a training study (`attnxfer.apps.study.study.lockstep_study`): the converted students trained in lock
   step, one teacher pass a batch, each in ``RUN_DIR/<name>/stage2``, committed and resumed as a training
   study's students are.
 
@@ -19,7 +19,7 @@ student's folder is laid out as its solo conversion's (``config.yaml``, ``stage1
 ``report.md``, ``report.json``), so `attnxfer convert -c RUN_DIR/<name>/config.yaml` finds it done, and
 `attnxfer eval`/`export`/`inspect` take its ``stage2/``. The study's folder holds ``study.json`` and
 ``study.yaml`` (``attnxfer study -c RUN_DIR/study.yaml`` resumes it), stage 2's commits (``checkpoints/``) and
-the comparison of the students (``conversion_study.md``, `attnxfer.apps.conversion_comparison`). A student
+the comparison of the students (``conversion_study.md``, `attnxfer.apps.convert.comparison`). A student
 whose loss turns non-finite stops alone, with one line; the others go on.
 """
 
@@ -34,18 +34,19 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.run_lock import run_lock
-from ..config.study import StudySpec
-from ..errors import UserError
-from ..models.handover import Signal
-from ..run_layout import STUDY_RECORD
-from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.drive import StudentStreams
-from ..train.stage1 import Stage1Fit, Stage1Result, teacher_signals
-from ..train.stop import StopRequested, stop_on_signals, stop_signal
-from ..train.terms import NonFiniteLossError
-from .conversion_comparison import write_conversion_comparison
-from .conversion_stage1 import Stage1Job, open_stage1, stage1_batches
+from ...checkpoints.run_lock import run_lock
+from ...config.study_spec import StudySpec
+from ...errors import UserError
+from ...models.handover import Signal
+from ...run_layout import STUDY_RECORD
+from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ...train.drive import StudentStreams
+from ...train.stage1 import Stage1Fit, Stage1Result, teacher_signals
+from ...train.stop import StopRequested, stop_on_signals, stop_signal
+from ...train.terms import NonFiniteLossError
+from ..run.training import prepare_trackers_from_config
+from ..study.study import check_study, lockstep_study, write_study_files
+from .comparison import write_conversion_comparison
 from .convert import (
     Conversion,
     build_conversion,
@@ -55,8 +56,7 @@ from .convert import (
     stage2_config,
     stage2_done,
 )
-from .study import check_study, lockstep_study, write_study_files
-from .training import prepare_trackers_from_config
+from .stage1 import Stage1Job, open_stage1, stage1_batches
 
 
 @dataclass

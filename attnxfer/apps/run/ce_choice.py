@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.resume_point import ResumePoint
-from ..config import TrainConfig
-from ..train.distributed import gather_objects, rank_and_world
-from ..train.runtime import Runtime
-from ..transfer.ce_select import CEChoice, budget_from_gib, check_forced, choose_ce_path, layer_shapes
-from ..transfer.losses import CEPath, ce_path_for
-from ..transfer.teacher_student import TeacherStudent
+from ...checkpoints.resume_point import ResumePoint
+from ...config import TrainConfig
+from ...train.distributed import gather_objects, rank_and_world
+from ...train.runtime import Runtime
+from ...transfer.ce_select import CEChoice, budget_from_gib, check_forced, choose_ce_path, layer_shapes
+from ...transfer.losses import CEPath, ce_path_for
+from ...transfer.teacher_student import TeacherStudent
 
 
 def recorded_ce_choice(point: ResumePoint | None) -> CEChoice | None:
@@ -51,17 +51,19 @@ def ce_choice_for_run(
     runtime: Runtime,
     resumed_from: ResumePoint | None,
     *,
-    measure: bool = True,
+    scoring: bool = False,
     log: Callable[[str], Any] = print,
 ) -> CEChoice | None:
     """How ``pair``'s softmax layers evaluate their CE in this run, set on ``pair`` (every rank) and
-    returned for run.json and the checkpoints; None when the run distils no softmax maps. ``measure=False``
+    returned for run.json and the checkpoints; None when the run distils no softmax maps. ``scoring=True``
     (evaluation) keeps the recorded or device-default path without timing anything."""
     shapes = layer_shapes(pair, cfg.data.batch_size, runtime.device)
     if shapes is None:
         return None
     if cfg.transfer.ce_path != "auto":
-        if measure:  # training: refused with why, never replaced (scoring a run computes no distillation CE)
+        if (
+            not scoring
+        ):  # training: refused with why, never replaced (scoring a run computes no distillation CE)
             check_forced(cfg.transfer.ce_path, runtime.device, shapes)
         choice = CEChoice(
             CEPath(cfg.transfer.ce_path), "forced by transfer.ce_path", device=str(runtime.device)
@@ -75,7 +77,7 @@ def ce_choice_for_run(
             choice = (
                 None  # another kind of device: its ranking says nothing here (nor is resume bit-identical)
             )
-        if choice is None and not measure:
+        if choice is None and scoring:
             choice = CEChoice(ce_path_for(runtime.device), "device default", device=str(runtime.device))
         if choice is None and cfg.deterministic:  # timings may rank close paths either way from run to run
             choice = CEChoice(

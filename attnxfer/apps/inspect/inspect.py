@@ -5,7 +5,7 @@ Loads a teacher and one or more students from any spec the project knows (timm n
 teacher's q/k, so it is inspected together with that teacher), prepares images (files, or a registered
 dataset) the teacher's way, measures with `attnxfer.analysis.compare_attention` and writes
 ``metrics.json``, ``report.md`` and pictures. `inspect_models` is the same on models you already hold.
-What the report says is `inspect_report.py`'s, what it draws `inspect_pictures.py`'s; this module loads,
+What the report says is `inspect/report_text.py`'s, what it draws `inspect/drawings.py`'s; this module loads,
 measures and writes the folder (staged, so an interrupted inspection leaves ``--out`` as it was).
 """
 
@@ -26,21 +26,21 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import create_transform
 
-from ..analysis import InspectedStudent, Inspection, compare_attention, input_size, token_layout
-from ..analysis.pictures import agreement_figure, save_figure
-from ..checkpoints.processes import process_alive
-from ..checkpoints.run_dir import RunDir
-from ..checkpoints.store import atomic_write_json, atomic_write_text
-from ..config import load_config
-from ..data import build_dataset
-from ..errors import InputError, MissingPathError, PathExistsError
-from ..models import make_transfer_aware
-from ..models.image_input import ImageSizeError, image_input
-from ..sources import TeacherLoadError, load_student, load_teacher
-from ..transfer.modes import MODES
-from ..transfer.plan import build_plan
-from .inspect_pictures import draw_pictures
-from .inspect_report import agreement_sentence, json_safe, render_report
+from ...analysis import InspectedStudent, Inspection, compare_attention, input_size, token_layout
+from ...analysis.pictures import agreement_figure, save_figure
+from ...checkpoints.processes import process_alive
+from ...checkpoints.run_dir import RunDir
+from ...checkpoints.store import atomic_write_json, atomic_write_text
+from ...config import load_config
+from ...data import build_dataset
+from ...errors import InputError, MissingPathError, PathExistsError
+from ...models import make_transfer_aware
+from ...models.image_input import ImageSizeError, image_input
+from ...sources import TeacherLoadError, load_student, load_teacher
+from ...transfer.modes import MODES
+from ...transfer.plan import build_plan
+from .drawings import draw_pictures
+from .report_text import agreement_sentence, json_safe, render_report
 
 
 @dataclass

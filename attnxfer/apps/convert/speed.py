@@ -20,12 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-from ..errors import InputError
-from ..models.efficient.floor import floor_model
-from ..models.image_input import ImageSizeError, check_image_size, sizes_that_fit
-from ..sources.teacher import load_teacher
-from ..train.speed import break_even_sweeps, forward_speeds, ratio_contradicts
+from ...config import TrainConfig
+from ...errors import InputError
+from ...models.efficient.floor import floor_model
+from ...models.image_input import ImageSizeError, check_image_size, sizes_that_fit
+from ...sources.teacher import load_teacher
+from ...train.speed import break_even_sweeps, forward_speeds, ratio_contradicts
 
 #: The default sweep: the run's side times these (each raised to the next side the family runs at).
 DEFAULT_SWEEP_MULTIPLES = (1, 2, 3, 4)

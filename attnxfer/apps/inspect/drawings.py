@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..analysis import (
+from ...analysis import (
     InspectedStudent,
     Inspection,
     LayerComparison,
@@ -24,7 +24,7 @@ from ..analysis import (
     rollout_class_maps,
     token_maps,
 )
-from ..analysis.pictures import (
+from ...analysis.pictures import (
     class_token_figure,
     curves_figure,
     display_image,
@@ -32,8 +32,8 @@ from ..analysis.pictures import (
     rollout_figure,
     save_figure,
 )
-from ..analysis.positions import RowPositions, query_maps, query_points, row_positions
-from ..models.attention import attention_stages
+from ...analysis.positions import RowPositions, query_maps, query_points, row_positions
+from ...models.attention import attention_stages
 
 
 def draw_pictures(

@@ -27,38 +27,37 @@ import torch.nn.functional as F
 from torch.utils.data import IterableDataset
 from torchvision.utils import make_grid
 
-from ..checkpoints.export import export_run
-from ..checkpoints.model_card import shape_phrase
-from ..checkpoints.resume_point import ResumePoint
-from ..checkpoints.run_dir import RunDir
-from ..checkpoints.run_lock import run_lock
-from ..config import TrainConfig, dump_config, to_dict
-from ..data import DatasetInfo, data_identity
-from ..errors import InputError
-from ..models.image_input import image_input
-from ..models.mae import MaskedAutoencoder
-from ..models.student import student_shape, student_spec
-from ..models.vit import create_vit
-from ..sources import load_teacher
-from ..sources.resolve import TeacherLoadError, read_state_dict
-from ..train.compile import compile_blocks
-from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.engine import Engine, TrainResult
-from ..train.evaluation import evaluate_loss
-from ..train.objective import ModuleObjective, Pictures
-from ..train.optim import student_param_groups
-from ..train.runtime import Runtime, create_runtime, set_seed
+from ...checkpoints.export import export_run
+from ...checkpoints.model_card import shape_phrase
+from ...checkpoints.resume_point import ResumePoint
+from ...checkpoints.run_dir import RunDir
+from ...checkpoints.run_lock import run_lock
+from ...config import TrainConfig, dump_config, to_dict
+from ...data import DatasetInfo, data_identity
+from ...errors import InputError
+from ...models.image_input import image_input
+from ...models.mae import MaskedAutoencoder
+from ...models.student import student_shape, student_spec
+from ...models.vit import create_vit
+from ...sources import load_teacher
+from ...sources.resolve import TeacherLoadError, read_state_dict
+from ...train.compile import compile_blocks
+from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ...train.engine import Engine, TrainResult
+from ...train.evaluation import evaluate_loss
+from ...train.objective import ModuleObjective, Pictures
+from ...train.optim import student_param_groups
+from ...train.runtime import Runtime
 from .loaders import data_info
-from .resume import check_same_data, judge
-from .run_parts import RunParts, num_classes_of, parts_around
+from .parts import RunParts, num_classes_of, parts_around
+from .resume import check_same_data
 from .training import (
     assemble_engine,
     engine_facts,
     few_steps_warning,
     loop_settings,
-    prepare_trackers_from_config,
+    start_run,
 )
-from .world_size import fit_world_size
 
 #: what run.json says this run trained (export and the demo read it)
 MODE = "mae-pretrain"
@@ -220,27 +219,16 @@ def _pretrain_parts(
 def build_pretrain_engine(
     cfg: TrainConfig,
     runtime: Runtime | None = None,
-    write_run_files: bool = True,
+    scoring: bool = False,
     found: ResumePoint | None = None,
 ) -> Engine:
-    """The MAE, data, optimiser and engine that ``cfg`` describes; ``write_run_files=False`` writes
-    nothing into the run dir (scoring it: `attnxfer eval`). A resume is judged by the same rule as `attnxfer
-    train`'s (`attnxfer.apps.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
+    """The MAE, data, optimiser and engine that ``cfg`` describes; ``scoring=True`` writes
+    nothing into the run dir (`attnxfer eval` scoring it). A resume is judged by the same rule as `attnxfer
+    train`'s (`attnxfer.apps.run.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
     ``found``: the checkpoint the caller already found (`attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
-    runtime = runtime or create_runtime(
-        cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
-    )
-    log = print if runtime.is_main else lambda *_: None
-    training = write_run_files
-    point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
-    if training:  # another world size than the checkpoint's keeps its global batch (or stops)
-        cfg = fit_world_size(cfg, runtime.world, point, log=log)
-        runtime.accelerator.gradient_accumulation_steps = cfg.optim.accum_steps
-    point = judge(point, cfg, world=runtime.world, scoring=not write_run_files, command="pretrain", log=log)
-    set_seed(cfg.seed)
-    if runtime.is_main and write_run_files:
-        prepare_trackers_from_config(cfg)  # before the data and the MAE's initial weights load
+    cfg, runtime, point, log = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
+    if runtime.is_main and not scoring:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
     d = cfg.data
@@ -250,7 +238,7 @@ def build_pretrain_engine(
     # The loaders are the training ones (labels, if data.labels reads any, come along unread); no teacher.
     parts = _pretrain_parts(cfg, info, mae, runtime)
     data = data_identity(parts.train_loader.dataset)
-    if training and not check_same_data(point, data, cfg, log=log):
+    if not scoring and not check_same_data(point, data, cfg, log=log):
         point = dataclasses.replace(point, restart_epoch=True)
     mae.to(runtime.device)
     settings = dataclasses.replace(
@@ -270,7 +258,7 @@ def build_pretrain_engine(
         record={"teacher": None, "config": to_dict(cfg, "pretrain"), "data": data},
         pictures=pictures,
     )
-    if write_run_files and not (point is not None and point.step >= engine.total_steps):
+    if not scoring and not (point is not None and point.step >= engine.total_steps):
         _write_run_files(cfg, engine, parts, mae)  # (a finished run's files stay as they are)
         if warning := few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps):
             log(warning)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binomtest
 
-from ..analysis.intervals import correct_count as correct_count, top1_interval
-from ..errors import InputError
+from ...analysis.intervals import correct_count as correct_count, top1_interval
+from ...errors import InputError
 
 
 def format_top1(correct: int, total: int, digits: int = 2) -> str:

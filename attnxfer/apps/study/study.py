@@ -1,9 +1,9 @@
 """`attnxfer study`: one teacher, K students, one job that pays for the teacher's forward once per batch.
 
-A `StudySpec` (`attnxfer.config.study`: the base config and each student's overrides) becomes K engines, each
+A `StudySpec` (`attnxfer.config.study_spec`: the base config and each student's overrides) becomes K engines, each
 built exactly as `attnxfer train` builds that student alone (its own seed, model, plan, optimiser, EMA, run
 folder ``RUN_DIR/<name>``), around one teacher and one pair of loaders (`build_run_parts(shared=...)`); the
-loop is `attnxfer.train.study.Lockstep`. The study's folder holds ``study.json`` (each student's name,
+loop is `attnxfer.train.lockstep.Lockstep`. The study's folder holds ``study.json`` (each student's name,
 overrides and folder, and where it ended), ``study.yaml`` (``attnxfer study -c RUN_DIR/study.yaml`` runs it
 again: it resumes), the students' folders, and the study's own checkpoints: one per step that every student
 has saved (a tensor-less checkpoint through the same store, found on resume by `ResumePoint` like any run's).
@@ -23,23 +23,23 @@ from typing import Any
 
 import torch
 
-from ..checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
-from ..checkpoints.run_lock import run_lock
-from ..checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text
-from ..config import ConfigError, TrainConfig, to_dict
-from ..config.study import Student, StudySpec
-from ..run_layout import STUDY_RECORD
-from ..train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
-from ..train.drive import Drive, StudentStreams, never_stop
-from ..train.engine import TrainResult
-from ..train.runtime import Runtime, create_runtime, resolve_device
-from ..train.study import Lockstep, Member, SharedBatches, SharedFeed
-from ..transfer.teacher_pass import TeacherHandover, TeacherNeeds
-from ..transfer.teacher_student import TeacherStudent
-from .resume import judge
-from .run_parts import RunParts, build_run_parts
-from .study_report import write_study_report
-from .training import build_engine, few_steps_warning, require_task_labels, task_weight_of
+from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
+from ...checkpoints.run_lock import run_lock
+from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text
+from ...config import ConfigError, TrainConfig, to_dict
+from ...config.study_spec import Student, StudySpec
+from ...run_layout import STUDY_RECORD
+from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
+from ...train.drive import Drive, StudentStreams, never_stop
+from ...train.engine import TrainResult
+from ...train.lockstep import Lockstep, Member, SharedBatches, SharedFeed
+from ...train.runtime import Runtime, create_runtime, resolve_device
+from ...transfer.teacher_pass import TeacherHandover, TeacherNeeds
+from ...transfer.teacher_student import TeacherStudent
+from ..run.parts import RunParts, build_run_parts
+from ..run.resume import judge
+from ..run.training import build_engine, few_steps_warning, require_task_labels, task_weight_of
+from .report import write_study_report
 
 #: the YAML that runs the study again (its base keys and its students)
 STUDY_YAML = "study.yaml"
@@ -67,7 +67,7 @@ def study(spec: StudySpec, *, log: Callable[[str], None] = print) -> StudyResult
 
     Rank 0 holds the study's lock and each student's folder's; under torchrun or a submitted job every rank
     runs this, each student data-parallel over the ranks. A study of one process ends with its report
-    (`attnxfer.apps.study_report`: every student scored on the same images, paired with the first); a study of
+    (`attnxfer.apps.study.report`: every student scored on the same images, paired with the first); a study of
     several ranks says how to write it (``attnxfer study --report``: scoring is one process's work, which the
     other ranks would wait for in a collective)."""
     info = DistributedInfo.from_environment()

@@ -1,0 +1,1 @@
+"""`attnxfer convert`: the command, its stages, measurements, selection, comparison and report."""

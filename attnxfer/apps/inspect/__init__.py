@@ -1,0 +1,1 @@
+"""`attnxfer inspect`: attention agreement of students with their teacher, its report and pictures."""

@@ -1,0 +1,1 @@
+"""`attnxfer study`: K students from one teacher in one job, and the study's report."""
