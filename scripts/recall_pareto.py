@@ -44,7 +44,7 @@ def points(study: Path) -> list[dict]:
 def draw(zoo: list[dict], budgets: list[dict], teacher_top1: float | None):
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     styles = [
-        ("single attention (zoo)", [p for p in zoo], "o", "tab:gray"),
+        ("single attention (zoo)", zoo, "o", "tab:gray"),
         ("convert.attention=auto", [p for p in budgets if p["name"].startswith("auto")], "D", "tab:blue"),
         ("uniform interleaving", [p for p in budgets if not p["name"].startswith("auto")], "s", "tab:orange"),
     ]

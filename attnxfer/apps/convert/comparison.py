@@ -316,26 +316,21 @@ def _sweep_section(rows: list[dict[str, Any]]) -> list[str]:
     sides = sorted({side for r in rows if r["report"] is not None for side in r["sweep"]}, key=int)
     if not sides:
         return []
-    tokens = {
+    # the first student measured at each side: the side's token count and the floor's ratio (shared by all)
+    measured = {
         side: next(
-            (r["sweep"][side][0] for r in rows if isinstance(r.get("sweep", {}).get(side), (tuple, list))),
-            None,
+            (r["sweep"][side] for r in rows if isinstance(r.get("sweep", {}).get(side), (tuple, list))), None
         )
         for side in sides
     }
-    head = " | ".join(f"{side} px ({tokens[side] or '?'} tokens)" for side in sides)
+    head = " | ".join(f"{side} px ({(measured[side] or [None])[0] or '?'} tokens)" for side in sides)
     lines = [
         "## Speed against the teacher over the sweep (batch 1, × teacher)",
         "",
         f"| model | {head} |",
         "|---|" + "---|" * len(sides),
     ]
-    floors = []
-    for side in sides:
-        found = next(
-            (r["sweep"][side] for r in rows if isinstance(r.get("sweep", {}).get(side), (tuple, list))), None
-        )
-        floors.append(ratio_text(found[2]) if found and found[2] is not None else "—")
+    floors = [ratio_text(measured[side][2]) if measured[side] else "—" for side in sides]
     lines.append("| floor (ceiling) | " + " | ".join(floors) + " |")
     for row in rows:
         if row["report"] is None:
