@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import script_module
+
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "attnxfer"
 
@@ -45,16 +47,22 @@ def test_no_function_local_imports_below_launch():
     assert not offenders, "function-local imports of attnxfer modules:\n" + "\n".join(offenders)
 
 
-#: the most lines one module of the package may have: past it, a file holds more than one job
-MAX_LINES = 600
+#: the most one-caller helpers of <= 2 statements the package may hold (scripts/one_caller_helpers.py): the
+#: rule in docs/architecture.md "What belongs together" folds a helper whose name adds nothing into its
+#: caller; lower this as helpers are folded, never raise it to let one in
+MAX_ONE_CALLER_HELPERS = 314
 
 
-def test_no_module_of_the_package_is_over_the_line_limit():
-    """Files under 600 lines: a module that grows past it splits by job (as the CLI's commands went one file
-    each into launch/commands/)."""
-    sizes = {path: len(path.read_text().splitlines()) for path in sorted(PACKAGE.rglob("*.py"))}
-    long = [f"{path.relative_to(ROOT)}: {n} lines" for path, n in sizes.items() if n > MAX_LINES]
-    assert not long, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(long)
+def test_one_caller_helpers_do_not_grow():
+    """Code that is read together stays together: a two-line function called from one place is a fragment
+    unless its name says something its caller's code would not (the count and how it is taken are in
+    scripts/one_caller_helpers.py)."""
+    helpers, _ = script_module("one_caller_helpers").one_caller_helpers(PACKAGE)
+    listed = "\n".join(f"  {where}:{line} {name}" for where, line, name in helpers)
+    assert len(helpers) <= MAX_ONE_CALLER_HELPERS, (
+        f"{len(helpers)} one-caller helpers (at most {MAX_ONE_CALLER_HELPERS}): fold the new ones into "
+        f"their caller, or say in the name what the caller's code would not:\n{listed}"
+    )
 
 
 def test_bare_import_loads_no_config_apps_or_launch():
