@@ -76,6 +76,21 @@ def size_arg(value: Any) -> int | tuple[int, int]:
     return h if h == w else (h, w)
 
 
+def vit_dims(c: dict[str, Any]) -> dict[str, Any]:
+    """timm's ViT arguments for the sizes every transformers ViT-style config (its defaults filled in) names
+    alike: image and patch size (an int where square), channels, width, depth and heads, in that order. The
+    MLP width and everything after it are each model's own."""
+    img, patch = pair(c["image_size"]), pair(c["patch_size"])
+    return dict(
+        img_size=img[0] if img[0] == img[1] else list(img),
+        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+        in_chans=int(c["num_channels"]),
+        embed_dim=int(c["hidden_size"]),
+        depth=int(c["num_hidden_layers"]),
+        num_heads=int(c["num_attention_heads"]),
+    )
+
+
 def mlp_ratio(hidden: int, dim: int) -> float:
     """The ``mlp_ratio`` for which timm's ``int(dim * mlp_ratio)`` is exactly ``hidden``."""
     ratio = hidden / dim

@@ -26,6 +26,7 @@ from ._common import (
     pair,
     timm_name,
     under,
+    vit_dims,
     vit_layer,
 )
 
@@ -52,15 +53,9 @@ def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """The timm VisionTransformer arguments every transformers ViT-layer model shares (ViT, DeiT, ViT-MAE,
     I-JEPA): dims, patch grid, activation, LayerNorm eps, qkv bias."""
     c = {**DEFAULTS, **config}
-    img, patch = pair(c["image_size"]), pair(c["patch_size"])
     dim = int(c["hidden_size"])
     return dict(
-        img_size=img[0] if img[0] == img[1] else list(img),
-        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
-        in_chans=int(c["num_channels"]),
-        embed_dim=dim,
-        depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
+        **vit_dims(c),
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
         qkv_bias=bool(c["qkv_bias"]),
         act_layer=activation(c),
@@ -110,14 +105,6 @@ def encoder(t: Taker, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _dropped(prefix: str) -> Any:
-    """What a ViT / DeiT checkpoint may carry that the timm encoder does not use: the pooler, the
-    mask token and decoder of masked image modelling, DeiT's class-token-only classifier."""
-    return lambda k: k.startswith(
-        (f"{prefix}pooler.", f"{prefix}embeddings.mask_token", "decoder.", "classifier.")
-    )
-
-
 def timm_weights(
     weights: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -132,4 +119,7 @@ def timm_weights(
             out.update(under("head_dist", linear(head, "distillation_classifier")))
         else:
             out.update(under("head", linear(head, "classifier")))
-    return t.finish(out, _dropped(t.prefix))
+    # what a ViT / DeiT checkpoint may carry that the timm encoder does not use: the pooler, the mask token
+    # and decoder of masked image modelling, DeiT's class-token-only classifier
+    unused = (f"{t.prefix}pooler.", f"{t.prefix}embeddings.mask_token", "decoder.", "classifier.")
+    return t.finish(out, lambda k: k.startswith(unused))
