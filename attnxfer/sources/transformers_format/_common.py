@@ -39,6 +39,17 @@ _ACTIVATIONS = {
 # embed_dim -> the size word timm's ViT names use (only to pick a familiar name; kwargs set every dim).
 _SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1152: "so400m", 1280: "huge", 1536: "giant"}
 
+#: ViT-Base's sizes, what transformers' ViT, DeiT, CLIP, SigLIP and BEiT config classes default to; each module's
+#: defaults add its class's own (activation, LayerNorm eps, patch size, ...)
+VIT_BASE: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    image_size=224,
+    num_channels=3,
+)
+
 
 def activation(config: dict[str, Any], key: str = "hidden_act") -> str:
     """timm's name for the config's activation; one transformers has that timm does not is a ValueError."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ._common import (
+    VIT_BASE,
     Taker,
     activation,
     architectures,
@@ -36,15 +37,10 @@ from ._common import (
 MODEL_TYPES: tuple[str, ...] = ("clip", "clip_vision_model")
 
 DEFAULTS: dict[str, Any] = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
+    VIT_BASE,
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
-    image_size=224,
     patch_size=32,
-    num_channels=3,
     projection_dim=512,
 )
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._common import (
+    VIT_BASE,
     Taker,
     activation,
     base_prefix,
@@ -36,15 +37,10 @@ from ._common import (
 MODEL_TYPES: tuple[str, ...] = ("siglip", "siglip_vision_model")
 
 DEFAULTS: dict[str, Any] = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
+    VIT_BASE,
     hidden_act="gelu_pytorch_tanh",
     layer_norm_eps=1e-6,
-    image_size=224,
     patch_size=16,
-    num_channels=3,
     vision_use_head=True,
 )
 

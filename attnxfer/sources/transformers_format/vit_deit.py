@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ._common import (
+    VIT_BASE,
     Taker,
     activation,
     base_prefix,
@@ -34,15 +35,10 @@ MODEL_TYPES: tuple[str, ...] = ("vit", "deit")
 
 # transformers' defaults for keys a config.json may leave out (ViTConfig / DeiTConfig).
 DEFAULTS: dict[str, Any] = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
+    VIT_BASE,
     hidden_act="gelu",
     layer_norm_eps=1e-12,
-    image_size=224,
     patch_size=16,
-    num_channels=3,
     qkv_bias=True,
 )
 
@@ -63,6 +59,14 @@ def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def vit_name(
+    kwargs: dict[str, Any], template: str = "vit_{size}_patch{p}_{i}", default: str = "vit_base_patch16_224"
+) -> str:
+    """timm's name for a ViT of these arguments (``vit_base_patch16_224``; DeiT's with DeiT's template)."""
+    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
+    return timm_name(template, default, kwargs["embed_dim"], p=patch, i=img)
+
+
 def _classes(config: dict[str, Any]) -> int:
     return head_classes(config, _DEIT_HEADS) if config["model_type"] == "deit" else head_classes(config)
 
@@ -70,20 +74,11 @@ def _classes(config: dict[str, Any]) -> int:
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kwargs = vit_kwargs(config)
     kwargs.update(num_classes=_classes(config), global_pool="token")
-    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
     if config["model_type"] == "deit":
-        name = timm_name(
-            "deit_{size}_distilled_patch{p}_{i}",
-            "deit_base_distilled_patch16_224",
-            kwargs["embed_dim"],
-            p=patch,
-            i=img,
-        )
-    else:
-        name = timm_name(
-            "vit_{size}_patch{p}_{i}", "vit_base_patch16_224", kwargs["embed_dim"], p=patch, i=img
-        )
-    return name, kwargs
+        return vit_name(
+            kwargs, "deit_{size}_distilled_patch{p}_{i}", "deit_base_distilled_patch16_224"
+        ), kwargs
+    return vit_name(kwargs), kwargs
 
 
 def embeddings(t: Taker, prefix_tokens: tuple[str, ...] = ("cls_token",)) -> dict[str, torch.Tensor]:
