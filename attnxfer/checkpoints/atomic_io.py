@@ -15,14 +15,6 @@ from pathlib import Path
 from typing import Any
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: Path) -> None:
     """Persist a dir's entries (a rename or a new file). Some filesystems refuse; that is fine."""
     try:

@@ -86,12 +86,6 @@ _TIMM_VIT_STAND_IN = (
 )
 
 
-def _is_timm_native(arch: str) -> bool:
-    from timm.models import model_entrypoint
-
-    return model_entrypoint(arch).__module__.startswith("timm.")
-
-
 def _plain_timm_twin(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """The student rebuilt with timm's own classes only, holding the student's weights."""
     import timm
@@ -270,8 +264,10 @@ def _export_spec(student: nn.Module) -> tuple[dict[str, Any], bool]:
     An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer:
     name a timm entrypoint of that class, with arguments read off the modules that pin every choice the
     entrypoint would otherwise set (the twin's logits are checked bit-identical before it is written)."""
+    from timm.models import model_entrypoint
+
     spec = student_spec(student)
-    native = _is_timm_native(spec["architecture"])
+    native = model_entrypoint(spec["architecture"]).__module__.startswith("timm.")
     if native or type(student) is not VisionTransformer:
         return spec, native
     traits = vit_traits(student)
@@ -350,35 +346,25 @@ def _write_timm_format(
             safe_serialization=True,
             model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
         )
-        _name_the_loader(folder / "config.json", kind)
-    _fit_timm_wrapper(folder / "config.json")
-
-
-def efficient_architecture(kind: str) -> str:
-    """config.json's ``architecture`` for a student timm cannot build: timm prints an unknown architecture
-    verbatim (``RuntimeError: Unknown model (...)``), so the name is the instruction. (An ``attn_layer`` timm
-    does not know only gets ``Unknown attn_layer: None``.)"""
-    return f"attnxfer student with {kind} attention, not a timm model: load it with attnxfer.load_student"
-
-
-def _name_the_loader(config_file: Path, kind: str) -> None:
-    """An efficient student's config.json: plain timm (and transformers' wrapper) stop at once with a message
-    naming `attnxfer.load_student`; its timm base architecture stays in ``attnxfer.student``."""
+    config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["architecture"] = efficient_architecture(kind)
-    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-
-def _fit_timm_wrapper(config_file: Path) -> None:
-    """config.json as transformers' timm wrapper reads it too: ``model_args`` without ``num_classes``.
-
-    The wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)`` (its own class
-    count: the config's for a classifier, 0 for ``AutoModel``), so a ``num_classes`` inside ``model_args``
-    is a second value for that argument and the load fails. timm itself takes the class count from the
-    top-level ``num_classes``, so nothing is lost."""
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    rewrite = kind != SOFTMAX
+    if kind != SOFTMAX:
+        # plain timm (and transformers' wrapper) stop at once with a message naming `attnxfer.load_student`
+        # (timm prints an unknown architecture verbatim, ``RuntimeError: Unknown model (...)``, so the name is
+        # the instruction; an ``attn_layer`` timm does not know only gets ``Unknown attn_layer: None``); the
+        # timm base architecture stays in ``attnxfer.student``
+        config["architecture"] = (
+            f"attnxfer student with {kind} attention, not a timm model: load it with attnxfer.load_student"
+        )
     if "num_classes" in config.get("model_args", {}):
+        # transformers' timm wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)``
+        # (its own class count: the config's for a classifier, 0 for ``AutoModel``), so a ``num_classes``
+        # inside ``model_args`` is a second value for that argument and the load fails; timm itself takes
+        # the class count from the top-level ``num_classes``, so nothing is lost
         config["model_args"].pop("num_classes")
+        rewrite = True
+    if rewrite:
         config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
@@ -473,14 +459,10 @@ def push_export(
 # From a run directory
 
 
-def _step_of(ckpt: Path) -> int:
-    m = re.fullmatch(r"step-(\d+)", ckpt.name)
-    return int(m.group(1)) if m else -1
-
-
 def _card_metrics(run: RunDir, ckpt: Path) -> dict[str, Any]:
     state = run.checkpoint_state(ckpt)
-    step = state.get("step", _step_of(ckpt))
+    named = re.fullmatch(r"step-(\d+)", ckpt.name)
+    step = state.get("step", int(named.group(1)) if named else -1)
     if state.get("metrics"):
         return {"step": step, **state["metrics"]}
     rows = run.metric_rows()

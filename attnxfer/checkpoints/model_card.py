@@ -55,10 +55,6 @@ class ModelCardInfo:
             self.teacher = self.teacher.to_dict()
 
 
-def _non_commercial(license_id: str) -> bool:
-    return bool(re.search(r"(^|[-_ ])nc([-_ ]|$)", license_id.lower()))
-
-
 def _teacher_name(teacher: dict[str, Any] | None) -> str:
     if not teacher:
         return "(no teacher recorded)"
@@ -77,7 +73,7 @@ def card_license(card: ModelCardInfo) -> tuple[str, str]:
     teacher = card.teacher or {}
     tl = teacher.get("license")
     name = _teacher_name(teacher)
-    if tl and _non_commercial(tl):
+    if tl and re.search(r"(^|[-_ ])nc([-_ ]|$)", tl.lower()):  # a non-commercial licence
         if card.license and card.license.lower() != tl.lower():
             raise InputError(
                 f"the teacher {name} is licensed {tl} (non-commercial); a student trained from it "
@@ -200,7 +196,11 @@ def render_model_card(
         _student_section(card, spec, shape, native_arch=native_arch),
         "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
         _metrics_section(card, data),
-        _recipe_section(card),
+        (
+            f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
+            if card.recipe
+            else ""
+        ),
         loading,
     ]
     # huggingface_hub writes the metadata (model-index included) and checks that it parses back
@@ -332,14 +332,6 @@ def _metrics_section(card: ModelCardInfo, data: ModelCardData) -> str:
         out
         + "| metric | value |\n|---|---|\n"
         + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items())
-    )
-
-
-def _recipe_section(card: ModelCardInfo) -> str:
-    if not card.recipe:
-        return ""
-    return (
-        f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
     )
 
 

@@ -77,21 +77,16 @@ class OnnxReport:
         return asdict(self)
 
 
-def missing_onnx_packages() -> list[str]:
-    """The packages of the ``onnx`` extra that are not installed (or cannot be imported)."""
-    return [pip for module, pip in _PACKAGES.items() if not _installed(module)]
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a module blocked in sys.modules (None) has no spec either
-        return False
-
-
 def require_onnx() -> None:
     """Stop before any work when the ONNX packages are missing, saying how to install them."""
-    missing = missing_onnx_packages()
+    missing = []
+    for module, pip in _PACKAGES.items():
+        try:
+            installed = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a module blocked in sys.modules (None) has no spec either
+            installed = False
+        if not installed:
+            missing.append(pip)
     if missing:
         raise UserError(
             f"--format onnx needs {', '.join(missing)}: pip install 'attnxfer[onnx]' "

@@ -18,13 +18,9 @@ def process_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return _state(pid) not in ("Z", "X")
-
-
-def _state(pid: int) -> str | None:
-    """The process's state letter (Linux /proc: R, S, D, Z, X, ...), or None where unknown."""
+    # the process's state letter (Linux /proc: R, S, D, Z, X, ...); unknown counts as alive
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[0]
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")

@@ -32,44 +32,24 @@ def _byte_tensor(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(_unb64(text)), dtype=torch.uint8)
 
 
-def _capture_python() -> dict:
-    version, internal, gauss_next = random.getstate()
-    return {
-        "version": version,
-        "internal": _b64(np.asarray(internal, dtype="<u4").tobytes()),
-        "gauss_next": gauss_next,
-    }
-
-
-def _restore_python(state: dict) -> None:
-    internal = tuple(int(x) for x in np.frombuffer(_unb64(state["internal"]), dtype="<u4"))
-    random.setstate((state["version"], internal, state["gauss_next"]))
-
-
-def _capture_numpy() -> dict:
-    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    return {
-        "bit_generator": name,
-        "keys": _b64(np.asarray(keys, dtype="<u4").tobytes()),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached_gaussian": float(cached_gaussian),
-    }
-
-
-def _restore_numpy(state: dict) -> None:
-    keys = np.frombuffer(_unb64(state["keys"]), dtype="<u4").astype(np.uint32)
-    np.random.set_state(
-        (state["bit_generator"], keys, state["pos"], state["has_gauss"], state["cached_gaussian"])
-    )
-
-
 def capture_rng_state() -> dict[str, Any]:
     """Snapshot of every global generator, JSON-serialisable."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     state: dict[str, Any] = {
         "format": RNG_FORMAT,
-        "python": _capture_python(),
-        "numpy": _capture_numpy(),
+        "python": {
+            "version": version,
+            "internal": _b64(np.asarray(internal, dtype="<u4").tobytes()),
+            "gauss_next": gauss_next,
+        },
+        "numpy": {
+            "bit_generator": name,
+            "keys": _b64(np.asarray(keys, dtype="<u4").tobytes()),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch_cpu": _b64(torch.get_rng_state().numpy().tobytes()),
     }
     if torch.cuda.is_available():
@@ -86,8 +66,13 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         raise ValueError(
             f"RNG state must come from capture_rng_state (format '{RNG_FORMAT}'), got {str(state)[:80]!r}"
         )
-    _restore_python(state["python"])
-    _restore_numpy(state["numpy"])
+    python, numpy = state["python"], state["numpy"]
+    internal = tuple(int(x) for x in np.frombuffer(_unb64(python["internal"]), dtype="<u4"))
+    random.setstate((python["version"], internal, python["gauss_next"]))
+    keys = np.frombuffer(_unb64(numpy["keys"]), dtype="<u4").astype(np.uint32)
+    np.random.set_state(
+        (numpy["bit_generator"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"])
+    )
     torch.set_rng_state(_byte_tensor(state["torch_cpu"]))
     cuda_states = state.get("torch_cuda") or []
     if cuda_states:

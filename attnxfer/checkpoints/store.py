@@ -62,7 +62,6 @@ from .atomic_io import (  # moved to atomic_io.py
     _dump_json,
     _exchange,
     _fsync_dir,
-    _fsync_file,
     _write_file_synced,
     atomic_write_bytes as atomic_write_bytes,
     atomic_write_json as atomic_write_json,
@@ -86,10 +85,10 @@ from .verify import (  # reading one checkpoint dir back
     CorruptCheckpointError,
     CorruptCheckpointWarning,
     load_checkpoint,
-    step_dir_name,
     verify_checkpoint,
 )
 
+_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
 _GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _TEMP_PREFIX = ".tmp-"
 _TRASH_PREFIX = ".trash-"
@@ -125,42 +124,6 @@ def _checked_save(
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     metric = _check_metric(metric)
-    _check_tensor_groups(tensors)
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a JSON-serialisable dict, got {type(state).__name__}")
-    return _dump_json(dict(state), "checkpoint state"), metric
-
-
-def _write_checkpoint_files(
-    folder: Path,
-    step: int,
-    tensors: Mapping[str, Mapping[str, torch.Tensor]],
-    state_text: str,
-    metric: float | None,
-) -> None:
-    """Every file of a checkpoint into ``folder``, each fsynced: one safetensors per tensor group, the state,
-    and last the manifest (size and sha256 of each), then the folder itself."""
-    files = {}
-    for group, tdict in tensors.items():
-        name = f"{group}.safetensors"
-        _save_safetensors(_prepare_for_safetensors(tdict), folder / name)
-        _fsync_file(folder / name)
-        files[name] = {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-    state_bytes = state_text.encode("utf-8")
-    _write_file_synced(folder / STATE_NAME, state_bytes)
-    files[STATE_NAME] = {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()}
-    manifest = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "metric": metric,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "files": files,
-    }
-    _write_file_synced(folder / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))
-    _fsync_dir(folder)
-
-
-def _check_tensor_groups(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must map group name -> {{name: Tensor}}, got {type(tensors).__name__}")
     for group, tdict in tensors.items():
@@ -179,6 +142,52 @@ def _check_tensor_groups(tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> N
                     f"tensors[{group!r}] must be a flat dict str -> Tensor; entry {name!r} is "
                     f"{type(t).__name__} (nested state? use state_dict_to_tensors)"
                 )
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a JSON-serialisable dict, got {type(state).__name__}")
+    return _dump_json(dict(state), "checkpoint state"), metric
+
+
+def _write_checkpoint_files(
+    folder: Path,
+    step: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]],
+    state_text: str,
+    metric: float | None,
+) -> None:
+    """Every file of a checkpoint into ``folder``, each fsynced: one safetensors per tensor group, the state,
+    and last the manifest (size and sha256 of each), then the folder itself."""
+    files = {}
+    for group, tdict in tensors.items():
+        name = f"{group}.safetensors"
+        path = folder / name
+        # safetensors' I/O failures (a full disk: "No space left on device (os error 28)") come back as the
+        # `OSError` they are, naming the file, so callers can tell a full disk from a bug
+        try:
+            save_file(_prepare_for_safetensors(tdict), path, metadata={"format": "pt"})
+        except SafetensorError as e:
+            code = _OS_ERROR_RE.search(str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
+        give_normal_mode(path)  # safetensors writes 0600; its neighbours (state.json, MANIFEST.json) are 0644
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+    state_bytes = state_text.encode("utf-8")
+    _write_file_synced(folder / STATE_NAME, state_bytes)
+    files[STATE_NAME] = {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()}
+    manifest = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "metric": metric,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "files": files,
+    }
+    _write_file_synced(folder / MANIFEST_NAME, _dump_json(manifest, "manifest").encode("utf-8"))
+    _fsync_dir(folder)
 
 
 def _prepare_for_safetensors(tdict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,22 +214,6 @@ def _check_metric(metric: float | None) -> float | None:
     if not math.isfinite(metric):
         raise ValueError(f"metric must be finite to rank checkpoints, got {metric}; pass metric=None instead")
     return metric
-
-
-_OS_ERROR_RE = re.compile(r"\(os error (\d+)\)")
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' ``save_file``; its I/O failures (a full disk: "No space left on device (os error 28)")
-    come back as the `OSError` they are, naming ``path``, so callers can tell a full disk from a bug."""
-    try:
-        save_file(tensors, path, metadata={"format": "pt"})
-        give_normal_mode(path)  # safetensors writes 0600; its neighbours (state.json, MANIFEST.json) are 0644
-    except SafetensorError as e:
-        code = _OS_ERROR_RE.search(str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from e
 
 
 def _owner_tag() -> str:
@@ -273,7 +266,7 @@ class CheckpointManager:
 
     # ---- paths -------------------------------------------------------------------------
     def path_for(self, step: int) -> Path:
-        return self.dir / step_dir_name(step)
+        return self.dir / f"step-{step:08d}"
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
         """All ``step-*`` dirs, newest first, unverified."""
@@ -360,7 +353,9 @@ class CheckpointManager:
             if kept is not None and not replace:
                 return kept
             swap = kept is not None
-        self._ensure_dir()
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self.run_dir)
         tmp = self.dir / f"{_TEMP_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}"
         os.mkdir(tmp)
         try:
@@ -396,11 +391,6 @@ class CheckpointManager:
         os.rename(path, aside)
         _fsync_dir(self.dir)
         return aside
-
-    def _ensure_dir(self) -> None:
-        if not self.dir.is_dir():
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.run_dir)
 
     def _resolve_existing(self, final: Path, exist_ok: bool) -> Path | None:
         try:

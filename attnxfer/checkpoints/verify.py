@@ -73,10 +73,6 @@ class CheckpointInfo:
         return f"checkpoint step {self.step}{metric} at {self.path}"
 
 
-def step_dir_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
 def _read_manifest(path: Path) -> dict:
     manifest_path = path / MANIFEST_NAME
     if not path.is_dir():

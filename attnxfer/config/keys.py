@@ -104,7 +104,7 @@ def section(
     """A section of the config (a nested dataclass); ``resumable=True``: a resumed run may change every key
     in it (how long it trains, how it logs and saves); ``search_resumable=True``: a resumed search may.
     ``command``: the one command that reads it (``convert``, ``pretrain``, ``search``); the config another
-    command writes or prints leaves it out (`sections_of`)."""
+    command writes or prints leaves it out (`to_dict`)."""
     metadata = {
         _SECTION: True,
         _RESUMABLE: bool(resumable),
@@ -117,14 +117,6 @@ def section(
 def section_command(f: dataclasses.Field) -> str | None:
     """The one command that reads the section ``f`` (None: every command that runs a config)."""
     return f.metadata.get(_COMMAND)
-
-
-def sections_of(cls: type, command: str | None) -> list[str]:
-    """The top-level fields of ``cls`` that ``command``'s config holds: every one but the sections another
-    command alone reads (None: every one)."""
-    return [
-        f.name for f in dataclasses.fields(cls) if command is None or section_command(f) in (None, command)
-    ]
 
 
 @functools.cache
@@ -173,11 +165,6 @@ def leaves(
             yield from leaves(f.default_factory, name + ".", may_change, search_may)
         else:
             yield Leaf(name, rule_of(f), may_change, cls, search_may)
-
-
-def ranges(cls: type) -> dict[str, Range]:
-    """Dotted key -> the values it accepts, for every key under ``cls``."""
-    return {leaf.name: leaf.range for leaf in leaves(cls)}
 
 
 def resumable_keys(cls: type) -> tuple[str, ...]:

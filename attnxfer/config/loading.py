@@ -45,16 +45,6 @@ def resolve_recipe(path: str | Path) -> Path:
     )
 
 
-def _read_yaml(p: Path) -> Any:
-    """A config file's keys; a repeated key or bad YAML is one line naming the file and line."""
-    try:
-        return load_yaml(p.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {str(p)!r} is not a text YAML file (binary content?)") from None
-    except YAMLError as e:
-        raise ConfigError(f"config file {str(p)!r}, {describe_yaml_error(e)}") from None
-
-
 def run_config_dir(path: Path) -> Path | None:
     """The run dir whose own record ``path`` is: a ``config.yaml`` beside what attnxfer writes into a run."""
     if path.name != RUN_CONFIG:
@@ -111,7 +101,12 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
             loop = " -> ".join(str(q) for q in [*seen, p.resolve()])
             raise ConfigError(f"recipes start from each other in a cycle: {loop}; remove one base")
         seen.append(p.resolve())
-        data = _read_yaml(p)
+        try:  # a repeated key or bad YAML is one line naming the file and line
+            data = load_yaml(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(p)!r} is not a text YAML file (binary content?)") from None
+        except YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r}, {describe_yaml_error(e)}") from None
         if not isinstance(data, Mapping):
             raise ConfigError(
                 f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"

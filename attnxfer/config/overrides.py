@@ -16,7 +16,7 @@ from typing import Any, Union
 
 import yaml
 
-from .keys import ConfigError, Range, field_types, rule_of, sections_of
+from .keys import ConfigError, Range, field_types, rule_of, section_command
 from .renamed import respell
 from .strict_yaml import describe_yaml_error, load_yaml
 
@@ -47,7 +47,11 @@ def to_dict(cfg: Any, command: str | None = None) -> dict[str, Any]:
     """The config as nested dicts; with ``command`` (train, convert, pretrain, search, ...) only the sections
     that command reads: a train run's record lists no ``convert``/``mae``/``search`` key it never reads."""
     full = dataclasses.asdict(cfg)
-    return {name: full[name] for name in sections_of(type(cfg), command)}
+    return {
+        f.name: full[f.name]
+        for f in dataclasses.fields(cfg)
+        if command is None or section_command(f) in (None, command)
+    }
 
 
 def dump_config(cfg: Any, command: str | None = None) -> str:
@@ -226,17 +230,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _parse_value(key: str, raw: str) -> Any:
-    if not raw.strip():
-        return None
-    try:
-        return load_yaml(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(
-            f"override {key}={raw!r}: value is not valid YAML ({describe_yaml_error(e)})"
-        ) from None
-
-
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in flat.items():
@@ -253,14 +246,16 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``)."""
     types_cache: dict[Any, dict[str, Any]] = {}
-    parsed = {
-        key: (
-            _parse_value(key, value)
-            if isinstance(value, str) and not _is_str_field(type(cfg), key, types_cache)
-            else value
-        )
-        for key, value in overrides.items()
-    }
+    parsed = {}
+    for key, value in overrides.items():
+        if isinstance(value, str) and not _is_str_field(type(cfg), key, types_cache):
+            try:
+                value = load_yaml(value) if value.strip() else None
+            except yaml.YAMLError as e:
+                raise ConfigError(
+                    f"override {key}={value!r}: value is not valid YAML ({describe_yaml_error(e)})"
+                ) from None
+        parsed[key] = value
     return validate_config(merge_values(cfg, _nest(parsed)))
 
 

@@ -179,10 +179,6 @@ class RenamedKey:
     move: Move
     take: Take | None = None
 
-    def taken(self, data: dict) -> tuple[bool, Any]:
-        """Whether ``data`` spells it the old way, and the old value (taken out of ``data``)."""
-        return self.take(data) if self.take is not None else _pop(data, self.old)
-
     @property
     def note(self) -> str:
         return f"{self.old} is now {self.new}"
@@ -237,7 +233,8 @@ def respell(data: Mapping[str, Any], cfg: Any = None, *, note: bool = True) -> d
     the data is a whole recorded config). Each old spelling read is said once (``note``)."""
     out = copy.deepcopy(dict(data))
     for renamed in RENAMED_KEYS:
-        found, value = renamed.taken(out)
+        # whether ``out`` spells it the old way, and the old value (taken out of ``out``)
+        found, value = renamed.take(out) if renamed.take is not None else _pop(out, renamed.old)
         if not found:
             continue
         if value != renamed.default:

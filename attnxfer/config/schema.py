@@ -21,7 +21,6 @@ from .keys import (
     Range,
     key,
     leaves,
-    ranges,
     resumable_keys,
     search_resumable_keys,
     section,
@@ -418,7 +417,7 @@ class TrainConfig:
 # -- tables derived from the fields (never written out: a new key is one field above) --------------------
 
 #: every config key and what it accepts; numbers out of range fail with the key named
-RANGES: dict[str, Range] = ranges(TrainConfig)
+RANGES: dict[str, Range] = {leaf.name: leaf.range for leaf in leaves(TrainConfig)}
 
 #: the dotted keys a resumed run may change (`attnxfer.apps.run.resume`); everything else names what the
 #: checkpoint's weights, optimiser state and data position mean

@@ -72,12 +72,6 @@ COMMAND_KEY = "command"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+,-]*$")
 
 
-def is_shared(key: str, command: str = "train") -> bool:
-    """Whether every student of a study of ``command`` must have the same value for ``key``."""
-    keys = SHARED_KEYS + (CONVERT_SHARED_KEYS if command == "convert" else ())
-    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
-
-
 @dataclass(frozen=True)
 class Student:
     """One student of a study: its name (its folder in the study's run dir) and the keys it changes."""
@@ -159,7 +153,11 @@ def load_study(
         base = apply_overrides(base, parse_overrides(overrides))
     base = validate_config(base)
     students = names_on_record(base.run_dir, _cross(listed, _combinations(vary)))
-    check_names(students)
+    seen: set[str] = set()  # each student once: two with one name would share a folder
+    for s in students:
+        if s.name in seen:
+            raise ConfigError(f"two students are named {s.name!r}: give each student its own name")
+        seen.add(s.name)
     if not students:
         raise ConfigError(
             "a study needs students: list them under students: in the YAML (each a name and the keys it "
@@ -234,7 +232,10 @@ def _listed(file: Path, entries: Any) -> list[Student]:
 def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested sections as dotted keys (``{transfer: {mode: copy}}`` -> ``{"transfer.mode": "copy"}``); a
     section's mapping-valued key (``model.kwargs``) stays one value."""
-    sections = {k.rstrip(".") for k in config_keys() for k in _prefixes(k)}
+    sections: set[str] = set()  # every section's dotted name: each key's proper prefixes
+    for known in config_keys():
+        parts = known.split(".")
+        sections |= {".".join(parts[:i]) for i in range(1, len(parts))}
     out: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -243,11 +244,6 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
-
-
-def _prefixes(key: str) -> list[str]:
-    parts = key.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts))]
 
 
 def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
@@ -312,19 +308,14 @@ def _check_student(student: Student, command: str) -> None:
         raise ConfigError(
             f"student name {student.name!r} must be a folder name (letters, digits, . _ = + , -; e.g. {safe!r})"
         )
-    shared = [k for k in student.overrides if is_shared(k, command)]
+    # the keys every student of a study of ``command`` must have the same value for
+    keys = SHARED_KEYS + (CONVERT_SHARED_KEYS if command == "convert" else ())
+    shared = [
+        k for k in student.overrides if any(k == s or (s.endswith(".") and k.startswith(s)) for s in keys)
+    ]
     if shared:
         raise ConfigError(
             f"student {student.name!r} sets {', '.join(shared)}, which every student of a study shares (one "
             "batch, one teacher pass and one schedule for all): set it once for the study (-c BASE or a "
             "key=value before --vary), or run another study"
         )
-
-
-def check_names(students: Sequence[Student]) -> None:
-    """Each student once: two with one name would share a folder."""
-    seen: set[str] = set()
-    for s in students:
-        if s.name in seen:
-            raise ConfigError(f"two students are named {s.name!r}: give each student its own name")
-        seen.add(s.name)

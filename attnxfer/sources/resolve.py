@@ -157,21 +157,6 @@ def _refuse_path(spec: str) -> None:
         raise MissingPathError(f"teacher {spec!r}: {missing_path(path)}")
 
 
-def _unsafe_message(path: Path, why: str) -> str:
-    return (
-        f"{path} cannot be read safely: {why}.\n"
-        "attnxfer reads .pth/.bin files with torch.load(weights_only=True), which admits tensors and plain "
-        "containers only; this file also holds pickled Python objects (an argparse.Namespace of training args, "
-        "a custom class, ...). Unpickling those would run whatever code the file names, so it is refused.\n"
-        "If you trust the file, convert it once on a trusted machine and load the result instead:\n"
-        '    python -c "import torch; from safetensors.torch import save_file; '
-        f"ck = torch.load('{path.name}', map_location='cpu', weights_only=False); "
-        "sd = ck.get('model', ck) if isinstance(ck, dict) else ck.state_dict(); "
-        f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"\n"
-        f"then: load_teacher('{path.stem}.safetensors', arch=...)"
-    )
-
-
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
@@ -253,7 +238,18 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             if culprit
             else "it needs objects torch's weights-only reader refuses"
         )
-        raise UnsafeCheckpointError(_unsafe_message(path, why)) from None
+        raise UnsafeCheckpointError(
+            f"{path} cannot be read safely: {why}.\n"
+            "attnxfer reads .pth/.bin files with torch.load(weights_only=True), which admits tensors and plain "
+            "containers only; this file also holds pickled Python objects (an argparse.Namespace of training args, "
+            "a custom class, ...). Unpickling those would run whatever code the file names, so it is refused.\n"
+            "If you trust the file, convert it once on a trusted machine and load the result instead:\n"
+            '    python -c "import torch; from safetensors.torch import save_file; '
+            f"ck = torch.load('{path.name}', map_location='cpu', weights_only=False); "
+            "sd = ck.get('model', ck) if isinstance(ck, dict) else ck.state_dict(); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"\n"
+            f"then: load_teacher('{path.stem}.safetensors', arch=...)"
+        ) from None
     if _is_tensor_dict(obj):
         return _strip_wrappers(obj), None
     if isinstance(obj, dict):
@@ -486,8 +482,17 @@ def _resolve_local_dir(
             preprocessor=str(pre) if pre.is_file() else None,
             readme=str(folder / "README.md"),
         )
-    else:
-        res = _resolve_timm_dir(folder)
+    else:  # timm's Hub layout, read by timm (its pretrained cfg, architecture and arguments)
+        cfg, architecture, model_args = _parse_timm_config(folder)
+        res = Resolved(
+            Origin.LOCAL_DIR,
+            architecture,
+            cfg,
+            model_args=model_args,
+            files=[str(folder / "config.json")],
+            license=cfg.get("license") or _readme_license(str(folder / "README.md")),
+            named=_registered_as(folder / "config.json"),
+        )
     if pretrained:
         found = [folder / n for n in (*_HUB_WEIGHT_FILES, _SHARD_INDEX) if (folder / n).is_file()]
         if not found:
@@ -500,20 +505,6 @@ def _resolve_local_dir(
         if res.weights.endswith(_SHARD_INDEX):
             res.files += [str(p) for p in shard_files(res.weights)]
     return res
-
-
-def _resolve_timm_dir(folder: Path) -> Resolved:
-    """A folder in timm's Hub layout, read by timm (its pretrained cfg, architecture and arguments)."""
-    cfg, architecture, model_args = _parse_timm_config(folder)
-    return Resolved(
-        Origin.LOCAL_DIR,
-        architecture,
-        cfg,
-        model_args=model_args,
-        files=[str(folder / "config.json")],
-        license=cfg.get("license") or _readme_license(str(folder / "README.md")),
-        named=_registered_as(folder / "config.json"),
-    )
 
 
 def _resolve_file(

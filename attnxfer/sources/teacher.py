@@ -61,8 +61,6 @@ from .teacher_build import (
     create_teacher_model,
     other_size,
     rebuilt,
-    record_size,
-    source_size,
 )
 
 _logger = logging.getLogger(__name__)
@@ -416,7 +414,13 @@ def _build(
     if size is not None and resize is not None:
         model = rebuilt(model, res.architecture, cfg, {**kwargs, "img_size": size.side}, resize)
     if size is not None:
-        record_size(model, size.side)
+        # the size the rebuilt teacher runs at, in its pretrained config (what `image_input` reads for a family
+        # that records none, PVTv2; what a mirrored student and the run record inherit)
+        chans = image_input(model).in_chans
+        model.pretrained_cfg = {
+            **getattr(model, "pretrained_cfg", {}),
+            "input_size": (chans, size.side, size.side),
+        }
     _forget_unrecorded_args(model, res.unrecorded_args)
     try:
         make_transfer_aware(model)
@@ -472,6 +476,12 @@ def _record(
             src = (src, src) if isinstance(src, int) else tuple(src)
             resampled = resampled or image_input(model).img_size != src
     model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_model_args"}
+    # the (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
+    # (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)
+    source_img_size: tuple[int, ...] = ()
+    known = res.source.has_timm_metadata or res.model_args.get("img_size")
+    if size is not None and size.native is not None and known:
+        source_img_size = tuple(size.native)
     return TeacherRecord(
         spec=spec,
         architecture=res.named
@@ -492,7 +502,7 @@ def _record(
         num_classes=int(getattr(model, "num_classes", 0)),
         dropped_keys=list(dropped),
         resampled_pos_embed=bool(resampled),
-        source_img_size=source_size(res, size),
+        source_img_size=source_img_size,
         resized_by=size.sizes.how if size is not None else None,
         model_args=_json_safe(model_args),
         source_format=res.source_format,

@@ -84,13 +84,6 @@ def rebuilt(
     return twin
 
 
-def record_size(model: nn.Module, side: int) -> None:
-    """The size a rebuilt teacher runs at, in its pretrained config (what `image_input` reads for a family that
-    records none, PVTv2; what a mirrored student and the run record inherit)."""
-    chans = image_input(model).in_chans
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": (chans, side, side)}
-
-
 def create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` for a family with its own attention classes. A family whose constructor takes
     no ``img_size`` (PVTv2: any input its strides divide) is built without it."""
@@ -101,11 +94,3 @@ def create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict
             raise
     kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
     return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
-
-
-def source_size(res: Resolved, size: OtherSize | None) -> tuple[int, ...]:
-    """The (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
-    (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)."""
-    if size is None or size.native is None:
-        return ()
-    return tuple(size.native) if res.source.has_timm_metadata or res.model_args.get("img_size") else ()

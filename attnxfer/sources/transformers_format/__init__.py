@@ -118,7 +118,12 @@ def describe(
             f"{where}: transformers {config['model_type']} config cannot be mapped to timm: {detail}"
         ) from None
     cfg = _pretrained_cfg(arch, kwargs, config, preprocessor, license, where)
-    unrecorded = tuple(k for k, v in kwargs.items() if not _is_json(v))
+    unrecorded = []  # construction arguments no JSON value names
+    for k, v in kwargs.items():
+        try:
+            json.dumps(v)
+        except TypeError:
+            unrecorded.append(k)
 
     def convert(
         weights: dict[str, torch.Tensor], weights_file: str
@@ -141,16 +146,8 @@ def describe(
         model_args=kwargs,
         pretrained_cfg=cfg,
         convert=convert,
-        unrecorded_args=unrecorded,
+        unrecorded_args=tuple(unrecorded),
     )
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _check_shapes(mapped: dict[str, torch.Tensor], arch: str, kwargs: dict[str, Any]) -> None:

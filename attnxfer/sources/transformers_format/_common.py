@@ -39,6 +39,17 @@ _ACTIVATIONS = {
 # embed_dim -> the size word timm's ViT names use (only to pick a familiar name; kwargs set every dim).
 _SIZES = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1152: "so400m", 1280: "huge", 1536: "giant"}
 
+#: ViT-Base's sizes, what transformers' ViT, DeiT, CLIP, SigLIP and BEiT config classes default to; each module's
+#: defaults add its class's own (activation, LayerNorm eps, patch size, ...)
+VIT_BASE: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    image_size=224,
+    num_channels=3,
+)
+
 
 def activation(config: dict[str, Any], key: str = "hidden_act") -> str:
     """timm's name for the config's activation; one transformers has that timm does not is a ValueError."""
@@ -74,6 +85,21 @@ def size_arg(value: Any) -> int | tuple[int, int]:
     """A size as timm's constructors take it: an int when square, else (h, w)."""
     h, w = pair(value)
     return h if h == w else (h, w)
+
+
+def vit_dims(c: dict[str, Any]) -> dict[str, Any]:
+    """timm's ViT arguments for the sizes every transformers ViT-style config (its defaults filled in) names
+    alike: image and patch size (an int where square), channels, width, depth and heads, in that order. The
+    MLP width and everything after it are each model's own."""
+    img, patch = pair(c["image_size"]), pair(c["patch_size"])
+    return dict(
+        img_size=img[0] if img[0] == img[1] else list(img),
+        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
+        in_chans=int(c["num_channels"]),
+        embed_dim=int(c["hidden_size"]),
+        depth=int(c["num_hidden_layers"]),
+        num_heads=int(c["num_attention_heads"]),
+    )
 
 
 def mlp_ratio(hidden: int, dim: int) -> float:

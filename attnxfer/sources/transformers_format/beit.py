@@ -29,21 +29,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Taker, base_prefix, head_classes, legacy_names, norm_layer, size_arg
+from ._common import VIT_BASE, Taker, base_prefix, head_classes, legacy_names, norm_layer, size_arg
 
 MODEL_TYPES: tuple[str, ...] = ("beit", "data2vec-vision")
 
 # config.json values a checkpoint may omit: the transformers config classes' defaults
 _DEFAULTS = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
+    VIT_BASE,
     hidden_act="gelu",
     layer_norm_eps=1e-12,
-    image_size=224,
     patch_size=16,
-    num_channels=3,
     use_absolute_position_embeddings=False,
     use_relative_position_bias=False,
     use_shared_relative_position_bias=False,

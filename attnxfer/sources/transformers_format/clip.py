@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ._common import (
+    VIT_BASE,
     Taker,
     activation,
     architectures,
@@ -30,20 +31,16 @@ from ._common import (
     pair,
     timm_name,
     under,
+    vit_dims,
 )
 
 MODEL_TYPES: tuple[str, ...] = ("clip", "clip_vision_model")
 
 DEFAULTS: dict[str, Any] = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
+    VIT_BASE,
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
-    image_size=224,
     patch_size=32,
-    num_channels=3,
     projection_dim=512,
 )
 
@@ -67,15 +64,9 @@ def _projection(config: dict[str, Any]) -> int:
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     c = vision_config(config)
-    img, patch = pair(c["image_size"]), pair(c["patch_size"])
     dim = int(c["hidden_size"])
     kwargs = dict(
-        img_size=img[0] if img[0] == img[1] else list(img),
-        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
-        in_chans=int(c["num_channels"]),
-        embed_dim=dim,
-        depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
+        **vit_dims(c),
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
         pre_norm=True,
         act_layer=activation(c),
@@ -83,7 +74,8 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         num_classes=_projection(config),
         **norm_layer(c["layer_norm_eps"], timm_default=1e-5),
     )
-    name = timm_name("vit_{size}_patch{p}_clip_{i}", "vit_base_patch16_clip_224", dim, p=patch[0], i=img[0])
+    patch, img = pair(c["patch_size"])[0], pair(c["image_size"])[0]
+    name = timm_name("vit_{size}_patch{p}_clip_{i}", "vit_base_patch16_clip_224", dim, p=patch, i=img)
     return name, kwargs
 
 

@@ -26,6 +26,7 @@ from ._common import (
     pair,
     timm_name,
     under,
+    vit_dims,
 )
 
 MODEL_TYPES: tuple[str, ...] = ("dinov2", "dinov2_with_registers")
@@ -50,23 +51,11 @@ def _registers(config: dict[str, Any]) -> int:
     return int(config.get("num_register_tokens", 4)) if config["model_type"] == "dinov2_with_registers" else 0
 
 
-def _swiglu_hidden(config: dict[str, Any]) -> int:
-    """transformers' SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of 8."""
-    hidden = int(config["hidden_size"] * config["mlp_ratio"])
-    return (int(hidden * 2 / 3) + 7) // 8 * 8
-
-
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     c = {**DEFAULTS, **config}
-    img, patch = pair(c["image_size"]), pair(c["patch_size"])
     dim, regs, swiglu = int(c["hidden_size"]), _registers(c), bool(c["use_swiglu_ffn"])
     kwargs: dict[str, Any] = dict(
-        img_size=img[0] if img[0] == img[1] else list(img),
-        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
-        in_chans=int(c["num_channels"]),
-        embed_dim=dim,
-        depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
+        **vit_dims(c),
         qkv_bias=bool(c["qkv_bias"]),
         init_values=float(c["layerscale_value"]),
         reg_tokens=regs,
@@ -77,11 +66,15 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     )
     reg = "_reg4" if regs else ""
     if swiglu:  # timm's giant DINOv2 entrypoints bring the packed SwiGLU (SiLU, as transformers hard-codes)
-        kwargs["mlp_ratio"] = mlp_ratio(2 * _swiglu_hidden(c), dim)
+        # transformers' SwiGLU width: 2/3 of the MLP width, rounded up to a multiple of 8
+        hidden = int(c["hidden_size"] * c["mlp_ratio"])
+        kwargs["mlp_ratio"] = mlp_ratio(2 * ((int(hidden * 2 / 3) + 7) // 8 * 8), dim)
         return f"vit_giant_patch14{reg}_dinov2", kwargs
     kwargs.update(mlp_ratio=mlp_ratio(int(dim * c["mlp_ratio"]), dim), act_layer=activation(c))
     default = f"vit_small_patch14{reg}_dinov2"
-    return timm_name("vit_{size}_patch{p}{reg}_dinov2", default, dim, p=patch[0], reg=reg), kwargs
+    return timm_name(
+        "vit_{size}_patch{p}{reg}_dinov2", default, dim, p=pair(c["patch_size"])[0], reg=reg
+    ), kwargs
 
 
 def _layer(t: Taker, i: int, c: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,18 @@ from typing import Any
 
 import torch
 
-from ._common import Taker, activation, base_prefix, linear, mlp_ratio, norm_layer, pair, timm_name, under
+from ._common import (
+    Taker,
+    activation,
+    base_prefix,
+    linear,
+    mlp_ratio,
+    norm_layer,
+    pair,
+    timm_name,
+    under,
+    vit_dims,
+)
 
 MODEL_TYPES: tuple[str, ...] = ("dinov3_vit",)
 
@@ -44,7 +55,6 @@ DEFAULTS: dict[str, Any] = dict(
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     c = {**DEFAULTS, **config}
-    img, patch = pair(c["image_size"]), pair(c["patch_size"])
     dim, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
     if (dim // heads) % 4:
         raise ValueError(f"head dim {dim // heads} is not a multiple of 4 (2-D rope splits it four ways)")
@@ -55,12 +65,7 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
             f"hidden_act={c['hidden_act']!r} with use_gated_mlp={gated}: timm's EVA MLP is GELU, its SwiGLU SiLU"
         )
     kwargs: dict[str, Any] = dict(
-        img_size=img[0] if img[0] == img[1] else list(img),
-        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
-        in_chans=int(c["num_channels"]),
-        embed_dim=dim,
-        depth=int(c["num_hidden_layers"]),
-        num_heads=heads,
+        **vit_dims(c),
         qkv_bias=bool(c["query_bias"] or c["value_bias"]),
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
         swiglu_mlp=gated,
@@ -79,7 +84,9 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     )
     if gated:  # SwiGLU with separate gate / up projections (alignment 1: the width stays the config's)
         kwargs["swiglu_align_to"] = 1
-    return timm_name("vit_{size}_patch{p}_dinov3", "vit_small_patch16_dinov3", dim, p=patch[0]), kwargs
+    return timm_name(
+        "vit_{size}_patch{p}_dinov3", "vit_small_patch16_dinov3", dim, p=pair(c["patch_size"])[0]
+    ), kwargs
 
 
 def _bias(t: Taker, name: str, present: bool, like: torch.Tensor) -> torch.Tensor:

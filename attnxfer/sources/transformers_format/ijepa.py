@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ._common import Taker, base_prefix, has_head, linear, num_labels, pair, timm_name, under
-from .vit_deit import embeddings, encoder, vit_kwargs
+from ._common import Taker, base_prefix, has_head, linear, num_labels, under
+from .vit_deit import embeddings, encoder, vit_kwargs, vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("ijepa",)
 
@@ -25,10 +25,7 @@ def _num_classes(config: dict[str, Any]) -> int:
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kwargs = vit_kwargs(config)
     kwargs.update(num_classes=_num_classes(config), class_token=False, global_pool="avg", fc_norm=False)
-    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
-    return timm_name(
-        "vit_{size}_patch{p}_{i}", "vit_base_patch16_224", kwargs["embed_dim"], p=patch, i=img
-    ), kwargs
+    return vit_name(kwargs), kwargs
 
 
 def timm_weights(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ._common import (
+    VIT_BASE,
     Taker,
     activation,
     base_prefix,
@@ -30,20 +31,16 @@ from ._common import (
     pair,
     timm_name,
     under,
+    vit_dims,
 )
 
 MODEL_TYPES: tuple[str, ...] = ("siglip", "siglip_vision_model")
 
 DEFAULTS: dict[str, Any] = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
+    VIT_BASE,
     hidden_act="gelu_pytorch_tanh",
     layer_norm_eps=1e-6,
-    image_size=224,
     patch_size=16,
-    num_channels=3,
     vision_use_head=True,
 )
 
@@ -59,16 +56,10 @@ def _pools_by_attention(config: dict[str, Any]) -> bool:
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     c = vision_config(config)
-    img, patch = pair(c["image_size"]), pair(c["patch_size"])
     dim = int(c["hidden_size"])
     pool = {"global_pool": "map"} if _pools_by_attention(config) else {"global_pool": "avg", "fc_norm": False}
     kwargs = dict(
-        img_size=img[0] if img[0] == img[1] else list(img),
-        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
-        in_chans=int(c["num_channels"]),
-        embed_dim=dim,
-        depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
+        **vit_dims(c),
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
         class_token=False,
         act_layer=activation(c),
@@ -76,27 +67,9 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         **pool,
         **norm_layer(c["layer_norm_eps"]),
     )
-    name = timm_name(
-        "vit_{size}_patch{p}_siglip_{i}", "vit_base_patch16_siglip_224", dim, p=patch[0], i=img[0]
-    )
+    patch, img = pair(c["patch_size"])[0], pair(c["image_size"])[0]
+    name = timm_name("vit_{size}_patch{p}_siglip_{i}", "vit_base_patch16_siglip_224", dim, p=patch, i=img)
     return name, kwargs
-
-
-def _attention_pool(t: Taker, dim: int) -> dict[str, torch.Tensor]:
-    """timm's ``attn_pool`` from transformers' ``head``: the probe, the packed q/k/v projection split into
-    ``q`` and ``kv``, the output projection, the LayerNorm and the MLP."""
-    w, b = t.take("head.attention.in_proj_weight"), t.take("head.attention.in_proj_bias")
-    return {
-        "latent": t.take("head.probe"),
-        "q.weight": w[:dim],
-        "q.bias": b[:dim],
-        "kv.weight": w[dim:],
-        "kv.bias": b[dim:],
-        **under("proj", linear(t, "head.attention.out_proj")),
-        **under("norm", linear(t, "head.layernorm")),
-        **under("mlp.fc1", linear(t, "head.mlp.fc1")),
-        **under("mlp.fc2", linear(t, "head.mlp.fc2")),
-    }
 
 
 def timm_weights(
@@ -112,7 +85,22 @@ def timm_weights(
         out.update(clip_layer(t, i))
     out.update(under("norm", linear(t, "post_layernorm")))
     if _pools_by_attention(config):
-        out.update(under("attn_pool", _attention_pool(t, int(c["hidden_size"]))))
+        # timm's ``attn_pool`` from transformers' ``head``: the probe, the packed q/k/v projection split into
+        # ``q`` and ``kv``, the output projection, the LayerNorm and the MLP
+        dim = int(c["hidden_size"])
+        w, b = t.take("head.attention.in_proj_weight"), t.take("head.attention.in_proj_bias")
+        pool = {
+            "latent": t.take("head.probe"),
+            "q.weight": w[:dim],
+            "q.bias": b[:dim],
+            "kv.weight": w[dim:],
+            "kv.bias": b[dim:],
+            **under("proj", linear(t, "head.attention.out_proj")),
+            **under("norm", linear(t, "head.layernorm")),
+            **under("mlp.fc1", linear(t, "head.mlp.fc1")),
+            **under("mlp.fc2", linear(t, "head.mlp.fc2")),
+        }
+        out.update(under("attn_pool", pool))
     if has_head(config):
         out.update(under("head", linear(t.at(""), "classifier")))
     tower = t.prefix

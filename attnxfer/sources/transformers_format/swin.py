@@ -80,20 +80,6 @@ def _stage_grids(grid: tuple[int, int], stages: int) -> list[tuple[int, int]]:
     return grids
 
 
-def _hf_window(grid: tuple[int, int], window: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """transformers' (window, shift) on a grid: a grid whose smaller side fits one window gets one square
-    window of that side and no shift."""
-    if min(grid) <= window:
-        return (min(grid),) * 2, (0, 0)
-    return (window, window), (window // 2, window // 2)
-
-
-def _timm_window(grid: tuple[int, int], window: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """timm's (window, shift) on a grid: clamped side by side, no shift along a side the window covers."""
-    win = tuple(min(r, window) for r in grid)
-    return win, tuple(0 if r <= w else window // 2 for r, w in zip(grid, win))
-
-
 def _check_windows(grids: list[tuple[int, int]], depths: tuple[int, ...], window: int) -> None:
     """Refuse a config whose windows the two libraries would lay out differently (see the module docstring)."""
     for stage, (grid, depth) in enumerate(zip(grids, depths)):
@@ -103,7 +89,15 @@ def _check_windows(grids: list[tuple[int, int]], depths: tuple[int, ...], window
                 "transformers 5 keeps that stage's relative-position table at the configured window and its "
                 "own forward fails there, so there is no computation to match"
             )
-        hf, tm = _hf_window(grid, window), _timm_window(grid, window)
+        # (window, shift) in transformers: a grid whose smaller side fits one window gets one square window of
+        # that side and no shift; in timm: clamped side by side, no shift along a side the window covers
+        hf = (
+            ((min(grid),) * 2, (0, 0))
+            if min(grid) <= window
+            else ((window, window), (window // 2, window // 2))
+        )
+        win = tuple(min(r, window) for r in grid)
+        tm = win, tuple(0 if r <= w else window // 2 for r, w in zip(grid, win))
         if (depth > 1 and hf != tm) or hf[0] != tm[0]:
             raise ValueError(
                 f"swin: stage {stage} has a {grid[0]}x{grid[1]} grid: transformers uses {hf[0]} windows "

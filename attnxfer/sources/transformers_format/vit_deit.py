@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ._common import (
+    VIT_BASE,
     Taker,
     activation,
     base_prefix,
@@ -26,6 +27,7 @@ from ._common import (
     pair,
     timm_name,
     under,
+    vit_dims,
     vit_layer,
 )
 
@@ -33,15 +35,10 @@ MODEL_TYPES: tuple[str, ...] = ("vit", "deit")
 
 # transformers' defaults for keys a config.json may leave out (ViTConfig / DeiTConfig).
 DEFAULTS: dict[str, Any] = dict(
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
+    VIT_BASE,
     hidden_act="gelu",
     layer_norm_eps=1e-12,
-    image_size=224,
     patch_size=16,
-    num_channels=3,
     qkv_bias=True,
 )
 
@@ -52,20 +49,22 @@ def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """The timm VisionTransformer arguments every transformers ViT-layer model shares (ViT, DeiT, ViT-MAE,
     I-JEPA): dims, patch grid, activation, LayerNorm eps, qkv bias."""
     c = {**DEFAULTS, **config}
-    img, patch = pair(c["image_size"]), pair(c["patch_size"])
     dim = int(c["hidden_size"])
     return dict(
-        img_size=img[0] if img[0] == img[1] else list(img),
-        patch_size=patch[0] if patch[0] == patch[1] else list(patch),
-        in_chans=int(c["num_channels"]),
-        embed_dim=dim,
-        depth=int(c["num_hidden_layers"]),
-        num_heads=int(c["num_attention_heads"]),
+        **vit_dims(c),
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
         qkv_bias=bool(c["qkv_bias"]),
         act_layer=activation(c),
         **norm_layer(c["layer_norm_eps"]),
     )
+
+
+def vit_name(
+    kwargs: dict[str, Any], template: str = "vit_{size}_patch{p}_{i}", default: str = "vit_base_patch16_224"
+) -> str:
+    """timm's name for a ViT of these arguments (``vit_base_patch16_224``; DeiT's with DeiT's template)."""
+    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
+    return timm_name(template, default, kwargs["embed_dim"], p=patch, i=img)
 
 
 def _classes(config: dict[str, Any]) -> int:
@@ -75,20 +74,11 @@ def _classes(config: dict[str, Any]) -> int:
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kwargs = vit_kwargs(config)
     kwargs.update(num_classes=_classes(config), global_pool="token")
-    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
     if config["model_type"] == "deit":
-        name = timm_name(
-            "deit_{size}_distilled_patch{p}_{i}",
-            "deit_base_distilled_patch16_224",
-            kwargs["embed_dim"],
-            p=patch,
-            i=img,
-        )
-    else:
-        name = timm_name(
-            "vit_{size}_patch{p}_{i}", "vit_base_patch16_224", kwargs["embed_dim"], p=patch, i=img
-        )
-    return name, kwargs
+        return vit_name(
+            kwargs, "deit_{size}_distilled_patch{p}_{i}", "deit_base_distilled_patch16_224"
+        ), kwargs
+    return vit_name(kwargs), kwargs
 
 
 def embeddings(t: Taker, prefix_tokens: tuple[str, ...] = ("cls_token",)) -> dict[str, torch.Tensor]:
@@ -110,14 +100,6 @@ def encoder(t: Taker, config: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _dropped(prefix: str) -> Any:
-    """What a ViT / DeiT checkpoint may carry that the timm encoder does not use: the pooler, the
-    mask token and decoder of masked image modelling, DeiT's class-token-only classifier."""
-    return lambda k: k.startswith(
-        (f"{prefix}pooler.", f"{prefix}embeddings.mask_token", "decoder.", "classifier.")
-    )
-
-
 def timm_weights(
     weights: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -132,4 +114,7 @@ def timm_weights(
             out.update(under("head_dist", linear(head, "distillation_classifier")))
         else:
             out.update(under("head", linear(head, "classifier")))
-    return t.finish(out, _dropped(t.prefix))
+    # what a ViT / DeiT checkpoint may carry that the timm encoder does not use: the pooler, the mask token
+    # and decoder of masked image modelling, DeiT's class-token-only classifier
+    unused = (f"{t.prefix}pooler.", f"{t.prefix}embeddings.mask_token", "decoder.", "classifier.")
+    return t.finish(out, lambda k: k.startswith(unused))

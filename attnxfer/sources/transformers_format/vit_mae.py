@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ._common import Taker, base_prefix, pair, timm_name
-from .vit_deit import embeddings, encoder, vit_kwargs
+from ._common import Taker, base_prefix
+from .vit_deit import embeddings, encoder, vit_kwargs, vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("vit_mae",)
 
@@ -20,10 +20,7 @@ MODEL_TYPES: tuple[str, ...] = ("vit_mae",)
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kwargs = vit_kwargs(config)
     kwargs.update(num_classes=0, global_pool="token")
-    patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
-    return timm_name(
-        "vit_{size}_patch{p}_{i}", "vit_base_patch16_224", kwargs["embed_dim"], p=patch, i=img
-    ), kwargs
+    return vit_name(kwargs), kwargs
 
 
 def timm_weights(
