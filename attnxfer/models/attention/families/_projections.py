@@ -76,12 +76,6 @@ def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor 
     return w, (separate if separate is not None else b)
 
 
-def _fused_bias(attn: nn.Module) -> torch.Tensor | None:
-    if getattr(attn, "q_bias", None) is not None:
-        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    return attn.qkv.bias
-
-
 def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -> dict[str, torch.Tensor]:
     """The requested chunks of ``which`` as (B, heads, N, head_dim), as timm's forward computes them
     (one fused linear when all three are asked for); no norms, no rope."""
@@ -89,7 +83,10 @@ def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -
     which = "".join(c for c in QKV if c in which)
     fused = getattr(attn, "qkv", None) is not None
     if fused and which == "qkv":
-        qkv = F.linear(x, attn.qkv.weight, _fused_bias(attn))
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:  # BEiT's and EVA's separate q / zero k / v biases
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias)
         return dict(zip(QKV, qkv.reshape(B, N, 3, -1, head_dim).permute(2, 0, 3, 1, 4).unbind(0)))
     out = {}
     for name in which:

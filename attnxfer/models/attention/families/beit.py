@@ -9,8 +9,6 @@ student's table. q/k/v come from a fused ``qkv`` with BEiT's separate ``q_bias``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from timm.models.beit import Attention as BeitAttention
 
@@ -69,8 +67,7 @@ class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 FAMILY = register_family(

@@ -20,7 +20,7 @@ the teacher's own keys; stage 1 pools the student's map onto the teacher's keys 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -135,8 +135,7 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_q_kv(self, chunks)
+    freeze_projections = freeze_q_kv
 
 
 def pvt_v2_tilings(model: nn.Module) -> tuple[Tiling, ...]:

@@ -10,8 +10,6 @@ into the student's bias (its MLP or table). q/k/v come from timm's fused ``qkv``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn as nn
 from timm.layers import RelPosBias, RelPosMlp
@@ -73,7 +71,8 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
             return BiasRows.of_tensor(bias)
         if isinstance(rel, RelPosBias):
             return gathered_bias_rows(rel.relative_position_bias_table, index, bias.shape[-1])
-        if isinstance(rel, RelPosMlp) and not _draws_dropout(rel):
+        draws_dropout = rel.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in rel.modules())
+        if isinstance(rel, RelPosMlp) and not draws_dropout:  # recomputed, a dropout would give other rows
             gain = rel.bias_gain
             act = rel.bias_act
             post = act if gain is None else (lambda b: gain * act(b))
@@ -85,13 +84,7 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
-
-
-def _draws_dropout(module: nn.Module) -> bool:
-    """``module`` draws random dropout masks now (training, p > 0): recomputing it gives another result."""
-    return module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+    freeze_projections = freeze_chunks
 
 
 FAMILY = register_family(

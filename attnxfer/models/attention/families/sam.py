@@ -15,8 +15,6 @@ too. Archs built with rope instead (``use_rope``) rotate q and k and have no bia
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -75,8 +73,7 @@ class TransferSamAttention(SoftmaxCore, SamAttention):
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 def resize_sam_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ Logits s·q kᵀ, s = d^-0.5, no bias; the block passes the stage's ``size`` (H,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -88,8 +87,7 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 @register_adapter(GlobalSubSampleAttn)
@@ -128,8 +126,7 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
         B, N, _ = x.shape
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_q_kv(self, chunks)
+    freeze_projections = freeze_q_kv
 
 
 def twins_tilings(model: nn.Module) -> tuple[Tiling, ...]:
