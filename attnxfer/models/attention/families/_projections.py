@@ -110,6 +110,13 @@ def apply_rope(
     return torch.cat([t[:, :, :npt, :], rotated], dim=2).to(t.dtype)
 
 
+def merged_heads_output(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The core's (B, H, N, d) output as timm's classes without an output norm or gate finish it: heads
+    merged, ``proj``, ``proj_drop`` (an adapter's ``_output``)."""
+    B, N, _ = x.shape
+    return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, -1)))
+
+
 def _to_buffer(module: nn.Module, name: str) -> None:
     """Parameter ``name`` of ``module`` becomes a (persistent) buffer of the same name: no gradient, no
     optimizer slot, same ``state_dict`` key."""

@@ -35,7 +35,7 @@ from timm.models.cait import ClassAttn, TalkingHeadAttn
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, project_heads
+from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, merged_heads_output, project_heads
 
 
 @register_adapter(TalkingHeadAttn)
@@ -83,9 +83,7 @@ class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):
             mixed = mixed + self.proj_w.bias.to(v.dtype).view(1, H, 1, 1) * v.sum(dim=2, keepdim=True)
         return mixed
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         """Copied chunks' rows of ``qkv`` stop training; borrowing q (and k) also freezes ``proj_l``, which

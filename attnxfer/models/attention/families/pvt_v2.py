@@ -33,6 +33,7 @@ from ..key_pooling import KeyPooling
 from ..placement import grid_argument
 from ..slots import ConversionSlot, TokenLayout, stacked_linear
 from ..softmax import SOFTMAX, SoftmaxCore
+from ._projections import merged_heads_output
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
@@ -131,9 +132,7 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
             self, x, which, lambda t: self.reduce(t, feat_size), self.num_heads, self.head_dim
         )
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     freeze_projections = freeze_q_kv
 

@@ -19,7 +19,7 @@ from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import freeze_chunks, merged_heads_output, project_heads
 
 
 @register_adapter(RelPosAttention)
@@ -80,9 +80,7 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
             return gathered_bias_rows(values, index, bias.shape[-1], prefix_pad=rel.prefix_tokens, post=post)
         return BiasRows.of_tensor(bias)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     freeze_projections = freeze_chunks
 

@@ -24,7 +24,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention, get_de
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import freeze_chunks, merged_heads_output, project_heads
 
 
 @register_adapter(SamAttention)
@@ -69,9 +69,7 @@ class TransferSamAttention(SoftmaxCore, SamAttention):
         bias = get_decomposed_rel_pos_bias(q.reshape(B * H, N, d), self.rel_pos_h, self.rel_pos_w, hw, hw)
         return bias.view(B, H, N, -1)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     freeze_projections = freeze_chunks
 

@@ -34,7 +34,7 @@ from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family
 from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
 from ..slots import ConversionSlot, TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import FusedQKVDims, freeze_chunks, project_heads
+from ._projections import FusedQKVDims, freeze_chunks, merged_heads_output, project_heads
 
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
@@ -82,9 +82,7 @@ class SwinWindowParts(FusedQKVDims):
         cells = window_cells(raster_cells(grid), tuple(partition["window"]), tuple(partition["shift"]))
         return RowPlacement(grid, grid, cells, cells)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     freeze_projections = freeze_chunks
 

@@ -24,7 +24,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, grid_argument, raster_cells, window_cells
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import freeze_chunks, merged_heads_output, project_heads
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
@@ -83,9 +83,7 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
         """q/k/v (B·windows, H, ws², d) of the padded windows ``x`` (B·windows, ws², C)."""
         return project_heads(self, x, which, self.head_dim)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     freeze_projections = freeze_chunks
 
@@ -122,9 +120,7 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
         """q (B, H, N, d) of every token; k, v (B, H, N_k, d) of the reduced tokens."""
         return project_q_kv(self, x, which, lambda t: self.reduce(t, size), self.num_heads, self.head_dim)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     freeze_projections = freeze_q_kv
 
