@@ -24,8 +24,6 @@ from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
 _LAYOUT = "root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN / _STD
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _split_dir(root: str | None, split: str) -> Path:
@@ -57,19 +55,24 @@ def folder_classes(root: str) -> tuple[str, ...]:
     return tuple(classes)
 
 
-def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
-    """Classes from ``root/train``'s sub-folders; ``labels=False`` reads none (class folders optional)."""
-    classes = folder_classes(root) if root is not None and labels else None
+def decoded_image_info(name: str, classes: tuple[str, ...] | None, labels: bool = True) -> DatasetInfo:
+    """Defaults of a dataset of images timm decodes (folders, timm's prefixes): ImageNet's mean and std
+    (timm.data.IMAGENET_DEFAULT_MEAN / _STD), RGB, 224 px; ``classes`` None where none are known."""
     return DatasetInfo(
-        name="folder",
+        name=name,
         num_classes=None if classes is None else len(classes),
         class_names=classes,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
         in_chans=3,
         img_size=224,
         has_labels=labels,
     )
+
+
+def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
+    """Classes from ``root/train``'s sub-folders; ``labels=False`` reads none (class folders optional)."""
+    return decoded_image_info("folder", folder_classes(root) if root is not None and labels else None, labels)
 
 
 class ImageFiles:

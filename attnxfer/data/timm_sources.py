@@ -24,28 +24,12 @@ from itertools import islice
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError
-from .folder import FolderDataset
+from .folder import FolderDataset, decoded_image_info
 from .label_free import LabelFree, without_labels
 from .registry import DatasetInfo, built_info, register_prefix, timm_eval_settings, with_settings
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
-
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD, as for folders
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_SPLITS = {"train": "train", "val": "validation"}
-
-
-def _default_info(name: str, classes: tuple[str, ...] | None) -> DatasetInfo:
-    return DatasetInfo(
-        name=name,
-        num_classes=None if classes is None else len(classes),
-        class_names=classes,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
-        in_chans=3,
-        img_size=224,
-    )
 
 
 def _missing_extra(dataset: str, e: ImportError) -> ImportError:
@@ -58,7 +42,7 @@ def hf_info(name: str, root: str | None, split: str = "train", labels: bool = Tr
     """Classes of a Hugging Face dataset from its ``label`` feature (a ``ClassLabel``), read by timm;
     ``labels=False`` opens nothing (a run without labels has no classes)."""
     if not labels:
-        return without_labels(_default_info(f"hfds/{name}", None))
+        return decoded_image_info(f"hfds/{name}", None, labels=False)
     from timm.data.readers import create_reader
 
     try:
@@ -66,13 +50,12 @@ def hf_info(name: str, root: str | None, split: str = "train", labels: bool = Tr
     except ImportError as e:
         raise _missing_extra(f"hfds/{name}", e) from e
     names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
-    return _default_info(f"hfds/{name}", tuple(str(n) for n in names) or None)
+    return decoded_image_info(f"hfds/{name}", tuple(str(n) for n in names) or None)
 
 
 def stream_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo:
     """A stream does not say its classes: ``model.num_classes`` does."""
-    info = _default_info(name, None)
-    return info if labels else without_labels(info)
+    return decoded_image_info(name, None, labels)
 
 
 class HfImages:
