@@ -164,8 +164,8 @@ class HashingAttention(KernelAttention):
     # ------------------------------------------------------------------ stage 1: EcoFormer's objective
     def fit_loss(self, q, k, q_t, k_t):
         """Mean over (batch, head, query, selected key) of (c_q . c_k / b - S)^2 with relaxed codes c and the
-        target S of ``similarity`` (`SIMILARITY_TARGETS`; EcoFormer's: +1 on each row's ``pair_fraction`` most
-        attended keys of the teacher, ``dissimilar_target`` on its least attended)."""
+        target S of ``similarity`` (`SIMILARITY_TARGETS`; EcoFormer's: +1 on the share ``pair_fraction`` of
+        each row's keys the teacher attends most, ``dissimilar_target`` on those it attends least)."""
         with fp32_section(q.device.type):
             q, k, q_t, k_t = upcast(q, k, q_t.detach(), k_t.detach())
             c_q, c_k = self.codes(q, "q", relaxed=True), self.codes(k, "k", relaxed=True)
