@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnxfer.checkpoints.export import ModelCardInfo
 from attnxfer.data import DatasetInfo, InMemoryImageDataset, register_dataset, registry
-from attnxfer.data.registry import check_image_args, resolve_norm, with_settings
+from attnxfer.data.registry import built_info
 from attnxfer.launch import cli
 from attnxfer.models import create_vit
 from attnxfer.sources.teacher import TeacherRecord
@@ -301,12 +301,10 @@ class LabelsRaise(InMemoryImageDataset):
 def _labels_raise_dataset(split, *, root=None, img_size=None, in_chans=None, mean=None, std=None, seed=0):
     """Real images (32 train, 16 val, 32 px, 4 classes), every label read raises `AssertionError`."""
     base = _LABELS_RAISE
-    img_size, in_chans = check_image_args("labels_raise", img_size, in_chans, base)
-    mean, std = resolve_norm(mean, std, in_chans, base)
+    info = built_info("labels_raise", base, img_size, in_chans, mean, std)
     n = 32 if split == "train" else 16
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    info = with_settings(base, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     return LabelsRaise(images, torch.arange(n) % 4, info, augment=split == "train", seed=seed)
 
 

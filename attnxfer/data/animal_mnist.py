@@ -25,7 +25,7 @@ import torch
 from ..errors import InputError
 from .cache import cache_dir, save_npz_atomic
 from .in_memory import InMemoryImageDataset
-from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
+from .registry import DatasetInfo, built_info, register_dataset
 from .safe_pickle import load_numpy_pickle
 
 CLASS_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -158,11 +158,9 @@ def build_animal_mnist(
 ) -> InMemoryImageDataset:
     """Animal-MNIST split. ``root`` overrides the cache dir. ``augment`` defaults to ``split == 'train'``;
     it shifts by up to ``crop_padding`` pixels and flips with probability ``hflip``."""
-    img_size, in_chans = check_image_args("animal_mnist", img_size, in_chans, ANIMAL_MNIST_INFO)
-    mean, std = resolve_norm(mean, std, in_chans, ANIMAL_MNIST_INFO)
+    info = built_info("animal_mnist", ANIMAL_MNIST_INFO, img_size, in_chans, mean, std)
     arrays = load_animal_mnist_arrays(Path(root) if root is not None else None)
     idx = arrays.train_idx if split == "train" else arrays.val_idx
-    info = with_settings(ANIMAL_MNIST_INFO, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     return InMemoryImageDataset(
         torch.from_numpy(arrays.images[idx]),
         torch.from_numpy(arrays.labels[idx]),

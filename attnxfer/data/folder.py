@@ -19,20 +19,11 @@ from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError
 from .label_free import LabelFree
-from .registry import (
-    DatasetInfo,
-    check_image_args,
-    register_dataset,
-    resolve_norm,
-    timm_eval_settings,
-    with_settings,
-)
+from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings, with_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
 _LAYOUT = "root/train/<class>/*.jpg|png and root/val/<class>/*.jpg|png"
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm.data.IMAGENET_DEFAULT_MEAN / _STD
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _split_dir(root: str | None, split: str) -> Path:
@@ -64,19 +55,24 @@ def folder_classes(root: str) -> tuple[str, ...]:
     return tuple(classes)
 
 
-def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
-    """Classes from ``root/train``'s sub-folders; ``labels=False`` reads none (class folders optional)."""
-    classes = folder_classes(root) if root is not None and labels else None
+def decoded_image_info(name: str, classes: tuple[str, ...] | None, labels: bool = True) -> DatasetInfo:
+    """Defaults of a dataset of images timm decodes (folders, timm's prefixes): ImageNet's mean and std
+    (timm.data.IMAGENET_DEFAULT_MEAN / _STD), RGB, 224 px; ``classes`` None where none are known."""
     return DatasetInfo(
-        name="folder",
+        name=name,
         num_classes=None if classes is None else len(classes),
         class_names=classes,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
         in_chans=3,
         img_size=224,
         has_labels=labels,
     )
+
+
+def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
+    """Classes from ``root/train``'s sub-folders; ``labels=False`` reads none (class folders optional)."""
+    return decoded_image_info("folder", folder_classes(root) if root is not None and labels else None, labels)
 
 
 class ImageFiles:
@@ -170,14 +166,12 @@ def build_folder(
 
     classes = folder_classes(root) if labels else ()
     _split_dir(root, split)  # a missing split folder is refused before anything is built
-    default = folder_info(root, labels)
-    img_size, in_chans = check_image_args("folder", img_size, in_chans, default)
-    if in_chans not in (1, 3):
-        raise InputError(f"folder: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
-    mean, std = resolve_norm(mean, std, in_chans, default)
+    info = built_info(
+        "folder", folder_info(root, labels), img_size, in_chans, mean, std, grayscale_or_rgb=True
+    )
     augment = split == "train" if augment is None else augment
     transform = create_transform(
-        (in_chans, img_size, img_size),
+        (info.in_chans, info.img_size, info.img_size),
         is_training=augment,
         scale=scale,
         ratio=ratio,
@@ -189,12 +183,11 @@ def build_folder(
         re_count=re_count,
         interpolation=interpolation,
         crop_pct=crop_pct,
-        mean=mean,
-        std=std,
+        mean=info.mean,
+        std=info.std,
     )
-    images = _split_images(split, root, classes, labels, in_chans, transform)
-    eval_settings = timm_eval_settings(crop_pct, interpolation)
-    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std, **eval_settings)
+    images = _split_images(split, root, classes, labels, info.in_chans, transform)
+    info = with_settings(info, **timm_eval_settings(crop_pct, interpolation))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 

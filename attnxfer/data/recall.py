@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from ..errors import InputError
 from .identity import fingerprint_of
-from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
+from .registry import DatasetInfo, built_info, register_dataset
 from .seeding import key_epoch, sample_generator
 
 RECALL_INFO = DatasetInfo(
@@ -337,8 +337,8 @@ def build_recall(
     val samples. ``pairs`` defaults to ``num_classes`` (values without keys are then worth chance).
     ``curriculum``: train stages before the task itself, e.g. ``[{epochs: 3, img_size: 32, pairs: 2,
     num_keys: 2}]`` (a model without position embedding runs at every size)."""
-    img_size, in_chans = check_image_args("recall", img_size, in_chans, RECALL_INFO)
-    mean, std = resolve_norm(mean, std, in_chans, RECALL_INFO)
+    info = built_info("recall", RECALL_INFO, img_size, in_chans, mean, std, num_classes=num_classes)
+    img_size, in_chans = info.img_size, info.in_chans
     pairs = num_classes if pairs is None else pairs
     n = length if split == "train" else val_length
     _need(
@@ -353,7 +353,4 @@ def build_recall(
     stage = RecallStage(img_size, pairs, num_keys, distractors, distance)
     _check(stage, in_chans, num_classes, glyph)
     stages = _curriculum(curriculum, stage, in_chans, num_classes, glyph)
-    info = with_settings(
-        RECALL_INFO, num_classes=num_classes, img_size=img_size, in_chans=in_chans, mean=mean, std=std
-    )
     return RecallImages(info, split=split, length=n, seed=seed, glyph=glyph, stage=stage, curriculum=stages)

@@ -241,31 +241,6 @@ def dataset_info(
     return info if labels else without_labels(info)
 
 
-def resolve_norm(
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    in_chans: int,
-    default: DatasetInfo,
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean/std: given or the dataset's default, broadcast from one value to ``in_chans``."""
-
-    def one(values, fallback, what):
-        values = tuple(float(v) for v in (fallback if values is None else values))
-        if len(values) == 1:
-            values = values * in_chans
-        if len(values) != in_chans:
-            raise InputError(
-                f"{what} has {len(values)} values but in_chans={in_chans}; give 1 or {in_chans} values"
-            )
-        return values
-
-    mean_t = one(mean, default.mean, "mean")
-    std_t = one(std, default.std, "std")
-    if any(s <= 0 for s in std_t):
-        raise InputError(f"std must be positive, got {std_t}")
-    return mean_t, std_t
-
-
 def with_settings(info: DatasetInfo, **changes) -> DatasetInfo:
     """A copy of ``info`` describing a built dataset (its real size, channels, mean/std)."""
     return replace(info, **changes)
@@ -285,13 +260,41 @@ def timm_eval_settings(
     )
 
 
-def check_image_args(
-    name: str, img_size: int | None, in_chans: int | None, default: DatasetInfo
-) -> tuple[int, int]:
+def built_info(
+    name: str,
+    default: DatasetInfo,
+    img_size: int | None,
+    in_chans: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    *,
+    grayscale_or_rgb: bool = False,
+    **changes,
+) -> DatasetInfo:
+    """``default`` as a builder builds it: its common arguments filled in where None and checked (a positive
+    int ``img_size``, square images; a positive int ``in_chans``, 1 or 3 where images are decoded
+    (``grayscale_or_rgb``); ``mean``/``std`` one value per channel, broadcast from one), plus ``changes``."""
     img_size = default.img_size if img_size is None else img_size
     in_chans = default.in_chans if in_chans is None else in_chans
     if not isinstance(img_size, int) or img_size <= 0:
         raise InputError(f"{name}: img_size must be a positive int (square images), got {img_size!r}")
     if not isinstance(in_chans, int) or in_chans <= 0:
         raise InputError(f"{name}: in_chans must be a positive int, got {in_chans!r}")
-    return img_size, in_chans
+    if grayscale_or_rgb and in_chans not in (1, 3):
+        raise InputError(f"{name}: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
+
+    def per_channel(values, fallback, what):
+        values = tuple(float(v) for v in (fallback if values is None else values))
+        if len(values) == 1:
+            values = values * in_chans
+        if len(values) != in_chans:
+            raise InputError(
+                f"{what} has {len(values)} values but in_chans={in_chans}; give 1 or {in_chans} values"
+            )
+        return values
+
+    mean = per_channel(mean, default.mean, "mean")
+    std = per_channel(std, default.std, "std")
+    if any(s <= 0 for s in std):
+        raise InputError(f"std must be positive, got {std}")
+    return replace(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std, **changes)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from .identity import fingerprint_of
-from .registry import DatasetInfo, check_image_args, register_dataset, resolve_norm, with_settings
+from .registry import DatasetInfo, built_info, register_dataset
 from .seeding import sample_generator
 
 SYNTHETIC_INFO = DatasetInfo(
@@ -95,9 +95,5 @@ def build_synthetic(
     noise: float = 0.1,
 ) -> SyntheticImages:
     """Synthetic split (``root`` is ignored): ``length`` samples of ``num_classes`` balanced classes."""
-    img_size, in_chans = check_image_args("synthetic", img_size, in_chans, SYNTHETIC_INFO)
-    mean, std = resolve_norm(mean, std, in_chans, SYNTHETIC_INFO)
-    info = with_settings(
-        SYNTHETIC_INFO, num_classes=num_classes, img_size=img_size, in_chans=in_chans, mean=mean, std=std
-    )
+    info = built_info("synthetic", SYNTHETIC_INFO, img_size, in_chans, mean, std, num_classes=num_classes)
     return SyntheticImages(info, split=split, length=length, seed=seed, noise=noise)

@@ -24,63 +24,38 @@ from itertools import islice
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError
-from .folder import FolderDataset
+from .folder import FolderDataset, decoded_image_info
 from .label_free import LabelFree, without_labels
-from .registry import (
-    DatasetInfo,
-    check_image_args,
-    register_prefix,
-    resolve_norm,
-    timm_eval_settings,
-    with_settings,
-)
+from .registry import DatasetInfo, built_info, register_prefix, timm_eval_settings, with_settings
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)  # timm's IMAGENET_DEFAULT_MEAN / _STD, as for folders
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_SPLITS = {"train": "train", "val": "validation"}
 
-
-def _default_info(name: str, classes: tuple[str, ...] | None) -> DatasetInfo:
-    return DatasetInfo(
-        name=name,
-        num_classes=None if classes is None else len(classes),
-        class_names=classes,
-        mean=_IMAGENET_MEAN,
-        std=_IMAGENET_STD,
-        in_chans=3,
-        img_size=224,
-    )
-
-
-def _reader(prefix: str, name: str, root: str | None, split: str):
-    from timm.data.readers import create_reader
-
-    try:
-        return create_reader(f"{prefix}/{name}", root=root, split=split)
-    except ImportError as e:
-        extra = {"hfds": "hfds", "hfids": "hfds", "wds": "wds"}[prefix]
-        raise ImportError(
-            f"data.dataset={prefix}/{name} needs {e.name or e}: pip install 'attnxfer[{extra}]'"
-        ) from e
+def _missing_extra(dataset: str, e: ImportError) -> ImportError:
+    """What to install for ``dataset`` (``prefix/NAME``) when reading it raised ``e``."""
+    extra = "wds" if dataset.startswith("wds/") else "hfds"
+    return ImportError(f"data.dataset={dataset} needs {e.name or e}: pip install 'attnxfer[{extra}]'")
 
 
 def hf_info(name: str, root: str | None, split: str = "train", labels: bool = True) -> DatasetInfo:
     """Classes of a Hugging Face dataset from its ``label`` feature (a ``ClassLabel``), read by timm;
     ``labels=False`` opens nothing (a run without labels has no classes)."""
     if not labels:
-        return without_labels(_default_info(f"hfds/{name}", None))
-    reader = _reader("hfds", name, root, split)
+        return decoded_image_info(f"hfds/{name}", None, labels=False)
+    from timm.data.readers import create_reader
+
+    try:
+        reader = create_reader(f"hfds/{name}", root=root, split=split)
+    except ImportError as e:
+        raise _missing_extra(f"hfds/{name}", e) from e
     names = sorted(reader.class_to_idx, key=reader.class_to_idx.get)
-    return _default_info(f"hfds/{name}", tuple(str(n) for n in names) or None)
+    return decoded_image_info(f"hfds/{name}", tuple(str(n) for n in names) or None)
 
 
 def stream_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo:
     """A stream does not say its classes: ``model.num_classes`` does."""
-    info = _default_info(name, None)
-    return info if labels else without_labels(info)
+    return decoded_image_info(name, None, labels)
 
 
 class HfImages:
@@ -91,9 +66,7 @@ class HfImages:
         try:
             import datasets
         except ImportError as e:
-            raise ImportError(
-                f"data.dataset=hfds/{name} needs {e.name or e}: pip install 'attnxfer[hfds]'"
-            ) from e
+            raise _missing_extra(f"hfds/{name}", e) from e
         table = datasets.load_dataset(name, split=split, cache_dir=root)
         if image_key not in table.column_names:
             raise InputError(
@@ -181,21 +154,12 @@ class WdsImages:
             yield image, None
 
 
-def _transform(split: str, augment: bool | None, img_size: int, in_chans: int, mean, std, **aug):
+def _transform(split: str, augment: bool | None, info: DatasetInfo, **aug):
     from timm.data import create_transform
 
     augment = split == "train" if augment is None else augment
-    return augment, create_transform(
-        (in_chans, img_size, img_size), is_training=augment, mean=mean, std=std, **aug
-    )
-
-
-def _settings(name: str, img_size, in_chans, mean, std, default: DatasetInfo):
-    img_size, in_chans = check_image_args(name, img_size, in_chans, default)
-    if in_chans not in (1, 3):
-        raise InputError(f"{name}: in_chans must be 1 (grayscale) or 3 (RGB), got {in_chans}")
-    mean, std = resolve_norm(mean, std, in_chans, default)
-    return img_size, in_chans, mean, std
+    size = (info.in_chans, info.img_size, info.img_size)
+    return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
 
 
 @register_prefix("hfds", info=_hf_prefix_info)
@@ -227,11 +191,11 @@ def build_hfds(
 
     hf_split = train_split if split == "train" else val_split
     default = hf_info(name, root, train_split, labels=labels)
-    img_size, in_chans, mean, std = _settings(f"hfds/{name}", img_size, in_chans, mean, std, default)
+    info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
-    augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **aug)
+    augment, transform = _transform(split, augment, info, **aug)
     settings = timm_eval_settings(**aug)
-    mode = "RGB" if in_chans == 3 else "L"
+    mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
         images = create_dataset(
             f"hfds/{name}", root=root, split=hf_split, input_img_mode=mode, transform=transform
@@ -246,7 +210,7 @@ def build_hfds(
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
-    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std, **settings)
+    info = with_settings(info, **settings)
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 
@@ -321,8 +285,8 @@ def _build_stream(
         train_samples if split == "train" else val_samples
     )  # a stream's length, when not in its info
     default = stream_info(f"{prefix}/{name}", root)
-    img_size, in_chans, mean, std = _settings(f"{prefix}/{name}", img_size, in_chans, mean, std, default)
-    augment, transform = _transform(split, augment, img_size, in_chans, mean, std, **kw)
+    info = built_info(f"{prefix}/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
+    augment, transform = _transform(split, augment, info, **kw)
     settings = timm_eval_settings(**kw)
     try:
         stream = create_dataset(
@@ -333,17 +297,14 @@ def _build_stream(
             batch_size=batch_size,
             num_samples=num_samples,
             seed=seed,
-            input_img_mode="RGB" if in_chans == 3 else "L",
+            input_img_mode="RGB" if info.in_chans == 3 else "L",
             transform=transform,
         )
         if prefix == "wds" and not labels:  # the same shards, decoded without their .cls
             stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
     except ImportError as e:
-        extra = "wds" if prefix == "wds" else "hfds"
-        raise ImportError(
-            f"data.dataset={prefix}/{name} needs {e.name or e}: pip install 'attnxfer[{extra}]'"
-        ) from e
-    info = with_settings(default, img_size=img_size, in_chans=in_chans, mean=mean, std=std, **settings)
+        raise _missing_extra(f"{prefix}/{name}", e) from e
+    info = with_settings(info, **settings)
     per_rank = None
     if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
         per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size

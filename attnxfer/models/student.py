@@ -178,15 +178,6 @@ def timm_args_from_traits(t: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if v is not None}
 
 
-def _recorded_args(model: nn.Module) -> dict[str, Any]:
-    """The construction arguments timm recorded for ``model`` (create_model kwargs), architecture only."""
-    return {
-        k: v
-        for k, v in getattr(model, "_model_args", {}).items()
-        if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")
-    }
-
-
 def _student_cfg(
     teacher_cfg: dict[str, Any], arch: str, in_chans: int, img_size, num_classes: int
 ) -> dict[str, Any]:
@@ -293,8 +284,9 @@ def _vit_student_args(
 ) -> dict[str, Any]:
     """timm arguments of a ViT student: the teacher's recorded ones and traits, then what the caller asks;
     a width its heads do not divide is refused with the head counts that do."""
+    recorded = getattr(teacher, "_model_args", {})  # timm's create_model kwargs: the architecture's only
     args = {
-        **_recorded_args(teacher),
+        **{k: v for k, v in recorded.items() if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")},
         **timm_args_from_traits(traits),
         "num_classes": traits["num_classes"],
         **requested,
@@ -376,9 +368,15 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
         for k in (*_DATA_CFG_KEYS, "input_size", "fixed_input_size")
         if cfg.get(k) is not None
     }
-    built = _built_input_size(student)
-    if built is not None:
-        data_cfg["input_size"] = list(built)
+    # the size the model was built for, read from its patch embedding: timm keeps a pretrained config's
+    # input_size when create_model(..., img_size=...) builds another size (a SAM at 48 px still says 1024), and
+    # whoever loads the export runs at the size recorded
+    try:
+        found = image_input(student)
+    except InputError:
+        found = None
+    if found is not None and found.img_size is not None:
+        data_cfg["input_size"] = [found.in_chans, *found.img_size]
     spec = {
         "architecture": arch,
         "model_args": {k: _json_value(k, v) for k, v in sorted(args.items())},
@@ -392,18 +390,6 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
             attn.options() if hasattr(attn, "options") else {} for _, attn in attention_layers(student)
         ]
     return spec
-
-
-def _built_input_size(model: nn.Module) -> tuple[int, int, int] | None:
-    """(channels, height, width) the model was built for, read from its patch embedding. timm keeps a
-    pretrained config's ``input_size`` when ``create_model(..., img_size=...)`` builds another size (a SAM
-    at 48 px still says 1024), and whoever loads the export runs at the size recorded, so the spec records
-    the built one. None where the model records no size."""
-    try:
-        found = image_input(model)
-    except InputError:
-        return None
-    return None if found.img_size is None else (found.in_chans, *found.img_size)
 
 
 def student_from_spec(
@@ -454,7 +440,12 @@ def student_shape(model: nn.Module) -> dict[str, Any]:
     width (a hierarchical model's ``widths``, stage by stage), attention blocks, heads (a flat model's),
     patch, image size and channels; a value the model does not record is left out."""
     blocks = flat_blocks(model)
-    shape: dict[str, Any] = {"family": _family_word(model)}
+    # the family as its adapter file titles it, first name only ("ViT/DeiT" -> "ViT"); timm's class name for a
+    # model of no registered family
+    family = family_of(model)
+    shape: dict[str, Any] = {
+        "family": family.title.split("/")[0].strip() if family is not None else type(model).__name__
+    }
     if blocks is not None:
         width = getattr(model, "embed_dim", None)
         heads = (int(m.num_heads) for m in blocks.modules() if isinstance(getattr(m, "num_heads", None), int))
@@ -475,10 +466,3 @@ def student_shape(model: nn.Module) -> dict[str, Any]:
         if found.img_size is not None:
             shape["img_size"] = list(found.img_size)
     return {k: v for k, v in shape.items() if v is not None}
-
-
-def _family_word(model: nn.Module) -> str:
-    """The model's family as its adapter file titles it, first name only ("ViT/DeiT" -> "ViT"); timm's class
-    name for a model of no registered family."""
-    family = family_of(model)
-    return family.title.split("/")[0].strip() if family is not None else type(model).__name__

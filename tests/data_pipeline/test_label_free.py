@@ -30,7 +30,7 @@ from attnxfer.data import (
     registry,
     split_batch,
 )
-from attnxfer.data.registry import check_image_args, resolve_norm, with_settings
+from attnxfer.data.registry import built_info
 from attnxfer.errors import InputError, MissingPathError
 from attnxfer.launch import cli
 
@@ -197,12 +197,10 @@ class LabelsRaise(InMemoryImageDataset):
 
 
 def _labels_raise(split, *, root=None, img_size=None, in_chans=None, mean=None, std=None, seed=0):
-    img_size, in_chans = check_image_args("labels_raise", img_size, in_chans, _TRAP_INFO)
-    mean, std = resolve_norm(mean, std, in_chans, _TRAP_INFO)
+    info = built_info("labels_raise", _TRAP_INFO, img_size, in_chans, mean, std)
     n = 32 if split == "train" else 8
     g = torch.Generator().manual_seed(0 if split == "train" else 1)
     images = torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
-    info = with_settings(_TRAP_INFO, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     return LabelsRaise(images, torch.zeros(n, dtype=torch.long), info, augment=split == "train", seed=seed)
 
 

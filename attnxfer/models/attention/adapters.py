@@ -65,11 +65,6 @@ def list_adapters() -> dict[str, str]:
     }
 
 
-def _is_attention_slot(name: str, module: nn.Module) -> bool:
-    """Where timm keeps a block's attention: a child called ``attn`` (every family's blocks)."""
-    return name.rsplit(".", 1)[-1] == "attn"
-
-
 def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]]:
     """(qualified name, layer) of every attention layer in ``model``, in forward (registration) order,
     each swapped in place to its adapter. ``blocks.*``, ``encoder.*``, ``blocks_token_only.*``,
@@ -91,7 +86,7 @@ def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]
             module.__class__ = _ADAPTERS[cls]
         elif cls in _REFUSED:
             raise TypeError(f"{name} is {cls.__name__}: {_REFUSED[cls]}")
-        elif _is_attention_slot(name, module):
+        elif name.rsplit(".", 1)[-1] == "attn":  # where every family's blocks keep their attention
             known = ", ".join(sorted({k.__name__ for k in _ADAPTERS}))
             raise TypeError(
                 f"{name} is {cls.__name__} ({cls.__module__}); attnxfer has no adapter for it (adapters: "

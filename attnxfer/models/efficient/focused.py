@@ -26,7 +26,6 @@ from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtyp
 from ..attention.opcount import OpCounts
 from ..attention.registry import register_attention
 from .kernels import ALL_HEADS, KERNEL_BF16, KernelAttention, needs_autograd
-from .tokens import image_to_grid
 
 FOCUSED_BF16 = PrecisionPolicy(
     bf16=KERNEL_BF16.bf16,
@@ -56,7 +55,7 @@ def _grid_conv(grid_tokens: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int])
     conv = F.conv2d(
         image, dwc.weight.to(image.dtype), dwc.bias.to(image.dtype), padding=dwc.padding, groups=d
     )
-    return image_to_grid(conv, B, H)
+    return conv.permute(0, 2, 3, 1).reshape(B, H, -1, d)  # (B·H, d, h, w) -> (B, H, h·w, d)
 
 
 def grid_conv_counts(num_tokens: int, grid: Sequence[int], d: int, kernel_size: int) -> OpCounts:

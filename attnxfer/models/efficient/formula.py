@@ -63,10 +63,6 @@ def _whole(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Blocks, int]
     return lambda blocks, head_dim: (fn(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)),)
 
 
-def _power(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: x.sign() * x.abs().pow(p)
-
-
 def _focus(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
     # focused linear attention's focusing function (FocusedLinearAttention.focus after its scale)
     def focus(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +92,7 @@ FIXED_OPS: dict[str, Callable[..., Callable[[Blocks, int], Blocks]]] = {
     "neg": lambda: _elementwise(torch.neg),
     "scale": lambda: lambda blocks, d: tuple(scaled_for_kernel(b, d) for b in blocks),
     "l2": lambda: _whole(lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)),
-    "pow": lambda p: _elementwise(_power(p)),
+    "pow": lambda p: _elementwise(lambda x: x.sign() * x.abs().pow(p)),
     "focus": lambda p: _whole(_focus(p)),
     "cos": lambda: _cos,
 }
@@ -149,13 +145,6 @@ LEARNED_OPS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def _focus_counts(n: int, w: int) -> OpCounts:
-    """As focused linear's map without its relu and scale: |x| (N w mul, N (w - 1) add, N sqrt), / max
-    (N (w - 1) comparisons, N w div), ^p (other), renormalised (|.| again, N w div, N w mul)."""
-    norm = OpCounts(mul=n * w, add=n * (w - 1), other=n)
-    return OpCounts(mul=3 * n * w, other=n * w + n * (w - 1)) + 2 * norm
-
-
 #: Operations of each op on the N x w features of one (batch, head), by name: (N, w, arg) -> counts, with the
 #: conventions of `attnxfer.models.attention.opcount` (the + eps of positive ops is an addition).
 STEP_COUNTS: dict[str, Callable[[int, int, float | None], OpCounts]] = {
@@ -169,7 +158,11 @@ STEP_COUNTS: dict[str, Callable[[int, int, float | None], OpCounts]] = {
     "scale": lambda n, w, a: OpCounts(mul=n * w),
     "l2": lambda n, w, a: OpCounts(mul=2 * n * w, add=n * (w - 1), other=n),  # squares, sum, sqrt, divide
     "pow": lambda n, w, a: OpCounts(other=2 * n * w),  # |x|^p, sign
-    "focus": lambda n, w, a: _focus_counts(n, w),
+    # as focused linear's map without its relu and scale: |x| (N w mul, N (w - 1) add, N sqrt), / max
+    # (N (w - 1) comparisons, N w div), ^p (other), renormalised (|.| again, N w div, N w mul)
+    "focus": lambda n, w, a: (
+        OpCounts(mul=3 * n * w, other=n * w + n * (w - 1)) + 2 * OpCounts(mul=n * w, add=n * (w - 1), other=n)
+    ),
     "cos": lambda n, w, a: OpCounts(mul=2 * n * w, other=2 * n),  # x cos t, x sin t; the angles' cos, sin
     "proj": lambda n, w, a: (
         matmul_ops(n, w, w if a is None else int(a)) + OpCounts(add=n * (w if a is None else int(a)))

@@ -327,7 +327,7 @@ class _Parser:
                 return Op(name)
             raise self.fail(f"'(' and a number after {name!r}")
         self.take("(")
-        value = self.integer() if spec.arg == "int" else self.number()
+        value = self.integer() if spec.arg == "int" else float(self.take(kind="number", expected="a number"))
         self.take(")")
         return Op(name, value)
 
@@ -337,9 +337,6 @@ class _Parser:
             raise self.fail("an integer")
         self.pos += 1
         return int(token[1])
-
-    def number(self) -> float:
-        return float(self.take(kind="number", expected="a number"))
 
 
 def parse_formula(text: str) -> Formula:
@@ -393,11 +390,6 @@ def _walk(chain: tuple[Step, ...], width: int, sign: Sign, head_dim: int, where:
     return width, sign
 
 
-def feature_shape(formula: Formula, head_dim: int) -> tuple[int, Sign]:
-    """(feature width m, what is known of the features' signs) for q/k heads of ``head_dim``."""
-    return _walk(formula.features, head_dim, Sign.SIGNED, head_dim, "")
-
-
 def check_formula(formula: Formula, head_dim: int, grid_size: tuple[int, int] | None = None) -> None:
     """Raise `InvalidFormula` (with the reason and the fix) unless ``formula`` is a valid attention.
 
@@ -413,7 +405,7 @@ def check_formula(formula: Formula, head_dim: int, grid_size: tuple[int, int] | 
         raise InvalidFormula(f"head_dim must be >= 1, got {head_dim}")
     if formula.norm not in NORMS:
         raise InvalidFormula(f"unknown normalisation {formula.norm!r}; choose one of {NORMS}")
-    width, sign = feature_shape(formula, head_dim)
+    width, sign = _walk(formula.features, head_dim, Sign.SIGNED, head_dim, "")  # feature width m, its sign
     if width > MAX_FEATURE_FACTOR * head_dim:
         raise InvalidFormula(
             f"{formula}: {width} features per head is more than {MAX_FEATURE_FACTOR} x head_dim "

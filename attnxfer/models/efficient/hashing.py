@@ -162,19 +162,16 @@ class HashingAttention(KernelAttention):
         return codes.new_full((*codes.shape[:-1], 1), self.bits + self.eps), codes
 
     # ------------------------------------------------------------------ stage 1: EcoFormer's objective
-    def pair_count(self, num_keys: int) -> int:
-        """Most (and least) attended keys per query row in the objective."""
-        return max(1, min(num_keys // 2, round(self.pair_fraction * num_keys)))
-
     def fit_loss(self, q, k, q_t, k_t):
         """Mean over (batch, head, query, selected key) of (c_q . c_k / b - S)^2 with relaxed codes c and the
-        target S of ``similarity`` (`SIMILARITY_TARGETS`; EcoFormer's: +1 on each row's ``pair_count`` most
-        attended keys of the teacher, ``dissimilar_target`` on its least attended)."""
+        target S of ``similarity`` (`SIMILARITY_TARGETS`; EcoFormer's: +1 on the share ``pair_fraction`` of
+        each row's keys the teacher attends most, ``dissimilar_target`` on those it attends least)."""
         with fp32_section(q.device.type):
             q, k, q_t, k_t = upcast(q, k, q_t.detach(), k_t.detach())
             c_q, c_k = self.codes(q, "q", relaxed=True), self.codes(k, "k", relaxed=True)
             B, H, N, _ = q.shape
-            pairs = self.pair_count(k.shape[-2])
+            n_k = k.shape[-2]
+            pairs = max(1, min(n_k // 2, round(self.pair_fraction * n_k)))  # most (and least) attended keys
             error = SIMILARITY_TARGETS[self.similarity]
             total = q.new_zeros(())
             for rows in row_slices(0, N, row_chunk(q, k.shape[-2], live_tensors=2)):

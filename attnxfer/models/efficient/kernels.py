@@ -160,12 +160,6 @@ def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
     return x.add_(value) if not x.requires_grad else x + value
 
 
-def linear_map_rows(phi_q: torch.Tensor, phi_k: torch.Tensor) -> torch.Tensor:
-    """The rows of the kernel map for the given query features: (B,H,n,m),(B,H,N,m) -> (B,H,n,N)."""
-    scores = phi_q @ phi_k.transpose(-2, -1)
-    return scores / scores.sum(dim=-1, keepdim=True)
-
-
 def kernel_core_counts(n: int, d: int, m: int) -> OpCounts:
     """One (batch, head) of the linear core on m features: the key state phi(k)^T [v, 1] (m x (d + 1)), the
     read-out phi(q) [KV | z] and N d divisions."""
@@ -273,7 +267,8 @@ class KernelAttention(EfficientAttention):
 
     def _map_rows(self, context, rows):
         phi_q, phi_k = context
-        return linear_map_rows(phi_q[:, :, rows], phi_k)
+        scores = phi_q[:, :, rows] @ phi_k.transpose(-2, -1)
+        return scores / scores.sum(dim=-1, keepdim=True)
 
     # ----------------------------------------------------------------- folded inference
     def forward(self, x, attn_mask=None, is_causal=False, *, rope=None):
@@ -516,14 +511,6 @@ def evaluate_features(kind: str, fn: Callable[[torch.Tensor], torch.Tensor], x: 
     """``fn(x)`` for the feature map named ``kind``, in x's dtype: evaluated directly where the map declares
     ``bf16_evaluation``, else in fp32 and rounded once (no-op casts for fp32 inputs)."""
     return fn(x) if feature_map_kind(kind).bf16_evaluation else in_compute_dtype(fn, x)
-
-
-def build_feature_map(
-    kind: str, num_heads: int, head_dim: int, feature_dim: int | None = None, device=None, dtype=None
-) -> tuple[nn.Module, nn.Module]:
-    """A (q, k) pair of feature maps by name (see `FEATURE_MAPS`): 'relu', 'elu' (shared,
-    parameter-free) or 'hedgehog' (separate learnable maps for q and k)."""
-    return feature_map_kind(kind).build(num_heads, head_dim, feature_dim, device=device, dtype=dtype)
 
 
 def scaled_for_kernel(x: torch.Tensor, head_dim: int) -> torch.Tensor:

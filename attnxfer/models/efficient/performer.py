@@ -75,11 +75,6 @@ def gaussian_orthogonal_features(
 _LOG2E = 1.4426950408889634
 
 
-def default_num_features(head_dim: int) -> int:
-    """d: one orthogonal block (see the module docstring for why not d ln d)."""
-    return max(1, head_dim)
-
-
 def _stabilised_exp2(x: torch.Tensor, dims) -> torch.Tensor:
     """2^(x - max over dims). The max is not detached: with eps in the features it does not cancel
     exactly, and autograd then gives the exact gradient of the function computed."""
@@ -117,7 +112,8 @@ class PerformerAttention(KernelAttention):
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         d = self.head_dim
-        self.num_features = int(num_features or default_num_features(d))
+        # d by default: one orthogonal block (see the module docstring for why not d ln d)
+        self.num_features = int(num_features or max(1, d))
         if self.num_features < 1:
             raise InputError(f"num_features must be >= 1, got {num_features}")
         if redraw_interval is not None and redraw_interval < 1:

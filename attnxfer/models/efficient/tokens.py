@@ -7,12 +7,6 @@ import torch
 import torch.nn.functional as F
 
 
-def image_to_grid(x: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
-    """(B*H, c, h, w) -> (B, H, h*w, c)."""
-    _BH, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(batch, heads, h * w, c)
-
-
 def _padding(grid: tuple[int, int], window: tuple[int, int]) -> tuple[int, int]:
     return (-grid[0]) % window[0], (-grid[1]) % window[1]
 

@@ -39,7 +39,7 @@ from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtyp
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
-from .kernels import build_feature_map, feature_map_kind, scaled_for_kernel
+from .kernels import feature_map_kind, scaled_for_kernel
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
 WINDOW_BF16 = PrecisionPolicy(
@@ -192,8 +192,8 @@ class WindowLinearAttention(WindowAttention):
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.kernel, self.feature_kind = kernel, feature_map_kind(kernel)
         self.feature_dim = int(feature_dim or self.head_dim) if self.feature_kind.learned else feature_dim
-        self.feature_map_q, self.feature_map_k = build_feature_map(
-            kernel, num_heads, self.head_dim, feature_dim, **dd
+        self.feature_map_q, self.feature_map_k = self.feature_kind.build(
+            num_heads, self.head_dim, feature_dim, **dd
         )
         self.linear_log_weight = nn.Parameter(torch.empty(num_heads, **dd))
         self.reset_new_parameters()

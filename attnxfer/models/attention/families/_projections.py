@@ -76,12 +76,6 @@ def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor 
     return w, (separate if separate is not None else b)
 
 
-def _fused_bias(attn: nn.Module) -> torch.Tensor | None:
-    if getattr(attn, "q_bias", None) is not None:
-        return torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-    return attn.qkv.bias
-
-
 def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -> dict[str, torch.Tensor]:
     """The requested chunks of ``which`` as (B, heads, N, head_dim), as timm's forward computes them
     (one fused linear when all three are asked for); no norms, no rope."""
@@ -89,7 +83,10 @@ def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -
     which = "".join(c for c in QKV if c in which)
     fused = getattr(attn, "qkv", None) is not None
     if fused and which == "qkv":
-        qkv = F.linear(x, attn.qkv.weight, _fused_bias(attn))
+        bias = attn.qkv.bias
+        if getattr(attn, "q_bias", None) is not None:  # BEiT's and EVA's separate q / zero k / v biases
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        qkv = F.linear(x, attn.qkv.weight, bias)
         return dict(zip(QKV, qkv.reshape(B, N, 3, -1, head_dim).permute(2, 0, 3, 1, 4).unbind(0)))
     out = {}
     for name in which:
@@ -111,6 +108,13 @@ def apply_rope(
     npt = num_prefix_tokens
     rotated = apply_rot_embed_cat(t[:, :, npt:, :], rope, half=half)
     return torch.cat([t[:, :, :npt, :], rotated], dim=2).to(t.dtype)
+
+
+def merged_heads_output(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The core's (B, H, N, d) output as timm's classes without an output norm or gate finish it: heads
+    merged, ``proj``, ``proj_drop`` (an adapter's ``_output``)."""
+    B, N, _ = x.shape
+    return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
 
 def _to_buffer(module: nn.Module, name: str) -> None:

@@ -9,8 +9,6 @@ student's table. q/k/v come from a fused ``qkv`` with BEiT's separate ``q_bias``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from timm.models.beit import Attention as BeitAttention
 
@@ -18,7 +16,7 @@ from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import FusedQKVDims, freeze_chunks, project_heads
+from ._projections import FusedQKVDims, freeze_chunks, merged_heads_output, project_heads
 
 
 @register_adapter(BeitAttention)
@@ -65,12 +63,9 @@ class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
             extra=shared_rel_pos_bias,
         )
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 FAMILY = register_family(

@@ -34,8 +34,8 @@ from timm.models.cait import ClassAttn, TalkingHeadAttn
 
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
-from ..softmax import SOFTMAX, SoftmaxCore, sdpa
-from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, project_heads
+from ..softmax import SOFTMAX, SoftmaxCore
+from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, merged_heads_output, project_heads
 
 
 @register_adapter(TalkingHeadAttn)
@@ -76,23 +76,14 @@ class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):
         """Σ_g W^w_hg·P'_g v_h + b^w_h·Σ_j v_hj for P' = softmax(s·q kᵀ): the post-softmax head mix."""
         B, H, N, d = v.shape
         every_v = v.transpose(1, 2).reshape(B, 1, N, H * d).expand(B, H, N, H * d)
-        per_map = sdpa(
-            q,
-            k,
-            every_v,
-            attn_mask=attn_mask,
-            dropout_p=self.attention_dropout(),
-            is_causal=is_causal,
-            scale=self.logit_scale(q),
-        )  # (B, G, N, H·d): P'_g v_h for every (g, h)
+        # (B, G, N, H·d): P'_g v_h for every (g, h)
+        per_map = SoftmaxCore.attend(self, q, k, every_v, attn_mask=attn_mask, is_causal=is_causal)
         mixed = torch.einsum("hg,bgnhd->bhnd", self.proj_w.weight.to(v.dtype), per_map.view(B, H, N, H, d))
         if self.proj_w.bias is not None:
             mixed = mixed + self.proj_w.bias.to(v.dtype).view(1, H, 1, 1) * v.sum(dim=2, keepdim=True)
         return mixed
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         """Copied chunks' rows of ``qkv`` stop training; borrowing q (and k) also freezes ``proj_l``, which

@@ -18,7 +18,6 @@ the block passes, as the teacher's layer did, before its feature map.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import ClassVar
 
 import torch
@@ -85,8 +84,7 @@ class RopeProjection(SoftmaxCore):
                     out[c] = out[c].repeat_interleave(groups, dim=1)
         return out
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 @register_adapter(EvaAttention)

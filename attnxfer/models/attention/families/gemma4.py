@@ -31,15 +31,6 @@ from ._projections import _to_buffer
 from ._rope import RopeSlot
 
 
-def _rope_call(args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The rope of a call ``attn(x, cos, sin)`` (Gemma4's block) as one tensor, ``rope``: cos and sin stacked,
-    the form a student layer takes it in (stage 1 replays the call with it)."""
-    if len(args) == 3 and args[1] is not None:
-        return {"rope": torch.stack(args[1:])}
-    rope = kwargs.get("rope")
-    return {"rope": rope} if rope is not None else {}
-
-
 class Gemma4Slot:
     """Before a zoo attention class: Gemma4's call signature and projections (see the module docstring)."""
 
@@ -63,7 +54,12 @@ class Gemma4Slot:
         return self.transfer_forward(x, attn_mask=attn_mask, **call)
 
     def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return _rope_call(args, kwargs)
+        """The rope of a call ``attn(x, cos, sin)`` (Gemma4's block) as one tensor, ``rope``: cos and sin
+        stacked, the form a student layer takes it in (stage 1 replays the call with it)."""
+        if len(args) == 3 and args[1] is not None:
+            return {"rope": torch.stack(args[1:])}
+        rope = kwargs.get("rope")
+        return {"rope": rope} if rope is not None else {}
 
     def project(
         self, x: torch.Tensor, which: str = "qkv", rope: torch.Tensor | None = None
@@ -150,8 +146,7 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
     def logit_scale(self, q: torch.Tensor) -> float:
         return 1.0
 
-    def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return _rope_call(args, kwargs)
+    call_extras = Gemma4Slot.call_extras  # the same block call, the same rope
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         B, N, _ = x.shape

@@ -14,7 +14,6 @@ order (`place_rows`): mask unit u holds every ``units``-th token, pooled queries
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -57,8 +56,12 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
         """Tokens in the model's unrolled order (read off its ``unroll`` at the first layer), mask unit u holding
         every ``units``-th token (or one global unit); queries max-pooled over groups of ``q_stride`` tokens, a
         2-D block of the grid each, which land on the next stage's grid (the walk's order for later layers)."""
-        if walk.sequence is None:
-            _start_walk(walk)
+        unroll = getattr(walk.model, "unroll", None)
+        if walk.sequence is None and isinstance(unroll, nn.Module) and getattr(unroll, "size", None):
+            # the order the model's blocks see its tokens in: its unroll of the raster grid's cell indices
+            grid = tuple(int(s) for s in unroll.size)
+            cells = torch.arange(math.prod(grid), dtype=torch.float32).reshape(1, -1, 1)
+            walk.sequence, walk.grid = unroll(cells).reshape(-1).round().long(), grid
         seq, (gh, gw) = walk.sequence, walk.grid
         if seq is None or seq.numel() != tokens:
             return None
@@ -78,14 +81,11 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
         )  # the next blocks' order: token m·units + u
         return RowPlacement(pooled, (gh, gw), queries, keys)
 
-    def _units(self, N: int) -> int:
-        return N // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.io is None:
             return MaskUnitAttention.forward(self, x)
         B, N, C = x.shape
-        units = self._units(N)
+        units = N // (self.q_stride * self.window_size) if self.use_mask_unit_attn else 1
         rows = x.view(B, N // units, units, C).transpose(1, 2).reshape(B * units, N // units, C)
         out = self.transfer_forward(rows)  # (B·units, tokens per unit / q_stride, dim_out)
         n_q = out.shape[1]
@@ -106,17 +106,7 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
         Bu, H, n_q, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(Bu, n_q, H * d))
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
-
-
-def _start_walk(walk: TokenWalk) -> None:
-    """The order the model's blocks see its tokens in: its ``unroll`` of the raster grid's cell indices."""
-    unroll = getattr(walk.model, "unroll", None)
-    if isinstance(unroll, nn.Module) and getattr(unroll, "size", None):
-        grid = tuple(int(s) for s in unroll.size)
-        cells = torch.arange(math.prod(grid), dtype=torch.float32).reshape(1, -1, 1)
-        walk.sequence, walk.grid = unroll(cells).reshape(-1).round().long(), grid
+    freeze_projections = freeze_chunks
 
 
 def hiera_tilings(model: nn.Module) -> tuple[Tiling, ...]:

@@ -20,7 +20,7 @@ the teacher's own keys; stage 1 pools the student's map onto the teacher's keys 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from ..key_pooling import KeyPooling
 from ..placement import grid_argument
 from ..slots import ConversionSlot, TokenLayout, stacked_linear
 from ..softmax import SOFTMAX, SoftmaxCore
+from ._projections import merged_heads_output
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
@@ -131,12 +132,9 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
             self, x, which, lambda t: self.reduce(t, feat_size), self.num_heads, self.head_dim
         )
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_q_kv(self, chunks)
+    freeze_projections = freeze_q_kv
 
 
 def pvt_v2_tilings(model: nn.Module) -> tuple[Tiling, ...]:

@@ -10,8 +10,6 @@ into the student's bias (its MLP or table). q/k/v come from timm's fused ``qkv``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn as nn
 from timm.layers import RelPosBias, RelPosMlp
@@ -21,7 +19,7 @@ from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import freeze_chunks, merged_heads_output, project_heads
 
 
 @register_adapter(RelPosAttention)
@@ -73,7 +71,8 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
             return BiasRows.of_tensor(bias)
         if isinstance(rel, RelPosBias):
             return gathered_bias_rows(rel.relative_position_bias_table, index, bias.shape[-1])
-        if isinstance(rel, RelPosMlp) and not _draws_dropout(rel):
+        draws_dropout = rel.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in rel.modules())
+        if isinstance(rel, RelPosMlp) and not draws_dropout:  # recomputed, a dropout would give other rows
             gain = rel.bias_gain
             act = rel.bias_act
             post = act if gain is None else (lambda b: gain * act(b))
@@ -81,17 +80,9 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
             return gathered_bias_rows(values, index, bias.shape[-1], prefix_pad=rel.prefix_tokens, post=post)
         return BiasRows.of_tensor(bias)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
-
-
-def _draws_dropout(module: nn.Module) -> bool:
-    """``module`` draws random dropout masks now (training, p > 0): recomputing it gives another result."""
-    return module.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+    freeze_projections = freeze_chunks
 
 
 FAMILY = register_family(

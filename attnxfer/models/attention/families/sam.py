@@ -15,8 +15,6 @@ too. Archs built with rope instead (``use_rope``) rotate q and k and have no bia
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +24,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention, get_de
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import freeze_chunks, merged_heads_output, project_heads
 
 
 @register_adapter(SamAttention)
@@ -71,12 +69,9 @@ class TransferSamAttention(SoftmaxCore, SamAttention):
         bias = get_decomposed_rel_pos_bias(q.reshape(B * H, N, d), self.rel_pos_h, self.rel_pos_w, hw, hw)
         return bias.view(B, H, N, -1)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 def resize_sam_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -22,7 +22,6 @@ conversion changes what the layer computes, not its cost.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family
 from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
 from ..slots import ConversionSlot, TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import FusedQKVDims, freeze_chunks, project_heads
+from ._projections import FusedQKVDims, freeze_chunks, merged_heads_output, project_heads
 
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
@@ -46,15 +45,6 @@ def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int
     nw, n = mask.shape[0], mask.shape[-1]
     full = bias.unsqueeze(1) + mask.to(bias.dtype).view(1, nw, 1, n, n)  # (1, nW, H, N, N)
     return full.expand(windows // nw, -1, -1, -1, -1).reshape(windows, bias.shape[1], n, n)
-
-
-def swin_partition(block: nn.Module) -> dict[str, Any]:
-    """The grid a Swin(-V2, -V2-CR) block works on, its window and its shift (what decides each window's tokens)."""
-    return {
-        "grid": tuple(int(v) for v in getattr(block, "input_resolution", None) or block.feat_size),
-        "window": tuple(int(v) for v in block.window_size),
-        "shift": tuple(int(v) for v in block.shift_size),
-    }
 
 
 class SwinWindowParts(FusedQKVDims):
@@ -72,7 +62,14 @@ class SwinWindowParts(FusedQKVDims):
         return with_window_mask(self._position_bias(), mask, q.shape[0])
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
-        return swin_partition(block) if block is not None else {}  # the block decides Swin's windows
+        """The grid the block works on, its window and its shift: the block decides each window's tokens."""
+        if block is None:
+            return {}
+        return {
+            "grid": tuple(int(v) for v in getattr(block, "input_resolution", None) or block.feat_size),
+            "window": tuple(int(v) for v in block.window_size),
+            "shift": tuple(int(v) for v in block.shift_size),
+        }
 
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
@@ -85,12 +82,9 @@ class SwinWindowParts(FusedQKVDims):
         cells = window_cells(raster_cells(grid), tuple(partition["window"]), tuple(partition["shift"]))
         return RowPlacement(grid, grid, cells, cells)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 class SwinSlot:
@@ -115,7 +109,12 @@ class SwinSlot:
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"{type(self).__name__} takes a boolean region mask, got {attn_mask.dtype}")
         if not self.map_kind.row_stochastic:
-            return torch.zeros_like(v) if not self.map_kind.has_map else _refuse_masked(self)
+            if self.map_kind.has_map:
+                raise InputError(
+                    f"{self.attention_name} has a signed map and cannot be restricted to a shifted window's "
+                    "regions; choose a row-stochastic attention (hashing, relu_linear, performer, ...) for Swin"
+                )
+            return torch.zeros_like(v)
         # The kernel attention over the query's region: its map rows restricted there and renormalised.
         rows = self.attention_map(q, k) * attn_mask
         rows = rows / rows.sum(-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
@@ -132,13 +131,6 @@ class SwinSlot:
         rows = self.attention_map(q, k)
         mass = (rows * keep).sum(-1).clamp_min(torch.finfo(rows.dtype).tiny)
         return mass.log().mean()
-
-
-def _refuse_masked(attn: nn.Module):
-    raise InputError(
-        f"{attn.attention_name} has a signed map and cannot be restricted to a shifted window's regions; "
-        "choose a row-stochastic attention (hashing, relu_linear, performer, ...) for Swin"
-    )
 
 
 class SwinConversion(ConversionSlot):

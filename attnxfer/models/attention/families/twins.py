@@ -13,7 +13,6 @@ Logits s·q kᵀ, s = d^-0.5, no bias; the block passes the stage's ``size`` (H,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -25,7 +24,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, grid_argument, raster_cells, window_cells
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import freeze_chunks, merged_heads_output, project_heads
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
@@ -84,12 +83,9 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
         """q/k/v (B·windows, H, ws², d) of the padded windows ``x`` (B·windows, ws², C)."""
         return project_heads(self, x, which, self.head_dim)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_chunks(self, chunks)
+    freeze_projections = freeze_chunks
 
 
 @register_adapter(GlobalSubSampleAttn)
@@ -124,12 +120,9 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
         """q (B, H, N, d) of every token; k, v (B, H, N_k, d) of the reduced tokens."""
         return project_q_kv(self, x, which, lambda t: self.reduce(t, size), self.num_heads, self.head_dim)
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B, N, _ = x.shape
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    _output = merged_heads_output
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        freeze_q_kv(self, chunks)
+    freeze_projections = freeze_q_kv
 
 
 def twins_tilings(model: nn.Module) -> tuple[Tiling, ...]:
