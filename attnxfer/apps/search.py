@@ -231,20 +231,6 @@ def winner_of(front: list[dict[str, Any]], min_speed: float) -> dict[str, Any] |
     return min(fast, key=lambda c: c["kl"]) if fast else None
 
 
-def convert_command(cfg: TrainConfig, winner: dict[str, Any]) -> str:
-    parts = [
-        "attnxfer",
-        "convert",
-        "-c",
-        cfg.search.convert_recipe,
-        f"teacher.spec={cfg.teacher.spec}",
-        f"convert.attention={winner['formula']}",
-        f"convert.stage1_train={cfg.search.fit_train}",
-        f"run_dir={Path(cfg.run_dir) / 'winner'}",
-    ]
-    return " ".join(shlex.quote(p) for p in parts)
-
-
 def _zoo_label(c: dict[str, Any]) -> str:
     return c["origin"][4:] if c["origin"].startswith("zoo:") else ""
 
@@ -338,7 +324,19 @@ def draw_pareto(state: SearchState, front: list[dict[str, Any]], speed_mode: str
 def write_reports(cfg: TrainConfig, run_dir: Path, state: SearchState) -> tuple[list, Any, str | None]:
     front = pareto_front(state)
     winner = winner_of(front, cfg.search.min_speed)
-    command = convert_command(cfg, winner) if winner is not None else None
+    command = None
+    if winner is not None:  # the `attnxfer convert` that turns the teacher into the winner
+        parts = [
+            "attnxfer",
+            "convert",
+            "-c",
+            cfg.search.convert_recipe,
+            f"teacher.spec={cfg.teacher.spec}",
+            f"convert.attention={winner['formula']}",
+            f"convert.stage1_train={cfg.search.fit_train}",
+            f"run_dir={Path(cfg.run_dir) / 'winner'}",
+        ]
+        command = " ".join(shlex.quote(p) for p in parts)
     atomic_write_text(run_dir / "pareto.md", render_pareto_md(cfg, state, front, winner, command))
     if front:
         draw_pareto(state, front, cfg.search.speed).savefig(run_dir / "pareto.png")

@@ -23,16 +23,12 @@ import threading
 from typing import NoReturn
 
 
-def skips_finalization() -> bool:
-    """Whether `end_program` will skip interpreter finalization: this process created a process group of
-    several ranks (read without importing torch when no run was started)."""
-    distributed = sys.modules.get("attnxfer.train.distributed")
-    return bool(distributed is not None and distributed.joined_a_process_group())
-
-
 def end_program(code: int) -> NoReturn:
     """Exit with ``code``; after a multi-process run, without interpreter finalization (module docstring)."""
-    if not skips_finalization():
+    # finalization is skipped only where this process created a process group of several ranks (read without
+    # importing torch when no run was started)
+    distributed = sys.modules.get("attnxfer.train.distributed")
+    if distributed is None or not distributed.joined_a_process_group():
         sys.exit(code)
     # What the interpreter does first at exit, in its order: threading's own exit hooks (they stop idle
     # ThreadPoolExecutor workers, which a plain join would wait for forever), joining the non-daemon

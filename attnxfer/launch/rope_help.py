@@ -39,15 +39,6 @@ def _name(node: ast.expr) -> str:
     return node.attr if isinstance(node, ast.Attribute) else getattr(node, "id", "")
 
 
-def _registered_name(decorators: list[ast.expr]) -> str | None:
-    """The name in a ``@register_attention("name")`` decorator, if any."""
-    for d in decorators:
-        called = isinstance(d, ast.Call) and _name(d.func) == "register_attention" and d.args
-        if called and isinstance(d.args[0], ast.Constant):
-            return d.args[0].value
-    return None
-
-
 def _classes(folder: Path) -> dict[str, _Class]:
     """Every class statement in ``folder``'s modules, by class name."""
     found: dict[str, _Class] = {}
@@ -55,7 +46,18 @@ def _classes(folder: Path) -> dict[str, _Class]:
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if not isinstance(node, ast.ClassDef):
                 continue
-            cls = _Class([_name(b) for b in node.bases], _registered_name(node.decorator_list))
+            registered = next(  # the name in a ``@register_attention("name")`` decorator, if any
+                (
+                    d.args[0].value
+                    for d in node.decorator_list
+                    if isinstance(d, ast.Call)
+                    and _name(d.func) == "register_attention"
+                    and d.args
+                    and isinstance(d.args[0], ast.Constant)
+                ),
+                None,
+            )
+            cls = _Class([_name(b) for b in node.bases], registered)
             for stmt in node.body:
                 target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
                 value = getattr(stmt, "value", None)

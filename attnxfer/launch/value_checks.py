@@ -74,15 +74,11 @@ def _comparisons_by_text() -> frozenset[str]:
     return frozenset(n for path in sorted(folder.glob("*.py")) for n in _COMPARISON.findall(path.read_text()))
 
 
-def registered_comparisons() -> frozenset[str]:
-    """The names ``transfer.losses`` entries may give: the imported registry's where it is loaded (a session's
-    own losses), else what the source declares."""
-    module = sys.modules.get(_COMPARISONS_MODULE)
-    return frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()
-
-
 def _check_comparisons(entries: Any) -> None:
-    names = registered_comparisons()
+    # the names entries may give: the imported registry's where it is loaded (a session's own losses), else
+    # what the source declares
+    module = sys.modules.get(_COMPARISONS_MODULE)
+    names = frozenset(module.COMPARISON_LOSSES) if module is not None else _comparisons_by_text()
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name in names or not names:

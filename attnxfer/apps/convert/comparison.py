@@ -303,9 +303,13 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
         if row["report"] is None:
             continue
         s = row["speed"]
+        if s.get("break_even_withheld"):
+            break_even = "withheld (measurements disagree: see its report)"
+        else:
+            break_even = str(s["break_even"] or "—")
         lines.append(
             f"| {row['name']} ({row['attention']}) | {s['student_ms']:.2f} | {s['student_images_per_s']:.1f} | "
-            f"{_speedup_cell(s)} | {ratio_text(s['student_over_floor'])} | {_break_even_cell(s)} |"
+            f"{_speedup_cell(s)} | {ratio_text(s['student_over_floor'])} | {break_even} |"
         )
     return [*lines, ""]
 
@@ -350,12 +354,6 @@ def _speedup_cell(speed: dict[str, Any]) -> str:
         return "withheld (rounds on both sides of 1)"
     span = speed.get("speedup_range")
     return f"{speed['speedup']:.2f}" + (f" [{span[0]:.2f}, {span[1]:.2f}]" if span else "")
-
-
-def _break_even_cell(speed: dict[str, Any]) -> str:
-    if speed.get("break_even_withheld"):
-        return "withheld (measurements disagree: see its report)"
-    return str(speed["break_even"] or "—")
 
 
 def _pct(v: float | None) -> str:

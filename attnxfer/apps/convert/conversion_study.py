@@ -42,7 +42,7 @@ from ...run_layout import STUDY_RECORD
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import StudentStreams
 from ...train.stage1 import Stage1Fit, Stage1Result, teacher_signals
-from ...train.stop import StopRequested, stop_on_signals, stop_signal
+from ...train.stop import stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ..run.training import prepare_trackers_from_config
 from ..study.study import check_study, lockstep_study, write_study_files
@@ -223,7 +223,9 @@ class _Stage1Lockstep:
                 index += 1
                 signum = stop_signal()
                 if signum:
-                    raise self._stopped(signum, [fits[i] for i in active if i not in results])
+                    # every fit still running saves its step; the first one's stop is the study's
+                    stops = [fits[i].stopped(signum) for i in active if i not in results]
+                    raise stops[0]
             for i, fit in fits.items():
                 if i not in results:
                     results[i] = self.jobs[i].finish(fit.finish())
@@ -241,11 +243,6 @@ class _Stage1Lockstep:
             study.stopped[name] = study.runs[i].stopped = str(e)
             study.say(f"study: student {name!r} stopped: {e}; the others go on")
             return {i: None}
-
-    def _stopped(self, signum: int, fits: list[Stage1Fit]) -> StopRequested:
-        """A stop signal: every fit still running saves its step; the first one's stop is the study's."""
-        stops = [fit.stopped(signum) for fit in fits]
-        return stops[0]
 
 
 def _union_signals(teacher: torch.nn.Module, x: torch.Tensor, fits: list[Stage1Fit]) -> Any:

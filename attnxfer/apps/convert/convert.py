@@ -459,19 +459,15 @@ def stage2_done(run: Conversion, result: TrainResult | None, stopped: str | None
         best=result.best,
     )
     if result.nothing_to_do:  # a finished stage 2 found again: what it trained is in the earlier report
-        trained |= {k: v for k, v in _earlier_report(run).get("stage2", {}).items() if k in trained}
+        try:
+            earlier = json.loads((run.run_dir / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = {}
+        trained |= {k: v for k, v in earlier.get("stage2", {}).items() if k in trained}
     stage2.update(trained)
     run.seconds["stage2"] = stage2["seconds"]
     measure(run, "after_stage2")
     return stage2
-
-
-def _earlier_report(run: Conversion) -> dict[str, Any]:
-    """The run's report.json as an earlier run wrote it ({} where there is none)."""
-    try:
-        return json.loads((run.run_dir / "report.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
 
 
 def _speeds(runs: list[Conversion], log: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -520,6 +516,10 @@ def _report(
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
     knn = {s: (m["knn"] if m else None) for s, m in measured.items()}
+    try:
+        val_size = len(parts.val_loader.dataset)
+    except TypeError:  # a dataset without a length
+        val_size = None
     return {
         "version": _REPORT_VERSION,
         "run_dir": str(run.run_dir),
@@ -534,7 +534,7 @@ def _report(
         "data": {
             "dataset": cfg.data.dataset,
             "labels": run.labelled,
-            "val_size": _dataset_size(parts.val_loader),
+            "val_size": val_size,
             "agreement_images": sum(x.shape[0] for x in run.probe),
         },
         "plan": plan.to_dict(),
@@ -590,10 +590,3 @@ def convert_main(cfg: TrainConfig) -> dict[str, Any]:
 
 def _silent(_: str) -> None:
     """The log of ranks other than 0."""
-
-
-def _dataset_size(loader) -> int | None:
-    try:
-        return len(loader.dataset)
-    except TypeError:
-        return None

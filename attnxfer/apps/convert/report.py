@@ -367,11 +367,14 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         return []
     names, metric, ms = selection["candidates"], selection["metric"], selection["ms"]
     measured = selection.get("measured_speedup")
+    # in process CPU time too (CPU runs), which other programs on a shared machine distort less than wall-clock
+    cpu = selection.get("measured_speedup_cpu")
+    cpu_time = f" ({cpu:.2f}x in CPU time)" if cpu else ""
     lines = [
         "## Attention per block (convert.attention=auto)",
         "",
         f"Budget **{selection['speedup']:g}x** the teacher at {selection['tokens']:,} tokens: predicted "
-        f"**{selection['predicted_speedup']:.2f}x**, measured **{ratio_text(measured)}x**{_cpu_time(selection)} "
+        f"**{selection['predicted_speedup']:.2f}x**, measured **{ratio_text(measured)}x**{cpu_time} "
         "(fastest student of "
         f"these candidates: {selection['fastest']['speedup']:.2f}x, all blocks {selection['fastest']['attention']}).",
         "",
@@ -390,13 +393,6 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         cells = " | ".join(value_text(row.get(n), 3) for n in names)
         lines.append(f"| {i} | **{name}** | {cells} | {why} |")
     return [*lines, ""]
-
-
-def _cpu_time(selection: dict[str, Any]) -> str:
-    """The measured speedup in process CPU time (CPU runs), which other programs on a shared machine distort
-    less than wall-clock time."""
-    cpu = selection.get("measured_speedup_cpu")
-    return f" ({cpu:.2f}x in CPU time)" if cpu else ""
 
 
 def _sweep_lines(speed: dict[str, Any]) -> list[str]:

@@ -66,7 +66,10 @@ def draw_pictures(
             _query_pictures(canvas, name, sides)
         for stage, layers in stages:
             _stage_pictures(canvas, name, _StageOf(stage, layers, len(stages)), t, s, insp.students[name])
-    _rollout_pictures(canvas, rollouts)
+    for b in range(canvas.count if rollouts else 0):
+        canvas.save(
+            rollout_figure(canvas.image(b), {k: v[b] for k, v in rollouts.items()}), f"rollout_img{b}.png"
+        )
     canvas.save(curves_figure(insp), "curves.png")
     return canvas.written
 
@@ -141,33 +144,28 @@ def _stage_pictures(
     """A stage's class-token maps per image and its head matching, for student ``name``."""
     # one stage: every layer of either model (depths may differ)
     layers = stage.layers if stage.stages > 1 else list(range(max(len(t.maps), len(s.maps))))
-    _class_token_pictures(canvas, name, stage, layers, t, s)
+    # class-token maps where a layer of this stage has a whole-image map (the query pictures show the others:
+    # windows, reduced keys)
+    if any(m is not None for maps in (t.maps, s.maps) for j, m in enumerate(maps) if j in layers):
+        where = f"{stage.label}, " if stage.label != "blocks" else ""
+        for b in range(canvas.count):
+            pick = lambda maps, b=b: [
+                maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
+            ]
+            fig = class_token_figure(
+                canvas.image(b),
+                pick(t.maps),
+                pick(s.maps),
+                names=("teacher", name),
+                title=f"class-token attention, {where}image {b}: teacher heads (t) | {name} heads (s)",
+                layer_labels=[f"L{j}" for j in layers],
+                notes=[_why_no_map(t.geometries[j]) if j < len(t.geometries) else "" for j in layers],
+            )
+            canvas.save(fig, f"cls_maps_{slug(name)}{stage.suffix}_img{b}.png")
     rows = [r for r in rows if r.teacher_layer in layers]
     if any(r.js_cost for r in rows):
         title = f"head matching, {name}" + (f", {stage.label}" if stage.stages > 1 else "")
         canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{stage.suffix}.png")
-
-
-def _class_token_pictures(
-    canvas: _Canvas, name: str, stage: _StageOf, layers: list[int], t: _ModelView, s: _ModelView
-) -> None:
-    # no layer of this stage has a whole-image map (windows, reduced keys): the query pictures show it
-    if not any(m is not None for maps in (t.maps, s.maps) for j, m in enumerate(maps) if j in layers):
-        return
-    for b in range(canvas.count):
-        pick = lambda maps, b=b: [
-            maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
-        ]
-        fig = class_token_figure(
-            canvas.image(b),
-            pick(t.maps),
-            pick(s.maps),
-            names=("teacher", name),
-            title=_maps_title(b, name, stage.label),
-            layer_labels=[f"L{j}" for j in layers],
-            notes=[_why_no_map(t.geometries[j]) if j < len(t.geometries) else "" for j in layers],
-        )
-        canvas.save(fig, f"cls_maps_{slug(name)}{stage.suffix}_img{b}.png")
 
 
 def _why_no_map(geometry: LayerGeometry) -> str:
@@ -175,18 +173,6 @@ def _why_no_map(geometry: LayerGeometry) -> str:
     if not geometry.whole:
         return geometry.label  # "4 windows", "reduced keys": no whole-image map
     return "" if geometry.has_class_row else "received"  # no class token: attention each patch receives
-
-
-def _maps_title(b: int, name: str, stage: str) -> str:
-    where = f"{stage}, " if stage and stage != "blocks" else ""
-    return f"class-token attention, {where}image {b}: teacher heads (t) | {name} heads (s)"
-
-
-def _rollout_pictures(canvas: _Canvas, rollouts: Mapping[str, torch.Tensor]) -> None:
-    for b in range(canvas.count if rollouts else 0):
-        canvas.save(
-            rollout_figure(canvas.image(b), {k: v[b] for k, v in rollouts.items()}), f"rollout_img{b}.png"
-        )
 
 
 @dataclass

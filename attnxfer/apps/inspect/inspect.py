@@ -177,18 +177,6 @@ def trained_size(spec: str) -> int | None:
     return int(size[-1]) if isinstance(size, (list, tuple)) and size else None
 
 
-def _same_size(teacher: LoadedModel, students: Mapping[str, LoadedModel]) -> None:
-    """Every model runs at the teacher's image size (maps are compared token by token), else one message."""
-    want = image_input(teacher.model).img_size
-    for s in students.values():
-        got = image_input(s.model).img_size
-        if want is not None and got is not None and got != want:
-            raise InputError(
-                f"{s.spec} runs at {got[0]} px, the teacher {teacher.spec} at {want[0]} px: pass --img-size "
-                f"{got[0]} to rebuild the teacher (and every model loaded as one) there"
-            )
-
-
 # ------------------------------------------------------------------------------------------- images
 def _input_settings(teacher: LoadedModel) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
     (size, _), chans = input_size(teacher.model)
@@ -396,7 +384,15 @@ def inspect_attention(
         torch.manual_seed(seed + k)
         loaded[name] = load_model(spec, teacher=t, pretrained=pretrained, arch=student_arch, img_size=size)
         token_layout(loaded[name].model)
-    _same_size(t, loaded)
+    # every model runs at the teacher's image size (maps are compared token by token), else one message
+    want = image_input(t.model).img_size
+    for s in loaded.values():
+        got = image_input(s.model).img_size
+        if want is not None and got is not None and got != want:
+            raise InputError(
+                f"{s.spec} runs at {got[0]} px, the teacher {t.spec} at {want[0]} px: pass --img-size "
+                f"{got[0]} to rebuild the teacher (and every model loaded as one) there"
+            )
     x = load_images(t, files=images, data=data, data_root=data_root, split=split, num_images=num_images)
     subjects = {n: s.subject for n, s in loaded.items()}
     insp = inspect_models(t.model, subjects, x, batch_size=batch_size, **settings)

@@ -27,7 +27,8 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
     floor, then per student its layers against the teacher's and which heads correspond."""
     lines = [*_header(insp, teacher, students), *_teacher_table(insp.teacher)]
     for name, rows in insp.students.items():
-        lines += [*_student_table(name, rows), *_head_correspondence(rows), *_notes(rows)]
+        lines += [*_student_table(name, rows), *_head_correspondence(rows)]
+        lines += [f"- layer {r.layer}: {r.note}" for r in rows if r.note]
     return "\n".join(lines) + "\n"
 
 
@@ -121,10 +122,6 @@ def _head_correspondence(rows: Sequence[LayerComparison]) -> list[str]:
     return lines
 
 
-def _notes(rows: Sequence[LayerComparison]) -> list[str]:
-    return [f"- layer {r.layer}: {r.note}" for r in rows if r.note]
-
-
 def agreement_sentence(insp: Inspection) -> str:
     """One sentence per student of what the per-layer curves show: mean JS against the noise floor, the
     closest and furthest layers, and attention distance against the teacher's."""
@@ -147,14 +144,12 @@ def agreement_sentence(insp: Inspection) -> str:
             )
             continue
         lead = f"{name}: {copied} layers attend with the teacher's maps (JS 0); " if copied else f"{name}: "
-        ratio = f" ({_times(mean_js / floor)} the floor)" if floor > 0 else ""
+        ratio = ""
+        if floor > 0:  # 12x, 3.4x, 0.52x: two significant digits below 10, so a ratio under 1 never reads 0x
+            times = mean_js / floor
+            ratio = f" ({times:.0f}x the floor)" if times >= 10 else f" ({times:.2g}x the floor)"
         parts.append(
             f"{lead}mean JS {mean_js:.3f}{ratio}, closest in layer {best[1]} ({best[0]:.3f}), furthest in "
             f"layer {worst[1]} ({worst[0]:.3f}); attention distance {dist:.1f} px."
         )
     return " ".join(parts)
-
-
-def _times(ratio: float) -> str:
-    """``12x``, ``3.4x``, ``0.52x``: two significant digits below 10, so a ratio under 1 never reads 0x."""
-    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.2g}x"

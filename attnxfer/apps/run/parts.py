@@ -149,14 +149,6 @@ def stamp_input_cfg(
     }
 
 
-def reads_labels(cfg: TrainConfig) -> bool:
-    """Whether a training run reads labels: the data has them (``data.labels``) and its task loss uses them
-    (``transfer.task_weight`` > 0; null is 1). A run without a task loss reads its images alone: no label is
-    read (`attnxfer eval` asks for labels wherever the data has them, for its top-1 and k-NN)."""
-    uses = cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0
-    return cfg.data.labels and uses
-
-
 def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
     """``model.num_classes``, else the dataset's; a dataset that says none is refused here. A run without
     labels or without a task loss (``transfer.task_weight=0``) has no classes: 0 (a headless student) unless
@@ -183,10 +175,17 @@ def build_run_parts(
 ) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
     student (e.g. `attnxfer convert` builds it from the teacher's weights). ``labels``: whether the loaders
-    hand out labels (default `reads_labels`; `attnxfer convert` reads them wherever the data has them, for
-    its report's top-1 and k-NN). ``shared``: the parts of another run whose teacher and loaders this one
-    reads too (a study's students): only the student is built here, and it must take the same images."""
-    labels = reads_labels(cfg) if labels is None else labels and cfg.data.labels
+    hand out labels (default: where the data has them and the task loss uses them; `attnxfer convert` reads
+    them wherever the data has them, for its report's top-1 and k-NN). ``shared``: the parts of another run
+    whose teacher and loaders this one reads too (a study's students): only the student is built here, and
+    it must take the same images."""
+    if labels is None:
+        # a training run reads labels where the data has them (data.labels) and its task loss uses them
+        # (transfer.task_weight > 0; null is 1): without a task loss it reads its images alone (`attnxfer eval`
+        # asks for labels wherever the data has them, for its top-1 and k-NN)
+        labels = cfg.data.labels and (cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0)
+    else:
+        labels = labels and cfg.data.labels
     if labels != cfg.data.labels:  # the run reads its images alone
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=False))
     d = cfg.data

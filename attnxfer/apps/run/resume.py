@@ -189,7 +189,8 @@ def student_as_trained(run_dir: str | Path, built: dict[str, Any], *, scoring: b
     if not built or not run.is_run():  # parts a notebook built carry no spec to compare
         return None
     recorded = run.record().get("student")
-    if not recorded or _same_student(recorded, built):
+    keys = ("architecture", "attention", "num_classes")
+    if not recorded or all(recorded.get(k) == built.get(k) for k in keys):
         return None
     if scoring:
         return recorded
@@ -199,7 +200,3 @@ def student_as_trained(run_dir: str | Path, built: dict[str, Any], *, scoring: b
         f"({recorded.get('architecture')}); resume with the run's own config (-c {run.config_file}) or "
         "choose another run_dir"
     )
-
-
-def _same_student(recorded: dict[str, Any], built: dict[str, Any]) -> bool:
-    return all(recorded.get(k) == built.get(k) for k in ("architecture", "attention", "num_classes"))

@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -73,17 +72,12 @@ def task_weight_of(cfg: TrainConfig) -> float:
     return 1.0 if weight is None else float(weight)
 
 
-def feature_weight_of(cfg: TrainConfig) -> float:
-    """``transfer.feature_distill`` as this run uses it (null: 0; `attnxfer convert` resolves it)."""
-    weight = cfg.transfer.feature_distill
-    return 0.0 if weight is None else float(weight)
-
-
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     """The transfer plan the ``transfer`` section asks for, validated against the two models: the mode, and what
     the student is compared on (the mode's distillation at ``atd_weight``, ``logit_distill``, ``feature_distill``
     and each ``losses`` entry)."""
     t = cfg.transfer
+    feature_weight = 0.0 if t.feature_distill is None else float(t.feature_distill)  # convert resolves null
     return build_plan(
         parts.teacher,
         parts.student,
@@ -94,7 +88,7 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
         share_drop_path=t.share_drop_path,
         logit_weight=t.logit_distill,
         logit_temperature=t.logit_temperature,
-        feature_weight=feature_weight_of(cfg),
+        feature_weight=feature_weight,
         task_weight=task_weight_of(cfg),
         losses=t.losses,
     )
@@ -192,15 +186,6 @@ def prepare_trackers_from_config(cfg: TrainConfig, run_dir: str | Path | None = 
     prepare_trackers(cfg.log.trackers, run_dir or cfg.run_dir)
 
 
-def adamw_from_config(
-    cfg: TrainConfig, groups: list[dict], lr: float, device: torch.device
-) -> torch.optim.Optimizer:
-    """The ``optim`` section's AdamW, in the implementation `attnxfer.train.optim.build_adamw` picks for
-    ``device`` (fused on CUDA and CPU)."""
-    o = cfg.optim
-    return build_adamw(groups, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, device=device)
-
-
 def compile_from_config(cfg: TrainConfig, pair: TeacherStudent) -> dict[str, int]:
     """torch.compile the student's blocks (``model.compile``) and the teacher's (``teacher.compile``) in
     place; returns how many blocks of each (what run.json records)."""
@@ -296,7 +281,10 @@ def assemble_engine(
     the one assembly that train, pretrain and convert's stage 2 (through `train`) share; ``drive``: a study's
     feed, stop check and streams for this student (default: a run trained alone)."""
     settings = settings or loop_settings(cfg, runtime.world)
-    optimizer = adamw_from_config(cfg, groups, settings.base_lr, runtime.device)
+    o = cfg.optim  # AdamW in the implementation build_adamw picks for the device (fused on CUDA and CPU)
+    optimizer = build_adamw(
+        groups, lr=settings.base_lr, betas=(o.beta1, o.beta2), eps=o.eps, device=runtime.device
+    )
     return Engine(
         runtime,
         objective,

@@ -6,7 +6,7 @@ import contextlib
 import re
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,16 +101,6 @@ def slurm_job_state(job_id: str) -> str | None:
     return None if info is None else info.get("JobState", "UNKNOWN")
 
 
-def _current_run_start(info: Mapping[str, str] | None) -> float:
-    """Epoch start of the job's current run after a requeue (0 when never requeued)."""
-    if not info or int(info.get("Restarts", "0") or 0) == 0:
-        return 0.0
-    try:
-        return time.mktime(time.strptime(info.get("StartTime", ""), "%Y-%m-%dT%H:%M:%S"))
-    except ValueError:
-        return 0.0
-
-
 def _tail(path: Path, lines: int) -> str:
     if not path.exists():
         return f"(no log at {path})"
@@ -172,7 +162,11 @@ def wait(
         if len(results) == len(job_list):
             return [results[j] for j in range(len(job_list))]
         if deadline is not None and time.monotonic() > deadline:
-            raise _timed_out(job_list, results, timeout)
+            pending = [job.job_id for j, job in enumerate(job_list) if j not in results]
+            raise JobTimeoutError(
+                f"jobs {pending} not finished after {timeout:.0f} s; they keep running "
+                f"(follow their logs, or scancel {' '.join(pending)})"
+            )
         time.sleep(poll_s)
 
 
@@ -187,9 +181,13 @@ def _poll(job: submitit.Job, log_lines: int) -> tuple[list[Any] | None, str | No
     info = slurm_job_info(job.job_id)
     state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
     if state in SLURM_NOT_READY_STATES:
-        done = None
-    else:
-        done = _collect(job, log_lines, not_before=_current_run_start(info))
+        return None, state, state not in SLURM_ACTIVE_STATES
+    # results count from the epoch start of the job's current run after a requeue (0 when never requeued)
+    current_run_start = 0.0
+    if info and int(info.get("Restarts", "0") or 0) != 0:
+        with contextlib.suppress(ValueError):
+            current_run_start = time.mktime(time.strptime(info.get("StartTime", ""), "%Y-%m-%dT%H:%M:%S"))
+    done = _collect(job, log_lines, not_before=current_run_start)
     return done, state, state not in SLURM_ACTIVE_STATES
 
 
@@ -212,22 +210,6 @@ def _stop_if_died(
     logs = "\n".join(_rank_logs(t, log_lines) for t in _tasks(job))
     message = f"job {job.job_id} ended ({state or job.state}) without a result from every rank:\n{logs}"
     raise _died(job, message) or JobFailedError(message, job.job_id)
-
-
-def _timed_out(
-    job_list: Sequence[submitit.Job], results: Mapping[int, Any], timeout: float
-) -> JobTimeoutError:
-    pending = [job.job_id for j, job in enumerate(job_list) if j not in results]
-    return JobTimeoutError(
-        f"jobs {pending} not finished after {timeout:.0f} s; they keep running "
-        f"(follow their logs, or scancel {' '.join(pending)})"
-    )
-
-
-def _last_error_line(traceback_text: str) -> str:
-    """``ValueError: what went wrong`` from a formatted traceback (its last non-blank line)."""
-    lines = [line.strip() for line in traceback_text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no message)"
 
 
 def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float = 0.5) -> None:
@@ -349,7 +331,9 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
             rank,
             tasks[rank].paths.stderr,
         )
-        error.reason = _last_error_line(str(outcomes[rank][1]))
+        # `ValueError: what went wrong`: the traceback's last non-blank line
+        lines = [line.strip() for line in str(outcomes[rank][1]).strip().splitlines() if line.strip()]
+        error.reason = lines[-1] if lines else "(no message)"
         raise error
     if all(o is not None for o in outcomes):
         return [o[1] for o in outcomes]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -286,7 +287,7 @@ def sbatch_parameters(opts: SlurmOptions) -> dict[str, Any]:
 
 def build_executor(opts: SlurmOptions, job_dir: str | Path) -> submitit.AutoExecutor:
     """A submitit executor for ``opts.cluster`` (explicit: AutoExecutor alone picks SLURM whenever srun exists)."""
-    if opts.cluster == "slurm" and not _has_srun():
+    if opts.cluster == "slurm" and shutil.which("srun") is None:
         raise SlurmUnavailableError(
             "cluster='slurm' but `srun` is not on PATH: submit from a SLURM login node, "
             "or use --cluster local to run on this machine"
@@ -310,9 +311,3 @@ def build_executor(opts: SlurmOptions, job_dir: str | Path) -> submitit.AutoExec
             gpus_per_node=opts.gpus_per_node,
         )
     return executor
-
-
-def _has_srun() -> bool:
-    from shutil import which
-
-    return which("srun") is not None

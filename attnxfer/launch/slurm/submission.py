@@ -46,16 +46,16 @@ class SweepPoint:
         return str(self.cfg.run_dir)
 
 
-def _point_name(index: int, overrides: Mapping[str, Any]) -> str:
-    label = "_".join(f"{k}={v}" for k, v in overrides.items())
-    return re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{index:03d}_{label}")
-
-
 def sweep_points(
     cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None, run_dir_key: str = RUN_DIR_KEY
 ) -> list[SweepPoint]:
     """The cartesian product of ``sweep`` as configs, each with its own run dir under ``cfg.run_dir``."""
-    _check_config(cfg)
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(
+            f"cfg must have a `run_dir` and a `with_overrides(dict)` method, got {type(cfg).__name__}"
+        )
+    if not str(cfg.run_dir):
+        raise InputError("cfg.run_dir is empty: set run_dir=PATH (on a filesystem every node sees)")
     if not sweep:
         return [SweepPoint({}, cfg)]
     for key, values in sweep.items():
@@ -65,18 +65,10 @@ def sweep_points(
     points = []
     for i, combo in enumerate(itertools.product(*(sweep[k] for k in keys))):
         overrides = dict(zip(keys, combo))
-        run_dir = str(Path(cfg.run_dir) / _point_name(i, overrides))
+        label = "_".join(f"{k}={v}" for k, v in overrides.items())
+        run_dir = str(Path(cfg.run_dir) / re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{i:03d}_{label}"))
         points.append(SweepPoint(overrides, cfg.with_overrides({**overrides, run_dir_key: run_dir})))
     return points
-
-
-def _check_config(cfg: Any) -> None:
-    if not isinstance(cfg, RunConfig):
-        raise TypeError(
-            f"cfg must have a `run_dir` and a `with_overrides(dict)` method, got {type(cfg).__name__}"
-        )
-    if not str(cfg.run_dir):
-        raise InputError("cfg.run_dir is empty: set run_dir=PATH (on a filesystem every node sees)")
 
 
 def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:
