@@ -45,14 +45,6 @@ class TaskLoss:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     mixup: Callable | None = None
 
-    def mix(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch mixed (timm's Mixup draws from the global RNGs: seeded by ``seed`` for this call and put
-        back after, so the mix is a function of the batch's place in the data, never of a model's streams)."""
-        if self.mixup is None:
-            return x, y
-        with seeded_global_rngs(seed):
-            return self.mixup(x, y)
-
 
 class Objective(Protocol):
     """What the engine needs of a run's objective (see the module docstring). A class that subclasses it
@@ -113,8 +105,13 @@ class TransferObjective(Objective):
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor | None, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mixup/CutMix where the run has a task loss (it mixes the labels too)."""
-        return self.task.mix(x, y, seed) if self.plan.task_weight > 0 and y is not None else (x, y)
+        """Mixup/CutMix where the run has a task loss (it mixes the labels too). timm's Mixup draws from the
+        global RNGs: seeded by ``seed`` for this call and put back after, so the mix is a function of the
+        batch's place in the data, never of a model's streams."""
+        if not (self.plan.task_weight > 0 and y is not None) or self.task.mixup is None:
+            return x, y
+        with seeded_global_rngs(seed):
+            return self.task.mixup(x, y)
 
     def loss(
         self,
