@@ -170,12 +170,7 @@ def operation_counts(
         row = {"layer": i, "attention": attention_name_of(s_blk.attn)}
         for who, blk in (("teacher", t_blk), ("student", s_blk)):
             counts = _layer_counts(blk.attn, tokens, batch) if tokens else None
-            row[who] = counts.to_dict() if counts is not None else None
-            for key, value in (row[who] or {}).items():
-                if totals[who] is not None:
-                    totals[who][key] = totals[who].get(key, 0) + value
-            if counts is None:
-                totals[who] = None
+            _add_counts(row, totals, who, counts)
         rows.append(row)
     return {"tokens": tokens, "batch": batch, "layers": rows, "total": totals}
 
@@ -229,14 +224,20 @@ def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> 
                 counts = per_head * (batch * n * attns[who][i].num_heads)
             else:
                 counts = _layer_counts(attns[who][i], tokens, batch * n)
-            row[who] = counts.to_dict() if counts is not None else None
-            for key, value in (row[who] or {}).items():
-                if totals[who] is not None:
-                    totals[who][key] = totals[who].get(key, 0) + value
-            if counts is None:
-                totals[who] = None
+            _add_counts(row, totals, who, counts)
         rows.append(row)
     return {"tokens": [r["tokens"] for r in rows], "batch": batch, "layers": rows, "total": totals}
+
+
+def _add_counts(row: dict[str, Any], totals: dict[str, Any], who: str, counts: OpCounts | None) -> None:
+    """``counts`` as the layer row's ``who`` entry, added to ``who``'s totals (a layer without counts makes the
+    totals None)."""
+    row[who] = counts.to_dict() if counts is not None else None
+    for key, value in (row[who] or {}).items():
+        if totals[who] is not None:
+            totals[who][key] = totals[who].get(key, 0) + value
+    if counts is None:
+        totals[who] = None
 
 
 def _tokens(model: nn.Module) -> int | None:
