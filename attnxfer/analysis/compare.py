@@ -202,10 +202,8 @@ class _Comparison:
         f_sig = None
         if n_floor:
             x_floor = x[:n_floor]
-            noisy = x_floor + self.settings.noise * torch.randn(x_floor.shape, generator=self.noise_rng).to(
-                x_floor
-            )
-            f_sig = layer_qk(self.teacher, noisy)
+            noise = torch.randn(x_floor.shape, generator=self.noise_rng).to(x_floor)
+            f_sig = layer_qk(self.teacher, x_floor + self.settings.noise * noise)
         s_sig = {n: layer_qk(s.model, x, borrowed_signals(s.borrow, t_sig)) for n, s in self.subjects.items()}
         for j in range(len(self.t_acc)):
             self._add_layer(j, x, t_sig, f_sig, s_sig)
