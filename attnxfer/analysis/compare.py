@@ -143,7 +143,10 @@ def compare_attention(
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
     models = [teacher, *(s.model for s in subjects.values())]
     with _evaluating(models), contextlib.closing(_progress_bar(progress)) as bar:
-        for x in _nonempty(batches, comparison.device):
+        for x in batches:
+            x = x.to(comparison.device)
+            if not x.shape[0]:
+                continue  # an empty batch adds nothing
             comparison.add_batch(x)
             bar.update(x.shape[0])
     return comparison.inspection()
@@ -164,14 +167,6 @@ def _evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
 
 def _progress_bar(progress: bool) -> tqdm:
     return tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
-
-
-def _nonempty(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
-    """The batches on ``device``, empty ones skipped."""
-    for x in batches:
-        x = x.to(device)
-        if x.shape[0]:
-            yield x
 
 
 class _Comparison:
@@ -200,9 +195,15 @@ class _Comparison:
         """One batch: every model's signals, then each teacher layer with its floor and its students' layers."""
         if self.layout is None:
             self._read_layout(x)
-        n_floor = self._floor_count(x)
+        # how many of this batch's images the floor still takes
+        limit = self.settings.floor_images
+        n_floor = x.shape[0] if limit is None else max(0, min(x.shape[0], limit - self.floor_seen))
         t_sig = layer_qk(self.teacher, x)
-        f_sig = layer_qk(self.teacher, self._noisy(x[:n_floor])) if n_floor else None
+        f_sig = None
+        if n_floor:
+            x_floor = x[:n_floor]
+            noise = torch.randn(x_floor.shape, generator=self.noise_rng).to(x_floor)
+            f_sig = layer_qk(self.teacher, x_floor + self.settings.noise * noise)
         s_sig = {n: layer_qk(s.model, x, borrowed_signals(s.borrow, t_sig)) for n, s in self.subjects.items()}
         for j in range(len(self.t_acc)):
             self._add_layer(j, x, t_sig, f_sig, s_sig)
@@ -215,16 +216,18 @@ class _Comparison:
         windowed and reduced rows sit (for attention distance)."""
         self.layout = token_layout(self.teacher, x.shape[-2:])
         self.positions = row_positions(self.teacher, x[:1])
+        t_layout = self.layout
+        show = lambda lay: (
+            f"{lay['prefix']} prefix + {'x'.join(map(str, lay['grid'])) or '?'} grid of "
+            f"{'x'.join(map(str, lay['patch'])) or '?'} px patches"
+        )
         for name, s in self.subjects.items():
-            _check_pair(name, token_layout(s.model, x.shape[-2:]), self.layout)
-
-    def _floor_count(self, x: torch.Tensor) -> int:
-        """How many of this batch's images the floor still takes."""
-        limit = self.settings.floor_images
-        return x.shape[0] if limit is None else max(0, min(x.shape[0], limit - self.floor_seen))
-
-    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.settings.noise * torch.randn(x.shape, generator=self.noise_rng).to(x)
+            s_layout = token_layout(s.model, x.shape[-2:])
+            if s_layout != t_layout:
+                raise NotInspectable(
+                    f"{name}: its tokens ({show(s_layout)}) differ from the teacher's ({show(t_layout)}): maps "
+                    "can only be compared token for token; build both for the same input size and patch size"
+                )
 
     def _add_layer(
         self,
@@ -237,8 +240,21 @@ class _Comparison:
         """Teacher layer ``j`` on this batch, with the floor and every student layer paired with it."""
         acc = self.t_acc[j]
         mine = [(n, i) for n in self.subjects for i, tj in self.pairs[n] if tj == j]
+        # a student layer's map must have the teacher layer's rows and keys, and heads that divide its
         for n, i in mine:
-            _check_layer(n, i, s_sig[n][i], j, t_sig[j])
+            sig = s_sig[n][i]
+            if sig.shape != t_sig[j].shape:
+                raise NotInspectable(
+                    f"{n}: layer {i} ({sig.name}) attends over {_shape_words(sig)}, the teacher's layer {j} "
+                    f"({t_sig[j].name}) over {_shape_words(t_sig[j])}: maps can only be compared row for row; "
+                    "give the student the teacher's token layout (grid, prefix tokens, windows, key reduction)"
+                )
+            if t_sig[j].heads % sig.heads:
+                raise NotInspectable(
+                    f"{n}: {sig.heads} heads against the teacher's {t_sig[j].heads} (layer {i}): the teacher's "
+                    "heads must be the student's or a whole multiple of them (its maps are then averaged in "
+                    "groups, as the distillation loss does)"
+                )
         if acc.geometry is None:
             acc.geometry = layer_geometry(t_sig[j], x.shape[0], self.layout)
         cells = self._cells(j, t_sig[j], x, acc.geometry)
@@ -276,34 +292,6 @@ class _Comparison:
 
 
 # ------------------------------------------------------------------------------------------- checks
-def _check_pair(name: str, s_layout: dict, t_layout: dict) -> None:
-    if s_layout != t_layout:
-        show = lambda lay: (
-            f"{lay['prefix']} prefix + {'x'.join(map(str, lay['grid'])) or '?'} grid of "
-            f"{'x'.join(map(str, lay['patch'])) or '?'} px patches"
-        )
-        raise NotInspectable(
-            f"{name}: its tokens ({show(s_layout)}) differ from the teacher's ({show(t_layout)}): maps can "
-            "only be compared token for token; build both for the same input size and patch size"
-        )
-
-
-def _check_layer(name: str, i: int, sig: LayerSignals, j: int, t_sig: LayerSignals) -> None:
-    """A student layer's map must have the teacher layer's rows and keys, and heads that divide its."""
-    if sig.shape != t_sig.shape:
-        raise NotInspectable(
-            f"{name}: layer {i} ({sig.name}) attends over {_shape_words(sig)}, the teacher's layer {j} "
-            f"({t_sig.name}) over {_shape_words(t_sig)}: maps can only be compared row for row; give the "
-            "student the teacher's token layout (grid, prefix tokens, windows, key reduction)"
-        )
-    if t_sig.heads % sig.heads:
-        raise NotInspectable(
-            f"{name}: {sig.heads} heads against the teacher's {t_sig.heads} (layer {i}): the teacher's heads "
-            "must be the student's or a whole multiple of them (its maps are then averaged in groups, as "
-            "the distillation loss does)"
-        )
-
-
 def _shape_words(sig: LayerSignals) -> str:
     b, nq, nk = sig.shape
     return f"{b} row batches x {nq} queries x {nk} keys"

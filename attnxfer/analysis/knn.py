@@ -31,11 +31,6 @@ from .intervals import top1_interval
 Autocast = Callable[[], AbstractContextManager]
 
 
-def embedding(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The model's pooled feature of ``x`` (see the module docstring), as float32."""
-    return model.forward_head(model.forward_features(x), pre_logits=True).float()
-
-
 @torch.no_grad()
 def embed(
     models: Sequence[nn.Module],
@@ -61,7 +56,9 @@ def embed(
             x = x.to(device, non_blocking=True)
             with autocast():
                 for out, m in zip(feats, models, strict=True):
-                    out.append(F.normalize(embedding(m, x.to(_dtype(m))), dim=-1).cpu())
+                    # the pooled feature (see the module docstring), as float32
+                    pooled = m.forward_head(m.forward_features(x.to(_dtype(m))), pre_logits=True).float()
+                    out.append(F.normalize(pooled, dim=-1).cpu())
             labels.append(torch.as_tensor(y).long().cpu())
             seen += len(x)
     finally:

@@ -82,13 +82,6 @@ class RowLayout:
         inside = self.probe[(self.probe >= rows.start) & (self.probe < rows.stop)]
         return inside - rows.start
 
-    def patch_part(self, rows: slice) -> tuple[slice, slice]:
-        """(local rows of patch queries within the chunk, their rows in the distance matrix)."""
-        lo = max(rows.start, self.prefix)
-        return slice(lo - rows.start, rows.stop - rows.start), slice(
-            lo - self.prefix, rows.stop - self.prefix
-        )
-
 
 def _compare_rows(
     sums: HeadSums,
@@ -127,7 +120,10 @@ def _side(sums: HeadSums, p: torch.Tensor, rows: slice, lay: RowLayout) -> torch
         dist = d[:, rows].repeat(b, 1, 1)[:, None]
         sums.add("distance", attention_distance(p * image_keys.repeat(b, 1)[:, None, None], dist))
     elif lay.distances is not None:
-        local, dist_rows = lay.patch_part(rows)
+        # the chunk's patch queries: their local rows, and their rows in the distance matrix
+        lo = max(rows.start, lay.prefix)
+        local = slice(lo - rows.start, rows.stop - rows.start)
+        dist_rows = slice(lo - lay.prefix, rows.stop - lay.prefix)
         if local.stop > local.start:
             sums.add(
                 "distance", attention_distance(p[:, :, local, lay.key_prefix :], lay.distances[dist_rows])
@@ -142,10 +138,6 @@ class StudentSums:
     sums: HeadSums = field(default_factory=HeadSums)
     cost: torch.Tensor | None = None
     cost_rows: int = 0
-
-    def add_cost(self, cost: torch.Tensor, rows: int) -> None:
-        self.cost = cost.double().cpu() + (0 if self.cost is None else self.cost)
-        self.cost_rows += rows
 
 
 @dataclass
@@ -169,18 +161,6 @@ class LayerWork:
     students: list[tuple[LayerSignals, StudentSums]]
 
 
-def _head_costs(tp: torch.Tensor, ap: torch.Tensor) -> torch.Tensor:
-    """(teacher heads, student heads) summed JS of every teacher head's probe rows ``tp`` against every
-    student head's ``ap``."""
-    h_ap = row_entropy(ap)
-    return torch.stack(
-        [
-            row_js(tp[:, h : h + 1], ap, row_entropy(tp[:, h : h + 1]), h_ap).sum((0, 2))
-            for h in range(tp.shape[1])
-        ]
-    )
-
-
 def _student_rows(
     sig: LayerSignals,
     acc: StudentSums,
@@ -200,7 +180,17 @@ def _student_rows(
     if h_bar is None:
         h_bar = row_entropy(p_bar)
     ap = _compare_rows(acc.sums, p_bar, a, h_bar, h_a, rows, lay, topk)
-    acc.add_cost(_head_costs(tp, ap), tp.shape[0] * tp.shape[2])
+    # head costs: (teacher heads, student heads) summed JS of every teacher head's probe rows against every
+    # student head's
+    h_ap = row_entropy(ap)
+    cost = torch.stack(
+        [
+            row_js(tp[:, h : h + 1], ap, row_entropy(tp[:, h : h + 1]), h_ap).sum((0, 2))
+            for h in range(tp.shape[1])
+        ]
+    )
+    acc.cost = cost.double().cpu() + (0 if acc.cost is None else acc.cost)
+    acc.cost_rows += tp.shape[0] * tp.shape[2]
 
 
 def walk_layer(work: LayerWork, acc: TeacherSums, topk: int, chunk: int | None) -> None:

@@ -22,10 +22,6 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import rankdata
 
 
-def _floor(q: torch.Tensor) -> torch.Tensor:
-    return q.clamp_min(torch.finfo(q.dtype).tiny)
-
-
 def row_entropy(p: torch.Tensor) -> torch.Tensor:
     """H(p) = −Σ_j p_j log p_j per row."""
     return -torch.special.xlogy(p, p).sum(-1)
@@ -37,7 +33,7 @@ def row_kl(p: torch.Tensor, q: torch.Tensor, entropy_p: torch.Tensor | None = No
     ``entropy_p``: H(p) per row if the caller has it already (it saves a pass). Rounding below zero is
     clipped (KL ≥ 0)."""
     h_p = row_entropy(p) if entropy_p is None else entropy_p
-    return (-h_p - (p * torch.log(_floor(q))).sum(-1)).clamp_min(0)
+    return (-h_p - (p * torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))).sum(-1)).clamp_min(0)
 
 
 def row_js(

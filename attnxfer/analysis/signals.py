@@ -69,28 +69,19 @@ class LayerSignals:
         if not kind.has_map:
             return None
         if kind is MapKind.SOFTMAX:
-            a = _softmax_rows(self.q, self.k, self.bias, self.attn.logit_scale(self.q), rows)
+            # softmax(scale · q[rows] kᵀ + bias[rows]); a bias broadcasts over batch, heads or queries where it
+            # has size 1 there, `BiasRows` hand out only the chunk's rows
+            scale = self.attn.logit_scale(self.q)
+            rows = rows or slice(0, self.q.shape[-2])
+            with fp32_section(self.q.device.type):
+                q, k = upcast(self.q[:, :, rows], self.k)
+                logits = (q * scale) @ k.transpose(-2, -1)
+                if self.bias is not None:
+                    logits = logits + _bias_rows(self.bias, rows).to(logits.dtype)
+                a = logits.softmax(-1)
         else:
             a = self.attn.attention_map(self.q, self.k, rows)
         return renormalise(a.clamp_min(0)) if kind is MapKind.SIGNED else a
-
-
-def _softmax_rows(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    bias: torch.Tensor | BiasRows | None,
-    scale: float,
-    rows: slice | None,
-) -> torch.Tensor:
-    """softmax(scale · q[rows] kᵀ + bias[rows]) in fp32 (float64 stays). A bias broadcasts over batch,
-    heads or queries where it has size 1 there; `BiasRows` hand out only the chunk's rows."""
-    rows = rows or slice(0, q.shape[-2])
-    with fp32_section(q.device.type):
-        q, k = upcast(q[:, :, rows], k)
-        logits = (q * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + _bias_rows(bias, rows).to(logits.dtype)
-        return logits.softmax(-1)
 
 
 def _bias_rows(bias: torch.Tensor | BiasRows, rows: slice) -> torch.Tensor:
@@ -108,22 +99,12 @@ def _with_mask(
     if isinstance(bias, torch.Tensor):
         return bias + mask
     shape = tuple(torch.broadcast_shapes(bias.shape, mask.shape))
-    return BiasRows(_masked_rows(bias), (*bias.inputs, mask), shape)
 
-
-def _masked_rows(bias: BiasRows):
     def rows_fn(rows: slice, *inputs: torch.Tensor) -> torch.Tensor:
-        *own, mask = inputs
-        return bias.rows_fn(rows, *own) + _bias_rows(mask, rows)
+        *own, mask_in = inputs
+        return bias.rows_fn(rows, *own) + _bias_rows(mask_in, rows)
 
-    return rows_fn
-
-
-def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """timm's ``attn_mask`` as an additive term (bool: True = attend)."""
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return BiasRows(rows_fn, (*bias.inputs, mask), shape)
 
 
 @torch.no_grad()
@@ -157,7 +138,14 @@ def layer_qk(
         k = io.k if io.k is not None else io.captured["k"]
         # a captured bias comes as `BiasRows`: kept so, the maps take it a row chunk at a time
         bias = io.bias if io.q is not None and io.k is not None else io.captured.get("bias")
-        mask = _additive(masks.get(i), q.dtype if q.is_floating_point() else torch.float32)
+        mask = masks.get(i)
+        if (
+            mask is not None and mask.dtype == torch.bool
+        ):  # timm's attn_mask (True = attend) as an additive term
+            mask_dtype = q.dtype if q.is_floating_point() else torch.float32
+            mask = torch.zeros(mask.shape, dtype=mask_dtype, device=mask.device).masked_fill(
+                ~mask, float("-inf")
+            )
         bias = _with_mask(bias, mask)
         out.append(LayerSignals(name, attn, q, k, bias, borrowed=io.q is not None or io.k is not None))
     return out

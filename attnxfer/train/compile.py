@@ -71,10 +71,17 @@ class RateAsInputDropPath(nn.Module):
         return f"drop_prob={self.drop_prob:.3f} (rate as a graph input)"
 
 
-def _rates_as_inputs(blocks: list[nn.Module]) -> None:
-    """Replace the blocks' timm ``DropPath`` children by `RateAsInputDropPath` (same rate and device), and,
-    where some block has a ``DropPath`` under a name, the others' ``Identity`` (rate 0) under that name too:
-    blocks compiled together then have the same module types, so one graph fits all of them."""
+def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = CompileMode.DEFAULT) -> int:
+    """Compile each module of ``blocks`` in place (lazily: the first call traces), its drop-path rates
+    made graph inputs (see the module docstring); returns how many."""
+    try:
+        mode = CompileMode(mode)
+    except ValueError:
+        raise InputError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}") from None
+    blocks = list(blocks)
+    # timm's ``DropPath`` children become `RateAsInputDropPath` (same rate and device), and where some block
+    # has a ``DropPath`` under a name, the others' ``Identity`` (rate 0) under that name too: blocks compiled
+    # together then have the same module types, so one graph fits all of them
     names = {name for b in blocks for name, child in b.named_children() if type(child) is DropPath}
     for block in blocks:
         device = next((t.device for t in block.parameters()), None)
@@ -84,17 +91,6 @@ def _rates_as_inputs(blocks: list[nn.Module]) -> None:
                 setattr(block, name, RateAsInputDropPath(child.drop_prob, child.scale_by_keep, device))
             elif type(child) is nn.Identity:
                 setattr(block, name, RateAsInputDropPath(0.0, True, device))
-
-
-def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = CompileMode.DEFAULT) -> int:
-    """Compile each module of ``blocks`` in place (lazily: the first call traces), its drop-path rates
-    made graph inputs (see the module docstring); returns how many."""
-    try:
-        mode = CompileMode(mode)
-    except ValueError:
-        raise InputError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}") from None
-    blocks = list(blocks)
-    _rates_as_inputs(blocks)
     for block in blocks:
         block.compile(mode=mode.value)
     return len(blocks)

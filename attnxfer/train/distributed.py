@@ -66,11 +66,17 @@ class DistributedInfo:
         ``RANK``/``WORLD_SIZE`` inherited from the submitting shell (sbatch exports the
         submitter's environment), so they are exported with ``overwrite=True`` first.
         """
-        if export_submitit and in_submitit_task():
-            export_submitit_environment()
-        elif in_srun_step():
-            export_srun_environment()
         env = os.environ
+        if export_submitit and env.get("SUBMITIT_EXECUTOR"):  # submitit started it (SLURM, local or debug)
+            from submitit.helpers import TorchDistributedEnvironment
+
+            # CUDA_VISIBLE_DEVICES is left alone: each task selects cuda:LOCAL_RANK itself, which also works
+            # when SLURM already restricted the visible devices per task
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        elif (
+            "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
+        ):
+            export_srun_environment()  # a task of a multi-task srun step that no launcher has described yet
         if "RANK" not in env or "WORLD_SIZE" not in env:
             return cls()
         try:
@@ -88,28 +94,6 @@ class DistributedInfo:
         if not 0 <= info.rank < info.world_size:
             raise InputError(f"RANK={info.rank} is outside [0, WORLD_SIZE={info.world_size})")
         return info
-
-
-def in_submitit_task() -> bool:
-    """True inside a job started by submitit (SLURM, local or debug executor)."""
-    return bool(os.environ.get("SUBMITIT_EXECUTOR"))
-
-
-def export_submitit_environment() -> None:
-    """Export MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE from the submitit job.
-
-    ``CUDA_VISIBLE_DEVICES`` is left alone: each task selects ``cuda:LOCAL_RANK`` itself, which
-    also works when SLURM already restricted the visible devices per task.
-    """
-    from submitit.helpers import TorchDistributedEnvironment
-
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-
-
-def in_srun_step() -> bool:
-    """True in a task of a multi-task ``srun`` step that no launcher has described yet (no RANK)."""
-    env = os.environ
-    return "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
 
 
 def export_srun_environment() -> None:

@@ -183,9 +183,28 @@ class Engine:
         self.model, self.optimizer = acc.prepare(objective.module, optimizer)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = _schedule_steps(len(train_loader), s)
         # saving, resuming and making room: train/checkpointing.py (the engine keeps the loop's counters)
-        self.checkpointing = self._checkpointing(ema)
+        # a save holds the trained weights, optimiser, EMA and every rank's RNG
+        self.checkpointing = Checkpointing(
+            self.run_dir,
+            s.checkpoint,
+            s.metric_mode,
+            trained=self.student,
+            optimizer=self.optimizer,
+            ema=ema,
+            rank=self.rank,
+            world=self.world,
+            is_main=self.is_main,
+        )
         self.ckpt = self.checkpointing.manager
-        self.metrics = self._metrics_logger()
+        # metrics.jsonl, summary.csv and the trackers (rank 0), with the run's config and plan as the trackers'
+        # hyper-parameters
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            enabled=self.is_main,
+            trackers=s.trackers,
+            project=s.project,
+            hparams=flat_hparams(self.record.get("config") or {}, self.objective.description),
+        )
         self.step, self.epoch, self.position = 0, 0, 0
         self.best: float | None = None  # best value of settings.metric so far
         self.last_ckpt: str | None = None
@@ -201,33 +220,6 @@ class Engine:
         self._epoch_loss: torch.Tensor | None = None
         self._epoch_batches = 0
         self._last_lr = float("nan")
-
-    def _checkpointing(self, ema: StudentEMA | None) -> Checkpointing:
-        """What a save holds (the trained weights, optimiser, EMA, every rank's RNG) and where it goes."""
-        s = self.settings
-        return Checkpointing(
-            self.run_dir,
-            s.checkpoint,
-            s.metric_mode,
-            trained=self.student,
-            optimizer=self.optimizer,
-            ema=ema,
-            rank=self.rank,
-            world=self.world,
-            is_main=self.is_main,
-        )
-
-    def _metrics_logger(self) -> MetricsLogger:
-        """metrics.jsonl, summary.csv and the trackers (rank 0), with the run's config and plan as the
-        trackers' hyper-parameters."""
-        s = self.settings
-        return MetricsLogger(
-            self.run_dir,
-            enabled=self.is_main,
-            trackers=s.trackers,
-            project=s.project,
-            hparams=flat_hparams(self.record.get("config") or {}, self.objective.description),
-        )
 
     def stop_if_non_finite(self) -> None:
         """Raise `NonFiniteLossError` if a loss term of any rank was NaN/inf since the run (re)started.
@@ -462,7 +454,11 @@ class Engine:
         while self.step < self.total_steps:
             sampler.set_epoch(self.epoch)
             sampler.set_position(self.position)
-            usable = self._usable_batches()
+            # whole optimiser steps only: a tail of micro-batches shorter than accum_steps would leave its
+            # gradient (and accelerate's accumulation count) to the next epoch's first step. Per epoch this is
+            # steps_per_epoch x accum_steps batches at every world size (what keeps a resume on another number
+            # of ranks on the same schedule, apps/run/world_size.py)
+            usable = len(self.train_loader) // s.accum_steps * s.accum_steps
             progress = self._progress_bar(usable)
             self.window = TermWindow()  # a record never mixes epochs (a resumed run logs the same records)
             batches_left = usable
@@ -499,14 +495,6 @@ class Engine:
     def _epoch_now(self) -> float:
         """The epoch as a fraction (metrics.jsonl's ``epoch``)."""
         return self.epoch + self.position / self.train_sampler.length
-
-    def _usable_batches(self) -> int:
-        """Whole optimiser steps only: a tail of micro-batches shorter than accum_steps would leave its
-        gradient (and accelerate's accumulation count) to the next epoch's first step. Per epoch this is
-        steps_per_epoch x accum_steps batches at every world size (what keeps a resume on another number
-        of ranks on the same schedule, apps/run/world_size.py)."""
-        accum = self.settings.accum_steps
-        return len(self.train_loader) // accum * accum
 
     def _progress_bar(self, usable: int):
         """The epoch's progress (rank 0, ``log.progress``), starting where a resumed epoch stands: a bar on a

@@ -78,7 +78,17 @@ def map_agreement(
         count += x.shape[0]
     teacher.train(was[0]), student.train(was[1])
     sums, count = _over_ranks(sums, count, next(student.parameters()).device)
-    return [_agreement_row(i, attn, sums[i], count) for i, attn in enumerate(s_attns)]
+    return [  # one row per layer: its attention, map kind, metric and the means over the images
+        {
+            "layer": i,
+            "attention": attention_name_of(attn),
+            "map_kind": attn.map_kind,
+            "metric": default_map_loss(attn.map_kind).metric,
+            "value": sums[i][0] / max(1, count),
+            "output_mse": sums[i][1] / max(1, count),
+        }
+        for i, attn in enumerate(s_attns)
+    ]
 
 
 def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: bool, sums) -> None:
@@ -110,19 +120,6 @@ def _over_ranks(sums: dict[int, list[float]], count: int, device: torch.device):
     depth = len(sums)
     flat = sum_over_ranks([v for i in range(depth) for v in sums[i]] + [count], device)
     return {i: flat[2 * i : 2 * i + 2] for i in range(depth)}, flat[-1]
-
-
-def _agreement_row(i: int, attn: nn.Module, sums: list[float], count: float) -> dict[str, Any]:
-    """One layer's report row: its attention, map kind, metric and the means over the images."""
-    kind = attn.map_kind
-    return {
-        "layer": i,
-        "attention": attention_name_of(attn),
-        "map_kind": kind,
-        "metric": default_map_loss(kind).metric,
-        "value": sums[0] / max(1, count),
-        "output_mse": sums[1] / max(1, count),
-    }
 
 
 def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> float | None:
@@ -173,12 +170,7 @@ def operation_counts(
         row = {"layer": i, "attention": attention_name_of(s_blk.attn)}
         for who, blk in (("teacher", t_blk), ("student", s_blk)):
             counts = _layer_counts(blk.attn, tokens, batch) if tokens else None
-            row[who] = counts.to_dict() if counts is not None else None
-            for key, value in (row[who] or {}).items():
-                if totals[who] is not None:
-                    totals[who][key] = totals[who].get(key, 0) + value
-            if counts is None:
-                totals[who] = None
+            _add_counts(row, totals, who, counts)
         rows.append(row)
     return {"tokens": tokens, "batch": batch, "layers": rows, "total": totals}
 
@@ -220,25 +212,32 @@ def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> 
         for who in ("teacher", "student"):
             tokens, n, keys = calls[who][i]
             if keys != tokens and attns[who][i].map_kind is MapKind.SOFTMAX:
-                counts = _reduced_softmax_counts(attns[who][i].head_dim, tokens, keys) * (
-                    batch * n * attns[who][i].num_heads
+                # softmax over the reduced keys, per head (the sub-sampling conv is a projection and left out
+                # like qkv and proj): q / sqrt(d), q k^T, the softmax, P v
+                d = attns[who][i].head_dim
+                per_head = (
+                    OpCounts(mul=tokens * d)
+                    + matmul_ops(tokens, d, keys)
+                    + softmax_ops(tokens, keys)
+                    + matmul_ops(tokens, keys, d)
                 )
+                counts = per_head * (batch * n * attns[who][i].num_heads)
             else:
                 counts = _layer_counts(attns[who][i], tokens, batch * n)
-            row[who] = counts.to_dict() if counts is not None else None
-            for key, value in (row[who] or {}).items():
-                if totals[who] is not None:
-                    totals[who][key] = totals[who].get(key, 0) + value
-            if counts is None:
-                totals[who] = None
+            _add_counts(row, totals, who, counts)
         rows.append(row)
     return {"tokens": [r["tokens"] for r in rows], "batch": batch, "layers": rows, "total": totals}
 
 
-def _reduced_softmax_counts(d: int, n: int, keys: int) -> OpCounts:
-    """Softmax attention of n queries over ``keys`` keys, per head (spatial reduction; the sub-sampling conv
-    is a projection and left out like qkv and proj): q / sqrt(d), q k^T, the softmax, P v."""
-    return OpCounts(mul=n * d) + matmul_ops(n, d, keys) + softmax_ops(n, keys) + matmul_ops(n, keys, d)
+def _add_counts(row: dict[str, Any], totals: dict[str, Any], who: str, counts: OpCounts | None) -> None:
+    """``counts`` as the layer row's ``who`` entry, added to ``who``'s totals (a layer without counts makes the
+    totals None)."""
+    row[who] = counts.to_dict() if counts is not None else None
+    for key, value in (row[who] or {}).items():
+        if totals[who] is not None:
+            totals[who][key] = totals[who].get(key, 0) + value
+    if counts is None:
+        totals[who] = None
 
 
 def _tokens(model: nn.Module) -> int | None:

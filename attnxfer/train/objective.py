@@ -45,17 +45,10 @@ class TaskLoss:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     mixup: Callable | None = None
 
-    def mix(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch mixed (timm's Mixup draws from the global RNGs: seeded by ``seed`` for this call and put
-        back after, so the mix is a function of the batch's place in the data, never of a model's streams)."""
-        if self.mixup is None:
-            return x, y
-        with seeded_global_rngs(seed):
-            return self.mixup(x, y)
-
 
 class Objective(Protocol):
-    """What the engine needs of a run's objective (see the module docstring)."""
+    """What the engine needs of a run's objective (see the module docstring). A class that subclasses it
+    takes its defaults: batches as they come, the EMA scored alone, nothing before a step."""
 
     #: what the engine prepares (DDP, device) and calls on a batch
     module: nn.Module
@@ -69,7 +62,7 @@ class Objective(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A batch as the loss takes it (mixup); ``seed`` is the batch's own (its epoch and place in the data),
         so the same batch is prepared the same way by every run that reads it."""
-        ...
+        return x, y
 
     def loss(
         self,
@@ -91,14 +84,13 @@ class Objective(Protocol):
 
     def ema_model(self, ema: nn.Module) -> nn.Module:
         """What scores the EMA's copy of `trained`."""
-        ...
+        return ema
 
     def before_step(self, log_now: bool) -> None:
         """Called before each micro-batch; ``log_now`` when the coming step is a log step."""
-        ...
 
 
-class TransferObjective:
+class TransferObjective(Objective):
     """Attention transfer: the `TeacherStudent`'s transfer loss (attention, logit and feature distillation, as its plan
     weighs them) plus the task loss on the student's logits at the plan's ``task_weight``. With
     ``task_weight=0`` there is no task loss and the labels are never read (``y`` may be None); the run is then
@@ -113,8 +105,13 @@ class TransferObjective:
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor | None, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mixup/CutMix where the run has a task loss (it mixes the labels too)."""
-        return self.task.mix(x, y, seed) if self.plan.task_weight > 0 and y is not None else (x, y)
+        """Mixup/CutMix where the run has a task loss (it mixes the labels too). timm's Mixup draws from the
+        global RNGs: seeded by ``seed`` for this call and put back after, so the mix is a function of the
+        batch's place in the data, never of a model's streams."""
+        if not (self.plan.task_weight > 0 and y is not None) or self.task.mixup is None:
+            return x, y
+        with seeded_global_rngs(seed):
+            return self.task.mixup(x, y)
 
     def loss(
         self,
@@ -151,17 +148,12 @@ class TransferObjective:
         self.module.log_kl = log_now  # the KL diagnostics cost a pass: on log steps only
 
 
-class ModuleObjective:
+class ModuleObjective(Objective):
     """A module that is its own objective: its forward returns ``loss``, ``terms`` and ``logs`` (MAE)."""
 
     def __init__(self, module: nn.Module, evaluator: Evaluator, description: str | None = None) -> None:
         self.module = self.trained = module
         self.evaluator, self.description = evaluator, description
-
-    def prepare(
-        self, x: torch.Tensor, y: torch.Tensor | None, seed: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return x, y
 
     def loss(
         self,
@@ -177,9 +169,3 @@ class ModuleObjective:
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         return self.evaluator(model, loader, accelerator)
-
-    def ema_model(self, ema: nn.Module) -> nn.Module:
-        return ema
-
-    def before_step(self, log_now: bool) -> None:
-        pass

@@ -12,7 +12,6 @@ for the other.
 from __future__ import annotations
 
 import resource
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,25 +72,6 @@ class PeakMemory:
         if self.how.startswith("process max RSS"):
             return max(0, (_status_bytes("VmHWM") or 0) - self._base)
         return max(0, _max_rss_bytes() - self._base)
-
-
-def map_bytes(shapes: Iterable[tuple[Sequence[int], Sequence[int]]], itemsize: int = 4) -> list[int]:
-    """What each layer's whole attention maps would take: B·H·N_q·N_k values of ``itemsize`` bytes (fp32) for
-    each layer's (q shape, k shape), both (B, H, N, d) (windows and mask units are rows of B)."""
-    return [int(q[0]) * int(q[1]) * int(q[2]) * int(k[2]) * itemsize for q, k in shapes]
-
-
-def memory_record(meter: PeakMemory, maps: Sequence[int], tokens: int, batch: int) -> dict[str, Any]:
-    """Stage 1's memory line and record: the measured peak beside the whole maps' bytes."""
-    return {
-        "peak_bytes": meter.peak(),
-        "measured": meter.how,
-        "whole_maps_bytes_per_layer": max(maps, default=0),
-        "whole_maps_bytes": sum(maps),
-        "layers": len(maps),
-        "tokens": tokens,
-        "batch": batch,
-    }
 
 
 def describe_memory(record: dict[str, Any]) -> str:

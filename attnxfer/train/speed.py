@@ -37,10 +37,6 @@ RATIOS: dict[str, tuple[str, str]] = {
 }
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def interleaved_forward_seconds(
     models: Mapping[str, nn.Module],
@@ -57,7 +53,12 @@ def interleaved_forward_seconds(
     for model in models.values():
         model.eval()
     try:
-        with _autocast(x.device, autocast):
+        cast = (
+            torch.autocast(x.device.type, dtype=autocast)
+            if autocast is not None
+            else contextlib.nullcontext()
+        )
+        with cast:
             calls = {name: partial(model, x) for name, model in models.items()}
             return interleaved_timings(calls, device=x.device, warmup=warmup, repeats=repeats)
     finally:

@@ -36,9 +36,9 @@ from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_los
 from ..transfer.step_loss import Loss
 from .distributed import RankAverage, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
 from .engine import train_step
-from .objective import Autocast
+from .objective import Autocast, Objective
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
-from .peak_memory import PeakMemory, describe_memory, map_bytes, memory_record
+from .peak_memory import PeakMemory, describe_memory
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
@@ -49,7 +49,7 @@ class Stage1Result:
     """What stage 1 did: its steps and seconds, and one record per log step (``loss``: the mean summed loss
     over the steps since the previous record, ``metric/{block}``: each layer's mean agreement metric over
     the same steps, ``lr``: the last step's). ``memory``: its peak memory beside what the teacher's whole maps
-    would take (`attnxfer.train.peak_memory.memory_record`), None where it did not run here."""
+    would take (`_memory`), None where it did not run here."""
 
     steps: int = 0
     seconds: float = 0.0
@@ -81,7 +81,7 @@ def teacher_signals(
     return store
 
 
-class Stage1Objective:
+class Stage1Objective(Objective):
     """Stage 1's loss, meeting the `Objective` protocol: each active layer's fit loss
     (`attnxfer.transfer.conversion.layer_fit_loss`) on the teacher's signals, summed.
 
@@ -143,12 +143,6 @@ class Stage1Objective:
                 total += float(self.loss(model, x).total)
                 batches += 1
         return {"loss": total / max(1, batches)}
-
-    def ema_model(self, ema: nn.Module) -> nn.Module:
-        return ema
-
-    def before_step(self, log_now: bool) -> None:
-        pass
 
 
 def stage1_transfer(
@@ -287,10 +281,19 @@ class Stage1Fit:
 def _memory(meter: PeakMemory, objective: Stage1Objective) -> dict[str, Any]:
     """Stage 1's peak memory beside what the teacher's whole maps would take (B·H·N_q·N_k·4 bytes a layer)."""
     shapes = objective.map_shapes or []
-    maps = map_bytes(shapes)
+    # each layer's (q shape, k shape), both (B, H, N, d): windows and mask units are rows of B
+    maps = [int(q[0]) * int(q[1]) * int(q[2]) * int(k[2]) * 4 for q, k in shapes]
     widest = shapes[maps.index(max(maps))] if maps else None
     tokens, batch = (int(widest[0][2]), int(widest[0][0])) if widest else (0, 0)
-    return memory_record(meter, maps, tokens, batch)
+    return {
+        "peak_bytes": meter.peak(),
+        "measured": meter.how,
+        "whole_maps_bytes_per_layer": max(maps, default=0),
+        "whole_maps_bytes": sum(maps),
+        "layers": len(maps),
+        "tokens": tokens,
+        "batch": batch,
+    }
 
 
 @contextlib.contextmanager

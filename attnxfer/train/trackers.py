@@ -139,15 +139,6 @@ def _wandb_offline(why: str, run_dir: Path) -> TrackerSetup:
     )
 
 
-def _wandb_key_configured(wandb) -> bool:
-    """Whether wandb finds an API key on this machine (WANDB_API_KEY, `wandb login`'s netrc, its settings),
-    without asking for one."""
-    try:
-        return bool(wandb.login(verify=False, prompt=False))
-    except TypeError:  # a wandb whose login() cannot be told not to prompt: its own key lookup
-        return bool(getattr(getattr(wandb, "api", None), "api_key", None))
-
-
 def _wandb_prepare(run_dir: Path) -> TrackerSetup:
     """Offline (said in one line) when this machine has no W&B API key or cannot reach W&B's server, as a
     compute node without internet; a refusal when ``WANDB_MODE=online`` asks for the server regardless."""
@@ -162,7 +153,12 @@ def _wandb_prepare(run_dir: Path) -> TrackerSetup:
         settings = wandb.setup().settings
     except Exception as e:  # a WANDB_* value wandb cannot read
         raise TrackerUnavailableError(f"wandb cannot start: {str(e).splitlines()[0]}") from None
-    if not _wandb_key_configured(wandb):
+    # an API key on this machine (WANDB_API_KEY, `wandb login`'s netrc, its settings), without asking for one
+    try:
+        has_key = bool(wandb.login(verify=False, prompt=False))
+    except TypeError:  # a wandb whose login() cannot be told not to prompt: its own key lookup
+        has_key = bool(getattr(getattr(wandb, "api", None), "api_key", None))
+    if not has_key:
         if online:
             raise TrackerUnavailableError(
                 "log.trackers includes wandb with WANDB_MODE=online, but this machine has no W&B API key: "
@@ -198,10 +194,6 @@ def _wandb(ctx: TrackerContext):
 _DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
-def _true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
 def _check_mlflow_store(uri: str) -> None:
     """Refuse, in one line, a tracking URI this machine cannot log to: a server that does not answer, a file
     store MLflow 3 would refuse, a database store without SQLAlchemy."""
@@ -216,7 +208,11 @@ def _check_mlflow_store(uri: str) -> None:
                 "answers, or unset MLFLOW_TRACKING_URI to log into RUN_DIR/mlruns"
             )
     elif scheme in ("", "file") or len(scheme) == 1:  # a path (a Windows drive letter too)
-        if not _true("MLFLOW_ALLOW_FILE_STORE") and _mlflow_guards_file_stores():
+        import mlflow.environment_variables as env
+
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("1", "true", "yes")
+        # MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set; MLflow 2 has no such guard
+        if not allowed and hasattr(env, "MLFLOW_ALLOW_FILE_STORE"):
             raise TrackerUnavailableError(
                 f"log.trackers includes mlflow, and {where} is a file store, which MLflow 3 opens only with "
                 "MLFLOW_ALLOW_FILE_STORE=true: export that too (or unset MLFLOW_TRACKING_URI to log into "
@@ -228,13 +224,6 @@ def _check_mlflow_store(uri: str) -> None:
             "package (pip install mlflow; attnxfer[mlflow] brings mlflow-skinny only), or unset "
             "MLFLOW_TRACKING_URI to log into RUN_DIR/mlruns"
         )
-
-
-def _mlflow_guards_file_stores() -> bool:
-    """MLflow 3 refuses file stores unless MLFLOW_ALLOW_FILE_STORE is set; MLflow 2 has no such guard."""
-    import mlflow.environment_variables as env
-
-    return hasattr(env, "MLFLOW_ALLOW_FILE_STORE")
 
 
 def _mlflow_prepare(run_dir: Path) -> TrackerSetup:

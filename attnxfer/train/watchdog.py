@@ -179,7 +179,8 @@ class HeartbeatWatchdog:
             last_tick = now
             store_silent = now - max(self._last_exchange, awake_since)
             if store_silent > self.timeout_s:
-                self._stop_process(self._store_name(), store_silent, self._store_note())
+                note = "; it serves the process group's store" if self.store_host is not None else ""
+                self._stop_process(self._store_name(), store_silent, note)
             peer_silent = now - max(self._peer_moved, awake_since)
             if peer_silent > self.timeout_s:
                 self._stop_process(self._rank_name(self.peer), peer_silent)
@@ -194,9 +195,6 @@ class HeartbeatWatchdog:
         if self.store_host not in self._who and self.store_address:  # its host, from the store's address
             return f"rank {self.store_host} on {self.store_address.rsplit(':', 1)[0]}"
         return self._rank_name(self.store_host)
-
-    def _store_note(self) -> str:
-        return "; it serves the process group's store" if self.store_host is not None else ""
 
     def _stop_process(self, who: str, silent_s: float, note: str = "") -> None:
         """One line, flushed, then the process ends: no collective, nothing saved."""

@@ -24,11 +24,6 @@ from .pairing import reduced_keys
 from .step_loss import Loss
 
 
-def _by_mode(comparison: Comparison) -> bool:
-    """The comparison is the mode's distillation (its messages say which mode to pick instead)."""
-    return comparison.origin.startswith("mode ")
-
-
 @comparison_loss("map")
 class MapComparison(ComparisonLoss):
     """The student layer's attention map against the teacher layer's softmax map, by the loss of the student
@@ -42,9 +37,9 @@ class MapComparison(ComparisonLoss):
         sa, ta = models.student_attn[s], models.teacher_attn[t]
         name = attention_name_of(sa)
         if not sa.map_kind.has_map:
-            fix = (
+            fix = (  # the mode's own distillation says which mode to pick instead
                 "set transfer.mode=none (logit distillation still applies)"
-                if _by_mode(comparison)
+                if comparison.origin.startswith("mode ")
                 else f"remove {comparison.origin}"
             )
             raise PlanError(

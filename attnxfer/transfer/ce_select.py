@@ -150,7 +150,11 @@ def layer_shapes(
     teacher_dtype = pair.teacher_dtype or (
         torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     )
-    image = _input_shape(pair.student)  # both models see the student's images
+    # both models see the student's images: (channels, height, width) it was built for (`image_input`: its
+    # patch embedding, else the size timm recorded at build time, else ``pretrained_cfg``, which a run stamps
+    # with its input size in `apps.run.parts.stamp_input_cfg`)
+    info = image_input(pair.student)
+    image = (int(info.in_chans), int(info.img_size[0]), int(info.img_size[1]))
     student = _probe_qk(pair.student, sorted({layer for layer, _ in softmax}), image)
     q_s, k_s = student[s]
     q_t, _ = _probe_qk(pair.teacher, [t], image)[t]
@@ -185,14 +189,6 @@ def _probe_qk(
     with torch.no_grad(), torch.random.fork_rng(devices=forked):
         run_with_ios(model, image, ios)
     return {layer: (io.captured["q"].shape, io.captured["k"].shape) for layer, io in ios.items()}
-
-
-def _input_shape(model: torch.nn.Module) -> tuple[int, int, int]:
-    """(channels, height, width) of the images ``model`` was built for (`image_input`: its patch embedding,
-    else the size timm recorded at build time, else ``pretrained_cfg``, which a run stamps with its input
-    size in `apps.run.parts.stamp_input_cfg`)."""
-    info = image_input(model)
-    return int(info.in_chans), int(info.img_size[0]), int(info.img_size[1])
 
 
 def default_memory_budget(device: torch.device | str) -> int:

@@ -141,16 +141,16 @@ class ConversionPlan:
             lines.append(
                 f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) {fits}{pooled}, trains "
                 f"{layer.num_trainable:,} values"
-                + (f" in {', '.join(_short(n) for n in layer.trainable)}" if layer.trainable else "")
+                + (
+                    f" in {', '.join(n.split('.attn.', 1)[-1] for n in layer.trainable)}"
+                    if layer.trainable
+                    else ""
+                )
             )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _short(name: str) -> str:
-    return name.split(".attn.", 1)[-1]
 
 
 def _stage1_tensors(
@@ -222,7 +222,10 @@ def build_conversion_plan(
             )
         name, kind = attention_name_of(attn), attn.map_kind
         reduced = reduced_keys(teacher_layers[i][1])
-        if kind is MapKind.SOFTMAX and (reduced is None or _same_keys(attn, teacher_layers[i][1])):
+        # softmax over the teacher's keys, or reducing them as the teacher does (its own attention class)
+        if kind is MapKind.SOFTMAX and (
+            reduced is None or attn.token_partition() == teacher_layers[i][1].token_partition()
+        ):
             layers.append(LayerConversion(i, name, kind, None))
             continue
         if getattr(attn, "attention_free", False):  # `none`: no attention branch, nothing to fit
@@ -249,13 +252,6 @@ def build_conversion_plan(
     return plan
 
 
-def _same_keys(student: nn.Module, teacher: nn.Module) -> bool:
-    """The student layer reduces keys as the teacher's does (it is the teacher's own attention class)."""
-    return (
-        isinstance(student, TransferableAttention) and student.token_partition() == teacher.token_partition()
-    )
-
-
 def layer_fit_loss(
     attn: nn.Module, layer: LayerConversion, signals: dict[str, torch.Tensor], output_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -265,15 +261,21 @@ def layer_fit_loss(
     (``fit_objective``, e.g. hashing's kernelised hashing loss): then that, with the map metric beside it.
     """
     x = signals[Signal.INPUT]
-    call = _call(signals)
+    # the teacher layer's per-call extras the student layer takes too: a rope teacher's rotary embedding (the
+    # student's q and k are rotated as the teacher's were)
+    call = {"rope": signals["rope"]} if signals.get("rope") is not None else {}
     if layer.loss is MapLoss.OUTPUT and not layer.objective:
         loss = output_mse(attn(x, **call), signals[Signal.OUTPUT])
         return loss, loss.detach()
     own = attn.project(x, _MAP_CHUNKS, **call)
     if layer.objective:
         loss = attn.fit_loss(own[Signal.Q], own[Signal.K], signals[Signal.Q], _keys_per_token(signals))
-        with torch.no_grad():
-            metric = _objective_metric(attn, layer, own, signals)
+        with torch.no_grad():  # the map agreement logged beside the attention's own objective
+            if layer.loss is MapLoss.OUTPUT:
+                metric = output_mse(attn(x, **call), signals[Signal.OUTPUT]).detach()
+            else:
+                q, k = own[Signal.Q].detach(), own[Signal.K].detach()
+                metric = agreement(_map_loss(attn, layer, q, k, signals))
         if output_weight:
             loss = loss + output_weight * output_mse(attn(x, **call), signals[Signal.OUTPUT])
         return loss, metric
@@ -291,12 +293,6 @@ def layer_fit_loss(
     return loss, metric
 
 
-def _call(signals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The teacher layer's per-call extras the student layer takes too: a rope teacher's rotary embedding
-    (the student's q and k are rotated as the teacher's were)."""
-    return {"rope": signals["rope"]} if signals.get("rope") is not None else {}
-
-
 def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch.Tensor, signals):
     """The layer's map loss of the student's q, k against the teacher's signals: with the teacher's logit bias
     where it has one, pooled onto its reduced keys where it has those, at the teacher's logit scale."""
@@ -308,13 +304,6 @@ def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch
         key_pooling=signals.get("key_pooling"),
     )
     return map_distillation_loss(attn, LayerLogits(q, k), teacher, layer.loss)
-
-
-def _objective_metric(attn: nn.Module, layer: LayerConversion, own, signals) -> torch.Tensor:
-    """The map agreement logged beside an attention's own objective (no gradient)."""
-    if layer.loss is MapLoss.OUTPUT:
-        return output_mse(attn(signals[Signal.INPUT], **_call(signals)), signals[Signal.OUTPUT]).detach()
-    return agreement(_map_loss(attn, layer, own[Signal.Q].detach(), own[Signal.K].detach(), signals))
 
 
 def _keys_per_token(signals: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -125,21 +125,17 @@ def _teacher_rows(teacher: LayerLogits, rows: slice) -> torch.Tensor:
     return z.softmax(dim=-1)
 
 
-def _plain_kernel_map(attn: TransferableAttention) -> bool:
-    """Whether ``attn``'s map is exactly KernelAttention's φ(q)·φ(k_j) / Σ_j φ(q)·φ(k_j)."""
-    cls = type(attn)
-    return (
-        isinstance(attn, KernelAttention)
-        and cls._map_context is KernelAttention._map_context
-        and cls._map_rows is KernelAttention._map_rows
-    )
-
-
 def _student_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -> torch.Tensor:
     """Rows of the student's map, pooled onto the teacher's reduced keys where ``pooling`` is given."""
     if pooling is None:
         return attn.attention_map(q_s, k_s, rows)
-    if _plain_kernel_map(attn):  # pool φ(k) per block: (rows × N_k), never (rows × N)
+    # a map that is exactly KernelAttention's φ(q)·φ(k_j) / Σ_j φ(q)·φ(k_j): pool φ(k) per block, (rows × N_k),
+    # never (rows × N)
+    if (
+        isinstance(attn, KernelAttention)
+        and type(attn)._map_context is KernelAttention._map_context
+        and type(attn)._map_rows is KernelAttention._map_rows
+    ):
         phi_q, phi_k = attn.features(q_s, k_s)
         phi_q = phi_q[:, :, rows]
         z = phi_q @ phi_k.sum(-2, keepdim=True).transpose(-2, -1)
@@ -195,19 +191,6 @@ def _check_equal_shapes(student: LayerLogits, teacher: LayerLogits) -> None:
         )
 
 
-def _refuse_student_bias_and_padding(student: LayerLogits) -> None:
-    """What the implicit-map loss cannot take: a student's own logit bias, a padded batch."""
-    if student.bias is not None:
-        raise InputError(
-            "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
-        )
-    if student.valid is not None:
-        raise InputError(
-            "padded batches (a padding mask over their patches) are distilled into softmax students only: the "
-            "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
-        )
-
-
 def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
     """``fn``'s (loss sum, entropy sum) over query-row chunks of ``step`` rows; under autograd each chunk
     is checkpointed, so its rows are rebuilt in backward instead of kept."""
@@ -231,7 +214,15 @@ def _implicit_loss(
     row chunks; the metric is free. The teacher's logits take its scale and bias; a student with a logit bias
     of its own is refused here (its map is not ``attention_map``). With the teacher's ``key_pooling`` the
     student's rows are pooled onto its reduced keys first."""
-    _refuse_student_bias_and_padding(student)
+    if student.bias is not None:
+        raise InputError(
+            "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
+        )
+    if student.valid is not None:
+        raise InputError(
+            "padded batches (a padding mask over their patches) are distilled into softmax students only: the "
+            "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
+        )
     _check_equal_shapes(student, teacher)
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
     q_s, k_s = student.q, student.k

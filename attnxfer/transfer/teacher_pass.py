@@ -145,8 +145,11 @@ def run_teacher(
                 whole = features_and_logits(teacher, x, Signal.LOGITS in needs.signals)
             elif Signal.LOGITS in needs.signals:
                 whole = {Signal.LOGITS: teacher(x)}
+            elif isinstance(x, dict):  # NaFlexViT takes a dict's entries as arguments
+                keys = ("patch_coord", "patch_valid", "attn_mask")
+                teacher.forward_features(x["patches"], **{k: x[k] for k in keys if k in x})
             else:
-                _features(teacher, x)
+                teacher.forward_features(x)
     dtype = next(teacher.parameters()).dtype
     return TeacherHandover(
         teacher, needs, {t: io.captured for t, io in ios.items()}, whole, batch_size(x), dtype
@@ -176,14 +179,6 @@ def _eager(module: nn.Module) -> Iterator[None]:
         yield
     finally:
         module._compiled_call_impl = compiled
-
-
-def _features(model: nn.Module, x: torch.Tensor | dict) -> torch.Tensor:
-    """``model.forward_features`` of a batch (NaFlexViT takes a dict's entries as arguments)."""
-    if isinstance(x, dict):
-        keys = ("patch_coord", "patch_valid", "attn_mask")
-        return model.forward_features(x["patches"], **{k: x[k] for k in keys if k in x})
-    return model.forward_features(x)
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor | dict, logits: bool) -> dict[Signal, torch.Tensor]:

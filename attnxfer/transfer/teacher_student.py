@@ -214,7 +214,12 @@ class TeacherStudent(nn.Module):
         several pairs sharing this teacher, pass the union of their needs (`TeacherNeeds.union`)."""
         needs = self.teacher_needs() if needs is None else needs
         dtype = self._teacher_ready(_device(x))
-        return run_teacher(self.teacher, _cast(x, dtype), needs, self._teacher_layers)
+        # the batch in the teacher's dtype: floating tensors only (a NaFlex dict's coordinates and validity stay)
+        if isinstance(x, dict):
+            x = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in x.items()}
+        else:
+            x = x.to(dtype)
+        return run_teacher(self.teacher, x, needs, self._teacher_layers)
 
     # -- forward ---------------------------------------------------------------------------
     def forward(
@@ -285,7 +290,11 @@ class TeacherStudent(nn.Module):
             io = ios[s] = AttentionIO(**{str(c): borrowed[c] for c in mode.borrow})
             if set(Signal.MAPS.chunks) <= set(mode.borrow):  # the maps whole: their logit bias comes along
                 io.bias = borrowed.get("bias")
-                io.q = _in_student_scale(io.q, self._teacher_attn[t], self._student_attn[s])
+                # borrowed logits keep the teacher's scale: its q rescaled by s_t / s_s where the two layers
+                # scale q·kᵀ differently (a Swin V2 or Gemma4 layer's scale 1 against d^-0.5)
+                ratio = self._teacher_attn[t].logit_scale(io.q) / self._student_attn[s].logit_scale(io.q)
+                if ratio != 1:
+                    io.q = io.q * ratio
         for c in compared:
             for s, t in c.pairs:
                 io = ios.setdefault(s, AttentionIO())
@@ -315,18 +324,3 @@ class TeacherStudent(nn.Module):
 def _device(x: torch.Tensor | dict) -> torch.device:
     """The device of a batch: an image tensor, or NaFlexViT's dict (patches, coordinates, validity)."""
     return x["patches"].device if isinstance(x, dict) else x.device
-
-
-def _cast(x: torch.Tensor | dict, dtype: torch.dtype) -> torch.Tensor | dict:
-    """The batch in the teacher's dtype: floating tensors only (a NaFlex dict's coordinates and validity
-    stay as they are)."""
-    if isinstance(x, dict):
-        return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in x.items()}
-    return x.to(dtype)
-
-
-def _in_student_scale(q_t: torch.Tensor, teacher_attn: nn.Module, student_attn: nn.Module) -> torch.Tensor:
-    """Borrowed logits keep the teacher's scale: the teacher's q rescaled by s_t / s_s, where the two layers
-    scale q·kᵀ differently (a Swin V2 or Gemma4 layer's scale 1 against d^-0.5)."""
-    ratio = teacher_attn.logit_scale(q_t) / student_attn.logit_scale(q_t)
-    return q_t if ratio == 1 else q_t * ratio

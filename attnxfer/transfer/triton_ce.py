@@ -165,10 +165,6 @@ def _pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _precision(t: torch.Tensor) -> str:
     """``tl.dot``'s precision for fp32 operands: IEEE (the oracle's), or TF32 where torch allows it."""
     return "tf32" if t.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
@@ -207,7 +203,7 @@ class _Call:
         getattr(self.kern, name)[grid](*args, **kwargs)
 
     def grid(self, block: int) -> tuple[int, int]:
-        return (_cdiv(self.N, block), self.B * self.H_s)
+        return (-(-self.N // block), self.B * self.H_s)  # ceil(N / block) row blocks per (batch, head)
 
     def rows(self) -> torch.Tensor:
         return torch.empty(self.B, self.H_s, self.N, dtype=torch.float32, device=self.device)
