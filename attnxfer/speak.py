@@ -1,0 +1,100 @@
+"""The one way attnxfer speaks: `say` (results, progress, to stdout), `warn` (to stderr), `debug` (detail).
+
+Every line goes through one logger, ``logging.getLogger("attnxfer")``, so a user keeps control with plain
+`logging`: ``setLevel(logging.WARNING)`` silences `say`, ``setLevel(logging.DEBUG)`` shows `debug`, and a
+handler added to that logger receives every record. The handler installed here writes to the *current*
+``sys.stdout``/``sys.stderr`` at emit time (INFO to stdout, everything else to stderr), so redirects and
+pytest's capture see the lines, and flushes each one, so interleaved launcher output stays in order.
+
+Printed once: the logger does not propagate, so a handler on the root logger (``logging.basicConfig``) does
+not print the line a second time. The handler is installed once, the first time anything is said (a second
+install finds it and returns); a user who wants attnxfer's records in the root handlers instead removes it
+and sets ``propagate = True``.
+
+One main-rank filter: on ranks other than 0 a line is dropped unless said with ``all_ranks=True`` (a rank's
+own trouble, such as a watchdog stop). `rank` is the one definition of "which rank am I" for output.
+
+No torch at import time: the CLI's ``--help`` imports this module.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOGGER_NAME = "attnxfer"
+_ALL_RANKS = "attnxfer_all_ranks"
+
+
+def rank() -> int:
+    """This process's rank: torch.distributed's once a group exists, else the launcher's ``RANK``, else
+    ``SLURM_PROCID`` (a task of a plain ``srun`` step), else 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def is_main() -> bool:
+    """True on rank 0: the process that speaks for the job, writes the shared records and reports."""
+    return rank() == 0
+
+
+class _MainRankFilter(logging.Filter):
+    """Drops a record on ranks other than 0 unless it was said with ``all_ranks=True``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, _ALL_RANKS, False) or is_main()
+
+
+class _CurrentStreams(logging.Handler):
+    """INFO to ``sys.stdout``, the rest to ``sys.stderr``: the streams as they are at emit time, flushed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            stream = sys.stdout if record.levelno == logging.INFO else sys.stderr
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _logger() -> logging.Logger:
+    """attnxfer's logger with its handler and filter, installed on first use (idempotent)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not getattr(logger, "_attnxfer_set_up", False):
+        handler = _CurrentStreams()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.addFilter(_MainRankFilter())
+        logger.propagate = False
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        logger._attnxfer_set_up = True  # type: ignore[attr-defined]  # a user who removed the handler keeps it removed
+    return logger
+
+
+def say(message: str, *, all_ranks: bool = False) -> None:
+    """A result or progress line for the user, on stdout (main rank only unless ``all_ranks``)."""
+    _logger().info(message, extra={_ALL_RANKS: all_ranks})
+
+
+def warn(message: str, *, all_ranks: bool = False) -> None:
+    """Something the user should know went differently than asked, on stderr (main rank unless ``all_ranks``)."""
+    _logger().warning(message, extra={_ALL_RANKS: all_ranks})
+
+
+def debug(message: str, *, all_ranks: bool = False) -> None:
+    """Detail hidden by default (where a file came from, what a rank joined); shown at ``logging.DEBUG``, on
+    stderr."""
+    _logger().debug(message, extra={_ALL_RANKS: all_ranks})
+
+
+def show_debug() -> None:
+    """Show `debug` lines too (a cluster job's log, where the detail helps afterwards)."""
+    _logger().setLevel(logging.DEBUG)
