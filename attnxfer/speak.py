@@ -25,6 +25,7 @@ import sys
 
 LOGGER_NAME = "attnxfer"
 _ALL_RANKS = "attnxfer_all_ranks"
+_TO_STDERR = "attnxfer_to_stderr"
 
 
 def rank() -> int:
@@ -53,11 +54,13 @@ class _MainRankFilter(logging.Filter):
 
 
 class _CurrentStreams(logging.Handler):
-    """INFO to ``sys.stdout``, the rest to ``sys.stderr``: the streams as they are at emit time, flushed."""
+    """INFO to ``sys.stdout`` (but `progress`), the rest to ``sys.stderr``: the streams as they are at emit
+    time, flushed."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            stream = sys.stdout if record.levelno == logging.INFO else sys.stderr
+            to_stdout = record.levelno == logging.INFO and not getattr(record, _TO_STDERR, False)
+            stream = sys.stdout if to_stdout else sys.stderr
             stream.write(self.format(record) + "\n")
             stream.flush()
         except Exception:
@@ -87,6 +90,12 @@ def say(message: str, *, all_ranks: bool = False) -> None:
 def warn(message: str, *, all_ranks: bool = False) -> None:
     """Something the user should know went differently than asked, on stderr (main rank unless ``all_ranks``)."""
     _logger().warning(message, extra={_ALL_RANKS: all_ranks})
+
+
+def progress(message: str, *, all_ranks: bool = False) -> None:
+    """A progress line where no bar can be drawn (a log file, a pipe), on stderr beside where tqdm's bar
+    would be, so stdout keeps only results; silenced with `say` (both are INFO)."""
+    _logger().info(message, extra={_ALL_RANKS: all_ranks, _TO_STDERR: True})
 
 
 def debug(message: str, *, all_ranks: bool = False) -> None:

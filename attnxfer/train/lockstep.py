@@ -31,6 +31,7 @@ from .engine import Engine, TrainResult
 from .stop import StopRequested, stop_on_signals, stop_signal
 
 __all__ = ["Lockstep", "Member", "SharedBatches", "SharedFeed", "StudentStreams"]
+from ..speak import say
 from .terms import NonFiniteLossError
 
 
@@ -240,8 +241,7 @@ class Lockstep:
         self._commit([m for m in self.members if m.stopped is None])
         engine = active[0].engine
         stop = StopRequested(signum, engine.step, engine.last_ckpt)
-        if engine.is_main:
-            print(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)", flush=True)
+        say(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)")
         for m in self.members:
             m.engine.metrics.close()
         raise stop

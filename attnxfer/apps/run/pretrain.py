@@ -41,6 +41,7 @@ from ...models.student import student_shape, student_spec
 from ...models.vit import create_vit
 from ...sources import load_teacher
 from ...sources.resolve import TeacherLoadError, read_state_dict
+from ...speak import say
 from ...train.compile import compile_blocks
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.engine import Engine, TrainResult
@@ -295,14 +296,13 @@ def _pictures(cfg: TrainConfig, parts: RunParts) -> list[Pictures]:
 def _describe_pretraining(cfg: TrainConfig, mae: MaskedAutoencoder, init_note: str | None) -> None:
     """What the run does, in one line (after the note of its initial weights, if any)."""
     if init_note:
-        print(init_note, flush=True)
+        say(init_note)
     n = mae._num_patches
     kept = max(1, round(n * (1 - cfg.mae.mask_ratio)))
-    print(
+    say(
         f"MAE pre-training of {cfg.model.name} on {cfg.data.dataset} (labels unused): the encoder sees {kept} of "
         f"{n} patches per image; decoder {cfg.mae.decoder_depth} blocks x {cfg.mae.decoder_dim}; "
-        f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches",
-        flush=True,
+        f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches"
     )
 
 
@@ -320,6 +320,6 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         # a finished run resumed again keeps its export (one is made if the run stopped before it)
         if cfg.mae.export and engine.is_main and not (result.nothing_to_do and export.is_dir()):
             out = export_run(cfg.run_dir, export, weights="raw", overwrite=True)
-            print(f"encoder exported to {out}: teacher.spec=local-dir:{out}", flush=True)
+            say(f"encoder exported to {out}: teacher.spec=local-dir:{out}")
         barrier()
         return result

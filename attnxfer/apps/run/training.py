@@ -22,6 +22,7 @@ from ...data import data_identity, dataset_has_labels, require_labels
 from ...errors import InputError, PathExistsError
 from ...models.attention import attention_blocks
 from ...models.student import student_from_spec
+from ...speak import say
 from ...train.compile import compile_blocks, is_compiled
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive
@@ -424,8 +425,7 @@ def build_engine(
         if warning and warn_few_steps:
             log(warning)
     barrier()
-    if engine.is_main:
-        print(plan.describe(), flush=True)
+    say(plan.describe())
     return engine
 
 

@@ -29,6 +29,7 @@ from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_wr
 from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec
 from ...run_layout import STUDY_RECORD
+from ...speak import say
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive, StudentStreams, never_stop
 from ...train.engine import TrainResult
@@ -304,10 +305,7 @@ def _set_aside_after(run_dir: Path, step: int | None) -> None:
     for info in manager.list(verify_hash=False):
         if step is None or info.step > step:
             aside = manager.set_aside(info.path, "uncommitted")
-            print(
-                f"study: {info.path} was saved after the study's last complete step; kept as {aside}",
-                flush=True,
-            )
+            say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...speak import say
 from ..rope_help import ROPE_EPILOG, RopeHelpFormatter
 from .base import add_config_args, load, register_command
 
@@ -38,5 +39,5 @@ def run(args) -> int:
         return 0
     from ...apps.convert.report import conversion_summary
 
-    print(conversion_summary(result.report))
+    say(conversion_summary(result.report))
     return 0
