@@ -19,9 +19,11 @@ No torch at import time: the CLI's ``--help`` imports this module.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from typing import TextIO
 
 LOGGER_NAME = "attnxfer"
 _ALL_RANKS = "attnxfer_all_ranks"
@@ -61,10 +63,20 @@ class _CurrentStreams(logging.Handler):
         try:
             to_stdout = record.levelno == logging.INFO and not getattr(record, _TO_STDERR, False)
             stream = sys.stdout if to_stdout else sys.stderr
-            stream.write(self.format(record) + "\n")
-            stream.flush()
+            with _around_bars(stream):
+                stream.write(self.format(record) + "\n")
+                stream.flush()
         except Exception:
             self.handleError(record)
+
+
+def _around_bars(stream: TextIO) -> contextlib.AbstractContextManager:
+    """tqdm's bars cleared before the line and redrawn after it (a line written over a bar would leave the bar
+    half-drawn in it); nothing where tqdm is not loaded or draws no bar."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
+        return contextlib.nullcontext()
+    return tqdm.tqdm.external_write_mode(file=stream)
 
 
 def _logger() -> logging.Logger:

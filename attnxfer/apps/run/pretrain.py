@@ -228,7 +228,7 @@ def build_pretrain_engine(
     train`'s (`attnxfer.apps.run.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
     ``found``: the checkpoint the caller already found (`attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
-    cfg, runtime, point, log = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
+    cfg, runtime, point = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
     if runtime.is_main and not scoring:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
@@ -239,7 +239,7 @@ def build_pretrain_engine(
     # The loaders are the training ones (labels, if data.labels reads any, come along unread); no teacher.
     parts = _pretrain_parts(cfg, info, mae, runtime)
     data = data_identity(parts.train_loader.dataset)
-    if not scoring and not check_same_data(point, data, cfg, log=log):
+    if not scoring and not check_same_data(point, data, cfg):
         point = dataclasses.replace(point, restart_epoch=True)
     mae.to(runtime.device)
     settings = dataclasses.replace(
@@ -262,7 +262,7 @@ def build_pretrain_engine(
     if not scoring and not (point is not None and point.step >= engine.total_steps):
         _write_run_files(cfg, engine, parts, mae)  # (a finished run's files stay as they are)
         if warning := few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps):
-            log(warning)
+            say(warning)
     if engine.is_main:
         _describe_pretraining(cfg, mae, init_note)
     return engine
