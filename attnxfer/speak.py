@@ -23,11 +23,15 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import TextIO
 
 LOGGER_NAME = "attnxfer"
 _ALL_RANKS = "attnxfer_all_ranks"
 _TO_STDERR = "attnxfer_to_stderr"
+#: inside `quiet()`: lines below WARNING are dropped (per thread and task, as a ContextVar is)
+_QUIET: ContextVar[bool] = ContextVar("attnxfer_quiet", default=False)
 
 
 def rank() -> int:
@@ -49,9 +53,12 @@ def is_main() -> bool:
 
 
 class _MainRankFilter(logging.Filter):
-    """Drops a record on ranks other than 0 unless it was said with ``all_ranks=True``."""
+    """Drops a record on ranks other than 0 unless it was said with ``all_ranks=True``; and, inside `quiet`,
+    everything below a warning."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and _QUIET.get():
+            return False
         return getattr(record, _ALL_RANKS, False) or is_main()
 
 
@@ -114,6 +121,17 @@ def debug(message: str, *, all_ranks: bool = False) -> None:
     """Detail hidden by default (where a file came from, what a rank joined); shown at ``logging.DEBUG``, on
     stderr."""
     _logger().debug(message, extra={_ALL_RANKS: all_ranks})
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """`say`, `progress` and `debug` dropped inside (warnings still shown): work done for its result alone, such
+    as a search's hundreds of stage-1 fits, says nothing of its own."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
 
 
 def show_debug() -> None:

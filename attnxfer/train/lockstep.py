@@ -168,11 +168,10 @@ class Lockstep:
         feed: SharedFeed,
         *,
         on_saved: Callable[[int, list[Member], float], None],
-        log: Callable[[str], None] = print,
         shared_before: float = 0.0,
     ) -> None:
         self.members, self.batches, self.feed = list(members), batches, feed
-        self.on_saved, self.log = on_saved, log
+        self.on_saved = on_saved
         self.shared_before = shared_before  # what earlier attempts of the study spent once for all
         self._committed: int | None = None
 
@@ -218,7 +217,7 @@ class Lockstep:
             m.stopped = str(e)
             m.engine.metrics.close()
             self.batches.leave(m.view)
-            self.log(f"study: student {m.name!r} stopped: {e}; the others go on")
+            say(f"study: student {m.name!r} stopped: {e}; the others go on")
             return False
         finally:
             m.seconds += time.monotonic() - start - (self.shared_seconds - shared)

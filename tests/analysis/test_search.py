@@ -314,7 +314,9 @@ def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refus
         ("search.fit_steps=5", False),
     ],
 )
-def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(tmp_path, override, accepted, capsys):
+def test_a_search_resumes_with_exactly_the_keys_declared_search_resumable(
+    tmp_path, override, accepted, capsys
+):
     """The search's resume rule is read off the schema (``key(..., search_resumable=True)``), not a table of
     its own, and is not the training run's rule (`RESUMABLE_KEYS`)."""
     from attnxfer.apps.search import _resume_point, _save
