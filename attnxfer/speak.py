@@ -52,14 +52,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-class _MainRankFilter(logging.Filter):
-    """Drops a record on ranks other than 0 unless it was said with ``all_ranks=True``; and, inside `quiet`,
-    everything below a warning."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING and _QUIET.get():
-            return False
-        return getattr(record, _ALL_RANKS, False) or is_main()
+def _main_rank_only(record: logging.LogRecord) -> bool:
+    """The one main-rank filter: a record is dropped on ranks other than 0 unless it was said with
+    ``all_ranks=True``; and, inside `quiet`, everything below a warning."""
+    if record.levelno < logging.WARNING and _QUIET.get():
+        return False
+    return getattr(record, _ALL_RANKS, False) or is_main()
 
 
 class _CurrentStreams(logging.Handler):
@@ -93,7 +91,7 @@ def _logger() -> logging.Logger:
         handler = _CurrentStreams()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
-        logger.addFilter(_MainRankFilter())
+        logger.addFilter(_main_rank_only)
         logger.propagate = False
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)

@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from attnxfer.speak import is_main, rank, say, warn
+from attnxfer.speak import is_main, quiet, rank, say, warn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,3 +89,12 @@ def test_lines_go_to_the_streams_as_they_are_when_said(capsys, monkeypatch):
     out, err = capsys.readouterr()
     assert (out, err) == ("result 100%\n", "careful\n")
     assert rank() == 0 and is_main()
+
+
+def test_quiet_drops_lines_but_not_warnings_and_ends_with_its_block(capsys):
+    """Work done for its result alone (a search's fits) says nothing, yet its warnings still reach the user."""
+    with quiet():
+        say("a fit's own step line")
+        warn("a fit's warning")
+    say("after")
+    assert capsys.readouterr() == ("after\n", "a fit's warning\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ...speak import say
+from ...speak import is_main, say
 from ..rope_help import ROPE_EPILOG, RopeHelpFormatter
 from .base import add_config_args, load, register_command
 
@@ -32,10 +32,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     cfg = load(args)
     from ...apps.convert.convert import convert
-    from ...train.distributed import DistributedInfo
 
     result = convert(cfg, skip_stage1=args.skip_stage1)
-    if not DistributedInfo.from_environment().is_main_process:
+    if not is_main():  # rank 0 holds the report
         return 0
     from ...apps.convert.report import conversion_summary
 

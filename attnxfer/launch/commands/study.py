@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ...config.study_spec import COMMANDS
-from ...speak import say
+from ...speak import is_main, say
 from .base import add_config_args, add_vary, done_line, load_study, register_command
 
 
@@ -88,10 +88,9 @@ def _convert_study(spec, report_only: bool) -> int:
         return 0
     from ...apps.convert.conversion_study import convert_study
     from ...apps.convert.report import conversion_summary
-    from ...train.distributed import DistributedInfo
 
     result = convert_study(spec)
-    if not DistributedInfo.from_environment().is_main_process:
+    if not is_main():  # rank 0 holds the reports
         return 0
     for s in result.students:
         say(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
