@@ -39,7 +39,7 @@ for case in ("clean", "nan"):
             1: {**signals[3][1], "input": torch.full_like(signals[3][1]["input"], torch.nan)},
         }
     try:
-        result = stage1_transfer(teacher, student, plan, iter(items), log_every=4, log=str)
+        result = stage1_transfer(teacher, student, plan, iter(items), log_every=4)
         seen[case] = {"history": result.history}
     except NonFiniteLossError as e:
         seen[case] = {"error": str(e)}

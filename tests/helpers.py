@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import logging
 import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -162,6 +164,23 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 
 # -- the CLI in a forked child (signals from outside, by process id) ---------------------------------------
+
+
+@contextlib.contextmanager
+def on_each_line(act: Callable[[str], None]) -> Iterator[None]:
+    """``act(line)`` for every line attnxfer says (a handler on its logger, as a user could add), e.g. to cut a
+    run short at a given line: what ``act`` raises reaches the code that said it."""
+
+    class _Act(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            act(record.getMessage())
+
+    hook, logger = _Act(), logging.getLogger("attnxfer")
+    logger.addHandler(hook)
+    try:
+        yield
+    finally:
+        logger.removeHandler(hook)
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], where: str) -> None:

@@ -45,6 +45,7 @@ from ..models.image_input import image_input
 from ..run_layout import DEMO_EXPORTS, STUDY_RECORD
 from ..sources.resolve import sha256_file
 from ..sources.teacher import load_teacher
+from ..speak import say
 from ..train.engine import TrainResult
 from ..transfer.modes import MODES
 from .inspect.inspect import demo_agreement
@@ -159,11 +160,9 @@ def _run(cfg: TrainConfig, label: str, trainer=train, metric: str = "val_top1") 
     if result_path.exists():
         cached = json.loads(result_path.read_text())
         if cached.get("config_digest") == digest:
-            print(
-                f"[demo] {label}: reusing {cfg.run_dir} (same config hash; delete it to rebuild)", flush=True
-            )
+            say(f"[demo] {label}: reusing {cfg.run_dir} (same config hash; delete it to rebuild)")
             return {**cached, "label": label}
-    print(f"[demo] {label}: training -> {cfg.run_dir}", flush=True)
+    say(f"[demo] {label}: training -> {cfg.run_dir}")
     start = time.monotonic()
     out = _result_of(trainer(cfg), cfg, label, time.monotonic() - start, metric)
     atomic_write_json(result_path, out)
@@ -321,7 +320,7 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
                 if held.get("run_dir") and not ours
                 else "a teacher made otherwise"
             )
-            print(f"[demo] {stable}: replacing {was} with the export of {row['run_dir']}", flush=True)
+            say(f"[demo] {stable}: replacing {was} with the export of {row['run_dir']}")
         replace_dir(staging, stable)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -365,18 +364,16 @@ def run_demo(
     _write_tables(out_dir, tables, teachers, students, seeds)
     pictures = _draw_pictures(out_dir, tables, teachers, exports, students)
     shown = ", ".join(str(p) for p in pictures if p)
-    print(f"[demo] table: {out_dir / 'results.md'}; pictures: {shown}", flush=True)
-    print(
+    say(f"[demo] table: {out_dir / 'results.md'}; pictures: {shown}")
+    say(
         f"[demo] the MAE teacher is cached in {teachers['mae']['run_dir']} (keyed by its config hash): "
-        "later demos reuse it; delete that folder to pre-train again",
-        flush=True,
+        "later demos reuse it; delete that folder to pre-train again"
     )
     for key, path in stable.items():
         which = "MAE" if key == "mae" else key
-        print(
+        say(
             f"[demo] the {which} teacher's export: {path} (teacher.spec=local-dir:{path}, the path the demo "
-            "recipes and the documentation's examples use)",
-            flush=True,
+            "recipes and the documentation's examples use)"
         )
     labels = {row.key: row.label for row in ROWS}
     first_seed = {labels[k]: v[0] for k, v in students.results.items()}
@@ -466,9 +463,9 @@ def _run_study(
     labels = ", ".join(row.label for row, _ in rows) + ("" if seeds == 1 else f" (seed {k + 1})")
     cached = Path(spec.run_dir) / "result.json"
     if cached.exists() and json.loads(cached.read_text()).get("config_digest") == digest:
-        print(f"[demo] {labels}: reusing {spec.run_dir} (same config hash; delete it to rebuild)", flush=True)
+        say(f"[demo] {labels}: reusing {spec.run_dir} (same config hash; delete it to rebuild)")
         return list(zip(configs, json.loads(cached.read_text())["students"], strict=True))
-    print(f"[demo] {labels}: one study from the {teacher} teacher -> {spec.run_dir}", flush=True)
+    say(f"[demo] {labels}: one study from the {teacher} teacher -> {spec.run_dir}")
     outcome = study(spec)
     record = json.loads((Path(spec.run_dir) / STUDY_RECORD).read_text())
     shared = (record.get("shared_seconds") or 0.0) / len(configs)
@@ -506,9 +503,9 @@ def _write_tables(
         table = _table(rows, scores, teachers[t])
         pairs = [(labels[a], labels[b]) for a, b in table_pairs(t, keys)]
         paired = paired_table(scores, pairs, list(range(1, seeds + 1)))
-        print(f"\n{TABLES[t]}:\n{table}\n\n{paired}\n", flush=True)
+        say(f"\n{TABLES[t]}:\n{table}\n\n{paired}\n")
         text.append(f"## {TABLES[t]}\n\n{table}\n\nPaired comparisons:\n\n{paired}\n")
-    print(note, flush=True)
+    say(note)
     text.append(note + "\n")
     (out_dir / "results.md").write_text("\n".join(text))
     (out_dir / "results.json").write_text(

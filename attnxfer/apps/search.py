@@ -50,6 +50,7 @@ from ..search import (
     pareto_front,
     run_search,
 )
+from ..speak import say
 from ..train.runtime import resolve_device
 from .run.parts import build_run_parts
 from .run.resume import check_teacher_content, judge
@@ -124,7 +125,7 @@ def _images(loader, count: int | None, batches: int | None) -> list[torch.Tensor
     return out
 
 
-def build_evaluator(cfg: TrainConfig, log: Callable[[str], None] = print) -> tuple[CandidateEvaluator, Any]:
+def build_evaluator(cfg: TrainConfig) -> tuple[CandidateEvaluator, Any]:
     """The teacher, its cached signals and the fitness settings of ``cfg`` as one evaluator (and the parts)."""
     if not cfg.teacher.spec:
         raise InputError("attnxfer search needs a teacher: set teacher.spec (timm name, hf-hub:, local-dir:)")
@@ -151,27 +152,27 @@ def build_evaluator(cfg: TrainConfig, log: Callable[[str], None] = print) -> tup
 
 def evaluate_batch(cfg: TrainConfig, names: list[str]) -> list[dict[str, Any]]:
     """Evaluate ``names`` from scratch in this process: what one task of a SLURM job array runs."""
-    evaluator, _ = build_evaluator(cfg, log=lambda _: None)
+    evaluator, _ = build_evaluator(cfg)
     return [evaluator(name) for name in names]
 
 
 # ----------------------------------------------------------------------------------------------- resume
-def _resume_point(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None]) -> ResumePoint | None:
+def _resume_point(cfg: TrainConfig, run_dir: Path) -> ResumePoint | None:
     """The search's newest saved generation, judged by the search's rule (`SEARCH_RESUMABLE_KEYS`:
     `attnxfer.apps.run.resume`); None for a new search."""
     _adopt_older_layout(run_dir)
     point = ResumePoint.find(run_dir, cfg.checkpoint.resume)
     return judge(
-        point, cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", command="search", log=log
+        point, cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", command="search"
     )
 
 
-def _state_of(point: ResumePoint | None, log: Callable[[str], None]) -> SearchState:
+def _state_of(point: ResumePoint | None) -> SearchState:
     """The saved search's state (a new search's, where there is none)."""
     if point is None:
         return SearchState()
     state = SearchState.from_dict(point.record("state"))
-    log(
+    say(
         f"search: resuming {point.path} after generation {state.generation} ({len(state.candidates)} candidates)"
     )
     return state
@@ -348,32 +349,30 @@ def search(
     cfg: TrainConfig,
     *,
     evaluate: Callable[[list[str]], list[dict[str, Any]]] | None = None,
-    log: Callable[[str], None] = print,
 ) -> SearchResult:
     """Run (or continue) the search ``cfg`` describes; ``evaluate`` replaces evaluation in this process.
 
     The process holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout."""
-    with run_lock(cfg.run_dir, "search", log=log):
-        return _search(cfg, evaluate=evaluate, log=log)
+    with run_lock(cfg.run_dir, "search"):
+        return _search(cfg, evaluate=evaluate)
 
 
 def _search(
     cfg: TrainConfig,
     *,
     evaluate: Callable[[list[str]], list[dict[str, Any]]] | None,
-    log: Callable[[str], None],
 ) -> SearchResult:
     """The search, step by step: its state (continued where one is saved), the evaluator, the time budget,
     the generations (saved after each), the report."""
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
-    point = _resume_point(cfg, run_dir, log)
-    state = _state_of(point, log)
-    evaluator, parts = build_evaluator(cfg, log)
+    point = _resume_point(cfg, run_dir)
+    state = _state_of(point)
+    evaluator, parts = build_evaluator(cfg)
     # the same teacher under another spelling or path resumes; other weights are refused before any write
     check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
     settings = search_settings(cfg, parts.teacher)
-    log(_describe_search(cfg, settings, evaluator))
+    say(_describe_search(cfg, settings, evaluator))
     per_candidate = (
         _check_time_budget(cfg, evaluator, settings)
         if state.generation < 0 and cfg.search.time_budget_min is not None
@@ -388,15 +387,14 @@ def _search(
             evaluate or run.evaluate_here(evaluator),
             on_generation=run.saved,
             should_stop=run.should_stop,
-            log=bar.write,
         )
     if state.generation < 0:
         raise InputError("the search stopped before generation 0: nothing to report")
     front, winner, command = write_reports(cfg, run_dir, state)
     _save(cfg, run_dir, state, parts.teacher_record)
     if winner is not None:
-        log(f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}")
-    log(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
+        say(f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}")
+    say(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
     return SearchResult(str(run_dir), state, front, winner, command)
 
 

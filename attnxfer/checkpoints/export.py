@@ -16,7 +16,6 @@ checkpoints/step-*/{model,ema}.safetensors).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
@@ -38,6 +37,7 @@ from ..models.student import (
     vit_traits,
 )
 from ..sources.teacher import hub_reachable
+from ..speak import debug, warn
 from ..transfer.modes import MODES
 from ..version import __version__
 from .atomic_io import give_normal_mode
@@ -53,8 +53,6 @@ from .model_card import (  # moved to model_card.py
 from .onnx_export import ONNX_DATA_FILE, ONNX_FILE, require_onnx, write_onnx
 from .run_dir import CheckpointChoice, ExportWeights, RunDir, _choice, select_checkpoint as select_checkpoint
 from .store import _owner_is_alive, _owner_tag
-
-_logger = logging.getLogger(__name__)
 
 # What an export folder holds (and what overwrite=True replaces).
 REPORT_FILE = "export_report.json"  # what an ONNX export checked (opset, shapes, max |ORT - torch|)
@@ -241,7 +239,7 @@ def export_student(
         _install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _logger.info("exported %s (%s) to %s", meta["attnxfer"]["description"], formats, out_dir)
+    debug(f"exported {meta['attnxfer']['description']} ({formats}) to {out_dir}")
     if push_to_hub:
         push_export(out_dir, push_to_hub)
     return out_dir
@@ -317,7 +315,7 @@ def _fresh_staging(out_dir: Path) -> Path:
     """A new staging folder beside ``out_dir``, after removing what killed exports left there."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for leftover in clean_staging(out_dir):
-        _logger.warning("removed %s, left behind by an interrupted export", leftover)
+        warn(f"removed {leftover}, left behind by an interrupted export")
     return _staging_dir(out_dir)
 
 
@@ -451,7 +449,7 @@ def push_export(
     api = HfApi(token=token, library_name="attnxfer")
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), commit_message=commit_message)
-    _logger.info("pushed %s to %s", out_dir, repo_id)
+    debug(f"pushed {out_dir} to {repo_id}")
     return str(getattr(info, "commit_url", info))
 
 

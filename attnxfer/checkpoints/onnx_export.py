@@ -38,8 +38,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..models.student import attention_layout
-
-_logger = logging.getLogger(__name__)
+from ..speak import debug
 
 OPSET = 18
 ONNX_FILE = "model.onnx"
@@ -225,7 +224,7 @@ def write_onnx(
         )
     with torch.no_grad():
         out_shape = ["batch", *twin(example[:1]).shape[1:]]
-    _logger.info("ONNX export: %s, max |ORT - torch| %.3g", path, diff)
+    debug(f"ONNX export: {path}, max |ORT - torch| {diff:.3g}")
     return OnnxReport(
         file=ONNX_FILE,
         opset=OPSET,

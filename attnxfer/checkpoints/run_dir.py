@@ -20,7 +20,6 @@ encoder does not use (an MAE's decoder) are dropped; any other missing or unexpe
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from enum import StrEnum
@@ -43,6 +42,7 @@ from ..run_layout import (
     STATE_NAME,
 )
 from ..sources.teacher import drop_unused_entries
+from ..speak import debug, warn
 from .store import (
     CheckpointError,
     CheckpointInfo,
@@ -51,8 +51,6 @@ from .store import (
     atomic_write_json,
     atomic_write_text,
 )
-
-_logger = logging.getLogger(__name__)
 
 
 class CheckpointChoice(StrEnum):
@@ -111,7 +109,7 @@ def select_checkpoint(
             else:
                 what = f"val loss {best.metric:.4g}"
             return best.path, f"{best.path.name} (best {what})"
-        _logger.warning("no checkpoint in %s records a metric: exporting the latest", run_dir)
+        warn(f"no checkpoint in {run_dir} records a metric: exporting the latest")
         return latest.path, f"{latest.path.name} (latest: no checkpoint records a metric)"
     return latest.path, f"{latest.path.name} (latest)"
 
@@ -268,9 +266,7 @@ class RunDir:
         # An MAE pre-training run checkpoints encoder + decoder in MAE's layout: the student is the encoder.
         state, dropped = drop_unused_entries(state)
         if dropped:
-            _logger.info(
-                "student of %s: dropped %d entries the encoder does not use", self.path, len(dropped)
-            )
+            debug(f"student of {self.path}: dropped {len(dropped)} entries the encoder does not use")
         result = student.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise CheckpointError(

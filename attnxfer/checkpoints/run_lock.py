@@ -36,13 +36,14 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import PathExistsError
 from ..run_layout import LOCK_NAME, STAGE_DIRS
+from ..speak import say
 from .processes import process_alive
 from .store import CheckpointError, CheckpointManager
 
@@ -264,7 +265,7 @@ def _heartbeat(path: Path, token: str, stop: threading.Event, every: float) -> N
             os.utime(path)
 
 
-def _acquire(path: Path, content: dict[str, Any], stale_after_s: float, log: Callable[[str], None]) -> None:
+def _acquire(path: Path, content: dict[str, Any], stale_after_s: float) -> None:
     run_dir = path.parent
     for _ in range(50):  # contenders racing over a stale lock: a few rounds settle it
         if _create(path, content):
@@ -285,7 +286,7 @@ def _acquire(path: Path, content: dict[str, Any], stale_after_s: float, log: Cal
                 f"separate run choose another run_dir=. If no such process exists any more, delete {path}"
             )
         if _take_over(path, holder):
-            log(f"{run_dir}: taking over the lock of {holder.describe()}: {why}")
+            say(f"{run_dir}: taking over the lock of {holder.describe()}: {why}")
     raise RunDirInUseError(f"{run_dir}: could not take its lock ({path}) after 50 tries; try again")
 
 
@@ -295,7 +296,6 @@ def run_lock(
     command: str,
     *,
     enabled: bool = True,
-    log: Callable[[str], None] = print,
     heartbeat_s: float = HEARTBEAT_S,
     stale_after_s: float = STALE_AFTER_S,
 ) -> Iterator[None]:
@@ -328,7 +328,7 @@ def run_lock(
             with _HELD_GUARD:
                 held[1] -= 1
         return
-    token = _hold(path, key, command, stale_after_s, log)
+    token = _hold(path, key, command, stale_after_s)
     try:
         with _heartbeat_thread(path, token, heartbeat_s), _plain_disk_errors(run_dir):
             yield
@@ -354,9 +354,7 @@ def _nested_hold(key: tuple[str, int]) -> list | None:
     return held
 
 
-def _hold(
-    path: Path, key: tuple[str, int], command: str, stale_after_s: float, log: Callable[[str], None]
-) -> str:
+def _hold(path: Path, key: tuple[str, int], command: str, stale_after_s: float) -> str:
     """Take the lock for this process (saying who holds it), or raise; returns the lock's token."""
     token = secrets.token_hex(8)
     content = {
@@ -370,7 +368,7 @@ def _hold(
     }
     _OWN_TOKENS.add(token)
     try:
-        _acquire(path, content, stale_after_s, log)
+        _acquire(path, content, stale_after_s)
     except OSError as e:
         _OWN_TOKENS.discard(token)
         _raise_plainly(e, path.parent)

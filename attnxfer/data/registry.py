@@ -12,7 +12,6 @@ import difflib
 import functools
 import importlib.metadata
 import inspect
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from ..errors import InputError
+from ..speak import warn
 from .label_free import images_only, without_labels
 
 SPLITS = ("train", "val")
@@ -76,7 +76,6 @@ _DATASETS: dict[str, _Entry] = {}
 _PREFIXES: dict[str, _Entry] = {}
 #: installed distributions register datasets through entry points in this group
 ENTRY_POINT_GROUP = "attnxfer.datasets"
-_log = logging.getLogger("attnxfer")
 
 
 def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInfo]) -> Callable:
@@ -100,7 +99,7 @@ def _load_entry_points() -> tuple[str, ...]:
             ep.load()
         except Exception as e:  # a broken plug-in must not hide the built-in datasets
             failed.append(ep.name)
-            _log.warning("dataset entry point %s = %s failed to load: %s", ep.name, ep.value, e)
+            warn(f"dataset entry point {ep.name} = {ep.value} failed to load: {e}")
     return tuple(failed)
 
 

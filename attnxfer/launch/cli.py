@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..errors import UserError
+from ..speak import warn
 from .commands import COMMANDS, load
 from .process_exit import end_program
 
@@ -85,12 +86,7 @@ def _stopped_by_signal(args, error: Exception) -> int | None:
     stop = sys.modules.get("attnxfer.train.stop")
     if stop is None or not isinstance(error, stop.StopRequested):
         return None
-    if os.environ.get("RANK", "0") == "0":
-        print(
-            f"attnxfer {args.command}: {error}; re-run the same command to resume",
-            file=sys.stderr,
-            flush=True,
-        )
+    warn(f"attnxfer {args.command}: {error}; re-run the same command to resume")
     return error.exit_code
 
 
@@ -111,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return args.show_config(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", file=sys.stderr)
+        warn(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", all_ranks=True)
         return 130
     except Exception as e:
         stopped = _stopped_by_signal(args, e)
@@ -119,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return stopped
         if os.environ.get("ATTNXFER_DEBUG") or not _is_user_error(e):
             raise
-        print(f"attnxfer {args.command}: error: {e}", file=sys.stderr)
+        warn(f"attnxfer {args.command}: error: {e}", all_ranks=True)
         return 2
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from ..apps.search import evaluate_batch
 from ..errors import InputError
+from ..speak import say
 from .arguments import add_array_arguments as add_array_arguments  # its home before arguments.py
 from .slurm import SlurmOptions, build_executor, parse_key_values, undone_if_refused, wait
 
@@ -32,9 +33,7 @@ def split_batches(names: list[str], tasks: int) -> list[list[str]]:
     return out
 
 
-def array_evaluator(
-    cfg: Any, ns: argparse.Namespace, echo: Callable[[str], None] = print
-) -> Callable[[list[str]], list[dict[str, Any]]]:
+def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], list[dict[str, Any]]]:
     """``evaluate(names)`` that runs one job array per call (one generation) and returns results in order."""
     if ns.array_tasks < 1:
         raise InputError(f"--array-tasks must be >= 1, got {ns.array_tasks}")
@@ -60,7 +59,7 @@ def array_evaluator(
             executor.batch(),
         ):  # sbatch's refusal: one line
             jobs = [executor.submit(evaluate_batch, cfg, batch) for batch in batches]
-        echo(
+        say(
             f"search: {len(names)} candidates as a job array of {len(jobs)} task(s): "
             f"{', '.join(str(j.job_id) for j in jobs)}"
         )

@@ -34,6 +34,7 @@ from ..models.efficient.formula import (
     parse_formula,
     random_formula,
 )
+from ..speak import say
 from .pareto import pareto_ranks, select_survivors, tournament_key
 
 PREFIX = "formula:"
@@ -194,7 +195,6 @@ def run_search(
     *,
     on_generation: Callable[[SearchState], None] = lambda s: None,
     should_stop: Callable[[SearchState], str | None] = lambda s: None,
-    log: Callable[[str], None] = print,
 ) -> SearchState:
     """Run generations ``state.generation + 1 .. settings.generations``; ``on_generation`` (e.g. save) is
     called after each, ``should_stop`` before each (a reason to stop, e.g. a spent time budget)."""
@@ -202,7 +202,7 @@ def run_search(
         generation = state.generation + 1
         reason = should_stop(state)
         if reason:
-            log(f"search: stopping before generation {generation}: {reason}")
+            say(f"search: stopping before generation {generation}: {reason}")
             break
         rng = random.Random(f"{settings.seed}/{generation}")
         if generation == 0:
@@ -227,7 +227,7 @@ def run_search(
         state.generation = generation
         ok = [p for p in proposals if p["status"] == "ok"]
         best = min(state.population, key=lambda n: state.candidates[n]["kl"])
-        log(
+        say(
             f"generation {generation}: {len(proposals)} new ({len(ok)} fitted, {len(proposals) - len(ok)} "
             f"rejected), {state.duplicates} duplicates so far; best fit {state.candidates[best]['kl']:.4f} "
             f"{best}"

@@ -31,6 +31,7 @@ from ..models.attention import MapKind, transferable_attentions
 from ..models.attention.registry import get_attention_class
 from ..models.efficient import build_efficient_student
 from ..models.efficient.swap import teacher_token_layout
+from ..speak import quiet
 from ..train.engine import NonFiniteLossError
 from ..train.measure import layer_map_metric
 from ..train.speed import interleaved_forward_seconds
@@ -93,10 +94,6 @@ class FitSettings:
     seed: int = 0  # the candidate's new parameters start from this seed, whichever process fits it
 
 
-def _silent(_: str) -> None:
-    """stage 1's log, unused: a search prints one line per generation."""
-
-
 def fit_candidate(
     teacher: nn.Module, attention: str, cache: TeacherCache, fit: FitSettings
 ) -> dict[str, Any]:
@@ -146,16 +143,16 @@ def fit_student(
         stage1_train=fit.train,
     )
     try:
-        stage1_transfer(
-            teacher,
-            student,
-            plan,
-            itertools.cycle(cache.fit),
-            warmup_steps=fit.warmup_steps,
-            clip_grad=fit.clip_grad,
-            log_every=fit.steps,
-            log=_silent,
-        )
+        with quiet():  # a search says one line per generation, not one per fit
+            stage1_transfer(
+                teacher,
+                student,
+                plan,
+                itertools.cycle(cache.fit),
+                warmup_steps=fit.warmup_steps,
+                clip_grad=fit.clip_grad,
+                log_every=fit.steps,
+            )
     except NonFiniteLossError as e:  # keep what happened, drop conversion's advice on its own settings
         raise NonFiniteLossError(f"{str(e).split(';')[0]} (stage 1 diverged at lr {fit.lr:g})") from None
     return student.eval()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import http.client
-import logging
 import os
 import ssl
 import threading
@@ -13,13 +12,13 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import InputError
+from ..speak import debug, warn
 from .load_errors import (  # moved to load_errors.py
     TeacherLoadError,
     TeacherNotAvailable,
 )
 
 # Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
-_logger = logging.getLogger(__name__)
 
 _REACHABLE: dict[str, tuple[float, bool]] = {}
 
@@ -80,7 +79,7 @@ def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
     ok = bool(answer and answer[0])
     _REACHABLE[endpoint] = (now, ok)
     if not ok:
-        _logger.info("Hugging Face Hub at %s is not reachable: using the local cache only", endpoint)
+        debug(f"Hugging Face Hub at {endpoint} is not reachable: using the local cache only")
     return ok
 
 
@@ -198,7 +197,7 @@ def _readme_license(path: str | None) -> str | None:
     try:
         license_id = ModelCard.load(path).data.license
     except Exception as e:  # malformed YAML front matter: yaml's errors, huggingface_hub's ValueError
-        _logger.warning("%s: model card metadata does not parse (%s): teacher licence unknown", path, e)
+        warn(f"{path}: model card metadata does not parse ({e}): teacher licence unknown")
         return None
     if isinstance(license_id, list):  # the Hub's schema allows one id; a list is read as its first
         license_id = license_id[0] if license_id else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import pickle
 import re
@@ -49,9 +48,6 @@ from .load_errors import (  # moved to load_errors.py
     run_folder_hint,
 )
 from .transformers_format import describe as describe_transformers, is_transformers_config, unreadable_config
-
-_logger = logging.getLogger(__name__)
-
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
 

@@ -24,7 +24,6 @@ fetch it. This module builds the model and the record.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -37,6 +36,7 @@ import torch.nn as nn
 from ..errors import InputError
 from ..models.attention import make_transfer_aware
 from ..models.image_input import image_input
+from ..speak import debug, warn
 from .resolve import (
     Origin,
     Resolved,
@@ -62,9 +62,6 @@ from .teacher_build import (
     other_size,
     rebuilt,
 )
-
-_logger = logging.getLogger(__name__)
-
 
 # --------------------------------------------------------------------------------------------
 # The record
@@ -277,16 +274,10 @@ def load_teacher(
     del state_dict
 
     record = _record(spec, res, model, checkpoint_key, dropped + dropped_head, source_pos, size)
-    _logger.info(
-        "teacher %s: %s from %s%s, %d classes, input %s, mean %s std %s",
-        spec,
-        record.architecture,
-        res.source,
-        f" ({res.hf_repo}@{res.hf_commit})" if res.hf_repo else "",
-        record.num_classes,
-        record.input_size,
-        record.mean,
-        record.std,
+    hf = f" ({res.hf_repo}@{res.hf_commit})" if res.hf_repo else ""
+    debug(
+        f"teacher {spec}: {record.architecture} from {res.source}{hf}, {record.num_classes} classes, "
+        f"input {record.input_size}, mean {record.mean} std {record.std}"
     )
     return model, record
 
@@ -310,22 +301,16 @@ def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], st
     if res.convert is not None:  # transformers' names and layout -> the timm model's
         state_dict, dropped = res.convert(state_dict, res.weights)
         if dropped:
-            _logger.warning(
-                "teacher %s: dropped %d checkpoint entries the timm model does not use (%s): %s",
-                spec,
-                len(dropped),
-                res.source_format,
-                _summarise_keys(dropped),
+            warn(
+                f"teacher {spec}: dropped {len(dropped)} checkpoint entries the timm model does not use "
+                f"({res.source_format}): {_summarise_keys(dropped)}"
             )
         return state_dict, checkpoint_key, dropped
     state_dict, dropped, rules = _apply_drop_rules(state_dict)
     if dropped:
-        _logger.warning(
-            "teacher %s: dropped %d checkpoint entries the encoder does not use (%s): %s",
-            spec,
-            len(dropped),
-            ", ".join(r.name for r in rules),
-            _summarise_keys(dropped),
+        warn(
+            f"teacher {spec}: dropped {len(dropped)} checkpoint entries the encoder does not use "
+            f"({', '.join(r.name for r in rules)}): {_summarise_keys(dropped)}"
         )
     tagged = [r.tag for r in rules if r.tag]
     if not res.tag_known and tagged:
@@ -333,22 +318,14 @@ def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], st
 
         guess = f"{res.architecture}.{tagged[0]}"
         if guess in timm.list_pretrained(guess):
-            _logger.info(
-                "teacher %s: %s checkpoint: preprocessing and licence of timm's %s",
-                spec,
-                rules[0].name,
-                guess,
-            )
+            debug(f"teacher {spec}: {rules[0].name} checkpoint: preprocessing and licence of timm's {guess}")
             res.pretrained_cfg = registry_cfg(guess)
             res.license, res.tag_known = res.pretrained_cfg.get("license"), True
     if not res.tag_known:
-        _logger.warning(
-            "teacher %s: mean/std are timm's defaults for %s (tag %r); name the tag the weights were "
-            "trained with in arch= (e.g. %s.mae) if that is wrong",
-            spec,
-            res.architecture,
-            res.pretrained_cfg.get("tag"),
-            res.architecture,
+        warn(
+            f"teacher {spec}: mean/std are timm's defaults for {res.architecture} (tag "
+            f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in arch= "
+            f"(e.g. {res.architecture}.mae) if that is wrong"
         )
     return state_dict, checkpoint_key, dropped
 
@@ -524,7 +501,7 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
 
     parsed = parse_teacher_spec(spec, revision)
     if parsed.source.is_local:
-        _logger.info("teacher %s is local: nothing to fetch", spec)
+        debug(f"teacher {spec} is local: nothing to fetch")
         return parsed.name
     if parsed.source is Source.TIMM:
         cfg = registry_cfg(parsed.name)
@@ -570,5 +547,5 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
                 spec, repo, parsed.revision, cache_dir, reason or "the download failed", "the snapshot"
             )
         ) from None
-    _logger.info("teacher %s: %s is in %s", spec, repo, path)
+    debug(f"teacher {spec}: {repo} is in {path}")
     return str(path)

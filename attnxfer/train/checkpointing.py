@@ -10,7 +10,6 @@ loop, its counters and its metrics stay the engine's.
 from __future__ import annotations
 
 import hashlib
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,9 @@ from ..checkpoints.store import (
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
 )
+from ..speak import warn
 from .distributed import barrier
 from .ema import StudentEMA
-
-_log = logging.getLogger("attnxfer")
 
 
 def _weights_checksum(model: nn.Module) -> str:
@@ -165,7 +163,7 @@ class Checkpointing:
         if old.record("rank_checksums") and old.record("rank_checksums")[0] == checksum:
             return True
         aside = self.manager.set_aside(existing, "replaced")
-        _log.warning("a different checkpoint for step %d existed; kept it as %s", step, aside)
+        warn(f"a different checkpoint for step {step} existed; kept it as {aside}")
         return False
 
     def no_checkpoint_message(self) -> str:
@@ -207,9 +205,7 @@ class Checkpointing:
         if len(rng) == self.world:
             restore_rng_state(rng[self.rank])
         elif self.is_main:
-            _log.warning(
-                "checkpoint was written by %d processes, this run has %d: RNG streams restart",
-                len(rng),
-                self.world,
+            warn(
+                f"checkpoint was written by {len(rng)} processes, this run has {self.world}: RNG streams restart"
             )
         return Resumed(str(info), state, restart_epoch=point.restart_epoch)

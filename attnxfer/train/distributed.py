@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 import os
 import re
 import zlib
@@ -24,10 +23,9 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InputError
+from ..speak import debug
 from .devices import Device
 from .watchdog import HeartbeatWatchdog, collective_timeout, start_watchdog
-
-_logger = logging.getLogger(__name__)
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -215,15 +213,10 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
     )
     global _joined_a_group, _watchdog
     _joined_a_group = True
-    _logger.info(
-        "joined process group: rank %d/%d (local %d/%d) via %s:%d, backend %s",
-        info.rank,
-        info.world_size,
-        info.local_rank,
-        info.local_world_size,
-        info.master_addr,
-        info.master_port,
-        backend,
+    debug(
+        f"joined process group: rank {info.rank}/{info.world_size} (local {info.local_rank}/"
+        f"{info.local_world_size}) via {info.master_addr}:{info.master_port}, backend {backend}",
+        all_ranks=True,
     )
     if seconds is not None:
         _watchdog = start_watchdog(seconds)

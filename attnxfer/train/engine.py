@@ -28,6 +28,7 @@ from ..checkpoints.store import CheckpointError, MetricMode
 from ..data.label_free import split_batch
 from ..data.seeding import sample_seed
 from ..errors import InputError
+from ..speak import say
 from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .distributed import min_over_ranks
@@ -280,8 +281,7 @@ class Engine:
             return
         self.save_unless_saved()
         stop = StopRequested(signum, self.step, self.last_ckpt)
-        if self.is_main:
-            print(f"{stop} (step {self.step} of {self.total_steps})", flush=True)
+        say(f"{stop} (step {self.step} of {self.total_steps})")
         self.metrics.close()
         raise stop
 
@@ -308,11 +308,7 @@ class Engine:
         if self.is_main and not self.finished:  # a finished run's records stay as they are
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
-        if self.is_main:
-            print(
-                f"resumed from {resumed.path} (step {self.step}, epoch {self.epoch}, position {self.position})",
-                flush=True,
-            )
+        say(f"resumed from {resumed.path} (step {self.step}, epoch {self.epoch}, position {self.position})")
 
     def _epoch_loss_state(self) -> list[float]:
         """``[summed total loss, micro-batches]`` of the epoch so far (one host read, at saves only)."""
@@ -564,10 +560,9 @@ class Engine:
         if self.is_main:
             name = s.metric.removeprefix("val_")
             fmt = ".2f" if s.metric == "val_top1" else ".4g"
-            print(
+            say(
                 f"epoch {self.epoch}: step {self.step}/{self.total_steps} val {name} {value:{fmt}} "
-                f"(best {self.best:{fmt}})",
-                flush=True,
+                f"(best {self.best:{fmt}})"
             )
         if s.checkpoint.every_epoch or self.step >= self.total_steps:
             self.save(metric=value)

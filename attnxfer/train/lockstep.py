@@ -31,6 +31,7 @@ from .engine import Engine, TrainResult
 from .stop import StopRequested, stop_on_signals, stop_signal
 
 __all__ = ["Lockstep", "Member", "SharedBatches", "SharedFeed", "StudentStreams"]
+from ..speak import say
 from .terms import NonFiniteLossError
 
 
@@ -167,11 +168,10 @@ class Lockstep:
         feed: SharedFeed,
         *,
         on_saved: Callable[[int, list[Member], float], None],
-        log: Callable[[str], None] = print,
         shared_before: float = 0.0,
     ) -> None:
         self.members, self.batches, self.feed = list(members), batches, feed
-        self.on_saved, self.log = on_saved, log
+        self.on_saved = on_saved
         self.shared_before = shared_before  # what earlier attempts of the study spent once for all
         self._committed: int | None = None
 
@@ -217,7 +217,7 @@ class Lockstep:
             m.stopped = str(e)
             m.engine.metrics.close()
             self.batches.leave(m.view)
-            self.log(f"study: student {m.name!r} stopped: {e}; the others go on")
+            say(f"study: student {m.name!r} stopped: {e}; the others go on")
             return False
         finally:
             m.seconds += time.monotonic() - start - (self.shared_seconds - shared)
@@ -240,8 +240,7 @@ class Lockstep:
         self._commit([m for m in self.members if m.stopped is None])
         engine = active[0].engine
         stop = StopRequested(signum, engine.step, engine.last_ckpt)
-        if engine.is_main:
-            print(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)", flush=True)
+        say(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)")
         for m in self.members:
             m.engine.metrics.close()
         raise stop

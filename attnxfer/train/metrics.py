@@ -23,6 +23,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ..run_layout import METRICS
+from ..speak import progress
 from .trackers import TrackerSet
 
 #: the per-epoch table beside the checkpoints, as timm's train.py writes it
@@ -172,7 +173,8 @@ def read_summary(run_dir: str | Path) -> list[dict[str, Any]]:
 class LineProgress:
     """Progress for a log file, in tqdm's calls (`update`, `set_postfix`, `close`): one plain line per log
     record (each `set_postfix`, as timm's train.py logs), and between records at most one line every
-    ``every_s`` seconds. No carriage returns: a submitted job's stderr keeps one readable line per record."""
+    ``every_s`` seconds. No carriage returns: a submitted job's stderr keeps one readable line per record.
+    The lines go through `attnxfer.speak.progress` (stderr, main rank)."""
 
     def __init__(
         self,
@@ -180,11 +182,9 @@ class LineProgress:
         *,
         initial: int = 0,
         desc: str = "",
-        stream: TextIO | None = None,
         every_s: float = 60.0,
     ):
         self.total, self.n, self.desc = int(total), int(initial), desc
-        self.stream = stream if stream is not None else sys.stderr
         self.every_s = every_s
         self._start = self._said = time.monotonic()
         self._postfix = ""
@@ -205,11 +205,7 @@ class LineProgress:
         self._said = time.monotonic()
         elapsed = datetime.timedelta(seconds=round(self._said - self._start))
         share = f" ({100 * self.n / self.total:3.0f}%)" if self.total else ""
-        print(
-            f"{self.desc}: batch {self.n}/{self.total}{share}{self._postfix}  [{elapsed}]",
-            file=self.stream,
-            flush=True,
-        )
+        progress(f"{self.desc}: batch {self.n}/{self.total}{share}{self._postfix}  [{elapsed}]")
 
 
 def _is_terminal(stream: TextIO) -> bool:
@@ -225,8 +221,8 @@ def _is_terminal(stream: TextIO) -> bool:
 def progress_bar(total: int, *, initial: int = 0, desc: str = "", stream: TextIO | None = None):
     """tqdm's bar where a person watches (a terminal, a notebook); `LineProgress` anywhere else (a log file, a
     pipe): a bar redrawn ten times a second would write every redraw into the file, millions over a long
-    job."""
+    job. ``stream`` is where a bar is drawn; `LineProgress`'s lines go to stderr through `attnxfer.speak`."""
     stream = stream if stream is not None else sys.stderr
     if _is_terminal(stream):
         return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=stream)
-    return LineProgress(total, initial=initial, desc=desc, stream=stream)
+    return LineProgress(total, initial=initial, desc=desc)

@@ -32,6 +32,7 @@ import torch.nn as nn
 
 from ..models.attention import StopForward, attention_layers, capture_attention
 from ..models.handover import Signal
+from ..speak import say
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.step_loss import Loss
 from .distributed import RankAverage, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
@@ -203,7 +204,7 @@ class Stage1Fit:
         weight_decay: float = 0.0,
         clip_grad: float | None = None,
         log_every: int = 20,
-        log: Callable[[str], None] = print,
+        prefix: str = "",
         start_step: int = 0,
         optimizer_state: Mapping[str, Any] | None = None,
         history: Sequence[dict[str, Any]] = (),
@@ -212,7 +213,7 @@ class Stage1Fit:
     ) -> None:
         self.teacher, self.student, self.plan = teacher, student, plan
         self.warmup_steps, self.weight_decay, self.clip_grad = warmup_steps, weight_decay, clip_grad
-        self.log_every, self.log = max(1, log_every), log
+        self.log_every, self.prefix = max(1, log_every), prefix
         self.optimizer_state, self.on_save, self.save_every = optimizer_state, on_save, save_every
         self.done = start_step  # optimiser steps taken (an earlier run's included)
         self.result = Stage1Result(history=list(history))
@@ -231,7 +232,7 @@ class Stage1Fit:
         groups = self._stack.enter_context(_fitting_only(self.student, self.plan, self.weight_decay))
         optimizer = _stage1_optimizer(groups, self.plan.stage1_lr, device, self.optimizer_state)
         steps = self.plan.stage1_steps
-        self._fit = _Fit(self.objective, optimizer, device, steps, self.log, self.result)
+        self._fit = _Fit(self.objective, optimizer, device, steps, self.result)
         self._meter = PeakMemory(
             device
         ).start()  # the teacher's maps are built a row chunk at a time: measured
@@ -248,7 +249,7 @@ class Stage1Fit:
         lr = lr_at(step, steps, self.warmup_steps, lr0, lr0 * 0.01)
         self._fit.step(x, step, lr, self.clip_grad)
         if (step + 1) % self.log_every == 0 or step + 1 == steps or step == 0:
-            self._fit.log_step(step, lr)
+            self._say(self._fit.log_step(step, lr))
         self.done = step + 1
         if self.on_save and self.save_every and self.done % self.save_every == 0 and self.done < steps:
             self._save()
@@ -265,7 +266,7 @@ class Stage1Fit:
         loss) and say where."""
         where = self._saved[1] if self._saved and self._saved[0] == self.done else self._save()
         stop = StopRequested(signum, self.done, where)
-        self.log(f"stage 1: {stop} (step {self.done} of {self.plan.stage1_steps})")
+        self._say(f"stage 1: {stop} (step {self.done} of {self.plan.stage1_steps})")
         return stop
 
     def finish(self) -> Stage1Result:
@@ -274,8 +275,12 @@ class Stage1Fit:
         self.result.steps = self.plan.stage1_steps
         self.result.seconds = time.monotonic() - self._fit.start
         self.result.memory = _memory(self._meter, self.objective)
-        self.log(describe_memory(self.result.memory))
+        self._say(describe_memory(self.result.memory))
         return self.result
+
+    def _say(self, line: str) -> None:
+        """A stage-1 line, after ``prefix`` (a study's student name)."""
+        say(f"{self.prefix}{line}")
 
 
 def _memory(meter: PeakMemory, objective: Stage1Objective) -> dict[str, Any]:
@@ -347,7 +352,6 @@ class _Fit:
     optimizer: torch.optim.Optimizer
     device: torch.device
     steps: int
-    log: Callable[[str], None]
     result: Stage1Result
     guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
     window: TermWindow = field(default_factory=TermWindow)
@@ -376,8 +380,8 @@ class _Fit:
         )
         self.window.add({"loss": out.total, **out.logs})
 
-    def log_step(self, step: int, lr: float) -> None:
-        """Read the guard and the window: one history record and one log line."""
+    def log_step(self, step: int, lr: float) -> str:
+        """Read the guard and the window: one history record, and its line to say."""
         _stop_if_non_finite(self.guard, self.objective.watched)
         means = self.window.means()
         # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
@@ -387,7 +391,7 @@ class _Fit:
         self.result.history.append(rec)
         per_layer = " ".join(f"{v:.3g}" for v in means.values())
         kinds = "/".join(sorted({layer.loss.metric for layer in self.objective.plan.active}))
-        self.log(
+        return (
             f"stage 1 step {step + 1}/{self.steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
             f"{kinds}: {per_layer}"
         )

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..speak import say
 
 #: the tracker run ids of a run directory, read back on resume
 TRACKERS_JSON = "trackers.json"
@@ -325,9 +326,7 @@ def _setup_key(name: str, run_dir: str | Path) -> tuple[str, str]:
     return name, str(Path(run_dir).absolute())
 
 
-def prepare_trackers(
-    names: Sequence[str], run_dir: str | Path, log: Callable[[str], None] = print
-) -> dict[str, TrackerSetup]:
+def prepare_trackers(names: Sequence[str], run_dir: str | Path) -> dict[str, TrackerSetup]:
     """Before any work (the teacher, the data): stop if a named tracker's package is missing or it cannot log
     from this machine (`TrackerUnavailableError`), and decide how each one logs for ``run_dir`` (W&B offline,
     MLflow's store), saying so in one line each. `TrackerSet` builds the trackers as decided here; a decision
@@ -341,7 +340,7 @@ def prepare_trackers(
             continue
         setups[name] = _SETUPS[key] = TRACKERS[name].prepare(Path(run_dir))
         if setups[name].notice:
-            log(setups[name].notice)
+            say(setups[name].notice)
     return setups
 
 

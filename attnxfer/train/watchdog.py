@@ -23,7 +23,6 @@ resume from.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import socket
@@ -35,7 +34,7 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
-_logger = logging.getLogger(__name__)
+from ..speak import debug, warn
 
 #: how a process that the watchdog ends exits: timeout(1)'s "timed out"
 EXIT_CODE = 124
@@ -115,8 +114,9 @@ class HeartbeatWatchdog:
         self._store.set(self._key("who", self.rank), f"{_node_name()} (pid {os.getpid()})")
         for thread in self._threads:
             thread.start()
-        _logger.info(
-            "watchdog: rank %d watches rank %d (silent for %g s: stop)", self.rank, self.peer, self.timeout_s
+        debug(
+            f"watchdog: rank {self.rank} watches rank {self.peer} (silent for {self.timeout_s:g} s: stop)",
+            all_ranks=True,
         )
         return self
 
@@ -144,7 +144,7 @@ class HeartbeatWatchdog:
                 value = store.add(self._key("beat", self.peer), 0)
                 self._learn_who(store)
             except Exception as e:  # the store's host is gone or restarting: the judge counts the silence
-                _logger.debug("watchdog: store call failed: %s", e)
+                debug(f"watchdog: store call failed: {e}", all_ranks=True)
                 store = None
             else:
                 now = time.monotonic()
@@ -205,7 +205,7 @@ class HeartbeatWatchdog:
             with contextlib.suppress(Exception):
                 stream.flush()
         with contextlib.suppress(Exception):
-            print(line, file=sys.stderr, flush=True)
+            warn(line, all_ranks=True)
         self._exit(EXIT_CODE)
         self._stopping.set()  # an ``exit`` that returns (a test's): fire once
 

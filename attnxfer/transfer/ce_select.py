@@ -36,6 +36,7 @@ import torch
 
 from ..models.attention import AttentionIO, MapKind, attention_with_lse, run_with_ios, sdpa
 from ..models.image_input import image_input
+from ..speak import say
 from .losses import CE_PATHS, CEPath, attention_distillation_loss, ce_path_for, materialised_bytes
 from .triton_ce import CEPathUnavailable, check_triton_runs
 
@@ -335,15 +336,14 @@ def measure_ce_paths(
     paths: Sequence[CEPath],
     *,
     rounds: int = CALIBRATION_ROUNDS,
-    log: Callable[[str], Any] = print,
 ) -> CEChoice:
     """Time ``paths`` on ``shapes``: one warm-up call each, then ``rounds`` interleaved rounds (order rotated
     every round, so every path sees the same background load); the fastest median wins. A path that cannot
-    run here (`_cannot_run`) is dropped with one ``log`` line and recorded in ``skipped``; any other exception
+    run here (`_cannot_run`) is dropped with one line said and recorded in ``skipped``; any other exception
     propagates. If no path runs the device's default is kept."""
     device = torch.device(device)
     started = time.perf_counter()
-    timer = _PathTimer(device, log)
+    timer = _PathTimer(device)
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
         timer.warm_up(paths, shapes, torch.Generator().manual_seed(0))
@@ -368,8 +368,8 @@ def measure_ce_paths(
 class _PathTimer:
     """Each path's layer step and its timings; any failure of a path removes that path only."""
 
-    def __init__(self, device: torch.device, log: Callable[[str], Any]) -> None:
-        self.device, self.log = device, log
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.steps: dict[CEPath, Callable[[], None]] = {}
         self.times: dict[CEPath, list[float]] = {}
         self.skipped: dict[str, str] = {}
@@ -413,7 +413,7 @@ class _PathTimer:
 
     def _failed(self, path: CEPath, err: BaseException) -> None:
         self.skipped[str(path)] = _reason(err)
-        self.log(f"ce_path auto: skipping {path}, it cannot run here: {self.skipped[str(path)]}")
+        say(f"ce_path auto: skipping {path}, it cannot run here: {self.skipped[str(path)]}")
         self.steps.pop(path, None)
         self.times.pop(path, None)
         _free(self.device)
@@ -443,7 +443,6 @@ def choose_ce_path(
     budget_bytes: int | None = None,
     paths: Sequence[CEPath | str] | None = None,
     rounds: int = CALIBRATION_ROUNDS,
-    log: Callable[[str], Any] = print,
 ) -> CEChoice | None:
     """Measure the CE paths for `TeacherStudent` ``pair`` at ``batch`` images per rank on ``device`` and return the
     fastest (it does not set it: the caller does, on every rank). None when ``pair`` distils no softmax
@@ -454,7 +453,7 @@ def choose_ce_path(
         return None
     budget = default_memory_budget(device) if budget_bytes is None else budget_bytes
     todo, unavailable = candidate_paths(device, shapes, budget, paths)
-    choice = measure_ce_paths(shapes, device, todo, rounds=rounds, log=log)
+    choice = measure_ce_paths(shapes, device, todo, rounds=rounds)
     choice.unavailable = unavailable
     return choice
 

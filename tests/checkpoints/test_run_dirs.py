@@ -164,26 +164,25 @@ def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written
 
 
-def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, monkeypatch):
+def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, monkeypatch, capsys):
     run = tmp_path / "shared"
     lock = _write_lock(run, host="node-elsewhere", pid=1, slurm_job="77")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(RunDirInUseError, match="node-elsewhere"), run_lock(run, "train"):
         pass  # a fresh heartbeat on another host: alive
     monkeypatch.setenv("SLURM_JOB_ID", "77")  # the same job, requeued onto this host
-    seen = []
-    with run_lock(run, "train", log=seen.append):
+    capsys.readouterr()
+    with run_lock(run, "train"):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-    assert "requeued" in seen[0]
+    assert "requeued" in capsys.readouterr().out
     monkeypatch.delenv("SLURM_JOB_ID")
     _write_lock(run, host="node-elsewhere", pid=1, slurm_job="78")
     old = time.time() - 3600
     os.utime(lock, (old, old))  # its heartbeat stopped an hour ago
-    seen = []
-    with run_lock(run, "train", log=seen.append, heartbeat_s=0.05):
+    with run_lock(run, "train", heartbeat_s=0.05):
         time.sleep(0.3)
         assert time.time() - lock.stat().st_mtime < 5  # the owner's heartbeat refreshes it
-    assert "heartbeat stopped" in seen[0] and not lock.exists()
+    assert "heartbeat stopped" in capsys.readouterr().out and not lock.exists()
 
 
 def test_a_nested_acquire_in_one_thread_is_fine_another_thread_is_refused(tmp_path):

@@ -128,7 +128,7 @@ def test_a_world_size_that_cannot_share_the_global_batch_is_refused(tmp_path, ca
     msg = str(e.value)
     assert "trained by 1 process" in msg and "this run has 3" in msg and "global batch of 16" in msg
     assert "(1, 2, 4, 8, 16)" in msg and "run_dir=" in msg and "nothing was written" in msg
-    cfg4 = fit_world_size(cfg, 4, source, log=lambda _: None)
+    cfg4 = fit_world_size(cfg, 4, source)
     assert (cfg4.data.batch_size, cfg4.optim.accum_steps) == (4, 1)
     code = cli.main(["train", "-c", str(run / "config.yaml"), "data.batch_size=8"])  # same world: as before
     assert code == 2 and "data.batch_size" in capsys.readouterr().err

@@ -124,7 +124,7 @@ def test_stage1_lowers_the_map_loss_on_a_tiny_model():
     plan = _plan(teacher, student, stage1_steps=30, stage1_lr=5e-2)
     train, held_out = _inputs(4, seed=0), _inputs(2, seed=1)
     before = map_agreement(teacher, student, held_out)
-    result = stage1_transfer(teacher, student, plan, _forever(train), warmup_steps=2, log=lambda s: None)
+    result = stage1_transfer(teacher, student, plan, _forever(train), warmup_steps=2)
     after = map_agreement(teacher, student, held_out)
     assert result.steps == 30 and result.history[-1]["loss"] < result.history[0]["loss"]
     for b, a in zip(before, after):  # on held-out images: the fit generalises
@@ -142,9 +142,7 @@ def test_stage1_moves_only_the_new_parameters():
     new = {name for name, _ in new_parameters(student)}
     assert new and all(".feature_map_" in n or "linear_log_weight" in n for n in new)
     before = _snapshot(student)
-    stage1_transfer(
-        teacher, student, _plan(teacher, student, stage1_steps=5), _forever(_inputs(2)), log=lambda s: None
-    )
+    stage1_transfer(teacher, student, _plan(teacher, student, stage1_steps=5), _forever(_inputs(2)))
     after = _snapshot(student)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == new
@@ -163,7 +161,7 @@ def test_stage1_qk_moves_only_q_and_k_rows():
     before = _snapshot(student)
     xs = _inputs(2)
     kl_before = sum(r["value"] for r in map_agreement(teacher, student, xs))
-    stage1_transfer(teacher, student, plan, _forever(xs), weight_decay=0.1, log=lambda s: None)
+    stage1_transfer(teacher, student, plan, _forever(xs), weight_decay=0.1)
     after = _snapshot(student)
     d = 48
     for k in before:
@@ -183,7 +181,7 @@ def test_stage1_output_loss_for_attentions_without_maps():
     assert [layer.loss for layer in plan.layers] == ["output", "output"]
     xs = _inputs(2)
     before = map_agreement(teacher, student, xs)
-    stage1_transfer(teacher, student, plan, _forever(xs), log=lambda s: None)
+    stage1_transfer(teacher, student, plan, _forever(xs))
     after = map_agreement(teacher, student, xs)
     assert all(r["metric"] == "output_mse" for r in after)
     assert sum(r["value"] for r in after) < sum(r["value"] for r in before)

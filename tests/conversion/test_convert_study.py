@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, tiny_convert_report, tiny_run, torchrun_attnxfer
+from helpers import assert_same_tensors, on_each_line, tiny_convert_report, tiny_run, torchrun_attnxfer
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_study as study_app
@@ -169,8 +169,8 @@ def test_a_study_cut_short_in_stage_1_goes_on_to_the_same_weights(study, tmp_pat
     run = tmp_path / "study"
     args = _study_args(tmp_path, tiny_teacher_dir, run)
     spec = load_study(args[4], [*BASE, f"run_dir={run}"], command="convert")
-    with pytest.raises(Cut):
-        convert_study(spec, log=log)
+    with pytest.raises(Cut), on_each_line(log):
+        convert_study(spec)
     assert (run / "hedgehog" / "stage1" / "checkpoints" / "step-00000002").is_dir()
     assert not (run / "performer" / "stage1" / "checkpoints").exists()
     capsys.readouterr()
@@ -197,8 +197,8 @@ def test_a_stop_signal_in_stage_1_saves_every_student_and_the_study_goes_on(
     run = tmp_path / "study"
     args = _study_args(tmp_path, tiny_teacher_dir, run)
     spec = load_study(args[4], [*BASE, f"run_dir={run}"], command="convert")
-    with pytest.raises(StopRequested) as stop:
-        convert_study(spec, log=log)
+    with pytest.raises(StopRequested) as stop, on_each_line(log):
+        convert_study(spec)
     assert stop.value.step == 1
     for name in NAMES:
         assert (run / name / "stage1" / "checkpoints" / "step-00000001").is_dir()
@@ -367,7 +367,7 @@ def test_the_comparison_shows_each_students_speed_over_the_sweep_and_says_why_a_
     for name, r in reports.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "report.json").write_text(json.dumps(r))
-    md = write_conversion_comparison(tmp_path, log=lambda _: None).read_text()
+    md = write_conversion_comparison(tmp_path).read_text()
     assert "| model | 128 px (1024 tokens) | 256 px (4096 tokens) |" in md
     assert "| relu_linear (relu_linear) | 1.60 | 6.60 |" in md
     assert "| linformer (linformer) | 1.70 | not run |" in md and f"- not run: {why}" in md

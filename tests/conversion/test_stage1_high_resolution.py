@@ -154,12 +154,12 @@ def test_the_map_losses_never_build_a_whole_map_and_match_the_oracle_in_row_chun
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
-def test_stage1_reports_its_peak_memory_beside_whole_maps():
+def test_stage1_reports_its_peak_memory_beside_whole_maps(capsys):
     teacher = _teacher()
     student = build_efficient_student(teacher, "relu_linear")
     plan = build_conversion_plan(teacher, student, stage1_steps=1, stage1_train="qk")
-    lines: list[str] = []
-    result = stage1_transfer(teacher, student, plan, iter([_images(2)]), log=lines.append)
+    result = stage1_transfer(teacher, student, plan, iter([_images(2)]))
+    lines = capsys.readouterr().out.splitlines()
     memory = result.memory
     assert memory["whole_maps_bytes_per_layer"] == memory["whole_maps_bytes"] == 2 * HEADS * N * N * 4
     assert (memory["tokens"], memory["batch"], memory["layers"]) == (N, 2, 1)

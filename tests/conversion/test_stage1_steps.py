@@ -75,7 +75,7 @@ def test_unlogged_stage1_steps_never_read_a_tensor_on_the_host(monkeypatch):
 
     with SyncCounter() as counter:
         result = stage1_transfer(
-            teacher, student, plan, batches(counter), weight_decay=0.05, clip_grad=1.0, log_every=3, log=str
+            teacher, student, plan, batches(counter), weight_decay=0.05, clip_grad=1.0, log_every=3
         )
     marks.append(len(counter.calls))
     per_step = {s: counter.calls[marks[s] : marks[s + 1]] for s in range(7)}
@@ -104,7 +104,7 @@ def test_logged_means_equal_the_per_step_values_read_on_the_host(monkeypatch):
         return loss, metric
 
     monkeypatch.setattr(stage1_module, "layer_fit_loss", spy)
-    result = stage1_transfer(teacher, student, plan, itertools.cycle(_signals(teacher)), log_every=3, log=str)
+    result = stage1_transfer(teacher, student, plan, itertools.cycle(_signals(teacher)), log_every=3)
     assert len(seen) == 7 * 2
     per_step = [seen[2 * s : 2 * s + 2] for s in range(7)]
     windows = [range(0, 1), range(1, 3), range(3, 6), range(6, 7)]
@@ -127,7 +127,7 @@ def test_stage1_leaves_no_gradients_for_the_next_stage():
     teacher = _teacher()
     student, plan = _student_and_plan(teacher, steps=2)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
-    stage1_transfer(teacher, student, plan, itertools.cycle(_signals(teacher, 1)), log=str)
+    stage1_transfer(teacher, student, plan, itertools.cycle(_signals(teacher, 1)))
     assert any(not torch.equal(p, before[name]) for name, p in student.named_parameters())  # it stepped
     assert [name for name, p in student.named_parameters() if p.grad is not None] == []
 
@@ -156,7 +156,7 @@ def test_non_finite_loss_raises_with_block_attention_step_and_leaves_the_weights
     draws: list[int] = []
     student, plan = _student_and_plan(teacher, steps=8)
     with pytest.raises(NonFiniteLossError) as err:
-        stage1_transfer(teacher, student, plan, batches(), clip_grad=1.0, log_every=log_every, log=str)
+        stage1_transfer(teacher, student, plan, batches(), clip_grad=1.0, log_every=log_every)
     assert str(err.value) == (
         "stage 1: non-finite ce loss in block 1 (hedgehog) at step 3; lower convert.stage1_lr or set "
         "convert.stage1_clip_grad"
@@ -165,9 +165,7 @@ def test_non_finite_loss_raises_with_block_attention_step_and_leaves_the_weights
     assert all(p.requires_grad for p in student.parameters())  # restored for stage 2, as on success
     reference, _ = _student_and_plan(teacher, steps=8)
     with pytest.raises(_Halt):
-        stage1_transfer(
-            teacher, reference, plan, batches(halt_at=3), clip_grad=1.0, log_every=log_every, log=str
-        )
+        stage1_transfer(teacher, reference, plan, batches(halt_at=3), clip_grad=1.0, log_every=log_every)
     got, want = student.state_dict(), reference.state_dict()
     assert all(torch.isfinite(v).all() for v in got.values())
     changed = [k for k in want if not torch.equal(got[k], want[k])]

@@ -281,7 +281,6 @@ def test_convert_stage1_on_data_without_labels_never_reads_one(tiny_teacher_dir)
         parts.student,
         plan,
         stage1_batches(cfg, parts, 4, torch.device("cpu")),
-        log=str,
     )
     assert result.steps == 2 and all(
         np.isfinite(v) for r in result.history for k, v in r.items() if k != "step"

@@ -102,7 +102,7 @@ def test_every_zoo_attention_fits_a_rope_teacher_in_stage_1(eva02, x):
         trains = "new" if list(new_parameters(student)) else "qk"
         plan = build_conversion_plan(eva02, student, stage1_steps=1, stage1_batch_size=2, stage1_train=trains)
         before = {n: p.detach().clone() for n, p in new_parameters(student)}
-        res = stage1_transfer(eva02, student, plan, iter([signals]), log=lambda _: None)
+        res = stage1_transfer(eva02, student, plan, iter([signals]))
         assert res.steps == 1 and torch.isfinite(torch.tensor(res.history[-1]["loss"])), name
         if before and trains == "new":
             assert any(not torch.equal(p, before[n]) for n, p in new_parameters(student)), name

@@ -77,7 +77,7 @@ def test_stage_1_lowers_its_loss_on_the_teachers_signals(family):
     signals = teacher_signals(teacher, tiny.images(4), [0, 1], ("input", "q", "k", "output"))
     plan = build_conversion_plan(teacher, student, stage1_steps=8, stage1_lr=3e-2, stage1_batch_size=4)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    res = stage1_transfer(teacher, student, plan, iter([signals] * 8), log=lambda _: None)
+    res = stage1_transfer(teacher, student, plan, iter([signals] * 8))
     losses = [h["loss"] for h in res.history]
     assert res.steps == 8 and losses[-1] < losses[0], losses
     new = {n for n, _ in new_parameters(student)}

@@ -42,12 +42,11 @@ def pair():
     return TeacherStudent(teacher, student, build_plan(teacher, student, "distill"))
 
 
-def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(pair):
+def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(pair, capsys):
     rng = torch.get_rng_state()
     weights = {k: v.clone() for k, v in pair.student.state_dict().items()}
-    lines: list[str] = []
-    choice = choose_ce_path(pair, 4, "cpu", rounds=2, log=lines.append)
-    assert lines == []  # nothing failed
+    choice = choose_ce_path(pair, 4, "cpu", rounds=2)
+    assert capsys.readouterr().out == ""  # nothing failed
     assert set(choice.timings_ms) == {"rows", "sdpa", "attention_lse", "materialised"}
     assert choice.path == min(choice.timings_ms, key=choice.timings_ms.get) and choice.how == "measured"
     assert choice.unavailable == {"triton": "needs CUDA"}
@@ -72,15 +71,15 @@ def test_auto_times_every_cpu_path_keeps_the_fastest_and_records_it(pair):
     assert choice.describe().startswith(f"ce_path: {choice.path} (measured on cpu, batch 4 x 17 tokens")
 
 
-def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budget(pair):
+def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budget(pair, capsys):
     """triton on a CPU without Triton's interpreter raises for real; a budget of 0 bytes refuses the
     materialised maps before they are built; rows is what is left."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("Triton's interpreter makes the triton path run on the CPU")
-    lines: list[str] = []
     choice = choose_ce_path(
-        pair, 2, "cpu", paths=["materialised", "triton", "rows"], budget_bytes=0, rounds=1, log=lines.append
+        pair, 2, "cpu", paths=["materialised", "triton", "rows"], budget_bytes=0, rounds=1
     )
+    lines = capsys.readouterr().out.splitlines()
     assert choice.path is CEPath.ROWS and set(choice.timings_ms) == {"rows"}
     assert len(lines) == 1
     assert lines[0].startswith("ce_path auto: skipping triton, it cannot run here: CEPathUnavailable")
@@ -95,16 +94,15 @@ def test_a_failing_path_is_skipped_with_one_line_and_materialised_needs_its_budg
     assert set(fits.timings_ms) == {"materialised"} and fits.path is CEPath.MATERIALISED
 
 
-def test_a_path_that_raises_for_another_reason_stops_the_calibration():
+def test_a_path_that_raises_for_another_reason_stops_the_calibration(capsys):
     """Only "cannot run here" is skipped: a layer shape every path rejects (2 teacher heads for 3 student heads)
     is an error in the caller or a path, and it surfaces instead of becoming a skip line per path."""
     odd = LayerShapes(
         batch=2, tokens=17, student_heads=3, student_dim=16, teacher_heads=2, teacher_dim=16, layers=1
     )
-    lines: list[str] = []
     with pytest.raises(ValueError, match="teacher has 2 heads, student 3"):
-        measure_ce_paths(odd, "cpu", [CEPath.ROWS, CEPath.SDPA], rounds=1, log=lines.append)
-    assert lines == []
+        measure_ce_paths(odd, "cpu", [CEPath.ROWS, CEPath.SDPA], rounds=1)
+    assert capsys.readouterr().out == ""
 
 
 def test_triton_needs_square_maps_in_every_distilled_layer_and_a_forced_path_is_never_replaced(pair):
@@ -187,7 +185,7 @@ def test_two_gloo_ranks_use_rank_0s_choice(tmp_path):
     assert r0["world"] == r1["world"] == 2
 
 
-def test_a_deterministic_run_takes_the_device_default_without_timing(pair):
+def test_a_deterministic_run_takes_the_device_default_without_timing(pair, capsys):
     """Timings may rank two close paths either way from run to run; ``deterministic: true`` asks for
     repeated runs to be identical, so auto takes the device's fixed default instead of measuring."""
     from attnxfer.apps.run.ce_choice import ce_choice_for_run
@@ -195,13 +193,13 @@ def test_a_deterministic_run_takes_the_device_default_without_timing(pair):
     from attnxfer.train.runtime import create_runtime
     from attnxfer.transfer.losses import ce_path_for
 
-    lines: list[str] = []
     runtime = create_runtime("cpu", "fp32")
     for deterministic in (True, False):
         cfg = load_config(
             overrides=["transfer.mode=distill", f"deterministic={deterministic}", "data.batch_size=4"]
         )
-        choice = ce_choice_for_run(cfg, pair, runtime, None, log=lines.append)
+        choice = ce_choice_for_run(cfg, pair, runtime, None)
+        lines = capsys.readouterr().out.splitlines()
         assert pair.ce_path is choice.path
         if deterministic:
             assert choice.path is ce_path_for(torch.device("cpu")) and not choice.timings_ms
@@ -233,7 +231,7 @@ def test_auto_measures_layers_with_fewer_keys_than_queries():
     _, none_fit = candidate_paths("cpu", square, budget_bytes=materialised_bytes(2, 65, 2, 2, 1) - 1)
     assert "materialised" not in tight and "materialised" in none_fit
     todo, _ = candidate_paths("cpu", shapes, budget_bytes=2**40)
-    choice = measure_ce_paths(shapes, "cpu", todo, rounds=1, log=lambda _: None)
+    choice = measure_ce_paths(shapes, "cpu", todo, rounds=1)
     assert not choice.skipped and set(choice.timings_ms) == {str(p) for p in todo}
     assert choice.path in todo and "17 keys" in choice.describe()
 

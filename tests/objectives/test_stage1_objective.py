@@ -62,7 +62,7 @@ def test_stage1_fit_lowers_the_objectives_held_out_score(teacher):
     objective = Stage1Objective(teacher, student, plan)
     held_out = [(x, None) for x in _images(2, seed=1)]
     before = objective.evaluate(student, held_out)
-    stage1_transfer(teacher, student, plan, itertools.cycle(_images(3, seed=0)), log=lambda _: None)
+    stage1_transfer(teacher, student, plan, itertools.cycle(_images(3, seed=0)))
     after = objective.evaluate(student, held_out)
     assert set(before) == {"loss"} and after["loss"] < before["loss"]
     with torch.no_grad():  # the score is the mean of the batches' summed losses

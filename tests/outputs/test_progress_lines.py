@@ -50,13 +50,12 @@ def _drive(bar) -> None:
     bar.close()
 
 
-def test_a_file_gets_one_plain_line_per_record_and_a_terminal_keeps_the_bar(tmp_path):
-    log = tmp_path / "job_log.err"
-    with log.open("w") as f:
-        bar = progress_bar(6, desc="epoch 0", stream=f)
-        assert isinstance(bar, LineProgress)
-        _drive(bar)
-    text = log.read_text()
+def test_a_file_gets_one_plain_line_per_record_and_a_terminal_keeps_the_bar(capsys):
+    bar = progress_bar(6, desc="epoch 0")  # stderr captured: no terminal, as a job's *_log.err
+    assert isinstance(bar, LineProgress)
+    _drive(bar)
+    out, text = capsys.readouterr()
+    assert out == ""  # progress stays off stdout, where the results go
     assert "\r" not in text
     lines = text.splitlines()
     assert len(lines) == 3  # one per record
@@ -78,16 +77,14 @@ def test_a_file_gets_one_plain_line_per_record_and_a_terminal_keeps_the_bar(tmp_
         os.close(slave)
 
 
-def test_between_records_a_line_comes_at_most_every_so_many_seconds(tmp_path):
-    log = tmp_path / "log"
-    with log.open("w") as f:
-        quiet = LineProgress(10, desc="quiet", stream=f, every_s=3600)  # no record, not an hour yet: silent
-        for _ in range(10):
-            quiet.update(1)
-        chatty = LineProgress(3, desc="chatty", stream=f, every_s=0)
-        for _ in range(3):
-            chatty.update(1)
-    assert [line.split(" (")[0] for line in log.read_text().splitlines()] == [
+def test_between_records_a_line_comes_at_most_every_so_many_seconds(capsys):
+    quiet = LineProgress(10, desc="quiet", every_s=3600)  # no record, not an hour yet: silent
+    for _ in range(10):
+        quiet.update(1)
+    chatty = LineProgress(3, desc="chatty", every_s=0)
+    for _ in range(3):
+        chatty.update(1)
+    assert [line.split(" (")[0] for line in capsys.readouterr().err.splitlines()] == [
         "chatty: batch 1/3",
         "chatty: batch 2/3",
         "chatty: batch 3/3",

@@ -93,7 +93,7 @@ def test_a_closed_port_is_named_as_no_answer_and_an_http_error_is_an_answer(tmp_
 # ------------------------------------------------------------------------------------------------ W&B
 
 
-def test_wandb_without_a_key_is_decided_offline_in_one_line(tmp_path, monkeypatch):
+def test_wandb_without_a_key_is_decided_offline_in_one_line(tmp_path, monkeypatch, capsys):
     """The decision alone, in this process: no key anywhere -> offline, said in one line naming where the
     files go and the `wandb sync` command."""
     wandb = pytest.importorskip("wandb", reason="the wandb extra: pip install 'attnxfer[wandb]'")
@@ -101,9 +101,10 @@ def test_wandb_without_a_key_is_decided_offline_in_one_line(tmp_path, monkeypatc
         monkeypatch.delenv(k)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / ".config"))
-    said: list[str] = []
     try:
-        setup = prepare_trackers(["wandb"], tmp_path / "run", log=said.append)["wandb"]
+        capsys.readouterr()
+        setup = prepare_trackers(["wandb"], tmp_path / "run")["wandb"]
+        said = capsys.readouterr().out.splitlines()
         assert dict(setup.options) == {"mode": "offline"}
         assert said == [setup.notice] and "no API key" in said[0]
         assert f"wandb sync {tmp_path / 'run' / 'wandb'}/offline-run-*" in said[0]
@@ -111,7 +112,7 @@ def test_wandb_without_a_key_is_decided_offline_in_one_line(tmp_path, monkeypatc
 
         monkeypatch.setenv("WANDB_MODE", "online")  # asked for the server: a refusal naming both fixes
         with pytest.raises(TrackerUnavailableError, match=r"wandb login.*unset WANDB_MODE"):
-            prepare_trackers(["wandb"], tmp_path / "other", log=said.append)
+            prepare_trackers(["wandb"], tmp_path / "other")
     finally:
         wandb.teardown()  # its settings were read under this test's HOME: later tests start afresh
 

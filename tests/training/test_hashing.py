@@ -149,7 +149,7 @@ def test_stage1_fits_the_hash_projections_and_lowers_objective_and_map_kl():
         while True:
             yield from train
 
-    stage1_transfer(teacher, student, plan, forever(), warmup_steps=2, log=lambda s: None)
+    stage1_transfer(teacher, student, plan, forever(), warmup_steps=2)
     kl_after, obj_after = map_agreement(teacher, student, held_out), _objective(teacher, student, held_out)
     assert obj_after < 0.9 * obj_before, (obj_before, obj_after)
     for b, a in zip(kl_before, kl_after):  # held-out images

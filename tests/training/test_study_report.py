@@ -99,7 +99,7 @@ def test_a_study_whose_students_all_stopped_still_gets_its_report(tmp_path):
         for n in ("a", "b")
     ]
     (tmp_path / "study.json").write_text(json.dumps({"students": entries, "base": {}}))
-    text = write_study_report(tmp_path, log=lambda _: None).read_text()
+    text = write_study_report(tmp_path).read_text()
     assert "| a | the base config | stopped: a went non-finite |" in text and "| b |" in text
     assert "No student could be scored" in text
     with Image.open(tmp_path / STUDY_CURVES) as img:
@@ -132,7 +132,7 @@ def study_dir(tmp_path_factory, tiny_teacher_dir, one_intra_op_thread) -> Path:
         ]
     )
     assert code == 0
-    write_study_report(root / "st", log=lambda _: None)
+    write_study_report(root / "st")
     return root / "st"
 
 

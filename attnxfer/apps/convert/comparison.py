@@ -14,13 +14,14 @@ ceiling of any attention at that resolution). Writes ``conversion_study.md`` and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ...checkpoints.atomic_io import atomic_write_json, atomic_write_text
 from ...errors import InputError, MissingPathError
 from ...run_layout import STUDY_RECORD
+from ...speak import say
 from ..run.uncertainty import format_p, mcnemar
 from .report import STAGE_ROWS, final_stage, ratio_text, top1_interval_text, value_text
 
@@ -30,7 +31,7 @@ COMPARISON_DATA = "conversion_study.json"
 _STAGE_NAMES = {key: label.removeprefix("student").lstrip(", ") for key, label in STAGE_ROWS}
 
 
-def write_conversion_comparison(study_dir: str | Path, *, log: Callable[[str], None] = print) -> Path:
+def write_conversion_comparison(study_dir: str | Path) -> Path:
     """Write the comparison of the convert study in ``study_dir`` (``conversion_study.md`` and ``.json``)
     from its students' reports; returns the path of the markdown. A student without a report yet (a study
     that has not reached its reports) is a row saying so."""
@@ -46,7 +47,7 @@ def write_conversion_comparison(study_dir: str | Path, *, log: Callable[[str], N
     rows = comparison_rows(reports)
     atomic_write_json(study_dir / COMPARISON_DATA, {"study": study_dir.resolve().name, "students": rows})
     out = atomic_write_text(study_dir / COMPARISON_REPORT, _render(study_dir.resolve().name, reports, rows))
-    log(f"conversion study report -> {out}")
+    say(f"conversion study report -> {out}")
     return out
 
 

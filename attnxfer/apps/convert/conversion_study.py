@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from ...config.study_spec import StudySpec
 from ...errors import UserError
 from ...models.handover import Signal
 from ...run_layout import STUDY_RECORD
+from ...speak import quiet, say
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import StudentStreams
 from ...train.stage1 import Stage1Fit, Stage1Result, teacher_signals
@@ -77,7 +78,7 @@ class ConvertStudyResult:
     report: Path | None = None  # conversion_study.md (rank 0)
 
 
-def convert_study(spec: StudySpec, *, log: Callable[[str], None] = print) -> ConvertStudyResult:
+def convert_study(spec: StudySpec) -> ConvertStudyResult:
     """Convert (or resume converting) every student of ``spec`` in one job; the library function behind
     `attnxfer study --command convert`. Rank 0 holds the study's lock and each student's folders'; under
     torchrun or a submitted job every rank runs this (each stage data parallel over the ranks, as a conversion
@@ -91,15 +92,13 @@ def convert_study(spec: StudySpec, *, log: Callable[[str], None] = print) -> Con
         info = stack.enter_context(
             joined_process_group(backend_for(spec.base.device), spec.base.dist.timeout)
         )
-        study = _ConvertStudy.build(spec, info, log if main else _silent)
-        reports = convert_runs(
-            study.runs, study.start, stage1=study.stage1, stage2=study.stage2, log=study.say
-        )
+        study = _ConvertStudy.build(spec, info)
+        reports = convert_runs(study.runs, study.start, stage1=study.stage1, stage2=study.stage2)
         result = ConvertStudyResult(spec.run_dir)
         for name, run, report in zip(study.names, study.runs, reports, strict=True):
             result.students.append(ConvertedStudent(name, str(run.run_dir), report, study.stopped.get(name)))
         if main:
-            result.report = write_conversion_comparison(spec.run_dir, log=log)
+            result.report = write_conversion_comparison(spec.run_dir)
         barrier()
         return result
 
@@ -113,7 +112,6 @@ class _ConvertStudy:
     runs: list[Conversion]
     streams: list[StudentStreams]  # each student's random streams since it was built
     main: bool
-    say: Callable[[str], None]
     start: float
     stopped: dict[str, str] = field(default_factory=dict)  # who stopped early, and why
 
@@ -122,7 +120,7 @@ class _ConvertStudy:
         return [s.name for s in self.spec.students]
 
     @classmethod
-    def build(cls, spec: StudySpec, info, say: Callable[[str], None]) -> _ConvertStudy:
+    def build(cls, spec: StudySpec, info) -> _ConvertStudy:
         """Each student built as `attnxfer convert` builds it alone (its seed, then the student from the
         teacher's weights), around one teacher and one pair of loaders; the study's checks and files."""
         start = time.monotonic()
@@ -131,20 +129,21 @@ class _ConvertStudy:
             for _, cfg in configs:
                 prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
         # the shared parts (the first student's teacher and loaders) draw nothing from the students' streams
-        with torch.random.fork_rng(devices=[]), _naming(configs[0][0].name):
-            shared = build_conversion(configs[0][1], info, None, _silent).parts
+        # said by the students' own builds below, not by this one
+        with torch.random.fork_rng(devices=[]), _naming(configs[0][0].name), quiet():
+            shared = build_conversion(configs[0][1], info, None).parts
         runs, streams = [], []
         for student, cfg in configs:
             torch.manual_seed(cfg.seed)
             with _naming(student.name):
-                runs.append(build_conversion(cfg, info, None, _prefixed(say, student.name), shared=shared))
+                runs.append(build_conversion(cfg, info, None, f"{student.name}: ", shared=shared))
             streams.append(StudentStreams.current())
         # what one batch and one teacher pass for all needs, on stage 2's configs, before any work
         check_study(spec, [(s, stage2_config(run)) for (s, _), run in zip(configs, runs, strict=True)])
         if info.is_main_process and not (Path(spec.run_dir) / STUDY_RECORD).is_file():
             write_study_files(spec, [], {})  # study.yaml resumes the study from now on
         barrier()
-        return cls(spec, runs, streams, info.is_main_process, say, start)
+        return cls(spec, runs, streams, info.is_main_process, start)
 
     def stage1(self, runs: list[Conversion]) -> list[Stage1Result]:
         """Each student's stage 1, opened as alone (resumed from its own checkpoints), the unfinished ones
@@ -156,7 +155,13 @@ class _ConvertStudy:
                 results[i] = None
                 continue
             jobs[i] = open_stage1(
-                run.cfg, run.parts, run.plan, run.run_dir / "stage1", run.device, main=run.main, log=run.log
+                run.cfg,
+                run.parts,
+                run.plan,
+                run.run_dir / "stage1",
+                run.device,
+                main=run.main,
+                prefix=run.prefix,
             )
             results[i] = jobs[i].done
         for i, job in jobs.items():
@@ -179,7 +184,7 @@ class _ConvertStudy:
         outcomes = {}
         if parts:
             studied = lockstep_study(
-                self.spec, self.main, self.say, configs=configs, parts=parts, stopped_before=self.stopped
+                self.spec, self.main, configs=configs, parts=parts, stopped_before=self.stopped
             )
             outcomes = {o.name: o for o in studied.students}
         sections = []
@@ -241,7 +246,7 @@ class _Stage1Lockstep:
         except NonFiniteLossError as e:
             name = study.names[i]
             study.stopped[name] = study.runs[i].stopped = str(e)
-            study.say(f"study: student {name!r} stopped: {e}; the others go on")
+            say(f"study: student {name!r} stopped: {e}; the others go on")
             return {i: None}
 
 
@@ -260,12 +265,3 @@ def _naming(name: str) -> Iterator[None]:
     except UserError as e:
         e.args = (f"student {name!r}: {e.args[0] if e.args else e}", *e.args[1:])
         raise
-
-
-def _prefixed(log: Callable[[str], None], name: str) -> Callable[[str], None]:
-    """A student's log: its lines start with its name."""
-    return lambda line: log(f"{name}: {line}")
-
-
-def _silent(*_: Any) -> None:
-    pass

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ... import speak
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import atomic_write_json, atomic_write_text
@@ -104,9 +105,7 @@ def _merge_agreement(stages: dict[str, list[dict[str, Any]] | None]) -> list[dic
     return merged
 
 
-def convert(
-    cfg: TrainConfig, *, skip_stage1: bool = False, parts=None, log: Callable[[str], None] = print
-) -> ConvertResult:
+def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> ConvertResult:
     """Run the whole conversion described by ``cfg`` (the library function behind `attnxfer convert`).
 
     ``parts`` (a `RunParts` whose student came from `build_efficient_student`) lets a notebook pass
@@ -115,7 +114,7 @@ def convert(
 
     Under torchrun or a submitted multi-task job every rank runs this: stage 1 is data parallel
     (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
-    measurements sum over ranks, and rank 0 alone writes files and logs (and holds the run dir's lock).
+    measurements sum over ranks, and rank 0 alone writes files and speaks (and holds the run dir's lock).
     """
     # only what reads labels needs them: a task loss asked for by name, a label metric named in eval.metrics
     # (stage 2 without labels is label-free by default; the report's top-1 and k-NN need labels where they run)
@@ -127,7 +126,7 @@ def convert(
         run_lock(cfg.run_dir, "convert", enabled=main),
         joined_process_group(backend_for(cfg.device), cfg.dist.timeout) as info,
     ):
-        return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts, log=log)
+        return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts)
 
 
 #: the measured stages, in the order they run: report key -> how the log names it
@@ -150,7 +149,7 @@ class Conversion:
     stage2_plan: TransferPlan
     stage2_steps: int
     main: bool
-    log: Callable[[str], None]
+    prefix: str  # what each of its lines starts with: a convert study's student name
     run_dir: Path
     labelled: bool  # the data hands out labels (the report's top-1 and k-NN read them)
     sweep: tuple[list[int], float | None] = ([], None)  # the speed sweep's sides and budget (`sweep_sides`)
@@ -166,25 +165,27 @@ class Conversion:
     def teacher(self) -> nn.Module:
         return self.parts.teacher
 
+    def say(self, line: str) -> None:
+        """A line of this conversion, after its ``prefix``."""
+        speak.say(f"{self.prefix}{line}")
+
     @property
     def student(self) -> nn.Module:
         return self.parts.student
 
 
-def _convert(
-    cfg: TrainConfig, info, *, skip_stage1: bool, parts, log: Callable[[str], None]
-) -> ConvertResult:
+def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts) -> ConvertResult:
     """The conversion, one step after another: build, then `convert_runs` (measure, stage 1, stage 2, speed,
     report)."""
     cfg = checked_config(cfg, skip_stage1)
-    if not info.is_main_process:
-        log = _silent
-    else:  # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
+    if (
+        info.is_main_process
+    ):  # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
         prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
-    run = build_conversion(cfg, info, parts, log)
-    (report,) = convert_runs([run], t0, stage1=_each(_stage1), stage2=_each(_stage2), log=log)
+    run = build_conversion(cfg, info, parts)
+    (report,) = convert_runs([run], t0, stage1=_each(_stage1), stage2=_each(_stage2))
     return ConvertResult(str(run.run_dir), report)
 
 
@@ -194,7 +195,6 @@ def convert_runs(
     *,
     stage1: Callable[[list[Conversion]], list[Stage1Result]],
     stage2: Callable[[list[Conversion]], list[dict[str, Any]]],
-    log: Callable[[str], None],
 ) -> list[dict[str, Any]]:
     """Built conversions of one teacher on one data (one conversion, or a convert study's students), step by
     step: the speed sweep's sides checked, the plans printed, the teacher's top-1 once, each student measured
@@ -210,19 +210,19 @@ def convert_runs(
     teacher_top1 = (
         evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
     )
-    log(teacher_top1_line(teacher_top1, labelled=first.labelled))
+    speak.say(teacher_top1_line(teacher_top1, labelled=first.labelled))
     for run in runs:
         measure(run, "before_stage1")
     stage1s = stage1(runs)
     stage2s = stage2(runs)
-    speeds = _speeds(runs, log)
+    speeds = _speeds(runs)
     reports = []
     for run, s1, s2, speed in zip(runs, stage1s, stage2s, speeds, strict=True):
         operations = operation_counts(run.teacher, run.student, batch=1)
         run.seconds["total"] = time.monotonic() - t0
         report = _report(run, teacher_top1, s1, s2, speed, operations)
         if report["stage2_worse"]:
-            run.log(f"warning: {report['stage2_worse']['message']}")
+            run.say(f"warning: {report['stage2_worse']['message']}")
         _write_report(run, report)
         reports.append(report)
     return reports
@@ -248,13 +248,14 @@ def build_conversion(
     cfg: TrainConfig,
     info,
     parts: RunParts | None,
-    log: Callable[[str], None],
+    prefix: str = "",
     *,
     shared: RunParts | None = None,
 ) -> Conversion:
     """The teacher, the student (the teacher's weights with the new attention, and the head stage 2 needs),
     the data and both stages' plans; ``parts`` built by the caller are used as they are, ``shared``: another
-    conversion's teacher and loaders, around which only the student is built (a convert study's). Stage 2's
+    conversion's teacher and loaders, around which only the student is built (a convert study's, whose
+    students' lines start with their ``prefix``). Stage 2's
     weights, chosen here (`stage2_objective`), go into the run's config."""
     labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
     if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen (on its own seed)
@@ -279,7 +280,7 @@ def build_conversion(
         resolve_device(cfg.device),
         main=info.is_main_process,
         plan_for=lambda c, student: conversion_plan_from_config(c, parts.teacher, student),
-        log=log,
+        prefix=prefix,
     )
     if auto:
         parts = with_student(parts, _student_builder(cfg, labelled)(parts.teacher, parts.num_classes))
@@ -303,7 +304,7 @@ def build_conversion(
         stage2_plan,
         stage2_steps,
         info.is_main_process,
-        log,
+        prefix,
         Path(cfg.run_dir),
         labelled,
         selection=selection,
@@ -333,12 +334,12 @@ def _run_side(run: Conversion) -> int:
 
 def _describe(run: Conversion) -> None:
     """Print both stages' plans before any work."""
-    run.log(run.plan.describe())
+    run.say(run.plan.describe())
     if not run.stage2_steps:
-        run.log("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
+        run.say("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
         return
     starts = "after stage 1" if run.plan.stage1_steps > 0 else "with the new attention swapped in, no stage 1"
-    run.log(
+    run.say(
         f"stage 2: fine-tunes the converted student end to end (the teacher's weights {starts}; not a "
         f"fresh initialisation), {run.stage2_steps} steps (schedule/optim sections), by "
         f"{run.stage2.describe()}; " + run.stage2_plan.describe().replace("\n", "\n  ")
@@ -392,7 +393,7 @@ def measure(run: Conversion, stage: str) -> None:
         quality.append(f"k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f})")
     if top1 is not None:
         quality.append(f"val top-1 {top1:.2f}")
-    run.log(
+    run.say(
         f"{name}: student {', '.join(quality)}; end-to-end per-layer agreement "
         f"{', '.join(f'{v:.3g}' for v in kl)}"
     )
@@ -404,7 +405,7 @@ def _stage1(run: Conversion) -> Stage1Result:
     if run.plan.stage1_steps <= 0:
         return stage1_done(run, None)
     stage1 = run_stage1(
-        run.cfg, run.parts, run.plan, run.run_dir / "stage1", run.device, main=run.main, log=run.log
+        run.cfg, run.parts, run.plan, run.run_dir / "stage1", run.device, main=run.main, prefix=run.prefix
     )
     return stage1_done(run, stage1)
 
@@ -470,7 +471,7 @@ def stage2_done(run: Conversion, result: TrainResult | None, stopped: str | None
     return stage2
 
 
-def _speeds(runs: list[Conversion], log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _speeds(runs: list[Conversion]) -> list[dict[str, Any]]:
     """Images/s of teacher, each student and the floor at the run's resolution, in the precision the run
     trains in (bf16 autocast on GPU by default): a few forward batches of each, interleaved in one call
     (convert.speed_repeats, convert.speed_batch_size); then the break-even sweep (convert.speed_sweep), each
@@ -494,11 +495,10 @@ def _speeds(runs: list[Conversion], log: Callable[[str], None]) -> list[dict[str
         budget_s=budget_s,
         make_students=lambda teacher: {k: make(teacher, classes) for k, (make, classes) in makers.items()},
         autocast=precision.dtype if precision.autocasts else None,
-        log=log,
     )
     for k, run in by_key.items():
         for line in speed_lines(speeds[k]):
-            run.log(line)
+            run.say(line)
     return [speeds[k] for k in by_key]
 
 
@@ -580,13 +580,9 @@ def _write_report(run: Conversion, report: dict[str, Any]) -> None:
         return
     atomic_write_json(run.run_dir / "report.json", report)
     atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
-    run.log(f"report: {run.run_dir / 'report.md'}")
+    run.say(f"report: {run.run_dir / 'report.md'}")
 
 
 def convert_main(cfg: TrainConfig) -> dict[str, Any]:
     """`convert` as a job's main (``attnxfer submit --command convert``): the report is the job's result."""
     return convert(cfg).report
-
-
-def _silent(_: str) -> None:
-    """The log of ranks other than 0."""

@@ -56,6 +56,7 @@ from ...models.efficient.hierarchical import flat_blocks
 from ...models.efficient.swap import teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
 from ...sources.teacher import load_teacher
+from ...speak import quiet, say
 from ...train.devices import resolve_precision
 from ...train.distributed import gather_objects
 from ...train.speed import forward_speed
@@ -132,23 +133,24 @@ def choose_attentions(
     *,
     main: bool,
     plan_for: PlanFor,
-    log: Callable[[str], None],
+    prefix: str = "",
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
     """``cfg`` with ``convert.attention=auto`` resolved to one name per block, and the selection's record
     (the run's recorded choice where there is one, else measured now and recorded); other configs as they
-    are, with None. Under several ranks every rank takes rank 0's choice."""
+    are, with None. Under several ranks every rank takes rank 0's choice. Its lines start with ``prefix`` (a
+    study's student name)."""
     path = Path(cfg.run_dir) / SELECTION_FILE
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         return cfg, (record if record and record["attention"] == cfg.convert.attention else None)
-    record = _recorded(cfg, path, log)
+    record = _recorded(cfg, path, prefix)
     if record is None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            record = measure_selection(cfg, parts, device, plan_for, log)
+            record = measure_selection(cfg, parts, device, plan_for, prefix)
         record = gather_objects(record)[0]
         if main:
             atomic_write_json(path, record)
-    log(selection_line(record))
+    say(prefix + selection_line(record))
     return apply_overrides(cfg, {"convert.attention": record["attention"]}), record
 
 
@@ -161,7 +163,7 @@ def selection_line(record: dict[str, Any]) -> str:
     )
 
 
-def _recorded(cfg: TrainConfig, path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
+def _recorded(cfg: TrainConfig, path: Path, prefix: str) -> dict[str, Any] | None:
     """The choice an earlier attempt of this run recorded, judged against ``cfg``; None: choose now."""
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
         return None
@@ -178,7 +180,7 @@ def _recorded(cfg: TrainConfig, path: Path, log: Callable[[str], None]) -> dict[
             "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
             "this one, drop them"
         )
-    log(f"convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
+    say(f"{prefix}convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
     return record
 
 
@@ -199,7 +201,7 @@ def _memo(teacher: nn.Module, what: str, cfg: TrainConfig, measure: Callable[[],
 
 
 def measure_selection(
-    cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor, log: Callable[[str], None]
+    cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor, prefix: str = ""
 ) -> dict[str, Any]:
     """Time the candidates, refuse an infeasible budget, fit and measure the sensitivities, choose (the
     module's steps 1-3); the record `selection.json` holds."""
@@ -228,14 +230,17 @@ def measure_selection(
             f"{timing['tokens']:,} tokens is {top.speedup:.2f}x ({which}); lower convert.speedup, add faster "
             "convert.candidates, or measure at more tokens (convert.speed_tokens)"
         )
-    log(
-        f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
+    say(
+        f"{prefix}convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
         f"block's attention {soft:.3g} ms; " + ", ".join(f"{n} {t:.3g} ms" for n, t in ms.items())
     )
     timed = time.monotonic()
     steps = c.selection_steps or c.stage1_steps
     metric, sensitivity, failed = _memo(
-        teacher, "sensitivity", cfg, lambda: _measured_sensitivities(cfg, parts, steps, device, plan_for, log)
+        teacher,
+        "sensitivity",
+        cfg,
+        lambda: _measured_sensitivities(cfg, parts, steps, device, plan_for, prefix),
     )
     try:
         chosen = select(sensitivity, ms, soft, whole, c.speedup)
@@ -270,7 +275,7 @@ def _measured_sensitivities(
     steps: int,
     device: torch.device,
     plan_for: PlanFor,
-    log: Callable[[str], None],
+    prefix: str,
 ) -> tuple[str, list[dict[str, float]], dict[str, str]]:
     """Each candidate fitted in every block (a fit that diverges leaves it out: infinite sensitivity), then
     `sensitivities` on the first ``convert.selection_batches`` validation batches; (metric, rows, failed)."""
@@ -278,13 +283,13 @@ def _measured_sensitivities(
     for name in cfg.convert.candidates:
         start = time.monotonic()
         try:
-            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for, log)
-            log(
-                f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
+            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for, prefix)
+            say(
+                f"{prefix}convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
             )
         except NonFiniteLossError as e:
             failed[name] = str(e)
-            log(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
+            say(f"{prefix}convert.attention=auto: {name} left out (its fit diverged: {e})")
     batches = [x.to(device) for x, *_ in _take(parts.val_loader, cfg.convert.selection_batches)]
     metric, rows = sensitivities(parts.teacher, fitted, batches)
     for row in rows:
@@ -372,7 +377,7 @@ def _fit(
     steps: int,
     device: torch.device,
     plan_for: PlanFor,
-    log: Callable[[str], None],
+    prefix: str,
 ) -> nn.Module:
     """A student with ``name`` in every block after ``steps`` of stage 1 (as the run's stage 1 would fit it)."""
     torch.manual_seed(cfg.seed)
@@ -381,21 +386,21 @@ def _fit(
     plan = plan_for(fit_cfg, student)
     c = cfg.convert
     if not plan.active:
-        log(
-            f"convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
+        say(
+            f"{prefix}convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
             "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
         )
-    stage1_transfer(
-        parts.teacher,
-        student,
-        plan,
-        stage1_batches(cfg, parts, plan.stage1_batch_size, device),
-        warmup_steps=c.stage1_warmup_steps,
-        weight_decay=c.stage1_weight_decay,
-        clip_grad=c.stage1_clip_grad,
-        log_every=steps,
-        log=lambda _: None,
-    )
+    with quiet():  # one line per candidate fitted, not the fit's own
+        stage1_transfer(
+            parts.teacher,
+            student,
+            plan,
+            stage1_batches(cfg, parts, plan.stage1_batch_size, device),
+            warmup_steps=c.stage1_warmup_steps,
+            weight_decay=c.stage1_weight_decay,
+            clip_grad=c.stage1_clip_grad,
+            log_every=steps,
+        )
     return student.eval()
 
 
@@ -464,7 +469,7 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
         section["measured_speedup"] = row["student_over_teacher"]
         section["measured_speedup_cpu"] = row.get("student_over_teacher_cpu")
     cpu = section["measured_speedup_cpu"]
-    run.log(
+    run.say(
         f"convert.attention=auto: predicted {record['predicted_speedup']:.2f}x, measured "
         f"{section['measured_speedup']:.2f}x"
         + (f" ({cpu:.2f}x in CPU time)" if cpu else "")

@@ -25,6 +25,7 @@ from ...errors import InputError
 from ...models.efficient.floor import floor_model
 from ...models.image_input import ImageSizeError, check_image_size, sizes_that_fit
 from ...sources.teacher import load_teacher
+from ...speak import say
 from ...train.speed import break_even_sweeps, forward_speeds, ratio_contradicts
 
 #: The default sweep: the run's side times these (each raised to the next side the family runs at).
@@ -81,7 +82,6 @@ def conversion_speeds(
     budget_s: float | None,
     make_students: Callable[[nn.Module], Mapping[str, nn.Module]],
     autocast: torch.dtype | None,
-    log: Callable[[str], None],
 ) -> dict[str, dict[str, Any]]:
     """The report's ``speed`` section of each student (by name) of one teacher: teacher, student and floor on
     ``x`` (the run's size and ``convert.speed_batch_size``; ``speedup`` = student / teacher images/s),
@@ -89,10 +89,10 @@ def conversion_speeds(
     sides with the reason, or ``off`` saying why there is none; ``make_students`` makes every student from the
     teacher rebuilt at a side) and ``break_even``. The teacher and the floor are timed once for all students,
     in the same interleaved calls (`forward_speeds`): one student is a conversion's, several a convert
-    study's. The log says why a floor is missing; `speed_lines` says the rest."""
+    study's. It says why a floor is missing; `speed_lines` says the rest."""
     floor, refused = _floor_or_why(teacher)
     if refused:
-        log(f"speed: no floor measured ({refused})")
+        say(f"speed: no floor measured ({refused})")
     rows = forward_speeds(
         teacher, students, x, floor=floor, repeats=cfg.convert.speed_repeats, autocast=autocast
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from ...checkpoints.store import (
 from ...config import TrainConfig, to_dict
 from ...data import ResumableSampler, build_loader, data_identity
 from ...errors import InputError
+from ...speak import say
 from ...train.distributed import rank_and_world
 from ...train.stage1 import Stage1Fit, Stage1Result, stage1_transfer
 from ...transfer.conversion import ConversionPlan
@@ -112,16 +113,17 @@ def open_stage1(
     device: torch.device,
     *,
     main: bool,
-    log: Callable[[str], None],
+    prefix: str = "",
 ) -> Stage1Job:
     """Stage 1 into ``folder``, as far as an earlier run left it: complete (its weights loaded into the
     student), stopped at a step (weights and optimiser loaded; unless ``checkpoint.resume=none``), or not
-    started. Rank 0 (``main``) alone writes files."""
+    started. Rank 0 (``main``) alone writes files; every line it says starts with ``prefix`` (a study's
+    student name)."""
     saved = _Stage1Saves(cfg, parts, plan, folder, main)
-    point = saved.resume_point(log)
+    point = saved.resume_point(prefix)
     if point is not None and point.record("complete"):
         parts.student.load_state_dict(point.load_tensors(str(device))["model"])
-        log(f"stage 1: resumed from {point.path} ({point.step} steps done earlier)")
+        say(f"{prefix}stage 1: resumed from {point.path} ({point.step} steps done earlier)")
         done = Stage1Result(
             point.step, point.record("seconds"), point.record("history"), True, point.record("memory")
         )
@@ -129,11 +131,11 @@ def open_stage1(
     fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
     legacy = _legacy_result(parts.student, folder, plan) if point is None and not fresh else None
     if legacy is not None:
-        log(f"stage 1: resumed from {folder} ({legacy.steps} steps done earlier)")
+        say(f"{prefix}stage 1: resumed from {folder} ({legacy.steps} steps done earlier)")
         return Stage1Job(saved, device, legacy)
     if point is not None:
-        log(f"stage 1: resumed from {point.path} (step {point.step} of {plan.stage1_steps})")
-    return _continued(cfg, saved, device, point, log)
+        say(f"{prefix}stage 1: resumed from {point.path} (step {point.step} of {plan.stage1_steps})")
+    return _continued(cfg, saved, device, point, prefix)
 
 
 class _Stage1Saves:
@@ -144,7 +146,7 @@ class _Stage1Saves:
         self.data = data_identity(parts.train_loader.dataset)
         self.manager = CheckpointManager(folder, keep_last=1)
 
-    def resume_point(self, log: Callable[[str], None]) -> ResumePoint | None:
+    def resume_point(self, prefix: str) -> ResumePoint | None:
         """The stage-1 checkpoint to go on from, judged as any resume (over `STAGE1_KEYS`), its teacher by
         content and its data by identity; None: stage 1 starts."""
         cfg = self.cfg
@@ -152,7 +154,13 @@ class _Stage1Saves:
         fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
         found = None if fresh else ResumePoint.find(self.folder, "auto")
         point = judge(
-            found, cfg, compared=STAGE1_KEYS, run_dir=self.folder, what="stage 1", command="convert", log=log
+            found,
+            cfg,
+            compared=STAGE1_KEYS,
+            run_dir=self.folder,
+            what="stage 1",
+            command="convert",
+            prefix=prefix,
         )
         if point is None:
             return None
@@ -163,7 +171,7 @@ class _Stage1Saves:
                 "checkpoint.resume=none to redo stage 1"
             )
         if not check_same_data(
-            point, self.data, cfg, log=log
+            point, self.data, cfg, prefix=prefix
         ):  # the step and weights go on; the batches restart
             return dataclasses.replace(point, restart_epoch=True)
         return point
@@ -201,7 +209,7 @@ def _continued(
     saved: _Stage1Saves,
     device: torch.device,
     point: ResumePoint | None,
-    log: Callable[[str], None],
+    prefix: str,
 ) -> Stage1Job:
     """The fit from the step ``point`` saved (or 0), its saves counting the earlier runs' seconds."""
     earlier = point.record("seconds") if point else 0.0
@@ -221,7 +229,7 @@ def _continued(
         "weight_decay": c.stage1_weight_decay,
         "clip_grad": c.stage1_clip_grad,
         "log_every": cfg.log.every_steps,
-        "log": log,
+        "prefix": prefix,
         "start_step": done,
         "optimizer_state": optimizer_state,
         "history": point.record("history") if point else (),

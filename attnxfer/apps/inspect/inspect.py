@@ -37,6 +37,7 @@ from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
 from ...sources import TeacherLoadError, load_student, load_teacher
+from ...speak import say
 from ...transfer.modes import MODES
 from ...transfer.plan import build_plan
 from .drawings import draw_pictures
@@ -424,5 +425,5 @@ def demo_agreement(
     )
     atomic_write_text(out / "agreement.md", f"# Attention agreement with the teacher\n\n{sentence}\n")
     atomic_write_json(out / "agreement.json", json_safe(dataclasses.asdict(insp)))
-    print(f"[demo] attention: {sentence}", flush=True)
+    say(f"[demo] attention: {sentence}")
     return path

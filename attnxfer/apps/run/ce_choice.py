@@ -9,12 +9,12 @@ bit-identical resume.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
 from ...checkpoints.resume_point import ResumePoint
 from ...config import TrainConfig
+from ...speak import say
 from ...train.distributed import gather_objects, rank_and_world
 from ...train.runtime import Runtime
 from ...transfer.ce_select import CEChoice, budget_from_gib, check_forced, choose_ce_path, layer_shapes
@@ -52,7 +52,6 @@ def ce_choice_for_run(
     resumed_from: ResumePoint | None,
     *,
     scoring: bool = False,
-    log: Callable[[str], Any] = print,
 ) -> CEChoice | None:
     """How ``pair``'s softmax layers evaluate their CE in this run, set on ``pair`` (every rank) and
     returned for run.json and the checkpoints; None when the run distils no softmax maps. ``scoring=True``
@@ -71,7 +70,7 @@ def ce_choice_for_run(
     else:
         choice = recorded_ce_choice(resumed_from)
         if choice is not None and choice.device and torch.device(choice.device).type != runtime.device.type:
-            log(
+            say(
                 f"ce_path auto: {choice.path} was measured on {choice.device}; this run is on {runtime.device}"
             )
             choice = (
@@ -94,9 +93,8 @@ def ce_choice_for_run(
                     runtime.device,
                     student_dtype=precision.dtype if precision.autocasts else torch.float32,
                     budget_bytes=budget_from_gib(cfg.transfer.materialise_budget_gib),
-                    log=log,
                 )
             )
-    log(choice.describe())
+    say(choice.describe())
     pair.ce_path = choice.path
     return choice

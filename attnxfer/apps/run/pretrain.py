@@ -41,6 +41,7 @@ from ...models.student import student_shape, student_spec
 from ...models.vit import create_vit
 from ...sources import load_teacher
 from ...sources.resolve import TeacherLoadError, read_state_dict
+from ...speak import say
 from ...train.compile import compile_blocks
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.engine import Engine, TrainResult
@@ -227,7 +228,7 @@ def build_pretrain_engine(
     train`'s (`attnxfer.apps.run.resume`): the MAE's shape, masking and loss cannot change under a checkpoint.
     ``found``: the checkpoint the caller already found (`attnxfer eval`)."""
     _refuse_teacher_keys(cfg)
-    cfg, runtime, point, log = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
+    cfg, runtime, point = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
     if runtime.is_main and not scoring:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     barrier()
@@ -238,7 +239,7 @@ def build_pretrain_engine(
     # The loaders are the training ones (labels, if data.labels reads any, come along unread); no teacher.
     parts = _pretrain_parts(cfg, info, mae, runtime)
     data = data_identity(parts.train_loader.dataset)
-    if not scoring and not check_same_data(point, data, cfg, log=log):
+    if not scoring and not check_same_data(point, data, cfg):
         point = dataclasses.replace(point, restart_epoch=True)
     mae.to(runtime.device)
     settings = dataclasses.replace(
@@ -261,7 +262,7 @@ def build_pretrain_engine(
     if not scoring and not (point is not None and point.step >= engine.total_steps):
         _write_run_files(cfg, engine, parts, mae)  # (a finished run's files stay as they are)
         if warning := few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps):
-            log(warning)
+            say(warning)
     if engine.is_main:
         _describe_pretraining(cfg, mae, init_note)
     return engine
@@ -295,14 +296,13 @@ def _pictures(cfg: TrainConfig, parts: RunParts) -> list[Pictures]:
 def _describe_pretraining(cfg: TrainConfig, mae: MaskedAutoencoder, init_note: str | None) -> None:
     """What the run does, in one line (after the note of its initial weights, if any)."""
     if init_note:
-        print(init_note, flush=True)
+        say(init_note)
     n = mae._num_patches
     kept = max(1, round(n * (1 - cfg.mae.mask_ratio)))
-    print(
+    say(
         f"MAE pre-training of {cfg.model.name} on {cfg.data.dataset} (labels unused): the encoder sees {kept} of "
         f"{n} patches per image; decoder {cfg.mae.decoder_depth} blocks x {cfg.mae.decoder_dim}; "
-        f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches",
-        flush=True,
+        f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches"
     )
 
 
@@ -320,6 +320,6 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         # a finished run resumed again keeps its export (one is made if the run stopped before it)
         if cfg.mae.export and engine.is_main and not (result.nothing_to_do and export.is_dir()):
             out = export_run(cfg.run_dir, export, weights="raw", overwrite=True)
-            print(f"encoder exported to {out}: teacher.spec=local-dir:{out}", flush=True)
+            say(f"encoder exported to {out}: teacher.spec=local-dir:{out}")
         barrier()
         return result

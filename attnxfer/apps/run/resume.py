@@ -14,13 +14,14 @@ another way whose weights hash as recorded, and data that moved to another folde
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ...checkpoints.resume_point import KeyChange, ResumePoint
 from ...checkpoints.run_dir import RunDir
 from ...config import RESUMABLE_KEYS, ConfigError, TrainConfig, config_keys, find_key, respell, to_dict
+from ...speak import say
 from .world_size import BATCH_SPLIT_KEYS, keeps_global_batch
 
 # what scoring a checkpoint may change besides RESUMABLE_KEYS: whether the data's labels are read (training
@@ -71,10 +72,11 @@ def judge(
     run_dir: str | Path | None = None,
     what: str = "run",
     command: str = "train",
-    log: Callable[[str], Any] = print,
+    prefix: str = "",
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
-    written) a change that alters what the checkpoint means, and logs the changes a resume may make.
+    written) a change that alters what the checkpoint means, and says the changes a resume may make (each line
+    after ``prefix``: a study's student name).
 
     With ``world`` (this run's number of processes), the per-rank batch and accumulation steps may change when
     they keep the recorded global batch. ``command``: whose sections are compared (`config_changes`). ``scoring`` (`attnxfer eval`, which trains nothing) may also turn
@@ -102,7 +104,7 @@ def judge(
             f"this one, drop them (its config: {config})"
         )
     if point.allowed:
-        log(f"resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
+        say(f"{prefix}resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
     return point
 
 
@@ -144,7 +146,7 @@ def check_same_data(
     identity: dict[str, Any] | None,
     cfg: TrainConfig,
     *,
-    log: Callable[[str], Any] = print,
+    prefix: str = "",
 ) -> bool:
     """Whether a resume goes on with its data position: True where the training data is the data the checkpoint
     recorded (the same files in another ``data.root`` are the same data), or nothing to compare. Other data
@@ -161,8 +163,8 @@ def check_same_data(
             "of an epoch, resume with checkpoint.allow_new_data=true; to continue on the recorded data, point "
             "data.root/data.dataset back at it; or start a new run elsewhere (run_dir=...)"
         )
-    log(
-        f"resume: the training data changed ({what}); checkpoint.allow_new_data=true: the epoch restarts on it"
+    say(
+        f"{prefix}resume: the training data changed ({what}); checkpoint.allow_new_data=true: the epoch restarts on it"
     )
     return False
 

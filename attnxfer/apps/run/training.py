@@ -21,6 +21,7 @@ from ...data import data_identity, dataset_has_labels, require_labels
 from ...errors import InputError, PathExistsError
 from ...models.attention import attention_blocks
 from ...models.student import student_from_spec
+from ...speak import say
 from ...train.compile import compile_blocks, is_compiled
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive
@@ -308,25 +309,24 @@ def start_run(
     scoring: bool,
     command: str,
     built: RunParts | None = None,
-) -> tuple[TrainConfig, Runtime, ResumePoint | None, Callable[..., None]]:
+) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
     """What every run does before it builds a model or reads data (`attnxfer train`, `pretrain`, convert's
     stage 2, `attnxfer eval` scoring one: ``scoring=True``): its runtime, the checkpoint it resumes from, found
     once (or ``found`` by the caller) and judged by `attnxfer.apps.run.resume`'s rules; a run that trains keeps
     its global batch on another world size (``built``: loaders the caller built, whose batch cannot change) and
     says how its trackers log; the seed is set on every rank. Returns the config on this world size, the
-    runtime, the judged checkpoint and the run's ``log`` (silent off rank 0)."""
+    runtime and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
-    log = print if runtime.is_main else lambda *_: None
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
     if not scoring:  # keep the global batch on another world size
-        cfg = _fitted_to_world(cfg, runtime, built, point, log)
-    point = judge(point, cfg, world=runtime.world, scoring=scoring, command=command, log=log)
+        cfg = _fitted_to_world(cfg, runtime, built, point)
+    point = judge(point, cfg, world=runtime.world, scoring=scoring, command=command)
     if not scoring and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
     set_seed(cfg.seed)  # same init on every rank
-    return cfg, runtime, point, log
+    return cfg, runtime, point
 
 
 def build_engine(
@@ -359,7 +359,7 @@ def build_engine(
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
     if not scoring:
         require_task_labels(cfg)
-    cfg, runtime, point, log = start_run(
+    cfg, runtime, point = start_run(
         cfg, runtime, found, scoring=scoring, command=command, built=parts or shared
     )
     # scoring a run (eval) reads labels wherever the data has them: its top-1 and k-NN need them
@@ -369,17 +369,17 @@ def build_engine(
     )
     check_teacher_content(point, parts.teacher_record, cfg.teacher.spec)
     data = data_identity(parts.train_loader.dataset)
-    if not scoring and not check_same_data(point, data, cfg, log=log):
+    if not scoring and not check_same_data(point, data, cfg):
         point = replace(point, restart_epoch=True)
     if point is not None:
-        parts = _the_trained_student(cfg, parts, scoring=scoring, log=log)
+        parts = _the_trained_student(cfg, parts, scoring=scoring)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
     pair = TeacherStudent(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(
         runtime.device
     )
     # transfer.ce_path: forced, the resumed checkpoint's, or measured here (rank 0) before any step
-    choice = ce_choice_for_run(cfg, pair, runtime, point, scoring=scoring, log=log)
+    choice = ce_choice_for_run(cfg, pair, runtime, point, scoring=scoring)
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(pair.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, pair)  # after the EMA's copy: EMA weights are evaluated eagerly
@@ -410,10 +410,9 @@ def build_engine(
         _write_run_files(cfg, engine, parts, compiled, ce_record, command)
         warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
         if warning and warn_few_steps:
-            log(warning)
+            say(warning)
     barrier()
-    if engine.is_main:
-        print(plan.describe(), flush=True)
+    say(plan.describe())
     return engine
 
 
@@ -453,12 +452,12 @@ def _finished_before(point: ResumePoint | None, engine: Engine) -> bool:
 
 
 def _fitted_to_world(
-    cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, point: ResumePoint | None, log
+    cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, point: ResumePoint | None
 ) -> TrainConfig:
     """The config on this world size: a resumed run keeps its global batch (`fit_world_size`), and the
     accelerator accumulates as the new split says. Loaders built by the caller (convert's stage 2, a
     notebook) keep their batch, so a split that would change it stops with the command to run instead."""
-    fitted = fit_world_size(cfg, runtime.world, point, log=log)
+    fitted = fit_world_size(cfg, runtime.world, point)
     if parts is not None and fitted.data.batch_size != cfg.data.batch_size:
         raise ConfigError(
             f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
@@ -502,15 +501,13 @@ def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
     )
 
 
-def _the_trained_student(
-    cfg: TrainConfig, parts: RunParts, *, scoring: bool, log: Callable[..., None]
-) -> RunParts:
+def _the_trained_student(cfg: TrainConfig, parts: RunParts, *, scoring: bool) -> RunParts:
     """``parts`` with the student the run trained, where its config builds another (`student_as_trained`):
     eval scores the recorded one; resuming training with another student stops there."""
     recorded = student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
     if recorded is None:
         return parts
-    log(
+    say(
         f"eval: scoring the student run.json records ({recorded.get('attention')} attention), not the config's"
     )
     return replace(parts, student=student_from_spec(recorded), student_spec=recorded)

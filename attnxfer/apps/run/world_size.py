@@ -15,13 +15,13 @@ printed.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ...checkpoints.resume_point import ResumePoint
 from ...config import ConfigError, TrainConfig
+from ...speak import say
 
 #: the config keys a resume may change when the global batch stays the same
 BATCH_SPLIT_KEYS: tuple[str, ...] = ("data.batch_size", "optim.accum_steps")
@@ -87,9 +87,7 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def fit_world_size(
-    cfg: TrainConfig, world: int, point: ResumePoint | None, log: Callable[[str], Any] = print
-) -> TrainConfig:
+def fit_world_size(cfg: TrainConfig, world: int, point: ResumePoint | None) -> TrainConfig:
     """``cfg`` for resuming the checkpoint ``point`` on ``world`` ranks: the recorded global batch kept (see the
     module's docstring), the changes logged; a `ConfigError` (exit code 2, nothing written) when it cannot
     be kept. A fresh run, or one on the recorded world size, comes back unchanged."""
@@ -122,7 +120,7 @@ def fit_world_size(
                 f"schedule depend on it); nothing was written. Resume with a number of processes that divides "
                 f"{gb} ({', '.join(map(str, _divisors(gb)))}), or start a new run elsewhere (run_dir=...)"
             )
-    log(
+    say(
         f"resume: {where}: the global batch stays {gb} ({recorded.describe()} -> {chosen.describe()}: "
         f"{chosen.overrides()}), so the lr, the steps per epoch and the lr schedule are unchanged and each "
         "step averages the same samples; the ranks' RNG streams (dropout, drop-path, mixup) restart"

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import io
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from ...config import TrainConfig, load_config
 from ...data import dataset_info
 from ...errors import InputError, MissingPathError
 from ...run_layout import STUDY_RECORD
+from ...speak import say
 from ...train.runtime import resolve_device, resolve_precision
 from ...transfer.modes import get_mode
 from ..inspect.inspect import LoadedModel, inspect_models, load_model
@@ -57,7 +58,6 @@ def write_study_report(
     study_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
-    log: Callable[[str], None] = print,
     agreement_images: int = 64,
 ) -> Path:
     """Score every student of the study in ``study_dir`` and write its report there (``study.md``, with
@@ -74,9 +74,9 @@ def write_study_report(
     with torch.random.fork_rng(devices=[]):
         scoring = _Scoring.build(students, at)
         if scoring is not None:
-            loaded = scoring.load_students(students, log)
+            loaded = scoring.load_students(students)
             insp = scoring.agreement(loaded, agreement_images)
-            scoring.score(students, loaded, log)
+            scoring.score(students, loaded)
             images = scoring.images
     for s in students:
         s.curve = val_series(s.folder, s.metric)
@@ -90,7 +90,7 @@ def write_study_report(
     text, data = render_study(students, insp, shared.facts())
     atomic_write_json(study_dir / STUDY_SCORES, json_safe(data))
     path = atomic_write_text(study_dir / STUDY_REPORT, text)
-    log(f"study report -> {path}")
+    say(f"study report -> {path}")
     return path
 
 
@@ -166,9 +166,7 @@ class _Scoring:
     def images(self) -> int:
         return len(self.parts.val_loader.dataset)
 
-    def load_students(
-        self, students: list[StudentScore], log: Callable[[str], None]
-    ) -> dict[str, LoadedModel]:
+    def load_students(self, students: list[StudentScore]) -> dict[str, LoadedModel]:
         """Each student that did not stop, at its best checkpoint (EMA weights where kept), on the device."""
         loaded = {}
         for s in students:
@@ -183,7 +181,7 @@ class _Scoring:
             s.checkpoint = model.source.removeprefix("run ")
             s.checkpoint_step = RunDir(s.folder).checkpoint_state(model.checkpoint).get("step")
             loaded[s.name] = model
-            log(f"study report: {s.name}: {s.checkpoint}")
+            say(f"study report: {s.name}: {s.checkpoint}")
         return loaded
 
     def agreement(self, loaded: Mapping[str, LoadedModel], num_images: int) -> Inspection | None:
@@ -195,9 +193,7 @@ class _Scoring:
         subjects = {name: m.subject for name, m in loaded.items()}
         return inspect_models(self.teacher.model, subjects, images)
 
-    def score(
-        self, students: list[StudentScore], loaded: Mapping[str, LoadedModel], log: Callable[[str], None]
-    ) -> None:
+    def score(self, students: list[StudentScore], loaded: Mapping[str, LoadedModel]) -> None:
         """Per-image correctness: top-1 of those that trained a head, k-NN top-1 (one pass for all) of the
         others."""
         knn: list[StudentScore] = []
@@ -218,7 +214,7 @@ class _Scoring:
             else:
                 knn.append(s)
         if knn:
-            log(f"study report: k-NN top-1 of {', '.join(s.name for s in knn)}")
+            say(f"study report: k-NN top-1 of {', '.join(s.name for s in knn)}")
             e = self.config.eval
             bank = build_bank_loader(
                 self.config.data,

@@ -29,6 +29,7 @@ from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_wr
 from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec
 from ...run_layout import STUDY_RECORD
+from ...speak import say
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive, StudentStreams, never_stop
 from ...train.engine import TrainResult
@@ -62,7 +63,7 @@ class StudyResult:
     report: Path | None = None  # study.md (None: not written by this process, see `study`)
 
 
-def study(spec: StudySpec, *, log: Callable[[str], None] = print) -> StudyResult:
+def study(spec: StudySpec) -> StudyResult:
     """Train (or resume) every student of ``spec`` in one job (the library function behind `attnxfer study`).
 
     Rank 0 holds the study's lock and each student's folder's; under torchrun or a submitted job every rank
@@ -76,26 +77,25 @@ def study(spec: StudySpec, *, log: Callable[[str], None] = print) -> StudyResult
         for _, cfg in spec.configs():
             stack.enter_context(run_lock(cfg.run_dir, "study", enabled=info.is_main_process))
         stack.enter_context(joined_process_group(backend_for(spec.base.device), spec.base.dist.timeout))
-        result = _study(spec, info.is_main_process, log)
+        result = _study(spec, info.is_main_process)
         if info.world_size == 1:
-            result.report = write_study_report(spec.run_dir, device=resolve_device(spec.base.device), log=log)
-        elif info.is_main_process:
-            log(
+            result.report = write_study_report(spec.run_dir, device=resolve_device(spec.base.device))
+        else:
+            say(
                 f"study: its report, from one process: attnxfer study -c {Path(spec.run_dir) / STUDY_YAML} --report"
             )
         return result
 
 
-def _study(spec: StudySpec, main: bool, log: Callable[[str], None]) -> StudyResult:
+def _study(spec: StudySpec, main: bool) -> StudyResult:
     """The study: its checks, then its students trained in lock step (`lockstep_study`)."""
     check_study(spec)
-    return lockstep_study(spec, main, log)
+    return lockstep_study(spec, main)
 
 
 def lockstep_study(
     spec: StudySpec,
     main: bool,
-    log: Callable[[str], None],
     *,
     configs: list[tuple[Student, TrainConfig]] | None = None,
     parts: Mapping[str, RunParts] | None = None,
@@ -111,16 +111,15 @@ def lockstep_study(
     runtime = create_runtime(
         base.device, base.precision, base.optim.accum_steps, base.deterministic, base.dist.timeout
     )
-    say = log if runtime.is_main else _silent
-    standing = _where_it_stands(spec, runtime.world, say, configs)
+    standing = _where_it_stands(spec, runtime.world, configs)
     standing.stopped.update(stopped_before or {})
     stopped = dict(standing.stopped)
-    members, batches, feed = build_members(spec, runtime, standing, say, configs=configs, parts=parts)
+    members, batches, feed = build_members(spec, runtime, standing, configs=configs, parts=parts)
     if main:
         write_study_files(spec, members, stopped, standing.shared_seconds)
     barrier()
     commit = _Commit(spec, members, stopped, main)
-    loop = Lockstep(members, batches, feed, on_saved=commit, log=say, shared_before=standing.shared_seconds)
+    loop = Lockstep(members, batches, feed, on_saved=commit, shared_before=standing.shared_seconds)
     results = loop.run()
     outcomes = [
         StudentOutcome(m.name, str(m.engine.run_dir), r, m.stopped)
@@ -141,7 +140,6 @@ def build_members(
     spec: StudySpec,
     runtime: Runtime,
     standing: _Standing | None = None,
-    say: Callable[[str], None] = print,
     *,
     configs: list[tuple[Student, TrainConfig]] | None = None,
     parts: Mapping[str, RunParts] | None = None,
@@ -264,9 +262,7 @@ class _Standing:
     shared_seconds: float = 0.0
 
 
-def _where_it_stands(
-    spec: StudySpec, world: int, say: Callable[[str], None], configs: list[tuple[Student, TrainConfig]]
-) -> _Standing:
+def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, TrainConfig]]) -> _Standing:
     """The study's last committed step, judged as any resume; the students' checkpoints after that step (a
     save round a kill cut short) set aside. A fresh study stands nowhere."""
     point = judge(
@@ -275,7 +271,6 @@ def _where_it_stands(
         world=world,
         what="study",
         command=spec.command,
-        log=say,
     )
     if point is not None and point.record("students") != spec.record():
         raise ConfigError(
@@ -304,10 +299,7 @@ def _set_aside_after(run_dir: Path, step: int | None) -> None:
     for info in manager.list(verify_hash=False):
         if step is None or info.step > step:
             aside = manager.set_aside(info.path, "uncommitted")
-            print(
-                f"study: {info.path} was saved after the study's last complete step; kept as {aside}",
-                flush=True,
-            )
+            say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
 
 
 @dataclass
@@ -361,7 +353,3 @@ def write_study_files(
     }
     atomic_write_json(run_dir / STUDY_RECORD, record)
     atomic_write_text(run_dir / STUDY_YAML, str(spec))
-
-
-def _silent(*_: Any) -> None:
-    pass

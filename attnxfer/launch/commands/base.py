@@ -10,10 +10,11 @@ imports its app, so a config error answers at once.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ...speak import say
 
 
 def _no_arguments(p: argparse.ArgumentParser) -> None:
@@ -89,8 +90,8 @@ def load(args):
     from ..value_checks import check_values
 
     cfg = check_values(load_config(args.config, args.overrides))
-    if os.environ.get("RANK", "0") == "0" and not getattr(args, "print_config", False):
-        print(_changes(args, cfg), flush=True)
+    if not getattr(args, "print_config", False):
+        say(_changes(args, cfg))
     return cfg
 
 
@@ -101,8 +102,8 @@ def print_config(args) -> int:
     from ..value_checks import check_values
 
     cfg = check_values(load_config(args.config, args.overrides))
-    print(dump_config(cfg, args.command).rstrip())
-    print("# " + _changes(args, cfg).replace("\n", "\n# "))
+    say(dump_config(cfg, args.command).rstrip())
+    say("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
 
 

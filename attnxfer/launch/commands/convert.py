@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...speak import is_main, say
 from ..rope_help import ROPE_EPILOG, RopeHelpFormatter
 from .base import add_config_args, load, register_command
 
@@ -31,12 +32,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     cfg = load(args)
     from ...apps.convert.convert import convert
-    from ...train.distributed import DistributedInfo
 
     result = convert(cfg, skip_stage1=args.skip_stage1)
-    if not DistributedInfo.from_environment().is_main_process:
+    if not is_main():  # rank 0 holds the report
         return 0
     from ...apps.convert.report import conversion_summary
 
-    print(conversion_summary(result.report))
+    say(conversion_summary(result.report))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...speak import say
 from .base import add_config_args, load, register_command
 
 
@@ -25,22 +26,22 @@ def run(args) -> int:
     else:
         result = evaluate_run(cfg)
     for k, v in result.metrics.items():
-        print(f"{k}: {v:.4f}")
+        say(f"{k}: {v:.4f}")
     for prefix in ("val", "ema_val"):
         top1, n = result.metrics.get(f"{prefix}_top1"), int(result.metrics.get(f"{prefix}_count", 0))
         if top1 is not None and n:
             interval = format_top1(correct_count(top1, n), n)
-            print(f"{prefix}_top1 (%) [95% Wilson interval, {n} images]: {interval}")
+            say(f"{prefix}_top1 (%) [95% Wilson interval, {n} images]: {interval}")
     m, n = result.metrics, int(result.metrics.get("knn_count", 0))
     for who in ("knn_teacher", "knn"):  # k-NN top-1 of the embeddings (teacher's, then student's)
         if f"{who}_top1" in m:
             interval = format_top1(correct_count(m[f"{who}_top1"], n), n)
             rule = f"k={m['knn_k']:.0f}, T={m['knn_temperature']:g}"
-            print(f"{who}_top1 (%) [95% Wilson interval, {n} images, {rule}]: {interval}")
+            say(f"{who}_top1 (%) [95% Wilson interval, {n} images, {rule}]: {interval}")
     if "knn_share" in m:
         low, high = m["knn_share_low"], m["knn_share_high"]
-        print(
+        say(
             f"knn_share (student / teacher) [95% paired bootstrap]: {m['knn_share']:.4f} [{low:.4f}, {high:.4f}]"
         )
-    print(f"step {result.step} ({result.checkpoint}) -> {result.path}")
+    say(f"step {result.step} ({result.checkpoint}) -> {result.path}")
     return 0

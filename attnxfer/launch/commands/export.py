@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from ...speak import say, warn
 from .base import register_command
 
 
@@ -49,12 +49,12 @@ def run(args) -> int:
         require_onnx()  # a missing package stops before the run is read
     run = RunDir(args.run_dir).final_student()  # a conversion's folder: its stage-2 run
     if run.path != RunDir(args.run_dir).path:
-        print(f"attnxfer export: {args.run_dir} is a conversion; exporting its final student, {run.path}")
+        say(f"attnxfer export: {args.run_dir} is a conversion; exporting its final student, {run.path}")
     weights = args.weights
     if weights == "ema":  # a run without EMA has raw weights only: say so and use them
         info = run.latest()
         if info is not None and "ema" not in info.groups:
-            print("attnxfer export: the run kept no EMA weights; exporting the raw weights", file=sys.stderr)
+            warn("attnxfer export: the run kept no EMA weights; exporting the raw weights")
             weights = "raw"
     out = export_run(
         run.path,
@@ -80,5 +80,5 @@ def run(args) -> int:
             f"ONNX: {out / onnx['file']} (opset {onnx['opset']}); ONNX Runtime vs PyTorch max |diff| "
             f"{onnx['max_abs_diff']:.3g}: run with onnxruntime.InferenceSession('{out / onnx['file']}')"
         )
-    print("\n".join(lines))
+    say("\n".join(lines))
     return 0

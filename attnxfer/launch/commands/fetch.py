@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...speak import say
 from .base import register_command
 
 
@@ -24,5 +25,5 @@ def run(args) -> int:
     from ...sources.teacher import fetch_teacher
 
     path = fetch_teacher(args.spec, cache_dir=args.cache_dir, revision=args.revision)
-    print(f"{args.spec} -> {path}")
+    say(f"{args.spec} -> {path}")
     return 0

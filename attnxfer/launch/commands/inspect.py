@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ...errors import InputError
+from ...speak import say
 from .base import register_command
 
 
@@ -91,6 +92,6 @@ def run(args) -> int:
     for name, layers in result["students"].items():
         js = [r["mean"].get("js") for r in layers if r["mean"].get("js") is not None]
         mean_js = sum(js) / len(js) if js else float("nan")
-        print(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(layers)} layers")
-    print(f"report: {args.out}/report.md (metrics.json, PNGs beside it)")
+        say(f"{name}: mean JS to the teacher {mean_js:.4f} over {len(layers)} layers")
+    say(f"report: {args.out}/report.md (metrics.json, PNGs beside it)")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...speak import say
 from .base import add_config_args, done_line, load, register_command
 
 
@@ -18,5 +19,5 @@ def run(args) -> int:
     cfg = load(args)
     from ...apps.run.pretrain import pretrain
 
-    print(done_line(pretrain(cfg)))
+    say(done_line(pretrain(cfg)))
     return 0

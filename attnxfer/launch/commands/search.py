@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...speak import say
 from ..arguments import add_array_arguments
 from .base import add_config_args, load, register_command
 
@@ -34,5 +35,5 @@ def run(args) -> int:
         evaluate = array_evaluator(cfg, args)
     result = search(cfg, evaluate=evaluate)
     n = len(result.state.candidates)
-    print(f"done: {n} candidates, {len(result.front)} on the Pareto front -> {result.run_dir}/pareto.md")
+    say(f"done: {n} candidates, {len(result.front)} on the Pareto front -> {result.run_dir}/pareto.md")
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ...config.study_spec import COMMANDS
+from ...speak import is_main, say
 from .base import add_config_args, add_vary, done_line, load_study, register_command
 
 
@@ -36,11 +37,11 @@ def show_config(args) -> int:
     from ...config.study_spec import study_base
 
     spec = load_study(args)
-    print("# " + describe_changes(study_base(args.config), spec.base, args.config).replace("\n", "\n# "))
+    say("# " + describe_changes(study_base(args.config), spec.base, args.config).replace("\n", "\n# "))
     for student, cfg in spec.configs():
         changes = describe_changes(spec.base, cfg, "the study's base").replace("\n", "\n# ")
-        print(f"---\n# student {student.name}: {changes}")
-        print(dump_config(cfg, spec.command).rstrip())
+        say(f"---\n# student {student.name}: {changes}")
+        say(dump_config(cfg, spec.command).rstrip())
     return 0
 
 
@@ -67,14 +68,14 @@ def run(args) -> int:
         from ...apps.study.report import write_study_report
         from ...train.runtime import resolve_device
 
-        print(f"report -> {write_study_report(spec.run_dir, device=resolve_device(spec.base.device))}")
+        say(f"report -> {write_study_report(spec.run_dir, device=resolve_device(spec.base.device))}")
         return 0
     from ...apps.study.study import study
 
     result = study(spec)
     for s in result.students:
-        print(f"{s.name}: {s.stopped if s.stopped else done_line(s.result)}")
-    print(f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''})")
+        say(f"{s.name}: {s.stopped if s.stopped else done_line(s.result)}")
+    say(f"study -> {result.run_dir} (study.json{', study.md' if result.report else ''})")
     return 0
 
 
@@ -87,12 +88,11 @@ def _convert_study(spec, report_only: bool) -> int:
         return 0
     from ...apps.convert.conversion_study import convert_study
     from ...apps.convert.report import conversion_summary
-    from ...train.distributed import DistributedInfo
 
     result = convert_study(spec)
-    if not DistributedInfo.from_environment().is_main_process:
+    if not is_main():  # rank 0 holds the reports
         return 0
     for s in result.students:
-        print(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
-    print(f"study -> {result.run_dir} (study.json, {result.report and result.report.name})")
+        say(f"{s.name}: {f'stopped: {s.stopped}' if s.stopped else conversion_summary(s.report)}")
+    say(f"study -> {result.run_dir} (study.json, {result.report and result.report.name})")
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from ...errors import InputError
+from ...speak import warn
 from ..arguments import add_slurm_arguments
 from .base import add_config_args, add_vary, load, load_study, register_command
 
@@ -58,6 +58,6 @@ def run(args) -> int:
     try:
         submit_from_args(getattr(importlib.import_module(module), name), cfg, args)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
-        print(f"attnxfer submit: error: {e.summary()}", file=sys.stderr)
+        warn(f"attnxfer submit: error: {e.summary()}")
         return 1
     return 0

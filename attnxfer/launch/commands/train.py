@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...speak import say
 from .base import add_config_args, done_line, load, register_command
 
 
@@ -15,5 +16,5 @@ def run(args) -> int:
     cfg = load(args)  # before the app's import (torch): a config error answers at once
     from ...apps.run.training import train
 
-    print(done_line(train(cfg)))
+    say(done_line(train(cfg)))
     return 0

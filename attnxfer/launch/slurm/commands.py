@@ -37,14 +37,12 @@ def options_from_args(ns: argparse.Namespace) -> SlurmOptions:
 
 
 def submit_from_args(
-    main_fn: Callable[[Any], Any], cfg: RunConfig, ns: argparse.Namespace, echo: Callable[[str], None] = print
+    main_fn: Callable[[Any], Any], cfg: RunConfig, ns: argparse.Namespace
 ) -> list[submitit.Job]:
     """``attnxfer submit`` in one call: options, sweep, dry run and ``--wait`` from parsed flags. A job that
     fails under ``--wait`` raises `JobFailedError`, which says where its run can resume from."""
     sweep = parse_sweep(getattr(ns, "sweep", None))
-    jobs = submit(
-        main_fn, cfg, options_from_args(ns), sweep=sweep, dry_run=getattr(ns, "dry_run", False), echo=echo
-    )
+    jobs = submit(main_fn, cfg, options_from_args(ns), sweep=sweep, dry_run=getattr(ns, "dry_run", False))
     if jobs and getattr(ns, "wait", False):
         try:
             wait(jobs)

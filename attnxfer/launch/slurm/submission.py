@@ -19,6 +19,7 @@ import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from ...errors import InputError, UserError
+from ...speak import say
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 from .options import (  # moved to options.py
     RUN_DIR_KEY,
@@ -128,7 +129,6 @@ def submit(
     sweep: Mapping[str, Sequence[Any]] | None = None,
     dry_run: bool = False,
     run_dir_key: str = RUN_DIR_KEY,
-    echo: Callable[[str], None] = print,
 ) -> list[submitit.Job]:
     """Submit ``main_fn(cfg)`` (one job, or a job array over the sweep's cartesian product).
 
@@ -137,7 +137,7 @@ def submit(
     """
     points = sweep_points(cfg, sweep, run_dir_key)
     if dry_run:
-        echo(render_dry_run(cfg, opts, sweep, run_dir_key))
+        say(render_dry_run(cfg, opts, sweep, run_dir_key))
         return []
     job_dir = default_job_dir(cfg, opts)
     executor = build_executor(opts, job_dir)
@@ -158,7 +158,7 @@ def submit(
         else:
             with executor.batch():
                 jobs = [executor.submit(task) for task in tasks]
-    echo(describe_jobs(jobs, points, opts))
+    say(describe_jobs(jobs, points, opts))
     return jobs
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -17,11 +16,10 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
-from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
+from ...speak import show_debug, warn
+from ...train.distributed import backend_for, barrier, cleanup_distributed, in_submitit_task, init_distributed
 from ...train.stop import StopRequested
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
-
-_logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,18 +83,15 @@ class TrainingTask(submitit.helpers.Checkpointable):
         return self.timeouts + self.preemptions
 
     def __call__(self) -> Any:
-        _ensure_job_logging()
+        if in_submitit_task():  # a job's own process: its log keeps the detail (which group it joined, where
+            show_debug()  # the teacher came from); the debug executor runs in the caller's, left as it is
         self._started = time.time()
         restarts = self.restart_count()
         if restarts:
-            _logger.warning(
-                "restart %d of this job (%d time limit(s) of at most %d, %d preemption(s) of at most %s): "
-                "main resumes from its run directory",
-                restarts,
-                self.timeouts,
-                self.max_requeues,
-                self.all_preemptions(),
-                "any" if self.max_preemptions is None else self.max_preemptions,
+            most = "any" if self.max_preemptions is None else self.max_preemptions
+            warn(
+                f"restart {restarts} of this job ({self.timeouts} time limit(s) of at most {self.max_requeues}, "
+                f"{self.all_preemptions()} preemption(s) of at most {most}): main resumes from its run directory"
             )
             self._record_requeue(restarts, event="restarted")
             if self.max_preemptions is not None and self.all_preemptions() > self.max_preemptions:
@@ -120,8 +115,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
                 raise
             # a peer left for the requeue (or SLURM is killing the job): this error is a consequence,
             # and must not reach the submitter as a failure of the job, which will run again
-            _logger.warning(
-                "rank %d: %r after a preemption/time-limit signal; exiting without a result", info.rank, e
+            warn(
+                f"rank {info.rank}: {e!r} after a preemption/time-limit signal; exiting without a result",
+                all_ranks=True,
             )
             raise SystemExit(1) from e
         cleanup_distributed()
@@ -168,13 +164,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
         else:
             self.preemptions += 1
         self._record_requeue(self.requeues, event="requeued", cause=cause)
-        _logger.warning(
-            "requeuing after a %s (%d time limit(s) of at most %d, %d preemption(s)); "
-            "main will resume from its newest checkpoint",
-            cause,
-            self.timeouts,
-            self.max_requeues,
-            self.all_preemptions(),
+        warn(
+            f"requeuing after a {cause} ({self.timeouts} time limit(s) of at most {self.max_requeues}, "
+            f"{self.all_preemptions()} preemption(s)); main will resume from its newest checkpoint"
         )
         return super().checkpoint(*args, **kwargs)
 
@@ -194,9 +186,9 @@ class TrainingTask(submitit.helpers.Checkpointable):
                     ["scontrol", "requeue", env.job_id], capture_output=True, text=True, timeout=60
                 )
                 if done.returncode == 0:
-                    _logger.warning("%s; job %s requeued: it resumes from that step", stop, env.job_id)
+                    warn(f"{stop}; job {env.job_id} requeued: it resumes from that step")
                 else:  # e.g. cancelled by its user: scancel's SIGTERM must not bring the job back
-                    _logger.warning("%s; job %s not requeued: %s", stop, env.job_id, done.stderr.strip())
+                    warn(f"{stop}; job {env.job_id} not requeued: {done.stderr.strip()}")
             except RequeueLimitReached as e:
                 refused = e
         with contextlib.suppress(Exception):
@@ -228,7 +220,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
             tmp.write_text(json.dumps(record, indent=1))
             os.replace(tmp, path)
         except Exception as e:  # a report must not break the requeue itself
-            _logger.warning("could not record requeue: %s", e)
+            warn(f"could not record requeue: {e}")
 
     def __repr__(self) -> str:
         name = getattr(self.main_fn, "__qualname__", repr(self.main_fn))
@@ -263,12 +255,6 @@ def _watch_stop_signals() -> None:
                 os.kill(os.getpid(), sig)
 
         signal.signal(signum, handler)
-
-
-def _ensure_job_logging() -> None:
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def requeue_record_path(job_folder: str | Path, job_id: str) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import timm
 import torch
 
 from ...errors import InputError
+from ...speak import debug, warn
 from ..load_errors import TeacherLoadError
 from ._common import architectures, pair
 
@@ -38,7 +38,6 @@ __all__ = [
     "unreadable_config",
 ]
 
-_logger = logging.getLogger(__name__)
 
 # One module per transformers model-type group; each declares MODEL_TYPES, timm_arch and timm_weights. Every
 # module of this package not starting with "_" is one: adding a type is adding its file.
@@ -202,23 +201,18 @@ def _pretrained_cfg(
         license=license,
     )
     if preprocessor is None:
-        _logger.warning(
-            "%s: no preprocessor_config.json beside it: mean/std and resizing are timm's defaults for %s (%s, %s)",
-            where,
-            arch,
-            cfg["mean"],
-            cfg["std"],
+        warn(
+            f"{where}: no preprocessor_config.json beside it: mean/std and resizing are timm's defaults for "
+            f"{arch} ({cfg['mean']}, {cfg['std']})"
         )
     else:
         cfg.update(_preprocessing(preprocessor))
         crop = cfg.pop("crop_size", None)
         if crop is not None and tuple(crop) != img:
-            _logger.info(
-                "%s: transformers' preprocessing crops %sx%s, the model is built for %sx%s as its config says "
-                "(set data.img_size / img_size= to run it at the crop size; position embeddings are then resampled)",
-                where,
-                *crop,
-                *img,
+            debug(
+                f"{where}: transformers' preprocessing crops {crop[0]}x{crop[1]}, the model is built for "
+                f"{img[0]}x{img[1]} as its config says (set data.img_size / img_size= to run it at the crop "
+                "size; position embeddings are then resampled)"
             )
     labels = config.get("id2label")
     if num_classes and isinstance(labels, dict) and len(labels) == num_classes:

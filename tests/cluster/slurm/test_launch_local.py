@@ -80,7 +80,7 @@ def test_distributed_info_rejects_inconsistent_environment(monkeypatch):
 def test_local_cluster_runs_the_same_task_with_two_ranks(tmp_path):
     cfg = ToyConfig(run_dir=str(tmp_path / "run"))
     opts = SlurmOptions(cluster="local", tasks_per_node=2, time=5)
-    jobs = submit(toy_main, cfg, opts, echo=lambda _: None)
+    jobs = submit(toy_main, cfg, opts)
     [results] = wait(jobs, timeout=120)
     assert [r["rank"] for r in results] == [0, 1] and all(r["world_size"] == 2 for r in results)
     ref = reference_weights(cfg)
@@ -92,7 +92,7 @@ def test_local_cluster_runs_the_same_task_with_two_ranks(tmp_path):
 
 def test_debug_cluster_runs_in_this_process(tmp_path):
     cfg = ToyConfig(run_dir=str(tmp_path / "run"), steps=3)
-    [job] = submit(toy_main, cfg, SlurmOptions(cluster="debug"), echo=lambda _: None)
+    [job] = submit(toy_main, cfg, SlurmOptions(cluster="debug"))
     [[result]] = wait(job)
     assert result["world_size"] == 1 and result["steps_run"] == 3
 
@@ -233,7 +233,7 @@ def test_sweep_points_are_the_cartesian_product_with_own_run_dirs(tmp_path):
         sweep_points({"run_dir": "x"}, None)
 
 
-def test_dry_run_prints_the_sbatch_script_and_configs_without_submitting(tmp_path):
+def test_dry_run_prints_the_sbatch_script_and_configs_without_submitting(tmp_path, capsys):
     cfg = ToyConfig(run_dir=str(tmp_path / "run"))
     opts = SlurmOptions(
         nodes=2,
@@ -250,9 +250,9 @@ def test_dry_run_prints_the_sbatch_script_and_configs_without_submitting(tmp_pat
         name="vitb-copy",
         max_requeues=2,
     )
-    printed = []
-    assert submit(toy_main, cfg, opts, sweep={"lr": ["0.1", "0.2"]}, dry_run=True, echo=printed.append) == []
-    [text] = printed
+    capsys.readouterr()
+    assert submit(toy_main, cfg, opts, sweep={"lr": ["0.1", "0.2"]}, dry_run=True) == []
+    text = capsys.readouterr().out
     for line in [
         "#SBATCH --nodes=2",
         "#SBATCH --ntasks-per-node=4",

@@ -36,12 +36,8 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 WAIT_S = 300  # upper bound for any one job here, queueing and requeue included
 
 
-def _quiet(_: str) -> None:
-    pass
-
-
 def _submit(cfg: ToyConfig, opts: SlurmOptions, **kw) -> list[submitit.Job]:
-    return submit(toy_main, cfg, opts, echo=_quiet, **kw)
+    return submit(toy_main, cfg, opts, **kw)
 
 
 def _assert_matches_reference(run_dir: str | Path, cfg: ToyConfig, world_size: int) -> None:

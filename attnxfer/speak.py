@@ -1,0 +1,137 @@
+"""The one way attnxfer speaks: `say` (results, progress, to stdout), `warn` (to stderr), `debug` (detail).
+
+Every line goes through one logger, ``logging.getLogger("attnxfer")``, so a user keeps control with plain
+`logging`: ``setLevel(logging.WARNING)`` silences `say`, ``setLevel(logging.DEBUG)`` shows `debug`, and a
+handler added to that logger receives every record. The handler installed here writes to the *current*
+``sys.stdout``/``sys.stderr`` at emit time (INFO to stdout, everything else to stderr), so redirects and
+pytest's capture see the lines, and flushes each one, so interleaved launcher output stays in order.
+
+Printed once: the logger does not propagate, so a handler on the root logger (``logging.basicConfig``) does
+not print the line a second time. The handler is installed once, the first time anything is said (a second
+install finds it and returns); a user who wants attnxfer's records in the root handlers instead removes it
+and sets ``propagate = True``.
+
+One main-rank filter: on ranks other than 0 a line is dropped unless said with ``all_ranks=True`` (a rank's
+own trouble, such as a watchdog stop). `rank` is the one definition of "which rank am I" for output.
+
+No torch at import time: the CLI's ``--help`` imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import TextIO
+
+LOGGER_NAME = "attnxfer"
+_ALL_RANKS = "attnxfer_all_ranks"
+_TO_STDERR = "attnxfer_to_stderr"
+#: inside `quiet()`: lines below WARNING are dropped (per thread and task, as a ContextVar is)
+_QUIET: ContextVar[bool] = ContextVar("attnxfer_quiet", default=False)
+
+
+def rank() -> int:
+    """This process's rank: torch.distributed's once a group exists, else the launcher's ``RANK``, else
+    ``SLURM_PROCID`` (a task of a plain ``srun`` step), else 0."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for var in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(var, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def is_main() -> bool:
+    """True on rank 0: the process that speaks for the job, writes the shared records and reports."""
+    return rank() == 0
+
+
+def _main_rank_only(record: logging.LogRecord) -> bool:
+    """The one main-rank filter: a record is dropped on ranks other than 0 unless it was said with
+    ``all_ranks=True``; and, inside `quiet`, everything below a warning."""
+    if record.levelno < logging.WARNING and _QUIET.get():
+        return False
+    return getattr(record, _ALL_RANKS, False) or is_main()
+
+
+class _CurrentStreams(logging.Handler):
+    """INFO to ``sys.stdout`` (but `progress`), the rest to ``sys.stderr``: the streams as they are at emit
+    time, flushed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            to_stdout = record.levelno == logging.INFO and not getattr(record, _TO_STDERR, False)
+            stream = sys.stdout if to_stdout else sys.stderr
+            with _around_bars(stream):
+                stream.write(self.format(record) + "\n")
+                stream.flush()
+        except Exception:
+            self.handleError(record)
+
+
+def _around_bars(stream: TextIO) -> contextlib.AbstractContextManager:
+    """tqdm's bars cleared before the line and redrawn after it (a line written over a bar would leave the bar
+    half-drawn in it); nothing where tqdm is not loaded or draws no bar."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
+        return contextlib.nullcontext()
+    return tqdm.tqdm.external_write_mode(file=stream)
+
+
+def _logger() -> logging.Logger:
+    """attnxfer's logger with its handler and filter, installed on first use (idempotent)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    if not getattr(logger, "_attnxfer_set_up", False):
+        handler = _CurrentStreams()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.addFilter(_main_rank_only)
+        logger.propagate = False
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        logger._attnxfer_set_up = True  # type: ignore[attr-defined]  # a user who removed the handler keeps it removed
+    return logger
+
+
+def say(message: str, *, all_ranks: bool = False) -> None:
+    """A result or progress line for the user, on stdout (main rank only unless ``all_ranks``)."""
+    _logger().info(message, extra={_ALL_RANKS: all_ranks})
+
+
+def warn(message: str, *, all_ranks: bool = False) -> None:
+    """Something the user should know went differently than asked, on stderr (main rank unless ``all_ranks``)."""
+    _logger().warning(message, extra={_ALL_RANKS: all_ranks})
+
+
+def progress(message: str, *, all_ranks: bool = False) -> None:
+    """A progress line where no bar can be drawn (a log file, a pipe), on stderr beside where tqdm's bar
+    would be, so stdout keeps only results; silenced with `say` (both are INFO)."""
+    _logger().info(message, extra={_ALL_RANKS: all_ranks, _TO_STDERR: True})
+
+
+def debug(message: str, *, all_ranks: bool = False) -> None:
+    """Detail hidden by default (where a file came from, what a rank joined); shown at ``logging.DEBUG``, on
+    stderr."""
+    _logger().debug(message, extra={_ALL_RANKS: all_ranks})
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """`say`, `progress` and `debug` dropped inside (warnings still shown): work done for its result alone, such
+    as a search's hundreds of stage-1 fits, says nothing of its own."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
+
+
+def show_debug() -> None:
+    """Show `debug` lines too (a cluster job's log, where the detail helps afterwards)."""
+    _logger().setLevel(logging.DEBUG)
