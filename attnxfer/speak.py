@@ -71,6 +71,8 @@ class _CurrentStreams(logging.Handler):
             with _around_bars(stream):
                 stream.write(self.format(record) + "\n")
                 stream.flush()
+        except BrokenPipeError:
+            raise  # a reader that went away (`attnxfer ... | head`) ends the program as print's error did
         except Exception:
             self.handleError(record)
 

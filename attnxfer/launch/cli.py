@@ -109,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         warn(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", all_ranks=True)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (`attnxfer ... | head`): nothing left to say
+        os.dup2(
+            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
+        )  # so the exit's flush cannot fail again
+        return 141
     except Exception as e:
         stopped = _stopped_by_signal(args, e)
         if stopped is not None:

@@ -98,3 +98,21 @@ def test_quiet_drops_lines_but_not_warnings_and_ends_with_its_block(capsys):
         warn("a fit's warning")
     say("after")
     assert capsys.readouterr() == ("after\n", "a fit's warning\n")
+
+
+
+def test_a_reader_that_goes_away_ends_the_cli_quietly():
+    """`attnxfer ... | head -1`: once the reader has gone, the CLI stops with the shell's broken-pipe code
+    (141), not a logging traceback."""
+    done = _run(
+        """
+        import os, sys
+        read, write = os.pipe()
+        os.close(read)  # the reader has gone: every write to stdout now fails with EPIPE
+        os.dup2(write, sys.stdout.fileno())
+        from attnxfer.launch.cli import main
+        sys.exit(main(["train", "--print-config"]))
+        """
+    )
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "Logging error" not in done.stderr, done.stderr
