@@ -100,7 +100,6 @@ def test_quiet_drops_lines_but_not_warnings_and_ends_with_its_block(capsys):
     assert capsys.readouterr() == ("after\n", "a fit's warning\n")
 
 
-
 def test_a_reader_that_goes_away_ends_the_cli_quietly():
     """`attnxfer ... | head -1`: once the reader has gone, the CLI stops with the shell's broken-pipe code
     (141), not a logging traceback."""
