@@ -17,7 +17,7 @@ import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
 from ...speak import show_debug, warn
-from ...train.distributed import backend_for, barrier, cleanup_distributed, in_submitit_task, init_distributed
+from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
@@ -83,8 +83,10 @@ class TrainingTask(submitit.helpers.Checkpointable):
         return self.timeouts + self.preemptions
 
     def __call__(self) -> Any:
-        if in_submitit_task():  # a job's own process: its log keeps the detail (which group it joined, where
-            show_debug()  # the teacher came from); the debug executor runs in the caller's, left as it is
+        # a job's own process (submitit started it): its log keeps the detail (which group it joined, where
+        # the teacher came from); the debug executor runs in the caller's, left as it is
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            show_debug()
         self._started = time.time()
         restarts = self.restart_count()
         if restarts:
