@@ -186,7 +186,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 warmup_steps=0,
                 clip_grad=1.0,
                 log_every=k,
-                log=lambda s: None,
             )
 
         return f

@@ -45,6 +45,7 @@ from timm.models import save_for_hf  # noqa: E402
 from attnxfer.apps.run.training import build_engine  # noqa: E402
 from attnxfer.apps.study.study import build_members  # noqa: E402
 from attnxfer.config.study_spec import load_study  # noqa: E402
+from attnxfer.speak import quiet  # noqa: E402
 from attnxfer.train.lockstep import Lockstep  # noqa: E402
 from attnxfer.train.runtime import create_runtime  # noqa: E402
 from attnxfer.train.timing import interleaved_timings  # noqa: E402
@@ -90,8 +91,8 @@ def _overrides(spec: dict, teacher: Path, args, kwargs: dict) -> list[str]:
 
 def _study(overrides: list[str], run_dir: Path, seeds: list[str], runtime) -> Lockstep:
     spec = load_study(None, [*overrides, f"run_dir={run_dir}"], {"seed": seeds})
-    members, batches, feed = build_members(spec, runtime, say=lambda _: None)
-    return Lockstep(members, batches, feed, on_saved=lambda *_: None, log=lambda _: None)
+    members, batches, feed = build_members(spec, runtime)
+    return Lockstep(members, batches, feed, on_saved=lambda *_: None)
 
 
 def main() -> None:
@@ -127,7 +128,10 @@ def main() -> None:
     kwargs = QUICK_KWARGS if args.quick else {}
     device = torch.device(args.device)
     k = args.students
-    with tempfile.TemporaryDirectory(prefix="study-step-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="study-step-") as tmp,
+        quiet(),
+    ):  # the runs' own lines: not the measure
         tmp = Path(tmp)
         teacher = _teacher_dir(spec["teacher"], spec["img"], kwargs, tmp / "teacher")
         overrides = _overrides(spec, teacher, args, kwargs)

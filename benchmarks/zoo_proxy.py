@@ -99,7 +99,7 @@ def main() -> None:
         sys.exit(f"{args.study}: {len(students)} students with a report; rho needs at least 3")
     first = args.study / json.loads((args.study / "study.json").read_text())["students"][0]["folder"]
     cfg = load_config(str(first / "config.yaml"), args.overrides)
-    evaluator, parts = build_evaluator(cfg, log=print)
+    evaluator, parts = build_evaluator(cfg)
     teacher, cache, fit = evaluator.teacher, evaluator.cache, evaluator.fit
     device = next(teacher.parameters()).device
     images, taken = [], 0

@@ -15,7 +15,7 @@
 #            tests/families, on an animal-mnist image at 32 px -> inspect_*_stage*.png
 #   search   the demo's supervised teacher, then attnxfer search -c search/demo -> search_demo_pareto.png
 #   recall   the recall teacher (recall/teacher, exported), the zoo converted from it in one study
-#            (recall/convert_zoo), the selector's hybrids under budgets 1.25x-3x (recall/convert_budgets) and the
+#            (recall/convert_zoo), the selector's hybrids under budgets 1.25x-2.5x (recall/convert_budgets) and the
 #            search's proxy against the zoo (benchmarks/zoo_proxy.py) -> recall_pareto.png (about 2 hours here)
 #
 # convert and slurm use the demo's MAE teacher: run demo first (or together: `all` runs them in order).
