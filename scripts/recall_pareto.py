@@ -42,32 +42,49 @@ def points(study: Path) -> list[dict]:
 
 
 def draw(zoo: list[dict], budgets: list[dict], teacher_top1: float | None):
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    """Two panels on one speed axis: every student (left), and the top few points where the students that
+    retrieve sit within the intervals of each other (right, zoomed)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
     styles = [
-        ("single attention (zoo)", zoo, "o", "tab:gray"),
+        ("single attention (zoo study)", zoo, "o", "tab:gray"),
         ("convert.attention=auto", [p for p in budgets if p["name"].startswith("auto")], "D", "tab:blue"),
         ("uniform interleaving", [p for p in budgets if not p["name"].startswith("auto")], "s", "tab:orange"),
     ]
-    for label, group, marker, color in styles:
-        if not group:
-            continue
-        xs = [p["speedup"] for p in group]
-        ys = [p["top1"] for p in group]
-        err = [[p["top1"] - p["low"] for p in group], [p["high"] - p["top1"] for p in group]]
-        ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=label, capsize=2, ms=5)
-        for p in group:
-            ax.annotate(
-                p["name"], (p["speedup"], p["top1"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+    zoom = (96.5, 100.3)
+    for ax, limits in zip(axes, (None, zoom)):
+        for label, group, marker, color in styles:
+            if not group:
+                continue
+            xs = [p["speedup"] for p in group]
+            ys = [p["top1"] for p in group]
+            err = [[p["top1"] - p["low"] for p in group], [p["high"] - p["top1"] for p in group]]
+            ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=label, capsize=2, ms=5)
+            for p in group:
+                shown = (limits is None and p["top1"] < 95) or (limits is not None and p["top1"] >= limits[0])
+                if shown:
+                    ax.annotate(
+                        p["name"],
+                        (p["speedup"], p["top1"]),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
+        if teacher_top1 is not None:
+            ax.axhline(
+                teacher_top1, color="black", lw=0.8, ls="--", label=f"softmax teacher ({teacher_top1:.1f} %)"
             )
-    if teacher_top1 is not None:
-        ax.axhline(
-            teacher_top1, color="black", lw=0.8, ls="--", label=f"softmax teacher ({teacher_top1:.1f} %)"
-        )
-    ax.axvline(1.0, color="black", lw=0.5, ls=":")
-    ax.set_xlabel("measured speed-up over the teacher (forward, batch 8, 1,024 tokens)")
-    ax.set_ylabel("val top-1 (%), 95 % Wilson interval")
-    ax.set_title("Recall at 1,024 tokens: quality against speed")
-    ax.legend(fontsize=8, loc="lower left")
+        ax.axvline(1.0, color="black", lw=0.5, ls=":")
+        ax.set_xlabel("measured speed-up over the teacher (forward, batch 8, 1,024 tokens)")
+        if limits is not None:
+            ax.set_ylim(*limits)
+            ax.set_title("the top, zoomed (names of the points above 96.5 %)", fontsize=9)
+        else:
+            ax.set_ylabel("val top-1 (%), 95 % Wilson interval")
+            ax.set_title("every student (names of the points below 95 %)", fontsize=9)
+            ax.legend(fontsize=8, loc="lower left")
+    fig.suptitle(
+        "Recall at 1,024 tokens: quality against speed (each study's speeds measured in its own run)"
+    )
     fig.tight_layout()
     return fig
 
