@@ -60,7 +60,7 @@ def draw(zoo: list[dict], budgets: list[dict], teacher_top1: float | None):
             err = [[p["top1"] - p["low"] for p in group], [p["high"] - p["top1"] for p in group]]
             ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=label, capsize=2, ms=5)
             for p in group:
-                shown = (limits is None and p["top1"] < 95) or (limits is not None and p["top1"] >= limits[0])
+                shown = p["top1"] < 95 if limits is None else p["top1"] >= limits[0]
                 if shown:
                     ax.annotate(
                         p["name"],
