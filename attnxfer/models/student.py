@@ -1,15 +1,6 @@
-"""Students shaped like their teacher.
-
-Attention transfer is reported to fail when the student lacks the teacher's native
-components (register tokens, qk-norm, LayerScale, its pooling...). `student_like`
-rebuilds the teacher's timm architecture (its registered name plus the construction
-arguments timm recorded) with fresh weights, passes every choice it can read off the
-teacher's modules explicitly, and then checks the built student against the teacher,
-trait by trait: a choice that did not carry over is an error, not a quiet difference.
-
-`student_spec` turns a student into the JSON that rebuilds it (run records, export
-config.json); `student_from_spec` is its inverse.
-"""
+"""Students shaped like their teacher: attention transfer is reported to fail when the student lacks the
+teacher's native components, so `student_like` rebuilds the teacher's timm architecture and checks every
+trait carried over; `student_spec` / `student_from_spec` turn a student into the JSON that rebuilds it."""
 
 from __future__ import annotations
 
@@ -79,13 +70,21 @@ _OVERRIDE_TRAITS = {
 }
 
 
+# VisionTransformer arguments that map one-to-one onto a trait, in the order exports record them.
+_TRAIT_ARGS = (
+    *("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "class_token", "reg_tokens"),
+    *("no_embed_class", "pos_embed", "pre_norm", "final_norm", "fc_norm", "global_pool", "scale_mlp_norm"),
+    *("dynamic_img_size", "dynamic_img_pad", "qkv_bias", "qk_norm", "scale_attn_norm", "proj_bias"),
+    *("init_values", "mlp_ratio"),
+)
+
+
 def _is_identity(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, nn.Identity)
 
 
 def attention_layout(model: nn.Module) -> list[str]:
-    """Per-block registered attention names (``"softmax"`` for timm's attention, transfer-aware or not;
-    see `attention_name_of`), wherever the family keeps its blocks (``blocks``, ``encoder.blocks``)."""
+    """Per-block registered attention names (``"softmax"`` for timm's attention, transfer-aware or not)."""
     return [attention_name_of(attn) for _, attn in attention_layers(model)]
 
 
@@ -149,32 +148,14 @@ def vit_traits(model: nn.Module) -> dict[str, Any]:
 
 def timm_args_from_traits(t: dict[str, Any]) -> dict[str, Any]:
     """VisionTransformer arguments that reproduce the traits that map one-to-one onto an argument."""
-    args = dict(
-        img_size=list(t["img_size"]) if t["img_size"] else None,
-        patch_size=list(t["patch_size"]),
-        in_chans=t["in_chans"],
-        embed_dim=t["embed_dim"],
-        depth=t["depth"],
-        num_heads=t["num_heads"],
-        class_token=t["class_token"],
-        reg_tokens=t["reg_tokens"],
-        no_embed_class=t["no_embed_class"],
-        pos_embed="learn" if t["pos_embed"] else "none",
-        pre_norm=t["pre_norm"],
-        final_norm=t["final_norm"],
-        fc_norm=t["fc_norm"],
-        global_pool=t["global_pool"],
-        scale_mlp_norm=t["scale_mlp_norm"],
-        dynamic_img_size=t["dynamic_img_size"],
-        dynamic_img_pad=t["dynamic_img_pad"],
-    )
-    for key in ("qkv_bias", "qk_norm", "scale_attn_norm", "proj_bias"):
-        if t[key] is not None:
-            args[key] = t[key]
-    if t["layer_scale"]:
-        args["init_values"] = t["layer_scale_init"]
-    if t["mlp_layer"] == "Mlp" and t["mlp_hidden_ratio"]:
-        args["mlp_ratio"] = t["mlp_hidden_ratio"]
+    special = {
+        "img_size": list(t["img_size"]) if t["img_size"] else None,
+        "patch_size": list(t["patch_size"]),
+        "pos_embed": "learn" if t["pos_embed"] else "none",
+        "init_values": t["layer_scale_init"] if t["layer_scale"] else None,
+        "mlp_ratio": (t["mlp_hidden_ratio"] or None) if t["mlp_layer"] == "Mlp" else None,
+    }
+    args = {k: special[k] if k in special else t[k] for k in _TRAIT_ARGS}
     return {k: v for k, v in args.items() if v is not None}
 
 
@@ -234,15 +215,8 @@ def student_like(
     attn_layer: type[nn.Module] = TransferAttention,
     **overrides: Any,
 ) -> nn.Module:
-    """A randomly initialised student with the teacher's architectural choices.
-
-    Copied from the teacher: class token, register tokens, no_embed_class, LayerScale (and its init
-    value), qk-norm, qkv/proj bias, pre-norm, final norm / fc_norm, pooling, patch and image size,
-    input channels, width, heads, MLP ratio and type, norm/act layers, dynamic image size, and the
-    teacher's preprocessing (mean/std) and licence in its pretrained_cfg. ``depth``, ``embed_dim``,
-    ``num_heads``, ``mlp_ratio``, ``num_classes`` (default: the teacher's) and any timm argument in
-    ``overrides`` replace the teacher's. ``attn_layer`` chooses the student's attention.
-    """
+    """A randomly initialised student with every architectural choice of the teacher (`vit_traits`) and its
+    preprocessing and licence, but for the sizes given and the timm arguments in ``overrides``."""
     sizes = dict(
         depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes
     )
@@ -282,8 +256,7 @@ def student_like(
 def _vit_student_args(
     teacher: nn.Module, traits: dict[str, Any], requested: dict[str, Any], overrides: dict[str, Any]
 ) -> dict[str, Any]:
-    """timm arguments of a ViT student: the teacher's recorded ones and traits, then what the caller asks;
-    a width its heads do not divide is refused with the head counts that do."""
+    """timm arguments of a ViT student: the teacher's recorded ones and traits, then what the caller asks."""
     recorded = getattr(teacher, "_model_args", {})  # timm's create_model kwargs: the architecture's only
     args = {
         **{k: v for k, v in recorded.items() if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")},
@@ -308,9 +281,7 @@ def _family_student(
     attn_layer: type[nn.Module],
     overrides: dict[str, Any],
 ) -> nn.Module:
-    """A fresh student of a non-ViT teacher's own family (EVA, BEiT, ...): the teacher's timm architecture
-    and the construction arguments timm recorded, with ``requested``/``overrides`` replacing them. Its
-    attention layers are the family's (made transfer-aware by their adapters when a plan walks them)."""
+    """A fresh student of a non-ViT teacher's own family (EVA, BEiT, ...), from timm's recorded arguments."""
     arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture")
     if not arch:
         raise InputError(
@@ -353,8 +324,7 @@ def _json_value(key: str, v: Any) -> Any:
 
 
 def student_spec(student: nn.Module) -> dict[str, Any]:
-    """JSON-ready description that rebuilds ``student`` (`student_from_spec`): timm architecture name,
-    timm construction arguments (no attnxfer classes), attention kind, and inherited preprocessing."""
+    """JSON that rebuilds ``student`` (`student_from_spec`): timm name and arguments, attention, preprocessing."""
     cfg = getattr(student, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
@@ -395,12 +365,8 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
 def student_from_spec(
     spec: dict[str, Any], *, attn_layer: type[nn.Module] | None = None, **overrides: Any
 ) -> nn.Module:
-    """Rebuild a student (random weights) from `student_spec` output.
-
-    Softmax students get ``TransferAttention`` unless ``attn_layer`` says otherwise. Students with
-    zoo attentions (one for every block, or one per block) are built with timm's attention and then
-    swapped block by block with the recorded ``attention_options`` (`swap_attentions`).
-    """
+    """Rebuild a student (random weights) from `student_spec` output; zoo attentions are swapped in block by
+    block with the recorded ``attention_options``."""
     kind = spec.get("attention", SOFTMAX)
     if attn_layer is None and kind != SOFTMAX:
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)
@@ -436,12 +402,9 @@ def student_from_spec(
 
 
 def student_shape(model: nn.Module) -> dict[str, Any]:
-    """What the model is, read off its modules (not off the architecture name it was derived from): family,
-    width (a hierarchical model's ``widths``, stage by stage), attention blocks, heads (a flat model's),
-    patch, image size and channels; a value the model does not record is left out."""
+    """What the model is, read off its modules (not its architecture name): family, width(s), blocks, heads,
+    patch, image size and channels, where recorded."""
     blocks = flat_blocks(model)
-    # the family as its adapter file titles it, first name only ("ViT/DeiT" -> "ViT"); timm's class name for a
-    # model of no registered family
     family = family_of(model)
     shape: dict[str, Any] = {
         "family": family.title.split("/")[0].strip() if family is not None else type(model).__name__

@@ -1,25 +1,6 @@
-"""The one attention interface that softmax and every zoo attention meet.
-
-`TransferableAttention` is the abstract base. It keeps timm's ``Attention`` parameter names
-(``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``) and splits a layer into steps that callers
-(the teacher–student wrapper, transfer plans, conversion, tests) use without asking which
-class they hold:
-
-* ``project(x, which="qkv")`` -> ``{"q", "k", "v"}`` heads (B, H, N, d), after the q/k norms, only
-  the ones asked for (a `PartialQKV` with frozen rows is honoured);
-* ``attend(q, k, v)`` -> (B, H, N, d): the attention core, before the output projection;
-* ``attention_map(q, k, rows=None)`` -> rows of the layer's N×N map, built on request in row chunks
-  (exact softmax rows for softmax; the implicit map for the zoo; ``None`` without a map);
-* ``map_kind``: a `MapKind` saying what the map is and so what it can be distilled with;
-* ``attention_name`` (set by the registry), ``freeze_projections(chunks)``, ``options()``;
-* ``logit_scale(q)`` / ``logit_bias(q, k, **call)``: the logits are ``scale · q kᵀ + bias`` (adapters of
-  timm classes with relative-position biases return theirs; `attnxfer.models.attention.adapters`);
-* ``forward(x)`` == ``proj(norm(attend(project(x))))`` (`transfer_forward`), with one per-call
-  `AttentionIO` handled here, once, for every attention: capture q/k/v (and the bias), replace q/k/v
-  (attention copy; q and k bring the bias), return the map, stop the model's forward (`StopForward`).
-
-Subclasses implement ``attend`` and, when they have a map, ``_map_context`` / ``_map_rows``.
-"""
+"""The one attention interface that softmax and every zoo attention meet: callers project, attend and read
+maps through `TransferableAttention` without asking which class they hold, and one per-call `AttentionIO`
+(capture, replace, return the map, stop) is handled here, once, for every attention."""
 
 from __future__ import annotations
 
@@ -85,30 +66,22 @@ def as_grid(grid_size: int | Sequence[int] | None) -> tuple[int, int] | None:
 
 
 class TransferableAttention(nn.Module):
-    """Abstract base of every attention attnxfer can transfer to or from (see the module docstring).
-
-    Subclasses provide timm's attributes (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``proj``,
-    ``attn_drop``, ``proj_drop``, ``num_heads``, ``head_dim``, ``attn_dim``), declare ``map_kind``
-    and implement ``attend`` (plus ``_map_context`` / ``_map_rows`` when they have a map). The class
-    attributes below are defaults, so a timm ``Attention`` whose class is swapped in place
-    (`make_transfer_aware`) is complete without running any constructor of ours.
-    """
+    """Abstract base: subclasses keep timm's ``Attention`` attributes and implement ``attend`` (plus
+    ``_map_context`` / ``_map_rows`` when they have a map). The class attributes are defaults, so a timm
+    ``Attention`` whose class is swapped in place (`make_transfer_aware`) needs no constructor of ours."""
 
     map_kind: ClassVar[MapKind] = MapKind.ROW_STOCHASTIC
-    #: The registered name (set by ``register_attention``); '' for unregistered classes.
     attention_name: ClassVar[str] = ""
     #: True when ``attend`` needs the token grid (windows, agent pooling, depthwise convs).
     needs_token_layout: ClassVar[bool] = False
     #: Rows per chunk when ``attention_map`` builds many rows; None sizes chunks by the shared budget.
     map_chunk_size: int | None = None
-    #: The per-call instructions (set for one call by `attention_io`).
     io: AttentionIO | None = None
     #: timm's optional sigmoid gate on the attention output (``Attention(gated=True)``).
     gate: nn.Module | None = None
     num_prefix_tokens: int | None = None
     grid_size: tuple[int, int] | None = None
-    #: Name of this attention's own stage-1 objective (``fit_loss``), or None: stage 1 then fits the map
-    #: with the loss its map kind takes (`attnxfer.transfer.map_losses`), the default for every attention.
+    #: This attention's own stage-1 objective (``fit_loss``); None: the loss its map kind takes.
     fit_objective: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -139,8 +112,7 @@ class TransferableAttention(nn.Module):
         return name in BASE_OPTIONS or name in cls.own_options()
 
     def options(self) -> dict[str, Any]:
-        """This attention's own constructor options (``own_options``) as JSON values: with the base
-        arguments they rebuild it (exported students record them per block)."""
+        """``own_options`` as JSON values: with the base arguments they rebuild it (exports record them)."""
         missing = [name for name in self.own_options() if not hasattr(self, name)]
         if missing:
             raise TypeError(
@@ -154,26 +126,19 @@ class TransferableAttention(nn.Module):
         return [n for n, _ in self.named_parameters() if n.split(".")[0] not in COUNTERPART_MODULES]
 
     def reset_new_parameters(self) -> None:
-        """(Re-)initialise the new parameters; counterparts are left alone."""
+        """(Re-)initialise the new parameters, not the counterparts."""
 
     # ----------------------------------------------------------------- token layout
     def set_token_layout(self, num_prefix_tokens: int, grid_size: int | Sequence[int] | None = None) -> None:
-        """Declare ``num_prefix_tokens`` (class/register tokens first) and the patch grid (H, W).
-
-        With ``grid_size=None`` the grid is taken as square from the token count at each call.
-        """
+        """Declare the prefix token count and patch grid (H, W); None: square, from each call's tokens."""
         if num_prefix_tokens < 0:
             raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         self.num_prefix_tokens = int(num_prefix_tokens)
         self.grid_size = as_grid(grid_size)
 
     def token_layout(self, num_tokens: int) -> tuple[int, tuple[int, int]]:
-        """(num_prefix_tokens, (grid_h, grid_w)) for a sequence of ``num_tokens``.
-
-        Without a declared layout, falls back to the fewest prefix tokens (0..16) that leave a
-        square grid (197 -> 1 + 14x14); declare it with ``set_token_layout`` (or
-        ``attnxfer.models.efficient.configure_token_layout(model)``) for anything else.
-        """
+        """(num_prefix_tokens, (grid_h, grid_w)) for ``num_tokens``; undeclared, the fewest prefix tokens
+        (0..16) that leave a square grid (197 -> 1 + 14x14)."""
         p = self.num_prefix_tokens
         if p is not None and self.grid_size is not None:
             gh, gw = self.grid_size
@@ -194,49 +159,41 @@ class TransferableAttention(nn.Module):
         )
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
-        """What decides this layer's query and key sets beyond the model's patch grid, read from the layer and
-        (where the block decides it, Swin) the ``block`` that holds it: e.g. ``{"grid": (14, 14), "window":
-        (7, 7), "shift": (3, 3)}`` for a Swin block, the sub-sampling ratio of a spatial-reduction attention.
-        Paired teacher and student layers must agree on every entry (`attnxfer.transfer.plan.build_plan` names
-        the stage and what differs). ``{}`` for flat layers, where the model's token grid decides."""
+        """What decides this layer's query and key sets beyond the patch grid (a Swin ``block``'s window and
+        shift, a reduction ratio); paired layers must agree on every entry. ``{}`` for flat layers."""
         return {}
 
     # ----------------------------------------------------------------- what the family says of its calls and rows
-    #: Where a zoo attention takes this layer's place in a conversion (`attnxfer.models.attention.slots`): what
-    #: of the layer moves in and how the family's blocks call it; None where the family's layers do not convert.
+    #: How a zoo attention takes this layer's place in a conversion; None where the family does not convert.
     conversion_slot: ClassVar[type | None] = None  # a `slots.ConversionSlot` subclass
 
     def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
-        """The stage grid (H, W) a call of this layer names (``args``, ``kwargs``: the call as the block makes
-        it, input first), or None where the call names none (flat layers; windows the block cuts)."""
+        """The stage grid (H, W) the block's call names, or None (flat layers; windows the block cuts)."""
         return None
 
     def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """What a call hands this layer besides its input that a zoo attention fitted on that input takes too:
-        the rotary embedding a rope family's block passes, as ``rope``."""
+        """What a call hands besides its input that a zoo attention takes too (a rope family's ``rope``)."""
         rope = kwargs.get("rope")
         return {"rope": rope} if rope is not None else {}
 
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
     ) -> RowPlacement | None:
-        """Where this layer's query rows and keys sit on the image, for a call of ``tokens`` tokens on the
-        ``grid`` it names (`call_grid`), its ``partition`` (`token_partition` read with its block) and the
-        ``walk`` over the model's layers so far; None where its rows are the image's own tokens (flat layers)."""
+        """Where this layer's query rows and keys sit on the image; None where its rows are the image's own
+        tokens (flat layers)."""
         return None
 
     def key_count(self, tokens: int, grid: tuple[int, int] | None) -> int:
-        """How many keys each query meets on a call of ``tokens`` tokens on ``grid`` (`call_grid`)."""
+        """How many keys each query meets."""
         return tokens
 
     def key_reduction(self) -> str | None:
-        """How this layer's keys reduce its tokens, in words (``"2x2 blocks"``), or None where its keys are its
-        tokens: a student over every token then learns the teacher's map pooled onto those keys."""
+        """How this layer's keys reduce its tokens, in words (``"2x2 blocks"``), or None: a student over every
+        token then learns the teacher's map pooled onto those keys."""
         return None
 
     # ----------------------------------------------------------------- projections
     def _qkv_rows(self, name: str):
-        """(weight, bias) rows of the fused qkv for chunk ``name``."""
         if isinstance(self.qkv, PartialQKV):
             return self.qkv.chunk(name)
         i = QKV.index(name)
@@ -245,8 +202,7 @@ class TransferableAttention(nn.Module):
         return self.qkv.weight[rows], bias
 
     def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
-        """The requested heads (B, H, N, d) of q/k/v, q/k norms applied, exactly as timm computes
-        them; projections not asked for are skipped."""
+        """The requested heads (B, H, N, d), q/k norms applied, as timm computes them."""
         B, N, _ = x.shape
         which = "".join(c for c in QKV if c in which)
         out: dict[str, torch.Tensor] = {}
@@ -264,7 +220,7 @@ class TransferableAttention(nn.Module):
         return out
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
-        """Turn the given q/k/v projections into frozen buffers (copied layers don't use them)."""
+        """Freeze the given q/k/v projections (copied layers don't use them)."""
         chunks = set(chunks)
         if not chunks:
             return
@@ -283,22 +239,16 @@ class TransferableAttention(nn.Module):
 
     # ----------------------------------------------------------------- logits
     def logit_scale(self, q: torch.Tensor) -> float:
-        """The factor on q·kᵀ in this layer's logits for queries ``q`` (timm's: q's head dim ** -0.5)."""
+        """The factor on q·kᵀ in the logits (timm's: q's head dim ** -0.5)."""
         return q.shape[-1] ** -0.5
 
     def logit_bias(self, q: torch.Tensor, k: torch.Tensor, **call: Any) -> torch.Tensor | None:
-        """The additive term of this layer's logits, (B or 1, H, N_q, N_k), or None (plain q·kᵀ).
-
-        ``call`` holds the forward's own extra arguments (an adapter's rope, say). Adapters with a
-        relative-position bias return it here and set ``has_logit_bias``."""
+        """The additive logit term (B or 1, H, N_q, N_k), or None; ``call``: the forward's extra arguments."""
         return None
 
     def logit_bias_rows(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, **call: Any) -> BiasRows:
-        """The logit bias as transfer captures it: a `BiasRows` that hands out blocks of query rows.
-
-        ``bias`` is this call's ``logit_bias`` (already computed for the attention itself). By default
-        rows of that tensor; adapters whose bias is gathered from a table return rows gathered per
-        chunk from the table, so the chunked CE never holds the whole bias or its gradient."""
+        """``bias`` as transfer captures it, in blocks of query rows: adapters that gather it from a table
+        gather per chunk, so the chunked CE never holds the whole bias or its gradient."""
         return BiasRows.of_tensor(bias)
 
     #: ``logit_bias`` can return a tensor (the CE then takes the chunked biased path).
@@ -321,12 +271,8 @@ class TransferableAttention(nn.Module):
         is_causal: bool = False,
         **call: Any,
     ) -> torch.Tensor:
-        """``proj(norm(attend(project(x))))`` with this call's `AttentionIO` (``self.io``) honoured.
-
-        ``call`` is passed on to ``project`` and ``logit_bias`` (an adapter's extra forward arguments,
-        e.g. rope). The logits are ``logit_scale · q kᵀ + logit_bias``: borrowing q and k together
-        borrows the bias with them (``io.bias``); otherwise the layer's own bias is used.
-        """
+        """``proj(norm(attend(project(x))))`` with ``self.io`` honoured; borrowing q and k together borrows
+        the bias with them (``io.bias``)."""
         io = self.io
         if io is None:
             qkv = self.project(x, **call)
@@ -369,7 +315,6 @@ class TransferableAttention(nn.Module):
         return self._output(x, out)
 
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, d) core output -> (B, N, C): merge heads, ``norm``, timm's gate, ``proj``."""
         B, N, _ = x.shape
         out = self.norm(out.transpose(1, 2).reshape(B, N, -1))
         gate = self._modules.get("gate")  # the class default None would hide a registered module
@@ -386,24 +331,18 @@ class TransferableAttention(nn.Module):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """Attention core (B, H, N, d) -> (B, H, N, d_v), before the output projection."""
         raise NotImplementedError
 
     def attend_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attend`` plus the rows' log-sum-exp of its softmax logits: softmax attention only."""
         raise TypeError(
             f"{type(self).__name__} is not a softmax attention: it has no log-sum-exp to hand out "
             "(its distillation loss is computed from its implicit map)"
         )
 
     def attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The part of ``attend`` that equals ``attention_map(q, k) @ v``.
-
-        The whole of it for every attention but those with an additive term outside the map
-        (focused linear attention's depthwise conv on v).
-        """
+        """The part of ``attend`` that equals ``attention_map(q, k) @ v`` (all but an additive term)."""
         if not self.map_kind.has_map:
             raise TypeError(f'{type(self).__name__} has no attention map (map_kind "none")')
         return self.attend(q, k, v)
@@ -412,15 +351,12 @@ class TransferableAttention(nn.Module):
     def fit_loss(
         self, q: torch.Tensor, k: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor
     ) -> torch.Tensor:
-        """This attention's own stage-1 objective (declared by ``fit_objective``) on its (q, k) and a
-        softmax teacher's (q_t, k_t), all (B, H, N, d): a differentiable scalar. Attentions whose new
-        parameters a map loss cannot train (binary codes have no gradient) declare one."""
+        """The ``fit_objective`` on (q, k) and a softmax teacher's: for new parameters a map loss cannot
+        train (binary codes have no gradient)."""
         raise NotImplementedError(f"{type(self).__name__} declares no stage-1 objective of its own")
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts | None:
-        """Multiplications / additions of one ``attend`` call on ``batch`` x ``num_tokens`` tokens, counted
-        from the attention's own algorithm (conventions in `attnxfer.models.attention.opcount`); None
-        where the attention does not count them."""
+        """Multiplications / additions of one ``attend`` call (`opcount`), or None."""
         return None
 
     # ----------------------------------------------------------------- maps
@@ -430,12 +366,8 @@ class TransferableAttention(nn.Module):
         k: torch.Tensor,
         rows: slice | None = None,
     ) -> torch.Tensor | None:
-        """Rows of the N x N map, (B, H, len(rows), N), in the compute dtype (fp32; float64 stays).
-
-        Built a chunk of rows at a time (``map_chunk_size``, else sized by the shared row budget)
-        from a per-call context (features, agents, pseudo-inverses), so peak extra memory is one
-        chunk plus the result. ``None`` for attentions without a map (map kind ``none``).
-        """
+        """Rows of the N x N map (B, H, len(rows), N) in fp32 (float64 stays), built a chunk of rows at a
+        time from a per-call context; ``None`` without a map."""
         if not self.map_kind.has_map:
             return None
         N = q.shape[-2]
@@ -454,11 +386,10 @@ class TransferableAttention(nn.Module):
     def _io_map(
         self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """The map an `AttentionIO` with ``return_map`` hands back (the whole map)."""
         return self.attention_map(q, k)
 
     def _map_context(self, q: torch.Tensor, k: torch.Tensor) -> Any:
-        """Whatever rows of the map share (computed once per ``attention_map`` call)."""
+        """What rows of the map share (once per ``attention_map`` call)."""
         raise NotImplementedError
 
     def _map_rows(self, context: Any, rows: slice) -> torch.Tensor:
