@@ -1,16 +1,6 @@
-"""What a timm vision model takes as input: channels, image size, patch size and patch grid.
-
-timm families keep the module that cuts images into patches in different places (each family file says
-where: `attnxfer.models.attention.Family.patch_embedding`) and describe it with different attributes (a ViT's
-``patch_embed`` knows its ``img_size`` and ``grid_size``; others accept any size and record none). This is
-the one place that reads them, so run builders, plans and reports ask `image_input` instead of reading
-``model.patch_embed`` (which only some families have).
-
-Other sizes: a model runs at another image size than the one its weights were made for where its family's
-`Tiling`s hold (whole patches; whole stage grids and windows for the hierarchical families: each family file
-declares them, `attnxfer.models.attention.ImageSizes`). `check_image_size` is that question, asked before
-any work, and its refusal (`ImageSizeError`) names the nearest sizes that work.
-"""
+"""What a timm vision model takes as input (channels, image size, patch size and grid), read in one place
+because families keep and describe their patch embedding differently; `check_image_size` refuses a size
+before any work, naming the nearest sizes that work."""
 
 from __future__ import annotations
 
@@ -30,10 +20,7 @@ PATCH_EMBEDDINGS = patch_embeddings()
 
 @dataclass(frozen=True)
 class ImageInput:
-    """A model's input geometry at its configured image size.
-
-    ``img_size`` is None only for a model that records no size anywhere (then ``grid`` is ``()``);
-    ``grid`` steps by the embedding's stride (overlapping 7x7 patches that step by 4, say)."""
+    """A model's input geometry at its configured image size (``grid`` steps by the embedding's stride)."""
 
     where: str  # the patch embedding's module path
     in_chans: int
@@ -43,7 +30,7 @@ class ImageInput:
 
 
 def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """(path, module) of ``model``'s patch embedding (`PATCH_EMBEDDINGS`), or None for a model without one."""
+    """(path, module) of ``model``'s patch embedding, or None."""
     for where in PATCH_EMBEDDINGS:
         try:
             return where, model.get_submodule(where)
@@ -53,11 +40,8 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def image_input(model: nn.Module) -> ImageInput:
-    """Input channels, image size, patch size and grid of any timm vision model of a known family.
-
-    Sizes are read from the embedding where it records them, else from timm's record of the size the
-    model was built for (``create_model(..., img_size=...)``), else from its pretrained config. A model
-    with no patch embedding attnxfer knows is one `InputError` naming its class."""
+    """Input channels, image size, patch size and grid of any timm vision model of a known family: sizes
+    from the embedding, else timm's record of the built size, else the pretrained config."""
     found = find_patch_embedding(model)
     if found is None:
         known = ", ".join(f.title for f in families())
@@ -87,8 +71,7 @@ def image_input(model: nn.Module) -> ImageInput:
 
 
 def _in_chans(model: nn.Module, where: str, embed: nn.Module, proj: nn.Module | None) -> int:
-    """The embedding's own count, its conv's input channels (ViT-like stems), else the count its owner
-    records (an encoder whose embedding is a linear projection of flattened patches)."""
+    """The embedding's own count, its conv's input channels, else the count its owner records."""
     chans = getattr(embed, "in_chans", None)
     if chans is None and isinstance(proj, nn.Conv2d):
         chans = proj.in_channels
@@ -102,8 +85,7 @@ def _in_chans(model: nn.Module, where: str, embed: nn.Module, proj: nn.Module | 
 
 
 def as_pair(v) -> tuple[int, int] | None:
-    """An (h, w) pair of ints from what timm's stems record (an int, a pair, a ``torch.Size``); None for
-    None or a sequence that is not two long, which timm's ``to_2tuple`` would pass on unchecked."""
+    """An (h, w) pair of ints from what timm's stems record; None for None or a sequence not two long."""
     if v is None:
         return None
     if isinstance(v, int):
@@ -114,26 +96,25 @@ def as_pair(v) -> tuple[int, int] | None:
 
 # ------------------------------------------------------------------------------------------- other sizes
 class ImageSizeError(InputError):
-    """A model cannot run at an image size: ``side``, why, and the nearest sides that work (``below``,
-    ``above``; None where there is none). Callers that know which setting named the size restate it."""
+    """A model cannot run at an image size ``side``; ``below``/``above``: the nearest sides that work."""
 
     def __init__(self, message: str, side: int, below: int | None, above: int | None) -> None:
         super().__init__(message)
         self.side, self.below, self.above = side, below, above
 
     def restated(self, key: str) -> ImageSizeError:
-        """The same refusal, naming the setting that asked for the size (``data.img_size``, ``--img-size``)."""
+        """The same refusal, naming the setting that asked for the size."""
         return ImageSizeError(f"{key}={self.side}: {self.args[0]}", self.side, self.below, self.above)
 
 
 def image_sizes(model: nn.Module) -> ImageSizes:
-    """What ``model``'s family declares about other image sizes (defaults for a model of no known family)."""
+    """What ``model``'s family declares about other image sizes."""
     family = family_of(model)
     return family.sizes if family is not None else ImageSizes()
 
 
 def size_tilings(model: nn.Module) -> tuple[Tiling, ...]:
-    """The rules an image side must meet to run ``model`` (its family's `Tiling`s; whole patches by default)."""
+    """The rules an image side must meet to run ``model`` (whole patches by default)."""
     declared = image_sizes(model).tilings
     if declared is not None:
         return tuple(declared(model))
@@ -146,9 +127,8 @@ def _fits(tilings: tuple[Tiling, ...], side: int, native: int | None) -> bool:
 
 
 def sizes_that_fit(model: nn.Module, side: int) -> tuple[int | None, int | None]:
-    """The nearest image sides below and above ``side`` at which ``model`` runs (None where there is none
-    below). The rules repeat with the least common multiple of their strides and windows, so one period
-    around ``side`` holds both answers."""
+    """The nearest image sides below and above ``side`` at which ``model`` runs: the rules repeat with the
+    lcm of their strides and windows, so one period around ``side`` holds both answers."""
     tilings = size_tilings(model)
     native = _native_side(model)
     period = math.lcm(*(t.stride * t.window for t in tilings)) if tilings else 1
@@ -162,12 +142,9 @@ def sizes_that_fit(model: nn.Module, side: int) -> tuple[int | None, int | None]
 
 
 def check_image_size(model: nn.Module, side: int) -> ImageSizes:
-    """Refuse an image side ``model`` cannot run at (`ImageSizeError`, naming the nearest sides that work),
-    else return its family's `ImageSizes` (how it is rebuilt there).
-
-    ``model`` is the architecture at the size its weights were made for (a model on the meta device is
-    enough): that size always runs, as timm built it (padded windows included); another size must meet every
-    `Tiling` of its family, so that it computes what it computes at its own size, on more or fewer tokens."""
+    """Refuse an image side ``model`` cannot run at, else return its family's `ImageSizes`: the size the
+    weights were made for always runs (padded windows included); another must meet every `Tiling`, so the
+    model computes what it computes at its own size, on more or fewer tokens."""
     sizes = image_sizes(model)
     if side < 1:
         raise ImageSizeError(

@@ -1,19 +1,6 @@
-"""Masked autoencoder (He et al., 2022) around a timm ViT encoder: masking, a light decoder, the pixel loss.
-
-The pieces follow the paper's description:
-
-* every image keeps a random subset of exactly ``round(N·(1 − mask_ratio))`` patches (per-image noise,
-  ``argsort``); the encoder sees only those (plus its prefix tokens);
-* a light decoder (timm ``Block``s, narrower than the encoder, its own fixed 2-D sin-cos position
-  embedding and a learned mask token) fills the masked positions back in and predicts their pixels;
-* the loss is the mean squared error on the *masked* patches only, against pixels normalised per patch
-  (``norm_pix``: each patch to zero mean and unit variance, which the paper found gives better features).
-
-Parameter names are those of MAE's own pretraining checkpoints: the encoder's are timm's
-(``blocks.0.attn.qkv.weight``, ``pos_embed``, ...) and the decoder's start with ``decoder_`` beside
-``mask_token``. So a pretraining checkpoint loads as a teacher wherever MAE's does (the decoder is
-dropped and reported), and ``encoder`` is a plain timm ``VisionTransformer`` that exports as is.
-"""
+"""Masked autoencoder (He et al., 2022) around a timm ViT encoder, with the parameter names of MAE's own
+checkpoints (the decoder's start with ``decoder_``), so a pretraining checkpoint loads as a teacher wherever
+MAE's does and ``encoder`` exports as a plain timm ``VisionTransformer``."""
 
 from __future__ import annotations
 
@@ -27,8 +14,7 @@ from ..errors import InputError
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): half the channels encode the row,
-    half the column, each as sin/cos at geometrically spaced frequencies (Vaswani et al.'s 1-D form)."""
+    """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): half the channels the row, half the column."""
     if dim % 4:
         raise InputError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4
@@ -61,11 +47,8 @@ def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channel
 def random_masking(
     batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image random masks: ``(keep_idx (B, K), mask (B, N))`` with ``mask`` 1 on hidden patches.
-
-    Every image keeps exactly ``K = round(N·(1 − mask_ratio))`` patches (at least one): the K with the
-    smallest uniform noise, so each subset of size K is equally likely.
-    """
+    """``(keep_idx (B, K), mask (B, N))``, mask 1 on hidden patches: each image keeps the K (at least one)
+    patches of smallest uniform noise, so each subset of size K is equally likely."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     keep = max(1, round(num_patches * (1.0 - mask_ratio)))
@@ -79,11 +62,7 @@ def random_masking(
 def masked_patch_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """Mean over masked patches of the per-patch mean squared error, in fp32.
-
-    With ``norm_pix`` each target patch is first normalised by its own mean and (unbiased) variance:
-    ``(t − mean) / sqrt(var + eps)``, so a flat patch has target 0.
-    """
+    """Mean over masked patches of the per-patch MSE in fp32; ``norm_pix``: targets normalised per patch."""
     pred, target, mask = pred.float(), target.float(), mask.float()
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
@@ -95,9 +74,7 @@ def masked_patch_loss(
 
 @dataclass
 class MAEOutput:
-    """What one MAE forward pass gives: the loss the optimiser sees, the prediction and the mask.
-
-    ``terms``/``logs`` follow the engine's convention (named differentiable terms / detached extras)."""
+    """One MAE forward pass; ``terms``/``logs`` follow the engine's convention."""
 
     loss: torch.Tensor
     pred: torch.Tensor  # (B, N, patch²·C), in normalised-pixel units when norm_pix
@@ -107,19 +84,9 @@ class MAEOutput:
 
 
 class MaskedAutoencoder(nn.Module):
-    """An MAE around ``encoder``, a timm ``VisionTransformer`` (class token optional, fixed image size).
-
-    The encoder's modules and parameters are registered on this module under their own names (composition,
-    not a copy: they are the same objects), so ``state_dict()`` has MAE's checkpoint layout and
-    ``self.encoder`` stays a complete timm model holding the trained weights.
-
-    Args:
-        encoder: the ViT to pre-train (its head is not used; build it with ``num_classes=0``).
-        decoder_dim, decoder_depth, decoder_heads: the light decoder (the paper: 512 wide, 8 blocks for
-            ViT-L, i.e. a fraction of the encoder's compute).
-        mask_ratio: share of patches hidden from the encoder (the paper: 0.75).
-        norm_pix: per-patch normalised pixel targets (the paper's default for its best features).
-    """
+    """An MAE around ``encoder``, a fixed-size timm ``VisionTransformer`` whose modules are registered here
+    under their own names (the same objects), so ``state_dict()`` has MAE's checkpoint layout and
+    ``self.encoder`` stays a complete timm model."""
 
     def __init__(
         self,
@@ -176,7 +143,6 @@ class MaskedAutoencoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"pos_embed", "cls_token", "reg_token", "mask_token", "decoder_pos_embed"}
 
-    # -- the three stages ----------------------------------------------------------------------
     def forward_encoder(self, images: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """The encoder on the kept patches only: (B, prefix + K, width), after its final norm."""
         enc = self.encoder
@@ -227,10 +193,8 @@ class MaskedAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, C, H, W): the masked input, the reconstruction (kept patches pasted back), the original.
-
-        With ``norm_pix`` the prediction is mapped back to pixels with each patch's true mean and
-        variance (only for display: the model predicts normalised patches)."""
+        """(B, 3, C, H, W): the masked input, the reconstruction (kept patches pasted back, normalised patches
+        mapped back with each patch's true mean and variance), the original."""
         out = self(images, generator=generator)
         target = self.target(images).float()
         pred = out.pred.float()

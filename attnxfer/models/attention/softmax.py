@@ -1,12 +1,6 @@
-"""Softmax attention for timm ViTs: `TransferAttention`, registered as ``"softmax"``.
-
-`TransferAttention` is timm's `Attention` (same constructor, parameters and names) meeting the
-`TransferableAttention` interface: through its per-call `AttentionIO` a caller can capture the
-layer's ``(q, k, v)`` (after qk-norm), replace any of them (attention copy), or ask for the explicit
-N×N map (visualisation and tests only). With a replaced ``q`` and ``k`` the layer is
-``SDPA(q_t, k_t, v_s)``: the teacher's attention map applied to the student's values without ever
-building the map. Only the projections the layer actually needs are computed.
-"""
+"""Softmax attention for timm ViTs: `TransferAttention` (registered as ``"softmax"``) is timm's `Attention`
+meeting the interface; with a teacher's q and k it is ``SDPA(q_t, k_t, v_s)``, the teacher's map applied to
+the student's values without ever building the map."""
 
 from __future__ import annotations
 
@@ -32,10 +26,8 @@ _TIMM_OPTIONS = frozenset(p for p in inspect.signature(Attention.__init__).param
 
 
 class SoftmaxCore(TransferableAttention):
-    """The softmax attention core every softmax layer shares (timm's ``Attention`` and the adapters of
-    `attnxfer.models.attention.families`): ``attend`` by SDPA (an additive logit bias arrives as
-    ``attn_mask``), its log-sum-exp, its explicit map (oracle) and its operation counts. The logits are
-    ``logit_scale(q) · q kᵀ (+ logit_bias)``."""
+    """The softmax core every softmax layer shares (timm's ``Attention`` and the family adapters): ``attend``
+    by SDPA (a logit bias arrives as ``attn_mask``), its log-sum-exp, explicit map and operation counts."""
 
     map_kind = MapKind.SOFTMAX
 
@@ -48,8 +40,6 @@ class SoftmaxCore(TransferableAttention):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """softmax(s · q kᵀ + mask) v by SDPA in the input dtype (flash/memory-efficient kernels: no
-        N x N tensor), with timm's attention dropout in training; masks as timm's."""
         return sdpa(
             q,
             k,
@@ -61,19 +51,16 @@ class SoftmaxCore(TransferableAttention):
         )
 
     def attention_dropout(self) -> float:
-        """The dropout probability on the map now: timm's ``attn_drop`` in training, else 0 (a layer
-        without attention dropout, such as Hiera's, overrides this with 0)."""
+        """timm's ``attn_drop`` in training, else 0 (Hiera's layer, which has none, overrides this)."""
         return self.attn_drop.p if self.training else 0.0
 
     def attend_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``attend`` plus the rows' log-sum-exp of its logits, both differentiable (`attention_with_lse`)."""
         return attention_with_lse(q, k, v, dropout_p=self.attention_dropout())
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head): q / sqrt(d) (N d), q k^T, the row softmax (max and exp as ``other``, the
-        shift, the row sums, N^2 divisions), and P v."""
+        """Per (batch, head): q / sqrt(d), q k^T, the row softmax and P v."""
         n, d = num_tokens, self.head_dim
         per_head = OpCounts(mul=n * d) + matmul_ops(n, d, n) + softmax_ops(n, n) + matmul_ops(n, n, d)
         return per_head * (batch * self.num_heads)
@@ -91,16 +78,10 @@ class SoftmaxCore(TransferableAttention):
 
 @register_attention(SOFTMAX)
 class TransferAttention(SoftmaxCore, Attention):
-    """timm `Attention` that can hand out, take in, and show its q/k/v.
-
-    Adds no parameters: a timm model built with it (``attn_layer=TransferAttention``)
-    or converted with `make_transfer_aware` keeps timm's parameter names. Takes timm's
-    ``Attention`` arguments, plus the zoo's token-layout keywords (ignored by softmax) so that
-    per-layer attention lists can build it like any registered attention.
-    """
+    """timm `Attention` that can hand out, take in, and show its q/k/v, with timm's parameters and names;
+    it also takes the zoo's token-layout keywords so per-layer lists build it like any attention."""
 
     map_kind = MapKind.SOFTMAX
-    #: A zoo attention takes a plain timm layer's place as the base slot has it: fused ``qkv``, the model's layout.
     conversion_slot = ConversionSlot
 
     def __init__(
@@ -135,13 +116,8 @@ def sdpa(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` that stays on the fused kernels when v's head dim differs from q's.
-
-    Fused kernels need one head dim for q, k and v; with a teacher's q/k (d_t) and a student's v (d_s)
-    torch falls back to the math path, which builds and keeps the N×N map. Zero-padding the narrower
-    side to the common dim is exact (zeros add nothing to q·k, and padded value columns are cut off),
-    with the logit scale pinned to q's original dim.
-    """
+    """``F.scaled_dot_product_attention`` that stays on the fused kernels (which need one head dim, else the
+    math path keeps the N×N map) when v's head dim differs from q's: zero-padding to the common dim is exact."""
     dq, dv = q.shape[-1], v.shape[-1]
     scale = dq**-0.5 if scale is None else scale
     if dq != dv:
@@ -162,11 +138,8 @@ def attention_with_lse(
     dropout_p: float = 0.0,
     backend: LSEBackend | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(s·q kᵀ) v and the rows' log-sum-exp of s·q kᵀ (s = d_q^-0.5; fp32), both differentiable.
-
-    ``backend`` defaults to `lse_backend_for` the inputs' device: one FlexAttention kernel on CUDA, SDPA and
-    the chunked `row_logsumexp` elsewhere (see `attnxfer.models.attention.lse`).
-    """
+    """softmax(s·q kᵀ) v and the rows' log-sum-exp of s·q kᵀ (fp32), both differentiable; ``backend``
+    defaults to FlexAttention on CUDA, SDPA and the chunked `row_logsumexp` elsewhere."""
     scale = q.shape[-1] ** -0.5
     backend = lse_backend_for(q.device, dropout_p) if backend is None else LSEBackend(backend)
     if backend is LSEBackend.FLEX:
@@ -193,12 +166,7 @@ def explicit_attention_map(
 
 
 def make_transfer_aware(model: nn.Module) -> nn.Module:
-    """Let every attention layer in ``model`` take part in transfer, in place.
-
-    timm's plain `Attention` becomes `TransferAttention` (the ViT family's adapter), and every timm attention
-    class with an adapter (`attnxfer.models.attention.families`) its adapter, by a class swap (no state added: every tensor,
-    name and hook is kept); attentions that already meet the interface are left as they are. An
-    attention layer of a class with no adapter is an error naming it (`attention_layers`).
-    """
+    """Let every attention layer in ``model`` take part in transfer, in place: each timm attention class
+    becomes its adapter by a class swap (every tensor, name and hook kept); no adapter is an error."""
     attention_layers(model)
     return model
