@@ -1,13 +1,4 @@
-"""ViTs on timm and the one attention interface that softmax and every zoo attention meet.
-
-``attention/``  the interface (`TransferableAttention`, `MapKind`, `AttentionIO`), softmax
-                (`TransferAttention`), the attention registry, whole-model capture, numerics
-``efficient/``  the zoo of efficient attentions (one file per attention) and zoo students
-``handover``    `Signal` (q, k, v, maps, a layer's input and output, the final features, the logits): what a
-                teacher hands a student, typed; `Chunks` (a set of q/k/v)
-``vit``         `create_vit` and the demo's micro ViTs
-``student``     students shaped like their teacher; specs that rebuild them
-"""
+"""ViTs on timm and the one attention interface that softmax and every zoo attention meet."""
 
 from . import efficient  # registers the zoo's attentions beside softmax
 from .attention import (

@@ -1,9 +1,5 @@
-"""What a teacher hands a student, and what a student shows to be compared with it: one typed vocabulary.
-
-Copy (the student attends with the teacher's q and k), attention distillation (the student's maps, q, k or v
-learn the teacher's), logit distillation, stage 1 of a conversion (each student layer fits the teacher's map,
-and optionally its attention output, on the teacher's hidden input) and feature distillation (the student's
-final tokens learn the teacher's) all name what crosses over with a `Signal`, never with a string of letters:
+"""What a teacher hands a student, and what a student shows to be compared with it: a typed vocabulary
+(`Signal`, a `StrEnum`, so config words, logged names and recorded runs stay what they were):
 
 ==============  ==========  ====================================================================================
 signal          taken from  what it is
@@ -18,11 +14,6 @@ signal          taken from  what it is
 ``features``    the model   ``forward_features``'s final tokens (after the final norm), prefix and patch tokens
 ``logits``      the model   the head's output
 ==============  ==========  ====================================================================================
-
-An attention layer itself hands out only q, k and v (`Signal.chunks`: maps are q and k); `Chunks` is such a
-set, in timm's qkv order, as a copy mode borrows it or an `AttentionIO` captures it. Being a `StrEnum`, a
-signal prints, compares and serialises as its word (``Signal.Q == "q"``), so the config's words, logged names
-and recorded runs stay what they were.
 """
 
 from __future__ import annotations
@@ -48,8 +39,7 @@ class Signal(StrEnum):
 
     @property
     def chunks(self) -> tuple[Signal, ...]:
-        """The projections an attention layer hands out to give this signal: q and k for maps, a projection
-        itself, none for what is not made of projections (the input, output, features, logits)."""
+        """The projections an attention layer hands out to give this signal (q and k for maps)."""
         if self is Signal.MAPS:
             return (Signal.Q, Signal.K)
         return (self,) if self in QKV_SIGNALS else ()
@@ -61,7 +51,6 @@ class Signal(StrEnum):
 
     @property
     def of_layer(self) -> bool:
-        """Taken from one attention layer (else from the whole model's forward)."""
         return self not in (Signal.FEATURES, Signal.LOGITS)
 
 
@@ -71,12 +60,8 @@ _WORDS = frozenset(s.value for s in Signal)
 
 
 class Chunks(tuple):
-    """A set of q/k/v `Signal`s in timm's order: what a copy mode borrows, what an `AttentionIO` captures.
-
-    Built from signals (``maps`` stands for q and k), from one signal, or from the config's letters
-    (``"qk"``); a signal that no projection gives (``output``) is a `ValueError`. Prints as its letters
-    (``qk``), as run records and messages have always said it.
-    """
+    """A set of q/k/v `Signal`s in timm's order (what a copy mode borrows, an `AttentionIO` captures), built
+    from signals or the config's letters (``"qk"``) and printed as its letters, as run records say it."""
 
     def __new__(cls, signals: Iterable[Signal | str] | Signal | str = ()) -> Chunks:
         if isinstance(signals, str):

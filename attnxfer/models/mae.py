@@ -14,7 +14,7 @@ from ..errors import InputError
 
 
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): half the channels the row, half the column."""
+    """Fixed 2-D sin-cos position embedding (grid_h·grid_w, dim): rows, then columns."""
     if dim % 4:
         raise InputError(f"a 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
     quarter = dim // 4

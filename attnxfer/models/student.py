@@ -324,7 +324,7 @@ def _json_value(key: str, v: Any) -> Any:
 
 
 def student_spec(student: nn.Module) -> dict[str, Any]:
-    """JSON that rebuilds ``student`` (`student_from_spec`): timm name and arguments, attention, preprocessing."""
+    """JSON that rebuilds ``student`` (`student_from_spec`): timm name and arguments, attention."""
     cfg = getattr(student, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:

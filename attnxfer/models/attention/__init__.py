@@ -1,36 +1,5 @@
-"""One attention interface for softmax and every zoo attention.
-
-==================  =================================================================================
-module              what
-==================  =================================================================================
-``interface``       `TransferableAttention` (the abstract base: project / attend / attention_map /
-                    forward with `AttentionIO`; what a family's layer says of its calls and rows)
-``map_kind``        `MapKind` (softmax, row-stochastic, signed, none)
-``attention_io``    `AttentionIO` (one call's instructions and results), `StopForward`, `attention_io`
-``partial_qkv``     `PartialQKV` (q/k/v row blocks frozen independently, timm's state-dict names)
-``softmax``         `TransferAttention` (timm's ``Attention``, registered as ``"softmax"``),
-                    `make_transfer_aware`, `sdpa`, `attention_with_lse`, `explicit_attention_map`
-``adapters``        timm attention class -> its adapter (`register_adapter`, `refuse_attention`),
-                    `attention_layers` (a model's attention layers in forward order, swapped in place)
-                    and the stage grouping (`stage_of`, `group_stages`, `attention_stages`)
-``families``        one file per timm family (ViT, EVA, BEiT, ..., Swin, PVTv2, Twins, Hiera)
-``family``          `Family`: what a family file declares besides its adapters (`register_family`,
-                    `families`, `patch_embeddings`, `family_of`; `ImageSizes`/`Tiling`: other sizes)
-``slots``           `ConversionSlot`: how a zoo attention takes a family's layer (`slot_of`)
-``placement``       `RowPlacement`: where a layer's rows and keys sit on the image (`place_rows`)
-``registry``        name -> class for softmax and the zoo (`register_attention`, `create_attention`,
-                    `attention_name_of`, ...)
-``capture``         whole-model access through the interface: `transferable_attentions`, `attention_maps`,
-                    `capture_attention`, `run_with_ios` (a model's own forward with per-layer IOs)
-``numerics``        fp32 sections and row chunks (one chunk budget) for attentions and their losses;
-                    `matmul_fp32` (fp32 results, tensor cores for bf16 on CUDA), the zoo's precision policy
-``lse``             the chunked `row_logsumexp` and the backends of `attention_with_lse` (softmax
-                    attention that hands out its log-sum-exp: FlexAttention on CUDA, a twin elsewhere)
-==================  =================================================================================
-
-The zoo's attentions live in `attnxfer.models.efficient` (one file per attention) on the base
-`EfficientAttention`.
-"""
+"""One attention interface for softmax and every zoo attention (the zoo itself: `attnxfer.models.efficient`);
+docs/architecture.md maps the modules."""
 
 from .adapters import (
     adapter_for,

@@ -96,7 +96,7 @@ def bf16_devices(*device_types: str) -> Iterator[None]:
 
 def operand_dtype(t: torch.Tensor, policy: PrecisionPolicy) -> torch.dtype:
     """The dtype of a zoo core's operands for ``t``: bf16 where ``policy`` allows it, the device is in
-    `bf16_devices` and ``t`` is bf16 or under bf16 autocast; else the compute dtype. The one place that decides."""
+    `bf16_devices` and ``t`` is bf16 or under bf16 autocast; else the compute dtype."""
     device = t.device.type
     if policy.uses_bf16 and device in _bf16_devices:
         autocast_bf16 = (

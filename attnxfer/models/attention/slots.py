@@ -1,13 +1,6 @@
-"""Conversion slots: how a zoo attention takes a softmax layer's place, one slot per family that converts.
-
-A converted student is its teacher's copy with attention layers replaced by zoo attentions. What of the
-teacher's layer moves in (projections, norms, the output projection), with which constructor arguments (the
-head layout, the token layout), how the family's blocks call the new layer (PVTv2's ``attn(x, feat_size)``,
-Swin's windows and shift mask, Gemma4's ``attn(x, cos, sin)``) and which zoo attentions a family refuses (a
-rope family: those whose map kind its rotary embedding would break) are the family's own: its adapter names
-a `ConversionSlot` (``conversion_slot``), and the swap (`attnxfer.models.efficient.swap`) asks the slot,
-never the family. `ConversionSlot` itself is the slot of timm's plain ``Attention`` (ViT, DeiT, NaFlexViT).
-"""
+"""Conversion slots: how a zoo attention takes a softmax layer's place. What moves in, with which arguments,
+how the family's blocks call the new layer and which zoo attentions a family refuses are the family's own:
+its adapter names a `ConversionSlot`, and the swap asks the slot, never the family."""
 
 from __future__ import annotations
 
@@ -25,21 +18,17 @@ from .interface import COUNTERPART_MODULES, TransferableAttention
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """A flat model's token layout: prefix (class, register) tokens before the patch grid (None: the model
-    resizes its grid, the attention infers it per call)."""
+    """A flat model's prefix tokens and patch grid (None: the attention infers it per call)."""
 
     prefix: int
     grid: tuple[int, int] | None
 
 
 class ConversionSlot:
-    """How a zoo attention takes the place of one family's attention layer (the module docstring).
+    """How a zoo attention takes the place of one family's attention layer: declared, never built (class
+    methods); ``build`` is the entry point, subclasses change the parts that differ for their family."""
 
-    Every method is a class method: a slot is declared, never built. ``build`` is the one entry point;
-    subclasses change the parts that differ for their family."""
-
-    #: The call the family's blocks make, as methods (``forward``, ``attend``, ...) placed before the zoo
-    #: class's (`zoo_class`); None: the zoo class takes the call as timm's ``Attention`` does.
+    #: The call the family's blocks make, as methods placed before the zoo class's; None: timm's call.
     call: ClassVar[type | None] = None
 
     @classmethod
@@ -54,8 +43,7 @@ class ConversionSlot:
 
     @classmethod
     def zoo_class(cls, zoo: type[nn.Module]) -> type[nn.Module]:
-        """The class built: ``zoo`` with the slot's ``call`` before it (made once per pair), which answers
-        ``conversion_slot`` with this slot."""
+        """``zoo`` with the slot's ``call`` before it (made once per pair)."""
         if cls.call is None:
             return zoo
         key = (cls, zoo)
@@ -69,8 +57,7 @@ class ConversionSlot:
 
     @classmethod
     def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
-        """Constructor arguments that reproduce ``old``'s head layout, with the model's token layout (and a
-        fixed-length attention's sequence length: Linformer's ``seq_len``)."""
+        """Constructor arguments for ``old``'s head layout and the model's token layout."""
         config = attention_config(old)
         if layout is not None:
             config.update(num_prefix_tokens=layout.prefix, grid_size=layout.grid)
@@ -80,8 +67,7 @@ class ConversionSlot:
 
     @classmethod
     def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
-        """The teacher layer's modules that move into the new one, by the name they take there: timm's
-        ``qkv`` (fused, `fused_qkv`), ``q_norm``, ``k_norm``, ``norm``, ``proj`` where it has them."""
+        """The teacher layer's modules that move into the new one, by the name they take there."""
         out = {}
         for name in COUNTERPART_MODULES:
             module = fused_qkv(old) if name == "qkv" else getattr(old, name, None)
@@ -91,8 +77,7 @@ class ConversionSlot:
 
     @classmethod
     def finish(cls, new: nn.Module, old: nn.Module, layout: TokenLayout | None, where: str) -> None:
-        """Whatever else the new layer takes from ``old`` once the modules moved in (``where`` names the layer
-        in a refusal)."""
+        """Whatever else the new layer takes from ``old`` (``where`` names the layer in a refusal)."""
 
     @classmethod
     def build(
@@ -105,9 +90,7 @@ class ConversionSlot:
         options: dict[str, Any],
         where: str,
     ) -> nn.Module:
-        """``zoo`` in ``old``'s place (``depth``: the layer's index; ``options``: the zoo attention's own):
-        built with `config`, the `moved` modules set in (the copy's own tensors, exact, not shared), `finish`ed,
-        in ``old``'s device, dtype and train mode."""
+        """``zoo`` in ``old``'s place, in ``old``'s device, dtype and mode."""
         config = {**cls.config(old, zoo, layout), "depth": depth, **options}
         moved = cls.moved(old)
         reference = next(itertools.chain.from_iterable(m.parameters() for m in moved.values()))
@@ -123,8 +106,7 @@ _MIXED: dict[tuple[type, type], type] = {}
 
 
 def slot_of(attn: nn.Module) -> type[ConversionSlot] | None:
-    """The conversion slot of a layer's family: its class's (an adapter, or a zoo attention built in a slot),
-    else its timm class's adapter's; None where the family's layers do not convert."""
+    """The conversion slot of a layer's family (its class's, else its adapter's), or None."""
     slot = getattr(type(attn), "conversion_slot", None)
     if slot is None and not isinstance(attn, TransferableAttention):
         slot = getattr(adapter_for(type(attn)), "conversion_slot", None)
@@ -132,7 +114,6 @@ def slot_of(attn: nn.Module) -> type[ConversionSlot] | None:
 
 
 def attention_config(attn: nn.Module) -> dict[str, Any]:
-    """Constructor arguments that reproduce a timm ``Attention``'s (or a rope attention's) shapes."""
     fused = isinstance(getattr(attn, "qkv", None), nn.Linear)
     separate = all(isinstance(getattr(attn, f"{c}_proj", None), nn.Linear) for c in "qkv")
     missing = [name for name in ("proj", "num_heads") if not hasattr(attn, name)]
@@ -162,10 +143,8 @@ def attention_config(attn: nn.Module) -> dict[str, Any]:
 
 
 def fused_qkv(attn: nn.Module) -> nn.Linear:
-    """The teacher's q/k/v projection as one fused ``qkv`` Linear, exactly: timm's own ``qkv`` when its bias
-    is its own; a separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` folded into the fused bias (the same
-    ``F.linear`` the layer runs); ``q_proj``/``k_proj``/``v_proj`` stacked, grouped k/v heads repeated to the
-    q heads (as timm repeats them after the projection: the same numbers)."""
+    """The teacher's q/k/v projection as one fused ``qkv`` Linear, exactly: separate q/k/v biases folded in,
+    separate projections stacked with grouped k/v heads repeated (as timm repeats them after projecting)."""
     qkv = getattr(attn, "qkv", None)
     if isinstance(qkv, nn.Linear):
         if getattr(attn, "q_bias", None) is None:
@@ -200,8 +179,7 @@ def fused_qkv(attn: nn.Module) -> nn.Linear:
 
 
 def stacked_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
-    """One Linear whose rows are ``parts``' rows in order (and biases, where the first has one), on the
-    first's device and dtype: a family's separate projections fused into the zoo's ``qkv``."""
+    """One Linear whose rows are ``parts``' rows in order: a family's separate projections as one ``qkv``."""
     first = parts[0]
     bias = first.bias is not None
     fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=bias)

@@ -117,7 +117,7 @@ def sdpa(
     scale: float | None = None,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` that stays on the fused kernels (which need one head dim, else the
-    math path keeps the N×N map) when v's head dim differs from q's: zero-padding to the common dim is exact."""
+    math path keeps the N×N map) when v's head dim differs from q's: zero-padding is exact."""
     dq, dv = q.shape[-1], v.shape[-1]
     scale = dq**-0.5 if scale is None else scale
     if dq != dv:
