@@ -1,16 +1,7 @@
-"""`BiasRows`: an additive logit bias handed out a block of query rows at a time.
-
-A relative-position bias is N×N per layer, but it is *gathered* from a small table
-(``table[index[i, j], h]``: BEiT, timm's ``RelPosBias``/``RelPosMlp``). The exact CE of biased logits
-walks query-row chunks (`attnxfer.transfer.losses.biased_attention_ce`); with a `BiasRows` it gathers
-each chunk's bias rows when it needs them and sends their gradient back into the table chunk by chunk,
-so neither the bias nor its gradient is ever held whole. A bias that is only known as a full tensor
-(SAM's input-dependent decomposed bias, BEiT's model-wide shared bias) is wrapped by `BiasRows.of_tensor`:
-rows are views, and its gradient is the tensor's size.
-
-``rows_fn(rows, *inputs)`` must be a pure, differentiable function of ``inputs`` (the tensors the bias is
-computed from: a table, a shared bias) returning (B or 1, H, len(rows), N_k).
-"""
+"""`BiasRows`: an additive logit bias handed out a block of query rows at a time, so the chunked CE of biased
+logits gathers each chunk's rows from a small table (BEiT, ``RelPosBias``/``RelPosMlp``) and sends their
+gradient back chunk by chunk, never holding the N×N bias or its gradient whole; ``rows_fn(rows, *inputs)``
+must be a pure, differentiable function of ``inputs``."""
 
 from __future__ import annotations
 
@@ -31,16 +22,13 @@ class BiasRows:
 
     @classmethod
     def of_tensor(cls, bias: torch.Tensor) -> BiasRows:
-        """A full bias tensor (H, N_q, N_k) or (B or 1, H, N_q, N_k) as rows of itself."""
         bias = bias.unsqueeze(0) if bias.dim() == 3 else bias
         return cls(_tensor_rows, (bias,), tuple(bias.shape))
 
     def rows(self, rows: slice) -> torch.Tensor:
-        """(B or 1, H, len(rows), N_k), differentiable w.r.t. ``inputs``."""
         return self.rows_fn(rows, *self.inputs)
 
     def full(self) -> torch.Tensor:
-        """The whole bias (for SDPA's ``attn_mask`` in attention copy, and for oracles)."""
         return self.rows(slice(0, self.shape[-2]))
 
     def detach(self) -> BiasRows:
@@ -56,12 +44,10 @@ def _tensor_rows(rows: slice, bias: torch.Tensor) -> torch.Tensor:
 
 
 def bias_block(bias: torch.Tensor | BiasRows, rows: slice) -> torch.Tensor:
-    """Rows ``rows`` of a bias given as a tensor or as `BiasRows`."""
     return bias.rows(rows) if isinstance(bias, BiasRows) else bias[..., rows, :]
 
 
 def full_bias(bias: torch.Tensor | BiasRows | None) -> torch.Tensor | None:
-    """The whole bias tensor of a tensor, a `BiasRows` or None."""
     return bias.full() if isinstance(bias, BiasRows) else bias
 
 
@@ -74,14 +60,8 @@ def gathered_bias_rows(
     post: Callable[[torch.Tensor], torch.Tensor] | None = None,
     extra: torch.Tensor | None = None,
 ) -> BiasRows:
-    """The bias ``B[h, i, j] = post(values[index[i, j], h])`` (1, H, N, N) as rows gathered per chunk.
-
-    ``values`` (L, H) is the table (a parameter, or a small tensor computed from parameters: ``RelPosMlp``'s
-    MLP output); ``index`` holds (tokens − prefix_pad)² table rows; ``prefix_pad`` leading query rows and
-    key columns are zero (timm pads the prefix tokens of ``RelPosMlp``'s bias), ``post`` is elementwise
-    (an activation, a gain) and applies before the padding; ``extra`` (H, N, N) or (1, H, N, N), if given,
-    is added (BEiT's shared bias: a full tensor).
-    """
+    """The bias ``B[h, i, j] = post(values[index[i, j], h])`` (1, H, N, N) as rows gathered per chunk:
+    ``prefix_pad`` leading rows and columns zero (timm's ``RelPosMlp``), ``extra`` (BEiT's shared bias) added."""
     n = tokens - prefix_pad
     index = index.reshape(n, n)
     H = values.shape[-1]

@@ -1,8 +1,5 @@
-"""Reading a whole ViT's attentions through the interface: per-block modules, maps, and captured signals.
-
-Everything here goes through each block's `TransferableAttention` and its `AttentionIO`, so it works
-the same for softmax and every zoo attention.
-"""
+"""Reading a whole model's attentions through the interface (maps, captured signals, per-layer IOs), the
+same for softmax and every zoo attention."""
 
 from __future__ import annotations
 
@@ -23,11 +20,7 @@ CAPTURE_FIELDS: tuple[Signal, ...] = (Signal.INPUT, Signal.Q, Signal.K, Signal.V
 
 
 def transferable_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
-    """The model's attention layers, in forward order (`attention_layers`: ``blocks.*`` of a ViT, and
-    wherever other families keep them).
-
-    A timm model is accepted as it is: its attention layers are made transfer-aware in place (a class
-    swap to their adapter that keeps every tensor and name), so every entry point that takes models
+    """The model's attention layers in forward order, made transfer-aware in place, so every entry point
     works on ``timm.create_model(...)`` output."""
     return [attn for _, attn in attention_layers(model)]
 
@@ -36,11 +29,7 @@ def transferable_attentions(model: nn.Module) -> Sequence[TransferableAttention]
 def attention_maps(
     model: nn.Module, x: torch.Tensor, layers: Iterable[int] | None = None
 ) -> dict[int, torch.Tensor]:
-    """Explicit (B, H, N, N) maps of the chosen blocks for input images ``x`` (fp32; softmax maps for
-    softmax layers, implicit maps for zoo layers, None for attentions without a map).
-
-    For visualisation and tests: every map is materialised.
-    """
+    """Explicit (B, H, N, N) fp32 maps of the chosen blocks (None without a map): for pictures and tests."""
     attns = transferable_attentions(model)
     layers = range(len(attns)) if layers is None else list(layers)
     ios = {i: AttentionIO(return_map=True) for i in layers}
@@ -62,11 +51,9 @@ def capture_attention(
     layers: Iterable[int] | None = None,
     fields: Sequence[Signal | str] = (Signal.INPUT, Signal.Q, Signal.K, Signal.OUTPUT),
 ) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
-    """While active, each forward pass of ``model`` fills ``store[layer][field]`` for the chosen blocks:
-    ``input`` (the attention's input, after norm1), ``q``/``k``/``v`` (B, H, N, d; q and k after the q/k
-    norms) through the layer's `AttentionIO`, ``output`` (after the projection). With ``input``, a rotary
-    embedding the block passes (``rope=``, EVA-style models) is kept as ``rope``: the call's other half,
-    which a zoo attention fitted on that input needs. Tensors keep their graph (detach what you keep)."""
+    """While active, each forward pass fills ``store[layer][field]`` for the chosen blocks; with ``input``,
+    a rope the block passes is kept as ``rope`` (a zoo attention fitted on that input needs it). Tensors keep
+    their graph (detach what you keep)."""
     unknown = set(fields) - set(CAPTURE_FIELDS)
     if unknown:
         raise ValueError(
@@ -106,9 +93,8 @@ def attached_ios(
     ios: Mapping[int, AttentionIO],
     masks: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """While active, layer ``i`` of ``attns`` runs with ``ios[i]`` (capture, borrow, stop: `AttentionIO`);
-    with ``masks`` given, the ``attn_mask`` the model hands layer ``i`` (NaFlexViT's padding mask, say) is
-    recorded as ``masks[i]``. Always detaches."""
+    """While active, layer ``i`` runs with ``ios[i]``, and the ``attn_mask`` it is handed (NaFlexViT's
+    padding) is recorded as ``masks[i]``."""
     handles = []
     with contextlib.ExitStack() as stack:
         for i, io in ios.items():
@@ -135,10 +121,8 @@ def run_with_ios(
     logits: bool = False,
     masks: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor | None:
-    """The model's own timm forward on ``x`` (``forward_features``, or ``forward`` with ``logits``) with
-    ``ios[i]`` on its attention layer ``i`` (`transferable_attentions` order): whatever the family's blocks do
-    around their attention (windows, rope, biases, class-attention blocks) happens as timm does it. A layer
-    whose io says ``stop`` ends the pass (`StopForward`): then None is returned."""
+    """The model's own timm forward with ``ios[i]`` on attention layer ``i``, so whatever the blocks do around
+    their attention happens as timm does it; None where a layer's io says ``stop``."""
     attns = transferable_attentions(model)
     with attached_ios(attns, ios, masks):
         try:

@@ -1,17 +1,7 @@
-"""`KeyPooling`: which of a stage's tokens each of a spatial-reduction attention's keys was made from.
-
-PVTv2's reduction turns the stage's H×W token grid into fewer keys: a conv with kernel = stride = ``sr`` and
-no padding (key (a, b) is made from the sr×sr block of tokens at rows [a·sr, (a+1)·sr), columns
-[b·sr, (b+1)·sr); a grid not divisible by sr loses its last H mod sr rows and W mod sr columns, as the
-conv's floor does), or, in the ``linear`` variant, an adaptive average pool to 7×7 (bin i of an axis of
-length L covers tokens [⌊iL/7⌋, ⌈(i+1)L/7⌉), bins overlap where L is not a multiple of 7). A student that
-attends over all N tokens has a map row over N keys; the teacher's is over N_k. `KeyPooling` carries the
-map between them as one weight matrix per axis (reduced keys × tokens): summing a student row with these
-weights gives its mass on each teacher key. Strided blocks have weight 1 (a token is in at most one
-block); an adaptive bin shares a token that several bins contain equally among them (weight 1 / count),
-so pooling keeps a row's total mass. Tokens in no block (the floor's remainder) keep no mass: a student
-row that attends there sums to less than 1 over the teacher's keys.
-"""
+"""`KeyPooling`: which of a stage's tokens each of a spatial-reduction attention's keys was made from, as one
+weight matrix per axis (reduced keys × tokens), so a student row over all N tokens can be summed onto the
+teacher's N_k keys. Strided blocks weigh 1 (the conv's floor remainder keeps no mass); an adaptive bin
+shares an overlapping token equally (1 / count), so pooling keeps a row's total mass."""
 
 from __future__ import annotations
 
@@ -40,9 +30,8 @@ def _adaptive(length: int, out: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KeyPooling:
-    """The reduced keys of one attention call over a ``grid`` (H, W) of tokens: ``stride`` sr (strided
-    blocks) or ``bins`` (adaptive pool to bins × bins). Rows and features are pooled over their token axis
-    in row-major (H, W) order, as timm flattens the grid."""
+    """The reduced keys of one call over a ``grid`` (H, W) of tokens (row-major, as timm flattens it):
+    ``stride`` sr blocks or ``bins`` × bins adaptive pooling."""
 
     grid: tuple[int, int]
     stride: int = 0
@@ -80,7 +69,6 @@ class KeyPooling:
         return h * w
 
     def weights(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H_k × H, W_k × W) weights on ``like``'s device and dtype."""
         axis = (lambda n: _strided(n, self.stride)) if self.stride else (lambda n: _adaptive(n, self.bins))
         return tuple(axis(n).to(device=like.device, dtype=like.dtype) for n in self.grid)
 
@@ -92,24 +80,22 @@ class KeyPooling:
             )
 
     def pool(self, rows: torch.Tensor) -> torch.Tensor:
-        """(..., N) map rows -> (..., N_k): each row's mass on each reduced key (a sum over its tokens)."""
+        """(..., N) map rows -> (..., N_k): each row's mass on each reduced key."""
         self._check(rows, -1)
         wh, ww = self.weights(rows)
         grid = rows.reshape(*rows.shape[:-1], *self.grid)
         return torch.einsum("...hw,ah,bw->...ab", grid, wh, ww).flatten(-2)
 
     def pool_tokens(self, t: torch.Tensor) -> torch.Tensor:
-        """(..., N, m) per-token features -> (..., N_k, m), summed with the same weights (a kernel map's
-        φ(k): the sum of a row over a block is φ(q)·Σ_{j∈block} φ(k_j) / Z)."""
+        """(..., N, m) per-token features -> (..., N_k, m), summed with the same weights (a kernel's φ(k))."""
         self._check(t, -2)
         wh, ww = self.weights(t)
         grid = t.reshape(*t.shape[:-2], *self.grid, t.shape[-1])
         return torch.einsum("...hwm,ah,bw->...abm", grid, wh, ww).flatten(-3, -2)
 
     def log_pool(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., N) logits l -> (..., N_k) log Σ_j w_bj exp(l_j): a softmax row's log-mass on each reduced key
-        after subtracting its log-sum-exp. Strided blocks take an exact log-sum-exp per block; adaptive bins
-        (overlapping weights) shift by each row's maximum (a bin far below it floors at fp32's tiny)."""
+        """(..., N) logits l -> (..., N_k) log Σ_j w_bj exp(l_j); adaptive bins shift by each row's maximum (a
+        bin far below it floors at fp32's tiny)."""
         self._check(logits, -1)
         if self.stride:
             (kh, kw), s = self.key_grid, self.stride
@@ -121,9 +107,8 @@ class KeyPooling:
         return mass.clamp_min(torch.finfo(mass.dtype).tiny).log() + top
 
     def key_of_token(self, device: torch.device | None = None) -> torch.Tensor:
-        """(N,) the reduced key each token belongs to: its block, or the bin with its largest weight (the
-        first of equals); a remainder token of a strided grid takes its nearest block. For objectives that
-        need a teacher key per token (hashing's similarity target)."""
+        """(N,) the reduced key each token belongs to (its block, or its bin of largest weight; a strided
+        grid's remainder its nearest block): hashing's similarity target."""
         if self.stride:
             (kh, kw), s = self.key_grid, self.stride
             rows = (torch.arange(self.grid[0], device=device) // s).clamp_max(kh - 1)
@@ -134,5 +119,4 @@ class KeyPooling:
         return (rows[:, None] * self.key_grid[1] + cols[None, :]).flatten()
 
     def detach(self) -> KeyPooling:
-        """Itself (no tensors): captured signals are detached field by field."""
         return self

@@ -1,24 +1,9 @@
-"""Softmax attention that also returns its row log-sum-exp, with a gradient: what attention distillation
-needs from a student layer.
+"""Softmax attention that also returns its row log-sum-exp with a gradient: the distillation CE
+``lse_s − s·⟨q_s, P̄_t K_s⟩`` then costs one more attention instead of a pass over the student's logits.
 
-The distillation CE of a layer is ``CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩`` (see
-`attnxfer.transfer.losses`). The student's own attention kernel already computes ``lse_s`` for its
-softmax; if it hands it out with a gradient, the loss costs one more attention (``P̄_t K_s`` through SDPA)
-instead of a separate pass over the student's logits. Backends, chosen in one place (`lse_backend_for`):
-
-* ``flex`` (CUDA): compiled FlexAttention returns the output and the log-sum-exp of one kernel, and its
-  backward takes a gradient for the log-sum-exp (torch's ``grad_logsumexp``). CPU has no FlexAttention
-  backward (torch refuses inputs that require grad), and without ``torch.compile`` FlexAttention
-  materialises the scores, so it is never the CPU path.
-* ``twin`` (every device): SDPA for the output and `row_logsumexp` for the log-sum-exp: the same two
-  results by other kernels, O(N) memory; the CPU tests' reference for ``flex`` (whose forward they also
-  run in eager mode).
-
-`attnxfer.models.attention.softmax.attention_with_lse` runs the chosen backend.
-
-`row_logsumexp` is the chunked log-sum-exp (backward recomputes each chunk's logits instead of keeping
-them), also used by the losses and for the teacher's entropy.
-"""
+Backends: ``flex`` (CUDA: one compiled FlexAttention kernel, whose backward takes the lse's gradient; CPU
+has no FlexAttention backward, and uncompiled it materialises the scores) and ``twin`` (any device: SDPA
+plus the chunked `row_logsumexp`, which recomputes each chunk's logits in backward)."""
 
 from __future__ import annotations
 
@@ -78,11 +63,7 @@ class _RowLogSumExp(torch.autograd.Function):
 def row_logsumexp(
     q: torch.Tensor, k: torch.Tensor, scale: float | None = None, chunk: int | None = None
 ) -> torch.Tensor:
-    """Row log-sum-exp of ``scale · q kᵀ`` (B, H, N) in fp32 with O(chunk·N) memory, also in backward.
-
-    Logits are fp32 (float64 for float64 inputs) whatever the operands: bf16 q/k on CUDA multiply on the
-    tensor cores with an fp32 result (`matmul_fp32`), elsewhere they are upcast.
-    """
+    """Row log-sum-exp of ``scale · q kᵀ`` (B, H, N) in fp32 with O(chunk·N) memory, also in backward."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     with fp32_section(q.device.type):
         if q.dtype != k.dtype or not q.is_cuda:
@@ -90,7 +71,6 @@ def row_logsumexp(
         return _RowLogSumExp.apply(q, k, scale, row_chunk(q, k.shape[-2], chunk))
 
 
-# --------------------------------------------------------------------------------- attention with lse
 class LSEBackend(StrEnum):
     """How `attention_with_lse` computes a softmax attention and its row log-sum-exp."""
 
@@ -100,7 +80,6 @@ class LSEBackend(StrEnum):
 
 @functools.cache
 def flex_attention_available() -> bool:
-    """Whether this torch has FlexAttention with a log-sum-exp output (``return_aux`` or ``return_lse``)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError:
@@ -110,8 +89,7 @@ def flex_attention_available() -> bool:
 
 
 def lse_backend_for(device: torch.device | str, dropout_p: float = 0.0) -> LSEBackend:
-    """The one place that picks the backend: FlexAttention on CUDA (no attention dropout: flex has none),
-    the SDPA + chunked log-sum-exp twin everywhere else."""
+    """The one place that picks the backend: FlexAttention on CUDA without dropout, else the twin."""
     if torch.device(device).type == "cuda" and dropout_p == 0.0 and flex_attention_available():
         return LSEBackend.FLEX
     return LSEBackend.TWIN
@@ -128,7 +106,6 @@ def _compiled_flex():
 def flex_attention_with_lse(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, compiled: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) of one FlexAttention call; ``compiled=False`` runs torch's eager reference (tests on CPU)."""
     from torch.nn.attention import flex_attention as flex
 
     fn = _compiled_flex() if compiled else flex.flex_attention

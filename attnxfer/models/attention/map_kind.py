@@ -6,13 +6,8 @@ from enum import StrEnum
 
 
 class MapKind(StrEnum):
-    """What an attention's N×N map is, and so how it is distilled.
-
-    ``softmax`` is the row-stochastic kind with exact rows: a borrowed (q, k) reproduces the teacher's
-    map exactly (attention copy), and the map loss is the exact O(N) cross-entropy. ``row_stochastic``
-    maps (rows are distributions) take a chunked implicit CE, ``signed`` ones (rows may go negative) a
-    map MSE, and ``none`` (no single map) only output losses.
-    """
+    """``softmax``: a borrowed (q, k) gives the teacher's map exactly, the exact O(N) CE; ``row_stochastic``:
+    a chunked implicit CE; ``signed`` (rows may go negative): a map MSE; ``none``: only output losses."""
 
     SOFTMAX = "softmax"
     ROW_STOCHASTIC = "row_stochastic"
@@ -31,7 +26,6 @@ class MapKind(StrEnum):
 
     @property
     def row_stochastic(self) -> bool:
-        """Rows are probability distributions (softmax included)."""
         return self in (MapKind.SOFTMAX, MapKind.ROW_STOCHASTIC)
 
     @property
@@ -40,6 +34,5 @@ class MapKind(StrEnum):
         return self is MapKind.SOFTMAX
 
     def refines(self, other: MapKind | str) -> bool:
-        """This kind is ``other`` or a special case of it (softmax refines row_stochastic)."""
         other = MapKind(other)
         return self is other or (other is MapKind.ROW_STOCHASTIC and self.row_stochastic)

@@ -1,20 +1,8 @@
-"""Operation counts of an attention core, as EcoFormer reports energy: multiplications and additions.
-
-Each attention counts its own algorithm (`TransferableAttention.operation_counts`), from (q, k, v) heads
-to the core's output heads, for one layer: the qkv and output projections are the same for every
-attention and are left out. Conventions, so counts can be checked by hand:
-
-* a matrix product (n x k) @ (k x m) costs n k m multiplications and n (k - 1) m additions;
-* a division counts as a multiplication (by the reciprocal), a subtraction as an addition;
-* exp, log, sqrt, max, comparisons, sign and other element-wise non-linearities count as ``other``;
-* multiplying by a ±1 code is a sign flip, not a multiplication: a product with a ±1 matrix costs
-  only its additions (the saving binary codes buy, EcoFormer's point);
-* constant scalings that an implementation folds into a weight (softmax's 1/sqrt(d) into q) are counted
-  once where they are applied.
-
-`energy_pj` turns counts into an energy estimate with 45 nm fp32 figures (Horowitz, ISSCC 2014:
-multiply 3.7 pJ, add 0.9 pJ), the figures EcoFormer's energy column uses; ``other`` is not priced.
-"""
+"""Operation counts of an attention core (q, k, v heads to output heads; projections left out), as EcoFormer
+reports energy. Conventions: (n x k) @ (k x m) costs n k m multiplications and n (k - 1) m additions; a
+division is a multiplication, a subtraction an addition; exp, log, max and other non-linearities are
+``other``; a product with a ±1 code costs only its additions (EcoFormer's point); `energy_pj` prices
+multiply 3.7 pJ and add 0.9 pJ (45 nm fp32, Horowitz, ISSCC 2014)."""
 
 from __future__ import annotations
 
@@ -42,7 +30,6 @@ class OpCounts:
 
     @property
     def energy_pj(self) -> float:
-        """Estimated energy of the multiplications and additions (pJ, 45 nm fp32)."""
         return self.mul * MUL_PJ + self.add * ADD_PJ
 
     def to_dict(self) -> dict[str, float]:
@@ -50,7 +37,6 @@ class OpCounts:
 
 
 def matmul_ops(n: int, k: int, m: int) -> OpCounts:
-    """(n x k) @ (k x m): n k m multiplications, n (k - 1) m additions."""
     return OpCounts(mul=n * k * m, add=n * max(k - 1, 0) * m)
 
 
@@ -60,8 +46,7 @@ def sign_matmul_ops(n: int, k: int, m: int) -> OpCounts:
 
 
 def softmax_ops(rows: int, cols: int) -> OpCounts:
-    """Row softmax of a (rows x cols) matrix: max (cols - 1 comparisons) and exp as other, the shift and the
-    row sum as additions, the normalisation as rows x cols divisions."""
+    """Row softmax: max and exp as other, the shift and row sum as additions, rows x cols divisions."""
     return OpCounts(
         mul=rows * cols, add=rows * cols + rows * (cols - 1), other=rows * (cols - 1) + rows * cols
     )

@@ -14,14 +14,8 @@ QKV = ("q", "k", "v")
 
 
 class PartialQKV(nn.Module):
-    """A fused qkv projection whose q/k/v row blocks are trainable or frozen independently (``chunks``
-    names the blocks: timm's ``qkv`` by default, a fused ``kv`` with ``("k", "v")``).
-
-    A copied layer never uses its own q/k projections; keeping them as buffers
-    (not parameters) means they get no gradient, no weight decay, and no optimizer
-    state, while ``state_dict`` still reads and writes timm's ``qkv.weight`` /
-    ``qkv.bias`` so checkpoints stay interchangeable with plain timm models.
-    """
+    """Frozen blocks are buffers (no gradient, weight decay or optimizer state), while ``state_dict`` still
+    reads and writes timm's ``qkv.weight`` / ``qkv.bias``, so checkpoints stay interchangeable with timm's."""
 
     def __init__(self, linear: nn.Linear, frozen: Iterable[str], chunks: Sequence[str] = QKV):
         super().__init__()

@@ -1,11 +1,5 @@
-"""Where a layer's query rows and keys sit on the image: the data a family's adapter hands out
-(`TransferableAttention.place_rows`) for attention distance and pictures of hierarchical layers.
-
-A windowed layer's rows are rows of a batch of windows; a spatial-reduction layer's keys are a coarser grid
-than its queries; pooled queries land on the next stage's grid. `RowPlacement` says per window which grid
-cell each query row and each key is; `window_cells` and `raster_cells` cut grids as timm's blocks do, and
-`TokenWalk` carries what one layer's placement leaves to the next (a token order that is not raster order).
-"""
+"""Where a layer's query rows and keys sit on the image (windows, reduced keys, pooled queries), for attention
+distance and pictures of hierarchical layers."""
 
 from __future__ import annotations
 
@@ -18,10 +12,8 @@ import torch.nn.functional as F
 
 @dataclass(frozen=True)
 class RowPlacement:
-    """One layer's rows on the image. ``grid``: the queries' grid (the stage's, after any query pooling);
-    ``key_grid``: the keys' (the stage's, a reduced one, or the grid before pooling). ``queries``
-    (W, N_q) and ``keys`` (W, N_k): per window (W per image; 1 without windows) the flat cell of each row
-    and key on its grid, -1 for padding."""
+    """One layer's rows on the image: per window (1 without windows), the flat cell of each query row
+    (``queries`` (W, N_q) on ``grid``) and key (``keys`` (W, N_k) on ``key_grid``), -1 for padding."""
 
     grid: tuple[int, int]
     key_grid: tuple[int, int]
@@ -35,9 +27,8 @@ class RowPlacement:
 
 @dataclass
 class TokenWalk:
-    """What the walk over one model's attention layers carries from layer to layer: the ``model`` itself, and
-    its token order where the blocks do not see raster order (``sequence``: flat cells of ``grid`` in the order
-    the blocks see them; None: raster order). A family whose blocks reorder tokens sets it at its first layer."""
+    """What the walk over a model's layers carries on: the ``model``, and the token order its blocks see
+    where it is not raster (``sequence``: flat cells of ``grid``; set by a family at its first layer)."""
 
     model: nn.Module
     sequence: torch.Tensor | None = None
@@ -45,15 +36,14 @@ class TokenWalk:
 
 
 def raster_cells(size: tuple[int, int]) -> torch.Tensor:
-    """(H, W) flat cell indices of a grid in raster order."""
     return torch.arange(size[0] * size[1]).reshape(size)
 
 
 def window_cells(
     cells: torch.Tensor, window: tuple[int, int], shift: tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
-    """(nW, wh·ww) flat cells of ``cells`` (H, W) cut into windows as timm's windowed blocks cut them: rolled
-    by -shift, padded at the bottom and right (-1), row-major windows of row-major tokens."""
+    """(nW, wh·ww) flat cells of ``cells`` (H, W) in windows as timm's blocks cut them (rolled by -shift,
+    padded at the bottom and right with -1)."""
     if any(shift):
         cells = torch.roll(cells, shifts=(-shift[0], -shift[1]), dims=(0, 1))
     wh, ww = window

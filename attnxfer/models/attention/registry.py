@@ -1,9 +1,5 @@
-"""Name -> class registry of every attention: softmax (``"softmax"``: `TransferAttention`) and the zoo.
-
-Per-layer attention lists, configs, exported students and the ``convert`` command refer to
-attentions by name; the registry is the one place that turns names into classes, and
-`attention_name_of` the one way to read a layer's name back.
-"""
+"""Name -> class registry of every attention, softmax and the zoo: the one place that turns names (configs,
+per-layer lists, exports) into classes, and `attention_name_of` the one way back."""
 
 from __future__ import annotations
 
@@ -24,7 +20,6 @@ T = TypeVar("T", bound=type[nn.Module])
 
 
 def register_attention(name: str) -> Callable[[T], T]:
-    """Class decorator: register an attention class under ``name`` (lower case, unique)."""
     if not name or name != name.lower():
         raise ValueError(f"attention names are non-empty lower-case strings, got {name!r}")
 
@@ -39,18 +34,15 @@ def register_attention(name: str) -> Callable[[T], T]:
 
 
 def register_parametric_attention(prefix: str, resolve: Callable[[str], type[nn.Module]]) -> None:
-    """Make every name ``"<prefix>:<spec>"`` an attention (a parametric attention: one class per spec):
-    ``resolve(name)`` returns its class (raising a ValueError that says what is wrong with the spec). The
-    class's ``attention_name`` is the name in its canonical spelling; ``list_attentions`` lists the parametric
-    attention by its plain registered name."""
+    """Make every name ``"<prefix>:<spec>"`` an attention whose class ``resolve(name)`` returns (a ValueError
+    saying what is wrong with the spec)."""
     if prefix in _PARAMETRIC and _PARAMETRIC[prefix] is not resolve:
         raise ValueError(f"parametric attention {prefix!r} is already registered")
     _PARAMETRIC[prefix] = resolve
 
 
 def list_attentions(map_kind: MapKind | str | None = None) -> list[str]:
-    """Registered names, sorted; optionally only those whose map kind is (or refines) ``map_kind``:
-    ``list_attentions('row_stochastic')`` includes softmax."""
+    """Registered names, sorted; optionally only those whose map kind is (or refines) ``map_kind``."""
     return sorted(n for n, c in _ATTENTIONS.items() if map_kind is None or c.map_kind.refines(map_kind))
 
 
@@ -70,14 +62,12 @@ def get_attention_class(name: str) -> type[nn.Module]:
 
 
 def create_attention(name: str, **kwargs) -> nn.Module:
-    """Build the attention registered under ``name`` (kwargs as timm's ``Attention`` plus its own)."""
     return get_attention_class(name)(**kwargs)
 
 
 def attention_layer(name: str, **options) -> type[nn.Module]:
-    """A subclass of the attention ``name`` with ``options`` as defaults, for timm's ``attn_layer``
-    (which needs a class, not a partial): ``timm.create_model(..., attn_layer=attention_layer(
-    'linformer', seq_len=197))``."""
+    """A subclass of the attention ``name`` with ``options`` as defaults, for timm's ``attn_layer`` (which
+    needs a class, not a partial)."""
     cls = get_attention_class(name)
     unknown = [k for k in options if not cls.accepts_option(k)]
     if unknown:
@@ -100,8 +90,7 @@ def attention_layer(name: str, **options) -> type[nn.Module]:
 
 
 def attention_name_of(attn: nn.Module) -> str:
-    """The registered name of a layer's attention: its ``attention_name``; ``"softmax"`` for timm's plain
-    ``Attention`` (what `TransferAttention` makes transfer-aware); else its class name."""
+    """The registered name of a layer's attention (``"softmax"`` for timm's plain one), else its class name."""
     name = getattr(attn, "attention_name", "")  # an instance may refine its class's (a formula's program)
     if name:
         return name

@@ -1,15 +1,5 @@
-"""One file per timm family: everything attnxfer knows about it (`attnxfer.models.attention.family`).
-
-A family file holds the adapters of its timm attention classes (`register_adapter`: subclasses of the timm
-class meeting `TransferableAttention`, each answering for its logits, its token partition, where its rows sit
-on the image and its conversion slot), the refusals of classes that cannot transfer (`refuse_attention`), and
-one `Family` record (`register_family`: the timm modules whose archs it covers, with their coverage counts,
-where its models keep the patch embedding, whether its blocks pass a rope). Files starting with ``_`` hold
-what several families share (projections, spatial-reduction keys, the rope slot).
-
-timm's plain ``Attention`` is `attnxfer.models.attention.softmax.TransferAttention` (registered by ``vit``).
-Importing this package imports every family file in it, which registers them: a new family is one new file.
-"""
+"""One file per timm family (its adapters, refusals and `Family` record; ``_`` files hold what several
+share): importing this package registers every file in it, so a new family is one new file."""
 
 import importlib
 import pkgutil

@@ -1,13 +1,6 @@
-"""q/k/v projections shared by the adapters of timm's non-``Attention`` classes.
-
-timm keeps q/k/v in two layouts: a fused ``qkv`` linear (its bias either its own, or the separate
-``q_bias`` / zero ``k_bias`` buffer / ``v_bias`` of BEiT and EVA), or three ``q_proj`` / ``k_proj`` /
-``v_proj`` linears (k and v may have fewer heads: grouped-query attention). These helpers compute heads
-exactly as timm does and freeze chunks (copied layers) without renaming anything. `fused_rows` and
-`freeze_fused` are the two operations on any fused linear of row blocks (timm's ``qkv``; PVTv2/Twins' ``kv``,
-used by `_reduced_keys`); `FusedQKVDims` gives the head sizes of the timm classes that keep only a fused
-``qkv`` (and ``num_heads``).
-"""
+"""q/k/v projections shared by the adapters of timm's non-``Attention`` classes, computed exactly as timm does
+from either layout (a fused ``qkv``, with BEiT's and EVA's separate biases, or ``q_proj``/``k_proj``/``v_proj``
+with grouped k/v heads), and frozen for copied layers without renaming anything."""
 
 from __future__ import annotations
 
@@ -22,9 +15,7 @@ from ..interface import QKV, PartialQKV
 
 
 class FusedQKVDims:
-    """``head_dim`` and ``attn_dim`` read off a fused ``qkv`` linear (3·H·d outputs), for the timm attentions
-    that keep neither (BEiT, Swin, Swin V2, CaiT's talking heads): the sizes the interface reshapes by. For
-    talking heads, d is one head's size, not the H·d its mixed q' and k' have (`project` builds those)."""
+    """``head_dim`` and ``attn_dim`` read off a fused ``qkv``, for the timm attentions that keep neither."""
 
     qkv: nn.Module
     num_heads: int
@@ -41,8 +32,7 @@ class FusedQKVDims:
 def fused_rows(
     linear: nn.Module, name: str, chunks: Sequence[str] = QKV
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of row block ``name`` of a fused ``linear`` whose blocks are ``chunks`` (an
-    ``nn.Linear`` or a `PartialQKV`)."""
+    """(weight, bias) of row block ``name`` of a fused ``linear`` whose blocks are ``chunks``."""
     if isinstance(linear, PartialQKV):
         return linear.chunk(name)
     rows = linear.out_features // len(chunks)
@@ -55,9 +45,8 @@ def fused_rows(
 def freeze_fused(
     attn: nn.Module, attr: str, frozen: set[str], chunks: Sequence[str] = QKV
 ) -> set[str] | None:
-    """Make ``attn.<attr>`` (a fused linear of ``chunks`` row blocks) a `PartialQKV` with ``frozen`` blocks,
-    keeping the blocks it froze already; returns every frozen block, or None when all were frozen before
-    (the module is then left as it is)."""
+    """Make ``attn.<attr>`` a `PartialQKV` with ``frozen`` (and the already frozen) blocks; returns every
+    frozen block, or None when all were frozen before (the module is then left as it is)."""
     linear = getattr(attn, attr)
     if isinstance(linear, PartialQKV):
         if frozen <= set(linear.frozen):
@@ -70,15 +59,13 @@ def freeze_fused(
 
 
 def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) of chunk ``name`` of a fused ``qkv`` (bias: the separate ``<name>_bias`` if any)."""
     w, b = fused_rows(attn.qkv, name)
     separate = getattr(attn, f"{name}_bias", None)
     return w, (separate if separate is not None else b)
 
 
 def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -> dict[str, torch.Tensor]:
-    """The requested chunks of ``which`` as (B, heads, N, head_dim), as timm's forward computes them
-    (one fused linear when all three are asked for); no norms, no rope."""
+    """The requested chunks as (B, heads, N, head_dim), as timm's forward computes them; no norms, no rope."""
     B, N, _ = x.shape
     which = "".join(c for c in QKV if c in which)
     fused = getattr(attn, "qkv", None) is not None
@@ -102,7 +89,6 @@ def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -
 def apply_rope(
     t: torch.Tensor, rope: torch.Tensor | None, num_prefix_tokens: int, half: bool
 ) -> torch.Tensor:
-    """timm's rotary embedding on the patch tokens of ``t`` (B, H, N, d), prefix tokens left as they are."""
     if rope is None:
         return t
     npt = num_prefix_tokens
@@ -111,15 +97,13 @@ def apply_rope(
 
 
 def merged_heads_output(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """The core's (B, H, N, d) output as timm's classes without an output norm or gate finish it: heads
-    merged, ``proj``, ``proj_drop`` (an adapter's ``_output``)."""
+    """An adapter's ``_output`` for timm classes without an output norm or gate."""
     B, N, _ = x.shape
     return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, -1)))
 
 
 def _to_buffer(module: nn.Module, name: str) -> None:
-    """Parameter ``name`` of ``module`` becomes a (persistent) buffer of the same name: no gradient, no
-    optimizer slot, same ``state_dict`` key."""
+    """Parameter ``name`` becomes a buffer of the same name: no gradient, same ``state_dict`` key."""
     p = module._parameters.get(name)
     if p is None:
         return
@@ -128,9 +112,7 @@ def _to_buffer(module: nn.Module, name: str) -> None:
 
 
 def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
-    """Freeze the q/k/v projections ``chunks`` of either layout (copied layers do not use them): fused
-    rows become a `PartialQKV`, separate linears' and biases' parameters become buffers of the same name,
-    q/k norms stop taking gradients."""
+    """Freeze the q/k/v projections ``chunks`` of either layout (copied layers do not use them)."""
     chunks = set(chunks)
     if not chunks:
         return

@@ -1,13 +1,5 @@
-"""Spatial-reduction attention, shared by PVTv2's ``Attention`` and Twins' ``GlobalSubSampleAttn``: projections
-and where the reduced keys sit.
-
-Both compute queries from every token with a ``q`` linear and keys/values with one fused ``kv`` linear from
-a *reduced* token set (a strided conv + norm, or PVTv2-linear's pooling), so N_k < N_q. These helpers give
-q (B, H, N_q, d) and k/v (B, H, N_k, d) exactly as timm's forward does, computing the reduction only when
-k or v is asked for, and freeze chunks for copied layers without renaming anything (``q`` becomes buffers,
-``kv`` a `PartialQKV` over its ``("k", "v")`` row blocks). `ReducedKeys` answers the interface's questions
-about the keys: the grid they sit on, how many each query meets, the reduction in words, the rows' placement.
-"""
+"""Spatial-reduction attention, shared by PVTv2's ``Attention`` and Twins' ``GlobalSubSampleAttn``: queries
+from every token, keys and values from a reduced token set, exactly as timm computes them."""
 
 from __future__ import annotations
 
@@ -34,8 +26,7 @@ def project_q_kv(
     num_heads: int,
     head_dim: int,
 ) -> dict[str, torch.Tensor]:
-    """The requested chunks of ``which``: q of ``x`` (B, N_q, C) and k/v of ``reduce(x)`` (B, N_k, C), each as
-    (B, num_heads, tokens, head_dim)."""
+    """q of ``x`` and k/v of ``reduce(x)`` (computed only when asked for), as (B, heads, tokens, head_dim)."""
     out: dict[str, torch.Tensor] = {}
     if "q" in which:
         B, N, _ = x.shape
@@ -55,8 +46,7 @@ def project_q_kv(
 
 
 def freeze_q_kv(attn: nn.Module, chunks: Iterable[str]) -> None:
-    """Freeze the projections ``chunks`` (a subset of q, k, v): ``q``'s parameters become buffers of the same
-    names; k/v become frozen row blocks of a `PartialQKV` ``kv`` (``kv.weight``/``kv.bias`` in the state dict)."""
+    """Freeze ``chunks``: ``q``'s parameters become buffers, k/v frozen row blocks of a `PartialQKV` ``kv``."""
     chunks = set(chunks) & set(QKV)
     if "q" in chunks:
         for name in ("weight", "bias"):
@@ -67,13 +57,11 @@ def freeze_q_kv(attn: nn.Module, chunks: Iterable[str]) -> None:
 
 
 class ReducedKeys:
-    """Keys over a reduced token set (a stride-``sr_ratio`` conv over the stage's grid, or, where the layer has
-    a ``pool``, an adaptive pooling to a fixed grid): every token queries keys on that coarser grid."""
+    """Keys over a reduced token set (a stride-``sr_ratio`` conv, or a ``pool`` to a fixed grid)."""
 
     sr_ratio: int
 
     def key_grid(self, grid: tuple[int, int] | None) -> tuple[int, int] | None:
-        """The grid the keys sit on, for queries on ``grid`` (None: unknown)."""
         pool = getattr(self, "pool", None)
         if pool is not None:
             size = pool.output_size
@@ -95,7 +83,6 @@ class ReducedKeys:
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
     ) -> RowPlacement | None:
-        """Every token of the stage's grid queries the keys of the reduced grid (one window)."""
         if grid is None:
             return None
         keys = self.key_grid(grid)

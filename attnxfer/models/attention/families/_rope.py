@@ -1,9 +1,5 @@
-"""What the rope families (EVA, Qwen3-ViT, Gemma4-ViT) share in a conversion: their blocks hand the attention a
-rotary embedding per call, so a zoo attention in their place must rotate q and k by it before its feature map.
-
-`RopeSlot` keeps a layer for which softmax is chosen as it is (its rope with it) and refuses a zoo attention
-that does not declare that rope keeps its map kind (``rope_keeps_map_kind``), with that attention's reason.
-"""
+"""The rope families' conversion slot: a zoo attention in their place rotates q and k by the block's rope, so
+one whose map kind rope would break is refused with its reason; a softmax layer stays as it is."""
 
 from __future__ import annotations
 
@@ -14,7 +10,7 @@ from ..slots import ConversionSlot
 
 
 class RopeSlot(ConversionSlot):
-    """The conversion slot of a layer whose block passes a rotary embedding (see the module docstring)."""
+    """The conversion slot of a layer whose block passes a rotary embedding."""
 
     @classmethod
     def keeps(cls, zoo: type[nn.Module]) -> bool:

@@ -1,11 +1,5 @@
-"""`TransferBeitAttention`: timm's BEiT ``Attention`` (BEiT, BEiT-v2) as a softmax `TransferableAttention`.
-
-Its logits are s·q kᵀ + B with B the relative-position bias: the layer's own table (gathered by its
-``relative_position_index`` into (1, H, N, N), N = 1 + grid) plus the model's shared bias when it has
-one (``shared_rel_pos_bias``, passed per call). Copy applies the teacher's q, k and B (as SDPA's
-``attn_mask``) to the student's v; distillation takes the chunked biased CE, with a gradient into the
-student's table. q/k/v come from a fused ``qkv`` with BEiT's separate ``q_bias``/zero ``k_bias``/``v_bias``.
-"""
+"""BEiT's ``Attention`` as a softmax `TransferableAttention`: logits s·q kᵀ + B, B the layer's gathered
+relative-position table plus the model's shared bias when it has one (passed per call)."""
 
 from __future__ import annotations
 
@@ -21,8 +15,6 @@ from ._projections import FusedQKVDims, freeze_chunks, merged_heads_output, proj
 
 @register_adapter(BeitAttention)
 class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
-    """BEiT's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
-
     attention_name = SOFTMAX
     has_logit_bias = True
 
@@ -39,7 +31,6 @@ class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
     def logit_bias(
         self, q: torch.Tensor, k: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """(1, H, N, N): the layer's table bias plus the model's shared one (either may be absent)."""
         bias = self._get_rel_pos_bias() if self.relative_position_bias_table is not None else None
         if shared_rel_pos_bias is not None:
             bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
@@ -52,8 +43,6 @@ class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
         bias: torch.Tensor,
         shared_rel_pos_bias: torch.Tensor | None = None,
     ) -> BiasRows:
-        """The table's bias gathered a chunk of rows at a time (its gradient goes into the table per
-        chunk), plus the shared bias's rows when there is one."""
         if self.relative_position_bias_table is None:
             return BiasRows.of_tensor(bias)
         return gathered_bias_rows(

@@ -1,20 +1,7 @@
-"""The EVA family (``eva``: EVA-02, DINOv3, Perception Encoder): timm's ``EvaAttention`` and ``AttentionRope``
-(eva models built with ``attn_type='rope'``, Perception Encoder; Qwen3-ViT's attention too) as softmax
-`TransferableAttention`s.
-
-`TransferEvaAttention`: its logits are s·q kᵀ with q and k after the q/k norms and after the rotary
-embedding, which timm applies to the patch tokens only (the first ``num_prefix_tokens`` are left as they
-are); the rope arrives per call as the block's ``rope`` argument. q/k/v come from a fused ``qkv`` with a
-separate ``q_bias`` / zero ``k_bias`` / ``v_bias`` (or its own bias), or from ``q_proj``/``k_proj``/``v_proj``.
-After the core: ``norm`` (scale_norm), an optional sigmoid ``gate`` on the input, ``proj``.
-
-`TransferAttentionRope`: the same logits, with timm's own ``qkv`` bias, and grouped-query attention: k and v
-heads are repeated to the q heads after the rope (as timm does), so q, k and v always have ``num_heads``
-heads here.
-
-Both convert (`EvaRopeSlot`): a zoo attention takes the layer's projections and rotates q and k by the rope
-the block passes, as the teacher's layer did, before its feature map.
-"""
+"""The EVA family (EVA-02, DINOv3, Perception Encoder): timm's ``EvaAttention`` and ``AttentionRope`` as softmax
+`TransferableAttention`s. Logits s·q kᵀ after the q/k norms and the rope timm applies to the patch tokens
+only; grouped k/v heads are repeated after the rope, as timm does. Both convert: a zoo attention rotates q
+and k by the block's rope, as the teacher's layer did, before its feature map."""
 
 from __future__ import annotations
 
@@ -35,8 +22,7 @@ from ._rope import RopeSlot
 
 
 class EvaRopeSlot(RopeSlot):
-    """A zoo attention in an EVA-style rope layer: the base slot's projections and token layout, plus timm's
-    rope layout of the teacher's layer (half-rotation or interleaved), over the same unrotated prefix."""
+    """A zoo attention in an EVA-style rope layer, with the teacher's rope layout over the same unrotated prefix."""
 
     @classmethod
     def finish(cls, new: nn.Module, old: nn.Module, layout: TokenLayout | None, where: str) -> None:
@@ -50,11 +36,8 @@ class EvaRopeSlot(RopeSlot):
 
 
 class RopeProjection(SoftmaxCore):
-    """q/k/v of timm's rope attentions (``EvaAttention``, ``AttentionRope``): timm's projections, q/k
-    norms, rope on the patch tokens, k/v heads repeated for grouped-query attention; their shared call
-    (``rope`` per call, masks as timm's), which is ``timm_class``'s own forward without an `AttentionIO`."""
+    """q/k/v and the call of timm's rope attentions (``EvaAttention``, ``AttentionRope``)."""
 
-    #: The timm class the adapter subclasses (whose forward runs without an `AttentionIO`).
     timm_class: ClassVar[type[nn.Module]]
     conversion_slot = EvaRopeSlot
 
@@ -89,8 +72,6 @@ class RopeProjection(SoftmaxCore):
 
 @register_adapter(EvaAttention)
 class TransferEvaAttention(RopeProjection, EvaAttention):
-    """``EvaAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
-
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class, loads in plain timm
     timm_class = EvaAttention
 
@@ -101,8 +82,6 @@ class TransferEvaAttention(RopeProjection, EvaAttention):
 
 @register_adapter(AttentionRope)
 class TransferAttentionRope(RopeProjection, AttentionRope):
-    """``AttentionRope`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
-
     attention_name = SOFTMAX
     timm_class = AttentionRope
 

@@ -1,17 +1,7 @@
-"""The Gemma4-ViT family (``gemma4_vit``, the Gemma-4 vision encoder; blocks under ``encoder.blocks``, the
-patch embedding under ``encoder.patch_embed``): `TransferGemma4Attention`, timm's ``Gemma4Attention`` as a
-softmax `TransferableAttention`, and its conversion slot.
-
-Its logits are q kᵀ with scale 1 (q and k are RMS-normalised with a gain, then rotated by a 2-D rotary
-embedding whose cos/sin arrive per call). v is RMS-normalised too (no gain); k/v heads are repeated for
-grouped-query attention as timm does. Padding masks arrive as ``attn_mask``.
-
-A zoo attention in a Gemma4 block (`Gemma4Conversion`, `Gemma4Slot`): q, k and v exactly as the teacher's
-layer computes them, the zoo attention's own feature map / kernel after. The zoo attentions build their maps
-around timm's scale d^-1/2, so Gemma4's scale 1 is folded into q and k: q·d^1/4 and k·d^1/4 give
-(q d^1/4)·(k d^1/4)·d^-1/2 = q·k, the teacher's logits, for every kernel. Stage 1 compares the student's map
-with the teacher's at the teacher's scale (``teacher_logit_scale``).
-"""
+"""The Gemma4-ViT family: timm's ``Gemma4Attention`` as a softmax `TransferableAttention` (logits q kᵀ at
+scale 1 after RMS norms and a 2-D rope passed per call; grouped k/v heads repeated as timm does) and its
+conversion slot. Zoo attentions build their maps around timm's d^-1/2, so the scale 1 is folded into q and
+k: (q d^1/4)·(k d^1/4)·d^-1/2 = q·k, the teacher's logits, for every kernel."""
 
 from __future__ import annotations
 
@@ -32,7 +22,7 @@ from ._rope import RopeSlot
 
 
 class Gemma4Slot:
-    """Before a zoo attention class: Gemma4's call signature and projections (see the module docstring)."""
+    """Before a zoo attention class: Gemma4's call signature and projections."""
 
     #: The teacher layer's logit scale (Gemma4: 1); stage 1 builds the teacher's maps with it.
     teacher_logit_scale = 1.0
@@ -46,16 +36,13 @@ class Gemma4Slot:
         *,
         rope: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Gemma4Block's call ``attn(x, rope_cos, rope_sin, attn_mask=)``; ``rope`` is cos and sin stacked
-        (as stage 1 captures them)."""
         if rope is None and rope_cos is not None:
             rope = torch.stack((rope_cos, rope_sin))
         call = {} if rope is None else {"rope": rope}
         return self.transfer_forward(x, attn_mask=attn_mask, **call)
 
     def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The rope of a call ``attn(x, cos, sin)`` (Gemma4's block) as one tensor, ``rope``: cos and sin
-        stacked, the form a student layer takes it in (stage 1 replays the call with it)."""
+        """The rope of a call ``attn(x, cos, sin)`` as one tensor, cos and sin stacked, as stage 1 replays it."""
         if len(args) == 3 and args[1] is not None:
             return {"rope": torch.stack(args[1:])}
         rope = kwargs.get("rope")
@@ -64,7 +51,6 @@ class Gemma4Slot:
     def project(
         self, x: torch.Tensor, which: str = "qkv", rope: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """q, k (scale folded in) and v heads (B, H, N, d) as ``Gemma4Attention.forward`` makes them."""
         if rope is not None and not self.rope_keeps_map_kind:
             raise InputError(self.rope_refusal())
         cos, sin = (None, None) if rope is None else (rope[0], rope[1])
@@ -73,9 +59,7 @@ class Gemma4Slot:
 
 
 class Gemma4Conversion(RopeSlot):
-    """A zoo attention in a Gemma4 layer's place: built with the layer's head layout and the model's token
-    layout; Gemma4's projections and norms (the teacher copy's own modules) move in unchanged, its output
-    projection becomes ``proj``; no fused ``qkv``, no output norm."""
+    """A zoo attention in a Gemma4 layer's place: its projections and norms move in, ``o_proj`` as ``proj``."""
 
     call = Gemma4Slot
 
@@ -106,8 +90,6 @@ class Gemma4Conversion(RopeSlot):
 
 @register_adapter(Gemma4Attention)
 class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
-    """``Gemma4Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
-
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     conversion_slot = Gemma4Conversion
 
@@ -138,7 +120,6 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
         rope_sin: torch.Tensor | None = None,
         rope: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """q/k/v heads as timm computes them; ``rope`` is cos and sin stacked, as capture records them."""
         if rope is not None:
             rope_cos, rope_sin = rope[0], rope[1]
         return gemma4_heads(self, x, which, rope_cos, rope_sin)
@@ -153,7 +134,6 @@ class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
         return self.proj_drop(self.o_proj(out.transpose(1, 2).reshape(B, N, -1)))
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
-        """Copied chunks' projections (inside timm's clippable linears) become buffers of the same names."""
         for c in set(chunks):
             for name in ("weight", "bias"):
                 _to_buffer(getattr(self, f"{c}_proj").linear, name)
@@ -168,9 +148,7 @@ def gemma4_heads(
     rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """q/k/v heads (B, H, N, d) of a module with ``Gemma4Attention``'s projections, as its forward makes them:
-    projection, RMS norm, 2-D rope on q and k, grouped k/v heads repeated. Shared by the adapter and the
-    converted student (`Gemma4Slot`)."""
+    """q/k/v heads (B, H, N, d) as ``Gemma4Attention.forward`` makes them (adapter and converted student)."""
     B, N, _ = x.shape
     out = {}
     for c in "qkv":

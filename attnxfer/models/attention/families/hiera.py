@@ -1,15 +1,7 @@
-"""The Hiera family (``hiera``): `TransferMaskUnitAttention`, timm's ``MaskUnitAttention``
-(``timm.models.hiera``) as a softmax `TransferableAttention`.
-
-Hiera's tokens arrive unrolled: token n of a layer with ``num_windows`` mask units belongs to unit
-n mod num_windows. With ``use_mask_unit_attn`` the attention is inside each unit (the units become rows of
-the batch: q/k/v are (B·units, H, tokens per unit, d)); without it, global over all N tokens. With
-``q_stride`` > 1 the queries are max-pooled over ``q_stride`` strided groups of tokens before the logits
-(the block pools its residual the same way), so a layer has N_q = N_k / q_stride query rows: ``project``
-hands out the pooled q, and copy, maps and the CE work on N_q × N_k logits s·q kᵀ (s = d^-0.5, no bias).
-The module has no attention dropout. Where a layer's rows sit on the image follows the model's ``unroll``
-order (`place_rows`): mask unit u holds every ``units``-th token, pooled queries land on the next stage's grid.
-"""
+"""Hiera's ``MaskUnitAttention`` as a softmax `TransferableAttention`. Tokens arrive unrolled (token n is in
+mask unit n mod units); with ``use_mask_unit_attn`` the units are rows of the batch, else attention is
+global. With ``q_stride`` > 1 the queries are max-pooled before the logits, so ``project`` hands out the
+pooled q and every path works on N_q × N_k logits s·q kᵀ. The module has no attention dropout."""
 
 from __future__ import annotations
 
@@ -30,9 +22,6 @@ from ._projections import freeze_chunks, project_heads
 
 @register_adapter(MaskUnitAttention)
 class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
-    """Hiera's ``MaskUnitAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward
-    is timm's."""
-
     attention_name = SOFTMAX
 
     @property
@@ -53,9 +42,8 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
     ) -> RowPlacement | None:
-        """Tokens in the model's unrolled order (read off its ``unroll`` at the first layer), mask unit u holding
-        every ``units``-th token (or one global unit); queries max-pooled over groups of ``q_stride`` tokens, a
-        2-D block of the grid each, which land on the next stage's grid (the walk's order for later layers)."""
+        """Tokens in the model's unrolled order (read off its ``unroll`` at the first layer); pooled queries
+        land on the next stage's grid."""
         unroll = getattr(walk.model, "unroll", None)
         if walk.sequence is None and isinstance(unroll, nn.Module) and getattr(unroll, "size", None):
             # the order the model's blocks see its tokens in: its unroll of the raster grid's cell indices
@@ -92,7 +80,6 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
         return out.view(B, units, n_q, -1).transpose(1, 2).reshape(B, n_q * units, -1)
 
     def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
-        """q (pooled), k, v of the units ``x`` (B·units, n, C) as (B·units, H, n or n / q_stride, d)."""
         out = project_heads(self, x, which, self.head_dim)
         if "q" in out and self.q_stride > 1:
             q = out["q"]
@@ -110,8 +97,7 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
 
 
 def hiera_tilings(model: nn.Module) -> tuple[Tiling, ...]:
-    """Hiera's sizes: whole patches (the stem's stride) in whole mask units, and a token grid its ``unroll``
-    can halve at every pooling stage (the q strides of its schedule multiplied)."""
+    """Whole patches in whole mask units, and a token grid its ``unroll`` can halve at every pooling stage."""
     patch = [int(s) for s in model.patch_embed.proj.stride]
     pooled = [math.prod(int(s[i]) for s in model.unroll.schedule) for i in range(2)]
     return (
@@ -121,9 +107,8 @@ def hiera_tilings(model: nn.Module) -> tuple[Tiling, ...]:
 
 
 def resize_hiera_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Hiera's weights for ``model`` at another size: a (1, N, C) position embedding resampled on the token grid
-    by timm's `resample_abs_pos_embed` (it is added before the unroll, in raster order; timm's Hiera filter does
-    not resample); the windowed variants' (1, C, h, w) one is interpolated by timm's forward at any size."""
+    """Hiera's weights at another size: a (1, N, C) position embedding resampled on the token grid (timm's
+    Hiera filter does not); the windowed variants' one timm's forward interpolates."""
     out = dict(state_dict)
     pos = state_dict.get("pos_embed")
     if pos is not None and pos.dim() == 3 and model.pos_embed.shape != pos.shape:

@@ -1,8 +1,5 @@
-"""The NaFlexViT family (``naflexvit``): timm's plain ``Attention`` (the ViT family's adapter and conversion
-slot) in a model that keeps its patch embedding as ``embeds`` and takes NaFlex batches (``patches``,
-``patch_coord``, ``patch_valid``): padding arrives at each layer as ``attn_mask``, which capture records and
-the loss leaves out (`TransferableAttention.transfer_forward`).
-"""
+"""The NaFlexViT family: timm's plain ``Attention`` in a model that keeps its patch embedding as ``embeds``;
+padding arrives at each layer as ``attn_mask``, which capture records and the loss leaves out."""
 
 from __future__ import annotations
 

@@ -1,22 +1,10 @@
-"""`TransferPvtV2Attention`: timm's PVTv2 ``Attention`` (``timm.models.pvt_v2``) as a softmax
-`TransferableAttention`.
+"""timm's PVTv2 ``Attention`` as a softmax `TransferableAttention`: queries over the stage's N tokens, keys
+and values over a reduced set (the ``sr`` conv, or the ``linear`` variant's 7×7 pooling), logits s·q kᵀ.
 
-Spatial-reduction attention: queries come from all N = H·W tokens of the stage, keys and values from a
-reduced set — the ``sr`` conv (kernel = stride = ``sr_ratio``) + ``norm`` give N_k = N / sr² tokens, or,
-in the ``linear`` variant (``pvt_v2_b2_li``), adaptive average pooling to 7×7 + a 1×1 ``sr`` conv + ``norm``
-+ GELU give N_k = 49 at any resolution. Its logits are s·q kᵀ (N_q × N_k, s = d^-0.5, no bias), so
-``project`` hands out q with N_q rows and k/v with N_k rows; copy is the student's own (reduced) v attended
-with the teacher's q and k (SDPA), distillation the exact CE over each row's N_k keys. The block passes
-the stage's ``feat_size`` (H, W) per call. ``norm`` here is the reduction's LayerNorm, not an output norm.
-
-PVTv2 converts (`PvtV2Conversion`, `PvtSlot`): the zoo attention runs over **all tokens of the stage**
-(EcoFormer's setting for its hashing attention: keys and values are not sub-sampled), its grid the stage's
-``feat_size`` at each call. The teacher's ``q`` and ``kv`` Linears become the fused ``qkv`` (rows q, k, v, as
-timm splits ``kv``), ``proj`` moves in; the spatial-reduction modules (``sr``, its ``norm``, the ``linear``
-variant's pool) are dropped: a kernel attention over N keys costs O(N d²) and needs no sub-sampling. With
-``sr_ratio > 1`` the teacher's k/v weights were trained on reduced tokens, so they are a starting point, not
-the teacher's own keys; stage 1 pools the student's map onto the teacher's keys (``key_pooling``).
-"""
+PVTv2 converts with the zoo attention over all tokens of the stage (EcoFormer's setting): ``q`` and ``kv``
+become the fused ``qkv``, the reduction modules are dropped (a kernel attention over N keys costs O(N d²)).
+With ``sr_ratio > 1`` the teacher's k/v weights were trained on reduced tokens, so stage 1 pools the
+student's map onto the teacher's keys (``key_pooling``)."""
 
 from __future__ import annotations
 
@@ -38,8 +26,7 @@ from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
 class PvtSlot:
-    """Before a zoo attention class: PVTv2's call ``attn(x, feat_size)``, the zoo attention over every token of
-    the stage's grid."""
+    """Before a zoo attention class: PVTv2's call ``attn(x, feat_size)``, over every token of the stage."""
 
     def forward(self, x: torch.Tensor, feat_size: Sequence[int] | None = None) -> torch.Tensor:
         if feat_size is not None:
@@ -48,8 +35,7 @@ class PvtSlot:
 
 
 class PvtV2Conversion(ConversionSlot):
-    """A zoo attention in a PVTv2 layer's place (see the module docstring): ``q`` and ``kv`` fused into
-    ``qkv``, ``proj`` moved in, no prefix tokens, the grid per call."""
+    """A zoo attention in a PVTv2 layer's place: ``q`` and ``kv`` fused into ``qkv``, ``proj`` moved in."""
 
     call = PvtSlot
 
@@ -73,8 +59,6 @@ class PvtV2Conversion(ConversionSlot):
 
 @register_adapter(PvtV2Attention)
 class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
-    """PVTv2's ``Attention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
-
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     conversion_slot = PvtV2Conversion
 
@@ -84,8 +68,7 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
 
     @property
     def sr_ratio(self) -> int:
-        """The stride of the key/value reduction (1: keys over every token); 0 for the linear variant,
-        whose keys are a fixed 7×7 pooling."""
+        """The stride of the key/value reduction (1: none; 0: the linear variant's fixed 7×7 pooling)."""
         if self.pool is not None:
             return 0
         return int(self.sr.kernel_size[0]) if self.sr is not None else 1
@@ -105,8 +88,7 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
         return self.transfer_forward(x, feat_size=feat_size)
 
     def key_pooling(self, feat_size: list[int]) -> KeyPooling | None:
-        """Which tokens of the stage's ``feat_size`` grid each reduced key is made from (`KeyPooling`: the
-        conv's sr×sr blocks, or the linear variant's 7×7 adaptive bins); None without a reduction."""
+        """Which tokens of the stage's grid each reduced key is made from; None without a reduction."""
         if self.pool is not None:
             return KeyPooling.adaptive(feat_size, self.pool.output_size)
         if self.sr is None:
@@ -114,7 +96,6 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
         return KeyPooling.strided(feat_size, self.sr_ratio)
 
     def reduce(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
-        """The tokens keys and values are computed from: (B, N_k, C), as timm reduces them."""
         B, _, C = x.shape
         if self.pool is None and self.sr is None:
             return x
@@ -127,7 +108,6 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
     def project(
         self, x: torch.Tensor, which: str = "qkv", feat_size: list[int] | None = None
     ) -> dict[str, torch.Tensor]:
-        """q (B, H, N, d) of every token; k, v (B, H, N_k, d) of the reduced tokens."""
         return project_q_kv(
             self, x, which, lambda t: self.reduce(t, feat_size), self.num_heads, self.head_dim
         )
@@ -138,8 +118,7 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
 
 
 def pvt_v2_tilings(model: nn.Module) -> tuple[Tiling, ...]:
-    """PVTv2's sizes: whole tokens at every stage's stride (its overlapping stems round a partial patch up), and
-    stage grids its spatial-reduction convs divide (the linear variant pools to 7x7 at any size)."""
+    """Whole tokens at every stage's stride, and stage grids its spatial-reduction convs divide."""
     stride = [int(s) for s in model.patch_embed.proj.stride]
     out: dict[Tiling, None] = {}
     for k, stage in enumerate(model.stages):

@@ -1,7 +1,5 @@
-"""The Qwen3-ViT family (``qwen3_vit``, the Qwen3-VL vision encoder): timm's ``AttentionRope`` (its adapter
-and rope conversion slot are the EVA family's, `attnxfer.models.attention.families.eva`) in blocks under
-``encoder.blocks``, the patch embedding under ``encoder.patch_embed``, a 2-D rope passed per call.
-"""
+"""The Qwen3-ViT family: timm's ``AttentionRope`` (the EVA family's adapter and rope slot) under
+``encoder.blocks``, a 2-D rope passed per call."""
 
 from __future__ import annotations
 

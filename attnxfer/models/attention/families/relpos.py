@@ -1,12 +1,5 @@
-"""`TransferRelPosAttention`: timm's ``RelPosAttention`` (``vit_relpos_*``, ``vit_srelpos_*``) as a softmax
-`TransferableAttention`.
-
-Its logits are s·q kᵀ + B, B the relative-position bias: the layer's own (``rel_pos.get_bias()``, a
-``RelPosMlp`` or ``RelPosBias`` table, zero-padded for the prefix tokens) or, in the ``srelpos`` archs,
-the model's shared bias that arrives per call as ``shared_rel_pos``. Copy applies the teacher's q, k and
-B (as SDPA's ``attn_mask``) to the student's v; distillation takes the chunked biased CE with a gradient
-into the student's bias (its MLP or table). q/k/v come from timm's fused ``qkv``, then the q/k norms.
-"""
+"""timm's ``RelPosAttention`` (``vit_relpos_*``, ``vit_srelpos_*``) as a softmax `TransferableAttention`:
+logits s·q kᵀ + B, B the layer's own relative-position bias or the model's shared one passed per call."""
 
 from __future__ import annotations
 
@@ -24,8 +17,6 @@ from ._projections import freeze_chunks, merged_heads_output, project_heads
 
 @register_adapter(RelPosAttention)
 class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
-    """``RelPosAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is timm's."""
-
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
 
@@ -50,7 +41,6 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
     def logit_bias(
         self, q: torch.Tensor, k: torch.Tensor, shared_rel_pos: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        """(1, H, N, N): the layer's own relative-position bias, else the model's shared one (as timm)."""
         if self.rel_pos is not None:
             return self.rel_pos.get_bias()
         return shared_rel_pos
@@ -62,9 +52,8 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
         bias: torch.Tensor,
         shared_rel_pos: torch.Tensor | None = None,
     ) -> BiasRows:
-        """The layer's table (``RelPosBias``) or MLP output (``RelPosMlp``) gathered a chunk of rows at a
-        time; a shared bias, a layout without an index, or an MLP that draws dropout (its rows would
-        not be this call's bias), as rows of the full tensor."""
+        """The layer's table or MLP output gathered a chunk of rows at a time; else (a shared bias, an MLP that
+        draws dropout) rows of the full tensor."""
         rel = self.rel_pos
         index = getattr(rel, "relative_position_index", None)
         if rel is None or index is None:

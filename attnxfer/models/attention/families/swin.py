@@ -1,24 +1,11 @@
-"""`TransferSwinAttention`: timm's Swin ``WindowAttention`` (``timm.models.swin_transformer``) as a softmax
-`TransferableAttention`.
+"""Swin's ``WindowAttention`` as a softmax `TransferableAttention`: windows are rows of the attention's batch
+(padding tokens keys of their windows, as timm keeps them); the logits are s·q kᵀ plus the gathered
+relative-position table plus the block's shift mask, (B·nW, H, N, N) as timm's fused path builds it.
 
-A Swin block rolls its (B, H, W, C) grid by the shift (odd blocks), pads it to whole windows and hands the
-attention a batch of windows: (B·nW, N, C) with N = window area, plus the shifted-window mask (nW, N, N)
-(0 / −100 between tokens that the roll brought together from different regions). Windows are rows of the
-attention's batch, so the partition needs nothing here; padding tokens are keys of their windows as timm
-keeps them (unmasked). The logits are s·q kᵀ + B with B the layer's relative-position table gathered to
-(1, H, N, N), plus the block's mask broadcast over the batch's windows: (B·nW, H, N, N), as timm's fused
-path builds it. Copy applies the teacher's q, k and B (SDPA's ``attn_mask``) to the student's v in the
-teacher's windows; distillation takes the chunked biased CE over each window's keys, with a gradient into
-the student's table.
-
-Swin converts (`SwinConversion`, `SwinSlot`): the zoo attention runs **inside the teacher's windows**, so its
-key set is the teacher's (stage 1 compares maps over the same keys) and the block's window partition, shift
-and padding stay timm's. Swin's shift mask (0 / -100 between regions of a shifted window) is honoured exactly
-for row-stochastic maps: the window's map rows are restricted to the query's region and renormalised (the
-kernel attention over that region's keys). The relative-position bias table is dropped (zoo attentions have
-no logit bias). Inside a 7x7 window a kernel attention costs about what softmax does (N = 49 ≈ d): Swin
-conversion changes what the layer computes, not its cost.
-"""
+Swin converts with the zoo attention inside the teacher's windows (stage 1 compares maps over the same
+keys); the shift mask is honoured exactly for row-stochastic maps by restricting rows to the query's
+region and renormalising; the position table is dropped. In a 7x7 window (N = 49 ≈ d) a kernel attention
+costs about what softmax does: Swin conversion changes what the layer computes, not its cost."""
 
 from __future__ import annotations
 
@@ -38,8 +25,8 @@ from ._projections import FusedQKVDims, freeze_chunks, merged_heads_output, proj
 
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
-    """A (1, H, N, N) logit bias plus a block's shifted-window mask (nW, N, N), as (windows, H, N, N) with
-    ``windows`` = B·nW in timm's order (image-major); the bias alone without a mask."""
+    """A (1, H, N, N) logit bias plus a block's shifted-window mask (nW, N, N), as (B·nW, H, N, N) in timm's
+    (image-major) order."""
     if mask is None:
         return bias
     nw, n = mask.shape[0], mask.shape[-1]
@@ -48,21 +35,16 @@ def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int
 
 
 class SwinWindowParts(FusedQKVDims):
-    """What Swin's window attentions (Swin, Swin V2, Swin V2-CR) share around their logits: sizes from the
-    fused ``qkv``, the layer's position bias plus the block's shifted-window mask as the logit bias, the
-    block's windows as the token partition, heads merged into ``proj`` (no norm, no gate), frozen chunks.
-    Subclasses give ``_position_bias``."""
+    """What Swin's window attentions (Swin, V2, V2-CR) share around their logits; subclasses give
+    ``_position_bias``."""
 
     def _position_bias(self) -> torch.Tensor:
-        """The layer's (1, H, N, N) position bias."""
         raise NotImplementedError
 
     def logit_bias(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(1, H, N, N) position bias; (B·nW, H, N, N) with the block's shifted-window mask added."""
         return with_window_mask(self._position_bias(), mask, q.shape[0])
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
-        """The grid the block works on, its window and its shift: the block decides each window's tokens."""
         if block is None:
             return {}
         return {
@@ -74,8 +56,6 @@ class SwinWindowParts(FusedQKVDims):
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
     ) -> RowPlacement | None:
-        """The block's grid in shifted (or not) windows, cut as timm's blocks cut them; keys are the query's
-        window."""
         if not partition:
             return None
         grid = tuple(partition["grid"])
@@ -88,8 +68,8 @@ class SwinWindowParts(FusedQKVDims):
 
 
 class SwinSlot:
-    """Before a zoo attention class: Swin's call ``attn(x_windows, mask=...)``, the zoo attention inside each
-    window, regions of a shifted window kept apart (``mask``: timm's (num_windows, N, N) additive 0 / -100)."""
+    """Before a zoo attention class: Swin's call ``attn(x_windows, mask=...)``, regions of a shifted window
+    kept apart."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         keep = None
@@ -121,10 +101,8 @@ class SwinSlot:
         return (rows @ v.float()).to(v.dtype)
 
     def region_log_mass(self, q: torch.Tensor, k: torch.Tensor, bias_t: torch.Tensor) -> torch.Tensor:
-        """Mean over rows of log(the mass of this layer's window row on the query's region), the regions read
-        off a Swin teacher's logit bias (its shift mask adds -100 between regions). The student's output uses
-        its rows restricted to the region and renormalised, so CE(P, restricted) = CE(P, row) + this (P is 0
-        outside the region): stage 1 adds it to fit what the layer computes. 0 for unshifted windows."""
+        """Mean log-mass of the layer's rows on the query's region (read off the teacher's -100 shift mask):
+        the student's rows are restricted there and renormalised, so CE(P, restricted) = CE(P, row) + this."""
         keep = bias_t > -50.0  # relative-position biases are O(1); the shift mask is -100
         if bool(keep.all()):
             return q.new_zeros((), dtype=torch.float32)
@@ -134,8 +112,7 @@ class SwinSlot:
 
 
 class SwinConversion(ConversionSlot):
-    """A zoo attention in a Swin window attention's place (see the module docstring): its ``qkv`` and
-    ``proj`` move in unchanged, the token grid is the window, no prefix tokens."""
+    """A zoo attention in a Swin window attention's place: ``qkv`` and ``proj`` move in, the grid is the window."""
 
     call = SwinSlot
 
@@ -160,8 +137,7 @@ class SwinConversion(ConversionSlot):
 
 @register_adapter(WindowAttention)
 class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
-    """Swin's ``WindowAttention`` meeting `TransferableAttention`; without an `AttentionIO` its forward is
-    timm's. Takes and returns timm's (B·nW, N, C) windows."""
+    """Swin's ``WindowAttention``; takes and returns timm's (B·nW, N, C) windows."""
 
     attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
@@ -178,15 +154,12 @@ class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
         return project_heads(self, x, which, self.head_dim)
 
     def _position_bias(self) -> torch.Tensor:
-        """(1, H, N, N): the relative-position table gathered by timm."""
         return self._get_rel_pos_bias()
 
 
 def swin_tilings(model: nn.Module) -> tuple[Tiling, ...]:
-    """The sizes a Swin (V2, V2-CR) model runs at besides its own: whole patches, and at every stage a grid
-    that is whole windows. The window is the model's (the largest of its blocks'); a stage grid smaller than
-    it takes one window of its own size, as timm's blocks do unless they always partition. Other sizes run
-    in timm only with windows padded with zero tokens that the model never saw at its own size: refused."""
+    """Whole patches, and stage grids of whole windows (a smaller grid is one window, as timm's blocks shrink
+    it): other sizes run in timm only with zero-padded windows the model never saw, so they are refused."""
     side = model.patch_embed.img_size
     blocks = [m for m in model.modules() if hasattr(m, "shift_size") and hasattr(m, "window_size")]
     window = [max(int(b.window_size[i]) for b in blocks) for i in range(2)]
@@ -201,7 +174,6 @@ def swin_tilings(model: nn.Module) -> tuple[Tiling, ...]:
     return tuple(out)
 
 
-#: What sizes the Swin families' models run at and how they are rebuilt there (Swin V2 and V2-CR too).
 SWIN_SIZES = ImageSizes(
     tilings=swin_tilings,
     how="stage grids of whole windows (a smaller grid is one window, as timm shrinks it); the position "

@@ -1,11 +1,5 @@
-"""`TransferSwinV2CrAttention`: timm's Swin V2-CR ``WindowMultiHeadAttention``
-(``timm.models.swin_transformer_v2_cr``, ``swinv2_cr_*``) as a softmax `TransferableAttention`.
-
-Swin V2's cosine attention (`attnxfer.models.attention.families.swin_v2.CosineWindowCore`: τ_h folded into
-q) with its own position bias: ``meta_mlp`` of the log-spaced relative coordinates, used as it comes (no
-sigmoid), (1, H, N, N), plus the block's shifted-window mask. Blocks are post-norm and keep their grid as
-``feat_size``; windows, shifts and padding are Swin's.
-"""
+"""Swin V2-CR's ``WindowMultiHeadAttention`` as a softmax `TransferableAttention`: Swin V2's cosine core with
+its own position bias, ``meta_mlp`` of the log-spaced relative coordinates (no sigmoid)."""
 
 from __future__ import annotations
 
@@ -23,7 +17,7 @@ from .swin_v2 import CosineWindowCore
 
 @register_adapter(WindowMultiHeadAttention)
 class TransferSwinV2CrAttention(CosineWindowCore, WindowMultiHeadAttention):
-    """Swin V2-CR's window attention meeting `TransferableAttention`; (B·nW, N, C) windows in and out."""
+    """Swin V2-CR's window attention; (B·nW, N, C) windows in and out."""
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self._parameters["logit_scale"], math.log(10))
@@ -44,7 +38,6 @@ class TransferSwinV2CrAttention(CosineWindowCore, WindowMultiHeadAttention):
         self.relative_coordinates_log.copy_(log_rel.to(self.relative_coordinates_log.dtype))
 
     def _position_bias(self) -> torch.Tensor:
-        """(1, H, N, N): ``meta_mlp`` of the log-spaced relative coordinates."""
         return self._relative_positional_encodings()
 
 

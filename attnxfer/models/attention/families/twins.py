@@ -1,15 +1,7 @@
-"""The Twins family (``twins``): its two attentions (``timm.models.twins``) as softmax `TransferableAttention`s.
-
-* `TransferLocallyGroupedAttn` (LSA, ``twins_svt_*``): attention inside ws×ws windows of the stage's H×W
-  grid, which timm zero-pads on the right and bottom to whole windows. The windows become rows of the batch
-  — q/k/v are (B·windows, H, ws², d), padding tokens included as timm keeps them (their k/v are the
-  projection's bias, keys of their window's rows; their own rows are cropped after the layer and the CE
-  averages them like every row) — and the output is put back on the grid and cropped.
-* `TransferGlobalSubSampleAttn` (GSA, ``twins_pcpvt_*`` and every other ``twins_svt_*`` block): queries over
-  every token, keys/values over the ``sr`` conv + ``norm`` reduced grid (N_k = N / sr²), as PVTv2.
-
-Logits s·q kᵀ, s = d^-0.5, no bias; the block passes the stage's ``size`` (H, W) per call.
-"""
+"""The Twins family's two attentions as softmax `TransferableAttention`s (logits s·q kᵀ, the stage's ``size``
+passed per call): LSA (`TransferLocallyGroupedAttn`) inside ws×ws windows that are rows of the batch,
+padding tokens included as timm keeps them; GSA (`TransferGlobalSubSampleAttn`) with sub-sampled keys, as
+PVTv2."""
 
 from __future__ import annotations
 
@@ -45,9 +37,6 @@ class _TwinsHeads:
 
 @register_adapter(LocallyGroupedAttn)
 class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
-    """Twins' ``LocallyGroupedAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward is
-    timm's."""
-
     attention_name = SOFTMAX
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
@@ -59,7 +48,6 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
     ) -> RowPlacement | None:
-        """ws×ws windows of the stage's grid, padded at the bottom and right; keys are the query's window."""
         if grid is None:
             return None
         cells = window_cells(raster_cells(grid), (self.ws, self.ws))
@@ -80,7 +68,6 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
         return out[:, :H, :W, :].reshape(B, N, C)
 
     def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
-        """q/k/v (B·windows, H, ws², d) of the padded windows ``x`` (B·windows, ws², C)."""
         return project_heads(self, x, which, self.head_dim)
 
     _output = merged_heads_output
@@ -90,9 +77,6 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
 
 @register_adapter(GlobalSubSampleAttn)
 class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalSubSampleAttn):
-    """Twins' ``GlobalSubSampleAttn`` meeting `TransferableAttention`; without an `AttentionIO` its forward
-    is timm's."""
-
     attention_name = SOFTMAX
 
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
@@ -107,7 +91,6 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
         return self.transfer_forward(x, size=size)
 
     def reduce(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """The tokens keys and values are computed from: (B, N_k, C), as timm reduces them."""
         if self.sr is None:
             return x
         B, _, C = x.shape
@@ -117,7 +100,6 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
     def project(
         self, x: torch.Tensor, which: str = "qkv", size: tuple[int, int] | None = None
     ) -> dict[str, torch.Tensor]:
-        """q (B, H, N, d) of every token; k, v (B, H, N_k, d) of the reduced tokens."""
         return project_q_kv(self, x, which, lambda t: self.reduce(t, size), self.num_heads, self.head_dim)
 
     _output = merged_heads_output
@@ -126,9 +108,8 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
 
 
 def twins_tilings(model: nn.Module) -> tuple[Tiling, ...]:
-    """Twins' sizes besides its own: whole patches at every stage's stride, stage grids of whole ws×ws windows
-    (other sizes run in timm only with windows padded with zero tokens) and grids its sub-sampling convs
-    divide."""
+    """Whole patches at every stage's stride, stage grids of whole windows (else timm zero-pads them) and
+    grids its sub-sampling convs divide."""
     stride = [1, 1]
     out: dict[Tiling, None] = {}
     for k, (embed, blocks) in enumerate(zip(model.patch_embeds, model.blocks)):

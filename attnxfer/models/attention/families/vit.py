@@ -1,15 +1,6 @@
-"""The ViT family: timm's plain ``Attention`` (``vision_transformer``, ``deit``), and the one refusal in its
-archs.
-
-timm's ``Attention`` is `attnxfer.models.attention.softmax.TransferAttention`'s base: registered here as its
-adapter, so every model walk swaps ViT and DeiT layers to it; its conversion slot is the base
-`ConversionSlot` (fused ``qkv``, the model's token layout).
-
-timm's ``DiffAttention`` (differential attention, ``vit_dlittle_*``/``vit_dwee_*``) is refused: a layer's
-output is (softmax(s·q₁k₁ᵀ) − λ·softmax(s·q₂k₂ᵀ))·v, the difference of two softmax maps with a learned λ,
-so rows are signed and sum to 1 − λ. There is no row-stochastic map to copy into SDPA or to distil with a
-cross-entropy, and splitting it into its two halves would transfer something the layer never uses on its own.
-"""
+"""The ViT family: timm's plain ``Attention`` (registered as `TransferAttention`'s adapter, the base
+`ConversionSlot`), and the refusal of ``DiffAttention``, whose map is a signed difference of two softmax
+maps: no distribution to copy or distil, and its halves are never used on their own."""
 
 from __future__ import annotations
 
@@ -29,9 +20,8 @@ DIFF_ATTENTION_REASON = (
 
 refuse_attention(DiffAttention, DIFF_ATTENTION_REASON)
 
-#: The 4 vision_transformer archs that do not plan: ``vit_dlittle_*``/``vit_dwee_*`` use differential attention
-#: (refused above), ``vit_pwee_*``/``vit_dpwee_*`` parallel blocks whose attention is computed inside the block
-#: (no ``attn`` module to adapt).
+#: The 4 vision_transformer archs that do not plan: differential attention (refused above), and parallel
+#: blocks that compute their attention inside the block (``vit_pwee_*``/``vit_dpwee_*``: no ``attn`` module).
 FAMILY = register_family(
     Family(
         name="vit",
