@@ -26,11 +26,11 @@ from .interface import (
     QKV,
     AttentionIO,
     MapKind,
-    PartialQKV,
     StopForward,
     TransferableAttention,
     attention_io,
 )
+from .partial_qkv import PartialQKV
 from .placement import RowPlacement, TokenWalk
 from .registry import (
     attention_layer,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +18,7 @@ from .bias_rows import BiasRows, full_bias
 from .map_kind import MapKind
 from .numerics import fp32_section, row_chunk, row_slices, upcast
 from .opcount import OpCounts
-from .partial_qkv import QKV, PartialQKV
+from .partial_qkv import QKV, freeze_chunks, fused_rows
 from .placement import RowPlacement, TokenWalk
 
 #: Child modules that have a counterpart in timm's ``Attention`` (copied from a teacher).
@@ -193,14 +193,6 @@ class TransferableAttention(nn.Module):
         return None
 
     # ----------------------------------------------------------------- projections
-    def _qkv_rows(self, name: str):
-        if isinstance(self.qkv, PartialQKV):
-            return self.qkv.chunk(name)
-        i = QKV.index(name)
-        rows = slice(i * self.attn_dim, (i + 1) * self.attn_dim)
-        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
-        return self.qkv.weight[rows], bias
-
     def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
         """The requested heads (B, H, N, d), q/k norms applied, as timm computes them."""
         B, N, _ = x.shape
@@ -211,7 +203,7 @@ class TransferableAttention(nn.Module):
             out = dict(zip(QKV, qkv.unbind(0)))
         else:
             for name in which:
-                w, b = self._qkv_rows(name)
+                w, b = fused_rows(self.qkv, name)
                 out[name] = F.linear(x, w, b).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         if "q" in out:
             out["q"] = self.q_norm(out["q"])
@@ -219,23 +211,8 @@ class TransferableAttention(nn.Module):
             out["k"] = self.k_norm(out["k"])
         return out
 
-    def freeze_projections(self, chunks: Iterable[str]) -> None:
-        """Freeze the given q/k/v projections (copied layers don't use them)."""
-        chunks = set(chunks)
-        if not chunks:
-            return
-        linear = self.qkv
-        if isinstance(linear, PartialQKV):
-            if chunks <= set(linear.frozen):
-                return  # already frozen: keep the module (and its parameters) as they are
-            chunks |= set(linear.frozen)
-            linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
-            linear.load_state_dict(self.qkv.state_dict())
-        self.qkv = PartialQKV(linear, chunks)
-        for name in ("q", "k"):
-            if name in chunks:
-                for p in getattr(self, f"{name}_norm").parameters():
-                    p.requires_grad_(False)
+    #: Freeze the given q/k/v projections (copied layers don't use them).
+    freeze_projections = freeze_chunks
 
     # ----------------------------------------------------------------- logits
     def logit_scale(self, q: torch.Tensor) -> float:

@@ -86,3 +86,63 @@ class PartialQKV(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
+
+
+def fused_rows(
+    linear: nn.Module, name: str, chunks: Sequence[str] = QKV
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of row block ``name`` of a fused ``linear`` whose blocks are ``chunks``."""
+    if isinstance(linear, PartialQKV):
+        return linear.chunk(name)
+    rows = linear.out_features // len(chunks)
+    i = tuple(chunks).index(name)
+    w = linear.weight[i * rows : (i + 1) * rows]
+    b = linear.bias[i * rows : (i + 1) * rows] if linear.bias is not None else None
+    return w, b
+
+
+def freeze_fused(
+    attn: nn.Module, attr: str, frozen: set[str], chunks: Sequence[str] = QKV
+) -> set[str] | None:
+    """Make ``attn.<attr>`` a `PartialQKV` with ``frozen`` (and the already frozen) blocks; returns every
+    frozen block, or None when all were frozen before (the module is then left as it is)."""
+    linear = getattr(attn, attr)
+    if isinstance(linear, PartialQKV):
+        if frozen <= set(linear.frozen):
+            return None
+        frozen = frozen | set(linear.frozen)
+        linear = nn.Linear(linear.in_features, linear.out_features, bias=linear.has_bias)
+        linear.load_state_dict(getattr(attn, attr).state_dict())
+    setattr(attn, attr, PartialQKV(linear, frozen, chunks=chunks))
+    return frozen
+
+
+def _to_buffer(module: nn.Module, name: str) -> None:
+    """Parameter ``name`` becomes a buffer of the same name: no gradient, same ``state_dict`` key."""
+    p = module._parameters.get(name)
+    if p is None:
+        return
+    del module._parameters[name]
+    module.register_buffer(name, p.detach().clone())
+
+
+def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
+    """Freeze the q/k/v projections ``chunks`` of either layout (copied layers do not use them)."""
+    chunks = set(chunks)
+    if not chunks:
+        return
+    if getattr(attn, "qkv", None) is not None:
+        chunks = freeze_fused(attn, "qkv", chunks)
+        if chunks is None:
+            return
+        for c in chunks:
+            _to_buffer(attn, f"{c}_bias")
+    else:
+        for c in chunks:
+            proj = getattr(attn, f"{c}_proj")
+            for name in ("weight", "bias"):
+                _to_buffer(proj, name)
+    for c in chunks & {"q", "k"}:
+        norm = getattr(attn, f"{c}_norm", None)
+        if norm is not None:
+            norm.requires_grad_(False)

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..interface import QKV
+from ..partial_qkv import _to_buffer, freeze_fused, fused_rows
 from ..placement import RowPlacement, TokenWalk, raster_cells
-from ._projections import _to_buffer, freeze_fused, fused_rows
 
 #: The row blocks of a fused ``kv`` linear, in timm's order.
 KV_CHUNKS = ("k", "v")

@@ -10,7 +10,7 @@ from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import FusedQKVDims, freeze_chunks, merged_heads_output, project_heads
+from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
 
 @register_adapter(BeitAttention)
@@ -53,8 +53,6 @@ class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
         )
 
     _output = merged_heads_output
-
-    freeze_projections = freeze_chunks
 
 
 FAMILY = register_family(

@@ -21,8 +21,9 @@ from timm.models.cait import ClassAttn, TalkingHeadAttn
 
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
+from ..partial_qkv import _to_buffer, freeze_chunks
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import FusedQKVDims, _to_buffer, freeze_chunks, merged_heads_output, project_heads
+from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
 
 @register_adapter(TalkingHeadAttn)

@@ -17,7 +17,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..slots import TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import apply_rope, freeze_chunks, project_heads
+from ._projections import apply_rope, project_heads
 from ._rope import RopeSlot
 
 
@@ -66,8 +66,6 @@ class RopeProjection(SoftmaxCore):
                 if c in out:
                     out[c] = out[c].repeat_interleave(groups, dim=1)
         return out
-
-    freeze_projections = freeze_chunks
 
 
 @register_adapter(EvaAttention)

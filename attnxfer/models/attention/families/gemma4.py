@@ -15,9 +15,9 @@ from timm.models.gemma4_vit import Gemma4Attention, apply_multidimensional_rope
 from ....errors import InputError
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
+from ..partial_qkv import _to_buffer
 from ..slots import TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import _to_buffer
 from ._rope import RopeSlot
 
 

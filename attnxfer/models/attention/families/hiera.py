@@ -17,7 +17,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, project_heads
+from ._projections import project_heads
 
 
 @register_adapter(MaskUnitAttention)
@@ -92,8 +92,6 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
     def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         Bu, H, n_q, d = out.shape
         return self.proj(out.transpose(1, 2).reshape(Bu, n_q, H * d))
-
-    freeze_projections = freeze_chunks
 
 
 def hiera_tilings(model: nn.Module) -> tuple[Tiling, ...]:

@@ -12,7 +12,7 @@ from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, merged_heads_output, project_heads
+from ._projections import merged_heads_output, project_heads
 
 
 @register_adapter(RelPosAttention)
@@ -70,8 +70,6 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
         return BiasRows.of_tensor(bias)
 
     _output = merged_heads_output
-
-    freeze_projections = freeze_chunks
 
 
 FAMILY = register_family(

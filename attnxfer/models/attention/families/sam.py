@@ -14,7 +14,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention, get_de
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, merged_heads_output, project_heads
+from ._projections import merged_heads_output, project_heads
 
 
 @register_adapter(SamAttention)
@@ -57,8 +57,6 @@ class TransferSamAttention(SoftmaxCore, SamAttention):
         return bias.view(B, H, N, -1)
 
     _output = merged_heads_output
-
-    freeze_projections = freeze_chunks
 
 
 def resize_sam_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

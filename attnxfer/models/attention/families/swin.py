@@ -21,7 +21,7 @@ from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family
 from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
 from ..slots import ConversionSlot, TokenLayout
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import FusedQKVDims, freeze_chunks, merged_heads_output, project_heads
+from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
@@ -63,8 +63,6 @@ class SwinWindowParts(FusedQKVDims):
         return RowPlacement(grid, grid, cells, cells)
 
     _output = merged_heads_output
-
-    freeze_projections = freeze_chunks
 
 
 class SwinSlot:

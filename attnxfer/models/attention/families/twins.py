@@ -16,7 +16,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, grid_argument, raster_cells, window_cells
 from ..softmax import SOFTMAX, SoftmaxCore
-from ._projections import freeze_chunks, merged_heads_output, project_heads
+from ._projections import merged_heads_output, project_heads
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
@@ -71,8 +71,6 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
         return project_heads(self, x, which, self.head_dim)
 
     _output = merged_heads_output
-
-    freeze_projections = freeze_chunks
 
 
 @register_adapter(GlobalSubSampleAttn)
