@@ -19,7 +19,7 @@ from ....errors import InputError
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
-from ..slots import ConversionSlot, TokenLayout
+from ..slots import ConversionSlot, TokenLayout, attention_config
 from ..softmax import SOFTMAX, SoftmaxCore
 from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
@@ -116,17 +116,7 @@ class SwinConversion(ConversionSlot):
 
     @classmethod
     def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
-        return dict(
-            dim=old.qkv.in_features,
-            num_heads=old.num_heads,
-            attn_head_dim=old.qkv.out_features // (3 * old.num_heads),
-            qkv_bias=old.qkv.bias is not None,
-            proj_bias=old.proj.bias is not None,
-            attn_drop=old.attn_drop.p,
-            proj_drop=old.proj_drop.p,
-            num_prefix_tokens=0,
-            grid_size=tuple(old.window_size),
-        )
+        return dict(attention_config(old), num_prefix_tokens=0, grid_size=tuple(old.window_size))
 
     @classmethod
     def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
