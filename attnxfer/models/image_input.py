@@ -94,7 +94,6 @@ def as_pair(v) -> tuple[int, int] | None:
     return v if len(v) == 2 else None
 
 
-# ------------------------------------------------------------------------------------------- other sizes
 class ImageSizeError(InputError):
     """A model cannot run at an image size ``side``; ``below``/``above``: the nearest sides that work."""
 

@@ -1,14 +1,7 @@
-"""A copy of a teacher whose norms become what its recorded construction arguments build.
-
-A teacher can be built with arguments no JSON value names: transformers' ViT and BEiT normalise with
-LayerNorm eps 1e-12 (timm's default is 1e-6), which only a ``functools.partial`` norm layer expresses. The
-teacher keeps that eps (so it computes exactly what transformers computes), and its recorded arguments
-leave the partial out (``_teacher_only_args``). A student made by copying such a teacher (a converted
-student) would keep the eps too, and then differ from everything that rebuilds it from those arguments: its
-export (timm's ``create_model``, transformers' timm wrapper, ``load_student``). So the copy takes the eps of
-the model its arguments build, and is exactly what it exports; it starts a relative ~1e-6 / variance off
-the teacher, which its own training absorbs.
-"""
+"""A copy of a teacher whose norms take the eps its recorded construction arguments build. transformers' ViT
+and BEiT normalise with LayerNorm eps 1e-12, which only a ``functools.partial`` (left out of the recorded
+arguments) expresses; a converted student keeping it would differ from its own export, so it takes the
+rebuilt eps (a relative ~1e-6 / variance off the teacher, which its training absorbs)."""
 
 from __future__ import annotations
 
@@ -26,7 +19,7 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _recorded_build(model: nn.Module) -> nn.Module:
-    """The model's architecture built (on the meta device, no memory) from its recorded arguments."""
+    """The model's architecture built on the meta device from its recorded arguments."""
     arch = model.pretrained_cfg["architecture"]
     args = {k: v for k, v in get_model_args(model).items() if k not in _RUNTIME and k != "attn_layer"}
     with torch.device("meta"):
@@ -41,9 +34,7 @@ def _recorded_build(model: nn.Module) -> nn.Module:
 
 
 def norms_as_recorded(model: nn.Module) -> nn.Module:
-    """``model`` (a copy of a teacher) with every norm's eps set to what its recorded arguments build, and
-    no longer marked as holding arguments it does not record. A model without such arguments is returned
-    as it is."""
+    """``model`` (a copy of a teacher) with every norm's eps set to what its recorded arguments build."""
     if not getattr(model, "_teacher_only_args", ()):
         return model
     recorded = {name: m.eps for name, m in _recorded_build(model).named_modules() if _is_norm(m)}

@@ -1,9 +1,5 @@
-"""Building students and teachers as timm ViTs with transfer-aware attention.
-
-Every model is a plain timm `VisionTransformer` whose attention is
-`TransferAttention` (same parameter names), so timm/MAE checkpoints load
-unchanged and a softmax student exports to plain timm.
-"""
+"""Students and teachers as timm ViTs with transfer-aware attention (same parameter names, so timm/MAE
+checkpoints load unchanged), and the demo's micro models."""
 
 from __future__ import annotations
 
@@ -20,13 +16,8 @@ from .attention import TransferAttention
 def create_vit(
     name: str, pretrained: bool = False, optional: tuple[str, ...] = (), **kwargs: Any
 ) -> nn.Module:
-    """``timm.create_model`` with `TransferAttention` in every block.
-
-    ``name`` is any timm ViT name (``vit_small_patch16_224``, ``vit_base_patch16_224.mae``,
-    ``hf-hub:...``); kwargs go to timm (``img_size``, ``depth``, ``num_classes``, ...). Architectures
-    that build their own attention (PVTv2, ...) get timm's; kwargs named in ``optional`` are left out
-    for architectures that do not take them.
-    """
+    """``timm.create_model`` with `TransferAttention` in every block (architectures that build their own
+    attention get timm's); kwargs named in ``optional`` are left out where the architecture takes none."""
     kwargs.setdefault("attn_layer", TransferAttention)
     return _create_dropping(name, pretrained, kwargs, optional=("attn_layer", *optional))
 
@@ -34,10 +25,8 @@ def create_vit(
 def _create_dropping(
     name: str, pretrained: bool, kwargs: dict[str, Any], optional: tuple[str, ...]
 ) -> nn.Module:
-    """``timm.create_model``, leaving out the ``optional`` kwargs the architecture does not take.
-
-    Why: hierarchical families with a conv stem (PVTv2) take no ``img_size`` (any size works) and build
-    their own attention (no ``attn_layer``); the training app passes both by default to every model."""
+    """``timm.create_model`` without the ``optional`` kwargs the architecture does not take: PVTv2 takes no
+    ``img_size`` or ``attn_layer``, which the training app passes to every model."""
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:

@@ -1,16 +1,6 @@
-"""Adapters: timm attention classes made transfer-aware, found wherever a model keeps them.
-
-An *adapter* is a subclass of one timm attention class that also meets `TransferableAttention`
-(``project`` gives q and k as they enter the logits — after q/k norms and rotary embeddings —
-``logit_bias`` the additive term, ``logit_scale`` the factor, ``attend`` the core). A timm model's
-layers become their adapters by an in-place class swap: no state is added, every parameter keeps
-timm's name, and ``timm.create_model`` loads what is saved. Without an `AttentionIO` an adapter's
-forward is timm's own.
-
-`register_adapter` keys adapters by the exact timm class (one file per class in
-`attnxfer.models.attention.families`); `refuse_attention` records classes that cannot be transferred
-and why; `attention_layers` walks a model in forward order and swaps.
-"""
+"""Adapters: timm attention classes made transfer-aware by an in-place class swap (no state added, every
+parameter keeps timm's name, and without an `AttentionIO` the forward is timm's own), found wherever a model
+keeps them."""
 
 from __future__ import annotations
 
@@ -28,8 +18,7 @@ A = TypeVar("A", bound=type[TransferableAttention])
 
 
 def register_adapter(timm_class: type[nn.Module]) -> Callable[[A], A]:
-    """Class decorator: ``adapter`` (a subclass of ``timm_class`` and `TransferableAttention`) is what
-    layers of exactly ``timm_class`` become."""
+    """Class decorator: ``adapter`` is what layers of exactly ``timm_class`` become."""
 
     def decorator(adapter: A) -> A:
         if not (issubclass(adapter, timm_class) and issubclass(adapter, TransferableAttention)):
@@ -47,32 +36,24 @@ def register_adapter(timm_class: type[nn.Module]) -> Callable[[A], A]:
 
 
 def refuse_attention(timm_class: type[nn.Module], reason: str) -> None:
-    """Layers of ``timm_class`` cannot be transferred: ``reason`` (one sentence, what to do instead) is
-    the error every entry point gives."""
+    """Layers of ``timm_class`` cannot be transferred: ``reason`` says what to do instead."""
     _REFUSED[timm_class] = reason
 
 
 def adapter_for(timm_class: type[nn.Module]) -> type[TransferableAttention] | None:
-    """The adapter registered for exactly ``timm_class``, or None."""
     return _ADAPTERS.get(timm_class)
 
 
 def list_adapters() -> dict[str, str]:
-    """``{"module.TimmClass": "module.Adapter"}`` for every registered adapter: which family file adapts which
-    timm class (docs, the one-file-per-family test)."""
+    """``{"module.TimmClass": "module.Adapter"}`` for every registered adapter."""
     return {
         f"{k.__module__}.{k.__qualname__}": f"{v.__module__}.{v.__qualname__}" for k, v in _ADAPTERS.items()
     }
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]]:
-    """(qualified name, layer) of every attention layer in ``model``, in forward (registration) order,
-    each swapped in place to its adapter. ``blocks.*``, ``encoder.*``, ``blocks_token_only.*``,
-    ``stages.*.blocks.*``: wherever the family keeps them.
-
-    A layer whose class is refused, or an ``attn`` child of a class with no adapter, is a TypeError
-    that names it; so is a model with no attention layer at all.
-    """
+    """(qualified name, layer) of every attention layer in ``model`` in forward order, wherever the family
+    keeps them, each swapped in place to its adapter; a refused or unadapted layer is a TypeError."""
     found: list[tuple[str, TransferableAttention]] = []
     inside: str | None = None  # the attention whose submodules are being skipped
     for name, module in model.named_modules():
@@ -106,10 +87,8 @@ def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]
 
 
 def stage_of(name: str) -> str:
-    """The stage an attention layer called ``name`` belongs to: its qualified name without the block index
-    and the ``blocks`` container (``layers.1.blocks.0.attn`` -> ``layers.1`` in Swin, ``stages.2.blocks.3.attn``
-    -> ``stages.2`` in PVTv2/Hiera, ``blocks.2.1.attn`` -> ``blocks.2`` in Twins); ``""`` for the one stage
-    of a flat model (``blocks.3.attn``). Hierarchical models change token count and width between stages."""
+    """The stage of the attention layer ``name``: its name without the block index and ``blocks`` container
+    (``layers.1.blocks.0.attn`` -> ``layers.1``); ``""`` for a flat model's one stage."""
     parts = name.split(".")
     if parts and parts[-1] == "attn":
         parts.pop()
@@ -121,8 +100,7 @@ def stage_of(name: str) -> str:
 
 
 def group_stages(names: Sequence[str]) -> list[tuple[str, list[int]]]:
-    """(stage name, indices of its layers among ``names``) in order, by `stage_of`: the one grouping of
-    attention layers into stages (plans pair within them, conversions name one attention per stage)."""
+    """(stage name, indices of its layers among ``names``) in order: the one grouping into stages."""
     stages: list[tuple[str, list[int]]] = []
     for i, name in enumerate(names):
         stage = stage_of(name)
@@ -133,12 +111,10 @@ def group_stages(names: Sequence[str]) -> list[tuple[str, list[int]]]:
 
 
 def attention_stages(model: nn.Module) -> list[tuple[str, list[int]]]:
-    """(stage name, indices of its layers among `attention_layers`) in forward order: one stage ``""`` for a
-    flat model, one per stage of a hierarchical one."""
+    """(stage name, indices of its layers among `attention_layers`) in forward order."""
     return group_stages([name for name, _ in attention_layers(model)])
 
 
 def attention_blocks(model: nn.Module) -> list[nn.Module]:
-    """The blocks that hold the model's attention layers, in forward order (``blocks.N`` of a ViT, Swin's
-    ``layers.S.blocks.N``, ...): the units a run compiles and shares drop-path draws between."""
+    """The blocks that hold the model's attention layers, in forward order: the units a run compiles."""
     return [model.get_submodule(name.rpartition(".")[0]) for name, _ in attention_layers(model)]

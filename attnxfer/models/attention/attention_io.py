@@ -24,7 +24,7 @@ class AttentionIO:
     v: torch.Tensor | None = None
     #: With both ``q`` and ``k`` given, the logit bias that goes with them, in place of the layer's own.
     bias: torch.Tensor | BiasRows | None = None
-    #: the `Signal`s to capture; q and k also capture the logit bias (``"bias"``) and ``attn_mask`` (``"mask"``)
+    #: the `Signal`s to capture; q and k also capture the logit bias and ``attn_mask``
     capture: Chunks | Iterable[Signal] | Signal | str = ()
     return_map: bool = False
     return_lse: bool = False

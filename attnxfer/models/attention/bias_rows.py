@@ -61,7 +61,7 @@ def gathered_bias_rows(
     extra: torch.Tensor | None = None,
 ) -> BiasRows:
     """The bias ``B[h, i, j] = post(values[index[i, j], h])`` (1, H, N, N) as rows gathered per chunk:
-    ``prefix_pad`` leading rows and columns zero (timm's ``RelPosMlp``), ``extra`` (BEiT's shared bias) added."""
+    ``prefix_pad`` leading rows and columns zero (``RelPosMlp``), ``extra`` (a shared bias) added."""
     n = tokens - prefix_pad
     index = index.reshape(n, n)
     H = values.shape[-1]

@@ -66,11 +66,8 @@ def tilings_of(
 
 @dataclass(frozen=True)
 class ImageSizes:
-    """Which image sizes a family's models run at besides their own, and how one is rebuilt there.
-
-    ``tilings``: the rules a side must meet (None: whole patches); ``size_argument``: timm takes
-    ``img_size=`` (False: PVTv2's conv stems take any input); ``resize_weights``: fits a state dict to a model
-    at another size where timm's checkpoint filter does not; ``how``: the rebuild in words."""
+    """Which image sizes a family's models run at besides their own (``tilings``; None: whole patches), and
+    how one is rebuilt there (``resize_weights`` where timm's checkpoint filter does not resample)."""
 
     tilings: Callable[[nn.Module], Sequence[Tiling]] | None = None
     size_argument: bool = True

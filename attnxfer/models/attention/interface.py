@@ -93,10 +93,8 @@ class TransferableAttention(nn.Module):
                 f"{cls.__name__}.map_kind must be one of {[k.value for k in MapKind]}, got {cls.map_kind!r}"
             ) from None
 
-    # ----------------------------------------------------------------- options / parameters
     @classmethod
     def own_options(cls) -> list[str]:
-        """Constructor options beyond timm's ``Attention`` keywords and the token layout."""
         names = []
         for klass in cls.__mro__:
             if not issubclass(klass, TransferableAttention) or "__init__" not in vars(klass):
@@ -128,7 +126,6 @@ class TransferableAttention(nn.Module):
     def reset_new_parameters(self) -> None:
         """(Re-)initialise the new parameters, not the counterparts."""
 
-    # ----------------------------------------------------------------- token layout
     def set_token_layout(self, num_prefix_tokens: int, grid_size: int | Sequence[int] | None = None) -> None:
         """Declare the prefix token count and patch grid (H, W); None: square, from each call's tokens."""
         if num_prefix_tokens < 0:
@@ -163,7 +160,6 @@ class TransferableAttention(nn.Module):
         shift, a reduction ratio); paired layers must agree on every entry. ``{}`` for flat layers."""
         return {}
 
-    # ----------------------------------------------------------------- what the family says of its calls and rows
     #: How a zoo attention takes this layer's place in a conversion; None where the family does not convert.
     conversion_slot: ClassVar[type | None] = None  # a `slots.ConversionSlot` subclass
 
@@ -184,7 +180,6 @@ class TransferableAttention(nn.Module):
         return None
 
     def key_count(self, tokens: int, grid: tuple[int, int] | None) -> int:
-        """How many keys each query meets."""
         return tokens
 
     def key_reduction(self) -> str | None:
@@ -192,7 +187,6 @@ class TransferableAttention(nn.Module):
         token then learns the teacher's map pooled onto those keys."""
         return None
 
-    # ----------------------------------------------------------------- projections
     def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
         """The requested heads (B, H, N, d), q/k norms applied, as timm computes them."""
         B, N, _ = x.shape
@@ -214,7 +208,6 @@ class TransferableAttention(nn.Module):
     #: Freeze the given q/k/v projections (copied layers don't use them).
     freeze_projections = freeze_chunks
 
-    # ----------------------------------------------------------------- logits
     def logit_scale(self, q: torch.Tensor) -> float:
         """The factor on q·kᵀ in the logits (timm's: q's head dim ** -0.5)."""
         return q.shape[-1] ** -0.5
@@ -231,7 +224,6 @@ class TransferableAttention(nn.Module):
     #: ``logit_bias`` can return a tensor (the CE then takes the chunked biased path).
     has_logit_bias: ClassVar[bool] = False
 
-    # ----------------------------------------------------------------- forward
     def forward(
         self,
         x: torch.Tensor,
@@ -324,7 +316,6 @@ class TransferableAttention(nn.Module):
             raise TypeError(f'{type(self).__name__} has no attention map (map_kind "none")')
         return self.attend(q, k, v)
 
-    # ----------------------------------------------------------------- own objective, cost
     def fit_loss(
         self, q: torch.Tensor, k: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor
     ) -> torch.Tensor:
@@ -336,7 +327,6 @@ class TransferableAttention(nn.Module):
         """Multiplications / additions of one ``attend`` call (`opcount`), or None."""
         return None
 
-    # ----------------------------------------------------------------- maps
     def attention_map(
         self,
         q: torch.Tensor,

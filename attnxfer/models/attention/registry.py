@@ -90,7 +90,7 @@ def attention_layer(name: str, **options) -> type[nn.Module]:
 
 
 def attention_name_of(attn: nn.Module) -> str:
-    """The registered name of a layer's attention (``"softmax"`` for timm's plain one), else its class name."""
+    """The registered name of a layer's attention (timm's plain one: ``"softmax"``), else its class."""
     name = getattr(attn, "attention_name", "")  # an instance may refine its class's (a formula's program)
     if name:
         return name

@@ -1,6 +1,6 @@
 """q/k/v projections shared by the adapters of timm's non-``Attention`` classes, computed exactly as timm does
-from either layout (a fused ``qkv``, with BEiT's and EVA's separate biases, or ``q_proj``/``k_proj``/``v_proj``
-with grouped k/v heads), and frozen for copied layers without renaming anything."""
+from either layout (a fused ``qkv``, with BEiT's and EVA's separate biases, or separate projections with
+grouped k/v heads), and frozen for copied layers without renaming anything."""
 
 from __future__ import annotations
 

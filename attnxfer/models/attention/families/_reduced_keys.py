@@ -46,7 +46,7 @@ def project_q_kv(
 
 
 def freeze_q_kv(attn: nn.Module, chunks: Iterable[str]) -> None:
-    """Freeze ``chunks``: ``q``'s parameters become buffers, k/v frozen row blocks of a `PartialQKV` ``kv``."""
+    """Freeze ``chunks``: ``q``'s parameters become buffers, k/v frozen blocks of a `PartialQKV`."""
     chunks = set(chunks) & set(QKV)
     if "q" in chunks:
         for name in ("weight", "bias"):

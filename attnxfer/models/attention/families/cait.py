@@ -36,7 +36,7 @@ class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):
         return self.transfer_forward(x)
 
     def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
-        """q' (B, H, N, H·d): each head's mix of every head's q; k': all heads' keys side by side; v as timm's."""
+        """q' (B, H, N, H·d): each head's mix of every head's q; k': all heads' keys side by side."""
         out = project_heads(self, x, which, self.head_dim)
         B, H, N, d = next(iter(out.values())).shape
         if "q" in out:

@@ -1,7 +1,7 @@
-"""The EVA family (EVA-02, DINOv3, Perception Encoder): timm's ``EvaAttention`` and ``AttentionRope`` as softmax
-`TransferableAttention`s. Logits s·q kᵀ after the q/k norms and the rope timm applies to the patch tokens
-only; grouped k/v heads are repeated after the rope, as timm does. Both convert: a zoo attention rotates q
-and k by the block's rope, as the teacher's layer did, before its feature map."""
+"""The EVA family (EVA-02, DINOv3, Perception Encoder): timm's ``EvaAttention`` and ``AttentionRope`` as
+softmax `TransferableAttention`s. Logits s·q kᵀ after the q/k norms and the rope timm applies to the patch
+tokens only; grouped k/v heads are repeated after the rope, as timm does. Both convert: a zoo attention
+rotates q and k by the block's rope, as the teacher's layer did, before its feature map."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ._rope import RopeSlot
 
 
 class EvaRopeSlot(RopeSlot):
-    """A zoo attention in an EVA-style rope layer, with the teacher's rope layout over the same unrotated prefix."""
+    """A zoo attention in an EVA-style rope layer, with the teacher's rope layout and unrotated prefix."""
 
     @classmethod
     def finish(cls, new: nn.Module, old: nn.Module, layout: TokenLayout | None, where: str) -> None:

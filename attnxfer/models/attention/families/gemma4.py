@@ -42,7 +42,7 @@ class Gemma4Slot:
         return self.transfer_forward(x, attn_mask=attn_mask, **call)
 
     def call_extras(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The rope of a call ``attn(x, cos, sin)`` as one tensor, cos and sin stacked, as stage 1 replays it."""
+        """The rope of a call ``attn(x, cos, sin)`` as cos and sin stacked, as stage 1 replays it."""
         if len(args) == 3 and args[1] is not None:
             return {"rope": torch.stack(args[1:])}
         rope = kwargs.get("rope")
@@ -59,7 +59,7 @@ class Gemma4Slot:
 
 
 class Gemma4Conversion(RopeSlot):
-    """A zoo attention in a Gemma4 layer's place: its projections and norms move in, ``o_proj`` as ``proj``."""
+    """A zoo attention in a Gemma4 layer's place: its projections and norms move in."""
 
     call = Gemma4Slot
 

@@ -52,8 +52,8 @@ class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
         bias: torch.Tensor,
         shared_rel_pos: torch.Tensor | None = None,
     ) -> BiasRows:
-        """The layer's table or MLP output gathered a chunk of rows at a time; else (a shared bias, an MLP that
-        draws dropout) rows of the full tensor."""
+        """The layer's table or MLP output gathered a chunk of rows at a time; else (a shared bias, an MLP
+        that draws dropout) rows of the full tensor."""
         rel = self.rel_pos
         index = getattr(rel, "relative_position_index", None)
         if rel is None or index is None:

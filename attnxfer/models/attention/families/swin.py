@@ -110,7 +110,7 @@ class SwinSlot:
 
 
 class SwinConversion(ConversionSlot):
-    """A zoo attention in a Swin window attention's place: ``qkv`` and ``proj`` move in, the grid is the window."""
+    """A zoo attention in a Swin window attention's place: the grid is the window."""
 
     call = SwinSlot
 
