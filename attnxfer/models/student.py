@@ -182,9 +182,7 @@ def _student_cfg(
 
 def _check_traits(student: nn.Module, teacher_traits: dict[str, Any], changed: Iterable[str]) -> None:
     changed = set(changed)
-    allowed = set(changed)
-    for arg in changed:
-        allowed.update(_OVERRIDE_TRAITS.get(arg, ()))
+    allowed = changed.union(*(_OVERRIDE_TRAITS.get(arg, ()) for arg in changed))
     got = vit_traits(student)
     diffs = {
         k: (teacher_traits[k], got[k])
@@ -383,9 +381,7 @@ def student_from_spec(
         architecture=spec["architecture"],
         num_classes=spec.get("num_classes", spec["model_args"].get("num_classes", 0)),
     )
-    if "input_size" in cfg:
-        cfg["input_size"] = tuple(cfg["input_size"])
-    for k in ("mean", "std"):
+    for k in ("input_size", "mean", "std"):
         if k in cfg:
             cfg[k] = tuple(cfg[k])
     args = {**spec["model_args"], **overrides}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from .adapters import attention_layers
-from .interface import MapKind, TransferableAttention
+from .interface import MapKind, TransferableAttention, _merge_masks
 from .lse import LSEBackend, flex_attention_with_lse, lse_backend_for, row_logsumexp
 from .opcount import OpCounts, matmul_ops, softmax_ops
 from .registry import register_attention
@@ -156,13 +156,7 @@ def explicit_attention_map(
     """softmax(scale · q kᵀ) in fp32: the oracle, never the data path."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q.float() * scale) @ k.float().transpose(-2, -1)
-    if attn_mask is not None:
-        logits = (
-            logits + attn_mask
-            if attn_mask.dtype != torch.bool
-            else logits.masked_fill(~attn_mask, float("-inf"))
-        )
-    return logits.softmax(dim=-1)
+    return _merge_masks(logits, attn_mask, q).softmax(dim=-1)
 
 
 def make_transfer_aware(model: nn.Module) -> nn.Module:

@@ -37,6 +37,13 @@ class CosineWindowCore(SwinWindowParts, SoftmaxCore):
     def logit_scale(self, q: torch.Tensor) -> float:
         return 1.0  # τ is in q (`project`)
 
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self._parameters["logit_scale"], math.log(10))
+        if getattr(self, "q_bias", None) is not None:  # Swin V2's separate q/v biases (V2-CR has none)
+            nn.init.zeros_(self.q_bias)
+            nn.init.zeros_(self.v_bias)
+        self._init_buffers()
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Without an `AttentionIO`, timm's arithmetic in timm's order (timm's forward would read the method
         ``logit_scale`` for the parameter), bit for bit."""
@@ -67,13 +74,6 @@ class CosineWindowCore(SwinWindowParts, SoftmaxCore):
 @register_adapter(WindowAttention)
 class TransferSwinV2Attention(CosineWindowCore, WindowAttention):
     """Swin V2's ``WindowAttention``; (B·nW, N, C) windows in and out."""
-
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self._parameters["logit_scale"], math.log(10))
-        if self.q_bias is not None:
-            nn.init.zeros_(self.q_bias)
-            nn.init.zeros_(self.v_bias)
-        self._init_buffers()
 
     def _position_bias(self) -> torch.Tensor:
         n = self.window_size[0] * self.window_size[1]

@@ -3,10 +3,7 @@ its own position bias, ``meta_mlp`` of the log-spaced relative coordinates (no s
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn as nn
 from timm.models.swin_transformer_v2_cr import WindowMultiHeadAttention
 
 from ..adapters import register_adapter
@@ -18,10 +15,6 @@ from .swin_v2 import CosineWindowCore
 @register_adapter(WindowMultiHeadAttention)
 class TransferSwinV2CrAttention(CosineWindowCore, WindowMultiHeadAttention):
     """Swin V2-CR's window attention; (B·nW, N, C) windows in and out."""
-
-    def reset_parameters(self) -> None:
-        nn.init.constant_(self._parameters["logit_scale"], math.log(10))
-        self._init_buffers()
 
     def _make_pair_wise_relative_positions(self) -> None:
         device = self._parameters["logit_scale"].device  # timm's reads self.logit_scale: the method here
