@@ -193,8 +193,7 @@ class MaskedAutoencoder(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, 3, C, H, W): the masked input, the reconstruction (kept patches pasted back, normalised patches
-        mapped back with each patch's true mean and variance), the original."""
+        """(B, 3, C, H, W): the masked input, the reconstruction (kept patches pasted back), the original."""
         out = self(images, generator=generator)
         target = self.target(images).float()
         pred = out.pred.float()

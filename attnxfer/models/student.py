@@ -363,8 +363,7 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
 def student_from_spec(
     spec: dict[str, Any], *, attn_layer: type[nn.Module] | None = None, **overrides: Any
 ) -> nn.Module:
-    """Rebuild a student (random weights) from `student_spec` output; zoo attentions are swapped in block by
-    block with the recorded ``attention_options``."""
+    """Rebuild a student (random weights) from `student_spec` output."""
     kind = spec.get("attention", SOFTMAX)
     if attn_layer is None and kind != SOFTMAX:
         model = student_from_spec(dict(spec, attention=SOFTMAX), attn_layer=Attention, **overrides)

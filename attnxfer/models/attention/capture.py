@@ -20,8 +20,7 @@ CAPTURE_FIELDS: tuple[Signal, ...] = (Signal.INPUT, Signal.Q, Signal.K, Signal.V
 
 
 def transferable_attentions(model: nn.Module) -> Sequence[TransferableAttention]:
-    """The model's attention layers in forward order, made transfer-aware in place, so every entry point
-    works on ``timm.create_model(...)`` output."""
+    """The model's attention layers in forward order, made transfer-aware in place."""
     return [attn for _, attn in attention_layers(model)]
 
 
@@ -93,8 +92,7 @@ def attached_ios(
     ios: Mapping[int, AttentionIO],
     masks: dict[int, torch.Tensor] | None = None,
 ) -> Iterator[None]:
-    """While active, layer ``i`` runs with ``ios[i]``, and the ``attn_mask`` it is handed (NaFlexViT's
-    padding) is recorded as ``masks[i]``."""
+    """While active, layer ``i`` runs with ``ios[i]``; the ``attn_mask`` it is handed goes to ``masks[i]``."""
     handles = []
     with contextlib.ExitStack() as stack:
         for i, io in ios.items():

@@ -175,8 +175,7 @@ class TransferableAttention(nn.Module):
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
     ) -> RowPlacement | None:
-        """Where this layer's query rows and keys sit on the image; None where its rows are the image's own
-        tokens (flat layers)."""
+        """Where this layer's query rows and keys sit on the image; None for flat layers."""
         return None
 
     def key_count(self, tokens: int, grid: tuple[int, int] | None) -> int:
@@ -240,8 +239,7 @@ class TransferableAttention(nn.Module):
         is_causal: bool = False,
         **call: Any,
     ) -> torch.Tensor:
-        """``proj(norm(attend(project(x))))`` with ``self.io`` honoured; borrowing q and k together borrows
-        the bias with them (``io.bias``)."""
+        """``proj(norm(attend(project(x))))`` with ``self.io`` honoured."""
         io = self.io
         if io is None:
             qkv = self.project(x, **call)
@@ -333,8 +331,7 @@ class TransferableAttention(nn.Module):
         k: torch.Tensor,
         rows: slice | None = None,
     ) -> torch.Tensor | None:
-        """Rows of the N x N map (B, H, len(rows), N) in fp32 (float64 stays), built a chunk of rows at a
-        time from a per-call context; ``None`` without a map."""
+        """Rows of the N x N map (B, H, len(rows), N) in fp32, a chunk at a time; None without a map."""
         if not self.map_kind.has_map:
             return None
         N = q.shape[-2]

@@ -30,8 +30,7 @@ def _adaptive(length: int, out: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class KeyPooling:
-    """The reduced keys of one call over a ``grid`` (H, W) of tokens (row-major, as timm flattens it):
-    ``stride`` sr blocks or ``bins`` × bins adaptive pooling."""
+    """The reduced keys of one call over a row-major ``grid``: ``stride`` sr blocks or ``bins`` × bins."""
 
     grid: tuple[int, int]
     stride: int = 0

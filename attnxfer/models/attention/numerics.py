@@ -40,8 +40,7 @@ def row_chunk(
     live_tensors: int = 1,
     budget: int = ROW_CHUNK_ELEMENTS,
 ) -> int:
-    """Query rows per chunk against ``n_keys`` keys: ``chunk`` if given, else as many as keep each of
-    ``live_tensors`` (B, H, rows, n_keys) tensors within ``budget`` elements."""
+    """Query rows per chunk against ``n_keys`` keys: ``chunk``, else as many as ``budget`` holds."""
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -84,8 +83,7 @@ _bf16_devices: frozenset[str] = frozenset({"cuda"})
 
 @contextlib.contextmanager
 def bf16_devices(*device_types: str) -> Iterator[None]:
-    """Inside the block, zoo cores take bf16 operands on these device types (outside: CUDA only), so a CPU
-    test can run the bf16 path a GPU runs."""
+    """Inside the block, zoo cores take bf16 operands on these device types (outside: CUDA only)."""
     global _bf16_devices
     saved, _bf16_devices = _bf16_devices, frozenset(device_types)
     try:
@@ -160,8 +158,7 @@ class _MatmulFP32Out(torch.autograd.Function):
 
 
 def bmm_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for bf16 operands with broadcast batch dims as one fp32-result batched matmul: the GPU path
-    of `matmul_fp32`, public so tests can check it on meta and CPU tensors."""
+    """``a @ b`` for bf16 operands as one fp32-result batched matmul: the GPU path of `matmul_fp32`."""
     n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a3 = a.expand(*batch, n, k).reshape(-1, n, k)

@@ -42,8 +42,7 @@ def raster_cells(size: tuple[int, int]) -> torch.Tensor:
 def window_cells(
     cells: torch.Tensor, window: tuple[int, int], shift: tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
-    """(nW, wh·ww) flat cells of ``cells`` (H, W) in windows as timm's blocks cut them (rolled by -shift,
-    padded at the bottom and right with -1)."""
+    """(nW, wh·ww) flat cells of ``cells`` (H, W) in windows as timm's blocks cut them (padding: -1)."""
     if any(shift):
         cells = torch.roll(cells, shifts=(-shift[0], -shift[1]), dims=(0, 1))
     wh, ww = window

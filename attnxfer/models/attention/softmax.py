@@ -78,8 +78,7 @@ class SoftmaxCore(TransferableAttention):
 
 @register_attention(SOFTMAX)
 class TransferAttention(SoftmaxCore, Attention):
-    """timm `Attention` that can hand out, take in, and show its q/k/v, with timm's parameters and names;
-    it also takes the zoo's token-layout keywords so per-layer lists build it like any attention."""
+    """timm `Attention` that can hand out, take in, and show its q/k/v, with timm's parameter names."""
 
     map_kind = MapKind.SOFTMAX
     conversion_slot = ConversionSlot
@@ -160,7 +159,6 @@ def explicit_attention_map(
 
 
 def make_transfer_aware(model: nn.Module) -> nn.Module:
-    """Let every attention layer in ``model`` take part in transfer, in place: each timm attention class
-    becomes its adapter by a class swap (every tensor, name and hook kept); no adapter is an error."""
+    """Let every attention layer in ``model`` take part in transfer, in place (a class swap to its adapter)."""
     attention_layers(model)
     return model

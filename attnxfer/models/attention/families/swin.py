@@ -25,8 +25,7 @@ from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
 
 def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int) -> torch.Tensor:
-    """A (1, H, N, N) logit bias plus a block's shifted-window mask (nW, N, N), as (B·nW, H, N, N) in timm's
-    (image-major) order."""
+    """A (1, H, N, N) logit bias plus a block's shift mask (nW, N, N), as timm's (B·nW, H, N, N)."""
     if mask is None:
         return bias
     nw, n = mask.shape[0], mask.shape[-1]
@@ -35,8 +34,7 @@ def with_window_mask(bias: torch.Tensor, mask: torch.Tensor | None, windows: int
 
 
 class SwinWindowParts(FusedQKVDims):
-    """What Swin's window attentions (Swin, V2, V2-CR) share around their logits; subclasses give
-    ``_position_bias``."""
+    """What Swin's window attentions (Swin, V2, V2-CR) share around their ``_position_bias``."""
 
     def _position_bias(self) -> torch.Tensor:
         raise NotImplementedError
@@ -66,8 +64,7 @@ class SwinWindowParts(FusedQKVDims):
 
 
 class SwinSlot:
-    """Before a zoo attention class: Swin's call ``attn(x_windows, mask=...)``, regions of a shifted window
-    kept apart."""
+    """Before a zoo attention class: Swin's call, regions of a shifted window kept apart."""
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         keep = None

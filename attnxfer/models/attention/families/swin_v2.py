@@ -24,8 +24,7 @@ _MAX_LOG_SCALE = math.log(1.0 / 0.01)
 
 
 class CosineWindowCore(SwinWindowParts, SoftmaxCore):
-    """Cosine window attention with τ folded into q, shared by Swin V2 and V2-CR; subclasses give
-    ``_position_bias``."""
+    """Cosine window attention with τ folded into q, shared by Swin V2 and V2-CR."""
 
     attention_name = SOFTMAX
     has_logit_bias = True
