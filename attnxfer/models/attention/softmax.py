@@ -30,6 +30,7 @@ class SoftmaxCore(TransferableAttention):
     by SDPA (a logit bias arrives as ``attn_mask``), its log-sum-exp, explicit map and operation counts."""
 
     map_kind = MapKind.SOFTMAX
+    attention_name = SOFTMAX  # every softmax adapter is timm's own class: it exports as plain timm
 
     def attend(
         self,

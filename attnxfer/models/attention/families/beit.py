@@ -9,13 +9,12 @@ from timm.models.beit import Attention as BeitAttention
 from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
 
 @register_adapter(BeitAttention)
 class TransferBeitAttention(FusedQKVDims, SoftmaxCore, BeitAttention):
-    attention_name = SOFTMAX
     has_logit_bias = True
 
     def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,14 +22,12 @@ from timm.models.cait import ClassAttn, TalkingHeadAttn
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..partial_qkv import _to_buffer, freeze_chunks
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
 
 @register_adapter(TalkingHeadAttn)
 class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.io is None:
             return TalkingHeadAttn.forward(self, x)
@@ -78,8 +76,6 @@ class TransferTalkingHeadAttn(FusedQKVDims, SoftmaxCore, TalkingHeadAttn):
 
 @register_adapter(ClassAttn)
 class TransferClassAttn(SoftmaxCore, ClassAttn):
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
-
     @property
     def head_dim(self) -> int:
         return self.q.out_features // self.num_heads

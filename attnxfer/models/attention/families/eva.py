@@ -16,7 +16,7 @@ from ....errors import InputError
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..slots import TokenLayout
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import apply_rope, project_heads
 from ._rope import RopeSlot
 
@@ -70,7 +70,6 @@ class RopeProjection(SoftmaxCore):
 
 @register_adapter(EvaAttention)
 class TransferEvaAttention(RopeProjection, EvaAttention):
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class, loads in plain timm
     timm_class = EvaAttention
 
     @property
@@ -80,7 +79,6 @@ class TransferEvaAttention(RopeProjection, EvaAttention):
 
 @register_adapter(AttentionRope)
 class TransferAttentionRope(RopeProjection, AttentionRope):
-    attention_name = SOFTMAX
     timm_class = AttentionRope
 
 

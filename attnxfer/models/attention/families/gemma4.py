@@ -17,7 +17,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..partial_qkv import _to_buffer
 from ..slots import TokenLayout
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._rope import RopeSlot
 
 
@@ -90,7 +90,6 @@ class Gemma4Conversion(RopeSlot):
 
 @register_adapter(Gemma4Attention)
 class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     conversion_slot = Gemma4Conversion
 
     @property

@@ -16,14 +16,12 @@ from timm.models.hiera import MaskUnitAttention
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import project_heads
 
 
 @register_adapter(MaskUnitAttention)
 class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
-    attention_name = SOFTMAX
-
     @property
     def num_heads(self) -> int:
         return self.heads

@@ -20,7 +20,7 @@ from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family
 from ..key_pooling import KeyPooling
 from ..placement import grid_argument
 from ..slots import ConversionSlot, TokenLayout, stacked_linear
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import merged_heads_output
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
@@ -59,7 +59,6 @@ class PvtV2Conversion(ConversionSlot):
 
 @register_adapter(PvtV2Attention)
 class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     conversion_slot = PvtV2Conversion
 
     @property

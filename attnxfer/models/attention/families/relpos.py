@@ -11,13 +11,12 @@ from timm.models.vision_transformer_relpos import RelPosAttention
 from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import merged_heads_output, project_heads
 
 
 @register_adapter(RelPosAttention)
 class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
 
     @property

@@ -13,7 +13,7 @@ from timm.models.vision_transformer_sam import Attention as SamAttention, get_de
 
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import merged_heads_output, project_heads
 
 
@@ -21,7 +21,6 @@ from ._projections import merged_heads_output, project_heads
 class TransferSamAttention(SoftmaxCore, SamAttention):
     """SAM ViT's ``Attention``; takes and returns timm's (B', h, w, C) grids."""
 
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
 
     @property

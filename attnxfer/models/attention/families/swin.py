@@ -20,7 +20,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, raster_cells, window_cells
 from ..slots import ConversionSlot, TokenLayout, attention_config
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import FusedQKVDims, merged_heads_output, project_heads
 
 
@@ -124,7 +124,6 @@ class SwinConversion(ConversionSlot):
 class TransferSwinAttention(SwinWindowParts, SoftmaxCore, WindowAttention):
     """Swin's ``WindowAttention``; takes and returns timm's (B·nW, N, C) windows."""
 
-    attention_name = SOFTMAX  # a softmax attention: exports as timm's own class
     has_logit_bias = True
     conversion_slot = SwinConversion
 

@@ -15,7 +15,7 @@ from timm.models.swin_transformer_v2 import WindowAttention
 
 from ..adapters import register_adapter
 from ..family import Family, ModuleCoverage, register_family
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import project_heads
 from .swin import SWIN_SIZES, SwinWindowParts
 
@@ -26,7 +26,6 @@ _MAX_LOG_SCALE = math.log(1.0 / 0.01)
 class CosineWindowCore(SwinWindowParts, SoftmaxCore):
     """Cosine window attention with τ folded into q, shared by Swin V2 and V2-CR."""
 
-    attention_name = SOFTMAX
     has_logit_bias = True
 
     def head_scales(self) -> torch.Tensor:

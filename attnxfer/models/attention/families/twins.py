@@ -15,7 +15,7 @@ from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..placement import RowPlacement, TokenWalk, grid_argument, raster_cells, window_cells
-from ..softmax import SOFTMAX, SoftmaxCore
+from ..softmax import SoftmaxCore
 from ._projections import merged_heads_output, project_heads
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
@@ -37,8 +37,6 @@ class _TwinsHeads:
 
 @register_adapter(LocallyGroupedAttn)
 class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
-    attention_name = SOFTMAX
-
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"window_size": self.ws}
 
@@ -75,8 +73,6 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
 
 @register_adapter(GlobalSubSampleAttn)
 class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalSubSampleAttn):
-    attention_name = SOFTMAX
-
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"sr_ratio": self.sr_ratio}
 
