@@ -34,9 +34,6 @@ class Signal(StrEnum):
     FEATURES = "features"
     LOGITS = "logits"
 
-    def __str__(self) -> str:
-        return self.value
-
     @property
     def chunks(self) -> tuple[Signal, ...]:
         """The projections an attention layer hands out to give this signal (q and k for maps)."""

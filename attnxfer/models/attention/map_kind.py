@@ -14,12 +14,6 @@ class MapKind(StrEnum):
     SIGNED = "signed"
     NONE = "none"
 
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
     @property
     def has_map(self) -> bool:
         return self is not MapKind.NONE
