@@ -148,11 +148,7 @@ class MaskedAutoencoder(nn.Module):
         enc = self.encoder
         x = enc.patch_embed(images)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        prefix = []
-        if enc.cls_token is not None:
-            prefix.append(enc.cls_token.expand(x.shape[0], -1, -1))
-        if enc.reg_token is not None:
-            prefix.append(enc.reg_token.expand(x.shape[0], -1, -1))
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (enc.cls_token, enc.reg_token) if t is not None]
         if enc.pos_embed is not None:
             if enc.no_embed_class:
                 x = x + enc.pos_embed

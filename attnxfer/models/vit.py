@@ -38,29 +38,27 @@ def _create_dropping(
         )
 
 
-def _micro_cfg(**kwargs: Any) -> dict:
-    return dict(
-        url="",
-        num_classes=10,
-        input_size=(1, 28, 28),
-        pool_size=None,
-        crop_pct=1.0,
-        interpolation="bilinear",
-        mean=(0.5,),
-        std=(0.5,),
-        first_conv="patch_embed.proj",
-        classifier="head",
-        license="apache-2.0",
-        **kwargs,
-    )
+_MICRO_CFG = dict(
+    url="",
+    num_classes=10,
+    input_size=(1, 28, 28),
+    pool_size=None,
+    crop_pct=1.0,
+    interpolation="bilinear",
+    mean=(0.5,),
+    std=(0.5,),
+    first_conv="patch_embed.proj",
+    classifier="head",
+    license="apache-2.0",
+)
 
 
 # timm's register_model reads `default_cfgs` from the defining module.
 default_cfgs = generate_default_cfgs(
     {
-        "vit_micro_patch4_28": _micro_cfg(),
-        "vit_nano_patch4_28": _micro_cfg(),
-        "pvt_v2_micro_56": {**_micro_cfg(), "input_size": (1, 56, 56)},
+        "vit_micro_patch4_28": dict(_MICRO_CFG),
+        "vit_nano_patch4_28": dict(_MICRO_CFG),
+        "pvt_v2_micro_56": {**_MICRO_CFG, "input_size": (1, 56, 56)},
     }
 )
 

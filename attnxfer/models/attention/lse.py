@@ -33,31 +33,28 @@ class _RowLogSumExp(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         # backward may run inside the caller's autocast region: keep the recomputation fp32.
         with fp32_section(grad.device.type):
-            return _RowLogSumExp._backward(ctx, grad.float())
-
-    @staticmethod
-    def _backward(ctx, grad: torch.Tensor):
-        q, k, lse = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
-        dtype = lse.dtype
-        dq = torch.empty(q.shape, dtype=dtype, device=q.device) if ctx.needs_input_grad[0] else None
-        dk = torch.zeros(k.shape, dtype=dtype, device=k.device) if ctx.needs_input_grad[1] else None
-        kt = k.transpose(-2, -1)
-        k_c, q_c = k.to(dtype), q.to(dtype)
-        for rows in row_slices(0, q.shape[-2], chunk):
-            # d lse_i / d logits_ij = p_ij; weight by the incoming gradient of each row.
-            z = matmul_fp32(q[..., rows, :], kt).mul_(scale)
-            w = z.sub_(lse[..., rows, None]).exp_().mul_(grad[..., rows, None])
-            if dq is not None:
-                dq[..., rows, :] = (w @ k_c) * scale
-            if dk is not None:
-                dk += (w.transpose(-2, -1) @ q_c[..., rows, :]) * scale
-        return (
-            dq.to(q.dtype) if dq is not None else None,
-            dk.to(k.dtype) if dk is not None else None,
-            None,
-            None,
-        )
+            grad = grad.float()
+            q, k, lse = ctx.saved_tensors
+            scale, chunk = ctx.scale, ctx.chunk
+            dtype = lse.dtype
+            dq = torch.empty(q.shape, dtype=dtype, device=q.device) if ctx.needs_input_grad[0] else None
+            dk = torch.zeros(k.shape, dtype=dtype, device=k.device) if ctx.needs_input_grad[1] else None
+            kt = k.transpose(-2, -1)
+            k_c, q_c = k.to(dtype), q.to(dtype)
+            for rows in row_slices(0, q.shape[-2], chunk):
+                # d lse_i / d logits_ij = p_ij; weight by the incoming gradient of each row.
+                z = matmul_fp32(q[..., rows, :], kt).mul_(scale)
+                w = z.sub_(lse[..., rows, None]).exp_().mul_(grad[..., rows, None])
+                if dq is not None:
+                    dq[..., rows, :] = (w @ k_c) * scale
+                if dk is not None:
+                    dk += (w.transpose(-2, -1) @ q_c[..., rows, :]) * scale
+            return (
+                dq.to(q.dtype) if dq is not None else None,
+                dk.to(k.dtype) if dk is not None else None,
+                None,
+                None,
+            )
 
 
 def row_logsumexp(
