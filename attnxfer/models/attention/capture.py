@@ -32,9 +32,7 @@ def attention_maps(
     attns = transferable_attentions(model)
     layers = range(len(attns)) if layers is None else list(layers)
     ios = {i: AttentionIO(return_map=True) for i in layers}
-    with contextlib.ExitStack() as stack:
-        for i, io in ios.items():
-            stack.enter_context(attention_io(attns[i], io))
+    with attached_ios(attns, ios):
         model.forward_features(x)
     return {i: io.map for i, io in ios.items()}
 
@@ -63,12 +61,11 @@ def capture_attention(
     layers = range(len(attns)) if layers is None else list(layers)
     store: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
     wanted = Chunks(f for f in fields if Signal(f).is_chunk)
+    ios = {i: AttentionIO(capture=wanted, captured=store[i]) for i in layers} if wanted else {}
     handles: list = []
-    with contextlib.ExitStack() as stack:
+    with attached_ios(attns, ios):
         for i in layers:
             attn, sink = attns[i], store[i]
-            if wanted:
-                stack.enter_context(attention_io(attn, AttentionIO(capture=wanted, captured=sink)))
             if Signal.INPUT in fields:
                 handles.append(
                     attn.register_forward_pre_hook(partial(_record_input, sink=sink), with_kwargs=True)
