@@ -40,8 +40,7 @@ def find_patch_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
 
 
 def image_input(model: nn.Module) -> ImageInput:
-    """Input channels, image size, patch size and grid of any timm vision model of a known family: sizes
-    from the embedding, else timm's record of the built size, else the pretrained config."""
+    """Input channels, image size, patch size and grid of any timm vision model of a known family."""
     found = find_patch_embedding(model)
     if found is None:
         known = ", ".join(f.title for f in families())

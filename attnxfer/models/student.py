@@ -397,8 +397,7 @@ def student_from_spec(
 
 
 def student_shape(model: nn.Module) -> dict[str, Any]:
-    """What the model is, read off its modules (not its architecture name): family, width(s), blocks, heads,
-    patch, image size and channels, where recorded."""
+    """What the model is (family, widths, blocks, heads, patch, size), read off its modules, not its name."""
     blocks = flat_blocks(model)
     family = family_of(model)
     shape: dict[str, Any] = {

@@ -34,8 +34,7 @@ def register_attention(name: str) -> Callable[[T], T]:
 
 
 def register_parametric_attention(prefix: str, resolve: Callable[[str], type[nn.Module]]) -> None:
-    """Make every name ``"<prefix>:<spec>"`` an attention whose class ``resolve(name)`` returns (a ValueError
-    saying what is wrong with the spec)."""
+    """Make every name ``"<prefix>:<spec>"`` an attention whose class ``resolve(name)`` returns."""
     if prefix in _PARAMETRIC and _PARAMETRIC[prefix] is not resolve:
         raise ValueError(f"parametric attention {prefix!r} is already registered")
     _PARAMETRIC[prefix] = resolve
@@ -66,8 +65,7 @@ def create_attention(name: str, **kwargs) -> nn.Module:
 
 
 def attention_layer(name: str, **options) -> type[nn.Module]:
-    """A subclass of the attention ``name`` with ``options`` as defaults, for timm's ``attn_layer`` (which
-    needs a class, not a partial)."""
+    """A subclass of the attention ``name`` with ``options`` as defaults (timm's ``attn_layer`` needs a class)."""
     cls = get_attention_class(name)
     unknown = [k for k in options if not cls.accepts_option(k)]
     if unknown:

@@ -109,8 +109,7 @@ class TransferClassAttn(SoftmaxCore, ClassAttn):
 
 
 def resize_cait_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """CaiT's weights at another size: the (patch-token) position embedding resampled as timm's ViT filter
-    does; timm's CaiT filter does not."""
+    """CaiT's weights at another size: the position embedding resampled (timm's CaiT filter does not)."""
     out = dict(state_dict)
     out["pos_embed"] = resample_abs_pos_embed(
         state_dict["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=0

@@ -40,8 +40,7 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
     ) -> RowPlacement | None:
-        """Tokens in the model's unrolled order (read off its ``unroll`` at the first layer); pooled queries
-        land on the next stage's grid."""
+        """Tokens in the model's unrolled order; pooled queries land on the next stage's grid."""
         unroll = getattr(walk.model, "unroll", None)
         if walk.sequence is None and isinstance(unroll, nn.Module) and getattr(unroll, "size", None):
             # the order the model's blocks see its tokens in: its unroll of the raster grid's cell indices

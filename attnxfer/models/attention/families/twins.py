@@ -102,8 +102,7 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
 
 
 def twins_tilings(model: nn.Module) -> tuple[Tiling, ...]:
-    """Whole patches at every stage's stride, stage grids of whole windows (else timm zero-pads them) and
-    grids its sub-sampling convs divide."""
+    """Whole patches at every stage's stride, in whole windows, and grids its sub-sampling convs divide."""
     stride = [1, 1]
     out: dict[Tiling, None] = {}
     for k, (embed, blocks) in enumerate(zip(model.patch_embeds, model.blocks)):
