@@ -87,7 +87,7 @@ def attention_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]
 
 
 def stage_of(name: str) -> str:
-    """The stage of the attention layer ``name`` (``layers.1.blocks.0.attn`` -> ``layers.1``; flat: ``""``)."""
+    """The stage of the attention layer ``name`` (``layers.1.blocks.0.attn`` -> ``layers.1``)."""
     parts = name.split(".")
     if parts and parts[-1] == "attn":
         parts.pop()

@@ -65,7 +65,7 @@ def create_attention(name: str, **kwargs) -> nn.Module:
 
 
 def attention_layer(name: str, **options) -> type[nn.Module]:
-    """A subclass of the attention ``name`` with ``options`` as defaults (timm's ``attn_layer`` needs a class)."""
+    """A subclass of the attention ``name`` with ``options`` as defaults, for timm's ``attn_layer``."""
     cls = get_attention_class(name)
     unknown = [k for k in options if not cls.accepts_option(k)]
     if unknown:

@@ -160,6 +160,6 @@ def explicit_attention_map(
 
 
 def make_transfer_aware(model: nn.Module) -> nn.Module:
-    """Let every attention layer in ``model`` take part in transfer, in place (a class swap to its adapter)."""
+    """Let every attention layer in ``model`` take part in transfer (a class swap, in place)."""
     attention_layers(model)
     return model
