@@ -60,10 +60,8 @@ class TransferMaskUnitAttention(SoftmaxCore, MaskUnitAttention):
         rows, cols = (groups // gw).amin(1) // s, (groups % gw).amin(1) // s
         pooled = (gh // s, gw // s)
         queries = rows * pooled[1] + cols  # (units, tokens per unit / q_stride)
-        walk.sequence, walk.grid = (
-            queries.t().reshape(-1),
-            pooled,
-        )  # the next blocks' order: token m·units + u
+        # the next blocks' order: token m·units + u
+        walk.sequence, walk.grid = queries.t().reshape(-1), pooled
         return RowPlacement(pooled, (gh, gw), queries, keys)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
