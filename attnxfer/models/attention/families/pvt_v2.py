@@ -90,7 +90,9 @@ class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
         """Which tokens of the stage's grid each reduced key is made from; None without a reduction."""
         if self.pool is not None:
             return KeyPooling.adaptive(feat_size, self.pool.output_size)
-        return KeyPooling.strided(feat_size, self.sr_ratio) if self.sr is not None else None
+        if self.sr is None:
+            return None
+        return KeyPooling.strided(feat_size, self.sr_ratio)
 
     def reduce(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
         B, _, C = x.shape
