@@ -1,11 +1,5 @@
-"""Linear attention with fixed feature maps: ReLU (relu(x) + eps) and ELU+1 (Katharopoulos et al. 2020).
-
-For ELU+1, q and k are scaled by d^-1/4 first, so phi sees the quantities whose dot product is
-the teacher's logit; ReLU is positively homogeneous, so the scale would only cancel.
-No new parameters: these students start exactly from the teacher's q/k projections.
-Both are bf16-safe on GPU (`KERNEL_BF16`): ReLU features are evaluated in bf16, ELU features in fp32
-(scaling included) and rounded once.
-"""
+"""Linear attention with fixed feature maps, ReLU and ELU+1 (Katharopoulos et al. 2020): no new parameters.
+ELU+1 sees q, k scaled by d^-1/4 (their dot product is the teacher's logit); ReLU is homogeneous."""
 
 from __future__ import annotations
 
