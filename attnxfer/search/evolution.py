@@ -1,20 +1,7 @@
-"""The evolutionary search over formula attentions: population, offspring, rejection, selection.
-
-Generation 0 is the hand-designed zoo written as formulas (`HAND_DESIGNED`) plus random formulas up to
-the population size. Each later generation breeds ``offspring`` children from the population (binary
-tournaments on Pareto rank and crowding; crossover with probability ``crossover_prob``, else mutation),
-and NSGA-II keeps the best ``population`` of parents and children (`pareto`: minimise the fit KL,
-maximise speed).
-
-The rejection protocol: a child is first checked as a program (parse, `check_formula` for the teacher's
-head dim and token grid, row-stochastic normalisation, a window smaller than the teacher's grid: a window
-covering it is exact softmax there and its fit would say nothing about the target resolution) and
-rejected with the reason before any training;
-a child whose canonical string was seen before is a duplicate and is not evaluated again; the
-evaluation itself may reject (stage 1 diverged, non-finite KL). Every rejection is recorded with its
-reason, none is dropped. The state is plain JSON (`SearchState`), so a search resumes from any
-generation, and the generation's random draws come from ``(seed, generation)`` alone.
-"""
+"""The evolutionary search over formula attentions (docs/conversion.md, "Search: discovering a formula attention"):
+generation 0 is the zoo as formulas plus random ones; later ones breed by tournaments, crossover or
+mutation, and NSGA-II keeps the population. Every rejection is recorded with its reason, duplicates are not
+re-evaluated, and the state is plain JSON whose draws come from ``(seed, generation)``: resumable anywhere."""
 
 from __future__ import annotations
 
@@ -96,7 +83,8 @@ def objectives(record: Mapping[str, Any]) -> tuple[float, float]:
 
 
 def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[str, str | None]:
-    """(canonical ``formula:...`` name, rejection reason or None): the checks that need no training."""
+    """(canonical ``formula:...`` name, rejection reason or None): the checks that need no training. A window
+    covering the teacher's grid is exact softmax there, so its fit would say nothing at the target resolution."""
     program = text[len(PREFIX) :] if text.startswith(PREFIX) else text
     try:
         formula = parse_formula(program)
@@ -196,8 +184,8 @@ def run_search(
     on_generation: Callable[[SearchState], None] = lambda s: None,
     should_stop: Callable[[SearchState], str | None] = lambda s: None,
 ) -> SearchState:
-    """Run generations ``state.generation + 1 .. settings.generations``; ``on_generation`` (e.g. save) is
-    called after each, ``should_stop`` before each (a reason to stop, e.g. a spent time budget)."""
+    """Run generations ``state.generation + 1 .. settings.generations``; ``on_generation`` (e.g. save) after
+    each, ``should_stop`` (a reason, e.g. a spent budget) before each."""
     while state.generation < settings.generations:
         generation = state.generation + 1
         reason = should_stop(state)

@@ -101,8 +101,7 @@ class FocusedLinearAttention(KernelAttention):
     def readout_query_features(self, q, heads=ALL_HEADS):
         return in_compute_dtype(lambda x: self.focus(x, heads, row_scaled=True), q)
 
-    def key_features(self, k, heads=ALL_HEADS):
-        return in_compute_dtype(lambda x: self.focus(x, heads), k)
+    key_features = query_features
 
     def local_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
