@@ -12,7 +12,6 @@ from typing import Any
 
 from ..models.efficient.formula import (
     HAND_DESIGNED,
-    Formula,
     FormulaSyntaxError,
     InvalidFormula,
     check_formula,
@@ -121,52 +120,37 @@ def _record(name: str, generation: int, origin: str, parents: Sequence[str], rea
     return rec
 
 
-def _generation_zero(state: SearchState, settings: SearchSettings, rng: random.Random) -> list[dict]:
+def _propose(state: SearchState, settings: SearchSettings, generation: int, rng: random.Random) -> list[dict]:
+    """Generation 0: the seeds, then random formulas up to the population; later: offspring of the population
+    by tournaments, crossover or mutation. A name seen before counts as a duplicate and is not proposed."""
     proposals: list[dict] = []
     seen: set[str] = set()
-    for label, text in settings.seeds.items():
-        name, reason = precheck(text, settings.head_dim, settings.grid)
-        if name not in seen:
-            seen.add(name)
-            proposals.append(_record(name, 0, f"zoo:{label}", (), reason))
+    if generation == 0:
+        for label, text in settings.seeds.items():
+            name, reason = precheck(text, settings.head_dim, settings.grid)
+            if name not in seen:
+                seen.add(name)
+                proposals.append(_record(name, 0, f"zoo:{label}", (), reason))
+    else:
+        population = state.population
+        keys = tournament_key([objectives(state.candidates[n]) for n in population])
+        parsed = [parse_formula(n[len(PREFIX) :]) for n in population]
+    wanted = settings.population if generation == 0 else settings.offspring
     tries = 0
-    while len(proposals) < settings.population and tries < settings.population * settings.max_tries:
+    while len(proposals) < wanted and tries < wanted * settings.max_tries:
         tries += 1
-        name, reason = precheck(PREFIX + str(random_formula(rng)), settings.head_dim, settings.grid)
-        if name in seen:
-            state.duplicates += 1
-            continue
-        seen.add(name)
-        proposals.append(_record(name, 0, "random", (), reason))
-    return proposals
-
-
-def _tournament(population: list[str], keys: list[tuple[int, float]], rng: random.Random) -> int:
-    a, b = rng.randrange(len(population)), rng.randrange(len(population))
-    return a if (keys[a], a) <= (keys[b], b) else b
-
-
-def _offspring(
-    state: SearchState, settings: SearchSettings, generation: int, rng: random.Random
-) -> list[dict]:
-    population = state.population
-    keys = tournament_key([objectives(state.candidates[n]) for n in population])
-    parsed = [parse_formula(n[len(PREFIX) :]) for n in population]
-    proposals: list[dict] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(proposals) < settings.offspring and tries < settings.offspring * settings.max_tries:
-        tries += 1
-        i = _tournament(population, keys, rng)
-        parents: list[str] = [population[i]]
-        if len(population) > 1 and rng.random() < settings.crossover_prob:
-            j = _tournament(population, keys, rng)
-            parents.append(population[j])
-            child: Formula = crossover(parsed[i], parsed[j], rng)
-            origin = "crossover"
+        parents: list[str] = []
+        if generation == 0:
+            child, origin = random_formula(rng), "random"
         else:
-            child = mutate(parsed[i], rng)
-            origin = "mutation"
+            i = _tournament(population, keys, rng)
+            parents.append(population[i])
+            if len(population) > 1 and rng.random() < settings.crossover_prob:
+                j = _tournament(population, keys, rng)
+                parents.append(population[j])
+                child, origin = crossover(parsed[i], parsed[j], rng), "crossover"
+            else:
+                child, origin = mutate(parsed[i], rng), "mutation"
         name, reason = precheck(PREFIX + str(child), settings.head_dim, settings.grid)
         if name in state.candidates or name in seen:
             state.duplicates += 1  # seen before: not evaluated again
@@ -174,6 +158,11 @@ def _offspring(
         seen.add(name)
         proposals.append(_record(name, generation, origin, parents, reason))
     return proposals
+
+
+def _tournament(population: list[str], keys: list[tuple[int, float]], rng: random.Random) -> int:
+    a, b = rng.randrange(len(population)), rng.randrange(len(population))
+    return a if (keys[a], a) <= (keys[b], b) else b
 
 
 def run_search(
@@ -193,10 +182,7 @@ def run_search(
             say(f"search: stopping before generation {generation}: {reason}")
             break
         rng = random.Random(f"{settings.seed}/{generation}")
-        if generation == 0:
-            proposals = _generation_zero(state, settings, rng)
-        else:
-            proposals = _offspring(state, settings, generation, rng)
+        proposals = _propose(state, settings, generation, rng)
         todo = [p for p in proposals if "status" not in p]
         for p, result in zip(todo, evaluate([p["formula"] for p in todo])):
             p.update(result)

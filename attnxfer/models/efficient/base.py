@@ -87,13 +87,11 @@ class EfficientAttention(TransferableAttention):
         if num_prefix_tokens is not None or grid_size is not None:
             self.set_token_layout(num_prefix_tokens or 0, grid_size)
 
-    # ----------------------------------------------------------------- parameters
     def init_weights(self) -> None:
         # timm's ViT init calls ``init_weights()`` on modules that have one; its Linear init
         # would otherwise be the only thing that touches this module.
         self.reset_new_parameters()
 
-    # ----------------------------------------------------------------- rope
     def forward(
         self,
         x: torch.Tensor,
@@ -126,9 +124,13 @@ class EfficientAttention(TransferableAttention):
 
     @classmethod
     def rope_refusal(cls) -> str:
-        return rope_refusal(cls)
+        """The one message for an attention that cannot take a rope teacher's rotary embedding."""
+        ok = sorted(n for n, c in rope_support().items() if c[0])
+        return (
+            f"attention {cls.attention_name or cls.__name__!r} cannot take the teacher's rotary embedding: "
+            f"{cls.rope_why}. Attentions that keep their map kind under rope: {', '.join(ok)}"
+        )
 
-    # ----------------------------------------------------------------- the core
     def attend(
         self,
         q: torch.Tensor,
@@ -203,16 +205,6 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     generator = torch.Generator().manual_seed(t.shape[-1])
     probe = torch.randn(t.shape[-1], generator=generator, dtype=torch.float64).to(t.device, t.dtype)
     return t.reshape(-1, t.shape[-1]) @ probe
-
-
-def rope_refusal(cls: type[TransferableAttention]) -> str:
-    """The one message for an attention that cannot take a rope teacher's rotary embedding."""
-    name = getattr(cls, "attention_name", "") or cls.__name__
-    ok = sorted(n for n, c in rope_support().items() if c[0])
-    return (
-        f"attention {name!r} cannot take the teacher's rotary embedding: {getattr(cls, 'rope_why', '?')}. "
-        f"Attentions that keep their map kind under rope: {', '.join(ok)}"
-    )
 
 
 def rope_support() -> dict[str, tuple[bool, str]]:

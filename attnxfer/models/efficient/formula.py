@@ -288,11 +288,9 @@ class FormulaAttention(WindowLinearAttention):
                 self.dwc.weight.zero_()
                 self.dwc.bias.zero_()
 
-    # -- features (the window hybrid calls these with window-layout tensors)
-    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[Blocks, Blocks]:
+    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[Blocks, Blocks]:  # window layout too
         return self.features_q(q), self.features_k(k)
 
-    # -- the core
     def _attend_mapped(self, q, k, v):
         if self.formula.window is not None:
             return WindowLinearAttention._attend(self, q, k, v)
@@ -311,7 +309,6 @@ class FormulaAttention(WindowLinearAttention):
             out = out + depthwise_grid_conv(v, self.dwc, *self.token_layout(v.shape[-2]))
         return out
 
-    # -- the implicit map
     def _map_context(self, q, k):
         if self.formula.window is not None:
             return WindowLinearAttention._map_context(self, q, k)
@@ -326,7 +323,6 @@ class FormulaAttention(WindowLinearAttention):
             return scores / scores.sum(dim=-1, keepdim=True)
         return scores / phi_k.shape[-2]
 
-    # -- cost
     def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int]:
         """Operations of one (batch, head)'s q and k features (`STEP_COUNTS`), and the feature width."""
         one, m = chain_counts(self.formula.features, num_tokens, self.head_dim, self.head_dim)

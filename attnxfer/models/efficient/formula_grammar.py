@@ -169,7 +169,6 @@ class Formula:
         return self.norm == "sum"
 
 
-# ----------------------------------------------------------------------------------------------- parsing
 _TOKEN = re.compile(r"\s*(?:(?P<name>[a-z][a-z0-9_]*)|(?P<number>\d+(?:\.\d+)?)|(?P<punct>[().,+]))")
 
 
@@ -222,7 +221,6 @@ class _Parser:
         token = self.peek()
         return token is not None and token[1] == value
 
-    # -- grammar
     def formula(self) -> Formula:
         norm = self.take(kind="name", expected=" or ".join(map(repr, NORMS)))
         if norm not in NORMS:
@@ -303,7 +301,6 @@ def parse_formula(text: str) -> Formula:
     return _Parser(text, offset).formula()
 
 
-# ----------------------------------------------------------------------------------------------- checking
 def step_width(step: Step, width: int, head_dim: int) -> int:
     """The feature width after ``step`` applied to ``width`` features (q/k heads of ``head_dim``)."""
     if isinstance(step, Cat):

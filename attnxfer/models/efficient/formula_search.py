@@ -20,7 +20,6 @@ from .formula_grammar import (
     check_formula,
 )
 
-# ----------------------------------------------------------------------------------------------- search moves
 #: Ops random formulas and mutations draw (proj without a width, so validity is head-dim free).
 _SIMPLE_OPS = tuple(name for name, spec in OPS.items() if spec.arg is None or spec.optional_arg)
 

@@ -114,7 +114,6 @@ class HashingAttention(KernelAttention):
             self.hash_q.copy_(draw)
             self.hash_k.copy_(draw)
 
-    # ------------------------------------------------------------------ codes and features
     def codes(
         self, x: torch.Tensor, which: str, relaxed: bool | None = None, heads: slice = ALL_HEADS
     ) -> torch.Tensor:
@@ -131,7 +130,6 @@ class HashingAttention(KernelAttention):
         codes = self.codes(k, "k", heads=heads)
         return codes.new_full((*codes.shape[:-1], 1), self.bits + self.eps), codes
 
-    # ------------------------------------------------------------------ stage 1: EcoFormer's objective
     def fit_loss(self, q, k, q_t, k_t):
         """Mean of (c_q . c_k / b - S)^2 over the selected pairs, relaxed codes c, target S of
         ``similarity``."""
@@ -149,7 +147,6 @@ class HashingAttention(KernelAttention):
                 total = total + error(logits, inner, pairs, self.dissimilar_target)
             return total / (B * H * N * 2 * pairs)
 
-    # ------------------------------------------------------------------ cost
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """Per (batch, head): hashing q and k; key state and read-out with ±1 codes (additions only); the
         (b + eps) terms; N d divisions."""

@@ -222,7 +222,6 @@ class KernelAttention(EfficientAttention):
         scores = phi_q[:, :, rows] @ phi_k.transpose(-2, -1)
         return scores / scores.sum(dim=-1, keepdim=True)
 
-    # ----------------------------------------------------------------- folded inference
     def forward(self, x, attn_mask=None, is_causal=False, *, rope=None):
         if rope is None and attn_mask is None and not is_causal and self._folds(x):
             return self._output(x, self._folded_attend(x).to(x.dtype))

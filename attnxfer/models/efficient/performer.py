@@ -146,7 +146,6 @@ class PerformerAttention(KernelAttention):
         stabilised = OpCounts(add=2 * n * m, other=n * (m - 1) + 2 * n * m) + OpCounts(other=n * m - 1)
         return projections + key_norm + stabilised + OpCounts(add=2 * n * m), m
 
-    # ----------------------------------------------------------------- folded inference
     _key_scales: tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None = None
 
     def folds(self) -> bool:

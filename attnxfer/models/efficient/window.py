@@ -65,7 +65,6 @@ class WindowAttention(EfficientAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.window_size: tuple[int, int] = as_grid(window_size)
 
-    # -- shared pieces
     def _windows(self, q, k, v):
         """Grid queries per window, keys/values = prefix tokens + the window, and the key mask."""
         B, H, N, d = q.shape
@@ -101,7 +100,6 @@ class WindowAttention(EfficientAttention):
             out = torch.cat([self._prefix_rows(q, k, v, p, dropout_p), out], dim=-2)
         return out
 
-    # -- cost
     def _window_shape(self, num_tokens: int) -> tuple[int, int, int]:
         p, (gh, gw) = self.token_layout(num_tokens)
         wh, ww = self.window_size
@@ -124,7 +122,6 @@ class WindowAttention(EfficientAttention):
         window = OpCounts(mul=L * d) + matmul_ops(L, d, keys) + softmax_ops(L, keys) + matmul_ops(L, keys, d)
         return (windows * window + self._prefix_counts(num_tokens, p)) * (batch * self.num_heads)
 
-    # -- maps
     def _local_mask(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         """True where key j is in query i's window, a prefix token, or i is a prefix token."""
         query_ids = ids[rows][:, None]
