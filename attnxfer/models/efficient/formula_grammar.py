@@ -62,20 +62,10 @@ class OpSpec:
     optional_arg: bool = False
 
 
-def _positive(s: Sign) -> Sign:
-    return Sign.POSITIVE
-
-
-def _kept(s: Sign) -> Sign:
-    return s
-
-
-def _signed(s: Sign) -> Sign:
-    return Sign.SIGNED
-
-
-def _cos_sign(s: Sign) -> Sign:
-    return Sign.SIGNED if s is Sign.SIGNED else Sign.OVERLAP
+_positive = lambda s: Sign.POSITIVE
+_kept = lambda s: s
+_signed = lambda s: Sign.SIGNED
+_cos_sign = lambda s: Sign.SIGNED if s is Sign.SIGNED else Sign.OVERLAP
 
 
 #: The op registry: the grammar's unary ops (their torch code is in ``formula.py``).
