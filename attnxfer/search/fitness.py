@@ -9,7 +9,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -27,15 +26,9 @@ from ..train.speed import interleaved_forward_seconds
 from ..train.stage1 import stage1_transfer, teacher_signals
 from ..transfer.conversion import build_conversion_plan
 
-
-class SpeedMode(StrEnum):
-    """How a candidate's speed is scored against softmax."""
-
-    TIME = "time"  # interleaved wall-clock medians: what users feel, noisy on a shared machine
-    FLOPS = "flops"  # counted FLOPs: deterministic
-
-
-SPEED_MODES = tuple(SpeedMode)
+#: How a candidate's speed is scored against softmax: interleaved wall-clock medians (what users feel, noisy
+#: on a shared machine) or counted FLOPs (deterministic).
+SPEED_MODES = ("time", "flops")
 
 Signals = dict[int, dict[str, torch.Tensor]]
 
@@ -164,17 +157,13 @@ class SpeedSettings:
     """One attention layer at ``tokens`` tokens (class token + a square grid, like ViT-B/4 at 224 px)."""
 
     tokens: int = 3137
-    mode: SpeedMode | str = SpeedMode.TIME
+    mode: str = "time"
     repeats: int = 5
     batch: int = 1
 
     def __post_init__(self) -> None:
-        try:
-            self.mode = SpeedMode(self.mode)
-        except ValueError:
-            raise ValueError(
-                f"speed mode must be one of {', '.join(SPEED_MODES)}, got {self.mode!r}"
-            ) from None
+        if self.mode not in SPEED_MODES:
+            raise ValueError(f"speed mode must be one of {', '.join(SPEED_MODES)}, got {self.mode!r}")
 
 
 def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
@@ -211,7 +200,7 @@ def layer_speed(
     x = torch.randn(
         speed.batch, speed.tokens, candidate.qkv.in_features, generator=torch.Generator().manual_seed(0)
     )
-    if speed.mode is SpeedMode.FLOPS:
+    if speed.mode == "flops":
         base = softmax_flops if softmax_flops is not None else _flops(softmax, x)
         own = _flops(candidate, x)
         return {"speed": base / max(own, 1.0), "flops": own, "softmax_flops": base}
@@ -247,7 +236,7 @@ class CandidateEvaluator:
         measured = layer_speed(
             attention, self.teacher, self.speed, self._softmax_flops.get(self.speed.tokens)
         )
-        if self.speed.mode is SpeedMode.FLOPS:
+        if self.speed.mode == "flops":
             self._softmax_flops[self.speed.tokens] = measured["softmax_flops"]
         record.update(measured, speed_mode=self.speed.mode, tokens=self.speed.tokens)
         return record
