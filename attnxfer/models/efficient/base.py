@@ -184,7 +184,6 @@ def snapshot(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | Non
 
 
 def unchanged(kept: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether ``tensors`` still match their `snapshot` ``kept``."""
     if len(kept) != len(tensors):
         return False
     for a, t in zip(kept, tensors):

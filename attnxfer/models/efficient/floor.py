@@ -43,7 +43,6 @@ class FloorAttention(EfficientAttention):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """v itself: every token's output is its own value."""
         return v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -72,7 +71,6 @@ def floor_class(cls: type[EfficientAttention]) -> type[EfficientAttention]:
 
 
 def _attention_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every attention layer the zoo swaps."""
     if is_hierarchical(model):
         return [(name, block.attn) for name, block, _ in hierarchical_slots(model)]
     blocks = flat_blocks(model)

@@ -1,10 +1,7 @@
-"""EcoFormer-style hashing attention (Liu et al., NeurIPS 2022): kernel attention on b-bit codes sign(W x).
-
-Two codes agree on (b + h_q . h_k) / 2 bits, a non-negative similarity, so A_ij ∝ b + h_q,i . h_k,j + eps is
-row-stochastic and runs in O(N) with additions only. W_q = W_k start as one Gaussian draw (SimHash: the
-untrained student already weighs keys by angle). Training relaxes the codes to tanh(W x / (temperature
-|x|)): an exact gradient of the function computed, unlike a straight-through estimator. Stage 1 uses
-EcoFormer's own objective (`fit_loss`); why its map KL rises: docs/conversion.md, "Hashing (EcoFormer)"."""
+"""EcoFormer-style hashing attention (Liu et al., NeurIPS 2022): kernel attention on b-bit codes sign(W x),
+A_ij ∝ b + h_q,i . h_k,j + eps (twice the agreeing bits): row-stochastic, O(N), additions only. W starts as
+SimHash (keys weighed by angle); training relaxes codes to tanh(W x / (temperature |x|)), an exact gradient
+unlike a straight-through one. Stage 1: EcoFormer's objective (`fit_loss`; docs/conversion.md, "Hashing (EcoFormer)")."""
 
 from __future__ import annotations
 

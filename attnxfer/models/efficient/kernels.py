@@ -152,7 +152,6 @@ class KernelAttention(EfficientAttention):
         raise NotImplementedError
 
     def key_features(self, k: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
-        """phi(k), non-negative, in the compute dtype; ``k`` holds the heads ``heads``."""
         raise NotImplementedError
 
     def readout_query_features(self, q: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
@@ -284,7 +283,6 @@ class KernelAttention(EfficientAttention):
         raise NotImplementedError
 
     def folded_key_features(self, u: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
-        """phi(k) from the folded u_k."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -1,11 +1,7 @@
 """Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features phi(x) =
-exp(w.x' - |x'|^2 / 2), x' = x d^-1/4, whose dot products estimate exp(q.k / sqrt(d)).
-
-m = d by default, not FAVOR+'s d ln d: set by speed, where the projection folds into qkv (docs/benchmarks.md,
-"Efficient students against their floor"; ``num_features=256`` restores the paper's count). Stabilising
-maxima cancel in the normalisation; exp runs base 2 with log2(e) folded in (cheaper on CPU). On GPU the
-exponent must not round to bf16 (a bf16 projection moves features by 5-60 %), so the projection is split
-into two bf16 halves (`PERFORMER_BF16`)."""
+exp(w.x' - |x'|^2 / 2), x' = x d^-1/4, whose dot products estimate exp(q.k / sqrt(d)). m = d by default, not
+d ln d: set by speed, where the projection folds into qkv (docs/benchmarks.md; ``num_features=256`` restores
+the paper's count). On GPU the projection is split into two bf16 halves (`PERFORMER_BF16`)."""
 
 from __future__ import annotations
 
