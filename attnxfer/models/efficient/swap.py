@@ -148,35 +148,30 @@ def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 def check_softmax_teacher(teacher: nn.Module) -> None:
     """Refuse a teacher that is not softmax in every layer or whose family has no conversion slot:
     one error naming the layer, the reason and what to do. Makes the teacher transfer-aware in place."""
-    if is_hierarchical(teacher):
-        for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transferable_attentions(teacher)):
-            if attn.map_kind is not MapKind.SOFTMAX:
-                raise InputError(
-                    f"the teacher's {name} is {attention_name_of(attn)!r}, not softmax attention: conversion "
-                    "needs a softmax teacher. Use the original pretrained model as teacher"
-                )
-        return
-    if flat_blocks(teacher) is None:
+    hierarchical = is_hierarchical(teacher)  # its layers are listed by their slots: each has one
+    if hierarchical:
+        layers = zip((n for n, *_ in hierarchical_slots(teacher)), transferable_attentions(teacher))
+    elif flat_blocks(teacher) is None:
         raise InputError(
             f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`): "
             "conversion swaps the attention of each of its `blocks`. Distil it into a student of its own "
             "family with `attnxfer train` instead"
         )
-    try:
-        make_transfer_aware(teacher)
-        layers = attention_layers(teacher)
-    except TypeError as e:
-        raise InputError(f"the teacher cannot be converted: {e}") from None
+    else:
+        try:
+            make_transfer_aware(teacher)
+            layers = attention_layers(teacher)
+        except TypeError as e:
+            raise InputError(f"the teacher cannot be converted: {e}") from None
     for name, attn in layers:
-        if attn.map_kind is MapKind.SOFTMAX and slot_of(attn) is None:
-            raise InputError(_unconvertible(name, attn))
         if attn.map_kind is not MapKind.SOFTMAX:
-            kind = attention_name_of(attn)
             raise InputError(
-                f"the teacher's {name} is {kind!r}, not softmax attention: conversion needs a "
-                "softmax teacher (its attention maps are what the student learns). Use the original "
+                f"the teacher's {name} is {attention_name_of(attn)!r}, not softmax attention: conversion needs "
+                "a softmax teacher (its attention maps are what the student learns). Use the original "
                 "pretrained model as teacher, not an already converted student"
             )
+        if not hierarchical and slot_of(attn) is None:
+            raise InputError(_unconvertible(name, attn))
 
 
 def _unconvertible(name: str, attn: TransferableAttention) -> str:
