@@ -42,7 +42,7 @@ def _as_blocks(features: FeatureBlocks) -> tuple[torch.Tensor, ...]:
     return (features,) if isinstance(features, torch.Tensor) else tuple(features)
 
 
-#: The policy of kernel attentions whose features are safe in bf16 (see the module docstring).
+#: The policy of kernel attentions whose features are safe in bf16.
 KERNEL_BF16 = PrecisionPolicy(
     bf16=("q/k features (stored)", "key-state operands phi(k), v", "read-out operands phi(q), [KV | z]"),
     fp32=(
