@@ -12,6 +12,7 @@ from typing import Any
 
 from ..models.efficient.formula import (
     HAND_DESIGNED,
+    PREFIX,
     FormulaSyntaxError,
     InvalidFormula,
     check_formula,
@@ -22,8 +23,6 @@ from ..models.efficient.formula import (
 )
 from ..speak import say
 from .pareto import pareto_ranks, select_survivors, tournament_key
-
-PREFIX = "formula:"
 
 #: evaluate(attention names) -> one result record per name (status ok with kl/speed, or rejected + reason)
 Evaluate = Callable[[list[str]], list[dict[str, Any]]]

@@ -135,8 +135,7 @@ class AgentAttention(EfficientAttention):
         return queries_to_agents[:, :, rows] @ agent_to_keys
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head): pooling, scaled logits plus biases, two softmaxes, two products with v (the
-        batch-independent bias resize left out)."""
+        """Per (batch, head): pooling, logits plus biases, two softmaxes, two products (bias resize left out)."""
         n_tok, d = num_tokens, self.head_dim
         _, (gh, gw) = self.token_layout(num_tokens)
         n = self.agent_grid[0] * self.agent_grid[1]

@@ -49,8 +49,7 @@ class FloorAttention(EfficientAttention):
         return v
 
     def folds(self) -> bool:
-        """Never: a folded path would skip ``attend``, and the layer's own projection costs what a folded
-        one does."""
+        """Never: a folded path would skip ``attend`` (and costs what the layer's own projection does)."""
         return False
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:

@@ -128,8 +128,7 @@ class HashingAttention(KernelAttention):
         return codes.new_full((*codes.shape[:-1], 1), self.bits + self.eps), codes
 
     def fit_loss(self, q, k, q_t, k_t):
-        """Mean of (c_q . c_k / b - S)^2 over the selected pairs, relaxed codes c, target S of
-        ``similarity``."""
+        """Mean of (c_q . c_k / b - S)^2 over the selected pairs (relaxed codes c, target S of ``similarity``)."""
         with fp32_section(q.device.type):
             q, k, q_t, k_t = upcast(q, k, q_t.detach(), k_t.detach())
             c_q, c_k = self.codes(q, "q", relaxed=True), self.codes(k, "k", relaxed=True)
@@ -145,8 +144,7 @@ class HashingAttention(KernelAttention):
             return total / (B * H * N * 2 * pairs)
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head): hashing q and k; key state and read-out with ±1 codes (additions only); the
-        (b + eps) terms; N d divisions."""
+        """Per (batch, head): hashing q and k, the ±1-code state and read-out (additions), N d divisions."""
         n, d, b = num_tokens, self.head_dim, self.bits
         hashing = 2 * matmul_ops(n, d, b) + OpCounts(other=2 * n * b)
         state = sign_matmul_ops(b, n, d + 1)  # sum_j h_k,j [v_j, 1]

@@ -64,10 +64,9 @@ def efficient_student_from_teacher(
     attn: str | Sequence[str],
     **attn_kwargs,
 ) -> nn.Module:
-    """A copy of ``teacher`` (a timm ViT, left untouched) with each block's attention replaced.
-
-    ``attn``: one registered name, or one per block. Options go to the attentions that accept them (one no
-    chosen attention accepts is an error); ``seq_len`` (Linformer) defaults to the teacher's token count."""
+    """A copy of ``teacher`` (a timm ViT, left untouched) with each block's attention replaced: ``attn`` is
+    one name or one per block; options go to the attentions that accept them (one none accepts is an error);
+    ``seq_len`` (Linformer) defaults to the teacher's token count."""
     blocks = flat_blocks(teacher)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
@@ -206,10 +205,8 @@ def build_efficient_student(
     num_classes: int | None = None,
     **attention_kwargs: Any,
 ) -> nn.Module:
-    """The converted student: a trainable copy of ``teacher`` with zoo attention in every layer.
-
-    ``num_classes`` gives a headless teacher (e.g. an MAE encoder) a fresh head; a head of another size is an
-    error."""
+    """The converted student: a trainable copy of ``teacher`` with zoo attention in every layer; ``num_classes``
+    gives a headless teacher (e.g. an MAE encoder) a fresh head, a head of another size is an error."""
     check_softmax_teacher(teacher)
     if is_hierarchical(teacher):  # one name, one per stage or one per attention layer
         names = expand_attention_names(attention, stage_of_layers(teacher), "convert.attention")
