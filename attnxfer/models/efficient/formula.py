@@ -20,6 +20,7 @@ from ..attention.registry import register_attention, register_parametric_attenti
 from .focused import depthwise_grid_conv, grid_conv_counts
 from .formula_grammar import (
     HAND_DESIGNED,
+    OPS,
     PREFIX,
     Cat,
     Formula as Formula,
@@ -29,7 +30,6 @@ from .formula_grammar import (
     Step,
     check_formula,
     parse_formula,
-    step_width,
 )
 from .formula_search import crossover as crossover, mutate as mutate, random_formula as random_formula
 from .kernels import (
@@ -167,7 +167,7 @@ def chain_counts(chain: tuple[Step, ...], num_tokens: int, width: int, head_dim:
             total, width = total + left + right, lw + rw
             continue
         total = total + STEP_COUNTS[step.name](num_tokens, width, step.arg)
-        width = step_width(step, width, head_dim)
+        width = OPS[step.name].width(width, head_dim, step.arg)
     return total, width
 
 
@@ -211,20 +211,19 @@ class FeatureChain(nn.Module):
         width = head_dim if width is None else width
         steps: list[nn.Module] = []
         for step in chain:
-            steps.append(self._module(step, num_heads, width, device, dtype))
-            width = step_width(step, width, head_dim)
+            if isinstance(step, Cat):
+                left = FeatureChain(step.left, num_heads, head_dim, width, device, dtype)
+                right = FeatureChain(step.right, num_heads, head_dim, width, device, dtype)
+                steps.append(_Branches(left, right))
+                width = left.out_dim + right.out_dim
+                continue
+            if step.name in LEARNED_OPS:
+                steps.append(LEARNED_OPS[step.name](step, num_heads, width, device=device, dtype=dtype))
+            else:
+                steps.append(_Fixed(step))
+            width = OPS[step.name].width(width, head_dim, step.arg)
         self.steps = nn.ModuleList(steps)
         self.out_dim = width
-
-    def _module(self, step: Step, num_heads: int, width: int, device, dtype) -> nn.Module:
-        if isinstance(step, Cat):
-            return _Branches(
-                FeatureChain(step.left, num_heads, self.head_dim, width, device, dtype),
-                FeatureChain(step.right, num_heads, self.head_dim, width, device, dtype),
-            )
-        if step.name in LEARNED_OPS:
-            return LEARNED_OPS[step.name](step, num_heads, width, device=device, dtype=dtype)
-        return _Fixed(step)
 
     def forward(self, x: torch.Tensor | Blocks) -> Blocks:
         blocks = (x,) if isinstance(x, torch.Tensor) else x

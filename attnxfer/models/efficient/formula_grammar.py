@@ -5,7 +5,6 @@ are `formula_search`). The grammar and its ops are documented in docs/conversion
 from __future__ import annotations
 
 import enum
-import functools
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -289,16 +288,6 @@ def parse_formula(text: str) -> Formula:
         raise TypeError(f"a formula is a string, got {type(text).__name__}")
     offset = len(PREFIX) if text.startswith(PREFIX) else 0
     return _Parser(text, offset).formula()
-
-
-def step_width(step: Step, width: int, head_dim: int) -> int:
-    """The feature width after ``step`` applied to ``width`` features (q/k heads of ``head_dim``)."""
-    if isinstance(step, Cat):
-        return sum(
-            functools.reduce(lambda w, s: step_width(s, w, head_dim), branch, width)
-            for branch in (step.left, step.right)
-        )
-    return OPS[step.name].width(width, head_dim, step.arg)
 
 
 def _walk(chain: tuple[Step, ...], width: int, sign: Sign, head_dim: int, where: str) -> tuple[int, Sign]:
