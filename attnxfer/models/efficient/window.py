@@ -105,22 +105,21 @@ class WindowAttention(EfficientAttention):
         wh, ww = self.window_size
         return p, math.ceil(gh / wh) * math.ceil(gw / ww), wh * ww
 
-    def _prefix_counts(self, num_tokens: int, p: int) -> OpCounts:
-        """Exact softmax rows of the prefix tokens over all N keys."""
+    def _softmax_counts(self, queries: int, keys: int) -> OpCounts:
+        """Exact softmax rows of ``queries`` over ``keys``: scaling, logits, softmax, product with v."""
         d = self.head_dim
         return (
-            OpCounts(mul=p * d)
-            + matmul_ops(p, d, num_tokens)
-            + softmax_ops(p, num_tokens)
-            + matmul_ops(p, num_tokens, d)
+            OpCounts(mul=queries * d)
+            + matmul_ops(queries, d, keys)
+            + softmax_ops(queries, keys)
+            + matmul_ops(queries, keys, d)
         )
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """Per (batch, head): each padded window's queries against prefix + window keys; the prefix rows."""
         p, windows, L = self._window_shape(num_tokens)
-        d, keys = self.head_dim, p + L
-        window = OpCounts(mul=L * d) + matmul_ops(L, d, keys) + softmax_ops(L, keys) + matmul_ops(L, keys, d)
-        return (windows * window + self._prefix_counts(num_tokens, p)) * (batch * self.num_heads)
+        prefix_rows = self._softmax_counts(p, num_tokens)
+        return (windows * self._softmax_counts(L, p + L) + prefix_rows) * (batch * self.num_heads)
 
     def _local_mask(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
         """True where key j is in query i's window, a prefix token, or i is a prefix token."""
@@ -265,7 +264,7 @@ class WindowLinearAttention(WindowAttention):
         per_window = matmul_ops(m, L, d + 1) + OpCounts(mul=L * m, add=m * (d + 1))  # state, key mask
         per_window = per_window + matmul_ops(L, m, d + 1) + OpCounts(mul=L * (d + 1) + L * d, add=L * (d + 1))
         totals = OpCounts(add=(windows - 1) * m * (d + 1))
-        per_head = windows * (local + per_window) + features + totals + self._prefix_counts(num_tokens, p)
+        per_head = windows * (local + per_window) + features + totals + self._softmax_counts(p, num_tokens)
         return per_head * (batch * self.num_heads)
 
     def extra_repr(self) -> str:
