@@ -91,9 +91,7 @@ class PerformerAttention(KernelAttention):
         self.feature_seed = feature_seed
         self._forwards_since_redraw = 0
         self.register_buffer(
-            "feature_projection",
-            torch.empty(self.num_features, d, device=kwargs.get("device")),
-            persistent=True,
+            "feature_projection", torch.empty(self.num_features, d, device=kwargs.get("device"))
         )
         generator = torch.Generator().manual_seed(feature_seed) if feature_seed is not None else None
         self.redraw(generator)
