@@ -184,17 +184,13 @@ def snapshot(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | Non
 
 
 def unchanged(kept: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor | None]) -> bool:
-    if len(kept) != len(tensors):
-        return False
-    for a, t in zip(kept, tensors):
-        if a is None or t is None:
-            if a is not t:
-                return False
-            continue
-        b = _fingerprint(t)
-        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a, b):
-            return False
-    return True
+    fingerprints = (None if t is None else _fingerprint(t) for t in tensors)  # lazily: all() stops early
+    return len(kept) == len(tensors) and all(
+        a is b
+        if a is None or b is None
+        else (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and torch.equal(a, b)
+        for a, b in zip(kept, fingerprints)
+    )
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
@@ -208,12 +204,12 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
 
 def rope_support() -> dict[str, tuple[bool, str]]:
     """Every zoo attention's rope declaration: name -> (keeps its map kind, why)."""
-    out = {}
-    for name in list_attentions():
-        cls = get_attention_class(name)
-        if isinstance(cls, type) and issubclass(cls, EfficientAttention):
-            out[name] = (cls.rope_keeps_map_kind, cls.rope_why)
-    return out
+    classes = {name: get_attention_class(name) for name in list_attentions()}
+    return {
+        name: (cls.rope_keeps_map_kind, cls.rope_why)
+        for name, cls in classes.items()
+        if isinstance(cls, type) and issubclass(cls, EfficientAttention)
+    }
 
 
 def precision_policies() -> dict[str, PrecisionPolicy]:
