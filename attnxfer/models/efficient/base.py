@@ -204,12 +204,12 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
 
 def rope_support() -> dict[str, tuple[bool, str]]:
     """Every zoo attention's rope declaration: name -> (keeps its map kind, why)."""
-    classes = {name: get_attention_class(name) for name in list_attentions()}
-    return {
-        name: (cls.rope_keeps_map_kind, cls.rope_why)
-        for name, cls in classes.items()
-        if isinstance(cls, type) and issubclass(cls, EfficientAttention)
-    }
+    out = {}
+    for name in list_attentions():
+        cls = get_attention_class(name)
+        if isinstance(cls, type) and issubclass(cls, EfficientAttention):
+            out[name] = (cls.rope_keeps_map_kind, cls.rope_why)
+    return out
 
 
 def precision_policies() -> dict[str, PrecisionPolicy]:
