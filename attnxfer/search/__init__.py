@@ -1,10 +1,5 @@
-"""Discovering an efficient attention for a teacher: evolutionary search over formula attentions, each
-candidate scored by its fit to the teacher's maps after a short stage 1 and by its measured speed.
-
-Algorithm code on objects (no config, no files): `evolution` (population, rejection protocol,
-generations), `pareto` (NSGA-II ranks, crowding, survivors), `fitness` (the cached teacher, stage-1 fit
-and held-out KL, speed of one layer). `attnxfer.apps.search` wires it to a config, files and SLURM.
-"""
+"""Discovering an efficient attention for a teacher: evolutionary search over formula attentions, scored by
+fit after a short stage 1 and by speed. Objects only (no config, no files): `attnxfer.apps.search` wires it."""
 
 from .evolution import PREFIX, SearchSettings, SearchState, objectives, pareto_front, precheck, run_search
 from .fitness import (

@@ -1,20 +1,7 @@
-"""The evolutionary search over formula attentions: population, offspring, rejection, selection.
-
-Generation 0 is the hand-designed zoo written as formulas (`HAND_DESIGNED`) plus random formulas up to
-the population size. Each later generation breeds ``offspring`` children from the population (binary
-tournaments on Pareto rank and crowding; crossover with probability ``crossover_prob``, else mutation),
-and NSGA-II keeps the best ``population`` of parents and children (`pareto`: minimise the fit KL,
-maximise speed).
-
-The rejection protocol: a child is first checked as a program (parse, `check_formula` for the teacher's
-head dim and token grid, row-stochastic normalisation, a window smaller than the teacher's grid: a window
-covering it is exact softmax there and its fit would say nothing about the target resolution) and
-rejected with the reason before any training;
-a child whose canonical string was seen before is a duplicate and is not evaluated again; the
-evaluation itself may reject (stage 1 diverged, non-finite KL). Every rejection is recorded with its
-reason, none is dropped. The state is plain JSON (`SearchState`), so a search resumes from any
-generation, and the generation's random draws come from ``(seed, generation)`` alone.
-"""
+"""The evolutionary search over formula attentions (docs/conversion.md, "Search: discovering a formula attention"):
+generation 0 is the zoo as formulas plus random ones; later ones breed by tournaments, crossover or
+mutation, and NSGA-II keeps the population. Every rejection is recorded with its reason, duplicates are not
+re-evaluated, and the state is plain JSON whose draws come from ``(seed, generation)``: resumable anywhere."""
 
 from __future__ import annotations
 
@@ -25,7 +12,7 @@ from typing import Any
 
 from ..models.efficient.formula import (
     HAND_DESIGNED,
-    Formula,
+    PREFIX,
     FormulaSyntaxError,
     InvalidFormula,
     check_formula,
@@ -36,8 +23,6 @@ from ..models.efficient.formula import (
 )
 from ..speak import say
 from .pareto import pareto_ranks, select_survivors, tournament_key
-
-PREFIX = "formula:"
 
 #: evaluate(attention names) -> one result record per name (status ok with kl/speed, or rejected + reason)
 Evaluate = Callable[[list[str]], list[dict[str, Any]]]
@@ -96,7 +81,8 @@ def objectives(record: Mapping[str, Any]) -> tuple[float, float]:
 
 
 def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[str, str | None]:
-    """(canonical ``formula:...`` name, rejection reason or None): the checks that need no training."""
+    """(canonical ``formula:...`` name, rejection reason or None): the checks that need no training. A window
+    covering the teacher's grid is exact softmax there, so its fit would say nothing at the target resolution."""
     program = text[len(PREFIX) :] if text.startswith(PREFIX) else text
     try:
         formula = parse_formula(program)
@@ -133,52 +119,37 @@ def _record(name: str, generation: int, origin: str, parents: Sequence[str], rea
     return rec
 
 
-def _generation_zero(state: SearchState, settings: SearchSettings, rng: random.Random) -> list[dict]:
+def _propose(state: SearchState, settings: SearchSettings, generation: int, rng: random.Random) -> list[dict]:
+    """Generation 0: the seeds, then random formulas up to the population; later: offspring of the population
+    by tournaments, crossover or mutation. A name seen before counts as a duplicate and is not proposed."""
     proposals: list[dict] = []
     seen: set[str] = set()
-    for label, text in settings.seeds.items():
-        name, reason = precheck(text, settings.head_dim, settings.grid)
-        if name not in seen:
-            seen.add(name)
-            proposals.append(_record(name, 0, f"zoo:{label}", (), reason))
+    if generation == 0:
+        for label, text in settings.seeds.items():
+            name, reason = precheck(text, settings.head_dim, settings.grid)
+            if name not in seen:
+                seen.add(name)
+                proposals.append(_record(name, 0, f"zoo:{label}", (), reason))
+    else:
+        population = state.population
+        keys = tournament_key([objectives(state.candidates[n]) for n in population])
+        parsed = [parse_formula(n[len(PREFIX) :]) for n in population]
+    wanted = settings.population if generation == 0 else settings.offspring
     tries = 0
-    while len(proposals) < settings.population and tries < settings.population * settings.max_tries:
+    while len(proposals) < wanted and tries < wanted * settings.max_tries:
         tries += 1
-        name, reason = precheck(PREFIX + str(random_formula(rng)), settings.head_dim, settings.grid)
-        if name in seen:
-            state.duplicates += 1
-            continue
-        seen.add(name)
-        proposals.append(_record(name, 0, "random", (), reason))
-    return proposals
-
-
-def _tournament(population: list[str], keys: list[tuple[int, float]], rng: random.Random) -> int:
-    a, b = rng.randrange(len(population)), rng.randrange(len(population))
-    return a if (keys[a], a) <= (keys[b], b) else b
-
-
-def _offspring(
-    state: SearchState, settings: SearchSettings, generation: int, rng: random.Random
-) -> list[dict]:
-    population = state.population
-    keys = tournament_key([objectives(state.candidates[n]) for n in population])
-    parsed = [parse_formula(n[len(PREFIX) :]) for n in population]
-    proposals: list[dict] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(proposals) < settings.offspring and tries < settings.offspring * settings.max_tries:
-        tries += 1
-        i = _tournament(population, keys, rng)
-        parents: list[str] = [population[i]]
-        if len(population) > 1 and rng.random() < settings.crossover_prob:
-            j = _tournament(population, keys, rng)
-            parents.append(population[j])
-            child: Formula = crossover(parsed[i], parsed[j], rng)
-            origin = "crossover"
+        parents: list[str] = []
+        if generation == 0:
+            child, origin = random_formula(rng), "random"
         else:
-            child = mutate(parsed[i], rng)
-            origin = "mutation"
+            i = _tournament(population, keys, rng)
+            parents.append(population[i])
+            if len(population) > 1 and rng.random() < settings.crossover_prob:
+                j = _tournament(population, keys, rng)
+                parents.append(population[j])
+                child, origin = crossover(parsed[i], parsed[j], rng), "crossover"
+            else:
+                child, origin = mutate(parsed[i], rng), "mutation"
         name, reason = precheck(PREFIX + str(child), settings.head_dim, settings.grid)
         if name in state.candidates or name in seen:
             state.duplicates += 1  # seen before: not evaluated again
@@ -186,6 +157,11 @@ def _offspring(
         seen.add(name)
         proposals.append(_record(name, generation, origin, parents, reason))
     return proposals
+
+
+def _tournament(population: list[str], keys: list[tuple[int, float]], rng: random.Random) -> int:
+    a, b = rng.randrange(len(population)), rng.randrange(len(population))
+    return a if (keys[a], a) <= (keys[b], b) else b
 
 
 def run_search(
@@ -196,8 +172,8 @@ def run_search(
     on_generation: Callable[[SearchState], None] = lambda s: None,
     should_stop: Callable[[SearchState], str | None] = lambda s: None,
 ) -> SearchState:
-    """Run generations ``state.generation + 1 .. settings.generations``; ``on_generation`` (e.g. save) is
-    called after each, ``should_stop`` before each (a reason to stop, e.g. a spent time budget)."""
+    """Run generations ``state.generation + 1 .. settings.generations``; ``on_generation`` (e.g. save) after
+    each, ``should_stop`` (a reason, e.g. a spent budget) before each."""
     while state.generation < settings.generations:
         generation = state.generation + 1
         reason = should_stop(state)
@@ -205,10 +181,7 @@ def run_search(
             say(f"search: stopping before generation {generation}: {reason}")
             break
         rng = random.Random(f"{settings.seed}/{generation}")
-        if generation == 0:
-            proposals = _generation_zero(state, settings, rng)
-        else:
-            proposals = _offspring(state, settings, generation, rng)
+        proposals = _propose(state, settings, generation, rng)
         todo = [p for p in proposals if "status" not in p]
         for p, result in zip(todo, evaluate([p["formula"] for p in todo])):
             p.update(result)

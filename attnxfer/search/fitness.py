@@ -1,17 +1,6 @@
-"""A candidate attention's fitness: how well it fits the teacher's maps after a short stage 1, and its speed.
-
-Fit: the candidate replaces softmax in the searched layers of a copy of the teacher; stage 1
-(`attnxfer.train.stage1`) fits those layers for a fixed number of steps on the teacher's hidden inputs;
-the score is KL(P_teacher ‖ A_candidate) per row, averaged over the searched layers, on held-out images
-(`attnxfer.train.measure.layer_map_metric`, the metric conversion reports use; on a PVTv2 teacher with
-spatial reduction the candidate's rows are pooled onto the teacher's reduced keys, as in stage 1). The teacher's hidden inputs and
-q/k on the fit and held-out images are computed once (`TeacherCache`) and shared by every candidate: that
-is what makes hundreds of candidates affordable.
-
-Speed: one attention layer of the teacher's width at ``tokens`` tokens against softmax attention (timm's
-fused SDPA) of the same width, either measured wall time (medians of interleaved runs, in one process) or
-counted FLOPs (``torch.utils.flop_counter``: deterministic, for reproducible searches and tests).
-"""
+"""A candidate attention's fitness: its held-out map KL to the teacher after a short stage 1 in the searched
+layers, and its speed (one layer against softmax: wall time or counted FLOPs). The teacher's hidden inputs
+and q/k are computed once (`TeacherCache`) and shared by every candidate: that makes hundreds affordable."""
 
 from __future__ import annotations
 
@@ -20,7 +9,6 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -38,15 +26,9 @@ from ..train.speed import interleaved_forward_seconds
 from ..train.stage1 import stage1_transfer, teacher_signals
 from ..transfer.conversion import build_conversion_plan
 
-
-class SpeedMode(StrEnum):
-    """How a candidate's speed is scored against softmax."""
-
-    TIME = "time"  # interleaved wall-clock medians: what users feel, noisy on a shared machine
-    FLOPS = "flops"  # counted FLOPs: deterministic
-
-
-SPEED_MODES = tuple(SpeedMode)
+#: How a candidate's speed is scored against softmax: interleaved wall-clock medians (what users feel, noisy
+#: on a shared machine) or counted FLOPs (deterministic).
+SPEED_MODES = ("time", "flops")
 
 Signals = dict[int, dict[str, torch.Tensor]]
 
@@ -97,11 +79,8 @@ class FitSettings:
 def fit_candidate(
     teacher: nn.Module, attention: str, cache: TeacherCache, fit: FitSettings
 ) -> dict[str, Any]:
-    """Fit ``attention`` in the cached layers of a copy of ``teacher``; ``{"kl", "kl_per_layer", "fit_seconds"}``.
-
-    Raises ValueError for an attention that cannot be built or has no row-stochastic map (KL needs one)
-    and `NonFiniteLossError` when stage 1 diverges; the caller records either as a rejection.
-    """
+    """Fit ``attention`` in the cached layers of a copy of ``teacher``: ``{"kl", "kl_per_layer", "fit_seconds"}``.
+    ValueError (cannot be built, no row-stochastic map) or `NonFiniteLossError` (diverged): the caller rejects."""
     start = time.monotonic()
     student = fit_student(teacher, attention, cache, fit)
     per_layer = held_out_kl(teacher, student, cache)
@@ -120,10 +99,8 @@ def fit_student(
     check_map: bool = True,
     **options: Any,
 ) -> nn.Module:
-    """A copy of ``teacher`` with ``attention`` (built with ``options``) in the cached layers, after
-    ``fit.steps`` of stage 1 on the cached fit batches (in eval mode); errors as `fit_candidate`.
-    ``check_map=False`` fits an attention without a row-stochastic map too (its KL is undefined, but its
-    end-to-end output is not: `benchmarks/zoo_proxy.py` compares the whole zoo)."""
+    """A copy of ``teacher`` with ``attention`` in the cached layers after ``fit.steps`` of stage 1 (eval mode).
+    ``check_map=False`` fits one without a row-stochastic map too (`benchmarks/zoo_proxy.py` compares outputs)."""
     torch.manual_seed(fit.seed)
     depth = len(transferable_attentions(teacher))  # blocks.* of a ViT; every stage's layers of PVTv2 / Swin
     names = [attention if i in cache.layers else "softmax" for i in range(depth)]
@@ -160,9 +137,7 @@ def fit_student(
 
 @torch.no_grad()
 def held_out_kl(teacher: nn.Module, student: nn.Module, cache: TeacherCache) -> list[float]:
-    """Per cached layer, KL(P_teacher ‖ A_student) per row on the held-out batches, each layer on the
-    teacher's hidden input (`layer_map_metric`: over a PVTv2 teacher's reduced keys, the student's rows
-    pooled onto them)."""
+    """Per cached layer, KL(P_teacher ‖ A_student) per row on the held-out batches (`layer_map_metric`)."""
     t_attns, s_attns = transferable_attentions(teacher), transferable_attentions(student)
     per_layer = []
     for i in cache.layers:
@@ -182,17 +157,13 @@ class SpeedSettings:
     """One attention layer at ``tokens`` tokens (class token + a square grid, like ViT-B/4 at 224 px)."""
 
     tokens: int = 3137
-    mode: SpeedMode | str = SpeedMode.TIME
+    mode: str = "time"
     repeats: int = 5
     batch: int = 1
 
     def __post_init__(self) -> None:
-        try:
-            self.mode = SpeedMode(self.mode)
-        except ValueError:
-            raise ValueError(
-                f"speed mode must be one of {', '.join(SPEED_MODES)}, got {self.mode!r}"
-            ) from None
+        if self.mode not in SPEED_MODES:
+            raise ValueError(f"speed mode must be one of {', '.join(SPEED_MODES)}, got {self.mode!r}")
 
 
 def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
@@ -229,7 +200,7 @@ def layer_speed(
     x = torch.randn(
         speed.batch, speed.tokens, candidate.qkv.in_features, generator=torch.Generator().manual_seed(0)
     )
-    if speed.mode is SpeedMode.FLOPS:
+    if speed.mode == "flops":
         base = softmax_flops if softmax_flops is not None else _flops(softmax, x)
         own = _flops(candidate, x)
         return {"speed": base / max(own, 1.0), "flops": own, "softmax_flops": base}
@@ -245,11 +216,8 @@ def _flops(layer: nn.Module, x: torch.Tensor) -> float:
 
 
 class CandidateEvaluator:
-    """Score attentions by name against one teacher: ``evaluator("formula:...")`` -> a result record.
-
-    A candidate that cannot be built, diverges in stage 1 or gives a non-finite KL is returned with
-    ``status: "rejected"`` and the reason (never dropped).
-    """
+    """Score attentions by name against one teacher; one that cannot be built, diverges or gives a
+    non-finite KL is returned ``status: "rejected"`` with the reason (never dropped)."""
 
     def __init__(
         self, teacher: nn.Module, cache: TeacherCache, fit: FitSettings, speed: SpeedSettings
@@ -268,7 +236,7 @@ class CandidateEvaluator:
         measured = layer_speed(
             attention, self.teacher, self.speed, self._softmax_flops.get(self.speed.tokens)
         )
-        if self.speed.mode is SpeedMode.FLOPS:
+        if self.speed.mode == "flops":
             self._softmax_flops[self.speed.tokens] = measured["softmax_flops"]
         record.update(measured, speed_mode=self.speed.mode, tokens=self.speed.tokens)
         return record

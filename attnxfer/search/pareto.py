@@ -1,11 +1,5 @@
-"""Multi-objective selection, NSGA-II style (Deb et al., 2002): Pareto ranks, crowding, survivors.
-
-Every objective is minimised. Point ``a`` dominates ``b`` when it is no worse in every objective and
-strictly better in one; rank 0 is the set nobody dominates (the Pareto front), rank 1 the front once rank 0
-is removed, and so on. Within a rank, the crowding distance (the perimeter of the box spanned by a point's
-neighbours in each objective, normalised by the objective's range; boundary points get infinity) prefers
-points in sparse regions, which keeps the front spread out.
-"""
+"""Multi-objective selection, NSGA-II style (Deb et al., 2002), every objective minimised: Pareto ranks,
+then within a rank the crowding distance, which prefers points in sparse regions to keep the front spread."""
 
 from __future__ import annotations
 
@@ -66,8 +60,8 @@ def crowding_distance(points: Sequence[Point]) -> list[float]:
 
 
 def select_survivors(points: Sequence[Point], k: int) -> list[int]:
-    """Indices of the ``k`` points NSGA-II keeps: whole fronts by rank, the last one cut by crowding
-    (largest first; ties by index, so the choice is deterministic)."""
+    """Indices of the ``k`` points NSGA-II keeps: whole fronts by rank, the last cut by crowding
+    (largest first, ties by index: deterministic)."""
     if k >= len(points):
         return list(range(len(points)))
     ranks = pareto_ranks(points)
@@ -85,8 +79,7 @@ def select_survivors(points: Sequence[Point], k: int) -> list[int]:
 
 
 def tournament_key(points: Sequence[Point]) -> list[tuple[int, float]]:
-    """Per point, the crowded-comparison key of binary tournaments: lower rank wins, then larger crowding
-    (compare keys with ``<``: ``(rank, -crowding)``)."""
+    """Per point, the crowded-comparison key ``(rank, -crowding)`` of binary tournaments (compare with ``<``)."""
     ranks = pareto_ranks(points)
     crowd = [0.0] * len(points)
     for rank in set(ranks):

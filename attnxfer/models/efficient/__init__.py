@@ -1,31 +1,13 @@
 """The efficient-attention zoo: drop-in replacements for timm's ``Attention`` with a declared map kind.
 
-Every class meets the one attention interface (`attnxfer.models.attention.TransferableAttention`:
-timm's parameter names qkv, q_norm, k_norm, norm, proj; ``project``, ``attend``,
-``attention_map(q, k, rows)``, ``map_kind``, the per-call ``AttentionIO``), adds
-``new_parameter_names()``, and is registered by name in the one attention registry
-(`attnxfer.models.attention.registry`), beside softmax. A new attention is one file here:
-subclass `EfficientAttention` (or `KernelAttention`), implement ``_attend`` and the map rows,
-declare its ``map_kind``, ``precision`` and rope answer (``rope_keeps_map_kind``, ``rope_why``) and
-decorate it with ``@register_attention('name')``. Importing this package imports every module in it,
-which registers them; ``list_attentions()`` names them, and each registered class is importable from here
-by its class name (``from attnxfer.models.efficient import PerformerAttention``).
+A new attention is one file here (subclass `EfficientAttention` or `KernelAttention`, declare ``map_kind``,
+``precision`` and the rope answer, ``@register_attention``); importing the package registers every module,
+and each class is importable from here by name.
 
-Precision: each class declares ``precision`` (a `PrecisionPolicy`, `precision_policies()` lists them):
-on GPU, bf16 operands with fp32 sums where a test shows it safe, fp32 otherwise.
-
-Token layout: timm ViTs put ``num_prefix_tokens`` class/register tokens before the H x W grid.
-Attentions that need the grid (window, window_linear, agent, focused_linear's conv) read it
-from ``num_prefix_tokens`` / ``grid_size`` kwargs or ``set_token_layout``
-(``configure_token_layout(vit)`` sets every layer; ``efficient_student_from_teacher`` does it
-for you), else infer a square grid with the fewest prefix tokens. Prefix tokens always attend
-to every token and are attended to by every token: window attentions give them exact softmax
-rows and put them in every window's key set; agent attention pools agents from grid tokens only
-but lets prefix tokens attend through and be attended by the agents; focused linear's conv skips
-them (its kernel part treats them like any token); cosFormer gives them the first positions;
-Nystrom/Linformer put them in the first landmark segment. The global kernels (linear, performer,
-hedgehog, hydra) do not distinguish them at all.
-"""
+Prefix tokens (class/register tokens before the grid; layout from ``set_token_layout`` or inferred) always
+attend to and are attended by every token: window attentions give them exact softmax rows and put them in
+every window's keys; agents pool the grid only; focused linear's conv skips them; cosFormer gives them the
+first positions; Nystrom/Linformer put them in the first segment; the global kernels treat them as any token."""
 
 import importlib
 import pkgutil

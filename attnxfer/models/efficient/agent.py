@@ -1,21 +1,6 @@
-"""Agent attention (Han et al. 2024): n agent tokens pooled from the queries relay attention.
-
-    A = avgpool_grid(q)              (n agents, adaptive 2-D pooling of the grid queries)
-    V_A = softmax(A k^T s + b_ak) v  (agents aggregate from all keys)
-    out = softmax(q A^T s + b_qa) V_A
-so the implicit map softmax(q A^T s + b_qa) softmax(A k^T s + b_ak) is a product of two
-row-stochastic matrices: row-stochastic, O(N n). Agents are pooled from grid tokens only;
-prefix tokens still attend through the agents and are attended by them (their position biases
-are zero). The learnable position biases b (per head and agent, on a small base grid
-bilinearly resized to the token grid) are the new parameters; they start at zero.
-
-bf16-safe on GPU (`AGENT_BF16`): both maps are softmaxes, so the core has the numerics of two small
-flash attentions. The agents are fp32 means of the queries; the logits q (A s)^T and k (A s)^T take
-q and k as bf16 operands and the scaled agents as two bf16 halves (`matmul_split`, `matmul_split_left`: a bf16-rounded
-agent would move a logit of size L by L 2^-8), the biases and both softmaxes run in fp32, and only the
-probabilities (in [0, 1]), v and the agent values V_A are rounded to bf16 for the two products, which
-accumulate in fp32 (V_A sums over all N keys).
-"""
+"""Agent attention (Han et al. 2024): n agents pooled from the grid queries relay attention, so the
+map softmax(q A^T s + b_qa) softmax(A k^T s + b_ak) is row-stochastic at O(N n). Prefix tokens are no
+agents but attend through them; the position biases (zero at first) are the new parameters."""
 
 from __future__ import annotations
 
@@ -88,11 +73,8 @@ class AgentAttention(EfficientAttention):
             self.query_agent_bias.zero_()
 
     def agents(self, q: torch.Tensor) -> torch.Tensor:
-        """(B, H, n, d) agent tokens: adaptive average pooling of the grid queries.
-
-        The grid is pooled as a channels-last image (tokens as pixels, the head dim as channels): the
-        queries' rows are copied once as they lie, where a channels-first image is a transposing gather
-        (measured 11x slower at 64 x 64 tokens)."""
+        """(B, H, n, d) agents: the grid queries average-pooled as a channels-last image (a channels-first
+        image is a transposing gather, measured 11x slower at 64 x 64 tokens)."""
         B, H, N, d = q.shape
         p, grid = self.token_layout(N)
         image = q[:, :, p:].reshape(B * H, *grid, d).contiguous().permute(0, 3, 1, 2)
@@ -107,34 +89,27 @@ class AgentAttention(EfficientAttention):
         return F.pad(resized, (p, 0))
 
     def _position_biases(self, num_tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The agents -> keys bias (H, n, N) and the queries -> agents bias (H, N, n), both contiguous.
-
-        They depend on the parameters and the grid only, not on the batch: without autograd they are kept
-        for the next call (keyed by the token layout and the dtype, and rebuilt when the small bias tables
-        differ from the copies kept with them), since resizing them costs as much as the rest of the core at
-        64 x 64 tokens."""
+        """The agents -> keys (H, n, N) and queries -> agents (H, N, n) biases, contiguous; without
+        autograd kept for the next call while layout, dtype and tables are unchanged (resizing costs as much as the
+        rest of the core at 64 x 64 tokens)."""
         params = (self.agent_key_bias, self.query_agent_bias)
-        if needs_autograd(self) or torch.compiler.is_compiling():  # a compiled graph recomputes them
-            return (
+        graph = needs_autograd(self) or torch.compiler.is_compiling()  # a compiled graph recomputes them
+        key = (num_tokens, self.token_layout(num_tokens), dtype)
+        cached = getattr(self, "_bias_cache", None)
+        if graph or cached is None or cached[0] != key or not unchanged(cached[1], params):
+            biases = (
                 self._position_bias(params[0].to(dtype), num_tokens),
                 self._position_bias(params[1].to(dtype), num_tokens).transpose(-2, -1),
             )
-        key = (num_tokens, self.token_layout(num_tokens), dtype)
-        cached = getattr(self, "_bias_cache", None)
-        if cached is None or cached[0] != key or not unchanged(cached[1], params):
-            biases = (
-                self._position_bias(params[0].to(dtype), num_tokens).contiguous(),
-                self._position_bias(params[1].to(dtype), num_tokens).transpose(-2, -1).contiguous(),
-            )
-            self._bias_cache = cached = (key, snapshot(params), biases)
+            if graph:
+                return biases
+            cached = (key, snapshot(params), tuple(b.contiguous() for b in biases))
+            self._bias_cache = cached
         return cached[2]
 
     def _relay(self, q, k):
-        """softmax(q A^T s + b_qa) (B,H,N,n) and softmax(A k^T s + b_ak) (B,H,n,N), fp32 (float64 kept).
-
-        For bf16 q, k: the agents are pooled in fp32 and scaled there (s = d^-1/2 is not a power of two, so
-        a bf16 q s would be rounded); each logit is a bf16 q or k against the agents' two bf16 halves, so
-        it has fp32 accuracy."""
+        """The two softmax maps in fp32; the agents pooled and scaled in fp32 (s = d^-1/2 would round in
+        bf16) and taken as two bf16 halves, so each logit has fp32 accuracy."""
         N, dtype = q.shape[-2], compute_dtype(q)
         scaled_agents = self.agents(q.to(dtype)) * self.scale  # (B, H, n, d)
         key_bias, query_bias = self._position_biases(N, dtype)
@@ -160,9 +135,7 @@ class AgentAttention(EfficientAttention):
         return queries_to_agents[:, :, rows] @ agent_to_keys
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head), n agents: pooled from the grid queries (segment sums and means); scaled agents
-        and queries; agents -> keys and queries -> agents logits plus their position biases, two softmaxes;
-        the two products with v. (Resizing the biases to the grid does not depend on the batch: left out.)"""
+        """Per (batch, head): pooling, logits plus biases, two softmaxes, two products (bias resize left out)."""
         n_tok, d = num_tokens, self.head_dim
         _, (gh, gw) = self.token_layout(num_tokens)
         n = self.agent_grid[0] * self.agent_grid[1]

@@ -1,19 +1,6 @@
-"""The common body of every zoo attention: `EfficientAttention`, on the one attention interface.
-
-Every attention keeps timm's ``Attention`` parameter names (``qkv``, ``q_norm``, ``k_norm``,
-``norm``, ``proj``) so a softmax teacher's weights load unchanged, and meets
-`attnxfer.models.attention.TransferableAttention`: ``project`` (q, k, v after the q/k norms, exactly
-as timm computes them), ``attend`` (the core, before the output projection), ``attention_map`` and
-the shared forward with its `AttentionIO`.
-
-Subclasses implement ``_attend`` (and, for maps, ``_map_context`` / ``_map_rows``) with autocast off,
-in the operand dtype that `attnxfer.models.attention.numerics.operand_dtype` picks from the class's
-declared ``precision`` (a `PrecisionPolicy`): fp32 by default (float64 stays float64, for tests), because
-feature maps and exponentials overflow or lose their tail in fp16/bf16; bf16 on GPU for attentions whose
-policy says which parts are safe in bf16, with every sum accumulated in fp32 (``matmul_fp32`` /
-``sum_fp32``). Implicit N x N maps (the losses' input) are always fp32, built only on request, in row
-chunks; forward passes never build them.
-"""
+"""The common body of every zoo attention: timm's parameter names (so a softmax teacher's weights load
+unchanged) on the one attention interface. Cores run with autocast off in the dtype ``precision`` allows
+(fp32 by default: feature maps and exponentials overflow or lose their tail in fp16/bf16)."""
 
 from __future__ import annotations
 
@@ -31,14 +18,9 @@ from ..attention.registry import get_attention_class, list_attentions
 
 
 class EfficientAttention(TransferableAttention):
-    """Base class: timm-compatible constructor and parameter names, forward, token layout, maps.
-
-    Constructor arguments are those of ``timm.layers.attention.Attention`` (so
-    ``timm.create_model(..., attn_layer=Cls)`` works), plus ``num_prefix_tokens`` /
-    ``grid_size`` (token layout, see ``set_token_layout``) and the subclass's own options.
-    ``attn_drop`` is honoured only where the map is explicit (window); the module exists
-    everywhere so state dicts and ``attn_drop`` hooks look like timm's.
-    """
+    """Base class: timm's ``Attention`` constructor (``attn_layer=Cls`` works) plus token layout and
+    the subclass's options. ``attn_drop`` acts only where the map is explicit (window) but exists everywhere,
+    so state dicts and hooks look like timm's."""
 
     map_kind = MapKind.ROW_STOCHASTIC
     #: Which parts of the core may take bf16 operands on GPU (fp32 accumulation always); see `PrecisionPolicy`.
@@ -105,13 +87,11 @@ class EfficientAttention(TransferableAttention):
         if num_prefix_tokens is not None or grid_size is not None:
             self.set_token_layout(num_prefix_tokens or 0, grid_size)
 
-    # ----------------------------------------------------------------- parameters
     def init_weights(self) -> None:
         # timm's ViT init calls ``init_weights()`` on modules that have one; its Linear init
         # would otherwise be the only thing that touches this module.
         self.reset_new_parameters()
 
-    # ----------------------------------------------------------------- rope
     def forward(
         self,
         x: torch.Tensor,
@@ -127,9 +107,8 @@ class EfficientAttention(TransferableAttention):
     def project(
         self, x: torch.Tensor, which: str = "qkv", rope: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """q/k/v heads as timm computes them; with ``rope``, q and k rotated as the teacher's ``EvaAttention``
-        rotates them (timm's ``apply_rot_embed_cat`` on the patch tokens, the prefix tokens left alone), so
-        the feature map sees exactly the teacher's rotated q and k."""
+        """q/k/v heads as timm computes them; with ``rope``, q and k rotated on the patch tokens as the
+        teacher's ``EvaAttention`` does, so the feature map sees the teacher's rotated q and k."""
         out = super().project(x, which)
         if rope is None:
             return out
@@ -145,10 +124,13 @@ class EfficientAttention(TransferableAttention):
 
     @classmethod
     def rope_refusal(cls) -> str:
-        """Why this attention cannot take a rope teacher's rotary embedding (`rope_refusal`)."""
-        return rope_refusal(cls)
+        """The one message for an attention that cannot take a rope teacher's rotary embedding."""
+        ok = sorted(n for n, c in rope_support().items() if c[0])
+        return (
+            f"attention {cls.attention_name or cls.__name__!r} cannot take the teacher's rotary embedding: "
+            f"{cls.rope_why}. Attentions that keep their map kind under rope: {', '.join(ok)}"
+        )
 
-    # ----------------------------------------------------------------- the core
     def attend(
         self,
         q: torch.Tensor,
@@ -158,8 +140,7 @@ class EfficientAttention(TransferableAttention):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """Attention core (B, H, N, d) -> (B, H, N, d), returned in v's dtype: in fp32, or with bf16 operands
-        and fp32 sums where ``precision`` allows it on this device (`operand_dtype` decides)."""
+        """Core (B, H, N, d) -> (B, H, N, d) in v's dtype, in the operand dtype `operand_dtype` picks."""
         if attn_mask is not None or is_causal:
             raise ValueError(
                 f"{type(self).__name__} does not support attn_mask/is_causal (ViT self-attention has "
@@ -196,26 +177,20 @@ SNAPSHOT_WHOLE = 1 << 16
 
 
 def snapshot(tensors: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
-    """What a cache derived from weights keeps to tell, by value, whether they changed (`unchanged`): small
-    tensors copied whole; larger ones as their rows' products with a fixed random vector, a fingerprint that
-    moves with any change of an entry above float rounding (and costs one matrix-vector product, not a copy).
-    Version counters cannot tell: torch's fused AdamW updates weights without bumping them."""
+    """What a weight-derived cache keeps to tell, by value, whether the weights changed (`unchanged`):
+    small tensors whole, larger ones as a fixed random projection. Version counters cannot tell: torch's fused
+    AdamW updates weights without bumping them."""
     return tuple(None if t is None else _fingerprint(t) for t in tensors)
 
 
 def unchanged(kept: Sequence[torch.Tensor | None], tensors: Sequence[torch.Tensor | None]) -> bool:
-    """Whether ``tensors`` still match their `snapshot` ``kept``."""
-    if len(kept) != len(tensors):
-        return False
-    for a, t in zip(kept, tensors):
-        if a is None or t is None:
-            if a is not t:
-                return False
-            continue
-        b = _fingerprint(t)
-        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a, b):
-            return False
-    return True
+    fingerprints = (None if t is None else _fingerprint(t) for t in tensors)  # lazily: all() stops early
+    return len(kept) == len(tensors) and all(
+        a is b
+        if a is None or b is None
+        else (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device) and torch.equal(a, b)
+        for a, b in zip(kept, fingerprints)
+    )
 
 
 def _fingerprint(t: torch.Tensor) -> torch.Tensor:
@@ -227,18 +202,8 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) @ probe
 
 
-def rope_refusal(cls: type[TransferableAttention]) -> str:
-    """The one message for an attention that cannot take a rope teacher's rotary embedding."""
-    name = getattr(cls, "attention_name", "") or cls.__name__
-    ok = sorted(n for n, c in rope_support().items() if c[0])
-    return (
-        f"attention {name!r} cannot take the teacher's rotary embedding: {getattr(cls, 'rope_why', '?')}. "
-        f"Attentions that keep their map kind under rope: {', '.join(ok)}"
-    )
-
-
 def rope_support() -> dict[str, tuple[bool, str]]:
-    """Every registered zoo attention's declaration for rope teachers: name -> (keeps its map kind, why)."""
+    """Every zoo attention's rope declaration: name -> (keeps its map kind, why)."""
     out = {}
     for name in list_attentions():
         cls = get_attention_class(name)

@@ -1,21 +1,7 @@
-"""The speed floor of an efficient student: attention that projects but mixes no tokens, out = proj(norm(v)).
-
-Whatever an efficient attention does, it still computes the q/k/v projections (with the q/k norms and
-a teacher's rotary embedding), the output norm and projection, and the whole model around attention
-(patch embedding, MLPs, norms, head). The floor computes exactly that and nothing more: each token
-"attends" only to itself, q and k are computed and dropped. Its speed is the ceiling of every converted
-student at that resolution that computes those projections, so a student's speed is read twice: against the
-teacher (what a user gains) and against the floor (how much of its own attention cost is left). (A feature map
-folded into qkv that is narrower than q and k, Hedgehog's default, projects less and can sit a hair above it.)
-
-The registered ``none`` attention is no floor: its branch adds nothing and it skips the projections
-too, which no attention that mixes tokens can.
-
-`FloorAttention` is deliberately *not* registered: a registered name would make ``convert``,
-``search`` and the attention listings offer it as a student, yet it mixes nothing (its map is the
-identity, there is nothing to distil) and a model built with it is useless except as a stopwatch's
-reference. `floor_model` builds one from a teacher or a converted student.
-"""
+"""The speed floor of an efficient student: the layer's projections, norms and rope with no token mixing,
+out = proj(norm(v)). A student's speed is read against the teacher (what a user gains) and against its
+floor (how much of its own attention cost is left). Not registered: it would be offered as a student, yet
+it mixes nothing; the registered ``none`` is no floor, as it skips the projections too."""
 
 from __future__ import annotations
 
@@ -39,11 +25,8 @@ _CARRIER = "relu_linear"
 
 
 class FloorAttention(EfficientAttention):
-    """q, k and v projected as the layer always does; the core returns v unchanged (no token mixing).
-
-    Usable on its own (``timm.create_model(..., attn_layer=FloorAttention)``) and as a mixin before any
-    zoo class (`floor_class`), where it keeps that class's call signature, projections and token layout
-    and replaces only the core."""
+    """q, k, v projected as the layer does; the core returns v. A mixin before any zoo class
+    (`floor_class`) keeps that class's signature, projections and layout."""
 
     map_kind = MapKind.NONE
     attention_name = "floor"
@@ -60,15 +43,13 @@ class FloorAttention(EfficientAttention):
         attn_mask: torch.Tensor | None = None,
         is_causal: bool = False,
     ) -> torch.Tensor:
-        """v itself: every token's output is its own value (masks select keys, and there are none to pick)."""
         return v
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return v
 
     def folds(self) -> bool:
-        """Never: a kernel attention's folded inference path (`KernelAttention`) skips ``attend``, and the
-        floor keeps the layer's own q/k/v projection, which costs what a folded one does."""
+        """Never: a folded path would skip ``attend`` (and costs what the layer's own projection does)."""
         return False
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
@@ -79,8 +60,8 @@ _FLOOR_CLASSES: dict[type, type] = {}
 
 
 def floor_class(cls: type[EfficientAttention]) -> type[EfficientAttention]:
-    """``cls`` with its core replaced by the floor's (made once per class): a PVTv2 / Swin slot, a Gemma4
-    student layer or a rope layer keeps its own forward and projections."""
+    """``cls`` with the floor's core (one class per ``cls``): PVTv2 / Swin / Gemma4 / rope layers keep
+    their own forward and projections."""
     if issubclass(cls, FloorAttention):
         return cls
     if cls not in _FLOOR_CLASSES:
@@ -89,7 +70,6 @@ def floor_class(cls: type[EfficientAttention]) -> type[EfficientAttention]:
 
 
 def _attention_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(qualified name, module) of every attention layer the zoo swaps: flat ``blocks`` or stage slots."""
     if is_hierarchical(model):
         return [(name, block.attn) for name, block, _ in hierarchical_slots(model)]
     blocks = flat_blocks(model)
@@ -102,14 +82,9 @@ def _attention_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def floor_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose every attention layer is a floor (``model`` is left untouched).
-
-    ``model`` is a softmax teacher of a family conversion takes (ViT/DeiT, NaFlexViT, rope EVA-02 / DINOv3 /
-    PE / Qwen3-ViT, Gemma4-ViT, PVTv2, Swin: swapped as `build_efficient_student` swaps it, so the floor has
-    the projections a converted student of it has, e.g. PVTv2 without spatial reduction) or a converted
-    student whose every layer is a zoo attention (each layer becomes the floor of its own class in place).
-    A student that kept softmax layers has the same floor as its teacher: take that one.
-    """
+    """A copy of ``model`` with every attention layer a floor: a softmax teacher of a family conversion
+    takes (swapped as `build_efficient_student` would) or a student whose every layer is a zoo attention. A
+    student that kept softmax layers has its teacher's floor."""
     floor = copy.deepcopy(model)
     if not any(isinstance(m, EfficientAttention) for m in floor.modules()):
         check_softmax_teacher(floor)

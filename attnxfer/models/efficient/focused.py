@@ -1,17 +1,6 @@
-"""Focused linear attention (FLatten; Han et al. 2023).
-
-Kernel attention with the focusing function
-    f_p(x) = ||x'|| * x'^p / ||x'^p||,  x' = (relu(x) + eps) / softplus(s),
-which sharpens the map towards the directions where q and k agree, plus a depthwise
-convolution on v over the token grid ("rank restoration"). The convolution is an additive term
-*outside* the map: ``attention_map`` covers the focused kernel part only, and
-``attend = attend_mapped + local_term(v)``. Prefix tokens take part in the kernel part like
-every token; the convolution sees the grid only, so prefix tokens get no local term.
-The convolution starts at zero so a fresh student begins as the pure focused kernel.
-
-bf16-safe on GPU (`FOCUSED_BF16`): the focusing function (norms, x / max, the p-th power) and the
-convolution run in fp32, the features are rounded once and the kernel products are `KERNEL_BF16`'s.
-"""
+"""Focused linear attention (FLatten; Han et al. 2023): kernel attention with the focusing function
+f_p(x) = |x'| x'^p / |x'^p|, x' = (relu(x) + eps) / softplus(s), plus a depthwise conv of v over the grid
+outside the map (zero at first; prefix tokens get no local term)."""
 
 from __future__ import annotations
 
@@ -38,8 +27,7 @@ FOCUSED_BF16 = PrecisionPolicy(
 def depthwise_grid_conv(
     v: torch.Tensor, dwc: nn.Conv2d, num_prefix: int, grid: tuple[int, int]
 ) -> torch.Tensor:
-    """``dwc`` (a depthwise conv over the head dim) applied to v's grid tokens, zeros at prefix tokens:
-    (B, H, N, d) -> (B, H, N, d)."""
+    """``dwc`` over v's grid tokens, zeros at prefix tokens: (B, H, N, d) -> (B, H, N, d)."""
     B, H, _, d = v.shape
     p = num_prefix
     conv = _grid_conv(v[:, :, p:], dwc, grid)
@@ -47,9 +35,8 @@ def depthwise_grid_conv(
 
 
 def _grid_conv(grid_tokens: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int]) -> torch.Tensor:
-    """``dwc`` over (B, H, G, d) grid tokens -> (B, H, G, d), as a channels-last image (tokens as pixels, the
-    head dim as channels): the tokens' rows are copied once as they lie and the result is already in token
-    layout, where a channels-first image costs a transposing gather each way (~11x slower at 64 x 64)."""
+    """``dwc`` over (B, H, G, d) grid tokens as a channels-last image (a channels-first one costs a
+    transposing gather each way, ~11x slower at 64 x 64)."""
     B, H, _, d = grid_tokens.shape
     image = grid_tokens.reshape(B * H, *grid, d).contiguous().permute(0, 3, 1, 2)
     conv = F.conv2d(
@@ -59,8 +46,7 @@ def _grid_conv(grid_tokens: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int])
 
 
 def grid_conv_counts(num_tokens: int, grid: Sequence[int], d: int, kernel_size: int) -> OpCounts:
-    """One (batch, head) of `depthwise_grid_conv`: k x k taps over the grid tokens, its bias, and the
-    addition of the result to the N x d output."""
+    """One (batch, head) of `depthwise_grid_conv`: taps, bias, and the addition to the output."""
     taps, cells = kernel_size**2, grid[0] * grid[1]
     return OpCounts(mul=cells * d * taps, add=cells * d * (taps - 1) + cells * d + num_tokens * d)
 
@@ -94,9 +80,8 @@ class FocusedLinearAttention(KernelAttention):
             self.dwc.bias.zero_()
 
     def focus(self, x: torch.Tensor, heads: slice = ALL_HEADS, row_scaled: bool = False) -> torch.Tensor:
-        """f_p(x) for x holding the heads ``heads``; with ``row_scaled``, f_p(x) up to a positive factor per row
-        (x' / max x')^p, which is all a read-out needs (its normaliser cancels the factor |x'| / |x'^p|).
-        Without autograd each step runs in place on one buffer."""
+        """f_p(x) for x holding the heads ``heads``; ``row_scaled``: up to a positive factor per row
+        (what a read-out needs). Without autograd in place on one buffer."""
         graph = needs_autograd(self, x)
         x = F.relu(x)
         scale = F.softplus(self.focus_scale[heads].to(x.dtype))
@@ -116,8 +101,7 @@ class FocusedLinearAttention(KernelAttention):
     def readout_query_features(self, q, heads=ALL_HEADS):
         return in_compute_dtype(lambda x: self.focus(x, heads, row_scaled=True), q)
 
-    def key_features(self, k, heads=ALL_HEADS):
-        return in_compute_dtype(lambda x: self.focus(x, heads), k)
+    key_features = query_features
 
     def local_term(self, v: torch.Tensor) -> torch.Tensor:
         """Depthwise conv of v over the grid, zeros at prefix tokens: (B, H, N, d)."""
@@ -136,15 +120,13 @@ class FocusedLinearAttention(KernelAttention):
         return out
 
     def feature_counts(self, num_tokens):
-        """Per q and k: relu (other) + eps, / softplus(scale) (N d div), |x| (N d mul, N (d - 1) add, N sqrt),
-        / max (N (d - 1) comparisons, N d div), ^p (other), renormalised (|.| again, N d div, N d mul); m = d."""
+        """Per q and k: relu + eps, / softplus(s), the norm, / max, ^p, renormalised; m = d."""
         n, d = num_tokens, self.head_dim
         norm = OpCounts(mul=n * d, add=n * (d - 1), other=n)
         one = OpCounts(mul=4 * n * d, add=n * d, other=2 * n * d + n * (d - 1)) + 2 * norm
         return 2 * one, d
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """The kernel core plus the depthwise k x k conv of v over the grid tokens and its addition."""
         core = super().operation_counts(num_tokens, batch)
         _, grid = self.token_layout(num_tokens)
         conv = grid_conv_counts(num_tokens, grid, self.head_dim, self.kernel_size)

@@ -1,18 +1,6 @@
-"""Formula attention: a kernel attention described by a program of the formula grammar.
-
-``formula:<program>`` is an attention name like any other (``convert.attention``, per-block lists,
-``swap_attentions``, export, ``load_student``): the registry resolves it to a `FormulaAttention`
-subclass for the canonical program, whose one option, ``program``, is what exports record. The plain
-name ``formula`` takes the program as an option (``attention_kwargs: {program: ...}``; default:
-Hedgehog's). The grammar, its checks and the search moves are in `formula_grammar`; this module
-turns a checked `Formula` into modules, reusing the zoo's pieces: the O(N) kernel core
-(``linear_state`` / ``linear_readout``), the window + linear hybrid with one normaliser
-(`WindowLinearAttention`) and focused linear's depthwise conv (``depthwise_grid_conv``).
-
-Every op acts on a tuple of feature blocks whose concatenation is the feature vector (``cat`` and
-``cos`` make blocks without copying, as Hedgehog and cosFormer do): elementwise ops map over the
-blocks, ops that read the whole vector (softmax, l2, focus, proj, lscale) concatenate first.
-"""
+"""Formula attention: a kernel attention built from a `formula_grammar` program (``formula:<program>``),
+out of the zoo's pieces. Ops act on tuples of feature blocks (``cat`` and ``cos`` make blocks without
+copying, as Hedgehog and cosFormer do); ops that read the whole vector concatenate first."""
 
 from __future__ import annotations
 
@@ -32,6 +20,7 @@ from ..attention.registry import register_attention, register_parametric_attenti
 from .focused import depthwise_grid_conv, grid_conv_counts
 from .formula_grammar import (
     HAND_DESIGNED,
+    OPS,
     PREFIX,
     Cat,
     Formula as Formula,
@@ -41,10 +30,16 @@ from .formula_grammar import (
     Step,
     check_formula,
     parse_formula,
-    step_width,
 )
 from .formula_search import crossover as crossover, mutate as mutate, random_formula as random_formula
-from .kernels import add_scalar, kernel_core_counts, linear_readout, linear_state, scaled_for_kernel
+from .kernels import (
+    HedgehogFeatures,
+    add_scalar,
+    kernel_core_counts,
+    linear_readout,
+    linear_state,
+    scaled_for_kernel,
+)
 from .window import WindowAttention, WindowLinearAttention
 
 Blocks = tuple[torch.Tensor, ...]
@@ -59,8 +54,12 @@ def _elementwise(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Blocks
     return lambda blocks, head_dim: tuple(fn(b) for b in blocks)
 
 
+def _joined(blocks: Blocks) -> torch.Tensor:
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+
+
 def _whole(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Blocks, int], Blocks]:
-    return lambda blocks, head_dim: (fn(blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)),)
+    return lambda blocks, head_dim: (fn(_joined(blocks)),)
 
 
 def _focus(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -98,24 +97,11 @@ FIXED_OPS: dict[str, Callable[..., Callable[[Blocks, int], Blocks]]] = {
 }
 
 
-class Projection(nn.Module):
-    """``proj``: x W + b per head, W (H, d_in, m) starting as the identity (Hedgehog's map without the
-    softmax); plain parameters, not nn.Linear, so timm's ViT init leaves the identity alone."""
-
-    def __init__(self, num_heads: int, in_dim: int, out_dim: int, device=None, dtype=None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_heads, in_dim, out_dim, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.empty(num_heads, out_dim, device=device, dtype=dtype))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            H, d, m = self.weight.shape
-            self.weight.copy_(torch.eye(d, m, dtype=self.weight.dtype).expand(H, d, m))
-            self.bias.zero_()
+class Projection(HedgehogFeatures):
+    """``proj``: x W + b per head, W (H, d_in, m) starting as the identity (Hedgehog's map without the softmax)."""
 
     def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
-        x = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+        x = _joined(blocks)
         return (x @ self.weight.to(x.dtype) + self.bias.to(x.dtype)[:, None, :],)
 
 
@@ -132,7 +118,7 @@ class LearnedScale(nn.Module):
             self.scale.zero_()
 
     def forward(self, blocks: Blocks, head_dim: int) -> Blocks:
-        x = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=-1)
+        x = _joined(blocks)
         return (x / F.softplus(self.scale.to(x.dtype)),)
 
 
@@ -181,7 +167,7 @@ def chain_counts(chain: tuple[Step, ...], num_tokens: int, width: int, head_dim:
             total, width = total + left + right, lw + rw
             continue
         total = total + STEP_COUNTS[step.name](num_tokens, width, step.arg)
-        width = step_width(step, width, head_dim)
+        width = OPS[step.name].width(width, head_dim, step.arg)
     return total, width
 
 
@@ -208,11 +194,8 @@ class _Branches(nn.Module):
 
 
 class FeatureChain(nn.Module):
-    """A chain of the grammar as modules: (B, H, N, d) -> feature blocks, for q or for k.
-
-    Works on any leading shape whose third-from-last dim is the head (the window hybrid passes
-    (B, windows, H, L, d)), except ``cos``, which needs the whole sequence.
-    """
+    """A grammar chain as modules: (..., H, N, d) -> feature blocks, for q or k (the window hybrid passes
+    (B, windows, H, L, d); ``cos`` needs the whole sequence)."""
 
     def __init__(
         self,
@@ -228,20 +211,19 @@ class FeatureChain(nn.Module):
         width = head_dim if width is None else width
         steps: list[nn.Module] = []
         for step in chain:
-            steps.append(self._module(step, num_heads, width, device, dtype))
-            width = step_width(step, width, head_dim)
+            if isinstance(step, Cat):
+                left = FeatureChain(step.left, num_heads, head_dim, width, device, dtype)
+                right = FeatureChain(step.right, num_heads, head_dim, width, device, dtype)
+                steps.append(_Branches(left, right))
+                width = left.out_dim + right.out_dim
+                continue
+            if step.name in LEARNED_OPS:
+                steps.append(LEARNED_OPS[step.name](step, num_heads, width, device=device, dtype=dtype))
+            else:
+                steps.append(_Fixed(step))
+            width = OPS[step.name].width(width, head_dim, step.arg)
         self.steps = nn.ModuleList(steps)
         self.out_dim = width
-
-    def _module(self, step: Step, num_heads: int, width: int, device, dtype) -> nn.Module:
-        if isinstance(step, Cat):
-            return _Branches(
-                FeatureChain(step.left, num_heads, self.head_dim, width, device, dtype),
-                FeatureChain(step.right, num_heads, self.head_dim, width, device, dtype),
-            )
-        if step.name in LEARNED_OPS:
-            return LEARNED_OPS[step.name](step, num_heads, width, device=device, dtype=dtype)
-        return _Fixed(step)
 
     def forward(self, x: torch.Tensor | Blocks) -> Blocks:
         blocks = (x,) if isinstance(x, torch.Tensor) else x
@@ -252,13 +234,9 @@ class FeatureChain(nn.Module):
 
 @register_attention("formula")
 class FormulaAttention(WindowLinearAttention):
-    """Kernel attention from a formula program. Option: ``program`` (the grammar of
-    `formula_grammar`, with or without the ``formula:`` prefix; default Hedgehog's).
-
-    ``sum`` programs are row-stochastic (A = phi(q) phi(k)^T row-normalised, plus the window term
-    under the same normaliser); ``len`` programs are signed (A = phi(q) phi(k)^T / N). A ``conv``
-    term is added to the output outside the map, as in focused linear attention.
-    """
+    """Kernel attention from a formula program (option ``program``, default Hedgehog's): ``sum``
+    programs row-stochastic (the window term under the same normaliser), ``len`` signed (/ N); a ``conv`` term
+    is added outside the map, as in focused linear attention."""
 
     #: Programs compose exp, powers and norms freely: no program is shown safe in bf16, so all run in fp32.
     precision = PrecisionPolicy(
@@ -309,11 +287,9 @@ class FormulaAttention(WindowLinearAttention):
                 self.dwc.weight.zero_()
                 self.dwc.bias.zero_()
 
-    # -- features (the window hybrid calls these with window-layout tensors)
-    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[Blocks, Blocks]:
+    def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[Blocks, Blocks]:  # window layout too
         return self.features_q(q), self.features_k(k)
 
-    # -- the core
     def _attend_mapped(self, q, k, v):
         if self.formula.window is not None:
             return WindowLinearAttention._attend(self, q, k, v)
@@ -332,7 +308,6 @@ class FormulaAttention(WindowLinearAttention):
             out = out + depthwise_grid_conv(v, self.dwc, *self.token_layout(v.shape[-2]))
         return out
 
-    # -- the implicit map
     def _map_context(self, q, k):
         if self.formula.window is not None:
             return WindowLinearAttention._map_context(self, q, k)
@@ -347,7 +322,6 @@ class FormulaAttention(WindowLinearAttention):
             return scores / scores.sum(dim=-1, keepdim=True)
         return scores / phi_k.shape[-2]
 
-    # -- cost
     def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int]:
         """Operations of one (batch, head)'s q and k features (`STEP_COUNTS`), and the feature width."""
         one, m = chain_counts(self.formula.features, num_tokens, self.head_dim, self.head_dim)
@@ -357,9 +331,8 @@ class FormulaAttention(WindowLinearAttention):
         return self.feature_counts(tokens)
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """The features and the linear core (a ``len`` program divides by N where ``sum`` divides by the row
-        normaliser: the same count), or the window hybrid's (as `WindowLinearAttention`), plus the ``conv``
-        term's depthwise conv over the grid (as focused linear)."""
+        """The features and the linear core (``len`` divides by N where ``sum`` divides by the normaliser:
+        the same count), or the window hybrid's, plus the ``conv`` term's depthwise conv."""
         if self.formula.window is not None:
             total = WindowLinearAttention.operation_counts(self, num_tokens, batch)
         else:

@@ -1,44 +1,6 @@
 """The formula grammar: parse, print and check kernel-attention programs (no torch here; the search moves
-that mutate them are `formula_search`).
-
-A formula names a kernel attention ``A_ij = phi(q_i).phi(k_j) / norm_i`` (plus optional local terms)
-as a short program; ``formula:<program>`` is usable wherever an attention name is. Syntax::
-
-    program := norm '(' chain { '+' local } ')'
-    norm    := 'sum'                  rows divided by their sum: a row-stochastic map
-             | 'len'                  divided by the token count N: a signed map (MSE-distilled)
-    chain   := 'x' | step { '.' step }     ops applied left to right to q (and, separately, to k)
-    step    := op [ '(' NUMBER ')' ] | 'cat' '(' chain ',' chain ')'
-    local   := 'win' '(' INT ')'      k x k window softmax sharing the row normaliser (window_linear)
-             | 'conv' '(' INT ')'     depthwise k x k conv of v over the grid, outside the map (focused)
-
-Ops (``OPS``; eps = 1e-6 keeps positive features strictly positive):
-
-=============  =====================================================  ==============================
-op             phi                                                    sign of the output
-=============  =====================================================  ==============================
-relu           relu(x) + eps                                          positive
-elu1           elu(x) + 1 + eps                                       positive
-exp            exp(min(x, 30)) + eps                                  positive
-softplus       softplus(x) + eps                                      positive
-square         x^2 + eps                                              positive
-softmax        softmax over the feature dim + eps                     positive
-neg            -x                                                     signed
-scale          x * d^-1/4 (q'.k' = the softmax logit)                 kept
-l2             x / |x|                                                kept
-pow(p)         sign(x) |x|^p, 1 <= p <= 8                             kept
-focus(p)       FLatten's focusing |x| (x/max)^p / |(x/max)^p|         kept (needs non-negative input)
-lscale         x / softplus(s), s learned per head and channel (0)    kept
-proj, proj(m)  x W + b, learned per head, W = identity (d -> m)       signed
-cos            [x cos t_i, x sin t_i], t_i = pi/2 i/N (cosFormer)     non-negative if the input is
-cat(a, b)      [a(x), b(x)]: two branches, one input                  the weaker of the two
-=============  =====================================================  ==============================
-
-Learned ops (proj, lscale) hold separate parameters for q and for k. ``sum`` needs features whose
-pairwise dot products are positive (every chain ending in a positive op, or ``cos``/``focus``/... of
-one); ``win`` needs ``sum`` and no ``cos``. ``str(formula)`` is the one canonical form: no spaces,
-numbers in shortest form, locals in the order win, conv; ``parse_formula(str(f)) == f``.
-"""
+are `formula_search`). The grammar and its ops are documented in docs/conversion.md, "Formula attention";
+``str(formula)`` is the one canonical form and ``parse_formula(str(f)) == f``."""
 
 from __future__ import annotations
 
@@ -77,11 +39,8 @@ class InvalidFormula(InputError):
 
 
 class Sign(enum.IntEnum):
-    """What is known about the features' signs, weakest first.
-
-    OVERLAP: non-negative, and any two feature vectors have a positive dot product (cos reweighting
-    of positive features); POSITIVE: every entry > 0. Row-sum normalisation needs OVERLAP or better.
-    """
+    """What is known about the features' signs, weakest first. OVERLAP: non-negative with positive pairwise
+    dot products (cos of positive features); row-sum normalisation needs OVERLAP or better."""
 
     SIGNED = 0
     OVERLAP = 1
@@ -102,20 +61,10 @@ class OpSpec:
     optional_arg: bool = False
 
 
-def _positive(s: Sign) -> Sign:
-    return Sign.POSITIVE
-
-
-def _kept(s: Sign) -> Sign:
-    return s
-
-
-def _signed(s: Sign) -> Sign:
-    return Sign.SIGNED
-
-
-def _cos_sign(s: Sign) -> Sign:
-    return Sign.SIGNED if s is Sign.SIGNED else Sign.OVERLAP
+_positive = lambda s: Sign.POSITIVE
+_kept = lambda s: s
+_signed = lambda s: Sign.SIGNED
+_cos_sign = lambda s: Sign.SIGNED if s is Sign.SIGNED else Sign.OVERLAP
 
 
 #: The op registry: the grammar's unary ops (their torch code is in ``formula.py``).
@@ -160,10 +109,8 @@ class Op:
 
     def __post_init__(self) -> None:
         spec = OPS.get(self.name)
-        if spec is not None and spec.arg == "float" and self.arg is not None:
-            object.__setattr__(self, "arg", float(self.arg))
-        if spec is not None and spec.arg == "int" and self.arg is not None:
-            object.__setattr__(self, "arg", int(self.arg))
+        if spec is not None and spec.arg is not None and self.arg is not None:
+            object.__setattr__(self, "arg", float(self.arg) if spec.arg == "float" else int(self.arg))
 
     def __str__(self) -> str:
         return self.name if self.arg is None else f"{self.name}({_number_text(self.arg)})"
@@ -189,10 +136,7 @@ def _chain_text(chain: tuple[Step, ...]) -> str:
 
 @dataclass(frozen=True)
 class Formula:
-    """A kernel-attention program: the feature chain, the normalisation and the local terms.
-
-    ``str(f)`` is the canonical program, ``f.name`` the attention name (``formula:<program>``).
-    """
+    """A kernel-attention program; ``str(f)`` is canonical, ``f.name`` the attention name."""
 
     features: tuple[Step, ...]
     norm: str = "sum"
@@ -214,7 +158,6 @@ class Formula:
         return self.norm == "sum"
 
 
-# ----------------------------------------------------------------------------------------------- parsing
 _TOKEN = re.compile(r"\s*(?:(?P<name>[a-z][a-z0-9_]*)|(?P<number>\d+(?:\.\d+)?)|(?P<punct>[().,+]))")
 
 
@@ -267,7 +210,6 @@ class _Parser:
         token = self.peek()
         return token is not None and token[1] == value
 
-    # -- grammar
     def formula(self) -> Formula:
         norm = self.take(kind="name", expected=" or ".join(map(repr, NORMS)))
         if norm not in NORMS:
@@ -340,28 +282,12 @@ class _Parser:
 
 
 def parse_formula(text: str) -> Formula:
-    """Parse a program (with or without the ``formula:`` prefix) into a `Formula`.
-
-    Raises `FormulaSyntaxError` naming the 0-based position in ``text`` and the expected token.
-    Parsing checks syntax only; `check_formula` checks that the program makes a valid attention.
-    """
+    """Parse a program (with or without ``formula:``) into a `Formula`: syntax only (`check_formula`
+    checks validity); `FormulaSyntaxError` names the 0-based position and the expected token."""
     if not isinstance(text, str):
         raise TypeError(f"a formula is a string, got {type(text).__name__}")
     offset = len(PREFIX) if text.startswith(PREFIX) else 0
     return _Parser(text, offset).formula()
-
-
-# ----------------------------------------------------------------------------------------------- checking
-def step_width(step: Step, width: int, head_dim: int) -> int:
-    """The feature width after ``step`` applied to ``width`` features (q/k heads of ``head_dim``)."""
-    if isinstance(step, Cat):
-        left = right = width
-        for s in step.left:
-            left = step_width(s, left, head_dim)
-        for s in step.right:
-            right = step_width(s, right, head_dim)
-        return left + right
-    return OPS[step.name].width(width, head_dim, step.arg)
 
 
 def _walk(chain: tuple[Step, ...], width: int, sign: Sign, head_dim: int, where: str) -> tuple[int, Sign]:
@@ -391,14 +317,8 @@ def _walk(chain: tuple[Step, ...], width: int, sign: Sign, head_dim: int, where:
 
 
 def check_formula(formula: Formula, head_dim: int, grid_size: tuple[int, int] | None = None) -> None:
-    """Raise `InvalidFormula` (with the reason and the fix) unless ``formula`` is a valid attention.
-
-    Checked before any training: op arguments in range; non-negative input where an op needs it
-    (focus); feature width between 1 and ``MAX_FEATURE_FACTOR * head_dim``; ``sum`` normalisation
-    only of features with positive dot products (signed features could make a row sum zero or
-    negative); ``win`` only with ``sum`` and without ``cos``; local sizes positive (conv odd), and
-    no larger than ``grid_size`` (height, width) when given.
-    """
+    """Raise `InvalidFormula` (the reason and the fix) unless ``formula`` is a valid attention: checked
+    before any training, so a bad program fails in seconds, not after a stage."""
     if not isinstance(formula, Formula):
         raise TypeError(f"check_formula takes a Formula (parse_formula(text)), got {type(formula).__name__}")
     if head_dim < 1:

@@ -20,7 +20,6 @@ from .formula_grammar import (
     check_formula,
 )
 
-# ----------------------------------------------------------------------------------------------- search moves
 #: Ops random formulas and mutations draw (proj without a width, so validity is head-dim free).
 _SIMPLE_OPS = tuple(name for name, spec in OPS.items() if spec.arg is None or spec.optional_arg)
 
@@ -48,8 +47,7 @@ def _random_chain(rng: random.Random, length: int, allow_cat: bool) -> tuple[Ste
 
 
 def random_formula(rng: random.Random) -> Formula:
-    """A random valid formula (1-4 steps, maybe a cat, a window or a conv); drawn until it passes
-    `check_formula` for any head dim (sizes are not checked against a grid: no grid is known here)."""
+    """A random formula (1-4 steps, maybe a cat, a window or a conv), drawn until valid for any head dim."""
     while True:
         formula = Formula(
             _random_chain(rng, rng.randint(1, 4), True),
@@ -136,13 +134,9 @@ def _mutations(formula: Formula, rng: random.Random) -> Formula:
 
 
 def mutate(formula: Formula, rng: random.Random, *, tries: int = 200) -> Formula:
-    """One local change: swap, insert or remove an op, toggle a leading proj, change a power, a
-    window or conv size, or the normalisation.
-
-    Always returns a formula different from ``formula`` that passes `check_formula` for every head
-    dim (invalid changes are drawn again; grid sizes are the caller's to check); raises
-    `InvalidFormula` if ``formula`` itself is invalid.
-    """
+    """One local change (an op swapped, inserted or removed, a leading proj toggled, a power, window,
+    conv or the normalisation changed): always a different formula valid for every head dim (grid sizes are
+    the caller's to check); `InvalidFormula` if ``formula`` itself is invalid."""
     check_formula(formula, head_dim=64)
     for _ in range(tries):
         child = _mutations(formula, rng)
@@ -152,12 +146,8 @@ def mutate(formula: Formula, rng: random.Random, *, tries: int = 200) -> Formula
 
 
 def crossover(a: Formula, b: Formula, rng: random.Random, *, tries: int = 200) -> Formula:
-    """A child of two formulas: a chain of ``a`` (the whole chain, a branch, or a tail) replaced by
-    one of ``b``, and each of norm / window / conv from either parent.
-
-    Always returns a formula that passes `check_formula` for every head dim (invalid children are
-    drawn again; when none is found, a copy of a parent); the parents must be valid.
-    """
+    """A child: a chain of ``a`` (whole, a branch or a tail) replaced by one of ``b``, norm / window / conv
+    from either parent; always valid for every head dim (else a copy of a parent). Parents must be valid."""
     for _ in range(tries):
         path = rng.choice(list(_chain_paths(a.features)))
         host, donor = (

@@ -1,23 +1,8 @@
-"""Hedgehog (Zhang et al. 2024): kernel attention with learnable per-head feature maps.
+"""Hedgehog (Zhang et al. 2024): kernel attention with learnable per-head feature maps [softmax(xW + b),
+softmax(-(xW + b))] for q and k, W starting as the identity: what conversion stage 1 fits (LoLCATs).
 
-phi_q, phi_k = [softmax(xW + b), softmax(-(xW + b))], separate maps for q and k, W starting as
-the identity. The maps are the new parameters that conversion stage 1 fits to the teacher's
-softmax maps (the LoLCATs recipe). bf16-safe on GPU (`HEDGEHOG_BF16`): the map's projection feeds
-exponentials, so it runs at fp32 accuracy as two bf16 products (W split in halves), its softmaxes run in
-fp32, and the features are rounded once for `KERNEL_BF16`'s kernel products.
-
-The default m = d / 2 per sign (2m = d features in all, the ratio LoLCATs uses for Llama 3: 64 per sign at
-d = 128) is set by speed where conversion pays. The Hedgehog paper's m = d gives 2d features: four softmaxes
-and twice relu_linear's kernel products, which kept a ViT-S/16 student at 0.83-0.87 of its floor (the
-attention-free model, `floor_model`) at 512 and 1024 px on this CPU; m = d / 2 runs at the floor's speed.
-Measured on the demo's MAE encoder (head dim 32) converted without labels, m = d / 2 against m = d: k-NN
-top-1 65.1 against 64.8 (the teacher 64.9), map KL after stage 1 1.4-1.9x higher. ``feature_dim=d`` restores
-the paper's count.
-
-Speed (inference): u = q W + b is linear in the block's input x, so plain inference calls fold the maps into
-the q/k/v projection (`KernelAttention`'s folded path): the maps' own (N, d) x (d, m) products are gone and,
-for m <= d, the projection costs no more than qkv's (whole ViT-S/16 at 512 px, m = d: 567 against 591 ms).
-"""
+m = d / 2 per sign by default, not the paper's m = d: set by speed, where the maps fold into qkv (measured
+in docs/benchmarks.md, "What changed since the first measurement"); ``feature_dim=d`` restores it."""
 
 from __future__ import annotations
 
@@ -35,8 +20,7 @@ HEDGEHOG_BF16 = PrecisionPolicy(
 
 @register_attention("hedgehog")
 class HedgehogAttention(KernelAttention):
-    """Learnable-feature linear attention. Option: ``feature_dim`` (m per sign, default head_dim // 2: 2m = d
-    features in all, the ratio LoLCATs uses for Llama 3; see the module docstring)."""
+    """Learnable-feature linear attention. Option: ``feature_dim`` (m per sign, default head_dim // 2)."""
 
     eps: float = 1e-6
     precision = HEDGEHOG_BF16

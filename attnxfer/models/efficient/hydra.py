@@ -1,14 +1,6 @@
-"""Hydra attention (Bolya et al. 2022): as many heads as channels, cosine-similarity kernel.
-
-    out = gain * (C / N) * q^ * sum_j (k^_j * v_j)     (q^, k^ L2-normalised over all C channels)
-Each channel has its own rank-1 "map", so there is no single N x N map (map_kind 'none':
-distil on outputs). O(N C). The (C / N) factor makes the sum a mean that keeps activations at
-the teacher's scale; ``channel_gain`` (per channel, starts at 1) is the new parameter.
-
-bf16 on GPU (`HYDRA_BF16`): there is no matmul, so bf16 buys only memory traffic. The core reads bf16
-q, k, v and writes a bf16 output; the norms, the context sum over all N tokens and the products run in
-fp32 (fused into one pass by torch.compile; fp32 temporaries in eager mode).
-"""
+"""Hydra attention (Bolya et al. 2022): as many heads as channels, out = gain (C / N) q^ sum_j k^_j v_j with
+q^, k^ L2-normalised; no single N x N map (map_kind 'none'). The C / N keeps the teacher's scale;
+``channel_gain`` (1 at first) is the new parameter. No matmul, so bf16 only saves memory traffic."""
 
 from __future__ import annotations
 
@@ -57,8 +49,7 @@ class HydraAttention(EfficientAttention):
         return out.reshape(B, N, H, d).transpose(1, 2)
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per image, over C = H d channels: L2-normalising q and k (squares, sums, sqrt, divisions), the
-        global context sum_n k * v, the gain times C / N, and its product with every q."""
+        """Per image over C = H d channels: normalising q and k, the context sum, gain and output products."""
         n, c = num_tokens, self.attn_dim
         normalise = 2 * OpCounts(mul=2 * n * c, add=n * (c - 1), other=n)
         context = OpCounts(mul=n * c, add=(n - 1) * c)

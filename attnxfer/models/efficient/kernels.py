@@ -1,24 +1,7 @@
-"""Kernel (linear) attention: the shared O(N) core, its implicit map, and feature maps.
+"""Kernel (linear) attention: the O(N) core phi(q) (sum_j phi(k_j) [v_j, 1]), its implicit map and feature maps.
 
-With a non-negative feature map phi, kernel attention is
-    out_i = phi(q_i)^T (sum_j phi(k_j) v_j^T) / phi(q_i)^T (sum_j phi(k_j)),
-the product of the row-stochastic map A_ij = phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j')
-with v, computed without forming A. Feature maps add a small ``eps`` *inside* phi (not to the
-denominator), so the map stays exactly row-stochastic and ``A @ v`` equals the core exactly.
-
-Speed (inference): where one (batch, head) pair's features are large (`head_groups`: 4097 tokens and up for a
-ViT-S head) the core runs without autograd a group of pairs at a time, so each group's features are made,
-reduced to the key state and read out while they are still in cache, instead of one pass per operation over
-every head's (N, m) features; the read-out then writes into the (B, N, H, d) layout that the output
-projection reads, so merging the heads costs no copy. Otherwise (smaller inputs, autograd, torch.compile)
-one batched pass computes the same sums.
-
-Precision (`KERNEL_BF16`, for attentions that declare it): on GPU the features are stored in bf16 and the
-two kernel products take bf16 operands, while the key state sum_j phi(k_j) [v_j, 1] and the read-out
-accumulate in fp32 (`matmul_fp32`, `sum_fp32`) and the division runs in fp32. Each feature map says
-(`FeatureMapKind.bf16_evaluation`) whether it may also be *evaluated* in bf16 or is evaluated in fp32 and
-rounded once.
-"""
+Feature maps add ``eps`` inside phi, not to the denominator, so the map is exactly row-stochastic and
+``A @ v`` equals the core. Precision: `KERNEL_BF16`; speed: `head_groups`."""
 
 from __future__ import annotations
 
@@ -59,7 +42,7 @@ def _as_blocks(features: FeatureBlocks) -> tuple[torch.Tensor, ...]:
     return (features,) if isinstance(features, torch.Tensor) else tuple(features)
 
 
-#: The policy of kernel attentions whose features are safe in bf16 (see the module docstring).
+#: The policy of kernel attentions whose features are safe in bf16.
 KERNEL_BF16 = PrecisionPolicy(
     bf16=("q/k features (stored)", "key-state operands phi(k), v", "read-out operands phi(q), [KV | z]"),
     fp32=(
@@ -74,51 +57,36 @@ KERNEL_BF16 = PrecisionPolicy(
 
 
 def linear_state(phi_k: FeatureBlocks, v: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Per feature block: sum_j phi(k_j) v_j^T (B, H, m, d) and sum_j phi(k_j) (B, H, m, 1), both accumulated
-    and returned in fp32 (float64 kept) whatever the operands' dtype."""
+    """Per feature block: sum_j phi(k_j) v_j^T and sum_j phi(k_j), accumulated and returned in fp32."""
     return tuple(
         (matmul_fp32(block.transpose(-2, -1), v), sum_fp32(block, dim=-2).unsqueeze(-1))
         for block in _as_blocks(phi_k)
     )
 
 
-def linear_readout(phi_q: FeatureBlocks, state) -> torch.Tensor:
-    """phi(q_i)^T KV / phi(q_i)^T z, summed over feature blocks, in fp32 (float64 kept).
+def linear_readout(phi_q: FeatureBlocks, state, out: torch.Tensor | None = None) -> torch.Tensor:
+    """phi(q_i)^T KV / phi(q_i)^T z, summed over feature blocks, in fp32 (float64 kept); with ``out`` (no
+    autograd) written into it.
 
-    KV and z are joined into one (m, d + 1) matrix so each feature block is read once: one
-    matmul instead of a matmul plus a matrix-vector product (measured ~25% faster on CPU). With bf16
-    features the joined state is rounded to bf16 for the product (fp32 accumulation, fp32 result).
-    """
+    KV and z are joined into one (m, d + 1) matrix so each block is read once (~25% faster on CPU). Into
+    ``out``, one (batch, head) pair takes separate numerator and denominator products instead (~1.4x faster on
+    this CPU than one odd (d + 1)-wide product; batched, the matrix-vector product is the slow one)."""
+    blocks = _as_blocks(phi_q)
+    if out is not None and math.prod(blocks[0].shape[:-2]) == 1:
+        numerator = denominator = None
+        for block_q, (kv, normaliser) in zip(blocks, state, strict=True):
+            numerator = _accumulate(numerator, matmul_fp32(block_q, kv.to(block_q.dtype)))
+            denominator = _accumulate(denominator, matmul_fp32(block_q, normaliser.to(block_q.dtype)))
+        return torch.div(numerator, denominator, out=out)
     total = None
-    for block_q, (kv, normaliser) in zip(_as_blocks(phi_q), state, strict=True):
+    for block_q, (kv, normaliser) in zip(blocks, state, strict=True):
         joined = torch.cat((kv, normaliser), dim=-1).to(block_q.dtype)
         total = _accumulate(total, matmul_fp32(block_q, joined))
     numerator, denominator = total[..., :-1], total[..., -1:]
+    if out is not None:
+        return torch.div(numerator, denominator, out=out)
     # In place without autograd: the result is a strided view of ``total``, no second (N, d) buffer.
     return numerator.div_(denominator) if not total.requires_grad else numerator / denominator
-
-
-def linear_readout_into(phi_q: FeatureBlocks, state, out: torch.Tensor) -> torch.Tensor:
-    """`linear_readout` written into ``out`` (a strided (..., N, d) view in the compute dtype), without autograd.
-
-    For one (batch, head) pair the numerator phi(q) KV and the denominator phi(q) z are separate products
-    (a d-wide product and a matrix-vector product ran ~1.4x faster on this CPU than one (d + 1)-wide product,
-    an odd width the GEMM kernels finish in a slow remainder loop); for several pairs the joined product of
-    `linear_readout` (a batched matrix-vector product is the slow one). The division writes ``out``.
-    """
-    blocks = _as_blocks(phi_q)
-    if math.prod(blocks[0].shape[:-2]) > 1:
-        total = None
-        for block_q, (kv, normaliser) in zip(blocks, state, strict=True):
-            total = _accumulate(
-                total, matmul_fp32(block_q, torch.cat((kv, normaliser), -1).to(block_q.dtype))
-            )
-        return torch.div(total[..., :-1], total[..., -1:], out=out)
-    numerator = denominator = None
-    for block_q, (kv, normaliser) in zip(blocks, state, strict=True):
-        numerator = _accumulate(numerator, matmul_fp32(block_q, kv.to(block_q.dtype)))
-        denominator = _accumulate(denominator, matmul_fp32(block_q, normaliser.to(block_q.dtype)))
-    return torch.div(numerator, denominator, out=out)
 
 
 def _accumulate(total: torch.Tensor | None, term: torch.Tensor) -> torch.Tensor:
@@ -137,11 +105,11 @@ def needs_autograd(module: nn.Module, *tensors: torch.Tensor) -> bool:
 def head_groups(
     batch: int, heads: int, per_head: int, budget: int = FEATURE_CHUNK_ELEMENTS
 ) -> list[tuple[slice, slice]]:
-    """(batch slice, head slice) groups that cover a batch x heads grid in order, each holding up to ``budget``
-    // ``per_head`` (batch, head) pairs, or one pair where ``per_head`` is an eighth of ``budget`` or more:
-    whole batch items of all heads where several fit, else runs of heads of one item."""
+    """(batch slice, head slice) groups covering batch x heads in order, each up to ``budget`` // ``per_head``
+    pairs, or one pair when a pair fills an eighth of ``budget``: its features then stay in cache between
+    passes (inference only; measured faster from 4097 tokens on)."""
     # One pair per group once a pair alone fills an eighth of the budget: its features then stay in cache
-    # between the passes, and the read-out takes the single-pair path of `linear_readout_into`.
+    # between the passes, and the read-out takes the single-pair path of `linear_readout`.
     pairs = budget // per_head if 8 * per_head < budget else 1
     if pairs >= batch * heads:
         return [(ALL_HEADS, ALL_HEADS)]
@@ -161,26 +129,16 @@ def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
 
 
 def kernel_core_counts(n: int, d: int, m: int) -> OpCounts:
-    """One (batch, head) of the linear core on m features: the key state phi(k)^T [v, 1] (m x (d + 1)), the
-    read-out phi(q) [KV | z] and N d divisions."""
+    """One (batch, head) of the core: key state, read-out, N d divisions."""
     return matmul_ops(m, n, d + 1) + matmul_ops(n, m, d + 1) + OpCounts(mul=n * d)
 
 
 class KernelAttention(EfficientAttention):
-    """Base for attentions of the form phi(q) phi(k)^T, row-normalised.
+    """Base for phi(q) phi(k)^T, row-normalised; subclasses give ``query_features`` / ``key_features``.
 
-    Subclasses give ``query_features`` and ``key_features`` (tensors, or tuples of blocks that
-    the forward path never concatenates; the map path does).
-
-    Folding (inference): where phi starts with a linear map of q or k (Hedgehog's W, Performer's random
-    projection), that map is linear in the block's input x too, so a subclass may give it (`fold_maps`):
-    x -> [u_q, u_k] is then one linear layer whose rows are qkv's q/k rows times the map
-    (`folded_projection`), and `folded_query_features` / `folded_key_features` finish phi from u. A forward without autograd, in
-    fp32 or float64 without autocast, and with nothing between q/k and phi (no q/k norm, rope, mask or
-    transfer capture) then projects once, at the cost of ``qkv`` alone when u is as wide as q, and the
-    map's own (N, d) x (d, m) products are gone. Every other call takes the plain path, with which it agrees
-    to rounding.
-    """
+    Folding (inference): where phi starts with a linear map (`fold_maps`), it is multiplied into qkv's q/k rows
+    (`folded_projection`), so plain fp32 calls without autograd, norms or rope project once and skip the
+    map's own (N, d) x (d, m) products; every other call takes the plain path, equal to rounding."""
 
     map_kind = MapKind.ROW_STOCHASTIC
     rope_keeps_map_kind = True
@@ -190,33 +148,27 @@ class KernelAttention(EfficientAttention):
     )
 
     def query_features(self, q: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
-        """phi(q), non-negative, in the compute dtype; ``q`` holds the heads ``heads`` (per-head parameters
-        are sliced to them)."""
+        """phi(q), non-negative, in the compute dtype; ``q`` holds the heads ``heads``."""
         raise NotImplementedError
 
     def key_features(self, k: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
-        """phi(k), non-negative, in the compute dtype; ``k`` holds the heads ``heads``."""
         raise NotImplementedError
 
     def readout_query_features(self, q: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
-        """phi(q) up to a positive factor per query row (the read-out's normaliser cancels it), what the
-        inference core reads: `query_features` unless a class saves work by leaving the factor out."""
+        """phi(q) up to a positive factor per row (the normaliser cancels it)."""
         return self.query_features(q, heads)
 
     def feature_blocks(self, q: torch.Tensor, k: torch.Tensor) -> tuple[FeatureBlocks, FeatureBlocks]:
         return self.query_features(q), self.key_features(k)
 
     def features(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi(q), phi(k) (B, H, N, m) as single tensors."""
         return tuple(torch.cat(_as_blocks(f), dim=-1) for f in self.feature_blocks(q, k))
 
     def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int] | None:
-        """Operations of one (batch, head)'s q and k features, and the feature width m; None: not counted."""
+        """Operations of one (batch, head)'s q and k features, and the width m; None: not counted."""
         return None
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts | None:
-        """Per (batch, head): the features (``feature_counts``), the key state phi(k)^T [v, 1] (m x (d + 1)),
-        the read-out phi(q) [KV | z] and N d divisions."""
         counted = self.feature_counts(num_tokens)
         if counted is None:
             return None
@@ -227,7 +179,7 @@ class KernelAttention(EfficientAttention):
     feature_chunk_elements: int = FEATURE_CHUNK_ELEMENTS
 
     def feature_width(self) -> int:
-        """m, the width of phi (sizes the inference core's head groups); the head dim where uncounted."""
+        """m (sizes the head groups); the head dim where uncounted."""
         counted = self.feature_counts(1)
         return counted[1] if counted is not None else self.head_dim
 
@@ -246,8 +198,7 @@ class KernelAttention(EfficientAttention):
         *,
         graph: bool,
     ) -> torch.Tensor:
-        """The O(N) core on whatever ``key_features`` / ``query_features`` make of k and q (each called with a
-        slice of heads): one batched pass, or without a ``graph`` head groups (`head_groups`)."""
+        """The O(N) core: one batched pass, or without a ``graph`` head groups (`head_groups`)."""
         # Keys first: their features reduce to (m x d) sums and (without autograd) are freed
         # before the query features exist, so only one feature tensor is live.
         B, H, N, d = v.shape
@@ -259,7 +210,7 @@ class KernelAttention(EfficientAttention):
         out = v.new_empty(B, N, H, d, dtype=compute_dtype(v)).transpose(1, 2)
         for batch, heads in groups:
             state = linear_state(key_features(k[batch, heads], heads), v[batch, heads])
-            linear_readout_into(query_features(q[batch, heads], heads), state, out[batch, heads])
+            linear_readout(query_features(q[batch, heads], heads), state, out[batch, heads])
         return out
 
     def _map_context(self, q, k):
@@ -270,20 +221,17 @@ class KernelAttention(EfficientAttention):
         scores = phi_q[:, :, rows] @ phi_k.transpose(-2, -1)
         return scores / scores.sum(dim=-1, keepdim=True)
 
-    # ----------------------------------------------------------------- folded inference
     def forward(self, x, attn_mask=None, is_causal=False, *, rope=None):
         if rope is None and attn_mask is None and not is_causal and self._folds(x):
             return self._output(x, self._folded_attend(x).to(x.dtype))
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal, rope=rope)
 
     def folds(self) -> bool:
-        """Whether this attention has a folded path for plain inference calls (`fold_maps`; the subclass's
-        own conditions, e.g. that folding saves work); False unless a subclass gives one."""
+        """Whether a subclass's folded path applies (e.g. folding saves work)."""
         return False
 
     def fold_maps(self, which: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (H or 1, m, d) and c (H or 1, m) with u = A q + c per head: the linear start of phi for q
-        (``which`` 0) or k (1), which `folded_projection` multiplies into qkv's rows."""
+        """A (H or 1, m, d) and c (H or 1, m) with u = A q + c: phi's linear start for q (0) or k (1)."""
         raise NotImplementedError
 
     def _folds(self, x: torch.Tensor) -> bool:
@@ -305,14 +253,12 @@ class KernelAttention(EfficientAttention):
     _folded: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def fold_sources(self) -> tuple[torch.Tensor | None, ...]:
-        """The tensors `fold_maps` reads (the fold is remade when one of them changes)."""
         return ()
 
     def folded_projection(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weight (2 H m + H d, C), bias) of the layer x -> [u_q, u_k, v]: per head A W_q,k and A b_q,k + c,
-        then qkv's v rows. Kept between calls until qkv or a `fold_sources` tensor changes, compared by value
-        (`snapshot`: a fused AdamW step bumps no version counter, and a stale fold once gave a converted
-        student the features it had before stage 1)."""
+        """(weight, bias) of x -> [u_q, u_k, v], kept until qkv or a `fold_sources` tensor changes by
+        value (`snapshot`: a fused AdamW step bumps no version counter, and a stale fold once gave a converted
+        student its pre-stage-1 features)."""
         sources = (self.qkv.weight, self.qkv.bias, *self.fold_sources())
         if self._folded is not None and unchanged(self._folded[0], sources):
             return self._folded[1]
@@ -333,11 +279,10 @@ class KernelAttention(EfficientAttention):
         return result
 
     def folded_query_features(self, u: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
-        """phi(q) (up to a positive factor per row, as `readout_query_features`) from the folded u_q."""
+        """phi(q), up to a positive factor per row, from the folded u_q."""
         raise NotImplementedError
 
     def folded_key_features(self, u: torch.Tensor, heads: slice = ALL_HEADS) -> FeatureBlocks:
-        """phi(k) from the folded u_k."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -367,14 +312,10 @@ class ReLUFeatures(nn.Module):
 
 
 class ELUFeatures(nn.Module):
-    """phi(x) = elu(x) + 1 (+ eps, so it cannot underflow to zero for very negative x).
+    """phi(x) = elu(x) + 1 + eps, computed as exp(min(x, 0)) + max(x, 0) + eps.
 
-    Computed as exp(min(x, 0)) + max(x, 0) + eps: the same function (x + 1 above 0, e^x below), without
-    torch's CPU ``elu`` kernel (~9 ns an entry here: 3.6 ms of a ViT-S block at 1,025 tokens, most of the
-    attention's cost; these passes take ~1 ms) and without elu(x) + 1's cancellation: in bf16, elu(x) rounds
-    to -1 below x = -5.5 and elu(x) + 1 loses every digit (x = -6: 0.0039 or 0 instead of 0.0025), while e^x
-    keeps one rounding. `FEATURE_MAPS` still evaluates it in fp32: the d^-1/4 scaling before it, rounded to
-    bf16, would move e^x by |x| 2^-9."""
+    Avoids torch's CPU ``elu`` kernel (~9 ns an entry: 3.6 ms of a ViT-S block at 1,025 tokens; these passes
+    take ~1 ms) and elu(x) + 1's cancellation in bf16 (x = -6: 0.0039 or 0 instead of 0.0025)."""
 
     def __init__(self, eps: float = 1e-6) -> None:
         super().__init__()
@@ -388,13 +329,9 @@ class ELUFeatures(nn.Module):
 
 
 class HedgehogFeatures(nn.Module):
-    """Learnable per-head feature map with both signs: [softmax(xW + b), softmax(-(xW + b))].
+    """Hedgehog's learnable per-head map [softmax(xW + b), softmax(-(xW + b))] (Zhang et al. 2024).
 
-    W (H, d, m) starts as the identity (m = d) so the map starts from the raw q/k directions;
-    the two softmaxes keep features positive while letting negative similarities count
-    (Zhang et al. 2024, "The Hedgehog & the Porcupine"). Output dimension 2m.
-    Plain parameters, not nn.Linear, so timm's ViT init does not overwrite the identity.
-    """
+    W starts as the identity; plain parameters, not nn.Linear, so timm's ViT init leaves it alone."""
 
     def __init__(
         self, num_heads: int, head_dim: int, feature_dim: int | None = None, device=None, dtype=None
@@ -421,9 +358,8 @@ class HedgehogFeatures(nn.Module):
     def blocks(
         self, x: torch.Tensor, eps: float = 0.0, heads: slice = ALL_HEADS
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two signs as separate blocks (+ eps), for `linear_state` / `linear_readout` without a concatenation; ``x``
-        holds the heads ``heads``. (One product with [W, -W] and one softmax over a (2, m) view ran 1.1-1.2x
-        slower here: two m-wide products beat one 2m-wide one on this CPU.)"""
+        """The two signs as separate blocks (+ eps); ``x`` holds the heads ``heads``. (One [W, -W]
+        product ran 1.1-1.2x slower here than two m-wide ones.)"""
         # bf16 x: u feeds the softmaxes' exponentials, so it is computed at fp32 accuracy (W split into two
         # bf16 halves, `matmul_split`; a bf16-rounded W moves u by |u| 2^-8); the softmaxes run in fp32 and
         # the features are rounded once to x's dtype.
@@ -434,9 +370,8 @@ class HedgehogFeatures(nn.Module):
     def activate(
         self, u: torch.Tensor, eps: float = 0.0, dtype: torch.dtype | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two signs' softmaxes (+ eps) of the map's logits u = x W + b, rounded to ``dtype`` (two blocks:
-        one joined (N, 2m) tensor measured no faster in the kernel core). Without autograd u is negated in
-        place for the second sign (one (N, m) buffer fewer)."""
+        """The two signs' softmaxes (+ eps) of u = x W + b, rounded to ``dtype`` (u negated in place
+        without autograd)."""
         positive = add_scalar(u.softmax(dim=-1), eps)
         negative = add_scalar((u.neg_() if not u.requires_grad else -u).softmax(dim=-1), eps)
         dtype = dtype or u.dtype
@@ -445,11 +380,8 @@ class HedgehogFeatures(nn.Module):
 
 @dataclass(frozen=True)
 class FeatureMapKind:
-    """A named feature map: how to build its (q, k) pair, and whether it is learned.
-
-    ``learned`` maps (Hedgehog) are separate modules for q and k that read raw q/k and yield blocks;
-    the others are one parameter-free module shared by q and k, applied to d^-1/4-scaled inputs.
-    """
+    """A named feature map: its (q, k) builder (learned maps: one per q and k, reading raw q/k;
+    others: one shared module on d^-1/4-scaled inputs)."""
 
     build: Callable[..., tuple[nn.Module, nn.Module]]
     learned: bool
@@ -474,12 +406,10 @@ def _hedgehog_pair(num_heads, head_dim, feature_dim=None, device=None, dtype=Non
 
 
 def _relu_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
-    """relu (other) and + eps (add) on the N d entries of q and of k; width d."""
     return OpCounts(add=2 * n * d, other=2 * n * d), d
 
 
 def _elu_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, int]:
-    """d^-1/4 scaling (mul), elu (other) and + 1 + eps (add) on the N d entries of q and of k; width d."""
     return OpCounts(mul=2 * n * d, add=2 * n * d, other=2 * n * d), d
 
 
@@ -508,8 +438,7 @@ def feature_map_kind(name: str) -> FeatureMapKind:
 
 
 def evaluate_features(kind: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` for the feature map named ``kind``, in x's dtype: evaluated directly where the map declares
-    ``bf16_evaluation``, else in fp32 and rounded once (no-op casts for fp32 inputs)."""
+    """``fn(x)`` in x's dtype: directly where the map declares ``bf16_evaluation``, else in fp32 rounded once."""
     return fn(x) if feature_map_kind(kind).bf16_evaluation else in_compute_dtype(fn, x)
 
 

@@ -1,11 +1,5 @@
-"""Linear attention with fixed feature maps: ReLU (relu(x) + eps) and ELU+1 (Katharopoulos et al. 2020).
-
-For ELU+1, q and k are scaled by d^-1/4 first, so phi sees the quantities whose dot product is
-the teacher's logit; ReLU is positively homogeneous, so the scale would only cancel.
-No new parameters: these students start exactly from the teacher's q/k projections.
-Both are bf16-safe on GPU (`KERNEL_BF16`): ReLU features are evaluated in bf16, ELU features in fp32
-(scaling included) and rounded once.
-"""
+"""Linear attention with fixed feature maps, ReLU and ELU+1 (Katharopoulos et al. 2020): no new parameters.
+ELU+1 sees q, k scaled by d^-1/4 (their dot product is the teacher's logit); ReLU is homogeneous."""
 
 from __future__ import annotations
 
@@ -14,9 +8,7 @@ from .kernels import (
     ALL_HEADS,
     FEATURE_MAPS,
     KERNEL_BF16,
-    ELUFeatures,
     KernelAttention,
-    ReLUFeatures,
     evaluate_features,
     scaled_for_kernel,
 )
@@ -27,34 +19,27 @@ class ReLULinearAttention(KernelAttention):
     """Kernel attention with phi(x) = relu(x) + eps."""
 
     precision = KERNEL_BF16
+    kernel = "relu"
 
     def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.feature_map = ReLUFeatures()
+        self.feature_map = FEATURE_MAPS[self.kernel].build(num_heads, self.head_dim)[0]
 
     def query_features(self, q, heads=ALL_HEADS):
-        return evaluate_features("relu", self.feature_map, q)
+        if self.kernel == "relu":
+            return evaluate_features("relu", self.feature_map, q)
+        return evaluate_features(
+            self.kernel, lambda x: self.feature_map(scaled_for_kernel(x, self.head_dim)), q
+        )
 
     key_features = query_features
 
     def feature_counts(self, num_tokens):
-        return FEATURE_MAPS["relu"].counts(num_tokens, self.head_dim)
+        return FEATURE_MAPS[self.kernel].counts(num_tokens, self.head_dim)
 
 
 @register_attention("elu_linear")
-class ELULinearAttention(KernelAttention):
+class ELULinearAttention(ReLULinearAttention):
     """Kernel attention with phi(x) = elu(x) + 1."""
 
-    precision = KERNEL_BF16
-
-    def __init__(self, dim: int, num_heads: int = 8, **kwargs) -> None:
-        super().__init__(dim, num_heads, **kwargs)
-        self.feature_map = ELUFeatures()
-
-    def query_features(self, q, heads=ALL_HEADS):
-        return evaluate_features("elu", lambda x: self.feature_map(scaled_for_kernel(x, self.head_dim)), q)
-
-    key_features = query_features
-
-    def feature_counts(self, num_tokens):
-        return FEATURE_MAPS["elu"].counts(num_tokens, self.head_dim)
+    kernel = "elu"

@@ -1,16 +1,6 @@
-"""Linformer (Wang et al. 2020): keys and values projected along the sequence, N -> k.
-
-    out = softmax(q (E k)^T s) (F v),   map = softmax(q (E k)^T s) F   (signed: F is learned)
-E, F (k, N) are shared by the heads, so the module needs a fixed ``seq_len``
-(= prefix tokens + grid tokens). They start as segment means (row r averages the r-th of k
-contiguous segments), which makes a fresh student a pooled-key approximation of the teacher
-instead of noise. Prefix tokens are queries like any other and fall in the first segment as keys.
-
-bf16-safe on GPU (`LINFORMER_BF16`): E k, F v (sums over all N tokens) and the product with F v take
-bf16 operands and accumulate in fp32; the logits q (E k)^T, which feed the softmax's exponential, use E k
-at fp32 accuracy (two bf16 halves, `matmul_split`: a bf16-rounded E k moves logits of size L by L 2^-8);
-the N x k softmax runs in fp32.
-"""
+"""Linformer (Wang et al. 2020): keys and values projected along the sequence, N -> k, by E, F shared by
+the heads (so a fixed ``seq_len``). They start as segment means: a fresh student is a pooled-key
+approximation of the teacher, not noise. The map softmax(q (E k)^T s) F is signed."""
 
 from __future__ import annotations
 
@@ -37,10 +27,8 @@ LINFORMER_BF16 = PrecisionPolicy(
 
 
 def project_sequence(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """E x along the sequence: (k, N), (..., N, d) -> (..., k, d), accumulated in fp32 (float64 kept).
-
-    One (k, N) x (N, batch * heads * d) product for every dtype: the tokens' rows of a q/k/v view of the
-    fused projection are one strided matrix already, which a per-head batched product would copy first."""
+    """E x along the sequence, (k, N) x (..., N, d) -> (..., k, d) in fp32: one product over the strided
+    q/k/v view, which a per-head batched product would copy first."""
     flat = x.movedim(-2, 0).reshape(x.shape[-2], -1)
     return matmul_fp32(e, flat).view(e.shape[0], *x.shape[:-2], x.shape[-1]).movedim(0, -2)
 
@@ -119,8 +107,6 @@ class LinformerAttention(EfficientAttention):
         return scores[:, :, rows] @ value_proj
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head): E k and F v (2 k N d multiply-adds), q / sqrt(d), q (E k)^T, an N x k softmax,
-        and its product with F v."""
         n, d, kl = num_tokens, self.head_dim, self.proj_len
         per_head = 2 * matmul_ops(kl, n, d) + OpCounts(mul=n * d) + matmul_ops(n, d, kl)
         per_head = per_head + softmax_ops(n, kl) + matmul_ops(n, kl, d)

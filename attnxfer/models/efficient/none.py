@@ -1,11 +1,5 @@
-"""``none``: an attention-free block (LIT's "no attention in early stages").
-
-The block keeps its MLP; its attention branch contributes nothing: ``forward`` returns zeros, so the
-residual passes the input on unchanged (not ``proj(0)``, which would add the projection's bias). The
-teacher's qkv/proj move in as for every zoo member (so state dicts keep timm's names) but are unused.
-Map kind ``none`` with no new parameters: conversion's stage 1 has nothing to fit in such a layer and
-its plan says so; the measurements skip it.
-"""
+"""``none``: an attention-free block (LIT's "no attention in early stages"). ``forward`` returns zeros, not
+``proj(0)`` (which would add the bias), so the residual passes the input on; stage 1 has nothing to fit."""
 
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
-"""Nystrom attention (Xiong et al. 2021): softmax approximated through m landmarks.
-
-    F = softmax(q K~^T s)   (N, m)      A = softmax(Q~ K~^T s)   (m, m)      B = softmax(Q~ k^T s)   (m, N)
-    out = F pinv(A) (B v),  map = F pinv(A) B   (signed: pinv(A) has negative entries)
-Landmarks Q~, K~ are means of m contiguous segments of the sequence (adaptive 1-D pooling:
-the first segment includes the prefix tokens; every token, prefix or grid, attends and is
-attended through F and B). pinv(A) by the Newton-Schulz-type iteration of the paper.
-No new parameters: a training-free approximation of the teacher.
-
-Always fp32 (`NYSTROM_FP32`): the pseudo-inverse iteration multiplies by 7I - AZ, 15I - ..., 13I - ...
-and its result has large signed entries that cancel in F pinv(A) (B v); bf16 rounding of A or of the
-iterates is amplified by A's condition number (a test shows the error).
-"""
+"""Nystrom attention (Xiong et al. 2021): softmax through m segment-mean landmarks, out = F pinv(A) (B v),
+a signed map with no new parameters. Always fp32: pinv's large signed entries cancel, and bf16 rounding is
+amplified by A's condition number (`NYSTROM_FP32`)."""
 
 from __future__ import annotations
 
@@ -62,11 +52,8 @@ class NystromAttention(EfficientAttention):
         self.pinv_iterations = pinv_iterations
 
     def landmarks(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, m, d) means of m contiguous segments of the sequence (adaptive pooling).
-
-        Pooled as a channels-last column image (tokens as pixels, the head dim as channels): the rows are
-        read as they lie, where pooling along the sequence of a (d, N) transpose is a transposing gather
-        (measured 8x slower at 4097 tokens)."""
+        """(B, H, m, d) means of m contiguous segments, pooled as a channels-last column image (a (d, N)
+        transpose is a gather, measured 8x slower at 4097 tokens)."""
         B, H, N, d = x.shape
         m = min(self.num_landmarks, N)
         image = x.reshape(B * H, N, 1, d).contiguous().permute(0, 3, 1, 2)  # (B H, d, N, 1), channels last
@@ -95,9 +82,7 @@ class NystromAttention(EfficientAttention):
         return left[:, :, rows] @ right
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head), m landmarks: q / sqrt(d); segment means of q and k; the three softmax factors
-        (N x m, m x m, m x N); the pseudo-inverse (norms, then per iteration four m x m x m products, three
-        dense subtractions from multiples of I and a scaling); F (pinv (B v))."""
+        """Per (batch, head): scaling, landmarks, the three softmax factors, the pseudo-inverse, F (pinv (B v))."""
         n, d = num_tokens, self.head_dim
         m = min(self.num_landmarks, n)
         pooling = 2 * OpCounts(add=(n - m) * d, mul=m * d)

@@ -1,35 +1,7 @@
-"""Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features.
-
-exp(q.k / sqrt(d)) = E_w[phi(q) . phi(k)] with phi(x) = exp(w.x' - |x'|^2 / 2), x' = x d^-1/4,
-w ~ N(0, I). Rows of w are drawn in orthogonal blocks (QR of Gaussian blocks) and rescaled to
-chi-distributed norms, which lowers the variance. Stabilisers (the max exponent per query row,
-and per (batch, head) over all keys and features) are constants within a map row, so they
-cancel in the normalisation (up to the 1e-6 added to every feature). The projection is a
-buffer: fixed in eval, redrawn by ``redraw()`` or every ``redraw_interval`` training forwards.
-Its error falls as 1/sqrt(num_features).
-
-The default m = d (one orthogonal block) is set by speed where conversion pays. FAVOR+'s usual m = d ln d
-(256 for d = 64) costs about 4 N d m multiply-adds per head for the projections and the two kernel
-products, as many as the block's own projections at d = 64: a ViT-S/16 student at 512 and 1024 px then ran
-at 0.75-0.78 of its floor (the attention-free model, `floor_model`) on this CPU, and no implementation
-can pass ~0.82 there. With m = d and the projection folded into qkv (below) it runs at the floor's speed
-less its kernel products. The price is a noisier estimate (error ~ 1/sqrt(m)); measured on the demo's MAE
-encoder (head dim 32) converted without labels, m = d against m = 3d: map KL after stage 1 1.5-2.4x
-higher, k-NN top-1 65.3 against 65.9 (the teacher 64.9). ``num_features=256`` restores the paper's count.
-Exponentials are taken base 2 with log2(e) folded into the projection (exp2 is cheaper on CPU).
-
-Folded inference (`KernelAttention`): u = x' w is linear in the block's input, so plain inference calls
-project x straight to u_q, u_k. Keys also need |k|^2, which u_k gives back when the rows of the projection
-are orthogonal and m = d: w_f = n_f o_f with o_f an orthonormal basis, so |k|^2 = sum_f (u_f / (s n_f))^2
-(s the folded scale). Other projections (i.i.d. rows, m != d) take the plain path.
-
-Precision on GPU (`PERFORMER_BF16`): the exponent w.x' must not be rounded to bf16. Rounding the projection
-to bf16 moves an exponent of size |x'||w| (tens, for peaked maps) by about 2^-9 of that, i.e. 0.05-0.5, and
-the feature by 5-60 %. So the projection is split into two bf16 matrices hi + lo (`split_bf16`, 16
-significant bits): x @ hi + x @ lo with fp32 accumulation is exact to about 2^-17 for bf16 x, at bf16
-matmul speed. |k|^2 / 2, the stabilisers and exp2 run in fp32; the features, in (0, 1 + eps] after
-stabilisation, are rounded once to bf16 for the two kernel products (fp32 accumulation).
-"""
+"""Performer / FAVOR+ (Choromanski et al. 2021): positive orthogonal random features phi(x) =
+exp(w.x' - |x'|^2 / 2), x' = x d^-1/4, whose dot products estimate exp(q.k / sqrt(d)). m = d by default, not
+d ln d: set by speed, where the projection folds into qkv (docs/benchmarks.md; ``num_features=256`` restores
+the paper's count). On GPU the projection is split into two bf16 halves (`PERFORMER_BF16`)."""
 
 from __future__ import annotations
 
@@ -85,12 +57,8 @@ def _stabilised_exp2(x: torch.Tensor, dims) -> torch.Tensor:
 
 @register_attention("performer")
 class PerformerAttention(KernelAttention):
-    """FAVOR+ kernel attention.
-
-    Options: ``num_features`` (m, default d), ``orthogonal`` (default True),
-    ``redraw_interval`` (redraw every that many training forwards; None = never),
-    ``feature_seed`` (seed of the first draw, for reproducible students).
-    """
+    """FAVOR+ kernel attention. Options: ``num_features`` (m, default d), ``orthogonal`` (True),
+    ``redraw_interval`` (training forwards between redraws; None = never), ``feature_seed``."""
 
     eps: float = 1e-6
     rope_why = (
@@ -123,16 +91,14 @@ class PerformerAttention(KernelAttention):
         self.feature_seed = feature_seed
         self._forwards_since_redraw = 0
         self.register_buffer(
-            "feature_projection",
-            torch.empty(self.num_features, d, device=kwargs.get("device")),
-            persistent=True,
+            "feature_projection", torch.empty(self.num_features, d, device=kwargs.get("device"))
         )
         generator = torch.Generator().manual_seed(feature_seed) if feature_seed is not None else None
         self.redraw(generator)
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
-        """Draw a fresh random projection (on CPU with ``generator``, then moved to the buffer's device)."""
+        """Draw a fresh projection (on CPU with ``generator``, then moved)."""
         w = gaussian_orthogonal_features(self.num_features, self.head_dim, self.orthogonal, generator)
         self.feature_projection.copy_(w)
         self._forwards_since_redraw = 0
@@ -153,7 +119,7 @@ class PerformerAttention(KernelAttention):
         return (self.feature_projection.to(dtype) * (self.head_dim**-0.25 * _LOG2E)).T.contiguous()
 
     def _exponent(self, x: torch.Tensor) -> torch.Tensor:
-        """x' . w (log2 e folded in), in the compute dtype at its accuracy: for bf16 x, as x @ hi + x @ lo."""
+        """x' . w (log2 e folded in) at compute-dtype accuracy (bf16 x: x @ hi + x @ lo)."""
         return matmul_split(x.contiguous(), self._projection(compute_dtype(x)))
 
     def query_features(self, q, heads=ALL_HEADS):
@@ -167,25 +133,21 @@ class PerformerAttention(KernelAttention):
         return add_scalar(_stabilised_exp2(exponent, dims=(-2, -1)), self.eps).to(k.dtype)
 
     def feature_counts(self, num_tokens):
-        """q and k through the (pre-scaled) projection (2 N d m multiply-adds); keys' |k|^2 / 2 (N d mul,
-        N (d - 1) add, N mul) subtracted (N m add); per q and k the stabiliser (max: other, shift: add),
-        exp2 (other) and + eps (add)."""
+        """Projections, keys' |k|^2 / 2, per q and k the stabiliser, exp2 and + eps."""
         n, d, m = num_tokens, self.head_dim, self.num_features
         projections = 2 * matmul_ops(n, d, m)
         key_norm = OpCounts(mul=n * d + n, add=n * (d - 1) + n * m)
         stabilised = OpCounts(add=2 * n * m, other=n * (m - 1) + 2 * n * m) + OpCounts(other=n * m - 1)
         return projections + key_norm + stabilised + OpCounts(add=2 * n * m), m
 
-    # ----------------------------------------------------------------- folded inference
     _key_scales: tuple[tuple[torch.Tensor, ...], torch.Tensor | None] | None = None
 
     def folds(self) -> bool:
         return self.num_features == self.head_dim and self._norm_scales() is not None
 
     def _norm_scales(self) -> torch.Tensor | None:
-        """c_f with |k|^2 (0.5 / sqrt(d) log2 e) = sum_f (u_f c_f)^2 for u = k @ `_projection`, where the
-        projection's rows are orthogonal (W W^T diagonal to float tolerance); None otherwise. Kept until the
-        projection changes (a redraw, a load)."""
+        """c_f with |k|^2 (0.5 / sqrt(d) log2 e) = sum_f (u_f c_f)^2, u = k @ `_projection`, where the
+        projection's rows are orthogonal; None otherwise. Kept until the projection changes."""
         w = self.feature_projection
         if self._key_scales is None or not unchanged(self._key_scales[0], (w,)):
             gram = w @ w.T

@@ -1,12 +1,6 @@
-"""Efficient-attention students built from a softmax teacher.
-
-The student is a deep copy of the teacher in which each block's ``attn`` is replaced through its family's
-conversion slot (`attnxfer.models.attention.slots`): the teacher's projections and norms (``qkv``,
-``q_norm``, ``k_norm``, ``norm``, ``proj`` for timm's plain ``Attention``; what the family's slot names
-otherwise) move into the new attention unchanged (they are the copy's own tensors), everything outside
-attention is copied by the deep copy, and only the new attention parameters start fresh. Flat models swap
-block by block here; models in stages, stage by stage (`attnxfer.models.efficient.hierarchical`).
-"""
+"""Efficient-attention students built from a softmax teacher: a deep copy whose attention layers go through
+their family's conversion slot (`attnxfer.models.attention.slots`), so the teacher's projections and norms
+move in unchanged and only the new attention parameters start fresh."""
 
 from __future__ import annotations
 
@@ -32,7 +26,6 @@ from ..attention.slots import ConversionSlot, TokenLayout, slot_of
 from ..image_input import find_patch_embedding, image_input
 from ..norm_eps import norms_as_recorded
 from .hierarchical import (
-    build_hierarchical_student,
     expand_attention_names,
     flat_blocks,
     hierarchical_slots,
@@ -43,8 +36,7 @@ from .hierarchical import (
 
 
 def teacher_token_layout(model: nn.Module) -> tuple[int, tuple[int, int] | None]:
-    """(num_prefix_tokens, grid_size) of a timm ViT-like model; grid None when the model resizes its grid.
-    The grid comes from `image_input` (wherever the model's family keeps its patch embedding)."""
+    """(num_prefix_tokens, grid_size) of a timm ViT-like model; grid None when it resizes its grid."""
     holder = next(
         (m for m in (model, getattr(model, "encoder", None)) if hasattr(m, "num_prefix_tokens")), None
     )
@@ -72,16 +64,9 @@ def efficient_student_from_teacher(
     attn: str | Sequence[str],
     **attn_kwargs,
 ) -> nn.Module:
-    """A copy of ``teacher`` (a timm VisionTransformer) with each block's attention replaced.
-
-    Args:
-        teacher: the softmax teacher; left untouched.
-        attn: one registered attention name for every block, or a list with one name per block
-            (e.g. ``['window_linear'] * 8 + ['softmax'] * 4``).
-        **attn_kwargs: attention options. In a mixed list each option goes to the attentions
-            that accept it; an option no chosen attention accepts is an error. ``seq_len``
-            (Linformer) defaults to the teacher's token count.
-    """
+    """A copy of ``teacher`` (a timm ViT, left untouched) with each block's attention replaced: ``attn`` is
+    one name or one per block; options go to the attentions that accept them (one none accepts is an error);
+    ``seq_len`` (Linformer) defaults to the teacher's token count."""
     blocks = flat_blocks(teacher)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(teacher).__name__}")
@@ -93,11 +78,9 @@ def efficient_student_from_teacher(
 
 
 def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -> nn.Module:
-    """``model`` (a timm VisionTransformer) with each block's attention replaced in place: one registered
-    name for every block or one per block, options as `efficient_student_from_teacher` takes them. On a
-    freshly initialised model this is a fresh efficient-attention student (``model.attention`` of
-    `attnxfer train`); on a teacher's copy, a converted one. A hierarchical model takes one name, one per
-    stage or one per attention layer."""
+    """``model`` with each block's attention replaced in place (names and options as
+    `efficient_student_from_teacher`): a fresh student (``model.attention`` of `attnxfer train`) or a converted
+    one. A hierarchical model takes one name, one per stage or one per attention layer."""
     if is_hierarchical(model):
         names = expand_attention_names(attn, stage_of_layers(model), "model.attention")
         classes = [get_attention_class(name) for name in names]
@@ -127,13 +110,8 @@ def swap_attentions(
     names: Sequence[str],
     options: Sequence[dict[str, Any]] | None = None,
 ) -> nn.Module:
-    """Replace each block's attention of ``model`` (a timm VisionTransformer) in place.
-
-    Block i gets ``names[i]`` built with the old attention's shapes, the model's token layout and
-    ``options[i]`` (its own options, as ``TransferableAttention.options()`` reports them); the old
-    ``qkv``, ``q_norm``, ``k_norm``, ``norm`` and ``proj`` modules move into it unchanged. This is how
-    a student is made from a teacher copy, and how an exported student is rebuilt from its spec.
-    """
+    """Replace each block's attention in place: block i gets ``names[i]`` with ``options[i]``, the old
+    layer's shapes and projections; how a student is made from a teacher copy and rebuilt from its export."""
     blocks = flat_blocks(model)
     if blocks is None:
         raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
@@ -167,44 +145,32 @@ def new_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 
 def check_softmax_teacher(teacher: nn.Module) -> None:
-    """A teacher for conversion runs softmax attention in every block (its maps are the target), in layers
-    whose family names a conversion slot (`attnxfer.models.attention.slots`): timm's plain ``Attention``,
-    the rope families' attentions (whose rotary embedding the zoo attentions apply to q and k themselves),
-    and the families whose files say how a zoo attention takes their layer's place.
-
-    Makes the teacher transfer-aware in place (a class swap, as `TeacherStudent` does), then reads each layer's
-    declared map kind. A hierarchical teacher is checked layer by layer over its stages. Every refusal is a
-    ValueError that names the layer, says why and what to do.
-    """
-    if is_hierarchical(teacher):
-        for name, attn in zip((n for n, *_ in hierarchical_slots(teacher)), transferable_attentions(teacher)):
-            if attn.map_kind is not MapKind.SOFTMAX:
-                raise InputError(
-                    f"the teacher's {name} is {attention_name_of(attn)!r}, not softmax attention: conversion "
-                    "needs a softmax teacher. Use the original pretrained model as teacher"
-                )
-        return
-    if flat_blocks(teacher) is None:
+    """Refuse a teacher that is not softmax in every layer or whose family has no conversion slot:
+    one error naming the layer, the reason and what to do. Makes the teacher transfer-aware in place."""
+    hierarchical = is_hierarchical(teacher)  # its layers are listed by their slots: each has one
+    if hierarchical:
+        layers = zip((n for n, *_ in hierarchical_slots(teacher)), transferable_attentions(teacher))
+    elif flat_blocks(teacher) is None:
         raise InputError(
             f"the teacher ({type(teacher).__name__}) is not a timm VisionTransformer (no `blocks`): "
             "conversion swaps the attention of each of its `blocks`. Distil it into a student of its own "
             "family with `attnxfer train` instead"
         )
-    try:
-        make_transfer_aware(teacher)
-        layers = attention_layers(teacher)
-    except TypeError as e:
-        raise InputError(f"the teacher cannot be converted: {e}") from None
+    else:
+        try:
+            make_transfer_aware(teacher)
+            layers = attention_layers(teacher)
+        except TypeError as e:
+            raise InputError(f"the teacher cannot be converted: {e}") from None
     for name, attn in layers:
-        if attn.map_kind is MapKind.SOFTMAX and slot_of(attn) is None:
-            raise InputError(_unconvertible(name, attn))
         if attn.map_kind is not MapKind.SOFTMAX:
-            kind = attention_name_of(attn)
             raise InputError(
-                f"the teacher's {name} is {kind!r}, not softmax attention: conversion needs a "
-                "softmax teacher (its attention maps are what the student learns). Use the original "
+                f"the teacher's {name} is {attention_name_of(attn)!r}, not softmax attention: conversion needs "
+                "a softmax teacher (its attention maps are what the student learns). Use the original "
                 "pretrained model as teacher, not an already converted student"
             )
+        if not hierarchical and slot_of(attn) is None:
+            raise InputError(_unconvertible(name, attn))
 
 
 def _unconvertible(name: str, attn: TransferableAttention) -> str:
@@ -232,21 +198,6 @@ def _timm_class(module: nn.Module) -> str:
     return next((f"{c.__module__}.{c.__name__}" for c in timm_bases), "?")
 
 
-def _attention_names(attention: str | Sequence[str], depth: int) -> list[str]:
-    names = [attention] * depth if isinstance(attention, str) else list(attention)
-    if len(names) != depth:
-        raise InputError(
-            f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
-            "one name for all blocks or exactly one per block"
-        )
-    for name in names:
-        try:
-            get_attention_class(name)
-        except (KeyError, ValueError) as e:  # ValueError: a parametric name whose spec is wrong (formula:...)
-            raise InputError(f"convert.attention: {e.args[0]}") from None
-    return names
-
-
 def build_efficient_student(
     teacher: nn.Module,
     attention: str | Sequence[str],
@@ -254,20 +205,35 @@ def build_efficient_student(
     num_classes: int | None = None,
     **attention_kwargs: Any,
 ) -> nn.Module:
-    """The converted student: a trainable copy of ``teacher`` with zoo attention in every block.
-
-    ``num_classes`` gives a headless teacher (``num_classes=0``, e.g. an MAE encoder) a fresh head;
-    a teacher whose head has another number of classes is an error (its head would not fit).
-    """
+    """The converted student: a trainable copy of ``teacher`` with zoo attention in every layer; ``num_classes``
+    gives a headless teacher (e.g. an MAE encoder) a fresh head, a head of another size is an error."""
     check_softmax_teacher(teacher)
     if is_hierarchical(teacher):  # one name, one per stage or one per attention layer
-        student = build_hierarchical_student(teacher, attention, **attention_kwargs)
+        names = expand_attention_names(attention, stage_of_layers(teacher), "convert.attention")
     else:
-        names = _attention_names(attention, len(flat_blocks(teacher)))
+        depth = len(flat_blocks(teacher))
+        names = [attention] * depth if isinstance(attention, str) else list(attention)
+        if len(names) != depth:
+            raise InputError(
+                f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
+                "one name for all blocks or exactly one per block"
+            )
+    classes = []
+    for name in names:
         try:
-            student = efficient_student_from_teacher(teacher, names, **attention_kwargs)
-        except TypeError as e:
-            raise InputError(f"convert.attention_kwargs: {e}") from None
+            classes.append(get_attention_class(name))
+        except (KeyError, ValueError) as e:  # ValueError: a parametric name whose spec is wrong (formula:...)
+            raise InputError(f"convert.attention: {e.args[0]}") from None
+    unused = [k for k in attention_kwargs if not any(c.accepts_option(k) for c in classes)]
+    if unused:  # checked here for stage-wise teachers too, which `with_attention` leaves to the caller
+        options = {n: c.own_options() for n, c in zip(names, classes)}
+        raise InputError(
+            f"convert.attention_kwargs: no chosen attention accepts option(s) {unused}; their options: {options}"
+        )
+    try:
+        student = with_attention(copy.deepcopy(teacher), names, **attention_kwargs)
+    except TypeError as e:  # an option value the attention's constructor cannot take
+        raise InputError(f"convert.attention_kwargs: {e}") from None
     student = norms_as_recorded(student)  # the eps its export will have (a transformers teacher's 1e-12)
     student.requires_grad_(True)  # a loaded teacher is frozen, and so is its deep copy
     if num_classes is not None and num_classes != student.num_classes:
@@ -282,8 +248,7 @@ def build_efficient_student(
 
 
 def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
-    """Stochastic depth for fine-tuning a converted student, timm's rule: block i drops with
-    ``rate * i / (depth - 1)``. (A loaded teacher, and so its copy, has none.)"""
+    """Stochastic depth for fine-tuning, timm's rule: block i drops with ``rate * i / (depth - 1)``."""
     if rate < 0 or rate >= 1:
         raise InputError(f"drop_path_rate must be in [0, 1), got {rate}")
     flat = flat_blocks(model)

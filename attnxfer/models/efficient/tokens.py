@@ -1,5 +1,4 @@
-"""Token-grid helpers: split a ViT sequence into prefix tokens and the patch grid, and cut the
-grid into non-overlapping windows (zero-padded at the bottom/right edges)."""
+"""Token-grid helpers: cut the patch grid into non-overlapping windows (zero-padded at the bottom/right)."""
 
 from __future__ import annotations
 

@@ -1,29 +1,8 @@
-"""2-D window attention and the window + linear hybrid with a shared normaliser.
+"""2-D window attention, and the LoLCATs-style window + linear hybrid with one shared normaliser.
 
-Window: each grid query attends, with softmax, to the keys of its own non-overlapping window
-of the token grid *and* to every prefix token; prefix queries attend to all tokens (exact
-softmax rows, O(p N)). So prefix tokens attend globally and are attended by every token.
-Grids that the window does not divide are zero-padded at the bottom/right and the padding
-masked out. Cost O(N (w + p)); the largest tensor is windows x w x (w + p).
-
-Hybrid (LoLCATs-style): one row, one denominator, two kinds of score:
-    w_ij = exp(s q_i.k_j - c_i)         for j in the window of i or a prefix token
-    w_ij = gamma_h phi(q_i).phi(k_j)     for every other key
-    A_ij = w_ij / sum_j' w_ij'
-with c_i the row's largest local logit and gamma_h = exp(linear_log_weight_h) a learnable
-per-head balance. Rows sum to 1 exactly and have no negatives. The linear part over the keys
-outside the window is the total kernel sum minus the window's and the prefix's (O(N m d)).
-Prefix queries use exact softmax rows, as in window attention.
-
-Precision on GPU: window attention is SDPA on windows, so it runs in bf16 like the softmax teacher
-(`WINDOW_BF16`). The hybrid (`WINDOW_LINEAR_BF16`) takes bf16 operands in every product and keeps
-everything that is summed, exponentiated or divided in fp32: window logits (exact products of bf16 q, k
-summed in fp32, scaled in fp32), max, exp and the local row sum in fp32; the exp weights (in (0, 1]) are
-rounded for their product with v; kernel features are evaluated in fp32 and rounded once (Hedgehog: its own
-split projection and fp32 softmaxes); the per-window states sum_j phi(k_j) [v_j, 1], their total over
-windows and "total minus own" run in fp32, and the outside state is rounded once for the read-out. The
-shared normaliser (local sum + gamma phi(q) z_outside) and the division are fp32.
-"""
+Window: grid queries take a softmax over their window plus the prefix tokens; prefix queries, exact softmax
+rows. Hybrid: exp(s q.k - c_i) inside the window, gamma_h phi(q).phi(k) outside (the total kernel sum minus
+the window's), one normaliser, so rows sum to 1 exactly. Precision: `WINDOW_BF16`, `WINDOW_LINEAR_BF16`."""
 
 from __future__ import annotations
 
@@ -86,9 +65,8 @@ class WindowAttention(EfficientAttention):
         super().__init__(dim, num_heads, **kwargs)
         self.window_size: tuple[int, int] = as_grid(window_size)
 
-    # -- shared pieces
     def _windows(self, q, k, v):
-        """Grid queries per window, with keys/values = prefix tokens + the window, and the key mask."""
+        """Grid queries per window, keys/values = prefix tokens + the window, and the key mask."""
         B, H, N, d = q.shape
         p, grid = self.token_layout(N)
         window = self.window_size
@@ -122,34 +100,29 @@ class WindowAttention(EfficientAttention):
             out = torch.cat([self._prefix_rows(q, k, v, p, dropout_p), out], dim=-2)
         return out
 
-    # -- cost
     def _window_shape(self, num_tokens: int) -> tuple[int, int, int]:
-        """(prefix tokens, windows, tokens per window) as the forward partitions the (padded) grid."""
         p, (gh, gw) = self.token_layout(num_tokens)
         wh, ww = self.window_size
         return p, math.ceil(gh / wh) * math.ceil(gw / ww), wh * ww
 
-    def _prefix_counts(self, num_tokens: int, p: int) -> OpCounts:
-        """Exact softmax rows of the prefix tokens over all N keys."""
+    def _softmax_counts(self, queries: int, keys: int) -> OpCounts:
+        """Exact softmax rows of ``queries`` over ``keys``: scaling, logits, softmax, product with v."""
         d = self.head_dim
         return (
-            OpCounts(mul=p * d)
-            + matmul_ops(p, d, num_tokens)
-            + softmax_ops(p, num_tokens)
-            + matmul_ops(p, num_tokens, d)
+            OpCounts(mul=queries * d)
+            + matmul_ops(queries, d, keys)
+            + softmax_ops(queries, keys)
+            + matmul_ops(queries, keys, d)
         )
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head): in each (padded) window, L queries against the p prefix + L window keys
-        (scaling, logits, softmax, product with v); the prefix rows over all keys."""
+        """Per (batch, head): each padded window's queries against prefix + window keys; the prefix rows."""
         p, windows, L = self._window_shape(num_tokens)
-        d, keys = self.head_dim, p + L
-        window = OpCounts(mul=L * d) + matmul_ops(L, d, keys) + softmax_ops(L, keys) + matmul_ops(L, keys, d)
-        return (windows * window + self._prefix_counts(num_tokens, p)) * (batch * self.num_heads)
+        prefix_rows = self._softmax_counts(p, num_tokens)
+        return (windows * self._softmax_counts(L, p + L) + prefix_rows) * (batch * self.num_heads)
 
-    # -- maps
     def _local_mask(self, ids: torch.Tensor, rows: slice) -> torch.Tensor:
-        """(len(rows), N) True where key j is in query i's window, a prefix token, or i is a prefix token."""
+        """True where key j is in query i's window, a prefix token, or i is a prefix token."""
         query_ids = ids[rows][:, None]
         return (query_ids == ids[None, :]) | (ids[None, :] < 0) | (query_ids < 0)
 
@@ -168,8 +141,8 @@ class WindowAttention(EfficientAttention):
 
 @register_attention("window_linear")
 class WindowLinearAttention(WindowAttention):
-    """Options: ``window_size`` (default 7), ``kernel`` for the scores outside the window
-    ('hedgehog' (default, learnable), 'elu', 'relu'), ``feature_dim`` (hedgehog features per sign)."""
+    """Options: ``window_size`` (7), ``kernel`` outside the window ('hedgehog' (default), 'elu', 'relu'),
+    ``feature_dim`` (hedgehog features per sign)."""
 
     eps: float = 1e-6
     rope_why = (
@@ -206,11 +179,8 @@ class WindowLinearAttention(WindowAttention):
                     fm.reset_parameters()
 
     def feature_blocks(self, q, k):
-        """Kernel features (tuples of blocks for hedgehog) in q's dtype; any leading batch shape, last dim d.
-
-        Fixed maps are evaluated in fp32 with their d^-1/4 scaling and rounded once (a no-op for fp32 q):
-        the scale is not a power of two, so a bf16 evaluation would round twice even for ReLU. Hedgehog
-        handles bf16 itself (split projection, fp32 softmaxes, features rounded once)."""
+        """Kernel features in q's dtype, any leading shape. Fixed maps run in fp32 with their d^-1/4 scale
+        (not a power of two: bf16 would round twice) and round once."""
         if self.feature_kind.learned:
             return self.feature_map_q.blocks(q, self.eps), self.feature_map_k.blocks(k, self.eps)
         d = self.head_dim
@@ -227,8 +197,7 @@ class WindowLinearAttention(WindowAttention):
         return self.linear_log_weight.to(dtype).exp()
 
     def shared_sums(self, qw, kw, vw, valid, p):
-        """Numerator (B, nW, H, L, d) and shared normaliser (B, nW, H, L, 1) of the grid rows, in fp32
-        (float64 kept) from operands in q's dtype (window layout, keys = p prefix + L window tokens)."""
+        """Numerator and shared normaliser of the grid rows, fp32, in window layout."""
         # softmax-style scores inside the window (+ prefix keys): bf16 q k products are exact in fp32
         logits = matmul_fp32(qw, kw.transpose(-2, -1)).mul_(
             self.scale
@@ -282,14 +251,11 @@ class WindowLinearAttention(WindowAttention):
         return weights / weights.sum(dim=-1, keepdim=True)
 
     def windowed_feature_counts(self, tokens: int) -> tuple[OpCounts, int]:
-        """Operations of the kernel features of ``tokens`` windowed q and k rows, and the feature width."""
         return self.feature_kind.counts(tokens, self.head_dim, self.feature_dim)
 
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
-        """Per (batch, head): the window softmax's numerator and denominator (as `WindowAttention`, the
-        division deferred); kernel features of the windowed q and k (masked keys); per window the feature
-        state [KV | z], its total over windows minus the window's own, the read-out times gamma added to
-        the window's numerator / denominator; one division per output entry; the prefix rows."""
+        """Per (batch, head): the window softmax (division deferred), kernel features, per-window states
+        and their totals minus own, the read-outs, one division per output entry, the prefix rows."""
         p, windows, L = self._window_shape(num_tokens)
         d, keys = self.head_dim, p + L
         local = OpCounts(mul=L * d) + matmul_ops(L, d, keys) + matmul_ops(L, keys, d)
@@ -298,7 +264,7 @@ class WindowLinearAttention(WindowAttention):
         per_window = matmul_ops(m, L, d + 1) + OpCounts(mul=L * m, add=m * (d + 1))  # state, key mask
         per_window = per_window + matmul_ops(L, m, d + 1) + OpCounts(mul=L * (d + 1) + L * d, add=L * (d + 1))
         totals = OpCounts(add=(windows - 1) * m * (d + 1))
-        per_head = windows * (local + per_window) + features + totals + self._prefix_counts(num_tokens, p)
+        per_head = windows * (local + per_window) + features + totals + self._softmax_counts(p, num_tokens)
         return per_head * (batch * self.num_heads)
 
     def extra_repr(self) -> str:
