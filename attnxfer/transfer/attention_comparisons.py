@@ -66,9 +66,7 @@ class MapComparison(ComparisonLoss):
         as stage 1 of a conversion does."""
         sa, ta = models.student_attn[s], models.teacher_attn[t]
         return (
-            not models.student_parts[s]
-            and callable(getattr(ta, "key_pooling", None))
-            and map_loss_rule(sa.map_kind).pooled
+            not models.student_parts[s] and callable(getattr(ta, "key_pooling", None)) and sa.map_kind.has_map
         )
 
     def note(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> str:
