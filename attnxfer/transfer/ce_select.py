@@ -1,24 +1,13 @@
 """`transfer.ce_path: auto`: the CE path is measured on the run's device and shapes, not assumed.
 
-The five `CEPath`s compute the same loss; which is fastest depends on the device, N, the head dims and
-the dtype (an H100 ran the materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows``
-fastest at large N). So before the first step `choose_ce_path` times every path whose requirements hold
-(``triton`` needs CUDA, one teacher head per student head and square maps in every distilled layer;
-``materialised`` needs its maps to fit a memory budget, `materialised_bytes`), a few interleaved rounds each,
-and keeps the fastest. A path that turns out unable to run here (`CANNOT_RUN`: a missing package, the
-device's memory or resources) is skipped, and why goes into the record (run.json) and the start-up line; any
-other exception is a bug in that path and stops the run. A forced path (``transfer.ce_path: triton`` ...)
-whose requirements fail here is refused with why (`check_forced`), never replaced by another.
-
-What is timed is one distilled layer alone on the run's real shapes (batch per rank, tokens, heads, head
-dims, the dtypes of the run's precision): the student's attention core (SDPA, or for ``attention_lse``
-the kernel that also hands out its log-sum-exp) plus the loss, forward and backward, as in a training
-step whose terms are not logged. Not a whole training step with the state restored afterwards: the
-paths differ only in that layer's work (the rest of the step is the same for all of them), timing a
-layer costs ~1/depth of a step's share per call so the whole calibration stays far below 2 % of a
-1,000-step run, and it needs no batch from the loader and touches no parameter, optimiser state, EMA,
-sampler or RNG stream (its inputs come from a private generator; the global RNGs are forked around it
-anyway), so a calibrated run stays bit-identical to one that was told the chosen path.
+The five `CEPath`s compute the same loss, and which is fastest depends on the device, N, head dims and dtype
+(an H100 ran the materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows`` fastest at large
+N). A path that cannot run here (`_cannot_run`: a missing package, the device's memory) is skipped and why is
+recorded; any other exception is a bug and stops the run. A forced path that cannot run is refused, never
+replaced. What is timed is one distilled layer alone on the run's real shapes (attention core plus loss,
+forward and backward): the paths differ only there, it costs far below 2 % of a 1,000-step run, and it
+touches no parameter, optimiser state or RNG stream, so a calibrated run stays bit-identical to one told
+the chosen path.
 """
 
 from __future__ import annotations
@@ -131,11 +120,9 @@ def layer_shapes(
     device: torch.device | str = "cpu",
     student_dtype: torch.dtype = torch.float32,
 ) -> LayerShapes | None:
-    """The shapes `TeacherStudent` ``pair`` hands its first distilled softmax layer's loss at ``batch`` images per
-    rank on ``device`` (``student_dtype``: the q/k dtype under the run's autocast; the teacher's is
-    TeacherStudent's, bf16 on CUDA unless told otherwise); None when its plan distils no softmax maps (then no
-    CE path is used at all). Batch, tokens, heads and head dims are the q/k the layer pair hands out on one
-    probe image (`_probe_qk`), so a family's own layout (talking heads' H·d, windows) is what is timed."""
+    """The shapes ``pair`` hands its first distilled softmax layer's loss at ``batch`` images per rank (None:
+    no softmax maps distilled, no CE path used), read from one probe image (`_probe_qk`) so that a family's
+    own layout (talking heads' H·d, windows) is what is timed."""
     if pair.teacher is None:
         return None
     softmax = [
@@ -148,9 +135,7 @@ def layer_shapes(
     if not softmax:
         return None
     s, t = softmax[0]
-    teacher_dtype = pair.teacher_dtype or (
-        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    )
+    teacher_dtype = pair._teacher_dtype(torch.device(device))
     # both models see the student's images: (channels, height, width) it was built for (`image_input`: its
     # patch embedding, else the size timm recorded at build time, else ``pretrained_cfg``, which a run stamps
     # with its input size in `apps.run.parts.stamp_input_cfg`)
@@ -177,12 +162,9 @@ def layer_shapes(
 def _probe_qk(
     model: torch.nn.Module, layers: Sequence[int], image_shape: tuple[int, int, int]
 ) -> dict[int, tuple[torch.Size, torch.Size]]:
-    """The (B, H, N, d) shapes of the q and k each attention layer in ``layers`` hands the loss, per image:
-    one image of the model's size through its own forward up to the last of them, with the RNGs forked (a
-    training-mode student draws dropout). Read, not computed from attributes: an adapter's q/k need not be
-    one head of ``head_dim`` over the patch tokens (CaiT's talking heads mix heads into q' of H·d; windows
-    and mask units are rows of the batch; spatial reduction shortens the keys; class attention has one
-    query row)."""
+    """The (B, H, N, d) shapes of the q and k each layer in ``layers`` hands the loss, per image, read from one
+    forward with the RNGs forked: an adapter's q/k need not be one head of ``head_dim`` over the patch tokens
+    (talking heads, windows as batch rows, reduced keys, class attention's one query row)."""
     weight = next(model.parameters())
     image = torch.zeros(1, *image_shape, dtype=weight.dtype, device=weight.device)
     ios = {layer: AttentionIO(capture="qk", stop=layer == max(layers)) for layer in layers}
@@ -199,16 +181,10 @@ def default_memory_budget(device: torch.device | str) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * MEMORY_FRACTION)
-    available = None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if available is None:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(available * MEMORY_FRACTION)
 
@@ -343,90 +319,57 @@ def measure_ce_paths(
     propagates. If no path runs the device's default is kept."""
     device = torch.device(device)
     started = time.perf_counter()
-    timer = _PathTimer(device)
+    steps: dict[CEPath, Callable[[], None]] = {}
+    times: dict[CEPath, list[float]] = {}
+    skipped: dict[str, str] = {}
+
+    def run(path: CEPath, build: bool = False) -> float | None:
+        """Seconds of one call of ``path``'s step (built first with ``build``); None: it cannot run here."""
+        try:
+            if build:
+                steps[path] = _layer_step(path, shapes, device, gen)
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[path]()
+            _sync(device)
+            return time.perf_counter() - t0
+        except _cannot_run() as err:
+            skipped[str(path)] = _reason(err)
+            say(f"ce_path auto: skipping {path}, it cannot run here: {skipped[str(path)]}")
+            steps.pop(path, None)
+            times.pop(path, None)
+            _free(device)
+            return None
+
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
-        timer.warm_up(paths, shapes, torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        for path in paths:  # the warm-up: kernels compiled, caches warm
+            if run(path, build=True) is not None:
+                times[path] = []
+        order = list(steps)  # fixed: a path that fails later keeps the others' rotation
         for r in range(rounds):
-            timer.run_round(r)
-    timings = timer.medians_ms()
+            shift = r % max(len(order), 1)
+            for path in order[shift:] + order[:shift]:
+                if path in steps and (seconds := run(path)) is not None:
+                    times[path].append(seconds)
+    steps.clear()  # the timed tensors go before the cache is emptied
+    _free(device)
+    timings = {str(p): 1e3 * statistics.median(ts) for p, ts in times.items() if ts}
     if timings:
         best, how = CEPath(min(timings, key=timings.__getitem__)), "measured"
     else:
         best, how = ce_path_for(device), "device default: no path ran"
+    record = {k: v for k, v in asdict(shapes).items() if v or k not in ("key_tokens", "non_square_layers")}
     return CEChoice(
         best,
         how,
         timings_ms=timings,
-        skipped=timer.skipped,
-        shapes=_record_shapes(shapes),
+        skipped=skipped,
+        shapes=record,
         device=str(device),
         seconds=time.perf_counter() - started,
     )
-
-
-class _PathTimer:
-    """Each path's layer step and its timings; any failure of a path removes that path only."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.steps: dict[CEPath, Callable[[], None]] = {}
-        self.times: dict[CEPath, list[float]] = {}
-        self.skipped: dict[str, str] = {}
-        self.order: list[CEPath] = []
-
-    def warm_up(self, paths: Sequence[CEPath], shapes: LayerShapes, gen: torch.Generator) -> None:
-        """Build each path's step and run it once (kernels compiled, caches warm)."""
-        for path in paths:
-            try:
-                step = _layer_step(path, shapes, self.device, gen)
-                step()
-                _sync(self.device)
-            except _cannot_run() as err:
-                self._failed(path, err)
-                continue
-            self.steps[path], self.times[path] = step, []
-        self.order = list(self.steps)  # fixed: a path that fails later keeps the others' rotation
-
-    def run_round(self, r: int) -> None:
-        """One timed call of every path, starting at a different path each round."""
-        order = self.order
-        shift = r % max(len(order), 1)
-        for path in order[shift:] + order[:shift]:
-            if path not in self.steps:
-                continue
-            _sync(self.device)
-            t0 = time.perf_counter()
-            try:
-                self.steps[path]()
-                _sync(self.device)
-            except _cannot_run() as err:
-                self._failed(path, err)
-                continue
-            self.times[path].append(time.perf_counter() - t0)
-
-    def medians_ms(self) -> dict[str, float]:
-        """Median milliseconds per path that ran, after freeing the timed tensors."""
-        self.steps.clear()  # the timed tensors go before the cache is emptied
-        _free(self.device)
-        return {str(p): 1e3 * statistics.median(ts) for p, ts in self.times.items() if ts}
-
-    def _failed(self, path: CEPath, err: BaseException) -> None:
-        self.skipped[str(path)] = _reason(err)
-        say(f"ce_path auto: skipping {path}, it cannot run here: {self.skipped[str(path)]}")
-        self.steps.pop(path, None)
-        self.times.pop(path, None)
-        _free(self.device)
-
-
-def _record_shapes(shapes: LayerShapes) -> dict[str, Any]:
-    """The shapes as run.json records them (``key_tokens`` only where keys are fewer than the tokens)."""
-    record = asdict(shapes)
-    if record["key_tokens"] is None:
-        del record["key_tokens"]
-    if not record["non_square_layers"]:
-        del record["non_square_layers"]
-    return record
 
 
 def _free(device: torch.device) -> None:
@@ -444,10 +387,8 @@ def choose_ce_path(
     paths: Sequence[CEPath | str] | None = None,
     rounds: int = CALIBRATION_ROUNDS,
 ) -> CEChoice | None:
-    """Measure the CE paths for `TeacherStudent` ``pair`` at ``batch`` images per rank on ``device`` and return the
-    fastest (it does not set it: the caller does, on every rank). None when ``pair`` distils no softmax
-    maps. ``budget_bytes`` caps the materialised maps (default `default_memory_budget`); ``paths`` narrows
-    the candidates (default: every path whose requirements hold)."""
+    """The fastest CE path for ``pair`` at ``batch`` images per rank on ``device`` (the caller sets it, on every
+    rank); None where ``pair`` distils no softmax maps. ``budget_bytes`` caps the materialised maps."""
     shapes = layer_shapes(pair, batch, device, student_dtype)
     if shapes is None:
         return None
