@@ -1,13 +1,5 @@
-"""The transfer plan: which student layer takes what from which teacher layer, and what the two are compared
-on, as data.
-
-A plan is built once from the config and the two models, validated there (so a bad combination fails before
-any training step), and printed at start-up. The mode (`modes.TransferMode`) says which teacher q/k/v the
-student borrows (copy); everything the student is compared with its teacher on is a `Comparison` in
-``plan.comparisons``: the mode's distillation (``transfer.mode``, at ``transfer.atd_weight``), logit and
-feature distillation (``transfer.logit_distill``, ``transfer.feature_distill``), and each entry of
-``transfer.losses`` (any registered `ComparisonLoss`).
-"""
+"""The transfer plan as data: which student layer takes what from which teacher layer, and what the two are
+compared on; built once and validated there, so a bad combination fails before any training step."""
 
 from __future__ import annotations
 
@@ -73,9 +65,7 @@ class TransferPlan:
 
     @property
     def compares(self) -> dict[Signal, float]:
-        """What the student is compared with its teacher on, and the weight of each signal (summed where
-        several comparisons share it): the distilled attention signal (maps, q, k or v), the logits, the
-        final token features."""
+        """Each signal the student is compared with its teacher on, and its weight (summed over comparisons)."""
         out: dict[Signal, float] = {}
         for c in self.comparisons:
             if c.pairs or not c.signal.of_layer:
@@ -100,7 +90,7 @@ class TransferPlan:
         return "\n".join(lines)
 
     def _mode_lines(self) -> list[str]:
-        """What the mode borrows or distils, the tokens, heads and drop path, its layers and their losses."""
+        """What the mode borrows or distils, tokens, heads, drop path, layers and losses."""
         m = self.mode
         kind = (
             f"borrow {m.borrow} from teacher"
@@ -160,16 +150,9 @@ def build_plan(
     task_weight: float = 1.0,
     losses: Sequence[Mapping[str, Any]] = (),
 ) -> TransferPlan:
-    """Build and validate a plan for these two models; every incompatibility is a `PlanError`.
-
-    ``logit_weight`` > 0 adds logit distillation (KL at ``logit_temperature``) to any mode, ``none``
-    included; ``feature_weight`` > 0 adds feature distillation (the final token features) to any mode;
-    ``losses`` adds a comparison per entry (``{name: <a registered comparison loss>, weight: ..., signal: ...,
-    <its options>}``; a layer signal is compared at the plan's layers, ``end_layer``/``layers``);
-    ``task_weight`` weighs the task loss (0: none, and nothing reads a label). Students with zoo attention
-    (`attnxfer.models.efficient`) take modes ``none`` and ``distill`` (their implicit maps learn the
-    teacher's, by map kind).
-    """
+    """Build and validate a plan for these two models; every incompatibility is a `PlanError`. Logit and
+    feature distillation (``*_weight`` > 0) and each ``losses`` entry add to any mode; ``task_weight`` 0
+    reads no label. Zoo-attention students take modes ``none`` and ``distill`` only."""
     spec = get_mode(mode)
     s_attn = block_attentions(student)
     requested = _requested(spec, weight, logit_weight, logit_temperature, feature_weight, task_weight, losses)
@@ -226,8 +209,7 @@ def _requested(
     task_weight: float,
     losses: Sequence[Mapping[str, Any]],
 ) -> list[Comparison]:
-    """The comparisons asked for, in the order their losses are summed: the mode's distillation, logit
-    distillation, feature distillation (the config's own keys for them), then each ``transfer.losses`` entry."""
+    """The comparisons asked for, in the order their losses are summed (the mode's first, the entries last)."""
     if logit_weight < 0 or logit_temperature <= 0:
         raise PlanError(
             f"logit distillation needs weight >= 0 and temperature > 0, got weight {logit_weight}, "
@@ -268,9 +250,7 @@ def _check_layer_pairs(
     s_names: Sequence[str],
     share_drop_path: bool,
 ) -> None:
-    """The layer pairs against what the mode and each layer comparison need of them: the same token
-    partitions (unless a map comparison pools the teacher's keys), equal depths for shared drop path, a
-    softmax teacher layer, and per pair what copy and each comparison's loss need (`ComparisonLoss.check_pair`)."""
+    """The layer pairs against what the mode and each layer comparison need of them."""
     s_attn, t_attn = models.student_attn, models.teacher_attn
     of_layers = [c for c in requested if c.signal.of_layer]
     if spec.is_copy:
@@ -299,9 +279,8 @@ def _check_layer_pairs(
 
 
 def _check_copy(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
-    """What borrowing the teacher's q/k/v needs of one (teacher layer, student layer) pair, read from their
-    declared data: a student that takes borrowed q/k, equal head counts, and for one borrowed projection
-    equal head dims (q and k together apply the teacher's map to the student's v: any head dim)."""
+    """What borrowing the teacher's q/k/v needs of one layer pair: equal head counts, and for one borrowed
+    projection equal head dims (q and k together apply the teacher's map to the student's v: any head dim)."""
     if not sa.map_kind.takes_borrowed_qk:
         raise PlanError(
             f"{where}: mode {mode!r} needs softmax attention in the student, but this layer is "

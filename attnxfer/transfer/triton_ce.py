@@ -21,7 +21,6 @@ import functools
 import importlib
 import math
 import os
-from dataclasses import dataclass
 from enum import StrEnum
 from types import ModuleType
 
@@ -105,17 +104,9 @@ def _kernels_for(backend: TritonBackend) -> ModuleType:
     return kern
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """Block sizes and launch options of one call."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _launch(backend: TritonBackend, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> _Launch:
+def _launch(
+    backend: TritonBackend, dtype: torch.dtype, block_m: int | None, block_n: int | None
+) -> tuple[int, int]:
     """Compiled, 4 warps, 2 stages: bf16/fp16 64×64 (no register spills on sm_90 with head dims up to 128,
     g ≤ 2; 128×64 spills), fp32 32×32 (64×64 spills tens of KiB per thread), by `benchmarks/ce_loss.py
     --kernels`. Interpreted: 16×16, ``tl.dot``'s least, so the CPU tests walk several blocks at small N."""
@@ -127,7 +118,7 @@ def _launch(backend: TritonBackend, dtype: torch.dtype, block_m: int | None, blo
     for name, value in (("block_m", bm), ("block_n", bn)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name}={value}: Triton tiles must be a power of two, at least 16")
-    return _Launch(bm, bn, num_warps=4, num_stages=2)
+    return bm, bn
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -143,13 +134,13 @@ def _precision(t: torch.Tensor) -> str:
 class _Call:
     """Shapes, launch constants and the kernel module of one loss evaluation (forward and backward)."""
 
-    def __init__(self, q_s, q_t, scale_s, scale_t, backend, run: _Launch):
+    def __init__(self, q_s, q_t, scale_s, scale_t, backend, blocks: tuple[int, int]):
         self.kern = _kernels_for(backend)
         self.B, self.H_s, self.N, self.d_s = q_s.shape
         self.H_t, self.d_t = q_t.shape[1], q_t.shape[-1]
         self.g = self.H_t // self.H_s
         self.scale_s = scale_s
-        self.run = run
+        self.block_m, self.block_n = blocks
         self.device = q_s.device
         self.scales = dict(c_s=scale_s * _LOG2E, c_t=scale_t * _LOG2E)
         self.const = dict(
@@ -159,10 +150,10 @@ class _Call:
             G_PAD=_pow2(self.g),
             PREC=_precision(q_s),
             UPCAST=backend is TritonBackend.INTERPRETED and torch.bfloat16 in (q_s.dtype, q_t.dtype),
-            BLOCK_M=run.block_m,
-            BLOCK_N=run.block_n,
-            num_warps=run.num_warps,
-            num_stages=run.num_stages,
+            BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n,
+            num_warps=4,
+            num_stages=2,
         )
         self.dims = dict(
             D_S=self.d_s, D_T=self.d_t, BLOCK_DS=_pow2(self.d_s, 16), BLOCK_DT=_pow2(self.d_t, 16)
@@ -183,7 +174,7 @@ class _Call:
         lse_t = torch.empty(self.B, self.H_t, self.N, dtype=torch.float32, device=self.device)
         ent = self.rows() if with_entropy else None
         one_pass_entropy = with_entropy and self.g == 1
-        grid = self.grid(self.run.block_m)
+        grid = self.grid(self.block_m)
         self.launch("_ce_fwd", grid,
             q_s, k_s, q_t, k_t, ce, ent if one_pass_entropy else ce, lse_s, lse_t,
             *q_s.stride(), *k_s.stride(), *q_t.stride(), *k_t.stride(),
@@ -205,10 +196,10 @@ class _Call:
         dq = dk = None
         if want_q:
             dq = torch.empty(q_s.shape, dtype=q_s.dtype, device=self.device)
-            self.launch("_ce_bwd_dq", self.grid(self.run.block_m), *args, dq, *strides, *dq.stride(), **kw)
+            self.launch("_ce_bwd_dq", self.grid(self.block_m), *args, dq, *strides, *dq.stride(), **kw)
         if want_k:
             dk = torch.empty(k_s.shape, dtype=k_s.dtype, device=self.device)
-            self.launch("_ce_bwd_dk", self.grid(self.run.block_n), *args, dk, *strides, *dk.stride(), **kw)
+            self.launch("_ce_bwd_dk", self.grid(self.block_n), *args, dk, *strides, *dk.stride(), **kw)
         return dq, dk
 
 
@@ -334,8 +325,8 @@ def compile_for_arch(
     _check(q_t, k_t, q_s, k_s)
     _require_triton()
     scale_t, scale_s = q_t.shape[-1] ** -0.5, q_s.shape[-1] ** -0.5
-    run = _launch(TritonBackend.COMPILED, q_s.dtype, block_m, block_n)
-    call = _Compile(q_s, q_t, scale_s, scale_t, TritonBackend.COMPILED, run, arch=arch)
+    blocks = _launch(TritonBackend.COMPILED, q_s.dtype, block_m, block_n)
+    call = _Compile(q_s, q_t, scale_s, scale_t, TritonBackend.COMPILED, blocks, arch=arch)
     ce, _, lse_s, lse_t = call.forward(q_s, k_s, q_t, k_t, with_entropy)
     call.backward(torch.ones_like(ce), q_s, k_s, q_t, k_t, lse_s, lse_t, True, True)
     return call.compiled
