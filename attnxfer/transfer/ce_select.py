@@ -105,12 +105,9 @@ class CEChoice:
             )
             line += f"; one layer's attention + loss, forward + backward, median ms: {times}"
             line += f" [calibration {self.seconds:.2f} s]"
-        if self.unavailable:
-            line += "; not tried: " + "; ".join(f"{p} ({why})" for p, why in self.unavailable.items())
-        if self.skipped:
-            line += "; skipped, cannot run here: " + "; ".join(
-                f"{p} ({why})" for p, why in self.skipped.items()
-            )
+        for what, why in (("not tried", self.unavailable), ("skipped, cannot run here", self.skipped)):
+            if why:
+                line += f"; {what}: " + "; ".join(f"{p} ({reason})" for p, reason in why.items())
         return line
 
 
@@ -175,8 +172,7 @@ def _probe_qk(
 
 
 def default_memory_budget(device: torch.device | str) -> int:
-    """`MEMORY_FRACTION` of the free memory in bytes: CUDA's free device memory; on CPU the kernel's
-    MemAvailable (/proc/meminfo), else free physical pages."""
+    """`MEMORY_FRACTION` of the free memory in bytes (CUDA's; on CPU MemAvailable, else free pages)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -233,8 +229,7 @@ def _not_square(shapes: LayerShapes) -> str:
 
 
 def check_forced(path: CEPath | str, device: torch.device | str, shapes: LayerShapes) -> None:
-    """A forced path (``transfer.ce_path`` other than auto) that cannot run on ``device`` for these layers is a
-    `CEPathUnavailable` saying why, before the first step; nothing else is put in its place."""
+    """A `CEPathUnavailable` saying why a forced path cannot run here, before the first step."""
     path = CEPath(path)
     if path is not CEPath.TRITON:
         return
@@ -247,8 +242,7 @@ def check_forced(path: CEPath | str, device: torch.device | str, shapes: LayerSh
 
 
 def _cannot_run() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "this path cannot run here" (`CEPathUnavailable`, the device's memory, Triton
-    out of shared memory or registers); any other exception of a timed path is a bug and propagates."""
+    """The exceptions that mean "this path cannot run here" (Triton's out of resources among them)."""
     kinds: list[type[BaseException]] = [CEPathUnavailable, torch.OutOfMemoryError]
     errors = sys.modules.get("triton.runtime.errors")  # loaded where the triton path ran at all
     if errors is not None and hasattr(errors, "OutOfResources"):
@@ -361,15 +355,7 @@ def measure_ce_paths(
     else:
         best, how = ce_path_for(device), "device default: no path ran"
     record = {k: v for k, v in asdict(shapes).items() if v or k not in ("key_tokens", "non_square_layers")}
-    return CEChoice(
-        best,
-        how,
-        timings_ms=timings,
-        skipped=skipped,
-        shapes=record,
-        device=str(device),
-        seconds=time.perf_counter() - started,
-    )
+    return CEChoice(best, how, timings, skipped, {}, record, str(device), time.perf_counter() - started)
 
 
 def _free(device: torch.device) -> None:

@@ -181,20 +181,10 @@ def _checked_path(path: CEPath | str | None, device: torch.device, lse_s: torch.
 
 def _rows_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
     """``rows``: `FusedRowCE`, the CE and its gradient in one pass over cache-sized row chunks."""
-    grad = torch.is_grad_enabled()
-    ce, ent = FusedRowCE.apply(
-        q_s,
-        k_s,
-        q_t,
-        k_t,
-        scale_s,
-        scale_t,
-        rows_path_chunk(q_t, k_s.shape[-2], chunk),  # cache-sized on CPU
-        with_kl,
-        grad and q_s.requires_grad,
-        grad and k_s.requires_grad,
-        half_on_accelerator(q_t, k_t, q_s, k_s),
-    )
+    want = [torch.is_grad_enabled() and t.requires_grad for t in (q_s, k_s)]
+    rows = rows_path_chunk(q_t, k_s.shape[-2], chunk)  # cache-sized on CPU
+    half = half_on_accelerator(q_t, k_t, q_s, k_s)
+    ce, ent = FusedRowCE.apply(q_s, k_s, q_t, k_t, scale_s, scale_t, rows, with_kl, *want, half)
     return _ce_loss(ce, ce.detach() - ent if with_kl else None)
 
 
@@ -259,27 +249,19 @@ def biased_attention_ce(
     ``valid`` (B, N) marks a padded batch's real tokens (`padding_from_mask`): padded keys get no weight in
     either map and padded rows do not count, so each sample's loss is that of the sample alone, unpadded."""
     scale_t, scale_s = _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s)
-    bias_t = _as_rows(bias_t)
-    bias_s = _as_rows(bias_s)
+    b_t, b_s = (
+        b if b is None or isinstance(b, BiasRows) else BiasRows.of_tensor(b) for b in (bias_t, bias_s)
+    )
+    b_t = b_t.detach() if b_t is not None else None
     grad = torch.is_grad_enabled()
-    if not grad and bias_s is not None:
-        bias_s = bias_s.detach()
+    if not grad and b_s is not None:
+        b_s = b_s.detach()
+    want = [grad and t.requires_grad for t in (q_s, k_s)]
+    rows, inputs = rows_path_chunk(q_s, k_s.shape[-2], chunk), b_s.inputs if b_s is not None else ()
+    q_t, k_t, pad = q_t.detach(), k_t.detach(), _padding(valid, q_s, k_s)
     with _fp32(q_s.device.type):
         ce, ent = FusedBiasedRowCE.apply(
-            q_s,
-            k_s,
-            q_t.detach(),
-            k_t.detach(),
-            bias_s,
-            bias_t.detach() if bias_t is not None else None,
-            _padding(valid, q_s, k_s),
-            scale_s,
-            scale_t,
-            rows_path_chunk(q_s, k_s.shape[-2], chunk),
-            with_kl,
-            grad and q_s.requires_grad,
-            grad and k_s.requires_grad,
-            *(bias_s.inputs if bias_s is not None else ()),
+            q_s, k_s, q_t, k_t, b_s, b_t, pad, scale_s, scale_t, rows, with_kl, *want, *inputs
         )
     return _ce_loss(ce, ce.detach() - ent if with_kl else None)
 
@@ -323,12 +305,6 @@ def padding_from_mask(mask: torch.Tensor | None, tokens: int) -> torch.Tensor | 
             "attention distillation leaves out padded tokens only"
         )
     return None if bool(valid.all()) else valid
-
-
-def _as_rows(bias: torch.Tensor | BiasRows | None) -> BiasRows | None:
-    if bias is None or isinstance(bias, BiasRows):
-        return bias
-    return BiasRows.of_tensor(bias)
 
 
 def attention_ce_reference(
