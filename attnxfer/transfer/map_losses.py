@@ -41,21 +41,17 @@ class MapLoss(StrEnum):
     @property
     def metric(self) -> str:
         """Name of the agreement metric reported beside the loss."""
-        return _METRICS[self]
+        return {"ce": "kl", "mse": "map_mse", "output": "output_mse"}[self]
 
     @property
     def term(self) -> str:
         """Key prefix of the loss among a training step's terms (``attn_ce/3``)."""
-        return _TERMS[self]
+        return {"ce": "attn_ce", "mse": "attn_mse", "output": "attn_output_mse"}[self]
 
     @property
     def logged_metric(self) -> str | None:
         """Key prefix under which the metric is logged beside the loss (KL beside CE), or None."""
         return "attn_kl" if self is MapLoss.CE else None
-
-
-_METRICS = {MapLoss.CE: "kl", MapLoss.MSE: "map_mse", MapLoss.OUTPUT: "output_mse"}
-_TERMS = {MapLoss.CE: "attn_ce", MapLoss.MSE: "attn_mse", MapLoss.OUTPUT: "attn_output_mse"}
 
 
 def map_agreement(loss: MapLoss, value: torch.Tensor, metric: torch.Tensor | None) -> Loss:
@@ -217,39 +213,12 @@ def _implicit_loss(
     return map_agreement(loss, value, metric)
 
 
-def _exact_softmax_ce(
-    student: LayerLogits,
-    teacher: LayerLogits,
-    *,
-    with_metric: bool,
-    chunk: int | None,
-    ce_path: CEPath | str | None,
-) -> Loss:
-    """The exact CE of a softmax student layer: the O(N) identity, or the chunked biased path where either
-    side's logits carry a bias or the batch is padded. ``triton`` takes square maps only."""
-    q_s, k_s = student.q, student.k
-    if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
-        raise CEPathUnavailable(
-            f"the triton CE path takes square maps only, and this student layer's are {q_s.shape[-2]} queries x "
-            f"{k_s.shape[-2]} keys (class attention or reduced keys): use transfer.ce_path=auto, rows or sdpa"
-        )
-    common = dict(scale_t=teacher.scale, scale_s=student.scale, chunk=chunk, with_kl=with_metric)
-    if teacher.bias is not None or student.bias is not None or student.valid is not None:
-        extra = dict(bias_t=teacher.bias, bias_s=student.bias, valid=student.valid)
-        res = biased_attention_ce(teacher.q, teacher.k, q_s, k_s, **common, **extra)
-    else:
-        res = attention_distillation_loss(
-            teacher.q, teacher.k, q_s, k_s, **common, path=ce_path, lse_s=student.lse
-        )
-    return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
-
-
 @dataclass(frozen=True)
 class MapLossRule:
     """How one (student map kind, loss) pair is computed, and what it allows."""
 
     loss: MapLoss
-    #: the exact O(N) row CE of a softmax layer (`_exact_softmax_ce`); else the layer's implicit rows, chunked
+    #: the exact O(N) row CE of a softmax layer; else the layer's implicit rows, chunked
     exact: bool = False
     #: the teacher may have a whole multiple of the student's heads (its maps averaged in groups)
     groups_heads: bool = False
@@ -348,8 +317,23 @@ def map_distillation_loss(
     if teacher.key_pooling is not None:
         if student.scale is not None or student.bias is not None:
             raise InputError("a pooled map loss takes the student's own logit scale and no student bias")
-    elif rule.exact:
-        return _exact_softmax_ce(student, teacher, with_metric=with_metric, chunk=chunk, ce_path=ce_path)
+    elif rule.exact:  # the O(N) identity, or the chunked biased path for logit biases and padded batches
+        q_s, k_s = student.q, student.k
+        if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
+            raise CEPathUnavailable(
+                f"the triton CE path takes square maps only, and this student layer's are {q_s.shape[-2]} "
+                f"queries x {k_s.shape[-2]} keys (class attention or reduced keys): use transfer.ce_path=auto, "
+                "rows or sdpa"
+            )
+        common = dict(scale_t=teacher.scale, scale_s=student.scale, chunk=chunk, with_kl=with_metric)
+        if teacher.bias is not None or student.bias is not None or student.valid is not None:
+            extra = dict(bias_t=teacher.bias, bias_s=student.bias, valid=student.valid)
+            res = biased_attention_ce(teacher.q, teacher.k, q_s, k_s, **common, **extra)
+        else:
+            res = attention_distillation_loss(
+                teacher.q, teacher.k, q_s, k_s, **common, path=ce_path, lse_s=student.lse
+            )
+        return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
     return _implicit_loss(rule.loss, attn, student, teacher, chunk)
 
 
