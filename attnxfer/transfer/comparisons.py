@@ -157,12 +157,9 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
     """Class decorator: register the `ComparisonLoss` under ``name`` (what ``transfer.losses`` entries say)."""
 
     def register(cls: _L) -> _L:
-        held = COMPARISON_LOSSES.get(name)
-        if held is not None and (type(held).__module__, type(held).__qualname__) != (
-            cls.__module__,
-            cls.__qualname__,
-        ):
-            raise ValueError(f"comparison loss {name!r} is already registered by {type(held).__qualname__}")
+        held = type(COMPARISON_LOSSES[name]) if name in COMPARISON_LOSSES else cls
+        if (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"comparison loss {name!r} is already registered by {held.__qualname__}")
         if not cls.signals:
             raise ValueError(f"comparison loss {name!r}: say which signals it compares (signals = (...))")
         loss = cls()

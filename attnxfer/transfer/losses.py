@@ -23,7 +23,7 @@ from ..models.attention.lse import row_logsumexp
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
 from ..models.attention.numerics import compute_dtype, fp32_section as _fp32, row_chunk as _auto_chunk
 from .materialised_ce import half_on_accelerator, materialised_bytes as materialised_bytes, materialised_ce
-from .row_ce import FusedBiasedRowCE, FusedRowCE, rows_path_chunk
+from .row_ce import FusedBiasedRowCE, FusedRowCE, grouped_mean, rows_path_chunk
 from .step_loss import Loss
 from .triton_ce import CEPathUnavailable as CEPathUnavailable, triton_row_ce
 
@@ -96,13 +96,8 @@ def _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s) -> tuple[float, float]
 def _teacher_times(q_t, k_t, values, scale_t):
     """(P̄_t V): the teacher's map (head groups averaged) applied to ``values``, via SDPA."""
     groups = q_t.shape[1] // values.shape[1]
-    if groups > 1:
-        values = values.repeat_interleave(groups, dim=1)
-    out = sdpa(q_t, k_t, values, scale=scale_t)
-    if groups > 1:
-        B, _, N, d = out.shape
-        out = out.reshape(B, -1, groups, N, d).mean(dim=2)
-    return out
+    values = values.repeat_interleave(groups, dim=1) if groups > 1 else values
+    return grouped_mean(sdpa(q_t, k_t, values, scale=scale_t), groups)
 
 
 @torch.no_grad()
@@ -131,7 +126,7 @@ def teacher_entropy(
         for start in range(0, N, step):
             rows = slice(start, start + step)
             p = torch.softmax((q_t[..., rows, :] @ k_t.transpose(-2, -1)) * scale_t, dim=-1)
-            p = p.reshape(B, student_heads, groups, p.shape[-2], p.shape[-1]).mean(2)
+            p = grouped_mean(p, groups)
             out[..., rows] = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
         return out
 
@@ -322,9 +317,7 @@ def attention_ce_reference(
         dtype = compute_dtype(q_s)
         q_t, k_t, q_s, k_s = q_t.detach().to(dtype), k_t.detach().to(dtype), q_s.to(dtype), k_s.to(dtype)
         p_t = torch.softmax((q_t @ k_t.transpose(-2, -1)) * scale_t, dim=-1)
-        B, H_t, N, M = p_t.shape
-        H_s = q_s.shape[1]
-        p_t = p_t.reshape(B, H_s, H_t // H_s, N, M).mean(2)
+        p_t = grouped_mean(p_t, p_t.shape[1] // q_s.shape[1])
         log_p_s = torch.log_softmax((q_s @ k_s.transpose(-2, -1)) * scale_s, dim=-1)
         ce = -(p_t * log_p_s).sum(-1).mean()
         entropy = -(p_t * torch.log(p_t.clamp_min(torch.finfo(p_t.dtype).tiny))).sum(-1).mean()
