@@ -70,8 +70,7 @@ class MapComparison(ComparisonLoss):
         )
 
     def note(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> str:
-        """What the layer's loss compares, as the map-loss table says for its map kind (pooled onto the
-        teacher's reduced keys where they differ from the student's)."""
+        """What the layer's loss compares, as the map-loss table says for its map kind."""
         sa, ta = models.student_attn[s], models.teacher_attn[t]
         text = f"{attention_name_of(sa)}: {map_loss_rule(sa.map_kind).describe}"
         reduced = reduced_keys(ta)
@@ -80,8 +79,7 @@ class MapComparison(ComparisonLoss):
         return text
 
     def wants_lse(self, pair: LayerPair, ce_path: CEPath) -> bool:
-        """A softmax layer without a logit bias on either side, on a path that takes the log-sum-exp from the
-        student's attention kernel."""
+        """A softmax layer without logit biases, on a path that takes the student kernel's log-sum-exp."""
         return (
             ce_path.needs_student_lse
             and pair.student_attn.map_kind is MapKind.SOFTMAX
@@ -114,14 +112,13 @@ class MapComparison(ComparisonLoss):
         )
         layer = pair.student_layer
         kl = res.logs.get(MapLoss.CE.metric)  # logged beside CE (an MSE's metric is the loss itself)
-        logs = {} if kl is None else {f"{MapLoss.CE.logged_metric}/{layer}": kl}
+        logs = {} if kl is None else {f"attn_kl/{layer}": kl}
         return Loss(res.total, {f"{term}/{layer}": value for term, value in res.terms.items()}, logs)
 
 
 @comparison_loss("mse")
 class ProjectionMSE(ComparisonLoss):
-    """MSE between the student layer's q, k or v and the teacher layer's, head by head (equal heads and head
-    dims)."""
+    """MSE between the student layer's q, k or v and the teacher layer's, head by head."""
 
     signals = (Signal.Q, Signal.K, Signal.V)
 
@@ -161,8 +158,7 @@ def check_head_dims_match(who: str, where: str, ta: nn.Module, sa: nn.Module) ->
 
 
 def _pooled_keys(teacher_sig: Mapping[str, Any], k_s: torch.Tensor) -> KeyPooling | None:
-    """The teacher layer's `KeyPooling` where its keys reduce the tokens the student layer keys (a PVTv2
-    teacher's spatial reduction, a zoo student over every token: the plan's pooled pairs), else None."""
+    """The teacher layer's `KeyPooling` where its keys reduce the tokens the student layer keys, else None."""
     pooling = teacher_sig.get("key_pooling")
     if pooling is None or k_s.shape[-2] != pooling.num_tokens or teacher_sig["k"].shape[-2] == k_s.shape[-2]:
         return None

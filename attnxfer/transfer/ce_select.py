@@ -133,9 +133,7 @@ def layer_shapes(
         return None
     s, t = softmax[0]
     teacher_dtype = pair._teacher_dtype(torch.device(device))
-    # both models see the student's images: (channels, height, width) it was built for (`image_input`: its
-    # patch embedding, else the size timm recorded at build time, else ``pretrained_cfg``, which a run stamps
-    # with its input size in `apps.run.parts.stamp_input_cfg`)
+    # both models see the student's images, of the size it was built for (`image_input`)
     info = image_input(pair.student)
     image = (int(info.in_chans), int(info.img_size[0]), int(info.img_size[1]))
     student = _probe_qk(pair.student, sorted({layer for layer, _ in softmax}), image)
@@ -198,7 +196,7 @@ def candidate_paths(
     named = paths is not None
     out, unavailable = [], {}
     for path in CE_PATHS if paths is None else [CEPath(p) for p in paths]:
-        if path.builds_maps:
+        if path is CEPath.MATERIALISED:  # N×N maps per distilled layer, kept until backward
             need = materialised_bytes(
                 shapes.batch, shapes.tokens, shapes.student_heads, shapes.teacher_heads, shapes.layers
             )
@@ -206,7 +204,7 @@ def candidate_paths(
             if need > budget_bytes:
                 unavailable[str(path)] = f"maps need {_gib(need)}, budget {_gib(budget_bytes)}"
                 continue
-        if not named and path.needs_cuda and device.type != "cuda":
+        if not named and path is CEPath.TRITON and device.type != "cuda":
             unavailable[str(path)] = "needs CUDA"
             continue
         if not named and path is CEPath.TRITON and shapes.teacher_heads != shapes.student_heads:
@@ -373,8 +371,7 @@ def choose_ce_path(
     paths: Sequence[CEPath | str] | None = None,
     rounds: int = CALIBRATION_ROUNDS,
 ) -> CEChoice | None:
-    """The fastest CE path for ``pair`` at ``batch`` images per rank on ``device`` (the caller sets it, on every
-    rank); None where ``pair`` distils no softmax maps. ``budget_bytes`` caps the materialised maps."""
+    """The fastest CE path for ``pair`` at ``batch`` images per rank (None: it distils no softmax maps)."""
     shapes = layer_shapes(pair, batch, device, student_dtype)
     if shapes is None:
         return None

@@ -31,8 +31,7 @@ class Comparison:
     pairs: tuple[tuple[int, int], ...] = ()
     #: per pair, what the loss compares there, in words (printed with the plan; empty where it says nothing)
     notes: tuple[str, ...] = ()
-    #: who asked for it, in the config's words ("mode 'distill'", "transfer.logit_distill",
-    #: "transfer.losses[0]"): what a message about it names
+    #: who asked for it, in the config's words ("transfer.losses[0]"): what a message about it names
     origin: str = ""
 
     @property
@@ -102,7 +101,6 @@ class ComparisonLoss:
     #: it computes softmax students' exact CE on the run's ``transfer.ce_path`` (what `ce_select` times)
     uses_ce_path: ClassVar[bool] = False
 
-    # -- when the plan is built
     def check(self, comparison: Comparison, models: PlanModels) -> None:
         """Refuse a comparison these models cannot make (before its layer pairs are checked one by one)."""
         if models.teacher is None:
@@ -127,7 +125,6 @@ class ComparisonLoss:
             line += ", student layers " + ", ".join(f"{s}<-{t}" for s, t in comparison.pairs)
         return [line]
 
-    # -- when it runs
     def chunks(self, comparison: Comparison) -> Chunks:
         """What each teacher layer hands over and each student layer captures: what the signal is made of."""
         return Chunks(comparison.signal) if comparison.signal.chunks else Chunks()
@@ -183,8 +180,7 @@ ENTRY_KEYS = ("name", "weight", "signal")
 
 
 def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
-    """One ``transfer.losses`` entry (``{name, weight, signal, <the loss's options>}``) as a `Comparison`;
-    anything it cannot be is a `PlanError` naming ``origin``."""
+    """One ``transfer.losses`` entry as a `Comparison`; anything it cannot be is a `PlanError` naming ``origin``."""
     if not isinstance(entry, Mapping) or "name" not in entry:
         raise PlanError(
             f"{origin}: write a mapping with the loss's name, e.g. {{name: logit_kd, weight: 1.0}}"

@@ -56,11 +56,9 @@ class LayerConversion:
     loss: MapLoss | None  # None for softmax layers, which are the teacher's already
     trainable: list[str] = field(default_factory=list)
     num_trainable: int = 0
-    #: the attention's own stage-1 objective (``fit_objective``), which replaces the map loss as what
-    #: stage 1 minimises; ``loss`` then only names the agreement metric logged beside it
+    #: the attention's own stage-1 objective (``fit_objective``), minimised instead of ``loss`` (then a metric)
     objective: str | None = None
-    #: how the teacher's keys reduce the stage's tokens ("4x4 blocks", "7x7 adaptive bins": stage 1 pools the
-    #: student's map rows, over every token, onto the teacher's keys), or None: its keys are its tokens
+    #: how the teacher's keys reduce the stage's tokens ("4x4 blocks"), onto which stage 1 pools the student's rows
     teacher_keys: str | None = None
 
 
@@ -232,8 +230,7 @@ def layer_fit_loss(
     """Stage 1's loss for one layer on the teacher's input and its agreement metric: the layer's map loss, or
     its attention's own ``fit_objective`` (hashing's) with the map metric beside it."""
     x = signals[Signal.INPUT]
-    # the teacher layer's per-call extras the student layer takes too: a rope teacher's rotary embedding (the
-    # student's q and k are rotated as the teacher's were)
+    # a rope teacher's rotary embedding: the student's q and k are rotated as the teacher's were
     call = {"rope": signals["rope"]} if signals.get("rope") is not None else {}
     if layer.loss is MapLoss.OUTPUT and not layer.objective:
         loss = output_mse(attn(x, **call), signals[Signal.OUTPUT])

@@ -32,8 +32,7 @@ from .step_loss import Loss
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
-    """timm's ``num_prefix_tokens`` (class and register tokens before the patches); 0 where a family has none
-    (Swin, PVTv2, Twins, Hiera)."""
+    """timm's ``num_prefix_tokens`` (class and register tokens); 0 where a family has none (Swin, PVTv2)."""
     return int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 

@@ -38,16 +38,6 @@ class CEPath(StrEnum):
     MATERIALISED = "materialised"  # the reference's way: both N×N maps built, autograd through them
 
     @property
-    def needs_cuda(self) -> bool:
-        """The path runs its kernels only on CUDA (Triton's interpreter aside)."""
-        return self is CEPath.TRITON
-
-    @property
-    def builds_maps(self) -> bool:
-        """The path holds N×N maps per distilled layer until backward: `materialised_bytes` says how much."""
-        return self is CEPath.MATERIALISED
-
-    @property
     def needs_student_lse(self) -> bool:
         """The student layer must hand out its log-sum-exp (`AttentionIO.return_lse`)."""
         return self is CEPath.ATTENTION_LSE
@@ -198,8 +188,7 @@ def _triton_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> L
 
 
 def _sdpa_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
-    """``sdpa`` and ``attention_lse``: CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩, P̄_t K_s by SDPA; lse_s given
-    (the student's attention kernel) or by the chunked `row_logsumexp`."""
+    """``sdpa`` and ``attention_lse``: CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩, lse_s given or `row_logsumexp`'s."""
     if not half_on_accelerator(q_t, k_t, q_s, k_s):
         dtype = compute_dtype(q_s)
         q_t, k_t, q_s, k_s = (t.to(dtype) for t in (q_t, k_t, q_s, k_s))

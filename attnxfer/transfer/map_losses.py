@@ -48,11 +48,6 @@ class MapLoss(StrEnum):
         """Key prefix of the loss among a training step's terms (``attn_ce/3``)."""
         return {"ce": "attn_ce", "mse": "attn_mse", "output": "attn_output_mse"}[self]
 
-    @property
-    def logged_metric(self) -> str | None:
-        """Key prefix under which the metric is logged beside the loss (KL beside CE), or None."""
-        return "attn_kl" if self is MapLoss.CE else None
-
 
 def map_agreement(loss: MapLoss, value: torch.Tensor, metric: torch.Tensor | None) -> Loss:
     """One layer's map loss as a `Loss`: one term named by its kind (``attn_ce``), the detached metric in ``logs``."""
@@ -76,14 +71,12 @@ class LayerLogits:
     bias: torch.Tensor | BiasRows | None = None
     #: (B, N) the real tokens of a padded batch (`losses.padding_from_mask`); None: every token is real
     valid: torch.Tensor | None = None
-    #: the teacher's keys as a pooling of the student's tokens (PVTv2's spatial reduction, captured with its
-    #: q and k): the student's rows are pooled onto them; None: the same keys
+    #: the teacher's keys as a pooling of the student's tokens (PVTv2's spatial reduction); None: the same keys
     key_pooling: KeyPooling | None = None
     #: the student's rows' log-sum-exp from its own attention kernel (``CEPath.ATTENTION_LSE``), or None
     lse: torch.Tensor | None = None
 
 
-# --------------------------------------------------------------------------------------- the computations
 def _teacher_rows(teacher: LayerLogits, rows: slice) -> torch.Tensor:
     q_t, k_t = teacher.q, teacher.k
     scale_t = q_t.shape[-1] ** -0.5 if teacher.scale is None else teacher.scale
@@ -112,8 +105,7 @@ def _student_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -> to
 
 
 def _student_log_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -> torch.Tensor:
-    """log of `_student_rows` (zeros floored at fp32's tiny); a softmax student's pooled rows exactly, as
-    log-sum-exp per block minus the row's log-sum-exp."""
+    """log of `_student_rows` (zeros floored at fp32's tiny); a softmax student's pooled rows exactly."""
     if pooling is not None and attn.map_kind is MapKind.SOFTMAX:
         logits = (q_s[:, :, rows] * attn.logit_scale(q_s)) @ k_s.transpose(-2, -1)
         return pooling.log_pool(logits) - logits.logsumexp(-1, keepdim=True)
@@ -160,8 +152,7 @@ def _check_equal_shapes(student: LayerLogits, teacher: LayerLogits) -> None:
 
 
 def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
-    """``fn``'s (loss sum, entropy sum) over query-row chunks of ``step`` rows; under autograd each chunk
-    is checkpointed, so its rows are rebuilt in backward instead of kept."""
+    """``fn``'s (loss sum, entropy sum) over row chunks, each checkpointed under autograd (rebuilt in backward)."""
     N = q_s.shape[2]
     grad = torch.is_grad_enabled() and (
         q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
@@ -178,8 +169,7 @@ def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
 def _implicit_loss(
     loss: MapLoss, attn: TransferableAttention, student: LayerLogits, teacher: LayerLogits, chunk: int | None
 ) -> Loss:
-    """CE or MSE from the layer's rows (`attention_map`, which knows the layer's own scale), in checkpointed
-    row chunks; the metric is free. A student logit bias is refused (``attention_map`` has none)."""
+    """CE or MSE from the layer's rows (`attention_map`, which knows the layer's own scale); the metric is free."""
     if student.bias is not None:
         raise InputError(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"

@@ -70,8 +70,7 @@ MAPS_TRANSIENT = 3
 
 
 def materialised_bytes(batch: int, tokens: int, student_heads: int, teacher_heads: int, layers: int) -> int:
-    """Bytes the ``materialised`` path's maps take at a step's peak, ``layers`` distilled softmax layers:
-    what `attnxfer.transfer.ce_select` compares with the memory budget before it times the path."""
+    """Bytes the ``materialised`` path's maps take at a step's peak with ``layers`` distilled softmax layers."""
     per_map = 4 * batch * tokens * tokens
     kept = MAPS_KEPT_PER_LAYER * student_heads * layers
     return per_map * (kept + MAPS_TRANSIENT * max(student_heads, teacher_heads))

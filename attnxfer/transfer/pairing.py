@@ -155,10 +155,11 @@ def _show(v) -> str:
     return "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
-def _layout_mismatch(
-    student: nn.Module, t_grid: tuple[int, ...], t_prefix: int, s_grid: tuple[int, ...], s_prefix: int
-) -> str:
-    """What differs between the two token layouts, and the student settings that match the teacher's."""
+def check_token_layouts(teacher: nn.Module, student: nn.Module) -> None:
+    """Teacher and student see the same tokens (grid and prefix), or one `PlanError` saying what to set."""
+    (t_grid, t_prefix), (s_grid, s_prefix) = token_layout(teacher), token_layout(student)
+    if (t_grid, t_prefix) == (s_grid, s_prefix):
+        return
     fmt = lambda g: "x".join(map(str, g)) or "?"
     fixes = []
     if t_grid != s_grid:
@@ -175,15 +176,8 @@ def _layout_mismatch(
             if t_prefix >= 1
             else "class_token=False, global_pool='avg' (the teacher has no prefix token)"
         )
-    return (
+    raise PlanError(
         f"token grids differ: teacher has {fmt(t_grid)} patches + {t_prefix} prefix token(s), "
         f"student {fmt(s_grid)} + {s_prefix}. Give the student the teacher's tokens (attention maps are "
         f"token-by-token); for a timm ViT student: {', '.join(fixes)}."
     )
-
-
-def check_token_layouts(teacher: nn.Module, student: nn.Module) -> None:
-    """Teacher and student see the same tokens (grid and prefix), or one `PlanError` saying what to set."""
-    (t_grid, t_prefix), (s_grid, s_prefix) = token_layout(teacher), token_layout(student)
-    if (t_grid, t_prefix) != (s_grid, s_prefix):
-        raise PlanError(_layout_mismatch(student, t_grid, t_prefix, s_grid, s_prefix))

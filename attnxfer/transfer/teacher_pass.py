@@ -162,7 +162,7 @@ def _eager(module: nn.Module) -> Iterator[None]:
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor | dict, logits: bool) -> dict[Signal, torch.Tensor]:
-    """The model's final token features and, with ``logits``, its head's output: ``model(x)``, features kept."""
+    """``model(x)``'s final token features and, with ``logits``, its head's output, in one forward."""
     if isinstance(x, dict):
         raise ValueError(
             "feature distillation compares final tokens of image batches; a patch batch (a dict of patches, "

@@ -75,8 +75,7 @@ def _drop_rates(block: nn.Module) -> Iterator[tuple[str, float]]:
 def _shared_drop_path(
     pairs: list[tuple[nn.Module, nn.Module]], batch: int, device: torch.device
 ) -> Iterator[None]:
-    """For each (student block, teacher block), in order, draw the student's per-sample drop-path masks once
-    and use them in both blocks (the draws in the order the student's own forward would make them)."""
+    """Draw the student's drop-path masks once per block, in its own forward's order, and use them in both."""
     saved = []
     try:
         for student_blk, teacher_blk in pairs:
@@ -120,8 +119,7 @@ class TeacherStudent(nn.Module):
         self.plan = plan if plan is not None else build_plan(teacher, student, mode)
         self.teacher_dtype = teacher_dtype
         self.ce_path = CEPath(ce_path) if ce_path is not None else None
-        # KL = CE − H(P_t) costs one more teacher pass per layer and is only logged: the engine
-        # switches it on for the steps it logs.
+        # KL = CE − H(P_t) costs a teacher pass per layer and is only logged: the engine sets it per step
         self.log_kl = True
         self._student_layers = attention_layers(student)
         self._teacher_layers = attention_layers(teacher) if teacher is not None else []
@@ -131,7 +129,6 @@ class TeacherStudent(nn.Module):
             for s_layer, _ in self.plan.pairs:
                 self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
 
-    # -- the guest -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)
         if self.teacher is not None:
@@ -142,7 +139,6 @@ class TeacherStudent(nn.Module):
         """The dtype the teacher runs in next to ``device`` (bf16 on CUDA unless told otherwise)."""
         return self.teacher_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    # -- what the teacher hands over -------------------------------------------------------------
     def teacher_needs(self) -> TeacherNeeds:
         """What a step in the current mode (training or eval) needs of the teacher; empty: it need not run."""
         plan, mode = self.plan, self.plan.mode
@@ -161,8 +157,7 @@ class TeacherStudent(nn.Module):
 
     @property
     def owns_teacher_pass(self) -> bool:
-        """Whether this pair's teacher pass can be no other pair's: with shared drop path in training and a
-        student that drops paths, the teacher's blocks take the student's drop-path masks of the step."""
+        """Whether this pair's teacher pass can be no other pair's (it takes the student's drop-path masks)."""
         if not (self.plan.share_drop_path and self.training):
             return False
         pairs = self._drop_path_pairs(self.teacher_needs().last_layer)
@@ -185,7 +180,6 @@ class TeacherStudent(nn.Module):
             x = x.to(dtype)
         return run_teacher(self.teacher, x, needs, self._teacher_layers)
 
-    # -- forward ---------------------------------------------------------------------------
     def forward(
         self, x: torch.Tensor | dict[str, torch.Tensor], handover: TeacherHandover | None = None
     ) -> TransferOutput:

@@ -34,8 +34,7 @@ _LOG2E = 1.0 / math.log(2.0)
 
 
 class CEPathUnavailable(UserError, RuntimeError):
-    """A CE path that cannot run here (its device, a package it needs, the layer's shapes): the message says
-    why and what to use instead. ``transfer.ce_path: auto`` skips such a path; a forced one stops the run."""
+    """A CE path that cannot run here; ``transfer.ce_path: auto`` skips it, a forced one stops the run."""
 
 
 class TritonBackend(StrEnum):
