@@ -1,13 +1,10 @@
 """`transfer.ce_path: auto`: the CE path is measured on the run's device and shapes, not assumed.
 
-The five `CEPath`s compute the same loss, and which is fastest depends on the device, N, head dims and dtype
-(an H100 ran the materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows`` fastest at large
-N). A path that cannot run here (`_cannot_run`: a missing package, the device's memory) is skipped and why is
-recorded; any other exception is a bug and stops the run. A forced path that cannot run is refused, never
-replaced. What is timed is one distilled layer alone on the run's real shapes (attention core plus loss,
-forward and backward): the paths differ only there, it costs far below 2 % of a 1,000-step run, and it
-touches no parameter, optimiser state or RNG stream, so a calibrated run stays bit-identical to one told
-the chosen path.
+Which of the five `CEPath`s is fastest depends on device, N, head dims and dtype (an H100 ran the
+materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows`` fastest at large N). What is timed
+is one distilled layer on the run's real shapes (attention core plus loss, forward and backward): the paths
+differ only there, it costs far below 2 % of a 1,000-step run, and it touches no parameter, optimiser
+state or RNG stream, so a calibrated run stays bit-identical to one told the chosen path.
 """
 
 from __future__ import annotations
@@ -117,9 +114,8 @@ def layer_shapes(
     device: torch.device | str = "cpu",
     student_dtype: torch.dtype = torch.float32,
 ) -> LayerShapes | None:
-    """The shapes ``pair`` hands its first distilled softmax layer's loss at ``batch`` images per rank (None:
-    no softmax maps distilled, no CE path used), read from one probe image (`_probe_qk`) so that a family's
-    own layout (talking heads' H·d, windows) is what is timed."""
+    """The shapes ``pair`` hands its first distilled softmax layer's loss at ``batch`` images per rank (None: no
+    softmax maps distilled), read from one probe image so that a family's own layout is what is timed."""
     if pair.teacher is None:
         return None
     softmax = [
@@ -189,31 +185,28 @@ def candidate_paths(
     budget_bytes: int,
     paths: Sequence[CEPath | str] | None = None,
 ) -> tuple[list[CEPath], dict[str, str]]:
-    """The paths worth timing and, for the others, why not. ``paths`` (default: all) narrows the set; a
-    path named there is tried even where its device requirement fails (it then raises and is skipped),
-    but the materialised maps are never built beyond ``budget_bytes``."""
+    """The paths worth timing and, for the others, why not. A path named in ``paths`` is tried even where its
+    device requirement fails (it then raises and is skipped); the materialised maps keep to ``budget_bytes``."""
     device = torch.device(device)
     named = paths is not None
     out, unavailable = [], {}
     for path in CE_PATHS if paths is None else [CEPath(p) for p in paths]:
         if path is CEPath.MATERIALISED:  # N×N maps per distilled layer, kept until backward
-            need = materialised_bytes(
-                shapes.batch, shapes.tokens, shapes.student_heads, shapes.teacher_heads, shapes.layers
-            )
+            heads = (shapes.student_heads, shapes.teacher_heads)
+            need = materialised_bytes(shapes.batch, shapes.tokens, *heads, shapes.layers)
             need = need * shapes.keys // shapes.tokens  # the maps are N_q x N_k
             if need > budget_bytes:
                 unavailable[str(path)] = f"maps need {_gib(need)}, budget {_gib(budget_bytes)}"
                 continue
-        if not named and path is CEPath.TRITON and device.type != "cuda":
-            unavailable[str(path)] = "needs CUDA"
-            continue
+        why = _not_square(shapes) if path is CEPath.TRITON else ""
         if not named and path is CEPath.TRITON and shapes.teacher_heads != shapes.student_heads:
-            unavailable[str(path)] = "needs one teacher head per student head"
-            continue
-        if path is CEPath.TRITON and _not_square(shapes):
-            unavailable[str(path)] = _not_square(shapes)
-            continue
-        out.append(path)
+            why = "needs one teacher head per student head"
+        if not named and path is CEPath.TRITON and device.type != "cuda":
+            why = "needs CUDA"
+        if why:
+            unavailable[str(path)] = why
+        else:
+            out.append(path)
     return out, unavailable
 
 
@@ -255,10 +248,8 @@ def _gib(n: int) -> str:
 def _layer_step(
     path: CEPath, shapes: LayerShapes, device: torch.device, gen: torch.Generator
 ) -> Callable[[], None]:
-    """One distilled layer's training work on ``path``: the student's attention core and the loss,
-    forward and backward. q/k/v are strided views of one (B, N, 3, H, d) tensor, as timm's fused qkv
-    projection hands them out (k/v from a second tensor of ``key_tokens`` rows where keys are fewer); the
-    teacher's q/k carry no gradient."""
+    """One distilled layer's training work on ``path``, the student's attention core and the loss, forward and
+    backward, on q/k/v that are strided views of one (B, N, 3, H, d) tensor, as timm's fused qkv hands them out."""
     B, N, M = shapes.batch, shapes.tokens, shapes.keys
     s_dtype, t_dtype = getattr(torch, shapes.student_dtype), getattr(torch, shapes.teacher_dtype)
     qkv = torch.randn(B, N, 3, shapes.student_heads, shapes.student_dim, generator=gen)

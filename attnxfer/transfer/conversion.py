@@ -178,13 +178,12 @@ def build_conversion_plan(
         student_layers = attention_layers(student)
     except TypeError as e:
         raise InputError(f"student: {e}; convert students use registered attentions") from None
-    depth = len(attention_layers(teacher))
-    if len(student_layers) != depth:
-        raise InputError(
-            f"student has {len(student_layers)} attention layers, teacher {depth}: conversion keeps the "
-            "teacher's depth (build the student with build_efficient_student)"
-        )
     teacher_layers = attention_layers(teacher)
+    if len(student_layers) != len(teacher_layers):
+        raise InputError(
+            f"student has {len(student_layers)} attention layers, teacher {len(teacher_layers)}: conversion "
+            "keeps the teacher's depth (build the student with build_efficient_student)"
+        )
     layers = []
     for i, (qualified, attn) in enumerate(student_layers):
         if not isinstance(attn, TransferableAttention):

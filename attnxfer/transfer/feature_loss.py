@@ -1,13 +1,11 @@
 """Feature distillation: a student's final token features (after the final norm) pulled onto its frozen
-teacher's, per token ``(1 - cos(s, t)) + smooth_l1((s - mu_t) / sigma_t, (t - mu_t) / sigma_t)`` with mu_t,
-sigma_t the teacher token's channel statistics, averaged over tokens in fp32.
+teacher's, per token ``(1 - cos(s, t)) + smooth_l1((s - mu_t) / sigma_t, (t - mu_t) / sigma_t)`` (mu_t,
+sigma_t: the teacher token's channel statistics), averaged over tokens in fp32.
 
-Why this form: CLIP and DINOv2 carry a few tokens tens of times the norm of the rest and a few huge
-channels, so a plain MSE is a loss on those. Standardising each token by its teacher token's own statistics
-(as Wei et al. 2022 whiten their targets) puts every token on one scale with no batch statistics; smooth-L1
-grows linearly past ``beta`` standard deviations, so outlier channels cannot dominate the gradient; the
-cosine aligns directions (what k-NN and linear probes read). The student takes the teacher's statistics, so
-matching also matches the teacher's scale.
+Why: CLIP and DINOv2 carry a few tokens of tens of times the others' norm and a few huge channels, which a
+plain MSE would be all about. Standardising by the teacher token's own statistics (as Wei et al. 2022
+whiten targets) puts every token on one scale without batch statistics; smooth-L1 keeps outlier channels
+from dominating the gradient; the cosine aligns directions (what k-NN and linear probes read).
 """
 
 from __future__ import annotations

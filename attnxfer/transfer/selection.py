@@ -1,11 +1,9 @@
-"""A hybrid student chosen under a speed budget: per block softmax or one candidate attention (no I/O, no config).
+"""A hybrid student under a speed budget: per block softmax or one candidate attention (no I/O, no config).
 
-Block l keeps softmax or takes candidate c at sensitivity s[l][c], saving ``softmax_ms - ms[c]`` (a flat
-ViT's blocks have one width, so a candidate's time is the same in every block); a speedup S needs savings
-of ``teacher_ms * (1 - 1/S)``. That is a multiple-choice knapsack, solved exactly by dynamic programming
-on the saving cut into `RESOLUTION` units, each option's saving rounded *down*, so every accepted
-assignment meets the budget in real time too (`brute_force` checks optimality in the tests). Summing
-sensitivities assumes they add, true to first order around the model they were measured on.
+Block l keeps softmax or takes candidate c at sensitivity s[l][c], saving ``softmax_ms - ms[c]``; a speedup S
+needs savings of ``teacher_ms * (1 - 1/S)``. This multiple-choice knapsack is solved exactly by dynamic
+programming on the saving cut into `RESOLUTION` units, each option rounded *down*, so every accepted
+assignment meets the budget in real time too (`brute_force` checks optimality in the tests).
 """
 
 from __future__ import annotations
