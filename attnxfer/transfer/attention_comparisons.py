@@ -1,7 +1,5 @@
-"""The comparison losses of attention layers: ``map`` (a layer's attention map against its teacher layer's, by
-the loss of the student layer's map kind, `map_losses`) and ``mse`` (a layer's q, k or v against the
-teacher's, element-wise). ``transfer.mode=distill`` is a ``map`` comparison of the plan's layers,
-``distill_q``/``distill_k``/``distill_v`` an ``mse`` one, at ``transfer.atd_weight``."""
+"""The comparison losses of attention layers: ``map`` (a layer's map against its teacher layer's, by the loss of
+its map kind) and ``mse`` (q, k or v element-wise): ``transfer.mode=distill`` and ``distill_q/k/v``."""
 
 from __future__ import annotations
 
@@ -26,9 +24,7 @@ from .step_loss import Loss
 
 @comparison_loss("map")
 class MapComparison(ComparisonLoss):
-    """The student layer's attention map against the teacher layer's softmax map, by the loss of the student
-    layer's map kind (`map_losses.MAP_LOSS_RULES`: the exact O(N) row CE for softmax, the implicit rows'
-    CE or MSE for zoo attentions), pooled onto the teacher's reduced keys where they reduce the student's."""
+    """The student layer's attention map against the teacher layer's softmax map, by its map kind's loss."""
 
     signals = (Signal.MAPS,)
     uses_ce_path = True
@@ -60,10 +56,8 @@ class MapComparison(ComparisonLoss):
             )
 
     def pools_teacher_keys(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> bool:
-        """A student layer that keys every token of its stage (it declares no partition of its own: a zoo
-        attention) against a teacher layer that says which tokens each of its keys was made from
-        (``key_pooling``: PVTv2's spatial reduction): the student's rows are pooled onto the teacher's keys,
-        as stage 1 of a conversion does."""
+        """A student layer keying every token of its stage (a zoo attention) against a teacher layer that says
+        which tokens each of its keys was made from (PVTv2's ``key_pooling``), as conversion's stage 1 pools."""
         sa, ta = models.student_attn[s], models.teacher_attn[t]
         return (
             not models.student_parts[s] and callable(getattr(ta, "key_pooling", None)) and sa.map_kind.has_map

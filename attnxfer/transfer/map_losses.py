@@ -1,13 +1,12 @@
-"""Map-distillation losses: a student layer's attention map against a softmax teacher's P_t, the loss chosen
-by the student layer's `MapKind` (`MAP_LOSS_RULES`); every loss comes with an agreement metric.
+"""Map-distillation losses: a student layer's attention map against a softmax teacher's P_t, by the loss of
+its `MapKind` (`MAP_LOSS_RULES`), each with an agreement metric (KL beside CE, the loss itself for MSE).
 
 Softmax students take the exact O(N) row CE (`losses`); other maps are read from the layer's implicit rows
-in checkpointed row chunks (backward recomputes a chunk's rows instead of keeping every chunk's), CE for
-row-stochastic maps, MSE for signed ones (Nyström, Linformer: rows may go negative, so no log). Where the
-teacher's keys pool the student's tokens (PVTv2's spatial reduction) a `KeyPooling` pools the student's
-rows onto them first; a kernel map pools φ(k) per block so a chunk never holds more than N_k entries.
-Zeros of a row-stochastic map (window attention outside its window) are floored at fp32's smallest normal
-(log ≈ −87.3): the CE stays finite and large where the student cannot put the teacher's weight.
+in checkpointed row chunks: CE for row-stochastic maps, MSE for signed ones (rows may go negative: no log).
+Where the teacher's keys pool the student's tokens (PVTv2) a `KeyPooling` pools the student's rows onto
+them (a kernel map pools φ(k) per block, so a chunk holds no more than N_k entries). Zeros of a
+row-stochastic map (window attention) are floored at fp32's smallest normal (log ≈ −87.3): the CE stays
+finite and large where the student cannot put the teacher's weight.
 """
 
 from __future__ import annotations

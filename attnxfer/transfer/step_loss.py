@@ -1,9 +1,7 @@
 """A training step's loss: the one type that carries a loss (`Loss`) and the one place it is summed
-(`compose_loss`): ``total = task_weight * task + sum(c.weight * loss_c for each comparison c, in order)``.
-
-Logged terms: ``task``, ``transfer`` (the weighted sum of the comparisons), each comparison's unweighted
-loss by its name, their own parts (``attn_ce/3``, ``feat_cos``) and ``total``. Runs logged before
-``transfer`` had its name call it ``attn`` in their metrics files; nothing reads either name back.
+(`compose_loss`): ``total = task_weight * task + sum(c.weight * loss_c for each comparison c, in order)``,
+logged as ``task``, ``transfer`` (the comparisons' weighted sum; ``attn`` in runs logged before it had its
+name, which nothing reads back), each comparison's unweighted loss by its name, their parts, ``total``.
 """
 
 from __future__ import annotations

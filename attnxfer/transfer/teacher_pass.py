@@ -17,9 +17,8 @@ from ..models.handover import Chunks, Signal
 
 @dataclass(frozen=True)
 class TeacherNeeds:
-    """What a step needs of the teacher's forward: per attention layer the q/k/v it hands over (with q and k
-    also its ``bias``, ``mask`` and ``key_pooling``), the whole model's features or logits, and whether the
-    pass may end after the last needed layer."""
+    """What a step needs of the teacher's forward: per layer the q/k/v it hands over (with q and k also its
+    ``bias``, ``mask`` and ``key_pooling``), whole-model signals, and whether the pass may stop early."""
 
     layers: Mapping[int, Chunks] = field(default_factory=dict)
     signals: frozenset[Signal] = frozenset()

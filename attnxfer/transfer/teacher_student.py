@@ -1,9 +1,8 @@
 """`TeacherStudent`: a frozen teacher and a trainable student, each running its own timm forward.
 
-The teacher is a guest: frozen, ``eval()``, under ``torch.no_grad()`` (not ``inference_mode``: copied q/k
-are saved for the student's backward), bf16 on GPU, and not a registered submodule, so it never reaches the
-optimizer, EMA, ``state_dict`` or checkpoints. Its pass may be shared by several pairs (a study) unless
-shared drop path gives the teacher this pair's masks (`owns_teacher_pass`).
+The teacher is a guest: frozen, ``eval()``, bf16 on GPU, under ``torch.no_grad()`` (not ``inference_mode``:
+copied q/k are saved for the student's backward), and not a registered submodule, so it never reaches the
+optimizer, EMA, ``state_dict`` or checkpoints.
 """
 
 from __future__ import annotations
@@ -144,16 +143,11 @@ class TeacherStudent(nn.Module):
         plan, mode = self.plan, self.plan.mode
         if self.teacher is None or not (self.training or mode.teacher_at_eval):
             return TeacherNeeds()
-        layers: dict[int, set[Signal]] = {}
-        for _, t in plan.pairs if mode.is_copy else ():
-            layers.setdefault(t, set()).update(mode.borrow)
-        signals = set()
+        needs = [TeacherNeeds({t: mode.borrow for _, t in plan.pairs if mode.is_copy})]
         for c in plan.comparisons if self.training else ():
-            if not c.signal.of_layer:
-                signals.add(c.signal)
-            for _, t in c.pairs:
-                layers.setdefault(t, set()).update(c.chunks)
-        return TeacherNeeds({t: Chunks(c) for t, c in layers.items()}, frozenset(signals))
+            signals = frozenset() if c.signal.of_layer else {c.signal}
+            needs.append(TeacherNeeds({t: c.chunks for _, t in c.pairs}, signals))
+        return TeacherNeeds().union(*needs)
 
     @property
     def owns_teacher_pass(self) -> bool:
