@@ -82,10 +82,7 @@ class CEChoice:
     @classmethod
     def from_record(cls, record: dict[str, Any], how: str | None = None) -> CEChoice:
         known = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
-        choice = cls(**{**known, "path": CEPath(record["path"])})
-        if how is not None:
-            choice.how = how
-        return choice
+        return cls(**{**known, "path": CEPath(record["path"]), "how": record["how"] if how is None else how})
 
     def describe(self) -> str:
         """One log line: the choice, how, and the timings behind it."""

@@ -225,9 +225,7 @@ class _TritonRowCE(torch.autograd.Function):
 
 def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``tl.dot`` multiplies operands of one dtype: a mixed pair (rare: fp32 q beside bf16 k) runs in fp32."""
-    if a.dtype == b.dtype:
-        return a, b
-    return a.float(), b.float()
+    return (a, b) if a.dtype == b.dtype else (a.float(), b.float())
 
 
 def _check(q_t, k_t, q_s, k_s) -> None:
