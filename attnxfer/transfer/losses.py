@@ -139,17 +139,8 @@ def attention_distillation_loss(
     the detached KL = CE − H(P̄_t) as ``logs["kl"]``. ``lse_s``: the student's row log-sum-exp with its
     gradient from its own attention kernel (`AttentionIO(return_lse=True)`), which ``attention_lse`` needs."""
     scale_t, scale_s = _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s)
-    path = _checked_path(path, q_s.device, lse_s)
-    with _fp32(q_s.device.type):
-        return _CE_BY_PATH[path](
-            q_t.detach(), k_t.detach(), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s
-        )
-
-
-def _checked_path(path: CEPath | str | None, device: torch.device, lse_s: torch.Tensor | None) -> CEPath:
-    """The path asked for (default: the device's), refused where it is unknown or lacks its input."""
     try:
-        path = ce_path_for(device) if path is None else CEPath(path)
+        path = ce_path_for(q_s.device) if path is None else CEPath(path)
     except ValueError:
         raise ValueError(f"unknown CE path {path!r}; choose one of {', '.join(CE_PATHS)}") from None
     if path is CEPath.ATTENTION_LSE and lse_s is None:
@@ -157,7 +148,10 @@ def _checked_path(path: CEPath | str | None, device: torch.device, lse_s: torch.
             "the attention_lse path takes the student's log-sum-exp from its attention kernel: pass lse_s "
             "(run the student layer with AttentionIO(return_lse=True))"
         )
-    return path
+    with _fp32(q_s.device.type):
+        return _CE_BY_PATH[path](
+            q_t.detach(), k_t.detach(), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s
+        )
 
 
 # Each path evaluates the same loss: (q_t, k_t (detached), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s)

@@ -158,7 +158,7 @@ class FusedBiasedRowCE(FusedRowCE):
                 dk3 = dk.view(B * H, M, -1)
                 torch.baddbmm(dk3, dz3.transpose(1, 2), qs3[:, rows], beta=1, alpha=1 / n, out=dk3)
             bias_grads.add(bs_rows, dz, B)
-        db = bias_grads.means(n)
+        db = [d.div_(n) if d is not None else None for d in bias_grads.sums]  # the means over counted rows
         ctx.save_for_backward(*(t for t in (dq, dk, *db) if t is not None))
         ctx.has = (dq is not None, dk is not None, *(d is not None for d in db))
         ctx.dtypes = (q_s.dtype, k_s.dtype, *(t.dtype for t in b_inputs))
@@ -216,10 +216,3 @@ class _BiasInputGrads:
                 part = next(parts)
                 if part is not None:
                     self.sums[i] += part
-
-    def means(self, n: float) -> list[torch.Tensor | None]:
-        """The summed gradients divided by the rows counted (None for inputs that take none)."""
-        for d in self.sums:
-            if d is not None:
-                d.div_(n)
-        return self.sums
