@@ -51,14 +51,14 @@ class TeacherNeeds:
 
     def union(self, *others: TeacherNeeds) -> TeacherNeeds:
         """What a pass must give for this step and ``others`` alike (an early stop only where all allow one)."""
+        every = (self, *others)
         layers: dict[int, set[Signal]] = {}
-        for needs in (self, *others):
+        for needs in every:
             for t, chunks in needs.layers.items():
                 layers.setdefault(t, set()).update(chunks)
+        signals = frozenset().union(*(n.signals for n in every))
         return TeacherNeeds(
-            {t: Chunks(c) for t, c in layers.items()},
-            frozenset().union(*(n.signals for n in (self, *others))),
-            all(n.may_stop for n in (self, *others)),
+            {t: Chunks(c) for t, c in layers.items()}, signals, all(n.may_stop for n in every)
         )
 
     def missing(self, given: TeacherNeeds) -> list[str]:
