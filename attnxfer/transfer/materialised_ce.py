@@ -66,4 +66,6 @@ def materialised_bytes(batch: int, tokens: int, student_heads: int, teacher_head
     """Bytes the ``materialised`` path's maps take at a step's peak with ``layers`` distilled softmax layers."""
     # N×N fp32 maps: two kept per distilled layer until backward (P̄_t, the student's log-softmax), plus three
     # transient ones of one layer (the teacher's logits before the head-group mean, the student's, their gradient)
-    return 4 * batch * tokens * tokens * (2 * student_heads * layers + 3 * max(student_heads, teacher_heads))
+    per_map = 4 * batch * tokens * tokens
+    kept = 2 * student_heads * layers
+    return per_map * (kept + 3 * max(student_heads, teacher_heads))
