@@ -1,25 +1,11 @@
-"""Triton kernels of the fused distillation CE (`attnxfer.transfer.triton_ce` launches them; read its docstring).
+"""Triton kernels of the fused distillation CE (`attnxfer.transfer.triton_ce` launches them and says why).
 
-This module imports triton at its top; `triton_ce` imports it on first use only (macOS and CPU-only installs of
-torch have no triton). Under ``TRITON_INTERPRET=1`` (set before the process imports triton) the same source
-runs in Triton's interpreter on the CPU.
-
-Conventions shared by the kernels:
-
-* logits are kept in base 2, ``y = log2(e)·s·q·kᵀ`` (``c_s``, ``c_t`` fold the scale and log2(e)), so every
-  exponential is an ``exp2``; log-sum-exps are stored in base 2 (``lse2``) and converted once (× ln 2).
-* a program handles one (batch, student head) pair and one block of rows (forward, dq) or keys (dk); the g
-  teacher heads of its group are walked by ``tl.static_range``. The forward's per-teacher-head online state is
-  one (BLOCK_M, G_PAD) tile per quantity, column ``t`` for teacher head ``t``.
-* out-of-range keys are masked to −inf before any exponential; out-of-range query rows load zeros (finite
-  logits), are masked out of dk and never stored.
-* every tile product is ``tl.dot`` with fp32 accumulation: bf16/fp16 operands as given (tensor cores), fp32
-  operands at ``PREC`` ("ieee" unless TF32 matmuls are allowed); the backward's dz is cast to the operands'
-  dtype for its products, as flash attention does with P.
-* ``UPCAST`` (the interpreter with bf16 inputs only): NumPy has no bf16, and Triton's interpreter multiplies
-  bf16 tiles as their raw 16-bit patterns, so there tiles are converted to fp32 as they are loaded. A product
-  of two bf16 numbers is exact in fp32 and sums accumulate in fp32 either way: the same math as the tensor
-  cores. dz is still rounded to the inputs' dtype first (``dz.to(K.dtype.element_ty)``), as on the GPU.
+Logits are kept in base 2 (``c_s``, ``c_t`` fold the scale and log2 e; lse2 stored, × ln 2 once). A program
+handles one (batch, student head) and one block of rows (forward, dq) or keys (dk), its g teacher heads
+walked by ``tl.static_range``, their online state one (BLOCK_M, G_PAD) tile per quantity. Out-of-range keys
+are −inf before any exponential; out-of-range rows load zeros and are never stored. Backward casts dz to the
+operands' dtype for its products, as flash attention does with P. ``UPCAST`` (interpreter, bf16): NumPy has
+no bf16 and the interpreter would multiply raw 16-bit patterns, so tiles load as fp32 (exact products).
 """
 
 import triton
@@ -46,6 +32,21 @@ def _column(tile, cols, t):
 
 
 @triton.jit
+def _program(H_S):
+    """(block index, batch·head, batch, student head) of this program."""
+    pid_bh = tl.program_id(1)
+    return tl.program_id(0), pid_bh, pid_bh // H_S, pid_bh % H_S
+
+
+@triton.jit
+def _load_lse_t(LSE_T, pid_bh, rows, row_ok, cols, N, G: tl.constexpr):
+    """The saved lse2_t of the group's g teacher heads, (rows, G_PAD), zeros outside."""
+    return tl.load(
+        LSE_T + (pid_bh * G + cols) * N + rows[:, None], mask=row_ok[:, None] & (cols < G), other=0.0
+    )
+
+
+@triton.jit
 def _ce_fwd(
     Qs, Ks, Qt, Kt,  # student (B, H_s, N, d_s) and teacher (B, H_t, N, d_t), any strides
     CE, ENT, LSE_S, LSE_T,  # outputs: CE_i, H_i (B, H_s, N); lse2_s (B, H_s, N), lse2_t (B, H_t, N); contiguous
@@ -56,10 +57,7 @@ def _ce_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of both rows over key blocks: lse_s, every teacher head's lse_t, CE_i (and H_i, g = 1)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_S
-    h = pid_bh % H_S
+    pid_m, pid_bh, b, h = _program(H_S)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ds = tl.arange(0, BLOCK_DS)
     dt = tl.arange(0, BLOCK_DT)
@@ -153,10 +151,7 @@ def _ce_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):  # fmt: skip
     """dq_s for one block of query rows: dq_i = s_s·w_i·Σ_j (p_s − p̄_t)_ij k_s,j over key blocks."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_S
-    h = pid_bh % H_S
+    pid_m, pid_bh, b, h = _program(H_S)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ds = tl.arange(0, BLOCK_DS)
@@ -168,9 +163,7 @@ def _ce_bwd_dq(
     qs = _load_tile(Qs + b * sqs_b + h * sqs_h, rows, ds, sqs_n, sqs_d, N, D_S, UPCAST)
     qt0 = _load_tile(qt_base, rows, dt, sqt_n, sqt_d, N, D_T, UPCAST)  # used when g = 1 (hoisted)
     lse_s = tl.load(LSE_S + pid_bh * N + rows, mask=row_ok, other=0.0)
-    lse_t = tl.load(
-        LSE_T + (pid_bh * G + cols) * N + rows[:, None], mask=row_ok[:, None] & (cols < G), other=0.0
-    )
+    lse_t = _load_lse_t(LSE_T, pid_bh, rows, row_ok, cols, N, G)
     # w_i / max|w|: the row's incoming gradient, normalised so that dz fits fp16 (max|w| multiplies at the end)
     w = tl.load(GRAD + b * sg_b + h * sg_h + rows * sg_n, mask=row_ok, other=0.0) / tl.load(GSCALE)
     acc = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
@@ -202,10 +195,7 @@ def _ce_bwd_dk(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):  # fmt: skip
     """dk_s for one block of keys: dk_j = s_s·Σ_i w_i (p_s − p̄_t)_ij q_s,i over query blocks."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_S
-    h = pid_bh % H_S
+    pid_n, pid_bh, b, h = _program(H_S)
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = (keys < N)[None, :]
     ds = tl.arange(0, BLOCK_DS)
@@ -223,9 +213,7 @@ def _ce_bwd_dk(
         row_ok = rows < N
         qs = _load_tile(qs_base, rows, ds, sqs_n, sqs_d, N, D_S, UPCAST)
         lse_s = tl.load(LSE_S + pid_bh * N + rows, mask=row_ok, other=0.0)
-        lse_t = tl.load(
-            LSE_T + (pid_bh * G + cols) * N + rows[:, None], mask=row_ok[:, None] & (cols < G), other=0.0
-        )
+        lse_t = _load_lse_t(LSE_T, pid_bh, rows, row_ok, cols, N, G)
         w = tl.load(GRAD + b * sg_b + h * sg_h + rows * sg_n, mask=row_ok, other=0.0) / gscale
         y_s = tl.dot(qs, tl.trans(ks), input_precision=PREC) * c_s
         p_s = tl.exp2(tl.where(key_ok, y_s, float("-inf")) - lse_s[:, None])
@@ -250,19 +238,14 @@ def _grouped_entropy(
 ):  # fmt: skip
     """H(P̄_t)_i = −Σ_j p̄ log p̄ for g > 1 (an average's entropy has no online form): a second pass over key
     blocks that rebuilds P̄_t tiles from the forward's lse2_t. Logged only; the loss never needs it."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H_S
-    h = pid_bh % H_S
+    pid_m, pid_bh, b, h = _program(H_S)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     dt = tl.arange(0, BLOCK_DT)
     cols = tl.arange(0, G_PAD)[None, :]
     qt_base = Qt + b * sqt_b + h * G * sqt_h
     kt_base = Kt + b * skt_b + h * G * skt_h
-    lse_t = tl.load(
-        LSE_T + (pid_bh * G + cols) * N + rows[:, None], mask=row_ok[:, None] & (cols < G), other=0.0
-    )
+    lse_t = _load_lse_t(LSE_T, pid_bh, rows, row_ok, cols, N, G)
     acc = tl.zeros([BLOCK_M], tl.float32)
     for start in range(0, N, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)

@@ -1,7 +1,5 @@
-"""The comparison losses of attention layers: ``map`` (a layer's attention map against its teacher layer's, by
-the loss of the student layer's map kind, `map_losses`) and ``mse`` (a layer's q, k or v against the
-teacher's, element-wise). ``transfer.mode=distill`` is a ``map`` comparison of the plan's layers,
-``distill_q``/``distill_k``/``distill_v`` an ``mse`` one, at ``transfer.atd_weight``."""
+"""The comparison losses of attention layers: ``map`` (a layer's map against its teacher layer's, by the loss of
+its map kind) and ``mse`` (q, k or v element-wise): ``transfer.mode=distill`` and ``distill_q/k/v``."""
 
 from __future__ import annotations
 
@@ -26,9 +24,7 @@ from .step_loss import Loss
 
 @comparison_loss("map")
 class MapComparison(ComparisonLoss):
-    """The student layer's attention map against the teacher layer's softmax map, by the loss of the student
-    layer's map kind (`map_losses.MAP_LOSS_RULES`: the exact O(N) row CE for softmax, the implicit rows'
-    CE or MSE for zoo attentions), pooled onto the teacher's reduced keys where they reduce the student's."""
+    """The student layer's attention map against the teacher layer's softmax map, by its map kind's loss."""
 
     signals = (Signal.MAPS,)
     uses_ce_path = True
@@ -60,20 +56,15 @@ class MapComparison(ComparisonLoss):
             )
 
     def pools_teacher_keys(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> bool:
-        """A student layer that keys every token of its stage (it declares no partition of its own: a zoo
-        attention) against a teacher layer that says which tokens each of its keys was made from
-        (``key_pooling``: PVTv2's spatial reduction): the student's rows are pooled onto the teacher's keys,
-        as stage 1 of a conversion does."""
+        """A student layer keying every token of its stage (a zoo attention) against a teacher layer that says
+        which tokens each of its keys was made from (PVTv2's ``key_pooling``), as conversion's stage 1 pools."""
         sa, ta = models.student_attn[s], models.teacher_attn[t]
         return (
-            not models.student_parts[s]
-            and callable(getattr(ta, "key_pooling", None))
-            and map_loss_rule(sa.map_kind).pooled
+            not models.student_parts[s] and callable(getattr(ta, "key_pooling", None)) and sa.map_kind.has_map
         )
 
     def note(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> str:
-        """What the layer's loss compares, as the map-loss table says for its map kind (pooled onto the
-        teacher's reduced keys where they differ from the student's)."""
+        """What the layer's loss compares, as the map-loss table says for its map kind."""
         sa, ta = models.student_attn[s], models.teacher_attn[t]
         text = f"{attention_name_of(sa)}: {map_loss_rule(sa.map_kind).describe}"
         reduced = reduced_keys(ta)
@@ -82,8 +73,7 @@ class MapComparison(ComparisonLoss):
         return text
 
     def wants_lse(self, pair: LayerPair, ce_path: CEPath) -> bool:
-        """A softmax layer without a logit bias on either side, on a path that takes the log-sum-exp from the
-        student's attention kernel."""
+        """A softmax layer without logit biases, on a path that takes the student kernel's log-sum-exp."""
         return (
             ce_path.needs_student_lse
             and pair.student_attn.map_kind is MapKind.SOFTMAX
@@ -116,14 +106,13 @@ class MapComparison(ComparisonLoss):
         )
         layer = pair.student_layer
         kl = res.logs.get(MapLoss.CE.metric)  # logged beside CE (an MSE's metric is the loss itself)
-        logs = {} if kl is None else {f"{MapLoss.CE.logged_metric}/{layer}": kl}
+        logs = {} if kl is None else {f"attn_kl/{layer}": kl}
         return Loss(res.total, {f"{term}/{layer}": value for term, value in res.terms.items()}, logs)
 
 
 @comparison_loss("mse")
 class ProjectionMSE(ComparisonLoss):
-    """MSE between the student layer's q, k or v and the teacher layer's, head by head (equal heads and head
-    dims)."""
+    """MSE between the student layer's q, k or v and the teacher layer's, head by head."""
 
     signals = (Signal.Q, Signal.K, Signal.V)
 
@@ -163,8 +152,7 @@ def check_head_dims_match(who: str, where: str, ta: nn.Module, sa: nn.Module) ->
 
 
 def _pooled_keys(teacher_sig: Mapping[str, Any], k_s: torch.Tensor) -> KeyPooling | None:
-    """The teacher layer's `KeyPooling` where its keys reduce the tokens the student layer keys (a PVTv2
-    teacher's spatial reduction, a zoo student over every token: the plan's pooled pairs), else None."""
+    """The teacher layer's `KeyPooling` where its keys reduce the tokens the student layer keys, else None."""
     pooling = teacher_sig.get("key_pooling")
     if pooling is None or k_s.shape[-2] != pooling.num_tokens or teacher_sig["k"].shape[-2] == k_s.shape[-2]:
         return None

@@ -1,24 +1,10 @@
 """`transfer.ce_path: auto`: the CE path is measured on the run's device and shapes, not assumed.
 
-The five `CEPath`s compute the same loss; which is fastest depends on the device, N, the head dims and
-the dtype (an H100 ran the materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows``
-fastest at large N). So before the first step `choose_ce_path` times every path whose requirements hold
-(``triton`` needs CUDA, one teacher head per student head and square maps in every distilled layer;
-``materialised`` needs its maps to fit a memory budget, `materialised_bytes`), a few interleaved rounds each,
-and keeps the fastest. A path that turns out unable to run here (`CANNOT_RUN`: a missing package, the
-device's memory or resources) is skipped, and why goes into the record (run.json) and the start-up line; any
-other exception is a bug in that path and stops the run. A forced path (``transfer.ce_path: triton`` ...)
-whose requirements fail here is refused with why (`check_forced`), never replaced by another.
-
-What is timed is one distilled layer alone on the run's real shapes (batch per rank, tokens, heads, head
-dims, the dtypes of the run's precision): the student's attention core (SDPA, or for ``attention_lse``
-the kernel that also hands out its log-sum-exp) plus the loss, forward and backward, as in a training
-step whose terms are not logged. Not a whole training step with the state restored afterwards: the
-paths differ only in that layer's work (the rest of the step is the same for all of them), timing a
-layer costs ~1/depth of a step's share per call so the whole calibration stays far below 2 % of a
-1,000-step run, and it needs no batch from the loader and touches no parameter, optimiser state, EMA,
-sampler or RNG stream (its inputs come from a private generator; the global RNGs are forked around it
-anyway), so a calibrated run stays bit-identical to one that was told the chosen path.
+Which of the five `CEPath`s is fastest depends on device, N, head dims and dtype (an H100 ran the
+materialised maps faster than ``sdpa`` at every N; this CPU runs ``rows`` fastest at large N). What is timed
+is one distilled layer on the run's real shapes (attention core plus loss, forward and backward): the paths
+differ only there, it costs far below 2 % of a 1,000-step run, and it touches no parameter, optimiser
+state or RNG stream, so a calibrated run stays bit-identical to one told the chosen path.
 """
 
 from __future__ import annotations
@@ -96,10 +82,7 @@ class CEChoice:
     @classmethod
     def from_record(cls, record: dict[str, Any], how: str | None = None) -> CEChoice:
         known = {k: record[k] for k in cls.__dataclass_fields__ if k in record}
-        choice = cls(**{**known, "path": CEPath(record["path"])})
-        if how is not None:
-            choice.how = how
-        return choice
+        return cls(**{**known, "path": CEPath(record["path"]), "how": record["how"] if how is None else how})
 
     def describe(self) -> str:
         """One log line: the choice, how, and the timings behind it."""
@@ -116,12 +99,9 @@ class CEChoice:
             )
             line += f"; one layer's attention + loss, forward + backward, median ms: {times}"
             line += f" [calibration {self.seconds:.2f} s]"
-        if self.unavailable:
-            line += "; not tried: " + "; ".join(f"{p} ({why})" for p, why in self.unavailable.items())
-        if self.skipped:
-            line += "; skipped, cannot run here: " + "; ".join(
-                f"{p} ({why})" for p, why in self.skipped.items()
-            )
+        for what, why in (("not tried", self.unavailable), ("skipped, cannot run here", self.skipped)):
+            if why:
+                line += f"; {what}: " + "; ".join(f"{p} ({reason})" for p, reason in why.items())
         return line
 
 
@@ -131,11 +111,8 @@ def layer_shapes(
     device: torch.device | str = "cpu",
     student_dtype: torch.dtype = torch.float32,
 ) -> LayerShapes | None:
-    """The shapes `TeacherStudent` ``pair`` hands its first distilled softmax layer's loss at ``batch`` images per
-    rank on ``device`` (``student_dtype``: the q/k dtype under the run's autocast; the teacher's is
-    TeacherStudent's, bf16 on CUDA unless told otherwise); None when its plan distils no softmax maps (then no
-    CE path is used at all). Batch, tokens, heads and head dims are the q/k the layer pair hands out on one
-    probe image (`_probe_qk`), so a family's own layout (talking heads' H·d, windows) is what is timed."""
+    """The shapes ``pair`` hands its first distilled softmax layer's loss at ``batch`` images per rank (None: no
+    softmax maps distilled), read from one probe image so that a family's own layout is what is timed."""
     if pair.teacher is None:
         return None
     softmax = [
@@ -148,12 +125,8 @@ def layer_shapes(
     if not softmax:
         return None
     s, t = softmax[0]
-    teacher_dtype = pair.teacher_dtype or (
-        torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    )
-    # both models see the student's images: (channels, height, width) it was built for (`image_input`: its
-    # patch embedding, else the size timm recorded at build time, else ``pretrained_cfg``, which a run stamps
-    # with its input size in `apps.run.parts.stamp_input_cfg`)
+    teacher_dtype = pair._teacher_dtype(torch.device(device))
+    # both models see the student's images, of the size it was built for (`image_input`)
     info = image_input(pair.student)
     image = (int(info.in_chans), int(info.img_size[0]), int(info.img_size[1]))
     student = _probe_qk(pair.student, sorted({layer for layer, _ in softmax}), image)
@@ -177,12 +150,9 @@ def layer_shapes(
 def _probe_qk(
     model: torch.nn.Module, layers: Sequence[int], image_shape: tuple[int, int, int]
 ) -> dict[int, tuple[torch.Size, torch.Size]]:
-    """The (B, H, N, d) shapes of the q and k each attention layer in ``layers`` hands the loss, per image:
-    one image of the model's size through its own forward up to the last of them, with the RNGs forked (a
-    training-mode student draws dropout). Read, not computed from attributes: an adapter's q/k need not be
-    one head of ``head_dim`` over the patch tokens (CaiT's talking heads mix heads into q' of H·d; windows
-    and mask units are rows of the batch; spatial reduction shortens the keys; class attention has one
-    query row)."""
+    """The (B, H, N, d) shapes of the q and k each layer in ``layers`` hands the loss, per image, read from one
+    forward with the RNGs forked: an adapter's q/k need not be one head of ``head_dim`` over the patch tokens
+    (talking heads, windows as batch rows, reduced keys, class attention's one query row)."""
     weight = next(model.parameters())
     image = torch.zeros(1, *image_shape, dtype=weight.dtype, device=weight.device)
     ios = {layer: AttentionIO(capture="qk", stop=layer == max(layers)) for layer in layers}
@@ -193,22 +163,15 @@ def _probe_qk(
 
 
 def default_memory_budget(device: torch.device | str) -> int:
-    """`MEMORY_FRACTION` of the free memory in bytes: CUDA's free device memory; on CPU the kernel's
-    MemAvailable (/proc/meminfo), else free physical pages."""
+    """`MEMORY_FRACTION` of the free memory in bytes (CUDA's; on CPU MemAvailable, else free pages)."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * MEMORY_FRACTION)
-    available = None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    if available is None:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(available * MEMORY_FRACTION)
 
@@ -219,31 +182,28 @@ def candidate_paths(
     budget_bytes: int,
     paths: Sequence[CEPath | str] | None = None,
 ) -> tuple[list[CEPath], dict[str, str]]:
-    """The paths worth timing and, for the others, why not. ``paths`` (default: all) narrows the set; a
-    path named there is tried even where its device requirement fails (it then raises and is skipped),
-    but the materialised maps are never built beyond ``budget_bytes``."""
+    """The paths worth timing and, for the others, why not. A path named in ``paths`` is tried even where its
+    device requirement fails (it then raises and is skipped); the materialised maps keep to ``budget_bytes``."""
     device = torch.device(device)
     named = paths is not None
     out, unavailable = [], {}
     for path in CE_PATHS if paths is None else [CEPath(p) for p in paths]:
-        if path.builds_maps:
-            need = materialised_bytes(
-                shapes.batch, shapes.tokens, shapes.student_heads, shapes.teacher_heads, shapes.layers
-            )
+        if path is CEPath.MATERIALISED:  # N×N maps per distilled layer, kept until backward
+            heads = (shapes.student_heads, shapes.teacher_heads)
+            need = materialised_bytes(shapes.batch, shapes.tokens, *heads, shapes.layers)
             need = need * shapes.keys // shapes.tokens  # the maps are N_q x N_k
             if need > budget_bytes:
                 unavailable[str(path)] = f"maps need {_gib(need)}, budget {_gib(budget_bytes)}"
                 continue
-        if not named and path.needs_cuda and device.type != "cuda":
-            unavailable[str(path)] = "needs CUDA"
-            continue
+        why = _not_square(shapes) if path is CEPath.TRITON else ""
         if not named and path is CEPath.TRITON and shapes.teacher_heads != shapes.student_heads:
-            unavailable[str(path)] = "needs one teacher head per student head"
-            continue
-        if path is CEPath.TRITON and _not_square(shapes):
-            unavailable[str(path)] = _not_square(shapes)
-            continue
-        out.append(path)
+            why = "needs one teacher head per student head"
+        if not named and path is CEPath.TRITON and device.type != "cuda":
+            why = "needs CUDA"
+        if why:
+            unavailable[str(path)] = why
+        else:
+            out.append(path)
     return out, unavailable
 
 
@@ -257,8 +217,7 @@ def _not_square(shapes: LayerShapes) -> str:
 
 
 def check_forced(path: CEPath | str, device: torch.device | str, shapes: LayerShapes) -> None:
-    """A forced path (``transfer.ce_path`` other than auto) that cannot run on ``device`` for these layers is a
-    `CEPathUnavailable` saying why, before the first step; nothing else is put in its place."""
+    """A `CEPathUnavailable` saying why a forced path cannot run here, before the first step."""
     path = CEPath(path)
     if path is not CEPath.TRITON:
         return
@@ -271,8 +230,7 @@ def check_forced(path: CEPath | str, device: torch.device | str, shapes: LayerSh
 
 
 def _cannot_run() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean "this path cannot run here" (`CEPathUnavailable`, the device's memory, Triton
-    out of shared memory or registers); any other exception of a timed path is a bug and propagates."""
+    """The exceptions that mean "this path cannot run here" (Triton's out of resources among them)."""
     kinds: list[type[BaseException]] = [CEPathUnavailable, torch.OutOfMemoryError]
     errors = sys.modules.get("triton.runtime.errors")  # loaded where the triton path ran at all
     if errors is not None and hasattr(errors, "OutOfResources"):
@@ -287,10 +245,8 @@ def _gib(n: int) -> str:
 def _layer_step(
     path: CEPath, shapes: LayerShapes, device: torch.device, gen: torch.Generator
 ) -> Callable[[], None]:
-    """One distilled layer's training work on ``path``: the student's attention core and the loss,
-    forward and backward. q/k/v are strided views of one (B, N, 3, H, d) tensor, as timm's fused qkv
-    projection hands them out (k/v from a second tensor of ``key_tokens`` rows where keys are fewer); the
-    teacher's q/k carry no gradient."""
+    """One distilled layer's training work on ``path``, the student's attention core and the loss, forward and
+    backward, on q/k/v that are strided views of one (B, N, 3, H, d) tensor, as timm's fused qkv hands them out."""
     B, N, M = shapes.batch, shapes.tokens, shapes.keys
     s_dtype, t_dtype = getattr(torch, shapes.student_dtype), getattr(torch, shapes.teacher_dtype)
     qkv = torch.randn(B, N, 3, shapes.student_heads, shapes.student_dim, generator=gen)
@@ -343,90 +299,49 @@ def measure_ce_paths(
     propagates. If no path runs the device's default is kept."""
     device = torch.device(device)
     started = time.perf_counter()
-    timer = _PathTimer(device)
+    steps: dict[CEPath, Callable[[], None]] = {}
+    times: dict[CEPath, list[float]] = {}
+    skipped: dict[str, str] = {}
+
+    def run(path: CEPath, build: bool = False) -> float | None:
+        """Seconds of one call of ``path``'s step (built first with ``build``); None: it cannot run here."""
+        try:
+            if build:
+                steps[path] = _layer_step(path, shapes, device, gen)
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[path]()
+            _sync(device)
+            return time.perf_counter() - t0
+        except _cannot_run() as err:
+            skipped[str(path)] = _reason(err)
+            say(f"ce_path auto: skipping {path}, it cannot run here: {skipped[str(path)]}")
+            steps.pop(path, None)
+            times.pop(path, None)
+            _free(device)
+            return None
+
     cuda = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.enable_grad():
-        timer.warm_up(paths, shapes, torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        for path in paths:  # the warm-up: kernels compiled, caches warm
+            if run(path, build=True) is not None:
+                times[path] = []
+        order = list(steps)  # fixed: a path that fails later keeps the others' rotation
         for r in range(rounds):
-            timer.run_round(r)
-    timings = timer.medians_ms()
+            shift = r % max(len(order), 1)
+            for path in order[shift:] + order[:shift]:
+                if path in steps and (seconds := run(path)) is not None:
+                    times[path].append(seconds)
+    steps.clear()  # the timed tensors go before the cache is emptied
+    _free(device)
+    timings = {str(p): 1e3 * statistics.median(ts) for p, ts in times.items() if ts}
     if timings:
         best, how = CEPath(min(timings, key=timings.__getitem__)), "measured"
     else:
         best, how = ce_path_for(device), "device default: no path ran"
-    return CEChoice(
-        best,
-        how,
-        timings_ms=timings,
-        skipped=timer.skipped,
-        shapes=_record_shapes(shapes),
-        device=str(device),
-        seconds=time.perf_counter() - started,
-    )
-
-
-class _PathTimer:
-    """Each path's layer step and its timings; any failure of a path removes that path only."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.steps: dict[CEPath, Callable[[], None]] = {}
-        self.times: dict[CEPath, list[float]] = {}
-        self.skipped: dict[str, str] = {}
-        self.order: list[CEPath] = []
-
-    def warm_up(self, paths: Sequence[CEPath], shapes: LayerShapes, gen: torch.Generator) -> None:
-        """Build each path's step and run it once (kernels compiled, caches warm)."""
-        for path in paths:
-            try:
-                step = _layer_step(path, shapes, self.device, gen)
-                step()
-                _sync(self.device)
-            except _cannot_run() as err:
-                self._failed(path, err)
-                continue
-            self.steps[path], self.times[path] = step, []
-        self.order = list(self.steps)  # fixed: a path that fails later keeps the others' rotation
-
-    def run_round(self, r: int) -> None:
-        """One timed call of every path, starting at a different path each round."""
-        order = self.order
-        shift = r % max(len(order), 1)
-        for path in order[shift:] + order[:shift]:
-            if path not in self.steps:
-                continue
-            _sync(self.device)
-            t0 = time.perf_counter()
-            try:
-                self.steps[path]()
-                _sync(self.device)
-            except _cannot_run() as err:
-                self._failed(path, err)
-                continue
-            self.times[path].append(time.perf_counter() - t0)
-
-    def medians_ms(self) -> dict[str, float]:
-        """Median milliseconds per path that ran, after freeing the timed tensors."""
-        self.steps.clear()  # the timed tensors go before the cache is emptied
-        _free(self.device)
-        return {str(p): 1e3 * statistics.median(ts) for p, ts in self.times.items() if ts}
-
-    def _failed(self, path: CEPath, err: BaseException) -> None:
-        self.skipped[str(path)] = _reason(err)
-        say(f"ce_path auto: skipping {path}, it cannot run here: {self.skipped[str(path)]}")
-        self.steps.pop(path, None)
-        self.times.pop(path, None)
-        _free(self.device)
-
-
-def _record_shapes(shapes: LayerShapes) -> dict[str, Any]:
-    """The shapes as run.json records them (``key_tokens`` only where keys are fewer than the tokens)."""
-    record = asdict(shapes)
-    if record["key_tokens"] is None:
-        del record["key_tokens"]
-    if not record["non_square_layers"]:
-        del record["non_square_layers"]
-    return record
+    record = {k: v for k, v in asdict(shapes).items() if v or k not in ("key_tokens", "non_square_layers")}
+    return CEChoice(best, how, timings, skipped, {}, record, str(device), time.perf_counter() - started)
 
 
 def _free(device: torch.device) -> None:
@@ -444,10 +359,7 @@ def choose_ce_path(
     paths: Sequence[CEPath | str] | None = None,
     rounds: int = CALIBRATION_ROUNDS,
 ) -> CEChoice | None:
-    """Measure the CE paths for `TeacherStudent` ``pair`` at ``batch`` images per rank on ``device`` and return the
-    fastest (it does not set it: the caller does, on every rank). None when ``pair`` distils no softmax
-    maps. ``budget_bytes`` caps the materialised maps (default `default_memory_budget`); ``paths`` narrows
-    the candidates (default: every path whose requirements hold)."""
+    """The fastest CE path for ``pair`` at ``batch`` images per rank (None: it distils no softmax maps)."""
     shapes = layer_shapes(pair, batch, device, student_dtype)
     if shapes is None:
         return None

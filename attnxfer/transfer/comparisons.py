@@ -1,26 +1,8 @@
 """What a transfer plan compares: `Comparison` entries, and the registry of the losses they name.
 
-A plan compares the student with its teacher on typed signals (`models.handover.Signal`): a layer's maps, q, k
-or v, the final token features, the logits. Each comparison is data: which signal, which loss (a name in
-`COMPARISON_LOSSES`), at which weight, with the loss's own options, and for a layer signal which (student,
-teacher) layer pairs. `TeacherStudent` loops over them: it asks them what the teacher must hand over, runs the
-teacher once, runs the student capturing what they need and sums their weighted losses.
-
-A new loss is one class meeting `ComparisonLoss`, registered by name, in any file::
-
-    @comparison_loss("feat_l2")
-    class FeatureL2(ComparisonLoss):
-        signals = (Signal.FEATURES,)
-
-        def compare(self, comparison, student, teacher, step):
-            loss = (student - teacher).pow(2).mean()
-            return Loss(loss, {"feat_l2": loss})
-
-and a config asks for it with ``transfer.losses: [{name: feat_l2, weight: 0.5}]`` (`comparison_from_entry`).
-The built-in ones are ``map`` and ``mse`` (`attention_comparisons`), ``feature_distill`` (`feature_loss`) and
-``logit_kd`` (`logit_loss`); ``transfer.mode``'s distillation, ``transfer.feature_distill`` and
-``transfer.logit_distill`` are entries of them (`plan.build_plan`). A comparison returns its loss unweighted
-(a `Loss`); the step's loss weighs and sums them in one place (`step_loss.compose_loss`).
+Each comparison is data (signal, registered loss, weight, options, layer pairs), so a new loss is one
+`ComparisonLoss` subclass registered with `comparison_loss` in any file, which ``transfer.losses`` entries
+then name (docs/distillation.md). A comparison returns its loss unweighted; `step_loss.compose_loss` weighs.
 """
 
 from __future__ import annotations
@@ -40,9 +22,7 @@ from .step_loss import Loss
 
 @dataclass(frozen=True)
 class Comparison:
-    """One thing a plan compares: the student's ``signal`` against its teacher's, by the registered ``loss``,
-    at ``weight``, with the loss's ``options``; for a layer signal, at each (student, teacher) layer of
-    ``pairs``."""
+    """The student's ``signal`` against its teacher's by the registered ``loss`` at ``weight`` (at each layer pair)."""
 
     signal: Signal
     loss: str
@@ -51,8 +31,7 @@ class Comparison:
     pairs: tuple[tuple[int, int], ...] = ()
     #: per pair, what the loss compares there, in words (printed with the plan; empty where it says nothing)
     notes: tuple[str, ...] = ()
-    #: who asked for it, in the config's words ("mode 'distill'", "transfer.logit_distill",
-    #: "transfer.losses[0]"): what a message about it names
+    #: who asked for it, in the config's words ("transfer.losses[0]"): what a message about it names
     origin: str = ""
 
     @property
@@ -61,8 +40,7 @@ class Comparison:
 
     @property
     def name(self) -> str:
-        """Its logged term (its unweighted loss): the loss's name, with the signal where the loss compares
-        several (``map``, ``logit_kd``, ``feature_distill``, ``mse_q``)."""
+        """Its logged term: the loss's name, with the signal where the loss compares several (``mse_q``)."""
         return self.loss if len(self.loss_fn.signals) == 1 else f"{self.loss}_{self.signal}"
 
     def option(self, name: str) -> Any:
@@ -77,9 +55,7 @@ class Comparison:
 
 @dataclass(frozen=True)
 class PlanModels:
-    """The two models as a plan checks a comparison against them: each one's attention layers in forward
-    order and each layer's token partition (`TransferableAttention.token_partition`); empty where the plan
-    pairs no layers."""
+    """The two models as a plan checks a comparison against them: attention layers and token partitions."""
 
     teacher: nn.Module | None
     student: nn.Module
@@ -91,10 +67,8 @@ class PlanModels:
 
 @dataclass(frozen=True)
 class LayerPair:
-    """One (student layer, teacher layer) pair of a layer comparison as it runs: the two attention layers and,
-    once the models have run, what the student layer captured (``student``: q/k/v, ``bias``, ``mask``,
-    ``lse``) and what the teacher layer handed over (``teacher``: q/k/v, ``bias``, ``mask``,
-    ``key_pooling``)."""
+    """One layer pair of a comparison as it runs: the two attention layers and, once the models have run, what
+    each handed over (q/k/v, ``bias``, ``mask``; the student's ``lse``, the teacher's ``key_pooling``)."""
 
     student_layer: int
     teacher_layer: int
@@ -106,8 +80,7 @@ class LayerPair:
 
 @dataclass(frozen=True)
 class Step:
-    """What a loss may read on a step beside the two signals: the models, the CE path of softmax students'
-    exact CE, and whether the step logs its diagnostics (KL beside CE costs a teacher pass per layer)."""
+    """What a loss may read on a step beside the two signals (KL beside CE costs a teacher pass per layer)."""
 
     student: nn.Module
     teacher: nn.Module | None
@@ -116,9 +89,8 @@ class Step:
 
 
 class ComparisonLoss:
-    """One way to compare a student's signal with its teacher's. Subclass, register with `comparison_loss`,
-    and override `compare` (features, logits) or `compare_layer` (maps, q, k, v); the plan-time hooks refuse
-    what cannot be compared (a `PlanError` saying what to change) and say what is compared."""
+    """One way to compare a student's signal with its teacher's: override `compare` (whole-model signals) or
+    `compare_layer` (maps, q, k, v); the plan-time hooks refuse what cannot be compared (a `PlanError`)."""
 
     #: the name it is registered under (set by `comparison_loss`)
     name: str = ""
@@ -129,7 +101,6 @@ class ComparisonLoss:
     #: it computes softmax students' exact CE on the run's ``transfer.ce_path`` (what `ce_select` times)
     uses_ce_path: ClassVar[bool] = False
 
-    # -- when the plan is built
     def check(self, comparison: Comparison, models: PlanModels) -> None:
         """Refuse a comparison these models cannot make (before its layer pairs are checked one by one)."""
         if models.teacher is None:
@@ -139,8 +110,7 @@ class ComparisonLoss:
         """Refuse a (student layer ``s``, teacher layer ``t``) pair this loss cannot compare."""
 
     def pools_teacher_keys(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> bool:
-        """Whether the pair may partition its tokens otherwise, the student's rows pooled onto the teacher's
-        reduced keys."""
+        """Whether the pair may partition its tokens otherwise (student rows pooled onto the teacher's keys)."""
         return False
 
     def note(self, comparison: Comparison, models: PlanModels, s: int, t: int) -> str:
@@ -155,14 +125,12 @@ class ComparisonLoss:
             line += ", student layers " + ", ".join(f"{s}<-{t}" for s, t in comparison.pairs)
         return [line]
 
-    # -- when it runs
     def chunks(self, comparison: Comparison) -> Chunks:
         """What each teacher layer hands over and each student layer captures: what the signal is made of."""
         return Chunks(comparison.signal) if comparison.signal.chunks else Chunks()
 
     def wants_lse(self, pair: LayerPair, ce_path: CEPath) -> bool:
-        """Whether the student layer hands out its rows' log-sum-exp (``pair.student["lse"]``); asked before the
-        models run (``pair`` without signals)."""
+        """Whether the student layer hands out its rows' log-sum-exp; asked before the models run."""
         return False
 
     def compare_layer(self, comparison: Comparison, pair: LayerPair, step: Step) -> Loss:
@@ -186,12 +154,9 @@ def comparison_loss(name: str) -> Callable[[_L], _L]:
     """Class decorator: register the `ComparisonLoss` under ``name`` (what ``transfer.losses`` entries say)."""
 
     def register(cls: _L) -> _L:
-        held = COMPARISON_LOSSES.get(name)
-        if held is not None and (type(held).__module__, type(held).__qualname__) != (
-            cls.__module__,
-            cls.__qualname__,
-        ):
-            raise ValueError(f"comparison loss {name!r} is already registered by {type(held).__qualname__}")
+        held = type(COMPARISON_LOSSES[name]) if name in COMPARISON_LOSSES else cls
+        if (held.__module__, held.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"comparison loss {name!r} is already registered by {held.__qualname__}")
         if not cls.signals:
             raise ValueError(f"comparison loss {name!r}: say which signals it compares (signals = (...))")
         loss = cls()
@@ -215,9 +180,7 @@ ENTRY_KEYS = ("name", "weight", "signal")
 
 
 def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
-    """One ``transfer.losses`` entry (``{name: ..., weight: ..., signal: ..., <the loss's options>}``) as a
-    `Comparison`; a missing or unknown name, a signal the loss does not compare, a negative weight or an
-    option it does not take is a `PlanError` naming ``origin``."""
+    """One ``transfer.losses`` entry as a `Comparison`; anything it cannot be is a `PlanError` naming ``origin``."""
     if not isinstance(entry, Mapping) or "name" not in entry:
         raise PlanError(
             f"{origin}: write a mapping with the loss's name, e.g. {{name: logit_kd, weight: 1.0}}"
@@ -242,15 +205,14 @@ def comparison_from_entry(entry: Mapping[str, Any], origin: str) -> Comparison:
 
 
 def drop_hint(comparison: Comparison) -> str:
-    """How the user leaves ``comparison`` out, in the config's words: its entry removed from ``transfer.losses``,
-    or its weight key (``transfer.logit_distill``, ``transfer.feature_distill``) at 0."""
+    """How the user leaves ``comparison`` out, in the config's words."""
     if comparison.origin.startswith("transfer.losses"):
         return f"remove {comparison.origin} ({comparison.loss})"
     return f"{comparison.origin}=0"
 
 
 def asked_by(comparison: Comparison) -> str:
-    """What in the config asked for ``comparison``: ``transfer.losses[i]``, or its weight key above 0."""
+    """What in the config asked for ``comparison``."""
     if comparison.origin.startswith("transfer.losses"):
         return comparison.origin
     return f"{comparison.origin} > 0"

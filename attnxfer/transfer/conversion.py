@@ -1,12 +1,5 @@
-"""The conversion plan: which student layers stage 1 fits to the teacher's attention, with which loss,
-training which tensors; validated before any work and printed at start-up (no config, no I/O).
-
-A softmax teacher becomes an efficient-attention student by (1) swapping attentions
-(`attnxfer.models.efficient.build_efficient_student`), (2) stage 1, layer-parallel attention transfer
-(`attnxfer.train.stage1`): every student attention layer receives the teacher's hidden input and learns
-the teacher's map there, with the loss its map kind allows (`map_losses`), (3) stage 2, end-to-end
-fine-tuning through the training engine. This module is the plan and the per-layer fitting loss.
-"""
+"""The conversion plan (which student layers stage 1 fits to the teacher's attention, with which loss, training
+which tensors), validated before any work and printed at start-up, and stage 1's per-layer fitting loss."""
 
 from __future__ import annotations
 
@@ -44,12 +37,6 @@ class Stage1Train(StrEnum):
     QK = "qk"
     NEW_QK = "new+qk"
 
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
     @property
     def new(self) -> bool:
         return self in (Stage1Train.NEW, Stage1Train.NEW_QK)
@@ -69,11 +56,9 @@ class LayerConversion:
     loss: MapLoss | None  # None for softmax layers, which are the teacher's already
     trainable: list[str] = field(default_factory=list)
     num_trainable: int = 0
-    #: the attention's own stage-1 objective (``fit_objective``), which replaces the map loss as what
-    #: stage 1 minimises; ``loss`` then only names the agreement metric logged beside it
+    #: the attention's own stage-1 objective (``fit_objective``), minimised instead of ``loss`` (then a metric)
     objective: str | None = None
-    #: how the teacher's keys reduce the stage's tokens ("4x4 blocks", "7x7 adaptive bins": stage 1 pools the
-    #: student's map rows, over every token, onto the teacher's keys), or None: its keys are its tokens
+    #: how the teacher's keys reduce the stage's tokens ("4x4 blocks"), onto which stage 1 pools the student's rows
     teacher_keys: str | None = None
 
 
@@ -100,9 +85,7 @@ class ConversionPlan:
 
     @property
     def teacher_signals(self) -> tuple[Signal, ...]:
-        """What stage 1 takes from each teacher layer it fits: the layer's input (fed to the student's layer),
-        q and k (its maps) and, where outputs are compared (``output_mse``, or a layer fitted on its output),
-        the attention's output."""
+        """What stage 1 takes from each fitted teacher layer: its input, q and k, and its output where compared."""
         outputs = self.output_mse or any(layer.loss is MapLoss.OUTPUT for layer in self.active)
         return (Signal.INPUT, *Signal.MAPS.chunks) + ((Signal.OUTPUT,) if outputs else ())
 
@@ -122,30 +105,20 @@ class ConversionPlan:
                 f"({self.num_trainable:,} values){extra}"
             )
         for layer in self.layers:
-            if layer.loss is None and layer.map_kind is MapKind.NONE:
-                lines.append(
-                    f"    block {layer.layer}: none (attention-free: the block keeps its MLP; nothing to fit)"
-                )
-                continue
             if layer.loss is None:
-                lines.append(
-                    f"    block {layer.layer}: softmax (the teacher's own attention; nothing to fit)"
+                what = (
+                    "none (attention-free: the block keeps its MLP"
+                    if layer.map_kind is MapKind.NONE
+                    else "softmax (the teacher's own attention"
                 )
+                lines.append(f"    block {layer.layer}: {what}; nothing to fit)")
                 continue
             pooled = f" on the teacher's keys ({layer.teacher_keys} of tokens)" if layer.teacher_keys else ""
-            fits = (
-                f"objective {layer.objective} (metric {layer.loss.metric})"
-                if layer.objective
-                else f"loss {layer.loss}"
-            )
+            fits = f"objective {layer.objective} (metric {layer.loss.metric})" if layer.objective else ""
+            where = ", ".join(n.split(".attn.", 1)[-1] for n in layer.trainable)
             lines.append(
-                f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) {fits}{pooled}, trains "
-                f"{layer.num_trainable:,} values"
-                + (
-                    f" in {', '.join(n.split('.attn.', 1)[-1] for n in layer.trainable)}"
-                    if layer.trainable
-                    else ""
-                )
+                f"    block {layer.layer}: {layer.attention} ({layer.map_kind}) {fits or f'loss {layer.loss}'}"
+                f"{pooled}, trains {layer.num_trainable:,} values" + (f" in {where}" if where else "")
             )
         return "\n".join(lines)
 
@@ -192,8 +165,7 @@ def build_conversion_plan(
     output_mse: float = 0.0,
     attention_kwargs: dict[str, Any] | None = None,
 ) -> ConversionPlan:
-    """Validate a conversion of ``teacher`` into ``student`` (the ``convert`` config section's values);
-    every problem is a ValueError that says what to change."""
+    """Validate a conversion of ``teacher`` into ``student``; every problem is an InputError saying what to change."""
     check_softmax_teacher(teacher)
     if stage1_train not in STAGE1_TRAIN:
         raise InputError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
@@ -206,13 +178,12 @@ def build_conversion_plan(
         student_layers = attention_layers(student)
     except TypeError as e:
         raise InputError(f"student: {e}; convert students use registered attentions") from None
-    depth = len(attention_layers(teacher))
-    if len(student_layers) != depth:
-        raise InputError(
-            f"student has {len(student_layers)} attention layers, teacher {depth}: conversion keeps the "
-            "teacher's depth (build the student with build_efficient_student)"
-        )
     teacher_layers = attention_layers(teacher)
+    if len(student_layers) != len(teacher_layers):
+        raise InputError(
+            f"student has {len(student_layers)} attention layers, teacher {len(teacher_layers)}: conversion "
+            "keeps the teacher's depth (build the student with build_efficient_student)"
+        )
     layers = []
     for i, (qualified, attn) in enumerate(student_layers):
         if not isinstance(attn, TransferableAttention):
@@ -255,14 +226,10 @@ def build_conversion_plan(
 def layer_fit_loss(
     attn: nn.Module, layer: LayerConversion, signals: dict[str, torch.Tensor], output_weight: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stage 1's loss for one layer on the teacher's input, and its agreement metric (KL, map MSE or output MSE).
-
-    The loss is the layer's map loss (by map kind), unless its attention declares an objective of its own
-    (``fit_objective``, e.g. hashing's kernelised hashing loss): then that, with the map metric beside it.
-    """
+    """Stage 1's loss for one layer on the teacher's input and its agreement metric: the layer's map loss, or
+    its attention's own ``fit_objective`` (hashing's) with the map metric beside it."""
     x = signals[Signal.INPUT]
-    # the teacher layer's per-call extras the student layer takes too: a rope teacher's rotary embedding (the
-    # student's q and k are rotated as the teacher's were)
+    # a rope teacher's rotary embedding: the student's q and k are rotated as the teacher's were
     call = {"rope": signals["rope"]} if signals.get("rope") is not None else {}
     if layer.loss is MapLoss.OUTPUT and not layer.objective:
         loss = output_mse(attn(x, **call), signals[Signal.OUTPUT])
@@ -276,26 +243,22 @@ def layer_fit_loss(
             else:
                 q, k = own[Signal.Q].detach(), own[Signal.K].detach()
                 metric = agreement(_map_loss(attn, layer, q, k, signals))
-        if output_weight:
-            loss = loss + output_weight * output_mse(attn(x, **call), signals[Signal.OUTPUT])
-        return loss, metric
-    # a teacher with a logit bias (Swin: relative positions + the shifted-window mask) hands it over; one
-    # with reduced keys (PVTv2, sr > 1) its `KeyPooling`, onto which the student's rows are pooled
-    res = _map_loss(attn, layer, own[Signal.Q], own[Signal.K], signals)
-    loss, metric = res.total, agreement(res)
-    region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
-    if region is not None and signals.get("bias") is not None and layer.loss is MapLoss.CE:
-        correction = region(own[Signal.Q], own[Signal.K], full_bias(signals["bias"]))
-        loss = loss + correction
-        metric = metric + correction.detach() if metric is not None else None
+    else:
+        res = _map_loss(attn, layer, own[Signal.Q], own[Signal.K], signals)
+        loss, metric = res.total, agreement(res)
+        region = getattr(attn, "region_log_mass", None)  # zoo attention in Swin's shifted windows
+        if region is not None and signals.get("bias") is not None and layer.loss is MapLoss.CE:
+            correction = region(own[Signal.Q], own[Signal.K], full_bias(signals["bias"]))
+            loss = loss + correction
+            metric = metric + correction.detach() if metric is not None else None
     if output_weight:
         loss = loss + output_weight * output_mse(attn(x, **call), signals[Signal.OUTPUT])
     return loss, metric
 
 
 def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch.Tensor, signals):
-    """The layer's map loss of the student's q, k against the teacher's signals: with the teacher's logit bias
-    where it has one, pooled onto its reduced keys where it has those, at the teacher's logit scale."""
+    """The layer's map loss against the teacher's signals: with its logit bias (Swin: relative positions and the
+    shifted-window mask), pooled onto its reduced keys (PVTv2), at its logit scale."""
     teacher = LayerLogits(
         signals[Signal.Q],
         signals[Signal.K],
@@ -307,9 +270,8 @@ def _map_loss(attn: nn.Module, layer: LayerConversion, q: torch.Tensor, k: torch
 
 
 def _keys_per_token(signals: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The teacher's k with one row per token of the stage: a reduced key repeated over the tokens it was
-    made from (`KeyPooling.key_of_token`), so an objective on (query, key) pairs (hashing's similarity
-    target) reads the teacher's logit for each token's block; the teacher's own k without a reduction."""
+    """The teacher's k with one row per token: a reduced key repeated over the tokens it was made from, so an
+    objective on (query, key) pairs (hashing's) reads the teacher's logit for each token's block."""
     pooling = signals.get("key_pooling")
     k = signals[Signal.K]
     return k if pooling is None else k.index_select(-2, pooling.key_of_token(k.device))

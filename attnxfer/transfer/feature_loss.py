@@ -1,23 +1,11 @@
-"""Feature distillation: a student's final token features pulled onto its frozen teacher's.
+"""Feature distillation: a student's final token features (after the final norm) pulled onto its frozen
+teacher's, per token ``(1 - cos(s, t)) + smooth_l1((s - mu_t) / sigma_t, (t - mu_t) / sigma_t)`` (mu_t,
+sigma_t: the teacher token's channel statistics), averaged over tokens in fp32.
 
-The final token features are what ``forward_features`` returns (after the final norm): prefix tokens (class,
-registers) and patch tokens alike, as (B, N, C). The loss per token is
-
-    (1 - cos(s, t))  +  smooth_l1((s - mu_t) / sigma_t, (t - mu_t) / sigma_t)
-
-with mu_t, sigma_t the mean and standard deviation of the *teacher* token's C channels; the loss is the mean
-over tokens (each token counts once), computed in fp32 (or the inputs' wider dtype) whatever the autocast.
-
-Why this form. Encoders like CLIP and DINOv2 carry a few tokens whose norm is tens of times the rest
-(register-like "artifact" tokens) and a few channels with huge activations; a plain MSE on raw features is
-then a loss on those few tokens and channels. Standardising each token by its teacher token's own statistics
-(a non-parametric layer norm, as feature distillation by Wei et al. 2022 whitens its targets) makes every
-token count on one scale whatever its norm, and uses no batch statistics (the same value on any batch size,
-rank count or eval batch). Smooth-L1 grows linearly past ``beta`` standard deviations, so the outlier
-channels that remain large after standardisation cannot dominate the gradient either. The cosine term is
-scale-free by construction and aligns directions (what k-NN retrieval and linear probes read). The student
-is standardised with the teacher's statistics, not its own, so matching the standardised features also
-matches the teacher's scale.
+Why: CLIP and DINOv2 carry a few tokens of tens of times the others' norm and a few huge channels, which a
+plain MSE would be all about. Standardising by the teacher token's own statistics (as Wei et al. 2022
+whiten targets) puts every token on one scale without batch statistics; smooth-L1 keeps outlier channels
+from dominating the gradient; the cosine aligns directions (what k-NN and linear probes read).
 """
 
 from __future__ import annotations
@@ -42,14 +30,12 @@ from .step_loss import Loss
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
-    """timm's ``num_prefix_tokens`` (class and register tokens before the patches); 0 where a family has none
-    (Swin, PVTv2, Twins, Hiera)."""
+    """timm's ``num_prefix_tokens`` (class and register tokens); 0 where a family has none (Swin, PVTv2)."""
     return int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 
 def final_tokens(features: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """``model.forward_features``'s output as tokens (B, N, C): (B, N, C) as it is, a 4-D map flattened in
-    row-major order (timm's ``output_fmt``: NHWC for Swin, NCHW for PVTv2 and any model that says nothing)."""
+    """``forward_features``'s output as tokens (B, N, C); a 4-D map flattened by timm's ``output_fmt`` (default NCHW)."""
     if features.ndim == 3:
         return features
     if features.ndim != 4:
@@ -72,13 +58,9 @@ def feature_distill_loss(
     beta: float = 1.0,
     eps: float = 1e-6,
 ) -> Loss:
-    """The loss above between ``student`` and ``teacher`` final tokens (B, N, C), the first ``num_prefix``
-    tokens being prefix tokens. ``beta``: smooth-L1's switch from quadratic to linear, in teacher standard
-    deviations; ``eps``: added to the teacher token's variance and to the cosine's norms. No gradient reaches
-    ``teacher``. Its `Loss` terms are the detached parts to log: ``feat_cos`` (mean cosine distance),
-    ``feat_smooth_l1`` (mean smooth-L1 on standardised features), and both per token group (``feat_cos/prefix``,
-    ``feat_cos/patch``, ``feat_smooth_l1/prefix``, ``feat_smooth_l1/patch``; a group with no tokens is left
-    out)."""
+    """The loss above between final tokens (B, N, C), the first ``num_prefix`` prefix tokens; ``beta`` in
+    teacher standard deviations, ``eps`` added to the variance and the cosine's norms. Its terms are the
+    detached parts ``feat_cos`` and ``feat_smooth_l1``, also per token group (``feat_cos/prefix``, ...)."""
     if student.shape != teacher.shape or student.ndim != 3:
         raise ValueError(
             f"student and teacher final tokens must be the same (B, N, C); got {tuple(student.shape)} and "
@@ -103,8 +85,7 @@ def feature_distill_loss(
 
 @comparison_loss("feature_distill")
 class FeatureDistillation(ComparisonLoss):
-    """`feature_distill_loss` between the two models' final tokens (``forward_features``), one for one: the
-    same tokens, the same width."""
+    """`feature_distill_loss` between the two models' final tokens: the same tokens, the same width."""
 
     signals = (Signal.FEATURES,)
 

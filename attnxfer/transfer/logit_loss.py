@@ -1,6 +1,4 @@
-"""Logit distillation (knowledge distillation): the student's class distribution pulled onto its teacher's,
-the comparison loss ``logit_kd`` (``transfer.logit_distill`` and ``transfer.logit_temperature`` are an entry of
-it)."""
+"""Logit distillation: the comparison loss ``logit_kd`` (``transfer.logit_distill`` is an entry of it)."""
 
 from __future__ import annotations
 

@@ -1,42 +1,12 @@
-"""Attention-transfer losses, computed without N×N maps.
+"""Attention-transfer losses without N×N maps: the row CE −Σ_j P̄_t log P_s and its KL, in fp32.
 
-For one layer with teacher map P_t = softmax(s_t q_t k_tᵀ) and student map
-P_s = softmax(s_s q_s k_sᵀ), the paper's loss is the row cross-entropy
-``CE = mean_{b,h,i} −Σ_j P_t[i,j] log P_s[i,j]``. Because rows of P_t sum to 1,
-
-    CE_i = lse_s,i − s_s · ⟨q_s,i, (P_t K_s)_i⟩,
-
-where ``P_t K_s = SDPA(q_t, k_t, v=k_s)`` (flash/SDPA, O(N) memory, gradient to
-k_s through SDPA's value path) and ``lse_s`` is the student's row log-sum-exp,
-computed in chunks by `row_logsumexp`, whose backward recomputes each chunk's
-logits instead of keeping them. ``KL = CE − H(P_t)`` is reported beside it.
-Everything runs in fp32 whatever the surrounding autocast.
-
-Five exact evaluations of the same loss (`CEPath`); a run measures them on its device
-(`attnxfer.transfer.ce_select`, ``transfer.ce_path: auto``), `ce_path_for` is the unmeasured default:
-
-* ``rows`` (CPU): one autograd Function that walks query-row chunks once, computing both rows' logits,
-  the CE's sum and (for the logged KL) H(P̄_t) from the same chunk, and, because a scalar's gradient is
-  linear in the incoming one, the gradient itself: dz = P_s − P̄_t, dq ∝ dz K_s, dk ∝ dzᵀ Q_s. Four
-  N²d matmuls per layer, as autograd of the materialised maps does, without the maps; backward only
-  scales dq, dk.
-* ``sdpa`` (accelerators): P̄_t K_s through SDPA's fused kernel, lse_s by `row_logsumexp` (chunked,
-  logits on the tensor cores for bf16 inputs, recomputed in backward).
-* ``attention_lse``: as ``sdpa``, but lse_s comes with its gradient from the student's own attention
-  kernel (FlexAttention on CUDA, `attnxfer.models.attention.lse`): the loss then costs one more
-  attention, P̄_t K_s.
-* ``triton`` (CUDA, chosen explicitly until measured): fused Triton kernels with an online softmax of both
-  rows, flash-attention style (`attnxfer.transfer.triton_ce`): no N×N tensor, every tile product on the
-  tensor cores, the logged entropy from the same pass (one teacher head per student head).
-* ``materialised``: the reference code's way, both N×N maps built and autograd through them; memory
-  N² per distilled layer (`materialised_bytes`), so ``auto`` times it only within a memory budget.
-
-`attention_ce_reference` materialises both maps too, written out plainly: it is the oracle for tests and
-the "distill_ref" line of the benchmarks, never the training path.
-
-This module is the losses' face: the paths, their choice and the checks. The one-pass autograd Functions
-of ``rows`` and of the biased CE live in `attnxfer.transfer.row_ce`, the ``materialised`` path and its
-memory estimate in `attnxfer.transfer.materialised_ce`, the Triton kernels in `attnxfer.transfer.triton_ce`.
+Rows of P̄_t sum to 1, so CE_i = lse_s,i − s_s·⟨q_s,i, (P̄_t K_s)_i⟩: one more attention (SDPA with v = k_s)
+and the student's row log-sum-exp (`row_logsumexp`, chunked, recomputed in backward). Five exact
+evaluations of it (`CEPath`) are timed on the run's device (`attnxfer.transfer.ce_select`); `ce_path_for`
+is the unmeasured default. ``rows`` computes CE and gradient in one pass over row chunks (four N²d matmuls,
+as autograd of the maps, without the maps); ``materialised`` builds both maps as the reference code does
+(memory N² a layer, so ``auto`` times it within a budget only). `attention_ce_reference` is the tests' and
+benchmarks' oracle, never the training path.
 """
 
 from __future__ import annotations
@@ -53,7 +23,7 @@ from ..models.attention.lse import row_logsumexp
 # fp32 sections and row chunks (one chunk of logits B·H·rows·N within the shared 64 MiB budget)
 from ..models.attention.numerics import compute_dtype, fp32_section as _fp32, row_chunk as _auto_chunk
 from .materialised_ce import half_on_accelerator, materialised_bytes as materialised_bytes, materialised_ce
-from .row_ce import FusedBiasedRowCE, FusedRowCE, rows_path_chunk
+from .row_ce import FusedBiasedRowCE, FusedRowCE, grouped_mean, rows_path_chunk
 from .step_loss import Loss
 from .triton_ce import CEPathUnavailable as CEPathUnavailable, triton_row_ce
 
@@ -68,16 +38,6 @@ class CEPath(StrEnum):
     MATERIALISED = "materialised"  # the reference's way: both N×N maps built, autograd through them
 
     @property
-    def needs_cuda(self) -> bool:
-        """The path runs its kernels only on CUDA (Triton's interpreter aside)."""
-        return self is CEPath.TRITON
-
-    @property
-    def builds_maps(self) -> bool:
-        """The path holds N×N maps per distilled layer until backward: `materialised_bytes` says how much."""
-        return self is CEPath.MATERIALISED
-
-    @property
     def needs_student_lse(self) -> bool:
         """The student layer must hand out its log-sum-exp (`AttentionIO.return_lse`)."""
         return self is CEPath.ATTENTION_LSE
@@ -87,15 +47,12 @@ CE_PATHS = tuple(CEPath)
 
 
 def ce_path_for(device: torch.device | str) -> CEPath:
-    """The CE evaluation for a device when nothing was measured (a `TeacherStudent` built without ``ce_path``, an
-    evaluation): ``rows`` on CPU (measured fastest there, docs/benchmarks.md), ``sdpa`` elsewhere. Training
-    runs measure instead (``transfer.ce_path: auto``, `attnxfer.transfer.ce_select`)."""
+    """The CE path where nothing was measured: ``rows`` on CPU (fastest there, docs/benchmarks.md), else ``sdpa``."""
     return CEPath.ROWS if torch.device(device).type == "cpu" else CEPath.SDPA
 
 
 def _ce_loss(ce: torch.Tensor, kl: torch.Tensor | None) -> Loss:
-    """One layer's attention-distillation loss as a `Loss`: ``total`` the CE (differentiable), ``logs["kl"]``
-    the KL beside it (detached; absent where not asked for)."""
+    """``total`` the CE, ``logs["kl"]`` the detached KL beside it where asked for."""
     return Loss(ce, {}, {} if kl is None else {"kl": kl})
 
 
@@ -104,7 +61,8 @@ def group_heads_ok(teacher_heads: int, student_heads: int) -> bool:
     return teacher_heads >= student_heads and teacher_heads % student_heads == 0
 
 
-def _check_shapes(q_t, k_t, q_s, k_s):
+def _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s) -> tuple[float, float]:
+    """The logit scales (default timm's d^-0.5), once the shapes are checked."""
     if q_t.dim() != 4 or q_s.dim() != 4:
         raise ValueError("attention tensors must be (batch, heads, tokens, head_dim)")
     if q_t.shape[0] != q_s.shape[0]:
@@ -119,18 +77,17 @@ def _check_shapes(q_t, k_t, q_s, k_s):
             f"teacher has {q_t.shape[1]} heads, student {q_s.shape[1]}: the teacher's head count must equal "
             "or be a whole multiple of the student's (its maps are then averaged in groups)"
         )
+    return (
+        q_t.shape[-1] ** -0.5 if scale_t is None else scale_t,
+        q_s.shape[-1] ** -0.5 if scale_s is None else scale_s,
+    )
 
 
 def _teacher_times(q_t, k_t, values, scale_t):
     """(P̄_t V): the teacher's map (head groups averaged) applied to ``values``, via SDPA."""
     groups = q_t.shape[1] // values.shape[1]
-    if groups > 1:
-        values = values.repeat_interleave(groups, dim=1)
-    out = sdpa(q_t, k_t, values, scale=scale_t)
-    if groups > 1:
-        B, _, N, d = out.shape
-        out = out.reshape(B, -1, groups, N, d).mean(dim=2)
-    return out
+    values = values.repeat_interleave(groups, dim=1) if groups > 1 else values
+    return grouped_mean(sdpa(q_t, k_t, values, scale=scale_t), groups)
 
 
 @torch.no_grad()
@@ -159,7 +116,7 @@ def teacher_entropy(
         for start in range(0, N, step):
             rows = slice(start, start + step)
             p = torch.softmax((q_t[..., rows, :] @ k_t.transpose(-2, -1)) * scale_t, dim=-1)
-            p = p.reshape(B, student_heads, groups, p.shape[-2], p.shape[-1]).mean(2)
+            p = grouped_mean(p, groups)
             out[..., rows] = -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
         return out
 
@@ -177,34 +134,13 @@ def attention_distillation_loss(
     path: CEPath | str | None = None,
     lse_s: torch.Tensor | None = None,
 ) -> Loss:
-    """Mean row cross-entropy −Σ_j P_t log P_s over (batch, head, query), O(N) memory.
-
-    Args:
-        q_t, k_t: teacher queries/keys (B, H_t, N, d_t); no gradient flows into them.
-        q_s, k_s: student queries/keys (B, H_s, N, d_s); H_t must be a multiple of H_s
-            (teacher heads ``h·g … h·g+g−1`` are averaged into student head ``h``).
-        scale_t, scale_s: logit scales, default ``d^-0.5`` (timm's).
-        chunk: query rows per chunk (default: `rows_path_chunk` / the shared 64 MiB budget).
-        with_kl: also give the detached KL = CE − H(P̄_t) (the result's ``logs["kl"]``; its ``total`` is the CE).
-        path: one of `CE_PATHS`; default `ce_path_for` the inputs' device.
-        lse_s: the student's row log-sum-exp (B, H_s, N) with its gradient, from the student's own
-            attention kernel (`AttentionIO(return_lse=True)`): required by ``attention_lse``, used by
-            ``sdpa`` when given, ignored by ``rows``.
-    """
-    _check_shapes(q_t, k_t, q_s, k_s)
-    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
-    scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
-    path = _checked_path(path, q_s.device, lse_s)
-    with _fp32(q_s.device.type):
-        return _CE_BY_PATH[path](
-            q_t.detach(), k_t.detach(), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s
-        )
-
-
-def _checked_path(path: CEPath | str | None, device: torch.device, lse_s: torch.Tensor | None) -> CEPath:
-    """The path asked for (default: the device's), refused where it is unknown or lacks its input."""
+    """Mean row CE −Σ_j P̄_t log P_s over (batch, head, query), O(N) memory; the teacher's H_t heads (a
+    multiple of the student's H_s) are averaged in consecutive groups, and get no gradient. ``with_kl`` adds
+    the detached KL = CE − H(P̄_t) as ``logs["kl"]``. ``lse_s``: the student's row log-sum-exp with its
+    gradient from its own attention kernel (`AttentionIO(return_lse=True)`), which ``attention_lse`` needs."""
+    scale_t, scale_s = _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s)
     try:
-        path = ce_path_for(device) if path is None else CEPath(path)
+        path = ce_path_for(q_s.device) if path is None else CEPath(path)
     except ValueError:
         raise ValueError(f"unknown CE path {path!r}; choose one of {', '.join(CE_PATHS)}") from None
     if path is CEPath.ATTENTION_LSE and lse_s is None:
@@ -212,7 +148,10 @@ def _checked_path(path: CEPath | str | None, device: torch.device, lse_s: torch.
             "the attention_lse path takes the student's log-sum-exp from its attention kernel: pass lse_s "
             "(run the student layer with AttentionIO(return_lse=True))"
         )
-    return path
+    with _fp32(q_s.device.type):
+        return _CE_BY_PATH[path](
+            q_t.detach(), k_t.detach(), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s
+        )
 
 
 # Each path evaluates the same loss: (q_t, k_t (detached), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s)
@@ -221,20 +160,10 @@ def _checked_path(path: CEPath | str | None, device: torch.device, lse_s: torch.
 
 def _rows_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
     """``rows``: `FusedRowCE`, the CE and its gradient in one pass over cache-sized row chunks."""
-    grad = torch.is_grad_enabled()
-    ce, ent = FusedRowCE.apply(
-        q_s,
-        k_s,
-        q_t,
-        k_t,
-        scale_s,
-        scale_t,
-        rows_path_chunk(q_t, k_s.shape[-2], chunk),  # cache-sized on CPU
-        with_kl,
-        grad and q_s.requires_grad,
-        grad and k_s.requires_grad,
-        half_on_accelerator(q_t, k_t, q_s, k_s),
-    )
+    want = [torch.is_grad_enabled() and t.requires_grad for t in (q_s, k_s)]
+    rows = rows_path_chunk(q_t, k_s.shape[-2], chunk)  # cache-sized on CPU
+    half = half_on_accelerator(q_t, k_t, q_s, k_s)
+    ce, ent = FusedRowCE.apply(q_s, k_s, q_t, k_t, scale_s, scale_t, rows, with_kl, *want, half)
     return _ce_loss(ce, ce.detach() - ent if with_kl else None)
 
 
@@ -253,8 +182,7 @@ def _triton_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> L
 
 
 def _sdpa_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
-    """``sdpa`` and ``attention_lse``: CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩, P̄_t K_s by SDPA; lse_s given
-    (the student's attention kernel) or by the chunked `row_logsumexp`."""
+    """``sdpa`` and ``attention_lse``: CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩, lse_s given or `row_logsumexp`'s."""
     if not half_on_accelerator(q_t, k_t, q_s, k_s):
         dtype = compute_dtype(q_s)
         q_t, k_t, q_s, k_s = (t.to(dtype) for t in (q_t, k_t, q_s, k_s))
@@ -293,42 +221,25 @@ def biased_attention_ce(
     with_kl: bool = True,
     valid: torch.Tensor | None = None,
 ) -> Loss:
-    """The row CE of logits with an additive bias, z = s·q kᵀ + B (relative-position tables), exact:
-    CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij, in one pass over query-row chunks that also computes the gradient
-    (`FusedBiasedRowCE`), so no more than a chunk of the N_q×N_k logits is alive. A bias is a tensor
-    (B or 1, H, N_q, N_k) or a `BiasRows` (an adapter's ``logit_bias_rows``: rows gathered from a table
-    per chunk, never the whole bias or its gradient); the gradient reaches q_s, k_s and what ``bias_s`` is
-    computed from. Teacher heads are averaged in groups as in `attention_distillation_loss`; the key set
-    may differ from the queries (N_k ≠ N_q).
-
-    ``valid`` (B, N) bool marks a padded batch's real tokens (NaFlexViT's ``patch_valid`` with its prefix
-    tokens, `padding_from_mask`): padded keys get no weight in either map (logits at fp32's lowest, as
-    timm masks them) and padded query rows count for nothing: the mean is over real rows only, so each
-    sample's rows are those of the sample alone, unpadded. Self-attention only (N_q = N_k = N)."""
-    _check_shapes(q_t, k_t, q_s, k_s)
-    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
-    scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
-    bias_t = _as_rows(bias_t)
-    bias_s = _as_rows(bias_s)
+    """The exact row CE of logits with an additive bias, z = s·q kᵀ + B (relative-position tables), in one pass
+    over query-row chunks that also computes the gradient (`FusedBiasedRowCE`). A bias is a tensor
+    (B or 1, H, N_q, N_k) or a `BiasRows` (rows gathered from a table per chunk, never the whole bias).
+    ``valid`` (B, N) marks a padded batch's real tokens (`padding_from_mask`): padded keys get no weight in
+    either map and padded rows do not count, so each sample's loss is that of the sample alone, unpadded."""
+    scale_t, scale_s = _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s)
+    b_t, b_s = (
+        b if b is None or isinstance(b, BiasRows) else BiasRows.of_tensor(b) for b in (bias_t, bias_s)
+    )
+    b_t = b_t.detach() if b_t is not None else None
     grad = torch.is_grad_enabled()
-    if not grad and bias_s is not None:
-        bias_s = bias_s.detach()
+    if not grad and b_s is not None:
+        b_s = b_s.detach()
+    want = [grad and t.requires_grad for t in (q_s, k_s)]
+    rows, inputs = rows_path_chunk(q_s, k_s.shape[-2], chunk), b_s.inputs if b_s is not None else ()
+    q_t, k_t, pad = q_t.detach(), k_t.detach(), _padding(valid, q_s, k_s)
     with _fp32(q_s.device.type):
         ce, ent = FusedBiasedRowCE.apply(
-            q_s,
-            k_s,
-            q_t.detach(),
-            k_t.detach(),
-            bias_s,
-            bias_t.detach() if bias_t is not None else None,
-            _padding(valid, q_s, k_s),
-            scale_s,
-            scale_t,
-            rows_path_chunk(q_s, k_s.shape[-2], chunk),
-            with_kl,
-            grad and q_s.requires_grad,
-            grad and k_s.requires_grad,
-            *(bias_s.inputs if bias_s is not None else ()),
+            q_s, k_s, q_t, k_t, b_s, b_t, pad, scale_s, scale_t, rows, with_kl, *want, *inputs
         )
     return _ce_loss(ce, ce.detach() - ent if with_kl else None)
 
@@ -351,10 +262,9 @@ def _padding(valid: torch.Tensor | None, q_s: torch.Tensor, k_s: torch.Tensor):
 
 
 def padding_from_mask(mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
-    """The real tokens (B, N) of a padded batch from timm's attention mask (NaFlexViT's ``attn_mask``:
-    additive (B, 1, N, N) at fp32's lowest value where query or key is padding, or key-only (B, 1, 1, N);
-    bool masks True = attend); None when nothing is padded. Any other mask (a query that sees some real
-    keys but not others) is not padding: a ValueError."""
+    """The real tokens (B, N) of a padded batch from timm's attention mask (NaFlexViT's additive
+    (B, 1, N, N) or key-only (B, 1, 1, N); bool: True = attend); None when nothing is padded. A mask that is
+    not padding (a query sees some real keys but not others) is a ValueError."""
     if mask is None:
         return None
     seen = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
@@ -375,12 +285,6 @@ def padding_from_mask(mask: torch.Tensor | None, tokens: int) -> torch.Tensor | 
     return None if bool(valid.all()) else valid
 
 
-def _as_rows(bias: torch.Tensor | BiasRows | None) -> BiasRows | None:
-    if bias is None or isinstance(bias, BiasRows):
-        return bias
-    return BiasRows.of_tensor(bias)
-
-
 def attention_ce_reference(
     q_t: torch.Tensor,
     k_t: torch.Tensor,
@@ -391,16 +295,12 @@ def attention_ce_reference(
     scale_s: float | None = None,
 ) -> Loss:
     """The same loss with both N×N maps materialised: the oracle (and the slow path)."""
-    _check_shapes(q_t, k_t, q_s, k_s)
-    scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
-    scale_s = q_s.shape[-1] ** -0.5 if scale_s is None else scale_s
+    scale_t, scale_s = _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s)
     with _fp32(q_s.device.type):
         dtype = compute_dtype(q_s)
         q_t, k_t, q_s, k_s = q_t.detach().to(dtype), k_t.detach().to(dtype), q_s.to(dtype), k_s.to(dtype)
         p_t = torch.softmax((q_t @ k_t.transpose(-2, -1)) * scale_t, dim=-1)
-        B, H_t, N, M = p_t.shape
-        H_s = q_s.shape[1]
-        p_t = p_t.reshape(B, H_s, H_t // H_s, N, M).mean(2)
+        p_t = grouped_mean(p_t, p_t.shape[1] // q_s.shape[1])
         log_p_s = torch.log_softmax((q_s @ k_s.transpose(-2, -1)) * scale_s, dim=-1)
         ce = -(p_t * log_p_s).sum(-1).mean()
         entropy = -(p_t * torch.log(p_t.clamp_min(torch.finfo(p_t.dtype).tiny))).sum(-1).mean()

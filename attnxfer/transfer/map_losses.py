@@ -1,31 +1,12 @@
-"""Map-distillation losses: how close a student layer's attention map is to a softmax teacher's,
-dispatched on the student layer's declared map kind.
+"""Map-distillation losses: a student layer's attention map against a softmax teacher's P_t, by the loss of
+its `MapKind` (`MAP_LOSS_RULES`), each with an agreement metric (KL beside CE, the loss itself for MSE).
 
-The teacher's map is P_t = softmax(s·q_t k_tᵀ). The student layer's `MapKind` chooses the loss by
-default, and a table (`MAP_LOSS_RULES`) says how each (kind, loss) pair is computed:
-
-====================  ===========  ==========================================================================
-student map kind      default      computed by
-====================  ===========  ==========================================================================
-``softmax``           ``ce``       the exact O(N) row cross-entropy (`losses.attention_distillation_loss`):
-                                   no N×N map, teacher heads averaged in groups, unequal head dims allowed
-``row_stochastic``    ``ce``       −Σ_j P_t log A_s from the layer's implicit rows, in checkpointed row chunks
-``signed``            ``mse``      mean over (batch, head, query, key) of (A_s − P_t)², in row chunks
-                                   (Nyström, Linformer: rows may go negative, so no log)
-``none``              ``output``   not a map loss: the caller compares attention outputs (`output_mse`)
-====================  ===========  ==========================================================================
-
-``mse`` also applies to softmax and row-stochastic maps. Where the teacher's keys are a reduction of the
-student's (PVTv2's spatial reduction: N_k = N / sr² keys, each made from an sr×sr block of tokens), a
-`KeyPooling` pools the student's row onto the teacher's keys (its mass on each block, `MapLossRule.pooled`):
-CE and MSE then compare rows over the N_k keys. A softmax student's pooled log-mass is an exact log-sum-exp
-per block; a kernel map φ(q)·φ(k_j)/Z pools φ(k) per block (Σ_{j∈block} φ(k_j)), so a row chunk never
-holds more than N_k entries; any other map pools its `attention_map` rows, a chunk at a time. Every loss comes with an agreement metric:
-KL = CE − H(P_t) beside CE, the loss itself for MSE. Everything runs in fp32 with autocast off. Under
-autograd each implicit chunk is checkpointed, so the backward pass recomputes a chunk's rows instead
-of keeping every chunk's (B, H, rows, N) tensors. Zeros in a row-stochastic student map (window
-attention outside its window) are floored at fp32's smallest normal number (log ≈ −87.3): the CE
-stays finite and large where the student cannot put weight that the teacher does.
+Softmax students take the exact O(N) row CE (`losses`); other maps are read from the layer's implicit rows
+in checkpointed row chunks: CE for row-stochastic maps, MSE for signed ones (rows may go negative: no log).
+Where the teacher's keys pool the student's tokens (PVTv2) a `KeyPooling` pools the student's rows onto
+them (a kernel map pools φ(k) per block, so a chunk holds no more than N_k entries). Zeros of a
+row-stochastic map (window attention) are floored at fp32's smallest normal (log ≈ −87.3): the CE stays
+finite and large where the student cannot put the teacher's weight.
 """
 
 from __future__ import annotations
@@ -56,36 +37,19 @@ class MapLoss(StrEnum):
     MSE = "mse"
     OUTPUT = "output"
 
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
     @property
     def metric(self) -> str:
         """Name of the agreement metric reported beside the loss."""
-        return _METRICS[self]
+        return {"ce": "kl", "mse": "map_mse", "output": "output_mse"}[self]
 
     @property
     def term(self) -> str:
         """Key prefix of the loss among a training step's terms (``attn_ce/3``)."""
-        return _TERMS[self]
-
-    @property
-    def logged_metric(self) -> str | None:
-        """Key prefix under which the metric is logged beside the loss (KL beside CE), or None."""
-        return "attn_kl" if self is MapLoss.CE else None
-
-
-_METRICS = {MapLoss.CE: "kl", MapLoss.MSE: "map_mse", MapLoss.OUTPUT: "output_mse"}
-_TERMS = {MapLoss.CE: "attn_ce", MapLoss.MSE: "attn_mse", MapLoss.OUTPUT: "attn_output_mse"}
+        return {"ce": "attn_ce", "mse": "attn_mse", "output": "attn_output_mse"}[self]
 
 
 def map_agreement(loss: MapLoss, value: torch.Tensor, metric: torch.Tensor | None) -> Loss:
-    """One layer's map loss as a `Loss`: ``total`` the loss (differentiable w.r.t. the student), one term named
-    by its kind (``attn_ce``, ``attn_mse``), and its detached agreement metric in ``logs`` under the kind's
-    metric name (``kl``, ``map_mse``; absent when not asked for and not free: `agreement` reads it)."""
+    """One layer's map loss as a `Loss`: one term named by its kind (``attn_ce``), the detached metric in ``logs``."""
     return Loss(value, {loss.term: value}, {} if metric is None else {loss.metric: metric})
 
 
@@ -96,9 +60,7 @@ def agreement(res: Loss) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class LayerLogits:
-    """What one side of a map loss hands over: q and k (B, H, N, d) as they enter the layer's logits, and what
-    else makes its map. One per side: the student's may carry ``valid`` and ``lse``, the teacher's
-    ``key_pooling``; ``scale`` and ``bias`` belong to either."""
+    """One side of a map loss: q and k (B, H, N, d) as they enter the layer's logits, and what else makes its map."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -108,14 +70,12 @@ class LayerLogits:
     bias: torch.Tensor | BiasRows | None = None
     #: (B, N) the real tokens of a padded batch (`losses.padding_from_mask`); None: every token is real
     valid: torch.Tensor | None = None
-    #: the teacher's keys as a pooling of the student's tokens (PVTv2's spatial reduction, captured with its
-    #: q and k): the student's rows are pooled onto them (`MapLossRule.pooled`); None: the same keys
+    #: the teacher's keys as a pooling of the student's tokens (PVTv2's spatial reduction); None: the same keys
     key_pooling: KeyPooling | None = None
     #: the student's rows' log-sum-exp from its own attention kernel (``CEPath.ATTENTION_LSE``), or None
     lse: torch.Tensor | None = None
 
 
-# --------------------------------------------------------------------------------------- the computations
 def _teacher_rows(teacher: LayerLogits, rows: slice) -> torch.Tensor:
     q_t, k_t = teacher.q, teacher.k
     scale_t = q_t.shape[-1] ** -0.5 if teacher.scale is None else teacher.scale
@@ -144,8 +104,7 @@ def _student_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -> to
 
 
 def _student_log_rows(attn, q_s, k_s, rows: slice, pooling: KeyPooling | None) -> torch.Tensor:
-    """log of `_student_rows` (zeros floored at fp32's tiny); a softmax student's pooled rows exactly, as
-    log-sum-exp per block minus the row's log-sum-exp."""
+    """log of `_student_rows` (zeros floored at fp32's tiny); a softmax student's pooled rows exactly."""
     if pooling is not None and attn.map_kind is MapKind.SOFTMAX:
         logits = (q_s[:, :, rows] * attn.logit_scale(q_s)) @ k_s.transpose(-2, -1)
         return pooling.log_pool(logits) - logits.logsumexp(-1, keepdim=True)
@@ -192,8 +151,7 @@ def _check_equal_shapes(student: LayerLogits, teacher: LayerLogits) -> None:
 
 
 def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
-    """``fn``'s (loss sum, entropy sum) over query-row chunks of ``step`` rows; under autograd each chunk
-    is checkpointed, so its rows are rebuilt in backward instead of kept."""
+    """``fn``'s (loss sum, entropy sum) over row chunks, each checkpointed under autograd (rebuilt in backward)."""
     N = q_s.shape[2]
     grad = torch.is_grad_enabled() and (
         q_s.requires_grad or k_s.requires_grad or any(p.requires_grad for p in attn.parameters())
@@ -210,10 +168,7 @@ def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
 def _implicit_loss(
     loss: MapLoss, attn: TransferableAttention, student: LayerLogits, teacher: LayerLogits, chunk: int | None
 ) -> Loss:
-    """CE or MSE from the layer's rows (`attention_map`, which knows the layer's own scale), in checkpointed
-    row chunks; the metric is free. The teacher's logits take its scale and bias; a student with a logit bias
-    of its own is refused here (its map is not ``attention_map``). With the teacher's ``key_pooling`` the
-    student's rows are pooled onto its reduced keys first."""
+    """CE or MSE from the layer's rows (`attention_map`, which knows the layer's own scale); the metric is free."""
     if student.bias is not None:
         raise InputError(
             "the implicit-map loss reads the student's map from attention_map(q, k), which has no logit bias"
@@ -247,69 +202,15 @@ def _implicit_loss(
     return map_agreement(loss, value, metric)
 
 
-def _exact_softmax_ce(
-    student: LayerLogits,
-    teacher: LayerLogits,
-    *,
-    with_metric: bool,
-    chunk: int | None,
-    ce_path: CEPath | str | None,
-) -> Loss:
-    """The exact CE of a softmax student layer (no map built; head groups; unequal head dims): the O(N)
-    identity for plain q·kᵀ logits, also where the key set differs from the queries (CaiT's class
-    attention: one query row; spatially reduced keys), and the chunked biased path
-    (`biased_attention_ce`) when either side's logits carry a bias (relative-position tables) or the
-    batch is padded (``student.valid``). The ``triton`` kernels take square maps only: another shape on that
-    path is a `CEPathUnavailable` (``transfer.ce_path: auto`` never picks it for such a student,
-    `attnxfer.transfer.ce_select`)."""
-    q_s, k_s = student.q, student.k
-    if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
-        raise CEPathUnavailable(
-            f"the triton CE path takes square maps only, and this student layer's are {q_s.shape[-2]} queries x "
-            f"{k_s.shape[-2]} keys (class attention or reduced keys): use transfer.ce_path=auto, rows or sdpa"
-        )
-    if teacher.bias is not None or student.bias is not None or student.valid is not None:
-        res = biased_attention_ce(
-            teacher.q,
-            teacher.k,
-            q_s,
-            k_s,
-            bias_t=teacher.bias,
-            bias_s=student.bias,
-            scale_t=teacher.scale,
-            scale_s=student.scale,
-            chunk=chunk,
-            with_kl=with_metric,
-            valid=student.valid,
-        )
-        return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
-    res = attention_distillation_loss(
-        teacher.q,
-        teacher.k,
-        q_s,
-        k_s,
-        scale_t=teacher.scale,
-        scale_s=student.scale,
-        chunk=chunk,
-        with_kl=with_metric,
-        path=ce_path,
-        lse_s=student.lse,
-    )
-    return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
-
-
 @dataclass(frozen=True)
 class MapLossRule:
     """How one (student map kind, loss) pair is computed, and what it allows."""
 
     loss: MapLoss
-    #: the exact O(N) row CE of a softmax layer (`_exact_softmax_ce`); else the layer's implicit rows, chunked
+    #: the exact O(N) row CE of a softmax layer; else the layer's implicit rows, chunked
     exact: bool = False
     #: the teacher may have a whole multiple of the student's heads (its maps averaged in groups)
     groups_heads: bool = False
-    #: whether the pair can be computed where the teacher's keys pool the student's (a `KeyPooling`: PVTv2's
-    #: spatial reduction), from the student's rows pooled onto them
-    pooled: bool = True
     #: what the loss compares, in words (what a transfer plan prints for the layer)
     describe: str = ""
 
@@ -357,8 +258,7 @@ def default_map_loss(kind: MapKind | str) -> MapLoss:
 
 
 def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") -> MapLoss:
-    """``loss`` ('auto' resolves by kind) as a `MapLoss` if it applies to ``kind``, else a ValueError saying
-    what does. This is where a config's loss name becomes data."""
+    """``loss`` ('auto' resolves by kind) as a `MapLoss` if it applies to ``kind``, else an InputError saying what does."""
     kind = MapKind(kind)
     try:
         loss = MapLoss(loss)
@@ -382,7 +282,7 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
 
 
 def map_loss_rule(kind: MapKind | str, loss: MapLoss | str = "auto") -> MapLossRule:
-    """The table entry for a student layer of ``kind`` under ``loss``; a ValueError where it is not a map loss."""
+    """The table entry for a student layer of ``kind`` under ``loss``; an InputError where it is not a map loss."""
     loss = check_map_loss(loss, kind)
     if loss is MapLoss.OUTPUT:
         raise InputError("the 'output' loss compares attention outputs, not maps: use output_mse()")
@@ -399,27 +299,30 @@ def map_distillation_loss(
     chunk: int | None = None,
     ce_path: CEPath | str | None = None,
 ) -> Loss:
-    """The ``loss`` ('auto': by map kind) between the student layer ``attn``'s map on ``student``'s q and k
-    and the softmax map of ``teacher``'s, dispatched on ``attn.map_kind`` through `MAP_LOSS_RULES`.
-
-    q/k are (B, H, N, d); the teacher's get no gradient. Returns the loss (mean over rows for CE, over entries
-    for MSE) and the detached metric: KL for CE (for softmax layers only ``with_metric``, as it costs a
-    teacher pass), the loss itself for MSE. A softmax layer's exact CE takes ``ce_path`` (default: by device)
-    and, for ``attention_lse``, the student's ``lse``. Padded tokens (``student.valid``) are left out (softmax
-    students). With the teacher's ``key_pooling`` the student's rows are pooled onto its reduced keys
-    (`MapLossRule.pooled`).
-    """
+    """The ``loss`` ('auto': by map kind) between ``attn``'s map on ``student``'s q, k and the softmax map of
+    ``teacher``'s (no gradient), through `MAP_LOSS_RULES`; the metric is KL for CE (for softmax layers only
+    ``with_metric``: it costs a teacher pass), the loss itself for MSE."""
     rule = map_loss_rule(attn.map_kind, loss)
     if teacher.key_pooling is not None:
-        if not rule.pooled:
-            raise InputError(
-                f"map loss {check_map_loss(loss, attn.map_kind).value!r} on a {attn.map_kind.value!r} "
-                "attention cannot compare maps over the teacher's reduced keys"
-            )
         if student.scale is not None or student.bias is not None:
             raise InputError("a pooled map loss takes the student's own logit scale and no student bias")
-    elif rule.exact:
-        return _exact_softmax_ce(student, teacher, with_metric=with_metric, chunk=chunk, ce_path=ce_path)
+    elif rule.exact:  # the O(N) identity, or the chunked biased path for logit biases and padded batches
+        q_s, k_s = student.q, student.k
+        if ce_path is not None and CEPath(ce_path) is CEPath.TRITON and q_s.shape[-2] != k_s.shape[-2]:
+            raise CEPathUnavailable(
+                f"the triton CE path takes square maps only, and this student layer's are {q_s.shape[-2]} "
+                f"queries x {k_s.shape[-2]} keys (class attention or reduced keys): use transfer.ce_path=auto, "
+                "rows or sdpa"
+            )
+        common = dict(scale_t=teacher.scale, scale_s=student.scale, chunk=chunk, with_kl=with_metric)
+        if teacher.bias is not None or student.bias is not None or student.valid is not None:
+            extra = dict(bias_t=teacher.bias, bias_s=student.bias, valid=student.valid)
+            res = biased_attention_ce(teacher.q, teacher.k, q_s, k_s, **common, **extra)
+        else:
+            res = attention_distillation_loss(
+                teacher.q, teacher.k, q_s, k_s, **common, path=ce_path, lse_s=student.lse
+            )
+        return map_agreement(MapLoss.CE, res.total, res.logs.get("kl"))
     return _implicit_loss(rule.loss, attn, student, teacher, chunk)
 
 
@@ -432,11 +335,8 @@ def implicit_map_loss(
     loss: MapLoss | str = "auto",
     chunk: int | None = None,
 ) -> Loss:
-    """The ``loss`` ('ce' or 'mse'; 'auto' by map kind) computed from ``attn``'s rows (`attention_map`),
-    whatever its kind: the chunked path (for softmax layers too), equal heads and tokens."""
-    loss = check_map_loss(loss, attn.map_kind)
-    if loss is MapLoss.OUTPUT:
-        raise InputError("the 'output' loss compares attention outputs, not maps: use output_mse()")
+    """The ``loss`` from ``attn``'s rows (`attention_map`) whatever its kind (softmax too): equal heads and tokens."""
+    loss = map_loss_rule(attn.map_kind, loss).loss
     return _implicit_loss(loss, attn, LayerLogits(q_s, k_s), LayerLogits(q_t, k_t), chunk)
 
 

@@ -62,16 +62,10 @@ def materialised_ce(
     return ce, kl
 
 
-#: N×N fp32 maps alive at the peak of the ``materialised`` path: two kept per distilled layer until
-#: backward (P̄_t, the student's log-softmax), plus the transient ones of one layer (the teacher's logits
-#: before the head-group mean, the student's logits, their gradient).
-MAPS_KEPT_PER_LAYER = 2
-MAPS_TRANSIENT = 3
-
-
 def materialised_bytes(batch: int, tokens: int, student_heads: int, teacher_heads: int, layers: int) -> int:
-    """Bytes the ``materialised`` path's maps take at a step's peak, ``layers`` distilled softmax layers:
-    what `attnxfer.transfer.ce_select` compares with the memory budget before it times the path."""
+    """Bytes the ``materialised`` path's maps take at a step's peak with ``layers`` distilled softmax layers."""
+    # N×N fp32 maps: two kept per distilled layer until backward (P̄_t, the student's log-softmax), plus three
+    # transient ones of one layer (the teacher's logits before the head-group mean, the student's, their gradient)
     per_map = 4 * batch * tokens * tokens
-    kept = MAPS_KEPT_PER_LAYER * student_heads * layers
-    return per_map * (kept + MAPS_TRANSIENT * max(student_heads, teacher_heads))
+    kept = 2 * student_heads * layers
+    return per_map * (kept + 3 * max(student_heads, teacher_heads))

@@ -1,6 +1,5 @@
-"""Transfer modes: what each config word (``copy``, ``distill``, ``distill_q``, ...) borrows from the teacher and
-distils into the student, as data in one table (`MODES`), so the plan and `TeacherStudent` read a mode's fields and
-never its name. A mode's distillation becomes a `comparisons.Comparison` of the plan (`plan.build_plan`)."""
+"""Transfer modes as data (`MODES`): what each config word borrows from the teacher and distils, so the plan
+and `TeacherStudent` read a mode's fields and never its name."""
 
 from __future__ import annotations
 
@@ -16,13 +15,8 @@ class PlanError(InputError):
 
 @dataclass(frozen=True)
 class TransferMode:
-    """What a mode moves from teacher to student, in `Signal`s (the config's letters are accepted).
-
-    ``borrow``: the q/k/v the student takes from the teacher at run time (`Chunks`; ``Signal.MAPS`` is q and
-    k: the copy family; the student's own projections for them are frozen and unused).
-    ``distill``: what the student learns to match, ``Signal.MAPS`` (the map loss of the student layer's map
-    kind) or one of q, k, v (MSE); None: nothing.
-    """
+    """What a mode moves: ``borrow``, the q/k/v the student takes from the teacher at run time (its own are
+    frozen), and ``distill``, what it learns to match (maps by its map kind's loss, or q, k, v by MSE)."""
 
     name: str
     borrow: Chunks = field(default_factory=Chunks)

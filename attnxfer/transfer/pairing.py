@@ -1,6 +1,5 @@
-"""Which student layer takes which teacher layer, and whether their tokens agree: the layer pairing a
-transfer plan is built on (`plan.build_plan`), checked against both models' declared data (token grids and
-prefix tokens, stages, each layer's token partition)."""
+"""Which student layer takes which teacher layer, and whether their tokens agree (grids, prefix tokens,
+stages, each layer's token partition)."""
 
 from __future__ import annotations
 
@@ -21,12 +20,8 @@ from .modes import PlanError
 
 
 def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None = None) -> tuple[int, ...]:
-    """Student layers that take part.
-
-    ``layers`` (explicit indices, negatives count from the end) wins over ``end_layer``.
-    ``end_layer`` keeps the paper's meaning: 0 = all layers; negative = layers
-    ``[0, depth + end_layer)``; positive = layers ``[0, end_layer)``.
-    """
+    """Student layers that take part: ``layers`` (negatives from the end), else the paper's ``end_layer``
+    (0: all; negative: ``[0, depth + end_layer)``; positive: ``[0, end_layer)``)."""
     if layers is not None:
         chosen = []
         for i in layers:
@@ -59,8 +54,7 @@ def map_layers(
 
 
 def block_attentions(model: nn.Module, role: str = "student") -> Sequence[nn.Module]:
-    """The model's attention layers in forward order, each meeting the interface (timm classes swapped to
-    their adapters); a layer no adapter covers is a `PlanError` naming it."""
+    """The model's attention layers in forward order (adapted); one no adapter covers is a `PlanError`."""
     try:
         return transferable_attentions(model)
     except TypeError as e:
@@ -68,8 +62,7 @@ def block_attentions(model: nn.Module, role: str = "student") -> Sequence[nn.Mod
 
 
 def token_layout(model: nn.Module) -> tuple[tuple[int, ...], int]:
-    """(patch grid, prefix tokens) of ``model`` at its configured image size (`image_input`; no grid for a
-    model without a patch embedding attnxfer knows)."""
+    """(patch grid, prefix tokens) of ``model`` at its configured image size (no grid without a patch embedding)."""
     grid = image_input(model).grid if find_patch_embedding(model) is not None else ()
     prefix = getattr(model, "num_prefix_tokens", None)
     if prefix is None:
@@ -93,11 +86,9 @@ def pair_within_stages(
     s_parts: Sequence[dict],
     t_parts: Sequence[dict],
 ) -> tuple[tuple[int, int], ...]:
-    """(student, teacher) layer pairs. Hierarchical models (several stages on both sides) pair stage by stage,
-    uniformly within each (`map_layers` on the stage's depths): token counts and widths change between
-    stages, so a layer's partner is in the same stage. With one stage on either side: over the whole depth.
-    A partner that partitions its tokens otherwise (a shifted Swin block for an unshifted one) gives way to
-    the nearest layer of its stage that partitions them like the student layer, if there is one."""
+    """(student, teacher) layer pairs, uniformly within each stage where both sides have several (tokens and
+    widths change between stages). A partner that partitions its tokens otherwise (a shifted Swin block for
+    an unshifted one) gives way to the nearest of its stage that partitions them alike, if any."""
     s_stages, t_stages = group_stages(s_names), group_stages(t_names)
     if len(s_stages) == 1 or len(t_stages) == 1:
         s_stages, t_stages = [("", list(range(len(s_names))))], [("", list(range(len(t_names))))]
@@ -121,8 +112,7 @@ def pair_within_stages(
 
 
 def reduced_keys(attn: nn.Module) -> str | None:
-    """How a teacher layer's keys reduce its tokens, in words (its adapter's `key_reduction`: strided blocks,
-    adaptive bins), or None where its keys are its tokens."""
+    """How a teacher layer's keys reduce its tokens, in words, or None where its keys are its tokens."""
     return attn.key_reduction() if isinstance(attn, TransferableAttention) else None
 
 
@@ -134,11 +124,8 @@ def check_partitions(
     t_parts: Sequence[dict],
     pools: Callable[[int, int], bool] = lambda s, t: False,
 ) -> None:
-    """Paired layers must see the same query and key sets (`TransferableAttention.token_partition`: the grid a
-    stage works on, windows and shifts, sub-sampling ratios), unless ``pools(s, t)``: the student's map is
-    pooled onto the teacher's keys (a map comparison's `ComparisonLoss.pools_teacher_keys`); the first pair
-    that does not is ONE `PlanError` naming its stage, every entry that differs and what would make them
-    agree."""
+    """Paired layers see the same query and key sets (`TransferableAttention.token_partition`) unless
+    ``pools(s, t)``; the first pair that does not is one `PlanError` naming what differs and the fix."""
     for s, t in pairs:
         sp, tp = s_parts[s], t_parts[t]
         if sp == tp or pools(s, t):
@@ -168,11 +155,11 @@ def _show(v) -> str:
     return "x".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
 
 
-def _layout_mismatch(
-    student: nn.Module, t_grid: tuple[int, ...], t_prefix: int, s_grid: tuple[int, ...], s_prefix: int
-) -> str:
-    """The one message for a pair whose tokens differ: what differs, and the student settings that match
-    the teacher (attention maps are token-by-token)."""
+def check_token_layouts(teacher: nn.Module, student: nn.Module) -> None:
+    """Teacher and student see the same tokens (grid and prefix), or one `PlanError` saying what to set."""
+    (t_grid, t_prefix), (s_grid, s_prefix) = token_layout(teacher), token_layout(student)
+    if (t_grid, t_prefix) == (s_grid, s_prefix):
+        return
     fmt = lambda g: "x".join(map(str, g)) or "?"
     fixes = []
     if t_grid != s_grid:
@@ -189,15 +176,8 @@ def _layout_mismatch(
             if t_prefix >= 1
             else "class_token=False, global_pool='avg' (the teacher has no prefix token)"
         )
-    return (
+    raise PlanError(
         f"token grids differ: teacher has {fmt(t_grid)} patches + {t_prefix} prefix token(s), "
         f"student {fmt(s_grid)} + {s_prefix}. Give the student the teacher's tokens (attention maps are "
         f"token-by-token); for a timm ViT student: {', '.join(fixes)}."
     )
-
-
-def check_token_layouts(teacher: nn.Module, student: nn.Module) -> None:
-    """Teacher and student see the same tokens (grid and prefix), or one `PlanError` saying what to set."""
-    (t_grid, t_prefix), (s_grid, s_prefix) = token_layout(teacher), token_layout(student)
-    if (t_grid, t_prefix) != (s_grid, s_prefix):
-        raise PlanError(_layout_mismatch(student, t_grid, t_prefix, s_grid, s_prefix))

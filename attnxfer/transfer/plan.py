@@ -1,13 +1,5 @@
-"""The transfer plan: which student layer takes what from which teacher layer, and what the two are compared
-on, as data.
-
-A plan is built once from the config and the two models, validated there (so a bad combination fails before
-any training step), and printed at start-up. The mode (`modes.TransferMode`) says which teacher q/k/v the
-student borrows (copy); everything the student is compared with its teacher on is a `Comparison` in
-``plan.comparisons``: the mode's distillation (``transfer.mode``, at ``transfer.atd_weight``), logit and
-feature distillation (``transfer.logit_distill``, ``transfer.feature_distill``), and each entry of
-``transfer.losses`` (any registered `ComparisonLoss`).
-"""
+"""The transfer plan as data: which student layer takes what from which teacher layer, and what the two are
+compared on; built once and validated there, so a bad combination fails before any training step."""
 
 from __future__ import annotations
 
@@ -73,9 +65,7 @@ class TransferPlan:
 
     @property
     def compares(self) -> dict[Signal, float]:
-        """What the student is compared with its teacher on, and the weight of each signal (summed where
-        several comparisons share it): the distilled attention signal (maps, q, k or v), the logits, the
-        final token features."""
+        """Each signal the student is compared with its teacher on, and its weight (summed over comparisons)."""
         out: dict[Signal, float] = {}
         for c in self.comparisons:
             if c.pairs or not c.signal.of_layer:
@@ -86,8 +76,29 @@ class TransferPlan:
         """A short human-readable table, printed at start-up."""
         m = self.mode
         lines = [f"transfer plan: mode={m.name} ({m.description})"]
-        if self.pairs:
-            lines += self._mode_lines()
+        if self.pairs:  # what the mode borrows or distils, tokens, heads, drop path, layers and losses
+            kind = (
+                f"borrow {m.borrow} from teacher"
+                if m.is_copy
+                else f"distill {m.distill}, weight {self.weight:g}"
+            )
+            groups = self.head_groups
+            lines += [
+                f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
+                f"{self.student_heads}"
+                + (f" (teacher maps averaged in groups of {groups})" if groups > 1 else ""),
+                f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
+                f"teacher runs at eval: {m.teacher_at_eval}",
+            ]
+            sl = self.student_layers
+            span = f"{sl[0]}-{sl[-1]}" if sl == tuple(range(sl[0], sl[-1] + 1)) else ",".join(map(str, sl))
+            if all(s == t for s, t in self.pairs):
+                lines.append(f"  layers {span} of {self.student_depth} (same teacher layers)")
+            else:
+                pairs = ", ".join(f"{s}<-{t}" for s, t in self.pairs)
+                lines.append(f"  student layers {span} of {self.student_depth} <- teacher layers {pairs}")
+            if self.mode_comparison is not None:
+                lines += _note_lines(self.mode_comparison)
         for c in self.comparisons:
             if c is not self.mode_comparison:
                 lines += c.loss_fn.describe(c) + _note_lines(c)
@@ -98,33 +109,6 @@ class TransferPlan:
                 else "  task loss: none (transfer.task_weight=0: no label is read)"
             )
         return "\n".join(lines)
-
-    def _mode_lines(self) -> list[str]:
-        """What the mode borrows or distils, the tokens, heads and drop path, its layers and their losses."""
-        m = self.mode
-        kind = (
-            f"borrow {m.borrow} from teacher"
-            if m.is_copy
-            else (f"distill {m.distill}" + (f", weight {self.weight:g}" if m.is_distill else ""))
-        )
-        lines = [
-            f"  {kind}; tokens {self.tokens}; heads teacher {self.teacher_heads} / student "
-            f"{self.student_heads}"
-            + (f" (teacher maps averaged in groups of {self.head_groups})" if self.head_groups > 1 else ""),
-            f"  drop path: {'shared with teacher' if self.share_drop_path else 'teacher deterministic'}; "
-            f"teacher runs at eval: {m.teacher_at_eval}",
-        ]
-        sl = self.student_layers
-        span = f"{sl[0]}-{sl[-1]}" if sl == tuple(range(sl[0], sl[-1] + 1)) else ",".join(map(str, sl))
-        if all(s == t for s, t in self.pairs):
-            lines.append(f"  layers {span} of {self.student_depth} (same teacher layers)")
-        else:
-            lines.append(
-                f"  student layers {span} of {self.student_depth} <- teacher layers "
-                + ", ".join(f"{s}<-{t}" for s, t in self.pairs)
-            )
-        mode_comparison = self.mode_comparison
-        return lines + (_note_lines(mode_comparison) if mode_comparison is not None else [])
 
     def __str__(self) -> str:
         return self.describe()
@@ -160,19 +144,37 @@ def build_plan(
     task_weight: float = 1.0,
     losses: Sequence[Mapping[str, Any]] = (),
 ) -> TransferPlan:
-    """Build and validate a plan for these two models; every incompatibility is a `PlanError`.
-
-    ``logit_weight`` > 0 adds logit distillation (KL at ``logit_temperature``) to any mode, ``none``
-    included; ``feature_weight`` > 0 adds feature distillation (the final token features) to any mode;
-    ``losses`` adds a comparison per entry (``{name: <a registered comparison loss>, weight: ..., signal: ...,
-    <its options>}``; a layer signal is compared at the plan's layers, ``end_layer``/``layers``);
-    ``task_weight`` weighs the task loss (0: none, and nothing reads a label). Students with zoo attention
-    (`attnxfer.models.efficient`) take modes ``none`` and ``distill`` (their implicit maps learn the
-    teacher's, by map kind).
-    """
+    """Build and validate a plan for these two models; every incompatibility is a `PlanError`. Logit and
+    feature distillation (``*_weight`` > 0) and each ``losses`` entry add to any mode; ``task_weight`` 0
+    reads no label. Zoo-attention students take modes ``none`` and ``distill`` only."""
     spec = get_mode(mode)
     s_attn = block_attentions(student)
-    requested = _requested(spec, weight, logit_weight, logit_temperature, feature_weight, task_weight, losses)
+    if logit_weight < 0 or logit_temperature <= 0:
+        raise PlanError(
+            f"logit distillation needs weight >= 0 and temperature > 0, got weight {logit_weight}, "
+            f"temperature {logit_temperature}"
+        )
+    if feature_weight < 0 or task_weight < 0:
+        raise PlanError(
+            f"transfer.feature_distill and transfer.task_weight must be >= 0, got {feature_weight} and "
+            f"{task_weight}"
+        )
+    # the comparisons asked for, in the order their losses are summed
+    requested = []
+    if spec.distill is not None:
+        requested.append(
+            Comparison(spec.distill, MODE_LOSSES[spec.distill], float(weight), origin=f"mode {mode!r}")
+        )
+    if logit_weight > 0:
+        temperature = {"temperature": float(logit_temperature)}
+        origin = "transfer.logit_distill"
+        requested.append(
+            Comparison(Signal.LOGITS, "logit_kd", float(logit_weight), temperature, origin=origin)
+        )
+    if feature_weight > 0:
+        origin = "transfer.feature_distill"
+        requested.append(Comparison(Signal.FEATURES, "feature_distill", float(feature_weight), origin=origin))
+    requested += [comparison_from_entry(entry, f"transfer.losses[{i}]") for i, entry in enumerate(losses)]
     for c in requested:
         if not c.signal.of_layer:
             c.loss_fn.check(c, PlanModels(teacher, student))
@@ -200,7 +202,7 @@ def build_plan(
     pairs = pair_within_stages(chosen, s_names, t_names, s_parts, t_parts)
     models = PlanModels(teacher, student, t_attn, s_attn, t_parts, s_parts)
     requested = [replace(c, pairs=pairs) if c.signal.of_layer else c for c in requested]
-    _check_layer_pairs(spec, mode, pairs, requested, models, s_names, share_drop_path)
+    _check_layer_pairs(spec, pairs, requested, models, s_names, share_drop_path)
     compared = tuple(
         replace(c, notes=tuple(c.loss_fn.note(c, models, s, t) for s, t in c.pairs)) for c in requested
     )
@@ -217,60 +219,15 @@ def build_plan(
     )
 
 
-def _requested(
-    spec: TransferMode,
-    weight: float,
-    logit_weight: float,
-    logit_temperature: float,
-    feature_weight: float,
-    task_weight: float,
-    losses: Sequence[Mapping[str, Any]],
-) -> list[Comparison]:
-    """The comparisons asked for, in the order their losses are summed: the mode's distillation, logit
-    distillation, feature distillation (the config's own keys for them), then each ``transfer.losses`` entry."""
-    if logit_weight < 0 or logit_temperature <= 0:
-        raise PlanError(
-            f"logit distillation needs weight >= 0 and temperature > 0, got weight {logit_weight}, "
-            f"temperature {logit_temperature}"
-        )
-    if feature_weight < 0 or task_weight < 0:
-        raise PlanError(
-            f"transfer.feature_distill and transfer.task_weight must be >= 0, got {feature_weight} and "
-            f"{task_weight}"
-        )
-    out = []
-    if spec.distill is not None:
-        out.append(
-            Comparison(spec.distill, MODE_LOSSES[spec.distill], float(weight), origin=f"mode {spec.name!r}")
-        )
-    if logit_weight > 0:
-        temperature = {"temperature": float(logit_temperature)}
-        out.append(
-            Comparison(
-                Signal.LOGITS, "logit_kd", float(logit_weight), temperature, origin="transfer.logit_distill"
-            )
-        )
-    if feature_weight > 0:
-        out.append(
-            Comparison(
-                Signal.FEATURES, "feature_distill", float(feature_weight), origin="transfer.feature_distill"
-            )
-        )
-    return out + [comparison_from_entry(entry, f"transfer.losses[{i}]") for i, entry in enumerate(losses)]
-
-
 def _check_layer_pairs(
     spec: TransferMode,
-    mode: str,
     pairs: Sequence[tuple[int, int]],
     requested: Sequence[Comparison],
     models: PlanModels,
     s_names: Sequence[str],
     share_drop_path: bool,
 ) -> None:
-    """The layer pairs against what the mode and each layer comparison need of them: the same token
-    partitions (unless a map comparison pools the teacher's keys), equal depths for shared drop path, a
-    softmax teacher layer, and per pair what copy and each comparison's loss need (`ComparisonLoss.check_pair`)."""
+    """The layer pairs against what the mode and each layer comparison need of them."""
     s_attn, t_attn = models.student_attn, models.teacher_attn
     of_layers = [c for c in requested if c.signal.of_layer]
     if spec.is_copy:
@@ -292,22 +249,15 @@ def _check_layer_pairs(
                 f"{where}: the teacher layer is {attention_name_of(t_attn[t])!r}; teachers need softmax "
                 "attention (their q/k define the maps that are transferred)"
             )
+        if spec.is_copy and not s_attn[s].map_kind.takes_borrowed_qk:
+            raise PlanError(
+                f"{where}: mode {spec.name!r} needs softmax attention in the student, but this layer is "
+                f"{attention_name_of(s_attn[s])!r}; use mode=distill (map distillation) or mode=none for "
+                "efficient-attention students"
+            )
         if spec.is_copy:
-            _check_copy(spec, mode, where, t_attn[t], s_attn[s])
+            check_heads_match(f"mode {spec.name!r}", where, t_attn[t], s_attn[s])
+        if spec.is_copy and spec.mixes_chunks:  # q and k borrowed together take any head dim
+            check_head_dims_match(f"mode {spec.name!r}", where, t_attn[t], s_attn[s])
         for c in of_layers:
             c.loss_fn.check_pair(c, models, s, t, where)
-
-
-def _check_copy(spec: TransferMode, mode: str, where: str, ta: nn.Module, sa: nn.Module) -> None:
-    """What borrowing the teacher's q/k/v needs of one (teacher layer, student layer) pair, read from their
-    declared data: a student that takes borrowed q/k, equal head counts, and for one borrowed projection
-    equal head dims (q and k together apply the teacher's map to the student's v: any head dim)."""
-    if not sa.map_kind.takes_borrowed_qk:
-        raise PlanError(
-            f"{where}: mode {mode!r} needs softmax attention in the student, but this layer is "
-            f"{attention_name_of(sa)!r}; use mode=distill (map distillation) or mode=none for efficient-attention "
-            "students"
-        )
-    check_heads_match(f"mode {mode!r}", where, ta, sa)
-    if spec.mixes_chunks:
-        check_head_dims_match(f"mode {mode!r}", where, ta, sa)

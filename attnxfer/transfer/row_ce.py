@@ -1,10 +1,6 @@
-"""The ``rows`` CE path and the biased CE: one pass over query-row chunks computes the loss, the logged
-teacher entropy and the gradient together (`attnxfer.transfer.losses` chooses and calls them).
-
-Both are autograd Functions: a scalar loss's gradient is linear in the incoming gradient, so forward
-computes dq, dk (and a bias's inputs' gradient) chunk by chunk and backward only scales them. No N×N map
-is ever alive, only one chunk of logits.
-"""
+"""The ``rows`` CE path and the biased CE as autograd Functions: a scalar loss's gradient is linear in the
+incoming one, so forward computes dq, dk (and a bias's inputs' gradient) chunk by chunk beside the loss and
+the logged entropy, and backward only scales them. No N×N map is ever alive, only one chunk of logits."""
 
 from __future__ import annotations
 
@@ -24,8 +20,7 @@ def grouped_mean(p: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def scaled_contiguous(t: torch.Tensor, scale: float) -> torch.Tensor:
-    """``t * scale`` as a new contiguous tensor in one pass (``(t * scale).contiguous()`` takes two for a
-    strided ``t``: elementwise results keep their input's layout)."""
+    """``t * scale`` contiguous in one pass (``(t * scale).contiguous()`` takes two: results keep t's strides)."""
     return torch.mul(t, scale, out=torch.empty(t.shape, dtype=t.dtype, device=t.device))
 
 
@@ -37,26 +32,19 @@ ROWS_PATH_ELEMENTS = 1 << 19
 
 
 def rows_path_chunk(q: torch.Tensor, n_keys: int, chunk: int | None = None) -> int:
-    """Query rows per chunk of the ``rows`` path: cache-sized blocks on CPU; on accelerators the shared
-    64 MiB budget for the (B, H, rows, N) fp32 blocks alive at once (both logits, P_t, log P_s and a
-    group average: fewer, larger kernels)."""
+    """Query rows per chunk of the ``rows`` path: cache-sized on CPU, else the shared 64 MiB budget for the
+    five (B, H, rows, N) fp32 blocks alive at once (fewer, larger kernels)."""
     if q.device.type == "cpu":
         return _auto_chunk(q, n_keys, chunk, budget=ROWS_PATH_ELEMENTS)
     return _auto_chunk(q, n_keys, chunk, live_tensors=5)
 
 
 class FusedRowCE(torch.autograd.Function):
-    """Mean CE = −Σ_j P̄_t log P_s (and the logged mean H(P̄_t)) with its gradient, in ONE pass over row chunks.
-
-    A scalar loss's gradient is linear in the incoming gradient g, so forward also computes, chunk by chunk,
-    dz = P_s − P̄_t and from it dq = (s/n)·dz k_s and dk = (s/n)·dzᵀ q_s (n = B·H_s·N rows); backward only
-    scales them by g. Per layer that is four N²d matmuls (two logits, two gradient products), the count of
-    the materialised autograd graph, without its two N×N maps: memory is one chunk of logits plus dq, dk
-    (the size of q_s, k_s; the teacher's q/k are not kept). Keys may be fewer than queries (N_k ≠ N_q:
-    PVTv2's spatial reduction, Twins' sub-sampled global attention): rows are N_q, columns N_k. The
-    earlier row path recomputed every chunk in backward: six matmuls. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
-    ``torch.no_grad()``, and evaluation must not pay for gradients.
-    """
+    """Mean CE −Σ_j P̄_t log P_s (and the logged mean H(P̄_t)) with dq = (s/n)·dz k_s, dk = (s/n)·dzᵀ q_s
+    (dz = P_s − P̄_t) in ONE pass over row chunks: four N²d matmuls a layer, as many as the materialised
+    autograd graph and two fewer than recomputing each chunk in backward, without the maps. Keys may be
+    fewer than queries. ``want_q``/``want_k`` come from the caller: ``ctx.needs_input_grad`` ignores
+    ``torch.no_grad()``, and evaluation must not pay for gradients."""
 
     @staticmethod
     def forward(ctx, q_s, k_s, q_t, k_t, scale_s, scale_t, chunk, entropy, want_q, want_k, keep_half):
@@ -75,15 +63,12 @@ class FusedRowCE(torch.autograd.Function):
         else:
             qs, ks = scaled_contiguous(q_s.to(dtype), scale_s), k_s.to(dtype).contiguous()
             qt, kt = scaled_contiguous(q_t.to(dtype), scale_t), k_t.to(dtype).contiguous()
-            post_s = post_t = None
-            q_scale = 1.0  # already in qs
+            post_s, post_t, q_scale = None, None, 1.0  # the scales are in qs, qt
         ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
         # The value sums B·H·N² terms: each row's N in fp32, the rows in float64 (one fp32 dot over a whole
         # chunk erred by 4e-6 relative at N = 785, 60x the materialised reference; now 3e-8, its order)
-        ce, ent = (
-            torch.zeros((), dtype=torch.float64, device=qs.device),
-            torch.zeros((), dtype=torch.float64, device=qs.device),
-        )
+        ce = torch.zeros((), dtype=torch.float64, device=qs.device)
+        ent = torch.zeros((), dtype=torch.float64, device=qs.device)
         dq = torch.empty(qs.shape, dtype=dtype, device=qs.device) if want_q else None
         dk = torch.empty(ks.shape, dtype=dtype, device=ks.device) if want_k else None
         # (B·H, N, ·) fp32 views for the gradient products: scaled and accumulated inside the GEMMs
@@ -110,27 +95,25 @@ class FusedRowCE(torch.autograd.Function):
         ctx.save_for_backward(*(t for t in (dq, dk) if t is not None))
         ctx.has = (dq is not None, dk is not None)
         ctx.dtypes = (q_s.dtype, k_s.dtype)
+        ctx.constants = 9  # the inputs after q_s, k_s that take no gradient
         ctx.mark_non_differentiable(ent)
         return (ce / n).to(dtype), (ent / n).to(dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ce, _grad_ent):
+        """The gradients forward computed (``ctx.has`` says which were saved), scaled by the incoming one."""
         saved = iter(ctx.saved_tensors)
-        dq = (next(saved) * grad_ce).to(ctx.dtypes[0]) if ctx.has[0] else None
-        dk = (next(saved) * grad_ce).to(ctx.dtypes[1]) if ctx.has[1] else None
-        return dq, dk, None, None, None, None, None, None, None, None, None
+        dq, dk, *db = [
+            (next(saved) * grad_ce).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)
+        ]
+        return dq, dk, *(None,) * ctx.constants, *db
 
 
-class FusedBiasedRowCE(torch.autograd.Function):
-    """`FusedRowCE` for logits with an additive bias, z = s·q kᵀ + B (fp32): one pass over query-row chunks
-    computes the mean CE, the logged H(P̄_t) and the gradients dq = (s/n)·dz K_s, dk = (1/n)·dzᵀ (s·Q_s)
-    and the bias's, dz = P_s − P̄_t. Each bias is a `BiasRows`: a chunk's rows are gathered when needed and
-    their gradient (1/n)·dz (summed over the batch where B is shared by it) goes back to the tensors the
-    bias is computed from (a relative-position table) chunk by chunk, by autograd through that chunk's
-    gather alone. Memory: a chunk of logits and bias rows, plus the gradients of q_s, k_s and of the
-    bias's inputs (a table: small; a full bias tensor: its size). The key set may differ from the queries.
-    """
+class FusedBiasedRowCE(FusedRowCE):
+    """`FusedRowCE` for logits with an additive bias, z = s·q kᵀ + B (fp32), each a `BiasRows`: a chunk's
+    rows are gathered when needed and their gradient (1/n)·dz goes back to what the bias is computed from
+    (a relative-position table) by autograd through that chunk's gather alone."""
 
     @staticmethod
     def forward(
@@ -175,26 +158,18 @@ class FusedBiasedRowCE(torch.autograd.Function):
                 dk3 = dk.view(B * H, M, -1)
                 torch.baddbmm(dk3, dz3.transpose(1, 2), qs3[:, rows], beta=1, alpha=1 / n, out=dk3)
             bias_grads.add(bs_rows, dz, B)
-        db = bias_grads.means(n)
+        db = [d.div_(n) if d is not None else None for d in bias_grads.sums]  # the means over counted rows
         ctx.save_for_backward(*(t for t in (dq, dk, *db) if t is not None))
         ctx.has = (dq is not None, dk is not None, *(d is not None for d in db))
         ctx.dtypes = (q_s.dtype, k_s.dtype, *(t.dtype for t in b_inputs))
+        ctx.constants = 11
         ctx.mark_non_differentiable(ent)
         return (ce / n).to(dtype), (ent / n).to(dtype)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_ce, _grad_ent):
-        saved = iter(ctx.saved_tensors)
-        grads = [(next(saved) * grad_ce).to(dt) if has else None for has, dt in zip(ctx.has, ctx.dtypes)]
-        dq, dk, *db = grads
-        return (dq, dk, None, None, None, None, None, None, None, None, None, None, None, *db)
-
 
 class _BiasedLogits:
-    """A chunk of query rows' logits of both maps, z = s·q kᵀ + B, with padded keys at fp32's lowest (no
-    weight in either map). The student's bias rows are gathered from ``leaves`` with autograd on, so that
-    chunk's gather alone can be differentiated (`_BiasInputGrads`); its logits hold them detached."""
+    """A chunk of query rows' logits of both maps, z = s·q kᵀ + B, padded keys at fp32's lowest; the student's
+    bias rows gathered from ``leaves`` with autograd on, so that chunk's gather alone is differentiated."""
 
     def __init__(self, qs, ks, qt, kt, b_s: BiasRows | None, b_t: BiasRows | None, key_bias, leaves) -> None:
         self.qs, self.qt, self.dtype = qs, qt, qs.dtype
@@ -219,8 +194,7 @@ class _BiasedLogits:
 
 
 class _BiasInputGrads:
-    """The gradient of what the student's bias is computed from (a relative-position table), summed chunk by
-    chunk: its inputs become fresh leaves, so each chunk's gather is differentiated alone."""
+    """The gradient of what the student's bias is computed from, summed chunk by chunk over fresh leaves."""
 
     def __init__(self, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> None:
         self.want = [t.requires_grad for t in inputs]
@@ -242,10 +216,3 @@ class _BiasInputGrads:
                 part = next(parts)
                 if part is not None:
                     self.sums[i] += part
-
-    def means(self, n: float) -> list[torch.Tensor | None]:
-        """The summed gradients divided by the rows counted (None for inputs that take none)."""
-        for d in self.sums:
-            if d is not None:
-                d.div_(n)
-        return self.sums

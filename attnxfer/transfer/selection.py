@@ -1,17 +1,9 @@
-"""A hybrid student chosen under a speed budget: per block softmax or one candidate attention (no I/O, no config).
+"""A hybrid student under a speed budget: per block softmax or one candidate attention (no I/O, no config).
 
-Each block l may keep softmax (sensitivity 0, no time saved) or take candidate c, which costs its measured
-sensitivity s[l][c] and saves ``softmax_ms - ms[c]`` of the model's time (a flat ViT's blocks all have one
-width, so an attention's time is the same in every block). The model's predicted time is the teacher's minus
-what the swapped blocks save; a budget of speedup S asks for predicted time <= teacher time / S, i.e. the
-saved time must reach ``teacher_ms * (1 - 1/S)``. Minimising the summed sensitivity under that is a
-multiple-choice knapsack, solved exactly here by dynamic programming over blocks on the saved time
-discretised into `RESOLUTION` units of the required saving. Each option's saving is rounded *down* to whole
-units, so every assignment the program accepts meets the budget in real time too (its optimality is exact
-on the discretised savings: `brute_force` checks it in the tests).
-
-Summing per-block sensitivities assumes they add up, which holds to first order around the model they were
-measured on: the apps measure each block's swap into the teacher (`attnxfer.apps.convert.selection`).
+Block l keeps softmax or takes candidate c at sensitivity s[l][c], saving ``softmax_ms - ms[c]``; a speedup S
+needs savings of ``teacher_ms * (1 - 1/S)``. This multiple-choice knapsack is solved exactly by dynamic
+programming on the saving cut into `RESOLUTION` units, each option rounded *down*, so every accepted
+assignment meets the budget in real time too (`brute_force` checks optimality in the tests).
 """
 
 from __future__ import annotations
@@ -84,11 +76,8 @@ def select(
     speedup: float,
     resolution: int = RESOLUTION,
 ) -> Assignment:
-    """The assignment of least summed sensitivity whose predicted time is at most ``teacher_ms / speedup``.
-
-    ``sensitivity[l][c]``: block l's sensitivity with candidate c (every candidate of ``ms``); ``ms[c]``: one
-    block of c in milliseconds, ``softmax_ms`` one softmax block's. Raises `InfeasibleBudget` naming the
-    fastest student when even that misses the budget."""
+    """The assignment of least summed sensitivity (``sensitivity[l][c]``) whose predicted time is at most
+    ``teacher_ms / speedup``; `InfeasibleBudget` where even the fastest student misses it."""
     if speedup <= 1:
         raise ValueError(f"speedup must be > 1, got {speedup:g}")
     need = teacher_ms * (1.0 - 1.0 / speedup)  # the time the swapped blocks must save

@@ -1,19 +1,7 @@
 """A training step's loss: the one type that carries a loss (`Loss`) and the one place it is summed
-(`compose_loss`).
-
-Every comparison of a plan (`attnxfer.transfer.comparisons`) returns a `Loss` (unweighted; the attention CE of
-`losses` and the map losses of `map_losses` under it return one too, their KL or agreement metric in
-``logs``); a `TeacherStudent`
-hands them over with the student's logits (`TransferOutput.compared`); the objective
-(`attnxfer.train.objective.TransferObjective.loss`, what the engine calls each step) adds the task loss and
-composes the step's loss here::
-
-    total = task_weight * task + sum(c.weight * loss_c for each comparison c, in the plan's order)
-
-The logged terms say what they sum: ``task``, ``transfer`` (the weighted sum of every comparison), each
-comparison's unweighted loss by its name (``map``, ``logit_kd``, ``feature_distill``, ``mse_q``, ...), the
-comparisons' own parts (``attn_ce/3``, ``feat_cos``, ...) and ``total``. Runs logged before ``transfer`` had
-its name call it ``attn`` in their metrics files; nothing reads either name back.
+(`compose_loss`): ``total = task_weight * task + sum(c.weight * loss_c for each comparison c, in order)``,
+logged as ``task``, ``transfer`` (the comparisons' weighted sum; ``attn`` in runs logged before it had its
+name, which nothing reads back), each comparison's unweighted loss by its name, their parts, ``total``.
 """
 
 from __future__ import annotations
@@ -37,9 +25,8 @@ class Weighed(Protocol):
 
 @dataclass
 class Loss:
-    """A loss and what it is made of: ``total`` (differentiable: what backpropagates, or what a larger loss
-    weighs in), ``terms`` (named parts, logged and watched for NaN/inf) and ``logs`` (detached diagnostics
-    logged beside them, e.g. ``attn_kl/3`` beside ``attn_ce/3``)."""
+    """``total`` (differentiable), ``terms`` (named parts, logged and watched for NaN/inf) and ``logs``
+    (detached diagnostics logged beside them, e.g. ``attn_kl/3`` beside ``attn_ce/3``)."""
 
     total: torch.Tensor
     terms: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -51,8 +38,7 @@ def compose_loss(
     task: torch.Tensor | None = None,
     task_weight: float = 1.0,
 ) -> Loss:
-    """The step's loss: ``task_weight * task`` (None: no task loss) plus each comparison's loss at its weight
-    (see the module docstring for the terms). The sum runs in the plan's order, the task's term first."""
+    """The step's loss (the module docstring's sum; ``task`` None: no task loss), task term first."""
     terms: dict[str, torch.Tensor] = {} if task is None else {"task": task}
     logs: dict[str, torch.Tensor] = {}
     transfer: torch.Tensor | None = None

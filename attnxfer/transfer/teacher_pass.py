@@ -1,12 +1,5 @@
-"""The teacher's forward on a batch, run once for whatever the pairs that share it need.
-
-A `TeacherStudent` says what it needs of its teacher on a step (`TeacherStudent.teacher_needs`: a
-`TeacherNeeds`: the q/k/v of which teacher layers, the whole model's final features or logits, whether the
-pass may stop early); the needs of several pairs that share one teacher object unite (`TeacherNeeds.union`);
-`run_teacher` runs the teacher's own timm forward once for them, under ``torch.no_grad()``, with a capturing
-`AttentionIO` on each needed layer, and stops after the last one where every pair allows it and none wants a
-whole-model signal; each pair then takes the `TeacherHandover` (`TeacherStudent.forward(x, handover)`).
-"""
+"""The teacher's forward on a batch, run once for whatever the pairs that share it need (`TeacherNeeds.union`),
+stopping after the last needed layer where nothing later is wanted."""
 
 from __future__ import annotations
 
@@ -24,14 +17,8 @@ from ..models.handover import Chunks, Signal
 
 @dataclass(frozen=True)
 class TeacherNeeds:
-    """What a step needs of the teacher's forward.
-
-    ``layers``: teacher attention layer (its index in forward order) -> the q/k/v it hands over (`Chunks`);
-    with q and k together it also hands over its logit bias (``bias``), the call's padding mask (``mask``) and
-    a PVTv2 layer's ``key_pooling``. ``signals``: the whole model's ``Signal.FEATURES`` (``forward_features``)
-    and ``Signal.LOGITS``. ``may_stop``: the pass may end after the last needed layer (it does only where no
-    whole-model signal is wanted).
-    """
+    """What a step needs of the teacher's forward: per layer the q/k/v it hands over (with q and k also its
+    ``bias``, ``mask`` and ``key_pooling``), whole-model signals, and whether the pass may stop early."""
 
     layers: Mapping[int, Chunks] = field(default_factory=dict)
     signals: frozenset[Signal] = frozenset()
@@ -63,16 +50,15 @@ class TeacherNeeds:
         return {Signal.Q, Signal.K} <= set(self.layers.get(layer, ()))
 
     def union(self, *others: TeacherNeeds) -> TeacherNeeds:
-        """What a pass must give for this step and ``others`` alike: every layer's chunks united, every
-        whole-model signal, an early stop only where all allow one."""
+        """What a pass must give for this step and ``others`` alike (an early stop only where all allow one)."""
+        every = (self, *others)
         layers: dict[int, set[Signal]] = {}
-        for needs in (self, *others):
+        for needs in every:
             for t, chunks in needs.layers.items():
                 layers.setdefault(t, set()).update(chunks)
+        signals = frozenset().union(*(n.signals for n in every))
         return TeacherNeeds(
-            {t: Chunks(c) for t, c in layers.items()},
-            frozenset().union(*(n.signals for n in (self, *others))),
-            all(n.may_stop for n in (self, *others)),
+            {t: Chunks(c) for t, c in layers.items()}, signals, all(n.may_stop for n in every)
         )
 
     def missing(self, given: TeacherNeeds) -> list[str]:
@@ -88,10 +74,7 @@ class TeacherNeeds:
 
 @dataclass(frozen=True)
 class TeacherHandover:
-    """What one teacher forward on one batch handed over: per needed layer what it captured (``"q"``, ``"k"``,
-    ``"v"``; with q and k its ``"bias"``, ``"mask"``, ``"key_pooling"``), and the whole model's signals. It
-    records the teacher, the needs it was run for, the batch size and the teacher's dtype, so a pair can check
-    that it is its own teacher's pass on its batch (`check`)."""
+    """What one teacher forward on one batch handed over, with what a pair checks it against (`check`)."""
 
     teacher: nn.Module
     needs: TeacherNeeds
@@ -101,8 +84,7 @@ class TeacherHandover:
     dtype: torch.dtype
 
     def check(self, teacher: nn.Module, needs: TeacherNeeds, batch: int, dtype: torch.dtype) -> None:
-        """A `ValueError` unless this is ``teacher``'s pass on a batch of ``batch`` in ``dtype`` that hands
-        over all of ``needs``, naming what is missing."""
+        """A `ValueError` unless this is ``teacher``'s pass on this batch and dtype, handing over all of ``needs``."""
         if teacher is not self.teacher:
             raise ValueError("the hand-over is another teacher's pass: a pair takes its own teacher's")
         if batch != self.batch or dtype != self.dtype:
@@ -124,11 +106,9 @@ def run_teacher(
     needs: TeacherNeeds,
     layers: Sequence[tuple[str, nn.Module]] | None = None,
 ) -> TeacherHandover:
-    """``teacher``'s own forward on ``x`` (a batch already in the teacher's dtype and on its device) for
-    ``needs``, under ``torch.no_grad()`` (not ``inference_mode``: copy saves the teacher's q/k for the
-    student's backward). Without whole-model signals the last needed layer stops the forward (`StopForward`)
-    once it has captured, where ``needs`` allow: its attention core, output projection, MLP and every later
-    block would be computed for nothing. ``layers``: ``attention_layers(teacher)``, if the caller keeps them."""
+    """``teacher``'s own forward on ``x`` (already in its dtype and on its device) for ``needs``, under
+    ``torch.no_grad()`` (not ``inference_mode``: copy saves the teacher's q/k for the student's backward),
+    stopped (`StopForward`) once the last needed layer has captured, where ``needs`` allow."""
     layers = list(layers if layers is not None else attention_layers(teacher))
     names, attns = [n for n, _ in layers], [m for _, m in layers]
     ios = {t: AttentionIO(capture=chunks) for t, chunks in needs.layers.items()}
@@ -168,8 +148,7 @@ def block_of(model: nn.Module, name: str) -> nn.Module:
 
 @contextlib.contextmanager
 def _eager(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` uncompiled for the duration (``nn.Module.compile`` keeps its compiled call in
-    ``_compiled_call_impl``); its other calls stay compiled."""
+    """Run ``module`` uncompiled for the duration (``nn.Module.compile`` keeps it in ``_compiled_call_impl``)."""
     compiled = module.__dict__.get("_compiled_call_impl")
     if compiled is None:
         yield
@@ -182,8 +161,7 @@ def _eager(module: nn.Module) -> Iterator[None]:
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor | dict, logits: bool) -> dict[Signal, torch.Tensor]:
-    """The model's final token features (``forward_features``) and, with ``logits``, its head's output on
-    them: what ``model(x)`` computes, in one forward, with the features kept."""
+    """``model(x)``'s final token features and, with ``logits``, its head's output, in one forward."""
     if isinstance(x, dict):
         raise ValueError(
             "feature distillation compares final tokens of image batches; a patch batch (a dict of patches, "

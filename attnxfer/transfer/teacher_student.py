@@ -1,20 +1,8 @@
 """`TeacherStudent`: a frozen teacher and a trainable student, each running its own timm forward.
 
-A step has two halves. The teacher's pass (`teacher_pass`, `run_teacher`): its own ``forward_features``
-(any family: rope passed to blocks, relative position biases, class-attention blocks are timm's business)
-with a capturing `AttentionIO` on each layer the plan needs (`teacher_needs`), stopping once the last one
-has captured unless its final features or logits are compared. Then the student's: its own forward with
-per-layer `AttentionIO`s that consume the teacher's q/k/v (copy, as the mode borrows them) or capture its
-own for the plan's comparisons (`plan.comparisons`), whose losses it hands over with the logits (their
-weighted sum, with the task loss, is composed in `step_loss.compose_loss`). ``forward(x)`` runs both;
-``forward(x, handover)`` takes a teacher pass run once for several pairs that share the teacher (a study).
-Shared drop path swaps both models' drop-path modules for the student's per-sample masks around the two
-passes: such a pair's teacher pass is its own (`owns_teacher_pass`).
-
-The teacher is a guest: frozen, ``eval()``, under ``torch.no_grad()`` (not
-``inference_mode``: copied q/k are saved for the student's backward), bf16 on
-GPU, and not a registered submodule, so it never reaches the optimizer, EMA,
-``state_dict`` or checkpoints.
+The teacher is a guest: frozen, ``eval()``, bf16 on GPU, under ``torch.no_grad()`` (not ``inference_mode``:
+copied q/k are saved for the student's backward), and not a registered submodule, so it never reaches the
+optimizer, EMA, ``state_dict`` or checkpoints.
 """
 
 from __future__ import annotations
@@ -46,14 +34,8 @@ from .teacher_pass import (
 
 @dataclass
 class TransferOutput:
-    """The student's logits and what each comparison of the plan computed on the step (``compared``: each
-    `Comparison` with its unweighted `Loss`, in the plan's order; empty when nothing is compared).
-
-    ``loss`` is their weighted sum (`compose_loss`; None when nothing is compared); ``terms`` the comparisons'
-    own terms (each layer's ``attn_ce/3``, ``logit_kd``, ``feat_cos``, ...), ``logs`` their detached extras
-    (per-layer KL). A training step composes its loss from ``compared`` and its task loss
-    (`TransferObjective.loss`).
-    """
+    """The student's logits and each comparison of the plan with its unweighted `Loss` (``compared``, in the
+    plan's order); ``loss`` is their weighted sum (None when nothing is compared)."""
 
     logits: torch.Tensor
     compared: list[tuple[Comparison, Loss]] = field(default_factory=list)
@@ -92,8 +74,7 @@ def _drop_rates(block: nn.Module) -> Iterator[tuple[str, float]]:
 def _shared_drop_path(
     pairs: list[tuple[nn.Module, nn.Module]], batch: int, device: torch.device
 ) -> Iterator[None]:
-    """For each (student block, teacher block), in order, draw the student's per-sample drop-path masks once
-    and use them in both blocks (the draws in the order the student's own forward would make them)."""
+    """Draw the student's drop-path masks once per block, in its own forward's order, and use them in both."""
     saved = []
     try:
         for student_blk, teacher_blk in pairs:
@@ -112,20 +93,9 @@ def _shared_drop_path(
 
 
 class TeacherStudent(nn.Module):
-    """Teacher and student in lock-step; returns student logits and the transfer loss.
-
-    Args:
-        teacher: a timm vision transformer of any family with adapters (ViT/DeiT, EVA/DINOv3/PE, BEiT,
-            ...: `attnxfer.models.attention.families`; made transfer-aware in place). May be None only
-            for a plan that compares nothing with a teacher.
-        student: the timm model to train (made transfer-aware in place): the teacher's family, a plain
-            ViT with the teacher's token layout, or zoo attentions (`attnxfer.models.efficient`), for
-            the modes their map kind supports.
-        plan: a `TransferPlan`, or None to build a default one for ``mode``.
-        teacher_dtype: dtype the teacher runs in; default bf16 on CUDA, fp32 elsewhere.
-        ce_path: how softmax student layers' exact CE is evaluated (`CEPath`); None picks by device
-            (`ce_path_for`). ``attention_lse`` has each distilled softmax layer hand out its log-sum-exp.
-    """
+    """Teacher and student in lock-step (both made transfer-aware in place; the teacher may be None only for a
+    plan that compares nothing with one); returns the student's logits and the transfer loss. ``plan``: None
+    builds ``mode``'s default; ``ce_path``: None picks by device (`ce_path_for`)."""
 
     def __init__(
         self,
@@ -148,8 +118,7 @@ class TeacherStudent(nn.Module):
         self.plan = plan if plan is not None else build_plan(teacher, student, mode)
         self.teacher_dtype = teacher_dtype
         self.ce_path = CEPath(ce_path) if ce_path is not None else None
-        # KL = CE − H(P_t) costs one more teacher pass per layer and is only logged: the engine
-        # switches it on for the steps it logs.
+        # KL = CE − H(P_t) costs a teacher pass per layer and is only logged: the engine sets it per step
         self.log_kl = True
         self._student_layers = attention_layers(student)
         self._teacher_layers = attention_layers(teacher) if teacher is not None else []
@@ -159,7 +128,6 @@ class TeacherStudent(nn.Module):
             for s_layer, _ in self.plan.pairs:
                 self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)
 
-    # -- the guest -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> TeacherStudent:
         super().train(mode)
         if self.teacher is not None:
@@ -170,37 +138,20 @@ class TeacherStudent(nn.Module):
         """The dtype the teacher runs in next to ``device`` (bf16 on CUDA unless told otherwise)."""
         return self.teacher_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    def _teacher_ready(self, device: torch.device) -> torch.dtype:
-        """Move the teacher next to the input on first use, in its dtype."""
-        dtype = self._teacher_dtype(device)
-        p = next(self.teacher.parameters())
-        if p.device != device or p.dtype != dtype:
-            self.teacher.to(device=device, dtype=dtype)
-        return dtype
-
-    # -- what the teacher hands over -------------------------------------------------------------
     def teacher_needs(self) -> TeacherNeeds:
-        """What a step in the current mode (training or eval) needs of the teacher: the q/k/v of the layers the
-        mode borrows from and (training) those its layer comparisons compare, and its final features or
-        logits where they are compared. Empty where the teacher need not run."""
+        """What a step in the current mode (training or eval) needs of the teacher; empty: it need not run."""
         plan, mode = self.plan, self.plan.mode
         if self.teacher is None or not (self.training or mode.teacher_at_eval):
             return TeacherNeeds()
-        layers: dict[int, set[Signal]] = {}
-        for _, t in plan.pairs if mode.is_copy else ():
-            layers.setdefault(t, set()).update(mode.borrow)
-        signals = set()
+        needs = [TeacherNeeds({t: mode.borrow for _, t in plan.pairs if mode.is_copy})]
         for c in plan.comparisons if self.training else ():
-            if not c.signal.of_layer:
-                signals.add(c.signal)
-            for _, t in c.pairs:
-                layers.setdefault(t, set()).update(c.chunks)
-        return TeacherNeeds({t: Chunks(c) for t, c in layers.items()}, frozenset(signals))
+            signals = frozenset() if c.signal.of_layer else {c.signal}
+            needs.append(TeacherNeeds({t: c.chunks for _, t in c.pairs}, signals))
+        return TeacherNeeds().union(*needs)
 
     @property
     def owns_teacher_pass(self) -> bool:
-        """Whether this pair's teacher pass can be no other pair's: with shared drop path in training and a
-        student that drops paths, the teacher's blocks take the student's drop-path masks of the step."""
+        """Whether this pair's teacher pass can be no other pair's (it takes the student's drop-path masks)."""
         if not (self.plan.share_drop_path and self.training):
             return False
         pairs = self._drop_path_pairs(self.teacher_needs().last_layer)
@@ -209,11 +160,13 @@ class TeacherStudent(nn.Module):
     def teacher_pass(
         self, x: torch.Tensor | dict[str, torch.Tensor], needs: TeacherNeeds | None = None
     ) -> TeacherHandover:
-        """The teacher's forward on ``x`` for ``needs`` (default: this pair's, `teacher_needs`), once: the
-        teacher moved next to the input in its dtype, the batch cast to it, no gradient (`run_teacher`). For
-        several pairs sharing this teacher, pass the union of their needs (`TeacherNeeds.union`)."""
+        """The teacher's forward on ``x`` for ``needs`` (default: this pair's; several pairs sharing the teacher
+        pass the union of theirs), the teacher moved next to the input in its dtype on first use."""
         needs = self.teacher_needs() if needs is None else needs
-        dtype = self._teacher_ready(_device(x))
+        dtype = self._teacher_dtype(_device(x))
+        p = next(self.teacher.parameters())
+        if p.device != _device(x) or p.dtype != dtype:
+            self.teacher.to(device=_device(x), dtype=dtype)
         # the batch in the teacher's dtype: floating tensors only (a NaFlex dict's coordinates and validity stay)
         if isinstance(x, dict):
             x = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in x.items()}
@@ -221,14 +174,11 @@ class TeacherStudent(nn.Module):
             x = x.to(dtype)
         return run_teacher(self.teacher, x, needs, self._teacher_layers)
 
-    # -- forward ---------------------------------------------------------------------------
     def forward(
         self, x: torch.Tensor | dict[str, torch.Tensor], handover: TeacherHandover | None = None
     ) -> TransferOutput:
-        """``x``: images, or a NaFlexViT batch (``patches``, ``patch_coord``, ``patch_valid``) whose samples
-        have different numbers of patches: padded tokens are left out of the maps' CE. ``handover``: the
-        teacher's pass on ``x`` run for this pair and others (`teacher_pass`); None: this pair runs it. Given
-        or not, the logits, loss, terms and gradients are the same."""
+        """``x``: images, or a NaFlexViT batch (padded tokens are left out of the maps' CE). ``handover``: the
+        teacher's pass on ``x`` run for this pair and others; the result is the same given or not."""
         if not self.training and not self.plan.mode.teacher_at_eval:
             return TransferOutput(self.student(x))
         needs = self.teacher_needs()
@@ -257,8 +207,7 @@ class TeacherStudent(nn.Module):
         return [(block_of(self.student, s), block_of(self.teacher, t)) for (s, _), (t, _) in layers]
 
     def _student_pass(self, x: torch.Tensor | dict, handover: TeacherHandover) -> TransferOutput:
-        """The student's forward with the teacher's hand-over: borrowing what the mode borrows, capturing what
-        the comparisons compare; then each comparison's (unweighted) loss, in the plan's order."""
+        """The student's forward borrowing what the mode borrows, capturing what the comparisons compare."""
         compared = self.plan.comparisons if self.training else ()
         ce_path = self.ce_path or ce_path_for(_device(x))
         ios = self._student_ios(handover, compared, ce_path)
@@ -282,8 +231,7 @@ class TeacherStudent(nn.Module):
     def _student_ios(
         self, handover: TeacherHandover, compared: Sequence[Comparison], ce_path: CEPath
     ) -> dict[int, AttentionIO]:
-        """Per student layer, one `AttentionIO`: the teacher's q/k/v where the mode borrows them (q and k
-        together bring the teacher's logit bias), and a capture of what the layer comparisons compare."""
+        """Per student layer, one `AttentionIO`: the q/k/v it borrows and the capture its comparisons need."""
         mode, ios = self.plan.mode, {}
         for s, t in self.plan.pairs if mode.is_copy else ():
             borrowed = handover.layers[t]

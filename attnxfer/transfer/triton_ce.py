@@ -1,41 +1,17 @@
-"""The distillation CE as fused Triton kernels: flash-attention style, no N×N tensor in memory.
+"""The distillation CE as fused Triton kernels (``_triton_ce_kernels.py``): flash-attention style, no N×N tensor.
 
-The math (one layer; teacher heads averaged in consecutive groups of g = H_t / H_s):
+CE_i = lse_s,i − Σ_j P̄_t,ij z_s,ij (teacher heads averaged in groups of g = H_t / H_s); dz = P_s − P̄_t.
+The forward keeps an online max and sum for the student row and each teacher head, plus Σ_j e^{z_t − m_t} z_s
+rescaled as m_t grows; for g = 1 the logged entropy comes from the same pass, for g > 1 (an average's
+entropy has no online form) from a second, forward-only kernel. Only lse_s and lse_t are saved: O(N).
+Backward uses two kernels (dq over query blocks, dk over key blocks) rather than one with atomic dq adds:
+the gradients are bitwise deterministic (resume tests and debugging rely on it) at the price of one more
+recompute of the logit tiles. The Function returns per-row CE, so the incoming gradient w is per row; dz
+is computed from w / max|w| and max|w| multiplies at the end, so dz fits fp16 even when w = 1/n is tiny.
 
-    z_s = s_s q_s k_sᵀ, z_t = s_t q_t k_tᵀ, P_s = softmax(z_s), P̄_t = mean over the group of softmax(z_t)
-    CE_i = −Σ_j P̄_t,ij log P_s,ij = lse_s,i − Σ_j P̄_t,ij z_s,ij      (rows of P̄_t sum to 1)
-    dCE_i/dz_s,ij = P_s,ij − P̄_t,ij;  dq_s = s_s·dz K_s,  dk_s = s_s·dzᵀ Q_s   (dz_ij = w_i (P_s − P̄_t)_ij)
-    H_i = −Σ_j P̄_t,ij log P̄_t,ij  (logged only: KL = CE − H)
-
-The design (kernels in ``_triton_ce_kernels.py``):
-
-* **Forward**, one program per (batch·student head, block of query rows), looping over key blocks. The student
-  row keeps an online max and sum (→ lse_s); each of the g teacher heads keeps its own online max m_t and sum
-  l_t, plus ``a = Σ_j e^{z_t − m_t} z_s``, rescaled with l_t whenever m_t grows, so that Σ_j p_t z_s = a / l_t
-  at the end: CE_i = lse_s − (1/g)·Σ_h a_h / l_h. For g = 1 the entropy comes from the same pass
-  (H_i = lse_t − Σ_j p_t z_t, one more running sum); for g > 1 the entropy of an average has no online form,
-  so a second, forward-only kernel rebuilds P̄_t tiles from the saved lse_t and sums −p̄ log p̄ (only when the
-  KL is logged). Saved for backward: lse_s (B, H_s, N) and lse_t (B, H_t, N), O(N).
-* **Backward**, flash-attention-2 style: two kernels recompute the logit tiles from the saved lse's, one over
-  query blocks accumulating dq (looping over keys), one over key blocks accumulating dk (looping over queries).
-  We chose two kernels over one kernel with atomic dq adds: the gradients are deterministic (bitwise the same
-  every run, which resume tests and debugging rely on), need no fp32 dq buffer to zero and cast, and see no
-  atomic contention; the price is recomputing the g + 1 logit tiles once more. A kernel is skipped when its
-  input wants no gradient (k only, q frozen, is common).
-* The Function returns the per-row CE (B, H_s, N), so the incoming gradient w_i is per row (a mean gives one
-  value broadcast). dz is computed from w_i / max|w| and max|w| multiplies at the end: dz then fits fp16 even
-  when w = 1/n is tiny.
-* Numerics: fp32 accumulation everywhere; bf16/fp16 q/k feed the tensor cores as they are, fp32 q/k run
-  IEEE fp32 products unless TF32 matmuls are allowed (``torch.backends.cuda.matmul.allow_tf32``). Logits are
-  handled in base 2 (exp2), converted with ln 2. Any strides (q/k are views of a fused qkv); unequal head dims
-  d_t vs d_s (padded to a power of two with zeros); ragged N (masked keys and rows).
-
-Where it runs is decided in one place, `triton_backend`: compiled kernels for CUDA tensors, the Triton
-interpreter (NumPy on the CPU) when ``TRITON_INTERPRET=1`` is set (the CPU tests; it must be set before the
-process imports triton, `_kernels_for` says so otherwise), a clear error on a CPU without it. The CPU default
-stays the ``rows`` path (`losses.ce_path_for`): this one is chosen explicitly. triton is imported lazily:
-torch's macOS and CPU-only installs have no triton, and nothing else needs it. `compile_for_arch` compiles
-the kernels for a GPU without running them (no GPU needed): the CPU tests' check of the compiled form.
+`triton_backend` decides where it runs: compiled for CUDA tensors, Triton's interpreter where
+``TRITON_INTERPRET=1`` was set before triton was imported (the CPU tests), else a clear error. triton is
+imported lazily (macOS and CPU-only torch have none). `compile_for_arch` compiles for a GPU without one.
 """
 
 from __future__ import annotations
@@ -45,7 +21,6 @@ import functools
 import importlib
 import math
 import os
-from dataclasses import dataclass
 from enum import StrEnum
 from types import ModuleType
 
@@ -59,8 +34,7 @@ _LOG2E = 1.0 / math.log(2.0)
 
 
 class CEPathUnavailable(UserError, RuntimeError):
-    """A CE path that cannot run here (its device, a package it needs, the layer's shapes): the message says
-    why and what to use instead. ``transfer.ce_path: auto`` skips such a path; a forced one stops the run."""
+    """A CE path that cannot run here; ``transfer.ce_path: auto`` skips it, a forced one stops the run."""
 
 
 class TritonBackend(StrEnum):
@@ -71,8 +45,7 @@ class TritonBackend(StrEnum):
 
 
 def triton_backend(device: torch.device | str) -> TritonBackend:
-    """The one place that decides where the kernels run: interpreted whenever ``TRITON_INTERPRET=1`` is set
-    (Triton's own switch; the CPU tests set it), compiled for CUDA tensors, and otherwise a clear error."""
+    """Interpreted wherever ``TRITON_INTERPRET=1`` is set, compiled for CUDA tensors, else a clear error."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return TritonBackend.INTERPRETED
     if torch.device(device).type == "cuda":
@@ -95,8 +68,7 @@ def _require_triton() -> None:
 
 
 def check_triton_runs(device: torch.device | str) -> None:
-    """A `CEPathUnavailable` saying why, where the triton path cannot run on ``device`` (no ``triton``
-    package, no CUDA and no interpreter): a forced path is refused before the run's first step."""
+    """A `CEPathUnavailable` saying why where the triton path cannot run on ``device`` (before the first step)."""
     _require_triton()
     triton_backend(device)
 
@@ -109,11 +81,9 @@ def _kernels() -> ModuleType:
 
 
 def _kernels_for(backend: TritonBackend) -> ModuleType:
-    """The kernels, checked to run as ``backend`` says. ``triton.jit`` reads ``TRITON_INTERPRET`` when it
-    decorates, and triton decorates its own library (``tl.zeros``, ``tl.sum``, ...) when it is imported:
-    the interpreter works only if the variable was set before the process imported triton and stayed set.
-    A process that changed it later gets this error rather than Triton's "Cannot call @triton.jit'd
-    outside of the scope of a kernel" (the tests run the interpreter in a process of its own)."""
+    """The kernels, checked to run as ``backend`` says: ``triton.jit`` reads ``TRITON_INTERPRET`` when it
+    decorates (triton's own library at import), so a process that changed it later gets this error rather
+    than Triton's "Cannot call @triton.jit'd outside of the scope of a kernel"."""
     import triton.language.standard as standard
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -133,22 +103,12 @@ def _kernels_for(backend: TritonBackend) -> ModuleType:
     return kern
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """Block sizes and launch options of one call."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
-def _launch(backend: TritonBackend, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> _Launch:
-    """Tiles and warps. Compiled, 4 warps, 2 stages: bf16/fp16 64×64 (no register spills for sm_90 with
-    head dims up to 128, g ≤ 2; 128×64 spills), fp32 32×32 (IEEE fp32 products run on the FMA units, and
-    64×64 tiles spill tens of KiB per thread). Measured by `benchmarks/ce_loss.py --kernels`; speed still to
-    be tuned on the H100. Interpreted: 16×16, the smallest tile ``tl.dot`` takes on a GPU, so the CPU tests
-    walk several blocks at small N."""
+def _launch(
+    backend: TritonBackend, dtype: torch.dtype, block_m: int | None, block_n: int | None
+) -> tuple[int, int]:
+    """Compiled, 4 warps, 2 stages: bf16/fp16 64×64 (no register spills on sm_90 with head dims up to 128,
+    g ≤ 2; 128×64 spills), fp32 32×32 (64×64 spills tens of KiB per thread), by `benchmarks/ce_loss.py
+    --kernels`. Interpreted: 16×16, ``tl.dot``'s least, so the CPU tests walk several blocks at small N."""
     if backend is TritonBackend.INTERPRETED:
         default = 16
     else:
@@ -157,7 +117,7 @@ def _launch(backend: TritonBackend, dtype: torch.dtype, block_m: int | None, blo
     for name, value in (("block_m", bm), ("block_n", bn)):
         if value < 16 or value & (value - 1):
             raise ValueError(f"{name}={value}: Triton tiles must be a power of two, at least 16")
-    return _Launch(bm, bn, num_warps=4, num_stages=2)
+    return bm, bn
 
 
 def _pow2(n: int, least: int = 1) -> int:
@@ -173,13 +133,13 @@ def _precision(t: torch.Tensor) -> str:
 class _Call:
     """Shapes, launch constants and the kernel module of one loss evaluation (forward and backward)."""
 
-    def __init__(self, q_s, q_t, scale_s, scale_t, backend, run: _Launch):
+    def __init__(self, q_s, q_t, scale_s, scale_t, backend, blocks: tuple[int, int]):
         self.kern = _kernels_for(backend)
         self.B, self.H_s, self.N, self.d_s = q_s.shape
         self.H_t, self.d_t = q_t.shape[1], q_t.shape[-1]
         self.g = self.H_t // self.H_s
         self.scale_s = scale_s
-        self.run = run
+        self.block_m, self.block_n = blocks
         self.device = q_s.device
         self.scales = dict(c_s=scale_s * _LOG2E, c_t=scale_t * _LOG2E)
         self.const = dict(
@@ -189,10 +149,10 @@ class _Call:
             G_PAD=_pow2(self.g),
             PREC=_precision(q_s),
             UPCAST=backend is TritonBackend.INTERPRETED and torch.bfloat16 in (q_s.dtype, q_t.dtype),
-            BLOCK_M=run.block_m,
-            BLOCK_N=run.block_n,
-            num_warps=run.num_warps,
-            num_stages=run.num_stages,
+            BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n,
+            num_warps=4,
+            num_stages=2,
         )
         self.dims = dict(
             D_S=self.d_s, D_T=self.d_t, BLOCK_DS=_pow2(self.d_s, 16), BLOCK_DT=_pow2(self.d_t, 16)
@@ -213,7 +173,7 @@ class _Call:
         lse_t = torch.empty(self.B, self.H_t, self.N, dtype=torch.float32, device=self.device)
         ent = self.rows() if with_entropy else None
         one_pass_entropy = with_entropy and self.g == 1
-        grid = self.grid(self.run.block_m)
+        grid = self.grid(self.block_m)
         self.launch("_ce_fwd", grid,
             q_s, k_s, q_t, k_t, ce, ent if one_pass_entropy else ce, lse_s, lse_t,
             *q_s.stride(), *k_s.stride(), *q_t.stride(), *k_t.stride(),
@@ -235,10 +195,10 @@ class _Call:
         dq = dk = None
         if want_q:
             dq = torch.empty(q_s.shape, dtype=q_s.dtype, device=self.device)
-            self.launch("_ce_bwd_dq", self.grid(self.run.block_m), *args, dq, *strides, *dq.stride(), **kw)
+            self.launch("_ce_bwd_dq", self.grid(self.block_m), *args, dq, *strides, *dq.stride(), **kw)
         if want_k:
             dk = torch.empty(k_s.shape, dtype=k_s.dtype, device=self.device)
-            self.launch("_ce_bwd_dk", self.grid(self.run.block_n), *args, dk, *strides, *dk.stride(), **kw)
+            self.launch("_ce_bwd_dk", self.grid(self.block_n), *args, dk, *strides, *dk.stride(), **kw)
         return dq, dk
 
 
@@ -265,9 +225,7 @@ class _TritonRowCE(torch.autograd.Function):
 
 def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``tl.dot`` multiplies operands of one dtype: a mixed pair (rare: fp32 q beside bf16 k) runs in fp32."""
-    if a.dtype == b.dtype:
-        return a, b
-    return a.float(), b.float()
+    return (a, b) if a.dtype == b.dtype else (a.float(), b.float())
 
 
 def _check(q_t, k_t, q_s, k_s) -> None:
@@ -309,17 +267,8 @@ def triton_row_ce(
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Row cross-entropies CE_i = −Σ_j P̄_t,ij log P_s,ij (B, H_s, N) in fp32, differentiable in q_s and k_s,
-    and (``with_entropy``) the teacher's row entropies H(P̄_t)_i (B, H_s, N), detached; KL_i = CE_i − H_i.
-
-    Args:
-        q_t, k_t: teacher queries/keys (B, H_t, N, d_t); no gradient flows into them.
-        q_s, k_s: student queries/keys (B, H_s, N, d_s); H_t a multiple of H_s (heads averaged in groups).
-        scale_t, scale_s: logit scales, default ``d^-0.5``.
-        block_m, block_n: tile sizes (powers of two ≥ 16); default by backend (`_launch`).
-
-    Runs compiled on CUDA, or under Triton's interpreter with ``TRITON_INTERPRET=1`` (`triton_backend`).
-    """
+    """Row CEs −Σ_j P̄_t,ij log P_s,ij (B, H_s, N) in fp32, differentiable in q_s and k_s, and
+    (``with_entropy``) the teacher's detached row entropies H(P̄_t)_i; ``block_m``/``block_n``: tiles."""
     _check(q_t, k_t, q_s, k_s)
     _require_triton()
     backend = triton_backend(q_s.device)
@@ -367,17 +316,14 @@ def compile_for_arch(
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> dict:
-    """Compile (not run) every kernel that `triton_row_ce` would launch on these inputs for CUDA compute
-    capability ``arch`` (90: H100), with the GPU's default tiles; returns {kernel name: triton CompiledKernel}
-    (``.asm["ptx"]``, ``.asm["ttgir"]``, ``.metadata``). Needs no GPU: ptxas ships with triton. This is how
-    the CPU tests check that the compiled kernels (which the interpreter does not exercise: it runs the
-    Python source on NumPy) pass Triton's compiler, and what instructions they become. CPU tensors only.
-    Uses triton's launch-time specialisation internals (triton 3.x)."""
+    """{kernel name: triton CompiledKernel} of every kernel `triton_row_ce` would launch on these inputs,
+    compiled (not run) for CUDA capability ``arch`` without a GPU: how the CPU tests check the compiled form,
+    which the interpreter never exercises. Uses triton 3.x's launch-time specialisation internals."""
     _check(q_t, k_t, q_s, k_s)
     _require_triton()
     scale_t, scale_s = q_t.shape[-1] ** -0.5, q_s.shape[-1] ** -0.5
-    run = _launch(TritonBackend.COMPILED, q_s.dtype, block_m, block_n)
-    call = _Compile(q_s, q_t, scale_s, scale_t, TritonBackend.COMPILED, run, arch=arch)
+    blocks = _launch(TritonBackend.COMPILED, q_s.dtype, block_m, block_n)
+    call = _Compile(q_s, q_t, scale_s, scale_t, TritonBackend.COMPILED, blocks, arch=arch)
     ce, _, lse_s, lse_t = call.forward(q_s, k_s, q_t, k_t, with_entropy)
     call.backward(torch.ones_like(ce), q_s, k_s, q_t, k_t, lse_s, lse_t, True, True)
     return call.compiled
