@@ -166,18 +166,14 @@ class Checkpointing:
         warn(f"a different checkpoint for step {step} existed; kept it as {aside}")
         return False
 
-    def no_checkpoint_message(self) -> str:
-        return (
-            f"{self.run_dir} has no intact checkpoint in {self.manager.dir}; nothing to evaluate "
-            "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
-        )
-
-    def has_checkpoint(self) -> bool:
-        """Whether the policy's resume finds a checkpoint (hashes unchecked: a cheap look)."""
+    def require_checkpoint(self) -> None:
+        """Refuse, in one line, a run whose policy's resume finds no checkpoint (hashes unchecked: a cheap look)."""
         resume = self.policy.resume
-        if isinstance(resume, ResumePoint):
-            return True
-        return resume.checkpoint(self.manager, verify_hash=False) is not None
+        if not isinstance(resume, ResumePoint) and resume.checkpoint(self.manager, verify_hash=False) is None:
+            raise CheckpointError(
+                f"{self.run_dir} has no intact checkpoint in {self.manager.dir}; nothing to evaluate "
+                "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
+            )
 
     def resume(self) -> Resumed | None:
         """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
