@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints.atomic_io import atomic_write_text
 from ..errors import InputError
 from ..speak import say
 
@@ -390,10 +391,7 @@ class TrackerSet:
             self._trackers[name] = tracker
             records[name] = kind.resume_record(tracker)
         if records != previous:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(records, indent=1) + "\n")
 
     def _setup(self, name: str) -> TrackerSetup:
         """What `prepare_trackers` decided for this run; decided now where nothing did (an engine built by hand)."""
