@@ -1,12 +1,6 @@
-"""Peak memory of a stretch of work, measured the way the device allows, and what whole attention maps would take.
-
-On CUDA, torch's allocator counts every tensor: the peak is ``max_memory_allocated`` over the stretch minus
-what was allocated when it began. On the CPU torch allocates through the C library, which Python's
-``tracemalloc`` does not see: the peak is the growth of the process's resident set over the stretch, its high
-water mark (Linux's ``VmHWM``, reset at the start through ``/proc/self/clear_refs``) minus its resident set at
-the start; where the mark cannot be reset, the growth of the lifetime maximum (``getrusage``), which reads 0
-if the process had been larger before. `PeakMemory.how` says which was measured, so a report never passes one
-for the other.
+"""Peak memory of a stretch of work: on CUDA the allocator's peak; on the CPU (torch allocates through libc,
+which ``tracemalloc`` misses) the growth of the resident set's high-water mark, reset at the start where
+Linux allows, else of the lifetime maximum. `PeakMemory.how` says which, so a report never passes one for the other.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""The learning-rate schedule shared by the engine and stage 1: per-iteration linear warmup, then a
-half-cosine to a floor."""
+"""The learning-rate schedule of the engine and stage 1."""
 
 from __future__ import annotations
 
