@@ -23,7 +23,7 @@ from ..checkpoints.store import (
     optimizer_state_to_tensors,
 )
 from ..speak import warn
-from .distributed import barrier
+from .distributed import barrier, gather_objects
 from .ema import StudentEMA
 
 
@@ -100,20 +100,12 @@ class Checkpointing:
         RNG states, optimiser layout, ranks, then ``extra``) and returns where (other ranks: None)."""
         rng = capture_rng_state()
         checksum = _weights_checksum(self.trained)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, (rng, checksum))
-            rng_all = [g[0] for g in gathered]
-            checksums = [g[1] for g in gathered]
-            if len(set(checksums)) != 1:
-                raise RuntimeError(
-                    f"ranks hold different student weights at step {step} "
-                    f"(checksums {checksums}); the run is not data-parallel consistent"
-                )
-        else:
-            rng_all, checksums = [rng], [checksum]
+        rng_all, checksums = (list(every) for every in zip(*gather_objects((rng, checksum))))
+        if len(set(checksums)) != 1:
+            raise RuntimeError(
+                f"ranks hold different student weights at step {step} "
+                f"(checksums {checksums}); the run is not data-parallel consistent"
+            )
         where = None
         if self.is_main:
             opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())

@@ -21,8 +21,6 @@ from ..speak import debug
 from .devices import Device
 from .watchdog import HeartbeatWatchdog, collective_timeout, start_watchdog
 
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 #: Whether this process has created a process group of several ranks (process state, as torch.distributed's
 #: own): `attnxfer.launch.process_exit` then ends the program without interpreter finalization.
 _joined_a_group = False

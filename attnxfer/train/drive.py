@@ -31,14 +31,12 @@ class BatchPlace:
     prepare: Prepare
 
 
+#: a loaded batch as the objective takes it: ``(x, y, handover)``, ``handover`` the teacher's pass where the
+#: feed computed one (None: the objective runs its teacher itself)
 Fed = tuple[torch.Tensor, "torch.Tensor | None", Any]
-
-
-class Feed(Protocol):
-    """A loaded batch as the objective takes it: ``(x, y, handover)``, ``handover`` the teacher's pass for it
-    where the feed computed one (None: the objective runs its teacher itself)."""
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, place: BatchPlace) -> Fed: ...
+Feed = Callable[[torch.Tensor, "torch.Tensor | None", BatchPlace], Fed]
+#: the stop signal received (its number), or None: asked after every optimiser step
+StopCheck = Callable[[], "int | None"]
 
 
 def own_feed(x: torch.Tensor, y: torch.Tensor | None, place: BatchPlace) -> Fed:
@@ -47,12 +45,6 @@ def own_feed(x: torch.Tensor, y: torch.Tensor | None, place: BatchPlace) -> Fed:
     y = None if y is None else y.to(place.device, non_blocking=True)
     x, y = place.prepare(x, y, place.seed)
     return x, y, None
-
-
-class StopCheck(Protocol):
-    """The stop signal received (its number), or None: asked after every optimiser step."""
-
-    def __call__(self) -> int | None: ...
 
 
 def never_stop() -> int | None:

@@ -332,14 +332,6 @@ class Engine:
         self.resume()
         return self._evaluate_all()
 
-    def _draw_pictures(self) -> None:
-        """The pictures callbacks (built in `attnxfer.apps`: class-token maps, MAE reconstructions), rank 0."""
-        if not self.is_main:
-            return
-        for draw in self.pictures:
-            for tag, image in draw(self.student).items():
-                self.metrics.log_image(tag, self.step, image)
-
     def run(self) -> TrainResult:
         """Train to ``total_steps`` (resuming first), evaluating and saving as the settings say."""
         start = time.monotonic()
@@ -514,8 +506,10 @@ class Engine:
         if self.position == 0:
             self._epoch_loss, self._epoch_batches = torch.zeros_like(self._epoch_loss), 0
         self.history.append({"step": self.step, "epoch": self._epoch_now(), **final})
-        self._draw_pictures()
         if self.is_main:
+            for draw in self.pictures:  # class-token maps, MAE reconstructions (built in attnxfer.apps)
+                for tag, image in draw(self.student).items():
+                    self.metrics.log_image(tag, self.step, image)
             name = s.metric.removeprefix("val_")
             fmt = ".2f" if s.metric == "val_top1" else ".4g"
             say(

@@ -75,6 +75,19 @@ def _top5(logits: torch.Tensor) -> torch.Tensor:
     return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
 
 
+@contextlib.contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """``models`` in eval mode for the duration, each back in its own mode after."""
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was):
+            m.train(training)
+
+
 def _scored_batches(
     model: nn.Module,
     loader,
@@ -83,9 +96,7 @@ def _scored_batches(
     max_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, labels) of ``model`` (in eval mode for the duration) per batch of ``loader``."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -93,8 +104,6 @@ def _scored_batches(
             with autocast():
                 out = model(x)
             yield (out.logits if isinstance(out, TransferOutput) else out).float(), y
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -103,19 +112,17 @@ def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[
     masks) comes from a generator seeded at every call: each evaluation scores the same masks, and the
     training streams are left untouched."""
     model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
     device = accelerator.device
     generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum, count
-    for x, *_ in loader:  # labels, where there are any, are not read
-        x = x.to(device, non_blocking=True)
-        with accelerator.autocast():
-            out = model(x, generator=generator)
-        totals[0] += out.loss.double() * x.shape[0]
-        totals[1] += x.shape[0]
+    with evaluating(model):
+        for x, *_ in loader:  # labels, where there are any, are not read
+            x = x.to(device, non_blocking=True)
+            with accelerator.autocast():
+                out = model(x, generator=generator)
+            totals[0] += out.loss.double() * x.shape[0]
+            totals[1] += x.shape[0]
     totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
     return {"loss": totals[0].item() / max(1.0, totals[1].item())}
 
 

@@ -26,7 +26,7 @@ from ..models.efficient.swap import flat_blocks
 from ..models.image_input import find_patch_embedding, image_input
 from ..transfer.map_losses import LayerLogits, agreement, default_map_loss, map_distillation_loss, output_mse
 from .distributed import gather_objects, sum_over_ranks
-from .evaluation import classification_sums, per_image_top1
+from .evaluation import classification_sums, evaluating, per_image_top1
 
 
 def layer_map_metric(
@@ -58,15 +58,13 @@ def map_agreement(
         raise ValueError(f"inputs must be 'teacher' or 'own', got {inputs!r}")
     own_inputs = inputs == "own"
     check_softmax_teacher(teacher)
-    was = teacher.training, student.training
-    teacher.eval(), student.eval()
     t_attns, s_attns = transferable_attentions(teacher), transferable_attentions(student)
     sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(len(s_attns))}
     count = 0
-    for x in batches:
-        _add_batch(teacher, student, t_attns, s_attns, x, own_inputs, sums)
-        count += x.shape[0]
-    teacher.train(was[0]), student.train(was[1])
+    with evaluating(teacher, student):
+        for x in batches:
+            _add_batch(teacher, student, t_attns, s_attns, x, own_inputs, sums)
+            count += x.shape[0]
     sums, count = _over_ranks(sums, count, next(student.parameters()).device)
     return [  # one row per layer: its attention, map kind, metric and the means over the images
         {
@@ -177,13 +175,12 @@ def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple
     hooks = [
         attn.register_forward_pre_hook(record, with_kwargs=True) for attn in transferable_attentions(model)
     ]
-    was = model.training
     try:
-        model.eval().forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
+        with evaluating(model):
+            model.forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     return seen
 
 

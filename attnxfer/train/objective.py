@@ -61,8 +61,9 @@ class Objective(Protocol):
         ...
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
-        """Scores over a validation loader, summed over ranks (the run's selection metric among them)."""
-        ...
+        """Scores over a validation loader, summed over ranks (the run's selection metric among them): by
+        default the objective's ``evaluator``."""
+        return self.evaluator(model, loader, accelerator)
 
     def ema_model(self, ema: nn.Module) -> nn.Module:
         """What scores the EMA's copy of `trained`."""
@@ -110,9 +111,6 @@ class TransferObjective(Objective):
         task = self.task.loss_fn(out.logits.float(), y) if weight > 0 else None
         return compose_loss(out.compared, task, weight)
 
-    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
-        return self.evaluator(model, loader, accelerator)
-
     def ema_model(self, ema: nn.Module) -> nn.Module:
         """With the teacher when the mode attends with its q/k at evaluation too, or when the run is scored
         against the teacher (final-feature agreement)."""
@@ -143,6 +141,3 @@ class ModuleObjective(Objective):
         with autocast():
             out = model(x)
         return Loss(out.loss, {**out.terms, "total": out.loss}, dict(out.logs))
-
-    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
-        return self.evaluator(model, loader, accelerator)

@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import InputError
 from ..models.efficient.floor import floor_model
 from ..models.image_input import image_input
+from .evaluation import evaluating
 from .timing import Timing, interleaved_timings
 
 #: The ratios of images/s a speed row carries, each (numerator model, denominator model).
@@ -39,21 +40,10 @@ def interleaved_forward_seconds(
 ) -> dict[str, Timing]:
     """The `Timing` of one forward of each model on ``x`` (in eval mode, under ``autocast`` when given):
     ``repeats`` interleaved rounds after ``warmup`` untimed ones."""
-    was = {name: model.training for name, model in models.items()}
-    for model in models.values():
-        model.eval()
-    try:
-        cast = (
-            torch.autocast(x.device.type, dtype=autocast)
-            if autocast is not None
-            else contextlib.nullcontext()
-        )
-        with cast:
-            calls = {name: partial(model, x) for name, model in models.items()}
-            return interleaved_timings(calls, device=x.device, warmup=warmup, repeats=repeats)
-    finally:
-        for name, model in models.items():
-            model.train(was[name])
+    cast = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with evaluating(*models.values()), cast:
+        calls = {name: partial(model, x) for name, model in models.items()}
+        return interleaved_timings(calls, device=x.device, warmup=warmup, repeats=repeats)
 
 
 def _tokens(model: nn.Module, x: torch.Tensor) -> int | None:

@@ -357,10 +357,6 @@ class TrackerSet:
         self._trackers: dict[str, Any] | None = None
         self._scopes = contextlib.ExitStack()
 
-    @property
-    def started(self) -> bool:
-        return self._trackers is not None
-
     def start(self) -> None:
         if self._trackers is not None:
             return
