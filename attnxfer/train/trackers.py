@@ -308,12 +308,11 @@ def prepare_trackers(names: Sequence[str], run_dir: str | Path) -> dict[str, Tra
     setups = {}
     for name in dict.fromkeys(names):
         key = _setup_key(name, run_dir)
-        if key in _SETUPS:  # decided already for this run
-            setups[name] = _SETUPS[key]
-            continue
-        setups[name] = _SETUPS[key] = TRACKERS[name].prepare(Path(run_dir))
-        if setups[name].notice:
-            say(setups[name].notice)
+        if key not in _SETUPS:  # not decided yet for this run
+            _SETUPS[key] = TRACKERS[name].prepare(Path(run_dir))
+            if _SETUPS[key].notice:
+                say(_SETUPS[key].notice)
+        setups[name] = _SETUPS[key]
     return setups
 
 
@@ -370,7 +369,9 @@ class TrackerSet:
         records = dict(previous)
         for name in self.names:
             kind = TRACKERS[name]
-            setup = self._setup(name)
+            setup = prepare_trackers([name], self.run_dir)[
+                name
+            ]  # as decided before (or now: an engine by hand)
             self._scopes.enter_context(kind.scope(setup.options))
             ctx = TrackerContext(
                 self.run_dir,
@@ -388,13 +389,6 @@ class TrackerSet:
             records[name] = kind.resume_record(tracker)
         if records != previous:
             atomic_write_text(path, json.dumps(records, indent=1) + "\n")
-
-    def _setup(self, name: str) -> TrackerSetup:
-        """What `prepare_trackers` decided for this run; decided now where nothing did (an engine built by hand)."""
-        setup = _SETUPS.get(_setup_key(name, self.run_dir))
-        if setup is None:
-            setup = prepare_trackers([name], self.run_dir)[name]
-        return setup
 
     def _store_hparams(self, name: str, tracker) -> None:
         values = self.hparams
