@@ -35,12 +35,10 @@ class Precision(StrEnum):
 
     @property
     def accelerate_name(self) -> str:
-        """accelerate's ``mixed_precision`` for this precision."""
         return "no" if self is Precision.FP32 else self.value
 
     @property
     def autocasts(self) -> bool:
-        """Whether forwards run under a lower-precision autocast."""
         return self in (Precision.BF16, Precision.FP16)
 
     def autocast(self, device: torch.device) -> torch.autocast:

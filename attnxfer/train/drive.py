@@ -85,7 +85,6 @@ class StudentStreams:
         return streams
 
     def start(self, accelerator: Any = None) -> None:
-        """Take the streams as they stand now as this student's own."""
         self.python, self.numpy, self.torch_cpu = (
             random.getstate(),
             np.random.get_state(),

@@ -333,7 +333,6 @@ class Engine:
         return self._evaluate_all()
 
     def run(self) -> TrainResult:
-        """Train to ``total_steps`` (resuming first), evaluating and saving as the settings say."""
         start = time.monotonic()
         with stop_on_signals():  # SIGTERM: save at the next step boundary, then StopRequested
             for _ in self.steps():
@@ -391,7 +390,6 @@ class Engine:
             yield step
 
     def _loop(self) -> Iterator[int]:
-        """`steps`, under whatever streams are in place."""
         s, sampler = self.settings, self.train_sampler
         self._last_save_time = time.monotonic()
         self.resume()
@@ -439,7 +437,6 @@ class Engine:
         return self.train_loader.batch_size * self.world
 
     def _epoch_now(self) -> float:
-        """The epoch as a fraction (metrics.jsonl's ``epoch``)."""
         return self.epoch + self.position / self.train_sampler.length
 
     def _progress_bar(self, usable: int):
@@ -479,7 +476,6 @@ class Engine:
         return lr, acc.sync_gradients
 
     def _after_step(self, lr: float, progress) -> None:
-        """Count the optimiser step, update the EMA, and on log steps read the guard and log the terms."""
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.student)
@@ -492,7 +488,6 @@ class Engine:
                 progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
 
     def _end_epoch(self) -> None:
-        """At an epoch's end (or the last step): evaluate, keep the best, log, draw, print, save."""
         s = self.settings
         self.stop_if_non_finite()  # never score (or keep as best) weights after a non-finite loss
         final = self._evaluate_all()

@@ -77,7 +77,6 @@ def _top5(logits: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def evaluating(*models: nn.Module) -> Iterator[None]:
-    """``models`` in eval mode for the duration, each back in its own mode after."""
     was = [m.training for m in models]
     for m in models:
         m.eval()

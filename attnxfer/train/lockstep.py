@@ -173,7 +173,6 @@ class Lockstep:
 
     @property
     def active(self) -> list[Member]:
-        """The members still training."""
         return [m for m in self.members if m.stopped is None and not m.done]
 
     def round(self) -> int:
@@ -210,7 +209,6 @@ class Lockstep:
             m.seconds += time.monotonic() - start - (self.shared_seconds - shared)
 
     def _commit(self, training: list[Member]) -> None:
-        """Commit the newest step every training member has saved (once each)."""
         saved = [m.engine.saved_step for m in training]
         if not training or any(s is None for s in saved):
             return

@@ -125,7 +125,6 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """The records of a run (optionally one split)."""
     return [rec for _, rec in _records(Path(run_dir) / METRICS) if split is None or rec.get("split") == split]
 
 

@@ -59,7 +59,6 @@ class PeakMemory:
         return self
 
     def peak(self) -> int:
-        """Bytes held at the stretch's peak beyond what was held at its start."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)

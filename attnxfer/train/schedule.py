@@ -6,7 +6,6 @@ import math
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
-    """Per-iteration linear warmup then half-cosine to ``minimum``."""
     if warmup > 0 and step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

@@ -101,7 +101,6 @@ def _speed_row(
     repeats: int,
     autocast: torch.dtype | None,
 ) -> dict[str, Any]:
-    """The row of `forward_speed` from the `Timing` of each named model."""
     batch = int(x.shape[0])
     row: dict[str, Any] = {
         "resolution": int(x.shape[-1]),

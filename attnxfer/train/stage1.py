@@ -85,7 +85,6 @@ class Stage1Objective(Objective):
         self.map_shapes: list[tuple[torch.Size, torch.Size]] | None = None
 
     def signals(self, x: torch.Tensor | Mapping[int, Mapping[str, torch.Tensor]]):
-        """The teacher's per-layer signals for a batch of images (or ``x`` itself, already signals)."""
         if isinstance(x, Mapping):
             return x
         return teacher_signals(self.teacher, x, [layer.layer for layer in self.plan.active], self.fields)
@@ -242,7 +241,6 @@ class Stage1Fit:
         return self.done
 
     def _log(self, step: int, lr: float) -> None:
-        """Read the guard and the window: one history record, and its line."""
         self._stop_if_non_finite()
         means = self.window.means()
         # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
@@ -282,7 +280,6 @@ class Stage1Fit:
         return self.result
 
     def _say(self, line: str) -> None:
-        """A stage-1 line, after ``prefix`` (a study's student name)."""
         say(f"{self.prefix}{line}")
 
     def _stop_if_non_finite(self) -> None:

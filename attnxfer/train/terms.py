@@ -36,7 +36,6 @@ class TermWindow:
         self._sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
 
     def add(self, values: Mapping[str, torch.Tensor]) -> None:
-        """Add one step's terms (scalar tensors, any float dtype) to the window; nothing leaves the device."""
         if not values:
             return
         key = tuple(values)

@@ -172,7 +172,6 @@ _DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def _check_mlflow_store(uri: str) -> None:
-    """Refuse, in one line, a tracking URI this machine cannot log to."""
     scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower()
     where = f"MLFLOW_TRACKING_URI={uri}"
     if scheme in ("http", "https"):

@@ -193,7 +193,6 @@ def default_store() -> tuple[dist.Store, int | None, str]:
 
 
 def start_watchdog(timeout: float | timedelta) -> HeartbeatWatchdog | None:
-    """A started watchdog for the joined group (None for a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
