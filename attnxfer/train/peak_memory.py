@@ -8,13 +8,11 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-_MIB = 2**20
 
 
 def _status_bytes(key: str) -> int | None:
@@ -65,14 +63,3 @@ class PeakMemory:
         if self.how.startswith("process max RSS"):
             return max(0, (_status_bytes("VmHWM") or 0) - self._base)
         return max(0, _max_rss_bytes() - self._base)
-
-
-def describe_memory(record: dict[str, Any]) -> str:
-    """One line: the peak and what whole maps would take, in MiB."""
-    return (
-        f"stage 1 memory: peak {record['peak_bytes'] / _MIB:,.0f} MiB ({record['measured']}); whole teacher "
-        f"maps would take {record['whole_maps_bytes_per_layer'] / _MIB:,.0f} MiB per layer, "
-        f"{record['whole_maps_bytes'] / _MIB:,.0f} MiB for {record['layers']} layer{'s' * (record['layers'] != 1)} "
-        f"(B·H·N²·4 bytes at "
-        f"N = {record['tokens']:,} tokens, batch {record['batch']})"
-    )

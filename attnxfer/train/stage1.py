@@ -28,7 +28,7 @@ from .distributed import RankAverage, gather_objects, min_over_ranks, rank_and_w
 from .engine import train_step
 from .objective import Autocast, Objective
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
-from .peak_memory import PeakMemory, describe_memory
+from .peak_memory import PeakMemory
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
 from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
@@ -276,7 +276,13 @@ class Stage1Fit:
         self.result.steps = self.plan.stage1_steps
         self.result.seconds = time.monotonic() - self.start
         self.result.memory = _memory(self._meter, self.objective)
-        self._say(describe_memory(self.result.memory))
+        m, mib = self.result.memory, 2**20
+        self._say(
+            f"stage 1 memory: peak {m['peak_bytes'] / mib:,.0f} MiB ({m['measured']}); whole teacher maps would "
+            f"take {m['whole_maps_bytes_per_layer'] / mib:,.0f} MiB per layer, {m['whole_maps_bytes'] / mib:,.0f} "
+            f"MiB for {m['layers']} layer{'s' * (m['layers'] != 1)} (B·H·N²·4 bytes at N = {m['tokens']:,} "
+            f"tokens, batch {m['batch']})"
+        )
         return self.result
 
     def _say(self, line: str) -> None:

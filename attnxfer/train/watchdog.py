@@ -180,23 +180,18 @@ class HeartbeatWatchdog:
         self._stopping.set()  # an ``exit`` that returns (a test's): fire once
 
 
-def default_store() -> tuple[dist.Store, int | None, str]:
-    """The default process group's store, the rank that serves it (None: torchrun's agent does) and its
-    address (host:port, where known)."""
-    store = dist.distributed_c10d._get_default_store()
-    base = store
-    while isinstance(base, dist.PrefixStore):
-        base = base.underlying_store
-    address = f"{base.host}:{base.port}" if isinstance(base, dist.TCPStore) else ""
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return store, (None if agent else 0), address
-
-
 def start_watchdog(timeout: float | timedelta) -> HeartbeatWatchdog | None:
+    """A started watchdog for the joined group (None for a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    store, host, address = default_store()
+    store = base = dist.distributed_c10d._get_default_store()
+    while isinstance(base, dist.PrefixStore):  # the TCP store under the group's prefixes: its address
+        base = base.underlying_store
+    address = f"{base.host}:{base.port}" if isinstance(base, dist.TCPStore) else ""
+    host = (
+        None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+    )  # None: torchrun's agent serves it
     return HeartbeatWatchdog(
         store, dist.get_rank(), dist.get_world_size(), seconds, store_host=host, store_address=address
     ).start()
