@@ -26,7 +26,6 @@ from ..errors import InputError
 from ..speak import say
 from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
-from .distributed import min_over_ranks
 from .drive import BatchPlace, Drive
 from .ema import StudentEMA
 from .evaluation import evaluate as evaluate, evaluate_loss as evaluate_loss
@@ -35,7 +34,7 @@ from .objective import Objective, Pictures, TaskLoss as TaskLoss
 from .runtime import Runtime
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals
-from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
+from .terms import NonFiniteGuard, NonFiniteLossError, TermWindow
 from .trackers import flat_hparams
 
 
@@ -216,8 +215,7 @@ class Engine:
         """Raise `NonFiniteLossError` if a loss term of any rank was NaN/inf since the run (re)started: called
         on log steps and before every save and evaluation, so weights after a bad step are never written or
         scored. One read (and a collective under DDP)."""
-        earliest = self.guard.earliest
-        if earliest is None or min_over_ranks(earliest) == NO_STEP:
+        if not self.guard.any_rank_tripped():
             return
         where = (
             f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"

@@ -24,14 +24,14 @@ from ..models.handover import Signal
 from ..speak import say
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.step_loss import Loss
-from .distributed import RankAverage, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
+from .distributed import RankAverage, gather_objects, rank_and_world, sum_over_ranks
 from .engine import train_step
 from .objective import Autocast, Objective
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
 from .peak_memory import PeakMemory
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
-from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
+from .terms import NonFiniteGuard, NonFiniteLossError, TermWindow
 
 
 @dataclass
@@ -292,8 +292,7 @@ class Stage1Fit:
         """Raise `NonFiniteLossError` if a layer's loss was NaN/inf on any rank since stage 1 started: one read
         and a collective, so every rank raises at the same step; then (rare) the ranks share their first bad
         step, so every rank's message names the earliest one."""
-        earliest = self.guard.earliest
-        if earliest is None or min_over_ranks(earliest) == NO_STEP:
+        if not self.guard.any_rank_tripped():
             return
         mine = self.guard.first()
         step, term = min(f for f in gather_objects(mine and (mine.step, mine.term)) if f is not None)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .distributed import min_over_ranks
 
 #: what `NonFiniteGuard.earliest` holds while every watched term was finite (larger than any step)
 NO_STEP = 2**62
@@ -103,6 +104,11 @@ class NonFiniteGuard:
         ``found_inf``. None before any `watch`."""
         earliest = self.earliest
         return None if earliest is None else (earliest != NO_STEP).float()
+
+    def any_rank_tripped(self) -> bool:
+        """Whether a watched term was non-finite on any rank: one read, and a collective under DDP."""
+        earliest = self.earliest
+        return earliest is not None and min_over_ranks(earliest) != NO_STEP
 
     @property
     def earliest(self) -> torch.Tensor | None:
