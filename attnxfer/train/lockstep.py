@@ -182,7 +182,7 @@ class Lockstep:
             if m.steps is None:
                 m.steps = m.engine.steps()
             m.done = not self._turn(m)
-        self._commit([m for m in self.members if m.stopped is None])
+        self._commit()
         return len(self.active)
 
     @property
@@ -208,7 +208,9 @@ class Lockstep:
         finally:
             m.seconds += time.monotonic() - start - (self.shared_seconds - shared)
 
-    def _commit(self, training: list[Member]) -> None:
+    def _commit(self) -> None:
+        """Commit the newest step every member still training has saved (once each)."""
+        training = [m for m in self.members if m.stopped is None]
         saved = [m.engine.saved_step for m in training]
         if not training or any(s is None for s in saved):
             return
@@ -222,7 +224,7 @@ class Lockstep:
         for m in active:
             with m.engine.own_streams():  # a save gathers the RNG states: the student's own
                 m.engine.save_unless_saved()
-        self._commit([m for m in self.members if m.stopped is None])
+        self._commit()
         engine = active[0].engine
         stop = StopRequested(signum, engine.step, engine.last_ckpt)
         say(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)")
