@@ -100,9 +100,8 @@ class MetricsLogger:
         writer = csv.DictWriter(buf, fieldnames=list(fields) or ["epoch"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        atomic_write_text(
-            self.run_dir / SUMMARY_CSV, buf.getvalue()
-        )  # a killed run leaves the old or the new
+        # atomic: a killed run leaves the old table or the new one
+        atomic_write_text(self.run_dir / SUMMARY_CSV, buf.getvalue())
 
     def log_image(self, tag: str, step: int, image) -> Path | None:
         """A picture, (C, H, W) floats in [0, 1] or (H, W, 3) uint8, as ``pictures/<tag>-step<N>.png`` and a
