@@ -54,8 +54,7 @@ class TrackerSetup:
 class TrackerContext:
     """What a tracker is built from; ``previous``: what an earlier start of the run recorded (or empty)."""
 
-    run_dir: Path
-    run_name: str
+    run_dir: Path  # its name is the tracker run's
     project: str
     previous: Mapping[str, Any]
     purge_step: int | None
@@ -163,7 +162,7 @@ def _wandb(ctx: TrackerContext):
     os.environ.setdefault("WANDB_SILENT", "true")
     run_id = ctx.previous.get("id")
     return WandBTracker(
-        ctx.project, dir=str(ctx.run_dir), id=run_id, resume="allow", name=ctx.run_name, **ctx.options
+        ctx.project, dir=str(ctx.run_dir), id=run_id, resume="allow", name=ctx.run_dir.name, **ctx.options
     )
 
 
@@ -247,7 +246,7 @@ def _mlflow(ctx: TrackerContext):
     # continued only in the store it was created in
     same_store = ctx.previous.get("tracking_uri") == mlflow.get_tracking_uri()
     run_id = ctx.previous.get("run_id") if same_store else None
-    return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=ctx.run_name)
+    return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=ctx.run_dir.name)
 
 
 def _mlflow_record(tracker) -> dict[str, Any]:
@@ -373,12 +372,7 @@ class TrackerSet:
             ]  # as decided before (or now: an engine by hand)
             self._scopes.enter_context(kind.scope(setup.options))
             ctx = TrackerContext(
-                self.run_dir,
-                self.run_dir.name,
-                self.project,
-                previous.get(name, {}),
-                self.purge_step,
-                setup.options,
+                self.run_dir, self.project, previous.get(name, {}), self.purge_step, setup.options
             )
             tracker = kind.build(ctx)
             getattr(tracker, "start", lambda: None)()  # accelerate < 1.5 starts trackers in __init__
