@@ -1,10 +1,6 @@
-"""The engine's checkpoints: what a save holds, what a resume restores, and making room for a save.
-
-`Checkpointing` is the small object an `Engine` holds for this: it saves the trained weights, the optimiser,
-the EMA and every rank's RNG beside the loop's position (``state``: plain JSON the engine hands over), and
-restores them on a resume. Ranks compare a fingerprint of their weights before every save; the store's
-files (atomic safetensors + JSON, the last K and the best kept) are `attnxfer.checkpoints.store`'s. The
-loop, its counters and its metrics stay the engine's.
+"""The engine's checkpoints: what a save holds (the trained weights, optimiser, EMA and every rank's RNG
+beside the loop's JSON state), what a resume restores, and making room for a save; the files are
+`attnxfer.checkpoints.store`'s.
 """
 
 from __future__ import annotations
@@ -27,13 +23,12 @@ from ..checkpoints.store import (
     optimizer_state_to_tensors,
 )
 from ..speak import warn
-from .distributed import barrier
+from .distributed import barrier, gather_objects
 from .ema import StudentEMA
 
 
 def _weights_checksum(model: nn.Module) -> str:
     """A bit-exact fingerprint of the weights (ranks compare them before every save)."""
-
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
@@ -101,25 +96,16 @@ class Checkpointing:
     def save(
         self, step: int, loop: dict[str, Any], extra: dict[str, Any], metric: float | None = None
     ) -> str | None:
-        """All ranks call this (RNG states are gathered); rank 0 writes the tensors and a JSON state (the
-        ``loop``'s counters, RNG states, optimiser layout, ranks, then ``extra``: the run's record) and
-        returns where (other ranks: None)."""
+        """All ranks call this (RNG states are gathered); rank 0 writes the tensors and a JSON state (``loop``,
+        RNG states, optimiser layout, ranks, then ``extra``) and returns where (other ranks: None)."""
         rng = capture_rng_state()
         checksum = _weights_checksum(self.trained)
-        if self.world > 1:
-            import torch.distributed as dist
-
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, (rng, checksum))
-            rng_all = [g[0] for g in gathered]
-            checksums = [g[1] for g in gathered]
-            if len(set(checksums)) != 1:
-                raise RuntimeError(
-                    f"ranks hold different student weights at step {step} "
-                    f"(checksums {checksums}); the run is not data-parallel consistent"
-                )
-        else:
-            rng_all, checksums = [rng], [checksum]
+        rng_all, checksums = (list(every) for every in zip(*gather_objects((rng, checksum))))
+        if len(set(checksums)) != 1:
+            raise RuntimeError(
+                f"ranks hold different student weights at step {step} "
+                f"(checksums {checksums}); the run is not data-parallel consistent"
+            )
         where = None
         if self.is_main:
             opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
@@ -147,12 +133,9 @@ class Checkpointing:
         return where
 
     def _make_room(self, step: int, checksum: str) -> bool:
-        """Whether this step's save replaces an intact checkpoint of the same step (never a crash).
-
-        Same weights (a periodic save that an epoch save follows, a finished run extended): the new one,
-        with the newer metric and best, takes its place atomically. Other weights (a run resumed from an
-        older checkpoint with a changed lr): the old one is set aside, not deleted, and reported.
-        """
+        """Whether this step's save replaces an intact checkpoint of the same step: with the same weights (a
+        periodic save an epoch save follows) atomically; other weights (a run resumed from an older checkpoint
+        with a changed lr) set the old one aside, reported."""
         existing = self.manager.path_for(step)
         if not existing.is_dir():
             return False
@@ -166,23 +149,18 @@ class Checkpointing:
         warn(f"a different checkpoint for step {step} existed; kept it as {aside}")
         return False
 
-    def no_checkpoint_message(self) -> str:
-        return (
-            f"{self.run_dir} has no intact checkpoint in {self.manager.dir}; nothing to evaluate "
-            "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
-        )
-
-    def has_checkpoint(self) -> bool:
-        """Whether the policy's resume finds a checkpoint (hashes unchecked: a cheap look)."""
+    def require_checkpoint(self) -> None:
+        """Refuse, in one line, a run whose policy's resume finds no checkpoint (hashes unchecked: a cheap look)."""
         resume = self.policy.resume
-        if isinstance(resume, ResumePoint):
-            return True
-        return resume.checkpoint(self.manager, verify_hash=False) is not None
+        if not isinstance(resume, ResumePoint) and resume.checkpoint(self.manager, verify_hash=False) is None:
+            raise CheckpointError(
+                f"{self.run_dir} has no intact checkpoint in {self.manager.dir}; nothing to evaluate "
+                "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
+            )
 
     def resume(self) -> Resumed | None:
         """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
-        policy picks (`CheckpointPolicy.resume_point`); None for a fresh start. The loop's counters are in
-        the returned state."""
+        policy picks; None for a fresh start (the loop's counters are in the returned state)."""
         point = self.policy.resume_point(self.run_dir)
         if point is None:
             return None

@@ -1,20 +1,10 @@
-"""torch.compile of transformer blocks, in place: the one place a run's models get compiled.
+"""torch.compile of transformer blocks, in place (``nn.Module.compile``: parameter names, checkpoints, EMA and
+export stay the eager model's): one graph per (training, grad mode, io kind) for all blocks of a kind, no
+graph breaks and no recompiles from step to step (tests/training/test_throughput.py counts them).
 
-The unit is the block, not the model. `TeacherStudent` walks the student's blocks one by one in lock-step with
-the teacher's and hands q/k through a per-call `AttentionIO`; a compiled block reads that ``io`` like any
-attribute (capturing q/k, or taking a teacher's), so the same graph serves every block of a kind: one
-graph per (training, grad mode, io kind) for all blocks of the run, no graph breaks, no recompiles from
-step to step (tests/training/test_throughput.py checks this with dynamo's counters). A plain student run
-(``transfer.mode=none``) calls the student whole, whose forward calls the same compiled blocks.
-
-``nn.Module.compile`` compiles a module's call in place: no ``_orig_mod.`` wrapper, so parameter names,
-``state_dict``, checkpoints, EMA (a deep copy is not compiled) and export are those of the eager model.
-
-Stochastic depth gives every block its own drop rate (0, 0.009, 0.018, ... for ViT-B at 0.1), and dynamo
-specialises on a module's float attributes: with timm's ``DropPath`` each block would compile its own
-graph (12 per kind, past dynamo's recompile limit of 8, after which blocks silently run eagerly). Before
-compiling, `compile_blocks` therefore replaces each ``DropPath`` by `RateAsInputDropPath`, the same
-operation with the keep probability in a non-persistent 0-d buffer: a graph input, not a constant.
+Dynamo specialises on a module's float attributes, and stochastic depth gives every block its own rate: with
+timm's ``DropPath`` each block would compile its own graph (past the recompile limit of 8, after which blocks
+silently run eagerly). `compile_blocks` therefore swaps in `RateAsInputDropPath`, the rate a graph input.
 """
 
 from __future__ import annotations
@@ -27,27 +17,20 @@ import torch.nn as nn
 from timm.layers import DropPath
 
 from ..errors import InputError
+from .devices import member
 
 
 class CompileMode(StrEnum):
-    """torch.compile's ``mode`` for blocks. The CUDA-graph modes (``reduce-overhead``, ``max-autotune``)
-    are not offered: blocks hand q/k and activations from one graph to the next, which a CUDA-graph replay
-    may overwrite, and no GPU test here covers them."""
+    """torch.compile's ``mode`` for blocks. No CUDA-graph modes: blocks hand q/k and activations from one graph
+    to the next, which a CUDA-graph replay may overwrite."""
 
     DEFAULT = "default"
     MAX_AUTOTUNE_NO_CUDAGRAPHS = "max-autotune-no-cudagraphs"
 
 
-COMPILE_MODES = tuple(CompileMode)
-
-
 class RateAsInputDropPath(nn.Module):
-    """timm's ``DropPath`` (per-sample stochastic depth) with the keep probability as a tensor.
-
-    ``drop_prob`` stays a float for readers (`TeacherStudent`'s shared masks read it); ``forward`` reads only the
-    ``keep_prob`` buffer (non-persistent: ``state_dict`` and checkpoints are unchanged). The mask is drawn
-    in fp32 and cast, as a bf16 draw would round the probability.
-    """
+    """timm's ``DropPath`` with the keep probability in a non-persistent buffer (``drop_prob`` stays a float
+    for `TeacherStudent`'s shared masks). The mask is drawn in fp32 and cast: a bf16 draw would round it."""
 
     def __init__(self, drop_prob: float, scale_by_keep: bool = True, device: torch.device | None = None):
         super().__init__()
@@ -72,12 +55,8 @@ class RateAsInputDropPath(nn.Module):
 
 
 def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = CompileMode.DEFAULT) -> int:
-    """Compile each module of ``blocks`` in place (lazily: the first call traces), its drop-path rates
-    made graph inputs (see the module docstring); returns how many."""
-    try:
-        mode = CompileMode(mode)
-    except ValueError:
-        raise InputError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}") from None
+    """Compile each of ``blocks`` in place (the first call traces), drop-path rates made graph inputs."""
+    mode = member(CompileMode, mode, "compile mode")
     blocks = list(blocks)
     # timm's ``DropPath`` children become `RateAsInputDropPath` (same rate and device), and where some block
     # has a ``DropPath`` under a name, the others' ``Identity`` (rate 0) under that name too: blocks compiled
@@ -97,6 +76,5 @@ def compile_blocks(blocks: Iterable[nn.Module], mode: CompileMode | str = Compil
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """Whether ``module``'s own call is compiled (by `compile_blocks` / ``nn.Module.compile``): a teacher that
-    a study's students share is compiled once."""
+    """Whether ``module``'s own call is compiled (a teacher that a study's students share is compiled once)."""
     return getattr(module, "_compiled_call_impl", None) is not None

@@ -1,8 +1,4 @@
-"""Where a run executes and in which precision: the config's words as data, decided in one place.
-
-``Device`` and ``Precision`` are `StrEnum`s, so the config's strings convert once (``Device("auto")``) and
-every later decision reads a member or a property, never a string.
-"""
+"""Where a run executes and in which precision: the config's words as `StrEnum`s, decided in one place."""
 
 from __future__ import annotations
 
@@ -39,12 +35,10 @@ class Precision(StrEnum):
 
     @property
     def accelerate_name(self) -> str:
-        """accelerate's ``mixed_precision`` for this precision."""
         return "no" if self is Precision.FP32 else self.value
 
     @property
     def autocasts(self) -> bool:
-        """Whether forwards run under a lower-precision autocast."""
         return self in (Precision.BF16, Precision.FP16)
 
     def autocast(self, device: torch.device) -> torch.autocast:
@@ -56,7 +50,8 @@ class Precision(StrEnum):
 TORCH_DTYPES = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
 
-def _member(enum: type[StrEnum], value: str, what: str) -> StrEnum:
+def member(enum: type[StrEnum], value: str, what: str) -> StrEnum:
+    """``enum(value)``, or one `error:` line naming the choices."""
     try:
         return enum(value)
     except ValueError:
@@ -65,7 +60,7 @@ def _member(enum: type[StrEnum], value: str, what: str) -> StrEnum:
 
 def resolve_device(device: Device | str) -> torch.device:
     """``auto`` is CUDA when one is visible, else CPU; ``cuda`` without a GPU is a clear error."""
-    device = _member(Device, device, "device")
+    device = member(Device, device, "device")
     if device is Device.CUDA and not torch.cuda.is_available():
         raise InputError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
     if device.uses_cuda:
@@ -75,7 +70,7 @@ def resolve_device(device: Device | str) -> torch.device:
 
 def resolve_precision(precision: Precision | str, device: torch.device) -> Precision:
     """``auto`` trains bf16 on GPU and fp32 on CPU."""
-    precision = _member(Precision, precision, "precision")
+    precision = member(Precision, precision, "precision")
     if precision is Precision.AUTO:
         return Precision.BF16 if device.type == "cuda" else Precision.FP32
     return precision
@@ -84,10 +79,10 @@ def resolve_precision(precision: Precision | str, device: torch.device) -> Preci
 def teacher_dtype(name: Precision | str, precision: Precision | str | None = None) -> torch.dtype | None:
     """The teacher's dtype for a config name. ``auto`` follows the run's resolved ``precision`` (so
     ``precision=fp32`` runs the teacher in fp32 too); without one, None = decided by the device."""
-    name = _member(Precision, name, "teacher.dtype")
+    name = member(Precision, name, "teacher.dtype")
     if name is not Precision.AUTO:
         return name.dtype
     if not precision:
         return None
-    precision = _member(Precision, precision, "precision")
+    precision = member(Precision, precision, "precision")
     return None if precision is Precision.AUTO else precision.dtype

@@ -1,11 +1,5 @@
-"""Process-group start-up from the environment: one process, torchrun, or a submitit/SLURM task.
-
-The same ``main(cfg)`` runs everywhere, so rank information only ever comes from the
-environment: torchrun (and accelerate) export ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``...;
-inside a submitit task (SLURM or submitit's local executor) those are derived from the
-job's variables by ``submitit.helpers.TorchDistributedEnvironment``; in a plain ``srun``
-step of several tasks (a hand-written sbatch script) from ``SLURM_PROCID`` and friends.
-Rendezvous is always ``env://`` (a TCP store on the first node): no shared-folder init file.
+"""Process-group start-up from the environment (one process, torchrun, a submitit/SLURM task, a plain
+multi-task ``srun`` step), always by ``env://`` rendezvous, and the few collectives the loops share.
 """
 
 from __future__ import annotations
@@ -26,8 +20,6 @@ from ..errors import InputError
 from ..speak import debug
 from .devices import Device
 from .watchdog import HeartbeatWatchdog, collective_timeout, start_watchdog
-
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 #: Whether this process has created a process group of several ranks (process state, as torch.distributed's
 #: own): `attnxfer.launch.process_exit` then ends the program without interpreter finalization.
@@ -58,12 +50,8 @@ class DistributedInfo:
 
     @classmethod
     def from_environment(cls, export_submitit: bool = True) -> DistributedInfo:
-        """Read the rank layout from torchrun variables, or derive them inside a submitit task.
-
-        Inside a submitit task (``SUBMITIT_EXECUTOR`` set) the job's own variables win over any
-        ``RANK``/``WORLD_SIZE`` inherited from the submitting shell (sbatch exports the
-        submitter's environment), so they are exported with ``overwrite=True`` first.
-        """
+        """The rank layout from torchrun's variables, derived first inside a submitit task (where the job's own
+        win over a ``RANK`` inherited from the submitting shell: sbatch exports its environment)."""
         env = os.environ
         if export_submitit and env.get("SUBMITIT_EXECUTOR"):  # submitit started it (SLURM, local or debug)
             from submitit.helpers import TorchDistributedEnvironment
@@ -95,11 +83,8 @@ class DistributedInfo:
 
 
 def export_srun_environment() -> None:
-    """torchrun's variables from an ``srun`` step: one task per rank, the step's first node as master.
-
-    The port is ``MASTER_PORT`` if set, else derived from the job and step ids, so that every
-    task of the step picks the same one without talking to the others.
-    """
+    """torchrun's variables from an ``srun`` step: one task per rank, the step's first node as master, the
+    port ``MASTER_PORT`` or one derived from the job and step ids (every task picks the same, unasked)."""
     env = os.environ
     ntasks, nnodes = int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_STEP_NUM_NODES", "1") or 1)
     nodes = expand_node_list(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""))
@@ -116,13 +101,9 @@ def export_srun_environment() -> None:
 
 
 def expand_node_list(text: str) -> list[str]:
-    """The host names of a SLURM node list (``SLURM_JOB_NODELIST``; what ``scontrol show hostnames`` prints).
-
-    SLURM's hostlist syntax: comma-separated names, each with bracketed lists of numbers and ranges,
-    ``gpu[1-3,5],cpu7`` -> gpu1 gpu2 gpu3 gpu5 cpu7; a range keeps the zero padding of its first number
-    (``n[08-10]`` -> n08 n09 n10); several brackets in one name combine (``r[1-2]n[1-2]`` -> r1n1 r1n2
-    r2n1 r2n2). Raises ValueError on anything else (unbalanced brackets, a range that runs backwards).
-    """
+    """The host names of a SLURM node list, as ``scontrol show hostnames`` prints them: ``gpu[1-3,5],cpu7``
+    -> gpu1 gpu2 gpu3 gpu5 cpu7; a range keeps its first number's zero padding (``n[08-10]``); several
+    brackets in one name combine (``r[1-2]n[1-2]`` -> r1n1 r1n2 r2n1 r2n2)."""
     names: list[str] = []
     depth, start = 0, 0
     groups = []
@@ -167,44 +148,29 @@ def backend_for(device: Device | str = Device.AUTO) -> str:
     return "nccl" if Device(device).uses_cuda and dist.is_nccl_available() else "gloo"
 
 
-def default_backend() -> str:
-    return backend_for(Device.AUTO)
-
-
-def _check_one_gpu_per_rank(info: DistributedInfo) -> None:
-    """NCCL needs a GPU of its own for every rank on a node; say so before CUDA fails deep inside a barrier.
-
-    Fewer visible GPUs than ranks is fine when the scheduler binds GPUs per task (each task's own
-    ``CUDA_VISIBLE_DEVICES``); with no binding at all, every rank sees the same GPUs and some must share.
-    """
-    visible = torch.cuda.device_count()
-    if info.local_world_size > visible and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        raise RuntimeError(
-            f"{info.local_world_size} ranks on this node but {visible} GPU(s) visible: NCCL needs one GPU per rank. "
-            "Start at most one task per GPU (torchrun --nproc_per_node, attnxfer submit --gpus-per-node), "
-            "or run the ranks on CPU with device=cpu (gloo)"
-        )
-
-
 def init_distributed(backend: str | None = None, timeout: float | timedelta | None = None) -> DistributedInfo:
-    """Join the process group described by the environment (``env://`` rendezvous).
-
-    A no-op for a single process and when a group already exists (so a submitted task may
-    initialise it before calling a ``main`` that initialises it again). ``backend`` defaults to
-    nccl when CUDA is available, gloo otherwise; on GPU the process binds ``cuda:LOCAL_RANK``.
-    ``timeout`` (seconds, or a timedelta) bounds how long a rank waits for its peers: a heartbeat
-    watchdog (`attnxfer.train.watchdog`) ends this process, naming the peer, once one has been silent
-    that long, and the group's own timeout follows a few beats later (`collective_timeout`). None:
-    torch's default timeouts (10 min NCCL, 30 min gloo) and no watchdog.
+    """Join the process group the environment describes; a no-op for one process and when a group exists
+    (a submitted task may initialise it before a ``main`` that does again). On GPU the process binds
+    ``cuda:LOCAL_RANK``. ``timeout`` (seconds): a heartbeat watchdog (`attnxfer.train.watchdog`) ends this
+    process, naming the peer, once one has been silent that long; None: torch's default timeouts, no watchdog.
     """
     info = DistributedInfo.from_environment()
     if not info.is_distributed or dist.is_initialized():
         return info
-    backend = backend or default_backend()
+    backend = backend or backend_for()
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise RuntimeError("backend 'nccl' needs CUDA; use backend='gloo' on CPU")
-        _check_one_gpu_per_rank(info)
+        # NCCL needs a GPU of its own per rank: fine where the scheduler binds GPUs per task (each task's
+        # CUDA_VISIBLE_DEVICES); without a binding every rank sees the same GPUs. Said before CUDA fails
+        # deep inside a barrier
+        visible = torch.cuda.device_count()
+        if info.local_world_size > visible and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            raise RuntimeError(
+                f"{info.local_world_size} ranks on this node but {visible} GPU(s) visible: NCCL needs one GPU "
+                "per rank. Start at most one task per GPU (torchrun --nproc_per_node, attnxfer submit "
+                "--gpus-per-node), or run the ranks on CPU with device=cpu (gloo)"
+            )
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
     kwargs = {} if seconds is None else {"timeout": timedelta(seconds=collective_timeout(seconds))}
@@ -227,14 +193,9 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
 def joined_process_group(
     backend: str | None = None, timeout: float | timedelta | None = None
 ) -> Iterator[DistributedInfo]:
-    """`init_distributed` for the span of one run; the call that created the group closes it again.
-
-    A process that exits with its gloo group still open can abort in the group's destructors
-    ("terminate called without an active exception"), after all its work is done. The group is
-    closed only when the run ends normally: after an error it stays open, since closing it would
-    make the other ranks fail before this rank's error is on record (the process exits anyway).
-    ``timeout``: how long a rank waits for a silent peer (see `init_distributed`).
-    """
+    """`init_distributed` for the span of one run; the call that created the group closes it again, since a
+    process exiting with its gloo group open can abort in its destructors. Only when the run ends normally:
+    after an error, closing it would make the other ranks fail before this rank's error is on record."""
     owner = not (dist.is_available() and dist.is_initialized())
     info = init_distributed(backend, timeout)
     yield info
@@ -249,12 +210,8 @@ def joined_a_process_group() -> bool:
 
 
 def barrier() -> None:
-    """Wait for every rank (a no-op for one process).
-
-    Not accelerate's ``wait_for_everyone``: it passes this rank's device index to the barrier even for a
-    gloo group of CPU ranks, and on a machine with GPUs gloo then looks for that CUDA device (rank 1 of
-    two CPU ranks on a one-GPU machine fails with "invalid device ordinal").
-    """
+    """Wait for every rank. Not accelerate's ``wait_for_everyone``: it passes the device index even to a gloo
+    group of CPU ranks, and on a one-GPU machine rank 1 then fails with "invalid device ordinal"."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if dist.get_backend() == "nccl":
@@ -282,11 +239,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def average_gradients(optimizer: torch.optim.Optimizer, flags: torch.Tensor | None = None) -> None:
-    """Data-parallel stage 1: every rank steps with the mean gradient, so the weights stay identical.
-
-    ``flags`` (0/1 floats on the gradients' device), if given, ride in the same all-reduce and become 1
-    where any rank's was: a rank-local stop flag (stage 1's non-finite guard) that every rank then obeys,
-    at no extra collective and no host read."""
+    """Data-parallel stage 1: every rank steps with the mean gradient. ``flags`` (0/1 floats) ride in the same
+    all-reduce and become 1 where any rank's was: stage 1's non-finite guard, at no extra collective."""
     _, world = rank_and_world()
     if world == 1:
         return
@@ -306,10 +260,8 @@ def average_gradients(optimizer: torch.optim.Optimizer, flags: torch.Tensor | No
 
 
 class RankAverage:
-    """The gradients of a loop without accelerate (conversion's stage 1), in the accelerator's terms that
-    `attnxfer.train.engine.train_step` uses: a plain backward, then every rank's gradients averaged
-    (`average_gradients`, the optimiser's fused-AdamW ``found_inf`` riding in the same all-reduce); every
-    step synchronises, nothing accumulates."""
+    """Stage 1's gradients in the accelerator's terms `train_step` uses: a plain backward, then every rank's
+    gradients averaged (the fused AdamW's ``found_inf`` riding along); nothing accumulates."""
 
     sync_gradients = True
 
@@ -328,8 +280,7 @@ class RankAverage:
 
 
 def gather_objects(obj: object) -> list[object]:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` without a process group. A collective:
-    for rare paths (an error every rank reports the same way), not for steps."""
+    """Every rank's ``obj`` (picklable), in rank order: a collective for rare paths, not for steps."""
     _, world = rank_and_world()
     if world == 1:
         return [obj]

@@ -1,18 +1,7 @@
-"""What varies between the loops one `Engine` runs, handed to it whole when it is built (`Drive`).
-
-One engine trains a run alone (`attnxfer train`, pretrain, convert's stage 2) or as one student of a study
-(`attnxfer.train.lockstep`). Three things differ, and each is a collaborator with one obvious default:
-
-- the feed (`Feed`): how a loaded batch becomes what the objective takes. Alone, `own_feed` moves it to the
-  device and prepares it (mixup); a study's `SharedFeed` does that once a batch for every student and adds the
-  teacher's pass, computed once for all.
-- the stop check (`StopCheck`): which stop signal, if any, the engine acts on after a step. Alone,
-  `stop_signal` (SIGTERM on any rank); a study reads the signal once a round for every student, so its
-  engines take `never_stop`.
-- the random streams (`Streams`): whose python/numpy/torch streams a step draws from. Alone, the process's
-  own (`ProcessStreams`); a study's student, its own `StudentStreams`, swapped in around each of its steps.
-
-Nothing of an engine is replaced at run time: a study builds its engines with its `Drive`.
+"""What varies between the loops one `Engine` runs, handed to it whole when it is built (`Drive`): the feed (a
+batch as the objective takes it), the stop check and the random streams. Alone, the defaults; a study
+(`attnxfer.train.lockstep`) shares the feed and the teacher's pass, reads the stop signal once a round
+(`never_stop`), and swaps each student's own streams in around its steps.
 """
 
 from __future__ import annotations
@@ -34,22 +23,20 @@ Prepare = Callable[[torch.Tensor, "torch.Tensor | None", int], "tuple[torch.Tens
 
 @dataclass(frozen=True)
 class BatchPlace:
-    """What a feed needs of the engine for one batch: where it goes, its seed (from the batch's epoch and place
-    in the data: the same in every run that reads it) and the objective's preparation (mixup)."""
+    """What a feed needs for one batch: its device, its seed (from its epoch and place in the data: the same in
+    every run that reads it) and the objective's preparation (mixup)."""
 
     device: torch.device
     seed: int
     prepare: Prepare
 
 
+#: a loaded batch as the objective takes it: ``(x, y, handover)``, ``handover`` the teacher's pass where the
+#: feed computed one (None: the objective runs its teacher itself)
 Fed = tuple[torch.Tensor, "torch.Tensor | None", Any]
-
-
-class Feed(Protocol):
-    """A loaded batch as the objective takes it: ``(x, y, handover)``, ``handover`` the teacher's pass for it
-    where the feed computed one (None: the objective runs its teacher itself)."""
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None, place: BatchPlace) -> Fed: ...
+Feed = Callable[[torch.Tensor, "torch.Tensor | None", BatchPlace], Fed]
+#: the stop signal received (its number), or None: asked after every optimiser step
+StopCheck = Callable[[], "int | None"]
 
 
 def own_feed(x: torch.Tensor, y: torch.Tensor | None, place: BatchPlace) -> Fed:
@@ -58,12 +45,6 @@ def own_feed(x: torch.Tensor, y: torch.Tensor | None, place: BatchPlace) -> Fed:
     y = None if y is None else y.to(place.device, non_blocking=True)
     x, y = place.prepare(x, y, place.seed)
     return x, y, None
-
-
-class StopCheck(Protocol):
-    """The stop signal received (its number), or None: asked after every optimiser step."""
-
-    def __call__(self) -> int | None: ...
 
 
 def never_stop() -> int | None:
@@ -86,10 +67,9 @@ class ProcessStreams:
 
 @dataclass
 class StudentStreams:
-    """What a student keeps to itself between its turns: the global random streams (python, numpy, torch CPU
-    and CUDA) and the accelerator's micro-step count (gradient accumulation is counted per accelerator; a loop
-    without one, a convert study's stage 1, passes None). Made empty and `start`-ed right after its student
-    is built (from then on the streams are its own), or taken as they stand (`current`)."""
+    """What a student keeps to itself between its turns: the global random streams and the accelerator's
+    micro-step count (None: a loop without one, a convert study's stage 1). `start`-ed, or taken as they
+    stand (`current`), right after its student is built."""
 
     python: Any = None
     numpy: Any = None
@@ -105,7 +85,6 @@ class StudentStreams:
         return streams
 
     def start(self, accelerator: Any = None) -> None:
-        """Take the streams as they stand now as this student's own."""
         self.python, self.numpy, self.torch_cpu = (
             random.getstate(),
             np.random.get_state(),

@@ -1,14 +1,10 @@
 """Exponential moving average of the student (never the teacher), through timm's `ModelEmaV3`.
 
-timm's class is used with ``exclude_buffers=True``: parameters are averaged by identity
-(``module.parameters()``) and buffers copied. Its default path averages ``state_dict()`` values instead,
-and a copied layer's fused qkv is a `PartialQKV` whose ``state_dict`` entry is a fresh concatenation, so
-that path would update a temporary and leave the EMA's qkv at its initial value. ``stochastic_rounding``
-is off: it applies only to bf16 EMA tensors (students train in fp32 under autocast) and draws from a
-private generator that checkpoints do not hold. ``update`` passes no step, so the decay is constant (no
-warmup), as in the paper's recipes. The update is one fused ``torch._foreach_lerp_`` with weight
-``1 − decay``, the same kernel and operands as the hand-written EMA it replaces, so checkpoints and
-bit-identical resume are unchanged (`tests/training/test_ema.py`).
+``exclude_buffers=True`` averages parameters by identity: the default path averages ``state_dict()`` values,
+and a copied layer's `PartialQKV` entry is a fresh concatenation, so its EMA would never move.
+``stochastic_rounding`` is off (students train in fp32; its generator is not in checkpoints); no step is
+passed, so the decay is constant, as in the paper's recipes. One ``torch._foreach_lerp_``: checkpoints and
+bit-identical resume are those of the hand-written EMA it replaced (`tests/training/test_ema.py`).
 """
 
 from __future__ import annotations
@@ -21,11 +17,7 @@ from ..errors import InputError
 
 
 class StudentEMA:
-    """EMA weights of a student: ``ema = decay·ema + (1 − decay)·student`` after each optimiser step.
-
-    ``module`` is the averaged copy; ``state_dict``/``load_state_dict`` are its own (timm's parameter
-    names, as the student's), which is what checkpoints and export hold.
-    """
+    """EMA weights of a student (``module``, with the student's parameter names) after each optimiser step."""
 
     def __init__(self, student: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:

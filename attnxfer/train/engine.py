@@ -1,15 +1,10 @@
 """The training loop: one `Engine` for a laptop, torchrun, accelerate or a SLURM task, and `train_step`, the
-one optimiser step of attnxfer (the engine's, and conversion's stage 1's: `attnxfer.train.stage1`).
+one optimiser step of attnxfer (the engine's, and stage 1's).
 
-It takes objects (an `Objective`, an optimiser, loaders, `LoopSettings`, and what varies between loops: a
-`Drive` of `attnxfer.train.drive`, the feed, the stop check and the random streams), never a config:
-`attnxfer.apps.run.training` `assemble_engine` builds those from one for train, pretrain and convert's stage 2.
-Each step's loss is the objective's (`Objective.loss`; for attention transfer, composed in
-`attnxfer.transfer.step_loss.compose_loss`): attention transfer (a `TeacherStudent` plus the task loss, scored
-by val top-1) or a module whose forward returns its own loss (MAE pre-training, scored by val reconstruction
-loss). accelerate owns devices, DDP and autocast; the engine owns the loop: the data order (a resumable
-sampler), the schedule (`attnxfer.train.schedule`), logging, evaluation and when to save. What a save holds
-and what a resume restores is its `Checkpointing` (`attnxfer.train.checkpointing`).
+The engine takes objects, never a config (`attnxfer.apps.run.training` builds them): an `Objective` whose
+`Objective.loss` is each step's loss, an optimiser, loaders, `LoopSettings`, and a `Drive` for what varies
+between loops. accelerate owns devices, DDP and autocast; the engine owns the loop: the data order, the
+schedule, logging, evaluation and when to save (what a save holds is its `Checkpointing`'s).
 """
 
 from __future__ import annotations
@@ -24,14 +19,13 @@ from typing import Any, Protocol
 
 import torch
 
-from ..checkpoints.store import CheckpointError, MetricMode
+from ..checkpoints.store import MetricMode
 from ..data.label_free import split_batch
 from ..data.seeding import sample_seed
 from ..errors import InputError
 from ..speak import say
 from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
-from .distributed import min_over_ranks
 from .drive import BatchPlace, Drive
 from .ema import StudentEMA
 from .evaluation import evaluate as evaluate, evaluate_loss as evaluate_loss
@@ -40,7 +34,7 @@ from .objective import Objective, Pictures, TaskLoss as TaskLoss
 from .runtime import Runtime
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals
-from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
+from .terms import NonFiniteGuard, NonFiniteLossError, TermWindow
 from .trackers import flat_hparams
 
 
@@ -101,8 +95,8 @@ def _schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
 
 
 class Gradients(Protocol):
-    """How `train_step` makes, synchronises and clips the gradients: accelerate's `Accelerator` (the engine's
-    loop: DDP, autocast's scaler, accumulation), or `attnxfer.train.distributed.RankAverage` (stage 1)."""
+    """How `train_step` makes, synchronises and clips the gradients: accelerate's `Accelerator` (DDP, autocast's
+    scaler, accumulation), or stage 1's `attnxfer.train.distributed.RankAverage`."""
 
     sync_gradients: bool  # False while micro-batches accumulate: no clipping (the optimiser skips too)
 
@@ -125,11 +119,10 @@ def train_step(
     clip_grad: float | None = None,
     watched: Sequence[str] | None = None,
 ) -> Loss:
-    """One optimiser step, the only one in attnxfer (the engine's; stage 1's, so the convert study's and the
-    search's fits): ``loss()`` (one `Loss`), its terms (``watched`` ones, or all) to the non-finite guard at
-    ``at`` (step, epoch), backward, clipping ``params`` (norm logged as ``grad_norm``), ``optimizer.step()``,
-    ``zero_grad``. A fused AdamW given a ``found_inf`` flag (`attnxfer.train.stage1`) takes the guard's:
-    it skips every step from the first non-finite one on. Nothing is read on the host."""
+    """One optimiser step, the only one in attnxfer: ``loss()``, its terms (``watched`` ones, or all) to the
+    non-finite guard at ``at`` (step, epoch), backward, clipping ``params`` (norm logged as ``grad_norm``),
+    step, ``zero_grad``. A fused AdamW with a ``found_inf`` flag (stage 1's) takes the guard's: it skips every
+    step from the first non-finite one on. Nothing is read on the host."""
     with gradients.accumulate(model):
         out = loss()
         terms = out.terms if watched is None else {name: out.terms[name] for name in watched}
@@ -146,10 +139,8 @@ def train_step(
 
 
 class Engine:
-    """One run's state and loop. ``record`` is what checkpoints carry besides tensors (the run's
-    config as a dict, the teacher's record): plain JSON, opaque to the engine. ``drive``: what varies
-    between the loops it runs (the feed, the stop check, the random streams: `attnxfer.train.drive`),
-    a run trained alone by default."""
+    """One run's state and loop. ``record`` is what checkpoints carry besides tensors (the run's config, the
+    teacher's record): plain JSON, opaque to the engine. ``drive``: a run trained alone by default."""
 
     def __init__(
         self,
@@ -183,8 +174,6 @@ class Engine:
         self.base_lr = s.base_lr
         self.model, self.optimizer = acc.prepare(objective.module, optimizer)
         self.steps_per_epoch, self.total_steps, self.warmup_steps = _schedule_steps(len(train_loader), s)
-        # saving, resuming and making room: train/checkpointing.py (the engine keeps the loop's counters)
-        # a save holds the trained weights, optimiser, EMA and every rank's RNG
         self.checkpointing = Checkpointing(
             self.run_dir,
             s.checkpoint,
@@ -214,22 +203,19 @@ class Engine:
         self.window = TermWindow()
         self.guard = NonFiniteGuard()
         self._last_save_time = time.monotonic()
-        self._saved_step: int | None = None  # the step of this process's last save (a stop needs no second)
+        self.saved_step: int | None = None  # the step of this process's last save (a stop needs no second)
         self._final: dict[str, float] = {}
         # summary.csv's train_loss: the epoch's summed `total` and micro-batch count (saved in checkpoints,
         # so a run resumed mid-epoch reports the whole epoch), and the lr of the last step
-        self._epoch_loss: torch.Tensor | None = None
+        self._epoch_loss = torch.zeros((), dtype=torch.float64, device=acc.device)
         self._epoch_batches = 0
         self._last_lr = float("nan")
 
     def stop_if_non_finite(self) -> None:
-        """Raise `NonFiniteLossError` if a loss term of any rank was NaN/inf since the run (re)started.
-
-        The engine calls it on log steps and before every checkpoint save and evaluation: the weights
-        of the steps after a bad one are never written or scored. One read (and a collective under DDP).
-        """
-        earliest = self.guard.earliest
-        if earliest is None or min_over_ranks(earliest) == NO_STEP:
+        """Raise `NonFiniteLossError` if a loss term of any rank was NaN/inf since the run (re)started: called
+        on log steps and before every save and evaluation, so weights after a bad step are never written or
+        scored. One read (and a collective under DDP)."""
+        if not self.guard.any_rank_tripped():
             return
         where = (
             f"last good checkpoint: {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
@@ -255,21 +241,16 @@ class Engine:
             "best": self.best,
             "best_metric": self.settings.metric,
         }
-        extra = {"epoch_train_loss": self._epoch_loss_state(), **self.record}
+        extra = {"epoch_train_loss": [self._epoch_loss.item(), self._epoch_batches], **self.record}
         where = self.checkpointing.save(self.step, loop, extra, metric=metric)
         if where is not None:
             self.last_ckpt = where
         self._last_save_time = time.monotonic()
-        self._saved_step = self.step
-
-    @property
-    def saved_step(self) -> int | None:
-        """The step this process last saved (None: none saved since it started)."""
-        return self._saved_step
+        self.saved_step = self.step
 
     def save_unless_saved(self) -> None:
         """Save this step, unless it was just saved (a stop saves the step it stopped at)."""
-        if self._saved_step != self.step:
+        if self.saved_step != self.step:
             self.save()
 
     def _stop_if_signalled(self) -> None:
@@ -284,9 +265,6 @@ class Engine:
         say(f"{stop} (step {self.step} of {self.total_steps})")
         self.metrics.close()
         raise stop
-
-    def no_checkpoint_message(self) -> str:
-        return self.checkpointing.no_checkpoint_message()
 
     def resume(self) -> None:
         """Restore the checkpoint the policy picks (`Checkpointing.resume`) and the loop's counters from it;
@@ -310,20 +288,9 @@ class Engine:
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
         say(f"resumed from {resumed.path} (step {self.step}, epoch {self.epoch}, position {self.position})")
 
-    def _epoch_loss_state(self) -> list[float]:
-        """``[summed total loss, micro-batches]`` of the epoch so far (one host read, at saves only)."""
-        loss = 0.0 if self._epoch_loss is None else float(self._epoch_loss.item())
-        return [loss, self._epoch_batches]
-
-    def _add_epoch_loss(self, logs: dict[str, torch.Tensor]) -> None:
-        total = logs["total"].detach().double()
-        self._epoch_loss = total.clone() if self._epoch_loss is None else self._epoch_loss.add_(total)
-        self._epoch_batches += 1
-
     def _summary_row(self, final: dict[str, float]) -> dict[str, float]:
         """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names), lr."""
-        n = max(1, self._epoch_batches)
-        row = {"train_loss": self._epoch_loss_state()[0] / n}
+        row = {"train_loss": self._epoch_loss.item() / max(1, self._epoch_batches)}
         evals = {f"eval_{k[4:]}": v for k, v in final.items() if k.startswith("val_") and k != "val_count"}
         row |= sorted(evals.items(), key=lambda kv: kv[0] != "eval_loss")  # timm's order: loss first
         return row | {"lr": self._last_lr}
@@ -336,8 +303,7 @@ class Engine:
         return lr
 
     def _place(self) -> BatchPlace:
-        """What the feed needs for the batch at the loop's position: the device, the batch's seed (from its
-        epoch and place in the data) and the objective's preparation (mixup)."""
+        """What the feed needs for the batch at the loop's position (its seed: from its epoch and place)."""
         # a negative index: a batch's seed is never one of its samples' (their augmentation's, data.seeding)
         seed = sample_seed(self.settings.seed, self.epoch, -1 - self.position)
         return BatchPlace(self.accelerator.device, seed, self.objective.prepare)
@@ -359,27 +325,12 @@ class Engine:
 
     def evaluate_checkpoint(self) -> dict[str, float]:
         """Load the checkpoint to evaluate (newest, or ``checkpoint.resume=PATH``) and score it; writes nothing."""
-        if not self.checkpointing.has_checkpoint():
-            raise CheckpointError(self.no_checkpoint_message())
+        self.checkpointing.require_checkpoint()
         self.metrics.enabled = False  # resume must not touch the run's metrics
         self.resume()
         return self._evaluate_all()
 
-    def _draw_pictures(self) -> None:
-        """The pictures callbacks (built in `attnxfer.apps`: class-token maps, MAE reconstructions), rank 0."""
-        if not self.is_main:
-            return
-        for draw in self.pictures:
-            for tag, image in draw(self.student).items():
-                self.metrics.log_image(tag, self.step, image)
-
-    def _is_better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return MetricMode(self.settings.metric_mode).better(value, self.best)
-
     def run(self) -> TrainResult:
-        """Train to ``total_steps`` (resuming first), evaluating and saving as the settings say."""
         start = time.monotonic()
         with stop_on_signals():  # SIGTERM: save at the next step boundary, then StopRequested
             for _ in self.steps():
@@ -426,12 +377,8 @@ class Engine:
 
     def steps(self) -> Iterator[int]:
         """The training loop, yielding the step count after every optimiser step (the last one after its
-        evaluation and save), each step run under the drive's random streams (`own_streams`).
-
-        `run` drains it; a study advances its engines one step each in turn; a benchmark can advance several
-        engines step by step (interleaved timing of the real loop: data, step, EMA, logging, checkpoints).
-        Resumes first; evaluates and saves at the epoch ends and at the last step, as `run` does.
-        """
+        evaluation and save), each step under the drive's random streams: `run` drains it, a study advances its
+        engines one step each in turn, a benchmark times several engines step by step."""
         loop = self._loop()
         while True:
             with self.own_streams():
@@ -441,7 +388,6 @@ class Engine:
             yield step
 
     def _loop(self) -> Iterator[int]:
-        """`steps`, under whatever streams are in place."""
         s, sampler = self.settings, self.train_sampler
         self._last_save_time = time.monotonic()
         self.resume()
@@ -489,12 +435,10 @@ class Engine:
         return self.train_loader.batch_size * self.world
 
     def _epoch_now(self) -> float:
-        """The epoch as a fraction (metrics.jsonl's ``epoch``)."""
         return self.epoch + self.position / self.train_sampler.length
 
     def _progress_bar(self, usable: int):
-        """The epoch's progress (rank 0, ``log.progress``), starting where a resumed epoch stands: a bar on a
-        terminal, a line per log record in a log file (`progress_bar`)."""
+        """The epoch's progress (rank 0, ``log.progress``), starting where a resumed epoch stands."""
         if not (self.is_main and self.settings.progress):
             return None
         done = self.position // self._global_batch
@@ -520,7 +464,8 @@ class Engine:
             clip_grad=s.clip_grad,
         )
         logs = {k: v.detach() for k, v in (out.terms | out.logs).items()}
-        self._add_epoch_loss(logs)
+        self._epoch_loss += logs["total"].double()
+        self._epoch_batches += 1
         self._last_lr = lr
         self.position += self._global_batch  # global count: what every rank consumed together
         if progress is not None:
@@ -529,7 +474,6 @@ class Engine:
         return lr, acc.sync_gradients
 
     def _after_step(self, lr: float, progress) -> None:
-        """Count the optimiser step, update the EMA, and on log steps read the guard and log the terms."""
         self.step += 1
         if self.ema is not None:
             self.ema.update(self.student)
@@ -542,22 +486,23 @@ class Engine:
                 progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")
 
     def _end_epoch(self) -> None:
-        """At an epoch's end (or the last step): evaluate, keep the best, log, draw, print, save."""
         s = self.settings
         self.stop_if_non_finite()  # never score (or keep as best) weights after a non-finite loss
         final = self._evaluate_all()
         value = final[s.metric]
-        if self._is_better(value):
+        if self.best is None or MetricMode(s.metric_mode).better(value, self.best):
             self.best = value
-        final[self._best_key] = self.best
+        final["best_" + s.metric.removeprefix("val_")] = self.best  # best_top1, best_loss
         self.metrics.log("val", self.step, final, epoch=self._epoch_now())
         # timm's 0-based epoch index: the epoch just completed (or the one cut short by max_steps)
         self.metrics.log_epoch(self.epoch - 1 if self.position == 0 else self.epoch, self._summary_row(final))
         if self.position == 0:
-            self._epoch_loss, self._epoch_batches = None, 0
+            self._epoch_loss, self._epoch_batches = torch.zeros_like(self._epoch_loss), 0
         self.history.append({"step": self.step, "epoch": self._epoch_now(), **final})
-        self._draw_pictures()
         if self.is_main:
+            for draw in self.pictures:  # class-token maps, MAE reconstructions (built in attnxfer.apps)
+                for tag, image in draw(self.student).items():
+                    self.metrics.log_image(tag, self.step, image)
             name = s.metric.removeprefix("val_")
             fmt = ".2f" if s.metric == "val_top1" else ".4g"
             say(
@@ -567,8 +512,3 @@ class Engine:
         if s.checkpoint.every_epoch or self.step >= self.total_steps:
             self.save(metric=value)
         self._final = final
-
-    @property
-    def _best_key(self) -> str:
-        """``best_top1`` for val_top1, ``best_loss`` for val_loss."""
-        return "best_" + self.settings.metric.removeprefix("val_")

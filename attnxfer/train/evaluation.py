@@ -1,7 +1,6 @@
-"""Scoring a model on a validation loader, summed over ranks: classification (top-1/top-5/loss), a
-self-supervised objective's own loss, and the scores that need no head: final-feature agreement with the
-teacher (no labels) and k-NN top-1 of the embeddings. The engine calls the objective's evaluator; eval-only
-runs call the same one and `attnxfer eval` the others."""
+"""Scoring a model on a validation loader, summed over ranks: classification, a self-supervised objective's own
+loss, and the scores that need no head (final-feature agreement with the teacher, k-NN top-1).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +18,9 @@ from ..transfer.teacher_student import TransferOutput
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
-    """Top-1/top-5 and loss of ``model`` (a TeacherStudent or a bare student) over ``loader``, summed over ranks,
-    and the number of images scored (``count``).
-
-    Each rank scores its own shard of an exact (unpadded) val sampler, so the ranks may run different
-    numbers of batches: the forward passes go to the unwrapped module (no DDP hooks, no collectives) and
-    only the final sum is a collective; every image counts once at every world size."""
+    """Top-1/top-5, loss and ``count`` of ``model`` over ``loader``, summed over ranks. Each rank scores its own
+    shard of an unpadded sampler, so ranks may run different numbers of batches: the forwards go to the
+    unwrapped module (no collectives) and only the final sum is a collective."""
     model = accelerator.unwrap_model(model)
     totals = classification_sums(model, loader, accelerator.device, accelerator.autocast, max_batches)
     totals = accelerator.reduce(totals, reduction="sum")
@@ -47,10 +43,8 @@ def classification_sums(
     *,
     loss: bool = True,
 ) -> torch.Tensor:
-    """This rank's (top-1 correct, top-5 correct, summed cross-entropy, images) of ``model`` (in eval
-    mode for the duration) over ``loader``, float64 on ``device``: the one count of correct predictions
-    that every top-1 reads. ``loss=False`` leaves the cross-entropy at 0, for labels the head may not
-    cover."""
+    """This rank's (top-1 correct, top-5 correct, summed cross-entropy, images) over ``loader``: the one count
+    every top-1 reads. ``loss=False`` leaves the cross-entropy at 0, for labels the head may not cover."""
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
     for logits, y in _scored_batches(model, loader, device, autocast, max_batches):
         top5 = _top5(logits)
@@ -69,9 +63,7 @@ def per_image_top1(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
-    """One bool per image of ``loader`` (in its order, on the CPU): is ``model``'s top-1 its label? The same
-    prediction `classification_sums` counts, kept image by image so that two models scored on the same images
-    can be compared pairwise (McNemar)."""
+    """One bool per image of ``loader``: is ``model``'s top-1 its label? (Two models paired image by image.)"""
     hits = [
         (_top5(logits)[:, 0] == y).cpu() for logits, y in _scored_batches(model, loader, device, autocast)
     ]
@@ -83,6 +75,18 @@ def _top5(logits: torch.Tensor) -> torch.Tensor:
     return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
 
 
+@contextlib.contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, training in zip(models, was):
+            m.train(training)
+
+
 def _scored_batches(
     model: nn.Module,
     loader,
@@ -91,9 +95,7 @@ def _scored_batches(
     max_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, labels) of ``model`` (in eval mode for the duration) per batch of ``loader``."""
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for i, (x, y) in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
@@ -101,38 +103,32 @@ def _scored_batches(
             with autocast():
                 out = model(x)
             yield (out.logits if isinstance(out, TransferOutput) else out).float(), y
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader, accelerator, seed: int = 0) -> dict[str, float]:
-    """Mean of a self-supervised objective's ``loss`` over ``loader`` (batch-weighted, summed over ranks).
-
-    The objective's randomness (MAE's masks) comes from a generator seeded with ``seed`` at every call, so
-    each evaluation scores the same masks and the training RNG streams are left untouched. Ranks may hold
-    unequal shards (see `evaluate`): the unwrapped module runs the forward passes."""
+    """Mean of a self-supervised objective's ``loss`` over ``loader``, summed over ranks. Its randomness (MAE's
+    masks) comes from a generator seeded at every call: each evaluation scores the same masks, and the
+    training streams are left untouched."""
     model = accelerator.unwrap_model(model)
-    was_training = model.training
-    model.eval()
     device = accelerator.device
     generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss_sum, count
-    for x, *_ in loader:  # labels, where there are any, are not read
-        x = x.to(device, non_blocking=True)
-        with accelerator.autocast():
-            out = model(x, generator=generator)
-        totals[0] += out.loss.double() * x.shape[0]
-        totals[1] += x.shape[0]
+    with evaluating(model):
+        for x, *_ in loader:  # labels, where there are any, are not read
+            x = x.to(device, non_blocking=True)
+            with accelerator.autocast():
+                out = model(x, generator=generator)
+            totals[0] += out.loss.double() * x.shape[0]
+            totals[1] += x.shape[0]
     totals = accelerator.reduce(totals, reduction="sum")
-    model.train(was_training)
     return {"loss": totals[0].item() / max(1.0, totals[1].item())}
 
 
 @torch.no_grad()
 def evaluate_features(model: nn.Module, loader, accelerator) -> dict[str, float]:
-    """Final-feature agreement (`attnxfer.analysis.features`) of a `TeacherStudent`'s student with its teacher over
-    ``loader``, summed over ranks; reads no label (the evaluator of runs without labels)."""
+    """Final-feature agreement of a `TeacherStudent`'s student with its teacher, summed over ranks; reads no
+    label (the evaluator of runs without labels)."""
     pair = accelerator.unwrap_model(model)
     teacher = getattr(pair, "teacher", None)
     if teacher is None:
@@ -159,9 +155,8 @@ def evaluate_knn(
     k: int = 20,
     temperature: float = 0.07,
 ) -> dict[str, float]:
-    """k-NN top-1 (`attnxfer.analysis.knn`) of the student's (and the teacher's) embeddings: the memory bank
-    is all of ``bank_loader`` on every rank (the training split, unaugmented), the queries each rank's shard of
-    ``val_loader``; the paired counts are summed over ranks, so every val image counts once."""
+    """k-NN top-1 of the student's (and the teacher's) embeddings: the bank all of ``bank_loader`` on every
+    rank, the queries each rank's shard of ``val_loader``, the counts summed over ranks."""
     result = knn_comparison(
         student,
         teacher,

@@ -1,19 +1,10 @@
 """A study's loop: K engines, one stream of batches, one teacher pass per batch, each student in turn.
 
-Each student is an ordinary `Engine` (its own model, optimiser, EMA, schedule, metrics, checkpoints, run
-folder); the study advances their `Engine.steps` in lock step, one optimiser step each per round. What they
-share is read once per batch: the loader's batch (`SharedBatches`: every engine reads the same batch object),
-its preparation on the device, and the teacher's pass (`SharedFeed`, the engines' feed). What each keeps to
-itself is swapped in around its steps (`StudentStreams`): its random streams (initialisation, drop path,
-dropout) and its place in gradient accumulation, so a student of a study computes exactly what it computes
-trained alone. Feed, streams and the stop check (`never_stop`: the study reads the signal) are each engine's
-`Drive` (`attnxfer.train.drive`), given when the engine is built.
-
-Saving is the study's too: students save as their policy says (all at the same steps) without pruning; once
-every student still training has saved a step, ``on_saved(step, members, shared_seconds)`` commits it (the
-app records the step and then prunes), so a kill at any instant leaves a step that every student has. A stop signal is read once per
-round for all of them (every student saves that step, then `StopRequested`); a student whose loss turns
-non-finite stops alone, with one line, and the others go on.
+Each student is an ordinary `Engine`; the study advances their `Engine.steps` one optimiser step each per
+round. The loaded batch, its preparation and the teacher's pass are shared (`SharedBatches`, `SharedFeed`);
+each student's random streams and accumulation count are its own (`StudentStreams`), so a student computes
+exactly what it computes trained alone. A step is committed (``on_saved``, which may then prune) once every
+student still training has saved it, so a kill at any instant leaves a step that every student has.
 """
 
 from __future__ import annotations
@@ -36,9 +27,8 @@ from .terms import NonFiniteLossError
 
 
 class SharedBatches:
-    """One loader read once for several engines: each engine iterates its own view and gets the very batch
-    objects the others get. Views of one epoch share one pass of the loader (keyed by the sampler's epoch and
-    position when the view starts it); batches are kept until every view still reading has taken them."""
+    """One loader read once for several engines: each iterates its own view and gets the very batch objects
+    the others get, one pass of the loader per epoch; a batch is kept until every view still reading took it."""
 
     def __init__(self, loader: Any, sampler: Any) -> None:
         self.loader, self.sampler = loader, sampler
@@ -122,10 +112,8 @@ class _View:
 
 
 class SharedFeed:
-    """The study's engines' feed (a `Feed`), shared: the first engine to feed a batch moves it to the device and
-    prepares it (`own_feed`: mixup, seeded by the batch's place, the same for every student) and computes the
-    teacher's pass for every student at once (``teacher_pass``, set once the students are built); the others
-    take the same tensors. Keyed by the loaded batch object, which `SharedBatches` hands every engine."""
+    """The study's engines' feed: the first engine to feed a batch prepares it (`own_feed`) and computes the
+    teacher's pass for every student at once; the others take the same tensors (keyed by the batch object)."""
 
     def __init__(self, teacher_pass: Callable[[torch.Tensor], Any] | None = None) -> None:
         self.teacher_pass = teacher_pass
@@ -146,8 +134,7 @@ class SharedFeed:
 
 @dataclass
 class Member:
-    """One student in the loop: its name, its engine (its streams in its drive) and its view of the shared
-    batches."""
+    """One student in the loop: its name, its engine and its view of the shared batches."""
 
     name: str
     engine: Engine
@@ -186,7 +173,6 @@ class Lockstep:
 
     @property
     def active(self) -> list[Member]:
-        """The members still training."""
         return [m for m in self.members if m.stopped is None and not m.done]
 
     def round(self) -> int:
@@ -196,7 +182,7 @@ class Lockstep:
             if m.steps is None:
                 m.steps = m.engine.steps()
             m.done = not self._turn(m)
-        self._commit([m for m in self.members if m.stopped is None])
+        self._commit()
         return len(self.active)
 
     @property
@@ -222,8 +208,9 @@ class Lockstep:
         finally:
             m.seconds += time.monotonic() - start - (self.shared_seconds - shared)
 
-    def _commit(self, training: list[Member]) -> None:
-        """Commit the newest step every training member has saved (once each)."""
+    def _commit(self) -> None:
+        """Commit the newest step every member still training has saved (once each)."""
+        training = [m for m in self.members if m.stopped is None]
         saved = [m.engine.saved_step for m in training]
         if not training or any(s is None for s in saved):
             return
@@ -237,7 +224,7 @@ class Lockstep:
         for m in active:
             with m.engine.own_streams():  # a save gathers the RNG states: the student's own
                 m.engine.save_unless_saved()
-        self._commit([m for m in self.members if m.stopped is None])
+        self._commit()
         engine = active[0].engine
         stop = StopRequested(signum, engine.step, engine.last_ckpt)
         say(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)")

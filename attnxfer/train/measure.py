@@ -26,17 +26,16 @@ from ..models.efficient.swap import flat_blocks
 from ..models.image_input import find_patch_embedding, image_input
 from ..transfer.map_losses import LayerLogits, agreement, default_map_loss, map_distillation_loss, output_mse
 from .distributed import gather_objects, sum_over_ranks
-from .evaluation import classification_sums, per_image_top1
+from .evaluation import classification_sums, evaluating, per_image_top1
 
 
 def layer_map_metric(
     t_attn: nn.Module, t_signals: Mapping[str, Any], s_attn: nn.Module, s_qk: Mapping[str, torch.Tensor]
 ) -> float:
-    """The metric of the student layer's default map loss (KL beside CE, map MSE) between its map on
-    ``s_qk`` and the teacher layer's on the captured ``t_signals`` (q, k, and PVTv2's ``key_pooling``),
-    averaged over (batch, head, query). A teacher with reduced keys (PVTv2, sr > 1) and a student over
-    every token: the student's rows are pooled onto the teacher's keys, as stage 1's loss pools them.
-    Conversion reports and search's fitness both score a layer with it."""
+    """The metric of the student layer's default map loss between its map on ``s_qk`` and the teacher's on
+    ``t_signals``, averaged over (batch, head, query); conversion reports and the search both score with it.
+    A teacher with reduced keys (PVTv2) and a student over every token: the student's rows are pooled onto
+    the teacher's keys, as stage 1's loss pools them."""
     q, k = s_qk["q"], s_qk["k"]
     pooling = t_signals.get("key_pooling")
     if pooling is not None and k.shape[-2] == pooling.num_tokens:
@@ -47,36 +46,25 @@ def layer_map_metric(
     return layer_agreement(t_attn, t_signals, s_attn, s_qk, metric)
 
 
-#: ``map_agreement(inputs=...)``: whether each model runs on its own hidden states
-_INPUTS = {"teacher": False, "own": True}
-
-
 @torch.no_grad()
 def map_agreement(
     teacher: nn.Module, student: nn.Module, batches: Iterable[torch.Tensor], *, inputs: str = "teacher"
 ) -> list[dict[str, Any]]:
-    """Per-layer agreement of the student's attention with the teacher's, averaged over ``batches``
-    (over every rank's batches in a process group).
-
-    ``inputs="teacher"``: each student layer sees the teacher's hidden input for that layer (what stage
-    1 optimises). ``inputs="own"``: both models run end to end on the image and each layer sees its own
-    model's hidden input (what the deployed student does). Metric by the student layer's map kind:
-    KL(P_t ‖ A_s) for row-stochastic maps, mean squared map difference for signed ones, attention-output
-    MSE where there is no map; ``output_mse`` (attention outputs) is reported for every layer.
-    """
-    if inputs not in _INPUTS:
+    """Per-layer agreement of the student's attention with the teacher's over every rank's ``batches``: each
+    student layer on the teacher's hidden input (``inputs="teacher"``, what stage 1 optimises) or on its own
+    model's (``"own"``, what the deployed student does). The metric is the layer's default map loss's
+    (attention-output MSE where there is no map); ``output_mse`` is reported for every layer."""
+    if inputs not in ("teacher", "own"):
         raise ValueError(f"inputs must be 'teacher' or 'own', got {inputs!r}")
-    own_inputs = _INPUTS[inputs]
+    own_inputs = inputs == "own"
     check_softmax_teacher(teacher)
-    was = teacher.training, student.training
-    teacher.eval(), student.eval()
     t_attns, s_attns = transferable_attentions(teacher), transferable_attentions(student)
     sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(len(s_attns))}
     count = 0
-    for x in batches:
-        _add_batch(teacher, student, t_attns, s_attns, x, own_inputs, sums)
-        count += x.shape[0]
-    teacher.train(was[0]), student.train(was[1])
+    with evaluating(teacher, student):
+        for x in batches:
+            _add_batch(teacher, student, t_attns, s_attns, x, own_inputs, sums)
+            count += x.shape[0]
     sums, count = _over_ranks(sums, count, next(student.parameters()).device)
     return [  # one row per layer: its attention, map kind, metric and the means over the images
         {
@@ -134,9 +122,8 @@ def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> f
 def top1_and_hits(
     model: nn.Module, loader: Iterable, device: torch.device
 ) -> tuple[float | None, str | None]:
-    """`evaluate_top1` and which images it got right: one ``0``/``1`` per image of ``loader``, every rank's in
-    rank order (a string, so that a report's JSON stays readable); (None, None) without a classifier head.
-    Two models scored through the same loader are paired image by image (McNemar)."""
+    """`evaluate_top1` and which images it got right, a ``0``/``1`` string over every rank's images in rank
+    order: two models scored through the same loader are paired image by image (McNemar)."""
     if not getattr(model, "num_classes", 0):
         return None, None
     hits = "".join(
@@ -155,13 +142,10 @@ def _layer_counts(attn: nn.Module, tokens: int, batch: int):
 def operation_counts(
     teacher: nn.Module, student: nn.Module, batch: int = 1, img_size: int | None = None
 ) -> dict[str, Any]:
-    """Per block, multiplications / additions of the student's and the teacher's attention cores at the
-    teacher's token count (`attnxfer.models.attention.opcount`), and the totals; a layer whose attention
-    does not count its operations gets None (and the totals None).
-
-    A hierarchical model (PVTv2, Swin: no ``blocks``) is counted layer by layer at the token count and
-    number of calls (windows) each attention layer sees on one image of ``img_size`` (default: the
-    teacher's input size); ``tokens`` is then the list of per-layer token counts."""
+    """Per block and in total, multiplications / additions of the student's and the teacher's attention cores
+    at the teacher's token count (None for a layer that does not count its operations, and then the totals).
+    A hierarchical model (PVTv2, Swin) is counted layer by layer at the tokens and calls (windows) each layer
+    sees on one image of ``img_size``; ``tokens`` is then the per-layer list."""
     if flat_blocks(teacher) is None:
         return _hierarchical_counts(teacher, student, batch, img_size)
     tokens = _tokens(teacher)
@@ -177,10 +161,8 @@ def operation_counts(
 
 @torch.no_grad()
 def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple[int, int, int]]:
-    """(tokens, calls, keys) of each attention layer on one image: the sequence length its forward sees, how
-    many sequences (Swin: windows) one image makes and how many keys each query meets (PVTv2's spatial
-    reduction: the sub-sampled grid, or the linear variant's 7x7 pool), read off one forward pass at
-    ``img_size``."""
+    """(tokens, calls, keys) of each attention layer on one image of ``img_size``: its sequence length, how many
+    sequences (Swin: windows) one image makes, how many keys a query meets (PVTv2's spatial reduction)."""
     chans, *size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
     size = (img_size, img_size) if img_size else tuple(size)
     seen: list[tuple[int, int, int]] = []
@@ -193,13 +175,12 @@ def attention_calls(model: nn.Module, img_size: int | None = None) -> list[tuple
     hooks = [
         attn.register_forward_pre_hook(record, with_kwargs=True) for attn in transferable_attentions(model)
     ]
-    was = model.training
     try:
-        model.eval().forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
+        with evaluating(model):
+            model.forward_features(torch.zeros(1, chans, *size, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was)
     return seen
 
 
@@ -230,8 +211,7 @@ def _hierarchical_counts(teacher, student, batch: int, img_size: int | None) -> 
 
 
 def _add_counts(row: dict[str, Any], totals: dict[str, Any], who: str, counts: OpCounts | None) -> None:
-    """``counts`` as the layer row's ``who`` entry, added to ``who``'s totals (a layer without counts makes the
-    totals None)."""
+    """``counts`` as the layer row's ``who`` entry, added to ``who``'s totals (None makes them None)."""
     row[who] = counts.to_dict() if counts is not None else None
     for key, value in (row[who] or {}).items():
         if totals[who] is not None:

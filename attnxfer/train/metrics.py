@@ -1,8 +1,6 @@
-"""Run metrics: one JSON line per record in ``metrics.jsonl`` plus the trackers' scalars (TensorBoard, W&B,
-MLflow: `trackers.py`); one row per epoch
-in ``summary.csv`` (timm's train.py convention); pictures as PNG files under ``pictures/`` and TensorBoard
-images; and the progress shown while an epoch runs (`progress_bar`: a bar on a terminal, plain lines in a
-log file)."""
+"""Run metrics: ``metrics.jsonl`` (one JSON line per record) and the trackers' scalars, ``summary.csv`` (one
+row per epoch, timm's convention), pictures (PNG and TensorBoard), and the progress shown while an epoch runs.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +9,9 @@ import datetime
 import io
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,6 +19,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
+from ..checkpoints.atomic_io import atomic_write_text
 from ..run_layout import METRICS
 from ..speak import progress
 from .trackers import TrackerSet
@@ -31,11 +29,8 @@ SUMMARY_CSV = "summary.csv"
 
 
 class MetricsLogger:
-    """Appends ``{"split", "step", "epoch", "time", ...metrics}`` records; rank 0 only.
-
-    Nothing is created until the first record (an evaluation or a failed start leaves no files). After a
-    resume, `truncate_after` drops the records of steps that will be redone, so every step appears once.
-    """
+    """Appends ``{"split", "step", "epoch", "time", ...metrics}`` records, rank 0 only, from the first record
+    on (a failed start leaves no files); after a resume every step still appears once (`truncate_after`)."""
 
     def __init__(
         self,
@@ -61,19 +56,9 @@ class MetricsLogger:
         self.trackers.purge_step = step + 1  # TensorBoard drops the events of redone steps too
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed run
-            if int(rec.get("step", 0)) <= step:
-                kept.append(line)
-        if len(kept) != len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(k + "\n" for k in kept))
-            os.replace(tmp, self.path)
+        kept = [line for line, rec in _records(self.path) if int(rec.get("step", 0)) <= step]
+        if len(kept) != len(self.path.read_text().splitlines()):
+            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
     def log(self, split: str, step: int, metrics: Mapping[str, float], epoch: float | None = None) -> None:
         if not self.enabled:
@@ -90,9 +75,8 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
 
     def log_epoch(self, epoch: int, row: Mapping[str, float]) -> None:
-        """Row ``epoch`` (0-based, timm's numbering) of ``summary.csv``: ``epoch, train_loss, eval_loss,
-        eval_top1, eval_top5, lr`` (whatever ``row`` holds, in its order). Rows of this epoch and later
-        are replaced, so a resumed run that redoes an epoch never leaves a duplicate."""
+        """Row ``epoch`` (0-based, timm's numbering) of ``summary.csv``, replacing those of this epoch and later
+        (a resumed run that redoes an epoch leaves no duplicate)."""
         if not self.enabled:
             return
         rows = [r for r in read_summary(self.run_dir) if int(r["epoch"]) < epoch]
@@ -116,15 +100,12 @@ class MetricsLogger:
         writer = csv.DictWriter(buf, fieldnames=list(fields) or ["epoch"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        path = self.run_dir / SUMMARY_CSV
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, path)  # atomic: a killed run leaves the old table or the new one
+        # atomic: a killed run leaves the old table or the new one
+        atomic_write_text(self.run_dir / SUMMARY_CSV, buf.getvalue())
 
     def log_image(self, tag: str, step: int, image) -> Path | None:
-        """A picture as ``pictures/<tag>-step<N>.png`` and a TensorBoard image: (C, H, W) floats in
-        [0, 1], or (H, W, 3) uint8 as matplotlib renders it."""
+        """A picture, (C, H, W) floats in [0, 1] or (H, W, 3) uint8, as ``pictures/<tag>-step<N>.png`` and a
+        TensorBoard image."""
         if not self.enabled:
             return None
         image = torch.as_tensor(image).detach().cpu()
@@ -143,19 +124,19 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """The records of a run (optionally one split), skipping a torn last line from a killed run."""
-    path = Path(run_dir) / METRICS
+    return [rec for _, rec in _records(Path(run_dir) / METRICS) if split is None or rec.get("split") == split]
+
+
+def _records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(line, record) of each line of a ``metrics.jsonl``, skipping a torn last line from a killed run."""
     if not path.exists():
-        return []
-    out = []
+        return
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if split is None or rec.get("split") == split:
-            out.append(rec)
-    return out
+        yield line, rec
 
 
 def read_summary(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -171,10 +152,8 @@ def read_summary(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 class LineProgress:
-    """Progress for a log file, in tqdm's calls (`update`, `set_postfix`, `close`): one plain line per log
-    record (each `set_postfix`, as timm's train.py logs), and between records at most one line every
-    ``every_s`` seconds. No carriage returns: a submitted job's stderr keeps one readable line per record.
-    The lines go through `attnxfer.speak.progress` (stderr, main rank)."""
+    """Progress for a log file, in tqdm's calls: one plain line per log record (each `set_postfix`, as timm's
+    train.py logs) and at most one every ``every_s`` seconds between; no carriage returns."""
 
     def __init__(
         self,
@@ -219,9 +198,8 @@ def _is_terminal(stream: TextIO) -> bool:
 
 
 def progress_bar(total: int, *, initial: int = 0, desc: str = "", stream: TextIO | None = None):
-    """tqdm's bar where a person watches (a terminal, a notebook); `LineProgress` anywhere else (a log file, a
-    pipe): a bar redrawn ten times a second would write every redraw into the file, millions over a long
-    job. ``stream`` is where a bar is drawn; `LineProgress`'s lines go to stderr through `attnxfer.speak`."""
+    """tqdm's bar where a person watches (a terminal, a notebook); `LineProgress` anywhere else: a bar redrawn
+    ten times a second would write millions of redraws into a long job's log file."""
     stream = stream if stream is not None else sys.stderr
     if _is_terminal(stream):
         return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=stream)

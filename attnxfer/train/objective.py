@@ -1,20 +1,5 @@
-"""What the engine trains: an objective, one protocol for every kind of run.
-
-The engine (`attnxfer.train.engine`) drives an `Objective` and asks it nothing else: which module to wrap
-(DDP) and call, which weights train (optimiser, checkpoints, EMA), the loss of a batch with its logged
-terms, how to score a validation loader, and what evaluates the EMA's weights. A new objective is one
-class here (or beside its model) meeting the protocol, wired in `attnxfer.apps`:
-
-- `TransferObjective`: attention transfer, a `TeacherStudent` (teacher + student: attention, logit and feature
-  distillation, as its plan says) plus the task loss at the plan's ``task_weight``; scored by val top-1
-  (`evaluate`), or, without a task loss (``task_weight=0``: no label is read), by final-feature agreement
-  with the teacher (`evaluate_features`).
-- `ModuleObjective`: a module whose forward returns its own ``loss``/``terms``/``logs`` (MAE
-  pre-training, `attnxfer.models.mae`); scored by its evaluator (val reconstruction loss).
-- `Stage1Objective` (`attnxfer.train.stage1`, beside its loop): stage 1 of `attnxfer convert`, every
-  efficient layer fitted on the teacher's hidden inputs (`attnxfer.transfer.conversion.layer_fit_loss` per
-  layer; the terms are the layers' losses); scored by the held-out fit loss. Stage 1 keeps its own
-  layer-parallel loop (no task loss, no epochs), on the same schedule (`attnxfer.train.schedule`).
+"""What the engine trains: an `Objective`, one protocol for every kind of run (attention transfer,
+`TransferObjective`; a module that returns its own loss, `ModuleObjective`; stage 1, `Stage1Objective`).
 """
 
 from __future__ import annotations
@@ -60,8 +45,7 @@ class Objective(Protocol):
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor | None, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A batch as the loss takes it (mixup); ``seed`` is the batch's own (its epoch and place in the data),
-        so the same batch is prepared the same way by every run that reads it."""
+        """A batch as the loss takes it (mixup), seeded by the batch's own ``seed`` (its epoch and place)."""
         return x, y
 
     def loss(
@@ -72,15 +56,14 @@ class Objective(Protocol):
         autocast: Autocast,
         handover: Any = None,
     ) -> Loss:
-        """The loss of one prepared batch (its ``total``, the terms watched for NaN/inf and logged with
-        ``total`` among them, and detached logs) (``y`` None: data without labels); ``model`` is `module` as the
-        engine wrapped it, called under ``autocast``; ``handover``: the teacher's pass for this batch where a
-        study computed it once for several students (None: the objective runs its own)."""
+        """The `Loss` of one prepared batch (``y`` None: no labels); ``model`` is `module` as the engine wrapped
+        it; ``handover``: the teacher's pass where a study computed it once (None: the objective runs its own)."""
         ...
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
-        """Scores over a validation loader, summed over ranks (the run's selection metric among them)."""
-        ...
+        """Scores over a validation loader, summed over ranks (the run's selection metric among them): by
+        default the objective's ``evaluator``."""
+        return self.evaluator(model, loader, accelerator)
 
     def ema_model(self, ema: nn.Module) -> nn.Module:
         """What scores the EMA's copy of `trained`."""
@@ -91,11 +74,8 @@ class Objective(Protocol):
 
 
 class TransferObjective(Objective):
-    """Attention transfer: the `TeacherStudent`'s transfer loss (attention, logit and feature distillation, as its plan
-    weighs them) plus the task loss on the student's logits at the plan's ``task_weight``. With
-    ``task_weight=0`` there is no task loss and the labels are never read (``y`` may be None); the run is then
-    scored by final-feature agreement with the teacher, which also scores the EMA (with the teacher beside it).
-    """
+    """Attention transfer: the `TeacherStudent`'s transfer loss plus the task loss at the plan's
+    ``task_weight``; with ``task_weight=0`` no label is read."""
 
     def __init__(self, pair: TeacherStudent, task: TaskLoss, evaluator: Evaluator = evaluate) -> None:
         self.module, self.trained, self.plan = pair, pair.student, pair.plan
@@ -105,9 +85,8 @@ class TransferObjective(Objective):
     def prepare(
         self, x: torch.Tensor, y: torch.Tensor | None, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Mixup/CutMix where the run has a task loss (it mixes the labels too). timm's Mixup draws from the
-        global RNGs: seeded by ``seed`` for this call and put back after, so the mix is a function of the
-        batch's place in the data, never of a model's streams."""
+        """Mixup/CutMix where the run has a task loss; timm's Mixup draws from the global RNGs, seeded for this
+        call and put back after, so the mix depends on the batch's place, never on a model's streams."""
         if not (self.plan.task_weight > 0 and y is not None) or self.task.mixup is None:
             return x, y
         with seeded_global_rngs(seed):
@@ -121,8 +100,7 @@ class TransferObjective(Objective):
         autocast: Autocast,
         handover: Any = None,
     ) -> Loss:
-        """The step's loss: the pair's forward (the student's logits and each comparison's loss), the task loss
-        on the logits, both composed in `compose_loss` (``task_weight * task + sum of weight * comparison``)."""
+        """The pair's forward and the task loss on its logits, composed in `compose_loss`."""
         weight = self.plan.task_weight
         if weight > 0 and y is None:
             raise ValueError(
@@ -132,9 +110,6 @@ class TransferObjective(Objective):
             out = model(x) if handover is None else model(x, handover)
         task = self.task.loss_fn(out.logits.float(), y) if weight > 0 else None
         return compose_loss(out.compared, task, weight)
-
-    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
-        return self.evaluator(model, loader, accelerator)
 
     def ema_model(self, ema: nn.Module) -> nn.Module:
         """With the teacher when the mode attends with its q/k at evaluation too, or when the run is scored
@@ -166,6 +141,3 @@ class ModuleObjective(Objective):
         with autocast():
             out = model(x)
         return Loss(out.loss, {**out.terms, "total": out.loss}, dict(out.logs))
-
-    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
-        return self.evaluator(model, loader, accelerator)

@@ -1,12 +1,6 @@
-"""Peak memory of a stretch of work, measured the way the device allows, and what whole attention maps would take.
-
-On CUDA, torch's allocator counts every tensor: the peak is ``max_memory_allocated`` over the stretch minus
-what was allocated when it began. On the CPU torch allocates through the C library, which Python's
-``tracemalloc`` does not see: the peak is the growth of the process's resident set over the stretch, its high
-water mark (Linux's ``VmHWM``, reset at the start through ``/proc/self/clear_refs``) minus its resident set at
-the start; where the mark cannot be reset, the growth of the lifetime maximum (``getrusage``), which reads 0
-if the process had been larger before. `PeakMemory.how` says which was measured, so a report never passes one
-for the other.
+"""Peak memory of a stretch of work: on CUDA the allocator's peak; on the CPU (torch allocates through libc,
+which ``tracemalloc`` misses) the growth of the resident set's high-water mark, reset at the start where
+Linux allows, else of the lifetime maximum. `PeakMemory.how` says which, so a report never passes one for the other.
 """
 
 from __future__ import annotations
@@ -14,13 +8,11 @@ from __future__ import annotations
 import resource
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-_MIB = 2**20
 
 
 def _status_bytes(key: str) -> int | None:
@@ -65,21 +57,9 @@ class PeakMemory:
         return self
 
     def peak(self) -> int:
-        """Bytes held at the stretch's peak beyond what was held at its start."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return max(0, torch.cuda.max_memory_allocated(self.device) - self._base)
         if self.how.startswith("process max RSS"):
             return max(0, (_status_bytes("VmHWM") or 0) - self._base)
         return max(0, _max_rss_bytes() - self._base)
-
-
-def describe_memory(record: dict[str, Any]) -> str:
-    """One line: the peak and what whole maps would take, in MiB."""
-    return (
-        f"stage 1 memory: peak {record['peak_bytes'] / _MIB:,.0f} MiB ({record['measured']}); whole teacher "
-        f"maps would take {record['whole_maps_bytes_per_layer'] / _MIB:,.0f} MiB per layer, "
-        f"{record['whole_maps_bytes'] / _MIB:,.0f} MiB for {record['layers']} layer{'s' * (record['layers'] != 1)} "
-        f"(B·H·N²·4 bytes at "
-        f"N = {record['tokens']:,} tokens, batch {record['batch']})"
-    )

@@ -1,8 +1,4 @@
-"""One place that decides devices, precision and the process group for every trainer.
-
-The engine, conversion's stage 1 and the apps ask this module, never torch.cuda directly, so a
-CPU-only machine and a GPU node take the same code path with one decision in between.
-"""
+"""Devices, precision and the process group, decided in one place for every trainer (never torch.cuda directly)."""
 
 from __future__ import annotations
 

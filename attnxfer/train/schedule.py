@@ -1,5 +1,4 @@
-"""The learning-rate schedule shared by the engine and stage 1: per-iteration linear warmup, then a
-half-cosine to a floor."""
+"""The learning-rate schedule of the engine and stage 1."""
 
 from __future__ import annotations
 
@@ -7,7 +6,6 @@ import math
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
-    """Per-iteration linear warmup then half-cosine to ``minimum``."""
     if warmup > 0 and step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)

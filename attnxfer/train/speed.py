@@ -1,16 +1,7 @@
-"""Forward speed of a converted student against its teacher and against its floor, and the break-even size.
-
-A converted student can never be faster than its floor (`attnxfer.models.efficient.floor`: the same model
-whose attention projects but mixes no tokens), so a report gives two ratios: student / teacher (what the
-user gains) and student / floor (how close the student comes to what its resolution allows), and the floor
-/ teacher ratio (the most any attention could gain there). Efficient attention pays only above some token
-count; `break_even_sweep` finds the smallest tested resolution where it does, on the device at hand.
-
-Times are compared only inside one process and one call, taken by `attnxfer.train.timing.interleaved_timings`:
-every model runs once per round, the order rotated each round, so a machine whose load drifts slows them
-alike; medians of the rounds are reported. On the CPU each row also gives the ratios of the process's CPU time
-per call, which other programs on a shared machine distort less than wall-clock time (they take the cores,
-not this process's cycles). Objects in (models, an input, a builder), rows out; no config, no files.
+"""Forward speed of a converted student against its teacher and its floor (the same model mixing no tokens,
+`attnxfer.models.efficient.floor`: no attention beats it), and the break-even size where efficient attention
+starts to pay. Times are compared only inside one interleaved call (`attnxfer.train.timing`); on the CPU
+rows also give ratios of process CPU time, which other programs on a shared machine distort less.
 """
 
 from __future__ import annotations
@@ -27,6 +18,7 @@ from torch import nn
 from ..errors import InputError
 from ..models.efficient.floor import floor_model
 from ..models.image_input import image_input
+from .evaluation import evaluating
 from .timing import Timing, interleaved_timings
 
 #: The ratios of images/s a speed row carries, each (numerator model, denominator model).
@@ -46,24 +38,12 @@ def interleaved_forward_seconds(
     repeats: int = 5,
     autocast: torch.dtype | None = None,
 ) -> dict[str, Timing]:
-    """The `Timing` of one forward of each model on ``x`` (in ``eval()``, without gradients, under ``autocast``
-    when given): ``repeats`` interleaved rounds after ``warmup`` untimed ones (`interleaved_timings`). Models
-    are put back in their training mode afterwards."""
-    was = {name: model.training for name, model in models.items()}
-    for model in models.values():
-        model.eval()
-    try:
-        cast = (
-            torch.autocast(x.device.type, dtype=autocast)
-            if autocast is not None
-            else contextlib.nullcontext()
-        )
-        with cast:
-            calls = {name: partial(model, x) for name, model in models.items()}
-            return interleaved_timings(calls, device=x.device, warmup=warmup, repeats=repeats)
-    finally:
-        for name, model in models.items():
-            model.train(was[name])
+    """The `Timing` of one forward of each model on ``x`` (in eval mode, under ``autocast`` when given):
+    ``repeats`` interleaved rounds after ``warmup`` untimed ones."""
+    cast = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+    with evaluating(*models.values()), cast:
+        calls = {name: partial(model, x) for name, model in models.items()}
+        return interleaved_timings(calls, device=x.device, warmup=warmup, repeats=repeats)
 
 
 def _tokens(model: nn.Module, x: torch.Tensor) -> int | None:
@@ -86,10 +66,8 @@ def forward_speed(
     repeats: int = 5,
     autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """One speed row of ``models`` (named ``teacher``, ``student`` and, where it can be built, ``floor``) on
-    ``x``, measured interleaved in one call: per model the median milliseconds, images/s and the rounds'
-    spread, and each of the `RATIOS` whose two models are present (on the CPU also of CPU time, ``..._cpu``).
-    The tokens are read off ``models["teacher"]``."""
+    """One speed row of ``models`` (``teacher``, ``student``, and ``floor`` where it can be built) on ``x``:
+    per model the median milliseconds, images/s and spread, and the `RATIOS` whose two models are present."""
     times = interleaved_forward_seconds(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
     return _speed_row(times, models["teacher"], x, repeats, autocast)
 
@@ -104,9 +82,8 @@ def forward_speeds(
     repeats: int = 5,
     autocast: torch.dtype | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """One `forward_speed` row per student (its student named ``student``) from ONE interleaved call over the
-    teacher, the ``floor`` where given and every student: the teacher and the floor are timed once for all the
-    rows, so the students' ratios share one denominator (a convert study's comparison)."""
+    """One `forward_speed` row per student from ONE interleaved call: the teacher and the floor are timed once
+    for all the rows, so the students' ratios share one denominator (a convert study's comparison)."""
     models = {"teacher": teacher, **({"floor": floor} if floor is not None else {})}
     models |= {f"student:{name}": model for name, model in students.items()}
     times = interleaved_forward_seconds(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
@@ -124,7 +101,6 @@ def _speed_row(
     repeats: int,
     autocast: torch.dtype | None,
 ) -> dict[str, Any]:
-    """The row of `forward_speed` from the `Timing` of each named model."""
     batch = int(x.shape[0])
     row: dict[str, Any] = {
         "resolution": int(x.shape[-1]),
@@ -152,15 +128,13 @@ def _speed_row(
 
 
 def ratio_range(top: Timing, bottom: Timing) -> list[float]:
-    """[min, max] over the rounds of one interleaved call of ``top``'s speed over ``bottom``'s (bottom's seconds
-    / top's, round by round): how far the ratio strays while the machine's load drifts."""
+    """[min, max] over the rounds of ``top``'s speed over ``bottom``'s: how far the ratio strays as load drifts."""
     ratios = [b / t for t, b in zip(top.times, bottom.times, strict=True) if t > 0]
     return [min(ratios), max(ratios)] if ratios else []
 
 
 def ratio_contradicts(row: Mapping[str, Any], key: str = "student_over_teacher") -> str | None:
-    """Why a row's ratio ``key`` cannot be claimed: its rounds put it on both sides of 1 (faster in some, slower
-    in others); None where they agree (or a row from before ranges were kept)."""
+    """Why a row's ratio ``key`` cannot be claimed (its rounds put it on both sides of 1), or None."""
     lo, hi = (row.get(f"{key}_range") or [None, None])[:2]
     if lo is None or not lo < 1.0 < hi:
         return None
@@ -180,13 +154,8 @@ def speed_against_floor(
     repeats: int = 5,
     autocast: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Forward images/s of teacher, student and floor on ``x``, measured interleaved in one call.
-
-    ``floor`` defaults to `floor_model` of the teacher (a student's floor is its teacher's: the same
-    projections and MLPs). Returns one row: the input's resolution, tokens and batch; per model the median
-    milliseconds, images/s and the rounds' spread; and the `RATIOS` of images/s (``student_over_floor`` is
-    at most about 1: nothing that mixes tokens beats the floor), on the CPU also of CPU time (``..._cpu``).
-    """
+    """`forward_speed` of teacher, student and floor (by default the teacher's `floor_model`: a student's
+    floor is its teacher's, the same projections and MLPs)."""
     floor = floor_model(teacher) if floor is None else floor
     models = {"teacher": teacher, "student": student, "floor": floor}
     return forward_speed(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
@@ -195,13 +164,8 @@ def speed_against_floor(
 def break_even_sweep(
     build: Callable[[int], tuple[nn.Module, nn.Module]], resolutions: Sequence[int], **options: Any
 ) -> dict[str, Any]:
-    """`speed_against_floor` at each resolution, and the break-even resolution: `break_even_sweeps` (its
-    keyword ``options``) of one student.
-
-    ``build(resolution)`` returns (teacher, student) for that image size (the caller knows how its family
-    resizes). Returns ``{"rows": [...], "skipped": [{"resolution", "reason"}], "break_even": the smallest
-    measured resolution where the student is faster than the teacher, or None}``.
-    """
+    """`break_even_sweeps` (its keyword ``options``) of one student: ``build(resolution)`` returns (teacher,
+    student)."""
 
     def one(resolution: int) -> tuple[nn.Module, dict[str, nn.Module]]:
         teacher, student = build(resolution)
@@ -224,19 +188,13 @@ def break_even_sweeps(
     floor: bool = True,
     budget_s: float | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Forward speed of teacher, students (and floor) at each resolution, and each student's break-even
-    resolution. ``build(resolution)`` returns (teacher, {name: student}) for every name of ``names`` at that
-    image size (the caller knows how its family resizes); their device is the models' own unless ``device``
-    is given. A size ``build`` refuses (`InputError`, e.g. one a Swin window cannot tile) is skipped with its
-    message. Random images of the teacher's channels are the input (speed does not depend on the pixels).
-    ``floor=False`` measures teacher and students only (a teacher `floor_model` cannot take). ``budget_s``:
-    no further size is started once the sweep has taken that long, or once the next one, at the growth of
-    the last (time x side ratio squared), would pass it: larger sizes cost ever more, and a report's sweep
-    must stay short. Resolutions are measured in increasing order, each in one interleaved call that times
-    the teacher and the floor once for every student (`forward_speeds`). Returns per name ``{"rows": [...],
-    "skipped": [{"resolution", "reason"}], "break_even": the smallest measured resolution where that student
-    is faster than the teacher, or None}``. A student that refuses one size (`InputError` from its forward,
-    e.g. a Linformer's fixed sequence length) is skipped at that size alone, with its reason."""
+    """Forward speed of teacher, students (and floor) at each resolution, in increasing order, and each
+    student's break-even resolution: per name ``{"rows", "skipped": [{"resolution", "reason"}], "break_even"}``.
+    ``build(resolution)`` returns (teacher, {name: student}) at that size; a size it refuses (`InputError`: a
+    Swin window that cannot tile it) is skipped, and so is one a student's forward refuses, for that student
+    alone (a Linformer's fixed length). ``floor=False``: no floor (a teacher `floor_model` cannot take).
+    ``budget_s``: no size is started once the sweep took that long or the next one, at the last's growth
+    (time x side ratio squared), would pass it: a report's sweep must stay short."""
     if not resolutions:
         raise ValueError("break_even_sweep needs at least one resolution")
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -296,7 +254,7 @@ def break_even_resolution(rows: Sequence[Mapping[str, Any]]) -> int | None:
 
 
 def _students_refusing(students: Mapping[str, nn.Module], x: torch.Tensor) -> dict[str, str]:
-    """{name: why} of each student whose forward refuses ``x`` (`InputError`); one image each, no grad."""
+    """{name: why} of each student whose forward refuses ``x`` (one image each)."""
     refused = {}
     for name, student in students.items():
         try:

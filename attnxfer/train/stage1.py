@@ -1,22 +1,11 @@
-"""Stage 1 of conversion, layer-parallel attention transfer: its own schedule and saves, the engine's step.
+"""Stage 1 of conversion: every efficient student layer fitted, all at once and independently, to the
+teacher's attention on the teacher's hidden input for that layer, through the engine's optimiser step.
 
-Every efficient student layer receives the teacher's hidden input for that layer and is fitted to the
-teacher's attention there (`attnxfer.transfer.conversion` says with which loss and which tensors); the
-layers train at once and independently. Its loss is an `Objective` (`Stage1Objective`: the per-layer
-fit losses and their agreement metrics, `attnxfer.train.objective`'s protocol, as the engine's objectives
-are); it shares the engine's optimiser step (`attnxfer.train.engine.train_step`, with `RankAverage` as its
-gradients: data parallel, each rank its batches, gradients averaged), schedule (`attnxfer.train.schedule`),
-optimiser (`build_adamw`: fused on CUDA and CPU) and step contracts.
-
-The step contracts: nothing is read on the host on unlogged steps. The per-layer losses and
-metrics are summed on the device (`TermWindow`) and read at log steps; the per-layer losses go through a
-`NonFiniteGuard`, read (and combined over ranks) at log steps, the last step among them, so a non-finite
-loss still raises `NonFiniteLossError` naming the block, its attention and objective and the step before
-stage 1 returns, and nothing it trained is saved or handed on. Until then the fused optimiser skips every
-step from the bad one on (the guard is its ``found_inf``, as under a grad scaler): the student keeps the
-weights it had before that step, as when the check ran in Python on every step. Under several ranks the
-flag rides in the gradients' all-reduce, so every rank skips from that step on and every rank raises
-the same error (the earliest bad step of any rank) at the same log step.
+Nothing is read on the host on unlogged steps: the per-layer losses and metrics are summed on the device
+(`TermWindow`) and watched by a `NonFiniteGuard` read at log steps (the last step among them), so a
+non-finite loss raises `NonFiniteLossError` before stage 1 returns or saves. Until then the fused optimiser
+skips every step from the bad one on (the guard is its ``found_inf``, as under a grad scaler; under several
+ranks it rides in the gradients' all-reduce, so every rank skips, and raises, alike).
 """
 
 from __future__ import annotations
@@ -35,22 +24,20 @@ from ..models.handover import Signal
 from ..speak import say
 from ..transfer.conversion import ConversionPlan, LayerConversion, layer_fit_loss, layer_tensors
 from ..transfer.step_loss import Loss
-from .distributed import RankAverage, gather_objects, min_over_ranks, rank_and_world, sum_over_ranks
+from .distributed import RankAverage, gather_objects, rank_and_world, sum_over_ranks
 from .engine import train_step
 from .objective import Autocast, Objective
 from .optim import AdamWImplementation, build_adamw, optimizer_implementation
-from .peak_memory import PeakMemory, describe_memory
+from .peak_memory import PeakMemory
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals, stop_signal
-from .terms import NO_STEP, NonFiniteGuard, NonFiniteLossError, TermWindow
+from .terms import NonFiniteGuard, NonFiniteLossError, TermWindow
 
 
 @dataclass
 class Stage1Result:
-    """What stage 1 did: its steps and seconds, and one record per log step (``loss``: the mean summed loss
-    over the steps since the previous record, ``metric/{block}``: each layer's mean agreement metric over
-    the same steps, ``lr``: the last step's). ``memory``: its peak memory beside what the teacher's whole maps
-    would take (`_memory`), None where it did not run here."""
+    """What stage 1 did: its steps, seconds, one record per log step (the mean ``loss`` and each layer's
+    ``metric/{block}`` since the previous record, the last ``lr``) and its peak memory (`_memory`)."""
 
     steps: int = 0
     seconds: float = 0.0
@@ -83,14 +70,9 @@ def teacher_signals(
 
 
 class Stage1Objective(Objective):
-    """Stage 1's loss, meeting the `Objective` protocol: each active layer's fit loss
-    (`attnxfer.transfer.conversion.layer_fit_loss`) on the teacher's signals, summed.
-
-    A batch ``x`` is input images (the teacher's signals are computed here, `teacher_signals`) or signals a
-    caller computed once. The terms are the per-layer losses, named by the layer's position in
-    ``plan.active`` (`watched` maps the names back, for the non-finite guard's message), plus ``total``;
-    the logs are each layer's agreement metric (``metric/{block}``), where its loss has one.
-    """
+    """Stage 1's loss: each active layer's fit loss on the teacher's signals, summed. A batch is images or
+    signals a caller computed once; the terms are the per-layer losses, named by the layer's place in
+    ``plan.active`` (`watched` maps the names back, for the non-finite guard's message)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, plan: ConversionPlan) -> None:
         self.teacher, self.plan = teacher, plan
@@ -103,7 +85,6 @@ class Stage1Objective(Objective):
         self.map_shapes: list[tuple[torch.Size, torch.Size]] | None = None
 
     def signals(self, x: torch.Tensor | Mapping[int, Mapping[str, torch.Tensor]]):
-        """The teacher's per-layer signals for a batch of images (or ``x`` itself, already signals)."""
         if isinstance(x, Mapping):
             return x
         return teacher_signals(self.teacher, x, [layer.layer for layer in self.plan.active], self.fields)
@@ -153,17 +134,10 @@ def stage1_transfer(
     batches: Iterator[torch.Tensor] | Iterator[Mapping[int, Mapping[str, torch.Tensor]]],
     **options: Any,
 ) -> Stage1Result:
-    """Fit each efficient layer to the teacher's attention on the teacher's hidden inputs: `Stage1Fit` (its
-    keyword ``options``: warm-up, weight decay, clipping, logging, where a stopped run goes on from, saving)
-    stepped to its end, one batch of ``batches`` a step.
-
-    Only the tensors the plan names get gradients (q/k rows of a fused qkv through a row mask, with no
-    weight decay, so the v rows stay bit-identical); the student runs in eval mode (fixed random
-    features, no dropout). ``batches`` yields input images (already on the models' device), or the
-    teacher's signals per layer (``teacher_signals``'s result) that a caller computed once and reuses
-    (`attnxfer.search` fits hundreds of candidates to the same teacher inputs). With ``on_save``, a SIGTERM
-    (`attnxfer.train.stop`) ends the loop at the next step boundary: that step is saved, then `StopRequested`.
-    """
+    """`Stage1Fit` (its keyword ``options``) stepped to its end, one batch of ``batches`` a step: images on
+    the models' device, or the teacher's signals per layer computed once and reused (`attnxfer.search` fits
+    hundreds of candidates to the same inputs). With ``on_save``, a SIGTERM ends the loop at the next step
+    boundary: that step is saved, then `StopRequested`."""
     if plan.stage1_steps <= 0 or not plan.active:
         return Stage1Result()
     fit = Stage1Fit(teacher, student, plan, **options)
@@ -180,19 +154,14 @@ def stage1_transfer(
 
 class Stage1Fit:
     """Stage 1 of one student, one step at a time: `stage1_transfer` drives one to its end; a convert study
-    (`attnxfer.apps.convert.conversion_study`) drives several in lock step, each step on signals of one teacher pass.
+    (`attnxfer.apps.convert.conversion_study`) drives several in lock step on signals of one teacher pass.
 
-    Entered (``with``), the student is in eval mode with gradients only for the tensors the plan fits and
-    the optimiser is built (from ``optimizer_state`` where given); left, the student's modes and flags are
-    restored. `step` takes one batch (images, or the teacher's signals per layer: a mapping holding at least
-    the layers and fields of `objective`), logs every ``log_every`` steps (reading the non-finite guard there)
-    and saves every ``save_every`` steps through ``on_save``; `stopped` saves the step reached after a stop
-    signal; `finish` closes the result (its steps, seconds and peak memory).
-
-    With ``on_save``, every save reads the guard first (no non-finite weights are saved) and
-    ``on_save(steps_done, optimizer_state, partial_result)`` saves them and returns where. ``start_step``,
-    ``optimizer_state`` and ``history`` continue from such a save (the batches must then start at that step's
-    batch)."""
+    Entered (``with``), the student is in eval mode (fixed random features, no dropout) with gradients only
+    for the tensors the plan fits and the optimiser is built (from ``optimizer_state`` where given); left,
+    the student's modes and flags are restored. With ``on_save``, every ``save_every`` steps and on a stop,
+    ``on_save(steps_done, optimizer_state, partial_result)`` saves (the guard read first) and returns where;
+    ``start_step``, ``optimizer_state`` and ``history`` continue from such a save (the batches must then
+    start at that step's batch)."""
 
     def __init__(
         self,
@@ -218,9 +187,8 @@ class Stage1Fit:
         self.done = start_step  # optimiser steps taken (an earlier run's included)
         self.result = Stage1Result(history=list(history))
         self.objective = Stage1Objective(teacher, student, plan)
+        self.guard, self.window = NonFiniteGuard(), TermWindow()
         self._stack = contextlib.ExitStack()
-        self._fit: _Fit | None = None
-        self._meter: PeakMemory | None = None
         self._saved: tuple[int, str | None] | None = None  # (step, where) of the last save
 
     @property
@@ -228,42 +196,76 @@ class Stage1Fit:
         return self.done >= self.plan.stage1_steps
 
     def __enter__(self) -> Stage1Fit:
-        device = next(self.student.parameters()).device
+        self.device = next(self.student.parameters()).device
         groups = self._stack.enter_context(_fitting_only(self.student, self.plan, self.weight_decay))
-        optimizer = _stage1_optimizer(groups, self.plan.stage1_lr, device, self.optimizer_state)
-        steps = self.plan.stage1_steps
-        self._fit = _Fit(self.objective, optimizer, device, steps, self.result)
-        self._meter = PeakMemory(
-            device
-        ).start()  # the teacher's maps are built a row chunk at a time: measured
+        self.optimizer = build_adamw(groups, lr=self.plan.stage1_lr, device=self.device)
+        if self.optimizer_state is not None:  # a stopped stage 1's
+            self.optimizer.load_state_dict(self.optimizer_state)
+        if optimizer_implementation(self.optimizer) == AdamWImplementation.FUSED:
+            # torch's fused kernel skips its update (moments and step counters too) while ``found_inf`` is 1.0:
+            # the non-finite guard sets it, as a grad scaler would
+            self.optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.gradients = RankAverage(self.optimizer)  # data parallel: every rank's gradients averaged
+        self.start = time.monotonic()
+        self._meter = PeakMemory(self.device).start()  # the teacher's maps are built a row chunk at a time
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
     def step(self, x: Any) -> int:
-        """One optimiser step on batch ``x`` (nothing read on the host but on log steps); returns the steps
-        done. The last step always logs: stage 1 never ends without reading the guard."""
-        assert self._fit is not None, "enter the Stage1Fit (with ...) before stepping it"
-        step, steps, lr0 = self.done, self.plan.stage1_steps, self.plan.stage1_lr
+        """One optimiser step on batch ``x`` (the engine's `train_step`; only the per-layer losses go to the
+        guard); returns the steps done. Nothing is read on the host but on log steps, and the last step
+        always logs: stage 1 never ends without reading the guard."""
+        step, steps, lr0, objective = self.done, self.plan.stage1_steps, self.plan.stage1_lr, self.objective
         lr = lr_at(step, steps, self.warmup_steps, lr0, lr0 * 0.01)
-        self._fit.step(x, step, lr, self.clip_grad)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        out = train_step(
+            lambda: objective.loss(objective.module, x),
+            self.optimizer,
+            self.gradients,
+            self.guard,
+            (step, 0),
+            model=objective.module,
+            params=[p for g in self.optimizer.param_groups for p in g["params"]],
+            clip_grad=self.clip_grad,
+            watched=list(objective.watched),
+        )
+        self.window.add({"loss": out.total, **out.logs})
         if (step + 1) % self.log_every == 0 or step + 1 == steps or step == 0:
-            self._say(self._fit.log_step(step, lr))
+            self._log(step, lr)
         self.done = step + 1
         if self.on_save and self.save_every and self.done % self.save_every == 0 and self.done < steps:
             self._save()
         return self.done
 
+    def _log(self, step: int, lr: float) -> None:
+        self._stop_if_non_finite()
+        means = self.window.means()
+        # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
+        _, world = rank_and_world()
+        means = dict(zip(means, (v / world for v in sum_over_ranks(list(means.values()), self.device))))
+        rec = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, **means}
+        self.result.history.append(rec)
+        per_layer = " ".join(f"{v:.3g}" for v in means.values())
+        kinds = "/".join(sorted({layer.loss.metric for layer in self.plan.active}))
+        self._say(
+            f"stage 1 step {step + 1}/{self.plan.stage1_steps}: loss {rec['loss']:.4f} lr {lr:.2e} | "
+            f"per-layer {kinds}: {per_layer}"
+        )
+
     def _save(self) -> str | None:
-        assert self._fit is not None and self.on_save is not None
-        where = self._fit.saved(self.done, self.on_save)
+        """Save the steps done through ``on_save``; every rank reads the guard first, so no weights after a
+        non-finite loss are saved."""
+        self._stop_if_non_finite()
+        self.result.steps, self.result.seconds = self.done, time.monotonic() - self.start
+        where = self.on_save(self.done, self.optimizer.state_dict(), self.result)
         self._saved = (self.done, where)
         return where
 
     def stopped(self, signum: int) -> StopRequested:
-        """A stop signal after `done` steps: save them (unless just saved; never weights after a non-finite
-        loss) and say where."""
+        """A stop signal after `done` steps: save them (unless just saved) and say where."""
         where = self._saved[1] if self._saved and self._saved[0] == self.done else self._save()
         stop = StopRequested(signum, self.done, where)
         self._say(f"stage 1: {stop} (step {self.done} of {self.plan.stage1_steps})")
@@ -271,16 +273,34 @@ class Stage1Fit:
 
     def finish(self) -> Stage1Result:
         """The result of the whole stage 1 (call once `finished`): its steps, seconds and peak memory."""
-        assert self._fit is not None and self._meter is not None
         self.result.steps = self.plan.stage1_steps
-        self.result.seconds = time.monotonic() - self._fit.start
+        self.result.seconds = time.monotonic() - self.start
         self.result.memory = _memory(self._meter, self.objective)
-        self._say(describe_memory(self.result.memory))
+        m, mib = self.result.memory, 2**20
+        self._say(
+            f"stage 1 memory: peak {m['peak_bytes'] / mib:,.0f} MiB ({m['measured']}); whole teacher maps would "
+            f"take {m['whole_maps_bytes_per_layer'] / mib:,.0f} MiB per layer, {m['whole_maps_bytes'] / mib:,.0f} "
+            f"MiB for {m['layers']} layer{'s' * (m['layers'] != 1)} (B·H·N²·4 bytes at N = {m['tokens']:,} "
+            f"tokens, batch {m['batch']})"
+        )
         return self.result
 
     def _say(self, line: str) -> None:
-        """A stage-1 line, after ``prefix`` (a study's student name)."""
         say(f"{self.prefix}{line}")
+
+    def _stop_if_non_finite(self) -> None:
+        """Raise `NonFiniteLossError` if a layer's loss was NaN/inf on any rank since stage 1 started: one read
+        and a collective, so every rank raises at the same step; then (rare) the ranks share their first bad
+        step, so every rank's message names the earliest one."""
+        if not self.guard.any_rank_tripped():
+            return
+        mine = self.guard.first()
+        step, term = min(f for f in gather_objects(mine and (mine.step, mine.term)) if f is not None)
+        layer = self.objective.watched[term]
+        raise NonFiniteLossError(
+            f"stage 1: non-finite {layer.objective or layer.loss} loss in block {layer.layer} "
+            f"({layer.attention}) at step {step}; lower convert.stage1_lr or set convert.stage1_clip_grad"
+        )
 
 
 def _memory(meter: PeakMemory, objective: Stage1Objective) -> dict[str, Any]:
@@ -303,9 +323,8 @@ def _memory(meter: PeakMemory, objective: Stage1Objective) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _fitting_only(student: nn.Module, plan: ConversionPlan, weight_decay: float) -> Iterator[list[dict]]:
-    """The student in eval mode (fixed random features, no dropout) with gradients only for the tensors
-    the plan fits: q/k rows of a fused qkv through a row mask, with no weight decay, so the v rows stay
-    bit-identical. Yields the optimiser's parameter groups; restores modes and flags after."""
+    """The student in eval mode with gradients only for the tensors the plan fits (q/k rows of a fused qkv
+    through a row mask, with no weight decay, so the v rows stay bit-identical); yields the parameter groups."""
     was_training = student.training
     requires = {name: p.requires_grad for name, p in student.named_parameters()}
     student.eval().requires_grad_(False)
@@ -327,99 +346,3 @@ def _fitting_only(student: nn.Module, plan: ConversionPlan, weight_decay: float)
         for name, p in student.named_parameters():
             p.requires_grad_(requires[name])
         student.train(was_training)
-
-
-def _stage1_optimizer(
-    groups: list[dict], lr: float, device: torch.device, state: Mapping[str, Any] | None
-) -> torch.optim.Optimizer:
-    """AdamW over the fitted tensors, from a stopped stage 1's ``state`` if given. A fused AdamW gets a
-    ``found_inf`` flag: torch's fused kernel skips its update (moments and step counters included) while it
-    is 1.0, and the non-finite guard sets it (as under a grad scaler)."""
-    optimizer = build_adamw(groups, lr=lr, device=device)
-    if state is not None:
-        optimizer.load_state_dict(state)
-    if optimizer_implementation(optimizer) == AdamWImplementation.FUSED:
-        optimizer.found_inf = torch.zeros((), dtype=torch.float32, device=device)
-    return optimizer
-
-
-@dataclass
-class _Fit:
-    """One stage-1 run's moving parts: the objective, the optimiser, the non-finite guard (read at log
-    steps only), the window of logged terms summed on the device, and the result so far."""
-
-    objective: Stage1Objective
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    steps: int
-    result: Stage1Result
-    guard: NonFiniteGuard = field(default_factory=NonFiniteGuard)
-    window: TermWindow = field(default_factory=TermWindow)
-    start: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.gradients = RankAverage(self.optimizer)
-
-    def step(self, x: Any, step: int, lr: float, clip_grad: float | None) -> None:
-        """One optimiser step at ``lr`` on batch ``x``, the engine's (`train_step`, its gradients averaged
-        over ranks with the guard's ``found_inf``: every rank skips once any rank's guard tripped); only the
-        per-layer losses go to the guard. Nothing is read on the host."""
-        optimizer, objective = self.optimizer, self.objective
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        out = train_step(
-            lambda: objective.loss(objective.module, x),
-            optimizer,
-            self.gradients,
-            self.guard,
-            (step, 0),
-            model=objective.module,
-            params=[p for g in optimizer.param_groups for p in g["params"]],
-            clip_grad=clip_grad,
-            watched=list(objective.watched),
-        )
-        self.window.add({"loss": out.total, **out.logs})
-
-    def log_step(self, step: int, lr: float) -> str:
-        """Read the guard and the window: one history record, and its line to say."""
-        _stop_if_non_finite(self.guard, self.objective.watched)
-        means = self.window.means()
-        # every rank's mean over its own batches, then the mean over ranks (equal batch sizes)
-        _, world = rank_and_world()
-        means = dict(zip(means, (v / world for v in sum_over_ranks(list(means.values()), self.device))))
-        rec = {"step": step + 1, "loss": means.pop("loss"), "lr": lr, **means}
-        self.result.history.append(rec)
-        per_layer = " ".join(f"{v:.3g}" for v in means.values())
-        kinds = "/".join(sorted({layer.loss.metric for layer in self.objective.plan.active}))
-        return (
-            f"stage 1 step {step + 1}/{self.steps}: loss {rec['loss']:.4f} lr {lr:.2e} | per-layer "
-            f"{kinds}: {per_layer}"
-        )
-
-    def saved(
-        self, done: int, on_save: Callable[[int, dict[str, Any], Stage1Result], str | None]
-    ) -> str | None:
-        """Save the ``done`` steps through ``on_save`` (never weights after a non-finite loss: every rank reads
-        the guard first) and say where."""
-        _stop_if_non_finite(self.guard, self.objective.watched)
-        self.result.steps, self.result.seconds = done, time.monotonic() - self.start
-        return on_save(done, self.optimizer.state_dict(), self.result)
-
-
-def _stop_if_non_finite(guard: NonFiniteGuard, watched: Mapping[str, LayerConversion]) -> None:
-    """Raise `NonFiniteLossError` if a layer's loss was NaN/inf on any rank since stage 1 started.
-
-    One read of the guard and a collective over ranks, so every rank raises at the same step; then (rare)
-    the ranks share their first bad step, so every rank's message names the earliest one.
-    """
-    earliest = guard.earliest
-    if earliest is None or min_over_ranks(earliest) == NO_STEP:
-        return
-    mine = guard.first()
-    found = [f for f in gather_objects(mine and (mine.step, mine.term)) if f is not None]
-    step, term = min(found)
-    layer = watched[term]
-    raise NonFiniteLossError(
-        f"stage 1: non-finite {layer.objective or layer.loss} loss in block {layer.layer} "
-        f"({layer.attention}) at step {step}; lower convert.stage1_lr or set convert.stage1_clip_grad"
-    )

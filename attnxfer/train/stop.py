@@ -1,12 +1,6 @@
-"""Stopping a run cleanly on SIGTERM: remember the signal, save at the next step boundary, say so.
-
-``scancel``, a preempting scheduler configured without USR2 and ``kill`` all send SIGTERM, and SLURM
-sends SIGKILL ``KillWait`` (30 s by default) later. Dying on the spot loses every step since the last
-periodic checkpoint; so while a training loop runs, SIGTERM only sets a flag (`stop_on_signals`), and
-the loop asks `stop_signal` after each optimiser step. All ranks agree on the step (one collective),
-save it, and the loop raises `StopRequested`: the command line says so and exits 143 (128 + SIGTERM),
-a submitted job requeues itself (``attnxfer.launch.slurm``). A second SIGTERM while the loop finishes
-its step acts as if none had been caught (checkpoints are written atomically: nothing is half-saved).
+"""Stopping a run cleanly on SIGTERM (``scancel``, a preemption, ``kill``; SLURM's SIGKILL follows
+``KillWait`` later): while a loop runs, SIGTERM only sets a flag, the loop saves the step it is at and
+raises `StopRequested` (exit 143; a submitted job requeues). A second SIGTERM acts as if none was caught.
 """
 
 from __future__ import annotations
@@ -48,11 +42,8 @@ class StopRequested(Exception):
 
 @contextlib.contextmanager
 def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """While the block runs, ``signals`` set a flag instead of ending the process (main thread only).
-
-    A handler installed before (a submitted job's watcher) still runs. Outside the block the previous
-    handlers are back, so commands without a loop that checks the flag keep the default behaviour.
-    """
+    """While the block runs, ``signals`` set a flag instead of ending the process (main thread only); a handler
+    installed before (a submitted job's watcher) still runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -80,12 +71,8 @@ def stop_on_signals(signals: tuple[int, ...] = STOP_SIGNALS) -> Iterator[None]:
 
 
 def stop_signal() -> int | None:
-    """The stop signal any rank caught, or None; a collective under DDP (every rank calls it each step).
-
-    Ranks run within a step of each other but a signal reaches them at slightly different moments:
-    agreeing here makes them all stop (and save) at the same step. The flag travels through a gloo
-    group on the CPU (the run's own group when it is gloo), so a GPU run pays no device sync for it.
-    """
+    """The stop signal any rank caught, or None: a collective, so every rank stops (and saves) at the same
+    step. It travels through a gloo group on the CPU, so a GPU run pays no device sync for it."""
     mine = _received[0] if _received else 0
     if rank_and_world()[1] > 1:  # one process alone reads its own flag
         flag = torch.tensor([mine], dtype=torch.int64)

@@ -1,15 +1,7 @@
-"""A training step's numbers kept on the device: logged means and the non-finite guard, without host syncs.
-
-On a GPU, reading a tensor's value on the host (``.item()``, ``float()``, ``bool()``, ``if tensor:``) waits
-until every kernel queued before it has run, so the host cannot queue the next step while this one
-computes. The engine therefore reads nothing on the steps it does not log:
-
-- `TermWindow` adds each step's logged terms into running sums on the device and converts them to
-  Python floats (one transfer) only when a record is written;
-- `NonFiniteGuard` keeps a device-side record of the first step whose loss terms were not finite (its
-  step, epoch and the terms' values), which the engine reads at log steps and before any checkpoint
-  save or evaluation, so a NaN still stops the run before anything is written over the last good
-  checkpoint, and the message still names the term, the layer and the step.
+"""A training step's numbers kept on the device, without host syncs: reading a tensor on the host waits for
+every queued kernel, so the host could not queue the next step. `TermWindow` sums the logged terms until a
+record is written; `NonFiniteGuard` keeps the first non-finite step, read at log steps and before any save or
+evaluation, so a NaN still stops the run before anything is written over the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from .distributed import min_over_ranks
 
 #: what `NonFiniteGuard.earliest` holds while every watched term was finite (larger than any step)
 NO_STEP = 2**62
@@ -31,24 +24,19 @@ class NonFiniteLossError(UserError, FloatingPointError):
 
 
 def _stacked(values: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The scalar tensors of ``values`` as one float64 vector on their device: two kernels (stack, cast) for
-    the usual fp32 terms, no sync."""
+    """The scalar tensors of ``values`` as one float64 vector on their device (no sync)."""
     return torch.stack([v.detach().reshape(()).float() for v in values.values()]).double()
 
 
 class TermWindow:
-    """Means of logged scalar terms over the steps since the last `means` call, summed on the device.
-
-    A term counts over the steps it was logged in (per-layer KL appears on logged steps only), exactly
-    as a mean of the Python floats would.
-    """
+    """Means of logged scalar terms since the last `means` call, summed on the device; a term counts over
+    the steps it was logged in (per-layer KL appears on log steps only)."""
 
     def __init__(self) -> None:
         # keys of a step's terms, in order -> (their running sums, how many steps added them)
         self._sums: dict[tuple[str, ...], tuple[torch.Tensor, int]] = {}
 
     def add(self, values: Mapping[str, torch.Tensor]) -> None:
-        """Add one step's terms (scalar tensors, any float dtype) to the window; nothing leaves the device."""
         if not values:
             return
         key = tuple(values)
@@ -89,11 +77,8 @@ class NonFinite:
 
 
 class NonFiniteGuard:
-    """Remembers, on the device, the first step whose watched loss terms were not all finite.
-
-    `watch` costs a few tiny kernels and no sync; `earliest` is that step as a device tensor (`NO_STEP`
-    while all were finite: the engine takes its minimum over ranks), `first` reads the details (a sync).
-    """
+    """Remembers, on the device, the first step whose watched loss terms were not all finite: `watch` costs
+    no sync, `earliest` is that step as a device tensor, `first` reads the details (a sync)."""
 
     def __init__(self) -> None:
         # names of the watched terms -> (first bad step or NO_STEP, its epoch, the terms' values then)
@@ -115,10 +100,15 @@ class NonFiniteGuard:
         values.copy_(torch.where(newly, vec, values))
 
     def tripped(self) -> torch.Tensor | None:
-        """Whether any watched step was non-finite, as a 0-d float32 device tensor (1.0 or 0.0; no sync): the
-        ``found_inf`` a fused optimiser skips its step on. None before any `watch`."""
+        """Whether any watched step was non-finite, as a 0-d float32 device tensor: a fused optimiser's
+        ``found_inf``. None before any `watch`."""
         earliest = self.earliest
         return None if earliest is None else (earliest != NO_STEP).float()
+
+    def any_rank_tripped(self) -> bool:
+        """Whether a watched term was non-finite on any rank: one read, and a collective under DDP."""
+        earliest = self.earliest
+        return earliest is not None and min_over_ranks(earliest) != NO_STEP
 
     @property
     def earliest(self) -> torch.Tensor | None:

@@ -1,10 +1,6 @@
-"""The one clock of every speed figure: calls timed in interleaved rounds after warm-up, medians reported.
-
-Compare configurations *inside one run*, never absolute times across runs: each round calls every function
-once, its order rotated by one each round, so a machine whose load drifts slows them alike; a CUDA device is
-synchronised around each timed call. Besides wall-clock seconds, each call's process CPU seconds (all
-threads) are kept, which other programs on a shared machine distort less. Conversion reports
-(`attnxfer.train.speed`), the search's speed of one layer and the scripts in ``benchmarks/`` all time here.
+"""The one clock of every speed figure: calls timed in interleaved rounds, each calling every function once in
+an order rotated each round (so a machine whose load drifts slows them alike), CUDA synchronised around each
+call, medians reported; with each call's process CPU seconds, which other programs distort less.
 """
 
 from __future__ import annotations
@@ -59,11 +55,8 @@ def interleaved_timings(
     min_seconds: float = 0.0,
     max_repeats: int | None = None,
 ) -> dict[Name, Timing]:
-    """Time every function of ``fns`` in rounds (one call of each per round, the order rotated each round).
-
-    After ``warmup`` untimed rounds, rounds go on until ``repeats`` are done and ``min_seconds`` have passed
-    (at most ``max_repeats``, default ``4 * repeats``). ``device``: where the functions compute (a CUDA
-    device is synchronised around each timed call)."""
+    """Time every function of ``fns`` in rounds: after ``warmup`` untimed ones, until ``repeats`` are done and
+    ``min_seconds`` have passed (at most ``max_repeats``, default ``4 * repeats``)."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = list(fns)

@@ -1,19 +1,9 @@
-"""Experiment trackers beside ``metrics.jsonl``: TensorBoard, Weights & Biases and MLflow, through accelerate's
-tracker classes (`accelerate.tracking`), on rank 0 only.
-
-Each tracker is one `TrackerKind` in `TRACKERS`: its package (an optional extra, ``pip install 'attnxfer[wandb]'``),
-how to build it for a run directory, and which id lets a resumed run continue the same tracker run. The ids
-live in ``RUN_DIR/trackers.json`` (W&B's run ``id``, passed back with ``resume="allow"``; MLflow's ``run_id``
-with the tracking URI it belongs to), so a job that is killed, requeued or extended keeps one curve per run.
-W&B and MLflow get the run's config (dotted keys) and transfer plan as hyper-parameters; TensorBoard keeps
-today's files (``RUN_DIR/tb``, redone steps purged on resume).
-
-Compute nodes rarely reach the internet, so how each tracker will log is decided once, before the teacher or
-the data load (`prepare_trackers`): W&B with no API key, or with its server out of reach, logs offline under
-``RUN_DIR/wandb`` (one line says so; ``wandb sync`` uploads it later); MLflow with no ``MLFLOW_TRACKING_URI``
-logs into the run's own file store ``RUN_DIR/mlruns`` (what the ``mlflow-skinny`` extra can open; MLflow 3's
-own default, ``sqlite:///mlflow.db``, needs the full package), and a tracking server that does not answer
-within seconds stops the run with one line naming its URI.
+"""Experiment trackers beside ``metrics.jsonl`` (TensorBoard, W&B, MLflow: `TRACKERS`), through accelerate's
+tracker classes, on rank 0 only. A resumed run continues the same tracker run (the ids in
+``RUN_DIR/trackers.json``). Compute nodes rarely reach the internet, so how each logs is decided once, before
+any work (`prepare_trackers`): W&B without a key or a server logs offline; MLflow without
+``MLFLOW_TRACKING_URI`` logs into ``RUN_DIR/mlruns`` (what ``mlflow-skinny`` opens); a tracking server that
+does not answer stops the run with one line naming it.
 """
 
 from __future__ import annotations
@@ -33,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..checkpoints.atomic_io import atomic_write_text
 from ..errors import InputError
 from ..speak import say
 
 #: the tracker run ids of a run directory, read back on resume
 TRACKERS_JSON = "trackers.json"
-
-
 #: seconds a tracker's server gets to answer before the run is refused (or W&B goes offline)
 SERVER_TIMEOUT_S = 5.0
 
@@ -49,14 +38,13 @@ class TrackerMissingError(InputError):
 
 
 class TrackerUnavailableError(InputError):
-    """A tracker named in ``log.trackers`` that cannot log from this machine (its server does not answer, its
-    store cannot be opened); the message names what to change."""
+    """A tracker named in ``log.trackers`` that cannot log from this machine; the message names what to change."""
 
 
 @dataclass(frozen=True)
 class TrackerSetup:
-    """How one tracker logs for one run, decided before any work: options its builder and scope take (W&B's
-    ``mode``, MLflow's ``tracking_uri``) and the one line that says so at start-up (or None)."""
+    """How one tracker logs for one run: options its builder and scope take (W&B's ``mode``, MLflow's
+    ``tracking_uri``) and the line that says so at start-up (or None)."""
 
     options: Mapping[str, Any] = field(default_factory=dict)
     notice: str | None = None
@@ -64,33 +52,21 @@ class TrackerSetup:
 
 @dataclass(frozen=True)
 class TrackerContext:
-    """What a tracker is built from: where the run lives, its name and project, and what a previous start
-    of the same run recorded (empty on a fresh start)."""
+    """What a tracker is built from; ``previous``: what an earlier start of the run recorded (or empty)."""
 
-    run_dir: Path
-    run_name: str
+    run_dir: Path  # its name is the tracker run's
     project: str
     previous: Mapping[str, Any]
     purge_step: int | None
     options: Mapping[str, Any] = field(default_factory=dict)  # the run's `TrackerSetup.options`
 
 
-def _no_setup(run_dir: Path) -> TrackerSetup:
-    return TrackerSetup()
-
-
-def _no_scope(options: Mapping[str, Any]) -> AbstractContextManager:
-    return contextlib.nullcontext()
-
-
 @dataclass(frozen=True)
 class TrackerKind:
     """One tracker: its config word, the module it needs (and the pip extra that brings it), how to build
     an accelerate tracker, what to record to resume it, and whether it takes hyper-parameters.
-
-    ``prepare(run_dir)`` checks, before any work, that the tracker can log from this machine and decides
-    how (a `TrackerSetup`; a `TrackerUnavailableError` where it cannot); ``scope(options)`` is what the
-    process needs set while the tracker runs (MLflow's tracking URI), undone when it finishes."""
+    ``prepare(run_dir)`` decides, before any work, how it logs from this machine (or refuses);
+    ``scope(options)`` is what the process needs set while it runs (MLflow's tracking URI)."""
 
     name: str
     module: str
@@ -98,8 +74,8 @@ class TrackerKind:
     build: Callable[[TrackerContext], Any]
     resume_record: Callable[[Any], dict[str, Any]]
     takes_hparams: bool = True
-    prepare: Callable[[Path], TrackerSetup] = _no_setup
-    scope: Callable[[Mapping[str, Any]], AbstractContextManager] = _no_scope
+    prepare: Callable[[Path], TrackerSetup] = lambda run_dir: TrackerSetup()
+    scope: Callable[[Mapping[str, Any]], AbstractContextManager] = lambda options: contextlib.nullcontext()
 
 
 def _tensorboard(ctx: TrackerContext):
@@ -110,9 +86,8 @@ def _tensorboard(ctx: TrackerContext):
 
 
 def server_problem(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
-    """Why no server answers at ``url`` within ``timeout`` seconds (refused, timed out, unknown host), or None
-    when one answers with any HTTP status (401 and 404 are answers). Proxies come from the environment, as
-    the trackers' own clients take them."""
+    """Why no server answers at ``url`` within ``timeout`` seconds, or None when one answers with any HTTP
+    status (401 and 404 are answers). Proxies come from the environment, as the trackers' clients take them."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
     netloc = f"[{host}]" if ":" in host else host  # credentials in the URI are the client's business
@@ -141,8 +116,8 @@ def _wandb_offline(why: str, run_dir: Path) -> TrackerSetup:
 
 
 def _wandb_prepare(run_dir: Path) -> TrackerSetup:
-    """Offline (said in one line) when this machine has no W&B API key or cannot reach W&B's server, as a
-    compute node without internet; a refusal when ``WANDB_MODE=online`` asks for the server regardless."""
+    """Offline (said in one line) without a W&B API key or W&B's server in reach; a refusal when
+    ``WANDB_MODE=online`` asks for the server regardless."""
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -187,7 +162,7 @@ def _wandb(ctx: TrackerContext):
     os.environ.setdefault("WANDB_SILENT", "true")
     run_id = ctx.previous.get("id")
     return WandBTracker(
-        ctx.project, dir=str(ctx.run_dir), id=run_id, resume="allow", name=ctx.run_name, **ctx.options
+        ctx.project, dir=str(ctx.run_dir), id=run_id, resume="allow", name=ctx.run_dir.name, **ctx.options
     )
 
 
@@ -196,8 +171,6 @@ _DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
 def _check_mlflow_store(uri: str) -> None:
-    """Refuse, in one line, a tracking URI this machine cannot log to: a server that does not answer, a file
-    store MLflow 3 would refuse, a database store without SQLAlchemy."""
     scheme = urllib.parse.urlsplit(uri).scheme.split("+")[0].lower()
     where = f"MLFLOW_TRACKING_URI={uri}"
     if scheme in ("http", "https"):
@@ -228,8 +201,7 @@ def _check_mlflow_store(uri: str) -> None:
 
 
 def _mlflow_prepare(run_dir: Path) -> TrackerSetup:
-    """The user's store (``MLFLOW_TRACKING_URI`` or ``mlflow.set_tracking_uri``), checked; without one, the
-    run's own file store ``RUN_DIR/mlruns``, which mlflow-skinny opens."""
+    """The user's store (``MLFLOW_TRACKING_URI``), checked; without one, the run's own ``RUN_DIR/mlruns``."""
     import mlflow
 
     if mlflow.tracking.is_tracking_uri_set():
@@ -245,8 +217,8 @@ def _mlflow_prepare(run_dir: Path) -> TrackerSetup:
 
 @contextlib.contextmanager
 def _mlflow_scope(options: Mapping[str, Any]) -> Iterator[None]:
-    """The run's own store as MLflow's tracking URI while the run logs (MLflow's logging calls read the
-    process-wide URI), with the file-store permission it needs; both undone when the run's trackers finish."""
+    """The run's own store as MLflow's process-wide tracking URI while the run logs, with the file-store
+    permission it needs; both undone after."""
     uri = options.get("tracking_uri")
     if uri is None:
         yield
@@ -274,7 +246,7 @@ def _mlflow(ctx: TrackerContext):
     # continued only in the store it was created in
     same_store = ctx.previous.get("tracking_uri") == mlflow.get_tracking_uri()
     run_id = ctx.previous.get("run_id") if same_store else None
-    return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=ctx.run_name)
+    return MLflowTracker(experiment_name=ctx.project, run_id=run_id, run_name=ctx.run_dir.name)
 
 
 def _mlflow_record(tracker) -> dict[str, Any]:
@@ -327,26 +299,23 @@ def _setup_key(name: str, run_dir: str | Path) -> tuple[str, str]:
 
 
 def prepare_trackers(names: Sequence[str], run_dir: str | Path) -> dict[str, TrackerSetup]:
-    """Before any work (the teacher, the data): stop if a named tracker's package is missing or it cannot log
-    from this machine (`TrackerUnavailableError`), and decide how each one logs for ``run_dir`` (W&B offline,
-    MLflow's store), saying so in one line each. `TrackerSet` builds the trackers as decided here; a decision
-    holds until they finish (convert decides stage 2's before its teacher loads; a later run decides again)."""
+    """Before any work: stop if a named tracker is missing or cannot log from this machine, and decide how each
+    logs for ``run_dir``, saying so in one line each. `TrackerSet` builds them as decided; a decision holds
+    until they finish."""
     check_trackers(names)
     setups = {}
     for name in dict.fromkeys(names):
         key = _setup_key(name, run_dir)
-        if key in _SETUPS:  # decided already for this run
-            setups[name] = _SETUPS[key]
-            continue
-        setups[name] = _SETUPS[key] = TRACKERS[name].prepare(Path(run_dir))
-        if setups[name].notice:
-            say(setups[name].notice)
+        if key not in _SETUPS:  # not decided yet for this run
+            _SETUPS[key] = TRACKERS[name].prepare(Path(run_dir))
+            if _SETUPS[key].notice:
+                say(_SETUPS[key].notice)
+        setups[name] = _SETUPS[key]
     return setups
 
 
 def flat_hparams(config: Mapping[str, Any], plan: str | None = None) -> dict[str, Any]:
-    """The run's config as dotted keys with scalar values (lists and dicts as JSON), plus the plan's text:
-    what W&B's config and MLflow's params hold."""
+    """The run's config as dotted keys with scalar values (lists and dicts as JSON), plus the plan's text."""
     out: dict[str, Any] = {}
 
     def walk(node: Mapping[str, Any], prefix: str) -> None:
@@ -365,19 +334,8 @@ def flat_hparams(config: Mapping[str, Any], plan: str | None = None) -> dict[str
     return out
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 class TrackerSet:
-    """The run's trackers, started together on the first record (rank 0 only; nothing is created before).
-
-    `log` sends finite scalars to every tracker under ``split/name`` at a step; `tensorboard` is the
-    SummaryWriter (images) when TensorBoard is on; `finish` closes them all."""
+    """The run's trackers, started together on the first record (rank 0 only; nothing is created before)."""
 
     def __init__(
         self,
@@ -396,28 +354,25 @@ class TrackerSet:
         self._trackers: dict[str, Any] | None = None
         self._scopes = contextlib.ExitStack()
 
-    @property
-    def started(self) -> bool:
-        return self._trackers is not None
-
     def start(self) -> None:
         if self._trackers is not None:
             return
         path = self.run_dir / TRACKERS_JSON
-        previous = _read_json(path)
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, json.JSONDecodeError):
+            previous = {}
+        previous = previous if isinstance(previous, dict) else {}
         self._trackers = {}
         records = dict(previous)
         for name in self.names:
             kind = TRACKERS[name]
-            setup = self._setup(name)
+            setup = prepare_trackers([name], self.run_dir)[
+                name
+            ]  # as decided before (or now: an engine by hand)
             self._scopes.enter_context(kind.scope(setup.options))
             ctx = TrackerContext(
-                self.run_dir,
-                self.run_dir.name,
-                self.project,
-                previous.get(name, {}),
-                self.purge_step,
-                setup.options,
+                self.run_dir, self.project, previous.get(name, {}), self.purge_step, setup.options
             )
             tracker = kind.build(ctx)
             getattr(tracker, "start", lambda: None)()  # accelerate < 1.5 starts trackers in __init__
@@ -426,18 +381,7 @@ class TrackerSet:
             self._trackers[name] = tracker
             records[name] = kind.resume_record(tracker)
         if records != previous:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-
-    def _setup(self, name: str) -> TrackerSetup:
-        """What `prepare_trackers` decided for this run; decided now (and said) where nothing prepared it
-        (an engine built by hand)."""
-        setup = _SETUPS.get(_setup_key(name, self.run_dir))
-        if setup is None:
-            setup = prepare_trackers([name], self.run_dir)[name]
-        return setup
+            atomic_write_text(path, json.dumps(records, indent=1) + "\n")
 
     def _store_hparams(self, name: str, tracker) -> None:
         values = self.hparams

@@ -1,23 +1,12 @@
 """A heartbeat between the ranks of a process group: a stopped or hung rank ends the job in bounded time,
-with one line that names it.
+with one line that names it (a collective's own timeout says "timed out", not who).
 
-Why: when one rank's process stops (SIGSTOP, a frozen node or container), the others wait in their next
-collective until the process group's timeout, and the error that comes then says "timed out", not who. Here every rank's background thread adds to its own counter in the group's store every few
-seconds and reads one peer's (the next rank's, a ring: two store operations a beat whatever the world
-size). A peer whose counter has not moved for ``timeout`` seconds is named in one line on stderr, and this
-process ends (exit code `EXIT_CODE`); ``srun --kill-on-bad-exit`` or torchrun's agent then end the others.
-
-The beat comes from a thread, not from the training loop, so the main thread's long phases (a teacher
-loading, an evaluation, rank 0 writing a checkpoint) never look like a hang; a main thread stuck while its
-process lives (a read wedged on a filesystem) is left to the process group's own timeout
-(`collective_timeout`, set just after this one's so that the watchdog, which can name the rank, speaks
-first where it can).
-
-The store is served by rank 0 (``env://``) or by torchrun's agent: while it does not answer, every store
-call blocks, so the calls run in a thread of their own and a second thread, which does no I/O, judges the
-silence. A store silent for ``timeout`` seconds is named instead (rank 0, when it hosts it). Nothing is
-saved on the way out, and no collective runs: the last checkpoint, written atomically, stays the one to
-resume from.
+Every rank's background thread adds to its own counter in the group's store every few seconds and reads the
+next rank's (a ring); a peer silent for ``timeout`` seconds is named on stderr and this process exits
+(`EXIT_CODE`), for ``srun --kill-on-bad-exit`` or torchrun's agent to end the others. A thread beats, not the
+loop, so long phases of the main thread (a teacher loading, a checkpoint written) never look like a hang.
+Store calls may block while the store's host is stopped, so a second thread, with no I/O, judges the silence.
+Nothing is saved on the way out: the last checkpoint, written atomically, stays the one to resume from.
 """
 
 from __future__ import annotations
@@ -57,24 +46,10 @@ def collective_timeout(timeout_s: float) -> float:
     return timeout_s + 2 * beat_interval(timeout_s) + 5.0
 
 
-def silence_line(who: str, silent_s: float, timeout_s: float, note: str = "") -> str:
-    """The one line the watchdog prints: ``rank 1 on node2 (pid 1234) has not answered for 300 s (stopped or
-    hung; dist.timeout=300): stopping``."""
-    return f"{who} has not answered for {silent_s:.0f} s (stopped or hung{note}; dist.timeout={timeout_s:g}): stopping"
-
-
-def _node_name() -> str:
-    """This node as the scheduler names it (SLURM's node name), else the host name."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
-
 class HeartbeatWatchdog:
-    """Beats for this rank in ``store`` and ends this process when the watched peer (or the store) falls silent.
-
-    ``store``: the process group's store (`default_store` gives it); the watchdog uses a clone of it (a
-    connection of its own). ``store_host``: the rank that serves the store, or None when another process
-    serves it (torchrun's agent). ``exit``: what ends the process (``os._exit``; tests may pass another).
-    """
+    """Beats for this rank in ``store`` (a clone of it: a connection of its own) and ends this process when the
+    watched peer (or the store) falls silent. ``store_host``: the rank that serves the store (None: torchrun's
+    agent does). ``exit``: what ends the process (tests pass another)."""
 
     def __init__(
         self,
@@ -111,7 +86,8 @@ class HeartbeatWatchdog:
     def start(self) -> HeartbeatWatchdog:
         """Say where this rank runs (in the caller's thread: the store has just answered the rendezvous),
         then beat and judge in the background."""
-        self._store.set(self._key("who", self.rank), f"{_node_name()} (pid {os.getpid()})")
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()  # as the scheduler names it
+        self._store.set(self._key("who", self.rank), f"{node} (pid {os.getpid()})")
         for thread in self._threads:
             thread.start()
         debug(
@@ -130,19 +106,17 @@ class HeartbeatWatchdog:
         restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's agent keeps its store
         return f"attnxfer_watchdog/{restart}/{what}/{rank}"
 
-    def _connect(self) -> dist.Store:
-        clone = getattr(self._store, "clone", None)  # a connection of its own (torch >= 2.6)
-        return clone() if clone is not None else self._store
-
     def _beat(self) -> None:
         store = None
         while not self._stopping.is_set():
             try:
-                if store is None:
-                    store = self._connect()
+                if store is None:  # a connection of its own (clone: torch >= 2.6)
+                    store = self._store.clone() if hasattr(self._store, "clone") else self._store
                 store.add(self._key("beat", self.rank), 1)
                 value = store.add(self._key("beat", self.peer), 0)
-                self._learn_who(store)
+                for rank in {self.peer, self.store_host} - {None, *self._who}:  # where they run, once written
+                    if store.check([self._key("who", rank)]):
+                        self._who[rank] = store.get(self._key("who", rank)).decode()
             except Exception as e:  # the store's host is gone or restarting: the judge counts the silence
                 debug(f"watchdog: store call failed: {e}", all_ranks=True)
                 store = None
@@ -156,13 +130,6 @@ class HeartbeatWatchdog:
         if store is not None:
             with contextlib.suppress(Exception):
                 store.add(self._key("beat", self.rank), _LEFT)
-
-    def _learn_who(self, store: dist.Store) -> None:
-        """Where the watched peer and the store's host run (each wrote it when it started watching)."""
-        for rank in {self.peer, self.store_host} - {None, *self._who}:
-            key = self._key("who", rank)
-            if store.check([key]):
-                self._who[rank] = store.get(key).decode()
 
     # ---- the judging thread (no I/O) ------------------------------------------------------------
     def _judge(self) -> None:
@@ -200,7 +167,10 @@ class HeartbeatWatchdog:
         """One line, flushed, then the process ends: no collective, nothing saved."""
         if self._stopping.is_set():
             return
-        line = silence_line(who, silent_s, self.timeout_s, note)
+        line = (
+            f"{who} has not answered for {silent_s:.0f} s (stopped or hung{note}; dist.timeout={self.timeout_s:g}): "
+            "stopping"
+        )
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -210,24 +180,18 @@ class HeartbeatWatchdog:
         self._stopping.set()  # an ``exit`` that returns (a test's): fire once
 
 
-def default_store() -> tuple[dist.Store, int | None, str]:
-    """The default process group's store, the rank that serves it (None: torchrun's agent does) and its
-    address (host:port, where known)."""
-    store = dist.distributed_c10d._get_default_store()
-    base = store
-    while isinstance(base, dist.PrefixStore):
-        base = base.underlying_store
-    address = f"{base.host}:{base.port}" if isinstance(base, dist.TCPStore) else ""
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return store, (None if agent else 0), address
-
-
 def start_watchdog(timeout: float | timedelta) -> HeartbeatWatchdog | None:
     """A started watchdog for the joined group (None for a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    store, host, address = default_store()
+    store = base = dist.distributed_c10d._get_default_store()
+    while isinstance(base, dist.PrefixStore):  # the TCP store under the group's prefixes: its address
+        base = base.underlying_store
+    address = f"{base.host}:{base.port}" if isinstance(base, dist.TCPStore) else ""
+    host = (
+        None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
+    )  # None: torchrun's agent serves it
     return HeartbeatWatchdog(
         store, dist.get_rank(), dist.get_world_size(), seconds, store_host=host, store_address=address
     ).start()
