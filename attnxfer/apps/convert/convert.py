@@ -47,7 +47,7 @@ from .quality import QualityProbe, quality_probe, stage2_worse
 from .report import render_conversion_report, teacher_top1_line
 from .selection import AUTO, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
-from .stage1 import run_stage1
+from .stage1 import Stage1Job, open_stage1
 from .stage2 import Stage2Objective, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
@@ -154,6 +154,18 @@ class Conversion:
 
     def say(self, line: str) -> None:
         speak.say(f"{self.prefix}{line}")
+
+    def stage1_job(self) -> Stage1Job:
+        """Its stage 1 in ``stage1/``, as far as an earlier run left it (`open_stage1`)."""
+        return open_stage1(
+            self.cfg,
+            self.parts,
+            self.plan,
+            self.run_dir / "stage1",
+            self.device,
+            main=self.main,
+            prefix=self.prefix,
+        )
 
 
 def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts) -> ConvertResult:
@@ -377,12 +389,7 @@ def measure(run: Conversion, stage: str) -> None:
 
 def _stage1(run: Conversion) -> Stage1Result:
     """Stage 1: each new attention fitted to the teacher's, then measured."""
-    if run.plan.stage1_steps <= 0:
-        return stage1_done(run, None)
-    folder = run.run_dir / "stage1"
-    return stage1_done(
-        run, run_stage1(run.cfg, run.parts, run.plan, folder, run.device, main=run.main, prefix=run.prefix)
-    )
+    return stage1_done(run, run.stage1_job().run() if run.plan.stage1_steps > 0 else None)
 
 
 def stage1_done(run: Conversion, stage1: Stage1Result | None) -> Stage1Result:
