@@ -43,7 +43,7 @@ from ..run.training import (
     require_task_labels,
     train,
 )
-from .quality import QualityProbe, quality_probe, stage2_worse
+from .quality import QualityProbe, dataset_size, quality_probe, stage2_worse
 from .report import render_conversion_report, teacher_top1_line
 from .selection import AUTO, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
@@ -492,10 +492,6 @@ def _report(
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
     knn = {s: (m["knn"] if m else None) for s, m in measured.items()}
-    try:
-        val_size = len(parts.val_loader.dataset)
-    except TypeError:  # a dataset without a length
-        val_size = None
     return {
         "version": _REPORT_VERSION,
         "run_dir": str(run.run_dir),
@@ -510,7 +506,7 @@ def _report(
         "data": {
             "dataset": cfg.data.dataset,
             "labels": run.labelled,
-            "val_size": val_size,
+            "val_size": dataset_size(parts.val_loader),
             "agreement_images": sum(x.shape[0] for x in run.probe),
         },
         "plan": plan.to_dict(),
