@@ -2,7 +2,7 @@
 
 Each student is an `attnxfer convert` of its own config around ONE teacher and ONE pair of loaders, through
 `convert_runs` as a conversion alone; only the stages are driven together, so each batch is read once and the
-teacher runs once for all: stage 1 in lock step (`_Stage1Lockstep`, each fit opened and resumed as alone), stage 2
+teacher runs once for all: stage 1 in lock step (`_stage1_lockstep`, each fit opened and resumed as alone), stage 2
 as a training study (`lockstep_study`). Each student's folder is laid out as its solo conversion's, so `attnxfer
 convert -c RUN_DIR/<name>/config.yaml` finds it done. A student whose loss turns non-finite stops alone.
 """
@@ -140,7 +140,7 @@ class _ConvertStudy:
                 results[i] = job.finish(Stage1Result())
         pending = {i: job for i, job in jobs.items() if results[i] is None}
         if pending:
-            results |= _Stage1Lockstep(self, pending).run()
+            results |= self._stage1_lockstep(pending)
         return [stage1_done(run, results[i]) for i, run in enumerate(runs)]
 
     def stage2(self, runs: list[Conversion]) -> list[dict[str, Any]]:
@@ -166,20 +166,14 @@ class _ConvertStudy:
             sections.append(stage2_done(run, None if stopped or outcome is None else outcome.result, stopped))
         return sections
 
-
-class _Stage1Lockstep:
-    """The students' unfinished stage-1 fits, one step each per batch of one stream (from the batch the
-    furthest-behind student reads next; one resumed further waits for the stream to reach its batch): the
-    teacher's signals computed once a batch for the union of what they need, each student stepping under its
-    own random streams. A stop signal is read once a round: every fit saves its step, then `StopRequested`."""
-
-    def __init__(self, study: _ConvertStudy, jobs: dict[int, Stage1Job]) -> None:
-        self.study, self.jobs = study, jobs
-
-    def run(self) -> dict[int, Stage1Result | None]:
-        """Every fit to its end (None: the student stopped), by the student's place in the study."""
-        first = self.study.runs[next(iter(self.jobs))]
-        start = min(job.first_batch for job in self.jobs.values())
+    def _stage1_lockstep(self, jobs: dict[int, Stage1Job]) -> dict[int, Stage1Result | None]:
+        """The unfinished stage-1 fits to their end (None: the student stopped), one step each per batch of one
+        stream (from the batch the furthest-behind student reads next; one resumed further waits for the
+        stream to reach its batch): the teacher's signals computed once a batch for the union of what the
+        stepping students need, each stepping under its own random streams; a non-finite loss stops a student
+        alone. A stop signal is read once a round: every fit saves its step, then `StopRequested`."""
+        first = self.runs[next(iter(jobs))]
+        start = min(job.first_batch for job in jobs.values())
         batches = stage1_batches(
             first.cfg, first.parts, first.plan.stage1_batch_size, first.device, start=start
         )
@@ -189,17 +183,28 @@ class _Stage1Lockstep:
                 i: stack.enter_context(
                     Stage1Fit(job.saved.parts.teacher, job.saved.parts.student, job.saved.plan, **job.options)
                 )
-                for i, job in self.jobs.items()
+                for i, job in jobs.items()
             }
             stack.enter_context(stop_on_signals())
             index = start
             while active := [i for i, fit in fits.items() if not fit.finished and i not in results]:
                 x = next(batches)
-                stepping = [i for i in active if fits[i].done + self.jobs[i].batch_offset == index]
+                stepping = [i for i in active if fits[i].done + jobs[i].batch_offset == index]
                 if stepping:
-                    signals = _union_signals(first.teacher, x, [fits[i] for i in stepping])
+                    layers = sorted({layer.layer for i in stepping for layer in fits[i].plan.active})
+                    fields: list[Signal] = list(
+                        dict.fromkeys(f for i in stepping for f in fits[i].objective.fields)
+                    )
+                    signals = teacher_signals(first.teacher, x, layers, fields)
                     for i in stepping:
-                        results |= self._turn(i, fits[i], signals)
+                        try:
+                            with self.streams[i].active():
+                                fits[i].step(signals)
+                        except NonFiniteLossError as e:
+                            name = self.names[i]
+                            self.stopped[name] = self.runs[i].stopped = str(e)
+                            say(f"study: student {name!r} stopped: {e}; the others go on")
+                            results[i] = None
                 index += 1
                 signum = stop_signal()
                 if signum:
@@ -208,28 +213,8 @@ class _Stage1Lockstep:
                     raise stops[0]
             for i, fit in fits.items():
                 if i not in results:
-                    results[i] = self.jobs[i].finish(fit.finish())
+                    results[i] = jobs[i].finish(fit.finish())
         return results
-
-    def _turn(self, i: int, fit: Stage1Fit, signals: Any) -> dict[int, None]:
-        """One step of student ``i``; a non-finite loss stops it alone (``{i: None}``)."""
-        study = self.study
-        try:
-            with study.streams[i].active():
-                fit.step(signals)
-            return {}
-        except NonFiniteLossError as e:
-            name = study.names[i]
-            study.stopped[name] = study.runs[i].stopped = str(e)
-            say(f"study: student {name!r} stopped: {e}; the others go on")
-            return {i: None}
-
-
-def _union_signals(teacher: torch.nn.Module, x: torch.Tensor, fits: list[Stage1Fit]) -> Any:
-    """The teacher's signals for every layer and field any of ``fits`` needs, from one forward pass."""
-    layers = sorted({layer.layer for fit in fits for layer in fit.plan.active})
-    fields: list[Signal] = list(dict.fromkeys(f for fit in fits for f in fit.objective.fields))
-    return teacher_signals(teacher, x, layers, fields)
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ from ..run.training import (
     train,
 )
 from .quality import QualityProbe, dataset_size, quality_probe, stage2_worse
-from .report import render_conversion_report, teacher_top1_line
+from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
 from .selection import AUTO, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
 from .stage1 import Stage1Job, open_stage1
@@ -111,14 +111,6 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> Conve
         joined_process_group(backend_for(cfg.device), cfg.dist.timeout) as info,
     ):
         return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts)
-
-
-#: the measured stages, in the order they run: report key -> how the log names it
-_STAGES = {
-    "before_stage1": "before stage 1",
-    "after_stage1": "after stage 1",
-    "after_stage2": "after stage 2",
-}
 
 
 @dataclass
@@ -371,7 +363,7 @@ def measure(run: Conversion, stage: str) -> None:
         "val_top1": top1,
         "val_hits": hits,  # one 0/1 per val image, in the loader's order: paired tests between students
     }
-    name = _STAGES[stage]
+    name = stage.replace("_stage", " stage ")  # after_stage1 -> after stage 1
     run.seconds[f"measure_{name}"] = time.monotonic() - start
     top1, knn = res["val_top1"], res["knn"]
     kl = [row["value"] for row in res["end_to_end"]]
@@ -488,7 +480,7 @@ def _report(
     operations: dict[str, Any],
 ) -> dict[str, Any]:
     cfg, plan, parts, measured = run.cfg, run.plan, run.parts, run.measured
-    final_stage = next(s for s in reversed(_STAGES) if measured[s] is not None)
+    final_stage = next(s for s, _ in reversed(STAGE_ROWS) if measured[s] is not None)
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
     knn = {s: (m["knn"] if m else None) for s, m in measured.items()}

@@ -254,13 +254,33 @@ def _measured_sensitivities(
     plan_for: PlanFor,
     prefix: str,
 ) -> tuple[str, list[dict[str, float]], dict[str, str]]:
-    """Each candidate fitted in every block (a fit that diverges is left out: infinite sensitivity), then
-    `sensitivities`; (metric, rows, failed)."""
-    fitted, failed = {}, {}
-    for name in cfg.convert.candidates:
+    """Each candidate fitted in every block by ``steps`` of stage 1, as the run's stage 1 would fit it (a fit
+    that diverges is left out: infinite sensitivity), then `sensitivities`; (metric, rows, failed)."""
+    fitted, failed, c = {}, {}, cfg.convert
+    for name in c.candidates:
         start = time.monotonic()
+        torch.manual_seed(cfg.seed)
+        fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
+        student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
+        plan = plan_for(fit_cfg, student)
+        if not plan.active:
+            say(
+                f"{prefix}convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
+                "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
+            )
         try:
-            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for, prefix)
+            with quiet():  # one line per candidate fitted, not the fit's own
+                stage1_transfer(
+                    parts.teacher,
+                    student,
+                    plan,
+                    stage1_batches(cfg, parts, plan.stage1_batch_size, device),
+                    warmup_steps=c.stage1_warmup_steps,
+                    weight_decay=c.stage1_weight_decay,
+                    clip_grad=c.stage1_clip_grad,
+                    log_every=steps,
+                )
+            fitted[name] = student.eval()
             say(
                 f"{prefix}convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
             )
@@ -343,40 +363,6 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
         "precision": f"{precision.value} autocast" if precision.autocasts else "fp32",
         "ms": {name: 1000.0 * t.median for name, t in times.items()},
     }
-
-
-def _fit(
-    cfg: TrainConfig,
-    parts: RunParts,
-    name: str,
-    steps: int,
-    device: torch.device,
-    plan_for: PlanFor,
-    prefix: str,
-) -> nn.Module:
-    """A student with ``name`` in every block after ``steps`` of stage 1 (as the run's stage 1 would fit it)."""
-    torch.manual_seed(cfg.seed)
-    fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
-    student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
-    plan = plan_for(fit_cfg, student)
-    c = cfg.convert
-    if not plan.active:
-        say(
-            f"{prefix}convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
-            "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
-        )
-    with quiet():  # one line per candidate fitted, not the fit's own
-        stage1_transfer(
-            parts.teacher,
-            student,
-            plan,
-            stage1_batches(cfg, parts, plan.stage1_batch_size, device),
-            warmup_steps=c.stage1_warmup_steps,
-            weight_decay=c.stage1_weight_decay,
-            clip_grad=c.stage1_clip_grad,
-            log_every=steps,
-        )
-    return student.eval()
 
 
 @torch.no_grad()
