@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ...checkpoints.atomic_io import atomic_write_json, atomic_write_text
-from ...errors import InputError, MissingPathError
-from ...run_layout import STUDY_RECORD
+from ...errors import InputError
 from ...speak import say
 from ..run.uncertainty import format_p, mcnemar
+from ..study.report import read_study_record
 from .report import STAGE_ROWS, final_stage, range_text, ratio_text, top1_interval_text, value_text
 
 COMPARISON_REPORT = "conversion_study.md"
@@ -25,13 +25,7 @@ def write_conversion_comparison(study_dir: str | Path) -> Path:
     """Write ``conversion_study.md`` and ``.json`` (the same rows, as data) of the convert study in
     ``study_dir``; returns the markdown's path. A student without a report yet is a row saying so."""
     study_dir = Path(study_dir)
-    path = study_dir / STUDY_RECORD
-    if not path.is_file():
-        raise MissingPathError(f"{study_dir} has no {STUDY_RECORD}: give the run_dir of an `attnxfer study`")
-    try:
-        students = json.loads(path.read_text(encoding="utf-8"))["students"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path} is not a study's record ({e})") from None
+    students = read_study_record(study_dir)["students"]
     reports = {s["name"]: _report(study_dir / s.get("folder", s["name"]) / "report.json") for s in students}
     rows = [_row(name, report) for name, report in reports.items()]
     atomic_write_json(study_dir / COMPARISON_DATA, {"study": study_dir.resolve().name, "students": rows})

@@ -99,7 +99,21 @@ def open_stage1(
     saved = _Stage1Saves(cfg, parts, plan, folder, main)
     # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
     fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
-    point = saved.resume_point(fresh, prefix)
+    found = None if fresh else ResumePoint.find(folder, "auto")
+    # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
+    point = judge(
+        found, cfg, compared=STAGE1_KEYS, run_dir=folder, what="stage 1", command="convert", prefix=prefix
+    )
+    if point is not None:
+        check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
+        if point.record("plan") != json.loads(json.dumps(plan.to_dict())):
+            raise InputError(
+                f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
+                "checkpoint.resume=none to redo stage 1"
+            )
+        # on other data the step and weights go on; the batches restart
+        if not check_same_data(point, saved.data, cfg, prefix=prefix):
+            point = dataclasses.replace(point, restart_epoch=True)
     if point is not None and point.record("complete"):
         parts.student.load_state_dict(point.load_tensors(str(device))["model"])
         say(f"{prefix}stage 1: resumed from {point.path} ({point.step} steps done earlier)")
@@ -143,36 +157,9 @@ class _Stage1Saves:
     """Where stage 1's checkpoints go and what each holds (rank 0 writes; every rank reads)."""
 
     def __init__(self, cfg: TrainConfig, parts: RunParts, plan: ConversionPlan, folder: Path, main: bool):
-        self.cfg, self.parts, self.plan, self.folder, self.main = cfg, parts, plan, folder, main
+        self.cfg, self.parts, self.plan, self.main = cfg, parts, plan, main
         self.data = data_identity(parts.train_loader.dataset)
         self.manager = CheckpointManager(folder, keep_last=1)
-
-    def resume_point(self, fresh: bool, prefix: str) -> ResumePoint | None:
-        """The stage-1 checkpoint to go on from, judged as any resume (over `STAGE1_KEYS`), its teacher by
-        content and its data by identity; None: stage 1 starts."""
-        cfg = self.cfg
-        found = None if fresh else ResumePoint.find(self.folder, "auto")
-        point = judge(
-            found,
-            cfg,
-            compared=STAGE1_KEYS,
-            run_dir=self.folder,
-            what="stage 1",
-            command="convert",
-            prefix=prefix,
-        )
-        if point is None:
-            return None
-        check_teacher_content(point, self.parts.teacher_record, cfg.teacher.spec, run=self.folder)
-        if point.record("plan") != json.loads(json.dumps(self.plan.to_dict())):
-            raise InputError(
-                f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
-                "checkpoint.resume=none to redo stage 1"
-            )
-        # on other data the step and weights go on; the batches restart
-        if not check_same_data(point, self.data, cfg, prefix=prefix):
-            return dataclasses.replace(point, restart_epoch=True)
-        return point
 
     def save(
         self,

@@ -58,7 +58,7 @@ def write_study_report(
     attention comparison reads the first ``agreement_images`` validation images. Draws nothing from the
     caller's random streams."""
     study_dir = Path(study_dir)
-    record = _read_record(study_dir)
+    record = read_study_record(study_dir)
     students = [_student(study_dir, entry) for entry in record["students"]]
     at = device if isinstance(device, torch.device) else resolve_device(device)
     insp, images = None, 0
@@ -98,7 +98,8 @@ def write_study_report(
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _read_record(study_dir: Path) -> dict[str, Any]:
+def read_study_record(study_dir: Path) -> dict[str, Any]:
+    """``study.json`` of the study in ``study_dir``, refused unless it lists named students."""
     path = study_dir / STUDY_RECORD
     if not path.is_file():
         raise MissingPathError(f"{study_dir} has no {STUDY_RECORD}: give the run_dir of an `attnxfer study`")
@@ -107,7 +108,11 @@ def _read_record(study_dir: Path) -> dict[str, Any]:
     except ValueError as e:
         raise InputError(f"{path} is not valid JSON ({e}): is it a study's record?") from None
     students = record.get("students") if isinstance(record, dict) else None
-    if not isinstance(students, list) or not students or not all(isinstance(s, dict) for s in students):
+    if (
+        not isinstance(students, list)
+        or not students
+        or not all(isinstance(s, dict) and "name" in s for s in students)
+    ):
         raise InputError(f"{path} lists no students: is it a study's record?")
     return record
 

@@ -102,7 +102,25 @@ def lockstep_study(
     if main:
         write_study_files(spec, members, stopped, standing.shared_seconds)
     barrier()
-    commit = _Commit(spec, members, stopped, main)
+
+    def commit(step: int, training: list[Member], shared_seconds: float) -> None:
+        """Once every student still training has saved a step: record it (a checkpoint of the study's own),
+        and only then let each student prune its older checkpoints."""
+        if main:
+            state = {
+                "step": step,
+                "students": spec.record(),
+                "checkpoints": {m.name: os.path.relpath(m.engine.last_ckpt, spec.run_dir) for m in training},
+                "stopped": {**stopped, **{m.name: m.stopped for m in members if m.stopped}},
+                "seconds": {m.name: m.seconds for m in members},
+                "shared_seconds": shared_seconds,
+                "config": to_dict(spec.base, spec.command),
+            }
+            CheckpointManager(spec.run_dir, keep_last=1).save(step, {}, state, replace=True)
+            for m in training:
+                m.engine.ckpt.prune()
+        barrier()
+
     loop = Lockstep(members, batches, feed, on_saved=commit, shared_before=standing.shared_seconds)
     results = loop.run()
     outcomes = [
@@ -262,35 +280,6 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
         dict(point.record("seconds") or {}),
         point.record("shared_seconds") or 0.0,
     )
-
-
-@dataclass
-class _Commit:
-    """Once every student still training has saved a step: record it (a checkpoint of the study's own), and
-    only then let each student prune its older checkpoints."""
-
-    spec: StudySpec
-    members: list[Member]
-    stopped: dict[str, str]  # who stopped in an earlier attempt
-    main: bool
-
-    def __call__(self, step: int, training: list[Member], shared_seconds: float) -> None:
-        if self.main:
-            state = {
-                "step": step,
-                "students": self.spec.record(),
-                "checkpoints": {
-                    m.name: os.path.relpath(m.engine.last_ckpt, self.spec.run_dir) for m in training
-                },
-                "stopped": {**self.stopped, **{m.name: m.stopped for m in self.members if m.stopped}},
-                "seconds": {m.name: m.seconds for m in self.members},
-                "shared_seconds": shared_seconds,
-                "config": to_dict(self.spec.base, self.spec.command),
-            }
-            CheckpointManager(self.spec.run_dir, keep_last=1).save(step, {}, state, replace=True)
-            for m in training:
-                m.engine.ckpt.prune()
-        barrier()
 
 
 def write_study_files(
