@@ -24,10 +24,6 @@ class Stage2Objective:
     reason: str
 
     @property
-    def label_free(self) -> bool:
-        return self.task_weight == 0
-
-    @property
     def overrides(self) -> dict[str, float]:
         """The keys stage 2 runs with where they differ from what null means to `attnxfer train`."""
         out = {"transfer.task_weight": self.task_weight} if self.task_weight != 1.0 else {}
@@ -35,7 +31,7 @@ class Stage2Objective:
 
     def describe(self) -> str:
         """``label-free feature distillation (the teacher is headless)``, ``labelled fine-tuning (...)``."""
-        if self.label_free:
+        if self.task_weight == 0:  # label-free
             what = "label-free " + ("feature distillation" if self.feature_distill else "distillation")
         else:
             what = "labelled fine-tuning" + (" with feature distillation" if self.feature_distill else "")

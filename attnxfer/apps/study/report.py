@@ -51,12 +51,10 @@ def write_study_report(
     study_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
-    agreement_images: int = 64,
 ) -> Path:
     """Score every student of the study in ``study_dir`` and write its report there (``study.md``, with
-    ``study_report.json``, ``study.png`` and ``study_agreement.png``); returns the path of ``study.md``. The
-    attention comparison reads the first ``agreement_images`` validation images. Draws nothing from the
-    caller's random streams."""
+    ``study_report.json``, ``study.png`` and ``study_agreement.png``); returns the path of ``study.md``. Draws
+    nothing from the caller's random streams."""
     study_dir = Path(study_dir)
     record = read_study_record(study_dir)
     students = [_student(study_dir, entry) for entry in record["students"]]
@@ -66,9 +64,9 @@ def write_study_report(
         scoring = _Scoring.build(students, at)
         if scoring is not None:
             loaded = scoring.load_students(students)
-            insp = scoring.agreement(loaded, agreement_images)
+            insp = scoring.agreement(loaded)
             scoring.score(students, loaded)
-            images = scoring.images
+            images = len(scoring.parts.val_loader.dataset)
     for s in students:
         s.curve = val_series(s.folder, s.metric)
     _save_png(study_curves_figure(students), study_dir / STUDY_CURVES)
@@ -170,10 +168,6 @@ class _Scoring:
             )
         return cls(cfg, parts, teacher, labelled, device)
 
-    @property
-    def images(self) -> int:
-        return len(self.parts.val_loader.dataset)
-
     def load_students(self, students: list[StudentScore]) -> dict[str, LoadedModel]:
         """Each student that did not stop, at its best checkpoint (EMA weights where kept), on the device."""
         loaded = {}
@@ -192,11 +186,11 @@ class _Scoring:
             say(f"study report: {s.name}: {s.checkpoint}")
         return loaded
 
-    def agreement(self, loaded: Mapping[str, LoadedModel], num_images: int) -> Inspection | None:
-        """Each student's maps against the teacher's, layer by layer, on the first validation images."""
-        if self.teacher is None or not loaded or num_images < 1:
+    def agreement(self, loaded: Mapping[str, LoadedModel]) -> Inspection | None:
+        """Each student's maps against the teacher's, layer by layer, on the first 64 validation images."""
+        if self.teacher is None or not loaded:
             return None
-        images = _first_images(self.parts.val_loader, num_images)
+        images = _first_images(self.parts.val_loader, 64)
         subjects = {name: m.subject for name, m in loaded.items()}
         return inspect_models(self.teacher.model, subjects, images)
 
