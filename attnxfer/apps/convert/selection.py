@@ -39,7 +39,6 @@ from ...models.efficient import build_efficient_student
 from ...models.efficient.hierarchical import flat_blocks
 from ...models.efficient.swap import teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
-from ...sources.teacher import load_teacher
 from ...speak import quiet, say
 from ...train.devices import resolve_precision
 from ...train.distributed import gather_objects
@@ -51,6 +50,7 @@ from ...transfer.conversion import ConversionPlan
 from ...transfer.selection import SOFTMAX, InfeasibleBudget, fastest, reasons, select
 from ..run.parts import RunParts
 from ..run.resume import config_changes
+from .speed import rebuilt_teacher
 from .stage1 import STAGE1_KEYS, stage1_batches
 
 SELECTION_FILE = "selection.json"
@@ -320,25 +320,12 @@ def speed_geometry(cfg: TrainConfig, teacher: nn.Module, run_side: int) -> tuple
     return tokens, grid * patch
 
 
-def _teacher_at(
-    cfg: TrainConfig, teacher: nn.Module, side: int, run_side: int, device: torch.device
-) -> nn.Module:
-    """The teacher at ``side``: the run's own, or rebuilt with random weights (speed does not depend on them)."""
-    if side == run_side:
-        return teacher
-    t = cfg.teacher
-    rebuilt, _ = load_teacher(
-        t.spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
-    )
-    return rebuilt.to(device=device, dtype=torch.float32).eval()
-
-
 @torch.no_grad()
 def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> dict[str, Any]:
     """Milliseconds of the teacher, one softmax block and one block of each candidate, interleaved in one call."""
     c = cfg.convert
     tokens, side = speed_geometry(cfg, parts.teacher, parts.img_size)
-    teacher = _teacher_at(cfg, parts.teacher, side, parts.img_size, device)
+    teacher = parts.teacher if side == parts.img_size else rebuilt_teacher(cfg, side, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(c.speed_batch_size, parts.in_chans, side, side, generator=g).to(device)
     soft = flat_blocks(teacher)[0].attn
@@ -411,7 +398,7 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
         section["measured_speedup"] = speed["speedup"]
         section["measured_speedup_cpu"] = speed.get("student_over_teacher_cpu")
     else:
-        teacher = _teacher_at(cfg, parts.teacher, record["side"], -1, run.device)
+        teacher = rebuilt_teacher(cfg, record["side"], run.device)
         student = build_efficient_student(teacher, record["attention"], **cfg.convert.attention_kwargs)
         x = torch.randn(record["batch"], parts.in_chans, record["side"], record["side"]).to(run.device)
         precision = resolve_precision(cfg.precision, run.device)

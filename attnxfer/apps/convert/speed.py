@@ -164,20 +164,15 @@ def _sweep(
     autocast: torch.dtype | None,
     with_floor: bool,
 ) -> dict[str, dict[str, Any]]:
-    """`break_even_sweeps` over ``sides``, each teacher rebuilt from ``teacher.spec`` with random weights."""
-    spec = cfg.teacher.spec
+    """`break_even_sweeps` over ``sides``, each teacher rebuilt with random weights (`rebuilt_teacher`)."""
     off = f"{_SWEEP_KEY} is []" if not sides else None
-    if off is None and not spec:
+    if off is None and not cfg.teacher.spec:
         off = "the teacher was passed in, not named by teacher.spec"
     if off is not None:
         return {name: {"sides": sides, "rows": [], "skipped": [], "off": off} for name in names}
-    t = cfg.teacher
 
     def build(side: int) -> tuple[nn.Module, dict[str, nn.Module]]:
-        teacher, _ = load_teacher(
-            spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
-        )
-        teacher = teacher.to(device=device, dtype=torch.float32).eval()
+        teacher = rebuilt_teacher(cfg, side, device)
         return teacher, {name: student.to(device) for name, student in make_students(teacher).items()}
 
     start = time.monotonic()
@@ -189,6 +184,15 @@ def _sweep(
         name: {"sides": sides, "budget_s": budget_s, "off": None, **sweep, "seconds": seconds}
         for name, sweep in sweeps.items()
     }
+
+
+def rebuilt_teacher(cfg: TrainConfig, side: int, device: torch.device) -> nn.Module:
+    """``teacher.spec`` built at ``side`` with random weights: speed does not depend on them."""
+    t = cfg.teacher
+    teacher, _ = load_teacher(
+        t.spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
+    )
+    return teacher.to(device=device, dtype=torch.float32).eval()
 
 
 def _break_even_line(speed: dict[str, Any]) -> str:
