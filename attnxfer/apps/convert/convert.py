@@ -209,7 +209,10 @@ def convert_runs(
         report = _report(run, teacher_top1, s1, s2, speed, operations)
         if report["stage2_worse"]:
             run.say(f"warning: {report['stage2_worse']['message']}")
-        _write_report(run, report)
+        if run.main:
+            atomic_write_json(run.run_dir / "report.json", report)
+            atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
+            run.say(f"report: {run.run_dir / 'report.md'}")
         reports.append(report)
     return reports
 
@@ -536,14 +539,6 @@ def _report(
         **({"stopped": run.stopped} if run.stopped else {}),
         **({"selection": measured_section(run, speed)} if run.selection else {}),
     }
-
-
-def _write_report(run: Conversion, report: dict[str, Any]) -> None:
-    if not run.main:
-        return
-    atomic_write_json(run.run_dir / "report.json", report)
-    atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
-    run.say(f"report: {run.run_dir / 'report.md'}")
 
 
 def convert_main(cfg: TrainConfig) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from ...analysis import Inspection
 from ...analysis.knn import knn_hits
 from ...analysis.pictures import DPI, agreement_figure
 from ...checkpoints.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -64,7 +63,11 @@ def write_study_report(
         scoring = _Scoring.build(students, at)
         if scoring is not None:
             loaded = scoring.load_students(students)
-            insp = scoring.agreement(loaded)
+            if scoring.teacher is not None and loaded:  # each student's maps against the teacher's, per layer
+                subjects = {name: m.subject for name, m in loaded.items()}
+                insp = inspect_models(
+                    scoring.teacher.model, subjects, _first_images(scoring.parts.val_loader, 64)
+                )
             scoring.score(students, loaded)
             images = len(scoring.parts.val_loader.dataset)
     for s in students:
@@ -185,14 +188,6 @@ class _Scoring:
             loaded[s.name] = model
             say(f"study report: {s.name}: {s.checkpoint}")
         return loaded
-
-    def agreement(self, loaded: Mapping[str, LoadedModel]) -> Inspection | None:
-        """Each student's maps against the teacher's, layer by layer, on the first 64 validation images."""
-        if self.teacher is None or not loaded:
-            return None
-        images = _first_images(self.parts.val_loader, 64)
-        subjects = {name: m.subject for name, m in loaded.items()}
-        return inspect_models(self.teacher.model, subjects, images)
 
     def score(self, students: list[StudentScore], loaded: Mapping[str, LoadedModel]) -> None:
         """Per-image correctness: top-1 of those that trained a head, k-NN top-1 of the others."""
