@@ -368,8 +368,7 @@ def measure(run: Conversion, stage: str) -> None:
     }
     name = stage.replace("_stage", " stage ")  # after_stage1 -> after stage 1
     run.seconds[f"measure_{name}"] = time.monotonic() - start
-    top1, knn = res["val_top1"], res["knn"]
-    kl = [row["value"] for row in res["end_to_end"]]
+    knn, kl = res["knn"], [row["value"] for row in res["end_to_end"]]
     quality = [f"final-feature cosine (patch tokens) {res['features']['feat_cos_patch']:.4f}"]
     if knn and "knn_top1" in knn:
         quality.append(f"k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f})")

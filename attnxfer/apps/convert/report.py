@@ -278,23 +278,16 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
     ]
     if "student_images_per_s" not in speed:  # reports written before images/s was measured lack it
         return lines
-    floor = "floor_images_per_s" in speed
-    cpu = "student_over_teacher_cpu" in speed
-    head = "| model | ms | images/s | × teacher | of the floor |" + (" × teacher (CPU time) |" if cpu else "")
-    rule = "|---|---|---|---|---|" + ("---|" if cpu else "")
-    lines += [head, rule]
-    teacher_of_floor = 1.0 / speed["floor_over_teacher"] if floor else None
-    rows = [("teacher (softmax)", "teacher", 1.0, teacher_of_floor, 1.0 if cpu else None)]
+    floor, cpu = "floor_images_per_s" in speed, "student_over_teacher_cpu" in speed
+    lines += [
+        "| model | ms | images/s | × teacher | of the floor |" + (" × teacher (CPU time) |" if cpu else ""),
+        "|---|---|---|---|---|" + ("---|" if cpu else ""),
+    ]
+    over_floor = speed.get("floor_over_teacher")
+    # (label, key prefix, × teacher, of the floor, × teacher in CPU time)
+    rows = [("teacher (softmax)", "teacher", 1.0, 1.0 / over_floor if floor else None, 1.0 if cpu else None)]
     if floor:
-        rows.append(
-            (
-                "floor (ceiling)",
-                "floor",
-                speed["floor_over_teacher"],
-                1.0,
-                speed.get("floor_over_teacher_cpu"),
-            )
-        )
+        rows.append(("floor (ceiling)", "floor", over_floor, 1.0, speed.get("floor_over_teacher_cpu")))
     over = range_text(speed, "student_over_teacher") if "student_over_teacher" in speed else speed["speedup"]
     rows.append(
         ("student", "student", over, speed.get("student_over_floor"), speed.get("student_over_teacher_cpu"))
