@@ -1,29 +1,19 @@
-"""A convert study's comparison: its students (one efficient attention each, from one teacher) side by side.
-
-Read from the study's files, nothing measured again: ``study.json`` (the students, in order) and each
-student's ``report.json`` (`attnxfer.apps.convert.convert`: every student measured on the same probe and validation
-images, and timed in the same interleaved calls as one teacher and one floor). One row per student: its
-quality at its last stage (top-1 with its Wilson interval where it has a head and the data labels; k-NN top-1
-with its interval where the data has labels; the final features' cosine with the teacher's, always), its
-per-layer map agreement with the teacher (end to end, and on the teacher's hidden inputs: what stage 1 fits),
-and its speed against the teacher and against the floor (the model whose attention mixes no tokens: the
-ceiling of any attention at that resolution). Writes ``conversion_study.md`` and ``conversion_study.json``
-(the same rows, as data).
-"""
+"""A convert study's students side by side, read from ``study.json`` and their ``report.json`` (nothing is
+measured again: every student was measured on the same images and timed in the same calls as one teacher)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ...checkpoints.atomic_io import atomic_write_json, atomic_write_text
-from ...errors import InputError, MissingPathError
-from ...run_layout import STUDY_RECORD
+from ...errors import InputError
 from ...speak import say
 from ..run.uncertainty import format_p, mcnemar
-from .report import STAGE_ROWS, final_stage, ratio_text, top1_interval_text, value_text
+from ..study.report import read_study_record
+from .report import STAGE_ROWS, final_stage, range_text, ratio_text, top1_interval_text, value_text
 
 COMPARISON_REPORT = "conversion_study.md"
 COMPARISON_DATA = "conversion_study.json"
@@ -32,19 +22,12 @@ _STAGE_NAMES = {key: label.removeprefix("student").lstrip(", ") for key, label i
 
 
 def write_conversion_comparison(study_dir: str | Path) -> Path:
-    """Write the comparison of the convert study in ``study_dir`` (``conversion_study.md`` and ``.json``)
-    from its students' reports; returns the path of the markdown. A student without a report yet (a study
-    that has not reached its reports) is a row saying so."""
+    """Write ``conversion_study.md`` and ``.json`` (the same rows, as data) of the convert study in
+    ``study_dir``; returns the markdown's path. A student without a report yet is a row saying so."""
     study_dir = Path(study_dir)
-    path = study_dir / STUDY_RECORD
-    if not path.is_file():
-        raise MissingPathError(f"{study_dir} has no {STUDY_RECORD}: give the run_dir of an `attnxfer study`")
-    try:
-        students = json.loads(path.read_text(encoding="utf-8"))["students"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path} is not a study's record ({e})") from None
+    students = read_study_record(study_dir)["students"]
     reports = {s["name"]: _report(study_dir / s.get("folder", s["name"]) / "report.json") for s in students}
-    rows = comparison_rows(reports)
+    rows = [_row(name, report) for name, report in reports.items()]
     atomic_write_json(study_dir / COMPARISON_DATA, {"study": study_dir.resolve().name, "students": rows})
     out = atomic_write_text(study_dir / COMPARISON_REPORT, _render(study_dir.resolve().name, reports, rows))
     say(f"conversion study report -> {out}")
@@ -58,11 +41,6 @@ def _report(path: Path) -> dict[str, Any] | None:
         return None
     except ValueError as e:
         raise InputError(f"{path} is not valid JSON ({e}): is it a conversion's report?") from None
-
-
-def comparison_rows(reports: Mapping[str, dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """One row per student (in order): what the comparison shows of its report (None where it has none)."""
-    return [_row(name, report) for name, report in reports.items()]
 
 
 def _row(name: str, report: dict[str, Any] | None) -> dict[str, Any]:
@@ -125,15 +103,24 @@ _SPEED_KEYS = (
 
 
 # --------------------------------------------------------------------------------------------- the text
-def _render(study: str, reports: Mapping[str, dict[str, Any] | None], rows: list[dict[str, Any]]) -> str:
-    first = next((r for r in reports.values() if r is not None), None)
+def _render(study: str, reports: dict[str, dict[str, Any] | None], rows: list[dict[str, Any]]) -> str:
+    done = [r for r in reports.values() if r is not None]
     lines = [f"# Conversion study `{study}`: {len(rows)} efficient attentions from one teacher", ""]
-    if first is None:
+    if not done:
         return "\n".join([*lines, "No student has a report yet.", ""])
+    first = done[0]
+    data, stage1, stage2 = first["data"], first["stage1"], first["stage2"]
     return "\n".join(
         [
             *lines,
-            *_shared_lines(first, max(r["seconds"]["total"] for r in reports.values() if r is not None)),
+            f"- teacher: `{first['teacher']['spec']}`",
+            f"- data: {data['dataset']} (val {data['val_size']} images; map agreement on {data['agreement_images']} "
+            "images)",
+            f"- stage 1: {stage1['steps']} steps of batch {stage1['batch_size']}; stage 2: {stage2['steps']} steps; "
+            "each batch read once and the teacher run once per batch for every student",
+            f"- time: {max(r['seconds']['total'] for r in done):.0f} s for the whole study",
+            "- each student's own report: `<student>/report.md` (its stages, per-layer tables, break-even sweep)",
+            "",
             *_quality_section(first, rows),
             *_agreement_section(rows, "end_to_end", "end to end (each model on its own hidden states)"),
             *_stage1_section(rows),
@@ -141,21 +128,6 @@ def _render(study: str, reports: Mapping[str, dict[str, Any] | None], rows: list
             *_sweep_section(rows),
         ]
     )
-
-
-def _shared_lines(report: dict[str, Any], seconds: float) -> list[str]:
-    """What every student shared: the teacher, the data, both stages' lengths and the single teacher pass."""
-    data, stage1, stage2 = report["data"], report["stage1"], report["stage2"]
-    return [
-        f"- teacher: `{report['teacher']['spec']}`",
-        f"- data: {data['dataset']} (val {data['val_size']} images; map agreement on {data['agreement_images']} "
-        "images)",
-        f"- stage 1: {stage1['steps']} steps of batch {stage1['batch_size']}; stage 2: {stage2['steps']} steps; "
-        "each batch read once and the teacher run once per batch for every student",
-        f"- time: {seconds:.0f} s for the whole study",
-        "- each student's own report: `<student>/report.md` (its stages, per-layer tables, break-even sweep)",
-        "",
-    ]
 
 
 def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
@@ -188,7 +160,7 @@ def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[
         else "—"
     )
     lines.append(
-        f"| teacher | softmax | | {_pct(teacher_top1)} | {top1_interval_text(teacher_top1, n)} | | | {_pct(knn_t)} | "
+        f"| teacher | softmax | | {ratio_text(teacher_top1)} | {top1_interval_text(teacher_top1, n)} | | | {ratio_text(knn_t)} | "
         f"{knn_t_band} | 1 |"
     )
     for row in rows:
@@ -199,8 +171,8 @@ def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[
         share = f"{100 * top1 / teacher_top1:.1f}%" if top1 is not None and teacher_top1 else "—"
         stage = _STAGE_NAMES[row["stage"]] + (" (stopped)" if row["stopped"] else "")
         lines.append(
-            f"| {row['name']} | {row['attention']} | {stage} | {_pct(top1)} | {top1_interval_text(top1, row['val_size'])} "
-            f"| {share} | {(paired or {}).get(row['name'], '—')} | {_pct(row['knn_top1'])} | "
+            f"| {row['name']} | {row['attention']} | {stage} | {ratio_text(top1)} | {top1_interval_text(top1, row['val_size'])} "
+            f"| {share} | {(paired or {}).get(row['name'], '—')} | {ratio_text(row['knn_top1'])} | "
             f"{f'[{band[0]:.1f}, {band[1]:.1f}]' if band else '—'} | "
             f"{value_text(row['feat_cos_patch'])} |"
         )
@@ -209,9 +181,9 @@ def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[
 
 
 def paired_with_best(rows: list[dict[str, Any]]) -> dict[str, str] | None:
-    """McNemar's exact test of every student against the one with the best top-1, on the images both were
-    scored on: ``{"best": name, name: "only this / only the best, p"}``; None where fewer than two students
-    recorded which images they got right (reports written before they did)."""
+    """McNemar's exact test of every student against the one with the best top-1 on the same images:
+    ``{"best": name, name: "only this / only the best, p"}``; None where fewer than two students recorded
+    which images they got right."""
     scored = [r for r in rows if r.get("val_hits") and r.get("top1") is not None]
     if len(scored) < 2:
         return None
@@ -225,7 +197,6 @@ def paired_with_best(rows: list[dict[str, Any]]) -> dict[str, str] | None:
 
 
 def _agreement_section(rows: list[dict[str, Any]], which: str, title: str) -> list[str]:
-    """Per-layer map agreement of every student at its last stage, one column each (and their mean)."""
     measured = [r for r in rows if r["report"] is not None and r["stage"] is not None]
     if not measured:
         return []
@@ -235,14 +206,11 @@ def _agreement_section(rows: list[dict[str, Any]], which: str, title: str) -> li
         "At each student's last stage: KL(P_teacher ‖ A_student) for row-stochastic maps (nats per row), mean "
         "squared map difference for signed maps, attention-output MSE for attentions without a map.",
         "",
-        *_layer_table(
-            measured, [[(layer, metric, v) for layer, metric, v in r["agreement"][which]] for r in measured]
-        ),
+        *_layer_table(measured, [r["agreement"][which] for r in measured]),
     ]
 
 
 def _stage1_section(rows: list[dict[str, Any]]) -> list[str]:
-    """Per-layer agreement on the teacher's hidden inputs right after stage 1 (what stage 1 fits)."""
     measured = [r for r in rows if r["report"] is not None and any(v is not None for v in r["after_stage1"])]
     if not measured:
         return []
@@ -277,7 +245,6 @@ def _layer_table(
 
 
 def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
-    """Teacher, floor and every student from one interleaved measurement (the teacher timed once)."""
     speed = first["speed"]
     floor = speed.get("floor_ms") is not None
     lines = [
@@ -310,14 +277,15 @@ def _speed_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[st
             break_even = str(s["break_even"] or "—")
         lines.append(
             f"| {row['name']} ({row['attention']}) | {s['student_ms']:.2f} | {s['student_images_per_s']:.1f} | "
-            f"{_speedup_cell(s)} | {ratio_text(s['student_over_floor'])} | {break_even} |"
+            f"{'withheld (rounds on both sides of 1)' if s.get('speedup_withheld') else range_text(s, 'speedup')} | "
+            f"{ratio_text(s['student_over_floor'])} | {break_even} |"
         )
     return [*lines, ""]
 
 
 def _sweep_section(rows: list[dict[str, Any]]) -> list[str]:
-    """Each student's speed against the teacher at every side of the sweep (batch 1), the floor beside it:
-    how the ranking moves with the token count."""
+    """Each student's speed against the teacher at every side of the sweep: how the ranking moves with the
+    token count."""
     sides = sorted({side for r in rows if r["report"] is not None for side in r["sweep"]}, key=int)
     if not sides:
         return []
@@ -347,15 +315,3 @@ def _sweep_section(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {row['name']} ({row['attention']}) | " + " | ".join(cells) + " |")
     notes = sorted({got for r in rows for got in r.get("sweep", {}).values() if isinstance(got, str)})
     return [*lines, "", *(f"- not run: {why}" for why in notes), *([""] if notes else [])]
-
-
-def _speedup_cell(speed: dict[str, Any]) -> str:
-    """× teacher with its [min, max] over the rounds; withheld where the rounds disagree about which is faster."""
-    if speed.get("speedup_withheld"):
-        return "withheld (rounds on both sides of 1)"
-    span = speed.get("speedup_range")
-    return f"{speed['speedup']:.2f}" + (f" [{span[0]:.2f}, {span[1]:.2f}]" if span else "")
-
-
-def _pct(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}"

@@ -1,26 +1,10 @@
 """`attnxfer study --command convert`: K efficient attentions converted from one teacher in one job.
 
-Each student is an `attnxfer convert` of its own config (`attnxfer.apps.convert.convert`: built with its own seed first,
-measured, stage 1, stage 2, speed, its report), all around ONE teacher and ONE pair of loaders, and the steps
-after the build are `convert_runs`, the very sequence a single conversion runs. What the study changes is how
-the two stages are driven:
-
-- stage 1 in lock step (`_Stage1Lockstep`): each student's stage 1 is opened as it would be alone
-  (`open_stage1`: resumed from its own checkpoints in ``RUN_DIR/<name>/stage1``) and stepped as a `Stage1Fit`;
-  each batch is read once and the teacher runs once for the union of what the students' plans need (layers x
-  fields), every student then stepping on those signals under its own random streams. A student resumed
-  further than another waits for the stream to reach its batch.
-- stage 2 as a training study (`attnxfer.apps.study.study.lockstep_study`): the converted students trained in lock
-  step, one teacher pass a batch, each in ``RUN_DIR/<name>/stage2``, committed and resumed as a training
-  study's students are.
-
-Speed is measured once for all (the teacher and the floor timed once, in the same interleaved calls). Each
-student's folder is laid out as its solo conversion's (``config.yaml``, ``stage1/``, ``stage2/``,
-``report.md``, ``report.json``), so `attnxfer convert -c RUN_DIR/<name>/config.yaml` finds it done, and
-`attnxfer eval`/`export`/`inspect` take its ``stage2/``. The study's folder holds ``study.json`` and
-``study.yaml`` (``attnxfer study -c RUN_DIR/study.yaml`` resumes it), stage 2's commits (``checkpoints/``) and
-the comparison of the students (``conversion_study.md``, `attnxfer.apps.convert.comparison`). A student
-whose loss turns non-finite stops alone, with one line; the others go on.
+Each student is an `attnxfer convert` of its own config around ONE teacher and ONE pair of loaders, through
+`convert_runs` as a conversion alone; only the stages are driven together, so each batch is read once and the
+teacher runs once for all: stage 1 in lock step (`_stage1_lockstep`, each fit opened and resumed as alone), stage 2
+as a training study (`lockstep_study`). Each student's folder is laid out as its solo conversion's, so `attnxfer
+convert -c RUN_DIR/<name>/config.yaml` finds it done. A student whose loss turns non-finite stops alone.
 """
 
 from __future__ import annotations
@@ -57,13 +41,12 @@ from .convert import (
     stage2_config,
     stage2_done,
 )
-from .stage1 import Stage1Job, open_stage1, stage1_batches
+from .stage1 import Stage1Job, stage1_batches
 
 
 @dataclass
 class ConvertedStudent:
-    """How one student of a convert study ended: its report (report.json's content) and, where it stopped
-    early, why."""
+    """How one student of a convert study ended: its report.json's content, and why it stopped early."""
 
     name: str
     run_dir: str
@@ -79,10 +62,8 @@ class ConvertStudyResult:
 
 
 def convert_study(spec: StudySpec) -> ConvertStudyResult:
-    """Convert (or resume converting) every student of ``spec`` in one job; the library function behind
-    `attnxfer study --command convert`. Rank 0 holds the study's lock and each student's folders'; under
-    torchrun or a submitted job every rank runs this (each stage data parallel over the ranks, as a conversion
-    alone is), and rank 0 writes the comparison."""
+    """Convert (or resume converting) every student of ``spec`` in one job (`attnxfer study --command convert`).
+    Under torchrun every rank runs this; rank 0 holds the locks and writes the comparison."""
     main = DistributedInfo.from_environment().is_main_process
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_lock(spec.run_dir, "study", enabled=main))
@@ -105,8 +86,7 @@ def convert_study(spec: StudySpec) -> ConvertStudyResult:
 
 @dataclass
 class _ConvertStudy:
-    """The study's students, built (`build`), and how its two stages are driven (`stage1`, `stage2`: what
-    `convert_runs` calls)."""
+    """The study's students, and how its two stages are driven (`stage1`, `stage2`: what `convert_runs` calls)."""
 
     spec: StudySpec
     runs: list[Conversion]
@@ -121,8 +101,8 @@ class _ConvertStudy:
 
     @classmethod
     def build(cls, spec: StudySpec, info) -> _ConvertStudy:
-        """Each student built as `attnxfer convert` builds it alone (its seed, then the student from the
-        teacher's weights), around one teacher and one pair of loaders; the study's checks and files."""
+        """Each student built as `attnxfer convert` builds it alone, around one teacher and one pair of loaders;
+        the study's checks and files."""
         start = time.monotonic()
         configs = [(s, checked_config(cfg, skip_stage1=False)) for s, cfg in spec.configs()]
         if info.is_main_process:  # stage 2's trackers, decided before the teacher loads
@@ -146,35 +126,25 @@ class _ConvertStudy:
         return cls(spec, runs, streams, info.is_main_process, start)
 
     def stage1(self, runs: list[Conversion]) -> list[Stage1Result]:
-        """Each student's stage 1, opened as alone (resumed from its own checkpoints), the unfinished ones
-        fitted in lock step; then each measured."""
+        """Each student's stage 1, opened as alone, the unfinished ones fitted in lock step; then each measured."""
         jobs: dict[int, Stage1Job] = {}
         results: dict[int, Stage1Result | None] = {}
         for i, run in enumerate(runs):
             if run.plan.stage1_steps <= 0:
                 results[i] = None
                 continue
-            jobs[i] = open_stage1(
-                run.cfg,
-                run.parts,
-                run.plan,
-                run.run_dir / "stage1",
-                run.device,
-                main=run.main,
-                prefix=run.prefix,
-            )
+            jobs[i] = run.stage1_job()
             results[i] = jobs[i].done
         for i, job in jobs.items():
             if job.done is None and not runs[i].plan.active:  # nothing to fit: complete at once, as alone
                 results[i] = job.finish(Stage1Result())
         pending = {i: job for i, job in jobs.items() if results[i] is None}
         if pending:
-            results |= _Stage1Lockstep(self, pending).run()
+            results |= self._stage1_lockstep(pending)
         return [stage1_done(run, results[i]) for i, run in enumerate(runs)]
 
     def stage2(self, runs: list[Conversion]) -> list[dict[str, Any]]:
-        """Stage 2 of every student that did not stop, as a training study (`lockstep_study`); then each
-        measured."""
+        """Stage 2 of every student that did not stop, as a training study; then each measured."""
         if runs[0].stage2_steps <= 0:  # the schedule's length is every student's
             return [stage2_done(run, None) for run in runs]
         configs = [(s, stage2_config(run)) for s, run in zip(self.spec.students, runs, strict=True)]
@@ -196,35 +166,45 @@ class _ConvertStudy:
             sections.append(stage2_done(run, None if stopped or outcome is None else outcome.result, stopped))
         return sections
 
-
-class _Stage1Lockstep:
-    """The students' unfinished stage-1 fits, one step each per batch of one stream (`stage1_batches`, from the
-    batch the furthest-behind student reads next): the teacher's signals computed once a batch for the
-    students that step on it, each student stepping under its own random streams. A stop signal is read once
-    a round for all: every fit saves its step, then `StopRequested`."""
-
-    def __init__(self, study: _ConvertStudy, jobs: dict[int, Stage1Job]) -> None:
-        self.study, self.jobs = study, jobs
-
-    def run(self) -> dict[int, Stage1Result | None]:
-        """Every fit to its end (None: the student stopped); by the student's place in the study."""
-        first = self.study.runs[next(iter(self.jobs))]
-        start = min(job.first_batch for job in self.jobs.values())
+    def _stage1_lockstep(self, jobs: dict[int, Stage1Job]) -> dict[int, Stage1Result | None]:
+        """The unfinished stage-1 fits to their end (None: the student stopped), one step each per batch of one
+        stream (from the batch the furthest-behind student reads next; one resumed further waits for the
+        stream to reach its batch): the teacher's signals computed once a batch for the union of what the
+        stepping students need, each stepping under its own random streams; a non-finite loss stops a student
+        alone. A stop signal is read once a round: every fit saves its step, then `StopRequested`."""
+        first = self.runs[next(iter(jobs))]
+        start = min(job.first_batch for job in jobs.values())
         batches = stage1_batches(
             first.cfg, first.parts, first.plan.stage1_batch_size, first.device, start=start
         )
         results: dict[int, Stage1Result | None] = {}
         with contextlib.ExitStack() as stack:
-            fits = {i: stack.enter_context(job.fit()) for i, job in self.jobs.items()}
+            fits = {
+                i: stack.enter_context(
+                    Stage1Fit(job.saved.parts.teacher, job.saved.parts.student, job.saved.plan, **job.options)
+                )
+                for i, job in jobs.items()
+            }
             stack.enter_context(stop_on_signals())
             index = start
             while active := [i for i, fit in fits.items() if not fit.finished and i not in results]:
                 x = next(batches)
-                stepping = [i for i in active if fits[i].done + self.jobs[i].batch_offset == index]
+                stepping = [i for i in active if fits[i].done + jobs[i].batch_offset == index]
                 if stepping:
-                    signals = _union_signals(first.teacher, x, [fits[i] for i in stepping])
+                    layers = sorted({layer.layer for i in stepping for layer in fits[i].plan.active})
+                    fields: list[Signal] = list(
+                        dict.fromkeys(f for i in stepping for f in fits[i].objective.fields)
+                    )
+                    signals = teacher_signals(first.teacher, x, layers, fields)
                     for i in stepping:
-                        results |= self._turn(i, fits[i], signals)
+                        try:
+                            with self.streams[i].active():
+                                fits[i].step(signals)
+                        except NonFiniteLossError as e:
+                            name = self.names[i]
+                            self.stopped[name] = self.runs[i].stopped = str(e)
+                            say(f"study: student {name!r} stopped: {e}; the others go on")
+                            results[i] = None
                 index += 1
                 signum = stop_signal()
                 if signum:
@@ -233,28 +213,8 @@ class _Stage1Lockstep:
                     raise stops[0]
             for i, fit in fits.items():
                 if i not in results:
-                    results[i] = self.jobs[i].finish(fit.finish())
+                    results[i] = jobs[i].finish(fit.finish())
         return results
-
-    def _turn(self, i: int, fit: Stage1Fit, signals: Any) -> dict[int, None]:
-        """One step of student ``i``; a non-finite loss stops it alone (``{i: None}``)."""
-        study = self.study
-        try:
-            with study.streams[i].active():
-                fit.step(signals)
-            return {}
-        except NonFiniteLossError as e:
-            name = study.names[i]
-            study.stopped[name] = study.runs[i].stopped = str(e)
-            say(f"study: student {name!r} stopped: {e}; the others go on")
-            return {i: None}
-
-
-def _union_signals(teacher: torch.nn.Module, x: torch.Tensor, fits: list[Stage1Fit]) -> Any:
-    """The teacher's signals for every layer and field any of ``fits`` needs, from one forward pass."""
-    layers = sorted({layer.layer for fit in fits for layer in fit.plan.active})
-    fields: list[Signal] = list(dict.fromkeys(f for fit in fits for f in fit.objective.fields))
-    return teacher_signals(teacher, x, layers, fields)
 
 
 @contextlib.contextmanager

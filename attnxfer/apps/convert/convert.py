@@ -1,18 +1,12 @@
 """`attnxfer convert`: a pretrained softmax teacher becomes an efficient-attention student.
 
-The config becomes objects here, in steps that `_convert` runs one after another (those after the build in
-`convert_runs`, which a convert study, `attnxfer.apps.convert.conversion_study`, runs for its students too): the student
-(`build_efficient_student`) and the conversion plan (`attnxfer.transfer.conversion`), the measurements
-(`attnxfer.train.measure`) before and after each stage, stage 1 (`attnxfer.train.stage1`, run, saved and
-resumed by `attnxfer.apps.convert.stage1`), stage 2 (an ordinary training run through
-`attnxfer.apps.run.training`; what it optimises, labelled or label-free, is `attnxfer.apps.convert.stage2`'s
-choice), the quality without labels (`attnxfer.apps.convert.quality`: final-feature agreement, k-NN top-1),
-the speed, and the report (`report.json` + `report.md`, rendered by `attnxfer.apps.convert.report`). A new stage or
-measurement is one more step function and one more line there.
+One step function per stage or measurement, run in order by `_convert` (those after the build by `convert_runs`,
+which a convert study runs for its students too): a new stage is one more step and one more line there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -49,11 +43,11 @@ from ..run.training import (
     require_task_labels,
     train,
 )
-from .quality import QualityProbe, quality_probe, stage2_worse
-from .report import render_conversion_report, teacher_top1_line
-from .selection import AUTO, check_auto, choose_attentions, measured_section, stand_in
+from .quality import QualityProbe, dataset_size, quality_probe, stage2_worse
+from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
+from .selection import AUTO, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
-from .stage1 import run_stage1
+from .stage1 import Stage1Job, open_stage1
 from .stage2 import Stage2Objective, stage2_objective, student_head
 
 _REPORT_VERSION = 2  # 2: final-feature agreement, k-NN top-1 and stage 2's objective
@@ -72,7 +66,7 @@ class ConvertResult:
 
 
 def conversion_plan_from_config(cfg: TrainConfig, teacher: nn.Module, student: nn.Module) -> ConversionPlan:
-    """The ``convert`` section as a validated `ConversionPlan` (stage-1 batch defaults to data.batch_size)."""
+    """The ``convert`` section as a `ConversionPlan` (stage-1 batch defaults to data.batch_size)."""
     c = cfg.convert
     return build_conversion_plan(
         teacher,
@@ -85,11 +79,6 @@ def conversion_plan_from_config(cfg: TrainConfig, teacher: nn.Module, student: n
         output_mse=c.output_mse,
         attention_kwargs=c.attention_kwargs,
     )
-
-
-def _stage2_steps(cfg: TrainConfig, parts) -> int:
-    steps = (len(parts.train_loader) // cfg.optim.accum_steps) * cfg.schedule.epochs
-    return steps if cfg.schedule.max_steps is None else min(steps, cfg.schedule.max_steps)
 
 
 def _merge_agreement(stages: dict[str, list[dict[str, Any]] | None]) -> list[dict[str, Any]]:
@@ -106,16 +95,11 @@ def _merge_agreement(stages: dict[str, list[dict[str, Any]] | None]) -> list[dic
 
 
 def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> ConvertResult:
-    """Run the whole conversion described by ``cfg`` (the library function behind `attnxfer convert`).
+    """The whole conversion of ``cfg`` into ``cfg.run_dir`` (the library function behind `attnxfer convert`);
+    ``parts`` (its student from `build_efficient_student`) lets a notebook pass models and data it built.
 
-    ``parts`` (a `RunParts` whose student came from `build_efficient_student`) lets a notebook pass
-    models and data it built. Writes ``report.json`` / ``report.md`` (and ``stage1/``, ``stage2/``)
-    under ``cfg.run_dir``.
-
-    Under torchrun or a submitted multi-task job every rank runs this: stage 1 is data parallel
-    (each rank its share of the batches, gradients averaged), stage 2 is the engine's DDP, the
-    measurements sum over ranks, and rank 0 alone writes files and speaks (and holds the run dir's lock).
-    """
+    Under torchrun every rank runs this (both stages data parallel, the measurements summed over ranks); rank
+    0 alone writes files, speaks and holds the run dir's lock."""
     # only what reads labels needs them: a task loss asked for by name, a label metric named in eval.metrics
     # (stage 2 without labels is label-free by default; the report's top-1 and k-NN need labels where they run)
     if cfg.transfer.task_weight is not None:
@@ -129,18 +113,9 @@ def convert(cfg: TrainConfig, *, skip_stage1: bool = False, parts=None) -> Conve
         return _convert(cfg, info, skip_stage1=skip_stage1, parts=parts)
 
 
-#: the measured stages, in the order they run: report key -> how the log names it
-_STAGES = {
-    "before_stage1": "before stage 1",
-    "after_stage1": "after stage 1",
-    "after_stage2": "after stage 2",
-}
-
-
 @dataclass
 class Conversion:
-    """What the steps of one conversion share: built by `build_conversion`, placed by `_place`, and what has been
-    measured so far (per stage, None where a stage did not run; seconds per step)."""
+    """What the steps of one conversion share, and what they measured so far (None: a stage did not run)."""
 
     cfg: TrainConfig
     parts: RunParts
@@ -165,22 +140,30 @@ class Conversion:
     def teacher(self) -> nn.Module:
         return self.parts.teacher
 
-    def say(self, line: str) -> None:
-        """A line of this conversion, after its ``prefix``."""
-        speak.say(f"{self.prefix}{line}")
-
     @property
     def student(self) -> nn.Module:
         return self.parts.student
 
+    def say(self, line: str) -> None:
+        speak.say(f"{self.prefix}{line}")
+
+    def stage1_job(self) -> Stage1Job:
+        """Its stage 1 in ``stage1/``, as far as an earlier run left it (`open_stage1`)."""
+        return open_stage1(
+            self.cfg,
+            self.parts,
+            self.plan,
+            self.run_dir / "stage1",
+            self.device,
+            main=self.main,
+            prefix=self.prefix,
+        )
+
 
 def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts) -> ConvertResult:
-    """The conversion, one step after another: build, then `convert_runs` (measure, stage 1, stage 2, speed,
-    report)."""
     cfg = checked_config(cfg, skip_stage1)
-    if (
-        info.is_main_process
-    ):  # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
+    # stage 2's trackers, decided before the teacher loads (a server that does not answer stops here)
+    if info.is_main_process:
         prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
     t0 = time.monotonic()
     torch.manual_seed(cfg.seed)
@@ -196,13 +179,16 @@ def convert_runs(
     stage1: Callable[[list[Conversion]], list[Stage1Result]],
     stage2: Callable[[list[Conversion]], list[dict[str, Any]]],
 ) -> list[dict[str, Any]]:
-    """Built conversions of one teacher on one data (one conversion, or a convert study's students), step by
-    step: the speed sweep's sides checked, the plans printed, the teacher's top-1 once, each student measured
-    before stage 1, ``stage1`` and ``stage2`` (each measures the students after it), the speed of all at once
-    (the teacher timed once), and each student's report. Returns the reports, in order."""
+    """Built conversions of one teacher on one data (one, or a convert study's students), step by step; the
+    teacher is measured and timed once for all. Returns the reports, in order."""
     first = runs[0]
+    # the run's side: data.img_size, else the size stamped on the student (`parts_around`)
+    stamped = getattr(first.student, "pretrained_cfg", {}).get("input_size")
+    side = int(
+        first.cfg.data.img_size or (stamped[-1] if stamped else image_input(first.teacher).img_size[-1])
+    )
     # a sweep side the teacher's family cannot run at stops here, before any work
-    sweep = sweep_sides(first.cfg, first.teacher, _run_side(first))
+    sweep = sweep_sides(first.cfg, first.teacher, side)
     for run in runs:
         run.sweep = sweep
         _describe(run)
@@ -223,13 +209,15 @@ def convert_runs(
         report = _report(run, teacher_top1, s1, s2, speed, operations)
         if report["stage2_worse"]:
             run.say(f"warning: {report['stage2_worse']['message']}")
-        _write_report(run, report)
+        if run.main:
+            atomic_write_json(run.run_dir / "report.json", report)
+            atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
+            run.say(f"report: {run.run_dir / 'report.md'}")
         reports.append(report)
     return reports
 
 
 def _each(step: Callable[[Conversion], Any]) -> Callable[[list[Conversion]], list[Any]]:
-    """A stage of one conversion as a stage of several, one after another."""
     return lambda runs: [step(run) for run in runs]
 
 
@@ -252,15 +240,13 @@ def build_conversion(
     *,
     shared: RunParts | None = None,
 ) -> Conversion:
-    """The teacher, the student (the teacher's weights with the new attention, and the head stage 2 needs),
-    the data and both stages' plans; ``parts`` built by the caller are used as they are, ``shared``: another
-    conversion's teacher and loaders, around which only the student is built (a convert study's, whose
-    students' lines start with their ``prefix``). Stage 2's
+    """Teacher, student, data and both stages' plans (``parts`` built by the caller are used as they are;
+    ``shared``: a convert study's teacher and loaders, around which only the student is built). Stage 2's
     weights, chosen here (`stage2_objective`), go into the run's config."""
     labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
-    if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen (on its own seed)
+    if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen
         student_fn = (
-            stand_in(_student_builder(apply_overrides(cfg, {"convert.attention": "softmax"}), labelled))
+            _student_builder(apply_overrides(cfg, {"convert.attention": "softmax"}), labelled, stand_in=True)
             if auto
             else _student_builder(cfg, labelled)
         )
@@ -293,15 +279,15 @@ def build_conversion(
         )
     cfg = apply_overrides(cfg, stage2.overrides)
     parts = replace(parts, num_classes=int(getattr(parts.student, "num_classes", 0) or 0))
-    plan = conversion_plan_from_config(cfg, parts.teacher, parts.student)
-    stage2_plan = plan_from_config(cfg, parts)
-    stage2_steps = _stage2_steps(cfg, parts)
+    stage2_steps = (len(parts.train_loader) // cfg.optim.accum_steps) * cfg.schedule.epochs
+    if cfg.schedule.max_steps is not None:
+        stage2_steps = min(stage2_steps, cfg.schedule.max_steps)
     return Conversion(
         cfg,
         parts,
-        plan,
+        conversion_plan_from_config(cfg, parts.teacher, parts.student),
         stage2,
-        stage2_plan,
+        plan_from_config(cfg, parts),
         stage2_steps,
         info.is_main_process,
         prefix,
@@ -311,29 +297,26 @@ def build_conversion(
     )
 
 
-def _student_builder(cfg: TrainConfig, labelled: bool) -> Callable[[nn.Module | None, int], nn.Module]:
+def _student_builder(
+    cfg: TrainConfig, labelled: bool, stand_in: bool = False
+) -> Callable[[nn.Module | None, int], nn.Module]:
     """How `build_run_parts` makes the student: the teacher with ``convert.attention`` swapped in, with the
-    head stage 2 needs (`student_head`: a headless teacher's student stays headless unless it is told)."""
+    head stage 2 needs (`student_head`). A ``stand_in`` (while auto chooses) draws nothing from the run's
+    random streams, leaving the chosen student's initialisation to the seed alone."""
     c = cfg.convert
 
     def make_student(teacher: nn.Module | None, num_classes: int) -> nn.Module:
         if teacher is None:
             raise InputError(_NO_TEACHER)
         head = student_head(cfg, teacher, stage2_objective(cfg, teacher, labelled), num_classes)
-        student = build_efficient_student(teacher, c.attention, num_classes=head, **c.attention_kwargs)
+        with torch.random.fork_rng(devices=[]) if stand_in else contextlib.nullcontext():
+            student = build_efficient_student(teacher, c.attention, num_classes=head, **c.attention_kwargs)
         return set_drop_path(student, cfg.model.drop_path_rate)
 
     return make_student
 
 
-def _run_side(run: Conversion) -> int:
-    """The side of the run's images: data.img_size, else the size stamped on the student (`parts_around`)."""
-    stamped = getattr(run.student, "pretrained_cfg", {}).get("input_size")
-    return int(run.cfg.data.img_size or (stamped[-1] if stamped else image_input(run.teacher).img_size[-1]))
-
-
 def _describe(run: Conversion) -> None:
-    """Print both stages' plans before any work."""
     run.say(run.plan.describe())
     if not run.stage2_steps:
         run.say("stage 2: skipped (0 steps: schedule.epochs or schedule.max_steps is 0)")
@@ -347,9 +330,8 @@ def _describe(run: Conversion) -> None:
 
 
 def _place(run: Conversion, like: Conversion) -> None:
-    """Write the run's config, put both models on the device and take the probe images every
-    measurement uses (``like``'s, where it took them already: the students of a study are measured on the same
-    images)."""
+    """Write the run's config, put both models on the device and take the probe images (``like``'s: a study's
+    students are measured on the same images)."""
     if run.main:
         RunDir(run.run_dir).write_config(dump_config(run.cfg, "convert"))
     run.device = resolve_device(run.cfg.device)
@@ -384,11 +366,10 @@ def measure(run: Conversion, stage: str) -> None:
         "val_top1": top1,
         "val_hits": hits,  # one 0/1 per val image, in the loader's order: paired tests between students
     }
-    name = _STAGES[stage]
+    name = stage.replace("_stage", " stage ")  # after_stage1 -> after stage 1
     run.seconds[f"measure_{name}"] = time.monotonic() - start
-    top1, knn, features = res["val_top1"], res["knn"], res["features"]
-    kl = [row["value"] for row in res["end_to_end"]]
-    quality = [f"final-feature cosine (patch tokens) {features['feat_cos_patch']:.4f}"]
+    knn, kl = res["knn"], [row["value"] for row in res["end_to_end"]]
+    quality = [f"final-feature cosine (patch tokens) {res['features']['feat_cos_patch']:.4f}"]
     if knn and "knn_top1" in knn:
         quality.append(f"k-NN top-1 {knn['knn_top1']:.2f} (teacher {knn['knn_teacher_top1']:.2f})")
     if top1 is not None:
@@ -401,13 +382,8 @@ def measure(run: Conversion, stage: str) -> None:
 
 
 def _stage1(run: Conversion) -> Stage1Result:
-    """Stage 1: each new attention fitted to the teacher's (`conversion_stage1`), then measured."""
-    if run.plan.stage1_steps <= 0:
-        return stage1_done(run, None)
-    stage1 = run_stage1(
-        run.cfg, run.parts, run.plan, run.run_dir / "stage1", run.device, main=run.main, prefix=run.prefix
-    )
-    return stage1_done(run, stage1)
+    """Stage 1: each new attention fitted to the teacher's, then measured."""
+    return stage1_done(run, run.stage1_job().run() if run.plan.stage1_steps > 0 else None)
 
 
 def stage1_done(run: Conversion, stage1: Stage1Result | None) -> Stage1Result:
@@ -421,21 +397,18 @@ def stage1_done(run: Conversion, stage1: Stage1Result | None) -> Stage1Result:
 
 
 def _stage2(run: Conversion) -> dict[str, Any]:
-    """Stage 2: the converted student fine-tuned end to end (an ordinary training run in ``stage2/``),
-    then measured. Returns the report's ``stage2`` section."""
-    if run.stage2_steps <= 0:
-        return stage2_done(run, None)
-    return stage2_done(run, train(stage2_config(run), run.parts, command="convert"))
+    """Stage 2: an ordinary training run in ``stage2/``, then measured; the report's ``stage2`` section."""
+    trained = train(stage2_config(run), run.parts, command="convert") if run.stage2_steps > 0 else None
+    return stage2_done(run, trained)
 
 
 def stage2_config(run: Conversion) -> TrainConfig:
-    """Stage 2's run: the conversion's config in its folder ``stage2/``."""
     return apply_overrides(run.cfg, {"run_dir": str(run.run_dir / "stage2")})
 
 
 def stage2_done(run: Conversion, result: TrainResult | None, stopped: str | None = None) -> dict[str, Any]:
-    """The report's ``stage2`` section after stage 2 trained ``result`` (None: it did not run, or it
-    ``stopped`` early, saying why), and the student measured where it trained."""
+    """The report's ``stage2`` section (``result`` None: it did not run, or ``stopped`` says why it stopped),
+    and the student measured where it trained."""
     stage2: dict[str, Any] = {
         "steps": run.stage2_steps,
         "plan": run.stage2_plan.describe(),
@@ -472,10 +445,8 @@ def stage2_done(run: Conversion, result: TrainResult | None, stopped: str | None
 
 
 def _speeds(runs: list[Conversion]) -> list[dict[str, Any]]:
-    """Images/s of teacher, each student and the floor at the run's resolution, in the precision the run
-    trains in (bf16 autocast on GPU by default): a few forward batches of each, interleaved in one call
-    (convert.speed_repeats, convert.speed_batch_size); then the break-even sweep (convert.speed_sweep), each
-    side's students made as the runs' were (`_student_builder`). The teacher is timed once for all."""
+    """Images/s of teacher, each student and the floor at the run's size and precision, interleaved in one
+    call (the teacher timed once for all), then the break-even sweep, each side's students made as the runs'."""
     first = runs[0]
     c = first.cfg.convert
     shape = (c.speed_batch_size, *first.probe[0].shape[1:])
@@ -510,16 +481,11 @@ def _report(
     speed: dict[str, Any],
     operations: dict[str, Any],
 ) -> dict[str, Any]:
-    """report.json's content: what was converted, each stage, the agreement per layer, speed and time."""
     cfg, plan, parts, measured = run.cfg, run.plan, run.parts, run.measured
-    final_stage = next(s for s in reversed(_STAGES) if measured[s] is not None)
+    final_stage = next(s for s, _ in reversed(STAGE_ROWS) if measured[s] is not None)
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
     knn = {s: (m["knn"] if m else None) for s, m in measured.items()}
-    try:
-        val_size = len(parts.val_loader.dataset)
-    except TypeError:  # a dataset without a length
-        val_size = None
     return {
         "version": _REPORT_VERSION,
         "run_dir": str(run.run_dir),
@@ -534,7 +500,7 @@ def _report(
         "data": {
             "dataset": cfg.data.dataset,
             "labels": run.labelled,
-            "val_size": val_size,
+            "val_size": dataset_size(parts.val_loader),
             "agreement_images": sum(x.shape[0] for x in run.probe),
         },
         "plan": plan.to_dict(),
@@ -572,15 +538,6 @@ def _report(
         **({"stopped": run.stopped} if run.stopped else {}),
         **({"selection": measured_section(run, speed)} if run.selection else {}),
     }
-
-
-def _write_report(run: Conversion, report: dict[str, Any]) -> None:
-    """report.json and report.md (rank 0)."""
-    if not run.main:
-        return
-    atomic_write_json(run.run_dir / "report.json", report)
-    atomic_write_text(run.run_dir / "report.md", render_conversion_report(report))
-    run.say(f"report: {run.run_dir / 'report.md'}")
 
 
 def convert_main(cfg: TrainConfig) -> dict[str, Any]:

@@ -1,14 +1,5 @@
-"""A converted student's quality without a classifier, as `attnxfer convert` measures it at each stage.
-
-- Final-feature agreement with the teacher (`attnxfer.analysis.features`): mean cosine and relative error of
-  the final tokens, prefix and patch tokens apart, over the validation split (no label read).
-- Where the validation split has labels: k-NN top-1 of the teacher's and the student's embeddings
-  (`attnxfer.analysis.knn`: DINO's weighted vote, ``eval.knn_k`` neighbours at ``eval.knn_temperature``), with
-  Wilson intervals and the share of the teacher's top-1 the student recovers; the memory bank is
-  ``eval.knn_bank_size`` training images, evenly spaced and unaugmented.
-
-Both sum over the ranks of a joined process group, as the other measurements do.
-"""
+"""A converted student's quality without a classifier, at each stage: final-feature agreement with the
+teacher (no label read) and, where the data has labels, k-NN top-1 against the teacher's. Both sum over ranks."""
 
 from __future__ import annotations
 
@@ -28,8 +19,7 @@ from ..run.loaders import build_bank_loader, data_seed
 
 @dataclass
 class QualityProbe:
-    """What measures a student against ``teacher`` on ``val_loader``: its final-feature agreement, and its
-    k-NN top-1 where there is a labelled ``bank`` (None: the data has no labels)."""
+    """Measures a student against ``teacher`` on ``val_loader`` (k-NN where there is a labelled ``bank``)."""
 
     teacher: nn.Module
     val_loader: Iterable
@@ -40,8 +30,7 @@ class QualityProbe:
 
     @torch.no_grad()
     def features(self, student: nn.Module) -> dict[str, float]:
-        """``feat_cos_prefix``, ``feat_rel_err_prefix``, ``feat_cos_patch``, ``feat_rel_err_patch`` (groups with
-        tokens only), both models in eval mode (restored after)."""
+        """``feat_cos_prefix``, ``feat_rel_err_prefix``, ``feat_cos_patch``, ``feat_rel_err_patch``."""
         images = (x.to(self.device) for x, *_ in self.val_loader)
         return feature_agreement(student, self.teacher, images, reduce=self._sum_over_ranks).as_dict()
 
@@ -50,8 +39,7 @@ class QualityProbe:
         return torch.tensor(summed, dtype=torch.float64).view_as(sums)
 
     def knn(self, student: nn.Module) -> dict[str, Any] | None:
-        """k-NN top-1 of student and teacher (`KnnComparison.as_dict`) and the bank's size; None without
-        labels."""
+        """k-NN top-1 of student and teacher and the bank's size; None without labels."""
         if self.bank is None:
             return None
         result = knn_comparison(
@@ -64,7 +52,7 @@ class QualityProbe:
             temperature=self.temperature,
             reduce=self._sum_counts,
         )
-        return {**result.as_dict(), "knn_bank": _size(self.bank)}
+        return {**result.as_dict(), "knn_bank": dataset_size(self.bank)}
 
     def _sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         return torch.tensor(sum_over_ranks(counts.tolist(), self.device)).round().long()
@@ -73,7 +61,6 @@ class QualityProbe:
 def quality_probe(
     cfg: TrainConfig, teacher: nn.Module, val_loader: Any, device: torch.device, labelled: bool
 ) -> QualityProbe:
-    """The probe of a conversion: its val split, and its k-NN bank where the data has labels."""
     bank = None
     if labelled:
         bank = build_bank_loader(
@@ -82,7 +69,8 @@ def quality_probe(
     return QualityProbe(teacher, val_loader, device, bank, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
-def _size(loader: Any) -> int | None:
+def dataset_size(loader: Any) -> int | None:
+    """The size of a loader's dataset (None: a dataset without a length)."""
     try:
         return len(loader.dataset)
     except TypeError:
@@ -90,11 +78,9 @@ def _size(loader: Any) -> int | None:
 
 
 def stage2_worse(measured: dict[str, dict[str, Any] | None], steps: int) -> dict[str, Any] | None:
-    """Whether stage 2 left the student worse than stage 1 did, by the conversion's own quality measure: val
-    top-1 where the student is scored by labels, else the final-feature cosine with the teacher (patch
-    tokens: what label-free stage 2 trains), with k-NN top-1 beside it where there are labels. None: not
-    worse, or a stage not measured. Else the report's field: the measure, both values, the steps and a
-    sentence saying what to change."""
+    """The report's field where stage 2 left the student worse than stage 1 did, by val top-1 where scored by
+    labels, else the final-feature cosine with the teacher (what label-free stage 2 trains); None: not worse,
+    or a stage not measured."""
     before, after = measured.get("after_stage1"), measured.get("after_stage2")
     if not before or not after:
         return None

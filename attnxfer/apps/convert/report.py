@@ -22,12 +22,22 @@ STAGE_ROWS = (
 
 
 def value_text(v: Any, digits: int = 4) -> str:
-    """A measured value as the reports show it: floats to ``digits`` significant digits, a dash for none."""
+    """Floats to ``digits`` significant digits, a dash for none."""
     if v is None:
         return "—"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
+    return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+
+
+def ratio_text(v: float | None) -> str:
+    """Two decimals (a ratio, a top-1 in %); a dash for none."""
+    return "—" if v is None else f"{v:.2f}"
+
+
+def range_text(row: dict[str, Any], key: str) -> str:
+    """A ratio and, where kept, its [min, max] over the rounds: ``1.67 [1.52, 1.80]``."""
+    span = row.get(f"{key}_range")
+    value = ratio_text(row.get(key))
+    return f"{value} [{span[0]:.2f}, {span[1]:.2f}]" if span and row.get(key) is not None else value
 
 
 def top1_interval_text(top1: float | None, n: int | None) -> str:
@@ -39,7 +49,6 @@ def top1_interval_text(top1: float | None, n: int | None) -> str:
 
 
 def teacher_top1_line(top1: float | None, labelled: bool = True) -> str:
-    """The log line of the teacher's validation top-1, or why there is none."""
     return (
         f"teacher val top-1 {top1:.2f}"
         if top1 is not None
@@ -48,14 +57,12 @@ def teacher_top1_line(top1: float | None, labelled: bool = True) -> str:
 
 
 def final_stage(report: dict[str, Any]) -> str | None:
-    """The last stage measured (None in a report without per-stage features): its report key."""
+    """The key of the last stage measured (None in a report without per-stage features)."""
     features = report.get("features") or {}
     return next((s for s, _ in reversed(STAGE_ROWS) if features.get(s)), None)
 
 
 def _label_free_summary(report: dict[str, Any]) -> str:
-    """The student's quality without a head: k-NN top-1 against the teacher's where the data has labels,
-    and the final-feature cosine (patch tokens)."""
     stage = final_stage(report)
     if stage is None:
         return "student top-1 n/a"
@@ -75,8 +82,7 @@ def _label_free_summary(report: dict[str, Any]) -> str:
 
 
 def conversion_summary(report: dict[str, Any]) -> str:
-    """``attnxfer convert``'s last line: the student's top-1, against the teacher's where it has one; a
-    headless student's k-NN top-1 and final-feature agreement."""
+    """``attnxfer convert``'s last line: the student's top-1 against the teacher's, or its label-free quality."""
     teacher, student = report["top1"]["teacher"], report["student_top1"]
     student_text = "n/a" if student is None else f"{student:.2f}"
     if student is None and report.get("features"):
@@ -96,7 +102,7 @@ def conversion_summary(report: dict[str, Any]) -> str:
 
 
 def render_conversion_report(report: dict[str, Any]) -> str:
-    """The markdown view of a conversion's ``report.json``: what ran, top-1, map agreement, speed, operations."""
+    """The markdown view of a conversion's ``report.json``."""
     lines = [
         *_summary_section(report),
         *_top1_section(report),
@@ -113,10 +119,10 @@ def render_conversion_report(report: dict[str, Any]) -> str:
 
 
 def _summary_section(report: dict[str, Any]) -> list[str]:
-    """The title and what ran: teacher, data, both stages."""
     names = report["student"]["attention"]
     what = names[0] if len(set(names)) == 1 else "per-layer " + ", ".join(names)
-    stage1, stage2 = report["stage1"], report["stage2"]
+    stage1, stage2, classes = report["stage1"], report["stage2"], report["student"].get("num_classes")
+    worse = (report.get("stage2_worse") or {}).get("message")
     return [
         f"# Conversion report: softmax teacher -> {what}",
         "",
@@ -133,50 +139,35 @@ def _summary_section(report: dict[str, Any]) -> list[str]:
         f"- stage 2: {stage2['steps']} steps"
         + (f" ({stage2.get('seconds', 0):.0f} s)" if stage2["steps"] else " (skipped)")
         + (f", {stage2['objective']}" if stage2.get("objective") else ""),
-        *_student_line(report),
+        *(
+            []
+            if classes is None
+            else [
+                f"- student: a {classes}-class classifier"
+                if classes
+                else "- student: a headless encoder (num_classes=0; its final features are the output)"
+            ]
+        ),
         *([f"- stopped early (in a convert study): {report['stopped']}"] if report.get("stopped") else []),
-        *_stage2_worse_lines(report),
+        *(["", f"**Warning: {worse[0].upper()}{worse[1:]}.**"] if worse else []),
         "",
     ]
 
 
-def _stage2_worse_lines(report: dict[str, Any]) -> list[str]:
-    """Where stage 2 left the student worse than stage 1 did: what fell, by how much, and what to change."""
-    worse = report.get("stage2_worse")
-    if not worse:
-        return []
-    message = worse["message"]
-    return ["", f"**Warning: {message[0].upper()}{message[1:]}.**"]
-
-
-def _student_line(report: dict[str, Any]) -> list[str]:
-    classes = report["student"].get("num_classes")
-    if classes is None:
-        return []
-    return [
-        f"- student: a {classes}-class classifier"
-        if classes
-        else "- student: a headless encoder (num_classes=0; its final features are the output)"
-    ]
-
-
 def _top1_section(report: dict[str, Any]) -> list[str]:
-    """Top-1 of the teacher and of the student at each stage, with intervals and the share recovered; where
-    the data has no labels or the student no head, why there is none."""
-    top1 = report["top1"]
+    """Top-1 of the teacher and of the student at each stage, or why there is none."""
+    top1, head = report["top1"], ["## Top-1 (validation)", ""]
     if report["data"].get("labels") is False:
-        return ["## Top-1 (validation)", "", f"None: {NO_LABELS}.", ""]
+        return [*head, f"None: {NO_LABELS}.", ""]
     if report["student"].get("num_classes") == 0:
         return [
-            "## Top-1 (validation)",
-            "",
+            *head,
             "None: the student is a headless encoder (no classifier head); see k-NN top-1 and final-feature "
             "agreement.",
             "",
         ]
     lines = [
-        "## Top-1 (validation)",
-        "",
+        *head,
         f"95 % intervals: Wilson, on {report['data'].get('val_size') or '?'} validation images.",
         "",
         "| model | top-1 (%) | 95 % interval | of teacher's |",
@@ -199,13 +190,7 @@ def _top1_section(report: dict[str, Any]) -> list[str]:
     ]
 
 
-def _pct(v: float | None) -> str:
-    return "—" if v is None else f"{v:.2f}"
-
-
 def _knn_section(report: dict[str, Any]) -> list[str]:
-    """k-NN top-1 of the teacher's and the student's embeddings at each stage, with Wilson intervals and the
-    share of the teacher's top-1 the student recovers (paired bootstrap interval)."""
     stages = report.get("knn")
     if not stages:
         return []
@@ -221,7 +206,7 @@ def _knn_section(report: dict[str, Any]) -> list[str]:
         "",
         "| model | k-NN top-1 (%) | 95 % interval | of teacher's | 95 % interval |",
         "|---|---|---|---|---|",
-        f"| teacher (softmax) | {_pct(first['knn_teacher_top1'])} | "
+        f"| teacher (softmax) | {ratio_text(first['knn_teacher_top1'])} | "
         f"[{first['knn_teacher_top1_low']:.1f}, {first['knn_teacher_top1_high']:.1f}] | | |",
     ]
     for key, label in STAGE_ROWS:
@@ -234,15 +219,13 @@ def _knn_section(report: dict[str, Any]) -> list[str]:
             share = f"{100 * v['knn_share']:.1f}%"
             band = f"[{100 * v['knn_share_low']:.1f}, {100 * v['knn_share_high']:.1f}]"
         lines.append(
-            f"| {label} | {_pct(v['knn_top1'])} | [{v['knn_top1_low']:.1f}, {v['knn_top1_high']:.1f}] | "
+            f"| {label} | {ratio_text(v['knn_top1'])} | [{v['knn_top1_low']:.1f}, {v['knn_top1_high']:.1f}] | "
             f"{share} | {band} |"
         )
     return [*lines, ""]
 
 
 def _features_section(report: dict[str, Any]) -> list[str]:
-    """Final-feature agreement with the teacher at each stage: mean cosine and relative error, prefix and
-    patch tokens apart."""
     stages = report.get("features")
     if not stages:
         return []
@@ -265,7 +248,6 @@ def _features_section(report: dict[str, Any]) -> list[str]:
 
 
 def _agreement_section(report: dict[str, Any], which: str, title: str) -> list[str]:
-    """One table of per-layer map agreement at each stage (``which``: the report's agreement key)."""
     lines = [
         f"## Per-layer map agreement, {title}",
         "",
@@ -284,46 +266,31 @@ def _agreement_section(report: dict[str, Any], which: str, title: str) -> list[s
 
 
 def _speed_section(speed: dict[str, Any]) -> list[str]:
-    """The forward pass's time of teacher, student and their floor at the run's resolution (the floor's
-    images/s is the ceiling of any attention there, student / floor the share of it reached), and the
-    break-even sweep."""
+    """Teacher, student and their floor at the run's resolution, then the break-even sweep."""
+    precision = f", {speed['precision']}" if speed.get("precision") else ""
     lines = [
         "## Speed",
         "",
         f"Forward pass, batch {speed['batch']} of {speed['input']} ({speed['tokens']} tokens), {speed['device']}"
-        f" ({speed['threads']} threads{_precision(speed)}), median of {speed['repeats']} interleaved repeats: "
+        f" ({speed['threads']} threads{precision}), median of {speed['repeats']} interleaved repeats: "
         f"student {speed['student_ms']:.2f} ms, teacher {speed['teacher_ms']:.2f} ms: {_speedup_claim(speed)}",
         "",
     ]
     if "student_images_per_s" not in speed:  # reports written before images/s was measured lack it
         return lines
-    floor = "floor_images_per_s" in speed
-    cpu = "student_over_teacher_cpu" in speed
-    head = "| model | ms | images/s | × teacher | of the floor |" + (" × teacher (CPU time) |" if cpu else "")
-    rule = "|---|---|---|---|---|" + ("---|" if cpu else "")
-    lines += [head, rule]
-    teacher_of_floor = 1.0 / speed["floor_over_teacher"] if floor else None
-    rows = [("teacher (softmax)", "teacher", 1.0, teacher_of_floor, 1.0 if cpu else None)]
+    floor, cpu = "floor_images_per_s" in speed, "student_over_teacher_cpu" in speed
+    lines += [
+        "| model | ms | images/s | × teacher | of the floor |" + (" × teacher (CPU time) |" if cpu else ""),
+        "|---|---|---|---|---|" + ("---|" if cpu else ""),
+    ]
+    over_floor = speed.get("floor_over_teacher")
+    # (label, key prefix, × teacher, of the floor, × teacher in CPU time)
+    rows = [("teacher (softmax)", "teacher", 1.0, 1.0 / over_floor if floor else None, 1.0 if cpu else None)]
     if floor:
-        rows.append(
-            (
-                "floor (ceiling)",
-                "floor",
-                speed["floor_over_teacher"],
-                1.0,
-                speed.get("floor_over_teacher_cpu"),
-            )
-        )
+        rows.append(("floor (ceiling)", "floor", over_floor, 1.0, speed.get("floor_over_teacher_cpu")))
+    over = range_text(speed, "student_over_teacher") if "student_over_teacher" in speed else speed["speedup"]
     rows.append(
-        (
-            "student",
-            "student",
-            _with_range(speed, "student_over_teacher")
-            if "student_over_teacher" in speed
-            else speed["speedup"],
-            speed.get("student_over_floor"),
-            speed.get("student_over_teacher_cpu"),
-        )
+        ("student", "student", over, speed.get("student_over_floor"), speed.get("student_over_teacher_cpu"))
     )
     for label, name, over_teacher, of_floor, cpu_ratio in rows:
         shown = over_teacher if isinstance(over_teacher, str) else f"{over_teacher:.2f}"
@@ -345,7 +312,6 @@ def _speed_section(speed: dict[str, Any]) -> list[str]:
 
 
 def _speedup_claim(speed: dict[str, Any]) -> str:
-    """The student's speed over the teacher's with its spread over the rounds, or why it is withheld."""
     if speed.get("speedup_withheld"):
         return f"no speed-up is claimed: {speed['speedup_withheld']}."
     span = speed.get("speedup_range")
@@ -353,16 +319,9 @@ def _speedup_claim(speed: dict[str, Any]) -> str:
     return f"the student runs at **{speed['speedup']:.2f}x** the teacher's speed{spread}."
 
 
-def _with_range(row: dict[str, Any], key: str) -> str:
-    """A ratio and, where kept, its [min, max] over the rounds: ``1.67 [1.52, 1.80]``."""
-    span = row.get(f"{key}_range")
-    value = ratio_text(row.get(key))
-    return f"{value} [{span[0]:.2f}, {span[1]:.2f}]" if span and row.get(key) is not None else value
-
-
 def _selection_section(selection: dict[str, Any] | None) -> list[str]:
-    """``convert.attention=auto``'s choice: the budget, predicted and measured speedup, the times it was made
-    from, and per block the attention, each candidate's sensitivity and why."""
+    """``convert.attention=auto``'s choice: budget, predicted and measured speedup, the times it was made from,
+    and per block the attention, each candidate's sensitivity and why."""
     if not selection:
         return []
     names, metric, ms = selection["candidates"], selection["metric"], selection["ms"]
@@ -417,7 +376,7 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
     for row in rows:
         line = (
             f"| {row['resolution']} | {row['tokens'] if row['tokens'] is not None else '—'} | "
-            f"{row['teacher_ms']:.2f} | {row['student_ms']:.2f} | {_with_range(row, 'student_over_teacher')} |"
+            f"{row['teacher_ms']:.2f} | {row['student_ms']:.2f} | {range_text(row, 'student_over_teacher')} |"
         )
         if floor:
             line += f" {ratio_text(row.get('floor_over_teacher'))} | {ratio_text(row.get('student_over_floor'))} |"
@@ -436,15 +395,6 @@ def _sweep_lines(speed: dict[str, Any]) -> list[str]:
     else:
         verdict = f"Break-even: none found; the student is not faster than the teacher up to {top} px."
     return [*lines, *([""] if sweep.get("skipped") else []), verdict, ""]
-
-
-def ratio_text(v: float | None) -> str:
-    """A ratio with two decimals; a dash for none."""
-    return "—" if v is None else f"{v:.2f}"
-
-
-def _precision(speed: dict[str, Any]) -> str:
-    return f", {speed['precision']}" if speed.get("precision") else ""
 
 
 def _count(v: float | None) -> str:

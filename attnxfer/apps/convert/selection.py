@@ -1,38 +1,22 @@
 """``convert.attention=auto``: each block softmax or a candidate attention, chosen under a speed budget.
 
-Before the student is built, three measurements on the run's device decide the per-block list that the
-conversion then runs as any hybrid conversion (stage 1 fits only the efficient blocks, stage 2 as ever):
+1. **Time** first, so an infeasible budget stops before any training: the teacher, one softmax block and one
+   block of each candidate, interleaved; the student's time is the teacher's minus what swapped blocks save.
+2. **Sensitivity**: each candidate fitted in every block by stage 1, then the teacher with *only one block*
+   swapped is compared with the teacher (KL of class probabilities; headless: final features' relative
+   error). Not "an all-candidate student with one block given softmax back": the knapsack adds
+   sensitivities, true to first order around the model measured, and the teacher is the one model every
+   assignment is near; it also charges each block only its own error, not its neighbours' compounding ones.
+3. **Choice**: the exact multiple-choice knapsack (`attnxfer.transfer.selection.select`).
 
-1. **Time** (first, so an infeasible budget stops before any training): the teacher's forward, one softmax
-   attention block and one block of each candidate at the speed's token count (the run's, or
-   ``convert.speed_tokens``), interleaved in one call (`interleaved_timings`), ``convert.speed_batch_size``
-   images, in the run's precision. The student's time is predicted as the teacher's minus the attention
-   time the swapped blocks save.
-2. **Sensitivity**: each candidate is fitted in every block at once by stage 1 (``convert.selection_steps``;
-   stage 1 fits every block on the teacher's hidden input, so the blocks are independent fits), then for
-   every (block, candidate) the teacher with *only that block* swapped to its fitted candidate is compared
-   with the teacher on ``convert.selection_batches`` validation batches: the KL of its class probabilities
-   (a headless teacher: the relative squared error of its final features). Why this and not "an
-   all-candidate student with one block given softmax back": the knapsack adds sensitivities, which holds to
-   first order around the model they were measured at; the teacher is the one model every assignment is
-   near (under a budget of 1.25-2x most blocks keep softmax), it needs no choice of which candidate fills
-   the other blocks, and it charges each block only its own error (an all-efficient student's compounding
-   errors would be charged to whichever block is measured).
-3. **Choice** (`attnxfer.transfer.selection.select`): the exact multiple-choice knapsack that minimises the
-   summed sensitivity with predicted time <= teacher time / ``convert.speedup``.
-
-The choice, its measurements and one reason per block go to ``RUN_DIR/selection.json`` (atomic), into the
-report, and the resolved ``convert.attention`` list into the run's config. A resumed run reads the recorded
-choice and measures nothing (timings on a loaded machine would differ), its config judged by the one resume
-rule (`attnxfer.apps.run.resume.config_changes`) over the keys the choice read. The fits are measurement only:
-stage 1 then fits the chosen blocks from scratch as in any conversion (and resumes from its own checkpoints).
-Reusing them would save one fit in C + 1 (C candidates) but would hand stage 2 weights that no stage-1
-checkpoint, history or resume accounts for (and that the fits' shared gradient clipping coupled to blocks the
-student does not have).
+A resumed run reads the recorded ``selection.json`` and measures nothing (timings on a loaded machine would
+differ). The fits are measurement only: reusing them would hand stage 2 weights that no stage-1 checkpoint,
+history or resume accounts for.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -55,7 +39,6 @@ from ...models.efficient import build_efficient_student
 from ...models.efficient.hierarchical import flat_blocks
 from ...models.efficient.swap import teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
-from ...sources.teacher import load_teacher
 from ...speak import quiet, say
 from ...train.devices import resolve_precision
 from ...train.distributed import gather_objects
@@ -67,6 +50,7 @@ from ...transfer.conversion import ConversionPlan
 from ...transfer.selection import SOFTMAX, InfeasibleBudget, fastest, reasons, select
 from ..run.parts import RunParts
 from ..run.resume import config_changes
+from .speed import rebuilt_teacher
 from .stage1 import STAGE1_KEYS, stage1_batches
 
 SELECTION_FILE = "selection.json"
@@ -136,9 +120,7 @@ def choose_attentions(
     prefix: str = "",
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
     """``cfg`` with ``convert.attention=auto`` resolved to one name per block, and the selection's record
-    (the run's recorded choice where there is one, else measured now and recorded); other configs as they
-    are, with None. Under several ranks every rank takes rank 0's choice. Its lines start with ``prefix`` (a
-    study's student name)."""
+    (recorded earlier, else measured now; every rank takes rank 0's); other configs as they are."""
     path = Path(cfg.run_dir) / SELECTION_FILE
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -150,17 +132,13 @@ def choose_attentions(
         record = gather_objects(record)[0]
         if main:
             atomic_write_json(path, record)
-    say(prefix + selection_line(record))
-    return apply_overrides(cfg, {"convert.attention": record["attention"]}), record
-
-
-def selection_line(record: dict[str, Any]) -> str:
     names = ", ".join(f"{i}:{n}" for i, n in enumerate(record["attention"]))
-    return (
-        f"convert.attention=auto: blocks {names}; predicted {record['predicted_speedup']:.2f}x the teacher "
-        f"at {record['tokens']:,} tokens (budget {record['speedup']:g}x), summed {record['metric']} "
+    say(
+        f"{prefix}convert.attention=auto: blocks {names}; predicted {record['predicted_speedup']:.2f}x the "
+        f"teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x), summed {record['metric']} "
         f"{record['total_sensitivity']:.3g}"
     )
+    return apply_overrides(cfg, {"convert.attention": record["attention"]}), record
 
 
 def _recorded(cfg: TrainConfig, path: Path, prefix: str) -> dict[str, Any] | None:
@@ -203,8 +181,7 @@ def _memo(teacher: nn.Module, what: str, cfg: TrainConfig, measure: Callable[[],
 def measure_selection(
     cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor, prefix: str = ""
 ) -> dict[str, Any]:
-    """Time the candidates, refuse an infeasible budget, fit and measure the sensitivities, choose (the
-    module's steps 1-3); the record `selection.json` holds."""
+    """The module's steps 1-3: the record `selection.json` holds."""
     c, teacher = cfg.convert, parts.teacher
     if flat_blocks(teacher) is None:
         raise InputError(
@@ -277,20 +254,40 @@ def _measured_sensitivities(
     plan_for: PlanFor,
     prefix: str,
 ) -> tuple[str, list[dict[str, float]], dict[str, str]]:
-    """Each candidate fitted in every block (a fit that diverges leaves it out: infinite sensitivity), then
-    `sensitivities` on the first ``convert.selection_batches`` validation batches; (metric, rows, failed)."""
-    fitted, failed = {}, {}
-    for name in cfg.convert.candidates:
+    """Each candidate fitted in every block by ``steps`` of stage 1, as the run's stage 1 would fit it (a fit
+    that diverges is left out: infinite sensitivity), then `sensitivities`; (metric, rows, failed)."""
+    fitted, failed, c = {}, {}, cfg.convert
+    for name in c.candidates:
         start = time.monotonic()
+        torch.manual_seed(cfg.seed)
+        fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
+        student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
+        plan = plan_for(fit_cfg, student)
+        if not plan.active:
+            say(
+                f"{prefix}convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
+                "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
+            )
         try:
-            fitted[name] = _fit(cfg, parts, name, steps, device, plan_for, prefix)
+            with quiet():  # one line per candidate fitted, not the fit's own
+                stage1_transfer(
+                    parts.teacher,
+                    student,
+                    plan,
+                    stage1_batches(cfg, parts, plan.stage1_batch_size, device),
+                    warmup_steps=c.stage1_warmup_steps,
+                    weight_decay=c.stage1_weight_decay,
+                    clip_grad=c.stage1_clip_grad,
+                    log_every=steps,
+                )
+            fitted[name] = student.eval()
             say(
                 f"{prefix}convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
             )
         except NonFiniteLossError as e:
             failed[name] = str(e)
             say(f"{prefix}convert.attention=auto: {name} left out (its fit diverged: {e})")
-    batches = [x.to(device) for x, *_ in _take(parts.val_loader, cfg.convert.selection_batches)]
+    batches = [x.to(device) for x, *_ in itertools.islice(parts.val_loader, cfg.convert.selection_batches)]
     metric, rows = sensitivities(parts.teacher, fitted, batches)
     for row in rows:
         row.update(dict.fromkeys(failed, math.inf))
@@ -323,27 +320,12 @@ def speed_geometry(cfg: TrainConfig, teacher: nn.Module, run_side: int) -> tuple
     return tokens, grid * patch
 
 
-def _teacher_at(
-    cfg: TrainConfig, teacher: nn.Module, side: int, run_side: int, device: torch.device
-) -> nn.Module:
-    """The teacher at ``side``: the run's own, or rebuilt there with random weights (speed does not depend on
-    them)."""
-    if side == run_side:
-        return teacher
-    t = cfg.teacher
-    rebuilt, _ = load_teacher(
-        t.spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
-    )
-    return rebuilt.to(device=device, dtype=torch.float32).eval()
-
-
 @torch.no_grad()
 def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> dict[str, Any]:
-    """Milliseconds of the teacher's forward, one softmax attention block and one block of each candidate at
-    the speed's token count, interleaved in one call (medians of ``convert.speed_repeats`` rounds)."""
+    """Milliseconds of the teacher, one softmax block and one block of each candidate, interleaved in one call."""
     c = cfg.convert
     tokens, side = speed_geometry(cfg, parts.teacher, parts.img_size)
-    teacher = _teacher_at(cfg, parts.teacher, side, parts.img_size, device)
+    teacher = parts.teacher if side == parts.img_size else rebuilt_teacher(cfg, side, device)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(c.speed_batch_size, parts.in_chans, side, side, generator=g).to(device)
     soft = flat_blocks(teacher)[0].attn
@@ -370,48 +352,27 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
     }
 
 
-def _fit(
-    cfg: TrainConfig,
-    parts: RunParts,
-    name: str,
-    steps: int,
-    device: torch.device,
-    plan_for: PlanFor,
-    prefix: str,
-) -> nn.Module:
-    """A student with ``name`` in every block after ``steps`` of stage 1 (as the run's stage 1 would fit it)."""
-    torch.manual_seed(cfg.seed)
-    fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
-    student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
-    plan = plan_for(fit_cfg, student)
-    c = cfg.convert
-    if not plan.active:
-        say(
-            f"{prefix}convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
-            "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
-        )
-    with quiet():  # one line per candidate fitted, not the fit's own
-        stage1_transfer(
-            parts.teacher,
-            student,
-            plan,
-            stage1_batches(cfg, parts, plan.stage1_batch_size, device),
-            warmup_steps=c.stage1_warmup_steps,
-            weight_decay=c.stage1_weight_decay,
-            clip_grad=c.stage1_clip_grad,
-            log_every=steps,
-        )
-    return student.eval()
-
-
 @torch.no_grad()
 def sensitivities(
     teacher: nn.Module, fitted: dict[str, nn.Module], batches: list[torch.Tensor]
 ) -> tuple[str, list[dict[str, float]]]:
     """Per block, per fitted candidate: how far the teacher moves with only that block swapped to the
-    candidate's fitted attention (`output_distance`); and the metric's name."""
+    candidate's fitted attention, mean over images: KL(teacher ‖ swapped) of class probabilities; headless:
+    ||swapped - teacher||² / ||teacher||² of the final features. And the metric's name."""
     headless = not getattr(teacher, "num_classes", 0)
-    reference = [_output(teacher, x, headless) for x in batches]
+
+    def output(x: torch.Tensor) -> torch.Tensor:
+        return (teacher.forward_features(x) if headless else teacher(x)).float()
+
+    def distance(ref: torch.Tensor, out: torch.Tensor) -> float:
+        if headless:
+            ref, out = ref.flatten(1), out.flatten(1)
+            return float(((out - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-12)).mean())
+        return float(
+            F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), log_target=True, reduction="batchmean")
+        )
+
+    reference = [output(x) for x in batches]
     blocks = flat_blocks(teacher)
     rows: list[dict[str, float]] = [{} for _ in blocks]
     for name, student in fitted.items():
@@ -420,8 +381,7 @@ def sensitivities(
             block.attn = swapped.attn
             try:
                 total = sum(
-                    x.shape[0] * output_distance(ref, _output(teacher, x, headless), headless)
-                    for ref, x in zip(reference, batches, strict=True)
+                    x.shape[0] * distance(ref, output(x)) for ref, x in zip(reference, batches, strict=True)
                 )
             finally:
                 block.attn = own
@@ -429,34 +389,16 @@ def sensitivities(
     return ("feature_error" if headless else "kl"), rows
 
 
-def _output(model: nn.Module, x: torch.Tensor, headless: bool) -> torch.Tensor:
-    return (model.forward_features(x) if headless else model(x)).float()
-
-
-def output_distance(reference: torch.Tensor, other: torch.Tensor, headless: bool) -> float:
-    """KL(teacher ‖ other) of class probabilities, mean over images; headless: ||other - teacher||² /
-    ||teacher||² of the final features, mean over images."""
-    if headless:
-        ref, out = reference.flatten(1), other.flatten(1)
-        return float(((out - ref).pow(2).sum(1) / ref.pow(2).sum(1).clamp_min(1e-12)).mean())
-    return float(
-        F.kl_div(
-            F.log_softmax(other, -1), F.log_softmax(reference, -1), log_target=True, reduction="batchmean"
-        )
-    )
-
-
 def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
     """The report's ``selection`` of a `Conversion` ``run``: its record (less the config) and the student's
-    measured speedup at the selection's token count (the report's own speed where that is the run's; else
-    teacher and student rebuilt there and timed as the report times them)."""
+    measured speedup at the selection's token count (the report's own where that is the run's)."""
     cfg, record, parts = run.cfg, run.selection, run.parts
     section = {k: v for k, v in record.items() if k != "config"}
     if record["side"] == speed["input"][-1] and record["batch"] == speed["batch"]:
         section["measured_speedup"] = speed["speedup"]
         section["measured_speedup_cpu"] = speed.get("student_over_teacher_cpu")
     else:
-        teacher = _teacher_at(cfg, parts.teacher, record["side"], -1, run.device)
+        teacher = rebuilt_teacher(cfg, record["side"], run.device)
         student = build_efficient_student(teacher, record["attention"], **cfg.convert.attention_kwargs)
         x = torch.randn(record["batch"], parts.in_chans, record["side"], record["side"]).to(run.device)
         precision = resolve_precision(cfg.precision, run.device)
@@ -476,23 +418,3 @@ def measured_section(run: Any, speed: dict[str, Any]) -> dict[str, Any]:
         + f" the teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x)"
     )
     return section
-
-
-def stand_in(
-    make: Callable[[nn.Module | None, int], nn.Module],
-) -> Callable[[nn.Module | None, int], nn.Module]:
-    """``make`` (a student builder) drawing nothing from the run's random streams: the student that stands
-    in while the attentions are chosen leaves the chosen student's initialisation to the seed alone."""
-
-    def build(teacher: nn.Module | None, num_classes: int) -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
-            return make(teacher, num_classes)
-
-    return build
-
-
-def _take(loader, n: int):
-    for i, batch in enumerate(loader):
-        if i >= n:
-            break
-        yield batch

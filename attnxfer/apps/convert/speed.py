@@ -1,14 +1,9 @@
 """The conversion report's speed: teacher, student and their floor at the run's size, and the break-even size.
 
-At the run's resolution the trained teacher and student are timed beside the floor (`floor_model`: the teacher
-whose attention projects but mixes no tokens), so the report says what the resolution allows (floor / teacher,
-the ceiling of every efficient attention there) and how much of it the student reaches (student / floor). A
-short sweep over larger sides (``convert.speed_sweep``) then finds the smallest one where the student beats the
-teacher on the run's device. Speed does not depend on weights, so each side's teacher is the run's teacher
-rebuilt there with random weights (`load_teacher`, as its family builds it at another size) and its student is
-made from it as the run made its own. A convert study's students are timed in the same calls as one
-teacher and one floor (`conversion_speeds`). The measuring is `attnxfer.train.speed`'s; this module picks the sides
-and reads the config.
+The floor (the teacher whose attention mixes no tokens) is the ceiling of every attention at a resolution, so
+the report says how much of it the student reaches. Speed does not depend on weights, so each sweep side's
+teacher is rebuilt there with random weights. The measuring is `attnxfer.train.speed`'s; this module picks the
+sides and reads the config.
 """
 
 from __future__ import annotations
@@ -38,11 +33,9 @@ _SWEEP_KEY = "convert.speed_sweep"
 
 
 def sweep_sides(cfg: TrainConfig, teacher: nn.Module, side: int) -> tuple[list[int], float | None]:
-    """The sides the break-even sweep measures and its time budget (None: no limit), checked before any work.
-
-    ``convert.speed_sweep`` null: the run's side times `DEFAULT_SWEEP_MULTIPLES`, each raised to the next side
-    the teacher's family runs at, within `SWEEP_BUDGET_S`; ``[]``: no sweep; a list: exactly those sides, a
-    side the family cannot run at refused here, naming the key and the nearest sides that work."""
+    """The sides the break-even sweep measures and its time budget (None: no limit), checked before any work:
+    ``convert.speed_sweep`` null, the run's side times `DEFAULT_SWEEP_MULTIPLES` (each raised to the next side
+    the family runs at) within `SWEEP_BUDGET_S`; a list, exactly those sides."""
     listed = cfg.convert.speed_sweep
     if listed is not None:
         for s in listed:
@@ -64,14 +57,6 @@ def sweep_sides(cfg: TrainConfig, teacher: nn.Module, side: int) -> tuple[list[i
     return sorted(set(sides)), SWEEP_BUDGET_S
 
 
-def _floor_or_why(teacher: nn.Module) -> tuple[nn.Module | None, str | None]:
-    """The teacher's floor, or why there is none (a teacher `floor_model` cannot swap)."""
-    try:
-        return floor_model(teacher), None
-    except InputError as e:
-        return None, str(e)
-
-
 def conversion_speeds(
     cfg: TrainConfig,
     teacher: nn.Module,
@@ -84,14 +69,13 @@ def conversion_speeds(
     autocast: torch.dtype | None,
 ) -> dict[str, dict[str, Any]]:
     """The report's ``speed`` section of each student (by name) of one teacher: teacher, student and floor on
-    ``x`` (the run's size and ``convert.speed_batch_size``; ``speedup`` = student / teacher images/s),
-    ``floor_refused`` (why there is no floor, or None), the ``sweep`` over ``sides`` at batch 1 (rows, skipped
-    sides with the reason, or ``off`` saying why there is none; ``make_students`` makes every student from the
-    teacher rebuilt at a side) and ``break_even``. The teacher and the floor are timed once for all students,
-    in the same interleaved calls (`forward_speeds`): one student is a conversion's, several a convert
-    study's. It says why a floor is missing; `speed_lines` says the rest."""
-    floor, refused = _floor_or_why(teacher)
-    if refused:
+    ``x``, timed in the same interleaved calls (the teacher and floor once for all), then the ``sweep`` over
+    ``sides`` at batch 1 (``make_students`` makes every student from the teacher rebuilt at a side)."""
+    floor, refused = None, None
+    try:
+        floor = floor_model(teacher)
+    except InputError as e:  # a teacher `floor_model` cannot swap
+        refused = str(e)
         say(f"speed: no floor measured ({refused})")
     rows = forward_speeds(
         teacher, students, x, floor=floor, repeats=cfg.convert.speed_repeats, autocast=autocast
@@ -105,7 +89,11 @@ def conversion_speeds(
             "speedup": row["student_over_teacher"],
             "speedup_range": row.get("student_over_teacher_range"),
             # why the speed-up is not claimed (its rounds disagree), or None
-            "speedup_withheld": _withheld(ratio_contradicts(row)),
+            "speedup_withheld": (
+                None
+                if (why := ratio_contradicts(row)) is None
+                else f"{why}: rerun on an idle machine, or with more rounds (convert.speed_repeats)"
+            ),
             "floor_refused": refused,
             "sweep": sweeps[name],
             **checked_break_even(row, sweeps[name]),
@@ -114,18 +102,10 @@ def conversion_speeds(
     }
 
 
-def _withheld(why: str | None) -> str | None:
-    """The sentence that withholds a speed claim (None: nothing to withhold)."""
-    if why is None:
-        return None
-    return f"{why}: rerun on an idle machine, or with more rounds (convert.speed_repeats)"
-
-
 def checked_break_even(main: dict[str, Any], sweep: dict[str, Any]) -> dict[str, Any]:
     """``break_even`` (the sweep's smallest side where the student beats the teacher) where the measurements
-    agree with it, else None and ``break_even_withheld`` saying why: the rounds at that side put the student on
-    both sides of 1, or a side at least as large (a sweep row, or the main measurement at the run's side) has
-    the student slower than the teacher."""
+    agree with it, else None and ``break_even_withheld`` saying why: the rounds at that side disagree, or a
+    side at least as large (a sweep row, or the main measurement) has the student slower."""
     side = sweep.get("break_even")
     if side is None:
         return {"break_even": None, "break_even_withheld": None}
@@ -150,8 +130,7 @@ def checked_break_even(main: dict[str, Any], sweep: dict[str, Any]) -> dict[str,
 
 
 def speed_lines(speed: dict[str, Any]) -> list[str]:
-    """What the log says of a student's ``speed`` section: its images/s against the teacher's (and the floor's),
-    and the break-even side."""
+    """What the log says of a student's ``speed`` section."""
     ceiling = (
         f"; floor {speed['floor_over_teacher']:.2f}x the teacher, the student reaches "
         f"{speed['student_over_floor']:.2f} of it"
@@ -167,8 +146,7 @@ def speed_lines(speed: dict[str, Any]) -> list[str]:
 
 
 def speedup_text(speed: dict[str, Any]) -> str:
-    """The student's speed over the teacher's with its spread over the rounds (``1.67x (1.52x-1.80x over 20
-    rounds)``), or that it is withheld and why."""
+    """``1.67x (1.52x-1.80x over 20 rounds)``, or that the speed-up is withheld and why."""
     if speed.get("speedup_withheld"):
         return f"speed-up withheld: {speed['speedup_withheld']}"
     span = speed.get("speedup_range")
@@ -186,21 +164,15 @@ def _sweep(
     autocast: torch.dtype | None,
     with_floor: bool,
 ) -> dict[str, dict[str, Any]]:
-    """`break_even_sweeps` over ``sides``, each teacher rebuilt from ``teacher.spec`` with random weights; the
-    same section for every student where there is no sweep."""
-    spec = cfg.teacher.spec
+    """`break_even_sweeps` over ``sides``, each teacher rebuilt with random weights (`rebuilt_teacher`)."""
     off = f"{_SWEEP_KEY} is []" if not sides else None
-    if off is None and not spec:
+    if off is None and not cfg.teacher.spec:
         off = "the teacher was passed in, not named by teacher.spec"
     if off is not None:
         return {name: {"sides": sides, "rows": [], "skipped": [], "off": off} for name in names}
-    t = cfg.teacher
 
     def build(side: int) -> tuple[nn.Module, dict[str, nn.Module]]:
-        teacher, _ = load_teacher(
-            spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
-        )
-        teacher = teacher.to(device=device, dtype=torch.float32).eval()
+        teacher = rebuilt_teacher(cfg, side, device)
         return teacher, {name: student.to(device) for name, student in make_students(teacher).items()}
 
     start = time.monotonic()
@@ -212,6 +184,15 @@ def _sweep(
         name: {"sides": sides, "budget_s": budget_s, "off": None, **sweep, "seconds": seconds}
         for name, sweep in sweeps.items()
     }
+
+
+def rebuilt_teacher(cfg: TrainConfig, side: int, device: torch.device) -> nn.Module:
+    """``teacher.spec`` built at ``side`` with random weights: speed does not depend on them."""
+    t = cfg.teacher
+    teacher, _ = load_teacher(
+        t.spec, arch=t.arch, revision=t.revision, cache_dir=t.cache_dir, img_size=side, pretrained=False
+    )
+    return teacher.to(device=device, dtype=torch.float32).eval()
 
 
 def _break_even_line(speed: dict[str, Any]) -> str:

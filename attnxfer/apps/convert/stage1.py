@@ -1,12 +1,5 @@
-"""Stage 1 of `attnxfer convert` as a run: its batches, the checkpoints it saves, and picking it up again.
-
-Stage 1 saves through the same checkpoint store as every run (`attnxfer.checkpoints.store`: atomic, hashed,
-verified) in ``RUN_DIR/stage1/checkpoints``: every ``checkpoint.every_steps`` steps, on SIGTERM, and when it
-completes (the student's weights, the optimiser until it completes, and a JSON state: its step, seconds,
-history, plan, config, teacher and data). A second ``attnxfer convert`` into the same run dir resumes it
-through `attnxfer.apps.run.resume` like any run (the same rule for what may change, compared over the keys stage
-1 reads) and goes straight to stage 2 once it is complete.
-"""
+"""Stage 1 of `attnxfer convert` as a run: its batches, its checkpoints (the store every run saves through),
+and picking it up again by the one resume rule, compared over the keys stage 1 reads."""
 
 from __future__ import annotations
 
@@ -32,7 +25,7 @@ from ...data import ResumableSampler, build_loader, data_identity
 from ...errors import InputError
 from ...speak import say
 from ...train.distributed import rank_and_world
-from ...train.stage1 import Stage1Fit, Stage1Result, stage1_transfer
+from ...train.stage1 import Stage1Result, stage1_transfer
 from ...transfer.conversion import ConversionPlan
 from ..run.loaders import data_seed
 from ..run.parts import RunParts
@@ -57,18 +50,10 @@ STAGE1_KEYS = (
 )
 
 
-def run_stage1(*args: Any, **kwargs: Any) -> Stage1Result:
-    """Stage 1 into its folder, alone: `open_stage1` (the same arguments), then `Stage1Job.run` (what an
-    earlier run completed, else the fit to its end)."""
-    return open_stage1(*args, **kwargs).run()
-
-
 @dataclass
 class Stage1Job:
-    """One student's stage 1 as a run, opened (`open_stage1`): ``done``, the complete result an earlier run
-    left (loaded into the student), or where the fit goes on: the `Stage1Fit` options (its optimiser, step
-    and history from a stopped run, its saves) and ``first_batch``, the place in `stage1_batches` of the
-    batch its next step reads. `run` drives it alone; a convert study drives several on one stream."""
+    """One student's stage 1, opened: ``done``, the complete result an earlier run left, or where the fit goes
+    on (the `Stage1Fit` options, and ``first_batch``: the place in `stage1_batches` its next step reads)."""
 
     saved: _Stage1Saves
     device: torch.device
@@ -78,8 +63,7 @@ class Stage1Job:
     earlier: float = 0.0  # seconds spent by the runs it goes on from
 
     def run(self) -> Stage1Result:
-        """Stage 1 alone: what an earlier run completed, else the fit to its end on its own batches
-        (`stage1_transfer`), saved as complete."""
+        """Stage 1 alone: what an earlier run completed, else the fit to its end on its own batches."""
         if self.done is not None:
             return self.done
         s = self.saved
@@ -88,18 +72,12 @@ class Stage1Job:
         )
         return self.finish(stage1_transfer(s.parts.teacher, s.parts.student, s.plan, batches, **self.options))
 
-    def fit(self) -> Stage1Fit:
-        """The step-at-a-time fit (enter it before stepping)."""
-        parts = self.saved.parts
-        return Stage1Fit(parts.teacher, parts.student, self.saved.plan, **self.options)
-
     @property
     def batch_offset(self) -> int:
         """Place in the batch stream minus steps done (non-zero where a resume on other data restarts it)."""
         return self.first_batch - self.options.get("start_step", 0)
 
     def finish(self, stage1: Stage1Result) -> Stage1Result:
-        """The fit's result with the earlier runs' seconds, saved as complete."""
         stage1.seconds += self.earlier
         self.saved.save(stage1.steps, None, stage1, complete=True)
         return stage1
@@ -117,10 +95,25 @@ def open_stage1(
 ) -> Stage1Job:
     """Stage 1 into ``folder``, as far as an earlier run left it: complete (its weights loaded into the
     student), stopped at a step (weights and optimiser loaded; unless ``checkpoint.resume=none``), or not
-    started. Rank 0 (``main``) alone writes files; every line it says starts with ``prefix`` (a study's
-    student name)."""
+    started. Rank 0 (``main``) alone writes files."""
     saved = _Stage1Saves(cfg, parts, plan, folder, main)
-    point = saved.resume_point(prefix)
+    # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
+    fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
+    found = None if fresh else ResumePoint.find(folder, "auto")
+    # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
+    point = judge(
+        found, cfg, compared=STAGE1_KEYS, run_dir=folder, what="stage 1", command="convert", prefix=prefix
+    )
+    if point is not None:
+        check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
+        if point.record("plan") != json.loads(json.dumps(plan.to_dict())):
+            raise InputError(
+                f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
+                "checkpoint.resume=none to redo stage 1"
+            )
+        # on other data the step and weights go on; the batches restart
+        if not check_same_data(point, saved.data, cfg, prefix=prefix):
+            point = dataclasses.replace(point, restart_epoch=True)
     if point is not None and point.record("complete"):
         parts.student.load_state_dict(point.load_tensors(str(device))["model"])
         say(f"{prefix}stage 1: resumed from {point.path} ({point.step} steps done earlier)")
@@ -128,53 +121,45 @@ def open_stage1(
             point.step, point.record("seconds"), point.record("history"), True, point.record("memory")
         )
         return Stage1Job(saved, device, done)
-    fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
     legacy = _legacy_result(parts.student, folder, plan) if point is None and not fresh else None
     if legacy is not None:
         say(f"{prefix}stage 1: resumed from {folder} ({legacy.steps} steps done earlier)")
         return Stage1Job(saved, device, legacy)
+    earlier, done, optimizer_state = 0.0, 0, None
     if point is not None:
         say(f"{prefix}stage 1: resumed from {point.path} (step {point.step} of {plan.stage1_steps})")
-    return _continued(cfg, saved, device, point, prefix)
+        earlier, done = point.record("seconds"), point.step
+        tensors = point.load_tensors(str(device))
+        parts.student.load_state_dict(tensors["model"])
+        optimizer_state = optimizer_state_from_tensors(tensors["optimizer"], point.record("optimizer_meta"))
+
+    def save(step: int, state: dict[str, Any], result: Stage1Result) -> str | None:
+        return saved.save(step, state, dataclasses.replace(result, seconds=result.seconds + earlier))
+
+    c = cfg.convert
+    options = {
+        "warmup_steps": c.stage1_warmup_steps,
+        "weight_decay": c.stage1_weight_decay,
+        "clip_grad": c.stage1_clip_grad,
+        "log_every": cfg.log.every_steps,
+        "prefix": prefix,
+        "start_step": done,
+        "optimizer_state": optimizer_state,
+        "history": point.record("history") if point else (),
+        "on_save": save,
+        "save_every": cfg.checkpoint.every_steps,
+    }
+    first = 0 if point is not None and point.restart_epoch else done
+    return Stage1Job(saved, device, None, options, first, earlier)
 
 
 class _Stage1Saves:
     """Where stage 1's checkpoints go and what each holds (rank 0 writes; every rank reads)."""
 
     def __init__(self, cfg: TrainConfig, parts: RunParts, plan: ConversionPlan, folder: Path, main: bool):
-        self.cfg, self.parts, self.plan, self.folder, self.main = cfg, parts, plan, folder, main
+        self.cfg, self.parts, self.plan, self.main = cfg, parts, plan, main
         self.data = data_identity(parts.train_loader.dataset)
         self.manager = CheckpointManager(folder, keep_last=1)
-
-    def resume_point(self, prefix: str) -> ResumePoint | None:
-        """The stage-1 checkpoint to go on from, judged as any resume (over `STAGE1_KEYS`), its teacher by
-        content and its data by identity; None: stage 1 starts."""
-        cfg = self.cfg
-        # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
-        fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
-        found = None if fresh else ResumePoint.find(self.folder, "auto")
-        point = judge(
-            found,
-            cfg,
-            compared=STAGE1_KEYS,
-            run_dir=self.folder,
-            what="stage 1",
-            command="convert",
-            prefix=prefix,
-        )
-        if point is None:
-            return None
-        check_teacher_content(point, self.parts.teacher_record, cfg.teacher.spec, run=self.folder)
-        if point.record("plan") != json.loads(json.dumps(self.plan.to_dict())):
-            raise InputError(
-                f"{point.path} holds a stage 1 of a different conversion plan; use a new run_dir or "
-                "checkpoint.resume=none to redo stage 1"
-            )
-        if not check_same_data(
-            point, self.data, cfg, prefix=prefix
-        ):  # the step and weights go on; the batches restart
-            return dataclasses.replace(point, restart_epoch=True)
-        return point
 
     def save(
         self,
@@ -202,42 +187,6 @@ class _Stage1Saves:
         if optimizer_state is not None:
             tensors["optimizer"], state["optimizer_meta"] = optimizer_state_to_tensors(optimizer_state)
         return str(self.manager.save(step, tensors, state, replace=True))
-
-
-def _continued(
-    cfg: TrainConfig,
-    saved: _Stage1Saves,
-    device: torch.device,
-    point: ResumePoint | None,
-    prefix: str,
-) -> Stage1Job:
-    """The fit from the step ``point`` saved (or 0), its saves counting the earlier runs' seconds."""
-    earlier = point.record("seconds") if point else 0.0
-    done = point.step if point else 0
-    optimizer_state = None
-    if point is not None:
-        tensors = point.load_tensors(str(device))
-        saved.parts.student.load_state_dict(tensors["model"])
-        optimizer_state = optimizer_state_from_tensors(tensors["optimizer"], point.record("optimizer_meta"))
-
-    def save(step: int, state: dict[str, Any], result: Stage1Result) -> str | None:
-        return saved.save(step, state, dataclasses.replace(result, seconds=result.seconds + earlier))
-
-    c = cfg.convert
-    options = {
-        "warmup_steps": c.stage1_warmup_steps,
-        "weight_decay": c.stage1_weight_decay,
-        "clip_grad": c.stage1_clip_grad,
-        "log_every": cfg.log.every_steps,
-        "prefix": prefix,
-        "start_step": done,
-        "optimizer_state": optimizer_state,
-        "history": point.record("history") if point else (),
-        "on_save": save,
-        "save_every": cfg.checkpoint.every_steps,
-    }
-    first = 0 if point is not None and point.restart_epoch else done
-    return Stage1Job(saved, device, None, options, first, earlier)
 
 
 def _cycle(loader, sampler, start: int = 0) -> Iterator[torch.Tensor]:
@@ -279,8 +228,8 @@ def stage1_batches(
 
 
 def _legacy_result(student: nn.Module, folder: Path, plan: ConversionPlan) -> Stage1Result | None:
-    """A complete stage 1 written before stage 1 saved through the checkpoint store (``student.safetensors``
-    and ``stage1.json`` in the folder), loaded into ``student``; None where there is none."""
+    """A complete stage 1 written before it saved through the checkpoint store (``student.safetensors`` and
+    ``stage1.json``), loaded into ``student``; None where there is none."""
     weights, info = folder / "student.safetensors", folder / "stage1.json"
     if not (weights.is_file() and info.is_file()):
         return None

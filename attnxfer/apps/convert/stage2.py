@@ -1,11 +1,8 @@
 """What stage 2 of `attnxfer convert` optimises, and so which head the converted student gets.
 
-A classifier teacher on labelled data keeps the labelled stage 2 (the task loss on its head, with
-``transfer.feature_distill`` available beside it). A headless teacher (MAE, DINOv2/v3, CLIP/SigLIP towers,
-EVA-02 encoders) converts into a headless encoder: stage 2 pulls the student's final token features onto the
-teacher's (feature distillation) with no task loss, so no label is read and no head is needed; so does any
-conversion on data without labels. ``transfer.task_weight`` / ``transfer.feature_distill`` left null take
-these defaults; set, they are taken as they are. The choice, and why, is printed and kept in report.json.
+A classifier teacher on labelled data keeps the task loss on its head. A headless teacher (MAE, DINO, CLIP
+towers), or data without labels, converts into a headless encoder by feature distillation: no label read, no
+head needed. ``transfer.task_weight`` / ``transfer.feature_distill`` set are taken as they are.
 """
 
 from __future__ import annotations
@@ -20,26 +17,21 @@ from ...errors import InputError
 
 @dataclass(frozen=True)
 class Stage2Objective:
-    """Stage 2's task-loss and feature-distillation weights, and in words what that is and why."""
+    """Stage 2's task-loss and feature-distillation weights, and why."""
 
     task_weight: float
     feature_distill: float
     reason: str
 
     @property
-    def label_free(self) -> bool:
-        return self.task_weight == 0
-
-    @property
     def overrides(self) -> dict[str, float]:
-        """The config keys stage 2 runs with where they differ from what null means to `attnxfer train` (task
-        weight 1, no feature distillation): what its config.yaml records."""
+        """The keys stage 2 runs with where they differ from what null means to `attnxfer train`."""
         out = {"transfer.task_weight": self.task_weight} if self.task_weight != 1.0 else {}
         return out | ({"transfer.feature_distill": self.feature_distill} if self.feature_distill else {})
 
     def describe(self) -> str:
         """``label-free feature distillation (the teacher is headless)``, ``labelled fine-tuning (...)``."""
-        if self.label_free:
+        if self.task_weight == 0:  # label-free
             what = "label-free " + ("feature distillation" if self.feature_distill else "distillation")
         else:
             what = "labelled fine-tuning" + (" with feature distillation" if self.feature_distill else "")
@@ -47,8 +39,7 @@ class Stage2Objective:
 
 
 def stage2_objective(cfg: TrainConfig, teacher: nn.Module, labelled: bool) -> Stage2Objective:
-    """The weights stage 2 trains with: ``transfer.task_weight`` and ``transfer.feature_distill`` where set,
-    else the defaults of the module docstring (``labelled``: the data hands out labels)."""
+    """The weights stage 2 trains with: those set, else the module docstring's defaults."""
     t = cfg.transfer
     classes = int(getattr(teacher, "num_classes", 0) or 0)
     if t.task_weight is not None:
@@ -68,11 +59,8 @@ def stage2_objective(cfg: TrainConfig, teacher: nn.Module, labelled: bool) -> St
 def student_head(
     cfg: TrainConfig, teacher: nn.Module, objective: Stage2Objective, num_classes: int
 ) -> int | None:
-    """The converted student's head (`build_efficient_student`'s ``num_classes``; None keeps the teacher's).
-
-    A classifier teacher's student keeps its head, trained on ``num_classes`` labels where stage 2 has a task
-    loss. A headless teacher's student stays headless (0), or gets ``model.num_classes``; a task loss with
-    neither is refused before any work, saying the two ways out."""
+    """The converted student's head (`build_efficient_student`'s ``num_classes``; None keeps the teacher's): a
+    headless teacher's student stays headless (0) unless ``model.num_classes`` gives it one."""
     if getattr(teacher, "num_classes", 0):
         return num_classes if objective.task_weight > 0 else None
     if cfg.model.num_classes:

@@ -1,15 +1,8 @@
 """A study's report: its students scored on the same validation images, each compared with the first.
 
-Every student of a study (`attnxfer study`) read the same batches in the same order and is scored here on
-the same validation images, so any two are *paired*: McNemar's exact test on the images exactly one of them
-gets right tells them apart where two overlapping 95 % intervals cannot (`uncertainty.mcnemar`). Each student
-is scored at its best checkpoint with its EMA weights where its run kept them (`RunDir.load_student`, the
-rule `attnxfer inspect` and `export` follow): top-1 where it trained a head, k-NN top-1 of its embeddings
-where it trained none (``transfer.task_weight=0``, or data read without labels). Its attention is compared
-with the teacher's layer by layer on the first validation images (`compare_attention`, as `attnxfer inspect`
-measures it). The teacher and the loaders are built once for all students, from the first student's config,
-as the study built them. What the report says is `study/report_text.py`'s; this module loads, measures and
-writes ``study.md``, ``study_report.json``, ``study.png`` (validation curves) and ``study_agreement.png``.
+Scored on the same images, any two students are *paired*: McNemar's exact test on the images exactly one gets
+right tells them apart where two overlapping 95 % intervals cannot. This module loads, scores and writes;
+what the report says is `report_text.py`'s.
 """
 
 from __future__ import annotations
@@ -26,7 +19,6 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from ...analysis import Inspection
 from ...analysis.knn import knn_hits
 from ...analysis.pictures import DPI, agreement_figure
 from ...checkpoints.atomic_io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -58,16 +50,12 @@ def write_study_report(
     study_dir: str | Path,
     *,
     device: str | torch.device = "cpu",
-    agreement_images: int = 64,
 ) -> Path:
     """Score every student of the study in ``study_dir`` and write its report there (``study.md``, with
-    ``study_report.json``, ``study.png`` and ``study_agreement.png``); returns the path of ``study.md``.
-
-    ``device``: where the students are scored (``cpu``, ``cuda``, ``auto``, or a torch device); the
-    attention comparison reads the first ``agreement_images`` validation images. Draws nothing from the
-    caller's random streams; writes nothing but those four files (and replaces an earlier report's)."""
+    ``study_report.json``, ``study.png`` and ``study_agreement.png``); returns the path of ``study.md``. Draws
+    nothing from the caller's random streams."""
     study_dir = Path(study_dir)
-    record = _read_record(study_dir)
+    record = read_study_record(study_dir)
     students = [_student(study_dir, entry) for entry in record["students"]]
     at = device if isinstance(device, torch.device) else resolve_device(device)
     insp, images = None, 0
@@ -75,9 +63,13 @@ def write_study_report(
         scoring = _Scoring.build(students, at)
         if scoring is not None:
             loaded = scoring.load_students(students)
-            insp = scoring.agreement(loaded, agreement_images)
+            if scoring.teacher is not None and loaded:  # each student's maps against the teacher's, per layer
+                subjects = {name: m.subject for name, m in loaded.items()}
+                insp = inspect_models(
+                    scoring.teacher.model, subjects, _first_images(scoring.parts.val_loader, 64)
+                )
             scoring.score(students, loaded)
-            images = scoring.images
+            images = len(scoring.parts.val_loader.dataset)
     for s in students:
         s.curve = val_series(s.folder, s.metric)
     _save_png(study_curves_figure(students), study_dir / STUDY_CURVES)
@@ -86,8 +78,20 @@ def write_study_report(
         _save_png(agreement_figure(insp, title=title), study_dir / STUDY_AGREEMENT)
     else:  # an earlier report's picture would describe students this one could not measure
         (study_dir / STUDY_AGREEMENT).unlink(missing_ok=True)
-    shared = _Shared.of(study_dir, record, students, scoring, images)
-    text, data = render_study(students, insp, shared.facts())
+    base = record.get("base") or {}
+    steps = [s.step for s in students if isinstance(s.step, int)]
+    e = scoring.config.eval if scoring is not None else None
+    shared = {  # what the study's students shared, for the report's first lines
+        "study": study_dir.resolve().name,
+        "teacher": (base.get("teacher") or {}).get("spec"),
+        "dataset": str((base.get("data") or {}).get("dataset", "?")),
+        "batch_size": (base.get("data") or {}).get("batch_size"),
+        "steps": max(steps) if steps else None,
+        "shared_seconds": record.get("shared_seconds"),
+        "images": images,
+        "knn": {} if e is None else {"k": e.knn_k, "temperature": e.knn_temperature},
+    }
+    text, data = render_study(students, insp, shared)
     atomic_write_json(study_dir / STUDY_SCORES, json_safe(data))
     path = atomic_write_text(study_dir / STUDY_REPORT, text)
     say(f"study report -> {path}")
@@ -95,7 +99,8 @@ def write_study_report(
 
 
 # ------------------------------------------------------------------------------------------- reading
-def _read_record(study_dir: Path) -> dict[str, Any]:
+def read_study_record(study_dir: Path) -> dict[str, Any]:
+    """``study.json`` of the study in ``study_dir``, refused unless it lists named students."""
     path = study_dir / STUDY_RECORD
     if not path.is_file():
         raise MissingPathError(f"{study_dir} has no {STUDY_RECORD}: give the run_dir of an `attnxfer study`")
@@ -104,13 +109,17 @@ def _read_record(study_dir: Path) -> dict[str, Any]:
     except ValueError as e:
         raise InputError(f"{path} is not valid JSON ({e}): is it a study's record?") from None
     students = record.get("students") if isinstance(record, dict) else None
-    if not isinstance(students, list) or not students or not all(isinstance(s, dict) for s in students):
+    if (
+        not isinstance(students, list)
+        or not students
+        or not all(isinstance(s, dict) and "name" in s for s in students)
+    ):
         raise InputError(f"{path} lists no students: is it a study's record?")
     return record
 
 
 def _student(study_dir: Path, entry: Mapping[str, Any]) -> StudentScore:
-    """A study.json entry as a row; its config and metric read from its folder where it got that far."""
+    """A study.json entry as a row, its config and metric read from its folder where it got that far."""
     s = StudentScore(
         name=str(entry["name"]),
         overrides=dict(entry.get("overrides") or {}),
@@ -130,8 +139,8 @@ def _student(study_dir: Path, entry: Mapping[str, Any]) -> StudentScore:
 # ------------------------------------------------------------------------------------------- measuring
 @dataclass
 class _Scoring:
-    """What every student is scored with, built once: the shared teacher and loaders (from the first student's
-    config, as the study built them, with labels where the data has them) and the device."""
+    """What every student is scored with, built once: the teacher and loaders from the first student's config,
+    as the study built them (with labels where the data has them)."""
 
     config: TrainConfig
     parts: RunParts
@@ -162,10 +171,6 @@ class _Scoring:
             )
         return cls(cfg, parts, teacher, labelled, device)
 
-    @property
-    def images(self) -> int:
-        return len(self.parts.val_loader.dataset)
-
     def load_students(self, students: list[StudentScore]) -> dict[str, LoadedModel]:
         """Each student that did not stop, at its best checkpoint (EMA weights where kept), on the device."""
         loaded = {}
@@ -184,18 +189,8 @@ class _Scoring:
             say(f"study report: {s.name}: {s.checkpoint}")
         return loaded
 
-    def agreement(self, loaded: Mapping[str, LoadedModel], num_images: int) -> Inspection | None:
-        """Each student's maps against the teacher's, layer by layer, on the first validation images (one
-        teacher pass per batch for all students)."""
-        if self.teacher is None or not loaded or num_images < 1:
-            return None
-        images = _first_images(self.parts.val_loader, num_images)
-        subjects = {name: m.subject for name, m in loaded.items()}
-        return inspect_models(self.teacher.model, subjects, images)
-
     def score(self, students: list[StudentScore], loaded: Mapping[str, LoadedModel]) -> None:
-        """Per-image correctness: top-1 of those that trained a head, k-NN top-1 (one pass for all) of the
-        others."""
+        """Per-image correctness: top-1 of those that trained a head, k-NN top-1 of the others."""
         knn: list[StudentScore] = []
         for s in students:
             if s.name not in loaded:
@@ -237,7 +232,6 @@ class _Scoring:
 
 
 def _first_images(loader: Any, n: int) -> torch.Tensor:
-    """The first ``n`` images of a loader of ``(x, ...)`` batches."""
     out, have = [], 0
     for x, *_ in loader:
         out.append(x[: n - have])
@@ -245,47 +239,6 @@ def _first_images(loader: Any, n: int) -> torch.Tensor:
         if have >= n:
             break
     return torch.cat(out)
-
-
-@dataclass
-class _Shared:
-    """What the study's students shared, for the report's first lines."""
-
-    study: str
-    teacher: str | None
-    dataset: str
-    batch_size: int | None
-    steps: int | None
-    shared_seconds: float | None
-    images: int
-    knn: dict[str, Any]
-
-    @classmethod
-    def of(
-        cls,
-        study_dir: Path,
-        record: Mapping[str, Any],
-        students: list[StudentScore],
-        scoring: _Scoring | None,
-        images: int,
-    ) -> _Shared:
-        base = record.get("base") or {}
-        data = base.get("data") or {}
-        steps = [s.step for s in students if isinstance(s.step, int)]
-        e = scoring.config.eval if scoring is not None else None
-        return cls(
-            study=study_dir.resolve().name,
-            teacher=(base.get("teacher") or {}).get("spec"),
-            dataset=str(data.get("dataset", "?")),
-            batch_size=data.get("batch_size"),
-            steps=max(steps) if steps else None,
-            shared_seconds=record.get("shared_seconds"),
-            images=images,
-            knn={} if e is None else {"k": e.knn_k, "temperature": e.knn_temperature},
-        )
-
-    def facts(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 # ------------------------------------------------------------------------------------------- pictures
@@ -297,8 +250,7 @@ _METRIC_LABELS = {
 
 
 def study_curves_figure(students: list[StudentScore]) -> Figure:
-    """The students' validation curves, one panel per metric their runs score by (top-1; feature cosine for
-    students without a task loss), one line per student."""
+    """The students' validation curves, one panel per metric their runs score by, one line per student."""
     metrics = list(dict.fromkeys(s.metric for s in students)) or ["val_top1"]
     fig = Figure(figsize=(6 * len(metrics), 4))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
@@ -315,7 +267,7 @@ def study_curves_figure(students: list[StudentScore]) -> Figure:
 
 
 def _save_png(fig: Figure, path: Path) -> None:
-    """The figure as a PNG at ``path``, written atomically (a reader never sees half a picture)."""
+    """Written atomically: a reader never sees half a picture."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)
     atomic_write_bytes(path, buf.getvalue())

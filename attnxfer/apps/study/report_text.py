@@ -1,7 +1,5 @@
-"""The text of a study's report (``study.md``) and the same as data (``study_report.json``): one row per
-student with its score, its paired test against the first student, its attention against the teacher per
-layer and its time per step; then the per-layer table. A row is a `StudentScore`, which `study/report.py`
-fills in (loading, scoring, measuring) and these functions render."""
+"""The text of a study's report (``study.md``) and the same as data (``study_report.json``), rendered from the
+`StudentScore` rows `report.py` fills in."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ...analysis import Inspection, LayerComparison
+from ...analysis import Inspection
 from ...config import TrainConfig
 from ...config.study_spec import Student
 from ..inspect.report_text import agreement_sentence
@@ -23,9 +21,7 @@ from ..run.val_curves import Series
 
 @dataclass
 class StudentScore:
-    """One student of a study as the report shows it: what study.json says of it, which checkpoint was scored,
-    its per-image correctness (``score`` names what was scored; None with ``unscored`` saying why) and its
-    validation curve."""
+    """One student as the report shows it (``score`` names what was scored; None with ``unscored`` saying why)."""
 
     name: str
     overrides: dict[str, Any]
@@ -46,8 +42,8 @@ class StudentScore:
 def render_study(
     students: Sequence[StudentScore], insp: Inspection | None, shared: Mapping[str, Any]
 ) -> tuple[str, dict[str, Any]]:
-    """(``study.md``'s text, ``study_report.json``'s data) of scored ``students`` (study.json's order: the
-    first is what the others are compared with), the attention inspection and what they shared."""
+    """(``study.md``'s text, ``study_report.json``'s data); the first student is what the others are
+    compared with."""
     first = students[0]
     rows = [_row(s, first, insp) for s in students]
     lines = [
@@ -112,6 +108,7 @@ def _scoring_line(first: str, shared: Mapping[str, Any], insp: Inspection | None
 
 def _row(s: StudentScore, first: StudentScore, insp: Inspection | None) -> dict[str, Any]:
     """What the report shows of one student, as data (the markdown row is rendered from it)."""
+    layers = insp.students.get(s.name, []) if insp is not None else []
     row: dict[str, Any] = {
         "name": s.name,
         "changes": Student(s.name, s.overrides).describe(),
@@ -126,7 +123,17 @@ def _row(s: StudentScore, first: StudentScore, insp: Inspection | None) -> dict[
         "score": s.score,
         "unscored": s.unscored or None,
         "curve": {"metric": s.metric, "steps": s.curve[0], "values": s.curve[1]},
-        "layers": _layers(insp.students.get(s.name, []) if insp is not None else []),
+        "layers": [
+            {
+                "layer": r.layer,
+                "teacher_layer": r.teacher_layer,
+                "copied": bool(r.borrowed),
+                "js": r.mean.get("js"),
+                "kl": r.mean.get("kl"),
+                "topk": r.mean.get("topk"),
+            }
+            for r in layers
+        ],
     }
     if s.correct is not None:
         n, right = len(s.correct), int(s.correct.sum())
@@ -149,20 +156,6 @@ def _paired(s: StudentScore, first: StudentScore) -> dict[str, Any] | str | None
         return f"{s.score} vs {first.score}: not paired"
     t = mcnemar(first.correct, s.correct)
     return {"b": t.only_a, "c": t.only_b, "p": t.p_value}
-
-
-def _layers(rows: Sequence[LayerComparison]) -> list[dict[str, Any]]:
-    return [
-        {
-            "layer": r.layer,
-            "teacher_layer": r.teacher_layer,
-            "copied": bool(r.borrowed),
-            "js": r.mean.get("js"),
-            "kl": r.mean.get("kl"),
-            "topk": r.mean.get("topk"),
-        }
-        for r in rows
-    ]
 
 
 def _markdown_row(r: Mapping[str, Any]) -> str:
@@ -195,8 +188,8 @@ def _agreement_cell(layers: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _layer_table(insp: Inspection) -> list[str]:
-    """Layers down, students across: JS / top-k overlap of each student's layer with its teacher layer, and the
-    teacher's noise floor (itself on noisy inputs: what "close" means)."""
+    """Layers down, students across, beside the teacher's noise floor (itself on noisy inputs: what "close"
+    means)."""
     names = list(insp.students)
     k = insp.settings.get("topk")
     by_layer = {n: {r.layer: r for r in rows} for n, rows in insp.students.items()}
@@ -242,5 +235,4 @@ def _f(v: float | None, digits: int) -> str:
 
 
 def _cell(text: Any) -> str:
-    """Text that stays inside its markdown table cell."""
     return str(text).replace("|", "\\|").replace("\n", " ")

@@ -1,9 +1,5 @@
-"""Runs over several seeds, scored image by image: the demo's table with intervals and paired tests.
-
-`per_image_correct` rebuilds a finished run (teacher, student, plan) from its config and newest
-checkpoint and scores it on the validation set image by image (`student_correct`, which a study's report
-calls on the students it loads), so two runs can be compared on the same images (`uncertainty.mcnemar`). `results_table` and `paired_table` render what the demo reports.
-"""
+"""Runs over several seeds, scored image by image (so two runs can be paired on the same images): the demo's
+table with intervals and paired tests."""
 
 from __future__ import annotations
 
@@ -29,9 +25,8 @@ _CACHE = "val_correct.json"
 
 @torch.no_grad()
 def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray:
-    """One bool per validation image (in loader order): did the run's newest checkpoint get it right?
-
-    Cached in RUN_DIR/val_correct.json under ``digest`` (the run's config digest)."""
+    """One bool per validation image (in loader order): did the run's newest checkpoint get it right? Cached in
+    RUN_DIR/val_correct.json under ``digest`` (the run's config digest)."""
     run_dir = Path(cfg.run_dir)
     cache = run_dir / _CACHE
     if digest and cache.exists():
@@ -53,7 +48,7 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
 @torch.no_grad()
 def student_correct(cfg: TrainConfig, parts: RunParts, device: torch.device) -> np.ndarray:
     """One bool per image of ``parts.val_loader``: is ``parts.student``'s top-1 right, scored as its run scores
-    it (with the teacher where its transfer mode attends with the teacher's maps), at ``cfg``'s precision?"""
+    it (with the teacher where its transfer mode attends with the teacher's maps)?"""
     precision = resolve_precision(cfg.precision, device)
     model = TeacherStudent(
         parts.teacher,

@@ -1,14 +1,8 @@
 """`attnxfer study`: one teacher, K students, one job that pays for the teacher's forward once per batch.
 
-A `StudySpec` (`attnxfer.config.study_spec`: the base config and each student's overrides) becomes K engines, each
-built exactly as `attnxfer train` builds that student alone (its own seed, model, plan, optimiser, EMA, run
-folder ``RUN_DIR/<name>``), around one teacher and one pair of loaders (`build_run_parts(shared=...)`); the
-loop is `attnxfer.train.lockstep.Lockstep`. The study's folder holds ``study.json`` (each student's name,
-overrides and folder, and where it ended), ``study.yaml`` (``attnxfer study -c RUN_DIR/study.yaml`` runs it
-again: it resumes), the students' folders, and the study's own checkpoints: one per step that every student
-has saved (a tensor-less checkpoint through the same store, found on resume by `ResumePoint` like any run's).
-A resume goes on from that step for every student; checkpoints a student wrote after it (a save round that a
-kill cut short) are set aside, never loaded or deleted.
+Each student is built exactly as `attnxfer train` builds it alone. The study commits a step (a checkpoint of its
+own) once every student has saved it; a resume goes on from there for all, and checkpoints a student wrote after
+it (a save round a kill cut short) are set aside, never loaded or deleted.
 """
 
 from __future__ import annotations
@@ -66,18 +60,16 @@ class StudyResult:
 def study(spec: StudySpec) -> StudyResult:
     """Train (or resume) every student of ``spec`` in one job (the library function behind `attnxfer study`).
 
-    Rank 0 holds the study's lock and each student's folder's; under torchrun or a submitted job every rank
-    runs this, each student data-parallel over the ranks. A study of one process ends with its report
-    (`attnxfer.apps.study.report`: every student scored on the same images, paired with the first); a study of
-    several ranks says how to write it (``attnxfer study --report``: scoring is one process's work, which the
-    other ranks would wait for in a collective)."""
+    Under torchrun every rank runs this; rank 0 holds the locks. A study of one process ends with its report; a
+    study of several ranks says how to write it (scoring is one process's work, the others would wait for it)."""
     info = DistributedInfo.from_environment()
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_lock(spec.run_dir, "study", enabled=info.is_main_process))
         for _, cfg in spec.configs():
             stack.enter_context(run_lock(cfg.run_dir, "study", enabled=info.is_main_process))
         stack.enter_context(joined_process_group(backend_for(spec.base.device), spec.base.dist.timeout))
-        result = _study(spec, info.is_main_process)
+        check_study(spec)
+        result = lockstep_study(spec, info.is_main_process)
         if info.world_size == 1:
             result.report = write_study_report(spec.run_dir, device=resolve_device(spec.base.device))
         else:
@@ -85,12 +77,6 @@ def study(spec: StudySpec) -> StudyResult:
                 f"study: its report, from one process: attnxfer study -c {Path(spec.run_dir) / STUDY_YAML} --report"
             )
         return result
-
-
-def _study(spec: StudySpec, main: bool) -> StudyResult:
-    """The study: its checks, then its students trained in lock step (`lockstep_study`)."""
-    check_study(spec)
-    return lockstep_study(spec, main)
 
 
 def lockstep_study(
@@ -101,11 +87,9 @@ def lockstep_study(
     parts: Mapping[str, RunParts] | None = None,
     stopped_before: Mapping[str, str] | None = None,
 ) -> StudyResult:
-    """The students trained in lock step, step by step: where the study stands, the shared parts, the students,
-    the loop, the record. ``configs``: each student's run config (default the spec's: `attnxfer train`'s);
+    """The students trained in lock step. ``configs``: each student's run config (default the spec's);
     ``parts``: each student's own parts, built by the caller around one teacher and one pair of loaders (a
-    convert study's converted students), instead of students built from their configs; ``stopped_before``:
-    students that stopped before this loop (name -> why), left out of it (a convert study's stage 1)."""
+    convert study's students); ``stopped_before``: students that stopped before this loop, left out of it."""
     configs = configs or spec.configs()
     base = spec.base
     runtime = create_runtime(
@@ -118,7 +102,25 @@ def lockstep_study(
     if main:
         write_study_files(spec, members, stopped, standing.shared_seconds)
     barrier()
-    commit = _Commit(spec, members, stopped, main)
+
+    def commit(step: int, training: list[Member], shared_seconds: float) -> None:
+        """Once every student still training has saved a step: record it (a checkpoint of the study's own),
+        and only then let each student prune its older checkpoints."""
+        if main:
+            state = {
+                "step": step,
+                "students": spec.record(),
+                "checkpoints": {m.name: os.path.relpath(m.engine.last_ckpt, spec.run_dir) for m in training},
+                "stopped": {**stopped, **{m.name: m.stopped for m in members if m.stopped}},
+                "seconds": {m.name: m.seconds for m in members},
+                "shared_seconds": shared_seconds,
+                "config": to_dict(spec.base, spec.command),
+            }
+            CheckpointManager(spec.run_dir, keep_last=1).save(step, {}, state, replace=True)
+            for m in training:
+                m.engine.ckpt.prune()
+        barrier()
+
     loop = Lockstep(members, batches, feed, on_saved=commit, shared_before=standing.shared_seconds)
     results = loop.run()
     outcomes = [
@@ -144,11 +146,9 @@ def build_members(
     configs: list[tuple[Student, TrainConfig]] | None = None,
     parts: Mapping[str, RunParts] | None = None,
 ) -> tuple[list[Member], SharedBatches, SharedFeed]:
-    """The study's students as loop members, each built as `attnxfer train` builds it alone (its own seed
-    first), around one teacher and one stream of batches, and the feed that runs the teacher once a batch for
-    all. Students that stopped earlier (``standing``) are left out. ``configs`` and ``parts``: as
-    `lockstep_study` takes them (each engine then built around its own parts, as `train(cfg, parts)` builds
-    it)."""
+    """The study's students as loop members around one teacher and one stream of batches, and the feed that
+    runs the teacher once a batch for all; those that stopped earlier (``standing``) left out. ``configs``
+    and ``parts``: as `lockstep_study` takes them."""
     standing = standing or _Standing()
     configs = configs or spec.configs()
     if parts:  # the caller's students around one teacher and one pair of loaders
@@ -167,28 +167,17 @@ def build_members(
         # the shared feed, the study's stop check (once a round, for all) and the student's own streams
         streams = StudentStreams()
         drive = Drive(feed=feed, stop=never_stop, streams=streams)
-        if parts:
-            own = dataclasses.replace(parts[student.name], train_loader=view)
-            engine = build_engine(
-                cfg,
-                own,
-                runtime=runtime,
-                prune_on_save=False,
-                warn_few_steps=False,
-                drive=drive,
-                command=spec.command,
-            )
-        else:
-            around = dataclasses.replace(shared, train_loader=view)
-            engine = build_engine(
-                cfg,
-                runtime=runtime,
-                shared=around,
-                prune_on_save=False,
-                warn_few_steps=False,
-                drive=drive,
-                command=spec.command,
-            )
+        # the caller's own parts for the student (as `train(cfg, parts)` builds it), else the shared ones
+        engine = build_engine(
+            cfg,
+            dataclasses.replace(parts[student.name], train_loader=view) if parts else None,
+            runtime=runtime,
+            shared=None if parts else dataclasses.replace(shared, train_loader=view),
+            prune_on_save=False,
+            warn_few_steps=False,
+            drive=drive,
+            command=spec.command,
+        )
         streams.start(runtime.accelerator)  # what building it left are its streams from now on
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
     first = members[0].engine if members else None  # the students share one schedule: said once, for all
@@ -205,9 +194,8 @@ def build_members(
 def shared_teacher_pass(
     pairs: list[TeacherStudent], names: list[str]
 ) -> Callable[[Any], TeacherHandover | None]:
-    """One teacher forward per batch for every student: the union of what their pairs need of it this step
-    (`TeacherNeeds.union`), run once and handed to each (a pair without a teacher needs nothing). A student
-    whose teacher pass is its own (the teacher takes its drop-path masks) is refused here, before any step."""
+    """One teacher forward per batch for every student: the union of what their pairs need of it this step,
+    run once and handed to each. A student whose teacher pass is its own is refused here, before any step."""
     for pair, name in zip(pairs, names, strict=True):
         if pair.train().owns_teacher_pass:
             raise ConfigError(
@@ -225,9 +213,8 @@ def shared_teacher_pass(
 
 
 def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | None = None) -> None:
-    """What one batch and one teacher pass for all needs beyond the shared keys, checked before any work: the
-    same batch transform, a teacher pass that is the teacher's alone, and one loss scaler per student
-    (``configs``: the students' run configs, default the spec's)."""
+    """What one batch and one teacher pass for all needs, checked before any work (``configs``: the students'
+    run configs, default the spec's)."""
     configs = configs or spec.configs()
     base = spec.base
     if ResumeFrom.parse(base.checkpoint.resume).policy is ResumePolicy.PATH:
@@ -254,8 +241,7 @@ def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | No
 
 @dataclass
 class _Standing:
-    """Where a study stands at its last committed step: who stopped early (name -> why) and the seconds spent
-    so far (each student's own, and those spent once for all)."""
+    """Where a study stands at its last committed step: who stopped early, and the seconds spent so far."""
 
     stopped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -280,7 +266,11 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
         )
     if DistributedInfo.from_environment().is_main_process:
         for _, cfg in configs:
-            _set_aside_after(Path(cfg.run_dir), None if point is None else point.step)
+            manager = CheckpointManager(Path(cfg.run_dir))
+            for info in manager.list(verify_hash=False):
+                if point is None or info.step > point.step:
+                    aside = manager.set_aside(info.path, "uncommitted")
+                    say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
     barrier()
     if point is None:
         return _Standing()
@@ -292,50 +282,10 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
     )
 
 
-def _set_aside_after(run_dir: Path, step: int | None) -> None:
-    """Set aside a student's checkpoints after ``step`` (all of them when None): saved in a round that did not
-    complete, so the other students have no checkpoint of that step."""
-    manager = CheckpointManager(run_dir)
-    for info in manager.list(verify_hash=False):
-        if step is None or info.step > step:
-            aside = manager.set_aside(info.path, "uncommitted")
-            say(f"study: {info.path} was saved after the study's last complete step; kept as {aside}")
-
-
-@dataclass
-class _Commit:
-    """What the study does once every student still training has saved a step: record the step (a checkpoint
-    of the study's own) and only then let each student prune its older checkpoints."""
-
-    spec: StudySpec
-    members: list[Member]
-    stopped: dict[str, str]  # who stopped in an earlier attempt
-    main: bool
-
-    def __call__(self, step: int, training: list[Member], shared_seconds: float) -> None:
-        if self.main:
-            state = {
-                "step": step,
-                "students": self.spec.record(),
-                "checkpoints": {
-                    m.name: os.path.relpath(m.engine.last_ckpt, self.spec.run_dir) for m in training
-                },
-                "stopped": {**self.stopped, **{m.name: m.stopped for m in self.members if m.stopped}},
-                "seconds": {m.name: m.seconds for m in self.members},
-                "shared_seconds": shared_seconds,
-                "config": to_dict(self.spec.base, self.spec.command),
-            }
-            CheckpointManager(self.spec.run_dir, keep_last=1).save(step, {}, state, replace=True)
-            for m in training:
-                m.engine.ckpt.prune()
-        barrier()
-
-
 def write_study_files(
     spec: StudySpec, members: list[Member], stopped: dict[str, str], shared_seconds: float | None = None
 ) -> None:
-    """study.json (the students: name, overrides, folder, how each stands and its own seconds; the seconds
-    spent once for all) and study.yaml (``attnxfer study -c`` it: the study resumes)."""
+    """study.json (the students and how each stands) and study.yaml (``attnxfer study -c`` it to resume)."""
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     by_name = {m.name: m for m in members}
