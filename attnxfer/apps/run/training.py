@@ -1,8 +1,5 @@
-"""`attnxfer train` / `eval`: a `TrainConfig` becomes a runtime, models, data, a plan and an `Engine`.
-
-This is the one place where the training config turns into objects (as MAE's main_finetune.py
-does for its engine): the engine below takes only what is built here.
-"""
+"""`attnxfer train` / `eval`: the one place a `TrainConfig` becomes a runtime, models, data, a plan and an
+`Engine` (as MAE's main_finetune.py does for its engine): the engine takes only what is built here."""
 
 from __future__ import annotations
 
@@ -74,9 +71,7 @@ def task_weight_of(cfg: TrainConfig) -> float:
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
-    """The transfer plan the ``transfer`` section asks for, validated against the two models: the mode, and what
-    the student is compared on (the mode's distillation at ``atd_weight``, ``logit_distill``, ``feature_distill``
-    and each ``losses`` entry)."""
+    """The transfer plan the ``transfer`` section asks for, validated against the two models."""
     t = cfg.transfer
     feature_weight = 0.0 if t.feature_distill is None else float(t.feature_distill)  # convert resolves null
     return build_plan(
@@ -205,64 +200,38 @@ def compile_from_config(cfg: TrainConfig, pair: TeacherStudent) -> dict[str, int
     }
 
 
-def attention_pictures(
-    cfg: TrainConfig, pair: TeacherStudent, parts: RunParts, runtime: Runtime
-) -> list[Pictures]:
-    """``log.attention_images`` validation images' class-token maps at each evaluation, where TensorBoard
-    shows them (``tensorboard`` among ``log.trackers``)."""
-    n = cfg.log.attention_images
-    if not (n > 0 and "tensorboard" in cfg.log.trackers):
-        return []
-    return [class_token_pictures(pair, parts.val_loader, n, runtime.device)]
-
-
-def engine_facts(engine: Engine) -> dict:
-    """What run.json records of how a run executes (ranks, precision, optimiser, lr and step counts), for
-    every app."""
-    return {
-        "world_size": engine.world,
-        "precision": engine.runtime.precision,
-        "optimizer": f"AdamW ({optimizer_implementation(engine.optimizer)})",
-        "base_lr": engine.base_lr,
-        "steps_per_epoch": engine.steps_per_epoch,
-        "total_steps": engine.total_steps,
-    }
-
-
-def _write_run_files(
+def record_run(
     cfg: TrainConfig,
     engine: Engine,
-    parts: RunParts,
-    compiled: dict[str, int],
-    ce_choice: dict | None,
+    point: ResumePoint | None,
     command: str,
+    info: dict,
+    *,
+    warn_few_steps: bool = True,
 ) -> None:
-    """config.yaml (re-run with -c RUN_DIR/config.yaml; the sections ``command`` reads) and run.json (what was
-    trained, from what)."""
-    if not engine.is_main:
+    """For a run that will train (a finished one's files stay as they are): config.yaml (re-run with -c
+    RUN_DIR/config.yaml; the sections ``command`` reads) and run.json (``info``, the training split, how the
+    run executes) on rank 0, and the few-steps warning."""
+    if point is not None and point.step >= engine.total_steps:
         return
-    run_dir = RunDir(cfg.run_dir)
-    run_dir.write_config(dump_config(cfg, command))
-    info = {
-        "teacher": parts.teacher_record,
-        "student": parts.student_spec,
-        "plan": engine.module.plan.describe(),
-        "mode": engine.module.plan.mode.name,
-        # what "best" means: the checkpoint `load_student` and `attnxfer export` pick
-        "best_metric": engine.settings.metric,
-        "best_mode": str(engine.settings.metric_mode),
-        "num_classes": parts.num_classes,
-        "class_names": parts.class_names,
-        "mean": parts.mean,
-        "std": parts.std,
-        "compiled": compiled,
-        "data": engine.record.get("data"),  # what the training split was (a resume on other data says so)
-        **engine_facts(engine),
-    }
-    if ce_choice is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
-        info["ce_path"] = ce_choice["path"]
-        info["ce_path_choice"] = ce_choice
-    run_dir.write_record(info)
+    if engine.is_main:
+        run_dir = RunDir(cfg.run_dir)
+        run_dir.write_config(dump_config(cfg, command))
+        run_dir.write_record(
+            {
+                **info,
+                "data": engine.record.get("data"),  # the training split (a resume on other data says so)
+                "world_size": engine.world,
+                "precision": engine.runtime.precision,
+                "optimizer": f"AdamW ({optimizer_implementation(engine.optimizer)})",
+                "base_lr": engine.base_lr,
+                "steps_per_epoch": engine.steps_per_epoch,
+                "total_steps": engine.total_steps,
+            }
+        )
+    warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
+    if warning and warn_few_steps:
+        say(warning)
 
 
 def assemble_engine(
@@ -310,12 +279,10 @@ def start_run(
     command: str,
     built: RunParts | None = None,
 ) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
-    """What every run does before it builds a model or reads data (`attnxfer train`, `pretrain`, convert's
-    stage 2, `attnxfer eval` scoring one: ``scoring=True``): its runtime, the checkpoint it resumes from, found
-    once (or ``found`` by the caller) and judged by `attnxfer.apps.run.resume`'s rules; a run that trains keeps
-    its global batch on another world size (``built``: loaders the caller built, whose batch cannot change) and
-    says how its trackers log; the seed is set on every rank. Returns the config on this world size, the
-    runtime and the judged checkpoint."""
+    """What every run does before it builds a model or reads data: its runtime, its checkpoint found (or
+    ``found``) and judged, its global batch kept on another world size (``built``: loaders the caller built),
+    its trackers prepared, the seed set on every rank. Returns the config on this world size, the runtime
+    and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
@@ -341,19 +308,11 @@ def build_engine(
     drive: Drive | None = None,
     command: str = "train",
 ) -> Engine:
-    """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
-
-    Nothing is written into the run dir before every check has passed (config ranges, the resume
-    rules of `attnxfer.apps.run.resume`, models, data and plan); ``scoring=True`` (`attnxfer eval` scoring a
-    run) writes nothing.
-    ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
-    ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
-    is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;
-    ``warn_few_steps=False`` leaves the few-steps warning to the caller (a study says it once for all).
-    ``drive``: the engine's feed, stop check and random streams where a study drives it (`Engine`).
-    ``command``: whose run it is (``convert``: a conversion's stage 2), so its records hold that command's
-    config sections.
-    """
+    """Everything ``cfg`` describes, assembled; nothing is written into the run dir before every check has
+    passed, and nothing at all with ``scoring=True`` (`attnxfer eval`). ``parts``: models/data a notebook
+    built; ``shared``: another run's teacher and loaders (a study's student); ``prune_on_save`` and
+    ``warn_few_steps`` False leave those to the caller (a study); ``command``: whose config sections the
+    records hold (``convert``: a conversion's stage 2)."""
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
@@ -383,11 +342,19 @@ def build_engine(
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(pair.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, pair)  # after the EMA's copy: EMA weights are evaluated eagerly
-    groups = _param_groups(cfg, pair)
+    groups = student_param_groups(
+        pair,
+        weight_decay=cfg.optim.weight_decay,
+        layer_decay=cfg.optim.layer_decay,
+        layer_decay_rule=cfg.optim.layer_decay_rule,
+    )
     # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
     score_by = scoring_for(plan, parts)
     settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
     settings = replace(settings, metric=score_by.metric, metric_mode=score_by.mode)
+    n = cfg.log.attention_images  # class-token maps at each evaluation, where TensorBoard shows them
+    shown = n > 0 and "tensorboard" in cfg.log.trackers
+    pictures = [class_token_pictures(pair, parts.val_loader, n, runtime.device)] if shown else []
     record = {
         "teacher": parts.teacher_record,
         "config": to_dict(cfg, command),
@@ -403,14 +370,27 @@ def build_engine(
         settings=settings,
         ema=ema,
         record=record,
-        pictures=attention_pictures(cfg, pair, parts, runtime),
+        pictures=pictures,
         drive=drive,
     )
-    if not scoring and not _finished_before(point, engine):  # a finished run's files stay as they are
-        _write_run_files(cfg, engine, parts, compiled, ce_record, command)
-        warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
-        if warning and warn_few_steps:
-            say(warning)
+    if not scoring:
+        info = {
+            "teacher": parts.teacher_record,
+            "student": parts.student_spec,
+            "plan": plan.describe(),
+            "mode": plan.mode.name,
+            # what "best" means: the checkpoint `load_student` and `attnxfer export` pick
+            "best_metric": engine.settings.metric,
+            "best_mode": str(engine.settings.metric_mode),
+            "num_classes": parts.num_classes,
+            "class_names": parts.class_names,
+            "mean": parts.mean,
+            "std": parts.std,
+            "compiled": compiled,
+        }
+        if ce_record is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
+            info |= {"ce_path": ce_record["path"], "ce_path_choice": ce_record}
+        record_run(cfg, engine, point, command, info, warn_few_steps=warn_few_steps)
     barrier()
     say(plan.describe())
     return engine
@@ -446,11 +426,6 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
     )
 
 
-def _finished_before(point: ResumePoint | None, engine: Engine) -> bool:
-    """Whether the checkpoint resumed stands at (or past) the run's last step: nothing will be trained."""
-    return point is not None and point.step >= engine.total_steps
-
-
 def _fitted_to_world(
     cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, point: ResumePoint | None
 ) -> TrainConfig:
@@ -469,22 +444,9 @@ def _fitted_to_world(
     return fitted
 
 
-def _param_groups(cfg: TrainConfig, pair: TeacherStudent) -> list[dict]:
-    """The student's optimiser groups: weight decay, layer-wise lr decay (`student_param_groups`)."""
-    return student_param_groups(
-        pair,
-        weight_decay=cfg.optim.weight_decay,
-        layer_decay=cfg.optim.layer_decay,
-        layer_decay_rule=cfg.optim.layer_decay_rule,
-    )
-
-
 def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train") -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
-
-    Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
-    was the one to create it). Rank 0 holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout.
-    Scoring a trained run is `evaluate_run` (`attnxfer eval`); ``command``: as `build_engine`."""
+    Every rank joins the process group (left again if it made it); rank 0 holds the run dir's lock."""
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
     with (
