@@ -1,7 +1,5 @@
-"""The pictures of an `attnxfer inspect` report, drawn on a few of its images: class-token maps per layer
-and head (teacher | student, one set per stage of a hierarchical model), the head matching, where the centre
-and corner queries of windowed or reduced layers look (stitched back onto the image), attention rollout,
-and the per-layer curves."""
+"""The pictures of an `attnxfer inspect` report: class-token maps per layer and head, head matching, where
+queries of windowed or reduced layers look, attention rollout, and the per-layer curves."""
 
 from __future__ import annotations
 
@@ -45,8 +43,7 @@ def draw_pictures(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> list[Path]:
-    """Every picture of the report for ``images`` (normalised with ``mean``/``std``) under ``out``; returns
-    the files written, in the order they were drawn."""
+    """Every picture of the report for ``images`` under ``out``; returns the files written, in order."""
     canvas = _Canvas(out, images, mean, std)
     t = _view(teacher, images)
     rollouts = (
@@ -177,8 +174,8 @@ def _why_no_map(geometry: LayerGeometry) -> str:
 
 @dataclass
 class _QuerySides:
-    """Teacher and student of the query pictures: each model's signals and row positions on the picture
-    images, and which student layer is paired with each teacher layer."""
+    """Each model's signals and row positions on the picture images, and the student layer of each teacher
+    layer."""
 
     t_qk: Sequence[LayerSignals]
     t_pos: Sequence[RowPositions | None]
@@ -215,9 +212,8 @@ class _QuerySides:
 
 
 def _query_pictures(canvas: _Canvas, name: str, sides: _QuerySides) -> None:
-    """Per stage and image: where the centre and corner query of each layer look, teacher heads beside the
-    student's, drawn over the image at the layer's key grid (windows stitched back: 0 outside the query's
-    window; reduced keys at the reduced grid). The query is ringed."""
+    """Per stage and image: where the centre and corner query (ringed) of each layer look, teacher heads
+    beside the student's, over the image at the layer's key grid (0 outside the query's window)."""
     for k, layers in enumerate(sides.grid_runs()):
         rows = []  # (label, mark, teacher maps, student maps) per (layer, query point)
         for j in layers:

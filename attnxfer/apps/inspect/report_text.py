@@ -1,5 +1,4 @@
-"""The text views of an inspection: ``report.md`` (`render_report`), the JSON of ``metrics.json``
-(`json_safe`) and the demo's one-sentence reading of the per-layer curves (`agreement_sentence`)."""
+"""The text views of an inspection: ``report.md``, metrics.json's JSON and the demo's one sentence."""
 
 from __future__ import annotations
 

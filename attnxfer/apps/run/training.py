@@ -287,8 +287,17 @@ def start_run(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
-    if not scoring:  # keep the global batch on another world size
-        cfg = _fitted_to_world(cfg, runtime, built, point)
+    if not scoring:  # a resumed run keeps its global batch on another world size
+        fitted = fit_world_size(cfg, runtime.world, point)
+        if built is not None and fitted.data.batch_size != cfg.data.batch_size:  # loaders keep their batch
+            raise ConfigError(
+                f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
+                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
+                f"command with data.batch_size={fitted.data.batch_size} "
+                f"optim.accum_steps={fitted.optim.accum_steps}"
+            )
+        runtime.accelerator.gradient_accumulation_steps = fitted.optim.accum_steps  # the split it chose
+        cfg = fitted
     point = judge(point, cfg, world=runtime.world, scoring=scoring, command=command)
     if not scoring and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
@@ -330,8 +339,14 @@ def build_engine(
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):
         point = replace(point, restart_epoch=True)
-    if point is not None:
-        parts = _the_trained_student(cfg, parts, scoring=scoring)
+    # the student the run trained, where its config builds another: eval scores it, training stops
+    if point is not None and (
+        recorded := student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
+    ):
+        say(
+            f"eval: scoring the student run.json records ({recorded.get('attention')} attention), not the config's"
+        )
+        parts = replace(parts, student=student_from_spec(recorded), student_spec=recorded)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
     pair = TeacherStudent(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(
@@ -426,24 +441,6 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
     )
 
 
-def _fitted_to_world(
-    cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, point: ResumePoint | None
-) -> TrainConfig:
-    """The config on this world size: a resumed run keeps its global batch (`fit_world_size`), and the
-    accelerator accumulates as the new split says. Loaders built by the caller (convert's stage 2, a
-    notebook) keep their batch, so a split that would change it stops with the command to run instead."""
-    fitted = fit_world_size(cfg, runtime.world, point)
-    if parts is not None and fitted.data.batch_size != cfg.data.batch_size:
-        raise ConfigError(
-            f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
-            f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
-            f"command with data.batch_size={fitted.data.batch_size} "
-            f"optim.accum_steps={fitted.optim.accum_steps}"
-        )
-    runtime.accelerator.gradient_accumulation_steps = fitted.optim.accum_steps  # the split it chose
-    return fitted
-
-
 def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train") -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
     Every rank joins the process group (left again if it made it); rank 0 holds the run dir's lock."""
@@ -461,15 +458,3 @@ def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
     return teacher is not None and all(
         getattr(student, a, None) == getattr(teacher, a, None) for a in ("num_features", "num_prefix_tokens")
     )
-
-
-def _the_trained_student(cfg: TrainConfig, parts: RunParts, *, scoring: bool) -> RunParts:
-    """``parts`` with the student the run trained, where its config builds another (`student_as_trained`):
-    eval scores the recorded one; resuming training with another student stops there."""
-    recorded = student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
-    if recorded is None:
-        return parts
-    say(
-        f"eval: scoring the student run.json records ({recorded.get('attention')} attention), not the config's"
-    )
-    return replace(parts, student=student_from_spec(recorded), student_spec=recorded)
