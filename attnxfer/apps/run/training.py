@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -90,33 +90,19 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     )
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """How a run is scored at each evaluation, and which checkpoint is its best: val top-1 (highest), or for a
-    run without a task loss, the mean cosine of its patch tokens' final features with the teacher's (highest:
-    the share of what feature distillation trains that needs no label)."""
-
-    evaluator: Callable
-    metric: str
-    mode: str = "max"
-
-
-TOP1_SCORING = Scoring(evaluate, "val_top1")
-FEATURE_SCORING = Scoring(evaluate_features, "val_feat_cos_patch")
-
-
-def scoring_for(plan: TransferPlan, parts: RunParts) -> Scoring:
-    """Val top-1 where the run has a task loss and its val split has labels, else final-feature agreement with
-    the teacher (which needs one, with the student's final tokens: one `InputError` says what to set)."""
+def scoring_for(plan: TransferPlan, parts: RunParts) -> tuple[Callable, str]:
+    """How a run is scored at each evaluation, and by which metric its best checkpoint is the highest: val
+    top-1 where it has a task loss and labels, else the mean cosine of its patch tokens' final features with
+    the teacher's (the share of what feature distillation trains that needs no label)."""
     if plan.task_weight > 0 and dataset_has_labels(parts.val_loader.dataset):
-        return TOP1_SCORING
+        return evaluate, "val_top1"
     if parts.teacher is None or not same_tokens(parts.student, parts.teacher):
         raise InputError(
             "a run without a task loss (transfer.task_weight=0, or data without labels) is scored by its final "
             "features' agreement with the teacher's, so it needs a teacher (teacher.spec) whose final tokens "
             "the student's match (the same width and prefix tokens: model.mirror_teacher=true)"
         )
-    return FEATURE_SCORING
+    return evaluate_features, "val_feat_cos_patch"
 
 
 def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
@@ -363,10 +349,9 @@ def build_engine(
         layer_decay=cfg.optim.layer_decay,
         layer_decay_rule=cfg.optim.layer_decay_rule,
     )
-    # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
-    score_by = scoring_for(plan, parts)
+    evaluator, metric = scoring_for(plan, parts)
     settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
-    settings = replace(settings, metric=score_by.metric, metric_mode=score_by.mode)
+    settings = replace(settings, metric=metric, metric_mode="max")
     n = cfg.log.attention_images  # class-token maps at each evaluation, where TensorBoard shows them
     shown = n > 0 and "tensorboard" in cfg.log.trackers
     pictures = [class_token_pictures(pair, parts.val_loader, n, runtime.device)] if shown else []
@@ -379,7 +364,7 @@ def build_engine(
     engine = assemble_engine(
         cfg,
         runtime,
-        TransferObjective(pair, task_loss_from_config(cfg, parts.num_classes), score_by.evaluator),
+        TransferObjective(pair, task_loss_from_config(cfg, parts.num_classes), evaluator),
         parts,
         groups,
         settings=settings,
