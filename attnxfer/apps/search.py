@@ -77,14 +77,6 @@ def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
     return seeds
 
 
-def _layers(cfg: TrainConfig, depth: int) -> list[int]:
-    layers = list(range(depth)) if cfg.search.layers is None else sorted(set(cfg.search.layers))
-    bad = [i for i in layers if i >= depth]
-    if bad or not layers:
-        raise ConfigError(f"search.layers={cfg.search.layers}: the teacher has blocks 0..{depth - 1}")
-    return layers
-
-
 def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSettings:
     s = cfg.search
     attn = transferable_attentions(teacher)[0]
@@ -126,8 +118,10 @@ def build_evaluator(cfg: TrainConfig) -> tuple[CandidateEvaluator, Any]:
     teacher = parts.teacher
     device = resolve_device(cfg.device)
     teacher.to(device=device, dtype=torch.float32).eval()
-    layers = _layers(cfg, len(transferable_attentions(teacher)))
-    s = cfg.search
+    s, depth = cfg.search, len(transferable_attentions(teacher))
+    layers = list(range(depth)) if s.layers is None else sorted(set(s.layers))
+    if not layers or max(layers) >= depth:
+        raise ConfigError(f"search.layers={s.layers}: the teacher has blocks 0..{depth - 1}")
     fit_images = [x.to(device) for x in _images(parts.train_loader, None, s.fit_batches)]
     held_out = [x.to(device) for x in _images(parts.val_loader, s.held_out_images, None)]
     if len(fit_images) < s.fit_batches:

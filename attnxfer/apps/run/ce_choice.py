@@ -17,17 +17,6 @@ from ...transfer.losses import CEPath, ce_path_for
 from ...transfer.teacher_student import TeacherStudent
 
 
-def recorded_ce_choice(point: ResumePoint | None) -> CEChoice | None:
-    """The CE path a checkpoint was trained with (its state's ``ce_path``), or None."""
-    record = None if point is None else point.record("ce_path")
-    if not isinstance(record, dict):
-        return None  # an older checkpoint without the record: measure again
-    try:
-        return CEChoice.from_record(record, f"resumed from {point.name}")
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 def decided_on_rank0(decide: Callable[[], CEChoice | None]) -> CEChoice | None:
     """``decide()`` on rank 0 only; every rank returns rank 0's choice (one collective; no-op alone)."""
     rank, world = rank_and_world()
@@ -60,7 +49,16 @@ def ce_choice_for_run(
             CEPath(cfg.transfer.ce_path), "forced by transfer.ce_path", device=str(runtime.device)
         )
     else:
-        choice = recorded_ce_choice(resumed_from)
+        # the path the resumed checkpoint was trained with (an older one without the record: measure again)
+        record = None if resumed_from is None else resumed_from.record("ce_path")
+        try:
+            choice = (
+                CEChoice.from_record(record, f"resumed from {resumed_from.name}")
+                if isinstance(record, dict)
+                else None
+            )
+        except (ValueError, KeyError, TypeError):
+            choice = None
         if choice is not None and choice.device and torch.device(choice.device).type != runtime.device.type:
             say(
                 f"ce_path auto: {choice.path} was measured on {choice.device}; this run is on {runtime.device}"

@@ -37,11 +37,11 @@ from ...train.compile import compile_blocks
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.engine import Engine, TrainResult
 from ...train.evaluation import evaluate_loss
-from ...train.objective import ModuleObjective, Pictures
+from ...train.objective import ModuleObjective
 from ...train.optim import student_param_groups
 from ...train.runtime import Runtime
 from .loaders import data_info
-from .parts import RunParts, num_classes_of, parts_around
+from .parts import num_classes_of, parts_around
 from .resume import check_same_data
 from .training import assemble_engine, loop_settings, record_run, start_run
 
@@ -195,7 +195,13 @@ def build_pretrain_engine(
     if cfg.model.compile:  # the encoder's and the decoder's blocks; parameter names stay MAE's
         compile_blocks([*mae.encoder.blocks, *mae.decoder_blocks], cfg.model.compile_mode)
     groups = student_param_groups(mae, weight_decay=cfg.optim.weight_decay)
-    pictures = _pictures(cfg, parts)
+    pictures, val = [], parts.val_loader.dataset  # mae.pictures val images spread over the set
+    if cfg.mae.pictures > 0:
+        if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
+            shown = [x for x, *_ in islice(iter(val), cfg.mae.pictures)]
+        else:
+            shown = [val[i][0] for i in torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()]
+        pictures = [reconstruction_pictures(torch.stack(shown), parts.mean, parts.std)]
     engine = assemble_engine(
         cfg,
         runtime,
@@ -237,20 +243,6 @@ def build_pretrain_engine(
             f"{'per-patch normalised' if cfg.mae.norm_pix else 'raw'} pixel loss on the masked patches"
         )
     return engine
-
-
-def _pictures(cfg: TrainConfig, parts: RunParts) -> list[Pictures]:
-    """The reconstructions drawn at each evaluation: ``mae.pictures`` validation images, spread over the
-    set (a stream's first ones)."""
-    if cfg.mae.pictures <= 0:
-        return []
-    val = parts.val_loader.dataset
-    if isinstance(val, IterableDataset):  # a stream (wds/, hfids/): its first images
-        shown = [x for x, *_ in islice(iter(val), cfg.mae.pictures)]
-    else:
-        picks = torch.linspace(0, len(val) - 1, cfg.mae.pictures).long().tolist()
-        shown = [val[i][0] for i in picks]
-    return [reconstruction_pictures(torch.stack(shown), parts.mean, parts.std)]
 
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
