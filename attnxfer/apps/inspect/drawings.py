@@ -62,7 +62,9 @@ def draw_pictures(
             sides = _QuerySides(t.qk, t_pos, s.qk, row_positions(subject.model, images), pairs)
             _query_pictures(canvas, name, sides)
         for stage, layers in stages:
-            _stage_pictures(canvas, name, _StageOf(stage, layers, len(stages)), t, s, insp.students[name])
+            _stage_pictures(
+                canvas, name, stage, layers if len(stages) > 1 else None, t, s, insp.students[name]
+            )
     for b in range(canvas.count if rollouts else 0):
         canvas.save(
             rollout_figure(canvas.image(b), {k: v[b] for k, v in rollouts.items()}), f"rollout_img{b}.png"
@@ -112,39 +114,24 @@ def _view(model: nn.Module, x: torch.Tensor, borrow: Mapping | None = None) -> _
     return _ModelView(qk, maps, geometries)
 
 
-@dataclass(frozen=True)
-class _StageOf:
-    """One stage of the teacher (`attention_stages`) as the pictures name it: a flat model's one stage
-    (``""``) reads ``blocks``; with one stage the file names carry no stage."""
-
-    name: str
-    layers: list[int]
-    stages: int
-
-    @property
-    def label(self) -> str:
-        return self.name or "blocks"
-
-    @property
-    def suffix(self) -> str:
-        return f"_{slug(self.label)}" if self.stages > 1 else ""
-
-
 def _stage_pictures(
     canvas: _Canvas,
     name: str,
-    stage: _StageOf,
+    stage: str,
+    layers: list[int] | None,
     t: _ModelView,
     s: _ModelView,
     rows: Sequence[LayerComparison],
 ) -> None:
-    """A stage's class-token maps per image and its head matching, for student ``name``."""
-    # one stage: every layer of either model (depths may differ)
-    layers = stage.layers if stage.stages > 1 else list(range(max(len(t.maps), len(s.maps))))
+    """A stage's class-token maps per image and its head matching, for student ``name``. ``layers`` None:
+    the teacher's one stage, every layer of either model (depths may differ), no stage in the file names."""
+    label = stage or "blocks"  # a flat model's one stage is ""
+    suffix = f"_{slug(label)}" if layers is not None else ""
+    layers = layers if layers is not None else list(range(max(len(t.maps), len(s.maps))))
     # class-token maps where a layer of this stage has a whole-image map (the query pictures show the others:
     # windows, reduced keys)
     if any(m is not None for maps in (t.maps, s.maps) for j, m in enumerate(maps) if j in layers):
-        where = f"{stage.label}, " if stage.label != "blocks" else ""
+        where = f"{label}, " if label != "blocks" else ""
         for b in range(canvas.count):
             pick = lambda maps, b=b: [
                 maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
@@ -158,11 +145,11 @@ def _stage_pictures(
                 layer_labels=[f"L{j}" for j in layers],
                 notes=[_why_no_map(t.geometries[j]) if j < len(t.geometries) else "" for j in layers],
             )
-            canvas.save(fig, f"cls_maps_{slug(name)}{stage.suffix}_img{b}.png")
+            canvas.save(fig, f"cls_maps_{slug(name)}{suffix}_img{b}.png")
     rows = [r for r in rows if r.teacher_layer in layers]
     if any(r.js_cost for r in rows):
-        title = f"head matching, {name}" + (f", {stage.label}" if stage.stages > 1 else "")
-        canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{stage.suffix}.png")
+        title = f"head matching, {name}" + (f", {label}" if suffix else "")
+        canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{suffix}.png")
 
 
 def _why_no_map(geometry: LayerGeometry) -> str:
