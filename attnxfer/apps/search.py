@@ -339,16 +339,41 @@ def search(
             else None
         )
         run_dir.mkdir(parents=True, exist_ok=True)
-        with _progress_bar(cfg, settings, state) as bar:
-            run = _Generations(
-                cfg, run_dir, parts.teacher_record, settings, bar, per_candidate, state.seconds
+        before, ends = state.seconds, []  # seconds of earlier processes; of this one at each generation's end
+
+        def evaluated_here(names: list[str]) -> list[dict[str, Any]]:
+            out = []
+            for name in names:
+                out.append(evaluator(name))
+                bar.update(1)
+            return out
+
+        def saved(s: SearchState) -> None:
+            ends.append(time.monotonic() - started)
+            s.seconds = before + ends[-1]
+            _save(cfg, run_dir, s, parts.teacher_record)
+            write_reports(cfg, run_dir, s)
+            bar.update(max(0, len(s.candidates) - bar.n))
+
+        def should_stop(s: SearchState) -> str | None:
+            """Stop before a generation that would end after the time budget (the last one's length as guess)."""
+            budget = cfg.search.time_budget_min
+            if budget is None:
+                return None
+            spent = before + time.monotonic() - started
+            last = (
+                ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
+                if ends
+                else (per_candidate or 0.0) * settings.offspring
             )
+            if spent + last > budget * 60:
+                return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
+            return None
+
+        with _progress_bar(cfg, settings, state) as bar:
+            started = time.monotonic()
             state = run_search(
-                state,
-                settings,
-                evaluate or run.evaluate_here(evaluator),
-                on_generation=run.saved,
-                should_stop=run.should_stop,
+                state, settings, evaluate or evaluated_here, on_generation=saved, should_stop=should_stop
             )
         if state.generation < 0:
             raise InputError("the search stopped before generation 0: nothing to report")
@@ -374,54 +399,3 @@ def _progress_bar(cfg: TrainConfig, settings: SearchSettings, state: SearchState
         disable=not cfg.log.progress,
         dynamic_ncols=True,
     )
-
-
-class _Generations:
-    """What the search loop calls back into: evaluating in this process, saving the state and the
-    reports after each generation, and stopping before a generation that would overrun the time budget."""
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        run_dir: Path,
-        teacher_record: dict[str, Any] | None,
-        settings: SearchSettings,
-        bar: tqdm,
-        per_candidate: float | None,
-        before: float,
-    ) -> None:
-        self.cfg, self.run_dir, self.teacher_record, self.settings = cfg, run_dir, teacher_record, settings
-        self.bar, self.per_candidate = bar, per_candidate
-        self.started, self.before = time.monotonic(), before  # `before`: seconds of earlier processes
-        self.ends: list[float] = []  # seconds spent when each generation of this process ended
-
-    def evaluate_here(self, evaluator: CandidateEvaluator) -> Callable[[list[str]], list[dict[str, Any]]]:
-        def one(name: str) -> dict[str, Any]:
-            result = evaluator(name)
-            self.bar.update(1)
-            return result
-
-        return lambda names: [one(name) for name in names]
-
-    def saved(self, s: SearchState) -> None:
-        self.ends.append(time.monotonic() - self.started)
-        s.seconds = self.before + self.ends[-1]
-        _save(self.cfg, self.run_dir, s, self.teacher_record)
-        write_reports(self.cfg, self.run_dir, s)
-        self.bar.update(max(0, len(s.candidates) - self.bar.n))
-
-    def should_stop(self, s: SearchState) -> str | None:
-        """Stop before a generation that would end after the time budget (the last one's length as guess)."""
-        budget = self.cfg.search.time_budget_min
-        if budget is None:
-            return None
-        spent = self.before + time.monotonic() - self.started
-        ends = self.ends
-        last = (
-            ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
-            if ends
-            else (self.per_candidate or 0.0) * self.settings.offspring
-        )
-        if spent + last > budget * 60:
-            return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
-        return None
