@@ -1,22 +1,10 @@
-"""``attnxfer demo``: the paper's effect on a real dataset, on a laptop CPU.
+"""``attnxfer demo``: the paper's effect on a real dataset (animal-mnist), on a laptop CPU.
 
-1. Pre-train a micro-ViT on animal-mnist as a masked autoencoder, WITHOUT labels (`attnxfer pretrain`,
-   recipe ``demo/mae_pretrain``). It is built once: its run folder is keyed by its config's hash
-   (``OUT/mae-<hash>``) and later demos reuse it.
-2. With one equal step budget each, train the same student architecture from scratch, fine-tune the
-   MAE encoder with labels, and train fresh students by attention copy and by attention distillation
-   from the MAE encoder: the paper's rows.
-3. Optionally (``supervised=True``) the same copy/distillation from a teacher trained with labels.
-4. Print and save the tables (val top-1 with 95 % intervals, time per run; with ``seeds`` > 1 mean ±
-   std and paired McNemar tests on the same validation images), the validation curves, a picture of
-   attention maps and a per-layer agreement figure (`attnxfer inspect`'s metrics) of the students
-   against the MAE teacher.
-
-The runs are data (`ROWS`): each row names its recipe, its teacher and its table. Every run is an ordinary
-attnxfer run directory (resumable, exportable), ``OUT/<row>-<hash>``, reused when its config is unchanged.
-Each teacher's export is also left at one path that does not change with its settings, ``OUT/mae/export``
-(``OUT/teacher/export`` with ``supervised``; `DEMO_EXPORTS`): what the demo recipes and the documentation's
-examples name. The students read the hashed one, so that a new teacher makes new students.
+An MAE pre-trained without labels teaches students trained with one equal step budget each (`ROWS`: from
+scratch, MAE fine-tuned, attention copy, attention distillation; ``supervised`` adds a teacher trained with
+labels). Every run is an ordinary run folder keyed by its config's hash (``OUT/<row>-<hash>``), reused while
+its config is unchanged. Each teacher's export is also published at a stable path (`DEMO_EXPORTS`) that the
+demo recipes and the docs name; the students read the hashed one, so that a new teacher makes new students.
 """
 
 from __future__ import annotations
@@ -56,8 +44,7 @@ from .run.val_curves import draw_val_curves, val_series
 from .study.seed_stats import paired_table, per_image_correct, results_table
 from .study.study import study
 
-#: paired comparisons the demo reports in each table (McNemar on the same validation images), by the rows'
-#: ``kind``: every table compares its copy and distillation rows with each other and with scratch
+#: the paired comparisons (McNemar) each table reports, by the rows' ``kind``
 PAIRS = (("copy", "distill"), ("copy", "scratch"), ("distill", "scratch"), ("copy", "finetune"))
 _QUICK_TEACHER_STEPS = 60
 _QUICK_STUDENT_STEPS = 30
@@ -133,6 +120,7 @@ ROWS = (
         teacher="supervised",
     ),
 )
+LABELS = {row.key: row.label for row in ROWS}
 
 
 def table_pairs(table: str, keys: Sequence[str] | None = None) -> list[tuple[str, str]]:
@@ -185,10 +173,6 @@ def _result_of(
         "config_digest": _digest(cfg),
         "run_dir": cfg.run_dir,
     }
-
-
-def _fmt(v) -> str:
-    return "—" if v is None else f"{v:.2f}"
 
 
 def _table(rows: dict[str, list[dict]], correct: dict[str, list], teacher: dict[str, float]) -> str:
@@ -301,7 +285,11 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
     stamp = stable / "attnxfer_source.json"
     held = json.loads(stamp.read_text()) if stamp.is_file() else {}
     ours = held.get("config_digest") == row["config_digest"]
-    if ours and _same_weights(export_dir, stable) and (stable / "config.json").is_file():
+    # the weights are compared too: `attnxfer pretrain -c demo/mae_pretrain` exports to this path as well,
+    # leaving the demo's stamp beside its own files
+    wa, wb = export_dir / "model.safetensors", stable / "model.safetensors"
+    whole = wa.is_file() and wb.is_file() and (stable / "config.json").is_file()
+    if ours and whole and sha256_file(wa) == sha256_file(wb):
         return stable
     stable.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{stable.name}.", dir=stable.parent))
@@ -327,13 +315,6 @@ def publish_export(export_dir: Path, stable: Path, row: dict) -> Path:
     return stable
 
 
-def _same_weights(a: Path, b: Path) -> bool:
-    """Both folders hold the same weights (an `attnxfer pretrain -c demo/mae_pretrain` exports to the demo's
-    stable path too, leaving the demo's stamp beside its own files)."""
-    wa, wb = a / "model.safetensors", b / "model.safetensors"
-    return wa.is_file() and wb.is_file() and sha256_file(wa) == sha256_file(wb)
-
-
 def run_demo(
     out: str = "runs/demo",
     budget_steps: int | None = None,
@@ -342,11 +323,8 @@ def run_demo(
     supervised: bool = False,
     seeds: int = 1,
 ) -> dict[str, dict[str, float]]:
-    """Run the whole demo; returns the table rows by label (first seed). Reuses finished runs with the
-    same config.
-
-    ``supervised`` adds the second table (copy/distillation from a teacher trained with labels);
-    ``seeds`` > 1 trains every student row once per seed (teachers once)."""
+    """Run the whole demo (reusing finished runs of the same config); returns the table rows by label (first
+    seed). ``seeds`` > 1 trains every student row once per seed (teachers once)."""
     if seeds < 1:
         raise InputError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out)
@@ -375,15 +353,13 @@ def run_demo(
             f"[demo] the {which} teacher's export: {path} (teacher.spec=local-dir:{path}, the path the demo "
             "recipes and the documentation's examples use)"
         )
-    labels = {row.key: row.label for row in ROWS}
-    first_seed = {labels[k]: v[0] for k, v in students.results.items()}
+    first_seed = {LABELS[k]: v[0] for k, v in students.results.items()}
     return {**{v["label"]: v for v in teachers.values()}, **first_seed}
 
 
 @dataclass
 class _Students:
-    """The student runs of a demo, by row key: each seed's result and per-image correctness, and the
-    run folder of its first seed by table and label (what the pictures read)."""
+    """Each row's results and per-image correctness per seed; the first seed's run folders (the pictures')."""
 
     results: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     correct: dict[str, list] = field(default_factory=dict)
@@ -398,9 +374,8 @@ def _train_students(
     budget_steps: int | None,
     progress: list[str],
 ) -> _Students:
-    """Every `ROWS` run the tables need, once per seed, each reused when done: the rows without a teacher one
-    run each, the rows of one teacher (copy, distillation) one study per seed, which pays for the teacher's
-    forward once a batch and ends each student where it ends trained alone."""
+    """Every `ROWS` run the tables need, once per seed; the rows of one teacher run as one study, which pays
+    for the teacher's forward once a batch and ends each student where it ends trained alone."""
     students = _Students(runs_by_table={t: {} for t in tables})
     for k in range(seeds):
         studies: dict[str, list[tuple[RowSpec, TrainConfig]]] = {}
@@ -448,9 +423,8 @@ def _add(students: _Students, row: RowSpec, cfg: TrainConfig, res: dict, k: int,
 def _run_study(
     out_dir: Path, teacher: str, rows: list[tuple[RowSpec, TrainConfig]], k: int, seeds: int
 ) -> list[tuple[TrainConfig, dict]]:
-    """The rows of one teacher as one study (`attnxfer study`), reused when done: each row a student whose keys
-    are what its recipe changes from the first row's (the study's base). Returns each student's config and
-    result; its time is its own share of the study plus an equal share of what the study paid once for all."""
+    """The rows of one teacher as one study, each row a student of what its recipe changes from the first's.
+    A student's time is its own plus an equal share of what the study paid once for all."""
     base = rows[0][1]
     students = tuple(Student(row.key, _differences(base, cfg)) for row, cfg in rows)
     digest = hashlib.sha256(
@@ -488,7 +462,6 @@ def _write_tables(
     out_dir: Path, tables: list[str], teachers: dict[str, dict], students: _Students, seeds: int
 ) -> None:
     """Print each table with its paired comparisons; save them (results.md) and the rows (results.json)."""
-    labels = {row.key: row.label for row in ROWS}
     results, correct = students.results, students.correct
     text = ["# attnxfer demo: animal-mnist (10 classes, 28x28), equal step budget per student\n"]
     n_val = len(next(iter(correct.values()))[0])
@@ -498,10 +471,10 @@ def _write_tables(
     )
     for t in tables:
         keys = [r.key for r in ROWS if r.key in results and r.table in (None, t)]
-        rows = {labels[k]: results[k] for k in keys}
-        scores = {labels[k]: correct[k] for k in keys}
+        rows = {LABELS[k]: results[k] for k in keys}
+        scores = {LABELS[k]: correct[k] for k in keys}
         table = _table(rows, scores, teachers[t])
-        pairs = [(labels[a], labels[b]) for a, b in table_pairs(t, keys)]
+        pairs = [(LABELS[a], LABELS[b]) for a, b in table_pairs(t, keys)]
         paired = paired_table(scores, pairs, list(range(1, seeds + 1)))
         say(f"\n{TABLES[t]}:\n{table}\n\n{paired}\n")
         text.append(f"## {TABLES[t]}\n\n{table}\n\nPaired comparisons:\n\n{paired}\n")
@@ -510,7 +483,7 @@ def _write_tables(
     (out_dir / "results.md").write_text("\n".join(text))
     (out_dir / "results.json").write_text(
         json.dumps(
-            {"teachers": teachers, "rows": {labels[k]: v for k, v in results.items()}, "seeds": seeds},
+            {"teachers": teachers, "rows": {LABELS[k]: v for k, v in results.items()}, "seeds": seeds},
             indent=2,
         )
     )
@@ -523,9 +496,7 @@ def _draw_pictures(
     exports: dict[str, Path],
     students: _Students,
 ) -> list[Path | None]:
-    """Validation curves per table, the MAE table's class-token maps, and the per-layer agreement of its
-    scratch, copy and distillation students with the MAE teacher (None where matplotlib is missing)."""
-    labels = {row.key: row.label for row in ROWS}
+    """Curves per table, the MAE table's class-token maps and per-layer agreement (None: no matplotlib)."""
     runs = students.runs_by_table
     pictures = []
     for t in tables:
@@ -533,7 +504,7 @@ def _draw_pictures(
         pictures.append(_plot_curves(out_dir, runs[t], teachers[t].get("val_top1"), name))
     pictures.append(_plot_attention(out_dir, str(exports["mae"]), runs["mae"]))
     against = {
-        labels[k]: runs["mae"][labels[k]] for k in ("scratch", "copy", "distill") if k in students.results
+        LABELS[k]: runs["mae"][LABELS[k]] for k in ("scratch", "copy", "distill") if k in students.results
     }
     pictures.append(demo_agreement(out_dir, exports["mae"], against))  # per-layer agreement vs the teacher
     return pictures

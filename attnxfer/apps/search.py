@@ -1,17 +1,9 @@
 """`attnxfer search`: discover a formula attention for the teacher (the config becomes `attnxfer.search` objects).
 
-Reads the teacher and data sections (as `attnxfer convert`) and the ``search`` section; writes into RUN_DIR:
-
-- ``checkpoints/step-<generation>/state.json``: the search's state (every candidate, the population, the
-  config, the teacher's record), saved through the checkpoint store after each generation; running the same
-  command again continues from it as any run resumes (`attnxfer.apps.run.resume`: a changed config is refused;
-  the teacher is compared by its weights' sha256, not by the spelling of its spec);
-- ``candidates.jsonl``: every candidate (formula, origin, fit KL, speed, status and the rejection reason);
-- ``pareto.md`` + ``pareto.png``: the Pareto front (fit vs speed, the zoo members marked), the top formulas,
-  and the `attnxfer convert` command for the winner.
-
-Candidates are evaluated here, or by any ``evaluate(names) -> results`` a caller passes (the SLURM job
-array of `attnxfer.launch.search_array` calls `evaluate_batch` in each task).
+Writes into RUN_DIR the search's state after each generation (a checkpoint: running the same command again
+continues from it, as any run resumes), ``candidates.jsonl`` (every candidate), and ``pareto.md`` +
+``pareto.png`` (the Pareto front of fit vs speed, and the `attnxfer convert` command for the winner).
+Candidates are evaluated here, or by the ``evaluate`` a caller passes (`attnxfer.launch.search_array`).
 """
 
 from __future__ import annotations
@@ -68,7 +60,6 @@ class SearchResult:
     command: str | None
 
 
-# ----------------------------------------------------------------------------------------------- objects
 def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
     """label -> ``formula:...`` of generation 0; an unparsable seed stops here, naming the position."""
     if cfg.search.seeds is None:
@@ -84,14 +75,6 @@ def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
         name = PREFIX + str(formula)
         seeds[by_text.get(name, f"seed{i}")] = name
     return seeds
-
-
-def _layers(cfg: TrainConfig, depth: int) -> list[int]:
-    layers = list(range(depth)) if cfg.search.layers is None else sorted(set(cfg.search.layers))
-    bad = [i for i in layers if i >= depth]
-    if bad or not layers:
-        raise ConfigError(f"search.layers={cfg.search.layers}: the teacher has blocks 0..{depth - 1}")
-    return layers
 
 
 def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSettings:
@@ -135,8 +118,10 @@ def build_evaluator(cfg: TrainConfig) -> tuple[CandidateEvaluator, Any]:
     teacher = parts.teacher
     device = resolve_device(cfg.device)
     teacher.to(device=device, dtype=torch.float32).eval()
-    layers = _layers(cfg, len(transferable_attentions(teacher)))
-    s = cfg.search
+    s, depth = cfg.search, len(transferable_attentions(teacher))
+    layers = list(range(depth)) if s.layers is None else sorted(set(s.layers))
+    if not layers or max(layers) >= depth:
+        raise ConfigError(f"search.layers={s.layers}: the teacher has blocks 0..{depth - 1}")
     fit_images = [x.to(device) for x in _images(parts.train_loader, None, s.fit_batches)]
     held_out = [x.to(device) for x in _images(parts.val_loader, s.held_out_images, None)]
     if len(fit_images) < s.fit_batches:
@@ -156,26 +141,13 @@ def evaluate_batch(cfg: TrainConfig, names: list[str]) -> list[dict[str, Any]]:
     return [evaluator(name) for name in names]
 
 
-# ----------------------------------------------------------------------------------------------- resume
 def _resume_point(cfg: TrainConfig, run_dir: Path) -> ResumePoint | None:
-    """The search's newest saved generation, judged by the search's rule (`SEARCH_RESUMABLE_KEYS`:
-    `attnxfer.apps.run.resume`); None for a new search."""
+    """The search's newest saved generation, judged by the search's rule (`SEARCH_RESUMABLE_KEYS`)."""
     _adopt_older_layout(run_dir)
     point = ResumePoint.find(run_dir, cfg.checkpoint.resume)
     return judge(
         point, cfg, resumable=SEARCH_RESUMABLE_KEYS, run_dir=run_dir, what="search", command="search"
     )
-
-
-def _state_of(point: ResumePoint | None) -> SearchState:
-    """The saved search's state (a new search's, where there is none)."""
-    if point is None:
-        return SearchState()
-    state = SearchState.from_dict(point.record("state"))
-    say(
-        f"search: resuming {point.path} after generation {state.generation} ({len(state.candidates)} candidates)"
-    )
-    return state
 
 
 def _adopt_older_layout(run_dir: Path) -> None:
@@ -207,7 +179,6 @@ def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str
     atomic_write_text(run_dir / "candidates.jsonl", "\n".join(lines) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------- budget
 def _check_time_budget(cfg: TrainConfig, evaluator: CandidateEvaluator, settings: SearchSettings) -> float:
     """Seconds one candidate takes here (fit + speed of the first seed); refuses a budget it cannot fit."""
     first = next(iter(settings.seeds.values()))
@@ -225,7 +196,6 @@ def _check_time_budget(cfg: TrainConfig, evaluator: CandidateEvaluator, settings
     return seconds
 
 
-# ----------------------------------------------------------------------------------------------- reports
 def winner_of(front: list[dict[str, Any]], min_speed: float) -> dict[str, Any] | None:
     """The best fit among front members at least ``min_speed`` times as fast as softmax (else the best fit)."""
     fast = [c for c in front if c["speed"] >= min_speed] or front
@@ -243,6 +213,7 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
     ok = state.evaluated
     before = [c for c in cands if c["status"] == "rejected" and c["reason"].startswith("before training")]
     at_fit = [c for c in cands if c["status"] == "rejected" and not c["reason"].startswith("before training")]
+    head = ["| formula | KL | speed | origin |", "|---|---:|---:|---|"]
     lines = [
         f"# Formula search: {cfg.teacher.spec}",
         "",
@@ -256,21 +227,12 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
         "",
         "## Pareto front (fit vs speed)",
         "",
-        "| formula | KL | speed | origin |",
-        "|---|---:|---:|---|",
+        *head,
     ]
-    lines += [f"| `{c['formula']}` | {c['kl']:.4f} | {c['speed']:.2f} | {c['origin']} |" for c in front]
-    lines += [
-        "",
-        f"## Top {top} formulas by fit",
-        "",
-        "| formula | KL | speed | origin |",
-        "|---|---:|---:|---|",
-    ]
-    lines += [
-        f"| `{c['formula']}` | {c['kl']:.4f} | {c['speed']:.2f} | {c['origin']} |"
-        for c in sorted(ok, key=lambda c: c["kl"])[:top]
-    ]
+    row = "| `{formula}` | {kl:.4f} | {speed:.2f} | {origin} |"
+    lines += [row.format(**c) for c in front]
+    lines += ["", f"## Top {top} formulas by fit", "", *head]
+    lines += [row.format(**c) for c in sorted(ok, key=lambda c: c["kl"])[:top]]
     zoo = [c for c in cands if _zoo_label(c)]
     lines += [
         "",
@@ -344,68 +306,85 @@ def write_reports(cfg: TrainConfig, run_dir: Path, state: SearchState) -> tuple[
     return front, winner, command
 
 
-# ----------------------------------------------------------------------------------------------- the app
 def search(
     cfg: TrainConfig,
     *,
     evaluate: Callable[[list[str]], list[dict[str, Any]]] | None = None,
 ) -> SearchResult:
-    """Run (or continue) the search ``cfg`` describes; ``evaluate`` replaces evaluation in this process.
-
-    The process holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout."""
+    """Run (or continue) the search ``cfg`` describes, holding the run dir's lock; ``evaluate`` replaces
+    evaluation in this process."""
     with run_lock(cfg.run_dir, "search"):
-        return _search(cfg, evaluate=evaluate)
-
-
-def _search(
-    cfg: TrainConfig,
-    *,
-    evaluate: Callable[[list[str]], list[dict[str, Any]]] | None,
-) -> SearchResult:
-    """The search, step by step: its state (continued where one is saved), the evaluator, the time budget,
-    the generations (saved after each), the report."""
-    torch.manual_seed(cfg.seed)
-    run_dir = Path(cfg.run_dir)
-    point = _resume_point(cfg, run_dir)
-    state = _state_of(point)
-    evaluator, parts = build_evaluator(cfg)
-    # the same teacher under another spelling or path resumes; other weights are refused before any write
-    check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
-    settings = search_settings(cfg, parts.teacher)
-    say(_describe_search(cfg, settings, evaluator))
-    per_candidate = (
-        _check_time_budget(cfg, evaluator, settings)
-        if state.generation < 0 and cfg.search.time_budget_min is not None
-        else None
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with _progress_bar(cfg, settings, state) as bar:
-        run = _Generations(cfg, run_dir, parts.teacher_record, settings, bar, per_candidate, state.seconds)
-        state = run_search(
-            state,
-            settings,
-            evaluate or run.evaluate_here(evaluator),
-            on_generation=run.saved,
-            should_stop=run.should_stop,
+        torch.manual_seed(cfg.seed)
+        run_dir = Path(cfg.run_dir)
+        point = _resume_point(cfg, run_dir)
+        state = SearchState() if point is None else SearchState.from_dict(point.record("state"))
+        if point is not None:
+            say(
+                f"search: resuming {point.path} after generation {state.generation} ({len(state.candidates)} candidates)"
+            )
+        evaluator, parts = build_evaluator(cfg)
+        # the same teacher under another spelling or path resumes; other weights are refused before any write
+        check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=run_dir)
+        settings = search_settings(cfg, parts.teacher)
+        say(
+            f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
+            f"{settings.generations} generations after the {len(settings.seeds)} seeds; candidates fitted "
+            f"{cfg.search.fit_steps} stage-1 steps on layers {evaluator.cache.layers}, scored on "
+            f"{evaluator.cache.held_out_images} held-out images; speed at {cfg.search.target_tokens} tokens "
+            f"({cfg.search.speed})"
         )
-    if state.generation < 0:
-        raise InputError("the search stopped before generation 0: nothing to report")
-    front, winner, command = write_reports(cfg, run_dir, state)
-    _save(cfg, run_dir, state, parts.teacher_record)
-    if winner is not None:
-        say(f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}")
-    say(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
-    return SearchResult(str(run_dir), state, front, winner, command)
+        per_candidate = (
+            _check_time_budget(cfg, evaluator, settings)
+            if state.generation < 0 and cfg.search.time_budget_min is not None
+            else None
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        before, ends = state.seconds, []  # seconds of earlier processes; of this one at each generation's end
 
+        def evaluated_here(names: list[str]) -> list[dict[str, Any]]:
+            out = []
+            for name in names:
+                out.append(evaluator(name))
+                bar.update(1)
+            return out
 
-def _describe_search(cfg: TrainConfig, settings: SearchSettings, evaluator: CandidateEvaluator) -> str:
-    return (
-        f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
-        f"{settings.generations} generations after the {len(settings.seeds)} seeds; candidates fitted "
-        f"{cfg.search.fit_steps} stage-1 steps on layers {evaluator.cache.layers}, scored on "
-        f"{evaluator.cache.held_out_images} held-out images; speed at {cfg.search.target_tokens} tokens "
-        f"({cfg.search.speed})"
-    )
+        def saved(s: SearchState) -> None:
+            ends.append(time.monotonic() - started)
+            s.seconds = before + ends[-1]
+            _save(cfg, run_dir, s, parts.teacher_record)
+            write_reports(cfg, run_dir, s)
+            bar.update(max(0, len(s.candidates) - bar.n))
+
+        def should_stop(s: SearchState) -> str | None:
+            """Stop before a generation that would end after the time budget (the last one's length as guess)."""
+            budget = cfg.search.time_budget_min
+            if budget is None:
+                return None
+            spent = before + time.monotonic() - started
+            last = (
+                ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
+                if ends
+                else (per_candidate or 0.0) * settings.offspring
+            )
+            if spent + last > budget * 60:
+                return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
+            return None
+
+        with _progress_bar(cfg, settings, state) as bar:
+            started = time.monotonic()
+            state = run_search(
+                state, settings, evaluate or evaluated_here, on_generation=saved, should_stop=should_stop
+            )
+        if state.generation < 0:
+            raise InputError("the search stopped before generation 0: nothing to report")
+        front, winner, command = write_reports(cfg, run_dir, state)
+        _save(cfg, run_dir, state, parts.teacher_record)
+        if winner is not None:
+            say(
+                f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}"
+            )
+        say(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
+        return SearchResult(str(run_dir), state, front, winner, command)
 
 
 def _progress_bar(cfg: TrainConfig, settings: SearchSettings, state: SearchState) -> tqdm:
@@ -420,56 +399,3 @@ def _progress_bar(cfg: TrainConfig, settings: SearchSettings, state: SearchState
         disable=not cfg.log.progress,
         dynamic_ncols=True,
     )
-
-
-class _Generations:
-    """What the search loop calls back into: evaluating in this process, saving the state and the
-    reports after each generation, and stopping before a generation that would overrun the time budget."""
-
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        run_dir: Path,
-        teacher_record: dict[str, Any] | None,
-        settings: SearchSettings,
-        bar: tqdm,
-        per_candidate: float | None,
-        before: float,
-    ) -> None:
-        self.cfg, self.run_dir, self.teacher_record, self.settings = cfg, run_dir, teacher_record, settings
-        self.bar, self.per_candidate = bar, per_candidate
-        self.started, self.before = time.monotonic(), before  # `before`: seconds of earlier processes
-        self.ends: list[float] = []  # seconds spent when each generation of this process ended
-
-    def evaluate_here(self, evaluator: CandidateEvaluator) -> Callable[[list[str]], list[dict[str, Any]]]:
-        def local(names: list[str]) -> list[dict[str, Any]]:
-            out = []
-            for name in names:
-                out.append(evaluator(name))
-                self.bar.update(1)
-            return out
-
-        return local
-
-    def saved(self, s: SearchState) -> None:
-        self.ends.append(time.monotonic() - self.started)
-        s.seconds = self.before + self.ends[-1]
-        _save(self.cfg, self.run_dir, s, self.teacher_record)
-        write_reports(self.cfg, self.run_dir, s)
-        self.bar.update(max(0, len(s.candidates) - self.bar.n))
-
-    def should_stop(self, s: SearchState) -> str | None:
-        """Stop before a generation that would end after the time budget (the last one's length as guess)."""
-        budget = self.cfg.search.time_budget_min
-        if budget is None:
-            return None
-        spent = self.before + time.monotonic() - self.started
-        ends = self.ends
-        last = (
-            ends[-1] - (ends[-2] if len(ends) > 1 else 0.0)
-            if ends
-            else (self.per_candidate or 0.0) * self.settings.offspring
-        )
-        if spent + last > budget * 60:
-            return f"the next generation would end after search.time_budget_min={budget:g} ({spent / 60:.1f} min spent)"
-        return None

@@ -1,7 +1,5 @@
-"""The pictures of an `attnxfer inspect` report, drawn on a few of its images: class-token maps per layer
-and head (teacher | student, one set per stage of a hierarchical model), the head matching, where the centre
-and corner queries of windowed or reduced layers look (stitched back onto the image), attention rollout,
-and the per-layer curves."""
+"""The pictures of an `attnxfer inspect` report: class-token maps per layer and head, head matching, where
+queries of windowed or reduced layers look, attention rollout, and the per-layer curves."""
 
 from __future__ import annotations
 
@@ -45,8 +43,7 @@ def draw_pictures(
     mean: Sequence[float],
     std: Sequence[float],
 ) -> list[Path]:
-    """Every picture of the report for ``images`` (normalised with ``mean``/``std``) under ``out``; returns
-    the files written, in the order they were drawn."""
+    """Every picture of the report for ``images`` under ``out``; returns the files written, in order."""
     canvas = _Canvas(out, images, mean, std)
     t = _view(teacher, images)
     rollouts = (
@@ -65,7 +62,9 @@ def draw_pictures(
             sides = _QuerySides(t.qk, t_pos, s.qk, row_positions(subject.model, images), pairs)
             _query_pictures(canvas, name, sides)
         for stage, layers in stages:
-            _stage_pictures(canvas, name, _StageOf(stage, layers, len(stages)), t, s, insp.students[name])
+            _stage_pictures(
+                canvas, name, stage, layers if len(stages) > 1 else None, t, s, insp.students[name]
+            )
     for b in range(canvas.count if rollouts else 0):
         canvas.save(
             rollout_figure(canvas.image(b), {k: v[b] for k, v in rollouts.items()}), f"rollout_img{b}.png"
@@ -115,39 +114,24 @@ def _view(model: nn.Module, x: torch.Tensor, borrow: Mapping | None = None) -> _
     return _ModelView(qk, maps, geometries)
 
 
-@dataclass(frozen=True)
-class _StageOf:
-    """One stage of the teacher (`attention_stages`) as the pictures name it: a flat model's one stage
-    (``""``) reads ``blocks``; with one stage the file names carry no stage."""
-
-    name: str
-    layers: list[int]
-    stages: int
-
-    @property
-    def label(self) -> str:
-        return self.name or "blocks"
-
-    @property
-    def suffix(self) -> str:
-        return f"_{slug(self.label)}" if self.stages > 1 else ""
-
-
 def _stage_pictures(
     canvas: _Canvas,
     name: str,
-    stage: _StageOf,
+    stage: str,
+    layers: list[int] | None,
     t: _ModelView,
     s: _ModelView,
     rows: Sequence[LayerComparison],
 ) -> None:
-    """A stage's class-token maps per image and its head matching, for student ``name``."""
-    # one stage: every layer of either model (depths may differ)
-    layers = stage.layers if stage.stages > 1 else list(range(max(len(t.maps), len(s.maps))))
+    """A stage's class-token maps per image and its head matching, for student ``name``. ``layers`` None:
+    the teacher's one stage, every layer of either model (depths may differ), no stage in the file names."""
+    label = stage or "blocks"  # a flat model's one stage is ""
+    suffix = f"_{slug(label)}" if layers is not None else ""
+    layers = layers if layers is not None else list(range(max(len(t.maps), len(s.maps))))
     # class-token maps where a layer of this stage has a whole-image map (the query pictures show the others:
     # windows, reduced keys)
     if any(m is not None for maps in (t.maps, s.maps) for j, m in enumerate(maps) if j in layers):
-        where = f"{stage.label}, " if stage.label != "blocks" else ""
+        where = f"{label}, " if label != "blocks" else ""
         for b in range(canvas.count):
             pick = lambda maps, b=b: [
                 maps[j][b] if j < len(maps) and maps[j] is not None else None for j in layers
@@ -161,11 +145,11 @@ def _stage_pictures(
                 layer_labels=[f"L{j}" for j in layers],
                 notes=[_why_no_map(t.geometries[j]) if j < len(t.geometries) else "" for j in layers],
             )
-            canvas.save(fig, f"cls_maps_{slug(name)}{stage.suffix}_img{b}.png")
+            canvas.save(fig, f"cls_maps_{slug(name)}{suffix}_img{b}.png")
     rows = [r for r in rows if r.teacher_layer in layers]
     if any(r.js_cost for r in rows):
-        title = f"head matching, {name}" + (f", {stage.label}" if stage.stages > 1 else "")
-        canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{stage.suffix}.png")
+        title = f"head matching, {name}" + (f", {label}" if suffix else "")
+        canvas.save(head_matching_figure(rows, title=title), f"heads_{slug(name)}{suffix}.png")
 
 
 def _why_no_map(geometry: LayerGeometry) -> str:
@@ -177,8 +161,8 @@ def _why_no_map(geometry: LayerGeometry) -> str:
 
 @dataclass
 class _QuerySides:
-    """Teacher and student of the query pictures: each model's signals and row positions on the picture
-    images, and which student layer is paired with each teacher layer."""
+    """Each model's signals and row positions on the picture images, and the student layer of each teacher
+    layer."""
 
     t_qk: Sequence[LayerSignals]
     t_pos: Sequence[RowPositions | None]
@@ -215,9 +199,8 @@ class _QuerySides:
 
 
 def _query_pictures(canvas: _Canvas, name: str, sides: _QuerySides) -> None:
-    """Per stage and image: where the centre and corner query of each layer look, teacher heads beside the
-    student's, drawn over the image at the layer's key grid (windows stitched back: 0 outside the query's
-    window; reduced keys at the reduced grid). The query is ringed."""
+    """Per stage and image: where the centre and corner query (ringed) of each layer look, teacher heads
+    beside the student's, over the image at the layer's key grid (0 outside the query's window)."""
     for k, layers in enumerate(sides.grid_runs()):
         rows = []  # (label, mark, teacher maps, student maps) per (layer, query point)
         for j in layers:

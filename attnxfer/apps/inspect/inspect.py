@@ -1,12 +1,6 @@
-"""`attnxfer inspect`: does a student attend like its teacher, where, and with which heads?
-
-Loads a teacher and one or more students from any spec the project knows (timm names, ``hf-hub:``,
-``local-dir:``, weight files, `attnxfer export` folders, RUN_DIRs — a copy-mode run attends with its
-teacher's q/k, so it is inspected together with that teacher), prepares images (files, or a registered
-dataset) the teacher's way, measures with `attnxfer.analysis.compare_attention` and writes
-``metrics.json``, ``report.md`` and pictures. `inspect_models` is the same on models you already hold.
-What the report says is `inspect/report_text.py`'s, what it draws `inspect/drawings.py`'s; this module loads,
-measures and writes the folder (staged, so an interrupted inspection leaves ``--out`` as it was).
+"""`attnxfer inspect`: does a student attend like its teacher, where, and with which heads? This module
+loads the models (any spec; a copy-mode run comes with its teacher), prepares the images the teacher's way,
+measures and writes the report folder, staged so that an interrupted inspection leaves ``--out`` as it was.
 """
 
 from __future__ import annotations
@@ -65,24 +59,22 @@ class LoadedModel:
         return InspectedStudent(self.model, self.borrow)
 
 
-# ------------------------------------------------------------------------------------------- models
-def _is_run_dir(spec: str) -> bool:
-    return RunDir(spec).is_run()
-
-
 def _load_run(spec: str, teacher: LoadedModel | None) -> LoadedModel:
-    """A training run's student (its best checkpoint, EMA weights where kept: `RunDir.load_student`); a
-    copy-mode run gets the plan's borrowed layers and must come with the teacher it was trained with."""
+    """A training run's best student; a copy-mode run gets the plan's borrowed layers and must come with the
+    teacher it was trained with."""
     run_dir = RunDir(spec)
     loaded = run_dir.load_student("best")
     run, mode = loaded.record, loaded.record.get("mode")
     student = make_transfer_aware(loaded.model).eval().requires_grad_(False)
-    weights = loaded.weights_file
     model = LoadedModel(
-        spec, student, f"run {loaded.why}, {weights.stem} weights", mode, mean=tuple(run.get("mean") or ())
+        spec,
+        student,
+        f"run {loaded.why}, {loaded.weights_file.stem} weights",
+        mode,
+        mean=tuple(run.get("mean") or ()),
+        std=tuple(run.get("std") or ()),
+        checkpoint=loaded.checkpoint,
     )
-    model.std = tuple(run.get("std") or ())
-    model.checkpoint = loaded.checkpoint
     if mode in MODES and MODES[mode].is_copy:
         model.borrow = _copy_layers(run_dir.path, run, student, teacher)
     return model
@@ -122,13 +114,11 @@ def load_model(
     arch: str | None = None,
     img_size: int | None = None,
 ) -> LoadedModel:
-    """Any spec as a model to inspect: a RUN_DIR (run.json + checkpoints), an `attnxfer export` folder
-    (efficient attention included), a timm name, ``hf-hub:``, ``local-dir:`` or a weight file (with
-    ``arch``). ``teacher`` is needed for copy-mode runs; ``pretrained=False`` builds random weights.
-    ``img_size``: models loaded as teachers are (re)built at that size as their family says; a trained
-    student (a RUN_DIR, an efficient export) keeps the size it was trained at, and another is refused."""
+    """Any spec as a model to inspect (a RUN_DIR, an `attnxfer export` folder, any teacher spec); ``teacher``
+    is needed for copy-mode runs. ``img_size``: teachers are rebuilt at that size as their family says; a
+    trained student keeps the size it was trained at, and another is refused."""
     spec = str(spec)
-    if _is_run_dir(spec):
+    if RunDir(spec).is_run():
         return _at_size(_load_run(spec, teacher), img_size)
     try:
         model, record = load_teacher(spec, arch=arch, pretrained=pretrained, img_size=img_size)
@@ -160,11 +150,10 @@ def _at_size(loaded: LoadedModel, img_size: int | None) -> LoadedModel:
 
 
 def trained_size(spec: str) -> int | None:
-    """The image side a trained student was trained at, read from its record without loading it: a RUN_DIR's
-    run.json, or an `attnxfer export` folder's config.json; None for any other spec."""
+    """The image side a trained student (RUN_DIR, export folder) was trained at, from its record; else None."""
     spec = str(spec)
     try:
-        if _is_run_dir(spec):
+        if RunDir(spec).is_run():
             cfg = (RunDir(spec).record().get("student") or {}).get("pretrained_cfg") or {}
         else:
             folder = Path(spec.removeprefix("local-dir:")).expanduser()
@@ -178,7 +167,6 @@ def trained_size(spec: str) -> int | None:
     return int(size[-1]) if isinstance(size, (list, tuple)) and size else None
 
 
-# ------------------------------------------------------------------------------------------- images
 def _input_settings(teacher: LoadedModel) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
     (size, _), chans = input_size(teacher.model)
     mean = teacher.mean or (0.5,) * chans
@@ -195,9 +183,8 @@ def load_images(
     split: str = "val",
     num_images: int = 64,
 ) -> torch.Tensor:
-    """(B, C, H, W) images prepared for ``teacher`` (its input size, channels, mean and std): image
-    ``files`` (resized and centre-cropped as timm's eval transform does), or the first ``num_images`` of
-    a registered dataset's ``split``."""
+    """(B, C, H, W) images prepared for ``teacher``: ``files`` (as timm's eval transform does), or the first
+    ``num_images`` of a registered dataset's ``split``."""
     size, chans, mean, std = _input_settings(teacher)
     if files and data:
         raise InputError("give either image files (--images) or a dataset (--data), not both")
@@ -224,7 +211,6 @@ def load_images(
     )
 
 
-# ------------------------------------------------------------------------------------------- measuring
 def inspect_models(
     teacher: nn.Module,
     students: Mapping[str, nn.Module | InspectedStudent],
@@ -233,8 +219,7 @@ def inspect_models(
     batch_size: int = 16,
     **settings: Any,
 ) -> Inspection:
-    """`compare_attention` on images already prepared: batches of ``batch_size``; ``settings`` are its
-    keywords (topk, noise, floor_images, probe_rows, chunk, progress)."""
+    """`compare_attention` on images already prepared, in batches; ``settings`` are its keywords."""
     if images.dim() != 4 or images.shape[0] == 0:
         raise InputError(
             f"no images to inspect: expected a (B, C, H, W) batch with B >= 1, got {tuple(images.shape)}"
@@ -252,8 +237,7 @@ def write_report(
     *,
     picture_images: int = 1,
 ) -> list[Path]:
-    """metrics.json, report.md and the pictures (on the first ``picture_images`` images) under ``out``;
-    returns the files written."""
+    """metrics.json, report.md and the pictures (of the first ``picture_images``) under ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     specs = {n: s.spec for n, s in students.items()}
@@ -361,14 +345,10 @@ def inspect_attention(
     img_size: int | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Load ``teacher`` and ``students`` (specs), measure on ``images`` (files) or ``data`` (a dataset), write
-    the report under ``out`` (if given) and return the measurements as plain data (the metrics.json dict).
-
-    ``pretrained=False`` builds timm names with random weights (``seed`` for the teacher, seed+1, +2, ...
-    for the students). ``settings``: `compare_attention`'s keywords (topk, noise, floor_images, probe_rows).
-    ``img_size``: the image side every model runs at (default: the size the trained students among
-    ``students`` were trained at, when they agree; else the teacher's own).
-    """
+    """Load ``teacher`` and ``students`` (specs), measure on ``images`` (files) or ``data``, write the report
+    under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random weights (``seed``
+    for the teacher, seed+1, ... for the students). ``img_size`` defaults to the size the trained students
+    were trained at, where they agree, else the teacher's."""
     if not students:
         raise InputError("name at least one student to inspect against the teacher")
     if out is not None and (Path(out) / "metrics.json").exists() and not overwrite:
@@ -406,13 +386,11 @@ def inspect_attention(
     )
 
 
-# ------------------------------------------------------------------------------------------- the demo
 def demo_agreement(
     out: str | Path, teacher_dir: str | Path, runs: Mapping[str, str | Path], *, num_images: int = 64
 ) -> Path:
-    """For `attnxfer demo`: per-layer map agreement (JS) and attention distance of each student run against
-    the demo's teacher, on the first ``num_images`` validation images, as ``out/agreement.png``, with a
-    sentence of what it shows in ``out/agreement.md`` (also printed)."""
+    """The demo's per-layer agreement of each student run with its teacher: ``out/agreement.png``, and a
+    sentence of what it shows (agreement.md, printed)."""
     out = Path(out)
     teacher = load_model(f"local-dir:{teacher_dir}")
     students = {label: load_model(str(run_dir), teacher=teacher) for label, run_dir in runs.items()}

@@ -1,5 +1,4 @@
-"""The text views of an inspection: ``report.md`` (`render_report`), the JSON of ``metrics.json``
-(`json_safe`) and the demo's one-sentence reading of the per-layer curves (`agreement_sentence`)."""
+"""The text views of an inspection: ``report.md``, metrics.json's JSON and the demo's one sentence."""
 
 from __future__ import annotations
 
@@ -25,20 +24,8 @@ def json_safe(value: Any) -> Any:
 def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -> str:
     """The markdown view of an inspection: what was measured and how, the teacher's layers against the
     floor, then per student its layers against the teacher's and which heads correspond."""
-    lines = [*_header(insp, teacher, students), *_teacher_table(insp.teacher)]
-    for name, rows in insp.students.items():
-        lines += [*_student_table(name, rows), *_head_correspondence(rows)]
-        lines += [f"- layer {r.layer}: {r.note}" for r in rows if r.note]
-    return "\n".join(lines) + "\n"
-
-
-def _f(v: float | None, digits: int = 3) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
-
-
-def _header(insp: Inspection, teacher: str, students: Mapping[str, str]) -> list[str]:
     s = insp.settings
-    return [
+    lines = [
         "# Attention inspection",
         "",
         f"- teacher: `{teacher}`",
@@ -56,7 +43,16 @@ def _header(insp: Inspection, teacher: str, students: Mapping[str, str]) -> list
         "- hierarchical layers (windows, reduced keys, pooled queries): metrics over each layer's own keys, "
         "attention distance from where each row and key sits on the image (padding left out); "
         "`queries_*` pictures show where the centre and corner query of each layer look, stage by stage",
+        *_teacher_table(insp.teacher),
     ]
+    for name, rows in insp.students.items():
+        lines += [*_student_table(name, rows), *_head_correspondence(rows)]
+        lines += [f"- layer {r.layer}: {r.note}" for r in rows if r.note]
+    return "\n".join(lines) + "\n"
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
 def _teacher_table(layers: Sequence[TeacherLayer]) -> list[str]:

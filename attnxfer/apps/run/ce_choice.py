@@ -1,10 +1,5 @@
-"""`transfer.ce_path` of a training run: forced by the config, reused from the checkpoint a run resumes,
-or measured (`attnxfer.transfer.ce_select`) by rank 0 and used by every rank.
-
-A resumed run keeps the path its checkpoint recorded (each checkpoint's state.json carries the choice):
-the paths agree only to fp32 rounding, so measuring again could change the trajectory and break
-bit-identical resume.
-"""
+"""`transfer.ce_path` of a training run: forced, reused from the checkpoint a run resumes (the paths agree
+only to fp32 rounding, so measuring again could break bit-identical resume), or measured by rank 0."""
 
 from __future__ import annotations
 
@@ -20,17 +15,6 @@ from ...train.runtime import Runtime
 from ...transfer.ce_select import CEChoice, budget_from_gib, check_forced, choose_ce_path, layer_shapes
 from ...transfer.losses import CEPath, ce_path_for
 from ...transfer.teacher_student import TeacherStudent
-
-
-def recorded_ce_choice(point: ResumePoint | None) -> CEChoice | None:
-    """The CE path a checkpoint was trained with (its state's ``ce_path``), or None."""
-    record = None if point is None else point.record("ce_path")
-    if not isinstance(record, dict):
-        return None  # an older checkpoint without the record: measure again
-    try:
-        return CEChoice.from_record(record, f"resumed from {point.name}")
-    except (ValueError, KeyError, TypeError):
-        return None
 
 
 def decided_on_rank0(decide: Callable[[], CEChoice | None]) -> CEChoice | None:
@@ -53,29 +37,33 @@ def ce_choice_for_run(
     *,
     scoring: bool = False,
 ) -> CEChoice | None:
-    """How ``pair``'s softmax layers evaluate their CE in this run, set on ``pair`` (every rank) and
-    returned for run.json and the checkpoints; None when the run distils no softmax maps. ``scoring=True``
-    (evaluation) keeps the recorded or device-default path without timing anything."""
+    """How ``pair``'s softmax layers evaluate their CE, set on ``pair`` and returned for the records; None
+    when the run distils no softmax maps. ``scoring=True`` times nothing."""
     shapes = layer_shapes(pair, cfg.data.batch_size, runtime.device)
     if shapes is None:
         return None
     if cfg.transfer.ce_path != "auto":
-        if (
-            not scoring
-        ):  # training: refused with why, never replaced (scoring a run computes no distillation CE)
+        if not scoring:  # refused with why, never replaced (scoring computes no distillation CE)
             check_forced(cfg.transfer.ce_path, runtime.device, shapes)
         choice = CEChoice(
             CEPath(cfg.transfer.ce_path), "forced by transfer.ce_path", device=str(runtime.device)
         )
     else:
-        choice = recorded_ce_choice(resumed_from)
+        # the path the resumed checkpoint was trained with (an older one without the record: measure again)
+        record = None if resumed_from is None else resumed_from.record("ce_path")
+        try:
+            choice = (
+                CEChoice.from_record(record, f"resumed from {resumed_from.name}")
+                if isinstance(record, dict)
+                else None
+            )
+        except (ValueError, KeyError, TypeError):
+            choice = None
         if choice is not None and choice.device and torch.device(choice.device).type != runtime.device.type:
             say(
                 f"ce_path auto: {choice.path} was measured on {choice.device}; this run is on {runtime.device}"
             )
-            choice = (
-                None  # another kind of device: its ranking says nothing here (nor is resume bit-identical)
-            )
+            choice = None  # another device kind: its ranking says nothing here, nor is resume bit-identical
         if choice is None and scoring:
             choice = CEChoice(ce_path_for(runtime.device), "device default", device=str(runtime.device))
         if choice is None and cfg.deterministic:  # timings may rank close paths either way from run to run

@@ -1,9 +1,5 @@
-"""`attnxfer eval`: score a run's checkpoint on its validation set, and what else the ``eval`` section asks.
-
-Scoring builds the run's engine exactly as training would (`attnxfer.apps.run.training.build_engine`, writing
-nothing), loads the checkpoint the resume rules pick, and adds what `eval_metrics` says: final-feature agreement
-with the teacher and k-NN top-1. Its one file of output is ``RUN_DIR/eval-<step>.json``.
-"""
+"""`attnxfer eval`: score a run's checkpoint on its validation set, with the engine training would build
+(writing nothing), plus what `eval_metrics` says; its one output file is ``RUN_DIR/eval-<step>.json``."""
 
 from __future__ import annotations
 
@@ -38,12 +34,9 @@ class EvalResult:
 
 
 def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[str]:
-    """What `attnxfer eval` scores besides the engine's own evaluation (``eval.metrics``): ``features``
-    (final-feature agreement with the teacher) and ``knn`` (k-NN top-1 of the embeddings); ``top1`` is the
-    engine's own. ``auto`` takes what the run can give: top1 and knn where the data has labels, features
-    where it has a teacher. A metric asked for by name that the run cannot give stops here, in one line,
-    before any work. ``own_objective``: the engine scores an objective of its own (MAE pre-training's
-    val loss), so a run without labels or teacher still has something to score."""
+    """``eval.metrics`` resolved (``auto``: top1 and knn where the data has labels, features where there is
+    a teacher); a metric asked for by name that the run cannot give stops here, before any work.
+    ``own_objective``: the engine scores an objective of its own (MAE's val loss)."""
     asked = set(cfg.eval.metrics)
     info = data_info(cfg.data)
     labelled = info.has_labels
@@ -125,14 +118,9 @@ def evaluate_run(
     parts: RunParts | None = None,
     build: Callable[[TrainConfig, ResumePoint], Engine] | None = None,
 ) -> EvalResult:
-    """`attnxfer eval`: score the run's newest checkpoint (or ``checkpoint.resume=PATH``) on its val set.
-
-    Writes nothing into the run except its own result file, ``RUN_DIR/eval-<step>.json``; a run without
-    a checkpoint is refused (there is nothing trained to score), and so is a run dir that cannot take that
-    file (read-only, full), before anything is computed. It takes no lock: scoring a run that trains is fine.
-    Besides the engine's evaluation it scores what `eval_metrics` says: final-feature agreement with the
-    teacher (``val_feat_*``) and k-NN top-1 (``knn_*``; memory bank: the training split, unaugmented).
-    """
+    """Score the run's newest checkpoint (or ``checkpoint.resume=PATH``); a run without one, or whose dir
+    cannot take the result file, is refused before anything is computed. No lock: scoring a run that
+    trains is fine."""
     wanted = eval_metrics(cfg, own_objective=build is not None)
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH:
         raise CheckpointError("eval needs a checkpoint: use checkpoint.resume=auto (the newest) or a PATH")

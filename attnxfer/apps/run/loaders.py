@@ -1,12 +1,6 @@
-"""The ``data`` and ``aug`` sections as loaders: the train and val datasets, their resumable samplers and
-DataLoaders, on their own (no teacher, no student); and the k-NN memory bank `attnxfer eval` reads.
-
-A run's own settings reach each dataset builder that names them in its signature (`dataset_options`):
-timm's augmentation options (``aug.reprob``, ...) for the train split, the class count and length of
-synthetic data, the per-rank batch and world size of a stream. No dataset name is compared here.
-``data.labels: false`` builds both splits without labels (batches ``[x]``, `attnxfer.data.label_free`);
-`data_info` is the dataset as the run sees it, what `attnxfer.data.require_labels` checks.
-"""
+"""The ``data`` and ``aug`` sections as loaders (no teacher, no student), and `attnxfer eval`'s k-NN bank.
+A run's settings reach each dataset builder that names them in its signature (`dataset_options`): no
+dataset name is compared here."""
 
 from __future__ import annotations
 
@@ -37,8 +31,7 @@ def data_info(data: DataConfig) -> DatasetInfo:
 
 @dataclass
 class Loaders:
-    """What a run iterates: the train loader and its sampler (the engine sets its epoch and position), the
-    val loader."""
+    """The train loader and its sampler (the engine sets its epoch and position), the val loader."""
 
     train_loader: Any
     val_loader: Any

@@ -43,12 +43,9 @@ class RunParts:
 
 
 def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any]:
-    """timm arguments for ``model.global_pool`` / ``model.fc_norm``.
-
-    Pooling is always passed with its norm: a teacher mirrored with class-token pooling has a final norm
-    and no fc_norm, and setting only ``global_pool="avg"`` on top of that would give "norm, then
-    average", which is not MAE's head (average, then fc_norm). ``fc_norm: null`` takes timm's rule (a
-    norm after pooling exactly for avg/max pooling)."""
+    """timm arguments for ``model.global_pool`` / ``model.fc_norm``. Pooling is always passed with its norm:
+    ``global_pool="avg"`` alone on a mirrored class-token teacher would give "norm, then average", not MAE's
+    head (average, then fc_norm). ``fc_norm: null`` takes timm's rule (a norm after avg/max pooling)."""
     args: dict[str, Any] = {}
     if global_pool is not None:
         args["global_pool"] = global_pool
@@ -61,10 +58,8 @@ def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any
 def init_from_pretrained(
     spec: str, num_classes: int, drop_path_rate: float, img_size: int | None
 ) -> nn.Module:
-    """A trainable copy of the pretrained encoder ``spec`` (fine-tuning) with a fresh ``num_classes`` head.
-
-    Every weight but the head's comes from ``spec``; anything else missing is an error, never a random
-    weight (e.g. an MAE-pretrained export: ``local-dir:RUN_DIR/export``)."""
+    """A trainable copy of the pretrained encoder ``spec`` (fine-tuning) with a fresh ``num_classes`` head;
+    any other weight missing is an error, never a random weight."""
     try:
         pretrained, _ = load_teacher(spec, img_size=img_size, num_classes=0)
     except ImageSizeError as e:
@@ -84,10 +79,8 @@ def init_from_pretrained(
 def build_student(
     cfg: TrainConfig, teacher: nn.Module | None, num_classes: int, in_chans: int, img_size: int | None
 ) -> nn.Module:
-    """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised,
-    with the pooling ``model.global_pool`` / ``model.fc_norm`` ask for (applied after mirroring); with
-    ``model.init``, the architecture and weights of that pretrained model (fine-tuning); with
-    ``model.attention``, that zoo attention in its blocks (`student_attention`)."""
+    """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised, or with
+    ``model.init`` that pretrained model; with ``model.attention``'s zoo attention in its blocks."""
     m = cfg.model
     if m.init:
         student = init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size)
@@ -109,9 +102,8 @@ def build_student(
 def student_attention(
     student: nn.Module, attention: str | list[str] | None, options: dict[str, Any]
 ) -> nn.Module:
-    """``model.attention``: the student's blocks with that zoo attention (its new parameters freshly
-    initialised, like the rest of a fresh student); null keeps softmax. A bad name or option is one
-    message naming the key (an unknown name with the nearest registered one)."""
+    """``model.attention``: the student's blocks with that zoo attention (null keeps softmax); a bad name
+    or option is one message naming the key."""
     if not attention:
         if options:
             raise InputError("model.attention_kwargs is set but model.attention is not: name the attention")
@@ -136,10 +128,8 @@ def stamp_input_cfg(
     img_size: int,
     preprocessing: dict[str, Any] | None = None,
 ) -> None:
-    """The student is trained and validated on inputs prepared this way: its pretrained config (what export
-    writes, what timm's ``resolve_data_config`` reads back, and what a later run reads when this student
-    becomes a teacher) must say so. ``preprocessing``: the val loader's resize and crop (crop_pct,
-    crop_mode, interpolation), replacing what the student inherited from its teacher."""
+    """The student's pretrained config says how its inputs were prepared (what export writes and timm's
+    ``resolve_data_config`` and a later run read back); ``preprocessing``: the val loader's resize and crop."""
     student.pretrained_cfg = {
         **getattr(student, "pretrained_cfg", {}),
         **(preprocessing or {}),
@@ -150,9 +140,8 @@ def stamp_input_cfg(
 
 
 def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
-    """``model.num_classes``, else the dataset's; a dataset that says none is refused here. A run without
-    labels or without a task loss (``transfer.task_weight=0``) has no classes: 0 (a headless student) unless
-    ``model.num_classes`` says otherwise."""
+    """``model.num_classes``, else the dataset's (refused where it says none); a run without labels or task
+    loss has 0 (a headless student) unless ``model.num_classes`` says otherwise."""
     d = cfg.data
     if not info.has_labels or cfg.transfer.task_weight == 0:
         return cfg.model.num_classes or 0
@@ -174,15 +163,9 @@ def build_run_parts(
     shared: RunParts | None = None,
 ) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
-    student (e.g. `attnxfer convert` builds it from the teacher's weights). ``labels``: whether the loaders
-    hand out labels (default: where the data has them and the task loss uses them; `attnxfer convert` reads
-    them wherever the data has them, for its report's top-1 and k-NN). ``shared``: the parts of another run
-    whose teacher and loaders this one reads too (a study's students): only the student is built here, and
-    it must take the same images."""
-    if labels is None:
-        # a training run reads labels where the data has them (data.labels) and its task loss uses them
-        # (transfer.task_weight > 0; null is 1): without a task loss it reads its images alone (`attnxfer eval`
-        # asks for labels wherever the data has them, for its top-1 and k-NN)
+    student; ``labels``: whether the loaders hand out labels (default: where the data has them and the task
+    loss uses them); ``shared``: another run's teacher and loaders (a study's), only the student built here."""
+    if labels is None:  # without a task loss (task_weight 0; null is 1) a run reads its images alone
         labels = cfg.data.labels and (cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0)
     else:
         labels = labels and cfg.data.labels
@@ -194,9 +177,8 @@ def build_run_parts(
     if shared is not None:
         teacher, record = shared.teacher, shared.teacher_record
     elif cfg.teacher.spec:
-        # the teacher is built aside from the run's random streams (its random initialisation is overwritten
-        # by its weights anyway): the student's initial weights depend on the seed alone, not on which teacher,
-        # stored in which format, was loaded first — and a study builds its shared teacher once
+        # built aside from the run's random streams: the student's initial weights depend on the seed alone,
+        # not on which teacher, stored in which format, was loaded first
         try:  # at data.img_size: rebuilt there as its family says, or refused with the sizes that work
             with torch.random.fork_rng(devices=[]):
                 teacher, rec = load_teacher(
@@ -261,8 +243,7 @@ def parts_around(
     rank: int,
     world_size: int,
 ) -> RunParts:
-    """A run's parts around its student (train, convert, pretrain alike): the input config stamped on the
-    student, the loaders at its size and normalisation, and the record of it all."""
+    """A run's parts around its student: its input config stamped, the loaders at its size and normalisation."""
     loaders = build_loaders(
         cfg.data,
         cfg.aug,
@@ -319,14 +300,13 @@ def _around_shared(
 
 def with_student(parts: RunParts, student: nn.Module) -> RunParts:
     """``parts`` around another student of the same input (`attnxfer convert`'s, once its attentions are
-    chosen), stamped and recorded as `parts_around` does."""
+    chosen)."""
     stamp_input_cfg(student, parts.mean, parts.std, parts.in_chans, parts.img_size)
     return dataclasses.replace(parts, student=student, student_spec=student_spec(student))
 
 
 def _input_size(model: nn.Module) -> int:
-    """The image side a model is built for (`image_input`: its patch embedding's, else the size timm built it
-    for, else its pretrained config's); the data pipeline makes square images of that side."""
+    """The image side a model is built for; the data pipeline makes square images of that side."""
     size = image_input(model).img_size
     if size is None:
         raise InputError(f"{type(model).__name__} records no image size: set data.img_size")

@@ -1,6 +1,5 @@
-"""Pictures a training run draws after each evaluation, as callbacks for the engine (`Engine(pictures=)`):
-the engine calls them on rank 0 and logs what they return; it draws nothing itself (and imports no
-matplotlib). MAE's reconstructions are `attnxfer.apps.run.pretrain.reconstruction_pictures`."""
+"""Pictures a training run draws after each evaluation, as callbacks the engine calls on rank 0 (it imports
+no matplotlib itself)."""
 
 from __future__ import annotations
 

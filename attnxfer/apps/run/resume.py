@@ -1,15 +1,10 @@
-"""Resuming, judged once: the checkpoint a command goes on from, and what its config may change.
+"""Resuming, judged once by one rule: a run continues only as the run it is.
 
-Every command that resumes (train, pretrain, eval, convert's two stages, search, a study's students) finds
-its checkpoint and reads its state once (`ResumePoint.find`), then has it judged here (`judge`) by one
-rule. A run continues only as the run it is. How it is optimised, how long, how it logs and saves, and where
-it runs may change between attempts (the changes are printed); what the checkpoint's weights, optimiser state
-and data position mean (model, teacher, transfer plan, data, batch) may not: that stops before anything is
-written, naming the keys, and says how to start a new run instead. Which keys may change is declared with
-each key (``key(..., resumable=True)`` in `attnxfer/config/schema.py`: `RESUMABLE_KEYS`; a search's own
-column: `SEARCH_RESUMABLE_KEYS`), widened only by what this module knows of the context: the batch split on
-another world size (`attnxfer.apps.run.world_size`), scoring (`attnxfer eval` may read labels), a teacher spelled
-another way whose weights hash as recorded, and data that moved to another folder with the same files.
+How it is optimised, how long, how it logs and saves and where it runs may change (the changes are printed);
+what the checkpoint's weights, optimiser state and data position mean may not: that stops before anything
+is written, naming the keys. Which keys may change is declared with each key (`RESUMABLE_KEYS`,
+`SEARCH_RESUMABLE_KEYS`), widened here by context: the batch split on another world size, scoring, a
+teacher spelled another way whose weights hash as recorded, the same data in another folder.
 """
 
 from __future__ import annotations
@@ -40,12 +35,11 @@ def config_changes(
     compared: Sequence[str] | None = None,
     command: str = "train",
 ) -> list[KeyChange]:
-    """Every key whose value in ``cfg`` differs from the recorded config dict, and whether ``resumable`` (keys
-    and ``section.`` prefixes) lets a resume change it. ``compared`` (keys and prefixes) limits the comparison
-    to what a saved state depends on (stage 1 of a conversion reads no stage-2 key). Only the sections
-    ``command`` reads are compared: a run recorded with every section (as before sections belonged to their
-    command) resumes whatever another command's section says. Keys an older attnxfer did not record are
-    skipped; a key's old spelling is read as its new one (`attnxfer.config.renamed`)."""
+    """Every key whose value in ``cfg`` differs from the recorded config, and whether ``resumable`` (keys and
+    ``section.`` prefixes) lets a resume change it. ``compared`` limits the comparison to what a saved state
+    depends on (stage 1 of a conversion reads no stage-2 key), ``command`` to the sections it reads (a run
+    recorded with every section resumes whatever another command's says). Keys an older attnxfer did not
+    record are skipped; old spellings are read as new ones."""
     recorded = respell(recorded, note=False)
     new = to_dict(cfg, command)
     changes = []
@@ -75,16 +69,10 @@ def judge(
     prefix: str = "",
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
-    written) a change that alters what the checkpoint means, and says the changes a resume may make (each line
-    after ``prefix``: a study's student name).
-
-    With ``world`` (this run's number of processes), the per-rank batch and accumulation steps may change when
-    they keep the recorded global batch. ``command``: whose sections are compared (`config_changes`). ``scoring`` (`attnxfer eval`, which trains nothing) may also turn
-    ``data.labels`` on: a run trained without labels is scored by its k-NN top-1 on the labelled split.
-    """
-    if (
-        point is None or point.config is None
-    ):  # nothing found, or saved without its config: nothing to compare
+    written) a change that alters what the checkpoint means, and says the allowed ones (after ``prefix``: a
+    study's student name). With ``world``, the batch split may change where it keeps the global batch;
+    ``scoring`` (`attnxfer eval`) may turn ``data.labels`` on (a run trained without labels scored by k-NN)."""
+    if point is None or point.config is None:  # nothing found, or saved without its config
         return point
     if world is not None and keeps_global_batch(point, cfg, world):
         resumable = (*resumable, *BATCH_SPLIT_KEYS)
@@ -119,13 +107,9 @@ def _respelled_teacher(change: KeyChange, point: ResumePoint) -> KeyChange:
 def check_teacher_content(
     point: ResumePoint | None, record: dict[str, Any] | None, spec: str, *, run: Path | str | None = None
 ) -> None:
-    """Refuse a resume whose teacher's weights differ from the ones the checkpoint was trained with.
-
-    Teachers are compared by content (the sha256 of the weights file the checkpoint records), not by the
-    spelling of ``teacher.spec``: ``local-dir:teacher`` and ``local-dir:/abs/teacher``, or a teacher folder
-    that moved, are the same teacher. Teachers without a hash (random weights) keep the spelling rule of
-    `judge`. Writes nothing.
-    """
+    """Refuse a resume whose teacher's weights differ from the checkpoint's: compared by the sha256 the
+    checkpoint records, not by the spelling of ``teacher.spec`` (a moved folder is the same teacher).
+    Teachers without a hash (random weights) keep the spelling rule of `judge`."""
     if point is None:
         return
     old = point.teacher or {}
@@ -148,12 +132,13 @@ def check_same_data(
     *,
     prefix: str = "",
 ) -> bool:
-    """Whether a resume goes on with its data position: True where the training data is the data the checkpoint
+    """Whether a resume goes on with its data position: True where the training data is what the checkpoint
     recorded (the same files in another ``data.root`` are the same data), or nothing to compare. Other data
-    stops in one line, nothing written, unless ``checkpoint.allow_new_data`` says to go on: then the weights,
-    optimiser and step resume and the epoch restarts on the new data (False)."""
+    stops in one line unless ``checkpoint.allow_new_data``: then the epoch restarts on it (False)."""
     recorded = None if point is None else point.data
-    if recorded is None or identity is None or _same_data(recorded, identity):
+    if recorded is None or identity is None:
+        return True
+    if all(recorded.get(k) == identity.get(k) for k in ("samples", "fingerprint")):
         return True
     what = f"{_describe_data(recorded)} at {point.name}, {_describe_data(identity)} now"
     if not cfg.checkpoint.allow_new_data:
@@ -169,10 +154,6 @@ def check_same_data(
     return False
 
 
-def _same_data(recorded: dict[str, Any], identity: dict[str, Any]) -> bool:
-    return all(recorded.get(k) == identity.get(k) for k in ("samples", "fingerprint"))
-
-
 def _describe_data(identity: dict[str, Any]) -> str:
     samples = identity.get("samples")
     count = "an unknown number of" if samples is None else f"{samples:,}"
@@ -180,13 +161,10 @@ def _describe_data(identity: dict[str, Any]) -> str:
 
 
 def student_as_trained(run_dir: str | Path, built: dict[str, Any], *, scoring: bool) -> dict[str, Any] | None:
-    """The student spec run.json records where the config builds another student (another architecture or
-    attention), else None. Weights of one attention load into another's projections without a complaint
-    (a relu_linear student's qkv fits a softmax block), so this is checked before any checkpoint is read.
-
-    Scoring (`attnxfer eval`) returns the recorded spec, for the caller to rebuild the student it scores
-    (a conversion's stage 2 records ``convert.attention``, not ``model.attention``); resuming training
-    refuses in one line, since the config would train another model."""
+    """The student spec run.json records where the config builds another student, else None: checked before
+    any checkpoint is read, since one attention's weights load into another's projections without a
+    complaint. Scoring gets the recorded spec to rebuild (a conversion's stage 2 records
+    ``convert.attention``); resuming training refuses in one line."""
     run = RunDir(run_dir)
     if not built or not run.is_run():  # parts a notebook built carry no spec to compare
         return None

@@ -1,13 +1,10 @@
-"""`attnxfer train` / `eval`: a `TrainConfig` becomes a runtime, models, data, a plan and an `Engine`.
-
-This is the one place where the training config turns into objects (as MAE's main_finetune.py
-does for its engine): the engine below takes only what is built here.
-"""
+"""`attnxfer train` / `eval`: the one place a `TrainConfig` becomes a runtime, models, data, a plan and an
+`Engine` (as MAE's main_finetune.py does for its engine): the engine takes only what is built here."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -74,9 +71,7 @@ def task_weight_of(cfg: TrainConfig) -> float:
 
 
 def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
-    """The transfer plan the ``transfer`` section asks for, validated against the two models: the mode, and what
-    the student is compared on (the mode's distillation at ``atd_weight``, ``logit_distill``, ``feature_distill``
-    and each ``losses`` entry)."""
+    """The transfer plan the ``transfer`` section asks for, validated against the two models."""
     t = cfg.transfer
     feature_weight = 0.0 if t.feature_distill is None else float(t.feature_distill)  # convert resolves null
     return build_plan(
@@ -95,33 +90,19 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     )
 
 
-@dataclass(frozen=True)
-class Scoring:
-    """How a run is scored at each evaluation, and which checkpoint is its best: val top-1 (highest), or for a
-    run without a task loss, the mean cosine of its patch tokens' final features with the teacher's (highest:
-    the share of what feature distillation trains that needs no label)."""
-
-    evaluator: Callable
-    metric: str
-    mode: str = "max"
-
-
-TOP1_SCORING = Scoring(evaluate, "val_top1")
-FEATURE_SCORING = Scoring(evaluate_features, "val_feat_cos_patch")
-
-
-def scoring_for(plan: TransferPlan, parts: RunParts) -> Scoring:
-    """Val top-1 where the run has a task loss and its val split has labels, else final-feature agreement with
-    the teacher (which needs one, with the student's final tokens: one `InputError` says what to set)."""
+def scoring_for(plan: TransferPlan, parts: RunParts) -> tuple[Callable, str]:
+    """How a run is scored at each evaluation, and by which metric its best checkpoint is the highest: val
+    top-1 where it has a task loss and labels, else the mean cosine of its patch tokens' final features with
+    the teacher's (the share of what feature distillation trains that needs no label)."""
     if plan.task_weight > 0 and dataset_has_labels(parts.val_loader.dataset):
-        return TOP1_SCORING
+        return evaluate, "val_top1"
     if parts.teacher is None or not same_tokens(parts.student, parts.teacher):
         raise InputError(
             "a run without a task loss (transfer.task_weight=0, or data without labels) is scored by its final "
             "features' agreement with the teacher's, so it needs a teacher (teacher.spec) whose final tokens "
             "the student's match (the same width and prefix tokens: model.mirror_teacher=true)"
         )
-    return FEATURE_SCORING
+    return evaluate_features, "val_feat_cos_patch"
 
 
 def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
@@ -205,64 +186,38 @@ def compile_from_config(cfg: TrainConfig, pair: TeacherStudent) -> dict[str, int
     }
 
 
-def attention_pictures(
-    cfg: TrainConfig, pair: TeacherStudent, parts: RunParts, runtime: Runtime
-) -> list[Pictures]:
-    """``log.attention_images`` validation images' class-token maps at each evaluation, where TensorBoard
-    shows them (``tensorboard`` among ``log.trackers``)."""
-    n = cfg.log.attention_images
-    if not (n > 0 and "tensorboard" in cfg.log.trackers):
-        return []
-    return [class_token_pictures(pair, parts.val_loader, n, runtime.device)]
-
-
-def engine_facts(engine: Engine) -> dict:
-    """What run.json records of how a run executes (ranks, precision, optimiser, lr and step counts), for
-    every app."""
-    return {
-        "world_size": engine.world,
-        "precision": engine.runtime.precision,
-        "optimizer": f"AdamW ({optimizer_implementation(engine.optimizer)})",
-        "base_lr": engine.base_lr,
-        "steps_per_epoch": engine.steps_per_epoch,
-        "total_steps": engine.total_steps,
-    }
-
-
-def _write_run_files(
+def record_run(
     cfg: TrainConfig,
     engine: Engine,
-    parts: RunParts,
-    compiled: dict[str, int],
-    ce_choice: dict | None,
+    point: ResumePoint | None,
     command: str,
+    info: dict,
+    *,
+    warn_few_steps: bool = True,
 ) -> None:
-    """config.yaml (re-run with -c RUN_DIR/config.yaml; the sections ``command`` reads) and run.json (what was
-    trained, from what)."""
-    if not engine.is_main:
+    """For a run that will train (a finished one's files stay as they are): config.yaml (re-run with -c
+    RUN_DIR/config.yaml; the sections ``command`` reads) and run.json (``info``, the training split, how the
+    run executes) on rank 0, and the few-steps warning."""
+    if point is not None and point.step >= engine.total_steps:
         return
-    run_dir = RunDir(cfg.run_dir)
-    run_dir.write_config(dump_config(cfg, command))
-    info = {
-        "teacher": parts.teacher_record,
-        "student": parts.student_spec,
-        "plan": engine.module.plan.describe(),
-        "mode": engine.module.plan.mode.name,
-        # what "best" means: the checkpoint `load_student` and `attnxfer export` pick
-        "best_metric": engine.settings.metric,
-        "best_mode": str(engine.settings.metric_mode),
-        "num_classes": parts.num_classes,
-        "class_names": parts.class_names,
-        "mean": parts.mean,
-        "std": parts.std,
-        "compiled": compiled,
-        "data": engine.record.get("data"),  # what the training split was (a resume on other data says so)
-        **engine_facts(engine),
-    }
-    if ce_choice is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
-        info["ce_path"] = ce_choice["path"]
-        info["ce_path_choice"] = ce_choice
-    run_dir.write_record(info)
+    if engine.is_main:
+        run_dir = RunDir(cfg.run_dir)
+        run_dir.write_config(dump_config(cfg, command))
+        run_dir.write_record(
+            {
+                **info,
+                "data": engine.record.get("data"),  # the training split (a resume on other data says so)
+                "world_size": engine.world,
+                "precision": engine.runtime.precision,
+                "optimizer": f"AdamW ({optimizer_implementation(engine.optimizer)})",
+                "base_lr": engine.base_lr,
+                "steps_per_epoch": engine.steps_per_epoch,
+                "total_steps": engine.total_steps,
+            }
+        )
+    warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
+    if warning and warn_few_steps:
+        say(warning)
 
 
 def assemble_engine(
@@ -310,18 +265,25 @@ def start_run(
     command: str,
     built: RunParts | None = None,
 ) -> tuple[TrainConfig, Runtime, ResumePoint | None]:
-    """What every run does before it builds a model or reads data (`attnxfer train`, `pretrain`, convert's
-    stage 2, `attnxfer eval` scoring one: ``scoring=True``): its runtime, the checkpoint it resumes from, found
-    once (or ``found`` by the caller) and judged by `attnxfer.apps.run.resume`'s rules; a run that trains keeps
-    its global batch on another world size (``built``: loaders the caller built, whose batch cannot change) and
-    says how its trackers log; the seed is set on every rank. Returns the config on this world size, the
-    runtime and the judged checkpoint."""
+    """What every run does before it builds a model or reads data: its runtime, its checkpoint found (or
+    ``found``) and judged, its global batch kept on another world size (``built``: loaders the caller built),
+    its trackers prepared, the seed set on every rank. Returns the config on this world size, the runtime
+    and the judged checkpoint."""
     runtime = runtime or create_runtime(
         cfg.device, cfg.precision, cfg.optim.accum_steps, cfg.deterministic, cfg.dist.timeout
     )
     point = found or ResumePoint.find(cfg.run_dir, cfg.checkpoint.resume)
-    if not scoring:  # keep the global batch on another world size
-        cfg = _fitted_to_world(cfg, runtime, built, point)
+    if not scoring:  # a resumed run keeps its global batch on another world size
+        fitted = fit_world_size(cfg, runtime.world, point)
+        if built is not None and fitted.data.batch_size != cfg.data.batch_size:  # loaders keep their batch
+            raise ConfigError(
+                f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
+                f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
+                f"command with data.batch_size={fitted.data.batch_size} "
+                f"optim.accum_steps={fitted.optim.accum_steps}"
+            )
+        runtime.accelerator.gradient_accumulation_steps = fitted.optim.accum_steps  # the split it chose
+        cfg = fitted
     point = judge(point, cfg, world=runtime.world, scoring=scoring, command=command)
     if not scoring and runtime.is_main:  # before the teacher and the data: how the trackers log
         prepare_trackers_from_config(cfg)
@@ -341,19 +303,11 @@ def build_engine(
     drive: Drive | None = None,
     command: str = "train",
 ) -> Engine:
-    """Everything ``cfg`` describes, assembled; ``parts`` lets a notebook pass models/data it built.
-
-    Nothing is written into the run dir before every check has passed (config ranges, the resume
-    rules of `attnxfer.apps.run.resume`, models, data and plan); ``scoring=True`` (`attnxfer eval` scoring a
-    run) writes nothing.
-    ``found``: the checkpoint the caller already found (`attnxfer eval`), else it is looked for here.
-    ``shared``: another run's teacher and loaders, read by this one too (a study's student: only its student
-    is built, as `attnxfer train` would build it); ``prune_on_save=False`` leaves pruning to the caller;
-    ``warn_few_steps=False`` leaves the few-steps warning to the caller (a study says it once for all).
-    ``drive``: the engine's feed, stop check and random streams where a study drives it (`Engine`).
-    ``command``: whose run it is (``convert``: a conversion's stage 2), so its records hold that command's
-    config sections.
-    """
+    """Everything ``cfg`` describes, assembled; nothing is written into the run dir before every check has
+    passed, and nothing at all with ``scoring=True`` (`attnxfer eval`). ``parts``: models/data a notebook
+    built; ``shared``: another run's teacher and loaders (a study's student); ``prune_on_save`` and
+    ``warn_few_steps`` False leave those to the caller (a study); ``command``: whose config sections the
+    records hold (``convert``: a conversion's stage 2)."""
     validate_config(cfg)  # a config built in Python skips load_config's checks
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
@@ -371,8 +325,14 @@ def build_engine(
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):
         point = replace(point, restart_epoch=True)
-    if point is not None:
-        parts = _the_trained_student(cfg, parts, scoring=scoring)
+    # the student the run trained, where its config builds another: eval scores it, training stops
+    if point is not None and (
+        recorded := student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
+    ):
+        say(
+            f"eval: scoring the student run.json records ({recorded.get('attention')} attention), not the config's"
+        )
+        parts = replace(parts, student=student_from_spec(recorded), student_spec=recorded)
     plan = plan_from_config(cfg, parts)
     teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
     pair = TeacherStudent(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(
@@ -383,11 +343,18 @@ def build_engine(
     ce_record = None if choice is None else choice.record()
     ema = StudentEMA(pair.student, cfg.ema.decay) if cfg.ema.decay else None
     compiled = compile_from_config(cfg, pair)  # after the EMA's copy: EMA weights are evaluated eagerly
-    groups = _param_groups(cfg, pair)
-    # scored by val top-1, or, without a task loss or labels, by final-feature agreement with the teacher
-    score_by = scoring_for(plan, parts)
+    groups = student_param_groups(
+        pair,
+        weight_decay=cfg.optim.weight_decay,
+        layer_decay=cfg.optim.layer_decay,
+        layer_decay_rule=cfg.optim.layer_decay_rule,
+    )
+    evaluator, metric = scoring_for(plan, parts)
     settings = loop_settings(cfg, runtime.world, resume=point, prune_on_save=prune_on_save)
-    settings = replace(settings, metric=score_by.metric, metric_mode=score_by.mode)
+    settings = replace(settings, metric=metric, metric_mode="max")
+    n = cfg.log.attention_images  # class-token maps at each evaluation, where TensorBoard shows them
+    shown = n > 0 and "tensorboard" in cfg.log.trackers
+    pictures = [class_token_pictures(pair, parts.val_loader, n, runtime.device)] if shown else []
     record = {
         "teacher": parts.teacher_record,
         "config": to_dict(cfg, command),
@@ -397,20 +364,33 @@ def build_engine(
     engine = assemble_engine(
         cfg,
         runtime,
-        TransferObjective(pair, task_loss_from_config(cfg, parts.num_classes), score_by.evaluator),
+        TransferObjective(pair, task_loss_from_config(cfg, parts.num_classes), evaluator),
         parts,
         groups,
         settings=settings,
         ema=ema,
         record=record,
-        pictures=attention_pictures(cfg, pair, parts, runtime),
+        pictures=pictures,
         drive=drive,
     )
-    if not scoring and not _finished_before(point, engine):  # a finished run's files stay as they are
-        _write_run_files(cfg, engine, parts, compiled, ce_record, command)
-        warning = few_steps_warning(engine.settings, engine.steps_per_epoch, engine.total_steps)
-        if warning and warn_few_steps:
-            say(warning)
+    if not scoring:
+        info = {
+            "teacher": parts.teacher_record,
+            "student": parts.student_spec,
+            "plan": plan.describe(),
+            "mode": plan.mode.name,
+            # what "best" means: the checkpoint `load_student` and `attnxfer export` pick
+            "best_metric": engine.settings.metric,
+            "best_mode": str(engine.settings.metric_mode),
+            "num_classes": parts.num_classes,
+            "class_names": parts.class_names,
+            "mean": parts.mean,
+            "std": parts.std,
+            "compiled": compiled,
+        }
+        if ce_record is not None:  # how softmax layers' CE is evaluated (transfer.ce_path, resolved) and why
+            info |= {"ce_path": ce_record["path"], "ce_path_choice": ce_record}
+        record_run(cfg, engine, point, command, info, warn_few_steps=warn_few_steps)
     barrier()
     say(plan.describe())
     return engine
@@ -446,45 +426,9 @@ def few_steps_warning(s: LoopSettings, per_epoch: int, total: int) -> str | None
     )
 
 
-def _finished_before(point: ResumePoint | None, engine: Engine) -> bool:
-    """Whether the checkpoint resumed stands at (or past) the run's last step: nothing will be trained."""
-    return point is not None and point.step >= engine.total_steps
-
-
-def _fitted_to_world(
-    cfg: TrainConfig, runtime: Runtime, parts: RunParts | None, point: ResumePoint | None
-) -> TrainConfig:
-    """The config on this world size: a resumed run keeps its global batch (`fit_world_size`), and the
-    accelerator accumulates as the new split says. Loaders built by the caller (convert's stage 2, a
-    notebook) keep their batch, so a split that would change it stops with the command to run instead."""
-    fitted = fit_world_size(cfg, runtime.world, point)
-    if parts is not None and fitted.data.batch_size != cfg.data.batch_size:
-        raise ConfigError(
-            f"{cfg.run_dir} resumes on {runtime.world} process(es) with loaders built for "
-            f"data.batch_size={cfg.data.batch_size}; to keep the run's global batch, run the same "
-            f"command with data.batch_size={fitted.data.batch_size} "
-            f"optim.accum_steps={fitted.optim.accum_steps}"
-        )
-    runtime.accelerator.gradient_accumulation_steps = fitted.optim.accum_steps  # the split it chose
-    return fitted
-
-
-def _param_groups(cfg: TrainConfig, pair: TeacherStudent) -> list[dict]:
-    """The student's optimiser groups: weight decay, layer-wise lr decay (`student_param_groups`)."""
-    return student_param_groups(
-        pair,
-        weight_decay=cfg.optim.weight_decay,
-        layer_decay=cfg.optim.layer_decay,
-        layer_decay_rule=cfg.optim.layer_decay_rule,
-    )
-
-
 def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train") -> TrainResult:
     """Train (or resume) the run described by ``cfg``; ``parts`` lets a notebook pass models/data it built.
-
-    Under torchrun or a submitted job it joins the ranks' process group (and leaves it again if it
-    was the one to create it). Rank 0 holds the run dir's lock (`attnxfer.checkpoints.run_lock`) throughout.
-    Scoring a trained run is `evaluate_run` (`attnxfer eval`); ``command``: as `build_engine`."""
+    Every rank joins the process group (left again if it made it); rank 0 holds the run dir's lock."""
     require_task_labels(cfg)  # before the run dir is made
     main = DistributedInfo.from_environment().is_main_process
     with (
@@ -499,15 +443,3 @@ def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
     return teacher is not None and all(
         getattr(student, a, None) == getattr(teacher, a, None) for a in ("num_features", "num_prefix_tokens")
     )
-
-
-def _the_trained_student(cfg: TrainConfig, parts: RunParts, *, scoring: bool) -> RunParts:
-    """``parts`` with the student the run trained, where its config builds another (`student_as_trained`):
-    eval scores the recorded one; resuming training with another student stops there."""
-    recorded = student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
-    if recorded is None:
-        return parts
-    say(
-        f"eval: scoring the student run.json records ({recorded.get('attention')} attention), not the config's"
-    )
-    return replace(parts, student=student_from_spec(recorded), student_spec=recorded)

@@ -1,11 +1,6 @@
-"""How sure an accuracy is: a 95 % interval for every top-1 the project reports, and paired tests.
-
-A top-1 on n validation images is a binomial proportion: on the demo's 1,000 images a 95 % interval is
-about ±2 points, so two runs 1 point apart are not different runs. Every report (demo table, ``attnxfer
-eval``, the conversion report) goes through `top1_interval` / `format_top1`; two models evaluated on the
-same images are compared with McNemar's exact test on the images only one of them gets right
-(`mcnemar`), and several seeds with mean ± sample std (`mean_std`).
-"""
+"""How sure an accuracy is: on the demo's 1,000 images a top-1's 95 % interval is about ±2 points, so
+two runs 1 point apart are not different runs. Every report's top-1 goes through `format_top1`; models on
+the same images are compared with McNemar's exact test, seeds with mean ± sample std."""
 
 from __future__ import annotations
 

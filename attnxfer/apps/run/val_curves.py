@@ -1,5 +1,4 @@
-"""Validation curves of runs (a run's metric against the optimiser step, from its metrics.jsonl), drawn on
-axes the caller owns: the demo's curves and a study's."""
+"""Validation curves of runs from their metrics.jsonl, on axes the caller owns (the demo's, a study's)."""
 
 from __future__ import annotations
 

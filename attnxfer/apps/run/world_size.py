@@ -1,15 +1,6 @@
-"""Resuming on another number of processes: the same global batch, epoch length and lr schedule.
-
-A checkpoint records the world size that wrote it and its config the per-rank batch and accumulation steps.
-Their product, the global batch, fixes what the run means beyond its weights: the lr (MAE's
-``blr x global batch / 256``), the steps per epoch (``floor(train size / global batch)``) and so the warmup
-and cosine schedule, and which samples each step averages (the sampler's position counts samples, so the
-rest of the epoch is re-strided over the new ranks in the same order). A resume on another world size keeps
-the global batch: unchanged ``data.batch_size`` / ``optim.accum_steps`` are re-split for the new ranks (the
-fewest accumulation steps whose per-rank batch is no larger than before, so no rank needs more memory),
-values given explicitly must multiply to the recorded global batch, and a world size that does not divide
-it is refused with the world sizes that would. What does change (the split, the ranks' RNG streams) is
-printed.
+"""Resuming on another number of processes keeps the global batch, and with it the lr, the steps per epoch
+and the schedule (docs/troubleshooting.md): unchanged ``data.batch_size`` / ``optim.accum_steps`` are
+re-split for the new ranks (no rank gets a larger batch than before), explicit ones must multiply to it.
 """
 
 from __future__ import annotations
@@ -83,14 +74,9 @@ def keeps_global_batch(point: ResumePoint | None, cfg: TrainConfig, world: int) 
     return recorded is not None and recorded.global_batch == _current_split(cfg, world).global_batch
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def fit_world_size(cfg: TrainConfig, world: int, point: ResumePoint | None) -> TrainConfig:
-    """``cfg`` for resuming the checkpoint ``point`` on ``world`` ranks: the recorded global batch kept (see the
-    module's docstring), the changes logged; a `ConfigError` (exit code 2, nothing written) when it cannot
-    be kept. A fresh run, or one on the recorded world size, comes back unchanged."""
+    """``cfg`` for resuming ``point`` on ``world`` ranks with the recorded global batch (a `ConfigError`,
+    nothing written, where it cannot be kept); a fresh run, or one on the recorded world size, unchanged."""
     recorded = _recorded_split(point)
     if recorded is None or recorded.world == world:
         return cfg  # same ranks: apps.run.resume judges any change of the batch keys
@@ -118,7 +104,7 @@ def fit_world_size(cfg: TrainConfig, world: int, point: ResumePoint | None) -> T
             raise ConfigError(
                 f"{where}, which cannot share a global batch of {gb} (the lr, the steps per epoch and the "
                 f"schedule depend on it); nothing was written. Resume with a number of processes that divides "
-                f"{gb} ({', '.join(map(str, _divisors(gb)))}), or start a new run elsewhere (run_dir=...)"
+                f"{gb} ({', '.join(str(d) for d in range(1, gb + 1) if gb % d == 0)}), or start a new run elsewhere (run_dir=...)"
             )
     say(
         f"resume: {where}: the global batch stays {gb} ({recorded.describe()} -> {chosen.describe()}: "
