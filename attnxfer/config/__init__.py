@@ -1,11 +1,5 @@
 """The run configuration: a typed schema, YAML recipes and dotted overrides (imports only `attnxfer.errors`
-and `attnxfer.run_layout`).
-
-`schema.py` declares every key once (`keys.py`: its range and resume rule are field metadata);
-`overrides.py` coerces, overrides and range-checks values; `loading.py` reads recipes, through
-`strict_yaml.py`, the one YAML reader for what users write (a key given twice is an error at its line);
-`renamed.py` reads the old spellings of keys merged into others.
-"""
+and `attnxfer.run_layout`)."""
 
 from .keys import Range
 from .loading import RECIPES, list_recipes, load_config, recipe_chain, resolve_recipe
