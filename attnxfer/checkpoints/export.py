@@ -32,8 +32,7 @@ from ..version import __version__
 from .atomic_io import give_normal_mode
 from .model_card import (
     ModelCardInfo,
-    _dataset_id,
-    _training_data,
+    _recipe_data,
     attention_label,
     card_license,
     render_model_card,
@@ -55,9 +54,8 @@ EXPORT_FILES = (
     REPORT_FILE,
 )
 
-_TIMM_VIT_STAND_IN = (
-    "vit_base_patch16_224"  # any timm entrypoint that builds a VisionTransformer from model_args
-)
+# any timm entrypoint that builds a VisionTransformer from model_args
+_TIMM_VIT_STAND_IN = "vit_base_patch16_224"
 
 
 def _plain_timm_twin(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
@@ -399,6 +397,7 @@ def export_run(
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
     student, ckpt, why = loaded.model, loaded.checkpoint, loaded.why
     recipe = run.recipe()
+    training_data, dataset = _recipe_data(recipe)
     out_dir = Path(out_dir)
     card = ModelCardInfo(
         model_name=(push_to_hub or out_dir.name).split("/")[-1],
@@ -407,11 +406,11 @@ def export_run(
         plan=record.get("plan"),
         recipe=recipe,
         metrics=_card_metrics(run, ckpt),
-        training_data=_training_data(recipe),
+        training_data=training_data,
         checkpoint=f"{why}, {weights} weights",
         description=record.get("description"),
         repo_id=push_to_hub,
-        dataset=_dataset_id(recipe),
+        dataset=dataset,
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
         class_names=_class_names(record, student),
     )

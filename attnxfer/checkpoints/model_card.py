@@ -377,26 +377,20 @@ def attention_label(attention: str | list[str]) -> str:
     return attention[0] if len(set(attention)) == 1 else "mixed"
 
 
-def _recipe_data(recipe: str | None) -> Any:
-    """The ``data`` section of a run's recipe text ({} where there is none)."""
+def _recipe_data(recipe: str | None) -> tuple[str | None, str | None]:
+    """(the card's training-data block, the dataset as a card names it) from a run's recipe text. The name: a
+    Hub dataset's id (``hfds/ORG/NAME`` -> ``ORG/NAME``), a folder dataset's folder name (``/data/imagenet``
+    -> ``imagenet``), else the registered one."""
     cfg = (yaml.safe_load(recipe) if recipe else None) or {}
-    return (cfg.get("data") if isinstance(cfg, dict) else None) or {}
-
-
-def _training_data(recipe: str | None) -> str | None:
-    data = _recipe_data(recipe)
-    return "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```" if data else None
-
-
-def _dataset_id(recipe: str | None) -> str | None:
-    """The run's dataset as a card names it: a Hub dataset's id (``hfds/ORG/NAME`` -> ``ORG/NAME``), a
-    folder dataset's folder name (``/data/imagenet`` -> ``imagenet``), else the registered name."""
-    data = _recipe_data(recipe)
+    data = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
+    if not data:
+        return None, None
+    block = "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
-        return None
+        return block, None
     if name.startswith(("hfds/", "hf-hub:")):
-        return name.split("/", 1)[1] if name.startswith("hfds/") else name.split(":", 1)[1]
+        return block, name.split("/", 1)[1] if name.startswith("hfds/") else name.split(":", 1)[1]
     if name == "folder" and data.get("root"):
-        return Path(str(data["root"])).expanduser().name or name
-    return name
+        return block, Path(str(data["root"])).expanduser().name or name
+    return block, name

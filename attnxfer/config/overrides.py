@@ -219,7 +219,10 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``)."""
     parsed = {}
     for key, value in overrides.items():
-        if isinstance(value, str) and not _is_str_field(type(cfg), key):
+        field: Any = type(cfg)  # the key's annotation (None where it names no field)
+        for part in key.split("."):
+            field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
+        if isinstance(value, str) and field is not str:
             try:
                 value = load_yaml(value) if value.strip() else None
             except yaml.YAMLError as e:
@@ -228,11 +231,3 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
                 ) from None
         parsed[key] = value
     return validate_config(merge_values(cfg, _nest(parsed)))
-
-
-def _is_str_field(node: Any, dotted: str) -> bool:
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node) or part not in field_types(node):
-            return False
-        node = field_types(node)[part]
-    return node is str
