@@ -120,23 +120,14 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]
 
 
-def _slurm_job() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or None
-
-
 @dataclass
 class _Holder:
     content: dict[str, Any]
     age_s: float  # since the last heartbeat (the file's mtime)
 
-    @property
-    def host(self) -> str:
-        return str(self.content.get("host", "?"))
-
-    @property
-    def pid(self) -> int | None:
-        pid = self.content.get("pid")
-        return pid if isinstance(pid, int) else None
+    def __post_init__(self) -> None:
+        self.host, pid = str(self.content.get("host", "?")), self.content.get("pid")
+        self.pid = pid if isinstance(pid, int) else None
 
     def describe(self) -> str:
         c = self.content
@@ -151,11 +142,8 @@ class _Holder:
     def why_dead(self, stale_after_s: float) -> str | None:
         """Why the holder is provably gone (None: it may be alive)."""
         if not self.content:
-            return (
-                f"its lock file is unreadable and {self.age_s:.0f} s old"
-                if self.age_s > stale_after_s
-                else None
-            )
+            stale = self.age_s > stale_after_s
+            return f"its lock file is unreadable and {self.age_s:.0f} s old" if stale else None
         if self.host == socket.gethostname():
             if self.pid == os.getpid():  # this process, or an earlier one that had our pid (a container)
                 return (
@@ -169,7 +157,7 @@ class _Holder:
                 return f"process {self.pid} on this host is gone"
             return None
         job = self.content.get("slurm_job")
-        if job and job == _slurm_job():
+        if job and job == os.environ.get("SLURM_JOB_ID"):
             return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
         if self.age_s > stale_after_s:
             return f"its heartbeat stopped {self.age_s:.0f} s ago (more than {stale_after_s:.0f} s)"
@@ -297,7 +285,7 @@ def run_lock(
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "pid_started": _start_time(os.getpid()),
-        "slurm_job": _slurm_job(),
+        "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
         "command": command,
         "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "token": token,
