@@ -294,18 +294,16 @@ def _write_timm_format(
     config = json.loads(config_file.read_text(encoding="utf-8"))
     drop = "num_classes" in config.get("model_args", {})
     if kind != SOFTMAX:
-        # plain timm (and transformers' wrapper) stop at once with a message naming `attnxfer.load_student`
-        # (timm prints an unknown architecture verbatim, ``RuntimeError: Unknown model (...)``, so the name is
-        # the instruction; an ``attn_layer`` timm does not know only gets ``Unknown attn_layer: None``); the
-        # timm base architecture stays in ``attnxfer.student``
+        # timm prints an unknown architecture verbatim (``RuntimeError: Unknown model (...)``), so the name is
+        # the instruction (an unknown ``attn_layer`` only gets ``Unknown attn_layer: None``); the timm base
+        # architecture stays in ``attnxfer.student``
         config["architecture"] = (
             f"attnxfer student with {kind} attention, not a timm model: load it with attnxfer.load_student"
         )
     if drop:
         # transformers' timm wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)``
-        # (its own class count: the config's for a classifier, 0 for ``AutoModel``), so a ``num_classes``
-        # inside ``model_args`` is a second value for that argument and the load fails; timm itself takes
-        # the class count from the top-level ``num_classes``, so nothing is lost
+        # (its own count: 0 for ``AutoModel``): a second ``num_classes`` in ``model_args`` fails the load;
+        # timm itself reads the top-level ``num_classes``, so nothing is lost
         config["model_args"].pop("num_classes")
     if kind != SOFTMAX or drop:
         config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -1,21 +1,16 @@
-"""Atomic, verifiable training checkpoints: safetensors for tensors, JSON for everything else.
+"""Atomic, verifiable training checkpoints: ``run_dir/checkpoints/step-00000123/`` holds one safetensors file
+per tensor group ('model', 'ema', 'optimizer', ...), ``state.json`` and, written last, ``MANIFEST.json`` (size
+and sha256 of every file). Nothing is ever unpickled.
 
-``run_dir/checkpoints/step-00000123/`` holds one ``GROUP.safetensors`` per tensor group ('model', 'ema',
-'optimizer', ...), ``state.json`` and, written last, ``MANIFEST.json`` (size and sha256 of every file).
+Why a crash never leaves half a checkpoint: it is written into a hidden temp dir beside the final one (every
+file fsynced, the manifest last), renamed to ``step-*`` (atomic on POSIX) and the parent fsynced; pruning
+renames a doomed dir to a hidden trash name before deleting it; temp dirs of a live writer on this host are
+left alone. Readers verify first (`verify.py`); hashing reads every byte (about 1 GB/s on one core here), so
+huge checkpoints may keep only the cheap checks (truncation, missing files, damaged headers).
 
-Why it is safe: a checkpoint is written into a hidden temp dir beside the final one (every file fsynced,
-the manifest last), renamed to ``step-*`` (atomic on POSIX) and the parent fsynced, so a crash leaves no
-``step-*`` dir or a complete one. Pruning renames a doomed dir to a hidden trash name before deleting it.
-Readers verify before trusting (`verify.py`); hashing reads every byte (about 1 GB/s on one core here),
-so very large checkpoints may turn it off and keep the cheap checks (truncation, missing files, damaged
-headers). Nothing is ever unpickled.
-
-An intact checkpoint is never overwritten (``CheckpointExistsError``; ``exist_ok=True`` keeps it;
-``replace=True`` writes the new dir in full, then swaps it in with one atomic exchange where the filesystem
-offers it); a broken dir at the same step is set aside as ``step-X.corrupt-<time>`` and replaced. Pruning
-keeps the newest ``keep_last`` intact checkpoints, the best by metric and the one just written; broken dirs
-are never deleted (they are reported). Temp dirs of a live writer on this host are left alone. One writer
-per run dir (rank 0); any number of readers. Tensor groups come back in safetensors' key order.
+An intact checkpoint is never overwritten unless asked (`CheckpointManager.save`); a broken one at the same
+step is set aside as ``step-X.corrupt-<time>``, and broken dirs are never deleted. One writer per run dir
+(rank 0), any number of readers. Tensor groups come back in safetensors' key order.
 """
 
 from __future__ import annotations
