@@ -45,19 +45,12 @@ def resolve_recipe(path: str | Path) -> Path:
     )
 
 
-def run_config_dir(path: Path) -> Path | None:
-    """The run dir whose own record ``path`` is: a ``config.yaml`` beside what attnxfer writes into a run."""
-    if path.name != RUN_CONFIG:
-        return None
-    folder = path.parent
-    return folder if any((folder / m).exists() for m in RUN_DIR_MARKERS) else None
-
-
 def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
     """A run's own config.yaml refers to the folder it sits in, wherever the command runs from and wherever
     the run was moved: the ``run_dir`` it records only says where the run was first written."""
-    folder = run_config_dir(p)
-    if folder is None or not isinstance(cfg, TrainConfig):
+    folder = p.parent  # a run's own: a config.yaml beside what attnxfer writes into a run
+    own = p.name == RUN_CONFIG and any((folder / m).exists() for m in RUN_DIR_MARKERS)
+    if not own or not isinstance(cfg, TrainConfig):
         return cfg
     recorded = Path(cfg.run_dir)
     if recorded.is_dir() and os.path.samefile(recorded, folder):
