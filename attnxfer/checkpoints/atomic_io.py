@@ -142,17 +142,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, _dump_json(obj, f"content for {path}"))
 
 
-def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+def replace_dir(
+    new: str | os.PathLike, final: str | os.PathLike, old: str | os.PathLike | None = None
+) -> None:
     """Put the complete folder ``new`` at ``final`` in one step (readers see the old folder or the new one,
-    never a mix), then delete the old one. Both must be on one filesystem (``new`` beside ``final``)."""
-    new, final = Path(new), Path(final)
+    never a mix), then delete the old one (where the filesystem cannot exchange two names, it is first renamed
+    to ``old``, by default a hidden sibling). Both must be on one filesystem (``new`` beside ``final``)."""
+    new, final, gone = Path(new), Path(final), None
     if not final.exists():
         os.rename(new, final)
     elif _exchange(new, final):
-        shutil.rmtree(new, ignore_errors=True)  # the exchange left the old folder under the new one's name
+        gone = new  # the exchange left the old folder under the new one's name
     else:
-        old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
-        os.rename(final, old)
+        gone = Path(old) if old else final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+        os.rename(final, gone)
         os.rename(new, final)
-        shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(final.parent)
+    if gone is not None:
+        shutil.rmtree(gone, ignore_errors=True)

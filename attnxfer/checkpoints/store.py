@@ -37,13 +37,13 @@ from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from ..sources.resolve import sha256_file
 from .atomic_io import (
     _dump_json,
-    _exchange,
     _fsync_dir,
     _write_file_synced,
     atomic_write_bytes as atomic_write_bytes,
     atomic_write_json as atomic_write_json,
     atomic_write_text as atomic_write_text,
     give_normal_mode,
+    replace_dir,
 )
 from .processes import process_alive
 from .tensor_codec import (
@@ -295,17 +295,10 @@ class CheckpointManager:
         os.mkdir(tmp)
         try:
             _write_checkpoint_files(tmp, step, tensors, state_text, metric)
-            if not swap:
-                os.rename(tmp, final)
-            elif _exchange(tmp, final):  # the exchange leaves the old checkpoint under the temp name
-                _fsync_dir(self.dir)
-                shutil.rmtree(tmp, ignore_errors=True)
+            if swap:  # the old checkpoint goes under a trash name (cleaned up if a crash leaves it)
+                replace_dir(tmp, final, self._hidden(_TRASH_PREFIX, final.name))
             else:
-                old = self._hidden(_TRASH_PREFIX, final.name)
-                os.rename(final, old)
                 os.rename(tmp, final)
-                _fsync_dir(self.dir)
-                shutil.rmtree(old, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
