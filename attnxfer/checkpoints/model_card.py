@@ -294,20 +294,22 @@ def _loading_section(
     """How to load the export: plain timm or transformers' timm wrapper for a softmax student (after ``import
     attnxfer`` where attnxfer registers the architecture), else `load_student` (or ONNX without attnxfer)."""
     out = "\n## How to load\n\n"
+    transform = (  # the preprocessing the export's pretrained_cfg records, as timm builds it
+        "cfg = timm.data.resolve_model_data_config(model)\n"
+        "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
+    )
     if not loads_in_plain_timm:
         kind = attention_label(spec.get("attention", SOFTMAX))
         return out + (
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
             "cannot build it (config.json's `architecture` is no timm model, so timm stops with an error naming "
             "`attnxfer.load_student` instead of loading these weights into softmax attention), and neither can "
-            "transformers' timm "
-            "wrapper, which builds through timm. Load it with attnxfer, which rebuilds "
+            "transformers' timm wrapper, which builds through timm. Load it with attnxfer, which rebuilds "
             'the student from `config.json["attnxfer"]["student"]` with its attention classes and options:\n\n'
             "```python\nimport timm\nfrom attnxfer import load_student\n\n"
             f'model = load_student("{load_ref}").eval()\n'
-            "cfg = timm.data.resolve_model_data_config(model)\n"
-            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-            "\nTo run it without attnxfer, export it as an ONNX graph (`attnxfer export RUN_DIR OUT --format "
+            + transform
+            + "\nTo run it without attnxfer, export it as an ONNX graph (`attnxfer export RUN_DIR OUT --format "
             "onnx`) and run that in ONNX Runtime.\n"
         )
     pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
@@ -338,8 +340,7 @@ def _loading_section(
         + "```python\nimport timm\n"
         + pre
         + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
-        "cfg = timm.data.resolve_model_data_config(model)\n"
-        "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
+        + transform
         + "\nImages as the run validated them: "
         + ", ".join(steps)
         + ".\n"
