@@ -141,11 +141,10 @@ def load_study(
         base = apply_overrides(base, parse_overrides(overrides))
     base = validate_config(base)
     students = names_on_record(base.run_dir, _cross(listed, _combinations(vary)))
-    seen: set[str] = set()  # each student once: two with one name would share a folder
-    for s in students:
-        if s.name in seen:
-            raise ConfigError(f"two students are named {s.name!r}: give each student its own name")
-        seen.add(s.name)
+    names = [s.name for s in students]  # each student once: two with one name would share a folder
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"two students are named {twice!r}: give each student its own name")
     if not students:
         raise ConfigError(
             "a study needs students: list them under students: in the YAML (each a name and the keys it "
