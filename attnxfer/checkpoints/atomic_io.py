@@ -4,6 +4,7 @@ one, never a torn one."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -34,32 +35,31 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 
 
 def _exchange(a: Path, b: Path) -> bool:
-    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    Returns False where the libc or the filesystem cannot (older kernels, some network filesystems).
-    """
+    """Swap two directory entries in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    libc or the filesystem cannot (older kernels, some network filesystems)."""
     libc_name = ctypes.util.find_library("c")
     if not libc_name:
         return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is None:
-        return False
+    fn = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None)
     at_fdcwd = -100
-    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
-    return rc == 0
+    return fn is not None and fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
 
 
-def _write_file_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` (must not exist), write ``data``, fsync. Mode follows the umask."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+def _write_file_synced(path: Path, data: bytes, mode: int = 0o666) -> None:
+    """Create ``path`` (must not exist) with ``mode`` less the umask, write ``data``, fsync; a failed write
+    leaves no file behind."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def current_umask() -> int:
@@ -83,24 +83,17 @@ def give_normal_mode(path: str | os.PathLike) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix.
-
-    Temp file in the same dir, fsync, ``os.replace``, fsync of the dir.
-    """
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never a mix (a temp file in
+    the same dir, fsync, ``os.replace``, fsync of the dir)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"atomic_write: {path} is a directory; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            _write_file_synced(tmp, bytes(data))
+        with contextlib.suppress(FileExistsError):
+            _write_file_synced(tmp, bytes(data))  # a failed write leaves no temp file
             break
-        except FileExistsError:
-            continue
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
     try:
         os.replace(tmp, path)
     except BaseException:
@@ -117,18 +110,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 
 def _find_non_str_key(obj: Any, path: str = "") -> str | None:
     """json.dumps turns int keys into strings silently; a resumed run would then miss them."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                return f"{path}[{k!r}]"
-            found = _find_non_str_key(v, f"{path}[{k!r}]")
-            if found:
-                return found
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            found = _find_non_str_key(v, f"{path}[{i}]")
-            if found:
-                return found
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        where = f"{path}[{k!r}]" if isinstance(obj, dict) else f"{path}[{k}]"
+        if isinstance(obj, dict) and not isinstance(k, str):
+            return where
+        found = _find_non_str_key(v, where)
+        if found:
+            return found
     return None
 
 
@@ -153,17 +142,21 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, _dump_json(obj, f"content for {path}"))
 
 
-def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+def replace_dir(
+    new: str | os.PathLike, final: str | os.PathLike, old: str | os.PathLike | None = None
+) -> None:
     """Put the complete folder ``new`` at ``final`` in one step (readers see the old folder or the new one,
-    never a mix), then delete the old one. Both must be on one filesystem (``new`` beside ``final``)."""
-    new, final = Path(new), Path(final)
+    never a mix), then delete the old one (where the filesystem cannot exchange two names, it is first renamed
+    to ``old``, by default a hidden sibling). Both must be on one filesystem (``new`` beside ``final``)."""
+    new, final, gone = Path(new), Path(final), None
     if not final.exists():
         os.rename(new, final)
     elif _exchange(new, final):
-        shutil.rmtree(new, ignore_errors=True)  # the exchange left the old folder under the new one's name
+        gone = new  # the exchange left the old folder under the new one's name
     else:
-        old = final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
-        os.rename(final, old)
+        gone = Path(old) if old else final.parent / f".{final.name}.old-{secrets.token_hex(4)}"
+        os.rename(final, gone)
         os.rename(new, final)
-        shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(final.parent)
+    if gone is not None:
+        shutil.rmtree(gone, ignore_errors=True)

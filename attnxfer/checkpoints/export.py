@@ -1,17 +1,6 @@
-"""Students back to the Hub: timm's format, a model card, the teacher's licence.
-
-`export_student` writes what ``timm.models.save_for_hf`` writes (config.json with the
-architecture and its construction arguments, model.safetensors) plus a README model card.
-A softmax student is first rebuilt as a *plain* timm model (timm's own `Attention`, no
-attnxfer class anywhere) and checked to give bit-identical logits, so what is exported is
-exactly what ``timm.create_model("local-dir:OUT", pretrained=True)`` will rebuild, and what
-transformers' timm wrapper (``AutoModelForImageClassification.from_pretrained(OUT)``) builds.
-``formats=("onnx",)`` (or both) writes the student as an ONNX graph instead, checked in ONNX
-Runtime (`onnx_export.py`); each format is one writer of files in `FORMATS`.
-
-`export_run` does the same from a run directory (config.yaml, run.json, metrics.jsonl,
-checkpoints/step-*/{model,ema}.safetensors).
-"""
+"""Students back to the Hub in timm's format (``save_for_hf``: config.json, model.safetensors) or as ONNX,
+with a model card and the teacher's licence. A softmax student is saved as a *plain* timm model checked
+bit-identical, so ``timm.create_model("local-dir:OUT")`` and transformers' timm wrapper rebuild it exactly."""
 
 from __future__ import annotations
 
@@ -41,10 +30,9 @@ from ..speak import debug, warn
 from ..transfer.modes import MODES
 from ..version import __version__
 from .atomic_io import give_normal_mode
-from .model_card import (  # moved to model_card.py
+from .model_card import (
     ModelCardInfo,
-    _dataset_id,
-    _training_data,
+    _recipe_data,
     attention_label,
     card_license,
     render_model_card,
@@ -66,22 +54,8 @@ EXPORT_FILES = (
     REPORT_FILE,
 )
 
-
-# --------------------------------------------------------------------------------------------
-# Licence
-
-
-# --------------------------------------------------------------------------------------------
-# Model card
-
-
-# --------------------------------------------------------------------------------------------
-# Export
-
-
-_TIMM_VIT_STAND_IN = (
-    "vit_base_patch16_224"  # any timm entrypoint that builds a VisionTransformer from model_args
-)
+# any timm entrypoint that builds a VisionTransformer from model_args
+_TIMM_VIT_STAND_IN = "vit_base_patch16_224"
 
 
 def _plain_timm_twin(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
@@ -102,12 +76,6 @@ def _plain_timm_twin(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
             f"missing {result.missing_keys}, unexpected {result.unexpected_keys}"
         )
     return twin.eval()
-
-
-def _rebuilt_from_spec(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
-    twin = student_from_spec(spec)
-    twin.load_state_dict({k: v.detach().cpu() for k, v in student.state_dict().items()})
-    return twin
 
 
 @torch.no_grad()
@@ -133,25 +101,8 @@ def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
         )
 
 
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PathExistsError(f"{out_dir} exists and is not a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise PathExistsError(
-            f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
-            "choose a new folder or pass overwrite=True (CLI: --overwrite)"
-        )
-
-
 _STAGING_MARK = ".export-"
 _LEGACY_STAGING_RE = re.compile(r"^[a-z0-9_]{8}$")  # tempfile.mkdtemp's suffix (attnxfer before the mark)
-
-
-def _staging_dir(out_dir: Path) -> Path:
-    """A hidden folder beside ``out_dir`` (same filesystem: atomic moves) named after its owner process."""
-    path = out_dir.parent / f".{out_dir.name}{_STAGING_MARK}{os.urandom(4).hex()}.{_owner_tag()}"
-    os.mkdir(path, 0o700)
-    return path
 
 
 def clean_staging(out_dir: Path) -> list[Path]:
@@ -200,16 +151,11 @@ def export_student(
     verify: bool = True,
     formats: Sequence[str] = ("timm",),
 ) -> Path:
-    """Write ``student`` in timm's Hub format (config.json, model.safetensors) plus a README model card.
+    """Write ``student`` with a README model card in ``formats``: ``timm`` (config.json, model.safetensors),
+    ``onnx`` (model.onnx checked in ONNX Runtime, and export_report.json), or both.
 
-    Softmax students are saved from a plain-timm twin (``verify`` checks its logits are bit-identical),
-    so ``timm.create_model("local-dir:OUT_DIR", pretrained=True)`` and transformers'
-    ``AutoModelForImageClassification.from_pretrained(OUT_DIR)`` rebuild them without attnxfer.
-    Efficient-attention students cannot be built by timm: config.json says so (``attnxfer`` block, and an
-    ``architecture`` timm refuses with a message naming `load_student`) and so does the card. ``formats`` names what is written: ``timm`` (the
-    above), ``onnx`` (model.onnx, checked in ONNX Runtime against the student, and export_report.json),
-    or both. ``out_dir`` must be new or empty unless ``overwrite``.
-    ``push_to_hub="ORG/NAME"`` uploads the folder afterwards (`push_export`).
+    ``verify``: the model timm (or, for efficient attention, `load_student`) rebuilds gives bit-identical
+    logits. ``out_dir`` must be new or empty unless ``overwrite``; ``push_to_hub="ORG/NAME"`` uploads it.
     """
     out_dir = Path(out_dir)
     formats = _formats(formats)
@@ -217,25 +163,41 @@ def export_student(
         card.repo_id = push_to_hub
     license_id, _ = card_license(card)  # a licence conflict fails before anything is written
     spec, native = _export_spec(student)
-    meta = _config_block(card, spec, license_id, native=native, shape=student_shape(student))
-    _check_out_dir(out_dir, overwrite)
-    tmp = _fresh_staging(out_dir)
+    shape = student_shape(student)
+    meta = _config_block(card, spec, license_id, native=native, shape=shape)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PathExistsError(f"{out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise PathExistsError(
+            f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
+            "choose a new folder or pass overwrite=True (CLI: --overwrite)"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in clean_staging(out_dir):
+        warn(f"removed {leftover}, left behind by an interrupted export")
+    # the files are staged in a hidden folder beside out_dir (same filesystem: atomic moves) named after its
+    # owner process, then moved in together; a format is one writer of files into it
+    tmp = out_dir.parent / f".{out_dir.name}{_STAGING_MARK}{os.urandom(4).hex()}.{_owner_tag()}"
+    os.mkdir(tmp, 0o700)
     try:
-        # the files are staged, then moved in together: a format is one writer of files into `tmp`
         reports = {name: FORMATS[name](student, spec, meta, tmp, verify=verify) for name in formats}
         reports = {name: r for name, r in reports.items() if r is not None}
-        if reports:
-            _write_report(meta, formats, reports, tmp)
-        _write_model_card(
+        if reports:  # what each checked format wrote and measured, beside the student's spec
+            report = {"formats": list(formats), **reports, "attnxfer": meta["attnxfer"]}
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        readme = render_model_card(
             card,
             spec,
-            tmp,
-            out_dir,
-            shape=meta["attnxfer"]["shape"],
-            native=native,
+            shape=shape,
+            loads_in_plain_timm=attention_label(spec["attention"]) == SOFTMAX,
+            load_ref=f"hf-hub:{card.repo_id}"
+            if card.repo_id
+            else f"local-dir:{out_dir}",  # where it will live
+            native_arch=native,
             formats=formats,
-            reports=reports,
+            onnx=reports.get("onnx"),
         )
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
         _install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,11 +219,9 @@ def _formats(formats: Sequence[str] | str) -> tuple[str, ...]:
 
 
 def _export_spec(student: nn.Module) -> tuple[dict[str, Any], bool]:
-    """(the student's spec as the export names it, whether timm itself registers its architecture).
-
-    An architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer:
-    name a timm entrypoint of that class, with arguments read off the modules that pin every choice the
-    entrypoint would otherwise set (the twin's logits are checked bit-identical before it is written)."""
+    """(the student's spec as the export names it, whether timm itself registers its architecture). An
+    architecture only attnxfer registers (the demo's micro ViTs) is still timm's VisionTransformer: name a
+    timm entrypoint of that class, with arguments read off the modules that pin every choice."""
     from timm.models import model_entrypoint
 
     spec = student_spec(student)
@@ -281,9 +241,8 @@ def _export_spec(student: nn.Module) -> tuple[dict[str, Any], bool]:
 def _config_block(
     card: ModelCardInfo, spec: dict[str, Any], license_id: str, *, native: bool, shape: dict[str, Any]
 ) -> dict[str, Any]:
-    """What config.json holds beside timm's keys: the card's licence, the class names, and the ``attnxfer``
-    block (what the student is, in words and numbers; `load_student` rebuilds it from ``student``; the
-    teacher by id, never its weights)."""
+    """config.json beside timm's keys: licence, class names and the ``attnxfer`` block (the student in words
+    and numbers, which `load_student` rebuilds; the teacher by id, never its weights)."""
     teacher = card.teacher or {}
     names = list(card.class_names or ())
     if names and len(names) != spec["num_classes"]:
@@ -295,7 +254,7 @@ def _config_block(
         **labels,
         "pretrained_cfg": {"license": license_id},  # the card's licence, in timm's config too
         "attnxfer": {
-            "version": _version(),
+            "version": __version__,
             "description": shape_phrase(shape, spec["attention"]),
             "shape": shape,
             "attention": spec["attention"],
@@ -311,70 +270,55 @@ def _config_block(
     }
 
 
-def _fresh_staging(out_dir: Path) -> Path:
-    """A new staging folder beside ``out_dir``, after removing what killed exports left there."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in clean_staging(out_dir):
-        warn(f"removed {leftover}, left behind by an interrupted export")
-    return _staging_dir(out_dir)
-
-
 def _write_timm_format(
     student: nn.Module, spec: dict[str, Any], meta: dict[str, Any], folder: Path, *, verify: bool
 ) -> None:
-    """config.json + model.safetensors as ``timm.models.save_for_hf`` writes them. A softmax student is
-    saved from its plain-timm twin; an efficient one as itself, under an architecture name timm refuses with
-    a message naming `load_student` (and ``attn_layer: attnxfer:KIND``, which `load_teacher` refuses).
-    ``verify``: the model that will be rebuilt from these files gives the student's logits bit for bit."""
+    """config.json + model.safetensors as ``timm.models.save_for_hf`` writes them: a softmax student from its
+    plain-timm twin; an efficient one as itself, under an architecture name timm refuses with a message
+    naming `load_student` (and ``attn_layer: attnxfer:KIND``, which `load_teacher` refuses)."""
     from timm.models import save_for_hf
 
     kind = attention_label(spec["attention"])
     if kind == SOFTMAX:
-        twin = _plain_timm_twin(student, spec)
-        if verify:
-            _check_same_logits(student, twin)
-        save_for_hf(twin, folder, model_config=meta, model_args=spec["model_args"], safe_serialization=True)
+        model = rebuilt = _plain_timm_twin(student, spec)
+        args = spec["model_args"]
     else:
+        model, args = student, {**spec["model_args"], "attn_layer": f"attnxfer:{kind}"}
         if verify:  # what `load_student` will build, holding these weights
-            _check_same_logits(student, _rebuilt_from_spec(student, spec))
-        save_for_hf(
-            student,
-            folder,
-            model_config=meta,
-            safe_serialization=True,
-            model_args={**spec["model_args"], "attn_layer": f"attnxfer:{kind}"},
-        )
+            rebuilt = student_from_spec(spec)
+            rebuilt.load_state_dict({k: v.detach().cpu() for k, v in student.state_dict().items()})
+    if verify:
+        _check_same_logits(student, rebuilt)
+    save_for_hf(model, folder, model_config=meta, model_args=args, safe_serialization=True)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    rewrite = kind != SOFTMAX
+    drop = "num_classes" in config.get("model_args", {})
     if kind != SOFTMAX:
-        # plain timm (and transformers' wrapper) stop at once with a message naming `attnxfer.load_student`
-        # (timm prints an unknown architecture verbatim, ``RuntimeError: Unknown model (...)``, so the name is
-        # the instruction; an ``attn_layer`` timm does not know only gets ``Unknown attn_layer: None``); the
-        # timm base architecture stays in ``attnxfer.student``
+        # timm prints an unknown architecture verbatim (``RuntimeError: Unknown model (...)``), so the name is
+        # the instruction (an unknown ``attn_layer`` only gets ``Unknown attn_layer: None``); the timm base
+        # architecture stays in ``attnxfer.student``
         config["architecture"] = (
             f"attnxfer student with {kind} attention, not a timm model: load it with attnxfer.load_student"
         )
-    if "num_classes" in config.get("model_args", {}):
+    if drop:
         # transformers' timm wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)``
-        # (its own class count: the config's for a classifier, 0 for ``AutoModel``), so a ``num_classes``
-        # inside ``model_args`` is a second value for that argument and the load fails; timm itself takes
-        # the class count from the top-level ``num_classes``, so nothing is lost
+        # (its own count: 0 for ``AutoModel``): a second ``num_classes`` in ``model_args`` fails the load;
+        # timm itself reads the top-level ``num_classes``, so nothing is lost
         config["model_args"].pop("num_classes")
-        rewrite = True
-    if rewrite:
+    if kind != SOFTMAX or drop:
         config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def _write_onnx_format(
     student: nn.Module, spec: dict[str, Any], meta: dict[str, Any], folder: Path, *, verify: bool
 ) -> dict[str, Any]:
-    """model.onnx: the student itself traced (zoo attentions included), checked in ONNX Runtime against
-    its PyTorch forward whatever ``verify`` says (the check is what makes the graph trustworthy)."""
+    """model.onnx: the student itself traced, checked in ONNX Runtime whatever ``verify`` says (the check is
+    what makes the graph trustworthy), at the input size the model is built for."""
     from timm.models import get_model_input_config
 
-    size = tuple(get_model_input_config(student)["input_size"])  # what the model is built for
-    return write_onnx(student, folder, input_size=size).to_dict()
+    return write_onnx(
+        student, folder, input_size=tuple(get_model_input_config(student)["input_size"])
+    ).to_dict()
 
 
 # Export formats: name -> the writer of its files into the staging folder (returns its report, or None).
@@ -382,45 +326,6 @@ FORMATS: dict[str, Callable[..., dict[str, Any] | None]] = {
     "timm": _write_timm_format,
     "onnx": _write_onnx_format,
 }
-
-
-def _write_report(
-    meta: dict[str, Any], formats: Sequence[str], reports: dict[str, Any], folder: Path
-) -> None:
-    """export_report.json: what each checked format wrote and measured, beside the student's spec."""
-    report = {"formats": list(formats), **reports, "attnxfer": meta["attnxfer"]}
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2), encoding="utf-8")
-
-
-def _write_model_card(
-    card: ModelCardInfo,
-    spec: dict[str, Any],
-    folder: Path,
-    out_dir: Path,
-    *,
-    shape: dict[str, Any],
-    native: bool,
-    formats: Sequence[str] = ("timm",),
-    reports: dict[str, Any] | None = None,
-) -> None:
-    """README.md: the model card, saying how to load the export from where it will live."""
-    load_ref = f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}"
-    plain = attention_label(spec["attention"]) == SOFTMAX
-    readme = render_model_card(
-        card,
-        spec,
-        shape=shape,
-        loads_in_plain_timm=plain,
-        load_ref=load_ref,
-        native_arch=native,
-        formats=formats,
-        onnx=(reports or {}).get("onnx"),
-    )
-    (folder / "README.md").write_text(readme, encoding="utf-8")
-
-
-def _version() -> str:
-    return __version__
 
 
 def push_export(
@@ -432,9 +337,7 @@ def push_export(
     commit_message: str = "Add attnxfer student",
 ) -> str:
     """Upload an export folder to the Hub repo ``repo_id`` (created if needed); returns the commit URL.
-
-    Offline (HF_HUB_OFFLINE=1 or no route to the Hub) it stops at once, saying how to push later.
-    """
+    Offline (HF_HUB_OFFLINE=1 or no route to the Hub) it stops at once, saying how to push later."""
     from huggingface_hub import HfApi, constants
 
     out_dir = Path(out_dir)
@@ -451,10 +354,6 @@ def push_export(
     info = api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), commit_message=commit_message)
     debug(f"pushed {out_dir} to {repo_id}")
     return str(getattr(info, "commit_url", info))
-
-
-# --------------------------------------------------------------------------------------------
-# From a run directory
 
 
 def _card_metrics(run: RunDir, ckpt: Path) -> dict[str, Any]:
@@ -479,13 +378,9 @@ def export_run(
     attn_layer: type | None = None,
     formats: Sequence[str] = ("timm",),
 ) -> Path:
-    """Export a run's student (``weights``: ``ema`` or ``raw``; ``checkpoint``: ``best`` or ``latest``).
-
-    Reads run_dir/run.json (teacher record, student spec, plan text, mode), config.yaml (the recipe),
-    metrics.jsonl and the chosen checkpoint's safetensors. Copy-mode students are refused: they
-    compute attention from the teacher's q/k at inference and do not stand alone. ``formats``: as in
-    `export_student` (``("onnx",)``: an ONNX graph checked in ONNX Runtime).
-    """
+    """Export a run's student (``weights``: ``ema`` or ``raw``; ``checkpoint``: ``best`` or ``latest``;
+    ``formats`` as `export_student`) with its record, recipe and metrics on the card. Copy-mode students are
+    refused: they compute attention from the teacher's q/k at inference and do not stand alone."""
     formats = _formats(formats)  # an unknown format or a missing package stops before anything is read
     run = RunDir(run_dir)
     record = run.record()
@@ -500,6 +395,7 @@ def export_run(
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
     student, ckpt, why = loaded.model, loaded.checkpoint, loaded.why
     recipe = run.recipe()
+    training_data, dataset = _recipe_data(recipe)
     out_dir = Path(out_dir)
     card = ModelCardInfo(
         model_name=(push_to_hub or out_dir.name).split("/")[-1],
@@ -508,11 +404,11 @@ def export_run(
         plan=record.get("plan"),
         recipe=recipe,
         metrics=_card_metrics(run, ckpt),
-        training_data=_training_data(recipe),
+        training_data=training_data,
         checkpoint=f"{why}, {weights} weights",
         description=record.get("description"),
         repo_id=push_to_hub,
-        dataset=_dataset_id(recipe),
+        dataset=dataset,
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
         class_names=_class_names(record, student),
     )

@@ -10,25 +10,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..analysis.intervals import correct_count, top1_interval
 from ..errors import InputError
-from ..models.student import (
-    SOFTMAX,
-    per_block_attention,
-)
+from ..models.student import SOFTMAX, per_block_attention
 from ..sources.teacher import TeacherRecord
 
 
 @dataclass
 class ModelCardInfo:
-    """What the model card says beyond the model itself.
-
-    ``teacher`` is the run's `TeacherRecord` (or its dict); ``plan`` the printed transfer plan;
-    ``recipe`` the resolved config YAML; ``license`` defaults to the teacher's, and a
-    non-commercial teacher licence cannot be replaced (the student inherits it).
-    """
+    """What the model card says beyond the model itself. ``teacher``: the run's `TeacherRecord` (or its
+    dict); ``plan``: the printed transfer plan; ``recipe``: the resolved config YAML; ``license`` defaults to
+    the teacher's, and a non-commercial teacher licence cannot be replaced (the student inherits it)."""
 
     model_name: str
     teacher: dict[str, Any] | None = None
@@ -65,11 +60,9 @@ def _teacher_name(teacher: dict[str, Any] | None) -> str:
 
 
 def card_license(card: ModelCardInfo) -> tuple[str, str]:
-    """(licence id for the card's metadata, the sentence that explains it).
-
-    A student trained from a teacher's weights is a derivative of them: it inherits the
-    teacher's licence by default, and a non-commercial one (MAE's CC-BY-NC-4.0) cannot be dropped.
-    """
+    """(licence id for the card's metadata, the sentence that explains it). A student trained from a
+    teacher's weights is a derivative of them: it inherits the teacher's licence by default, and a
+    non-commercial one (MAE's CC-BY-NC-4.0) cannot be dropped."""
     teacher = card.teacher or {}
     tl = teacher.get("license")
     name = _teacher_name(teacher)
@@ -104,9 +97,7 @@ def card_license(card: ModelCardInfo) -> tuple[str, str]:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def _eval_results(card: ModelCardInfo) -> list[EvalResult]:
@@ -132,36 +123,17 @@ def _eval_results(card: ModelCardInfo) -> list[EvalResult]:
         args = {"interval_95_wilson": [round(float(lo), 4), round(float(hi), 4)], "images": n}
     out = [
         EvalResult(
-            metric_type="accuracy", metric_name=name, metric_value=float(top1), metric_args=args, **common
+            metric_type="accuracy", metric_value=float(top1), metric_name=name, metric_args=args, **common
         )
     ]
     if metrics.get(f"{prefix}_top5") is not None:
+        top5 = float(metrics[f"{prefix}_top5"])
         out.append(
             EvalResult(
-                metric_type="top-5 accuracy",
-                metric_name="top-5 accuracy (%)",
-                metric_value=float(metrics[f"{prefix}_top5"]),
-                **common,
+                metric_type="top-5 accuracy", metric_value=top5, metric_name="top-5 accuracy (%)", **common
             )
         )
     return out
-
-
-def _card_data(card: ModelCardInfo, license_id: str, tags: list[str], library: str = "timm") -> ModelCardData:
-    """The card's metadata through huggingface_hub (what the Hub reads: licence, library, tags, base model,
-    datasets, and the ``model-index`` of eval results)."""
-    teacher = card.teacher or {}
-    results = _eval_results(card)
-    return ModelCardData(
-        license=license_id,
-        library_name=library,
-        pipeline_tag="image-classification",
-        tags=tags,
-        base_model=teacher.get("hf_repo") or None,
-        datasets=[card.dataset] if card.dataset else None,
-        model_name=card.model_name if results else None,
-        eval_results=results or None,
-    )
 
 
 def render_model_card(
@@ -176,43 +148,69 @@ def render_model_card(
     onnx: dict[str, Any] | None = None,
 ) -> str:
     """README.md text: metadata, licence, teacher, transfer, student, data, metrics, recipe, how to load
-    (each format written: ``timm`` files, ``onnx`` with ``onnx`` the ONNX export's report). ``shape``: what
-    the student is (`student_shape`), which the card names rather than the architecture it came from."""
+    (each format written; ``onnx`` is the ONNX export's report). ``shape`` (`student_shape`) names what the
+    student is rather than the architecture it came from."""
     license_id, license_text = card_license(card)
-    tags = _card_tags(card) + (["onnx"] if "onnx" in formats else [])
-    data = _card_data(card, license_id, tags, library="timm" if "timm" in formats else "onnx")
-    loading = ""
-    if "timm" in formats:
-        loading = _loading_section(
-            spec, loads_in_plain_timm=loads_in_plain_timm, load_ref=load_ref, native_arch=native_arch
-        )
-    if onnx is not None:
-        loading += _onnx_section(onnx, load_ref, spec.get("pretrained_cfg", {}))
-    sections = [
-        _intro(card, spec, shape),
-        "\n## License\n\n" + license_text + "\n",
-        _teacher_section(card.teacher or {}),
-        _transfer_section(card),
-        _student_section(card, spec, shape, native_arch=native_arch),
-        "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
-        _metrics_section(card, data),
-        (
-            f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
-            if card.recipe
-            else ""
-        ),
-        loading,
-    ]
-    # huggingface_hub writes the metadata (model-index included) and checks that it parses back
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(sections)))
-
-
-def _card_tags(card: ModelCardInfo) -> list[str]:
-    """The Hub tags: attnxfer's, the card's own, and knowledge-distillation for a distilled student."""
+    teacher = card.teacher or {}
     tags = ["image-classification", "timm", "attnxfer", "attention-transfer", *card.tags]
     if card.transfer_mode and "distill" in card.transfer_mode:
         tags.append("knowledge-distillation")
-    return list(dict.fromkeys(tags))
+    results = _eval_results(card)
+    # what the Hub reads: licence, library, tags, base model, datasets, and the ``model-index`` of results
+    data = ModelCardData(
+        license=license_id,
+        library_name="timm" if "timm" in formats else "onnx",
+        pipeline_tag="image-classification",
+        tags=list(dict.fromkeys(tags)) + (["onnx"] if "onnx" in formats else []),
+        base_model=teacher.get("hf_repo") or None,
+        datasets=[card.dataset] if card.dataset else None,
+        model_name=card.model_name if results else None,
+        eval_results=results or None,
+    )
+    what = (
+        shape_phrase(shape, spec.get("attention", SOFTMAX)) if shape else f"a {spec['architecture']} student"
+    )
+    description = card.description or (
+        f"{what[0].upper()}{what[1:]}, trained by attention transfer "
+        f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(card.teacher)}, with attnxfer."
+    )
+    teacher_rows = [  # rows with no value are left out
+        ("id", teacher.get("spec")),
+        ("architecture", teacher.get("architecture")),
+        ("source", teacher.get("source")),
+        ("Hub repo", teacher.get("hf_repo")),
+        ("revision", teacher.get("hf_revision")),
+        ("commit", teacher.get("hf_commit")),
+        ("weights sha256", teacher.get("sha256")),
+        ("license", teacher.get("license") or "unknown"),
+        ("mean / std", f"{teacher.get('mean')} / {teacher.get('std')}" if teacher.get("mean") else None),
+        ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
+        ("resampled position embeddings", teacher.get("resampled_pos_embed") or None),
+    ]
+    plan = f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n" if card.plan else ""
+    recipe = (
+        card.recipe
+        and f"\n## Recipe\n\nThe resolved attnxfer config of the run:\n\n```yaml\n{card.recipe.rstrip()}\n```\n"
+    )
+    sections = [
+        f"# {card.model_name}\n\n" + description,
+        "\n## License\n\n" + license_text + "\n",
+        "\n## Teacher\n\n| field | value |\n|---|---|\n"
+        + "".join(f"| {k} | `{_fmt(v)}` |\n" for k, v in teacher_rows if v not in (None, "", [])),
+        f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n" + plan,
+        _student_section(card, spec, shape),
+        "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",
+        _metrics_section(card, data),
+        recipe or "",
+        _loading_section(
+            spec, loads_in_plain_timm=loads_in_plain_timm, load_ref=load_ref, native_arch=native_arch
+        )
+        if "timm" in formats
+        else "",
+        "" if onnx is None else _onnx_section(onnx, load_ref, spec.get("pretrained_cfg", {})),
+    ]
+    # huggingface_hub writes the metadata (model-index included) and checks that it parses back
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n" + "".join(sections)))
 
 
 def shape_phrase(shape: dict[str, Any] | None, attention: str | list[str] = SOFTMAX) -> str:
@@ -241,52 +239,7 @@ def shape_phrase(shape: dict[str, Any] | None, attention: str | list[str] = SOFT
     return phrase + ("" if kind == SOFTMAX else f", with {kind} attention")
 
 
-def _intro(card: ModelCardInfo, spec: dict[str, Any], shape: dict[str, Any] | None) -> str:
-    """The title and one sentence: the card's own description, else what the student is and came from."""
-    what = (
-        shape_phrase(shape, spec.get("attention", SOFTMAX)) if shape else f"a {spec['architecture']} student"
-    )
-    description = card.description or (
-        f"{what[0].upper()}{what[1:]}, trained by attention transfer "
-        f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(card.teacher)}, with attnxfer."
-    )
-    return f"# {card.model_name}\n\n" + description
-
-
-def _teacher_section(teacher: dict[str, Any]) -> str:
-    """What the teacher was, as its record says (rows with no value left out)."""
-    rows = [
-        ("id", teacher.get("spec")),
-        ("architecture", teacher.get("architecture")),
-        ("source", teacher.get("source")),
-        ("Hub repo", teacher.get("hf_repo")),
-        ("revision", teacher.get("hf_revision")),
-        ("commit", teacher.get("hf_commit")),
-        ("weights sha256", teacher.get("sha256")),
-        ("license", teacher.get("license") or "unknown"),
-        ("mean / std", f"{teacher.get('mean')} / {teacher.get('std')}" if teacher.get("mean") else None),
-        ("dropped checkpoint keys", len(teacher.get("dropped_keys") or []) or None),
-        ("resampled position embeddings", teacher.get("resampled_pos_embed") or None),
-    ]
-    return "\n## Teacher\n\n| field | value |\n|---|---|\n" + "".join(
-        f"| {k} | `{_fmt(v)}` |\n" for k, v in rows if v not in (None, "", [])
-    )
-
-
-def _transfer_section(card: ModelCardInfo) -> str:
-    out = f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n"
-    if card.plan:
-        out += f"\nTransfer plan:\n\n```text\n{card.plan.rstrip()}\n```\n"
-    return out
-
-
-def _student_section(
-    card: ModelCardInfo,
-    spec: dict[str, Any],
-    shape: dict[str, Any] | None = None,
-    *,
-    native_arch: bool = True,
-) -> str:
+def _student_section(card: ModelCardInfo, spec: dict[str, Any], shape: dict[str, Any] | None) -> str:
     """What the student is, how timm builds it (architecture + arguments), attention (per block where blocks
     differ or take options), classes."""
     kind = attention_label(spec.get("attention", SOFTMAX))
@@ -321,11 +274,11 @@ def _student_section(
 
 def _metrics_section(card: ModelCardInfo, data: ModelCardData) -> str:
     """The evaluation results in words, then every recorded metric in a table."""
-    out = "\n## Metrics\n\n"
-    for result in data.eval_results or ():
-        out += f"- {result.metric_name} on the {result.dataset_name} validation split: {_fmt(result.metric_value)}\n"
-    if data.eval_results:
-        out += "\n"
+    out = "\n## Metrics\n\n" + "".join(
+        f"- {r.metric_name} on the {r.dataset_name} validation split: {_fmt(r.metric_value)}\n"
+        for r in data.eval_results or ()
+    )
+    out += "\n" if data.eval_results else ""
     if not card.metrics:
         return out + "No metrics recorded.\n"
     return (
@@ -338,48 +291,30 @@ def _metrics_section(card: ModelCardInfo, data: ModelCardData) -> str:
 def _loading_section(
     spec: dict[str, Any], *, loads_in_plain_timm: bool, load_ref: str, native_arch: bool
 ) -> str:
-    """How to load the export: plain ``timm.create_model`` or transformers' timm wrapper for a softmax
-    student (after ``import attnxfer`` where attnxfer registers the architecture), else attnxfer's
-    `load_student`, with ONNX as the way to run it without attnxfer."""
+    """How to load the export: plain timm or transformers' timm wrapper for a softmax student (after ``import
+    attnxfer`` where attnxfer registers the architecture), else `load_student` (or ONNX without attnxfer)."""
     out = "\n## How to load\n\n"
+    transform = (  # the preprocessing the export's pretrained_cfg records, as timm builds it
+        "cfg = timm.data.resolve_model_data_config(model)\n"
+        "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
+    )
     if not loads_in_plain_timm:
         kind = attention_label(spec.get("attention", SOFTMAX))
         return out + (
             f"This student uses **{kind}** attention, which timm does not provide: plain `timm.create_model` "
             "cannot build it (config.json's `architecture` is no timm model, so timm stops with an error naming "
             "`attnxfer.load_student` instead of loading these weights into softmax attention), and neither can "
-            "transformers' timm "
-            "wrapper, which builds through timm. Load it with attnxfer, which rebuilds "
+            "transformers' timm wrapper, which builds through timm. Load it with attnxfer, which rebuilds "
             'the student from `config.json["attnxfer"]["student"]` with its attention classes and options:\n\n'
             "```python\nimport timm\nfrom attnxfer import load_student\n\n"
             f'model = load_student("{load_ref}").eval()\n'
-            "cfg = timm.data.resolve_model_data_config(model)\n"
-            "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-            "\nTo run it without attnxfer, export it as an ONNX graph (`attnxfer export RUN_DIR OUT --format "
+            + transform
+            + "\nTo run it without attnxfer, export it as an ONNX graph (`attnxfer export RUN_DIR OUT --format "
             "onnx`) and run that in ONNX Runtime.\n"
         )
-    data_cfg = spec.get("pretrained_cfg", {})
     pre = "" if native_arch else f"import attnxfer  # registers {spec['architecture']} with timm\n"
-    return out + (
-        (
-            ""
-            if native_arch
-            else f"`{spec['architecture']}` is registered by attnxfer: import it before timm "
-            "builds the model.\n\n"
-        )
-        + "```python\nimport timm\n"
-        + pre
-        + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
-        "cfg = timm.data.resolve_model_data_config(model)\n"
-        "transform = timm.data.create_transform(**cfg, is_training=False)\n```\n"
-        + _inputs_sentence(data_cfg)
-        + _transformers_snippet(spec, load_ref, pre)
-    )
-
-
-def _inputs_sentence(data_cfg: dict[str, Any]) -> str:
-    """How the run prepared its validation images (what config.json's pretrained_cfg holds, and so what the
-    transform above makes)."""
+    # how the run prepared its validation images (config.json's pretrained_cfg: what the transform makes)
+    data_cfg = spec.get("pretrained_cfg", {})
     size, pct = data_cfg.get("input_size"), data_cfg.get("crop_pct")
     steps = []
     if size and pct is not None:
@@ -390,21 +325,28 @@ def _inputs_sentence(data_cfg: dict[str, Any]) -> str:
     elif size:
         steps.append(f"{size[-2]} x {size[-1]} px")
     steps.append(f"normalised with mean {data_cfg.get('mean')} and std {data_cfg.get('std')}")
-    return "\nImages as the run validated them: " + ", ".join(steps) + ".\n"
-
-
-def _transformers_snippet(spec: dict[str, Any], load_ref: str, pre: str) -> str:
-    """The same student through transformers' timm wrapper (`TimmWrapper*`): logits from a classifier,
-    token features and the pooled output from a headless encoder."""
-    where = load_ref.split(":", 1)[1]
+    # the same student through transformers' timm wrapper: logits from a classifier, the pooled output of
+    # a headless encoder
     if spec.get("num_classes"):
         auto, use = "AutoModelForImageClassification", "logits = model(pixel_values).logits"
     else:
         auto, use = "AutoModel", "features = model(pixel_values).pooler_output"
-    return (
-        "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
+    return out + (
+        (
+            ""
+            if native_arch
+            else f"`{spec['architecture']}` is registered by attnxfer: import it before timm builds the model.\n\n"
+        )
+        + "```python\nimport timm\n"
+        + pre
+        + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
+        + transform
+        + "\nImages as the run validated them: "
+        + ", ".join(steps)
+        + ".\n"
+        + "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
         "above):\n\n```python\n" + pre + f"from transformers import {auto}\n\n"
-        f'model = {auto}.from_pretrained("{where}").eval()\n{use}\n```\n'
+        f'model = {auto}.from_pretrained("{load_ref.split(":", 1)[1]}").eval()\n{use}\n```\n'
     )
 
 
@@ -436,32 +378,20 @@ def attention_label(attention: str | list[str]) -> str:
     return attention[0] if len(set(attention)) == 1 else "mixed"
 
 
-def _training_data(recipe: str | None) -> str | None:
-    if not recipe:
-        return None
-    import yaml
-
-    cfg = yaml.safe_load(recipe) or {}
-    data = cfg.get("data") if isinstance(cfg, dict) else None
-    if not data:
-        return None
-    return "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
-
-
-def _dataset_id(recipe: str | None) -> str | None:
-    """The run's dataset as a card names it: a Hub dataset's id (``hfds/ORG/NAME`` -> ``ORG/NAME``), a
-    folder dataset's folder name (``/data/imagenet`` -> ``imagenet``), else the registered name."""
-    if not recipe:
-        return None
-    import yaml
-
-    cfg = yaml.safe_load(recipe) or {}
+def _recipe_data(recipe: str | None) -> tuple[str | None, str | None]:
+    """(the card's training-data block, the dataset as a card names it) from a run's recipe text. The name: a
+    Hub dataset's id (``hfds/ORG/NAME`` -> ``ORG/NAME``), a folder dataset's folder name (``/data/imagenet``
+    -> ``imagenet``), else the registered one."""
+    cfg = (yaml.safe_load(recipe) if recipe else None) or {}
     data = (cfg.get("data") if isinstance(cfg, dict) else None) or {}
+    if not data:
+        return None, None
+    block = "```yaml\n" + yaml.safe_dump({"data": data}, sort_keys=False).rstrip() + "\n```"
     name = data.get("dataset")
     if not isinstance(name, str) or not name:
-        return None
+        return block, None
     if name.startswith(("hfds/", "hf-hub:")):
-        return name.split("/", 1)[1] if name.startswith("hfds/") else name.split(":", 1)[1]
+        return block, name.split("/", 1)[1] if name.startswith("hfds/") else name.split(":", 1)[1]
     if name == "folder" and data.get("root"):
-        return Path(str(data["root"])).expanduser().name or name
-    return name
+        return block, Path(str(data["root"])).expanduser().name or name
+    return block, name

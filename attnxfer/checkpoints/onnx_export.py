@@ -1,22 +1,14 @@
-"""Students as ONNX graphs, checked in ONNX Runtime before they are handed over.
+"""Students as ONNX graphs, traced from the student itself (any attention, flat or hierarchical) and checked in
+ONNX Runtime before they are handed over.
 
-Any student exports, softmax or zoo attention, one kind or one per block, flat or hierarchical (PVTv2,
-Swin): the graph is traced from the student itself, so what runs in ONNX Runtime is the module attnxfer
-trained, not a rebuild of it.
-
-Why these choices:
-
-* **torch.export** (``torch.onnx.export(dynamo=True)``, which needs ``onnxscript``): it captures every
-  registered zoo attention, flat and inside Swin's windows. The older TorchScript tracer cannot export
-  the adaptive pooling of agent and Nyström attention with a free batch axis, nor Performer's ``exp2``.
-* **Opset 18** (`OPSET`): the operator set torch's ONNX op library is written for (a lower one goes
-  through ONNX's version converter, which may fail), with LayerNormalization as one node (opset 17) for
-  these LayerNorm-heavy models; ONNX Runtime has run it since 1.14, TensorRT since 8.6.
-* **A free batch axis**: the input ``pixel_values`` is (batch, C, H, W) at the student's own image size
-  (the token grid, position embeddings and, for Linformer, the projections are fixed by it).
-* **Checked, not trusted**: `onnx.checker` (full check, shapes inferred), then an ONNX Runtime session on
-  CPU against the PyTorch forward at batch sizes 1 and 3 (neither is the traced 2): the largest absolute
-  difference goes into the report and the model card; one above `tolerance` stops the export.
+* torch.export (``torch.onnx.export(dynamo=True)``, needs ``onnxscript``) captures every zoo attention, Swin's
+  windows included; the TorchScript tracer cannot export agent/Nyström pooling with a free batch axis, nor
+  Performer's ``exp2``.
+* Opset 18 (`OPSET`): what torch's ONNX op library is written for (a lower one goes through ONNX's version
+  converter, which may fail), with LayerNormalization as one node; ONNX Runtime >= 1.14, TensorRT >= 8.6.
+* A free batch axis; the image size is the student's own (token grid, position embeddings are fixed by it).
+* Checked, not trusted: `onnx.checker` (full), then ONNX Runtime on CPU against the PyTorch forward at batch
+  sizes 1 and 3 (neither is the traced 2); a difference above `tolerance` stops the export.
 """
 
 from __future__ import annotations
@@ -46,7 +38,7 @@ ONNX_DATA_FILE = "model.onnx.data"  # the weights beside the graph, for students
 INPUT_NAME = "pixel_values"
 CHECK_BATCHES = (1, 3)
 # the packages an ONNX export needs: the exporter's (onnxscript), the checker's and the runtime's
-_PACKAGES = {"onnx": "onnx", "onnxscript": "onnxscript", "onnxruntime": "onnxruntime"}
+_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
 class OnnxExportError(UserError, RuntimeError):
@@ -79,34 +71,23 @@ class OnnxReport:
 def require_onnx() -> None:
     """Stop before any work when the ONNX packages are missing, saying how to install them."""
     missing = []
-    for module, pip in _PACKAGES.items():
+    for module in _PACKAGES:
         try:
             installed = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):  # a module blocked in sys.modules (None) has no spec either
             installed = False
         if not installed:
-            missing.append(pip)
+            missing.append(module)
     if missing:
         raise UserError(
             f"--format onnx needs {', '.join(missing)}: pip install 'attnxfer[onnx]' "
-            f"(or pip install {' '.join(_PACKAGES.values())})"
+            f"(or pip install {' '.join(_PACKAGES)})"
         )
 
 
-def _output_name(model: nn.Module) -> str:
-    return "logits" if getattr(model, "num_classes", 0) else "features"
-
-
-def _cpu_copy(model: nn.Module) -> nn.Module:
-    """The student on the CPU in fp32, eval mode, no gradients: the caller's model stays as it was."""
-    twin = copy.deepcopy(model).cpu().float().eval()
-    twin.requires_grad_(False)
-    return twin
-
-
 def _trace(model: nn.Module, x: torch.Tensor, path: Path, output_name: str) -> None:
-    """``model`` as ``path`` through torch.export, the batch axis free. Weights over protobuf's 2 GB go
-    to ``path.data`` beside it (the exporter decides)."""
+    """``model`` as ``path`` through torch.export, the batch axis free (weights over protobuf's 2 GB go to
+    ``path.data`` beside it: the exporter decides)."""
     batch = torch.export.Dim("batch")
     torch_log = logging.getLogger("torch")
     level = torch_log.level
@@ -132,15 +113,6 @@ def _trace(model: nn.Module, x: torch.Tensor, path: Path, output_name: str) -> N
         torch_log.setLevel(level)
 
 
-def _what(model: nn.Module) -> str:
-    """The student's attentions, named in a refusal."""
-    try:
-        names = sorted(set(attention_layout(model)))
-    except (TypeError, ValueError):
-        return type(model).__name__
-    return f"{type(model).__name__} with {', '.join(names)} attention"
-
-
 def _reason(e: BaseException) -> str:
     """The exporter's failure in one line: the innermost cause (torch.onnx wraps torch.export's) and, where
     torch.export names it, the line of model code that raised."""
@@ -157,32 +129,6 @@ def _reason(e: BaseException) -> str:
     return reason
 
 
-def _ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: the session's notes on its own optimisations are noise
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _compare(model: nn.Module, session, input_size: tuple[int, ...], seed: int) -> tuple[float, float]:
-    """(max |ORT - torch|, max |torch|) over `CHECK_BATCHES` seeded images."""
-    diff = scale = 0.0
-    for i, batch in enumerate(CHECK_BATCHES):
-        x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed + i))
-        with torch.no_grad():
-            want = model(x).numpy()
-        got = session.run(None, {INPUT_NAME: x.numpy()})[0]
-        if got.shape != want.shape:
-            raise OnnxExportError(
-                f"ONNX Runtime gives shape {got.shape} at batch {batch}, PyTorch {want.shape}: the graph "
-                "did not keep the batch axis free"
-            )
-        diff = max(diff, float(abs(got - want).max()))
-        scale = max(scale, float(abs(want).max()))
-    return diff, scale
-
-
 def write_onnx(
     model: nn.Module,
     folder: str | Path,
@@ -191,32 +137,51 @@ def write_onnx(
     tolerance: float = 1e-3,
     seed: int = 0,
 ) -> OnnxReport:
-    """Write ``model`` as ``folder/model.onnx`` (opset `OPSET`, batch axis free), check it with
-    `onnx.checker` and in ONNX Runtime on CPU against the PyTorch forward; returns the report.
-
-    ``tolerance`` bounds the largest absolute difference relative to the output's scale
-    (``max|diff| <= tolerance * max(1, max|output|)``): above it the export stops (`OnnxExportError`).
-    """
+    """Write ``model`` as ``folder/model.onnx`` and check it with `onnx.checker` and in ONNX Runtime on CPU;
+    ``max|diff| <= tolerance * max(1, max|output|)`` or the export stops (`OnnxExportError`)."""
     require_onnx()
     import onnx
+    import onnxruntime as ort
 
     folder = Path(folder)
     path = folder / ONNX_FILE
-    twin = _cpu_copy(model)
-    out_name = _output_name(twin)
+    # the student on the CPU in fp32, eval mode, no gradients: the caller's model stays as it was
+    twin = copy.deepcopy(model).cpu().float().eval().requires_grad_(False)
+    out_name = "logits" if getattr(twin, "num_classes", 0) else "features"
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(seed))
     try:
         _trace(twin, example, path, out_name)
-    except Exception as e:  # the exporter's own failure: say which student and why, in one line
+    except (
+        Exception
+    ) as e:  # the exporter's own failure: say which student (its attentions) and why, in one line
+        try:
+            what = f"{type(twin).__name__} with {', '.join(sorted(set(attention_layout(twin))))} attention"
+        except (TypeError, ValueError):
+            what = type(twin).__name__
         raise OnnxExportError(
-            f"the {_what(twin)} cannot be exported to ONNX ({_reason(e)}); export it in timm's format "
+            f"the {what} cannot be exported to ONNX ({_reason(e)}); export it in timm's format "
             "instead (--format timm) and load it with attnxfer.load_student"
         ) from e
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as e:
         raise OnnxExportError(f"the exported graph fails onnx.checker: {_reason(e)}") from e
-    diff, scale = _compare(twin, _ort_session(path), tuple(input_size), seed + 1)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: the session's notes on its own optimisations are noise
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    diff = scale = 0.0  # max |ORT - torch| and max |torch| over `CHECK_BATCHES` seeded images
+    for i, batch in enumerate(CHECK_BATCHES):
+        x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(seed + 1 + i))
+        with torch.no_grad():
+            want = twin(x).numpy()
+        got = session.run(None, {INPUT_NAME: x.numpy()})[0]
+        if got.shape != want.shape:
+            raise OnnxExportError(
+                f"ONNX Runtime gives shape {got.shape} at batch {batch}, PyTorch {want.shape}: the graph "
+                "did not keep the batch axis free"
+            )
+        diff = max(diff, float(abs(got - want).max()))
+        scale = max(scale, float(abs(want).max()))
     if not diff <= tolerance * max(1.0, scale):  # also stops a NaN
         raise OnnxExportError(
             f"ONNX Runtime's output differs from PyTorch's by up to {diff:.3g} (outputs up to {scale:.3g}; "

@@ -1,6 +1,5 @@
-"""Whether a process of this host is still alive: the one answer for everything that finds a folder or a
-lock a process left behind and must tell a live owner from a dead one (the checkpoint store's temp and
-trash folders, the run lock's holder, `attnxfer inspect`'s staging folders)."""
+"""Whether a process of this host is still alive: the one answer wherever a folder or lock a process left
+behind must be told from a live owner's (store temp/trash folders, the run lock, export staging)."""
 
 from __future__ import annotations
 
@@ -9,9 +8,8 @@ from pathlib import Path
 
 
 def process_alive(pid: int) -> bool:
-    """True while process ``pid`` of this host exists and has not exited. One this user may not signal
-    (another user's) counts as alive; one that has exited but is not yet reaped by its parent (a zombie)
-    does not: it will never finish what it started."""
+    """True while process ``pid`` of this host exists and has not exited: another user's counts as alive, a
+    zombie (exited, not yet reaped) does not, as it will never finish what it started."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

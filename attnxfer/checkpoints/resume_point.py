@@ -1,12 +1,6 @@
-"""What a run goes on from: the config's ``checkpoint.resume`` (auto | none | PATH) and the checkpoint it finds.
-
-Every command that resumes (train, pretrain, eval, convert's two stages, search, a study's students) asks
-`ResumePoint.find` once: it picks the checkpoint (the newest intact one, a given one, or none), verifies it
-and parses its ``state.json`` a single time. Everything later that needs the saved state (the config it was
-trained with, its world size, its teacher, its data, its CE path, its loop position) reads the point, never
-the files again. Which recorded keys changed, and whether that is allowed, is judged by the apps (they know
-the config's rule) and kept on the point as `KeyChange`s.
-"""
+"""What a run goes on from: ``checkpoint.resume`` (auto | none | PATH) and the checkpoint it finds, verified
+and its ``state.json`` parsed once (`ResumePoint.find`); everything later reads the point, never the files
+again. Which recorded keys changed, and whether that is allowed, the apps judge (`KeyChange`)."""
 
 from __future__ import annotations
 
@@ -77,9 +71,7 @@ class KeyChange:
     old: Any
     new: Any
     allowed: bool
-    note: str = (
-        ""  # why it is allowed where the key alone would not be (e.g. "the weights must hash as recorded")
-    )
+    note: str = ""  # why it is allowed where the key alone would not be ("the weights must hash as recorded")
 
     def __str__(self) -> str:
         return f"{self.key} ({self.old!r} -> {self.new!r}){f' [{self.note}]' if self.note else ''}"
@@ -115,7 +107,6 @@ class ResumePoint:
             )
         return cls(info, state)
 
-    # ---------------------------------------------------------------- what the state records
     @property
     def path(self) -> Path:
         return self.checkpoint.path
@@ -128,34 +119,33 @@ class ResumePoint:
     def step(self) -> int:
         return int(self.state.get("step", self.checkpoint.step))
 
+    def _typed(self, key: str, kind: type) -> Any:
+        value = self.state.get(key)
+        return value if isinstance(value, kind) else None
+
     @property
     def config(self) -> dict[str, Any] | None:
         """The config (as a dict) the checkpoint was trained with; None for a checkpoint written without one."""
-        config = self.state.get("config")
-        return config if isinstance(config, dict) else None
+        return self._typed("config", dict)
 
     @property
     def world_size(self) -> int | None:
-        world = self.state.get("world_size")
-        return world if isinstance(world, int) else None
+        return self._typed("world_size", int)
 
     @property
     def teacher(self) -> dict[str, Any] | None:
         """The teacher's record (spec, weights sha256) the checkpoint learned from."""
-        teacher = self.state.get("teacher")
-        return teacher if isinstance(teacher, dict) else None
+        return self._typed("teacher", dict)
 
     @property
     def data(self) -> dict[str, Any] | None:
         """What its training data was (`attnxfer.data.identity`): None for a checkpoint that did not record it."""
-        data = self.state.get("data")
-        return data if isinstance(data, dict) else None
+        return self._typed("data", dict)
 
     def record(self, key: str) -> Any:
         """Any other entry of the state (None where absent)."""
         return self.state.get(key)
 
-    # ---------------------------------------------------------------- the judgement
     @property
     def allowed(self) -> tuple[KeyChange, ...]:
         return tuple(c for c in self.changes if c.allowed)
@@ -167,10 +157,9 @@ class ResumePoint:
     def judged(self, changes: tuple[KeyChange, ...] | list[KeyChange]) -> ResumePoint:
         return dataclasses.replace(self, changes=tuple(changes))
 
-    # ---------------------------------------------------------------- the tensors
     def load_tensors(self, map_location: str = "cpu") -> dict[str, dict[str, Any]]:
         """Its tensor groups. Files hash-verified when the point was found get only the cheap checks again
         (sizes, headers: a file that changed since is still caught)."""
-        verify = not self.checkpoint.hash_verified
-        tensors, _ = load_checkpoint(self.checkpoint, map_location, verify_hash=verify)
-        return tensors
+        return load_checkpoint(self.checkpoint, map_location, verify_hash=not self.checkpoint.hash_verified)[
+            0
+        ]

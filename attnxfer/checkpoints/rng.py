@@ -1,11 +1,6 @@
-"""Random number generator states as plain JSON, so a resumed run draws what it would have drawn.
-
-Covers Python's ``random``, numpy's legacy global generator (``np.random.*``), torch's CPU
-generator and every CUDA device's default generator. Binary states are base64 strings.
-Not covered: ``np.random.default_rng()`` / ``torch.Generator`` objects you create yourself
-(save their states with the object that owns them) and DataLoader worker seeds (derived from
-the torch CPU generator at iterator creation, so they follow it).
-"""
+"""Global random generator states (Python, numpy's legacy one, torch CPU and every CUDA device) as plain JSON,
+so a resumed run draws what it would have drawn. Generators you create yourself are saved by their owner;
+DataLoader worker seeds follow the torch CPU generator."""
 
 from __future__ import annotations
 
@@ -58,10 +53,8 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Put every global generator back where ``capture_rng_state`` found it.
-
-    CUDA states are restored for the devices present (warning when some saved ones cannot be).
-    """
+    """Put every global generator back where ``capture_rng_state`` found it (CUDA: the devices present,
+    warning when some saved ones cannot be)."""
     if not isinstance(state, dict) or state.get("format") != RNG_FORMAT:
         raise ValueError(
             f"RNG state must come from capture_rng_state (format '{RNG_FORMAT}'), got {str(state)[:80]!r}"

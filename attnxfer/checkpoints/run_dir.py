@@ -1,21 +1,5 @@
-"""A run directory, owned in one place: what attnxfer writes into it and how a student comes back out.
-
-Layout (the names live in `attnxfer.run_layout`; nothing outside this module and the store builds these
-paths)::
-
-    RUN_DIR/
-      config.yaml          the resolved config (``-c RUN_DIR/config.yaml`` re-runs it)
-      run.json             what was trained, from what: student spec, teacher record, plan, mode, how it ran
-      metrics.jsonl        one line per logged step
-      attnxfer.lock        held by the live run (`run_lock`)
-      checkpoints/step-XXXXXXXX/{model,ema,optimizer}.safetensors, state.json, MANIFEST.json
-
-Loading a student from a run has one rule (`RunDir.load_student`), used by `attnxfer inspect`, the demo
-and `attnxfer export`: the run's own metric direction picks the best checkpoint (``best_mode`` in run.json:
-a pre-training run's best is its lowest loss); the weights file asked for must exist (no silent fallback
-when a kind of weights is named; ``weights=None`` means the EMA's where the run kept one); entries the
-encoder does not use (an MAE's decoder) are dropped; any other missing or unexpected key is refused.
-"""
+"""A run directory, owned in one place (config.yaml, run.json, metrics.jsonl, attnxfer.lock, checkpoints/),
+and the one rule for a student out of a run (`RunDir.load_student`: docs/architecture.md, "The run directory")."""
 
 from __future__ import annotations
 
@@ -88,12 +72,9 @@ def select_checkpoint(
     best_mode: MetricMode | str = "max",
     best_metric: str | None = None,
 ) -> tuple[Path, str]:
-    """(checkpoint folder, why it was chosen): the checkpoint manager's verified ``best()`` or ``latest()``.
-
-    ``best`` is the best validation metric the run recorded (``best_metric``, as run.json names it: val top-1;
-    with ``best_mode="min"`` a loss, as MAE pre-training records; a run without a task loss, its final-feature
-    cosine with the teacher); a run that recorded none exports its latest checkpoint and says so.
-    """
+    """(checkpoint folder, why it was chosen): the verified ``best()`` or ``latest()``. ``best`` ranks by the
+    metric run.json names (``best_metric``: val top-1; a loss with ``best_mode="min"``, as MAE pre-training; a
+    run without a task loss, its final-feature cosine); a run that recorded none gives its latest, saying so."""
     which = _choice(CheckpointChoice, which, "checkpoint")
     manager = CheckpointManager(run_dir, best_mode=best_mode)
     latest = manager.latest()
@@ -135,7 +116,6 @@ class RunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         object.__setattr__(self, "path", Path(path).expanduser())
 
-    # ---------------------------------------------------------------- places
     @property
     def config_file(self) -> Path:
         return self.path / RUN_CONFIG
@@ -153,13 +133,12 @@ class RunDir:
         return self.path.is_dir() and self.record_file.is_file()
 
     def is_conversion(self) -> bool:
-        """Whether this is `attnxfer convert`'s run folder (its stages' folders inside, no run.json of its own)."""
+        """Whether this is `attnxfer convert`'s folder (its stages' folders inside, no run.json of its own)."""
         return not self.record_file.is_file() and any((self.path / s).is_dir() for s in STAGE_DIRS)
 
     def final_student(self) -> RunDir:
-        """The training run that holds this folder's final student: itself, or a conversion's stage 2 (the
-        run that fine-tunes the converted student last). A conversion whose stage 2 has not run is refused
-        with where its student is."""
+        """The training run that holds this folder's final student: itself, or a conversion's stage 2 (refused,
+        saying where its student is, while stage 2 has not run)."""
         if not self.is_conversion():
             return self
         stage2 = RunDir(self.path / STAGE_DIRS[-1])
@@ -172,7 +151,6 @@ class RunDir:
             f"(attnxfer convert -c {self.config_file}) and export again"
         )
 
-    # ---------------------------------------------------------------- writing (rank 0)
     def write_config(self, text: str) -> None:
         """The resolved config (re-run with ``-c RUN_DIR/config.yaml``)."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -183,7 +161,6 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.record_file, info)
 
-    # ---------------------------------------------------------------- reading
     def record(self) -> dict[str, Any]:
         """run.json, refusing a folder that is not a run's."""
         if not self.path.is_dir():
@@ -206,9 +183,6 @@ class RunDir:
         """The run's config.yaml as text, or None where it has none."""
         return self.config_file.read_text(encoding="utf-8") if self.config_file.is_file() else None
 
-    def manager(self, best_mode: MetricMode | str = "max") -> CheckpointManager:
-        return CheckpointManager(self.path, best_mode=best_mode)
-
     def latest(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
         """The newest intact checkpoint, or None."""
         return CheckpointManager(self.path).latest(verify_hash=verify_hash)
@@ -228,22 +202,14 @@ class RunDir:
         lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
         return [json.loads(line) for line in lines if line.strip()]
 
-    def select_checkpoint(self, which: CheckpointChoice | str = "best") -> tuple[Path, str]:
-        """(checkpoint folder, why), ranking by the metric direction the run recorded (``best_mode``)."""
-        record = self.record()
-        return select_checkpoint(self.path, which, record.get("best_mode", "max"), record.get("best_metric"))
-
     def load_student(
         self,
         checkpoint: CheckpointChoice | str = "best",
         weights: ExportWeights | str | None = None,
         attn_layer: type[nn.Module] | None = None,
     ) -> LoadedRunStudent:
-        """The run's student with the chosen checkpoint's weights (the rule in the module docstring).
-
-        ``weights=None`` takes the EMA's where the checkpoint kept them, else the raw ones; naming a kind
-        refuses a checkpoint that lacks it. ``attn_layer`` overrides the attention the spec records.
-        """
+        """The run's student with the chosen checkpoint's weights: ``weights=None`` takes the EMA's where kept,
+        else the raw ones; a named kind must exist. ``attn_layer`` overrides the attention the spec records."""
         record = self.record()
         if "student" not in record:
             raise InputError(

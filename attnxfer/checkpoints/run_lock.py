@@ -1,28 +1,22 @@
-"""One process owns a run directory: ``RUN_DIR/attnxfer.lock``, and plain words when a run dir cannot be written.
+"""One process owns a run directory (``RUN_DIR/attnxfer.lock``), and plain words when one cannot be written.
 
-What was chosen, and why:
-
-* **The lock is a file created with ``os.open(O_CREAT | O_EXCL)``.** Exclusive creation is atomic on local
-  filesystems, on NFSv3 and later (the server decides) and on Lustre, the filesystems clusters put run
-  directories on. ``flock``/``fcntl`` locks are not enough there: on NFS they depend on the lock daemon or
-  the ``local_lock`` mount option (with which two hosts both "hold" the lock), on Lustre on the ``flock``
-  mount option, and they vanish silently when the holder's host dies.
-* **The file says who holds it**, as JSON: host, pid (and the pid's start time, so a reused pid is not
-  mistaken for the holder), SLURM job id, command and start time. A second process refuses at once,
-  naming the holder (`RunDirInUseError`, a `CheckpointError`: the CLI exits 2 with one ``error:`` line).
-* **A heartbeat tells a dead holder from a live one across hosts**: the owner touches the file's mtime every
-  `HEARTBEAT_S` seconds from a daemon thread. A lock is taken over when its holder is provably gone: on
-  this host its pid is gone (or a zombie, or reused); on another host its heartbeat is older than
-  `STALE_AFTER_S` (ten heartbeats: NFS attribute caches and clock skew stay far below that); or it belongs
-  to this same SLURM job on another node (a requeued attempt of the same job: its old processes are gone).
-  Taking over renames the stale file to a unique name (one contender wins the rename), checks that the
-  renamed file is the one judged stale (else puts it back), deletes it, then creates a fresh lock.
-* **Released** on normal exit and on error (the context manager), only if the file is still ours.
-  A SIGKILLed holder leaves its file behind; the next run takes it over and says so.
+* The lock is a file created with ``O_CREAT | O_EXCL``: atomic on local filesystems, NFSv3+ and Lustre,
+  where clusters put run dirs. ``flock``/``fcntl`` are not enough there: on NFS they depend on the lock
+  daemon or ``local_lock`` (two hosts both "hold" it), on Lustre on the ``flock`` mount option, and they
+  vanish silently when the holder's host dies.
+* The file says who holds it (host, pid and the pid's start time, so a reused pid is not mistaken for the
+  holder, SLURM job, command, start): a second process refuses at once naming the holder
+  (`RunDirInUseError`: the CLI's one ``error:`` line).
+* A heartbeat (the owner touches the file every `HEARTBEAT_S` s) tells a dead holder from a live one across
+  hosts. A lock is taken over when its holder is provably gone: on this host its pid is gone (a zombie, or
+  reused); on another its heartbeat is older than `STALE_AFTER_S` (ten beats: far above NFS attribute caches
+  and clock skew); or it is this same SLURM job's (a requeued attempt). Taking over renames the file to a
+  unique name (one contender wins), checks it is the one judged stale (else puts it back), then deletes it.
+* Released on exit and on error, only if still ours; a SIGKILLed holder's file is taken over next time.
 
 `check_writable` and `disk_error` turn a full or read-only run dir into one message naming the path and the
-newest intact checkpoint. `run_lock` applies `disk_error` to whatever its body raises, so every command that
-holds a lock reports a full disk the same way. Readers (`attnxfer eval`, export, inspect) take no lock.
+newest intact checkpoint; `run_lock` applies `disk_error` to its body. Readers (eval, export, inspect) take
+no lock.
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from typing import Any
 from ..errors import PathExistsError
 from ..run_layout import LOCK_NAME, STAGE_DIRS
 from ..speak import say
+from .atomic_io import _write_file_synced
 from .processes import process_alive
 from .store import CheckpointError, CheckpointManager
 
@@ -60,9 +55,6 @@ class RunDirInUseError(CheckpointError):
 
 class RunDirNotWritableError(CheckpointError):
     """The run directory is read-only, full or not ours: what was saved before is intact."""
-
-
-# ------------------------------------------------------------------------------------ full / read-only
 
 
 def last_checkpoint_note(run_dir: str | os.PathLike) -> str:
@@ -111,20 +103,12 @@ def check_writable(run_dir: str | os.PathLike, probe_bytes: int = 4096) -> None:
     probe = run_dir / f".write-probe-{secrets.token_hex(4)}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, b"\0" * probe_bytes)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_file_synced(probe, b"\0" * probe_bytes, 0o600)
     except OSError as e:  # name the run dir, not the probe
         _raise_plainly(OSError(e.errno, e.strerror, str(run_dir)) if e.filename == str(probe) else e, run_dir)
     finally:
         with contextlib.suppress(OSError):
             probe.unlink()
-
-
-# ------------------------------------------------------------------------------------------- the lock
 
 
 def _start_time(pid: int) -> str | None:
@@ -136,32 +120,14 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[-1].split()[19]
 
 
-def _pid_gone(pid: int, started: str | None) -> bool:
-    """True when process ``pid`` of this host is provably not the one that took the lock: it is not alive,
-    or the pid now belongs to a process started at another time."""
-    if not process_alive(pid):
-        return True
-    now = _start_time(pid)
-    return started is not None and now is not None and now != started
-
-
-def _slurm_job() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or None
-
-
 @dataclass
 class _Holder:
     content: dict[str, Any]
     age_s: float  # since the last heartbeat (the file's mtime)
 
-    @property
-    def host(self) -> str:
-        return str(self.content.get("host", "?"))
-
-    @property
-    def pid(self) -> int | None:
-        pid = self.content.get("pid")
-        return pid if isinstance(pid, int) else None
+    def __post_init__(self) -> None:
+        self.host, pid = str(self.content.get("host", "?")), self.content.get("pid")
+        self.pid = pid if isinstance(pid, int) else None
 
     def describe(self) -> str:
         c = self.content
@@ -176,21 +142,22 @@ class _Holder:
     def why_dead(self, stale_after_s: float) -> str | None:
         """Why the holder is provably gone (None: it may be alive)."""
         if not self.content:
-            return (
-                f"its lock file is unreadable and {self.age_s:.0f} s old"
-                if self.age_s > stale_after_s
-                else None
-            )
+            stale = self.age_s > stale_after_s
+            return f"its lock file is unreadable and {self.age_s:.0f} s old" if stale else None
         if self.host == socket.gethostname():
             if self.pid == os.getpid():  # this process, or an earlier one that had our pid (a container)
                 return (
                     None if self.content.get("token") in _OWN_TOKENS else "an earlier process with this pid"
                 )
-            if self.pid is not None and _pid_gone(self.pid, self.content.get("pid_started")):
+            # gone: not alive, or the pid now belongs to a process started at another time
+            if self.pid is None:
+                return None
+            started, now = self.content.get("pid_started"), _start_time(self.pid)
+            if not process_alive(self.pid) or (None not in (started, now) and now != started):
                 return f"process {self.pid} on this host is gone"
             return None
         job = self.content.get("slurm_job")
-        if job and job == _slurm_job():
+        if job and job == os.environ.get("SLURM_JOB_ID"):
             return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
         if self.age_s > stale_after_s:
             return f"its heartbeat stopped {self.age_s:.0f} s ago (more than {stale_after_s:.0f} s)"
@@ -208,27 +175,6 @@ def _read(path: Path) -> _Holder | None:
     except json.JSONDecodeError:
         content = {}
     return _Holder(content if isinstance(content, dict) else {}, max(0.0, time.time() - st.st_mtime))
-
-
-def _create(path: Path, content: dict[str, Any]) -> bool:
-    """Create the lock file holding ``content``; False when it exists already."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:
-        return False
-    try:
-        data = json.dumps(content, indent=1).encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
-    os.close(fd)
-    return True
 
 
 def _take_over(path: Path, stale: _Holder) -> bool:
@@ -266,10 +212,13 @@ def _heartbeat(path: Path, token: str, stop: threading.Event, every: float) -> N
 
 
 def _acquire(path: Path, content: dict[str, Any], stale_after_s: float) -> None:
-    run_dir = path.parent
+    run_dir, data = path.parent, json.dumps(content, indent=1).encode()
     for _ in range(50):  # contenders racing over a stale lock: a few rounds settle it
-        if _create(path, content):
+        try:
+            _write_file_synced(path, data, 0o644)
             return
+        except FileExistsError:
+            pass
         holder = _read(path)
         if holder is None:
             continue  # released between our two calls
@@ -299,7 +248,7 @@ def run_lock(
     heartbeat_s: float = HEARTBEAT_S,
     stale_after_s: float = STALE_AFTER_S,
 ) -> Iterator[None]:
-    """Hold ``RUN_DIR/attnxfer.lock`` while the body runs (see the module docstring for how and why).
+    """Hold ``RUN_DIR/attnxfer.lock`` while the body runs (the module docstring says how and why).
 
     ``enabled=False`` (ranks other than 0: they write nothing) only reports disk errors. A full or read-only
     run dir, at the start or inside the body, becomes a `RunDirNotWritableError` naming the path and the
@@ -320,20 +269,59 @@ def run_lock(
             str(path.resolve()),
             threading.get_ident(),
         )  # nesting is per thread: another thread is a holder
-    held = _nested_hold(key)
-    if held is not None:  # nested: this process holds it already
+    with _HELD_GUARD:
+        held = _HELD.get(key)
+        if held is not None:
+            held[1] += 1
+    if held is not None:  # nested: this thread holds it already
         try:
             yield
         finally:
             with _HELD_GUARD:
                 held[1] -= 1
         return
-    token = _hold(path, key, command, stale_after_s)
+    token = secrets.token_hex(8)
+    content = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_started": _start_time(os.getpid()),
+        "slurm_job": os.environ.get("SLURM_JOB_ID") or None,
+        "command": command,
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "token": token,
+    }
+    _OWN_TOKENS.add(token)
     try:
-        with _heartbeat_thread(path, token, heartbeat_s), _plain_disk_errors(run_dir):
+        _acquire(path, content, stale_after_s)
+    except BaseException as e:
+        _OWN_TOKENS.discard(token)
+        if isinstance(e, OSError):
+            _raise_plainly(e, run_dir)
+        raise
+    with _HELD_GUARD:
+        _HELD[key] = [token, 1]
+    stop = threading.Event()
+    beat = threading.Thread(
+        target=_heartbeat, args=(path, token, stop, heartbeat_s), name="attnxfer-run-lock", daemon=True
+    )
+    try:
+        beat.start()
+        with _plain_disk_errors(run_dir):
             yield
-    finally:
-        _release(path, key, token, remove_dir=created)
+    finally:  # forget the hold, delete the lock if still ours, and the run dir if we made it and it is empty
+        stop.set()
+        if beat.is_alive():
+            beat.join()
+        with _HELD_GUARD:
+            _HELD.pop(key, None)
+        _OWN_TOKENS.discard(token)
+        holder = _read(path)
+        if holder is not None and holder.content.get("token") == token:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if created:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
 
 
 @contextlib.contextmanager
@@ -343,68 +331,3 @@ def _plain_disk_errors(run_dir: Path) -> Iterator[None]:
         yield
     except OSError as e:
         _raise_plainly(e, run_dir)
-
-
-def _nested_hold(key: tuple[str, int]) -> list | None:
-    """This thread's hold of the lock (its depth counted up once more), or None when it holds none."""
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None:
-            held[1] += 1
-    return held
-
-
-def _hold(path: Path, key: tuple[str, int], command: str, stale_after_s: float) -> str:
-    """Take the lock for this process (saying who holds it), or raise; returns the lock's token."""
-    token = secrets.token_hex(8)
-    content = {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "pid_started": _start_time(os.getpid()),
-        "slurm_job": _slurm_job(),
-        "command": command,
-        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "token": token,
-    }
-    _OWN_TOKENS.add(token)
-    try:
-        _acquire(path, content, stale_after_s)
-    except OSError as e:
-        _OWN_TOKENS.discard(token)
-        _raise_plainly(e, path.parent)
-    except BaseException:
-        _OWN_TOKENS.discard(token)
-        raise
-    with _HELD_GUARD:
-        _HELD[key] = [token, 1]
-    return token
-
-
-@contextlib.contextmanager
-def _heartbeat_thread(path: Path, token: str, every: float) -> Iterator[None]:
-    """Touch the lock every ``every`` seconds from a daemon thread while the body runs."""
-    stop = threading.Event()
-    beat = threading.Thread(
-        target=_heartbeat, args=(path, token, stop, every), name="attnxfer-run-lock", daemon=True
-    )
-    beat.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beat.join()
-
-
-def _release(path: Path, key: tuple[str, int], token: str, *, remove_dir: bool) -> None:
-    """Forget the hold and delete the lock file if it is still ours; remove the run dir if this command
-    created it and left it empty."""
-    with _HELD_GUARD:
-        _HELD.pop(key, None)
-    _OWN_TOKENS.discard(token)
-    holder = _read(path)
-    if holder is not None and holder.content.get("token") == token:
-        with contextlib.suppress(OSError):
-            path.unlink()
-    if remove_dir:
-        with contextlib.suppress(OSError):
-            path.parent.rmdir()  # only if empty

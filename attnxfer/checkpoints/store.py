@@ -1,39 +1,16 @@
-"""Atomic, verifiable training checkpoints: safetensors for tensors, JSON for everything else.
+"""Atomic, verifiable training checkpoints: ``run_dir/checkpoints/step-00000123/`` holds one safetensors file
+per tensor group ('model', 'ema', 'optimizer', ...), ``state.json`` and, written last, ``MANIFEST.json`` (size
+and sha256 of every file). Nothing is ever unpickled.
 
-Layout of a run::
+Why a crash never leaves half a checkpoint: it is written into a hidden temp dir beside the final one (every
+file fsynced, the manifest last), renamed to ``step-*`` (atomic on POSIX) and the parent fsynced; pruning
+renames a doomed dir to a hidden trash name before deleting it; temp dirs of a live writer on this host are
+left alone. Readers verify first (`verify.py`); hashing reads every byte (about 1 GB/s on one core here), so
+huge checkpoints may keep only the cheap checks (truncation, missing files, damaged headers).
 
-    run_dir/checkpoints/step-00000123/
-        model.safetensors        one file per tensor group ('model', 'ema', 'optimizer', ...)
-        state.json               JSON state (config, step, sampler position, RNG states, ...)
-        MANIFEST.json            written last: size and sha256 of every file above
-
-Why it is safe:
-
-* A checkpoint is written into a hidden temp dir next to the final one, every file is fsynced,
-  MANIFEST.json is written last, then the dir is renamed to ``step-XXXXXXXX`` (atomic on POSIX)
-  and the parent dir is fsynced. A crash at any point leaves either no ``step-*`` dir or a
-  complete one; leftover temp dirs never match ``step-*`` and are removed by the next save.
-* Pruning renames a doomed dir to a hidden trash name before deleting it, so a crash mid-delete
-  never leaves a half-deleted ``step-*`` dir behind.
-* Readers verify before trusting: MANIFEST present and well formed, every listed file present
-  with the recorded size, every ``.safetensors`` header parses and covers the file exactly, every
-  ``.json`` parses, and (``verify_hash=True``, the default) every file's sha256 matches. Hashing
-  reads every byte once (about 1 GB/s on one core here); turn it off for very large checkpoints, the
-  cheap checks still catch truncation, missing files and damaged headers, but not flipped bytes
-  inside tensor data.
-* Nothing is ever unpickled.
-
-Policies: an intact checkpoint is never overwritten (``CheckpointExistsError``, or keep it with
-``exist_ok=True``), except on request (``replace=True``: the new dir is written in full, then swapped in
-with one atomic exchange of the two names where the filesystem offers it); a broken dir at the same step is renamed to ``step-X.corrupt-<time>`` and
-replaced. Pruning keeps the newest ``keep_last`` intact checkpoints, the best by metric and the
-one just written; broken dirs are never deleted automatically (they are reported instead).
-Temp dirs of a live writer on this host are left alone. Tensor groups come back as dicts with
-the same names and values but safetensors' key order, not the insertion order.
-
-One writer per run dir (rank 0); any number of readers. Reading one checkpoint dir back (its manifest,
-verification, loading) is `attnxfer.checkpoints.verify`, atomic single-file writes `atomic_io`, nested
-state as tensors + JSON `tensor_codec`; this module re-exports their public names.
+An intact checkpoint is never overwritten unless asked (`CheckpointManager.save`); a broken one at the same
+step is set aside as ``step-X.corrupt-<time>``, and broken dirs are never deleted. One writer per run dir
+(rank 0), any number of readers. Tensor groups come back in safetensors' key order.
 """
 
 from __future__ import annotations
@@ -58,24 +35,24 @@ from safetensors.torch import save_file
 
 from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from ..sources.resolve import sha256_file
-from .atomic_io import (  # moved to atomic_io.py
+from .atomic_io import (
     _dump_json,
-    _exchange,
     _fsync_dir,
     _write_file_synced,
     atomic_write_bytes as atomic_write_bytes,
     atomic_write_json as atomic_write_json,
     atomic_write_text as atomic_write_text,
     give_normal_mode,
+    replace_dir,
 )
 from .processes import process_alive
-from .tensor_codec import (  # moved to tensor_codec.py
+from .tensor_codec import (
     optimizer_state_from_tensors as optimizer_state_from_tensors,
     optimizer_state_to_tensors as optimizer_state_to_tensors,
     state_dict_from_tensors as state_dict_from_tensors,
     state_dict_to_tensors as state_dict_to_tensors,
 )
-from .verify import (  # reading one checkpoint dir back
+from .verify import (
     CHECKPOINT_FORMAT,
     MANIFEST_NAME,
     STEP_DIR_RE,
@@ -109,21 +86,18 @@ class MetricMode(StrEnum):
         return self.sign * value > self.sign * than
 
 
-# --------------------------------------------------------------------------------------------
-# the manager
-# --------------------------------------------------------------------------------------------
-
-
 def _checked_save(
-    step: int,
-    tensors: Mapping[str, Mapping[str, torch.Tensor]],
-    state: Mapping[str, Any],
-    metric: float | None,
+    step: int, tensors: Mapping[str, Mapping[str, torch.Tensor]], state: Mapping[str, Any], metric: Any
 ) -> tuple[str, float | None]:
     """What a save is given, checked before anything is written: (the state as JSON text, the metric)."""
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
-    metric = _check_metric(metric)
+    if metric is not None:
+        metric = float(metric.item() if isinstance(metric, torch.Tensor) else metric)
+        if not math.isfinite(metric):
+            raise ValueError(
+                f"metric must be finite to rank checkpoints, got {metric}; pass metric=None instead"
+            )
     if not isinstance(tensors, Mapping):
         raise TypeError(f"tensors must map group name -> {{name: Tensor}}, got {type(tensors).__name__}")
     for group, tdict in tensors.items():
@@ -154,16 +128,21 @@ def _write_checkpoint_files(
     state_text: str,
     metric: float | None,
 ) -> None:
-    """Every file of a checkpoint into ``folder``, each fsynced: one safetensors per tensor group, the state,
-    and last the manifest (size and sha256 of each), then the folder itself."""
+    """Every file of a checkpoint into ``folder``, each fsynced, the manifest last, then the folder."""
     files = {}
     for group, tdict in tensors.items():
-        name = f"{group}.safetensors"
-        path = folder / name
+        path = folder / f"{group}.safetensors"
+        # safetensors stores values: detach, make contiguous, and copy tensors that share storage
+        prepared, seen = {}, set()
+        for name, t in tdict.items():
+            t = t.detach().contiguous()
+            where = (t.device, t.untyped_storage().data_ptr())
+            prepared[name] = t.clone() if t.numel() and where in seen else t
+            seen.add(where)
         # safetensors' I/O failures (a full disk: "No space left on device (os error 28)") come back as the
         # `OSError` they are, naming the file, so callers can tell a full disk from a bug
         try:
-            save_file(_prepare_for_safetensors(tdict), path, metadata={"format": "pt"})
+            save_file(prepared, path, metadata={"format": "pt"})
         except SafetensorError as e:
             code = _OS_ERROR_RE.search(str(e))
             if code is None:
@@ -175,7 +154,7 @@ def _write_checkpoint_files(
             os.fsync(fd)
         finally:
             os.close(fd)
-        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+        files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
     state_bytes = state_text.encode("utf-8")
     _write_file_synced(folder / STATE_NAME, state_bytes)
     files[STATE_NAME] = {"size": len(state_bytes), "sha256": hashlib.sha256(state_bytes).hexdigest()}
@@ -190,57 +169,25 @@ def _write_checkpoint_files(
     _fsync_dir(folder)
 
 
-def _prepare_for_safetensors(tdict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detach, make contiguous, and copy tensors that share storage (safetensors stores values)."""
-    out, seen = {}, set()
-    for name, t in tdict.items():
-        t = t.detach()
-        if not t.is_contiguous():
-            t = t.contiguous()
-        key = (t.device, t.untyped_storage().data_ptr())
-        if t.numel() and key in seen:
-            t = t.clone()
-        seen.add(key)
-        out[name] = t
-    return out
-
-
-def _check_metric(metric: float | None) -> float | None:
-    if metric is None:
-        return None
-    if isinstance(metric, torch.Tensor):
-        metric = metric.item()
-    metric = float(metric)
-    if not math.isfinite(metric):
-        raise ValueError(f"metric must be finite to rank checkpoints, got {metric}; pass metric=None instead")
-    return metric
-
-
 def _owner_tag() -> str:
     host = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
     return f"{os.getpid()}@{host}"
 
 
 def _owner_is_alive(dir_name: str) -> bool:
-    """True when a temp/trash dir belongs to another live process on this host."""
-    pid_host = dir_name.rsplit(".", 1)[-1]
-    pid_str, _, host = pid_host.partition("@")
+    """True when a temp/trash dir (named ``....PID@HOST``) belongs to another live process on this host."""
+    pid_str, _, host = dir_name.rsplit(".", 1)[-1].partition("@")
     if not pid_str.isdigit() or host != _owner_tag().partition("@")[2]:
         return False  # unknown or another host: a writer there would break the one-writer rule
-    pid = int(pid_str)
-    return pid != os.getpid() and process_alive(pid)
+    return int(pid_str) != os.getpid() and process_alive(int(pid_str))
 
 
 class CheckpointManager:
-    """Saves, verifies, finds, loads and prunes checkpoints under ``run_dir/checkpoints``.
+    """Saves, verifies, finds, loads and prunes checkpoints under ``run_dir/checkpoints/step-XXXXXXXX``.
 
-    Args:
-        run_dir: the run's output dir; checkpoints go to ``run_dir/checkpoints/step-XXXXXXXX``.
-        keep_last: how many of the newest intact checkpoints survive pruning (>= 1).
-        keep_best: also keep the one with the best ``metric`` however old.
-        best_mode: 'max' (accuracy) or 'min' (loss); ties go to the newer step.
-        verify_hash: default for readers: check sha256 of every file (reads every byte), on top
-            of the always-on size / safetensors header / JSON checks.
+    ``keep_last``: the newest intact checkpoints that survive pruning; ``keep_best``: also the best by
+    ``metric`` (``best_mode`` max or min; ties go to the newer step); ``verify_hash``: readers' default for
+    checking every file's sha256 on top of the always-on size, header and JSON checks.
     """
 
     def __init__(
@@ -254,62 +201,52 @@ class CheckpointManager:
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
         try:
-            best_mode = MetricMode(best_mode)
+            self.best_mode = MetricMode(best_mode)
         except ValueError:
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}") from None
         self.run_dir = Path(run_dir)
         self.dir = self.run_dir / CHECKPOINTS_SUBDIR
-        self.keep_last = keep_last
-        self.keep_best = keep_best
-        self.best_mode = best_mode
-        self.verify_hash = verify_hash
+        self.keep_last, self.keep_best, self.verify_hash = keep_last, keep_best, verify_hash
 
-    # ---- paths -------------------------------------------------------------------------
     def path_for(self, step: int) -> Path:
         return self.dir / f"step-{step:08d}"
 
-    def _step_dirs(self) -> list[tuple[int, Path]]:
+    def _hidden(self, prefix: str, name: str) -> Path:
+        """A temp or trash dir's path: out of the ``step-*`` namespace, named after its owner process."""
+        return self.dir / f"{prefix}{name}.{secrets.token_hex(4)}.{_owner_tag()}"
+
+    def _step_dirs(self) -> list[Path]:
         """All ``step-*`` dirs, newest first, unverified."""
         if not self.dir.is_dir():
             return []
-        found = []
-        for entry in self.dir.iterdir():
-            match = STEP_DIR_RE.match(entry.name)
-            if match and entry.is_dir():
-                found.append((int(match.group(1)), entry))
-        return sorted(found, key=lambda sp: sp[0], reverse=True)
+        found = [(STEP_DIR_RE.match(e.name), e) for e in self.dir.iterdir()]
+        found = [(int(m.group(1)), e) for m, e in found if m and e.is_dir()]
+        return [e for _, e in sorted(found, key=lambda sp: sp[0], reverse=True)]
 
     # ---- reading -----------------------------------------------------------------------
-    def _verified(self, paths: Iterable[Path], verify_hash: bool, report: bool = True):
+    def _verified(self, paths: Iterable[Path], verify_hash: bool | None, report: bool = True):
         for path in paths:
             try:
-                yield verify_checkpoint(path, verify_hash=verify_hash)
+                yield verify_checkpoint(
+                    path, verify_hash=self.verify_hash if verify_hash is None else verify_hash
+                )
             except CorruptCheckpointError as e:
                 if report:
                     warnings.warn(f"skipping {e}", CorruptCheckpointWarning, stacklevel=3)
 
-    def _hash_flag(self, verify_hash: bool | None) -> bool:
-        return self.verify_hash if verify_hash is None else verify_hash
-
     def list(self, verify_hash: bool | None = None) -> list[CheckpointInfo]:
         """Intact checkpoints, oldest first; broken ones are reported and left out."""
-        infos = self._verified([p for _, p in self._step_dirs()], self._hash_flag(verify_hash))
-        return sorted(infos, key=lambda i: i.step)
+        return sorted(self._verified(self._step_dirs(), verify_hash), key=lambda i: i.step)
 
     def latest(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
         """Newest intact checkpoint, falling back past broken ones (each reported), or None."""
-        paths = (p for _, p in self._step_dirs())
-        return next(iter(self._verified(paths, self._hash_flag(verify_hash))), None)
+        return next(iter(self._verified(self._step_dirs(), verify_hash)), None)
 
     def best(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
         """Intact checkpoint with the best metric (ties: newer), or None if none has a metric."""
-        candidates = [
-            i
-            for i in self._verified([p for _, p in self._step_dirs()], verify_hash=False)
-            if i.metric is not None
-        ]
-        candidates.sort(key=self._rank_key, reverse=True)
-        return next(iter(self._verified([i.path for i in candidates], self._hash_flag(verify_hash))), None)
+        ranked = [i for i in self._verified(self._step_dirs(), False) if i.metric is not None]
+        ranked.sort(key=self._rank_key, reverse=True)
+        return next(iter(self._verified([i.path for i in ranked], verify_hash)), None)
 
     def _rank_key(self, info: CheckpointInfo) -> tuple[float, int]:
         return self.best_mode.sign * info.metric, info.step
@@ -321,7 +258,8 @@ class CheckpointManager:
         verify_hash: bool | None = None,
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
         """``(tensors by group, state)`` of a checkpoint; verifies it first."""
-        return load_checkpoint(info_or_path, map_location, verify_hash=self._hash_flag(verify_hash))
+        verify = self.verify_hash if verify_hash is None else verify_hash
+        return load_checkpoint(info_or_path, map_location, verify_hash=verify)
 
     # ---- writing -----------------------------------------------------------------------
     def save(
@@ -337,13 +275,10 @@ class CheckpointManager:
         """Write checkpoint ``step`` atomically, then prune (``prune=False``: the caller prunes later, e.g. once
         every run of a study has saved the same step) and clean up crashed saves.
 
-        An intact checkpoint for ``step`` is never overwritten: ``CheckpointExistsError``, or with
-        ``exist_ok=True`` the existing one is kept and its path returned (e.g. a preemption
-        handler saving a step that was just saved), or with ``replace=True`` the new one is written
-        in full and then takes the old one's place (readers see the old dir or the new one; a crash
-        between the two renames of the fallback leaves the older checkpoints to resume from).
-        A *broken* dir for ``step`` is renamed to ``step-XXXXXXXX.corrupt-<time>`` (kept for
-        inspection, never loaded) and replaced.
+        An intact checkpoint for ``step`` is never overwritten: ``CheckpointExistsError``; ``exist_ok=True``
+        keeps it and returns its path (a preemption handler saving a step just saved); ``replace=True``
+        writes the new one in full, then it takes the old one's place (readers see the old dir or the new
+        one; a crash between the fallback's two renames leaves the older checkpoints to resume from).
         """
         state_text, metric = _checked_save(step, tensors, state, metric)
         final = self.path_for(step)
@@ -356,12 +291,12 @@ class CheckpointManager:
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True, exist_ok=True)
             _fsync_dir(self.run_dir)
-        tmp = self.dir / f"{_TEMP_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}"
+        tmp = self._hidden(_TEMP_PREFIX, final.name)
         os.mkdir(tmp)
         try:
             _write_checkpoint_files(tmp, step, tensors, state_text, metric)
-            if swap:
-                self._swap_in(tmp, final)
+            if swap:  # the old checkpoint goes under a trash name (cleaned up if a crash leaves it)
+                replace_dir(tmp, final, self._hidden(_TRASH_PREFIX, final.name))
             else:
                 os.rename(tmp, final)
         except BaseException:
@@ -373,17 +308,6 @@ class CheckpointManager:
         self.clean_temp()
         return final
 
-    def _swap_in(self, new: Path, final: Path) -> None:
-        """Put the complete dir ``new`` at ``final`` (an intact checkpoint), then delete the old one."""
-        if _exchange(new, final):
-            old = new  # the exchange left the old checkpoint under the temp name
-        else:
-            old = self.dir / f"{_TRASH_PREFIX}{final.name}.{secrets.token_hex(4)}.{_owner_tag()}"
-            os.rename(final, old)
-            os.rename(new, final)
-        _fsync_dir(self.dir)
-        shutil.rmtree(old, ignore_errors=True)
-
     def set_aside(self, path: Path, why: str) -> Path:
         """Move a checkpoint out of the ``step-*`` namespace (kept for a human, never loaded or pruned)."""
         stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
@@ -393,13 +317,11 @@ class CheckpointManager:
         return aside
 
     def _resolve_existing(self, final: Path, exist_ok: bool) -> Path | None:
+        """The intact checkpoint at ``final`` when it may be kept; None once a broken one is set aside."""
         try:
             verify_checkpoint(final, verify_hash=self.verify_hash)
         except CorruptCheckpointError as e:
-            stamp = datetime.datetime.now().strftime("%Y%m%dT%H%M%S%f")
-            aside = final.with_name(f"{final.name}.corrupt-{stamp}")
-            os.rename(final, aside)
-            _fsync_dir(self.dir)
+            aside = self.set_aside(final, "corrupt")
             warnings.warn(
                 f"{e}; moved it to {aside} and writing a new one", CorruptCheckpointWarning, stacklevel=3
             )
@@ -412,38 +334,35 @@ class CheckpointManager:
         )
 
     def prune(self, protect: Iterable[Path] = ()) -> list[Path]:
-        """Delete intact checkpoints beyond the newest ``keep_last`` and the best.
+        """Delete intact checkpoints beyond the newest ``keep_last`` and the best (cheap checks, no hashing).
 
-        Uses the cheap checks (no hashing). Broken dirs are never deleted automatically: they
-        do not count towards ``keep_last`` and stay for a human to look at. Returns deleted paths.
+        Broken dirs are never deleted: they do not count towards ``keep_last`` and stay for a human to look
+        at. Each doomed dir is renamed out of the ``step-*`` namespace first, so a crash never leaves half a
+        checkpoint. Returns the deleted paths.
         """
-        intact = list(self._verified([p for _, p in self._step_dirs()], verify_hash=False, report=False))
+        intact = list(self._verified(self._step_dirs(), False, report=False))
         keep = {Path(p) for p in protect}
         keep.update(i.path for i in sorted(intact, key=lambda i: i.step, reverse=True)[: self.keep_last])
         with_metric = [i for i in intact if i.metric is not None]
         if self.keep_best and with_metric:
             keep.add(max(with_metric, key=self._rank_key).path)
-        deleted = []
-        for info in intact:
-            if info.path not in keep:
-                self._delete(info.path)
-                deleted.append(info.path)
+        deleted = [i.path for i in intact if i.path not in keep]
+        for path in deleted:
+            trash = self._hidden(_TRASH_PREFIX, path.name)
+            os.rename(path, trash)
+            _fsync_dir(self.dir)
+            shutil.rmtree(trash, ignore_errors=True)
         return deleted
-
-    def _delete(self, path: Path) -> None:
-        """Rename out of the ``step-*`` namespace first, so a crash never leaves half a checkpoint."""
-        trash = self.dir / f"{_TRASH_PREFIX}{path.name}.{secrets.token_hex(4)}.{_owner_tag()}"
-        os.rename(path, trash)
-        _fsync_dir(self.dir)
-        shutil.rmtree(trash, ignore_errors=True)
 
     def clean_temp(self) -> list[Path]:
         """Remove temp/trash dirs left by crashed saves or deletes (never those of a live writer)."""
-        removed = []
         if not self.dir.is_dir():
-            return removed
-        for entry in self.dir.iterdir():
-            if entry.name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)) and not _owner_is_alive(entry.name):
-                shutil.rmtree(entry, ignore_errors=True)
-                removed.append(entry)
+            return []
+        removed = [
+            e
+            for e in self.dir.iterdir()
+            if e.name.startswith((_TEMP_PREFIX, _TRASH_PREFIX)) and not _owner_is_alive(e.name)
+        ]
+        for entry in removed:
+            shutil.rmtree(entry, ignore_errors=True)
         return removed

@@ -65,12 +65,9 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], used: set[str]) -> An
 
 
 def state_dict_to_tensors(state_dict: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split a nested state dict into a flat ``{name: Tensor}`` dict and JSON metadata.
-
-    Round-trips exactly: int keys, tuples vs lists, ints vs floats, tensor vs float values,
-    non-finite floats and None all come back as they went in. Tensor names are dotted paths
-    ('state.0.exp_avg'). Store the tensors as a checkpoint group and the metadata in ``state``.
-    """
+    """Split a nested state dict into a flat ``{dotted.path: Tensor}`` dict (a checkpoint group) and JSON
+    metadata (for ``state``). Round-trips exactly: int keys, tuples vs lists, ints vs floats, tensor vs float
+    values, non-finite floats and None all come back as they went in."""
     tensors: dict[str, torch.Tensor] = {}
     meta = {"format": STATE_DICT_FORMAT, "tree": _encode(dict(state_dict), "", tensors)}
     return tensors, meta
@@ -98,6 +95,5 @@ def optimizer_state_to_tensors(opt_state_dict: Mapping[str, Any]) -> tuple[dict[
     return state_dict_to_tensors(opt_state_dict)
 
 
-def optimizer_state_from_tensors(tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> dict:
-    """Inverse of ``optimizer_state_to_tensors``; feed the result to ``optimizer.load_state_dict``."""
-    return state_dict_from_tensors(tensors, meta)
+#: the inverse of ``optimizer_state_to_tensors``: its result goes to ``optimizer.load_state_dict``
+optimizer_state_from_tensors = state_dict_from_tensors

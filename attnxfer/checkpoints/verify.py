@@ -1,12 +1,5 @@
-"""One checkpoint dir read back: its manifest, the checks made before anything in it is trusted, and loading.
-
-A checkpoint dir holds one ``.safetensors`` file per tensor group, ``state.json`` and ``MANIFEST.json``
-(written last: the size and sha256 of every other file). `verify_checkpoint` checks that the manifest is
-present and well formed, every listed file present with its recorded size, every ``.safetensors`` header
-parses, every ``.json`` parses and (``verify_hash=True``) every sha256 matches; `load_checkpoint` verifies
-again before it loads. Writing, finding and pruning checkpoints is `attnxfer.checkpoints.store`'s
-`CheckpointManager`. Nothing is ever unpickled.
-"""
+"""One checkpoint dir read back: nothing in it is trusted before its manifest (written last: size and sha256
+of every other file) is checked against the files, and nothing is ever unpickled."""
 
 from __future__ import annotations
 
@@ -131,7 +124,8 @@ def _check_file(path: Path, name: str, entry: Mapping[str, Any], verify_hash: bo
 
 
 def verify_checkpoint(path: str | os.PathLike, verify_hash: bool = True) -> CheckpointInfo:
-    """Check one checkpoint dir; return its info or raise ``CorruptCheckpointError``."""
+    """Check one checkpoint dir (the manifest well formed; every listed file present with its size, every
+    header and JSON parsing, every sha256 matching with ``verify_hash``); its info, or ``CorruptCheckpointError``."""
     path = Path(path)
     manifest = _read_manifest(path)
     match = STEP_DIR_RE.match(path.name)
@@ -157,10 +151,8 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     verify_hash: bool = True,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """Verify, then load ``(tensors by group, state)`` from a checkpoint dir.
-
-    Verification runs again even for a ``CheckpointInfo``: the files may have changed since.
-    """
+    """Verify, then load ``(tensors by group, state)`` from a checkpoint dir (again for a ``CheckpointInfo``:
+    the files may have changed since)."""
     path = info_or_path.path if isinstance(info_or_path, CheckpointInfo) else Path(info_or_path)
     info = verify_checkpoint(path, verify_hash=verify_hash)
     device = str(torch.device(map_location))

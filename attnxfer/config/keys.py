@@ -1,10 +1,6 @@
-"""How a config key is declared: once, as a dataclass field whose metadata holds its range and resume rule.
-
-``lr: float = key(1e-3, range=POSITIVE, resumable=True)`` is the whole declaration of ``optim.lr``: the
-loader range-checks it, a resumed run may change it, and the tables other code reads (`ranges`,
-`resumable_keys`, `search_resumable_keys`) are derived from the fields, so a new key is one edit and cannot
-be half-declared.
-"""
+"""How a config key is declared: once, as a dataclass field whose metadata holds its range and resume rules
+(``lr: float = key(1e-3, range=POSITIVE, resumable=True)``), so the tables other code reads are derived and a
+new key cannot be half-declared."""
 
 from __future__ import annotations
 
@@ -29,11 +25,8 @@ class ConfigError(InputError):
 
 @dataclass(frozen=True)
 class Range:
-    """The values one config key accepts beyond its type: bounds (for numbers and list items) or choices.
-
-    ``Range()`` (`ANY`) says "any value of the field's type": `key` has no default range, so every key
-    states one on purpose (tests/cli/test_config_validation.py checks that each does).
-    """
+    """The values one config key accepts beyond its type: bounds (numbers and list items) or choices.
+    ``Range()`` (`ANY`): any value of the field's type; `key` has no default, so every key states one on purpose."""
 
     low: float | None = None
     high: float | None = None
@@ -84,11 +77,10 @@ def key(
     resumable: bool = False,
     search_resumable: bool = False,
 ) -> Any:
-    """A config key: its default (or ``factory`` for a list / mapping), the values it accepts (``range=``
-    bounds, `ANY`, or ``choices=``: exactly one) and whether a resumed run may change it (default: no, so
-    a forgotten rule refuses a change rather than silently letting a checkpoint mean something else).
-    ``search_resumable``: whether a resumed ``attnxfer search`` may change it, a rule of its own (a search
-    resumes its population, not a checkpoint: how long it goes on may change, its candidates' training not)."""
+    """A config key: its default (or ``factory``), the values it accepts (exactly one of ``range=`` and
+    ``choices=``) and whether a resumed run may change it (default no: a forgotten rule refuses a change rather
+    than silently letting a checkpoint mean something else); ``search_resumable``: the same for a resumed
+    ``attnxfer search`` (it resumes a population: how long it goes on may change, its candidates' training not)."""
     if (range is None) == (choices is None):
         raise TypeError("key(...): give exactly one of range= (ANY for no bounds) or choices=")
     rule = Range(choices=tuple(choices)) if choices is not None else range
@@ -101,10 +93,8 @@ def key(
 def section(
     cls: type, *, resumable: bool = False, search_resumable: bool = False, command: str | None = None
 ) -> Any:
-    """A section of the config (a nested dataclass); ``resumable=True``: a resumed run may change every key
-    in it (how long it trains, how it logs and saves); ``search_resumable=True``: a resumed search may.
-    ``command``: the one command that reads it (``convert``, ``pretrain``, ``search``); the config another
-    command writes or prints leaves it out (`to_dict`)."""
+    """A section of the config (a nested dataclass); ``resumable``/``search_resumable``: a resumed run/search
+    may change every key in it; ``command``: the one command that reads it (others leave it out, `to_dict`)."""
     metadata = {
         _SECTION: True,
         _RESUMABLE: bool(resumable),
@@ -121,8 +111,8 @@ def section_command(f: dataclasses.Field) -> str | None:
 
 @functools.cache
 def field_types(cls: type) -> dict[str, Any]:
-    """Field name -> resolved annotation (the schema's modules use ``from __future__ import annotations``);
-    cached: resolving annotations is the slow part of reading a config. Read-only."""
+    """Field name -> resolved annotation; cached (resolving annotations is the slow part of reading a config).
+    Read-only."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

@@ -45,20 +45,12 @@ def resolve_recipe(path: str | Path) -> Path:
     )
 
 
-def run_config_dir(path: Path) -> Path | None:
-    """The run dir whose own record ``path`` is: a ``config.yaml`` beside what attnxfer writes into a run."""
-    if path.name != RUN_CONFIG:
-        return None
-    folder = path.parent
-    return folder if any((folder / m).exists() for m in RUN_DIR_MARKERS) else None
-
-
 def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
     """A run's own config.yaml refers to the folder it sits in, wherever the command runs from and wherever
-    the run was moved or copied to: the ``run_dir`` it records (often relative to where the run started)
-    only says where the run was first written."""
-    folder = run_config_dir(p)
-    if folder is None or not isinstance(cfg, TrainConfig):
+    the run was moved: the ``run_dir`` it records only says where the run was first written."""
+    folder = p.parent  # a run's own: a config.yaml beside what attnxfer writes into a run
+    own = p.name == RUN_CONFIG and any((folder / m).exists() for m in RUN_DIR_MARKERS)
+    if not own or not isinstance(cfg, TrainConfig):
         return cfg
     recorded = Path(cfg.run_dir)
     if recorded.is_dir() and os.path.samefile(recorded, folder):
@@ -89,10 +81,8 @@ def _resolve_base(name: Any, child: Path) -> Path:
 
 
 def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """A recipe and the recipes it starts from (``base: NAME``), root first, each with its own keys.
-
-    Why a chain and not a merged dict: each file is applied over the previous one exactly as overrides
-    are, so a recipe that states only what differs resolves to the same config as a full copy."""
+    """A recipe and the recipes it starts from (``base: NAME``), root first, each with its own keys: each file
+    is applied over the previous one as overrides are, so a recipe stating only what differs equals a full copy."""
     chain: list[tuple[Path, dict[str, Any]]] = []
     p = resolve_recipe(path)
     seen: list[Path] = []
@@ -122,13 +112,9 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
 def load_config(
     path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
 ) -> TrainConfig:
-    """Defaults, then the YAML file (after the recipes it starts from, ``base: NAME``), then ``key=value``
-    overrides; every value is range-checked.
-
-    A run's own ``config.yaml`` (one beside the files attnxfer writes into a run dir) sets ``run_dir`` to the
-    folder it sits in, so ``-c /abs/RUN/config.yaml`` continues (or scores) that run from any directory; a
-    ``run_dir=`` override still wins. Any other YAML's ``run_dir`` is taken as written (relative to the
-    current directory)."""
+    """Defaults, then the YAML file (after the recipes it starts from), then ``key=value`` overrides; every
+    value range-checked. A run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`),
+    unless a ``run_dir=`` override says otherwise; any other YAML's ``run_dir`` is taken as written."""
     cfg = base or TrainConfig()
     if path is not None:
         p = resolve_recipe(path)

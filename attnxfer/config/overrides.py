@@ -1,12 +1,10 @@
-"""Values into a config: type coercion, dotted ``key=value`` overrides, range checks, and what changed.
-
-Works on any schema dataclass (each key's range is its field's metadata, `keys.key`), so it needs nothing
-of the sections themselves. Unknown keys and wrong types are `ConfigError`s that name the nearest valid
-key, so a typo never silently trains the default.
+"""Values into a config: type coercion, dotted ``key=value`` overrides, range checks, and what changed. Unknown
+keys and wrong types are `ConfigError`s naming the nearest valid key, so a typo never silently trains the default.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import types
@@ -16,14 +14,13 @@ from typing import Any, Union
 
 import yaml
 
-from .keys import ConfigError, Range, field_types, rule_of, section_command
+from .keys import ConfigError, field_types, rule_of, section_command
 from .renamed import respell
 from .strict_yaml import describe_yaml_error, load_yaml
 
 
 def validate_config(cfg: Any, prefix: str = "") -> Any:
-    """Check every value against its key's declared range; the first one out of range is a `ConfigError`
-    naming its key."""
+    """Check every value against its key's declared range (the first one out of range: a `ConfigError`)."""
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), prefix + f.name
         if dataclasses.is_dataclass(value):
@@ -38,9 +35,6 @@ def validate_config(cfg: Any, prefix: str = "") -> Any:
                 "directory. Name its folder, e.g. run_dir=runs/my-run (run_dir=. if you mean this directory)"
             )
     return cfg
-
-
-# -- (de)serialisation ---------------------------------------------------------------------
 
 
 def to_dict(cfg: Any, command: str | None = None) -> dict[str, Any]:
@@ -60,18 +54,10 @@ def dump_config(cfg: Any, command: str | None = None) -> str:
     return yaml.safe_dump(to_dict(cfg, command), sort_keys=False)
 
 
-# `X | None` (types.UnionType) and `Optional[X]` (typing.Union) are both unions
-
-
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if (
-            isinstance(value, Mapping)
-            and value
-            and dataclasses.is_dataclass(value) is False
-            and key != "kwargs"
-        ):
+        if isinstance(value, Mapping) and value and key != "kwargs":
             out.update(_flatten(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value
@@ -114,9 +100,9 @@ def _type_name(tp: Any) -> str:
         args = typing.get_args(tp)
         names = [_type_name(a) for a in args if a is not type(None)]
         return " or ".join(names) + (" or null" if type(None) in args else "")
-    if typing.get_origin(tp) in (list, list):
+    if typing.get_origin(tp) is list:
         return "a list"
-    if typing.get_origin(tp) in (dict, dict):
+    if typing.get_origin(tp) is dict:
         return "a mapping"
     return _FRIENDLY.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -138,38 +124,27 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value
-    if origin in (list, list, Sequence):
+    if origin in (list, Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}=[1,2])")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, dict, Mapping):
+    if origin in (dict, Mapping):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if (tp is bool and isinstance(value, bool)) or (tp is int and number and isinstance(value, int)):
+        return value
+    if tp is float and number:
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        with contextlib.suppress(ValueError):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is str and (isinstance(value, str) or number):
+        return str(value)
+    if tp in _FRIENDLY:
+        raise ConfigError(f"{key}: expected {_FRIENDLY[tp]}, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
@@ -185,16 +160,6 @@ def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
         f"unknown config key {prefix + key!r}{hint} (valid under "
         f"{prefix.rstrip('.') or 'the top level'}: {', '.join(valid)})"
     )
-
-
-def _check_choice(key: str, rule: Range, value: Any) -> None:
-    """A key with a closed set of values is checked as the config loads, so a typo never trains."""
-    if rule.choices is None or rule.admits(value):
-        return
-    names = [a for a in rule.choices if a]
-    close = difflib.get_close_matches(str(value), names, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}{hint}")
 
 
 def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -214,8 +179,15 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.")
         else:
-            changes[key] = _coerce(value, tp, prefix + key)
-            _check_choice(prefix + key, rule_of(fields[key]), changes[key])
+            changes[key] = value = _coerce(value, tp, prefix + key)
+            rule = rule_of(
+                fields[key]
+            )  # a closed set of values is checked as the config loads: a typo never trains
+            if rule.choices is not None and not rule.admits(value):
+                names = [a for a in rule.choices if a]
+                close = difflib.get_close_matches(str(value), names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{prefix + key}: {value!r} is not one of {', '.join(names)}{hint}")
     return dataclasses.replace(obj, **changes)
 
 
@@ -245,10 +217,12 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
     """Set dotted keys; string values of non-string fields are parsed as YAML (``[0,1]``, ``null``, ``true``)."""
-    types_cache: dict[Any, dict[str, Any]] = {}
     parsed = {}
     for key, value in overrides.items():
-        if isinstance(value, str) and not _is_str_field(type(cfg), key, types_cache):
+        field: Any = type(cfg)  # the key's annotation (None where it names no field)
+        for part in key.split("."):
+            field = field_types(field).get(part) if dataclasses.is_dataclass(field) else None
+        if isinstance(value, str) and field is not str:
             try:
                 value = load_yaml(value) if value.strip() else None
             except yaml.YAMLError as e:
@@ -257,15 +231,3 @@ def apply_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
                 ) from None
         parsed[key] = value
     return validate_config(merge_values(cfg, _nest(parsed)))
-
-
-def _is_str_field(cls, dotted: str, cache) -> bool:
-    node = cls
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node):
-            return False
-        types = cache.setdefault(node, field_types(node))
-        if part not in types:
-            return False
-        node = types[part]
-    return node is str

@@ -1,12 +1,7 @@
-"""Keys merged into others: the one table of their old spellings, and how a config that still uses one loads.
-
-An old spelling keeps being read wherever a config comes from: a YAML recipe, a dotted override, a run's
-recorded ``config.yaml`` and the config its checkpoints record (so a run trained with the old spelling
-resumes without a spurious change). Each one read says the new spelling in a one-line `RenamedKeyWarning` (a
-`FutureWarning`: meant for the user, shown by default; once per process). A value the old key held by default says nothing the
-new key's default does not, and is dropped; any other value moves where its row says. An old spelling whose
-value the new one cannot express stops with a `ConfigError` that says what to do instead.
-"""
+"""Keys merged into others: the one table of their old spellings (`RENAMED_KEYS`), read wherever a config
+comes from (a recipe, an override, a run's config.yaml, a checkpoint's recorded config: an old run resumes
+without a spurious change). Each one read says the new spelling once per process (`RenamedKeyWarning`); a
+default value is dropped, any other moves where its row says, or stops with what to do instead."""
 
 from __future__ import annotations
 
@@ -29,7 +24,7 @@ Move = Callable[[Any, dict, Any], None]
 
 
 def _current(cfg: Any, dotted: str) -> Any:
-    """The value at ``dotted`` in a config (sections are dataclasses, mapping keys are dicts), or None."""
+    """The value at ``dotted`` in a config (sections are dataclasses, mapping keys dicts), or None."""
     node = cfg
     for part in dotted.split("."):
         if dataclasses.is_dataclass(node):
@@ -42,8 +37,7 @@ def _current(cfg: Any, dotted: str) -> Any:
 
 
 def find_key(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
-    """Whether the nested config mapping ``data`` (a YAML file's keys, a recorded config) holds the dotted
-    key, and its value there."""
+    """(whether the nested config mapping ``data`` holds the dotted key, its value there)."""
     node: Any = data
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -53,8 +47,8 @@ def find_key(data: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
 
 
 def _parent(data: dict, dotted: str, cfg: Any) -> dict:
-    """The dict that holds ``dotted``'s last part, made where missing; a mapping-valued key (``data.kwargs``)
-    starts from the config's current value, so setting one entry keeps the others."""
+    """The dict that holds ``dotted``'s last part, made where missing (a mapping-valued key starts from the
+    config's current value, so setting one entry of ``data.kwargs`` keeps the others)."""
     node, parts = data, dotted.split(".")
     for depth, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
@@ -65,8 +59,7 @@ def _parent(data: dict, dotted: str, cfg: Any) -> dict:
 
 
 def moved_to(new: str) -> Move:
-    """The value moves to the key ``new`` (which may be an entry of a mapping key), unless the same source
-    sets ``new`` itself: then the new spelling wins."""
+    """The value moves to the key ``new``, unless the same source sets ``new`` itself (the new spelling wins)."""
 
     def move(value: Any, data: dict, cfg: Any) -> None:
         if not find_key(data, new)[0]:
@@ -88,8 +81,7 @@ def dropped_from(key: str, item: str) -> Move:
 
 
 def synthetic_option(new: str) -> Move:
-    """The value moves to ``new`` where the dataset is the synthetic one (whose option it was) and is dropped
-    for any other dataset, as the old key was ignored there (an old config of a folder run still loads)."""
+    """The value moves to ``new`` for the synthetic dataset (whose option it was); other datasets ignored it."""
     to_new = moved_to(new)
 
     def move(value: Any, data: dict, cfg: Any) -> None:
@@ -148,8 +140,8 @@ _LOGIT_KD_HOW = (
 
 
 def logit_distillation_entry(entries: list[Mapping[str, Any]], data: dict, cfg: Any) -> None:
-    """A ``{name: logit_kd, weight: W, temperature: T}`` entry is ``transfer.logit_distill: W`` and
-    ``transfer.logit_temperature: T`` (the entry's defaults: 1 and 1), the one spelling of logit distillation."""
+    """A ``{name: logit_kd, weight: W, temperature: T}`` entry (defaults 1 and 1) is ``transfer.logit_distill:
+    W`` and ``transfer.logit_temperature: T``, the one spelling of logit distillation."""
     if len(entries) > 1:
         raise ConfigError(f"transfer.losses lists logit_kd {len(entries)} times; {_LOGIT_KD_HOW}")
     (entry,) = entries
@@ -170,8 +162,8 @@ def logit_distillation_entry(entries: list[Mapping[str, Any]], data: dict, cfg: 
 
 @dataclass(frozen=True)
 class RenamedKey:
-    """One merged key: its old dotted spelling and default, what to write now, and how its value moves
-    (``take``: how the old spelling is found, where it is not a dotted key; default: the dotted key ``old``)."""
+    """One merged key: its old spelling and default, what to write now, how its value moves, and (``take``,
+    where the old spelling is not the dotted key ``old``) how it is found."""
 
     old: str
     default: Any
@@ -228,9 +220,8 @@ _SAID: dict = {}
 
 
 def respell(data: Mapping[str, Any], cfg: Any = None, *, note: bool = True) -> dict[str, Any]:
-    """``data`` (a config's nested keys: a YAML file, nested overrides, a recorded config) with every old
-    spelling of `RENAMED_KEYS` moved where its row says; ``cfg`` is the config the data is applied to (None:
-    the data is a whole recorded config). Each old spelling read is said once (``note``)."""
+    """``data`` (a config's nested keys) with every old spelling moved where its row says; ``cfg``: the config
+    the data is applied to (None: a whole recorded config). Each one read is said once (``note``)."""
     out = copy.deepcopy(dict(data))
     for renamed in RENAMED_KEYS:
         # whether ``out`` spells it the old way, and the old value (taken out of ``out``)

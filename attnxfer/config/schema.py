@@ -1,9 +1,5 @@
-"""The run configuration's schema: one dataclass per section, one field per key.
-
-A key is declared once, here: its type, default, range and whether a resumed run may change it
-(``key(...)``, `attnxfer.config.keys`). The tables other code reads, `RANGES`, `RESUMABLE_KEYS` and
-`SEARCH_RESUMABLE_KEYS`, are derived from the fields. Loading and overrides are `loading.py` and `overrides.py`.
-"""
+"""The run configuration's schema: one dataclass per section, one field per key, each declared once
+(``key(...)``: type, default, range, resume rules); the tables other code reads are derived from the fields."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""The one YAML reader for what users write (recipes, ``-c`` files, a run's config.yaml, override values).
-
-Why not ``yaml.safe_load``: it keeps the last of two equal keys without a word, so a file that says
-``max_steps`` twice trains with whichever came last. Here a repeated key is an error at its line, and
-every YAML error becomes one line that says where (``describe_yaml_error``), not pyyaml's multi-line
-report.
-"""
+"""The one YAML reader for what users write. Not ``yaml.safe_load``: it keeps the last of two equal keys
+without a word (``max_steps`` twice trains with whichever came last); here that is an error at its line, and
+every YAML error is one line saying where (``describe_yaml_error``), not pyyaml's multi-line report."""
 
 from __future__ import annotations
 

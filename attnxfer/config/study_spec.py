@@ -1,15 +1,6 @@
-"""A study's configuration: one base config and K students, each a name and the keys it changes.
-
-A study trains several students from one teacher on one stream of batches (`attnxfer study`): what the
-students share is the base config (``-c BASE`` and its overrides), what each changes is its own overrides.
-Students come from a ``students:`` list in the YAML (each entry a ``name`` and its keys, dotted or nested)
-and/or from ``--vary KEY=V1,V2`` (the cartesian product, spelled as ``attnxfer submit --sweep``); both
-together cross every listed student with every combination. A key that every student must share (the data,
-the batch, the image size, the teacher, the schedule's length, the augmentation, how the study saves and
-logs) is refused when a student changes it, before any work. A study trains its students (``attnxfer train``,
-the default) or converts them (``command: convert`` in the YAML, ``--command convert``: each student an
-``attnxfer convert``, its stage-1 batch, probe images and speed measurement shared too).
-"""
+"""A study's configuration (`attnxfer study`): one base config and K students trained (or, ``command:
+convert``, converted) from one teacher on one stream of batches, each a name and the keys it changes, from a
+``students:`` list and/or ``--vary KEY=V1,V2`` (crossed). A key every student must share is refused first."""
 
 from __future__ import annotations
 
@@ -35,8 +26,7 @@ from .overrides import (
 from .schema import TrainConfig, config_keys
 
 #: what every student of a study shares (keys, and ``section.`` prefixes): one batch and one teacher pass per
-#: step need one data stream, batch, image size, augmentation and teacher; one step for all needs one schedule
-#: length and one way of saving; the study's folder holds them all
+#: step, one schedule length and one way of saving for all
 SHARED_KEYS: tuple[str, ...] = (
     "run_dir",
     "device",
@@ -54,8 +44,8 @@ SHARED_KEYS: tuple[str, ...] = (
     "dist.",
 )
 
-#: what the students of a convert study (``command: convert``) share besides: one stage-1 batch and one teacher
-#: pass per stage-1 step, one set of probe images for the measurements, one speed measurement for all
+#: what the students of a convert study share besides: one stage-1 batch and teacher pass per stage-1 step,
+#: one set of probe images, one speed measurement
 CONVERT_SHARED_KEYS: tuple[str, ...] = (
     "convert.stage1_batch_size",
     "convert.agreement_batches",
@@ -85,8 +75,8 @@ class Student:
 
 @dataclass(frozen=True)
 class StudySpec:
-    """A study: its base config (``run_dir`` is the study's folder), its students, in order (the first is
-    the one the report compares the others with), and what it runs for each (`COMMANDS`)."""
+    """A study: its base config (``run_dir``: the study's folder), its students in order (the report compares
+    the others with the first), and what it runs for each (`COMMANDS`)."""
 
     base: TrainConfig
     students: tuple[Student, ...]
@@ -106,9 +96,8 @@ class StudySpec:
         return self.base.dist
 
     def config_of(self, student: Student) -> TrainConfig:
-        """The student's whole config, as `attnxfer train` would run it alone: the base with its overrides,
-        its own folder, and the data's seed written out (students that seed their initialisation differently
-        still read the study's batches)."""
+        """The student's whole config as `attnxfer train` would run it alone: its own folder, and the data's
+        seed written out (students seeded differently still read the study's batches)."""
         cfg = apply_overrides(self.base, dict(student.overrides)) if student.overrides else self.base
         seed = self.base.data.seed if self.base.data.seed is not None else self.base.seed
         return dataclasses.replace(
@@ -144,20 +133,18 @@ def load_study(
     vary: Mapping[str, Sequence[str]] | None = None,
     command: str | None = None,
 ) -> StudySpec:
-    """The study a YAML file (its ``students:`` list and ``command:`` beside the base keys), base overrides,
-    ``--vary`` and ``command`` (``--command``; it must agree with the YAML's) describe; every student checked (a
-    name that is a folder name, once each; no shared key changed; every value valid) before any work."""
+    """The study a YAML file (``students:`` and ``command:`` beside the base keys), base overrides, ``--vary``
+    and ``--command`` (agreeing with the YAML's) describe; every student checked before any work."""
     base, listed, written = _base_and_students(path)
     command = _command(command, written, path)
     if overrides:
         base = apply_overrides(base, parse_overrides(overrides))
     base = validate_config(base)
     students = names_on_record(base.run_dir, _cross(listed, _combinations(vary)))
-    seen: set[str] = set()  # each student once: two with one name would share a folder
-    for s in students:
-        if s.name in seen:
-            raise ConfigError(f"two students are named {s.name!r}: give each student its own name")
-        seen.add(s.name)
+    names = [s.name for s in students]  # each student once: two with one name would share a folder
+    twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"two students are named {twice!r}: give each student its own name")
     if not students:
         raise ConfigError(
             "a study needs students: list them under students: in the YAML (each a name and the keys it "
@@ -174,15 +161,13 @@ def load_study(
 
 
 def study_base(path: str | Path | None) -> TrainConfig:
-    """The base config a study's YAML (and the recipes it starts from) writes, its students set aside: what
-    ``--print-config`` compares the study's base with."""
+    """The base config a study's YAML writes, its students set aside (what ``--print-config`` compares with)."""
     return _base_and_students(path)[0]
 
 
 def _base_and_students(path: str | Path | None) -> tuple[TrainConfig, list[Student], str | None]:
-    """The base config of a study's YAML (its recipes' keys, ``students:`` and ``command:`` set aside), its
-    listed students (the nearest file's list: a recipe's own list replaces the one of the recipe it starts
-    from) and the command it names (the nearest file's; None: none)."""
+    """(the base config of a study's YAML, its listed students, the command it names): the nearest file's list
+    and command win over those of the recipes it starts from."""
     cfg, listed, command = TrainConfig(), None, None
     if path is None:
         return cfg, [], None
@@ -200,8 +185,7 @@ def _base_and_students(path: str | Path | None) -> tuple[TrainConfig, list[Stude
 
 
 def _command(flag: str | None, written: str | None, path: str | Path | None) -> str:
-    """The study's command: ``--command``, the YAML's ``command:``, else train; the two must agree (a study's
-    study.yaml names the command its students were made by)."""
+    """The study's command: ``--command``, the YAML's ``command:``, else train; the two must agree."""
     for value in (flag, written):
         if value is not None and value not in COMMANDS:
             raise ConfigError(
@@ -247,9 +231,9 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
-    """The cartesian product of ``--vary``'s values, each a student named by what it sets, readably: a key
-    whose values are words gives its value (``copy``, ``distill``), any other its last part and value
-    (``atd_weight=3``); ``_`` joins the keys. Names that would not be unique spell every key out whole."""
+    """The cartesian product of ``--vary``'s values, each student named by what it sets: a word value alone
+    (``copy``), else the key's last part and value (``atd_weight=3``), ``_`` between; every key spelled out
+    whole where names would not be unique."""
     if not vary:
         return []
     keys = list(vary)
@@ -273,9 +257,8 @@ def _folder_name(label: str) -> str:
 
 
 def names_on_record(run_dir: str | Path, students: Sequence[Student]) -> list[Student]:
-    """``students`` under the names a study already in ``run_dir`` gave them, where its ``study.json`` lists the
-    same students (the same keys, in order) under other names: a study started when ``--vary`` named folders
-    ``transfer.mode=copy`` goes on in them."""
+    """``students`` under the names the study already in ``run_dir`` gave the same students (a study started
+    when ``--vary`` named folders ``transfer.mode=copy`` goes on in them)."""
     record = Path(run_dir) / STUDY_RECORD
     try:
         listed = json.loads(record.read_text())["students"]
