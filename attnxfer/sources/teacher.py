@@ -1,31 +1,13 @@
-"""Teachers: a pretrained ViT named the way timm names it, or the file a user already has.
-
-`load_teacher` accepts
-
-* a timm name with a pretrained tag: ``vit_large_patch16_224.mae``,
-* a Hub repo in timm's format: ``hf-hub:ORG/NAME`` or ``hf-hub:ORG/NAME@REVISION``,
-* a local folder in timm's Hub layout (config.json + model.safetensors): ``local-dir:PATH``,
-* either of the last two in transformers' format (what ``save_pretrained`` writes: a config.json with a
-  ``model_type``), built as the timm model with the same computation (`transformers_format`),
-* a checkpoint file (``.safetensors``, ``.pth``, ``.bin``) plus ``arch=`` (a timm architecture,
-  optionally with the tag whose preprocessing it was trained with), including MAE's pretraining
-  checkpoints (decoder and mask token are dropped and reported) and DeiT/fine-tuned ones.
-
-Weights are read without unpickling code (safetensors, or ``torch.load(weights_only=True)``)
-and handed to timm's own loader, so the architecture's checkpoint filter runs (position-embedding
-resampling, layout conversions) and the load is strict: a missing encoder weight is an error,
-never a random one. The returned `TeacherRecord` makes a run traceable (where the weights came
-from, their hash, their licence, the preprocessing they expect).
-
-Where the weights live is `resolve.py`'s job (shared with `load_student`): nothing there waits on a
-network that is not there, and a missing teacher raises `TeacherNotAvailable` with the commands that
-fetch it. This module builds the model and the record.
+"""Teachers: a pretrained ViT named the way timm names it, or the file a user already has, built frozen with
+TransferAttention and a `TeacherRecord` that makes a run traceable (where the weights came from, their hash,
+licence and preprocessing). Weights go through timm's own loader, so the architecture's checkpoint filter
+runs and the load is strict: a missing encoder weight is an error, never a random one.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,9 +45,6 @@ from .teacher_build import (
     rebuilt,
 )
 
-# --------------------------------------------------------------------------------------------
-# The record
-
 
 @dataclass
 class TeacherRecord:
@@ -93,9 +72,8 @@ class TeacherRecord:
     num_classes: int = 0
     dropped_keys: list[str] = field(default_factory=list)
     resampled_pos_embed: bool = False
-    source_img_size: tuple[
-        int, ...
-    ] = ()  # (H, W) the weights were made for, where the teacher runs at another
+    # (H, W) the weights were made for, where the teacher runs at another
+    source_img_size: tuple[int, ...] = ()
     resized_by: str | None = (
         None  # how the teacher was rebuilt at the run's size (its family's `ImageSizes.how`)
     )
@@ -115,53 +93,6 @@ class TeacherRecord:
         return cls(**d)
 
 
-# --------------------------------------------------------------------------------------------
-# Keys a teacher checkpoint may carry that the encoder does not use
-
-
-@dataclass(frozen=True)
-class KeyDropRule:
-    """Checkpoint entries an encoder does not use, dropped (and reported) when ``detect`` recognises the format.
-
-    ``tag`` names the timm pretrained tag whose preprocessing such checkpoints expect (used when the
-    caller gave an architecture without a tag).
-    """
-
-    name: str
-    detect: Callable[[frozenset[str]], bool]
-    drop: Callable[[str], bool]
-    tag: str | None = None
-
-
-DROP_RULES: list[KeyDropRule] = [
-    # MAE pretraining checkpoints: encoder + decoder_embed/decoder_blocks/decoder_norm/decoder_pred/
-    # decoder_pos_embed + mask_token. Only decoder_* marks the format: DINOv2 checkpoints also carry a
-    # mask_token and timm's filter recognises them by it.
-    KeyDropRule(
-        "mae-decoder",
-        detect=lambda keys: any(k.startswith("decoder_") for k in keys),
-        drop=lambda k: k.startswith("decoder_") or k == "mask_token",
-        tag="mae",
-    ),
-]
-
-
-def _apply_drop_rules(
-    state_dict: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], list[str], list[KeyDropRule]]:
-    keys = frozenset(state_dict)
-    matched = [r for r in DROP_RULES if r.detect(keys)]
-    if not matched:
-        return state_dict, [], []
-    dropped = sorted(k for k in state_dict if any(r.drop(k) for r in matched))
-    kept = {k: v for k, v in state_dict.items() if k not in set(dropped)}
-    return kept, dropped, matched
-
-
-# --------------------------------------------------------------------------------------------
-# Building
-
-
 def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
     c = cfg.get("classifier") or "head"
     return (c,) if isinstance(c, str) else tuple(c)
@@ -178,10 +109,10 @@ def _checkpoint_classes(res: Resolved, sd: dict[str, torch.Tensor]) -> int:
 def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]) -> TeacherLoadError:
     """torch's strict-load error, restated with the key lists and what to change."""
     msg = str(err)
-    found: dict[str, list[str]] = {"Missing": [], "Unexpected": []}
+    found: dict[str, list[str]] = {"Missing encoder": [], "Unexpected": []}
     for line in msg.splitlines():
         for kind in found:
-            if f"{kind} key(s) in state_dict:" in line:
+            if f"{kind.split()[0]} key(s) in state_dict:" in line:
                 found[kind] += re.findall(r'"([^"]+)"', line)
     hints = []
     if "fc_norm.weight" in sd_keys and "norm.weight" not in sd_keys:
@@ -194,20 +125,11 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
     text = (
         f"teacher {spec!r}: the weights do not fit architecture {arch!r}; nothing was randomly "
         f"initialised in their place.\n"
-        + (
-            f"Missing encoder keys ({len(found['Missing'])}): {found['Missing']}\n"
-            if found["Missing"]
-            else ""
-        )
-        + (
-            f"Unexpected keys ({len(found['Unexpected'])}): {found['Unexpected']}\n"
-            if found["Unexpected"]
-            else ""
-        )
+        + "".join(f"{kind} keys ({len(keys)}): {keys}\n" for kind, keys in found.items() if keys)
         + "".join(f"Hint: {h}\n" for h in hints)
         + f"torch said: {msg}"
     )
-    return TeacherLoadError(text, found["Missing"], found["Unexpected"])
+    return TeacherLoadError(text, found["Missing encoder"], found["Unexpected"])
 
 
 def _json_safe(args: dict[str, Any]) -> dict[str, Any]:
@@ -221,9 +143,13 @@ def _json_safe(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def drop_unused_entries(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``(encoder entries, dropped keys)``: what `DROP_RULES` recognise (e.g. an MAE decoder) taken out."""
-    kept, dropped, _ = _apply_drop_rules(state_dict)
-    return kept, dropped
+    """``(encoder entries, dropped keys)``: an MAE pretraining checkpoint's decoder and mask token taken out.
+    Only decoder_* marks the format: DINOv2 checkpoints also carry a mask_token, by which timm's filter
+    recognises them."""
+    if not any(k.startswith("decoder_") for k in state_dict):
+        return state_dict, []
+    unused = {k for k in state_dict if k.startswith("decoder_") or k == "mask_token"}
+    return {k: v for k, v in state_dict.items() if k not in unused}, sorted(unused)
 
 
 def load_teacher(
@@ -306,21 +232,20 @@ def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], st
                 f"({res.source_format}): {_summarise_keys(dropped)}"
             )
         return state_dict, checkpoint_key, dropped
-    state_dict, dropped, rules = _apply_drop_rules(state_dict)
+    state_dict, dropped = drop_unused_entries(state_dict)
     if dropped:
         warn(
             f"teacher {spec}: dropped {len(dropped)} checkpoint entries the encoder does not use "
-            f"({', '.join(r.name for r in rules)}): {_summarise_keys(dropped)}"
+            f"(mae-decoder): {_summarise_keys(dropped)}"
         )
-    tagged = [r.tag for r in rules if r.tag]
-    if not res.tag_known and tagged:
-        import timm
+        if not res.tag_known:  # an MAE checkpoint: timm's .mae tag says its preprocessing and licence
+            import timm
 
-        guess = f"{res.architecture}.{tagged[0]}"
-        if guess in timm.list_pretrained(guess):
-            debug(f"teacher {spec}: {rules[0].name} checkpoint: preprocessing and licence of timm's {guess}")
-            res.pretrained_cfg = registry_cfg(guess)
-            res.license, res.tag_known = res.pretrained_cfg.get("license"), True
+            guess = f"{res.architecture}.mae"
+            if guess in timm.list_pretrained(guess):
+                debug(f"teacher {spec}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")
+                res.pretrained_cfg = registry_cfg(guess)
+                res.license, res.tag_known = res.pretrained_cfg.get("license"), True
     if not res.tag_known:
         warn(
             f"teacher {spec}: mean/std are timm's defaults for {res.architecture} (tag "
@@ -486,10 +411,6 @@ def _record(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Fetching (for `attnxfer fetch`)
-
-
 def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None = None) -> str:
     """Download a teacher's config, weights and model card into the Hub cache; returns the snapshot folder.
 
@@ -515,32 +436,21 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
     else:
         repo, extra = parsed.name, []
     reason = offline_reason()
-    patterns = [
-        "config.json",
-        "preprocessor_config.json",  # a transformers checkpoint's preprocessing
-        "*.safetensors",
-        "model.safetensors.index.json",  # the shards' index
-        "README.md",
-        "LICENSE*",
-    ] + extra
+    # config, a transformers checkpoint's preprocessing, weights (and the shards' index), model card
+    patterns = ["config.json", "preprocessor_config.json", "*.safetensors", "model.safetensors.index.json"]
+    patterns += ["README.md", "LICENSE*", *extra]
     try:
-        path = snapshot_download(
-            repo,
-            revision=parsed.revision,
-            cache_dir=cache_dir,
-            allow_patterns=patterns,
-            local_files_only=reason is not None,
-            library_name="attnxfer",
-        )
-        if not any(Path(path).glob("*.safetensors")) and not extra:
+        for allow in (patterns, ["*.bin", "*.pth"]):  # .bin/.pth only where there is no safetensors
             path = snapshot_download(
                 repo,
                 revision=parsed.revision,
                 cache_dir=cache_dir,
-                allow_patterns=["*.bin", "*.pth"],
+                allow_patterns=allow,
                 local_files_only=reason is not None,
                 library_name="attnxfer",
             )
+            if any(Path(path).glob("*.safetensors")) or extra:
+                break
     except LocalEntryNotFoundError:
         raise TeacherNotAvailable(
             fetch_instructions(
