@@ -7,10 +7,6 @@ dataset (a run resumed mid-epoch sees exactly the samples an uninterrupted run w
 ``hfids/`` are streams: a resumed run keeps its step count, epoch and learning-rate schedule exactly
 (the stream yields only the batches left in the epoch), but it re-reads the epoch's stream from its start,
 so the samples of a resumed epoch are not those of an uninterrupted run.
-
-Without labels (``labels=False``): ``hfds/`` reads the image column alone (`HfImages`; a dataset without a
-label column is fine), ``wds/`` decodes each sample's image and never its ``.cls`` (`WdsImages`), and a
-``hfids/`` stream drops the labels timm's reader hands it (it still needs a label column).
 """
 
 from __future__ import annotations
@@ -26,7 +22,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..errors import InputError
 from .folder import FolderDataset, decoded_image_info
 from .label_free import LabelFree, without_labels
-from .registry import DatasetInfo, built_info, register_prefix, timm_eval_settings, with_settings
+from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings, with_settings
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -86,10 +82,6 @@ class HfImages:
 
     def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str | None:
         return self.table[int(index)][self.image_key].get("path")
-
-
-def _hf_prefix_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo:
-    return hf_info(name, root, labels=labels)
 
 
 def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
@@ -162,7 +154,7 @@ def _transform(split: str, augment: bool | None, info: DatasetInfo, **aug):
     return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
 
 
-@register_prefix("hfds", info=_hf_prefix_info)
+@register_prefix("hfds", info=hf_info)
 def build_hfds(
     name: str,
     split: str,
@@ -186,7 +178,7 @@ def build_hfds(
     """A Hugging Face dataset (``datasets.load_dataset(NAME)``: a Hub id or a local folder of parquet/arrow
     files; ``root`` is its cache folder), random access, with folder's transforms (``aug``: timm's
     ``create_transform`` options: ``auto_augment``, ``re_prob``, ``re_mode``, ...). ``labels=False``: its
-    image column alone, as ``(x,)`` samples (`HfImages`)."""
+    image column alone, as ``(x,)`` samples (`HfImages`: no label column needed)."""
     from timm.data import ImageDataset, create_dataset
 
     hf_split = train_split if split == "train" else val_split
@@ -194,7 +186,6 @@ def build_hfds(
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
     augment, transform = _transform(split, augment, info, **aug)
-    settings = timm_eval_settings(**aug)
     mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
         images = create_dataset(
@@ -210,7 +201,7 @@ def build_hfds(
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
-    info = with_settings(info, **settings)
+    info = with_settings(info, **timm_eval_settings(**aug))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 
@@ -270,47 +261,6 @@ class StreamPosition:
         self.dataset.remaining = max(0, self.dataset.per_rank - self.position // self.world_size)
 
 
-def _build_stream(
-    prefix: str, name: str, split: str, *, root, img_size, in_chans, mean, std, seed, labels=True, **kw
-):
-    from timm.data import IterableImageDataset, create_dataset
-
-    augment = kw.pop("augment", None)
-    train_split = kw.pop("train_split", "train")
-    val_split = kw.pop("val_split", "validation")
-    batch_size = kw.pop("batch_size", 1)
-    world_size = kw.pop("world_size", 1)
-    train_samples, val_samples = kw.pop("train_samples", None), kw.pop("val_samples", None)
-    num_samples = (
-        train_samples if split == "train" else val_samples
-    )  # a stream's length, when not in its info
-    default = stream_info(f"{prefix}/{name}", root)
-    info = built_info(f"{prefix}/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
-    augment, transform = _transform(split, augment, info, **kw)
-    settings = timm_eval_settings(**kw)
-    try:
-        stream = create_dataset(
-            f"{prefix}/{name}",
-            root=root,
-            split=train_split if split == "train" else val_split,
-            is_training=split == "train",
-            batch_size=batch_size,
-            num_samples=num_samples,
-            seed=seed,
-            input_img_mode="RGB" if info.in_chans == 3 else "L",
-            transform=transform,
-        )
-        if prefix == "wds" and not labels:  # the same shards, decoded without their .cls
-            stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
-    except ImportError as e:
-        raise _missing_extra(f"{prefix}/{name}", e) from e
-    info = with_settings(info, **settings)
-    per_rank = None
-    if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
-        per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
-    return StreamDataset(stream, info, per_rank, labels=labels)
-
-
 for _prefix in STREAM_PREFIXES:
 
     def _builder(
@@ -339,11 +289,39 @@ for _prefix in STREAM_PREFIXES:
         count, or the split names of ``root/_info.json``), ``train_samples`` / ``val_samples`` (a split's
         length where its files do not say it: streamed Hugging Face datasets), the per-rank ``batch_size``
         and ``world_size`` (set by the run), and folder's transform options. ``labels=False``: ``(x,)``
-        samples (wds: decoded without ``.cls``)."""
-        return _build_stream(
-            _prefix, name, split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed,
-            labels=labels, batch_size=batch_size, world_size=world_size, augment=augment, auto_augment=auto_augment,
-            re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options,
-        )  # fmt: skip
+        samples (wds: decoded without ``.cls``; hfids: the labels timm's reader hands it dropped)."""
+        from timm.data import IterableImageDataset, create_dataset
+
+        train_split, val_split = options.pop("train_split", "train"), options.pop("val_split", "validation")
+        # a split's length, where its files do not say it
+        num_samples = {s: options.pop(f"{s}_samples", None) for s in SPLITS}[split]
+        dataset = f"{_prefix}/{name}"
+        info = built_info(
+            dataset, stream_info(dataset, root), img_size, in_chans, mean, std, grayscale_or_rgb=True
+        )
+        aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
+        augment, transform = _transform(split, augment, info, **aug)
+        try:
+            stream = create_dataset(
+                dataset,
+                root=root,
+                split=train_split if split == "train" else val_split,
+                is_training=split == "train",
+                batch_size=batch_size,
+                num_samples=num_samples,
+                seed=seed,
+                input_img_mode="RGB" if info.in_chans == 3 else "L",
+                transform=transform,
+            )
+            if _prefix == "wds" and not labels:  # the same shards, decoded without their .cls
+                stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
+        except ImportError as e:
+            raise _missing_extra(dataset, e) from e
+        per_rank = None
+        if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
+            per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
+        return StreamDataset(
+            stream, with_settings(info, **timm_eval_settings(**aug)), per_rank, labels=labels
+        )
 
     register_prefix(_prefix, info=stream_info)(_builder)
