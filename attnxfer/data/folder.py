@@ -12,6 +12,7 @@ anywhere under ``root/train`` or ``root/val``: class folders optional, nesting f
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError
 from .label_free import LabelFree
-from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings, with_settings
+from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
@@ -187,7 +188,7 @@ def build_folder(
         std=info.std,
     )
     images = _split_images(split, root, classes, labels, info.in_chans, transform)
-    info = with_settings(info, **timm_eval_settings(crop_pct, interpolation))
+    info = replace(info, **timm_eval_settings(crop_pct, interpolation))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 

@@ -15,6 +15,7 @@ import functools
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import islice
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -22,7 +23,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..errors import InputError
 from .folder import FolderDataset, decoded_image_info
 from .label_free import LabelFree, without_labels
-from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings, with_settings
+from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -201,7 +202,7 @@ def build_hfds(
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
-    info = with_settings(info, **timm_eval_settings(**aug))
+    info = replace(info, **timm_eval_settings(**aug))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 
@@ -320,8 +321,6 @@ for _prefix in STREAM_PREFIXES:
         per_rank = None
         if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
             per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
-        return StreamDataset(
-            stream, with_settings(info, **timm_eval_settings(**aug)), per_rank, labels=labels
-        )
+        return StreamDataset(stream, replace(info, **timm_eval_settings(**aug)), per_rank, labels=labels)
 
     register_prefix(_prefix, info=stream_info)(_builder)
