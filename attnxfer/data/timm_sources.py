@@ -36,8 +36,7 @@ def _missing_extra(dataset: str, e: ImportError) -> ImportError:
 
 
 def hf_info(name: str, root: str | None, split: str = "train", labels: bool = True) -> DatasetInfo:
-    """Classes of a Hugging Face dataset from its ``label`` feature (a ``ClassLabel``), read by timm;
-    ``labels=False`` opens nothing (a run without labels has no classes)."""
+    """Classes of a Hugging Face dataset from its ``label`` feature, read by timm (``labels=False``: none)."""
     if not labels:
         return decoded_image_info(f"hfds/{name}", None, labels=False)
     from timm.data.readers import create_reader
@@ -56,8 +55,8 @@ def stream_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo
 
 
 class HfImages:
-    """The image column of a Hugging Face dataset and nothing else (no label column is read, and none is
-    needed): a timm reader (what `timm.data.ImageDataset` indexes) that hands out no target."""
+    """The image column of a Hugging Face dataset alone (no label column needed): a timm reader that hands
+    out no target."""
 
     def __init__(self, name: str, root: str | None, split: str, image_key: str = "image"):
         try:
@@ -86,8 +85,7 @@ class HfImages:
 
 
 def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
-    """A webdataset sample's image, decoded as timm's decode stage does, with no target (never reads ``.cls``
-    or the json sidecar)."""
+    """A webdataset sample's image, decoded as timm does, never reading ``.cls`` or the json sidecar."""
     from PIL import Image
 
     data = next((sample[k] for k in image_key.split(";") if k in sample), None)
@@ -100,9 +98,8 @@ def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
 
 
 class WdsImages:
-    """timm's webdataset reader (`timm.data.readers.reader_wds.ReaderWds`: shards, shuffling, rank and worker
-    splits as timm does them) with its decode stage swapped for one that decodes the image alone, so samples
-    need no ``.cls`` and none is read: a stream of ``(image, None)``."""
+    """timm's webdataset reader (shards, shuffling, rank and worker splits as timm does them) with its decode
+    stage swapped for one that decodes the image alone: a stream of ``(image, None)``, no ``.cls`` read."""
 
     def __init__(self, reader):
         self.reader = reader
@@ -208,11 +205,8 @@ def build_hfds(
 
 
 class StreamDataset(IterableDataset):
-    """A timm stream (``IterableImageDataset``) limited to the samples this rank has left in the epoch.
-
-    ``remaining`` is set by `StreamPosition` (a resume mid-epoch); with DataLoader workers each worker
-    yields its share (timm's readers split shards over ranks and workers). ``labels=False``: samples are
-    ``(x,)`` (`attnxfer.data.label_free`)."""
+    """A timm stream limited to the samples this rank has left in the epoch (``remaining``, set by
+    `StreamPosition` on a resume mid-epoch); each DataLoader worker yields its share."""
 
     def __init__(self, stream, info: DatasetInfo, per_rank: int | None, labels: bool = True):
         self.stream, self.info = stream, info if labels else without_labels(info)
@@ -244,9 +238,8 @@ class StreamDataset(IterableDataset):
 
 
 class StreamPosition:
-    """What the engine asks of a sampler, for a stream: the epoch's global length, the epoch and the
-    position (global samples consumed). A position inside the epoch shortens the epoch's stream to the
-    batches left; the samples themselves are read from the epoch's start (see the module docstring)."""
+    """What the engine asks of a sampler, for a stream: a position inside the epoch shortens the epoch's
+    stream to the batches left (the samples are read from the epoch's start: see the module docstring)."""
 
     def __init__(self, dataset: StreamDataset, world_size: int = 1):
         self.dataset, self.world_size = dataset, world_size
