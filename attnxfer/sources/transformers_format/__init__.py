@@ -1,13 +1,5 @@
 """Checkpoints saved by transformers (a ``save_pretrained`` folder, a Hub repo) as the timm model that
-computes the same thing.
-
-A config.json with a transformers ``model_type`` and no timm ``architecture`` is read here: the module
-registered for its ``model_type`` says which timm architecture and arguments build the same computation
-(`timm_arch`) and how transformers' state dict maps onto it (`timm_weights`); this registry adds what
-every type shares: the preprocessing from ``preprocessor_config.json`` as timm's pretrained config, a
-shape check of the mapped weights against the timm model (built on the meta device, so a config that
-does not fit its weights is named before anything is loaded), and one message for what it cannot read.
-Reading needs config.json and the weights only; transformers itself is not imported.
+computes the same thing, one module per ``model_type``; transformers itself is never imported.
 """
 
 from __future__ import annotations
@@ -107,7 +99,7 @@ def describe(
     license: str | None = None,
 ) -> TransformersTeacher:
     """The timm model, pretrained config and weight mapping for transformers' ``config`` (read from
-    ``where``, named in every message). A config the module cannot map is an `InputError`."""
+    ``where``); a config the module cannot map is an `InputError`."""
     module = module_for(config, where)
     try:
         arch, kwargs = module.timm_arch(config)
@@ -150,8 +142,8 @@ def describe(
 
 
 def _check_shapes(mapped: dict[str, torch.Tensor], arch: str, kwargs: dict[str, Any]) -> None:
-    """The mapped weights against the timm model the config builds (on the meta device): a key or a shape
-    that differs is a ValueError naming it, before timm's loader could resample or reject it on its own."""
+    """The mapped weights against the timm model the config builds (on the meta device): a key or shape that
+    differs is named before timm's loader could resample or reject it on its own."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in timm.create_model(arch, **kwargs).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in mapped.items()}
@@ -176,9 +168,8 @@ def _pretrained_cfg(
     license: str | None,
     where: str,
 ) -> dict[str, Any]:
-    """timm's pretrained config for the mapped model: the head's layout from timm's own entry for ``arch``,
-    the input size the config builds, the preprocessing ``preprocessor_config.json`` states (else timm's
-    defaults for ``arch``, with a warning), the licence from the model card."""
+    """timm's pretrained config for the mapped model: the preprocessing ``preprocessor_config.json`` states
+    (else timm's defaults for ``arch``, with a warning)."""
     base = timm.models.get_pretrained_cfg(arch)
     base = base.to_dict() if base is not None else {}
     # the size the model is built for; a family built without one (PVTv2) is fed the config's image_size

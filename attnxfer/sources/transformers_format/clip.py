@@ -28,11 +28,10 @@ from ._common import (
     linear,
     mlp_ratio,
     norm_layer,
-    pair,
-    timm_name,
     under,
     vit_dims,
 )
+from .vit_deit import vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("clip", "clip_vision_model")
 
@@ -74,9 +73,7 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         num_classes=_projection(config),
         **norm_layer(c["layer_norm_eps"], timm_default=1e-5),
     )
-    patch, img = pair(c["patch_size"])[0], pair(c["image_size"])[0]
-    name = timm_name("vit_{size}_patch{p}_clip_{i}", "vit_base_patch16_clip_224", dim, p=patch, i=img)
-    return name, kwargs
+    return vit_name(kwargs, "vit_{size}_patch{p}_clip_{i}", "vit_base_patch16_clip_224"), kwargs
 
 
 def timm_weights(

@@ -24,15 +24,14 @@ from ._common import (
     base_prefix,
     clip_layer,
     has_head,
+    head_classes,
     linear,
     mlp_ratio,
     norm_layer,
-    num_labels,
-    pair,
-    timm_name,
     under,
     vit_dims,
 )
+from .vit_deit import vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("siglip", "siglip_vision_model")
 
@@ -63,13 +62,11 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
         class_token=False,
         act_layer=activation(c),
-        num_classes=num_labels(config) if has_head(config) else 0,
+        num_classes=head_classes(config),
         **pool,
         **norm_layer(c["layer_norm_eps"]),
     )
-    patch, img = pair(c["patch_size"])[0], pair(c["image_size"])[0]
-    name = timm_name("vit_{size}_patch{p}_siglip_{i}", "vit_base_patch16_siglip_224", dim, p=patch, i=img)
-    return name, kwargs
+    return vit_name(kwargs, "vit_{size}_patch{p}_siglip_{i}", "vit_base_patch16_siglip_224"), kwargs
 
 
 def timm_weights(
