@@ -1,9 +1,6 @@
-"""transformers' I-JEPA encoder as timm's VisionTransformer without a class token.
-
-A ViT whose tokens are the patches only (position embeddings over them), a final LayerNorm over every
-token; ``IJepaForImageClassification`` classifies the mean of those normalised tokens, which is timm's
-``global_pool='avg'`` with the final norm before pooling (``fc_norm=False``). The optional pooler is
-dropped.
+"""transformers' I-JEPA encoder as timm's VisionTransformer without a class token:
+``IJepaForImageClassification`` classifies the mean of the normalised tokens, timm's ``global_pool='avg'``
+with ``fc_norm=False``. The optional pooler is dropped.
 """
 
 from __future__ import annotations
