@@ -21,19 +21,8 @@ import torch
 
 from ..errors import InputError, MissingPathError
 from ..run_layout import DEMO_EXPORTS, DEMO_OUT
-from .hub import (  # moved to hub.py
-    _HUB_WEIGHT_FILES,
-    _SHARD_INDEX,
-    _hub_file,
-    _hub_weights,
-    _readme_license,
-    _snapshot_commit,
-    fetch_instructions as fetch_instructions,
-    hub_cache_dir as hub_cache_dir,
-    hub_reachable as hub_reachable,
-    offline_reason as offline_reason,
-)
-from .load_errors import (  # moved to load_errors.py
+from .hub import _HUB_WEIGHT_FILES, _SHARD_INDEX, _hub_file, _hub_weights, _readme_license, _snapshot_commit
+from .load_errors import (
     TeacherLoadError,
     TeacherNotAvailable,
     UnsafeCheckpointError,
@@ -43,8 +32,6 @@ from .load_errors import (  # moved to load_errors.py
 from .transformers_format import describe as describe_transformers, is_transformers_config, unreadable_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
-
-
 # Containers a training script wraps its state dict in; EMA first, as timm prefers it.
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
 

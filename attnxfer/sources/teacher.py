@@ -21,6 +21,12 @@ from ..models.attention import ImageSizes, make_transfer_aware
 from ..models.image_input import as_pair, check_image_size, image_input
 from ..models.vit import create_vit
 from ..speak import debug, warn
+from .hub import (
+    fetch_instructions,
+    hub_cache_dir as hub_cache_dir,
+    hub_reachable as hub_reachable,
+    offline_reason,
+)
 from .resolve import (
     Origin,
     Resolved,
@@ -29,10 +35,6 @@ from .resolve import (
     TeacherNotAvailable,
     TeacherSpec as TeacherSpec,
     UnsafeCheckpointError as UnsafeCheckpointError,
-    fetch_instructions,
-    hub_cache_dir as hub_cache_dir,
-    hub_reachable as hub_reachable,
-    offline_reason,
     parse_teacher_spec,
     read_state_dict,
     registry_cfg,
