@@ -7,7 +7,7 @@ runs and the load is strict: a missing encoder weight is an error, never a rando
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -89,21 +89,6 @@ def other_size(
     return OtherSize(pair[0], own_size, check_image_size(native, pair[0]))
 
 
-def rebuilt(
-    model: nn.Module,
-    arch: str,
-    cfg: dict[str, Any],
-    kwargs: dict[str, Any],
-    resize: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]],
-) -> nn.Module:
-    """``model`` (loaded at its own size) rebuilt at ``kwargs["img_size"]``: the same architecture built
-    there, its weights fitted by the family's ``resize`` and loaded strictly."""
-    twin = create_teacher_model(arch, False, cfg, kwargs)
-    twin.load_state_dict(resize(model.state_dict(), twin), strict=True)
-    twin.pretrained_cfg = dict(model.pretrained_cfg)
-    return twin
-
-
 def create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
     """``timm.create_model`` for a family with its own attention classes. A family whose constructor takes
     no ``img_size`` (PVTv2: any input its strides divide) is built without it."""
@@ -144,9 +129,8 @@ class TeacherRecord:
     resampled_pos_embed: bool = False
     # (H, W) the weights were made for, where the teacher runs at another
     source_img_size: tuple[int, ...] = ()
-    resized_by: str | None = (
-        None  # how the teacher was rebuilt at the run's size (its family's `ImageSizes.how`)
-    )
+    # how the teacher was rebuilt at the run's size (its family's `ImageSizes.how`)
+    resized_by: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
 
@@ -166,14 +150,6 @@ class TeacherRecord:
 def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
     c = cfg.get("classifier") or "head"
     return (c,) if isinstance(c, str) else tuple(c)
-
-
-def _checkpoint_classes(res: Resolved, sd: dict[str, torch.Tensor]) -> int:
-    """Classes of the checkpoint's head: trusted metadata for timm-format sources, the tensors for files."""
-    if res.source.has_timm_metadata and res.pretrained_cfg.get("num_classes") is not None:
-        return int(res.pretrained_cfg["num_classes"])
-    w = sd.get(_classifier_names(res.pretrained_cfg)[0] + ".weight")
-    return int(w.shape[0]) if w is not None else 0
 
 
 def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]) -> TeacherLoadError:
@@ -327,9 +303,12 @@ def _choose_head(
     spec: str, res: Resolved, state_dict: dict[str, torch.Tensor], num_classes: int | None
 ) -> tuple[int, list[str]]:
     """The teacher's class count: the checkpoint's, or 0 (head dropped, reported). Never a random head."""
-    ckpt_classes = (
-        _checkpoint_classes(res, state_dict) if res.weights else res.pretrained_cfg.get("num_classes", 0)
-    )
+    # trusted metadata for timm-format sources (and random weights), the head's tensors for a file
+    ckpt_classes = res.pretrained_cfg.get("num_classes")
+    if res.weights and (ckpt_classes is None or not res.source.has_timm_metadata):
+        w = state_dict.get(_classifier_names(res.pretrained_cfg)[0] + ".weight")
+        ckpt_classes = int(w.shape[0]) if w is not None else 0
+    ckpt_classes = int(ckpt_classes or 0)
     if num_classes is None or num_classes == ckpt_classes:
         return ckpt_classes, []
     if num_classes == 0:
@@ -381,17 +360,20 @@ def _build(
     # timm keeps the pretrained cfg it loaded from: don't let it pin the checkpoint's tensors in memory.
     for attr in ("pretrained_cfg", "default_cfg"):
         getattr(model, attr, {}).pop("state_dict", None)
-    if size is not None and resize is not None:
-        model = rebuilt(model, res.architecture, cfg, {**kwargs, "img_size": size.side}, resize)
-    if size is not None:
-        # the size the rebuilt teacher runs at, in its pretrained config (what `image_input` reads for a family
-        # that records none, PVTv2; what a mirrored student and the run record inherit)
-        chans = image_input(model).in_chans
-        model.pretrained_cfg = {
-            **getattr(model, "pretrained_cfg", {}),
-            "input_size": (chans, size.side, size.side),
-        }
-    _forget_unrecorded_args(model, res.unrecorded_args)
+    if size is not None and resize is not None:  # a twin built at the new size, its weights fitted strictly
+        twin = create_teacher_model(res.architecture, False, cfg, {**kwargs, "img_size": size.side})
+        twin.load_state_dict(resize(model.state_dict(), twin), strict=True)
+        twin.pretrained_cfg, model = dict(model.pretrained_cfg), twin
+    if size is not None:  # the size it runs at, in its pretrained config (what `image_input` reads for a
+        # family that records none, PVTv2; what a mirrored student and the run record inherit)
+        input_size = (image_input(model).in_chans, size.side, size.side)
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": input_size}
+    if res.unrecorded_args:
+        # construction arguments no JSON value names (a transformers teacher's LayerNorm eps) built the teacher
+        # but stay out of the recorded ones students are built from and exports write
+        names = res.unrecorded_args
+        model._model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in names}
+        model._teacher_only_args = tuple(names)
     try:
         make_transfer_aware(model)
     except TypeError as e:
@@ -399,16 +381,6 @@ def _build(
     model.eval()
     model.requires_grad_(False)
     return model
-
-
-def _forget_unrecorded_args(model: nn.Module, names: Sequence[str]) -> None:
-    """Construction arguments no JSON value names (a transformers teacher's LayerNorm eps, which no timm norm
-    name carries) built the teacher but are left out of its recorded arguments, which students are built
-    from and exports write; ``_teacher_only_args`` names them, so a mirrored student may differ there."""
-    if not names:
-        return
-    model._model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in names}
-    model._teacher_only_args = tuple(names)
 
 
 def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
