@@ -178,16 +178,6 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
     return TeacherLoadError(text, found["Missing encoder"], found["Unexpected"])
 
 
-def _json_safe(args: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in args.items():
-        if isinstance(v, tuple):
-            v = list(v)
-        if v is None or isinstance(v, (bool, int, float, str, list, dict)):
-            out[k] = v
-    return out
-
-
 def drop_unused_entries(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """``(encoder entries, dropped keys)``: an MAE pretraining checkpoint's decoder and mask token taken out.
     Only decoder_* marks the format: DINOv2 checkpoints also carry a mask_token, by which timm's filter
@@ -417,7 +407,12 @@ def _record(
         if src is not None:  # image_input: also Hiera, whose stem records no img_size
             src = (src, src) if isinstance(src, int) else tuple(src)
             resampled = resampled or image_input(model).img_size != src
-    model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_model_args"}
+    model_args = {  # the JSON-safe ones
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in getattr(model, "_model_args", {}).items()
+        if k != "pretrained_model_args"
+        and (v is None or isinstance(v, (bool, int, float, str, tuple, list, dict)))
+    }
     # the (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
     # (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)
     source_img_size: tuple[int, ...] = ()
@@ -446,7 +441,7 @@ def _record(
         resampled_pos_embed=bool(resampled),
         source_img_size=source_img_size,
         resized_by=size.sizes.how if size is not None else None,
-        model_args=_json_safe(model_args),
+        model_args=model_args,
         source_format=res.source_format,
     )
 

@@ -31,8 +31,8 @@ __all__ = [
 ]
 
 
-# One module per transformers model-type group; each declares MODEL_TYPES, timm_arch and timm_weights. Every
-# module of this package not starting with "_" is one: adding a type is adding its file.
+# Every module of this package not starting with "_" maps a transformers model-type group (MODEL_TYPES,
+# timm_arch, timm_weights): adding a type is adding its file.
 MODULES: tuple[ModuleType, ...] = tuple(
     importlib.import_module(f"{__name__}.{info.name}")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name)
@@ -82,15 +82,6 @@ def unreadable_config(where: str, found: str) -> InputError:
     )
 
 
-def module_for(config: dict[str, Any], where: str) -> ModuleType:
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in REGISTRY:
-        raise unreadable_config(
-            where, f"transformers model_type {model_type!r} is not one attnxfer can map to timm"
-        )
-    return REGISTRY[model_type]
-
-
 def describe(
     config: dict[str, Any],
     *,
@@ -100,13 +91,18 @@ def describe(
 ) -> TransformersTeacher:
     """The timm model, pretrained config and weight mapping for transformers' ``config`` (read from
     ``where``); a config the module cannot map is an `InputError`."""
-    module = module_for(config, where)
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
+        raise unreadable_config(
+            where, f"transformers model_type {model_type!r} is not one attnxfer can map to timm"
+        )
+    module = REGISTRY[model_type]
     try:
         arch, kwargs = module.timm_arch(config)
     except (KeyError, TypeError, ValueError) as e:
         detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
         raise InputError(
-            f"{where}: transformers {config['model_type']} config cannot be mapped to timm: {detail}"
+            f"{where}: transformers {model_type} config cannot be mapped to timm: {detail}"
         ) from None
     cfg = _pretrained_cfg(arch, kwargs, config, preprocessor, license, where)
     unrecorded = []  # construction arguments no JSON value names
@@ -124,14 +120,14 @@ def describe(
             _check_shapes(mapped, arch, kwargs)
         except ValueError as e:
             raise TeacherLoadError(
-                f"{weights_file}: the weights do not fit the transformers {config['model_type']} model "
+                f"{weights_file}: the weights do not fit the transformers {model_type} model "
                 f"{where} describes: {e}"
             ) from None
         return mapped, dropped
 
     saved = architectures(config)
     return TransformersTeacher(
-        model_type=config["model_type"],
+        model_type=model_type,
         saved_as=saved[0] if saved else None,
         architecture=arch,
         model_args=kwargs,
