@@ -166,7 +166,8 @@ def weights_digest(path: str | os.PathLike) -> str:
     """The sha256 that identifies a teacher's weights: of the file, or of all shards of a sharded checkpoint."""
     if not str(path).endswith(_SHARD_INDEX):
         return sha256_file(path)
-    return hashlib.sha256(b"".join(bytes.fromhex(sha256_file(s)) for s in shard_files(path))).hexdigest()
+    digests = b"".join(bytes.fromhex(sha256_file(shard)) for shard in shard_files(path))
+    return hashlib.sha256(digests).hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:

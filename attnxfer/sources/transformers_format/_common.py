@@ -112,21 +112,18 @@ def architectures(config: dict[str, Any]) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else [str(names)]
 
 
-def num_labels(config: dict[str, Any]) -> int:
-    """The classifier's classes: ``num_labels``, else the size of ``id2label`` (transformers' default is 2)."""
-    labels = config.get("id2label")
-    return int(config.get("num_labels") or (len(labels) if labels else 2))
-
-
 def has_head(config: dict[str, Any], suffixes: Iterable[str] = ("ForImageClassification",)) -> bool:
     """Whether the saved class carries a classifier (by its name in ``architectures``)."""
     return any(a.endswith(tuple(suffixes)) for a in architectures(config))
 
 
 def head_classes(config: dict[str, Any], suffixes: Iterable[str] = ("ForImageClassification",)) -> int:
-    """Classes of the classifier the saved class carries, 0 for a class without one (a base model's
-    config carries labels it has no head for)."""
-    return num_labels(config) if has_head(config, suffixes) else 0
+    """Classes of the classifier the saved class carries: ``num_labels``, else the size of ``id2label``
+    (transformers' default is 2); 0 for a class without one (a base model's config carries labels too)."""
+    if not has_head(config, suffixes):
+        return 0
+    labels = config.get("id2label")
+    return int(config.get("num_labels") or (len(labels) if labels else 2))
 
 
 def legacy_names(
