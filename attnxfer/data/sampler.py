@@ -113,15 +113,12 @@ class ResumableSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable progress (epoch, position) plus the settings that define the order."""
-        return dict(
-            epoch=self.epoch,
-            position=self.position,
-            length=self.length,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            drop_last=self.drop_last,
-            world_size=self.world_size,
-        )
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            **{k: getattr(self, k) for k in _CONFIG_KEYS},
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore epoch and position; the order's settings must match (another order makes the position

@@ -114,10 +114,8 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
 
 
 def _refuse_path(spec: str) -> None:
-    """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``, ``~/x``), is refused with what is
-    true of that path: a model's folder needs ``local-dir:``, a run's folder holds its model elsewhere, a path
-    that does not exist says so. A name like ``ORG/NAME`` that is no folder may be a Hub repo: left to the
-    caller's hint."""
+    """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``), is refused with what is true of
+    that path (``ORG/NAME`` that is no folder may be a Hub repo: left to the caller's hint)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         hint = run_folder_hint(path)
@@ -171,12 +169,8 @@ def weights_digest(path: str | os.PathLike) -> str:
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The tensors of a checkpoint file and the container key they were under (None if flat).
-
-    ``.safetensors`` is read directly (a ``model.safetensors.index.json``: every shard it names);
-    ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``. A file that needs arbitrary
-    unpickling raises `UnsafeCheckpointError` explaining how to convert it.
-    """
+    """The tensors of a checkpoint file (a shard index: of every shard) and the container key they were
+    under (None if flat); a file that needs arbitrary unpickling is refused, saying how to convert it."""
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"checkpoint {path} does not exist")
@@ -311,11 +305,8 @@ def _resolve_timm(
 
 
 def _registered_as(config_json: str | Path) -> str | None:
-    """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in.
-
-    `attnxfer export` writes an architecture only attnxfer registers (``vit_micro_patch4_28``) as timm's
-    ``vit_base_patch16_224`` with explicit arguments, so plain timm loads it; the record keeps the real name.
-    """
+    """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in
+    (so that plain timm loads an architecture only attnxfer registers); the record keeps the real name."""
     try:
         meta = json.loads(Path(config_json).read_text(encoding="utf-8")).get("attnxfer") or {}
     except (OSError, ValueError, AttributeError):

@@ -103,11 +103,8 @@ def create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict
 
 @dataclass
 class TeacherRecord:
-    """Where a run's teacher came from and what it expects; JSON-serialisable with `asdict`.
-
-    ``hf_revision`` is what was asked for (None = the default branch), ``hf_commit`` the commit
-    it resolved to in the cache. ``sha256`` hashes the weights file that was actually read.
-    """
+    """Where a run's teacher came from and what it expects: ``hf_revision`` as asked for, ``hf_commit`` what
+    it resolved to; ``sha256`` of the weights actually read."""
 
     spec: str
     architecture: str
@@ -323,12 +320,9 @@ def _build(
     size: OtherSize | None,
     timm_kwargs: dict[str, Any],
 ) -> nn.Module:
-    """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter
-    (position-embedding resampling, layout conversion) with a strict load; frozen, eval, TransferAttention.
-
-    At another ``size`` than the weights were made for, the family says how the model is rebuilt there
-    (`attnxfer.models.attention.ImageSizes`): timm's filter resamples at creation, or the model is loaded at
-    its own size and its weights fitted to a twin built at the new one."""
+    """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter with a
+    strict load; at another ``size`` the family says how (`ImageSizes`): timm's filter resamples at creation,
+    or the model is loaded at its own size and its weights fitted to a twin built at the new one."""
     cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in SOURCE_KEYS}
     cfg["num_classes"] = num_classes  # equal to the model's: timm keeps the load strict
     kwargs = {**res.model_args, **timm_kwargs, "num_classes": num_classes}
@@ -447,11 +441,8 @@ def _record(
 
 
 def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None = None) -> str:
-    """Download a teacher's config, weights and model card into the Hub cache; returns the snapshot folder.
-
-    Run it where there is internet, then copy the cache (or point HF_HUB_CACHE at it) where there is none.
-    Local specs (``local-dir:``, files) need no fetching and return their path.
-    """
+    """Download a teacher's config, weights and model card into the Hub cache (where there is internet, for
+    a machine without); returns the snapshot folder, or a local spec's path."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
