@@ -261,7 +261,9 @@ class Resolved:
     unrecorded_args: tuple[str, ...] = ()  # construction arguments no JSON value names (see load_teacher)
 
 
-def registry_cfg(name: str) -> dict[str, Any]:
+def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
+    """timm's pretrained config ``name``; ``hub``: one whose weights the Hub holds (as a native state dict,
+    even where the original URL is a foreign format), else `TeacherNotAvailable` says what to download."""
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     arch, _ = split_model_name_tag(name)
@@ -276,6 +278,11 @@ def registry_cfg(name: str) -> dict[str, Any]:
             f"timm has no pretrained config {name!r}; tags for {arch}: "
             f"{timm.list_pretrained(arch + '.*')[:10]}"
         )
+    if hub and not cfg.hf_hub_id:
+        raise TeacherNotAvailable(
+            f"teacher {name!r}: timm has no Hub copy of these weights, only {cfg.url or '(no URL)'}. Download that "
+            f"file on a machine with internet and load it here with load_teacher(PATH, arch={name!r})."
+        )
     return cfg.to_dict()
 
 
@@ -285,19 +292,12 @@ def _resolve_timm(
     from timm.models import split_model_name_tag
 
     arch_name, _ = split_model_name_tag(spec.name)
-    cfg = registry_cfg(spec.name)
+    cfg = registry_cfg(spec.name, hub=pretrained)
     res = Resolved(Origin.TIMM_PRETRAINED, arch_name, cfg, license=cfg.get("license"))
     if not pretrained:
         return res
-    # The Hub copy is a native state dict even where the original URL is a foreign format (custom_load).
-    repo = cfg.get("hf_hub_id")
-    if not repo:
-        url = cfg.get("url") or "(no URL)"
-        raise TeacherNotAvailable(
-            f"teacher {spec.name!r}: timm has no Hub copy of these weights, only {url}. Download that file on a "
-            f"machine with internet and load it here with load_teacher(PATH, arch={spec.name!r})."
-        )
-    res.hf_repo, res.hf_revision = repo, spec.revision
+    repo = res.hf_repo = cfg["hf_hub_id"]
+    res.hf_revision = spec.revision
     res.weights = _hub_weights(spec.name, repo, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
     res.hf_commit = _snapshot_commit(res.weights)
     res.files = [res.weights]
@@ -417,9 +417,8 @@ def _resolve_local_dir(
                 f"it holds {sorted(p.name for p in folder.iterdir())}"
             )
         res.weights = str(found[0])
-        res.files.append(res.weights)
-        if res.weights.endswith(_SHARD_INDEX):
-            res.files += [str(p) for p in shard_files(res.weights)]
+        shards = shard_files(res.weights) if res.weights.endswith(_SHARD_INDEX) else []
+        res.files += [res.weights, *map(str, shards)]
     return res
 
 

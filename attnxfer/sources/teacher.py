@@ -451,13 +451,8 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
         debug(f"teacher {spec} is local: nothing to fetch")
         return parsed.name
     if parsed.source is Source.TIMM:
-        cfg = registry_cfg(parsed.name)
-        repo = cfg.get("hf_hub_id")
-        if not repo:
-            raise TeacherNotAvailable(
-                f"timm has no Hub copy of {parsed.name!r}; download {cfg.get('url')} and load "
-                f"it with load_teacher(PATH, arch={parsed.name!r})"
-            )
+        cfg = registry_cfg(parsed.name, hub=True)
+        repo = cfg["hf_hub_id"]
         extra = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else []
     else:
         repo, extra = parsed.name, []
