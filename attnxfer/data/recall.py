@@ -121,9 +121,8 @@ class RecallImages(Dataset):
         half = (info.in_chans, glyph, glyph // 2)
         g = sample_generator(seed, -1, -1)  # the codes: shared by both splits and every stage
         most_keys = max(st.num_keys for st in self._grids)
-        codes = _distinct_codes(
-            info.num_classes + 1 + most_keys, half, g
-        )  # key i's code: the same for any count
+        # values, the marker, then keys: key i's code is the same for any count
+        codes = _distinct_codes(info.num_classes + 1 + most_keys, half, g)
         self.value_codes = codes[: info.num_classes]  # (num_classes, C, glyph, glyph/2) of 0/1
         self.marker = codes[info.num_classes]
         self.key_codes = codes[info.num_classes + 1 :]

@@ -252,9 +252,8 @@ class Resolved:
     hf_commit: str | None = None
     license: str | None = None
     named: str | None = None  # the name the user trained it as, when config.json names a timm stand-in
-    tag_known: bool = (
-        True  # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
-    )
+    # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
+    tag_known: bool = True
     # a transformers checkpoint: its state dict -> (timm's, dropped keys), given the weights file's name
     convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]] | None = None
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
