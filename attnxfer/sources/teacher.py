@@ -409,10 +409,8 @@ def _record(
     }
     # the (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
     # (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)
-    source_img_size: tuple[int, ...] = ()
     known = res.source.has_timm_metadata or res.model_args.get("img_size")
-    if size is not None and size.native is not None and known:
-        source_img_size = tuple(size.native)
+    native = size.native if size is not None and known else None
     return TeacherRecord(
         spec=spec,
         architecture=res.named
@@ -433,7 +431,7 @@ def _record(
         num_classes=int(getattr(model, "num_classes", 0)),
         dropped_keys=list(dropped),
         resampled_pos_embed=bool(resampled),
-        source_img_size=source_img_size,
+        source_img_size=() if native is None else tuple(native),
         resized_by=size.sizes.how if size is not None else None,
         model_args=model_args,
         source_format=res.source_format,

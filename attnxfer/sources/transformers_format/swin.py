@@ -81,11 +81,8 @@ def _check_windows(grids: list[tuple[int, int]], depths: tuple[int, ...], window
             )
         # (window, shift) in transformers: a grid whose smaller side fits one window gets one square window of
         # that side and no shift; in timm: clamped side by side, no shift along a side the window covers
-        hf = (
-            ((min(grid),) * 2, (0, 0))
-            if min(grid) <= window
-            else ((window, window), (window // 2, window // 2))
-        )
+        one = min(grid) <= window
+        hf = ((min(grid),) * 2, (0, 0)) if one else ((window, window), (window // 2,) * 2)
         win = tuple(min(r, window) for r in grid)
         tm = win, tuple(0 if r <= w else window // 2 for r, w in zip(grid, win))
         if (depth > 1 and hf != tm) or hf[0] != tm[0]:
