@@ -71,8 +71,7 @@ class SyntheticImages(Dataset):
         return (pixels - self._mean) / self._std
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.image(index)
-        return x, self.label(index)
+        return self.image(index), self.label(index)
 
 
 @register_dataset("synthetic", info=SYNTHETIC_INFO)

@@ -165,11 +165,7 @@ def _hub_weights(
 
 def _snapshot_commit(path: str) -> str | None:
     """The commit hash of a file inside ``.../snapshots/<commit>/...`` of the Hub cache."""
-    p = Path(path)
-    for parent in p.parents:
-        if parent.parent.name == "snapshots":
-            return parent.name
-    return None
+    return next((p.name for p in Path(path).parents if p.parent.name == "snapshots"), None)
 
 
 def _readme_license(path: str | None) -> str | None:

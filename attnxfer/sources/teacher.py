@@ -6,6 +6,7 @@ runs and the load is strict: a missing encoder weight is an error, never a rando
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -369,9 +370,7 @@ def _build(
 
 def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     """``decoder_blocks.* (96), mask_token``: the keys grouped by top-level module."""
-    groups: dict[str, int] = {}
-    for k in keys:
-        groups[k.split(".")[0]] = groups.get(k.split(".")[0], 0) + 1
+    groups = collections.Counter(k.split(".")[0] for k in keys)
     parts = [
         g if g in keys else f"{g}.* ({n})" if n > 1 else next(k for k in keys if k.startswith(g + "."))
         for g, n in groups.items()
