@@ -1,15 +1,4 @@
-"""Datasets, a resumable distributed sampler and loaders for attnxfer.
-
-Built-in datasets: ``animal_mnist`` (real 28x28 silhouettes from the animal-mnist package),
-``synthetic`` (learnable random patterns of any shape), ``recall`` (visual associative recall: a label only
-attention across the image reads), ``folder`` (ImageNet-style folders via
-timm) and timm's prefixes ``hfds/NAME``, ``hfids/NAME``, ``wds/NAME`` (Hugging Face datasets, webdataset
-shards). Installed distributions add theirs through ``attnxfer.datasets`` entry points. Build them with :func:`build_dataset`; add more with :func:`register_dataset`.
-
-``build_dataset(..., labels=False)`` (``data.labels: false``) reads images without labels: samples ``(x,)``,
-batches ``[x]`` (`attnxfer.data.label_free`); `require_labels` is the one check an app runs before work
-that needs them.
-"""
+"""Datasets, a resumable distributed sampler and loaders, every sample a function of (seed, epoch, index)."""
 
 from . import animal_mnist, folder, recall, synthetic, timm_sources  # noqa: F401  registers the built-in datasets
 from .cache import cache_dir

@@ -1,14 +1,9 @@
-"""Animal-MNIST: 10,000 real 28x28 grayscale animal silhouettes (10 classes x 1,000), from the
-``animal-mnist`` PyPI package (MIT).
+"""Animal-MNIST: 10,000 real 28x28 grayscale animal silhouettes (10 classes x 1,000) from the
+``animal-mnist`` package (MIT), whose gzipped pickles are read once, numpy-only, into a cached .npz.
 
-The package stores gzipped pickles. They are read once through a numpy-only unpickler, converted to
-an .npz in the cache dir (with the fixed train/val split), and from then on loaded with
-``np.load(allow_pickle=False)``.
-
-The package has no official test split. The val split is 100 images per class, chosen by a hash of
-the image bytes (no RNG library whose stream could change): it never changes. 284 images occur
-twice in the package (always within one class, 188 of them in 'bird'); both copies always land on
-the same side, so val never contains a training image.
+The val split (100 per class) is chosen by a hash of the image bytes, not an RNG whose stream could change,
+so it never changes; the 284 images that occur twice (always within a class) keep both copies on one side,
+so val never contains a training image.
 """
 
 from __future__ import annotations
@@ -59,8 +54,7 @@ class AnimalMnistArrays:
 
 
 def find_animal_mnist_files() -> tuple[Path, Path]:
-    """Paths of the package's (images, labels) files, without importing the package's modules
-    (they import tensorflow)."""
+    """The package's (images, labels) files, found without importing it (it imports tensorflow)."""
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
@@ -78,8 +72,7 @@ def find_animal_mnist_files() -> tuple[Path, Path]:
 
 
 def _val_split(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """VAL_PER_CLASS images per class, picked in order of a salted hash of their bytes, exact
-    duplicates (same class, same bytes) kept together."""
+    """VAL_PER_CLASS images per class in order of a salted hash of their bytes, duplicates kept together."""
     val = []
     for c in range(len(CLASS_NAMES)):
         groups: dict[bytes, list[int]] = {}
@@ -156,8 +149,8 @@ def build_animal_mnist(
     crop_padding: int = 2,
     hflip: float = 0.5,
 ) -> InMemoryImageDataset:
-    """Animal-MNIST split. ``root`` overrides the cache dir. ``augment`` defaults to ``split == 'train'``;
-    it shifts by up to ``crop_padding`` pixels and flips with probability ``hflip``."""
+    """Animal-MNIST split (``root``: another cache dir); ``augment`` (default: train) shifts by up to
+    ``crop_padding`` pixels and flips with probability ``hflip``."""
     info = built_info("animal_mnist", ANIMAL_MNIST_INFO, img_size, in_chans, mean, std)
     arrays = load_animal_mnist_arrays(Path(root) if root is not None else None)
     idx = arrays.train_idx if split == "train" else arrays.val_idx

@@ -10,11 +10,8 @@ import numpy as np
 
 
 def cache_dir() -> Path:
-    """``$ATTNXFER_CACHE`` if set, else ``$XDG_CACHE_HOME/attnxfer``, else ``~/.cache/attnxfer``.
-
-    ``XDG_CACHE_HOME`` is read as huggingface_hub and torch.hub read it; a relative or empty value is
-    ignored, as the XDG base-directory spec says.
-    """
+    """``$ATTNXFER_CACHE`` if set, else ``$XDG_CACHE_HOME/attnxfer``, else ``~/.cache/attnxfer`` (a
+    relative or empty ``XDG_CACHE_HOME`` is ignored, as the XDG spec says)."""
     env = os.environ.get("ATTNXFER_CACHE")
     if env:
         return Path(env).expanduser()

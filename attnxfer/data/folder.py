@@ -1,17 +1,10 @@
-"""ImageNet-style folders (``root/train/<class>/*.jpg``, ``root/val/<class>/*``) through timm.
-
-Images are read by timm's ImageDataset and transformed by timm's ``create_transform``: training
-uses RandomResizedCrop + flip (+ optional auto-augment / colour jitter / random erasing), eval
-resizes and centre-crops. mean/std normally come from the teacher's pretrained config.
-Training randomness is seeded per (seed, epoch, index), like the in-memory datasets.
-
-Without labels (``labels=False``, ``data.labels: false``) a split is every image file (timm's extensions)
-anywhere under ``root/train`` or ``root/val``: class folders optional, nesting free, no label read.
-"""
+"""ImageNet-style folders (``root/train/<class>/*.jpg``, ``root/val/<class>/*``) read and transformed by
+timm, its augmentation seeded per (seed, epoch, index). Without labels a split is every image under it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..errors import InputError, MissingPathError
 from .label_free import LabelFree
-from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings, with_settings
+from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
 
 _SPLIT_DIRS = {"train": ("train", "training"), "val": ("val", "validation")}
@@ -56,8 +49,7 @@ def folder_classes(root: str) -> tuple[str, ...]:
 
 
 def decoded_image_info(name: str, classes: tuple[str, ...] | None, labels: bool = True) -> DatasetInfo:
-    """Defaults of a dataset of images timm decodes (folders, timm's prefixes): ImageNet's mean and std
-    (timm.data.IMAGENET_DEFAULT_MEAN / _STD), RGB, 224 px; ``classes`` None where none are known."""
+    """Defaults of images timm decodes: ImageNet's mean and std, RGB, 224 px; ``classes`` None if unknown."""
     return DatasetInfo(
         name=name,
         num_classes=None if classes is None else len(classes),
@@ -76,8 +68,8 @@ def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
 
 
 class ImageFiles:
-    """Every image file under ``folder`` (any depth; hidden files and folders left out), in timm's natural
-    order of their paths: a timm reader (what `timm.data.ImageDataset` indexes) that hands out no target."""
+    """Every image file under ``folder`` (any depth, hidden ones left out) in timm's natural order: a timm
+    reader that hands out no target."""
 
     def __init__(self, folder: Path, extensions: set[str]):
         from timm.utils.misc import natural_key  # local import keeps `import attnxfer.data` light
@@ -187,7 +179,7 @@ def build_folder(
         std=info.std,
     )
     images = _split_images(split, root, classes, labels, info.in_chans, transform)
-    info = with_settings(info, **timm_eval_settings(crop_pct, interpolation))
+    info = replace(info, **timm_eval_settings(crop_pct, interpolation))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 
@@ -195,8 +187,8 @@ def build_folder(
 def _split_images(
     split: str, root: str | None, classes: Sequence[str], labels: bool, in_chans: int, transform: Callable
 ) -> Any:
-    """timm's dataset of the split's images: class folders mapped to train's indices (``labels``), else every
-    image under the split folder; a split with classes train lacks, or with no image, is refused here."""
+    """timm's dataset of the split's images (class folders mapped to train's indices where ``labels``); a
+    split with classes train lacks, or with no image, is refused."""
     from timm.data import (  # keeps `import attnxfer.data` light
         ImageDataset,
         create_dataset,

@@ -1,10 +1,6 @@
-"""What a run's training data is, in a few bytes, so that a resume can tell it goes on with the same data.
-
-A checkpoint records ``{"samples", "of", "fingerprint"}`` of its training split: for files, the hash of
-their paths relative to the data root (a node-local copy of the same folder at another ``data.root`` is the
-same data), for a Hugging Face dataset its own ``datasets`` fingerprint, for webdataset shards their file
-names, for data made in memory (animal-mnist, synthetic) the hash of what defines it. A sampler position
-counts samples of one dataset; in another it points at other images.
+"""What a run's training data is, in a few bytes, so that a resume can tell it goes on with the same data
+(a sampler position counts samples of one dataset; in another it points at other images). Files are hashed
+by their paths relative to the data root: a node-local copy at another ``data.root`` is the same data.
 """
 
 from __future__ import annotations
@@ -49,9 +45,8 @@ def _own_fingerprint(obj: Any) -> tuple[str, str] | None:
 
 
 def data_identity(dataset: Any) -> dict[str, Any]:
-    """``{"samples": N (None for a stream), "of": what the fingerprint hashes, "fingerprint": hex}`` of a
-    training dataset, looking through the wrappers around it; a dataset nothing is known of is identified by
-    its class and size alone."""
+    """``{"samples": N (None for a stream), "of": what is hashed, "fingerprint": hex}`` of a training
+    dataset, looking through the wrappers around it (else its class and size alone)."""
     seen, obj = set(), dataset
     while obj is not None and id(obj) not in seen:
         seen.add(id(obj))

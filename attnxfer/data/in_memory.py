@@ -13,12 +13,8 @@ from .seeding import key_epoch, sample_generator
 
 class InMemoryImageDataset(Dataset):
     """Images (N, H, W) or (N, C, H, W) uint8 in memory -> normalised float (in_chans, S, S), label.
-
-    Training augmentation is a random shift (crop of the zero-padded image) and a horizontal flip,
-    drawn from a generator seeded by (seed, epoch, index): the same key always gives the same tensor.
-    The epoch comes from the index when it is a :class:`SampleKey` (as :class:`ResumableSampler`
-    yields), else from :meth:`set_epoch`.
-    """
+    Augmentation (a shift of the zero-padded image, a flip) is seeded by (seed, epoch, index): the same
+    `SampleKey` always gives the same tensor."""
 
     def __init__(
         self,

@@ -1,16 +1,7 @@
-"""Images without labels: what a run with ``data.labels: false`` reads.
-
-The batch format. A label-free dataset's samples are 1-tuples ``(x,)``, so its loader's batches are ``[x]``:
-``for x, y in loader`` fails on the first batch (``not enough values to unpack``) instead of reading a
-made-up label, and a label can never be read by accident. Loops that need only images take ``x, *_`` (they
-work on labelled batches too); the training loop splits a batch with `split_batch` (labels ``None``), and an
-app that needs labels stops before any work with `attnxfer.data.registry.require_labels`.
-
-No label is read. Builders that can read images alone are told so (``labels=False``: `folder` lists every
-image under its split folders, class folders optional; ``hfds/`` reads only the image column; ``wds/`` never
-decodes ``.cls``); any other dataset is wrapped in `LabelFree`, which asks it for ``image(index)`` (the
-in-memory and synthetic datasets have one that never touches a label) or else drops the label of
-``dataset[index]``. A stream (`StreamDataset`) drops its labels through its own ``without_labels()``.
+"""Images without labels (``data.labels: false``): samples are 1-tuples ``(x,)``, batches ``[x]``, so
+``for x, y in loader`` fails on the first batch instead of reading a made-up label. Builders that can read
+images alone are told so; any other dataset is wrapped in `LabelFree`, which asks it for ``image(index)``
+(never touching a label) or else drops the label of ``dataset[index]``.
 """
 
 from __future__ import annotations
@@ -29,8 +20,7 @@ def without_labels(info: Any) -> Any:
 
 
 def image_of(dataset: Dataset, index: int) -> torch.Tensor:
-    """Sample ``index``'s image: ``dataset.image(index)`` where it has one (never reads a label), else the
-    first item of ``dataset[index]``."""
+    """Sample ``index``'s image: ``dataset.image(index)`` where it has one (reads no label)."""
     image = getattr(dataset, "image", None)
     return image(index) if callable(image) else dataset[index][0]
 
@@ -67,8 +57,7 @@ def images_only(dataset: Dataset) -> Dataset:
 
 
 def dataset_has_labels(dataset: Dataset) -> bool:
-    """Whether ``dataset``'s samples carry labels (its `DatasetInfo` says; a dataset without one is taken
-    to be a classic ``(x, y)`` dataset)."""
+    """Whether ``dataset``'s samples carry labels (one without a `DatasetInfo` is taken to be ``(x, y)``)."""
     return bool(getattr(getattr(dataset, "info", None), "has_labels", True))
 
 

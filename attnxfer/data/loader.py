@@ -20,12 +20,8 @@ def build_loader(
     prefetch_factor: int | None = None,
     collate_fn: Callable | None = None,
 ) -> DataLoader:
-    """A DataLoader over ``sampler`` (persistent workers when ``num_workers > 0``).
-
-    The loader gets its own generator seeded with ``seed``: starting an epoch draws worker base
-    seeds from it instead of the global torch RNG, so the number of workers never shifts the main
-    process's RNG stream (dropout, drop-path).
-    """
+    """A DataLoader over ``sampler`` with its own generator seeded with ``seed``: worker seeds are drawn
+    from it, not the global torch RNG, so the number of workers never shifts the main process's stream."""
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
     extra = {} if num_workers == 0 or prefetch_factor is None else dict(prefetch_factor=prefetch_factor)

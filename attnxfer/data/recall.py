@@ -1,20 +1,15 @@
 """Visual associative recall: a labelled image task that only attention across the whole image solves.
 
-An image is a grid of glyph cells (``glyph`` px square), mostly blank. ``pairs`` cells hold a key→value
-glyph (left half: a key's code, right half: a value's code); one cell holds the query (left half: the code
-of one of those keys, right half: a fixed marker). The label is the value paired with the query's key. Keys
-in an image are distinct, drawn from ``num_keys``; values are distinct too, drawn from the ``num_classes``
-classes, so reading the values without matching keys is worth 1/``pairs`` (chance when
-``pairs == num_classes``). The query and its pair are at least ``distance`` cells apart (Chebyshev), so no
-window of ``distance`` x ``distance`` cells ever holds both; ``distractors`` cells hold random noise glyphs.
-
-Everything is a function of the seed: the codes of ``seed``, sample i of (seed, split, epoch, i), made on
-access. Train samples are new every epoch (an epoch is ``length`` fresh samples); val is ``val_length``
-fixed ones.
+A grid of glyph cells, mostly blank: ``pairs`` cells hold a key→value glyph, one cell a query (a key's code
+beside a fixed marker); the label is the value paired with the query's key (docs/data.md). Keys and values
+in an image are distinct, so reading values without matching keys is worth 1/``pairs``; query and pair are
+at least ``distance`` cells apart, so no ``distance`` x ``distance`` window holds both. Everything is a
+function of the seed: sample i of (seed, split, epoch, i), made on access; train samples are new each epoch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,9 +54,7 @@ class RecallLayout:
 
 def _distinct_codes(count: int, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
     """``count`` distinct random 0/1 patterns of ``shape`` (the caller checks that there are enough)."""
-    bits = 1
-    for s in shape:
-        bits *= s
+    bits = math.prod(shape)
     codes: list[torch.Tensor] = []
     seen: set[bytes] = set()
     while len(codes) < count:
@@ -118,8 +111,7 @@ class RecallImages(Dataset):
         self.seed = seed
         self.glyph = glyph
         self.stage = stage
-        self.pairs, self.num_keys = stage.pairs, stage.num_keys
-        self.distractors, self.distance = stage.distractors, stage.distance
+        self.distance = stage.distance
         self._split_id = _SPLIT_IDS[split]
         self.curriculum = tuple(curriculum) if self._split_id == 0 else ()
         self._grids = {
@@ -129,9 +121,8 @@ class RecallImages(Dataset):
         half = (info.in_chans, glyph, glyph // 2)
         g = sample_generator(seed, -1, -1)  # the codes: shared by both splits and every stage
         most_keys = max(st.num_keys for st in self._grids)
-        codes = _distinct_codes(
-            info.num_classes + 1 + most_keys, half, g
-        )  # key i's code: the same for any count
+        # values, the marker, then keys: key i's code is the same for any count
+        codes = _distinct_codes(info.num_classes + 1 + most_keys, half, g)
         self.value_codes = codes[: info.num_classes]  # (num_classes, C, glyph, glyph/2) of 0/1
         self.marker = codes[info.num_classes]
         self.key_codes = codes[info.num_classes + 1 :]

@@ -1,10 +1,5 @@
-"""Dataset registry: name -> builder, plus the facts a model needs (classes, mean/std, input shape).
-
-Three ways in: ``@register_dataset("name")`` in attnxfer's own modules; an installed distribution's entry
-point in the ``attnxfer.datasets`` group (a lab's dataset without a fork: the entry point names a module
-or function whose import registers it); and a prefix family (``hfds/NAME``, ``wds/NAME``: timm's dataset
-prefixes, `register_prefix`) where the part after the prefix is passed through.
-"""
+"""Dataset registry: name -> builder, plus the facts a model needs (classes, mean/std, input shape). An
+installed distribution adds its datasets through an ``attnxfer.datasets`` entry point (no fork needed)."""
 
 from __future__ import annotations
 
@@ -28,11 +23,10 @@ _BUILDER_ARGS = ("split", "root", "img_size", "in_chans", "mean", "std", "seed")
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model and a report need to know about a dataset. ``has_labels``: whether its samples carry a
-    label as the run reads them (False: samples are ``(x,)``, see `attnxfer.data.label_free`).
-    ``crop_pct``, ``crop_mode``, ``interpolation``: how its eval split resizes and crops decoded images, in
-    timm's pretrained_cfg terms (what an export declares, so timm's ``create_transform`` prepares images the
-    way the run validated them); None where images never pass through such a transform (tensor datasets)."""
+    """What a model and a report need to know about a dataset. ``has_labels``: False where samples are
+    ``(x,)``. ``crop_pct``, ``crop_mode``, ``interpolation``: how its eval split resizes and crops decoded
+    images, in timm's pretrained_cfg terms (what an export declares, so timm prepares images the way the run
+    validated them); None for tensor datasets."""
 
     name: str
     num_classes: int | None
@@ -91,8 +85,8 @@ def register_prefix(prefix: str, *, info: Callable[[str, str | None], DatasetInf
 
 @functools.cache
 def _load_entry_points() -> tuple[str, ...]:
-    """Import every ``attnxfer.datasets`` entry point once (each registers its datasets on import);
-    the names of those that failed, reported once."""
+    """Import every ``attnxfer.datasets`` entry point once (each registers its datasets on import); the
+    names of those that failed, reported once."""
     failed = []
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
@@ -104,16 +98,10 @@ def _load_entry_points() -> tuple[str, ...]:
 
 
 def register_dataset(name: str, *, info: InfoSource) -> Callable:
-    """Register ``builder(split, *, root, img_size, in_chans, mean, std, seed, **options)`` as ``name``.
-
-    ``info`` is the dataset's default :class:`DatasetInfo`, or a callable ``info(root)`` for datasets
-    whose classes are only known from their files. The builder fills in ``None`` arguments from it.
-
-    A builder (and an info callable) that names a ``labels`` parameter is told when the run reads no
-    labels (``labels=False``), so it can read images without touching them (a folder without class
-    folders, a Hugging Face dataset without a label column); `build_dataset` drops the labels of every
-    other dataset's samples itself.
-    """
+    """Register ``builder(split, *, root, img_size, in_chans, mean, std, seed, **options)`` as ``name``;
+    ``info``: its default `DatasetInfo`, or ``info(root)`` where the classes are only known from its files.
+    A builder (or info) that names a ``labels`` parameter is told when the run reads none, so it can read
+    images without touching them; `build_dataset` drops the labels of every other dataset's samples."""
 
     def decorator(builder: Callable[..., Dataset]) -> Callable[..., Dataset]:
         if name in _DATASETS:
@@ -145,17 +133,15 @@ def _entry(name: str) -> _Entry:
     if sep and prefix.lower() in _PREFIXES and rest:
         entry = _PREFIXES[prefix.lower()]
         return _Entry(functools.partial(entry.builder, rest), functools.partial(entry.info, rest))
-    if name not in _DATASETS:
-        _load_entry_points()
-    try:
+    _load_entry_points()
+    if name in _DATASETS:
         return _DATASETS[name]
-    except KeyError:
-        close = difflib.get_close_matches(name, _DATASETS, n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise InputError(
-            f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint} "
-            f"(a dataset of your own: @register_dataset in a module named by an '{ENTRY_POINT_GROUP}' entry point)"
-        ) from None
+    close = difflib.get_close_matches(name, _DATASETS, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise InputError(
+        f"unknown dataset '{name}'; known datasets: {', '.join(list_datasets())}.{hint} "
+        f"(a dataset of your own: @register_dataset in a module named by an '{ENTRY_POINT_GROUP}' entry point)"
+    )
 
 
 def _options(builder: Callable) -> list[str]:
@@ -171,9 +157,8 @@ def _names_labels(fn: Callable) -> bool:
 
 
 def dataset_options(name: str) -> frozenset[str]:
-    """The options dataset ``name``'s builder names in its signature (beyond the common arguments): a run
-    passes its own settings (augmentation, the class count, the per-rank batch) to the builders that name
-    them, without knowing which datasets those are."""
+    """The options ``name``'s builder names beyond the common arguments: a run passes its own settings
+    (augmentation, the class count, the per-rank batch) to the builders that name them."""
     return frozenset(_options(_entry(name).builder))
 
 
@@ -190,13 +175,9 @@ def build_dataset(
     labels: bool = True,
     **kwargs,
 ) -> Dataset:
-    """Build split ``'train'`` or ``'val'`` of a registered dataset.
-
-    ``img_size``/``in_chans``/``mean``/``std`` left as ``None`` take the dataset's defaults
-    (see :func:`dataset_info`); ``seed`` fixes the augmentation (and synthetic content).
-    ``labels=False``: samples are ``(x,)`` and no label is read (`attnxfer.data.label_free`).
-    Extra keyword arguments are dataset options; unknown ones are an error that lists the valid ones.
-    """
+    """Split ``'train'`` or ``'val'`` of a registered dataset; ``None`` arguments take the dataset's
+    defaults, ``seed`` fixes augmentation (and generated content), ``labels=False`` gives ``(x,)`` samples.
+    Extra keyword arguments are dataset options; unknown ones are an error that lists the valid ones."""
     entry = _entry(name)
     if split not in SPLITS:
         raise InputError(f"split must be one of {SPLITS}, got {split!r}")
@@ -240,11 +221,6 @@ def dataset_info(
     return info if labels else without_labels(info)
 
 
-def with_settings(info: DatasetInfo, **changes) -> DatasetInfo:
-    """A copy of ``info`` describing a built dataset (its real size, channels, mean/std)."""
-    return replace(info, **changes)
-
-
 def timm_eval_settings(
     crop_pct: float | None = None, interpolation: str = "bilinear", crop_mode: str | None = None, **_
 ) -> dict[str, float | str]:
@@ -270,9 +246,8 @@ def built_info(
     grayscale_or_rgb: bool = False,
     **changes,
 ) -> DatasetInfo:
-    """``default`` as a builder builds it: its common arguments filled in where None and checked (a positive
-    int ``img_size``, square images; a positive int ``in_chans``, 1 or 3 where images are decoded
-    (``grayscale_or_rgb``); ``mean``/``std`` one value per channel, broadcast from one), plus ``changes``."""
+    """``default`` with a builder's common arguments filled in where None and checked (``mean``/``std``
+    broadcast from one value per channel; ``grayscale_or_rgb``: decoded images, 1 or 3 channels)."""
     img_size = default.img_size if img_size is None else img_size
     in_chans = default.in_chans if in_chans is None else in_chans
     if not isinstance(img_size, int) or img_size <= 0:

@@ -1,9 +1,5 @@
-"""Load numpy arrays from pickle files without executing anything else.
-
-``pickle.load`` runs whatever callable the file names. Third-party data files (e.g. the
-animal-mnist package's gzipped pickles) are read through an unpickler that resolves only numpy's
-own array/scalar reconstruction functions and refuses every other global.
-"""
+"""Load numpy arrays from pickle files without executing anything else (``pickle.load`` runs whatever
+callable the file names): only numpy's own array/scalar reconstruction functions are resolved."""
 
 from __future__ import annotations
 
@@ -63,10 +59,7 @@ def _source_label(source: str) -> str:
 
 
 def load_numpy_pickle(path: str | Path) -> np.ndarray:
-    """Read one numpy array from a (possibly gzipped) pickle file, refusing anything else.
-
-    Object arrays are refused too: their elements are arbitrary python objects, not data.
-    """
+    """One numpy array from a (possibly gzipped) pickle file; anything else, object arrays too, refused."""
     path = Path(path)
     raw = path.read_bytes()
     if raw[:2] == _GZIP_MAGIC:

@@ -1,14 +1,7 @@
-"""A distributed sampler that can resume in the middle of an epoch.
+"""A distributed sampler that can resume in the middle of an epoch, at the same or another world size.
 
-Every rank draws the same permutation (seeded by seed + epoch, as torch's DistributedSampler) and
-takes its strided share, padded or truncated so all ranks get equally many samples. The resume
-point is a *global* count: ``position`` = samples of this epoch consumed by all ranks together
-(steps done x per-rank batch x world size). Resuming yields exactly the rest of the epoch's order;
-with the same world size that is each rank's unfinished tail, with another world size the rest is
-re-strided over the new ranks.
-
-Evaluation takes ``exact=True``: each rank its strided share of the order, neither padded nor truncated
-(ranks differ by at most one sample), so every sample is scored once at every world size.
+The resume point is a *global* count, ``position`` = samples of this epoch consumed by all ranks together,
+so the rest of the epoch's order can be re-strided over however many ranks there are now.
 """
 
 from __future__ import annotations
@@ -27,18 +20,12 @@ _CONFIG_KEYS = ("length", "shuffle", "seed", "drop_last")
 
 
 class ResumableSampler(Sampler[int]):
-    """Yields :class:`SampleKey` indices (ints carrying the epoch) for one rank.
+    """Yields `SampleKey` indices (ints carrying the epoch) for one rank; at ``position == 0`` exactly
+    torch's ``DistributedSampler``'s (``drop_last`` is its: the tail that does not divide over ranks).
 
-    At ``position == 0`` the indices equal ``torch.utils.data.DistributedSampler``'s with the same
-    seed, epoch, rank, world size and drop_last. ``drop_last`` here is DistributedSampler's (drop the
-    tail that does not divide evenly over ranks), not the DataLoader's partial-batch drop.
-
-    The sampler cannot see what the training loop consumed (DataLoader workers prefetch ahead), so
-    the caller reports it with :meth:`set_position` (the samples all ranks consumed this epoch).
-
-    ``exact=True`` (evaluation) gives each rank ``order[rank::world_size]``: no padding, no truncation,
-    every sample exactly once over all ranks; the ranks' lengths may differ by one, so their loops must not
-    run collectives per batch.
+    The caller reports what was consumed with `set_position` (DataLoader workers prefetch ahead, so the
+    sampler cannot see it). ``exact=True`` (evaluation): each rank ``order[rank::world_size]``, every
+    sample once; ranks' lengths may differ by one, so their loops must not run collectives per batch.
     """
 
     def __init__(
@@ -79,8 +66,7 @@ class ResumableSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def set_position(self, position: int) -> None:
-        """Samples of the current epoch already consumed by all ranks together; the next iterator
-        starts right after them."""
+        """Samples of the current epoch all ranks consumed; the next iterator starts after them."""
         self._check_position(position, self.world_size)
         self.position = int(position)
 
@@ -127,20 +113,16 @@ class ResumableSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable progress (epoch, position) plus the settings that define the order."""
-        return dict(
-            epoch=self.epoch,
-            position=self.position,
-            length=self.length,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            drop_last=self.drop_last,
-            world_size=self.world_size,
-        )
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            **{k: getattr(self, k) for k in _CONFIG_KEYS},
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore epoch and position. The order's settings must match (another length, seed, shuffle
-        or drop_last means another order, so the position would be meaningless); the world size may
-        differ: the rest of the epoch is then re-strided over the new ranks."""
+        """Restore epoch and position; the order's settings must match (another order makes the position
+        meaningless), the world size may differ."""
         missing = [k for k in ("epoch", "position", *_CONFIG_KEYS) if k not in state]
         if missing:
             raise ValueError(

@@ -20,12 +20,9 @@ _MASK64 = (1 << 64) - 1
 
 
 class SampleKey(int):
-    """A dataset index that also carries the epoch it was drawn in.
-
-    It *is* an ``int`` (any dataset can be indexed with it), and our datasets read ``.epoch`` from
-    it to seed their augmentation. Carrying the epoch with the index, rather than in dataset state,
-    keeps persistent DataLoader workers (which hold their own copy of the dataset) in step.
-    """
+    """A dataset index (an ``int``) that also carries the epoch it was drawn in: carried with the index,
+    not in dataset state, the epoch stays in step in persistent DataLoader workers (each has its own copy
+    of the dataset)."""
 
     def __new__(cls, index: int, epoch: int = 0) -> SampleKey:
         key = super().__new__(cls, index)
@@ -45,11 +42,8 @@ def key_epoch(key: int, default: int) -> int:
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 63-bit seed that is a fixed function of (seed, epoch, index).
-
-    A cryptographic hash rather than arithmetic mixing: no two triples collide in practice, and the
-    value is the same on every platform and library version.
-    """
+    """A 63-bit seed of (seed, epoch, index): a cryptographic hash, so no two triples collide in practice
+    and the value is the same on every platform and library version."""
     packed = struct.pack("<QQQ", seed & _MASK64, epoch & _MASK64, index & _MASK64)
     digest = hashlib.blake2b(packed, digest_size=8, person=b"attnxfer").digest()
     return int.from_bytes(digest, "little") >> 1
@@ -62,11 +56,8 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
 
 @contextmanager
 def seeded_global_rngs(seed: int) -> Iterator[None]:
-    """Seed python's, numpy's and torch's global RNGs for one call, then restore them.
-
-    For third-party transforms (timm, torchvision) that draw from the global RNGs: the sample becomes
-    a function of ``seed`` and the caller's RNG streams (dropout, init) are left untouched.
-    """
+    """Seed python's, numpy's and torch's global RNGs for one call, then restore them: third-party
+    transforms (timm) draw from them, and the caller's streams (dropout, init) stay untouched."""
     py_state = random.getstate()
     np_state = np.random.get_state()
     with torch.random.fork_rng(devices=[]):

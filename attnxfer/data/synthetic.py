@@ -1,9 +1,5 @@
-"""Synthetic images with learnable labels, of any shape, for tests and smoke runs.
-
-Each class has a smooth random prototype pattern; a sample is its class's prototype plus pixel
-noise, so a nearest-prototype rule (and any small model) can learn the labels. Everything is a
-function of the seed: prototypes of ``seed``, sample i of (seed, split, i), generated on access.
-"""
+"""Synthetic images with learnable labels, of any shape, for tests and smoke runs: a sample is its class's
+smooth random prototype plus pixel noise, all a function of (seed, split, index), made on access."""
 
 from __future__ import annotations
 
@@ -63,8 +59,7 @@ class SyntheticImages(Dataset):
         return int(index) % self.info.num_classes
 
     def image(self, index: int) -> torch.Tensor:
-        """Sample ``index``'s image alone: its class's prototype plus noise (a label-free run reads only this;
-        the class shapes the pixels, as in any dataset)."""
+        """Sample ``index``'s image alone (a label-free run reads only this)."""
         idx = int(index)
         if not 0 <= idx < self.length:
             raise IndexError(f"index {idx} out of range for {self.length} samples")
@@ -76,8 +71,7 @@ class SyntheticImages(Dataset):
         return (pixels - self._mean) / self._std
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        x = self.image(index)
-        return x, self.label(index)
+        return self.image(index), self.label(index)
 
 
 @register_dataset("synthetic", info=SYNTHETIC_INFO)

@@ -7,10 +7,6 @@ dataset (a run resumed mid-epoch sees exactly the samples an uninterrupted run w
 ``hfids/`` are streams: a resumed run keeps its step count, epoch and learning-rate schedule exactly
 (the stream yields only the batches left in the epoch), but it re-reads the epoch's stream from its start,
 so the samples of a resumed epoch are not those of an uninterrupted run.
-
-Without labels (``labels=False``): ``hfds/`` reads the image column alone (`HfImages`; a dataset without a
-label column is fine), ``wds/`` decodes each sample's image and never its ``.cls`` (`WdsImages`), and a
-``hfids/`` stream drops the labels timm's reader hands it (it still needs a label column).
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import functools
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from itertools import islice
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -26,7 +23,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..errors import InputError
 from .folder import FolderDataset, decoded_image_info
 from .label_free import LabelFree, without_labels
-from .registry import DatasetInfo, built_info, register_prefix, timm_eval_settings, with_settings
+from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
 
 #: timm's prefixes whose datasets are streams (no index): a run sizes their epoch per rank
 STREAM_PREFIXES = ("wds", "hfids")
@@ -39,8 +36,7 @@ def _missing_extra(dataset: str, e: ImportError) -> ImportError:
 
 
 def hf_info(name: str, root: str | None, split: str = "train", labels: bool = True) -> DatasetInfo:
-    """Classes of a Hugging Face dataset from its ``label`` feature (a ``ClassLabel``), read by timm;
-    ``labels=False`` opens nothing (a run without labels has no classes)."""
+    """Classes of a Hugging Face dataset from its ``label`` feature, read by timm (``labels=False``: none)."""
     if not labels:
         return decoded_image_info(f"hfds/{name}", None, labels=False)
     from timm.data.readers import create_reader
@@ -59,8 +55,8 @@ def stream_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo
 
 
 class HfImages:
-    """The image column of a Hugging Face dataset and nothing else (no label column is read, and none is
-    needed): a timm reader (what `timm.data.ImageDataset` indexes) that hands out no target."""
+    """The image column of a Hugging Face dataset alone (no label column needed): a timm reader that hands
+    out no target."""
 
     def __init__(self, name: str, root: str | None, split: str, image_key: str = "image"):
         try:
@@ -88,13 +84,8 @@ class HfImages:
         return self.table[int(index)][self.image_key].get("path")
 
 
-def _hf_prefix_info(name: str, root: str | None, labels: bool = True) -> DatasetInfo:
-    return hf_info(name, root, labels=labels)
-
-
 def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
-    """A webdataset sample's image, decoded as timm's decode stage does, with no target (never reads ``.cls``
-    or the json sidecar)."""
+    """A webdataset sample's image, decoded as timm does, never reading ``.cls`` or the json sidecar."""
     from PIL import Image
 
     data = next((sample[k] for k in image_key.split(";") if k in sample), None)
@@ -107,9 +98,8 @@ def _decode_image(sample: dict, image_key: str, image_mode: str) -> dict:
 
 
 class WdsImages:
-    """timm's webdataset reader (`timm.data.readers.reader_wds.ReaderWds`: shards, shuffling, rank and worker
-    splits as timm does them) with its decode stage swapped for one that decodes the image alone, so samples
-    need no ``.cls`` and none is read: a stream of ``(image, None)``."""
+    """timm's webdataset reader (shards, shuffling, rank and worker splits as timm does them) with its decode
+    stage swapped for one that decodes the image alone: a stream of ``(image, None)``, no ``.cls`` read."""
 
     def __init__(self, reader):
         self.reader = reader
@@ -162,7 +152,7 @@ def _transform(split: str, augment: bool | None, info: DatasetInfo, **aug):
     return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
 
 
-@register_prefix("hfds", info=_hf_prefix_info)
+@register_prefix("hfds", info=hf_info)
 def build_hfds(
     name: str,
     split: str,
@@ -186,7 +176,7 @@ def build_hfds(
     """A Hugging Face dataset (``datasets.load_dataset(NAME)``: a Hub id or a local folder of parquet/arrow
     files; ``root`` is its cache folder), random access, with folder's transforms (``aug``: timm's
     ``create_transform`` options: ``auto_augment``, ``re_prob``, ``re_mode``, ...). ``labels=False``: its
-    image column alone, as ``(x,)`` samples (`HfImages`)."""
+    image column alone, as ``(x,)`` samples (`HfImages`: no label column needed)."""
     from timm.data import ImageDataset, create_dataset
 
     hf_split = train_split if split == "train" else val_split
@@ -194,7 +184,6 @@ def build_hfds(
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
     augment, transform = _transform(split, augment, info, **aug)
-    settings = timm_eval_settings(**aug)
     mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
         images = create_dataset(
@@ -210,17 +199,14 @@ def build_hfds(
         images = ImageDataset(
             root, reader=HfImages(name, root, hf_split), input_img_mode=mode, transform=transform
         )
-    info = with_settings(info, **settings)
+    info = replace(info, **timm_eval_settings(**aug))
     dataset = FolderDataset(images, info, seed=seed, deterministic=augment)
     return dataset if labels else LabelFree(dataset)
 
 
 class StreamDataset(IterableDataset):
-    """A timm stream (``IterableImageDataset``) limited to the samples this rank has left in the epoch.
-
-    ``remaining`` is set by `StreamPosition` (a resume mid-epoch); with DataLoader workers each worker
-    yields its share (timm's readers split shards over ranks and workers). ``labels=False``: samples are
-    ``(x,)`` (`attnxfer.data.label_free`)."""
+    """A timm stream limited to the samples this rank has left in the epoch (``remaining``, set by
+    `StreamPosition` on a resume mid-epoch); each DataLoader worker yields its share."""
 
     def __init__(self, stream, info: DatasetInfo, per_rank: int | None, labels: bool = True):
         self.stream, self.info = stream, info if labels else without_labels(info)
@@ -252,9 +238,8 @@ class StreamDataset(IterableDataset):
 
 
 class StreamPosition:
-    """What the engine asks of a sampler, for a stream: the epoch's global length, the epoch and the
-    position (global samples consumed). A position inside the epoch shortens the epoch's stream to the
-    batches left; the samples themselves are read from the epoch's start (see the module docstring)."""
+    """What the engine asks of a sampler, for a stream: a position inside the epoch shortens the epoch's
+    stream to the batches left (the samples are read from the epoch's start: see the module docstring)."""
 
     def __init__(self, dataset: StreamDataset, world_size: int = 1):
         self.dataset, self.world_size = dataset, world_size
@@ -268,47 +253,6 @@ class StreamPosition:
     def set_position(self, position: int) -> None:
         self.position = int(position)
         self.dataset.remaining = max(0, self.dataset.per_rank - self.position // self.world_size)
-
-
-def _build_stream(
-    prefix: str, name: str, split: str, *, root, img_size, in_chans, mean, std, seed, labels=True, **kw
-):
-    from timm.data import IterableImageDataset, create_dataset
-
-    augment = kw.pop("augment", None)
-    train_split = kw.pop("train_split", "train")
-    val_split = kw.pop("val_split", "validation")
-    batch_size = kw.pop("batch_size", 1)
-    world_size = kw.pop("world_size", 1)
-    train_samples, val_samples = kw.pop("train_samples", None), kw.pop("val_samples", None)
-    num_samples = (
-        train_samples if split == "train" else val_samples
-    )  # a stream's length, when not in its info
-    default = stream_info(f"{prefix}/{name}", root)
-    info = built_info(f"{prefix}/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
-    augment, transform = _transform(split, augment, info, **kw)
-    settings = timm_eval_settings(**kw)
-    try:
-        stream = create_dataset(
-            f"{prefix}/{name}",
-            root=root,
-            split=train_split if split == "train" else val_split,
-            is_training=split == "train",
-            batch_size=batch_size,
-            num_samples=num_samples,
-            seed=seed,
-            input_img_mode="RGB" if info.in_chans == 3 else "L",
-            transform=transform,
-        )
-        if prefix == "wds" and not labels:  # the same shards, decoded without their .cls
-            stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
-    except ImportError as e:
-        raise _missing_extra(f"{prefix}/{name}", e) from e
-    info = with_settings(info, **settings)
-    per_rank = None
-    if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
-        per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
-    return StreamDataset(stream, info, per_rank, labels=labels)
 
 
 for _prefix in STREAM_PREFIXES:
@@ -339,11 +283,37 @@ for _prefix in STREAM_PREFIXES:
         count, or the split names of ``root/_info.json``), ``train_samples`` / ``val_samples`` (a split's
         length where its files do not say it: streamed Hugging Face datasets), the per-rank ``batch_size``
         and ``world_size`` (set by the run), and folder's transform options. ``labels=False``: ``(x,)``
-        samples (wds: decoded without ``.cls``)."""
-        return _build_stream(
-            _prefix, name, split, root=root, img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed,
-            labels=labels, batch_size=batch_size, world_size=world_size, augment=augment, auto_augment=auto_augment,
-            re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options,
-        )  # fmt: skip
+        samples (wds: decoded without ``.cls``; hfids: the labels timm's reader hands it dropped)."""
+        from timm.data import IterableImageDataset, create_dataset
+
+        train_split, val_split = options.pop("train_split", "train"), options.pop("val_split", "validation")
+        # a split's length, where its files do not say it
+        num_samples = {s: options.pop(f"{s}_samples", None) for s in SPLITS}[split]
+        dataset = f"{_prefix}/{name}"
+        info = built_info(
+            dataset, stream_info(dataset, root), img_size, in_chans, mean, std, grayscale_or_rgb=True
+        )
+        aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
+        augment, transform = _transform(split, augment, info, **aug)
+        try:
+            stream = create_dataset(
+                dataset,
+                root=root,
+                split=train_split if split == "train" else val_split,
+                is_training=split == "train",
+                batch_size=batch_size,
+                num_samples=num_samples,
+                seed=seed,
+                input_img_mode="RGB" if info.in_chans == 3 else "L",
+                transform=transform,
+            )
+            if _prefix == "wds" and not labels:  # the same shards, decoded without their .cls
+                stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
+        except ImportError as e:
+            raise _missing_extra(dataset, e) from e
+        per_rank = None
+        if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
+            per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size
+        return StreamDataset(stream, replace(info, **timm_eval_settings(**aug)), per_rank, labels=labels)
 
     register_prefix(_prefix, info=stream_info)(_builder)

@@ -1,10 +1,5 @@
-"""Load a student that `attnxfer export` wrote: a local folder or a Hub repo, zoo attentions included.
-
-Softmax students also load in plain timm; students with efficient attention (one kind, or one per
-block) do not, because timm has no such attention. Their config.json carries the attnxfer spec
-(architecture, timm arguments, per-block attention names and options), which `student_from_spec`
-turns back into the same model before the safetensors weights go in.
-"""
+"""Load a student that `attnxfer export` wrote (a local folder or a Hub repo): efficient attention does
+not load in plain timm, so the spec its config.json carries is turned back into the same model first."""
 
 from __future__ import annotations
 
@@ -22,11 +17,8 @@ from .resolve import parse_teacher_spec, read_state_dict, resolve
 def load_student(
     spec: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
 ) -> nn.Module:
-    """The exported student at ``spec`` (``local-dir:PATH``, a folder path, or ``hf-hub:ORG/NAME[@REV]``), in eval mode.
-
-    Hub repos resolve through the Hugging Face cache exactly as teachers do (offline: the cache only,
-    with a message saying how to fetch what is missing). Weights are read from safetensors.
-    """
+    """The exported student at ``spec`` (``local-dir:PATH``, a folder path, or ``hf-hub:ORG/NAME[@REV]``),
+    in eval mode; Hub repos resolve through the Hugging Face cache exactly as teachers do."""
     spec = str(spec)
     if ":" not in spec and Path(spec).expanduser().is_dir():
         spec = f"local-dir:{spec}"

@@ -13,16 +13,10 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..speak import debug, warn
-from .load_errors import (  # moved to load_errors.py
-    TeacherLoadError,
-    TeacherNotAvailable,
-)
-
-# Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
+from .load_errors import TeacherLoadError, TeacherNotAvailable
 
 _REACHABLE: dict[str, tuple[float, bool]] = {}
-
-
+# Weight files a timm Hub repo / local folder may hold, in timm's order of preference.
 _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth")
 # transformers' sharded safetensors (large models): the index names the shards beside it
 _SHARD_INDEX = "model.safetensors.index.json"
@@ -36,12 +30,9 @@ def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
 
 
 def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
-    """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts).
-
-    huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back to the
-    cache; one bounded probe (DNS included, run in a daemon thread) decides up front instead.
-    Proxies from the environment are honoured. The answer is remembered for ``ttl`` seconds.
-    """
+    """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts), remembered for
+    ``ttl`` seconds: huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back
+    to the cache, so one bounded probe (DNS included, in a daemon thread) decides up front instead."""
     import time
 
     from huggingface_hub import constants
@@ -115,10 +106,8 @@ def fetch_instructions(
 def _hub_file(
     spec: str, repo: str, filename: str, revision: str | None, cache_dir: str | None, *, required: bool = True
 ) -> str | None:
-    """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached.
-
-    Missing and not downloadable: `TeacherNotAvailable` if ``required``, else None.
-    """
+    """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached;
+    missing and not downloadable: `TeacherNotAvailable` if ``required``, else None."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -142,15 +131,12 @@ def _hub_file(
         return hf_hub_download(
             repo, filename, revision=revision, cache_dir=cache_dir, library_name="attnxfer"
         )
-    except LocalEntryNotFoundError:
+    except EntryNotFoundError as e:  # LocalEntryNotFoundError too: not in the cache, and the download failed
         if not required:
             return None
-        raise TeacherNotAvailable(
-            fetch_instructions(spec, repo, revision, cache_dir, reason or "the download failed", filename)
-        ) from None
-    except EntryNotFoundError:
-        if not required:
-            return None
+        if isinstance(e, LocalEntryNotFoundError):
+            why = fetch_instructions(spec, repo, revision, cache_dir, "the download failed", filename)
+            raise TeacherNotAvailable(why) from None
         raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no file {filename}") from None
     except RevisionNotFoundError:
         raise TeacherLoadError(f"teacher {spec!r}: Hub repo {repo} has no revision {revision!r}") from None
@@ -179,17 +165,12 @@ def _hub_weights(
 
 def _snapshot_commit(path: str) -> str | None:
     """The commit hash of a file inside ``.../snapshots/<commit>/...`` of the Hub cache."""
-    p = Path(path)
-    for parent in p.parents:
-        if parent.parent.name == "snapshots":
-            return parent.name
-    return None
+    return next((p.name for p in Path(path).parents if p.parent.name == "snapshots"), None)
 
 
 def _readme_license(path: str | None) -> str | None:
-    """``license`` of a model card (a README.md already on disk: the Hub cache's copy or a local folder's),
-    read by huggingface_hub's `ModelCard.load`. Metadata it cannot parse means an unknown licence (the
-    export card then says to check the teacher's terms), with a warning naming the file."""
+    """``license`` of a model card already on disk, read by huggingface_hub; metadata it cannot parse means
+    an unknown licence (the export card then says to check the teacher's terms), with a warning."""
     if not path or not os.path.isfile(path):
         return None
     from huggingface_hub import ModelCard

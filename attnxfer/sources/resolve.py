@@ -1,13 +1,6 @@
-"""Where weights come from: a spec (timm name, ``hf-hub:``, ``local-dir:``, a file) resolved to files.
-
-`parse_teacher_spec` reads a spec; `resolve` turns it into a `Resolved` (architecture, timm's
-pretrained cfg, the weights file, Hub repo/commit and licence) before any weights are read;
-`read_state_dict` reads weights without unpickling code (safetensors, or
-``torch.load(weights_only=True)``). Teachers (`teacher.load_teacher`) and exported students
-(`student.load_student`) both start here.
-
-Nothing here waits on a network that is not there: with ``HF_HUB_OFFLINE=1`` or an unreachable
-Hub, only the local cache is consulted, and a missing file raises `TeacherNotAvailable` with the
+"""Where weights come from: a spec (timm name, ``hf-hub:``, ``local-dir:``, a file) resolved to files before
+any weights are read, and weights read without unpickling code. Nothing here waits on a network that is not
+there: offline, only the local cache is consulted, and a missing file raises `TeacherNotAvailable` with the
 commands that fetch it.
 """
 
@@ -28,19 +21,8 @@ import torch
 
 from ..errors import InputError, MissingPathError
 from ..run_layout import DEMO_EXPORTS, DEMO_OUT
-from .hub import (  # moved to hub.py
-    _HUB_WEIGHT_FILES,
-    _SHARD_INDEX,
-    _hub_file,
-    _hub_weights,
-    _readme_license,
-    _snapshot_commit,
-    fetch_instructions as fetch_instructions,
-    hub_cache_dir as hub_cache_dir,
-    hub_reachable as hub_reachable,
-    offline_reason as offline_reason,
-)
-from .load_errors import (  # moved to load_errors.py
+from .hub import _HUB_WEIGHT_FILES, _SHARD_INDEX, _hub_file, _hub_weights, _readme_license, _snapshot_commit
+from .load_errors import (
     TeacherLoadError,
     TeacherNotAvailable,
     UnsafeCheckpointError,
@@ -50,8 +32,6 @@ from .load_errors import (  # moved to load_errors.py
 from .transformers_format import describe as describe_transformers, is_transformers_config, unreadable_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".pth.tar")
-
-
 # Containers a training script wraps its state dict in; EMA first, as timm prefers it.
 _CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "model", "state_dict", "module")
 
@@ -134,10 +114,8 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
 
 
 def _refuse_path(spec: str) -> None:
-    """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``, ``~/x``), is refused with what is
-    true of that path: a model's folder needs ``local-dir:``, a run's folder holds its model elsewhere, a path
-    that does not exist says so. A name like ``ORG/NAME`` that is no folder may be a Hub repo: left to the
-    caller's hint."""
+    """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``), is refused with what is true of
+    that path (``ORG/NAME`` that is no folder may be a Hub repo: left to the caller's hint)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         hint = run_folder_hint(path)
@@ -186,20 +164,13 @@ def weights_digest(path: str | os.PathLike) -> str:
     """The sha256 that identifies a teacher's weights: of the file, or of all shards of a sharded checkpoint."""
     if not str(path).endswith(_SHARD_INDEX):
         return sha256_file(path)
-    h = hashlib.sha256()
-    for shard in shard_files(path):
-        with open(shard, "rb") as f:
-            h.update(hashlib.file_digest(f, "sha256").digest())
-    return h.hexdigest()
+    digests = b"".join(bytes.fromhex(sha256_file(shard)) for shard in shard_files(path))
+    return hashlib.sha256(digests).hexdigest()
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
-    """The tensors of a checkpoint file and the container key they were under (None if flat).
-
-    ``.safetensors`` is read directly (a ``model.safetensors.index.json``: every shard it names);
-    ``.pth``/``.pt``/``.bin`` with ``torch.load(weights_only=True)``. A file that needs arbitrary
-    unpickling raises `UnsafeCheckpointError` explaining how to convert it.
-    """
+    """The tensors of a checkpoint file (a shard index: of every shard) and the container key they were
+    under (None if flat); a file that needs arbitrary unpickling is refused, saying how to convert it."""
     path = Path(path)
     if not path.is_file():
         raise MissingPathError(f"checkpoint {path} does not exist")
@@ -281,16 +252,17 @@ class Resolved:
     hf_commit: str | None = None
     license: str | None = None
     named: str | None = None  # the name the user trained it as, when config.json names a timm stand-in
-    tag_known: bool = (
-        True  # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
-    )
+    # False: a file loaded with an untagged arch (preprocessing is timm's default guess)
+    tag_known: bool = True
     # a transformers checkpoint: its state dict -> (timm's, dropped keys), given the weights file's name
     convert: Callable[[dict[str, torch.Tensor], str], tuple[dict[str, torch.Tensor], list[str]]] | None = None
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
     unrecorded_args: tuple[str, ...] = ()  # construction arguments no JSON value names (see load_teacher)
 
 
-def registry_cfg(name: str) -> dict[str, Any]:
+def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
+    """timm's pretrained config ``name``; ``hub``: one whose weights the Hub holds (as a native state dict,
+    even where the original URL is a foreign format), else `TeacherNotAvailable` says what to download."""
     from timm.models import get_pretrained_cfg, split_model_name_tag
 
     arch, _ = split_model_name_tag(name)
@@ -305,6 +277,11 @@ def registry_cfg(name: str) -> dict[str, Any]:
             f"timm has no pretrained config {name!r}; tags for {arch}: "
             f"{timm.list_pretrained(arch + '.*')[:10]}"
         )
+    if hub and not cfg.hf_hub_id:
+        raise TeacherNotAvailable(
+            f"teacher {name!r}: timm has no Hub copy of these weights, only {cfg.url or '(no URL)'}. Download that "
+            f"file on a machine with internet and load it here with load_teacher(PATH, arch={name!r})."
+        )
     return cfg.to_dict()
 
 
@@ -314,19 +291,12 @@ def _resolve_timm(
     from timm.models import split_model_name_tag
 
     arch_name, _ = split_model_name_tag(spec.name)
-    cfg = registry_cfg(spec.name)
+    cfg = registry_cfg(spec.name, hub=pretrained)
     res = Resolved(Origin.TIMM_PRETRAINED, arch_name, cfg, license=cfg.get("license"))
     if not pretrained:
         return res
-    # The Hub copy is a native state dict even where the original URL is a foreign format (custom_load).
-    repo = cfg.get("hf_hub_id")
-    if not repo:
-        url = cfg.get("url") or "(no URL)"
-        raise TeacherNotAvailable(
-            f"teacher {spec.name!r}: timm has no Hub copy of these weights, only {url}. Download that file on a "
-            f"machine with internet and load it here with load_teacher(PATH, arch={spec.name!r})."
-        )
-    res.hf_repo, res.hf_revision = repo, spec.revision
+    repo = res.hf_repo = cfg["hf_hub_id"]
+    res.hf_revision = spec.revision
     res.weights = _hub_weights(spec.name, repo, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
     res.hf_commit = _snapshot_commit(res.weights)
     res.files = [res.weights]
@@ -334,24 +304,14 @@ def _resolve_timm(
 
 
 def _registered_as(config_json: str | Path) -> str | None:
-    """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in.
-
-    `attnxfer export` writes an architecture only attnxfer registers (``vit_micro_patch4_28``) as timm's
-    ``vit_base_patch16_224`` with explicit arguments, so plain timm loads it; the record keeps the real name.
-    """
+    """The architecture an attnxfer export was trained as, where its config.json names timm's stand-in
+    (so that plain timm loads an architecture only attnxfer registers); the record keeps the real name."""
     try:
         meta = json.loads(Path(config_json).read_text(encoding="utf-8")).get("attnxfer") or {}
     except (OSError, ValueError, AttributeError):
         return None
     named = (meta.get("student") or {}).get("registered_as") if isinstance(meta, dict) else None
     return named if isinstance(named, str) and named else None
-
-
-def _parse_timm_config(folder: Path) -> tuple[dict[str, Any], str, dict[str, Any]]:
-    """timm's own reading of a Hub-layout config.json: (pretrained_cfg, architecture, model_args)."""
-    from timm.models._hub import load_model_config_from_path
-
-    return load_model_config_from_path(folder)
 
 
 def _read_json(path: str | Path, where: str) -> dict[str, Any]:
@@ -369,32 +329,33 @@ def _read_json(path: str | Path, where: str) -> dict[str, Any]:
     return data
 
 
-def _check_config_kind(config: dict[str, Any], path: str | Path, where: str) -> None:
-    """timm's format names an ``architecture``, transformers' a ``model_type``: anything else is refused."""
+def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[str], str | None]) -> Resolved:
+    """A model folder's config.json (``find`` gives the path of a file beside it, or None): timm's format, read
+    by timm, or transformers' (`transformers_format`: the timm model with the same computation, its
+    preprocessing from ``preprocessor_config.json``); the licence from the model card."""
+    config = _read_json(cfg_path, where)
     if "architecture" not in config and not is_transformers_config(config):
         keys = sorted(config)[:8]
         raise unreadable_config(
-            f"{where}: {path}",
+            f"{where}: {cfg_path}",
             f"it names neither a timm 'architecture' nor a transformers 'model_type' (keys {keys})",
         )
+    readme = find("README.md")
+    if not is_transformers_config(config):
+        from timm.models._hub import load_model_config_from_path
 
-
-def _resolve_transformers(
-    origin: Origin,
-    config: dict[str, Any],
-    config_path: str,
-    where: str,
-    *,
-    preprocessor: str | None,
-    readme: str | None,
-) -> Resolved:
-    """A transformers checkpoint: the timm model with the same computation (`transformers_format`), its
-    preprocessing from ``preprocessor_config.json`` and licence from the model card, and the weight mapping."""
+        cfg, architecture, model_args = load_model_config_from_path(Path(cfg_path).parent)
+        license_id = cfg.get("license") or _readme_license(readme)
+        named = _registered_as(cfg_path)
+        return Resolved(
+            origin, architecture, cfg, model_args, files=[cfg_path], license=license_id, named=named
+        )
+    pre = find("preprocessor_config.json")
     license_id = _readme_license(readme)
     teacher = describe_transformers(
         config,
-        where=f"{where} ({config_path})",
-        preprocessor=_read_json(preprocessor, where) if preprocessor else None,
+        where=f"{where} ({cfg_path})",
+        preprocessor=_read_json(pre, where) if pre else None,
         license=license_id,
     )
     return Resolved(
@@ -402,7 +363,7 @@ def _resolve_transformers(
         teacher.architecture,
         teacher.pretrained_cfg,
         model_args=teacher.model_args,
-        files=[config_path, *([preprocessor] if preprocessor else [])],
+        files=[cfg_path, *([pre] if pre else [])],
         license=license_id,
         convert=teacher.convert,
         source_format=teacher.source_format,
@@ -412,41 +373,17 @@ def _resolve_transformers(
 
 def _resolve_hub(spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool) -> Resolved:
     label = f"hf-hub:{spec.name}"
-    cfg_path = _hub_file(label, spec.name, "config.json", spec.revision, cache_dir)
-    config = _read_json(cfg_path, label)
-    _check_config_kind(config, "config.json", label)
-    readme = _hub_file(label, spec.name, "README.md", spec.revision, cache_dir, required=False)
-    if is_transformers_config(config):
-        pre = _hub_file(
-            label, spec.name, "preprocessor_config.json", spec.revision, cache_dir, required=False
-        )
-        res = _resolve_transformers(Origin.HUB, config, cfg_path, label, preprocessor=pre, readme=readme)
-        res.hf_repo, res.hf_revision, res.hf_commit = spec.name, spec.revision, _snapshot_commit(cfg_path)
-        if pretrained:
-            res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir)
-            res.files.append(res.weights)
-            if res.weights.endswith(_SHARD_INDEX):
-                res.files += [
-                    _hub_file(label, spec.name, p.name, spec.revision, cache_dir)
-                    for p in shard_files(res.weights)
-                ]
-        return res
-    cfg, architecture, model_args = _parse_timm_config(Path(cfg_path).parent)
-    res = Resolved(
-        Origin.HUB,
-        architecture,
-        cfg,
-        model_args=model_args,
-        hf_repo=spec.name,
-        hf_revision=spec.revision,
-        hf_commit=_snapshot_commit(cfg_path),
-        files=[cfg_path],
-        license=cfg.get("license") or _readme_license(readme),
-        named=_registered_as(cfg_path),
-    )
+
+    def fetch(name: str, required: bool = False) -> str | None:
+        return _hub_file(label, spec.name, name, spec.revision, cache_dir, required=required)
+
+    res = _resolve_config(Origin.HUB, fetch("config.json", True), label, fetch)
+    res.hf_repo, res.hf_revision, res.hf_commit = spec.name, spec.revision, _snapshot_commit(res.files[0])
     if pretrained:
-        res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir, cfg.get("hf_hub_filename"))
-        res.files.append(res.weights)
+        filename = res.pretrained_cfg.get("hf_hub_filename")
+        res.weights = _hub_weights(label, spec.name, spec.revision, cache_dir, filename)
+        shards = shard_files(res.weights) if res.weights.endswith(_SHARD_INDEX) else []
+        res.files += [res.weights, *(fetch(p.name, True) for p in shards)]
     return res
 
 
@@ -465,30 +402,12 @@ def _resolve_local_dir(
             "model.safetensors, as written by timm.models.save_for_hf or `attnxfer export`; transformers' "
             "save_pretrained writes the same two files)"
         )
-    where = f"local-dir:{folder}"
-    config = _read_json(folder / "config.json", where)
-    _check_config_kind(config, folder / "config.json", where)
-    if is_transformers_config(config):
-        pre = folder / "preprocessor_config.json"
-        res = _resolve_transformers(
-            Origin.LOCAL_DIR,
-            config,
-            str(folder / "config.json"),
-            where,
-            preprocessor=str(pre) if pre.is_file() else None,
-            readme=str(folder / "README.md"),
-        )
-    else:  # timm's Hub layout, read by timm (its pretrained cfg, architecture and arguments)
-        cfg, architecture, model_args = _parse_timm_config(folder)
-        res = Resolved(
-            Origin.LOCAL_DIR,
-            architecture,
-            cfg,
-            model_args=model_args,
-            files=[str(folder / "config.json")],
-            license=cfg.get("license") or _readme_license(str(folder / "README.md")),
-            named=_registered_as(folder / "config.json"),
-        )
+    res = _resolve_config(
+        Origin.LOCAL_DIR,
+        str(folder / "config.json"),
+        f"local-dir:{folder}",
+        lambda name: str(folder / name) if (folder / name).is_file() else None,
+    )
     if pretrained:
         found = [folder / n for n in (*_HUB_WEIGHT_FILES, _SHARD_INDEX) if (folder / n).is_file()]
         if not found:
@@ -497,9 +416,8 @@ def _resolve_local_dir(
                 f"it holds {sorted(p.name for p in folder.iterdir())}"
             )
         res.weights = str(found[0])
-        res.files.append(res.weights)
-        if res.weights.endswith(_SHARD_INDEX):
-            res.files += [str(p) for p in shard_files(res.weights)]
+        shards = shard_files(res.weights) if res.weights.endswith(_SHARD_INDEX) else []
+        res.files += [res.weights, *map(str, shards)]
     return res
 
 

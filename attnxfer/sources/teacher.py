@@ -1,42 +1,33 @@
-"""Teachers: a pretrained ViT named the way timm names it, or the file a user already has.
-
-`load_teacher` accepts
-
-* a timm name with a pretrained tag: ``vit_large_patch16_224.mae``,
-* a Hub repo in timm's format: ``hf-hub:ORG/NAME`` or ``hf-hub:ORG/NAME@REVISION``,
-* a local folder in timm's Hub layout (config.json + model.safetensors): ``local-dir:PATH``,
-* either of the last two in transformers' format (what ``save_pretrained`` writes: a config.json with a
-  ``model_type``), built as the timm model with the same computation (`transformers_format`),
-* a checkpoint file (``.safetensors``, ``.pth``, ``.bin``) plus ``arch=`` (a timm architecture,
-  optionally with the tag whose preprocessing it was trained with), including MAE's pretraining
-  checkpoints (decoder and mask token are dropped and reported) and DeiT/fine-tuned ones.
-
-Weights are read without unpickling code (safetensors, or ``torch.load(weights_only=True)``)
-and handed to timm's own loader, so the architecture's checkpoint filter runs (position-embedding
-resampling, layout conversions) and the load is strict: a missing encoder weight is an error,
-never a random one. The returned `TeacherRecord` makes a run traceable (where the weights came
-from, their hash, their licence, the preprocessing they expect).
-
-Where the weights live is `resolve.py`'s job (shared with `load_student`): nothing there waits on a
-network that is not there, and a missing teacher raises `TeacherNotAvailable` with the commands that
-fetch it. This module builds the model and the record.
+"""Teachers: a pretrained ViT named the way timm names it, or the file a user already has, built frozen with
+TransferAttention and a `TeacherRecord` that makes a run traceable (where the weights came from, their hash,
+licence and preprocessing). Weights go through timm's own loader, so the architecture's checkpoint filter
+runs and the load is strict: a missing encoder weight is an error, never a random one.
 """
 
 from __future__ import annotations
 
+import collections
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from ..models.attention import make_transfer_aware
-from ..models.image_input import image_input
+from ..models.attention import ImageSizes, make_transfer_aware
+from ..models.image_input import as_pair, check_image_size, image_input
+from ..models.vit import create_vit
 from ..speak import debug, warn
+from .hub import (
+    fetch_instructions,
+    hub_cache_dir as hub_cache_dir,
+    hub_reachable as hub_reachable,
+    offline_reason,
+)
 from .resolve import (
     Origin,
     Resolved,
@@ -45,35 +36,76 @@ from .resolve import (
     TeacherNotAvailable,
     TeacherSpec as TeacherSpec,
     UnsafeCheckpointError as UnsafeCheckpointError,
-    fetch_instructions,
-    hub_cache_dir as hub_cache_dir,
-    hub_reachable as hub_reachable,
-    offline_reason,
     parse_teacher_spec,
     read_state_dict,
     registry_cfg,
     resolve,
     weights_digest,
 )
-from .teacher_build import (
-    SOURCE_KEYS,
-    OtherSize,
-    create_teacher_model,
-    other_size,
-    rebuilt,
-)
 
-# --------------------------------------------------------------------------------------------
-# The record
+# pretrained_cfg entries that say where weights live; a teacher's weights arrive as a state dict.
+SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source")
+
+
+def create_teacher_model(
+    arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]
+) -> nn.Module:
+    """A ViT with `TransferAttention`, or a family with its own attention classes (EVA, BEiT, PVTv2, ...)
+    that its adapter makes transfer-aware afterwards."""
+    try:
+        return create_vit(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
+    except TypeError as e:
+        if "attn_layer" not in str(e) and "'img_size'" not in str(e):
+            raise
+        return create_family(arch, pretrained, cfg, kwargs)
+
+
+@dataclass(frozen=True)
+class OtherSize:
+    """A teacher asked for at another size than its weights were made for: the side, the weights' size and
+    how its family rebuilds it."""
+
+    side: int
+    native: tuple[int, int] | None
+    sizes: ImageSizes
+
+
+def other_size(
+    res: Resolved, timm_kwargs: dict[str, Any], img_size: int | tuple[int, int] | None
+) -> OtherSize | None:
+    """What building at ``img_size`` takes, None where it is the weights' own size (or not given); a size the
+    family cannot run at is refused here (`ImageSizeError`). The architecture at its own size is built on the
+    meta device to ask (no memory, no weights)."""
+    if img_size is None:
+        return None
+    pair = as_pair(img_size)
+    if pair is None or pair[0] != pair[1]:
+        raise InputError(f"img_size={img_size!r}: attnxfer runs square images; give one side in pixels")
+    cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in SOURCE_KEYS}
+    with torch.device("meta"):  # the weights' own size: their recorded img_size, else the arch's
+        native = create_family(res.architecture, False, cfg, {**res.model_args, **timm_kwargs})
+    own_size = image_input(native).img_size
+    if own_size == pair:
+        return None
+    return OtherSize(pair[0], own_size, check_image_size(native, pair[0]))
+
+
+def create_family(arch: str, pretrained: bool, cfg: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` for a family with its own attention classes. A family whose constructor takes
+    no ``img_size`` (PVTv2: any input its strides divide) is built without it."""
+    try:
+        return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
+    except TypeError as e:
+        if "'img_size'" not in str(e) or "img_size" not in kwargs:
+            raise
+    kwargs = {k: v for k, v in kwargs.items() if k != "img_size"}
+    return timm.create_model(arch, pretrained=pretrained, pretrained_cfg=cfg, **kwargs)
 
 
 @dataclass
 class TeacherRecord:
-    """Where a run's teacher came from and what it expects; JSON-serialisable with `asdict`.
-
-    ``hf_revision`` is what was asked for (None = the default branch), ``hf_commit`` the commit
-    it resolved to in the cache. ``sha256`` hashes the weights file that was actually read.
-    """
+    """Where a run's teacher came from and what it expects: ``hf_revision`` as asked for, ``hf_commit`` what
+    it resolved to; ``sha256`` of the weights actually read."""
 
     spec: str
     architecture: str
@@ -93,12 +125,10 @@ class TeacherRecord:
     num_classes: int = 0
     dropped_keys: list[str] = field(default_factory=list)
     resampled_pos_embed: bool = False
-    source_img_size: tuple[
-        int, ...
-    ] = ()  # (H, W) the weights were made for, where the teacher runs at another
-    resized_by: str | None = (
-        None  # how the teacher was rebuilt at the run's size (its family's `ImageSizes.how`)
-    )
+    # (H, W) the weights were made for, where the teacher runs at another
+    source_img_size: tuple[int, ...] = ()
+    # how the teacher was rebuilt at the run's size (its family's `ImageSizes.how`)
+    resized_by: str | None = None
     model_args: dict[str, Any] = field(default_factory=dict)
     source_format: str | None = None  # "transformers vit (ViTForImageClassification)"; None: timm's format
 
@@ -115,73 +145,18 @@ class TeacherRecord:
         return cls(**d)
 
 
-# --------------------------------------------------------------------------------------------
-# Keys a teacher checkpoint may carry that the encoder does not use
-
-
-@dataclass(frozen=True)
-class KeyDropRule:
-    """Checkpoint entries an encoder does not use, dropped (and reported) when ``detect`` recognises the format.
-
-    ``tag`` names the timm pretrained tag whose preprocessing such checkpoints expect (used when the
-    caller gave an architecture without a tag).
-    """
-
-    name: str
-    detect: Callable[[frozenset[str]], bool]
-    drop: Callable[[str], bool]
-    tag: str | None = None
-
-
-DROP_RULES: list[KeyDropRule] = [
-    # MAE pretraining checkpoints: encoder + decoder_embed/decoder_blocks/decoder_norm/decoder_pred/
-    # decoder_pos_embed + mask_token. Only decoder_* marks the format: DINOv2 checkpoints also carry a
-    # mask_token and timm's filter recognises them by it.
-    KeyDropRule(
-        "mae-decoder",
-        detect=lambda keys: any(k.startswith("decoder_") for k in keys),
-        drop=lambda k: k.startswith("decoder_") or k == "mask_token",
-        tag="mae",
-    ),
-]
-
-
-def _apply_drop_rules(
-    state_dict: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], list[str], list[KeyDropRule]]:
-    keys = frozenset(state_dict)
-    matched = [r for r in DROP_RULES if r.detect(keys)]
-    if not matched:
-        return state_dict, [], []
-    dropped = sorted(k for k in state_dict if any(r.drop(k) for r in matched))
-    kept = {k: v for k, v in state_dict.items() if k not in set(dropped)}
-    return kept, dropped, matched
-
-
-# --------------------------------------------------------------------------------------------
-# Building
-
-
 def _classifier_names(cfg: dict[str, Any]) -> tuple[str, ...]:
     c = cfg.get("classifier") or "head"
     return (c,) if isinstance(c, str) else tuple(c)
 
 
-def _checkpoint_classes(res: Resolved, sd: dict[str, torch.Tensor]) -> int:
-    """Classes of the checkpoint's head: trusted metadata for timm-format sources, the tensors for files."""
-    if res.source.has_timm_metadata and res.pretrained_cfg.get("num_classes") is not None:
-        return int(res.pretrained_cfg["num_classes"])
-    w = sd.get(_classifier_names(res.pretrained_cfg)[0] + ".weight")
-    return int(w.shape[0]) if w is not None else 0
-
-
 def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]) -> TeacherLoadError:
     """torch's strict-load error, restated with the key lists and what to change."""
     msg = str(err)
-    found: dict[str, list[str]] = {"Missing": [], "Unexpected": []}
+    found: dict[str, list[str]] = {"Missing encoder": [], "Unexpected": []}
     for line in msg.splitlines():
         for kind in found:
-            if f"{kind} key(s) in state_dict:" in line:
+            if f"{kind.split()[0]} key(s) in state_dict:" in line:
                 found[kind] += re.findall(r'"([^"]+)"', line)
     hints = []
     if "fc_norm.weight" in sd_keys and "norm.weight" not in sd_keys:
@@ -194,36 +169,21 @@ def _load_error(spec: str, arch: str, err: RuntimeError, sd_keys: frozenset[str]
     text = (
         f"teacher {spec!r}: the weights do not fit architecture {arch!r}; nothing was randomly "
         f"initialised in their place.\n"
-        + (
-            f"Missing encoder keys ({len(found['Missing'])}): {found['Missing']}\n"
-            if found["Missing"]
-            else ""
-        )
-        + (
-            f"Unexpected keys ({len(found['Unexpected'])}): {found['Unexpected']}\n"
-            if found["Unexpected"]
-            else ""
-        )
+        + "".join(f"{kind} keys ({len(keys)}): {keys}\n" for kind, keys in found.items() if keys)
         + "".join(f"Hint: {h}\n" for h in hints)
         + f"torch said: {msg}"
     )
-    return TeacherLoadError(text, found["Missing"], found["Unexpected"])
-
-
-def _json_safe(args: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for k, v in args.items():
-        if isinstance(v, tuple):
-            v = list(v)
-        if v is None or isinstance(v, (bool, int, float, str, list, dict)):
-            out[k] = v
-    return out
+    return TeacherLoadError(text, found["Missing encoder"], found["Unexpected"])
 
 
 def drop_unused_entries(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """``(encoder entries, dropped keys)``: what `DROP_RULES` recognise (e.g. an MAE decoder) taken out."""
-    kept, dropped, _ = _apply_drop_rules(state_dict)
-    return kept, dropped
+    """``(encoder entries, dropped keys)``: an MAE pretraining checkpoint's decoder and mask token taken out.
+    Only decoder_* marks the format: DINOv2 checkpoints also carry a mask_token, by which timm's filter
+    recognises them."""
+    if not any(k.startswith("decoder_") for k in state_dict):
+        return state_dict, []
+    unused = {k for k in state_dict if k.startswith("decoder_") or k == "mask_token"}
+    return {k: v for k, v in state_dict.items() if k not in unused}, sorted(unused)
 
 
 def load_teacher(
@@ -306,21 +266,18 @@ def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], st
                 f"({res.source_format}): {_summarise_keys(dropped)}"
             )
         return state_dict, checkpoint_key, dropped
-    state_dict, dropped, rules = _apply_drop_rules(state_dict)
+    state_dict, dropped = drop_unused_entries(state_dict)
     if dropped:
         warn(
             f"teacher {spec}: dropped {len(dropped)} checkpoint entries the encoder does not use "
-            f"({', '.join(r.name for r in rules)}): {_summarise_keys(dropped)}"
+            f"(mae-decoder): {_summarise_keys(dropped)}"
         )
-    tagged = [r.tag for r in rules if r.tag]
-    if not res.tag_known and tagged:
-        import timm
-
-        guess = f"{res.architecture}.{tagged[0]}"
-        if guess in timm.list_pretrained(guess):
-            debug(f"teacher {spec}: {rules[0].name} checkpoint: preprocessing and licence of timm's {guess}")
-            res.pretrained_cfg = registry_cfg(guess)
-            res.license, res.tag_known = res.pretrained_cfg.get("license"), True
+        if not res.tag_known:  # an MAE checkpoint: timm's .mae tag says its preprocessing and licence
+            guess = f"{res.architecture}.mae"
+            if guess in timm.list_pretrained(guess):
+                debug(f"teacher {spec}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")
+                res.pretrained_cfg = registry_cfg(guess)
+                res.license, res.tag_known = res.pretrained_cfg.get("license"), True
     if not res.tag_known:
         warn(
             f"teacher {spec}: mean/std are timm's defaults for {res.architecture} (tag "
@@ -334,9 +291,12 @@ def _choose_head(
     spec: str, res: Resolved, state_dict: dict[str, torch.Tensor], num_classes: int | None
 ) -> tuple[int, list[str]]:
     """The teacher's class count: the checkpoint's, or 0 (head dropped, reported). Never a random head."""
-    ckpt_classes = (
-        _checkpoint_classes(res, state_dict) if res.weights else res.pretrained_cfg.get("num_classes", 0)
-    )
+    # trusted metadata for timm-format sources (and random weights), the head's tensors for a file
+    ckpt_classes = res.pretrained_cfg.get("num_classes")
+    if res.weights and (ckpt_classes is None or not res.source.has_timm_metadata):
+        w = state_dict.get(_classifier_names(res.pretrained_cfg)[0] + ".weight")
+        ckpt_classes = int(w.shape[0]) if w is not None else 0
+    ckpt_classes = int(ckpt_classes or 0)
     if num_classes is None or num_classes == ckpt_classes:
         return ckpt_classes, []
     if num_classes == 0:
@@ -361,12 +321,9 @@ def _build(
     size: OtherSize | None,
     timm_kwargs: dict[str, Any],
 ) -> nn.Module:
-    """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter
-    (position-embedding resampling, layout conversion) with a strict load; frozen, eval, TransferAttention.
-
-    At another ``size`` than the weights were made for, the family says how the model is rebuilt there
-    (`attnxfer.models.attention.ImageSizes`): timm's filter resamples at creation, or the model is loaded at
-    its own size and its weights fitted to a twin built at the new one."""
+    """timm builds the model and loads ``state_dict`` through the architecture's checkpoint filter with a
+    strict load; at another ``size`` the family says how (`ImageSizes`): timm's filter resamples at creation,
+    or the model is loaded at its own size and its weights fitted to a twin built at the new one."""
     cfg = {k: v for k, v in res.pretrained_cfg.items() if k not in SOURCE_KEYS}
     cfg["num_classes"] = num_classes  # equal to the model's: timm keeps the load strict
     kwargs = {**res.model_args, **timm_kwargs, "num_classes": num_classes}
@@ -388,17 +345,20 @@ def _build(
     # timm keeps the pretrained cfg it loaded from: don't let it pin the checkpoint's tensors in memory.
     for attr in ("pretrained_cfg", "default_cfg"):
         getattr(model, attr, {}).pop("state_dict", None)
-    if size is not None and resize is not None:
-        model = rebuilt(model, res.architecture, cfg, {**kwargs, "img_size": size.side}, resize)
-    if size is not None:
-        # the size the rebuilt teacher runs at, in its pretrained config (what `image_input` reads for a family
-        # that records none, PVTv2; what a mirrored student and the run record inherit)
-        chans = image_input(model).in_chans
-        model.pretrained_cfg = {
-            **getattr(model, "pretrained_cfg", {}),
-            "input_size": (chans, size.side, size.side),
-        }
-    _forget_unrecorded_args(model, res.unrecorded_args)
+    if size is not None and resize is not None:  # a twin built at the new size, its weights fitted strictly
+        twin = create_teacher_model(res.architecture, False, cfg, {**kwargs, "img_size": size.side})
+        twin.load_state_dict(resize(model.state_dict(), twin), strict=True)
+        twin.pretrained_cfg, model = dict(model.pretrained_cfg), twin
+    if size is not None:  # the size it runs at, in its pretrained config (what `image_input` reads for a
+        # family that records none, PVTv2; what a mirrored student and the run record inherit)
+        input_size = (image_input(model).in_chans, size.side, size.side)
+        model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), "input_size": input_size}
+    if res.unrecorded_args:
+        # construction arguments no JSON value names (a transformers teacher's LayerNorm eps) built the teacher
+        # but stay out of the recorded ones students are built from and exports write
+        names = res.unrecorded_args
+        model._model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in names}
+        model._teacher_only_args = tuple(names)
     try:
         make_transfer_aware(model)
     except TypeError as e:
@@ -408,21 +368,9 @@ def _build(
     return model
 
 
-def _forget_unrecorded_args(model: nn.Module, names: Sequence[str]) -> None:
-    """Construction arguments no JSON value names (a transformers teacher's LayerNorm eps, which no timm norm
-    name carries) built the teacher but are left out of its recorded arguments, which students are built
-    from and exports write; ``_teacher_only_args`` names them, so a mirrored student may differ there."""
-    if not names:
-        return
-    model._model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k not in names}
-    model._teacher_only_args = tuple(names)
-
-
 def _summarise_keys(keys: Sequence[str], limit: int = 8) -> str:
     """``decoder_blocks.* (96), mask_token``: the keys grouped by top-level module."""
-    groups: dict[str, int] = {}
-    for k in keys:
-        groups[k.split(".")[0]] = groups.get(k.split(".")[0], 0) + 1
+    groups = collections.Counter(k.split(".")[0] for k in keys)
     parts = [
         g if g in keys else f"{g}.* ({n})" if n > 1 else next(k for k in keys if k.startswith(g + "."))
         for g, n in groups.items()
@@ -452,13 +400,16 @@ def _record(
         if src is not None:  # image_input: also Hiera, whose stem records no img_size
             src = (src, src) if isinstance(src, int) else tuple(src)
             resampled = resampled or image_input(model).img_size != src
-    model_args = {k: v for k, v in getattr(model, "_model_args", {}).items() if k != "pretrained_model_args"}
+    model_args = {  # the JSON-safe ones
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in getattr(model, "_model_args", {}).items()
+        if k != "pretrained_model_args"
+        and (v is None or isinstance(v, (bool, int, float, str, tuple, list, dict)))
+    }
     # the (H, W) the weights were made for, where the teacher was rebuilt at another size and the source says
     # (timm's metadata or recorded arguments; a bare weights file is only known by its architecture's default)
-    source_img_size: tuple[int, ...] = ()
     known = res.source.has_timm_metadata or res.model_args.get("img_size")
-    if size is not None and size.native is not None and known:
-        source_img_size = tuple(size.native)
+    native = size.native if size is not None and known else None
     return TeacherRecord(
         spec=spec,
         architecture=res.named
@@ -479,23 +430,16 @@ def _record(
         num_classes=int(getattr(model, "num_classes", 0)),
         dropped_keys=list(dropped),
         resampled_pos_embed=bool(resampled),
-        source_img_size=source_img_size,
+        source_img_size=() if native is None else tuple(native),
         resized_by=size.sizes.how if size is not None else None,
-        model_args=_json_safe(model_args),
+        model_args=model_args,
         source_format=res.source_format,
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Fetching (for `attnxfer fetch`)
-
-
 def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None = None) -> str:
-    """Download a teacher's config, weights and model card into the Hub cache; returns the snapshot folder.
-
-    Run it where there is internet, then copy the cache (or point HF_HUB_CACHE at it) where there is none.
-    Local specs (``local-dir:``, files) need no fetching and return their path.
-    """
+    """Download a teacher's config, weights and model card into the Hub cache (where there is internet, for
+    a machine without); returns the snapshot folder, or a local spec's path."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -504,43 +448,27 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
         debug(f"teacher {spec} is local: nothing to fetch")
         return parsed.name
     if parsed.source is Source.TIMM:
-        cfg = registry_cfg(parsed.name)
-        repo = cfg.get("hf_hub_id")
-        if not repo:
-            raise TeacherNotAvailable(
-                f"timm has no Hub copy of {parsed.name!r}; download {cfg.get('url')} and load "
-                f"it with load_teacher(PATH, arch={parsed.name!r})"
-            )
+        cfg = registry_cfg(parsed.name, hub=True)
+        repo = cfg["hf_hub_id"]
         extra = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else []
     else:
         repo, extra = parsed.name, []
     reason = offline_reason()
-    patterns = [
-        "config.json",
-        "preprocessor_config.json",  # a transformers checkpoint's preprocessing
-        "*.safetensors",
-        "model.safetensors.index.json",  # the shards' index
-        "README.md",
-        "LICENSE*",
-    ] + extra
+    # config, a transformers checkpoint's preprocessing, weights (and the shards' index), model card
+    patterns = ["config.json", "preprocessor_config.json", "*.safetensors", "model.safetensors.index.json"]
+    patterns += ["README.md", "LICENSE*", *extra]
     try:
-        path = snapshot_download(
-            repo,
-            revision=parsed.revision,
-            cache_dir=cache_dir,
-            allow_patterns=patterns,
-            local_files_only=reason is not None,
-            library_name="attnxfer",
-        )
-        if not any(Path(path).glob("*.safetensors")) and not extra:
+        for allow in (patterns, ["*.bin", "*.pth"]):  # .bin/.pth only where there is no safetensors
             path = snapshot_download(
                 repo,
                 revision=parsed.revision,
                 cache_dir=cache_dir,
-                allow_patterns=["*.bin", "*.pth"],
+                allow_patterns=allow,
                 local_files_only=reason is not None,
                 library_name="attnxfer",
             )
+            if any(Path(path).glob("*.safetensors")) or extra:
+                break
     except LocalEntryNotFoundError:
         raise TeacherNotAvailable(
             fetch_instructions(

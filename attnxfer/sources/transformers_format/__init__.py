@@ -1,13 +1,5 @@
 """Checkpoints saved by transformers (a ``save_pretrained`` folder, a Hub repo) as the timm model that
-computes the same thing.
-
-A config.json with a transformers ``model_type`` and no timm ``architecture`` is read here: the module
-registered for its ``model_type`` says which timm architecture and arguments build the same computation
-(`timm_arch`) and how transformers' state dict maps onto it (`timm_weights`); this registry adds what
-every type shares: the preprocessing from ``preprocessor_config.json`` as timm's pretrained config, a
-shape check of the mapped weights against the timm model (built on the meta device, so a config that
-does not fit its weights is named before anything is loaded), and one message for what it cannot read.
-Reading needs config.json and the weights only; transformers itself is not imported.
+computes the same thing, one module per ``model_type``; transformers itself is never imported.
 """
 
 from __future__ import annotations
@@ -39,8 +31,8 @@ __all__ = [
 ]
 
 
-# One module per transformers model-type group; each declares MODEL_TYPES, timm_arch and timm_weights. Every
-# module of this package not starting with "_" is one: adding a type is adding its file.
+# Every module of this package not starting with "_" maps a transformers model-type group (MODEL_TYPES,
+# timm_arch, timm_weights): adding a type is adding its file.
 MODULES: tuple[ModuleType, ...] = tuple(
     importlib.import_module(f"{__name__}.{info.name}")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name)
@@ -90,15 +82,6 @@ def unreadable_config(where: str, found: str) -> InputError:
     )
 
 
-def module_for(config: dict[str, Any], where: str) -> ModuleType:
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in REGISTRY:
-        raise unreadable_config(
-            where, f"transformers model_type {model_type!r} is not one attnxfer can map to timm"
-        )
-    return REGISTRY[model_type]
-
-
 def describe(
     config: dict[str, Any],
     *,
@@ -107,14 +90,19 @@ def describe(
     license: str | None = None,
 ) -> TransformersTeacher:
     """The timm model, pretrained config and weight mapping for transformers' ``config`` (read from
-    ``where``, named in every message). A config the module cannot map is an `InputError`."""
-    module = module_for(config, where)
+    ``where``); a config the module cannot map is an `InputError`."""
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in REGISTRY:
+        raise unreadable_config(
+            where, f"transformers model_type {model_type!r} is not one attnxfer can map to timm"
+        )
+    module = REGISTRY[model_type]
     try:
         arch, kwargs = module.timm_arch(config)
     except (KeyError, TypeError, ValueError) as e:
         detail = f"no {e.args[0]!r}" if isinstance(e, KeyError) else str(e)
         raise InputError(
-            f"{where}: transformers {config['model_type']} config cannot be mapped to timm: {detail}"
+            f"{where}: transformers {model_type} config cannot be mapped to timm: {detail}"
         ) from None
     cfg = _pretrained_cfg(arch, kwargs, config, preprocessor, license, where)
     unrecorded = []  # construction arguments no JSON value names
@@ -132,14 +120,14 @@ def describe(
             _check_shapes(mapped, arch, kwargs)
         except ValueError as e:
             raise TeacherLoadError(
-                f"{weights_file}: the weights do not fit the transformers {config['model_type']} model "
+                f"{weights_file}: the weights do not fit the transformers {model_type} model "
                 f"{where} describes: {e}"
             ) from None
         return mapped, dropped
 
     saved = architectures(config)
     return TransformersTeacher(
-        model_type=config["model_type"],
+        model_type=model_type,
         saved_as=saved[0] if saved else None,
         architecture=arch,
         model_args=kwargs,
@@ -150,8 +138,8 @@ def describe(
 
 
 def _check_shapes(mapped: dict[str, torch.Tensor], arch: str, kwargs: dict[str, Any]) -> None:
-    """The mapped weights against the timm model the config builds (on the meta device): a key or a shape
-    that differs is a ValueError naming it, before timm's loader could resample or reject it on its own."""
+    """The mapped weights against the timm model the config builds (on the meta device): a key or shape that
+    differs is named before timm's loader could resample or reject it on its own."""
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in timm.create_model(arch, **kwargs).state_dict().items()}
     got = {k: tuple(v.shape) for k, v in mapped.items()}
@@ -176,9 +164,8 @@ def _pretrained_cfg(
     license: str | None,
     where: str,
 ) -> dict[str, Any]:
-    """timm's pretrained config for the mapped model: the head's layout from timm's own entry for ``arch``,
-    the input size the config builds, the preprocessing ``preprocessor_config.json`` states (else timm's
-    defaults for ``arch``, with a warning), the licence from the model card."""
+    """timm's pretrained config for the mapped model: the preprocessing ``preprocessor_config.json`` states
+    (else timm's defaults for ``arch``, with a warning)."""
     base = timm.models.get_pretrained_cfg(arch)
     base = base.to_dict() if base is not None else {}
     # the size the model is built for; a family built without one (PVTv2) is fed the config's image_size

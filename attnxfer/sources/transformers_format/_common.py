@@ -1,15 +1,5 @@
-"""What the transformers-format modules share: reading a config.json's values, naming timm's activation
-and norm for them, and taking a state dict apart key by key so that every key is either mapped, dropped
-on purpose, or reported.
-
-A module's `timm_weights` builds the timm state dict with a `Taker`: ``take(name, *aliases)`` returns the
-tensor stored under the base prefix (``vit.``, ``vision_model.``, ...) by its legacy name (what
-``save_pretrained`` and every Hub repo write) or by an alias (transformers 5's in-memory names), and
-records it as used; `Taker.finish` then raises one ValueError naming what is missing and what nothing
-took, or returns the keys a ``drop`` rule took out. A module whose in-memory names differ by whole path
-patterns renames them first (`legacy_names`). The mapped state dict's shapes are checked against the timm
-model once, for every type, by the package (`transformers_format._check_shapes`).
-"""
+"""What the transformers-format modules share: a config.json's values as timm's arguments, and a `Taker`
+that takes a state dict apart so that every key is mapped, dropped on purpose, or reported."""
 
 from __future__ import annotations
 
@@ -62,11 +52,9 @@ def activation(config: dict[str, Any], key: str = "hidden_act") -> str:
 def norm_layer(eps: float, timm_default: float = 1e-6) -> dict[str, Any]:
     """``norm_layer`` kwargs for LayerNorms with ``eps``: none where the timm architecture's own eps is it.
 
-    transformers' ViT family normalises with eps 1e-12, timm's ViT with 1e-6: on the small activations of
-    early layers that is a relative difference of order 1e-6/variance, so the teacher keeps the config's.
-    No JSON value names such a norm, so every student takes timm's default, the eps its export rebuilds:
-    mirrored ones are built from the teacher's recorded arguments, converted copies of the teacher are
-    reset to them (`attnxfer.models.norm_eps`; see `TransformersTeacher.unrecorded_args`).
+    transformers' ViT family normalises with eps 1e-12, timm's with 1e-6: a relative difference of order
+    1e-6/variance on early layers' small activations, so the teacher keeps the config's. No JSON value names
+    such a norm, so students take timm's default, the eps their export rebuilds (`attnxfer.models.norm_eps`).
     """
     eps = float(eps)
     return {} if eps == timm_default else {"norm_layer": functools.partial(LayerNorm, eps=eps)}
@@ -88,9 +76,8 @@ def size_arg(value: Any) -> int | tuple[int, int]:
 
 
 def vit_dims(c: dict[str, Any]) -> dict[str, Any]:
-    """timm's ViT arguments for the sizes every transformers ViT-style config (its defaults filled in) names
-    alike: image and patch size (an int where square), channels, width, depth and heads, in that order. The
-    MLP width and everything after it are each model's own."""
+    """timm's ViT arguments for the sizes every transformers ViT-style config names alike (image and patch
+    size, channels, width, depth, heads); the MLP width and the rest are each model's own."""
     img, patch = pair(c["image_size"]), pair(c["patch_size"])
     return dict(
         img_size=img[0] if img[0] == img[1] else list(img),
@@ -109,9 +96,8 @@ def mlp_ratio(hidden: int, dim: int) -> float:
 
 
 def timm_name(template: str, default: str, dim: int, **fields: Any) -> str:
-    """A registered timm name for these dims (``vit_{size}_patch{patch}_{img}`` -> ``vit_base_patch16_224``)
-    when timm has one, else ``default``: the name only chooses defaults that the kwargs then override all
-    of, so it is what the record shows, not what is built."""
+    """A registered timm name for these dims when timm has one, else ``default``: the kwargs override all of
+    its defaults, so the name is what the record shows, not what is built."""
     size = _SIZES.get(dim)
     if size is not None:
         name = template.format(size=size, **fields)
@@ -126,33 +112,26 @@ def architectures(config: dict[str, Any]) -> list[str]:
     return [str(n) for n in names] if isinstance(names, list) else [str(names)]
 
 
-def num_labels(config: dict[str, Any]) -> int:
-    """The classifier's classes: ``num_labels``, else the size of ``id2label`` (transformers' default is 2)."""
-    labels = config.get("id2label")
-    return int(config.get("num_labels") or (len(labels) if labels else 2))
-
-
 def has_head(config: dict[str, Any], suffixes: Iterable[str] = ("ForImageClassification",)) -> bool:
     """Whether the saved class carries a classifier (by its name in ``architectures``)."""
     return any(a.endswith(tuple(suffixes)) for a in architectures(config))
 
 
 def head_classes(config: dict[str, Any], suffixes: Iterable[str] = ("ForImageClassification",)) -> int:
-    """Classes of the classifier the saved class carries, 0 for a class without one (a base model's
-    config carries labels it has no head for)."""
-    return num_labels(config) if has_head(config, suffixes) else 0
+    """Classes of the classifier the saved class carries: ``num_labels``, else the size of ``id2label``
+    (transformers' default is 2); 0 for a class without one (a base model's config carries labels too)."""
+    if not has_head(config, suffixes):
+        return 0
+    labels = config.get("id2label")
+    return int(config.get("num_labels") or (len(labels) if labels else 2))
 
 
 def legacy_names(
     weights: dict[str, torch.Tensor], renames: Iterable[tuple[str, str]]
 ) -> dict[str, torch.Tensor]:
-    """Names as ``save_pretrained`` writes them (and as the Hub holds them), whichever spelling came in.
-
-    transformers 5 renamed some modules in memory (``q_proj``, ``mlp.fc1``, ``layers.N``, ...) but still
-    saves the original names; a state dict taken from a live model (``model.state_dict()``) uses the new
-    ones. ``renames`` are (regex, replacement) pairs from the new spelling to the saved one, applied in
-    order. (Where only a few names differ, `Taker.take`'s aliases say the same per name.)
-    """
+    """Names as ``save_pretrained`` writes them, whichever spelling came in: transformers 5 renamed modules
+    in memory (``q_proj``, ``layers.N``, ...) but still saves the old names, so a live model's state dict
+    differs. ``renames``: (regex, replacement) pairs from the new spelling to the saved one, in order."""
     rules = [(re.compile(a), b) for a, b in renames]
     out = {}
     for k, v in weights.items():
@@ -175,8 +154,8 @@ def base_prefix(weights: dict[str, torch.Tensor], anchor: str, what: str) -> str
 
 
 class Taker:
-    """Takes a transformers state dict apart: every key is taken into the timm state dict, dropped by a
-    rule (and reported), or left over (an error)."""
+    """Takes a transformers state dict apart: every key is taken (under the base prefix, by its saved name or
+    an alias), dropped by a rule (and reported), or left over (an error)."""
 
     def __init__(self, weights: dict[str, torch.Tensor], prefix: str = ""):
         self.weights = weights
@@ -185,8 +164,7 @@ class Taker:
         self.missing: list[str] = []
 
     def at(self, prefix: str) -> Taker:
-        """The same state dict read under another prefix (a head beside the encoder's base prefix),
-        sharing what is taken and missing."""
+        """The same state dict read under another prefix (a head beside the encoder), sharing the records."""
         other = Taker(self.weights, prefix)
         other.taken, other.missing = self.taken, self.missing
         return other

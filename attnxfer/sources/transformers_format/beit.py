@@ -1,28 +1,15 @@
-"""transformers' BEiT and data2vec-vision as timm's `Beit`.
-
-Both transformers classes compute what timm's BEiT computes (data2vec-vision is BEiT's architecture with
-another pretraining), so one mapping serves both model types; only the base prefix differs.
+"""transformers' BEiT and data2vec-vision (BEiT's architecture, another pretraining) as timm's `Beit`.
 
 Where the two libraries meet:
 
-* q, k, v: transformers keeps three linears with no key bias; timm one fused ``qkv`` without bias plus
-  ``q_bias``/``v_bias`` (its key bias is a zero buffer);
-* relative-position bias: per layer (``use_relative_position_bias``) → each block's
-  ``attn.relative_position_bias_table``; shared (``use_shared_relative_position_bias``) → the model's
-  ``rel_pos_bias`` table. Both libraries index the table identically (the 3 extra rows for the class token);
-* layer scale ``lambda_1/2`` → ``gamma_1/2`` (``layer_scale_init_value`` ≤ 0 means none, as timm's
-  ``init_values=0``);
-* pooling: ``use_mean_pooling`` → timm's ``global_pool='avg'`` with ``fc_norm`` (the pooler's LayerNorm),
-  otherwise the class token after the final ``layernorm`` (``global_pool='token'``). A base model saved
-  without its pooler (data2vec-vision's default, BEiT's masked-image-modelling model) gets the LayerNorm
-  transformers itself gives a pooler it does not find: weight 1, bias 0. It acts on the pooled vector
-  only, never on the token features;
-* LayerNorm eps: transformers' ``layer_norm_eps`` (1e-12 for every BEiT) goes to timm as ``norm_layer``
-  when it differs from timm's 1e-6.
+* q, k, v: three linears without key bias → timm's fused ``qkv`` plus ``q_bias``/``v_bias``;
+* relative-position tables, per layer or shared, are indexed alike (3 extra rows for the class token);
+* layer scale ``lambda_1/2`` → ``gamma_1/2`` (``layer_scale_init_value`` ≤ 0: none, timm's ``init_values=0``);
+* ``use_mean_pooling`` → ``global_pool='avg'`` with ``fc_norm``; a base model saved without its pooler
+  gets the LayerNorm transformers itself gives a missing pooler (weight 1, bias 0), on the pooled vector only.
 
-Dropped and reported: the mask token and the pretraining / segmentation heads (``lm_head``, the MIM
-head's ``layernorm``, ``decode_head``, ``auxiliary_head``, ``fpn*``). ``relative_position_index``
-buffers, which some checkpoints carry, are recomputed by timm from the window size.
+Dropped and reported: the mask token and the pretraining / segmentation heads; ``relative_position_index``
+buffers are recomputed by timm from the window size.
 """
 
 from __future__ import annotations
@@ -83,7 +70,6 @@ def _settings(config: dict) -> dict:
 
 
 def timm_arch(config: dict) -> tuple[str, dict]:
-    """timm's `Beit` with the dims, depth, position terms, layer scale, pooling and eps of ``config``."""
     c = _settings(config)
     mean_pool = bool(c["use_mean_pooling"])
     scale = float(c["layer_scale_init_value"])
@@ -110,8 +96,7 @@ def timm_arch(config: dict) -> tuple[str, dict]:
 
 
 def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """transformers' BEiT / data2vec-vision state dict (base or task model, saved or in-memory names) ->
-    (timm `Beit` state dict, the checkpoint keys deliberately dropped)."""
+    """(timm `Beit` state dict, keys dropped on purpose) of a base or task model, saved or in-memory names."""
     _, kwargs = timm_arch(config)
     weights = legacy_names(weights, _RENAMES)
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "BEiT"))
@@ -147,8 +132,6 @@ _INDEX = "relative_position_index"  # a buffer older checkpoints carry; timm reb
 
 
 def _block(t: Taker, i: int, kwargs: dict) -> dict[str, torch.Tensor]:
-    """timm's ``blocks.i`` from transformers' ``encoder.layer.i``: q/k/v fused (no key bias in either
-    library), the relative-position table where each layer has one, layer scale where there is one."""
     hf, tm = f"encoder.layer.{i}.", f"blocks.{i}."
     attn = hf + "attention.attention."
     out = {

@@ -1,15 +1,11 @@
-"""transformers' CLIP vision tower as timm's CLIP VisionTransformer (``vit_*_clip_*``): a class token,
-``pre_layrnorm`` as timm's ``norm_pre``, quick-GELU where the config says so, ``post_layernorm`` as timm's
-final ``norm``, the image projection as timm's head (no bias), as timm builds OpenAI's CLIP towers.
+"""transformers' CLIP vision tower as timm's CLIP VisionTransformer (``vit_*_clip_*``), as timm builds
+OpenAI's towers: ``pre_layrnorm`` as ``norm_pre``, ``post_layernorm`` as the final ``norm``, the image
+projection as the head (no bias).
 
-What timm's features are: timm's final norm runs over every token, so ``forward_features`` is
-transformers' ``post_layernorm(last_hidden_state)``: its class token is transformers' ``pooler_output``
-(``last_hidden_state`` itself is the output before ``post_layernorm``), and the model's output
-(``forward``) is ``get_image_features`` / ``image_embeds`` (the projection of ``pooler_output``,
-unnormalised) where the checkpoint has the projection (``CLIPModel``,
-``CLIPVisionModelWithProjection``), else the pooled class token. The text tower, ``logit_scale`` and
-``CLIPForImageClassification``'s classifier (it averages patch tokens before ``post_layernorm``) are
-dropped.
+timm's final norm runs over every token, so ``forward_features`` is ``post_layernorm(last_hidden_state)``
+(its class token is ``pooler_output``) and ``forward`` is ``get_image_features`` where the checkpoint has
+the projection. The text tower and ``CLIPForImageClassification``'s classifier (it averages patch tokens
+before ``post_layernorm``) are dropped.
 """
 
 from __future__ import annotations
@@ -28,11 +24,10 @@ from ._common import (
     linear,
     mlp_ratio,
     norm_layer,
-    pair,
-    timm_name,
     under,
     vit_dims,
 )
+from .vit_deit import vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("clip", "clip_vision_model")
 
@@ -49,7 +44,6 @@ _PROJECTED = ("CLIPModel", "CLIPVisionModelWithProjection")
 
 
 def vision_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The vision tower's config: ``vision_config`` of a full model, the config itself for a tower."""
     vision = config.get("vision_config", {}) if config["model_type"] == "clip" else config
     return {**DEFAULTS, **vision}
 
@@ -74,9 +68,7 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         num_classes=_projection(config),
         **norm_layer(c["layer_norm_eps"], timm_default=1e-5),
     )
-    patch, img = pair(c["patch_size"])[0], pair(c["image_size"])[0]
-    name = timm_name("vit_{size}_patch{p}_clip_{i}", "vit_base_patch16_clip_224", dim, p=patch, i=img)
-    return name, kwargs
+    return vit_name(kwargs, "vit_{size}_patch{p}_clip_{i}", "vit_base_patch16_clip_224"), kwargs
 
 
 def timm_weights(

@@ -1,12 +1,9 @@
-"""transformers' DINOv2 (with and without registers) as timm's VisionTransformer, as timm builds the
-``vit_*_dinov2`` models: LayerScale in every block, a SwiGLU MLP where ``use_swiglu_ffn`` (timm's packed
-SwiGLU of ``vit_giant_patch14_dinov2``), register tokens after the class token.
+"""transformers' DINOv2 (with and without registers) as timm builds the ``vit_*_dinov2`` models.
 
 Registers carry no position embedding in transformers; timm's register models add position embeddings
-to the patches only (``no_embed_class``), so the class token's position embedding is folded into the
-class token (the sum transformers computes in every forward). The mask token (pre-training) is dropped;
-so is ``Dinov2ForImageClassification``'s classifier, which reads the class token next to the mean of
-the patch tokens, a head timm's ViT does not have (the model is loaded headless, features intact).
+to the patches only (``no_embed_class``), so the class token's is folded into the class token (the sum
+transformers computes in every forward). ``Dinov2ForImageClassification``'s classifier reads the class
+token next to the mean of the patch tokens, a head timm's ViT does not have: it is dropped (features intact).
 """
 
 from __future__ import annotations

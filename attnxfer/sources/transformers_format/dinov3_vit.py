@@ -1,13 +1,9 @@
-"""transformers' DINOv3 ViT as timm's EVA, as timm builds the ``vit_*_dinov3`` models: no absolute
-position embedding, 2-D rotary embeddings on the patch tokens (class and register tokens unrotated),
-LayerScale, an optional gated (SwiGLU) MLP.
+"""transformers' DINOv3 ViT as timm's EVA, as timm builds the ``vit_*_dinov3`` models (2-D rope on the
+patch tokens: timm's ``rope_type='dinov3'`` with ``rope_rotate_half`` is the same function).
 
-The rope is the same function: per axis, patch centres normalised to [-1, 1] times 2π / period with
-periods ``rope_theta ** (4i / head_dim)``, the y-frequencies then the x-frequencies, rotated half-wise
-(timm's ``rope_type='dinov3'`` with ``rope_rotate_half``). transformers' training-time rope
-augmentations (``pos_embed_shift`` / ``_jitter`` / ``_rescale``) are not carried: a teacher runs in eval,
-where they do not apply. A key bias (``key_bias``) cannot be expressed (EVA's key bias is a fixed zero)
-unless it is zero; a query, value, output or MLP bias the config leaves out is zeros in timm.
+transformers' training-time rope augmentations are not carried: a teacher runs in eval, where they do not
+apply. A key bias cannot be expressed (EVA's is a fixed zero) unless it is zero; a query, value, output or
+MLP bias the config leaves out is zeros in timm.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""transformers' I-JEPA encoder as timm's VisionTransformer without a class token.
-
-A ViT whose tokens are the patches only (position embeddings over them), a final LayerNorm over every
-token; ``IJepaForImageClassification`` classifies the mean of those normalised tokens, which is timm's
-``global_pool='avg'`` with the final norm before pooling (``fc_norm=False``). The optional pooler is
-dropped.
+"""transformers' I-JEPA encoder as timm's VisionTransformer without a class token:
+``IJepaForImageClassification`` classifies the mean of the normalised tokens, timm's ``global_pool='avg'``
+with ``fc_norm=False``. The optional pooler is dropped.
 """
 
 from __future__ import annotations
@@ -12,19 +9,15 @@ from typing import Any
 
 import torch
 
-from ._common import Taker, base_prefix, has_head, linear, num_labels, under
+from ._common import Taker, base_prefix, head_classes, linear, under
 from .vit_deit import embeddings, encoder, vit_kwargs, vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("ijepa",)
 
 
-def _num_classes(config: dict[str, Any]) -> int:
-    return num_labels(config) if has_head(config) else 0
-
-
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     kwargs = vit_kwargs(config)
-    kwargs.update(num_classes=_num_classes(config), class_token=False, global_pool="avg", fc_norm=False)
+    kwargs.update(num_classes=head_classes(config), class_token=False, global_pool="avg", fc_norm=False)
     return vit_name(kwargs), kwargs
 
 
@@ -34,6 +27,6 @@ def timm_weights(
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "I-JEPA"))
     out = embeddings(t, prefix_tokens=())
     out.update(encoder(t, config))
-    if _num_classes(config):
+    if head_classes(config):
         out.update(under("head", linear(t.at(""), "classifier")))
     return t.finish(out, lambda k: k.startswith((f"{t.prefix}pooler.", f"{t.prefix}embeddings.mask_token")))

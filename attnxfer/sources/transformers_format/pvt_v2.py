@@ -1,15 +1,8 @@
 """transformers' PVTv2 as timm's `PyramidVisionTransformerV2`.
 
-Where the two libraries meet:
-
-* stage i's overlapping patch embedding → timm's ``patch_embed`` (stage 0) or ``stages.i.downsample``;
-  timm fixes their kernels/strides at 7/4 then 3/2 (PVTv2's own), so other ``patch_sizes``/``strides``
-  are refused;
-* attention: ``query`` → ``q``; ``key`` and ``value`` → one fused ``kv``; the spatial-reduction conv and
-  its norm → ``sr`` / ``norm`` (``linear_attention``: pooled to 7×7 first, then a 1×1 ``sr``, norm and
-  GELU; timm's ``linear=True``, whose MLP has the same extra ReLU);
-* MLP: ``dense1``, the depth-wise ``dwconv.dwconv``, ``dense2`` → ``fc1``, ``dwconv``, ``fc2``;
-* each stage's closing ``layer_norm`` → ``stages.i.norm``; mean pooling and ``classifier`` → ``head``.
+timm fixes the patch embeddings' kernels/strides at 7/4 then 3/2 (PVTv2's own), so other ``patch_sizes`` /
+``strides`` are refused; ``key`` and ``value`` fuse into ``kv``; ``linear_attention`` is timm's
+``linear=True`` (pooled to 7×7, a 1×1 ``sr``, and the same extra ReLU in the MLP).
 
 LayerNorm eps: transformers uses ``layer_norm_eps`` (1e-6) for every norm; timm, like the original PVTv2
 code, keeps 1e-5 in the patch-embedding and spatial-reduction norms. Each of those norms reads a
@@ -66,7 +59,6 @@ def _ints(v) -> tuple[int, ...]:
 
 
 def timm_arch(config: dict) -> tuple[str, dict]:
-    """timm's `PyramidVisionTransformerV2` with the dims, depths, heads, reductions and eps of ``config``."""
     c = {**_DEFAULTS, **config}
     depths, dims = _ints(c["depths"]), _ints(c["hidden_sizes"])
     if int(c.get("num_encoder_blocks", len(depths))) != len(depths):
@@ -98,8 +90,7 @@ def timm_arch(config: dict) -> tuple[str, dict]:
 
 
 def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """transformers' PVTv2 state dict (base or task model) ->
-    (timm `PyramidVisionTransformerV2` state dict, the checkpoint keys deliberately dropped: none)."""
+    """(timm `PyramidVisionTransformerV2` state dict, keys dropped on purpose: none) of a base or task model."""
     _, kwargs = timm_arch(config)
     t = Taker(weights, base_prefix(weights, "encoder.layers.0.patch_embedding.proj.weight", "PVTv2"))
     # the conv in front of each eps-1e-5 norm, scaled so that the norm computes transformers' eps

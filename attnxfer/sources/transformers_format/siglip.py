@@ -1,14 +1,10 @@
 """transformers' SigLIP vision tower as timm's SigLIP VisionTransformer (``vit_*_siglip_*``): no class
-token, position embeddings over the patches, the final LayerNorm (``post_layernorm``) over every token,
-and the multihead-attention-pooling head (a learned probe attending over the tokens, then a LayerNorm'd
-MLP with a residual) as timm's ``global_pool='map'``. The probe's packed ``in_proj`` splits into timm's
-``q`` (first third) and ``kv``.
+token, and the attention-pooling head as timm's ``global_pool='map'`` (the probe's packed ``in_proj``
+split into ``q``, its first third, and ``kv``), so ``forward`` is ``get_image_features``.
 
-Features: ``forward_features`` is transformers' ``last_hidden_state``; the pooled output (``forward`` of
-the headless model) is ``pooler_output``, which is what ``get_image_features`` returns. A tower without
-the head (``vision_use_head: false``) pools by averaging, and ``SiglipForImageClassification`` classifies
-the average of ``last_hidden_state`` (timm's ``global_pool='avg'`` after the final norm); its unused
-attention-pooling weights are dropped. The text tower, ``logit_scale`` and ``logit_bias`` are dropped.
+A tower without the head (``vision_use_head: false``) and ``SiglipForImageClassification`` pool by
+averaging ``last_hidden_state`` (``global_pool='avg'`` after the final norm); the classifier's unused
+attention-pooling weights, the text tower, ``logit_scale`` and ``logit_bias`` are dropped.
 """
 
 from __future__ import annotations
@@ -24,15 +20,14 @@ from ._common import (
     base_prefix,
     clip_layer,
     has_head,
+    head_classes,
     linear,
     mlp_ratio,
     norm_layer,
-    num_labels,
-    pair,
-    timm_name,
     under,
     vit_dims,
 )
+from .vit_deit import vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("siglip", "siglip_vision_model")
 
@@ -63,13 +58,11 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
         class_token=False,
         act_layer=activation(c),
-        num_classes=num_labels(config) if has_head(config) else 0,
+        num_classes=head_classes(config),
         **pool,
         **norm_layer(c["layer_norm_eps"]),
     )
-    patch, img = pair(c["patch_size"])[0], pair(c["image_size"])[0]
-    name = timm_name("vit_{size}_patch{p}_siglip_{i}", "vit_base_patch16_siglip_224", dim, p=patch, i=img)
-    return name, kwargs
+    return vit_name(kwargs, "vit_{size}_patch{p}_siglip_{i}", "vit_base_patch16_siglip_224"), kwargs
 
 
 def timm_weights(

@@ -1,24 +1,14 @@
 """transformers' Swin (v1) as timm's `SwinTransformer`.
 
-Where the two libraries meet:
+Where the two libraries meet: q, k, v fused into ``qkv``, relative-position tables indexed alike; patch
+merging ends transformers' stage i and starts timm's stage i+1, both concatenating the 2×2 neighbours in
+the same order, so the reduction weight is taken as it is.
 
-* q, k, v: three linears in transformers, one fused ``qkv`` in timm; the relative-position tables are
-  the same (2w-1)² × heads tables, indexed alike (timm rebuilds the index buffers from the window size);
-* patch merging: transformers ends stage i with it (``layers.i.downsample``), timm starts stage i+1 with
-  it (``layers.{i+1}.downsample``). Both concatenate the 2×2 neighbours in the same order, (row, col) =
-  (0,0), (1,0), (0,1), (1,1), so the reduction weight is taken as it is;
-* final ``layernorm`` → ``norm``, then mean pooling and ``classifier`` → ``head.fc``;
-* windows: both use one unshifted window on a stage whose grid equals the window, pad a grid that is not
-  a multiple of the window and mask the shifted windows with -100.
-
-What timm cannot rebuild is refused by `timm_arch` with the reason: absolute position embeddings (timm's
-Swin has none), an activation other than exact GELU, a ``layer_norm_eps`` other than 1e-5 (transformers
-keeps 1e-5 in the patch-embedding and patch-merging norms whatever the config says, timm has one norm
-layer for all), a stage whose grid needs padding AND has shifted windows (transformers pads before the
-cyclic shift and timm after it, so the padded tokens sit in different windows), and a stage whose grid is
-smaller than the window (transformers 5 builds its relative-position table for the configured window and
-its own forward then fails). No Hub Swin has either stage at its own image size: 224/4 = 56, 28, 14, 7
-with window 7; 384/4 = 96, 48, 24, 12 with window 12; 192/4 = 48, 24, 12, 6 with window 6.
+Refused by `timm_arch`, with the reason: absolute position embeddings, an activation other than exact GELU,
+a ``layer_norm_eps`` other than 1e-5 (transformers keeps 1e-5 in its patch norms, timm has one eps for all),
+a stage grid that needs padding AND has shifted windows (transformers pads before the cyclic shift, timm
+after it), and a stage grid smaller than the window (transformers 5's own forward fails there). No Hub
+Swin has either at its own image size (224/4 = 56, 28, 14, 7 with window 7; 384 with 12; 192 with 6).
 
 Dropped and reported: the SimMIM ``decoder`` and mask token, a backbone's ``hidden_states_norms``.
 """
@@ -91,11 +81,8 @@ def _check_windows(grids: list[tuple[int, int]], depths: tuple[int, ...], window
             )
         # (window, shift) in transformers: a grid whose smaller side fits one window gets one square window of
         # that side and no shift; in timm: clamped side by side, no shift along a side the window covers
-        hf = (
-            ((min(grid),) * 2, (0, 0))
-            if min(grid) <= window
-            else ((window, window), (window // 2, window // 2))
-        )
+        one = min(grid) <= window
+        hf = ((min(grid),) * 2, (0, 0)) if one else ((window, window), (window // 2,) * 2)
         win = tuple(min(r, window) for r in grid)
         tm = win, tuple(0 if r <= w else window // 2 for r, w in zip(grid, win))
         if (depth > 1 and hf != tm) or hf[0] != tm[0]:
@@ -113,7 +100,6 @@ def _check_windows(grids: list[tuple[int, int]], depths: tuple[int, ...], window
 
 
 def timm_arch(config: dict) -> tuple[str, dict]:
-    """timm's `SwinTransformer` with the image/patch/window sizes, dims, depths and heads of ``config``."""
     c = {**_DEFAULTS, **config}
     if c["use_absolute_embeddings"]:
         raise ValueError("swin: use_absolute_embeddings=true; timm's Swin has no absolute position embedding")
@@ -147,8 +133,7 @@ def timm_arch(config: dict) -> tuple[str, dict]:
 
 
 def timm_weights(weights: dict[str, torch.Tensor], config: dict) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """transformers' Swin state dict (base or task model, saved or in-memory names) ->
-    (timm `SwinTransformer` state dict, the checkpoint keys deliberately dropped)."""
+    """(timm `SwinTransformer` state dict, keys dropped on purpose) of a base or task model, any names."""
     _, kwargs = timm_arch(config)
     weights = legacy_names(weights, _RENAMES)
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "Swin"))

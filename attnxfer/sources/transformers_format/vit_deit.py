@@ -1,12 +1,9 @@
 """transformers' ViT and DeiT as timm's VisionTransformer / VisionTransformerDistilled.
 
-Both are timm's pre-norm ViT: a class token (and DeiT's distillation token) with position embeddings
-over prefix and patches, a final LayerNorm over every token, the classifier on the class token. DeiT
-heads: ``DeiTForImageClassificationWithTeacher`` averages its class and distillation heads, which is
-what timm's distilled model computes in eval; ``DeiTForImageClassification`` classifies from the class
-token alone, which timm's distilled model cannot, so that classifier is dropped (features only).
-ViT's pooler (dense + tanh, unused by ViTForImageClassification) and the masked-image-modelling
-decoder are dropped.
+``DeiTForImageClassificationWithTeacher`` averages its class and distillation heads, as timm's distilled
+model does in eval; ``DeiTForImageClassification`` classifies from the class token alone, which timm's
+distilled model cannot, so that classifier is dropped (features only), as are ViT's unused pooler and the
+masked-image-modelling decoder.
 """
 
 from __future__ import annotations
@@ -47,7 +44,7 @@ _DEIT_HEADS = ("DeiTForImageClassificationWithTeacher",)
 
 def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """The timm VisionTransformer arguments every transformers ViT-layer model shares (ViT, DeiT, ViT-MAE,
-    I-JEPA): dims, patch grid, activation, LayerNorm eps, qkv bias."""
+    I-JEPA)."""
     c = {**DEFAULTS, **config}
     dim = int(c["hidden_size"])
     return dict(
@@ -62,7 +59,7 @@ def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
 def vit_name(
     kwargs: dict[str, Any], template: str = "vit_{size}_patch{p}_{i}", default: str = "vit_base_patch16_224"
 ) -> str:
-    """timm's name for a ViT of these arguments (``vit_base_patch16_224``; DeiT's with DeiT's template)."""
+    """timm's name for a ViT of these arguments (``vit_base_patch16_224``; others with their template)."""
     patch, img = pair(kwargs["patch_size"])[0], pair(kwargs["img_size"])[0]
     return timm_name(template, default, kwargs["embed_dim"], p=patch, i=img)
 

@@ -1,8 +1,5 @@
-"""transformers' ViT-MAE encoder as timm's VisionTransformer (as timm builds MAE's own encoders).
-
-The encoder is a ViT with a class token whose (fixed sin-cos) position embeddings are stored in the
-checkpoint; the pre-training decoder is dropped and reported. ``mask_ratio`` does not apply: a teacher
-sees every patch, as ``ViTMAEModel`` does with ``mask_ratio=0`` and patches kept in order.
+"""transformers' ViT-MAE encoder as timm's VisionTransformer (as timm builds MAE's own encoders); the
+decoder is dropped and reported, and a teacher sees every patch, as ``ViTMAEModel`` with ``mask_ratio=0``.
 """
 
 from __future__ import annotations
