@@ -41,6 +41,7 @@ from .convert import (
     stage2_config,
     stage2_done,
 )
+from .selection import AUTO
 from .stage1 import Stage1Job, stage1_batches
 
 
@@ -108,10 +109,20 @@ class _ConvertStudy:
         if info.is_main_process:  # stage 2's trackers, decided before the teacher loads
             for _, cfg in configs:
                 prepare_trackers_from_config(cfg, Path(cfg.run_dir) / "stage2")
-        # the shared parts (the first student's teacher and loaders) draw nothing from the students' streams
-        # said by the students' own builds below, not by this one
-        with torch.random.fork_rng(devices=[]), _naming(configs[0][0].name), quiet():
-            shared = build_conversion(configs[0][1], info, None).parts
+        # the shared parts (a student's teacher and loaders) draw nothing from the students' streams and say
+        # nothing: the students' own builds below speak. Built from a student with a fixed attention where
+        # there is one, so that convert.attention=auto's measurements (minutes of fits) run in its student's
+        # own build and say what they do, not silently in this one
+        name, first = next(((s.name, c) for s, c in configs if c.convert.attention != AUTO), (None, None))
+        if first is None:
+            name, first = configs[0][0].name, configs[0][1]
+            say(
+                f"{name}: convert.attention=auto: timing the candidates and fitting each in every block "
+                f"({first.convert.selection_steps or first.convert.stage1_steps} stage-1 steps each) before any "
+                "student trains; every student's choice follows"
+            )
+        with torch.random.fork_rng(devices=[]), _naming(name), quiet():
+            shared = build_conversion(first, info, None).parts
         runs, streams = [], []
         for student, cfg in configs:
             torch.manual_seed(cfg.seed)
