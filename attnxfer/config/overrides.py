@@ -179,6 +179,8 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.")
         else:
+            if isinstance(value, _Into):  # model.kwargs.depth=4 sets one key of the recipe's model.kwargs
+                value = _merged_into(getattr(obj, key), value)
             changes[key] = value = _coerce(value, tp, prefix + key)
             rule = rule_of(
                 fields[key]
@@ -202,13 +204,28 @@ def parse_overrides(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+class _Into(dict):
+    """The keys a dotted override names inside a field: merged into the field's value (a dict such as
+    ``model.kwargs``), not replacing it, as Hydra and OmegaConf users expect; ``model.kwargs={...}`` still
+    replaces the whole value."""
+
+
+def _merged_into(current: Any, keys: _Into) -> Any:
+    if not isinstance(current, Mapping):
+        return {k: _merged_into(None, v) if isinstance(v, _Into) else v for k, v in keys.items()}
+    merged = dict(current)
+    for k, v in keys.items():
+        merged[k] = _merged_into(merged.get(k), v) if isinstance(v, _Into) else v
+    return merged
+
+
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
+    nested: dict[str, Any] = _Into()
     for key, value in flat.items():
         parts = key.split(".")
         node = nested
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            node = node.setdefault(p, _Into())
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key!r} conflicts with another override of {p!r}")
         node[parts[-1]] = value

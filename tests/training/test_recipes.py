@@ -319,3 +319,14 @@ def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
     (tmp_path / "d.yaml").write_text("base: [x]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="base must be a recipe name"):
         load_config(tmp_path / "d.yaml")
+
+
+def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others():
+    """``model.kwargs.depth=4`` on a recipe that sets model.kwargs changes the depth only (as in Hydra); the
+    whole value given at once (``model.kwargs={...}``) still replaces it."""
+    recipe = load_config("recall/teacher").model.kwargs
+    deeper = load_config("recall/teacher", ["model.kwargs.depth=4"]).model.kwargs
+    assert deeper == {**recipe, "depth": 4} and recipe["depth"] == 2
+    assert load_config("recall/teacher", ["model.kwargs={depth: 4}"]).model.kwargs == {"depth": 4}
+    nested = load_config("recall/teacher", ["data.kwargs.curriculum=[]", "data.kwargs.pairs=4"]).data.kwargs
+    assert nested["curriculum"] == [] and nested["pairs"] == 4 and nested["num_keys"] == 16
