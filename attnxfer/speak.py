@@ -1,20 +1,9 @@
-"""The one way attnxfer speaks: `say` (results, progress, to stdout), `warn` (to stderr), `debug` (detail).
-
-Every line goes through one logger, ``logging.getLogger("attnxfer")``, so a user keeps control with plain
-`logging`: ``setLevel(logging.WARNING)`` silences `say`, ``setLevel(logging.DEBUG)`` shows `debug`, and a
-handler added to that logger receives every record. The handler installed here writes to the *current*
-``sys.stdout``/``sys.stderr`` at emit time (INFO to stdout, everything else to stderr), so redirects and
-pytest's capture see the lines, and flushes each one, so interleaved launcher output stays in order.
-
-Printed once: the logger does not propagate, so a handler on the root logger (``logging.basicConfig``) does
-not print the line a second time. The handler is installed once, the first time anything is said (a second
-install finds it and returns); a user who wants attnxfer's records in the root handlers instead removes it
-and sets ``propagate = True``.
-
-One main-rank filter: on ranks other than 0 a line is dropped unless said with ``all_ranks=True`` (a rank's
-own trouble, such as a watchdog stop). `rank` is the one definition of "which rank am I" for output.
-
-No torch at import time: the CLI's ``--help`` imports this module.
+"""The one way attnxfer speaks: `say` (results, to stdout), `warn` (to stderr), `debug` (detail).
+Every line goes through ``logging.getLogger("attnxfer")``, so plain `logging` controls it; the handler writes
+to the *current* ``sys.stdout``/``sys.stderr`` at emit time (redirects and pytest's capture see the lines)
+and flushes each (launcher output stays in order). The logger does not propagate, so a root handler does
+not print a line twice. Ranks other than 0 drop a line unless ``all_ranks=True``. No torch at import time:
+the CLI's ``--help`` imports this module.
 """
 
 from __future__ import annotations

@@ -1,24 +1,13 @@
 """Compare a teacher's attention with students' (and with itself on noisy inputs), layer by layer, head
-by head, over batches of images.
-
-Each batch runs every model's own timm forward once (`layer_qk`: what each layer's logits are made of,
-never a map); then, one teacher layer at a time, rows of the maps are built a chunk at a time and reduced
-to per-head sums at once (`layer_sums.walk_layer`), so peak extra memory is one layer's row chunk.
-
-Whatever a family does around its attention is timm's: rope, relative-position biases, SAM's windows
-(a windowed layer's rows are rows of a batch of windows), CaiT's class-attention blocks (one query row
-over the class token and the patches), spatial reduction (fewer keys than queries), padding masks.
-Where a layer's rows sit on the image (`LayerGeometry`) is read from its shapes: the class-token map and
-attention distance use the layers that see the whole grid; the rest are compared row for row.
-
-The result is plain data (`Inspection`, dataclasses of lists and floats): ``dataclasses.asdict`` is
-the JSON that `attnxfer inspect` writes.
+by head. Maps are built one teacher layer and one row chunk at a time, so peak extra memory is one layer's
+row chunk; whatever a family does around its attention (rope, windows, class attention, key reduction) is
+timm's own forward. The result is plain data: ``dataclasses.asdict`` is what `attnxfer inspect` writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +19,7 @@ from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_name_of, stage_of
 from ..transfer.plan import map_layers
 from .geometry import LayerGeometry, layer_geometry
+from .knn import evaluating
 from .layer_sums import LayerWork, RowLayout, StudentSums, TeacherSums, walk_layer
 from .layout import NotInspectable, inspectable_layers, token_layout
 from .metrics import finite_mean, head_assignment
@@ -42,8 +32,7 @@ PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
 
 @dataclass
 class InspectedStudent:
-    """A student to inspect: the model and the teacher chunks its layers borrow at run time (attention copy:
-    ``borrow[student layer] = (teacher layer, "qk")``); a borrowed q/k is what the layer attends with."""
+    """A student and the teacher q/k its layers borrow at run time (``borrow[layer] = (teacher layer, "qk")``)."""
 
     model: nn.Module
     borrow: dict[int, tuple[int, str]] = field(default_factory=dict)
@@ -51,9 +40,8 @@ class InspectedStudent:
 
 @dataclass
 class TeacherLayer:
-    """One teacher layer: its own maps, and how far they move when the input gets a little noise (the floor).
-    ``name`` is the attention's module name, ``stage`` the model's stage that holds it (`stage_of`:
-    ``layers.1`` in Swin, ``""`` in a flat model), ``partition`` where its rows sit (`LayerGeometry.label`: ``global``, ``class attention``, ``4 windows``, ``reduced keys``)."""
+    """One teacher layer: its own maps, and how far they move when the input gets a little noise (the floor);
+    ``partition`` is where its rows sit (`LayerGeometry.label`: ``global``, ``4 windows``, ...)."""
 
     layer: int
     heads: int
@@ -124,25 +112,17 @@ def compare_attention(
     progress: bool = False,
 ) -> Inspection:
     """Per layer and head: each student's maps against the teacher's, and the teacher against itself on
-    inputs with Gaussian noise of std ``noise`` (in normalised units; on the first ``floor_images`` images,
-    None: all) as a floor that says what "close" means.
-
-    Layers are the models' attention layers in forward order (`attention_layers`: any family with
-    adapters). Student layer i is paired with teacher layer i (different depths: uniformly, as transfer
-    plans do); a teacher with g× the student's heads is averaged in contiguous groups of g heads (as the
-    distillation loss does). Paired layers must attend over the same rows and keys (windows, key
-    reduction and all). Metrics: KL(P_t ‖ P_s), JS, top-``topk`` overlap, Spearman correlation (on
-    ``probe_rows`` query rows per row batch: the first and evenly spaced others), row entropy, and where
-    the layer sees the whole grid mean attention distance in pixels (patch queries over patch keys) and
-    class-token map JS and Pearson correlation (over patches); a Hungarian teacher↔student head
-    assignment by JS on the probe rows.
+    inputs with Gaussian noise of std ``noise`` (on the first ``floor_images`` images, None: all) as a floor
+    that says what "close" means. Layers pair uniformly over different depths, as transfer plans do; a
+    teacher with g× the student's heads is averaged in groups of g heads, as the distillation loss does.
+    Top-k overlap, Spearman and head costs use ``probe_rows`` query rows per row batch (sorts are costly).
     """
     subjects = {n: s if isinstance(s, InspectedStudent) else InspectedStudent(s) for n, s in students.items()}
     if not subjects:
         raise InputError("compare_attention needs at least one student")
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
     models = [teacher, *(s.model for s in subjects.values())]
-    with _evaluating(models), contextlib.closing(_progress_bar(progress)) as bar:
+    with evaluating(models), contextlib.closing(_progress_bar(progress)) as bar:
         for x in batches:
             x = x.to(comparison.device)
             if not x.shape[0]:
@@ -150,19 +130,6 @@ def compare_attention(
             comparison.add_batch(x)
             bar.update(x.shape[0])
     return comparison.inspection()
-
-
-@contextlib.contextmanager
-def _evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
-    """``models`` in eval mode for the duration, each back in its own mode afterwards."""
-    was = {id(m): m.training for m in models}
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in models:
-            m.train(was[id(m)])
 
 
 def _progress_bar(progress: bool) -> tqdm:
@@ -291,7 +258,6 @@ class _Comparison:
         return Inspection(self.images, self.floor_seen, settings, self.layout, teacher_layers, reports)
 
 
-# ------------------------------------------------------------------------------------------- checks
 def _shape_words(sig: LayerSignals) -> str:
     b, nq, nk = sig.shape
     return f"{b} row batches x {nq} queries x {nk} keys"

@@ -1,5 +1,4 @@
-"""How sure a top-1 is: its 95 % interval as a binomial proportion (read by reports, `attnxfer eval` and
-the exported model card's ``model-index``; `attnxfer.apps.run.uncertainty` builds the reports' wording on it)."""
+"""How sure a top-1 is: its 95 % interval as a binomial proportion."""
 
 from __future__ import annotations
 

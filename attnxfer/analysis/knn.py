@@ -1,24 +1,13 @@
 """k-NN top-1 of a model's embeddings: how well an encoder's features separate classes, with no head.
-
-The rule is DINO's weighted k-NN evaluation (Caron et al. 2021, ``eval_knn``): embeddings are L2-normalised;
-each validation image takes the ``k`` training images (the memory bank) of highest cosine similarity, and
-each neighbour votes for its label with weight ``exp(cos / T)``; the class with the largest summed weight is
-the prediction (k = 20, T = 0.07 by default, as DINO reports).
-
-The embedding is the model's pooled feature, ``forward_head(forward_features(x), pre_logits=True)``: what
-its head (or a linear probe) would see — the class token after the final norm for token pooling (DINO's
-choice), the normed patch average for average pooling (MAE, EVA), the pooled map for Swin/PVTv2 —, so one
-rule serves every timm family, headless or not.
-
-A teacher and its student are scored on the same images: `KnnComparison` keeps the paired counts (both
-right, only the teacher, only the student, neither), from which come each top-1 with its Wilson 95 %
-interval and the share of the teacher's top-1 the student recovers, with a paired bootstrap interval.
+The rule is DINO's weighted k-NN (Caron et al. 2021: k = 20, T = 0.07) on the pooled feature its head would
+see, so one rule serves every timm family; a teacher and student are scored on the same images and their
+paired counts give the share of the teacher's top-1 the student recovers, with a paired bootstrap interval.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,34 +32,41 @@ def embed(
     """L2-normalised embeddings (N, D) of every model over labelled ``(x, y)`` batches (one pass over the
     images for all models, each in eval mode, restored after) and the labels (N,); ``limit``: stop after
     that many images."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
     feats: list[list[torch.Tensor]] = [[] for _ in models]
     labels: list[torch.Tensor] = []
     seen = 0
-    try:
+    with evaluating(models):
         for x, y, *_ in batches:
             if limit is not None and seen >= limit:
                 break
             x = x.to(device, non_blocking=True)
             with autocast():
                 for out, m in zip(feats, models, strict=True):
-                    # the pooled feature (see the module docstring), as float32
-                    pooled = m.forward_head(m.forward_features(x.to(_dtype(m))), pre_logits=True).float()
+                    # the pooled feature (class token after the final norm, or the normed patch average), as float32
+                    pooled = m.forward_head(m.forward_features(x.to(param_dtype(m))), pre_logits=True).float()
                     out.append(F.normalize(pooled, dim=-1).cpu())
             labels.append(torch.as_tensor(y).long().cpu())
             seen += len(x)
-    finally:
-        for m, mode in zip(models, modes, strict=True):
-            m.train(mode)
     cut = slice(0, limit)
     return [torch.cat(f)[cut] if f else torch.empty(0, 0) for f in feats], (
         torch.cat(labels)[cut] if labels else torch.empty(0, dtype=torch.long)
     )
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
+@contextmanager
+def evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
+    """``models`` in eval mode for the duration, each back in its own mode afterwards."""
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, was, strict=True):
+            m.train(mode)
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
     p = next(model.parameters(), None)
     return torch.float32 if p is None else p.dtype
 

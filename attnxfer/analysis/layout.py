@@ -1,9 +1,6 @@
-"""What tokens a model makes of an image: the input size it takes, its prefix tokens, its patch grid and the
-pixel pitch of its patches — and whether it can be inspected at all.
-
-The patch embedding is found where `attnxfer.models.image_input` says each family keeps it; the pitch is its
-conv's stride where it has one (overlapping patch embeddings, PVTv2's 7x7 convs of stride 4, step by the
-stride, not by the kernel), so distances in pixels are where the patches sit.
+"""What tokens a model makes of an image (input size, prefix tokens, patch grid and pitch) and whether it can
+be inspected. The pitch is the patch conv's stride (PVTv2's overlapping 7x7 convs step by 4), so distances in
+pixels are where the patches sit.
 """
 
 from __future__ import annotations

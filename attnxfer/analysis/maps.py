@@ -1,6 +1,5 @@
-"""Maps over the patch grid for pictures: per layer the class token's attention (or, without a class token,
-the attention each patch receives) and the class token's attention rollout. These build whole rows of the
-layers that see the whole image: meant for the few images of a picture, not for measuring.
+"""Maps over the patch grid for pictures (class-token attention, rollout): whole rows of the whole-image
+layers, meant for the few images of a picture, not for measuring.
 """
 
 from __future__ import annotations

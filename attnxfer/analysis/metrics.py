@@ -1,14 +1,6 @@
-"""Agreement metrics between attention maps: pure functions on rows of maps (torch, scipy).
-
-Every function takes rows of row-stochastic maps, ``(..., N)`` tensors whose last axis sums to 1 (a
-teacher's ``p``, a student's ``q``), and returns one value per row, so callers can build rows a chunk
-at a time and never hold a whole N×N map. Natural logarithms throughout (nats). Zeros are allowed:
-``0 log 0 = 0``, and a zero in ``q`` where ``p`` has mass is floored at the dtype's smallest normal
-number, as the map losses do, so KL stays finite (and large).
-
-Layer-level pieces (attention distance, rollout, head assignment) are here too: they are the
-analyses of the ViT paper (mean attention distance), Abnar & Zuidema (rollout) and a Hungarian
-assignment of heads by cost (`scipy.optimize.linear_sum_assignment`).
+"""Agreement metrics between attention maps: pure functions on rows of row-stochastic maps, one value per
+row, so callers build rows a chunk at a time and never hold an N×N map. Natural logs; a zero in ``q`` where
+``p`` has mass is floored at the dtype's smallest normal, as the map losses do, so KL stays finite.
 """
 
 from __future__ import annotations
@@ -28,10 +20,7 @@ def row_entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def row_kl(p: torch.Tensor, q: torch.Tensor, entropy_p: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(p ‖ q) = Σ_j p_j (log p_j − log q_j) per row (q floored where p has mass and q has none).
-
-    ``entropy_p``: H(p) per row if the caller has it already (it saves a pass). Rounding below zero is
-    clipped (KL ≥ 0)."""
+    """KL(p ‖ q) per row; ``entropy_p``: H(p) if the caller has it already (it saves a pass)."""
     h_p = row_entropy(p) if entropy_p is None else entropy_p
     return (-h_p - (p * torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))).sum(-1)).clamp_min(0)
 
@@ -120,21 +109,14 @@ def patch_distances(
 
 
 def attention_distance(patch_rows: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-    """Mean attention distance of each patch query (the ViT paper's Fig. 7): Σ_j a_ij d_ij, with the
-    row's weights over patch keys renormalised to sum to 1 (the class token has no position).
-
-    ``patch_rows``: (..., P) rows of patch queries over patch keys, whose query indices match the rows
-    of ``distances`` (P', P).
-    """
+    """Mean attention distance of each patch query (the ViT paper's Fig. 7), rows renormalised over patch
+    keys (the class token has no position)."""
     return (renormalise(patch_rows) * distances).sum(-1)
 
 
 def attention_rollout(maps: Sequence[torch.Tensor | None], residual: float = 0.5) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema, 2020): Π_l (r I + (1 − r) Ā_l), Ā_l the head-averaged map of
-    layer l with rows renormalised; a layer without a map (None) passes tokens through (identity).
-
-    ``maps``: per layer (B, H, N, N) or (B, N, N). Returns (B, N, N), rows summing to 1.
-    """
+    """Attention rollout (Abnar & Zuidema, 2020): Π_l (r I + (1 − r) Ā_l) over the head-averaged maps; a
+    layer without a map (None) passes tokens through."""
     out = None
     for m in maps:
         if m is None:
@@ -150,14 +132,9 @@ def attention_rollout(maps: Sequence[torch.Tensor | None], residual: float = 0.5
 
 
 def head_assignment(cost: np.ndarray | torch.Tensor) -> dict:
-    """The optimal teacher↔student head assignment for a (teacher heads, student heads) cost matrix.
-
-    Returns ``pairs`` [(teacher head, student head)] minimising the summed cost (each head used at most
-    once; with fewer student heads every student head gets one teacher head), ``matched_cost`` (their
-    mean), ``identity_cost`` (mean of cost[h, h] over the shared heads, or with head groups — the teacher
-    has g× the student's heads — of cost[h, h // g] over all teacher heads) and ``tracks``: for each
-    student head, the teacher heads whose closest student head it is.
-    """
+    """The optimal (Hungarian) teacher↔student head assignment for a (teacher heads, student heads) cost:
+    ``pairs``, ``matched_cost``, ``identity_cost`` (with head groups, cost[h, h // g]) and ``tracks`` (per
+    student head, the teacher heads whose closest student head it is)."""
     cost = np.asarray(cost.cpu() if isinstance(cost, torch.Tensor) else cost, dtype=np.float64)
     if cost.ndim != 2 or 0 in cost.shape:
         raise ValueError(f"head assignment needs a (teacher heads, student heads) matrix, got {cost.shape}")

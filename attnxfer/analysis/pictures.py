@@ -1,8 +1,5 @@
-"""Pictures of attention (matplotlib's Agg canvas, no pyplot state): class-token maps over the image, rollout, per-layer curves.
-
-Each function returns a matplotlib ``Figure`` whose size in pixels is fixed by its arguments
-(inches × `DPI`), so callers save it as they like (`save_figure`) or turn it into an image array
-for TensorBoard (`figure_array`).
+"""Pictures of attention on matplotlib's Agg canvas (no pyplot state); each figure's size in pixels is fixed
+by its arguments (inches × `DPI`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""Where a hierarchical layer's rows and keys sit on the image: windows stitched back, keys on their grid.
-
-A windowed layer's map rows are rows of a batch of windows; a spatial-reduction layer's keys are a coarser
-grid than its queries; pooled queries land on a coarser grid than their keys. To draw where a token looks,
-`row_positions` says per layer which grid cell each (window, query row) and each (window, key) is:
-`RowPositions`. Each layer's adapter places its own rows (`TransferableAttention.place_rows`, in its family's
-file, following timm's own order of operations) from its partition (`token_partition`), the tokens its call
-takes and the grid the call names (`call_grid`); this module only runs the model once to read those calls.
-
-`query_maps` then stitches one query row of a layer back onto the image: (B, H, key grid) maps with zeros
-where the query's window does not reach.
+"""Where a hierarchical layer's rows and keys sit on the image (`row_positions`): windows stitched back, keys
+on their grid. Each adapter places its own rows (`TransferableAttention.place_rows`, following timm's order
+of operations); this module only runs the model once to read its calls.
 """
 
 from __future__ import annotations

@@ -1,11 +1,6 @@
-"""What one attention layer attended with on a batch of images (`LayerSignals`): q and k as they enter its
-logits, its logit bias with the model's attention mask folded in — never a map — and the rows of its map
-built from them on request, a chunk of query rows at a time.
-
-`layer_qk` runs a model's own timm forward once with a capturing `AttentionIO` on each attention layer
-(`attnxfer.models.attention.run_with_ios`); a copy student's layers are handed the teacher's q, k and bias
-(`borrowed_signals`). A bias gathered from a relative-position table stays `BiasRows` (taken a row chunk at
-a time); one that is a tensor already, Swin's window bias with its shift mask, stays as captured.
+"""What one attention layer attended with on a batch of images (`LayerSignals`): q, k and logit bias as they
+enter its logits, never a map, so rows of the map can be built a chunk at a time. A bias gathered from a
+relative-position table stays `BiasRows` (never held whole).
 """
 
 from __future__ import annotations
@@ -25,12 +20,9 @@ from .metrics import renormalise
 
 @dataclass
 class LayerSignals:
-    """What one attention layer attended with on one batch: its logits are ``scale · q kᵀ + bias`` over
-    its own key set, q (B', H, N_q, d) and k (B', H, N_k, d) as they enter them (after q/k norms and rope;
-    B' is the images, or images × windows), ``bias`` the additive term (relative-position bias, the
-    model's attention mask; None: none), as a tensor or as `BiasRows` (rows taken a chunk at a time: a
-    bias gathered from a table is never held whole). ``borrowed``: q and k are a teacher's (attention copy), so the
-    map is a softmax one whatever the layer's own kind. Indexable like a dict (``signals["q"]``)."""
+    """Logits ``scale · q kᵀ + bias``: q (B', H, N_q, d), k (B', H, N_k, d) after q/k norms and rope (B':
+    images, or images × windows); ``bias`` holds the model's attention mask too. ``borrowed``: q and k are a
+    teacher's (attention copy), so the map is a softmax one whatever the layer's own kind."""
 
     name: str
     attn: TransferableAttention
@@ -111,10 +103,9 @@ def _with_mask(
 def layer_qk(
     model: nn.Module, x: torch.Tensor, borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None
 ) -> list[LayerSignals]:
-    """Per attention layer (forward order) what it attends with on images ``x`` (`LayerSignals`): its own
-    q/k and logit bias, or the tensors in ``borrow[layer]`` (attention copy: ``q``, ``k`` and, with both,
-    the teacher's ``bias``), which the layer uses in place of its own. One run of the model's own forward
-    (`run_with_ios`), stopped inside the last attention layer once it has captured; holds every layer's q/k."""
+    """Per attention layer what it attends with on images ``x``: its own q/k and bias, or those in
+    ``borrow[layer]`` (attention copy). One run of the model's own forward, stopped inside the last
+    attention layer once it has captured."""
     layers = attention_layers(model)
     borrow = borrow or {}
     ios: dict[int, AttentionIO] = {}

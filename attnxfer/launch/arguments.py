@@ -1,7 +1,5 @@
-"""The flags of ``attnxfer submit`` and ``attnxfer search --array-tasks``: argparse only.
-
-Kept apart from `slurm.py` and `search_array.py` (which import submitit, torch and the apps) so that
-building the CLI's parser, for ``--help`` and for argument errors, loads neither.
+"""The flags of ``attnxfer submit`` and ``attnxfer search --array-tasks``, argparse only: building the CLI's
+parser (for ``--help`` and argument errors) must not load submitit, torch or the apps.
 """
 
 from __future__ import annotations

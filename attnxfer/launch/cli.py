@@ -1,14 +1,6 @@
-"""The ``attnxfer`` command: the parser of its subcommands (one module each in `attnxfer.launch.commands`),
-and how the program answers and exits.
-
-Every subcommand that runs on a config takes ``-c CONFIG.yaml`` plus dotted ``key=value`` overrides and
-prints what it changes from its recipe before it starts work. User errors (bad keys, missing files,
-incompatible models) print one clear message and exit non-zero; set ``ATTNXFER_DEBUG=1`` for the full
-traceback.
-
-Each command imports its app inside its handler, and this module the library only where it needs it:
-`attnxfer --help` and argument errors answer without loading torch. The commands and this module are the only
-code in the package that imports attnxfer modules lazily.
+"""The ``attnxfer`` command: the parser of its subcommands, and how the program answers and exits. User
+errors print one line and exit 2 (``ATTNXFER_DEBUG=1``: the traceback). Each command imports its app inside
+its handler, so `attnxfer --help` and argument errors answer without loading torch.
 """
 
 from __future__ import annotations
@@ -54,13 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS.values():  # in `HELP_ORDER`
         command.add_to(sub)
     return parser
-
-
-def _is_user_error(e: Exception) -> bool:
-    """Whether ``e`` means 'change your input' (a `UserError`): printed in one line, exit code 2. Anything
-    else is a bug and keeps its traceback. Recognised without importing the library (torch): a bad key or
-    a missing recipe answers at once."""
-    return isinstance(e, UserError)
 
 
 def _where_to_resume(args) -> str:
@@ -118,15 +103,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         stopped = _stopped_by_signal(args, e)
         if stopped is not None:
             return stopped
-        if os.environ.get("ATTNXFER_DEBUG") or not _is_user_error(e):
+        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(
+            e, UserError
+        ):  # anything else is a bug: its traceback
             raise
         warn(f"attnxfer {args.command}: error: {e}", all_ranks=True)
         return 2
 
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:
-    """The program's entry point (the ``attnxfer`` script, ``python -m attnxfer``, ``torchrun -m attnxfer``):
-    `main`, then `end_program` with its exit code. Call `main` to get the code back instead."""
+    """The program's entry point: `main`, then `end_program` with its exit code."""
     end_program(main(argv))
 
 

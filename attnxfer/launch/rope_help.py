@@ -1,13 +1,8 @@
-"""What a teacher's rotary embedding (rope) does to each zoo attention's map kind, for `attnxfer convert --help`.
-
-The table is read from the declarations themselves, by text: each zoo attention states ``rope_keeps_map_kind``
-and ``rope_why`` in its own file under ``attnxfer/models/efficient/`` (inherited from its bases where it does
-not), each family file under ``attnxfer/models/attention/families/`` whether its blocks pass a rope
-(``Family(..., rope=True)``). Why by text (`ast`) and not by import: importing the attentions loads torch, which
-``--help`` must not (tests/cli/test_cli_startup.py); a hand-kept copy here would be a second place to touch for
-every new attention. Why when the help is printed (`RopeHelpFormatter`) and not when the parser is built: the
-~25 files take a noticeable fraction of a second to parse, which every other command would pay.
-tests/cli/test_cli_rope_help.py holds the table equal to what the imported classes declare (`rope_support`).
+"""What a teacher's rope does to each zoo attention's map kind, for `attnxfer convert --help`: read by text
+(`ast`) from each attention's ``rope_keeps_map_kind``/``rope_why`` and each family's ``rope=True``, since
+importing the attentions loads torch, which ``--help`` must not; and only when the help is printed, since
+parsing the ~25 files costs every other command a noticeable fraction of a second.
+tests/cli/test_cli_rope_help.py holds the table equal to what the imported classes declare.
 """
 
 from __future__ import annotations
