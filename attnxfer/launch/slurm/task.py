@@ -236,11 +236,8 @@ _STOP_SIGNALLED = False
 
 
 def _watch_stop_signals() -> None:
-    """Remember SIGTERM and submitit's preemption signal, then let submitit's handlers run as before.
-
-    Only rank 0 requeues; the other ranks see their collectives fail a moment later. Knowing
-    that a stop signal came first lets :meth:`TrainingTask.__call__` tell that failure from a real one.
-    """
+    """Remember SIGTERM and submitit's preemption signal, then run submitit's handlers: only rank 0
+    requeues, and the other ranks' collectives failing a moment later are then no real failure."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):  # debug executor: this is the user's own process
         return
     usr = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}", signal.SIGUSR2)
