@@ -8,10 +8,8 @@ from scipy.stats import binomtest
 def top1_interval(
     correct: int, total: int, confidence: float = 0.95, method: str = "wilson"
 ) -> tuple[float, float]:
-    """The ``confidence`` interval of a top-1 of ``correct``/``total``, in percent.
-
-    ``method``: ``wilson`` (Wilson score, the default) or ``exact`` (Clopper–Pearson), as
-    scipy.stats.binomtest(...).proportion_ci computes them."""
+    """The ``confidence`` interval of a top-1 of ``correct``/``total``, in percent (``method``: ``wilson``
+    or ``exact``, Clopper–Pearson)."""
     if total <= 0 or not 0 <= correct <= total:
         raise ValueError(f"top1_interval: need 0 <= correct <= total and total > 0, got {correct}/{total}")
     ci = binomtest(int(correct), int(total)).proportion_ci(confidence_level=confidence, method=method)

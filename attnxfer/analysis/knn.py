@@ -186,9 +186,8 @@ class KnnComparison:
         return float(low), float(high)
 
     def as_dict(self) -> dict[str, float]:
-        """Flat metrics: ``knn_top1`` (the student's, %) with its Wilson 95 % interval (``knn_top1_low`` /
-        ``_high``), the teacher's (``knn_teacher_top1``...), ``knn_share`` with its bootstrap interval, and
-        ``knn_count`` (validation images), ``knn_k``, ``knn_temperature``."""
+        """Flat metrics: ``knn_top1`` (the student's, %), ``knn_teacher_top1``, ``knn_share``, each with its
+        interval (``_low``/``_high``), and ``knn_count``, ``knn_k``, ``knn_temperature``."""
         n = self.count
         out: dict[str, float] = {"knn_count": n, "knn_k": self.k, "knn_temperature": self.temperature}
         if n == 0:

@@ -1,7 +1,5 @@
-"""One teacher layer on one batch, a chunk of query rows at a time, reduced at once to per-head sums: the
-teacher's own row entropy and attention distance, the floor (the teacher on noisy inputs) against it, and
-every student layer paired with it (divergences, top-k overlap, rank correlation, class-token agreement,
-head costs). Peak extra memory is one row chunk of each map beside the captured q/k.
+"""One teacher layer on one batch, a chunk of query rows at a time, reduced at once to per-head sums (its own,
+the floor's, and every paired student layer's): peak extra memory is one row chunk of each map.
 """
 
 from __future__ import annotations

@@ -48,10 +48,8 @@ def input_size(model: nn.Module) -> tuple[tuple[int, int], int]:
 
 
 def token_layout(model: nn.Module, image_size: Sequence[int] | None = None) -> dict[str, Any]:
-    """Prefix tokens (timm's ``num_prefix_tokens``: class and register tokens), patch grid and patch size
-    (pixels) of a timm vision transformer for images of ``image_size`` (default: the model's). Any family
-    with attention adapters; `NotInspectable` for anything else. ``grid`` is empty where the stem has none
-    to read (the layers' shapes still say which rows are whole-image ones)."""
+    """Prefix tokens, patch grid and patch size (px) for images of ``image_size`` (default: the model's);
+    ``grid`` is empty where the stem has none to read."""
     inspectable_layers(model)
     stem = _stem(model)
     proj = getattr(stem, "proj", None)

@@ -29,9 +29,8 @@ class RowPositions(RowPlacement):
 
 @torch.no_grad()
 def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None]:
-    """Per attention layer (forward order) where its rows and keys sit for images like ``x`` (one image
-    of it is run through the model's own forward to read each call's token count and grid); None for a
-    layer its adapter does not place (flat layers: their rows are the image's tokens)."""
+    """Per attention layer where its rows and keys sit for images like ``x`` (one image is run to read each
+    call's token count and grid); None for a layer its adapter does not place (flat layers)."""
     layers = attention_layers(model)
     blocks = attention_blocks(model)
     parts = [a.token_partition(b) for (_, a), b in zip(layers, blocks)]
@@ -75,9 +74,8 @@ def _centres(cells: torch.Tensor, grid: tuple[int, int], image: tuple[int, int])
 
 
 def cell_distances(pos: RowPositions, image: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per window the distances in pixels from each query row's cell to each key's cell, (W, N_q, N_k)
-    (NaN for a padding query: it has no place), and which keys are image cells, not padding (W, N_k):
-    what the attention distance of a windowed or reduced layer is measured with."""
+    """Per window the pixel distances from each query row's cell to each key's, (W, N_q, N_k) (NaN for a
+    padding query), and which keys are image cells, not padding (W, N_k)."""
     q = _centres(pos.queries, pos.grid, image)
     k = _centres(pos.keys, pos.key_grid, image)
     d = torch.cdist(q, k).float()
@@ -94,10 +92,9 @@ def query_points(grid: tuple[int, int]) -> dict[str, int]:
 def query_maps(
     sig: LayerSignals, pos: RowPositions, images: int, points: Mapping[str, int]
 ) -> dict[str, torch.Tensor | None]:
-    """Per query cell (``points``: name -> flat cell of ``pos.grid``) the layer's attention of that query
-    over the image, (B, H, key_h, key_w): its window's keys put back where they sit, 0 elsewhere (and over
-    padding). One map row per point is built (for every window of the batch at once). None for a cell no
-    row queries from."""
+    """Per query cell (``points``: name -> flat cell) the layer's attention of that query over the image,
+    (B, H, key_h, key_w): its window's keys put back where they sit, 0 elsewhere; None for a cell no row
+    queries from."""
     out: dict[str, torch.Tensor | None] = {}
     heads, nk = sig.heads, sig.shape[2]
     for name, cell in points.items():
