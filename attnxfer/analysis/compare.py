@@ -56,8 +56,7 @@ class TeacherLayer:
 
 @dataclass
 class LayerComparison:
-    """One student layer against its teacher layer: per-head metrics (lists over the student's heads),
-    layer means, and the optimal head assignment by JS cost."""
+    """One student layer against its teacher layer: per-head metrics, means, head assignment."""
 
     layer: int
     teacher_layer: int
@@ -137,8 +136,7 @@ def _progress_bar(progress: bool) -> tqdm:
 
 
 class _Comparison:
-    """What `compare_attention` accumulates over the batches: per teacher layer its own sums and the
-    floor's, per student layer its sums against the teacher layer it is paired with."""
+    """What `compare_attention` sums over the batches, per teacher layer and per student layer."""
 
     def __init__(
         self, teacher: nn.Module, subjects: Mapping[str, InspectedStudent], settings: _Settings
@@ -179,8 +177,7 @@ class _Comparison:
         self.floor_seen += n_floor
 
     def _read_layout(self, x: torch.Tensor) -> None:
-        """On the first batch: the teacher's tokens (every student must have the same) and where its
-        windowed and reduced rows sit (for attention distance)."""
+        """On the first batch: the teacher's tokens (every student's must match) and row positions."""
         self.layout = token_layout(self.teacher, x.shape[-2:])
         self.positions = row_positions(self.teacher, x[:1])
         t_layout = self.layout

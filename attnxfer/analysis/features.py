@@ -70,8 +70,7 @@ class FeatureAgreement:
         return cls(*groups)
 
     def as_dict(self, prefix: str = "feat_") -> dict[str, float]:
-        """Flat metrics: ``feat_cos_prefix``, ``feat_rel_err_prefix``, ``feat_cos_patch``, ... (groups with
-        tokens only)."""
+        """Flat metrics: ``feat_cos_prefix``, ``feat_rel_err_prefix``, ... (groups with tokens only)."""
         out: dict[str, float] = {}
         for name, group in zip(TOKEN_GROUPS, (self.prefix, self.patch), strict=True):
             if group is not None:
@@ -84,8 +83,7 @@ class FeatureAgreement:
 def batch_feature_sums(
     student: nn.Module, teacher: nn.Module, x: torch.Tensor, autocast: Autocast = nullcontext
 ) -> torch.Tensor:
-    """`feature_sums` of one batch of images: each model's own ``forward_features`` (under ``autocast``),
-    compared in float64."""
+    """`feature_sums` of one batch: each model's own ``forward_features``, compared in float64."""
     with autocast():
         s = final_tokens(student.forward_features(x), student)
         t = final_tokens(teacher.forward_features(x.to(param_dtype(teacher))), teacher)

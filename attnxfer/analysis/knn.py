@@ -124,8 +124,7 @@ def knn_correct(
 
 
 def paired_counts(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """(4,) int64 counts of the paired outcomes on the same images: both right, only the teacher right, only
-    the student right, neither (they add over shards and ranks)."""
+    """(4,) counts of both right, only the teacher, only the student, neither (they add over ranks)."""
     t, s = teacher.bool(), student.bool()
     return torch.stack([(t & s).sum(), (t & ~s).sum(), (~t & s).sum(), (~t & ~s).sum()]).long()
 
@@ -213,8 +212,7 @@ def knn_hits(
     temperature: float = 0.07,
     autocast: Autocast = nullcontext,
 ) -> list[torch.Tensor]:
-    """Per model, one bool per query image (in the order of ``queries``): is its k-NN prediction its label?
-    Each model has its own memory bank (its embeddings of ``bank``); one pass over each loader for all models."""
+    """Per model, one bool per query image: is its k-NN prediction (own memory bank) its label?"""
     banks, bank_labels = embed(models, bank, device, autocast=autocast)
     feats, labels = embed(models, queries, device, autocast=autocast)
     return [

@@ -50,8 +50,7 @@ class HeadSums:
 
 
 class RowLayout:
-    """One layer's rows: which are class-token, patch and probe rows, and the patch distances in pixels
-    (where its geometry has a grid)."""
+    """One layer's rows: class-token, patch and probe rows, and the patch distances in pixels."""
 
     def __init__(
         self,
@@ -150,8 +149,7 @@ class TeacherSums:
 
 @dataclass
 class LayerWork:
-    """One teacher layer on one batch: its signals, the floor's (noisy inputs; None: no floor images left),
-    and the student layers paired with it ([(student layer signals, its accumulator)])."""
+    """One teacher layer on one batch: its signals, the floor's (None: no floor images left), students."""
 
     teacher: LayerSignals
     floor: LayerSignals | None
@@ -192,8 +190,7 @@ def _student_rows(
 
 
 def walk_layer(work: LayerWork, acc: TeacherSums, topk: int, chunk: int | None) -> None:
-    """One teacher layer, a chunk of query rows at a time: the teacher's own metrics, the floor, and every
-    student layer paired with it."""
+    """One teacher layer, a row chunk at a time: its own metrics, the floor, its student layers."""
     t, lay = work.teacher, work.lay
     n = t.q.shape[-2]
     live = 6 + 3 * len(work.students)

@@ -21,8 +21,7 @@ class NotInspectable(InputError, TypeError):
 
 
 def inspectable_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]]:
-    """The model's attention layers (`attention_layers`); a family without an adapter, or a refused one, as
-    `NotInspectable` (one message: what has no adapter, or why it is refused)."""
+    """The model's attention layers, or `NotInspectable` saying what has no adapter or why."""
     try:
         return attention_layers(model)
     except TypeError as err:

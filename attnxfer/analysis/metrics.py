@@ -58,8 +58,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks along the last axis, ties averaged (as scipy.stats.rankdata): torch's ordinal ranks, and
-    scipy's for the rows that have ties (a window attention's zeros, say)."""
+    """Ranks along the last axis, ties averaged: torch's ordinal ranks, scipy's for tied rows."""
     order = x.argsort(-1)
     ranks = torch.empty_like(x).scatter_(
         -1, order, torch.arange(1, x.shape[-1] + 1, dtype=x.dtype).expand_as(x)
@@ -72,8 +71,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row (ties averaged, then Pearson on the ranks, as
-    scipy.stats.spearmanr does); NaN for constant rows."""
+    """Spearman rank correlation per row (as scipy.stats.spearmanr); NaN for constant rows."""
     return pearson(_ranks(p), _ranks(q))
 
 
@@ -84,15 +82,13 @@ def renormalise(rows: torch.Tensor) -> torch.Tensor:
 
 
 def finite_mean(values: Sequence[float]) -> float:
-    """The mean of the finite values, NaN where there are none (a head with no rows to compare is NaN and
-    left out of its layer's mean)."""
+    """The mean of the finite values (a head with no rows is NaN, left out); NaN if none."""
     ok = [v for v in values if math.isfinite(v)]
     return sum(ok) / len(ok) if ok else math.nan
 
 
 def grouped_heads(p: torch.Tensor, heads: int) -> torch.Tensor:
-    """Teacher rows (B, H_t, R, N) averaged in contiguous groups down to ``heads`` (what a student with
-    fewer heads is compared with: the distillation loss's convention)."""
+    """Teacher rows averaged in contiguous groups down to ``heads`` (the distillation loss's way)."""
     b, ht, r, n = p.shape
     return p if ht == heads else p.reshape(b, heads, ht // heads, r, n).mean(2)
 

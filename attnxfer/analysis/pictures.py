@@ -141,8 +141,7 @@ def class_token_figure_size(layers: int, columns: int, cell: int = 48) -> tuple[
 
 
 def head_matching_figure(rows: Sequence[LayerComparison], title: str = "", per_row: int = 6) -> Figure:
-    """Per layer the JS cost of every teacher head against every student head, the optimal assignment
-    ringed in red, one colour scale for all."""
+    """Per layer the JS cost of teacher against student heads, the optimal assignment ringed."""
     rows = [r for r in rows if r.js_cost]
     n = max(1, len(rows))
     cols = min(per_row, n)
@@ -215,8 +214,7 @@ def curves_figure(insp: Inspection) -> Figure:
 
 
 def agreement_figure(insp: Inspection, title: str = "") -> Figure:
-    """Two panels: per-layer JS of each student against the teacher (with the noise floor), and the mean
-    attention distance of teacher and students."""
+    """Per layer each student's JS to the teacher (with the floor), and mean attention distance."""
     fig = _figure(10, 3.8)
     left, right = fig.subplots(1, 2)
     t_layers = [t.layer for t in insp.teacher]

@@ -18,8 +18,7 @@ from .signals import LayerSignals
 
 @dataclass(frozen=True)
 class RowPositions(RowPlacement):
-    """One layer's rows on the image (`RowPlacement`: the queries' and keys' grids, per window the flat cell
-    of each row and key, -1 for padding), as a comparison checks them against the layer's signals."""
+    """One layer's rows on the image (`RowPlacement`), checked against its signals."""
 
     def matches(self, sig: LayerSignals, images: int) -> bool:
         """Whether these rows are the layer's on a batch of ``images`` (windows, queries and keys)."""

@@ -84,8 +84,7 @@ def _bias_rows(bias: torch.Tensor | BiasRows, rows: slice) -> torch.Tensor:
 def _with_mask(
     bias: torch.Tensor | BiasRows | None, mask: torch.Tensor | None
 ) -> torch.Tensor | BiasRows | None:
-    """The logit bias with the model's additive attention mask folded in, still a chunk of rows at a time
-    where the bias is `BiasRows` (nothing is built whole that was not whole already)."""
+    """The logit bias with the model's attention mask folded in, `BiasRows` staying row-chunked."""
     if mask is None or bias is None:
         return bias if mask is None else mask
     if isinstance(bias, torch.Tensor):
@@ -145,8 +144,7 @@ def layer_qk(
 def borrowed_signals(
     borrow: Mapping[int, tuple[int, str]], t_sig: Sequence[LayerSignals]
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """What a copy student's layers attend with in place of their own (``borrow``: {student layer: (teacher
-    layer, chunks)}): the borrowed chunks of the teacher's layers; q and k together bring its logit bias."""
+    """The teacher q/k (and, with both, its bias) a copy student's layers attend with."""
     out = {}
     for i, (t, chunks) in borrow.items():
         given = {c: t_sig[t][c] for c in chunks if c in "qk"}

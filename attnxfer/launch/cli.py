@@ -65,8 +65,7 @@ def _where_to_resume(args) -> str:
 
 
 def _stopped_by_signal(args, error: Exception) -> int | None:
-    """The exit code of a run that SIGTERM stopped at a step boundary (its checkpoint saved), after saying
-    so on the main process; None for any other error."""
+    """The exit code of a run SIGTERM stopped at a step boundary (checkpoint saved); None for other errors."""
     # not loaded: nothing trained, so no SIGTERM stop (and no torch to import for a bad argument)
     stop = sys.modules.get("attnxfer.train.stop")
     if stop is None or not isinstance(error, stop.StopRequested):

@@ -85,8 +85,7 @@ def _is_zoo(classes: dict[str, _Class], name: str) -> bool:
 
 @cache
 def rope_support_from_source() -> dict[str, tuple[bool, str]]:
-    """Every registered zoo attention -> (rope keeps its map kind, why), read from the zoo's source files;
-    the same as `attnxfer.models.efficient.base.rope_support()` without importing anything."""
+    """`attnxfer.models.efficient.base.rope_support()` read from the zoo's source, importing nothing."""
     classes = _classes(_MODELS / "efficient")
     table = {
         cls.registered: (
@@ -113,8 +112,7 @@ def rope_families() -> list[str]:
 
 
 def rope_epilog(width: int = 100) -> str:
-    """The convert subcommand's epilog: per zoo attention (``convert.attention``), whether applying a rope
-    teacher's rotary embedding to q and k before its feature map keeps its map kind, and why."""
+    """Per zoo attention, whether a rope teacher's rotary embedding keeps its map kind, and why."""
     support = rope_support_from_source()
     name_w = max(map(len, support)) + 2
     lines = [
@@ -131,8 +129,7 @@ def rope_epilog(width: int = 100) -> str:
 
 
 class RopeHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's raw-description help, with the rope table (`rope_epilog`) in place of `ROPE_EPILOG`: it is
-    read only when the help is printed."""
+    """Raw-description help with the rope table in place of `ROPE_EPILOG`, read only when printed."""
 
     def add_text(self, text: str | None) -> None:
         super().add_text(rope_epilog() if text == ROPE_EPILOG else text)

@@ -46,8 +46,7 @@ def _registered_by_text() -> tuple[frozenset[str], frozenset[str]]:
 
 
 def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
-    """(names, parametric prefixes) of every attention a student may name: the imported registry's where it
-    is loaded (it holds the attentions a Python session registered too), else what the source declares."""
+    """(names, parametric prefixes): the imported registry's where loaded, else the source's."""
     registry = sys.modules.get(_REGISTRY_MODULE)
     if registry is not None:
         return frozenset(registry._ATTENTIONS), frozenset(registry._PARAMETRIC)
@@ -60,8 +59,7 @@ _COMPARISONS_MODULE = "attnxfer.transfer.comparisons"
 
 @cache
 def _comparisons_by_text() -> frozenset[str]:
-    """The comparison losses ``@comparison_loss("name")`` registers in attnxfer/transfer/ (a decorator at a
-    line's start: the docstring's example is indented)."""
+    """The ``@comparison_loss`` names at a line's start (a docstring's example is indented)."""
     folder = Path(__file__).resolve().parents[1] / "transfer"
     return frozenset(n for path in sorted(folder.glob("*.py")) for n in _COMPARISON.findall(path.read_text()))
 
@@ -104,8 +102,7 @@ def _model_names(folder: Path) -> frozenset[str]:
 
 @cache
 def _timm_names() -> frozenset[str]:
-    """timm's architectures, read from its model files (found without importing timm); empty where they are
-    not plain files beside it."""
+    """timm's architectures, read from its model files; empty where they are not plain files."""
     spec = importlib.util.find_spec("timm")
     if spec is None or spec.origin is None:
         return frozenset()
@@ -113,8 +110,7 @@ def _timm_names() -> frozenset[str]:
 
 
 def is_architecture(name: str) -> bool | None:
-    """Whether ``name`` (a timm architecture, optionally with a ``.tag``) is one timm builds, attnxfer's own
-    micro models included; None where that cannot be told without importing timm (its files not found)."""
+    """Whether timm builds ``name`` (``.tag`` allowed); None where that cannot be told without timm."""
     arch = name.split(".", 1)[0]
     if arch in _model_names(_MODELS):
         return True
@@ -151,8 +147,7 @@ def _check_attention(key: str, value: Any) -> None:
 
 
 def check_values(cfg: Any) -> Any:
-    """``cfg`` (a `TrainConfig`) once the values its registries hold are known names; else a `ConfigError`
-    naming the key, the value, the nearest name and the choices."""
+    """``cfg`` once its registry values are known names; else a `ConfigError` with the nearest name."""
     _check_architecture("model.name", cfg.model.name)
     _check_architecture("teacher.arch", cfg.teacher.arch)
     if cfg.model.attention:

@@ -90,8 +90,7 @@ def load(args):
 
 
 def print_config(args) -> int:
-    """``--print-config``: the resolved config (the sections the command reads), then what it changes from
-    its recipe (as YAML comments)."""
+    """``--print-config``: the resolved config, then what it changes from its recipe (as comments)."""
     from ...config import dump_config, load_config
     from ..value_checks import check_values
 
@@ -127,8 +126,7 @@ def load_study(args):
 
 
 def done_line(result) -> str:
-    """How a training command (`train`, `pretrain`) ends: its steps and best score, or why it had nothing to
-    do."""
+    """How `train` and `pretrain` end: steps and best score, or why there was nothing to do."""
     if result.nothing_to_do:
         return result.nothing_to_do
     if result.best is None:

@@ -31,8 +31,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def show_config(args) -> int:
-    """``--print-config``: the study's base, then each student's resolved config (a YAML document each) with
-    what it changes from the base."""
+    """``--print-config``: the study's base, then each student's config with what it changes."""
     from ...config import describe_changes, dump_config
     from ...config.study_spec import study_base
 
