@@ -96,7 +96,6 @@ class _Settings:
     chunk: int | None
 
 
-# ------------------------------------------------------------------------------------------- the walk
 @torch.no_grad()
 def compare_attention(
     teacher: nn.Module,
@@ -260,7 +259,6 @@ def _shape_words(sig: LayerSignals) -> str:
     return f"{b} row batches x {nq} queries x {nk} keys"
 
 
-# ------------------------------------------------------------------------------------------- results
 def _teacher_result(j: int, layer: tuple[str, TransferableAttention], acc: TeacherSums) -> TeacherLayer:
     name, attn = layer
     side, floor = acc.own.means(), acc.floor.means()

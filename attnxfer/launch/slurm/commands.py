@@ -27,9 +27,6 @@ from .submission import (  # moved to submission.py
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
 def options_from_args(ns: argparse.Namespace) -> SlurmOptions:
     names = {f.name for f in fields(SlurmOptions)} - {"extra"}
     kwargs = {name: getattr(ns, name) for name in names if hasattr(ns, name)}

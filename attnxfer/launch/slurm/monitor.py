@@ -17,9 +17,6 @@ from ...train.watchdog import SILENCE_LINE
 from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
 
-# ---------------------------------------------------------------------------------------------
-# waiting
-# ---------------------------------------------------------------------------------------------
 class JobFailedError(RuntimeError):
     """A rank of a submitted job raised (or the job died); carries the rank's log tail."""
 

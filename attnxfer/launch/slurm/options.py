@@ -69,9 +69,6 @@ class SlurmUnavailableError(UserError, RuntimeError):
     """``--cluster slurm`` on a machine without SLURM's commands: one line saying where to submit from."""
 
 
-# ---------------------------------------------------------------------------------------------
-# options
-# ---------------------------------------------------------------------------------------------
 _TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
 
 

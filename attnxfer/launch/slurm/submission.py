@@ -34,9 +34,6 @@ from .task import (  # moved to task.py
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# sweeps, dry runs, submission
-# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepPoint:
     overrides: dict[str, Any]
