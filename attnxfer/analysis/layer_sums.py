@@ -172,9 +172,8 @@ def _student_rows(
     if a is None:
         return
     h_a = _side(acc.sums, a, rows, lay)
-    p_bar, h_bar = (p, h_p) if a.shape[1] == p.shape[1] else (grouped_heads(p, a.shape[1]), None)
-    if h_bar is None:
-        h_bar = row_entropy(p_bar)
+    p_bar = p if a.shape[1] == p.shape[1] else grouped_heads(p, a.shape[1])
+    h_bar = h_p if p_bar is p else row_entropy(p_bar)
     ap = _compare_rows(acc.sums, p_bar, a, h_bar, h_a, rows, lay, topk)
     # head costs: (teacher heads, student heads) summed JS of every teacher head's probe rows against every
     # student head's

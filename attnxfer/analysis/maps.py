@@ -90,7 +90,7 @@ def rollout_class_maps(
     maps, prefix = [], None
     for sig in _signals(model, x, borrow, qk):
         geo = layer_geometry(sig, x.shape[0], layout)
-        if geo.kind != "global" or geo.prefix < 1 or tuple(geo.grid) != tuple(layout["grid"]):
+        if not _rolls(geo, layout):
             maps.append(None)
             continue
         prefix = geo.prefix
@@ -104,11 +104,12 @@ def rollout_class_maps(
     return renormalise(rolled).reshape(rolled.shape[0], *layout["grid"]).float().cpu()
 
 
+def _rolls(geo: LayerGeometry, layout: dict) -> bool:
+    """Whether rollout goes through this layer: global self-attention over the class token and whole grid."""
+    return geo.kind == "global" and geo.prefix >= 1 and tuple(geo.grid) == tuple(layout["grid"])
+
+
 def has_rollout(model: nn.Module, x: torch.Tensor, qk: Sequence[LayerSignals]) -> bool:
     """Whether `rollout_class_maps` has layers to roll out for ``model`` on ``x``."""
     layout = token_layout(model, x.shape[-2:])
-    for sig in qk:
-        geo = layer_geometry(sig, x.shape[0], layout)
-        if geo.kind == "global" and geo.prefix >= 1 and tuple(geo.grid) == tuple(layout["grid"]):
-            return True
-    return False
+    return any(_rolls(layer_geometry(sig, x.shape[0], layout), layout) for sig in qk)
