@@ -1,5 +1,4 @@
-"""One number for a student layer against its teacher layer: what conversion reports measure
-(`attnxfer.train.measure` through `layer_agreement`), from the same rows `attnxfer inspect` compares."""
+"""One number for a student layer against its teacher layer, for conversion reports (`layer_agreement`)."""
 
 from __future__ import annotations
 

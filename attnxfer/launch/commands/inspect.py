@@ -1,5 +1,4 @@
-"""``attnxfer inspect``: does a student attend like its teacher? Per layer and head, beside a floor, with
-pictures."""
+"""``attnxfer inspect``: does a student attend like its teacher? Per layer and head, beside a floor."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""``attnxfer study``: several students from one teacher in one job, one batch and one teacher pass a step;
-trained (`attnxfer train`'s students) or converted (``--command convert``: `attnxfer convert`'s)."""
+"""``attnxfer study``: several students (trained or converted) from one teacher pass a step, in one job."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""What a submission asks SLURM for: the options (`SlurmOptions`), their checks and parsing, and the
-submitit executor they configure."""
+"""What a submission asks SLURM for (`SlurmOptions`), checked as sbatch reads it, and the executor."""
 
 from __future__ import annotations
 

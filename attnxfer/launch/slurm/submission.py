@@ -1,5 +1,4 @@
-"""Sweeps, dry runs and submission: one job (or one per sweep point) of `TrainingTask`s, and what was
-submitted, described."""
+"""Sweeps, dry runs and submission: one job (or one per sweep point) of `TrainingTask`s."""
 
 from __future__ import annotations
 

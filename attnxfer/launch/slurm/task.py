@@ -1,5 +1,4 @@
-"""The submitted callable: `TrainingTask` runs one rank's `main(cfg)`, and on preemption or a time limit
-requeues itself (bounded, recorded) to resume from the newest checkpoint."""
+"""The submitted callable: a rank's `main(cfg)`, requeued (bounded, recorded) on preemption or time limit."""
 
 from __future__ import annotations
 
