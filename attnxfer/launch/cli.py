@@ -64,16 +64,6 @@ def _where_to_resume(args) -> str:
     return f"running the same command again continues from step {info.step} ({info.path})"
 
 
-def _stopped_by_signal(args, error: Exception) -> int | None:
-    """The exit code of a run SIGTERM stopped at a step boundary (checkpoint saved); None for other errors."""
-    # not loaded: nothing trained, so no SIGTERM stop (and no torch to import for a bad argument)
-    stop = sys.modules.get("attnxfer.train.stop")
-    if stop is None or not isinstance(error, stop.StopRequested):
-        return None
-    warn(f"attnxfer {args.command}: {error}; re-run the same command to resume")
-    return error.exit_code
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
@@ -94,17 +84,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         warn(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", all_ranks=True)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (`attnxfer ... | head`): nothing left to say
-        os.dup2(
-            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
-        )  # so the exit's flush cannot fail again
+        # so the exit's flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as e:
-        stopped = _stopped_by_signal(args, e)
-        if stopped is not None:
-            return stopped
-        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(
-            e, UserError
-        ):  # anything else is a bug: its traceback
+        # SIGTERM stopped a run at a step boundary, its checkpoint saved (module not loaded: nothing trained)
+        stop = sys.modules.get("attnxfer.train.stop")
+        if stop is not None and isinstance(e, stop.StopRequested):
+            warn(f"attnxfer {args.command}: {e}; re-run the same command to resume")
+            return e.exit_code
+        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
             raise
         warn(f"attnxfer {args.command}: error: {e}", all_ranks=True)
         return 2
