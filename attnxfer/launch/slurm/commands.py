@@ -10,7 +10,6 @@ from typing import Any
 import submitit
 
 from ...checkpoints.run_lock import last_checkpoint_note
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 from .monitor import (  # moved to monitor.py
     JobFailedError,
     wait,

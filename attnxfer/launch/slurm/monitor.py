@@ -14,7 +14,6 @@ import submitit
 from submitit.core.utils import pickle_load
 
 from ...train.watchdog import SILENCE_LINE
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
 
 class JobFailedError(RuntimeError):

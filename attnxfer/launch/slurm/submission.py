@@ -19,7 +19,6 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from ...errors import InputError, UserError
 from ...speak import say
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 from .options import (  # moved to options.py
     RUN_DIR_KEY,
     RunConfig,

@@ -18,7 +18,6 @@ from submitit.core.utils import DelayedSubmission, UncompletedJobError
 from ...speak import show_debug, warn
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
 
 class RequeueLimitReached(RuntimeError):
