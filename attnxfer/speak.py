@@ -97,8 +97,7 @@ def warn(message: str, *, all_ranks: bool = False) -> None:
 
 
 def progress(message: str, *, all_ranks: bool = False) -> None:
-    """A progress line where no bar can be drawn (a log file, a pipe), on stderr beside where tqdm's bar
-    would be, so stdout keeps only results; silenced with `say` (both are INFO)."""
+    """A progress line where no bar can be drawn (a log, a pipe): on stderr, so stdout keeps only results."""
     _logger().info(message, extra={_ALL_RANKS: all_ranks, _TO_STDERR: True})
 
 

@@ -104,9 +104,8 @@ def feature_agreement(
     autocast: Autocast = nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeatureAgreement:
-    """Final-feature agreement of ``student`` with ``teacher`` over batches of ``images`` (on the student's
-    device), both in eval mode (restored after). ``reduce`` sums the `feature_sums` over the ranks of a
-    process group (each rank passes its share of the images), before they become means."""
+    """Final-feature agreement over batches of ``images`` (eval mode, restored after); ``reduce`` sums the
+    `feature_sums` over the ranks of a process group before they become means."""
     device = next(student.parameters()).device
     total = torch.zeros(len(TOKEN_GROUPS), _COLUMNS, dtype=torch.float64, device=device)
     with evaluating([student, teacher]):

@@ -29,9 +29,8 @@ def embed(
     autocast: Autocast = nullcontext,
     limit: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """L2-normalised embeddings (N, D) of every model over labelled ``(x, y)`` batches (one pass over the
-    images for all models, each in eval mode, restored after) and the labels (N,); ``limit``: stop after
-    that many images."""
+    """L2-normalised embeddings (N, D) of every model over labelled ``(x, y)`` batches, one pass for all
+    models, and the labels (N,); ``limit``: stop after that many images."""
     feats: list[list[torch.Tensor]] = [[] for _ in models]
     labels: list[torch.Tensor] = []
     seen = 0
@@ -81,9 +80,8 @@ def knn_predict(
     num_classes: int | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Predicted labels (Q,) of ``queries`` (Q, D) from the memory ``bank`` (M, D) with ``bank_labels`` (M,),
-    all embeddings L2-normalised: the weighted vote above over the ``min(k, M)`` most similar bank entries.
-    ``chunk`` queries at a time bound the (chunk, M) similarity block."""
+    """Predicted labels (Q,) of L2-normalised ``queries`` by the weighted vote of their ``min(k, M)`` nearest
+    ``bank`` entries; ``chunk`` queries at a time bound the (chunk, M) similarity block."""
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
         raise ValueError(
             f"k-NN needs (M, D) and (Q, D) embeddings, got {tuple(bank.shape)}, {tuple(queries.shape)}"
@@ -233,9 +231,8 @@ def knn_comparison(
     autocast: Autocast = nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> KnnComparison:
-    """k-NN top-1 of ``student`` (and ``teacher``) with the labelled ``(x, y)`` batches of ``bank`` as the
-    memory and those of ``queries`` scored, one pass over each for both models. ``reduce``: sums the
-    paired counts over ranks (each rank holding the whole bank and its own shard of the queries)."""
+    """k-NN top-1 of ``student`` (and ``teacher``): ``bank`` the memory, ``queries`` scored; ``reduce`` sums
+    the paired counts over ranks (each holding the whole bank and its own shard of the queries)."""
     models = [student] if teacher is None else [student, teacher]
     right = knn_hits(models, bank, queries, device, k=k, temperature=temperature, autocast=autocast)
     counts = paired_counts(right[-1], right[0])  # (teacher, student); a student alone pairs with itself

@@ -90,9 +90,8 @@ def _compare_rows(
     lay: RowLayout,
     topk: int,
 ) -> torch.Tensor:
-    """Add the pair metrics of teacher rows ``p`` and other rows ``q`` (B, H, R, N), whose row entropies
-    are ``h_p``/``h_q``, to ``sums``; returns the probe rows of ``q`` (for head costs). Top-k overlap and
-    rank correlation (sorts, the costly part) use the probe rows."""
+    """Add the pair metrics of teacher rows ``p`` and other rows ``q`` to ``sums``; returns ``q``'s probe
+    rows. Top-k overlap and rank correlation (sorts, the costly part) use the probe rows only."""
     sums.add("kl", row_kl(p, q, h_p))
     sums.add("js", row_js(p, q, h_p, h_q))
     probe = lay.probe_in(rows)

@@ -31,8 +31,7 @@ def row_js(
     entropy_p: torch.Tensor | None = None,
     entropy_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q) / 2, per row: symmetric, finite,
-    in [0, log 2] (rows where one side has zeros are compared without a floor). Computed as
+    """Jensen–Shannon divergence per row: symmetric, finite, in [0, log 2] (no floor needed), computed as
     H(m) − ½ (H(p) + H(q)); pass the row entropies if you have them."""
     h_p = row_entropy(p) if entropy_p is None else entropy_p
     h_q = row_entropy(q) if entropy_q is None else entropy_q

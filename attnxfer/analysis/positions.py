@@ -91,9 +91,8 @@ def query_points(grid: tuple[int, int]) -> dict[str, int]:
 def query_maps(
     sig: LayerSignals, pos: RowPositions, images: int, points: Mapping[str, int]
 ) -> dict[str, torch.Tensor | None]:
-    """Per query cell (``points``: name -> flat cell) the layer's attention of that query over the image,
-    (B, H, key_h, key_w): its window's keys put back where they sit, 0 elsewhere; None for a cell no row
-    queries from."""
+    """Per query cell (``points``: name -> flat cell) that query's attention over the image, (B, H, key_h,
+    key_w), 0 outside its window; None for a cell no row queries from."""
     out: dict[str, torch.Tensor | None] = {}
     heads, nk = sig.heads, sig.shape[2]
     for name, cell in points.items():

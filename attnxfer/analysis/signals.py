@@ -54,9 +54,8 @@ class LayerSignals:
         return self.q.shape[0], self.q.shape[-2], self.k.shape[-2]
 
     def map_rows(self, rows: slice | None = None) -> torch.Tensor | None:
-        """Rows of the layer's map, (B', H, len(rows), N_k) in fp32 (float64 stays): softmax layers (and
-        borrowed q/k) from their logits with the bias; other attentions through their ``attention_map``;
-        signed maps clipped at 0 and renormalised; None for an attention without a map."""
+        """Rows of the layer's map, (B', H, len(rows), N_k) in fp32 (float64 stays); signed maps clipped at 0
+        and renormalised; None for an attention without a map."""
         kind = self.kind
         if not kind.has_map:
             return None
@@ -102,9 +101,8 @@ def _with_mask(
 def layer_qk(
     model: nn.Module, x: torch.Tensor, borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None
 ) -> list[LayerSignals]:
-    """Per attention layer what it attends with on images ``x``: its own q/k and bias, or those in
-    ``borrow[layer]`` (attention copy). One run of the model's own forward, stopped inside the last
-    attention layer once it has captured."""
+    """Per attention layer what it attends with on ``x``: its own q/k and bias, or ``borrow[layer]``
+    (attention copy). One run of the forward, stopped inside the last attention layer once it has captured."""
     layers = attention_layers(model)
     borrow = borrow or {}
     ios: dict[int, AttentionIO] = {}
