@@ -28,6 +28,10 @@ from .signals import LayerSignals, borrowed_signals, layer_qk
 
 #: Per-head metrics of a (teacher, other) pair of maps: divergences, agreement of rows and of class-token maps.
 PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
+_NOTES = {
+    MapKind.SIGNED: "signed map: rows clipped at 0 and renormalised before comparing",
+    MapKind.NONE: "no attention map (map kind none): nothing to compare",
+}
 
 
 @dataclass
@@ -120,7 +124,8 @@ def compare_attention(
         raise InputError("compare_attention needs at least one student")
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
     models = [teacher, *(s.model for s in subjects.values())]
-    with evaluating(models), contextlib.closing(_progress_bar(progress)) as bar:
+    bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
+    with evaluating(models), contextlib.closing(bar):
         for x in batches:
             x = x.to(comparison.device)
             if not x.shape[0]:
@@ -128,10 +133,6 @@ def compare_attention(
             comparison.add_batch(x)
             bar.update(x.shape[0])
     return comparison.inspection()
-
-
-def _progress_bar(progress: bool) -> tqdm:
-    return tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
 
 
 class _Comparison:
@@ -291,7 +292,7 @@ def _student_result(
         str(sig.attn.map_kind),
         sig.heads,
         borrowed=str(subject.borrow.get(i, (0, ""))[1]),  # the letters (qk), as reports have always said it
-        note=_signed_note(kind),
+        note=_NOTES.get(kind, ""),
         name=sig.name,
         stage=stage_of(sig.name),
     )
@@ -302,11 +303,3 @@ def _student_result(
         comp.js_cost = cost.tolist()
         comp.assignment = head_assignment(cost)
     return comp
-
-
-def _signed_note(kind: MapKind) -> str:
-    if kind is MapKind.SIGNED:
-        return "signed map: rows clipped at 0 and renormalised before comparing"
-    if kind is MapKind.NONE:
-        return "no attention map (map kind none): nothing to compare"
-    return ""
