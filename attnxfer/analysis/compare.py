@@ -36,7 +36,7 @@ _NOTES = {
 
 @dataclass
 class InspectedStudent:
-    """A student and the teacher q/k its layers borrow at run time (``borrow[layer] = (teacher layer, "qk")``)."""
+    """A student and the teacher q/k its layers borrow: ``borrow[layer] = (teacher layer, "qk")``."""
 
     model: nn.Module
     borrow: dict[int, tuple[int, str]] = field(default_factory=dict)

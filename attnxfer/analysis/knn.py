@@ -41,7 +41,7 @@ def embed(
             x = x.to(device, non_blocking=True)
             with autocast():
                 for out, m in zip(feats, models, strict=True):
-                    # the pooled feature (class token after the final norm, or the normed patch average), as float32
+                    # the pooled feature its head would see (the class token or the patch average), as float32
                     pooled = m.forward_head(m.forward_features(x.to(param_dtype(m))), pre_logits=True).float()
                     out.append(F.normalize(pooled, dim=-1).cpu())
             labels.append(torch.as_tensor(y).long().cpu())
