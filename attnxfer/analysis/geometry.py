@@ -15,7 +15,7 @@ from .signals import LayerSignals
 @dataclass(frozen=True)
 class LayerGeometry:
     """``kind``: ``global`` (prefix tokens and the whole grid, or a stage's coarser one), ``class`` (class
-    attention), ``windows``, ``reduced`` (spatial reduction) or ``other``; ``grid``, ``patch`` (px) of the keys."""
+    attention), ``windows``, ``reduced`` (spatial reduction) or ``other``; ``grid``, ``patch``: the keys'."""
 
     kind: str
     prefix: int = 0
