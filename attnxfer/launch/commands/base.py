@@ -91,10 +91,9 @@ def load(args):
 
 def print_config(args) -> int:
     """``--print-config``: the resolved config, then what it changes from its recipe (as comments)."""
-    from ...config import dump_config, load_config
-    from ..value_checks import check_values
+    from ...config import dump_config
 
-    cfg = check_values(load_config(args.config, args.overrides))
+    cfg = load(args)  # says nothing under --print-config
     say(dump_config(cfg, args.command).rstrip())
     say("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
