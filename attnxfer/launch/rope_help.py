@@ -41,17 +41,10 @@ def _classes(folder: Path) -> dict[str, _Class]:
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if not isinstance(node, ast.ClassDef):
                 continue
-            registered = next(  # the name in a ``@register_attention("name")`` decorator, if any
-                (
-                    d.args[0].value
-                    for d in node.decorator_list
-                    if isinstance(d, ast.Call)
-                    and _name(d.func) == "register_attention"
-                    and d.args
-                    and isinstance(d.args[0], ast.Constant)
-                ),
-                None,
-            )
+            # the name in a ``@register_attention("name")`` decorator, if any
+            calls = [d for d in node.decorator_list if isinstance(d, ast.Call) and d.args]
+            names = [d.args[0] for d in calls if _name(d.func) == "register_attention"]
+            registered = next((n.value for n in names if isinstance(n, ast.Constant)), None)
             cls = _Class([_name(b) for b in node.bases], registered)
             for stmt in node.body:
                 target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
