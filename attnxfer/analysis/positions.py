@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..models.attention import RowPlacement, TokenWalk, attention_blocks, attention_layers
+from .knn import evaluating
 from .signals import LayerSignals
 
 
@@ -47,11 +48,10 @@ def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None
         attn.register_forward_pre_hook(record(i, attn), with_kwargs=True)
         for i, (_, attn) in enumerate(layers)
     ]
-    was = model.training
     try:
-        model.eval().forward_features(x[:1].to(next(model.parameters()).dtype))
+        with evaluating([model]):
+            model.forward_features(x[:1].to(next(model.parameters()).dtype))
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     walk = TokenWalk(model)
