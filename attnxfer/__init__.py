@@ -1,13 +1,6 @@
-"""attnxfer: attention transfer for Vision Transformers.
-
-Attention copy (a student uses a teacher's attention maps), attention
-distillation (a student learns them), and conversion of softmax teachers into
-efficient-attention students; timm models throughout.
-
-The public names load on first use (PEP 562 module ``__getattr__``): ``import attnxfer`` alone imports
-neither torch nor timm (about 6 s and 1 GB on a 2-core machine), so ``attnxfer --help`` and every argument
-error answer at once; ``from attnxfer import build_plan`` imports what that name needs, as before. Names
-of earlier releases (``DualViT``) still resolve for a release, with a DeprecationWarning (``_RENAMED``).
+"""attnxfer: attention transfer for Vision Transformers (attention copy, distillation, conversion to efficient
+attention) on timm models. Public names load on first use (PEP 562), so ``import attnxfer`` imports neither
+torch nor timm (about 6 s) and ``attnxfer --help`` answers at once.
 """
 
 from __future__ import annotations

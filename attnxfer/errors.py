@@ -1,7 +1,5 @@
 """Errors whose message is meant for the user: the CLI prints them in one line (exit code 2); any other
-exception is a bug and keeps its traceback.
-
-The bottom of the layers: every package may import it, it imports nothing.
+exception is a bug and keeps its traceback. The bottom of the layers: it imports nothing.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The names of what attnxfer writes into a run directory, in one table.
-
-`attnxfer.checkpoints.run_dir.RunDir` is the code that reads and writes a run directory; these names sit
-at the bottom of the layers (beside `attnxfer.errors`) only because the config loader, the lowest layer,
-must recognise a run's own ``config.yaml``. Nothing else spells these file names.
+"""The names of what attnxfer writes into a run directory, in one table: at the bottom of the layers because
+the config loader must recognise a run's own ``config.yaml``. Nothing else spells these file names.
 """
 
 from __future__ import annotations

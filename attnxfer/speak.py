@@ -1,20 +1,9 @@
-"""The one way attnxfer speaks: `say` (results, progress, to stdout), `warn` (to stderr), `debug` (detail).
-
-Every line goes through one logger, ``logging.getLogger("attnxfer")``, so a user keeps control with plain
-`logging`: ``setLevel(logging.WARNING)`` silences `say`, ``setLevel(logging.DEBUG)`` shows `debug`, and a
-handler added to that logger receives every record. The handler installed here writes to the *current*
-``sys.stdout``/``sys.stderr`` at emit time (INFO to stdout, everything else to stderr), so redirects and
-pytest's capture see the lines, and flushes each one, so interleaved launcher output stays in order.
-
-Printed once: the logger does not propagate, so a handler on the root logger (``logging.basicConfig``) does
-not print the line a second time. The handler is installed once, the first time anything is said (a second
-install finds it and returns); a user who wants attnxfer's records in the root handlers instead removes it
-and sets ``propagate = True``.
-
-One main-rank filter: on ranks other than 0 a line is dropped unless said with ``all_ranks=True`` (a rank's
-own trouble, such as a watchdog stop). `rank` is the one definition of "which rank am I" for output.
-
-No torch at import time: the CLI's ``--help`` imports this module.
+"""The one way attnxfer speaks: `say` (results, to stdout), `warn` (to stderr), `debug` (detail).
+Every line goes through ``logging.getLogger("attnxfer")``, so plain `logging` controls it; the handler writes
+to the *current* ``sys.stdout``/``sys.stderr`` at emit time (redirects and pytest's capture see the lines)
+and flushes each (launcher output stays in order). The logger does not propagate, so a root handler does
+not print a line twice. Ranks other than 0 drop a line unless ``all_ranks=True``. No torch at import time:
+the CLI's ``--help`` imports this module.
 """
 
 from __future__ import annotations
@@ -35,8 +24,7 @@ _QUIET: ContextVar[bool] = ContextVar("attnxfer_quiet", default=False)
 
 
 def rank() -> int:
-    """This process's rank: torch.distributed's once a group exists, else the launcher's ``RANK``, else
-    ``SLURM_PROCID`` (a task of a plain ``srun`` step), else 0."""
+    """This rank: torch.distributed's, else ``RANK``, else ``SLURM_PROCID`` (plain ``srun``), else 0."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank()
@@ -53,16 +41,14 @@ def is_main() -> bool:
 
 
 def _main_rank_only(record: logging.LogRecord) -> bool:
-    """The one main-rank filter: a record is dropped on ranks other than 0 unless it was said with
-    ``all_ranks=True``; and, inside `quiet`, everything below a warning."""
+    """Drop a record on ranks other than 0 unless ``all_ranks=True``, and below WARNING inside `quiet`."""
     if record.levelno < logging.WARNING and _QUIET.get():
         return False
     return getattr(record, _ALL_RANKS, False) or is_main()
 
 
 class _CurrentStreams(logging.Handler):
-    """INFO to ``sys.stdout`` (but `progress`), the rest to ``sys.stderr``: the streams as they are at emit
-    time, flushed."""
+    """INFO to ``sys.stdout`` (but `progress`), the rest to ``sys.stderr``, as they are at emit time."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -78,8 +64,7 @@ class _CurrentStreams(logging.Handler):
 
 
 def _around_bars(stream: TextIO) -> contextlib.AbstractContextManager:
-    """tqdm's bars cleared before the line and redrawn after it (a line written over a bar would leave the bar
-    half-drawn in it); nothing where tqdm is not loaded or draws no bar."""
+    """tqdm's bars cleared before the line and redrawn after it (else the line would half-draw a bar)."""
     tqdm = sys.modules.get("tqdm")
     if tqdm is None or not getattr(tqdm.tqdm, "_instances", None):
         return contextlib.nullcontext()
@@ -112,21 +97,18 @@ def warn(message: str, *, all_ranks: bool = False) -> None:
 
 
 def progress(message: str, *, all_ranks: bool = False) -> None:
-    """A progress line where no bar can be drawn (a log file, a pipe), on stderr beside where tqdm's bar
-    would be, so stdout keeps only results; silenced with `say` (both are INFO)."""
+    """A progress line where no bar can be drawn (a log, a pipe): on stderr, so stdout keeps only results."""
     _logger().info(message, extra={_ALL_RANKS: all_ranks, _TO_STDERR: True})
 
 
 def debug(message: str, *, all_ranks: bool = False) -> None:
-    """Detail hidden by default (where a file came from, what a rank joined); shown at ``logging.DEBUG``, on
-    stderr."""
+    """Detail hidden by default (where a file came from, what a rank joined); shown at ``logging.DEBUG``."""
     _logger().debug(message, extra={_ALL_RANKS: all_ranks})
 
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """`say`, `progress` and `debug` dropped inside (warnings still shown): work done for its result alone, such
-    as a search's hundreds of stage-1 fits, says nothing of its own."""
+    """Only warnings said inside: work done for its result alone (a search's stage-1 fits) says nothing."""
     token = _QUIET.set(True)
     try:
         yield

@@ -1,19 +1,4 @@
 """Seeing attention: agreement metrics between teacher and student maps, head correspondence, pictures.
-
-``metrics``   pure functions on rows of maps (KL, JS, top-k overlap, rank correlation, entropy, attention
-              distance, rollout, Hungarian head assignment)
-``layout``    what tokens a model makes of an image (input size, prefix tokens, patch grid and pitch)
-``signals``   what each attention layer attends with (`LayerSignals`: q, k, logit bias from the model's own
-              forward), and rows of its map built from them a chunk at a time
-``geometry``  where a layer's rows sit, read from its shapes (`LayerGeometry`: whole image, windows, ...)
-``compare``   the walk over images and layers of any family with attention adapters, returning plain data
-              (`Inspection`); ``layer_sums`` one teacher layer's row chunks reduced to per-head sums
-``agreement`` `layer_agreement`, one number per layer for conversion reports
-``maps``      class-token maps and rollout over the patch grid, for pictures
-``pictures``  matplotlib figures (Agg) of class-token maps, rollout and per-layer curves
-``positions`` where a hierarchical layer's rows and keys sit on the image (windows stitched back, reduced
-              keys on their grid, Hiera's unrolled order): query pictures per stage, attention distance
-
 Sits above ``transfer`` (it pairs layers as transfer plans do) and below ``sources``: it takes models and
 tensors, never a config or a file.
 """

@@ -1,5 +1,4 @@
-"""One number for a student layer against its teacher layer: what conversion reports measure
-(`attnxfer.train.measure` through `layer_agreement`), from the same rows `attnxfer inspect` compares."""
+"""One number for a student layer against its teacher layer, for conversion reports (`layer_agreement`)."""
 
 from __future__ import annotations
 
@@ -24,9 +23,7 @@ def layer_agreement(
     t_attn, t_qk: Mapping[str, torch.Tensor], s_attn, s_qk: Mapping[str, torch.Tensor], metric: str = "kl"
 ) -> float:
     """One number for a student layer against its teacher layer, averaged over (batch, student head, query):
-    ``kl`` (KL(P̄_t ‖ A_s), nats per row; teacher head groups averaged) or ``map_mse`` (mean squared map
-    difference over entries). Built from rows a chunk at a time (a ``bias`` in either mapping is the
-    layer's logit bias); what conversion reports measure."""
+    ``kl`` (KL(P̄_t ‖ A_s), teacher head groups averaged) or ``map_mse``, built a row chunk at a time."""
     if metric not in AGREEMENT_METRICS:
         raise ValueError(
             f"layer_agreement: metric must be one of {', '.join(AGREEMENT_METRICS)}, got {metric!r}"

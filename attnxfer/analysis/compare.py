@@ -1,24 +1,13 @@
 """Compare a teacher's attention with students' (and with itself on noisy inputs), layer by layer, head
-by head, over batches of images.
-
-Each batch runs every model's own timm forward once (`layer_qk`: what each layer's logits are made of,
-never a map); then, one teacher layer at a time, rows of the maps are built a chunk at a time and reduced
-to per-head sums at once (`layer_sums.walk_layer`), so peak extra memory is one layer's row chunk.
-
-Whatever a family does around its attention is timm's: rope, relative-position biases, SAM's windows
-(a windowed layer's rows are rows of a batch of windows), CaiT's class-attention blocks (one query row
-over the class token and the patches), spatial reduction (fewer keys than queries), padding masks.
-Where a layer's rows sit on the image (`LayerGeometry`) is read from its shapes: the class-token map and
-attention distance use the layers that see the whole grid; the rest are compared row for row.
-
-The result is plain data (`Inspection`, dataclasses of lists and floats): ``dataclasses.asdict`` is
-the JSON that `attnxfer inspect` writes.
+by head. Maps are built one teacher layer and one row chunk at a time, so peak extra memory is one layer's
+row chunk; whatever a family does around its attention (rope, windows, class attention, key reduction) is
+timm's own forward. The result is plain data: ``dataclasses.asdict`` is what `attnxfer inspect` writes.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +19,7 @@ from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_name_of, stage_of
 from ..transfer.plan import map_layers
 from .geometry import LayerGeometry, layer_geometry
+from .knn import evaluating
 from .layer_sums import LayerWork, RowLayout, StudentSums, TeacherSums, walk_layer
 from .layout import NotInspectable, inspectable_layers, token_layout
 from .metrics import finite_mean, head_assignment
@@ -38,12 +28,15 @@ from .signals import LayerSignals, borrowed_signals, layer_qk
 
 #: Per-head metrics of a (teacher, other) pair of maps: divergences, agreement of rows and of class-token maps.
 PAIR_METRICS = ("kl", "js", "topk", "spearman", "cls_js", "cls_pearson")
+_NOTES = {
+    MapKind.SIGNED: "signed map: rows clipped at 0 and renormalised before comparing",
+    MapKind.NONE: "no attention map (map kind none): nothing to compare",
+}
 
 
 @dataclass
 class InspectedStudent:
-    """A student to inspect: the model and the teacher chunks its layers borrow at run time (attention copy:
-    ``borrow[student layer] = (teacher layer, "qk")``); a borrowed q/k is what the layer attends with."""
+    """A student and the teacher q/k its layers borrow: ``borrow[layer] = (teacher layer, "qk")``."""
 
     model: nn.Module
     borrow: dict[int, tuple[int, str]] = field(default_factory=dict)
@@ -51,9 +44,8 @@ class InspectedStudent:
 
 @dataclass
 class TeacherLayer:
-    """One teacher layer: its own maps, and how far they move when the input gets a little noise (the floor).
-    ``name`` is the attention's module name, ``stage`` the model's stage that holds it (`stage_of`:
-    ``layers.1`` in Swin, ``""`` in a flat model), ``partition`` where its rows sit (`LayerGeometry.label`: ``global``, ``class attention``, ``4 windows``, ``reduced keys``)."""
+    """One teacher layer: its own maps, and how far they move when the input gets a little noise (the floor);
+    ``partition`` is where its rows sit (`LayerGeometry.label`: ``global``, ``4 windows``, ...)."""
 
     layer: int
     heads: int
@@ -68,8 +60,7 @@ class TeacherLayer:
 
 @dataclass
 class LayerComparison:
-    """One student layer against its teacher layer: per-head metrics (lists over the student's heads),
-    layer means, and the optimal head assignment by JS cost."""
+    """One student layer against its teacher layer: per-head metrics, means, head assignment."""
 
     layer: int
     teacher_layer: int
@@ -109,7 +100,6 @@ class _Settings:
     chunk: int | None
 
 
-# ------------------------------------------------------------------------------------------- the walk
 @torch.no_grad()
 def compare_attention(
     teacher: nn.Module,
@@ -124,25 +114,18 @@ def compare_attention(
     progress: bool = False,
 ) -> Inspection:
     """Per layer and head: each student's maps against the teacher's, and the teacher against itself on
-    inputs with Gaussian noise of std ``noise`` (in normalised units; on the first ``floor_images`` images,
-    None: all) as a floor that says what "close" means.
-
-    Layers are the models' attention layers in forward order (`attention_layers`: any family with
-    adapters). Student layer i is paired with teacher layer i (different depths: uniformly, as transfer
-    plans do); a teacher with g× the student's heads is averaged in contiguous groups of g heads (as the
-    distillation loss does). Paired layers must attend over the same rows and keys (windows, key
-    reduction and all). Metrics: KL(P_t ‖ P_s), JS, top-``topk`` overlap, Spearman correlation (on
-    ``probe_rows`` query rows per row batch: the first and evenly spaced others), row entropy, and where
-    the layer sees the whole grid mean attention distance in pixels (patch queries over patch keys) and
-    class-token map JS and Pearson correlation (over patches); a Hungarian teacher↔student head
-    assignment by JS on the probe rows.
+    inputs with Gaussian noise of std ``noise`` (on the first ``floor_images`` images, None: all) as a floor
+    that says what "close" means. Layers pair uniformly over different depths, as transfer plans do; a
+    teacher with g× the student's heads is averaged in groups of g heads, as the distillation loss does.
+    Top-k overlap, Spearman and head costs use ``probe_rows`` query rows per row batch (sorts are costly).
     """
     subjects = {n: s if isinstance(s, InspectedStudent) else InspectedStudent(s) for n, s in students.items()}
     if not subjects:
         raise InputError("compare_attention needs at least one student")
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
     models = [teacher, *(s.model for s in subjects.values())]
-    with _evaluating(models), contextlib.closing(_progress_bar(progress)) as bar:
+    bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
+    with evaluating(models), contextlib.closing(bar):
         for x in batches:
             x = x.to(comparison.device)
             if not x.shape[0]:
@@ -152,26 +135,8 @@ def compare_attention(
     return comparison.inspection()
 
 
-@contextlib.contextmanager
-def _evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
-    """``models`` in eval mode for the duration, each back in its own mode afterwards."""
-    was = {id(m): m.training for m in models}
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m in models:
-            m.train(was[id(m)])
-
-
-def _progress_bar(progress: bool) -> tqdm:
-    return tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
-
-
 class _Comparison:
-    """What `compare_attention` accumulates over the batches: per teacher layer its own sums and the
-    floor's, per student layer its sums against the teacher layer it is paired with."""
+    """What `compare_attention` sums over the batches, per teacher layer and per student layer."""
 
     def __init__(
         self, teacher: nn.Module, subjects: Mapping[str, InspectedStudent], settings: _Settings
@@ -212,8 +177,7 @@ class _Comparison:
         self.floor_seen += n_floor
 
     def _read_layout(self, x: torch.Tensor) -> None:
-        """On the first batch: the teacher's tokens (every student must have the same) and where its
-        windowed and reduced rows sit (for attention distance)."""
+        """On the first batch: the teacher's tokens (every student's must match) and row positions."""
         self.layout = token_layout(self.teacher, x.shape[-2:])
         self.positions = row_positions(self.teacher, x[:1])
         t_layout = self.layout
@@ -291,13 +255,11 @@ class _Comparison:
         return Inspection(self.images, self.floor_seen, settings, self.layout, teacher_layers, reports)
 
 
-# ------------------------------------------------------------------------------------------- checks
 def _shape_words(sig: LayerSignals) -> str:
     b, nq, nk = sig.shape
     return f"{b} row batches x {nq} queries x {nk} keys"
 
 
-# ------------------------------------------------------------------------------------------- results
 def _teacher_result(j: int, layer: tuple[str, TransferableAttention], acc: TeacherSums) -> TeacherLayer:
     name, attn = layer
     side, floor = acc.own.means(), acc.floor.means()
@@ -330,7 +292,7 @@ def _student_result(
         str(sig.attn.map_kind),
         sig.heads,
         borrowed=str(subject.borrow.get(i, (0, ""))[1]),  # the letters (qk), as reports have always said it
-        note=_signed_note(kind),
+        note=_NOTES.get(kind, ""),
         name=sig.name,
         stage=stage_of(sig.name),
     )
@@ -341,11 +303,3 @@ def _student_result(
         comp.js_cost = cost.tolist()
         comp.assignment = head_assignment(cost)
     return comp
-
-
-def _signed_note(kind: MapKind) -> str:
-    if kind is MapKind.SIGNED:
-        return "signed map: rows clipped at 0 and renormalised before comparing"
-    if kind is MapKind.NONE:
-        return "no attention map (map kind none): nothing to compare"
-    return ""

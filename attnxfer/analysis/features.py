@@ -1,28 +1,19 @@
-"""Final-feature agreement of a student with its teacher: quality that needs no labels.
-
-The final token features are ``forward_features``'s output (after the final norm), prefix tokens (class,
-registers) and patch tokens apart:
-
-- mean cosine: the cosine of each student token with its teacher token, averaged over the group's tokens
-  (every token of every image counts once);
-- relative error: ||S - T|| / ||T|| over all the group's tokens at once (Frobenius norms of the stacked
-  tokens). A per-token ratio would be ruled by the near-zero-norm tokens; this one is the share of the
-  teacher's feature energy the student gets wrong.
-
-Both are sums over images (`feature_sums`), so shards of a validation set add up (summed over ranks by the
-caller) to the same numbers as one pass.
+"""Final-feature agreement of a student with its teacher, prefix and patch tokens apart: quality that needs no
+labels. Relative error is ||S - T|| / ||T|| over all of a group's tokens at once (a per-token ratio would be
+ruled by near-zero-norm tokens); both metrics are sums over images, so shards and ranks add up to one pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from ..transfer.feature_loss import final_tokens, num_prefix_tokens
+from .knn import Autocast, evaluating, param_dtype
 
 #: the token groups, in the order of `feature_sums`'s rows
 TOKEN_GROUPS = ("prefix", "patch")
@@ -79,8 +70,7 @@ class FeatureAgreement:
         return cls(*groups)
 
     def as_dict(self, prefix: str = "feat_") -> dict[str, float]:
-        """Flat metrics: ``feat_cos_prefix``, ``feat_rel_err_prefix``, ``feat_cos_patch``, ... (groups with
-        tokens only)."""
+        """Flat metrics: ``feat_cos_prefix``, ``feat_rel_err_prefix``, ... (groups with tokens only)."""
         out: dict[str, float] = {}
         for name, group in zip(TOKEN_GROUPS, (self.prefix, self.patch), strict=True):
             if group is not None:
@@ -89,18 +79,14 @@ class FeatureAgreement:
         return out
 
 
-Autocast = Callable[[], AbstractContextManager]
-
-
 @torch.no_grad()
 def batch_feature_sums(
     student: nn.Module, teacher: nn.Module, x: torch.Tensor, autocast: Autocast = nullcontext
 ) -> torch.Tensor:
-    """`feature_sums` of one batch of images: each model's own ``forward_features`` (under ``autocast``),
-    compared in float64."""
+    """`feature_sums` of one batch: each model's own ``forward_features``, compared in float64."""
     with autocast():
         s = final_tokens(student.forward_features(x), student)
-        t = final_tokens(teacher.forward_features(x.to(_dtype(teacher))), teacher)
+        t = final_tokens(teacher.forward_features(x.to(param_dtype(teacher))), teacher)
     prefix = num_prefix_tokens(teacher)
     if num_prefix_tokens(student) != prefix:
         raise ValueError(
@@ -108,11 +94,6 @@ def batch_feature_sums(
             "agreement compares a student with the teacher whose tokens it mirrors"
         )
     return feature_sums(s.float(), t.float(), prefix)
-
-
-def _dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return torch.float32 if p is None else p.dtype
 
 
 @torch.no_grad()
@@ -123,20 +104,13 @@ def feature_agreement(
     autocast: Autocast = nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> FeatureAgreement:
-    """Final-feature agreement of ``student`` with ``teacher`` over batches of ``images`` (on the student's
-    device), both in eval mode (restored after). ``reduce`` sums the `feature_sums` over the ranks of a
-    process group (each rank passes its share of the images), before they become means."""
-    modes = student.training, teacher.training
-    student.eval()
-    teacher.eval()
+    """Final-feature agreement over batches of ``images`` (eval mode, restored after); ``reduce`` sums the
+    `feature_sums` over the ranks of a process group before they become means."""
     device = next(student.parameters()).device
     total = torch.zeros(len(TOKEN_GROUPS), _COLUMNS, dtype=torch.float64, device=device)
-    try:
+    with evaluating([student, teacher]):
         for x in images:
             total += batch_feature_sums(student, teacher, x, autocast)
-    finally:
-        student.train(modes[0])
-        teacher.train(modes[1])
     if reduce is not None:
         total = reduce(total)
     return FeatureAgreement.from_sums(total.cpu())

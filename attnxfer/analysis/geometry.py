@@ -1,7 +1,5 @@
 """Where one layer's query rows and keys sit on the image (`LayerGeometry`), read from the shapes of what it
-attended with: the whole image, class attention, a batch of windows, reduced keys, a later stage's coarser
-grid. Class-token maps, attention distance and rollout use the layers that see the whole grid; every other
-layer is compared row for row over its own keys.
+attended with: class-token maps, attention distance and rollout need layers that see the whole grid.
 """
 
 from __future__ import annotations
@@ -16,12 +14,8 @@ from .signals import LayerSignals
 
 @dataclass(frozen=True)
 class LayerGeometry:
-    """Where one layer's query rows and keys sit on the image, read from its shapes on a batch of images.
-
-    ``kind``: ``global`` (queries and keys are the prefix tokens and the whole patch grid, or a stage's
-    coarser grid), ``class`` (class attention: the queries are prefix tokens, the keys prefix + grid),
-    ``windows`` (rows of a batch of windows), ``reduced`` (fewer keys than queries: spatial reduction) or
-    ``other``. ``prefix``: prefix keys before the grid's; ``grid`` and ``patch`` (px) of the keys."""
+    """``kind``: ``global`` (prefix tokens and the whole grid, or a stage's coarser one), ``class`` (class
+    attention), ``windows``, ``reduced`` (spatial reduction) or ``other``; ``grid``, ``patch``: the keys'."""
 
     kind: str
     prefix: int = 0

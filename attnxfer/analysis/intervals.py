@@ -1,5 +1,4 @@
-"""How sure a top-1 is: its 95 % interval as a binomial proportion (read by reports, `attnxfer eval` and
-the exported model card's ``model-index``; `attnxfer.apps.run.uncertainty` builds the reports' wording on it)."""
+"""How sure a top-1 is: its 95 % interval as a binomial proportion."""
 
 from __future__ import annotations
 
@@ -9,10 +8,8 @@ from scipy.stats import binomtest
 def top1_interval(
     correct: int, total: int, confidence: float = 0.95, method: str = "wilson"
 ) -> tuple[float, float]:
-    """The ``confidence`` interval of a top-1 of ``correct``/``total``, in percent.
-
-    ``method``: ``wilson`` (Wilson score, the default) or ``exact`` (Clopper–Pearson), as
-    scipy.stats.binomtest(...).proportion_ci computes them."""
+    """The ``confidence`` interval of a top-1 of ``correct``/``total``, in percent (``method``: ``wilson``
+    or ``exact``, Clopper–Pearson)."""
     if total <= 0 or not 0 <= correct <= total:
         raise ValueError(f"top1_interval: need 0 <= correct <= total and total > 0, got {correct}/{total}")
     ci = binomtest(int(correct), int(total)).proportion_ci(confidence_level=confidence, method=method)

@@ -1,24 +1,13 @@
 """k-NN top-1 of a model's embeddings: how well an encoder's features separate classes, with no head.
-
-The rule is DINO's weighted k-NN evaluation (Caron et al. 2021, ``eval_knn``): embeddings are L2-normalised;
-each validation image takes the ``k`` training images (the memory bank) of highest cosine similarity, and
-each neighbour votes for its label with weight ``exp(cos / T)``; the class with the largest summed weight is
-the prediction (k = 20, T = 0.07 by default, as DINO reports).
-
-The embedding is the model's pooled feature, ``forward_head(forward_features(x), pre_logits=True)``: what
-its head (or a linear probe) would see — the class token after the final norm for token pooling (DINO's
-choice), the normed patch average for average pooling (MAE, EVA), the pooled map for Swin/PVTv2 —, so one
-rule serves every timm family, headless or not.
-
-A teacher and its student are scored on the same images: `KnnComparison` keeps the paired counts (both
-right, only the teacher, only the student, neither), from which come each top-1 with its Wilson 95 %
-interval and the share of the teacher's top-1 the student recovers, with a paired bootstrap interval.
+The rule is DINO's weighted k-NN (Caron et al. 2021: k = 20, T = 0.07) on the pooled feature its head would
+see, so one rule serves every timm family; a teacher and student are scored on the same images and their
+paired counts give the share of the teacher's top-1 the student recovers, with a paired bootstrap interval.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,37 +29,43 @@ def embed(
     autocast: Autocast = nullcontext,
     limit: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """L2-normalised embeddings (N, D) of every model over labelled ``(x, y)`` batches (one pass over the
-    images for all models, each in eval mode, restored after) and the labels (N,); ``limit``: stop after
-    that many images."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
+    """L2-normalised embeddings (N, D) of every model over labelled ``(x, y)`` batches, one pass for all
+    models, and the labels (N,); ``limit``: stop after that many images."""
     feats: list[list[torch.Tensor]] = [[] for _ in models]
     labels: list[torch.Tensor] = []
     seen = 0
-    try:
+    with evaluating(models):
         for x, y, *_ in batches:
             if limit is not None and seen >= limit:
                 break
             x = x.to(device, non_blocking=True)
             with autocast():
                 for out, m in zip(feats, models, strict=True):
-                    # the pooled feature (see the module docstring), as float32
-                    pooled = m.forward_head(m.forward_features(x.to(_dtype(m))), pre_logits=True).float()
+                    # the pooled feature its head would see (the class token or the patch average), as float32
+                    pooled = m.forward_head(m.forward_features(x.to(param_dtype(m))), pre_logits=True).float()
                     out.append(F.normalize(pooled, dim=-1).cpu())
             labels.append(torch.as_tensor(y).long().cpu())
             seen += len(x)
-    finally:
-        for m, mode in zip(models, modes, strict=True):
-            m.train(mode)
     cut = slice(0, limit)
     return [torch.cat(f)[cut] if f else torch.empty(0, 0) for f in feats], (
         torch.cat(labels)[cut] if labels else torch.empty(0, dtype=torch.long)
     )
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
+@contextmanager
+def evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
+    """``models`` in eval mode for the duration, each back in its own mode afterwards."""
+    was = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(models, was, strict=True):
+            m.train(mode)
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
     p = next(model.parameters(), None)
     return torch.float32 if p is None else p.dtype
 
@@ -85,9 +80,8 @@ def knn_predict(
     num_classes: int | None = None,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Predicted labels (Q,) of ``queries`` (Q, D) from the memory ``bank`` (M, D) with ``bank_labels`` (M,),
-    all embeddings L2-normalised: the weighted vote above over the ``min(k, M)`` most similar bank entries.
-    ``chunk`` queries at a time bound the (chunk, M) similarity block."""
+    """Predicted labels (Q,) of L2-normalised ``queries`` by the weighted vote of their ``min(k, M)`` nearest
+    ``bank`` entries; ``chunk`` queries at a time bound the (chunk, M) similarity block."""
     if bank.ndim != 2 or queries.ndim != 2 or bank.shape[1] != queries.shape[1]:
         raise ValueError(
             f"k-NN needs (M, D) and (Q, D) embeddings, got {tuple(bank.shape)}, {tuple(queries.shape)}"
@@ -128,8 +122,7 @@ def knn_correct(
 
 
 def paired_counts(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
-    """(4,) int64 counts of the paired outcomes on the same images: both right, only the teacher right, only
-    the student right, neither (they add over shards and ranks)."""
+    """(4,) counts of both right, only the teacher, only the student, neither (they add over ranks)."""
     t, s = teacher.bool(), student.bool()
     return torch.stack([(t & s).sum(), (t & ~s).sum(), (~t & s).sum(), (~t & ~s).sum()]).long()
 
@@ -190,9 +183,8 @@ class KnnComparison:
         return float(low), float(high)
 
     def as_dict(self) -> dict[str, float]:
-        """Flat metrics: ``knn_top1`` (the student's, %) with its Wilson 95 % interval (``knn_top1_low`` /
-        ``_high``), the teacher's (``knn_teacher_top1``...), ``knn_share`` with its bootstrap interval, and
-        ``knn_count`` (validation images), ``knn_k``, ``knn_temperature``."""
+        """Flat metrics: ``knn_top1`` (the student's, %), ``knn_teacher_top1``, ``knn_share``, each with its
+        interval (``_low``/``_high``), and ``knn_count``, ``knn_k``, ``knn_temperature``."""
         n = self.count
         out: dict[str, float] = {"knn_count": n, "knn_k": self.k, "knn_temperature": self.temperature}
         if n == 0:
@@ -218,8 +210,7 @@ def knn_hits(
     temperature: float = 0.07,
     autocast: Autocast = nullcontext,
 ) -> list[torch.Tensor]:
-    """Per model, one bool per query image (in the order of ``queries``): is its k-NN prediction its label?
-    Each model has its own memory bank (its embeddings of ``bank``); one pass over each loader for all models."""
+    """Per model, one bool per query image: is its k-NN prediction (own memory bank) its label?"""
     banks, bank_labels = embed(models, bank, device, autocast=autocast)
     feats, labels = embed(models, queries, device, autocast=autocast)
     return [
@@ -240,9 +231,8 @@ def knn_comparison(
     autocast: Autocast = nullcontext,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> KnnComparison:
-    """k-NN top-1 of ``student`` (and ``teacher``) with the labelled ``(x, y)`` batches of ``bank`` as the
-    memory and those of ``queries`` scored, one pass over each for both models. ``reduce``: sums the
-    paired counts over ranks (each rank holding the whole bank and its own shard of the queries)."""
+    """k-NN top-1 of ``student`` (and ``teacher``): ``bank`` the memory, ``queries`` scored; ``reduce`` sums
+    the paired counts over ranks (each holding the whole bank and its own shard of the queries)."""
     models = [student] if teacher is None else [student, teacher]
     right = knn_hits(models, bank, queries, device, k=k, temperature=temperature, autocast=autocast)
     counts = paired_counts(right[-1], right[0])  # (teacher, student); a student alone pairs with itself

@@ -1,7 +1,5 @@
-"""One teacher layer on one batch, a chunk of query rows at a time, reduced at once to per-head sums: the
-teacher's own row entropy and attention distance, the floor (the teacher on noisy inputs) against it, and
-every student layer paired with it (divergences, top-k overlap, rank correlation, class-token agreement,
-head costs). Peak extra memory is one row chunk of each map beside the captured q/k.
+"""One teacher layer on one batch, a chunk of query rows at a time, reduced at once to per-head sums (its own,
+the floor's, and every paired student layer's): peak extra memory is one row chunk of each map.
 """
 
 from __future__ import annotations
@@ -52,8 +50,7 @@ class HeadSums:
 
 
 class RowLayout:
-    """One layer's rows: which are class-token, patch and probe rows, and the patch distances in pixels
-    (where its geometry has a grid)."""
+    """One layer's rows: class-token, patch and probe rows, and the patch distances in pixels."""
 
     def __init__(
         self,
@@ -93,9 +90,8 @@ def _compare_rows(
     lay: RowLayout,
     topk: int,
 ) -> torch.Tensor:
-    """Add the pair metrics of teacher rows ``p`` and other rows ``q`` (B, H, R, N), whose row entropies
-    are ``h_p``/``h_q``, to ``sums``; returns the probe rows of ``q`` (for head costs). Top-k overlap and
-    rank correlation (sorts, the costly part) use the probe rows."""
+    """Add the pair metrics of teacher rows ``p`` and other rows ``q`` to ``sums``; returns ``q``'s probe
+    rows. Top-k overlap and rank correlation (sorts, the costly part) use the probe rows only."""
     sums.add("kl", row_kl(p, q, h_p))
     sums.add("js", row_js(p, q, h_p, h_q))
     probe = lay.probe_in(rows)
@@ -152,8 +148,7 @@ class TeacherSums:
 
 @dataclass
 class LayerWork:
-    """One teacher layer on one batch: its signals, the floor's (noisy inputs; None: no floor images left),
-    and the student layers paired with it ([(student layer signals, its accumulator)])."""
+    """One teacher layer on one batch: its signals, the floor's (None: no floor images left), students."""
 
     teacher: LayerSignals
     floor: LayerSignals | None
@@ -176,9 +171,8 @@ def _student_rows(
     if a is None:
         return
     h_a = _side(acc.sums, a, rows, lay)
-    p_bar, h_bar = (p, h_p) if a.shape[1] == p.shape[1] else (grouped_heads(p, a.shape[1]), None)
-    if h_bar is None:
-        h_bar = row_entropy(p_bar)
+    p_bar = p if a.shape[1] == p.shape[1] else grouped_heads(p, a.shape[1])
+    h_bar = h_p if p_bar is p else row_entropy(p_bar)
     ap = _compare_rows(acc.sums, p_bar, a, h_bar, h_a, rows, lay, topk)
     # head costs: (teacher heads, student heads) summed JS of every teacher head's probe rows against every
     # student head's
@@ -194,8 +188,7 @@ def _student_rows(
 
 
 def walk_layer(work: LayerWork, acc: TeacherSums, topk: int, chunk: int | None) -> None:
-    """One teacher layer, a chunk of query rows at a time: the teacher's own metrics, the floor, and every
-    student layer paired with it."""
+    """One teacher layer, a row chunk at a time: its own metrics, the floor, its student layers."""
     t, lay = work.teacher, work.lay
     n = t.q.shape[-2]
     live = 6 + 3 * len(work.students)

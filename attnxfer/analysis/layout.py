@@ -1,9 +1,6 @@
-"""What tokens a model makes of an image: the input size it takes, its prefix tokens, its patch grid and the
-pixel pitch of its patches — and whether it can be inspected at all.
-
-The patch embedding is found where `attnxfer.models.image_input` says each family keeps it; the pitch is its
-conv's stride where it has one (overlapping patch embeddings, PVTv2's 7x7 convs of stride 4, step by the
-stride, not by the kernel), so distances in pixels are where the patches sit.
+"""What tokens a model makes of an image (input size, prefix tokens, patch grid and pitch) and whether it can
+be inspected. The pitch is the patch conv's stride (PVTv2's overlapping 7x7 convs step by 4), so distances in
+pixels are where the patches sit.
 """
 
 from __future__ import annotations
@@ -24,8 +21,7 @@ class NotInspectable(InputError, TypeError):
 
 
 def inspectable_layers(model: nn.Module) -> list[tuple[str, TransferableAttention]]:
-    """The model's attention layers (`attention_layers`); a family without an adapter, or a refused one, as
-    `NotInspectable` (one message: what has no adapter, or why it is refused)."""
+    """The model's attention layers, or `NotInspectable` saying what has no adapter or why."""
     try:
         return attention_layers(model)
     except TypeError as err:
@@ -51,10 +47,8 @@ def input_size(model: nn.Module) -> tuple[tuple[int, int], int]:
 
 
 def token_layout(model: nn.Module, image_size: Sequence[int] | None = None) -> dict[str, Any]:
-    """Prefix tokens (timm's ``num_prefix_tokens``: class and register tokens), patch grid and patch size
-    (pixels) of a timm vision transformer for images of ``image_size`` (default: the model's). Any family
-    with attention adapters; `NotInspectable` for anything else. ``grid`` is empty where the stem has none
-    to read (the layers' shapes still say which rows are whole-image ones)."""
+    """Prefix tokens, patch grid and patch size (px) for images of ``image_size`` (default: the model's);
+    ``grid`` is empty where the stem has none to read."""
     inspectable_layers(model)
     stem = _stem(model)
     proj = getattr(stem, "proj", None)

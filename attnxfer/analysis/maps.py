@@ -1,6 +1,5 @@
-"""Maps over the patch grid for pictures: per layer the class token's attention (or, without a class token,
-the attention each patch receives) and the class token's attention rollout. These build whole rows of the
-layers that see the whole image: meant for the few images of a picture, not for measuring.
+"""Maps over the patch grid for pictures (class-token attention, rollout): whole rows of the whole-image
+layers, meant for the few images of a picture, not for measuring.
 """
 
 from __future__ import annotations
@@ -36,12 +35,9 @@ def token_maps(
     borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     qk: Sequence[LayerSignals] | None = None,
 ) -> tuple[list[torch.Tensor | None], list[LayerGeometry]]:
-    """Per layer one map over the patch grid per head, (B, H, grid_h, grid_w), and the layer's geometry:
-    the class token's attention over the patches where the layer has a class-token row (rows renormalised
-    over patch keys); for a whole-grid layer without one, the attention each patch receives (column mean
-    over the patch queries, renormalised); None for windowed, reduced and other partitioned layers and for
-    attentions without a map. Borrowed q/k (attention copy) are what the layer attends with; ``qk``:
-    `layer_qk`'s output for ``x`` if already computed."""
+    """Per layer (B, H, grid_h, grid_w) maps and the layer's geometry: the class token's attention over the
+    patches, or without a class-token row the attention each patch receives; None for partitioned layers
+    and attentions without a map. ``qk``: `layer_qk`'s output for ``x`` if already computed."""
     layout = token_layout(model, x.shape[-2:])
     maps: list[torch.Tensor | None] = []
     geometries = []
@@ -76,11 +72,7 @@ def class_token_maps(
     borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     qk: Sequence[LayerSignals] | None = None,
 ) -> list[torch.Tensor | None]:
-    """Per layer the class token's attention over the patches, (B, H, grid_h, grid_w), rows renormalised
-    over patch keys (signed maps clipped at 0 first); None for layers without a map or without a
-    class-token row over the whole grid (windowed layers, models without a class token). Borrowed q/k
-    (attention copy) are what the layer attends with; ``qk``: `layer_qk`'s output for ``x`` if already
-    computed."""
+    """`token_maps` of the layers with a class-token row over the whole grid; None for the others."""
     maps, geometries = token_maps(model, x, borrow, qk)
     return [m if g.has_class_row else None for m, g in zip(maps, geometries)]
 
@@ -92,15 +84,13 @@ def rollout_class_maps(
     borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
     qk: Sequence[LayerSignals] | None = None,
 ) -> torch.Tensor:
-    """The class token's row of the attention rollout over the patches, (B, grid_h, grid_w), renormalised,
-    through the layers whose queries and keys are the model's whole token set (windowed, class-attention
-    and reduced layers pass tokens through). Builds each such layer's whole head-averaged map: meant for
-    the few images of a picture."""
+    """The class token's row of the attention rollout over the patches, (B, grid_h, grid_w), through the
+    layers over the model's whole token set (the others pass tokens through)."""
     layout = token_layout(model, x.shape[-2:])
     maps, prefix = [], None
     for sig in _signals(model, x, borrow, qk):
         geo = layer_geometry(sig, x.shape[0], layout)
-        if geo.kind != "global" or geo.prefix < 1 or tuple(geo.grid) != tuple(layout["grid"]):
+        if not _rolls(geo, layout):
             maps.append(None)
             continue
         prefix = geo.prefix
@@ -114,11 +104,12 @@ def rollout_class_maps(
     return renormalise(rolled).reshape(rolled.shape[0], *layout["grid"]).float().cpu()
 
 
+def _rolls(geo: LayerGeometry, layout: dict) -> bool:
+    """Whether rollout goes through this layer: global self-attention over the class token and whole grid."""
+    return geo.kind == "global" and geo.prefix >= 1 and tuple(geo.grid) == tuple(layout["grid"])
+
+
 def has_rollout(model: nn.Module, x: torch.Tensor, qk: Sequence[LayerSignals]) -> bool:
     """Whether `rollout_class_maps` has layers to roll out for ``model`` on ``x``."""
     layout = token_layout(model, x.shape[-2:])
-    for sig in qk:
-        geo = layer_geometry(sig, x.shape[0], layout)
-        if geo.kind == "global" and geo.prefix >= 1 and tuple(geo.grid) == tuple(layout["grid"]):
-            return True
-    return False
+    return any(_rolls(layer_geometry(sig, x.shape[0], layout), layout) for sig in qk)

@@ -1,14 +1,6 @@
-"""Agreement metrics between attention maps: pure functions on rows of maps (torch, scipy).
-
-Every function takes rows of row-stochastic maps, ``(..., N)`` tensors whose last axis sums to 1 (a
-teacher's ``p``, a student's ``q``), and returns one value per row, so callers can build rows a chunk
-at a time and never hold a whole N×N map. Natural logarithms throughout (nats). Zeros are allowed:
-``0 log 0 = 0``, and a zero in ``q`` where ``p`` has mass is floored at the dtype's smallest normal
-number, as the map losses do, so KL stays finite (and large).
-
-Layer-level pieces (attention distance, rollout, head assignment) are here too: they are the
-analyses of the ViT paper (mean attention distance), Abnar & Zuidema (rollout) and a Hungarian
-assignment of heads by cost (`scipy.optimize.linear_sum_assignment`).
+"""Agreement metrics between attention maps: pure functions on rows of row-stochastic maps, one value per
+row, so callers build rows a chunk at a time and never hold an N×N map. Natural logs; a zero in ``q`` where
+``p`` has mass is floored at the dtype's smallest normal, as the map losses do, so KL stays finite.
 """
 
 from __future__ import annotations
@@ -28,10 +20,7 @@ def row_entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def row_kl(p: torch.Tensor, q: torch.Tensor, entropy_p: torch.Tensor | None = None) -> torch.Tensor:
-    """KL(p ‖ q) = Σ_j p_j (log p_j − log q_j) per row (q floored where p has mass and q has none).
-
-    ``entropy_p``: H(p) per row if the caller has it already (it saves a pass). Rounding below zero is
-    clipped (KL ≥ 0)."""
+    """KL(p ‖ q) per row; ``entropy_p``: H(p) if the caller has it already (it saves a pass)."""
     h_p = row_entropy(p) if entropy_p is None else entropy_p
     return (-h_p - (p * torch.log(q.clamp_min(torch.finfo(q.dtype).tiny))).sum(-1)).clamp_min(0)
 
@@ -42,8 +31,7 @@ def row_js(
     entropy_p: torch.Tensor | None = None,
     entropy_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Jensen–Shannon divergence ½ KL(p ‖ m) + ½ KL(q ‖ m), m = (p + q) / 2, per row: symmetric, finite,
-    in [0, log 2] (rows where one side has zeros are compared without a floor). Computed as
+    """Jensen–Shannon divergence per row: symmetric, finite, in [0, log 2] (no floor needed), computed as
     H(m) − ½ (H(p) + H(q)); pass the row entropies if you have them."""
     h_p = row_entropy(p) if entropy_p is None else entropy_p
     h_q = row_entropy(q) if entropy_q is None else entropy_q
@@ -69,8 +57,7 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks along the last axis, ties averaged (as scipy.stats.rankdata): torch's ordinal ranks, and
-    scipy's for the rows that have ties (a window attention's zeros, say)."""
+    """Ranks along the last axis, ties averaged: torch's ordinal ranks, scipy's for tied rows."""
     order = x.argsort(-1)
     ranks = torch.empty_like(x).scatter_(
         -1, order, torch.arange(1, x.shape[-1] + 1, dtype=x.dtype).expand_as(x)
@@ -83,8 +70,7 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def spearman_rows(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per row (ties averaged, then Pearson on the ranks, as
-    scipy.stats.spearmanr does); NaN for constant rows."""
+    """Spearman rank correlation per row (as scipy.stats.spearmanr); NaN for constant rows."""
     return pearson(_ranks(p), _ranks(q))
 
 
@@ -95,15 +81,13 @@ def renormalise(rows: torch.Tensor) -> torch.Tensor:
 
 
 def finite_mean(values: Sequence[float]) -> float:
-    """The mean of the finite values, NaN where there are none (a head with no rows to compare is NaN and
-    left out of its layer's mean)."""
+    """The mean of the finite values (a head with no rows is NaN, left out); NaN if none."""
     ok = [v for v in values if math.isfinite(v)]
     return sum(ok) / len(ok) if ok else math.nan
 
 
 def grouped_heads(p: torch.Tensor, heads: int) -> torch.Tensor:
-    """Teacher rows (B, H_t, R, N) averaged in contiguous groups down to ``heads`` (what a student with
-    fewer heads is compared with: the distillation loss's convention)."""
+    """Teacher rows averaged in contiguous groups down to ``heads`` (the distillation loss's way)."""
     b, ht, r, n = p.shape
     return p if ht == heads else p.reshape(b, heads, ht // heads, r, n).mean(2)
 
@@ -120,21 +104,14 @@ def patch_distances(
 
 
 def attention_distance(patch_rows: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-    """Mean attention distance of each patch query (the ViT paper's Fig. 7): Σ_j a_ij d_ij, with the
-    row's weights over patch keys renormalised to sum to 1 (the class token has no position).
-
-    ``patch_rows``: (..., P) rows of patch queries over patch keys, whose query indices match the rows
-    of ``distances`` (P', P).
-    """
+    """Mean attention distance of each patch query (the ViT paper's Fig. 7), rows renormalised over patch
+    keys (the class token has no position)."""
     return (renormalise(patch_rows) * distances).sum(-1)
 
 
 def attention_rollout(maps: Sequence[torch.Tensor | None], residual: float = 0.5) -> torch.Tensor:
-    """Attention rollout (Abnar & Zuidema, 2020): Π_l (r I + (1 − r) Ā_l), Ā_l the head-averaged map of
-    layer l with rows renormalised; a layer without a map (None) passes tokens through (identity).
-
-    ``maps``: per layer (B, H, N, N) or (B, N, N). Returns (B, N, N), rows summing to 1.
-    """
+    """Attention rollout (Abnar & Zuidema, 2020): Π_l (r I + (1 − r) Ā_l) over the head-averaged maps; a
+    layer without a map (None) passes tokens through."""
     out = None
     for m in maps:
         if m is None:
@@ -150,14 +127,9 @@ def attention_rollout(maps: Sequence[torch.Tensor | None], residual: float = 0.5
 
 
 def head_assignment(cost: np.ndarray | torch.Tensor) -> dict:
-    """The optimal teacher↔student head assignment for a (teacher heads, student heads) cost matrix.
-
-    Returns ``pairs`` [(teacher head, student head)] minimising the summed cost (each head used at most
-    once; with fewer student heads every student head gets one teacher head), ``matched_cost`` (their
-    mean), ``identity_cost`` (mean of cost[h, h] over the shared heads, or with head groups — the teacher
-    has g× the student's heads — of cost[h, h // g] over all teacher heads) and ``tracks``: for each
-    student head, the teacher heads whose closest student head it is.
-    """
+    """The optimal (Hungarian) teacher↔student head assignment for a (teacher heads, student heads) cost:
+    ``pairs``, ``matched_cost``, ``identity_cost`` (with head groups, cost[h, h // g]) and ``tracks`` (per
+    student head, the teacher heads whose closest student head it is)."""
     cost = np.asarray(cost.cpu() if isinstance(cost, torch.Tensor) else cost, dtype=np.float64)
     if cost.ndim != 2 or 0 in cost.shape:
         raise ValueError(f"head assignment needs a (teacher heads, student heads) matrix, got {cost.shape}")

@@ -1,8 +1,5 @@
-"""Pictures of attention (matplotlib's Agg canvas, no pyplot state): class-token maps over the image, rollout, per-layer curves.
-
-Each function returns a matplotlib ``Figure`` whose size in pixels is fixed by its arguments
-(inches × `DPI`), so callers save it as they like (`save_figure`) or turn it into an image array
-for TensorBoard (`figure_array`).
+"""Pictures of attention on matplotlib's Agg canvas (no pyplot state); each figure's size in pixels is fixed
+by its arguments (inches × `DPI`).
 """
 
 from __future__ import annotations
@@ -80,13 +77,9 @@ def class_token_figure(
     notes: Sequence[str] | None = None,
     marks: Sequence[tuple[float, float] | None] | None = None,
 ) -> Figure:
-    """A layer × head grid of class-token maps over ``image``: the teacher's heads, a gap, the student's.
-
-    ``teacher``/``student``: per layer (H, grid_h, grid_w) maps of one image (None: no map). One mosaic
-    of ``cell``-pixel panels drawn at one pixel per panel pixel, plus margins for the labels: the size is
-    `class_token_figure_size`. ``layer_labels``: the rows' labels (default L0, L1, ...); ``notes``: per
-    layer a word written over its first panel (why a layer has no map: "4 windows", say; '' for none).
-    """
+    """A layer × head grid of class-token maps over ``image``: the teacher's heads, a gap, the student's,
+    drawn one pixel per panel pixel (size: `class_token_figure_size`). ``notes``: per layer a word over its
+    first panel (why a layer has no map: "4 windows", say)."""
     ht = max((m.shape[0] for m in teacher if m is not None), default=1)
     hs = max((m.shape[0] for m in (student or []) if m is not None), default=0) if student else 0
     layers = max(len(teacher), len(student or []))
@@ -148,9 +141,7 @@ def class_token_figure_size(layers: int, columns: int, cell: int = 48) -> tuple[
 
 
 def head_matching_figure(rows: Sequence[LayerComparison], title: str = "", per_row: int = 6) -> Figure:
-    """Per layer the JS cost of every teacher head (rows) against every student head (columns), the
-    optimal assignment ringed in red: one panel per layer (``per_row`` panels a line), one colour scale
-    for all (0 to the largest cost)."""
+    """Per layer the JS cost of teacher against student heads, the optimal assignment ringed."""
     rows = [r for r in rows if r.js_cost]
     n = max(1, len(rows))
     cols = min(per_row, n)
@@ -223,8 +214,7 @@ def curves_figure(insp: Inspection) -> Figure:
 
 
 def agreement_figure(insp: Inspection, title: str = "") -> Figure:
-    """Two panels: per-layer JS of each student against the teacher (with the noise floor), and the mean
-    attention distance of teacher and students."""
+    """Per layer each student's JS to the teacher (with the floor), and mean attention distance."""
     fig = _figure(10, 3.8)
     left, right = fig.subplots(1, 2)
     t_layers = [t.layer for t in insp.teacher]

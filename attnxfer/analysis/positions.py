@@ -1,14 +1,6 @@
-"""Where a hierarchical layer's rows and keys sit on the image: windows stitched back, keys on their grid.
-
-A windowed layer's map rows are rows of a batch of windows; a spatial-reduction layer's keys are a coarser
-grid than its queries; pooled queries land on a coarser grid than their keys. To draw where a token looks,
-`row_positions` says per layer which grid cell each (window, query row) and each (window, key) is:
-`RowPositions`. Each layer's adapter places its own rows (`TransferableAttention.place_rows`, in its family's
-file, following timm's own order of operations) from its partition (`token_partition`), the tokens its call
-takes and the grid the call names (`call_grid`); this module only runs the model once to read those calls.
-
-`query_maps` then stitches one query row of a layer back onto the image: (B, H, key grid) maps with zeros
-where the query's window does not reach.
+"""Where a hierarchical layer's rows and keys sit on the image (`row_positions`): windows stitched back, keys
+on their grid. Each adapter places its own rows (`TransferableAttention.place_rows`, following timm's order
+of operations); this module only runs the model once to read its calls.
 """
 
 from __future__ import annotations
@@ -21,13 +13,13 @@ import torch
 import torch.nn as nn
 
 from ..models.attention import RowPlacement, TokenWalk, attention_blocks, attention_layers
+from .knn import evaluating
 from .signals import LayerSignals
 
 
 @dataclass(frozen=True)
 class RowPositions(RowPlacement):
-    """One layer's rows on the image (`RowPlacement`: the queries' and keys' grids, per window the flat cell
-    of each row and key, -1 for padding), as a comparison checks them against the layer's signals."""
+    """One layer's rows on the image (`RowPlacement`), checked against its signals."""
 
     def matches(self, sig: LayerSignals, images: int) -> bool:
         """Whether these rows are the layer's on a batch of ``images`` (windows, queries and keys)."""
@@ -37,9 +29,8 @@ class RowPositions(RowPlacement):
 
 @torch.no_grad()
 def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None]:
-    """Per attention layer (forward order) where its rows and keys sit for images like ``x`` (one image
-    of it is run through the model's own forward to read each call's token count and grid); None for a
-    layer its adapter does not place (flat layers: their rows are the image's tokens)."""
+    """Per attention layer where its rows and keys sit for images like ``x`` (one image is run to read each
+    call's token count and grid); None for a layer its adapter does not place (flat layers)."""
     layers = attention_layers(model)
     blocks = attention_blocks(model)
     parts = [a.token_partition(b) for (_, a), b in zip(layers, blocks)]
@@ -57,11 +48,10 @@ def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None
         attn.register_forward_pre_hook(record(i, attn), with_kwargs=True)
         for i, (_, attn) in enumerate(layers)
     ]
-    was = model.training
     try:
-        model.eval().forward_features(x[:1].to(next(model.parameters()).dtype))
+        with evaluating([model]):
+            model.forward_features(x[:1].to(next(model.parameters()).dtype))
     finally:
-        model.train(was)
         for h in handles:
             h.remove()
     walk = TokenWalk(model)
@@ -83,9 +73,8 @@ def _centres(cells: torch.Tensor, grid: tuple[int, int], image: tuple[int, int])
 
 
 def cell_distances(pos: RowPositions, image: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per window the distances in pixels from each query row's cell to each key's cell, (W, N_q, N_k)
-    (NaN for a padding query: it has no place), and which keys are image cells, not padding (W, N_k):
-    what the attention distance of a windowed or reduced layer is measured with."""
+    """Per window the pixel distances from each query row's cell to each key's, (W, N_q, N_k) (NaN for a
+    padding query), and which keys are image cells, not padding (W, N_k)."""
     q = _centres(pos.queries, pos.grid, image)
     k = _centres(pos.keys, pos.key_grid, image)
     d = torch.cdist(q, k).float()
@@ -102,10 +91,8 @@ def query_points(grid: tuple[int, int]) -> dict[str, int]:
 def query_maps(
     sig: LayerSignals, pos: RowPositions, images: int, points: Mapping[str, int]
 ) -> dict[str, torch.Tensor | None]:
-    """Per query cell (``points``: name -> flat cell of ``pos.grid``) the layer's attention of that query
-    over the image, (B, H, key_h, key_w): its window's keys put back where they sit, 0 elsewhere (and over
-    padding). One map row per point is built (for every window of the batch at once). None for a cell no
-    row queries from."""
+    """Per query cell (``points``: name -> flat cell) that query's attention over the image, (B, H, key_h,
+    key_w), 0 outside its window; None for a cell no row queries from."""
     out: dict[str, torch.Tensor | None] = {}
     heads, nk = sig.heads, sig.shape[2]
     for name, cell in points.items():

@@ -1,11 +1,6 @@
-"""What one attention layer attended with on a batch of images (`LayerSignals`): q and k as they enter its
-logits, its logit bias with the model's attention mask folded in — never a map — and the rows of its map
-built from them on request, a chunk of query rows at a time.
-
-`layer_qk` runs a model's own timm forward once with a capturing `AttentionIO` on each attention layer
-(`attnxfer.models.attention.run_with_ios`); a copy student's layers are handed the teacher's q, k and bias
-(`borrowed_signals`). A bias gathered from a relative-position table stays `BiasRows` (taken a row chunk at
-a time); one that is a tensor already, Swin's window bias with its shift mask, stays as captured.
+"""What one attention layer attended with on a batch of images (`LayerSignals`): q, k and logit bias as they
+enter its logits, never a map, so rows of the map can be built a chunk at a time. A bias gathered from a
+relative-position table stays `BiasRows` (never held whole).
 """
 
 from __future__ import annotations
@@ -25,12 +20,9 @@ from .metrics import renormalise
 
 @dataclass
 class LayerSignals:
-    """What one attention layer attended with on one batch: its logits are ``scale · q kᵀ + bias`` over
-    its own key set, q (B', H, N_q, d) and k (B', H, N_k, d) as they enter them (after q/k norms and rope;
-    B' is the images, or images × windows), ``bias`` the additive term (relative-position bias, the
-    model's attention mask; None: none), as a tensor or as `BiasRows` (rows taken a chunk at a time: a
-    bias gathered from a table is never held whole). ``borrowed``: q and k are a teacher's (attention copy), so the
-    map is a softmax one whatever the layer's own kind. Indexable like a dict (``signals["q"]``)."""
+    """Logits ``scale · q kᵀ + bias``: q (B', H, N_q, d), k (B', H, N_k, d) after q/k norms and rope (B':
+    images, or images × windows); ``bias`` holds the model's attention mask too. ``borrowed``: q and k are a
+    teacher's (attention copy), so the map is a softmax one whatever the layer's own kind."""
 
     name: str
     attn: TransferableAttention
@@ -62,9 +54,8 @@ class LayerSignals:
         return self.q.shape[0], self.q.shape[-2], self.k.shape[-2]
 
     def map_rows(self, rows: slice | None = None) -> torch.Tensor | None:
-        """Rows of the layer's map, (B', H, len(rows), N_k) in fp32 (float64 stays): softmax layers (and
-        borrowed q/k) from their logits with the bias; other attentions through their ``attention_map``;
-        signed maps clipped at 0 and renormalised; None for an attention without a map."""
+        """Rows of the layer's map, (B', H, len(rows), N_k) in fp32 (float64 stays); signed maps clipped at 0
+        and renormalised; None for an attention without a map."""
         kind = self.kind
         if not kind.has_map:
             return None
@@ -92,8 +83,7 @@ def _bias_rows(bias: torch.Tensor | BiasRows, rows: slice) -> torch.Tensor:
 def _with_mask(
     bias: torch.Tensor | BiasRows | None, mask: torch.Tensor | None
 ) -> torch.Tensor | BiasRows | None:
-    """The logit bias with the model's additive attention mask folded in, still a chunk of rows at a time
-    where the bias is `BiasRows` (nothing is built whole that was not whole already)."""
+    """The logit bias with the model's attention mask folded in, `BiasRows` staying row-chunked."""
     if mask is None or bias is None:
         return bias if mask is None else mask
     if isinstance(bias, torch.Tensor):
@@ -111,10 +101,8 @@ def _with_mask(
 def layer_qk(
     model: nn.Module, x: torch.Tensor, borrow: Mapping[int, Mapping[str, torch.Tensor]] | None = None
 ) -> list[LayerSignals]:
-    """Per attention layer (forward order) what it attends with on images ``x`` (`LayerSignals`): its own
-    q/k and logit bias, or the tensors in ``borrow[layer]`` (attention copy: ``q``, ``k`` and, with both,
-    the teacher's ``bias``), which the layer uses in place of its own. One run of the model's own forward
-    (`run_with_ios`), stopped inside the last attention layer once it has captured; holds every layer's q/k."""
+    """Per attention layer what it attends with on ``x``: its own q/k and bias, or ``borrow[layer]``
+    (attention copy). One run of the forward, stopped inside the last attention layer once it has captured."""
     layers = attention_layers(model)
     borrow = borrow or {}
     ios: dict[int, AttentionIO] = {}
@@ -154,8 +142,7 @@ def layer_qk(
 def borrowed_signals(
     borrow: Mapping[int, tuple[int, str]], t_sig: Sequence[LayerSignals]
 ) -> dict[int, dict[str, torch.Tensor]]:
-    """What a copy student's layers attend with in place of their own (``borrow``: {student layer: (teacher
-    layer, chunks)}): the borrowed chunks of the teacher's layers; q and k together bring its logit bias."""
+    """The teacher q/k (and, with both, its bias) a copy student's layers attend with."""
     out = {}
     for i, (t, chunks) in borrow.items():
         given = {c: t_sig[t][c] for c in chunks if c in "qk"}

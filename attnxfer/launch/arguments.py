@@ -1,7 +1,5 @@
-"""The flags of ``attnxfer submit`` and ``attnxfer search --array-tasks``: argparse only.
-
-Kept apart from `slurm.py` and `search_array.py` (which import submitit, torch and the apps) so that
-building the CLI's parser, for ``--help`` and for argument errors, loads neither.
+"""The flags of ``attnxfer submit`` and ``attnxfer search --array-tasks``, argparse only: building the CLI's
+parser (for ``--help`` and argument errors) must not load submitit, torch or the apps.
 """
 
 from __future__ import annotations
@@ -134,11 +132,8 @@ def split_top_level(text: str) -> list[str]:
 
 
 def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
-    """``["optim.lr=1e-3,1e-4", "seed=0,1"]`` to ``{"optim.lr": ["1e-3", "1e-4"], "seed": ["0", "1"]}``.
-
-    Values stay strings, exactly like plain ``key=value`` overrides: the config parses them. Commas
-    inside brackets belong to the value, so list values sweep too: ``transfer.layers=[0,1],[2,3]``.
-    """
+    """``["optim.lr=1e-3,1e-4"]`` to ``{"optim.lr": ["1e-3", "1e-4"]}``; values stay strings (the config
+    parses them), and commas inside brackets belong to the value (``transfer.layers=[0,1],[2,3]``)."""
     if not items:
         return None
     sweep: dict[str, list[str]] = {}

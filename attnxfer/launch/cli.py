@@ -1,14 +1,6 @@
-"""The ``attnxfer`` command: the parser of its subcommands (one module each in `attnxfer.launch.commands`),
-and how the program answers and exits.
-
-Every subcommand that runs on a config takes ``-c CONFIG.yaml`` plus dotted ``key=value`` overrides and
-prints what it changes from its recipe before it starts work. User errors (bad keys, missing files,
-incompatible models) print one clear message and exit non-zero; set ``ATTNXFER_DEBUG=1`` for the full
-traceback.
-
-Each command imports its app inside its handler, and this module the library only where it needs it:
-`attnxfer --help` and argument errors answer without loading torch. The commands and this module are the only
-code in the package that imports attnxfer modules lazily.
+"""The ``attnxfer`` command: the parser of its subcommands, and how the program answers and exits. User
+errors print one line and exit 2 (``ATTNXFER_DEBUG=1``: the traceback). Each command imports its app inside
+its handler, so `attnxfer --help` and argument errors answer without loading torch.
 """
 
 from __future__ import annotations
@@ -56,13 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_user_error(e: Exception) -> bool:
-    """Whether ``e`` means 'change your input' (a `UserError`): printed in one line, exit code 2. Anything
-    else is a bug and keeps its traceback. Recognised without importing the library (torch): a bad key or
-    a missing recipe answers at once."""
-    return isinstance(e, UserError)
-
-
 def _where_to_resume(args) -> str:
     """What a re-run of an interrupted command continues from (checkpoints are only ever whole)."""
     if args.command == "inspect":  # it writes into a temporary sibling of --out and moves it into place
@@ -77,17 +62,6 @@ def _where_to_resume(args) -> str:
     if info is None:
         return f"no checkpoint was saved yet in {run_dir}: running the same command again starts over"
     return f"running the same command again continues from step {info.step} ({info.path})"
-
-
-def _stopped_by_signal(args, error: Exception) -> int | None:
-    """The exit code of a run that SIGTERM stopped at a step boundary (its checkpoint saved), after saying
-    so on the main process; None for any other error."""
-    # not loaded: nothing trained, so no SIGTERM stop (and no torch to import for a bad argument)
-    stop = sys.modules.get("attnxfer.train.stop")
-    if stop is None or not isinstance(error, stop.StopRequested):
-        return None
-    warn(f"attnxfer {args.command}: {error}; re-run the same command to resume")
-    return error.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -110,23 +84,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         warn(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", all_ranks=True)
         return 130
     except BrokenPipeError:  # the reader of stdout went away (`attnxfer ... | head`): nothing left to say
-        os.dup2(
-            os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno()
-        )  # so the exit's flush cannot fail again
+        # so the exit's flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception as e:
-        stopped = _stopped_by_signal(args, e)
-        if stopped is not None:
-            return stopped
-        if os.environ.get("ATTNXFER_DEBUG") or not _is_user_error(e):
+        # SIGTERM stopped a run at a step boundary, its checkpoint saved (module not loaded: nothing trained)
+        stop = sys.modules.get("attnxfer.train.stop")
+        if stop is not None and isinstance(e, stop.StopRequested):
+            warn(f"attnxfer {args.command}: {e}; re-run the same command to resume")
+            return e.exit_code
+        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
             raise
         warn(f"attnxfer {args.command}: error: {e}", all_ranks=True)
         return 2
 
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:
-    """The program's entry point (the ``attnxfer`` script, ``python -m attnxfer``, ``torchrun -m attnxfer``):
-    `main`, then `end_program` with its exit code. Call `main` to get the code back instead."""
+    """The program's entry point: `main`, then `end_program` with its exit code."""
     end_program(main(argv))
 
 

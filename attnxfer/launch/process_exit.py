@@ -1,16 +1,8 @@
-"""Ending the ``attnxfer`` program, with the exit code its command returned, once every output is written.
-
-After a run in a gloo process group, CPython's interpreter finalization can abort the process: torch's
-C++ worker threads of the (already destroyed) group are torn down concurrently with the interpreter, and
-a rank that finished and wrote everything exits with SIGABRT ("terminate called without an active
-exception") or SIGSEGV, in about one run in fifteen on a loaded machine (pytorch/pytorch#179291 discusses
-the race). torchrun then reports the job as failed, and may restart it. So after such a run the program
-does everything Python's own exit does that has observable effects — threading's exit hooks and the
-wait for non-daemon threads, the ``atexit`` handlers (logging's flush among them), flushing the standard
-streams — and then ends with
-``os._exit``, skipping only the finalization (module teardown and C++ static destructors).
-
-Single-process runs exit the ordinary way.
+"""Ending the ``attnxfer`` program once every output is written. After a run in a gloo process group,
+interpreter finalization can abort a rank that finished (SIGABRT or SIGSEGV as torch's C++ threads are torn
+down, about one run in fifteen on a loaded machine; pytorch/pytorch#179291), and torchrun reports a failure.
+So such a run does what Python's exit does that is observable (threading's exit hooks, atexit handlers,
+flushing the streams) and then ``os._exit``; single-process runs exit the ordinary way.
 """
 
 from __future__ import annotations

@@ -1,13 +1,8 @@
-"""What a teacher's rotary embedding (rope) does to each zoo attention's map kind, for `attnxfer convert --help`.
-
-The table is read from the declarations themselves, by text: each zoo attention states ``rope_keeps_map_kind``
-and ``rope_why`` in its own file under ``attnxfer/models/efficient/`` (inherited from its bases where it does
-not), each family file under ``attnxfer/models/attention/families/`` whether its blocks pass a rope
-(``Family(..., rope=True)``). Why by text (`ast`) and not by import: importing the attentions loads torch, which
-``--help`` must not (tests/cli/test_cli_startup.py); a hand-kept copy here would be a second place to touch for
-every new attention. Why when the help is printed (`RopeHelpFormatter`) and not when the parser is built: the
-~25 files take a noticeable fraction of a second to parse, which every other command would pay.
-tests/cli/test_cli_rope_help.py holds the table equal to what the imported classes declare (`rope_support`).
+"""What a teacher's rope does to each zoo attention's map kind, for `attnxfer convert --help`: read by text
+(`ast`) from each attention's ``rope_keeps_map_kind``/``rope_why`` and each family's ``rope=True``, since
+importing the attentions loads torch, which ``--help`` must not; and only when the help is printed, since
+parsing the ~25 files costs every other command a noticeable fraction of a second.
+tests/cli/test_cli_rope_help.py holds the table equal to what the imported classes declare.
 """
 
 from __future__ import annotations
@@ -46,17 +41,10 @@ def _classes(folder: Path) -> dict[str, _Class]:
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if not isinstance(node, ast.ClassDef):
                 continue
-            registered = next(  # the name in a ``@register_attention("name")`` decorator, if any
-                (
-                    d.args[0].value
-                    for d in node.decorator_list
-                    if isinstance(d, ast.Call)
-                    and _name(d.func) == "register_attention"
-                    and d.args
-                    and isinstance(d.args[0], ast.Constant)
-                ),
-                None,
-            )
+            # the name in a ``@register_attention("name")`` decorator, if any
+            calls = [d for d in node.decorator_list if isinstance(d, ast.Call) and d.args]
+            names = [d.args[0] for d in calls if _name(d.func) == "register_attention"]
+            registered = next((n.value for n in names if isinstance(n, ast.Constant)), None)
             cls = _Class([_name(b) for b in node.bases], registered)
             for stmt in node.body:
                 target = stmt.targets[0] if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
@@ -90,8 +78,7 @@ def _is_zoo(classes: dict[str, _Class], name: str) -> bool:
 
 @cache
 def rope_support_from_source() -> dict[str, tuple[bool, str]]:
-    """Every registered zoo attention -> (rope keeps its map kind, why), read from the zoo's source files;
-    the same as `attnxfer.models.efficient.base.rope_support()` without importing anything."""
+    """`attnxfer.models.efficient.base.rope_support()` read from the zoo's source, importing nothing."""
     classes = _classes(_MODELS / "efficient")
     table = {
         cls.registered: (
@@ -118,8 +105,7 @@ def rope_families() -> list[str]:
 
 
 def rope_epilog(width: int = 100) -> str:
-    """The convert subcommand's epilog: per zoo attention (``convert.attention``), whether applying a rope
-    teacher's rotary embedding to q and k before its feature map keeps its map kind, and why."""
+    """Per zoo attention, whether a rope teacher's rotary embedding keeps its map kind, and why."""
     support = rope_support_from_source()
     name_w = max(map(len, support)) + 2
     lines = [
@@ -136,8 +122,7 @@ def rope_epilog(width: int = 100) -> str:
 
 
 class RopeHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """argparse's raw-description help, with the rope table (`rope_epilog`) in place of `ROPE_EPILOG`: it is
-    read only when the help is printed."""
+    """Raw-description help with the rope table in place of `ROPE_EPILOG`, read only when printed."""
 
     def add_text(self, text: str | None) -> None:
         super().add_text(rope_epilog() if text == ROPE_EPILOG else text)

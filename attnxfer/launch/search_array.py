@@ -1,10 +1,6 @@
-"""`attnxfer search --array-tasks K`: each generation's candidates evaluated as a SLURM job array.
-
-The search itself (selection, breeding, state, reports) runs where the command runs; each generation's
-new candidates are split into K contiguous batches, one task of a job array each, through the same
-submitit executor and `wait` as `attnxfer submit`. A task rebuilds the teacher and its cached signals
-and calls `attnxfer.apps.search.evaluate_batch`, so a candidate's result does not depend on the task it
-lands in (stage 1 starts from the same seed everywhere).
+"""`attnxfer search --array-tasks K`: each generation's new candidates evaluated as a SLURM job array of K
+contiguous batches, through the same executor and `wait` as `attnxfer submit`; the search itself runs where
+the command runs. Stage 1 starts from the same seed in every task, so a result does not depend on its task.
 """
 
 from __future__ import annotations

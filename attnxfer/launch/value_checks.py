@@ -1,15 +1,7 @@
-"""The config values a registry checks (attention names, timm architectures), checked as the config loads,
-before torch is imported.
-
-A closed set of values is a ``choices=`` key and the loader checks it (`attnxfer.config.keys`). The attention
-names of ``model.attention`` and ``convert.attention`` are a registry's (`attnxfer.models.attention.registry`),
-and ``model.name`` / ``teacher.arch`` are timm's; both take torch and timm (seconds) to import: without this
-check a typo is found only after the teacher and the data are built, or never, if one of them fails first. So
-the names are read by text from the decorators that register them (``@register_attention("performer")``,
-``register_parametric_attention(...)`` in ``attnxfer/models/``; ``@register_model`` and
-``register_model_deprecations`` in timm's and attnxfer's model files), in milliseconds, without importing
-timm; where a registry is already imported (a Python session that registered names of its own) it is asked
-too. tests/cli/test_value_checks.py holds the text reading equal to the imported registries.
+"""The config values a registry checks (attention names, timm architectures), checked as the config loads:
+importing torch and timm takes seconds and a typo would surface only after the teacher and data are built. So
+names are read by text from the decorators that register them (milliseconds), and from an imported registry
+where there is one; tests/cli/test_value_checks.py holds the two equal.
 """
 
 from __future__ import annotations
@@ -54,8 +46,7 @@ def _registered_by_text() -> tuple[frozenset[str], frozenset[str]]:
 
 
 def registered_attentions() -> tuple[frozenset[str], frozenset[str]]:
-    """(names, parametric prefixes) of every attention a student may name: the imported registry's where it
-    is loaded (it holds the attentions a Python session registered too), else what the source declares."""
+    """(names, parametric prefixes): the imported registry's where loaded, else the source's."""
     registry = sys.modules.get(_REGISTRY_MODULE)
     if registry is not None:
         return frozenset(registry._ATTENTIONS), frozenset(registry._PARAMETRIC)
@@ -68,10 +59,14 @@ _COMPARISONS_MODULE = "attnxfer.transfer.comparisons"
 
 @cache
 def _comparisons_by_text() -> frozenset[str]:
-    """The comparison losses ``@comparison_loss("name")`` registers in attnxfer/transfer/ (a decorator at a
-    line's start: the docstring's example is indented)."""
+    """The ``@comparison_loss`` names at a line's start (a docstring's example is indented)."""
     folder = Path(__file__).resolve().parents[1] / "transfer"
     return frozenset(n for path in sorted(folder.glob("*.py")) for n in _COMPARISON.findall(path.read_text()))
+
+
+def _hint(name: str, names: frozenset[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(names), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 
 def _check_comparisons(entries: Any) -> None:
@@ -83,10 +78,9 @@ def _check_comparisons(entries: Any) -> None:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str) or name in names or not names:
             continue  # a malformed entry is refused, with its own message, where the plan is built
-        close = difflib.get_close_matches(name, sorted(names), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"transfer.losses[{i}].name: {name!r} is not a comparison loss{hint} (one of {', '.join(sorted(names))})"
+            f"transfer.losses[{i}].name: {name!r} is not a comparison loss{_hint(name, names)} (one of "
+            f"{', '.join(sorted(names))})"
         )
 
 
@@ -108,8 +102,7 @@ def _model_names(folder: Path) -> frozenset[str]:
 
 @cache
 def _timm_names() -> frozenset[str]:
-    """timm's architectures, read from its model files (found without importing timm); empty where they are
-    not plain files beside it."""
+    """timm's architectures, read from its model files; empty where they are not plain files."""
     spec = importlib.util.find_spec("timm")
     if spec is None or spec.origin is None:
         return frozenset()
@@ -117,8 +110,7 @@ def _timm_names() -> frozenset[str]:
 
 
 def is_architecture(name: str) -> bool | None:
-    """Whether ``name`` (a timm architecture, optionally with a ``.tag``) is one timm builds, attnxfer's own
-    micro models included; None where that cannot be told without importing timm (its files not found)."""
+    """Whether timm builds ``name`` (``.tag`` allowed); None where that cannot be told without timm."""
     arch = name.split(".", 1)[0]
     if arch in _model_names(_MODELS):
         return True
@@ -131,9 +123,7 @@ def is_architecture(name: str) -> bool | None:
 def _check_architecture(key: str, value: Any) -> None:
     if not isinstance(value, str) or ":" in value or is_architecture(value) is not False:
         return  # hf-hub: and local-dir: names are resolved where the model is built
-    arch = value.split(".", 1)[0]
-    close = difflib.get_close_matches(arch, sorted(_timm_names() | _model_names(_MODELS)), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    hint = _hint(value.split(".", 1)[0], _timm_names() | _model_names(_MODELS))
     raise ConfigError(
         f"{key}: {value!r} is not a timm architecture{hint} (timm.list_models() lists them; attnxfer adds "
         f"{', '.join(sorted(_model_names(_MODELS)))})"
@@ -151,16 +141,13 @@ def _check_attention(key: str, value: Any) -> None:
             continue
         where = f"{key}[{i}]" if isinstance(value, list) else key
         known = sorted(names) + [f"{p}:<spec>" for p in sorted(prefixes)]
-        close = difflib.get_close_matches(name, sorted(names), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"{where}: {name!r} is not a registered attention{hint} (one of {', '.join(known)})"
+            f"{where}: {name!r} is not a registered attention{_hint(name, names)} (one of {', '.join(known)})"
         )
 
 
 def check_values(cfg: Any) -> Any:
-    """``cfg`` (a `TrainConfig`) once the values its registries hold are known names; else a `ConfigError`
-    naming the key, the value, the nearest name and the choices."""
+    """``cfg`` once its registry values are known names; else a `ConfigError` with the nearest name."""
     _check_architecture("model.name", cfg.model.name)
     _check_architecture("teacher.arch", cfg.teacher.arch)
     if cfg.model.attention:

@@ -1,10 +1,5 @@
 """What every ``attnxfer`` subcommand shares: its registration, and the config arguments of those that run one.
-
-A command module registers its handler (``@register_command("<name>", help=..., arguments=...)``), which takes
-the parsed arguments and returns the exit code; the decorator's keywords are its parser's (``help``,
-``description``, ...) and ``arguments`` adds its arguments. A command that runs on a config takes
-``-c CONFIG.yaml`` and dotted overrides (``arguments=add_config_args``) and reads them with `load` before it
-imports its app, so a config error answers at once.
+A command reads its config with `load` before it imports its app, so a config error answers at once.
 """
 
 from __future__ import annotations
@@ -50,9 +45,8 @@ def register_command(
     show_config: Callable[[argparse.Namespace], int] | None = None,
     **parser_options,
 ):
-    """Register the decorated handler as subcommand ``name``; ``parser_options`` go to argparse's
-    ``add_parser`` (``help``, ``description``, ``epilog``, ``formatter_class``); ``show_config`` answers
-    ``--print-config`` where the command reads more than one config (a study)."""
+    """Register the decorated handler as subcommand ``name``; ``parser_options`` go to ``add_parser``;
+    ``show_config`` answers ``--print-config`` where the command reads more than one config (a study)."""
 
     def deco(run):
         COMMANDS[name] = Command(name, run, arguments, parser_options, show_config)
@@ -96,12 +90,10 @@ def load(args):
 
 
 def print_config(args) -> int:
-    """``--print-config``: the resolved config (the sections the command reads), then what it changes from
-    its recipe (as YAML comments)."""
-    from ...config import dump_config, load_config
-    from ..value_checks import check_values
+    """``--print-config``: the resolved config, then what it changes from its recipe (as comments)."""
+    from ...config import dump_config
 
-    cfg = check_values(load_config(args.config, args.overrides))
+    cfg = load(args)  # says nothing under --print-config
     say(dump_config(cfg, args.command).rstrip())
     say("# " + _changes(args, cfg).replace("\n", "\n# "))
     return 0
@@ -133,8 +125,7 @@ def load_study(args):
 
 
 def done_line(result) -> str:
-    """How a training command (`train`, `pretrain`) ends: its steps and best score, or why it had nothing to
-    do."""
+    """How `train` and `pretrain` end: steps and best score, or why there was nothing to do."""
     if result.nothing_to_do:
         return result.nothing_to_do
     if result.best is None:

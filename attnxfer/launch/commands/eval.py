@@ -27,17 +27,14 @@ def run(args) -> int:
         result = evaluate_run(cfg)
     for k, v in result.metrics.items():
         say(f"{k}: {v:.4f}")
-    for prefix in ("val", "ema_val"):
-        top1, n = result.metrics.get(f"{prefix}_top1"), int(result.metrics.get(f"{prefix}_count", 0))
+    m = result.metrics
+    knn = f", k={m.get('knn_k', 0):.0f}, T={m.get('knn_temperature', 0):g}"
+    for who in ("val", "ema_val", "knn_teacher", "knn"):  # knn: k-NN top-1 of the embeddings
+        count, rule = ("knn", knn) if who.startswith("knn") else (who, "")
+        top1, n = m.get(f"{who}_top1"), int(m.get(f"{count}_count", 0))
         if top1 is not None and n:
             interval = format_top1(correct_count(top1, n), n)
-            say(f"{prefix}_top1 (%) [95% Wilson interval, {n} images]: {interval}")
-    m, n = result.metrics, int(result.metrics.get("knn_count", 0))
-    for who in ("knn_teacher", "knn"):  # k-NN top-1 of the embeddings (teacher's, then student's)
-        if f"{who}_top1" in m:
-            interval = format_top1(correct_count(m[f"{who}_top1"], n), n)
-            rule = f"k={m['knn_k']:.0f}, T={m['knn_temperature']:g}"
-            say(f"{who}_top1 (%) [95% Wilson interval, {n} images, {rule}]: {interval}")
+            say(f"{who}_top1 (%) [95% Wilson interval, {n} images{rule}]: {interval}")
     if "knn_share" in m:
         low, high = m["knn_share_low"], m["knn_share_high"]
         say(

@@ -1,5 +1,4 @@
-"""``attnxfer inspect``: does a student attend like its teacher? Per layer and head, beside a floor, with
-pictures."""
+"""``attnxfer inspect``: does a student attend like its teacher? Per layer and head, beside a floor."""
 
 from __future__ import annotations
 
@@ -67,27 +66,15 @@ def run(args) -> int:
         inspect_attention,  # after the checks: a bad flag answers without torch
     )
 
+    same = "images data data_root split num_images out overwrite teacher_arch student_arch batch_size seed"
+    same += " img_size topk noise floor_images"  # flags named as inspect_attention's keywords
     result = inspect_attention(
         args.teacher,
         args.students,
-        images=args.images,
-        data=args.data,
-        data_root=args.data_root,
-        split=args.split,
-        num_images=args.num_images,
-        out=args.out,
-        overwrite=args.overwrite,
         pretrained=not args.random_weights,
-        teacher_arch=args.teacher_arch,
-        student_arch=args.student_arch,
-        batch_size=args.batch_size,
         picture_images=args.pictures,
-        seed=args.seed,
-        img_size=args.img_size,
-        topk=args.topk,
-        noise=args.noise,
-        floor_images=args.floor_images,
         progress=True,
+        **{k: getattr(args, k) for k in same.split()},
     )
     for name, layers in result["students"].items():
         js = [r["mean"].get("js") for r in layers if r["mean"].get("js") is not None]

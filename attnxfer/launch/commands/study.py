@@ -1,5 +1,4 @@
-"""``attnxfer study``: several students from one teacher in one job, one batch and one teacher pass a step;
-trained (`attnxfer train`'s students) or converted (``--command convert``: `attnxfer convert`'s)."""
+"""``attnxfer study``: several students (trained or converted) from one teacher pass a step, in one job."""
 
 from __future__ import annotations
 
@@ -31,8 +30,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 
 def show_config(args) -> int:
-    """``--print-config``: the study's base, then each student's resolved config (a YAML document each) with
-    what it changes from the base."""
+    """``--print-config``: the study's base, then each student's config with what it changes."""
     from ...config import describe_changes, dump_config
     from ...config.study_spec import study_base
 

@@ -1,19 +1,7 @@
-"""Submitting a training ``main(cfg)`` to SLURM (or to this machine) through submitit.
-
-One submitted job runs ``nodes x tasks_per_node`` copies of :class:`TrainingTask`; each joins
-the process group from the job's environment (``env://``, no shared init file) and calls the
-same ``main(cfg)`` a local run calls. Preemption and time limits: SLURM signals the job
-(``USR2``, ``signal_delay_s`` before the limit), submitit runs :meth:`TrainingTask.checkpoint`
-on global rank 0, which requeues the same task; the requeued ``main`` resumes from the newest
-checkpoint in its run directory. Requeues are bounded (``max_requeues``) and recorded.
-
-``cfg`` is opaque here except for :class:`RunConfig`: a run directory and dotted overrides,
-which is all sweeps need (one run directory per point).
-
-The package, one module per job: `options` (SlurmOptions, their checks, the executor), `task` (the
-submitted `TrainingTask` and its requeues), `submission` (sweeps, dry runs, submit), `monitor` (waiting,
-job states, failures in one line), `commands` (``attnxfer submit``'s arguments). Every name is
-re-exported here (``from attnxfer.launch.slurm import SlurmOptions, submit, wait``).
+"""Submitting a training ``main(cfg)`` to SLURM (or to this machine) through submitit: every rank joins the
+process group from the job's environment and calls the same ``main(cfg)`` a local run calls; on ``USR2``
+before the time limit (or a preemption) the task is requeued and resumes from its run directory's newest
+checkpoint. ``cfg`` is opaque here except for `RunConfig` (a run directory and overrides: all sweeps need).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from typing import Any
 import submitit
 
 from ...checkpoints.run_lock import last_checkpoint_note
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 from .monitor import (  # moved to monitor.py
     JobFailedError,
     wait,
@@ -27,9 +26,6 @@ from .submission import (  # moved to submission.py
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# command line
-# ---------------------------------------------------------------------------------------------
 def options_from_args(ns: argparse.Namespace) -> SlurmOptions:
     names = {f.name for f in fields(SlurmOptions)} - {"extra"}
     kwargs = {name: getattr(ns, name) for name in names if hasattr(ns, name)}

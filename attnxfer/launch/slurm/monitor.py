@@ -14,12 +14,8 @@ import submitit
 from submitit.core.utils import pickle_load
 
 from ...train.watchdog import SILENCE_LINE
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
 
-# ---------------------------------------------------------------------------------------------
-# waiting
-# ---------------------------------------------------------------------------------------------
 class JobFailedError(RuntimeError):
     """A rank of a submitted job raised (or the job died); carries the rank's log tail."""
 
@@ -116,10 +112,8 @@ def _rank_logs(task: submitit.Job, lines: int) -> str:
 
 
 def _task_outcome(task: submitit.Job, not_before: float = 0.0) -> tuple[str, Any] | None:
-    """(``"success"``|``"error"``, result or traceback) once the rank wrote its result, else None.
-
-    Results written before ``not_before`` belong to a run that was requeued since: ignored.
-    """
+    """(``"success"``|``"error"``, result or traceback) once the rank wrote its result, else None; results
+    written before ``not_before`` belong to a run that was requeued since."""
     path = task.paths.result_pickle
     if not path.exists() or path.stat().st_mtime < not_before:
         return None
@@ -138,14 +132,9 @@ def wait(
     log_lines: int = 40,
     grace_s: float = 15.0,
 ) -> list[list[Any]]:
-    """Wait for every job; return each job's per-rank results.
-
-    Raises :class:`JobFailedError` as soon as any rank of any job raised (with that rank's
-    traceback and log tail; the rest of that job is cancelled so no rank hangs in a
-    collective), or when SLURM ended a job that left no result (killed, out of memory,
-    requeue limit...). Raises :class:`JobTimeoutError` after ``timeout`` seconds. Job state
-    comes from ``scontrol``, so this works without SLURM accounting (``sacct``).
-    """
+    """Each job's per-rank results; `JobFailedError` as soon as any rank raised (the rest of that job is
+    cancelled so no rank hangs in a collective) or a job left no result. Job state comes from ``scontrol``,
+    so this works without SLURM accounting (``sacct``)."""
     job_list = [jobs] if isinstance(jobs, submitit.Job) else list(jobs)
     deadline = None if timeout is None else time.monotonic() + timeout
     results: dict[int, list[Any]] = {}
@@ -213,12 +202,8 @@ def _stop_if_died(
 
 
 def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float = 0.5) -> None:
-    """Cancel a job whose rank failed only if it does not end by itself.
-
-    srun's ``--kill-on-bad-exit`` takes a failed job's step down, and SLURM then records it as FAILED;
-    cancelling it first would record CANCELLED and hide the failure from ``sacct``. A job still running
-    after ``grace_s`` (ranks stuck in a collective) is cancelled, so no rank waits until its time limit.
-    """
+    """Cancel a job whose rank failed only if it is still running after ``grace_s``: srun's
+    ``--kill-on-bad-exit`` records it as FAILED, and cancelling first would record CANCELLED instead."""
     if _is_slurm(job):
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
@@ -290,11 +275,8 @@ def _watchdog_report(job: submitit.Job, message: str) -> JobFailedError | None:
 
 
 def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list[Any] | None:
-    """Every rank's result once all are in; raises for the rank whose error caused the others.
-
-    That is the first error in time that is not a collective failing because a peer left
-    (those follow any rank's death).
-    """
+    """Every rank's result once all are in; raises for the rank whose error caused the others (the first
+    in time that is not a collective failing because a peer left)."""
     tasks = _tasks(job)
     outcomes = [_task_outcome(task, not_before) for task in tasks]
     if any(o is not None and o[0] == "error" for o in outcomes):

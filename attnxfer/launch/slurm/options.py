@@ -1,5 +1,4 @@
-"""What a submission asks SLURM for: the options (`SlurmOptions`), their checks and parsing, and the
-submitit executor they configure."""
+"""What a submission asks SLURM for (`SlurmOptions`), checked as sbatch reads it, and the executor."""
 
 from __future__ import annotations
 
@@ -69,9 +68,6 @@ class SlurmUnavailableError(UserError, RuntimeError):
     """``--cluster slurm`` on a machine without SLURM's commands: one line saying where to submit from."""
 
 
-# ---------------------------------------------------------------------------------------------
-# options
-# ---------------------------------------------------------------------------------------------
 _TIME_RE = re.compile(r"^(?:(?P<d>\d+)-)?(?P<rest>\d+(?::\d+){0,2})$")
 
 
@@ -82,13 +78,8 @@ _MEM_RE = re.compile(r"^\d+(?:[KMGT]B?)?$", re.IGNORECASE)
 
 
 def parse_time_minutes(value: int | str) -> int:
-    """SLURM time limit to whole minutes, in sbatch's ``--time`` formats: ``MM``, ``MM:SS``, ``HH:MM:SS``,
-    ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``.
-
-    The leading field may be any size (``90`` minutes, ``36:00:00``); the fields after it are bounded as
-    on a clock (minutes and seconds below 60, hours below 24 after a day count), so ``25:99:99`` is refused
-    rather than read as 1601 minutes.
-    """
+    """SLURM time limit (sbatch's ``--time`` formats) to whole minutes. The fields after the leading one are
+    bounded as on a clock, so ``25:99:99`` is refused rather than read as 1601 minutes."""
     if isinstance(value, int) and not isinstance(value, bool):
         minutes = value
     else:
@@ -123,11 +114,8 @@ def parse_time_minutes(value: int | str) -> int:
 
 
 def check_script_value(flag: str, value: Any) -> None:
-    """Refuse a value that would not stay on its own line of the sbatch script.
-
-    sbatch reads ``#SBATCH`` lines only up to the first command: a line break (or any other control
-    character) in a value would turn the rest of it into a command and silently drop the options after it.
-    """
+    """Refuse a value with a line break or other control character: in the sbatch script the rest of it
+    would become a command and the ``#SBATCH`` options after it would be silently dropped."""
     text = str(value)
     bad = sorted({repr(c) for c in text if unicodedata.category(c) == "Cc"})
     if bad:

@@ -1,5 +1,4 @@
-"""Sweeps, dry runs and submission: one job (or one per sweep point) of `TrainingTask`s, and what was
-submitted, described."""
+"""Sweeps, dry runs and submission: one job (or one per sweep point) of `TrainingTask`s."""
 
 from __future__ import annotations
 
@@ -20,7 +19,6 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from ...errors import InputError, UserError
 from ...speak import say
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 from .options import (  # moved to options.py
     RUN_DIR_KEY,
     RunConfig,
@@ -34,9 +32,6 @@ from .task import (  # moved to task.py
 )
 
 
-# ---------------------------------------------------------------------------------------------
-# sweeps, dry runs, submission
-# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepPoint:
     overrides: dict[str, Any]
@@ -80,13 +75,8 @@ def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:
 
 
 def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | None = None) -> str:
-    """The sbatch script submitit writes for these options (same writer, same parameters).
-
-    The one private name of submitit this package uses: a dry run must print byte for byte the script
-    that submitit submits (tests/cluster/slurm/test_slurm_jobs.py compares them), so it asks submitit's own writer;
-    pyproject.toml pins submitit's major version for it. Every value reaching it was checked first
-    (`SlurmOptions`, `check_script_value`).
-    """
+    """The sbatch script submitit writes for these options: a dry run must print byte for byte what is
+    submitted, so it asks submitit's own (private) writer; pyproject.toml pins submitit's major version."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = Path(job_dir).expanduser().absolute()
@@ -130,11 +120,8 @@ def submit(
     dry_run: bool = False,
     run_dir_key: str = RUN_DIR_KEY,
 ) -> list[submitit.Job]:
-    """Submit ``main_fn(cfg)`` (one job, or a job array over the sweep's cartesian product).
-
-    Prints the job id(s), the log paths and how to follow and cancel them, and returns the
-    submitit jobs (``[]`` on a dry run, which prints the sbatch script and configs instead).
-    """
+    """Submit ``main_fn(cfg)`` (one job, or a job array over the sweep); ``[]`` on a dry run, which prints
+    the sbatch script and configs instead."""
     points = sweep_points(cfg, sweep, run_dir_key)
     if dry_run:
         say(render_dry_run(cfg, opts, sweep, run_dir_key))

@@ -1,5 +1,4 @@
-"""The submitted callable: `TrainingTask` runs one rank's `main(cfg)`, and on preemption or a time limit
-requeues itself (bounded, recorded) to resume from the newest checkpoint."""
+"""The submitted callable: a rank's `main(cfg)`, requeued (bounded, recorded) on preemption or time limit."""
 
 from __future__ import annotations
 
@@ -19,12 +18,8 @@ from submitit.core.utils import DelayedSubmission, UncompletedJobError
 from ...speak import show_debug, warn
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
 
 
-# ---------------------------------------------------------------------------------------------
-# the submitted callable
-# ---------------------------------------------------------------------------------------------
 class RequeueLimitReached(RuntimeError):
     """The job timed out more often than ``max_requeues`` (or was preempted more than ``max_preemptions``)."""
 
@@ -38,25 +33,17 @@ REQUEUE_CAUSES = ("timeout", "preemption")
 
 
 class TrainingTask(submitit.helpers.Checkpointable):
-    """``main_fn(cfg)`` as a checkpointable submitit task: same main as local runs, resumable.
+    """``main_fn(cfg)`` as a checkpointable submitit task that requeues itself and resumes from its run dir:
 
-    Two ways a job stops early, each ending in a requeue and a resume from the run directory
-    (``resume: auto``):
+    * USR2 (``--signal`` before the time limit, or a preemption that sends it): ``checkpoint()`` runs in
+      submitit's handler on rank 0 only, so it does no collective and saves nothing (the run's periodic
+      checkpoints resume); it hands back this task, which submitit pickles and SLURM requeues.
+    * SIGTERM (``scancel``, preemption without USR2): the loop saves at the next step boundary and raises
+      `StopRequested`; rank 0 requeues (``scontrol requeue``; a job its user cancelled stays cancelled).
 
-    * USR2 (SLURM's ``--signal``, ``signal_delay_s`` before the time limit, or a preemption configured
-      to send it): ``checkpoint()`` runs in submitit's signal handler on global rank 0 only; it does no
-      collective and saves nothing itself (the run's periodic checkpoints are what resumes). It hands
-      back this same task, which submitit pickles and SLURM requeues.
-    * SIGTERM (``scancel``, preemption without USR2): the training loop saves at the next step boundary
-      and raises `StopRequested`; rank 0 then pickles this task and requeues the job
-      (``scontrol requeue``; a job cancelled by its user stays cancelled).
-
-    Timeouts and preemptions are counted apart, as submitit does: a signal close to the time limit
-    (see `TIMEOUT_SLACK_S`) is a timeout, bounded by ``max_requeues``; any other signal, and a requeue
-    by the scheduler itself (``SLURM_RESTART_COUNT`` beyond ours), is a preemption, unbounded unless
-    ``max_preemptions`` is set. Past a bound it raises :class:`RequeueLimitReached` instead, which ends
-    the job with that error.
-    """
+    A signal within `TIMEOUT_SLACK_S` of the time limit is a timeout (bounded by ``max_requeues``); any
+    other, and a requeue by the scheduler itself, a preemption (bounded by ``max_preemptions``, if set).
+    Past a bound: `RequeueLimitReached`."""
 
     def __init__(
         self,
@@ -236,11 +223,8 @@ _STOP_SIGNALLED = False
 
 
 def _watch_stop_signals() -> None:
-    """Remember SIGTERM and submitit's preemption signal, then let submitit's handlers run as before.
-
-    Only rank 0 requeues; the other ranks see their collectives fail a moment later. Knowing
-    that a stop signal came first lets :meth:`TrainingTask.__call__` tell that failure from a real one.
-    """
+    """Remember SIGTERM and submitit's preemption signal, then run submitit's handlers: only rank 0
+    requeues, and the other ranks' collectives failing a moment later are then no real failure."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):  # debug executor: this is the user's own process
         return
     usr = getattr(signal, f"SIG{submitit.JobEnvironment.USR_SIG}", signal.SIGUSR2)
