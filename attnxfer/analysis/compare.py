@@ -125,7 +125,7 @@ def compare_attention(
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
     models = [teacher, *(s.model for s in subjects.values())]
     bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
-    with evaluating(models), contextlib.closing(bar):
+    with evaluating(*models), contextlib.closing(bar):
         for x in batches:
             x = x.to(comparison.device)
             if not x.shape[0]:

@@ -108,7 +108,7 @@ def feature_agreement(
     `feature_sums` over the ranks of a process group before they become means."""
     device = next(student.parameters()).device
     total = torch.zeros(len(TOKEN_GROUPS), _COLUMNS, dtype=torch.float64, device=device)
-    with evaluating([student, teacher]):
+    with evaluating(student, teacher):
         for x in images:
             total += batch_feature_sums(student, teacher, x, autocast)
     if reduce is not None:

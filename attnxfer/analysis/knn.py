@@ -34,7 +34,7 @@ def embed(
     feats: list[list[torch.Tensor]] = [[] for _ in models]
     labels: list[torch.Tensor] = []
     seen = 0
-    with evaluating(models):
+    with evaluating(*models):
         for x, y, *_ in batches:
             if limit is not None and seen >= limit:
                 break
@@ -53,7 +53,7 @@ def embed(
 
 
 @contextmanager
-def evaluating(models: Sequence[nn.Module]) -> Iterator[None]:
+def evaluating(*models: nn.Module) -> Iterator[None]:
     """``models`` in eval mode for the duration, each back in its own mode afterwards."""
     was = [m.training for m in models]
     for m in models:

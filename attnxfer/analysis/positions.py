@@ -49,7 +49,7 @@ def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None
         for i, (_, attn) in enumerate(layers)
     ]
     try:
-        with evaluating([model]):
+        with evaluating(model):
             model.forward_features(x[:1].to(next(model.parameters()).dtype))
     finally:
         for h in handles:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis.features import feature_agreement
-from ..analysis.knn import knn_comparison
+from ..analysis.knn import evaluating, knn_comparison
 from ..transfer.teacher_student import TransferOutput
 
 
@@ -73,18 +73,6 @@ def per_image_top1(
 def _top5(logits: torch.Tensor) -> torch.Tensor:
     """The (up to) 5 highest classes per row, best first: what top-1 and top-5 read."""
     return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-
-
-@contextlib.contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    was = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, training in zip(models, was):
-            m.train(training)
 
 
 def _scored_batches(

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..analysis import layer_agreement
+from ..analysis.knn import evaluating
 from ..models.attention import (
     MapKind,
     TransferAttention,
@@ -26,7 +27,7 @@ from ..models.efficient.swap import flat_blocks
 from ..models.image_input import find_patch_embedding, image_input
 from ..transfer.map_losses import LayerLogits, agreement, default_map_loss, map_distillation_loss, output_mse
 from .distributed import gather_objects, sum_over_ranks
-from .evaluation import classification_sums, evaluating, per_image_top1
+from .evaluation import classification_sums, per_image_top1
 
 
 def layer_map_metric(

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..analysis.knn import evaluating
 from ..errors import InputError
 from ..models.efficient.floor import floor_model
 from ..models.image_input import image_input
-from .evaluation import evaluating
 from .timing import Timing, interleaved_timings
 
 #: The ratios of images/s a speed row carries, each (numerator model, denominator model).
