@@ -211,9 +211,7 @@ class _Into(dict):
 
 
 def _merged_into(current: Any, keys: _Into) -> Any:
-    if not isinstance(current, Mapping):
-        return {k: _merged_into(None, v) if isinstance(v, _Into) else v for k, v in keys.items()}
-    merged = dict(current)
+    merged = dict(current) if isinstance(current, Mapping) else {}
     for k, v in keys.items():
         merged[k] = _merged_into(merged.get(k), v) if isinstance(v, _Into) else v
     return merged
