@@ -19,7 +19,15 @@ from PIL import Image
 from attnxfer.apps.run.parts import build_run_parts
 from attnxfer.apps.run.training import build_engine, train
 from attnxfer.config import load_config
-from attnxfer.data import ResumableSampler, StreamPosition, build_dataset, dataset_info, list_datasets
+from attnxfer.data import (
+    ResumableSampler,
+    StreamPosition,
+    build_dataset,
+    dataset_info,
+    list_datasets,
+    register_dataset,
+    registry,
+)
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.train.metrics import read_summary
 
@@ -181,6 +189,52 @@ def test_wds_streams_tar_shards_with_timms_transforms(shards, animals):
     train_set = build_dataset("wds/animals", "train", root=str(shards), **NORM, **options, batch_size=8)
     labels = sorted(int(y) for _, y in train_set)  # one epoch: every training image once, shuffled
     assert labels == sorted(animals["train"][1])
+
+
+def test_an_indexable_train_split_beside_a_streamed_val_split_trains_and_validates(
+    hf_dir, shards, tmp_path, monkeypatch
+):
+    """A dataset whose train split is a folder (indexable, a resumable sampler) and whose val split is
+    webdataset shards (a stream, no sampler): each split gets what it can take, and every val image is read."""
+    cache = tmp_path / "cache"
+    val_split = f"val-000000.tar|{N_VAL}"
+
+    def folder_train_shards_val(split, *, root, img_size, in_chans, mean, std, seed):
+        if split == "train":
+            return build_dataset(
+                f"hfds/{hf_dir}",
+                split,
+                root=cache,
+                img_size=img_size,
+                in_chans=in_chans,
+                mean=mean,
+                std=std,
+                seed=seed,
+            )
+        return build_dataset(
+            "wds/animals",
+            split,
+            root=str(shards),
+            img_size=img_size,
+            in_chans=in_chans,
+            mean=mean,
+            std=std,
+            seed=seed,
+            val_split=val_split,
+        )
+
+    monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
+    info = dataset_info(f"hfds/{hf_dir}", root=cache)
+    register_dataset("folder_train_shards_val", info=info)(folder_train_shards_val)
+    overrides = [o for o in WDS if not o.startswith(("data.dataset", "data.kwargs"))]
+    cfg = load_config(
+        None, [f"run_dir={tmp_path / 'run'}", "data.dataset=folder_train_shards_val", *overrides]
+    )
+    parts = build_run_parts(cfg)
+    assert isinstance(parts.train_sampler, ResumableSampler) and parts.train_sampler.length == N_TRAIN
+    assert sum(len(y) for _, y in parts.val_loader) == N_VAL
+    result = train(cfg)
+    assert result.steps == 2 * N_TRAIN // 8
 
 
 def test_wds_resumed_mid_epoch_keeps_the_epoch_length_and_schedule(shards, tmp_path):

@@ -75,12 +75,14 @@ def build_loaders(
     )
     train_set = build_dataset(d.dataset, "train", **common, **train_aug)
     val_set = build_dataset(d.dataset, "val", **common)
-    if isinstance(train_set, StreamDataset):  # not indexable: the engine's position shortens the epoch
-        sampler, val_sampler = StreamPosition(train_set, world_size), None
+    # each split on its own: a stream is not indexable (the engine's position shortens the train epoch)
+    if isinstance(train_set, StreamDataset):
+        sampler = StreamPosition(train_set, world_size)
     else:
         sampler = ResumableSampler(
             len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size, drop_last=True
         )
+    val_sampler = None
     if not isinstance(val_set, StreamDataset):
         val_sampler = ResumableSampler(
             len(val_set),
