@@ -29,7 +29,7 @@ import pytest
 from helpers import QUIET, tiny_convert_report
 
 from attnxfer.config import ConfigError, load_config
-from attnxfer.config.loading import resolve_recipe
+from attnxfer.config.study_spec import load_study
 from attnxfer.launch.cli import main
 from attnxfer.run_layout import DEMO_EXPORTS, DEMO_OUT
 
@@ -170,14 +170,12 @@ def _schedule_of(argv: list[str]) -> str:
 
 
 def _study_command(config: str) -> str | None:
-    """The ``command:`` a study recipe names (``recall/convert_zoo``: convert), or None."""
+    """The command a study recipe's students run, through the recipes it starts from (``base:``):
+    ``recall/convert_budgets_deep`` is a convert study by its base's ``command: convert``; None for no study."""
     try:
-        text = resolve_recipe(config).read_text()
+        return load_study(config).command
     except (OSError, ConfigError):
         return None
-    return next(
-        (line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("command:")), None
-    )
 
 
 @contextlib.contextmanager
