@@ -18,6 +18,8 @@ hybrids keep softmax in the first 1, 2 and 3 blocks and put relu_linear in the o
     python benchmarks/hybrid_speed.py
     python benchmarks/hybrid_speed.py --tokens 1025 --attentions relu_linear performer --hybrids softmax,relu_linear,relu_linear,softmax
     python benchmarks/hybrid_speed.py --width 384 --heads 6 --depth 12 --json runs/hybrid_speed.json
+    python benchmarks/hybrid_speed.py --tokens 4097 --width 64 --heads 2 --patch 4 --mlp-ratio 2 --batch 2 \
+        --attentions hedgehog --hybrids softmax,hedgehog,softmax,hedgehog     # recall/teacher_deep's shape
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def build(
         embed_dim=args.width,
         depth=args.depth,
         num_heads=args.heads,
+        mlp_ratio=args.mlp_ratio,
         num_classes=10,
     ).eval()
     models: dict[str, nn.Module] = {"floor": floor_model(teacher)}
@@ -164,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--heads", type=int, default=3)
     parser.add_argument("--patch", type=int, default=16)
+    parser.add_argument(
+        "--mlp-ratio", type=float, default=4.0, help="MLP width / model width (timm's mlp_ratio)"
+    )
     parser.add_argument("--attentions", nargs="+", default=None, help="zoo attentions (default: every one)")
     parser.add_argument("--hybrids", nargs="+", default=None, help="one comma-separated name per block, each")
     parser.add_argument("--batch", type=int, default=1)
