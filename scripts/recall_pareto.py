@@ -1,12 +1,19 @@
-"""The Pareto figure of docs/choosing-attention.md: top-1 against measured speed-up on the recall task, for
-every single-attention conversion of the zoo study and every student of the budgets study (the selector's
-hybrids at each `convert.speedup`, and the uniform interleavings).
+"""The Pareto figures of docs/choosing-attention.md: top-1 against measured speed-up on the recall task, for
+every student of the given convert studies: single-attention conversions (the zoo), the selector's hybrids
+(`convert.attention=auto`, students named ``auto*``) and the fixed placements of softmax blocks (uniform
+interleavings).
 
     python scripts/recall_pareto.py runs/recall/convert_zoo runs/recall/convert_budgets \
         --out docs/figures/recall_pareto.png
+    python scripts/recall_pareto.py runs/recall/convert_budgets_deep runs/recall/convert_interleave_deep \
+        --speeds runs/recall/hybrid_speed_deep.json --against auto_1.5 auto_2 \
+        --title "Recall, four-block teacher" --out docs/figures/recall_pareto_deep.png
 
 Reads each study's conversion_study.json (`attnxfer study --report` writes it again from the students'
-reports); measures nothing. Intervals: 95 % Wilson on the validation images.
+reports); measures nothing. Speed: each study's own measurement (compare within a study only), or with
+``--speeds`` every student's speed from one `benchmarks/hybrid_speed.py` run (one process, so comparable
+across studies). ``--against``: McNemar's exact test of every student against the named ones, on the same
+validation images (the studies must share them). Intervals: 95 % Wilson on the validation images.
 """
 
 from __future__ import annotations
@@ -26,10 +33,20 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [p for p in (os.path.dirname(_HERE),) if p not in sys.path]  # attnxfer from this checkout
 
 from attnxfer.analysis.intervals import correct_count, top1_interval  # noqa: E402
+from attnxfer.apps.run.uncertainty import format_p, mcnemar  # noqa: E402
+
+KINDS = ("single attention", "convert.attention=auto", "uniform interleaving")
 
 
-def points(study: Path) -> list[dict]:
-    """name, attention, speed-up (x teacher) and top-1 with its interval of each student with a report."""
+def kind_of(row: dict) -> str:
+    if row["name"].startswith("auto"):
+        return KINDS[1]
+    return KINDS[2] if "," in row["attention"] else KINDS[0]
+
+
+def points(study: Path, speeds: dict[str, float] | None) -> list[dict]:
+    """name, attention, kind, speed-up (x teacher) and top-1 with its interval of each student with a report;
+    ``speeds``: {attention, comma-separated without spaces: x teacher} in place of the study's own."""
     rows = json.loads((study / "conversion_study.json").read_text())["students"]
     out = []
     for row in rows:
@@ -37,22 +54,33 @@ def points(study: Path) -> list[dict]:
             continue
         n = row["val_size"]
         lo, hi = top1_interval(correct_count(row["top1"], n), n)
-        out.append({**row, "speedup": row["speed"]["speedup"], "low": lo, "high": hi})
+        key = row["attention"].replace(" ", "")
+        if speeds is not None and key not in speeds:
+            raise SystemExit(f"--speeds has no row for {row['name']}'s attention {key}: add it to --hybrids")
+        speedup = speeds[key] if speeds is not None else row["speed"]["speedup"]
+        out.append({**row, "kind": kind_of(row), "speedup": speedup, "low": lo, "high": hi})
     return out
 
 
-def draw(zoo: list[dict], budgets: list[dict], teacher_top1: float | None):
+def benchmark_speeds(path: Path) -> tuple[dict[str, float], int]:
+    """{model: x teacher} of a hybrid_speed.py JSON at its one token count, and that count."""
+    rows = json.loads(path.read_text())["rows"]
+    tokens = {r["tokens"] for r in rows}
+    if len(tokens) != 1:
+        raise SystemExit(f"{path}: measured at {sorted(tokens)} tokens; run the benchmark at one --tokens")
+    return {r["model"]: r["x_teacher"] for r in rows}, tokens.pop()
+
+
+def draw(students: list[dict], teacher_top1: float | None, speed_label: str, title: str):
     """Two panels on one speed axis: every student (left), and the top few points where the students that
-    retrieve sit within the intervals of each other (right, zoomed)."""
+    retrieve sit within the intervals of each other (right, zoomed); each panel names the points the other
+    shows crowded."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    styles = [
-        ("single attention (zoo study)", zoo, "o", "tab:gray"),
-        ("convert.attention=auto", [p for p in budgets if p["name"].startswith("auto")], "D", "tab:blue"),
-        ("uniform interleaving", [p for p in budgets if not p["name"].startswith("auto")], "s", "tab:orange"),
-    ]
-    zoom = (96.5, 100.3)
+    styles = zip(KINDS, ("o", "D", "s"), ("tab:gray", "tab:blue", "tab:orange"))
+    zoom = (max(p["top1"] for p in students) - 3.4, 100.3)
     for ax, limits in zip(axes, (None, zoom)):
-        for label, group, marker, color in styles:
+        for label, marker, color in styles:
+            group = [p for p in students if p["kind"] == label]
             if not group:
                 continue
             xs = [p["speedup"] for p in group]
@@ -60,8 +88,7 @@ def draw(zoo: list[dict], budgets: list[dict], teacher_top1: float | None):
             err = [[p["top1"] - p["low"] for p in group], [p["high"] - p["top1"] for p in group]]
             ax.errorbar(xs, ys, yerr=err, fmt=marker, color=color, label=label, capsize=2, ms=5)
             for p in group:
-                shown = p["top1"] < 95 if limits is None else p["top1"] >= limits[0]
-                if shown:
+                if (p["top1"] < zoom[0]) == (limits is None):
                     ax.annotate(
                         p["name"],
                         (p["speedup"], p["top1"]),
@@ -69,41 +96,64 @@ def draw(zoo: list[dict], budgets: list[dict], teacher_top1: float | None):
                         xytext=(3, 3),
                         textcoords="offset points",
                     )
+        styles = zip(KINDS, ("o", "D", "s"), ("tab:gray", "tab:blue", "tab:orange"))
         if teacher_top1 is not None:
             ax.axhline(
                 teacher_top1, color="black", lw=0.8, ls="--", label=f"softmax teacher ({teacher_top1:.1f} %)"
             )
         ax.axvline(1.0, color="black", lw=0.5, ls=":")
-        ax.set_xlabel("measured speed-up over the teacher (forward, batch 8, 1,024 tokens)")
+        ax.set_xlabel(speed_label)
         if limits is not None:
             ax.set_ylim(*limits)
-            ax.set_title("the top, zoomed (names of the points above 96.5 %)", fontsize=9)
+            shown = [p["speedup"] for p in students if p["top1"] >= zoom[0]]
+            margin = 0.1 * (max(shown) - min(shown)) + 0.15
+            ax.set_xlim(min(min(shown), 1.0) - margin, max(shown) + margin)
+            ax.set_title(f"the top, zoomed (names of the points above {zoom[0]:.1f} %)", fontsize=9)
         else:
             ax.set_ylabel("val top-1 (%), 95 % Wilson interval")
-            ax.set_title("every student (names of the points below 95 %)", fontsize=9)
+            ax.set_title(f"every student (names of the points below {zoom[0]:.1f} %)", fontsize=9)
             ax.legend(fontsize=8, loc="lower left")
-    fig.suptitle(
-        "Recall at 1,024 tokens: quality against speed (each study's speeds measured in its own run)"
-    )
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("zoo", type=Path, help="the zoo's convert study (recall/convert_zoo)")
-    parser.add_argument("budgets", type=Path, help="the budgets' convert study (recall/convert_budgets)")
+    parser.add_argument("studies", type=Path, nargs="+", help="convert studies (their run_dir)")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--speeds", type=Path, default=None, help="a benchmarks/hybrid_speed.py --json file")
+    parser.add_argument("--against", nargs="*", default=[], help="students to test every other one against")
+    parser.add_argument("--title", default="Recall at 1,024 tokens")
     args = parser.parse_args()
-    zoo, budgets = points(args.zoo), points(args.budgets)
-    first = json.loads((args.zoo / zoo[0]["name"] / "report.json").read_text()) if zoo else {}
-    fig = draw(zoo, budgets, (first.get("top1") or {}).get("teacher"))
+    speeds, tokens = benchmark_speeds(args.speeds) if args.speeds else (None, None)
+    students = [p for study in args.studies for p in points(study, speeds)]
+    if len({p["name"] for p in students}) != len(students):
+        raise SystemExit("two studies have a student of the same name; rename one")
+    first = (
+        json.loads((args.studies[0] / students[0]["name"] / "report.json").read_text()) if students else {}
+    )
+    if speeds is None:
+        label = "measured speed-up over the teacher (forward)"
+        title = f"{args.title}: quality against speed (each study's speeds measured in its own run)"
+    else:
+        label = f"measured speed-up over the teacher (forward, {tokens - 1:,} tokens)"
+        title = f"{args.title}: quality against speed, every student timed in one benchmark run"
+    fig = draw(students, (first.get("top1") or {}).get("teacher"), label, title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
-    for p in sorted(zoo + budgets, key=lambda p: -p["speedup"]):
-        print(
-            f"{p['name']:>16} {p['attention']:>28} {p['speedup']:5.2f}x  {p['top1']:6.2f} [{p['low']:.1f}, {p['high']:.1f}]"
-        )
+    by_name = {p["name"]: p for p in students}
+    missing = [n for n in args.against if n not in by_name]
+    if missing:
+        raise SystemExit(f"--against {missing}: no such student (have {sorted(by_name)})")
+    for p in sorted(students, key=lambda p: -p["speedup"]):
+        line = f"{p['name']:>16} {p['attention']:>44} {p['speedup']:5.2f}x  {p['top1']:6.2f} [{p['low']:.1f}, {p['high']:.1f}]"
+        for name in args.against:
+            if name != p["name"]:
+                hits = [[c == "1" for c in q["val_hits"]] for q in (p, by_name[name])]
+                paired = mcnemar(*hits)
+                line += f"  vs {name}: {paired.only_a}/{paired.only_b} p {format_p(paired.p_value)}"
+        print(line)
     print(f"-> {args.out}")
 
 

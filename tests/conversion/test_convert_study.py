@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.convert import conversion_study as study_app
 from attnxfer.apps.convert.conversion_study import convert_study
+from attnxfer.apps.run.uncertainty import mcnemar
 from attnxfer.config import ConfigError
 from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
@@ -133,6 +136,21 @@ def test_the_comparison_has_a_row_per_attention_with_one_teacher_timing(study):
     (study / "conversion_study.md").unlink()
     assert cli.main(["study", "-c", str(study / "study.yaml"), "--report"]) == 0
     assert (study / "conversion_study.md").read_text() == md
+
+
+@pytest.mark.slow
+def test_the_pareto_script_draws_a_study_and_pairs_its_students_on_their_val_hits(study, tmp_path):
+    """scripts/recall_pareto.py (docs/choosing-attention.md's figures) reads conversion_study.json as the study
+    writes it: a figure, and each student's McNemar counts against another from the two reports' val hits."""
+    out = tmp_path / "pareto.png"
+    script = ROOT / "scripts" / "recall_pareto.py"
+    args = [sys.executable, str(script), str(study), "--against", "hedgehog", "--out", str(out)]
+    printed = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    assert out.stat().st_size > 10_000
+    hits = {n: json.loads((study / n / "report.json").read_text())["val_hits"]["after_stage2"] for n in NAMES}
+    paired = mcnemar(*([c == "1" for c in hits[n]] for n in ("performer", "hedgehog")))
+    line = next(ln for ln in printed.splitlines() if ln.split()[0] == "performer")
+    assert f"vs hedgehog: {paired.only_a}/{paired.only_b} p " in line
 
 
 @pytest.mark.slow
