@@ -3,7 +3,7 @@
 # own commands on this machine (CPU is enough), then copy it into docs/figures. Runs go under runs/docs/
 # (git-ignored) and are reused where their config is unchanged (the demo's runs are keyed by their config).
 #
-#   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|recall|all]...     (default: all)
+#   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|recall|recall_deep|all]...     (default: all)
 #
 #   demo     attnxfer demo        -> demo_curves.png, demo_attention.png, demo_agreement.png, mae_reconstructions.png,
 #                                    study_curves.png (its copy and distillation students are one study)
@@ -17,6 +17,10 @@
 #   recall   the recall teacher (recall/teacher, exported), the zoo converted from it in one study
 #            (recall/convert_zoo), the selector's hybrids under budgets 1.25x-2.5x (recall/convert_budgets) and the
 #            search's proxy against the zoo (benchmarks/zoo_proxy.py) -> recall_pareto.png (about 2 hours here)
+#   recall_deep  the four-block recall teacher (recall/teacher_deep, exported), the selector's hybrids at 1.5x and
+#            2x held at 4,096 tokens (recall/convert_budgets_deep), every uniform placement of one and of two
+#            softmax blocks (recall/convert_interleave_deep), all timed in one benchmarks/hybrid_speed.py run at
+#            4,096 tokens -> recall_pareto_deep.png (about 2 hours here)
 #
 # convert and slurm use the demo's MAE teacher: run demo first (or together: `all` runs them in order).
 # tests/project/test_docs_site.py checks that every figure the pages show is made here.
@@ -120,11 +124,29 @@ recall() {
     "$PY" scripts/recall_pareto.py "$out/convert_zoo" "$out/convert_budgets" --out "$FIG/recall_pareto.png"
 }
 
+recall_deep() {
+    local out=runs/recall
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+    [ -f "$out/teacher_deep/export/model.safetensors" ] || {
+        "$AX" train -c recall/teacher_deep && "$AX" export "$out/teacher_deep" "$out/teacher_deep/export"
+    }
+    "$AX" study -c recall/convert_budgets_deep
+    "$AX" study -c recall/convert_interleave_deep
+    local h=hedgehog s=softmax # the deep studies' students, one comma-separated name per block
+    "$PY" benchmarks/hybrid_speed.py --tokens 4097 --width 64 --heads 2 --patch 4 --mlp-ratio 2 --batch 2 \
+        --repeats 9 --attentions hedgehog performer focused_linear --json "$out/hybrid_speed_deep.json" \
+        --hybrids "$s,focused_linear,performer,$s" "$s,focused_linear,performer,performer" "$s,$h,$h,$h" \
+        "$h,$s,$h,$h" "$h,$h,$s,$h" "$h,$h,$h,$s" "$s,$h,$s,$h" "$h,$s,$h,$s"
+    "$PY" scripts/recall_pareto.py "$out/convert_budgets_deep" "$out/convert_interleave_deep" \
+        --speeds "$out/hybrid_speed_deep.json" --against auto_1.5 auto_2 --title "Recall, four-block teacher" \
+        --out "$FIG/recall_pareto_deep.png"
+}
+
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] && [ "${targets[0]}" != all ] || targets=(demo convert slurm inspect search recall)
+[ ${#targets[@]} -gt 0 ] && [ "${targets[0]}" != all ] || targets=(demo convert slurm inspect search recall recall_deep)
 for target in "${targets[@]}"; do
     case "$target" in
-    demo | convert | slurm | inspect | search | recall) echo "== $target" && "$target" ;;
-    *) echo "unknown target $target (demo, convert, slurm, inspect, search, recall, all)" >&2 && exit 2 ;;
+    demo | convert | slurm | inspect | search | recall | recall_deep) echo "== $target" && "$target" ;;
+    *) echo "unknown target $target (demo, convert, slurm, inspect, search, recall, recall_deep, all)" >&2 && exit 2 ;;
     esac
 done
