@@ -200,28 +200,10 @@ def test_an_indexable_train_split_beside_a_streamed_val_split_trains_and_validat
     val_split = f"val-000000.tar|{N_VAL}"
 
     def folder_train_shards_val(split, *, root, img_size, in_chans, mean, std, seed):
+        common = dict(img_size=img_size, in_chans=in_chans, mean=mean, std=std, seed=seed)
         if split == "train":
-            return build_dataset(
-                f"hfds/{hf_dir}",
-                split,
-                root=cache,
-                img_size=img_size,
-                in_chans=in_chans,
-                mean=mean,
-                std=std,
-                seed=seed,
-            )
-        return build_dataset(
-            "wds/animals",
-            split,
-            root=str(shards),
-            img_size=img_size,
-            in_chans=in_chans,
-            mean=mean,
-            std=std,
-            seed=seed,
-            val_split=val_split,
-        )
+            return build_dataset(f"hfds/{hf_dir}", split, root=cache, **common)
+        return build_dataset("wds/animals", split, root=str(shards), val_split=val_split, **common)
 
     monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))
     info = dataset_info(f"hfds/{hf_dir}", root=cache)
