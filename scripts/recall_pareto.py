@@ -36,6 +36,8 @@ from attnxfer.analysis.intervals import correct_count, top1_interval  # noqa: E4
 from attnxfer.apps.run.uncertainty import format_p, mcnemar  # noqa: E402
 
 KINDS = ("single attention", "convert.attention=auto", "uniform interleaving")
+#: each kind's marker and colour in the figure
+STYLES = tuple(zip(KINDS, ("o", "D", "s"), ("tab:gray", "tab:blue", "tab:orange")))
 
 
 def kind_of(row: dict) -> str:
@@ -76,10 +78,9 @@ def draw(students: list[dict], teacher_top1: float | None, speed_label: str, tit
     retrieve sit within the intervals of each other (right, zoomed); each panel names the points the other
     shows crowded."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
-    styles = zip(KINDS, ("o", "D", "s"), ("tab:gray", "tab:blue", "tab:orange"))
     zoom = (max(p["top1"] for p in students) - 3.4, 100.3)
     for ax, limits in zip(axes, (None, zoom)):
-        for label, marker, color in styles:
+        for label, marker, color in STYLES:
             group = [p for p in students if p["kind"] == label]
             if not group:
                 continue
@@ -96,7 +97,6 @@ def draw(students: list[dict], teacher_top1: float | None, speed_label: str, tit
                         xytext=(3, 3),
                         textcoords="offset points",
                     )
-        styles = zip(KINDS, ("o", "D", "s"), ("tab:gray", "tab:blue", "tab:orange"))
         if teacher_top1 is not None:
             ax.axhline(
                 teacher_top1, color="black", lw=0.8, ls="--", label=f"softmax teacher ({teacher_top1:.1f} %)"
@@ -130,6 +130,10 @@ def main() -> None:
     students = [p for study in args.studies for p in points(study, speeds)]
     if len({p["name"] for p in students}) != len(students):
         raise SystemExit("two studies have a student of the same name; rename one")
+    by_name = {p["name"]: p for p in students}
+    missing = [n for n in args.against if n not in by_name]
+    if missing:
+        raise SystemExit(f"--against {missing}: no such student (have {sorted(by_name)})")
     first = (
         json.loads((args.studies[0] / students[0]["name"] / "report.json").read_text()) if students else {}
     )
@@ -142,10 +146,6 @@ def main() -> None:
     fig = draw(students, (first.get("top1") or {}).get("teacher"), label, title)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
-    by_name = {p["name"]: p for p in students}
-    missing = [n for n in args.against if n not in by_name]
-    if missing:
-        raise SystemExit(f"--against {missing}: no such student (have {sorted(by_name)})")
     for p in sorted(students, key=lambda p: -p["speedup"]):
         line = f"{p['name']:>16} {p['attention']:>44} {p['speedup']:5.2f}x  {p['top1']:6.2f} [{p['low']:.1f}, {p['high']:.1f}]"
         for name in args.against:
