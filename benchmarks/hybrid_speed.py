@@ -5,9 +5,10 @@ per run: per token count, the teacher (a timm ViT with random weights: speed doe
 floor (`attnxfer.models.efficient.floor.floor_model`: attention that projects but mixes no tokens, the ceiling
 of every converted student), each zoo attention in every block, and hybrids (one attention per block, softmax
 kept where named), all built as `attnxfer convert` builds them (`build_efficient_student`). Beside them one
-attention block of softmax and of each zoo member is timed alone, and each hybrid's speed is also *predicted*
-from those (teacher time minus what its swapped blocks save: the selector's time model), so the table says how
-far the prediction the knapsack relies on stands from the measured speed. Every model and block runs once per
+attention block of softmax and of each zoo member is timed alone, and each hybrid's speed is also *predicted*,
+from those block times (teacher time minus what its swapped blocks save: the selector's time model before
+2026-11-26) and from whole models (each block of c saves (teacher - all-c student) / depth: the selector's
+time model since), so the table says how far each prediction stands from the measured speed. Every model and block runs once per
 round in a rotated order (`attnxfer.train.timing.interleaved_timings`), medians of the rounds; ratios are to
 the teacher of the same call.
 

@@ -329,6 +329,9 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
     # in process CPU time too (CPU runs), which other programs on a shared machine distort less than wall-clock
     cpu = selection.get("measured_speedup_cpu")
     cpu_time = f" ({cpu:.2f}x in CPU time)" if cpu else ""
+    whole = selection.get("whole_ms")  # absent from choices made when one block was timed alone
+    floor = f", its floor {whole['floor']:.3g}" if whole else ""
+    in_place = " in place ((all-blocks model - floor) / blocks):" if whole else ":"
     lines = [
         "## Attention per block (convert.attention=auto)",
         "",
@@ -338,7 +341,7 @@ def _selection_section(selection: dict[str, Any] | None) -> list[str]:
         f"these candidates: {selection['fastest']['speedup']:.2f}x, all blocks {selection['fastest']['attention']}).",
         "",
         f"Times (ms, batch {selection['batch']}, {selection['device']}, {selection['precision']}): teacher "
-        f"{ms['teacher']:.3g}, one softmax attention block {ms['softmax']:.3g}, "
+        f"{ms['teacher']:.3g}{floor}, one block's attention{in_place} softmax {ms['softmax']:.3g}, "
         + ", ".join(f"{n} {ms[n]:.3g}" for n in names)
         + f". Sensitivity: {metric} of the teacher with only that block swapped to the candidate after "
         f"{selection['fit_steps']} stage-1 steps (lower: the block can lose softmax).",

@@ -1,7 +1,8 @@
 """``convert.attention=auto``: each block softmax or a candidate attention, chosen under a speed budget.
 
-1. **Time** first, so an infeasible budget stops before any training: the teacher, one softmax block and one
-   block of each candidate, interleaved; the student's time is the teacher's minus what swapped blocks save.
+1. **Time** first, so an infeasible budget stops before any training: the teacher, its floor and a student
+   with every block of each candidate, interleaved; each block of candidate c saves (teacher - that
+   student) / depth, and a hybrid's time is the teacher's minus what its swapped blocks save.
 2. **Sensitivity**: each candidate fitted in every block by stage 1, then the teacher with *only one block*
    swapped is compared with the teacher (KL of class probabilities; headless: final features' relative
    error). Not "an all-candidate student with one block given softmax back": the knapsack adds
@@ -36,6 +37,7 @@ from ...config import ConfigError, TrainConfig, apply_overrides, to_dict
 from ...errors import InputError
 from ...models.attention.registry import get_attention_class
 from ...models.efficient import build_efficient_student
+from ...models.efficient.floor import floor_model
 from ...models.efficient.hierarchical import flat_blocks
 from ...models.efficient.swap import teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
@@ -322,33 +324,36 @@ def speed_geometry(cfg: TrainConfig, teacher: nn.Module, run_side: int) -> tuple
 
 @torch.no_grad()
 def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> dict[str, Any]:
-    """Milliseconds of the teacher, one softmax block and one block of each candidate, interleaved in one call."""
+    """Milliseconds of whole models, interleaved in one call: the teacher, its floor (no token mixing) and a
+    student with every block of each candidate; then one block's attention in place, softmax's and each
+    candidate's, as (that model - floor) / depth. Whole models, not one block timed alone: a block's share
+    read from the model it runs in cannot exceed the model (a block timed alone under load or on a tiny
+    teacher could, predicting a negative time), and the fastest student predicted is one that was timed."""
     c = cfg.convert
     tokens, side = speed_geometry(cfg, parts.teacher, parts.img_size)
     teacher = parts.teacher if side == parts.img_size else rebuilt_teacher(cfg, side, device)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(c.speed_batch_size, parts.in_chans, side, side, generator=g).to(device)
-    soft = flat_blocks(teacher)[0].attn
-    dim = soft.proj.out_features
-    seq = torch.randn(c.speed_batch_size, tokens, dim, generator=g).to(device)
-    attns = {
-        name: flat_blocks(build_efficient_student(teacher, name, **_options(cfg, name)))[0]
-        .attn.to(device)
-        .eval()
-        for name in c.candidates
-    }
-    calls = {"teacher": partial(teacher, images), SOFTMAX: partial(soft, seq)}
-    calls |= {name: partial(attn, seq) for name, attn in attns.items()}
+    images = torch.randn(
+        c.speed_batch_size, parts.in_chans, side, side, generator=torch.Generator().manual_seed(0)
+    )
+    models = {"teacher": teacher, "floor": floor_model(teacher)}
+    models |= {name: build_efficient_student(teacher, name, **_options(cfg, name)) for name in c.candidates}
+    for model in models.values():
+        model.to(device).eval()
     precision = resolve_precision(cfg.precision, device)
-    with precision.autocast(device):
+    with precision.autocast(device), torch.no_grad():
+        calls = {name: partial(model, images.to(device)) for name, model in models.items()}
         times = interleaved_timings(calls, device=device, warmup=1, repeats=c.speed_repeats)
+    whole = {name: 1000.0 * t.median for name, t in times.items()}
+    depth = len(flat_blocks(teacher))
+    in_place = {name: (whole[name] - whole["floor"]) / depth for name in c.candidates}
     return {
         "tokens": tokens,
         "side": side,
         "batch": c.speed_batch_size,
         "device": device.type,
         "precision": f"{precision.value} autocast" if precision.autocasts else "fp32",
-        "ms": {name: 1000.0 * t.median for name, t in times.items()},
+        "ms": {"teacher": whole["teacher"], SOFTMAX: (whole["teacher"] - whole["floor"]) / depth, **in_place},
+        "whole_ms": whole,
     }
 
 
