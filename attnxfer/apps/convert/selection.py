@@ -226,7 +226,7 @@ def measure_selection(
     except InfeasibleBudget as e:  # candidates left out of the fits can make a met budget unmet
         raise InputError(f"convert.speedup={c.speedup:g} cannot be met: {e}") from None
     return {
-        "version": 1,
+        "version": 2,  # 2: block times read from whole models (`whole_ms`); 1: one block timed alone
         "attention": chosen.names,
         "candidates": list(c.candidates),
         "speedup": c.speedup,
