@@ -8,8 +8,8 @@ kept where named), all built as `attnxfer convert` builds them (`build_efficient
 attention block of softmax and of each zoo member is timed alone, and each hybrid's speed is also *predicted*,
 from those block times (teacher time minus what its swapped blocks save: the selector's time model before
 2026-11-26) and from whole models (each block of c saves (teacher - all-c student) / depth: the selector's
-time model since), so the table says how far each prediction stands from the measured speed. Every model and block runs once per
-round in a rotated order (`attnxfer.train.timing.interleaved_timings`), medians of the rounds; ratios are to
+time model since), so the table says how far each prediction stands from the measured speed. Every model and
+block runs once per round in a rotated order (`attnxfer.train.timing.interleaved_timings`), medians of the rounds; ratios are to
 the teacher of the same call.
 
 Defaults: a 4-block ViT of width 192 (3 heads, 16 px patches) at 1,025 and 4,097 tokens (512 and 1024 px),

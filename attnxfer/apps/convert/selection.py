@@ -334,14 +334,14 @@ def time_candidates(cfg: TrainConfig, parts: RunParts, device: torch.device) -> 
     teacher = parts.teacher if side == parts.img_size else rebuilt_teacher(cfg, side, device)
     images = torch.randn(
         c.speed_batch_size, parts.in_chans, side, side, generator=torch.Generator().manual_seed(0)
-    )
+    ).to(device)
     models = {"teacher": teacher, "floor": floor_model(teacher)}
     models |= {name: build_efficient_student(teacher, name, **_options(cfg, name)) for name in c.candidates}
     for model in models.values():
         model.to(device).eval()
     precision = resolve_precision(cfg.precision, device)
-    with precision.autocast(device), torch.no_grad():
-        calls = {name: partial(model, images.to(device)) for name, model in models.items()}
+    with precision.autocast(device):
+        calls = {name: partial(model, images) for name, model in models.items()}
         times = interleaved_timings(calls, device=device, warmup=1, repeats=c.speed_repeats)
     whole = {name: 1000.0 * t.median for name, t in times.items()}
     depth = len(flat_blocks(teacher))
