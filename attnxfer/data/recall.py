@@ -3,15 +3,17 @@
 A grid of glyph cells, mostly blank: ``pairs`` cells hold a key→value glyph, one cell a query (a key's code
 beside a fixed marker); the label is the value paired with the query's key (docs/data.md). Keys and values
 in an image are distinct, so reading values without matching keys is worth 1/``pairs``; query and pair are
-at least ``distance`` cells apart, so no ``distance`` x ``distance`` window holds both. Everything is a
-function of the seed: sample i of (seed, split, epoch, i), made on access; train samples are new each epoch.
+at least ``distance`` cells apart, so no ``distance`` x ``distance`` window holds both. With ``hops`` > 1
+each pair becomes a chain: key→key links, then key→value, so the query's key leads to the label in
+``hops`` look-ups that no single attention layer can make at once. Everything is a function of the seed:
+sample i of (seed, split, epoch, i), made on access; train samples are new each epoch.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import Dataset
@@ -41,15 +43,32 @@ class RecallLayout:
     pair_values: tuple[int, ...]
     distractor_cells: tuple[tuple[int, int], ...]
     distractor_seed: int
+    link_cells: tuple[tuple[int, int], ...] = ()  # key→key glyphs, the chains' first hops (``hops`` > 1)
+    link_keys: tuple[tuple[int, int], ...] = ()  # (from, to) of each link cell
+
+    def chain(self) -> list[tuple[int, int]]:
+        """The cells the answer is read through, from the query's key to its value."""
+        links = dict(
+            zip((a for a, _ in self.link_keys), zip(self.link_cells, (b for _, b in self.link_keys)))
+        )
+        cells, key = [], self.query_key
+        while key in links:
+            cell, key = links[key]
+            cells.append(cell)
+        return [*cells, self.pair_cells[self.pair_keys.index(key)]]
 
     @property
     def label(self) -> int:
-        """The value whose key is the query's."""
-        return self.pair_values[self.pair_keys.index(self.query_key)]
+        """The value at the end of the query key's chain (for one hop: the value whose key is the query's)."""
+        key, links = self.query_key, dict(self.link_keys)
+        while key in links:
+            key = links[key]
+        return self.pair_values[self.pair_keys.index(key)]
 
     @property
     def match_cell(self) -> tuple[int, int]:
-        return self.pair_cells[self.pair_keys.index(self.query_key)]
+        """The cell holding the query's key (its pair, or its chain's first link)."""
+        return self.chain()[0]
 
 
 def _distinct_codes(count: int, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
@@ -75,6 +94,8 @@ class RecallStage:
     num_keys: int
     distractors: int
     distance: int
+    # out of the repr, which the fingerprint hashes, so one-hop data keeps the identity it had before hops
+    hops: int = field(default=1, repr=False)
 
 
 class _Grid:
@@ -127,8 +148,10 @@ class RecallImages(Dataset):
         self.marker = codes[info.num_classes]
         self.key_codes = codes[info.num_classes + 1 :]
         tags = [code.to(torch.uint8).numpy().tobytes() for code in codes]
-        self._right_codes = set(tags[: info.num_classes + 1])  # what a distractor's halves must not be
-        self._left_codes = set(tags[info.num_classes + 1 :])
+        self._left_codes = set(tags[info.num_classes + 1 :])  # what a distractor's halves must not be
+        self._right_codes = set(tags[: info.num_classes + 1])
+        if max(st.hops for st in self._grids) > 1:  # a link's right half is a key
+            self._right_codes |= self._left_codes
         self._mean = torch.tensor(info.mean).view(-1, 1, 1)
         self._std = torch.tensor(info.std).view(-1, 1, 1)
 
@@ -145,6 +168,7 @@ class RecallImages(Dataset):
     def fingerprint(self) -> str:
         """What defines its samples (`attnxfer.data.identity`): they are generated from these alone."""
         i = self.info
+        hops = [self.stage.hops, *(st.hops for _, st in self.curriculum)]
         return fingerprint_of(
             [
                 "recall",
@@ -157,6 +181,7 @@ class RecallImages(Dataset):
                 self.glyph,
                 self.stage,
                 self.curriculum,
+                *([("hops", hops)] if max(hops) > 1 else []),  # one-hop data: the identity it had before
             ]
         )
 
@@ -170,27 +195,38 @@ class RecallImages(Dataset):
         grid = self._grids[st]
         g = sample_generator(self.seed, (self._split_id << 32) + epoch, idx)
         q = grid.query_cells[torch.randint(len(grid.query_cells), (1,), generator=g)].item()
-        far = ((grid.cells - grid.cells[q]).abs().amax(dim=1) >= st.distance).nonzero().flatten()
-        m = far[torch.randint(len(far), (1,), generator=g)].item()
+        chain: list[int] = []  # the queried chain's cells, each `distance` from the one before
+        for _ in range(st.hops):
+            prev = grid.cells[chain[-1] if chain else q]
+            far = (grid.cells - prev).abs().amax(dim=1) >= st.distance
+            far[[q, *chain]] = False
+            far = far.nonzero().flatten()
+            chain.append(far[torch.randint(len(far), (1,), generator=g)].item())
         free = torch.ones(len(grid.cells), dtype=torch.bool)
-        free[[q, m]] = False
+        free[[q, *chain]] = False
         rest = free.nonzero().flatten()
-        rest = rest[torch.randperm(len(rest), generator=g)[: st.pairs - 1 + st.distractors]]
-        keys = torch.randperm(st.num_keys, generator=g)[: st.pairs].tolist()
+        n_other = (st.pairs - 1) * st.hops
+        rest = rest[torch.randperm(len(rest), generator=g)[: n_other + st.distractors]].tolist()
+        keys = torch.randperm(st.num_keys, generator=g)[: st.pairs * st.hops].tolist()
         values = torch.randperm(self.info.num_classes, generator=g)[: st.pairs].tolist()
-        which = torch.randint(st.pairs, (1,), generator=g).item()  # which pair the query asks for
-        pair_idx = rest[: st.pairs - 1].tolist()
-        pair_idx.insert(which, m)
+        which = torch.randint(st.pairs, (1,), generator=g).item()  # which chain the query asks for
+        others = iter(rest[:n_other])
+        chains = [chain if c == which else [next(others) for _ in range(st.hops)] for c in range(st.pairs)]
         cell = grid.tuples
+        h = st.hops
         return RecallLayout(
             img_size=st.img_size,
             query_cell=cell[q],
-            query_key=keys[which],
-            pair_cells=tuple(cell[i] for i in pair_idx),
-            pair_keys=tuple(keys),
+            query_key=keys[which * h],
+            pair_cells=tuple(cell[ch[-1]] for ch in chains),
+            pair_keys=tuple(keys[c * h + h - 1] for c in range(st.pairs)),
             pair_values=tuple(values),
-            distractor_cells=tuple(cell[i] for i in rest[st.pairs - 1 :].tolist()),
+            distractor_cells=tuple(cell[i] for i in rest[n_other:]),
             distractor_seed=int(torch.randint(2**62, (1,), generator=g).item()),
+            link_cells=tuple(cell[ch[j]] for ch in chains for j in range(h - 1)),
+            link_keys=tuple(
+                (keys[c * h + j], keys[c * h + j + 1]) for c in range(st.pairs) for j in range(h - 1)
+            ),
         )
 
     def render(self, layout: RecallLayout) -> torch.Tensor:
@@ -205,6 +241,8 @@ class RecallImages(Dataset):
             pixels[:, r : r + gl, col + half : col + 2 * half] = right
 
         put(layout.query_cell, self.key_codes[layout.query_key], self.marker)
+        for cell, (a, b) in zip(layout.link_cells, layout.link_keys, strict=True):
+            put(cell, self.key_codes[a], self.key_codes[b])
         for cell, k, v in zip(layout.pair_cells, layout.pair_keys, layout.pair_values, strict=True):
             put(cell, self.key_codes[k], self.value_codes[v])
         if layout.distractor_cells:
@@ -239,14 +277,16 @@ def _need(ok: bool, what: str) -> None:
 
 def _check(st: RecallStage, in_chans: int, num_classes: int, glyph: int, where: str = "") -> None:
     """One `error:` line per impossible setting, saying what to change (``where``: which curriculum stage)."""
-    pairs, num_keys, distance, distractors = st.pairs, st.num_keys, st.distance, st.distractors
+    pairs, num_keys, distance, distractors, hops = st.pairs, st.num_keys, st.distance, st.distractors, st.hops
     _need(
         isinstance(pairs, int) and 1 <= pairs <= num_classes,
         f"{where}pairs must be in [1, num_classes={num_classes}] (values are distinct in an image), got {pairs!r}",
     )
+    _need(isinstance(hops, int) and hops >= 1, f"{where}hops must be an int >= 1, got {hops!r}")
     _need(
-        isinstance(num_keys, int) and num_keys >= pairs,
-        f"{where}num_keys must be >= pairs={pairs} (keys are distinct in an image), got {num_keys!r}",
+        isinstance(num_keys, int) and num_keys >= pairs * hops,
+        f"{where}num_keys must be >= pairs x hops = {pairs * hops} (keys are distinct in an image), "
+        f"got {num_keys!r}",
     )
     _need(
         isinstance(distractors, int) and distractors >= 0,
@@ -273,13 +313,19 @@ def _check(st: RecallStage, in_chans: int, num_classes: int, glyph: int, where: 
         f"distance={distance}: need img_size >= {(distance + 1) * glyph} or a smaller distance",
     )
     _need(
-        grid * grid >= pairs + 1 + distractors,
-        f"{where}a {grid}x{grid} grid holds {grid * grid} glyphs, fewer than pairs + query + distractors = "
-        f"{pairs + 1 + distractors}; raise img_size or lower pairs/distractors",
+        hops == 1 or grid >= max(2 * distance + 1, hops + 1),
+        f"{where}hops={hops} chains glyphs each distance={distance} cells from the last, which needs a grid of "
+        f"at least {max(2 * distance + 1, hops + 1)} glyphs a side (img_size >= "
+        f"{max(2 * distance + 1, hops + 1) * glyph}), got {grid}: raise img_size or lower distance",
+    )
+    _need(
+        grid * grid >= pairs * hops + 1 + distractors,
+        f"{where}a {grid}x{grid} grid holds {grid * grid} glyphs, fewer than pairs x hops + query + distractors "
+        f"= {pairs * hops + 1 + distractors}; raise img_size or lower pairs/distractors",
     )
 
 
-_STAGE_KEYS = ("epochs", "img_size", "pairs", "num_keys", "distractors", "distance")
+_STAGE_KEYS = ("epochs", "img_size", "pairs", "num_keys", "distractors", "distance", "hops")
 
 
 def _curriculum(
@@ -322,10 +368,12 @@ def build_recall(
     num_keys: int = 16,
     distractors: int = 0,
     distance: int = 4,
+    hops: int = 1,
     curriculum: Sequence[dict] | None = None,
 ) -> RecallImages:
     """Recall split (``root`` is ignored): ``length`` train samples an epoch (new each epoch), ``val_length``
     val samples. ``pairs`` defaults to ``num_classes`` (values without keys are then worth chance).
+    ``hops``: look-ups from the query's key to its value (each pair a chain of ``hops`` glyphs).
     ``curriculum``: train stages before the task itself, e.g. ``[{epochs: 3, img_size: 32, pairs: 2,
     num_keys: 2}]`` (a model without position embedding runs at every size)."""
     info = built_info("recall", RECALL_INFO, img_size, in_chans, mean, std, num_classes=num_classes)
@@ -341,7 +389,7 @@ def build_recall(
         f"num_classes must be >= 2 (the values), got {num_classes!r}",
     )
     _need(isinstance(n, int) and n >= 0, f"length and val_length must be ints >= 0, got {n!r}")
-    stage = RecallStage(img_size, pairs, num_keys, distractors, distance)
+    stage = RecallStage(img_size, pairs, num_keys, distractors, distance, hops)
     _check(stage, in_chans, num_classes, glyph)
     stages = _curriculum(curriculum, stage, in_chans, num_classes, glyph)
     return RecallImages(info, split=split, length=n, seed=seed, glyph=glyph, stage=stage, curriculum=stages)
