@@ -1,5 +1,6 @@
 """The recall dataset: deterministic, labelled by construction, and unanswerable from any one local window."""
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -25,21 +26,27 @@ def _cells(x: torch.Tensor, glyph: int) -> torch.Tensor:
 
 
 def _decode(ds: RecallImages, x: torch.Tensor) -> int:
-    """Read the answer from the pixels alone: find the marker, read its key, find that key's pair, read its
-    value."""
+    """Read the answer from the pixels alone: find the marker, read its key, find the glyph that starts with
+    that key and read its right half; while that is another key (a link), look that key up in turn."""
     cells = _cells(x, ds.glyph)
     half = ds.glyph // 2
     left, right = cells[..., :half], cells[..., half:]
     is_query = (right == ds.marker).flatten(2).all(-1)
     assert is_query.sum() == 1, "exactly one query glyph"
     qr, qc = is_query.nonzero()[0].tolist()
-    key = left[qr, qc]
-    matches = [(r, c) for r, c in (left == key).flatten(2).all(-1).nonzero().tolist() if (r, c) != (qr, qc)]
-    assert len(matches) == 1, "exactly one pair carries the query's key"
-    value = right[matches[0][0], matches[0][1]]
-    found = [v for v in range(len(ds.value_codes)) if torch.equal(value, ds.value_codes[v])]
-    assert len(found) == 1
-    return found[0]
+    key, seen = left[qr, qc], {(qr, qc)}
+    while True:
+        matches = [
+            (r, c) for r, c in (left == key).flatten(2).all(-1).nonzero().tolist() if (r, c) not in seen
+        ]
+        assert len(matches) == 1, "exactly one further glyph carries the key"
+        seen.add(tuple(matches[0]))
+        found = right[matches[0][0], matches[0][1]]
+        values = [v for v in range(len(ds.value_codes)) if torch.equal(found, ds.value_codes[v])]
+        if values:
+            return values[0]
+        assert any(torch.equal(found, k) for k in ds.key_codes), "a glyph's right half is a value or a key"
+        key = found
 
 
 def test_registered_with_its_defaults():
@@ -132,6 +139,10 @@ def test_values_are_distinct_so_reading_them_without_keys_is_chance():
         (dict(distractors=60), "fewer than pairs"),
         (dict(glyph=2, in_chans=1, num_keys=6), "cannot code"),
         (dict(distance=0), "distance must be"),
+        (dict(hops=0), "hops must be an int >= 1"),
+        (dict(hops=2, num_keys=11), r"num_keys must be >= pairs x hops = 12"),
+        (dict(hops=2, distance=4), r"hops=2 chains .* at least 9 glyphs a side \(img_size >= 36\)"),
+        (dict(hops=3, distance=2, num_keys=18, distractors=46), "fewer than pairs x hops"),
     ],
 )
 def test_impossible_settings_are_one_clear_error(bad, says):
@@ -166,3 +177,76 @@ def test_a_curriculum_walks_train_epochs_through_its_stages_and_val_stays_the_ta
 def test_a_bad_curriculum_stage_is_one_clear_error(stage, says):
     with pytest.raises(InputError, match=says):
         _ds(curriculum=[stage])
+
+
+TWO_HOPS = dict(hops=2, img_size=40, distance=4, num_keys=12)
+
+
+@pytest.mark.parametrize("hops", [2, 3])
+def test_with_hops_the_label_is_read_by_following_the_chain_from_the_pixels(hops):
+    ds = _ds(hops=hops, img_size=40, distance=4, num_keys=6 * hops, distractors=3)
+    for i in range(24):
+        x, y = ds[i]
+        lay = ds.layout(i)
+        assert len(lay.link_cells) == 6 * (hops - 1) and len(lay.pair_cells) == 6
+        assert _decode(ds, x) == y == lay.label
+        chain = [lay.query_cell, *lay.chain()]
+        assert len(chain) == hops + 1
+        # each look-up crosses at least `distance` cells
+        assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= 4 for a, b in itertools.pairwise(chain))
+
+
+def test_with_two_hops_the_query_keys_own_glyph_holds_a_key_not_a_value():
+    """One look-up from the query lands on a link, whose right half is a key: reading values takes the second."""
+    ds = _ds(**TWO_HOPS)
+    for i in range(16):
+        lay = ds.layout(i)
+        first = lay.chain()[0]
+        assert first in lay.link_cells and first not in lay.pair_cells
+        to = dict(lay.link_keys)[lay.query_key]
+        assert to in lay.pair_keys and to != lay.query_key
+
+
+def test_with_two_hops_no_window_of_the_distance_determines_the_label():
+    """For every window position, a second image agrees with the first on that window and has another label:
+    the pair's value changed, or the query asking for another chain, or the query's link pointing to another
+    chain's pair; at least one of the query, its link and its pair is outside any window of the distance."""
+    ds = _ds(**TWO_HOPS, distractors=0)
+    side, g = ds.distance, ds.grid
+    for i in range(3):
+        lay = ds.layout(i)
+        x = ds.render(lay)
+        link, pair = lay.chain()
+        links = list(lay.link_keys)
+        j = lay.link_cells.index(link)
+        for r0 in range(g - side + 1):
+            for c0 in range(g - side + 1):
+                if not _inside(pair, r0, c0, side):
+                    p = lay.pair_cells.index(pair)
+                    new = (set(range(ds.info.num_classes)) - set(lay.pair_values)).pop()
+                    other = replace(lay, pair_values=lay.pair_values[:p] + (new,) + lay.pair_values[p + 1 :])
+                elif not _inside(lay.query_cell, r0, c0, side):
+                    other = replace(lay, query_key=next(a for a, _ in links if a != lay.query_key))
+                else:
+                    assert not _inside(link, r0, c0, side)
+                    k = next(
+                        k for k, c in enumerate(lay.link_cells) if k != j and not _inside(c, r0, c0, side)
+                    )
+                    links[j], links[k] = (links[j][0], links[k][1]), (links[k][0], links[j][1])
+                    other = replace(lay, link_keys=tuple(links))
+                    links = list(lay.link_keys)
+                y = ds.render(other)
+                assert torch.equal(_window(x, ds.glyph, r0, c0, side), _window(y, ds.glyph, r0, c0, side))
+                assert other.label != lay.label and _decode(ds, y) == other.label
+
+
+def test_hops_change_the_data_identity_and_a_curriculum_stage_can_set_them():
+    one, two = _ds(img_size=40, num_keys=12), _ds(**TWO_HOPS)
+    assert one.fingerprint() != two.fingerprint()
+    assert one.layout(0).link_cells == ()  # one hop: the pairs of before, no links
+    train = _ds(**TWO_HOPS, curriculum=[{"epochs": 1, "hops": 1, "img_size": 16, "pairs": 2, "distance": 2}])
+    assert [train.stage_of(e).hops for e in range(3)] == [1, 2, 2]
+    x, y = train[SampleKey(0, 0)]
+    assert train.layout(SampleKey(0, 0)).link_cells == () and _decode(train, x) == y
+    x, y = train[SampleKey(0, 1)]
+    assert len(train.layout(SampleKey(0, 1)).link_cells) == 6 and _decode(train, x) == y
