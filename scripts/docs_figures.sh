@@ -3,7 +3,7 @@
 # own commands on this machine (CPU is enough), then copy it into docs/figures. Runs go under runs/docs/
 # (git-ignored) and are reused where their config is unchanged (the demo's runs are keyed by their config).
 #
-#   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|recall|recall_deep|all]...     (default: all)
+#   bash scripts/docs_figures.sh [demo|convert|slurm|inspect|search|recall|recall_deep|recall_2hop|all]...     (default: all)
 #
 #   demo     attnxfer demo        -> demo_curves.png, demo_attention.png, demo_agreement.png, mae_reconstructions.png,
 #                                    study_curves.png (its copy and distillation students are one study)
@@ -21,6 +21,11 @@
 #            2x held at 4,096 tokens (recall/convert_budgets_deep), every uniform placement of one and of two
 #            softmax blocks (recall/convert_interleave_deep), all timed in one benchmarks/hybrid_speed.py run at
 #            4,096 tokens -> recall_pareto_deep.png (about 2 hours here)
+#   recall_2hop  the six-block two-hop recall teacher (recall/teacher_2hop, exported), the selector's hybrids at
+#            1.5x and 2x held at 4,096 tokens (recall/convert_budgets_2hop), every uniform placement of two and of
+#            three softmax blocks (recall/convert_interleave_2hop), the other candidates in every block
+#            (recall/convert_single_2hop), timed in one benchmarks/hybrid_speed.py run -> recall_pareto_2hop.png
+#            (about 1.5 hours here, the studies side by side on one thread each)
 #
 # convert and slurm use the demo's MAE teacher: run demo first (or together: `all` runs them in order).
 # tests/project/test_docs_site.py checks that every figure the pages show is made here.
@@ -142,11 +147,32 @@ recall_deep() {
         --out "$FIG/recall_pareto_deep.png"
 }
 
+recall_2hop() {
+    local out=runs/recall
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} # one thread each: the two studies run side by side
+    [ -f "$out/teacher_2hop/export/model.safetensors" ] || {
+        "$AX" train -c recall/teacher_2hop && "$AX" export "$out/teacher_2hop" "$out/teacher_2hop/export"
+    }
+    "$AX" study -c recall/convert_budgets_2hop &
+    local budgets=$!
+    "$AX" study -c recall/convert_interleave_2hop
+    wait "$budgets"
+    "$AX" study -c recall/convert_single_2hop
+    local h=hedgehog s=softmax p=performer f=focused_linear # one comma-separated name per block
+    "$PY" benchmarks/hybrid_speed.py --tokens 4097 --width 64 --depth 6 --heads 2 --patch 4 --mlp-ratio 2 \
+        --batch 2 --repeats 9 --threads 1 --attentions $h $p $f --json "$out/hybrid_speed_2hop.json" \
+        --hybrids "$s,$s,$s,$p,$p,$f" "$s,$s,$f,$p,$p,$f" "$s,$h,$h,$s,$h,$h" "$h,$s,$h,$h,$s,$h" \
+        "$h,$h,$s,$h,$h,$s" "$s,$h,$s,$h,$s,$h" "$h,$s,$h,$s,$h,$s"
+    "$PY" scripts/recall_pareto.py "$out/convert_budgets_2hop" "$out/convert_interleave_2hop" \
+        "$out/convert_single_2hop" --speeds "$out/hybrid_speed_2hop.json" --against auto_1.5 auto_2 --title "Recall in two hops, six blocks" \
+        --out "$FIG/recall_pareto_2hop.png"
+}
+
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] && [ "${targets[0]}" != all ] || targets=(demo convert slurm inspect search recall recall_deep)
+[ ${#targets[@]} -gt 0 ] && [ "${targets[0]}" != all ] || targets=(demo convert slurm inspect search recall recall_deep recall_2hop)
 for target in "${targets[@]}"; do
     case "$target" in
-    demo | convert | slurm | inspect | search | recall | recall_deep) echo "== $target" && "$target" ;;
-    *) echo "unknown target $target (demo, convert, slurm, inspect, search, recall, recall_deep, all)" >&2 && exit 2 ;;
+    demo | convert | slurm | inspect | search | recall | recall_deep | recall_2hop) echo "== $target" && "$target" ;;
+    *) echo "unknown target $target (demo, convert, slurm, inspect, search, recall, recall_deep, recall_2hop, all)" >&2 && exit 2 ;;
     esac
 done

@@ -94,7 +94,7 @@ def draw(students: list[dict], teacher_top1: float | None, speed_label: str, tit
                         p["name"],
                         (p["speedup"], p["top1"]),
                         fontsize=7,
-                        xytext=(3, 3),
+                        xytext=(3, -9 if label == KINDS[2] else 3),  # hybrid and interleaving can meet
                         textcoords="offset points",
                     )
         if teacher_top1 is not None:
@@ -112,7 +112,7 @@ def draw(students: list[dict], teacher_top1: float | None, speed_label: str, tit
         else:
             ax.set_ylabel("val top-1 (%), 95 % Wilson interval")
             ax.set_title(f"every student (names of the points below {zoom[0]:.1f} %)", fontsize=9)
-            ax.legend(fontsize=8, loc="lower left")
+            ax.legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
