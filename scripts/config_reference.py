@@ -170,6 +170,10 @@ def reference_markdown(config: type = TrainConfig, source: str | None = None) ->
 
 def main(argv: list[str]) -> int:
     """``python scripts/config_reference.py [PATH]``: write the page to PATH, or print it."""
+    if argv and (argv[0].startswith("-") or len(argv) > 1):
+        # an option taken for a path once wrote the page to a file named "--help"
+        sys.stdout.write(__doc__ or "")
+        return 0 if argv[0] in ("-h", "--help") else 2
     text = reference_markdown()
     if argv:
         Path(argv[0]).write_text(text, encoding="utf-8")
