@@ -25,7 +25,7 @@
 #            1.5x and 2x held at 4,096 tokens (recall/convert_budgets_2hop), every uniform placement of two and of
 #            three softmax blocks (recall/convert_interleave_2hop), the other candidates in every block
 #            (recall/convert_single_2hop), timed in one benchmarks/hybrid_speed.py run -> recall_pareto_2hop.png
-#            (about 1.5 hours here, the studies side by side on one thread each)
+#            (about 3 hours here: the teacher 43 min, the studies side by side on one thread each)
 #
 # convert and slurm use the demo's MAE teacher: run demo first (or together: `all` runs them in order).
 # tests/project/test_docs_site.py checks that every figure the pages show is made here.
@@ -161,7 +161,7 @@ recall_2hop() {
     local h=hedgehog s=softmax p=performer f=focused_linear # one comma-separated name per block
     "$PY" benchmarks/hybrid_speed.py --tokens 4097 --width 64 --depth 6 --heads 2 --patch 4 --mlp-ratio 2 \
         --batch 2 --repeats 9 --threads 1 --attentions $h $p $f --json "$out/hybrid_speed_2hop.json" \
-        --hybrids "$s,$s,$s,$p,$p,$f" "$s,$s,$f,$p,$p,$f" "$s,$h,$h,$s,$h,$h" "$h,$s,$h,$h,$s,$h" \
+        --hybrids "$s,$s,$f,$s,$f,$p" "$s,$s,$f,$f,$f,$p" "$s,$h,$h,$s,$h,$h" "$h,$s,$h,$h,$s,$h" \
         "$h,$h,$s,$h,$h,$s" "$s,$h,$s,$h,$s,$h" "$h,$s,$h,$s,$h,$s"
     "$PY" scripts/recall_pareto.py "$out/convert_budgets_2hop" "$out/convert_interleave_2hop" \
         "$out/convert_single_2hop" --speeds "$out/hybrid_speed_2hop.json" --against auto_1.5 auto_2 --title "Recall in two hops, six blocks" \
