@@ -54,7 +54,6 @@ _QUICK_STUDENT_STEPS = 30
 class TeacherSpec:
     """A teacher the demo builds: its recipe, the command that trains it, and its table label."""
 
-    key: str
     label: str
     recipe: str
     trainer: Callable[[TrainConfig], TrainResult]
@@ -75,10 +74,8 @@ class RowSpec:
 
 
 TEACHERS = {
-    "mae": TeacherSpec("mae", "MAE pre-training (no labels)", "demo/mae_pretrain", pretrain, "val_loss"),
-    "supervised": TeacherSpec(
-        "supervised", "teacher (trained with labels)", "demo/teacher", train, "val_top1"
-    ),
+    "mae": TeacherSpec("MAE pre-training (no labels)", "demo/mae_pretrain", pretrain, "val_loss"),
+    "supervised": TeacherSpec("teacher (trained with labels)", "demo/teacher", train, "val_top1"),
 }
 TABLES = {
     "mae": "MAE teacher pre-trained on animal-mnist without labels (the paper's setting)",
@@ -186,16 +183,18 @@ def _table(rows: dict[str, list[dict]], correct: dict[str, list], teacher: dict[
     return results_table({teacher["label"]: [teacher], **rows}, {teacher["label"]: [], **correct})
 
 
-def _plot_curves(
-    out: Path, runs: dict[str, str], teacher_top1: float | None, name: str = "curves"
-) -> Path | None:
-    try:
-        import matplotlib
+def _pyplot():
+    """pyplot drawing into files (the Agg backend): the demo opens no window."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_curves(out: Path, runs: dict[str, str], teacher_top1: float | None, name: str) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     draw_val_curves(ax, {label: val_series(run_dir, "val_top1") for label, run_dir in runs.items()})
     if teacher_top1 is not None:
@@ -212,17 +211,11 @@ def _plot_curves(
     return path
 
 
-def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -> Path | None:
+def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -> Path:
     """Class-token attention of the last block: teacher vs each student, on a few val images."""
     import torch
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = _pyplot()
     teacher, _ = load_teacher(f"local-dir:{teacher_dir}")
     val = build_dataset("animal_mnist", "val")
     x = torch.stack([val[i][0] for i in (0, 150, 420, 777)])
@@ -341,8 +334,7 @@ def run_demo(
     students = _train_students(out_dir, tables, exports, seeds, budget_steps, progress)
     _write_tables(out_dir, tables, teachers, students, seeds)
     pictures = _draw_pictures(out_dir, tables, teachers, exports, students)
-    shown = ", ".join(str(p) for p in pictures if p)
-    say(f"[demo] table: {out_dir / 'results.md'}; pictures: {shown}")
+    say(f"[demo] table: {out_dir / 'results.md'}; pictures: {', '.join(map(str, pictures))}")
     say(
         f"[demo] the MAE teacher is cached in {teachers['mae']['run_dir']} (keyed by its config hash): "
         "later demos reuse it; delete that folder to pre-train again"
@@ -495,13 +487,13 @@ def _draw_pictures(
     teachers: dict[str, dict],
     exports: dict[str, Path],
     students: _Students,
-) -> list[Path | None]:
-    """Curves per table, the MAE table's class-token maps and per-layer agreement (None: no matplotlib)."""
+) -> list[Path]:
+    """Curves per table, the MAE table's class-token maps and per-layer agreement."""
     runs = students.runs_by_table
-    pictures = []
-    for t in tables:
-        name = "curves" if t == "mae" else f"curves_{t}"
-        pictures.append(_plot_curves(out_dir, runs[t], teachers[t].get("val_top1"), name))
+    pictures = [
+        _plot_curves(out_dir, runs[t], teachers[t].get("val_top1"), "curves" if t == "mae" else f"curves_{t}")
+        for t in tables
+    ]
     pictures.append(_plot_attention(out_dir, str(exports["mae"]), runs["mae"]))
     against = {
         LABELS[k]: runs["mae"][LABELS[k]] for k in ("scratch", "copy", "distill") if k in students.results

@@ -44,6 +44,7 @@ from ..search import (
 )
 from ..speak import say
 from ..train.runtime import resolve_device
+from .run.loaders import first_images
 from .run.parts import build_run_parts
 from .run.resume import check_teacher_content, judge
 
@@ -94,20 +95,6 @@ def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSetting
     )
 
 
-def _images(loader, count: int | None, batches: int | None) -> list[torch.Tensor]:
-    out, taken = [], 0
-    for i, (x, *_) in enumerate(loader):  # images only: labels, where there are any, are not read
-        if batches is not None and i >= batches:
-            break
-        if count is not None:
-            x = x[: count - taken]
-        out.append(x)
-        taken += x.shape[0]
-        if count is not None and taken >= count:
-            break
-    return out
-
-
 def build_evaluator(cfg: TrainConfig) -> tuple[CandidateEvaluator, Any]:
     """The teacher, its cached signals and the fitness settings of ``cfg`` as one evaluator (and the parts)."""
     if not cfg.teacher.spec:
@@ -122,8 +109,8 @@ def build_evaluator(cfg: TrainConfig) -> tuple[CandidateEvaluator, Any]:
     layers = list(range(depth)) if s.layers is None else sorted(set(s.layers))
     if not layers or max(layers) >= depth:
         raise ConfigError(f"search.layers={s.layers}: the teacher has blocks 0..{depth - 1}")
-    fit_images = [x.to(device) for x in _images(parts.train_loader, None, s.fit_batches)]
-    held_out = [x.to(device) for x in _images(parts.val_loader, s.held_out_images, None)]
+    fit_images = [x.to(device) for x in first_images(parts.train_loader, batches=s.fit_batches)]
+    held_out = [x.to(device) for x in first_images(parts.val_loader, s.held_out_images)]
     if len(fit_images) < s.fit_batches:
         raise InputError(
             f"search.fit_batches={s.fit_batches} batches of data.batch_size={cfg.data.batch_size} is more "

@@ -14,7 +14,7 @@ from ...analysis.features import feature_agreement
 from ...analysis.knn import knn_comparison
 from ...config import TrainConfig
 from ...train.distributed import sum_over_ranks
-from ..run.loaders import build_bank_loader, data_seed
+from ..run.loaders import build_bank_loader
 
 
 @dataclass
@@ -61,11 +61,7 @@ class QualityProbe:
 def quality_probe(
     cfg: TrainConfig, teacher: nn.Module, val_loader: Any, device: torch.device, labelled: bool
 ) -> QualityProbe:
-    bank = None
-    if labelled:
-        bank = build_bank_loader(
-            cfg.data, val_loader.dataset, seed=data_seed(cfg), size=cfg.eval.knn_bank_size
-        )
+    bank = build_bank_loader(cfg, val_loader.dataset) if labelled else None
     return QualityProbe(teacher, val_loader, device, bank, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 

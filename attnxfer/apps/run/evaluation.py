@@ -20,7 +20,7 @@ from ...train.engine import Engine
 from ...train.evaluation import evaluate_features, evaluate_knn
 from ...transfer.modes import get_mode
 from ...transfer.teacher_student import TeacherStudent
-from .loaders import build_bank_loader, data_info, data_seed
+from .loaders import build_bank_loader, data_info
 from .parts import RunParts
 from .training import LABEL_METRICS, build_engine, same_tokens, task_weight_of
 
@@ -98,13 +98,10 @@ def _quality_metrics(
         out |= {f"val_{k}": v for k, v in scores.items()}
     if "knn" in wanted:
         e = cfg.eval
-        bank = build_bank_loader(
-            cfg.data, engine.val_loader.dataset, seed=data_seed(cfg), size=e.knn_bank_size
-        )
         out |= evaluate_knn(
             student,
             teacher,
-            bank,
+            build_bank_loader(cfg, engine.val_loader.dataset),
             engine.val_loader,
             engine.accelerator,
             k=e.knn_k,

@@ -113,6 +113,21 @@ def build_loaders(
     return Loaders(train_loader, val_loader, sampler, getattr(val_set, "info", None))
 
 
+def first_images(loader: Any, count: int | None = None, batches: int | None = None) -> list[torch.Tensor]:
+    """The loader's first ``count`` images, or those of its first ``batches`` batches (labels are not read)."""
+    out, taken = [], 0
+    for i, (x, *_) in enumerate(loader):
+        if batches is not None and i >= batches:
+            break
+        if count is not None:
+            x = x[: count - taken]
+        out.append(x)
+        taken += x.shape[0]
+        if count is not None and taken >= count:
+            break
+    return out
+
+
 def data_seed(cfg: TrainConfig) -> int:
     """The seed of the data order and augmentation: ``data.seed``, else the run's ``seed``."""
     return cfg.seed if cfg.data.seed is None else cfg.data.seed
@@ -136,11 +151,11 @@ def _common(data: DataConfig, *, img_size, in_chans, mean, std, num_classes: int
     return common
 
 
-def build_bank_loader(data: DataConfig, like: Dataset, *, seed: int, size: int | None = None) -> DataLoader:
+def build_bank_loader(cfg: TrainConfig, like: Dataset) -> DataLoader:
     """The training split as a k-NN memory bank: built with ``like``'s (a val split's) image settings, with no
-    augmentation, in order, whole on every rank; ``size``: that many images evenly spaced through it (a
-    folder is sorted by class, so its first images would be a few classes)."""
-    info = like.info
+    augmentation, in order, whole on every rank; ``eval.knn_bank_size``: that many images evenly spaced
+    through it (a folder is sorted by class, so its first images would be a few classes)."""
+    data, seed, size, info = cfg.data, data_seed(cfg), cfg.eval.knn_bank_size, like.info
     common = _common(
         data,
         img_size=info.img_size,

@@ -334,10 +334,9 @@ def build_engine(
         )
         parts = replace(parts, student=student_from_spec(recorded), student_spec=recorded)
     plan = plan_from_config(cfg, parts)
-    teacher_runs_in = teacher_dtype(cfg.teacher.dtype, runtime.precision)
-    pair = TeacherStudent(parts.teacher, parts.student, plan, teacher_dtype=teacher_runs_in).to(
-        runtime.device
-    )
+    pair = TeacherStudent(
+        parts.teacher, parts.student, plan, teacher_dtype=teacher_dtype(cfg.teacher.dtype, runtime.precision)
+    ).to(runtime.device)
     # transfer.ce_path: forced, the resumed checkpoint's, or measured here (rank 0) before any step
     choice = ce_choice_for_run(cfg, pair, runtime, point, scoring=scoring)
     ce_record = None if choice is None else choice.record()

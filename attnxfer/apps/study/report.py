@@ -32,7 +32,7 @@ from ...train.runtime import resolve_device, resolve_precision
 from ...transfer.modes import get_mode
 from ..inspect.inspect import LoadedModel, inspect_models, load_model
 from ..inspect.report_text import json_safe
-from ..run.loaders import build_bank_loader, data_seed
+from ..run.loaders import build_bank_loader, first_images
 from ..run.parts import RunParts, build_run_parts
 from ..run.training import task_weight_of
 from ..run.val_curves import draw_val_curves, val_series
@@ -66,7 +66,7 @@ def write_study_report(
             if scoring.teacher is not None and loaded:  # each student's maps against the teacher's, per layer
                 subjects = {name: m.subject for name, m in loaded.items()}
                 insp = inspect_models(
-                    scoring.teacher.model, subjects, _first_images(scoring.parts.val_loader, 64)
+                    scoring.teacher.model, subjects, torch.cat(first_images(scoring.parts.val_loader, 64))
                 )
             scoring.score(students, loaded)
             images = len(scoring.parts.val_loader.dataset)
@@ -211,16 +211,10 @@ class _Scoring:
         if knn:
             say(f"study report: k-NN top-1 of {', '.join(s.name for s in knn)}")
             e = self.config.eval
-            bank = build_bank_loader(
-                self.config.data,
-                self.parts.val_loader.dataset,
-                seed=data_seed(self.config),
-                size=e.knn_bank_size,
-            )
             precision = resolve_precision(self.config.precision, self.device)
             hits = knn_hits(
                 [loaded[s.name].model for s in knn],
-                bank,
+                build_bank_loader(self.config, self.parts.val_loader.dataset),
                 self.parts.val_loader,
                 self.device,
                 k=e.knn_k,
@@ -229,16 +223,6 @@ class _Scoring:
             )
             for s, h in zip(knn, hits, strict=True):
                 s.score, s.correct = KNN, h.numpy()
-
-
-def _first_images(loader: Any, n: int) -> torch.Tensor:
-    out, have = [], 0
-    for x, *_ in loader:
-        out.append(x[: n - have])
-        have += out[-1].shape[0]
-        if have >= n:
-            break
-    return torch.cat(out)
 
 
 # ------------------------------------------------------------------------------------------- pictures

@@ -14,7 +14,7 @@ import numpy as np
 from ...analysis import Inspection
 from ...config import TrainConfig
 from ...config.study_spec import Student
-from ..inspect.report_text import agreement_sentence
+from ..inspect.report_text import _f, agreement_sentence
 from ..run.uncertainty import format_p, format_top1, mcnemar, top1_interval
 from ..run.val_curves import Series
 
@@ -228,10 +228,6 @@ def _seconds_per_step(seconds: Any, step: Any) -> float | None:
 def _per_step(seconds: Any, step: Any) -> str:
     v = _seconds_per_step(seconds, step)
     return "n/a" if v is None else f"{v:.3g}"
-
-
-def _f(v: float | None, digits: int) -> str:
-    return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
 def _cell(text: Any) -> str:
