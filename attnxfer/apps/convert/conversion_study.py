@@ -138,14 +138,8 @@ class _ConvertStudy:
 
     def stage1(self, runs: list[Conversion]) -> list[Stage1Result]:
         """Each student's stage 1, opened as alone, the unfinished ones fitted in lock step; then each measured."""
-        jobs: dict[int, Stage1Job] = {}
-        results: dict[int, Stage1Result | None] = {}
-        for i, run in enumerate(runs):
-            if run.plan.stage1_steps <= 0:
-                results[i] = None
-                continue
-            jobs[i] = run.stage1_job()
-            results[i] = jobs[i].done
+        jobs = {i: run.stage1_job() for i, run in enumerate(runs) if run.plan.stage1_steps > 0}
+        results = {i: jobs[i].done if i in jobs else None for i in range(len(runs))}
         for i, job in jobs.items():
             if job.done is None and not runs[i].plan.active:  # nothing to fit: complete at once, as alone
                 results[i] = job.finish(Stage1Result())

@@ -26,6 +26,7 @@ from ...config import TrainConfig, apply_overrides, dump_config
 from ...errors import InputError
 from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ...models.image_input import image_input
+from ...models.student import student_spec
 from ...train.devices import resolve_precision
 from ...train.distributed import DistributedInfo, backend_for, joined_process_group
 from ...train.engine import TrainResult
@@ -35,7 +36,7 @@ from ...train.stage1 import Stage1Result
 from ...transfer.conversion import ConversionPlan, build_conversion_plan
 from ...transfer.plan import TransferPlan
 from ..run.loaders import data_info
-from ..run.parts import RunParts, build_run_parts, with_student
+from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
 from ..run.training import (
     plan_from_config,
     prepare_trackers_from_config,
@@ -268,8 +269,10 @@ def build_conversion(
         plan_for=lambda c, student: conversion_plan_from_config(c, parts.teacher, student),
         prefix=prefix,
     )
-    if auto:
-        parts = with_student(parts, _student_builder(cfg, labelled)(parts.teacher, parts.num_classes))
+    if auto:  # the chosen student, around the stand-in's teacher and loaders
+        student = _student_builder(cfg, labelled)(parts.teacher, parts.num_classes)
+        stamp_input_cfg(student, parts.mean, parts.std, parts.in_chans, parts.img_size)
+        parts = replace(parts, student=student, student_spec=student_spec(student))
     stage2 = stage2_objective(cfg, parts.teacher, labelled)
     student_head(cfg, parts.teacher, stage2, parts.num_classes)  # a task loss without a head stops here
     if stage2.task_weight > 0 and not getattr(parts.student, "num_classes", 0):
@@ -448,8 +451,7 @@ def _speeds(runs: list[Conversion]) -> list[dict[str, Any]]:
     """Images/s of teacher, each student and the floor at the run's size and precision, interleaved in one
     call (the teacher timed once for all), then the break-even sweep, each side's students made as the runs'."""
     first = runs[0]
-    c = first.cfg.convert
-    shape = (c.speed_batch_size, *first.probe[0].shape[1:])
+    shape = (first.cfg.convert.speed_batch_size, *first.probe[0].shape[1:])
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(first.device)
     precision = resolve_precision(first.cfg.precision, first.device)
     by_key = {str(i): run for i, run in enumerate(runs)}  # students by place (their names may repeat)
@@ -485,7 +487,6 @@ def _report(
     final_stage = next(s for s, _ in reversed(STAGE_ROWS) if measured[s] is not None)
     student_top1 = measured[final_stage]["val_top1"]
     top1 = {"teacher": teacher_top1, **{s: (m["val_top1"] if m else None) for s, m in measured.items()}}
-    knn = {s: (m["knn"] if m else None) for s, m in measured.items()}
     return {
         "version": _REPORT_VERSION,
         "run_dir": str(run.run_dir),
@@ -529,7 +530,7 @@ def _report(
         # final-token agreement with the teacher per stage (feat_cos_patch, feat_rel_err_patch, ..._prefix)
         "features": {s: (m["features"] if m else None) for s, m in measured.items()},
         # k-NN top-1 of student and teacher per stage (None: no labels), with intervals and the share recovered
-        "knn": knn if run.labelled else None,
+        "knn": {s: (m["knn"] if m else None) for s, m in measured.items()} if run.labelled else None,
         # stage 2 left the student worse than stage 1 by its quality measure (None: it did not)
         "stage2_worse": stage2_worse(measured, stage2["steps"]),
         "speed": speed,

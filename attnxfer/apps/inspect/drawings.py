@@ -53,14 +53,23 @@ def draw_pictures(
     )
     stages = attention_stages(teacher)
     t_pos = row_positions(teacher, images)
+    # teacher layers with positions, in runs over one query grid (a stage of a hierarchical model whose rows
+    # have positions): the query pictures' ``stageK``
+    grid_runs: list[list[int]] = []
+    for j, pos in enumerate(t_pos):
+        if pos is None:
+            continue
+        if not grid_runs or t_pos[grid_runs[-1][-1]].grid != pos.grid:
+            grid_runs.append([])
+        grid_runs[-1].append(j)
     for name, subject in students.items():
         s = _view(subject.model, images, borrowed_signals(subject.borrow, t.qk))
         if rollouts and has_rollout(subject.model, images, s.qk):
             rollouts[name] = rollout_class_maps(subject.model, images, qk=s.qk)
-        if any(p is not None for p in t_pos):
+        if grid_runs:
             pairs = {r.teacher_layer: r.layer for r in insp.students[name]}
-            sides = _QuerySides(t.qk, t_pos, s.qk, row_positions(subject.model, images), pairs)
-            _query_pictures(canvas, name, sides)
+            s_pos = row_positions(subject.model, images)
+            _query_pictures(canvas, name, grid_runs, t.qk, t_pos, s.qk, s_pos, pairs)
         for stage, layers in stages:
             _stage_pictures(
                 canvas, name, stage, layers if len(stages) > 1 else None, t, s, insp.students[name]
@@ -159,58 +168,35 @@ def _why_no_map(geometry: LayerGeometry) -> str:
     return "" if geometry.has_class_row else "received"  # no class token: attention each patch receives
 
 
-@dataclass
-class _QuerySides:
-    """Each model's signals and row positions on the picture images, and the student layer of each teacher
-    layer."""
-
-    t_qk: Sequence[LayerSignals]
-    t_pos: Sequence[RowPositions | None]
-    s_qk: Sequence[LayerSignals]
-    s_pos: Sequence[RowPositions | None]
-    pairs: Mapping[int, int]
-
-    def grid_runs(self) -> list[list[int]]:
-        """Teacher layers with positions, in runs over one query grid (a stage of a hierarchical model whose
-        rows have positions): the pictures' ``stageK``."""
-        runs: list[list[int]] = []
-        last = None
-        for j, pos in enumerate(self.t_pos):
-            if pos is None:
-                continue
-            if pos.grid != last:
-                runs.append([])
-            runs[-1].append(j)
-            last = pos.grid
-        return runs
-
-    def maps(self, j: int, images: int) -> tuple[dict, dict]:
-        """Teacher layer ``j``'s query maps and its student layer's (empty where they cannot be drawn)."""
-        pos = self.t_pos[j]
-        points = query_points(pos.grid)
-        t_sig = self.t_qk[j]
-        teacher = query_maps(t_sig, pos, images, points) if pos.matches(t_sig, images) else {}
-        i = self.pairs.get(j)
-        s_pos = self.s_pos[i] if i is not None and i < len(self.s_pos) else None
-        student = {}
-        if s_pos is not None and s_pos.matches(self.s_qk[i], images) and s_pos.grid == pos.grid:
-            student = query_maps(self.s_qk[i], s_pos, images, points)
-        return teacher, student
-
-
-def _query_pictures(canvas: _Canvas, name: str, sides: _QuerySides) -> None:
-    """Per stage and image: where the centre and corner query (ringed) of each layer look, teacher heads
-    beside the student's, over the image at the layer's key grid (0 outside the query's window)."""
-    for k, layers in enumerate(sides.grid_runs()):
+def _query_pictures(
+    canvas: _Canvas,
+    name: str,
+    grid_runs: list[list[int]],
+    t_qk: Sequence[LayerSignals],
+    t_pos: Sequence[RowPositions | None],
+    s_qk: Sequence[LayerSignals],
+    s_pos: Sequence[RowPositions | None],
+    pairs: Mapping[int, int],
+) -> None:
+    """Per stage (``grid_runs``) and image: where the centre and corner query (ringed) of each layer look,
+    teacher heads beside those of its student layer (``pairs``), over the image at the layer's key grid (0
+    outside the query's window; empty where a model's maps cannot be drawn)."""
+    n = canvas.count
+    for k, layers in enumerate(grid_runs):
         rows = []  # (label, mark, teacher maps, student maps) per (layer, query point)
         for j in layers:
-            teacher, student = sides.maps(j, canvas.count)
-            pos = sides.t_pos[j]
-            for point, cell in query_points(pos.grid).items():
+            pos, i = t_pos[j], pairs.get(j)
+            points = query_points(pos.grid)
+            teacher = query_maps(t_qk[j], pos, n, points) if pos.matches(t_qk[j], n) else {}
+            at = s_pos[i] if i is not None and i < len(s_pos) else None
+            student = {}
+            if at is not None and at.matches(s_qk[i], n) and at.grid == pos.grid:
+                student = query_maps(s_qk[i], at, n, points)
+            for point, cell in points.items():
                 r, c = divmod(cell, pos.grid[1])
                 mark = ((r + 0.5) / pos.grid[0], (c + 0.5) / pos.grid[1])
                 rows.append((f"L{j} {point[:3]}", mark, teacher.get(point), student.get(point)))
-        grid = "x".join(map(str, sides.t_pos[layers[0]].grid))
+        grid = "x".join(map(str, t_pos[layers[0]].grid))
         for b in range(canvas.count):
             fig = class_token_figure(
                 canvas.image(b),

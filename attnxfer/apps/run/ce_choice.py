@@ -64,14 +64,10 @@ def ce_choice_for_run(
                 f"ce_path auto: {choice.path} was measured on {choice.device}; this run is on {runtime.device}"
             )
             choice = None  # another device kind: its ranking says nothing here, nor is resume bit-identical
-        if choice is None and scoring:
-            choice = CEChoice(ce_path_for(runtime.device), "device default", device=str(runtime.device))
-        if choice is None and cfg.deterministic:  # timings may rank close paths either way from run to run
-            choice = CEChoice(
-                ce_path_for(runtime.device),
-                "device default: deterministic=true keeps repeated runs identical (no timing)",
-                device=str(runtime.device),
-            )
+        # deterministic: timings may rank close paths either way from run to run
+        if choice is None and (scoring or cfg.deterministic):
+            why = "" if scoring else ": deterministic=true keeps repeated runs identical (no timing)"
+            choice = CEChoice(ce_path_for(runtime.device), f"device default{why}", device=str(runtime.device))
         if choice is None:
             precision = runtime.precision
             choice = decided_on_rank0(

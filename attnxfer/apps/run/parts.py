@@ -82,13 +82,12 @@ def build_student(
     """The student: the teacher's architecture (mirrored) or a named timm ViT, randomly initialised, or with
     ``model.init`` that pretrained model; with ``model.attention``'s zoo attention in its blocks."""
     m = cfg.model
+    kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if m.init:
         student = init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size)
     elif teacher is not None and m.mirror_teacher:
-        kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
         student = student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     else:
-        kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
         kwargs.setdefault("in_chans", in_chans)
         optional: tuple[str, ...] = ()
         if img_size is not None and "img_size" not in kwargs:
@@ -115,9 +114,6 @@ def student_attention(
             "model.attention_kwargs" if isinstance(e, TypeError) and "option" in str(e) else "model.attention"
         )
         raise InputError(f"{what}: {e.args[0]}") from None
-
-
-StudentFn = Callable[[nn.Module | None, int], nn.Module]
 
 
 def stamp_input_cfg(
@@ -157,7 +153,7 @@ def build_run_parts(
     cfg: TrainConfig,
     rank: int = 0,
     world_size: int = 1,
-    student_fn: StudentFn | None = None,
+    student_fn: Callable[[nn.Module | None, int], nn.Module] | None = None,
     *,
     labels: bool | None = None,
     shared: RunParts | None = None,
@@ -296,13 +292,6 @@ def _around_shared(
         )
     stamp_input_cfg(student, mean, std, in_chans, img_size, shared.preprocessing)
     return dataclasses.replace(shared, student=student, student_spec=student_spec(student))
-
-
-def with_student(parts: RunParts, student: nn.Module) -> RunParts:
-    """``parts`` around another student of the same input (`attnxfer convert`'s, once its attentions are
-    chosen)."""
-    stamp_input_cfg(student, parts.mean, parts.std, parts.in_chans, parts.img_size)
-    return dataclasses.replace(parts, student=student, student_spec=student_spec(student))
 
 
 def _input_size(model: nn.Module) -> int:

@@ -296,10 +296,8 @@ def write_study_files(
             {"step": m.engine.step, "seconds": round(m.seconds, 3)} if m else {"step": None, "seconds": None}
         )
         students.append({**entry, **state, "stopped": stopped.get(entry["name"])})
-    record = {
-        "students": students,
-        "shared_seconds": shared_seconds,
-        "base": to_dict(spec.base, spec.command),
-    }
-    atomic_write_json(run_dir / STUDY_RECORD, record)
+    atomic_write_json(
+        run_dir / STUDY_RECORD,
+        {"students": students, "shared_seconds": shared_seconds, "base": to_dict(spec.base, spec.command)},
+    )
     atomic_write_text(run_dir / STUDY_YAML, str(spec))
