@@ -222,8 +222,7 @@ def _plot_attention(out: Path, teacher_dir: str, student_runs: dict[str, str]) -
     models = {"MAE teacher": teacher}
     for label, run_dir in student_runs.items():
         run = RunDir(run_dir)
-        info = run.latest()
-        if info is None:
+        if (info := run.latest()) is None:
             continue
         mode = run.record().get("mode")
         if mode in MODES and MODES[mode].teacher_at_eval:
@@ -357,6 +356,14 @@ class _Students:
     correct: dict[str, list] = field(default_factory=dict)
     runs_by_table: dict[str, dict[str, str]] = field(default_factory=dict)
 
+    def add(self, row: RowSpec, cfg: TrainConfig, res: dict, k: int) -> None:
+        """A row's result, its per-image correctness and (first seed) its run folder in each of its tables."""
+        self.results.setdefault(row.key, []).append({**res, "label": row.label})
+        self.correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
+        for t, runs in self.runs_by_table.items():
+            if k == 0 and row.table in (None, t):
+                runs[row.label] = cfg.run_dir
+
 
 def _train_students(
     out_dir: Path,
@@ -372,8 +379,7 @@ def _train_students(
     for k in range(seeds):
         studies: dict[str, list[tuple[RowSpec, TrainConfig]]] = {}
         for row in ROWS:
-            wanted = [t for t in tables if row.table in (None, t)]
-            if not wanted:
+            if row.table not in (None, *tables):
                 continue
             cfg = _keyed(
                 out_dir, row.key, row.recipe, _row_overrides(row, k, exports, budget_steps, progress)
@@ -382,10 +388,10 @@ def _train_students(
                 studies.setdefault(row.teacher, []).append((row, cfg))
                 continue
             res = _run(cfg, row.label if seeds == 1 else f"{row.label} (seed {k + 1})")
-            _add(students, row, cfg, res, k, wanted)
+            students.add(row, cfg, res, k)
         for teacher, rows in studies.items():
             for (row, _), (cfg, res) in zip(rows, _run_study(out_dir, teacher, rows, k, seeds), strict=True):
-                _add(students, row, cfg, res, k, [t for t in tables if row.table in (None, t)])
+                students.add(row, cfg, res, k)
     return students
 
 
@@ -401,15 +407,6 @@ def _row_overrides(
     if budget_steps:
         over.append(f"schedule.max_steps={budget_steps}")
     return over
-
-
-def _add(students: _Students, row: RowSpec, cfg: TrainConfig, res: dict, k: int, tables: list[str]) -> None:
-    """A row's result, its per-image correctness and (first seed) its run folder, into ``students``."""
-    students.results.setdefault(row.key, []).append({**res, "label": row.label})
-    students.correct.setdefault(row.key, []).append(per_image_correct(cfg, res["config_digest"]))
-    if k == 0:
-        for t in tables:
-            students.runs_by_table[t][row.label] = cfg.run_dir
 
 
 def _run_study(

@@ -68,9 +68,8 @@ def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
     by_text = {v: k for k, v in HAND_DESIGNED.items()}
     seeds: dict[str, str] = {}
     for i, text in enumerate(cfg.search.seeds):
-        program = text[len(PREFIX) :] if text.startswith(PREFIX) else text
         try:
-            formula = parse_formula(program)
+            formula = parse_formula(text.removeprefix(PREFIX))
         except FormulaSyntaxError as e:
             raise ConfigError(f"search.seeds[{i}]: {e}") from None
         name = PREFIX + str(formula)

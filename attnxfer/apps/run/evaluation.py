@@ -39,13 +39,12 @@ def eval_metrics(cfg: TrainConfig, *, own_objective: bool = False) -> frozenset[
     ``own_objective``: the engine scores an objective of its own (MAE's val loss)."""
     asked = set(cfg.eval.metrics)
     info = data_info(cfg.data)
-    labelled = info.has_labels
     teacher = bool(cfg.teacher.spec)
     # copy modes: the student alone is not the model (it attends with the teacher's maps)
     with_teacher = not own_objective and get_mode(cfg.transfer.mode).teacher_at_eval
     if "auto" in asked:
         asked.discard("auto")
-        asked |= {"top1", "knn"} if labelled else set()
+        asked |= {"top1", "knn"} if info.has_labels else set()
         asked |= {"features"} if teacher and not with_teacher and not own_objective else set()
         if with_teacher:
             asked -= {"knn", "features"}

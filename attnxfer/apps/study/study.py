@@ -229,7 +229,7 @@ def check_study(spec: StudySpec, configs: list[tuple[Student, TrainConfig]] | No
         )
     for _, cfg in configs:
         require_task_labels(cfg)
-    mixes = {name: task_weight_of(cfg) > 0 for name, cfg in ((s.name, c) for s, c in configs)}
+    mixes = {s.name: task_weight_of(cfg) > 0 for s, cfg in configs}
     if (base.aug.mixup > 0 or base.aug.cutmix > 0) and len(set(mixes.values())) > 1:
         without = sorted(n for n, m in mixes.items() if not m)
         raise ConfigError(
