@@ -169,9 +169,7 @@ def trained_size(spec: str) -> int | None:
 
 def _input_settings(teacher: LoadedModel) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
     (size, _), chans = input_size(teacher.model)
-    mean = teacher.mean or (0.5,) * chans
-    std = teacher.std or (0.5,) * chans
-    return size, chans, tuple(mean), tuple(std)
+    return size, chans, tuple(teacher.mean or (0.5,) * chans), tuple(teacher.std or (0.5,) * chans)
 
 
 def load_images(
@@ -246,11 +244,10 @@ def write_report(
     atomic_write_text(out / "report.md", render_report(insp, teacher.spec, specs))
     _, _, mean, std = _input_settings(teacher)
     subjects = {n: s.subject for n, s in students.items()}
-    x = images[: max(1, picture_images)]
     return [
         out / "metrics.json",
         out / "report.md",
-        *draw_pictures(out, insp, teacher.model, subjects, x, mean, std),
+        *draw_pictures(out, insp, teacher.model, subjects, images[: max(1, picture_images)], mean, std),
     ]
 
 
