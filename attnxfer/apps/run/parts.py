@@ -162,10 +162,8 @@ def build_run_parts(
     student; ``labels``: whether the loaders hand out labels (default: where the data has them and the task
     loss uses them); ``shared``: another run's teacher and loaders (a study's), only the student built here."""
     if labels is None:  # without a task loss (task_weight 0; null is 1) a run reads its images alone
-        labels = cfg.data.labels and (cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0)
-    else:
-        labels = labels and cfg.data.labels
-    if labels != cfg.data.labels:  # the run reads its images alone
+        labels = cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0
+    if cfg.data.labels and not labels:  # the run reads its images alone
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=False))
     d = cfg.data
     info = data_info(d)

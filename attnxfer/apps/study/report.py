@@ -150,10 +150,9 @@ class _Scoring:
 
     @classmethod
     def build(cls, students: list[StudentScore], device: torch.device) -> _Scoring | None:
-        configs = [s.config for s in students if s.config is not None]
         if not any(s.config is not None and not s.stopped for s in students):
             return None  # nothing to score
-        cfg = configs[0]
+        cfg = next(s.config for s in students if s.config is not None)
         labelled = dataset_info(cfg.data.dataset, root=cfg.data.root).has_labels
         if labelled and not cfg.data.labels:  # trained without reading them; scored with them
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=True))
