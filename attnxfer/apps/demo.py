@@ -174,8 +174,9 @@ def _result_of(
 
 def _table(rows: dict[str, list[dict]], correct: dict[str, list], teacher: dict[str, float]) -> str:
     """The students' table (intervals from per-image scores; mean ± std over seeds) and the teacher's line."""
+    table = results_table(rows, correct)
     if teacher.get("metric", "val_top1") != "val_top1":
-        return results_table(rows, correct) + (
+        return table + (
             f"\n\nTeacher: {teacher['label']}, val masked-patch loss {teacher['val']:.3f}, "
             f"{teacher['steps']} steps, {teacher['seconds']:.0f} s."
         )

@@ -35,7 +35,7 @@ from ...train.runtime import resolve_device
 from ...train.stage1 import Stage1Result
 from ...transfer.conversion import ConversionPlan, build_conversion_plan
 from ...transfer.plan import TransferPlan
-from ..run.loaders import data_info
+from ..run.loaders import build_bank_loader, data_info
 from ..run.parts import RunParts, build_run_parts, stamp_input_cfg
 from ..run.training import (
     plan_from_config,
@@ -44,7 +44,7 @@ from ..run.training import (
     require_task_labels,
     train,
 )
-from .quality import QualityProbe, dataset_size, quality_probe, stage2_worse
+from .quality import QualityProbe, dataset_size, stage2_worse
 from .report import STAGE_ROWS, render_conversion_report, teacher_top1_line
 from .selection import AUTO, check_auto, choose_attentions, measured_section
 from .speed import conversion_speeds, speed_lines, sweep_sides
@@ -351,7 +351,11 @@ def _place(run: Conversion, like: Conversion) -> None:
     ]
     if not run.probe:
         raise InputError("the validation set is empty: convert measures map agreement on it")
-    run.quality = quality_probe(run.cfg, run.teacher, run.parts.val_loader, run.device, run.labelled)
+    bank = build_bank_loader(run.cfg, run.parts.val_loader.dataset) if run.labelled else None
+    e = run.cfg.eval
+    run.quality = QualityProbe(
+        run.teacher, run.parts.val_loader, run.device, bank, e.knn_k, e.knn_temperature
+    )
 
 
 def measure(run: Conversion, stage: str) -> None:

@@ -12,9 +12,7 @@ import torch.nn as nn
 
 from ...analysis.features import feature_agreement
 from ...analysis.knn import knn_comparison
-from ...config import TrainConfig
 from ...train.distributed import sum_over_ranks
-from ..run.loaders import build_bank_loader
 
 
 @dataclass
@@ -56,13 +54,6 @@ class QualityProbe:
 
     def _sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
         return torch.tensor(sum_over_ranks(counts.tolist(), self.device)).round().long()
-
-
-def quality_probe(
-    cfg: TrainConfig, teacher: nn.Module, val_loader: Any, device: torch.device, labelled: bool
-) -> QualityProbe:
-    bank = build_bank_loader(cfg, val_loader.dataset) if labelled else None
-    return QualityProbe(teacher, val_loader, device, bank, cfg.eval.knn_k, cfg.eval.knn_temperature)
 
 
 def dataset_size(loader: Any) -> int | None:

@@ -103,19 +103,19 @@ def conversion_summary(report: dict[str, Any]) -> str:
 
 def render_conversion_report(report: dict[str, Any]) -> str:
     """The markdown view of a conversion's ``report.json``."""
-    return "\n".join(
-        [
-            *_summary_section(report),
-            *_top1_section(report),
-            *_knn_section(report),
-            *_features_section(report),
-            *_agreement_section(report, "teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
-            *_agreement_section(report, "end_to_end", "end to end (each model on its own hidden states)"),
-            *_speed_section(report["speed"]),
-            *_selection_section(report.get("selection")),
-            *_operations_section(report.get("operations")),
-        ]
-    )
+    lines = [
+        *_summary_section(report),
+        *_top1_section(report),
+        *_knn_section(report),
+        *_features_section(report),
+        *_agreement_section(report, "teacher_input", "teacher's hidden inputs (what stage 1 fits)"),
+        *_agreement_section(report, "end_to_end", "end to end (each model on its own hidden states)"),
+        *_speed_section(report["speed"]),
+        *_selection_section(report.get("selection")),
+    ]
+    if report.get("operations"):
+        lines += _operations_section(report["operations"])
+    return "\n".join(lines)
 
 
 def _summary_section(report: dict[str, Any]) -> list[str]:
@@ -404,10 +404,8 @@ def _count(v: float | None) -> str:
     return "—" if v is None else f"{v / 1e6:.3f} M"
 
 
-def _operations_section(ops: dict[str, Any] | None) -> list[str]:
+def _operations_section(ops: dict[str, Any]) -> list[str]:
     """Multiplications / additions per attention core (EcoFormer's energy measure) beside the speed."""
-    if not ops:
-        return []
     lines = [
         "## Operations per attention core",
         "",

@@ -191,7 +191,8 @@ class _Stage1Saves:
 
 def _cycle(loader, sampler, start: int = 0) -> Iterator[torch.Tensor]:
     """Input batches forever, a new shuffle each pass, from batch ``start`` on (a resumed stage 1)."""
-    epoch, skip = divmod(start, len(loader))
+    per_epoch = len(loader)
+    epoch, skip = divmod(start, per_epoch)
     while True:
         sampler.set_epoch(epoch)
         sampler.set_position(skip * loader.batch_size * sampler.world_size)
