@@ -190,9 +190,7 @@ def export_student(
             spec,
             shape=shape,
             loads_in_plain_timm=attention_label(spec["attention"]) == SOFTMAX,
-            load_ref=f"hf-hub:{card.repo_id}"
-            if card.repo_id
-            else f"local-dir:{out_dir}",  # where it will live
+            load_ref=f"hf-hub:{card.repo_id}" if card.repo_id else f"local-dir:{out_dir}",
             native_arch=native,
             formats=formats,
             onnx=reports.get("onnx"),
@@ -292,7 +290,6 @@ def _write_timm_format(
     save_for_hf(model, folder, model_config=meta, model_args=args, safe_serialization=True)
     config_file = folder / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    drop = "num_classes" in config.get("model_args", {})
     if kind != SOFTMAX:
         # timm prints an unknown architecture verbatim (``RuntimeError: Unknown model (...)``), so the name is
         # the instruction (an unknown ``attn_layer`` only gets ``Unknown attn_layer: None``); the timm base
@@ -300,13 +297,11 @@ def _write_timm_format(
         config["architecture"] = (
             f"attnxfer student with {kind} attention, not a timm model: load it with attnxfer.load_student"
         )
-    if drop:
-        # transformers' timm wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)``
-        # (its own count: 0 for ``AutoModel``): a second ``num_classes`` in ``model_args`` fails the load;
-        # timm itself reads the top-level ``num_classes``, so nothing is lost
-        config["model_args"].pop("num_classes")
-    if kind != SOFTMAX or drop:
-        config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    # transformers' timm wrapper builds ``timm.create_model(architecture, num_classes=..., **model_args)``
+    # (its own count: 0 for ``AutoModel``): a second ``num_classes`` in ``model_args`` fails the load;
+    # timm itself reads the top-level ``num_classes``, so nothing is lost. Rewritten as timm wrote it
+    config.get("model_args", {}).pop("num_classes", None)
+    config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def _write_onnx_format(

@@ -151,9 +151,7 @@ def write_onnx(
     example = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(seed))
     try:
         _trace(twin, example, path, out_name)
-    except (
-        Exception
-    ) as e:  # the exporter's own failure: say which student (its attentions) and why, in one line
+    except Exception as e:  # the exporter's own: say which student (its attentions) and why, in one line
         try:
             what = f"{type(twin).__name__} with {', '.join(sorted(set(attention_layout(twin))))} attention"
         except (TypeError, ValueError):

@@ -160,6 +160,5 @@ class ResumePoint:
     def load_tensors(self, map_location: str = "cpu") -> dict[str, dict[str, Any]]:
         """Its tensor groups. Files hash-verified when the point was found get only the cheap checks again
         (sizes, headers: a file that changed since is still caught)."""
-        return load_checkpoint(self.checkpoint, map_location, verify_hash=not self.checkpoint.hash_verified)[
-            0
-        ]
+        rehash = not self.checkpoint.hash_verified
+        return load_checkpoint(self.checkpoint, map_location, verify_hash=rehash)[0]

@@ -195,11 +195,11 @@ def _take_over(path: Path, stale: _Holder) -> bool:
     return True
 
 
-#: locks this process holds: (resolved path, thread) -> [token, depth] (a nested acquire in one thread is fine)
-_HELD: dict[tuple[str, int], list] = {}
+#: locks this process holds, by (resolved path, thread): a nested acquire in one thread is fine (each thread
+#: adds and removes only its own keys)
+_HELD: set[tuple[str, int]] = set()
 #: tokens of the locks this process holds or is creating (another thread's lock is a live holder's)
 _OWN_TOKENS: set[str] = set()
-_HELD_GUARD = threading.Lock()
 
 
 def _heartbeat(path: Path, token: str, stop: threading.Event, every: float) -> None:
@@ -265,20 +265,9 @@ def run_lock(
     created = not run_dir.exists()  # removed again if the command ends leaving it empty (refused input)
     with _plain_disk_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-        key = (
-            str(path.resolve()),
-            threading.get_ident(),
-        )  # nesting is per thread: another thread is a holder
-    with _HELD_GUARD:
-        held = _HELD.get(key)
-        if held is not None:
-            held[1] += 1
-    if held is not None:  # nested: this thread holds it already
-        try:
-            yield
-        finally:
-            with _HELD_GUARD:
-                held[1] -= 1
+        key = (str(path.resolve()), threading.get_ident())  # per thread: another thread is a holder
+    if key in _HELD:  # nested: this thread holds it already
+        yield
         return
     token = secrets.token_hex(8)
     content = {
@@ -292,14 +281,12 @@ def run_lock(
     }
     _OWN_TOKENS.add(token)
     try:
-        _acquire(path, content, stale_after_s)
-    except BaseException as e:
+        with _plain_disk_errors(run_dir):
+            _acquire(path, content, stale_after_s)
+    except BaseException:
         _OWN_TOKENS.discard(token)
-        if isinstance(e, OSError):
-            _raise_plainly(e, run_dir)
         raise
-    with _HELD_GUARD:
-        _HELD[key] = [token, 1]
+    _HELD.add(key)
     stop = threading.Event()
     beat = threading.Thread(
         target=_heartbeat, args=(path, token, stop, heartbeat_s), name="attnxfer-run-lock", daemon=True
@@ -312,8 +299,7 @@ def run_lock(
         stop.set()
         if beat.is_alive():
             beat.join()
-        with _HELD_GUARD:
-            _HELD.pop(key, None)
+        _HELD.discard(key)
         _OWN_TOKENS.discard(token)
         holder = _read(path)
         if holder is not None and holder.content.get("token") == token:

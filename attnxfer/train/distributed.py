@@ -104,22 +104,11 @@ def expand_node_list(text: str) -> list[str]:
     """The host names of a SLURM node list, as ``scontrol show hostnames`` prints them: ``gpu[1-3,5],cpu7``
     -> gpu1 gpu2 gpu3 gpu5 cpu7; a range keeps its first number's zero padding (``n[08-10]``); several
     brackets in one name combine (``r[1-2]n[1-2]`` -> r1n1 r1n2 r2n1 r2n2)."""
-    names: list[str] = []
-    depth, start = 0, 0
-    groups = []
-    for i, ch in enumerate(text + ","):
-        if ch == "[":
-            depth += 1
-        elif ch == "]":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            groups.append(text[start:i].strip())
-            start = i + 1
-        if depth not in (0, 1):
-            raise InputError(f"node list {text!r}: unbalanced brackets")
-    if depth:
+    if not re.fullmatch(r"(?:[^\[\]]|\[[^\[\]]*\])*", text):  # brackets balanced, none nested
         raise InputError(f"node list {text!r}: unbalanced brackets")
-    for group in filter(None, groups):
+    names: list[str] = []
+    # the commas outside brackets: no "]" follows before a "["
+    for group in filter(None, (g.strip() for g in re.split(r",(?![^\[]*\])", text))):
         parts = re.split(r"(\[[^\[\]]*\])", group)
         choices = [_expand_numbers(p[1:-1], text) if p.startswith("[") else [p] for p in parts]
         names.extend("".join(combo) for combo in itertools.product(*choices))

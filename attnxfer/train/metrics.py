@@ -80,8 +80,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         rows = [r for r in read_summary(self.run_dir) if int(r["epoch"]) < epoch]
-        rows.append({"epoch": int(epoch), **{k: float(v) for k, v in row.items()}})
-        self._write_summary(rows)
+        self._write_summary([*rows, {"epoch": int(epoch), **{k: float(v) for k, v in row.items()}}])
 
     def truncate_summary(self, first_epoch: int) -> None:
         """Drop ``summary.csv`` rows of epochs ``first_epoch`` and later (a resume will train them again)."""
@@ -93,9 +92,7 @@ class MetricsLogger:
             self._write_summary(kept)
 
     def _write_summary(self, rows: list[dict[str, Any]]) -> None:
-        fields: dict[str, None] = {}
-        for r in rows:
-            fields.update(dict.fromkeys(r))
+        fields = dict.fromkeys(k for r in rows for k in r)
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(fields) or ["epoch"], lineterminator="\n")
         writer.writeheader()

@@ -367,9 +367,8 @@ class TrackerSet:
         records = dict(previous)
         for name in self.names:
             kind = TRACKERS[name]
-            setup = prepare_trackers([name], self.run_dir)[
-                name
-            ]  # as decided before (or now: an engine by hand)
+            # as decided before (or now: an engine by hand)
+            setup = prepare_trackers([name], self.run_dir)[name]
             self._scopes.enter_context(kind.scope(setup.options))
             ctx = TrackerContext(
                 self.run_dir, self.project, previous.get(name, {}), self.purge_step, setup.options

@@ -189,9 +189,8 @@ def start_watchdog(timeout: float | timedelta) -> HeartbeatWatchdog | None:
     while isinstance(base, dist.PrefixStore):  # the TCP store under the group's prefixes: its address
         base = base.underlying_store
     address = f"{base.host}:{base.port}" if isinstance(base, dist.TCPStore) else ""
-    host = (
-        None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
-    )  # None: torchrun's agent serves it
+    # None: torchrun's agent serves it
+    host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
     return HeartbeatWatchdog(
         store, dist.get_rank(), dist.get_world_size(), seconds, store_host=host, store_address=address
     ).start()
