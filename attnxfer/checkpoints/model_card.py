@@ -331,21 +331,15 @@ def _loading_section(
         auto, use = "AutoModelForImageClassification", "logits = model(pixel_values).logits"
     else:
         auto, use = "AutoModel", "features = model(pixel_values).pooler_output"
-    return out + (
-        (
-            ""
-            if native_arch
-            else f"`{spec['architecture']}` is registered by attnxfer: import it before timm builds the model.\n\n"
+    if not native_arch:
+        out += (
+            f"`{spec['architecture']}` is registered by attnxfer: import it before timm builds the model.\n\n"
         )
-        + "```python\nimport timm\n"
-        + pre
-        + f'model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
-        + transform
-        + "\nImages as the run validated them: "
-        + ", ".join(steps)
-        + ".\n"
-        + "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
-        "above):\n\n```python\n" + pre + f"from transformers import {auto}\n\n"
+    return (
+        f'{out}```python\nimport timm\n{pre}model = timm.create_model("{load_ref}", pretrained=True).eval()\n'
+        f"{transform}\nImages as the run validated them: {', '.join(steps)}.\n"
+        "\nIn transformers (its timm wrapper builds the same timm model; `pixel_values` normalised as "
+        f"above):\n\n```python\n{pre}from transformers import {auto}\n\n"
         f'model = {auto}.from_pretrained("{load_ref.split(":", 1)[1]}").eval()\n{use}\n```\n'
     )
 

@@ -106,15 +106,6 @@ def server_problem(url: str, timeout: float = SERVER_TIMEOUT_S) -> str | None:
         return str(e) or type(e).__name__
 
 
-def _wandb_offline(why: str, run_dir: Path) -> TrackerSetup:
-    wandb_dir = run_dir / "wandb"
-    return TrackerSetup(
-        {"mode": "offline"},
-        f"wandb: {why}: logging offline to {wandb_dir}; upload it later with `wandb sync "
-        f"{wandb_dir}/offline-run-*` (WANDB_MODE=offline skips this check)",
-    )
-
-
 def _wandb_prepare(run_dir: Path) -> TrackerSetup:
     """Offline (said in one line) without a W&B API key or W&B's server in reach; a refusal when
     ``WANDB_MODE=online`` asks for the server regardless."""
@@ -124,7 +115,6 @@ def _wandb_prepare(run_dir: Path) -> TrackerSetup:
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in ("offline", "dryrun", "disabled"):
         return TrackerSetup()
-    online = mode == "online"
     try:
         settings = wandb.setup().settings
     except Exception as e:  # a WANDB_* value wandb cannot read
@@ -134,25 +124,25 @@ def _wandb_prepare(run_dir: Path) -> TrackerSetup:
         has_key = bool(wandb.login(verify=False, prompt=False))
     except TypeError:  # a wandb whose login() cannot be told not to prompt: its own key lookup
         has_key = bool(getattr(getattr(wandb, "api", None), "api_key", None))
-    if not has_key:
-        if online:
-            raise TrackerUnavailableError(
-                "log.trackers includes wandb with WANDB_MODE=online, but this machine has no W&B API key: "
-                "run `wandb login` (or set WANDB_API_KEY), or unset WANDB_MODE to log offline under "
-                "RUN_DIR/wandb and `wandb sync` it later"
-            )
-        return _wandb_offline("no API key on this machine (no WANDB_API_KEY, no `wandb login`)", run_dir)
-    problem = server_problem(settings.base_url)
-    if problem is None:
-        return TrackerSetup()
-    if online:
+    if has_key:
+        problem = server_problem(settings.base_url)
+        if problem is None:
+            return TrackerSetup()
+        why = f"{settings.base_url} does not answer within {SERVER_TIMEOUT_S:g} s ({problem})"
+        refusal = f"W&B's server {why};"
+    else:
+        why = "no API key on this machine (no WANDB_API_KEY, no `wandb login`)"
+        refusal = "this machine has no W&B API key: run `wandb login` (or set WANDB_API_KEY), or"
+    if mode == "online":
         raise TrackerUnavailableError(
-            f"log.trackers includes wandb with WANDB_MODE=online, but W&B's server {settings.base_url} does "
-            f"not answer within {SERVER_TIMEOUT_S:g} s ({problem}); unset WANDB_MODE to log offline under "
-            "RUN_DIR/wandb and `wandb sync` it later"
+            f"log.trackers includes wandb with WANDB_MODE=online, but {refusal} unset WANDB_MODE to log "
+            "offline under RUN_DIR/wandb and `wandb sync` it later"
         )
-    return _wandb_offline(
-        f"{settings.base_url} does not answer within {SERVER_TIMEOUT_S:g} s ({problem})", run_dir
+    wandb_dir = run_dir / "wandb"
+    return TrackerSetup(
+        {"mode": "offline"},
+        f"wandb: {why}: logging offline to {wandb_dir}; upload it later with `wandb sync "
+        f"{wandb_dir}/offline-run-*` (WANDB_MODE=offline skips this check)",
     )
 
 
