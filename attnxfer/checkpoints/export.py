@@ -65,9 +65,7 @@ def _plain_timm_twin(student: nn.Module, spec: dict[str, Any]) -> nn.Module:
     cfg = dict(
         spec.get("pretrained_cfg", {}), architecture=spec["architecture"], num_classes=spec["num_classes"]
     )
-    for k in ("input_size", "mean", "std"):
-        if k in cfg:
-            cfg[k] = tuple(cfg[k])
+    cfg |= {k: tuple(cfg[k]) for k in ("input_size", "mean", "std") if k in cfg}
     twin = timm.create_model(spec["architecture"], pretrained=False, pretrained_cfg=cfg, **spec["model_args"])
     result = twin.load_state_dict(student.state_dict(), strict=False)
     if result.missing_keys or result.unexpected_keys:

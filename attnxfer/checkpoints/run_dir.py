@@ -176,8 +176,7 @@ class RunDir:
             raise MissingPathError(
                 f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"
             )
-        with open(self.record_file, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(self.record_file.read_text(encoding="utf-8"))
 
     def recipe(self) -> str | None:
         """The run's config.yaml as text, or None where it has none."""
@@ -190,10 +189,7 @@ class RunDir:
     def checkpoint_state(self, ckpt: Path) -> dict[str, Any]:
         """A checkpoint's state.json ({} where it has none)."""
         path = Path(ckpt) / STATE_NAME
-        if not path.is_file():
-            return {}
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def metric_rows(self) -> list[dict[str, Any]]:
         """metrics.jsonl's rows ([] where the run logged none)."""

@@ -56,12 +56,6 @@ class CheckpointPolicy:
         if not isinstance(self.resume, ResumePoint):
             object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
 
-    def resume_point(self, run_dir: Path) -> ResumePoint | None:
-        """The checkpoint a resume restores (found once: an app's point is taken as it is)."""
-        if isinstance(self.resume, ResumePoint):
-            return self.resume
-        return ResumePoint.find(run_dir, self.resume)
-
 
 @dataclass
 class Resumed:
@@ -161,7 +155,9 @@ class Checkpointing:
     def resume(self) -> Resumed | None:
         """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
         policy picks; None for a fresh start (the loop's counters are in the returned state)."""
-        point = self.policy.resume_point(self.run_dir)
+        point = self.policy.resume  # found once: an app's point is taken as it is
+        if not isinstance(point, ResumePoint):
+            point = ResumePoint.find(self.run_dir, point)
         if point is None:
             return None
         info, state = point.checkpoint, point.state

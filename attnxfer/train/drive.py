@@ -85,11 +85,9 @@ class StudentStreams:
         return streams
 
     def start(self, accelerator: Any = None) -> None:
-        self.python, self.numpy, self.torch_cpu = (
-            random.getstate(),
-            np.random.get_state(),
-            torch.get_rng_state(),
-        )
+        self.python = random.getstate()
+        self.numpy = np.random.get_state()
+        self.torch_cpu = torch.get_rng_state()
         self.torch_cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
         self.accumulation_step = accelerator.step if accelerator is not None else 0
 

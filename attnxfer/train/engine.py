@@ -339,7 +339,6 @@ class Engine:
 
     def result(self, seconds: float) -> TrainResult:
         """Where the run stands after `steps` ran out (its metrics files closed)."""
-        s = self.settings
         self.metrics.close()
         return TrainResult(
             str(self.run_dir),
@@ -349,7 +348,7 @@ class Engine:
             self._final,
             self.history,
             seconds,
-            metric=s.metric,
+            metric=self.settings.metric,
             nothing_to_do=None if self._final else self._nothing_to_do(),
         )
 
@@ -479,8 +478,7 @@ class Engine:
             self.ema.update(self.student)
         if self.step % self.settings.log_every == 0 or self.step == self.total_steps:
             self.stop_if_non_finite()
-            rec = self.window.means()
-            rec["lr"] = lr
+            rec = self.window.means() | {"lr": lr}
             self.metrics.log("train", self.step, rec, epoch=self._epoch_now())
             if progress is not None:
                 progress.set_postfix(loss=f"{rec['total']:.3f}", lr=f"{lr:.2e}")

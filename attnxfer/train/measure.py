@@ -60,21 +60,23 @@ def map_agreement(
     own_inputs = inputs == "own"
     check_softmax_teacher(teacher)
     t_attns, s_attns = transferable_attentions(teacher), transferable_attentions(student)
-    sums: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(len(s_attns))}
+    sums = [[0.0, 0.0] for _ in s_attns]  # per layer: metric and output MSE, summed over images
     count = 0
     with evaluating(teacher, student):
         for x in batches:
             _add_batch(teacher, student, t_attns, s_attns, x, own_inputs, sums)
             count += x.shape[0]
-    sums, count = _over_ranks(sums, count, next(student.parameters()).device)
+    *flat, count = sum_over_ranks(
+        [v for pair in sums for v in pair] + [count], next(student.parameters()).device
+    )
     return [  # one row per layer: its attention, map kind, metric and the means over the images
         {
             "layer": i,
             "attention": attention_name_of(attn),
             "map_kind": attn.map_kind,
             "metric": default_map_loss(attn.map_kind).metric,
-            "value": sums[i][0] / max(1, count),
-            "output_mse": sums[i][1] / max(1, count),
+            "value": flat[2 * i] / max(1, count),
+            "output_mse": flat[2 * i + 1] / max(1, count),
         }
         for i, attn in enumerate(s_attns)
     ]
@@ -102,13 +104,6 @@ def _add_batch(teacher, student, t_attns, s_attns, x: torch.Tensor, own_inputs: 
             value = out_mse
         sums[i][0] += value * x.shape[0]
         sums[i][1] += out_mse * x.shape[0]
-
-
-def _over_ranks(sums: dict[int, list[float]], count: int, device: torch.device):
-    """The sums and the image count summed over every rank of a process group (unchanged without one)."""
-    depth = len(sums)
-    flat = sum_over_ranks([v for i in range(depth) for v in sums[i]] + [count], device)
-    return {i: flat[2 * i : 2 * i + 2] for i in range(depth)}, flat[-1]
 
 
 def evaluate_top1(model: nn.Module, loader: Iterable, device: torch.device) -> float | None:

@@ -111,19 +111,18 @@ def _speed_row(
         "threads": torch.get_num_threads(),
         "precision": f"{str(autocast).removeprefix('torch.')} autocast" if autocast else "no autocast",
     }
-    median = {name: t.median for name, t in times.items()}
-    cpu = {name: t.cpu_median for name, t in times.items()}
-    for name in times:
-        row[f"{name}_ms"] = 1000.0 * median[name]
-        row[f"{name}_images_per_s"] = batch / median[name]
-        row[f"{name}_spread"] = times[name].spread
+    for name, t in times.items():
+        row[f"{name}_ms"] = 1000.0 * t.median
+        row[f"{name}_images_per_s"] = batch / t.median
+        row[f"{name}_spread"] = t.spread
     for key, (top, bottom) in RATIOS.items():
         if top not in times or bottom not in times:
             continue
-        row[key] = median[bottom] / median[top]
-        row[f"{key}_range"] = ratio_range(times[top], times[bottom])
-        if x.device.type == "cpu" and min(cpu[bottom], cpu[top]) > 0:
-            row[f"{key}_cpu"] = cpu[bottom] / cpu[top]
+        top, bottom = times[top], times[bottom]
+        row[key] = bottom.median / top.median
+        row[f"{key}_range"] = ratio_range(top, bottom)
+        if x.device.type == "cpu" and min(bottom.cpu_median, top.cpu_median) > 0:
+            row[f"{key}_cpu"] = bottom.cpu_median / top.cpu_median
     return row
 
 

@@ -51,17 +51,13 @@ class TermWindow:
         """Each term's mean over the window as Python floats (one device-to-host copy); empties the window."""
         if not self._sums:
             return {}
-        keys = list(self._sums)
-        flat = torch.cat([self._sums[k][0] for k in keys]).tolist()
+        values = iter(torch.cat([sums for sums, _ in self._sums.values()]).tolist())
         totals: dict[str, float] = {}
         counts: dict[str, int] = {}
-        i = 0
-        for key in keys:
-            n = self._sums[key][1]
+        for key, (_, n) in self._sums.items():
             for name in key:
-                totals[name] = totals.get(name, 0.0) + flat[i]
+                totals[name] = totals.get(name, 0.0) + next(values)
                 counts[name] = counts.get(name, 0) + n
-                i += 1
         self._sums = {}
         return {name: totals[name] / counts[name] for name in totals}
 
