@@ -96,14 +96,14 @@ def _raise_plainly(e: OSError, run_dir: Path) -> None:
     raise plain from e
 
 
-def check_writable(run_dir: str | os.PathLike, probe_bytes: int = 4096) -> None:
+def check_writable(run_dir: str | os.PathLike) -> None:
     """Create ``run_dir`` and write, fsync and delete a small probe file in it, so that a full or read-only
     run dir stops a command before it computes anything (`RunDirNotWritableError`)."""
     run_dir = Path(run_dir)
     probe = run_dir / f".write-probe-{secrets.token_hex(4)}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_file_synced(probe, b"\0" * probe_bytes, 0o600)
+        _write_file_synced(probe, b"\0" * 4096, 0o600)
     except OSError as e:  # name the run dir, not the probe
         _raise_plainly(OSError(e.errno, e.strerror, str(run_dir)) if e.filename == str(probe) else e, run_dir)
     finally:
@@ -139,10 +139,10 @@ class _Holder:
             f"{c.get('started', '?')} (heartbeat {self.age_s:.0f} s ago)"
         )
 
-    def why_dead(self, stale_after_s: float) -> str | None:
+    def why_dead(self) -> str | None:
         """Why the holder is provably gone (None: it may be alive)."""
         if not self.content:
-            stale = self.age_s > stale_after_s
+            stale = self.age_s > STALE_AFTER_S
             return f"its lock file is unreadable and {self.age_s:.0f} s old" if stale else None
         if self.host == socket.gethostname():
             if self.pid == os.getpid():  # this process, or an earlier one that had our pid (a container)
@@ -159,8 +159,8 @@ class _Holder:
         job = self.content.get("slurm_job")
         if job and job == os.environ.get("SLURM_JOB_ID"):
             return f"it belongs to this same SLURM job {job} (a requeued attempt), run earlier on host {self.host}"
-        if self.age_s > stale_after_s:
-            return f"its heartbeat stopped {self.age_s:.0f} s ago (more than {stale_after_s:.0f} s)"
+        if self.age_s > STALE_AFTER_S:
+            return f"its heartbeat stopped {self.age_s:.0f} s ago (more than {STALE_AFTER_S:.0f} s)"
         return None
 
 
@@ -211,7 +211,7 @@ def _heartbeat(path: Path, token: str, stop: threading.Event, every: float) -> N
             os.utime(path)
 
 
-def _acquire(path: Path, content: dict[str, Any], stale_after_s: float) -> None:
+def _acquire(path: Path, content: dict[str, Any]) -> None:
     run_dir, data = path.parent, json.dumps(content, indent=1).encode()
     for _ in range(50):  # contenders racing over a stale lock: a few rounds settle it
         try:
@@ -225,7 +225,7 @@ def _acquire(path: Path, content: dict[str, Any], stale_after_s: float) -> None:
         if not holder.content and holder.age_s < 5:
             time.sleep(0.1)  # created an instant ago: its holder is writing who it is
             continue
-        why = holder.why_dead(stale_after_s)
+        why = holder.why_dead()
         if why is None:
             job = holder.content.get("slurm_job")
             stop = f"kill {holder.pid}" + (f" or scancel {job}" if job else "")
@@ -246,7 +246,6 @@ def run_lock(
     *,
     enabled: bool = True,
     heartbeat_s: float = HEARTBEAT_S,
-    stale_after_s: float = STALE_AFTER_S,
 ) -> Iterator[None]:
     """Hold ``RUN_DIR/attnxfer.lock`` while the body runs (the module docstring says how and why).
 
@@ -282,7 +281,7 @@ def run_lock(
     _OWN_TOKENS.add(token)
     try:
         with _plain_disk_errors(run_dir):
-            _acquire(path, content, stale_after_s)
+            _acquire(path, content)
     except BaseException:
         _OWN_TOKENS.discard(token)
         raise

@@ -49,11 +49,11 @@ class DistributedInfo:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, export_submitit: bool = True) -> DistributedInfo:
+    def from_environment(cls) -> DistributedInfo:
         """The rank layout from torchrun's variables, derived first inside a submitit task (where the job's own
         win over a ``RANK`` inherited from the submitting shell: sbatch exports its environment)."""
         env = os.environ
-        if export_submitit and env.get("SUBMITIT_EXECUTOR"):  # submitit started it (SLURM, local or debug)
+        if env.get("SUBMITIT_EXECUTOR"):  # submitit started it (SLURM, local or debug)
             from submitit.helpers import TorchDistributedEnvironment
 
             # CUDA_VISIBLE_DEVICES is left alone: each task selects cuda:LOCAL_RANK itself, which also works

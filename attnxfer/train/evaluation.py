@@ -17,12 +17,12 @@ from ..transfer.teacher_student import TransferOutput
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator, max_batches: int | None = None) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, accelerator) -> dict[str, float]:
     """Top-1/top-5, loss and ``count`` of ``model`` over ``loader``, summed over ranks. Each rank scores its own
     shard of an unpadded sampler, so ranks may run different numbers of batches: the forwards go to the
     unwrapped module (no collectives) and only the final sum is a collective."""
     model = accelerator.unwrap_model(model)
-    totals = classification_sums(model, loader, accelerator.device, accelerator.autocast, max_batches)
+    totals = classification_sums(model, loader, accelerator.device, accelerator.autocast)
     totals = accelerator.reduce(totals, reduction="sum")
     n = max(1.0, totals[3].item())
     return {
@@ -39,14 +39,13 @@ def classification_sums(
     loader,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    max_batches: int | None = None,
     *,
     loss: bool = True,
 ) -> torch.Tensor:
     """This rank's (top-1 correct, top-5 correct, summed cross-entropy, images) over ``loader``: the one count
     every top-1 reads. ``loss=False`` leaves the cross-entropy at 0, for labels the head may not cover."""
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct1, correct5, loss_sum, count
-    for logits, y in _scored_batches(model, loader, device, autocast, max_batches):
+    for logits, y in _scored_batches(model, loader, device, autocast):
         top5 = _top5(logits)
         totals[0] += (top5[:, 0] == y).sum()
         totals[1] += (top5 == y[:, None]).any(-1).sum()
@@ -80,13 +79,10 @@ def _scored_batches(
     loader,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager],
-    max_batches: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, labels) of ``model`` (in eval mode for the duration) per batch of ``loader``."""
     with evaluating(model):
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
+        for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
                 out = model(x)

@@ -16,7 +16,6 @@ CPU a ViT-Ti step took 7.4 ms fused, 20 ms per-tensor, 28 ms ``foreach``), ``for
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
@@ -38,15 +37,12 @@ def student_param_groups(
     model: nn.Module,
     weight_decay: float = 0.05,
     layer_decay: float | None = None,
-    no_weight_decay: Iterable[str] = (),
     layer_decay_rule: LayerDecayRule | str = LayerDecayRule.TIMM,
 ) -> list[dict[str, Any]]:
     """Param groups for AdamW of a student ViT or a `TeacherStudent`'s student, by ``layer_decay_rule``."""
     rule = member(LayerDecayRule, layer_decay_rule, "layer_decay_rule")
     student = getattr(model, "student", model)
-    skip = set(no_weight_decay)
-    if hasattr(student, "no_weight_decay"):
-        skip |= set(student.no_weight_decay())
+    skip = set(student.no_weight_decay()) if hasattr(student, "no_weight_decay") else set()
     if layer_decay is not None and layer_decay < 1.0:
         groups = param_groups_layer_decay(
             student, weight_decay=weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay

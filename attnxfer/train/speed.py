@@ -149,15 +149,12 @@ def speed_against_floor(
     x: torch.Tensor,
     *,
     floor: nn.Module | None = None,
-    warmup: int = 1,
-    repeats: int = 5,
-    autocast: torch.dtype | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
-    """`forward_speed` of teacher, student and floor (by default the teacher's `floor_model`: a student's
-    floor is its teacher's, the same projections and MLPs)."""
+    """`forward_speed` (its keyword ``options``) of teacher, student and floor (by default the teacher's
+    `floor_model`: a student's floor is its teacher's, the same projections and MLPs)."""
     floor = floor_model(teacher) if floor is None else floor
-    models = {"teacher": teacher, "student": student, "floor": floor}
-    return forward_speed(models, x, warmup=warmup, repeats=repeats, autocast=autocast)
+    return forward_speed({"teacher": teacher, "student": student, "floor": floor}, x, **options)
 
 
 def break_even_sweep(

@@ -52,23 +52,17 @@ def interleaved_timings(
     device: torch.device | str | None = None,
     warmup: int = 1,
     repeats: int = 5,
-    min_seconds: float = 0.0,
-    max_repeats: int | None = None,
 ) -> dict[Name, Timing]:
-    """Time every function of ``fns`` in rounds: after ``warmup`` untimed ones, until ``repeats`` are done and
-    ``min_seconds`` have passed (at most ``max_repeats``, default ``4 * repeats``)."""
+    """Time every function of ``fns`` in ``repeats`` rounds after ``warmup`` untimed ones."""
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = list(fns)
-    max_repeats = max(repeats, max_repeats if max_repeats is not None else 4 * repeats)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     _sync(device)
     out = {name: Timing() for name in names}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < repeats or (time.perf_counter() - start < min_seconds and rounds < max_repeats):
+    for rounds in range(repeats):
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
             _sync(device)
@@ -77,5 +71,4 @@ def interleaved_timings(
             _sync(device)
             out[name].times.append(time.perf_counter() - wall)
             out[name].cpu_times.append(time.process_time() - cpu)
-        rounds += 1
     return out
