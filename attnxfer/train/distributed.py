@@ -122,9 +122,7 @@ def _expand_numbers(spec: str, text: str) -> list[str]:
         lo, sep, hi = item.strip().partition("-")
         if not lo.isdigit() or (sep and not hi.isdigit()):
             raise InputError(f"node list {text!r}: {item!r} is not a number or a range like 1-3")
-        if not sep:
-            out.append(lo)
-            continue
+        hi = hi if sep else lo
         if int(hi) < int(lo):
             raise InputError(f"node list {text!r}: range {item!r} runs backwards")
         out.extend(f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1))

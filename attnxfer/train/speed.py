@@ -216,9 +216,14 @@ def break_even_sweeps(
         where = next(teacher.parameters()).device
         generator = torch.Generator().manual_seed(seed)
         x = torch.randn(batch, image_input(teacher).in_chans, resolution, resolution, generator=generator)
-        refused = _students_refusing(students, x.to(where))
-        for name, reason in refused.items():
-            own_skips.setdefault(name, []).append({"resolution": resolution, "reason": reason})
+        refused = set()
+        for name, student in students.items():  # a size this student's forward refuses, on one image
+            try:
+                with torch.no_grad():
+                    student.eval()(x[:1].to(where))
+            except InputError as e:
+                own_skips.setdefault(name, []).append({"resolution": resolution, "reason": str(e)})
+                refused.add(name)
         students = {n: s for n, s in students.items() if n not in refused}
         measured = forward_speeds(
             teacher,
@@ -247,15 +252,3 @@ def break_even_resolution(rows: Sequence[Mapping[str, Any]]) -> int | None:
     """The smallest ``resolution`` among speed rows whose student is faster than its teacher, or None."""
     faster = [int(row["resolution"]) for row in rows if row["student_over_teacher"] > 1.0]
     return min(faster) if faster else None
-
-
-def _students_refusing(students: Mapping[str, nn.Module], x: torch.Tensor) -> dict[str, str]:
-    """{name: why} of each student whose forward refuses ``x`` (one image each)."""
-    refused = {}
-    for name, student in students.items():
-        try:
-            with torch.no_grad():
-                student.eval()(x[:1])
-        except InputError as e:
-            refused[name] = str(e)
-    return refused
