@@ -197,16 +197,15 @@ class Lockstep:
             next(m.steps)
             return True
         except StopIteration:
-            self.batches.leave(m.view)
-            return False
+            pass
         except NonFiniteLossError as e:
             m.stopped = str(e)
             m.engine.metrics.close()
-            self.batches.leave(m.view)
             say(f"study: student {m.name!r} stopped: {e}; the others go on")
-            return False
         finally:
             m.seconds += time.monotonic() - start - (self.shared_seconds - shared)
+        self.batches.leave(m.view)  # it reads no more
+        return False
 
     def _commit(self) -> None:
         """Commit the newest step every member still training has saved (once each)."""

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from .devices import (
-    TORCH_DTYPES as TORCH_DTYPES,
     Device,
     Precision,
     resolve_device,
