@@ -251,12 +251,9 @@ def _student_section(card: ModelCardInfo, spec: dict[str, Any], shape: dict[str,
     if spec.get("registered_as"):
         out += f"- trained as: `{spec['registered_as']}` (registered by attnxfer)\n"
     names = list(card.class_names or ())
-    shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
-    out += (
-        f"- attention: `{kind}`\n- classes: {spec.get('num_classes')}"
-        + (f" ({shown})" if names else "")
-        + "\n"
-    )
+    more = f", ... ({len(names) - 20} more)" if len(names) > 20 else ""
+    shown = f" ({', '.join(names[:20])}{more})" if names else ""
+    out += f"- attention: `{kind}`\n- classes: {spec.get('num_classes')}{shown}\n"
     if card.checkpoint:
         out += f"- weights: {card.checkpoint}\n"
     out += f"\ntimm construction arguments:\n\n```json\n{json.dumps(spec['model_args'], indent=2)}\n```\n"
@@ -274,18 +271,14 @@ def _student_section(card: ModelCardInfo, spec: dict[str, Any], shape: dict[str,
 
 def _metrics_section(card: ModelCardInfo, data: ModelCardData) -> str:
     """The evaluation results in words, then every recorded metric in a table."""
+    results = data.eval_results or ()
     out = "\n## Metrics\n\n" + "".join(
         f"- {r.metric_name} on the {r.dataset_name} validation split: {_fmt(r.metric_value)}\n"
-        for r in data.eval_results or ()
+        for r in results
     )
-    out += "\n" if data.eval_results else ""
-    if not card.metrics:
-        return out + "No metrics recorded.\n"
-    return (
-        out
-        + "| metric | value |\n|---|---|\n"
-        + "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items())
-    )
+    out += "\n" if results else ""
+    table = "".join(f"| {k} | {_fmt(v)} |\n" for k, v in card.metrics.items())
+    return out + (f"| metric | value |\n|---|---|\n{table}" if card.metrics else "No metrics recorded.\n")
 
 
 def _loading_section(

@@ -63,9 +63,7 @@ def resolve_device(device: Device | str) -> torch.device:
     device = member(Device, device, "device")
     if device is Device.CUDA and not torch.cuda.is_available():
         raise InputError("device=cuda was requested but no CUDA device is visible; use device=cpu or auto")
-    if device.uses_cuda:
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if device.uses_cuda else torch.device("cpu")
 
 
 def resolve_precision(precision: Precision | str, device: torch.device) -> Precision:

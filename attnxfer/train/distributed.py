@@ -220,9 +220,8 @@ def cleanup_distributed() -> None:
 
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the joined process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    joined = dist.is_available() and dist.is_initialized()
+    return (dist.get_rank(), dist.get_world_size()) if joined else (0, 1)
 
 
 def average_gradients(optimizer: torch.optim.Optimizer, flags: torch.Tensor | None = None) -> None:
