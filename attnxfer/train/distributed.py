@@ -135,7 +135,7 @@ def backend_for(device: Device | str = Device.AUTO) -> str:
     return "nccl" if Device(device).uses_cuda and dist.is_nccl_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout: float | timedelta | None = None) -> DistributedInfo:
+def init_distributed(backend: str | None = None, timeout: float | None = None) -> DistributedInfo:
     """Join the process group the environment describes; a no-op for one process and when a group exists
     (a submitted task may initialise it before a ``main`` that does again). On GPU the process binds
     ``cuda:LOCAL_RANK``. ``timeout`` (seconds): a heartbeat watchdog (`attnxfer.train.watchdog`) ends this
@@ -159,8 +159,7 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
                 "--gpus-per-node), or run the ranks on CPU with device=cpu (gloo)"
             )
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
-    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
-    kwargs = {} if seconds is None else {"timeout": timedelta(seconds=collective_timeout(seconds))}
+    kwargs = {} if timeout is None else {"timeout": timedelta(seconds=collective_timeout(timeout))}
     dist.init_process_group(
         backend=backend, init_method="env://", rank=info.rank, world_size=info.world_size, **kwargs
     )
@@ -171,14 +170,14 @@ def init_distributed(backend: str | None = None, timeout: float | timedelta | No
         f"{info.local_world_size}) via {info.master_addr}:{info.master_port}, backend {backend}",
         all_ranks=True,
     )
-    if seconds is not None:
-        _watchdog = start_watchdog(seconds)
+    if timeout is not None:
+        _watchdog = start_watchdog(timeout)
     return info
 
 
 @contextlib.contextmanager
 def joined_process_group(
-    backend: str | None = None, timeout: float | timedelta | None = None
+    backend: str | None = None, timeout: float | None = None
 ) -> Iterator[DistributedInfo]:
     """`init_distributed` for the span of one run; the call that created the group closes it again, since a
     process exiting with its gloo group open can abort in its destructors. Only when the run ends normally:

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -180,11 +179,10 @@ class HeartbeatWatchdog:
         self._stopping.set()  # an ``exit`` that returns (a test's): fire once
 
 
-def start_watchdog(timeout: float | timedelta) -> HeartbeatWatchdog | None:
+def start_watchdog(timeout_s: float) -> HeartbeatWatchdog | None:
     """A started watchdog for the joined group (None for a single process)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return None
-    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
     store = base = dist.distributed_c10d._get_default_store()
     while isinstance(base, dist.PrefixStore):  # the TCP store under the group's prefixes: its address
         base = base.underlying_store
@@ -192,5 +190,10 @@ def start_watchdog(timeout: float | timedelta) -> HeartbeatWatchdog | None:
     # None: torchrun's agent serves it
     host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
     return HeartbeatWatchdog(
-        store, dist.get_rank(), dist.get_world_size(), seconds, store_host=host, store_address=address
+        store,
+        dist.get_rank(),
+        dist.get_world_size(),
+        float(timeout_s),
+        store_host=host,
+        store_address=address,
     ).start()
