@@ -190,10 +190,5 @@ def start_watchdog(timeout_s: float) -> HeartbeatWatchdog | None:
     # None: torchrun's agent serves it
     host = None if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0
     return HeartbeatWatchdog(
-        store,
-        dist.get_rank(),
-        dist.get_world_size(),
-        float(timeout_s),
-        store_host=host,
-        store_address=address,
+        store, dist.get_rank(), dist.get_world_size(), timeout_s, store_host=host, store_address=address
     ).start()
