@@ -386,7 +386,6 @@ def export_run(
             "projections. Export a distillation run, or fine-tune this student without the teacher first"
         )
     loaded = run.load_student(checkpoint, weights, attn_layer=attn_layer)
-    student, ckpt, why = loaded.model, loaded.checkpoint, loaded.why
     recipe = run.recipe()
     training_data, dataset = _recipe_data(recipe)
     out_dir = Path(out_dir)
@@ -396,17 +395,17 @@ def export_run(
         transfer_mode=mode,
         plan=record.get("plan"),
         recipe=recipe,
-        metrics=_card_metrics(run, ckpt),
+        metrics=_card_metrics(run, loaded.checkpoint),
         training_data=training_data,
-        checkpoint=f"{why}, {weights} weights",
+        checkpoint=f"{loaded.why}, {weights} weights",
         description=record.get("description"),
         repo_id=push_to_hub,
         dataset=dataset,
         eval_prefix="ema_val" if weights is ExportWeights.EMA else "val",
-        class_names=_class_names(record, student),
+        class_names=_class_names(record, loaded.model),
     )
     return export_student(
-        student, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats
+        loaded.model, out_dir, card=card, push_to_hub=push_to_hub, overwrite=overwrite, formats=formats
     )
 
 

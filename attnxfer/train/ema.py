@@ -22,7 +22,6 @@ class StudentEMA:
     def __init__(self, student: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise InputError(f"ema.decay must be in (0, 1), got {decay}")
-        self.decay = decay
         self._ema = ModelEmaV3(student, decay=decay, exclude_buffers=True, stochastic_rounding=False)
         self.module = self._ema.module.requires_grad_(False)
 
