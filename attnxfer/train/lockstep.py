@@ -17,12 +17,10 @@ from typing import Any
 
 import torch
 
-from .drive import BatchPlace, Fed, StudentStreams, own_feed
+from ..speak import say
+from .drive import BatchPlace, Fed, own_feed
 from .engine import Engine, TrainResult
 from .stop import StopRequested, stop_on_signals, stop_signal
-
-__all__ = ["Lockstep", "Member", "SharedBatches", "SharedFeed", "StudentStreams"]
-from ..speak import say
 from .terms import NonFiniteLossError
 
 
