@@ -28,9 +28,8 @@ from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .drive import BatchPlace, Drive
 from .ema import StudentEMA
-from .evaluation import evaluate as evaluate, evaluate_loss as evaluate_loss
 from .metrics import MetricsLogger, progress_bar
-from .objective import Objective, Pictures, TaskLoss as TaskLoss
+from .objective import Objective, Pictures
 from .runtime import Runtime
 from .schedule import lr_at
 from .stop import StopRequested, stop_on_signals
