@@ -57,15 +57,6 @@ class CheckpointPolicy:
             object.__setattr__(self, "resume", ResumeFrom.parse(self.resume))
 
 
-@dataclass
-class Resumed:
-    """What a resume handed back to the loop: the checkpoint it read and that checkpoint's JSON state."""
-
-    path: str
-    state: dict[str, Any]
-    restart_epoch: bool = False  # other data than the checkpoint's (checkpoint.allow_new_data): position 0
-
-
 class Checkpointing:
     """Saves and resumes one run's trained module, optimiser and EMA (see the module docstring)."""
 
@@ -152,9 +143,9 @@ class Checkpointing:
                 "(train it first, or point -c at the config.yaml of a run that has checkpoints)"
             )
 
-    def resume(self) -> Resumed | None:
+    def resume(self) -> ResumePoint | None:
         """Restore the trained weights, the EMA, the optimiser and this rank's RNG from the checkpoint the
-        policy picks; None for a fresh start (the loop's counters are in the returned state)."""
+        policy picks, and return it (the loop's counters are in its state); None for a fresh start."""
         point = self.policy.resume  # found once: an app's point is taken as it is
         if not isinstance(point, ResumePoint):
             point = ResumePoint.find(self.run_dir, point)
@@ -182,4 +173,4 @@ class Checkpointing:
             warn(
                 f"checkpoint was written by {len(rng)} processes, this run has {self.world}: RNG streams restart"
             )
-        return Resumed(str(info), state, restart_epoch=point.restart_epoch)
+        return point

@@ -276,7 +276,7 @@ class Engine:
         state = resumed.state
         self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
         self.best = state.get("best", state.get("best_top1"))
-        self.last_ckpt = resumed.path
+        self.last_ckpt = str(resumed.checkpoint)
         loss_sum, batches = state.get("epoch_train_loss") or (0.0, 0)
         if resumed.restart_epoch and self.position:  # other data: the position counted samples of the old set
             self.position, loss_sum, batches = 0, 0.0, 0
@@ -285,7 +285,7 @@ class Engine:
         if self.is_main and not self.finished:  # a finished run's records stay as they are
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
-        say(f"resumed from {resumed.path} (step {self.step}, epoch {self.epoch}, position {self.position})")
+        say(f"resumed from {self.last_ckpt} (step {self.step}, epoch {self.epoch}, position {self.position})")
 
     def _summary_row(self, final: dict[str, float]) -> dict[str, float]:
         """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names), lr."""
