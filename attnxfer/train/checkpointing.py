@@ -25,6 +25,7 @@ from ..checkpoints.store import (
 from ..speak import warn
 from .distributed import barrier, gather_objects
 from .ema import StudentEMA
+from .runtime import Runtime
 
 
 def _weights_checksum(model: nn.Module) -> str:
@@ -65,17 +66,15 @@ class Checkpointing:
         run_dir: Path,
         policy: CheckpointPolicy,
         metric_mode: MetricMode | str,
+        runtime: Runtime,
         *,
         trained: nn.Module,
         optimizer: torch.optim.Optimizer,
         ema: StudentEMA | None,
-        rank: int,
-        world: int,
-        is_main: bool,
     ) -> None:
         self.run_dir, self.policy = Path(run_dir), policy
         self.trained, self.optimizer, self.ema = trained, optimizer, ema
-        self.rank, self.world, self.is_main = rank, world, is_main
+        self.rank, self.world, self.is_main = runtime.rank, runtime.world, runtime.is_main
         self.manager = CheckpointManager(self.run_dir, keep_last=policy.keep_last, best_mode=metric_mode)
 
     def save(

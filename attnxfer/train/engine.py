@@ -177,12 +177,10 @@ class Engine:
             self.run_dir,
             s.checkpoint,
             s.metric_mode,
+            runtime,
             trained=self.student,
             optimizer=self.optimizer,
             ema=ema,
-            rank=self.rank,
-            world=self.world,
-            is_main=self.is_main,
         )
         self.ckpt = self.checkpointing.manager
         # metrics.jsonl, summary.csv and the trackers (rank 0), with the run's config and plan as the trackers'
