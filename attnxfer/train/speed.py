@@ -118,11 +118,11 @@ def _speed_row(
     for key, (top, bottom) in RATIOS.items():
         if top not in times or bottom not in times:
             continue
-        top, bottom = times[top], times[bottom]
-        row[key] = bottom.median / top.median
-        row[f"{key}_range"] = ratio_range(top, bottom)
-        if x.device.type == "cpu" and min(bottom.cpu_median, top.cpu_median) > 0:
-            row[f"{key}_cpu"] = bottom.cpu_median / top.cpu_median
+        num, den = times[top], times[bottom]  # images/s of ``top`` over ``bottom``: seconds the other way
+        row[key] = den.median / num.median
+        row[f"{key}_range"] = ratio_range(num, den)
+        if x.device.type == "cpu" and min(den.cpu_median, num.cpu_median) > 0:
+            row[f"{key}_cpu"] = den.cpu_median / num.cpu_median
     return row
 
 
