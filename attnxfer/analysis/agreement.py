@@ -9,7 +9,8 @@ import torch
 from ..errors import InputError
 from ..models.attention import MapKind
 from ..models.attention.numerics import row_chunk, row_slices
-from .metrics import grouped_heads, row_kl, row_squared_error
+from ..transfer.row_ce import grouped_mean
+from .metrics import row_kl, row_squared_error
 from .signals import LayerSignals
 
 #: per-row agreement of teacher rows ``p`` with student rows ``a`` over ``n`` keys, by name
@@ -41,7 +42,7 @@ def layer_agreement(
     step = row_chunk(q_t, n, live_tensors=4)
     total, count = 0.0, 0
     for rows in row_slices(0, q_t.shape[-2], step):
-        p = grouped_heads(teacher.map_rows(rows), q_s.shape[1])
+        p = grouped_mean(teacher.map_rows(rows), q_t.shape[1] // q_s.shape[1])
         a = (
             s_attn.attention_map(q_s, k_s, rows)
             if s_attn.map_kind is not MapKind.SOFTMAX

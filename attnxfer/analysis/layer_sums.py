@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.attention.numerics import row_chunk, row_slices
+from ..transfer.row_ce import grouped_mean
 from .geometry import LayerGeometry
 from .metrics import (
     attention_distance,
-    grouped_heads,
     patch_distances,
     pearson,
     renormalise,
@@ -70,10 +70,9 @@ class RowLayout:
             if geometry.kind == "global"
             else None
         )
-        n = queries
-        count = max(1, min(probe_rows, n))
-        probe = {0} | {round(v) for v in torch.linspace(self.prefix, n - 1, max(1, count - 1)).tolist()}
-        self.probe = torch.tensor(sorted(p for p in probe if p < n), device=device)
+        count = max(1, min(probe_rows, queries))
+        probe = {0} | {round(v) for v in torch.linspace(self.prefix, queries - 1, max(1, count - 1)).tolist()}
+        self.probe = torch.tensor(sorted(p for p in probe if p < queries), device=device)
 
     def probe_in(self, rows: slice) -> torch.Tensor:
         inside = self.probe[(self.probe >= rows.start) & (self.probe < rows.stop)]
@@ -171,7 +170,7 @@ def _student_rows(
     if a is None:
         return
     h_a = _side(acc.sums, a, rows, lay)
-    p_bar = p if a.shape[1] == p.shape[1] else grouped_heads(p, a.shape[1])
+    p_bar = grouped_mean(p, p.shape[1] // a.shape[1])  # teacher heads averaged in groups, as the loss does
     h_bar = h_p if p_bar is p else row_entropy(p_bar)
     ap = _compare_rows(acc.sums, p_bar, a, h_bar, h_a, rows, lay, topk)
     # head costs: (teacher heads, student heads) summed JS of every teacher head's probe rows against every

@@ -86,12 +86,6 @@ def finite_mean(values: Sequence[float]) -> float:
     return sum(ok) / len(ok) if ok else math.nan
 
 
-def grouped_heads(p: torch.Tensor, heads: int) -> torch.Tensor:
-    """Teacher rows averaged in contiguous groups down to ``heads`` (the distillation loss's way)."""
-    b, ht, r, n = p.shape
-    return p if ht == heads else p.reshape(b, heads, ht // heads, r, n).mean(2)
-
-
 def patch_distances(
     grid: Sequence[int], patch_size: Sequence[int], device=None, dtype=torch.float32
 ) -> torch.Tensor:

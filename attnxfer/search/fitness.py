@@ -70,7 +70,7 @@ class FitSettings:
 
     steps: int
     lr: float = 1e-2
-    train: str = "new+qk"  # what stage 1 trains (STAGE1_TRAIN): new+qk gives every formula something to fit
+    train: str = "new+qk"  # what stage 1 trains (Stage1Train): new+qk gives every formula something to fit
     warmup_steps: int = 0
     clip_grad: float | None = 1.0
     seed: int = 0  # the candidate's new parameters start from this seed, whichever process fits it

@@ -22,20 +22,13 @@ from .pairing import reduced_keys
 #: the projections a layer's map is made of, as ``project`` takes them ("qk")
 _MAP_CHUNKS = str(Chunks(Signal.MAPS))
 
-#: what stage 1 may train in each efficient layer
-STAGE1_TRAIN = {
-    "new": "the attention's new parameters (no softmax counterpart: feature maps, gains, projections)",
-    "qk": "the attention's q and k projections (qkv rows of q and k, q/k norms)",
-    "new+qk": "both",
-}
-
 
 class Stage1Train(StrEnum):
-    """What stage 1 trains in each efficient layer (`STAGE1_TRAIN` describes each)."""
+    """What stage 1 trains in each efficient layer."""
 
-    NEW = "new"
-    QK = "qk"
-    NEW_QK = "new+qk"
+    NEW = "new"  # the attention's new parameters (no softmax counterpart: feature maps, gains, projections)
+    QK = "qk"  # the attention's q and k projections (qkv rows of q and k, q/k norms)
+    NEW_QK = "new+qk"  # both
 
     @property
     def new(self) -> bool:
@@ -167,8 +160,8 @@ def build_conversion_plan(
 ) -> ConversionPlan:
     """Validate a conversion of ``teacher`` into ``student``; every problem is an InputError saying what to change."""
     check_softmax_teacher(teacher)
-    if stage1_train not in STAGE1_TRAIN:
-        raise InputError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(STAGE1_TRAIN)}")
+    if stage1_train not in list(Stage1Train):
+        raise InputError(f"convert.stage1_train={stage1_train!r}; choose one of {', '.join(Stage1Train)}")
     train = Stage1Train(stage1_train)
     if stage1_steps < 0 or stage1_lr <= 0 or output_mse < 0:
         raise InputError(

@@ -148,63 +148,38 @@ def attention_distillation_loss(
             "the attention_lse path takes the student's log-sum-exp from its attention kernel: pass lse_s "
             "(run the student layer with AttentionIO(return_lse=True))"
         )
+    q_t, k_t = q_t.detach(), k_t.detach()
     with _fp32(q_s.device.type):
-        return _CE_BY_PATH[path](
-            q_t.detach(), k_t.detach(), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s
-        )
-
-
-# Each path evaluates the same loss: (q_t, k_t (detached), q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s)
-# -> Loss (`_ce_loss`), inside the caller's fp32 section.
-
-
-def _rows_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
-    """``rows``: `FusedRowCE`, the CE and its gradient in one pass over cache-sized row chunks."""
-    want = [torch.is_grad_enabled() and t.requires_grad for t in (q_s, k_s)]
-    rows = rows_path_chunk(q_t, k_s.shape[-2], chunk)  # cache-sized on CPU
-    half = half_on_accelerator(q_t, k_t, q_s, k_s)
-    ce, ent = FusedRowCE.apply(q_s, k_s, q_t, k_t, scale_s, scale_t, rows, with_kl, *want, half)
-    return _ce_loss(ce, ce.detach() - ent if with_kl else None)
-
-
-def _materialised(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
-    """``materialised``: both N×N maps, autograd through them (`materialised_ce`)."""
-    return _ce_loss(*materialised_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, with_kl))
-
-
-def _triton_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
-    """``triton``: the fused kernels' per-row CE and entropy (`triton_row_ce`), averaged."""
-    ce_rows, ent_rows = triton_row_ce(
-        q_t, k_t, q_s, k_s, scale_t=scale_t, scale_s=scale_s, with_entropy=with_kl
-    )
-    ce = ce_rows.mean()
-    return _ce_loss(ce, ce.detach() - ent_rows.mean() if with_kl else None)
-
-
-def _sdpa_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, chunk, with_kl, lse_s) -> Loss:
-    """``sdpa`` and ``attention_lse``: CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩, lse_s given or `row_logsumexp`'s."""
-    if not half_on_accelerator(q_t, k_t, q_s, k_s):
-        dtype = compute_dtype(q_s)
-        q_t, k_t, q_s, k_s = (t.to(dtype) for t in (q_t, k_t, q_s, k_s))
-    if lse_s is None:
-        lse_s = row_logsumexp(q_s, k_s, scale_s, chunk)
-    # P̄_t K_s: one more attention, in the inputs' dtype (a bf16 flash kernel on GPU, fp32 elsewhere)
-    pt_ks = _teacher_times(q_t, k_t, k_s, scale_t)
-    dtype = lse_s.dtype
-    ce = (lse_s - scale_s * (q_s.to(dtype) * pt_ks.to(dtype)).sum(-1)).mean()
-    kl = None
-    if with_kl:
-        kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean()
-    return _ce_loss(ce, kl)
-
-
-_CE_BY_PATH = {
-    CEPath.ROWS: _rows_ce,
-    CEPath.SDPA: _sdpa_ce,
-    CEPath.ATTENTION_LSE: _sdpa_ce,
-    CEPath.TRITON: _triton_ce,
-    CEPath.MATERIALISED: _materialised,
-}
+        if (
+            path is CEPath.ROWS
+        ):  # `FusedRowCE`: the CE and its gradient in one pass over cache-sized row chunks
+            want = [torch.is_grad_enabled() and t.requires_grad for t in (q_s, k_s)]
+            rows = rows_path_chunk(q_t, k_s.shape[-2], chunk)  # cache-sized on CPU
+            half = half_on_accelerator(q_t, k_t, q_s, k_s)
+            ce, ent = FusedRowCE.apply(q_s, k_s, q_t, k_t, scale_s, scale_t, rows, with_kl, *want, half)
+            return _ce_loss(ce, ce.detach() - ent if with_kl else None)
+        if path is CEPath.MATERIALISED:  # both N×N maps, autograd through them
+            return _ce_loss(*materialised_ce(q_t, k_t, q_s, k_s, scale_t, scale_s, with_kl))
+        if path is CEPath.TRITON:  # the fused kernels' per-row CE and entropy, averaged
+            ce_rows, ent_rows = triton_row_ce(
+                q_t, k_t, q_s, k_s, scale_t=scale_t, scale_s=scale_s, with_entropy=with_kl
+            )
+            ce = ce_rows.mean()
+            return _ce_loss(ce, ce.detach() - ent_rows.mean() if with_kl else None)
+        # sdpa and attention_lse: CE_i = lse_s,i − s·⟨q_s,i, (P̄_t K_s)_i⟩, lse_s given or `row_logsumexp`'s
+        if not half_on_accelerator(q_t, k_t, q_s, k_s):
+            dtype = compute_dtype(q_s)
+            q_t, k_t, q_s, k_s = (t.to(dtype) for t in (q_t, k_t, q_s, k_s))
+        if lse_s is None:
+            lse_s = row_logsumexp(q_s, k_s, scale_s, chunk)
+        # P̄_t K_s: one more attention, in the inputs' dtype (a bf16 flash kernel on GPU, fp32 elsewhere)
+        pt_ks = _teacher_times(q_t, k_t, k_s, scale_t)
+        dtype = lse_s.dtype
+        ce = (lse_s - scale_s * (q_s.to(dtype) * pt_ks.to(dtype)).sum(-1)).mean()
+        kl = None
+        if with_kl:
+            kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean()
+        return _ce_loss(ce, kl)
 
 
 def biased_attention_ce(

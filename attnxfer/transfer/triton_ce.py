@@ -17,7 +17,6 @@ imported lazily (macOS and CPU-only torch have none). `compile_for_arch` compile
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import math
 import os
@@ -73,21 +72,16 @@ def check_triton_runs(device: torch.device | str) -> None:
     triton_backend(device)
 
 
-@functools.cache
-def _kernels() -> ModuleType:
-    """The kernel module, imported on first use (triton may be absent: see `_require_triton`)."""
-    _require_triton()
-    return importlib.import_module("attnxfer.transfer._triton_ce_kernels")
-
-
 def _kernels_for(backend: TritonBackend) -> ModuleType:
-    """The kernels, checked to run as ``backend`` says: ``triton.jit`` reads ``TRITON_INTERPRET`` when it
-    decorates (triton's own library at import), so a process that changed it later gets this error rather
-    than Triton's "Cannot call @triton.jit'd outside of the scope of a kernel"."""
+    """The kernel module, imported on first use (triton may be absent), checked to run as ``backend`` says:
+    ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates (triton's own library at import), so a process
+    that changed it later gets this error rather than Triton's "Cannot call @triton.jit'd outside of the scope
+    of a kernel"."""
+    _require_triton()
     import triton.language.standard as standard
     from triton.runtime.interpreter import InterpretedFunction
 
-    kern = _kernels()
+    kern = importlib.import_module("attnxfer.transfer._triton_ce_kernels")
     modes = {
         "this module's kernels": isinstance(kern._ce_fwd, InterpretedFunction),
         "triton's own library": isinstance(standard.zeros, InterpretedFunction),
@@ -125,11 +119,6 @@ def _pow2(n: int, least: int = 1) -> int:
     return max(least, 1 << (n - 1).bit_length())
 
 
-def _precision(t: torch.Tensor) -> str:
-    """``tl.dot``'s precision for fp32 operands: IEEE (the oracle's), or TF32 where torch allows it."""
-    return "tf32" if t.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-
-
 class _Call:
     """Shapes, launch constants and the kernel module of one loss evaluation (forward and backward)."""
 
@@ -147,7 +136,8 @@ class _Call:
             H_S=self.H_s,
             G=self.g,
             G_PAD=_pow2(self.g),
-            PREC=_precision(q_s),
+            # ``tl.dot``'s precision for fp32 operands: IEEE (the oracle's), or TF32 where torch allows it
+            PREC="tf32" if q_s.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee",
             UPCAST=backend is TritonBackend.INTERPRETED and torch.bfloat16 in (q_s.dtype, q_t.dtype),
             BLOCK_M=self.block_m,
             BLOCK_N=self.block_n,
@@ -320,7 +310,6 @@ def compile_for_arch(
     compiled (not run) for CUDA capability ``arch`` without a GPU: how the CPU tests check the compiled form,
     which the interpreter never exercises. Uses triton 3.x's launch-time specialisation internals."""
     _check(q_t, k_t, q_s, k_s)
-    _require_triton()
     scale_t, scale_s = q_t.shape[-1] ** -0.5, q_s.shape[-1] ** -0.5
     blocks = _launch(TritonBackend.COMPILED, q_s.dtype, block_m, block_n)
     call = _Compile(q_s, q_t, scale_s, scale_t, TritonBackend.COMPILED, blocks, arch=arch)
