@@ -180,16 +180,15 @@ class _Comparison:
         """On the first batch: the teacher's tokens (every student's must match) and row positions."""
         self.layout = token_layout(self.teacher, x.shape[-2:])
         self.positions = row_positions(self.teacher, x[:1])
-        t_layout = self.layout
         show = lambda lay: (
             f"{lay['prefix']} prefix + {'x'.join(map(str, lay['grid'])) or '?'} grid of "
             f"{'x'.join(map(str, lay['patch'])) or '?'} px patches"
         )
         for name, s in self.subjects.items():
             s_layout = token_layout(s.model, x.shape[-2:])
-            if s_layout != t_layout:
+            if s_layout != self.layout:
                 raise NotInspectable(
-                    f"{name}: its tokens ({show(s_layout)}) differ from the teacher's ({show(t_layout)}): maps "
+                    f"{name}: its tokens ({show(s_layout)}) differ from the teacher's ({show(self.layout)}): maps "
                     "can only be compared token for token; build both for the same input size and patch size"
                 )
 

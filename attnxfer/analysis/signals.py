@@ -127,9 +127,8 @@ def layer_qk(
         # a captured bias comes as `BiasRows`: kept so, the maps take it a row chunk at a time
         bias = io.bias if io.q is not None and io.k is not None else io.captured.get("bias")
         mask = masks.get(i)
-        if (
-            mask is not None and mask.dtype == torch.bool
-        ):  # timm's attn_mask (True = attend) as an additive term
+        # timm's attn_mask (True = attend) as an additive term
+        if mask is not None and mask.dtype == torch.bool:
             mask_dtype = q.dtype if q.is_floating_point() else torch.float32
             mask = torch.zeros(mask.shape, dtype=mask_dtype, device=mask.device).masked_fill(
                 ~mask, float("-inf")

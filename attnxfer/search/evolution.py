@@ -108,15 +108,8 @@ def precheck(text: str, head_dim: int, grid: tuple[int, int] | None) -> tuple[st
 
 
 def _record(name: str, generation: int, origin: str, parents: Sequence[str], reason: str | None) -> dict:
-    rec: dict[str, Any] = {
-        "formula": name,
-        "generation": generation,
-        "origin": origin,
-        "parents": list(parents),
-    }
-    if reason is not None:
-        rec.update(status="rejected", reason=reason)
-    return rec
+    rec = {"formula": name, "generation": generation, "origin": origin, "parents": list(parents)}
+    return rec if reason is None else {**rec, "status": "rejected", "reason": reason}
 
 
 def _propose(state: SearchState, settings: SearchSettings, generation: int, rng: random.Random) -> list[dict]:

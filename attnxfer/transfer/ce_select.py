@@ -193,7 +193,9 @@ def candidate_paths(
             need = materialised_bytes(shapes.batch, shapes.tokens, *heads, shapes.layers)
             need = need * shapes.keys // shapes.tokens  # the maps are N_q x N_k
             if need > budget_bytes:
-                unavailable[str(path)] = f"maps need {_gib(need)}, budget {_gib(budget_bytes)}"
+                unavailable[str(path)] = (
+                    f"maps need {need / 2**30:.3g} GiB, budget {budget_bytes / 2**30:.3g} GiB"
+                )
                 continue
         why = _not_square(shapes) if path is CEPath.TRITON else ""
         if not named and path is CEPath.TRITON and shapes.teacher_heads != shapes.student_heads:
@@ -218,13 +220,12 @@ def _not_square(shapes: LayerShapes) -> str:
 
 def check_forced(path: CEPath | str, device: torch.device | str, shapes: LayerShapes) -> None:
     """A `CEPathUnavailable` saying why a forced path cannot run here, before the first step."""
-    path = CEPath(path)
-    if path is not CEPath.TRITON:
+    if CEPath(path) is not CEPath.TRITON:
         return
     try:
         check_triton_runs(device)
-        if _not_square(shapes):
-            raise CEPathUnavailable(f"the triton CE path {_not_square(shapes)}")
+        if why := _not_square(shapes):
+            raise CEPathUnavailable(f"the triton CE path {why}")
     except CEPathUnavailable as e:
         raise CEPathUnavailable(f"transfer.ce_path=triton cannot run here: {e}") from None
 
@@ -236,10 +237,6 @@ def _cannot_run() -> tuple[type[BaseException], ...]:
     if errors is not None and hasattr(errors, "OutOfResources"):
         kinds.append(errors.OutOfResources)
     return tuple(kinds)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB"
 
 
 def _layer_step(
@@ -281,11 +278,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _reason(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
-
-
 def measure_ce_paths(
     shapes: LayerShapes,
     device: torch.device | str,
@@ -314,7 +306,8 @@ def measure_ce_paths(
             _sync(device)
             return time.perf_counter() - t0
         except _cannot_run() as err:
-            skipped[str(path)] = _reason(err)
+            first = (str(err).strip().splitlines() or [""])[0]
+            skipped[str(path)] = f"{type(err).__name__}: {first}"[:300]
             say(f"ce_path auto: skipping {path}, it cannot run here: {skipped[str(path)]}")
             steps.pop(path, None)
             times.pop(path, None)

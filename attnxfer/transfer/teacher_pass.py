@@ -52,14 +52,9 @@ class TeacherNeeds:
     def union(self, *others: TeacherNeeds) -> TeacherNeeds:
         """What a pass must give for this step and ``others`` alike (an early stop only where all allow one)."""
         every = (self, *others)
-        layers: dict[int, set[Signal]] = {}
-        for needs in every:
-            for t, chunks in needs.layers.items():
-                layers.setdefault(t, set()).update(chunks)
+        layers = {t: Chunks({c for n in every for c in n.layers.get(t, ())}) for n in every for t in n.layers}
         signals = frozenset().union(*(n.signals for n in every))
-        return TeacherNeeds(
-            {t: Chunks(c) for t, c in layers.items()}, signals, all(n.may_stop for n in every)
-        )
+        return TeacherNeeds(layers, signals, all(n.may_stop for n in every))
 
     def missing(self, given: TeacherNeeds) -> list[str]:
         """What these needs want that a pass run for ``given`` does not hand over, in words."""

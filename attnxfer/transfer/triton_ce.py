@@ -103,10 +103,7 @@ def _launch(
     """Compiled, 4 warps, 2 stages: bf16/fp16 64×64 (no register spills on sm_90 with head dims up to 128,
     g ≤ 2; 128×64 spills), fp32 32×32 (64×64 spills tens of KiB per thread), by `benchmarks/ce_loss.py
     --kernels`. Interpreted: 16×16, ``tl.dot``'s least, so the CPU tests walk several blocks at small N."""
-    if backend is TritonBackend.INTERPRETED:
-        default = 16
-    else:
-        default = 32 if dtype == torch.float32 else 64
+    default = 16 if backend is TritonBackend.INTERPRETED else 32 if dtype == torch.float32 else 64
     bm, bn = block_m or default, block_n or default
     for name, value in (("block_m", bm), ("block_n", bn)):
         if value < 16 or value & (value - 1):
