@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_name_of, stage_of
 from ..transfer.plan import map_layers
-from .geometry import LayerGeometry, layer_geometry
+from .geometry import layer_geometry
 from .knn import evaluating
 from .layer_sums import LayerWork, RowLayout, StudentSums, TeacherSums, walk_layer
 from .layout import NotInspectable, inspectable_layers, token_layout
@@ -220,21 +220,15 @@ class _Comparison:
                 )
         if acc.geometry is None:
             acc.geometry = layer_geometry(t_sig[j], x.shape[0], self.layout)
-        cells = self._cells(j, t_sig[j], x, acc.geometry)
+        # a windowed or reduced layer's rows and keys on the image (`cell_distances`), where known
+        pos, cells = self.positions[j], None
+        if pos is not None and acc.geometry.kind != "global" and pos.matches(t_sig[j], x.shape[0]):
+            cells = cell_distances(pos, tuple(x.shape[-2:]))
         lay = RowLayout(acc.geometry, t_sig[j].q.shape[-2], self.settings.probe_rows, self.device, cells)
         acc.probe_rows = int(lay.probe.numel())
         students = [(s_sig[n][i], self.s_acc[n][i]) for n, i in mine]
         work = LayerWork(t_sig[j], f_sig[j] if f_sig is not None else None, lay, students)
         walk_layer(work, acc, self.settings.topk, self.settings.chunk)
-
-    def _cells(
-        self, j: int, sig: LayerSignals, x: torch.Tensor, geometry: LayerGeometry
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A windowed or reduced layer's rows and keys on the image (`cell_distances`), where known."""
-        pos = self.positions[j]
-        if pos is None or geometry.kind == "global" or not pos.matches(sig, x.shape[0]):
-            return None
-        return cell_distances(pos, tuple(x.shape[-2:]))
 
     def inspection(self) -> Inspection:
         """The sums as per-head means, layer means and head assignments."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..models.attention.bias_rows import BiasRows
 from ..models.attention.numerics import compute_dtype, matmul_fp32, row_chunk as _auto_chunk, row_slices
 
 
@@ -134,9 +133,22 @@ class FusedBiasedRowCE(FusedRowCE):
         M = ks.shape[-2]
         qs3, ks3 = qs.view(B * H, N, -1), ks.view(B * H, M, -1)  # contiguous: views for the gradient GEMMs
         bias_grads = _BiasInputGrads(b_inputs, dtype)
-        logits = _BiasedLogits(qs, ks, qt, kt, b_s, b_t, key_bias, bias_grads.leaves)
+        ks_T, kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
         for rows in row_slices(0, N, chunk):
-            z_s, z_t, bs_rows = logits.rows(rows)
+            # both maps' logits z = s·q kᵀ + B, padded keys at fp32's lowest; the student's bias rows gathered
+            # from the leaves with autograd on, so that this chunk's gather alone is differentiated
+            z_s = qs[..., rows, :] @ ks_T
+            bs_rows = None
+            if b_s is not None:
+                with torch.enable_grad():
+                    bs_rows = b_s.rows_fn(rows, *bias_grads.leaves)
+                z_s += bs_rows.detach().to(dtype)
+            z_t = qt[..., rows, :] @ kt_T
+            if b_t is not None:
+                z_t += b_t.rows(rows).to(dtype)
+            if key_bias is not None:
+                z_s += key_bias
+                z_t += key_bias
             w = row_w[:, :, rows] if key_bias is not None else None  # padded rows: not counted
             p_t = grouped_mean(torch.softmax(z_t, dim=-1), groups)
             log_p_s = torch.log_softmax(z_s, dim=-1)
@@ -165,32 +177,6 @@ class FusedBiasedRowCE(FusedRowCE):
         ctx.constants = 11
         ctx.mark_non_differentiable(ent)
         return (ce / n).to(dtype), (ent / n).to(dtype)
-
-
-class _BiasedLogits:
-    """A chunk of query rows' logits of both maps, z = s·q kᵀ + B, padded keys at fp32's lowest; the student's
-    bias rows gathered from ``leaves`` with autograd on, so that chunk's gather alone is differentiated."""
-
-    def __init__(self, qs, ks, qt, kt, b_s: BiasRows | None, b_t: BiasRows | None, key_bias, leaves) -> None:
-        self.qs, self.qt, self.dtype = qs, qt, qs.dtype
-        self.ks_T, self.kt_T = ks.transpose(-2, -1), kt.transpose(-2, -1)
-        self.b_s, self.b_t, self.key_bias, self.leaves = b_s, b_t, key_bias, leaves
-
-    def rows(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(student logits, teacher logits, the student's bias rows with their graph, or None)."""
-        z_s = self.qs[..., rows, :] @ self.ks_T
-        bs_rows = None
-        if self.b_s is not None:
-            with torch.enable_grad():
-                bs_rows = self.b_s.rows_fn(rows, *self.leaves)
-            z_s += bs_rows.detach().to(self.dtype)
-        z_t = self.qt[..., rows, :] @ self.kt_T
-        if self.b_t is not None:
-            z_t += self.b_t.rows(rows).to(self.dtype)
-        if self.key_bias is not None:
-            z_s += self.key_bias
-            z_t += self.key_bias
-        return z_s, z_t, bs_rows
 
 
 class _BiasInputGrads:
