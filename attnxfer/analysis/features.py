@@ -80,23 +80,6 @@ class FeatureAgreement:
 
 
 @torch.no_grad()
-def batch_feature_sums(
-    student: nn.Module, teacher: nn.Module, x: torch.Tensor, autocast: Autocast = nullcontext
-) -> torch.Tensor:
-    """`feature_sums` of one batch: each model's own ``forward_features``, compared in float64."""
-    with autocast():
-        s = final_tokens(student.forward_features(x), student)
-        t = final_tokens(teacher.forward_features(x.to(param_dtype(teacher))), teacher)
-    prefix = num_prefix_tokens(teacher)
-    if num_prefix_tokens(student) != prefix:
-        raise ValueError(
-            f"the student has {num_prefix_tokens(student)} prefix tokens, the teacher {prefix}: feature "
-            "agreement compares a student with the teacher whose tokens it mirrors"
-        )
-    return feature_sums(s.float(), t.float(), prefix)
-
-
-@torch.no_grad()
 def feature_agreement(
     student: nn.Module,
     teacher: nn.Module,
@@ -106,11 +89,20 @@ def feature_agreement(
 ) -> FeatureAgreement:
     """Final-feature agreement over batches of ``images`` (eval mode, restored after); ``reduce`` sums the
     `feature_sums` over the ranks of a process group before they become means."""
+    prefix = num_prefix_tokens(teacher)
+    if num_prefix_tokens(student) != prefix:
+        raise ValueError(
+            f"the student has {num_prefix_tokens(student)} prefix tokens, the teacher {prefix}: feature "
+            "agreement compares a student with the teacher whose tokens it mirrors"
+        )
     device = next(student.parameters()).device
     total = torch.zeros(len(TOKEN_GROUPS), _COLUMNS, dtype=torch.float64, device=device)
     with evaluating(student, teacher):
-        for x in images:
-            total += batch_feature_sums(student, teacher, x, autocast)
+        for x in images:  # each model's own ``forward_features``, compared in float64
+            with autocast():
+                s = final_tokens(student.forward_features(x), student)
+                t = final_tokens(teacher.forward_features(x.to(param_dtype(teacher))), teacher)
+            total += feature_sums(s.float(), t.float(), prefix)
     if reduce is not None:
         total = reduce(total)
     return FeatureAgreement.from_sums(total.cpu())

@@ -245,12 +245,6 @@ DEFAULT_MAP_LOSS: dict[MapKind, MapLoss] = {
     MapKind.SIGNED: MapLoss.MSE,
     MapKind.NONE: MapLoss.OUTPUT,
 }
-#: loss -> the map kinds it applies to (``output`` compares attention outputs, so it applies to every kind)
-MAP_LOSSES: dict[MapLoss, tuple[MapKind, ...]] = {
-    loss: tuple(kind for kind in MapKind if (kind, loss) in MAP_LOSS_RULES or loss is MapLoss.OUTPUT)
-    for loss in MapLoss
-    if loss is not MapLoss.AUTO
-}
 
 
 def default_map_loss(kind: MapKind | str) -> MapLoss:
@@ -268,8 +262,9 @@ def check_map_loss(loss: MapLoss | str, kind: MapKind | str, where: str = "") ->
         ) from None
     if loss is MapLoss.AUTO:
         return default_map_loss(kind)
-    if kind not in MAP_LOSSES[loss]:
-        fits = [name.value for name, kinds in MAP_LOSSES.items() if kind in kinds]
+    # a loss applies where the table has it (``output`` compares attention outputs: it applies to every kind)
+    if (kind, loss) not in MAP_LOSS_RULES and loss is not MapLoss.OUTPUT:
+        fits = [m.value for m in MapLoss if (kind, m) in MAP_LOSS_RULES or m is MapLoss.OUTPUT]
         why = {
             MapKind.SIGNED: "its map has negative entries, so log A is undefined",
             MapKind.NONE: "it has no attention map",
