@@ -144,8 +144,8 @@ class KnnComparison:
     def from_counts(
         cls, counts: Sequence[int] | torch.Tensor, k: int, temperature: float, teacher: bool = True
     ):
-        both, t_only, s_only, neither = (int(c) for c in counts)
-        return cls(both, t_only, s_only, neither, k, temperature, teacher)
+        # counts: both right, only the teacher, only the student, neither
+        return cls(*(int(c) for c in counts), k, temperature, teacher)
 
     @property
     def count(self) -> int:

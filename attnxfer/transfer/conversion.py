@@ -186,13 +186,12 @@ def build_conversion_plan(
             )
         name, kind = attention_name_of(attn), attn.map_kind
         reduced = reduced_keys(teacher_layers[i][1])
-        # softmax over the teacher's keys, or reducing them as the teacher does (its own attention class)
-        if kind is MapKind.SOFTMAX and (
-            reduced is None or attn.token_partition() == teacher_layers[i][1].token_partition()
-        ):
-            layers.append(LayerConversion(i, name, kind, None))
-            continue
-        if getattr(attn, "attention_free", False):  # `none`: no attention branch, nothing to fit
+        # nothing to fit: softmax over the teacher's keys, or reducing them as the teacher does (its own
+        # attention class), or `none` (no attention branch)
+        if (
+            kind is MapKind.SOFTMAX
+            and (reduced is None or attn.token_partition() == teacher_layers[i][1].token_partition())
+        ) or getattr(attn, "attention_free", False):
             layers.append(LayerConversion(i, name, kind, None))
             continue
         loss = check_map_loss(map_loss, kind, where=f"convert.map_loss for block {i} ({name}): ")

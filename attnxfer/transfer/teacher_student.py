@@ -179,10 +179,8 @@ class TeacherStudent(nn.Module):
     ) -> TransferOutput:
         """``x``: images, or a NaFlexViT batch (padded tokens are left out of the maps' CE). ``handover``: the
         teacher's pass on ``x`` run for this pair and others; the result is the same given or not."""
-        if not self.training and not self.plan.mode.teacher_at_eval:
-            return TransferOutput(self.student(x))
         needs = self.teacher_needs()
-        if needs.empty:
+        if needs.empty:  # at eval too, unless the mode needs the teacher at inference
             return TransferOutput(self.student(x))
         if handover is not None:
             if self.owns_teacher_pass:
@@ -192,13 +190,9 @@ class TeacherStudent(nn.Module):
                 )
             handover.check(self.teacher, needs, batch_size(x), self._teacher_dtype(_device(x)))
             return self._student_pass(x, handover)
-        share = self.plan.share_drop_path and self.training
-        drop = (
-            _shared_drop_path(self._drop_path_pairs(needs.last_layer), batch_size(x), _device(x))
-            if share
-            else contextlib.nullcontext()
-        )
-        with drop:
+        if not (self.plan.share_drop_path and self.training):
+            return self._student_pass(x, self.teacher_pass(x, needs))
+        with _shared_drop_path(self._drop_path_pairs(needs.last_layer), batch_size(x), _device(x)):
             return self._student_pass(x, self.teacher_pass(x, needs))
 
     def _drop_path_pairs(self, last: int) -> list[tuple[nn.Module, nn.Module]]:
