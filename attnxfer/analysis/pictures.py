@@ -4,6 +4,7 @@ by its arguments (inches × `DPI`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -52,15 +53,14 @@ def _overlay(ax, image: np.ndarray, attention: np.ndarray | None) -> None:
 
 def _cell(image: np.ndarray, attention: torch.Tensor | None, size: int) -> np.ndarray:
     """One (size, size, 3) panel: the image in grey, the attention (scaled to its max) blended over it."""
+    resize = functools.partial(F.interpolate, size=(size, size), mode="bilinear", align_corners=False)
     img = torch.from_numpy(np.ascontiguousarray(image)).float()
     img = img.mean(-1) if img.dim() == 3 else img
-    grey = F.interpolate(img[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    grey = resize(img[None, None])[0, 0]
     base = grey.clamp(0, 1).numpy()[..., None].repeat(3, -1)
     if attention is None:
         return 0.3 * base
-    a = F.interpolate(attention.float()[None, None], size=(size, size), mode="bilinear", align_corners=False)[
-        0, 0
-    ]
+    a = resize(attention.float()[None, None])[0, 0]
     a = (a / a.max().clamp_min(1e-12)).clamp(0, 1).numpy()
     return 0.35 * base + 0.65 * colormaps["inferno"](a)[..., :3]
 

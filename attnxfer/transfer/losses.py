@@ -102,14 +102,12 @@ def teacher_entropy(
     scale_t = q_t.shape[-1] ** -0.5 if scale_t is None else scale_t
     with _fp32(q_t.device.type):
         q_t, k_t = q_t.float(), k_t.float()
-        heads = q_t.shape[1]
-        student_heads = heads if student_heads is None else student_heads
-        if student_heads == heads:
+        if student_heads in (None, q_t.shape[1]):
             # H_i = lse_i − s⟨q_i, (P K)_i⟩: no map needed.
             lse = row_logsumexp(q_t, k_t, scale_t, chunk)
             pk = F.scaled_dot_product_attention(q_t, k_t, k_t, scale=scale_t)
             return lse - scale_t * (q_t * pk).sum(-1)
-        groups = heads // student_heads
+        groups = q_t.shape[1] // student_heads
         step = _auto_chunk(q_t, k_t.shape[-2], chunk)
         B, _, N, _ = q_t.shape
         out = q_t.new_empty(B, student_heads, N)
