@@ -129,11 +129,8 @@ def head_assignment(cost: np.ndarray | torch.Tensor) -> dict:
         raise ValueError(f"head assignment needs a (teacher heads, student heads) matrix, got {cost.shape}")
     ht, hs = cost.shape
     rows, cols = linear_sum_assignment(cost)
-    if ht == hs:
-        identity = float(np.mean(np.diag(cost)))
-    elif ht % hs == 0:
-        g = ht // hs
-        identity = float(np.mean([cost[a, a // g] for a in range(ht)]))
+    if ht % hs == 0:  # head groups of g = ht / hs (g = 1: the diagonal)
+        identity = float(np.mean([cost[a, a // (ht // hs)] for a in range(ht)]))
     else:
         identity = math.nan
     nearest = cost.argmin(1)

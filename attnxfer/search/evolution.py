@@ -180,9 +180,8 @@ def run_search(
             p.update(result)
         for p in proposals:
             state.candidates[p["formula"]] = p
-        pool = list(
-            dict.fromkeys(state.population + [p["formula"] for p in proposals if p["status"] == "ok"])
-        )
+        ok = [p for p in proposals if p["status"] == "ok"]
+        pool = list(dict.fromkeys(state.population + [p["formula"] for p in ok]))
         if not pool:
             raise RuntimeError(
                 f"generation {generation}: every candidate was rejected ({len(proposals)}); see the reasons in "
@@ -191,7 +190,6 @@ def run_search(
         keep = select_survivors([objectives(state.candidates[n]) for n in pool], settings.population)
         state.population = [pool[i] for i in keep]
         state.generation = generation
-        ok = [p for p in proposals if p["status"] == "ok"]
         best = min(state.population, key=lambda n: state.candidates[n]["kl"])
         say(
             f"generation {generation}: {len(proposals)} new ({len(ok)} fitted, {len(proposals) - len(ok)} "

@@ -227,10 +227,7 @@ class CandidateEvaluator:
 
     def __call__(self, attention: str) -> dict[str, Any]:
         try:
-            record: dict[str, Any] = {
-                "status": "ok",
-                **fit_candidate(self.teacher, attention, self.cache, self.fit),
-            }
+            fitted = fit_candidate(self.teacher, attention, self.cache, self.fit)
         except (ValueError, NonFiniteLossError) as e:
             return {"status": "rejected", "reason": f"at fit time: {e}"}
         measured = layer_speed(
@@ -238,5 +235,10 @@ class CandidateEvaluator:
         )
         if self.speed.mode == "flops":
             self._softmax_flops[self.speed.tokens] = measured["softmax_flops"]
-        record.update(measured, speed_mode=self.speed.mode, tokens=self.speed.tokens)
-        return record
+        return {
+            "status": "ok",
+            **fitted,
+            **measured,
+            "speed_mode": self.speed.mode,
+            "tokens": self.speed.tokens,
+        }
