@@ -38,9 +38,8 @@ def input_size(model: nn.Module) -> tuple[tuple[int, int], int]:
     """((height, width), channels) of the images ``model`` takes: its stem's, else its pretrained config's."""
     stem = _stem(model)
     cfg = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
-    size = as_pair(getattr(stem, "img_size", None) or getattr(stem, "default_img_size", None)) or as_pair(
-        cfg[1:]
-    )
+    stem_size = getattr(stem, "img_size", None) or getattr(stem, "default_img_size", None)
+    size = as_pair(stem_size) or as_pair(cfg[1:])
     proj = getattr(stem, "proj", None)
     chans = getattr(stem, "in_chans", None) or getattr(proj, "in_channels", None) or cfg[0]
     return size, int(chans)
