@@ -123,9 +123,8 @@ def compare_attention(
     if not subjects:
         raise InputError("compare_attention needs at least one student")
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
-    models = [teacher, *(s.model for s in subjects.values())]
     bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
-    with evaluating(*models), contextlib.closing(bar):
+    with evaluating(teacher, *(s.model for s in subjects.values())), contextlib.closing(bar):
         for x in batches:
             x = x.to(comparison.device)
             if not x.shape[0]:

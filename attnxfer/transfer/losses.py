@@ -174,9 +174,7 @@ def attention_distillation_loss(
         pt_ks = _teacher_times(q_t, k_t, k_s, scale_t)
         dtype = lse_s.dtype
         ce = (lse_s - scale_s * (q_s.to(dtype) * pt_ks.to(dtype)).sum(-1)).mean()
-        kl = None
-        if with_kl:
-            kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean()
+        kl = ce.detach() - teacher_entropy(q_t, k_t, q_s.shape[1], scale_t, chunk).mean() if with_kl else None
         return _ce_loss(ce, kl)
 
 
