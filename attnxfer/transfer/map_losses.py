@@ -128,28 +128,6 @@ def _mse_chunk(attn, q_s, k_s, teacher: LayerLogits, start: int, stop: int):
     return diff.pow(2).sum(), diff.new_zeros(())
 
 
-def _check_equal_shapes(student: LayerLogits, teacher: LayerLogits) -> None:
-    q_s, k_s, q_t, k_t, pooling = student.q, student.k, teacher.q, teacher.k, teacher.key_pooling
-    if pooling is not None:
-        if q_s.shape[:3] != q_t.shape[:3]:
-            raise InputError(
-                f"teacher and student queries differ: {tuple(q_t.shape)} vs {tuple(q_s.shape)}; the "
-                "student needs the teacher's heads and query tokens"
-            )
-        if k_s.shape[-2] != pooling.num_tokens or k_t.shape[-2] != pooling.num_keys:
-            raise InputError(
-                f"the teacher's {k_t.shape[-2]} keys are a pooling of a {pooling.grid[0]}x{pooling.grid[1]} "
-                f"grid into {pooling.num_keys}, but the student has {k_s.shape[-2]} keys and the teacher "
-                f"{k_t.shape[-2]}"
-            )
-        return
-    if q_s.shape[:3] != q_t.shape[:3] or k_s.shape[-2] != k_t.shape[-2]:
-        raise InputError(
-            f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
-            "the student needs the teacher's heads and tokens"
-        )
-
-
 def _summed_chunks(fn, attn, q_s, k_s, teacher: LayerLogits, step: int):
     """``fn``'s (loss sum, entropy sum) over row chunks, each checkpointed under autograd (rebuilt in backward)."""
     N = q_s.shape[2]
@@ -178,18 +156,34 @@ def _implicit_loss(
             "padded batches (a padding mask over their patches) are distilled into softmax students only: the "
             "implicit-map loss has no padding mask; batch images of one size, or use a softmax student"
         )
-    _check_equal_shapes(student, teacher)
+    q_s, k_s, q_t, k_t, pooling = student.q, student.k, teacher.q, teacher.k, teacher.key_pooling
+    if pooling is not None:
+        if q_s.shape[:3] != q_t.shape[:3]:
+            raise InputError(
+                f"teacher and student queries differ: {tuple(q_t.shape)} vs {tuple(q_s.shape)}; the "
+                "student needs the teacher's heads and query tokens"
+            )
+        if k_s.shape[-2] != pooling.num_tokens or k_t.shape[-2] != pooling.num_keys:
+            raise InputError(
+                f"the teacher's {k_t.shape[-2]} keys are a pooling of a {pooling.grid[0]}x{pooling.grid[1]} "
+                f"grid into {pooling.num_keys}, but the student has {k_s.shape[-2]} keys and the teacher "
+                f"{k_t.shape[-2]}"
+            )
+    elif q_s.shape[:3] != q_t.shape[:3] or k_s.shape[-2] != k_t.shape[-2]:
+        raise InputError(
+            f"teacher and student attention shapes differ: q {tuple(q_t.shape)} vs {tuple(q_s.shape)}; "
+            "the student needs the teacher's heads and tokens"
+        )
     fn = _ce_chunk if loss is MapLoss.CE else _mse_chunk
-    q_s, k_s = student.q, student.k
     B, H, N, _ = q_s.shape
-    compared = teacher.k.shape[-2]  # the teacher's keys: a row's entries the loss compares
+    compared = k_t.shape[-2]  # the teacher's keys: a row's entries the loss compares
     # a chunk keeps a few (B, H, rows, M) tensors alive: student rows, teacher rows, their product
     step = row_chunk(q_s, k_s.shape[-2], chunk, live_tensors=4)
     with fp32_section(q_s.device.type):
         teacher = replace(
             teacher,
-            q=teacher.q.detach().float(),
-            k=teacher.k.detach().float(),
+            q=q_t.detach().float(),
+            k=k_t.detach().float(),
             bias=teacher.bias.detach() if teacher.bias is not None else None,
         )
         total, entropy = _summed_chunks(fn, attn, q_s.float(), k_s.float(), teacher, step)
