@@ -18,7 +18,6 @@ from ..attention.interface import MapKind
 from ..attention.numerics import (
     PrecisionPolicy,
     compute_dtype,
-    in_compute_dtype,
     matmul_fp32,
     matmul_split,
     sum_fp32,
@@ -107,9 +106,8 @@ def head_groups(
 ) -> list[tuple[slice, slice]]:
     """(batch slice, head slice) groups covering batch x heads in order, each up to ``budget`` // ``per_head``
     pairs, or one pair when a pair fills an eighth of ``budget``: its features then stay in cache between
-    passes (inference only; measured faster from 4097 tokens on)."""
-    # One pair per group once a pair alone fills an eighth of the budget: its features then stay in cache
-    # between the passes, and the read-out takes the single-pair path of `linear_readout`.
+    passes and the read-out takes `linear_readout`'s single-pair path (inference only; measured faster from
+    4097 tokens on)."""
     pairs = budget // per_head if 8 * per_head < budget else 1
     if pairs >= batch * heads:
         return [(ALL_HEADS, ALL_HEADS)]
@@ -386,11 +384,7 @@ class FeatureMapKind:
     build: Callable[..., tuple[nn.Module, nn.Module]]
     learned: bool
     #: (tokens, head dim, feature dim or None) -> (operations of the q and k features, their width)
-    counts: Callable[[int, int, int | None], tuple[OpCounts, int]] | None = None
-    #: True: evaluated on bf16 inputs in bf16 (accurate to the last rounding); False: evaluated in fp32 and
-    #: rounded once (`evaluate_features`). Learned maps handle their own dtypes (Hedgehog: bf16 projection
-    #: operands, fp32 softmax).
-    bf16_evaluation: bool = False
+    counts: Callable[[int, int, int | None], tuple[OpCounts, int]]
 
 
 def _shared(module: type[nn.Module]) -> Callable[..., tuple[nn.Module, nn.Module]]:
@@ -423,10 +417,8 @@ def _hedgehog_counts(n: int, d: int, m: int | None = None) -> tuple[OpCounts, in
 
 #: The feature maps an attention can name (e.g. the window+linear hybrid's ``kernel`` option).
 FEATURE_MAPS: dict[str, FeatureMapKind] = {
-    # relu(x) of a bf16 value is exact; + eps rounds at most 2^-9 relative.
-    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False, counts=_relu_counts, bf16_evaluation=True),
-    # the d^-1/4 scaling before elu, rounded to bf16, would move e^x by |x| 2^-9 (`ELUFeatures`).
-    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False, counts=_elu_counts, bf16_evaluation=False),
+    "relu": FeatureMapKind(_shared(ReLUFeatures), learned=False, counts=_relu_counts),
+    "elu": FeatureMapKind(_shared(ELUFeatures), learned=False, counts=_elu_counts),
     "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True, counts=_hedgehog_counts),
 }
 
@@ -435,11 +427,6 @@ def feature_map_kind(name: str) -> FeatureMapKind:
     if name not in FEATURE_MAPS:
         raise InputError(f"unknown feature map {name!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}")
     return FEATURE_MAPS[name]
-
-
-def evaluate_features(kind: str, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn(x)`` in x's dtype: directly where the map declares ``bf16_evaluation``, else in fp32 rounded once."""
-    return fn(x) if feature_map_kind(kind).bf16_evaluation else in_compute_dtype(fn, x)
 
 
 def scaled_for_kernel(x: torch.Tensor, head_dim: int) -> torch.Tensor:
