@@ -81,28 +81,25 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
     """``model`` with each block's attention replaced in place (names and options as
     `efficient_student_from_teacher`): a fresh student (``model.attention`` of `attnxfer train`) or a converted
     one. A hierarchical model takes one name, one per stage or one per attention layer."""
-    if is_hierarchical(model):
+    hierarchical = is_hierarchical(model)
+    if hierarchical:
         names = expand_attention_names(attn, stage_of_layers(model), "model.attention")
-        classes = [get_attention_class(name) for name in names]
-        options = [{k: v for k, v in attn_kwargs.items() if c.accepts_option(k)} for c in classes]
-        return swap_hierarchical(model, names, options)
-    blocks = flat_blocks(model)
-    if blocks is None:
-        raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
-    depth = len(blocks)
-    names: list[str] = [attn] * depth if isinstance(attn, str) else list(attn)
-    if len(names) != depth:
-        raise InputError(
-            f"attn lists one attention per block: the model has {depth} blocks, got {len(names)} names"
-        )
+    else:
+        blocks = flat_blocks(model)
+        if blocks is None:
+            raise TypeError(f"expected a timm VisionTransformer with .blocks, got {type(model).__name__}")
+        names = [attn] * len(blocks) if isinstance(attn, str) else list(attn)
+        if len(names) != len(blocks):
+            raise InputError(
+                f"attn lists one attention per block: the model has {len(blocks)} blocks, got {len(names)} names"
+            )
     classes = [get_attention_class(name) for name in names]
     unused = [k for k in attn_kwargs if not any(c.accepts_option(k) for c in classes)]
     if unused:
         options = {n: c.own_options() for n, c in zip(names, classes)}
         raise TypeError(f"no chosen attention accepts option(s) {unused}; their options: {options}")
-
     options = [{k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)} for cls in classes]
-    return swap_attentions(model, names, options)
+    return (swap_hierarchical if hierarchical else swap_attentions)(model, names, options)
 
 
 def swap_attentions(
@@ -218,21 +215,14 @@ def build_efficient_student(
                 f"convert.attention lists {len(names)} attentions but the teacher has {depth} blocks; give "
                 "one name for all blocks or exactly one per block"
             )
-    classes = []
-    for name in names:
+    for name in names:  # an unknown name is refused before the teacher is copied
         try:
-            classes.append(get_attention_class(name))
+            get_attention_class(name)
         except (KeyError, ValueError) as e:  # ValueError: a parametric name whose spec is wrong (formula:...)
             raise InputError(f"convert.attention: {e.args[0]}") from None
-    unused = [k for k in attention_kwargs if not any(c.accepts_option(k) for c in classes)]
-    if unused:  # checked here for stage-wise teachers too, which `with_attention` leaves to the caller
-        options = {n: c.own_options() for n, c in zip(names, classes)}
-        raise InputError(
-            f"convert.attention_kwargs: no chosen attention accepts option(s) {unused}; their options: {options}"
-        )
     try:
         student = with_attention(copy.deepcopy(teacher), names, **attention_kwargs)
-    except TypeError as e:  # an option value the attention's constructor cannot take
+    except TypeError as e:  # an option no chosen attention takes, or a value its constructor cannot take
         raise InputError(f"convert.attention_kwargs: {e}") from None
     student = norms_as_recorded(student)  # the eps its export will have (a transformers teacher's 1e-12)
     student.requires_grad_(True)  # a loaded teacher is frozen, and so is its deep copy
