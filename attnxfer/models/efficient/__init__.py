@@ -12,24 +12,24 @@ first positions; Nystrom/Linformer put them in the first segment; the global ker
 import importlib
 import pkgutil
 
-from ..attention.interface import COUNTERPART_MODULES, MapKind
+from ..attention.interface import COUNTERPART_MODULES as COUNTERPART_MODULES, MapKind as MapKind
 from ..attention.registry import (
-    attention_layer,
-    create_attention,
-    get_attention_class,
-    list_attentions,
-    register_attention,
+    attention_layer as attention_layer,
+    create_attention as create_attention,
+    get_attention_class as get_attention_class,
+    list_attentions as list_attentions,
+    register_attention as register_attention,
 )
-from .base import EfficientAttention, precision_policies
+from .base import EfficientAttention as EfficientAttention, precision_policies as precision_policies
 from .swap import (
-    build_efficient_student,
-    check_softmax_teacher,
-    configure_token_layout,
-    efficient_student_from_teacher,
-    new_parameters,
-    set_drop_path,
-    swap_attentions,
-    with_attention,
+    build_efficient_student as build_efficient_student,
+    check_softmax_teacher as check_softmax_teacher,
+    configure_token_layout as configure_token_layout,
+    efficient_student_from_teacher as efficient_student_from_teacher,
+    new_parameters as new_parameters,
+    set_drop_path as set_drop_path,
+    swap_attentions as swap_attentions,
+    with_attention as with_attention,
 )
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
@@ -48,25 +48,3 @@ def __getattr__(name: str):
     if name in _CLASSES:
         return _CLASSES[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "COUNTERPART_MODULES",
-    "EfficientAttention",
-    "MapKind",
-    "attention_layer",
-    "build_efficient_student",
-    "check_softmax_teacher",
-    "configure_token_layout",
-    "create_attention",
-    "efficient_student_from_teacher",
-    "get_attention_class",
-    "list_attentions",
-    "new_parameters",
-    "precision_policies",
-    "register_attention",
-    "set_drop_path",
-    "swap_attentions",
-    "with_attention",
-    *sorted(_CLASSES),
-]
