@@ -27,6 +27,17 @@ class FusedQKVDims:
         return self.qkv.out_features // 3
 
 
+class HeadsAttnDim:
+    """``attn_dim`` for the timm attentions that keep ``num_heads`` and ``head_dim`` but not their product."""
+
+    num_heads: int
+    head_dim: int
+
+    @property
+    def attn_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+
 def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     w, b = fused_rows(attn.qkv, name)
     separate = getattr(attn, f"{name}_bias", None)

@@ -17,7 +17,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..slots import TokenLayout
 from ..softmax import SoftmaxCore
-from ._projections import apply_rope, project_heads
+from ._projections import HeadsAttnDim, apply_rope, project_heads
 from ._rope import RopeSlot
 
 
@@ -69,12 +69,8 @@ class RopeProjection(SoftmaxCore):
 
 
 @register_adapter(EvaAttention)
-class TransferEvaAttention(RopeProjection, EvaAttention):
+class TransferEvaAttention(HeadsAttnDim, RopeProjection, EvaAttention):
     timm_class = EvaAttention
-
-    @property
-    def attn_dim(self) -> int:
-        return self.num_heads * self.head_dim
 
 
 @register_adapter(AttentionRope)

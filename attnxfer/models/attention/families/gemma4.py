@@ -18,6 +18,7 @@ from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family
 from ..partial_qkv import _to_buffer
 from ..slots import TokenLayout
 from ..softmax import SoftmaxCore
+from ._projections import HeadsAttnDim
 from ._rope import RopeSlot
 
 
@@ -89,12 +90,8 @@ class Gemma4Conversion(RopeSlot):
 
 
 @register_adapter(Gemma4Attention)
-class TransferGemma4Attention(SoftmaxCore, Gemma4Attention):
+class TransferGemma4Attention(HeadsAttnDim, SoftmaxCore, Gemma4Attention):
     conversion_slot = Gemma4Conversion
-
-    @property
-    def attn_dim(self) -> int:
-        return self.num_heads * self.head_dim
 
     def forward(
         self,

@@ -21,7 +21,7 @@ from ..key_pooling import KeyPooling
 from ..placement import grid_argument
 from ..slots import ConversionSlot, TokenLayout, stacked_linear
 from ..softmax import SoftmaxCore
-from ._projections import merged_heads_output
+from ._projections import HeadsAttnDim, merged_heads_output
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
@@ -58,12 +58,8 @@ class PvtV2Conversion(ConversionSlot):
 
 
 @register_adapter(PvtV2Attention)
-class TransferPvtV2Attention(ReducedKeys, SoftmaxCore, PvtV2Attention):
+class TransferPvtV2Attention(HeadsAttnDim, ReducedKeys, SoftmaxCore, PvtV2Attention):
     conversion_slot = PvtV2Conversion
-
-    @property
-    def attn_dim(self) -> int:
-        return self.num_heads * self.head_dim
 
     @property
     def sr_ratio(self) -> int:

@@ -12,16 +12,12 @@ from ..adapters import register_adapter
 from ..bias_rows import BiasRows, gathered_bias_rows
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SoftmaxCore
-from ._projections import merged_heads_output, project_heads
+from ._projections import HeadsAttnDim, merged_heads_output, project_heads
 
 
 @register_adapter(RelPosAttention)
-class TransferRelPosAttention(SoftmaxCore, RelPosAttention):
+class TransferRelPosAttention(HeadsAttnDim, SoftmaxCore, RelPosAttention):
     has_logit_bias = True
-
-    @property
-    def attn_dim(self) -> int:
-        return self.num_heads * self.head_dim
 
     def forward(self, x: torch.Tensor, shared_rel_pos: torch.Tensor | None = None) -> torch.Tensor:
         if self.io is None:

@@ -14,18 +14,14 @@ from timm.models.vision_transformer_sam import Attention as SamAttention, get_de
 from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, register_family
 from ..softmax import SoftmaxCore
-from ._projections import merged_heads_output, project_heads
+from ._projections import HeadsAttnDim, merged_heads_output, project_heads
 
 
 @register_adapter(SamAttention)
-class TransferSamAttention(SoftmaxCore, SamAttention):
+class TransferSamAttention(HeadsAttnDim, SoftmaxCore, SamAttention):
     """SAM ViT's ``Attention``; takes and returns timm's (B', h, w, C) grids."""
 
     has_logit_bias = True
-
-    @property
-    def attn_dim(self) -> int:
-        return self.num_heads * self.head_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.io is None:
