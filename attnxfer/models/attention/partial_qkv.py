@@ -78,11 +78,8 @@ class PartialQKV(nn.Module):
             with torch.no_grad():
                 for i, name in enumerate(self.chunks):
                     getattr(self, f"{name}_{suffix}").copy_(full[i * rows : (i + 1) * rows])
-        for key in state_dict:
-            if key.startswith(prefix) and key[len(prefix) :] not in ("weight", "bias"):
-                rest = key[len(prefix) :]
-                if "." not in rest:
-                    unexpected_keys.append(key)
+        rests = (key[len(prefix) :] for key in state_dict if key.startswith(prefix))
+        unexpected_keys.extend(prefix + r for r in rests if r not in ("weight", "bias") and "." not in r)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, frozen={self.frozen}"
