@@ -68,12 +68,11 @@ class ConversionSlot:
     @classmethod
     def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
         """The teacher layer's modules that move into the new one, by the name they take there."""
-        out = {}
-        for name in COUNTERPART_MODULES:
-            module = fused_qkv(old) if name == "qkv" else getattr(old, name, None)
-            if module is not None:
-                out[name] = module
-        return out
+        found = {
+            name: fused_qkv(old) if name == "qkv" else getattr(old, name, None)
+            for name in COUNTERPART_MODULES
+        }
+        return {name: module for name, module in found.items() if module is not None}
 
     @classmethod
     def finish(cls, new: nn.Module, old: nn.Module, layout: TokenLayout | None, where: str) -> None:
@@ -149,12 +148,7 @@ def fused_qkv(attn: nn.Module) -> nn.Linear:
     if isinstance(qkv, nn.Linear):
         if getattr(attn, "q_bias", None) is None:
             return qkv
-        fused = nn.Linear(qkv.in_features, qkv.out_features, bias=True)
-        fused = fused.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(qkv.weight)
-            fused.bias.copy_(torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
-        return fused
+        return _linear(qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
     groups = int(getattr(attn, "num_kv_groups", 1))
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
 
@@ -165,26 +159,25 @@ def fused_qkv(attn: nn.Module) -> nn.Linear:
 
     reps = (1, groups, groups)
     weight = torch.cat([heads(p.weight.detach(), r) for p, r in zip(projs, reps)])
-    has_bias = any(p.bias is not None for p in projs)  # q and v biased, k not (a zero bias)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
-    fused = fused.to(device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if has_bias:
-            biases = [
-                p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projs
-            ]
-            fused.bias.copy_(torch.cat([heads(b, r) for b, r in zip(biases, reps)]))
-    return fused
+    bias = None
+    if any(p.bias is not None for p in projs):  # q and v biased, k not (a zero bias)
+        biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projs]
+        bias = torch.cat([heads(b, r) for b, r in zip(biases, reps)])
+    return _linear(weight, bias)
 
 
 def stacked_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
     """One Linear whose rows are ``parts``' rows in order: a family's separate projections as one ``qkv``."""
-    first = parts[0]
-    bias = first.bias is not None
-    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=bias)
+    bias = torch.cat([p.bias for p in parts], 0) if parts[0].bias is not None else None
+    return _linear(torch.cat([p.weight for p in parts], 0), bias)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A new Linear holding copies of ``weight`` and ``bias``, on their device and in their dtype."""
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    fused = fused.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts], 0))
-        if bias:
-            fused.bias.copy_(torch.cat([p.bias for p in parts], 0))
-    return fused.to(device=first.weight.device, dtype=first.weight.dtype)
+        fused.weight.copy_(weight)
+        if bias is not None:
+            fused.bias.copy_(bias)
+    return fused
