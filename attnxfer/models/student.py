@@ -109,7 +109,7 @@ def vit_traits(model: nn.Module) -> dict[str, Any]:
     dim = model.embed_dim
     qkv = getattr(attn, "qkv", None)
     hidden = mlp.fc2.in_features if hasattr(mlp, "fc2") else None
-    traits = dict(
+    return dict(
         img_size=inputs.img_size,
         patch_size=inputs.patch_size,
         in_chans=inputs.in_chans,
@@ -143,7 +143,6 @@ def vit_traits(model: nn.Module) -> dict[str, Any]:
         num_classes=model.num_classes,
         attention=_attention_summary(model),
     )
-    return traits
 
 
 def timm_args_from_traits(t: dict[str, Any]) -> dict[str, Any]:

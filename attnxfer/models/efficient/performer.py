@@ -34,11 +34,10 @@ def gaussian_orthogonal_features(
     """(num_features, dim) random projection: orthogonal blocks with Gaussian row norms, or i.i.d. Gaussian."""
     if not orthogonal:
         return torch.randn(num_features, dim, generator=generator)
-    blocks = []
-    for _ in range(math.ceil(num_features / dim)):
-        gaussian = torch.randn(dim, dim, generator=generator)
-        q, _ = torch.linalg.qr(gaussian)
-        blocks.append(q.T)
+    blocks = [
+        torch.linalg.qr(torch.randn(dim, dim, generator=generator))[0].T
+        for _ in range(math.ceil(num_features / dim))
+    ]
     directions = torch.cat(blocks)[:num_features]
     norms = torch.randn(num_features, dim, generator=generator).norm(dim=1, keepdim=True)
     return directions * norms

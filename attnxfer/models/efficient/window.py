@@ -18,7 +18,7 @@ from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtyp
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
-from .kernels import feature_map_kind, scaled_for_kernel
+from .kernels import KernelAttention, feature_map_kind, scaled_for_kernel
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
 WINDOW_BF16 = PrecisionPolicy(
@@ -189,9 +189,7 @@ class WindowLinearAttention(WindowAttention):
             (in_compute_dtype(lambda x: self.feature_map_k(scaled_for_kernel(x, d)), k),),
         )
 
-    def features(self, q, k):
-        phi_q, phi_k = self.feature_blocks(q, k)
-        return torch.cat(phi_q, dim=-1), torch.cat(phi_k, dim=-1)
+    features = KernelAttention.features  # the blocks above, each side joined
 
     def _linear_weight(self, dtype):
         return self.linear_log_weight.to(dtype).exp()
