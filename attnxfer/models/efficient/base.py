@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-from timm.layers import apply_rot_embed_cat
 from torch import nn
 
 from ...errors import InputError
+from ..attention.families._projections import apply_rope
 from ..attention.interface import COUNTERPART_MODULES as COUNTERPART_MODULES, MapKind, TransferableAttention
 from ..attention.numerics import FP32_CORE, PrecisionPolicy, fp32_section, operand_dtype, upcast
 from ..attention.registry import get_attention_class, list_attentions
@@ -110,16 +110,11 @@ class EfficientAttention(TransferableAttention):
         """q/k/v heads as timm computes them; with ``rope``, q and k rotated on the patch tokens as the
         teacher's ``EvaAttention`` does, so the feature map sees the teacher's rotated q and k."""
         out = super().project(x, which)
-        if rope is None:
-            return out
-        if not self.rope_keeps_map_kind:
+        if rope is not None and not self.rope_keeps_map_kind:
             raise InputError(self.rope_refusal())
-        p = self.num_prefix_tokens or 0
         for c in ("q", "k"):
             if c in out:
-                t = out[c]
-                rotated = apply_rot_embed_cat(t[:, :, p:], rope, half=self.rotate_half)
-                out[c] = torch.cat([t[:, :, :p], rotated.to(t.dtype)], dim=2)
+                out[c] = apply_rope(out[c], rope, self.num_prefix_tokens or 0, self.rotate_half)
         return out
 
     @classmethod
@@ -204,12 +199,12 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
 
 def rope_support() -> dict[str, tuple[bool, str]]:
     """Every zoo attention's rope declaration: name -> (keeps its map kind, why)."""
-    out = {}
-    for name in list_attentions():
-        cls = get_attention_class(name)
-        if isinstance(cls, type) and issubclass(cls, EfficientAttention):
-            out[name] = (cls.rope_keeps_map_kind, cls.rope_why)
-    return out
+    classes = {name: get_attention_class(name) for name in list_attentions()}
+    return {
+        name: (cls.rope_keeps_map_kind, cls.rope_why)
+        for name, cls in classes.items()
+        if isinstance(cls, type) and issubclass(cls, EfficientAttention)
+    }
 
 
 def precision_policies() -> dict[str, PrecisionPolicy]:
