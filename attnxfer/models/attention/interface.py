@@ -267,9 +267,9 @@ class TransferableAttention(nn.Module):
                 bias = own_bias
             else:
                 bias = self.logit_bias(qkv["q"], qkv["k"], **call) if self.has_logit_bias else None
-            if io.return_map:
-                io.map = self._io_map(qkv["q"], qkv["k"], _merge_masks(bias, attn_mask, qkv["q"]))
-        mask = _merge_masks(bias, attn_mask, qkv["q"])
+        mask = _merge_masks(bias, attn_mask)
+        if io is not None and io.return_map:
+            io.map = self._io_map(qkv["q"], qkv["k"], mask)
         # A replaced q or k comes with its own scale (its head dim): every core scales by q's head dim.
         if io is not None and io.return_lse:
             if mask is not None or is_causal:
@@ -360,9 +360,7 @@ class TransferableAttention(nn.Module):
         raise NotImplementedError
 
 
-def _merge_masks(
-    bias: torch.Tensor | None, attn_mask: torch.Tensor | None, q: torch.Tensor
-) -> torch.Tensor | None:
+def _merge_masks(bias: torch.Tensor | None, attn_mask: torch.Tensor | None) -> torch.Tensor | None:
     """One additive float mask from a logit bias and timm's ``attn_mask`` (bool: True = attend)."""
     if bias is None:
         return attn_mask

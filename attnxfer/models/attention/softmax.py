@@ -156,7 +156,7 @@ def explicit_attention_map(
     """softmax(scale · q kᵀ) in fp32: the oracle, never the data path."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = (q.float() * scale) @ k.float().transpose(-2, -1)
-    return _merge_masks(logits, attn_mask, q).softmax(dim=-1)
+    return _merge_masks(logits, attn_mask).softmax(dim=-1)
 
 
 def make_transfer_aware(model: nn.Module) -> nn.Module:
