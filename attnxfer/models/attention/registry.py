@@ -82,7 +82,6 @@ def attention_layer(name: str, **options) -> type[nn.Module]:
             "__init__": __init__,
             "__module__": cls.__module__,
             "__qualname__": f"{cls.__qualname__}[{label}]",
-            "layer_options": dict(options),
         },
     )
 
