@@ -77,6 +77,5 @@ def apply_rope(
 
 
 def merged_heads_output(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """An adapter's ``_output`` for timm classes without an output norm or gate."""
-    B, N, _ = x.shape
-    return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, -1)))
+    """An adapter's ``_output`` for timm classes without an output norm or gate: (B, H, N_q, d) heads merged."""
+    return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(x.shape[0], out.shape[2], -1)))

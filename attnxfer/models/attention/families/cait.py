@@ -98,9 +98,7 @@ class TransferClassAttn(SoftmaxCore, ClassAttn):
                 out[c] = getattr(self, c)(rows).reshape(B, rows.shape[1], self.num_heads, -1).transpose(1, 2)
         return out
 
-    def _output(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        B = x.shape[0]
-        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, 1, -1)))
+    _output = merged_heads_output  # one row, the class token's
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         for c in set(chunks):
