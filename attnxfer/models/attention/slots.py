@@ -4,8 +4,8 @@ its adapter names a `ConversionSlot`, and the swap asks the slot, never the fami
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,18 +42,16 @@ class ConversionSlot:
         return None
 
     @classmethod
+    @functools.cache
     def zoo_class(cls, zoo: type[nn.Module]) -> type[nn.Module]:
         """``zoo`` with the slot's ``call`` before it (made once per pair)."""
         if cls.call is None:
             return zoo
-        key = (cls, zoo)
-        if key not in _MIXED:
-            _MIXED[key] = type(
-                f"{cls.call.__name__}{zoo.__name__}",
-                (cls.call, zoo),
-                {"__module__": cls.call.__module__, "conversion_slot": cls},
-            )
-        return _MIXED[key]
+        return type(
+            f"{cls.call.__name__}{zoo.__name__}",
+            (cls.call, zoo),
+            {"__module__": cls.call.__module__, "conversion_slot": cls},
+        )
 
     @classmethod
     def config(cls, old: nn.Module, zoo: type[nn.Module], layout: TokenLayout | None) -> dict[str, Any]:
@@ -101,9 +99,6 @@ class ConversionSlot:
         return new
 
 
-_MIXED: dict[tuple[type, type], type] = {}
-
-
 def slot_of(attn: nn.Module) -> type[ConversionSlot] | None:
     """The conversion slot of a layer's family (its class's, else its adapter's), or None."""
     slot = getattr(type(attn), "conversion_slot", None)
@@ -148,7 +143,7 @@ def fused_qkv(attn: nn.Module) -> nn.Linear:
     if isinstance(qkv, nn.Linear):
         if getattr(attn, "q_bias", None) is None:
             return qkv
-        return _linear(qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
+        return new_linear(qkv.weight, torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)))
     groups = int(getattr(attn, "num_kv_groups", 1))
     projs = [attn.q_proj, attn.k_proj, attn.v_proj]
 
@@ -163,16 +158,10 @@ def fused_qkv(attn: nn.Module) -> nn.Linear:
     if any(p.bias is not None for p in projs):  # q and v biased, k not (a zero bias)
         biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projs]
         bias = torch.cat([heads(b, r) for b, r in zip(biases, reps)])
-    return _linear(weight, bias)
+    return new_linear(weight, bias)
 
 
-def stacked_linear(parts: Sequence[nn.Linear]) -> nn.Linear:
-    """One Linear whose rows are ``parts``' rows in order: a family's separate projections as one ``qkv``."""
-    bias = torch.cat([p.bias for p in parts], 0) if parts[0].bias is not None else None
-    return _linear(torch.cat([p.weight for p in parts], 0), bias)
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """A new Linear holding copies of ``weight`` and ``bias``, on their device and in their dtype."""
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     fused = fused.to(device=weight.device, dtype=weight.dtype)

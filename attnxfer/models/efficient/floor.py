@@ -6,6 +6,7 @@ it mixes nothing; the registered ``none`` is no floor, as it skips the projectio
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import nn
@@ -56,17 +57,13 @@ class FloorAttention(EfficientAttention):
         return OpCounts()
 
 
-_FLOOR_CLASSES: dict[type, type] = {}
-
-
+@functools.cache
 def floor_class(cls: type[EfficientAttention]) -> type[EfficientAttention]:
     """``cls`` with the floor's core (one class per ``cls``): PVTv2 / Swin / Gemma4 / rope layers keep
     their own forward and projections."""
     if issubclass(cls, FloorAttention):
         return cls
-    if cls not in _FLOOR_CLASSES:
-        _FLOOR_CLASSES[cls] = type(f"Floor{cls.__name__}", (FloorAttention, cls), {"__module__": __name__})
-    return _FLOOR_CLASSES[cls]
+    return type(f"Floor{cls.__name__}", (FloorAttention, cls), {"__module__": __name__})
 
 
 def _attention_slots(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -19,7 +19,7 @@ from ..adapters import register_adapter
 from ..family import Family, ImageSizes, ModuleCoverage, Tiling, register_family, tilings_of
 from ..key_pooling import KeyPooling
 from ..placement import grid_argument
-from ..slots import ConversionSlot, TokenLayout, stacked_linear
+from ..slots import ConversionSlot, TokenLayout, new_linear
 from ..softmax import SoftmaxCore
 from ._projections import HeadsAttnDim, merged_heads_output
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
@@ -54,7 +54,8 @@ class PvtV2Conversion(ConversionSlot):
 
     @classmethod
     def moved(cls, old: nn.Module) -> dict[str, nn.Module]:
-        return {"qkv": stacked_linear([old.q, old.kv]), "proj": old.proj}
+        bias = torch.cat([old.q.bias, old.kv.bias]) if old.q.bias is not None else None
+        return {"qkv": new_linear(torch.cat([old.q.weight, old.kv.weight]), bias), "proj": old.proj}
 
 
 @register_adapter(PvtV2Attention)
