@@ -20,11 +20,18 @@ def _strided(length: int, sr: int) -> torch.Tensor:
     return w
 
 
+def segments(length: int, count: int) -> torch.Tensor:
+    """(count, length) float64, 1 where position j lies in segment r: [floor(r L / count),
+    ceil((r + 1) L / count)), the bins of adaptive pooling (and Linformer's initial means)."""
+    w = torch.zeros(count, length, dtype=torch.float64)
+    for r in range(count):
+        w[r, (r * length) // count : -((-(r + 1) * length) // count)] = 1.0
+    return w
+
+
 @lru_cache(maxsize=64)
 def _adaptive(length: int, out: int) -> torch.Tensor:
-    w = torch.zeros(out, length, dtype=torch.float64)
-    for i in range(out):
-        w[i, (i * length) // out : -((-(i + 1) * length) // out)] = 1.0
+    w = segments(length, out)
     return w / w.sum(0, keepdim=True)  # every token lies in at least one bin
 
 

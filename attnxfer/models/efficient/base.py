@@ -160,11 +160,15 @@ class EfficientAttention(TransferableAttention):
     def _attend_mapped(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self._attend(q, k, v)
 
+    #: The options ``extra_repr`` shows after the token layout.
+    repr_options: ClassVar[tuple[str, ...]] = ()
+
     def extra_repr(self) -> str:
         layout = ""
         if self.num_prefix_tokens is not None:
             layout = f", num_prefix_tokens={self.num_prefix_tokens}, grid_size={self.grid_size}"
-        return f"name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}"
+        shown = "".join(f", {name}={getattr(self, name)!r}" for name in self.repr_options)
+        return f"name={self.attention_name!r}, map_kind={self.map_kind.value!r}, num_heads={self.num_heads}{layout}{shown}"
 
 
 #: Tensors up to this many entries are kept whole by `snapshot`; larger ones as a fingerprint.
@@ -199,12 +203,12 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
 
 def rope_support() -> dict[str, tuple[bool, str]]:
     """Every zoo attention's rope declaration: name -> (keeps its map kind, why)."""
-    classes = {name: get_attention_class(name) for name in list_attentions()}
-    return {
-        name: (cls.rope_keeps_map_kind, cls.rope_why)
-        for name, cls in classes.items()
-        if isinstance(cls, type) and issubclass(cls, EfficientAttention)
-    }
+    out = {}
+    for name in list_attentions():
+        cls = get_attention_class(name)
+        if isinstance(cls, type) and issubclass(cls, EfficientAttention):
+            out[name] = (cls.rope_keeps_map_kind, cls.rope_why)
+    return out
 
 
 def precision_policies() -> dict[str, PrecisionPolicy]:

@@ -34,8 +34,8 @@ from .formula_grammar import (
 from .formula_search import crossover as crossover, mutate as mutate, random_formula as random_formula
 from .kernels import (
     HedgehogFeatures,
+    KernelAttention,
     add_scalar,
-    kernel_core_counts,
     linear_readout,
     linear_state,
     scaled_for_kernel,
@@ -62,14 +62,11 @@ def _whole(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Blocks, int]
     return lambda blocks, head_dim: (fn(_joined(blocks)),)
 
 
-def _focus(p: float) -> Callable[[torch.Tensor], torch.Tensor]:
+def _focus(x: torch.Tensor, p: float) -> torch.Tensor:
     # focused linear attention's focusing function (FocusedLinearAttention.focus after its scale)
-    def focus(x: torch.Tensor) -> torch.Tensor:
-        norm = x.norm(dim=-1, keepdim=True)
-        powered = (x / x.amax(dim=-1, keepdim=True)).pow(p)  # x / max first: bounded by 1, no overflow
-        return powered / powered.norm(dim=-1, keepdim=True) * norm
-
-    return focus
+    norm = x.norm(dim=-1, keepdim=True)
+    powered = (x / x.amax(dim=-1, keepdim=True)).pow(p)  # x / max first: bounded by 1, no overflow
+    return powered / powered.norm(dim=-1, keepdim=True) * norm
 
 
 def _cos(blocks: Blocks, head_dim: int) -> Blocks:
@@ -92,7 +89,7 @@ FIXED_OPS: dict[str, Callable[..., Callable[[Blocks, int], Blocks]]] = {
     "scale": lambda: lambda blocks, d: tuple(scaled_for_kernel(b, d) for b in blocks),
     "l2": lambda: _whole(lambda x: x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)),
     "pow": lambda p: _elementwise(lambda x: x.sign() * x.abs().pow(p)),
-    "focus": lambda p: _whole(_focus(p)),
+    "focus": lambda p: _whole(lambda x: _focus(x, p)),
     "cos": lambda: _cos,
 }
 
@@ -333,11 +330,8 @@ class FormulaAttention(WindowLinearAttention):
     def operation_counts(self, num_tokens: int, batch: int = 1) -> OpCounts:
         """The features and the linear core (``len`` divides by N where ``sum`` divides by the normaliser:
         the same count), or the window hybrid's, plus the ``conv`` term's depthwise conv."""
-        if self.formula.window is not None:
-            total = WindowLinearAttention.operation_counts(self, num_tokens, batch)
-        else:
-            features, m = self.feature_counts(num_tokens)
-            total = (features + kernel_core_counts(num_tokens, self.head_dim, m)) * (batch * self.num_heads)
+        kind = WindowLinearAttention if self.formula.window is not None else KernelAttention
+        total = kind.operation_counts(self, num_tokens, batch)
         if self.formula.conv is not None:
             _, grid = self.token_layout(num_tokens)
             conv = grid_conv_counts(num_tokens, grid, self.head_dim, self.formula.conv)

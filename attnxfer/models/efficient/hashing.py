@@ -67,6 +67,7 @@ class HashingAttention(KernelAttention):
     rope_why = "keeps row_stochastic: the Hamming affinity of the rotated q, k's binary codes is non-negative"
     fit_objective = "kernelized_hashing"
     precision = HASHING_FP32
+    repr_options = ("bits", "temperature")
 
     def __init__(
         self,
@@ -151,6 +152,3 @@ class HashingAttention(KernelAttention):
         constant = OpCounts(mul=d + 1, add=(n - 1) * d)  # (b + eps) * [sum_j v_j, N]
         readout = sign_matmul_ops(n, b, d + 1) + OpCounts(add=n * (d + 1), mul=n * d)
         return (hashing + state + constant + readout) * (batch * self.num_heads)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, bits={self.bits}, temperature={self.temperature}"

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import InputError
 from ..attention.interface import MapKind
 from ..attention.numerics import (
     PrecisionPolicy,
@@ -126,11 +125,6 @@ def add_scalar(x: torch.Tensor, value: float) -> torch.Tensor:
     return x.add_(value) if not x.requires_grad else x + value
 
 
-def kernel_core_counts(n: int, d: int, m: int) -> OpCounts:
-    """One (batch, head) of the core: key state, read-out, N d divisions."""
-    return matmul_ops(m, n, d + 1) + matmul_ops(n, m, d + 1) + OpCounts(mul=n * d)
-
-
 class KernelAttention(EfficientAttention):
     """Base for phi(q) phi(k)^T, row-normalised; subclasses give ``query_features`` / ``key_features``.
 
@@ -171,7 +165,10 @@ class KernelAttention(EfficientAttention):
         if counted is None:
             return None
         features, m = counted
-        return (features + kernel_core_counts(num_tokens, self.head_dim, m)) * (batch * self.num_heads)
+        n, d = num_tokens, self.head_dim
+        # per (batch, head): the key state, the read-out and N d divisions
+        core = matmul_ops(m, n, d + 1) + matmul_ops(n, m, d + 1) + OpCounts(mul=n * d)
+        return (features + core) * (batch * self.num_heads)
 
     #: Feature entries per group of the inference core (`head_groups`).
     feature_chunk_elements: int = FEATURE_CHUNK_ELEMENTS
@@ -421,12 +418,6 @@ FEATURE_MAPS: dict[str, FeatureMapKind] = {
     "elu": FeatureMapKind(_shared(ELUFeatures), learned=False, counts=_elu_counts),
     "hedgehog": FeatureMapKind(_hedgehog_pair, learned=True, counts=_hedgehog_counts),
 }
-
-
-def feature_map_kind(name: str) -> FeatureMapKind:
-    if name not in FEATURE_MAPS:
-        raise InputError(f"unknown feature map {name!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}")
-    return FEATURE_MAPS[name]
 
 
 def scaled_for_kernel(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...errors import InputError
 from ..attention.interface import MapKind
+from ..attention.key_pooling import segments
 from ..attention.numerics import PrecisionPolicy, matmul_fp32, matmul_split
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
@@ -33,16 +34,6 @@ def project_sequence(e: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return matmul_fp32(e, flat).view(e.shape[0], *x.shape[:-2], x.shape[-1]).movedim(0, -2)
 
 
-def segment_mean_matrix(num_segments: int, length: int) -> torch.Tensor:
-    """(num_segments, length): row r averages positions [floor(r L / k), ceil((r + 1) L / k))."""
-    out = torch.zeros(num_segments, length)
-    for r in range(num_segments):
-        start = (r * length) // num_segments
-        stop = -((-(r + 1) * length) // num_segments)
-        out[r, start:stop] = 1.0 / (stop - start)
-    return out
-
-
 @register_attention("linformer")
 class LinformerAttention(EfficientAttention):
     """Options: ``seq_len`` (required: N the module is built for), ``proj_len`` (k, default 64)."""
@@ -54,6 +45,7 @@ class LinformerAttention(EfficientAttention):
         "rope's relative form is not kept inside E k"
     )
     precision = LINFORMER_BF16
+    repr_options = ("seq_len", "proj_len")
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, seq_len: int | None = None, proj_len: int = 64, **kwargs
@@ -76,7 +68,8 @@ class LinformerAttention(EfficientAttention):
 
     def reset_new_parameters(self) -> None:
         with torch.no_grad():
-            init = segment_mean_matrix(self.proj_len, self.seq_len)
+            rows = segments(self.seq_len, self.proj_len)
+            init = (rows / rows.sum(-1, keepdim=True)).float()  # row r: the mean of segment r
             self.seq_proj_k.copy_(init)
             self.seq_proj_v.copy_(init)
 
@@ -111,6 +104,3 @@ class LinformerAttention(EfficientAttention):
         per_head = 2 * matmul_ops(kl, n, d) + OpCounts(mul=n * d) + matmul_ops(n, d, kl)
         per_head = per_head + softmax_ops(n, kl) + matmul_ops(n, kl, d)
         return per_head * (batch * self.num_heads)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, seq_len={self.seq_len}, proj_len={self.proj_len}"

@@ -65,6 +65,7 @@ class PerformerAttention(KernelAttention):
         "any q, k, and rope keeps norms, so they estimate the teacher's rope softmax"
     )
     precision = PERFORMER_BF16
+    repr_options = ("num_features", "redraw_interval")
 
     def __init__(
         self,
@@ -170,6 +171,3 @@ class PerformerAttention(KernelAttention):
     def folded_key_features(self, u, heads=ALL_HEADS):
         half_sq_norm = (u * self._norm_scales().to(u.dtype)).square_().sum(-1, keepdim=True)
         return add_scalar(_stabilised_exp2(u.sub_(half_sq_norm), dims=(-2, -1)), self.eps)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, num_features={self.num_features}, redraw_interval={self.redraw_interval}"

@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import InputError
 from ..attention.interface import MapKind, as_grid
 from ..attention.numerics import PrecisionPolicy, compute_dtype, in_compute_dtype, matmul_fp32, sum_fp32
 from ..attention.opcount import OpCounts, matmul_ops, softmax_ops
 from ..attention.registry import register_attention
 from .base import EfficientAttention
-from .kernels import KernelAttention, feature_map_kind, scaled_for_kernel
+from .kernels import FEATURE_MAPS, KernelAttention, scaled_for_kernel
 from .tokens import window_ids, window_merge, window_partition, window_valid
 
 WINDOW_BF16 = PrecisionPolicy(
@@ -58,6 +59,7 @@ class WindowAttention(EfficientAttention):
         "own rope logits, restricted to the window)"
     )
     precision = WINDOW_BF16
+    repr_options = ("window_size",)
 
     def __init__(
         self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs
@@ -135,9 +137,6 @@ class WindowAttention(EfficientAttention):
         logits = q[:, :, rows] @ k.transpose(-2, -1)
         return logits.masked_fill(~self._local_mask(ids, rows), float("-inf")).softmax(dim=-1)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, window_size={self.window_size}"
-
 
 @register_attention("window_linear")
 class WindowLinearAttention(WindowAttention):
@@ -150,6 +149,7 @@ class WindowLinearAttention(WindowAttention):
         "are non-negative, with one shared normaliser"
     )
     precision = WINDOW_LINEAR_BF16
+    repr_options = ("window_size", "kernel")
 
     def __init__(
         self,
@@ -163,7 +163,11 @@ class WindowLinearAttention(WindowAttention):
     ) -> None:
         super().__init__(dim, num_heads, window_size=window_size, **kwargs)
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.kernel, self.feature_kind = kernel, feature_map_kind(kernel)
+        if kernel not in FEATURE_MAPS:
+            raise InputError(
+                f"unknown feature map {kernel!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}"
+            )
+        self.kernel, self.feature_kind = kernel, FEATURE_MAPS[kernel]
         self.feature_dim = int(feature_dim or self.head_dim) if self.feature_kind.learned else feature_dim
         self.feature_map_q, self.feature_map_k = self.feature_kind.build(
             num_heads, self.head_dim, feature_dim, **dd
@@ -196,10 +200,9 @@ class WindowLinearAttention(WindowAttention):
 
     def shared_sums(self, qw, kw, vw, valid, p):
         """Numerator and shared normaliser of the grid rows, fp32, in window layout."""
-        # softmax-style scores inside the window (+ prefix keys): bf16 q k products are exact in fp32
-        logits = matmul_fp32(qw, kw.transpose(-2, -1)).mul_(
-            self.scale
-        )  # in place: matmul's backward keeps q, k
+        # softmax-style scores inside the window (+ prefix keys): bf16 q k products are exact in fp32, and
+        # scaled in place (matmul's backward keeps q and k, not its result)
+        logits = matmul_fp32(qw, kw.transpose(-2, -1)).mul_(self.scale)
         if valid is not None:
             logits = logits.masked_fill(~valid, float("-inf"))
         weights = (logits - logits.amax(dim=-1, keepdim=True)).exp()  # (0, 1], fp32
@@ -264,6 +267,3 @@ class WindowLinearAttention(WindowAttention):
         totals = OpCounts(add=(windows - 1) * m * (d + 1))
         per_head = windows * (local + per_window) + features + totals + self._softmax_counts(p, num_tokens)
         return per_head * (batch * self.num_heads)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, kernel={self.kernel!r}"
