@@ -51,7 +51,8 @@ def render_report(insp: Inspection, teacher: str, students: Mapping[str, str]) -
     return "\n".join(lines) + "\n"
 
 
-def _f(v: float | None, digits: int = 3) -> str:
+def number_text(v: float | None, digits: int = 3) -> str:
+    """A table cell: fixed digits, an em dash where there is no finite value (the inspect and study reports)."""
     return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
@@ -67,10 +68,10 @@ def _teacher_table(layers: Sequence[TeacherLayer]) -> list[str]:
     for t in layers:
         m = t.mean
         lines.append(
-            f"| {t.layer} | `{t.name}` | {t.partition} | {t.heads} | {_f(m.get('entropy'))} | "
-            f"{_f(m.get('distance'), 1)} | "
-            f"{_f(m.get('floor_kl'), 4)} | {_f(m.get('floor_js'), 4)} | {_f(m.get('floor_topk'), 2)} | "
-            f"{_f(m.get('floor_spearman'), 2)} |"
+            f"| {t.layer} | `{t.name}` | {t.partition} | {t.heads} | {number_text(m.get('entropy'))} | "
+            f"{number_text(m.get('distance'), 1)} | "
+            f"{number_text(m.get('floor_kl'), 4)} | {number_text(m.get('floor_js'), 4)} | {number_text(m.get('floor_topk'), 2)} | "
+            f"{number_text(m.get('floor_spearman'), 2)} |"
         )
     return lines
 
@@ -87,16 +88,16 @@ def _student_table(name: str, rows: Sequence[LayerComparison]) -> list[str]:
     for r in rows:
         m, a = r.mean, r.assignment
         heads = (
-            f"{_f(a['matched_cost'], 4)} / {_f(a['identity_cost'], 4)}"
+            f"{number_text(a['matched_cost'], 4)} / {number_text(a['identity_cost'], 4)}"
             + ("" if a.get("is_identity") else " (reordered)")
             if a
             else "—"
         )
         attn = r.attention + (f" (borrows {r.borrowed})" if r.borrowed else "")
         lines.append(
-            f"| {r.layer} | {r.teacher_layer} | {attn} | {_f(m.get('kl'), 4)} | {_f(m.get('js'), 4)} | "
-            f"{_f(m.get('topk'), 2)} | {_f(m.get('spearman'), 2)} | {_f(m.get('cls_js'), 4)} | "
-            f"{_f(m.get('cls_pearson'), 2)} | {_f(m.get('entropy'))} | {_f(m.get('distance'), 1)} | {heads} |"
+            f"| {r.layer} | {r.teacher_layer} | {attn} | {number_text(m.get('kl'), 4)} | {number_text(m.get('js'), 4)} | "
+            f"{number_text(m.get('topk'), 2)} | {number_text(m.get('spearman'), 2)} | {number_text(m.get('cls_js'), 4)} | "
+            f"{number_text(m.get('cls_pearson'), 2)} | {number_text(m.get('entropy'))} | {number_text(m.get('distance'), 1)} | {heads} |"
         )
     return lines
 

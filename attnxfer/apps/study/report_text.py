@@ -14,7 +14,7 @@ import numpy as np
 from ...analysis import Inspection
 from ...config import TrainConfig
 from ...config.study_spec import Student
-from ..inspect.report_text import _f, agreement_sentence
+from ..inspect.report_text import agreement_sentence, number_text
 from ..run.uncertainty import format_p, format_top1, mcnemar, top1_interval
 from ..run.val_curves import Series
 
@@ -184,7 +184,7 @@ def _agreement_cell(layers: Sequence[Mapping[str, Any]]) -> str:
         return "—"
     if all(layer["copied"] for layer in layers):
         return "copied: the teacher's own maps in every layer"
-    return ", ".join("copied" if layer["copied"] else _f(layer["js"], 3) for layer in layers)
+    return ", ".join("copied" if layer["copied"] else number_text(layer["js"], 3) for layer in layers)
 
 
 def _layer_table(insp: Inspection) -> list[str]:
@@ -214,8 +214,10 @@ def _layer_table(insp: Inspection) -> list[str]:
                 cells.append("copied")
             else:
                 other = f" (t{r.teacher_layer})" if r.teacher_layer != r.layer else ""
-                cells.append(f"{_f(r.mean.get('js'), 4)} / {_f(r.mean.get('topk'), 2)}{other}")
-        lines.append(f"| {layer} | {_f(floors.get(layer), 4)} | " + " | ".join(cells) + " |")
+                cells.append(
+                    f"{number_text(r.mean.get('js'), 4)} / {number_text(r.mean.get('topk'), 2)}{other}"
+                )
+        lines.append(f"| {layer} | {number_text(floors.get(layer), 4)} | " + " | ".join(cells) + " |")
     return lines
 
 
