@@ -6,6 +6,7 @@ the command runs. Stage 1 starts from the same seed in every task, so a result d
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,8 @@ def split_batches(names: list[str], tasks: int) -> list[list[str]]:
     """``names`` in at most ``tasks`` contiguous batches of near-equal size (none empty)."""
     tasks = max(1, min(tasks, len(names)))
     size, extra = divmod(len(names), tasks)
-    out, start = [], 0
-    for i in range(tasks):
-        end = start + size + (1 if i < extra else 0)
-        out.append(names[start:end])
-        start = end
-    return out
+    bounds = [i * size + min(i, extra) for i in range(tasks + 1)]
+    return [names[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], list[dict[str, Any]]]:
@@ -50,18 +47,13 @@ def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], l
         if not names:
             return []
         batches = split_batches(names, ns.array_tasks)
-        with (
-            undone_if_refused(job_dir.expanduser().absolute()),
-            executor.batch(),
-        ):  # sbatch's refusal: one line
+        # sbatch's refusal: one line
+        with undone_if_refused(job_dir.expanduser().absolute()), executor.batch():
             jobs = [executor.submit(evaluate_batch, cfg, batch) for batch in batches]
         say(
             f"search: {len(names)} candidates as a job array of {len(jobs)} task(s): "
             f"{', '.join(str(j.job_id) for j in jobs)}"
         )
-        out: list[dict[str, Any]] = []
-        for per_rank in wait(jobs, timeout=ns.wait_timeout):
-            out.extend(per_rank[0])
-        return out
+        return [result for per_rank in wait(jobs, timeout=ns.wait_timeout) for result in per_rank[0]]
 
     return evaluate

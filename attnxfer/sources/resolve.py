@@ -137,12 +137,7 @@ def _is_tensor_dict(obj: Any) -> bool:
 
 def _strip_wrappers(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove DDP / torch.compile prefixes (``module.``, ``_orig_mod.``)."""
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(("module.", "_orig_mod.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
+    return {re.sub(r"^(?:(?:module|_orig_mod)\.)+", "", k): v for k, v in state_dict.items()}
 
 
 def shard_files(index: str | os.PathLike) -> list[Path]:

@@ -17,7 +17,6 @@ from .monitor import (
     JobFailedError,
     JobTimeoutError,
     slurm_job_info,
-    slurm_job_state,
     wait,
 )
 from .options import (
@@ -88,7 +87,6 @@ __all__ = [
     "sbatch_parameters",
     "sbatch_script",
     "slurm_job_info",
-    "slurm_job_state",
     "submit",
     "submit_from_args",
     "sweep_points",

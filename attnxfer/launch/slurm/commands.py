@@ -10,20 +10,9 @@ from typing import Any
 import submitit
 
 from ...checkpoints.run_lock import last_checkpoint_note
-from .monitor import (  # moved to monitor.py
-    JobFailedError,
-    wait,
-)
-from .options import (  # moved to options.py
-    RunConfig,
-    SlurmOptions,
-    parse_key_values,
-    parse_sweep,
-)
-from .submission import (  # moved to submission.py
-    submit,
-    sweep_points,
-)
+from .monitor import JobFailedError, wait
+from .options import RunConfig, SlurmOptions, parse_key_values, parse_sweep
+from .submission import submit, sweep_points
 
 
 def options_from_args(ns: argparse.Namespace) -> SlurmOptions:

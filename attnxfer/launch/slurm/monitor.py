@@ -92,11 +92,6 @@ def slurm_job_info(job_id: str) -> dict[str, str] | None:
     return dict(re.findall(r"(\w+)=(\S*)", lines[0])) if lines else {"JobState": "UNKNOWN"}
 
 
-def slurm_job_state(job_id: str) -> str | None:
-    info = slurm_job_info(job_id)
-    return None if info is None else info.get("JobState", "UNKNOWN")
-
-
 def _tail(path: Path, lines: int) -> str:
     if not path.exists():
         return f"(no log at {path})"
@@ -105,10 +100,10 @@ def _tail(path: Path, lines: int) -> str:
 
 
 def _rank_logs(task: submitit.Job, lines: int) -> str:
-    parts = []
-    for path in (task.paths.stderr, task.paths.stdout):
-        parts.append(f"--- last {lines} lines of {path} ---\n{_tail(path, lines)}")
-    return "\n".join(parts)
+    return "\n".join(
+        f"--- last {lines} lines of {path} ---\n{_tail(path, lines)}"
+        for path in (task.paths.stderr, task.paths.stdout)
+    )
 
 
 def _task_outcome(task: submitit.Job, not_before: float = 0.0) -> tuple[str, Any] | None:
@@ -207,8 +202,9 @@ def _stop_unless_ending(job: submitit.Job, grace_s: float = 20.0, poll_s: float 
     if _is_slurm(job):
         deadline = time.monotonic() + grace_s
         while time.monotonic() < deadline:
-            state = slurm_job_state(job.job_id)
-            if state is None or state.split("+")[0] not in SLURM_ACTIVE_STATES - {"COMPLETING"}:
+            info = slurm_job_info(job.job_id)
+            state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
+            if state not in SLURM_ACTIVE_STATES - {"COMPLETING"}:
                 return
             time.sleep(poll_s)
     with contextlib.suppress(Exception):

@@ -19,7 +19,7 @@ from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from ...errors import InputError, UserError
 from ...speak import say
-from .options import (  # moved to options.py
+from .options import (
     RUN_DIR_KEY,
     RunConfig,
     SlurmOptions,
@@ -27,9 +27,7 @@ from .options import (  # moved to options.py
     check_script_value,
     sbatch_parameters,
 )
-from .task import (  # moved to task.py
-    TrainingTask,
-)
+from .task import TrainingTask
 
 
 @dataclass(frozen=True)
