@@ -182,9 +182,8 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
             if isinstance(value, _Into):  # model.kwargs.depth=4 sets one key of the recipe's model.kwargs
                 value = _merged_into(getattr(obj, key), value)
             changes[key] = value = _coerce(value, tp, prefix + key)
-            rule = rule_of(
-                fields[key]
-            )  # a closed set of values is checked as the config loads: a typo never trains
+            # a closed set of values is checked as the config loads: a typo never trains
+            rule = rule_of(fields[key])
             if rule.choices is not None and not rule.admits(value):
                 names = [a for a in rule.choices if a]
                 close = difflib.get_close_matches(str(value), names, n=1)

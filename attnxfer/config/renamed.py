@@ -126,9 +126,7 @@ def losses_entries(name: str) -> Take:
         named = [e for e in entries if isinstance(e, Mapping) and e.get("name") == name]
         if not named:
             return False, None
-        data["transfer"]["losses"] = [
-            e for e in entries if not (isinstance(e, Mapping) and e.get("name") == name)
-        ]
+        data["transfer"]["losses"] = [e for e in entries if e not in named]
         return True, named
 
     return take

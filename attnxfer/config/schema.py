@@ -342,9 +342,8 @@ class SearchConfig:
     # stage-1 steps per candidate: a short stage 1 of the search's own (hundreds of candidates are fitted), not
     # the conversion's convert.stage1_steps, which the winner's convert command reads from its recipe
     fit_steps: int = key(40, range=AT_LEAST_1)
-    fit_lr: float = key(
-        1e-2, range=POSITIVE
-    )  # each candidate's stage-1 learning rate (as fit_steps, its own)
+    # each candidate's stage-1 learning rate (as fit_steps, its own)
+    fit_lr: float = key(1e-2, range=POSITIVE)
     # what each candidate's stage 1 trains: new | qk | new+qk (new+qk: a formula without learned feature maps
     # has only q/k to fit); the winner's convert command is given it as convert.stage1_train
     fit_train: str = key("new+qk", choices=("new", "qk", "new+qk"))

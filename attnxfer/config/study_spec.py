@@ -207,9 +207,8 @@ def _listed(file: Path, entries: Any) -> list[Student]:
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or "name" not in entry:
             raise ConfigError(f"{where}[{i}] must be a mapping with a name and the keys it changes")
-        keys = dict(entry)
-        name = keys.pop("name")
-        students.append(Student(str(name), _flat(keys)))
+        keys = {k: v for k, v in entry.items() if k != "name"}
+        students.append(Student(str(entry["name"]), _flat(keys)))
     return students
 
 
