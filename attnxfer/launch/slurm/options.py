@@ -91,23 +91,16 @@ def parse_time_minutes(value: int | str) -> int:
                 f"got {value!r}"
             )
         parts = [int(p) for p in m.group("rest").split(":")]
-        days = int(m.group("d") or 0)
-        if m.group("d") is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
-            h, mi, s = (parts + [0, 0])[:3]
-            bounded = [("hours", h, 24), ("minutes", mi, 60), ("seconds", s, 60)][: len(parts)]
-        elif len(parts) == 1:  # minutes
-            h, mi, s = 0, parts[0], 0
-            bounded = []
-        elif len(parts) == 2:  # MM:SS
-            h, mi, s = 0, parts[0], parts[1]
-            bounded = [("seconds", s, 60)]
-        else:
-            h, mi, s = parts
-            bounded = [("minutes", mi, 60), ("seconds", s, 60)]
-        for what, number, limit in bounded:
+        days = m.group("d")
+        # D-HH, D-HH:MM, D-HH:MM:SS; else MM, MM:SS, HH:MM:SS (the leading field unbounded)
+        forms = (("minutes",), ("minutes", "seconds"), ("hours", "minutes", "seconds"))
+        given = dict(zip(("hours", "minutes", "seconds") if days else forms[len(parts) - 1], parts))
+        for what, number in list(given.items())[0 if days else 1 :]:
+            limit = 24 if what == "hours" else 60
             if number >= limit:
                 raise InputError(f"time {text!r}: {what} must be below {limit}, got {number}")
-        minutes = math.ceil((((days * 24 + h) * 60 + mi) * 60 + s) / 60)
+        h, mi, s = (given.get(k, 0) for k in ("hours", "minutes", "seconds"))
+        minutes = math.ceil((((int(days or 0) * 24 + h) * 60 + mi) * 60 + s) / 60)
     if minutes < 1:
         raise InputError(f"time limit must be at least one minute, got {value!r}")
     return minutes
@@ -161,25 +154,17 @@ class SlurmOptions:
     def __post_init__(self) -> None:
         if self.cluster not in CLUSTERS:
             raise InputError(f"cluster must be one of {CLUSTERS}, got {self.cluster!r}")
-        for name in ("nodes", "array_parallelism"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.gpus_per_node < 0:
-            raise InputError(f"gpus_per_node must be >= 0, got {self.gpus_per_node}")
-        if self.tasks_per_node is not None:
-            if self.tasks_per_node < 1:
-                raise InputError(f"tasks_per_node must be >= 1, got {self.tasks_per_node}")
-            if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
-                raise InputError(
-                    f"one task per GPU: tasks_per_node={self.tasks_per_node} differs from "
-                    f"gpus_per_node={self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)"
-                )
-        if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise InputError(f"cpus_per_task must be >= 1, got {self.cpus_per_task}")
-        if self.max_requeues < 0:
-            raise InputError(f"max_requeues must be >= 0, got {self.max_requeues}")
-        if self.max_preemptions is not None and self.max_preemptions < 0:
-            raise InputError(f"max_preemptions must be >= 0, got {self.max_preemptions}")
+        # the least each count may be (None: not set)
+        least = dict(nodes=1, array_parallelism=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1)
+        for name, low in {**least, "max_requeues": 0, "max_preemptions": 0}.items():
+            value = getattr(self, name)
+            if value is not None and int(value) < low:
+                raise InputError(f"{name} must be >= {low}, got {value}")
+        if self.gpus_per_node and self.tasks_per_node not in (None, self.gpus_per_node):
+            raise InputError(
+                f"one task per GPU: tasks_per_node={self.tasks_per_node} differs from "
+                f"gpus_per_node={self.gpus_per_node}; drop --tasks-per-node (it is for CPU-only clusters)"
+            )
         self._check_script_values()
         if self.mem is not None and not _MEM_RE.match(str(self.mem)):
             raise InputError(f"mem must look like sbatch --mem (e.g. 64G, 500M, 0), got {self.mem!r}")
