@@ -216,7 +216,6 @@ def _split_images(
             input_img_mode=mode,
             transform=transform,
         )
-    else:
-        return ImageDataset(
-            str(split_dir), reader=ImageFiles(split_dir, extensions), input_img_mode=mode, transform=transform
-        )
+    return ImageDataset(
+        str(split_dir), reader=ImageFiles(split_dir, extensions), input_img_mode=mode, transform=transform
+    )

@@ -293,15 +293,10 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
                 raise died
         others = [r for r in failed if r != rank]
         also = f" (then ranks {others}, most likely as a consequence)" if others else ""
-        batch_log = (
-            ""
-            if rank == 0
-            # srun reports the exit codes of dead ranks there
-            else (
-                f"\n--- last 10 lines of {tasks[0].paths.stderr} (rank 0 and srun) ---\n"
-                f"{_tail(tasks[0].paths.stderr, 10)}"
-            )
-        )
+        batch_log = ""
+        if rank != 0:  # srun reports the exit codes of dead ranks in rank 0's log
+            first = tasks[0].paths.stderr
+            batch_log = f"\n--- last 10 lines of {first} (rank 0 and srun) ---\n{_tail(first, 10)}"
         error = JobFailedError(
             f"job {job.job_id} failed on rank {rank} of {job.num_tasks}{also}:\n{outcomes[rank][1]}\n"
             f"{_rank_logs(tasks[rank], log_lines)}{batch_log}",

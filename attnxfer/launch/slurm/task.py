@@ -125,11 +125,8 @@ class TrainingTask(submitit.helpers.Checkpointable):
         if self.time_limit_min is None:
             return "timeout"
         ran = time.time() - self._started
-        return (
-            "timeout"
-            if ran >= self.time_limit_min * 60 - self.signal_delay_s - TIMEOUT_SLACK_S
-            else "preemption"
-        )
+        late = ran >= self.time_limit_min * 60 - self.signal_delay_s - TIMEOUT_SLACK_S
+        return "timeout" if late else "preemption"
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         cause = self.requeue_cause()

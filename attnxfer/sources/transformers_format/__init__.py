@@ -235,12 +235,9 @@ def _preprocessing(pp: dict[str, Any]) -> dict[str, Any]:
         short = size.get("shortest_edge", size.get("int", size.get("height")))
         if side and short:
             out.update(crop_pct=side / short, crop_mode="center", crop_size=(side, crop.get("width", side)))
-    elif "height" in size:  # resized to exactly height x width, aspect ratio not kept
-        out.update(
-            crop_pct=1.0, crop_mode="squash", crop_size=(size["height"], size.get("width", size["height"]))
-        )
-    elif "int" in size:
-        out.update(crop_pct=1.0, crop_mode="squash", crop_size=(size["int"], size["int"]))
+    elif "height" in size or "int" in size:  # resized to exactly height x width, aspect ratio not kept
+        side = size.get("height", size.get("int"))
+        out.update(crop_pct=1.0, crop_mode="squash", crop_size=(side, size.get("width", side)))
     elif "shortest_edge" in size:
         out.update(crop_pct=1.0, crop_mode="center")
     return out
