@@ -114,13 +114,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
+        for arg in [a for a in args if a is not type(None)]:
+            with contextlib.suppress(ConfigError):
                 return _coerce(value, arg, key)
-            except ConfigError:
-                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if tp is Any:
         return value

@@ -113,12 +113,7 @@ class ResumableSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable progress (epoch, position) plus the settings that define the order."""
-        return {
-            "epoch": self.epoch,
-            "position": self.position,
-            **{k: getattr(self, k) for k in _CONFIG_KEYS},
-            "world_size": self.world_size,
-        }
+        return {k: getattr(self, k) for k in ("epoch", "position", *_CONFIG_KEYS, "world_size")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore epoch and position; the order's settings must match (another order makes the position
