@@ -64,11 +64,8 @@ def _lookup(classes: dict[str, _Class], name: str, attr: str) -> object:
         return None
     if attr in cls.declared:
         return cls.declared[attr]
-    for base in cls.bases:
-        value = _lookup(classes, base, attr)
-        if value is not None:
-            return value
-    return None
+    found = (_lookup(classes, base, attr) for base in cls.bases)
+    return next((value for value in found if value is not None), None)
 
 
 def _is_zoo(classes: dict[str, _Class], name: str) -> bool:
