@@ -5,6 +5,7 @@ torch nor timm (about 6 s) and ``attnxfer --help`` answers at once.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
@@ -102,10 +103,7 @@ def _renamed(name: str) -> Any:
         DeprecationWarning,
         stacklevel=3,
     )
-    value: Any = importlib.import_module(__name__)
-    for part in _RENAMED[name].split("."):
-        value = getattr(value, part)
-    return value
+    return functools.reduce(getattr, _RENAMED[name].split("."), importlib.import_module(__name__))
 
 
 def __dir__() -> list[str]:
