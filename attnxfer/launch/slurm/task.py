@@ -15,6 +15,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
+from ...checkpoints.atomic_io import atomic_write_text
 from ...speak import show_debug, warn
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
@@ -202,9 +203,7 @@ class TrainingTask(submitit.helpers.Checkpointable):
             if cause:
                 entry["cause"] = cause
             record["events"].append(entry)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(record, indent=1))
         except Exception as e:  # a report must not break the requeue itself
             warn(f"could not record requeue: {e}")
 
