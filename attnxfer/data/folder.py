@@ -127,6 +127,15 @@ class FolderDataset(Dataset):
         return self[index][0]
 
 
+def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -> tuple[bool, Callable]:
+    """(``augment``, by default on the train split; timm's transform of ``info``'s images, ``aug`` its options)."""
+    from timm.data import create_transform  # local import keeps `import attnxfer.data` light
+
+    augment = split == "train" if augment is None else augment
+    size = (info.in_chans, info.img_size, info.img_size)
+    return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
+
+
 @register_dataset("folder", info=folder_info)
 def build_folder(
     split: str,
@@ -154,17 +163,15 @@ def build_folder(
     (``scale``, ``ratio``), ``hflip``, ``color_jitter``, ``auto_augment`` (e.g. 'rand-m9-mstd0.5-inc1'),
     random erasing ``re_prob`` / ``re_mode`` (const, rand, pixel) / ``re_count``. Eval: resize to img_size / crop_pct, centre crop.
     ``labels=False``: every image under the split folder, as ``(x,)`` samples (`ImageFiles`)."""
-    from timm.data import create_transform  # local import keeps `import attnxfer.data` light
-
     classes = folder_classes(root) if labels else ()
     _split_dir(root, split)  # a missing split folder is refused before anything is built
     info = built_info(
         "folder", folder_info(root, labels), img_size, in_chans, mean, std, grayscale_or_rgb=True
     )
-    augment = split == "train" if augment is None else augment
-    transform = create_transform(
-        (info.in_chans, info.img_size, info.img_size),
-        is_training=augment,
+    augment, transform = timm_transform(
+        split,
+        augment,
+        info,
         scale=scale,
         ratio=ratio,
         hflip=hflip,
@@ -175,8 +182,6 @@ def build_folder(
         re_count=re_count,
         interpolation=interpolation,
         crop_pct=crop_pct,
-        mean=info.mean,
-        std=info.std,
     )
     images = _split_images(split, root, classes, labels, info.in_chans, transform)
     info = replace(info, **timm_eval_settings(crop_pct, interpolation))

@@ -21,7 +21,7 @@ from itertools import islice
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from ..errors import InputError
-from .folder import FolderDataset, decoded_image_info
+from .folder import FolderDataset, decoded_image_info, timm_transform
 from .label_free import LabelFree, without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
 
@@ -144,14 +144,6 @@ class WdsImages:
             yield image, None
 
 
-def _transform(split: str, augment: bool | None, info: DatasetInfo, **aug):
-    from timm.data import create_transform
-
-    augment = split == "train" if augment is None else augment
-    size = (info.in_chans, info.img_size, info.img_size)
-    return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
-
-
 @register_prefix("hfds", info=hf_info)
 def build_hfds(
     name: str,
@@ -183,7 +175,7 @@ def build_hfds(
     default = hf_info(name, root, train_split, labels=labels)
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
-    augment, transform = _transform(split, augment, info, **aug)
+    augment, transform = timm_transform(split, augment, info, **aug)
     mode = "RGB" if info.in_chans == 3 else "L"
     if labels:
         images = create_dataset(
@@ -294,7 +286,7 @@ for _prefix in STREAM_PREFIXES:
             dataset, stream_info(dataset, root), img_size, in_chans, mean, std, grayscale_or_rgb=True
         )
         aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **options)
-        augment, transform = _transform(split, augment, info, **aug)
+        augment, transform = timm_transform(split, augment, info, **aug)
         try:
             stream = create_dataset(
                 dataset,
