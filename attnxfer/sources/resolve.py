@@ -17,7 +17,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from timm.models import get_pretrained_cfg, split_model_name_tag
+from timm.models._hub import load_model_config_from_path
 
 from ..errors import InputError, MissingPathError
 from ..run_layout import DEMO_EXPORTS, DEMO_OUT
@@ -81,9 +84,6 @@ class TeacherSpec:
 
 def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     """Split a teacher spec into its source and name; unknown forms are an error that lists the valid ones."""
-    import timm
-    from timm.models import split_model_name_tag
-
     spec = str(spec).strip()
     prefix, sep, rest = spec.partition(":")
     if sep and prefix.lower() in ("hf-hub", "hf_hub"):
@@ -258,16 +258,12 @@ class Resolved:
 def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
     """timm's pretrained config ``name``; ``hub``: one whose weights the Hub holds (as a native state dict,
     even where the original URL is a foreign format), else `TeacherNotAvailable` says what to download."""
-    from timm.models import get_pretrained_cfg, split_model_name_tag
-
     arch, _ = split_model_name_tag(name)
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError:  # an unknown tag
         cfg = None
     if cfg is None:
-        import timm
-
         raise InputError(
             f"timm has no pretrained config {name!r}; tags for {arch}: "
             f"{timm.list_pretrained(arch + '.*')[:10]}"
@@ -283,8 +279,6 @@ def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
 def _resolve_timm(
     spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
 ) -> Resolved:
-    from timm.models import split_model_name_tag
-
     arch_name, _ = split_model_name_tag(spec.name)
     cfg = registry_cfg(spec.name, hub=pretrained)
     res = Resolved(Origin.TIMM_PRETRAINED, arch_name, cfg, license=cfg.get("license"))
@@ -337,8 +331,6 @@ def _resolve_config(origin: Origin, cfg_path: str, where: str, find: Callable[[s
         )
     readme = find("README.md")
     if not is_transformers_config(config):
-        from timm.models._hub import load_model_config_from_path
-
         cfg, architecture, model_args = load_model_config_from_path(Path(cfg_path).parent)
         license_id = cfg.get("license") or _readme_license(readme)
         named = _registered_as(cfg_path)
@@ -419,8 +411,6 @@ def _resolve_local_dir(
 def _resolve_file(
     spec: TeacherSpec, *, arch: str | None, cache_dir: str | None, pretrained: bool
 ) -> Resolved:
-    from timm.models import split_model_name_tag
-
     path = Path(spec.name)
     if not path.is_file():
         raise MissingPathError(f"teacher checkpoint {path} does not exist")
@@ -435,8 +425,6 @@ def _resolve_file(
             f"arch='vit_large_patch16_224.mae' (the tag selects the preprocessing){hint}"
         )
     arch_name, tag = split_model_name_tag(arch)
-    import timm
-
     if not timm.is_model(arch_name):
         raise InputError(f"arch={arch!r} is not a timm architecture (see timm.list_models('vit_*'))")
     cfg = registry_cfg(arch)

@@ -16,6 +16,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from timm.models import get_model_input_config
 
 from ..errors import InputError
 from ..models.attention import ImageSizes, make_transfer_aware
@@ -387,8 +388,6 @@ def _record(
     source_pos: tuple[int, ...] | None,
     size: OtherSize | None = None,
 ) -> TeacherRecord:
-    from timm.models import get_model_input_config
-
     cfg = model.pretrained_cfg
     resampled = False
     if source_pos is not None and getattr(model, "pos_embed", None) is not None:
