@@ -7,9 +7,18 @@ import http.client
 import os
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from huggingface_hub import ModelCard, constants, hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from ..errors import InputError
 from ..speak import debug, warn
@@ -24,8 +33,6 @@ _SHARD_INDEX = "model.safetensors.index.json"
 
 def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
     """The Hub cache in use: ``cache_dir`` or huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub)."""
-    from huggingface_hub import constants
-
     return str(cache_dir) if cache_dir else constants.HF_HUB_CACHE
 
 
@@ -33,10 +40,6 @@ def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
     """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts), remembered for
     ``ttl`` seconds: huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back
     to the cache, so one bounded probe (DNS included, in a daemon thread) decides up front instead."""
-    import time
-
-    from huggingface_hub import constants
-
     endpoint = constants.ENDPOINT
     now = time.monotonic()
     cached = _REACHABLE.get(endpoint)
@@ -75,8 +78,6 @@ def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
 
 
 def offline_reason() -> str | None:
-    from huggingface_hub import constants
-
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE=1 is set"
     if not hub_reachable():
@@ -108,19 +109,9 @@ def _hub_file(
 ) -> str | None:
     """Path of ``filename`` from Hub ``repo`` in the cache, downloading only when the Hub can be reached;
     missing and not downloadable: `TeacherNotAvailable` if ``required``, else None."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     reason = offline_reason()
     if reason is not None:
         # Offline: a purely local lookup (refs/<revision> -> snapshots/<commit>/<file>), no HTTP client at all.
-        from huggingface_hub import try_to_load_from_cache
-
         path = try_to_load_from_cache(repo, filename, cache_dir=cache_dir, revision=revision)
         if isinstance(path, str):
             return path
@@ -173,8 +164,6 @@ def _readme_license(path: str | None) -> str | None:
     an unknown licence (the export card then says to check the teacher's terms), with a warning."""
     if not path or not os.path.isfile(path):
         return None
-    from huggingface_hub import ModelCard
-
     try:
         license_id = ModelCard.load(path).data.license
     except Exception as e:  # malformed YAML front matter: yaml's errors, huggingface_hub's ValueError

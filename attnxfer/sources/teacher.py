@@ -16,6 +16,8 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.models import get_model_input_config
 
 from ..errors import InputError
@@ -439,9 +441,6 @@ def _record(
 def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None = None) -> str:
     """Download a teacher's config, weights and model card into the Hub cache (where there is internet, for
     a machine without); returns the snapshot folder, or a local spec's path."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     parsed = parse_teacher_spec(spec, revision)
     if parsed.source.is_local:
         debug(f"teacher {spec} is local: nothing to fetch")
