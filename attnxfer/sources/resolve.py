@@ -19,6 +19,8 @@ from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from timm.models._hub import load_model_config_from_path
 
@@ -176,9 +178,6 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             merged.update(read_state_dict(shard)[0])
         return merged, None
     if name.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path), device="cpu"), None
         except SafetensorError as e:
