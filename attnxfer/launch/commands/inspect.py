@@ -62,9 +62,8 @@ def run(args) -> int:
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    from ...apps.inspect.inspect import (
-        inspect_attention,
-    )  # after the checks: a bad flag answers without torch
+    # after the checks: a bad flag answers without torch
+    from ...apps.inspect.inspect import inspect_attention
 
     same = "images data data_root split num_images out overwrite teacher_arch student_arch batch_size seed"
     same += " img_size topk noise floor_images"  # flags named as inspect_attention's keywords

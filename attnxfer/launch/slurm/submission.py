@@ -16,6 +16,7 @@ from typing import Any
 
 import submitit
 from submitit.core.utils import FailedJobError, FailedSubmissionError
+from submitit.slurm.slurm import _make_sbatch_string
 
 from ...errors import InputError, UserError
 from ...speak import say
@@ -75,8 +76,6 @@ def default_job_dir(cfg: RunConfig, opts: SlurmOptions) -> Path:
 def sbatch_script(opts: SlurmOptions, job_dir: str | Path, array_size: int | None = None) -> str:
     """The sbatch script submitit writes for these options: a dry run must print byte for byte what is
     submitted, so it asks submitit's own (private) writer; pyproject.toml pins submitit's major version."""
-    from submitit.slurm.slurm import _make_sbatch_string
-
     folder = Path(job_dir).expanduser().absolute()
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     params = sbatch_parameters(opts)
