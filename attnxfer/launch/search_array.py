@@ -14,7 +14,6 @@ from typing import Any
 from ..apps.search import evaluate_batch
 from ..errors import InputError
 from ..speak import say
-from .arguments import add_array_arguments as add_array_arguments  # its home before arguments.py
 from .slurm import SlurmOptions, build_executor, parse_key_values, undone_if_refused, wait
 
 

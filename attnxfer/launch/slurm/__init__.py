@@ -6,11 +6,8 @@ checkpoint. ``cfg`` is opaque here except for `RunConfig` (a run directory and o
 
 from __future__ import annotations
 
-from ..arguments import add_slurm_arguments as add_slurm_arguments  # its home before arguments.py
-from .commands import (
-    options_from_args,
-    submit_from_args,
-)
+from ..arguments import add_slurm_arguments, parse_key_values, parse_sweep
+from .commands import options_from_args, submit_from_args
 from .monitor import (
     SLURM_ACTIVE_STATES,
     SLURM_NOT_READY_STATES,
@@ -29,8 +26,6 @@ from .options import (
     build_executor,
     check_name_list,
     check_script_value,
-    parse_key_values,
-    parse_sweep,
     parse_time_minutes,
     sbatch_parameters,
 )

@@ -10,8 +10,9 @@ from typing import Any
 import submitit
 
 from ...checkpoints.run_lock import last_checkpoint_note
+from ..arguments import parse_key_values, parse_sweep
 from .monitor import JobFailedError, wait
-from .options import RunConfig, SlurmOptions, parse_key_values, parse_sweep
+from .options import RunConfig, SlurmOptions
 from .submission import submit, sweep_points
 
 

@@ -14,13 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import submitit
 
 from ...errors import InputError, UserError
-from ..arguments import (
-    CLUSTERS,
-    add_slurm_arguments as add_slurm_arguments,  # its home before arguments.py
-    parse_key_values as parse_key_values,  # the same: `attnxfer study --vary` reads them without submitit
-    parse_sweep as parse_sweep,
-    split_top_level,
-)
+from ..arguments import CLUSTERS, split_top_level
 
 RUN_DIR_KEY = "run_dir"
 
