@@ -27,7 +27,6 @@ from ..models.vit import create_vit
 from ..speak import debug, warn
 from .hub import (
     fetch_instructions,
-    hub_cache_dir as hub_cache_dir,
     hub_reachable as hub_reachable,
     offline_reason,
 )
@@ -37,7 +36,6 @@ from .resolve import (
     Source,
     TeacherLoadError,
     TeacherNotAvailable,
-    TeacherSpec as TeacherSpec,
     UnsafeCheckpointError as UnsafeCheckpointError,
     parse_teacher_spec,
     read_state_dict,
