@@ -237,12 +237,9 @@ def fused_qkv(
     return out
 
 
-def linear(t: Taker, *names: str, bias: bool = True) -> dict[str, torch.Tensor]:
-    """``weight`` (and ``bias``) of one nn.Linear / LayerNorm / conv under the first of ``names`` present."""
-    out = {"weight": t.take(*(f"{n}.weight" for n in names))}
-    if bias:
-        out["bias"] = t.take(*(f"{n}.bias" for n in names))
-    return out
+def linear(t: Taker, *names: str) -> dict[str, torch.Tensor]:
+    """``weight`` and ``bias`` of one nn.Linear / LayerNorm / conv under the first of ``names`` present."""
+    return {p: t.take(*(f"{n}.{p}" for n in names)) for p in ("weight", "bias")}
 
 
 def under(prefix: str, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
