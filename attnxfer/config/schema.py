@@ -423,6 +423,6 @@ RESUMABLE_KEYS: tuple[str, ...] = resumable_keys(TrainConfig)
 SEARCH_RESUMABLE_KEYS: tuple[str, ...] = search_resumable_keys(TrainConfig)
 
 
-def config_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+def config_keys() -> list[str]:
     """Every leaf key of the schema, dotted (``optim.lr``, ...), in declaration order."""
-    return [leaf.name for leaf in leaves(cls or TrainConfig, prefix)]
+    return [leaf.name for leaf in leaves(TrainConfig)]

@@ -55,10 +55,8 @@ def register_command(
     return deco
 
 
-def add_config_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument(
-        "-c", "--config", required=required, help="YAML config (see cfgs/); defaults apply otherwise"
-    )
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", help="YAML config (see cfgs/); defaults apply otherwise")
     p.add_argument(
         "overrides",
         nargs="*",

@@ -41,9 +41,7 @@ class SweepPoint:
         return str(self.cfg.run_dir)
 
 
-def sweep_points(
-    cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None, run_dir_key: str = RUN_DIR_KEY
-) -> list[SweepPoint]:
+def sweep_points(cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None) -> list[SweepPoint]:
     """The cartesian product of ``sweep`` as configs, each with its own run dir under ``cfg.run_dir``."""
     if not isinstance(cfg, RunConfig):
         raise TypeError(
@@ -62,7 +60,7 @@ def sweep_points(
         overrides = dict(zip(keys, combo))
         label = "_".join(f"{k}={v}" for k, v in overrides.items())
         run_dir = str(Path(cfg.run_dir) / re.sub(r"[^A-Za-z0-9._=+-]", "-", f"{i:03d}_{label}"))
-        points.append(SweepPoint(overrides, cfg.with_overrides({**overrides, run_dir_key: run_dir})))
+        points.append(SweepPoint(overrides, cfg.with_overrides({**overrides, RUN_DIR_KEY: run_dir})))
     return points
 
 
@@ -88,10 +86,9 @@ def render_dry_run(
     cfg: RunConfig,
     opts: SlurmOptions,
     sweep: Mapping[str, Sequence[Any]] | None = None,
-    run_dir_key: str = RUN_DIR_KEY,
 ) -> str:
     """What ``submit(..., dry_run=True)`` prints: the sbatch script and every resolved config."""
-    points = sweep_points(cfg, sweep, run_dir_key)
+    points = sweep_points(cfg, sweep)
     job_dir = default_job_dir(cfg, opts)
     lines = [
         f"# dry run: nothing submitted ({len(points)} job{'s' if len(points) > 1 else ''}, "
@@ -115,13 +112,12 @@ def submit(
     opts: SlurmOptions,
     sweep: Mapping[str, Sequence[Any]] | None = None,
     dry_run: bool = False,
-    run_dir_key: str = RUN_DIR_KEY,
 ) -> list[submitit.Job]:
     """Submit ``main_fn(cfg)`` (one job, or a job array over the sweep); ``[]`` on a dry run, which prints
     the sbatch script and configs instead."""
-    points = sweep_points(cfg, sweep, run_dir_key)
+    points = sweep_points(cfg, sweep)
     if dry_run:
-        say(render_dry_run(cfg, opts, sweep, run_dir_key))
+        say(render_dry_run(cfg, opts, sweep))
         return []
     job_dir = default_job_dir(cfg, opts)
     executor = build_executor(opts, job_dir)
