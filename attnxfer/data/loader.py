@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -17,14 +15,11 @@ def build_loader(
     pin_memory: bool = False,
     drop_last: bool,
     seed: int = 0,
-    prefetch_factor: int | None = None,
-    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A DataLoader over ``sampler`` with its own generator seeded with ``seed``: worker seeds are drawn
     from it, not the global torch RNG, so the number of workers never shifts the main process's stream."""
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
-    extra = {} if num_workers == 0 or prefetch_factor is None else dict(prefetch_factor=prefetch_factor)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -34,6 +29,4 @@ def build_loader(
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),
-        collate_fn=collate_fn,
-        **extra,
     )
