@@ -109,13 +109,11 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
         p = _resolve_base(parent, p)
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), base: TrainConfig | None = None
-) -> TrainConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file (after the recipes it starts from), then ``key=value`` overrides; every
     value range-checked. A run's own ``config.yaml`` sets ``run_dir`` to the folder it sits in (`_own_run_dir`),
     unless a ``run_dir=`` override says otherwise; any other YAML's ``run_dir`` is taken as written."""
-    cfg = base or TrainConfig()
+    cfg = TrainConfig()
     if path is not None:
         p = resolve_recipe(path)
         for file, data in recipe_chain(p):

@@ -41,11 +41,11 @@ VIT_BASE: dict[str, Any] = dict(
 )
 
 
-def activation(config: dict[str, Any], key: str = "hidden_act") -> str:
+def activation(config: dict[str, Any]) -> str:
     """timm's name for the config's activation; one transformers has that timm does not is a ValueError."""
-    act = config.get(key, "gelu")
+    act = config.get("hidden_act", "gelu")
     if act not in _ACTIVATIONS:
-        raise ValueError(f"{key}={act!r} has no timm counterpart (supported: {sorted(_ACTIVATIONS)})")
+        raise ValueError(f"hidden_act={act!r} has no timm counterpart (supported: {sorted(_ACTIVATIONS)})")
     return _ACTIVATIONS[act]
 
 
