@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ...speak import say
-
-
-def _no_arguments(p: argparse.ArgumentParser) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -22,10 +18,10 @@ class Command:
 
     name: str
     run: Callable[[argparse.Namespace], int]
-    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
-    parser_options: dict[str, Any] = field(default_factory=dict)
-    # what ``--print-config`` prints (default `print_config`: the one config a run reads)
-    show_config: Callable[[argparse.Namespace], int] | None = None
+    arguments: Callable[[argparse.ArgumentParser], None]
+    parser_options: dict[str, Any]
+    # what ``--print-config`` prints (None: `print_config`, the one config a run reads)
+    show_config: Callable[[argparse.Namespace], int] | None
 
     def add_to(self, sub: argparse._SubParsersAction) -> None:
         """Its sub-parser, which hands the parsed arguments to `run` (``--print-config`` to `show_config`)."""
@@ -41,7 +37,7 @@ COMMANDS: dict[str, Command] = {}
 def register_command(
     name: str,
     *,
-    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments,
+    arguments: Callable[[argparse.ArgumentParser], None],
     show_config: Callable[[argparse.Namespace], int] | None = None,
     **parser_options,
 ):
