@@ -454,7 +454,7 @@ def resolve(
     try:
         return RESOLVERS[parsed.source](parsed, arch=arch, cache_dir=cache_dir, pretrained=pretrained)
     except MissingPathError as err:
-        hint = demo_hint(parsed.name) if parsed.source in (Source.LOCAL_DIR, Source.FILE) else None
+        hint = demo_hint(parsed.name) if parsed.source.is_local else None
         if hint is None:
             raise
         raise MissingPathError(f"{err}; {hint}") from None
