@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from ..errors import UserError
 from ..speak import warn
+from ..version import __version__
 from .commands import COMMANDS, load
 from .process_exit import end_program
 
@@ -39,8 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Attention transfer for Vision Transformers: attention copy, attention distillation and "
         "conversion to efficient attention, on timm models.",
     )
-    from .. import __version__
-
     parser.add_argument("--version", action="version", version=f"attnxfer {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS.values():  # in `HELP_ORDER`
