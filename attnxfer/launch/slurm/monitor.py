@@ -46,25 +46,6 @@ class JobTimeoutError(TimeoutError):
     """``wait`` gave up before the job finished (the job keeps running)."""
 
 
-SLURM_ACTIVE_STATES = {
-    "PENDING",
-    "CONFIGURING",
-    "RUNNING",
-    "COMPLETING",
-    "REQUEUED",
-    "REQUEUE_FED",
-    "REQUEUE_HOLD",
-    "RESIZING",
-    "SUSPENDED",
-    "STAGE_OUT",
-    "SIGNALING",
-    "PREEMPTED",
-    "RESV_DEL_HOLD",
-    "STOPPED",
-    "UNKNOWN",
-}
-
-
 # no result on disk can be trusted in these: the job is (re)queued, or its processes are being
 # killed and it may be on its way back to the queue
 SLURM_NOT_READY_STATES = {
@@ -75,6 +56,18 @@ SLURM_NOT_READY_STATES = {
     "REQUEUE_FED",
     "REQUEUE_HOLD",
     "RESV_DEL_HOLD",
+}
+
+# a job in these has not ended
+SLURM_ACTIVE_STATES = SLURM_NOT_READY_STATES | {
+    "RUNNING",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+    "PREEMPTED",
+    "STOPPED",
+    "UNKNOWN",
 }
 
 
@@ -165,7 +158,7 @@ def _poll(job: submitit.Job, log_lines: int) -> tuple[list[Any] | None, str | No
     info = slurm_job_info(job.job_id)
     state = "GONE" if info is None else info.get("JobState", "UNKNOWN").split("+")[0]
     if state in SLURM_NOT_READY_STATES:
-        return None, state, state not in SLURM_ACTIVE_STATES
+        return None, state, False  # not ended: every not-ready state is an active one
     # results count from the epoch start of the job's current run after a requeue (0 when never requeued)
     current_run_start = 0.0
     if info and int(info.get("Restarts", "0") or 0) != 0:
