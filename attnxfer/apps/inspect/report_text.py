@@ -56,6 +56,27 @@ def number_text(v: float | None, digits: int = 3) -> str:
     return "—" if v is None or not math.isfinite(v) else f"{v:.{digits}f}"
 
 
+#: the per-layer mean columns of each table, with their digits
+_TEACHER_CELLS = (
+    ("entropy", 3),
+    ("distance", 1),
+    ("floor_kl", 4),
+    ("floor_js", 4),
+    ("floor_topk", 2),
+    ("floor_spearman", 2),
+)
+_STUDENT_CELLS = (
+    ("kl", 4),
+    ("js", 4),
+    ("topk", 2),
+    ("spearman", 2),
+    ("cls_js", 4),
+    ("cls_pearson", 2),
+    ("entropy", 3),
+    ("distance", 1),
+)
+
+
 def _teacher_table(layers: Sequence[TeacherLayer]) -> list[str]:
     lines = [
         "",
@@ -67,12 +88,14 @@ def _teacher_table(layers: Sequence[TeacherLayer]) -> list[str]:
     ]
     for t in layers:
         m = t.mean
-        lines.append(
-            f"| {t.layer} | `{t.name}` | {t.partition} | {t.heads} | {number_text(m.get('entropy'))} | "
-            f"{number_text(m.get('distance'), 1)} | "
-            f"{number_text(m.get('floor_kl'), 4)} | {number_text(m.get('floor_js'), 4)} | {number_text(m.get('floor_topk'), 2)} | "
-            f"{number_text(m.get('floor_spearman'), 2)} |"
-        )
+        cells = [
+            t.layer,
+            f"`{t.name}`",
+            t.partition,
+            t.heads,
+            *(number_text(m.get(k), d) for k, d in _TEACHER_CELLS),
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
 
@@ -94,11 +117,14 @@ def _student_table(name: str, rows: Sequence[LayerComparison]) -> list[str]:
             else "—"
         )
         attn = r.attention + (f" (borrows {r.borrowed})" if r.borrowed else "")
-        lines.append(
-            f"| {r.layer} | {r.teacher_layer} | {attn} | {number_text(m.get('kl'), 4)} | {number_text(m.get('js'), 4)} | "
-            f"{number_text(m.get('topk'), 2)} | {number_text(m.get('spearman'), 2)} | {number_text(m.get('cls_js'), 4)} | "
-            f"{number_text(m.get('cls_pearson'), 2)} | {number_text(m.get('entropy'))} | {number_text(m.get('distance'), 1)} | {heads} |"
-        )
+        cells = [
+            r.layer,
+            r.teacher_layer,
+            attn,
+            *(number_text(m.get(k), d) for k, d in _STUDENT_CELLS),
+            heads,
+        ]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
 
