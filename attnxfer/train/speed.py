@@ -118,11 +118,11 @@ def _speed_row(
     for key, (top, bottom) in RATIOS.items():
         if top not in times or bottom not in times:
             continue
-        num, den = times[top], times[bottom]  # images/s of ``top`` over ``bottom``: seconds the other way
-        row[key] = den.median / num.median
-        row[f"{key}_range"] = ratio_range(num, den)
-        if x.device.type == "cpu" and min(den.cpu_median, num.cpu_median) > 0:
-            row[f"{key}_cpu"] = den.cpu_median / num.cpu_median
+        t_top, t_bottom = times[top], times[bottom]  # images/s of ``top`` over ``bottom``: seconds inverted
+        row[key] = t_bottom.median / t_top.median
+        row[f"{key}_range"] = ratio_range(t_top, t_bottom)
+        if x.device.type == "cpu" and min(t_bottom.cpu_median, t_top.cpu_median) > 0:
+            row[f"{key}_cpu"] = t_bottom.cpu_median / t_top.cpu_median
     return row
 
 

@@ -56,7 +56,7 @@ def materialised_ce(
     z_s = ScaledLogits.apply(q_s, k_s, scale_s)
     N = z_s.shape[-1]
     ce = F.cross_entropy(z_s.reshape(-1, N), p_t.reshape(-1, N))
-    return ce, ce.detach() + torch.special.xlogy(p_t, p_t).sum(-1).mean() if with_kl else None
+    return ce, (ce.detach() + torch.special.xlogy(p_t, p_t).sum(-1).mean()) if with_kl else None
 
 
 def materialised_bytes(batch: int, tokens: int, student_heads: int, teacher_heads: int, layers: int) -> int:
