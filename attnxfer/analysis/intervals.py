@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from scipy.stats import binomtest
-
 
 def top1_interval(
     correct: int, total: int, confidence: float = 0.95, method: str = "wilson"
@@ -12,6 +10,9 @@ def top1_interval(
     or ``exact``, Clopper–Pearson)."""
     if total <= 0 or not 0 <= correct <= total:
         raise ValueError(f"top1_interval: need 0 <= correct <= total and total > 0, got {correct}/{total}")
+    # scipy loads here, not at import: every run imports this module (through the model card's)
+    from scipy.stats import binomtest
+
     ci = binomtest(int(correct), int(total)).proportion_ci(confidence_level=confidence, method=method)
     return 100.0 * ci.low, 100.0 * ci.high
 

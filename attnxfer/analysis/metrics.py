@@ -10,8 +10,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from scipy.stats import rankdata
 
 
 def row_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -64,6 +62,8 @@ def _ranks(x: torch.Tensor) -> torch.Tensor:
     )
     tied = (x.gather(-1, order).diff(dim=-1) == 0).any(-1)
     if tied.any():
+        from scipy.stats import rankdata  # scipy loads where it is used: every run imports this module (~1 s)
+
         rows = x[tied].detach().cpu().double().numpy()
         ranks[tied] = torch.from_numpy(rankdata(rows, axis=-1)).to(ranks)
     return ranks
@@ -127,6 +127,8 @@ def head_assignment(cost: np.ndarray | torch.Tensor) -> dict:
     cost = np.asarray(cost.cpu() if isinstance(cost, torch.Tensor) else cost, dtype=np.float64)
     if cost.ndim != 2 or 0 in cost.shape:
         raise ValueError(f"head assignment needs a (teacher heads, student heads) matrix, got {cost.shape}")
+    from scipy.optimize import linear_sum_assignment  # as in _ranks: not at import
+
     ht, hs = cost.shape
     rows, cols = linear_sum_assignment(cost)
     if ht % hs == 0:  # head groups of g = ht / hs (g = 1: the diagonal)

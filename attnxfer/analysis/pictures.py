@@ -1,5 +1,6 @@
 """Pictures of attention on matplotlib's Agg canvas (no pyplot state); each figure's size in pixels is fixed
-by its arguments (inches × `DPI`).
+by its arguments (inches × `DPI`). matplotlib loads at the first figure, not at import: every training run
+imports this module, few draw.
 """
 
 from __future__ import annotations
@@ -7,15 +8,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from .compare import Inspection, LayerComparison
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Dots per inch of every figure: sizes in pixels are inches × DPI.
 DPI = 100
@@ -23,6 +25,9 @@ DPI = 100
 
 def _figure(width: float, height: float) -> Figure:
     """A figure of ``width`` × ``height`` inches at `DPI` on its own Agg canvas (nothing global)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
@@ -62,6 +67,8 @@ def _cell(image: np.ndarray, attention: torch.Tensor | None, size: int) -> np.nd
         return 0.3 * base
     a = resize(attention.float()[None, None])[0, 0]
     a = (a / a.max().clamp_min(1e-12)).clamp(0, 1).numpy()
+    from matplotlib import colormaps
+
     return 0.35 * base + 0.65 * colormaps["inferno"](a)[..., :3]
 
 
