@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from attnxfer.apps.run.loaders import data_seed
 from attnxfer.checkpoints.resume_point import ResumePoint
+from attnxfer.checkpoints.verify import MANIFEST_NAME
 from attnxfer.config import ConfigError
 from attnxfer.config.study_spec import load_study
 from attnxfer.launch import cli
@@ -296,7 +297,7 @@ def test_a_study_killed_at_any_instant_resumes_to_the_uninterrupted_weights(tmp_
             # for a committed step of every student (its manifest is written last), then kills at a random
             # instant after it
             while victim.is_alive() and not all(
-                any((run / n / "checkpoints").glob("step-*/MANIFEST.json")) for n in ("copy", "distill")
+                any((run / n / "checkpoints").glob(f"step-*/{MANIFEST_NAME}")) for n in ("copy", "distill")
             ):
                 time.sleep(0.01)
             victim.join(rng.uniform(0.0, 0.5))
