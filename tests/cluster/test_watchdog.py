@@ -135,7 +135,9 @@ def test_a_stopped_rank_ends_its_peer_with_one_line_naming_it(tmp_path, stopped)
         assert waiting.exitcode is not None, "the waiting rank is still waiting"
         # continued, the stopped rank wakes with every clock stale: it must not blame the peer for its own stop
         os.kill(procs[stopped].pid, signal.SIGCONT)
+        continued = time.monotonic()
         procs[stopped].join(timeout=60)
+        awake_s = time.monotonic() - continued
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -154,4 +156,9 @@ def test_a_stopped_rank_ends_its_peer_with_one_line_naming_it(tmp_path, stopped)
     if stopped == 0:
         assert "it serves the process group's store" in lines[0]
     woken = logs[stopped].read_text()
-    assert procs[stopped].exitcode == 3 and not SILENCE_LINE.search(woken), woken[-3000:]
+    # the woken rank's all-reduce fails (its peer is gone); if that takes longer than the timeout on a loaded
+    # machine, its watchdog may name the store's silence, but only one counted from the wake, never its own stop
+    if procs[stopped].exitcode == EXIT_CODE:
+        assert awake_s >= timeout, (awake_s, woken[-3000:])
+    else:
+        assert procs[stopped].exitcode == 3 and not SILENCE_LINE.search(woken), woken[-3000:]
