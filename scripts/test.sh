@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite in two lanes at once: the SLURM tests (a real cluster on loopback; mostly waiting
-# on the scheduler: signals, requeues, time limits) beside every other test. Same tests as a plain
-# `pytest -q`, about the SLURM lane's length less wall time on a 2-core machine.
-# Extra arguments go to both lanes (e.g. -x, --durations=20). Exit status: the first lane that failed.
+# on the scheduler: signals, requeues, time limits) beside every other test, those in two pytest-xdist
+# workers (a test file stays on one worker: its module fixtures are built once) with one intra-op thread
+# each: on a 2-core machine two workers of two threads beside the SLURM lane spin on each other and
+# gain nothing (main lane 1,352 s against 1,350 s alone), one thread each takes it to 957 s.
+# Same tests as a plain `pytest -q`. Extra arguments go to both lanes (e.g. -x, --durations=20; -n 8
+# on a bigger machine). Exit status: the first lane that failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 slurm_log=$(mktemp "${TMPDIR:-/tmp}/attnxfer-slurm-lane.XXXXXX")
 "$py" -m pytest -q -p no:cacheprovider -m slurm "$@" >"$slurm_log" 2>&1 &
 slurm_pid=$!
-"$py" -m pytest -q -m "not slurm" "$@"
+OMP_NUM_THREADS=1 "$py" -m pytest -q -n 2 --dist loadfile -m "not slurm" "$@"
 rest=$?
 wait "$slurm_pid"
 slurm=$?

@@ -46,6 +46,13 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    if config.getoption("cpu_durations") is not None and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError(
+            "--cpu-durations counts in one process: add -n 0 (scripts/test.sh runs two workers)"
+        )
+
+
 def _cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
