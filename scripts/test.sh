@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite in two lanes at once: the SLURM tests (a real cluster on loopback; mostly waiting
 # on the scheduler: signals, requeues, time limits) beside every other test, those in two pytest-xdist
-# workers (a test file stays on one worker: its module fixtures are built once) with one intra-op thread
-# each: on a 2-core machine two workers of two threads beside the SLURM lane spin on each other and
-# gain nothing (main lane 1,352 s against 1,350 s alone), one thread each takes it to 957 s.
-# Same tests as a plain `pytest -q`. Extra arguments go to both lanes (e.g. -x, --durations=20; -n 8
+# workers (a test file stays on one worker: its module fixtures are built once) of one intra-op thread
+# each: with two threads each, the workers and the SLURM lane spin on 2 cores and gain nothing
+# (docs/testing.md has the timings). Same tests as a plain `pytest -q`. Extra arguments go to both lanes (e.g. -x, --durations=20; -n 8
 # on a bigger machine). Exit status: the first lane that failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
