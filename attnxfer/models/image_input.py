@@ -11,11 +11,11 @@ import torch.nn as nn
 from timm.models import get_model_traits
 
 from ..errors import InputError
-from .attention import families, patch_embeddings
+from .attention import families
 from .attention.family import ImageSizes, Tiling, family_of
 
 #: Where the families keep the patch embedding, looked up in this order (``patch_embed`` first).
-PATCH_EMBEDDINGS = patch_embeddings()
+PATCH_EMBEDDINGS = tuple(dict.fromkeys(["patch_embed", *(f.patch_embedding for f in families())]))
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,6 @@ def check_image_size(model: nn.Module, side: int) -> ImageSizes:
     """Refuse an image side ``model`` cannot run at, else return its family's `ImageSizes`: the size the
     weights were made for always runs (padded windows included); another must meet every `Tiling`, so the
     model computes what it computes at its own size, on more or fewer tokens."""
-    sizes = image_sizes(model)
     if side < 1:
         raise ImageSizeError(
             f"an image side must be a positive number of pixels, got {side}", side, None, None
@@ -151,7 +150,7 @@ def check_image_size(model: nn.Module, side: int) -> ImageSizes:
     tilings = size_tilings(model)
     native = _native_side(model)
     if _fits(tilings, side, native):
-        return sizes
+        return image_sizes(model)
     family = family_of(model)
     title = f"a {family.title} model" if family is not None else f"a {type(model).__name__}"
     reason = next(t.reason(side) for t in tilings if not t.fits(side))

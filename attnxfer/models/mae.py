@@ -116,10 +116,8 @@ class MaskedAutoencoder(nn.Module):
         self.patch = encoder.patch_embed.patch_size[0]
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.in_chans = encoder.patch_embed.proj.in_channels
-        width = encoder.embed_dim
-        n = self.grid[0] * self.grid[1]
 
-        self.decoder_embed = nn.Linear(width, decoder_dim)
+        self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         # fixed, as in the paper: a Parameter without gradient, so checkpoints carry it like MAE's
         pos = torch.cat([torch.zeros(1, decoder_dim), sincos_pos_embed_2d(decoder_dim, self.grid)])
@@ -132,7 +130,7 @@ class MaskedAutoencoder(nn.Module):
         )
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch * self.patch * self.in_chans)
-        self._num_patches = n
+        self._num_patches = self.grid[0] * self.grid[1]
         nn.init.normal_(self.mask_token, std=0.02)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):

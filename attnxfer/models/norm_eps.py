@@ -5,10 +5,11 @@ rebuilt eps (a relative ~1e-6 / variance off the teacher, which its training abs
 
 from __future__ import annotations
 
-import timm
 import torch
 from timm.models import get_model_args
 from torch import nn
+
+from .vit import _create_dropping
 
 # create_model arguments that are runtime settings, not architecture (and would not build on meta)
 _RUNTIME = ("pretrained_model_args", "pretrained_strict", "device", "dtype", "features_only", "out_indices")
@@ -22,15 +23,8 @@ def _recorded_build(model: nn.Module) -> nn.Module:
     """The model's architecture built on the meta device from its recorded arguments."""
     arch = model.pretrained_cfg["architecture"]
     args = {k: v for k, v in get_model_args(model).items() if k not in _RUNTIME and k != "attn_layer"}
-    with torch.device("meta"):
-        try:
-            return timm.create_model(arch, pretrained=False, **args)
-        except TypeError as e:  # a family that takes any input size (PVTv2) records none to take back
-            if "'img_size'" not in str(e):
-                raise
-            return timm.create_model(
-                arch, pretrained=False, **{k: v for k, v in args.items() if k != "img_size"}
-            )
+    with torch.device("meta"):  # a family that takes any input size (PVTv2) records none to take back
+        return _create_dropping(arch, False, args, optional=("img_size",))
 
 
 def norms_as_recorded(model: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ trait carried over; `student_spec` / `student_from_spec` turn a student into the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterable
@@ -217,11 +218,11 @@ def student_like(
     sizes = dict(
         depth=depth, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, num_classes=num_classes
     )
+    requested = {k: v for k, v in sizes.items() if v is not None}
     if not isinstance(teacher, VisionTransformer):
-        return _family_student(teacher, sizes, drop_path_rate, attn_layer, overrides)
+        return _family_student(teacher, requested, drop_path_rate, attn_layer, overrides)
     t = vit_traits(teacher)
     arch = (getattr(teacher, "pretrained_cfg", None) or {}).get("architecture") or "vit_base_patch16_224"
-    requested = {k: v for k, v in sizes.items() if v is not None}
     args = _vit_student_args(teacher, t, requested, overrides)
     cfg = _student_cfg(
         getattr(teacher, "pretrained_cfg", {}) or {},
@@ -292,7 +293,7 @@ def _family_student(
         )
     args = {**get_model_args(teacher), "num_classes": teacher.num_classes}
     args = {k: v for k, v in args.items() if k not in _NOT_ARCHITECTURE and not k.endswith("_drop_rate")}
-    args.update({k: v for k, v in requested.items() if v is not None}, **overrides)
+    args.update(requested, **overrides)
     cfg = _student_cfg(
         getattr(teacher, "pretrained_cfg", {}) or {},
         arch,
@@ -338,12 +339,10 @@ def student_spec(student: nn.Module) -> dict[str, Any]:
     # the size the model was built for, read from its patch embedding: timm keeps a pretrained config's
     # input_size when create_model(..., img_size=...) builds another size (a SAM at 48 px still says 1024), and
     # whoever loads the export runs at the size recorded
-    try:
+    with contextlib.suppress(InputError):
         found = image_input(student)
-    except InputError:
-        found = None
-    if found is not None and found.img_size is not None:
-        data_cfg["input_size"] = [found.in_chans, *found.img_size]
+        if found.img_size is not None:
+            data_cfg["input_size"] = [found.in_chans, *found.img_size]
     spec = {
         "architecture": arch,
         "model_args": {k: _json_value(k, v) for k, v in sorted(args.items())},
@@ -413,11 +412,8 @@ def student_shape(model: nn.Module) -> dict[str, Any]:
     else:
         stages = [int(f["num_chs"]) for f in getattr(model, "feature_info", None) or [] if "num_chs" in f]
         shape.update(widths=stages or None, blocks=len(hierarchical_slots(model)) or None)
-    try:
+    with contextlib.suppress(InputError):
         found = image_input(model)
-    except InputError:
-        found = None
-    if found is not None:
         shape.update(patch=list(found.patch_size), in_chans=found.in_chans)
         if found.img_size is not None:
             shape["img_size"] = list(found.img_size)

@@ -26,7 +26,6 @@ from .family import (
     Tiling as Tiling,
     families as families,
     family_of as family_of,
-    patch_embeddings as patch_embeddings,
 )
 from .interface import (
     COUNTERPART_MODULES as COUNTERPART_MODULES,

@@ -117,11 +117,6 @@ def families() -> list[Family]:
     )
 
 
-def patch_embeddings() -> tuple[str, ...]:
-    paths = ["patch_embed", *(f.patch_embedding for f in families())]
-    return tuple(dict.fromkeys(paths))
-
-
 def family_of(model: nn.Module) -> Family | None:
     """The family whose timm module defines ``model``'s class (or the nearest timm class it derives from)."""
     modules = {m.module: f for f in _FAMILIES.values() for m in f.modules}

@@ -114,13 +114,13 @@ def freeze_fused(
     return frozen
 
 
-def _to_buffer(module: nn.Module, name: str) -> None:
-    """Parameter ``name`` becomes a buffer of the same name: no gradient, same ``state_dict`` key."""
-    p = module._parameters.get(name)
-    if p is None:
-        return
-    del module._parameters[name]
-    module.register_buffer(name, p.detach().clone())
+def _to_buffer(module: nn.Module, *names: str) -> None:
+    """Parameters ``names`` become buffers of the same names: no gradient, same ``state_dict`` keys."""
+    for name in names:
+        p = module._parameters.get(name)
+        if p is not None:
+            del module._parameters[name]
+            module.register_buffer(name, p.detach().clone())
 
 
 def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
@@ -136,9 +136,7 @@ def freeze_chunks(attn: nn.Module, chunks: Iterable[str]) -> None:
             _to_buffer(attn, f"{c}_bias")
     else:
         for c in chunks:
-            proj = getattr(attn, f"{c}_proj")
-            for name in ("weight", "bias"):
-                _to_buffer(proj, name)
+            _to_buffer(getattr(attn, f"{c}_proj"), "weight", "bias")
     for c in chunks & {"q", "k"}:
         norm = getattr(attn, f"{c}_norm", None)
         if norm is not None:

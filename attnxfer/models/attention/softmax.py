@@ -81,7 +81,6 @@ class SoftmaxCore(TransferableAttention):
 class TransferAttention(SoftmaxCore, Attention):
     """timm `Attention` that can hand out, take in, and show its q/k/v, with timm's parameter names."""
 
-    map_kind = MapKind.SOFTMAX
     conversion_slot = ConversionSlot
 
     def __init__(

@@ -38,12 +38,6 @@ class HeadsAttnDim:
         return self.num_heads * self.head_dim
 
 
-def _fused_rows(attn: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    w, b = fused_rows(attn.qkv, name)
-    separate = getattr(attn, f"{name}_bias", None)
-    return w, (separate if separate is not None else b)
-
-
 def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -> dict[str, torch.Tensor]:
     """The requested chunks as (B, heads, N, head_dim), as timm's forward computes them; no norms, no rope."""
     B, N, _ = x.shape
@@ -58,8 +52,9 @@ def project_heads(attn: nn.Module, x: torch.Tensor, which: str, head_dim: int) -
     out = {}
     for name in which:
         if fused:
-            w, b = _fused_rows(attn, name)
-            y = F.linear(x, w, b)
+            w, b = fused_rows(attn.qkv, name)
+            separate = getattr(attn, f"{name}_bias", None)
+            y = F.linear(x, w, separate if separate is not None else b)
         else:
             y = getattr(attn, f"{name}_proj")(x)
         out[name] = y.reshape(B, N, -1, head_dim).transpose(1, 2)
@@ -71,9 +66,8 @@ def apply_rope(
 ) -> torch.Tensor:
     if rope is None:
         return t
-    npt = num_prefix_tokens
-    rotated = apply_rot_embed_cat(t[:, :, npt:, :], rope, half=half)
-    return torch.cat([t[:, :, :npt, :], rotated], dim=2).to(t.dtype)
+    rotated = apply_rot_embed_cat(t[:, :, num_prefix_tokens:, :], rope, half=half)
+    return torch.cat([t[:, :, :num_prefix_tokens, :], rotated], dim=2).to(t.dtype)
 
 
 def merged_heads_output(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -19,29 +19,24 @@ KV_CHUNKS = ("k", "v")
 
 
 def project_q_kv(
-    attn: nn.Module,
-    x: torch.Tensor,
-    which: str,
-    reduce: Callable[[torch.Tensor], torch.Tensor],
-    num_heads: int,
-    head_dim: int,
+    attn: nn.Module, x: torch.Tensor, which: str, reduce: Callable[[torch.Tensor], torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     """q of ``x`` and k/v of ``reduce(x)`` (computed only when asked for), as (B, heads, tokens, head_dim)."""
     out: dict[str, torch.Tensor] = {}
     if "q" in which:
         B, N, _ = x.shape
-        out["q"] = attn.q(x).reshape(B, N, num_heads, head_dim).transpose(1, 2)
+        out["q"] = attn.q(x).reshape(B, N, attn.num_heads, attn.head_dim).transpose(1, 2)
     wanted = [c for c in KV_CHUNKS if c in which]
     if not wanted:
         return out
     r = reduce(x)
     B, M, _ = r.shape
     if len(wanted) == 2:
-        k, v = attn.kv(r).reshape(B, M, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = attn.kv(r).reshape(B, M, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         return {**out, "k": k, "v": v}
     c = wanted[0]
     w, b = fused_rows(attn.kv, c, KV_CHUNKS)
-    out[c] = F.linear(r, w, b).reshape(B, M, num_heads, head_dim).transpose(1, 2)
+    out[c] = F.linear(r, w, b).reshape(B, M, attn.num_heads, attn.head_dim).transpose(1, 2)
     return out
 
 
@@ -49,8 +44,7 @@ def freeze_q_kv(attn: nn.Module, chunks: Iterable[str]) -> None:
     """Freeze ``chunks``: ``q``'s parameters become buffers, k/v frozen blocks of a `PartialQKV`."""
     chunks = set(chunks) & set(QKV)
     if "q" in chunks:
-        for name in ("weight", "bias"):
-            _to_buffer(attn.q, name)
+        _to_buffer(attn.q, "weight", "bias")
     frozen = chunks & set(KV_CHUNKS)
     if frozen:
         freeze_fused(attn, "kv", frozen, KV_CHUNKS)

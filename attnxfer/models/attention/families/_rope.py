@@ -18,6 +18,4 @@ class RopeSlot(ConversionSlot):
 
     @classmethod
     def refusal(cls, zoo: type[nn.Module]) -> str | None:
-        if getattr(zoo, "rope_keeps_map_kind", False):
-            return None
-        return zoo.rope_refusal()
+        return None if getattr(zoo, "rope_keeps_map_kind", False) else zoo.rope_refusal()

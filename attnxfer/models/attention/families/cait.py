@@ -102,17 +102,15 @@ class TransferClassAttn(SoftmaxCore, ClassAttn):
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         for c in set(chunks):
-            for name in ("weight", "bias"):
-                _to_buffer(getattr(self, c), name)
+            _to_buffer(getattr(self, c), "weight", "bias")
 
 
 def resize_cait_weights(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """CaiT's weights at another size: the position embedding resampled (timm's CaiT filter does not)."""
-    out = dict(state_dict)
-    out["pos_embed"] = resample_abs_pos_embed(
+    pos_embed = resample_abs_pos_embed(
         state_dict["pos_embed"], new_size=list(model.patch_embed.grid_size), num_prefix_tokens=0
     )
-    return out
+    return {**state_dict, "pos_embed": pos_embed}
 
 
 FAMILY = register_family(

@@ -131,8 +131,7 @@ class TransferGemma4Attention(HeadsAttnDim, SoftmaxCore, Gemma4Attention):
 
     def freeze_projections(self, chunks: Iterable[str]) -> None:
         for c in set(chunks):
-            for name in ("weight", "bias"):
-                _to_buffer(getattr(self, f"{c}_proj").linear, name)
+            _to_buffer(getattr(self, f"{c}_proj").linear, "weight", "bias")
             if c in "qk":
                 getattr(self, f"{c}_norm").requires_grad_(False)
 

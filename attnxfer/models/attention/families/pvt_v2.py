@@ -87,9 +87,7 @@ class TransferPvtV2Attention(HeadsAttnDim, ReducedKeys, SoftmaxCore, PvtV2Attent
         """Which tokens of the stage's grid each reduced key is made from; None without a reduction."""
         if self.pool is not None:
             return KeyPooling.adaptive(feat_size, self.pool.output_size)
-        if self.sr is None:
-            return None
-        return KeyPooling.strided(feat_size, self.sr_ratio)
+        return KeyPooling.strided(feat_size, self.sr_ratio) if self.sr is not None else None
 
     def reduce(self, x: torch.Tensor, feat_size: list[int]) -> torch.Tensor:
         B, _, C = x.shape
@@ -104,9 +102,7 @@ class TransferPvtV2Attention(HeadsAttnDim, ReducedKeys, SoftmaxCore, PvtV2Attent
     def project(
         self, x: torch.Tensor, which: str = "qkv", feat_size: list[int] | None = None
     ) -> dict[str, torch.Tensor]:
-        return project_q_kv(
-            self, x, which, lambda t: self.reduce(t, feat_size), self.num_heads, self.head_dim
-        )
+        return project_q_kv(self, x, which, lambda t: self.reduce(t, feat_size))
 
     _output = merged_heads_output
 

@@ -20,8 +20,9 @@ from ._projections import merged_heads_output, project_heads
 from ._reduced_keys import ReducedKeys, freeze_q_kv, project_q_kv
 
 
-class _TwinsHeads:
-    """Head sizes of Twins' attentions (timm keeps only ``dim`` and ``num_heads``)."""
+class _TwinsParts:
+    """What Twins' two attentions share: head sizes (timm keeps only ``dim`` and ``num_heads``), the stage
+    grid of their call, their output."""
 
     dim: int
     num_heads: int
@@ -34,14 +35,16 @@ class _TwinsHeads:
     def attn_dim(self) -> int:
         return self.dim
 
-
-@register_adapter(LocallyGroupedAttn)
-class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
-    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
-        return {"window_size": self.ws}
-
     def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
         return grid_argument(args, kwargs, "size")
+
+    _output = merged_heads_output
+
+
+@register_adapter(LocallyGroupedAttn)
+class TransferLocallyGroupedAttn(_TwinsParts, SoftmaxCore, LocallyGroupedAttn):
+    def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
+        return {"window_size": self.ws}
 
     def place_rows(
         self, partition: dict[str, Any], tokens: int, grid: tuple[int, int] | None, walk: TokenWalk
@@ -68,16 +71,11 @@ class TransferLocallyGroupedAttn(_TwinsHeads, SoftmaxCore, LocallyGroupedAttn):
     def project(self, x: torch.Tensor, which: str = "qkv") -> dict[str, torch.Tensor]:
         return project_heads(self, x, which, self.head_dim)
 
-    _output = merged_heads_output
-
 
 @register_adapter(GlobalSubSampleAttn)
-class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalSubSampleAttn):
+class TransferGlobalSubSampleAttn(_TwinsParts, ReducedKeys, SoftmaxCore, GlobalSubSampleAttn):
     def token_partition(self, block: nn.Module | None = None) -> dict[str, Any]:
         return {"sr_ratio": self.sr_ratio}
-
-    def call_grid(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int] | None:
-        return grid_argument(args, kwargs, "size")
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self.io is None:
@@ -94,9 +92,7 @@ class TransferGlobalSubSampleAttn(_TwinsHeads, ReducedKeys, SoftmaxCore, GlobalS
     def project(
         self, x: torch.Tensor, which: str = "qkv", size: tuple[int, int] | None = None
     ) -> dict[str, torch.Tensor]:
-        return project_q_kv(self, x, which, lambda t: self.reduce(t, size), self.num_heads, self.head_dim)
-
-    _output = merged_heads_output
+        return project_q_kv(self, x, which, lambda t: self.reduce(t, size))
 
     freeze_projections = freeze_q_kv
 
@@ -111,8 +107,7 @@ def twins_tilings(model: nn.Module) -> tuple[Tiling, ...]:
         for block in blocks:
             attn = block.attn
             if isinstance(attn, LocallyGroupedAttn) and attn.ws > 1:
-                what = f"stage {k}"
-                out.update(dict.fromkeys(tilings_of(stride, (attn.ws, attn.ws), what=what)))
+                out.update(dict.fromkeys(tilings_of(stride, (attn.ws, attn.ws), what=f"stage {k}")))
             sr = getattr(attn, "sr", None)
             if sr is not None and max(sr.stride) > 1:
                 reduced = [s * int(r) for s, r in zip(stride, sr.stride)]
