@@ -142,13 +142,12 @@ def held_out_kl(teacher: nn.Module, student: nn.Module, cache: TeacherCache) -> 
     per_layer = []
     for i in cache.layers:
         t_attn, s_attn = t_attns[i], s_attns[i]
-        total = count = 0.0
+        total = 0.0
         for batch in cache.held_out:
             own = s_attn.project(batch[i]["input"], "qk")
             n = batch[i]["input"].shape[0]
             total += n * layer_map_metric(t_attn, batch[i], s_attn, own)  # KL: row-stochastic maps
-            count += n
-        per_layer.append(total / count)
+        per_layer.append(total / cache.held_out_images)
     return per_layer
 
 

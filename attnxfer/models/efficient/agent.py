@@ -62,9 +62,8 @@ class AgentAttention(EfficientAttention):
         self.agent_grid = as_grid(agent_grid)
         num_agents = self.agent_grid[0] * self.agent_grid[1]
         self.bias_grid = as_grid(bias_grid)
-        bh, bw = self.bias_grid
-        self.agent_key_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))
-        self.query_agent_bias = nn.Parameter(torch.empty(num_heads, num_agents, bh, bw, **dd))
+        self.agent_key_bias = nn.Parameter(torch.empty(num_heads, num_agents, *self.bias_grid, **dd))
+        self.query_agent_bias = nn.Parameter(torch.empty(num_heads, num_agents, *self.bias_grid, **dd))
         self.reset_new_parameters()
 
     def reset_new_parameters(self) -> None:

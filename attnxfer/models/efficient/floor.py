@@ -46,9 +46,6 @@ class FloorAttention(EfficientAttention):
     ) -> torch.Tensor:
         return v
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return v
-
     def folds(self) -> bool:
         """Never: a folded path would skip ``attend`` (and costs what the layer's own projection does)."""
         return False

@@ -29,9 +29,8 @@ def depthwise_grid_conv(
 ) -> torch.Tensor:
     """``dwc`` over v's grid tokens, zeros at prefix tokens: (B, H, N, d) -> (B, H, N, d)."""
     B, H, _, d = v.shape
-    p = num_prefix
-    conv = _grid_conv(v[:, :, p:], dwc, grid)
-    return torch.cat([v.new_zeros(B, H, p, d), conv], dim=-2)
+    conv = _grid_conv(v[:, :, num_prefix:], dwc, grid)
+    return torch.cat([v.new_zeros(B, H, num_prefix, d), conv], dim=-2)
 
 
 def _grid_conv(grid_tokens: torch.Tensor, dwc: nn.Conv2d, grid: tuple[int, int]) -> torch.Tensor:

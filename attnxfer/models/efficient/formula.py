@@ -294,9 +294,7 @@ class FormulaAttention(WindowLinearAttention):
         state = linear_state(self.features_k(k), v)
         if self.formula.row_stochastic:
             return linear_readout(self.features_q(q), state)
-        out = None
-        for block_q, (kv, _) in zip(self.features_q(q), state, strict=True):
-            out = block_q @ kv if out is None else out + block_q @ kv
+        out = sum(block_q @ kv for block_q, (kv, _) in zip(self.features_q(q), state, strict=True))
         return out / q.shape[-2]
 
     def _attend(self, q, k, v):
@@ -315,9 +313,7 @@ class FormulaAttention(WindowLinearAttention):
             return WindowLinearAttention._map_rows(self, context, rows)
         phi_q, phi_k = context
         scores = phi_q[:, :, rows] @ phi_k.transpose(-2, -1)
-        if self.formula.row_stochastic:
-            return scores / scores.sum(dim=-1, keepdim=True)
-        return scores / phi_k.shape[-2]
+        return scores / (scores.sum(dim=-1, keepdim=True) if self.formula.row_stochastic else phi_k.shape[-2])
 
     def feature_counts(self, num_tokens: int) -> tuple[OpCounts, int]:
         """Operations of one (batch, head)'s q and k features (`STEP_COUNTS`), and the feature width."""

@@ -171,11 +171,9 @@ class _Parser:
     def __post_init__(self) -> None:
         program = self.text[self.offset :]
         i = 0
-        while i < len(program):
-            if program[i:].strip() == "":
-                break
+        while program[i:].strip():
             m = _TOKEN.match(program, i)
-            if m is None or m.end() == i:
+            if m is None:
                 start = i + len(program[i:]) - len(program[i:].lstrip())
                 raise self._error(start, "a name, a number or one of ( ) . , +", repr(program[start]))
             kind = m.lastgroup
@@ -229,10 +227,7 @@ class _Parser:
             self.take("(")
             terms[token[1]] = self.integer()
             self.take(")")
-        if not self.at(")"):
-            allowed = "'.', '+'" if chain else "'+'"
-            raise self.fail(f"{allowed} or ')'")
-        self.take(")")
+        self.take(")", expected=("'.', '+'" if chain else "'+'") + " or ')'")
         if self.peek() is not None:
             raise self.fail("the end of the program")
         return Formula(chain, norm, terms.get("win"), terms.get("conv"))

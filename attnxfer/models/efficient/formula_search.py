@@ -36,11 +36,9 @@ def _random_chain(rng: random.Random, length: int, allow_cat: bool) -> tuple[Ste
     steps: list[Step] = []
     for _ in range(length):
         if allow_cat and rng.random() < 0.12:
-            steps.append(
-                Cat(
-                    _random_chain(rng, rng.randint(1, 2), False), _random_chain(rng, rng.randint(1, 2), False)
-                )
-            )
+            left = _random_chain(rng, rng.randint(1, 2), False)
+            right = _random_chain(rng, rng.randint(1, 2), False)
+            steps.append(Cat(left, right))
         else:
             steps.append(_random_op(rng))
     return tuple(steps)
@@ -115,21 +113,16 @@ def _mutations(formula: Formula, rng: random.Random) -> Formula:
         chain = chain[:i] + chain[i + 1 :]
     elif move == "power":
         i = rng.choice([i for i in ops if chain[i].name in _POWER_OPS])
-        chain = (
-            *chain[:i],
-            Op(chain[i].name, rng.choice([p for p in POWERS if p != chain[i].arg])),
-            *chain[i + 1 :],
-        )
+        power = rng.choice([p for p in POWERS if p != chain[i].arg])
+        chain = (*chain[:i], Op(chain[i].name, power), *chain[i + 1 :])
     elif move == "proj":
         chain = chain[1:] if chain and chain[0] == Op("proj") else (Op("proj"), *chain)
     elif move == "norm":
         return replace(formula, norm="len" if formula.norm == "sum" else "sum")
     elif move == "window":
-        sizes = [None, *WINDOW_SIZES]
-        return replace(formula, window=rng.choice([s for s in sizes if s != formula.window]))
+        return replace(formula, window=rng.choice([s for s in (None, *WINDOW_SIZES) if s != formula.window]))
     elif move == "conv":
-        sizes = [None, *CONV_SIZES]
-        return replace(formula, conv=rng.choice([s for s in sizes if s != formula.conv]))
+        return replace(formula, conv=rng.choice([s for s in (None, *CONV_SIZES) if s != formula.conv]))
     return replace(formula, features=_set_chain(formula.features, path, chain))
 
 
@@ -150,10 +143,8 @@ def crossover(a: Formula, b: Formula, rng: random.Random, *, tries: int = 200) -
     from either parent; always valid for every head dim (else a copy of a parent). Parents must be valid."""
     for _ in range(tries):
         path = rng.choice(list(_chain_paths(a.features)))
-        host, donor = (
-            _get_chain(a.features, path),
-            _get_chain(b.features, rng.choice(list(_chain_paths(b.features)))),
-        )
+        host = _get_chain(a.features, path)
+        donor = _get_chain(b.features, rng.choice(list(_chain_paths(b.features))))
         cut, graft = rng.randint(0, len(host)), rng.randint(0, len(donor))
         features = _set_chain(a.features, path, host[:cut] + donor[graft:])
         child = Formula(

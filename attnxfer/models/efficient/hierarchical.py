@@ -28,14 +28,11 @@ def hierarchical_slots(model: nn.Module) -> list[tuple[str, nn.Module, type[Conv
     a flat block sequence, in forward order; empty otherwise."""
     if flat_blocks(model) is not None:
         return []
-    slots = []
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] != "attn":
-            continue
-        slot = slot_of(module)
-        if slot is not None:
-            slots.append((name, model.get_submodule(name.rsplit(".", 1)[0]), slot))
-    return slots
+    return [
+        (name, model.get_submodule(name.rsplit(".", 1)[0]), slot)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] == "attn" and (slot := slot_of(module)) is not None
+    ]
 
 
 def is_hierarchical(model: nn.Module) -> bool:

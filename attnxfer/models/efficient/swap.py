@@ -243,9 +243,8 @@ def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
         raise InputError(f"drop_path_rate must be in [0, 1), got {rate}")
     flat = flat_blocks(model)
     blocks = list(flat) if flat is not None else [b for _, b, *_ in hierarchical_slots(model)]
-    depth = len(blocks)
     for i, blk in enumerate(blocks):
-        p = rate * i / max(1, depth - 1)
+        p = rate * i / max(1, len(blocks) - 1)
         for name in ("drop_path1", "drop_path2"):
             if hasattr(blk, name):
                 setattr(blk, name, DropPath(p) if p > 0 else nn.Identity())
