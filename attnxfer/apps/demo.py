@@ -141,10 +141,9 @@ def _keyed(out_dir: Path, key: str, recipe: str, overrides: list[str]) -> TrainC
 def _run(cfg: TrainConfig, label: str, trainer=train, metric: str = "val_top1") -> dict[str, float]:
     """Train (or resume/reuse) one run; the result is cached beside it as result.json."""
     result_path = Path(cfg.run_dir) / "result.json"
-    digest = _digest(cfg)
     if result_path.exists():
         cached = json.loads(result_path.read_text())
-        if cached.get("config_digest") == digest:
+        if cached.get("config_digest") == _digest(cfg):
             say(f"[demo] {label}: reusing {cfg.run_dir} (same config hash; delete it to rebuild)")
             return {**cached, "label": label}
     say(f"[demo] {label}: training -> {cfg.run_dir}")
@@ -170,17 +169,6 @@ def _result_of(
         "config_digest": _digest(cfg),
         "run_dir": cfg.run_dir,
     }
-
-
-def _table(rows: dict[str, list[dict]], correct: dict[str, list], teacher: dict[str, float]) -> str:
-    """The students' table (intervals from per-image scores; mean ± std over seeds) and the teacher's line."""
-    table = results_table(rows, correct)
-    if teacher.get("metric", "val_top1") != "val_top1":
-        return table + (
-            f"\n\nTeacher: {teacher['label']}, val masked-patch loss {teacher['val']:.3f}, "
-            f"{teacher['steps']} steps, {teacher['seconds']:.0f} s."
-        )
-    return results_table({teacher["label"]: [teacher], **rows}, {teacher["label"]: [], **correct})
 
 
 def _pyplot():
@@ -462,7 +450,14 @@ def _write_tables(
         keys = [r.key for r in ROWS if r.key in results and r.table in (None, t)]
         rows = {LABELS[k]: results[k] for k in keys}
         scores = {LABELS[k]: correct[k] for k in keys}
-        table = _table(rows, scores, teachers[t])
+        teacher = teachers[t]
+        if teacher.get("metric", "val_top1") == "val_top1":  # the teacher is a row of the table
+            table = results_table({teacher["label"]: [teacher], **rows}, {teacher["label"]: [], **scores})
+        else:  # an MAE teacher has no top-1: a line of its own under the students' table
+            table = results_table(rows, scores) + (
+                f"\n\nTeacher: {teacher['label']}, val masked-patch loss {teacher['val']:.3f}, "
+                f"{teacher['steps']} steps, {teacher['seconds']:.0f} s."
+            )
         pairs = [(LABELS[a], LABELS[b]) for a, b in table_pairs(t, keys)]
         paired = paired_table(scores, pairs, list(range(1, seeds + 1)))
         say(f"\n{TABLES[t]}:\n{table}\n\n{paired}\n")

@@ -79,7 +79,6 @@ def _seed_formulas(cfg: TrainConfig) -> dict[str, str]:
 
 def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSettings:
     s = cfg.search
-    attn = transferable_attentions(teacher)[0]
     # a hierarchical teacher's grid changes by stage: candidates that do not fit a stage fail at fit time
     grid = None if is_hierarchical(teacher) else image_input(teacher).grid or None
     return SearchSettings(
@@ -88,7 +87,7 @@ def search_settings(cfg: TrainConfig, teacher: torch.nn.Module) -> SearchSetting
         generations=s.generations,
         crossover_prob=s.crossover_prob,
         seed=cfg.seed,
-        head_dim=attn.head_dim,
+        head_dim=transferable_attentions(teacher)[0].head_dim,
         grid=(int(grid[0]), int(grid[1])) if grid is not None else None,
         seeds=_seed_formulas(cfg),
     )
@@ -219,7 +218,6 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
     lines += [row.format(**c) for c in front]
     lines += ["", f"## Top {top} formulas by fit", "", *head]
     lines += [row.format(**c) for c in sorted(ok, key=lambda c: c["kl"])[:top]]
-    zoo = [c for c in cands if _zoo_label(c)]
     lines += [
         "",
         "## The hand-designed zoo as formulas",
@@ -227,7 +225,7 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
         "| member | formula | KL | speed |",
         "|---|---|---:|---:|",
     ]
-    for c in zoo:
+    for c in filter(_zoo_label, cands):
         kl, sp = (f"{c['kl']:.4f}", f"{c['speed']:.2f}") if c["status"] == "ok" else ("rejected", c["reason"])
         lines.append(f"| {_zoo_label(c)} | `{c['formula']}` | {kl} | {sp} |")
     if winner is not None:
@@ -254,12 +252,11 @@ def draw_pareto(state: SearchState, front: list[dict[str, Any]], speed_mode: str
     ax.plot(
         [c["speed"] for c in front], [c["kl"] for c in front], "o-", c="tab:red", ms=5, label="Pareto front"
     )
-    for c in ok:
-        if _zoo_label(c):
-            ax.scatter([c["speed"]], [c["kl"]], marker="*", s=120, c="tab:blue", zorder=3)
-            ax.annotate(
-                _zoo_label(c), (c["speed"], c["kl"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
-            )
+    for c in filter(_zoo_label, ok):
+        ax.scatter([c["speed"]], [c["kl"]], marker="*", s=120, c="tab:blue", zorder=3)
+        ax.annotate(
+            _zoo_label(c), (c["speed"], c["kl"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
     ax.scatter([], [], marker="*", s=120, c="tab:blue", label="hand-designed zoo")
     ax.set_xscale("log")
     ax.set_yscale("log")

@@ -136,6 +136,12 @@ def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[
     knn0 = next((s for s in (first.get("knn") or {}).values() if s and "knn_top1" in s), {})
     n = first["data"].get("val_size")
     paired = paired_with_best(rows)
+    knn_t = knn0.get("knn_teacher_top1")
+    knn_t_band = (
+        f"[{knn0['knn_teacher_top1_low']:.1f}, {knn0['knn_teacher_top1_high']:.1f}]"
+        if knn_t is not None
+        else "—"
+    )
     lines = [
         "## Quality (validation, at each student's last stage)",
         "",
@@ -152,17 +158,9 @@ def _quality_section(first: dict[str, Any], rows: list[dict[str, Any]]) -> list[
         "| student | attention | stage | top-1 (%) | 95 % interval | of teacher's | against the best "
         "| k-NN top-1 (%) | 95 % interval | feature cosine |",
         "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    knn_t = knn0.get("knn_teacher_top1")
-    knn_t_band = (
-        f"[{knn0['knn_teacher_top1_low']:.1f}, {knn0['knn_teacher_top1_high']:.1f}]"
-        if knn_t is not None
-        else "—"
-    )
-    lines.append(
         f"| teacher | softmax | | {ratio_text(teacher_top1)} | {top1_interval_text(teacher_top1, n)} | | | {ratio_text(knn_t)} | "
-        f"{knn_t_band} | 1 |"
-    )
+        f"{knn_t_band} | 1 |",
+    ]
     for row in rows:
         if row["report"] is None or row["stage"] is None:
             lines.append(f"| {row['name']} | | no report yet | | | | | | | |")

@@ -135,7 +135,7 @@ class Conversion:
     measured: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     stopped: str | None = None  # why a convert study's student stopped early (a non-finite loss)
-    selection: dict[str, Any] | None = None  # convert.attention=auto's choice (`conversion_selection`)
+    selection: dict[str, Any] | None = None  # convert.attention=auto's choice (`choose_attentions`)
 
     @property
     def teacher(self) -> nn.Module:

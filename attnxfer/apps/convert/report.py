@@ -166,34 +166,32 @@ def _top1_section(report: dict[str, Any]) -> list[str]:
             "agreement.",
             "",
         ]
+    teacher = top1["teacher"]
+    n_val = report["data"].get("val_size")
     lines = [
         *head,
-        f"95 % intervals: Wilson, on {report['data'].get('val_size') or '?'} validation images.",
+        f"95 % intervals: Wilson, on {n_val or '?'} validation images.",
         "",
         "| model | top-1 (%) | 95 % interval | of teacher's |",
         "|---|---|---|---|",
     ]
-    teacher = top1["teacher"]
-    n_val = report["data"].get("val_size")
     for key, label in (("teacher", "teacher (softmax)"), *STAGE_ROWS):
         v = top1.get(key)
         share = f"{100 * v / teacher:.1f}%" if v is not None and teacher else "—"
-        shown = "none (no classifier head)" if key == "teacher" and v is None else value_text(v, 4)
+        shown = "none (no classifier head)" if key == "teacher" and v is None else value_text(v)
         lines.append(f"| {label} | {shown} | {top1_interval_text(v, n_val)} | {share} |")
     if teacher is None:
         return [*lines, "", f"Recovered: not defined: {HEADLESS_TEACHER}.", ""]
     return [
         *lines,
         "",
-        f"Recovered: **{value_text(report['recovered_pct'], 4)}%** of the teacher's top-1.",
+        f"Recovered: **{value_text(report['recovered_pct'])}%** of the teacher's top-1.",
         "",
     ]
 
 
 def _knn_section(report: dict[str, Any]) -> list[str]:
-    stages = report.get("knn")
-    if not stages:
-        return []
+    stages = report.get("knn") or {}
     first = next((v for v in stages.values() if v), None)
     if not first or "knn_top1" not in first:
         return []
@@ -430,5 +428,4 @@ def _operations_section(ops: dict[str, Any]) -> list[str]:
             f"Estimated energy: student {s['energy_pj'] / 1e6:.3f} µJ, teacher {t['energy_pj'] / 1e6:.3f} µJ "
             f"({s['energy_pj'] / t['energy_pj']:.2f}x the teacher's).",
         ]
-    lines.append("")
-    return lines
+    return [*lines, ""]

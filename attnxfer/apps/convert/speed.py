@@ -165,10 +165,8 @@ def _sweep(
     with_floor: bool,
 ) -> dict[str, dict[str, Any]]:
     """`break_even_sweeps` over ``sides``, each teacher rebuilt with random weights (`rebuilt_teacher`)."""
-    off = f"{_SWEEP_KEY} is []" if not sides else None
-    if off is None and not cfg.teacher.spec:
-        off = "the teacher was passed in, not named by teacher.spec"
-    if off is not None:
+    if not sides or not cfg.teacher.spec:
+        off = "the teacher was passed in, not named by teacher.spec" if sides else f"{_SWEEP_KEY} is []"
         return {name: {"sides": sides, "rows": [], "skipped": [], "off": off} for name in names}
 
     def build(side: int) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -204,5 +202,5 @@ def _break_even_line(speed: dict[str, Any]) -> str:
     measured = [row["resolution"] for row in sweep["rows"]]
     if speed["break_even"] is not None:
         return f"speed: break-even at {speed['break_even']} px (sweep over {measured} px, batch 1)"
-    top = max(measured) if measured else None
+    top = max(measured, default=None)
     return f"speed: the student is not faster than the teacher up to {top} px (sweep over {measured} px, batch 1)"
