@@ -46,7 +46,6 @@ class LoadedModel:
     spec: str
     model: nn.Module
     source: str
-    mode: str | None = None
     borrow: dict[int, tuple[int, str]] = field(default_factory=dict)
     sha256: str | None = None
     mean: tuple[float, ...] = ()
@@ -70,7 +69,6 @@ def _load_run(spec: str, teacher: LoadedModel | None) -> LoadedModel:
         spec,
         student,
         f"run {loaded.why}, {loaded.weights_file.stem} weights",
-        mode,
         mean=tuple(run.get("mean") or ()),
         std=tuple(run.get("std") or ()),
         checkpoint=loaded.checkpoint,
@@ -281,10 +279,9 @@ def _previous_report(out: Path) -> list[str]:
     report from before manifests, its own names (metrics.json, report.md, the pictures it draws)."""
     manifest = out / MANIFEST
     if manifest.exists():
-        try:
+        names = []
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             names = json.loads(manifest.read_text()).get("files", [])
-        except (OSError, ValueError, AttributeError):
-            names = []
         return [n for n in names if isinstance(n, str) and n == Path(n).name and n not in ("", ".", "..")]
     if not (out / "metrics.json").exists():
         return []

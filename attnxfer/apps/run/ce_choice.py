@@ -3,6 +3,7 @@ only to fp32 rounding, so measuring again could break bit-identical resume), or 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -51,14 +52,10 @@ def ce_choice_for_run(
     else:
         # the path the resumed checkpoint was trained with (an older one without the record: measure again)
         record = None if resumed_from is None else resumed_from.record("ce_path")
-        try:
-            choice = (
-                CEChoice.from_record(record, f"resumed from {resumed_from.name}")
-                if isinstance(record, dict)
-                else None
-            )
-        except (ValueError, KeyError, TypeError):
-            choice = None
+        choice = None
+        if isinstance(record, dict):
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                choice = CEChoice.from_record(record, f"resumed from {resumed_from.name}")
         if choice is not None and choice.device and torch.device(choice.device).type != runtime.device.type:
             say(
                 f"ce_path auto: {choice.path} was measured on {choice.device}; this run is on {runtime.device}"
@@ -69,13 +66,12 @@ def ce_choice_for_run(
             why = "" if scoring else ": deterministic=true keeps repeated runs identical (no timing)"
             choice = CEChoice(ce_path_for(runtime.device), f"device default{why}", device=str(runtime.device))
         if choice is None:
-            precision = runtime.precision
             choice = decided_on_rank0(
                 lambda: choose_ce_path(
                     pair,
                     cfg.data.batch_size,
                     runtime.device,
-                    student_dtype=precision.dtype if precision.autocasts else torch.float32,
+                    student_dtype=runtime.precision.dtype if runtime.precision.autocasts else torch.float32,
                     budget_bytes=budget_from_gib(cfg.transfer.materialise_budget_gib),
                 )
             )

@@ -280,13 +280,11 @@ def _around_shared(
     std: Sequence[float],
 ) -> RunParts:
     """``shared``'s teacher and loaders around another student, which must take the images they make."""
-    have = (img_size, in_chans)
-    want = (shared.img_size, shared.in_chans)
-    if have != want:
+    if (img_size, in_chans) != (shared.img_size, shared.in_chans):
         raise InputError(
-            f"this student takes {have[1]}-channel {have[0]} px images and the study's loaders make {want[1]}-channel "
-            f"{want[0]} px ones (students of a study read one stream of batches): set data.img_size / data.in_chans "
-            "for the whole study"
+            f"this student takes {in_chans}-channel {img_size} px images and the study's loaders make "
+            f"{shared.in_chans}-channel {shared.img_size} px ones (students of a study read one stream of "
+            "batches): set data.img_size / data.in_chans for the whole study"
         )
     stamp_input_cfg(student, mean, std, in_chans, img_size, shared.preprocessing)
     return dataclasses.replace(shared, student=student, student_spec=student_spec(student))

@@ -78,9 +78,15 @@ def judge(
         resumable = (*resumable, *BATCH_SPLIT_KEYS)
     if scoring:
         resumable = (*resumable, *SCORING_KEYS)
-    changes = [
-        _respelled_teacher(c, point) for c in config_changes(point.config, cfg, resumable, compared, command)
-    ]
+    changes = config_changes(point.config, cfg, resumable, compared, command)
+    # a recorded weights hash lets teacher.spec change: `check_teacher_content` judges the teacher once loaded
+    if (point.teacher or {}).get("sha256"):
+        changes = [
+            KeyChange(c.key, c.old, c.new, True, "the weights must hash as recorded")
+            if c.key == "teacher.spec" and not c.allowed
+            else c
+            for c in changes
+        ]
     point = point.judged(changes)
     if point.refused:
         run = Path(run_dir or cfg.run_dir)
@@ -94,14 +100,6 @@ def judge(
     if point.allowed:
         say(f"{prefix}resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
     return point
-
-
-def _respelled_teacher(change: KeyChange, point: ResumePoint) -> KeyChange:
-    """A changed ``teacher.spec`` is allowed when the saved state records the teacher's weights hash: the
-    teacher is then judged by content once loaded (`check_teacher_content`)."""
-    if change.key != "teacher.spec" or change.allowed or not (point.teacher or {}).get("sha256"):
-        return change
-    return KeyChange(change.key, change.old, change.new, True, "the weights must hash as recorded")
 
 
 def check_teacher_content(

@@ -15,10 +15,10 @@ from ...analysis.intervals import correct_count as correct_count, top1_interval
 from ...errors import InputError
 
 
-def format_top1(correct: int, total: int, digits: int = 2) -> str:
-    """``85.60 [83.30, 87.60]``: top-1 (%) and its 95 % Wilson interval."""
+def format_top1(correct: int, total: int) -> str:
+    """``85.60 [83.3, 87.6]``: top-1 (%) and its 95 % Wilson interval."""
     lo, hi = top1_interval(correct, total)
-    return f"{100.0 * correct / total:.{digits}f} [{lo:.{digits - 1}f}, {hi:.{digits - 1}f}]"
+    return f"{100.0 * correct / total:.2f} [{lo:.1f}, {hi:.1f}]"
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:

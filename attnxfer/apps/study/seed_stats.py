@@ -20,15 +20,13 @@ from ..run.parts import RunParts, build_run_parts
 from ..run.training import plan_from_config
 from ..run.uncertainty import format_p, format_top1, mcnemar, mean_std
 
-_CACHE = "val_correct.json"
-
 
 @torch.no_grad()
 def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray:
     """One bool per validation image (in loader order): did the run's newest checkpoint get it right? Cached in
     RUN_DIR/val_correct.json under ``digest`` (the run's config digest)."""
     run_dir = Path(cfg.run_dir)
-    cache = run_dir / _CACHE
+    cache = run_dir / "val_correct.json"
     if digest and cache.exists():
         saved = json.loads(cache.read_text())
         if saved.get("config_digest") == digest:
