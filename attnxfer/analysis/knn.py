@@ -171,11 +171,8 @@ class KnnComparison:
         top-1s are correlated: one interval from the two Wilson intervals would be far too wide)."""
         if self.share is None:
             raise ValueError("no share without a teacher that gets some images right")
-        p = (
-            np.array([self.both, self.teacher_only, self.student_only, self.neither], dtype=float)
-            / self.count
-        )
-        draws = np.random.default_rng(seed).multinomial(self.count, p, size=resamples)
+        counts = np.array([self.both, self.teacher_only, self.student_only, self.neither], dtype=float)
+        draws = np.random.default_rng(seed).multinomial(self.count, counts / self.count, size=resamples)
         teacher = draws[:, 0] + draws[:, 1]
         ratios = (draws[:, 0] + draws[:, 2])[teacher > 0] / teacher[teacher > 0]
         tail = 100 * (1 - confidence) / 2

@@ -96,10 +96,9 @@ def class_token_figure(
         for layer, m in enumerate(maps):
             heads = m.shape[0] if m is not None else (ht if offset == 0 else hs)
             for h in range(heads):
+                top, left = layer * cell, (offset + h) * cell
                 panel = _cell(image, m[h] if m is not None else None, cell)
-                mosaic[layer * cell : (layer + 1) * cell, (offset + h) * cell : (offset + h + 1) * cell] = (
-                    panel
-                )
+                mosaic[top : top + cell, left : left + cell] = panel
     width, height = class_token_figure_size(layers, cols, cell)
     fig = _figure(width / DPI, height / DPI)
     ax = fig.add_axes((_MARGIN[0] / width, _MARGIN[1] / height, cols * cell / width, layers * cell / height))

@@ -36,18 +36,12 @@ def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None
     parts = [a.token_partition(b) for (_, a), b in zip(layers, blocks)]
     if not any(parts):  # a flat model: nothing to place, no forward needed
         return [None] * len(layers)
-    calls: dict[int, tuple[int, tuple[int, int] | None]] = {}
+    calls: dict[nn.Module, tuple[int, tuple[int, int] | None]] = {}
 
-    def record(i: int, attn):
-        def hook(mod, args, kwargs) -> None:
-            calls.setdefault(i, (args[0].shape[1], attn.call_grid(args, kwargs)))
+    def record(attn, args, kwargs) -> None:
+        calls.setdefault(attn, (args[0].shape[1], attn.call_grid(args, kwargs)))
 
-        return hook
-
-    handles = [
-        attn.register_forward_pre_hook(record(i, attn), with_kwargs=True)
-        for i, (_, attn) in enumerate(layers)
-    ]
+    handles = [attn.register_forward_pre_hook(record, with_kwargs=True) for _, attn in layers]
     try:
         with evaluating(model):
             model.forward_features(x[:1].to(next(model.parameters()).dtype))
@@ -56,8 +50,8 @@ def row_positions(model: nn.Module, x: torch.Tensor) -> list[RowPositions | None
             h.remove()
     walk = TokenWalk(model)
     out: list[RowPositions | None] = []
-    for i, ((_, attn), part) in enumerate(zip(layers, parts)):
-        tokens, grid = calls.get(i, (0, None))
+    for (_, attn), part in zip(layers, parts):
+        tokens, grid = calls.get(attn, (0, None))
         placed = attn.place_rows(part, tokens, grid, walk) if part else None
         out.append(
             RowPositions(placed.grid, placed.key_grid, placed.queries, placed.keys) if placed else None

@@ -183,8 +183,6 @@ class Engine:
             ema=ema,
         )
         self.ckpt = self.checkpointing.manager
-        # metrics.jsonl, summary.csv and the trackers (rank 0), with the run's config and plan as the trackers'
-        # hyper-parameters
         self.metrics = MetricsLogger(
             self.run_dir,
             enabled=self.is_main,
@@ -293,18 +291,6 @@ class Engine:
         return row | {"lr": self._last_lr}
 
     # -- the loop ---------------------------------------------------------------------------
-    def _set_lr(self) -> float:
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.base_lr, self.settings.min_lr)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
-        return lr
-
-    def _place(self) -> BatchPlace:
-        """What the feed needs for the batch at the loop's position (its seed: from its epoch and place)."""
-        # a negative index: a batch's seed is never one of its samples' (their augmentation's, data.seeding)
-        seed = sample_seed(self.settings.seed, self.epoch, -1 - self.position)
-        return BatchPlace(self.accelerator.device, seed, self.objective.prepare)
-
     def _should_checkpoint_now(self) -> bool:
         c = self.settings.checkpoint
         if c.every_steps and self.step % c.every_steps == 0:
@@ -443,12 +429,16 @@ class Engine:
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor | None, progress) -> tuple[float, bool]:
         """One micro-batch through the objective (an optimiser step when accumulation completes): (lr,
         whether the optimiser stepped). Its terms are summed on the device, read on log steps only."""
-        s = self.settings
-        x, y, handover = self.drive.feed(x, y, self._place())
-        lr = self._set_lr()
+        s, acc = self.settings, self.accelerator
+        # the batch's seed, from its epoch and place; a negative index: never one of its samples' (their
+        # augmentation's, data.seeding)
+        seed = sample_seed(s.seed, self.epoch, -1 - self.position)
+        x, y, handover = self.drive.feed(x, y, BatchPlace(acc.device, seed, self.objective.prepare))
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.base_lr, s.min_lr)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         upcoming = self.step + 1
         self.objective.before_step(upcoming % s.log_every == 0 or upcoming == self.total_steps)
-        acc = self.accelerator
         out = train_step(  # the forward, backward and optimiser step
             lambda: self.objective.loss(self.model, x, y, acc.autocast, handover),
             self.optimizer,

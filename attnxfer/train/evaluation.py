@@ -5,14 +5,14 @@ loss, and the scores that need no head (final-feature agreement with the teacher
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..analysis.features import feature_agreement
-from ..analysis.knn import evaluating, knn_comparison
+from ..analysis.knn import Autocast, evaluating, knn_comparison
 from ..transfer.teacher_student import TransferOutput
 
 
@@ -38,7 +38,7 @@ def classification_sums(
     model: nn.Module,
     loader,
     device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    autocast: Autocast = contextlib.nullcontext,
     *,
     loss: bool = True,
 ) -> torch.Tensor:
@@ -57,10 +57,7 @@ def classification_sums(
 
 @torch.no_grad()
 def per_image_top1(
-    model: nn.Module,
-    loader,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    model: nn.Module, loader, device: torch.device, autocast: Autocast = contextlib.nullcontext
 ) -> torch.Tensor:
     """One bool per image of ``loader``: is ``model``'s top-1 its label? (Two models paired image by image.)"""
     hits = [
@@ -75,10 +72,7 @@ def _top5(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _scored_batches(
-    model: nn.Module,
-    loader,
-    device: torch.device,
-    autocast: Callable[[], contextlib.AbstractContextManager],
+    model: nn.Module, loader, device: torch.device, autocast: Autocast
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(fp32 logits, labels) of ``model`` (in eval mode for the duration) per batch of ``loader``."""
     with evaluating(model):
@@ -118,14 +112,13 @@ def evaluate_features(model: nn.Module, loader, accelerator) -> dict[str, float]
     if teacher is None:
         raise ValueError("feature agreement needs the run's teacher")
     images = (x.to(accelerator.device, non_blocking=True) for x, *_ in loader)
-    agreement = feature_agreement(
+    return feature_agreement(
         pair.student,
         teacher,
         images,
         accelerator.autocast,
         reduce=lambda sums: accelerator.reduce(sums, reduction="sum"),
-    )
-    return agreement.as_dict()
+    ).as_dict()
 
 
 @torch.no_grad()
@@ -141,7 +134,7 @@ def evaluate_knn(
 ) -> dict[str, float]:
     """k-NN top-1 of the student's (and the teacher's) embeddings: the bank all of ``bank_loader`` on every
     rank, the queries each rank's shard of ``val_loader``, the counts summed over ranks."""
-    result = knn_comparison(
+    return knn_comparison(
         student,
         teacher,
         bank_loader,
@@ -151,5 +144,4 @@ def evaluate_knn(
         temperature=temperature,
         autocast=accelerator.autocast,
         reduce=lambda t: accelerator.reduce(t, reduction="sum"),
-    )
-    return result.as_dict()
+    ).as_dict()

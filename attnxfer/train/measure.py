@@ -41,10 +41,8 @@ def layer_map_metric(
     pooling = t_signals.get("key_pooling")
     if pooling is not None and k.shape[-2] == pooling.num_tokens:
         teacher = LayerLogits(t_signals["q"], t_signals["k"], key_pooling=pooling)
-        res = map_distillation_loss(s_attn, LayerLogits(q, k), teacher)
-        return float(agreement(res))
-    metric = default_map_loss(s_attn.map_kind).metric
-    return layer_agreement(t_attn, t_signals, s_attn, s_qk, metric)
+        return float(agreement(map_distillation_loss(s_attn, LayerLogits(q, k), teacher)))
+    return layer_agreement(t_attn, t_signals, s_attn, s_qk, default_map_loss(s_attn.map_kind).metric)
 
 
 @torch.no_grad()

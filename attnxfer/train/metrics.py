@@ -184,20 +184,14 @@ class LineProgress:
         progress(f"{self.desc}: batch {self.n}/{self.total}{share}{self._postfix}  [{elapsed}]")
 
 
-def _is_terminal(stream: TextIO) -> bool:
-    """A terminal, or a Jupyter cell (whose stream is no tty but draws tqdm's widget)."""
-    if type(stream).__module__.startswith("ipykernel"):
-        return True
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        return False
-
-
 def progress_bar(total: int, *, initial: int = 0, desc: str = "", stream: TextIO | None = None):
     """tqdm's bar where a person watches (a terminal, a notebook); `LineProgress` anywhere else: a bar redrawn
     ten times a second would write millions of redraws into a long job's log file."""
     stream = stream if stream is not None else sys.stderr
-    if _is_terminal(stream):
+    try:  # a Jupyter cell's stream is no tty but draws tqdm's widget
+        watched = type(stream).__module__.startswith("ipykernel") or stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        watched = False
+    if watched:
         return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=stream)
     return LineProgress(total, initial=initial, desc=desc)

@@ -5,13 +5,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn as nn
 
+from ..analysis.knn import Autocast
 from ..data.seeding import seeded_global_rngs
 from ..transfer.step_loss import Loss, compose_loss
 from ..transfer.teacher_student import TeacherStudent
@@ -20,7 +20,6 @@ from .evaluation import evaluate, evaluate_features
 Evaluator = Callable[[nn.Module, Any, Any], dict[str, float]]
 #: pictures drawn after an evaluation (rank 0): the trained module -> {tag: (C, H, W) in [0, 1] or (H, W, 3) uint8}
 Pictures = Callable[[nn.Module], dict[str, Any]]
-Autocast = Callable[[], AbstractContextManager]
 
 
 @dataclass

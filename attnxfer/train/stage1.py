@@ -84,21 +84,14 @@ class Stage1Objective(Objective):
         #: each active layer's (q shape, k shape) of the teacher on the first batch: what its whole maps are
         self.map_shapes: list[tuple[torch.Size, torch.Size]] | None = None
 
-    def signals(self, x: torch.Tensor | Mapping[int, Mapping[str, torch.Tensor]]):
-        if isinstance(x, Mapping):
-            return x
-        return teacher_signals(self.teacher, x, [layer.layer for layer in self.plan.active], self.fields)
-
     def loss(
         self, model: nn.Module, x: Any, y: Any = None, autocast: Autocast = contextlib.nullcontext
     ) -> Loss:
         """The batch's summed fit loss; ``model`` is the student (its attention layers were listed once)."""
-        signals = self.signals(x)
+        layers = [layer.layer for layer in self.plan.active]
+        signals = x if isinstance(x, Mapping) else teacher_signals(self.teacher, x, layers, self.fields)
         if self.map_shapes is None:
-            self.map_shapes = [
-                (signals[layer.layer]["q"].shape, signals[layer.layer]["k"].shape)
-                for layer in self.plan.active
-            ]
+            self.map_shapes = [(signals[i]["q"].shape, signals[i]["k"].shape) for i in layers]
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
         with autocast():
