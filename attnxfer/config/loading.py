@@ -50,7 +50,7 @@ def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
     the run was moved: the ``run_dir`` it records only says where the run was first written."""
     folder = p.parent  # a run's own: a config.yaml beside what attnxfer writes into a run
     own = p.name == RUN_CONFIG and any((folder / m).exists() for m in RUN_DIR_MARKERS)
-    if not own or not isinstance(cfg, TrainConfig):
+    if not own:
         return cfg
     recorded = Path(cfg.run_dir)
     if recorded.is_dir() and os.path.samefile(recorded, folder):

@@ -215,10 +215,8 @@ def _listed(file: Path, entries: Any) -> list[Student]:
 def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested sections as dotted keys (``{transfer: {mode: copy}}`` -> ``{"transfer.mode": "copy"}``); a
     section's mapping-valued key (``model.kwargs``) stays one value."""
-    sections: set[str] = set()  # every section's dotted name: each key's proper prefixes
-    for known in config_keys():
-        parts = known.split(".")
-        sections |= {".".join(parts[:i]) for i in range(1, len(parts))}
+    # every section's dotted name: each key's proper prefixes
+    sections = {k.rsplit(".", i)[0] for k in config_keys() for i in range(1, k.count(".") + 1)}
     out: dict[str, Any] = {}
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -290,7 +288,6 @@ def _check_student(student: Student, command: str) -> None:
         raise ConfigError(
             f"student name {student.name!r} must be a folder name (letters, digits, . _ = + , -; e.g. {safe!r})"
         )
-    # the keys every student of a study of ``command`` must have the same value for
     keys = SHARED_KEYS + (CONVERT_SHARED_KEYS if command == "convert" else ())
     shared = [
         k for k in student.overrides if any(k == s or (s.endswith(".") and k.startswith(s)) for s in keys)

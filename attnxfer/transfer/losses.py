@@ -148,7 +148,6 @@ def attention_distillation_loss(
         )
     q_t, k_t = q_t.detach(), k_t.detach()
     with _fp32(q_s.device.type):
-        # rows: `FusedRowCE`, the CE and its gradient in one pass over cache-sized row chunks
         if path is CEPath.ROWS:
             want = [torch.is_grad_enabled() and t.requires_grad for t in (q_s, k_s)]
             rows = rows_path_chunk(q_t, k_s.shape[-2], chunk)  # cache-sized on CPU

@@ -117,9 +117,7 @@ def _ce_chunk(attn, q_s, k_s, teacher: LayerLogits, start: int, stop: int):
     rows = slice(start, stop)
     log_a = _student_log_rows(attn, q_s, k_s, rows, teacher.key_pooling)
     p_t = _teacher_rows(teacher, rows)
-    ce = -(p_t * log_a).sum()
-    entropy = -torch.special.xlogy(p_t, p_t).sum()
-    return ce, entropy
+    return -(p_t * log_a).sum(), -torch.special.xlogy(p_t, p_t).sum()
 
 
 def _mse_chunk(attn, q_s, k_s, teacher: LayerLogits, start: int, stop: int):

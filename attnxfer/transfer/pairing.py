@@ -17,6 +17,7 @@ from ..models.attention import (
 )
 from ..models.image_input import find_patch_embedding, image_input
 from .modes import PlanError
+from .teacher_pass import block_of
 
 
 def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None = None) -> tuple[int, ...]:
@@ -76,7 +77,7 @@ def layer_names(model: nn.Module) -> list[str]:
 
 def partitions(model: nn.Module, names: Sequence[str], attn: Sequence[nn.Module]) -> list[dict]:
     """Each layer's `TransferableAttention.token_partition`, read with the block that holds it."""
-    return [a.token_partition(model.get_submodule(n.rpartition(".")[0])) for n, a in zip(names, attn)]
+    return [a.token_partition(block_of(model, n)) for n, a in zip(names, attn)]
 
 
 def pair_within_stages(

@@ -74,7 +74,6 @@ def select(
     softmax_ms: float,
     teacher_ms: float,
     speedup: float,
-    resolution: int = RESOLUTION,
 ) -> Assignment:
     """The assignment of least summed sensitivity (``sensitivity[l][c]``) whose predicted time is at most
     ``teacher_ms / speedup``; `InfeasibleBudget` where even the fastest student misses it."""
@@ -84,7 +83,7 @@ def select(
     top = fastest(sensitivity, ms, softmax_ms, teacher_ms)
     if teacher_ms - top.predicted_ms < need:
         raise InfeasibleBudget(speedup, top)
-    unit = need / resolution
+    unit = need / RESOLUTION
     saves = saving_ms(ms, softmax_ms)
     # per block: (units saved, sensitivity, name); an option that saves nothing is never better than softmax
     options = [
@@ -92,7 +91,7 @@ def select(
         + [(math.floor(saves[c] / unit), row[c], c) for c in ms if saves[c] > 0 and math.isfinite(row[c])]
         for row in sensitivity
     ]
-    best = _knapsack(options, resolution)
+    best = _knapsack(options, RESOLUTION)
     if best is None:  # feasible only through the rounding's last units: the fastest student meets it
         return top
     return assignment_of(best, sensitivity, ms, softmax_ms, teacher_ms)

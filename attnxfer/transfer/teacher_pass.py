@@ -127,13 +127,13 @@ def run_teacher(
                 teacher.forward_features(x)
     dtype = next(teacher.parameters()).dtype
     return TeacherHandover(
-        teacher, needs, {t: io.captured for t, io in ios.items()}, whole, batch_size(x), dtype
+        teacher, needs, {t: io.captured for t, io in ios.items()}, whole, images(x).shape[0], dtype
     )
 
 
-def batch_size(x: torch.Tensor | dict) -> int:
-    """The number of samples in a batch: an image tensor, or NaFlexViT's dict (patches, coordinates, validity)."""
-    return x["patches"].shape[0] if isinstance(x, dict) else x.shape[0]
+def images(x: torch.Tensor | dict) -> torch.Tensor:
+    """A batch's images: an image tensor, or the patches of NaFlexViT's dict (patches, coordinates, validity)."""
+    return x["patches"] if isinstance(x, dict) else x
 
 
 def block_of(model: nn.Module, name: str) -> nn.Module:

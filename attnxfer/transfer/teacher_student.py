@@ -25,9 +25,9 @@ from .step_loss import Loss, compose_loss
 from .teacher_pass import (
     TeacherHandover,
     TeacherNeeds,
-    batch_size,
     block_of,
     features_and_logits,
+    images,
     run_teacher,
 )
 
@@ -163,10 +163,11 @@ class TeacherStudent(nn.Module):
         """The teacher's forward on ``x`` for ``needs`` (default: this pair's; several pairs sharing the teacher
         pass the union of theirs), the teacher moved next to the input in its dtype on first use."""
         needs = self.teacher_needs() if needs is None else needs
-        dtype = self._teacher_dtype(_device(x))
+        device = images(x).device
+        dtype = self._teacher_dtype(device)
         p = next(self.teacher.parameters())
-        if p.device != _device(x) or p.dtype != dtype:
-            self.teacher.to(device=_device(x), dtype=dtype)
+        if p.device != device or p.dtype != dtype:
+            self.teacher.to(device=device, dtype=dtype)
         # the batch in the teacher's dtype: floating tensors only (a NaFlex dict's coordinates and validity stay)
         if isinstance(x, dict):
             x = {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in x.items()}
@@ -182,17 +183,18 @@ class TeacherStudent(nn.Module):
         needs = self.teacher_needs()
         if needs.empty:  # at eval too, unless the mode needs the teacher at inference
             return TransferOutput(self.student(x))
+        batch = images(x)
         if handover is not None:
             if self.owns_teacher_pass:
                 raise ValueError(
                     "this pair's teacher takes the student's drop-path masks (share_drop_path with drop path in "
                     "training), so its teacher pass is its own: call it without a hand-over"
                 )
-            handover.check(self.teacher, needs, batch_size(x), self._teacher_dtype(_device(x)))
+            handover.check(self.teacher, needs, batch.shape[0], self._teacher_dtype(batch.device))
             return self._student_pass(x, handover)
         if not (self.plan.share_drop_path and self.training):
             return self._student_pass(x, self.teacher_pass(x, needs))
-        with _shared_drop_path(self._drop_path_pairs(needs.last_layer), batch_size(x), _device(x)):
+        with _shared_drop_path(self._drop_path_pairs(needs.last_layer), batch.shape[0], batch.device):
             return self._student_pass(x, self.teacher_pass(x, needs))
 
     def _drop_path_pairs(self, last: int) -> list[tuple[nn.Module, nn.Module]]:
@@ -203,7 +205,7 @@ class TeacherStudent(nn.Module):
     def _student_pass(self, x: torch.Tensor | dict, handover: TeacherHandover) -> TransferOutput:
         """The student's forward borrowing what the mode borrows, capturing what the comparisons compare."""
         compared = self.plan.comparisons if self.training else ()
-        ce_path = self.ce_path or ce_path_for(_device(x))
+        ce_path = self.ce_path or ce_path_for(images(x).device)
         ios = self._student_ios(handover, compared, ce_path)
         with contextlib.ExitStack() as stack:
             for s, io in ios.items():
@@ -261,8 +263,3 @@ class TeacherStudent(nn.Module):
     def _pair(self, s: int, t: int, *signals: Mapping[str, Any]) -> LayerPair:
         """Student layer ``s`` and teacher layer ``t``, with what they handed over (student's, teacher's)."""
         return LayerPair(s, t, self._student_attn[s], self._teacher_attn[t], *signals)
-
-
-def _device(x: torch.Tensor | dict) -> torch.device:
-    """The device of a batch: an image tensor, or NaFlexViT's dict (patches, coordinates, validity)."""
-    return x["patches"].device if isinstance(x, dict) else x.device
