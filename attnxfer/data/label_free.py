@@ -19,12 +19,6 @@ def without_labels(info: Any) -> Any:
     return replace(info, has_labels=False, num_classes=None, class_names=None)
 
 
-def image_of(dataset: Dataset, index: int) -> torch.Tensor:
-    """Sample ``index``'s image: ``dataset.image(index)`` where it has one (reads no label)."""
-    image = getattr(dataset, "image", None)
-    return image(index) if callable(image) else dataset[index][0]
-
-
 class LabelFree(Dataset):
     """``dataset``'s images as ``(x,)`` samples (see the module docstring); epoch and info pass through."""
 
@@ -42,10 +36,12 @@ class LabelFree(Dataset):
         return len(self.dataset)
 
     def image(self, index: int) -> torch.Tensor:
-        return image_of(self.dataset, index)
+        """Sample ``index``'s image: the dataset's own ``image(index)`` where it has one (reads no label)."""
+        image = getattr(self.dataset, "image", None)
+        return image(index) if callable(image) else self.dataset[index][0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor]:
-        return (image_of(self.dataset, index),)
+        return (self.image(index),)
 
 
 def images_only(dataset: Dataset) -> Dataset:

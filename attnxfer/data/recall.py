@@ -48,9 +48,7 @@ class RecallLayout:
 
     def chain(self) -> list[tuple[int, int]]:
         """The cells the answer is read through, from the query's key to its value."""
-        links = dict(
-            zip((a for a, _ in self.link_keys), zip(self.link_cells, (b for _, b in self.link_keys)))
-        )
+        links = {a: (cell, b) for cell, (a, b) in zip(self.link_cells, self.link_keys)}
         cells, key = [], self.query_key
         while key in links:
             cell, key = links[key]

@@ -37,7 +37,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
     def __init__(self, file, *, source: str = "<stream>"):
         super().__init__(file)
-        self._source = source
+        self._source = source if source.startswith("<") else f"'{source}'"  # a file's name, quoted
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -45,17 +45,13 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         except KeyError:
             allowed = ", ".join(sorted(f"{m}.{n}" for m, n in self._ALLOWED))
             raise UnsafePickleError(
-                f"refusing to unpickle {_source_label(self._source)}: it references the global "
+                f"refusing to unpickle {self._source}: it references the global "
                 f"'{module}.{name}', but only numpy array reconstruction is allowed ({allowed}). "
                 f"The file is not a plain numpy array pickle; do not load it with pickle.load."
             ) from None
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"refusing to unpickle {_source_label(self._source)}: it uses persistent ids")
-
-
-def _source_label(source: str) -> str:
-    return source if source.startswith("<") else f"'{source}'"
+        raise UnsafePickleError(f"refusing to unpickle {self._source}: it uses persistent ids")
 
 
 def load_numpy_pickle(path: str | Path) -> np.ndarray:

@@ -108,8 +108,7 @@ class ResumableSampler(Sampler[int]):
         return rest[self.rank : total : self.world_size]
 
     def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch
-        return iter([SampleKey(i, epoch) for i in self.indices()])
+        return iter([SampleKey(i, self.epoch) for i in self.indices()])
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable progress (epoch, position) plus the settings that define the order."""

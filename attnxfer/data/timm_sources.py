@@ -279,7 +279,6 @@ for _prefix in STREAM_PREFIXES:
         from timm.data import IterableImageDataset, create_dataset
 
         train_split, val_split = options.pop("train_split", "train"), options.pop("val_split", "validation")
-        # a split's length, where its files do not say it
         num_samples = {s: options.pop(f"{s}_samples", None) for s in SPLITS}[split]
         dataset = f"{_prefix}/{name}"
         info = built_info(

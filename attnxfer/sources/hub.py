@@ -31,11 +31,6 @@ _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pt
 _SHARD_INDEX = "model.safetensors.index.json"
 
 
-def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
-    """The Hub cache in use: ``cache_dir`` or huggingface_hub's (HF_HUB_CACHE, else HF_HOME/hub)."""
-    return str(cache_dir) if cache_dir else constants.HF_HUB_CACHE
-
-
 def hub_reachable(timeout: float = 3.0, ttl: float = 60.0) -> bool:
     """Whether the Hub endpoint answers HTTP within ``timeout`` seconds (any status counts), remembered for
     ``ttl`` seconds: huggingface_hub retries an unreachable endpoint for ~25 s per file before falling back
@@ -88,7 +83,7 @@ def offline_reason() -> str | None:
 def fetch_instructions(
     spec: str, repo: str, revision: str | None, cache_dir: str | None, reason: str, missing: str
 ) -> str:
-    cache = hub_cache_dir(cache_dir)
+    cache = cache_dir or constants.HF_HUB_CACHE  # huggingface_hub's: HF_HUB_CACHE, else HF_HOME/hub
     rev = f" --revision {revision}" if revision else ""
     folder = "models--" + repo.replace("/", "--")
     return (

@@ -92,7 +92,6 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
         repo, _, rev = rest.partition("@")
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
             raise InputError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
-        rev = rev or None
         if rev and revision and rev != revision:
             raise InputError(
                 f"teacher spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"

@@ -261,24 +261,21 @@ def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], st
     state_dict, checkpoint_key = read_state_dict(res.weights)
     if res.convert is not None:  # transformers' names and layout -> the timm model's
         state_dict, dropped = res.convert(state_dict, res.weights)
-        if dropped:
-            warn(
-                f"teacher {spec}: dropped {len(dropped)} checkpoint entries the timm model does not use "
-                f"({res.source_format}): {_summarise_keys(dropped)}"
-            )
-        return state_dict, checkpoint_key, dropped
-    state_dict, dropped = drop_unused_entries(state_dict)
+        user, kind = "the timm model", res.source_format
+    else:
+        state_dict, dropped = drop_unused_entries(state_dict)
+        user, kind = "the encoder", "mae-decoder"
     if dropped:
         warn(
-            f"teacher {spec}: dropped {len(dropped)} checkpoint entries the encoder does not use "
-            f"(mae-decoder): {_summarise_keys(dropped)}"
+            f"teacher {spec}: dropped {len(dropped)} checkpoint entries {user} does not use "
+            f"({kind}): {_summarise_keys(dropped)}"
         )
-        if not res.tag_known:  # an MAE checkpoint: timm's .mae tag says its preprocessing and licence
-            guess = f"{res.architecture}.mae"
-            if guess in timm.list_pretrained(guess):
-                debug(f"teacher {spec}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")
-                res.pretrained_cfg = registry_cfg(guess)
-                res.license, res.tag_known = res.pretrained_cfg.get("license"), True
+    if dropped and not res.tag_known:  # an MAE checkpoint: timm's .mae tag says its preprocessing and licence
+        guess = f"{res.architecture}.mae"
+        if guess in timm.list_pretrained(guess):
+            debug(f"teacher {spec}: mae-decoder checkpoint: preprocessing and licence of timm's {guess}")
+            res.pretrained_cfg = registry_cfg(guess)
+            res.license, res.tag_known = res.pretrained_cfg.get("license"), True
     if not res.tag_known:
         warn(
             f"teacher {spec}: mean/std are timm's defaults for {res.architecture} (tag "

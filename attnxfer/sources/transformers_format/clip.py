@@ -58,10 +58,9 @@ def _projection(config: dict[str, Any]) -> int:
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     c = vision_config(config)
-    dim = int(c["hidden_size"])
     kwargs = dict(
         **vit_dims(c),
-        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
+        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), int(c["hidden_size"])),
         pre_norm=True,
         act_layer=activation(c),
         global_pool="token",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ._common import Taker, base_prefix, head_classes, linear, under
-from .vit_deit import embeddings, encoder, vit_kwargs, vit_name
+from .vit_deit import encoder, vit_kwargs, vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("ijepa",)
 
@@ -25,8 +25,7 @@ def timm_weights(
     weights: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "I-JEPA"))
-    out = embeddings(t, prefix_tokens=())
-    out.update(encoder(t, config))
+    out = encoder(t, config, prefix_tokens=())
     if head_classes(config):
         out.update(under("head", linear(t.at(""), "classifier")))
     return t.finish(out, lambda k: k.startswith((f"{t.prefix}pooler.", f"{t.prefix}embeddings.mask_token")))

@@ -71,7 +71,6 @@ def timm_arch(config: dict) -> tuple[str, dict]:
         raise ValueError(
             f"pvt_v2: patch_sizes/strides {stems}; timm's PVTv2 builds kernel/stride {wanted} (7/4, then 3/2)"
         )
-    mlp_ratios = tuple(float(r) for r in c["mlp_ratios"])
     linear = bool(c["linear_attention"])
     kwargs = dict(
         in_chans=int(c["num_channels"]),
@@ -79,7 +78,7 @@ def timm_arch(config: dict) -> tuple[str, dict]:
         embed_dims=dims,
         num_heads=_ints(c["num_attention_heads"]),
         sr_ratios=_ints(c["sr_ratios"]),
-        mlp_ratios=mlp_ratios,
+        mlp_ratios=tuple(float(r) for r in c["mlp_ratios"]),
         qkv_bias=bool(c["qkv_bias"]),
         linear=linear,
         global_pool="avg",

@@ -51,11 +51,10 @@ def _pools_by_attention(config: dict[str, Any]) -> bool:
 
 def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     c = vision_config(config)
-    dim = int(c["hidden_size"])
     pool = {"global_pool": "map"} if _pools_by_attention(config) else {"global_pool": "avg", "fc_norm": False}
     kwargs = dict(
         **vit_dims(c),
-        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
+        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), int(c["hidden_size"])),
         class_token=False,
         act_layer=activation(c),
         num_classes=head_classes(config),

@@ -61,18 +61,12 @@ _RENAMES = (
 _TASK_HEADS = ("decoder.", "hidden_states_norms.")
 
 
-def _stage_grids(grid: tuple[int, int], stages: int) -> list[tuple[int, int]]:
-    """Each stage's token grid: merging halves it, padding odd sizes up (both libraries)."""
-    grids = [grid]
-    for _ in range(stages - 1):
-        h, w = grids[-1]
-        grids.append(((h + 1) // 2, (w + 1) // 2))
-    return grids
-
-
-def _check_windows(grids: list[tuple[int, int]], depths: tuple[int, ...], window: int) -> None:
-    """Refuse a config whose windows the two libraries would lay out differently (see the module docstring)."""
-    for stage, (grid, depth) in enumerate(zip(grids, depths)):
+def _check_windows(grid: tuple[int, int], depths: tuple[int, ...], window: int) -> None:
+    """Refuse a config whose windows the two libraries would lay out differently (see the module docstring);
+    ``grid``: the first stage's token grid."""
+    for stage, depth in enumerate(depths):
+        if stage:  # merging halves the grid, padding odd sizes up (both libraries)
+            grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         if min(grid) < window:
             raise ValueError(
                 f"swin: stage {stage} has a {grid[0]}x{grid[1]} grid, smaller than window_size={window}; "
@@ -114,7 +108,7 @@ def timm_arch(config: dict) -> tuple[str, dict]:
     patch = pair(c["patch_size"])
     img = pair(c["image_size"])
     window = int(c["window_size"])
-    _check_windows(_stage_grids((img[0] // patch[0], img[1] // patch[1]), len(depths)), depths, window)
+    _check_windows((img[0] // patch[0], img[1] // patch[1]), depths, window)
     embed_dim = int(c["embed_dim"])
     kwargs = dict(
         img_size=size_arg(c["image_size"]),

@@ -46,10 +46,9 @@ def vit_kwargs(config: dict[str, Any]) -> dict[str, Any]:
     """The timm VisionTransformer arguments every transformers ViT-layer model shares (ViT, DeiT, ViT-MAE,
     I-JEPA)."""
     c = {**DEFAULTS, **config}
-    dim = int(c["hidden_size"])
     return dict(
         **vit_dims(c),
-        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), dim),
+        mlp_ratio=mlp_ratio(int(c["intermediate_size"]), int(c["hidden_size"])),
         qkv_bias=bool(c["qkv_bias"]),
         act_layer=activation(c),
         **norm_layer(c["layer_norm_eps"]),
@@ -78,19 +77,16 @@ def timm_arch(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return vit_name(kwargs), kwargs
 
 
-def embeddings(t: Taker, prefix_tokens: tuple[str, ...] = ("cls_token",)) -> dict[str, torch.Tensor]:
-    """Patch embedding, prefix tokens and position embeddings of transformers' ViT embeddings."""
+def encoder(
+    t: Taker, config: dict[str, Any], prefix_tokens: tuple[str, ...] = ("cls_token",)
+) -> dict[str, torch.Tensor]:
+    """transformers' ViT encoder: patch embedding, prefix tokens, position embeddings, every layer and the
+    final LayerNorm."""
+    c = {**DEFAULTS, **config}
     timm_names = {"cls_token": "cls_token", "distillation_token": "dist_token"}
     out = {timm_names[n]: t.take(f"embeddings.{n}") for n in prefix_tokens}
     out["pos_embed"] = t.take("embeddings.position_embeddings")
     out.update(under("patch_embed.proj", linear(t, "embeddings.patch_embeddings.projection")))
-    return out
-
-
-def encoder(t: Taker, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Every ViT layer and the final LayerNorm."""
-    c = {**DEFAULTS, **config}
-    out: dict[str, torch.Tensor] = {}
     for i in range(int(c["num_hidden_layers"])):
         out.update(vit_layer(t, i, bool(c["qkv_bias"])))
     out.update(under("norm", linear(t, "layernorm")))
@@ -102,8 +98,7 @@ def timm_weights(
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "ViT"))
     deit = config["model_type"] == "deit"
-    out = embeddings(t, ("cls_token", "distillation_token") if deit else ("cls_token",))
-    out.update(encoder(t, config))
+    out = encoder(t, config, ("cls_token", "distillation_token") if deit else ("cls_token",))
     if _classes(config):
         head = t.at("")
         if deit:

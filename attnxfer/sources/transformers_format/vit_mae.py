@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._common import Taker, base_prefix
-from .vit_deit import embeddings, encoder, vit_kwargs, vit_name
+from .vit_deit import encoder, vit_kwargs, vit_name
 
 MODEL_TYPES: tuple[str, ...] = ("vit_mae",)
 
@@ -24,6 +24,4 @@ def timm_weights(
     weights: dict[str, torch.Tensor], config: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     t = Taker(weights, base_prefix(weights, "embeddings.patch_embeddings.projection.weight", "ViT-MAE"))
-    out = embeddings(t)
-    out.update(encoder(t, config))
-    return t.finish(out, lambda k: k.startswith("decoder."))
+    return t.finish(encoder(t, config), lambda k: k.startswith("decoder."))
