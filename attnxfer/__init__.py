@@ -85,25 +85,19 @@ def __getattr__(name: str) -> Any:
     """Import a public name's subpackage (or a subpackage) the first time it is read, and keep the value."""
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)  # the import binds it in globals()
-    if name in _RENAMED:
-        return _renamed(name)
+    if name in _RENAMED:  # not kept in globals(), so that every use is warned (once per place)
+        new = f"{__name__}.{_RENAMED[name]}"
+        warnings.warn(
+            f"{__name__}.{name} is deprecated and will be removed in a future release; use {new} (the same object)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return functools.reduce(getattr, _RENAMED[name].split("."), importlib.import_module(__name__))
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
     return value
-
-
-def _renamed(name: str) -> Any:
-    """An earlier release's name: the object at its new home, and a warning that names it. Not kept in
-    globals(), so that every use is warned (once per place, by Python's warning filters)."""
-    new = f"{__name__}.{_RENAMED[name]}"
-    warnings.warn(
-        f"{__name__}.{name} is deprecated and will be removed in a future release; use {new} (the same object)",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return functools.reduce(getattr, _RENAMED[name].split("."), importlib.import_module(__name__))
 
 
 def __dir__() -> list[str]:

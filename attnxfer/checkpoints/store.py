@@ -225,11 +225,10 @@ class CheckpointManager:
 
     # ---- reading -----------------------------------------------------------------------
     def _verified(self, paths: Iterable[Path], verify_hash: bool | None, report: bool = True):
+        verify = self.verify_hash if verify_hash is None else verify_hash
         for path in paths:
             try:
-                yield verify_checkpoint(
-                    path, verify_hash=self.verify_hash if verify_hash is None else verify_hash
-                )
+                yield verify_checkpoint(path, verify_hash=verify)
             except CorruptCheckpointError as e:
                 if report:
                     warnings.warn(f"skipping {e}", CorruptCheckpointWarning, stacklevel=3)

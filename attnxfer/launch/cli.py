@@ -101,7 +101,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(argv: Sequence[str] | None = None) -> NoReturn:
     """The program's entry point: `main`, then `end_program` with its exit code."""
     end_program(main(argv))
-
-
-if __name__ == "__main__":
-    run()

@@ -46,7 +46,6 @@ from .submission import (
     undone_if_refused as undone_if_refused,
 )
 from .task import (
-    REQUEUE_CAUSES as REQUEUE_CAUSES,
     TIMEOUT_SLACK_S as TIMEOUT_SLACK_S,
     RequeueLimitReached as RequeueLimitReached,
     TrainingTask as TrainingTask,

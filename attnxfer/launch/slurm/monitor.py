@@ -151,7 +151,10 @@ def _poll(job: submitit.Job, log_lines: int) -> tuple[list[Any] | None, str | No
     """(every rank's results, or None while some are missing; the SLURM state; whether the job has ended)
     now. Raises `JobFailedError` for a rank that raised."""
     if isinstance(job, submitit.DebugJob):  # in-process: runs now, on this thread
-        return _debug_results(job), None, True
+        err = job.exception()
+        if err is not None:
+            raise JobFailedError(f"job {job.job_id} failed: {err!r}", job.job_id, 0) from err
+        return job.results(), None, True
     if not _is_slurm(job):
         done = _collect(job, log_lines)
         return done, None, done is None and job.done()
@@ -166,13 +169,6 @@ def _poll(job: submitit.Job, log_lines: int) -> tuple[list[Any] | None, str | No
             current_run_start = time.mktime(time.strptime(info.get("StartTime", ""), "%Y-%m-%dT%H:%M:%S"))
     done = _collect(job, log_lines, not_before=current_run_start)
     return done, state, state not in SLURM_ACTIVE_STATES
-
-
-def _debug_results(job: submitit.DebugJob) -> list[Any]:
-    err = job.exception()
-    if err is not None:
-        raise JobFailedError(f"job {job.job_id} failed: {err!r}", job.job_id, 0) from err
-    return job.results()
 
 
 def _stop_if_died(
@@ -290,17 +286,16 @@ def _collect(job: submitit.Job, log_lines: int, not_before: float = 0.0) -> list
         if rank != 0:  # srun reports the exit codes of dead ranks in rank 0's log
             first = tasks[0].paths.stderr
             batch_log = f"\n--- last 10 lines of {first} (rank 0 and srun) ---\n{_tail(first, 10)}"
-        error = JobFailedError(
+        # `ValueError: what went wrong`: the traceback's last non-blank line
+        lines = [line.strip() for line in str(outcomes[rank][1]).strip().splitlines() if line.strip()]
+        raise JobFailedError(
             f"job {job.job_id} failed on rank {rank} of {job.num_tasks}{also}:\n{outcomes[rank][1]}\n"
             f"{_rank_logs(tasks[rank], log_lines)}{batch_log}",
             job.job_id,
             rank,
             tasks[rank].paths.stderr,
+            reason=lines[-1] if lines else "(no message)",
         )
-        # `ValueError: what went wrong`: the traceback's last non-blank line
-        lines = [line.strip() for line in str(outcomes[rank][1]).strip().splitlines() if line.strip()]
-        error.reason = lines[-1] if lines else "(no message)"
-        raise error
     if all(o is not None for o in outcomes):
         return [o[1] for o in outcomes]
     return None

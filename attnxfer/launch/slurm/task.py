@@ -30,9 +30,6 @@ class RequeueLimitReached(RuntimeError):
 TIMEOUT_SLACK_S = 90
 
 
-REQUEUE_CAUSES = ("timeout", "preemption")
-
-
 class TrainingTask(submitit.helpers.Checkpointable):
     """``main_fn(cfg)`` as a checkpointable submitit task that requeues itself and resumes from its run dir:
 
