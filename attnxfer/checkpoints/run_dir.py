@@ -179,16 +179,20 @@ class RunDir:
         return json.loads(self.record_file.read_text(encoding="utf-8"))
 
     def recipe(self) -> str | None:
+        """The run's config.yaml as text, or None where it has none."""
         return self.config_file.read_text(encoding="utf-8") if self.config_file.is_file() else None
 
     def latest(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
+        """The newest intact checkpoint, or None."""
         return CheckpointManager(self.path).latest(verify_hash=verify_hash)
 
     def checkpoint_state(self, ckpt: Path) -> dict[str, Any]:
+        """A checkpoint's state.json ({} where it has none)."""
         path = Path(ckpt) / STATE_NAME
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     def metric_rows(self) -> list[dict[str, Any]]:
+        """metrics.jsonl's rows ([] where the run logged none)."""
         if not self.metrics_file.is_file():
             return []
         lines = self.metrics_file.read_text(encoding="utf-8").splitlines()
