@@ -9,7 +9,7 @@ import torch
 from timm.models import get_model_args
 from torch import nn
 
-from .vit import _create_dropping
+from .vit import create_dropping
 
 # create_model arguments that are runtime settings, not architecture (and would not build on meta)
 _RUNTIME = ("pretrained_model_args", "pretrained_strict", "device", "dtype", "features_only", "out_indices")
@@ -24,7 +24,7 @@ def _recorded_build(model: nn.Module) -> nn.Module:
     arch = model.pretrained_cfg["architecture"]
     args = {k: v for k, v in get_model_args(model).items() if k not in _RUNTIME and k != "attn_layer"}
     with torch.device("meta"):  # a family that takes any input size (PVTv2) records none to take back
-        return _create_dropping(arch, False, args, optional=("img_size",))
+        return create_dropping(arch, False, args, optional=("img_size",))
 
 
 def norms_as_recorded(model: nn.Module) -> nn.Module:

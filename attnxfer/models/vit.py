@@ -19,10 +19,10 @@ def create_vit(
     """``timm.create_model`` with `TransferAttention` in every block (architectures that build their own
     attention get timm's); kwargs named in ``optional`` are left out where the architecture takes none."""
     kwargs.setdefault("attn_layer", TransferAttention)
-    return _create_dropping(name, pretrained, kwargs, optional=("attn_layer", *optional))
+    return create_dropping(name, pretrained, kwargs, optional=("attn_layer", *optional))
 
 
-def _create_dropping(
+def create_dropping(
     name: str, pretrained: bool, kwargs: dict[str, Any], optional: tuple[str, ...]
 ) -> nn.Module:
     """``timm.create_model`` without the ``optional`` kwargs the architecture does not take: PVTv2 takes no
@@ -33,7 +33,7 @@ def _create_dropping(
         dropped = [k for k in optional if k in kwargs and f"keyword argument '{k}'" in str(e)]
         if not dropped:
             raise
-        return _create_dropping(
+        return create_dropping(
             name, pretrained, {k: v for k, v in kwargs.items() if k != dropped[0]}, optional
         )
 
