@@ -166,7 +166,7 @@ def _sweep(
 ) -> dict[str, dict[str, Any]]:
     """`break_even_sweeps` over ``sides``, each teacher rebuilt with random weights (`rebuilt_teacher`)."""
     if not sides or not cfg.teacher.spec:
-        off = "the teacher was passed in, not named by teacher.spec" if sides else f"{_SWEEP_KEY} is []"
+        off = f"{_SWEEP_KEY} is []" if not sides else "the teacher was passed in, not named by teacher.spec"
         return {name: {"sides": sides, "rows": [], "skipped": [], "off": off} for name in names}
 
     def build(side: int) -> tuple[nn.Module, dict[str, nn.Module]]:
