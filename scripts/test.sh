@@ -3,8 +3,8 @@
 # on the scheduler: signals, requeues, time limits) beside every other test, those in two pytest-xdist
 # workers (a test file stays on one worker: its module fixtures are built once) of one intra-op thread
 # each: with two threads each, the workers and the SLURM lane spin on 2 cores and gain nothing
-# (docs/testing.md has the timings). Same tests as a plain `pytest -q`. Extra arguments go to both lanes (e.g. -x, --durations=20; -n 8
-# on a bigger machine). Exit status: the first lane that failed.
+# (docs/testing.md has the timings). Same tests as a plain `pytest -q`. Extra arguments go to both
+# lanes (e.g. -x, --durations=20; -n 8 on a bigger machine). Exit status: the first lane that failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
