@@ -4,7 +4,8 @@ newcomer meets it.
 The shared fixture does what the Quickstart does, in an empty folder: `attnxfer demo --quick` (with fewer
 steps still: the examples need its files, not its scores). Then the ``attnxfer`` commands of every shell
 block run there, README first and then the site's pages in their navigation order, each with a short
-schedule put before its own keys (a few optimiser and stage-1 steps, one timed repeat, a small k-NN bank),
+schedule put before its own keys (a few optimiser and stage-1 steps, one timed repeat, a small k-NN bank, a
+small validation set where the dataset makes one on the fly),
 so that a command that needs what an earlier one made (an export, a stage-2 run, the demo's teacher) finds
 it. The first command of each kind (subcommand and recipe, or subcommand and paths) runs; a later one that
 only changes keys is already parsed and resolved by `test_docs.py`. A conversion or a search costs minutes
@@ -88,6 +89,9 @@ SHORT = {
         "log.progress=false",
     ],
 }
+#: keys put before an example's own by its recipe's dataset: the recall task's validation images are made for
+#: the run and each costs a forward at 1,024+ tokens (its 1,000 were half of this test's time)
+SHORT_DATA = {"recall": ["data.kwargs.val_length=64"]}
 #: the demo's budgets in the fixture: what `--quick` trains, cut further (its files are what the examples need)
 DEMO = ["demo", "--quick", "--teacher-steps", "10", "--budget-steps", "3"]
 
@@ -121,15 +125,21 @@ def _kind(argv: list[str]) -> tuple[str, ...]:
     return (argv[0], *(a for a in argv[1:] if "=" not in a and not a.startswith("-")))
 
 
+def _recipe(argv: list[str]):
+    """The run config of a command's recipe (None: no recipe, or a study recipe, whose students: is not one)."""
+    try:
+        return load_config(argv[argv.index("-c") + 1]) if "-c" in argv else None
+    except ConfigError:
+        return None
+
+
 def _run_dir(argv: list[str]) -> str | None:
     """The folder a command writes: its ``run_dir=``, else its recipe's."""
     given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
-    if given or "-c" not in argv:
-        return given[-1] if given else None
-    try:
-        return load_config(argv[argv.index("-c") + 1]).run_dir
-    except ConfigError:  # a study recipe (students:) is not a run config
-        return None
+    if given:
+        return given[-1]
+    recipe = _recipe(argv)
+    return recipe.run_dir if recipe is not None else None
 
 
 def runnable() -> list[tuple[str, list[str]]]:
@@ -156,7 +166,9 @@ def runnable() -> list[tuple[str, list[str]]]:
         seen.add(kind)
         made.add(folder)
         at = argv.index("-c") + 2 if "-c" in argv else 1
-        out.append((where, [*argv[:at], *SHORT.get(schedule, []), *argv[at:]]))
+        recipe = _recipe(argv)
+        data = SHORT_DATA.get(recipe.data.dataset, []) if recipe is not None else []
+        out.append((where, [*argv[:at], *SHORT.get(schedule, []), *data, *argv[at:]]))
     return out
 
 

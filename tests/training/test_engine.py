@@ -15,6 +15,7 @@ from helpers import QUIET, run_cli
 from safetensors.torch import load_file
 
 from attnxfer.apps.run.training import build_engine
+from attnxfer.checkpoints.verify import CorruptCheckpointWarning
 from attnxfer.config import ConfigError, load_config
 from attnxfer.train.drive import Drive, StudentStreams, own_feed
 from attnxfer.train.stop import StopRequested
@@ -64,7 +65,8 @@ def _weights(run_dir):
     ],
 )
 def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):
-    """Through the CLI's own main, in this process (the tests below run ``attnxfer train`` as a real process)."""
+    """Through the CLI's own main, in this process (the kill-and-resume test below runs ``attnxfer train`` as a
+    real process)."""
     code, _, err = run_cli(capsys, "train", f"run_dir={tmp_path / 'r'}", *args)
     assert code == 2, err[-2000:]
     assert needle in err
@@ -121,23 +123,25 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path):
+def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path, capsys):
     common = [*TINY, "transfer.mode=none", "schedule.max_steps=8", "checkpoint.every_steps=4"]
     run = tmp_path / "r"
-    assert _cli("train", f"run_dir={run}", *common).returncode == 0
+    assert run_cli(capsys, "train", f"run_dir={run}", *common)[0] == 0
     newest = run / "checkpoints" / "step-00000008" / "model.safetensors"
     data = bytearray(newest.read_bytes())
     data[-5] ^= 0xFF
     newest.write_bytes(bytes(data))
-    res = _cli("train", f"run_dir={run}", *common, "schedule.max_steps=10")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "step-00000008" in res.stderr and "resumed from checkpoint step 4" in res.stdout
+    with pytest.warns(CorruptCheckpointWarning, match="step-00000008 is not usable") as said:
+        code, out, err = run_cli(capsys, "train", f"run_dir={run}", *common, "schedule.max_steps=10")
+    assert code == 0, err[-2000:]
+    assert "resumed from checkpoint step 4" in out and any("moved it to" in str(w.message) for w in said)
     assert (run / "checkpoints" / "step-00000010").exists()
 
 
 @pytest.mark.slow
-def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path):
-    res = _cli(
+def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys,
         "train",
         f"run_dir={tmp_path / 'r'}",
         *TINY,
@@ -147,8 +151,8 @@ def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path):
         "schedule.max_steps=6",
         "checkpoint.every_steps=100",
     )
-    assert res.returncode != 0
-    assert "non-finite loss term 'task'" in res.stderr and "Traceback" not in res.stderr
+    assert code != 0
+    assert "non-finite loss term 'task'" in err and "Traceback" not in err
     assert not list((tmp_path / "r" / "checkpoints").glob("step-*"))
 
 
@@ -210,13 +214,14 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
 
 
 @pytest.mark.slow
-def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path):
+def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path, capsys):
     from attnxfer.checkpoints.export import ModelCardInfo, export_student
     from attnxfer.models import create_vit
 
     teacher = create_vit("vit_micro_patch4_28", num_classes=10, depth=2, embed_dim=48)
     export_student(teacher, tmp_path / "teacher", card=ModelCardInfo(model_name="t", license="apache-2.0"))
-    res = _cli(
+    code, _, err = run_cli(
+        capsys,
         "train",
         f"run_dir={tmp_path / 'r'}",
         *TINY,
@@ -225,22 +230,23 @@ def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_
         "model.mirror_teacher=false",
         "model.kwargs={depth: 2, embed_dim: 48, img_size: 32}",
     )
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert "token grids differ: teacher has 7x7 patches + 1 prefix token(s), student 8x8 + 1" in res.stderr
-    assert "img_size" in res.stderr
+    assert code != 0 and "Traceback" not in err
+    assert "token grids differ: teacher has 7x7 patches + 1 prefix token(s), student 8x8 + 1" in err
+    assert "img_size" in err
 
 
 @pytest.mark.slow
-def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path):
+def test_trained_student_records_the_normalisation_it_was_trained_with(tmp_path, capsys):
     """An exported student used as a teacher must hand its training mean/std to the next run."""
     from attnxfer.data import dataset_info
 
     run = tmp_path / "r"
     assert (
-        _cli("train", f"run_dir={run}", *TINY, "transfer.mode=none", "schedule.max_steps=2").returncode == 0
+        run_cli(capsys, "train", f"run_dir={run}", *TINY, "transfer.mode=none", "schedule.max_steps=2")[0]
+        == 0
     )
-    res = _cli("export", str(run), str(tmp_path / "export"), "--weights", "raw")
-    assert res.returncode == 0, res.stderr[-2000:]
+    code, _, err = run_cli(capsys, "export", str(run), str(tmp_path / "export"), "--weights", "raw")
+    assert code == 0, err[-2000:]
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
     info = dataset_info("animal_mnist")
     assert cfg["mean"] == list(info.mean) and cfg["std"] == list(info.std)
