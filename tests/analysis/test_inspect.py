@@ -5,9 +5,6 @@ copy-mode runs, TensorBoard pictures during training, and one clear error for ea
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +35,6 @@ from attnxfer.launch.cli import main as cli_main
 from attnxfer.models import attention_maps, create_vit
 from attnxfer.models.efficient import build_efficient_student
 
-ROOT = Path(__file__).resolve().parents[2]
 LN2 = math.log(2)
 
 
@@ -266,17 +262,6 @@ def test_report_files_and_picture_sizes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- runs and the CLI
-def _cli(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "attnxfer", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-
-
 @pytest.fixture(scope="module")
 def copy_run(tmp_path_factory):
     """A micro teacher (exported), a second one, and a 2-step copy-mode run on animal-mnist with TensorBoard."""
@@ -287,21 +272,23 @@ def copy_run(tmp_path_factory):
             create_vit("vit_micro_patch4_28", num_classes=10, depth=2, embed_dim=48), range(2)
         )
         export_student(t, root / name, card=ModelCardInfo(model_name=name, license="apache-2.0"))
-    res = _cli(
-        "train",
-        f"run_dir={root / 'copy'}",
-        "model.name=vit_micro_patch4_28",
-        "model.kwargs={depth: 2, embed_dim: 48}",
-        "data.batch_size=32",
-        "log.progress=false",
-        "schedule.max_steps=2",
-        "schedule.epochs=1",
-        "transfer.mode=copy",
-        f"teacher.spec=local-dir:{root / 'teacher'}",
-        "checkpoint.every_epoch=false",
-        "log.attention_images=2",
+    code = cli_main(
+        [
+            "train",
+            f"run_dir={root / 'copy'}",
+            "model.name=vit_micro_patch4_28",
+            "model.kwargs={depth: 2, embed_dim: 48}",
+            "data.batch_size=32",
+            "log.progress=false",
+            "schedule.max_steps=2",
+            "schedule.epochs=1",
+            "transfer.mode=copy",
+            f"teacher.spec=local-dir:{root / 'teacher'}",
+            "checkpoint.every_epoch=false",
+            "log.attention_images=2",
+        ]
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert code == 0
     return root
 
 
@@ -320,18 +307,20 @@ def test_training_writes_class_token_pictures_to_tensorboard(copy_run):
 @pytest.mark.slow
 def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, capsys):
     out = tmp_path / "report"
-    res = _cli(
-        "inspect",
-        f"local-dir:{copy_run / 'teacher'}",
-        str(copy_run / "copy"),
-        "--data",
-        "animal_mnist",
-        "--num-images",
-        "6",
-        "--out",
-        str(out),
+    code = cli_main(
+        [
+            "inspect",
+            f"local-dir:{copy_run / 'teacher'}",
+            str(copy_run / "copy"),
+            "--data",
+            "animal_mnist",
+            "--num-images",
+            "6",
+            "--out",
+            str(out),
+        ]
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert code == 0, capsys.readouterr().err[-3000:]
     data = json.loads((out / "metrics.json").read_text())
     for r in data["students"]["copy"]:  # a copy student attends with the teacher's maps: no divergence
         assert r["borrowed"] == "qk" and r["mean"]["js"] < 1e-6 and r["assignment"]["is_identity"]
