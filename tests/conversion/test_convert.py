@@ -3,15 +3,11 @@ only what it should), the engine's new pieces (logit distillation, efficient stu
 and clear errors."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import peaked_teacher, tiny_convert_report, tiny_run, tiny_vit
+from helpers import peaked_teacher, run_cli, tiny_convert_report, tiny_run, tiny_vit
 from safetensors.torch import load_file
 
 from attnxfer.apps.convert.convert import conversion_plan_from_config
@@ -27,9 +23,6 @@ from attnxfer.train.stage1 import stage1_transfer
 from attnxfer.transfer import PlanError, TeacherStudent, build_plan
 from attnxfer.transfer.conversion import ConversionPlan, build_conversion_plan
 from attnxfer.transfer.map_losses import agreement, implicit_map_loss
-
-ROOT = Path(__file__).resolve().parents[2]
-PY = sys.executable
 
 
 def _teacher(depth=2, **kw):
@@ -362,17 +355,10 @@ def _convert_args(run_dir, teacher_dir, *extra):
 @pytest.mark.slow
 def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "run"
-    res = subprocess.run(
-        [PY, "-m", "attnxfer", "convert", *_convert_args(run, tiny_teacher_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "conversion plan: softmax teacher -> hedgehog student (2 blocks)" in res.stdout
-    assert "logit distillation: weight 1, temperature 2" in res.stdout
+    code, out, err = run_cli(capsys, "convert", *_convert_args(run, tiny_teacher_dir))
+    assert code == 0, err[-3000:]
+    assert "conversion plan: softmax teacher -> hedgehog student (2 blocks)" in out
+    assert "logit distillation: weight 1, temperature 2" in out
     report = json.loads((run / "report.json").read_text())
     top1 = report["top1"]
     assert set(top1) == {"teacher", "before_stage1", "after_stage1", "after_stage2"}
