@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import TextIO
@@ -114,6 +115,24 @@ def quiet() -> Iterator[None]:
         yield
     finally:
         _QUIET.reset(token)
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Inside: attnxfer's own warnings (a renamed key, a corrupt checkpoint) read ``warning: ...`` like its other
+    lines, not ``file:line: Category: ...``; other packages' keep Python's format. Filters still see them."""
+    python_format = warnings.formatwarning
+
+    def as_line(message, category, filename, lineno, line=None) -> str:
+        if category.__module__.split(".")[0] == LOGGER_NAME:
+            return f"warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = as_line
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
 
 
 def show_debug() -> None:

@@ -228,6 +228,6 @@ def respell(data: Mapping[str, Any], cfg: Any = None, *, note: bool = True) -> d
             continue
         if value != renamed.default:
             renamed.move(value, out, cfg)
-        if note:  # one line, once per process: "config:0: RenamedKeyWarning: <old> is now <new>"
+        if note:  # once per process; the CLI shows it as "warning: <old> is now <new>"
             warnings.warn_explicit(renamed.note, RenamedKeyWarning, "config", 0, __name__, _SAID)
     return out

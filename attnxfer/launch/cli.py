@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from ..errors import UserError
-from ..speak import warn
+from ..speak import warn, warnings_as_lines
 from ..version import __version__
 from .commands import COMMANDS, load
 from .process_exit import end_program
@@ -75,27 +75,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        if getattr(args, "print_config", False):
-            return args.show_config(args)
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        warn(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", all_ranks=True)
-        return 130
-    except BrokenPipeError:  # the reader of stdout went away (`attnxfer ... | head`): nothing left to say
-        # so the exit's flush cannot fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except Exception as e:
-        # SIGTERM stopped a run at a step boundary, its checkpoint saved (module not loaded: nothing trained)
-        stop = sys.modules.get("attnxfer.train.stop")
-        if stop is not None and isinstance(e, stop.StopRequested):
-            warn(f"attnxfer {args.command}: {e}; re-run the same command to resume")
-            return e.exit_code
-        if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
-            raise
-        warn(f"attnxfer {args.command}: error: {e}", all_ranks=True)
-        return 2
+    with warnings_as_lines():
+        try:
+            if getattr(args, "print_config", False):
+                return args.show_config(args)
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            warn(f"attnxfer {args.command}: interrupted; {_where_to_resume(args)}", all_ranks=True)
+            return 130
+        except BrokenPipeError:  # the reader of stdout went away (`attnxfer ... | head`): nothing left to say
+            # so the exit's flush cannot fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        except Exception as e:
+            # SIGTERM stopped a run at a step boundary, its checkpoint saved (module not loaded: nothing trained)
+            stop = sys.modules.get("attnxfer.train.stop")
+            if stop is not None and isinstance(e, stop.StopRequested):
+                warn(f"attnxfer {args.command}: {e}; re-run the same command to resume")
+                return e.exit_code
+            if os.environ.get("ATTNXFER_DEBUG") or not isinstance(e, UserError):  # else a bug: its traceback
+                raise
+            warn(f"attnxfer {args.command}: error: {e}", all_ranks=True)
+            return 2
 
 
 def run(argv: Sequence[str] | None = None) -> NoReturn:

@@ -4,11 +4,16 @@ with the old spellings resumes without a change to refuse."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
+
 import pytest
 import yaml
 
 from attnxfer.apps.run.resume import config_changes
 from attnxfer.config import RENAMED_KEYS, ConfigError, RenamedKeyWarning, config_keys, load_config, to_dict
+from attnxfer.speak import warnings_as_lines
 
 
 def _load(*overrides: str, path=None):
@@ -114,3 +119,36 @@ def test_a_run_recorded_with_old_spellings_resumes_without_a_change(tmp_path):
     )
     assert (resumed.transfer.logit_distill, resumed.transfer.losses) == (0.5, [])
     assert config_changes(recorded, resumed) == []  # no key changed, none to refuse
+
+
+def test_the_cli_shows_an_old_spelling_as_one_warning_line(tmp_path):
+    """In a real process, where Python itself shows the warning (pytest records it instead): the note alone
+    after ``warning:``, as attnxfer's other warnings read, without the ``config:0: RenamedKeyWarning:`` frame."""
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attnxfer",
+            "train",
+            "-c",
+            "demo/copy",
+            "log.tensorboard=false",
+            "--print-config",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    note = next(r.note for r in RENAMED_KEYS if r.old == "log.tensorboard")
+    assert res.returncode == 0 and res.stderr.splitlines() == [f"warning: {note}"], res.stderr
+
+
+def test_only_attnxfers_own_warnings_lose_pythons_frame_and_only_inside():
+    """Another package's warning keeps its file and line (they help there); outside, Python's format is back."""
+    python_format = warnings.formatwarning
+    with warnings_as_lines():
+        own = warnings.formatwarning("a is now b", RenamedKeyWarning, "config", 0)
+        other = warnings.formatwarning("old API", DeprecationWarning, "m.py", 3)
+    assert own == "warning: a is now b\n" and other.startswith("m.py:3: DeprecationWarning: old API")
+    assert warnings.formatwarning is python_format
