@@ -138,7 +138,6 @@ def test_corrupt_newest_checkpoint_is_reported_and_previous_used(tmp_path, capsy
     assert (run / "checkpoints" / "step-00000010").exists()
 
 
-@pytest.mark.slow
 def test_non_finite_loss_names_the_term_and_saves_nothing(tmp_path, capsys):
     code, _, err = run_cli(
         capsys,
@@ -213,7 +212,6 @@ def test_two_ranks_under_torchrun_match_one_process_with_the_same_global_batch(t
     assert run["world_size"] == 2
 
 
-@pytest.mark.slow
 def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_path, capsys):
     from attnxfer.checkpoints.export import ModelCardInfo, export_student
     from attnxfer.models import create_vit
