@@ -124,7 +124,7 @@ def warnings_as_lines() -> Iterator[None]:
     python_format = warnings.formatwarning
 
     def as_line(message, category, filename, lineno, line=None) -> str:
-        if category.__module__.split(".")[0] == LOGGER_NAME:
+        if category.__module__.partition(".")[0] == __package__:  # a category attnxfer defines
             return f"warning: {message}\n"
         return python_format(message, category, filename, lineno, line)
 
