@@ -62,6 +62,10 @@ def _weights(run_dir):
         ),
         (["-c", "paper/vit_large_copyy"], "did you mean the built-in recipe 'paper/vit_large_copy'"),
         (["transfer.mode=copy"], "needs a teacher"),
+        (  # timm's own assertion, from model.kwargs the architecture cannot take
+            ["transfer.mode=none", "model.name=vit_micro_patch4_28", "model.kwargs={embed_dim: 50}"],
+            "model.name=vit_micro_patch4_28 cannot be built with model.kwargs {'embed_dim': 50}",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):

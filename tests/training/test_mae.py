@@ -316,6 +316,7 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
         (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be >= 0 and < 1"),
         (["teacher.spec=vit_base_patch16_224.mae"], "pretrain learns from pixels alone"),
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
+        (["model.kwargs={embed_dim: 50}"], "cannot be built with model.kwargs {'embed_dim': 50}"),
     ],
 )
 def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):

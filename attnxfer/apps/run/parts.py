@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ...config import TrainConfig
+from ...config import ModelConfig, TrainConfig
 from ...data import DatasetInfo
 from ...errors import InputError
 from ...models.efficient import with_attention
@@ -92,10 +92,22 @@ def build_student(
         optional: tuple[str, ...] = ()
         if img_size is not None and "img_size" not in kwargs:
             kwargs["img_size"], optional = img_size, ("img_size",)  # a conv stem (PVTv2) takes any size
-        student = create_vit(
-            m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, optional=optional, **kwargs
-        )
+        student = create_named_vit(m, num_classes=num_classes, optional=optional, **kwargs)
     return student_attention(student, m.attention, m.attention_kwargs)
+
+
+def create_named_vit(m: ModelConfig, **kwargs: Any) -> nn.Module:
+    """``model.name`` with ``kwargs`` (``model.kwargs`` among them) and ``model.drop_path_rate``; timm refusing
+    the user's ``model.kwargs`` is one message naming them, not a traceback from inside timm."""
+    try:
+        return create_vit(m.name, drop_path_rate=m.drop_path_rate, **kwargs)
+    except (AssertionError, TypeError, ValueError) as e:  # how timm's constructors refuse arguments
+        if not m.kwargs:  # without the user's kwargs, a failure is attnxfer's bug: its traceback
+            raise
+        raise InputError(
+            f"model.name={m.name} cannot be built with model.kwargs {m.kwargs}: {type(e).__name__}: {e}; "
+            f"change model.kwargs (they go to timm.create_model)"
+        ) from e
 
 
 def student_attention(

@@ -29,7 +29,6 @@ from ...errors import InputError
 from ...models.image_input import image_input
 from ...models.mae import MaskedAutoencoder
 from ...models.student import student_shape, student_spec
-from ...models.vit import create_vit
 from ...sources import load_teacher
 from ...sources.resolve import TeacherLoadError, read_state_dict
 from ...speak import say
@@ -41,7 +40,7 @@ from ...train.objective import ModuleObjective
 from ...train.optim import student_param_groups
 from ...train.runtime import Runtime
 from .loaders import data_info
-from .parts import num_classes_of, parts_around
+from .parts import create_named_vit, num_classes_of, parts_around
 from .resume import check_same_data
 from .training import assemble_engine, loop_settings, record_run, start_run
 
@@ -55,7 +54,7 @@ def build_mae(cfg: TrainConfig, in_chans: int, img_size: int | None) -> MaskedAu
     kwargs = dict(m.kwargs, in_chans=in_chans)
     if img_size is not None:
         kwargs["img_size"] = img_size
-    encoder = create_vit(m.name, num_classes=0, drop_path_rate=m.drop_path_rate, **kwargs)
+    encoder = create_named_vit(m, num_classes=0, **kwargs)
     return MaskedAutoencoder(
         encoder,
         decoder_dim=a.decoder_dim,
