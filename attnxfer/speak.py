@@ -120,12 +120,13 @@ def quiet() -> Iterator[None]:
 @contextlib.contextmanager
 def warnings_as_lines() -> Iterator[None]:
     """Inside: attnxfer's own warnings (a renamed key, a corrupt checkpoint) read ``warning: ...`` like its other
-    lines, not ``file:line: Category: ...``; other packages' keep Python's format. Filters still see them."""
+    lines, not ``file:line: Category: ...``, and only the main rank shows them, as it does `warn`'s (every rank
+    reads the same config and checkpoints); other packages' keep Python's format. Filters still see them."""
     python_format = warnings.formatwarning
 
     def as_line(message, category, filename, lineno, line=None) -> str:
         if category.__module__.partition(".")[0] == __package__:  # a category attnxfer defines
-            return f"warning: {message}\n"
+            return f"warning: {message}\n" if is_main() else ""
         return python_format(message, category, filename, lineno, line)
 
     warnings.formatwarning = as_line

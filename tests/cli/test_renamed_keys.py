@@ -13,6 +13,7 @@ import yaml
 
 from attnxfer.apps.run.resume import config_changes
 from attnxfer.config import RENAMED_KEYS, ConfigError, RenamedKeyWarning, config_keys, load_config, to_dict
+from attnxfer.launch.slurm.task import TrainingTask
 from attnxfer.speak import warnings_as_lines
 
 
@@ -152,3 +153,22 @@ def test_only_attnxfers_own_warnings_lose_pythons_frame_and_only_inside():
         other = warnings.formatwarning("old API", DeprecationWarning, "m.py", 3)
     assert own == "warning: a is now b\n" and other.startswith("m.py:3: DeprecationWarning: old API")
     assert warnings.formatwarning is python_format
+
+
+def test_ranks_other_than_0_keep_attnxfers_warnings_to_themselves(monkeypatch):
+    """Every rank reads the same config and checkpoints: one ``warning:`` line for the job, not one per rank."""
+    monkeypatch.setenv("RANK", "1")
+    with warnings_as_lines():
+        own = warnings.formatwarning("a is now b", RenamedKeyWarning, "config", 0)
+        other = warnings.formatwarning("old API", DeprecationWarning, "m.py", 3)
+    assert own == "" and other.startswith("m.py:3: DeprecationWarning: old API")
+
+
+def test_a_submitted_jobs_log_reads_attnxfers_warnings_as_the_cli_shows_them(monkeypatch):
+    """A SLURM job runs its task, not the CLI: the task puts the same format around the run it calls."""
+    for var in ("RANK", "SLURM_PROCID", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    task = TrainingTask(
+        lambda cfg: warnings.formatwarning("a is now b", RenamedKeyWarning, "config", 0), cfg=None
+    )
+    assert task() == "warning: a is now b\n"

@@ -16,7 +16,7 @@ import submitit
 from submitit.core.utils import DelayedSubmission, UncompletedJobError
 
 from ...checkpoints.atomic_io import atomic_write_text
-from ...speak import show_debug, warn
+from ...speak import show_debug, warn, warnings_as_lines
 from ...train.distributed import backend_for, barrier, cleanup_distributed, init_distributed
 from ...train.stop import StopRequested
 
@@ -92,7 +92,8 @@ class TrainingTask(submitit.helpers.Checkpointable):
         timeout = getattr(getattr(self.cfg, "dist", None), "timeout", None)
         info = init_distributed(backend_for(getattr(self.cfg, "device", "auto")), timeout)
         try:
-            result = self.main_fn(self.cfg)
+            with warnings_as_lines():  # the job's log reads attnxfer's warnings as the CLI shows them
+                result = self.main_fn(self.cfg)
         except StopRequested as stop:  # SIGTERM: the step is saved; requeue (rank 0), then every rank leaves
             self._requeue_after_stop(stop, info.rank)
         except Exception as e:
