@@ -124,6 +124,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 )
             cfg = merge_values(cfg, data)
         cfg = _own_run_dir(cfg, p)
+    for item in (o for o in overrides if "=" not in o):  # a recipe or run dir given without -c
+        config = Path(item) / RUN_CONFIG if Path(item).is_dir() else item
+        try:
+            resolve_recipe(config)
+        except ConfigError:
+            continue  # no config either: parse_overrides says what an override is
+        raise ConfigError(f"{item!r} is not a key=value override; to read its config, pass -c {config}")
     if overrides:
         cfg = apply_overrides(cfg, parse_overrides(overrides))
     return validate_config(cfg)

@@ -101,6 +101,15 @@ def test_resume_refuses_a_config_that_changes_what_the_checkpoint_means(trained,
     assert _steps(trained) == ["step-00000004"]
 
 
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_a_run_dir_or_recipe_given_without_c_names_the_c_to_pass(trained, capsys, command):
+    """Export and inspect take a run dir as it is; eval and train read a config, with -c."""
+    code, _, err = run_cli(capsys, command, str(trained))
+    assert code == 2 and err.strip().endswith(f"pass -c {trained / 'config.yaml'}"), err
+    code, _, err = run_cli(capsys, command, "demo/copy")
+    assert code == 2 and err.strip().endswith("pass -c demo/copy"), err
+
+
 def test_a_run_trained_after_eval_trains(trained, capsys):
     code, _, err = run_cli(capsys, "train", "-c", str(trained / "config.yaml"), "schedule.max_steps=5")
     assert code == 0, err
