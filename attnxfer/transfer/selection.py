@@ -3,12 +3,11 @@
 Block l keeps softmax or takes candidate c at sensitivity s[l][c], saving ``softmax_ms - ms[c]``; a speedup S
 needs savings of ``teacher_ms * (1 - 1/S)``. This multiple-choice knapsack is solved exactly by dynamic
 programming on the saving cut into `RESOLUTION` units, each option rounded *down*, so every accepted
-assignment meets the budget in real time too (`brute_force` checks optimality in the tests).
+assignment meets the budget in real time too (the tests check optimality against every assignment).
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections.abc import Mapping, Sequence
@@ -120,22 +119,6 @@ def _knapsack(options: list[list[tuple[int, float, str]]], need: int) -> list[st
         u, name = back[u]
         names.append(name)
     return names[::-1]
-
-
-def brute_force(
-    sensitivity: Sequence[Mapping[str, float]],
-    ms: Mapping[str, float],
-    softmax_ms: float,
-    teacher_ms: float,
-    speedup: float,
-) -> Assignment | None:
-    """Every assignment tried (small instances only: the tests' reference for `select`); None: none fits."""
-    fits = [
-        assignment_of(names, sensitivity, ms, softmax_ms, teacher_ms)
-        for names in itertools.product([SOFTMAX, *ms], repeat=len(sensitivity))
-    ]
-    fits = [a for a in fits if a.predicted_ms <= teacher_ms / speedup * (1 + 1e-12)]
-    return min(fits, key=lambda a: a.sensitivity, default=None)
 
 
 def reasons(

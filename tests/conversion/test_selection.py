@@ -4,6 +4,7 @@ any training, and a resumed run keeps its recorded choice (the CLI end to end, a
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -17,7 +18,7 @@ from attnxfer.apps.convert.selection import SELECTION_FILE, _recorded, sensitivi
 from attnxfer.config import ConfigError, TrainConfig, apply_overrides, to_dict
 from attnxfer.launch import cli
 from attnxfer.models.efficient import build_efficient_student
-from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, brute_force, reasons, select
+from attnxfer.transfer.selection import SOFTMAX, InfeasibleBudget, assignment_of, reasons, select
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -27,6 +28,16 @@ def _instance(rng: random.Random, depth: int, names: list[str]):
     ms = {n: rng.uniform(1.0, 12.0) for n in names}  # some candidates slower than softmax: never chosen
     sensitivity = [{n: rng.uniform(0.0, 1.0) for n in names} for _ in range(depth)]
     return sensitivity, ms, softmax_ms, depth * softmax_ms + rng.uniform(5.0, 30.0)
+
+
+def brute_force(sensitivity, ms, softmax_ms, teacher_ms, speedup):
+    """The first-principles reference for `select`: every assignment tried; None when none fits."""
+    fits = [
+        assignment_of(names, sensitivity, ms, softmax_ms, teacher_ms)
+        for names in itertools.product([SOFTMAX, *ms], repeat=len(sensitivity))
+    ]
+    fits = [a for a in fits if a.predicted_ms <= teacher_ms / speedup * (1 + 1e-12)]
+    return min(fits, key=lambda a: a.sensitivity, default=None)
 
 
 def test_the_knapsack_meets_its_budget_with_the_least_sensitivity_of_all_assignments():
