@@ -147,8 +147,8 @@ class RunDir:
         stage1 = self.path / STAGE_DIRS[0] / CHECKPOINTS_SUBDIR
         raise MissingPathError(
             f"{self.path} is a conversion whose stage 2 has not run (no {stage2.record_file}); its student "
-            f"after stage 1 is in {stage1}, which export does not read: finish the conversion "
-            f"(attnxfer convert -c {self.config_file}) and export again"
+            f"after stage 1 is in {stage1}, which is not read as a finished student: finish the conversion "
+            f"(attnxfer convert -c {self.config_file}) and run this again"
         )
 
     def write_config(self, text: str) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from helpers import peaked_teacher, randomize_qkv_rows, tiny_vit
+from helpers import peaked_teacher, randomize_qkv_rows, run_cli, tiny_run, tiny_vit
 from PIL import Image
 
 from attnxfer.analysis import (
@@ -28,7 +28,13 @@ from attnxfer.analysis import (
     topk_overlap,
 )
 from attnxfer.analysis.pictures import class_token_figure_size
-from attnxfer.apps.inspect.inspect import LoadedModel, inspect_models, load_model, write_report
+from attnxfer.apps.inspect.inspect import (
+    LoadedModel,
+    inspect_attention,
+    inspect_models,
+    load_model,
+    write_report,
+)
 from attnxfer.apps.inspect.report_text import agreement_sentence
 from attnxfer.checkpoints.export import ModelCardInfo, export_student
 from attnxfer.launch.cli import main as cli_main
@@ -451,3 +457,53 @@ def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
     monkeypatch.setattr(pictures_app, "save_figure", real_save)
     assert _inspect(micro_teacher, out) == 0  # the advice holds: no "already holds an inspection"
     assert (out / "metrics.json").exists() and (out / "curves.png").exists()
+
+
+def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teacher, tmp_path, capsys):
+    """Without --images or --data the images are the run's own data as the run made them (its data seed and
+    options: a recall task's glyphs are a function of them), not the dataset's defaults."""
+    run = tmp_path / "run"
+    micro = [
+        "model.name=vit_micro_patch4_28",
+        "model.kwargs={depth: 1, embed_dim: 24, num_heads: 2}",
+        "data.in_chans=1",
+    ]
+    steps = [
+        "transfer.mode=none",
+        "schedule.max_steps=1",
+        "schedule.epochs=1",
+        "checkpoint.every_epoch=false",
+    ]
+    code, _, err = run_cli(capsys, "train", f"run_dir={run}", *tiny_run(8, 4), "data.seed=3", *micro, *steps)
+    assert code == 0, err
+    few = dict(num_images=2, floor_images=1, batch_size=2)
+    flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out", str(tmp_path / "own")]
+    code, out, err = run_cli(capsys, "inspect", micro_teacher, str(run), *flags)
+    assert code == 0 and "images: synthetic's val split" in out, err
+    own = json.loads((tmp_path / "own" / "metrics.json").read_text())["students"]
+    options = {"seed": 3, "length": 8}
+    made = inspect_attention(micro_teacher, [str(run)], data="synthetic", data_options=options, **few)
+    defaults = inspect_attention(micro_teacher, [str(run)], data="synthetic", **few)
+    assert own == json.loads(json.dumps(made["students"])) != json.loads(json.dumps(defaults["students"]))
+
+
+def test_a_student_that_takes_other_channels_than_its_teacher_is_one_clear_message(
+    micro_teacher, tmp_path, capsys
+):
+    """Both see the same images: an RGB student against a grey teacher is refused before any forward."""
+    rgb = tmp_path / "rgb"
+    model = create_vit("vit_micro_patch4_28", num_classes=10, depth=1, embed_dim=24, num_heads=2, in_chans=3)
+    export_student(model, rgb, card=ModelCardInfo(model_name="rgb", license="apache-2.0"))
+    code, _, err = run_cli(
+        capsys,
+        "inspect",
+        micro_teacher,
+        f"local-dir:{rgb}",
+        "--data",
+        "synthetic",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert (
+        code == 2 and "takes 3-channel images, the teacher" in err and len(err.strip().splitlines()) == 1
+    ), err

@@ -401,6 +401,10 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     out = tmp_path / "export"
     assert main(["export", str(run), str(out), "--checkpoint", "latest", "--weights", "raw"]) == 0
     assert f"{run} is a conversion; exporting its final student, {run / 'stage2'}" in capsys.readouterr().out
+    # inspect reads the folder as export does: its final student, named for the folder, on its own data
+    flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out", str(tmp_path / "insp")]
+    assert main(["inspect", f"local-dir:{tiny_teacher_dir}", str(run), *flags]) == 0
+    assert list(json.loads((tmp_path / "insp" / "metrics.json").read_text())["students"]) == ["run"]
     (run / "stage2" / "run.json").rename(tmp_path / "stage2-run.json")  # as if stage 2 had not started
     assert main(["export", str(run), str(tmp_path / "export2")]) == 2
     assert f"{run} is a conversion whose stage 2 has not run" in capsys.readouterr().err

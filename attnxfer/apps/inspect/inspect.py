@@ -34,6 +34,7 @@ from ...sources import TeacherLoadError, load_student, load_teacher
 from ...speak import say
 from ...transfer.modes import MODES
 from ...transfer.plan import build_plan
+from ..run.loaders import data_seed
 from .drawings import draw_pictures
 from .report_text import agreement_sentence, json_safe, render_report
 
@@ -58,10 +59,18 @@ class LoadedModel:
         return InspectedStudent(self.model, self.borrow)
 
 
-def _load_run(spec: str, teacher: LoadedModel | None) -> LoadedModel:
+def _run_of(spec: str) -> RunDir | None:
+    """The training run ``spec`` names, as export reads it: a RUN_DIR, or a conversion's folder (its final
+    student, stage 2's run); None for any other spec."""
+    run = RunDir(spec)
+    if run.is_conversion():
+        return run.final_student()
+    return run if run.is_run() else None
+
+
+def _load_run(spec: str, run_dir: RunDir, teacher: LoadedModel | None) -> LoadedModel:
     """A training run's best student; a copy-mode run gets the plan's borrowed layers and must come with the
     teacher it was trained with."""
-    run_dir = RunDir(spec)
     loaded = run_dir.load_student("best")
     run, mode = loaded.record, loaded.record.get("mode")
     student = make_transfer_aware(loaded.model).eval().requires_grad_(False)
@@ -116,8 +125,9 @@ def load_model(
     is needed for copy-mode runs. ``img_size``: teachers are rebuilt at that size as their family says; a
     trained student keeps the size it was trained at, and another is refused."""
     spec = str(spec)
-    if RunDir(spec).is_run():
-        return _at_size(_load_run(spec, teacher), img_size)
+    run = _run_of(spec)
+    if run is not None:
+        return _at_size(_load_run(spec, run, teacher), img_size)
     try:
         model, record = load_teacher(spec, arch=arch, pretrained=pretrained, img_size=img_size)
     except ImageSizeError as err:
@@ -150,9 +160,10 @@ def _at_size(loaded: LoadedModel, img_size: int | None) -> LoadedModel:
 def trained_size(spec: str) -> int | None:
     """The image side a trained student (RUN_DIR, export folder) was trained at, from its record; else None."""
     spec = str(spec)
+    run = _run_of(spec)
     try:
-        if RunDir(spec).is_run():
-            cfg = (RunDir(spec).record().get("student") or {}).get("pretrained_cfg") or {}
+        if run is not None:
+            cfg = (run.record().get("student") or {}).get("pretrained_cfg") or {}
         else:
             folder = Path(spec.removeprefix("local-dir:")).expanduser()
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -178,9 +189,10 @@ def load_images(
     data_root: str | None = None,
     split: str = "val",
     num_images: int = 64,
+    data_options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """(B, C, H, W) images prepared for ``teacher``: ``files`` (as timm's eval transform does), or the first
-    ``num_images`` of a registered dataset's ``split``."""
+    ``num_images`` of a registered dataset's ``split`` (made with ``data_options``, the dataset's own)."""
     size, chans, mean, std = _input_settings(teacher)
     if files and data:
         raise InputError("give either image files (--images) or a dataset (--data), not both")
@@ -197,13 +209,23 @@ def load_images(
     if data:
         if num_images < 1:
             raise InputError(f"--num-images must be at least 1, got {num_images}")
-        ds = build_dataset(data, split, root=data_root, img_size=size, in_chans=chans, mean=mean, std=std)
+        ds = build_dataset(
+            data,
+            split,
+            root=data_root,
+            img_size=size,
+            in_chans=chans,
+            mean=mean,
+            std=std,
+            **(data_options or {}),
+        )
         n = min(num_images, len(ds))
         if n == 0:
             raise InputError(f"dataset {data!r} split {split!r} has no images")
         return torch.stack([ds[i][0] for i in range(n)])
     raise InputError(
-        "no images to inspect: give image files (--images A.png B.jpg) or a dataset (--data NAME)"
+        "no images to inspect: give image files (--images A.png B.jpg) or a dataset (--data NAME); a student "
+        "given as its run folder brings the data it was trained on"
     )
 
 
@@ -326,6 +348,7 @@ def inspect_attention(
     images: Sequence[str | Path] = (),
     data: str | None = None,
     data_root: str | None = None,
+    data_options: Mapping[str, Any] | None = None,
     split: str = "val",
     num_images: int = 64,
     out: str | Path | None = None,
@@ -339,8 +362,9 @@ def inspect_attention(
     img_size: int | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
-    """Load ``teacher`` and ``students`` (specs), measure on ``images`` (files) or ``data``, write the report
-    under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random weights (``seed``
+    """Load ``teacher`` and ``students`` (specs), measure on ``images`` (files) or ``data`` (made with
+    ``data_options``, the dataset's own; neither: the data the first student given as a run was trained on),
+    write the report under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random weights (``seed``
     for the teacher, seed+1, ... for the students). ``img_size`` defaults to the size the trained students
     were trained at, where they agree, else the teacher's."""
     if not students:
@@ -360,15 +384,37 @@ def inspect_attention(
         loaded[name] = load_model(spec, teacher=t, pretrained=pretrained, arch=student_arch, img_size=size)
         token_layout(loaded[name].model)
     # every model runs at the teacher's image size (maps are compared token by token), else one message
-    want = image_input(t.model).img_size
+    want, want_chans = image_input(t.model).img_size, input_size(t.model)[1]
     for s in loaded.values():
-        got = image_input(s.model).img_size
+        got, chans = image_input(s.model).img_size, input_size(s.model)[1]
         if want is not None and got is not None and got != want:
             raise InputError(
                 f"{s.spec} runs at {got[0]} px, the teacher {t.spec} at {want[0]} px: pass --img-size "
                 f"{got[0]} to rebuild the teacher (and every model loaded as one) there"
             )
-    x = load_images(t, files=images, data=data, data_root=data_root, split=split, num_images=num_images)
+        if chans != want_chans:  # both see the same images, prepared the teacher's way
+            raise InputError(
+                f"{s.spec} takes {chans}-channel images, the teacher {t.spec} {want_chans}-channel ones: inspect a "
+                "student with a teacher of the same input (the teacher it was trained from)"
+            )
+    # neither files nor a dataset: the data the first student given as a run was trained on, as the run made it
+    # (its data.kwargs and data seed: a recall task's glyphs depend on them)
+    runs = (r for r in map(_run_of, students) if r is not None)
+    run = next(runs, None) if not images and data is None else None
+    if run is not None:
+        cfg = load_config(str(run.config_file))
+        data, data_root = cfg.data.dataset, data_root or cfg.data.root
+        data_options = {"seed": data_seed(cfg), **cfg.data.kwargs}
+        say(f"images: {data}'s {split} split as the students' run made it (the data it was trained on)")
+    x = load_images(
+        t,
+        files=images,
+        data=data,
+        data_root=data_root,
+        split=split,
+        num_images=num_images,
+        data_options=data_options,
+    )
     subjects = {n: s.subject for n, s in loaded.items()}
     insp = inspect_models(t.model, subjects, x, batch_size=batch_size, **settings)
     if out is not None:

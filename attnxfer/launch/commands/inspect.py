@@ -15,7 +15,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--images", nargs="+", metavar="FILE", default=(), help="image files to inspect on")
     what.add_argument(
-        "--data", metavar="DATASET", help="a registered dataset (animal_mnist, folder, recall, synthetic)"
+        "--data",
+        metavar="DATASET",
+        help="a registered dataset (animal_mnist, folder, recall, synthetic); default: the data the first "
+        "STUDENT given as a run folder was trained on, as its run made it",
     )
     p.add_argument("--data-root", default=None, help="dataset root (folder datasets)")
     p.add_argument("--split", default="val", choices=("train", "val"))
