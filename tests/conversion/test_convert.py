@@ -405,6 +405,9 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out", str(tmp_path / "insp")]
     assert main(["inspect", f"local-dir:{tiny_teacher_dir}", str(run), *flags]) == 0
     assert list(json.loads((tmp_path / "insp" / "metrics.json").read_text())["students"]) == ["run"]
+    assert main(["eval", "-c", str(run / "config.yaml")]) == 0  # and so does eval
+    assert f"{run} is a conversion; evaluating its final student" in capsys.readouterr().out
+    assert [p.name for p in (run / "stage2").glob("eval-*.json")] == ["eval-00000002.json"]
     (run / "stage2" / "run.json").rename(tmp_path / "stage2-run.json")  # as if stage 2 had not started
     assert main(["export", str(run), str(tmp_path / "export2")]) == 2
     assert f"{run} is a conversion whose stage 2 has not run" in capsys.readouterr().err

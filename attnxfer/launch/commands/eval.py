@@ -9,8 +9,9 @@ from .base import add_config_args, load, register_command
 @register_command(
     "eval",
     help="evaluate a run's newest checkpoint on its validation set",
-    description="Score the run's newest checkpoint (or checkpoint.resume=PATH). Writes nothing into the "
-    "run but RUN_DIR/eval-<step>.json; a run without a checkpoint is refused.",
+    description="Score the run's newest checkpoint (or checkpoint.resume=PATH); a conversion's config scores "
+    "its final student (stage 2). Writes nothing into the run but RUN_DIR/eval-<step>.json; a run without a "
+    "checkpoint is refused.",
     arguments=add_config_args,
 )
 def run(args) -> int:
@@ -19,8 +20,14 @@ def run(args) -> int:
     from ...apps.run.pretrain import MODE, build_pretrain_engine
     from ...apps.run.uncertainty import correct_count, format_top1
     from ...checkpoints.run_dir import RunDir
+    from ...config import load_config
+    from ..value_checks import check_values
 
     run_dir = RunDir(cfg.run_dir)
+    if run_dir.is_conversion():  # its final student, as export and inspect read the folder
+        run_dir = run_dir.final_student()
+        say(f"{cfg.run_dir} is a conversion; evaluating its final student, {run_dir.path}")
+        cfg = check_values(load_config(run_dir.config_file, args.overrides))
     if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
         result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
     else:
