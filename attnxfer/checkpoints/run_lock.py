@@ -13,6 +13,8 @@
   and clock skew); or it is this same SLURM job's (a requeued attempt). Taking over renames the file to a
   unique name (one contender wins), checks it is the one judged stale (else puts it back), then deletes it.
 * Released on exit and on error, only if still ours; a SIGKILLed holder's file is taken over next time.
+* A folder holds one kind of work (a study, a conversion, a training run): a command that does not write that
+  kind is refused before it writes, since its files would hide the work from export, inspect and resume.
 
 `check_writable` and `disk_error` turn a full or read-only run dir into one message naming the path and the
 newest intact checkpoint; `run_lock` applies `disk_error` to its body. Readers (eval, export, inspect) take
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PathExistsError
-from ..run_layout import LOCK_NAME, STAGE_DIRS
+from ..run_layout import LOCK_NAME, RUN_RECORD, STAGE_DIRS, STUDY_RECORD
 from ..speak import say
 from .atomic_io import _write_file_synced
 from .processes import process_alive
@@ -47,6 +49,19 @@ STALE_AFTER_S = 300.0
 
 #: errors that mean "this directory cannot take more writes", not a bug
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+#: the work a run dir may hold, by the file that marks it (the first found counts): the commands that write
+#: into it, and how it goes on
+_WORK = (
+    ("a study", STUDY_RECORD, {"study"}, "attnxfer study -c {dir}/study.yaml"),
+    ("a conversion", STAGE_DIRS[-1], {"convert"}, "attnxfer convert -c {dir}/config.yaml"),
+    (
+        "a training run",
+        RUN_RECORD,
+        {"train", "pretrain", "study"},
+        "the command that trained it, -c {dir}/config.yaml",
+    ),
+)
 
 
 class RunDirInUseError(CheckpointError):
@@ -256,6 +271,15 @@ def run_lock(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PathExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
+    # a folder holds one kind of work: another command's files beside it would hide it from export, inspect
+    # and resume (a run.json in a conversion's folder would stand for its final student)
+    held = next((work for work in _WORK if (run_dir / work[1]).exists()), None)
+    if held is not None and command not in held[2]:
+        what, marker, _, how = held
+        raise PathExistsError(
+            f"run_dir={run_dir} holds {what} ({marker}), which attnxfer {command} does not write into: "
+            f"continue it with {how.format(dir=run_dir)}, or choose another run_dir"
+        )
     if not enabled:
         with _plain_disk_errors(run_dir):
             yield

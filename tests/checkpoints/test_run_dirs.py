@@ -164,6 +164,21 @@ def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_
     assert sorted(p.name for p in run.iterdir()) == before  # nothing written
 
 
+@pytest.mark.parametrize("command", ["convert", "search"])
+def test_a_run_dir_holding_another_commands_work_is_refused_untouched(command, trained, capsys):
+    """A conversion's stage folders or a search's files beside a run's run.json would hide that run from
+    export, inspect and resume: refused before anything is written."""
+    before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
+    data = (a for a in S if a.startswith("data."))
+    argv = [command, *data, "teacher.spec=vit_micro_patch4_28", "log.progress=false", f"run_dir={trained}"]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert f"holds a training run (run.json), which attnxfer {command} does not write into" in _error_line(
+        err
+    )
+    assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+
+
 def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, monkeypatch, capsys):
     run = tmp_path / "shared"
     lock = _write_lock(run, host="node-elsewhere", pid=1, slurm_job="77")

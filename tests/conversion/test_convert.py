@@ -408,6 +408,11 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert main(["eval", "-c", str(run / "config.yaml")]) == 0  # and so does eval
     assert f"{run} is a conversion; evaluating its final student" in capsys.readouterr().out
     assert [p.name for p in (run / "stage2").glob("eval-*.json")] == ["eval-00000002.json"]
+    # a training run of its own in the folder would stand for its final student: refused, nothing written
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert main(["train", "-c", str(run / "config.yaml")]) == 2
+    assert f"run_dir={run} holds a conversion (stage2), which attnxfer train" in capsys.readouterr().err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     (run / "stage2" / "run.json").rename(tmp_path / "stage2-run.json")  # as if stage 2 had not started
     assert main(["export", str(run), str(tmp_path / "export2")]) == 2
     assert f"{run} is a conversion whose stage 2 has not run" in capsys.readouterr().err
