@@ -24,6 +24,7 @@ from ..run_layout import (
     RUN_RECORD,
     STAGE_DIRS,
     STATE_NAME,
+    STUDY_RECORD,
 )
 from ..sources.teacher import drop_unused_entries
 from ..speak import debug, warn
@@ -138,7 +139,17 @@ class RunDir:
 
     def final_student(self) -> RunDir:
         """The training run that holds this folder's final student: itself, or a conversion's stage 2 (refused,
-        saying where its student is, while stage 2 has not run)."""
+        saying where its student is, while stage 2 has not run); a study's folder is refused naming its runs."""
+        if (self.path / STUDY_RECORD).is_file():
+            students = (
+                json.loads((self.path / STUDY_RECORD).read_text(encoding="utf-8")).get("students") or []
+            )
+            runs = [self.path / s["folder"] for s in students]  # in the study's order
+            raise MissingPathError(
+                f"{self.path} is a study's folder: its students are the runs in it "
+                f"({', '.join(p.name for p in runs) or 'none yet'}); give one of them, e.g. "
+                f"{runs[0] if runs else self.path / 'STUDENT'}"
+            )
         if not self.is_conversion():
             return self
         stage2 = RunDir(self.path / STAGE_DIRS[-1])

@@ -241,3 +241,18 @@ def test_the_curves_are_each_students_logged_validation_metric(study_dir):
         "val top-1 (%)": ["copy", "distill"],
         "val feature cosine with the teacher": ["headless"],
     }
+
+
+@pytest.mark.slow
+def test_a_study_folder_names_its_students_where_one_run_is_wanted(study_dir, tmp_path, capsys):
+    """export (and inspect, eval) read one student: the study's folder answers with its students' runs; a train
+    into it is refused by what the folder holds, before anything is written."""
+    before = sorted(p.relative_to(study_dir) for p in study_dir.rglob("*"))
+    capsys.readouterr()
+    assert cli.main(["export", str(study_dir), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{study_dir} is a study's folder: its students are the runs in it (" in err
+    assert f"e.g. {study_dir / 'copy'}" in err and not (tmp_path / "out").exists()
+    assert cli.main(["train", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
+    assert "holds a study (study.json), which attnxfer train does not write into" in capsys.readouterr().err
+    assert sorted(p.relative_to(study_dir) for p in study_dir.rglob("*")) == before

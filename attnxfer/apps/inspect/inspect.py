@@ -61,11 +61,9 @@ class LoadedModel:
 
 def _run_of(spec: str) -> RunDir | None:
     """The training run ``spec`` names, as export reads it: a RUN_DIR, or a conversion's folder (its final
-    student, stage 2's run); None for any other spec."""
-    run = RunDir(spec)
-    if run.is_conversion():
-        return run.final_student()
-    return run if run.is_run() else None
+    student, stage 2's run; a study's folder is refused naming its students); None for any other spec."""
+    run = RunDir(spec).final_student() if Path(spec).is_dir() else None
+    return run if run is not None and run.is_run() else None
 
 
 def _load_run(spec: str, run_dir: RunDir, teacher: LoadedModel | None) -> LoadedModel:
