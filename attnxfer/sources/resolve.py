@@ -6,6 +6,7 @@ commands that fetch it.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -105,7 +106,10 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     if timm.is_model(arch):
         return TeacherSpec(Source.TIMM, spec, revision)
     _refuse_path(spec)
+    close = [] if "/" in spec else difflib.get_close_matches(arch, timm.list_models(), n=1)
     hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
+    if close:  # a misspelt architecture keeps its pretrained tag
+        hint = f" (did you mean {spec.replace(arch, close[0], 1)!r}?)"
     raise InputError(
         f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
         f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "

@@ -409,6 +409,8 @@ def test_local_dir_teacher(tmp_path):
 def test_bad_specs_say_what_to_change(tmp_path):
     with pytest.raises(ValueError, match="hf-hub:acme/thing"):
         load_teacher("acme/thing")
+    with pytest.raises(ValueError, match="did you mean 'vit_base_patch16_224.mae'"):
+        load_teacher("vit_bsae_patch16_224.mae")  # a misspelt architecture keeps its tag
     path = tmp_path / "w.safetensors"
     save_file(tiny_timm().state_dict(), str(path))
     with pytest.raises(ValueError, match="arch="):
