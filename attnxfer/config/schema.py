@@ -26,7 +26,8 @@ from .overrides import apply_overrides, dump_config
 
 @dataclass
 class ModelConfig:
-    """The student. ``name`` is a timm architecture; ``kwargs`` go to timm.create_model."""
+    """The student. ``name`` is a timm architecture, built when no teacher is mirrored (with a teacher and
+    ``mirror_teacher``, the student takes the teacher's architecture); ``kwargs`` go to timm.create_model."""
 
     name: str = key("vit_micro_patch4_28", range=ANY)
     num_classes: int | None = key(None, range=AT_LEAST_1)  # default: the dataset's
