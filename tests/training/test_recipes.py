@@ -134,7 +134,7 @@ def _reference_lr_scale(name: str, depth: int, decay: float) -> float:
 
 
 @pytest.mark.parametrize("recipe", sorted(REFERENCE))
-def test_recipe_matches_the_reference(recipe):
+def test_recipe_matches_the_reference(recipe, capsys):
     ref = REFERENCE[recipe]
     cfg = load_config(recipe)
     got = _resolved(cfg)
@@ -146,6 +146,7 @@ def test_recipe_matches_the_reference(recipe):
         teacher = timm.create_model(cfg.teacher.spec, pretrained=False)
         student = build_student(cfg, teacher, 1000, 3, 224)
     assert len(student.blocks) == ref["depth"]
+    assert "is not built" not in capsys.readouterr().err  # the recipe's model.name is the mirrored teacher's
     assert student.global_pool == "avg" and isinstance(student.fc_norm, torch.nn.LayerNorm)
     assert isinstance(student.norm, torch.nn.Identity)  # MAE: average, then fc_norm (no norm before)
 
@@ -231,6 +232,20 @@ def test_global_pool_avg_is_maes_head_even_when_mirroring_a_class_token_teacher(
     # without the option, the mirrored student keeps the teacher's class-token head
     plain = build_student(load_config(None, ["model.drop_path_rate=0"]), teacher, 10, 3, 32)
     assert plain.global_pool == "token" and isinstance(plain.norm, torch.nn.LayerNorm)
+
+
+def test_a_model_name_the_mirrored_student_is_not_is_said_not_dropped(capsys):
+    """With a teacher, model.mirror_teacher=true builds the teacher's architecture: a model.name of another
+    shape would silently go unused, so the run says which one it built and how to get the other."""
+    teacher = tiny_vit(depth=2, num_classes=10)  # width 48
+    student = build_student(load_config(None, ["model.name=vit_tiny_patch16_224"]), teacher, 10, 3, 32)
+    err = capsys.readouterr().err
+    assert student.num_features == 48 and "warning: model.name=vit_tiny_patch16_224 is not built" in err
+    assert "(width 48, 2 blocks, against 192 and 12); model.mirror_teacher=false builds" in err
+    named = load_config(None, ["model.name=vit_tiny_patch16_224", "model.mirror_teacher=false"])
+    assert build_student(named, teacher, 10, 3, 32).num_features == 192
+    build_student(load_config(None, []), teacher, 10, 3, 32)  # the default name: nothing to say
+    assert capsys.readouterr().err == ""
 
 
 def _uniform_folder(root):

@@ -13,11 +13,13 @@ import torch.nn as nn
 from ...config import ModelConfig, TrainConfig
 from ...data import DatasetInfo
 from ...errors import InputError
+from ...models.attention import attention_blocks
 from ...models.efficient import with_attention
 from ...models.image_input import ImageSizeError, image_input
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
 from ...sources.teacher import load_teacher
+from ...speak import warn
 from .loaders import build_loaders, data_info, data_seed
 
 
@@ -87,6 +89,19 @@ def build_student(
         student = init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size)
     elif teacher is not None and m.mirror_teacher:
         student = student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
+        if m.name != ModelConfig().name:  # a model.name this student is not: said, not silently dropped
+            try:
+                with torch.device("meta"):
+                    named = create_vit(m.name, num_classes=num_classes, **kwargs)
+            except (AssertionError, TypeError, ValueError):  # kwargs that only the teacher's family takes
+                named = student
+            built, asked = ((x.num_features, len(attention_blocks(x))) for x in (student, named))
+            if built != asked:
+                warn(
+                    f"warning: model.name={m.name} is not built: with a teacher, model.mirror_teacher=true gives "
+                    f"the student the teacher's architecture (width {built[0]}, {built[1]} blocks, against "
+                    f"{asked[0]} and {asked[1]}); model.mirror_teacher=false builds {m.name}"
+                )
     else:
         kwargs.setdefault("in_chans", in_chans)
         optional: tuple[str, ...] = ()
