@@ -362,9 +362,9 @@ def inspect_attention(
 ) -> dict[str, Any]:
     """Load ``teacher`` and ``students`` (specs), measure on ``images`` (files) or ``data`` (made with
     ``data_options``, the dataset's own; neither: the data the first student given as a run was trained on),
-    write the report under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random weights (``seed``
-    for the teacher, seed+1, ... for the students). ``img_size`` defaults to the size the trained students
-    were trained at, where they agree, else the teacher's."""
+    write the report under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random
+    weights (``seed`` for the teacher, seed+1, ... for the students). ``img_size`` defaults to the size the
+    trained students were trained at, where they agree, else the teacher's."""
     if not students:
         raise InputError("name at least one student to inspect against the teacher")
     if out is not None and (Path(out) / "metrics.json").exists() and not overwrite:
@@ -392,11 +392,11 @@ def inspect_attention(
             )
         if chans != want_chans:  # both see the same images, prepared the teacher's way
             raise InputError(
-                f"{s.spec} takes {chans}-channel images, the teacher {t.spec} {want_chans}-channel ones: inspect a "
-                "student with a teacher of the same input (the teacher it was trained from)"
+                f"{s.spec} takes {chans}-channel images, the teacher {t.spec} {want_chans}-channel ones: "
+                "inspect a student with a teacher of the same input (the teacher it was trained from)"
             )
-    # neither files nor a dataset: the data the first student given as a run was trained on, as the run made it
-    # (its data.kwargs and data seed: a recall task's glyphs depend on them)
+    # neither files nor a dataset: the data the first student given as a run was trained on, as the run
+    # made it (its data.kwargs and data seed: a recall task's glyphs depend on them)
     runs = (r for r in map(_run_of, students) if r is not None)
     run = next(runs, None) if not images and data is None else None
     if run is not None:

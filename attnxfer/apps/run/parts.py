@@ -98,9 +98,9 @@ def build_student(
             built, asked = ((x.num_features, len(attention_blocks(x))) for x in (student, named))
             if built != asked:
                 warn(
-                    f"warning: model.name={m.name} is not built: with a teacher, model.mirror_teacher=true gives "
-                    f"the student the teacher's architecture (width {built[0]}, {built[1]} blocks, against "
-                    f"{asked[0]} and {asked[1]}); model.mirror_teacher=false builds {m.name}"
+                    f"warning: model.name={m.name} is not built: with a teacher, model.mirror_teacher=true "
+                    f"gives the student the teacher's architecture (width {built[0]}, {built[1]} blocks, "
+                    f"against {asked[0]} and {asked[1]}); model.mirror_teacher=false builds {m.name}"
                 )
     else:
         kwargs.setdefault("in_chans", in_chans)
