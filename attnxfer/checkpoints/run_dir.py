@@ -137,14 +137,19 @@ class RunDir:
         """Whether this is `attnxfer convert`'s folder (its stages' folders inside, no run.json of its own)."""
         return not self.record_file.is_file() and any((self.path / s).is_dir() for s in STAGE_DIRS)
 
+    def study_runs(self) -> list[Path] | None:
+        """A study's folder: its students' run folders, in the study's order; None for any other folder."""
+        record = self.path / STUDY_RECORD
+        if not record.is_file():
+            return None
+        return [self.path / s["folder"] for s in json.loads(record.read_text(encoding="utf-8"))["students"]]
+
     def final_student(self) -> RunDir:
         """The training run that holds this folder's final student: itself, or a conversion's stage 2 (refused,
-        saying where its student is, while stage 2 has not run); a study's folder is refused naming its runs."""
-        if (self.path / STUDY_RECORD).is_file():
-            students = (
-                json.loads((self.path / STUDY_RECORD).read_text(encoding="utf-8")).get("students") or []
-            )
-            runs = [self.path / s["folder"] for s in students]  # in the study's order
+        saying where its student is, while stage 2 has not run); a study's folder is refused naming its runs
+        (`inspect` takes them all)."""
+        runs = self.study_runs()
+        if runs is not None:
             raise MissingPathError(
                 f"{self.path} is a study's folder: its students are the runs in it "
                 f"({', '.join(p.name for p in runs) or 'none yet'}); give one of them, e.g. "

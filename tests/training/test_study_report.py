@@ -244,7 +244,9 @@ def test_the_curves_are_each_students_logged_validation_metric(study_dir):
 
 
 @pytest.mark.slow
-def test_a_study_folder_names_its_students_where_one_run_is_wanted(study_dir, tmp_path, capsys):
+def test_a_study_folder_names_its_students_where_one_run_is_wanted(
+    study_dir, tiny_teacher_dir, tmp_path, capsys
+):
     """export (and inspect, eval) read one student: the study's folder answers with its students' runs; a train
     into it is refused by what the folder holds, before anything is written."""
     before = sorted(p.relative_to(study_dir) for p in study_dir.rglob("*"))
@@ -256,3 +258,10 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(study_dir, tm
     assert cli.main(["train", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
     assert "holds a study (study.json), which attnxfer train does not write into" in capsys.readouterr().err
     assert sorted(p.relative_to(study_dir) for p in study_dir.rglob("*")) == before
+    # inspect takes the folder as its students, in the study's order
+    out = tmp_path / "inspect"
+    flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out", str(out)]
+    code = cli.main(["inspect", f"local-dir:{tiny_teacher_dir}", str(study_dir), *flags])
+    said = capsys.readouterr()
+    assert code == 0 and f"{study_dir / 'blowup'}: left out, it saved no checkpoint" in said.out, said.err
+    assert list(json.loads((out / "metrics.json").read_text())["students"]) == ["copy", "distill", "headless"]

@@ -61,7 +61,7 @@ class LoadedModel:
 
 def _run_of(spec: str) -> RunDir | None:
     """The training run ``spec`` names, as export reads it: a RUN_DIR, or a conversion's folder (its final
-    student, stage 2's run; a study's folder is refused naming its students); None for any other spec."""
+    student, stage 2's run); None for any other spec."""
     run = RunDir(spec).final_student() if Path(spec).is_dir() else None
     return run if run is not None and run.is_run() else None
 
@@ -365,6 +365,15 @@ def inspect_attention(
     write the report under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random
     weights (``seed`` for the teacher, seed+1, ... for the students). ``img_size`` defaults to the size the
     trained students were trained at, where they agree, else the teacher's."""
+    # a study's folder stands for its students, in the study's order, but those that saved no checkpoint
+    given, students = students, []
+    for spec in given:
+        runs = RunDir(spec).study_runs()
+        for run in runs or [spec]:
+            if runs and RunDir(run).latest(verify_hash=False) is None:
+                say(f"{run}: left out, it saved no checkpoint")
+            else:
+                students.append(str(run))
     if not students:
         raise InputError("name at least one student to inspect against the teacher")
     if out is not None and (Path(out) / "metrics.json").exists() and not overwrite:
