@@ -23,6 +23,8 @@ EMA_WEIGHTS = "ema.safetensors"
 STUDY_RECORD = "study.json"
 #: convert's stage folders
 STAGE_DIRS = ("stage1", "stage2")
+#: a search's every candidate, one JSON line each (its state is a checkpoint, under checkpoints/)
+SEARCH_CANDIDATES = "candidates.jsonl"
 #: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
 RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)
 

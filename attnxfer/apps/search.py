@@ -30,7 +30,7 @@ from ..models.attention import transferable_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
 from ..models.efficient.hierarchical import is_hierarchical
 from ..models.image_input import image_input
-from ..run_layout import STATE_NAME
+from ..run_layout import SEARCH_CANDIDATES, STATE_NAME
 from ..search import (
     PREFIX,
     CandidateEvaluator,
@@ -161,7 +161,7 @@ def _save(cfg: TrainConfig, run_dir: Path, state: SearchState, teacher: dict[str
     }
     CheckpointManager(run_dir, keep_last=_KEEP).save(max(state.generation, 0), {}, data, replace=True)
     lines = [json.dumps(c, sort_keys=True) for c in state.candidates.values()]
-    atomic_write_text(run_dir / "candidates.jsonl", "\n".join(lines) + "\n")
+    atomic_write_text(run_dir / SEARCH_CANDIDATES, "\n".join(lines) + "\n")
 
 
 def _check_time_budget(cfg: TrainConfig, evaluator: CandidateEvaluator, settings: SearchSettings) -> float:

@@ -13,7 +13,7 @@
   and clock skew); or it is this same SLURM job's (a requeued attempt). Taking over renames the file to a
   unique name (one contender wins), checks it is the one judged stale (else puts it back), then deletes it.
 * Released on exit and on error, only if still ours; a SIGKILLed holder's file is taken over next time.
-* A folder holds one kind of work (a study, a conversion, a training run): a command that does not write that
+* A folder holds one kind of work (a study, a conversion, a search, a training run): a command that does not write that
   kind is refused before it writes, since its files would hide the work from export, inspect and resume.
 
 `check_writable` and `disk_error` turn a full or read-only run dir into one message naming the path and the
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PathExistsError
-from ..run_layout import LOCK_NAME, RUN_RECORD, STAGE_DIRS, STUDY_RECORD
+from ..run_layout import LOCK_NAME, RUN_RECORD, SEARCH_CANDIDATES, STAGE_DIRS, STUDY_RECORD
 from ..speak import say
 from .atomic_io import _write_file_synced
 from .processes import process_alive
@@ -55,6 +55,7 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 _WORK = (
     ("a study", STUDY_RECORD, {"study"}, "attnxfer study -c {dir}/study.yaml"),
     ("a conversion", STAGE_DIRS[-1], {"convert"}, "attnxfer convert -c {dir}/config.yaml"),
+    ("a search", SEARCH_CANDIDATES, {"search"}, "the attnxfer search command that started it"),
     (
         "a training run",
         RUN_RECORD,

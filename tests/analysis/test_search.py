@@ -222,6 +222,20 @@ def test_search_command_writes_every_output(finished, capsys):
 
 
 @pytest.mark.slow
+def test_a_search_folder_takes_no_other_commands_run(finished, tiny_teacher_dir, capsys):
+    """A conversion's stages or a run's checkpoints beside the search's would be read as its own on resume."""
+    before = sorted(p.relative_to(finished) for p in finished.rglob("*"))
+    for command in ("train", "convert"):
+        code, _, err = run_cli(
+            capsys, command, f"teacher.spec=local-dir:{tiny_teacher_dir}", f"run_dir={finished}"
+        )
+        assert code == 2 and f"holds a search (candidates.jsonl), which attnxfer {command} does not" in err, (
+            err
+        )
+    assert sorted(p.relative_to(finished) for p in finished.rglob("*")) == before
+
+
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, finished, tiny_teacher_dir):
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
