@@ -65,6 +65,20 @@ _WORK = (
 )
 
 
+def refuse_other_work(run_dir: str | os.PathLike, command: str) -> None:
+    """A folder holds one kind of work: another command's files beside it would hide that work from export,
+    inspect and resume (a run.json in a conversion's folder would stand for its final student). Checked by
+    `run_lock`, and by ``attnxfer submit`` before it submits anything."""
+    run_dir = Path(run_dir)
+    held = next((work for work in _WORK if (run_dir / work[1]).exists()), None)
+    if held is not None and command not in held[2]:
+        what, marker, _, how = held
+        raise PathExistsError(
+            f"run_dir={run_dir} holds {what} ({marker}), which attnxfer {command} does not write into: "
+            f"continue it with {how.format(dir=run_dir)}, or choose another run_dir"
+        )
+
+
 class RunDirInUseError(CheckpointError):
     """Another live process holds the run directory's lock."""
 
@@ -272,15 +286,7 @@ def run_lock(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PathExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
-    # a folder holds one kind of work: another command's files beside it would hide it from export, inspect
-    # and resume (a run.json in a conversion's folder would stand for its final student)
-    held = next((work for work in _WORK if (run_dir / work[1]).exists()), None)
-    if held is not None and command not in held[2]:
-        what, marker, _, how = held
-        raise PathExistsError(
-            f"run_dir={run_dir} holds {what} ({marker}), which attnxfer {command} does not write into: "
-            f"continue it with {how.format(dir=run_dir)}, or choose another run_dir"
-        )
+    refuse_other_work(run_dir, command)
     if not enabled:
         with _plain_disk_errors(run_dir):
             yield

@@ -171,12 +171,14 @@ def test_a_run_dir_holding_another_commands_work_is_refused_untouched(command, t
     before = sorted(p.relative_to(trained) for p in trained.rglob("*"))
     data = (a for a in S if a.startswith("data."))
     argv = [command, *data, "teacher.spec=vit_micro_patch4_28", "log.progress=false", f"run_dir={trained}"]
+    refusal = f"holds a training run (run.json), which attnxfer {command} does not write into"
     code, _, err = run_cli(capsys, *argv)
-    assert code == 2
-    assert f"holds a training run (run.json), which attnxfer {command} does not write into" in _error_line(
-        err
-    )
+    assert code == 2 and refusal in _error_line(err)
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    if command == "convert":  # submit says it before it submits a job that would fail at once
+        code, _, err = run_cli(capsys, "submit", "--command", "convert", *argv[1:], "--cluster", "local")
+        assert code == 2 and refusal in _error_line(err)
+        assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
 
 
 def test_holders_on_other_hosts_are_judged_by_heartbeat_and_slurm_job(tmp_path, monkeypatch, capsys):
