@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError, UserError
-from ..run_layout import CHECKPOINTS_SUBDIR, RUN_RECORD, STAGE_DIRS, STATE_NAME, STUDY_RECORD
+from ..run_layout import CHECKPOINTS_SUBDIR, LOCK_NAME, RUN_RECORD, STAGE_DIRS, STATE_NAME, STUDY_RECORD
 
 
 class TeacherNotAvailable(UserError, RuntimeError):
@@ -58,6 +58,8 @@ def missing_path(path: Path) -> str:
     above = next((a for a in path.absolute().parents if a.is_dir()), None)
     if above is None or above == Path.cwd() or above.parent == above:
         return f"{path} does not exist"
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in above.iterdir())
+    # a folder that holds only a lock is a run being started (this command's own): not what was meant
+    shown = [p for p in above.iterdir() if not (p.is_dir() and [c.name for c in p.iterdir()] == [LOCK_NAME])]
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in shown)
     held = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "") or "nothing"
     return f"{path} does not exist ({above} holds: {held})"
