@@ -116,6 +116,12 @@ class MaskedAutoencoder(nn.Module):
         self.patch = encoder.patch_embed.patch_size[0]
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.in_chans = encoder.patch_embed.proj.in_channels
+        patches = self.grid[0] * self.grid[1]
+        if round(patches * (1.0 - mask_ratio)) >= patches:  # the loss is on the hidden patches alone
+            raise InputError(
+                f"mask_ratio={mask_ratio} hides none of the encoder's {patches} patches, so the loss would be 0 "
+                f"throughout: raise it above {0.5 / patches:.3g} (MAE's is 0.75)"
+            )
 
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))

@@ -110,7 +110,7 @@ MEANING: dict[str, tuple[str, bool | None, bool | None, str | None]] = {
     "log.project": (STR, None, None, None),
     "log.progress": (BOOL, False, False, None),
     "log.attention_images": (NUM, True, False, None),
-    "mae.mask_ratio": (NUM, True, False, "1.0"),
+    "mae.mask_ratio": (NUM, False, False, "1.0"),  # at 0 no patch is masked: nothing to learn
     "mae.decoder_dim": (NUM, False, False, None),
     "mae.decoder_depth": (NUM, False, False, None),
     "mae.decoder_heads": (NUM, False, False, None),

@@ -117,6 +117,13 @@ def _tiny_mae(**kwargs) -> MaskedAutoencoder:
     return MaskedAutoencoder(enc, decoder_dim=32, decoder_heads=2, decoder_depth=1, **kwargs)
 
 
+def test_a_mask_ratio_that_hides_no_patch_is_refused():
+    """The loss is on the hidden patches alone: 0.005 of 49 rounds to none hidden, a loss of 0 every step."""
+    with pytest.raises(ValueError, match="hides none of the encoder's 49 patches"):
+        _tiny_mae(mask_ratio=0.005)
+    assert _tiny_mae(mask_ratio=0.02).mask_ratio == 0.02  # one patch hidden: something to learn
+
+
 def test_encoder_on_all_patches_is_timms_forward_features():
     mae = _tiny_mae().eval()
     x = torch.randn(4, 1, 28, 28)
@@ -313,7 +320,8 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be >= 0 and < 1"),
+        (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be > 0 and < 1"),
+        (["mae.mask_ratio=0"], "mae.mask_ratio: must be > 0 and < 1"),  # no patch masked: a loss of 0
         (["teacher.spec=vit_base_patch16_224.mae"], "pretrain learns from pixels alone"),
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
         (["model.kwargs={embed_dim: 50}"], "cannot be built with model.kwargs {'embed_dim': 50}"),
@@ -346,7 +354,7 @@ def test_a_refused_pretrain_exits_2_with_one_line_in_a_real_process(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "mae.mask_ratio: must be >= 0 and < 1" in res.stderr and "Traceback" not in res.stderr
+    assert "mae.mask_ratio: must be > 0 and < 1" in res.stderr and "Traceback" not in res.stderr
 
 
 # -- the demo's MAE rows ---------------------------------------------------------------------------
