@@ -24,6 +24,11 @@ def select_layers(depth: int, end_layer: int = 0, layers: Iterable[int] | None =
     """Student layers that take part: ``layers`` (negatives from the end), else the paper's ``end_layer``
     (0: all; negative: ``[0, depth + end_layer)``; positive: ``[0, end_layer)``)."""
     if layers is not None:
+        layers = list(layers)
+        if not layers:  # else a distillation run that distils nothing, its plan saying so only by omission
+            raise PlanError(
+                "layers=[] names no layer to transfer; name one or more, or leave layers unset (null)"
+            )
         chosen = []
         for i in layers:
             j = i + depth if i < 0 else i

@@ -177,10 +177,12 @@ def build_plan(
     for c in requested:
         if not c.signal.of_layer:
             c.loss_fn.check(c, PlanModels(teacher, student))
-    if task_weight == 0 and spec.moves_nothing and not requested:
+    if task_weight == 0 and all(c.weight == 0 for c in requested):  # a loss of 0 at every step
+        zero = f"every comparison ({', '.join(c.origin for c in requested)}) has weight 0"
         raise PlanError(
-            "nothing to train: transfer.task_weight=0 and nothing is distilled; set transfer.feature_distill "
-            "> 0 (the final features), an attention mode (transfer.mode=distill) or transfer.task_weight > 0"
+            f"nothing to train: transfer.task_weight=0 and {zero if requested else 'nothing is distilled'}; "
+            "set transfer.feature_distill > 0 (the final features), an attention mode (transfer.mode=distill) "
+            "with transfer.atd_weight > 0, or transfer.task_weight > 0"
         )
     of_layers = [c for c in requested if c.signal.of_layer]
     common = dict(weight=float(weight), student_depth=len(s_attn), task_weight=float(task_weight))

@@ -198,6 +198,8 @@ def test_clear_errors_at_construction():
         build_plan(t, tiny_vit(), "copy", end_layer=-4)
     with pytest.raises(PlanError, match="layer 7 is outside"):
         build_plan(t, tiny_vit(), "copy", layers=[7])
+    with pytest.raises(PlanError, match=r"layers=\[\] names no layer to transfer"):
+        build_plan(t, tiny_vit(), "distill", layers=[])  # a distillation that distils nothing
     # a multiple of heads is fine for distillation, and averaged in groups
     plan = build_plan(tiny_vit(num_heads=6, embed_dim=48), tiny_vit(num_heads=3), "distill")
     assert plan.head_groups == 2 and "groups of 2" in plan.describe()

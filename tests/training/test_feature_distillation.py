@@ -156,6 +156,16 @@ def test_the_plan_says_what_is_distilled_with_which_loss_and_weight_and_refuses_
         build_plan(teacher, tiny_vit(depth=2, patch_size=16), "none", feature_weight=1.0)
     with pytest.raises(PlanError, match="nothing to train"):
         build_plan(teacher, tiny_vit(depth=2), "none", task_weight=0.0)
+    with pytest.raises(
+        PlanError, match=r"nothing to train.*every comparison \(mode 'distill'\) has weight 0"
+    ):
+        build_plan(
+            teacher, tiny_vit(depth=2), "distill", task_weight=0.0, weight=0.0
+        )  # a loss of 0 each step
+    with pytest.raises(PlanError, match="nothing to train"):
+        build_plan(
+            teacher, tiny_vit(depth=2), "copy", task_weight=0.0
+        )  # copy brings maps, no loss of its own
 
 
 # -- train: feature distillation without labels ----------------------------------------------------------------
