@@ -85,7 +85,7 @@ def _schedule_steps(batches: int, s: LoopSettings) -> tuple[int, int, int]:
     if steps_per_epoch < 1:
         raise InputError(
             f"the training set gives {batches} batches per epoch, fewer than "
-            f"optim.accum_steps={s.accum_steps}; lower data.batch_size"
+            f"optim.accum_steps={s.accum_steps}; lower data.batch_size, or give the training split more images"
         )
     total_steps = steps_per_epoch * s.epochs
     if s.max_steps is not None:
