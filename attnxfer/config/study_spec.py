@@ -233,6 +233,10 @@ def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
     whole where names would not be unique."""
     if not vary:
         return []
+    for key, values in vary.items():
+        if len(set(values)) < len(values):
+            twice = next(v for v in values if values.count(v) > 1)
+            raise ConfigError(f"--vary {key} lists {twice!r} twice: each value makes one student")
     keys = list(vary)
     leaves = [k.rsplit(".", 1)[-1] for k in keys]
     short = {k: leaf if leaves.count(leaf) == 1 else k for k, leaf in zip(keys, leaves, strict=True)}

@@ -161,6 +161,8 @@ def test_students_come_from_the_yaml_and_vary_crossed(tmp_path):
     yaml.write_text("students:\n  - name: a\n  - name: a\n    seed: 2\n")
     with pytest.raises(ConfigError, match="two students are named 'a'"):
         load_study(yaml)
+    with pytest.raises(ConfigError, match="--vary optim.lr lists '1e-3' twice"):
+        load_study(None, [], {"optim.lr": ["1e-3", "3e-3", "1e-3"]})
     yaml.write_text("students:\n  - name: ../up\n")
     with pytest.raises(ConfigError, match="must be a folder name"):
         load_study(yaml)
