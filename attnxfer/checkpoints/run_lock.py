@@ -50,31 +50,29 @@ STALE_AFTER_S = 300.0
 #: errors that mean "this directory cannot take more writes", not a bug
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
-#: the work a run dir may hold, by the file that marks it (the first found counts): the commands that write
-#: into it, and how it goes on
+#: the work a run dir may hold, by the file that marks it (the first found counts), and how it goes on
 _WORK = (
-    ("a study", STUDY_RECORD, {"study"}, "attnxfer study -c {dir}/study.yaml"),
-    ("a conversion", STAGE_DIRS[-1], {"convert"}, "attnxfer convert -c {dir}/config.yaml"),
-    ("a search", SEARCH_CANDIDATES, {"search"}, "the attnxfer search command that started it"),
-    (
-        "a training run",
-        RUN_RECORD,
-        {"train", "pretrain", "study"},
-        "the command that trained it, -c {dir}/config.yaml",
-    ),
+    ("study", STUDY_RECORD, "attnxfer study -c {dir}/study.yaml"),
+    ("conversion", STAGE_DIRS[-1], "attnxfer convert -c {dir}/config.yaml"),
+    ("search", SEARCH_CANDIDATES, "the attnxfer search command that started it"),
+    ("training run", RUN_RECORD, "the command that trained it, -c {dir}/config.yaml"),
 )
+#: the work each command's own folder holds; train's and pretrain's, a training run (as a study's students:
+#: `run_lock`'s ``writes``)
+_WRITES = {"study": "study", "convert": "conversion", "search": "search"}
 
 
-def refuse_other_work(run_dir: str | os.PathLike, command: str) -> None:
+def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | None = None) -> None:
     """A folder holds one kind of work: another command's files beside it would hide that work from export,
-    inspect and resume (a run.json in a conversion's folder would stand for its final student). Checked by
-    `run_lock`, and by ``attnxfer submit`` before it submits anything."""
+    inspect and resume (a run.json in a conversion's folder would stand for its final student). ``writes``:
+    the work ``command`` writes there (default: its own folder's). Checked by `run_lock`, and by ``attnxfer
+    submit`` before it submits anything."""
     run_dir = Path(run_dir)
     held = next((work for work in _WORK if (run_dir / work[1]).exists()), None)
-    if held is not None and command not in held[2]:
-        what, marker, _, how = held
+    if held is not None and held[0] != (writes or _WRITES.get(command, "training run")):
+        what, marker, how = held
         raise PathExistsError(
-            f"run_dir={run_dir} holds {what} ({marker}), which attnxfer {command} does not write into: "
+            f"run_dir={run_dir} holds a {what} ({marker}), which attnxfer {command} does not write into: "
             f"continue it with {how.format(dir=run_dir)}, or choose another run_dir"
         )
 
@@ -276,8 +274,10 @@ def run_lock(
     *,
     enabled: bool = True,
     heartbeat_s: float = HEARTBEAT_S,
+    writes: str | None = None,
 ) -> Iterator[None]:
-    """Hold ``RUN_DIR/attnxfer.lock`` while the body runs (the module docstring says how and why).
+    """Hold ``RUN_DIR/attnxfer.lock`` while the body runs (the module docstring says how and why); ``writes``:
+    the work the folder gets, where it is not ``command``'s own (a study's student: a training run).
 
     ``enabled=False`` (ranks other than 0: they write nothing) only reports disk errors. A full or read-only
     run dir, at the start or inside the body, becomes a `RunDirNotWritableError` naming the path and the
@@ -286,7 +286,7 @@ def run_lock(
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise PathExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
-    refuse_other_work(run_dir, command)
+    refuse_other_work(run_dir, command, writes)
     if not enabled:
         with _plain_disk_errors(run_dir):
             yield

@@ -175,6 +175,10 @@ def test_a_run_dir_holding_another_commands_work_is_refused_untouched(command, t
     code, _, err = run_cli(capsys, *argv)
     assert code == 2 and refusal in _error_line(err)
     assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
+    if command == "search":  # a study writes a study's folder, not a run's (its students' are runs)
+        code, _, err = run_cli(capsys, "study", *argv[1:], "--vary", "optim.lr=1e-3,2e-3")
+        assert code == 2 and "holds a training run (run.json), which attnxfer study" in _error_line(err)
+        assert sorted(p.relative_to(trained) for p in trained.rglob("*")) == before
     if command == "convert":  # submit says it before it submits a job that would fail at once
         code, _, err = run_cli(capsys, "submit", "--command", "convert", *argv[1:], "--cluster", "local")
         assert code == 2 and refusal in _error_line(err)

@@ -66,7 +66,9 @@ def study(spec: StudySpec) -> StudyResult:
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_lock(spec.run_dir, "study", enabled=info.is_main_process))
         for _, cfg in spec.configs():
-            stack.enter_context(run_lock(cfg.run_dir, "study", enabled=info.is_main_process))
+            stack.enter_context(
+                run_lock(cfg.run_dir, "study", enabled=info.is_main_process, writes="training run")
+            )
         stack.enter_context(joined_process_group(backend_for(spec.base.device), spec.base.dist.timeout))
         check_study(spec)
         result = lockstep_study(spec, info.is_main_process)
