@@ -143,13 +143,15 @@ class HeartbeatWatchdog:
             if now - last_tick > 2 * self.interval:
                 awake_since = now
             last_tick = now
+            note = "; it serves the process group's store" if self.store_host is not None else ""
             store_silent = now - max(self._last_exchange, awake_since)
             if store_silent > self.timeout_s:
-                note = "; it serves the process group's store" if self.store_host is not None else ""
                 self._stop_process(self._store_name(), store_silent, note)
             peer_silent = now - max(self._peer_moved, awake_since)
-            if peer_silent > self.timeout_s:
-                self._stop_process(self._rank_name(self.peer), peer_silent)
+            if peer_silent > self.timeout_s:  # the peer's beats may go stale a tick before the store's calls
+                self._stop_process(
+                    self._rank_name(self.peer), peer_silent, note if self.peer == self.store_host else ""
+                )
 
     def _rank_name(self, rank: int) -> str:
         where = self._who.get(rank)

@@ -59,6 +59,22 @@ def test_a_peer_that_never_beats_is_named_after_the_timeout(capfd):
     assert line.startswith("rank 1 has not answered for ") and "dist.timeout=1" in line
 
 
+def test_a_silent_store_host_is_named_as_such_whichever_clock_runs_out_first(capfd):
+    """Rank 0 serves the store: its beats can go stale a tick before the store's calls do (here the store
+    answers throughout and only rank 0's beats are missing); the line says what rank 0 serves either way."""
+    codes, done = [], threading.Event()
+    watchdog = HeartbeatWatchdog(
+        _store(), rank=1, world_size=2, timeout_s=1.0, exit=_recorded_exit(codes, done)
+    )
+    watchdog.start()
+    try:
+        assert done.wait(30), "the watchdog never fired"
+    finally:
+        watchdog.stop()
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("rank 0 has not answered for ") and "it serves the process group's store" in line
+
+
 @pytest.mark.slow  # 10 s of waiting (little CPU): a loaded machine must not make a beat look late
 def test_peers_that_beat_or_leave_cleanly_are_not_taken_for_a_hang():
     store, codes, done = _store(), [], threading.Event()
