@@ -43,17 +43,23 @@ def _recorded_exit(codes: list[int], done: threading.Event):
     return exit
 
 
-def test_a_peer_that_never_beats_is_named_after_the_timeout(capfd):
+def _fired(rank: int) -> list[int]:
+    """A watchdog on ``rank`` of 2 whose peer never beats (the store, served by this process, answers), run
+    until it fires: the exit codes it recorded."""
     codes, done = [], threading.Event()
     watchdog = HeartbeatWatchdog(
-        _store(), rank=0, world_size=2, timeout_s=1.0, exit=_recorded_exit(codes, done)
+        _store(), rank=rank, world_size=2, timeout_s=1.0, exit=_recorded_exit(codes, done)
     )
     watchdog.start()
     try:
         assert done.wait(30), "the watchdog never fired"
     finally:
         watchdog.stop()
-    assert codes == [EXIT_CODE]
+    return codes
+
+
+def test_a_peer_that_never_beats_is_named_after_the_timeout(capfd):
+    assert _fired(rank=0) == [EXIT_CODE]
     line = capfd.readouterr().err.strip().splitlines()[-1]
     assert SILENCE_LINE.search(line)
     assert line.startswith("rank 1 has not answered for ") and "dist.timeout=1" in line
@@ -62,15 +68,7 @@ def test_a_peer_that_never_beats_is_named_after_the_timeout(capfd):
 def test_a_silent_store_host_is_named_as_such_whichever_clock_runs_out_first(capfd):
     """Rank 0 serves the store: its beats can go stale a tick before the store's calls do (here the store
     answers throughout and only rank 0's beats are missing); the line says what rank 0 serves either way."""
-    codes, done = [], threading.Event()
-    watchdog = HeartbeatWatchdog(
-        _store(), rank=1, world_size=2, timeout_s=1.0, exit=_recorded_exit(codes, done)
-    )
-    watchdog.start()
-    try:
-        assert done.wait(30), "the watchdog never fired"
-    finally:
-        watchdog.stop()
+    assert _fired(rank=1) == [EXIT_CODE]
     line = capfd.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("rank 0 has not answered for ") and "it serves the process group's store" in line
 
