@@ -21,6 +21,8 @@ MODEL_WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 #: a study's record: its students (name, overrides, folder) and how each stands
 STUDY_RECORD = "study.json"
+#: the YAML that runs a study again (its base keys and its students)
+STUDY_YAML = "study.yaml"
 #: convert's stage folders
 STAGE_DIRS = ("stage1", "stage2")
 #: a search's every candidate, one JSON line each (its state is a checkpoint, under checkpoints/)

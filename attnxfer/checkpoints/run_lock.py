@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PathExistsError
-from ..run_layout import LOCK_NAME, RUN_RECORD, SEARCH_CANDIDATES, STAGE_DIRS, STUDY_RECORD
+from ..run_layout import (
+    LOCK_NAME,
+    RUN_CONFIG,
+    RUN_RECORD,
+    SEARCH_CANDIDATES,
+    STAGE_DIRS,
+    STUDY_RECORD,
+    STUDY_YAML,
+)
 from ..speak import say
 from .atomic_io import _write_file_synced
 from .processes import process_alive
@@ -52,10 +60,10 @@ _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 #: the work a run dir may hold, by the file that marks it (the first found counts), and how it goes on
 _WORK = (
-    ("study", STUDY_RECORD, "attnxfer study -c {dir}/study.yaml"),
-    ("conversion", STAGE_DIRS[-1], "attnxfer convert -c {dir}/config.yaml"),
+    ("study", STUDY_RECORD, f"attnxfer study -c {{dir}}/{STUDY_YAML}"),
+    ("conversion", STAGE_DIRS[-1], f"attnxfer convert -c {{dir}}/{RUN_CONFIG}"),
     ("search", SEARCH_CANDIDATES, "the attnxfer search command that started it"),
-    ("training run", RUN_RECORD, "the command that trained it, -c {dir}/config.yaml"),
+    ("training run", RUN_RECORD, f"the command that trained it, -c {{dir}}/{RUN_CONFIG}"),
 )
 #: the work each command's own folder holds; train's and pretrain's, a training run (as a study's students:
 #: `run_lock`'s ``writes``)

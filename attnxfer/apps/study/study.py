@@ -22,7 +22,7 @@ from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text
 from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec
-from ...run_layout import STUDY_RECORD
+from ...run_layout import STUDY_RECORD, STUDY_YAML
 from ...speak import say
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive, StudentStreams, never_stop
@@ -35,9 +35,6 @@ from ..run.parts import RunParts, build_run_parts
 from ..run.resume import judge
 from ..run.training import build_engine, few_steps_warning, require_task_labels, task_weight_of
 from .report import write_study_report
-
-#: the YAML that runs the study again (its base keys and its students)
-STUDY_YAML = "study.yaml"
 
 
 @dataclass
