@@ -44,6 +44,11 @@ def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int], channel
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, grid[0] * patch, grid[1] * patch)
 
 
+def kept_patches(num_patches: int, mask_ratio: float) -> int:
+    """How many of ``num_patches`` the encoder sees at ``mask_ratio``: the rest, rounded, and at least one."""
+    return max(1, round(num_patches * (1.0 - mask_ratio)))
+
+
 def random_masking(
     batch: int, num_patches: int, mask_ratio: float, device=None, generator: torch.Generator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +56,7 @@ def random_masking(
     patches of smallest uniform noise, so each subset of size K is equally likely."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
-    keep = max(1, round(num_patches * (1.0 - mask_ratio)))
+    keep = kept_patches(num_patches, mask_ratio)
     noise = torch.rand(batch, num_patches, device=device, generator=generator)
     keep_idx = noise.argsort(dim=1)[:, :keep].sort(dim=1).values  # raster order inside the kept set
     mask = torch.ones(batch, num_patches, device=device)
@@ -117,7 +122,7 @@ class MaskedAutoencoder(nn.Module):
         self.grid = tuple(encoder.patch_embed.grid_size)
         self.in_chans = encoder.patch_embed.proj.in_channels
         patches = self.grid[0] * self.grid[1]
-        if round(patches * (1.0 - mask_ratio)) >= patches:  # the loss is on the hidden patches alone
+        if kept_patches(patches, mask_ratio) == patches:  # the loss is on the hidden patches alone
             raise InputError(
                 f"mask_ratio={mask_ratio} hides none of the encoder's {patches} patches, so the loss would be 0 "
                 f"throughout: raise it above {0.5 / patches:.3g} (MAE's is 0.75)"

@@ -27,7 +27,7 @@ from ...config import TrainConfig, to_dict
 from ...data import data_identity
 from ...errors import InputError
 from ...models.image_input import image_input
-from ...models.mae import MaskedAutoencoder
+from ...models.mae import MaskedAutoencoder, kept_patches
 from ...models.student import student_shape, student_spec
 from ...sources import load_teacher
 from ...sources.resolve import TeacherLoadError, read_state_dict
@@ -235,7 +235,7 @@ def build_pretrain_engine(
         if init_note:
             say(init_note)
         n = mae._num_patches
-        kept = max(1, round(n * (1 - cfg.mae.mask_ratio)))
+        kept = kept_patches(n, cfg.mae.mask_ratio)
         say(
             f"MAE pre-training of {cfg.model.name} on {cfg.data.dataset} (labels unused): the encoder sees {kept} "
             f"of {n} patches per image; decoder {cfg.mae.decoder_depth} blocks x {cfg.mae.decoder_dim}; "
