@@ -52,6 +52,7 @@ class LoadedModel:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
     checkpoint: Path | None = None  # a RUN_DIR's: the checkpoint folder its weights came from
+    run: RunDir | None = None  # the training run it was loaded from (a conversion's: its stage 2)
 
     @property
     def subject(self) -> InspectedStudent:
@@ -79,6 +80,7 @@ def _load_run(spec: str, run_dir: RunDir, teacher: LoadedModel | None) -> Loaded
         mean=tuple(run.get("mean") or ()),
         std=tuple(run.get("std") or ()),
         checkpoint=loaded.checkpoint,
+        run=run_dir,
     )
     if mode in MODES and MODES[mode].is_copy:
         model.borrow = _copy_layers(run_dir.path, run, student, teacher)
@@ -406,9 +408,8 @@ def inspect_attention(
             )
     # neither files nor a dataset: the data the first student given as a run was trained on, as the run
     # made it (its data.kwargs and data seed: a recall task's glyphs depend on them)
-    runs = (r for r in map(_run_of, students) if r is not None)
-    run = next(runs, None) if not images and data is None else None
-    if run is not None:
+    run = next((s.run for s in loaded.values() if s.run is not None), None)
+    if run is not None and not images and data is None:
         cfg = load_config(str(run.config_file))
         data, data_root = cfg.data.dataset, data_root or cfg.data.root
         data_options = {"seed": data_seed(cfg), **cfg.data.kwargs}
