@@ -234,8 +234,8 @@ def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
     if not vary:
         return []
     for key, values in vary.items():
-        if len(set(values)) < len(values):
-            twice = next(v for v in values if values.count(v) > 1)
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
             raise ConfigError(f"--vary {key} lists {twice!r} twice: each value makes one student")
     keys = list(vary)
     leaves = [k.rsplit(".", 1)[-1] for k in keys]

@@ -106,10 +106,11 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     if timm.is_model(arch):
         return TeacherSpec(Source.TIMM, spec, revision)
     _refuse_path(spec)
-    close = [] if "/" in spec else difflib.get_close_matches(arch, timm.list_models(), n=1)
-    hint = f" (a Hub repo? use 'hf-hub:{spec}')" if "/" in spec else ""
-    if close:  # a misspelt architecture keeps its pretrained tag
-        hint = f" (did you mean {spec.replace(arch, close[0], 1)!r}?)"
+    if "/" in spec:
+        hint = f" (a Hub repo? use 'hf-hub:{spec}')"
+    else:  # a misspelt architecture: the nearest one, its pretrained tag kept
+        close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+        hint = f" (did you mean {spec.replace(arch, close[0], 1)!r}?)" if close else ""
     raise InputError(
         f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
         f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "

@@ -178,9 +178,9 @@ def build_plan(
         if not c.signal.of_layer:
             c.loss_fn.check(c, PlanModels(teacher, student))
     if task_weight == 0 and all(c.weight == 0 for c in requested):  # a loss of 0 at every step
-        zero = f"every comparison ({', '.join(c.origin for c in requested)}) has weight 0"
+        compared = f"every comparison ({', '.join(c.origin for c in requested)}) has weight 0"
         raise PlanError(
-            f"nothing to train: transfer.task_weight=0 and {zero if requested else 'nothing is distilled'}; "
+            f"nothing to train: transfer.task_weight=0 and {compared if requested else 'nothing is distilled'}; "
             "set transfer.feature_distill > 0 (the final features), an attention mode (transfer.mode=distill) "
             "with transfer.atd_weight > 0, or transfer.task_weight > 0"
         )
