@@ -136,6 +136,7 @@ class HeartbeatWatchdog:
         this process's own last freeze at the earliest: a process that was itself stopped (or starved of
         CPU) for a while wakes up with every clock stale, and must not blame its peers for it."""
         awake_since = last_tick = time.monotonic()
+        note = "; it serves the process group's store" if self.store_host is not None else ""
         while not self._stopping.wait(self.interval / 2):
             if self._peer_left:
                 return  # the job is ending; the process group's timeout still bounds what is left
@@ -143,7 +144,6 @@ class HeartbeatWatchdog:
             if now - last_tick > 2 * self.interval:
                 awake_since = now
             last_tick = now
-            note = "; it serves the process group's store" if self.store_host is not None else ""
             store_silent = now - max(self._last_exchange, awake_since)
             if store_silent > self.timeout_s:
                 self._stop_process(self._store_name(), store_silent, note)
