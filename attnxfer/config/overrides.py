@@ -14,7 +14,7 @@ from typing import Any, Union
 
 import yaml
 
-from .keys import ConfigError, field_types, rule_of, section_command
+from .keys import ConfigError, field_types, leaves, rule_of, section_command
 from .renamed import respell
 from .strict_yaml import describe_yaml_error, load_yaml
 
@@ -144,36 +144,74 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")
 
 
-def _unknown_key(key: str, valid: Sequence[str], prefix: str) -> ConfigError:
-    full = [prefix + v for v in valid]
-    close = difflib.get_close_matches(prefix + key, full, n=1, cutoff=0.5) or difflib.get_close_matches(
-        key, list(valid), n=1, cutoff=0.5
-    )
-    hint = (
-        f"; did you mean {close[0] if close[0].startswith(prefix) else prefix + close[0]!r}?" if close else ""
-    )
+#: what timm's and MAE's training scripts call keys that attnxfer's config names otherwise
+_SCRIPT_NAMES = {
+    "output_dir": "run_dir",
+    "output": "run_dir",
+    "data_path": "data.root",
+    "data_dir": "data.root",
+    "model": "model.name",
+    "nb_classes": "model.num_classes",
+    "input_size": "data.img_size",
+    "accum_iter": "optim.accum_steps",
+    "smoothing": "aug.label_smoothing",
+}
+
+
+def keys_meant(key: str, root: type, prefix: str = "", cutoff: float = 0.5) -> list[str]:
+    """The config keys a user most likely meant by an unknown ``prefix + key``: the key a timm or MAE script
+    calls so (``output_dir`` -> run_dir), else those under ``prefix`` that it begins (``transfer.atd`` ->
+    transfer.atd_weight), else the keys anywhere it names the last part of (``epochs`` -> schedule.epochs),
+    else the nearest spelling under ``prefix``, else anywhere (``cutoff``: how near, 0 to 1)."""
+    last = key.rsplit(".", 1)[-1]
+    if last in _SCRIPT_NAMES:
+        return [_SCRIPT_NAMES[last]]
+    here = [f"{prefix}{name}" for name in field_types(_section_type(root, prefix))]
+    anywhere = [leaf.name for leaf in leaves(root)]
+    begun = [name for name in here if name.startswith(prefix + key)]
+    if begun:
+        return begun[:3]
+    named = [name for name in anywhere if name.rsplit(".", 1)[-1] == last]
+    if named:
+        return named
+    close = difflib.get_close_matches(prefix + key, here, n=1, cutoff=cutoff)
+    by_last = {name.rsplit(".", 1)[-1]: name for name in reversed(anywhere)}
+    return close or [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=cutoff)]
+
+
+def _section_type(root: type, prefix: str) -> type:
+    for part in filter(None, prefix.split(".")):
+        root = field_types(root)[part]
+    return root
+
+
+def _unknown_key(key: str, prefix: str, root: type) -> ConfigError:
+    meant = keys_meant(key, root, prefix)
+    hint = f"; did you mean {' or '.join(repr(m) for m in meant)}?" if meant else ""
     return ConfigError(
         f"unknown config key {prefix + key!r}{hint} (valid under "
-        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(valid)})"
+        f"{prefix.rstrip('.') or 'the top level'}: {', '.join(field_types(_section_type(root, prefix)))})"
     )
 
 
-def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "") -> Any:
+def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type | None = None) -> Any:
     """``obj`` with the (nested) keys of ``data`` set, each coerced to its field's type; a closed set of
-    values is checked here, bounds by `validate_config`."""
+    values is checked here, bounds by `validate_config`. ``root``: the whole config's type (default: ``obj``'s),
+    where an unknown key's likely meaning is looked for."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     if not prefix:  # a whole config's keys: old spellings move to their new keys first (`renamed.py`)
         data = respell(data, obj)
+    root = root or type(obj)
     types = field_types(type(obj))
     fields = {f.name: f for f in dataclasses.fields(obj)}
     changes = {}
     for key, value in data.items():
         if key not in types:
-            raise _unknown_key(str(key), list(types), prefix)
+            raise _unknown_key(str(key), prefix, root)
         tp = types[key]
         if dataclasses.is_dataclass(tp):
-            changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.")
+            changes[key] = merge_values(getattr(obj, key), value, f"{prefix}{key}.", root)
         else:
             if isinstance(value, _Into):  # model.kwargs.depth=4 sets one key of the recipe's model.kwargs
                 value = _merged_into(getattr(obj, key), value)

@@ -63,13 +63,39 @@ def _where_to_resume(args) -> str:
     return f"running the same command again continues from step {info.step} ({info.path})"
 
 
+def _as_overrides(stray: list[str], argv: list[str]) -> str:
+    """Flags naming config keys (timm's and MAE's ``--epochs 5``) as what attnxfer takes: ``schedule.epochs=5``."""
+    from ..config.keys import leaves
+    from ..config.overrides import keys_meant
+    from ..config.schema import TrainConfig
+
+    known = {leaf.name for leaf in leaves(TrainConfig)}
+    meant = []
+    for item in stray:
+        if not item.startswith("--"):
+            continue
+        name, _, value = item[2:].partition("=")
+        after = argv[argv.index(item) + 1 :][:1]
+        if not value and after and not after[0].startswith("-") and "=" not in after[0]:
+            value = after[0]
+        keys = [k for k in keys_meant(name.replace("-", "_"), TrainConfig, cutoff=0.75) if k in known]
+        if keys:
+            meant.append(" or ".join(f"{key}={value or 'VALUE'}" for key in keys))
+    return f"; attnxfer takes config values as key=value: {' '.join(meant)}" if meant else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may sit anywhere among the options (`-c x.yaml a=1 --nodes 2 b=2`)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e]
     if stray or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        # the command's own usage, and a flag that names a config key (timm's and MAE's --epochs) as its override
+        (args.command_parser if args.command else parser).error(
+            f"unrecognized arguments: {' '.join(stray or extra)}"
+            + (_as_overrides(stray, argv) if hasattr(args, "overrides") else "")
+        )
     if extra:
         args.overrides = [*args.overrides, *extra]
     if not getattr(args, "func", None):

@@ -19,6 +19,21 @@ CASES = [
     (["--version"], 0, "attnxfer 0."),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     (["train", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    # the command's own usage above the error, not attnxfer's
+    (["export", "runs/r", "--out", "x"], 2, "usage: attnxfer export"),
+    # timm's and MAE's flags answered with the override that means them
+    (
+        ["train", "--epochs", "3", "--lr=1e-3", "--output_dir", "runs/x"],
+        2,
+        "attnxfer takes config values as key=value: schedule.epochs=3 optim.lr=1e-3 run_dir=runs/x",
+    ),
+    (["train", "epochs=3"], 2, "unknown config key 'epochs'; did you mean 'schedule.epochs'?"),
+    (
+        ["train", "transfer.atd=1"],
+        2,
+        "unknown config key 'transfer.atd'; did you mean 'transfer.atd_weight'?",
+    ),
+    (["train", "data.data_path=/x"], 2, "unknown config key 'data.data_path'; did you mean 'data.root'?"),
     (["export"], 2, "the following arguments are required: run_dir, out_dir"),
     (["train", "bogus.key=1"], 2, "unknown config key 'bogus'"),
     (["train", "-c", "no/such_recipe"], 2, "does not exist"),

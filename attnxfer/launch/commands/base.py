@@ -27,7 +27,7 @@ class Command:
         """Its sub-parser, which hands the parsed arguments to `run` (``--print-config`` to `show_config`)."""
         p = sub.add_parser(self.name, **self.parser_options)
         self.arguments(p)
-        p.set_defaults(func=self.run, show_config=self.show_config or print_config)
+        p.set_defaults(func=self.run, show_config=self.show_config or print_config, command_parser=p)
 
 
 #: every subcommand by name (filled by the modules of this package)
