@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..run_layout import RUN_CONFIG, RUN_DIR_MARKERS
+from ..run_layout import MODEL_WEIGHTS, RUN_CONFIG, RUN_DIR_MARKERS
 from .overrides import ConfigError, apply_overrides, merge_values, parse_overrides, validate_config
 from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
@@ -29,6 +29,7 @@ def resolve_recipe(path: str | Path) -> Path:
             "-c was given an empty name; pass a YAML file or a built-in recipe (e.g. -c demo/copy)"
         )
     p = Path(path)
+    _refuse_export(p)
     if p.is_file():
         return p
     if p.is_dir():
@@ -43,6 +44,18 @@ def resolve_recipe(path: str | Path) -> Path:
     raise ConfigError(
         f"config file {str(p)!r} does not exist{hint} (built-in recipes: {', '.join(list_recipes())})"
     )
+
+
+def _refuse_export(p: Path) -> None:
+    """An export folder (or its config.json, timm's) is a model, not a config: say which config to give."""
+    folder = p if p.is_dir() else p.parent
+    if (p.is_dir() or p.name == "config.json") and all(
+        (folder / name).is_file() for name in ("config.json", MODEL_WEIGHTS)
+    ):
+        raise ConfigError(
+            f"{folder} holds an exported model (its config.json is timm's, not a run's): give the config of the "
+            f"run it was exported from, -c RUN_DIR/{RUN_CONFIG} (as a teacher: teacher.spec=local-dir:{folder})"
+        )
 
 
 def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
@@ -124,7 +137,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 )
             cfg = merge_values(cfg, data)
         cfg = _own_run_dir(cfg, p)
-    for item in (o for o in overrides if "=" not in o):  # a recipe or run dir given without -c
+    for item in (o for o in overrides if "=" not in o):  # a recipe, run dir or export given without -c
+        _refuse_export(Path(item))
         config = Path(item) / RUN_CONFIG if Path(item).is_dir() else item
         try:
             resolve_recipe(config)

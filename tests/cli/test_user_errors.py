@@ -138,6 +138,16 @@ def test_a_model_folder_given_without_local_dir_is_told_to_use_it(tiny_teacher_d
     assert "the folder exists but holds no config.json" in err and "hf-hub" not in err
 
 
+@pytest.mark.parametrize("argv", [["eval", "-c", "{m}"], ["eval", "-c", "{m}/config.json"], ["train", "{m}"]])
+def test_a_model_folder_given_as_a_config_names_the_run_config_and_the_teacher_spec(
+    tiny_teacher_dir, capsys, argv
+):
+    """An export's config.json is timm's, not a run's: read as one it would fail on its first key."""
+    err = _refused([a.format(m=tiny_teacher_dir) for a in argv], capsys)
+    assert f"{tiny_teacher_dir} holds an exported model" in err, err
+    assert err.endswith(f"-c RUN_DIR/config.yaml (as a teacher: teacher.spec=local-dir:{tiny_teacher_dir})")
+
+
 @pytest.mark.slow
 def test_a_students_run_folder_given_as_a_teacher_names_its_export(tiny_teacher_dir, tmp_path, capsys):
     student = tmp_path / "student"
