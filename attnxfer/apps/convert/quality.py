@@ -66,8 +66,8 @@ def dataset_size(loader: Any) -> int | None:
 
 def stage2_worse(measured: dict[str, dict[str, Any] | None], steps: int) -> dict[str, Any] | None:
     """The report's field where stage 2 left the student worse than stage 1 did, by val top-1 where scored by
-    labels, else the final-feature cosine with the teacher (what label-free stage 2 trains); None: not worse,
-    or a stage not measured."""
+    labels, else the final-feature cosine with the teacher (what label-free stage 2 trains) where k-NN top-1, if
+    measured, fell too; None: not worse, or a stage not measured."""
     before, after = measured.get("after_stage1"), measured.get("after_stage2")
     if not before or not after:
         return None
@@ -81,6 +81,8 @@ def stage2_worse(measured: dict[str, dict[str, Any] | None], steps: int) -> dict
         digits = 4
         knn_a, knn_b = ((m.get("knn") or {}).get("knn_top1") for m in (before, after))
         if knn_a is not None and knn_b is not None:
+            if round(knn_b, 2) >= round(knn_a, 2):  # features a little further, neighbours as right: not worse
+                return None
             shown += f"; k-NN top-1 {knn_a:.2f} -> {knn_b:.2f}"
     # worse by what the report shows: a fall below its last printed digit is noise, not a warning
     if a is None or b is None or round(b, digits) >= round(a, digits):
