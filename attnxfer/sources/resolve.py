@@ -85,17 +85,18 @@ class TeacherSpec:
     revision: str | None = None
 
 
-def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
-    """Split a teacher spec into its source and name; unknown forms are an error that lists the valid ones."""
+def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teacher") -> TeacherSpec:
+    """Split a teacher spec into its source and name; unknown forms are an error that lists the valid ones,
+    naming the spec by its ``role`` (inspect reads its students' specs as teachers' too)."""
     spec = str(spec).strip()
     prefix, sep, rest = spec.partition(":")
     if sep and prefix.lower() in ("hf-hub", "hf_hub"):
         repo, _, rev = rest.partition("@")
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
-            raise InputError(f"teacher spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
+            raise InputError(f"{role} spec {spec!r}: expected hf-hub:ORG/NAME[@REVISION]")
         if rev and revision and rev != revision:
             raise InputError(
-                f"teacher spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
+                f"{role} spec {spec!r} names revision {rev!r} but revision={revision!r} was also given"
             )
         return TeacherSpec(Source.HF_HUB, repo, rev or revision)
     if sep and prefix.lower() == "local-dir":
@@ -105,36 +106,36 @@ def parse_teacher_spec(spec: str, revision: str | None = None) -> TeacherSpec:
     arch, _ = split_model_name_tag(spec)
     if timm.is_model(arch):
         return TeacherSpec(Source.TIMM, spec, revision)
-    _refuse_path(spec)
+    _refuse_path(spec, role)
     if "/" in spec:
         hint = f" (a Hub repo? use 'hf-hub:{spec}')"
     else:  # a misspelt architecture: the nearest one, its pretrained tag kept
         close = difflib.get_close_matches(arch, timm.list_models(), n=1)
         hint = f" (did you mean {spec.replace(arch, close[0], 1)!r}?)" if close else ""
     raise InputError(
-        f"unknown teacher {spec!r}{hint}. A teacher is a timm name with a pretrained tag "
+        f"unknown {role} {spec!r}{hint}. A {role} is {'a run folder, ' if role != 'teacher' else ''}a timm name with a pretrained tag "
         f"('vit_base_patch16_224.mae'; see timm.list_pretrained('vit_*')), 'hf-hub:ORG/NAME[@REV]', "
         f"'local-dir:PATH' (config.json + model.safetensors), or a checkpoint file "
         f"({', '.join(WEIGHT_SUFFIXES)}) together with arch="
     )
 
 
-def _refuse_path(spec: str) -> None:
+def _refuse_path(spec: str, role: str) -> None:
     """A spec that names a folder, or reads as a path (``./x``, ``runs/a/b``), is refused with what is true of
     that path (``ORG/NAME`` that is no folder may be a Hub repo: left to the caller's hint)."""
     path = Path(spec).expanduser()
     if path.is_dir():
         hint = run_folder_hint(path)
         if hint is not None:
-            raise InputError(f"teacher {spec!r}: {hint}")
+            raise InputError(f"{role} {spec!r}: {hint}")
         if (path / "config.json").is_file():
-            raise InputError(f"teacher {spec!r}: the folder exists; use local-dir:{spec}")
+            raise InputError(f"{role} {spec!r}: the folder exists; use local-dir:{spec}")
         raise InputError(
-            f"teacher {spec!r}: the folder exists but holds no config.json; a model's folder is timm's Hub "
+            f"{role} {spec!r}: the folder exists but holds no config.json; a model's folder is timm's Hub "
             "layout (config.json + model.safetensors, as `attnxfer export` writes it), given as local-dir:PATH"
         )
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise MissingPathError(f"teacher {spec!r}: {missing_path(path)}")
+        raise MissingPathError(f"{role} {spec!r}: {missing_path(path)}")
 
 
 def _is_tensor_dict(obj: Any) -> bool:

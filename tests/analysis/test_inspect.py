@@ -459,6 +459,21 @@ def test_an_interrupted_inspection_leaves_nothing_and_the_same_command_runs(
     assert (out / "metrics.json").exists() and (out / "curves.png").exists()
 
 
+def test_a_model_folder_is_read_by_its_path_and_a_spec_naming_nothing_by_its_role(
+    micro_teacher, tmp_path, capsys
+):
+    """Run folders are given as paths, so export folders are too (a teacher spec says local-dir:); a student's
+    spec that names no model is refused as the student's, not the teacher's."""
+    folder = micro_teacher.removeprefix("local-dir:")
+    assert _inspect(folder, tmp_path / "r") == 0
+    assert list(json.loads((tmp_path / "r" / "metrics.json").read_text())["students"]) == ["teacher"]
+    capsys.readouterr()
+    args = ["inspect", folder, str(tmp_path / "nope"), "--data", "synthetic", "--out", str(tmp_path / "s")]
+    assert cli_main(args) == 2
+    assert f"error: student '{tmp_path / 'nope'}': " in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
 def test_a_student_given_as_its_run_brings_the_data_it_was_trained_on(micro_teacher, tmp_path, capsys):
     """Without --images or --data the images are the run's own data as the run made them (its data seed and
     options: a recall task's glyphs are a function of them), not the dataset's defaults."""

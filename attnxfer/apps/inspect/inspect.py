@@ -31,6 +31,7 @@ from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
 from ...sources import TeacherLoadError, load_student, load_teacher
+from ...sources.resolve import parse_teacher_spec
 from ...speak import say
 from ...transfer.modes import MODES
 from ...transfer.plan import build_plan
@@ -120,22 +121,27 @@ def load_model(
     pretrained: bool = True,
     arch: str | None = None,
     img_size: int | None = None,
+    role: str = "student",
 ) -> LoadedModel:
-    """Any spec as a model to inspect (a RUN_DIR, an `attnxfer export` folder, any teacher spec); ``teacher``
-    is needed for copy-mode runs. ``img_size``: teachers are rebuilt at that size as their family says; a
+    """Any spec as a model to inspect (a RUN_DIR, an `attnxfer export` folder, any teacher spec), named by its
+    ``role`` when it is none of them; ``teacher`` is needed for copy-mode runs. ``img_size``: teachers are rebuilt at that size as their family says; a
     trained student keeps the size it was trained at, and another is refused."""
     spec = str(spec)
     run = _run_of(spec)
     if run is not None:
         return _at_size(_load_run(spec, run, teacher), img_size)
+    # a model's folder given as a path, as run folders are: read as local-dir (a teacher spec must say so)
+    folder = Path(spec).expanduser()
+    source = f"local-dir:{spec}" if folder.is_dir() and (folder / "config.json").is_file() else spec
+    parse_teacher_spec(source, role=role)  # a spec that names nothing is refused as what it was given as
     try:
-        model, record = load_teacher(spec, arch=arch, pretrained=pretrained, img_size=img_size)
+        model, record = load_teacher(source, arch=arch, pretrained=pretrained, img_size=img_size)
     except ImageSizeError as err:
         raise err.restated("--img-size") from None
     except TeacherLoadError as err:
         if "efficient-attention student" not in str(err):
             raise InputError(str(err)) from None
-        model = load_student(spec)
+        model = load_student(source)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         return _at_size(
             LoadedModel(
@@ -385,7 +391,7 @@ def inspect_attention(
     trained = {s for s in map(trained_size, students) if s is not None}
     size = img_size or (trained.pop() if len(trained) == 1 else None)
     torch.manual_seed(seed)
-    t = load_model(teacher, pretrained=pretrained, arch=teacher_arch, img_size=size)
+    t = load_model(teacher, pretrained=pretrained, arch=teacher_arch, img_size=size, role="teacher")
     token_layout(t.model)  # a family with no adapter, or a refused one (DiffAttention): one message, here
     loaded: dict[str, LoadedModel] = {}
     for k, (name, spec) in enumerate(zip(_student_names(students), students), start=1):
@@ -440,7 +446,7 @@ def demo_agreement(
     """The demo's per-layer agreement of each student run with its teacher: ``out/agreement.png``, and a
     sentence of what it shows (agreement.md, printed)."""
     out = Path(out)
-    teacher = load_model(f"local-dir:{teacher_dir}")
+    teacher = load_model(f"local-dir:{teacher_dir}", role="teacher")
     students = {label: load_model(str(run_dir), teacher=teacher) for label, run_dir in runs.items()}
     x = load_images(teacher, data="animal_mnist", num_images=num_images)
     insp = inspect_models(teacher.model, {n: s.subject for n, s in students.items()}, x)
