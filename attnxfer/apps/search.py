@@ -24,7 +24,8 @@ from tqdm import tqdm
 from ..checkpoints.resume_point import ResumePoint
 from ..checkpoints.run_lock import run_lock
 from ..checkpoints.store import CheckpointManager, atomic_write_text
-from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, to_dict
+from ..config import SEARCH_RESUMABLE_KEYS, ConfigError, TrainConfig, config_changes, load_config, to_dict
+from ..config.overrides import yaml_value
 from ..errors import InputError
 from ..models.attention import transferable_attentions
 from ..models.efficient.formula import HAND_DESIGNED, FormulaSyntaxError, parse_formula
@@ -267,22 +268,44 @@ def draw_pareto(state: SearchState, front: list[dict[str, Any]], speed_mode: str
     return fig
 
 
+#: what the winner's conversion takes from the search instead of its recipe: the teacher, and the data searched on
+_CARRIED = (
+    "teacher.",
+    "data.dataset",
+    "data.root",
+    "data.img_size",
+    "data.in_chans",
+    "data.mean",
+    "data.std",
+)
+_CARRIED += ("data.kwargs", "data.labels", "data.seed")
+
+
+def winner_command(cfg: TrainConfig, formula: str) -> str:
+    """The `attnxfer convert` that turns the search's teacher into ``formula`` on the data it was searched on:
+    ``search.convert_recipe`` with the search's teacher and data keys where they differ from the recipe's, the
+    formula (whose name holds all its options: the recipe's attention_kwargs are dropped) and the stage-1
+    training its candidates were fitted with."""
+    recipe = cfg.search.convert_recipe
+    carried = [
+        f"{key}={yaml_value(value)}"
+        for key, (_, value) in config_changes(load_config(recipe), cfg).items()
+        if key.startswith(_CARRIED)
+    ]
+    parts = [
+        *("attnxfer", "convert", "-c", recipe, *carried),
+        f"convert.attention={formula}",
+        "convert.attention_kwargs={}",
+        f"convert.stage1_train={cfg.search.fit_train}",
+        f"run_dir={Path(cfg.run_dir) / 'winner'}",
+    ]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def write_reports(cfg: TrainConfig, run_dir: Path, state: SearchState) -> tuple[list, Any, str | None]:
     front = pareto_front(state)
     winner = winner_of(front, cfg.search.min_speed)
-    command = None
-    if winner is not None:  # the `attnxfer convert` that turns the teacher into the winner
-        parts = [
-            "attnxfer",
-            "convert",
-            "-c",
-            cfg.search.convert_recipe,
-            f"teacher.spec={cfg.teacher.spec}",
-            f"convert.attention={winner['formula']}",
-            f"convert.stage1_train={cfg.search.fit_train}",
-            f"run_dir={Path(cfg.run_dir) / 'winner'}",
-        ]
-        command = " ".join(shlex.quote(p) for p in parts)
+    command = None if winner is None else winner_command(cfg, winner["formula"])
     atomic_write_text(run_dir / "pareto.md", render_pareto_md(cfg, state, front, winner, command))
     if front:
         draw_pareto(state, front, cfg.search.speed).savefig(run_dir / "pareto.png")
@@ -311,7 +334,7 @@ def search(
         settings = search_settings(cfg, parts.teacher)
         say(
             f"search: {settings.population} kept per generation, {settings.offspring} children per generation, "
-            f"{settings.generations} generations after the {len(settings.seeds)} seeds; candidates fitted "
+            f"{settings.generations} generation{'s' if settings.generations != 1 else ''} after the {len(settings.seeds)} seeds; candidates fitted "
             f"{cfg.search.fit_steps} stage-1 steps on layers {evaluator.cache.layers}, scored on "
             f"{evaluator.cache.held_out_images} held-out images; speed at {cfg.search.target_tokens} tokens "
             f"({cfg.search.speed})"

@@ -182,6 +182,34 @@ def _saved(run: Path) -> dict:
     return {} if point is None else point.state
 
 
+def test_the_winners_convert_command_runs_the_searched_teacher_on_the_searched_data(tmp_path, capsys):
+    """The command pareto.md prints: the recipe's feature_dim would be refused by a formula (whose name holds
+    its options), and the recipe's teacher and data would convert another model on other images."""
+    import shlex
+
+    from attnxfer.apps.search import winner_command
+    from attnxfer.config import load_config
+    from attnxfer.models.attention.registry import get_attention_class
+
+    searched = ["teacher.spec=local-dir:/x/teacher", "data.dataset=synthetic", "data.kwargs.length=64"]
+    cfg = load_config("search/demo", [*searched, f"run_dir={tmp_path / 's'}"])
+    argv = shlex.split(winner_command(cfg, "formula:sum(proj.cat(softmax,neg.softmax))"))
+    assert (
+        argv[:4] == ["attnxfer", "convert", "-c", "convert/demo_hedgehog"]
+        and "data.kwargs={length: 64}" in argv
+    )
+    assert all(key in argv for key in searched[:2]) and f"run_dir={tmp_path / 's' / 'winner'}" in argv
+    capsys.readouterr()
+    assert cli.main([*argv[1:], "--print-config"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert (
+        "attention: formula:sum(proj.cat(softmax,neg.softmax))" in printed and "dataset: synthetic" in printed
+    )
+    converted = load_config(argv[3], argv[4:])  # each option is one the formula takes, as the swap checks
+    formula = get_attention_class(converted.convert.attention)
+    assert all(formula.accepts_option(k) for k in converted.convert.attention_kwargs)
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_teacher_dir):
     run = tmp_path_factory.mktemp("search") / "run"
