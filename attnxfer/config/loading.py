@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..run_layout import MODEL_WEIGHTS, RUN_CONFIG, RUN_DIR_MARKERS
+from ..run_layout import MODEL_WEIGHTS, RUN_CONFIG, RUN_DIR_MARKERS, STUDY_RECORD
 from .overrides import ConfigError, apply_overrides, merge_values, parse_overrides, validate_config
 from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
@@ -39,11 +39,27 @@ def resolve_recipe(path: str | Path) -> Path:
     for candidate in (RECIPES / p, RECIPES / p.with_suffix(".yaml")):
         if candidate.is_file():
             return candidate
+    study = _student_configs(p.parent)
+    if study is not None:
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist: {p.parent} is a study's folder; give one student's "
+            f"config: -c {study}"
+        )
     close = difflib.get_close_matches(str(path), list_recipes(), n=1)
     hint = f"; did you mean the built-in recipe {close[0]!r}?" if close else ""
     raise ConfigError(
         f"config file {str(p)!r} does not exist{hint} (built-in recipes: {', '.join(list_recipes())})"
     )
+
+
+def _student_configs(folder: Path) -> str | None:
+    """A study folder's students' own configs (``S/copy/config.yaml or S/distill/config.yaml``); None for any
+    other folder, or a study none of whose students has started: a study's folder has no config of its own
+    (its study.yaml runs the whole study)."""
+    if not (folder / STUDY_RECORD).is_file():
+        return None
+    found = sorted(d / RUN_CONFIG for d in folder.iterdir() if (d / RUN_CONFIG).is_file())
+    return " or ".join(map(str, found[:4])) or None  # no student started: nothing to point to
 
 
 def _refuse_export(p: Path) -> None:
@@ -131,14 +147,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         p = resolve_recipe(path)
         for file, data in recipe_chain(p):
             if STUDENTS_KEY in data:
+                study = _student_configs(file.parent)
                 raise ConfigError(
                     f"config file {str(file)!r} lists students: it describes a study of several students; run "
-                    f"it with attnxfer study -c {path} (a single run takes one student's keys, without students:)"
+                    f"it with attnxfer study -c {path}"
+                    + (
+                        f", or give one student's config: -c {study}"
+                        if study
+                        else " (a single run takes one student's keys, without students:)"
+                    )
                 )
             cfg = merge_values(cfg, data)
         cfg = _own_run_dir(cfg, p)
-    for item in (o for o in overrides if "=" not in o):  # a recipe, run dir or export given without -c
+    for item in (o for o in overrides if "=" not in o):  # a recipe, run dir, study or export given without -c
         _refuse_export(Path(item))
+        study = _student_configs(Path(item))
+        if study is not None:
+            raise ConfigError(
+                f"{item!r} is a study's folder, not a key=value override; give one student's config: -c {study}"
+            )
         config = Path(item) / RUN_CONFIG if Path(item).is_dir() else item
         try:
             resolve_recipe(config)

@@ -235,6 +235,17 @@ def test_a_study_yaml_is_not_a_run_config(tmp_path, capsys):
     assert code == 2 and "attnxfer study -c" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("given", [["-c", "{s}/study.yaml"], ["-c", "{s}/config.yaml"], ["{s}"]])
+def test_a_study_folder_given_to_eval_names_its_students_configs(families, given, capsys):
+    """A study's folder has no config of its own: its study.yaml runs the whole study, each student's
+    config.yaml one run, and the refusal names them."""
+    code, _, err = run_cli(capsys, "eval", *(a.format(s=families) for a in given))
+    assert code == 2 and "Traceback" not in err, err
+    first = sorted(d for d in families.iterdir() if (d / "config.yaml").is_file())[0]
+    assert f"give one student's config: -c {first / 'config.yaml'} or " in err, err
+
+
 def test_print_config_shows_each_student_and_what_it_changes(tmp_path, capsys):
     code, out, _ = run_cli(
         capsys,
