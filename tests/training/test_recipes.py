@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from helpers import tiny_vit
+from helpers import tiny_run, tiny_vit
 from timm.data.random_erasing import RandomErasing
 
-from attnxfer.apps.run.parts import build_student
+from attnxfer.apps.run.parts import build_run_parts, build_student
 from attnxfer.apps.run.training import base_lr
 from attnxfer.config import ConfigError, load_config
 from attnxfer.data import build_dataset
@@ -345,3 +345,19 @@ def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others(
     assert load_config("recall/teacher", ["model.kwargs={depth: 4}"]).model.kwargs == {"depth": 4}
     nested = load_config("recall/teacher", ["data.kwargs.curriculum=[]", "data.kwargs.pairs=4"]).data.kwargs
     assert nested["curriculum"] == [] and nested["pairs"] == 4 and nested["num_keys"] == 16
+
+
+def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir, tmp_path, capsys):
+    """The teacher decides the size, channels and normalisation unless the config does: a 1-channel teacher
+    turns an RGB folder grey, so the run says so before it trains."""
+    base = [*tiny_run(12, 4), f"run_dir={tmp_path / 'r'}", "transfer.mode=none"]
+    with_teacher = build_run_parts(load_config(None, [*base, f"teacher.spec=local-dir:{tiny_teacher_dir}"]))
+    size, out = with_teacher.img_size, capsys.readouterr().out
+    assert (
+        f"data: synthetic, 12 train / 12 val images, 10 classes; made 3-channel {size} px for the teacher, "
+        in out
+    )
+    assert "normalised by the teacher's mean/std" in out
+    build_run_parts(load_config(None, [*base, "data.img_size=16", "data.in_chans=1", "data.mean=[0.5]"]))
+    out = capsys.readouterr().out
+    assert "made 1-channel 16 px for data.img_size/in_chans, normalised by data.mean/std" in out

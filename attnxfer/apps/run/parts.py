@@ -19,7 +19,7 @@ from ...models.image_input import ImageSizeError, image_input
 from ...models.student import student_like, student_spec
 from ...models.vit import create_vit
 from ...sources.teacher import load_teacher
-from ...speak import warn
+from ...speak import say, warn
 from .loaders import build_loaders, data_info, data_seed
 
 
@@ -233,7 +233,18 @@ def build_run_parts(
     std = d.std or (record or {}).get("std") or info.std
     if shared is not None:
         return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
-    return parts_around(
+    # what the images are made as, and by whose choice: a 1-channel teacher turns RGB folders grey
+    made_for = (
+        "data.img_size/in_chans" if d.img_size or d.in_chans else "the teacher" if teacher else "the student"
+    )
+    normalised_by = (
+        "data.mean/std"
+        if d.mean
+        else "the teacher's mean/std"
+        if (record or {}).get("mean")
+        else "the dataset's mean/std"
+    )
+    parts = parts_around(
         cfg,
         info,
         student,
@@ -247,6 +258,19 @@ def build_run_parts(
         rank=rank,
         world_size=world_size,
     )
+    say(
+        f"data: {d.dataset}{f' ({d.root})' if d.root else ''}, {_count(parts.train_loader)} train / "
+        f"{_count(parts.val_loader)} val images{f', {num_classes} classes' if num_classes else ''}; made "
+        f"{in_chans}-channel {img_size} px for {made_for}, normalised by {normalised_by}"
+    )
+    return parts
+
+
+def _count(loader: Any) -> str:
+    try:
+        return f"{len(loader.dataset):,}"
+    except TypeError:  # a stream
+        return "streamed"
 
 
 def parts_around(
