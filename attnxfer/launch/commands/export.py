@@ -51,10 +51,9 @@ def run(args) -> int:
     if run.path != RunDir(args.run_dir).path:
         say(f"attnxfer export: {args.run_dir} is a conversion; exporting its final student, {run.path}")
     weights = args.weights
-    if weights == "ema":  # a run without EMA has raw weights only: say so and use them
+    if weights == "ema":  # a run without EMA has raw weights only: use them, and say so once exported
         info = run.latest()
         if info is not None and "ema" not in info.groups:
-            warn("attnxfer export: the run kept no EMA weights; exporting the raw weights")
             weights = "raw"
     out = export_run(
         run.path,
@@ -65,6 +64,8 @@ def run(args) -> int:
         overwrite=args.overwrite,
         formats=args.formats,
     )
+    if weights != args.weights:
+        warn("attnxfer export: the run kept no EMA weights; the raw weights were exported")
     lines = [f"exported to {out}"]
     if "timm" in args.formats:
         plain = json.loads((out / "config.json").read_text())["attnxfer"]["loads_in_plain_timm"]
