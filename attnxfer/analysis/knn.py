@@ -206,14 +206,16 @@ def knn_hits(
     k: int = 20,
     temperature: float = 0.07,
     autocast: Autocast = nullcontext,
-) -> list[torch.Tensor]:
-    """Per model, one bool per query image: is its k-NN prediction (own memory bank) its label?"""
+) -> tuple[list[torch.Tensor], int]:
+    """Per model, one bool per query image: is its k-NN prediction (own memory bank) its label? And the k
+    used: ``k``, or the bank's size where it holds fewer images."""
     banks, bank_labels = embed(models, bank, device, autocast=autocast)
     feats, labels = embed(models, queries, device, autocast=autocast)
-    return [
+    hits = [
         knn_correct(b.to(device), bank_labels, q.to(device), labels, k=k, temperature=temperature)
         for b, q in zip(banks, feats, strict=True)
     ]
+    return hits, min(k, len(bank_labels))
 
 
 def knn_comparison(
@@ -231,7 +233,7 @@ def knn_comparison(
     """k-NN top-1 of ``student`` (and ``teacher``): ``bank`` the memory, ``queries`` scored; ``reduce`` sums
     the paired counts over ranks (each holding the whole bank and its own shard of the queries)."""
     models = [student] if teacher is None else [student, teacher]
-    right = knn_hits(models, bank, queries, device, k=k, temperature=temperature, autocast=autocast)
+    right, k = knn_hits(models, bank, queries, device, k=k, temperature=temperature, autocast=autocast)
     counts = paired_counts(right[-1], right[0])  # (teacher, student); a student alone pairs with itself
     if reduce is not None:
         counts = reduce(counts.to(device)).cpu()

@@ -200,6 +200,10 @@ def test_knn_comparison_of_two_models_counts_what_the_brute_force_rule_gets_righ
         int((~t & ~s).sum()),
     )
     assert got.count == 10 and got.k == 5
+    # a bank of fewer images than k votes with all of them, and says so
+    assert (
+        knn_comparison(student, None, batches["bank"], batches["val"], "cpu", k=50).as_dict()["knn_k"] == 24
+    )
 
 
 # -- `attnxfer eval`: the scores of a trained run, recomputed from its checkpoint by hand ----------------------

@@ -211,7 +211,7 @@ class _Scoring:
             say(f"study report: k-NN top-1 of {', '.join(s.name for s in knn)}")
             e = self.config.eval
             precision = resolve_precision(self.config.precision, self.device)
-            hits = knn_hits(
+            hits, _ = knn_hits(
                 [loaded[s.name].model for s in knn],
                 build_bank_loader(self.config, self.parts.val_loader.dataset),
                 self.parts.val_loader,
