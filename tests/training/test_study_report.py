@@ -200,7 +200,9 @@ def test_a_student_without_a_head_gets_knn_top1_as_eval_scores_it(study_dir):
     row = _report(study_dir)["headless"]
     cfg = load_config(str(study_dir / "headless" / "config.yaml"), ["eval.metrics=[knn]"])
     assert row["score"] == "k-NN top-1"
-    assert row["top1"] == pytest.approx(evaluate_run(cfg).metrics["knn_top1"])
+    metrics = evaluate_run(cfg).metrics
+    assert row["top1"] == pytest.approx(metrics["knn_top1"])
+    assert f"(k={metrics['knn_k']}, T=" in (study_dir / "study.md").read_text()  # the k both voted with
     assert "not paired" in row["vs_first"]  # k-NN against the first student's top-1
 
 

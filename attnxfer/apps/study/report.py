@@ -89,7 +89,7 @@ def write_study_report(
         "steps": max(steps) if steps else None,
         "shared_seconds": record.get("shared_seconds"),
         "images": images,
-        "knn": {} if e is None else {"k": e.knn_k, "temperature": e.knn_temperature},
+        "knn": {} if e is None else {"k": scoring.knn_k or e.knn_k, "temperature": e.knn_temperature},
     }
     text, data = render_study(students, insp, shared)
     atomic_write_json(study_dir / STUDY_SCORES, json_safe(data))
@@ -147,6 +147,7 @@ class _Scoring:
     teacher: LoadedModel | None
     labelled: bool
     device: torch.device
+    knn_k: int | None = None  # the k its k-NN voted with (eval.knn_k, or a smaller bank's size)
 
     @classmethod
     def build(cls, students: list[StudentScore], device: torch.device) -> _Scoring | None:
@@ -211,7 +212,7 @@ class _Scoring:
             say(f"study report: k-NN top-1 of {', '.join(s.name for s in knn)}")
             e = self.config.eval
             precision = resolve_precision(self.config.precision, self.device)
-            hits, _ = knn_hits(
+            hits, self.knn_k = knn_hits(
                 [loaded[s.name].model for s in knn],
                 build_bank_loader(self.config, self.parts.val_loader.dataset),
                 self.parts.val_loader,
