@@ -9,13 +9,15 @@ the CLI's ``--help`` imports this module.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
-from typing import TextIO
+from typing import Any, TextIO
 
 LOGGER_NAME = "attnxfer"
 _ALL_RANKS = "attnxfer_all_ranks"
@@ -139,3 +141,78 @@ def warnings_as_lines() -> Iterator[None]:
 def show_debug() -> None:
     """Show `debug` lines too (a cluster job's log, where the detail helps afterwards)."""
     _logger().setLevel(logging.DEBUG)
+
+
+class LineProgress:
+    """Progress for a log file, in tqdm's calls: one plain line per log record (each `set_postfix`, as timm's
+    train.py logs) and at most one every ``every_s`` seconds between; no carriage returns."""
+
+    def __init__(
+        self,
+        total: int | None,
+        *,
+        initial: int = 0,
+        desc: str = "",
+        unit: str = "batch",
+        every_s: float = 60.0,
+    ):
+        self.total, self.n, self.desc, self.unit = total, int(initial), desc, unit
+        self.every_s = every_s
+        self._start = self._said = time.monotonic()
+        self._postfix = ""
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._said >= self.every_s:
+            self._say()
+
+    def set_postfix(self, **values: Any) -> None:
+        self._postfix = "".join(f"  {k} {v}" for k, v in values.items())
+        self._say()
+
+    def close(self) -> None:
+        pass
+
+    def _say(self) -> None:
+        self._said = time.monotonic()
+        elapsed = datetime.timedelta(seconds=round(self._said - self._start))
+        of = f"/{self.total} ({100 * self.n / self.total:3.0f}%)" if self.total else ""
+        progress(f"{self.desc}: {self.unit} {self.n}{of}{self._postfix}  [{elapsed}]")
+
+
+def progress_bar(
+    total: int | None,
+    *,
+    initial: int = 0,
+    desc: str = "",
+    unit: str = "batch",
+    disable: bool = False,
+    stream: TextIO | None = None,
+):
+    """tqdm's bar where a person watches (a terminal, a notebook); `LineProgress` anywhere else: a bar redrawn
+    ten times a second would write millions of redraws into a long job's log file. ``disable``: no progress."""
+    from tqdm.auto import tqdm  # not at import: the CLI's --help imports this module
+
+    stream = stream if stream is not None else sys.stderr
+    try:  # a Jupyter cell's stream is no tty but draws tqdm's widget
+        watched = type(stream).__module__.startswith("ipykernel") or stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        watched = False
+    if watched or disable:
+        return tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            leave=False,
+            dynamic_ncols=True,
+            file=stream,
+            disable=disable,
+        )
+    return LineProgress(total, initial=initial, desc=desc, unit=unit)

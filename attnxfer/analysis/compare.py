@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_name_of, stage_of
+from ..speak import progress_bar
 from ..transfer.plan import map_layers
 from .geometry import layer_geometry
 from .knn import evaluating
@@ -123,7 +123,7 @@ def compare_attention(
     if not subjects:
         raise InputError("compare_attention needs at least one student")
     comparison = _Comparison(teacher, subjects, _Settings(topk, noise, floor_images, probe_rows, chunk))
-    bar = tqdm(desc="inspect", unit="img", disable=not progress, leave=False)
+    bar = progress_bar(None, desc="inspect", unit="image", disable=not progress)
     with evaluating(teacher, *(s.model for s in subjects.values())), contextlib.closing(bar):
         for x in batches:
             x = x.to(comparison.device)

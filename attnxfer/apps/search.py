@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from tqdm import tqdm
 
 from ..checkpoints.resume_point import ResumePoint
 from ..checkpoints.run_lock import run_lock
@@ -43,7 +42,7 @@ from ..search import (
     pareto_front,
     run_search,
 )
-from ..speak import say
+from ..speak import progress_bar, say
 from ..train.runtime import resolve_device
 from .run.loaders import first_images
 from .run.parts import build_run_parts
@@ -393,15 +392,10 @@ def search(
         return SearchResult(str(run_dir), state, front, winner, command)
 
 
-def _progress_bar(cfg: TrainConfig, settings: SearchSettings, state: SearchState) -> tqdm:
+def _progress_bar(cfg: TrainConfig, settings: SearchSettings, state: SearchState) -> Any:
     """Candidates evaluated out of the search's whole plan (seeds, the first population, every child)."""
     expected = len(settings.seeds) + max(0, settings.population - len(settings.seeds))
     expected += settings.offspring * settings.generations
-    return tqdm(
-        total=expected,
-        initial=len(state.candidates),
-        desc="search",
-        unit="cand",
-        disable=not cfg.log.progress,
-        dynamic_ncols=True,
+    return progress_bar(
+        expected, initial=len(state.candidates), desc="search", unit="candidate", disable=not cfg.log.progress
     )

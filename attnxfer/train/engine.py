@@ -23,12 +23,12 @@ from ..checkpoints.store import MetricMode
 from ..data.label_free import split_batch
 from ..data.seeding import sample_seed
 from ..errors import InputError
-from ..speak import say
+from ..speak import progress_bar, say
 from ..transfer.step_loss import Loss
 from .checkpointing import Checkpointing, CheckpointPolicy
 from .drive import BatchPlace, Drive
 from .ema import StudentEMA
-from .metrics import MetricsLogger, progress_bar
+from .metrics import MetricsLogger
 from .objective import Objective, Pictures
 from .runtime import Runtime
 from .schedule import lr_at

@@ -1,27 +1,23 @@
 """Run metrics: ``metrics.jsonl`` (one JSON line per record) and the trackers' scalars, ``summary.csv`` (one
-row per epoch, timm's convention), pictures (PNG and TensorBoard), and the progress shown while an epoch runs.
+row per epoch, timm's convention), and pictures (PNG and TensorBoard).
 """
 
 from __future__ import annotations
 
 import csv
-import datetime
 import io
 import json
 import math
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from ..checkpoints.atomic_io import atomic_write_text
 from ..run_layout import METRICS
-from ..speak import progress
 from .trackers import TrackerSet
 
 #: the per-epoch table beside the checkpoints, as timm's train.py writes it
@@ -146,52 +142,3 @@ def read_summary(run_dir: str | Path) -> list[dict[str, Any]]:
             {k: int(v) if k == "epoch" else float(v) for k, v in r.items() if v not in ("", None)}
             for r in csv.DictReader(f)
         ]
-
-
-class LineProgress:
-    """Progress for a log file, in tqdm's calls: one plain line per log record (each `set_postfix`, as timm's
-    train.py logs) and at most one every ``every_s`` seconds between; no carriage returns."""
-
-    def __init__(
-        self,
-        total: int,
-        *,
-        initial: int = 0,
-        desc: str = "",
-        every_s: float = 60.0,
-    ):
-        self.total, self.n, self.desc = int(total), int(initial), desc
-        self.every_s = every_s
-        self._start = self._said = time.monotonic()
-        self._postfix = ""
-
-    def update(self, n: int = 1) -> None:
-        self.n += n
-        if time.monotonic() - self._said >= self.every_s:
-            self._say()
-
-    def set_postfix(self, **values: Any) -> None:
-        self._postfix = "".join(f"  {k} {v}" for k, v in values.items())
-        self._say()
-
-    def close(self) -> None:
-        pass
-
-    def _say(self) -> None:
-        self._said = time.monotonic()
-        elapsed = datetime.timedelta(seconds=round(self._said - self._start))
-        share = f" ({100 * self.n / self.total:3.0f}%)" if self.total else ""
-        progress(f"{self.desc}: batch {self.n}/{self.total}{share}{self._postfix}  [{elapsed}]")
-
-
-def progress_bar(total: int, *, initial: int = 0, desc: str = "", stream: TextIO | None = None):
-    """tqdm's bar where a person watches (a terminal, a notebook); `LineProgress` anywhere else: a bar redrawn
-    ten times a second would write millions of redraws into a long job's log file."""
-    stream = stream if stream is not None else sys.stderr
-    try:  # a Jupyter cell's stream is no tty but draws tqdm's widget
-        watched = type(stream).__module__.startswith("ipykernel") or stream.isatty()
-    except (AttributeError, ValueError):  # no isatty, or a closed stream
-        watched = False
-    if watched:
-        return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, file=stream)
-    return LineProgress(total, initial=initial, desc=desc)

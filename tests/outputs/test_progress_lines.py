@@ -14,8 +14,9 @@ import termios
 from pathlib import Path
 
 import pytest
+import torch
 
-from attnxfer.train.metrics import LineProgress, progress_bar
+from attnxfer.speak import LineProgress, progress_bar
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +90,23 @@ def test_between_records_a_line_comes_at_most_every_so_many_seconds(capsys):
         "chatty: batch 2/3",
         "chatty: batch 3/3",
     ]
+
+
+def test_inspect_and_search_write_plain_lines_to_a_file_too(tmp_path, capsys):
+    """Their progress goes the engine's way: a job's log gets lines, not a bar's redraws."""
+    from helpers import tiny_vit
+
+    from attnxfer.analysis import compare_attention
+    from attnxfer.analysis.compare import InspectedStudent
+
+    teacher = tiny_vit(depth=1)
+    compare_attention(teacher, {"s": InspectedStudent(teacher)}, [torch.randn(2, 3, 32, 32)], progress=True)
+    with progress_bar(5, desc="search", unit="candidate") as bar:  # how the search holds its bar
+        bar.every_s = 0
+        bar.update(2)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines()[-1].startswith("search: candidate 2/5 ( 40%)")
+    assert progress_bar(None, desc="inspect", unit="image").__class__ is LineProgress
 
 
 TRAIN = [
