@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from functools import partial
 
 from ...errors import InputError
 from ...speak import warn
@@ -50,6 +51,7 @@ def run(args) -> int:
         raise InputError("--vary names what a study's students differ in: use it with --command study")
     cfg = load_study(args) if args.job_command == "study" else load(args)
     from ...checkpoints.run_lock import refuse_other_work
+    from ...config import dump_config
     from ..slurm import JobFailedError, submit_from_args
 
     refuse_other_work(cfg.run_dir, args.job_command)  # here, not in a job that fails at once
@@ -59,7 +61,9 @@ def run(args) -> int:
         target = CONVERT_STUDY
     module, name = target.split(":")
     try:
-        submit_from_args(getattr(importlib.import_module(module), name), cfg, args)
+        # a run's config as its command reads it (train's without convert's, mae's and search's sections)
+        describe = str if args.job_command == "study" else partial(dump_config, command=args.job_command)
+        submit_from_args(getattr(importlib.import_module(module), name), cfg, args, describe)
     except JobFailedError as e:  # the job's failure, in one line; the traceback is in the log it names
         warn(f"attnxfer submit: error: {e.summary()}")
         return 1

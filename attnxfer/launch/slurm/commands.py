@@ -23,12 +23,17 @@ def options_from_args(ns: argparse.Namespace) -> SlurmOptions:
 
 
 def submit_from_args(
-    main_fn: Callable[[Any], Any], cfg: RunConfig, ns: argparse.Namespace
+    main_fn: Callable[[Any], Any],
+    cfg: RunConfig,
+    ns: argparse.Namespace,
+    describe: Callable[[RunConfig], str] = str,
 ) -> list[submitit.Job]:
-    """``attnxfer submit`` in one call: options, sweep, dry run and ``--wait`` from parsed flags. A job that
-    fails under ``--wait`` raises `JobFailedError`, which says where its run can resume from."""
+    """``attnxfer submit`` in one call: options, sweep, dry run (its configs as ``describe`` writes them) and
+    ``--wait`` from parsed flags. A job that fails under ``--wait`` raises `JobFailedError`, which says where
+    its run can resume from."""
     sweep = parse_sweep(getattr(ns, "sweep", None))
-    jobs = submit(main_fn, cfg, options_from_args(ns), sweep=sweep, dry_run=getattr(ns, "dry_run", False))
+    dry_run = getattr(ns, "dry_run", False)
+    jobs = submit(main_fn, cfg, options_from_args(ns), sweep=sweep, dry_run=dry_run, describe=describe)
     if jobs and getattr(ns, "wait", False):
         try:
             wait(jobs)

@@ -86,8 +86,10 @@ def render_dry_run(
     cfg: RunConfig,
     opts: SlurmOptions,
     sweep: Mapping[str, Sequence[Any]] | None = None,
+    describe: Callable[[RunConfig], str] = str,
 ) -> str:
-    """What ``submit(..., dry_run=True)`` prints: the sbatch script and every resolved config."""
+    """What ``submit(..., dry_run=True)`` prints: the sbatch script and every resolved config, as ``describe``
+    writes it (the sections its command reads)."""
     points = sweep_points(cfg, sweep)
     job_dir = default_job_dir(cfg, opts)
     lines = [
@@ -102,7 +104,7 @@ def render_dry_run(
         lines.append(f"# runs on this machine through submitit's {opts.cluster} executor (no sbatch script)")
     for i, point in enumerate(points):
         head = f"# resolved config{f' {i}: ' + str(point.overrides) if point.overrides else ''}"
-        lines += [head, f"# run dir: {point.run_dir}", str(point.cfg)]
+        lines += [head, f"# run dir: {point.run_dir}", describe(point.cfg)]
     return "\n".join(lines) + "\n"
 
 
@@ -112,12 +114,13 @@ def submit(
     opts: SlurmOptions,
     sweep: Mapping[str, Sequence[Any]] | None = None,
     dry_run: bool = False,
+    describe: Callable[[RunConfig], str] = str,
 ) -> list[submitit.Job]:
     """Submit ``main_fn(cfg)`` (one job, or a job array over the sweep); ``[]`` on a dry run, which prints
-    the sbatch script and configs instead."""
+    the sbatch script and configs (as ``describe`` writes them) instead."""
     points = sweep_points(cfg, sweep)
     if dry_run:
-        say(render_dry_run(cfg, opts, sweep))
+        say(render_dry_run(cfg, opts, sweep, describe))
         return []
     job_dir = default_job_dir(cfg, opts)
     executor = build_executor(opts, job_dir)

@@ -124,3 +124,17 @@ def test_a_valid_dry_run_keeps_every_option_in_the_script_header(capsys, tmp_pat
     assert len(commands) == 2 and commands[0] == "export SUBMITIT_EXECUTOR=slurm", commands
     assert commands[1].startswith("srun ")
     assert "2 node(s) x 3 task(s)" in out  # the summary says what the script asks for
+
+
+@pytest.mark.parametrize(
+    "command, shown, hidden",
+    [("train", [], ["convert", "mae", "search"]), ("convert", ["convert"], ["mae", "search"])],
+)
+def test_a_dry_run_shows_the_config_its_command_reads(capsys, tmp_path, command, shown, hidden):
+    """As --print-config and the run's config.yaml do: another command's sections are not part of this job."""
+    code, out, err = _dry_run(capsys, tmp_path, "--command", command)
+    assert code == 0, err
+    config = out.split("# resolved config")[1]
+    sections = {line[:-1] for line in config.splitlines() if line.endswith(":") and not line.startswith(" ")}
+    assert {"model", "transfer", "data"} <= sections
+    assert set(shown) <= sections and not sections & set(hidden), sections
