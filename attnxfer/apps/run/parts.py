@@ -233,18 +233,10 @@ def build_run_parts(
     std = d.std or (record or {}).get("std") or info.std
     if shared is not None:
         return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
-    # what the images are made as, and by whose choice: a 1-channel teacher turns RGB folders grey
-    made_for = (
-        "data.img_size/in_chans" if d.img_size or d.in_chans else "the teacher" if teacher else "the student"
-    )
-    normalised_by = (
-        "data.mean/std"
-        if d.mean
-        else "the teacher's mean/std"
-        if (record or {}).get("mean")
-        else "the dataset's mean/std"
-    )
-    parts = parts_around(
+    # the images are made for the teacher unless the config says otherwise: a 1-channel teacher turns RGB grey
+    made_for = "the teacher" if teacher else "the student"
+    normalised_by = "the teacher's" if (record or {}).get("mean") else "the dataset's"
+    return parts_around(
         cfg,
         info,
         student,
@@ -257,20 +249,8 @@ def build_run_parts(
         num_classes=num_classes,
         rank=rank,
         world_size=world_size,
+        chosen_by=(made_for, normalised_by),
     )
-    say(
-        f"data: {d.dataset}{f' ({d.root})' if d.root else ''}, {_count(parts.train_loader)} train / "
-        f"{_count(parts.val_loader)} val images{f', {num_classes} classes' if num_classes else ''}; made "
-        f"{in_chans}-channel {img_size} px for {made_for}, normalised by {normalised_by}"
-    )
-    return parts
-
-
-def _count(loader: Any) -> str:
-    try:
-        return f"{len(loader.dataset):,}"
-    except TypeError:  # a stream
-        return "streamed"
 
 
 def parts_around(
@@ -287,8 +267,11 @@ def parts_around(
     num_classes: int,
     rank: int,
     world_size: int,
+    chosen_by: tuple[str, str] = ("the student", "the dataset's"),
 ) -> RunParts:
-    """A run's parts around its student: its input config stamped, the loaders at its size and normalisation."""
+    """A run's parts around its student: its input config stamped, the loaders at its size and normalisation,
+    which it says in a line (``chosen_by``: whose input the images are made for and whose mean/std normalise
+    them, where the config sets neither)."""
     loaders = build_loaders(
         cfg.data,
         cfg.aug,
@@ -303,6 +286,13 @@ def parts_around(
     )
     preprocessing = loaders.val_info.eval_preprocessing() if loaders.val_info is not None else {}
     stamp_input_cfg(student, mean, std, in_chans, img_size, preprocessing)
+    d, (made_for, normalised_by) = cfg.data, chosen_by
+    say(
+        f"data: {d.dataset}{f' ({d.root})' if d.root else ''}, {_count(loaders.train_loader)} train / "
+        f"{_count(loaders.val_loader)} val images{f', {num_classes} classes' if num_classes else ''}; made "
+        f"{in_chans}-channel {img_size} px for {'data.img_size/in_chans' if d.img_size or d.in_chans else made_for}"
+        f", normalised by {'data.mean/std' if d.mean else normalised_by + ' mean/std'}"
+    )
     return RunParts(
         student=student,
         teacher=teacher,
@@ -319,6 +309,13 @@ def parts_around(
         in_chans=in_chans,
         preprocessing=preprocessing,
     )
+
+
+def _count(loader: Any) -> str:
+    try:
+        return f"{len(loader.dataset):,}"
+    except TypeError:  # a stream
+        return "streamed"
 
 
 def _around_shared(

@@ -183,6 +183,7 @@ def build_pretrain_engine(
         num_classes=num_classes_of(cfg, info),
         rank=runtime.rank,
         world_size=runtime.world,
+        chosen_by=(cfg.model.name, "the dataset's"),
     )
     data = data_identity(parts.train_loader.dataset)
     if not scoring and not check_same_data(point, data, cfg):
