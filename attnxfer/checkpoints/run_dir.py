@@ -26,6 +26,7 @@ from ..run_layout import (
     STATE_NAME,
     STUDY_RECORD,
 )
+from ..sources.load_errors import missing_path
 from ..sources.teacher import drop_unused_entries
 from ..speak import debug, warn
 from .store import (
@@ -180,15 +181,30 @@ class RunDir:
     def record(self) -> dict[str, Any]:
         """run.json, refusing a folder that is not a run's."""
         if not self.path.is_dir():
-            raise MissingPathError(
-                f"run dir {str(self.path)!r} does not exist; give the run_dir of a training run"
-            )
+            raise MissingPathError(f"run dir {missing_path(self.path)}; give the run_dir of a training run")
         if self.is_conversion():
             raise MissingPathError(
                 f"{self.path} is a conversion's run folder: its final student is the training run in "
                 f"{self.path / STAGE_DIRS[-1]} (`attnxfer export {self.path} OUT` exports it)"
             )
         if not self.record_file.is_file():
+            # what the folder is instead: a model already exported, or a folder of runs (runs/demo)
+            if all((self.path / f).is_file() for f in ("config.json", MODEL_WEIGHTS)):
+                raise MissingPathError(
+                    f"{self.path} is an exported model, not a run's dir: it loads as local-dir:{self.path}"
+                )
+            inside = sorted(
+                d.name + "/"
+                for d in self.path.iterdir()
+                if (d / RUN_RECORD).is_file()
+                or d.joinpath(STUDY_RECORD).is_file()
+                or RunDir(d).is_conversion()
+            )
+            if inside:
+                raise MissingPathError(
+                    f"{self.path} is not a run's dir but holds runs ({', '.join(inside[:8])}"
+                    f"{', ...' if len(inside) > 8 else ''}): give one of them, e.g. {self.path / inside[0]}"
+                )
             raise MissingPathError(
                 f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"
             )

@@ -373,3 +373,19 @@ def test_after_a_multi_rank_run_the_program_ends_with_its_code_and_its_outputs_b
     )
     assert one.returncode == 3 and "interpreter finalization ran" in one.stdout
     assert (one_dir / "atexit.txt").read_text() == "ran"
+
+
+def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, exported, tmp_path, capsys):
+    """A folder of runs (the demo's runs/demo), an export, a path that is not there: each answer points to
+    what to give instead, and nothing is written."""
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "a").symlink_to(trained)
+    cases = {
+        tmp_path / "runs": f"holds runs (a/): give one of them, e.g. {tmp_path / 'runs' / 'a'}",
+        exported: f"is an exported model, not a run's dir: it loads as local-dir:{exported}",
+        tmp_path / "runs" / "b": f"does not exist ({tmp_path / 'runs'} holds: a/)",
+    }
+    for given, says in cases.items():
+        code, _, err = run_cli(capsys, "export", str(given), str(tmp_path / "out"))
+        assert code == 2 and says in err, err
+    assert not (tmp_path / "out").exists()
