@@ -255,6 +255,26 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
 
 
 @pytest.mark.slow
+def test_auto_takes_candidates_with_nothing_new_to_fit_and_options_only_some_take(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """stage1_train=new (the default) with relu_linear, which has no new parameters, among the candidates, and
+    hedgehog's feature_dim: relu_linear is measured as swapped in, and the option goes where hedgehog goes."""
+    run = tmp_path / "run"
+    extra = ["convert.stage1_train=new", "convert.candidates=[relu_linear,hedgehog]"]
+    extra += ["convert.attention_kwargs={feature_dim: 8}", "convert.speedup=1.1", "convert.speed_tokens=1025"]
+    assert cli.main(_args(run, tiny_teacher_dir, "convert.selection_steps=2", *extra)) == 0
+    out = capsys.readouterr().out
+    assert "relu_linear has nothing to fit under convert.stage1_train=new" in out
+    names = json.loads((run / SELECTION_FILE).read_text())["attention"]
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["convert"]
+    assert recorded["attention"] == names
+    assert recorded["attention_kwargs"] == ({"feature_dim": 8} if "hedgehog" in names else {})
+    if "hedgehog" not in names:  # nothing to fit in the chosen student either: stage 1 skipped, said
+        assert "stage 1 is skipped" in out and recorded["stage1_steps"] == 0
+
+
+@pytest.mark.slow
 def test_a_convert_study_of_budgets_measures_once_and_records_each_choice(tmp_path, tiny_teacher_dir, capsys):
     spec = tmp_path / "study.yaml"
     spec.write_text(

@@ -247,7 +247,11 @@ def build_conversion(
     labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
     if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen
         student_fn = (
-            _student_builder(apply_overrides(cfg, {"convert.attention": "softmax"}), labelled, stand_in=True)
+            _student_builder(
+                apply_overrides(cfg, {"convert.attention": "softmax", "convert.attention_kwargs": {}}),
+                labelled,
+                stand_in=True,
+            )
             if auto
             else _student_builder(cfg, labelled)
         )
@@ -273,6 +277,17 @@ def build_conversion(
         student = _student_builder(cfg, labelled)(parts.teacher, parts.num_classes)
         stamp_input_cfg(student, parts.mean, parts.std, parts.in_chans, parts.img_size)
         parts = replace(parts, student=student, student_spec=student_spec(student))
+        unfitted = apply_overrides(cfg, {"convert.stage1_steps": 0})
+        if (
+            cfg.convert.stage1_steps
+            and not conversion_plan_from_config(unfitted, parts.teacher, student).active
+        ):
+            # as the choice measured them: swapped in, as a stage 1 with nothing to train leaves them
+            speak.say(
+                f"{prefix}convert.attention=auto: the chosen attentions have nothing to fit under "
+                f"convert.stage1_train={cfg.convert.stage1_train}: stage 1 is skipped (new+qk fits every one)"
+            )
+            cfg = unfitted
     stage2 = stage2_objective(cfg, parts.teacher, labelled)
     student_head(cfg, parts.teacher, stage2, parts.num_classes)  # a task loss without a head stops here
     if stage2.task_weight > 0 and not getattr(parts.student, "num_classes", 0):

@@ -140,7 +140,12 @@ def choose_attentions(
         f"teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x), summed {record['metric']} "
         f"{record['total_sensitivity']:.3g}"
     )
-    return apply_overrides(cfg, {"convert.attention": record["attention"]}), record
+    # the options of attentions that were not chosen (hedgehog's feature_dim where no block got hedgehog) go
+    chosen = set(record["attention"])
+    kwargs = {k: v for k, v in cfg.convert.attention_kwargs.items() if any(_accepts(n, k) for n in chosen)}
+    return apply_overrides(
+        cfg, {"convert.attention": record["attention"], "convert.attention_kwargs": kwargs}
+    ), record
 
 
 def _recorded(cfg: TrainConfig, path: Path, prefix: str) -> dict[str, Any] | None:
@@ -264,8 +269,11 @@ def _measured_sensitivities(
         torch.manual_seed(cfg.seed)
         fit_cfg = apply_overrides(cfg, {"convert.attention": name, "convert.stage1_steps": steps})
         student = build_efficient_student(parts.teacher, name, **_options(cfg, name)).to(device)
-        plan = plan_for(fit_cfg, student)
-        if not plan.active:
+        # what stage 1 would train in it (a plan of steps with nothing to train is refused: the run's own)
+        plan = plan_for(apply_overrides(fit_cfg, {"convert.stage1_steps": 0}), student)
+        if plan.active:
+            plan = plan_for(fit_cfg, student)
+        else:
             say(
                 f"{prefix}convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
                 "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
@@ -283,9 +291,10 @@ def _measured_sensitivities(
                     log_every=steps,
                 )
             fitted[name] = student.eval()
-            say(
-                f"{prefix}convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
-            )
+            if plan.active:
+                say(
+                    f"{prefix}convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
+                )
         except NonFiniteLossError as e:
             failed[name] = str(e)
             say(f"{prefix}convert.attention=auto: {name} left out (its fit diverged: {e})")
