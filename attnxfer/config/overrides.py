@@ -161,10 +161,10 @@ _SCRIPT_NAMES = {
 def keys_meant(key: str, root: type, prefix: str = "", cutoff: float = 0.5) -> list[str]:
     """The config keys a user most likely meant by an unknown ``prefix + key``: the key a timm or MAE script
     calls so (``output_dir`` -> run_dir), else those under ``prefix`` that it begins (``transfer.atd`` ->
-    transfer.atd_weight), else the keys anywhere it names the last part of (``epochs`` -> schedule.epochs),
-    else the nearest spelling under ``prefix``, else anywhere (``cutoff``: how near, 0 to 1)."""
+    transfer.atd_weight), else the keys anywhere whose last part it is or begins (``epochs`` -> schedule.epochs),
+    else the nearest spelling (``cutoff``: how near, 0 to 1), a near one under ``prefix`` before one anywhere."""
     last = key.rsplit(".", 1)[-1]
-    if last in _SCRIPT_NAMES:
+    if last in _SCRIPT_NAMES and _SCRIPT_NAMES[last].startswith(prefix):  # data.data_path; not teacher.model
         return [_SCRIPT_NAMES[last]]
     here = [f"{prefix}{name}" for name in field_types(_section_type(root, prefix))]
     anywhere = [leaf.name for leaf in leaves(root)]
@@ -172,11 +172,17 @@ def keys_meant(key: str, root: type, prefix: str = "", cutoff: float = 0.5) -> l
     if begun:
         return begun[:3]
     named = [name for name in anywhere if name.rsplit(".", 1)[-1] == last]
+    named = named or [name for name in anywhere if name.rsplit(".", 1)[-1].startswith(last)][:3]
     if named:
         return named
-    close = difflib.get_close_matches(prefix + key, here, n=1, cutoff=cutoff)
+    # a near spelling here, then anywhere (epoch -> schedule.epochs), then a loose one here (bogus -> log)
+    near = max(cutoff, 0.75)
     by_last = {name.rsplit(".", 1)[-1]: name for name in reversed(anywhere)}
-    return close or [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=cutoff)]
+    return (
+        difflib.get_close_matches(prefix + key, here, n=1, cutoff=near)
+        or [by_last[c] for c in difflib.get_close_matches(last, list(by_last), n=1, cutoff=near)]
+        or difflib.get_close_matches(prefix + key, here, n=1, cutoff=cutoff)
+    )
 
 
 def _section_type(root: type, prefix: str) -> type:
