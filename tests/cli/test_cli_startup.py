@@ -28,6 +28,9 @@ CASES = [
         "attnxfer takes config values as key=value: schedule.epochs=3 optim.lr=1e-3 run_dir=runs/x",
     ),
     (["train", "epochs=3"], 2, "unknown config key 'epochs'; did you mean 'schedule.epochs'?"),
+    (["train", "epoch=3"], 2, "unknown config key 'epoch'; did you mean 'schedule.epochs'?"),
+    (["train", "warmup=1"], 2, "unknown config key 'warmup'; did you mean 'schedule.warmup_epochs'?"),
+    (["train", "badkey=1"], 2, "unknown config key 'badkey' (valid under the top level:"),  # no far guess
     (
         ["train", "transfer.atd=1"],
         2,
