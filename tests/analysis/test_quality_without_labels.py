@@ -232,6 +232,7 @@ def test_eval_prints_feature_agreement_and_knn_that_a_brute_force_recomputation_
     out = capsys.readouterr().out
     result = json.loads(next(run.glob("eval-*.json")).read_text())["metrics"]
     assert "knn_top1 (%) [95% Wilson interval, 40 images, k=5, T=0.5]" in out and "knn_share" in out
+    assert "\nknn_count: 40\nknn_k: 5\n" in out  # counts as the whole numbers they are
 
     student = RunDir(run).load_student("latest", "raw").model.eval()
     teacher, _ = load_teacher(f"local-dir:{tiny_teacher_dir}")

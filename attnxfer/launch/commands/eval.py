@@ -32,8 +32,8 @@ def run(args) -> int:
         result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
     else:
         result = evaluate_run(cfg)
-    for k, v in result.metrics.items():
-        say(f"{k}: {v:.4f}")
+    for k, v in result.metrics.items():  # counts and k as the whole numbers they are
+        say(f"{k}: {v:.0f}" if k.endswith(("_count", "_k")) else f"{k}: {v:.4f}")
     m = result.metrics
     knn = f", k={m.get('knn_k', 0):.0f}, T={m.get('knn_temperature', 0):g}"
     for who in ("val", "ema_val", "knn_teacher", "knn"):  # knn: k-NN top-1 of the embeddings
