@@ -27,7 +27,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         "--teacher-steps", type=_positive_int, default=None, help="optimiser steps for the teacher"
     )
     p.add_argument(
-        "--quick", action="store_true", help="a smoke version (tiny budgets: a few minutes on 2 CPU cores)"
+        "--quick", action="store_true", help="a smoke version (tiny budgets: about a minute on 2 CPU cores)"
     )
     p.add_argument(
         "--seeds",
