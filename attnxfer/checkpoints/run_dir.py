@@ -188,11 +188,16 @@ class RunDir:
                 f"{self.path / STAGE_DIRS[-1]} (`attnxfer export {self.path} OUT` exports it)"
             )
         if not self.record_file.is_file():
-            # what the folder is instead: a model already exported, or a folder of runs (runs/demo)
-            if all((self.path / f).is_file() for f in ("config.json", MODEL_WEIGHTS)):
-                raise MissingPathError(
-                    f"{self.path} is an exported model, not a run's dir: it loads as local-dir:{self.path}"
-                )
+            # what the folder is instead: a model already exported (or one inside: the demo's runs/demo/mae),
+            # or a folder of runs (runs/demo)
+            for model in (self.path, *sorted(self.path.iterdir())):
+                if all((model / f).is_file() for f in ("config.json", MODEL_WEIGHTS)):
+                    raise MissingPathError(
+                        f"{self.path} is an exported model, not a run's dir: it loads as local-dir:{model}"
+                        if model == self.path
+                        else f"{self.path} is not a run's dir; it holds an exported model, {model}, which loads as "
+                        f"local-dir:{model}"
+                    )
             inside = sorted(
                 d.name + "/"
                 for d in self.path.iterdir()

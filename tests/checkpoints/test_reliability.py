@@ -383,6 +383,7 @@ def test_export_given_a_folder_that_is_not_a_run_says_what_it_is(trained, export
     cases = {
         tmp_path / "runs": f"holds runs (a/): give one of them, e.g. {tmp_path / 'runs' / 'a'}",
         exported: f"is an exported model, not a run's dir: it loads as local-dir:{exported}",
+        exported.parent: f"it holds an exported model, {exported}, which loads as local-dir:{exported}",
         tmp_path / "runs" / "b": f"does not exist ({tmp_path / 'runs'} holds: a/)",
     }
     for given, says in cases.items():
