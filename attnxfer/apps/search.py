@@ -276,8 +276,10 @@ _CARRIED = (
     "data.in_chans",
     "data.mean",
     "data.std",
+    "data.kwargs",
+    "data.labels",
+    "data.seed",
 )
-_CARRIED += ("data.kwargs", "data.labels", "data.seed")
 
 
 def winner_command(cfg: TrainConfig, formula: str) -> str:

@@ -124,8 +124,9 @@ def load_model(
     role: str = "student",
 ) -> LoadedModel:
     """Any spec as a model to inspect (a RUN_DIR, an `attnxfer export` folder, any teacher spec), named by its
-    ``role`` when it is none of them; ``teacher`` is needed for copy-mode runs. ``img_size``: teachers are rebuilt at that size as their family says; a
-    trained student keeps the size it was trained at, and another is refused."""
+    ``role`` when it is none of them; ``teacher`` is needed for copy-mode runs. ``img_size``: teachers are
+    rebuilt at that size as their family says; a trained student keeps the size it was trained at, and
+    another is refused."""
     spec = str(spec)
     run = _run_of(spec)
     if run is not None:
