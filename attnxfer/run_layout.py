@@ -1,8 +1,11 @@
 """The names of what attnxfer writes into a run directory, in one table: at the bottom of the layers because
-the config loader must recognise a run's own ``config.yaml``. Nothing else spells these file names.
+the config loader must recognise a run's own ``config.yaml`` (and an exported model's folder, given where a
+config or a run is expected). Nothing else spells these file names.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 #: what was trained, from what (the student spec, the teacher record, the plan, how it ran)
 RUN_RECORD = "run.json"
@@ -29,6 +32,14 @@ STAGE_DIRS = ("stage1", "stage2")
 SEARCH_CANDIDATES = "candidates.jsonl"
 #: what attnxfer writes into a run dir besides config.yaml (train/pretrain, convert, search, a held lock)
 RUN_DIR_MARKERS = (RUN_RECORD, CHECKPOINTS_SUBDIR, *STAGE_DIRS, STATE_NAME, LOCK_NAME, STUDY_RECORD)
+#: an exported model's files in timm's Hub layout (`attnxfer export`'s, a teacher's local-dir)
+EXPORTED_MODEL = ("config.json", MODEL_WEIGHTS)
+
+
+def is_exported_model(folder: Path) -> bool:
+    """Whether ``folder`` holds a model in timm's Hub layout: a model, not a run or a config."""
+    return all((folder / name).is_file() for name in EXPORTED_MODEL)
+
 
 #: where `attnxfer demo` writes by default (``--out``), and where it leaves each teacher's export (real files,
 #: replaced whole when the teacher changes) beside its hashed run folders ``<key>-<hash>``: the paths the demo

@@ -21,10 +21,12 @@ from ..run_layout import (
     METRICS,
     MODEL_WEIGHTS,
     RUN_CONFIG,
+    RUN_DIR_MARKERS,
     RUN_RECORD,
     STAGE_DIRS,
     STATE_NAME,
     STUDY_RECORD,
+    is_exported_model,
 )
 from ..sources.load_errors import missing_path
 from ..sources.teacher import drop_unused_entries
@@ -190,25 +192,20 @@ class RunDir:
         if not self.record_file.is_file():
             # what the folder is instead: a model already exported (or one inside: the demo's runs/demo/mae),
             # or a folder of runs (runs/demo)
-            for model in (self.path, *sorted(self.path.iterdir())):
-                if all((model / f).is_file() for f in ("config.json", MODEL_WEIGHTS)):
+            inside = sorted(self.path.iterdir())
+            for model in (self.path, *inside):
+                if is_exported_model(model):
                     raise MissingPathError(
                         f"{self.path} is an exported model, not a run's dir: it loads as local-dir:{model}"
                         if model == self.path
                         else f"{self.path} is not a run's dir; it holds an exported model, {model}, which loads as "
                         f"local-dir:{model}"
                     )
-            inside = sorted(
-                d.name + "/"
-                for d in self.path.iterdir()
-                if (d / RUN_RECORD).is_file()
-                or d.joinpath(STUDY_RECORD).is_file()
-                or RunDir(d).is_conversion()
-            )
-            if inside:
+            runs = [d.name + "/" for d in inside if any((d / m).exists() for m in RUN_DIR_MARKERS)]
+            if runs:
                 raise MissingPathError(
-                    f"{self.path} is not a run's dir but holds runs ({', '.join(inside[:8])}"
-                    f"{', ...' if len(inside) > 8 else ''}): give one of them, e.g. {self.path / inside[0]}"
+                    f"{self.path} is not a run's dir but holds runs ({', '.join(runs[:8])}"
+                    f"{', ...' if len(runs) > 8 else ''}): give one of them, e.g. {self.path / runs[0]}"
                 )
             raise MissingPathError(
                 f"{self.path} has no {RUN_RECORD}: not a training run's dir (or its run never got past the start)"

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..run_layout import MODEL_WEIGHTS, RUN_CONFIG, RUN_DIR_MARKERS, STUDY_RECORD
+from ..run_layout import EXPORTED_MODEL, RUN_CONFIG, RUN_DIR_MARKERS, STUDY_RECORD, is_exported_model
 from .overrides import ConfigError, apply_overrides, merge_values, parse_overrides, validate_config
 from .schema import TrainConfig
 from .strict_yaml import YAMLError, describe_yaml_error, load_yaml
@@ -65,9 +65,7 @@ def _student_configs(folder: Path) -> str | None:
 def _refuse_export(p: Path) -> None:
     """An export folder (or its config.json, timm's) is a model, not a config: say which config to give."""
     folder = p if p.is_dir() else p.parent
-    if (p.is_dir() or p.name == "config.json") and all(
-        (folder / name).is_file() for name in ("config.json", MODEL_WEIGHTS)
-    ):
+    if (p.is_dir() or p.name == EXPORTED_MODEL[0]) and is_exported_model(folder):
         raise ConfigError(
             f"{folder} holds an exported model (its config.json is timm's, not a run's): give the config of the "
             f"run it was exported from, -c RUN_DIR/{RUN_CONFIG} (as a teacher: teacher.spec=local-dir:{folder})"
