@@ -9,6 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 slurm_log=$(mktemp "${TMPDIR:-/tmp}/attnxfer-slurm-lane.XXXXXX")
+trap 'rm -f "$slurm_log"' EXIT # printed below; not left in /tmp
 "$py" -m pytest -q -p no:cacheprovider -m slurm "$@" >"$slurm_log" 2>&1 &
 slurm_pid=$!
 OMP_NUM_THREADS=1 "$py" -m pytest -q -n 2 --dist loadfile -m "not slurm" "$@"

@@ -361,3 +361,6 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     build_run_parts(load_config(None, [*base, "data.img_size=16", "data.in_chans=1", "data.mean=[0.5]"]))
     out = capsys.readouterr().out
     assert "made 1-channel 16 px for data.img_size/in_chans, normalised by data.mean/std" in out
+    # a report scoring runs after they trained (the demo's, a study's) does not say it again
+    build_run_parts(load_config(None, base), quiet=True)
+    assert "data:" not in capsys.readouterr().out

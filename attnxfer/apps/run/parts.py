@@ -184,10 +184,12 @@ def build_run_parts(
     *,
     labels: bool | None = None,
     shared: RunParts | None = None,
+    quiet: bool = False,
 ) -> RunParts:
     """Teacher, student and data for ``cfg``. ``student_fn(teacher, num_classes)`` replaces the config's
     student; ``labels``: whether the loaders hand out labels (default: where the data has them and the task
-    loss uses them); ``shared``: another run's teacher and loaders (a study's), only the student built here."""
+    loss uses them); ``shared``: another run's teacher and loaders (a study's), only the student built here;
+    ``quiet``: the data line unsaid (a report scoring runs that said it when they trained)."""
     if labels is None:  # without a task loss (task_weight 0; null is 1) a run reads its images alone
         labels = cfg.transfer.task_weight is None or cfg.transfer.task_weight > 0
     if cfg.data.labels and not labels:  # the run reads its images alone
@@ -249,7 +251,7 @@ def build_run_parts(
         num_classes=num_classes,
         rank=rank,
         world_size=world_size,
-        chosen_by=(made_for, normalised_by),
+        chosen_by=None if quiet else (made_for, normalised_by),
     )
 
 
@@ -267,11 +269,11 @@ def parts_around(
     num_classes: int,
     rank: int,
     world_size: int,
-    chosen_by: tuple[str, str] = ("the student", "the dataset's"),
+    chosen_by: tuple[str, str] | None = ("the student", "the dataset's"),
 ) -> RunParts:
     """A run's parts around its student: its input config stamped, the loaders at its size and normalisation,
     which it says in a line (``chosen_by``: whose input the images are made for and whose mean/std normalise
-    them, where the config sets neither)."""
+    them, where the config sets neither; None: no line)."""
     loaders = build_loaders(
         cfg.data,
         cfg.aug,
@@ -286,13 +288,15 @@ def parts_around(
     )
     preprocessing = loaders.val_info.eval_preprocessing() if loaders.val_info is not None else {}
     stamp_input_cfg(student, mean, std, in_chans, img_size, preprocessing)
-    d, (made_for, normalised_by) = cfg.data, chosen_by
-    say(
-        f"data: {d.dataset}{f' ({d.root})' if d.root else ''}, {_count(loaders.train_loader)} train / "
-        f"{_count(loaders.val_loader)} val images{f', {num_classes} classes' if num_classes else ''}; made "
-        f"{in_chans}-channel {img_size} px for {'data.img_size/in_chans' if d.img_size or d.in_chans else made_for}"
-        f", normalised by {'data.mean/std' if d.mean else normalised_by + ' mean/std'}"
-    )
+    if chosen_by is not None:
+        d, (made_for, normalised_by) = cfg.data, chosen_by
+        say(
+            f"data: {d.dataset}{f' ({d.root})' if d.root else ''}, {_count(loaders.train_loader)} train / "
+            f"{_count(loaders.val_loader)} val images{f', {num_classes} classes' if num_classes else ''}; made "
+            f"{in_chans}-channel {img_size} px for "
+            f"{'data.img_size/in_chans' if d.img_size or d.in_chans else made_for}"
+            f", normalised by {'data.mean/std' if d.mean else normalised_by + ' mean/std'}"
+        )
     return RunParts(
         student=student,
         teacher=teacher,

@@ -157,7 +157,7 @@ class _Scoring:
         labelled = dataset_info(cfg.data.dataset, root=cfg.data.root).has_labels
         if labelled and not cfg.data.labels:  # trained without reading them; scored with them
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=True))
-        parts = build_run_parts(cfg, labels=labelled)
+        parts = build_run_parts(cfg, labels=labelled, quiet=True)
         teacher = None
         if parts.teacher is not None:
             rec = parts.teacher_record or {}

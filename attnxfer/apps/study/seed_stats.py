@@ -34,7 +34,7 @@ def per_image_correct(cfg: TrainConfig, digest: str | None = None) -> np.ndarray
     info = CheckpointManager(run_dir).latest()
     if info is None:
         raise MissingPathError(f"{run_dir} has no checkpoint to score")
-    parts = build_run_parts(cfg)
+    parts = build_run_parts(cfg, quiet=True)
     tensors, _ = CheckpointManager(run_dir).load(info)
     parts.student.load_state_dict(tensors["model"])
     correct = student_correct(cfg, parts, resolve_device(cfg.device))
