@@ -261,9 +261,9 @@ class Engine:
         self.metrics.close()
         raise stop
 
-    def resume(self) -> None:
+    def resume(self, scoring: bool = False) -> None:
         """Restore the checkpoint the policy picks (`Checkpointing.resume`) and the loop's counters from it;
-        a fresh start clears the metrics an earlier attempt left."""
+        a fresh start clears the metrics an earlier attempt left. ``scoring``: read to be scored, not resumed."""
         resumed = self.checkpointing.resume()
         if resumed is None:
             self.metrics.truncate_after(0)  # a fresh start: records of an earlier attempt would repeat
@@ -281,7 +281,12 @@ class Engine:
         if self.is_main and not self.finished:  # a finished run's records stay as they are
             self.metrics.truncate_after(self.step)
             self.metrics.truncate_summary(self.epoch)  # rows of epochs the checkpoint had not finished
-        say(f"resumed from {self.last_ckpt} (step {self.step}, epoch {self.epoch}, position {self.position})")
+        if scoring:
+            say(f"scoring {self.last_ckpt}")
+        else:
+            say(
+                f"resumed from {self.last_ckpt} (step {self.step}, epoch {self.epoch}, position {self.position})"
+            )
 
     def _summary_row(self, final: dict[str, float]) -> dict[str, float]:
         """summary.csv's row: the epoch's mean training loss, the evaluation (timm's ``eval_`` names), lr."""
@@ -310,7 +315,7 @@ class Engine:
         """Load the checkpoint to evaluate (newest, or ``checkpoint.resume=PATH``) and score it; writes nothing."""
         self.checkpointing.require_checkpoint()
         self.metrics.enabled = False  # resume must not touch the run's metrics
-        self.resume()
+        self.resume(scoring=True)
         return self._evaluate_all()
 
     def run(self) -> TrainResult:

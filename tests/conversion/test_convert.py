@@ -406,7 +406,12 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert main(["inspect", f"local-dir:{tiny_teacher_dir}", str(run), *flags]) == 0
     assert list(json.loads((tmp_path / "insp" / "metrics.json").read_text())["students"]) == ["run"]
     assert main(["eval", "-c", str(run / "config.yaml")]) == 0  # and so does eval
-    assert f"{run} is a conversion; evaluating its final student" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"{run} is a conversion; evaluating its final student" in said
+    # it scores the checkpoint (not "resumed from"), the student its convert section names (no "not the config's")
+    assert (
+        "scoring checkpoint step 2" in said and "resumed from" not in said and "not the config's" not in said
+    )
     assert [p.name for p in (run / "stage2").glob("eval-*.json")] == ["eval-00000002.json"]
     # a training run of its own in the folder would stand for its final student: refused, nothing written
     before = sorted(p.relative_to(run) for p in run.rglob("*"))

@@ -329,9 +329,12 @@ def build_engine(
     if point is not None and (
         recorded := student_as_trained(cfg.run_dir, parts.student_spec, scoring=scoring)
     ):
-        say(
-            f"eval: scoring the student run.json records ({recorded.get('attention')} attention), not the config's"
-        )
+        # a conversion's stage 2 names its student in convert.attention: no other student to warn of
+        if cfg.model.attention is not None or recorded.get("attention") != cfg.convert.attention:
+            say(
+                f"eval: scoring the student run.json records ({recorded.get('attention')} attention), "
+                "not the config's"
+            )
         parts = replace(parts, student=student_from_spec(recorded), student_spec=recorded)
     plan = plan_from_config(cfg, parts)
     pair = TeacherStudent(
