@@ -46,11 +46,20 @@ class ResumeFrom:
     def checkpoint(
         self, manager: CheckpointManager, verify_hash: bool | None = None
     ) -> CheckpointInfo | None:
-        """The checkpoint to resume from, or None for a fresh start (``none``, or ``auto`` in a new run)."""
+        """The checkpoint to resume from, or None for a fresh start (``none``, or ``auto`` in a new run). ``auto``
+        where every checkpoint is broken is refused: starting over would drop the run's records and, once
+        newer saves push them out, the checkpoints themselves."""
         if self.policy is ResumePolicy.FRESH:
             return None
         if self.policy is ResumePolicy.LATEST:
-            return manager.latest(verify_hash=verify_hash)
+            info = manager.latest(verify_hash=verify_hash)
+            if info is None and (broken := manager.step_dirs()):
+                raise CheckpointError(
+                    f"{manager.dir} holds {len(broken)} checkpoint(s), none usable (each warning above says "
+                    "why): nothing is read from them, and a run does not start over on top of them; move them "
+                    f"out of {manager.dir} (to look at later) to start the run from scratch"
+                )
+            return info
         if not self.path.exists():
             raise MissingPathError(
                 f"checkpoint.resume={str(self.path)!r} does not exist; use auto, none, or a "

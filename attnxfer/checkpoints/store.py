@@ -215,7 +215,7 @@ class CheckpointManager:
         """A temp or trash dir's path: out of the ``step-*`` namespace, named after its owner process."""
         return self.dir / f"{prefix}{name}.{secrets.token_hex(4)}.{_owner_tag()}"
 
-    def _step_dirs(self) -> list[Path]:
+    def step_dirs(self) -> list[Path]:
         """All ``step-*`` dirs, newest first, unverified."""
         if not self.dir.is_dir():
             return []
@@ -231,19 +231,19 @@ class CheckpointManager:
                 yield verify_checkpoint(path, verify_hash=verify)
             except CorruptCheckpointError as e:
                 if report:
-                    warnings.warn(f"skipping {e}", CorruptCheckpointWarning, stacklevel=3)
+                    warnings.warn(f"{e}; skipped", CorruptCheckpointWarning, stacklevel=3)
 
     def list(self, verify_hash: bool | None = None) -> list[CheckpointInfo]:
         """Intact checkpoints, oldest first; broken ones are reported and left out."""
-        return sorted(self._verified(self._step_dirs(), verify_hash), key=lambda i: i.step)
+        return sorted(self._verified(self.step_dirs(), verify_hash), key=lambda i: i.step)
 
     def latest(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
         """Newest intact checkpoint, falling back past broken ones (each reported), or None."""
-        return next(iter(self._verified(self._step_dirs(), verify_hash)), None)
+        return next(iter(self._verified(self.step_dirs(), verify_hash)), None)
 
     def best(self, verify_hash: bool | None = None) -> CheckpointInfo | None:
         """Intact checkpoint with the best metric (ties: newer), or None if none has a metric."""
-        ranked = [i for i in self._verified(self._step_dirs(), False) if i.metric is not None]
+        ranked = [i for i in self._verified(self.step_dirs(), False) if i.metric is not None]
         ranked.sort(key=self._rank_key, reverse=True)
         return next(iter(self._verified([i.path for i in ranked], verify_hash)), None)
 
@@ -339,7 +339,7 @@ class CheckpointManager:
         at. Each doomed dir is renamed out of the ``step-*`` namespace first, so a crash never leaves half a
         checkpoint. Returns the deleted paths.
         """
-        intact = list(self._verified(self._step_dirs(), False, report=False))
+        intact = list(self._verified(self.step_dirs(), False, report=False))
         keep = {Path(p) for p in protect}
         keep.update(i.path for i in sorted(intact, key=lambda i: i.step, reverse=True)[: self.keep_last])
         with_metric = [i for i in intact if i.metric is not None]

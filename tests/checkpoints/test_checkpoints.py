@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.rng import capture_rng_state, restore_rng_state
 from attnxfer.checkpoints.store import (
+    CheckpointError,
     CheckpointExistsError,
     CheckpointManager,
     CorruptCheckpointError,
@@ -277,6 +279,19 @@ def test_corrupt_newest_is_reported_and_skipped(tmp_path, corruption):
         mgr.load(newest)
     with pytest.warns(CorruptCheckpointWarning):
         assert [i.step for i in mgr.list()] == [1]
+
+
+def test_resume_auto_refuses_when_every_checkpoint_is_broken(tmp_path):
+    """A fresh start on top of broken checkpoints would drop the run's records and, once newer saves push them
+    out, the checkpoints: ``auto`` falls back past a broken one, but not past all of them."""
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, small_tensors(1), {"step": 1})
+    flip_last_byte(mgr.path_for(1) / "model.safetensors")
+    with pytest.warns(CorruptCheckpointWarning), pytest.raises(CheckpointError, match="none usable") as e:
+        ResumePoint.find(tmp_path, "auto")
+    assert f"move them out of {mgr.dir}" in str(e.value) and mgr.path_for(1).is_dir()
+    assert ResumePoint.find(tmp_path, "none") is None  # asked for: a fresh start
+    assert ResumePoint.find(tmp_path / "new-run", "auto") is None  # a new run has nothing to resume
 
 
 def test_without_hashing_flipped_tensor_bytes_go_unnoticed(tmp_path):
