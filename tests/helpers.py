@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import subprocess
@@ -199,17 +200,32 @@ def _cli_child(argv: list[str], log: str) -> None:
     code = 1
     try:
         code = cli.main(argv)
+    except BaseException:  # into the log: os._exit below would drop the traceback unprinted
+        traceback.print_exc()
     finally:
         os._exit(code)
 
 
 def fork_cli(argv: list[str], log: Path) -> multiprocessing.Process:
-    """A forked child running the CLI's own `main` on ``argv`` (no interpreter start-up: it shares the
-    parent's imports), one torch thread, its stdout and stderr appended to ``log``; its exit code is
-    main's. Started; the caller joins or signals it."""
-    proc = multiprocessing.get_context("fork").Process(target=_cli_child, args=(list(argv), str(log)))
+    """A forked child running the CLI's own `main` on ``argv``, one torch thread, its stdout and stderr
+    appended to ``log``; its exit code is main's. Started; the caller joins or signals it. Forked from a
+    fork server that imported the CLI once (no interpreter start-up per child), not from this process: a
+    child forked from a process that has run a backward pass cannot run one (torch's autograd threads),
+    and an xdist worker may have run other tests' training first."""
+    proc = start_fork_server().Process(target=_cli_child, args=(list(argv), str(log)))
     proc.start()
     return proc
+
+
+def start_fork_server() -> multiprocessing.context.BaseContext:
+    """`fork_cli`'s context, its server started (a few seconds, once per process): a test that times a
+    child calls it first."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(
+        ["attnxfer.launch.cli", "attnxfer.apps.run.training", "attnxfer.apps.convert.convert", "helpers"]
+    )
+    multiprocessing.forkserver.ensure_running()
+    return ctx
 
 
 def _take_ctrl_c() -> None:

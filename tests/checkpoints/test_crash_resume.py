@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fork_cli, tiny_run
+from helpers import fork_cli, start_fork_server, tiny_run
 from safetensors.torch import load_file
 
 TRIALS = 8
@@ -48,6 +48,7 @@ def _final(run_dir: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.slow
 def test_sigkill_at_random_points_across_saves_then_resume_is_bit_identical(tmp_path):
     ref_dir = tmp_path / "ref"
+    start_fork_server()  # before the clock: the victims' kill instants are drawn within one run's time
     t0 = time.monotonic()
     ref = _start(ref_dir, tmp_path / "ref.log")
     ref.join(120)
