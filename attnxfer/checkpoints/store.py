@@ -333,11 +333,12 @@ class CheckpointManager:
         )
 
     def prune(self, protect: Iterable[Path] = ()) -> list[Path]:
-        """Delete intact checkpoints beyond the newest ``keep_last`` and the best (cheap checks, no hashing).
+        """Delete intact checkpoints beyond the newest ``keep_last`` and the best.
 
-        Broken dirs are never deleted: they do not count towards ``keep_last`` and stay for a human to look
-        at. Each doomed dir is renamed out of the ``step-*`` namespace first, so a crash never leaves half a
-        checkpoint. Returns the deleted paths.
+        Broken dirs are never deleted: they do not count towards ``keep_last`` (cheap checks) and stay for a
+        human to look at (a doomed dir is hashed too, unless ``verify_hash=False``). Each doomed dir is renamed
+        out of the ``step-*`` namespace first, so a crash never leaves half a checkpoint. Returns the deleted
+        paths.
         """
         intact = list(self._verified(self.step_dirs(), False, report=False))
         keep = {Path(p) for p in protect}
@@ -345,7 +346,8 @@ class CheckpointManager:
         with_metric = [i for i in intact if i.metric is not None]
         if self.keep_best and with_metric:
             keep.add(max(with_metric, key=self._rank_key).path)
-        deleted = [i.path for i in intact if i.path not in keep]
+        doomed = [i.path for i in intact if i.path not in keep]
+        deleted = [i.path for i in self._verified(doomed, None, report=False)]
         for path in deleted:
             trash = self._hidden(_TRASH_PREFIX, path.name)
             os.rename(path, trash)

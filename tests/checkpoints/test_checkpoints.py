@@ -321,6 +321,10 @@ def test_broken_dirs_are_not_pruned_and_do_not_count(tmp_path):
     mgr.save(3, small_tensors(3), {})
     # step 2 is broken: kept for inspection, and steps 1 and 3 are the two intact ones kept
     assert step_dirs(mgr) == ["step-00000001", "step-00000002", "step-00000003"]
+    # a dir only its hashes show broken (a flipped byte) is kept too, where the cheap checks would prune it
+    flip_last_byte(mgr.path_for(1) / "model.safetensors")
+    mgr.save(4, small_tensors(4), {})
+    assert step_dirs(mgr) == ["step-00000001", "step-00000002", "step-00000003", "step-00000004"]
 
 
 # --------------------------------------------------------------------------------------------
