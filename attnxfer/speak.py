@@ -24,6 +24,8 @@ _ALL_RANKS = "attnxfer_all_ranks"
 _TO_STDERR = "attnxfer_to_stderr"
 #: inside `quiet()`: lines below WARNING are dropped (per thread and task, as a ContextVar is)
 _QUIET: ContextVar[bool] = ContextVar("attnxfer_quiet", default=False)
+#: inside `speaking_for(name)`: each line starts ``name: `` (a study's student, among others saying the same)
+_SPEAKER: ContextVar[str | None] = ContextVar("attnxfer_speaker", default=None)
 
 
 def rank() -> int:
@@ -89,24 +91,41 @@ def _logger() -> logging.Logger:
     return logger
 
 
+def _line(level: int, message: str, all_ranks: bool, to_stderr: bool = False) -> None:
+    speaker = _SPEAKER.get()
+    message = f"{speaker}: {message}" if speaker else message
+    _logger().log(level, message, extra={_ALL_RANKS: all_ranks, _TO_STDERR: to_stderr})
+
+
 def say(message: str, *, all_ranks: bool = False) -> None:
     """A result or progress line for the user, on stdout (main rank only unless ``all_ranks``)."""
-    _logger().info(message, extra={_ALL_RANKS: all_ranks})
+    _line(logging.INFO, message, all_ranks)
 
 
 def warn(message: str, *, all_ranks: bool = False) -> None:
     """Something the user should know went differently than asked, on stderr (main rank unless ``all_ranks``)."""
-    _logger().warning(message, extra={_ALL_RANKS: all_ranks})
+    _line(logging.WARNING, message, all_ranks)
 
 
 def progress(message: str, *, all_ranks: bool = False) -> None:
     """A progress line where no bar can be drawn (a log, a pipe): on stderr, so stdout keeps only results."""
-    _logger().info(message, extra={_ALL_RANKS: all_ranks, _TO_STDERR: True})
+    _line(logging.INFO, message, all_ranks, to_stderr=True)
 
 
 def debug(message: str, *, all_ranks: bool = False) -> None:
     """Detail hidden by default (where a file came from, what a rank joined); shown at ``logging.DEBUG``."""
-    _logger().debug(message, extra={_ALL_RANKS: all_ranks})
+    _line(logging.DEBUG, message, all_ranks)
+
+
+@contextlib.contextmanager
+def speaking_for(name: str | None) -> Iterator[None]:
+    """Lines said inside start with ``name: ``: a study's students say the same lines in turn (each its plan,
+    progress and scores), and a reader has to know whose each is. None: lines as they are."""
+    token = _SPEAKER.set(name)
+    try:
+        yield
+    finally:
+        _SPEAKER.reset(token)
 
 
 @contextlib.contextmanager
@@ -128,7 +147,8 @@ def warnings_as_lines() -> Iterator[None]:
 
     def as_line(message, category, filename, lineno, line=None) -> str:
         if category.__module__.partition(".")[0] == __package__:  # a category attnxfer defines
-            return f"warning: {message}\n" if is_main() else ""
+            speaker = _SPEAKER.get()
+            return f"{speaker + ': ' if speaker else ''}warning: {message}\n" if is_main() else ""
         return python_format(message, category, filename, lineno, line)
 
     warnings.formatwarning = as_line
@@ -205,10 +225,11 @@ def progress_bar(
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         watched = False
     if watched or disable:
+        speaker = _SPEAKER.get()
         return tqdm(
             total=total,
             initial=initial,
-            desc=desc,
+            desc=f"{speaker}: {desc}" if speaker else desc,
             unit=unit,
             leave=False,
             dynamic_ncols=True,

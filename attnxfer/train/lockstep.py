@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..speak import say
+from ..speak import say, speaking_for
 from .drive import BatchPlace, Fed, own_feed
 from .engine import Engine, TrainResult
 from .stop import StopRequested, stop_on_signals, stop_signal
@@ -192,7 +192,8 @@ class Lockstep:
         """One optimiser step of ``m`` (its engine steps under its own streams); False when it has no more to do."""
         start, shared = time.monotonic(), self.shared_seconds
         try:
-            next(m.steps)
+            with speaking_for(m.name):
+                next(m.steps)
             return True
         except StopIteration:
             pass
@@ -219,7 +220,7 @@ class Lockstep:
     def _stop(self, signum: int, active: list[Member]) -> None:
         """A stop signal: every member still training saves this step, the study commits it, then stops."""
         for m in active:
-            with m.engine.own_streams():  # a save gathers the RNG states: the student's own
+            with m.engine.own_streams(), speaking_for(m.name):  # a save gathers the student's own RNG states
                 m.engine.save_unless_saved()
         self._commit()
         engine = active[0].engine

@@ -166,7 +166,6 @@ class Stage1Fit:
         weight_decay: float = 0.0,
         clip_grad: float | None = None,
         log_every: int = 20,
-        prefix: str = "",
         start_step: int = 0,
         optimizer_state: Mapping[str, Any] | None = None,
         history: Sequence[dict[str, Any]] = (),
@@ -175,7 +174,7 @@ class Stage1Fit:
     ) -> None:
         self.teacher, self.student, self.plan = teacher, student, plan
         self.warmup_steps, self.weight_decay, self.clip_grad = warmup_steps, weight_decay, clip_grad
-        self.log_every, self.prefix = max(1, log_every), prefix
+        self.log_every = max(1, log_every)
         self.optimizer_state, self.on_save, self.save_every = optimizer_state, on_save, save_every
         self.done = start_step  # optimiser steps taken (an earlier run's included)
         self.result = Stage1Result(history=list(history))
@@ -243,7 +242,7 @@ class Stage1Fit:
         self.result.history.append(rec)
         per_layer = " ".join(f"{v:.3g}" for v in means.values())
         kinds = "/".join(sorted({layer.loss.metric for layer in self.plan.active}))
-        self._say(
+        say(
             f"stage 1 step {step + 1}/{self.plan.stage1_steps}: loss {rec['loss']:.4f} lr {lr:.2e} | "
             f"per-layer {kinds}: {per_layer}"
         )
@@ -261,7 +260,7 @@ class Stage1Fit:
         """A stop signal after `done` steps: save them (unless just saved) and say where."""
         where = self._saved[1] if self._saved and self._saved[0] == self.done else self._save()
         stop = StopRequested(signum, self.done, where)
-        self._say(f"stage 1: {stop} (step {self.done} of {self.plan.stage1_steps})")
+        say(f"stage 1: {stop} (step {self.done} of {self.plan.stage1_steps})")
         return stop
 
     def finish(self) -> Stage1Result:
@@ -270,16 +269,13 @@ class Stage1Fit:
         self.result.seconds = time.monotonic() - self.start
         self.result.memory = _memory(self._meter, self.objective)
         m, mib = self.result.memory, 2**20
-        self._say(
+        say(
             f"stage 1 memory: peak {m['peak_bytes'] / mib:,.0f} MiB ({m['measured']}); whole teacher maps would "
             f"take {m['whole_maps_bytes_per_layer'] / mib:,.0f} MiB per layer, {m['whole_maps_bytes'] / mib:,.0f} "
             f"MiB for {m['layers']} layer{'s' * (m['layers'] != 1)} (B·H·N²·4 bytes at N = {m['tokens']:,} "
             f"tokens, batch {m['batch']})"
         )
         return self.result
-
-    def _say(self, line: str) -> None:
-        say(f"{self.prefix}{line}")
 
     def _stop_if_non_finite(self) -> None:
         """Raise `NonFiniteLossError` if a layer's loss was NaN/inf on any rank since stage 1 started: one read

@@ -5,9 +5,11 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
-from attnxfer.speak import is_main, quiet, rank, say, warn
+from attnxfer.config.renamed import RenamedKeyWarning
+from attnxfer.speak import is_main, progress, quiet, rank, say, speaking_for, warn, warnings_as_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,6 +100,23 @@ def test_quiet_drops_lines_but_not_warnings_and_ends_with_its_block(capsys):
         warn("a fit's warning")
     say("after")
     assert capsys.readouterr() == ("after\n", "a fit's warning\n")
+
+
+def test_a_students_lines_start_with_its_name_and_only_inside_its_block(capsys):
+    """A study's students say the same lines in turn: each says them under its name, on every stream and
+    through Python's warnings too; outside the block, and for None, lines are as they are."""
+    with warnings_as_lines(), speaking_for("distill"):
+        say("epoch 0: step 4/4 val top1 30.00")
+        progress("epoch 0: batch 2/8")
+        warn("loss spiked")
+        shown = warnings.formatwarning("a renamed key", RenamedKeyWarning, "config.py", 1)
+        with speaking_for(None):
+            say("shared by every student")
+    say("study -> runs/st")
+    out, err = capsys.readouterr()
+    assert out == "distill: epoch 0: step 4/4 val top1 30.00\nshared by every student\nstudy -> runs/st\n"
+    assert err == "distill: epoch 0: batch 2/8\ndistill: loss spiked\n"
+    assert shown == "distill: warning: a renamed key\n"
 
 
 def test_a_reader_that_goes_away_ends_the_cli_quietly():

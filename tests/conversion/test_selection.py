@@ -119,18 +119,18 @@ def test_a_recorded_choice_is_kept_and_one_made_for_another_budget_is_refused(tm
     record = {"attention": ["softmax", "relu_linear"], "config": to_dict(cfg)}
     path = tmp_path / SELECTION_FILE
     path.write_text(json.dumps(record))
-    assert _recorded(cfg, path, "") == record and "nothing measured again" in capsys.readouterr().out
+    assert _recorded(cfg, path) == record and "nothing measured again" in capsys.readouterr().out
     other = apply_overrides(cfg, {"convert.speedup": 2.0})
     with pytest.raises(ConfigError, match=r"convert\.speedup.*nothing was written") as e:
-        _recorded(other, path, "")
+        _recorded(other, path)
     assert "\n" not in str(e.value)
-    assert _recorded(apply_overrides(other, {"checkpoint.resume": "none"}), path, "") is None
+    assert _recorded(apply_overrides(other, {"checkpoint.resume": "none"}), path) is None
     with pytest.raises(
         ConfigError, match=r"convert\.selection_steps \(None -> 3\)"
     ):  # fits of another length
-        _recorded(apply_overrides(cfg, {"convert.selection_steps": 3}), path, "")
+        _recorded(apply_overrides(cfg, {"convert.selection_steps": 3}), path)
     # keys the choice does not read may change (stage 2's schedule)
-    assert _recorded(apply_overrides(cfg, {"schedule.epochs": 3}), path, "") == record
+    assert _recorded(apply_overrides(cfg, {"schedule.epochs": 3}), path) == record
 
 
 # ------------------------------------------------------------------------------------------- the command

@@ -279,6 +279,11 @@ def test_a_student_that_diverges_stops_alone_and_the_others_go_on(tmp_path, tiny
         "schedule.max_steps for a student that learns (every student of the study)"
     ]
     assert len(stopped) == 1 and "non-finite loss" in stopped[0] and "the others go on" in stopped[0]
+    # the students say the same lines in turn: each its own under its name
+    plans = [line for line in out.splitlines() if "transfer plan:" in line]
+    assert [line.partition(":")[0] for line in plans] == ["fine", "diverges"]
+    scores = [line for line in out.splitlines() if "val top1" in line]
+    assert scores and all(line.startswith("fine: ") for line in scores)
     record = {s["name"]: s for s in json.loads((run / "study.json").read_text())["students"]}
     assert record["fine"]["step"] == STEPS and record["fine"]["stopped"] is None
     assert "non-finite" in record["diverges"]["stopped"]

@@ -23,7 +23,7 @@ from ...config.study_spec import StudySpec
 from ...errors import UserError
 from ...models.handover import Signal
 from ...run_layout import STUDY_RECORD
-from ...speak import quiet, say
+from ...speak import quiet, say, speaking_for
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import StudentStreams
 from ...train.stage1 import Stage1Fit, Stage1Result, teacher_signals
@@ -126,8 +126,8 @@ class _ConvertStudy:
         runs, streams = [], []
         for student, cfg in configs:
             torch.manual_seed(cfg.seed)
-            with _naming(student.name):
-                runs.append(build_conversion(cfg, info, None, f"{student.name}: ", shared=shared))
+            with _naming(student.name), speaking_for(student.name):
+                runs.append(build_conversion(cfg, info, None, name=student.name, shared=shared))
             streams.append(StudentStreams.current())
         # what one batch and one teacher pass for all needs, on stage 2's configs, before any work
         check_study(spec, [(s, stage2_config(run)) for (s, _), run in zip(configs, runs, strict=True)])
@@ -203,7 +203,7 @@ class _ConvertStudy:
                     signals = teacher_signals(first.teacher, x, layers, fields)
                     for i in stepping:
                         try:
-                            with self.streams[i].active():
+                            with self.streams[i].active(), speaking_for(self.names[i]):
                                 fits[i].step(signals)
                         except NonFiniteLossError as e:
                             name = self.names[i]
@@ -214,11 +214,15 @@ class _ConvertStudy:
                 signum = stop_signal()
                 if signum:
                     # every fit still running saves its step; the first one's stop is the study's
-                    stops = [fits[i].stopped(signum) for i in active if i not in results]
+                    stops = []
+                    for i in (i for i in active if i not in results):
+                        with speaking_for(self.names[i]):
+                            stops.append(fits[i].stopped(signum))
                     raise stops[0]
             for i, fit in fits.items():
                 if i not in results:
-                    results[i] = jobs[i].finish(fit.finish())
+                    with speaking_for(self.names[i]):
+                        results[i] = jobs[i].finish(fit.finish())
         return results
 
 

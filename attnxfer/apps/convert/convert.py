@@ -125,7 +125,7 @@ class Conversion:
     stage2_plan: TransferPlan
     stage2_steps: int
     main: bool
-    prefix: str  # what each of its lines starts with: a convert study's student name
+    name: str | None  # a convert study's student, whose name starts each of its lines (`speak.speaking_for`)
     run_dir: Path
     labelled: bool  # the data hands out labels (the report's top-1 and k-NN read them)
     sweep: tuple[list[int], float | None] = ([], None)  # the speed sweep's sides and budget (`sweep_sides`)
@@ -146,19 +146,15 @@ class Conversion:
         return self.parts.student
 
     def say(self, line: str) -> None:
-        speak.say(f"{self.prefix}{line}")
+        with speak.speaking_for(self.name):
+            speak.say(line)
 
     def stage1_job(self) -> Stage1Job:
         """Its stage 1 in ``stage1/``, as far as an earlier run left it (`open_stage1`)."""
-        return open_stage1(
-            self.cfg,
-            self.parts,
-            self.plan,
-            self.run_dir / "stage1",
-            self.device,
-            main=self.main,
-            prefix=self.prefix,
-        )
+        with speak.speaking_for(self.name):
+            return open_stage1(
+                self.cfg, self.parts, self.plan, self.run_dir / "stage1", self.device, main=self.main
+            )
 
 
 def _convert(cfg: TrainConfig, info, *, skip_stage1: bool, parts) -> ConvertResult:
@@ -237,12 +233,12 @@ def build_conversion(
     cfg: TrainConfig,
     info,
     parts: RunParts | None,
-    prefix: str = "",
     *,
+    name: str | None = None,
     shared: RunParts | None = None,
 ) -> Conversion:
     """Teacher, student, data and both stages' plans (``parts`` built by the caller are used as they are;
-    ``shared``: a convert study's teacher and loaders, around which only the student is built). Stage 2's
+    ``shared``: a convert study's teacher and loaders, around which only the student ``name`` is built). Stage 2's
     weights, chosen here (`stage2_objective`), go into the run's config."""
     labelled, auto = data_info(cfg.data).has_labels, cfg.convert.attention == AUTO
     if parts is None:  # auto: the teacher's copy stands in until the attentions are chosen
@@ -271,7 +267,6 @@ def build_conversion(
         resolve_device(cfg.device),
         main=info.is_main_process,
         plan_for=lambda c, student: conversion_plan_from_config(c, parts.teacher, student),
-        prefix=prefix,
     )
     if auto:  # the chosen student, around the stand-in's teacher and loaders
         student = _student_builder(cfg, labelled)(parts.teacher, parts.num_classes)
@@ -284,7 +279,7 @@ def build_conversion(
         ):
             # as the choice measured them: swapped in, as a stage 1 with nothing to train leaves them
             speak.say(
-                f"{prefix}convert.attention=auto: the chosen attentions have nothing to fit under "
+                "convert.attention=auto: the chosen attentions have nothing to fit under "
                 f"convert.stage1_train={cfg.convert.stage1_train}: stage 1 is skipped (new+qk fits every one)"
             )
             cfg = unfitted
@@ -308,7 +303,7 @@ def build_conversion(
         plan_from_config(cfg, parts),
         stage2_steps,
         info.is_main_process,
-        prefix,
+        name,
         Path(cfg.run_dir),
         labelled,
         selection=selection,

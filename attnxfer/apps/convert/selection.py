@@ -119,7 +119,6 @@ def choose_attentions(
     *,
     main: bool,
     plan_for: PlanFor,
-    prefix: str = "",
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
     """``cfg`` with ``convert.attention=auto`` resolved to one name per block, and the selection's record
     (recorded earlier, else measured now; every rank takes rank 0's); other configs as they are."""
@@ -127,16 +126,16 @@ def choose_attentions(
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         return cfg, (record if record and record["attention"] == cfg.convert.attention else None)
-    record = _recorded(cfg, path, prefix)
+    record = _recorded(cfg, path)
     if record is None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            record = measure_selection(cfg, parts, device, plan_for, prefix)
+            record = measure_selection(cfg, parts, device, plan_for)
         record = gather_objects(record)[0]
         if main:
             atomic_write_json(path, record)
     names = ", ".join(f"{i}:{n}" for i, n in enumerate(record["attention"]))
     say(
-        f"{prefix}convert.attention=auto: blocks {names}; predicted {record['predicted_speedup']:.2f}x the "
+        f"convert.attention=auto: blocks {names}; predicted {record['predicted_speedup']:.2f}x the "
         f"teacher at {record['tokens']:,} tokens (budget {record['speedup']:g}x), summed {record['metric']} "
         f"{record['total_sensitivity']:.3g}"
     )
@@ -148,7 +147,7 @@ def choose_attentions(
     ), record
 
 
-def _recorded(cfg: TrainConfig, path: Path, prefix: str) -> dict[str, Any] | None:
+def _recorded(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
     """The choice an earlier attempt of this run recorded, judged against ``cfg``; None: choose now."""
     if ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH or not path.is_file():
         return None
@@ -165,7 +164,7 @@ def _recorded(cfg: TrainConfig, path: Path, prefix: str) -> dict[str, Any] | Non
             "choose again, start a new run elsewhere (run_dir=...) or set checkpoint.resume=none; to continue "
             "this one, drop them"
         )
-    say(f"{prefix}convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
+    say(f"convert.attention=auto: the choice recorded in {path} is used (nothing measured again)")
     return record
 
 
@@ -186,7 +185,7 @@ def _memo(teacher: nn.Module, what: str, cfg: TrainConfig, measure: Callable[[],
 
 
 def measure_selection(
-    cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor, prefix: str = ""
+    cfg: TrainConfig, parts: RunParts, device: torch.device, plan_for: PlanFor
 ) -> dict[str, Any]:
     """The module's steps 1-3: the record `selection.json` holds."""
     c, teacher = cfg.convert, parts.teacher
@@ -215,7 +214,7 @@ def measure_selection(
             "convert.candidates, or measure at more tokens (convert.speed_tokens)"
         )
     say(
-        f"{prefix}convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
+        f"convert.attention=auto: at {timing['tokens']:,} tokens the teacher takes {whole:.3g} ms, a softmax "
         f"block's attention {soft:.3g} ms; " + ", ".join(f"{n} {t:.3g} ms" for n, t in ms.items())
     )
     timed = time.monotonic()
@@ -224,7 +223,7 @@ def measure_selection(
         teacher,
         "sensitivity",
         cfg,
-        lambda: _measured_sensitivities(cfg, parts, steps, device, plan_for, prefix),
+        lambda: _measured_sensitivities(cfg, parts, steps, device, plan_for),
     )
     try:
         chosen = select(sensitivity, ms, soft, whole, c.speedup)
@@ -259,7 +258,6 @@ def _measured_sensitivities(
     steps: int,
     device: torch.device,
     plan_for: PlanFor,
-    prefix: str,
 ) -> tuple[str, list[dict[str, float]], dict[str, str]]:
     """Each candidate fitted in every block by ``steps`` of stage 1, as the run's stage 1 would fit it (a fit
     that diverges is left out: infinite sensitivity), then `sensitivities`; (metric, rows, failed)."""
@@ -275,7 +273,7 @@ def _measured_sensitivities(
             plan = plan_for(fit_cfg, student)
         else:
             say(
-                f"{prefix}convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
+                f"convert.attention=auto: {name} has nothing to fit under convert.stage1_train={c.stage1_train} (its "
                 "sensitivity is measured as swapped in, as stage 1 would leave it); new+qk fits every candidate"
             )
         try:
@@ -293,11 +291,11 @@ def _measured_sensitivities(
             fitted[name] = student.eval()
             if plan.active:
                 say(
-                    f"{prefix}convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
+                    f"convert.attention=auto: {name} fitted in every block ({steps} steps, {time.monotonic() - start:.0f} s)"
                 )
         except NonFiniteLossError as e:
             failed[name] = str(e)
-            say(f"{prefix}convert.attention=auto: {name} left out (its fit diverged: {e})")
+            say(f"convert.attention=auto: {name} left out (its fit diverged: {e})")
     batches = [x.to(device) for x, *_ in itertools.islice(parts.val_loader, cfg.convert.selection_batches)]
     metric, rows = sensitivities(parts.teacher, fitted, batches)
     for row in rows:

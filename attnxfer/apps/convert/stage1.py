@@ -91,7 +91,6 @@ def open_stage1(
     device: torch.device,
     *,
     main: bool,
-    prefix: str = "",
 ) -> Stage1Job:
     """Stage 1 into ``folder``, as far as an earlier run left it: complete (its weights loaded into the
     student), stopped at a step (weights and optimiser loaded; unless ``checkpoint.resume=none``), or not
@@ -101,9 +100,7 @@ def open_stage1(
     fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
     found = None if fresh else ResumePoint.find(folder, "auto")
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
-    point = judge(
-        found, cfg, compared=STAGE1_KEYS, run_dir=folder, what="stage 1", command="convert", prefix=prefix
-    )
+    point = judge(found, cfg, compared=STAGE1_KEYS, run_dir=folder, what="stage 1", command="convert")
     if point is not None:
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
         if point.record("plan") != json.loads(json.dumps(plan.to_dict())):
@@ -112,22 +109,22 @@ def open_stage1(
                 "checkpoint.resume=none to redo stage 1"
             )
         # on other data the step and weights go on; the batches restart
-        if not check_same_data(point, saved.data, cfg, prefix=prefix):
+        if not check_same_data(point, saved.data, cfg):
             point = dataclasses.replace(point, restart_epoch=True)
     if point is not None and point.record("complete"):
         parts.student.load_state_dict(point.load_tensors(str(device))["model"])
-        say(f"{prefix}stage 1: resumed from {point.path} ({point.step} steps done earlier)")
+        say(f"stage 1: resumed from {point.path} ({point.step} steps done earlier)")
         done = Stage1Result(
             point.step, point.record("seconds"), point.record("history"), True, point.record("memory")
         )
         return Stage1Job(saved, device, done)
     legacy = _legacy_result(parts.student, folder, plan) if point is None and not fresh else None
     if legacy is not None:
-        say(f"{prefix}stage 1: resumed from {folder} ({legacy.steps} steps done earlier)")
+        say(f"stage 1: resumed from {folder} ({legacy.steps} steps done earlier)")
         return Stage1Job(saved, device, legacy)
     earlier, done, optimizer_state = 0.0, 0, None
     if point is not None:
-        say(f"{prefix}stage 1: resumed from {point.path} (step {point.step} of {plan.stage1_steps})")
+        say(f"stage 1: resumed from {point.path} (step {point.step} of {plan.stage1_steps})")
         earlier, done = point.record("seconds"), point.step
         tensors = point.load_tensors(str(device))
         parts.student.load_state_dict(tensors["model"])
@@ -142,7 +139,6 @@ def open_stage1(
         "weight_decay": c.stage1_weight_decay,
         "clip_grad": c.stage1_clip_grad,
         "log_every": cfg.log.every_steps,
-        "prefix": prefix,
         "start_step": done,
         "optimizer_state": optimizer_state,
         "history": point.record("history") if point else (),

@@ -66,11 +66,9 @@ def judge(
     run_dir: str | Path | None = None,
     what: str = "run",
     command: str = "train",
-    prefix: str = "",
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
-    written) a change that alters what the checkpoint means, and says the allowed ones (after ``prefix``: a
-    study's student name). With ``world``, the batch split may change where it keeps the global batch;
+    written) a change that alters what the checkpoint means, and says the allowed ones. With ``world``, the batch split may change where it keeps the global batch;
     ``scoring`` (`attnxfer eval`) may turn ``data.labels`` on (a run trained without labels scored by k-NN)."""
     if point is None or point.config is None:  # nothing found, or saved without its config
         return point
@@ -98,7 +96,7 @@ def judge(
             f"this one, drop them (its config: {config})"
         )
     if point.allowed:
-        say(f"{prefix}resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
+        say(f"resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
     return point
 
 
@@ -127,8 +125,6 @@ def check_same_data(
     point: ResumePoint | None,
     identity: dict[str, Any] | None,
     cfg: TrainConfig,
-    *,
-    prefix: str = "",
 ) -> bool:
     """Whether a resume goes on with its data position: True where the training data is what the checkpoint
     recorded (the same files in another ``data.root`` are the same data), or nothing to compare. Other data
@@ -147,7 +143,7 @@ def check_same_data(
             "data.root/data.dataset back at it; or start a new run elsewhere (run_dir=...)"
         )
     say(
-        f"{prefix}resume: the training data changed ({what}); checkpoint.allow_new_data=true: the epoch restarts on it"
+        f"resume: the training data changed ({what}); checkpoint.allow_new_data=true: the epoch restarts on it"
     )
     return False
 

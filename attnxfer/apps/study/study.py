@@ -23,7 +23,7 @@ from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_wr
 from ...config import ConfigError, TrainConfig, to_dict
 from ...config.study_spec import Student, StudySpec
 from ...run_layout import STUDY_RECORD, STUDY_YAML
-from ...speak import say
+from ...speak import say, speaking_for
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive, StudentStreams, never_stop
 from ...train.engine import TrainResult
@@ -167,16 +167,17 @@ def build_members(
         streams = StudentStreams()
         drive = Drive(feed=feed, stop=never_stop, streams=streams)
         # the caller's own parts for the student (as `train(cfg, parts)` builds it), else the shared ones
-        engine = build_engine(
-            cfg,
-            dataclasses.replace(parts[student.name], train_loader=view) if parts else None,
-            runtime=runtime,
-            shared=None if parts else dataclasses.replace(shared, train_loader=view),
-            prune_on_save=False,
-            warn_few_steps=False,
-            drive=drive,
-            command=spec.command,
-        )
+        with speaking_for(student.name):
+            engine = build_engine(
+                cfg,
+                dataclasses.replace(parts[student.name], train_loader=view) if parts else None,
+                runtime=runtime,
+                shared=None if parts else dataclasses.replace(shared, train_loader=view),
+                prune_on_save=False,
+                warn_few_steps=False,
+                drive=drive,
+                command=spec.command,
+            )
         streams.start(runtime.accelerator)  # what building it left are its streams from now on
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
     first = members[0].engine if members else None  # the students share one schedule: said once, for all
