@@ -146,14 +146,32 @@ def _check_attention(key: str, value: Any) -> None:
         )
 
 
+def _check_options(key: str, names: Any, options: dict[str, Any]) -> None:
+    """Options no named attention takes (a recipe's, left behind when the command line names another
+    attention), refused before the teacher and data load; torch is imported only where there are options."""
+    if not options or not names:
+        return
+    from ..models.efficient.swap import check_options
+
+    try:
+        check_options(names if isinstance(names, list) else [names], options)
+    except TypeError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
 def check_values(cfg: Any) -> Any:
-    """``cfg`` once its registry values are known names; else a `ConfigError` with the nearest name."""
+    """``cfg`` once its registry values are known names and its attentions take their options; else a
+    `ConfigError` with the nearest name or the options to drop."""
     _check_architecture("model.name", cfg.model.name)
     _check_architecture("teacher.arch", cfg.teacher.arch)
     if cfg.model.attention:
         _check_attention("model.attention", cfg.model.attention)
-    if cfg.convert.attention != "auto":  # auto: each block chosen among convert.candidates
+    auto = cfg.convert.attention == "auto"  # auto: each block chosen among convert.candidates
+    if not auto:
         _check_attention("convert.attention", cfg.convert.attention)
     _check_attention("convert.candidates", list(cfg.convert.candidates))
     _check_comparisons(cfg.transfer.losses)
+    _check_options("model.attention_kwargs", cfg.model.attention, cfg.model.attention_kwargs)
+    names = list(cfg.convert.candidates) if auto else cfg.convert.attention
+    _check_options("convert.attention_kwargs", names, cfg.convert.attention_kwargs)
     return cfg

@@ -62,6 +62,33 @@ def test_registered_names_a_parametric_name_and_an_own_registration_pass():
         check_values(load_config(None, ["model.attention=test_value_checks_own"]))
 
 
+@pytest.mark.parametrize(
+    "recipe,overrides,key",
+    [
+        # a recipe's options for its own attention, left behind when the command line names another
+        ("convert/demo_hedgehog", ["convert.attention=formula:sum(relu)"], "convert.attention_kwargs"),
+        (
+            "convert/demo_hedgehog",
+            ["convert.attention=auto", "convert.candidates=[relu_linear]"],
+            "convert.attention_kwargs",
+        ),
+        (
+            "demo/distill",
+            ["model.attention=relu_linear", "model.attention_kwargs={feature_dim: 8}"],
+            "model.attention_kwargs",
+        ),
+    ],
+)
+def test_options_no_named_attention_takes_are_refused_as_the_config_loads(recipe, overrides, key):
+    with pytest.raises(ConfigError, match=r"accepts option\(s\) \['feature_dim'\]") as e:
+        check_values(load_config(recipe, overrides))
+    assert str(e.value).startswith(f"{key}: ") and "set the key to {}" in str(e.value)
+    # dropped, or taken by one of the attentions named (auto: its candidates): the config loads
+    check_values(load_config(recipe, [*overrides, f"{key}={{}}"]))
+    auto_with_hedgehog = ["convert.attention=auto", "convert.candidates=[relu_linear,hedgehog]"]
+    assert check_values(load_config("convert/demo_hedgehog", auto_with_hedgehog)).convert.attention_kwargs
+
+
 def test_architecture_names_read_from_the_source_are_timms():
     """Every architecture timm lists (attnxfer's micro models among them) and every deprecated alias timm
     still builds, read from the files without importing timm."""

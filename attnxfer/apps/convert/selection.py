@@ -100,7 +100,10 @@ def check_auto(cfg: TrainConfig) -> None:
             raise InputError(f"convert.candidates: {e.args[0]}") from None
     unused = [k for k in c.attention_kwargs if not any(_accepts(n, k) for n in c.candidates)]
     if unused:
-        raise InputError(f"convert.attention_kwargs: no candidate in convert.candidates accepts {unused}")
+        raise InputError(
+            f"convert.attention_kwargs: no candidate in convert.candidates accepts {unused}: drop them "
+            "(convert.attention_kwargs={} drops every option)"
+        )
 
 
 def _accepts(name: str, option: str) -> bool:

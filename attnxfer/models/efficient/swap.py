@@ -5,7 +5,7 @@ move in unchanged and only the new attention parameters start fresh."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from timm.layers import DropPath
@@ -93,13 +93,23 @@ def with_attention(model: nn.Module, attn: str | Sequence[str], **attn_kwargs) -
             raise InputError(
                 f"attn lists one attention per block: the model has {len(blocks)} blocks, got {len(names)} names"
             )
-    classes = [get_attention_class(name) for name in names]
-    unused = [k for k in attn_kwargs if not any(c.accepts_option(k) for c in classes)]
-    if unused:
-        options = {n: c.own_options() for n, c in zip(names, classes)}
-        raise TypeError(f"no chosen attention accepts option(s) {unused}; their options: {options}")
+    classes = check_options(names, attn_kwargs)
     options = [{k: v for k, v in attn_kwargs.items() if cls.accepts_option(k)} for cls in classes]
     return (swap_hierarchical if hierarchical else swap_attentions)(model, names, options)
+
+
+def check_options(names: Sequence[str], options: Mapping[str, Any]) -> list[type[nn.Module]]:
+    """The attentions ``names`` are; a `TypeError` naming each option none of them takes (a recipe's options
+    for its own attention, left behind when another attention is named on the command line)."""
+    classes = [get_attention_class(name) for name in names]
+    unused = [k for k in options if not any(c.accepts_option(k) for c in classes)]
+    if unused:
+        theirs = {n: c.own_options() for n, c in zip(names, classes)}
+        raise TypeError(
+            f"no chosen attention accepts option(s) {unused} (their options: {theirs}): drop them, or set "
+            "the key to {} to drop every option (a recipe's, for its own attention, too)"
+        )
+    return classes
 
 
 def swap_attentions(
