@@ -15,7 +15,7 @@ from typing import Any, Union
 import yaml
 
 from .keys import ConfigError, field_types, leaves, rule_of, section_command
-from .renamed import respell
+from .renamed import find_key, respell
 from .strict_yaml import describe_yaml_error, load_yaml
 
 
@@ -54,21 +54,17 @@ def dump_config(cfg: Any, command: str | None = None) -> str:
     return yaml.safe_dump(to_dict(cfg, command), sort_keys=False)
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) and value and key != "kwargs":
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def config_changes(base: Any, cfg: Any) -> dict[str, tuple[Any, Any]]:
-    """Every dotted key whose value in ``cfg`` differs from ``base`` (the recipe it started from):
-    ``{key: (recipe value, value)}``."""
-    old, new = _flatten(to_dict(base)), _flatten(to_dict(cfg))
-    return {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    """Every key whose value in ``cfg`` differs from ``base`` (the recipe it started from), a mapping of
+    options (``convert.attention_kwargs``) as a whole, so an entry dropped shows: ``{key: (recipe value,
+    value)}``."""
+    old, new = to_dict(base), to_dict(cfg)
+    changes = {}
+    for leaf in leaves(type(cfg)):
+        was, now = find_key(old, leaf.name)[1], find_key(new, leaf.name)[1]
+        if was != now:
+            changes[leaf.name] = (was, now)
+    return changes
 
 
 def describe_changes(base: Any, cfg: Any, recipe: str | None) -> str:

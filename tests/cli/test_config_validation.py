@@ -366,3 +366,24 @@ def test_print_config_holds_the_sections_its_command_reads(command, own, capsys)
     assert {"convert", "mae", "search"} & set(printed) == own and {"model", "transfer", "dist"} <= set(
         printed
     )
+
+
+def test_print_config_shows_an_option_mapping_whole_so_a_dropped_entry_shows(capsys):
+    """Emptied, a recipe's attention options once read `null -> {}`: the entry dropped did not show."""
+    code, out, err = run_cli(
+        capsys,
+        "convert",
+        "-c",
+        "convert/demo_hedgehog",
+        "convert.attention=relu_linear",
+        "convert.attention_kwargs={}",
+        "convert.stage1_train=qk",
+        "--print-config",
+    )
+    assert code == 0, err
+    changed = [line.strip("# ") for line in out.splitlines() if line.startswith("#   ")]
+    assert changed == [
+        "convert.attention: hedgehog -> relu_linear",
+        "convert.attention_kwargs: {feature_dim: 32} -> {}",
+        "convert.stage1_train: new -> qk",
+    ]
