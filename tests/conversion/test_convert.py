@@ -359,6 +359,8 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert code == 0, err[-3000:]
     assert "conversion plan: softmax teacher -> hedgehog student (2 blocks)" in out
     assert "logit distillation: weight 1, temperature 2" in out
+    # stage 2 fine-tunes the teacher's weights: its 2 steps are no student left untrained
+    assert "fewer than 100" not in out
     report = json.loads((run / "report.json").read_text())
     top1 = report["top1"]
     assert set(top1) == {"teacher", "before_stage1", "after_stage1", "after_stage2"}

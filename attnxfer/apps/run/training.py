@@ -437,7 +437,9 @@ def train(cfg: TrainConfig, parts: RunParts | None = None, command: str = "train
         run_lock(cfg.run_dir, "train", enabled=main),
         joined_process_group(backend_for(cfg.device), cfg.dist.timeout),
     ):
-        return build_engine(cfg, parts, command=command).run()
+        # a conversion's stage 2 fine-tunes the teacher's own weights: a few dozen steps are what it takes,
+        # not a student that had no time to learn
+        return build_engine(cfg, parts, command=command, warn_few_steps=command != "convert").run()
 
 
 def same_tokens(student: nn.Module, teacher: nn.Module | None) -> bool:
