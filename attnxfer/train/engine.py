@@ -249,17 +249,15 @@ class Engine:
             self.save()
 
     def _stop_if_signalled(self) -> None:
-        """After SIGTERM on any rank (`stop_on_signals`): save this step unless it was just saved, say so,
-        and raise `StopRequested`. Every rank calls it after every optimiser step (the drive's stop check:
+        """After SIGTERM on any rank (`stop_on_signals`): save this step unless it was just saved and
+        raise `StopRequested`. Every rank calls it after every optimiser step (the drive's stop check:
         one small CPU collective; a study's engines check nothing here, the study checks once a round)."""
         signum = self.drive.stop()
         if signum is None:
             return
         self.save_unless_saved()
-        stop = StopRequested(signum, self.step, self.last_ckpt)
-        say(f"{stop} (step {self.step} of {self.total_steps})")
         self.metrics.close()
-        raise stop
+        raise StopRequested(signum, self.step, self.last_ckpt, self.total_steps)  # said by the CLI or the job
 
     def resume(self, scoring: bool = False) -> None:
         """Restore the checkpoint the policy picks (`Checkpointing.resume`) and the loop's counters from it;

@@ -224,8 +224,8 @@ class Lockstep:
                 m.engine.save_unless_saved()
         self._commit()
         engine = active[0].engine
-        stop = StopRequested(signum, engine.step, engine.last_ckpt)
-        say(f"study: {stop} (step {engine.step} of {engine.total_steps}, every student)")
+        stop = StopRequested(signum, engine.step, engine.last_ckpt, engine.total_steps)
+        say(f"study: {stop} (every student)")
         for m in self.members:
             m.engine.metrics.close()
         raise stop

@@ -257,11 +257,9 @@ class Stage1Fit:
         return where
 
     def stopped(self, signum: int) -> StopRequested:
-        """A stop signal after `done` steps: save them (unless just saved) and say where."""
+        """A stop signal after `done` steps: save them (unless just saved); where, in the stop to raise."""
         where = self._saved[1] if self._saved and self._saved[0] == self.done else self._save()
-        stop = StopRequested(signum, self.done, where)
-        say(f"stage 1: {stop} (step {self.done} of {self.plan.stage1_steps})")
-        return stop
+        return StopRequested(signum, self.done, where, self.plan.stage1_steps)
 
     def finish(self) -> Stage1Result:
         """The result of the whole stage 1 (call once `finished`): its steps, seconds and peak memory."""

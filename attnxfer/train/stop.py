@@ -26,11 +26,11 @@ _received: list[int] = []  # signals caught since the loop started (signal handl
 class StopRequested(Exception):
     """The loop stopped at a step boundary after a stop signal; its checkpoint of that step is saved."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None) -> None:
+    def __init__(self, signum: int, step: int, checkpoint: str | None, total: int | None = None) -> None:
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.signal_name = signal.Signals(signum).name
         super().__init__(
-            f"stopped by {self.signal_name} at step {step}; checkpoint saved"
+            f"stopped by {self.signal_name} at step {step}{f' of {total}' if total else ''}; checkpoint saved"
             + (f" ({checkpoint})" if checkpoint else "")
         )
 

@@ -63,11 +63,12 @@ def stop_with_sigterm(proc, log: Path, started: Callable[[], bool], command: str
     text = log.read_text()
     assert proc.exitcode == 143, text[-3000:]
     m = re.search(
-        rf"attnxfer {command}: stopped by SIGTERM at step (\d+); checkpoint saved \((.+?)\); "
+        rf"attnxfer {command}: stopped by SIGTERM at step (\d+) of \d+; checkpoint saved \((.+?)\); "
         r"re-run the same command to resume",
         text,
     )
     assert m, text[-3000:]
+    assert text.count("stopped by SIGTERM") == 1, text[-3000:]  # said once, by the CLI, with what to do
     return int(m.group(1)), Path(m.group(2)), text
 
 

@@ -216,8 +216,9 @@ class _ConvertStudy:
                     # every fit still running saves its step; the first one's stop is the study's
                     stops = []
                     for i in (i for i in active if i not in results):
+                        stops.append(fits[i].stopped(signum))
                         with speaking_for(self.names[i]):
-                            stops.append(fits[i].stopped(signum))
+                            say(f"stage 1: {stops[-1]}")
                     raise stops[0]
             for i, fit in fits.items():
                 if i not in results:

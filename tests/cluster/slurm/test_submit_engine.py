@@ -293,7 +293,7 @@ def test_sigterm_saves_the_step_and_requeues_the_job(slurm, tmp_path):
     logs = "".join(p.read_text() for p in sorted((run / "submitit").glob("*_0_log.*")))
     assert info["JobState"] == "COMPLETED", (info, logs[-3000:])
     assert int(info.get("Restarts", 0)) == 1
-    m = re.search(r"stopped by SIGTERM at step (\d+); checkpoint saved", logs)
+    m = re.search(r"stopped by SIGTERM at step (\d+) of \d+; checkpoint saved", logs)
     assert m, logs[-3000:]
     stopped = int(m.group(1))
     assert 3 <= stopped < steps
