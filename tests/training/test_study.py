@@ -417,3 +417,12 @@ def test_the_study_benchmark_measures_its_ratios_in_one_run(tmp_path):
     assert record["ratios"]["study / solo steps"] == pytest.approx(s["study"] / solo)
     assert record["floor"] == pytest.approx(solo - 3 * s["teacher"])
     assert "study / floor" in res.stdout and record["peak_bytes"]["study"] > 0
+
+
+@pytest.mark.slow
+def test_the_report_alone_is_written_and_said_once(families, capsys):
+    """``--report`` (the report of a study trained by several ranks, written by one process)."""
+    capsys.readouterr()
+    assert cli.main(["study", "-c", str(families / "study.yaml"), "--report"]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "report ->" in line]
+    assert said == [f"study report -> {families / 'study.md'}"]

@@ -66,7 +66,7 @@ def run(args) -> int:
         from ...apps.study.report import write_study_report
         from ...train.runtime import resolve_device
 
-        say(f"report -> {write_study_report(spec.run_dir, device=resolve_device(spec.base.device))}")
+        write_study_report(spec.run_dir, device=resolve_device(spec.base.device))  # says where it is
         return 0
     from ...apps.study.study import study
 
