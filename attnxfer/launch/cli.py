@@ -19,9 +19,9 @@ from .process_exit import end_program
 
 EXAMPLES = """\
 examples:
-  attnxfer demo                                   # the animal-mnist demo (MAE teacher, 3 students)
-  attnxfer train -c cfgs/demo/copy.yaml schedule.epochs=5
-  attnxfer train -c cfgs/paper/vit_large_copy.yaml data.root=/data/imagenet
+  attnxfer demo                                           # the animal-mnist demo (MAE teacher, 3 students)
+  attnxfer train -c demo/copy schedule.epochs=5           # a built-in recipe (attnxfer/cfgs) or a YAML path
+  attnxfer train -c paper/vit_large_copy data.root=/data/imagenet
   attnxfer eval  -c runs/my-run/config.yaml
   attnxfer pretrain -c demo/mae_pretrain                  # MAE pre-training, no labels -> RUN_DIR/export
   attnxfer convert -c convert/demo_hedgehog                # softmax teacher -> Hedgehog student + report

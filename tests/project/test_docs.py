@@ -201,6 +201,26 @@ def test_shell_commands_parse(where, code):
             _check_script(cmd, where)
 
 
+def test_the_cli_helps_examples_parse_and_name_recipes_that_resolve_anywhere(tmp_path, monkeypatch):
+    """``attnxfer --help`` is read wherever attnxfer is installed: its examples name built-in recipes (or a
+    run's own config), not paths that exist only in the checkout (``cfgs/demo/copy.yaml``)."""
+    from attnxfer.launch.cli import EXAMPLES
+
+    monkeypatch.chdir(tmp_path)
+    examples = [
+        shlex.split(line, comments=True)
+        for line in EXAMPLES.splitlines()
+        if line.strip().startswith("attnxfer")
+    ]
+    assert len(examples) >= 8
+    for cmd in examples:
+        argv = _attnxfer_argv(cmd)
+        config = argv[argv.index("-c") + 1] if "-c" in argv else None
+        if config is not None and not config.startswith("runs/"):
+            resolve_recipe(config)
+        _check_attnxfer(argv, "attnxfer --help")
+
+
 def _gpu_suite_commands() -> list[list[str]]:
     """The commands `benchmarks/gpu_suite.sh` runs (``run NAME CMD...``), with ``"$PY"`` as python."""
     code = (ROOT / "benchmarks" / "gpu_suite.sh").read_text()
