@@ -180,13 +180,11 @@ def build_members(
             )
         streams.start(runtime.accelerator)  # what building it left are its streams from now on
         members.append(Member(student.name, engine, view, seconds=standing.seconds.get(student.name, 0.0)))
-    first = members[0].engine if members else None  # the students share one schedule: said once, for all
-    if (
-        first is not None
-        and spec.command != "convert"
-        and (  # as alone: a conversion's stage 2 is short
-            warning := few_steps_warning(first.settings, first.steps_per_epoch, first.total_steps)
-        )
+    # the students share one schedule: its few-steps warning is said once, for all (as alone, none for a
+    # conversion's stage 2, which fine-tunes the teacher's own weights)
+    first = members[0].engine if members and spec.command != "convert" else None
+    if first is not None and (
+        warning := few_steps_warning(first.settings, first.steps_per_epoch, first.total_steps)
     ):
         say(f"{warning} (every student of the study)")
     feed.teacher_pass = shared_teacher_pass(
