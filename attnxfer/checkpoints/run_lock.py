@@ -47,7 +47,7 @@ from ..run_layout import (
     STUDY_RECORD,
     STUDY_YAML,
 )
-from ..speak import say
+from ..speak import debug, say
 from .atomic_io import _write_file_synced
 from .processes import process_alive
 from .store import CheckpointError, CheckpointManager
@@ -236,6 +236,8 @@ def _take_over(path: Path, stale: _Holder) -> bool:
 _HELD: set[tuple[str, int]] = set()
 #: tokens of the locks this process holds or is creating (another thread's lock is a live holder's)
 _OWN_TOKENS: set[str] = set()
+#: the dead holders (host, pid, its start, SLURM job) whose locks this process took over
+_TAKEN_OVER: set[tuple[Any, ...]] = set()
 
 
 def _heartbeat(path: Path, token: str, stop: threading.Event, every: float) -> None:
@@ -271,7 +273,12 @@ def _acquire(path: Path, content: dict[str, Any]) -> None:
                 f"separate run choose another run_dir=. If no such process exists any more, delete {path}"
             )
         if _take_over(path, holder):
-            say(f"{run_dir}: taking over the lock of {holder.describe()}: {why}")
+            # a study's folder and its students' were held by one process: its takeover is said once
+            dead = tuple(holder.content.get(k) for k in ("host", "pid", "pid_started", "slurm_job"))
+            (debug if dead in _TAKEN_OVER else say)(
+                f"{run_dir}: taking over the lock of {holder.describe()}: {why}"
+            )
+            _TAKEN_OVER.add(dead)
     raise RunDirInUseError(f"{run_dir}: could not take its lock ({path}) after 50 tries; try again")
 
 

@@ -141,6 +141,21 @@ def test_a_lock_left_by_a_killed_process_is_taken_over_and_released(trained, tmp
     assert not (run / LOCK_NAME).exists()
 
 
+def test_locks_one_dead_process_left_are_taken_over_with_one_line(tmp_path, capsys):
+    """A killed study leaves its folder's lock and each student's: the takeover is said once, not once a folder."""
+    dead = {"pid": _dead_pid(), "pid_started": "12345", "command": "study"}
+    study, students = tmp_path / "study", [tmp_path / "study" / "copy", tmp_path / "study" / "distill"]
+    for folder in (study, *students):
+        _write_lock(folder, **dead)
+    capsys.readouterr()
+    with contextlib.ExitStack() as stack:
+        for folder in (study, *students):
+            stack.enter_context(run_lock(folder, "study", writes="training run" if folder != study else None))
+    said = [line for line in capsys.readouterr().out.splitlines() if "taking over the lock" in line]
+    assert len(said) == 1 and said[0].startswith(f"{study}: ") and "is gone" in said[0]
+    assert not any((folder / LOCK_NAME).exists() for folder in (study, *students))
+
+
 @pytest.mark.parametrize("command", ["train", "convert", "search", "pretrain"])
 def test_every_command_that_writes_a_run_dir_refuses_a_live_holder(command, tmp_path, capsys):
     run = tmp_path / "held"
