@@ -91,10 +91,14 @@ def _logger() -> logging.Logger:
     return logger
 
 
-def _line(level: int, message: str, all_ranks: bool, to_stderr: bool = False) -> None:
+def _as_speaker(text: str) -> str:
+    """``text`` after the name `speaking_for` set, if any."""
     speaker = _SPEAKER.get()
-    message = f"{speaker}: {message}" if speaker else message
-    _logger().log(level, message, extra={_ALL_RANKS: all_ranks, _TO_STDERR: to_stderr})
+    return f"{speaker}: {text}" if speaker else text
+
+
+def _line(level: int, message: str, all_ranks: bool, to_stderr: bool = False) -> None:
+    _logger().log(level, _as_speaker(message), extra={_ALL_RANKS: all_ranks, _TO_STDERR: to_stderr})
 
 
 def say(message: str, *, all_ranks: bool = False) -> None:
@@ -147,8 +151,7 @@ def warnings_as_lines() -> Iterator[None]:
 
     def as_line(message, category, filename, lineno, line=None) -> str:
         if category.__module__.partition(".")[0] == __package__:  # a category attnxfer defines
-            speaker = _SPEAKER.get()
-            return f"{speaker + ': ' if speaker else ''}warning: {message}\n" if is_main() else ""
+            return _as_speaker(f"warning: {message}\n") if is_main() else ""
         return python_format(message, category, filename, lineno, line)
 
     warnings.formatwarning = as_line
@@ -225,11 +228,10 @@ def progress_bar(
     except (AttributeError, ValueError):  # no isatty, or a closed stream
         watched = False
     if watched or disable:
-        speaker = _SPEAKER.get()
         return tqdm(
             total=total,
             initial=initial,
-            desc=f"{speaker}: {desc}" if speaker else desc,
+            desc=_as_speaker(desc),
             unit=unit,
             leave=False,
             dynamic_ncols=True,

@@ -39,7 +39,7 @@ from ...models.attention.registry import get_attention_class
 from ...models.efficient import build_efficient_student
 from ...models.efficient.floor import floor_model
 from ...models.efficient.hierarchical import flat_blocks
-from ...models.efficient.swap import teacher_token_layout
+from ...models.efficient.swap import check_options, teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
 from ...speak import quiet, say
 from ...train.devices import resolve_precision
@@ -98,12 +98,10 @@ def check_auto(cfg: TrainConfig) -> None:
             get_attention_class(name)
         except (KeyError, ValueError) as e:
             raise InputError(f"convert.candidates: {e.args[0]}") from None
-    unused = [k for k in c.attention_kwargs if not any(_accepts(n, k) for n in c.candidates)]
-    if unused:
-        raise InputError(
-            f"convert.attention_kwargs: no candidate in convert.candidates accepts {unused}: drop them "
-            "(convert.attention_kwargs={} drops every option)"
-        )
+    try:
+        check_options(list(c.candidates), c.attention_kwargs)
+    except TypeError as e:
+        raise InputError(f"convert.attention_kwargs: {e}") from None
 
 
 def _accepts(name: str, option: str) -> bool:

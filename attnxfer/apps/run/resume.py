@@ -68,8 +68,9 @@ def judge(
     command: str = "train",
 ) -> ResumePoint | None:
     """``point`` with the config keys that changed since it was saved; refuses (one `ConfigError`, nothing
-    written) a change that alters what the checkpoint means, and says the allowed ones. With ``world``, the batch split may change where it keeps the global batch;
-    ``scoring`` (`attnxfer eval`) may turn ``data.labels`` on (a run trained without labels scored by k-NN)."""
+    written) a change that alters what the checkpoint means, and says the allowed ones. With ``world``, the
+    batch split may change where it keeps the global batch; ``scoring`` (`attnxfer eval`) may turn
+    ``data.labels`` on (a run trained without labels scored by k-NN)."""
     if point is None or point.config is None:  # nothing found, or saved without its config
         return point
     if world is not None and keeps_global_batch(point, cfg, world):
