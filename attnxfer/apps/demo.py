@@ -23,6 +23,7 @@ from pathlib import Path
 from ..checkpoints.atomic_io import current_umask, give_normal_mode, replace_dir
 from ..checkpoints.export import export_run
 from ..checkpoints.run_dir import RunDir
+from ..checkpoints.run_lock import refuse_file_in_the_way
 from ..checkpoints.store import CheckpointManager, atomic_write_json
 from ..config import TrainConfig, config_keys, dump_config, find_key, load_config, to_dict
 from ..config.study_spec import Student, StudySpec
@@ -308,6 +309,7 @@ def run_demo(
     if seeds < 1:
         raise InputError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out)
+    refuse_file_in_the_way(out_dir, "--out")
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)
     budget_steps = budget_steps or (_QUICK_STUDENT_STEPS if quick else None)

@@ -132,6 +132,16 @@ def _raise_plainly(e: OSError, run_dir: Path) -> None:
     raise plain from e
 
 
+def refuse_file_in_the_way(folder: str | os.PathLike, name: str) -> None:
+    """Refuse a folder to write into that is a file, or lies under one (``run_dir=cfg.yaml/run``), before
+    anything is computed: the ``mkdir`` would fail with a traceback only once the work is done."""
+    folder = Path(folder)
+    file = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:
+        where = "is a file" if file == folder else f"cannot be made: {file} is a file"
+        raise PathExistsError(f"{name}={folder} {where}, not a directory; choose another {name}")
+
+
 def check_writable(run_dir: str | os.PathLike) -> None:
     """Create ``run_dir`` and write, fsync and delete a small probe file in it, so that a full or read-only
     run dir stops a command before it computes anything (`RunDirNotWritableError`)."""
@@ -299,8 +309,7 @@ def run_lock(
     newest intact checkpoint; a run dir held by a live process, a `RunDirInUseError` naming the holder.
     """
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise PathExistsError(f"run_dir={run_dir} is a file, not a directory; choose another run_dir")
+    refuse_file_in_the_way(run_dir, "run_dir")
     refuse_other_work(run_dir, command, writes)
     if not enabled:
         with _plain_disk_errors(run_dir):

@@ -123,6 +123,9 @@ def test_a_run_trained_after_eval_trains(trained, capsys):
         (["train", "-c", "{tmp}"], "is a directory"),
         (["train", "-c", "{tmp}/binary"], "not a text YAML file"),
         (["train", *S, "run_dir={tmp}/afile"], "is a file, not a directory"),
+        (["train", *S, "run_dir={tmp}/afile/run"], "afile is a file, not a directory"),
+        (["demo", "--quick", "--out", "{tmp}/afile/demo"], "afile is a file, not a directory"),
+        (["submit", *S, "run_dir={tmp}/afile/run", "--dry-run"], "afile is a file, not a directory"),
         (["export", "{tmp}/missing", "{tmp}/out"], "does not exist"),
         (["train", *S, "data.dataset=folder", "run_dir={tmp}/r"], "set data.root"),
         (["train", *S, "device=cuda", "run_dir={tmp}/r"], "no CUDA device"),
@@ -142,6 +145,23 @@ def test_bad_input_names_the_real_problem(tmp_path, capsys, monkeypatch, argv, n
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "binary"]  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "{run}", "{tmp}/afile/out"],
+        ["inspect", "{run}", "{run}", "--out", "{tmp}/afile/x"],
+    ],
+)
+def test_an_output_folder_under_a_file_is_refused_before_anything_is_read(trained, tmp_path, capsys, argv):
+    (tmp_path / "afile").write_text("x")
+    argv = [a.replace("{tmp}", str(tmp_path)).replace("{run}", str(trained)) for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert (
+        code == 2 and f"{tmp_path / 'afile'} is a file, not a directory" in err and "Traceback" not in err
+    ), err
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_demo_budget_of_zero_steps_is_refused(capsys):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 from ...checkpoints.resume_point import ResumeFrom, ResumePoint
 from ...checkpoints.run_dir import RunDir
-from ...checkpoints.run_lock import run_lock
+from ...checkpoints.run_lock import refuse_file_in_the_way, run_lock
 from ...config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
 from ...data import data_identity, dataset_has_labels, require_labels
-from ...errors import InputError, PathExistsError
+from ...errors import InputError
 from ...models.attention import attention_blocks
 from ...models.student import student_from_spec
 from ...speak import say
@@ -309,8 +309,7 @@ def build_engine(
     ``warn_few_steps`` False leave those to the caller (a study); ``command``: whose config sections the
     records hold (``convert``: a conversion's stage 2)."""
     validate_config(cfg)  # a config built in Python skips load_config's checks
-    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
-        raise PathExistsError(f"run_dir={cfg.run_dir} is a file, not a directory; choose another run_dir")
+    refuse_file_in_the_way(cfg.run_dir, "run_dir")
     if not scoring:
         require_task_labels(cfg)
     cfg, runtime, point = start_run(

@@ -50,11 +50,12 @@ def run(args) -> int:
     if args.vary and args.job_command != "study":
         raise InputError("--vary names what a study's students differ in: use it with --command study")
     cfg = load_study(args) if args.job_command == "study" else load(args)
-    from ...checkpoints.run_lock import refuse_other_work
+    from ...checkpoints.run_lock import refuse_file_in_the_way, refuse_other_work
     from ...config import dump_config
     from ..slurm import JobFailedError, submit_from_args
 
-    refuse_other_work(cfg.run_dir, args.job_command)  # here, not in a job that fails at once
+    refuse_file_in_the_way(cfg.run_dir, "run_dir")  # here, not in a job that fails at once
+    refuse_other_work(cfg.run_dir, args.job_command)
 
     target = SUBMITTABLE[args.job_command]
     if args.job_command == "study" and cfg.command == "convert":
