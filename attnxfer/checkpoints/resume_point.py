@@ -56,8 +56,8 @@ class ResumeFrom:
             if info is None and (broken := manager.step_dirs()):
                 raise CheckpointError(
                     f"{manager.dir} holds {len(broken)} checkpoint(s), none usable (each warning above says "
-                    "why): nothing is read from them, and a run does not start over on top of them; move them "
-                    f"out of {manager.dir} (to look at later) to start the run from scratch"
+                    "why): nothing is read from them, and nothing trains over them; move them out of "
+                    f"{manager.dir} (to look at later), then train the run again from scratch"
                 )
             return info
         if not self.path.exists():
