@@ -23,3 +23,8 @@ class MissingPathError(UserError, FileNotFoundError):
 class PathExistsError(UserError, FileExistsError):
     """A path the user named that would be overwritten (or is a file where a folder belongs). Also a
     FileExistsError."""
+
+
+class OptionError(UserError, TypeError):
+    """An option a registered builder (a dataset's ``data.kwargs``) does not take. Also a TypeError, as an
+    unexpected keyword argument is."""

@@ -3,6 +3,7 @@ timm, its augmentation seeded per (seed, epoch, index). Without labels a split i
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from ..errors import InputError, MissingPathError
+from ..errors import InputError, MissingPathError, OptionError
 from .label_free import LabelFree
 from .registry import DatasetInfo, built_info, register_dataset, timm_eval_settings
 from .seeding import key_epoch, sample_seed, seeded_global_rngs
@@ -131,6 +132,12 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
     """(``augment``, by default on the train split; timm's transform of ``info``'s images, ``aug`` its options)."""
     from timm.data import create_transform  # local import keeps `import attnxfer.data` light
 
+    unknown = sorted(set(aug) - set(inspect.signature(create_transform).parameters))
+    if unknown:  # an open-ended builder's (hfds/, wds/) data.kwargs end here
+        raise OptionError(
+            f"dataset '{info.name}' has no option(s) {', '.join(unknown)} (data.kwargs), and timm's "
+            "create_transform takes none of them"
+        )
     augment = split == "train" if augment is None else augment
     size = (info.in_chans, info.img_size, info.img_size)
     return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)

@@ -30,8 +30,8 @@ def _samples(dataset: Any) -> int | None:
         return None
 
 
-def _own_fingerprint(obj: Any) -> tuple[str, str] | None:
-    """(what is hashed, the hash) where ``obj`` knows its own identity, else None."""
+def _declared(obj: Any) -> tuple[str, str] | None:
+    """(what is hashed, the hash) where ``obj`` says what it holds without being read, else None."""
     if callable(getattr(obj, "fingerprint", None)):
         return "content", obj.fingerprint()
     if isinstance(getattr(obj, "_fingerprint", None), str):  # a Hugging Face `datasets.Dataset`
@@ -39,21 +39,27 @@ def _own_fingerprint(obj: Any) -> tuple[str, str] | None:
     split = getattr(obj, "split_info", None)  # timm's webdataset reader: its shards
     if split is not None and getattr(split, "filenames", None):
         return "shard list", fingerprint_of([*split.filenames, getattr(split, "num_samples", "")])
-    if callable(getattr(obj, "filenames", None)):  # timm's ImageDataset / our readers: paths under the root
-        return "file list", fingerprint_of(obj.filenames(basename=False, absolute=False))
+    builder = getattr(obj, "builder", None)  # timm's streamed Hugging Face reader: its dataset's files
+    if builder is not None and isinstance(getattr(obj, "split", None), str):
+        return "dataset, split and files", fingerprint_of([obj.name, obj.split, getattr(builder, "hash", "")])
     return None
 
 
 def data_identity(dataset: Any) -> dict[str, Any]:
     """``{"samples": N (None for a stream), "of": what is hashed, "fingerprint": hex}`` of a training
-    dataset, looking through the wrappers around it (else its class and size alone)."""
-    seen, obj = set(), dataset
-    while obj is not None and id(obj) not in seen:
-        seen.add(id(obj))
-        found = _own_fingerprint(obj)
-        if found is not None:
-            of, fingerprint = found
-            return {"samples": _samples(dataset), "of": of, "fingerprint": fingerprint}
+    dataset, looking through the wrappers around it: for an identity one of them declares first, and only
+    then for a file list (timm's datasets list their files by reading every sample of a stream, or every row
+    of a Hugging Face table); else its class and size alone."""
+    chain, obj = [], dataset
+    while obj is not None and all(obj is not seen for seen in chain):
+        chain.append(obj)
         obj = next((getattr(obj, a) for a in _INNER if getattr(obj, a, None) is not None), None)
+    found = next(filter(None, map(_declared, chain)), None)
+    lister = next((obj for obj in chain if callable(getattr(obj, "filenames", None))), None)
+    if found is None and lister is not None:  # timm's ImageDataset / our readers: paths under the root
+        found = "file list", fingerprint_of(lister.filenames(basename=False, absolute=False))
+    if found is not None:
+        of, fingerprint = found
+        return {"samples": _samples(dataset), "of": of, "fingerprint": fingerprint}
     kind = type(dataset).__qualname__
     return {"samples": _samples(dataset), "of": "class and size", "fingerprint": fingerprint_of([kind])}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from ..errors import InputError
+from ..errors import InputError, OptionError
 from ..speak import warn
 from .label_free import images_only, without_labels
 
@@ -187,8 +187,8 @@ def build_dataset(
     )
     unknown = [] if open_ended else sorted(set(kwargs) - set(options))
     if unknown:
-        raise TypeError(
-            f"dataset '{name}' has no option(s) {', '.join(unknown)}; "
+        raise OptionError(
+            f"dataset '{name}' has no option(s) {', '.join(unknown)} (data.kwargs); "
             f"its options are: {', '.join(options) or '(none)'}"
         )
     if not labels and _names_labels(entry.builder):

@@ -35,12 +35,28 @@ def _missing_extra(dataset: str, e: ImportError) -> ImportError:
     return ImportError(f"data.dataset={dataset} needs {e.name or e}: pip install 'attnxfer[{extra}]'")
 
 
+def _require_split(dataset: str, root: str | None, split: str, which: str) -> None:
+    """Refuse a split the Hugging Face dataset (``hfds/NAME``, ``hfids/NAME``) does not have, naming those it
+    has and the key that picks one; a stream would otherwise fail only once read. ``which``: train or val."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise _missing_extra(dataset, e) from e
+    names = datasets.get_dataset_split_names(dataset.split("/", 1)[1], cache_dir=root)
+    if split not in names:
+        raise InputError(
+            f"data.dataset={dataset} has no split {split!r} (it has {names}): name its {which} split with "
+            f"data.kwargs.{which}_split=NAME"
+        )
+
+
 def hf_info(name: str, root: str | None, split: str = "train", labels: bool = True) -> DatasetInfo:
     """Classes of a Hugging Face dataset from its ``label`` feature, read by timm (``labels=False``: none)."""
     if not labels:
         return decoded_image_info(f"hfds/{name}", None, labels=False)
     from timm.data.readers import create_reader
 
+    _require_split(f"hfds/{name}", root, split, "train")
     try:
         reader = create_reader(f"hfds/{name}", root=root, split=split)
     except ImportError as e:
@@ -172,6 +188,7 @@ def build_hfds(
     from timm.data import ImageDataset, create_dataset
 
     hf_split = train_split if split == "train" else val_split
+    _require_split(f"hfds/{name}", root, hf_split, "train" if split == "train" else "val")
     default = hf_info(name, root, train_split, labels=labels)
     info = built_info(f"hfds/{name}", default, img_size, in_chans, mean, std, grayscale_or_rgb=True)
     aug = dict(auto_augment=auto_augment, re_prob=re_prob, re_mode=re_mode, re_count=re_count, **aug)
@@ -281,6 +298,8 @@ for _prefix in STREAM_PREFIXES:
         train_split, val_split = options.pop("train_split", "train"), options.pop("val_split", "validation")
         num_samples = {s: options.pop(f"{s}_samples", None) for s in SPLITS}[split]
         dataset = f"{_prefix}/{name}"
+        if _prefix == "hfids":
+            _require_split(dataset, root, train_split if split == "train" else val_split, split)
         info = built_info(
             dataset, stream_info(dataset, root), img_size, in_chans, mean, std, grayscale_or_rgb=True
         )

@@ -130,6 +130,7 @@ def test_a_run_trained_after_eval_trains(trained, capsys):
         (["train", *S, "data.dataset=folder", "run_dir={tmp}/r"], "set data.root"),
         (["train", *S, "device=cuda", "run_dir={tmp}/r"], "no CUDA device"),
         (["train", *S, "data.kwargs.length=3", "run_dir={tmp}/r"], "give the training split more images"),
+        (["train", *S, "data.kwargs.lenght=3", "run_dir={tmp}/r"], "has no option(s) lenght (data.kwargs)"),
         (["submit", *S, "--slurm", "foo bar=x; rm -rf /", "--cluster", "local"], "not an sbatch option"),
         (["submit", *S, "schedule.epochs=0"], "attnxfer submit: error: schedule.epochs"),
     ],

@@ -19,9 +19,10 @@ import yaml
 from helpers import run_cli, tiny_run
 from PIL import Image
 
-from attnxfer.apps.run.resume import config_changes
+from attnxfer.apps.run.resume import check_same_data, config_changes
 from attnxfer.checkpoints.resume_point import ResumePoint
-from attnxfer.config import TrainConfig, load_config, to_dict
+from attnxfer.checkpoints.verify import CheckpointInfo
+from attnxfer.config import ConfigError, TrainConfig, load_config, to_dict
 
 PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 
@@ -165,6 +166,20 @@ def test_a_resume_on_data_that_changed_stops_unless_asked_and_a_moved_copy_resum
     assert code == 0, err
     assert "the epoch restarts" in out and "position 0" in out
     assert ResumePoint.find(run).data["samples"] == 44
+
+
+def test_data_hashed_another_way_by_an_older_attnxfer_resumes_where_the_sample_counts_agree(capsys):
+    """Streams and Hugging Face tables were once hashed by listing their files (reading every sample); now
+    they say what they hold. A checkpoint of then and the data of now compare by their sample counts."""
+    info = CheckpointInfo(4, Path("run/checkpoints/step-00000004"), None, "", {}, True)
+    older = ResumePoint(info, {"data": {"samples": 48, "of": "file list", "fingerprint": "aa"}})
+    cfg = load_config(None, ["run_dir=run"])
+    assert check_same_data(older, {"samples": 48, "of": "shard list", "fingerprint": "bb"}, cfg)
+    assert "hashed its data another way (file list)" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="training data changed"):  # other data, whatever the hashing
+        check_same_data(older, {"samples": 60, "of": "shard list", "fingerprint": "bb"}, cfg)
+    with pytest.raises(ConfigError, match="training data changed"):
+        check_same_data(older, {"samples": 48, "of": "file list", "fingerprint": "bb"}, cfg)
 
 
 def _record_every_section(run: Path, unread: dict) -> None:

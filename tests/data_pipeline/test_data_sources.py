@@ -29,6 +29,8 @@ from attnxfer.data import (
     registry,
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
+from attnxfer.data.identity import data_identity
+from attnxfer.errors import InputError, OptionError
 from attnxfer.train.metrics import read_summary
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -189,6 +191,45 @@ def test_wds_streams_tar_shards_with_timms_transforms(shards, animals):
     train_set = build_dataset("wds/animals", "train", root=str(shards), **NORM, **options, batch_size=8)
     labels = sorted(int(y) for _, y in train_set)  # one epoch: every training image once, shuffled
     assert labels == sorted(animals["train"][1])
+
+
+def test_streams_and_hugging_face_tables_identify_themselves_without_being_read(hf_dir, shards, tmp_path):
+    """Listing a stream's files reads every sample (a label-free wds stream, or an hfids one without a file-name
+    column, cannot list them at all), and a Hugging Face table's every row: each says what it holds instead."""
+    options = {"train_split": f"train-{{000000..000001}}.tar|{N_TRAIN}", "batch_size": 8}
+    for labels in (True, False):
+        wds = build_dataset("wds/animals", "train", root=str(shards), **NORM, **options, labels=labels)
+        assert data_identity(wds)["of"] == "shard list"
+    hfids = build_dataset(f"hfids/{hf_dir}", "train", root=tmp_path / "a", **NORM, train_samples=N_TRAIN)
+    assert {k: v for k, v in data_identity(hfids).items() if k != "fingerprint"} == {
+        "samples": N_TRAIN,
+        "of": "dataset, split and files",
+    }
+    here, moved = (
+        data_identity(build_dataset(f"hfds/{hf_dir}", "train", root=tmp_path / c, **NORM)) for c in "ab"
+    )
+    assert here == moved and here["of"] == "datasets fingerprint"  # another cache folder: the same data
+    assert data_identity(build_dataset(f"hfds/{hf_dir}", "val", root=tmp_path / "a", **NORM)) != here
+
+
+@pytest.mark.parametrize(
+    "prefix,options", [("hfds", {}), ("hfds", {"labels": False}), ("hfids", {"val_samples": N_VAL})]
+)
+def test_a_split_the_hugging_face_dataset_lacks_is_refused_with_the_key_that_names_another(
+    hf_dir, tmp_path, prefix, options
+):
+    """Hub datasets name their splits differently (train/test, train/validation): a stream would fail only
+    once read."""
+    val = r"no split 'test' \(it has \['train', 'validation'\]\): name its val split with data.kwargs.val_split="
+    with pytest.raises(InputError, match=val):
+        build_dataset(f"{prefix}/{hf_dir}", "val", root=tmp_path, **NORM, val_split="test", **options)
+    with pytest.raises(InputError, match="no split 'training'.*data.kwargs.train_split=NAME"):
+        build_dataset(f"{prefix}/{hf_dir}", "train", root=tmp_path, **NORM, train_split="training", **options)
+
+
+def test_an_option_neither_hfds_nor_timms_transform_takes_is_refused_by_name(hf_dir, tmp_path):
+    with pytest.raises(OptionError, match="has no option\\(s\\) train_samples \\(data.kwargs\\)"):
+        build_dataset(f"hfds/{hf_dir}", "train", root=tmp_path, **NORM, train_samples=N_TRAIN)
 
 
 def test_an_indexable_train_split_beside_a_streamed_val_split_trains_and_validates(
