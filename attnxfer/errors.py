@@ -28,3 +28,8 @@ class PathExistsError(UserError, FileExistsError):
 class OptionError(UserError, TypeError):
     """An option a registered builder (a dataset's ``data.kwargs``) does not take. Also a TypeError, as an
     unexpected keyword argument is."""
+
+
+class HubUnreachableError(UserError, RuntimeError):
+    """The Hub cannot be reached (offline mode, or no route) for what was asked of it; the message says what
+    was done and how to finish elsewhere. Also a RuntimeError."""

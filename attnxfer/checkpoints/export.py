@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
-from ..errors import InputError, PathExistsError
+from ..errors import HubUnreachableError, InputError, PathExistsError
 from ..models.student import (
     SOFTMAX,
     student_from_spec,
@@ -339,9 +339,11 @@ def push_export(
         f"`hf upload {repo_id} {out_dir} .` (older huggingface_hub: `huggingface-cli upload {repo_id} {out_dir} .`)"
     )
     if constants.is_offline_mode():
-        raise RuntimeError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set. {later}")
+        raise HubUnreachableError(f"cannot push to {repo_id}: HF_HUB_OFFLINE=1 is set. {later}")
     if not hub_reachable():
-        raise RuntimeError(f"cannot push to {repo_id}: {constants.ENDPOINT} cannot be reached. {later}")
+        raise HubUnreachableError(
+            f"cannot push to {repo_id}: {constants.ENDPOINT} cannot be reached. {later}"
+        )
     api = HfApi(token=token, library_name="attnxfer")
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=str(out_dir), commit_message=commit_message)

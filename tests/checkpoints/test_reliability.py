@@ -165,6 +165,18 @@ def test_an_output_folder_under_a_file_is_refused_before_anything_is_read(traine
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_a_push_without_the_hub_is_one_line_after_a_complete_export(trained, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(
+        huggingface_hub.constants, "HF_HUB_OFFLINE", True
+    )  # what HF_HUB_OFFLINE=1 sets at import
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "export", str(trained), str(out), "--push-to-hub", "acme/student")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"hf upload acme/student {out} ." in err and (out / "model.safetensors").is_file()
+
+
 def test_demo_budget_of_zero_steps_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "--budget-steps", "0"])
