@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputError
 from ..models.efficient.formula import (
     HAND_DESIGNED,
     PREFIX,
@@ -183,7 +184,7 @@ def run_search(
         ok = [p for p in proposals if p["status"] == "ok"]
         pool = list(dict.fromkeys(state.population + [p["formula"] for p in ok]))
         if not pool:
-            raise RuntimeError(
+            raise InputError(
                 f"generation {generation}: every candidate was rejected ({len(proposals)}); see the reasons in "
                 "the candidates (a larger search.fit_steps budget, or a lower search.fit_lr if stage 1 diverges)"
             )

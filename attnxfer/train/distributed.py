@@ -153,7 +153,7 @@ def init_distributed(backend: str | None = None, timeout: float | None = None) -
         # deep inside a barrier
         visible = torch.cuda.device_count()
         if info.local_world_size > visible and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-            raise RuntimeError(
+            raise InputError(
                 f"{info.local_world_size} ranks on this node but {visible} GPU(s) visible: NCCL needs one GPU "
                 "per rank. Start at most one task per GPU (torchrun --nproc_per_node, attnxfer submit "
                 "--gpus-per-node), or run the ranks on CPU with device=cpu (gloo)"
