@@ -309,7 +309,9 @@ def test_budget_that_cannot_fit_one_candidate_is_refused_before_starting(tmp_pat
 
 def test_a_generation_with_every_candidate_rejected_says_what_to_change(tmp_path, tiny_teacher_dir, capsys):
     run = tmp_path / "run"  # a learning rate no stage 1 survives: every fit goes non-finite
-    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.fit_lr=1e30", "search.generations=0"))
+    code, _, err = run_cli(
+        capsys, *_args(run, tiny_teacher_dir, "search.fit_lr=1e30", "search.generations=0")
+    )
     assert code == 2 and "every candidate was rejected" in err and "search.fit_lr" in err, err
     assert "Traceback" not in err
 

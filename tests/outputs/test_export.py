@@ -349,7 +349,7 @@ def test_push_to_hub_offline_is_a_clear_error_after_a_complete_export(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["raised"] == "RuntimeError"
+    assert result["raised"] == "HubUnreachableError"  # a RuntimeError, so scripts catching that still do
     assert "HF_HUB_OFFLINE=1" in result["message"] and "hf upload acme/student" in result["message"]
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "out").iterdir()}
     assert "hf-hub:acme/student" in (tmp_path / "out" / "README.md").read_text()
