@@ -13,7 +13,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or raw weights")
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    p.add_argument(
+        "--checkpoint",
+        choices=("best", "latest"),
+        default="best",
+        help="the checkpoint with the best recorded val metric (default), or the newest",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload to the Hub as REPO")
     p.add_argument(

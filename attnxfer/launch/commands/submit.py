@@ -1,4 +1,4 @@
-"""``attnxfer submit``: `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit."""
+"""``attnxfer submit``: `train` (or `convert`, `pretrain`, `study`) as a (multi-node) SLURM job through submitit."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
 
 @register_command(
     "submit",
-    help="run `train` (or `convert`, `pretrain`) as a (multi-node) SLURM job through submitit",
+    help="run `train` (or `convert`, `pretrain`, `study`) as a (multi-node) SLURM job through submitit",
     description="Submit the same training as `attnxfer train` (or, with --command convert, the "
     "same conversion as `attnxfer convert`) to SLURM. The job checkpoints "
     "periodically, requeues itself on preemption/time limit and resumes.",
