@@ -65,6 +65,8 @@ def run(args) -> int:
     for flag in ("num_images", "batch_size", "topk", "floor_images", "pictures", "img_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise InputError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.noise < 0:
+        raise InputError(f"--noise is the floor's noise std: it must be >= 0, got {args.noise}")
     # after the checks: a bad flag answers without torch
     from ...apps.inspect.inspect import inspect_attention
 
