@@ -45,6 +45,7 @@ CASES = [
     (["inspect", "t", "s", "--num-images", "0"], 2, "--num-images must be at least 1, got 0"),
     (["inspect", "t", "s", "--noise", "-0.1"], 2, "--noise is the floor's noise std: it must be >= 0"),
     (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
+    (["demo", "--seeds", "0"], 2, "argument --seeds: must be >= 1, got 0"),
     # a value outside a registry's names, whatever else is wrong (demo/distill's teacher folder need not exist)
     (
         ["train", "-c", "demo/distill", "transfer.mode=distil"],

@@ -31,7 +31,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--seeds",
-        type=int,
+        type=_positive_int,
         default=1,
         help="students per run kind, one per seed (teacher once): mean ± std and paired McNemar tests",
     )
