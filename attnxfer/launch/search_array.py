@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from ..apps.search import evaluate_batch
-from ..errors import InputError
 from ..speak import say
 from .slurm import SlurmOptions, build_executor, parse_key_values, undone_if_refused, wait
 
@@ -27,8 +26,6 @@ def split_batches(names: list[str], tasks: int) -> list[list[str]]:
 
 def array_evaluator(cfg: Any, ns: argparse.Namespace) -> Callable[[list[str]], list[dict[str, Any]]]:
     """``evaluate(names)`` that runs one job array per call (one generation) and returns results in order."""
-    if ns.array_tasks < 1:
-        raise InputError(f"--array-tasks must be >= 1, got {ns.array_tasks}")
     opts = SlurmOptions(
         cluster=ns.cluster,
         partition=ns.partition,

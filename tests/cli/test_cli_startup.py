@@ -46,6 +46,12 @@ CASES = [
     (["inspect", "t", "s", "--noise", "-0.1"], 2, "--noise is the floor's noise std: it must be >= 0"),
     (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
     (["demo", "--seeds", "0"], 2, "argument --seeds: must be >= 1, got 0"),
+    (["search", "--array-tasks", "-1"], 2, "--array-tasks must be >= 0 (0: in this process), got -1"),
+    (
+        ["search", "--wait-timeout", "-5"],
+        2,
+        "--wait-timeout is seconds to wait for a generation: it must be > 0",
+    ),
     # a value outside a registry's names, whatever else is wrong (demo/distill's teacher folder need not exist)
     (
         ["train", "-c", "demo/distill", "transfer.mode=distil"],

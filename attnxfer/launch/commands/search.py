@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...errors import InputError
 from ...speak import say
 from ..arguments import add_array_arguments
 from .base import add_config_args, load, register_command
@@ -25,6 +26,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     arguments=_arguments,
 )
 def run(args) -> int:
+    if args.array_tasks < 0:
+        raise InputError(f"--array-tasks must be >= 0 (0: in this process), got {args.array_tasks}")
+    if args.wait_timeout is not None and args.wait_timeout <= 0:
+        raise InputError(
+            f"--wait-timeout is seconds to wait for a generation: it must be > 0, got {args.wait_timeout}"
+        )
     cfg = load(args)
     from ...apps.search import search
 
