@@ -183,7 +183,8 @@ def test_bare_import_is_light_and_every_public_name_still_imports():
     namespace: dict = {}
     exec("from attnxfer import *", namespace)
     assert set(attnxfer.__all__) <= set(namespace)
-    assert set(attnxfer.__all__) <= set(dir(attnxfer))
+    assert set(attnxfer.__all__) <= set(dir(attnxfer)) and "models" in dir(attnxfer)
+    assert not {"functools", "warnings", "Any"} & set(dir(attnxfer))  # its own imports are not its names
     code = "import attnxfer; print(attnxfer.models.create_vit is attnxfer.create_vit, attnxfer.config.TrainConfig)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.startswith("True <class 'attnxfer.config.schema.TrainConfig'>"), out.stdout + out.stderr
