@@ -129,6 +129,11 @@ def recipe_chain(path: str | Path) -> list[tuple[Path, dict[str, Any]]]:
                 f"config file {str(p)!r} must hold a mapping of keys, got {type(data).__name__}"
             )
         data = dict(data)
+        if other := next((k for k in ("_base_", "defaults", "extends") if k in data), None):
+            raise ConfigError(  # MMEngine's, Hydra's and others' word for it, else "unknown key" guesses
+                f"config file {str(p)!r}: {other}: is how other tools start from a recipe; attnxfer's is "
+                f"{BASE_KEY}: NAME (one recipe name or YAML path)"
+            )
         parent = data.pop(BASE_KEY, None)
         chain.append((p, data))
         if parent is None:

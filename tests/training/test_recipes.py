@@ -334,6 +334,11 @@ def test_recipe_base_cycles_and_missing_bases_are_clear_errors(tmp_path):
     (tmp_path / "d.yaml").write_text("base: [x]\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="base must be a recipe name"):
         load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("_base_: demo/copy\n", encoding="utf-8")  # MMEngine's spelling
+    with pytest.raises(
+        ConfigError, match="_base_: is how other tools start from a recipe; attnxfer's is base: NAME"
+    ):
+        load_config(tmp_path / "e.yaml")
 
 
 def test_a_dotted_override_inside_a_dict_key_sets_that_key_and_keeps_the_others():
