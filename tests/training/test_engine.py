@@ -66,6 +66,10 @@ def _weights(run_dir):
             ["transfer.mode=none", "model.name=vit_micro_patch4_28", "model.kwargs={embed_dim: 50}"],
             "model.name=vit_micro_patch4_28 cannot be built with model.kwargs {'embed_dim': 50}",
         ),
+        (  # timm builds it, but a student without blocks has no attention to transfer
+            ["transfer.mode=none", "model.kwargs={depth: 0}"],
+            "cannot be built with model.kwargs {'depth': 0}: TypeError: VisionTransformer has no attention layer",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):

@@ -115,7 +115,9 @@ def create_named_vit(m: ModelConfig, **kwargs: Any) -> nn.Module:
     """``model.name`` with ``kwargs`` (``model.kwargs`` among them) and ``model.drop_path_rate``; timm refusing
     the user's ``model.kwargs`` is one message naming them, not a traceback from inside timm."""
     try:
-        return create_vit(m.name, drop_path_rate=m.drop_path_rate, **kwargs)
+        student = create_vit(m.name, drop_path_rate=m.drop_path_rate, **kwargs)
+        attention_blocks(student)  # a TypeError where none is left ({depth: 0})
+        return student
     except (AssertionError, TypeError, ValueError) as e:  # how timm's constructors refuse arguments
         if not m.kwargs:  # without the user's kwargs, a failure is attnxfer's bug: its traceback
             raise
