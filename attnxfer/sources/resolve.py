@@ -272,9 +272,15 @@ def registry_cfg(name: str, hub: bool = False) -> dict[str, Any]:
             f"timm has no pretrained config {name!r}; tags for {arch}: "
             f"{timm.list_pretrained(arch + '.*')[:10]}"
         )
+    if hub and not cfg.hf_hub_id and not cfg.url:
+        raise TeacherNotAvailable(
+            f"teacher {name!r}: timm registers {arch} without pretrained weights (nothing to download); name a "
+            f"trained one: local-dir:EXPORT_DIR (attnxfer pretrain or export writes one), or a weights file "
+            f"with teacher.arch={arch} (load_teacher(PATH, arch={arch!r}) in Python)"
+        )
     if hub and not cfg.hf_hub_id:
         raise TeacherNotAvailable(
-            f"teacher {name!r}: timm has no Hub copy of these weights, only {cfg.url or '(no URL)'}. Download that "
+            f"teacher {name!r}: timm has no Hub copy of these weights, only {cfg.url}. Download that "
             f"file on a machine with internet and load it here with load_teacher(PATH, arch={name!r})."
         )
     return cfg.to_dict()

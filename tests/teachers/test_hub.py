@@ -33,6 +33,7 @@ from attnxfer.models.attention import TransferAttention
 from attnxfer.models.student import student_from_spec, student_like, student_spec, vit_traits
 from attnxfer.sources.teacher import (
     TeacherLoadError,
+    TeacherNotAvailable,
     TeacherRecord,
     UnsafeCheckpointError,
     load_teacher,
@@ -186,6 +187,14 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
         assert "attnxfer fetch vit_large_patch16_224.mae" in msg
         assert "HF_HUB_CACHE" in msg and "HF_HOME" in msg and "cache_dir" in msg
         assert str(empty) in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+def test_a_timm_architecture_without_pretrained_weights_asks_for_a_trained_one():
+    import attnxfer.models.vit  # noqa: F401  registers the micro ViTs, of which timm holds no weights
+
+    with pytest.raises(TeacherNotAvailable, match=r"without pretrained weights \(nothing to download\)") as e:
+        load_teacher("vit_micro_patch4_28")
+    assert "local-dir:EXPORT_DIR" in str(e.value) and "teacher.arch=vit_micro_patch4_28" in str(e.value)
 
 
 @pytest.mark.slow
