@@ -131,17 +131,16 @@ def split_top_level(text: str) -> list[str]:
     return parts
 
 
-def parse_sweep(items: Sequence[str] | None) -> dict[str, list[str]] | None:
+def parse_sweep(items: Sequence[str] | None, flag: str = "--sweep") -> dict[str, list[str]] | None:
     """``["optim.lr=1e-3,1e-4"]`` to ``{"optim.lr": ["1e-3", "1e-4"]}``; values stay strings (the config
-    parses them), and commas inside brackets belong to the value (``transfer.layers=[0,1],[2,3]``)."""
+    parses them), and commas inside brackets belong to the value (``transfer.layers=[0,1],[2,3]``).
+    ``flag``: the option the items came from (a study's ``--vary``), as errors name it."""
     if not items:
         return None
     sweep: dict[str, list[str]] = {}
-    for key, values in parse_key_values(items, what="--sweep").items():
+    for key, values in parse_key_values(items, what=flag).items():
         vals = [v.strip() for v in split_top_level(values)]
         if not vals or any(v == "" for v in vals):
-            raise InputError(
-                f"--sweep {key}= needs comma-separated values without empty ones, got {values!r}"
-            )
+            raise InputError(f"{flag} {key}= needs comma-separated values without empty ones, got {values!r}")
         sweep[key] = vals
     return sweep

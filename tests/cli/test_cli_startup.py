@@ -46,6 +46,12 @@ CASES = [
     (["inspect", "t", "s", "--noise", "-0.1"], 2, "--noise is the floor's noise std: it must be >= 0"),
     (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
     (["demo", "--seeds", "0"], 2, "argument --seeds: must be >= 1, got 0"),
+    (["study", "-c", "demo/distill", "--vary", "transfer.atd_weight"], 2, "--vary expects KEY=VALUE"),
+    (
+        ["study", "-c", "demo/distill", "--vary", "transfer.atd_weight=1,"],
+        2,
+        "--vary transfer.atd_weight= needs",
+    ),
     (["search", "--array-tasks", "-1"], 2, "--array-tasks must be >= 0 (0: in this process), got -1"),
     (
         ["search", "--wait-timeout", "-5"],

@@ -109,7 +109,9 @@ def load_study(args):
     from ..arguments import parse_sweep
     from ..value_checks import check_values
 
-    spec = load(args.config, args.overrides, parse_sweep(args.vary), getattr(args, "study_command", None))
+    spec = load(
+        args.config, args.overrides, parse_sweep(args.vary, "--vary"), getattr(args, "study_command", None)
+    )
     for student in spec.students:
         try:
             check_values(spec.config_of(student))
