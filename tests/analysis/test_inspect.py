@@ -375,8 +375,13 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
                 "--random-weights",
                 "--images",
                 "/nonexistent/a.png",
+                "/nonexistent/b.png",
             ],
-            "/nonexistent/a.png does not exist",
+            "--images names files that do not exist: /nonexistent/a.png, /nonexistent/b.png",
+        ),
+        (  # a file that is there but is no image: this test's own source
+            ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--images", __file__],
+            "cannot be read as an image: cannot identify image file",
         ),
     ],
 )

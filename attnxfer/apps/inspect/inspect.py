@@ -206,13 +206,16 @@ def load_images(
         raise InputError("give either image files (--images) or a dataset (--data), not both")
     if files:
         transform = create_transform(input_size=(chans, size, size), mean=mean, std=std, crop_pct=1.0)
+        paths = [Path(f).expanduser() for f in files]
+        if missing := [str(p) for p in paths if not p.is_file()]:
+            raise MissingPathError(f"--images names files that do not exist: {', '.join(missing)}")
         out = []
-        for f in files:
-            path = Path(f).expanduser()
-            if not path.is_file():
-                raise MissingPathError(f"image {path} does not exist")
-            with Image.open(path) as img:
-                out.append(transform(img.convert("L" if chans == 1 else "RGB")))
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    out.append(transform(img.convert("L" if chans == 1 else "RGB")))
+            except OSError as e:  # not an image (PIL's UnidentifiedImageError), or a truncated one
+                raise InputError(f"--images {path} cannot be read as an image: {e}") from e
         return torch.stack(out)
     if data:
         if num_images < 1:
