@@ -25,7 +25,8 @@ def _split_dir(root: str | None, split: str) -> Path:
         raise InputError(f"dataset 'folder' needs root=PATH with the layout {_LAYOUT}")
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise MissingPathError(f"dataset folder '{base}' does not exist; expected the layout {_LAYOUT}")
+        what = "is a file, not a folder" if base.exists() else "does not exist"
+        raise MissingPathError(f"dataset folder '{base}' {what}; expected the layout {_LAYOUT}")
     for name in _SPLIT_DIRS[split]:
         if (base / name).is_dir():
             return base / name

@@ -452,6 +452,9 @@ def test_folder_missing_paths_are_explained(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=rf"'{missing}' does not exist.*root/train/<class>/"):
         build_dataset("folder", "train", root=missing)
+    (tmp_path / "a.png").write_bytes(b"")  # an image's path given as the root
+    with pytest.raises(FileNotFoundError, match=r"a.png' is a file, not a folder; expected the layout"):
+        build_dataset("folder", "train", root=tmp_path / "a.png")
     (tmp_path / "ds" / "train" / "a").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"no val or validation/ sub-folder.*root/val/<class>/"):
         build_dataset("folder", "val", root=tmp_path / "ds")
