@@ -222,9 +222,13 @@ def merge_values(obj: Any, data: Mapping[str, Any], prefix: str = "", root: type
             rule = rule_of(fields[key])
             if rule.choices is not None and not rule.admits(value):
                 names = [a for a in rule.choices if a]
-                close = difflib.get_close_matches(str(value), names, n=1)
+                where, bad = prefix + key, value
+                if isinstance(value, list):  # the element outside the set: eval.metrics[1]: 'nope'
+                    i = next(i for i, v in enumerate(value) if not rule.admits(v))
+                    where, bad = f"{where}[{i}]", value[i]
+                close = difflib.get_close_matches(str(bad), names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{prefix + key}: {value!r} is not one of {', '.join(names)}{hint}")
+                raise ConfigError(f"{where}: {bad!r} is not one of {', '.join(names)}{hint}")
     return dataclasses.replace(obj, **changes)
 
 

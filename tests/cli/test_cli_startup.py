@@ -71,6 +71,11 @@ CASES = [
         "model.attention[1]: 'perfromer' is not a registered attention; did you mean 'performer'? (one of agent,",
     ),
     (["train", "model.name=vit_mirco_patch4_28"], 2, "did you mean 'vit_micro_patch4_28'?"),
+    (  # the one element of a list outside its set, named by its place
+        ["train", "log.trackers=[tensorboard,tensorbaord]"],
+        2,
+        "log.trackers[1]: 'tensorbaord' is not one of tensorboard, wandb, mlflow; did you mean 'tensorboard'?",
+    ),
     (
         ["train", "transfer.losses=[{name: logit_kdd}]"],
         2,
