@@ -80,6 +80,20 @@ def test_pretrain_refuses_a_resume_that_changes_what_its_checkpoint_means(tmp_pa
     assert "mae.mask_ratio (0.75 -> 0.5)" in lines[0] and "model.drop_path_rate (0.1 -> 0.3)" in lines[0]
     assert "nothing was written" in lines[0] and "run_dir=" in lines[0]
     assert _files(run) == before
+    # another run's checkpoint named as checkpoint.resume: that run's values, and how to start from its weights
+    other = tmp_path / "other"
+    step = run / "checkpoints" / "step-00000002"
+    code, _, err = run_cli(
+        capsys,
+        "pretrain",
+        *TINY,
+        "mae.mask_ratio=0.5",
+        "mae.pictures=0",
+        f"run_dir={other}",
+        f"checkpoint.resume={step}",
+    )
+    assert code == 2 and f"checkpoint.resume={step} is another run's checkpoint" in err, err
+    assert f"attnxfer export {run} OUT, then model.init=local-dir:OUT" in err and not other.exists()
     # what may change (how long it trains) still resumes, and says so
     code, out, err = run_cli(
         capsys, "pretrain", *TINY, "schedule.max_steps=3", "mae.pictures=0", f"run_dir={run}"

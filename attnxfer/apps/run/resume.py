@@ -89,12 +89,19 @@ def judge(
     point = point.judged(changes)
     if point.refused:
         run = Path(run_dir or cfg.run_dir)
+        changed = f"trained with different values for: {'; '.join(map(str, point.refused))}"
+        if not Path(point.path).resolve().is_relative_to(run.resolve()):  # checkpoint.resume=PATH elsewhere
+            other = Path(point.path).parent.parent
+            raise ConfigError(
+                f"checkpoint.resume={point.path} is another {what}'s checkpoint, {changed}. A resume continues "
+                f"that {what} as it was; nothing was written. To start from its weights with the new values: "
+                f"attnxfer export {other} OUT, then model.init=local-dir:OUT without checkpoint.resume"
+            )
         config = RunDir(run).config_file if RunDir(run).config_file.is_file() else point.path
         raise ConfigError(
-            f"{run} already holds a {what} (checkpoint {point.name}) trained with different values for: "
-            f"{'; '.join(map(str, point.refused))}. These cannot change when a {what} resumes; nothing was "
-            f"written. To train with the new values, start a new {what} elsewhere (run_dir=...); to continue "
-            f"this one, drop them (its config: {config})"
+            f"{run} already holds a {what} (checkpoint {point.name}) {changed}. These cannot change when a "
+            f"{what} resumes; nothing was written. To train with the new values, start a new {what} elsewhere "
+            f"(run_dir=...); to continue this one, drop them (its config: {config})"
         )
     if point.allowed:
         say(f"resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
