@@ -20,7 +20,7 @@ from itertools import islice
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from ..errors import InputError
+from ..errors import InputError, MissingPathError
 from .folder import FolderDataset, decoded_image_info, timm_transform
 from .label_free import LabelFree, without_labels
 from .registry import SPLITS, DatasetInfo, built_info, register_prefix, timm_eval_settings
@@ -42,7 +42,21 @@ def _require_split(dataset: str, root: str | None, split: str, which: str) -> No
         import datasets
     except ImportError as e:
         raise _missing_extra(dataset, e) from e
-    names = datasets.get_dataset_split_names(dataset.split("/", 1)[1], cache_dir=root)
+    name = dataset.split("/", 1)[1]
+    try:
+        names = datasets.get_dataset_split_names(name, cache_dir=root)
+    except (ConnectionError, FileNotFoundError) as e:  # not cached, and no Hub to ask (or none by that name)
+        hub = not name.startswith((".", "/", "~"))  # else a local folder of data files
+        raise MissingPathError(
+            f"data.dataset={dataset}: {str(e).rstrip('.')}"
+            + (
+                ". Hugging Face datasets are read from their cache (data.root, else HF_DATASETS_CACHE or "
+                f"HF_HOME); on a machine with internet, fill one with datasets.load_dataset({name!r}, "
+                "cache_dir=DIR), then set data.root=DIR"
+                if hub
+                else ""
+            )
+        ) from e
     if split not in names:
         raise InputError(
             f"data.dataset={dataset} has no split {split!r} (it has {names}): name its {which} split with "
@@ -321,6 +335,13 @@ for _prefix in STREAM_PREFIXES:
                 stream = IterableImageDataset(root, reader=WdsImages(stream.reader), transform=transform)
         except ImportError as e:
             raise _missing_extra(dataset, e) from e
+        except RuntimeError as e:  # timm's wds reader, for a split name no _info.json under root lists
+            if "not found in info" not in str(e):
+                raise
+            raise InputError(
+                f"data.dataset={dataset}: {e}: no _info.json under data.root={root} names it; name the split's "
+                f"shards instead: data.kwargs.{split}_split='NAME-{{000000..000099}}.tar|N' (files, samples)"
+            ) from e
         per_rank = None
         if split == "train":  # the epoch: whole batches of this rank's equal share (as drop_last)
             per_rank = (int(stream.reader.num_samples) // world_size) // batch_size * batch_size

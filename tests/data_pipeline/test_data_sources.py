@@ -30,7 +30,7 @@ from attnxfer.data import (
 )
 from attnxfer.data.animal_mnist import CLASS_NAMES, load_animal_mnist_arrays
 from attnxfer.data.identity import data_identity
-from attnxfer.errors import InputError, OptionError
+from attnxfer.errors import InputError, MissingPathError, OptionError
 from attnxfer.train.metrics import read_summary
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -225,6 +225,23 @@ def test_a_split_the_hugging_face_dataset_lacks_is_refused_with_the_key_that_nam
         build_dataset(f"{prefix}/{hf_dir}", "val", root=tmp_path, **NORM, val_split="test", **options)
     with pytest.raises(InputError, match="no split 'training'.*data.kwargs.train_split=NAME"):
         build_dataset(f"{prefix}/{hf_dir}", "train", root=tmp_path, **NORM, train_split="training", **options)
+
+
+def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, monkeypatch):
+    """A Hub dataset neither cached nor reachable, a local folder that is not there, and shards without an
+    _info.json to name their split: each a line saying what to set, not datasets' or timm's traceback."""
+    import datasets
+    import huggingface_hub.constants
+
+    for config in (datasets.config, huggingface_hub.constants):  # what HF_HUB_OFFLINE=1 sets at import
+        monkeypatch.setattr(config, "HF_HUB_OFFLINE", True)
+    hub = r"hfds/acme/none: .*datasets.load_dataset\('acme/none', cache_dir=DIR\), then set data.root=DIR"
+    with pytest.raises(MissingPathError, match=hub):
+        build_dataset("hfds/acme/none", "train", root=tmp_path, **NORM)
+    with pytest.raises(MissingPathError, match=r"nowhere$"):  # a folder of the user's: no Hub advice
+        build_dataset(f"hfds/{tmp_path / 'nowhere'}", "train", root=tmp_path, **NORM)
+    with pytest.raises(InputError, match=r"split train not found in info.*data.kwargs.train_split='NAME-"):
+        build_dataset("wds/animals", "train", root=str(shards), **NORM, batch_size=8)
 
 
 def test_an_option_neither_hfds_nor_timms_transform_takes_is_refused_by_name(hf_dir, tmp_path):
