@@ -184,12 +184,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         return merged, None
     if name.endswith(".safetensors"):
         try:
-            return load_file(str(path), device="cpu"), None
+            tensors = load_file(str(path), device="cpu")
         except SafetensorError as e:
             raise TeacherLoadError(
                 f"{path} is not a readable safetensors file ({e}): truncated or corrupted? "
                 "Copy or download it again"
             ) from None
+        if not tensors:
+            raise TeacherLoadError(f"{path} holds no tensors")
+        return tensors, None
     if not name.endswith(WEIGHT_SUFFIXES):
         raise InputError(
             f"{path}: unsupported checkpoint type; use one of {', '.join(WEIGHT_SUFFIXES)} "
@@ -216,7 +219,19 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"\n"
             f"then: load_teacher('{path.stem}.safetensors', arch=...)"
         ) from None
-    if _is_tensor_dict(obj):
+    except (
+        RuntimeError,
+        OSError,
+        EOFError,
+        KeyError,
+        IndexError,
+        ValueError,
+    ) as e:  # cut off, or no torch file
+        raise TeacherLoadError(
+            f"{path} is not a readable torch file ({type(e).__name__}: {e}): truncated or corrupted? Copy or "
+            "download it again"
+        ) from None
+    if _is_tensor_dict(obj) and obj:
         return _strip_wrappers(obj), None
     if isinstance(obj, dict):
         for key in _CHECKPOINT_KEYS:

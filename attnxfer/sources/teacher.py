@@ -332,12 +332,25 @@ def _build(
         kwargs["img_size"] = size.side
     if res.weights:
         cfg["state_dict"] = state_dict
+    if not timm.is_model(res.architecture):
+        raise TeacherLoadError(
+            f"teacher {spec!r}: timm has no architecture {res.architecture!r} to build it as"
+        )
     try:
         model = create_teacher_model(res.architecture, bool(res.weights), cfg, kwargs)
     except RuntimeError as e:
-        if "Error(s) in loading state_dict" not in str(e):
+        if "Error(s) in loading state_dict" in str(e):
+            raise _load_error(spec, res.architecture, e, frozenset(state_dict)) from None
+        if not res.weights:
             raise
-        raise _load_error(spec, res.architecture, e, frozenset(state_dict)) from None
+        # timm's refusals before the load (a channel count its filter cannot adapt), in the same words
+        raise TeacherLoadError(
+            f"teacher {spec!r}: the weights do not fit architecture {res.architecture!r}; timm said: {e}"
+        ) from None
+    except TypeError as e:  # a model that takes no ViT arguments (img_size): a CNN named in config.json
+        raise TeacherLoadError(
+            f"teacher {spec!r}: timm cannot build {res.architecture!r} as a ViT teacher: {e}"
+        ) from None
     finally:
         cfg.pop("state_dict", None)
     # timm keeps the pretrained cfg it loaded from: don't let it pin the checkpoint's tensors in memory.

@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -413,6 +414,35 @@ def test_local_dir_teacher(tmp_path):
         TeacherLoadError, match=r"model\.safetensors is not a readable safetensors file.*truncated"
     ):
         load_teacher(f"local-dir:{tmp_path / 'exported'}")
+
+
+def test_weights_that_cannot_be_a_teacher_are_one_error_naming_the_file_or_the_architecture(tmp_path):
+    """Bytes that are no torch file, a cut-off .pth, a file of no tensors, one-channel weights for a
+    three-channel architecture, and a config.json naming what timm lacks or cannot build as a ViT."""
+    full = tmp_path / "full.pth"
+    torch.save(tiny_timm().state_dict(), full)
+    (tmp_path / "garbage.pth").write_bytes(b"random bytes, no torch file" * 10)
+    (tmp_path / "cut.pth").write_bytes(full.read_bytes()[:5000])
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    save_file(tiny_timm(in_chans=1).state_dict(), str(tmp_path / "gray.safetensors"))
+    for name, says in (
+        ("garbage.pth", "garbage.pth is not a readable torch file"),
+        ("cut.pth", "cut.pth is not a readable torch file"),
+        ("empty.safetensors", "empty.safetensors holds no tensors"),
+        (
+            "gray.safetensors",
+            "the weights do not fit architecture 'vit_tiny_patch16_224'; timm said: Pretrained",
+        ),
+    ):
+        with pytest.raises(TeacherLoadError, match=re.escape(says)):
+            load_teacher(str(tmp_path / name), arch="vit_tiny_patch16_224", **TINY)
+    for arch, says in (("vit_nonesuch", "timm has no architecture 'vit_nonesuch'"), ("resnet18", "resnet18")):
+        folder = tmp_path / arch
+        folder.mkdir()
+        shutil.copy(tmp_path / "gray.safetensors", folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps({"architecture": arch, "num_classes": 0}))
+        with pytest.raises(TeacherLoadError, match=re.escape(says)):
+            load_teacher(f"local-dir:{folder}")
 
 
 def test_bad_specs_say_what_to_change(tmp_path):
