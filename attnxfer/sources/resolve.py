@@ -446,8 +446,9 @@ def _resolve_file(
             else ""
         )
         raise InputError(
-            f"teacher file {path}: pass arch=, the timm architecture it was trained as, e.g. "
-            f"arch='vit_large_patch16_224.mae' (the tag selects the preprocessing){hint}"
+            f"weights file {path}: name the timm architecture it was trained as (teacher.arch=NAME in a "
+            "config, --teacher-arch / --student-arch for inspect, arch=NAME in Python), e.g. "
+            f"vit_large_patch16_224.mae (the tag selects the preprocessing){hint}"
         )
     arch_name, tag = split_model_name_tag(arch)
     if not timm.is_model(arch_name):

@@ -304,9 +304,10 @@ def _choose_head(
             state_dict.pop(k)
         return 0, dropped
     if res.weights:
+        has = f"a {ckpt_classes}-class head" if ckpt_classes else "no classifier head (a headless encoder)"
+        keep = f"num_classes={ckpt_classes} (keep it) or 0 (drop it)" if ckpt_classes else "num_classes=0"
         raise TeacherLoadError(
-            f"teacher {spec!r} has a {ckpt_classes}-class head; num_classes={num_classes} would "
-            f"give it a random one. Pass num_classes={ckpt_classes} (keep it) or 0 (drop it)."
+            f"teacher {spec!r} has {has}; num_classes={num_classes} would give it a random one. Pass {keep}."
         )
     return num_classes, []
 

@@ -397,6 +397,12 @@ def test_flat_deit_style_checkpoint_head_rules(tmp_path):
     headless, rec0 = load_teacher(str(path), arch="vit_tiny_patch16_224", num_classes=0, **TINY)
     assert rec0.num_classes == 0 and rec0.dropped_keys == ["head.bias", "head.weight"]
     assert isinstance(headless.head, torch.nn.Identity)
+    headless_file = tmp_path / "encoder.pth"  # no head to keep: only dropping one is offered
+    torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("head.")}, headless_file)
+    with pytest.raises(
+        TeacherLoadError, match=r"has no classifier head \(a headless encoder\).*Pass num_classes=0\.$"
+    ):
+        load_teacher(str(headless_file), arch="vit_tiny_patch16_224", num_classes=3, **TINY)
 
 
 def test_local_dir_teacher(tmp_path):
@@ -452,7 +458,7 @@ def test_bad_specs_say_what_to_change(tmp_path):
         load_teacher("vit_bsae_patch16_224.mae")  # a misspelt architecture keeps its tag
     path = tmp_path / "w.safetensors"
     save_file(tiny_timm().state_dict(), str(path))
-    with pytest.raises(ValueError, match="arch="):
+    with pytest.raises(ValueError, match="teacher.arch=NAME in a config, --teacher-arch / --student-arch"):
         load_teacher(str(path))
 
 
