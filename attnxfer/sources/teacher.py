@@ -277,10 +277,11 @@ def _read_weights(spec: str, res: Resolved) -> tuple[dict[str, torch.Tensor], st
             res.pretrained_cfg = registry_cfg(guess)
             res.license, res.tag_known = res.pretrained_cfg.get("license"), True
     if not res.tag_known:
+        tags = timm.list_pretrained(f"{res.architecture}.*")  # the ones there are, not a guess
         warn(
             f"teacher {spec}: mean/std are timm's defaults for {res.architecture} (tag "
-            f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in arch= "
-            f"(e.g. {res.architecture}.mae) if that is wrong"
+            f"{res.pretrained_cfg.get('tag')!r}); name the tag the weights were trained with in the "
+            f"architecture if that is wrong" + (f" (one of: {', '.join(tags[:6])})" if len(tags) > 1 else "")
         )
     return state_dict, checkpoint_key, dropped
 

@@ -382,12 +382,14 @@ def test_pth_with_pickled_objects_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_flat_deit_style_checkpoint_head_rules(tmp_path):
+def test_flat_deit_style_checkpoint_head_rules(tmp_path, capsys):
     model = tiny_timm(num_classes=7)
     # DeiT releases: {"model": state_dict}; a DDP-trained one has "module." prefixes
     path = tmp_path / "deit_finetuned.pth"
     torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 299}, path)
     teacher, rec = load_teacher(str(path), arch="vit_tiny_patch16_224", **TINY)
+    tags = "(one of: vit_tiny_patch16_224.augreg_in21k, vit_tiny_patch16_224.augreg_in21k_ft_in1k)"
+    assert tags in capsys.readouterr().err  # the tags timm has, not one it lacks
     ref = model.state_dict()
     assert rec.num_classes == 7 and all(torch.equal(teacher.state_dict()[k], ref[k]) for k in ref)
     assert rec.license is None  # an untagged arch says nothing about a user's file
