@@ -69,8 +69,9 @@ def _checked_scales(q_t, k_t, q_s, k_s, scale_t, scale_s) -> tuple[float, float]
         raise ValueError(f"batch sizes differ: teacher {q_t.shape[0]}, student {q_s.shape[0]}")
     if q_t.shape[-2] != q_s.shape[-2] or k_t.shape[-2] != k_s.shape[-2]:
         raise ValueError(
-            f"token counts differ: teacher {q_t.shape[-2]}, student {q_s.shape[-2]}; "
-            "teacher and student need the same image size, patch size and prefix tokens"
+            f"token counts differ: teacher queries/keys {q_t.shape[-2]}/{k_t.shape[-2]}, student "
+            f"{q_s.shape[-2]}/{k_s.shape[-2]}; teacher and student need the same image size, patch size and "
+            "prefix tokens"
         )
     if not group_heads_ok(q_t.shape[1], q_s.shape[1]):
         raise ValueError(

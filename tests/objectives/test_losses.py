@@ -151,6 +151,8 @@ def test_teacher_gets_no_gradient_and_shapes_are_checked(path):
     assert q_t.grad is None and k_t.grad is None
     with pytest.raises(ValueError, match="token counts differ"):
         attention_distillation_loss(q_t, k_t, q_s[..., :9, :], k_s[..., :9, :])
+    with pytest.raises(ValueError, match="teacher queries/keys 10/10, student 10/9"):  # only the keys differ
+        attention_distillation_loss(q_t, k_t, q_s, k_s[..., :9, :])
     with pytest.raises(ValueError, match="whole multiple"):
         attention_distillation_loss(*_qk(1, 3, 10, 4, 1), *_qk(1, 2, 10, 4, 2))
 
