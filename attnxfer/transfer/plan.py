@@ -3,6 +3,7 @@ compared on; built once and validated there, so a bad combination fails before a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -148,16 +149,13 @@ def build_plan(
     reads no label. Zoo-attention students take modes ``none`` and ``distill`` only."""
     spec = get_mode(mode)
     s_attn = block_attentions(student)
-    if logit_weight < 0 or logit_temperature <= 0:
-        raise PlanError(
-            f"logit distillation needs weight >= 0 and temperature > 0, got weight {logit_weight}, "
-            f"temperature {logit_temperature}"
-        )
-    if feature_weight < 0 or task_weight < 0:
-        raise PlanError(
-            f"transfer.feature_distill and transfer.task_weight must be >= 0, got {feature_weight} and "
-            f"{task_weight}"
-        )
+    weights = dict(
+        weight=weight, logit_weight=logit_weight, feature_weight=feature_weight, task_weight=task_weight
+    )
+    if bad := {name: w for name, w in weights.items() if not 0 <= w < math.inf}:  # NaN fails both
+        raise PlanError(f"loss weights must be finite and >= 0, got {bad}")
+    if not logit_temperature > 0:
+        raise PlanError(f"logit distillation needs a temperature > 0, got {logit_temperature}")
     # the comparisons asked for, in the order their losses are summed
     requested = []
     if spec.distill is not None:

@@ -169,6 +169,17 @@ def test_a_bad_entry_is_one_plan_error_that_names_it(entry, message):
         build_plan(teacher, tiny_vit(depth=2, seed=2), "none", losses=[entry])
 
 
+@pytest.mark.parametrize(
+    "weights", [{"weight": -1.0}, {"weight": float("nan")}, {"task_weight": float("inf")}]
+)
+def test_a_negative_or_non_finite_weight_of_the_mode_or_the_task_is_refused(weights):
+    """Python callers skip the config's range checks: a negative weight would train away from the teacher."""
+    with pytest.raises(
+        PlanError, match=r"loss weights must be finite and >= 0, got \{'(weight|task_weight)'"
+    ):
+        build_plan(tiny_vit(depth=2, seed=1), tiny_vit(depth=2, seed=2), "distill", **weights)
+
+
 def test_a_second_loss_under_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="'feat_l2' is already registered by FeatureL2"):
 
