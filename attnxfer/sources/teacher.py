@@ -20,7 +20,7 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.models import get_model_input_config
 
-from ..errors import InputError
+from ..errors import InputError, MissingPathError
 from ..models.attention import ImageSizes, make_transfer_aware
 from ..models.image_input import as_pair, check_image_size, image_input
 from ..models.vit import create_vit
@@ -453,6 +453,10 @@ def fetch_teacher(spec: str, cache_dir: str | None = None, revision: str | None 
     a machine without); returns the snapshot folder, or a local spec's path."""
     parsed = parse_teacher_spec(spec, revision)
     if parsed.source.is_local:
+        if not Path(parsed.name).expanduser().exists():
+            raise MissingPathError(
+                f"teacher {spec!r}: {parsed.name} does not exist (and a local teacher needs no fetch)"
+            )
         debug(f"teacher {spec} is local: nothing to fetch")
         return parsed.name
     if parsed.source is Source.TIMM:

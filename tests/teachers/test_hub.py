@@ -30,6 +30,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerScale, resample_abs_pos_embed
 from timm.models import save_for_hf
 
+from attnxfer.errors import MissingPathError
 from attnxfer.models.attention import TransferAttention
 from attnxfer.models.student import student_from_spec, student_like, student_spec, vit_traits
 from attnxfer.sources.teacher import (
@@ -37,6 +38,7 @@ from attnxfer.sources.teacher import (
     TeacherNotAvailable,
     TeacherRecord,
     UnsafeCheckpointError,
+    fetch_teacher,
     load_teacher,
     read_state_dict,
 )
@@ -188,6 +190,13 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
         assert "attnxfer fetch vit_large_patch16_224.mae" in msg
         assert "HF_HUB_CACHE" in msg and "HF_HOME" in msg and "cache_dir" in msg
         assert str(empty) in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_path):
+    assert fetch_teacher(f"local-dir:{tmp_path}") == str(tmp_path)  # there: nothing to fetch
+    for spec in (f"local-dir:{tmp_path / 'typo'}", str(tmp_path / "typo" / "model.pth")):
+        with pytest.raises(MissingPathError, match="typo does not exist|model.pth does not exist"):
+            fetch_teacher(spec)
 
 
 def test_a_timm_architecture_without_pretrained_weights_asks_for_a_trained_one():
