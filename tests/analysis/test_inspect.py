@@ -395,6 +395,25 @@ def test_bad_input_is_one_clear_message(args, needle, tmp_path, capsys):
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+def test_a_folder_with_a_report_md_of_its_own_is_not_written_over(tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "report.md").write_text("my notes\n")
+    args = [
+        "inspect",
+        "vit_tiny_patch16_224",
+        "vit_tiny_patch16_224",
+        "--random-weights",
+        "--data",
+        "synthetic",
+    ]
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces an earlier inspection, not the user's files
+        assert cli_main([*args, "--out", str(out), *extra]) == 2
+    assert (out / "report.md").read_text() == "my notes\n" and sorted(p.name for p in out.iterdir()) == [
+        "report.md"
+    ]
+
+
 def test_an_empty_image_batch_is_a_clear_error():
     teacher = tiny_vit(depth=1)
     with pytest.raises(ValueError, match="no images to inspect"):
