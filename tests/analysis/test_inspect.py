@@ -379,6 +379,10 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
             ],
             "--images names files that do not exist: /nonexistent/a.png, /nonexistent/b.png",
         ),
+        (  # trained weights (a file here) are never silently swapped for random ones
+            ["vit_tiny_patch16_224", __file__, "--random-weights", "--data", "synthetic"],
+            "--random-weights is for timm names;",
+        ),
         (  # a file that is there but is no image: this test's own source
             ["vit_tiny_patch16_224", "vit_tiny_patch16_224", "--random-weights", "--images", __file__],
             "cannot be read as an image: cannot identify image file",

@@ -28,7 +28,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--random-weights",
         action="store_true",
-        help="timm names with random weights (no download; smoke tests)",
+        help="timm names with random weights (no download; smoke tests); refused for folders and files",
     )
     p.add_argument("--teacher-arch", default=None, help="timm architecture of a TEACHER weight file")
     p.add_argument("--student-arch", default=None, help="timm architecture of STUDENT weight files")
