@@ -210,5 +210,7 @@ def test_inspect_runs_the_teacher_at_the_size_its_trained_students_were_trained_
     result = inspect_attention(teacher_spec, [f"local-dir:{out}"], **settings)
     assert result["tokens"]["grid"] == [6, 6]  # 48 px in 8 px patches
     assert len(result["students"]["export"]) == len(attention_layers(teacher))
-    with pytest.raises(InputError, match="was trained at 48 px .* pass --img-size 48"):
-        inspect_attention(teacher_spec, [f"local-dir:{out}"], img_size=32, **settings)
+    softmax = export_student(student_like(teacher), tmp_path / "softmax", card=card())  # timm's format
+    for student in (out, softmax):
+        with pytest.raises(InputError, match="was trained at 48 px .* pass --img-size 48"):
+            inspect_attention(teacher_spec, [f"local-dir:{student}"], img_size=32, **settings)

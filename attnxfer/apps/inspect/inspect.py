@@ -140,6 +140,8 @@ def load_model(
     )  # a spec that names nothing is refused as what it was given as
     if not pretrained and parsed.source.is_local:
         raise InputError(f"--random-weights is for timm names; {spec} holds trained weights: leave it out")
+    if role == "student":  # an export folder's record says the size it was trained at, as a run's does
+        _refuse_other_size(spec, trained_size(spec), img_size)
     try:
         model, record = load_teacher(source, arch=arch, pretrained=pretrained, img_size=img_size)
     except ImageSizeError as err:
@@ -161,12 +163,16 @@ def load_model(
 def _at_size(loaded: LoadedModel, img_size: int | None) -> LoadedModel:
     """A trained student as it was trained: at ``img_size`` (when given), else refused."""
     size = image_input(loaded.model).img_size
-    if img_size is not None and size is not None and size != (img_size, img_size):
-        raise InputError(
-            f"{loaded.spec} was trained at {size[0]} px and is inspected at the size it was trained at: pass "
-            f"--img-size {size[0]} (the teacher is rebuilt there), or leave --img-size out"
-        )
+    _refuse_other_size(loaded.spec, size[0] if size is not None else None, img_size)
     return loaded
+
+
+def _refuse_other_size(spec: str, trained: int | None, img_size: int | None) -> None:
+    if img_size is not None and trained is not None and trained != img_size:
+        raise InputError(
+            f"{spec} was trained at {trained} px and is inspected at the size it was trained at: pass "
+            f"--img-size {trained} (the teacher is rebuilt there), or leave --img-size out"
+        )
 
 
 def trained_size(spec: str) -> int | None:
