@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..errors import InputError
 from ..models.attention import MapKind, TransferableAttention, attention_name_of, stage_of
-from ..speak import progress_bar
+from ..speak import progress_bar, warn
 from ..transfer.plan import map_layers
 from .geometry import layer_geometry
 from .knn import evaluating
@@ -154,6 +154,7 @@ class _Comparison:
         self.images = self.floor_seen = 0
         self.layout: dict[str, Any] | None = None
         self.positions: list[RowPositions | None] = []
+        self.fewest_keys: int | None = None  # a row's keys, in the layer with fewest (a window's)
 
     def add_batch(self, x: torch.Tensor) -> None:
         """One batch: every model's signals, then each teacher layer with its floor and its students' layers."""
@@ -223,6 +224,7 @@ class _Comparison:
         pos, cells = self.positions[j], None
         if pos is not None and acc.geometry.kind != "global" and pos.matches(t_sig[j], x.shape[0]):
             cells = cell_distances(pos, tuple(x.shape[-2:]))
+        self.fewest_keys = min(self.fewest_keys or t_sig[j].shape[2], t_sig[j].shape[2])
         lay = RowLayout(acc.geometry, t_sig[j].q.shape[-2], self.settings.probe_rows, self.device, cells)
         acc.probe_rows = int(lay.probe.numel())
         students = [(s_sig[n][i], self.s_acc[n][i]) for n, i in mine]
@@ -238,6 +240,11 @@ class _Comparison:
             n: [_student_result(i, t, s, self.last[n][i], self.s_acc[n][i]) for i, t in self.pairs[n]]
             for n, s in self.subjects.items()
         }
+        if self.fewest_keys is not None and self.settings.topk >= self.fewest_keys:
+            warn(
+                f"topk={self.settings.topk} is not below the {self.fewest_keys} keys a row attends to in some "
+                "layers: there every key is in the top k, and the top-k overlap is 1 whatever the maps"
+            )
         settings = {
             "topk": self.settings.topk,
             "noise": self.settings.noise,

@@ -160,6 +160,15 @@ def test_walk_matches_explicit_maps_in_row_chunks():
     assert insp.images == 5 and insp.settings["probe_rows"] == 17
 
 
+def test_a_topk_of_every_key_is_said_to_measure_nothing(capsys):
+    teacher, x = tiny_vit(depth=1, seed=1), torch.randn(2, 3, 32, 32)
+    compare_attention(teacher, {"s": tiny_vit(depth=1, seed=2)}, [x], topk=16)  # 17 keys: fine
+    assert "topk=" not in capsys.readouterr().err
+    insp = compare_attention(teacher, {"s": tiny_vit(depth=1, seed=2)}, [x], topk=17)
+    assert "topk=17 is not below the 17 keys" in capsys.readouterr().err
+    assert insp.students["s"][0].metrics["topk"] == pytest.approx([1.0] * 3)  # whatever the maps
+
+
 def _permute_heads(model, layer, perm):
     """A copy of ``model`` whose heads in ``layer`` are reordered: new head b is old head perm[b]."""
     model = copy.deepcopy(model)
