@@ -392,7 +392,9 @@ def export_run(
     training_data, dataset = _recipe_data(recipe)
     out_dir = Path(out_dir)
     card = ModelCardInfo(
-        model_name=(push_to_hub or out_dir.name).split("/")[-1],
+        model_name=(push_to_hub or out_dir.absolute().name).split("/")[
+            -1
+        ],  # `export RUN .`: the folder's name
         teacher=record.get("teacher"),
         transfer_mode=mode,
         plan=record.get("plan"),

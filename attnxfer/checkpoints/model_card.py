@@ -90,6 +90,8 @@ def card_license(card: ModelCardInfo) -> tuple[str, str]:
             tl.lower(),
             f"The teacher's weights ({name}) are licensed {tl}; this student inherits that licence ({tl}).",
         )
+    if not teacher:  # trained from scratch, or MAE pre-training: no weights it derives from
+        return "other", "No licence was set: check the terms of the data it was trained on."
     return "other", (
         f"The teacher's licence ({name}) is unknown: check the teacher's terms before using or "
         "redistributing this model, which was trained from it."
@@ -170,10 +172,13 @@ def render_model_card(
     what = (
         shape_phrase(shape, spec.get("attention", SOFTMAX)) if shape else f"a {spec['architecture']} student"
     )
-    description = card.description or (
-        f"{what[0].upper()}{what[1:]}, trained by attention transfer "
-        f"({card.transfer_mode or 'mode not recorded'}) from the teacher {_teacher_name(card.teacher)}, with attnxfer."
+    how = (
+        f"by attention transfer ({card.transfer_mode or 'mode not recorded'}) from the teacher "
+        f"{_teacher_name(card.teacher)}"
+        if teacher
+        else "without a teacher"
     )
+    description = card.description or f"{what[0].upper()}{what[1:]}, trained {how}, with attnxfer."
     teacher_rows = [  # rows with no value are left out
         ("id", teacher.get("spec")),
         ("architecture", teacher.get("architecture")),
@@ -195,8 +200,13 @@ def render_model_card(
     sections = [
         f"# {card.model_name}\n\n" + description,
         "\n## License\n\n" + license_text + "\n",
-        "\n## Teacher\n\n| field | value |\n|---|---|\n"
-        + "".join(f"| {k} | `{_fmt(v)}` |\n" for k, v in teacher_rows if v not in (None, "", [])),
+        "\n## Teacher\n\n"
+        + (
+            "| field | value |\n|---|---|\n"
+            + "".join(f"| {k} | `{_fmt(v)}` |\n" for k, v in teacher_rows if v not in (None, "", []))
+            if teacher
+            else "None: trained without a teacher.\n"
+        ),
         f"\n## Transfer\n\nMode: **{card.transfer_mode or 'not recorded'}**\n" + plan,
         _student_section(card, spec, shape),
         "\n## Training data\n\n" + (card.training_data or "Not recorded: see the recipe.") + "\n",

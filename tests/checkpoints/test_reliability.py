@@ -177,6 +177,20 @@ def test_a_push_without_the_hub_is_one_line_after_a_complete_export(trained, tmp
     assert f"hf upload acme/student {out} ." in err and (out / "model.safetensors").is_file()
 
 
+def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_the_folder(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """From scratch (or MAE pre-training): no 'from the teacher (no teacher recorded)', no teacher's licence;
+    `export RUN .` names the card after the folder it is written into, not ''."""
+    (tmp_path / "scratch-vit").mkdir()
+    monkeypatch.chdir(tmp_path / "scratch-vit")
+    code, _, err = run_cli(capsys, "export", str(trained), ".")
+    assert code == 0, err
+    body = (tmp_path / "scratch-vit" / "README.md").read_text().split("---", 2)[2]
+    assert body.lstrip().startswith("# scratch-vit\n") and "trained without a teacher, with attnxfer." in body
+    assert "## Teacher\n\nNone: trained without a teacher." in body and "teacher's licence" not in body
+
+
 def test_demo_budget_of_zero_steps_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["demo", "--budget-steps", "0"])
