@@ -158,6 +158,7 @@ def export_student(
     """
     out_dir = Path(out_dir)
     formats = _formats(formats)
+    _check_repo_id(push_to_hub)
     if card.repo_id is None and push_to_hub:
         card.repo_id = push_to_hub
     license_id, _ = card_license(card)  # a licence conflict fails before anything is written
@@ -321,6 +322,17 @@ FORMATS: dict[str, Callable[..., dict[str, Any] | None]] = {
 }
 
 
+def _check_repo_id(repo_id: str | None) -> None:
+    """A Hub repo id the Hub would refuse, refused before the export is written (and named on its card)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if repo_id is not None:
+            validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise InputError(f"--push-to-hub {repo_id!r} is not a Hub repo id (ORG/NAME): {e}") from None
+
+
 def push_export(
     out_dir: str | os.PathLike,
     repo_id: str,
@@ -377,6 +389,7 @@ def export_run(
     ``formats`` as `export_student`) with its record, recipe and metrics on the card. Copy-mode students are
     refused: they compute attention from the teacher's q/k at inference and do not stand alone."""
     formats = _formats(formats)  # an unknown format or a missing package stops before anything is read
+    _check_repo_id(push_to_hub)
     run = RunDir(run_dir)
     record = run.record()
     weights = _choice(ExportWeights, weights, "weights")

@@ -175,6 +175,8 @@ def test_a_push_without_the_hub_is_one_line_after_a_complete_export(trained, tmp
     code, _, err = run_cli(capsys, "export", str(trained), str(out), "--push-to-hub", "acme/student")
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert f"hf upload acme/student {out} ." in err and (out / "model.safetensors").is_file()
+    code, _, err = run_cli(capsys, "export", str(trained), str(tmp_path / "o2"), "--push-to-hub", "bad name!")
+    assert code == 2 and "'bad name!' is not a Hub repo id" in err and not (tmp_path / "o2").exists()
 
 
 def test_the_card_of_a_run_without_a_teacher_says_so_and_export_into_dot_names_the_folder(
