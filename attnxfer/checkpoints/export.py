@@ -87,9 +87,10 @@ def _check_same_logits(student: nn.Module, twin: nn.Module) -> None:
     try:
         size = get_model_input_config(student)["input_size"]
         x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
-        device = next(student.parameters()).device
-        twin.to(device).eval()  # same device, same kernels
-        a, b = student(x.to(device)).cpu(), twin(x.to(device)).cpu()
+        param = next(student.parameters())  # a bf16 / fp16 student: its twin and input in its dtype
+        twin.to(param.device, param.dtype).eval()  # same device, same kernels
+        x = x.to(param.device, param.dtype)
+        a, b = student(x).cpu(), twin(x).cpu()
     finally:
         student.train(was_training)
         twin.cpu()

@@ -136,6 +136,14 @@ def test_model_card_holds_teacher_licence_mode_plan_recipe_metrics(tmp_path):
     assert f'timm.create_model("local-dir:{out}", pretrained=True)' in body
 
 
+def test_a_bf16_student_exports_and_its_weights_load_back_in_timm(tmp_path):
+    """The export's check runs the student and its rebuilt twin in the student's own dtype."""
+    student = trained_student().to(torch.bfloat16)
+    out = export_student(student, tmp_path / "bf16", card=card())
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).state_dict()
+    assert all(torch.equal(loaded[k].to(torch.bfloat16), v) for k, v in student.state_dict().items())
+
+
 def test_non_commercial_teacher_licence_cannot_be_replaced(tmp_path):
     with pytest.raises(ValueError, match="inherits"):
         export_student(trained_student(), tmp_path / "out", card=card(license="apache-2.0"))
