@@ -8,12 +8,14 @@ from helpers import tiny_vit
 from timm.layers import set_fused_attn
 from timm.utils import AttentionExtract
 
+from attnxfer.errors import InputError
 from attnxfer.models import (
     AttentionIO,
     PartialQKV,
     TransferAttention,
     attention_io,
     attention_maps,
+    capture_attention,
     make_transfer_aware,
 )
 
@@ -43,6 +45,15 @@ def test_maps_equal_timm_attention_extract():
         assert maps[i].shape == (2, 3, 17, 17)
         torch.testing.assert_close(maps[i], ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(maps[i].sum(-1), torch.ones(2, 3, 17))
+
+
+def test_layers_the_model_does_not_have_are_named_not_an_index_error():
+    model = tiny_vit(depth=2).eval()
+    with pytest.raises(InputError, match=r"layers \[5\]: the model has 2 attention blocks, 0 to 1"):
+        attention_maps(model, torch.randn(1, 3, 32, 32), layers=[1, 5])
+    # a negative index would key the maps by -1
+    with pytest.raises(InputError, match=r"layers \[-1\]"), capture_attention(model, layers=[-1]):
+        pass
 
 
 def test_capture_and_override_round_trip():

@@ -10,6 +10,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 
+from ...errors import InputError
 from ..handover import Chunks, Signal
 from . import families  # noqa: F401  (registers every family's adapter)
 from .adapters import attention_layers
@@ -30,11 +31,19 @@ def attention_maps(
 ) -> dict[int, torch.Tensor]:
     """Explicit (B, H, N, N) fp32 maps of the chosen blocks (None without a map): for pictures and tests."""
     attns = transferable_attentions(model)
-    layers = range(len(attns)) if layers is None else list(layers)
+    layers = _chosen_layers(attns, layers)
     ios = {i: AttentionIO(return_map=True) for i in layers}
     with attached_ios(attns, ios):
         model.forward_features(x)
     return {i: io.map for i, io in ios.items()}
+
+
+def _chosen_layers(attns: Sequence[TransferableAttention], layers: Iterable[int] | None) -> list[int]:
+    """``layers`` (None: every block), each one of the model's blocks."""
+    chosen = list(range(len(attns))) if layers is None else list(layers)
+    if bad := [i for i in chosen if not 0 <= i < len(attns)]:
+        raise InputError(f"layers {bad}: the model has {len(attns)} attention blocks, 0 to {len(attns) - 1}")
+    return chosen
 
 
 def _record_input(module: TransferableAttention, args: tuple, kwargs: dict, *, sink: dict) -> None:
@@ -58,7 +67,7 @@ def capture_attention(
             f"{', '.join(CAPTURE_FIELDS)}"
         )
     attns = transferable_attentions(model)
-    layers = range(len(attns)) if layers is None else list(layers)
+    layers = _chosen_layers(attns, layers)
     store: dict[int, dict[str, torch.Tensor]] = {i: {} for i in layers}
     wanted = Chunks(f for f in fields if Signal(f).is_chunk)
     ios = {i: AttentionIO(capture=wanted, captured=store[i]) for i in layers} if wanted else {}
