@@ -20,7 +20,7 @@ from ..models.attention import AttentionIO, attention_io, attention_layers, make
 from ..models.handover import Chunks, Signal
 from .comparisons import Comparison, LayerPair, Step
 from .losses import CEPath, ce_path_for
-from .plan import TransferPlan, build_plan
+from .plan import PlanError, TransferPlan, build_plan
 from .step_loss import Loss, compose_loss
 from .teacher_pass import (
     TeacherHandover,
@@ -124,6 +124,14 @@ class TeacherStudent(nn.Module):
         self._teacher_layers = attention_layers(teacher) if teacher is not None else []
         self._student_attn = [m for _, m in self._student_layers]
         self._teacher_attn = [m for _, m in self._teacher_layers]
+        s_far = max((s for s, _ in self.plan.pairs), default=-1)
+        t_far = max((t for _, t in self.plan.pairs), default=-1)
+        if s_far >= len(self._student_attn) or (teacher is not None and t_far >= len(self._teacher_attn)):
+            raise PlanError(  # an IndexError at the first forward otherwise
+                f"the plan pairs student layer {s_far} with teacher layer {t_far}, but the student has "
+                f"{len(self._student_attn)} attention blocks and the teacher {len(self._teacher_attn)}: it was "
+                "built for other models; build_plan(teacher, student, ...) with these two"
+            )
         if self.plan.mode.borrow:
             for s_layer, _ in self.plan.pairs:
                 self._student_attn[s_layer].freeze_projections(self.plan.mode.borrow)

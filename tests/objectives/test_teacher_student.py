@@ -200,6 +200,9 @@ def test_clear_errors_at_construction():
         build_plan(t, tiny_vit(), "copy", layers=[7])
     with pytest.raises(PlanError, match=r"layers=\[\] names no layer to transfer"):
         build_plan(t, tiny_vit(), "distill", layers=[])  # a distillation that distils nothing
+    deep = tiny_vit(depth=6, seed=3)  # a plan built for a deeper pair, handed to a shallower one
+    with pytest.raises(PlanError, match="built for other models; build_plan"):
+        TeacherStudent(t, tiny_vit(seed=2), build_plan(deep, tiny_vit(depth=6, seed=4), "distill"))
     # a multiple of heads is fine for distillation, and averaged in groups
     plan = build_plan(tiny_vit(num_heads=6, embed_dim=48), tiny_vit(num_heads=3), "distill")
     assert plan.head_groups == 2 and "groups of 2" in plan.describe()
