@@ -136,7 +136,7 @@ def _hub_file(
 def _hub_weights(
     spec: str, repo: str, revision: str | None, cache_dir: str | None, filename: str | None = None
 ) -> str:
-    names = (filename,) if filename else (_HUB_WEIGHT_FILES[0], _SHARD_INDEX, _HUB_WEIGHT_FILES[1])
+    names = (filename,) if filename else (_HUB_WEIGHT_FILES[0], _SHARD_INDEX, *_HUB_WEIGHT_FILES[1:])
     for name in names:
         path = _hub_file(spec, repo, name, revision, cache_dir, required=False)
         if path:

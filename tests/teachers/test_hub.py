@@ -192,6 +192,21 @@ def test_offline_and_uncached_says_how_to_fetch_within_seconds(tmp_path):
         assert str(empty) in msg and "HF_HUB_OFFLINE=1" in msg
 
 
+def test_a_hub_repo_whose_weights_are_a_pth_loads_from_the_cache_as_fetch_left_it(tmp_path, monkeypatch):
+    """`attnxfer fetch` takes .pth/.bin where a repo has no safetensors: loading reads them too."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    model = tiny_timm(num_classes=5)
+    snap = put_in_hub_cache(tmp_path, "acme/pth-only", model)
+    (snap / "model.safetensors").unlink()
+    torch.save(model.state_dict(), snap / "model.pth")
+    teacher, rec = load_teacher("hf-hub:acme/pth-only", cache_dir=str(tmp_path))
+    assert rec.files[-1].endswith("model.pth") and all(
+        torch.equal(teacher.state_dict()[k], v) for k, v in model.state_dict().items()
+    )
+
+
 def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_path):
     assert fetch_teacher(f"local-dir:{tmp_path}") == str(tmp_path)  # there: nothing to fetch
     for spec in (f"local-dir:{tmp_path / 'typo'}", str(tmp_path / "typo" / "model.pth")):
