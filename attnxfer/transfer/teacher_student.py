@@ -192,6 +192,11 @@ class TeacherStudent(nn.Module):
         if needs.empty:  # at eval too, unless the mode needs the teacher at inference
             return TransferOutput(self.student(x))
         batch = images(x)
+        if handover is not None and not isinstance(handover, TeacherHandover):  # pair(images, labels)
+            raise TypeError(
+                f"the second argument is the teacher's hand-over, got {type(handover).__name__}: the pair takes "
+                "images only (its output's logits go to your task loss with the labels)"
+            )
         if handover is not None:
             if self.owns_teacher_pass:
                 raise ValueError(

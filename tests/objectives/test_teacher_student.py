@@ -200,6 +200,11 @@ def test_clear_errors_at_construction():
         build_plan(t, tiny_vit(), "copy", layers=[7])
     with pytest.raises(PlanError, match=r"layers=\[\] names no layer to transfer"):
         build_plan(t, tiny_vit(), "distill", layers=[])  # a distillation that distils nothing
+    with pytest.raises(TypeError, match="the second argument is the teacher's hand-over, got Tensor"):
+        TeacherStudent(t, tiny_vit(seed=2), build_plan(t, tiny_vit(seed=2), "distill"))(
+            torch.randn(2, 3, 32, 32),
+            torch.tensor([1, 2]),  # (images, labels), as a task loss is called
+        )
     deep = tiny_vit(depth=6, seed=3)  # a plan built for a deeper pair, handed to a shallower one
     with pytest.raises(PlanError, match="built for other models; build_plan"):
         TeacherStudent(t, tiny_vit(seed=2), build_plan(deep, tiny_vit(depth=6, seed=4), "distill"))
