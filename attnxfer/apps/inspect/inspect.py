@@ -405,13 +405,11 @@ def inspect_attention(
         raise PathExistsError(
             f"{out} already holds an inspection (metrics.json); choose another --out or pass --overwrite"
         )
-    if out is not None and not (Path(out) / "metrics.json").exists():  # no inspection's: the user's own
-        names = ("report.md", MANIFEST, *_OWN_PICTURES)
-        if clash := sorted({p.name for pattern in names for p in Path(out).glob(pattern)}):
-            raise PathExistsError(
-                f"{out} holds files of its own that a report would replace ({', '.join(clash[:5])}); "
-                "choose another --out"
-            )
+    own = [name for name in ("report.md", MANIFEST, "curves.png") if out and (Path(out) / name).exists()]
+    if own and not (Path(out) / "metrics.json").exists():  # no inspection's files: the user's own
+        raise PathExistsError(
+            f"{out} holds files of its own that a report would replace ({', '.join(own)}); choose another --out"
+        )
     trained = {s for s in map(trained_size, students) if s is not None}
     size = img_size or (trained.pop() if len(trained) == 1 else None)
     torch.manual_seed(seed)
