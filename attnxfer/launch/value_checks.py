@@ -174,4 +174,13 @@ def check_values(cfg: Any) -> Any:
     _check_options("model.attention_kwargs", cfg.model.attention, cfg.model.attention_kwargs)
     names = list(cfg.convert.candidates) if auto else cfg.convert.attention
     _check_options("convert.attention_kwargs", names, cfg.convert.attention_kwargs)
+    if cfg.mae.decoder_dim % cfg.mae.decoder_heads:
+        raise ConfigError(
+            f"mae.decoder_dim={cfg.mae.decoder_dim} does not split into mae.decoder_heads="
+            f"{cfg.mae.decoder_heads} heads: make the width a multiple of the head count"
+        )
+    if cfg.search.seeds is not None and not cfg.search.seeds:
+        raise ConfigError(
+            "search.seeds=[] names no formula to start from: give one or more, or null for the zoo"
+        )
     return cfg

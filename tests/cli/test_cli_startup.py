@@ -46,6 +46,8 @@ CASES = [
     (["inspect", "t", "s", "--noise", "-0.1"], 2, "--noise is the floor's noise std: it must be >= 0"),
     (["demo", "--budget-steps", "0"], 2, "must be >= 1, got 0"),
     (["demo", "--seeds", "0"], 2, "argument --seeds: must be >= 1, got 0"),
+    (["pretrain", "mae.decoder_dim=8", "mae.decoder_heads=3"], 2, "mae.decoder_dim=8 does not split into"),
+    (["search", "search.seeds=[]"], 2, "search.seeds=[] names no formula to start from"),
     (["study", "-c", "demo/distill", "--vary", "transfer.atd_weight"], 2, "--vary expects KEY=VALUE"),
     (
         ["study", "-c", "demo/distill", "--vary", "transfer.atd_weight=1,"],
