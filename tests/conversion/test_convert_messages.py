@@ -56,6 +56,10 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     md = (run / "report.md").read_text()
     assert "| teacher (softmax) | none (no classifier head) |" in md
     assert "Recovered: not defined: the teacher has no classifier head" in md and "—%" not in md
+    # run again with a stage-1 learning rate its stage 1 was not fitted with: refused, its config.yaml as it was
+    config = (run / "config.yaml").read_text()
+    assert main(["convert", *args, "convert.stage1_lr=0.5"]) == 2
+    assert "nothing was written" in capsys.readouterr().err and (run / "config.yaml").read_text() == config
 
 
 def test_summary_with_a_classifier_teacher_gives_the_share():

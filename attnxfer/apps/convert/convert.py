@@ -10,7 +10,7 @@ import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from ... import speak
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import atomic_write_json, atomic_write_text
-from ...config import TrainConfig, apply_overrides, dump_config
+from ...config import ConfigError, TrainConfig, apply_overrides, dump_config
 from ...errors import InputError
 from ...models.efficient import build_efficient_student, new_parameters, set_drop_path
 from ...models.image_input import image_input
@@ -186,18 +186,19 @@ def convert_runs(
     )
     # a sweep side the teacher's family cannot run at stops here, before any work
     sweep = sweep_sides(first.cfg, first.teacher, side)
-    for run in runs:
-        run.sweep = sweep
-        _describe(run)
-        _place(run, first)
-    teacher_top1 = (
-        evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
-    )
-    speak.say(teacher_top1_line(teacher_top1, labelled=first.labelled))
-    for run in runs:
-        measure(run, "before_stage1")
-    stage1s = stage1(runs)
-    stage2s = stage2(runs)
+    with _configs_kept_if_refused(runs):
+        for run in runs:
+            run.sweep = sweep
+            _describe(run)
+            _place(run, first)
+        teacher_top1 = (
+            evaluate_top1(first.teacher, first.parts.val_loader, first.device) if first.labelled else None
+        )
+        speak.say(teacher_top1_line(teacher_top1, labelled=first.labelled))
+        for run in runs:
+            measure(run, "before_stage1")
+        stage1s = stage1(runs)
+        stage2s = stage2(runs)
     speeds = _speeds(runs)
     reports = []
     for run, s1, s2, speed in zip(runs, stage1s, stage2s, speeds, strict=True):
@@ -212,6 +213,20 @@ def convert_runs(
             run.say(f"report: {run.run_dir / 'report.md'}")
         reports.append(report)
     return reports
+
+
+@contextlib.contextmanager
+def _configs_kept_if_refused(runs: list[Conversion]) -> Iterator[None]:
+    """Each run's config.yaml as it was where a stage refuses to resume (values its checkpoints cannot
+    take): its refusal says nothing was written, and the run's own config still resumes it."""
+    folders = [RunDir(run.run_dir) for run in runs if run.main]
+    kept = [(f, f.config_file.read_text(encoding="utf-8")) for f in folders if f.config_file.is_file()]
+    try:
+        yield
+    except ConfigError:
+        for folder, text in kept:
+            folder.write_config(text)
+        raise
 
 
 def _each(step: Callable[[Conversion], Any]) -> Callable[[list[Conversion]], list[Any]]:
