@@ -207,10 +207,16 @@ def build_conversion_plan(
     )
     if stage1_steps > 0 and plan.num_trainable == 0:
         kinds = sorted({layer.attention for layer in layers if layer.loss is not None})
+        if not kinds:  # convert.attention=softmax: the teacher's own attention in every block
+            raise InputError(
+                "stage 1 has nothing to train: every block keeps softmax attention, the teacher's own; name "
+                "an efficient attention in convert.attention, or set convert.stage1_steps=0 to skip stage 1"
+            )
+        qk = "convert.stage1_train=qk to fit its q/k projections to the teacher's maps, or "
         raise InputError(
-            f"stage 1 has nothing to train: {', '.join(kinds) or 'softmax'} attention has no new "
-            f"parameters with convert.stage1_train={stage1_train!r}. Set convert.stage1_train=qk to "
-            "fit its q/k projections to the teacher's maps, or convert.stage1_steps=0 to skip stage 1"
+            f"stage 1 has nothing to train: {', '.join(kinds)} attention has no new parameters with "
+            f"convert.stage1_train={stage1_train!r}. Set {qk if stage1_train != 'qk' else ''}"
+            "convert.stage1_steps=0 to skip stage 1"
         )
     return plan
 
