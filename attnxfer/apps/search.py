@@ -191,7 +191,11 @@ def _zoo_label(c: dict[str, Any]) -> str:
     return c["origin"][4:] if c["origin"].startswith("zoo:") else ""
 
 
-def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, command, top: int = 10) -> str:
+def render_pareto_md(
+    cfg: TrainConfig, state: SearchState, front, winner, command, held_out: int, top: int = 10
+) -> str:
+    """pareto.md; ``held_out``: the images the KL was measured on (search.held_out_images, or the whole
+    validation split where it has fewer)."""
     s = cfg.search
     unit = "x softmax (FLOPs)" if s.speed == "flops" else "x softmax (time)"
     cands = list(state.candidates.values())
@@ -207,7 +211,7 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
         f"{state.seconds / 60:.1f} min.",
         f"Fit: held-out map KL(teacher ‖ candidate) (nats per row, mean over layers "
         f"{s.layers if s.layers is not None else 'all'}) after {s.fit_steps} stage-1 steps (trains "
-        f"{s.fit_train}, lr {s.fit_lr:g}) on {s.held_out_images} held-out images. Speed: one attention layer at "
+        f"{s.fit_train}, lr {s.fit_lr:g}) on {held_out} held-out images. Speed: one attention layer at "
         f"{s.target_tokens} tokens, {unit}, > 1 is faster.",
         "",
         "## Pareto front (fit vs speed)",
@@ -234,7 +238,12 @@ def render_pareto_md(cfg: TrainConfig, state: SearchState, front, winner, comman
             "## Winner",
             "",
             f"`{winner['formula']}`: KL {winner['kl']:.4f}, speed {winner['speed']:.2f} (the best fit on the front "
-            f"among members at least {s.min_speed:g}x as fast as softmax). Convert the teacher with it:",
+            + (
+                f"among members at least {s.min_speed:g}x as fast as softmax"
+                if winner["speed"] >= s.min_speed
+                else f"of all: none of its members is {s.min_speed:g}x as fast as softmax (search.min_speed)"
+            )
+            + "). Convert the teacher with it:",
             "",
             "```bash",
             command,
@@ -303,11 +312,13 @@ def winner_command(cfg: TrainConfig, formula: str) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def write_reports(cfg: TrainConfig, run_dir: Path, state: SearchState) -> tuple[list, Any, str | None]:
+def write_reports(
+    cfg: TrainConfig, run_dir: Path, state: SearchState, held_out: int
+) -> tuple[list, Any, str | None]:
     front = pareto_front(state)
     winner = winner_of(front, cfg.search.min_speed)
     command = None if winner is None else winner_command(cfg, winner["formula"])
-    atomic_write_text(run_dir / "pareto.md", render_pareto_md(cfg, state, front, winner, command))
+    atomic_write_text(run_dir / "pareto.md", render_pareto_md(cfg, state, front, winner, command, held_out))
     if front:
         draw_pareto(state, front, cfg.search.speed).savefig(run_dir / "pareto.png")
     return front, winner, command
@@ -359,7 +370,7 @@ def search(
             ends.append(time.monotonic() - started)
             s.seconds = before + ends[-1]
             _save(cfg, run_dir, s, parts.teacher_record)
-            write_reports(cfg, run_dir, s)
+            write_reports(cfg, run_dir, s, evaluator.cache.held_out_images)
             bar.update(max(0, len(s.candidates) - bar.n))
 
         def should_stop(s: SearchState) -> str | None:
@@ -384,7 +395,7 @@ def search(
             )
         if state.generation < 0:
             raise InputError("the search stopped before generation 0: nothing to report")
-        front, winner, command = write_reports(cfg, run_dir, state)
+        front, winner, command = write_reports(cfg, run_dir, state, evaluator.cache.held_out_images)
         _save(cfg, run_dir, state, parts.teacher_record)
         if winner is not None:
             say(

@@ -218,6 +218,21 @@ def finished(tmp_path_factory, tiny_teacher_dir):
 
 
 @pytest.mark.slow
+def test_pareto_md_says_the_images_measured_on_and_a_winner_below_min_speed(finished):
+    """The held-out count the KL was measured on (a smaller val split caps search.held_out_images), and a
+    winner that is the front's best fit because no member reaches search.min_speed, said as such."""
+    from attnxfer.apps.search import render_pareto_md, winner_of
+    from attnxfer.config import load_config
+    from attnxfer.search import pareto_front
+
+    state = SearchState.from_dict(_saved(finished)["state"])
+    cfg = load_config("search/demo", ["search.min_speed=1000"])  # what the report reads of a config
+    front = pareto_front(state)
+    md = render_pareto_md(cfg, state, front, winner_of(front, 1000), "attnxfer convert ...", held_out=5)
+    assert "on 5 held-out images" in md and "none of its members is 1000x as fast as softmax" in md
+
+
+@pytest.mark.slow
 def test_search_command_writes_every_output(finished, capsys):
     run = finished
     for name in ("candidates.jsonl", "pareto.md", "pareto.png"):
