@@ -39,6 +39,7 @@ from typing import Any
 
 from ..errors import PathExistsError
 from ..run_layout import (
+    EXPORTED_MODEL,
     LOCK_NAME,
     RUN_CONFIG,
     RUN_RECORD,
@@ -46,6 +47,7 @@ from ..run_layout import (
     STAGE_DIRS,
     STUDY_RECORD,
     STUDY_YAML,
+    is_exported_model,
 )
 from ..speak import debug, say
 from .atomic_io import _write_file_synced
@@ -76,6 +78,11 @@ def refuse_other_work(run_dir: str | os.PathLike, command: str, writes: str | No
     the work ``command`` writes there (default: its own folder's). Checked by `run_lock`, and by ``attnxfer
     submit`` before it submits anything."""
     run_dir = Path(run_dir)
+    if is_exported_model(run_dir):  # a model, maybe a teacher: a run's files would mix with its own
+        raise PathExistsError(
+            f"run_dir={run_dir} holds an exported model ({', '.join(EXPORTED_MODEL)}), which attnxfer "
+            f"{command} does not write into (it reads it as local-dir:{run_dir}); choose another run_dir"
+        )
     held = next((work for work in _WORK if (run_dir / work[1]).exists()), None)
     if held is not None and held[0] != (writes or _WRITES.get(command, "training run")):
         what, marker, how = held

@@ -165,6 +165,17 @@ def test_an_output_folder_under_a_file_is_refused_before_anything_is_read(traine
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_no_command_writes_its_run_into_an_exported_model(trained, tmp_path, capsys):
+    """An export (maybe the teacher the run reads) is a model, not a run folder: nothing is mixed into it."""
+    export = tmp_path / "exported"
+    assert run_cli(capsys, "export", str(trained), str(export))[0] == 0
+    before = sorted(p.name for p in export.iterdir())
+    for command in ("train", "pretrain"):
+        code, _, err = run_cli(capsys, command, *S, "schedule.max_steps=1", f"run_dir={export}")
+        assert code == 2 and f"run_dir={export} holds an exported model" in err, err
+    assert sorted(p.name for p in export.iterdir()) == before
+
+
 def test_a_push_without_the_hub_is_one_line_after_a_complete_export(trained, tmp_path, capsys, monkeypatch):
     import huggingface_hub.constants
 
