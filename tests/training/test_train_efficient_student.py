@@ -40,11 +40,15 @@ def test_model_attention_names_one_attention_or_one_per_block_and_bad_input_says
         student_attention(tiny_vit(depth=2), None, {"num_features": 8})
 
 
-def test_convert_refuses_model_attention_and_names_convert_attention(capsys):
+def test_convert_refuses_model_attention_and_its_options_and_names_the_convert_keys(capsys):
     assert main(["convert", "model.attention=performer", "teacher.spec=vit_tiny_patch16_224"]) == 2
     err = capsys.readouterr().err
-    assert "model.attention='performer' is the attention of a fresh student" in err
+    assert "model.attention='performer' is for a fresh student" in err
     assert "with convert.attention: set that instead" in err
+    # options under model.* were ignored by convert without a word
+    args = ["convert", "convert.attention=performer", "model.attention_kwargs.num_features=8"]
+    assert main([*args, "teacher.spec=vit_tiny_patch16_224"]) == 2
+    assert "with convert.attention_kwargs: set that instead" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a 10-step distillation run, then an export

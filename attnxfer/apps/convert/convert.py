@@ -236,11 +236,12 @@ def _each(step: Callable[[Conversion], Any]) -> Callable[[list[Conversion]], lis
 def checked_config(cfg: TrainConfig, skip_stage1: bool) -> TrainConfig:
     """Refuse a fresh student's attention key; ``--skip-stage1`` is ``convert.stage1_steps=0``."""
     check_auto(cfg)
-    if cfg.model.attention:
-        raise InputError(
-            f"model.attention={cfg.model.attention!r} is the attention of a fresh student (`attnxfer train`); "
-            "convert builds its student from the teacher's weights with convert.attention: set that instead"
-        )
+    for key, value in (("attention", cfg.model.attention), ("attention_kwargs", cfg.model.attention_kwargs)):
+        if value:
+            raise InputError(
+                f"model.{key}={value!r} is for a fresh student (`attnxfer train`); convert builds its student "
+                f"from the teacher's weights with convert.{key}: set that instead"
+            )
     return apply_overrides(cfg, {"convert.stage1_steps": 0}) if skip_stage1 else cfg
 
 
