@@ -325,6 +325,7 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
         (["teacher.spec=vit_base_patch16_224.mae"], "pretrain learns from pixels alone"),
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
         (["model.kwargs={embed_dim: 50}"], "cannot be built with model.kwargs {'embed_dim': 50}"),
+        (["model.attention=relu_linear"], "model.attention(_kwargs) is not used by MAE pre-training"),
     ],
 )
 def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):

@@ -247,6 +247,11 @@ def build_pretrain_engine(
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
+    if cfg.model.attention or cfg.model.attention_kwargs:
+        raise InputError(
+            "model.attention(_kwargs) is not used by MAE pre-training: its encoder keeps softmax attention (the "
+            "teacher attnxfer convert turns into an efficient one later); drop it"
+        )
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "pretrain", enabled=main),
