@@ -217,6 +217,15 @@ def finished(tmp_path_factory, tiny_teacher_dir):
     return run
 
 
+def test_a_winner_recipe_that_is_not_there_is_refused_before_the_search(tmp_path, tiny_teacher_dir, capsys):
+    run = tmp_path / "run"
+    code, _, err = run_cli(
+        capsys, *_args(run, tiny_teacher_dir, "search.convert_recipe=convert/demo_hedgehgo")
+    )
+    assert code == 2 and "did you mean the built-in recipe 'convert/demo_hedgehog'" in err, err
+    assert not (run / "candidates.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_pareto_md_says_the_images_measured_on_and_a_winner_below_min_speed(finished):
     """The held-out count the KL was measured on (a smaller val split caps search.held_out_images), and a
