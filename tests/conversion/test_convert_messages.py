@@ -62,6 +62,23 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     assert "nothing was written" in capsys.readouterr().err and (run / "config.yaml").read_text() == config
 
 
+@pytest.mark.parametrize("option", ["feature_dim=-3", "feature_dim=abc"])
+def test_an_attention_option_value_it_cannot_be_built_with_is_one_line(
+    tmp_path, headless_teacher_dir, capsys, option
+):
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        f"teacher.spec=local-dir:{headless_teacher_dir}",
+        *tiny_run(32, 16),
+    ]
+    code = main(["convert", *args, "convert.attention=hedgehog", f"convert.attention_kwargs.{option}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "convert.attention=hedgehog cannot be built with convert.attention_kwargs" in err, (
+        err
+    )
+    assert "Traceback" not in err
+
+
 def test_summary_with_a_classifier_teacher_gives_the_share():
     report = {
         "top1": {"teacher": 80.0, "before_stage1": 10.0, "after_stage1": 60.0, "after_stage2": 72.0},

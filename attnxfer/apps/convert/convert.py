@@ -339,7 +339,19 @@ def _student_builder(
             raise InputError(_NO_TEACHER)
         head = student_head(cfg, teacher, stage2_objective(cfg, teacher, labelled), num_classes)
         with torch.random.fork_rng(devices=[]) if stand_in else contextlib.nullcontext():
-            student = build_efficient_student(teacher, c.attention, num_classes=head, **c.attention_kwargs)
+            try:
+                student = build_efficient_student(
+                    teacher, c.attention, num_classes=head, **c.attention_kwargs
+                )
+            except InputError:
+                raise
+            except (TypeError, ValueError, RuntimeError) as e:  # a value the attention cannot be built with
+                if not c.attention_kwargs:  # without the user's options, a failure is attnxfer's bug
+                    raise
+                raise InputError(
+                    f"convert.attention={c.attention} cannot be built with convert.attention_kwargs "
+                    f"{c.attention_kwargs}: {type(e).__name__}: {e}"
+                ) from e
         return set_drop_path(student, cfg.model.drop_path_rate)
 
     return make_student
