@@ -169,10 +169,6 @@ def test_auto_without_a_budget_or_with_one_below_1_is_refused(tmp_path, tiny_tea
         == 2
     )
     assert "convert.candidates[0]: 'softmx' is not a registered attention" in capsys.readouterr().err
-    # a budget without auto would be read by nothing
-    args = _args(tmp_path / "d", tiny_teacher_dir, "convert.speedup=2", "convert.attention=hedgehog")
-    assert cli.main(args) == 2
-    assert "convert.speedup=2 is the speed budget of convert.attention=auto" in capsys.readouterr().err
 
 
 def test_an_infeasible_budget_is_one_line_before_any_training(tmp_path, tiny_teacher_dir, capsys):

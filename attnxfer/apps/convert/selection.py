@@ -73,11 +73,6 @@ PlanFor = Callable[[TrainConfig, nn.Module], ConversionPlan]
 def check_auto(cfg: TrainConfig) -> None:
     """``convert.attention=auto`` needs a budget above 1 and candidates the zoo knows: refused before any work."""
     c = cfg.convert
-    if c.attention != AUTO and c.speedup is not None:  # a budget nothing would read
-        raise InputError(
-            f"convert.speedup={c.speedup:g} is the speed budget of convert.attention=auto, which chooses each "
-            f"block's attention to meet it; with convert.attention={c.attention} drop it (or set auto)"
-        )
     if c.attention != AUTO:
         return
     if c.speedup is None:
