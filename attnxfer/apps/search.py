@@ -331,9 +331,8 @@ def search(
 ) -> SearchResult:
     """Run (or continue) the search ``cfg`` describes, holding the run dir's lock; ``evaluate`` replaces
     evaluation in this process."""
-    load_config(
-        cfg.search.convert_recipe
-    )  # the winner's recipe, refused here if missing, not after the search
+    # the winner's recipe: refused here if missing, not after the search
+    load_config(cfg.search.convert_recipe)
     with run_lock(cfg.run_dir, "search"):
         torch.manual_seed(cfg.seed)
         run_dir = Path(cfg.run_dir)

@@ -327,9 +327,10 @@ def _check_repo_id(repo_id: str | None) -> None:
     """A Hub repo id the Hub would refuse, refused before the export is written (and named on its card)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if repo_id is None:
+        return
     try:
-        if repo_id is not None:
-            validate_repo_id(repo_id)
+        validate_repo_id(repo_id)
     except HFValidationError as e:
         raise InputError(f"--push-to-hub {repo_id!r} is not a Hub repo id (ORG/NAME): {e}") from None
 
@@ -406,9 +407,8 @@ def export_run(
     training_data, dataset = _recipe_data(recipe)
     out_dir = Path(out_dir)
     card = ModelCardInfo(
-        model_name=(push_to_hub or out_dir.absolute().name).split("/")[
-            -1
-        ],  # `export RUN .`: the folder's name
+        # absolute: `export RUN .` is named after the folder, not ''
+        model_name=(push_to_hub or out_dir.absolute().name).split("/")[-1],
         teacher=record.get("teacher"),
         transfer_mode=mode,
         plan=record.get("plan"),

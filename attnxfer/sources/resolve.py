@@ -219,14 +219,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
             f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.stem}.safetensors')\"\n"
             f"then: load_teacher('{path.stem}.safetensors', arch=...)"
         ) from None
-    except (
-        RuntimeError,
-        OSError,
-        EOFError,
-        KeyError,
-        IndexError,
-        ValueError,
-    ) as e:  # cut off, or no torch file
+    # a cut-off file, or bytes that are no torch file: what torch's readers raise for them
+    except (RuntimeError, OSError, EOFError, KeyError, IndexError, ValueError) as e:
         raise TeacherLoadError(
             f"{path} is not a readable torch file ({type(e).__name__}: {e}): truncated or corrupted? Copy or "
             "download it again"

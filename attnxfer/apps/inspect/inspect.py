@@ -135,9 +135,8 @@ def load_model(
     # a model's folder given as a path, as run folders are: read as local-dir (a teacher spec must say so)
     folder = Path(spec).expanduser()
     source = f"local-dir:{spec}" if folder.is_dir() and (folder / "config.json").is_file() else spec
-    parsed = parse_teacher_spec(
-        source, role=role
-    )  # a spec that names nothing is refused as what it was given as
+    # a spec that names nothing is refused as what it was given as
+    parsed = parse_teacher_spec(source, role=role)
     if not pretrained and parsed.source.is_local:
         raise InputError(f"--random-weights is for timm names; {spec} holds trained weights: leave it out")
     if role == "student":  # an export folder's record says the size it was trained at, as a run's does
