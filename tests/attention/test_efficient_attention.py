@@ -431,6 +431,35 @@ def test_window_covering_the_grid_is_softmax():
     torch.testing.assert_close(module.attend(q, k, v), F.scaled_dot_product_attention(q, k, v))
 
 
+@pytest.mark.parametrize("name", ["window", "window_linear"])
+def test_a_window_wider_than_the_grid_is_one_window_of_the_grid_not_a_padded_one(name):
+    # as Swin clamps its window to the resolution: the same attention, without the padded tokens' work
+    wide, fitted = build(name, window_size=(9, GRID[1] + 1)).double(), build(name, window_size=GRID).double()
+    fitted.load_state_dict(wide.state_dict())
+    q, k, v = qkv64(wide)
+    torch.testing.assert_close(wide.attend(q, k, v), fitted.attend(q, k, v))
+    torch.testing.assert_close(wide.attention_map(q, k), fitted.attention_map(q, k))
+    assert wide.operation_counts(N_SMALL) == fitted.operation_counts(N_SMALL)
+
+
+@pytest.mark.parametrize(
+    "name, option",
+    [
+        ("window", dict(window_size=0)),
+        ("window", dict(window_size=(2, 0))),
+        ("agent", dict(agent_grid=0)),
+        ("agent", dict(bias_grid=0)),
+        ("performer", dict(num_features=0)),
+        ("hedgehog", dict(feature_dim=0)),
+        ("window_linear", dict(feature_dim=0)),
+    ],
+)
+def test_a_size_option_below_one_is_refused_where_the_attention_is_built(name, option):
+    # not a default in its place (0 is falsy) nor a division by zero at the first forward
+    with pytest.raises(ValueError, match=f"{next(iter(option))} must be"):
+        build(name, **option)
+
+
 def test_window_linear_hybrid_shares_one_normaliser():
     module = build("window_linear").double()
     randomise_new_parameters(module)

@@ -62,9 +62,15 @@ def test_convert_with_a_headless_teacher_says_what_is_true(tmp_path, headless_te
     assert "nothing was written" in capsys.readouterr().err and (run / "config.yaml").read_text() == config
 
 
-@pytest.mark.parametrize("option", ["feature_dim=-3", "feature_dim=abc"])
+@pytest.mark.parametrize(
+    "option, said",
+    [
+        ("feature_dim=-3", "feature_dim must be >= 1, got -3"),  # refused by the attention itself
+        ("feature_dim=abc", "convert.attention=hedgehog cannot be built with convert.attention_kwargs"),
+    ],
+)
 def test_an_attention_option_value_it_cannot_be_built_with_is_one_line(
-    tmp_path, headless_teacher_dir, capsys, option
+    tmp_path, headless_teacher_dir, capsys, option, said
 ):
     args = [
         f"run_dir={tmp_path / 'run'}",
@@ -73,9 +79,7 @@ def test_an_attention_option_value_it_cannot_be_built_with_is_one_line(
     ]
     code = main(["convert", *args, "convert.attention=hedgehog", f"convert.attention_kwargs.{option}"])
     err = capsys.readouterr().err
-    assert code == 2 and "convert.attention=hedgehog cannot be built with convert.attention_kwargs" in err, (
-        err
-    )
+    assert code == 2 and said in err, err
     assert "Traceback" not in err
 
 

@@ -139,9 +139,9 @@ def student_attention(
     try:
         return with_attention(student, attention, **options)
     except (KeyError, ValueError, TypeError) as e:
-        what = (
-            "model.attention_kwargs" if isinstance(e, TypeError) and "option" in str(e) else "model.attention"
-        )
+        option_named = str(e.args[0]).split(" ")[0] in options  # "window_size must be >= 1, got 0"
+        unknown_option = isinstance(e, TypeError) and "option" in str(e)
+        what = "model.attention_kwargs" if option_named or unknown_option else "model.attention"
         raise InputError(f"{what}: {e.args[0]}") from None
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...errors import InputError
 from .attention_io import AttentionIO, StopForward, attention_io as attention_io
 from .bias_rows import BiasRows, full_bias
 from .map_kind import MapKind
@@ -53,15 +54,14 @@ def _json_option(value: Any) -> Any:
     )
 
 
-def as_grid(grid_size: int | Sequence[int] | None) -> tuple[int, int] | None:
-    """``grid_size`` (an int or (height, width)) as a (height, width) tuple; None stays None."""
+def as_grid(grid_size: int | Sequence[int] | None, name: str = "grid_size") -> tuple[int, int] | None:
+    """``grid_size`` (an int or (height, width)) as a (height, width) tuple; None stays None. ``name``: the
+    option's, for the error."""
     if grid_size is None:
         return None
-    if isinstance(grid_size, int):
-        return grid_size, grid_size
-    grid = tuple(int(g) for g in grid_size)
+    grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(int(g) for g in grid_size)
     if len(grid) != 2 or min(grid) < 1:
-        raise ValueError(f"grid_size must be an int or (height, width) of positive ints, got {grid_size!r}")
+        raise InputError(f"{name} must be an int or (height, width) of positive ints, got {grid_size!r}")
     return grid
 
 

@@ -59,9 +59,9 @@ class AgentAttention(EfficientAttention):
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.agent_grid = as_grid(agent_grid)
+        self.agent_grid = as_grid(agent_grid, "agent_grid")
         num_agents = self.agent_grid[0] * self.agent_grid[1]
-        self.bias_grid = as_grid(bias_grid)
+        self.bias_grid = as_grid(bias_grid, "bias_grid")
         self.agent_key_bias = nn.Parameter(torch.empty(num_heads, num_agents, *self.bias_grid, **dd))
         self.query_agent_bias = nn.Parameter(torch.empty(num_heads, num_agents, *self.bias_grid, **dd))
         self.reset_new_parameters()

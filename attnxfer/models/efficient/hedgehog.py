@@ -28,7 +28,7 @@ class HedgehogAttention(KernelAttention):
     def __init__(self, dim: int, num_heads: int = 8, *, feature_dim: int | None = None, **kwargs) -> None:
         super().__init__(dim, num_heads, **kwargs)
         dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
-        self.feature_dim = int(feature_dim or max(1, self.head_dim // 2))
+        self.feature_dim = max(1, self.head_dim // 2) if feature_dim is None else int(feature_dim)
         self.feature_map_q = HedgehogFeatures(num_heads, self.head_dim, self.feature_dim, **dd)
         self.feature_map_k = HedgehogFeatures(num_heads, self.head_dim, self.feature_dim, **dd)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...errors import InputError
 from ..attention.interface import MapKind
 from ..attention.numerics import (
     PrecisionPolicy,
@@ -328,7 +329,9 @@ class HedgehogFeatures(nn.Module):
         self, num_heads: int, head_dim: int, feature_dim: int | None = None, device=None, dtype=None
     ):
         super().__init__()
-        feature_dim = feature_dim or head_dim
+        feature_dim = head_dim if feature_dim is None else feature_dim
+        if feature_dim < 1:
+            raise InputError(f"feature_dim must be >= 1, got {feature_dim}")
         self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(num_heads, feature_dim, device=device, dtype=dtype))
         self.reset_parameters()

@@ -81,7 +81,7 @@ class PerformerAttention(KernelAttention):
         super().__init__(dim, num_heads, **kwargs)
         d = self.head_dim
         # d by default: one orthogonal block (see the module docstring for why not d ln d)
-        self.num_features = int(num_features or max(1, d))
+        self.num_features = d if num_features is None else int(num_features)
         if self.num_features < 1:
             raise InputError(f"num_features must be >= 1, got {num_features}")
         if redraw_interval is not None and redraw_interval < 1:

@@ -65,13 +65,18 @@ class WindowAttention(EfficientAttention):
         self, dim: int, num_heads: int = 8, *, window_size: int | Sequence[int] = 7, **kwargs
     ) -> None:
         super().__init__(dim, num_heads, **kwargs)
-        self.window_size: tuple[int, int] = as_grid(window_size)
+        self.window_size: tuple[int, int] = as_grid(window_size, "window_size")
+
+    def window_on(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The window on ``grid``, no larger than it (as Swin clamps its window to the resolution): a window
+        wider than the image is one window of the whole grid, the same attention without padded tokens."""
+        return min(self.window_size[0], grid[0]), min(self.window_size[1], grid[1])
 
     def _windows(self, q, k, v):
         """Grid queries per window, keys/values = prefix tokens + the window, and the key mask."""
         B, H, N, d = q.shape
         p, grid = self.token_layout(N)
-        window = self.window_size
+        window = self.window_on(grid)
         qw, kw, vw = (window_partition(t[:, :, p:], grid, window) for t in (q, k, v))  # (B, nW, H, L, d)
         nW = qw.shape[1]
         if p:
@@ -97,14 +102,14 @@ class WindowAttention(EfficientAttention):
             attn_mask=mask,
             dropout_p=dropout_p,
         )
-        out = window_merge(out.reshape(B, nW, H, L, d), grid, self.window_size)
+        out = window_merge(out.reshape(B, nW, H, L, d), grid, self.window_on(grid))
         if p:
             out = torch.cat([self._prefix_rows(q, k, v, p, dropout_p), out], dim=-2)
         return out
 
     def _window_shape(self, num_tokens: int) -> tuple[int, int, int]:
         p, (gh, gw) = self.token_layout(num_tokens)
-        wh, ww = self.window_size
+        wh, ww = self.window_on((gh, gw))
         return p, math.ceil(gh / wh) * math.ceil(gw / ww), wh * ww
 
     def _softmax_counts(self, queries: int, keys: int) -> OpCounts:
@@ -130,7 +135,7 @@ class WindowAttention(EfficientAttention):
 
     def _map_context(self, q, k):
         p, grid = self.token_layout(q.shape[-2])
-        return q * self.scale, k, window_ids(p, grid, self.window_size, device=q.device)
+        return q * self.scale, k, window_ids(p, grid, self.window_on(grid), device=q.device)
 
     def _map_rows(self, context, rows):
         q, k, ids = context
@@ -168,7 +173,8 @@ class WindowLinearAttention(WindowAttention):
                 f"unknown feature map {kernel!r}; choose one of {', '.join(map(repr, FEATURE_MAPS))}"
             )
         self.kernel, self.feature_kind = kernel, FEATURE_MAPS[kernel]
-        self.feature_dim = int(feature_dim or self.head_dim) if self.feature_kind.learned else feature_dim
+        learned_dim = self.head_dim if feature_dim is None else int(feature_dim)
+        self.feature_dim = learned_dim if self.feature_kind.learned else feature_dim
         self.feature_map_q, self.feature_map_k = self.feature_kind.build(
             num_heads, self.head_dim, feature_dim, **dd
         )
@@ -231,7 +237,7 @@ class WindowLinearAttention(WindowAttention):
     def _attend(self, q, k, v):
         p, grid, qw, kw, vw, valid = self._windows(q, k, v)  # (B, nW, H, L | p + L, d)
         numerator, denominator = self.shared_sums(qw, kw, vw, valid, p)
-        out = window_merge(numerator / denominator, grid, self.window_size)
+        out = window_merge(numerator / denominator, grid, self.window_on(grid))
         if p:
             out = torch.cat([self._prefix_rows(q, k, v, p).to(out.dtype), out], dim=-2)
         return out
