@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from yaml import YAMLError
 from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode, Node, SequenceNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 _HINTS = {  # pyyaml's words for the two most common slips, and what they mean
     "'\\t'": "YAML indents with spaces, not tabs",
@@ -32,9 +32,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, MappingNode):
             seen: dict[Any, Node] = {}
-            for key_node, _ in node.value:
+            for key_node, value_node in node.value:
                 if key_node.tag == _MERGE_TAG:
                     continue
+                _refuse_colon_without_space(node, key_node, value_node)
                 key = self.construct_object(key_node, deep=True)
                 try:
                     first = seen.setdefault(key, key_node)
@@ -53,6 +54,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                         key_node.start_mark,
                     )
         return super().construct_mapping(node, deep=deep)
+
+
+def _refuse_colon_without_space(mapping: MappingNode, key: Node, value: Node) -> None:
+    """``{window_size:0}`` is, to YAML, the key 'window_size:0' with no value: a slip, never meant."""
+    typed = isinstance(key, ScalarNode) and key.style is None and ":" in key.value
+    if mapping.flow_style and typed and isinstance(value, ScalarNode) and value.value == "":
+        name, _, given = key.value.partition(":")
+        raise ConstructorError(
+            None,
+            None,
+            f"{key.value!r} is read as a key without a value: YAML needs a space after the colon "
+            f"({{{name}: {given}}}, not {{{name}:{given}}})",
+            key.start_mark,
+        )
 
 
 def _path_to(root: Node | None, target: Node) -> list[str]:

@@ -51,8 +51,13 @@ def test_a_key_given_twice_names_the_file_line_and_key(
         ("schedule:\n  max_steps: 2\n epochs: 1\n", "line 3, column 2", "check this line's indentation"),
         ("transfer:\n  layers: [0, 1\nseed: 1\n", "line 3, column 5", "expected ',' or ']'"),
         ("seed: 1\nrun_dir: \x07\n", "line 2, column 10", "character U+0007 is not allowed in YAML"),
+        (
+            "model:\n  attention_kwargs: {window_size:3}\n",
+            "line 2, column 22",
+            "'window_size:3' is read as a key without a value: YAML needs a space after the colon",
+        ),
     ],
-    ids=["tab", "indentation", "unclosed-bracket", "control-character"],
+    ids=["tab", "indentation", "unclosed-bracket", "control-character", "colon-without-space"],
 )
 def test_a_yaml_syntax_error_is_one_line_with_the_file_and_line(
     tmp_path, monkeypatch, capsys, text, where, says
