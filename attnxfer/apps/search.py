@@ -114,9 +114,13 @@ def build_evaluator(cfg: TrainConfig) -> tuple[CandidateEvaluator, Any]:
             f"search.fit_batches={s.fit_batches} batches of data.batch_size={cfg.data.batch_size} is more "
             f"than the training set holds ({len(fit_images)} batches); lower either"
         )
+    speed = SpeedSettings(tokens=s.target_tokens, mode=s.speed, repeats=s.speed_repeats)
+    try:
+        speed.token_layout(teacher)
+    except InputError as e:
+        raise ConfigError(f"search.target_tokens: {e}") from None
     cache = cache_teacher(teacher, fit_images, held_out, layers)
     fit = FitSettings(steps=s.fit_steps, lr=s.fit_lr, train=s.fit_train, seed=cfg.seed)
-    speed = SpeedSettings(tokens=s.target_tokens, mode=s.speed, repeats=s.speed_repeats)
     return CandidateEvaluator(teacher, cache, fit, speed), parts
 
 

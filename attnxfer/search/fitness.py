@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import InputError
 from ..models.attention import MapKind, transferable_attentions
 from ..models.attention.registry import get_attention_class
 from ..models.efficient import build_efficient_student
@@ -164,17 +165,23 @@ class SpeedSettings:
         if self.mode not in SPEED_MODES:
             raise ValueError(f"speed mode must be one of {', '.join(SPEED_MODES)}, got {self.mode!r}")
 
+    def token_layout(self, teacher: nn.Module) -> tuple[int, int]:
+        """(prefix tokens, grid side) of ``tokens`` for ``teacher``: its prefix tokens + a square grid, or an
+        `InputError` (checked before the teacher's signals are cached)."""
+        prefix = teacher_token_layout(teacher)[0] if hasattr(teacher, "blocks") else 0  # PVTv2/Swin: none
+        side = math.isqrt(max(self.tokens - prefix, 0))
+        if side * side != self.tokens - prefix or side == 0:
+            raise InputError(
+                f"{self.tokens} tokens is not the teacher's {prefix} prefix token(s) + a square grid; "
+                f"choose e.g. {prefix + 56 * 56} (56x56 patches)"
+            )
+        return prefix, side
+
 
 def _layer(name: str, teacher: nn.Module, tokens: int) -> nn.Module:
     """One attention ``name`` of the teacher's width, heads and token layout at ``tokens`` tokens."""
     attn = transferable_attentions(teacher)[0]
-    prefix = teacher_token_layout(teacher)[0] if hasattr(teacher, "blocks") else 0  # PVTv2/Swin: no prefix
-    side = math.isqrt(tokens - prefix)
-    if side * side != tokens - prefix:
-        raise ValueError(
-            f"{tokens} tokens is not {prefix} prefix token(s) + a square grid; choose e.g. "
-            f"{prefix + 56 * 56} (56x56 patches)"
-        )
+    prefix, side = SpeedSettings(tokens).token_layout(teacher)
     cls = get_attention_class(name)
     config: dict[str, Any] = dict(
         dim=attn.proj.out_features,

@@ -347,6 +347,15 @@ def test_unparsable_seed_formula_names_the_position(tmp_path, tiny_teacher_dir, 
     assert "Traceback" not in err and not run.exists()
 
 
+def test_target_tokens_that_are_not_the_teachers_layout_are_refused_before_any_fit(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    run = tmp_path / "run"  # the teacher has one class token: 51 = 1 + 50, not a square grid
+    code, _, err = run_cli(capsys, *_args(run, tiny_teacher_dir, "search.target_tokens=51"))
+    assert code == 2 and "search.target_tokens: 51 tokens is not the teacher's 1 prefix token(s)" in err, err
+    assert "Traceback" not in err and not (run / "candidates.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_the_same_teacher_under_another_path_resumes_and_other_weights_are_refused(
     tmp_path, tiny_teacher_dir, capsys, monkeypatch
