@@ -5,6 +5,7 @@ convert``, converted) from one teacher on one stream of batches, each a name and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import re
@@ -234,7 +235,9 @@ def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
     if not vary:
         return []
     for key, values in vary.items():
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        # compared as the run reads them: 0.001 and 1e-3 would be one student twice
+        read = [_as_read(key, v) for v in values]
+        twice = next((v for i, v in enumerate(values) if read[i] in read[:i]), None)
         if twice is not None:
             raise ConfigError(f"--vary {key} lists {twice!r} twice: each value makes one student")
     keys = list(vary)
@@ -246,6 +249,12 @@ def _combinations(vary: Mapping[str, Sequence[str]] | None) -> list[Student]:
     if len(set(names)) < len(names):
         names = ["_".join(f"{k}={v}" for k, v in c.items()) for c in combos]
     return [Student(_folder_name(n), c) for n, c in zip(names, combos, strict=True)]
+
+
+def _as_read(key: str, value: str) -> Any:
+    """``value`` of ``key`` as a run's config holds it (typed, a mapping key's entry included)."""
+    step = lambda obj, part: obj[part] if isinstance(obj, dict) else getattr(obj, part)
+    return functools.reduce(step, key.split("."), apply_overrides(TrainConfig(), {key: value}))
 
 
 #: a value that names a student alone (``copy``, ``hedgehog``); numbers and switches need their key beside them
