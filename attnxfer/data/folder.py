@@ -220,7 +220,7 @@ def _split_images(
         )
     mode = "RGB" if in_chans == 3 else "L"
     if labels:
-        return create_dataset(
+        dataset = create_dataset(
             "",
             root=str(split_dir),
             split=split,
@@ -229,6 +229,14 @@ def _split_images(
             input_img_mode=mode,
             transform=transform,
         )
+        held = {target for _, target in dataset.reader.samples}
+        empty = [c for c, i in class_map.items() if i not in held]
+        if split == "train" and empty:  # each would be a class of the head that no image teaches
+            raise InputError(
+                f"class folder(s) {empty} of '{split_dir}' hold no images ({', '.join(sorted(extensions))}): "
+                "add images or remove the folder(s); every sub-folder of train is a class"
+            )
+        return dataset
     return ImageDataset(
         str(split_dir), reader=ImageFiles(split_dir, extensions), input_img_mode=mode, transform=transform
     )

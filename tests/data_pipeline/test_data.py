@@ -464,6 +464,16 @@ def test_folder_missing_paths_are_explained(tmp_path):
         build_dataset("folder", "train")
 
 
+def test_a_train_class_folder_without_images_is_refused_not_a_class_nothing_teaches(tmp_path):
+    _make_folder(tmp_path)
+    (tmp_path / "train" / "emu").mkdir()  # a class the head would get and no image would teach
+    (tmp_path / "train" / "emu" / "notes.txt").write_text("to do")
+    with pytest.raises(ValueError, match=r"class folder\(s\) \['emu'\] of .* hold no images"):
+        build_dataset("folder", "train", root=tmp_path)
+    (tmp_path / "val" / "emu").mkdir()  # val may lack a class's images: its folder is no error
+    assert len(build_dataset("folder", "val", root=tmp_path)) == 2
+
+
 # -------------------------------------------------------------------------------------------- registry
 
 
