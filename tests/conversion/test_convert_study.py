@@ -391,3 +391,19 @@ def test_the_comparison_shows_each_students_speed_over_the_sweep_and_says_why_a_
     assert "| linformer (linformer) | 1.70 | not run |" in md and f"- not run: {why}" in md
     rows = json.loads((tmp_path / COMPARISON_DATA).read_text())["students"]
     assert rows[1]["sweep"] == {"128": [1024, 1.7, 5.0], "256": why}
+
+
+def test_a_finished_study_given_other_students_is_refused_before_any_stage_1(
+    study, tiny_teacher_dir, capsys, tmp_path
+):
+    yaml = tmp_path / "other.yaml"  # one student kept, one new one that stage 1 would train
+    yaml.write_text(
+        f"teacher:\n  spec: local-dir:{tiny_teacher_dir}\nstudents:\n  - name: hedgehog\n"
+        "    convert.attention: hedgehog\n  - name: other\n    convert: {attention: performer, stage1_train: qk}\n"
+    )
+    before = {p: p.stat().st_mtime_ns for p in study.rglob("*")}
+    capsys.readouterr()
+    assert cli.main(["study", "--command", "convert", "-c", str(yaml), *BASE, f"run_dir={study}"]) == 2
+    out = capsys.readouterr()
+    assert "holds a study (study.json) of other students (hedgehog, performer)" in out.err
+    assert "stage 1" not in out.out and {p: p.stat().st_mtime_ns for p in study.rglob("*")} == before

@@ -30,7 +30,7 @@ from ...train.stage1 import Stage1Fit, Stage1Result, teacher_signals
 from ...train.stop import stop_on_signals, stop_signal
 from ...train.terms import NonFiniteLossError
 from ..run.training import prepare_trackers_from_config
-from ..study.study import check_study, lockstep_study, write_study_files
+from ..study.study import check_study, lockstep_study, refuse_other_students, write_study_files
 from .comparison import write_conversion_comparison
 from .convert import (
     Conversion,
@@ -66,6 +66,7 @@ def convert_study(spec: StudySpec) -> ConvertStudyResult:
     """Convert (or resume converting) every student of ``spec`` in one job (`attnxfer study --command convert`).
     Under torchrun every rank runs this; rank 0 holds the locks and writes the comparison."""
     main = DistributedInfo.from_environment().is_main_process
+    refuse_other_students(spec)
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_lock(spec.run_dir, "study", enabled=main))
         for _, cfg in spec.configs():

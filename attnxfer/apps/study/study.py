@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -60,6 +61,7 @@ def study(spec: StudySpec) -> StudyResult:
     Under torchrun every rank runs this; rank 0 holds the locks. A study of one process ends with its report; a
     study of several ranks says how to write it (scoring is one process's work, the others would wait for it)."""
     info = DistributedInfo.from_environment()
+    refuse_other_students(spec)
     with contextlib.ExitStack() as stack:
         stack.enter_context(run_lock(spec.run_dir, "study", enabled=info.is_main_process))
         for _, cfg in spec.configs():
@@ -261,11 +263,7 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
         command=spec.command,
     )
     if point is not None and point.record("students") != spec.record():
-        raise ConfigError(
-            f"{spec.run_dir} holds a study (checkpoint {point.name}) of other students "
-            f"({', '.join(s['name'] for s in point.record('students'))}): a study goes on with the students it "
-            "started with; to train these, start a new study elsewhere (run_dir=...)"
-        )
+        raise _other_students(spec, f"checkpoint {point.name}", point.record("students"))
     if DistributedInfo.from_environment().is_main_process:
         for _, cfg in configs:
             manager = CheckpointManager(Path(cfg.run_dir))
@@ -281,6 +279,26 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
         dict(point.record("stopped") or {}),
         dict(point.record("seconds") or {}),
         point.record("shared_seconds") or 0.0,
+    )
+
+
+def refuse_other_students(spec: StudySpec) -> None:
+    """A study goes on with the students it started with: ``spec``'s checked against the folder's study.json
+    before any lock or work (a convert study's stage 1 writes long before stage 2's checkpoints would tell)."""
+    try:
+        listed = json.loads((Path(spec.run_dir) / STUDY_RECORD).read_text())["students"]
+        started = [{k: entry[k] for k in ("name", "overrides", "folder")} for entry in listed]
+    except (OSError, ValueError, KeyError, TypeError):  # no study there yet (or not one to read): its checks
+        return
+    if started != json.loads(json.dumps(spec.record())):
+        raise _other_students(spec, STUDY_RECORD, started)
+
+
+def _other_students(spec: StudySpec, where: str, students: list[dict[str, Any]]) -> ConfigError:
+    return ConfigError(
+        f"{spec.run_dir} holds a study ({where}) of other students ({', '.join(s['name'] for s in students)}): "
+        "a study goes on with the students it started with; to train these, start a new study elsewhere "
+        "(run_dir=...)"
     )
 
 
