@@ -235,7 +235,13 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     # the run's own config.yaml (the chosen list) converts the same student, and its report keeps the choice
     assert cli.main(["convert", "-c", str(run / "config.yaml")]) == 0
     assert json.loads((run / "report.json").read_text())["selection"]["attention"] == names
-    capsys.readouterr()
+    assert "convert.speedup" not in capsys.readouterr().err  # its budget is the choice's, not ignored
+    # elsewhere, a budget beside a named attention is said to be read by nothing
+    again = tmp_path / "again"
+    assert (
+        cli.main(["convert", "-c", str(run / "config.yaml"), f"run_dir={again}", "schedule.max_steps=1"]) == 0
+    )
+    assert "convert.speedup=1.1 is a budget for convert.attention=auto" in capsys.readouterr().err
     # another budget is another choice: refused, nothing written
     assert cli.main([*args, "convert.speedup=1.2"]) == 2
     assert "convert.speedup" in capsys.readouterr().err and (run / SELECTION_FILE).read_text() == before

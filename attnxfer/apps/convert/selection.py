@@ -41,7 +41,7 @@ from ...models.efficient.floor import floor_model
 from ...models.efficient.hierarchical import flat_blocks
 from ...models.efficient.swap import check_options, teacher_token_layout
 from ...models.image_input import ImageSizeError, check_image_size, image_input
-from ...speak import quiet, say
+from ...speak import quiet, say, warn
 from ...train.devices import resolve_precision
 from ...train.distributed import gather_objects
 from ...train.speed import forward_speed
@@ -126,7 +126,15 @@ def choose_attentions(
     path = Path(cfg.run_dir) / SELECTION_FILE
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        return cfg, (record if record and record["attention"] == cfg.convert.attention else None)
+        own = record if record and record["attention"] == cfg.convert.attention else None
+        if (
+            own is None and cfg.convert.speedup is not None
+        ):  # a budget only a choice reads (auto's own is kept)
+            warn(
+                f"convert.speedup={cfg.convert.speedup:g} is a budget for convert.attention=auto; "
+                f"convert.attention={cfg.convert.attention} is converted as named, whatever its speed"
+            )
+        return cfg, own
     record = _recorded(cfg, path)
     if record is None:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
