@@ -52,7 +52,8 @@ def _require_split(dataset: str, root: str | None, split: str, which: str) -> No
             + (
                 ". Hugging Face datasets are read from their cache (data.root, else HF_DATASETS_CACHE or "
                 f"HF_HOME); on a machine with internet, fill one with datasets.load_dataset({name!r}, "
-                "cache_dir=DIR), then set data.root=DIR"
+                "cache_dir=DIR), then set data.root=DIR; where the Hub cannot be reached (a compute node), "
+                "HF_HUB_OFFLINE=1 reads the cache without its retries"
                 if hub
                 else ""
             )

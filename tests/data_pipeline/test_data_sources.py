@@ -235,7 +235,7 @@ def test_data_not_at_hand_is_one_line_that_says_what_to_set(shards, tmp_path, mo
 
     for config in (datasets.config, huggingface_hub.constants):  # what HF_HUB_OFFLINE=1 sets at import
         monkeypatch.setattr(config, "HF_HUB_OFFLINE", True)
-    hub = r"hfds/acme/none: .*datasets.load_dataset\('acme/none', cache_dir=DIR\), then set data.root=DIR"
+    hub = r"hfds/acme/none: .*load_dataset\('acme/none', cache_dir=DIR\), then set data.root=DIR; .*HF_HUB_OFFLINE=1"
     with pytest.raises(MissingPathError, match=hub):
         build_dataset("hfds/acme/none", "train", root=tmp_path, **NORM)
     with pytest.raises(MissingPathError, match=r"nowhere$"):  # a folder of the user's: no Hub advice
