@@ -32,6 +32,13 @@ def run_folder_hint(folder: Path) -> str | None:
     stage2/), a study's or a search's; None for any other folder."""
     if (folder / STUDY_RECORD).is_file():
         return f"{folder} is a study's folder; each student is a run folder in it, with its export in STUDENT/export"
+    if folder.parent.name == CHECKPOINTS_SUBDIR:  # a checkpoint holds a search's state.json too
+        run = folder.parent.parent
+        return (
+            f"{folder} is one of the checkpoints of the run {run}, not a model's folder: export the run "
+            f"(`attnxfer export {run} {run / 'export'}`, its best checkpoint or --checkpoint latest), then use "
+            f"local-dir:{run / 'export'}"
+        )
     if any((folder / stage).is_dir() for stage in STAGE_DIRS):
         run, what = folder / STAGE_DIRS[-1], "a conversion's run folder"
     elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():

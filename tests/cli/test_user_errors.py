@@ -166,6 +166,11 @@ def test_a_students_run_folder_given_as_a_teacher_names_its_export(tiny_teacher_
         err = _teacher_refused(spec, tmp_path, capsys)
         assert f"this is a student's run folder; its export would be {student / 'export'}" in err, err
         assert f"attnxfer export {student} {student / 'export'}" in err and "unknown teacher" not in err
+    # one of its checkpoints (a state.json in it, as a search's folder has): the run's export, not a search
+    checkpoint = next((student / "checkpoints").iterdir())
+    err = _teacher_refused(f"local-dir:{checkpoint}", tmp_path, capsys)
+    assert f"{checkpoint} is one of the checkpoints of the run {student}, not a model's folder" in err, err
+    assert "search" not in err
     assert main(["export", str(student), str(student / "export"), "--checkpoint", "latest"]) == 0
     capsys.readouterr()
     err = _teacher_refused(str(student), tmp_path, capsys)

@@ -68,7 +68,15 @@ def _weights(run_dir):
         ),
         (  # timm builds it, but a student without blocks has no attention to transfer
             ["transfer.mode=none", "model.kwargs={depth: 0}"],
-            "cannot be built with model.kwargs {'depth': 0}: TypeError: VisionTransformer has no attention layer",
+            "with model.kwargs {'depth': 0}: VisionTransformer has no attention layer",
+        ),
+        (  # a CNN: built by timm, nothing for attnxfer to transfer into
+            ["transfer.mode=none", "model.name=resnet18"],
+            "model.name=resnet18: ResNet has no attention layer attnxfer can find",
+        ),
+        (  # fewer classes than the data has: a label past the head would stop the first step
+            ["transfer.mode=none", "model.num_classes=5"],
+            "model.num_classes=5 is fewer than the 10 classes of data.dataset=animal_mnist",
         ),
     ],
 )

@@ -252,6 +252,29 @@ def test_fine_tuning_starts_from_the_pretrained_encoder(pretrained_run):
             assert torch.equal(v, ckpt[k]), k
 
 
+@pytest.mark.slow
+def test_fine_tuning_keeps_the_configs_pooling_and_says_a_model_name_it_does_not_build(
+    pretrained_run, capsys
+):
+    """MAE's fine-tuning recipe: average pooling, a fresh norm after it and the encoder's final norm dropped;
+    the rest is the pretrained encoder. A model.name of another width is said to be unused."""
+    from attnxfer.apps.run.parts import build_student
+
+    spec = f"local-dir:{pretrained_run / 'export'}"
+    cfg = load_config(
+        "demo/copy", [f"model.init={spec}", "model.global_pool=avg", "model.name=vit_tiny_patch16_224"]
+    )
+    student = build_student(cfg, None, 10, 1, None)
+    assert student.global_pool == "avg" and isinstance(student.norm, torch.nn.Identity)
+    assert torch.equal(student.fc_norm.weight, torch.ones_like(student.fc_norm.weight))
+    ckpt = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
+    for k, v in student.state_dict().items():
+        if k.split(".")[0] not in ("head", "fc_norm"):
+            assert torch.equal(v, ckpt[k]), k
+    err = capsys.readouterr().err
+    assert f"model.name=vit_tiny_patch16_224 is not built: model.init={spec} gives the student its" in err
+
+
 def _maes_full_checkpoint(pretrained_run: Path, path: Path, **extra) -> dict[str, torch.Tensor]:
     """The run's step-8 weights written as MAE's released ``*_full.pth`` are: ``{"model": state_dict}``
     under MAE's names (encoder unprefixed, ``decoder_*``, ``mask_token``), saved with ``torch.save``."""

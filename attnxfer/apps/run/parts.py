@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ...config import ModelConfig, TrainConfig
 from ...data import DatasetInfo
-from ...errors import InputError
+from ...errors import InputError, UserError
 from ...models.attention import attention_blocks
 from ...models.efficient import with_attention
 from ...models.image_input import ImageSizeError, image_input
@@ -58,22 +58,31 @@ def pooling_args(global_pool: str | None, fc_norm: bool | None) -> dict[str, Any
 
 
 def init_from_pretrained(
-    spec: str, num_classes: int, drop_path_rate: float, img_size: int | None
+    spec: str, num_classes: int, drop_path_rate: float, img_size: int | None, **kwargs: Any
 ) -> nn.Module:
-    """A trainable copy of the pretrained encoder ``spec`` (fine-tuning) with a fresh ``num_classes`` head;
-    any other weight missing is an error, never a random weight."""
+    """A trainable copy of the pretrained encoder ``spec`` (fine-tuning) with a fresh ``num_classes`` head and
+    ``kwargs`` (timm's, pooling among them); any other weight missing is an error, never a random weight. A
+    norm moved after the pooling (``fc_norm``) starts fresh and the encoder's final norm is dropped, as MAE's
+    fine-tuning does."""
     try:
         pretrained, _ = load_teacher(spec, img_size=img_size, num_classes=0)
     except ImageSizeError as e:
         raise e.restated("data.img_size") from None
-    student = student_like(pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate)
+    except UserError as e:  # its words name a teacher: here the pretrained model is the student's start
+        said = str(e).removeprefix("teacher ").removeprefix(f"{spec!r}: ").removeprefix(f"{spec}: ")
+        raise InputError(f"model.init={spec!r}: {said}") from None
+    student = student_like(pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
-    head = {n for n, _ in student.named_parameters() if n.split(".")[0] == "head"}
-    missing = set(result.missing_keys) - head
-    if missing or result.unexpected_keys:
+    fresh = {"head"} | (
+        {"fc_norm"} if not isinstance(getattr(student, "fc_norm", None), nn.Identity) else set()
+    )
+    dropped = {"norm"} if isinstance(getattr(student, "norm", None), nn.Identity) else set()
+    missing = {n for n in result.missing_keys if n.split(".")[0] not in fresh}
+    unexpected = [n for n in result.unexpected_keys if n.split(".")[0] not in dropped]
+    if missing or unexpected:
         raise InputError(
             f"model.init={spec!r} does not fit the student built from it: missing {sorted(missing)}, "
-            f"unexpected {sorted(result.unexpected_keys)}"
+            f"unexpected {sorted(unexpected)}"
         )
     return student
 
@@ -86,22 +95,20 @@ def build_student(
     m = cfg.model
     kwargs = {**m.kwargs, **pooling_args(m.global_pool, m.fc_norm)}
     if m.init:
-        student = init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size)
+        student = init_from_pretrained(m.init, num_classes, m.drop_path_rate, img_size, **kwargs)
+        _say_if_not_built(
+            m, student, num_classes, kwargs, f"model.init={m.init} gives the student its architecture"
+        )
     elif teacher is not None and m.mirror_teacher:
         student = student_like(teacher, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
-        if m.name != ModelConfig().name:  # a model.name this student is not: said, not silently dropped
-            try:
-                with torch.device("meta"):
-                    named = create_vit(m.name, num_classes=num_classes, **kwargs)
-            except (AssertionError, TypeError, ValueError):  # kwargs that only the teacher's family takes
-                named = student
-            built, asked = ((x.num_features, len(attention_blocks(x))) for x in (student, named))
-            if built != asked:
-                warn(
-                    f"warning: model.name={m.name} is not built: with a teacher, model.mirror_teacher=true "
-                    f"gives the student the teacher's architecture (width {built[0]}, {built[1]} blocks, "
-                    f"against {asked[0]} and {asked[1]}); model.mirror_teacher=false builds {m.name}"
-                )
+        _say_if_not_built(
+            m,
+            student,
+            num_classes,
+            kwargs,
+            "with a teacher, model.mirror_teacher=true gives the student the teacher's architecture",
+            f"; model.mirror_teacher=false builds {m.name}",
+        )
     else:
         kwargs.setdefault("in_chans", in_chans)
         optional: tuple[str, ...] = ()
@@ -111,13 +118,32 @@ def build_student(
     return student_attention(student, m.attention, m.attention_kwargs)
 
 
+def _say_if_not_built(
+    m: ModelConfig, student: nn.Module, num_classes: int, kwargs: dict[str, Any], why: str, instead: str = ""
+) -> None:
+    """A ``model.name`` the student is not (its width or depth differ): said, not silently dropped."""
+    if m.name == ModelConfig().name:
+        return
+    try:
+        with torch.device("meta"):
+            named = create_vit(m.name, num_classes=num_classes, **kwargs)
+        asked = (named.num_features, len(attention_blocks(named)))
+    except (AssertionError, TypeError, ValueError):  # kwargs only the built family takes; a model.name no ViT
+        asked = None
+    built = (student.num_features, len(attention_blocks(student)))
+    if built != asked:
+        shape = f", against {asked[0]} and {asked[1]}" if asked else ""
+        warn(
+            f"warning: model.name={m.name} is not built: {why} (width {built[0]}, {built[1]} blocks{shape})"
+            f"{instead}"
+        )
+
+
 def create_named_vit(m: ModelConfig, **kwargs: Any) -> nn.Module:
     """``model.name`` with ``kwargs`` (``model.kwargs`` among them) and ``model.drop_path_rate``; timm refusing
     the user's ``model.kwargs`` is one message naming them, not a traceback from inside timm."""
     try:
         student = create_vit(m.name, drop_path_rate=m.drop_path_rate, **kwargs)
-        attention_blocks(student)  # a TypeError where none is left ({depth: 0})
-        return student
     except (AssertionError, TypeError, ValueError) as e:  # how timm's constructors refuse arguments
         if not m.kwargs:  # without the user's kwargs, a failure is attnxfer's bug: its traceback
             raise
@@ -125,6 +151,14 @@ def create_named_vit(m: ModelConfig, **kwargs: Any) -> nn.Module:
             f"model.name={m.name} cannot be built with model.kwargs {m.kwargs}: {type(e).__name__}: {e}; "
             f"change model.kwargs (they go to timm.create_model)"
         ) from e
+    try:
+        attention_blocks(student)
+    except TypeError as e:  # a CNN (resnet18), or a ViT left without blocks ({depth: 0})
+        given, instead = (
+            (f" with model.kwargs {m.kwargs}", " or change model.kwargs") if m.kwargs else ("", "")
+        )
+        raise InputError(f"model.name={m.name}{given}: {e}; name a ViT-style timm model{instead}") from None
+    return student
 
 
 def student_attention(
@@ -171,6 +205,11 @@ def num_classes_of(cfg: TrainConfig, info: DatasetInfo) -> int:
     if not info.has_labels or cfg.transfer.task_weight == 0:
         return cfg.model.num_classes or 0
     num_classes = cfg.model.num_classes or info.num_classes
+    if info.num_classes and num_classes < info.num_classes:  # a label past the head: an error mid-epoch
+        raise InputError(
+            f"model.num_classes={num_classes} is fewer than the {info.num_classes} classes of data.dataset="
+            f"{d.dataset}: raise it, or leave it null for the dataset's"
+        )
     if not num_classes:
         if d.root is None:
             raise InputError(f"data.dataset={d.dataset} reads its images from a folder: set data.root=PATH")
