@@ -291,6 +291,31 @@ def test_random_erasing_mode_and_count_reach_the_transform(tmp_path, mode):
         assert distinct > 20  # noise
 
 
+def test_the_datasets_own_options_win_over_the_aug_section_and_never_shadow_a_data_key(tmp_path):
+    """docs/data.md: data.kwargs reach the builder as given (re_prob there beats aug.reprob, where both
+    reached it as one argument twice); a data-section key spelled inside data.kwargs says where it goes."""
+    from attnxfer.apps.run.loaders import build_loaders, data_info
+
+    _uniform_folder(tmp_path)
+    data = ["data.dataset=folder", f"data.root={tmp_path}", "data.batch_size=1"]
+    cfg = load_config(None, [*data, "aug.reprob=0.5", "data.kwargs.re_prob=1.0"])
+    loaders = build_loaders(
+        cfg.data, cfg.aug, img_size=32, in_chans=3, mean=[0.5], std=[0.25], num_classes=2, seed=0
+    )
+    transforms = loaders.train_loader.dataset.image_dataset.transform.transforms
+    assert [t.probability for t in transforms if isinstance(t, RandomErasing)] == [1.0]
+    cfg = load_config(None, [*data, "data.kwargs.img_size=32"])
+    with pytest.raises(ValueError, match="data.kwargs sets img_size: write data.img_size"):
+        build_loaders(
+            cfg.data, cfg.aug, img_size=32, in_chans=3, mean=[0.5], std=[0.25], num_classes=2, seed=0
+        )
+    # a class count the dataset takes as an option is the run's (the head's) count too
+    assert (
+        data_info(load_config(None, ["data.dataset=recall", "data.kwargs.num_classes=12"]).data).num_classes
+        == 12
+    )
+
+
 def test_precision_is_one_switch_for_student_and_teacher():
     from attnxfer.train.runtime import teacher_dtype
 

@@ -4,6 +4,7 @@ dataset name is compared here."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +23,17 @@ from ...data import (
     dataset_info,
 )
 from ...data.registry import dataset_options
+from ...errors import InputError
 
 
 def data_info(data: DataConfig) -> DatasetInfo:
-    """The ``data`` section's dataset as the run reads it (``data.labels: false``: without labels or classes)."""
-    return dataset_info(data.dataset, root=data.root, labels=data.labels)
+    """The ``data`` section's dataset as the run reads it (``data.labels: false``: without labels or classes;
+    a class count its options set, recall's ``num_classes``, in place of the default's)."""
+    info = dataset_info(data.dataset, root=data.root, labels=data.labels)
+    classes = data.kwargs.get("num_classes")
+    if classes is not None and info.has_labels and classes != info.num_classes:
+        info = dataclasses.replace(info, num_classes=int(classes), class_names=None)
+    return info
 
 
 @dataclass
@@ -73,6 +80,7 @@ def build_loaders(
             "auto_augment": aug.auto_augment,
         },
     )
+    train_aug = {k: v for k, v in train_aug.items() if k not in d.kwargs}  # the dataset's own options win
     train_set = build_dataset(d.dataset, "train", **common, **train_aug)
     val_set = build_dataset(d.dataset, "val", **common)
     # each split on its own: a stream is not indexable (the engine's position shortens the train epoch)
@@ -133,8 +141,18 @@ def data_seed(cfg: TrainConfig) -> int:
     return cfg.seed if cfg.data.seed is None else cfg.data.seed
 
 
+#: the data section's own keys, passed to every builder: a data.kwargs of the same name would collide
+_SECTION_KEYS = ("root", "img_size", "in_chans", "mean", "std", "seed", "labels", "batch_size")
+
+
 def _common(data: DataConfig, *, img_size, in_chans, mean, std, num_classes: int | None, seed: int) -> dict:
     """What both splits are built with; ``data.kwargs`` (the dataset's own options) win over the run's."""
+    section = [k for k in data.kwargs if k in _SECTION_KEYS]
+    if section:
+        raise InputError(
+            f"data.kwargs sets {', '.join(section)}: write data.{section[0]} (data.kwargs holds the dataset's "
+            "own options, beside the data section's keys)"
+        )
     common = dict(
         root=data.root,
         img_size=img_size,
