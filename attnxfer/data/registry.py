@@ -263,7 +263,8 @@ def built_info(
             values = values * in_chans
         if len(values) != in_chans:
             raise InputError(
-                f"{what} has {len(values)} values but in_chans={in_chans}; give 1 or {in_chans} values"
+                f"{what} (data.{what}) has {len(values)} values but in_chans={in_chans}: give one value per "
+                "channel, or one for all"
             )
         return values
 

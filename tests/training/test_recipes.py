@@ -391,6 +391,21 @@ def test_a_run_says_how_its_images_are_made_and_by_whose_choice(tiny_teacher_dir
     build_run_parts(load_config(None, [*base, "data.img_size=16", "data.in_chans=1", "data.mean=[0.5]"]))
     out = capsys.readouterr().out
     assert "made 1-channel 16 px for data.img_size/in_chans, normalised by data.mean/std" in out
+    # grey images of a folder, whose statistics are ImageNet's three: their average, one channel
+    _uniform_folder(tmp_path / "folder")
+    folder = [
+        *base,
+        "data.dataset=folder",
+        f"data.root={tmp_path / 'folder'}",
+        "data.kwargs={}",
+        "data.batch_size=1",
+    ]
+    grey = build_run_parts(load_config(None, [*folder, "data.in_chans=1"]))
+    rgb = build_run_parts(load_config(None, folder))
+    assert (
+        list(grey.mean) == [sum(rgb.mean) / 3] and list(grey.std) == [sum(rgb.std) / 3] and len(rgb.mean) == 3
+    )
+    capsys.readouterr()
     # a report scoring runs after they trained (the demo's, a study's) does not say it again
     build_run_parts(load_config(None, base), quiet=True)
     assert "data:" not in capsys.readouterr().out

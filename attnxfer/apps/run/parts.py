@@ -274,6 +274,8 @@ def build_run_parts(
     # Normalisation: explicit config, else the teacher's pretrained statistics, else the dataset's.
     mean = d.mean or (record or {}).get("mean") or info.mean
     std = d.std or (record or {}).get("std") or info.std
+    if in_chans == 1 and len(mean) == 3 and not d.mean:  # grey images (data.in_chans=1) of RGB statistics
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
     if shared is not None:
         return _around_shared(shared, student, img_size=img_size, in_chans=in_chans, mean=mean, std=std)
     # the images are made for the teacher unless the config says otherwise: a 1-channel teacher turns RGB grey
