@@ -74,6 +74,14 @@ def _weights(run_dir):
             ["transfer.mode=none", "model.name=resnet18"],
             "model.name=resnet18: ResNet has no attention layer attnxfer can find",
         ),
+        (  # timm would drop 3 px of each side without a word
+            ["transfer.mode=none", "data.img_size=27"],
+            "4 px patches (model.name / model.kwargs.patch_size) do not tile its 27 px images",
+        ),
+        (  # a patch larger than the image: no token at all, the first step would stop
+            ["transfer.mode=none", "model.kwargs.patch_size=64"],
+            "64 px patches (model.name / model.kwargs.patch_size) do not tile its 28 px images",
+        ),
         (  # fewer classes than the data has: a label past the head would stop the first step
             ["transfer.mode=none", "model.num_classes=5"],
             "model.num_classes=5 is fewer than the 10 classes of data.dataset=animal_mnist",

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
 
 from ...config import ModelConfig, TrainConfig
 from ...data import DatasetInfo
@@ -115,7 +116,25 @@ def build_student(
         if img_size is not None and "img_size" not in kwargs:
             kwargs["img_size"], optional = img_size, ("img_size",)  # a conv stem (PVTv2) takes any size
         student = create_named_vit(m, num_classes=num_classes, optional=optional, **kwargs)
+        _check_patches_tile(student)
     return student_attention(student, m.attention, m.attention_kwargs)
+
+
+def _check_patches_tile(student: nn.Module) -> None:
+    """A ViT's patches tile its image: timm would drop the pixels past the last whole patch without a word,
+    and a patch larger than the image stops the first step."""
+    if not isinstance(student, VisionTransformer):  # a conv stem (PVTv2) takes any size
+        return
+    io = image_input(student)
+    side, patch, grid = io.img_size[0], io.patch_size[0], io.grid[0]
+    if grid < 1 or grid * patch != side or io.grid[1] * io.patch_size[1] != io.img_size[1]:
+        fits = " and ".join(
+            f"{s} px" for s in sorted({max(1, side // patch) * patch, (side // patch + 1) * patch})
+        )
+        raise InputError(
+            f"the student's {patch} px patches (model.name / model.kwargs.patch_size) do not tile its "
+            f"{side} px images (data.img_size / model.kwargs.img_size): sizes that work near it are {fits}"
+        )
 
 
 def _say_if_not_built(
