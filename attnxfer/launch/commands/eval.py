@@ -27,7 +27,8 @@ def run(args) -> int:
     if run_dir.is_conversion():  # its final student, as export and inspect read the folder
         run_dir = run_dir.final_student()
         say(f"{cfg.run_dir} is a conversion; evaluating its final student, {run_dir.path}")
-        cfg = check_values(load_config(run_dir.config_file, args.overrides))
+        # the user's keys, but not the folder they named (``run_dir=CONVERSION``): its stage 2 is scored
+        cfg = check_values(load_config(run_dir.config_file, [*args.overrides, f"run_dir={run_dir.path}"]))
     if run_dir.is_run() and run_dir.record().get("mode") == MODE:  # MAE pre-training: its own val loss
         result = evaluate_run(cfg, build=lambda c, point: build_pretrain_engine(c, scoring=True, found=point))
     else:
