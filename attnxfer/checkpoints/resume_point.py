@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, MissingPathError
-from ..run_layout import STATE_NAME
+from ..run_layout import CHECKPOINTS_SUBDIR, STATE_NAME
 from .store import CheckpointError, CheckpointInfo, CheckpointManager, load_checkpoint, verify_checkpoint
+from .verify import MANIFEST_NAME
 
 
 class ResumePolicy(StrEnum):
@@ -64,6 +65,17 @@ class ResumeFrom:
             raise MissingPathError(
                 f"checkpoint.resume={str(self.path)!r} does not exist; use auto, none, or a "
                 "checkpoint directory such as RUN_DIR/checkpoints/step-00000100"
+            )
+        where = self.path.parent if self.path.name == CHECKPOINTS_SUBDIR else self.path
+        if self.path.is_file() and (self.path.parent / MANIFEST_NAME).is_file():
+            raise InputError(
+                f"checkpoint.resume={str(self.path)!r} is a file of the checkpoint {self.path.parent}: give the "
+                "folder"
+            )
+        if not (self.path / MANIFEST_NAME).exists() and (steps := CheckpointManager(where).step_dirs()):
+            raise InputError(
+                f"checkpoint.resume={str(self.path)!r} holds checkpoints, not one: give one of them (the newest "
+                f"is {steps[0]}), or checkpoint.resume=auto with run_dir={where}"
             )
         return verify_checkpoint(self.path, verify_hash=True if verify_hash is None else verify_hash)
 

@@ -23,6 +23,7 @@ from attnxfer.apps.run.resume import check_same_data, config_changes
 from attnxfer.checkpoints.resume_point import ResumePoint
 from attnxfer.checkpoints.verify import CheckpointInfo
 from attnxfer.config import ConfigError, TrainConfig, load_config, to_dict
+from attnxfer.errors import InputError
 
 PACKAGE = Path(__file__).resolve().parents[2] / "attnxfer"
 
@@ -126,6 +127,14 @@ def test_a_resume_with_nothing_left_to_do_ends_in_one_line(tmp_path, capsys):
         f"nothing to do: {run} is at step 8 of the 8"
     )
     assert _files(run) == before
+    # the run's folder, its checkpoints/ or a file of one, given where one checkpoint belongs: which to give
+    for given in (run, run / "checkpoints"):
+        with pytest.raises(
+            InputError, match=f"holds checkpoints, not one: .*the newest is {run}/checkpoints/step-00000008"
+        ):
+            ResumePoint.find(run, str(given))
+    with pytest.raises(InputError, match=f"is a file of the checkpoint {mid_epoch}: give the folder"):
+        ResumePoint.find(run, str(mid_epoch / "model.safetensors"))
 
 
 def _image_folder(root: Path, per_class: int, start: int = 0) -> None:
