@@ -168,14 +168,15 @@ def check_token_layouts(teacher: nn.Module, student: nn.Module) -> None:
         return
     fmt = lambda g: "x".join(map(str, g)) or "?"
     fixes = []
-    if t_grid != s_grid:
-        patch = image_input(student).patch_size if find_patch_embedding(student) is not None else None
-        if patch is not None and len(t_grid) == 2:
-            ph, pw = patch
-            size = (t_grid[0] * ph, t_grid[1] * pw)
-            fixes.append(f"img_size={size[0] if size[0] == size[1] else size} (patch {ph})")
-        else:
-            fixes.append("the teacher's img_size and patch_size")
+    if t_grid != s_grid:  # both see the same images: the teacher's patches (and size) give its grid
+        plain = all(find_patch_embedding(m) is not None for m in (teacher, student))
+        t_io, s_io = (image_input(m) for m in (teacher, student)) if plain else (None, None)
+        as_key = lambda v: v[0] if v[0] == v[1] else list(v)
+        fixes += [
+            f"{key}={as_key(getattr(t_io, key))}"
+            for key in ("patch_size", "img_size")
+            if t_io is not None and tuple(getattr(s_io, key)) != tuple(getattr(t_io, key))
+        ] or ["the teacher's img_size and patch_size"]
     if t_prefix != s_prefix:
         fixes.append(
             f"class_token=True, reg_tokens={t_prefix - 1}"
@@ -185,5 +186,5 @@ def check_token_layouts(teacher: nn.Module, student: nn.Module) -> None:
     raise PlanError(
         f"token grids differ: teacher has {fmt(t_grid)} patches + {t_prefix} prefix token(s), "
         f"student {fmt(s_grid)} + {s_prefix}. Give the student the teacher's tokens (attention maps are "
-        f"token-by-token); for a timm ViT student: {', '.join(fixes)}."
+        f"token-by-token); for a timm ViT student, model.kwargs: {', '.join(fixes)}."
     )

@@ -40,12 +40,17 @@ def test_a_plain_vit_with_4_registers_learns_a_dinov3_teachers_maps():
 @pytest.mark.parametrize(
     ("case", "student", "mode", "message"),
     [
-        ("grid", lambda: _vit(img_size=48), "distill", r"4x4 patches.*student 6x6.*img_size=32 \(patch 8\)"),
+        (
+            "grid",
+            lambda: _vit(img_size=48),
+            "distill",
+            r"4x4 patches.*student 6x6.*model.kwargs: img_size=32, class_token=True, reg_tokens=4\.$",
+        ),
         (
             "patch",
             lambda: _vit(patch_size=16),
             "distill",
-            r"4x4 patches.*student 2x2.*img_size=64 \(patch 16\)",
+            r"4x4 patches.*student 2x2.*model.kwargs: patch_size=8, class_token=True, reg_tokens=4\.$",
         ),
         ("prefix", lambda: _vit(), "distill", r"5 prefix.*student 4x4 \+ 1.*class_token=True, reg_tokens=4"),
         (

@@ -254,7 +254,18 @@ def test_teacher_whose_token_grid_does_not_fit_the_student_is_a_clear_error(tmp_
     )
     assert code != 0 and "Traceback" not in err
     assert "token grids differ: teacher has 7x7 patches + 1 prefix token(s), student 8x8 + 1" in err
-    assert "img_size" in err
+    assert err.rstrip().endswith("for a timm ViT student, model.kwargs: img_size=28.")  # the teacher's size
+    code, _, err = run_cli(  # other patches on the same images: the teacher's patch size, not a size
+        capsys,
+        "train",
+        f"run_dir={tmp_path / 'p'}",
+        *TINY,
+        "transfer.mode=copy",
+        f"teacher.spec=local-dir:{tmp_path / 'teacher'}",
+        "model.mirror_teacher=false",
+        "model.kwargs={depth: 2, embed_dim: 48, patch_size: 7}",
+    )
+    assert code != 0 and err.rstrip().endswith("for a timm ViT student, model.kwargs: patch_size=4."), err
 
 
 @pytest.mark.slow
