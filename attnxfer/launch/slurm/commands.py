@@ -33,8 +33,10 @@ def submit_from_args(
     its run can resume from."""
     sweep = parse_sweep(getattr(ns, "sweep", None))
     dry_run = getattr(ns, "dry_run", False)
-    jobs = submit(main_fn, cfg, options_from_args(ns), sweep=sweep, dry_run=dry_run, describe=describe)
-    if jobs and getattr(ns, "wait", False):
+    options = options_from_args(ns)
+    jobs = submit(main_fn, cfg, options, sweep=sweep, dry_run=dry_run, describe=describe)
+    # submitit's debug executor runs a job only when its result is asked for: without this, nothing ran
+    if jobs and (getattr(ns, "wait", False) or options.cluster == "debug"):
         try:
             wait(jobs)
         except JobFailedError as e:

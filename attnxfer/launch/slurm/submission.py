@@ -213,8 +213,11 @@ def describe_jobs(jobs: Sequence[submitit.Job], points: Sequence[SweepPoint], op
         lines.append(
             f"job {job.job_id}: run dir {point.run_dir}" + (f"  {point.overrides}" if point.overrides else "")
         )
-        lines.append(f"  stdout: {job.paths.stdout}   (rank 0; other ranks: *_<rank>_log.out)")
-        lines.append(f"  stderr: {job.paths.stderr}")
+        if opts.cluster != "debug":  # debug runs in this process, speaking to this terminal: no log files
+            lines.append(f"  stdout: {job.paths.stdout}   (rank 0; other ranks: *_<rank>_log.out)")
+            lines.append(f"  stderr: {job.paths.stderr}")
+    if opts.cluster == "debug":
+        return "\n".join([*lines, "runs now, in this process (--cluster debug)"])
     first = jobs[0]
     lines.append(f"follow:  tail -f {first.paths.stdout} {first.paths.stderr}")
     if opts.cluster == "slurm":

@@ -97,6 +97,28 @@ def test_debug_cluster_runs_in_this_process(tmp_path):
     assert result["world_size"] == 1 and result["steps_run"] == 3
 
 
+def test_submit_to_the_debug_cluster_runs_the_job_without_being_told_to_wait(tmp_path, capsys):
+    # submitit's debug executor runs a job only when asked for its result: a submit that returned at once
+    # ran nothing, and named log files no job would write
+    from helpers import run_cli, tiny_run
+
+    run = tmp_path / "run"
+    code, out, err = run_cli(
+        capsys,
+        "submit",
+        f"run_dir={run}",
+        *tiny_run(16, 8),
+        "transfer.mode=none",
+        "schedule.max_steps=1",
+        "--cluster",
+        "debug",
+    )
+    assert code == 0 and (run / "run.json").is_file(), err
+    assert (
+        "runs now, in this process (--cluster debug)" in out and "stdout:" not in out and "tail -f" not in out
+    )
+
+
 # ---- options and command line ----------------------------------------------------------------
 @pytest.mark.parametrize(
     "value, minutes",
