@@ -141,7 +141,14 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
         )
     augment = split == "train" if augment is None else augment
     size = (info.in_chans, info.img_size, info.img_size)
-    return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
+    try:
+        return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
+    except (KeyError, IndexError, TypeError, ValueError, AssertionError) as e:  # timm's own checks, if any
+        raise InputError(
+            f"dataset '{info.name}': timm's create_transform cannot build from these options ({type(e).__name__}: "
+            f"{e}); check the values data.kwargs sets (interpolation: bicubic, bilinear or nearest; scale and "
+            "ratio: two numbers each)"
+        ) from None
 
 
 @register_dataset("folder", info=folder_info)
@@ -219,22 +226,29 @@ def _split_images(
             f"no images ({', '.join(sorted(extensions))}) under '{split_dir}'; expected the layout {_LAYOUT}"
         )
     mode = "RGB" if in_chans == 3 else "L"
+    # timm labels an image by the folder it sits in: one in a class folder's sub-folder is no image of it
+    directly = "directly in them (an image in a sub-folder of a class folder is none of that class's)"
     if labels:
-        dataset = create_dataset(
-            "",
-            root=str(split_dir),
-            split=split,
-            search_split=False,
-            class_map=class_map,
-            input_img_mode=mode,
-            transform=transform,
-        )
+        try:
+            dataset = create_dataset(
+                "",
+                root=str(split_dir),
+                split=split,
+                search_split=False,
+                class_map=class_map,
+                input_img_mode=mode,
+                transform=transform,
+            )
+        except RuntimeError:  # "Found 0 images": every image sits deeper than its class folder
+            raise MissingPathError(
+                f"the class folders of '{split_dir}' hold no images {directly}; expected the layout {_LAYOUT}"
+            ) from None
         held = {target for _, target in dataset.reader.samples}
         empty = [c for c, i in class_map.items() if i not in held]
         if split == "train" and empty:  # each would be a class of the head that no image teaches
             raise InputError(
-                f"class folder(s) {empty} of '{split_dir}' hold no images ({', '.join(sorted(extensions))}): "
-                "add images or remove the folder(s); every sub-folder of train is a class"
+                f"class folder(s) {empty} of '{split_dir}' hold no images ({', '.join(sorted(extensions))}) "
+                f"{directly}: add images or remove the folder(s); every sub-folder of train is a class"
             )
         return dataset
     return ImageDataset(

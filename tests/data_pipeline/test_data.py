@@ -472,6 +472,20 @@ def test_a_train_class_folder_without_images_is_refused_not_a_class_nothing_teac
         build_dataset("folder", "train", root=tmp_path)
     (tmp_path / "val" / "emu").mkdir()  # val may lack a class's images: its folder is no error
     assert len(build_dataset("folder", "val", root=tmp_path)) == 2
+    for image in (tmp_path / "val" / "dog").glob("*.png"):  # val's images one folder too deep: none is dog's
+        (tmp_path / "val" / "dog" / "2024").mkdir(exist_ok=True)
+        image.rename(tmp_path / "val" / "dog" / "2024" / image.name)
+    with pytest.raises(FileNotFoundError, match="hold no images directly in them"):
+        build_dataset("folder", "val", root=tmp_path)
+
+
+@pytest.mark.parametrize("option", [dict(interpolation="linear"), dict(scale=[0.5])])
+def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwargs(tmp_path, option):
+    _make_folder(tmp_path)  # timm answers a KeyError (an unknown interpolation) or an IndexError (one number)
+    with pytest.raises(
+        ValueError, match="timm's create_transform cannot build from these options.*data.kwargs"
+    ):
+        build_dataset("folder", "train", root=tmp_path, **option)
 
 
 # -------------------------------------------------------------------------------------------- registry
