@@ -162,6 +162,11 @@ class Checkpointing:
             ) from None
         if self.ema is not None and "ema" in tensors:
             self.ema.load_state_dict(tensors["ema"])
+        if "optimizer" not in tensors or "optimizer_meta" not in state:
+            raise CheckpointError(
+                f"{info} holds no optimiser state: not a checkpoint of a training run (a conversion's stage 1 "
+                "keeps only the student); give one of this run's checkpoints"
+            )
         self.optimizer.load_state_dict(
             optimizer_state_from_tensors(tensors["optimizer"], state["optimizer_meta"])
         )

@@ -420,6 +420,9 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     assert [p.name for p in (run / "stage2").glob("eval-*.json")] == ["eval-00000002.json"]
     assert main(["eval", f"run_dir={run}"]) == 0  # the folder named by its key: the same student scored
     assert "scoring checkpoint step 2" in capsys.readouterr().out
+    stage1 = next((run / "stage1" / "checkpoints").iterdir())  # the student alone, no optimiser state
+    assert main(["eval", "-c", str(run / "config.yaml"), f"checkpoint.resume={stage1}"]) == 2
+    assert "holds no optimiser state: not a checkpoint of a training run" in capsys.readouterr().err
     # a training run of its own in the folder would stand for its final student: refused, nothing written
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert main(["train", "-c", str(run / "config.yaml")]) == 2
