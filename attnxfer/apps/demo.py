@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -28,7 +29,7 @@ from ..checkpoints.store import CheckpointManager, atomic_write_json
 from ..config import TrainConfig, config_keys, dump_config, find_key, load_config, to_dict
 from ..config.study_spec import Student, StudySpec
 from ..data import build_dataset
-from ..errors import InputError
+from ..errors import InputError, PathExistsError
 from ..models import attention_maps, make_transfer_aware
 from ..models.image_input import image_input
 from ..run_layout import DEMO_EXPORTS, STUDY_RECORD
@@ -310,6 +311,13 @@ def run_demo(
         raise InputError(f"seeds must be >= 1, got {seeds}")
     out_dir = Path(out)
     refuse_file_in_the_way(out_dir, "--out")
+    held = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if held and not any(re.fullmatch(r"[a-z_]+-[0-9a-f]{8}", name) for name in held):  # no run of a demo's
+        raise PathExistsError(
+            f"--out={out_dir} holds other work ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) and no "
+            "demo's runs: the demo writes its tables, pictures and teachers' exports there; give a new or "
+            "empty folder, or an earlier demo's"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher_steps = teacher_steps or (_QUICK_TEACHER_STEPS if quick else None)
     budget_steps = budget_steps or (_QUICK_STUDENT_STEPS if quick else None)

@@ -125,6 +125,7 @@ def test_a_run_trained_after_eval_trains(trained, capsys):
         (["train", *S, "run_dir={tmp}/afile"], "is a file, not a directory"),
         (["train", *S, "run_dir={tmp}/afile/run"], "afile is a file, not a directory"),
         (["demo", "--quick", "--out", "{tmp}/afile/demo"], "afile is a file, not a directory"),
+        (["demo", "--quick", "--out", "{tmp}"], "holds other work (afile, binary) and no demo's runs"),
         (["submit", *S, "run_dir={tmp}/afile/run", "--dry-run"], "afile is a file, not a directory"),
         (["export", "{tmp}/missing", "{tmp}/out"], "does not exist"),
         (["train", *S, "data.dataset=folder", "run_dir={tmp}/r"], "set data.root"),
