@@ -118,7 +118,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, Sequence):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}=[1,2])")
+            example = (
+                f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"
+            )  # one item: in brackets
+            raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}={example})")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin in (dict, Mapping):

@@ -102,6 +102,8 @@ def test_config_overrides_and_resolved_config_written(tmp_path):
     assert cfg.transfer.layers == [0, 2] and cfg.optim.lr == 1e-3 and cfg.teacher.spec == "local-dir:/x"
     with pytest.raises(ConfigError, match="expected a list"):
         load_config(None, ["transfer.layers=3"])
+    with pytest.raises(ConfigError, match=r"write e.g. log.trackers=\[tensorboard\]\)"):
+        load_config(None, ["log.trackers=tensorboard"])  # the one item given, in brackets
 
 
 @pytest.mark.slow
