@@ -386,7 +386,8 @@ def build_recall(
         isinstance(num_classes, int) and num_classes >= 2,
         f"num_classes must be >= 2 (the values), got {num_classes!r}",
     )
-    _need(isinstance(n, int) and n >= 0, f"length and val_length must be ints >= 0, got {n!r}")
+    # an empty val split would score every run 0 % without a word
+    _need(isinstance(n, int) and n >= 1, f"length and val_length must be ints >= 1, got {n!r}")
     stage = RecallStage(img_size, pairs, num_keys, distractors, distance, hops)
     _check(stage, in_chans, num_classes, glyph)
     stages = _curriculum(curriculum, stage, in_chans, num_classes, glyph)

@@ -143,6 +143,7 @@ def test_values_are_distinct_so_reading_them_without_keys_is_chance():
         (dict(hops=2, num_keys=11), r"num_keys must be >= pairs x hops = 12"),
         (dict(hops=2, distance=4), r"hops=2 chains .* at least 9 glyphs a side \(img_size >= 36\)"),
         (dict(hops=3, distance=2, num_keys=18, distractors=46), "fewer than pairs x hops"),
+        (dict(length=0), "length and val_length must be ints >= 1, got 0"),  # an empty split scores 0 %
     ],
 )
 def test_impossible_settings_are_one_clear_error(bad, says):
