@@ -141,6 +141,8 @@ def timm_transform(split: str, augment: bool | None, info: DatasetInfo, **aug) -
         )
     augment = split == "train" if augment is None else augment
     size = (info.in_chans, info.img_size, info.img_size)
+    if aug.get("crop_pct") is not None and not aug["crop_pct"] > 0:  # timm would take its 0.875 silently
+        raise InputError(f"dataset '{info.name}': crop_pct must be > 0 (data.kwargs), got {aug['crop_pct']}")
     try:
         return augment, create_transform(size, is_training=augment, mean=info.mean, std=info.std, **aug)
     except (KeyError, IndexError, TypeError, ValueError, AssertionError) as e:  # timm's own checks, if any

@@ -479,6 +479,12 @@ def test_a_train_class_folder_without_images_is_refused_not_a_class_nothing_teac
         build_dataset("folder", "val", root=tmp_path)
 
 
+def test_a_crop_pct_of_zero_is_refused_not_taken_as_timms_default(tmp_path):
+    _make_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"crop_pct must be > 0 \(data.kwargs\), got 0"):
+        build_dataset("folder", "val", root=tmp_path, crop_pct=0)
+
+
 @pytest.mark.parametrize("option", [dict(interpolation="linear"), dict(scale=[0.5])])
 def test_a_transform_option_value_timm_cannot_take_is_one_line_naming_data_kwargs(tmp_path, option):
     _make_folder(tmp_path)  # timm answers a KeyError (an unknown interpolation) or an IndexError (one number)
