@@ -90,6 +90,11 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
     naming the spec by its ``role`` (inspect reads its students' specs as teachers' too)."""
     spec = str(spec).strip()
     prefix, sep, rest = spec.partition(":")
+    if not spec or (sep and not rest.strip()):  # "" read as the current folder, a model's folder it is not
+        raise InputError(
+            f"{role} spec {spec!r} names nothing: give a timm name (vit_base_patch16_224.mae), "
+            "hf-hub:ORG/NAME[@REVISION], local-dir:PATH or a weights file"
+        )
     if sep and prefix.lower() in ("hf-hub", "hf_hub"):
         repo, _, rev = rest.partition("@")
         if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo):
@@ -100,6 +105,10 @@ def parse_teacher_spec(spec: str, revision: str | None = None, role: str = "teac
             )
         return TeacherSpec(Source.HF_HUB, repo, rev or revision)
     if sep and prefix.lower() == "local-dir":
+        if revision:  # a folder has one version: the flag would be read by nothing
+            raise InputError(
+                f"{role} spec {spec!r} is a local folder: a revision ({revision!r}) is a Hub repo's"
+            )
         return TeacherSpec(Source.LOCAL_DIR, str(Path(rest).expanduser()))
     if spec.endswith(WEIGHT_SUFFIXES) or os.path.isfile(os.path.expanduser(spec)):
         return TeacherSpec(Source.FILE, str(Path(spec).expanduser()))

@@ -212,6 +212,12 @@ def test_fetching_a_local_teacher_that_is_not_there_is_an_error_not_a_path(tmp_p
     for spec in (f"local-dir:{tmp_path / 'typo'}", str(tmp_path / "typo" / "model.pth")):
         with pytest.raises(MissingPathError, match="typo does not exist|model.pth does not exist"):
             fetch_teacher(spec)
+    # nothing named (read as the current folder before), and a revision a folder cannot have
+    for spec in ("", "local-dir:"):
+        with pytest.raises(ValueError, match=f"teacher spec '{spec}' names nothing: give a timm name"):
+            fetch_teacher(spec)
+    with pytest.raises(ValueError, match=r"is a local folder: a revision \('v2'\) is a Hub repo's"):
+        fetch_teacher(f"local-dir:{tmp_path}", revision="v2")
 
 
 def test_a_timm_architecture_without_pretrained_weights_asks_for_a_trained_one():
