@@ -118,9 +118,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if origin in (list, Sequence):
         if not isinstance(value, (list, tuple)):
-            example = (
-                f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"
-            )  # one item: in brackets
+            # one item given: the example is that item in brackets
+            example = f"[{value}]" if isinstance(value, (str, int, float)) else "[a, b]"
             raise ConfigError(f"{key}: expected a list, got {value!r} (write e.g. {key}={example})")
         (item,) = typing.get_args(tp) or (Any,)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]

@@ -266,15 +266,23 @@ def _folder_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=+,-]", "-", label)
 
 
+def recorded_students(run_dir: str | Path) -> list[dict[str, Any]] | None:
+    """The students the study in ``run_dir`` started with, as its study.json lists them (each its name,
+    overrides and folder); None where no study is there to read."""
+    try:
+        listed = json.loads((Path(run_dir) / STUDY_RECORD).read_text())["students"]
+        return [{k: entry[k] for k in ("name", "overrides", "folder")} for entry in listed]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def names_on_record(run_dir: str | Path, students: Sequence[Student]) -> list[Student]:
     """``students`` under the names the study already in ``run_dir`` gave the same students (a study started
     when ``--vary`` named folders ``transfer.mode=copy`` goes on in them)."""
-    record = Path(run_dir) / STUDY_RECORD
-    try:
-        listed = json.loads(record.read_text())["students"]
-        recorded = [(str(e["name"]), json.dumps(e["overrides"], sort_keys=True)) for e in listed]
-    except (OSError, ValueError, KeyError, TypeError):
+    listed = recorded_students(run_dir)
+    if listed is None:
         return list(students)
+    recorded = [(str(e["name"]), json.dumps(e["overrides"], sort_keys=True)) for e in listed]
     ours = [json.dumps(json.loads(json.dumps(dict(s.overrides))), sort_keys=True) for s in students]
     if [keys for _, keys in recorded] != ours:
         return list(students)

@@ -127,9 +127,8 @@ def choose_attentions(
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         own = record if record and record["attention"] == cfg.convert.attention else None
-        if (
-            own is None and cfg.convert.speedup is not None
-        ):  # a budget only a choice reads (auto's own is kept)
+        # a budget only a choice reads; an auto run's own config.yaml (its choice recorded) keeps it quietly
+        if own is None and cfg.convert.speedup is not None:
             warn(
                 f"convert.speedup={cfg.convert.speedup:g} is a budget for convert.attention=auto; "
                 f"convert.attention={cfg.convert.attention} is converted as named, whatever its speed"

@@ -74,10 +74,9 @@ def init_from_pretrained(
         raise InputError(f"model.init={spec!r}: {said}") from None
     student = student_like(pretrained, num_classes=num_classes, drop_path_rate=drop_path_rate, **kwargs)
     result = student.load_state_dict(pretrained.state_dict(), strict=False)
-    fresh = {"head"} | (
-        {"fc_norm"} if not isinstance(getattr(student, "fc_norm", None), nn.Identity) else set()
-    )
-    dropped = {"norm"} if isinstance(getattr(student, "norm", None), nn.Identity) else set()
+    # a head, or an fc_norm the pooling added, only the student has: fresh; a final norm the pooling moved
+    # after it, only the encoder has: dropped (any other mismatch is refused below)
+    fresh, dropped = {"head", "fc_norm"}, {"norm"}
     missing = {n for n in result.missing_keys if n.split(".")[0] not in fresh}
     unexpected = [n for n in result.unexpected_keys if n.split(".")[0] not in dropped]
     if missing or unexpected:

@@ -22,7 +22,7 @@ from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
 from ...checkpoints.run_lock import run_lock
 from ...checkpoints.store import CheckpointManager, atomic_write_json, atomic_write_text
 from ...config import ConfigError, TrainConfig, to_dict
-from ...config.study_spec import Student, StudySpec
+from ...config.study_spec import Student, StudySpec, recorded_students
 from ...run_layout import STUDY_RECORD, STUDY_YAML
 from ...speak import say, speaking_for
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
@@ -285,12 +285,8 @@ def _where_it_stands(spec: StudySpec, world: int, configs: list[tuple[Student, T
 def refuse_other_students(spec: StudySpec) -> None:
     """A study goes on with the students it started with: ``spec``'s checked against the folder's study.json
     before any lock or work (a convert study's stage 1 writes long before stage 2's checkpoints would tell)."""
-    try:
-        listed = json.loads((Path(spec.run_dir) / STUDY_RECORD).read_text())["students"]
-        started = [{k: entry[k] for k in ("name", "overrides", "folder")} for entry in listed]
-    except (OSError, ValueError, KeyError, TypeError):  # no study there yet (or not one to read): its checks
-        return
-    if started != json.loads(json.dumps(spec.record())):
+    started = recorded_students(spec.run_dir)  # None: no study there yet (or none to read)
+    if started is not None and started != json.loads(json.dumps(spec.record())):
         raise _other_students(spec, STUDY_RECORD, started)
 
 
