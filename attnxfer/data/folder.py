@@ -36,12 +36,17 @@ def _split_dir(root: str | None, split: str) -> Path:
     )
 
 
+def _is_class_dir(path: Path) -> bool:
+    """A visible sub-folder: hidden ones (.ipynb_checkpoints, .git) are no class, as their images are none."""
+    return path.is_dir() and not path.name.startswith(".")
+
+
 def folder_classes(root: str) -> tuple[str, ...]:
-    """Class names: the sub-folders of the train folder, in timm's natural sort order."""
+    """Class names: the visible sub-folders of the train folder, in timm's natural sort order."""
     from timm.utils.misc import natural_key  # local import keeps `import attnxfer.data` light
 
     train = _split_dir(root, "train")
-    classes = sorted((d.name for d in train.iterdir() if d.is_dir()), key=natural_key)
+    classes = sorted((d.name for d in train.iterdir() if _is_class_dir(d)), key=natural_key)
     if not classes:
         raise MissingPathError(
             f"'{train}' has no class sub-folders; expected the layout {_LAYOUT} "
@@ -70,10 +75,12 @@ def folder_info(root: str | None, labels: bool = True) -> DatasetInfo:
 
 
 class ImageFiles:
-    """Every image file under ``folder`` (any depth, hidden ones left out) in timm's natural order: a timm
-    reader that hands out no target."""
+    """Every image file under ``folder`` (any depth, hidden ones left out) in timm's natural order, as a timm
+    reader. With ``class_map`` each is labelled by its class folder, the first folder under ``folder``, however
+    deep it lies there (torchvision's ImageFolder rule; timm's reader would name a class by the innermost
+    folder); without one it hands out no target."""
 
-    def __init__(self, folder: Path, extensions: set[str]):
+    def __init__(self, folder: Path, extensions: set[str], class_map: dict[str, int] | None = None):
         from timm.utils.misc import natural_key  # local import keeps `import attnxfer.data` light
 
         self.folder = folder
@@ -82,13 +89,16 @@ class ImageFiles:
         )
         visible = (p for p in found if not any(part.startswith(".") for part in p.parts))
         self.files = sorted(visible, key=lambda p: natural_key(p.as_posix()))
+        self.targets = [None] * len(self.files)
+        if class_map is not None:
+            self.targets = [class_map.get(p.parts[0]) if len(p.parts) > 1 else None for p in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int):
         # an open file, as timm's own readers hand images to its ImageDataset
-        return open(self.folder / self.files[index], "rb"), None
+        return open(self.folder / self.files[index], "rb"), self.targets[index]
 
     def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
         path = self.files[index]
@@ -210,49 +220,33 @@ def _split_images(
     split: str, root: str | None, classes: Sequence[str], labels: bool, in_chans: int, transform: Callable
 ) -> Any:
     """timm's dataset of the split's images (class folders mapped to train's indices where ``labels``); a
-    split with classes train lacks, or with no image, is refused."""
-    from timm.data import (  # keeps `import attnxfer.data` light
-        ImageDataset,
-        create_dataset,
-        get_img_extensions,
-    )
+    split with classes train lacks, with no image, or with images outside every class folder is refused."""
+    from timm.data import ImageDataset, get_img_extensions  # keeps `import attnxfer.data` light
 
     split_dir = _split_dir(root, split)
     class_map = {c: i for i, c in enumerate(classes)}  # val uses train's indices even if it lacks a class
-    stray = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in class_map)
+    stray = sorted(d.name for d in split_dir.iterdir() if _is_class_dir(d) and d.name not in class_map)
     if stray and labels:
         raise InputError(f"'{split_dir}' has classes {stray} that '{_split_dir(root, 'train')}' lacks")
     extensions = get_img_extensions(as_set=True)
-    if not any(f.suffix.lower() in extensions for f in split_dir.rglob("*")):  # stops at the first image
+    reader = ImageFiles(split_dir, extensions, class_map if labels else None)
+    if not reader.files:
         raise MissingPathError(
             f"no images ({', '.join(sorted(extensions))}) under '{split_dir}'; expected the layout {_LAYOUT}"
         )
-    mode = "RGB" if in_chans == 3 else "L"
-    # timm labels an image by the folder it sits in: one in a class folder's sub-folder is no image of it
-    directly = "directly in them (an image in a sub-folder of a class folder is none of that class's)"
     if labels:
-        try:
-            dataset = create_dataset(
-                "",
-                root=str(split_dir),
-                split=split,
-                search_split=False,
-                class_map=class_map,
-                input_img_mode=mode,
-                transform=transform,
+        loose = [reader.files[i] for i, target in enumerate(reader.targets) if target is None]
+        if loose:  # the stray-class check above leaves only images outside every class folder unlabelled
+            raise InputError(
+                f"{len(loose)} image(s) of '{split_dir}' lie outside any class folder (e.g. '{loose[0]}'): "
+                f"move them into their class's folder; expected the layout {_LAYOUT}"
             )
-        except RuntimeError:  # "Found 0 images": every image sits deeper than its class folder
-            raise MissingPathError(
-                f"the class folders of '{split_dir}' hold no images {directly}; expected the layout {_LAYOUT}"
-            ) from None
-        held = {target for _, target in dataset.reader.samples}
+        held = set(reader.targets)
         empty = [c for c, i in class_map.items() if i not in held]
         if split == "train" and empty:  # each would be a class of the head that no image teaches
             raise InputError(
-                f"class folder(s) {empty} of '{split_dir}' hold no images ({', '.join(sorted(extensions))}) "
-                f"{directly}: add images or remove the folder(s); every sub-folder of train is a class"
+                f"class folder(s) {empty} of '{split_dir}' hold no images ({', '.join(sorted(extensions))}): "
+                "add images or remove the folder(s); every sub-folder of train is a class"
             )
-        return dataset
-    return ImageDataset(
-        str(split_dir), reader=ImageFiles(split_dir, extensions), input_img_mode=mode, transform=transform
-    )
+    mode = "RGB" if in_chans == 3 else "L"
+    return ImageDataset(str(split_dir), reader=reader, input_img_mode=mode, transform=transform)

@@ -472,10 +472,30 @@ def test_a_train_class_folder_without_images_is_refused_not_a_class_nothing_teac
         build_dataset("folder", "train", root=tmp_path)
     (tmp_path / "val" / "emu").mkdir()  # val may lack a class's images: its folder is no error
     assert len(build_dataset("folder", "val", root=tmp_path)) == 2
-    for image in (tmp_path / "val" / "dog").glob("*.png"):  # val's images one folder too deep: none is dog's
-        (tmp_path / "val" / "dog" / "2024").mkdir(exist_ok=True)
-        image.rename(tmp_path / "val" / "dog" / "2024" / image.name)
-    with pytest.raises(FileNotFoundError, match="hold no images directly in them"):
+
+
+def test_a_folder_image_is_its_class_folders_at_any_depth_and_one_outside_every_class_is_refused(tmp_path):
+    _make_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "2024" / "05").mkdir(parents=True)  # timm would call these class '05'
+    (tmp_path / "train" / "dog" / "0.png").rename(tmp_path / "train" / "cat" / "2024" / "05" / "x.png")
+    (tmp_path / "train" / "dog" / "cat").mkdir()  # ... and these class 'cat'
+    (tmp_path / "train" / "dog" / "1.png").rename(tmp_path / "train" / "dog" / "cat" / "y.png")
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # hidden: no class, its images none
+    (tmp_path / "train" / "cat" / "0.png").replace(tmp_path / "train" / ".ipynb_checkpoints" / "0.png")
+    train = build_dataset("folder", "train", root=tmp_path, img_size=24)
+    assert dataset_info("folder", root=tmp_path).class_names == ("cat", "dog")
+    labelled = dict(zip(train.image_dataset.filenames(), (train[i][1] for i in range(len(train)))))
+    assert labelled == {
+        "cat/1.png": 0,
+        "cat/2.png": 0,
+        "cat/2024/05/x.png": 0,
+        "dog/2.png": 1,
+        "dog/cat/y.png": 1,
+    }
+    (tmp_path / "val" / "stray.png").write_bytes((tmp_path / "val" / "dog" / "0.png").read_bytes())
+    with pytest.raises(
+        ValueError, match=r"1 image\(s\) of .*val' lie outside any class folder \(e.g. 'stray.png'\)"
+    ):
         build_dataset("folder", "val", root=tmp_path)
 
 
