@@ -198,3 +198,26 @@ def test_a_forced_ce_path_that_cannot_run_here_is_refused_with_why(tiny_teacher_
     assert "transfer.ce_path=triton cannot run here: the triton CE path " in err
     assert "on cpu: use transfer.ce_path=auto" in err or "needs the `triton` package" in err
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.parametrize(
+    "mode, keys, unused",
+    [
+        (
+            "none",
+            ["transfer.layers=[0]", "transfer.atd_weight=3"],
+            "transfer.atd_weight=3.0, transfer.layers=[0]",
+        ),
+        ("copy", ["transfer.atd_weight=3", "transfer.end_layer=-1"], "transfer.atd_weight=3.0 unused"),
+    ],
+)
+def test_a_transfer_key_the_mode_does_not_read_is_said_not_silently_dropped(
+    tiny_teacher_dir, tmp_path, capsys, mode, keys, unused
+):
+    argv = ["train", f"run_dir={tmp_path / 'run'}", f"transfer.mode={mode}", *keys, *_TINY_RUN]
+    code, _, err = run_cli(capsys, *argv, f"teacher.spec=local-dir:{tiny_teacher_dir}")
+    assert code == 0, err
+    assert f"warning: {unused}" in err and f"with transfer.mode={mode}: atd_weight weighs a distill" in err, (
+        err
+    )
+    assert "end_layer" not in err.split("unused")[0]  # copy reads end_layer: its layers are the ones copied

@@ -40,7 +40,6 @@ _COMMON = dict(
     ema=0.9999,
     pooling="avg+fc_norm",
     clip_grad=None,
-    atd_weight=3.0,
     share_drop_path=True,
 )
 _COPY = dict(
@@ -58,6 +57,7 @@ _COPY = dict(
 _DISTILL = dict(
     _COMMON,
     mode="distill",
+    atd_weight=3.0,  # the reference's default, which copy reads nowhere (its recipes leave it out)
     epochs=200,
     blr=1e-4,
     min_lr=1e-6,
@@ -115,8 +115,8 @@ def _resolved(cfg) -> dict:
         clip_grad=cfg.optim.clip_grad,
         layer_decay=cfg.optim.layer_decay or 1.0,
         end_layer=cfg.transfer.end_layer,
-        atd_weight=cfg.transfer.atd_weight,
         share_drop_path=cfg.transfer.share_drop_path,
+        **({"atd_weight": cfg.transfer.atd_weight} if cfg.transfer.mode == "distill" else {}),
     )
 
 
@@ -179,7 +179,7 @@ def test_recipe_matches_the_reference(recipe, capsys):
     # the reference transfers teacher activations [0, depth + end_layer) one to one
     expected = ref["depth"] + ref["end_layer"]
     assert plan.pairs == tuple((i, i) for i in range(expected))
-    assert plan.share_drop_path and plan.weight == ref["atd_weight"]
+    assert plan.share_drop_path and plan.weight == ref.get("atd_weight", 1.0)
 
 
 def test_layer_decay_rules_on_a_meta_vit_large():

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from ...checkpoints.resume_point import ResumeFrom, ResumePoint
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import refuse_file_in_the_way, run_lock
-from ...config import ConfigError, TrainConfig, dump_config, to_dict, validate_config
+from ...config import ConfigError, TrainConfig, TransferConfig, dump_config, to_dict, validate_config
 from ...data import data_identity, dataset_has_labels, require_labels
 from ...errors import InputError
 from ...models.attention import attention_blocks
 from ...models.student import student_from_spec
-from ...speak import say
+from ...speak import say, warn
 from ...train.compile import compile_blocks, is_compiled
 from ...train.distributed import DistributedInfo, backend_for, barrier, joined_process_group
 from ...train.drive import Drive
@@ -74,7 +74,7 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
     """The transfer plan the ``transfer`` section asks for, validated against the two models."""
     t = cfg.transfer
     feature_weight = 0.0 if t.feature_distill is None else float(t.feature_distill)  # convert resolves null
-    return build_plan(
+    plan = build_plan(
         parts.teacher,
         parts.student,
         t.mode,
@@ -88,6 +88,21 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
         task_weight=task_weight_of(cfg),
         losses=t.losses,
     )
+    # a value set where nothing reads it is said, not silently dropped
+    default = TransferConfig()
+    unread = {"atd_weight": plan.mode.distill is None, "layers": not plan.pairs, "end_layer": not plan.pairs}
+    unused = [
+        f"transfer.{k}={getattr(t, k)}"
+        for k, u in unread.items()
+        if u and getattr(t, k) != getattr(default, k)
+    ]
+    if unused:
+        warn(
+            f"warning: {', '.join(unused)} unused with transfer.mode={t.mode}: atd_weight weighs a distill "
+            "mode's loss; layers and end_layer choose the layers a mode, or a layer comparison in "
+            "transfer.losses, moves"
+        )
+    return plan
 
 
 def scoring_for(plan: TransferPlan, parts: RunParts) -> tuple[Callable, str]:
