@@ -51,9 +51,17 @@ def sweep_points(cfg: RunConfig, sweep: Mapping[str, Sequence[Any]] | None) -> l
         raise InputError("cfg.run_dir is empty: set run_dir=PATH (on a filesystem every node sees)")
     if not sweep:
         return [SweepPoint({}, cfg)]
+    if RUN_DIR_KEY in sweep:  # it would be replaced by the point's own folder below
+        raise InputError(
+            f"--sweep {RUN_DIR_KEY}: each job of a sweep runs in its own folder under {RUN_DIR_KEY} "
+            f"(RUN_DIR/000_KEY=VALUE); set {RUN_DIR_KEY}=PATH once and sweep other keys"
+        )
     for key, values in sweep.items():
         if isinstance(values, (str, bytes)) or not values:
             raise InputError(f"sweep[{key!r}] must be a non-empty list of values, got {values!r}")
+        twice = next((v for i, v in enumerate(values) if str(v) in map(str, values[:i])), None)
+        if twice is not None:
+            raise InputError(f"--sweep {key} lists {twice!r} twice: each value makes one job")
     keys = list(sweep)
     points = []
     for i, combo in enumerate(itertools.product(*(sweep[k] for k in keys))):

@@ -239,6 +239,14 @@ def test_bad_sweep_values():
         parse_sweep(["lr=0.1,,0.2"])
 
 
+def test_a_swept_run_dir_or_a_value_twice_is_refused_not_relocated_or_run_twice(tmp_path):
+    cfg = ToyConfig(run_dir=str(tmp_path))  # a swept run_dir would be replaced by each point's own folder
+    with pytest.raises(ValueError, match=r"--sweep run_dir: each job of a sweep runs in its own folder"):
+        sweep_points(cfg, {"run_dir": [str(tmp_path / "a"), str(tmp_path / "b")]})
+    with pytest.raises(ValueError, match=r"--sweep lr lists '0.1' twice: each value makes one job"):
+        sweep_points(cfg, {"lr": ["0.1", "0.2", "0.1"]})
+
+
 def test_sweep_points_are_the_cartesian_product_with_own_run_dirs(tmp_path):
     cfg = ToyConfig(run_dir=str(tmp_path))
     points = sweep_points(cfg, {"lr": ["0.1", "0.2"], "seed": [0, 1]})
