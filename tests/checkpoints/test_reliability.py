@@ -77,6 +77,21 @@ def test_eval_writes_only_its_result_file(trained, capsys):
     )
 
 
+def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(trained, capsys):
+    def scored(*overrides: str) -> Path:
+        code, out, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), *overrides)
+        assert code == 0, err
+        return Path(out.strip().splitlines()[-1].rsplit(" -> ", 1)[1])
+
+    first = scored()
+    kept, files = first.read_bytes(), set(trained.glob("eval-*.json"))
+    other = scored("eval.metrics=[top1]")
+    assert first.read_bytes() == kept and other not in files and other.name.startswith("eval-00000004-")
+    assert json.loads(other.read_text())["config"]["eval"]["metrics"] == ["top1"]
+    assert scored() == first  # the first evaluation again replaces only its own scores
+    assert set(trained.glob("eval-*.json")) == files | {other}
+
+
 def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", *S, f"run_dir={tmp_path / 'never'}")
     assert code == 2 and "no checkpoint to evaluate" in err and "Traceback" not in err

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ...checkpoints.resume_point import ResumeFrom, ResumePoint, ResumePolicy
 from ...checkpoints.run_lock import check_writable, disk_error
@@ -109,6 +110,21 @@ def _quality_metrics(
     return out
 
 
+def _result_path(run_dir: Path, step: int, config: dict[str, Any]) -> Path:
+    """``eval-<step>.json``, or where it holds another evaluation of that step (other metrics or settings)
+    the next free ``eval-<step>-<n>.json``: a second eval keeps the first one's scores."""
+    path, n, as_written = run_dir / f"eval-{step:08d}.json", 1, json.loads(json.dumps(config))
+    while path.is_file():
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("config") == as_written:
+                return path  # the same evaluation again: its scores replace their own
+        except (OSError, ValueError, AttributeError):  # unreadable or not ours: kept as it is
+            pass
+        n += 1
+        path = run_dir / f"eval-{step:08d}-{n}.json"
+    return path
+
+
 def evaluate_run(
     cfg: TrainConfig,
     parts: RunParts | None = None,
@@ -135,13 +151,14 @@ def evaluate_run(
             engine = build(cfg, point)
         metrics = engine.evaluate_checkpoint()
         metrics |= _quality_metrics(cfg, engine, wanted, metrics)
-        path = Path(cfg.run_dir) / f"eval-{engine.step:08d}.json"
+        config = to_dict(cfg, "eval")  # the sections every command reads
+        path = _result_path(Path(cfg.run_dir), engine.step, config)
         if engine.is_main:
             record = {
                 "step": engine.step,
                 "checkpoint": engine.last_ckpt,
                 "metrics": metrics,
-                "config": to_dict(cfg, "eval"),  # the sections every command reads
+                "config": config,
             }
             try:
                 atomic_write_json(path, record)
