@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..errors import InputError
 
@@ -105,6 +105,11 @@ class MaskedAutoencoder(nn.Module):
         norm_pix: bool = True,
     ):
         super().__init__()
+        if not isinstance(encoder, VisionTransformer):  # the masking below reads its patch and prefix tokens
+            raise InputError(
+                f"MAE pre-training needs a plain ViT (timm's VisionTransformer, e.g. vit_base_patch16_224), not "
+                f"a {type(encoder).__name__}: choose such a model.name"
+            )
         if getattr(encoder, "dynamic_img_size", False):
             raise InputError(
                 "MaskedAutoencoder needs a fixed image size (build the encoder without dynamic_img_size)"

@@ -345,10 +345,22 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
     [
         (["mae.mask_ratio=1.0"], "mae.mask_ratio: must be > 0 and < 1"),
         (["mae.mask_ratio=0"], "mae.mask_ratio: must be > 0 and < 1"),  # no patch masked: a loss of 0
-        (["teacher.spec=vit_base_patch16_224.mae"], "pretrain learns from pixels alone"),
+        (["teacher.spec=vit_base_patch16_224.mae"], "it learns from pixels alone; attention transfer from"),
         (["mae.mask_rato=0.5"], "did you mean 'mae.mask_ratio'"),
         (["model.kwargs={embed_dim: 50}"], "cannot be built with model.kwargs {'embed_dim': 50}"),
-        (["model.attention=relu_linear"], "model.attention(_kwargs) is not used by MAE pre-training"),
+        (
+            ["model.attention=relu_linear"],
+            "pretrain does not read model.attention='relu_linear' (the encoder keeps",
+        ),
+        # keys a train run reads and pretraining would silently drop
+        (
+            ["ema.decay=0.9", "transfer.mode=copy", "model.num_classes=10", "aug.mixup=0.8"],
+            "pretrain does not read model.num_classes=10 (the encoder is exported headless; a head is "
+            "fine-tuning's (`attnxfer train`, model.init)); ema.decay=0.9 (MAE pre-trains without an EMA of its "
+            "weights); aug.mixup=0.8 (MAE's loss reads no label); transfer.mode='copy' (it transfers nothing "
+            "from a teacher): remove them",
+        ),
+        (["model.name=swin_tiny_patch4_window7_224"], "needs a plain ViT (timm's VisionTransformer"),
     ],
 )
 def test_bad_pretrain_input_is_one_clear_message(args, needle, tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from itertools import islice
+from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from ...checkpoints.export import export_run
 from ...checkpoints.model_card import shape_phrase
 from ...checkpoints.resume_point import ResumePoint
 from ...checkpoints.run_lock import run_lock
-from ...config import TrainConfig, to_dict
+from ...config import TrainConfig, TransferConfig, to_dict
 from ...data import data_identity
 from ...errors import InputError
 from ...models.image_input import image_input
@@ -147,6 +148,31 @@ def reconstruction_pictures(
     return draw
 
 
+_NO_LABELS = "MAE's loss reads no label"
+_SOFTMAX = (
+    "the encoder keeps softmax attention; `attnxfer convert` turns the exported teacher into an efficient one"
+)
+#: keys MAE pre-training reads nowhere, each with why: set to anything but its default, one is refused rather
+#: than silently unused (aug.label_smoothing stays quietly allowed: the ViT-B recipe sets it to 0)
+_UNREAD_BY_PRETRAIN = {
+    "teacher.spec": "it learns from pixels alone; attention transfer from a teacher is `attnxfer train`",
+    "teacher.compile": "it has no teacher; model.compile compiles the MAE",
+    "model.attention": _SOFTMAX,
+    "model.attention_kwargs": _SOFTMAX,
+    "model.num_classes": "the encoder is exported headless; a head is fine-tuning's (`attnxfer train`, model.init)",
+    "ema.decay": "MAE pre-trains without an EMA of its weights",
+    "optim.layer_decay": "layer-wise lr decay is fine-tuning's",
+    "aug.mixup": _NO_LABELS,
+    "aug.cutmix": _NO_LABELS,
+    "aug.mixup_prob": _NO_LABELS,
+    "aug.mixup_switch_prob": _NO_LABELS,
+    **{
+        f"transfer.{f.name}": "it transfers nothing from a teacher"
+        for f in dataclasses.fields(TransferConfig)
+    },
+}
+
+
 def build_pretrain_engine(
     cfg: TrainConfig,
     runtime: Runtime | None = None,
@@ -155,13 +181,16 @@ def build_pretrain_engine(
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``scoring=True`` (`attnxfer eval`, with
     the checkpoint it ``found``) writes nothing into the run dir."""
-    if cfg.teacher.spec:  # pretraining learns from pixels: a teacher's keys would be silently unused
+    default = TrainConfig()
+    unused = [
+        f"{key}={value!r} ({why})"
+        for key, why in _UNREAD_BY_PRETRAIN.items()
+        if (value := attrgetter(key)(cfg)) != attrgetter(key)(default)
+    ]
+    if unused:
         raise InputError(
-            f"pretrain learns from pixels alone; teacher.spec={cfg.teacher.spec!r} would be unused. "
-            "Remove it (attention transfer from a teacher is `attnxfer train`)"
+            f"pretrain does not read {'; '.join(unused)}: remove {'it' if len(unused) == 1 else 'them'}"
         )
-    if cfg.teacher.compile:
-        raise InputError("pretrain has no teacher; remove teacher.compile (model.compile compiles the MAE)")
     cfg, runtime, point = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
     if runtime.is_main and not scoring:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -247,11 +276,6 @@ def build_pretrain_engine(
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
-    if cfg.model.attention or cfg.model.attention_kwargs:
-        raise InputError(
-            "model.attention(_kwargs) is not used by MAE pre-training: its encoder keeps softmax attention (the "
-            "teacher attnxfer convert turns into an efficient one later); drop it"
-        )
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "pretrain", enabled=main),
