@@ -221,3 +221,20 @@ def test_a_transfer_key_the_mode_does_not_read_is_said_not_silently_dropped(
         err
     )
     assert "end_layer" not in err.split("unused")[0]  # copy reads end_layer: its layers are the ones copied
+
+
+def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_step(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        f"run_dir={run}",
+        "transfer.mode=none",
+        *_TINY_RUN,
+        "log.trackers=[mlflow]",
+        "log.project=",
+    ]
+    err = _refused(argv, capsys)
+    assert err.endswith(
+        "log.project is empty; mlflow log(s) into a named project: set one (default: attnxfer)"
+    )
+    assert not (run / "checkpoints").exists()

@@ -180,6 +180,11 @@ def loop_settings(
 def prepare_trackers_from_config(cfg: TrainConfig, run_dir: str | Path | None = None) -> None:
     """How ``log.trackers`` will log for ``run_dir`` (default the run's), decided and said on this process
     before the teacher and the data load: a tracker that cannot log from here stops the run at once."""
+    named = [t for t in cfg.log.trackers if t in ("wandb", "mlflow")]
+    if named and not cfg.log.project.strip():  # MLflow refuses it only at the first record, after a step
+        raise InputError(
+            f"log.project is empty; {' and '.join(named)} log(s) into a named project: set one (default: attnxfer)"
+        )
     prepare_trackers(cfg.log.trackers, run_dir or cfg.run_dir)
 
 
