@@ -350,6 +350,12 @@ def test_copy_run_through_the_cli_and_without_its_teacher(copy_run, tmp_path, ca
     assert "copy-mode student trained with teacher" in err and "pass that teacher" in err
     with pytest.raises(ValueError, match="can only be inspected with that teacher"):
         load_model(str(copy_run / "copy"))
+    # a run folder holds trained weights, as an export does: never compared as if random
+    assert (
+        cli_main(["inspect", "vit_micro_patch4_28", run, "--random-weights", "--out", str(tmp_path / "y")])
+        == 2
+    )
+    assert f"--random-weights is for timm names; {run} holds trained weights" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

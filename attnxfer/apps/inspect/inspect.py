@@ -130,15 +130,15 @@ def load_model(
     another is refused."""
     spec = str(spec)
     run = _run_of(spec)
-    if run is not None:
-        return _at_size(_load_run(spec, run, teacher), img_size)
     # a model's folder given as a path, as run folders are: read as local-dir (a teacher spec must say so)
     folder = Path(spec).expanduser()
     source = f"local-dir:{spec}" if folder.is_dir() and (folder / "config.json").is_file() else spec
     # a spec that names nothing is refused as what it was given as
-    parsed = parse_teacher_spec(source, role=role)
-    if not pretrained and parsed.source.is_local:
+    trained = run is not None or parse_teacher_spec(source, role=role).source.is_local
+    if not pretrained and trained:
         raise InputError(f"--random-weights is for timm names; {spec} holds trained weights: leave it out")
+    if run is not None:
+        return _at_size(_load_run(spec, run, teacher), img_size)
     if role == "student":  # an export folder's record says the size it was trained at, as a run's does
         _refuse_other_size(spec, trained_size(spec), img_size)
     try:
