@@ -65,6 +65,8 @@ def card_license(card: ModelCardInfo) -> tuple[str, str]:
     non-commercial one (MAE's CC-BY-NC-4.0) cannot be dropped."""
     teacher = card.teacher or {}
     tl = teacher.get("license")
+    if tl and tl.lower() in ("other", "unknown"):  # the Hub's words for "none of its list": no licence named
+        tl = None
     name = _teacher_name(teacher)
     if tl and re.search(r"(^|[-_ ])nc([-_ ]|$)", tl.lower()):  # a non-commercial licence
         if card.license and card.license.lower() != tl.lower():
@@ -91,7 +93,9 @@ def card_license(card: ModelCardInfo) -> tuple[str, str]:
             f"The teacher's weights ({name}) are licensed {tl}; this student inherits that licence ({tl}).",
         )
     if not teacher:  # trained from scratch, or MAE pre-training: no weights it derives from
-        return "other", "No licence was set: check the terms of the data it was trained on."
+        return "other", (
+            "No licence was set (the metadata's `other`): check the terms of the data it was trained on."
+        )
     return "other", (
         f"The teacher's licence ({name}) is unknown: check the teacher's terms before using or "
         "redistributing this model, which was trained from it."
@@ -154,7 +158,9 @@ def render_model_card(
     student is rather than the architecture it came from."""
     license_id, license_text = card_license(card)
     teacher = card.teacher or {}
-    tags = ["image-classification", "timm", "attnxfer", "attention-transfer", *card.tags]
+    # a headless encoder (an MAE's, a label-free conversion's) hands out features, not classes
+    task = "image-classification" if spec.get("num_classes") else "image-feature-extraction"
+    tags = [task, "timm", "attnxfer", "attention-transfer", *card.tags]
     if card.transfer_mode and "distill" in card.transfer_mode:
         tags.append("knowledge-distillation")
     results = _eval_results(card)
@@ -162,7 +168,7 @@ def render_model_card(
     data = ModelCardData(
         license=license_id,
         library_name="timm" if "timm" in formats else "onnx",
-        pipeline_tag="image-classification",
+        pipeline_tag=task,
         tags=list(dict.fromkeys(tags)) + (["onnx"] if "onnx" in formats else []),
         base_model=teacher.get("hf_repo") or None,
         datasets=[card.dataset] if card.dataset else None,

@@ -144,6 +144,23 @@ def test_a_bf16_student_exports_and_its_weights_load_back_in_timm(tmp_path):
     assert all(torch.equal(loaded[k].to(torch.bfloat16), v) for k, v in student.state_dict().items())
 
 
+def test_a_headless_students_card_says_features_and_a_teachers_other_licence_is_no_licence(tmp_path):
+    """Our own MAE export's metadata says `other` (none set): a student of it must not claim to inherit a
+    licence called "other", and an encoder without a head is no image classifier."""
+    teacher = {
+        "spec": "local-dir:runs/demo/mae/export",
+        "architecture": "vit_micro_patch4_28",
+        "license": "other",
+    }
+    encoder = trained_student()
+    encoder.reset_classifier(0)
+    out = export_student(encoder, tmp_path / "enc", card=card(teacher=teacher))
+    text = (out / "README.md").read_text()
+    front, body = yaml.safe_load(text.split("---")[1]), text.split("---", 2)[2]
+    assert front["pipeline_tag"] == "image-feature-extraction" and "image-classification" not in front["tags"]
+    assert "licensed other" not in body and "licence (local-dir:runs/demo/mae/export) is unknown" in body
+
+
 def test_non_commercial_teacher_licence_cannot_be_replaced(tmp_path):
     with pytest.raises(ValueError, match="inherits"):
         export_student(trained_student(), tmp_path / "out", card=card(license="apache-2.0"))
