@@ -181,16 +181,6 @@ def build_pretrain_engine(
 ) -> Engine:
     """The MAE, data, optimiser and engine that ``cfg`` describes; ``scoring=True`` (`attnxfer eval`, with
     the checkpoint it ``found``) writes nothing into the run dir."""
-    default = TrainConfig()
-    unused = [
-        f"{key}={value!r} ({why})"
-        for key, why in _UNREAD_BY_PRETRAIN.items()
-        if (value := attrgetter(key)(cfg)) != attrgetter(key)(default)
-    ]
-    if unused:
-        raise InputError(
-            f"pretrain does not read {'; '.join(unused)}: remove {'it' if len(unused) == 1 else 'them'}"
-        )
     cfg, runtime, point = start_run(cfg, runtime, found, scoring=scoring, command="pretrain")
     if runtime.is_main and not scoring:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
@@ -276,6 +266,16 @@ def build_pretrain_engine(
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
+    default = TrainConfig()
+    unused = [
+        f"{key}={value!r} ({why})"
+        for key, why in _UNREAD_BY_PRETRAIN.items()
+        if (value := attrgetter(key)(cfg)) != attrgetter(key)(default)
+    ]
+    if unused:
+        raise InputError(
+            f"pretrain does not read {'; '.join(unused)}: remove {'it' if len(unused) == 1 else 'them'}"
+        )
     main = DistributedInfo.from_environment().is_main_process
     with (
         run_lock(cfg.run_dir, "pretrain", enabled=main),
