@@ -74,7 +74,8 @@ def _refuse_export(p: Path) -> None:
 
 def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
     """A run's own config.yaml refers to the folder it sits in, wherever the command runs from and wherever
-    the run was moved: the ``run_dir`` it records only says where the run was first written."""
+    the run was moved: the ``run_dir`` it records only says where the run was first written. Its relative
+    teacher and data paths are found from the folder the run started in, where that is known."""
     folder = p.parent  # a run's own: a config.yaml beside what attnxfer writes into a run
     own = p.name == RUN_CONFIG and any((folder / m).exists() for m in RUN_DIR_MARKERS)
     if not own:
@@ -82,7 +83,29 @@ def _own_run_dir(cfg: TrainConfig, p: Path) -> TrainConfig:
     recorded = Path(cfg.run_dir)
     if recorded.is_dir() and os.path.samefile(recorded, folder):
         return cfg
-    return dataclasses.replace(cfg, run_dir=str(folder.absolute()))
+    cfg = dataclasses.replace(cfg, run_dir=str(folder.absolute()))
+    # a relative run_dir the run's path ends with says the folder the run started in: the relative teacher
+    # and data paths it records were given from there (`attnxfer eval -c runs/x/config.yaml` from elsewhere)
+    here, tail = folder.absolute().parts, recorded.parts
+    if recorded.is_absolute() or not tail or here[-len(tail) :] != tail:
+        return cfg
+    started = Path(*here[: -len(tail)])
+
+    def from_start(path: str) -> str:
+        given = Path(path).expanduser()
+        if given.is_absolute() or given.exists() or not (started / given).exists():
+            return path
+        return str(started / given)
+
+    spec, root = cfg.teacher.spec, cfg.data.root
+    if spec:  # a folder or a weights file, as local-dir: or bare; names and hf-hub: ids name no path there
+        prefix = "local-dir:" if spec.startswith("local-dir:") else ""
+        spec = prefix + from_start(spec.removeprefix(prefix))
+    return dataclasses.replace(
+        cfg,
+        teacher=dataclasses.replace(cfg.teacher, spec=spec),
+        data=dataclasses.replace(cfg.data, root=root and from_start(root)),
+    )
 
 
 BASE_KEY = "base"

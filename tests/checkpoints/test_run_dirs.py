@@ -288,6 +288,14 @@ def test_a_teacher_under_another_path_resumes_and_other_weights_are_refused(
     args = ["train", *[a for a in S if a != "transfer.mode=none"], "transfer.mode=distill", "run_dir=d"]
     code, _, err = run_cli(capsys, *args, "teacher.spec=local-dir:teacher", "schedule.max_steps=1")
     assert code == 0, err
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # its relative teacher is found from where the run started
+    code, _, err = run_cli(capsys, "eval", "-c", str(tmp_path / "d" / "config.yaml"))
+    assert code == 0, err
+    assert (
+        json.loads((tmp_path / "d" / "eval-00000001.json").read_text())["metrics"]["val_feat_cos_patch"] > 0
+    )
+    monkeypatch.chdir(tmp_path)
     moved = tmp_path / "moved" / "teacher"
     shutil.move(teacher, moved)
     code, out, err = run_cli(capsys, *args, f"teacher.spec=local-dir:{moved}", "schedule.max_steps=2")
