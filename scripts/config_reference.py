@@ -40,7 +40,8 @@ resumed run may change it, and what it means. Set keys in a YAML file (`-c my.ya
 such as `-c demo/copy`) or as dotted overrides after it (`optim.lr=1e-3`); `--print-config` prints the
 resolved config and exits. A section that one command alone reads (`convert`, `mae`, `search`) is in that
 command's config only: a run's `config.yaml` and `--print-config` hold the sections its command reads (a
-config that holds another command's section still loads). How configs, overrides and resumes work: [Runs
+config that holds another command's section still loads, but one of its keys set away from the default
+is refused, since the command would drop it). How configs, overrides and resumes work: [Runs
 and configs](training.md).
 
 **Resume** says whether a run resumed from its checkpoint may change the key (`yes`: each change is printed;

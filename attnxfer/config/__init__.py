@@ -16,6 +16,7 @@ from .overrides import (
     describe_changes as describe_changes,
     dump_config as dump_config,
     parse_overrides as parse_overrides,
+    refuse_unread_sections as refuse_unread_sections,
     to_dict as to_dict,
     validate_config as validate_config,
 )

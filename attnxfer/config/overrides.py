@@ -48,6 +48,30 @@ def to_dict(cfg: Any, command: str | None = None) -> dict[str, Any]:
     }
 
 
+def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
+    """Keys of a section only another command reads (``convert``, ``mae``, ``search``), set away from their
+    defaults, are refused: ``command`` (a ``study`` of it) would drop them without a word; a study that
+    varied convert.attention without --command convert would train one student several times."""
+    default = type(cfg)()
+    for f in dataclasses.fields(cfg):
+        owner = section_command(f)
+        if owner in (None, command):
+            continue
+        given, unset = dataclasses.asdict(getattr(cfg, f.name)), dataclasses.asdict(getattr(default, f.name))
+        keys = [f"{f.name}.{k}" for k in given if given[k] != unset[k]]
+        if keys:
+            them = "it" if len(keys) == 1 else "them"
+            who, instead = (
+                (f"a study of `attnxfer {command}`", f"give the study --command {owner}")
+                if study
+                else (f"attnxfer {command}", f"run attnxfer {owner}")
+            )
+            raise ConfigError(
+                f"{', '.join(keys)}: only `attnxfer {owner}` reads the {f.name} section, and {who} would drop "
+                f"{them}; remove {them}, or {instead}"
+            )
+
+
 def dump_config(cfg: Any, command: str | None = None) -> str:
     """The config as YAML (``-c`` reads it back); ``command`` as `to_dict`. A config written with every
     section (before sections belonged to their command) loads the same: an unread section is only unread."""

@@ -238,3 +238,28 @@ def test_an_empty_tracker_project_is_refused_before_work_not_after_the_first_ste
         "log.project is empty; mlflow log(s) into a named project: set one (default: attnxfer)"
     )
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (
+            ["convert", "-c", "convert/demo_hedgehog", "search.generations=3"],
+            "search.generations: only `attnxfer search` reads the search section, and attnxfer convert would "
+            "drop it; remove it, or run attnxfer search",
+        ),
+        (
+            ["train", "-c", "demo/distill", "mae.mask_ratio=0.5"],
+            "only `attnxfer pretrain` reads the mae section",
+        ),
+        (  # without --command convert each student would be the same softmax student
+            ["study", "-c", "demo/distill", "--vary", "convert.attention=relu_linear,hedgehog"],
+            "student 'relu_linear': convert.attention: only `attnxfer convert` reads the convert section, and a "
+            "study of `attnxfer train` would drop it; remove it, or give the study --command convert",
+        ),
+    ],
+)
+def test_a_key_only_another_command_reads_is_refused_not_dropped(tmp_path, capsys, argv, said):
+    err = _refused([*argv, f"run_dir={tmp_path / 'run'}"], capsys)
+    assert said in err, err
+    assert not (tmp_path / "run").exists()

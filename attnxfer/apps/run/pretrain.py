@@ -271,6 +271,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         f"{key}={value!r} ({why})"
         for key, why in _UNREAD_BY_PRETRAIN.items()
         if (value := attrgetter(key)(cfg)) != attrgetter(key)(default)
+        and not (key == "transfer.mode" and value == "none")  # what pretraining does: no transfer
     ]
     if unused:
         raise InputError(

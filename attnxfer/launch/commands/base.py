@@ -74,10 +74,13 @@ def _changes(args, cfg) -> str:
 
 def load(args):
     """The config, and (on the main process) what it changes from its recipe, printed at start-up."""
-    from ...config import load_config
+    from ...config import load_config, refuse_unread_sections
     from ..value_checks import check_values
 
     cfg = check_values(load_config(args.config, args.overrides))
+    command = args.job_command if args.command == "submit" else args.command
+    if command in ("train", "convert", "search", "pretrain"):  # eval reads the run's own config as written
+        refuse_unread_sections(cfg, command)
     if not getattr(args, "print_config", False):
         say(_changes(args, cfg))
     return cfg
@@ -104,7 +107,7 @@ def add_vary(p: argparse.ArgumentParser) -> None:
 
 def load_study(args):
     """A study's spec (`attnxfer.config.study_spec`): ``-c``'s base keys and ``students:``, the overrides, ``--vary``."""
-    from ...config import ConfigError
+    from ...config import ConfigError, refuse_unread_sections
     from ...config.study_spec import load_study as load
     from ..arguments import parse_sweep
     from ..value_checks import check_values
@@ -114,6 +117,9 @@ def load_study(args):
     )
     for student in spec.students:
         try:
+            refuse_unread_sections(
+                spec.config_of(student), spec.command, f"a study of `attnxfer {spec.command}`"
+            )
             check_values(spec.config_of(student))
         except ConfigError as e:
             raise ConfigError(f"student {student.name!r}: {e}") from None
