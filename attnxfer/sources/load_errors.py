@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError, UserError
-from ..run_layout import CHECKPOINTS_SUBDIR, LOCK_NAME, RUN_RECORD, STAGE_DIRS, STATE_NAME, STUDY_RECORD
+from ..run_layout import (
+    CHECKPOINTS_SUBDIR,
+    LOCK_NAME,
+    RUN_RECORD,
+    SEARCH_CANDIDATES,
+    STAGE_DIRS,
+    STATE_NAME,
+    STUDY_RECORD,
+)
 
 
 class TeacherNotAvailable(UserError, RuntimeError):
@@ -41,13 +49,13 @@ def run_folder_hint(folder: Path) -> str | None:
         )
     if any((folder / stage).is_dir() for stage in STAGE_DIRS):
         run, what = folder / STAGE_DIRS[-1], "a conversion's run folder"
-    elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():
-        run, what = folder, "a student's run folder"
-    elif (folder / STATE_NAME).is_file():
+    elif (folder / SEARCH_CANDIDATES).is_file() or (folder / STATE_NAME).is_file():  # checkpoints/ too
         return (
             f"{folder} is a search's folder: it holds attention formulas, not a model (its report prints the "
             "convert command that makes a student of its winner)"
         )
+    elif (folder / RUN_RECORD).is_file() or (folder / CHECKPOINTS_SUBDIR).is_dir():
+        run, what = folder, "a student's run folder"
     else:
         return None
     export = run / "export"

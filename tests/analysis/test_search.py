@@ -284,6 +284,13 @@ def test_a_search_folder_takes_no_other_commands_run(finished, tiny_teacher_dir,
         assert code == 2 and f"holds a search (candidates.jsonl), which attnxfer {command} does not" in err, (
             err
         )
+    # read where a model or a run is wanted, it is named a search's folder (it has checkpoints/ as a run has)
+    spec = f"teacher.spec=local-dir:{tiny_teacher_dir}"
+    for argv in (["eval", spec, f"run_dir={finished}"], ["train", f"teacher.spec=local-dir:{finished}"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert (
+            code == 2 and f"{finished} is a search's folder: it holds attention formulas, not a model" in err
+        ), err
     assert sorted(p.relative_to(finished) for p in finished.rglob("*")) == before
 
 

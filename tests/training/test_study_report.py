@@ -257,6 +257,8 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
     err = capsys.readouterr().err
     assert f"{study_dir} is a study's folder: its students are the runs in it (" in err
     assert f"e.g. {study_dir / 'copy'}" in err and not (tmp_path / "out").exists()
+    assert cli.main(["eval", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
+    assert f"{study_dir} is a study's folder: its students are the runs in it (" in capsys.readouterr().err
     assert cli.main(["train", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
     assert "holds a study (study.json), which attnxfer train does not write into" in capsys.readouterr().err
     assert sorted(p.relative_to(study_dir) for p in study_dir.rglob("*")) == before

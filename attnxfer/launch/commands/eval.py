@@ -21,11 +21,17 @@ def run(args) -> int:
     from ...apps.run.uncertainty import correct_count, format_top1
     from ...checkpoints.run_dir import RunDir
     from ...config import load_config
+    from ...errors import InputError
+    from ...run_layout import SEARCH_CANDIDATES
+    from ...sources.load_errors import run_folder_hint
     from ..value_checks import check_values
 
     run_dir = RunDir(cfg.run_dir)
-    if run_dir.is_conversion():  # its final student, as export and inspect read the folder
-        run_dir = run_dir.final_student()
+    if (run_dir.path / SEARCH_CANDIDATES).is_file():  # formulas, no student: said as a teacher spec hears it
+        raise InputError(f"{run_folder_hint(run_dir.path)}; eval scores a run's student")
+    final = run_dir.final_student()  # a study's folder is refused, naming its students' runs
+    if final is not run_dir:  # a conversion: its final student, as export and inspect read the folder
+        run_dir = final
         say(f"{cfg.run_dir} is a conversion; evaluating its final student, {run_dir.path}")
         # the user's keys, but not the folder they named (``run_dir=CONVERSION``): its stage 2 is scored
         cfg = check_values(load_config(run_dir.config_file, [*args.overrides, f"run_dir={run_dir.path}"]))
