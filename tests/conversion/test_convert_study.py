@@ -407,3 +407,23 @@ def test_a_finished_study_given_other_students_is_refused_before_any_stage_1(
     out = capsys.readouterr()
     assert "holds a study (study.json) of other students (hedgehog, performer)" in out.err
     assert "stage 1" not in out.out and {p: p.stat().st_mtime_ns for p in study.rglob("*")} == before
+
+
+@pytest.mark.slow
+def test_inspect_takes_a_convert_studys_folder_as_its_students_final_ones(
+    study, tiny_teacher_dir, tmp_path, capsys
+):
+    """Each student of a convert study is a conversion: its checkpoints are its stage 2's, not its own."""
+    out = tmp_path / "inspection"
+    argv = [
+        "inspect",
+        f"local-dir:{tiny_teacher_dir}",
+        str(study),
+        "--data",
+        "synthetic",
+        "--num-images",
+        "2",
+    ]
+    assert cli.main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "left out" not in capsys.readouterr().out
+    assert sorted(json.loads((out / "metrics.json").read_text())["students"]) == sorted(NAMES)

@@ -31,6 +31,7 @@ from ...data import build_dataset
 from ...errors import InputError, MissingPathError, PathExistsError
 from ...models import make_transfer_aware
 from ...models.image_input import ImageSizeError, image_input
+from ...run_layout import STAGE_DIRS
 from ...sources import TeacherLoadError, load_student, load_teacher
 from ...sources.resolve import parse_teacher_spec
 from ...speak import say
@@ -387,13 +388,15 @@ def inspect_attention(
     write the report under ``out`` (if given); returns the metrics.json dict. ``pretrained=False``: random
     weights (``seed`` for the teacher, seed+1, ... for the students). ``img_size`` defaults to the size the
     trained students were trained at, where they agree, else the teacher's."""
-    # a study's folder stands for its students, in the study's order, but those that saved no checkpoint
+    # a study's folder stands for its students, in the study's order, but those that saved no checkpoint (a
+    # conversion's student: its stage 2)
     given, students = students, []
     for spec in given:
         runs = RunDir(spec).study_runs()
         for run in runs or [spec]:
-            if runs and RunDir(run).latest(verify_hash=False) is None:
-                say(f"{run}: left out, it saved no checkpoint")
+            final = RunDir(run / STAGE_DIRS[-1]) if runs and RunDir(run).is_conversion() else RunDir(run)
+            if runs and final.latest(verify_hash=False) is None:
+                say(f"{run}: left out, its student saved no checkpoint")
             else:
                 students.append(str(run))
     if not students:
