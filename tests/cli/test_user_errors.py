@@ -263,3 +263,10 @@ def test_a_key_only_another_command_reads_is_refused_not_dropped(tmp_path, capsy
     err = _refused([*argv, f"run_dir={tmp_path / 'run'}"], capsys)
     assert said in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_blr_beside_an_lr_is_said_to_be_unused(tmp_path, capsys):
+    """optim.lr wins over MAE's blr rule; every convert recipe sets lr, so a blr given there did nothing."""
+    argv = ["train", f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN, "optim.lr=1e-3"]
+    code, _, err = run_cli(capsys, *argv, "optim.blr=5e-4")
+    assert code == 0 and "warning: optim.blr=0.0005 unused: optim.lr=0.001 is set" in err, err

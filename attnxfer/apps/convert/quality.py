@@ -96,6 +96,6 @@ def stage2_worse(measured: dict[str, dict[str, Any] | None], steps: int) -> dict
         "message": (
             f"stage 2 made the student worse than stage 1 left it: {name} {shown} (after stage 1 -> after "
             f"stage 2, {steps} step{'s' if steps != 1 else ''}); train stage 2 longer (schedule.epochs, "
-            "schedule.max_steps) or with a lower learning rate (optim.blr)"
+            "schedule.max_steps) or with a lower learning rate (optim.lr; optim.blr where optim.lr is null)"
         ),
     }

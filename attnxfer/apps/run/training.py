@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from ...checkpoints.resume_point import ResumeFrom, ResumePoint
 from ...checkpoints.run_dir import RunDir
 from ...checkpoints.run_lock import refuse_file_in_the_way, run_lock
-from ...config import ConfigError, TrainConfig, TransferConfig, dump_config, to_dict, validate_config
+from ...config import (
+    ConfigError,
+    OptimConfig,
+    TrainConfig,
+    TransferConfig,
+    dump_config,
+    to_dict,
+    validate_config,
+)
 from ...data import data_identity, dataset_has_labels, require_labels
 from ...errors import InputError
 from ...models.attention import attention_blocks
@@ -142,8 +150,14 @@ def task_loss_from_config(cfg: TrainConfig, num_classes: int) -> TaskLoss:
 
 def base_lr(cfg: TrainConfig, world: int) -> float:
     """``optim.lr``, or MAE's rule lr = blr · global batch / 256."""
-    global_batch = cfg.data.batch_size * world * cfg.optim.accum_steps
-    return cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.blr * global_batch / 256
+    o = cfg.optim
+    if o.lr is not None:
+        if o.blr != OptimConfig().blr:  # every convert recipe sets lr: a blr given on top would go unread
+            warn(
+                f"warning: optim.blr={o.blr:g} unused: optim.lr={o.lr:g} is set (blr counts where optim.lr=null)"
+            )
+        return o.lr
+    return o.blr * cfg.data.batch_size * world * o.accum_steps / 256
 
 
 def loop_settings(
