@@ -207,10 +207,12 @@ def build_conversion_plan(
     )
     if stage1_steps > 0 and plan.num_trainable == 0:
         kinds = sorted({layer.attention for layer in layers if layer.loss is not None})
-        if not kinds:  # convert.attention=softmax: the teacher's own attention in every block
+        if not kinds:  # softmax (the teacher's own) or none (no map) in every block: no map to fit
+            names = ", ".join(sorted({layer.attention for layer in layers}))
             raise InputError(
-                "stage 1 has nothing to train: every block keeps softmax attention, the teacher's own; name "
-                "an efficient attention in convert.attention, or set convert.stage1_steps=0 to skip stage 1"
+                f"stage 1 has nothing to train: no block's attention ({names}) has a map to fit to the "
+                "teacher's (softmax is the teacher's own; none attends to nothing); name an efficient attention "
+                "in convert.attention, or set convert.stage1_steps=0 to skip stage 1"
             )
         qk = "convert.stage1_train=qk to fit its q/k projections to the teacher's maps, or "
         raise InputError(

@@ -151,8 +151,11 @@ def test_stage1_qk_moves_only_q_and_k_rows():
     with pytest.raises(ValueError, match="nothing to train.*stage1_train=qk"):
         _plan(teacher, student)
     softmax = build_efficient_student(teacher, "softmax")  # the teacher's own: nothing to convert
-    with pytest.raises(ValueError, match="every block keeps softmax attention, the teacher's own"):
+    with pytest.raises(ValueError, match=r"no block's attention \(softmax\) has a map to fit"):
         _plan(teacher, softmax, stage1_train="qk")
+    attention_free = build_efficient_student(teacher, "none")  # no map at all: not "softmax, the teacher's own"
+    with pytest.raises(ValueError, match=r"no block's attention \(none\) has a map to fit"):
+        _plan(teacher, attention_free, stage1_train="qk")
     plan = _plan(teacher, student, stage1_train="qk", stage1_steps=5, stage1_lr=1e-3)
     before = _snapshot(student)
     xs = _inputs(2)
