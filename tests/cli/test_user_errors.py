@@ -270,3 +270,16 @@ def test_a_blr_beside_an_lr_is_said_to_be_unused(tmp_path, capsys):
     argv = ["train", f"run_dir={tmp_path / 'run'}", "transfer.mode=none", *_TINY_RUN, "optim.lr=1e-3"]
     code, _, err = run_cli(capsys, *argv, "optim.blr=5e-4")
     assert code == 0 and "warning: optim.blr=0.0005 unused: optim.lr=0.001 is set" in err, err
+
+
+def test_skip_stage1_is_stage1_steps_0_in_the_printed_config_and_a_disagreeing_value_is_refused(capsys):
+    code, out, err = run_cli(
+        capsys, "convert", "-c", "convert/demo_hedgehog", "--skip-stage1", "--print-config"
+    )
+    assert code == 0 and "  stage1_steps: 0\n" in out and "convert.stage1_steps: 150 -> 0" in out, err
+    err = _refused(
+        ["convert", "-c", "convert/demo_hedgehog", "--skip-stage1", "convert.stage1_steps=5"], capsys
+    )
+    assert err.endswith(
+        "--skip-stage1 is convert.stage1_steps=0, and convert.stage1_steps=5 says otherwise: keep one"
+    )

@@ -74,10 +74,18 @@ def _changes(args, cfg) -> str:
 
 def load(args):
     """The config, and (on the main process) what it changes from its recipe, printed at start-up."""
-    from ...config import load_config, refuse_unread_sections
+    from ...config import ConfigError, load_config, refuse_unread_sections
     from ..value_checks import check_values
 
-    cfg = check_values(load_config(args.config, args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "skip_stage1", False):  # convert's flag: a spelling of convert.stage1_steps=0
+        given = [o for o in overrides if o.split("=", 1)[0].endswith("stage1_steps")]
+        if given:
+            raise ConfigError(
+                f"--skip-stage1 is convert.stage1_steps=0, and {given[-1]} says otherwise: keep one"
+            )
+        overrides.append("convert.stage1_steps=0")
+    cfg = check_values(load_config(args.config, overrides))
     command = args.job_command if args.command == "submit" else args.command
     if command in ("train", "convert", "search", "pretrain"):  # eval reads the run's own config as written
         refuse_unread_sections(cfg, command)
