@@ -238,10 +238,11 @@ def test_auto_converts_reports_its_choice_exports_and_resumes_with_it(tmp_path, 
     assert "convert.speedup" not in capsys.readouterr().err  # its budget is the choice's, not ignored
     # elsewhere, a budget beside a named attention is said to be read by nothing
     again = tmp_path / "again"
-    assert (
-        cli.main(["convert", "-c", str(run / "config.yaml"), f"run_dir={again}", "schedule.max_steps=1"]) == 0
-    )
-    assert "convert.speedup=1.1 is a budget for convert.attention=auto" in capsys.readouterr().err
+    argv = ["convert", "-c", str(run / "config.yaml"), f"run_dir={again}", "schedule.max_steps=1"]
+    assert cli.main([*argv, "convert.selection_steps=5"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: convert.speedup=1.1, " in err and "convert.selection_steps=5, " in err, err
+    assert "unused (read only to choose attentions for convert.attention=auto)" in err
     # another budget is another choice: refused, nothing written
     assert cli.main([*args, "convert.speedup=1.2"]) == 2
     assert "convert.speedup" in capsys.readouterr().err and (run / SELECTION_FILE).read_text() == before

@@ -33,7 +33,7 @@ from torch import nn
 
 from ...checkpoints.atomic_io import atomic_write_json
 from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
-from ...config import ConfigError, TrainConfig, apply_overrides, to_dict
+from ...config import ConfigError, ConvertConfig, TrainConfig, apply_overrides, to_dict
 from ...errors import InputError
 from ...models.attention.registry import get_attention_class
 from ...models.efficient import build_efficient_student
@@ -66,6 +66,9 @@ SELECTION_KEYS = (
     "convert.selection_steps",
     "convert.selection_batches",
 )
+
+#: the keys of SELECTION_KEYS only the choice reads (stage 1's are the conversion's too)
+_CHOICE_ONLY = tuple(k.removeprefix("convert.") for k in SELECTION_KEYS[len(STAGE1_KEYS) :])
 
 PlanFor = Callable[[TrainConfig, nn.Module], ConversionPlan]
 
@@ -127,10 +130,16 @@ def choose_attentions(
     if cfg.convert.attention != AUTO:  # the run's own config.yaml (the chosen list) keeps the choice's report
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         own = record if record and record["attention"] == cfg.convert.attention else None
-        # a budget only a choice reads; an auto run's own config.yaml (its choice recorded) keeps it quietly
-        if own is None and cfg.convert.speedup is not None:
+        # keys only a choice reads; an auto run's own config.yaml (its choice recorded) keeps them quietly
+        default = ConvertConfig()
+        unread = [
+            f"convert.{k}={getattr(cfg.convert, k)}"
+            for k in _CHOICE_ONLY
+            if getattr(cfg.convert, k) != getattr(default, k)
+        ]
+        if own is None and unread:
             warn(
-                f"convert.speedup={cfg.convert.speedup:g} is a budget for convert.attention=auto; "
+                f"warning: {', '.join(unread)} unused (read only to choose attentions for convert.attention=auto): "
                 f"convert.attention={cfg.convert.attention} is converted as named, whatever its speed"
             )
         return cfg, own
