@@ -427,3 +427,14 @@ def test_inspect_takes_a_convert_studys_folder_as_its_students_final_ones(
     assert cli.main([*argv, "--out", str(out)]) == 0, capsys.readouterr().err
     assert "left out" not in capsys.readouterr().out
     assert sorted(json.loads((out / "metrics.json").read_text())["students"]) == sorted(NAMES)
+
+
+@pytest.mark.slow
+def test_train_given_a_conversions_stage_2_config_points_to_convert_not_to_that_config(study, capsys):
+    """That config builds the teacher's softmax student: only convert rebuilds the converted one."""
+    student = study / "hedgehog"
+    capsys.readouterr()
+    assert cli.main(["train", "-c", str(student / "stage2" / "config.yaml"), "schedule.max_steps=5"]) == 2
+    err = capsys.readouterr().err
+    said = f"is stage 2's config of the conversion {student}: go on with attnxfer convert -c {student / 'config.yaml'}"
+    assert said in err, err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ...speak import say
@@ -75,6 +76,7 @@ def _changes(args, cfg) -> str:
 def load(args):
     """The config, and (on the main process) what it changes from its recipe, printed at start-up."""
     from ...config import ConfigError, load_config, refuse_unread_sections
+    from ...run_layout import RUN_CONFIG, RUN_RECORD, STAGE_DIRS
     from ..value_checks import check_values
 
     overrides = list(args.overrides)
@@ -87,6 +89,13 @@ def load(args):
         overrides.append("convert.stage1_steps=0")
     cfg = check_values(load_config(args.config, overrides))
     command = args.job_command if args.command == "submit" else args.command
+    stage2 = Path(args.config or ".").parent  # a conversion's: its folder holds a config and no run.json
+    conversion = (stage2.parent / RUN_CONFIG).is_file() and not (stage2.parent / RUN_RECORD).is_file()
+    if command == "train" and stage2.name == STAGE_DIRS[-1] and conversion:
+        raise ConfigError(  # it builds the teacher's softmax student: only convert rebuilds the converted one
+            f"{args.config} is stage 2's config of the conversion {stage2.parent}: go on with attnxfer convert "
+            f"-c {stage2.parent / RUN_CONFIG} (schedule.max_steps=... to train longer)"
+        )
     if command in ("train", "convert", "search", "pretrain"):  # eval reads the run's own config as written
         refuse_unread_sections(cfg, command)
     if not getattr(args, "print_config", False):
