@@ -404,8 +404,11 @@ def search(
         front, winner, command = write_reports(cfg, run_dir, state, evaluator.cache.held_out_images)
         _save(cfg, run_dir, state, parts.teacher_record)
         if winner is not None:
+            slow = winner["speed"] < cfg.search.min_speed  # the best fit of all: say it misses the bar
+            short = f"; no member of the front is {cfg.search.min_speed:g}x as fast (search.min_speed)" * slow
             say(
-                f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x)\n  {command}"
+                f"winner: {winner['formula']} (KL {winner['kl']:.4f}, speed {winner['speed']:.2f}x{short})\n"
+                f"  {command}"
             )
         say(f"report: {run_dir / 'pareto.md'} (pareto.png, candidates.jsonl beside it)")
         return SearchResult(str(run_dir), state, front, winner, command)

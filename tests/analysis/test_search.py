@@ -268,9 +268,14 @@ def test_search_command_writes_every_output(finished, capsys):
     # a rerun of a finished search changes nothing and says so
     before = (run / "candidates.jsonl").read_text()
     capsys.readouterr()
-    assert cli.main(_args(run, Path(state["config"]["teacher"]["spec"][len("local-dir:") :]))) == 0
+    teacher = Path(state["config"]["teacher"]["spec"][len("local-dir:") :])
+    assert cli.main(_args(run, teacher)) == 0
     assert "resuming" in capsys.readouterr().out
     assert (run / "candidates.jsonl").read_text() == before
+    # a speed bar nothing on the front reaches: the winner line says it is the best fit of all
+    assert cli.main(_args(run, teacher, "search.min_speed=1000")) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("winner: "))
+    assert line.endswith("; no member of the front is 1000x as fast (search.min_speed))"), line
 
 
 @pytest.mark.slow
