@@ -72,9 +72,13 @@ def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
             )
 
 
-def dump_config(cfg: Any, command: str | None = None) -> str:
+def dump_config(cfg: Any, command: str | None = None, *, as_run: bool = False) -> str:
     """The config as YAML (``-c`` reads it back); ``command`` as `to_dict`. A config written with every
-    section (before sections belonged to their command) loads the same: an unread section is only unread."""
+    section (before sections belonged to their command) loads the same: an unread section is only unread.
+    ``as_run``: a run's own config.yaml, whose ``-c`` continues the run: its checkpoint.resume is auto, where
+    none (or a PATH) would start it over (or from that checkpoint) every time again."""
+    if as_run:
+        cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume="auto"))
     return yaml.safe_dump(to_dict(cfg, command), sort_keys=False)
 
 

@@ -153,7 +153,9 @@ def test_stage1_qk_moves_only_q_and_k_rows():
     softmax = build_efficient_student(teacher, "softmax")  # the teacher's own: nothing to convert
     with pytest.raises(ValueError, match=r"no block's attention \(softmax\) has a map to fit"):
         _plan(teacher, softmax, stage1_train="qk")
-    attention_free = build_efficient_student(teacher, "none")  # no map at all: not "softmax, the teacher's own"
+    attention_free = build_efficient_student(
+        teacher, "none"
+    )  # no map at all: not "softmax, the teacher's own"
     with pytest.raises(ValueError, match=r"no block's attention \(none\) has a map to fit"):
         _plan(teacher, attention_free, stage1_train="qk")
     plan = _plan(teacher, student, stage1_train="qk", stage1_steps=5, stage1_lr=1e-3)
@@ -429,6 +431,8 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     # a training run of its own in the folder would stand for its final student: refused, nothing written
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     assert main(["train", "-c", str(run / "config.yaml")]) == 2
+    assert "only `attnxfer convert` reads the convert section" in capsys.readouterr().err
+    assert main(["train", f"run_dir={run}"]) == 2
     assert f"run_dir={run} holds a conversion (stage2), which attnxfer train" in capsys.readouterr().err
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
     (run / "stage2" / "run.json").rename(tmp_path / "stage2-run.json")  # as if stage 2 had not started
@@ -451,6 +455,15 @@ def test_convert_command_end_to_end_writes_its_report(tmp_path, tiny_teacher_dir
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded(x), rebuilt(x))
+    # checkpoint.resume=none starts both stages over, stage 1 keeping what it saved before aside (stage 2 does
+    # where its new weights differ); the run's own config.yaml continues the run afterwards
+    capsys.readouterr()
+    assert main(["convert", *_convert_args(run, tiny_teacher_dir), "checkpoint.resume=none"]) == 0
+    err = capsys.readouterr().err
+    assert "checkpoint.resume=none: stage 1 starts over; kept its earlier step-00000006 as" in err, err
+    kept = [p.name.split(".")[1][:9] for p in (run / "stage1" / "checkpoints").glob("step-*.*")]
+    assert kept == ["replaced-"]
+    assert "resume: auto" in (run / "config.yaml").read_text()
 
 
 @pytest.mark.slow

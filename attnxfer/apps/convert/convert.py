@@ -374,7 +374,7 @@ def _place(run: Conversion, like: Conversion) -> None:
     """Write the run's config, put both models on the device and take the probe images (``like``'s: a study's
     students are measured on the same images)."""
     if run.main:
-        RunDir(run.run_dir).write_config(dump_config(run.cfg, "convert"))
+        RunDir(run.run_dir).write_config(dump_config(run.cfg, "convert", as_run=True))
     run.device = resolve_device(run.cfg.device)
     # Stage 1 and every measurement run the teacher in fp32: its maps are regression targets and the report
     # compares stages in one precision. Stage 2 runs it in teacher.dtype (bf16 on GPU by default).

@@ -23,7 +23,7 @@ from ...checkpoints.store import (
 from ...config import TrainConfig, to_dict
 from ...data import ResumableSampler, build_loader, data_identity
 from ...errors import InputError
-from ...speak import say
+from ...speak import say, warn
 from ...train.distributed import rank_and_world
 from ...train.stage1 import Stage1Result, stage1_transfer
 from ...transfer.conversion import ConversionPlan
@@ -98,6 +98,11 @@ def open_stage1(
     saved = _Stage1Saves(cfg, parts, plan, folder, main)
     # checkpoint.resume names stage 2's checkpoints (a PATH); stage 1 resumes unless it says none
     fresh = ResumeFrom.parse(cfg.checkpoint.resume).policy is ResumePolicy.FRESH
+    if fresh and main:  # it starts over: what an earlier stage 1 saved is kept aside, as stage 2's is
+        for old in saved.manager.step_dirs():
+            warn(
+                f"checkpoint.resume=none: stage 1 starts over; kept its earlier {old.name} as {saved.manager.set_aside(old, 'replaced')}"
+            )
     found = None if fresh else ResumePoint.find(folder, "auto")
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
     point = judge(found, cfg, compared=STAGE1_KEYS, run_dir=folder, what="stage 1", command="convert")

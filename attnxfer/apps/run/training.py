@@ -236,7 +236,7 @@ def record_run(
         return
     if engine.is_main:
         run_dir = RunDir(cfg.run_dir)
-        run_dir.write_config(dump_config(cfg, command))
+        run_dir.write_config(dump_config(cfg, command, as_run=True))
         run_dir.write_record(
             {
                 **info,
