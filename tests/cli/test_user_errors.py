@@ -272,14 +272,21 @@ def test_a_blr_beside_an_lr_is_said_to_be_unused(tmp_path, capsys):
     assert code == 0 and "warning: optim.blr=0.0005 unused: optim.lr=0.001 is set" in err, err
 
 
-def test_skip_stage1_is_stage1_steps_0_in_the_printed_config_and_a_disagreeing_value_is_refused(capsys):
+def test_skip_stage1_is_stage1_steps_0_in_the_printed_config_and_replaces_a_given_value_with_a_warning(
+    capsys,
+):
     code, out, err = run_cli(
         capsys, "convert", "-c", "convert/demo_hedgehog", "--skip-stage1", "--print-config"
     )
     assert code == 0 and "  stage1_steps: 0\n" in out and "convert.stage1_steps: 150 -> 0" in out, err
-    err = _refused(
-        ["convert", "-c", "convert/demo_hedgehog", "--skip-stage1", "convert.stage1_steps=5"], capsys
-    )
-    assert err.endswith(
-        "--skip-stage1 is convert.stage1_steps=0, and convert.stage1_steps=5 says otherwise: keep one"
-    )
+    argv = [
+        "convert",
+        "-c",
+        "convert/demo_hedgehog",
+        "--skip-stage1",
+        "convert.stage1_steps=5",
+        "--print-config",
+    ]
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 0 and "  stage1_steps: 0\n" in out, err
+    assert "warning: --skip-stage1 is convert.stage1_steps=0, which replaces convert.stage1_steps=5" in err

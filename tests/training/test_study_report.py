@@ -267,5 +267,7 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
     flags = ["--num-images", "2", "--floor-images", "1", "--batch-size", "2", "--out", str(out)]
     code = cli.main(["inspect", f"local-dir:{tiny_teacher_dir}", str(study_dir), *flags])
     said = capsys.readouterr()
-    assert code == 0 and f"{study_dir / 'blowup'}: left out, its student saved no checkpoint" in said.out, said.err
+    assert code == 0 and f"{study_dir / 'blowup'}: left out, its student saved no checkpoint" in said.out, (
+        said.err
+    )
     assert list(json.loads((out / "metrics.json").read_text())["students"]) == ["copy", "distill", "headless"]

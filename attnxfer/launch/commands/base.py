@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...speak import say
+from ...speak import say, warn
 
 
 @dataclass(frozen=True)
@@ -82,10 +82,8 @@ def load(args):
     overrides = list(args.overrides)
     if getattr(args, "skip_stage1", False):  # convert's flag: a spelling of convert.stage1_steps=0
         given = [o for o in overrides if o.split("=", 1)[0].endswith("stage1_steps")]
-        if given:
-            raise ConfigError(
-                f"--skip-stage1 is convert.stage1_steps=0, and {given[-1]} says otherwise: keep one"
-            )
+        if given:  # the flag wins, as a later override would: said, since the value given is dropped
+            warn(f"warning: --skip-stage1 is convert.stage1_steps=0, which replaces {given[-1]}")
         overrides.append("convert.stage1_steps=0")
     cfg = check_values(load_config(args.config, overrides))
     command = args.job_command if args.command == "submit" else args.command
