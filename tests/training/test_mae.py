@@ -332,6 +332,20 @@ def test_maes_checkpoint_with_pickled_objects_or_another_architecture_is_refused
     _maes_full_checkpoint(pretrained_run, pickled, args=argparse.Namespace(lr=1.5e-4))
     with pytest.raises(UnsafeCheckpointError, match=r"argparse\.Namespace"):
         init_mae(build_mae(cfg, in_chans=1, img_size=None), str(pickled))
+    # a fine-tuned student's weights file: the encoder and a classifier, which the headless encoder leaves out
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(pretrained_run / "checkpoints" / "step-00000008" / "model.safetensors"))
+    width = state["cls_token"].shape[-1]
+    student = {k: v for k, v in state.items() if not k.startswith(("decoder", "mask_token"))}
+    save_file(
+        {**student, "head.weight": torch.ones(10, width), "head.bias": torch.zeros(10)},
+        tmp_path / "s.safetensors",
+    )
+    mae = build_mae(cfg, in_chans=1, img_size=None)
+    note = init_mae(mae, str(tmp_path / "s.safetensors"))
+    assert "its classifier (head.bias, head.weight) left out, decoder fresh" in note, note
+    assert torch.equal(mae.state_dict()["cls_token"], state["cls_token"])
     wide = load_config("demo/mae_pretrain", [*TINY, "model.kwargs={depth: 2, embed_dim: 96}"])
     with pytest.raises(TeacherLoadError, match=r"does not fit the encoder.*pos_embed"):
         init_mae(

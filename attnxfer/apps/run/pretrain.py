@@ -91,6 +91,9 @@ def init_mae(mae: MaskedAutoencoder, spec: str, img_size: int | None = None) -> 
     else:
         encoder, _ = load_teacher(spec, img_size=img_size, num_classes=0)
         state = encoder.state_dict()
+    # a trained student's file (a fine-tune's, a run's checkpoint) has a classifier the headless encoder lacks
+    head = sorted(k for k in state if k.startswith("head.") and k not in own)
+    state = {k: v for k, v in state.items() if k not in head}
     enc_own = {k: v for k, v in own.items() if not _is_decoder_key(k)}
     dec_own = {k: v for k, v in own.items() if _is_decoder_key(k)}
     missing = sorted(set(enc_own) - set(state))
@@ -123,7 +126,8 @@ def init_mae(mae: MaskedAutoencoder, spec: str, img_size: int | None = None) -> 
     with torch.no_grad():
         for k, v in load.items():
             own[k].copy_(v)  # state_dict tensors share storage with the parameters and buffers
-    return f"model.init: encoder loaded from {spec} ({len(enc_own)} tensors), {decoder}"
+    left_out = f", its classifier ({', '.join(head)}) left out" if head else ""
+    return f"model.init: encoder loaded from {spec} ({len(enc_own)} tensors){left_out}, {decoder}"
 
 
 def reconstruction_pictures(
