@@ -552,3 +552,23 @@ def test_convert_with_a_formula_attention_and_an_unparsable_one(tmp_path, tiny_t
     err = capsys.readouterr().err
     assert "error:" in err and "sum normalisation of signed features" in err and "Traceback" not in err
     assert not (bad / "stage1").exists()
+
+
+@pytest.mark.slow
+def test_a_rerun_with_another_data_batch_size_resumes_a_stage_1_with_a_batch_size_of_its_own_and_stage_2_refuses(
+    tmp_path, tiny_teacher_dir, capsys
+):
+    """Stage 1 read convert.stage1_batch_size, never data.batch_size: a changed data.batch_size is stage 2's
+    to refuse, not stage 1's (whose refusal named a key it never read)."""
+    from attnxfer.launch.cli import main
+
+    own = ["convert.stage1_batch_size=8", "convert.stage1_steps=2"]
+    args = ["convert", *_convert_args(tmp_path / "run", tiny_teacher_dir, *own)]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main([*args, "data.batch_size=8"]) == 2  # stage 2's batch: a training run's, fixed on resume
+    said = capsys.readouterr()
+    assert (
+        "stage 1: resumed from" in said.out
+        and f"{tmp_path / 'run' / 'stage2'} already holds a run" in said.err
+    )

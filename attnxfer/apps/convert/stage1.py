@@ -20,7 +20,7 @@ from ...checkpoints.store import (
     optimizer_state_from_tensors,
     optimizer_state_to_tensors,
 )
-from ...config import TrainConfig, to_dict
+from ...config import RESUMABLE_KEYS, TrainConfig, to_dict
 from ...data import ResumableSampler, build_loader, data_identity
 from ...errors import InputError
 from ...speak import say, warn
@@ -105,7 +105,19 @@ def open_stage1(
             )
     found = None if fresh else ResumePoint.find(folder, "auto")
     # judged as any resume (over `STAGE1_KEYS`), its teacher by content and its data by identity
-    point = judge(found, cfg, compared=STAGE1_KEYS, run_dir=folder, what="stage 1", command="convert")
+    # data.batch_size is not stage 1's where convert.stage1_batch_size is set, now and when it was saved
+    recorded = (found.config or {}).get("convert", {}) if found is not None else {}
+    own_batch = cfg.convert.stage1_batch_size is not None and recorded.get("stage1_batch_size") is not None
+    resumable = (*RESUMABLE_KEYS, "data.batch_size") if own_batch else RESUMABLE_KEYS
+    point = judge(
+        found,
+        cfg,
+        resumable=resumable,
+        compared=STAGE1_KEYS,
+        run_dir=folder,
+        what="stage 1",
+        command="convert",
+    )
     if point is not None:
         check_teacher_content(point, parts.teacher_record, cfg.teacher.spec, run=folder)
         if point.record("plan") != json.loads(json.dumps(plan.to_dict())):
