@@ -172,6 +172,12 @@ def export_student(
             f"{out_dir} is not empty ({sorted(p.name for p in out_dir.iterdir())[:8]}); "
             "choose a new folder or pass overwrite=True (CLI: --overwrite)"
         )
+    model_files = [f for f in EXPORT_FILES if f != "README.md" and (out_dir / f).is_file()]
+    if overwrite and (out_dir / "README.md").is_file() and not model_files:  # as inspect keeps a report.md
+        raise PathExistsError(
+            f"{out_dir / 'README.md'} is no earlier export's card (no model file beside it): --overwrite replaces "
+            "an export, not files of your own; choose another folder"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for leftover in clean_staging(out_dir):
         warn(f"removed {leftover}, left behind by an interrupted export")

@@ -190,6 +190,15 @@ def test_refuses_non_empty_out_dir_unless_overwrite(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     export_student(student, out, card=card(), overwrite=True)
     assert {"config.json", "model.safetensors", "README.md", "notes.txt"} == {p.name for p in out.iterdir()}
+    export_student(student, out, card=card(), overwrite=True)  # an earlier export's card: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("my notes\n")  # a README of the user's own: --overwrite never replaces it
+    with pytest.raises(FileExistsError, match=r"README.md is no earlier export's card"):
+        export_student(student, mine, card=card(), overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["README.md"] and (
+        mine / "README.md"
+    ).read_text() == "my notes\n"
 
 
 def efficient_student(names, **attn_kwargs) -> nn.Module:
