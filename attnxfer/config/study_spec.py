@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..run_layout import STUDY_RECORD
+from ..run_layout import STUDY_RECORD, STUDY_YAML
 from .loading import STUDENTS_KEY, recipe_chain, resolve_recipe
 from .overrides import (
     ConfigError,
@@ -147,9 +147,13 @@ def load_study(
     if twice is not None:
         raise ConfigError(f"two students are named {twice!r}: give each student its own name")
     if not students:
+        own = (
+            Path(base.run_dir) / STUDY_YAML
+        )  # a study's folder named by run_dir= alone: its own YAML lists them
         raise ConfigError(
             "a study needs students: list them under students: in the YAML (each a name and the keys it "
             "changes) or vary keys with --vary KEY=V1,V2"
+            + (f"; the study in {base.run_dir} lists its own: -c {own}" if own.is_file() else "")
         )
     spec = StudySpec(base, tuple(students), command)
     for student in spec.students:
