@@ -88,8 +88,28 @@ def test_a_second_eval_of_a_step_with_other_settings_keeps_the_firsts_scores(tra
     other = scored("eval.metrics=[top1]")
     assert first.read_bytes() == kept and other not in files and other.name.startswith("eval-00000004-")
     assert json.loads(other.read_text())["config"]["eval"]["metrics"] == ["top1"]
+    code, out, _ = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), "eval.metrics=[top1]")
+    assert code == 0 and "scoring step-00000004 with keys changed since it was saved: eval.metrics" in out, (
+        out
+    )
+    assert "resume:" not in out  # eval resumes nothing
     assert scored() == first  # the first evaluation again replaces only its own scores
     assert set(trained.glob("eval-*.json")) == files | {other}
+
+
+def test_eval_of_another_runs_checkpoint_names_that_runs_config_not_training_advice(
+    trained, tmp_path, capsys
+):
+    other = tmp_path / "other"
+    assert (
+        cli.main(["train", *S, "schedule.max_steps=1", "ema.decay=0.9", f"run_dir={other}"]) == 0
+    )
+    step = other / "checkpoints" / "step-00000001"
+    code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), f"checkpoint.resume={step}")
+    assert (
+        code == 2 and f"score it with that run's own config: attnxfer eval -c {other / 'config.yaml'}" in err
+    )
+    assert "model.init" not in err  # how to train from its weights is no answer to scoring it
 
 
 def test_eval_of_a_run_without_checkpoint_refuses(tmp_path, capsys):

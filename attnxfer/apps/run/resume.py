@@ -92,6 +92,11 @@ def judge(
         changed = f"trained with different values for: {'; '.join(map(str, point.refused))}"
         if not Path(point.path).resolve().is_relative_to(run.resolve()):  # checkpoint.resume=PATH elsewhere
             other = Path(point.path).parent.parent
+            if scoring:  # eval: that run's own config scores it
+                raise ConfigError(
+                    f"checkpoint.resume={point.path} is another {what}'s checkpoint, {changed}; score it with "
+                    f"that run's own config: attnxfer eval -c {other / 'config.yaml'}"
+                )
             raise ConfigError(
                 f"checkpoint.resume={point.path} is another {what}'s checkpoint, {changed}. A resume continues "
                 f"that {what} as it was; nothing was written. To start from its weights with the new values: "
@@ -104,7 +109,12 @@ def judge(
             f"(run_dir=...); to continue this one, drop them (its config: {config})"
         )
     if point.allowed:
-        say(f"resume: changed since {point.name}: {', '.join(map(str, point.allowed))}")
+        changed = ", ".join(map(str, point.allowed))
+        say(
+            f"scoring {point.name} with keys changed since it was saved: {changed}"
+            if scoring
+            else f"resume: changed since {point.name}: {changed}"
+        )
     return point
 
 
