@@ -101,9 +101,7 @@ def test_eval_of_another_runs_checkpoint_names_that_runs_config_not_training_adv
     trained, tmp_path, capsys
 ):
     other = tmp_path / "other"
-    assert (
-        cli.main(["train", *S, "schedule.max_steps=1", "ema.decay=0.9", f"run_dir={other}"]) == 0
-    )
+    assert cli.main(["train", *S, "schedule.max_steps=1", "ema.decay=0.9", f"run_dir={other}"]) == 0
     step = other / "checkpoints" / "step-00000001"
     code, _, err = run_cli(capsys, "eval", "-c", str(trained / "config.yaml"), f"checkpoint.resume={step}")
     assert (

@@ -258,7 +258,9 @@ def test_a_study_folder_names_its_students_where_one_run_is_wanted(
     assert f"{study_dir} is a study's folder: its students are the runs in it (" in err
     assert f"e.g. {study_dir / 'copy'}" in err and not (tmp_path / "out").exists()
     assert cli.main(["study", "--report", f"run_dir={study_dir}"]) == 2  # named by its folder alone
-    assert f"; the study in {study_dir} lists its own: -c {study_dir / 'study.yaml'}" in capsys.readouterr().err
+    assert (
+        f"; the study in {study_dir} lists its own: -c {study_dir / 'study.yaml'}" in capsys.readouterr().err
+    )
     assert cli.main(["eval", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
     assert f"{study_dir} is a study's folder: its students are the runs in it (" in capsys.readouterr().err
     assert cli.main(["train", "data.dataset=synthetic", f"run_dir={study_dir}"]) == 2
