@@ -25,7 +25,7 @@ from typing import Any
 
 from ..checkpoints.atomic_io import atomic_write_text
 from ..errors import InputError
-from ..speak import say
+from ..speak import say, warn
 
 #: the tracker run ids of a run directory, read back on resume
 TRACKERS_JSON = "trackers.json"
@@ -359,6 +359,12 @@ class TrackerSet:
             kind = TRACKERS[name]
             # as decided before (or now: an engine by hand)
             setup = prepare_trackers([name], self.run_dir)[name]
+            was = previous.get(name, {}).get("project")
+            if was not in (None, self.project):  # a tracker run cannot move: it goes on where it began
+                warn(
+                    f"warning: log.project={self.project} is not where this run's {name} run logs: it began in "
+                    f"{was} and goes on there (a new run_dir starts a {name} run in {self.project})"
+                )
             self._scopes.enter_context(kind.scope(setup.options))
             ctx = TrackerContext(
                 self.run_dir, self.project, previous.get(name, {}), self.purge_step, setup.options
@@ -368,7 +374,7 @@ class TrackerSet:
             if kind.takes_hparams and self.hparams:
                 self._store_hparams(name, tracker)
             self._trackers[name] = tracker
-            records[name] = kind.resume_record(tracker)
+            records[name] = {**kind.resume_record(tracker), "project": was or self.project}
         if records != previous:
             atomic_write_text(path, json.dumps(records, indent=1) + "\n")
 

@@ -195,8 +195,12 @@ def test_mlflow_with_no_tracking_uri_logs_into_the_runs_own_store_and_a_resume_c
     said = [line for line in first.stdout.splitlines() if line.startswith("mlflow:")]
     assert len(said) == 1 and str(run / "mlruns") in said[0]
     assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "mlruns").exists()
-    second = _attnxfer([*common, "schedule.max_steps=4"], env, tmp_path)  # resumes at step 2
+    second = _attnxfer([*common, "schedule.max_steps=4", "log.project=elsewhere"], env, tmp_path)  # at step 2
     assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    # the MLflow run goes on in the experiment it began in, and the start-up says so rather than list a change
+    assert "log.project=elsewhere is not where this run's mlflow run logs: it began in offline-test" in (
+        second.stdout + second.stderr
+    )
 
     runs, history = _mlflow_history(run / "mlruns", "offline-test")
     assert runs == [json.loads((run / "trackers.json").read_text())["mlflow"]["run_id"]]  # one run, continued
