@@ -146,12 +146,18 @@ def quiet() -> Iterator[None]:
 def warnings_as_lines() -> Iterator[None]:
     """Inside: attnxfer's own warnings (a renamed key, a corrupt checkpoint) read ``warning: ...`` like its other
     lines, not ``file:line: Category: ...``, and only the main rank shows them, as it does `warn`'s (every rank
-    reads the same config and checkpoints); other packages' keep Python's format. Filters still see them."""
+    reads the same config and checkpoints), each once however many places meet it (one broken checkpoint,
+    listed by latest, best and list); other packages' keep Python's format. Filters still see them."""
     python_format = warnings.formatwarning
+    shown: set[str] = set()
 
     def as_line(message, category, filename, lineno, line=None) -> str:
         if category.__module__.partition(".")[0] == __package__:  # a category attnxfer defines
-            return _as_speaker(f"warning: {message}\n") if is_main() else ""
+            text = f"warning: {message}\n"
+            if text in shown or not is_main():
+                return ""
+            shown.add(text)
+            return _as_speaker(text)
         return python_format(message, category, filename, lineno, line)
 
     warnings.formatwarning = as_line

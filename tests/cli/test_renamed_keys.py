@@ -155,6 +155,15 @@ def test_only_attnxfers_own_warnings_lose_pythons_frame_and_only_inside():
     assert warnings.formatwarning is python_format
 
 
+def test_one_warning_met_in_several_places_reads_as_one_line():
+    """A broken checkpoint is met by every listing (latest, best, list) of one command: one line says it."""
+    from attnxfer.checkpoints.verify import CorruptCheckpointWarning
+
+    with warnings_as_lines():
+        said = [warnings.formatwarning(m, CorruptCheckpointWarning, "store", n) for n, m in enumerate("aab")]
+    assert said == ["warning: a\n", "", "warning: b\n"]
+
+
 def test_ranks_other_than_0_keep_attnxfers_warnings_to_themselves(monkeypatch):
     """Every rank reads the same config and checkpoints: one ``warning:`` line for the job, not one per rank."""
     monkeypatch.setenv("RANK", "1")
