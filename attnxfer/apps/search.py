@@ -357,6 +357,12 @@ def search(
             f"{evaluator.cache.held_out_images} held-out images; speed at {cfg.search.target_tokens} tokens "
             f"({cfg.search.speed})"
         )
+        if point is not None and state.generation >= settings.generations:  # fewer asked than were run
+            say(
+                f"search: generation {state.generation} was reached already (search.generations="
+                f"{settings.generations}): no candidate is added; the reports are written from all "
+                f"{len(state.candidates)}"
+            )
         per_candidate = (
             _check_time_budget(cfg, evaluator, settings)
             if state.generation < 0 and cfg.search.time_budget_min is not None

@@ -272,8 +272,11 @@ def test_search_command_writes_every_output(finished, capsys):
     before = (run / "candidates.jsonl").read_text()
     capsys.readouterr()
     teacher = Path(state["config"]["teacher"]["spec"][len("local-dir:") :])
-    assert cli.main(_args(run, teacher)) == 0
-    assert "resuming" in capsys.readouterr().out
+    assert cli.main(_args(run, teacher, "search.generations=0")) == 0  # fewer generations than it ran
+    out = capsys.readouterr().out
+    assert (
+        "resuming" in out and "generation 2 was reached already (search.generations=0): no candidate" in out
+    )
     assert (run / "candidates.jsonl").read_text() == before
     # a speed bar nothing on the front reaches: the winner line says it is the best fit of all
     assert cli.main(_args(run, teacher, "search.min_speed=1000")) == 0
