@@ -52,13 +52,12 @@ def refuse_unread_sections(cfg: Any, command: str, study: bool = False) -> None:
     """Keys of a section only another command reads (``convert``, ``mae``, ``search``), set away from their
     defaults, are refused: ``command`` (a ``study`` of it) would drop them without a word; a study that
     varied convert.attention without --command convert would train one student several times."""
-    default = type(cfg)()
+    changed = config_changes(type(cfg)(), cfg)
     for f in dataclasses.fields(cfg):
         owner = section_command(f)
         if owner in (None, command):
             continue
-        given, unset = dataclasses.asdict(getattr(cfg, f.name)), dataclasses.asdict(getattr(default, f.name))
-        keys = [f"{f.name}.{k}" for k in given if given[k] != unset[k]]
+        keys = [k for k in changed if k.startswith(f"{f.name}.")]
         if keys:
             them = "it" if len(keys) == 1 else "them"
             who, instead = (

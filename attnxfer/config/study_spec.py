@@ -147,9 +147,8 @@ def load_study(
     if twice is not None:
         raise ConfigError(f"two students are named {twice!r}: give each student its own name")
     if not students:
-        own = (
-            Path(base.run_dir) / STUDY_YAML
-        )  # a study's folder named by run_dir= alone: its own YAML lists them
+        # a study's folder named by run_dir= alone: its own YAML lists them
+        own = Path(base.run_dir) / STUDY_YAML
         raise ConfigError(
             "a study needs students: list them under students: in the YAML (each a name and the keys it "
             "changes) or vary keys with --vary KEY=V1,V2"

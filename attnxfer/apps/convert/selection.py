@@ -33,7 +33,13 @@ from torch import nn
 
 from ...checkpoints.atomic_io import atomic_write_json
 from ...checkpoints.resume_point import ResumeFrom, ResumePolicy
-from ...config import ConfigError, ConvertConfig, TrainConfig, apply_overrides, to_dict
+from ...config import (
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    config_changes as changed_from,  # resume's config_changes judges a checkpoint
+    to_dict,
+)
 from ...errors import InputError
 from ...models.attention.registry import get_attention_class
 from ...models.efficient import build_efficient_student
@@ -68,7 +74,7 @@ SELECTION_KEYS = (
 )
 
 #: the keys of SELECTION_KEYS only the choice reads (stage 1's are the conversion's too)
-_CHOICE_ONLY = tuple(k.removeprefix("convert.") for k in SELECTION_KEYS[len(STAGE1_KEYS) :])
+_CHOICE_ONLY = SELECTION_KEYS[len(STAGE1_KEYS) :]
 
 PlanFor = Callable[[TrainConfig, nn.Module], ConversionPlan]
 
@@ -131,12 +137,8 @@ def choose_attentions(
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         own = record if record and record["attention"] == cfg.convert.attention else None
         # keys only a choice reads; an auto run's own config.yaml (its choice recorded) keeps them quietly
-        default = ConvertConfig()
-        unread = [
-            f"convert.{k}={getattr(cfg.convert, k)}"
-            for k in _CHOICE_ONLY
-            if getattr(cfg.convert, k) != getattr(default, k)
-        ]
+        changed = changed_from(TrainConfig(), cfg)
+        unread = [f"{k}={changed[k][1]}" for k in _CHOICE_ONLY if k in changed]
         if own is None and unread:
             warn(
                 f"warning: {', '.join(unread)} unused (read only to choose attentions for convert.attention=auto): "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from itertools import islice
-from operator import attrgetter
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from ...checkpoints.export import export_run
 from ...checkpoints.model_card import shape_phrase
 from ...checkpoints.resume_point import ResumePoint
 from ...checkpoints.run_lock import run_lock
-from ...config import TrainConfig, TransferConfig, to_dict
+from ...config import TrainConfig, TransferConfig, config_changes, to_dict
 from ...data import data_identity
 from ...errors import InputError
 from ...models.image_input import image_input
@@ -175,6 +174,8 @@ _UNREAD_BY_PRETRAIN = {
         for f in dataclasses.fields(TransferConfig)
     },
 }
+#: values of those keys that say what pretraining does anyway: allowed
+_PRETRAINING_DOES = {"transfer.mode": "none"}
 
 
 def build_pretrain_engine(
@@ -270,12 +271,11 @@ def build_pretrain_engine(
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Pre-train (or resume) the MAE that ``cfg`` describes; export its encoder to ``RUN_DIR/export``."""
-    default = TrainConfig()
+    changed = config_changes(TrainConfig(), cfg)
     unused = [
-        f"{key}={value!r} ({why})"
+        f"{key}={changed[key][1]!r} ({why})"
         for key, why in _UNREAD_BY_PRETRAIN.items()
-        if (value := attrgetter(key)(cfg)) != attrgetter(key)(default)
-        and not (key == "transfer.mode" and value == "none")  # what pretraining does: no transfer
+        if key in changed and changed[key][1] != _PRETRAINING_DOES.get(key)
     ]
     if unused:
         raise InputError(

@@ -17,7 +17,7 @@ from ...config import (
     ConfigError,
     OptimConfig,
     TrainConfig,
-    TransferConfig,
+    config_changes,
     dump_config,
     to_dict,
     validate_config,
@@ -97,13 +97,14 @@ def plan_from_config(cfg: TrainConfig, parts: RunParts) -> TransferPlan:
         losses=t.losses,
     )
     # a value set where nothing reads it is said, not silently dropped
-    default = TransferConfig()
-    unread = {"atd_weight": plan.mode.distill is None, "layers": not plan.pairs, "end_layer": not plan.pairs}
-    unused = [
-        f"transfer.{k}={getattr(t, k)}"
-        for k, u in unread.items()
-        if u and getattr(t, k) != getattr(default, k)
-    ]
+    changed = config_changes(TrainConfig(), cfg)
+    moves_none = not plan.pairs
+    unread = {
+        "transfer.atd_weight": plan.mode.distill is None,
+        "transfer.layers": moves_none,
+        "transfer.end_layer": moves_none,
+    }
+    unused = [f"{k}={changed[k][1]}" for k, u in unread.items() if u and k in changed]
     if unused:
         warn(
             f"warning: {', '.join(unused)} unused with transfer.mode={t.mode}: atd_weight weighs a distill "

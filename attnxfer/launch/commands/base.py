@@ -132,9 +132,7 @@ def load_study(args):
     )
     for student in spec.students:
         try:
-            refuse_unread_sections(
-                spec.config_of(student), spec.command, f"a study of `attnxfer {spec.command}`"
-            )
+            refuse_unread_sections(spec.config_of(student), spec.command, study=True)
             check_values(spec.config_of(student))
         except ConfigError as e:
             raise ConfigError(f"student {student.name!r}: {e}") from None
