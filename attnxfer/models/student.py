@@ -12,7 +12,7 @@ from typing import Any
 
 import timm
 import torch.nn as nn
-from timm.layers import Attention, LayerScale
+from timm.layers import Attention, LayerScale, to_2tuple
 from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 
@@ -174,7 +174,7 @@ def _student_cfg(
         fixed_input_size=bool(teacher_cfg.get("fixed_input_size", True)),
     )
     if img_size:
-        cfg["input_size"] = (in_chans, *img_size)
+        cfg["input_size"] = (in_chans, *to_2tuple(img_size))  # timm takes 32 or (32, 32)
     elif teacher_cfg.get("input_size"):  # a family built without a size argument (PVTv2): the teacher's size
         cfg["input_size"] = (in_chans, *tuple(teacher_cfg["input_size"])[-2:])
     return cfg

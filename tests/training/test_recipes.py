@@ -248,6 +248,13 @@ def test_a_model_name_the_mirrored_student_is_not_is_said_not_dropped(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_mirrored_students_img_size_may_be_one_number_as_timm_takes_it():
+    """model.kwargs.img_size=32 (timm's own spelling of 32x32) reaches the student's preprocessing as a size."""
+    teacher = tiny_vit(depth=2, num_classes=10)
+    student = build_student(load_config(None, ["model.kwargs={img_size: 32}"]), teacher, 10, 3, 32)
+    assert student.pretrained_cfg["input_size"] == (3, 32, 32)
+
+
 def _uniform_folder(root):
     from PIL import Image
 
